@@ -1,0 +1,190 @@
+"""Configuration: the manager's settings and the one retry policy."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from fastcheckpoint._codec import DecHook, EncHook
+from fastcheckpoint.errors import ConfigurationError
+
+__all__ = ["CheckpointConfig", "RetryPolicy"]
+
+ENV_PREFIX = "FASTCHECKPOINT_"
+# Read by CheckpointManager.from_env and the benchmark harness rather than by CheckpointConfig.
+_ENV_OWNED_ELSEWHERE = ("FASTCHECKPOINT_URL", "FASTCHECKPOINT_BENCH_")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter for transient backend failures (§3.11).
+
+    Backends hand these numbers to their drivers' own retry machinery where it exists.
+    """
+
+    base_delay: float = 0.1
+    max_delay: float = 1.6
+    max_retries: int = 5
+
+    def __post_init__(self) -> None:
+        _check_number("retry base_delay", self.base_delay, minimum=0.0, strict=True)
+        _check_number("retry max_delay", self.max_delay, minimum=0.0, strict=True)
+        if self.max_delay < self.base_delay:
+            raise ConfigurationError("retry max_delay must be >= base_delay")
+        _check_int("retry max_retries", self.max_retries, minimum=0)
+
+    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        """Sleep before retry number ``attempt`` (0-based): uniform in [0, min(cap, base*2^n)]."""
+        # 2**64 times any sane base is past any cap; clamping avoids float overflow.
+        ceiling: float = min(self.max_delay, self.base_delay * 2.0 ** min(attempt, 64))
+        return rng() * ceiling
+
+    def delays(self) -> Iterator[float]:
+        return (self.delay(attempt) for attempt in range(self.max_retries))
+
+
+@dataclass
+class CheckpointConfig:
+    """Manager settings. The first five fields match FastAgentic's ``CheckpointConfig``."""
+
+    auto_checkpoint: bool = True
+    checkpoint_interval: float = 0.0
+    """Minimum seconds between non-forced creates of one run (0 = no throttling)."""
+    max_checkpoints_per_run: int | None = 100
+    """Keep the newest N live checkpoints per run; ``None`` or 0 keeps all."""
+    default_ttl_seconds: float | None = None
+    """TTL of checkpoints created without ``ttl_seconds``; ``None`` = never expire."""
+    cleanup_interval: float = 300.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    compress_min_bytes: int | None = 256 * 1024
+    """Payloads at least this large are zlib-compressed when that makes them smaller."""
+    offload_min_bytes: int = 512 * 1024
+    """Payloads at least this large are encoded and decoded in a worker thread."""
+    cleanup_batch_size: int = 500
+    max_sequence_retries: int = 32
+    """How often a create re-reads and retries after losing a sequence race."""
+    enc_hook: EncHook | None = None
+    dec_hook: DecHook | None = None
+    clock: Callable[[], float] = time.time
+    """Epoch seconds; the one clock for created_at, expiry and throttling. Inject for tests."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.auto_checkpoint, bool):
+            raise ConfigurationError(
+                f"auto_checkpoint must be True or False, got {self.auto_checkpoint!r}")
+        for name in ("clock", "enc_hook", "dec_hook"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise ConfigurationError(f"{name} must be callable, got {value!r}")
+        _check_number("checkpoint_interval", self.checkpoint_interval, minimum=0.0)
+        _check_number("cleanup_interval", self.cleanup_interval, minimum=0.0, strict=True)
+        if self.max_checkpoints_per_run is not None:
+            _check_int("max_checkpoints_per_run", self.max_checkpoints_per_run, minimum=0)
+        if self.default_ttl_seconds is not None:
+            _check_number("default_ttl_seconds", self.default_ttl_seconds, minimum=0.0, strict=True)
+        if self.compress_min_bytes is not None:
+            _check_int("compress_min_bytes", self.compress_min_bytes, minimum=0)
+        _check_int("offload_min_bytes", self.offload_min_bytes, minimum=0)
+        _check_int("cleanup_batch_size", self.cleanup_batch_size, minimum=1)
+        _check_int("max_sequence_retries", self.max_sequence_retries, minimum=1)
+        if not isinstance(self.retry, RetryPolicy):
+            raise ConfigurationError("retry must be a RetryPolicy")
+
+    @property
+    def keep_latest(self) -> int | None:
+        """The pruning limit as stores take it: ``None`` keeps all."""
+        return self.max_checkpoints_per_run or None
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> CheckpointConfig:
+        """Read ``FASTCHECKPOINT_<FIELD>`` variables (e.g. ``FASTCHECKPOINT_DEFAULT_TTL_SECONDS``).
+
+        ``FASTCHECKPOINT_RETRY_BASE_DELAY``, ``_RETRY_MAX_DELAY`` and ``_RETRY_MAX_RETRIES`` set
+        the retry policy; ``none`` clears an optional number. Unknown ``FASTCHECKPOINT_*``
+        variables and malformed values raise :class:`ConfigurationError`.
+        """
+        env = os.environ if environ is None else environ
+        simple = {f.name: f for f in fields(cls) if f.name in _ENV_FIELDS}
+        values: dict[str, Any] = {}
+        retry: dict[str, Any] = {}
+        for name, raw in env.items():
+            if not name.startswith(ENV_PREFIX) or name.startswith(_ENV_OWNED_ELSEWHERE):
+                continue
+            key = name[len(ENV_PREFIX) :].lower()
+            if key in simple:
+                values[key] = _parse(name, raw, _ENV_FIELDS[key])
+            elif key.startswith("retry_") and key[6:] in _RETRY_FIELDS:
+                retry[key[6:]] = _parse(name, raw, _RETRY_FIELDS[key[6:]])
+            else:
+                known = sorted(ENV_PREFIX + n.upper() for n in (*simple, *_retry_env_names()))
+                raise ConfigurationError(f"unknown setting {name}; known: {', '.join(known)}")
+        if retry:
+            values["retry"] = RetryPolicy(**retry)
+        values.update(overrides)
+        return cls(**values)
+
+
+def _retry_env_names() -> list[str]:
+    return [f"retry_{name}" for name in _RETRY_FIELDS]
+
+
+# field name -> kind: "bool", "float", "int", "float?" / "int?" (accepts "none")
+_ENV_FIELDS = {
+    "auto_checkpoint": "bool",
+    "checkpoint_interval": "float",
+    "max_checkpoints_per_run": "int?",
+    "default_ttl_seconds": "float?",
+    "cleanup_interval": "float",
+    "compress_min_bytes": "int?",
+    "offload_min_bytes": "int",
+    "cleanup_batch_size": "int",
+    "max_sequence_retries": "int",
+}
+_RETRY_FIELDS = {"base_delay": "float", "max_delay": "float", "max_retries": "int"}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse(name: str, raw: str, kind: str) -> Any:
+    text = raw.strip().lower()
+    if kind.endswith("?"):
+        if text in {"none", "null", ""}:
+            return None
+        kind = kind[:-1]
+    try:
+        if kind == "bool":
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(text)
+        return float(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name}={raw!r} is not a valid {kind}") from exc
+
+
+def _check_number(
+    name: str, value: object, *, minimum: float, strict: bool = False
+) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and math.isfinite(float(value)):  # type: ignore[arg-type]
+        below = value <= minimum if strict else value < minimum  # type: ignore[operator]
+        if not below:
+            return
+    relation = ">" if strict else ">="
+    raise ConfigurationError(f"{name} must be a finite number {relation} {minimum}, got {value!r}")
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+        return
+    raise ConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,80 @@
+"""Run keys and checkpoint ids: the one place that knows their shapes.
+
+A run key is a hash of the run id, so any run id (``../x``, NUL, 1 KB of unicode) maps to a
+short, fixed-length string of ``[a-z2-7]`` that is safe as a file name, a Redis hash tag, an S3
+key segment or a DynamoDB key. A checkpoint id encodes where its record lives
+(``ck-<run key>-<incarnation>-<sequence>``), so ``restore_from`` is one direct read; the
+incarnation is random per creation of the run, so an id of a deleted run never resolves to a
+checkpoint of a later run with the same id.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+
+from fastcheckpoint.errors import ValidationError
+
+MAX_RUN_ID_BYTES = 4096
+
+_RUN_KEY_BYTES = 15  # 120 bits: 24 base32 characters, no padding
+_INCARNATION_BYTES = 5  # 40 bits: 8 base32 characters
+_CHECKPOINT_ID = re.compile(r"ck-([a-z2-7]{24})-([a-z2-7]{8})-(0|[1-9][0-9]{0,18})")
+
+
+def _b32(raw: bytes) -> str:
+    return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
+
+
+def validate_run_id(run_id: object) -> str:
+    """Return ``run_id`` if acceptable, else raise :class:`ValidationError` saying why."""
+    if not isinstance(run_id, str):
+        raise ValidationError(f"run_id must be a str, got {type(run_id).__name__}")
+    if not run_id:
+        raise ValidationError("run_id must not be empty")
+    try:
+        size = len(run_id.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValidationError("run_id must be valid unicode (it has a lone surrogate)") from exc
+    if size > MAX_RUN_ID_BYTES:
+        raise ValidationError(f"run_id is {size} bytes of UTF-8; the limit is {MAX_RUN_ID_BYTES}")
+    return run_id
+
+
+def run_key(run_id: str) -> str:
+    """The store address of a run: 24 characters of ``[a-z2-7]``."""
+    digest = hashlib.blake2b(run_id.encode("utf-8"), digest_size=_RUN_KEY_BYTES).digest()
+    return _b32(digest)
+
+
+def new_incarnation() -> str:
+    return _b32(os.urandom(_INCARNATION_BYTES))
+
+
+def checkpoint_id(key: str, incarnation: str, sequence: int) -> str:
+    return f"ck-{key}-{incarnation}-{sequence}"
+
+
+def parse_checkpoint_id(value: object) -> tuple[str, str, int] | None:
+    """``(run_key, incarnation, sequence)`` of a well-formed id, else ``None``."""
+    if not isinstance(value, str):
+        return None
+    match = _CHECKPOINT_ID.fullmatch(value)
+    if match is None:
+        return None
+    return match[1], match[2], int(match[3])
+
+
+def require_checkpoint_id(value: object, what: str = "checkpoint_id") -> tuple[str, str, int]:
+    """Like :func:`parse_checkpoint_id` but raises :class:`ValidationError` on a bad id."""
+    if not isinstance(value, str):
+        raise ValidationError(f"{what} must be a str, got {type(value).__name__}")
+    parsed = parse_checkpoint_id(value)
+    if parsed is None:
+        raise ValidationError(
+            f"{what} {value[:80]!r} is not a fastcheckpoint id "
+            "(expected 'ck-<run key>-<incarnation>-<sequence>' as returned by create)"
+        )
+    return parsed

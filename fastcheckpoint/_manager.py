@@ -1,0 +1,735 @@
+"""CheckpointManager: every rule about checkpoints lives here; stores only persist bytes."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import anyio
+import msgspec
+
+from fastcheckpoint import _ids
+from fastcheckpoint._codec import Codec, Header, Payload
+from fastcheckpoint._config import CheckpointConfig
+from fastcheckpoint._model import (
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointStatus,
+    RunInfo,
+    StatusChange,
+)
+from fastcheckpoint.errors import (
+    CheckpointNotFound,
+    ConfigurationError,
+    ConflictError,
+    CorruptCheckpointError,
+    SequenceConflict,
+    ValidationError,
+)
+from fastcheckpoint.stores import (
+    CheckpointHeader,
+    CheckpointStore,
+    RunRecord,
+    StoredCheckpoint,
+    open_store,
+)
+
+__all__ = ["CheckpointManager", "RunPage"]
+
+logger = logging.getLogger("fastcheckpoint")
+
+_HINT_CAPACITY = 10_000
+_TERMINAL = frozenset({CheckpointStatus.COMPLETED, CheckpointStatus.FAILED,
+                       CheckpointStatus.REJECTED})
+
+
+@dataclass
+class _Hint:
+    """What this process last saw of a run: a guess that saves a read, never the truth."""
+
+    latest_sequence: int
+    incarnation: str
+    last_created_at: float
+    payload_size: int
+
+
+class RunPage(msgspec.Struct, frozen=True):
+    """One page of :meth:`CheckpointManager.list_runs`; iterate it for the runs."""
+
+    runs: list[RunInfo]
+    next_cursor: str | None
+    """Pass as ``cursor=`` for the next page; ``None`` on the last page."""
+
+    def __iter__(self) -> Iterator[RunInfo]:
+        return iter(self.runs)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+
+class CheckpointManager:
+    """Creates and restores checkpoints of agent runs on any :class:`CheckpointStore`.
+
+    Use ``async with CheckpointManager(store) as manager:`` (or ``start()``/``stop()`` from one
+    task) to run the cleanup loop; every other method works without it.
+    """
+
+    def __init__(self, store: CheckpointStore, config: CheckpointConfig | None = None) -> None:
+        self._store = store
+        self.config = config or CheckpointConfig()
+        self._codec = Codec(
+            enc_hook=self.config.enc_hook,
+            dec_hook=self.config.dec_hook,
+            compress_min_bytes=self.config.compress_min_bytes,
+        )
+        self._hints: OrderedDict[str, _Hint] = OrderedDict()
+        self._exit_stack: AsyncExitStack | None = None
+        self._cleanup_scope: anyio.CancelScope | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> CheckpointManager:
+        """Store from ``FASTCHECKPOINT_URL``, config from ``FASTCHECKPOINT_*`` variables.
+
+        Also accepts the deployment-style ``CHECKPOINT_MODE=development`` (memory store) and
+        ``CHECKPOINT_TTL_DAYS`` (default TTL) when ``FASTCHECKPOINT_URL`` is not set.
+        """
+        env = os.environ if environ is None else environ
+        config = CheckpointConfig.from_env(env)
+        ttl_days = env.get("CHECKPOINT_TTL_DAYS")
+        if ttl_days and "FASTCHECKPOINT_DEFAULT_TTL_SECONDS" not in env:
+            config = dataclasses.replace(config, default_ttl_seconds=_ttl_days(ttl_days))
+        return cls(open_store(_store_url(env)), config=config)
+
+    @property
+    def store(self) -> CheckpointStore:
+        return self._store
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the cleanup loop (idempotent). Call :meth:`stop` from the same task."""
+        if self._exit_stack is not None:
+            return
+        stack = AsyncExitStack()
+        task_group = await stack.enter_async_context(anyio.create_task_group())
+        self._cleanup_scope = task_group.cancel_scope
+        task_group.start_soon(self._cleanup_loop)
+        self._exit_stack = stack
+
+    async def stop(self) -> None:
+        """Stop the cleanup loop and wait for it; no task outlives this call."""
+        stack, self._exit_stack = self._exit_stack, None
+        if stack is None:
+            return
+        if self._cleanup_scope is not None:
+            self._cleanup_scope.cancel()
+        await stack.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the cleanup loop and close the store (which closes only what it created)."""
+        await self.stop()
+        await self._store.aclose()
+
+    async def __aenter__(self) -> CheckpointManager:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def _cleanup_loop(self) -> None:
+        while True:
+            try:
+                removed = await self.cleanup_expired()
+            except Exception:
+                logger.exception("checkpoint cleanup failed; trying again in %ss",
+                                 self.config.cleanup_interval)
+            else:
+                if removed:
+                    logger.info("checkpoint cleanup removed %d expired checkpoints", removed)
+            await anyio.sleep(self.config.cleanup_interval)
+
+    # -- create ---------------------------------------------------------------------------
+
+    async def create(
+        self,
+        run_id: str,
+        state: Mapping[str, Any],
+        *,
+        messages: Sequence[Any] | None = None,
+        tool_calls: Sequence[Any] | None = None,
+        context: Mapping[str, Any] | None = None,
+        step_name: str = "",
+        parent_id: str | None = None,
+        tags: Sequence[str] | None = None,
+        ttl_seconds: float | None = None,
+        force: bool = False,
+    ) -> Checkpoint | None:
+        """Append a checkpoint to the run; ``None`` only when throttled by the interval.
+
+        The sequence is the run's next one as the store sees it (unique and gap-free across
+        processes); ``parent_id`` defaults to the run's latest checkpoint and, when given,
+        must name a live checkpoint of the same run.
+        """
+        _ids.validate_run_id(run_id)
+        key = _ids.run_key(run_id)
+        body = Payload(
+            _mapping("state", state),
+            _sequence("messages", messages),
+            _sequence("tool_calls", tool_calls),
+            _mapping("context", context),
+        )
+        step = _text("step_name", step_name)
+        tag_list = _tags(tags)
+        ttl = self._ttl(ttl_seconds)
+        now = self.config.clock()
+        hint = self._hints.get(key)
+        if not force and self._throttled(hint, now):
+            return None
+        if parent_id is not None:
+            await self._require_parent(key, parent_id)
+        payload = await self._encode_payload(body, hint)
+        expires_at = None if ttl is None else now + ttl
+        header = Header(run_id, step, parent_id, tag_list, ttl)
+        record, parent, status = await self._append(
+            key, header, payload, now=now, expires_at=expires_at
+        )
+        metadata = CheckpointMetadata(
+            run_id=run_id,
+            checkpoint_id=record.checkpoint_id,
+            sequence=record.sequence,
+            created_at=now,
+            status=_status(status, record.key),
+            step_name=step,
+            parent_id=parent,
+            tags=tag_list,
+            ttl_seconds=ttl,
+            expires_at=expires_at,
+        )
+        return Checkpoint(metadata, body.state, body.messages, body.tool_calls, body.context)
+
+    async def _append(
+        self,
+        key: str,
+        header: Header,
+        payload: bytes,
+        *,
+        now: float,
+        expires_at: float | None,
+    ) -> tuple[StoredCheckpoint, str | None, str]:
+        """Propose the next sequence, retrying on conflicts; the store decides who wins.
+
+        Returns the record written, its parent id and the run status.
+        """
+        hint = self._hints.get(key)
+        guess = None if hint is None else (hint.latest_sequence, hint.incarnation)
+        for attempt in range(self.config.max_sequence_retries):
+            sequence, incarnation = (0, _ids.new_incarnation()) if guess is None else (
+                guess[0] + 1, guess[1])
+            checkpoint_id = _ids.checkpoint_id(key, incarnation, sequence)
+            parent = header.parent_id
+            if parent is None and sequence > 0:
+                parent = _ids.checkpoint_id(key, incarnation, sequence - 1)
+            record = StoredCheckpoint(
+                sequence=sequence,
+                checkpoint_id=checkpoint_id,
+                created_at=now,
+                expires_at=expires_at,
+                header=self._codec.encode_header(msgspec.structs.replace(header, parent_id=parent)),
+                payload=payload,
+            )
+            seed = RunRecord(
+                run_id=header.run_id, incarnation=incarnation, status=CheckpointStatus.ACTIVE.value,
+                created_at=now, updated_at=now, latest_sequence=sequence, checkpoint_count=1,
+                expires_at=expires_at,
+            )
+            try:
+                status = await self._store.append(
+                    key, record, run=seed, keep_latest=self.config.keep_latest, now=now
+                )
+            except SequenceConflict as conflict:
+                guess = await self._observed_head(key, conflict, now)
+                if attempt >= 1:
+                    await anyio.sleep(self.config.retry.delay(attempt - 1))
+                continue
+            self._remember(key, _Hint(sequence, incarnation, now, len(payload)))
+            return record, parent, status
+        raise ConflictError(
+            f"could not append to run {header.run_id!r}: lost the sequence race "
+            f"{self.config.max_sequence_retries} times in a row"
+        )
+
+    async def _observed_head(
+        self, key: str, conflict: SequenceConflict, now: float
+    ) -> tuple[int, str] | None:
+        if conflict.incarnation is not None and conflict.latest_sequence is not None:
+            return conflict.latest_sequence, conflict.incarnation
+        run = await self._store.get_run(key, now=now)
+        return None if run is None else (run.latest_sequence, run.incarnation)
+
+    def _remember(self, key: str, hint: _Hint) -> None:
+        self._hints[key] = hint
+        self._hints.move_to_end(key)
+        if len(self._hints) > _HINT_CAPACITY:
+            self._hints.popitem(last=False)
+
+    def _throttled(self, hint: _Hint | None, now: float) -> bool:
+        interval = self.config.checkpoint_interval
+        return interval > 0 and hint is not None and now - hint.last_created_at < interval
+
+    def _ttl(self, ttl_seconds: object) -> float | None:
+        if ttl_seconds is None:
+            return self.config.default_ttl_seconds
+        if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)):
+            raise ValidationError(f"ttl_seconds must be a number, got {ttl_seconds!r}")
+        if not math.isfinite(ttl_seconds) or ttl_seconds <= 0:
+            raise ValidationError(
+                f"ttl_seconds must be a positive number of seconds (None = never expire), "
+                f"got {ttl_seconds!r}"
+            )
+        return float(ttl_seconds)
+
+    async def _require_parent(self, key: str, parent_id: str) -> None:
+        parent_key, _, sequence = _ids.require_checkpoint_id(parent_id, "parent_id")
+        if parent_key != key:
+            raise CheckpointNotFound(f"parent_id {parent_id!r} belongs to another run")
+        if await self._header_at(key, sequence, parent_id) is None:
+            raise CheckpointNotFound(f"parent_id {parent_id!r} does not exist (or expired)")
+
+    async def _encode_payload(self, body: Payload, hint: _Hint | None) -> bytes:
+        args = (body.state, body.messages, body.tool_calls, body.context)
+        size = _estimated_size(body) if hint is None else hint.payload_size
+        if size >= self.config.offload_min_bytes:
+            return await anyio.to_thread.run_sync(lambda: self._codec.encode_payload(*args))
+        return self._codec.encode_payload(*args)
+
+    # -- read -----------------------------------------------------------------------------
+
+    async def restore(self, run_id: str) -> Checkpoint | None:
+        """The run's newest live checkpoint, or ``None``."""
+        _ids.validate_run_id(run_id)
+        found = await self._store.latest(_ids.run_key(run_id), now=self.config.clock())
+        return None if found is None else await self._decode(*found)
+
+    async def restore_from(self, checkpoint_id: str) -> Checkpoint | None:
+        """The checkpoint with this id if it is live, else ``None``. One direct store read."""
+        key, _, sequence = _ids.require_checkpoint_id(checkpoint_id)
+        found = await self._store.get(key, sequence, now=self.config.clock())
+        if found is None or found[0].checkpoint_id != checkpoint_id:
+            return None
+        return await self._decode(*found)
+
+    async def _decode(self, stored: StoredCheckpoint, status: str) -> Checkpoint:
+        metadata = self._metadata(stored, self._codec.decode_header(stored.header, stored.key),
+                                  _status(status, stored.key))
+        if len(stored.payload) >= self.config.offload_min_bytes:
+            body = await anyio.to_thread.run_sync(
+                lambda: self._codec.decode_payload(stored.payload, stored.key))
+        else:
+            body = self._codec.decode_payload(stored.payload, stored.key)
+        return Checkpoint(metadata, body.state, body.messages, body.tool_calls, body.context)
+
+    def _metadata(
+        self, stored: CheckpointHeader, header: Header, status: CheckpointStatus
+    ) -> CheckpointMetadata:
+        return CheckpointMetadata(
+            run_id=header.run_id,
+            checkpoint_id=stored.checkpoint_id,
+            sequence=stored.sequence,
+            created_at=stored.created_at,
+            status=status,
+            step_name=header.step_name,
+            parent_id=header.parent_id,
+            tags=header.tags,
+            ttl_seconds=header.ttl_seconds,
+            expires_at=stored.expires_at,
+        )
+
+    async def list_checkpoints(
+        self,
+        run_id: str,
+        limit: int = 100,
+        *,
+        before: str | None = None,
+        tags: Sequence[str] | None = None,
+        step_name: str | None = None,
+        include_expired: bool = False,
+    ) -> list[CheckpointMetadata]:
+        """Metadata of the run's checkpoints, newest first; never reads payloads.
+
+        Page with ``before=<checkpoint_id of the last item>``. ``tags`` keeps checkpoints that
+        carry all of them; ``step_name`` keeps exact matches. A corrupt header is logged and
+        skipped so it never hides the others.
+        """
+        _ids.validate_run_id(run_id)
+        key = _ids.run_key(run_id)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValidationError(f"limit must be a non-negative integer, got {limit!r}")
+        cursor = None if before is None else self._before(key, before)
+        wanted = set(_tags(tags))
+        step = None if step_name is None else _text("step_name", step_name)
+        now = self.config.clock()
+        result: list[CheckpointMetadata] = []
+        while len(result) < limit:
+            page, status = await self._store.headers(
+                key, before=cursor, limit=limit, now=now, include_expired=include_expired
+            )
+            for stored in page:
+                metadata = self._listed(stored, status, now)
+                if metadata is not None and wanted.issubset(metadata.tags) and (
+                    step is None or metadata.step_name == step
+                ):
+                    result.append(metadata)
+            if len(page) < limit or (not wanted and step is None):
+                break
+            cursor = page[-1].sequence
+        return result[:limit]
+
+    def _before(self, key: str, before: str) -> int:
+        before_key, _, sequence = _ids.require_checkpoint_id(before, "before")
+        if before_key != key:
+            raise ValidationError(f"before={before!r} is a checkpoint of another run")
+        return sequence
+
+    def _listed(
+        self, stored: CheckpointHeader, status: str | None, now: float
+    ) -> CheckpointMetadata | None:
+        key = f"{stored.checkpoint_id} (header)"
+        try:
+            header = self._codec.decode_header(stored.header, key)
+            run_status = _status(status or CheckpointStatus.EXPIRED.value, key)
+        except CorruptCheckpointError:
+            logger.warning("skipping corrupt checkpoint header %s", key, exc_info=True)
+            return None
+        expired = stored.expires_at is not None and now >= stored.expires_at
+        return self._metadata(stored, header, CheckpointStatus.EXPIRED if expired else run_status)
+
+    async def _header_at(
+        self, key: str, sequence: int, checkpoint_id: str
+    ) -> CheckpointMetadata | None:
+        """The live checkpoint with this id, read without its payload."""
+        now = self.config.clock()
+        page, status = await self._store.headers(key, before=sequence + 1, limit=1, now=now)
+        if not page or page[0].checkpoint_id != checkpoint_id:
+            return None
+        return self._listed(page[0], status, now)
+
+    async def lineage(self, checkpoint_id: str) -> list[CheckpointMetadata]:
+        """The checkpoint and its ancestors, newest first, as far as retention kept them.
+
+        Follows ``parent_id`` across forks into the source run. An unknown id gives ``[]``.
+        """
+        _ids.require_checkpoint_id(checkpoint_id)
+        chain: list[CheckpointMetadata] = []
+        seen: set[str] = set()
+        current: str | None = checkpoint_id
+        while current is not None and current not in seen:
+            seen.add(current)
+            parsed = _ids.parse_checkpoint_id(current)
+            if parsed is None:
+                break
+            metadata = await self._header_at(parsed[0], parsed[2], current)
+            if metadata is None:
+                break
+            chain.append(metadata)
+            current = metadata.parent_id
+        return chain
+
+    # -- delete and cleanup -----------------------------------------------------------------
+
+    async def delete(self, checkpoint_id: str) -> bool:
+        """Delete one checkpoint; ``False`` if it did not exist."""
+        key, _, sequence = _ids.require_checkpoint_id(checkpoint_id)
+        return await self._store.delete(key, sequence, checkpoint_id=checkpoint_id)
+
+    async def delete_run(self, run_id: str) -> int:
+        """Delete the run with all its checkpoints and records; returns checkpoints deleted."""
+        _ids.validate_run_id(run_id)
+        key = _ids.run_key(run_id)
+        self._hints.pop(key, None)
+        return await self._store.delete_run(key)
+
+    async def cleanup_expired(self) -> int:
+        """Remove expired checkpoints, items and runs in bounded batches; returns checkpoints."""
+        removed = 0
+        while True:
+            count, done = await self._store.purge_expired(
+                now=self.config.clock(), limit=self.config.cleanup_batch_size
+            )
+            removed += count
+            if done:
+                return removed
+
+    # -- branching ------------------------------------------------------------------------
+
+    async def fork(
+        self,
+        checkpoint_id: str,
+        new_run_id: str | None = None,
+        *,
+        ttl_seconds: float | None = None,
+    ) -> Checkpoint:
+        """Start ``new_run_id`` (default: a fresh id) from a copy of a checkpoint.
+
+        The new run's first checkpoint has the source's payload, step name and tags, and
+        ``parent_id`` = the source, so :meth:`lineage` leads back into the source run.
+        Raises :class:`CheckpointNotFound` for an unknown source and :class:`ConflictError`
+        when ``new_run_id`` already exists.
+        """
+        key, _, sequence = _ids.require_checkpoint_id(checkpoint_id)
+        now = self.config.clock()
+        found = await self._store.get(key, sequence, now=now)
+        if found is None or found[0].checkpoint_id != checkpoint_id:
+            raise CheckpointNotFound(f"checkpoint {checkpoint_id!r} does not exist (or expired)")
+        source, _ = found
+        header = self._codec.decode_header(source.header, source.key)
+        if new_run_id is None:
+            new_run_id = f"{header.run_id}-fork-{_ids.new_incarnation()}"
+        _ids.validate_run_id(new_run_id)
+        new_key = _ids.run_key(new_run_id)
+        ttl = self._ttl(ttl_seconds)
+        expires_at = None if ttl is None else now + ttl
+        incarnation = _ids.new_incarnation()
+        record = StoredCheckpoint(
+            sequence=0,
+            checkpoint_id=_ids.checkpoint_id(new_key, incarnation, 0),
+            created_at=now,
+            expires_at=expires_at,
+            header=self._codec.encode_header(
+                Header(new_run_id, header.step_name, checkpoint_id, header.tags, ttl)
+            ),
+            payload=source.payload,
+        )
+        seed = RunRecord(
+            run_id=new_run_id, incarnation=incarnation, status=CheckpointStatus.ACTIVE.value,
+            created_at=now, updated_at=now, latest_sequence=0, checkpoint_count=1,
+            expires_at=expires_at,
+        )
+        try:
+            status = await self._store.append(
+                new_key, record, run=seed, keep_latest=self.config.keep_latest, now=now
+            )
+        except SequenceConflict as exc:
+            raise ConflictError(f"cannot fork into {new_run_id!r}: that run exists") from exc
+        self._remember(new_key, _Hint(0, incarnation, now, len(source.payload)))
+        return await self._decode(record, status)
+
+    # -- runs -----------------------------------------------------------------------------
+
+    async def get_run(self, run_id: str) -> RunInfo | None:
+        _ids.validate_run_id(run_id)
+        record = await self._store.get_run(_ids.run_key(run_id), now=self.config.clock())
+        return None if record is None else self._run_info(record)
+
+    async def list_runs(
+        self,
+        status: CheckpointStatus | str | None = None,
+        *,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> RunPage:
+        """Live runs, newest created first, optionally of one status; page with the cursor."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValidationError(f"limit must be a positive integer, got {limit!r}")
+        wanted = None if status is None else _status_arg(status).value
+        records, next_cursor = await self._store.list_runs(
+            status=wanted, limit=limit, cursor=cursor, now=self.config.clock()
+        )
+        return RunPage([self._run_info(record) for record in records], next_cursor)
+
+    async def count_runs(self, status: CheckpointStatus | str | None = None) -> int:
+        wanted = None if status is None else _status_arg(status).value
+        return await self._store.count_runs(status=wanted, now=self.config.clock())
+
+    async def mark_completed(self, run_id: str) -> RunInfo | None:
+        """Set the run COMPLETED (from ACTIVE or PAUSED); ``None`` if there is no such run."""
+        return await self._transition(
+            run_id, CheckpointStatus.COMPLETED,
+            allowed={CheckpointStatus.ACTIVE, CheckpointStatus.PAUSED},
+        )
+
+    async def mark_failed(self, run_id: str, error: str = "") -> RunInfo | None:
+        """Set the run FAILED with ``error`` (from ACTIVE or PAUSED); ``None`` if no such run."""
+        return await self._transition(
+            run_id, CheckpointStatus.FAILED,
+            allowed={CheckpointStatus.ACTIVE, CheckpointStatus.PAUSED},
+            error=_text("error", error),
+        )
+
+    async def _transition(
+        self,
+        run_id: str,
+        target: CheckpointStatus,
+        *,
+        allowed: set[CheckpointStatus],
+        error: str | None = None,
+    ) -> RunInfo | None:
+        """Compare-and-set the run's status; re-read and re-check on a lost race."""
+        _ids.validate_run_id(run_id)
+        key = _ids.run_key(run_id)
+        for _ in range(self.config.max_sequence_retries):
+            now = self.config.clock()
+            record = await self._store.get_run(key, now=now)
+            if record is None:
+                return None
+            current = _status(record.status, key)
+            if current == target and target in _TERMINAL:
+                return self._run_info(record)
+            if current not in allowed:
+                raise ConflictError(f"run {run_id!r} is {current}; it cannot become {target}")
+            data = self._codec.decode_run_data(record.data, key)
+            data.history.append((target.value, now, None, error or ""))
+            if error is not None:
+                data.error = error
+            try:
+                updated = await self._store.update_run(
+                    key, version=record.version, status=target.value,
+                    data=self._codec.encode_run_data(data), now=now,
+                )
+            except CheckpointNotFound:
+                return None  # the run expired or was deleted since we read it
+            except ConflictError:
+                continue
+            return self._run_info(updated)
+        raise ConflictError(f"run {run_id!r} kept changing; status change to {target} gave up")
+
+    def _run_info(self, record: RunRecord) -> RunInfo:
+        key = f"run {record.run_id!r}"
+        data = self._codec.decode_run_data(record.data, key)
+        return RunInfo(
+            run_id=record.run_id,
+            status=_status(record.status, key),
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+            latest_sequence=record.latest_sequence,
+            checkpoint_count=record.checkpoint_count,
+            expires_at=record.expires_at,
+            error=data.error,
+            approval=data.approval,
+            metadata=data.metadata,
+            history=[
+                StatusChange(status=_status(status, key), at=at, actor=actor, note=note)
+                for status, at, actor, note in data.history
+            ],
+        )
+
+
+def _store_url(env: Mapping[str, str]) -> str:
+    url = env.get("FASTCHECKPOINT_URL")
+    if url:
+        return url
+    mode = env.get("CHECKPOINT_MODE", "").strip().lower()
+    if mode == "development":
+        return "memory://"
+    if mode == "production":
+        raise ConfigurationError(
+            "CHECKPOINT_MODE=production needs the DynamoDB+S3 store, which this version does "
+            "not include yet; set FASTCHECKPOINT_URL (e.g. file:///var/lib/ckpt) instead"
+        )
+    if mode:
+        raise ConfigurationError(
+            f"CHECKPOINT_MODE={mode!r} is not valid; use development or production")
+    raise ConfigurationError(
+        "FASTCHECKPOINT_URL is not set (e.g. memory://, file:///var/lib/ckpt)")
+
+
+def _ttl_days(raw: str) -> float:
+    try:
+        days = float(raw)
+    except ValueError as exc:
+        raise ConfigurationError(f"CHECKPOINT_TTL_DAYS={raw!r} is not a number") from exc
+    if not math.isfinite(days) or days <= 0:
+        raise ConfigurationError(f"CHECKPOINT_TTL_DAYS must be > 0, got {raw!r}")
+    return days * 86400.0
+
+
+def _estimated_size(body: Payload) -> int:
+    """A cheap lower bound of the encoded size: two levels deep, strings and bytes counted.
+
+    Used only before this process has seen the run's real payload size, to decide whether
+    encoding goes to a worker thread.
+    """
+    total = 0
+    for part in (body.state, body.messages, body.tool_calls, body.context):
+        children = part.values() if isinstance(part, dict) else part
+        for child in itertools.islice(children, 1000):
+            total += _shallow_size(child)
+            if isinstance(child, dict):
+                total += sum(_shallow_size(v) for v in itertools.islice(child.values(), 1000))
+            elif isinstance(child, list):
+                total += sum(_shallow_size(v) for v in itertools.islice(child, 1000))
+    return total
+
+
+def _shallow_size(value: object) -> int:
+    if isinstance(value, (str, bytes, bytearray)):
+        return len(value)
+    if isinstance(value, (dict, list, tuple)):
+        return 8 * len(value)
+    return 8
+
+
+def _status(value: str, key: str) -> CheckpointStatus:
+    try:
+        return CheckpointStatus(value)
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"unknown run status {value!r}", key=key) from exc
+
+
+def _status_arg(value: CheckpointStatus | str) -> CheckpointStatus:
+    try:
+        return CheckpointStatus(value)
+    except ValueError as exc:
+        names = ", ".join(status.value for status in CheckpointStatus)
+        raise ValidationError(f"unknown status {value!r}; use one of {names}") from exc
+
+
+def _mapping(name: str, value: object) -> dict[Any, Any]:
+    if value is None and name != "state":
+        return {}
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise ValidationError(f"{name} must be a dict, got {type(value).__name__}")
+
+
+def _sequence(name: str, value: object) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return value
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValidationError(f"{name} must be a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _text(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(f"{name} must be a str, got {type(value).__name__}")
+    return value
+
+
+def _tags(tags: object) -> list[str]:
+    if tags is None:
+        return []
+    if isinstance(tags, str) or not isinstance(tags, (list, tuple, set, frozenset)):
+        raise ValidationError(f"tags must be a list of str, got {type(tags).__name__}")
+    result = list(tags)
+    for tag in result:
+        _text("tags[]", tag)
+    return result

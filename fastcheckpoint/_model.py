@@ -1,0 +1,179 @@
+"""Public data model: checkpoints, their metadata, runs and statuses."""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointMetadata",
+    "CheckpointStatus",
+    "RunInfo",
+    "StatusChange",
+]
+
+
+class CheckpointStatus(str, Enum):
+    """Status of a run, reported on every checkpoint read in ``metadata.status``."""
+
+    ACTIVE = "active"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class CheckpointMetadata(msgspec.Struct, frozen=True):
+    """Everything about a checkpoint except its payload; what listings return.
+
+    ``created_at`` and ``expires_at`` are epoch seconds. ``status`` is the run's status when
+    the checkpoint was read (``EXPIRED`` for an expired one listed with ``include_expired``).
+    """
+
+    run_id: str
+    checkpoint_id: str = ""
+    sequence: int = 0
+    created_at: float = msgspec.field(default_factory=time.time)
+    status: CheckpointStatus = CheckpointStatus.ACTIVE
+    step_name: str = ""
+    parent_id: str | None = None
+    tags: list[str] = msgspec.field(default_factory=list)
+    ttl_seconds: float | None = None
+    expires_at: float | None = None
+
+    @property
+    def is_expired(self) -> bool:
+        """Whether ``expires_at`` has passed by the wall clock (``time.time()``)."""
+        return self.is_expired_at(time.time())
+
+    def is_expired_at(self, now: float) -> bool:
+        expires_at = self.expires_at
+        if expires_at is None and self.ttl_seconds is not None:
+            expires_at = self.created_at + self.ttl_seconds  # metadata built FastAgentic's way
+        return expires_at is not None and now >= expires_at
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "checkpoint_id": self.checkpoint_id,
+            "sequence": self.sequence,
+            "created_at": self.created_at,
+            "status": self.status.value,
+            "step_name": self.step_name,
+            "parent_id": self.parent_id,
+            "tags": list(self.tags),
+            "ttl_seconds": self.ttl_seconds,
+            "expires_at": self.expires_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CheckpointMetadata:
+        """Accepts what :meth:`to_dict` returns, and FastAgentic's metadata dicts."""
+        created_at = float(data.get("created_at", time.time()))
+        ttl = data.get("ttl_seconds")
+        expires_at = data.get("expires_at")
+        if expires_at is None and ttl is not None:
+            expires_at = created_at + float(ttl)
+        return cls(
+            run_id=data["run_id"],
+            checkpoint_id=data.get("checkpoint_id", ""),
+            sequence=int(data.get("sequence", 0)),
+            created_at=created_at,
+            status=CheckpointStatus(data.get("status", CheckpointStatus.ACTIVE.value)),
+            step_name=data.get("step_name", "") or "",
+            parent_id=data.get("parent_id"),
+            tags=list(data.get("tags") or []),
+            ttl_seconds=ttl,
+            expires_at=expires_at,
+        )
+
+
+class Checkpoint(msgspec.Struct):
+    """A checkpoint: metadata plus the payload an agent needs to resume.
+
+    What is stored is encoded bytes: mutating a restored checkpoint, or the objects passed to
+    ``create`` (which the checkpoint ``create`` returns holds as they are), never changes it.
+    """
+
+    metadata: CheckpointMetadata
+    state: dict[str, Any] = msgspec.field(default_factory=dict)
+    messages: list[Any] = msgspec.field(default_factory=list)
+    tool_calls: list[Any] = msgspec.field(default_factory=list)
+    context: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    @property
+    def checkpoint_id(self) -> str:
+        return self.metadata.checkpoint_id
+
+    @property
+    def run_id(self) -> str:
+        return self.metadata.run_id
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metadata": self.metadata.to_dict(),
+            "state": self.state,
+            "messages": self.messages,
+            "tool_calls": self.tool_calls,
+            "context": self.context,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Checkpoint:
+        return cls(
+            metadata=CheckpointMetadata.from_dict(data["metadata"]),
+            state=data.get("state") or {},
+            messages=data.get("messages") or [],
+            tool_calls=data.get("tool_calls") or [],
+            context=data.get("context") or {},
+        )
+
+    def to_json(self) -> str:
+        """JSON text (``bytes`` as base64, ``datetime`` as RFC 3339, UUID as text)."""
+        from fastcheckpoint._codec import to_json_text
+
+        return to_json_text(self.to_dict())
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> Checkpoint:
+        from fastcheckpoint._codec import from_json_text
+
+        return cls.from_dict(from_json_text(data))
+
+
+class StatusChange(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry of a run's status history."""
+
+    status: CheckpointStatus
+    at: float
+    actor: str | None = None
+    note: str = ""
+
+
+class RunInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A run as recorded by the store: status, times, counters and its history."""
+
+    run_id: str
+    status: CheckpointStatus
+    created_at: float
+    updated_at: float
+    latest_sequence: int
+    checkpoint_count: int
+    """Checkpoints the store holds for the run (expired ones count until purged)."""
+    expires_at: float | None = None
+    error: str | None = None
+    approval: dict[str, Any] | None = None
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    history: list[StatusChange] = msgspec.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = msgspec.to_builtins(self)
+        return result

@@ -1,0 +1,79 @@
+"""The error hierarchy. Every error the library raises is a :class:`CheckpointError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFound",
+    "ConfigurationError",
+    "ConflictError",
+    "CorruptCheckpointError",
+    "SequenceConflict",
+    "SerializationError",
+    "StoreError",
+    "StoreUnavailableError",
+    "ValidationError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every error raised by fastcheckpoint."""
+
+
+class ConfigurationError(CheckpointError):
+    """A setting, URL or environment variable is missing or malformed."""
+
+
+class ValidationError(CheckpointError, ValueError):
+    """An id or argument is not acceptable; nothing was written."""
+
+
+class SerializationError(CheckpointError):
+    """A value cannot be encoded or decoded; ``path`` names where, e.g. ``state['a'][3]``."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class CheckpointNotFound(CheckpointError, LookupError):
+    """A checkpoint the caller named as existing (``parent_id``, ``fork``) does not exist."""
+
+
+class ConflictError(CheckpointError):
+    """A compare-and-set lost: the record changed, or the state does not allow the change."""
+
+
+class SequenceConflict(ConflictError):
+    """A store refused an append because the proposed sequence is not the run's next one.
+
+    Raised by stores to the manager, which re-reads and retries. ``latest_sequence`` and
+    ``incarnation`` describe the live run the store holds (``None`` when it holds none).
+    """
+
+    def __init__(
+        self,
+        message: str = "sequence already taken",
+        *,
+        latest_sequence: int | None = None,
+        incarnation: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.latest_sequence = latest_sequence
+        self.incarnation = incarnation
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A stored record fails its checksum or cannot be parsed; ``key`` names where it lives."""
+
+    def __init__(self, message: str, *, key: str) -> None:
+        super().__init__(f"{message} (store key: {key})")
+        self.key = key
+
+
+class StoreError(CheckpointError):
+    """The backend failed; the driver's exception is chained as ``__cause__``."""
+
+
+class StoreUnavailableError(StoreError):
+    """The backend could not be reached (after the retry policy was exhausted)."""

@@ -1,0 +1,252 @@
+"""The store protocol: the few atomic primitives every backend offers the manager.
+
+The manager owns every rule about checkpoints (sequencing, ids, TTL policy, pruning policy,
+status transitions, serialization). A store persists opaque bytes it is handed and offers:
+
+* an append-only, per-run log of checkpoints with a create-only write at the run's next
+  sequence, folded into one atomic operation with the run record update and pruning;
+* ordered reads of that log (one entry, the newest live entry, a page of headers);
+* a run record per run with compare-and-set status updates and a listing by status;
+* a sorted key/value space per run ("items") for side records of adapters (LangGraph's
+  pending writes and channel values), optionally owned by one checkpoint;
+* bounded purging of expired data.
+
+Addressing. Runs are addressed by ``run_key``: a short string of ``[a-z2-7]`` that the manager
+derives from the run id (a hash, so hostile or 1 KB run ids never reach a path or key). The
+real ``run_id`` travels inside the records. A checkpoint lives at ``(run_key, sequence)``.
+
+Time. Every method that must decide whether something has expired takes ``now`` (epoch
+seconds, from the manager's clock). A record with ``expires_at <= now`` is absent for every
+operation: reads skip it, create-only writes may replace it, listings omit it (unless asked).
+
+Errors. Stores raise only :mod:`fastcheckpoint.errors` types; driver exceptions are chained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import msgspec
+
+__all__ = [
+    "CheckpointHeader",
+    "CheckpointStore",
+    "Item",
+    "RunRecord",
+    "StoredCheckpoint",
+    "header_of",
+    "is_live",
+    "latest_expiry",
+]
+
+
+class CheckpointHeader(msgspec.Struct, frozen=True, kw_only=True):
+    """What a listing returns for one checkpoint: never the payload."""
+
+    sequence: int
+    checkpoint_id: str
+    created_at: float
+    expires_at: float | None
+    header: bytes
+    """Manager-encoded metadata (small: step name, tags, parent id...). Opaque to stores."""
+
+
+class StoredCheckpoint(CheckpointHeader, frozen=True, kw_only=True):
+    """One checkpoint as a store holds it."""
+
+    payload: bytes
+    """Manager-encoded body (state, messages...). Opaque to stores, never read by listings."""
+    key: str = ""
+    """Where the store keeps it (a path, a key): filled by stores on reads, for error messages."""
+
+
+class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """The run record: created with a run's first checkpoint, removed by ``delete_run``."""
+
+    run_id: str
+    incarnation: str
+    """Random per creation of the run: ids of a deleted run never resolve in a reused one."""
+    status: str
+    created_at: float
+    updated_at: float
+    latest_sequence: int
+    checkpoint_count: int
+    """Checkpoints held (expired ones count until purged)."""
+    expires_at: float | None
+    """The latest ``expires_at`` of any checkpoint appended; ``None`` if one never expires."""
+    version: int = 0
+    """Bumped by every ``update_run``; the compare-and-set token. Appends leave it alone."""
+    data: bytes = b""
+    """Manager-encoded run details (error, approvals, history). Opaque to stores."""
+
+
+class Item(msgspec.Struct, frozen=True, kw_only=True):
+    """A side record in a run's sorted key/value space."""
+
+    key: str
+    value: bytes
+    owner: int | None = None
+    """Sequence of the checkpoint this item belongs to: deleted whenever that checkpoint is."""
+    expires_at: float | None = None
+
+
+def is_live(expires_at: float | None, now: float) -> bool:
+    """The one expiry rule every store applies: live while ``now < expires_at``."""
+    return expires_at is None or now < expires_at
+
+
+def latest_expiry(first: float | None, second: float | None) -> float | None:
+    """A run's expiry after appending: the later of the two, where ``None`` (never) wins."""
+    if first is None or second is None:
+        return None
+    return max(first, second)
+
+
+def header_of(record: CheckpointHeader) -> CheckpointHeader:
+    """The listing view of a stored checkpoint: everything but the payload."""
+    return CheckpointHeader(
+        sequence=record.sequence,
+        checkpoint_id=record.checkpoint_id,
+        created_at=record.created_at,
+        expires_at=record.expires_at,
+        header=record.header,
+    )
+
+
+@runtime_checkable
+class CheckpointStore(Protocol):
+    """The contract every backend implements, tested by :mod:`fastcheckpoint.testing`.
+
+    Checkpoint log
+    --------------
+    ``append(record, run=seed, keep_latest=N, now=t)`` is one atomic operation:
+
+    1. If the run has a live record ``R`` (present and ``is_live(R.expires_at, now)``), the
+       append is accepted only when ``record.sequence == R.latest_sequence + 1`` and
+       ``seed.incarnation == R.incarnation``. If the run has no live record, only sequence 0 is
+       accepted; leftovers of an expired run (its checkpoints and their owned items, its record)
+       are removed and ``seed`` becomes the run record (its ``run_id``, ``incarnation``,
+       ``status``, ``created_at``, ``version`` and ``data`` are used; the counters and
+       ``expires_at`` come from step 2 as if starting from no checkpoints, so
+       ``expires_at = record.expires_at``); unowned items stay, as an adapter may have written
+       them just before the run's first checkpoint. Otherwise :class:`SequenceConflict` is
+       raised carrying ``R.latest_sequence`` and ``R.incarnation`` (or ``None``), and nothing
+       changes.
+    2. The record is written; the run record gets ``latest_sequence = record.sequence``,
+       ``checkpoint_count + 1``, ``updated_at = now`` and ``expires_at = max(R.expires_at,
+       record.expires_at)`` where ``None`` (never) wins.
+    3. Pruning: expired checkpoints of the run are removed, then while more than
+       ``keep_latest`` (``None`` or >= 1) remain the oldest are removed (``None`` keeps all
+       live ones; expired ones are still removed). Owned items go with
+       their checkpoint. Afterwards the run holds at most ``keep_latest`` live checkpoints and
+       they are its newest live ones. Work is amortised O(1) per append; payloads are never read.
+
+    Returns the run's status after the append. Either all of this happens or none of it.
+
+    ``get`` / ``latest`` return ``(checkpoint, run_status)`` for a live checkpoint, ``None``
+    otherwise; ``latest`` returns the newest live one even when newer ones expired.
+    ``headers`` returns up to ``limit`` headers (filled with live ones unless
+    ``include_expired``, so a short page means the end) newest first with ``sequence < before``
+    (all when ``before`` is ``None``), and the run status (``None`` when there is no run;
+    with ``include_expired`` the record of an expired, not yet purged run still counts).
+    ``delete`` removes the checkpoint at ``sequence`` (and its owned items) only if its
+    ``checkpoint_id`` equals the one given (an id of a deleted run never deletes a checkpoint of
+    a later run with the same key), returning whether it removed one;
+    ``delete_run`` removes everything of the run (checkpoints, items, record) and returns
+    how many checkpoints it removed.
+
+    Runs
+    ----
+    ``get_run`` returns the live run record or ``None``. ``update_run`` replaces ``status`` and
+    ``data`` only if the record's ``version`` still equals ``version`` (else
+    :class:`ConflictError`; ``CheckpointNotFound`` when no live run), bumps ``version``, sets
+    ``updated_at = now``, and never touches checkpoints or their expiry. ``list_runs`` pages
+    live runs newest-created first, filtered by status, with an opaque cursor; ``count_runs``
+    counts live runs. Neither reads checkpoints.
+
+    Items
+    -----
+    A sorted (by key, code point order) key/value space per run. ``put_items`` validates
+    everything before writing anything, so an error writes nothing (each item is written
+    atomically; a crash mid-batch may leave part of the batch); with ``create_only`` it raises
+    :class:`ConflictError` if any key holds a live item.
+    ``scan_items`` returns live ``(key, value)`` pairs whose key starts with ``prefix``, after
+    ``start_after`` in scan order (descending when ``reverse``), up to ``limit``. Items are
+    removed by ``delete_items``, with their owner checkpoint, with the run, or on expiry.
+
+    Maintenance
+    -----------
+    ``purge_expired(now=t, limit=n)`` removes up to about ``n`` expired things (checkpoints with
+    their owned items, items, whole runs whose record expired) and returns
+    ``(checkpoints_removed, done)``; ``done`` is true when nothing expired is left. Safe to run
+    from many workers at once. ``aclose`` releases what the store created (never a client it was
+    given).
+    """
+
+    async def append(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        *,
+        run: RunRecord,
+        keep_latest: int | None,
+        now: float,
+    ) -> str: ...
+
+    async def get(
+        self, run_key: str, sequence: int, *, now: float
+    ) -> tuple[StoredCheckpoint, str] | None: ...
+
+    async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None: ...
+
+    async def headers(
+        self,
+        run_key: str,
+        *,
+        before: int | None,
+        limit: int,
+        now: float,
+        include_expired: bool = False,
+    ) -> tuple[list[CheckpointHeader], str | None]: ...
+
+    async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool: ...
+
+    async def delete_run(self, run_key: str) -> int: ...
+
+    async def get_run(self, run_key: str, *, now: float) -> RunRecord | None: ...
+
+    async def update_run(
+        self, run_key: str, *, version: int, status: str, data: bytes, now: float
+    ) -> RunRecord: ...
+
+    async def list_runs(
+        self, *, status: str | None, limit: int, cursor: str | None, now: float
+    ) -> tuple[list[RunRecord], str | None]: ...
+
+    async def count_runs(self, *, status: str | None, now: float) -> int: ...
+
+    async def put_items(
+        self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
+    ) -> None: ...
+
+    async def get_items(
+        self, run_key: str, keys: Sequence[str], *, now: float
+    ) -> dict[str, bytes]: ...
+
+    async def scan_items(
+        self,
+        run_key: str,
+        *,
+        prefix: str = "",
+        start_after: str | None = None,
+        limit: int = 100,
+        reverse: bool = False,
+        now: float,
+    ) -> list[tuple[str, bytes]]: ...
+
+    async def delete_items(self, run_key: str, keys: Sequence[str]) -> int: ...
+
+    async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,1574 @@
+"""File store: one directory on a local filesystem, crash-safe, shared by processes of one host.
+
+Layout under the root (directories 0700, files 0600)::
+
+    runs/<run key>/run.rec          commit point: run record + bookkeeping (msgpack, CRC-32)
+    runs/<run key>/c/<sequence:020> one checkpoint per file: framing, metadata, header, payload
+    runs/<run key>/i/k<key>         one item per file; <key> is base32hex of the UTF-8 key
+    runs/<run key>/o/<sequence:020>/k<key>   empty markers: items owned by that checkpoint
+    index/s<status>/<stamp>-<run key>        empty markers: runs by status, newest created first
+    locks/<run key>                 flock(2) file of the run, outside its directory
+    tmp/<run key>.<random>          files being written (under the run lock)
+    trash/<run key>.<random>        run directories being removed
+
+Every record file is written in ``tmp/``, fsync'd, renamed into place and its directory
+fsync'd (``fsync=False`` skips the fsyncs); markers are empty files created in place.
+``run.rec`` is the commit point of the run: a checkpoint file above its ``latest_sequence`` or
+below its ``low`` mark is a leftover of an interrupted write or prune, invisible to reads and
+replaced or removed later. Writers of a run hold its lock, so sequences stay unique and
+gap-free across processes; readers take no lock and read through a directory descriptor, so a
+concurrent ``delete_run`` (a rename into ``trash/``) cannot mix two incarnations of a run into
+one answer. POSIX only (``fcntl.flock``); one host (no NFS).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import errno
+import fcntl
+import functools
+import itertools
+import logging
+import math
+import os
+import re
+import secrets
+import stat
+import struct
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple, ParamSpec, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import anyio
+import anyio.to_thread
+import msgspec
+
+from fastcheckpoint.errors import (
+    CheckpointNotFound,
+    ConfigurationError,
+    ConflictError,
+    CorruptCheckpointError,
+    SequenceConflict,
+    StoreError,
+    ValidationError,
+)
+from fastcheckpoint.stores._base import (
+    CheckpointHeader,
+    Item,
+    RunRecord,
+    StoredCheckpoint,
+    is_live,
+    latest_expiry,
+)
+
+__all__ = ["MAX_ITEM_KEY_BYTES", "FileCheckpointStore", "FileStore"]
+
+logger = logging.getLogger("fastcheckpoint.stores.file")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+MAX_ITEM_KEY_BYTES = 128
+"""Longest item key in UTF-8 bytes: its base32hex file name must fit in 255 bytes."""
+_MAX_STATUS_BYTES = 64
+
+_RUN_KEY = re.compile(r"[a-z2-7]{24}")
+_MARKER = re.compile(r"([0-9]{20})-([a-z2-7]{24})")
+_TEMP = re.compile(r"([a-z2-7]{24})\.[0-9a-f]{16}")
+_STAMP_MAX = 10**20 - 1
+
+_RUN_FILE = "run.rec"
+_CHECKPOINTS = "c"
+_ITEMS = "i"
+_OWNERS = "o"
+
+# Frame: magic, version, reserved, meta/head/body lengths | CRC of fixed+meta+head, CRC of body.
+_FIXED = struct.Struct("<4sHHIIQ")
+_CRCS = struct.Struct("<II")
+_PREFIX = _FIXED.size + _CRCS.size
+_VERSION = 1
+_PEEK_BYTES = 4096
+_LATEST_ATTEMPTS = 3
+_CHECKPOINT_MAGIC = b"FCck"
+_RUN_MAGIC = b"FCrn"
+_ITEM_MAGIC = b"FCit"
+
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+_DIR_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY
+# A symlink or a file where a directory belongs: the layout was tampered with, not an I/O fault.
+_LAYOUT_ERRNOS = frozenset({errno.ELOOP, errno.ENOTDIR})
+
+
+class _RunState(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``run.rec`` holds: the run record and what keeps appends and purges cheap."""
+
+    run: RunRecord | None = None
+    """``None`` while the run directory holds only items."""
+    low: int = 0
+    """Every checkpoint below this sequence has been removed; a file there is a leftover."""
+    ordered: bool = True
+    """Held checkpoints expire in sequence order, so the expired ones are a prefix from ``low``."""
+    last_expiry: float | None = None
+    """``expires_at`` of the newest appended checkpoint."""
+    next_expiry: float | None = None
+    """No held checkpoint expires before this (a lower bound; ``None``: none expires)."""
+    items_next_expiry: float | None = None
+    """No item expires before this (a lower bound; ``None``: none expires)."""
+
+
+class _CheckpointMeta(msgspec.Struct, frozen=True, array_like=True):
+    sequence: int
+    checkpoint_id: str
+    created_at: float
+    expires_at: float | None
+
+
+class _ItemMeta(msgspec.Struct, frozen=True, array_like=True):
+    key: str
+    owner: int | None
+    expires_at: float | None
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_STATE_DECODER = msgspec.msgpack.Decoder(_RunState)
+_CHECKPOINT_DECODER = msgspec.msgpack.Decoder(_CheckpointMeta)
+_ITEM_DECODER = msgspec.msgpack.Decoder(_ItemMeta)
+
+
+class _Frame(NamedTuple):
+    meta: bytes
+    head: bytes
+    body: bytes | None
+    """``None`` when only the head was read."""
+
+
+# -- names ------------------------------------------------------------------------------------
+
+
+def _check_run_key(run_key: object) -> str:
+    if not isinstance(run_key, str) or not _RUN_KEY.fullmatch(run_key):
+        raise ValidationError(f"not a run key (24 characters of [a-z2-7]): {run_key!r:.80}")
+    return run_key
+
+
+def _b32hex(raw: bytes) -> str:
+    # base32hex keeps byte order (its alphabet is ascending), so names sort like UTF-8 keys,
+    # i.e. in code point order; lowercase so case-insensitive filesystems cannot collide them.
+    return base64.b32hexencode(raw).decode("ascii").rstrip("=").lower()
+
+
+def _item_name(key: object) -> str:
+    if not isinstance(key, str):
+        raise ValidationError(f"item key must be a str, got {type(key).__name__}")
+    try:
+        raw = key.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValidationError(f"item key {key!r:.80} is not valid unicode") from exc
+    if len(raw) > MAX_ITEM_KEY_BYTES:
+        raise ValidationError(
+            f"item key is {len(raw)} bytes of UTF-8; the file store's limit is {MAX_ITEM_KEY_BYTES}"
+        )
+    return "k" + _b32hex(raw)
+
+
+def _key_of_name(name: str) -> str | None:
+    """The item key a file name encodes, or ``None`` for a name this store never writes."""
+    if not name.startswith("k"):
+        return None
+    encoded = name[1:]
+    try:
+        raw = base64.b32hexdecode(encoded.upper() + "=" * (-len(encoded) % 8))
+        key = raw.decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    return key if "k" + _b32hex(raw) == name else None
+
+
+def _sequence_name(sequence: int) -> str:
+    return f"{sequence:020d}"
+
+
+def _sequence_of_name(name: str) -> int | None:
+    return int(name) if len(name) == 20 and name.isascii() and name.isdigit() else None
+
+
+def _status_dir_name(status: str) -> str:
+    return "s" + _b32hex(status.encode("utf-8"))
+
+
+def _check_status(status: object) -> str:
+    if not isinstance(status, str):
+        raise ValidationError(f"run status must be a str, got {type(status).__name__}")
+    try:
+        size = len(status.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValidationError(f"run status {status!r:.80} is not valid unicode") from exc
+    if size > _MAX_STATUS_BYTES:
+        raise ValidationError(f"run status is {size} bytes; the limit is {_MAX_STATUS_BYTES}")
+    return status
+
+
+def _marker_name(run_key: str, run: RunRecord) -> str:
+    """Sorts newest-created first: the stamp counts down from the creation microsecond."""
+    micros = min(max(round(run.created_at * 1_000_000), 0), _STAMP_MAX)
+    return f"{_STAMP_MAX - micros:020d}-{run_key}"
+
+
+# -- expiry arithmetic (None means never) -----------------------------------------------------
+
+
+def _earliest(first: float | None, second: float | None) -> float | None:
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return min(first, second)
+
+
+def _not_before(later: float | None, earlier: float | None) -> bool:
+    if later is None:
+        return True
+    return earlier is not None and later >= earlier
+
+
+def _due(next_expiry: float | None, now: float) -> bool:
+    return next_expiry is not None and next_expiry <= now
+
+
+# -- record files -----------------------------------------------------------------------------
+
+
+def _frame(magic: bytes, meta: bytes, head: bytes = b"", body: bytes = b"") -> bytes:
+    fixed = _FIXED.pack(magic, _VERSION, 0, len(meta), len(head), len(body))
+    head_crc = zlib.crc32(head, zlib.crc32(meta, zlib.crc32(fixed)))
+    return b"".join((fixed, _CRCS.pack(head_crc, zlib.crc32(body)), meta, head, body))
+
+
+def _pread_exact(fd: int, size: int, offset: int, path: str) -> bytes:
+    chunks: list[bytes] = []
+    while size > 0:
+        chunk = os.pread(fd, size, offset)
+        if not chunk:
+            raise CorruptCheckpointError("file ends early (truncated)", key=path)
+        chunks.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _read_frame(fd: int, path: str, magic: bytes, *, whole: bool) -> _Frame:
+    """Check and split a record file; reads only the head area unless ``whole``."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise CorruptCheckpointError("not a regular file", key=path)
+    if info.st_size < _PREFIX:
+        raise CorruptCheckpointError("file shorter than its framing (truncated)", key=path)
+    data = _pread_exact(fd, info.st_size if whole else min(info.st_size, _PEEK_BYTES), 0, path)
+    found, version, _, meta_len, head_len, body_len = _FIXED.unpack_from(data)
+    head_crc, body_crc = _CRCS.unpack_from(data, _FIXED.size)
+    if found != magic:
+        raise CorruptCheckpointError(f"not a record of this store (magic {found!r})", key=path)
+    if version != _VERSION:
+        raise CorruptCheckpointError(f"unsupported record format version {version}", key=path)
+    head_end = _PREFIX + meta_len + head_len
+    if info.st_size != head_end + body_len:
+        raise CorruptCheckpointError(
+            f"file is {info.st_size} bytes, its framing says {head_end + body_len}", key=path
+        )
+    if len(data) < head_end:
+        data += _pread_exact(fd, head_end - len(data), len(data), path)
+    if zlib.crc32(data[_PREFIX:head_end], zlib.crc32(data[: _FIXED.size])) != head_crc:
+        raise CorruptCheckpointError("header checksum mismatch", key=path)
+    body = data[head_end:] if whole else None
+    if body is not None and zlib.crc32(body) != body_crc:
+        raise CorruptCheckpointError("payload checksum mismatch", key=path)
+    meta = data[_PREFIX : _PREFIX + meta_len]
+    return _Frame(meta=meta, head=data[_PREFIX + meta_len : head_end], body=body)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder[_T], data: bytes, path: str) -> _T:
+    try:
+        return decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise CorruptCheckpointError(f"undecodable record metadata: {exc}", key=path) from exc
+
+
+class _Dir:
+    """A directory to read records from: through an open descriptor when one is given."""
+
+    def __init__(self, path: str, fd: int | None = None) -> None:
+        self.path = path
+        self.fd = fd
+
+    def path_of(self, relative: str) -> str:
+        return os.path.join(self.path, relative)
+
+    def open(self, relative: str) -> int | None:
+        """A read descriptor for a record, ``None`` if absent."""
+        target = relative if self.fd is not None else self.path_of(relative)
+        try:
+            return os.open(target, _READ_FLAGS, dir_fd=self.fd)
+        except FileNotFoundError:
+            return None  # absent records are normal: never written, pruned or deleted
+        except OSError as exc:
+            if exc.errno in _LAYOUT_ERRNOS:
+                raise CorruptCheckpointError(
+                    f"not a record file ({os.strerror(exc.errno)})", key=self.path_of(relative)
+                ) from exc
+            raise
+
+    def read(self, relative: str, magic: bytes, *, whole: bool) -> _Frame | None:
+        fd = self.open(relative)
+        if fd is None:
+            return None
+        try:
+            return _read_frame(fd, self.path_of(relative), magic, whole=whole)
+        finally:
+            os.close(fd)
+
+    def listdir(self, relative: str) -> list[str]:
+        """Names in a subdirectory; empty when it does not exist."""
+        try:
+            if self.fd is None:
+                return os.listdir(self.path_of(relative))
+            fd = os.open(relative, _DIR_FLAGS, dir_fd=self.fd)
+        except FileNotFoundError:
+            return []  # created lazily: no item or checkpoint was ever written there
+        try:
+            return os.listdir(fd)
+        finally:
+            os.close(fd)
+
+    def state(self) -> _RunState | None:
+        frame = self.read(_RUN_FILE, _RUN_MAGIC, whole=False)
+        if frame is None:
+            return None
+        return _decode(_STATE_DECODER, frame.meta, self.path_of(_RUN_FILE))
+
+    def checkpoint(
+        self, sequence: int, now: float, *, payload: bool, include_expired: bool = False
+    ) -> StoredCheckpoint | CheckpointHeader | None:
+        """Checkpoint ``sequence`` if present (and live unless ``include_expired``)."""
+        relative = f"{_CHECKPOINTS}/{_sequence_name(sequence)}"
+        path = self.path_of(relative)
+        fd = self.open(relative)
+        if fd is None:
+            return None
+        try:
+            frame = _read_frame(fd, path, _CHECKPOINT_MAGIC, whole=payload)
+        finally:
+            os.close(fd)
+        meta = _decode(_CHECKPOINT_DECODER, frame.meta, path)
+        if meta.sequence != sequence:
+            raise CorruptCheckpointError(f"holds sequence {meta.sequence}", key=path)
+        if not include_expired and not is_live(meta.expires_at, now):
+            return None
+        if frame.body is None:
+            return CheckpointHeader(
+                sequence=meta.sequence,
+                checkpoint_id=meta.checkpoint_id,
+                created_at=meta.created_at,
+                expires_at=meta.expires_at,
+                header=frame.head,
+            )
+        return StoredCheckpoint(
+            sequence=meta.sequence,
+            checkpoint_id=meta.checkpoint_id,
+            created_at=meta.created_at,
+            expires_at=meta.expires_at,
+            header=frame.head,
+            payload=frame.body,
+            key=path,
+        )
+
+    def item(self, name: str, *, whole: bool) -> tuple[_ItemMeta, bytes | None] | None:
+        relative = f"{_ITEMS}/{name}"
+        frame = self.read(relative, _ITEM_MAGIC, whole=whole)
+        if frame is None:
+            return None
+        path = self.path_of(relative)
+        meta = _decode(_ITEM_DECODER, frame.meta, path)
+        if _item_name(meta.key) != name:
+            raise CorruptCheckpointError(f"holds item {meta.key!r:.80}", key=path)
+        return meta, frame.body
+
+
+# -- small file-system helpers ----------------------------------------------------------------
+
+
+def _discard(path: str) -> bool:
+    """Unlink a file; ``False`` if it was already gone. A directory in its place is logged."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False  # removed by an earlier, interrupted cleanup or a concurrent one
+    except IsADirectoryError:
+        logger.warning("file store: left foreign directory %s in place", path)
+        return False
+    return True
+
+
+def _remove_tree(path: str) -> None:
+    """Remove a directory tree without following links; concurrent removers are fine."""
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return  # another remover got here first
+    except NotADirectoryError:
+        _discard(path)
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            _remove_tree(entry.path)
+        else:
+            _discard(entry.path)
+    with contextlib.suppress(FileNotFoundError):  # another remover got here first
+        os.rmdir(path)
+
+
+def _mkdir(path: str) -> bool:
+    """Create a 0700 directory; ``False`` if it already existed."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return False
+    return True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _parse_bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(f"file store option {name}={value!r} is not a boolean")
+
+
+class _Budget:
+    """Work left in one ``purge_expired`` call."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def spend(self, amount: int) -> None:
+        self.left -= amount
+
+    @property
+    def exhausted(self) -> bool:
+        return self.left <= 0
+
+
+# -- the store --------------------------------------------------------------------------------
+
+
+class FileStore:
+    """Checkpoints in a directory tree; see the module docstring for the layout.
+
+    Costs (``n`` = checkpoints held by the run, ``k`` = requested count): ``append`` writes
+    two files (checkpoint, ``run.rec``) with four fsyncs, plus one stat/unlink per pruned
+    checkpoint; ``get`` and ``latest`` open ``run.rec`` and one checkpoint (``latest`` walks
+    down only past deleted or expired newest ones); ``headers`` reads ``run.rec`` and the
+    first 4 KiB of about ``k`` checkpoint files, never payloads; ``update_run`` rewrites
+    ``run.rec`` (and moves one index marker on a status change); ``list_runs`` lists the status
+    index and reads ``run.rec`` of the runs it returns; ``count_runs`` reads ``run.rec`` of
+    every indexed run; ``scan_items`` lists the run's items. ``purge_expired`` reads every
+    ``run.rec`` and only the files of runs with something due.
+
+    Limits: item keys up to :data:`MAX_ITEM_KEY_BYTES` UTF-8 bytes, statuses up to 64. Each
+    item file is replaced atomically, but a crash in the middle of a multi-item ``put_items``
+    can leave a prefix of the batch written (errors before the first rename write nothing).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self._root = os.path.abspath(os.fspath(path))
+        self._fsync = fsync
+        self._runs = os.path.join(self._root, "runs")
+        self._locks = os.path.join(self._root, "locks")
+        self._index = os.path.join(self._root, "index")
+        self._tmp = os.path.join(self._root, "tmp")
+        self._trash = os.path.join(self._root, "trash")
+        try:
+            os.makedirs(self._root, mode=0o700, exist_ok=True)
+            for directory in (self._runs, self._locks, self._index, self._tmp, self._trash):
+                _mkdir(directory)
+        except OSError as exc:
+            raise StoreError(f"cannot create the file store at {self._root}: {exc}") from exc
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> FileStore:
+        """``file:///abs/path?fsync=false`` or a plain path; ``fsync`` may also be an option."""
+        settings: dict[str, object] = {}
+        if "://" in url:
+            parts = urlsplit(url)
+            if parts.scheme.lower() != "file" or parts.netloc not in ("", "localhost"):
+                raise ConfigurationError(f"not a file store URL (file:///abs/path): {url!r}")
+            path = unquote(parts.path)
+            settings.update(parse_qsl(parts.query, keep_blank_values=True))
+        else:
+            path = url
+        settings.update(options)
+        unknown = sorted(set(settings) - {"fsync"})
+        if unknown:
+            raise ConfigurationError(f"unknown file store options {unknown} in {url!r}")
+        if not path:
+            raise ConfigurationError(f"file store URL without a path: {url!r}")
+        return cls(path, fsync=_parse_bool("fsync", settings.get("fsync", True)))
+
+    def __repr__(self) -> str:
+        return f"FileStore({self._root!r}, fsync={self._fsync})"
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    async def _call(self, func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Run one whole operation in a worker thread: the only thread hop of a method."""
+        call = functools.partial(self._translated, func, *args, **kwargs)
+        return await anyio.to_thread.run_sync(call)
+
+    def _translated(self, func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return func(*args, **kwargs)
+        except OSError as exc:
+            where = exc.filename or self._root
+            raise StoreError(f"file store I/O failed on {where}: {exc.strerror or exc}") from exc
+
+    def _run_dir(self, run_key: str) -> str:
+        return os.path.join(self._runs, run_key)
+
+    @contextlib.contextmanager
+    def _reader(self, run_key: str) -> Iterator[_Dir | None]:
+        try:
+            fd = os.open(self._run_dir(run_key), _DIR_FLAGS)
+        except FileNotFoundError:
+            fd = None  # no such run
+        if fd is None:
+            yield None
+            return
+        try:
+            yield _Dir(self._run_dir(run_key), fd)
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _locked(self, run_key: str, *, blocking: bool = True) -> Iterator[bool]:
+        """Hold the run's lock; yields ``False`` if not ``blocking`` and it is busy."""
+        path = os.path.join(self._locks, run_key)
+        fd = self._acquire(path, blocking)
+        if fd is None:
+            yield False
+            return
+        try:
+            yield True
+            # A run without a directory needs no lock file. Removed while held: whoever
+            # waits on it finds its inode gone from the path and locks a new file.
+            if not os.path.lexists(self._run_dir(run_key)):
+                _discard(path)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _acquire(path: str, blocking: bool) -> int | None:
+        flags = fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, flags)
+                held = os.fstat(fd)
+                current = os.stat(path, follow_symlinks=False)
+                if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
+                    return fd
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except FileNotFoundError:
+                pass  # the holder removed the lock file (delete_run): lock the new one
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    def _sync_dir(self, path: str) -> None:
+        if not self._fsync:
+            return
+        fd = os.open(path, _DIR_FLAGS)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _ensure_dir(self, path: str) -> None:
+        if _mkdir(path):
+            self._sync_dir(os.path.dirname(path))
+
+    def _write_file(self, run_key: str, target: str, data: bytes) -> None:
+        """Write ``data`` to ``target`` atomically; the caller fsyncs the target's directory."""
+        temp = os.path.join(self._tmp, f"{run_key}.{secrets.token_hex(8)}")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                _write_all(fd, data)
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            # Replace, not link: under the run lock a file already there is a leftover.
+            os.replace(temp, target)
+        except BaseException:
+            _discard(temp)
+            raise
+
+    def _commit(self, run_key: str, state: _RunState) -> None:
+        run_dir = self._run_dir(run_key)
+        data = _frame(_RUN_MAGIC, _ENCODER.encode(state))
+        self._write_file(run_key, os.path.join(run_dir, _RUN_FILE), data)
+        self._sync_dir(run_dir)
+
+    def _read_state(self, run_key: str) -> _RunState | None:
+        return _Dir(self._run_dir(run_key)).state()
+
+    # -- checkpoint log -----------------------------------------------------------------------
+
+    async def append(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        *,
+        run: RunRecord,
+        keep_latest: int | None,
+        now: float,
+    ) -> str:
+        _check_run_key(run_key)
+        _check_status(run.status)
+        if not math.isfinite(run.created_at):
+            raise ValidationError(f"run created_at must be finite, got {run.created_at}")
+        if keep_latest is not None and keep_latest < 0:
+            raise ValidationError(f"keep_latest must be None or >= 0, got {keep_latest}")
+        return await self._call(self._append, run_key, record, run, keep_latest, now)
+
+    def _append(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        seed: RunRecord,
+        keep_latest: int | None,
+        now: float,
+    ) -> str:
+        run_dir = self._run_dir(run_key)
+        with self._locked(run_key):
+            state = self._read_state(run_key)
+            stored = state.run if state is not None else None
+            current = stored if stored is not None and is_live(stored.expires_at, now) else None
+            _check_sequence(run_key, record, seed, current)
+            if current is None:
+                base = self._start_run(run_key, state, seed, record, now)
+            else:
+                base = _grown(state or _RunState(), current, record, now)
+            self._ensure_dir(os.path.join(run_dir, _CHECKPOINTS))
+            self._write_checkpoint(run_key, record)
+            pruned, doomed = self._plan_prune(run_key, base, now, keep_latest, budget=None)
+            assert pruned.run is not None
+            if current is None:
+                self._index_add(run_key, pruned.run)
+            self._commit(run_key, pruned)
+            if (
+                stored is not None
+                and current is None
+                and not _same_marker(run_key, stored, pruned.run)
+            ):
+                self._index_remove(run_key, stored)
+            self._remove_checkpoints(run_key, doomed)
+            return pruned.run.status
+
+    def _start_run(
+        self,
+        run_key: str,
+        state: _RunState | None,
+        seed: RunRecord,
+        record: StoredCheckpoint,
+        now: float,
+    ) -> _RunState:
+        """Clear what an expired run left and make ``seed`` the record (not committed yet)."""
+        self._ensure_dir(self._run_dir(run_key))
+        if state is not None and state.run is not None:
+            self._discard_checkpoints(run_key)
+        run = msgspec.structs.replace(
+            seed,
+            latest_sequence=record.sequence,
+            checkpoint_count=1,
+            updated_at=now,
+            expires_at=record.expires_at,
+        )
+        return _RunState(
+            run=run,
+            last_expiry=record.expires_at,
+            next_expiry=record.expires_at,
+            items_next_expiry=state.items_next_expiry if state is not None else None,
+        )
+
+    def _write_checkpoint(self, run_key: str, record: StoredCheckpoint) -> None:
+        meta = _CheckpointMeta(
+            sequence=record.sequence,
+            checkpoint_id=record.checkpoint_id,
+            created_at=record.created_at,
+            expires_at=record.expires_at,
+        )
+        data = _frame(_CHECKPOINT_MAGIC, _ENCODER.encode(meta), record.header, record.payload)
+        directory = os.path.join(self._run_dir(run_key), _CHECKPOINTS)
+        self._write_file(run_key, os.path.join(directory, _sequence_name(record.sequence)), data)
+        self._sync_dir(directory)
+
+    def _plan_prune(
+        self,
+        run_key: str,
+        state: _RunState,
+        now: float,
+        keep_latest: int | None,
+        budget: _Budget | None,
+    ) -> tuple[_RunState, list[int]]:
+        """Choose the checkpoints to remove; they are unlinked only after the commit."""
+        doomed: list[int] = []
+        if _due(state.next_expiry, now):
+            find = self._expired_prefix if state.ordered else self._expired_scan
+            state, doomed = find(run_key, state, now, budget)
+        if keep_latest is not None:
+            state, oldest = self._overflow(run_key, state, keep_latest, set(doomed))
+            doomed += oldest
+        return state, doomed
+
+    def _peek(self, run_key: str, sequence: int) -> _CheckpointMeta | bool:
+        """Metadata of a checkpoint for cleanup; else whether a (corrupt, logged) file is there."""
+        files = _Dir(self._run_dir(run_key))
+        try:
+            found = files.checkpoint(sequence, 0.0, payload=False, include_expired=True)
+        except CorruptCheckpointError as exc:
+            logger.warning("file store: skipping corrupt checkpoint %s: %s", exc.key, exc)
+            return True
+        if found is None:
+            return False
+        return _CheckpointMeta(
+            found.sequence, found.checkpoint_id, found.created_at, found.expires_at
+        )
+
+    def _expired_prefix(
+        self, run_key: str, state: _RunState, now: float, budget: _Budget | None
+    ) -> tuple[_RunState, list[int]]:
+        """Expiry follows sequence order: walk up from ``low`` to the first live checkpoint."""
+        assert state.run is not None
+        doomed: list[int] = []
+        low: int | None = None
+        next_expiry: float | None = None
+        sequence = state.low
+        while sequence <= state.run.latest_sequence:
+            if budget is not None and len(doomed) >= budget.left:
+                next_expiry = state.next_expiry
+                low = sequence if low is None else low
+                break
+            meta = self._peek(run_key, sequence)
+            if isinstance(meta, bool):
+                # A gap, or a corrupt file: that one is kept, so low cannot pass it.
+                low = sequence if meta and low is None else low
+            elif is_live(meta.expires_at, now):
+                next_expiry = meta.expires_at
+                low = sequence if low is None else low
+                break
+            else:
+                doomed.append(sequence)
+            sequence += 1
+        run = msgspec.structs.replace(
+            state.run, checkpoint_count=max(state.run.checkpoint_count - len(doomed), 0)
+        )
+        new_low = sequence if low is None else low
+        return msgspec.structs.replace(state, run=run, low=new_low, next_expiry=next_expiry), doomed
+
+    def _expired_scan(
+        self, run_key: str, state: _RunState, now: float, budget: _Budget | None
+    ) -> tuple[_RunState, list[int]]:
+        """Expiry out of sequence order: read the metadata of every held checkpoint."""
+        assert state.run is not None
+        held = self._held_sequences(run_key, state)
+        doomed: list[int] = []
+        kept: list[tuple[int, float | None]] = []
+        exact = True
+        for sequence in held:
+            if budget is not None and len(doomed) >= budget.left:
+                exact = False
+                kept.append((sequence, now))  # unread: assume it may be due
+                continue
+            meta = self._peek(run_key, sequence)
+            if isinstance(meta, bool):
+                # Unreadable: kept, and not rescanned for it on every append.
+                kept.append((sequence, None))
+            elif is_live(meta.expires_at, now):
+                kept.append((sequence, meta.expires_at))
+            else:
+                doomed.append(sequence)
+        expiries = [expiry for _, expiry in kept]
+        ordered = exact and all(
+            _not_before(later, earlier) for earlier, later in itertools.pairwise(expiries)
+        )
+        next_expiry = state.next_expiry if not exact else _min_expiry(expiries)
+        run = msgspec.structs.replace(state.run, checkpoint_count=len(kept))
+        low = kept[0][0] if kept else state.run.latest_sequence + 1
+        rebuilt = msgspec.structs.replace(
+            state, run=run, low=low, ordered=ordered, next_expiry=next_expiry
+        )
+        return rebuilt, doomed
+
+    def _overflow(
+        self, run_key: str, state: _RunState, keep_latest: int, doomed: set[int]
+    ) -> tuple[_RunState, list[int]]:
+        """The oldest checkpoints beyond ``keep_latest``, walking up from ``low``."""
+        assert state.run is not None
+        held = state.run.checkpoint_count
+        oldest: list[int] = []
+        sequence = state.low
+        while held > keep_latest and sequence <= state.run.latest_sequence:
+            if sequence not in doomed and self._holds(run_key, sequence):
+                oldest.append(sequence)
+                held -= 1
+            sequence += 1
+        if not oldest:
+            return state, oldest
+        run = msgspec.structs.replace(state.run, checkpoint_count=held)
+        return msgspec.structs.replace(state, run=run, low=max(state.low, sequence)), oldest
+
+    def _holds(self, run_key: str, sequence: int) -> bool:
+        path = os.path.join(self._run_dir(run_key), _CHECKPOINTS, _sequence_name(sequence))
+        return os.path.lexists(path)
+
+    def _held_sequences(self, run_key: str, state: _RunState) -> list[int]:
+        """Sequences of checkpoint files between ``low`` and ``latest_sequence``, ascending."""
+        assert state.run is not None
+        files = _Dir(self._run_dir(run_key))
+        held: list[int] = []
+        for name in files.listdir(_CHECKPOINTS):
+            sequence = _sequence_of_name(name)
+            if sequence is None:
+                logger.warning(
+                    "file store: skipping foreign file %s", files.path_of(f"{_CHECKPOINTS}/{name}")
+                )
+            elif state.low <= sequence <= state.run.latest_sequence:
+                held.append(sequence)
+        return sorted(held)
+
+    def _remove_checkpoints(self, run_key: str, sequences: Sequence[int]) -> None:
+        directory = os.path.join(self._run_dir(run_key), _CHECKPOINTS)
+        for sequence in sequences:
+            self._remove_owned_items(run_key, sequence)
+            _discard(os.path.join(directory, _sequence_name(sequence)))
+
+    def _remove_owned_items(self, run_key: str, sequence: int) -> int:
+        run_dir = self._run_dir(run_key)
+        owner_dir = os.path.join(run_dir, _OWNERS, _sequence_name(sequence))
+        try:
+            names = os.listdir(owner_dir)
+        except FileNotFoundError:
+            return 0  # the checkpoint owns no items
+        removed = 0
+        files = _Dir(run_dir)
+        for name in names:
+            try:
+                found = files.item(name, whole=False) if _key_of_name(name) is not None else None
+            except CorruptCheckpointError as exc:
+                logger.warning("file store: skipping corrupt item %s: %s", exc.key, exc)
+                found = None
+            # The marker may be stale: the item was since rewritten with another owner.
+            if found is not None and found[0].owner == sequence:
+                removed += _discard(os.path.join(run_dir, _ITEMS, name))
+            _discard(os.path.join(owner_dir, name))
+        try:
+            os.rmdir(owner_dir)
+        except OSError as exc:
+            if exc.errno != errno.ENOTEMPTY:
+                raise
+            logger.warning("file store: left %s in place: it holds foreign entries", owner_dir)
+        return removed
+
+    def _discard_checkpoints(self, run_key: str) -> None:
+        """Remove every checkpoint (with owned items) of an expired run about to start over."""
+        files = _Dir(self._run_dir(run_key))
+        for name in files.listdir(_OWNERS):
+            sequence = _sequence_of_name(name)
+            if sequence is not None:
+                self._remove_owned_items(run_key, sequence)
+        for name in files.listdir(_CHECKPOINTS):
+            _discard(files.path_of(f"{_CHECKPOINTS}/{name}"))
+
+    async def get(
+        self, run_key: str, sequence: int, *, now: float
+    ) -> tuple[StoredCheckpoint, str] | None:
+        _check_run_key(run_key)
+        return await self._call(self._get, run_key, sequence, now)
+
+    def _get(self, run_key: str, sequence: int, now: float) -> tuple[StoredCheckpoint, str] | None:
+        with self._reader(run_key) as files:
+            state = files.state() if files is not None else None
+            run = _live_run(state, now)
+            if files is None or state is None or run is None:
+                return None
+            if not state.low <= sequence <= run.latest_sequence:
+                return None
+            found = files.checkpoint(sequence, now, payload=True)
+            return (found, run.status) if isinstance(found, StoredCheckpoint) else None
+
+    async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
+        _check_run_key(run_key)
+        return await self._call(self._latest, run_key, now)
+
+    def _latest(self, run_key: str, now: float) -> tuple[StoredCheckpoint, str] | None:
+        with self._reader(run_key) as files:
+            if files is None:
+                return None
+            state = files.state()
+            for _ in range(_LATEST_ATTEMPTS):
+                found = _newest_live(files, state, now)
+                if found is not None:
+                    return found
+                # A concurrent append may have pruned what this state pointed at: only an
+                # unchanged run.rec makes "no live checkpoint" the answer.
+                again = files.state()
+                if again == state:
+                    return None
+                state = again
+        # Appends kept moving the run under us: read it once while writers wait.
+        with self._locked(run_key):
+            return _newest_live(_Dir(self._run_dir(run_key)), self._read_state(run_key), now)
+
+    async def headers(
+        self,
+        run_key: str,
+        *,
+        before: int | None,
+        limit: int,
+        now: float,
+        include_expired: bool = False,
+    ) -> tuple[list[CheckpointHeader], str | None]:
+        _check_run_key(run_key)
+        return await self._call(self._headers, run_key, before, limit, now, include_expired)
+
+    def _headers(
+        self, run_key: str, before: int | None, limit: int, now: float, include_expired: bool
+    ) -> tuple[list[CheckpointHeader], str | None]:
+        with self._reader(run_key) as files:
+            state = files.state() if files is not None else None
+            run = state.run if include_expired and state is not None else _live_run(state, now)
+            if files is None or state is None or run is None:
+                return [], None
+            top = run.latest_sequence if before is None else min(before - 1, run.latest_sequence)
+            found: list[CheckpointHeader] = []
+            for sequence in range(top, state.low - 1, -1):
+                if len(found) >= limit:
+                    break
+                try:
+                    header = files.checkpoint(
+                        sequence, now, payload=False, include_expired=include_expired
+                    )
+                except CorruptCheckpointError as exc:
+                    logger.warning("file store: skipping corrupt checkpoint %s: %s", exc.key, exc)
+                    continue
+                if header is not None:
+                    found.append(header)
+            return found, run.status
+
+    async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
+        _check_run_key(run_key)
+        return await self._call(self._delete, run_key, sequence, checkpoint_id)
+
+    def _delete(self, run_key: str, sequence: int, checkpoint_id: str) -> bool:
+        with self._locked(run_key):
+            state = self._read_state(run_key)
+            if state is None or state.run is None:
+                return False
+            if not state.low <= sequence <= state.run.latest_sequence:
+                return False
+            files = _Dir(self._run_dir(run_key))
+            found = files.checkpoint(sequence, 0.0, payload=False, include_expired=True)
+            if found is None or found.checkpoint_id != checkpoint_id:
+                return False
+            self._remove_checkpoints(run_key, [sequence])
+            self._sync_dir(files.path_of(_CHECKPOINTS))
+            # Unlinked before the count drops: a crash in between leaves the count one high,
+            # never a deleted checkpoint that comes back.
+            run = msgspec.structs.replace(
+                state.run, checkpoint_count=max(state.run.checkpoint_count - 1, 0)
+            )
+            low = state.low + 1 if sequence == state.low else state.low
+            self._commit(run_key, msgspec.structs.replace(state, run=run, low=low))
+            return True
+
+    async def delete_run(self, run_key: str) -> int:
+        _check_run_key(run_key)
+        return await self._call(self._delete_run, run_key)
+
+    def _delete_run(self, run_key: str) -> int:
+        with self._locked(run_key):
+            try:
+                state = self._read_state(run_key)
+            except CorruptCheckpointError as exc:
+                logger.warning("file store: deleting run with corrupt record %s: %s", exc.key, exc)
+                state = None
+            removed = self._count_held(run_key, state)
+            trash = self._move_to_trash(run_key)
+            if state is not None and state.run is not None:
+                self._index_remove(run_key, state.run)
+        if trash is not None:
+            _remove_tree(trash)
+        return removed
+
+    def _count_held(self, run_key: str, state: _RunState | None) -> int:
+        if state is None or state.run is None:
+            return 0
+        return len(self._held_sequences(run_key, state))
+
+    def _move_to_trash(self, run_key: str) -> str | None:
+        """Take the run directory out of ``runs/`` in one rename: the commit of a removal."""
+        trash = os.path.join(self._trash, f"{run_key}.{secrets.token_hex(8)}")
+        try:
+            os.rename(self._run_dir(run_key), trash)
+        except FileNotFoundError:
+            return None  # no such run
+        self._sync_dir(self._runs)
+        return trash
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
+        _check_run_key(run_key)
+        return await self._call(self._get_run, run_key, now)
+
+    def _get_run(self, run_key: str, now: float) -> RunRecord | None:
+        return _live_run(_Dir(self._run_dir(run_key)).state(), now)
+
+    async def update_run(
+        self, run_key: str, *, version: int, status: str, data: bytes, now: float
+    ) -> RunRecord:
+        _check_run_key(run_key)
+        _check_status(status)
+        return await self._call(self._update_run, run_key, version, status, data, now)
+
+    def _update_run(
+        self, run_key: str, version: int, status: str, data: bytes, now: float
+    ) -> RunRecord:
+        with self._locked(run_key):
+            state = self._read_state(run_key)
+            run = _live_run(state, now)
+            if state is None or run is None:
+                raise CheckpointNotFound(f"no live run with key {run_key}")
+            if run.version != version:
+                raise ConflictError(
+                    f"run {run_key} changed concurrently (version {run.version}, "
+                    f"expected {version})"
+                )
+            updated = msgspec.structs.replace(
+                run, status=status, data=data, version=version + 1, updated_at=now
+            )
+            # New marker before the commit, old one after: a crash leaves a stale marker
+            # (filtered by list_runs, removed by purge_expired), never a run without one.
+            if status != run.status:
+                self._index_add(run_key, updated)
+            self._commit(run_key, msgspec.structs.replace(state, run=updated))
+            if status != run.status:
+                self._index_remove(run_key, run)
+            return updated
+
+    def _index_add(self, run_key: str, run: RunRecord) -> None:
+        directory = os.path.join(self._index, _status_dir_name(run.status))
+        self._ensure_dir(directory)
+        marker = os.path.join(directory, _marker_name(run_key, run))
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        self._sync_dir(directory)
+
+    def _index_remove(self, run_key: str, run: RunRecord) -> None:
+        directory = os.path.join(self._index, _status_dir_name(run.status))
+        _discard(os.path.join(directory, _marker_name(run_key, run)))
+
+    def _markers(self, status: str | None) -> list[tuple[str, str]]:
+        """``(marker, status directory)`` of indexed runs, newest created first."""
+        if status is None:
+            directories = []
+            for name in os.listdir(self._index):
+                if name.startswith("s"):
+                    directories.append(name)
+                else:
+                    path = os.path.join(self._index, name)
+                    logger.warning("file store: skipping foreign entry %s", path)
+        else:
+            directories = [_status_dir_name(status)]
+        markers: list[tuple[str, str]] = []
+        for directory in directories:
+            try:
+                names = os.listdir(os.path.join(self._index, directory))
+            except FileNotFoundError:
+                continue  # no run ever had this status
+            for name in names:
+                if _MARKER.fullmatch(name):
+                    markers.append((name, directory))
+                else:
+                    path = os.path.join(self._index, directory, name)
+                    logger.warning("file store: skipping foreign file %s", path)
+        markers.sort()
+        return markers
+
+    def _indexed_run(self, marker: str, directory: str, now: float) -> RunRecord | None:
+        """The live run a marker stands for, or ``None`` if the marker is stale."""
+        run_key = marker[21:]
+        try:
+            run = _live_run(self._read_state(run_key), now)
+        except CorruptCheckpointError as exc:
+            logger.warning("file store: skipping run with corrupt record %s: %s", exc.key, exc)
+            return None
+        if run is None or _status_dir_name(run.status) != directory:
+            return None
+        return run if _marker_name(run_key, run) == marker else None
+
+    async def list_runs(
+        self, *, status: str | None, limit: int, cursor: str | None, now: float
+    ) -> tuple[list[RunRecord], str | None]:
+        if cursor is not None and (not isinstance(cursor, str) or not _MARKER.fullmatch(cursor)):
+            raise ValidationError(f"not a run listing cursor of the file store: {cursor!r:.80}")
+        if status is not None:
+            _check_status(status)
+        if limit < 1:
+            raise ValidationError(f"limit must be at least 1, got {limit}")
+        return await self._call(self._list_runs, status, limit, cursor, now)
+
+    def _list_runs(
+        self, status: str | None, limit: int, cursor: str | None, now: float
+    ) -> tuple[list[RunRecord], str | None]:
+        found: list[RunRecord] = []
+        last = ""
+        for marker, directory in self._markers(status):
+            if cursor is not None and marker <= cursor:
+                continue
+            run = self._indexed_run(marker, directory, now)
+            if run is None:
+                continue
+            if len(found) == limit:
+                return found, last  # one more live run exists: hand out a cursor
+            found.append(run)
+            last = marker
+        return found, None
+
+    async def count_runs(self, *, status: str | None, now: float) -> int:
+        if status is not None:
+            _check_status(status)
+        return await self._call(self._count_runs, status, now)
+
+    def _count_runs(self, status: str | None, now: float) -> int:
+        markers = self._markers(status)
+        return sum(self._indexed_run(marker, folder, now) is not None for marker, folder in markers)
+
+    # -- items --------------------------------------------------------------------------------
+
+    async def put_items(
+        self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
+    ) -> None:
+        _check_run_key(run_key)
+        named = [(_item_name(item.key), item) for item in items]
+        if named:
+            await self._call(self._put_items, run_key, named, create_only, now)
+
+    def _put_items(
+        self, run_key: str, named: list[tuple[str, Item]], create_only: bool, now: float
+    ) -> None:
+        run_dir = self._run_dir(run_key)
+        with self._locked(run_key):
+            state = self._read_state(run_key)
+            if create_only:
+                self._check_absent(run_key, named, now)
+            self._ensure_dir(run_dir)
+            # The hint is committed before the items so purge_expired always finds them.
+            earliest = _min_expiry([item.expires_at for _, item in named])
+            hint = earliest if state is None else _earliest(state.items_next_expiry, earliest)
+            if state is None or hint != state.items_next_expiry:
+                base = state if state is not None else _RunState()
+                self._commit(run_key, msgspec.structs.replace(base, items_next_expiry=hint))
+            self._mark_owners(run_key, named)
+            directory = os.path.join(run_dir, _ITEMS)
+            self._ensure_dir(directory)
+            for name, item in named:
+                meta = _ENCODER.encode(_ItemMeta(item.key, item.owner, item.expires_at))
+                data = _frame(_ITEM_MAGIC, meta, b"", item.value)
+                self._write_file(run_key, os.path.join(directory, name), data)
+            self._sync_dir(directory)
+
+    def _check_absent(self, run_key: str, named: list[tuple[str, Item]], now: float) -> None:
+        files = _Dir(self._run_dir(run_key))
+        for name, item in named:
+            found = files.item(name, whole=False)
+            if found is not None and is_live(found[0].expires_at, now):
+                raise ConflictError(f"item {item.key!r:.80} already exists in run {run_key}")
+
+    def _mark_owners(self, run_key: str, named: list[tuple[str, Item]]) -> None:
+        """Record owned items under their owner, durably before the items themselves."""
+        owners: dict[int, list[str]] = {}
+        for name, item in named:
+            if item.owner is not None:
+                owners.setdefault(item.owner, []).append(name)
+        if not owners:
+            return
+        root = os.path.join(self._run_dir(run_key), _OWNERS)
+        self._ensure_dir(root)
+        for owner, names in owners.items():
+            directory = os.path.join(root, _sequence_name(owner))
+            self._ensure_dir(directory)
+            for name in names:
+                path = os.path.join(directory, name)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            self._sync_dir(directory)
+
+    async def get_items(self, run_key: str, keys: Sequence[str], *, now: float) -> dict[str, bytes]:
+        _check_run_key(run_key)
+        named = [(_item_name(key), key) for key in keys]
+        if not named:
+            return {}
+        return await self._call(self._get_items, run_key, named, now)
+
+    def _get_items(
+        self, run_key: str, named: list[tuple[str, str]], now: float
+    ) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        with self._reader(run_key) as files:
+            if files is None:
+                return found
+            for name, key in named:
+                item = files.item(name, whole=True)
+                if item is not None and is_live(item[0].expires_at, now):
+                    found[key] = item[1] or b""
+        return found
+
+    async def scan_items(
+        self,
+        run_key: str,
+        *,
+        prefix: str = "",
+        start_after: str | None = None,
+        limit: int = 100,
+        reverse: bool = False,
+        now: float,
+    ) -> list[tuple[str, bytes]]:
+        _check_run_key(run_key)
+        return await self._call(self._scan_items, run_key, prefix, start_after, limit, reverse, now)
+
+    def _scan_items(
+        self,
+        run_key: str,
+        prefix: str,
+        start_after: str | None,
+        limit: int,
+        reverse: bool,
+        now: float,
+    ) -> list[tuple[str, bytes]]:
+        found: list[tuple[str, bytes]] = []
+        with self._reader(run_key) as files:
+            if files is None:
+                return found
+            for key, name in _scan_order(files, prefix, start_after, reverse):
+                if len(found) >= limit:
+                    break
+                try:
+                    item = files.item(name, whole=True)
+                except CorruptCheckpointError as exc:
+                    logger.warning("file store: skipping corrupt item %s: %s", exc.key, exc)
+                    continue
+                if item is not None and is_live(item[0].expires_at, now):
+                    found.append((key, item[1] or b""))
+        return found
+
+    async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
+        _check_run_key(run_key)
+        names = [_item_name(key) for key in keys]
+        if not names:
+            return 0
+        return await self._call(self._delete_items, run_key, names)
+
+    def _delete_items(self, run_key: str, names: list[str]) -> int:
+        directory = os.path.join(self._run_dir(run_key), _ITEMS)
+        with self._locked(run_key):
+            # Owner markers of deleted items go when their owner does (they are re-checked).
+            removed = sum(_discard(os.path.join(directory, name)) for name in set(names))
+            if removed:
+                self._sync_dir(directory)
+            return removed
+
+    # -- maintenance --------------------------------------------------------------------------
+
+    async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
+        if limit < 1:
+            raise ValidationError(f"limit must be at least 1, got {limit}")
+        return await self._call(self._purge_expired, now, limit)
+
+    def _purge_expired(self, now: float, limit: int) -> tuple[int, bool]:
+        budget = _Budget(limit)
+        self._sweep_trash(budget)
+        self._sweep_temp(budget)
+        removed = 0
+        indexed: dict[str, str] = {}
+        for name in sorted(os.listdir(self._runs)):
+            if budget.exhausted:
+                return removed, False
+            if not _RUN_KEY.fullmatch(name):
+                logger.warning("file store: skipping foreign entry %s", self._run_dir(name))
+                continue
+            removed += self._purge_run(name, now, budget, indexed)
+        if budget.exhausted:
+            return removed, False
+        self._sweep_index(indexed, budget)
+        return removed, not budget.exhausted
+
+    def _sweep_trash(self, budget: _Budget) -> None:
+        """Finish removals that a crash (or a concurrent ``delete_run``) left in ``trash/``."""
+        for name in os.listdir(self._trash):
+            if budget.exhausted:
+                return
+            _remove_tree(os.path.join(self._trash, name))
+            budget.spend(1)
+
+    def _sweep_temp(self, budget: _Budget) -> None:
+        """Remove temp files of crashed writers: a temp file whose run lock is free is stale."""
+        for name in os.listdir(self._tmp):
+            if budget.exhausted:
+                return
+            path = os.path.join(self._tmp, name)
+            match = _TEMP.fullmatch(name)
+            if match is None:
+                logger.warning("file store: skipping foreign file %s", path)
+                continue
+            with self._locked(match[1], blocking=False) as locked:
+                if not locked:
+                    continue  # a writer of that run is at work
+                if _discard(path):
+                    logger.warning("file store: removed %s left by an interrupted write", path)
+                    budget.spend(1)
+
+    def _purge_run(self, run_key: str, now: float, budget: _Budget, indexed: dict[str, str]) -> int:
+        """Purge one run; returns checkpoints removed. Records the marker of a live run."""
+        try:
+            state = self._read_state(run_key)
+        except CorruptCheckpointError as exc:
+            logger.warning("file store: skipping run with corrupt record %s: %s", exc.key, exc)
+            return 0
+        run = _live_run(state, now)
+        if run is not None:
+            marker = os.path.join(_status_dir_name(run.status), _marker_name(run_key, run))
+            indexed[run_key] = marker
+        if state is not None and not _purge_due(state, now):
+            return 0
+        # Due, or a directory without run.rec: decide again under the lock.
+        with self._locked(run_key):
+            try:
+                state = self._read_state(run_key)
+            except CorruptCheckpointError as exc:
+                logger.warning("file store: skipping run with corrupt record %s: %s", exc.key, exc)
+                return 0
+            if state is None or (state.run is not None and not is_live(state.run.expires_at, now)):
+                return self._purge_whole_run(run_key, state, budget)
+            if not _purge_due(state, now):
+                return 0
+            return self._purge_inside_run(run_key, state, now, budget)
+
+    def _purge_whole_run(self, run_key: str, state: _RunState | None, budget: _Budget) -> int:
+        """Remove an expired run, or a run directory that no write ever committed."""
+        removed = self._count_held(run_key, state)
+        trash = self._move_to_trash(run_key)
+        if state is not None and state.run is not None:
+            self._index_remove(run_key, state.run)
+        if trash is None:
+            return 0  # removed by a concurrent purge or delete_run
+        if state is None:
+            logger.warning("file store: removed %s left by an interrupted first write", trash)
+        _remove_tree(trash)
+        budget.spend(max(removed, 1))
+        return removed
+
+    def _purge_inside_run(self, run_key: str, state: _RunState, now: float, budget: _Budget) -> int:
+        """Remove the due checkpoints and items of a live run (or of an items-only one)."""
+        doomed: list[int] = []
+        if state.run is not None and _due(state.next_expiry, now):
+            state, doomed = self._plan_prune(run_key, state, now, None, budget)
+            budget.spend(len(doomed))
+        items: list[str] = []
+        if _due(state.items_next_expiry, now) and not budget.exhausted:
+            hint, items = self._expired_items(run_key, now, budget)
+            state = msgspec.structs.replace(state, items_next_expiry=hint)
+        self._commit(run_key, state)
+        self._remove_checkpoints(run_key, doomed)
+        directory = os.path.join(self._run_dir(run_key), _ITEMS)
+        for name in items:
+            _discard(os.path.join(directory, name))
+        if state.run is None and not self._has_items(run_key):
+            self._purge_whole_run(run_key, state, budget)  # an items-only run, now empty
+        return len(doomed)
+
+    def _expired_items(
+        self, run_key: str, now: float, budget: _Budget
+    ) -> tuple[float | None, list[str]]:
+        """Expired item files (up to the budget) and the new lower bound of item expiry."""
+        files = _Dir(self._run_dir(run_key))
+        expired: list[str] = []
+        remaining: list[float | None] = []
+        for name in files.listdir(_ITEMS):
+            if len(expired) >= budget.left:
+                remaining.append(now)  # unread: assume it may be due
+                continue
+            path = files.path_of(f"{_ITEMS}/{name}")
+            try:
+                found = files.item(name, whole=False) if _key_of_name(name) is not None else None
+            except CorruptCheckpointError as exc:
+                logger.warning("file store: skipping corrupt item %s: %s", exc.key, exc)
+                continue
+            if found is None:
+                logger.warning("file store: skipping foreign file %s", path)
+            elif is_live(found[0].expires_at, now):
+                remaining.append(found[0].expires_at)
+            else:
+                expired.append(name)
+        budget.spend(len(expired))
+        return _min_expiry(remaining), expired
+
+    def _has_items(self, run_key: str) -> bool:
+        return bool(_Dir(self._run_dir(run_key)).listdir(_ITEMS))
+
+    def _sweep_index(self, indexed: dict[str, str], budget: _Budget) -> None:
+        """Remove markers that a crash in update_run, or an unreadable deleted run, left."""
+        for marker, directory in self._markers(None):
+            run_key = marker[21:]
+            if budget.exhausted:
+                return
+            if indexed.get(run_key) == os.path.join(directory, marker):
+                continue
+            with self._locked(run_key):
+                if self._marker_is_stale(run_key, marker, directory):
+                    _discard(os.path.join(self._index, directory, marker))
+                    budget.spend(1)
+
+    def _marker_is_stale(self, run_key: str, marker: str, directory: str) -> bool:
+        try:
+            state = self._read_state(run_key)
+        except CorruptCheckpointError:
+            return False  # logged by the run pass; its marker stays until it is repaired
+        run = state.run if state is not None else None
+        if run is None:
+            return True
+        return _status_dir_name(run.status) != directory or _marker_name(run_key, run) != marker
+
+    async def aclose(self) -> None:
+        """Nothing to release: the store holds no descriptor between operations."""
+
+
+def _check_sequence(
+    run_key: str, record: StoredCheckpoint, seed: RunRecord, current: RunRecord | None
+) -> None:
+    if current is None:
+        if record.sequence != 0:
+            raise SequenceConflict(
+                f"run {run_key} has no live record: only sequence 0 can start it",
+                latest_sequence=None,
+                incarnation=None,
+            )
+        return
+    if record.sequence != current.latest_sequence + 1 or seed.incarnation != current.incarnation:
+        raise SequenceConflict(
+            f"run {run_key} is at sequence {current.latest_sequence}",
+            latest_sequence=current.latest_sequence,
+            incarnation=current.incarnation,
+        )
+
+
+def _grown(state: _RunState, run: RunRecord, record: StoredCheckpoint, now: float) -> _RunState:
+    """``state`` with ``record`` appended to the live ``run`` (before pruning)."""
+    held_before = run.checkpoint_count > 0 and state.low <= run.latest_sequence
+    grown = msgspec.structs.replace(
+        run,
+        latest_sequence=record.sequence,
+        checkpoint_count=run.checkpoint_count + 1,
+        updated_at=now,
+        expires_at=latest_expiry(run.expires_at, record.expires_at),
+    )
+    in_order = _not_before(record.expires_at, state.last_expiry)
+    return msgspec.structs.replace(
+        state,
+        run=grown,
+        low=state.low if held_before else record.sequence,
+        ordered=(state.ordered and in_order) if held_before else True,
+        last_expiry=record.expires_at,
+        next_expiry=(
+            _earliest(state.next_expiry, record.expires_at) if held_before else record.expires_at
+        ),
+    )
+
+
+def _same_marker(run_key: str, first: RunRecord, second: RunRecord) -> bool:
+    return first.status == second.status and (
+        _marker_name(run_key, first) == _marker_name(run_key, second)
+    )
+
+
+def _newest_live(
+    files: _Dir, state: _RunState | None, now: float
+) -> tuple[StoredCheckpoint, str] | None:
+    run = _live_run(state, now)
+    if state is None or run is None:
+        return None
+    found = files.checkpoint(run.latest_sequence, now, payload=True)
+    if isinstance(found, StoredCheckpoint):
+        return found, run.status
+    # Only past a deleted or expired newest checkpoint: walk down reading heads.
+    for sequence in range(run.latest_sequence - 1, state.low - 1, -1):
+        if files.checkpoint(sequence, now, payload=False) is None:
+            continue
+        found = files.checkpoint(sequence, now, payload=True)
+        if isinstance(found, StoredCheckpoint):
+            return found, run.status
+    return None
+
+
+def _live_run(state: _RunState | None, now: float) -> RunRecord | None:
+    if state is None or state.run is None or not is_live(state.run.expires_at, now):
+        return None
+    return state.run
+
+
+def _min_expiry(expiries: Sequence[float | None]) -> float | None:
+    earliest: float | None = None
+    for expiry in expiries:
+        earliest = _earliest(earliest, expiry)
+    return earliest
+
+
+def _purge_due(state: _RunState, now: float) -> bool:
+    if state.run is not None and not is_live(state.run.expires_at, now):
+        return True
+    checkpoints_due = state.run is not None and _due(state.next_expiry, now)
+    return checkpoints_due or _due(state.items_next_expiry, now)
+
+
+def _scan_order(
+    files: _Dir, prefix: str, start_after: str | None, reverse: bool
+) -> list[tuple[str, str]]:
+    """``(key, file name)`` of the run's items in scan order, before expiry filtering."""
+    keyed: list[tuple[str, str]] = []
+    for name in files.listdir(_ITEMS):
+        key = _key_of_name(name)
+        if key is None:
+            path = files.path_of(f"{_ITEMS}/{name}")
+            logger.warning("file store: skipping foreign file %s", path)
+        elif key.startswith(prefix) and (
+            start_after is None or (key < start_after if reverse else key > start_after)
+        ):
+            keyed.append((key, name))
+    keyed.sort(reverse=reverse)
+    return keyed
+
+
+FileCheckpointStore = FileStore
+"""FastAgentic's name for the file store (``FileCheckpointStore(base_path)``)."""

@@ -1,0 +1,51 @@
+"""The store contract suite, for this package's stores and for third-party ones.
+
+Subclass :class:`StoreContract` once in a test module, providing a ``store`` fixture that
+yields a fresh store and closes it; every clause of
+:class:`~fastcheckpoint.stores.CheckpointStore` is then tested against that store::
+
+    import pytest
+    from fastcheckpoint.testing import StoreContract
+
+    class TestMyStore(StoreContract):
+        @pytest.fixture
+        async def store(self):
+            store = MyStore()
+            yield store
+            await store.aclose()
+
+The tests need pytest and anyio's pytest plugin; they run on every backend the
+``anyio_backend`` fixture names. The builders (``make_run``, ``make_checkpoint``,
+``make_item``...) make the values a store is handed, for backend-specific tests beside it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+# Plain asserts in the contract report their operands like those in a test module.
+pytest.register_assert_rewrite("fastcheckpoint.testing._contract")
+
+from fastcheckpoint.testing._builders import (  # noqa: E402
+    T0,
+    checkpoint_id_of,
+    header_of,
+    key_of,
+    make_checkpoint,
+    make_item,
+    make_run,
+    without_key,
+)
+from fastcheckpoint.testing._contract import StoreContract  # noqa: E402
+
+__all__ = [
+    "T0",
+    "StoreContract",
+    "checkpoint_id_of",
+    "header_of",
+    "key_of",
+    "make_checkpoint",
+    "make_item",
+    "make_run",
+    "without_key",
+]

@@ -1,0 +1,152 @@
+"""Helpers shared by the manager, codec, config, lifecycle and model-checking tests.
+
+A movable clock (never sleep to wait for expiry), one way to build each bundled store, a
+config with quick retries, and a store wrapper that forwards every call so a test can
+override one method to inject a fault.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fastcheckpoint import (
+    CheckpointConfig,
+    CheckpointStore,
+    FileStore,
+    MemoryStore,
+    RetryPolicy,
+)
+from fastcheckpoint.stores import CheckpointHeader, Item, RunRecord, StoredCheckpoint
+
+STORE_KINDS = ("memory", "file")
+
+T0 = 1_700_000_000.0
+"""Where every fake clock starts (epoch seconds, November 2023)."""
+
+QUICK_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.005, max_retries=5)
+"""Backoff small enough that a lost race never eats a test's deadline."""
+
+
+class FakeClock:
+    """The manager's clock, moved by hand: ``clock.advance(10)`` is ten seconds later."""
+
+    def __init__(self, start: float = T0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_store(kind: str, path: Path, *, fsync: bool = True) -> CheckpointStore:
+    """A fresh store of ``kind``; for ``file`` a store over ``path`` (created if missing)."""
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "file":
+        return FileStore(path, fsync=fsync)
+    raise AssertionError(f"unknown store kind {kind!r}")
+
+
+def make_config(clock: FakeClock, **overrides: Any) -> CheckpointConfig:
+    """A config on the fake clock with quick retries; ``overrides`` set any other field."""
+    settings: dict[str, Any] = {"clock": clock, "retry": QUICK_RETRY}
+    settings.update(overrides)
+    return CheckpointConfig(**settings)
+
+
+class ForwardingStore:
+    """Forwards every protocol method to ``inner``; subclass and override one to inject faults."""
+
+    def __init__(self, inner: CheckpointStore) -> None:
+        self.inner = inner
+
+    async def append(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        *,
+        run: RunRecord,
+        keep_latest: int | None,
+        now: float,
+    ) -> str:
+        return await self.inner.append(run_key, record, run=run, keep_latest=keep_latest, now=now)
+
+    async def get(
+        self, run_key: str, sequence: int, *, now: float
+    ) -> tuple[StoredCheckpoint, str] | None:
+        return await self.inner.get(run_key, sequence, now=now)
+
+    async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
+        return await self.inner.latest(run_key, now=now)
+
+    async def headers(
+        self,
+        run_key: str,
+        *,
+        before: int | None,
+        limit: int,
+        now: float,
+        include_expired: bool = False,
+    ) -> tuple[list[CheckpointHeader], str | None]:
+        return await self.inner.headers(
+            run_key, before=before, limit=limit, now=now, include_expired=include_expired
+        )
+
+    async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
+        return await self.inner.delete(run_key, sequence, checkpoint_id=checkpoint_id)
+
+    async def delete_run(self, run_key: str) -> int:
+        return await self.inner.delete_run(run_key)
+
+    async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
+        return await self.inner.get_run(run_key, now=now)
+
+    async def update_run(
+        self, run_key: str, *, version: int, status: str, data: bytes, now: float
+    ) -> RunRecord:
+        return await self.inner.update_run(
+            run_key, version=version, status=status, data=data, now=now
+        )
+
+    async def list_runs(
+        self, *, status: str | None, limit: int, cursor: str | None, now: float
+    ) -> tuple[list[RunRecord], str | None]:
+        return await self.inner.list_runs(status=status, limit=limit, cursor=cursor, now=now)
+
+    async def count_runs(self, *, status: str | None, now: float) -> int:
+        return await self.inner.count_runs(status=status, now=now)
+
+    async def put_items(
+        self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
+    ) -> None:
+        await self.inner.put_items(run_key, items, create_only=create_only, now=now)
+
+    async def get_items(self, run_key: str, keys: Sequence[str], *, now: float) -> dict[str, bytes]:
+        return await self.inner.get_items(run_key, keys, now=now)
+
+    async def scan_items(
+        self,
+        run_key: str,
+        *,
+        prefix: str = "",
+        start_after: str | None = None,
+        limit: int = 100,
+        reverse: bool = False,
+        now: float,
+    ) -> list[tuple[str, bytes]]:
+        return await self.inner.scan_items(
+            run_key, prefix=prefix, start_after=start_after, limit=limit, reverse=reverse, now=now
+        )
+
+    async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
+        return await self.inner.delete_items(run_key, keys)
+
+    async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
+        return await self.inner.purge_expired(now=now, limit=limit)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

@@ -1,0 +1,37 @@
+"""The store contract (:mod:`fastcheckpoint.testing`) run against every bundled store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from fastcheckpoint.stores import CheckpointStore
+from fastcheckpoint.testing import StoreContract
+
+
+async def _close(store: CheckpointStore) -> None:
+    with anyio.fail_after(10):
+        await store.aclose()
+
+
+class TestMemoryStore(StoreContract):
+    @pytest.fixture
+    async def store(self) -> AsyncIterator[CheckpointStore]:
+        from fastcheckpoint.stores.memory import MemoryStore
+
+        store = MemoryStore()
+        yield store
+        await _close(store)
+
+
+class TestFileStore(StoreContract):
+    @pytest.fixture
+    async def store(self, tmp_path: Path) -> AsyncIterator[CheckpointStore]:
+        from fastcheckpoint.stores.file import FileStore
+
+        store = FileStore(tmp_path)
+        yield store
+        await _close(store)

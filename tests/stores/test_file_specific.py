@@ -1,0 +1,771 @@
+"""FileStore beyond the shared contract: layout, permissions, hostile keys, corruption, crash
+leftovers, thread hops, O(1) latest, several processes on one directory, and ``kill -9``."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import logging
+import os
+import random
+import stat
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import msgspec
+import pytest
+
+import fastcheckpoint
+from fastcheckpoint import _ids
+from fastcheckpoint.errors import (
+    ConfigurationError,
+    CorruptCheckpointError,
+    SequenceConflict,
+    ValidationError,
+)
+from fastcheckpoint.stores import Item, RunRecord, open_store
+from fastcheckpoint.stores.file import MAX_ITEM_KEY_BYTES, FileCheckpointStore, FileStore
+from fastcheckpoint.testing import (
+    T0,
+    checkpoint_id_of,
+    key_of,
+    make_checkpoint,
+    make_item,
+    make_run,
+    without_key,
+)
+
+pytestmark = pytest.mark.anyio
+
+LOGGER = "fastcheckpoint.stores.file"
+WORKER = Path(__file__).resolve().parent.parent / "file_worker.py"
+
+
+def _load_worker() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("file_worker", WORKER)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+worker = _load_worker()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """The store directory: created by the store itself, inside the test's own directory."""
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def store(root: Path) -> FileStore:
+    return FileStore(root)
+
+
+async def _append(
+    store: FileStore,
+    run: RunRecord,
+    sequence: int,
+    *,
+    now: float = T0,
+    expires_at: float | None = None,
+    keep_latest: int | None = None,
+    payload: bytes | None = None,
+) -> None:
+    record = make_checkpoint(run, sequence, created_at=now, expires_at=expires_at, payload=payload)
+    seed = msgspec.structs.replace(run, expires_at=expires_at)
+    await store.append(key_of(run), record, run=seed, keep_latest=keep_latest, now=now)
+
+
+def _checkpoint_file(root: Path, run: RunRecord, sequence: int) -> Path:
+    return root / "runs" / key_of(run) / "c" / f"{sequence:020d}"
+
+
+def _files(root: Path) -> Iterator[Path]:
+    for directory, subdirectories, names in os.walk(root):
+        for name in subdirectories + names:
+            yield Path(directory) / name
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(
+        record.getMessage()
+        for record in caplog.records
+        if record.name == LOGGER and record.levelno >= logging.WARNING
+    )
+
+
+# -- construction -----------------------------------------------------------------------------
+
+
+def test_from_url_forms(tmp_path: Path) -> None:
+    absolute = tmp_path / "from url"
+    by_url = FileStore.from_url(f"file://{absolute.as_posix().replace(' ', '%20')}?fsync=false")
+    assert repr(by_url) == f"FileStore({str(absolute)!r}, fsync=False)"
+    assert absolute.is_dir()
+    plain = open_store(str(tmp_path / "plain"))
+    assert isinstance(plain, FileStore)
+    assert repr(plain) == f"FileStore({str(tmp_path / 'plain')!r}, fsync=True)"
+    localhost = FileStore.from_url(f"file://localhost{tmp_path}/l", fsync="0")
+    assert repr(localhost).endswith("fsync=False)")
+    assert FileCheckpointStore is FileStore
+
+
+@pytest.mark.parametrize(
+    ("url", "options"),
+    [
+        ("file://relative/path", {}),
+        ("redis://localhost/0", {}),
+        ("file:///tmp/x?sync=false", {}),
+        ("file:///tmp/x?fsync=maybe", {}),
+        ("file:///tmp/x", {"compress": True}),
+        ("file://", {}),
+    ],
+)
+def test_from_url_rejects(url: str, options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        FileStore.from_url(url, **options)
+
+
+def test_root_that_is_a_file_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(fastcheckpoint.errors.StoreError, match="file"):
+        FileStore(tmp_path / "file")
+
+
+# -- layout and permissions -------------------------------------------------------------------
+
+
+async def test_files_0600_directories_0700_even_with_umask_0(root: Path) -> None:
+    previous = os.umask(0)
+    try:
+        with anyio.fail_after(30):
+            store = FileStore(root)
+            seed = make_run("perms")
+            await _append(store, seed, 0)
+            await _append(store, seed, 1)
+            await store.put_items(key_of(seed), [make_item("k", owner=1)], now=T0)
+            await store.update_run(key_of(seed), version=0, status="paused", data=b"", now=T0)
+    finally:
+        os.umask(previous)
+    _assert_private(root)
+
+
+def _assert_private(root: Path) -> None:
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    checked = 0
+    for path in _files(root):
+        info = path.lstat()
+        expected = 0o700 if stat.S_ISDIR(info.st_mode) else 0o600
+        assert stat.S_IMODE(info.st_mode) == expected, f"{path} has mode {info.st_mode:o}"
+        checked += 1
+    assert checked > 10
+
+
+def _assert_inside(root: Path) -> None:
+    for path in _files(root):
+        assert path.resolve().is_relative_to(root.resolve()), path
+        assert not path.is_symlink(), path
+
+
+async def test_layout_stays_under_root_and_is_cleaned(tmp_path: Path, root: Path) -> None:
+    store = FileStore(root)
+    seed = make_run("../../escape/\x00/" + "é" * 300)
+    with anyio.fail_after(30):
+        await _append(store, seed, 0)
+        items = [make_item("../../x"), make_item("/etc/passwd")]
+        await store.put_items(key_of(seed), items, now=T0)
+        assert sorted(os.listdir(tmp_path)) == ["store"]
+        assert sorted(os.listdir(root)) == ["index", "locks", "runs", "tmp", "trash"]
+        _assert_inside(root)
+        assert os.listdir(root / "tmp") == []
+        assert os.listdir(root / "locks") == [key_of(seed)]
+
+        assert await store.delete_run(key_of(seed)) == 1
+
+    assert os.listdir(root / "runs") == []
+    assert os.listdir(root / "trash") == []
+    assert os.listdir(root / "locks") == []
+    assert all(not os.listdir(root / "index" / status) for status in os.listdir(root / "index"))
+
+
+@pytest.mark.parametrize("bad", ["", "A" * 24, "a" * 23, "a" * 25, "../" * 8, "a1" * 12, 7])
+async def test_run_keys_are_validated(store: FileStore, bad: Any) -> None:
+    with anyio.fail_after(30):
+        with pytest.raises(ValidationError):
+            await store.get(bad, 0, now=T0)
+        with pytest.raises(ValidationError):
+            await store.delete_run(bad)
+        with pytest.raises(ValidationError):
+            await store.put_items(bad, [make_item("k")], now=T0)
+
+
+HOSTILE_KEYS = [
+    "",
+    ".",
+    "..",
+    "../x",
+    "../../../../etc/passwd",
+    "/abs",
+    "a/b/../../c",
+    "nul\x00byte",
+    "\\windows\\path",
+    "CON",
+    "A",
+    "a",
+    "é",
+    "\U0001f600" * 32,  # exactly 128 bytes of UTF-8
+    "z" * MAX_ITEM_KEY_BYTES,
+    "\u202eright-to-left",
+    "new\nline",
+]
+
+
+async def test_hostile_item_keys_round_trip_in_code_point_order(root: Path) -> None:
+    store = FileStore(root)
+    seed = make_run("hostile")
+    key = key_of(seed)
+    with anyio.fail_after(30):
+        await _append(store, seed, 0)
+        await store.put_items(key, [make_item(item) for item in HOSTILE_KEYS], now=T0)
+
+        assert await store.get_items(key, HOSTILE_KEYS, now=T0) == {
+            item: f"value-{item}".encode() for item in HOSTILE_KEYS
+        }
+        scanned = await store.scan_items(key, limit=100, now=T0)
+        assert [item for item, _ in scanned] == sorted(HOSTILE_KEYS)
+        assert await store.delete_items(key, HOSTILE_KEYS) == len(HOSTILE_KEYS)
+
+    _assert_inside(root)
+    assert os.listdir(root / "runs" / key / "i") == []
+
+
+@pytest.mark.parametrize("bad", ["x" * (MAX_ITEM_KEY_BYTES + 1), "é" * 65, "lone \ud800", None])
+async def test_unacceptable_item_keys_are_validation_errors(store: FileStore, bad: Any) -> None:
+    seed = make_run("bad-keys")
+    with anyio.fail_after(30):
+        await _append(store, seed, 0)
+        hostile = Item(key=bad, value=b"v")
+        with pytest.raises(ValidationError):
+            await store.put_items(key_of(seed), [make_item("ok"), hostile], now=T0)
+        with pytest.raises(ValidationError):
+            await store.get_items(key_of(seed), [bad], now=T0)
+        assert await store.scan_items(key_of(seed), now=T0) == []
+
+
+# -- corruption and foreign files -------------------------------------------------------------
+
+
+async def _five(store: FileStore, name: str = "damaged") -> RunRecord:
+    seed = make_run(name)
+    for sequence in range(5):
+        await _append(store, seed, sequence, payload=b"payload-%d" % sequence * 100)
+    return seed
+
+
+async def test_corrupt_and_foreign_files_are_skipped_by_listings(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FileStore(root)
+    with anyio.fail_after(30):
+        seed = await _five(store)
+        other = await _five(store, "healthy")
+        await _append(store, make_run("expiring"), 0, expires_at=T0 + 10)
+        key = key_of(seed)
+        flipped = _checkpoint_file(root, seed, 1)
+        data = bytearray(flipped.read_bytes())
+        data[40] ^= 0xFF  # inside the metadata: the header checksum no longer matches
+        flipped.write_bytes(bytes(data))
+        truncated = _checkpoint_file(root, seed, 2)
+        truncated.write_bytes(truncated.read_bytes()[:10])
+        junk = _checkpoint_file(root, seed, 3)
+        junk.write_bytes(random.Random(3).randbytes(5000))
+        (root / "runs" / key / "c" / "notes.txt").write_text("hello")
+        (root / "runs" / key / "i").mkdir()
+        (root / "runs" / key / "i" / "notes.txt").write_text("hello")
+        (root / "runs" / "notes.txt").write_text("hello")
+        (root / "tmp" / "notes.txt").write_text("hello")
+        (root / "index" / "notes.txt").write_text("hello")
+        caplog.set_level(logging.WARNING, logger=LOGGER)
+
+        found, status = await store.headers(key, before=None, limit=10, now=T0)
+        assert ([header.sequence for header in found], status) == ([4, 0], "active")
+        assert await store.scan_items(key, now=T0) == []
+        runs, _ = await store.list_runs(status=None, limit=10, cursor=None, now=T0)
+        assert sorted(run.run_id for run in runs) == ["damaged", "expiring", "healthy"]
+        assert await store.count_runs(status="active", now=T0) == 3
+        assert await store.purge_expired(now=T0 + 10, limit=100) == (1, True)
+        latest = await store.latest(key, now=T0)
+        assert latest is not None
+        assert latest[0].sequence == 4
+
+        for path in (flipped, truncated, junk):
+            with pytest.raises(CorruptCheckpointError) as caught:
+                await store.get(key, int(path.name), now=T0)
+            assert caught.value.key == str(path)
+        assert (await store.get(key_of(other), 1, now=T0)) is not None
+
+    logged = _warnings(caplog)
+    for path in (flipped, truncated, junk):
+        assert f"skipping corrupt checkpoint {path}:" in logged
+    for foreign in (
+        "runs/notes.txt",
+        "tmp/notes.txt",
+        f"runs/{key}/i/notes.txt",
+        "index/notes.txt",
+    ):
+        assert f"{root / foreign}\n" in logged + "\n"
+
+
+async def test_a_directory_where_the_newest_checkpoint_belongs(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FileStore(root)
+    with anyio.fail_after(30):
+        seed = await _five(store)
+        newest = _checkpoint_file(root, seed, 4)
+        newest.unlink()
+        newest.mkdir()
+        caplog.set_level(logging.WARNING, logger=LOGGER)
+
+        with pytest.raises(CorruptCheckpointError) as caught:
+            await store.latest(key_of(seed), now=T0)
+        assert caught.value.key == str(newest)
+        found, _ = await store.headers(key_of(seed), before=None, limit=10, now=T0)
+        assert [header.sequence for header in found] == [3, 2, 1, 0]
+        assert await store.purge_expired(now=T0, limit=10) == (0, True)
+    assert str(newest) in _warnings(caplog)
+
+
+async def test_corrupt_run_record(root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = FileStore(root)
+    with anyio.fail_after(30):
+        broken = await _five(store, "broken")
+        fine = await _five(store, "fine")
+        record = root / "runs" / key_of(broken) / "run.rec"
+        record.write_bytes(record.read_bytes()[:-3] + b"zzz")
+        caplog.set_level(logging.WARNING, logger=LOGGER)
+
+        for read in (
+            store.get_run(key_of(broken), now=T0),
+            store.latest(key_of(broken), now=T0),
+            store.get(key_of(broken), 0, now=T0),
+            _append(store, broken, 5),
+        ):
+            with pytest.raises(CorruptCheckpointError) as caught:
+                await read
+            assert caught.value.key == str(record)
+        runs, _ = await store.list_runs(status=None, limit=10, cursor=None, now=T0)
+        assert [run.run_id for run in runs] == ["fine"]
+        assert await store.count_runs(status=None, now=T0) == 1
+        assert await store.purge_expired(now=T0, limit=10) == (0, True)
+        # delete_run still removes a run whose record is unreadable.
+        assert await store.delete_run(key_of(broken)) == 0
+        assert await store.get_run(key_of(broken), now=T0) is None
+        assert await store.get_run(key_of(fine), now=T0) is not None
+    assert str(record) in _warnings(caplog)
+
+
+# -- crash leftovers --------------------------------------------------------------------------
+
+
+async def test_leftover_beyond_latest_is_invisible_and_replaced(
+    tmp_path: Path, root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crash between writing checkpoint 3 and committing run.rec leaves c/…3 behind."""
+    store = FileStore(root)
+    seed = make_run("crashed")
+    key = key_of(seed)
+    with anyio.fail_after(30):
+        for sequence in range(3):
+            await _append(store, seed, sequence)
+        elsewhere = FileStore(tmp_path / "elsewhere")
+        for sequence in range(4):
+            await _append(elsewhere, seed, sequence, payload=b"never acknowledged")
+        whole = (tmp_path / "elsewhere" / "runs" / key / "c" / f"{3:020d}").read_bytes()
+        leftover = _checkpoint_file(root, seed, 3)
+        caplog.set_level(logging.WARNING, logger=LOGGER)
+
+        for content in (whole, whole[: len(whole) // 2]):  # complete, then torn
+            leftover.write_bytes(content)
+            assert await store.get(key, 3, now=T0) is None
+            latest = await store.latest(key, now=T0)
+            assert latest is not None
+            assert latest[0].sequence == 2
+            found, _ = await store.headers(key, before=None, limit=10, now=T0)
+            assert [header.sequence for header in found] == [2, 1, 0]
+            run = await store.get_run(key, now=T0)
+            assert run is not None
+            assert (run.latest_sequence, run.checkpoint_count) == (2, 3)
+
+        await _append(store, seed, 3, payload=b"acknowledged")
+        got = await store.get(key, 3, now=T0)
+        assert got is not None
+        assert without_key(got[0]) == make_checkpoint(seed, 3, payload=b"acknowledged")
+    assert _warnings(caplog) == ""
+
+
+async def test_purge_removes_stale_temp_files_trash_and_markers(root: Path) -> None:
+    store = FileStore(root)
+    seed = make_run("sweep")
+    key = key_of(seed)
+    with anyio.fail_after(30):
+        await _append(store, seed, 0)
+        stale_temp = root / "tmp" / f"{key}.0123456789abcdef"
+        stale_temp.write_bytes(b"half a checkpoint")
+        orphan_temp = root / "tmp" / f"{'q' * 24}.0123456789abcdef"
+        orphan_temp.write_bytes(b"of a run that never committed")
+        (root / "trash" / f"{key}.feedfacefeedface" / "c").mkdir(parents=True)
+        (root / "trash" / f"{key}.feedfacefeedface" / "c" / "x").write_bytes(b"x")
+        uncommitted = root / "runs" / ("r" * 24) / "c"
+        uncommitted.mkdir(parents=True)
+        (uncommitted / f"{0:020d}").write_bytes(b"first write, then kill -9")
+        # A crash in update_run between the new marker and the commit leaves this behind.
+        paused = "s" + base64.b32hexencode(b"paused").decode().rstrip("=").lower()
+        (marker,) = _marker_names(root)
+        (root / "index" / paused).mkdir()
+        (root / "index" / paused / marker).touch()
+
+        assert await store.list_runs(status="paused", limit=10, cursor=None, now=T0) == ([], None)
+        assert await store.count_runs(status=None, now=T0) == 1
+
+        assert await store.purge_expired(now=T0, limit=100) == (0, True)
+
+    assert os.listdir(root / "tmp") == []
+    assert os.listdir(root / "trash") == []
+    assert os.listdir(root / "runs") == [key]
+    assert os.listdir(root / "index" / paused) == []
+    assert os.listdir(root / "locks") == [key]
+
+
+def _marker_names(root: Path) -> list[str]:
+    index = root / "index"
+    return [name for status in os.listdir(index) for name in os.listdir(index / status)]
+
+
+async def test_items_only_run_disappears_when_its_items_expire(root: Path) -> None:
+    store = FileStore(root)
+    key = key_of(make_run("items-only"))
+    with anyio.fail_after(30):
+        await store.put_items(key, [make_item("a", expires_at=T0 + 5)], now=T0)
+        assert await store.get_items(key, ["a"], now=T0) == {"a": b"value-a"}
+        assert await store.get_run(key, now=T0) is None
+        assert await store.purge_expired(now=T0 + 5, limit=10) == (0, True)
+    assert os.listdir(root / "runs") == []
+    assert os.listdir(root / "locks") == []
+
+
+# -- costs ------------------------------------------------------------------------------------
+
+
+async def test_one_thread_hop_per_operation(
+    store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hops: list[object] = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        hops.append(func)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    seed = make_run("hops")
+    key = key_of(seed)
+    operations: list[Callable[[], Awaitable[object]]] = [
+        lambda: _append(store, seed, 0),
+        lambda: _append(store, seed, 1, keep_latest=1),
+        lambda: store.get(key, 1, now=T0),
+        lambda: store.latest(key, now=T0),
+        lambda: store.headers(key, before=None, limit=10, now=T0),
+        lambda: store.get_run(key, now=T0),
+        lambda: store.update_run(key, version=0, status="paused", data=b"", now=T0),
+        lambda: store.list_runs(status="paused", limit=10, cursor=None, now=T0),
+        lambda: store.count_runs(status=None, now=T0),
+        lambda: store.put_items(key, [make_item("a"), make_item("b", owner=1)], now=T0),
+        lambda: store.get_items(key, ["a", "b"], now=T0),
+        lambda: store.scan_items(key, now=T0),
+        lambda: store.delete_items(key, ["a"]),
+        lambda: store.delete(key, 1, checkpoint_id=checkpoint_id_of(seed, 1)),
+        lambda: store.purge_expired(now=T0, limit=10),
+        lambda: store.delete_run(key),
+    ]
+    with anyio.fail_after(30):
+        for operation in operations:
+            before = len(hops)
+            await operation()
+            assert len(hops) == before + 1, hops[before:]
+        await store.aclose()
+    assert len(hops) == len(operations)
+
+
+async def test_latest_is_o1_without_listing(
+    store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small, large = make_run("small"), make_run("large")
+    with anyio.fail_after(30):
+        for sequence in range(3):
+            await _append(store, small, sequence)
+        for sequence in range(300):
+            await _append(store, large, sequence)
+
+        opened: list[str] = []
+        real_open = os.open
+
+        def forbidden(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("latest listed a directory")
+
+        def counting_open(path: Any, *args: Any, **kwargs: Any) -> int:
+            opened.append(os.fsdecode(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "listdir", forbidden)
+        monkeypatch.setattr(os, "scandir", forbidden)
+        monkeypatch.setattr(os, "open", counting_open)
+        counts = []
+        for seed in (small, large):
+            opened.clear()
+            found = await store.latest(key_of(seed), now=T0)
+            assert found is not None
+            counts.append(len(opened))
+        assert counts[0] == counts[1] <= 3, opened
+
+
+async def test_headers_read_no_payload(store: FileStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    seed = make_run("big")
+    with anyio.fail_after(30):
+        for sequence in range(3):
+            await _append(store, seed, sequence, payload=os.urandom(1 << 20))
+        read: list[int] = []
+        real_pread = os.pread
+
+        def counting_pread(fd: int, size: int, offset: int) -> bytes:
+            data = real_pread(fd, size, offset)
+            read.append(len(data))
+            return data
+
+        monkeypatch.setattr(os, "pread", counting_pread)
+        found, _ = await store.headers(key_of(seed), before=None, limit=10, now=T0)
+        assert [header.sequence for header in found] == [2, 1, 0]
+        assert sum(read) < 3 * 4096 + 1024, read
+
+
+async def test_latest_never_misses_while_appends_prune(store: FileStore) -> None:
+    """Each append with keep_latest=1 removes the checkpoint a reader may be about to open."""
+    seed = make_run("churn")
+    key = key_of(seed)
+    await _append(store, seed, 0)
+    writing = True
+    reads = 0
+
+    async def writer() -> None:
+        nonlocal writing
+        for sequence in range(1, 300):
+            await _append(store, seed, sequence, keep_latest=1)
+        writing = False
+
+    async def reader() -> None:
+        nonlocal reads
+        while writing:
+            found = await store.latest(key, now=T0)
+            assert found is not None
+            reads += 1
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            group.start_soon(writer)
+            for _ in range(3):
+                group.start_soon(reader)
+    assert reads > 0
+
+
+async def test_expired_newest_falls_back_to_older_live(store: FileStore) -> None:
+    seed = make_run("fallback")
+    key = key_of(seed)
+    with anyio.fail_after(30):
+        await _append(store, seed, 0)
+        for sequence in range(1, 20):
+            await _append(store, seed, sequence, expires_at=T0 + 10)
+        assert await store.delete(key, 0, checkpoint_id=checkpoint_id_of(seed, 0)) is True
+        await _append(store, seed, 20)
+        assert await store.delete(key, 20, checkpoint_id=checkpoint_id_of(seed, 20)) is True
+        assert await store.latest(key, now=T0 + 10) is None
+        await _append(store, seed, 21, now=T0 + 10, keep_latest=5)
+        latest = await store.latest(key, now=T0 + 10)
+        assert latest is not None
+        assert latest[0].sequence == 21
+        found, _ = await store.headers(key, before=None, limit=50, now=T0, include_expired=True)
+        assert [header.sequence for header in found] == [21]
+
+
+# -- several processes ------------------------------------------------------------------------
+
+
+def _worker_command(*args: str) -> list[str]:
+    return [sys.executable, str(WORKER), *args]
+
+
+def _worker_env() -> dict[str, str]:
+    package_root = str(Path(fastcheckpoint.__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
+
+
+async def test_four_processes_append_to_one_run(root: Path) -> None:
+    FileStore(root)
+    run_id = "shared by four processes"
+    outputs: dict[str, bytes] = {}
+
+    async def run_worker(name: str) -> None:
+        done = await anyio.run_process(
+            _worker_command("append", str(root), run_id, "25", name), env=_worker_env()
+        )
+        outputs[name] = done.stdout
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as group:
+            for index in range(4):
+                group.start_soon(run_worker, f"w{index}")
+
+        acknowledged = {
+            int(line): name for name, out in outputs.items() for line in out.decode().split()
+        }
+        assert sum(len(out.split()) for out in outputs.values()) == 100
+        assert sorted(acknowledged) == list(range(100))
+        store = FileStore(root)
+        key = _ids.run_key(run_id)
+        run = await store.get_run(key, now=T0)
+        assert run is not None
+        assert (run.latest_sequence, run.checkpoint_count) == (99, 100)
+        found, _ = await store.headers(key, before=None, limit=1000, now=T0)
+        assert [header.sequence for header in found] == list(range(99, -1, -1))
+        for sequence, name in acknowledged.items():
+            got = await store.get(key, sequence, now=T0)
+            assert got is not None
+            assert got[0].header == worker.header_for(sequence, name)
+            assert got[0].payload == worker.payload_for(sequence, name)
+            assert got[0].checkpoint_id == _ids.checkpoint_id(key, run.incarnation, sequence)
+
+
+async def _append_until_killed(root: Path, run_id: str, delay: float, log: Path) -> list[int]:
+    """Start a writer, SIGKILL it ``delay`` seconds after its first acknowledgement."""
+    output = bytearray()
+    with log.open("wb") as stderr:
+        process = await anyio.open_process(
+            _worker_command("forever", str(root), run_id), env=_worker_env(), stderr=stderr
+        )
+        async with process:
+            assert process.stdout is not None
+
+            async def pump() -> None:
+                assert process.stdout is not None
+                async for chunk in process.stdout:
+                    output.extend(chunk)
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(pump)
+                while b"\n" not in output:
+                    assert process.returncode is None, "worker died; see its stderr in " + str(log)
+                    await anyio.sleep(0.01)
+                await anyio.sleep(delay)
+                process.kill()
+                assert await process.wait() == -9
+    complete = output[: output.rfind(b"\n") + 1]  # a line cut by the kill is no acknowledgement
+    return [int(line) for line in complete.split()]
+
+
+async def test_kill_9_loses_no_acknowledged_checkpoint(
+    tmp_path: Path, root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    FileStore(root)
+    delays = random.Random(9).sample([0.03, 0.08, 0.15, 0.25, 0.4], 4)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    for attempt, delay in enumerate(delays):
+        run_id = f"killed-{attempt}"
+        with anyio.fail_after(30):
+            acknowledged = await _append_until_killed(
+                root, run_id, delay, tmp_path / f"stderr-{attempt}.txt"
+            )
+            assert acknowledged == list(range(len(acknowledged)))
+            await _check_survivors(root, run_id, acknowledged)
+    # purge_expired removed the temp files of the writes the kills interrupted; nothing was torn.
+    for line in _warnings(caplog).splitlines():
+        assert line.endswith("left by an interrupted write"), line
+
+
+async def test_kill_9_before_every_file_system_change_of_an_append(
+    tmp_path: Path, root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Crash points made exact: the writer SIGKILLs itself before its N-th open, write, fsync,
+    rename or unlink inside an append that also prunes, for every N until one append survives."""
+    FileStore(root)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    survived_at: list[int] = []
+    limiter = anyio.CapacityLimiter(4)
+
+    async def crash_at(number: int) -> None:
+        run_id = f"crash-{number}"
+        async with limiter:
+            done = await anyio.run_process(
+                _worker_command("crash", str(root), run_id, str(number)),
+                env=_worker_env(),
+                check=False,
+            )
+        lines = done.stdout.decode().split()
+        assert lines[:3] == ["0", "1", "2"], done.stderr.decode()
+        if lines[3:] == ["survived"]:
+            survived_at.append(number)
+        else:
+            assert done.returncode == -9, done.stderr.decode()
+        await _check_survivors(root, run_id, [0, 1, 2], pruned_to=2)
+
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as group:
+            for number in range(1, 41):
+                group.start_soon(crash_at, number)
+    assert survived_at, "40 file-system changes were not enough for one append"
+    crashes = min(survived_at) - 1
+    assert crashes >= 8, f"an append made only {crashes} file-system changes"
+    for line in _warnings(caplog).splitlines():
+        assert line.endswith("left by an interrupted write"), line
+
+
+async def _check_survivors(
+    root: Path, run_id: str, acknowledged: list[int], *, pruned_to: int | None = None
+) -> None:
+    store = FileStore(root)
+    key = _ids.run_key(run_id)
+    run = await store.get_run(key, now=T0)
+    assert run is not None
+    for sequence in acknowledged:
+        got = await store.get(key, sequence, now=T0)
+        if got is None and pruned_to is not None and run.latest_sequence > acknowledged[-1]:
+            continue  # pruned by the append that committed
+        assert got is not None, f"acknowledged checkpoint {sequence} lost"
+        assert got[0].header == worker.header_for(sequence, "forever")
+        assert got[0].payload == worker.payload_for(sequence, "forever")
+    latest = await store.latest(key, now=T0)
+    assert latest is not None
+    # The append in flight at the kill may have committed without being acknowledged.
+    newest = latest[0].sequence
+    assert newest in (acknowledged[-1], acknowledged[-1] + 1)
+    assert latest[0].payload == worker.payload_for(newest, "forever")
+    found, _ = await store.headers(key, before=None, limit=10_000, now=T0)
+    oldest = 0 if pruned_to is None or newest == acknowledged[-1] else newest - pruned_to + 1
+    assert [header.sequence for header in found] == list(range(newest, oldest - 1, -1))
+    after = newest + 1
+    record = make_checkpoint(run, after)
+    with pytest.raises(SequenceConflict):
+        await store.append(key, make_checkpoint(run, after + 1), run=run, keep_latest=None, now=T0)
+    await store.append(key, record, run=run, keep_latest=None, now=T0)
+    assert (await store.latest(key, now=T0)) is not None
+    assert await store.purge_expired(now=T0, limit=1000) == (0, True)
+    # Writers of other runs may be at work: only this run's temp files must be gone.
+    assert [name for name in os.listdir(root / "tmp") if name.startswith(key)] == []
+    assert os.listdir(root / "trash") == []

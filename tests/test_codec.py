@@ -1,0 +1,424 @@
+"""The record codec (SPEC §3.9): framing, checksums, compression, type fidelity, error paths."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import datetime as dt
+import decimal
+import enum
+import os
+import pickle
+import uuid
+import zlib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+import fastcheckpoint
+from fastcheckpoint import CorruptCheckpointError, SerializationError
+from fastcheckpoint._codec import Codec, Header, Payload
+
+KEY = "runs/abc/c/00000000000000000007"
+
+# The documented frame: b"FC" | version | codec | compression | CRC-32 (4 bytes) | body.
+PREFIX = 9
+
+
+def encode(codec: Codec, state: dict[Any, Any], **parts: Any) -> bytes:
+    return codec.encode_payload(
+        state, parts.get("messages", []), parts.get("tool_calls", []), parts.get("context", {})
+    )
+
+
+def round_trip(codec: Codec, state: dict[Any, Any]) -> dict[Any, Any]:
+    return codec.decode_payload(encode(codec, state), KEY).state
+
+
+def reframe(body: bytes, *, version: int = 1, codec: int = ord("m"), compression: int = 0) -> bytes:
+    """A frame around ``body`` with a correct checksum, as a tampering writer would make."""
+    crc = zlib.crc32(body).to_bytes(4, "big")
+    return b"FC" + bytes((version, codec, compression)) + crc + body
+
+
+def raw_payload(state: dict[Any, Any]) -> bytes:
+    return msgspec.msgpack.encode(Payload(state, [], [], {}))
+
+
+# -- framing ----------------------------------------------------------------------------------
+
+
+def test_round_trip_of_a_plain_payload() -> None:
+    codec = Codec()
+    blob = encode(codec, {"a": 1}, messages=[{"m": "x"}], tool_calls=[1], context={"c": None})
+    payload = codec.decode_payload(blob, KEY)
+
+    assert payload.state == {"a": 1}
+    assert payload.messages == [{"m": "x"}]
+    assert payload.tool_calls == [1]
+    assert payload.context == {"c": None}
+    assert blob[:2] == b"FC"
+
+
+def _flip_last_byte(blob: bytes) -> bytes:
+    return blob[:-1] + bytes((blob[-1] ^ 0x01,))
+
+
+CORRUPTIONS = [
+    pytest.param(_flip_last_byte, "checksum", id="checksum-mismatch"),
+    pytest.param(lambda blob: b"XX" + blob[2:], "not a fastcheckpoint record", id="bad-magic"),
+    pytest.param(lambda blob: blob[:2] + b"\x02" + blob[3:], "version", id="unknown-version"),
+    pytest.param(lambda blob: blob[:3] + b"z" + blob[4:], "codec", id="unknown-codec"),
+    pytest.param(lambda blob: blob[:5], "not a fastcheckpoint record", id="truncated-prefix"),
+    pytest.param(lambda blob: blob[: len(blob) // 2], "checksum", id="truncated-body"),
+    pytest.param(lambda blob: b"", "not a fastcheckpoint record", id="empty"),
+]
+
+
+@pytest.mark.parametrize(("corrupt", "reason"), CORRUPTIONS)
+def test_damaged_payload_raises_corrupt_checkpoint_error_naming_the_key(
+    corrupt: Any, reason: str
+) -> None:
+    codec = Codec()
+    blob = encode(codec, {"a": "some state", "n": list(range(20))})
+
+    with pytest.raises(CorruptCheckpointError) as caught:
+        codec.decode_payload(corrupt(blob), KEY)
+
+    assert caught.value.key == KEY
+    assert KEY in str(caught.value)
+    assert reason in str(caught.value)
+
+
+@pytest.mark.parametrize(("corrupt", "reason"), CORRUPTIONS)
+def test_damaged_header_raises_corrupt_checkpoint_error_naming_the_key(
+    corrupt: Any, reason: str
+) -> None:
+    codec = Codec()
+    blob = codec.encode_header(Header("run", "step", None, ["t"], 10.0))
+    assert codec.decode_header(blob, KEY) == Header("run", "step", None, ["t"], 10.0)
+
+    with pytest.raises(CorruptCheckpointError) as caught:
+        codec.decode_header(corrupt(blob), KEY)
+
+    assert caught.value.key == KEY
+    assert reason in str(caught.value)
+
+
+def test_unknown_compression_raises_corrupt_checkpoint_error() -> None:
+    blob = reframe(raw_payload({"a": 1}), compression=7)
+
+    with pytest.raises(CorruptCheckpointError) as caught:
+        Codec().decode_payload(blob, KEY)
+
+    assert caught.value.key == KEY
+
+
+def test_compressed_body_that_does_not_inflate_raises_corrupt_checkpoint_error() -> None:
+    blob = reframe(b"definitely not zlib", compression=1)
+
+    with pytest.raises(CorruptCheckpointError) as caught:
+        Codec().decode_payload(blob, KEY)
+
+    assert caught.value.key == KEY
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(msgspec.msgpack.encode(42), id="not-a-payload"),
+        pytest.param(msgspec.msgpack.encode([{"a": 1}]), id="too-short"),
+        pytest.param(b"\xc1", id="invalid-msgpack"),
+        pytest.param(raw_payload({"x": msgspec.msgpack.Ext(99, b"?")}), id="unknown-extension"),
+        pytest.param(raw_payload({"x": msgspec.msgpack.Ext(1, b"short")}), id="malformed-uuid"),
+        pytest.param(
+            raw_payload({"x": msgspec.msgpack.Ext(2, msgspec.msgpack.encode([1]))}),
+            id="malformed-user-extension",
+        ),
+    ],
+)
+def test_well_framed_but_unparsable_payload_raises_corrupt_checkpoint_error(body: bytes) -> None:
+    # A foreign or tampered writer can produce a frame whose checksum matches.
+    with pytest.raises(CorruptCheckpointError) as caught:
+        Codec().decode_payload(reframe(body), KEY)
+
+    assert caught.value.key == KEY
+
+
+def test_a_pickle_in_the_store_is_never_executed(tmp_path: Path) -> None:
+    target = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (Path.touch, (target,))
+
+    evil = pickle.dumps(Exploit())
+    codec = Codec(dec_hook=lambda name, value: value)
+    for blob in (evil, reframe(evil), reframe(zlib.compress(evil), compression=1)):
+        with pytest.raises(CorruptCheckpointError):
+            codec.decode_payload(blob, KEY)
+
+    assert not target.exists()
+
+
+def _imported_modules(tree: ast.AST) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.add(node.value)  # importlib.import_module("pickle") and friends
+    return found
+
+
+def test_no_pickle_anywhere_in_the_package() -> None:
+    forbidden = {
+        "pickle",
+        "cPickle",
+        "_pickle",
+        "dill",
+        "cloudpickle",
+        "jsonpickle",
+        "shelve",
+        "marshal",
+    }
+    package = Path(fastcheckpoint.__file__).parent
+    sources = sorted(package.rglob("*.py"))
+    offenders = {}
+    for source in sources:
+        text = source.read_text(encoding="utf-8")
+        used = _imported_modules(ast.parse(text)) & forbidden
+        names = {
+            node.id for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Name)
+        } & forbidden
+        if used or names:
+            offenders[str(source.relative_to(package))] = sorted(used | names)
+
+    assert len(sources) > 5  # the walk really saw the package
+    assert offenders == {}
+
+
+# -- compression --------------------------------------------------------------------------------
+
+
+def test_payload_above_the_threshold_is_compressed_and_round_trips() -> None:
+    state = {"text": "the same words again " * 5000}
+    plain = encode(Codec(compress_min_bytes=None), state)
+    codec = Codec(compress_min_bytes=1024)
+    packed = encode(codec, state)
+
+    assert packed[4] == 1
+    assert len(packed) < len(plain) // 10
+    assert codec.decode_payload(packed, KEY).state == state
+    assert Codec().decode_payload(packed, KEY).state == state  # any codec instance reads it
+
+
+def test_payload_below_the_threshold_is_not_compressed() -> None:
+    state = {"text": "the same words again " * 40}
+    blob = encode(Codec(compress_min_bytes=len(raw_payload(state)) + 100), state)
+
+    assert blob[4] == 0
+    assert blob[PREFIX:] == raw_payload(state)
+
+
+def test_incompressible_payload_is_stored_uncompressed() -> None:
+    state = {"raw": os.urandom(64 * 1024)}
+    codec = Codec(compress_min_bytes=1024)
+    blob = encode(codec, state)
+
+    assert blob[4] == 0
+    assert codec.decode_payload(blob, KEY).state == state
+
+
+def test_compression_disabled_with_none() -> None:
+    state = {"text": "x" * 100_000}
+    blob = encode(Codec(compress_min_bytes=None), state)
+
+    assert blob[4] == 0
+    assert len(blob) > 100_000
+
+
+# -- type fidelity ------------------------------------------------------------------------------
+
+
+def test_uuids_nested_in_lists_and_dicts_round_trip() -> None:
+    ids = [uuid.uuid4() for _ in range(4)]
+    state = {"ids": [ids[0], [ids[1], {"deep": ids[2]}]], "one": ids[3]}
+
+    restored = round_trip(Codec(), state)
+
+    assert restored == state
+    assert type(restored["ids"][1][1]["deep"]) is uuid.UUID
+
+
+def test_uuid_dict_keys_round_trip() -> None:
+    first, second = uuid.uuid4(), uuid.uuid4()
+    state = {"by_id": {first: "a", second: {"nested": [first]}}}
+
+    restored = round_trip(Codec(), state)
+
+    assert restored == state
+    assert all(type(key) is uuid.UUID for key in restored["by_id"])
+
+
+def test_uuid_returned_by_an_enc_hook_round_trips() -> None:
+    class Ref:
+        def __init__(self, target: uuid.UUID) -> None:
+            self.target = target
+
+    def enc_hook(obj: Any) -> Any:
+        if isinstance(obj, Ref):
+            return {"target": obj.target}
+        raise NotImplementedError
+
+    def dec_hook(type_name: str, value: Any) -> Any:
+        return value["target"]
+
+    target = uuid.uuid4()
+    restored = round_trip(Codec(enc_hook=enc_hook, dec_hook=dec_hook), {"ref": Ref(target)})
+
+    assert restored == {"ref": target}
+    assert type(restored["ref"]) is uuid.UUID
+
+
+def test_aware_datetime_bytes_and_int_keys_round_trip_with_their_types() -> None:
+    when = dt.datetime(2024, 2, 29, 23, 59, 59, 999999, tzinfo=dt.timezone.utc)
+    state = {
+        "when": when,
+        "offset": dt.datetime(2024, 1, 1, 12, tzinfo=dt.timezone(dt.timedelta(hours=-7))),
+        "raw": b"\x00\x01\xff",
+        "by_int": {0: "zero", -1: "minus", 2**63 - 1: "max"},
+        "floats": [0.1, -0.0, 1e300],
+        "edge_ints": [2**64 - 1, -(2**63)],
+    }
+
+    restored = round_trip(Codec(), state)
+
+    assert restored == state
+    assert type(restored["when"]) is dt.datetime
+    assert type(restored["raw"]) is bytes
+    assert list(restored["by_int"]) == [0, -1, 2**63 - 1]
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+@dataclasses.dataclass
+class Box:
+    size: int
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(dt.datetime(2024, 1, 2, 3, 4, 5), id="naive-datetime"),
+        pytest.param(dt.date(2024, 1, 2), id="date"),
+        pytest.param(decimal.Decimal("1.10"), id="decimal"),
+        pytest.param(Color.RED, id="enum"),
+        pytest.param(Box(3), id="dataclass"),
+    ],
+)
+def test_values_outside_the_supported_types_round_trip_or_are_refused(value: Any) -> None:
+    # §3.9: restored state equals what was stored, or the value raises SerializationError;
+    # never silently comes back as something else (a str, a dict).
+    codec = Codec()
+    refused: SerializationError | None = None
+    try:
+        restored = round_trip(codec, {"value": value})
+    except SerializationError as exc:
+        refused = exc
+
+    if refused is not None:
+        assert refused.path == "state['value']"
+        return
+    assert restored["value"] == value
+    assert type(restored["value"]) is type(value)
+
+
+# -- serialization errors -----------------------------------------------------------------------
+
+
+class Opaque:
+    """A type no codec knows."""
+
+
+@pytest.mark.parametrize(
+    ("state", "path"),
+    [
+        pytest.param({"a": Opaque()}, "state['a']", id="top-level"),
+        pytest.param({"a": {"b": {"c": Opaque()}}}, "state['a']['b']['c']", id="nested-dict"),
+        pytest.param({"a": [0, 1, [2, Opaque()]]}, "state['a'][2][1]", id="nested-list"),
+        pytest.param({"a": (0, (Opaque(),))}, "state['a'][1][0]", id="nested-tuple"),
+        pytest.param({"a": {frozenset({Opaque()})}}, "state['a'][0][0]", id="set"),
+        pytest.param({1: {2: Opaque()}}, "state[1][2]", id="int-keys"),
+        pytest.param({"n": 2**64}, "state['n']", id="int-too-large"),
+        pytest.param({"n": [-(2**63) - 1]}, "state['n'][0]", id="int-too-small"),
+        pytest.param(
+            {"tools": [0, 1, 2, {"client": Opaque()}]},
+            "state['tools'][3]['client']",
+            id="spec-example",
+        ),
+    ],
+)
+def test_serialization_error_names_the_path(state: dict[Any, Any], path: str) -> None:
+    with pytest.raises(SerializationError) as caught:
+        encode(Codec(), state)
+
+    assert caught.value.path == path
+    assert path in str(caught.value)
+
+
+def test_serialization_error_names_an_unsupported_dict_key() -> None:
+    with pytest.raises(SerializationError) as caught:
+        encode(Codec(), {"a": {Opaque(): 1}})
+
+    assert caught.value.path is not None
+    assert caught.value.path.startswith("state['a'] key ")
+    assert "Opaque" in caught.value.path
+
+
+@pytest.mark.parametrize(
+    ("part", "path"),
+    [
+        ("messages", "messages[0]['x']"),
+        ("tool_calls", "tool_calls[0]['x']"),
+        ("context", "context['x']"),
+    ],
+)
+def test_serialization_error_paths_start_at_the_part(part: str, path: str) -> None:
+    value: Any = {"x": Opaque()} if part == "context" else [{"x": Opaque()}]
+    with pytest.raises(SerializationError) as caught:
+        encode(Codec(), {}, **{part: value})
+
+    assert caught.value.path == path
+
+
+@pytest.mark.parametrize("refusal", [NotImplementedError, TypeError])
+def test_enc_hook_refusing_raises_serialization_error_naming_the_path(
+    refusal: type[Exception],
+) -> None:
+    calls: list[Any] = []
+
+    def enc_hook(obj: Any) -> Any:
+        calls.append(obj)
+        raise refusal(f"cannot store {type(obj).__name__}")
+
+    with pytest.raises(SerializationError) as caught:
+        encode(Codec(enc_hook=enc_hook), {"tools": [{"client": Opaque()}]})
+
+    assert calls
+    assert caught.value.path == "state['tools'][0]['client']"
+    assert "enc_hook" in str(caught.value)
+
+
+def test_self_referencing_state_raises_serialization_error() -> None:
+    state: dict[str, Any] = {}
+    state["me"] = state
+
+    with pytest.raises(SerializationError):
+        encode(Codec(), state)

@@ -1,0 +1,405 @@
+"""Configuration (SPEC §2, §3.11, §4): defaults, validation, the retry policy, the environment."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from _helpers import FakeClock
+
+from fastcheckpoint import (
+    CheckpointConfig,
+    CheckpointManager,
+    ConfigurationError,
+    FileStore,
+    MemoryStore,
+    RetryPolicy,
+    open_store,
+)
+
+# -- defaults -----------------------------------------------------------------------------------
+
+
+def test_defaults_match_the_spec() -> None:
+    config = CheckpointConfig()
+
+    assert config.auto_checkpoint is True
+    assert config.checkpoint_interval == 0.0
+    assert config.max_checkpoints_per_run == 100
+    assert config.default_ttl_seconds is None
+    assert config.cleanup_interval == 300.0
+    assert config.retry == RetryPolicy()
+    assert config.keep_latest == 100
+
+
+def test_retry_defaults_are_100_ms_base_1_6_s_cap_and_5_retries() -> None:
+    policy = RetryPolicy()
+
+    assert policy.base_delay == 0.1
+    assert policy.max_delay == 1.6
+    assert policy.max_retries == 5
+
+
+@pytest.mark.parametrize("unlimited", [None, 0])
+def test_none_or_zero_checkpoints_per_run_means_unlimited(unlimited: int | None) -> None:
+    assert CheckpointConfig(max_checkpoints_per_run=unlimited).keep_latest is None
+
+
+def test_fastagentic_positional_fields_come_first() -> None:
+    config = CheckpointConfig(False, 2.0, 10, 60.0, 30.0)
+
+    assert config.auto_checkpoint is False
+    assert config.checkpoint_interval == 2.0
+    assert config.max_checkpoints_per_run == 10
+    assert config.default_ttl_seconds == 60.0
+    assert config.cleanup_interval == 30.0
+
+
+# -- retry policy -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attempt", "ceiling"),
+    [(0, 0.1), (1, 0.2), (2, 0.4), (3, 0.8), (4, 1.6), (5, 1.6), (60, 1.6)],
+)
+def test_delay_ceiling_doubles_up_to_the_cap(attempt: int, ceiling: float) -> None:
+    policy = RetryPolicy()
+
+    assert policy.delay(attempt, rng=lambda: 1.0) == pytest.approx(ceiling)
+    assert policy.delay(attempt, rng=lambda: 0.0) == 0.0
+    assert policy.delay(attempt, rng=lambda: 0.25) == pytest.approx(ceiling / 4)
+
+
+def test_delay_stays_capped_for_huge_attempt_numbers() -> None:
+    policy = RetryPolicy()
+
+    assert policy.delay(2000, rng=lambda: 1.0) == pytest.approx(1.6)
+
+
+def test_delay_is_full_jitter_over_the_whole_range() -> None:
+    policy = RetryPolicy(base_delay=0.5, max_delay=4.0, max_retries=3)
+    generator = random.Random(1234)
+    samples = [policy.delay(2, rng=generator.random) for _ in range(2000)]
+
+    assert all(0.0 <= sample <= 2.0 for sample in samples)
+    assert min(samples) < 0.1
+    assert max(samples) > 1.9
+
+
+def test_delays_yields_one_delay_per_retry_within_bounds() -> None:
+    policy = RetryPolicy(base_delay=0.01, max_delay=0.03, max_retries=4)
+    delays = list(policy.delays())
+
+    assert len(delays) == 4
+    assert all(
+        0.0 <= delay <= ceiling
+        for delay, ceiling in zip(delays, [0.01, 0.02, 0.03, 0.03], strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pytest.param({"base_delay": 0}, id="base-zero"),
+        pytest.param({"base_delay": -0.1}, id="base-negative"),
+        pytest.param({"base_delay": math.nan}, id="base-nan"),
+        pytest.param({"base_delay": math.inf}, id="base-inf"),
+        pytest.param({"base_delay": "0.1"}, id="base-str"),
+        pytest.param({"max_delay": 0.05}, id="cap-below-base"),
+        pytest.param({"max_delay": math.inf}, id="cap-inf"),
+        pytest.param({"max_retries": -1}, id="retries-negative"),
+        pytest.param({"max_retries": 1.5}, id="retries-float"),
+        pytest.param({"max_retries": True}, id="retries-bool"),
+    ],
+)
+def test_invalid_retry_policy_raises_configuration_error(settings: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        RetryPolicy(**settings)
+
+
+def test_zero_retries_is_allowed() -> None:
+    assert list(RetryPolicy(max_retries=0).delays()) == []
+
+
+# -- config validation --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pytest.param({"checkpoint_interval": -1}, id="interval-negative"),
+        pytest.param({"checkpoint_interval": math.nan}, id="interval-nan"),
+        pytest.param({"checkpoint_interval": "1"}, id="interval-str"),
+        pytest.param({"checkpoint_interval": True}, id="interval-bool"),
+        pytest.param({"cleanup_interval": 0}, id="cleanup-zero"),
+        pytest.param({"cleanup_interval": -5}, id="cleanup-negative"),
+        pytest.param({"cleanup_interval": math.inf}, id="cleanup-inf"),
+        pytest.param({"max_checkpoints_per_run": -1}, id="limit-negative"),
+        pytest.param({"max_checkpoints_per_run": 2.5}, id="limit-float"),
+        pytest.param({"max_checkpoints_per_run": True}, id="limit-bool"),
+        pytest.param({"max_checkpoints_per_run": "5"}, id="limit-str"),
+        pytest.param({"default_ttl_seconds": 0}, id="ttl-zero"),
+        pytest.param({"default_ttl_seconds": -1.0}, id="ttl-negative"),
+        pytest.param({"default_ttl_seconds": math.nan}, id="ttl-nan"),
+        pytest.param({"default_ttl_seconds": math.inf}, id="ttl-inf"),
+        pytest.param({"default_ttl_seconds": True}, id="ttl-bool"),
+        pytest.param({"compress_min_bytes": -1}, id="compress-negative"),
+        pytest.param({"offload_min_bytes": None}, id="offload-none"),
+        pytest.param({"offload_min_bytes": -1}, id="offload-negative"),
+        pytest.param({"cleanup_batch_size": 0}, id="batch-zero"),
+        pytest.param({"max_sequence_retries": 0}, id="sequence-retries-zero"),
+        pytest.param({"retry": {"base_delay": 1}}, id="retry-not-a-policy"),
+        pytest.param({"auto_checkpoint": "no"}, id="auto-checkpoint-str"),
+        pytest.param({"clock": 1_700_000_000.0}, id="clock-not-callable"),
+    ],
+)
+def test_invalid_config_raises_configuration_error(settings: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        CheckpointConfig(**settings)
+
+
+# -- from_env -----------------------------------------------------------------------------------
+
+
+def test_from_env_parses_every_variable() -> None:
+    environ = {
+        "FASTCHECKPOINT_AUTO_CHECKPOINT": "false",
+        "FASTCHECKPOINT_CHECKPOINT_INTERVAL": "2.5",
+        "FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN": "50",
+        "FASTCHECKPOINT_DEFAULT_TTL_SECONDS": "7776000",
+        "FASTCHECKPOINT_CLEANUP_INTERVAL": "60",
+        "FASTCHECKPOINT_COMPRESS_MIN_BYTES": "1024",
+        "FASTCHECKPOINT_OFFLOAD_MIN_BYTES": "2048",
+        "FASTCHECKPOINT_CLEANUP_BATCH_SIZE": "10",
+        "FASTCHECKPOINT_MAX_SEQUENCE_RETRIES": "7",
+        "FASTCHECKPOINT_RETRY_BASE_DELAY": "0.2",
+        "FASTCHECKPOINT_RETRY_MAX_DELAY": "3",
+        "FASTCHECKPOINT_RETRY_MAX_RETRIES": "2",
+    }
+
+    config = CheckpointConfig.from_env(environ)
+
+    assert config.auto_checkpoint is False
+    assert config.checkpoint_interval == 2.5
+    assert config.max_checkpoints_per_run == 50
+    assert config.default_ttl_seconds == 90 * 86400
+    assert config.cleanup_interval == 60.0
+    assert config.compress_min_bytes == 1024
+    assert config.offload_min_bytes == 2048
+    assert config.cleanup_batch_size == 10
+    assert config.max_sequence_retries == 7
+    assert config.retry == RetryPolicy(base_delay=0.2, max_delay=3.0, max_retries=2)
+
+
+def test_from_env_with_no_variables_gives_the_defaults() -> None:
+    config = CheckpointConfig.from_env({"PATH": "/usr/bin", "HOME": "/root"})
+    defaults = CheckpointConfig()
+
+    assert (config.max_checkpoints_per_run, config.default_ttl_seconds, config.retry) == (
+        defaults.max_checkpoints_per_run,
+        defaults.default_ttl_seconds,
+        defaults.retry,
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("true", True),
+        ("1", True),
+        ("YES", True),
+        (" on ", True),
+        ("false", False),
+        ("0", False),
+        ("No", False),
+        ("off", False),
+    ],
+)
+def test_from_env_boolean_spellings(raw: str, expected: bool) -> None:
+    config = CheckpointConfig.from_env({"FASTCHECKPOINT_AUTO_CHECKPOINT": raw})
+
+    assert config.auto_checkpoint is expected
+
+
+@pytest.mark.parametrize(
+    "name", ["MAX_CHECKPOINTS_PER_RUN", "DEFAULT_TTL_SECONDS", "COMPRESS_MIN_BYTES"]
+)
+@pytest.mark.parametrize("raw", ["none", "None", "NONE"])
+def test_from_env_none_clears_an_optional_number(name: str, raw: str) -> None:
+    config = CheckpointConfig.from_env({f"FASTCHECKPOINT_{name}": raw})
+
+    assert getattr(config, name.lower()) is None
+
+
+def test_from_env_retry_variables_alone_keep_the_other_retry_defaults() -> None:
+    config = CheckpointConfig.from_env({"FASTCHECKPOINT_RETRY_MAX_RETRIES": "9"})
+
+    assert config.retry == RetryPolicy(max_retries=9)
+
+
+def test_from_env_unknown_variable_raises_configuration_error_naming_it() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        CheckpointConfig.from_env({"FASTCHECKPOINT_FOO": "1"})
+
+    assert "FASTCHECKPOINT_FOO" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN", "ten"),
+        ("FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN", "1.5"),
+        ("FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN", "-3"),
+        ("FASTCHECKPOINT_CHECKPOINT_INTERVAL", "soon"),
+        ("FASTCHECKPOINT_CHECKPOINT_INTERVAL", "none"),
+        ("FASTCHECKPOINT_AUTO_CHECKPOINT", "maybe"),
+        ("FASTCHECKPOINT_AUTO_CHECKPOINT", ""),
+        ("FASTCHECKPOINT_DEFAULT_TTL_SECONDS", "0"),
+        ("FASTCHECKPOINT_DEFAULT_TTL_SECONDS", "90d"),
+        ("FASTCHECKPOINT_CLEANUP_INTERVAL", "nan"),
+        ("FASTCHECKPOINT_CLEANUP_INTERVAL", "inf"),
+        ("FASTCHECKPOINT_OFFLOAD_MIN_BYTES", "none"),
+        ("FASTCHECKPOINT_RETRY_MAX_RETRIES", "x"),
+        ("FASTCHECKPOINT_RETRY_BASE_DELAY", "-1"),
+        ("FASTCHECKPOINT_RETRY_MAX_DELAY", "0.01"),
+    ],
+)
+def test_from_env_malformed_value_raises_configuration_error(name: str, raw: str) -> None:
+    with pytest.raises(ConfigurationError):
+        CheckpointConfig.from_env({name: raw})
+
+
+def test_from_env_ignores_the_store_url_and_other_variables() -> None:
+    config = CheckpointConfig.from_env(
+        {
+            "FASTCHECKPOINT_URL": "memory://",
+            "FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN": "3",
+            "CHECKPOINT_MODE": "development",
+            "PATH": "/bin",
+        }
+    )
+
+    assert config.max_checkpoints_per_run == 3
+
+
+def test_from_env_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("FASTCHECKPOINT_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN", "12")
+
+    assert CheckpointConfig.from_env().max_checkpoints_per_run == 12
+
+
+def test_from_env_overrides_win_over_the_environment() -> None:
+    clock = FakeClock()
+    config = CheckpointConfig.from_env(
+        {"FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN": "3"}, max_checkpoints_per_run=4, clock=clock
+    )
+
+    assert config.max_checkpoints_per_run == 4
+    assert config.clock is clock
+
+
+# -- CheckpointManager.from_env and open_store --------------------------------------------------
+
+
+def test_manager_from_env_with_a_memory_url() -> None:
+    manager = CheckpointManager.from_env(
+        {"FASTCHECKPOINT_URL": "memory://", "FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN": "7"}
+    )
+
+    assert isinstance(manager.store, MemoryStore)
+    assert manager.config.max_checkpoints_per_run == 7
+
+
+@pytest.mark.anyio
+async def test_manager_from_env_with_a_file_url_stores_in_that_directory(tmp_path: Path) -> None:
+    directory = tmp_path / "checkpoints"
+    environ = {"FASTCHECKPOINT_URL": f"file://{directory}"}
+    writer = CheckpointManager.from_env(environ)
+    reader = CheckpointManager.from_env(environ)
+
+    with anyio.fail_after(10):
+        created = await writer.create("run", {"n": 1})
+        restored = await reader.restore("run")
+        await writer.aclose()
+        await reader.aclose()
+
+    assert isinstance(writer.store, FileStore)
+    assert created is not None
+    assert restored == created
+    assert directory.is_dir()
+    assert any(directory.iterdir())
+
+
+@pytest.mark.parametrize("environ", [{}, {"FASTCHECKPOINT_URL": ""}], ids=["missing", "empty"])
+def test_manager_from_env_without_a_url_raises_configuration_error(
+    environ: dict[str, str],
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        CheckpointManager.from_env(environ)
+
+    assert "FASTCHECKPOINT_URL" in str(caught.value)
+
+
+def test_manager_from_env_with_a_bad_setting_raises_configuration_error() -> None:
+    with pytest.raises(ConfigurationError):
+        CheckpointManager.from_env({"FASTCHECKPOINT_URL": "memory://", "FASTCHECKPOINT_NOPE": "1"})
+
+
+def test_manager_from_env_accepts_checkpoint_mode_development() -> None:
+    # §4: teams migrating from the DynamoDB+S3 deployment pattern set CHECKPOINT_MODE instead.
+    manager = CheckpointManager.from_env(
+        {"CHECKPOINT_MODE": "development", "CHECKPOINT_TTL_DAYS": "90"}
+    )
+
+    assert isinstance(manager.store, MemoryStore)
+    assert manager.config.default_ttl_seconds == 90 * 86400
+
+
+@pytest.mark.parametrize("url", ["ftp://host/dir", "nosuch://x", "mem://"])
+def test_open_store_unknown_scheme_raises_configuration_error(url: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        open_store(url)
+
+    assert "memory://" in str(caught.value)  # it lists the schemes it knows
+
+
+@pytest.mark.parametrize("url", ["", None, 42])
+def test_open_store_rejects_a_non_url(url: Any) -> None:
+    with pytest.raises(ConfigurationError):
+        open_store(url)
+
+
+def test_open_store_memory_url_gives_a_memory_store() -> None:
+    assert isinstance(open_store("memory://"), MemoryStore)
+
+
+def test_open_store_file_url_gives_a_file_store(tmp_path: Path) -> None:
+    store = open_store(f"file://{tmp_path / 'ckpt'}")
+
+    assert isinstance(store, FileStore)
+    assert (tmp_path / "ckpt").is_dir()
+
+
+def test_open_store_plain_path_gives_a_file_store(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "plain"))
+
+    assert isinstance(store, FileStore)
+    assert (tmp_path / "plain").is_dir()
+
+
+def test_open_store_relative_plain_path_gives_a_file_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = open_store("relative/dir")
+
+    assert isinstance(store, FileStore)
+    assert (tmp_path / "relative" / "dir").is_dir()

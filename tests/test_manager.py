@@ -1,0 +1,1633 @@
+"""CheckpointManager semantics (SPEC §2, §3.1-§3.6, §3.9) on every bundled store.
+
+Each test runs against MemoryStore and FileStore, on asyncio and on trio. Time is a fake clock
+moved by hand; nothing sleeps to wait for expiry.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import math
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+from _helpers import STORE_KINDS, FakeClock, ForwardingStore, make_config, make_store
+
+from fastcheckpoint import (
+    Checkpoint,
+    CheckpointConfig,
+    CheckpointManager,
+    CheckpointMetadata,
+    CheckpointNotFound,
+    CheckpointStatus,
+    CheckpointStore,
+    ConflictError,
+    CorruptCheckpointError,
+    FileCheckpointStore,
+    FileStore,
+    InMemoryCheckpointStore,
+    MemoryStore,
+    RunInfo,
+    SequenceConflict,
+    SerializationError,
+    ValidationError,
+    _ids,
+)
+from fastcheckpoint.stores import RunRecord, StoredCheckpoint
+
+pytestmark = pytest.mark.anyio
+
+RUN = "run-1"
+OTHER = "run-2"
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+async def store(store_kind: str, store_path: Path) -> AsyncIterator[CheckpointStore]:
+    store = make_store(store_kind, store_path)
+    yield store
+    with anyio.fail_after(10):
+        await store.aclose()
+
+
+@pytest.fixture
+async def reopen(
+    store: CheckpointStore, store_kind: str, store_path: Path
+) -> AsyncIterator[Callable[[], CheckpointStore]]:
+    """Another handle on the same data, as a second process would have (memory: the same)."""
+    opened: list[CheckpointStore] = []
+
+    def open_again() -> CheckpointStore:
+        if store_kind == "memory":
+            return store
+        again = make_store(store_kind, store_path)
+        opened.append(again)
+        return again
+
+    yield open_again
+    with anyio.fail_after(10):
+        for again in opened:
+            await again.aclose()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def manager(store: CheckpointStore, clock: FakeClock) -> CheckpointManager:
+    return CheckpointManager(store, config=make_config(clock))
+
+
+def manager_with(store: CheckpointStore, clock: FakeClock, **settings: Any) -> CheckpointManager:
+    return CheckpointManager(store, config=make_config(clock, **settings))
+
+
+async def create(manager: CheckpointManager, run_id: str = RUN, **kwargs: Any) -> Checkpoint:
+    """``manager.create`` for a call that must not be throttled."""
+    kwargs.setdefault("state", {"n": 0})
+    checkpoint = await manager.create(run_id, **kwargs)
+    assert checkpoint is not None
+    return checkpoint
+
+
+async def sequences(manager: CheckpointManager, run_id: str = RUN, **kwargs: Any) -> list[int]:
+    listed = await manager.list_checkpoints(run_id, limit=kwargs.pop("limit", 1000), **kwargs)
+    return [metadata.sequence for metadata in listed]
+
+
+def other_sequence(checkpoint_id: str, sequence: int) -> str:
+    """The id ``checkpoint_id`` would have at another sequence of the same run incarnation."""
+    return f"{checkpoint_id.rsplit('-', 1)[0]}-{sequence}"
+
+
+# -- basics and FastAgentic-compatible usage ---------------------------------------------------
+
+
+async def test_create_returns_first_checkpoint_at_sequence_zero_with_metadata(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    with anyio.fail_after(10):
+        checkpoint = await manager.create(
+            RUN,
+            {"step": 1},
+            messages=[{"role": "user", "content": "hi"}],
+            tool_calls=[{"name": "search", "args": {"q": "x"}}],
+            context={"user": "ada"},
+            step_name="plan",
+            tags=["a", "b"],
+        )
+
+    assert isinstance(checkpoint, Checkpoint)
+    metadata = checkpoint.metadata
+    assert metadata.sequence == 0
+    assert metadata.run_id == RUN == checkpoint.run_id
+    assert metadata.checkpoint_id == checkpoint.checkpoint_id
+    assert re.fullmatch(r"[A-Za-z0-9._~-]+", checkpoint.checkpoint_id)
+    assert metadata.created_at == clock.now
+    assert metadata.status is CheckpointStatus.ACTIVE
+    assert metadata.step_name == "plan"
+    assert metadata.parent_id is None
+    assert metadata.tags == ["a", "b"]
+    assert metadata.ttl_seconds is None
+    assert metadata.expires_at is None
+    assert checkpoint.state == {"step": 1}
+    assert checkpoint.messages == [{"role": "user", "content": "hi"}]
+    assert checkpoint.tool_calls == [{"name": "search", "args": {"q": "x"}}]
+    assert checkpoint.context == {"user": "ada"}
+
+
+async def test_checkpoint_ids_are_unique_across_runs(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        first = await create(manager, RUN)
+        second = await create(manager, OTHER)
+        third = await create(manager, RUN)
+
+    ids = {first.checkpoint_id, second.checkpoint_id, third.checkpoint_id}
+    assert len(ids) == 3
+
+
+async def test_restore_returns_newest_checkpoint(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        for step in range(3):
+            newest = await create(manager, state={"step": step}, step_name=f"s{step}")
+        restored = await manager.restore(RUN)
+
+    assert restored == newest
+    assert restored.metadata.sequence == 2
+    assert restored.state == {"step": 2}
+
+
+async def test_restore_of_unknown_run_returns_none(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        await create(manager, OTHER)
+        assert await manager.restore(RUN) is None
+
+
+async def test_restore_from_returns_that_checkpoint(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        first = await create(manager, state={"step": 0}, messages=[{"m": 0}], context={"c": 0})
+        await create(manager, state={"step": 1})
+        restored = await manager.restore_from(first.checkpoint_id)
+
+    assert restored == first
+
+
+async def test_restore_from_unknown_id_returns_none(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        checkpoint = await create(manager)
+        assert await manager.restore_from(other_sequence(checkpoint.checkpoint_id, 7)) is None
+
+
+@pytest.mark.parametrize("bad_id", ["", "nope", "ck-abc-def-1", 42, None])
+async def test_restore_from_malformed_id_raises_validation_error(
+    manager: CheckpointManager, bad_id: Any
+) -> None:
+    with anyio.fail_after(10), pytest.raises(ValidationError):
+        await manager.restore_from(bad_id)
+
+
+async def test_list_checkpoints_newest_first_with_limit(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        created = [await create(manager, state={"i": i}) for i in range(5)]
+        listed = await manager.list_checkpoints(RUN)
+        limited = await manager.list_checkpoints(RUN, limit=2)
+
+    assert listed == [checkpoint.metadata for checkpoint in reversed(created)]
+    assert [metadata.sequence for metadata in limited] == [4, 3]
+
+
+async def test_delete_removes_only_that_checkpoint(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        created = [await create(manager, state={"i": i}) for i in range(3)]
+        assert await manager.delete(created[1].checkpoint_id) is True
+        assert await manager.restore_from(created[1].checkpoint_id) is None
+        assert await sequences(manager) == [2, 0]
+        assert await manager.delete(created[1].checkpoint_id) is False
+        assert await manager.restore_from(created[0].checkpoint_id) == created[0]
+
+
+async def test_delete_run_returns_count_and_removes_the_run(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        for i in range(3):
+            await create(manager, state={"i": i})
+        kept = await create(manager, OTHER)
+
+        assert await manager.delete_run(RUN) == 3
+        assert await manager.restore(RUN) is None
+        assert await manager.get_run(RUN) is None
+        assert await manager.list_checkpoints(RUN) == []
+        assert await manager.delete_run(RUN) == 0
+        assert await manager.restore(OTHER) == kept
+
+
+async def test_mark_completed_and_mark_failed_set_the_run_status(
+    manager: CheckpointManager,
+) -> None:
+    with anyio.fail_after(10):
+        await create(manager, RUN)
+        await create(manager, OTHER)
+        completed = await manager.mark_completed(RUN)
+        failed = await manager.mark_failed(OTHER, error="tool crashed")
+        completed_run = await manager.get_run(RUN)
+        failed_run = await manager.get_run(OTHER)
+
+    assert completed is not None
+    assert completed.status is CheckpointStatus.COMPLETED
+    assert failed is not None
+    assert failed.status is CheckpointStatus.FAILED
+    assert completed_run is not None
+    assert completed_run.status is CheckpointStatus.COMPLETED
+    assert failed_run is not None
+    assert failed_run.status is CheckpointStatus.FAILED
+    assert failed_run.error == "tool crashed"
+
+
+async def test_mark_completed_of_unknown_run_returns_none(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        assert await manager.mark_completed(RUN) is None
+        assert await manager.mark_failed(RUN, "x") is None
+        assert await manager.get_run(RUN) is None
+
+
+async def test_checkpoint_json_round_trip(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        checkpoint = await create(
+            manager,
+            state={"plan": ["a", "b"], "n": 1.5, "ok": True, "none": None},
+            messages=[{"role": "assistant", "content": "é🚀"}],
+            step_name="act",
+            tags=["t"],
+            ttl_seconds=60,
+        )
+        restored = await manager.restore(RUN)
+
+    assert Checkpoint.from_json(checkpoint.to_json()) == checkpoint
+    assert restored is not None
+    assert Checkpoint.from_json(restored.to_json()) == restored
+
+
+async def test_metadata_is_expired_follows_the_wall_clock(store: CheckpointStore) -> None:
+    clock = FakeClock(time.time() - 7200)  # two hours ago
+    manager = manager_with(store, clock)
+    with anyio.fail_after(10):
+        short = await create(manager, ttl_seconds=60)
+        long = await create(manager, ttl_seconds=4 * 3600)
+        forever = await create(manager)
+        restored_long = await manager.restore_from(long.checkpoint_id)
+
+    assert short.metadata.is_expired is True
+    assert long.metadata.is_expired is False
+    assert forever.metadata.is_expired is False
+    assert restored_long is not None
+    assert restored_long.metadata.is_expired is False
+
+
+def test_fastagentic_style_metadata_reports_is_expired() -> None:
+    # FastAgentic builds metadata with created_at + ttl_seconds and no expires_at.
+    stale = CheckpointMetadata(run_id=RUN, created_at=time.time() - 100, ttl_seconds=10)
+    fresh = CheckpointMetadata(run_id=RUN, created_at=time.time(), ttl_seconds=3600)
+
+    assert stale.is_expired is True
+    assert fresh.is_expired is False
+
+
+async def test_fastagentic_names_and_call_shapes_work() -> None:
+    assert InMemoryCheckpointStore is MemoryStore
+    assert FileCheckpointStore is FileStore
+    manager = CheckpointManager(
+        InMemoryCheckpointStore(),
+        config=CheckpointConfig(
+            auto_checkpoint=True,
+            checkpoint_interval=0.0,
+            max_checkpoints_per_run=100,
+            default_ttl_seconds=None,
+            cleanup_interval=300.0,
+        ),
+    )
+    with anyio.fail_after(10):
+        created = await manager.create(
+            run_id="run-123",
+            state={"step": "processing"},
+            messages=[{"role": "user", "content": "Hello"}],
+        )
+        assert created is not None
+        restored = await manager.restore("run-123")
+        again = await manager.restore_from(created.checkpoint_id)
+        listed = await manager.list_checkpoints("run-123", limit=10)
+        await manager.mark_completed("run-123")
+        completed = await manager.restore("run-123")
+        deleted = await manager.delete_run("run-123")
+
+    assert restored is not None
+    assert restored.state == {"step": "processing"}
+    assert restored.messages == [{"role": "user", "content": "Hello"}]
+    assert again == restored
+    assert [metadata.checkpoint_id for metadata in listed] == [created.checkpoint_id]
+    assert completed is not None
+    assert completed.metadata.status is CheckpointStatus.COMPLETED
+    assert deleted == 1
+
+
+# -- sequencing (§3.1) --------------------------------------------------------------------------
+
+
+async def test_twenty_concurrent_creates_on_one_manager_get_gap_free_unique_sequences(
+    manager: CheckpointManager,
+) -> None:
+    results: list[Checkpoint] = []
+
+    async def one(index: int) -> None:
+        results.append(await create(manager, state={"i": index}))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as task_group:
+            for index in range(20):
+                task_group.start_soon(one, index)
+        listed = await sequences(manager)
+        run = await manager.get_run(RUN)
+
+    assert sorted(checkpoint.metadata.sequence for checkpoint in results) == list(range(20))
+    assert len({checkpoint.checkpoint_id for checkpoint in results}) == 20
+    assert listed == list(range(19, -1, -1))
+    assert run is not None
+    assert run.latest_sequence == 19
+
+
+async def test_twenty_concurrent_creates_from_two_managers_sharing_a_store(
+    store: CheckpointStore, reopen: Callable[[], CheckpointStore], clock: FakeClock
+) -> None:
+    first = manager_with(store, clock)
+    second = manager_with(reopen(), clock)
+    results: list[Checkpoint] = []
+
+    async def one(manager: CheckpointManager, index: int) -> None:
+        results.append(await create(manager, state={"i": index}))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as task_group:
+            for index in range(20):
+                task_group.start_soon(one, first if index % 2 else second, index)
+        listed = await sequences(first)
+
+    assert sorted(checkpoint.metadata.sequence for checkpoint in results) == list(range(20))
+    assert len({checkpoint.checkpoint_id for checkpoint in results}) == 20
+    assert listed == list(range(19, -1, -1))
+    restored = {checkpoint.metadata.sequence: checkpoint.state["i"] for checkpoint in results}
+    with anyio.fail_after(10):
+        for checkpoint in results:
+            again = await second.restore_from(checkpoint.checkpoint_id)
+            assert again is not None
+            assert again.state["i"] == restored[checkpoint.metadata.sequence]
+
+
+async def test_second_manager_continues_a_run_at_latest_plus_one(
+    manager: CheckpointManager, reopen: Callable[[], CheckpointStore], clock: FakeClock
+) -> None:
+    with anyio.fail_after(10):
+        for i in range(3):
+            last = await create(manager, state={"i": i})
+        fresh = manager_with(reopen(), clock)  # a new process: no memory of the run
+        continued = await create(fresh, state={"i": 3})
+        back = await create(manager, state={"i": 4})  # the first one's hint is now stale
+
+    assert continued.metadata.sequence == 3
+    assert continued.metadata.parent_id == last.checkpoint_id
+    assert back.metadata.sequence == 4
+    assert back.metadata.parent_id == continued.checkpoint_id
+
+
+async def test_stale_manager_continues_a_run_another_manager_deleted_and_recreated(
+    manager: CheckpointManager, reopen: Callable[[], CheckpointStore], clock: FakeClock
+) -> None:
+    other = manager_with(reopen(), clock)
+    with anyio.fail_after(10):
+        for i in range(3):
+            old = await create(manager, state={"i": i})  # this manager remembers sequence 2
+        assert await other.delete_run(RUN) == 3
+        restarted = await create(other, state={"run": "new"})
+        continued = await create(manager, state={"run": "new", "i": 1})
+        listed = await manager.list_checkpoints(RUN)
+
+    assert restarted.metadata.sequence == 0
+    assert continued.metadata.sequence == 1
+    assert continued.metadata.parent_id == restarted.checkpoint_id
+    assert continued.metadata.parent_id != old.checkpoint_id
+    assert [m.checkpoint_id for m in listed] == [continued.checkpoint_id, restarted.checkpoint_id]
+
+
+async def test_failed_create_consumes_no_sequence(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        with pytest.raises(SerializationError):
+            await manager.create(RUN, {"bad": object()})
+        with pytest.raises(ValidationError):
+            await manager.create(RUN, {"n": 1}, ttl_seconds=-1)
+        after = await create(manager)
+
+    assert after.metadata.sequence == 1
+
+
+async def test_sequence_conflicts_past_the_retry_limit_raise_conflict_error(
+    store: CheckpointStore, clock: FakeClock
+) -> None:
+    class AlwaysTaken(ForwardingStore):
+        calls = 0
+
+        async def append(
+            self,
+            run_key: str,
+            record: StoredCheckpoint,
+            *,
+            run: RunRecord,
+            keep_latest: int | None,
+            now: float,
+        ) -> str:
+            self.calls += 1
+            raise SequenceConflict(latest_sequence=self.calls, incarnation="aaaaaaaa")
+
+    taken = AlwaysTaken(store)
+    manager = manager_with(taken, clock, max_sequence_retries=4)
+
+    with anyio.fail_after(10), pytest.raises(ConflictError) as caught:
+        await manager.create(RUN, {"n": 1})
+
+    assert not isinstance(caught.value, SequenceConflict)
+    assert taken.calls == 4
+    with anyio.fail_after(10):
+        assert await manager.get_run(RUN) is None
+
+
+# -- parents (§3.5) -----------------------------------------------------------------------------
+
+
+async def test_parent_id_defaults_to_the_previous_checkpoint(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        created = [await create(manager, state={"i": i}) for i in range(3)]
+        restored = await manager.restore(RUN)
+
+    assert created[0].metadata.parent_id is None
+    assert created[1].metadata.parent_id == created[0].checkpoint_id
+    assert created[2].metadata.parent_id == created[1].checkpoint_id
+    assert restored is not None
+    assert restored.metadata.parent_id == created[1].checkpoint_id
+
+
+async def test_explicit_parent_id_of_the_same_run_is_recorded(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        root = await create(manager, state={"i": 0})
+        await create(manager, state={"i": 1})
+        branch = await create(manager, state={"i": 2}, parent_id=root.checkpoint_id)
+        restored = await manager.restore_from(branch.checkpoint_id)
+        lineage = await manager.lineage(branch.checkpoint_id)
+
+    assert branch.metadata.parent_id == root.checkpoint_id
+    assert restored is not None
+    assert restored.metadata.parent_id == root.checkpoint_id
+    assert [metadata.checkpoint_id for metadata in lineage] == [
+        branch.checkpoint_id,
+        root.checkpoint_id,
+    ]
+
+
+async def _assert_nothing_written(manager: CheckpointManager, expected: list[int]) -> None:
+    assert await sequences(manager) == expected
+    run = await manager.get_run(RUN)
+    if not expected:
+        assert run is None
+        return
+    assert run is not None
+    assert run.latest_sequence == expected[0]
+
+
+async def test_unknown_parent_id_raises_checkpoint_not_found_and_writes_nothing(
+    manager: CheckpointManager,
+) -> None:
+    with anyio.fail_after(10):
+        checkpoint = await create(manager)
+        missing = other_sequence(checkpoint.checkpoint_id, 5)
+        with pytest.raises(CheckpointNotFound):
+            await manager.create(RUN, {"n": 1}, parent_id=missing)
+        await _assert_nothing_written(manager, [0])
+
+
+async def test_parent_id_of_another_run_raises_checkpoint_not_found(
+    manager: CheckpointManager,
+) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        foreign = await create(manager, OTHER)
+        with pytest.raises(CheckpointNotFound):
+            await manager.create(RUN, {"n": 1}, parent_id=foreign.checkpoint_id)
+        await _assert_nothing_written(manager, [0])
+
+
+async def test_parent_id_for_a_run_without_checkpoints_raises_checkpoint_not_found(
+    manager: CheckpointManager,
+) -> None:
+    key = _ids.run_key(RUN)
+    with anyio.fail_after(10):
+        with pytest.raises(CheckpointNotFound):
+            await manager.create(RUN, {"n": 1}, parent_id=_ids.checkpoint_id(key, "aaaaaaaa", 0))
+        await _assert_nothing_written(manager, [])
+
+
+@pytest.mark.parametrize("bad_parent", ["", "not-an-id", 17])
+async def test_malformed_parent_id_raises_validation_error(
+    manager: CheckpointManager, bad_parent: Any
+) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        with pytest.raises(ValidationError):
+            await manager.create(RUN, {"n": 1}, parent_id=bad_parent)
+        await _assert_nothing_written(manager, [0])
+
+
+async def test_deleted_parent_id_raises_checkpoint_not_found(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        latest = await create(manager)
+        assert await manager.delete(latest.checkpoint_id) is True
+        with pytest.raises(CheckpointNotFound):
+            await manager.create(RUN, {"n": 2}, parent_id=latest.checkpoint_id)
+        assert await sequences(manager) == [0]
+
+
+async def test_expired_parent_id_raises_checkpoint_not_found(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    with anyio.fail_after(10):
+        parent = await create(manager, ttl_seconds=10)
+        clock.advance(10)
+        with pytest.raises(CheckpointNotFound):
+            await manager.create(RUN, {"n": 1}, parent_id=parent.checkpoint_id)
+        assert await manager.restore(RUN) is None
+
+
+# -- TTL and expiry (§3.3) ----------------------------------------------------------------------
+
+
+async def test_ttl_seconds_per_create_sets_expires_at(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    with anyio.fail_after(10):
+        checkpoint = await create(manager, ttl_seconds=30)
+        restored = await manager.restore_from(checkpoint.checkpoint_id)
+
+    assert checkpoint.metadata.ttl_seconds == 30
+    assert checkpoint.metadata.expires_at == clock.now + 30
+    assert restored == checkpoint
+
+
+async def test_default_ttl_comes_from_config_and_per_create_ttl_overrides_it(
+    store: CheckpointStore, clock: FakeClock
+) -> None:
+    manager = manager_with(store, clock, default_ttl_seconds=60.0)
+    with anyio.fail_after(10):
+        defaulted = await create(manager)
+        explicit = await create(manager, ttl_seconds=5)
+
+    assert defaulted.metadata.ttl_seconds == 60
+    assert defaulted.metadata.expires_at == clock.now + 60
+    assert explicit.metadata.ttl_seconds == 5
+    assert explicit.metadata.expires_at == clock.now + 5
+
+
+@pytest.mark.parametrize("bad_ttl", [0, 0.0, -1, -0.5, math.nan, math.inf, True, False, "10"])
+async def test_invalid_ttl_raises_validation_error_and_writes_nothing(
+    manager: CheckpointManager, bad_ttl: Any
+) -> None:
+    with anyio.fail_after(10):
+        with pytest.raises(ValidationError):
+            await manager.create(RUN, {"n": 1}, ttl_seconds=bad_ttl)
+        await _assert_nothing_written(manager, [])
+        await create(manager)
+        with pytest.raises(ValidationError):
+            await manager.create(RUN, {"n": 1}, ttl_seconds=bad_ttl)
+        await _assert_nothing_written(manager, [0])
+
+
+async def test_restore_returns_the_newest_live_checkpoint_when_newer_ones_expired(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    with anyio.fail_after(10):
+        durable = await create(manager, state={"i": 0}, ttl_seconds=1000)
+        await create(manager, state={"i": 1}, ttl_seconds=10)
+        await create(manager, state={"i": 2}, ttl_seconds=20)
+        clock.advance(20)  # expiry is inclusive: at expires_at the checkpoint is gone
+        restored = await manager.restore(RUN)
+
+    assert restored == durable
+
+
+async def test_restore_from_an_expired_checkpoint_returns_none(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    with anyio.fail_after(10):
+        checkpoint = await create(manager, ttl_seconds=10)
+        clock.advance(9.5)
+        assert await manager.restore_from(checkpoint.checkpoint_id) == checkpoint
+        clock.advance(0.5)
+        assert await manager.restore_from(checkpoint.checkpoint_id) is None
+
+
+async def test_list_checkpoints_omits_expired_unless_include_expired(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        await create(manager, ttl_seconds=10)
+        await create(manager)
+        clock.advance(11)
+        live = await manager.list_checkpoints(RUN)
+        everything = await manager.list_checkpoints(RUN, include_expired=True)
+
+    assert [metadata.sequence for metadata in live] == [2, 0]
+    assert [(m.sequence, m.status) for m in everything] == [
+        (2, CheckpointStatus.ACTIVE),
+        (1, CheckpointStatus.EXPIRED),
+        (0, CheckpointStatus.ACTIVE),
+    ]
+
+
+async def test_run_whose_checkpoints_all_expired_disappears_from_run_listings(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    with anyio.fail_after(10):
+        await create(manager, RUN, ttl_seconds=10)
+        await create(manager, RUN, ttl_seconds=5)
+        await create(manager, OTHER)
+        assert await manager.count_runs() == 2
+        clock.advance(10)
+        assert await manager.get_run(RUN) is None
+        assert await manager.restore(RUN) is None
+        assert [run.run_id for run in await manager.list_runs()] == [OTHER]
+        assert await manager.count_runs() == 1
+        assert await manager.count_runs(CheckpointStatus.ACTIVE) == 1
+
+
+async def test_run_created_again_after_expiry_starts_fresh_and_old_ids_stay_dead(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    with anyio.fail_after(10):
+        old = await create(manager, ttl_seconds=10)
+        clock.advance(10)
+        new = await create(manager, state={"n": "new"})
+        assert new.metadata.sequence == 0
+        assert new.checkpoint_id != old.checkpoint_id
+        assert new.metadata.parent_id is None
+        assert await manager.restore_from(old.checkpoint_id) is None
+        assert await manager.restore(RUN) == new
+
+
+async def test_cleanup_expired_removes_expired_checkpoints_and_returns_the_count(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    with anyio.fail_after(10):
+        await create(manager, RUN, ttl_seconds=10)
+        await create(manager, RUN, ttl_seconds=10)
+        kept = await create(manager, OTHER)
+        await create(manager, OTHER, ttl_seconds=10)
+        assert await manager.cleanup_expired() == 0
+        clock.advance(10)
+        assert await manager.cleanup_expired() == 3
+        assert await manager.list_checkpoints(RUN, include_expired=True) == []
+        assert await manager.list_checkpoints(OTHER, include_expired=True) == [kept.metadata]
+        assert await manager.cleanup_expired() == 0
+        assert await manager.restore(OTHER) == kept
+
+
+# -- pruning (§3.4) -----------------------------------------------------------------------------
+
+
+async def test_max_checkpoints_per_run_keeps_the_newest_n(
+    store: CheckpointStore, clock: FakeClock
+) -> None:
+    manager = manager_with(store, clock, max_checkpoints_per_run=3)
+    with anyio.fail_after(10):
+        created = [await create(manager, state={"i": i}) for i in range(6)]
+        listed = await sequences(manager, include_expired=True)
+        run = await manager.get_run(RUN)
+        assert await manager.restore_from(created[2].checkpoint_id) is None
+        assert await manager.restore_from(created[3].checkpoint_id) == created[3]
+
+    assert listed == [5, 4, 3]
+    assert run is not None
+    assert run.checkpoint_count == 3
+    assert run.latest_sequence == 5
+
+
+async def test_lowered_limit_converges_on_the_next_create(
+    store: CheckpointStore, reopen: Callable[[], CheckpointStore], clock: FakeClock
+) -> None:
+    generous = manager_with(store, clock, max_checkpoints_per_run=10)
+    with anyio.fail_after(10):
+        for i in range(8):
+            await create(generous, state={"i": i})
+        strict = manager_with(reopen(), clock, max_checkpoints_per_run=3)
+        await create(strict, state={"i": 8})
+        assert await sequences(generous, include_expired=True) == [8, 7, 6]
+        assert await sequences(strict, include_expired=True) == [8, 7, 6]
+
+
+@pytest.mark.parametrize("unlimited", [None, 0])
+async def test_no_pruning_when_the_limit_is_none_or_zero(
+    store: CheckpointStore, clock: FakeClock, unlimited: int | None
+) -> None:
+    manager = manager_with(store, clock, max_checkpoints_per_run=unlimited)
+    with anyio.fail_after(20):
+        for i in range(105):
+            await create(manager, state={"i": i})
+        listed = await sequences(manager, limit=1000)
+
+    assert listed == list(range(104, -1, -1))
+
+
+# -- throttling ---------------------------------------------------------------------------------
+
+
+async def test_checkpoint_interval_throttles_and_force_bypasses_it(
+    store: CheckpointStore, clock: FakeClock
+) -> None:
+    manager = manager_with(store, clock, checkpoint_interval=5.0)
+    with anyio.fail_after(10):
+        await create(manager)
+        clock.advance(1)
+        assert await manager.create(RUN, {"n": 1}) is None
+        assert await sequences(manager) == [0]
+        forced = await manager.create(RUN, {"n": 2}, force=True)
+        assert forced is not None
+        assert forced.metadata.sequence == 1
+        other = await manager.create(OTHER, {"n": 3})  # throttling is per run
+        assert other is not None
+        clock.advance(10)
+        later = await manager.create(RUN, {"n": 4})
+        assert later is not None
+        assert later.metadata.sequence == 2
+
+
+# -- ids of deleted runs (§3.2) -----------------------------------------------------------------
+
+
+async def test_restore_from_id_of_a_deleted_run_never_returns_the_reused_runs_checkpoint(
+    manager: CheckpointManager, reopen: Callable[[], CheckpointStore], clock: FakeClock
+) -> None:
+    with anyio.fail_after(10):
+        old = await create(manager, state={"run": "old"})
+        assert await manager.delete_run(RUN) == 1
+        new = await create(manager, state={"run": "new"})
+        bystander = manager_with(reopen(), clock)
+
+        assert new.metadata.sequence == 0
+        assert new.checkpoint_id != old.checkpoint_id
+        assert await manager.restore_from(old.checkpoint_id) is None
+        assert await bystander.restore_from(old.checkpoint_id) is None
+        assert await manager.delete(old.checkpoint_id) is False
+        assert await manager.restore_from(new.checkpoint_id) == new
+
+
+# -- isolation (§3.9) ---------------------------------------------------------------------------
+
+
+async def test_mutating_inputs_after_create_never_changes_what_is_restored(
+    manager: CheckpointManager,
+) -> None:
+    state: dict[str, Any] = {"plan": ["a"], "nested": {"k": 1}}
+    messages: list[Any] = [{"role": "user", "content": "hi"}]
+    context: dict[str, Any] = {"c": [1]}
+    with anyio.fail_after(10):
+        await manager.create(RUN, state, messages=messages, context=context)
+        state["plan"].append("b")
+        state["nested"]["k"] = 2
+        messages[0]["content"] = "changed"
+        messages.append({"role": "tool"})
+        context["c"].append(2)
+        restored = await manager.restore(RUN)
+
+    assert restored is not None
+    assert restored.state == {"plan": ["a"], "nested": {"k": 1}}
+    assert restored.messages == [{"role": "user", "content": "hi"}]
+    assert restored.context == {"c": [1]}
+
+
+async def test_mutating_a_restored_checkpoint_never_changes_the_next_restore(
+    manager: CheckpointManager,
+) -> None:
+    with anyio.fail_after(10):
+        created = await create(manager, state={"plan": ["a"]}, messages=[{"m": 1}])
+        first = await manager.restore(RUN)
+        assert first is not None
+        first.state["plan"].append("mutated")
+        first.messages[0]["m"] = 99
+        first.tool_calls.append("x")
+        second = await manager.restore(RUN)
+        third = await manager.restore_from(created.checkpoint_id)
+
+    assert second is not None
+    assert second.state == {"plan": ["a"]}
+    assert second.messages == [{"m": 1}]
+    assert second.tool_calls == []
+    assert third == second
+
+
+async def test_mutating_the_checkpoint_create_returned_never_changes_the_store(
+    manager: CheckpointManager,
+) -> None:
+    with anyio.fail_after(10):
+        created = await create(manager, state={"plan": ["a"]})
+        created.state["plan"].append("mutated")
+        created.messages.append({"m": 1})
+        restored = await manager.restore(RUN)
+
+    assert restored is not None
+    assert restored.state == {"plan": ["a"]}
+    assert restored.messages == []
+
+
+# -- serialization (§3.9) -----------------------------------------------------------------------
+
+
+class Opaque:
+    """A type no codec knows."""
+
+
+async def test_unserializable_state_raises_serialization_error_naming_the_path(
+    manager: CheckpointManager,
+) -> None:
+    state = {"tools": [1, "two", {"three": 3}, {"client": Opaque()}]}
+    with anyio.fail_after(10):
+        await create(manager)
+        with pytest.raises(SerializationError) as caught:
+            await manager.create(RUN, state)
+        await _assert_nothing_written(manager, [0])
+        run = await manager.get_run(RUN)
+
+    assert caught.value.path == "state['tools'][3]['client']"
+    assert "state['tools'][3]['client']" in str(caught.value)
+    assert run is not None
+    assert run.checkpoint_count == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "path"),
+    [
+        ("messages", [{"role": "user"}, {"content": Opaque()}], "messages[1]['content']"),
+        ("tool_calls", [{"args": [0, Opaque()]}], "tool_calls[0]['args'][1]"),
+        ("context", {"db": {"conn": Opaque()}}, "context['db']['conn']"),
+    ],
+)
+async def test_unserializable_messages_tool_calls_or_context_name_their_path(
+    manager: CheckpointManager, field: str, value: Any, path: str
+) -> None:
+    with anyio.fail_after(10):
+        with pytest.raises(SerializationError) as caught:
+            await manager.create(RUN, {"ok": 1}, **{field: value})
+        await _assert_nothing_written(manager, [])
+        assert await manager.count_runs() == 0
+        assert len(await manager.list_runs()) == 0
+
+    assert caught.value.path == path
+
+
+async def test_datetime_bytes_uuid_and_int_keyed_dicts_round_trip_exactly(
+    manager: CheckpointManager,
+) -> None:
+    when = dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.timezone.utc)
+    ident = uuid.uuid4()
+    state = {
+        "when": when,
+        "blob": b"\x00\xff binary",
+        "id": ident,
+        "ids": [uuid.uuid4(), {"nested": uuid.uuid4()}],
+        "by_step": {1: "one", 2: {3: "three"}, -4: [b"x"]},
+    }
+    messages = [{"at": when, "raw": b"\x01"}]
+    tool_calls = [{"call_id": ident}]
+    context = {"counts": {7: 8}}
+    with anyio.fail_after(10):
+        await manager.create(RUN, state, messages=messages, tool_calls=tool_calls, context=context)
+        restored = await manager.restore(RUN)
+
+    assert restored is not None
+    assert restored.state == state
+    assert type(restored.state["when"]) is dt.datetime
+    assert type(restored.state["blob"]) is bytes
+    assert type(restored.state["id"]) is uuid.UUID
+    assert type(restored.state["ids"][1]["nested"]) is uuid.UUID
+    assert list(restored.state["by_step"]) == [1, 2, -4]
+    assert restored.messages == messages
+    assert restored.tool_calls == tool_calls
+    assert restored.context == context
+
+
+class Point:
+    """A plain user class: only the hooks know how to store it."""
+
+    def __init__(self, x: int, y: int) -> None:
+        self.x = x
+        self.y = y
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Point and (other.x, other.y) == (self.x, self.y)
+
+    def __hash__(self) -> int:
+        return hash((self.x, self.y))
+
+    def __repr__(self) -> str:
+        return f"Point({self.x}, {self.y})"
+
+
+@dataclass(frozen=True)
+class Span:
+    """A dataclass: msgspec could flatten it to a dict on its own, which would not round trip."""
+
+    start: int
+    end: int
+
+
+def encode_user_types(obj: Any) -> Any:
+    if isinstance(obj, Point):
+        return [obj.x, obj.y]
+    if isinstance(obj, Span):
+        return [obj.start, obj.end]
+    raise NotImplementedError
+
+
+def decode_user_types(type_name: str, value: Any) -> Any:
+    if type_name.endswith(".Point"):
+        return Point(*value)
+    if type_name.endswith(".Span"):
+        return Span(*value)
+    return value
+
+
+async def test_enc_hook_and_dec_hook_round_trip_a_custom_class(
+    store: CheckpointStore, clock: FakeClock
+) -> None:
+    manager = manager_with(store, clock, enc_hook=encode_user_types, dec_hook=decode_user_types)
+    state = {"origin": Point(0, 0), "path": [Point(1, 2), {"end": Point(3, 4)}]}
+    with anyio.fail_after(10):
+        created = await create(manager, state=state, messages=[Point(5, 6)])
+        restored = await manager.restore_from(created.checkpoint_id)
+
+    assert restored is not None
+    assert restored.state == state
+    assert restored.messages == [Point(5, 6)]
+
+
+async def test_enc_hook_and_dec_hook_round_trip_a_dataclass(
+    store: CheckpointStore, clock: FakeClock
+) -> None:
+    manager = manager_with(store, clock, enc_hook=encode_user_types, dec_hook=decode_user_types)
+    state = {"span": Span(1, 5), "spans": [Span(6, 9)]}
+    with anyio.fail_after(10):
+        created = await create(manager, state=state)
+        restored = await manager.restore_from(created.checkpoint_id)
+
+    assert restored is not None
+    assert restored.state == state
+
+
+@pytest.mark.parametrize("offload_min_bytes", [1024, 512 * 1024 * 1024])
+async def test_large_state_round_trips(
+    store: CheckpointStore, clock: FakeClock, offload_min_bytes: int
+) -> None:
+    manager = manager_with(
+        store, clock, offload_min_bytes=offload_min_bytes, compress_min_bytes=1024
+    )
+    compressible = {"text": "agent memory " * (2 * 1024 * 1024 // 13), "i": 0}
+    incompressible = {"raw": os.urandom(2 * 1024 * 1024), "i": 1}
+    with anyio.fail_after(20):
+        first = await create(manager, state=compressible)
+        second = await create(manager, state=incompressible)
+        restored_first = await manager.restore_from(first.checkpoint_id)
+        restored_second = await manager.restore(RUN)
+
+    assert restored_first is not None
+    assert restored_first.state == compressible
+    assert restored_second is not None
+    assert restored_second.state == incompressible
+    assert restored_second.checkpoint_id == second.checkpoint_id
+
+
+class Marker:
+    """Goes through the hooks, so the hooks can report which thread encodes and decodes."""
+
+
+def _recording_hooks() -> tuple[list[int], list[int], Callable[[Any], Any], Callable[..., Any]]:
+    encoded_on: list[int] = []
+    decoded_on: list[int] = []
+
+    def enc_hook(obj: Any) -> Any:
+        if isinstance(obj, Marker):
+            encoded_on.append(threading.get_ident())
+            return "marker"
+        raise NotImplementedError
+
+    def dec_hook(type_name: str, value: Any) -> Any:
+        decoded_on.append(threading.get_ident())
+        return Marker()
+
+    return encoded_on, decoded_on, enc_hook, dec_hook
+
+
+async def test_encoding_a_large_state_runs_off_the_event_loop(
+    store: CheckpointStore, clock: FakeClock
+) -> None:
+    encoded_on, _, enc_hook, dec_hook = _recording_hooks()
+    manager = manager_with(
+        store, clock, offload_min_bytes=64 * 1024, enc_hook=enc_hook, dec_hook=dec_hook
+    )
+    with anyio.fail_after(20):
+        # The first create of the run in this process: no earlier payload size to go by.
+        await create(manager, state={"raw": os.urandom(2 * 1024 * 1024), "marker": Marker()})
+
+    assert encoded_on
+    assert threading.get_ident() not in encoded_on
+
+
+async def test_decoding_a_large_state_runs_off_the_event_loop(
+    store: CheckpointStore, clock: FakeClock
+) -> None:
+    _, decoded_on, enc_hook, dec_hook = _recording_hooks()
+    manager = manager_with(
+        store, clock, offload_min_bytes=64 * 1024, enc_hook=enc_hook, dec_hook=dec_hook
+    )
+    with anyio.fail_after(20):
+        await create(manager, state={"raw": os.urandom(2 * 1024 * 1024), "marker": Marker()})
+        restored = await manager.restore(RUN)
+
+    assert restored is not None
+    assert isinstance(restored.state["marker"], Marker)
+    assert decoded_on
+    assert threading.get_ident() not in decoded_on
+
+
+# -- run ids --------------------------------------------------------------------------------------
+
+
+INVALID_RUN_IDS = [
+    pytest.param("", id="empty"),
+    pytest.param(123, id="int"),
+    pytest.param(None, id="none"),
+    pytest.param(b"run", id="bytes"),
+    pytest.param("a\ud800b", id="lone-surrogate"),
+    pytest.param("x" * 4097, id="4097-bytes"),
+    pytest.param("é" * 2049, id="4098-bytes-of-utf8"),
+]
+
+
+@pytest.mark.parametrize("run_id", INVALID_RUN_IDS)
+async def test_invalid_run_ids_raise_validation_error(
+    manager: CheckpointManager, run_id: Any
+) -> None:
+    with anyio.fail_after(10):
+        with pytest.raises(ValidationError):
+            await manager.create(run_id, {"n": 1})
+        with pytest.raises(ValidationError):
+            await manager.restore(run_id)
+        with pytest.raises(ValidationError):
+            await manager.list_checkpoints(run_id)
+        with pytest.raises(ValidationError):
+            await manager.get_run(run_id)
+        with pytest.raises(ValidationError):
+            await manager.delete_run(run_id)
+        with pytest.raises(ValidationError):
+            await manager.mark_completed(run_id)
+        assert await manager.count_runs() == 0
+
+
+async def test_run_id_of_exactly_4096_bytes_is_accepted(manager: CheckpointManager) -> None:
+    run_id = "é" * 2048
+    with anyio.fail_after(10):
+        created = await create(manager, run_id)
+        assert await manager.restore(run_id) == created
+
+
+def entries(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir())
+
+
+HOSTILE_RUN_IDS = [
+    "../x",
+    "../../etc/passwd",
+    "/etc/passwd",
+    "a\x00b",
+    "a",
+    "A",
+    ".",
+    "..",
+    "a/b",
+    "a\\b",
+    "CON",
+    "nul.txt",
+    " ",
+    "ünïcødé 🚀 名前",
+    "\u0301\u200b\ufeff",
+    "k" * 1024,
+    "ü" * 512,
+]
+
+
+async def test_hostile_run_ids_work_and_stay_distinct(
+    manager: CheckpointManager, tmp_path: Path
+) -> None:
+    with anyio.fail_after(20):
+        for index, run_id in enumerate(HOSTILE_RUN_IDS):
+            await create(manager, run_id, state={"index": index, "run_id": run_id})
+        for index, run_id in enumerate(HOSTILE_RUN_IDS):
+            restored = await manager.restore(run_id)
+            assert restored is not None
+            assert restored.state == {"index": index, "run_id": run_id}
+            assert restored.run_id == run_id
+            assert restored.metadata.sequence == 0
+            run = await manager.get_run(run_id)
+            assert run is not None
+            assert run.run_id == run_id
+        listed = {run.run_id for run in await manager.list_runs(limit=100)}
+
+    assert listed == set(HOSTILE_RUN_IDS)
+    assert entries(tmp_path) in ([], ["store"])  # nothing escaped the store's directory
+
+
+# -- status (§3.6) ------------------------------------------------------------------------------
+
+
+async def test_mark_completed_twice_is_fine(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        first = await manager.mark_completed(RUN)
+        second = await manager.mark_completed(RUN)
+
+    assert first is not None
+    assert second is not None
+    assert second.status is CheckpointStatus.COMPLETED
+
+
+async def test_completed_run_cannot_be_marked_failed(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        await manager.mark_completed(RUN)
+        with pytest.raises(ConflictError):
+            await manager.mark_failed(RUN, "too late")
+        run = await manager.get_run(RUN)
+
+    assert run is not None
+    assert run.status is CheckpointStatus.COMPLETED
+    assert run.error is None
+
+
+async def test_failed_run_cannot_be_marked_completed(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        await manager.mark_failed(RUN, "boom")
+        with pytest.raises(ConflictError):
+            await manager.mark_completed(RUN)
+        run = await manager.get_run(RUN)
+
+    assert run is not None
+    assert run.status is CheckpointStatus.FAILED
+
+
+async def test_concurrent_complete_and_fail_from_two_managers_let_exactly_one_win(
+    store: CheckpointStore, reopen: Callable[[], CheckpointStore], clock: FakeClock
+) -> None:
+    first = manager_with(store, clock)
+    second = manager_with(reopen(), clock)
+    outcomes: dict[str, CheckpointStatus | None] = {}
+
+    async def attempt(name: str, change: Callable[[], Awaitable[RunInfo | None]]) -> None:
+        try:
+            info = await change()
+        except ConflictError:
+            outcomes[name] = None
+        else:
+            assert info is not None
+            outcomes[name] = info.status
+
+    with anyio.fail_after(10):
+        await create(first)
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(attempt, "complete", functools.partial(first.mark_completed, RUN))
+            task_group.start_soon(attempt, "fail", functools.partial(second.mark_failed, RUN, "x"))
+        run = await first.get_run(RUN)
+
+    winners = [status for status in outcomes.values() if status is not None]
+    assert len(outcomes) == 2
+    assert len(winners) == 1
+    assert run is not None
+    assert run.status is winners[0]
+    assert len(run.history) == 1
+
+
+async def test_every_checkpoint_read_after_mark_completed_reports_completed(
+    manager: CheckpointManager,
+) -> None:
+    with anyio.fail_after(10):
+        created = [await create(manager, state={"i": i}) for i in range(3)]
+        await manager.mark_completed(RUN)
+        latest = await manager.restore(RUN)
+        by_id = [await manager.restore_from(c.checkpoint_id) for c in created]
+        listed = await manager.list_checkpoints(RUN)
+        lineage = await manager.lineage(created[2].checkpoint_id)
+
+    assert latest is not None
+    assert latest.metadata.status is CheckpointStatus.COMPLETED
+    assert [c.metadata.status if c else None for c in by_id] == [CheckpointStatus.COMPLETED] * 3
+    assert [m.status for m in listed] == [CheckpointStatus.COMPLETED] * 3
+    assert [m.status for m in lineage] == [CheckpointStatus.COMPLETED] * 3
+
+
+async def test_status_change_never_alters_checkpoints_or_their_expiry(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    with anyio.fail_after(10):
+        created = await create(manager, state={"k": "v"}, ttl_seconds=100, tags=["x"])
+        clock.advance(1)
+        await manager.mark_failed(RUN, "boom")
+        after = await manager.restore_from(created.checkpoint_id)
+        assert after is not None
+        assert after.metadata == msgspec.structs.replace(
+            created.metadata, status=CheckpointStatus.FAILED
+        )
+        assert after.state == created.state
+        clock.advance(99)
+        assert await manager.restore_from(created.checkpoint_id) is None
+        assert await manager.get_run(RUN) is None
+
+
+async def test_get_run_reports_its_fields(manager: CheckpointManager, clock: FakeClock) -> None:
+    started = clock.now
+    with anyio.fail_after(10):
+        await create(manager)
+        clock.advance(5)
+        await create(manager)
+        clock.advance(2)
+        fresh = await manager.get_run(RUN)
+        clock.advance(3)
+        await manager.mark_failed(RUN, error="tool crashed")
+        failed = await manager.get_run(RUN)
+
+    assert fresh is not None
+    assert fresh.run_id == RUN
+    assert fresh.status is CheckpointStatus.ACTIVE
+    assert fresh.created_at == started
+    assert fresh.updated_at == started + 5
+    assert fresh.latest_sequence == 1
+    assert fresh.checkpoint_count == 2
+    assert fresh.error is None
+    assert failed is not None
+    assert failed.status is CheckpointStatus.FAILED
+    assert failed.created_at == started
+    assert failed.updated_at == started + 10
+    assert failed.latest_sequence == 1
+    assert failed.checkpoint_count == 2
+    assert failed.error == "tool crashed"
+    assert failed.history[-1].status is CheckpointStatus.FAILED
+    assert failed.history[-1].at == started + 10
+    assert failed.history[-1].note == "tool crashed"
+
+
+# -- run listings -------------------------------------------------------------------------------
+
+
+async def test_list_runs_pages_with_a_cursor_visit_every_run_once(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    run_ids = [f"run-{index:02}" for index in range(23)]
+    with anyio.fail_after(20):
+        for index, run_id in enumerate(run_ids):
+            if index % 3 == 0:
+                clock.advance(1)  # some runs share a creation time
+            await create(manager, run_id)
+        seen: list[str] = []
+        created_at: list[float] = []
+        cursor: str | None = None
+        for _ in range(len(run_ids) + 2):
+            page = await manager.list_runs(limit=5, cursor=cursor)
+            assert len(page) <= 5
+            seen.extend(run.run_id for run in page)
+            created_at.extend(run.created_at for run in page)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+
+    assert cursor is None
+    assert sorted(seen) == run_ids
+    assert created_at == sorted(created_at, reverse=True)
+
+
+async def test_list_runs_filters_by_status(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        for run_id in ("a", "b", "c", "d"):
+            await create(manager, run_id)
+        await manager.mark_completed("a")
+        await manager.mark_completed("c")
+        await manager.mark_failed("d", "x")
+        completed = await manager.list_runs(status=CheckpointStatus.COMPLETED)
+        completed_by_name = await manager.list_runs(status="completed")
+        active = await manager.list_runs(status=CheckpointStatus.ACTIVE)
+        failed = await manager.list_runs(status="failed")
+        paused = await manager.list_runs(status=CheckpointStatus.PAUSED)
+
+    assert sorted(run.run_id for run in completed) == ["a", "c"]
+    assert sorted(run.run_id for run in completed_by_name) == ["a", "c"]
+    assert [run.run_id for run in active] == ["b"]
+    assert [run.run_id for run in failed] == ["d"]
+    assert list(paused) == []
+
+
+@pytest.mark.parametrize("bad_status", ["bogus", "ACTIVE ", 3])
+async def test_bad_status_filter_raises_validation_error(
+    manager: CheckpointManager, bad_status: Any
+) -> None:
+    with anyio.fail_after(10):
+        with pytest.raises(ValidationError):
+            await manager.list_runs(status=bad_status)
+        with pytest.raises(ValidationError):
+            await manager.count_runs(status=bad_status)
+
+
+async def test_count_runs_counts_live_runs_by_status(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        assert await manager.count_runs() == 0
+        for run_id in ("a", "b", "c"):
+            await create(manager, run_id)
+        await create(manager, "a")  # a second checkpoint is not a second run
+        await manager.mark_completed("b")
+
+        assert await manager.count_runs() == 3
+        assert await manager.count_runs(CheckpointStatus.ACTIVE) == 2
+        assert await manager.count_runs("completed") == 1
+        assert await manager.count_runs(CheckpointStatus.FAILED) == 0
+        await manager.delete_run("a")
+        assert await manager.count_runs() == 2
+
+
+# -- fork and lineage (§3.5) --------------------------------------------------------------------
+
+
+async def test_fork_starts_a_new_run_from_a_copy_of_the_checkpoint(
+    manager: CheckpointManager,
+) -> None:
+    with anyio.fail_after(10):
+        await create(manager, state={"i": 0})
+        source = await create(
+            manager,
+            state={"i": 1},
+            messages=[{"m": 1}],
+            tool_calls=[{"t": 1}],
+            context={"c": 1},
+            step_name="act",
+            tags=["keep"],
+        )
+        await create(manager, state={"i": 2})
+        forked = await manager.fork(source.checkpoint_id, "branch")
+        restored = await manager.restore("branch")
+        run = await manager.get_run("branch")
+
+    assert forked.run_id == "branch"
+    assert forked.metadata.sequence == 0
+    assert forked.metadata.parent_id == source.checkpoint_id
+    assert forked.checkpoint_id != source.checkpoint_id
+    assert forked.state == source.state
+    assert forked.messages == source.messages
+    assert forked.tool_calls == source.tool_calls
+    assert forked.context == source.context
+    assert forked.metadata.step_name == "act"
+    assert forked.metadata.tags == ["keep"]
+    assert restored == forked
+    assert run is not None
+    assert run.status is CheckpointStatus.ACTIVE
+
+
+async def test_fork_lineage_crosses_into_the_source_run(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        root = await create(manager, state={"i": 0})
+        source = await create(manager, state={"i": 1})
+        forked = await manager.fork(source.checkpoint_id, "branch")
+        child = await create(manager, "branch", state={"i": 2})
+        lineage = await manager.lineage(child.checkpoint_id)
+
+    assert [metadata.checkpoint_id for metadata in lineage] == [
+        child.checkpoint_id,
+        forked.checkpoint_id,
+        source.checkpoint_id,
+        root.checkpoint_id,
+    ]
+    assert [metadata.run_id for metadata in lineage] == ["branch", "branch", RUN, RUN]
+
+
+async def test_fork_without_a_run_id_makes_a_fresh_run(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        source = await create(manager)
+        forked = await manager.fork(source.checkpoint_id)
+        run = await manager.get_run(forked.run_id)
+
+    assert forked.run_id != RUN
+    assert run is not None
+    assert run.latest_sequence == 0
+
+
+async def test_fork_into_an_existing_run_raises_conflict_error(
+    manager: CheckpointManager,
+) -> None:
+    with anyio.fail_after(10):
+        source = await create(manager)
+        existing = await create(manager, OTHER, state={"mine": True})
+        with pytest.raises(ConflictError):
+            await manager.fork(source.checkpoint_id, OTHER)
+        assert await manager.restore(OTHER) == existing
+        assert await sequences(manager, OTHER) == [0]
+
+
+async def test_fork_of_an_unknown_checkpoint_raises_checkpoint_not_found(
+    manager: CheckpointManager,
+) -> None:
+    with anyio.fail_after(10):
+        source = await create(manager)
+        with pytest.raises(CheckpointNotFound):
+            await manager.fork(other_sequence(source.checkpoint_id, 9), "branch")
+        assert await manager.delete(source.checkpoint_id) is True
+        with pytest.raises(CheckpointNotFound):
+            await manager.fork(source.checkpoint_id, "branch")
+        assert await manager.get_run("branch") is None
+
+
+async def test_lineage_stops_at_pruned_ancestors(store: CheckpointStore, clock: FakeClock) -> None:
+    manager = manager_with(store, clock, max_checkpoints_per_run=2)
+    with anyio.fail_after(10):
+        created = [await create(manager, state={"i": i}) for i in range(4)]
+        lineage = await manager.lineage(created[3].checkpoint_id)
+
+    assert [metadata.checkpoint_id for metadata in lineage] == [
+        created[3].checkpoint_id,
+        created[2].checkpoint_id,
+    ]
+
+
+# -- listing filters and paging -----------------------------------------------------------------
+
+
+async def test_list_checkpoints_filters_by_tags_and_step_name(
+    manager: CheckpointManager,
+) -> None:
+    with anyio.fail_after(10):
+        for index in range(12):
+            tags = ["even"] if index % 2 == 0 else ["odd"]
+            if index % 3 == 0:
+                tags.append("third")
+            step = "plan" if index % 4 == 0 else "act"
+            await create(manager, state={"i": index}, tags=tags, step_name=step)
+
+        assert await sequences(manager, tags=["odd"]) == [11, 9, 7, 5, 3, 1]
+        assert await sequences(manager, tags=["even", "third"]) == [6, 0]
+        assert await sequences(manager, step_name="plan") == [8, 4, 0]
+        assert await sequences(manager, tags=["even"], step_name="act") == [10, 6, 2]
+        assert await sequences(manager, tags=["third"], limit=2) == [9, 6]
+        assert await sequences(manager, tags=["missing"]) == []
+
+
+async def test_list_checkpoints_before_pages_through_the_run(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        for index in range(7):
+            await create(manager, state={"i": index})
+        pages: list[list[int]] = []
+        before: str | None = None
+        for _ in range(5):
+            page = await manager.list_checkpoints(RUN, limit=3, before=before)
+            if not page:
+                break
+            pages.append([metadata.sequence for metadata in page])
+            before = page[-1].checkpoint_id
+
+    assert pages == [[6, 5, 4], [3, 2, 1], [0]]
+
+
+async def test_list_checkpoints_before_an_id_of_another_run_raises_validation_error(
+    manager: CheckpointManager,
+) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        foreign = await create(manager, OTHER)
+        with pytest.raises(ValidationError):
+            await manager.list_checkpoints(RUN, before=foreign.checkpoint_id)
+
+
+# -- corrupt records (§3.9) ---------------------------------------------------------------------
+
+
+async def append_raw(
+    store: CheckpointStore, clock: FakeClock, run_id: str, *, header: bytes, payload: bytes
+) -> str:
+    """Append a record with these bytes straight through the store protocol; return its id."""
+    key = _ids.run_key(run_id)
+    run = await store.get_run(key, now=clock())
+    assert run is not None
+    sequence = run.latest_sequence + 1
+    checkpoint_id = _ids.checkpoint_id(key, run.incarnation, sequence)
+    record = StoredCheckpoint(
+        sequence=sequence,
+        checkpoint_id=checkpoint_id,
+        created_at=clock(),
+        expires_at=None,
+        header=header,
+        payload=payload,
+    )
+    await store.append(key, record, run=run, keep_latest=None, now=clock())
+    return checkpoint_id
+
+
+async def test_corrupt_header_is_skipped_by_listing_and_named_by_restore_from(
+    manager: CheckpointManager, store: CheckpointStore, clock: FakeClock
+) -> None:
+    with anyio.fail_after(10):
+        first = await create(manager, state={"i": 0})
+        second = await create(manager, state={"i": 1})
+        junk = await append_raw(store, clock, RUN, header=b"\x00junk header", payload=b"junk")
+        after = await create(manager, state={"i": 3})
+        expiring = await create(manager, state={"i": 4}, ttl_seconds=10)
+
+        assert await sequences(manager) == [4, 3, 1, 0]
+        with pytest.raises(CorruptCheckpointError) as caught:
+            await manager.restore_from(junk)
+        assert caught.value.key
+        assert caught.value.key in str(caught.value)
+        assert await manager.restore_from(first.checkpoint_id) == first
+        assert await manager.restore_from(second.checkpoint_id) == second
+        assert await manager.restore(RUN) == expiring
+
+        clock.advance(10)
+        assert await manager.cleanup_expired() == 1
+        assert await manager.restore(RUN) == after
+        assert await sequences(manager) == [3, 1, 0]
+
+
+async def test_corrupt_payload_raises_corrupt_checkpoint_error_naming_the_key(
+    manager: CheckpointManager, store: CheckpointStore, clock: FakeClock
+) -> None:
+    with anyio.fail_after(10):
+        first = await create(manager, state={"i": 0})
+        found = await store.get(_ids.run_key(RUN), 0, now=clock())
+        assert found is not None
+        good_header = found[0].header
+        junk = await append_raw(store, clock, RUN, header=good_header, payload=b"FC\x01garbage")
+        after = await create(manager, state={"i": 2})
+
+        with pytest.raises(CorruptCheckpointError) as caught:
+            await manager.restore_from(junk)
+        assert caught.value.key
+        assert caught.value.key in str(caught.value)
+        assert [m.sequence for m in await manager.list_checkpoints(RUN)] == [2, 1, 0]
+        assert await manager.restore(RUN) == after
+        assert await manager.restore_from(first.checkpoint_id) == first
+        assert await manager.delete_run(RUN) == 3
+
+
+# -- misc ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param({"state": ["not", "a", "dict"]}, id="state-list"),
+        pytest.param({"state": None}, id="state-none"),
+        pytest.param({"state": {}, "messages": "text"}, id="messages-str"),
+        pytest.param({"state": {}, "tags": "tag"}, id="tags-str"),
+        pytest.param({"state": {}, "tags": [1]}, id="tags-int"),
+        pytest.param({"state": {}, "step_name": None}, id="step-none"),
+    ],
+)
+async def test_malformed_create_arguments_raise_validation_error(
+    manager: CheckpointManager, bad: dict[str, Any]
+) -> None:
+    with anyio.fail_after(10):
+        with pytest.raises(ValidationError):
+            await manager.create(RUN, **bad)
+        await _assert_nothing_written(manager, [])
