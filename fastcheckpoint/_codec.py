@@ -157,7 +157,6 @@ class Codec:
         compress_level: int = 1,
     ) -> None:
         self._user_enc_hook = enc_hook
-        self._open: set[int] = set()  # ids of containers being converted: cycle detection
         self._user_dec_hook = dec_hook
         self._compress_min_bytes = compress_min_bytes
         self._compress_level = compress_level
@@ -209,11 +208,12 @@ class Codec:
         payload = Payload(state, messages, tool_calls, context)
         body = self._encode_plain(payload)
         if body is None:
+            seen: set[int] = set()  # ids of the containers being converted: finds cycles
             converted = Payload(
-                self._convert(state, "state", 0),
-                self._convert(messages, "messages", 0),
-                self._convert(tool_calls, "tool_calls", 0),
-                self._convert(context, "context", 0),
+                self._convert(state, "state", 0, seen),
+                self._convert(messages, "messages", 0, seen),
+                self._convert(tool_calls, "tool_calls", 0, seen),
+                self._convert(context, "context", 0, seen),
             )
             body = self._ext_encoder.encode(converted)
         if self._compress_min_bytes is not None and len(body) >= self._compress_min_bytes:
@@ -241,7 +241,7 @@ class Codec:
 
     # -- the slow path ----------------------------------------------------------------------
 
-    def _convert(self, value: Any, path: str, depth: int) -> Any:
+    def _convert(self, value: Any, path: str, depth: int, seen: set[int]) -> Any:
         """A copy of ``value`` that msgspec encodes exactly; raises naming the bad path."""
         kind = type(value)
         if kind is int:
@@ -249,45 +249,58 @@ class Codec:
                 return value
             raise SerializationError(f"cannot encode {path}: integer out of the 64-bit range",
                                      path=path)
+        if kind is str:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise SerializationError(
+                    f"cannot encode {path}: a str with a lone surrogate", path=path) from exc
+            return value
         if kind in _PLAIN:
             return value
         if depth > _MAX_DEPTH:
             raise SerializationError(
                 f"cannot encode {path}: nested deeper than {_MAX_DEPTH} levels", path=path)
         if isinstance(value, (dict, list)):
-            return self._convert_container(value, path, depth)
-        special = self._special(value, path, depth)
+            return self._convert_container(value, path, depth, seen)
+        special = self._special(value, path, depth, seen)
         if special is not None:
             return special
-        return self._via_hook(value, path, depth)
+        return self._via_hook(value, path, depth, seen)
 
-    def _convert_container(self, value: dict[Any, Any] | list[Any], path: str, depth: int) -> Any:
+    def _convert_container(
+        self, value: dict[Any, Any] | list[Any], path: str, depth: int, seen: set[int]
+    ) -> Any:
         marker = id(value)
-        if marker in self._open:
+        if marker in seen:
             raise SerializationError(f"cannot encode {path}: the value contains itself",
                                      path=path)
-        self._open.add(marker)
+        seen.add(marker)
         try:
             if isinstance(value, list):
-                return [self._convert(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+                return [
+                    self._convert(v, f"{path}[{i}]", depth + 1, seen) for i, v in enumerate(value)
+                ]
             return {
-                self._convert_key(k, f"{path} key {k!r}", depth + 1):
-                    self._convert(v, f"{path}[{k!r}]", depth + 1)
+                self._convert_key(k, f"{path} key {k!r}", depth + 1, seen):
+                    self._convert(v, f"{path}[{k!r}]", depth + 1, seen)
                 for k, v in value.items()
             }
         finally:
-            self._open.discard(marker)
+            seen.discard(marker)
 
-    def _convert_key(self, key: Any, path: str, depth: int) -> Any:
-        converted = self._convert(key, path, depth)
+    def _convert_key(self, key: Any, path: str, depth: int, seen: set[int]) -> Any:
+        converted = self._convert(key, path, depth, seen)
         return _ExtKey(converted) if isinstance(converted, msgspec.msgpack.Ext) else converted
 
-    def _special(self, value: Any, path: str, depth: int) -> Any:
+    def _special(self, value: Any, path: str, depth: int, seen: set[int]) -> Any:
         """Types msgspec would change but we store exactly, as extensions."""
         if isinstance(value, (tuple, set, frozenset)):
             code = (_EXT_TUPLE if isinstance(value, tuple)
                     else _EXT_SET if isinstance(value, set) else _EXT_FROZENSET)
-            items = [self._convert(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+            items = [
+                self._convert(v, f"{path}[{i}]", depth + 1, seen) for i, v in enumerate(value)
+            ]
             return msgspec.msgpack.Ext(code, self._ext_encoder.encode(items))
         if isinstance(value, uuid.UUID):
             return msgspec.msgpack.Ext(_EXT_UUID, value.bytes)
@@ -299,7 +312,7 @@ class Codec:
             return msgspec.msgpack.Ext(_EXT_DATE, value.isoformat().encode())
         if isinstance(value, _dt.time):
             if value.tzinfo is not None:
-                return self._via_hook(value, path, depth)
+                return self._via_hook(value, path, depth, seen)
             return msgspec.msgpack.Ext(_EXT_TIME, value.isoformat().encode())
         if isinstance(value, _dt.timedelta):
             parts = (value.days, value.seconds, value.microseconds)
@@ -309,10 +322,10 @@ class Codec:
         if isinstance(value, (bytearray, memoryview)):
             return bytes(value)
         if isinstance(value, (str, float, bytes)):  # subclasses of plain types
-            return self._via_hook(value, path, depth)
+            return self._via_hook(value, path, depth, seen)
         return None
 
-    def _via_hook(self, value: Any, path: str, depth: int) -> Any:
+    def _via_hook(self, value: Any, path: str, depth: int, seen: set[int]) -> Any:
         name = _type_name(value)
         if self._user_enc_hook is None:
             raise SerializationError(
@@ -325,7 +338,7 @@ class Codec:
             raise SerializationError(
                 f"cannot encode {path}: enc_hook refused {name} ({type(exc).__name__}: {exc})",
                 path=path) from exc
-        inner = self._convert(converted, path, depth + 1)
+        inner = self._convert(converted, path, depth + 1, seen)
         return msgspec.msgpack.Ext(_EXT_USER, self._ext_encoder.encode((name, inner)))
 
     def _ext_hook(self, code: int, data: memoryview) -> Any:
@@ -352,7 +365,8 @@ class Codec:
                 return decimal.Decimal(bytes(data).decode())
         except (_HookFailed, _Malformed):
             raise
-        except (ValueError, TypeError, decimal.InvalidOperation, msgspec.DecodeError) as exc:
+        except (ValueError, TypeError, OverflowError, decimal.InvalidOperation,
+                msgspec.DecodeError) as exc:
             raise _Malformed(f"malformed extension {code}: {exc}") from exc
         raise _Malformed(f"unknown extension type {code}")
 

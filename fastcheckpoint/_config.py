@@ -97,8 +97,12 @@ class CheckpointConfig:
 
     @property
     def keep_latest(self) -> int | None:
-        """The pruning limit as stores take it: ``None`` keeps all."""
-        return self.max_checkpoints_per_run or None
+        """The pruning limit as stores take it: ``None`` keeps all (also for a limit <= 0
+        assigned after construction, which FastAgentic treated as unlimited)."""
+        limit = self.max_checkpoints_per_run
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            return limit
+        return None
 
     @classmethod
     def from_env(

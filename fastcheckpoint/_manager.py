@@ -8,14 +8,15 @@ import logging
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import anyio
+import anyio.lowlevel
 import msgspec
+import sniffio
 
 from fastcheckpoint import _ids
 from fastcheckpoint._codec import Codec, Header, Payload
@@ -48,6 +49,8 @@ __all__ = ["CheckpointManager", "RunPage"]
 logger = logging.getLogger("fastcheckpoint")
 
 _HINT_CAPACITY = 10_000
+_ESTIMATE_NODES = 256
+_ESTIMATE_DEPTH = 6
 _TERMINAL = frozenset({CheckpointStatus.COMPLETED, CheckpointStatus.FAILED,
                        CheckpointStatus.REJECTED})
 
@@ -79,11 +82,18 @@ class RunPage(msgspec.Struct, frozen=True):
 class CheckpointManager:
     """Creates and restores checkpoints of agent runs on any :class:`CheckpointStore`.
 
-    Use ``async with CheckpointManager(store) as manager:`` (or ``start()``/``stop()`` from one
-    task) to run the cleanup loop; every other method works without it.
+    Use ``async with CheckpointManager(store) as manager:`` (or ``start()`` and ``stop()``) to
+    run the cleanup loop; every other method works without it.
     """
 
     def __init__(self, store: CheckpointStore, config: CheckpointConfig | None = None) -> None:
+        if not isinstance(cast(object, store), CheckpointStore):
+            hint = " (build one with open_store(url))" if isinstance(store, str) else ""
+            raise ConfigurationError(
+                f"store must implement CheckpointStore, got {type(store).__name__}{hint}")
+        if config is not None and not isinstance(cast(object, config), CheckpointConfig):
+            raise ConfigurationError(
+                f"config must be a CheckpointConfig, got {type(config).__name__}")
         self._store = store
         self.config = config or CheckpointConfig()
         self._codec = Codec(
@@ -92,15 +102,16 @@ class CheckpointManager:
             compress_min_bytes=self.config.compress_min_bytes,
         )
         self._hints: OrderedDict[str, _Hint] = OrderedDict()
-        self._exit_stack: AsyncExitStack | None = None
-        self._cleanup_scope: anyio.CancelScope | None = None
+        self._cleanup: tuple[anyio.CancelScope, anyio.Event] | None = None
+        self._cleanup_task: object = None  # keeps an asyncio task referenced while it runs
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> CheckpointManager:
         """Store from ``FASTCHECKPOINT_URL``, config from ``FASTCHECKPOINT_*`` variables.
 
-        Also accepts the deployment-style ``CHECKPOINT_MODE=development`` (memory store) and
-        ``CHECKPOINT_TTL_DAYS`` (default TTL) when ``FASTCHECKPOINT_URL`` is not set.
+        Also accepts the deployment-style ``CHECKPOINT_MODE=development`` (memory store, when
+        ``FASTCHECKPOINT_URL`` is unset) and ``CHECKPOINT_TTL_DAYS`` (default TTL, unless
+        ``FASTCHECKPOINT_DEFAULT_TTL_SECONDS`` is set).
         """
         env = os.environ if environ is None else environ
         config = CheckpointConfig.from_env(env)
@@ -116,23 +127,35 @@ class CheckpointManager:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the cleanup loop (idempotent). Call :meth:`stop` from the same task."""
-        if self._exit_stack is not None:
+        """Start the cleanup loop in the background (idempotent).
+
+        Unlike a task group, this may be called from any task and stopped from another (as
+        FastAgentic allowed); :meth:`stop` cancels the loop and waits until it has ended.
+        """
+        if self._cleanup is not None:
             return
-        stack = AsyncExitStack()
-        task_group = await stack.enter_async_context(anyio.create_task_group())
-        self._cleanup_scope = task_group.cancel_scope
-        task_group.start_soon(self._cleanup_loop)
-        self._exit_stack = stack
+        scope, finished = anyio.CancelScope(), anyio.Event()
+
+        async def run() -> None:
+            try:
+                with scope:
+                    await self._cleanup_loop()
+            finally:
+                finished.set()
+
+        self._cleanup = (scope, finished)
+        self._cleanup_task = _spawn(run)
 
     async def stop(self) -> None:
         """Stop the cleanup loop and wait for it; no task outlives this call."""
-        stack, self._exit_stack = self._exit_stack, None
-        if stack is None:
+        cleanup, self._cleanup = self._cleanup, None
+        if cleanup is None:
             return
-        if self._cleanup_scope is not None:
-            self._cleanup_scope.cancel()
-        await stack.aclose()
+        scope, finished = cleanup
+        scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await finished.wait()
+        self._cleanup_task = None
 
     async def aclose(self) -> None:
         """Stop the cleanup loop and close the store (which closes only what it created)."""
@@ -195,8 +218,8 @@ class CheckpointManager:
         )
         step = _text("step_name", step_name)
         tag_list = _tags(tags)
-        ttl = self._ttl(ttl_seconds)
         now = self.config.clock()
+        ttl = self._ttl(ttl_seconds, now)
         hint = self._hints.get(key)
         if not force and self._throttled(hint, now):
             return None
@@ -291,17 +314,21 @@ class CheckpointManager:
         interval = self.config.checkpoint_interval
         return interval > 0 and hint is not None and now - hint.last_created_at < interval
 
-    def _ttl(self, ttl_seconds: object) -> float | None:
+    def _ttl(self, ttl_seconds: object, now: float) -> float | None:
         if ttl_seconds is None:
             return self.config.default_ttl_seconds
         if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)):
             raise ValidationError(f"ttl_seconds must be a number, got {ttl_seconds!r}")
-        if not math.isfinite(ttl_seconds) or ttl_seconds <= 0:
+        try:
+            ttl = float(ttl_seconds)
+        except OverflowError:
+            ttl = math.inf
+        if not math.isfinite(ttl) or ttl <= 0 or now + ttl <= now:
             raise ValidationError(
-                f"ttl_seconds must be a positive number of seconds (None = never expire), "
-                f"got {ttl_seconds!r}"
+                "ttl_seconds must be a finite, positive number of seconds (None = never "
+                f"expire), got {ttl_seconds!r}"
             )
-        return float(ttl_seconds)
+        return ttl
 
     async def _require_parent(self, key: str, parent_id: str) -> None:
         parent_key, _, sequence = _ids.require_checkpoint_id(parent_id, "parent_id")
@@ -379,7 +406,7 @@ class CheckpointManager:
         key = _ids.run_key(run_id)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValidationError(f"limit must be a non-negative integer, got {limit!r}")
-        cursor = None if before is None else self._before(key, before)
+        cursor, incarnation = (None, None) if before is None else self._before(key, before)
         wanted = set(_tags(tags))
         step = None if step_name is None else _text("step_name", step_name)
         now = self.config.clock()
@@ -388,6 +415,8 @@ class CheckpointManager:
             page, status = await self._store.headers(
                 key, before=cursor, limit=limit, now=now, include_expired=include_expired
             )
+            if page and incarnation is not None and _incarnation(page[0]) != incarnation:
+                return []  # ``before`` came from a deleted incarnation of this run id
             for stored in page:
                 metadata = self._listed(stored, status, now)
                 if metadata is not None and wanted.issubset(metadata.tags) and (
@@ -399,11 +428,11 @@ class CheckpointManager:
             cursor = page[-1].sequence
         return result[:limit]
 
-    def _before(self, key: str, before: str) -> int:
-        before_key, _, sequence = _ids.require_checkpoint_id(before, "before")
+    def _before(self, key: str, before: str) -> tuple[int, str]:
+        before_key, incarnation, sequence = _ids.require_checkpoint_id(before, "before")
         if before_key != key:
             raise ValidationError(f"before={before!r} is a checkpoint of another run")
-        return sequence
+        return sequence, incarnation
 
     def _listed(
         self, stored: CheckpointHeader, status: str | None, now: float
@@ -473,6 +502,7 @@ class CheckpointManager:
             removed += count
             if done:
                 return removed
+            await anyio.lowlevel.checkpoint()  # let other tasks run between batches
 
     # -- branching ------------------------------------------------------------------------
 
@@ -501,7 +531,7 @@ class CheckpointManager:
             new_run_id = f"{header.run_id}-fork-{_ids.new_incarnation()}"
         _ids.validate_run_id(new_run_id)
         new_key = _ids.run_key(new_run_id)
-        ttl = self._ttl(ttl_seconds)
+        ttl = self._ttl(ttl_seconds, now)
         expires_at = None if ttl is None else now + ttl
         incarnation = _ids.new_incarnation()
         record = StoredCheckpoint(
@@ -545,6 +575,8 @@ class CheckpointManager:
         """Live runs, newest created first, optionally of one status; page with the cursor."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValidationError(f"limit must be a positive integer, got {limit!r}")
+        if cursor is not None and not isinstance(cursor, str):
+            raise ValidationError(f"cursor must be a str from a previous page, got {cursor!r}")
         wanted = None if status is None else _status_arg(status).value
         records, next_cursor = await self._store.list_runs(
             status=wanted, limit=limit, cursor=cursor, now=self.config.clock()
@@ -597,7 +629,8 @@ class CheckpointManager:
                 data.error = error
             try:
                 updated = await self._store.update_run(
-                    key, version=record.version, status=target.value,
+                    key, incarnation=record.incarnation, version=record.version,
+                    status=target.value,
                     data=self._codec.encode_run_data(data), now=now,
                 )
             except CheckpointNotFound:
@@ -664,23 +697,40 @@ def _estimated_size(body: Payload) -> int:
     encoding goes to a worker thread.
     """
     total = 0
-    for part in (body.state, body.messages, body.tool_calls, body.context):
-        children = part.values() if isinstance(part, dict) else part
-        for child in itertools.islice(children, 1000):
-            total += _shallow_size(child)
-            if isinstance(child, dict):
-                total += sum(_shallow_size(v) for v in itertools.islice(child.values(), 1000))
-            elif isinstance(child, list):
-                total += sum(_shallow_size(v) for v in itertools.islice(child, 1000))
+    budget = _ESTIMATE_NODES
+    stack: list[tuple[object, int]] = [(part, 0) for part in
+                                        (body.state, body.messages, body.tool_calls, body.context)]
+    while stack and budget > 0:
+        value, depth = stack.pop()
+        budget -= 1
+        if isinstance(value, (str, bytes, bytearray)):
+            total += len(value)
+        elif isinstance(value, (dict, list, tuple)):
+            total += 16 * len(value)  # each element costs at least a few bytes
+            if depth < _ESTIMATE_DEPTH:
+                children = value.values() if isinstance(value, dict) else value
+                stack.extend((child, depth + 1) for child in itertools.islice(children, 64))
     return total
 
 
-def _shallow_size(value: object) -> int:
-    if isinstance(value, (str, bytes, bytearray)):
-        return len(value)
-    if isinstance(value, (dict, list, tuple)):
-        return 8 * len(value)
-    return 8
+def _incarnation(stored: CheckpointHeader) -> str | None:
+    parsed = _ids.parse_checkpoint_id(stored.checkpoint_id)
+    return None if parsed is None else parsed[1]
+
+
+def _spawn(run: Callable[[], Coroutine[Any, Any, None]]) -> object:
+    """Start ``run`` as a background task of the current event loop; return a handle to keep."""
+    library = sniffio.current_async_library()
+    if library == "trio":
+        import trio
+
+        trio.lowlevel.spawn_system_task(run)
+        return None
+    if library != "asyncio":
+        raise ConfigurationError(f"unsupported async library {library!r}")
+    import asyncio
+
+    return asyncio.get_running_loop().create_task(run())
 
 
 def _status(value: str, key: str) -> CheckpointStatus:
@@ -721,6 +771,10 @@ def _sequence(name: str, value: object) -> list[Any]:
 def _text(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise ValidationError(f"{name} must be a str, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValidationError(f"{name} must be valid unicode (it has a lone surrogate)") from exc
     return value
 
 

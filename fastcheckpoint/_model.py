@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
 import msgspec
+
+from fastcheckpoint.errors import ValidationError
 
 __all__ = [
     "Checkpoint",
@@ -75,25 +78,20 @@ class CheckpointMetadata(msgspec.Struct, frozen=True):
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CheckpointMetadata:
+    def from_dict(cls, data: Mapping[str, Any]) -> CheckpointMetadata:
         """Accepts what :meth:`to_dict` returns, and FastAgentic's metadata dicts."""
-        created_at = float(data.get("created_at", time.time()))
-        ttl = data.get("ttl_seconds")
-        expires_at = data.get("expires_at")
-        if expires_at is None and ttl is not None:
-            expires_at = created_at + float(ttl)
-        return cls(
-            run_id=data["run_id"],
-            checkpoint_id=data.get("checkpoint_id", ""),
-            sequence=int(data.get("sequence", 0)),
-            created_at=created_at,
-            status=CheckpointStatus(data.get("status", CheckpointStatus.ACTIVE.value)),
-            step_name=data.get("step_name", "") or "",
-            parent_id=data.get("parent_id"),
-            tags=list(data.get("tags") or []),
-            ttl_seconds=ttl,
-            expires_at=expires_at,
-        )
+        if not isinstance(data, Mapping):
+            raise ValidationError(f"metadata must be a dict, got {type(data).__name__}")
+        fields = dict(data)
+        fields.setdefault("created_at", time.time())
+        try:
+            metadata = msgspec.convert(fields, cls)
+        except msgspec.ValidationError as exc:
+            raise ValidationError(f"invalid checkpoint metadata: {exc}") from exc
+        if metadata.expires_at is None and metadata.ttl_seconds is not None:
+            expires_at = metadata.created_at + metadata.ttl_seconds
+            metadata = msgspec.structs.replace(metadata, expires_at=expires_at)
+        return metadata
 
 
 class Checkpoint(msgspec.Struct):
@@ -127,14 +125,21 @@ class Checkpoint(msgspec.Struct):
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Checkpoint:
-        return cls(
+    def from_dict(cls, data: Mapping[str, Any]) -> Checkpoint:
+        if not isinstance(data, Mapping) or "metadata" not in data:
+            raise ValidationError("a checkpoint dict needs a 'metadata' entry")
+        checkpoint = cls(
             metadata=CheckpointMetadata.from_dict(data["metadata"]),
             state=data.get("state") or {},
             messages=data.get("messages") or [],
             tool_calls=data.get("tool_calls") or [],
             context=data.get("context") or {},
         )
+        for name, kind in (("state", dict), ("messages", list), ("tool_calls", list),
+                           ("context", dict)):
+            if not isinstance(getattr(checkpoint, name), kind):
+                raise ValidationError(f"checkpoint {name} must be a {kind.__name__}")
+        return checkpoint
 
     def to_json(self) -> str:
         """JSON text (``bytes`` as base64, ``datetime`` as RFC 3339, UUID as text)."""

@@ -106,10 +106,17 @@ class ForwardingStore:
         return await self.inner.get_run(run_key, now=now)
 
     async def update_run(
-        self, run_key: str, *, version: int, status: str, data: bytes, now: float
+        self,
+        run_key: str,
+        *,
+        incarnation: str,
+        version: int,
+        status: str,
+        data: bytes,
+        now: float,
     ) -> RunRecord:
         return await self.inner.update_run(
-            run_key, version=version, status=status, data=data, now=now
+            run_key, incarnation=incarnation, version=version, status=status, data=data, now=now
         )
 
     async def list_runs(

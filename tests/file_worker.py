@@ -5,6 +5,9 @@
     python file_worker.py crash ROOT RUN_ID N               append 3, then SIGKILL itself just
                                                             before the N-th file-system change
                                                             of the 4th append (keep_latest=2)
+    python file_worker.py crash-delete ROOT RUN_ID N        append 3, then SIGKILL itself just
+                                                            before the N-th file-system change
+                                                            of deleting checkpoint 1
 
 Each acknowledged append prints its sequence on a line of its own, after ``append`` returned.
 """
@@ -99,9 +102,25 @@ async def _crash(root: str, run_id: str, number: int) -> None:
     print("survived", flush=True)
 
 
+async def _crash_delete(root: str, run_id: str, number: int) -> None:
+    store = FileStore(root)
+    for _ in range(3):
+        print(await _append_next(store, run_id, "forever"), flush=True)
+    key = _ids.run_key(run_id)
+    run = await store.get_run(key, now=time.time())
+    assert run is not None
+    checkpoint_id = _ids.checkpoint_id(key, run.incarnation, 1)
+    _die_before_change(number)
+    assert await store.delete(key, 1, checkpoint_id=checkpoint_id)
+    print("survived", flush=True)
+
+
 async def _main(mode: str, root: str, run_id: str, count: int, worker: str) -> None:
     if mode == "crash":
         await _crash(root, run_id, count)
+        return
+    if mode == "crash-delete":
+        await _crash_delete(root, run_id, count)
         return
     store = FileStore(root)
     appended = 0
@@ -115,6 +134,6 @@ async def _main(mode: str, root: str, run_id: str, count: int, worker: str) -> N
 
 if __name__ == "__main__":
     mode, root, run_id = sys.argv[1:4]
-    count = int(sys.argv[4]) if mode in ("append", "crash") else 0
+    count = int(sys.argv[4]) if mode in ("append", "crash", "crash-delete") else 0
     worker = sys.argv[5] if mode == "append" else "forever"
     anyio.run(_main, mode, root, run_id, count, worker)

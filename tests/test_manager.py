@@ -320,7 +320,7 @@ def test_fastagentic_style_metadata_reports_is_expired() -> None:
 
 async def test_fastagentic_names_and_call_shapes_work() -> None:
     assert InMemoryCheckpointStore is MemoryStore
-    assert FileCheckpointStore is FileStore
+    assert issubclass(FileCheckpointStore, FileStore)
     manager = CheckpointManager(
         InMemoryCheckpointStore(),
         config=CheckpointConfig(

@@ -93,7 +93,12 @@ class ModelRun:
     ids: dict[int, str] = field(default_factory=dict)  # every id this incarnation handed out
 
     def live(self, now: float) -> bool:
-        return _live(self.expires_at, now)
+        """A run lives while a checkpoint it holds does: none held means gone."""
+        if not self.held:
+            return False
+        if any(c.expires_at is None for c in self.held.values()):
+            return True
+        return now < max(c.expires_at for c in self.held.values() if c.expires_at is not None)
 
     def live_checkpoints(self, now: float) -> list[ModelCheckpoint]:
         """Newest first."""

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from fastcheckpoint.errors import ConfigurationError
 from fastcheckpoint.stores._base import (
+    EMPTY_RUN,
     CheckpointHeader,
     CheckpointStore,
     Item,
@@ -19,6 +20,7 @@ from fastcheckpoint.stores._base import (
 )
 
 __all__ = [
+    "EMPTY_RUN",
     "CheckpointHeader",
     "CheckpointStore",
     "Item",

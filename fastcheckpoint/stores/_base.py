@@ -30,6 +30,7 @@ from typing import Protocol, runtime_checkable
 import msgspec
 
 __all__ = [
+    "EMPTY_RUN",
     "CheckpointHeader",
     "CheckpointStore",
     "Item",
@@ -74,9 +75,11 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     checkpoint_count: int
     """Checkpoints held (expired ones count until purged)."""
     expires_at: float | None
-    """The latest ``expires_at`` of any checkpoint appended; ``None`` if one never expires."""
+    """The latest ``expires_at`` of the checkpoints it holds (``None`` if one never expires);
+    ``EMPTY_RUN`` (0.0, long past) once it holds none, so an emptied run counts as expired."""
     version: int = 0
-    """Bumped by every ``update_run``; the compare-and-set token. Appends leave it alone."""
+    """Bumped by every ``update_run``; with ``incarnation`` the compare-and-set token. Appends
+    leave it alone."""
     data: bytes = b""
     """Manager-encoded run details (error, approvals, history). Opaque to stores."""
 
@@ -89,6 +92,10 @@ class Item(msgspec.Struct, frozen=True, kw_only=True):
     owner: int | None = None
     """Sequence of the checkpoint this item belongs to: deleted whenever that checkpoint is."""
     expires_at: float | None = None
+
+
+EMPTY_RUN = 0.0
+"""``RunRecord.expires_at`` of a run whose last checkpoint was removed: expired since 1970."""
 
 
 def is_live(expires_at: float | None, now: float) -> bool:
@@ -142,6 +149,11 @@ class CheckpointStore(Protocol):
        their checkpoint. Afterwards the run holds at most ``keep_latest`` live checkpoints and
        they are its newest live ones. Work is amortised O(1) per append; payloads are never read.
 
+    Whenever checkpoints are removed (pruning, ``delete``, purging) the run's ``expires_at`` is
+    kept equal to the latest expiry among the checkpoints it still holds (``None`` if one never
+    expires), and becomes ``EMPTY_RUN`` when it holds none: a run never outlives its data, and
+    one whose checkpoints are all gone disappears like an expired one.
+
     Returns the run's status after the append. Either all of this happens or none of it.
 
     ``get`` / ``latest`` return ``(checkpoint, run_status)`` for a live checkpoint, ``None``
@@ -159,8 +171,8 @@ class CheckpointStore(Protocol):
     Runs
     ----
     ``get_run`` returns the live run record or ``None``. ``update_run`` replaces ``status`` and
-    ``data`` only if the record's ``version`` still equals ``version`` (else
-    :class:`ConflictError`; ``CheckpointNotFound`` when no live run), bumps ``version``, sets
+    ``data`` only if the record's ``incarnation`` and ``version`` still equal the ones given
+    (else :class:`ConflictError`; ``CheckpointNotFound`` when no live run), bumps ``version``, sets
     ``updated_at = now``, and never touches checkpoints or their expiry. ``list_runs`` pages
     live runs newest-created first, filtered by status, with an opaque cursor; ``count_runs``
     counts live runs. Neither reads checkpoints.
@@ -217,7 +229,14 @@ class CheckpointStore(Protocol):
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None: ...
 
     async def update_run(
-        self, run_key: str, *, version: int, status: str, data: bytes, now: float
+        self,
+        run_key: str,
+        *,
+        incarnation: str,
+        version: int,
+        status: str,
+        data: bytes,
+        now: float,
     ) -> RunRecord: ...
 
     async def list_runs(

@@ -13,23 +13,28 @@ Layout under the root (directories 0700, files 0600)::
 
 Every record file is written in ``tmp/``, fsync'd, renamed into place and its directory
 fsync'd (``fsync=False`` skips the fsyncs); markers are empty files created in place.
-``run.rec`` is the commit point of the run: a checkpoint file above its ``latest_sequence`` or
-below its ``low`` mark is a leftover of an interrupted write or prune, invisible to reads and
-replaced or removed later. Writers of a run hold its lock, so sequences stay unique and
-gap-free across processes; readers take no lock and read through a directory descriptor, so a
-concurrent ``delete_run`` (a rename into ``trash/``) cannot mix two incarnations of a run into
-one answer. POSIX only (``fcntl.flock``); one host (no NFS).
+``run.rec`` is the commit point of the run. It also holds what keeps pruning O(1): the count
+of checkpoints that never expire and a sorted index of ``(expires_at, sequence)`` of the ones
+that do, so expired checkpoints and the run's own expiry are found without reading checkpoint
+files. Checkpoints are removed by committing a ``run.rec`` without them, which lists them as
+``removing`` (hidden from reads), and unlinking their files afterwards; a failed or interrupted
+unlink is retried by the run's next writer or by ``purge_expired``. A checkpoint file above
+``latest_sequence`` is a leftover of an interrupted write, invisible and replaced later.
+Writers of a run hold its lock, so sequences stay unique and gap-free across processes; readers
+take no lock and read through a directory descriptor, so a concurrent ``delete_run`` (a rename
+into ``trash/``) cannot mix two incarnations of a run into one answer. POSIX only
+(``fcntl.flock``); one host (no NFS).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import contextlib
 import errno
 import fcntl
 import functools
-import itertools
 import logging
 import math
 import os
@@ -39,6 +44,7 @@ import stat
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -56,12 +62,12 @@ from fastcheckpoint.errors import (
     ValidationError,
 )
 from fastcheckpoint.stores._base import (
+    EMPTY_RUN,
     CheckpointHeader,
     Item,
     RunRecord,
     StoredCheckpoint,
     is_live,
-    latest_expiry,
 )
 
 __all__ = ["MAX_ITEM_KEY_BYTES", "FileCheckpointStore", "FileStore"]
@@ -108,13 +114,15 @@ class _RunState(msgspec.Struct, frozen=True, kw_only=True):
     run: RunRecord | None = None
     """``None`` while the run directory holds only items."""
     low: int = 0
-    """Every checkpoint below this sequence has been removed; a file there is a leftover."""
-    ordered: bool = True
-    """Held checkpoints expire in sequence order, so the expired ones are a prefix from ``low``."""
-    last_expiry: float | None = None
-    """``expires_at`` of the newest appended checkpoint."""
-    next_expiry: float | None = None
-    """No held checkpoint expires before this (a lower bound; ``None``: none expires)."""
+    """Every checkpoint below this sequence has been removed."""
+    immortal: int = 0
+    """Held checkpoints that never expire."""
+    expiring: tuple[tuple[float, int], ...] = ()
+    """``(expires_at, sequence)`` of every held checkpoint that expires, ascending: the next to
+    expire first, the latest expiry last. ``checkpoint_count == immortal + len(expiring)``."""
+    removing: tuple[int, ...] = ()
+    """Removed checkpoints whose files may still be there: hidden from reads, unlinked after
+    the commit, and again by the next writer if that failed."""
     items_next_expiry: float | None = None
     """No item expires before this (a lower bound; ``None``: none expires)."""
 
@@ -228,14 +236,88 @@ def _earliest(first: float | None, second: float | None) -> float | None:
     return min(first, second)
 
 
-def _not_before(later: float | None, earlier: float | None) -> bool:
-    if later is None:
-        return True
-    return earlier is not None and later >= earlier
-
-
 def _due(next_expiry: float | None, now: float) -> bool:
     return next_expiry is not None and next_expiry <= now
+
+
+class _Ledger:
+    """A run's bookkeeping while a writer changes it under the run lock.
+
+    ``removed`` collects the checkpoints this operation removes; ``state()`` is the ``run.rec``
+    to commit, with the count and the run's expiry recomputed from what the run still holds.
+    """
+
+    def __init__(self, state: _RunState, run: RunRecord, leftovers: Sequence[int]) -> None:
+        self.base = state
+        self.run = run
+        self.low = state.low
+        self.immortal = state.immortal
+        self.expiring = list(state.expiring)
+        self.removed: list[int] = []
+        self.leftovers = list(leftovers)
+        """Removed earlier, files still there: carried in ``removing`` until they are gone."""
+
+    @property
+    def held(self) -> int:
+        return self.immortal + len(self.expiring)
+
+    def hidden(self) -> set[int]:
+        return {*self.removed, *self.leftovers}
+
+    def add(self, sequence: int, expires_at: float | None) -> None:
+        if expires_at is None:
+            self.immortal += 1
+        else:
+            bisect.insort(self.expiring, (expires_at, sequence))
+
+    def remove(self, sequence: int, expires_at: float | None) -> None:
+        if expires_at is None:
+            self.immortal = max(self.immortal - 1, 0)
+        else:
+            index = bisect.bisect_left(self.expiring, (expires_at, sequence))
+            if index < len(self.expiring) and self.expiring[index] == (expires_at, sequence):
+                del self.expiring[index]
+        self.removed.append(sequence)
+
+    def remove_expired(self, now: float, limit: int | None = None) -> None:
+        """The held checkpoints expired at ``now`` (up to ``limit``), soonest first."""
+        count = 0
+        while count < len(self.expiring) and self.expiring[count][0] <= now:
+            if limit is not None and count >= limit:
+                break
+            count += 1
+        self.removed += [sequence for _, sequence in self.expiring[:count]]
+        del self.expiring[:count]
+
+    def state(self) -> _RunState:
+        gone = set(self.removed)
+        low = self.low
+        while low in gone:
+            low += 1
+        if self.immortal == 0:
+            # Only checkpoints that expire are held, and the index knows all of them.
+            lowest = min((sequence for _, sequence in self.expiring), default=None)
+            low = max(low, self.run.latest_sequence + 1 if lowest is None else lowest)
+        run = msgspec.structs.replace(
+            self.run,
+            checkpoint_count=self.held,
+            expires_at=_held_expiry(self.immortal, self.expiring),
+        )
+        return msgspec.structs.replace(
+            self.base,
+            run=run,
+            low=low,
+            immortal=self.immortal,
+            expiring=tuple(self.expiring),
+            removing=tuple(sorted({*self.leftovers, *self.removed})),
+        )
+
+
+def _held_expiry(immortal: int, expiring: Sequence[tuple[float, int]]) -> float | None:
+    """A run's expiry from what it holds: never while one never expires, else the latest."""
+    if immortal:
+        return None
+    return expiring[-1][0] if expiring else EMPTY_RUN
 
 
 # -- record files -----------------------------------------------------------------------------
@@ -429,6 +511,23 @@ def _remove_tree(path: str) -> None:
         os.rmdir(path)
 
 
+def _log_leftover(path: str, exc: OSError) -> None:
+    logger.warning(
+        "file store: cleanup of %s failed after the commit, left for a later sweep: %s",
+        exc.filename or path,
+        exc.strerror or exc,
+    )
+
+
+@contextlib.contextmanager
+def _after_commit(path: str) -> Iterator[None]:
+    """Cleanup past a commit point: a failure is logged, never reported as the operation's."""
+    try:
+        yield
+    except OSError as exc:
+        _log_leftover(path, exc)
+
+
 def _mkdir(path: str) -> bool:
     """Create a 0700 directory; ``False`` if it already existed."""
     try:
@@ -475,8 +574,12 @@ class FileStore:
     """Checkpoints in a directory tree; see the module docstring for the layout.
 
     Costs (``n`` = checkpoints held by the run, ``k`` = requested count): ``append`` writes
-    two files (checkpoint, ``run.rec``) with four fsyncs, plus one stat/unlink per pruned
-    checkpoint; ``get`` and ``latest`` open ``run.rec`` and one checkpoint (``latest`` walks
+    two files (checkpoint, ``run.rec``) with four fsyncs, plus one unlink per pruned
+    checkpoint, one head read per pruned checkpoint that never expires, and one ``lstat`` per
+    checkpoint the run's previous write removed (to finish a removal that failed). ``run.rec``
+    grows by about 15 bytes per held checkpoint that expires: at most ``keep_latest`` of them
+    with pruning, else the live ones (expired ones leave it on the next append). ``get`` and
+    ``latest`` open ``run.rec`` and one checkpoint (``latest`` walks
     down only past deleted or expired newest ones); ``headers`` reads ``run.rec`` and the
     first 4 KiB of about ``k`` checkpoint files, never payloads; ``update_run`` rewrites
     ``run.rec`` (and moves one index marker on a status change); ``list_runs`` lists the status
@@ -525,7 +628,7 @@ class FileStore:
         return cls(path, fsync=_parse_bool("fsync", settings.get("fsync", True)))
 
     def __repr__(self) -> str:
-        return f"FileStore({self._root!r}, fsync={self._fsync})"
+        return f"{type(self).__name__}({self._root!r}, fsync={self._fsync})"
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -650,8 +753,8 @@ class FileStore:
         _check_status(run.status)
         if not math.isfinite(run.created_at):
             raise ValidationError(f"run created_at must be finite, got {run.created_at}")
-        if keep_latest is not None and keep_latest < 0:
-            raise ValidationError(f"keep_latest must be None or >= 0, got {keep_latest}")
+        if keep_latest is not None and (isinstance(keep_latest, bool) or keep_latest < 1):
+            raise ValidationError(f"keep_latest must be None or >= 1, got {keep_latest!r}")
         return await self._call(self._append, run_key, record, run, keep_latest, now)
 
     def _append(
@@ -662,57 +765,47 @@ class FileStore:
         keep_latest: int | None,
         now: float,
     ) -> str:
-        run_dir = self._run_dir(run_key)
         with self._locked(run_key):
             state = self._read_state(run_key)
             stored = state.run if state is not None else None
             current = stored if stored is not None and is_live(stored.expires_at, now) else None
             _check_sequence(run_key, record, seed, current)
-            if current is None:
-                base = self._start_run(run_key, state, seed, record, now)
+            if state is None or stored is None or current is None:
+                ledger = self._start_run(run_key, state, seed)
             else:
-                base = _grown(state or _RunState(), current, record, now)
-            self._ensure_dir(os.path.join(run_dir, _CHECKPOINTS))
+                ledger = _Ledger(state, current, self._retry_removals(run_key, state))
+            ledger.run = msgspec.structs.replace(
+                ledger.run, latest_sequence=record.sequence, updated_at=now
+            )
+            ledger.add(record.sequence, record.expires_at)
+            self._ensure_dir(os.path.join(self._run_dir(run_key), _CHECKPOINTS))
             self._write_checkpoint(run_key, record)
-            pruned, doomed = self._plan_prune(run_key, base, now, keep_latest, budget=None)
-            assert pruned.run is not None
+            ledger.remove_expired(now)
+            if keep_latest is not None:
+                self._remove_oldest(run_key, ledger, keep_latest)
+            committed = ledger.state()
+            assert committed.run is not None
             if current is None:
-                self._index_add(run_key, pruned.run)
-            self._commit(run_key, pruned)
+                self._index_add(run_key, committed.run)
+            self._commit(run_key, committed)
             if (
                 stored is not None
                 and current is None
-                and not _same_marker(run_key, stored, pruned.run)
+                and not _same_marker(run_key, stored, committed.run)
             ):
-                self._index_remove(run_key, stored)
-            self._remove_checkpoints(run_key, doomed)
-            return pruned.run.status
+                marker = self._marker_path(run_key, stored)
+                with _after_commit(marker):
+                    _discard(marker)
+            self._remove_checkpoints(run_key, ledger.removed)
+            return committed.run.status
 
-    def _start_run(
-        self,
-        run_key: str,
-        state: _RunState | None,
-        seed: RunRecord,
-        record: StoredCheckpoint,
-        now: float,
-    ) -> _RunState:
-        """Clear what an expired run left and make ``seed`` the record (not committed yet)."""
+    def _start_run(self, run_key: str, state: _RunState | None, seed: RunRecord) -> _Ledger:
+        """Clear what an expired or emptied run left; ``seed`` becomes the record, uncommitted."""
         self._ensure_dir(self._run_dir(run_key))
         if state is not None and state.run is not None:
             self._discard_checkpoints(run_key)
-        run = msgspec.structs.replace(
-            seed,
-            latest_sequence=record.sequence,
-            checkpoint_count=1,
-            updated_at=now,
-            expires_at=record.expires_at,
-        )
-        return _RunState(
-            run=run,
-            last_expiry=record.expires_at,
-            next_expiry=record.expires_at,
-            items_next_expiry=state.items_next_expiry if state is not None else None,
-        )
+        fresh = _RunState(items_next_expiry=state.items_next_expiry if state is not None else None)
+        return _Ledger(fresh, seed, ())
 
     def _write_checkpoint(self, run_key: str, record: StoredCheckpoint) -> None:
         meta = _CheckpointMeta(
@@ -726,23 +819,29 @@ class FileStore:
         self._write_file(run_key, os.path.join(directory, _sequence_name(record.sequence)), data)
         self._sync_dir(directory)
 
-    def _plan_prune(
-        self,
-        run_key: str,
-        state: _RunState,
-        now: float,
-        keep_latest: int | None,
-        budget: _Budget | None,
-    ) -> tuple[_RunState, list[int]]:
-        """Choose the checkpoints to remove; they are unlinked only after the commit."""
-        doomed: list[int] = []
-        if _due(state.next_expiry, now):
-            find = self._expired_prefix if state.ordered else self._expired_scan
-            state, doomed = find(run_key, state, now, budget)
-        if keep_latest is not None:
-            state, oldest = self._overflow(run_key, state, keep_latest, set(doomed))
-            doomed += oldest
-        return state, doomed
+    def _remove_oldest(self, run_key: str, ledger: _Ledger, keep_latest: int) -> None:
+        """Remove the oldest held checkpoints beyond ``keep_latest``, walking up from ``low``.
+
+        Each sequence is passed once (``low`` moves past it); the index names the ones that
+        expire, so only a checkpoint that never expires has its head read.
+        """
+        if ledger.held <= keep_latest:
+            return
+        expiring = {sequence: expires_at for expires_at, sequence in ledger.expiring}
+        hidden = ledger.hidden()
+        sequence = ledger.low
+        # Never the newest: it was just written and is always kept.
+        while ledger.held > keep_latest and sequence < ledger.run.latest_sequence:
+            if sequence in expiring:
+                ledger.remove(sequence, expiring[sequence])
+            elif sequence not in hidden:
+                meta = self._peek(run_key, sequence)
+                if meta is True or (isinstance(meta, _CheckpointMeta) and meta.expires_at is None):
+                    ledger.remove(sequence, None)  # never expires (or unreadable: counted so)
+                elif isinstance(meta, _CheckpointMeta):
+                    ledger.removed.append(sequence)  # expiring but unindexed: not held, a leftover
+            sequence += 1
+        ledger.low = max(ledger.low, sequence)
 
     def _peek(self, run_key: str, sequence: int) -> _CheckpointMeta | bool:
         """Metadata of a checkpoint for cleanup; else whether a (corrupt, logged) file is there."""
@@ -758,113 +857,30 @@ class FileStore:
             found.sequence, found.checkpoint_id, found.created_at, found.expires_at
         )
 
-    def _expired_prefix(
-        self, run_key: str, state: _RunState, now: float, budget: _Budget | None
-    ) -> tuple[_RunState, list[int]]:
-        """Expiry follows sequence order: walk up from ``low`` to the first live checkpoint."""
-        assert state.run is not None
-        doomed: list[int] = []
-        low: int | None = None
-        next_expiry: float | None = None
-        sequence = state.low
-        while sequence <= state.run.latest_sequence:
-            if budget is not None and len(doomed) >= budget.left:
-                next_expiry = state.next_expiry
-                low = sequence if low is None else low
-                break
-            meta = self._peek(run_key, sequence)
-            if isinstance(meta, bool):
-                # A gap, or a corrupt file: that one is kept, so low cannot pass it.
-                low = sequence if meta and low is None else low
-            elif is_live(meta.expires_at, now):
-                next_expiry = meta.expires_at
-                low = sequence if low is None else low
-                break
-            else:
-                doomed.append(sequence)
-            sequence += 1
-        run = msgspec.structs.replace(
-            state.run, checkpoint_count=max(state.run.checkpoint_count - len(doomed), 0)
-        )
-        new_low = sequence if low is None else low
-        return msgspec.structs.replace(state, run=run, low=new_low, next_expiry=next_expiry), doomed
+    def _checkpoint_path(self, run_key: str, sequence: int) -> str:
+        return os.path.join(self._run_dir(run_key), _CHECKPOINTS, _sequence_name(sequence))
 
-    def _expired_scan(
-        self, run_key: str, state: _RunState, now: float, budget: _Budget | None
-    ) -> tuple[_RunState, list[int]]:
-        """Expiry out of sequence order: read the metadata of every held checkpoint."""
-        assert state.run is not None
-        held = self._held_sequences(run_key, state)
-        doomed: list[int] = []
-        kept: list[tuple[int, float | None]] = []
-        exact = True
-        for sequence in held:
-            if budget is not None and len(doomed) >= budget.left:
-                exact = False
-                kept.append((sequence, now))  # unread: assume it may be due
-                continue
-            meta = self._peek(run_key, sequence)
-            if isinstance(meta, bool):
-                # Unreadable: kept, and not rescanned for it on every append.
-                kept.append((sequence, None))
-            elif is_live(meta.expires_at, now):
-                kept.append((sequence, meta.expires_at))
-            else:
-                doomed.append(sequence)
-        expiries = [expiry for _, expiry in kept]
-        ordered = exact and all(
-            _not_before(later, earlier) for earlier, later in itertools.pairwise(expiries)
-        )
-        next_expiry = state.next_expiry if not exact else _min_expiry(expiries)
-        run = msgspec.structs.replace(state.run, checkpoint_count=len(kept))
-        low = kept[0][0] if kept else state.run.latest_sequence + 1
-        rebuilt = msgspec.structs.replace(
-            state, run=run, low=low, ordered=ordered, next_expiry=next_expiry
-        )
-        return rebuilt, doomed
+    def _retry_removals(self, run_key: str, state: _RunState) -> list[int]:
+        """Finish removals an earlier operation committed but could not unlink; what is left."""
+        pending = [s for s in state.removing if os.path.lexists(self._checkpoint_path(run_key, s))]
+        return self._remove_checkpoints(run_key, pending) if pending else []
 
-    def _overflow(
-        self, run_key: str, state: _RunState, keep_latest: int, doomed: set[int]
-    ) -> tuple[_RunState, list[int]]:
-        """The oldest checkpoints beyond ``keep_latest``, walking up from ``low``."""
-        assert state.run is not None
-        held = state.run.checkpoint_count
-        oldest: list[int] = []
-        sequence = state.low
-        while held > keep_latest and sequence <= state.run.latest_sequence:
-            if sequence not in doomed and self._holds(run_key, sequence):
-                oldest.append(sequence)
-                held -= 1
-            sequence += 1
-        if not oldest:
-            return state, oldest
-        run = msgspec.structs.replace(state.run, checkpoint_count=held)
-        return msgspec.structs.replace(state, run=run, low=max(state.low, sequence)), oldest
+    def _remove_checkpoints(self, run_key: str, sequences: Sequence[int]) -> list[int]:
+        """Unlink committed removals, owned items first; returns those that failed (logged).
 
-    def _holds(self, run_key: str, sequence: int) -> bool:
-        path = os.path.join(self._run_dir(run_key), _CHECKPOINTS, _sequence_name(sequence))
-        return os.path.lexists(path)
-
-    def _held_sequences(self, run_key: str, state: _RunState) -> list[int]:
-        """Sequences of checkpoint files between ``low`` and ``latest_sequence``, ascending."""
-        assert state.run is not None
-        files = _Dir(self._run_dir(run_key))
-        held: list[int] = []
-        for name in files.listdir(_CHECKPOINTS):
-            sequence = _sequence_of_name(name)
-            if sequence is None:
-                logger.warning(
-                    "file store: skipping foreign file %s", files.path_of(f"{_CHECKPOINTS}/{name}")
-                )
-            elif state.low <= sequence <= state.run.latest_sequence:
-                held.append(sequence)
-        return sorted(held)
-
-    def _remove_checkpoints(self, run_key: str, sequences: Sequence[int]) -> None:
-        directory = os.path.join(self._run_dir(run_key), _CHECKPOINTS)
+        Runs after a commit, so a failure never fails the operation: the checkpoint stays
+        hidden (listed in ``removing``) and its file marks the removal as unfinished.
+        """
+        failed: list[int] = []
         for sequence in sequences:
-            self._remove_owned_items(run_key, sequence)
-            _discard(os.path.join(directory, _sequence_name(sequence)))
+            path = self._checkpoint_path(run_key, sequence)
+            try:
+                self._remove_owned_items(run_key, sequence)
+                _discard(path)
+            except OSError as exc:
+                _log_leftover(path, exc)
+                failed.append(sequence)
+        return failed
 
     def _remove_owned_items(self, run_key: str, sequence: int) -> int:
         run_dir = self._run_dir(run_key)
@@ -915,7 +931,7 @@ class FileStore:
             run = _live_run(state, now)
             if files is None or state is None or run is None:
                 return None
-            if not state.low <= sequence <= run.latest_sequence:
+            if not state.low <= sequence <= run.latest_sequence or sequence in state.removing:
                 return None
             found = files.checkpoint(sequence, now, payload=True)
             return (found, run.status) if isinstance(found, StoredCheckpoint) else None
@@ -968,6 +984,8 @@ class FileStore:
             for sequence in range(top, state.low - 1, -1):
                 if len(found) >= limit:
                     break
+                if sequence in state.removing:
+                    continue
                 try:
                     header = files.checkpoint(
                         sequence, now, payload=False, include_expired=include_expired
@@ -990,19 +1008,23 @@ class FileStore:
                 return False
             if not state.low <= sequence <= state.run.latest_sequence:
                 return False
+            if sequence in state.removing:
+                return False
             files = _Dir(self._run_dir(run_key))
             found = files.checkpoint(sequence, 0.0, payload=False, include_expired=True)
             if found is None or found.checkpoint_id != checkpoint_id:
                 return False
-            self._remove_checkpoints(run_key, [sequence])
-            self._sync_dir(files.path_of(_CHECKPOINTS))
-            # Unlinked before the count drops: a crash in between leaves the count one high,
-            # never a deleted checkpoint that comes back.
-            run = msgspec.structs.replace(
-                state.run, checkpoint_count=max(state.run.checkpoint_count - 1, 0)
-            )
-            low = state.low + 1 if sequence == state.low else state.low
-            self._commit(run_key, msgspec.structs.replace(state, run=run, low=low))
+            ledger = _Ledger(state, state.run, self._retry_removals(run_key, state))
+            ledger.remove(sequence, found.expires_at)
+            # Committed first, unlinked after: a crash in between leaves the file hidden by
+            # ``removing`` until the next writer unlinks it, never a checkpoint that comes back.
+            self._commit(run_key, ledger.state())
+            if not self._remove_checkpoints(run_key, ledger.removed):
+                # Durable before a later commit drops it from ``removing``: unlike pruned
+                # checkpoints (below ``low``, or expired), nothing else would hide it.
+                directory = files.path_of(_CHECKPOINTS)
+                with _after_commit(directory):
+                    self._sync_dir(directory)
             return True
 
     async def delete_run(self, run_key: str) -> int:
@@ -1016,18 +1038,15 @@ class FileStore:
             except CorruptCheckpointError as exc:
                 logger.warning("file store: deleting run with corrupt record %s: %s", exc.key, exc)
                 state = None
-            removed = self._count_held(run_key, state)
             trash = self._move_to_trash(run_key)
             if state is not None and state.run is not None:
-                self._index_remove(run_key, state.run)
+                marker = self._marker_path(run_key, state.run)
+                with _after_commit(marker):
+                    _discard(marker)
         if trash is not None:
-            _remove_tree(trash)
-        return removed
-
-    def _count_held(self, run_key: str, state: _RunState | None) -> int:
-        if state is None or state.run is None:
-            return 0
-        return len(self._held_sequences(run_key, state))
+            with _after_commit(trash):
+                _remove_tree(trash)
+        return _held(state)
 
     def _move_to_trash(self, run_key: str) -> str | None:
         """Take the run directory out of ``runs/`` in one rename: the commit of a removal."""
@@ -1049,35 +1068,45 @@ class FileStore:
         return _live_run(_Dir(self._run_dir(run_key)).state(), now)
 
     async def update_run(
-        self, run_key: str, *, version: int, status: str, data: bytes, now: float
+        self,
+        run_key: str,
+        *,
+        incarnation: str,
+        version: int,
+        status: str,
+        data: bytes,
+        now: float,
     ) -> RunRecord:
         _check_run_key(run_key)
         _check_status(status)
-        return await self._call(self._update_run, run_key, version, status, data, now)
+        return await self._call(self._update_run, run_key, incarnation, version, status, data, now)
 
     def _update_run(
-        self, run_key: str, version: int, status: str, data: bytes, now: float
+        self, run_key: str, incarnation: str, version: int, status: str, data: bytes, now: float
     ) -> RunRecord:
         with self._locked(run_key):
             state = self._read_state(run_key)
             run = _live_run(state, now)
             if state is None or run is None:
                 raise CheckpointNotFound(f"no live run with key {run_key}")
-            if run.version != version:
+            if (run.incarnation, run.version) != (incarnation, version):
                 raise ConflictError(
-                    f"run {run_key} changed concurrently (version {run.version}, "
-                    f"expected {version})"
+                    f"run {run_key} changed concurrently (now {run.incarnation}/{run.version}, "
+                    f"expected {incarnation}/{version})"
                 )
             updated = msgspec.structs.replace(
                 run, status=status, data=data, version=version + 1, updated_at=now
             )
-            # New marker before the commit, old one after: a crash leaves a stale marker
-            # (filtered by list_runs, removed by purge_expired), never a run without one.
+            # New marker before the commit, old one after: a crash or a failed unlink leaves a
+            # stale marker (filtered by list_runs, removed by purge_expired), never a run
+            # without one.
             if status != run.status:
                 self._index_add(run_key, updated)
             self._commit(run_key, msgspec.structs.replace(state, run=updated))
             if status != run.status:
-                self._index_remove(run_key, run)
+                marker = self._marker_path(run_key, run)
+                with _after_commit(marker):
+                    _discard(marker)
             return updated
 
     def _index_add(self, run_key: str, run: RunRecord) -> None:
@@ -1087,9 +1116,8 @@ class FileStore:
         os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._sync_dir(directory)
 
-    def _index_remove(self, run_key: str, run: RunRecord) -> None:
-        directory = os.path.join(self._index, _status_dir_name(run.status))
-        _discard(os.path.join(directory, _marker_name(run_key, run)))
+    def _marker_path(self, run_key: str, run: RunRecord) -> str:
+        return os.path.join(self._index, _status_dir_name(run.status), _marker_name(run_key, run))
 
     def _markers(self, status: str | None) -> list[tuple[str, str]]:
         """``(marker, status directory)`` of indexed runs, newest created first."""
@@ -1361,7 +1389,7 @@ class FileStore:
         if run is not None:
             marker = os.path.join(_status_dir_name(run.status), _marker_name(run_key, run))
             indexed[run_key] = marker
-        if state is not None and not _purge_due(state, now):
+        if state is not None and not self._purge_due(run_key, state, now):
             return 0
         # Due, or a directory without run.rec: decide again under the lock.
         with self._locked(run_key):
@@ -1372,42 +1400,63 @@ class FileStore:
                 return 0
             if state is None or (state.run is not None and not is_live(state.run.expires_at, now)):
                 return self._purge_whole_run(run_key, state, budget)
-            if not _purge_due(state, now):
+            if not self._purge_due(run_key, state, now):
                 return 0
             return self._purge_inside_run(run_key, state, now, budget)
 
+    def _purge_due(self, run_key: str, state: _RunState, now: float) -> bool:
+        """Something of the run expired, or a removal is unfinished."""
+        if state.run is not None and not is_live(state.run.expires_at, now):
+            return True
+        if state.run is not None and state.expiring and state.expiring[0][0] <= now:
+            return True
+        if _due(state.items_next_expiry, now):
+            return True
+        return any(os.path.lexists(self._checkpoint_path(run_key, s)) for s in state.removing)
+
     def _purge_whole_run(self, run_key: str, state: _RunState | None, budget: _Budget) -> int:
-        """Remove an expired run, or a run directory that no write ever committed."""
-        removed = self._count_held(run_key, state)
+        """Remove an expired or emptied run, or a run directory that no write ever committed."""
         trash = self._move_to_trash(run_key)
         if state is not None and state.run is not None:
-            self._index_remove(run_key, state.run)
+            marker = self._marker_path(run_key, state.run)
+            with _after_commit(marker):
+                _discard(marker)
         if trash is None:
             return 0  # removed by a concurrent purge or delete_run
         if state is None:
             logger.warning("file store: removed %s left by an interrupted first write", trash)
-        _remove_tree(trash)
+        with _after_commit(trash):
+            _remove_tree(trash)
+        removed = _held(state)
         budget.spend(max(removed, 1))
         return removed
 
     def _purge_inside_run(self, run_key: str, state: _RunState, now: float, budget: _Budget) -> int:
         """Remove the due checkpoints and items of a live run (or of an items-only one)."""
-        doomed: list[int] = []
-        if state.run is not None and _due(state.next_expiry, now):
-            state, doomed = self._plan_prune(run_key, state, now, None, budget)
-            budget.spend(len(doomed))
+        leftovers = self._retry_removals(run_key, state)
+        removed: list[int] = []
+        committed = msgspec.structs.replace(state, removing=tuple(leftovers))
+        if state.run is not None:
+            ledger = _Ledger(state, state.run, leftovers)
+            ledger.remove_expired(now, limit=budget.left)
+            budget.spend(len(ledger.removed))
+            removed = ledger.removed
+            committed = ledger.state()
         items: list[str] = []
-        if _due(state.items_next_expiry, now) and not budget.exhausted:
+        if _due(committed.items_next_expiry, now) and not budget.exhausted:
             hint, items = self._expired_items(run_key, now, budget)
-            state = msgspec.structs.replace(state, items_next_expiry=hint)
-        self._commit(run_key, state)
-        self._remove_checkpoints(run_key, doomed)
+            committed = msgspec.structs.replace(committed, items_next_expiry=hint)
+        if committed != state:
+            self._commit(run_key, committed)
+        self._remove_checkpoints(run_key, removed)
         directory = os.path.join(self._run_dir(run_key), _ITEMS)
         for name in items:
-            _discard(os.path.join(directory, name))
-        if state.run is None and not self._has_items(run_key):
-            self._purge_whole_run(run_key, state, budget)  # an items-only run, now empty
-        return len(doomed)
+            path = os.path.join(directory, name)
+            with _after_commit(path):
+                _discard(path)
+        if committed.run is None and not self._has_items(run_key):
+            self._purge_whole_run(run_key, committed, budget)  # an items-only run, now empty
+        return len(removed)
 
     def _expired_items(
         self, run_key: str, now: float, budget: _Budget
@@ -1484,29 +1533,6 @@ def _check_sequence(
         )
 
 
-def _grown(state: _RunState, run: RunRecord, record: StoredCheckpoint, now: float) -> _RunState:
-    """``state`` with ``record`` appended to the live ``run`` (before pruning)."""
-    held_before = run.checkpoint_count > 0 and state.low <= run.latest_sequence
-    grown = msgspec.structs.replace(
-        run,
-        latest_sequence=record.sequence,
-        checkpoint_count=run.checkpoint_count + 1,
-        updated_at=now,
-        expires_at=latest_expiry(run.expires_at, record.expires_at),
-    )
-    in_order = _not_before(record.expires_at, state.last_expiry)
-    return msgspec.structs.replace(
-        state,
-        run=grown,
-        low=state.low if held_before else record.sequence,
-        ordered=(state.ordered and in_order) if held_before else True,
-        last_expiry=record.expires_at,
-        next_expiry=(
-            _earliest(state.next_expiry, record.expires_at) if held_before else record.expires_at
-        ),
-    )
-
-
 def _same_marker(run_key: str, first: RunRecord, second: RunRecord) -> bool:
     return first.status == second.status and (
         _marker_name(run_key, first) == _marker_name(run_key, second)
@@ -1519,12 +1545,12 @@ def _newest_live(
     run = _live_run(state, now)
     if state is None or run is None:
         return None
-    found = files.checkpoint(run.latest_sequence, now, payload=True)
-    if isinstance(found, StoredCheckpoint):
-        return found, run.status
-    # Only past a deleted or expired newest checkpoint: walk down reading heads.
-    for sequence in range(run.latest_sequence - 1, state.low - 1, -1):
-        if files.checkpoint(sequence, now, payload=False) is None:
+    for sequence in range(run.latest_sequence, state.low - 1, -1):
+        if sequence in state.removing:
+            continue
+        # Past a deleted or expired newest checkpoint, heads first: no payload of a dead one.
+        older = sequence < run.latest_sequence
+        if older and files.checkpoint(sequence, now, payload=False) is None:
             continue
         found = files.checkpoint(sequence, now, payload=True)
         if isinstance(found, StoredCheckpoint):
@@ -1545,11 +1571,8 @@ def _min_expiry(expiries: Sequence[float | None]) -> float | None:
     return earliest
 
 
-def _purge_due(state: _RunState, now: float) -> bool:
-    if state.run is not None and not is_live(state.run.expires_at, now):
-        return True
-    checkpoints_due = state.run is not None and _due(state.next_expiry, now)
-    return checkpoints_due or _due(state.items_next_expiry, now)
+def _held(state: _RunState | None) -> int:
+    return 0 if state is None or state.run is None else state.run.checkpoint_count
 
 
 def _scan_order(
@@ -1570,5 +1593,13 @@ def _scan_order(
     return keyed
 
 
-FileCheckpointStore = FileStore
-"""FastAgentic's name for the file store (``FileCheckpointStore(base_path)``)."""
+class FileCheckpointStore(FileStore):
+    """FastAgentic's name and constructor for the file store: ``FileCheckpointStore(base_path)``."""
+
+    def __init__(self, base_path: str | os.PathLike[str], **options: Any) -> None:
+        super().__init__(base_path, **options)
+
+    @property
+    def base_path(self) -> Path:
+        """The store's directory, as FastAgentic's store exposes it."""
+        return Path(self._root)

@@ -1,15 +1,19 @@
 """In-process store: the reference implementation of the store protocol.
 
 Holds encoded bytes only, so nothing a caller does to its objects changes what is stored.
-Costs: append, get and latest are O(1) amortised (pruning pops from the old end of a sorted
-sequence list, expiry uses a heap); headers is O(log n + k); items are a sorted key list.
 Every method runs without awaiting, so each is atomic on its event loop.
+
+Costs: append, get and latest are O(1) amortised; headers is O(log n + k); pruning pops from
+the old end of a run's sequence list. Expiry is tracked per run in heaps that are compacted
+when stale entries outnumber live ones, and a store-wide heap holds one due time per run, so
+``purge_expired`` does work proportional to what expired. Runs are kept in creation order, so
+a new run is appended at the end; a status change moves one entry between per-status lists.
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
+import math
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +29,7 @@ from fastcheckpoint.errors import (
     ValidationError,
 )
 from fastcheckpoint.stores._base import (
+    EMPTY_RUN,
     CheckpointHeader,
     Item,
     RunRecord,
@@ -36,7 +41,7 @@ from fastcheckpoint.stores._base import (
 
 __all__ = ["InMemoryCheckpointStore", "MemoryStore"]
 
-_CHECKPOINT, _ITEM, _RUN = 0, 1, 2
+_NEVER = math.inf
 
 
 @dataclass
@@ -45,6 +50,18 @@ class _Run:
     sequences: list[int] = field(default_factory=list)  # ascending
     checkpoints: dict[int, StoredCheckpoint] = field(default_factory=dict)
     expiring: list[tuple[float, int]] = field(default_factory=list)  # heap of (expires_at, seq)
+    latest: list[tuple[float, int]] = field(default_factory=list)  # heap of (-expires_at, seq)
+    immortal: int = 0  # checkpoints held that never expire
+
+    def latest_finite_expiry(self) -> float:
+        """The latest expiry among held checkpoints that expire (pops stale heap entries)."""
+        while self.latest:
+            negated, sequence = self.latest[0]
+            record = self.checkpoints.get(sequence)
+            if record is not None and record.expires_at == -negated:
+                return -negated
+            heapq.heappop(self.latest)
+        return EMPTY_RUN
 
 
 @dataclass
@@ -52,20 +69,21 @@ class _Items:
     keys: list[str] = field(default_factory=list)  # sorted
     items: dict[str, Item] = field(default_factory=dict)
     owned: dict[int, set[str]] = field(default_factory=dict)  # owner sequence -> keys
+    expiring: list[tuple[float, str]] = field(default_factory=list)  # heap of (expires_at, key)
 
 
 def _order_key(record: RunRecord, run_key: str) -> tuple[float, str]:
-    return (-record.created_at, run_key)
+    return (record.created_at, run_key)
 
 
 def _make_cursor(order: tuple[float, str]) -> str:
-    return f"{-order[0]!r}/{order[1]}"
+    return f"{order[0]!r}/{order[1]}"
 
 
 def _parse_cursor(cursor: str) -> tuple[float, str]:
     created, _, run_key = cursor.partition("/")
     try:
-        return (-float(created), run_key)
+        return (float(created), run_key)
     except ValueError as exc:
         raise ValidationError(f"malformed run listing cursor {cursor!r}") from exc
 
@@ -86,8 +104,8 @@ class MemoryStore:
         self._runs: dict[str, _Run] = {}
         self._items: dict[str, _Items] = {}
         self._order: dict[str | None, list[tuple[float, str]]] = {None: []}
-        self._expiry: list[tuple[float, int, str, int, Any]] = []
-        self._tiebreak = itertools.count()
+        self._due: list[tuple[float, str]] = []  # heap: (when something of the run expires, key)
+        self._scheduled: dict[str, float] = {}  # run key -> the due time in _due that counts
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MemoryStore:
@@ -95,7 +113,7 @@ class MemoryStore:
             raise ConfigurationError(f"memory:// takes no options, got {sorted(options)}")
         return cls()
 
-    # -- internals ------------------------------------------------------------------------
+    # -- expiry bookkeeping ---------------------------------------------------------------
 
     def _live_run(self, run_key: str, now: float) -> _Run | None:
         run = self._runs.get(run_key)
@@ -103,10 +121,59 @@ class MemoryStore:
             return None
         return run
 
-    def _schedule(self, expires_at: float | None, run_key: str, kind: int, ident: Any) -> None:
-        if expires_at is not None:
-            entry = (expires_at, next(self._tiebreak), run_key, kind, ident)
-            heapq.heappush(self._expiry, entry)
+    def _next_due(self, run_key: str) -> float:
+        due = _NEVER
+        run = self._runs.get(run_key)
+        if run is not None:
+            if run.record.expires_at is not None:
+                due = run.record.expires_at
+            if run.expiring:
+                due = min(due, run.expiring[0][0])
+        space = self._items.get(run_key)
+        if space is not None and space.expiring:
+            due = min(due, space.expiring[0][0])
+        return due
+
+    def _schedule(self, run_key: str, when: float | None) -> None:
+        """Make sure the run is looked at by ``purge_expired`` no later than ``when``."""
+        if when is None or when >= self._scheduled.get(run_key, _NEVER):
+            return
+        self._scheduled[run_key] = when
+        heapq.heappush(self._due, (when, run_key))
+
+    def _reschedule(self, run_key: str) -> None:
+        self._scheduled.pop(run_key, None)
+        due = self._next_due(run_key)
+        if due != _NEVER:
+            self._schedule(run_key, due)
+
+    def _track_checkpoint_expiry(self, run_key: str, run: _Run, record: StoredCheckpoint) -> None:
+        if record.expires_at is None:
+            run.immortal += 1
+            return
+        heapq.heappush(run.expiring, (record.expires_at, record.sequence))
+        heapq.heappush(run.latest, (-record.expires_at, record.sequence))
+        if len(run.expiring) > 2 * len(run.checkpoints) + 16:
+            held = [(r.expires_at, r.sequence) for r in run.checkpoints.values()
+                    if r.expires_at is not None]
+            run.expiring = held
+            run.latest = [(-expires_at, sequence) for expires_at, sequence in held]
+            heapq.heapify(run.expiring)
+            heapq.heapify(run.latest)
+        self._schedule(run_key, record.expires_at)
+
+    def _track_item_expiry(self, run_key: str, space: _Items, item: Item) -> None:
+        if item.expires_at is None:
+            return
+        heapq.heappush(space.expiring, (item.expires_at, item.key))
+        if len(space.expiring) > 2 * len(space.items) + 16:
+            space.expiring = [
+                (i.expires_at, i.key) for i in space.items.values() if i.expires_at is not None
+            ]
+            heapq.heapify(space.expiring)
+        self._schedule(run_key, item.expires_at)
+
+    # -- run index ------------------------------------------------------------------------
 
     def _index(self, record: RunRecord, run_key: str) -> None:
         order = _order_key(record, run_key)
@@ -120,17 +187,28 @@ class MemoryStore:
             if index < len(bucket) and bucket[index] == order:
                 del bucket[index]
 
+    # -- removal --------------------------------------------------------------------------
+
     def _drop_checkpoint(self, run_key: str, run: _Run, sequence: int) -> bool:
-        if run.checkpoints.pop(sequence, None) is None:
+        record = run.checkpoints.pop(sequence, None)
+        if record is None:
             return False
         del run.sequences[bisect_left(run.sequences, sequence)]
         space = self._items.get(run_key)
         if space is not None:
             for key in list(space.owned.pop(sequence, ())):
                 _drop_item(space, key)
+        expires_at = run.record.expires_at
+        if record.expires_at is None:
+            run.immortal -= 1
+        if not run.checkpoints:
+            expires_at = EMPTY_RUN
+        elif run.immortal == 0 and record.expires_at in (None, expires_at):
+            expires_at = run.latest_finite_expiry()
         run.record = msgspec.structs.replace(
-            run.record, checkpoint_count=run.record.checkpoint_count - 1
+            run.record, checkpoint_count=run.record.checkpoint_count - 1, expires_at=expires_at
         )
+        self._schedule(run_key, expires_at)
         return True
 
     def _drop_run(self, run_key: str, *, keep_items: bool) -> int:
@@ -139,20 +217,34 @@ class MemoryStore:
         removed = 0
         if run is not None:
             self._unindex(run.record, run_key)
-            for sequence in list(run.sequences):
-                removed += self._drop_checkpoint(run_key, run, sequence)
+            space = self._items.get(run_key)
+            for sequence in run.sequences:
+                removed += 1
+                if space is not None:
+                    for key in list(space.owned.pop(sequence, ())):
+                        _drop_item(space, key)
         if not keep_items:
             self._items.pop(run_key, None)
+        self._reschedule(run_key)
         return removed
 
     def _prune(self, run_key: str, run: _Run, keep_latest: int | None, now: float) -> None:
-        while run.expiring and run.expiring[0][0] <= now:
-            _, sequence = heapq.heappop(run.expiring)
-            self._drop_checkpoint(run_key, run, sequence)
+        self._drop_expired_checkpoints(run_key, run, now, limit=None)
         if keep_latest is None:
             return
         while len(run.sequences) > keep_latest:
             self._drop_checkpoint(run_key, run, run.sequences[0])
+
+    def _drop_expired_checkpoints(
+        self, run_key: str, run: _Run, now: float, limit: int | None
+    ) -> int:
+        removed = 0
+        while run.expiring and run.expiring[0][0] <= now and (limit is None or removed < limit):
+            expires_at, sequence = heapq.heappop(run.expiring)
+            record = run.checkpoints.get(sequence)
+            if record is not None and record.expires_at == expires_at:
+                removed += self._drop_checkpoint(run_key, run, sequence)
+        return removed
 
     def _located(self, run_key: str, record: StoredCheckpoint) -> StoredCheckpoint:
         return msgspec.structs.replace(record, key=f"memory://{run_key}/{record.sequence}")
@@ -168,6 +260,8 @@ class MemoryStore:
         keep_latest: int | None,
         now: float,
     ) -> str:
+        if keep_latest is not None and (isinstance(keep_latest, bool) or keep_latest < 1):
+            raise ValidationError(f"keep_latest must be None or >= 1, got {keep_latest!r}")
         current = self._live_run(run_key, now)
         if current is None:
             if record.sequence != 0:
@@ -177,7 +271,6 @@ class MemoryStore:
                                            expires_at=record.expires_at)
             current = self._runs[run_key] = _Run(record=seed)
             self._index(seed, run_key)
-            self._schedule(seed.expires_at, run_key, _RUN, None)
         elif record.sequence != current.record.latest_sequence + 1 or (
             run.incarnation != current.record.incarnation
         ):
@@ -186,7 +279,6 @@ class MemoryStore:
                 incarnation=current.record.incarnation,
             )
         head = current.record
-        expires_at = latest_expiry(head.expires_at, record.expires_at)
         current.checkpoints[record.sequence] = msgspec.structs.replace(record, key="")
         current.sequences.append(record.sequence)
         current.record = msgspec.structs.replace(
@@ -194,13 +286,9 @@ class MemoryStore:
             latest_sequence=record.sequence,
             checkpoint_count=head.checkpoint_count + 1,
             updated_at=now,
-            expires_at=expires_at,
+            expires_at=latest_expiry(head.expires_at, record.expires_at),
         )
-        if record.expires_at is not None:
-            heapq.heappush(current.expiring, (record.expires_at, record.sequence))
-            self._schedule(record.expires_at, run_key, _CHECKPOINT, record.sequence)
-        if expires_at != head.expires_at:
-            self._schedule(expires_at, run_key, _RUN, None)
+        self._track_checkpoint_expiry(run_key, current, record)
         self._prune(run_key, current, keep_latest, now)
         return current.record.status
 
@@ -266,14 +354,22 @@ class MemoryStore:
         return None if run is None else run.record
 
     async def update_run(
-        self, run_key: str, *, version: int, status: str, data: bytes, now: float
+        self,
+        run_key: str,
+        *,
+        incarnation: str,
+        version: int,
+        status: str,
+        data: bytes,
+        now: float,
     ) -> RunRecord:
         run = self._live_run(run_key, now)
         if run is None:
             raise CheckpointNotFound(f"no live run with key {run_key}")
-        if run.record.version != version:
+        if (run.record.incarnation, run.record.version) != (incarnation, version):
             raise ConflictError(
-                f"run changed concurrently (version {run.record.version}, expected {version})"
+                f"run changed concurrently (now {run.record.incarnation}/{run.record.version}, "
+                f"expected {incarnation}/{version})"
             )
         self._unindex(run.record, run_key)
         run.record = msgspec.structs.replace(
@@ -286,19 +382,39 @@ class MemoryStore:
         self, *, status: str | None, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
         bucket = self._order.get(status, [])
-        index = 0 if cursor is None else bisect_right(bucket, _parse_cursor(cursor))
+        index = len(bucket) if cursor is None else bisect_left(bucket, _parse_cursor(cursor))
         result: list[RunRecord] = []
-        while index < len(bucket) and len(result) < limit:
+        while index > 0 and len(result) < limit:
+            index -= 1
             run = self._live_run(bucket[index][1], now)
             if run is not None:
                 result.append(run.record)
-            index += 1
-        more = index < len(bucket)
-        return result, (_make_cursor(bucket[index - 1]) if more else None)
+        return result, (_make_cursor(bucket[index]) if index > 0 else None)
 
     async def count_runs(self, *, status: str | None, now: float) -> int:
-        bucket = self._order.get(status, [])
-        return sum(1 for _, run_key in bucket if self._live_run(run_key, now) is not None)
+        # Indexed runs minus those expired but not purged yet; only runs due by now can be.
+        expired = sum(
+            1 for run_key in self._due_by(now)
+            if (run := self._runs.get(run_key)) is not None
+            and not is_live(run.record.expires_at, now)
+            and status in (None, run.record.status)
+        )
+        return len(self._order.get(status, [])) - expired
+
+    def _due_by(self, now: float) -> set[str]:
+        """Keys of runs scheduled at or before ``now``: a walk of the heap's top, O(due)."""
+        due: set[str] = set()
+        stack = [0] if self._due else []
+        while stack:
+            index = stack.pop()
+            when, run_key = self._due[index]
+            if when > now:
+                continue
+            if self._scheduled.get(run_key) == when:
+                due.add(run_key)
+            stack.extend(child for child in (2 * index + 1, 2 * index + 2)
+                         if child < len(self._due))
+        return due
 
     # -- items ----------------------------------------------------------------------------
 
@@ -317,7 +433,7 @@ class MemoryStore:
             insort(space.keys, item.key)
             if item.owner is not None:
                 space.owned.setdefault(item.owner, set()).add(item.key)
-            self._schedule(item.expires_at, run_key, _ITEM, item)
+            self._track_item_expiry(run_key, space, item)
 
     async def get_items(
         self, run_key: str, keys: Sequence[str], *, now: float
@@ -373,35 +489,36 @@ class MemoryStore:
     async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
         removed = 0
         work = 0
-        while self._expiry and self._expiry[0][0] <= now and work < limit:
-            expires_at, _, run_key, kind, ident = heapq.heappop(self._expiry)
-            did_work, checkpoints = self._purge_one(run_key, kind, ident, expires_at)
-            work += did_work
+        while self._due and self._due[0][0] <= now and work < limit:
+            due, run_key = heapq.heappop(self._due)
+            if self._scheduled.get(run_key) != due:
+                continue  # superseded by an earlier schedule
+            del self._scheduled[run_key]
+            checkpoints, steps = self._purge_run(run_key, now, limit - work)
             removed += checkpoints
-        done = not self._expiry or self._expiry[0][0] > now
-        return removed, done
+            work += max(steps, 1)
+            self._reschedule(run_key)
+        return removed, not self._due or self._due[0][0] > now
 
-    def _purge_one(
-        self, run_key: str, kind: int, ident: Any, expires_at: float
-    ) -> tuple[int, int]:
-        """Remove one due heap entry if still current: ``(1 if it removed, checkpoints)``."""
-        if kind == _ITEM:
-            item: Item = ident
-            space = self._items.get(run_key)
-            if space is None or space.items.get(item.key) is not item:
-                return 0, 0
-            return int(_drop_item(space, item.key)), 0
+    def _purge_run(self, run_key: str, now: float, budget: int) -> tuple[int, int]:
+        """Remove what of this run expired, up to ``budget`` things: (checkpoints, things)."""
         run = self._runs.get(run_key)
-        if run is None:
-            return 0, 0
-        if kind == _RUN:
-            if run.record.expires_at != expires_at:
-                return 0, 0
-            return 1, self._drop_run(run_key, keep_items=False)
-        record = run.checkpoints.get(ident)
-        if record is None or record.expires_at != expires_at:
-            return 0, 0
-        return 1, int(self._drop_checkpoint(run_key, run, ident))
+        if run is not None and not is_live(run.record.expires_at, now):
+            removed = self._drop_run(run_key, keep_items=False)
+            return removed, removed + 1
+        removed = 0 if run is None else self._drop_expired_checkpoints(run_key, run, now, budget)
+        space = self._items.get(run_key)
+        items = 0
+        while space is not None and space.expiring and space.expiring[0][0] <= now and (
+            removed + items < budget
+        ):
+            expires_at, key = heapq.heappop(space.expiring)
+            item = space.items.get(key)
+            if item is not None and item.expires_at == expires_at:
+                items += _drop_item(space, key)
+        if space is not None and not space.items and run is None:
+            del self._items[run_key]
+        return removed, removed + items
 
     async def aclose(self) -> None:
         return None

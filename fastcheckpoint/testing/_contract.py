@@ -86,6 +86,26 @@ async def _delete(store: CheckpointStore, run: RunRecord, sequence: int) -> bool
     return await store.delete(key_of(run), sequence, checkpoint_id=checkpoint_id_of(run, sequence))
 
 
+async def _update(
+    store: CheckpointStore,
+    run: RunRecord,
+    *,
+    version: int,
+    status: str,
+    data: bytes = b"",
+    now: float = T0,
+) -> RunRecord:
+    """Compare-and-set the status of ``run``'s incarnation, as the manager does."""
+    return await store.update_run(
+        key_of(run),
+        incarnation=run.incarnation,
+        version=version,
+        status=status,
+        data=data,
+        now=now,
+    )
+
+
 async def _sequences(
     store: CheckpointStore, run: RunRecord, *, now: float, include_expired: bool = False
 ) -> list[int]:
@@ -233,9 +253,7 @@ class StoreContract:
     async def test_append_keeps_run_fields_other_than_the_log(self, store: CheckpointStore) -> None:
         seed = make_run("kept", created_at=T0)
         await _append(store, seed, 0)
-        updated = await store.update_run(
-            key_of(seed), version=0, status="paused", data=b"approval", now=T0 + 1
-        )
+        updated = await _update(store, seed, version=0, status="paused", data=b"ok", now=T0 + 1)
         other_seed = msgspec.structs.replace(
             seed, status="active", data=b"other", created_at=T0 + 2, version=7
         )
@@ -585,7 +603,7 @@ class StoreContract:
         key = key_of(seed)
         await _append_many(store, seed, [0, 1])
 
-        await store.update_run(key, version=0, status="completed", data=b"", now=T0 + 1)
+        await _update(store, seed, version=0, status="completed", now=T0 + 1)
 
         got = await store.get(key, 0, now=T0 + 1)
         latest = await store.latest(key, now=T0 + 1)
@@ -717,6 +735,174 @@ class StoreContract:
         assert without_key(found[0]) == fresh
         assert await _sequences(store, new, now=T0 + 1, include_expired=True) == [0]
 
+    # -- run expiry follows the checkpoints the run holds ----------------------------------------
+
+    async def _assert_vanishes(
+        self, store: CheckpointStore, run: RunRecord, bystander: RunRecord, *, at: float
+    ) -> None:
+        """``run`` is absent from ``at`` on, like an expired run, and purging removes it."""
+        key = key_of(run)
+        assert await store.get_run(key, now=at) is None
+        assert await store.latest(key, now=at) is None
+        assert await store.headers(key, before=None, limit=10, now=at) == ([], None)
+        # Hidden, not yet removed: the record still counts for include_expired.
+        _, status = await store.headers(key, before=None, limit=10, now=at, include_expired=True)
+        assert status == run.status
+        runs, _ = await store.list_runs(status=None, limit=10, cursor=None, now=at)
+        assert [listed.run_id for listed in runs] == [bystander.run_id]
+        assert await store.count_runs(status=None, now=at) == 1
+        assert await store.count_runs(status=run.status, now=at) == int(
+            bystander.status == run.status
+        )
+
+        for _ in range(100):
+            _, done = await store.purge_expired(now=at, limit=10)
+            if done:
+                break
+        else:
+            raise AssertionError("purge_expired never reported done")
+
+        # Read at T0, when it was live: the record is gone, not just hidden.
+        assert await store.get_run(key, now=T0) is None
+        assert await store.headers(key, before=None, limit=10, now=T0, include_expired=True) == (
+            [],
+            None,
+        )
+        assert await store.get_run(key_of(bystander), now=at) is not None
+        runs, _ = await store.list_runs(status=None, limit=10, cursor=None, now=T0)
+        assert [listed.run_id for listed in runs] == [bystander.run_id]
+
+    async def _bystander(self, store: CheckpointStore) -> RunRecord:
+        """A run that never expires, created before the run under test."""
+        bystander = make_run("bystander", created_at=T0 - 1)
+        await _append(store, bystander, 0, now=T0 - 1)
+        return bystander
+
+    async def test_pruning_the_only_never_expiring_checkpoint_lets_the_run_expire(
+        self, store: CheckpointStore
+    ) -> None:
+        bystander = await self._bystander(store)
+        seed = make_run("no-zombie")
+        key = key_of(seed)
+        await _append(store, seed, 0)
+        await _append(store, seed, 1, expires_at=T0 + 20)
+        run = await store.get_run(key, now=T0)
+        assert run is not None
+        assert run.expires_at is None
+
+        await _append(store, seed, 2, expires_at=T0 + 10, keep_latest=2)
+
+        assert await _sequences(store, seed, now=T0, include_expired=True) == [2, 1]
+        assert await store.get_run(key, now=T0) == _expected_run(
+            seed, latest_sequence=2, checkpoint_count=2, updated_at=T0, expires_at=T0 + 20
+        )
+        assert await store.get_run(key, now=T0 + 19) is not None
+        await self._assert_vanishes(store, seed, bystander, at=T0 + 20)
+
+    async def test_deleting_the_last_never_expiring_checkpoint_lets_the_run_expire(
+        self, store: CheckpointStore
+    ) -> None:
+        bystander = await self._bystander(store)
+        seed = make_run("mortal-again")
+        key = key_of(seed)
+        await _append(store, seed, 0)
+        await _append(store, seed, 1, expires_at=T0 + 20)
+        await _append(store, seed, 2)
+        await _append(store, seed, 3, expires_at=T0 + 10)
+
+        assert await _delete(store, seed, 2) is True
+        run = await store.get_run(key, now=T0)
+        assert run is not None
+        assert run.expires_at is None, "checkpoint 0 still never expires"
+
+        assert await _delete(store, seed, 0) is True
+        assert await store.get_run(key, now=T0) == _expected_run(
+            seed, latest_sequence=3, checkpoint_count=2, updated_at=T0, expires_at=T0 + 20
+        )
+        assert await store.get_run(key, now=T0 + 19) is not None
+        await self._assert_vanishes(store, seed, bystander, at=T0 + 20)
+
+    async def test_deleting_every_checkpoint_empties_the_run(self, store: CheckpointStore) -> None:
+        bystander = await self._bystander(store)
+        seed = make_run("emptied", status="paused")
+        key = key_of(seed)
+        await _append(store, seed, 0)
+        await _append(store, seed, 1, expires_at=T0 + 100)
+        await store.put_items(key, [make_item("owned", owner=1)], now=T0)
+
+        assert await _delete(store, seed, 1) is True
+        run = await store.get_run(key, now=T0)
+        assert run is not None
+        assert (run.checkpoint_count, run.expires_at) == (1, None)
+        assert await _delete(store, seed, 0) is True
+
+        await self._assert_vanishes(store, seed, bystander, at=T0)
+        assert await store.get_items(key, ["owned"], now=T0) == {}
+
+    async def test_append_after_deleting_every_checkpoint_starts_over(
+        self, store: CheckpointStore
+    ) -> None:
+        old = make_run("restarted")
+        key = key_of(old)
+        await _append_many(store, old, range(3), expires_at=T0 + 100)
+        for sequence in range(3):
+            assert await _delete(store, old, sequence) is True
+
+        with pytest.raises(SequenceConflict) as caught:
+            await _append(store, old, 3, now=T0 + 1)
+        assert (caught.value.latest_sequence, caught.value.incarnation) == (None, None)
+        assert await store.get_run(key, now=T0 + 1) is None
+
+        new = make_run("restarted", created_at=T0 + 1)
+        fresh = await _append(store, new, 0, now=T0 + 1)
+
+        assert await store.get_run(key, now=T0 + 1) == _expected_run(
+            new, latest_sequence=0, checkpoint_count=1, updated_at=T0 + 1, expires_at=None
+        )
+        found = await store.get(key, 0, now=T0 + 1)
+        assert found is not None
+        assert without_key(found[0]) == fresh
+        assert await _sequences(store, new, now=T0, include_expired=True) == [0]
+        with pytest.raises(SequenceConflict) as caught:
+            await _append(store, old, 3, now=T0 + 1)
+        assert (caught.value.latest_sequence, caught.value.incarnation) == (0, new.incarnation)
+
+    async def test_removing_the_latest_expiring_checkpoint_lowers_run_expiry(
+        self, store: CheckpointStore
+    ) -> None:
+        deleted = make_run("lowered-by-delete")
+        await _append(store, deleted, 0, expires_at=T0 + 30)
+        await _append(store, deleted, 1, expires_at=T0 + 50)
+        await _append(store, deleted, 2, expires_at=T0 + 40)
+
+        assert await _delete(store, deleted, 0) is True
+        run = await store.get_run(key_of(deleted), now=T0)
+        assert run is not None
+        assert run.expires_at == T0 + 50, "checkpoint 0 did not hold the latest expiry"
+        assert await _delete(store, deleted, 1) is True
+        run = await store.get_run(key_of(deleted), now=T0)
+        assert run is not None
+        assert (run.checkpoint_count, run.expires_at) == (1, T0 + 40)
+        assert await store.get_run(key_of(deleted), now=T0 + 39) is not None
+        assert await store.get_run(key_of(deleted), now=T0 + 40) is None
+
+        pruned = make_run("lowered-by-pruning")
+        await _append(store, pruned, 0, expires_at=T0 + 50)
+        await _append(store, pruned, 1, expires_at=T0 + 20)
+        await _append(store, pruned, 2, expires_at=T0 + 30, keep_latest=2)
+        run = await store.get_run(key_of(pruned), now=T0)
+        assert run is not None
+        assert (run.checkpoint_count, run.expires_at) == (2, T0 + 30)
+        assert await store.get_run(key_of(pruned), now=T0 + 30) is None
+
+        async def listed(now: float) -> tuple[list[str], int]:
+            runs, _ = await store.list_runs(status=None, limit=10, cursor=None, now=now)
+            return sorted(run.run_id for run in runs), await store.count_runs(status=None, now=now)
+
+        both = ["lowered-by-delete", "lowered-by-pruning"]
+        assert await listed(T0 + 29) == (both, 2)
+        assert await listed(T0 + 30) == (["lowered-by-delete"], 1)
+
     # -- runs ---------------------------------------------------------------------------------
 
     async def test_get_run_absent_or_expired_is_none(self, store: CheckpointStore) -> None:
@@ -733,16 +919,14 @@ class StoreContract:
         before = await store.get_run(key, now=T0)
         assert before is not None
 
-        first = await store.update_run(key, version=0, status="paused", data=b"ask", now=T0 + 5)
-        second = await store.update_run(
-            key, version=1, status="active", data=b"approved", now=T0 + 7
-        )
+        first = await _update(store, seed, version=0, status="paused", data=b"ask", now=T0 + 5)
+        second = await _update(store, seed, version=1, status="active", data=b"yes", now=T0 + 7)
 
         assert first == msgspec.structs.replace(
             before, status="paused", data=b"ask", version=1, updated_at=T0 + 5
         )
         assert second == msgspec.structs.replace(
-            before, status="active", data=b"approved", version=2, updated_at=T0 + 7
+            before, status="active", data=b"yes", version=2, updated_at=T0 + 7
         )
         assert await store.get_run(key, now=T0 + 7) == second
 
@@ -752,7 +936,7 @@ class StoreContract:
         await _append_many(store, seed, [0, 1], expires_at=T0 + 100)
         before = await _snapshot(store, seed, now=T0)
 
-        await store.update_run(key, version=0, status="done", data=b"x", now=T0 + 5)
+        await _update(store, seed, version=0, status="done", data=b"x", now=T0 + 5)
 
         run, (found, _), latest, items = await _snapshot(store, seed, now=T0)
         assert (found, items) == (before[1][0], before[3])
@@ -766,27 +950,50 @@ class StoreContract:
 
     async def test_update_run_with_stale_version_conflicts(self, store: CheckpointStore) -> None:
         seed = make_run("stale-version")
-        key = key_of(seed)
         await _append(store, seed, 0)
-        await store.update_run(key, version=0, status="completed", data=b"one", now=T0 + 1)
+        await _update(store, seed, version=0, status="completed", data=b"one", now=T0 + 1)
         before = await _snapshot(store, seed, now=T0 + 1)
 
         for version in (0, 2, 5):
             with pytest.raises(ConflictError):
-                await store.update_run(
-                    key, version=version, status="failed", data=b"two", now=T0 + 2
-                )
+                await _update(store, seed, version=version, status="failed", data=b"2", now=T0 + 2)
 
         assert await _snapshot(store, seed, now=T0 + 1) == before
+
+    async def test_update_run_with_stale_incarnation_conflicts(
+        self, store: CheckpointStore
+    ) -> None:
+        deleted = make_run("deleted-and-recreated")
+        await _append_many(store, deleted, [0, 1])
+        assert await store.delete_run(key_of(deleted)) == 2
+        expired = make_run("expired-and-recreated")
+        await _append(store, expired, 0, expires_at=T0 + 10)
+        successors = [
+            make_run("deleted-and-recreated", created_at=T0 + 10),
+            make_run("expired-and-recreated", created_at=T0 + 10),
+        ]
+        for successor in successors:
+            await _append(store, successor, 0, now=T0 + 10)
+
+        for stale, successor in zip((deleted, expired), successors, strict=True):
+            before = await _snapshot(store, successor, now=T0 + 10)
+            # The same version as the new incarnation's: only the incarnation tells them apart.
+            with pytest.raises(ConflictError):
+                await _update(store, stale, version=0, status="failed", data=b"x", now=T0 + 11)
+            assert await _snapshot(store, successor, now=T0 + 10) == before
+            assert await store.count_runs(status="failed", now=T0 + 11) == 0
+
+            updated = await _update(store, successor, version=0, status="completed", now=T0 + 11)
+            assert (updated.incarnation, updated.version) == (successor.incarnation, 1)
 
     async def test_update_run_of_absent_or_expired_run(self, store: CheckpointStore) -> None:
         absent = make_run("no-such-run")
         with pytest.raises(CheckpointNotFound):
-            await store.update_run(key_of(absent), version=0, status="x", data=b"", now=T0)
+            await _update(store, absent, version=0, status="x")
         seed = make_run("expired-run")
         await _append(store, seed, 0, expires_at=T0 + 10)
         with pytest.raises(CheckpointNotFound):
-            await store.update_run(key_of(seed), version=0, status="x", data=b"", now=T0 + 10)
+            await _update(store, seed, version=0, status="x", now=T0 + 10)
         assert await store.get_run(key_of(absent), now=T0) is None
         run = await store.get_run(key_of(seed), now=T0)
         assert run is not None
@@ -796,12 +1003,12 @@ class StoreContract:
         seed = make_run("versioned")
         key = key_of(seed)
         await _append(store, seed, 0)
-        await store.update_run(key, version=0, status="active", data=b"", now=T0)
+        await _update(store, seed, version=0, status="active")
         await _append_many(store, seed, [1, 2])
         run = await store.get_run(key, now=T0)
         assert run is not None
         assert run.version == 1
-        updated = await store.update_run(key, version=1, status="paused", data=b"", now=T0)
+        updated = await _update(store, seed, version=1, status="paused")
         assert updated.version == 2
 
     async def test_list_runs_newest_created_first_by_status(self, store: CheckpointStore) -> None:
@@ -901,7 +1108,7 @@ class StoreContract:
         await _append(store, first, 0, now=T0)
         await _append(store, second, 0, now=T0 + 1)
 
-        await store.update_run(key_of(first), version=0, status="paused", data=b"", now=T0 + 2)
+        await _update(store, first, version=0, status="paused", now=T0 + 2)
 
         active, _ = await store.list_runs(status="active", limit=10, cursor=None, now=T0 + 2)
         paused, _ = await store.list_runs(status="paused", limit=10, cursor=None, now=T0 + 2)

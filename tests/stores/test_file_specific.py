@@ -4,6 +4,7 @@ leftovers, thread hops, O(1) latest, several processes on one directory, and ``k
 from __future__ import annotations
 
 import base64
+import errno
 import importlib.util
 import logging
 import os
@@ -29,6 +30,7 @@ from fastcheckpoint.errors import (
     ValidationError,
 )
 from fastcheckpoint.stores import Item, RunRecord, open_store
+from fastcheckpoint.stores import file as file_store
 from fastcheckpoint.stores.file import MAX_ITEM_KEY_BYTES, FileCheckpointStore, FileStore
 from fastcheckpoint.testing import (
     T0,
@@ -115,7 +117,23 @@ def test_from_url_forms(tmp_path: Path) -> None:
     assert repr(plain) == f"FileStore({str(tmp_path / 'plain')!r}, fsync=True)"
     localhost = FileStore.from_url(f"file://localhost{tmp_path}/l", fsync="0")
     assert repr(localhost).endswith("fsync=False)")
-    assert FileCheckpointStore is FileStore
+
+
+async def test_fastagentic_constructor_shape(tmp_path: Path) -> None:
+    by_keyword = FileCheckpointStore(base_path=tmp_path / "fa")
+    positional = FileCheckpointStore(str(tmp_path / "fa"), fsync=False)
+    assert isinstance(by_keyword, FileStore)
+    assert by_keyword.base_path == positional.base_path == tmp_path / "fa"
+    assert isinstance(by_keyword.base_path, Path)
+    assert repr(positional) == f"FileCheckpointStore({str(tmp_path / 'fa')!r}, fsync=False)"
+    with pytest.raises(TypeError):
+        FileCheckpointStore(base_path=tmp_path / "fa", compress=True)
+    seed = make_run("fastagentic")
+    with anyio.fail_after(30):
+        await _append(by_keyword, seed, 0)
+        found = await positional.get(key_of(seed), 0, now=T0)
+    assert found is not None
+    assert without_key(found[0]) == make_checkpoint(seed, 0)
 
 
 @pytest.mark.parametrize(
@@ -152,7 +170,14 @@ async def test_files_0600_directories_0700_even_with_umask_0(root: Path) -> None
             await _append(store, seed, 0)
             await _append(store, seed, 1)
             await store.put_items(key_of(seed), [make_item("k", owner=1)], now=T0)
-            await store.update_run(key_of(seed), version=0, status="paused", data=b"", now=T0)
+            await store.update_run(
+                key_of(seed),
+                incarnation=seed.incarnation,
+                version=0,
+                status="paused",
+                data=b"",
+                now=T0,
+            )
     finally:
         os.umask(previous)
     _assert_private(root)
@@ -462,6 +487,129 @@ async def test_items_only_run_disappears_when_its_items_expire(root: Path) -> No
     assert os.listdir(root / "locks") == []
 
 
+# -- failures after the commit point ---------------------------------------------------------
+
+
+def _failing_unlink(monkeypatch: pytest.MonkeyPatch, refuse: Callable[[str], bool]) -> list[str]:
+    """Make ``os.unlink`` fail with EIO on the paths ``refuse`` picks; returns those it refused."""
+    refused: list[str] = []
+    real = os.unlink
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        text = os.fsdecode(path)
+        if refuse(text):
+            refused.append(text)
+            raise OSError(errno.EIO, os.strerror(errno.EIO), text)
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    return refused
+
+
+async def test_failed_unlink_after_commit_does_not_fail_the_append(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FileStore(root)
+    seed = make_run("cleanup-fails")
+    key = key_of(seed)
+    pruned = _checkpoint_file(root, seed, 0)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    with anyio.fail_after(30):
+        await _append(store, seed, 0)
+        await store.put_items(key, [make_item("of-0", owner=0), make_item("free")], now=T0)
+        refused = _failing_unlink(monkeypatch, lambda path: path == str(pruned))
+
+        await _append(store, seed, 1, keep_latest=1, payload=b"kept")
+
+        assert refused == [str(pruned)]
+        assert pruned.exists()
+        for found in (await store.get(key, 1, now=T0), await store.latest(key, now=T0)):
+            assert found is not None
+            assert without_key(found[0]) == make_checkpoint(seed, 1, payload=b"kept")
+        assert await store.get(key, 0, now=T0) is None
+        found_headers, _ = await store.headers(
+            key, before=None, limit=10, now=T0, include_expired=True
+        )
+        assert [header.sequence for header in found_headers] == [1]
+        run = await store.get_run(key, now=T0)
+        assert run is not None
+        assert (run.latest_sequence, run.checkpoint_count) == (1, 1)
+        assert await store.get_items(key, ["of-0", "free"], now=T0) == {"free": b"value-free"}
+        assert f"cleanup of {pruned} failed after the commit" in _warnings(caplog)
+
+        monkeypatch.undo()
+        assert await store.purge_expired(now=T0, limit=10) == (0, True)
+        assert not pruned.exists()
+        await _append(store, seed, 2, keep_latest=1)
+    assert sorted(os.listdir(pruned.parent)) == [f"{2:020d}"]
+
+
+async def test_failed_unlink_after_delete_hides_the_checkpoint_until_swept(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FileStore(root)
+    seed = make_run("delete-cleanup-fails")
+    key = key_of(seed)
+    deleted = _checkpoint_file(root, seed, 1)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    with anyio.fail_after(30):
+        for sequence in range(3):
+            await _append(store, seed, sequence)
+        refused = _failing_unlink(monkeypatch, lambda path: path == str(deleted))
+
+        assert await store.delete(key, 1, checkpoint_id=checkpoint_id_of(seed, 1)) is True
+
+        assert refused == [str(deleted)]
+        assert deleted.exists()
+        assert await store.get(key, 1, now=T0) is None
+        found, _ = await store.headers(key, before=None, limit=10, now=T0, include_expired=True)
+        assert [header.sequence for header in found] == [2, 0]
+        assert await store.delete(key, 1, checkpoint_id=checkpoint_id_of(seed, 1)) is False
+        run = await store.get_run(key, now=T0)
+        assert run is not None
+        assert run.checkpoint_count == 2
+        assert str(deleted) in _warnings(caplog)
+
+        monkeypatch.undo()
+        await _append(store, seed, 3)  # the run's next writer finishes the removal
+        assert not deleted.exists()
+        found, _ = await store.headers(key, before=None, limit=10, now=T0, include_expired=True)
+        assert [header.sequence for header in found] == [3, 2, 0]
+
+
+async def test_failed_marker_move_after_commit_does_not_fail_update_run(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FileStore(root)
+    seed = make_run("marker-stays")
+    key = key_of(seed)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    with anyio.fail_after(30):
+        await _append(store, seed, 0)
+        (old_marker,) = _marker_names(root)
+        refused = _failing_unlink(monkeypatch, lambda path: old_marker in path)
+
+        updated = await store.update_run(
+            key, incarnation=seed.incarnation, version=0, status="paused", data=b"", now=T0
+        )
+
+        assert (updated.status, updated.version) == ("paused", 1)
+        assert len(refused) == 1
+        assert f"cleanup of {refused[0]} failed after the commit" in _warnings(caplog)
+        assert await store.get_run(key, now=T0) == updated
+        assert await store.list_runs(status="active", limit=10, cursor=None, now=T0) == ([], None)
+        assert await store.list_runs(status="paused", limit=10, cursor=None, now=T0) == (
+            [updated],
+            None,
+        )
+        assert await store.count_runs(status="active", now=T0) == 0
+        assert await store.count_runs(status=None, now=T0) == 1
+
+        monkeypatch.undo()
+        assert await store.purge_expired(now=T0, limit=10) == (0, True)
+    assert len(_marker_names(root)) == 1
+
+
 # -- costs ------------------------------------------------------------------------------------
 
 
@@ -485,7 +633,9 @@ async def test_one_thread_hop_per_operation(
         lambda: store.latest(key, now=T0),
         lambda: store.headers(key, before=None, limit=10, now=T0),
         lambda: store.get_run(key, now=T0),
-        lambda: store.update_run(key, version=0, status="paused", data=b"", now=T0),
+        lambda: store.update_run(
+            key, incarnation=seed.incarnation, version=0, status="paused", data=b"", now=T0
+        ),
         lambda: store.list_runs(status="paused", limit=10, cursor=None, now=T0),
         lambda: store.count_runs(status=None, now=T0),
         lambda: store.put_items(key, [make_item("a"), make_item("b", owner=1)], now=T0),
@@ -537,6 +687,49 @@ async def test_latest_is_o1_without_listing(
         assert counts[0] == counts[1] <= 3, opened
 
 
+@pytest.mark.parametrize("keep_latest", [None, 8])
+async def test_pruning_mixed_ttls_reads_o1_checkpoint_heads(
+    store: FileStore, monkeypatch: pytest.MonkeyPatch, keep_latest: int | None
+) -> None:
+    """Checkpoints alternate never-expiring and expiring 3 s after creation, one append a
+    second: most appends find something expired, among ever more checkpoints held."""
+    seed = make_run("mixed-ttl")
+    heads: list[str] = []
+    listings: list[str] = []
+    real_read_frame = file_store._read_frame
+    real_listdir = os.listdir
+
+    def counting_read_frame(fd: int, path: str, magic: bytes, *, whole: bool) -> Any:
+        if magic == file_store._CHECKPOINT_MAGIC:
+            heads.append(path)
+        return real_read_frame(fd, path, magic, whole=whole)
+
+    def counting_listdir(path: Any = ".") -> list[str]:
+        if isinstance(path, str) and os.path.basename(path) == "c":
+            listings.append(path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(file_store, "_read_frame", counting_read_frame)
+    monkeypatch.setattr(os, "listdir", counting_listdir)
+    per_append: list[int] = []
+    with anyio.fail_after(60):
+        for sequence in range(200):
+            now = T0 + sequence
+            expires_at = None if sequence % 2 == 0 else now + 3
+            before = len(heads)
+            await _append(
+                store, seed, sequence, now=now, expires_at=expires_at, keep_latest=keep_latest
+            )
+            per_append.append(len(heads) - before)
+        run = await store.get_run(key_of(seed), now=T0 + 199)
+
+    assert run is not None
+    # Without pruning: 100 that never expire, and odd sequences 197 and 199, still live.
+    assert run.checkpoint_count == (102 if keep_latest is None else keep_latest)
+    assert max(per_append) <= 1, per_append  # a head read only to prune one that never expires
+    assert listings == []
+
+
 async def test_headers_read_no_payload(store: FileStore, monkeypatch: pytest.MonkeyPatch) -> None:
     seed = make_run("big")
     with anyio.fail_after(30):
@@ -585,23 +778,32 @@ async def test_latest_never_misses_while_appends_prune(store: FileStore) -> None
     assert reads > 0
 
 
-async def test_expired_newest_falls_back_to_older_live(store: FileStore) -> None:
+async def test_expired_newest_falls_back_to_older_live(root: Path, store: FileStore) -> None:
     seed = make_run("fallback")
     key = key_of(seed)
     with anyio.fail_after(30):
         await _append(store, seed, 0)
         for sequence in range(1, 20):
             await _append(store, seed, sequence, expires_at=T0 + 10)
-        assert await store.delete(key, 0, checkpoint_id=checkpoint_id_of(seed, 0)) is True
         await _append(store, seed, 20)
         assert await store.delete(key, 20, checkpoint_id=checkpoint_id_of(seed, 20)) is True
-        assert await store.latest(key, now=T0 + 10) is None
-        await _append(store, seed, 21, now=T0 + 10, keep_latest=5)
         latest = await store.latest(key, now=T0 + 10)
         assert latest is not None
-        assert latest[0].sequence == 21
+        assert latest[0].sequence == 0
+        # Without its one checkpoint that never expires, the run expires with the others.
+        assert await store.delete(key, 0, checkpoint_id=checkpoint_id_of(seed, 0)) is True
+        assert await store.latest(key, now=T0 + 10) is None
+        assert await store.get_run(key, now=T0 + 10) is None
+        with pytest.raises(SequenceConflict):
+            await _append(store, seed, 21, now=T0 + 10)
+        reborn = make_run("fallback")
+        await _append(store, reborn, 0, now=T0 + 10, keep_latest=5)
+        latest = await store.latest(key, now=T0 + 10)
+        assert latest is not None
+        assert latest[0].checkpoint_id == checkpoint_id_of(reborn, 0)
         found, _ = await store.headers(key, before=None, limit=50, now=T0, include_expired=True)
-        assert [header.sequence for header in found] == [21]
+        assert [header.sequence for header in found] == [0]
+    assert os.listdir(_checkpoint_file(root, seed, 0).parent) == [f"{0:020d}"]
 
 
 # -- several processes ------------------------------------------------------------------------
@@ -732,6 +934,54 @@ async def test_kill_9_before_every_file_system_change_of_an_append(
     assert survived_at, "40 file-system changes were not enough for one append"
     crashes = min(survived_at) - 1
     assert crashes >= 8, f"an append made only {crashes} file-system changes"
+    for line in _warnings(caplog).splitlines():
+        assert line.endswith("left by an interrupted write"), line
+
+
+async def test_kill_9_before_every_file_system_change_of_a_delete(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deleting checkpoint 1 of three, killed before each of its file-system changes: the
+    checkpoint is then either still there and counted, or gone for good."""
+    FileStore(root)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    survived_at: list[int] = []
+    deleted_at: list[int] = []
+
+    async def crash_at(number: int) -> None:
+        run_id = f"crash-delete-{number}"
+        done = await anyio.run_process(
+            _worker_command("crash-delete", str(root), run_id, str(number)),
+            env=_worker_env(),
+            check=False,
+        )
+        lines = done.stdout.decode().split()
+        assert lines[:3] == ["0", "1", "2"], done.stderr.decode()
+        if lines[3:] == ["survived"]:
+            survived_at.append(number)
+        else:
+            assert done.returncode == -9, done.stderr.decode()
+        store = FileStore(root)
+        key = _ids.run_key(run_id)
+        run = await store.get_run(key, now=T0)
+        assert run is not None
+        found, _ = await store.headers(key, before=None, limit=10, now=T0, include_expired=True)
+        sequences = [header.sequence for header in found]
+        assert (sequences, run.checkpoint_count) in (([2, 1, 0], 3), ([2, 0], 2))
+        if sequences == [2, 0]:
+            deleted_at.append(number)
+            assert await store.get(key, 1, now=T0) is None
+        await store.append(key, make_checkpoint(run, 3), run=run, keep_latest=None, now=T0)
+        assert await store.purge_expired(now=T0, limit=100) == (0, True)
+        checkpoint_files = os.listdir(root / "runs" / key / "c")
+        assert (f"{1:020d}" in checkpoint_files) == (sequences == [2, 1, 0])
+
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as group:
+            for number in range(1, 16):
+                group.start_soon(crash_at, number)
+    assert survived_at, "15 file-system changes were not enough for one delete"
+    assert min(deleted_at) < min(survived_at), "no kill fell between the commit and the unlink"
     for line in _warnings(caplog).splitlines():
         assert line.endswith("left by an interrupted write"), line
 
