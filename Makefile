@@ -42,6 +42,7 @@ type: $(VENV)/.installed
 	$(BIN)/mypy
 
 bench: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks --quick
 
 docs: $(VENV)/.installed

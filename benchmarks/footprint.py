@@ -1,0 +1,160 @@
+"""Untimed instrumented passes: what an operation costs in calls and bytes, and the floor.
+
+* Store calls, worker-thread hops and fsyncs per create / restore / list, counted on a separate
+  short run (counting would slow the timed runs). Network stores will add backend requests.
+* Bytes stored per checkpoint: the payload and header the manager hands the store, and for a
+  file store the disk space the run takes divided by the checkpoints it holds.
+* The floor: a bare msgspec msgpack encode + decode of the same state and messages, what a
+  checkpoint library cannot go below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio.to_thread
+import msgspec
+
+from benchmarks.content import Content
+from benchmarks.subjects import StoreTarget, disk_usage, unique_run_id
+from fastcheckpoint import CheckpointConfig, CheckpointManager
+
+__all__ = ["CountingStore", "counting_syscalls", "floor", "measure_footprint"]
+
+
+class CountingStore:
+    """Forwards every store method, counting calls and the bytes handed to ``append``.
+
+    Build it with :meth:`wrap`: the wrapper gets a real method for each public method of the
+    store, so ``isinstance`` checks against the store protocol and capability protocols see
+    what the store offers (they look at the class, not at ``__getattr__``).
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls: Counter[str] = Counter()
+        self.appended: list[int] = []
+
+    @classmethod
+    def wrap(cls, inner: Any) -> CountingStore:
+        names = [name for name in dir(inner)
+                 if not name.startswith("_") and callable(getattr(inner, name))]
+        methods = {name: _forwarder(name, inspect.iscoroutinefunction(getattr(inner, name)))
+                   for name in names}
+        subclass = type(f"Counting{type(inner).__name__}", (cls,), methods)
+        wrapper: CountingStore = subclass(inner)
+        return wrapper
+
+
+def _forwarder(name: str, asynchronous: bool) -> Callable[..., Any]:
+    if not asynchronous:
+        def forward(self: CountingStore, *args: Any, **kwargs: Any) -> Any:
+            return getattr(self.inner, name)(*args, **kwargs)
+
+        return forward
+
+    async def counted(self: CountingStore, *args: Any, **kwargs: Any) -> Any:
+        self.calls[name] += 1
+        if name == "append":
+            record = kwargs["record"] if "record" in kwargs else args[1]
+            self.appended.append(len(record.payload) + len(record.header))
+        return await getattr(self.inner, name)(*args, **kwargs)
+
+    return counted
+
+
+@contextlib.contextmanager
+def counting_syscalls() -> Iterator[Counter[str]]:
+    """Count ``anyio.to_thread.run_sync`` hops and ``os.fsync`` calls while inside."""
+    counts: Counter[str] = Counter()
+    run_sync, fsync = anyio.to_thread.run_sync, os.fsync
+
+    async def counted_run_sync(*args: Any, **kwargs: Any) -> Any:
+        counts["thread_hops"] += 1
+        return await run_sync(*args, **kwargs)
+
+    def counted_fsync(fd: int) -> None:
+        counts["fsyncs"] += 1
+        fsync(fd)
+
+    anyio.to_thread.run_sync = counted_run_sync  # type: ignore[assignment]
+    os.fsync = counted_fsync
+    try:
+        yield counts
+    finally:
+        anyio.to_thread.run_sync = run_sync
+        os.fsync = fsync
+
+
+async def measure_footprint(
+    target: StoreTarget, content: Content, keep: int | None, creates: int
+) -> dict[str, Any]:
+    """Per-operation counts and bytes per checkpoint, from ``creates`` creates on a new run."""
+    store = CountingStore.wrap(target.open())
+    manager = CheckpointManager(store, config=CheckpointConfig(max_checkpoints_per_run=keep))
+    run_id = unique_run_id("footprint")
+    before = disk_usage(target.disk_path) if target.disk_path else None
+    per_op: dict[str, dict[str, float]] = {}
+    try:
+        await manager.create(run_id, content.state, messages=content.messages)  # starts the run
+        operations = {
+            "create": (creates, lambda: manager.create(
+                run_id, content.state, messages=content.messages)),
+            "restore": (5, lambda: manager.restore(run_id)),
+            "list": (3, lambda: manager.list_checkpoints(run_id)),
+        }
+        for phase, (count, operation) in operations.items():
+            calls_before = sum(store.calls.values())
+            with counting_syscalls() as counts:
+                for _ in range(count):
+                    await operation()
+            per_op[phase] = {
+                "store_calls": (sum(store.calls.values()) - calls_before) / count,
+                "thread_hops": counts["thread_hops"] / count,
+                "fsyncs": counts["fsyncs"] / count,
+            }
+        info = await manager.get_run(run_id)
+        held = info.checkpoint_count if info is not None else 0
+        result: dict[str, Any] = {
+            "payload_header_bytes": statistics.mean(store.appended),
+            "per_op": per_op,
+        }
+        if before is not None and target.disk_path is not None and held:
+            after = disk_usage(target.disk_path)
+            result["disk_apparent_bytes"] = (after[0] - before[0]) / held
+            result["disk_allocated_bytes"] = (after[1] - before[1]) / held
+            result["disk_checkpoints_held"] = held
+        return result
+    finally:
+        await manager.delete_run(run_id)
+        await manager.aclose()
+
+
+def floor(content: Content, iterations: int) -> dict[str, float]:
+    """µs of a bare msgspec msgpack encode, and decode, of the checkpoint's content.
+
+    ``iterations`` is for W1-sized content; bigger content gets proportionally fewer.
+    """
+    encoder = msgspec.msgpack.Encoder()
+    decoder = msgspec.msgpack.Decoder()
+    value = {"state": content.state, "messages": content.messages}
+    blob = encoder.encode(value)
+    count = max(3, min(iterations, iterations * 16_000 // len(blob)))
+    start = time.perf_counter_ns()
+    for _ in range(count):
+        encoder.encode(value)
+    middle = time.perf_counter_ns()
+    for _ in range(count):
+        decoder.decode(blob)
+    end = time.perf_counter_ns()
+    encode_us = (middle - start) / count / 1e3
+    decode_us = (end - middle) / count / 1e3
+    return {"bytes": len(blob), "encode_us": encode_us, "decode_us": decode_us,
+            "total_us": encode_us + decode_us}

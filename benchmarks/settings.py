@@ -1,0 +1,79 @@
+"""Workload sizes: the full suite (SPEC §7), a quick one (``make bench``), a tiny one (tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+__all__ = ["DEFAULT_KEEP", "Sizes"]
+
+DEFAULT_KEEP = 100
+"""``CheckpointConfig().max_checkpoints_per_run``, and FastAgentic's default too."""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each workload does; every timed number is a median over ``repetitions``."""
+
+    repetitions: int = 3
+    state_bytes: int = 10_000
+    """msgpack size of the nested agent state of W1, W2, W4, W5 and W6."""
+    messages: int = 20
+    w1_creates: int = 1_000
+    w1_restores: int = 1_000
+    w1_lists: int = 100
+    w2_runs: int = 100
+    w2_creates: int = 20
+    w3_checkpoints: int = 50
+    w3_state_bytes: int = 1_000_000
+    w4_creates: int = 500
+    w4_keep: int = 10
+    w5_levels: tuple[int, ...] = (10, 1_000, 10_000)
+    w5_ops: int = 100
+    """Restores, then creates, timed at each level."""
+    w6_processes: int = 4
+    w6_creates: int = 100
+    """Creates per process."""
+    floor_iterations: int = 1_000
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if not values or any(not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"Sizes.{item.name} must be positive integers, got {value!r}")
+        if list(self.w5_levels) != sorted(set(self.w5_levels)):
+            raise ValueError(f"Sizes.w5_levels must be ascending, got {self.w5_levels!r}")
+
+    @classmethod
+    def full(cls) -> Sizes:
+        return cls()
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        """A couple of minutes on two cores: same shapes, fewer operations."""
+        return cls(
+            w1_creates=200, w1_restores=200, w1_lists=20,
+            w2_runs=20, w2_creates=10,
+            w3_checkpoints=10,
+            w4_creates=200,
+            w5_levels=(10, 100, 1_000), w5_ops=50,
+            w6_creates=25,
+            floor_iterations=300,
+        )
+
+    @classmethod
+    def tiny(cls) -> Sizes:
+        """Seconds for the whole suite on the memory store: for the smoke test."""
+        return cls(
+            repetitions=1, state_bytes=2_000, messages=4,
+            w1_creates=5, w1_restores=5, w1_lists=2,
+            w2_runs=3, w2_creates=2,
+            w3_checkpoints=2, w3_state_bytes=20_000,
+            w4_creates=6, w4_keep=2,
+            w5_levels=(2, 5), w5_ops=2,
+            w6_processes=2, w6_creates=3,
+            floor_iterations=5,
+        )
+
+    def with_repetitions(self, repetitions: int | None) -> Sizes:
+        return self if repetitions is None else replace(self, repetitions=repetitions)

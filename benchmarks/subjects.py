@@ -1,0 +1,180 @@
+"""What gets benchmarked: fastcheckpoint stores, opened by URL, behind a small driver interface.
+
+A :class:`Driver` turns "create / restore latest / list" into prepared zero-argument awaitables,
+so the timed region holds nothing but the library call. The same W1 and W4 code then drives
+fastcheckpoint and, in :mod:`benchmarks.compare`, FastAgentic and LangGraph.
+
+Any store URL that :func:`fastcheckpoint.open_store` understands is a target; stores that land
+later (``redis://``, ``s3://``, ``dynamodb://``) plug in without changes here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from benchmarks.content import Content
+from fastcheckpoint import CheckpointConfig, CheckpointManager, open_store
+from fastcheckpoint.stores import CheckpointStore
+
+__all__ = [
+    "Driver",
+    "FastcheckpointDriver",
+    "StoreTarget",
+    "Subject",
+    "default_store_urls",
+    "disk_usage",
+    "prepared_targets",
+    "unique_run_id",
+]
+
+Operation = Callable[[], Awaitable[Any]]
+
+
+class Driver(Protocol):
+    """One opened store (or saver) of one repetition."""
+
+    def prepare_create(self, run_id: str, content: Content) -> Operation: ...
+
+    def prepare_restore(self, run_id: str) -> Operation: ...
+
+    def prepare_list(self, run_id: str) -> Operation: ...
+
+    async def held(self, run_id: str) -> int:
+        """Checkpoints the run holds now (to check pruning)."""
+        ...
+
+
+class Subject(Protocol):
+    """A store or saver under test; ``session`` opens it fresh for one repetition."""
+
+    label: str
+    system: str
+    """``fastcheckpoint``, ``fastagentic`` or ``langgraph``."""
+    kind: str
+    """What targets compare: ``memory``, ``file``, ``file-nofsync``, ``sqlite``, a URL scheme."""
+
+    def session(self, keep: int | None) -> contextlib.AbstractAsyncContextManager[Driver]: ...
+
+
+def unique_run_id(workload: str) -> str:
+    return f"bench-{workload.lower()}-{secrets.token_hex(4)}"
+
+
+class FastcheckpointDriver:
+    """A :class:`CheckpointManager` over one store; remembers runs so they can be deleted."""
+
+    def __init__(self, manager: CheckpointManager) -> None:
+        self.manager = manager
+        self.runs: set[str] = set()
+
+    def prepare_create(self, run_id: str, content: Content) -> Operation:
+        self.runs.add(run_id)
+        return functools.partial(
+            self.manager.create, run_id, content.state, messages=content.messages
+        )
+
+    def prepare_restore(self, run_id: str) -> Operation:
+        return functools.partial(self.manager.restore, run_id)
+
+    def prepare_list(self, run_id: str) -> Operation:
+        return functools.partial(self.manager.list_checkpoints, run_id)
+
+    async def held(self, run_id: str) -> int:
+        info = await self.manager.get_run(run_id)
+        return 0 if info is None else info.checkpoint_count
+
+
+@dataclass
+class StoreTarget:
+    """A fastcheckpoint store given by URL."""
+
+    url: str
+    label: str = ""
+    system: str = "fastcheckpoint"
+    kind: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url) if "://" in self.url else None
+        scheme = parts.scheme.lower() if parts is not None else "file"
+        options = dict(parse_qsl(parts.query)) if parts is not None else {}
+        self.kind = scheme
+        if scheme == "file" and options.get("fsync", "true").lower() in ("0", "false", "no", "off"):
+            self.kind = "file-nofsync"
+        if not self.label:
+            self.label = {"file": "file (fsync)", "file-nofsync": "file (no fsync)"}.get(
+                self.kind, self.kind)
+
+    @property
+    def shared_across_processes(self) -> bool:
+        """Whether several OS processes opening this URL see one store (W6)."""
+        return self.kind != "memory"
+
+    @property
+    def disk_path(self) -> str | None:
+        """The directory of a file store (for disk usage), else ``None``."""
+        if not self.kind.startswith("file"):
+            return None
+        if "://" not in self.url:
+            return self.url
+        return unquote(urlsplit(self.url).path)
+
+    def open(self) -> CheckpointStore:
+        return open_store(self.url)
+
+    @contextlib.asynccontextmanager
+    async def session(self, keep: int | None) -> AsyncIterator[FastcheckpointDriver]:
+        config = CheckpointConfig(max_checkpoints_per_run=keep)
+        manager = CheckpointManager(self.open(), config=config)
+        driver = FastcheckpointDriver(manager)
+        try:
+            yield driver
+        finally:
+            for run_id in driver.runs:
+                await manager.delete_run(run_id)
+            await manager.aclose()
+
+
+def default_store_urls(root: str) -> list[str]:
+    """``memory://`` and a file store under ``root`` with fsync on, and one with fsync off."""
+    return [
+        "memory://",
+        f"file://{os.path.join(root, 'file-fsync')}",
+        f"file://{os.path.join(root, 'file-nofsync')}?fsync=false",
+    ]
+
+
+@contextlib.contextmanager
+def prepared_targets(urls: list[str] | None) -> Iterator[tuple[list[StoreTarget], str]]:
+    """Targets for ``urls`` (default: :func:`default_store_urls`) and a scratch directory.
+
+    The scratch directory (default file stores, comparison stores) is removed afterwards.
+    """
+    scratch = tempfile.mkdtemp(prefix="fastcheckpoint-bench-")
+    try:
+        chosen = urls if urls else default_store_urls(scratch)
+        yield [StoreTarget(url) for url in chosen], scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def disk_usage(path: str) -> tuple[int, int]:
+    """``(apparent bytes, allocated bytes)`` of every file and directory under ``path``."""
+    apparent = allocated = 0
+    for directory, names, files in os.walk(path):
+        for name in (*names, *files):
+            try:
+                info = os.lstat(os.path.join(directory, name))
+            except FileNotFoundError:
+                continue  # removed while we walked: a concurrent prune
+            apparent += info.st_size
+            allocated += info.st_blocks * 512
+    return apparent, allocated

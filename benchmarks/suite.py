@@ -1,0 +1,224 @@
+"""Running the suite: every (subject, workload) pair, repetitions round-robin, then summaries.
+
+Repetitions are the outer loop, so slow drift of a shared machine spreads over every subject
+instead of landing on whichever ran last; comparison subjects run in the same process.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import statistics
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from benchmarks.compare import comparison_subjects
+from benchmarks.content import Content
+from benchmarks.footprint import floor, measure_footprint
+from benchmarks.measure import Phase, Sample, summarize
+from benchmarks.settings import Sizes
+from benchmarks.subjects import StoreTarget, Subject, prepared_targets
+from benchmarks.workloads import WORKLOADS, Outcome, Workload
+from fastcheckpoint import CheckpointError
+
+__all__ = ["Report", "WorkloadResult", "run_suite"]
+
+logger = logging.getLogger("benchmarks")
+
+Progress = Callable[[str], None]
+"""Called after each repetition of each job with its label; set up by the caller."""
+
+
+@dataclass
+class WorkloadResult:
+    workload: str
+    subject: str
+    system: str
+    kind: str
+    url: str | None = None
+    phases: dict[str, Phase] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+    """From the last repetition (every repetition is checked; a failure is an error)."""
+    footprint: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Report:
+    sizes: Sizes
+    results: list[WorkloadResult]
+    floor: dict[str, dict[str, float]]
+    notes: list[str]
+    backend: str
+
+
+@dataclass
+class _Job:
+    subject: Subject
+    workload: Workload
+    content: Content
+    result: WorkloadResult
+    samples: dict[str, list[Sample]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.workload.name} {self.subject.label}"
+
+
+def _failed_checks(checks: dict[str, Any]) -> list[str]:
+    return [name for name, value in checks.items() if value is False]
+
+
+async def _run_jobs(
+    jobs: list[_Job], floors: dict[str, Content], sizes: Sizes, progress: Progress | None
+) -> dict[str, dict[str, float]]:
+    """Run every job once per repetition; the floor is measured in each repetition too."""
+    measured: dict[str, list[dict[str, float]]] = {name: [] for name in floors}
+    for _ in range(sizes.repetitions):
+        for job in jobs:
+            if job.result.error is None:
+                await _run_job_once(job, sizes)
+            if progress is not None:
+                progress(job.label)
+        for name, content in floors.items():
+            measured[name].append(floor(content, sizes.floor_iterations))
+    return {
+        name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        for name, runs in measured.items() if runs
+    }
+
+
+async def _run_job_once(job: _Job, sizes: Sizes) -> None:
+    try:
+        outcome: Outcome = await job.workload.run_once(job.subject, sizes, job.content)
+    except Exception as exc:
+        job.result.error = f"{type(exc).__name__}: {exc}"
+        logger.error("%s failed:\n%s", job.label, traceback.format_exc())
+        return
+    for phase, sample in outcome.samples.items():
+        job.samples.setdefault(phase, []).append(sample)
+    job.result.checks = outcome.checks
+    failed = _failed_checks(outcome.checks)
+    if failed:
+        job.result.error = f"verification failed: {', '.join(failed)} ({outcome.checks})"
+        logger.error("%s: %s", job.label, job.result.error)
+
+
+def _plan(
+    subjects: Sequence[Subject], workloads: Sequence[Workload], sizes: Sizes
+) -> tuple[list[_Job], list[WorkloadResult]]:
+    """Jobs to run, and results of the pairs that are skipped."""
+    contents: dict[str, Content] = {}
+    jobs: list[_Job] = []
+    skipped: list[WorkloadResult] = []
+    for subject in subjects:
+        for workload in workloads:
+            if not (workload.comparable or isinstance(subject, StoreTarget)):
+                continue  # comparison subjects run only W1 and W4
+            result = WorkloadResult(
+                workload=workload.name, subject=subject.label, system=subject.system,
+                kind=subject.kind, url=subject.url if isinstance(subject, StoreTarget) else None,
+            )
+            reason = workload.skip_reason(subject)
+            if reason is not None:
+                result.skipped = reason
+                skipped.append(result)
+                continue
+            if workload.name not in contents:
+                contents[workload.name] = workload.content(sizes)
+            jobs.append(_Job(subject, workload, contents[workload.name], result))
+    return jobs, skipped
+
+
+async def _check_opens(target: StoreTarget) -> None:
+    """Fail early, with the library's message, on a URL that cannot be opened."""
+    try:
+        store = target.open()
+        await store.aclose()
+    except CheckpointError as exc:
+        raise ValueError(f"cannot open store {target.url!r}: {exc}") from exc
+
+
+async def _footprints(jobs: list[_Job], sizes: Sizes) -> None:
+    for job in jobs:
+        subject = job.subject
+        if not isinstance(subject, StoreTarget) or job.workload.name == "W6":
+            continue
+        if job.result.error is not None:
+            continue
+        keep = job.workload.keep(sizes)
+        creates = 3 if job.workload.name == "W3" else min(keep or 20, 100) + 2
+        try:
+            job.result.footprint = await measure_footprint(subject, job.content, keep, creates)
+        except Exception as exc:
+            job.result.error = f"footprint failed: {type(exc).__name__}: {exc}"
+            logger.error("%s footprint failed:\n%s", job.label, traceback.format_exc())
+
+
+async def _suite(
+    urls: list[str] | None,
+    workloads: Sequence[Workload],
+    sizes: Sizes,
+    compare: bool,
+    progress: Progress | None,
+    on_plan: Callable[[int], None] | None,
+    backend: str,
+) -> Report:
+    notes: list[str] = []
+    with prepared_targets(urls) as (targets, scratch):
+        for target in targets:
+            await _check_opens(target)
+        subjects: list[Subject] = list(targets)
+        if compare:
+            others, missing = comparison_subjects(scratch)
+            subjects += others
+            notes += missing
+        jobs, skipped = _plan(subjects, workloads, sizes)
+        if on_plan is not None:
+            on_plan(len(jobs) * sizes.repetitions)
+        floor_contents = {job.workload.name: job.content for job in jobs
+                          if job.workload.name in ("W1", "W3")}
+        floors = await _run_jobs(jobs, floor_contents, sizes, progress)
+        await _footprints(jobs, sizes)
+    for job in jobs:
+        job.result.phases = {phase: summarize(samples) for phase, samples in job.samples.items()}
+    results = [job.result for job in jobs] + skipped
+    order = {name: index for index, name in enumerate(WORKLOADS)}
+    results.sort(key=lambda result: order[result.workload])
+    for result in skipped:
+        notes.append(f"{result.workload} on {result.subject} skipped: {result.skipped}")
+    return Report(sizes, results, floors, notes, backend)
+
+
+def run_suite(
+    stores: list[str] | None = None,
+    workloads: Sequence[str] | None = None,
+    sizes: Sizes | None = None,
+    *,
+    compare: bool = False,
+    progress: Progress | None = None,
+    on_plan: Callable[[int], None] | None = None,
+    backend: str = "asyncio",
+) -> Report:
+    """Run the suite and return its report (nothing is written; see :mod:`benchmarks.report`).
+
+    ``stores``: store URLs (default: ``memory://`` and temporary file stores with fsync on and
+    off). ``workloads``: names such as ``["W1", "W4"]`` (default: all). ``compare`` adds
+    FastAgentic and LangGraph (W1 and W4; needs ``backend="asyncio"``).
+    """
+    names = list(workloads) if workloads else list(WORKLOADS)
+    unknown = [name for name in names if name not in WORKLOADS]
+    if unknown:
+        raise ValueError(f"unknown workloads {unknown}; known: {', '.join(WORKLOADS)}")
+    if compare and backend != "asyncio":
+        raise ValueError("--compare needs the asyncio backend (aiosqlite, FastAgentic)")
+    chosen = [WORKLOADS[name] for name in names]
+    run = functools.partial(
+        _suite, stores, chosen, sizes or Sizes.full(), compare, progress, on_plan, backend
+    )
+    return anyio.run(run, backend=backend)
