@@ -11,6 +11,7 @@ checkpoint of a later run with the same id.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import re
@@ -47,6 +48,23 @@ def run_key(run_id: str) -> str:
     """The store address of a run: 24 characters of ``[a-z2-7]``."""
     digest = hashlib.blake2b(run_id.encode("utf-8"), digest_size=_RUN_KEY_BYTES).digest()
     return _b32(digest)
+
+
+def key_of(run_id: object) -> str:
+    """Validate ``run_id`` and return its run key (:class:`ValidationError` if unacceptable).
+
+    Cached: an agent names the same few runs on every step. Only valid ids are cached
+    (``lru_cache`` does not keep calls that raise), and only ``str`` reaches the cache.
+    """
+    if not isinstance(run_id, str):
+        raise ValidationError(f"run_id must be a str, got {type(run_id).__name__}")
+    return _valid_key(run_id)
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_key(run_id: str) -> str:
+    validate_run_id(run_id)
+    return run_key(run_id)
 
 
 def new_incarnation() -> str:

@@ -6,7 +6,7 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -21,6 +21,7 @@ from fastcheckpoint import (
     RetryPolicy,
     open_store,
 )
+from fastcheckpoint.stores import register_store
 
 # -- defaults -----------------------------------------------------------------------------------
 
@@ -403,3 +404,52 @@ def test_open_store_relative_plain_path_gives_a_file_store(
 
     assert isinstance(store, FileStore)
     assert (tmp_path / "relative" / "dir").is_dir()
+
+
+class RemoteProbe:
+    """Stands in for a remote store: records what ``open_store`` hands its ``from_url``."""
+
+    def __init__(self, url: str, options: dict[str, Any]) -> None:
+        self.url = url
+        self.options = options
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> RemoteProbe:
+        return cls(url, options)
+
+
+def test_open_store_hands_remote_stores_the_retry_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fastcheckpoint.stores as stores_module
+
+    monkeypatch.setattr(stores_module, "_REGISTRY", dict(stores_module._REGISTRY))
+    register_store("probe", f"{__name__}:RemoteProbe", remote=True)
+    policy = RetryPolicy(base_delay=0.2, max_delay=2.0, max_retries=7)
+
+    default = cast(RemoteProbe, open_store("probe://x", timeout=3))
+    chosen = cast(RemoteProbe, open_store("probe://x", retry=policy))
+
+    assert default.options == {"timeout": 3, "retry": RetryPolicy()}
+    assert chosen.options == {"retry": policy}
+
+
+def test_manager_from_env_passes_its_retry_policy_to_the_store(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import fastcheckpoint.stores as stores_module
+
+    monkeypatch.setattr(stores_module, "_REGISTRY", dict(stores_module._REGISTRY))
+    register_store("probe", f"{__name__}:RemoteProbe", remote=True)
+    seen: list[RemoteProbe] = []
+
+    def remember(url: str, **options: Any) -> RemoteProbe:
+        probe = RemoteProbe(url, options)
+        seen.append(probe)
+        return probe
+
+    monkeypatch.setattr(RemoteProbe, "from_url", staticmethod(remember))
+    with pytest.raises(ConfigurationError, match="CheckpointStore"):
+        CheckpointManager.from_env(
+            {"FASTCHECKPOINT_URL": "probe://x", "FASTCHECKPOINT_RETRY_MAX_RETRIES": "9"}
+        )
+
+    assert seen[0].options == {"retry": RetryPolicy(max_retries=9)}

@@ -454,24 +454,27 @@ async def test_failed_create_consumes_no_sequence(manager: CheckpointManager) ->
     assert after.metadata.sequence == 1
 
 
+class AlwaysTaken(ForwardingStore):
+    """Refuses every append, naming a head that keeps moving: a writer that always loses."""
+
+    calls = 0
+
+    async def append(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        *,
+        run: RunRecord,
+        keep_latest: int | None,
+        now: float,
+    ) -> str:
+        self.calls += 1
+        raise SequenceConflict(latest_sequence=self.calls, incarnation="aaaaaaaa")
+
+
 async def test_sequence_conflicts_past_the_retry_limit_raise_conflict_error(
     store: CheckpointStore, clock: FakeClock
 ) -> None:
-    class AlwaysTaken(ForwardingStore):
-        calls = 0
-
-        async def append(
-            self,
-            run_key: str,
-            record: StoredCheckpoint,
-            *,
-            run: RunRecord,
-            keep_latest: int | None,
-            now: float,
-        ) -> str:
-            self.calls += 1
-            raise SequenceConflict(latest_sequence=self.calls, incarnation="aaaaaaaa")
-
     taken = AlwaysTaken(store)
     manager = manager_with(taken, clock, max_sequence_retries=4)
 
@@ -482,6 +485,29 @@ async def test_sequence_conflicts_past_the_retry_limit_raise_conflict_error(
     assert taken.calls == 4
     with anyio.fail_after(10):
         assert await manager.get_run(RUN) is None
+
+
+async def test_sequence_conflicts_retry_at_once_then_pause_briefly(
+    store: CheckpointStore, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store names the head, so the first retries go at once; colliding writers then
+    pause for milliseconds, never the transient-failure policy's 100 ms and up."""
+
+    pauses: list[float] = []
+
+    async def record_pause(seconds: float) -> None:
+        pauses.append(seconds)
+
+    monkeypatch.setattr("fastcheckpoint._manager.anyio.sleep", record_pause)
+    taken = AlwaysTaken(store)
+    manager = manager_with(taken, clock, max_sequence_retries=8)
+
+    with anyio.fail_after(10), pytest.raises(ConflictError):
+        await manager.create(RUN, {"n": 1})
+
+    assert taken.calls == 8
+    assert len(pauses) == 4  # attempts 3..6 pause; the first three and the last do not
+    assert all(0 <= pause <= 0.05 for pause in pauses)
 
 
 # -- parents (§3.5) -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import importlib
 from typing import Any
 from urllib.parse import urlsplit
 
+from fastcheckpoint._config import RetryPolicy
 from fastcheckpoint.errors import ConfigurationError
 from fastcheckpoint.stores._base import (
     EMPTY_RUN,
@@ -33,21 +34,38 @@ __all__ = [
     "register_store",
 ]
 
-# scheme -> (dotted "module:Class", extra to install or None)
-_REGISTRY: dict[str, tuple[str, str | None]] = {
-    "memory": ("fastcheckpoint.stores.memory:MemoryStore", None),
-    "file": ("fastcheckpoint.stores.file:FileStore", None),
+
+class _Backend:
+    __slots__ = ("extra", "remote", "target")
+
+    def __init__(self, target: str, extra: str | None, remote: bool) -> None:
+        self.target = target
+        self.extra = extra
+        self.remote = remote
+
+
+_REGISTRY: dict[str, _Backend] = {
+    "memory": _Backend("fastcheckpoint.stores.memory:MemoryStore", None, remote=False),
+    "file": _Backend("fastcheckpoint.stores.file:FileStore", None, remote=False),
 }
 
 
-def register_store(scheme: str, target: str, extra: str | None = None) -> None:
-    """Map a URL scheme to ``"package.module:Class"``; the class needs ``from_url(url, **kw)``."""
-    _REGISTRY[scheme.lower()] = (target, extra)
+def register_store(
+    scheme: str, target: str, extra: str | None = None, *, remote: bool = False
+) -> None:
+    """Map a URL scheme to ``"package.module:Class"``; the class needs ``from_url(url, **kw)``.
+
+    ``remote`` stores talk to a server and retry transient failures: ``open_store`` hands
+    them the ``retry`` policy, and their ``from_url`` must accept ``retry=``.
+    """
+    _REGISTRY[scheme.lower()] = _Backend(target, extra, remote)
 
 
-def open_store(url: str, **options: Any) -> CheckpointStore:
+def open_store(url: str, *, retry: RetryPolicy | None = None, **options: Any) -> CheckpointStore:
     """Build a store from a URL (``memory://``, ``file:///path`` or a plain path, ...).
 
+    ``retry`` (default :class:`RetryPolicy()`) configures the driver's own retries of a
+    remote store (Redis, S3, DynamoDB); local stores have no transient failures and ignore it.
     Raises :class:`ConfigurationError` for an unknown scheme, a malformed URL, or a backend
     whose optional dependencies are not installed (naming the ``pip install`` to run).
     """
@@ -57,16 +75,19 @@ def open_store(url: str, **options: Any) -> CheckpointStore:
     if scheme not in _REGISTRY:
         known = ", ".join(f"{name}://" for name in sorted(_REGISTRY))
         raise ConfigurationError(f"unknown store URL scheme {scheme!r} in {url!r}; known: {known}")
-    target, extra = _REGISTRY[scheme]
-    module_name, _, class_name = target.partition(":")
+    backend = _REGISTRY[scheme]
+    module_name, _, class_name = backend.target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        extra = backend.extra
         hint = f"pip install 'fastcheckpoint[{extra}]'" if extra else "a complete installation"
         raise ConfigurationError(
             f"the {scheme}:// store needs packages that are not installed ({exc.name}); "
             f"run: {hint}"
         ) from exc
     store_class = getattr(module, class_name)
+    if backend.remote:
+        options["retry"] = retry if retry is not None else RetryPolicy()
     store: CheckpointStore = store_class.from_url(url, **options)
     return store

@@ -1,0 +1,187 @@
+"""The AWS plumbing shared by the S3 and DynamoDB stores, against moto and a failing server."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import pytest
+
+from fastcheckpoint._config import RetryPolicy
+from fastcheckpoint.errors import ConfigurationError, StoreError, StoreUnavailableError
+from fastcheckpoint.stores._aws import AwsEndpoint, Blobs, RequestCounter, open_client
+from tests.stores._moto import REGION, moto_endpoint, unique_name
+
+__all__ = ["moto_endpoint"]
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # aiobotocore runs on asyncio only
+
+
+@dataclass(frozen=True)
+class RecordingPolicy(RetryPolicy):
+    """Records the attempt numbers it was asked to wait for; waits almost nothing."""
+
+    asked: list[int] = field(default_factory=list)
+
+    def delay(self, attempt: int, rng: Any = None) -> float:
+        self.asked.append(attempt)
+        return 0.001
+
+
+@contextlib.asynccontextmanager
+async def s3_client(endpoint_url: str, retry: RetryPolicy | None = None) -> AsyncIterator[Any]:
+    async with contextlib.AsyncExitStack() as stack:
+        endpoint = AwsEndpoint(region=REGION, endpoint_url=endpoint_url)
+        yield await open_client(stack, "s3", endpoint, retry or RetryPolicy())
+
+
+@pytest.fixture
+async def blobs(moto_endpoint: str) -> AsyncIterator[Blobs]:
+    async with s3_client(moto_endpoint) as client:
+        bucket = unique_name("aws")
+        await client.create_bucket(Bucket=bucket)
+        yield Blobs(client, bucket, prefix="p/")
+
+
+async def test_blobs_round_trip_create_only_list_and_delete(blobs: Blobs) -> None:
+    with anyio.fail_after(30):
+        assert await blobs.put("a/1", b"one", metadata={"x": "1"})
+        assert not await blobs.put("a/1", b"other", create_only=True)
+        assert await blobs.get("a/1") == (b"one", {"x": "1"})
+        assert await blobs.get("a/missing") is None
+        for name in ("a/2", "a/3", "b/1"):
+            assert await blobs.put(name, name.encode(), create_only=True)
+        keys, token = await blobs.list_page("a/", limit=2)
+        assert (keys, token is not None) == (["a/1", "a/2"], True)
+        keys, token = await blobs.list_page("a/", token=token)
+        assert (keys, token) == (["a/3"], None)
+        assert await blobs.list_page("a/", start_after="a/1") == (["a/2", "a/3"], None)
+        assert await blobs.delete(["a/1", "a/2", "a/3", "a/never"]) == 1
+        assert await blobs.list_page("") == (["b/1"], None)
+
+
+async def test_delete_sends_one_request_per_thousand_keys(blobs: Blobs) -> None:
+    with anyio.fail_after(30), RequestCounter.attached(blobs.client) as counter:
+        assert await blobs.delete([f"k/{n}" for n in range(2001)]) == 3
+        assert counter.counts == {"DeleteObjects": 3}
+
+
+async def test_request_counter_counts_each_operation(blobs: Blobs) -> None:
+    with anyio.fail_after(30):
+        with RequestCounter.attached(blobs.client) as counter:
+            await blobs.put("c", b"x")
+            await blobs.get("c")
+            await blobs.get("c")
+        await blobs.get("c")  # detached: not counted
+        assert counter.counts == {"PutObject": 1, "GetObject": 2}
+        assert counter.total == 3
+
+
+async def test_missing_bucket_is_a_configuration_error(moto_endpoint: str) -> None:
+    with anyio.fail_after(30):
+        async with s3_client(moto_endpoint) as client:
+            with pytest.raises(ConfigurationError, match="fastcheckpoint init"):
+                await Blobs(client, unique_name("absent")).put("k", b"v")
+
+
+class _SlowDownHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every request like a throttling S3."""
+
+    requests = 0
+    status = 503
+    body = (
+        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+        b"<Message>Please reduce your request rate.</Message></Error>"
+    )
+
+    def _answer(self) -> None:
+        type(self).requests += 1
+        if self.headers.get("Expect", "").lower() != "100-continue":
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        # With "Expect: 100-continue" the body never comes: answer at once, then close.
+        self.close_connection = True
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    do_GET = do_PUT = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def throttling_server() -> Iterator[str]:
+    _SlowDownHandler.requests = 0
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowDownHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_throttling_is_retried_with_the_policy_then_unavailable(
+    throttling_server: str,
+) -> None:
+    policy = RecordingPolicy(max_retries=3)
+    with anyio.fail_after(30):
+        async with s3_client(throttling_server, policy) as client:
+            with pytest.raises(StoreUnavailableError, match="throttling") as caught:
+                await Blobs(client, "bucket").get("key")
+    assert _SlowDownHandler.requests == 4  # the first try and max_retries retries
+    assert policy.asked == [0, 1, 2]
+    assert caught.value.__cause__ is not None
+
+
+async def test_zero_retries_sends_one_request(throttling_server: str) -> None:
+    with anyio.fail_after(30):
+        async with s3_client(throttling_server, RecordingPolicy(max_retries=0)) as client:
+            with pytest.raises(StoreUnavailableError):
+                await Blobs(client, "bucket").put("key", b"v")
+    assert _SlowDownHandler.requests == 1
+
+
+async def test_forbidden_names_the_iam_policy(throttling_server: str) -> None:
+    _SlowDownHandler.status = 403
+    _SlowDownHandler.body = b"<Error><Code>AccessDenied</Code><Message>no</Message></Error>"
+    try:
+        with anyio.fail_after(30):
+            async with s3_client(throttling_server) as client:
+                with pytest.raises(StoreError, match="IAM policy"):
+                    await Blobs(client, "bucket").get("key")
+        assert _SlowDownHandler.requests == 1  # not transient: no retry
+    finally:
+        _SlowDownHandler.status = 503
+        _SlowDownHandler.body = _SlowDownHandler.__dict__["body"]
+
+
+async def test_unreachable_endpoint_is_unavailable() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again before use: connection refused
+    with anyio.fail_after(30):
+        async with s3_client(f"http://127.0.0.1:{port}", RecordingPolicy(max_retries=1)) as c:
+            with pytest.raises(StoreUnavailableError, match="cannot reach"):
+                await Blobs(c, "bucket").get("key")
+
+
+def test_endpoint_from_query_validates_the_url() -> None:
+    assert AwsEndpoint.from_query({"region": "eu-west-1"}) == AwsEndpoint("eu-west-1", None)
+    with pytest.raises(ConfigurationError, match="endpoint_url"):
+        AwsEndpoint.from_query({"endpoint_url": "127.0.0.1:9000"})
