@@ -84,6 +84,11 @@ class RunData(msgspec.Struct, array_like=True):
     history: list[tuple[str, float, str | None, str]] = msgspec.field(default_factory=list)
 
 
+MAX_INFLATED_BYTES = 1 << 30
+"""Largest body a compressed record may inflate to. The checksum catches damage, not malice:
+without a bound, a few kilobytes planted in a store could inflate to gigabytes on restore."""
+
+
 def _frame(body: bytes, compression: int) -> bytes:
     crc = zlib.crc32(body).to_bytes(4, "big")
     return b"".join((_MAGIC, bytes((FORMAT_VERSION, _CODEC_MSGPACK, compression)), crc, body))
@@ -103,10 +108,18 @@ def _unframe(blob: bytes, key: str) -> bytes:
     if compression == _COMPRESS_NONE:
         return body
     if compression == _COMPRESS_ZLIB:
+        inflater = zlib.decompressobj()
         try:
-            return zlib.decompress(body)
+            inflated = inflater.decompress(body, MAX_INFLATED_BYTES)
         except zlib.error as exc:
             raise CorruptCheckpointError("undecompressable body", key=key) from exc
+        if inflater.unconsumed_tail:
+            raise CorruptCheckpointError(
+                f"compressed body inflates past {MAX_INFLATED_BYTES} bytes", key=key
+            )
+        if not inflater.eof:
+            raise CorruptCheckpointError("truncated compressed body", key=key)
+        return inflated
     raise CorruptCheckpointError(f"unknown compression {compression}", key=key)
 
 

@@ -125,6 +125,29 @@ def test_compressed_body_that_does_not_inflate_raises_corrupt_checkpoint_error()
     assert caught.value.key == KEY
 
 
+def test_compressed_body_inflating_past_the_bound_raises_corrupt_checkpoint_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bomb = reframe(zlib.compress(raw_payload({"zeros": bytes(1 << 20)}), 9), compression=1)
+    assert len(bomb) < 4096  # a planted record this small would otherwise inflate to 1 MB
+    monkeypatch.setattr("fastcheckpoint._codec.MAX_INFLATED_BYTES", 1 << 16)
+
+    with pytest.raises(CorruptCheckpointError, match="inflates past") as caught:
+        Codec().decode_payload(bomb, KEY)
+
+    assert caught.value.key == KEY
+
+
+def test_truncated_compressed_body_raises_corrupt_checkpoint_error() -> None:
+    whole = zlib.compress(raw_payload({"a": "b" * 1000}))
+    blob = reframe(whole[: len(whole) // 2], compression=1)
+
+    with pytest.raises(CorruptCheckpointError, match="truncated") as caught:
+        Codec().decode_payload(blob, KEY)
+
+    assert caught.value.key == KEY
+
+
 @pytest.mark.parametrize(
     "body",
     [
