@@ -17,12 +17,13 @@ import functools
 import os
 import secrets
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from benchmarks.content import Content
-from benchmarks.subjects import FastcheckpointDriver, Operation
+from benchmarks.subjects import FastcheckpointDriver, Operation, StoreTarget
 
 __all__ = ["FastAgenticSubject", "LangGraphSubject", "comparison_subjects"]
 
@@ -40,35 +41,90 @@ class _FastAgenticDriver(FastcheckpointDriver):
         return len(await self.store.list_checkpoints(run_id, limit=1 << 30))
 
 
+class _KeyErrorS3:
+    """An aiobotocore S3 client whose missing keys raise ``KeyError``.
+
+    FastAgentic's S3 store catches ``KeyError`` for "not found" (as some S3 wrappers raise);
+    a stock client raises ``NoSuchKey``, which would crash its first ``load_latest``.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    async def get_object(self, **params: Any) -> Any:
+        try:
+            return await self._client.get_object(**params)
+        except self._client.exceptions.NoSuchKey as exc:
+            raise KeyError(params.get("Key")) from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
 @dataclass
 class FastAgenticSubject:
     kind: str
-    """``memory`` (InMemoryCheckpointStore) or ``file`` (FileCheckpointStore)."""
+    """``memory``, ``file``, ``redis`` or ``s3``: the FastAgentic store of that kind."""
     scratch: str
+    url: str = ""
+    """For ``redis`` and ``s3``: our store's URL, whose server (and bucket) it shares."""
     system: str = "fastagentic"
     label: str = ""
 
     def __post_init__(self) -> None:
-        names = {"memory": "InMemoryCheckpointStore", "file": "FileCheckpointStore"}
+        names = {"memory": "InMemoryCheckpointStore", "file": "FileCheckpointStore",
+                 "redis": "RedisCheckpointStore", "s3": "S3CheckpointStore"}
         self.label = f"FastAgentic {names[self.kind]}"
 
     @contextlib.asynccontextmanager
     async def session(self, keep: int | None) -> AsyncIterator[_FastAgenticDriver]:
+        from fastagentic.checkpoint import CheckpointConfig, CheckpointManager
+
+        config = CheckpointConfig(max_checkpoints_per_run=keep or 0)  # 0: FastAgentic keeps all
+        async with self._store() as store:
+            yield _FastAgenticDriver(CheckpointManager(store, config), store)
+
+    @contextlib.asynccontextmanager
+    async def _store(self) -> AsyncIterator[Any]:
         from fastagentic.checkpoint import (
-            CheckpointConfig,
-            CheckpointManager,
             FileCheckpointStore,
             InMemoryCheckpointStore,
+            RedisCheckpointStore,
+            S3CheckpointStore,
         )
 
-        directory = os.path.join(self.scratch, f"fastagentic-{secrets.token_hex(4)}")
-        store = InMemoryCheckpointStore() if self.kind == "memory" else FileCheckpointStore(
-            directory)
-        config = CheckpointConfig(max_checkpoints_per_run=keep or 0)  # 0: FastAgentic keeps all
-        try:
-            yield _FastAgenticDriver(CheckpointManager(store, config), store)
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
+        token = secrets.token_hex(4)
+        if self.kind == "memory":
+            yield InMemoryCheckpointStore()
+        elif self.kind == "file":
+            directory = os.path.join(self.scratch, f"fastagentic-{token}")
+            try:
+                yield FileCheckpointStore(directory)
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
+        elif self.kind == "redis":
+            import redis.asyncio
+
+            parts = urlsplit(self.url)
+            client = redis.asyncio.Redis.from_url(urlunsplit(parts._replace(query="")))
+            prefix = f"{dict(parse_qsl(parts.query)).get('prefix', 'fcbench')}-fa-{token}:"
+            try:
+                yield RedisCheckpointStore(client, prefix=prefix)
+            finally:
+                keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+                for start in range(0, len(keys), 1000):
+                    await client.unlink(*keys[start:start + 1000])
+                await client.aclose()
+        else:
+            from aiobotocore.session import get_session
+
+            parts = urlsplit(self.url)
+            query = dict(parse_qsl(parts.query))
+            async with get_session().create_client(
+                "s3", region_name=query.get("region"), endpoint_url=query.get("endpoint_url"),
+            ) as client:
+                yield S3CheckpointStore(
+                    _KeyErrorS3(client), bucket=parts.netloc, prefix=f"fastagentic-{token}/")
 
 
 class _LangGraphDriver:
@@ -148,8 +204,14 @@ class LangGraphSubject:
                     os.unlink(path + suffix)
 
 
-def comparison_subjects(scratch: str) -> tuple[list[Any], list[str]]:
-    """The comparison subjects whose packages import, and a note for each that does not."""
+def comparison_subjects(
+    scratch: str, targets: Sequence[StoreTarget] = ()
+) -> tuple[list[Any], list[str]]:
+    """The comparison subjects whose packages import, and a note for each that does not.
+
+    FastAgentic's Redis and S3 stores run when one of ``targets`` is a Redis or S3 store: they
+    use the same server (and bucket), so the comparison measures the libraries, not servers.
+    """
     subjects: list[Any] = []
     notes: list[str] = []
     try:
@@ -158,6 +220,8 @@ def comparison_subjects(scratch: str) -> tuple[list[Any], list[str]]:
         notes.append(f"FastAgentic skipped: cannot import it ({exc}); run: {INSTALL_HINT}")
     else:
         subjects += [FastAgenticSubject("memory", scratch), FastAgenticSubject("file", scratch)]
+        network = {target.kind: target.url for target in targets if target.kind in ("redis", "s3")}
+        subjects += [FastAgenticSubject(kind, scratch, url) for kind, url in network.items()]
     try:
         import langgraph.checkpoint.memory
     except ImportError as exc:

@@ -1,7 +1,8 @@
 """Untimed instrumented passes: what an operation costs in calls and bytes, and the floor.
 
-* Store calls, worker-thread hops and fsyncs per create / restore / list, counted on a separate
-  short run (counting would slow the timed runs). Network stores will add backend requests.
+* Store calls, worker-thread hops, fsyncs and backend requests (Redis round trips, AWS HTTP
+  requests) per create / restore / list, counted on a separate short run (counting would slow
+  the timed runs).
 * Bytes stored per checkpoint: the payload and header the manager hands the store, and for a
   file store the disk space the run takes divided by the checkpoints it holds.
 * The floor: a bare msgspec msgpack encode + decode of the same state and messages, what a
@@ -71,26 +72,71 @@ def _forwarder(name: str, asynchronous: bool) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
-def counting_syscalls() -> Iterator[Counter[str]]:
-    """Count ``anyio.to_thread.run_sync`` hops and ``os.fsync`` calls while inside."""
-    counts: Counter[str] = Counter()
-    run_sync, fsync = anyio.to_thread.run_sync, os.fsync
-
-    async def counted_run_sync(*args: Any, **kwargs: Any) -> Any:
-        counts["thread_hops"] += 1
-        return await run_sync(*args, **kwargs)
-
-    def counted_fsync(fd: int) -> None:
-        counts["fsyncs"] += 1
-        fsync(fd)
-
-    anyio.to_thread.run_sync = counted_run_sync  # type: ignore[assignment]
-    os.fsync = counted_fsync
+def _patched(owner: Any, name: str, replacement: Callable[..., Any]) -> Iterator[None]:
+    original = getattr(owner, name)
+    setattr(owner, name, replacement(original))
     try:
-        yield counts
+        yield
     finally:
-        anyio.to_thread.run_sync = run_sync
-        os.fsync = fsync
+        setattr(owner, name, original)
+
+
+def _network_patches(counts: Counter[str]) -> list[tuple[Any, str, Callable[..., Any]]]:
+    """Backend requests, counted where the drivers put bytes on the wire.
+
+    redis-py sends each command, or each pipeline, with one ``send_packed_command``: one round
+    trip. aiobotocore sends each HTTP attempt (retries included) with one ``AioEndpoint._send``.
+    """
+    patches: list[tuple[Any, str, Callable[..., Any]]] = []
+
+    def counted(original: Callable[..., Any]) -> Callable[..., Any]:
+        async def send(*args: Any, **kwargs: Any) -> Any:
+            counts["requests"] += 1
+            return await original(*args, **kwargs)
+
+        return send
+
+    try:
+        from redis.asyncio.connection import AbstractConnection
+    except ImportError:
+        pass
+    else:
+        patches.append((AbstractConnection, "send_packed_command", counted))
+    try:
+        from aiobotocore.endpoint import AioEndpoint
+    except ImportError:
+        pass
+    else:
+        patches.append((AioEndpoint, "_send", counted))
+    return patches
+
+
+@contextlib.contextmanager
+def counting_syscalls() -> Iterator[Counter[str]]:
+    """Count thread hops (``anyio.to_thread.run_sync``), ``os.fsync`` calls and backend
+    requests (Redis round trips, AWS HTTP requests) while inside."""
+    counts: Counter[str] = Counter()
+
+    def hops(run_sync: Callable[..., Any]) -> Callable[..., Any]:
+        async def counted_run_sync(*args: Any, **kwargs: Any) -> Any:
+            counts["thread_hops"] += 1
+            return await run_sync(*args, **kwargs)
+
+        return counted_run_sync
+
+    def fsyncs(fsync: Callable[[int], None]) -> Callable[[int], None]:
+        def counted_fsync(fd: int) -> None:
+            counts["fsyncs"] += 1
+            fsync(fd)
+
+        return counted_fsync
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(anyio.to_thread, "run_sync", hops))
+        stack.enter_context(_patched(os, "fsync", fsyncs))
+        for owner, name, replacement in _network_patches(counts):
+            stack.enter_context(_patched(owner, name, replacement))
+        yield counts
 
 
 async def measure_footprint(
@@ -119,6 +165,7 @@ async def measure_footprint(
                 "store_calls": (sum(store.calls.values()) - calls_before) / count,
                 "thread_hops": counts["thread_hops"] / count,
                 "fsyncs": counts["fsyncs"] / count,
+                "requests": counts["requests"] / count,
             }
         info = await manager.get_run(run_id)
         held = info.checkpoint_count if info is not None else 0

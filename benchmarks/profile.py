@@ -238,8 +238,9 @@ def _markdown(results: dict[str, dict[str, Any]], codec: dict[str, float], ops: 
 async def _run(urls: list[str] | None, ops: int, rounds: int) -> dict[str, dict[str, Any]]:
     content = make_content(Sizes().state_bytes, Sizes().messages)
     results: dict[str, dict[str, Any]] = {}
-    with prepared_targets(urls) as (targets, _):
-        for target in targets:
+    with prepared_targets(urls) as prepared:
+        for target in prepared.targets:
+            await target.prepare()
             results[target.label] = await _profile_store(target, content, ops, rounds)
     return results
 

@@ -25,7 +25,8 @@ __all__ = [
 
 _PACKAGES = (
     "fastcheckpoint", "msgspec", "anyio", "trio", "fastagentic", "langgraph",
-    "langgraph-checkpoint", "langgraph-checkpoint-sqlite", "aiosqlite",
+    "langgraph-checkpoint", "langgraph-checkpoint-sqlite", "aiosqlite", "redis", "aiobotocore",
+    "botocore", "moto",
 )
 
 # (our kind, workload, phase, their system, their kind, minimum ratio of ops/s)
@@ -37,12 +38,17 @@ _RATIO_TARGETS = (
     ("file", "W1", "restore", "fastagentic", "file", 20.0),
     ("file", "W1", "create", "langgraph", "sqlite", 2.0),
     ("file", "W1", "restore", "langgraph", "sqlite", 2.0),
+    ("redis", "W1", "create", "fastagentic", "redis", 50.0),
+    ("redis", "W1", "restore", "fastagentic", "redis", 1.0),
+    ("s3", "W1", "create", "fastagentic", "s3", 20.0),
 )
 # Which comparison subjects each of our store kinds is set against.
 _COUNTERPARTS = {
     "memory": (("fastagentic", "memory"), ("langgraph", "memory")),
     "file": (("fastagentic", "file"), ("langgraph", "sqlite")),
     "file-nofsync": (("fastagentic", "file"), ("langgraph", "sqlite")),
+    "redis": (("fastagentic", "redis"),),
+    "s3": (("fastagentic", "s3"),),
 }
 _NETWORK_KINDS = ("redis", "rediss", "s3", "dynamodb")
 
@@ -242,7 +248,7 @@ def _footprint_cells(result: WorkloadResult, phase: str) -> list[str]:
     disk = result.footprint.get("disk_allocated_bytes")
     counts = "/".join(
         _num(per_op.get(name), 0 if float(per_op.get(name, 0)).is_integer() else 2)
-        for name in ("store_calls", "thread_hops", "fsyncs")
+        for name in ("store_calls", "thread_hops", "fsyncs", "requests")
     ) if per_op else "-"
     return [_num(stored), _num(disk), counts]
 
@@ -250,7 +256,7 @@ def _footprint_cells(result: WorkloadResult, phase: str) -> list[str]:
 def _results_table(report: Report) -> list[str]:
     lines = [
         "| workload | store | phase | ops/s | p50 µs | p99 µs | max µs | bytes/ckpt | disk/ckpt "
-        "| calls/hops/fsyncs per op |",
+        "| calls/hops/fsyncs/requests per op |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for result in report.results:
@@ -281,7 +287,8 @@ def to_markdown(report: Report, machine: dict[str, Any]) -> str:
         f"msgspec {machine['versions']['msgspec']}, backend {report.backend}. "
         f"Every number is the median of {report.sizes.repetitions} repetitions. "
         "bytes/ckpt: payload + header handed to the store; disk/ckpt: allocated disk space "
-        "of a file store's run divided by the checkpoints it holds.",
+        "of a file store's run divided by the checkpoints it holds; requests: backend round "
+        "trips (Redis) or HTTP requests (S3, DynamoDB) per operation.",
         "",
         *_results_table(report),
         "",

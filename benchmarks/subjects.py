@@ -22,12 +22,14 @@ from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from benchmarks.content import Content
-from fastcheckpoint import CheckpointConfig, CheckpointManager, open_store
-from fastcheckpoint.stores import CheckpointStore
+from benchmarks.services import MOTO, Services, bench_services
+from fastcheckpoint import CheckpointConfig, CheckpointError, CheckpointManager, open_store
+from fastcheckpoint.stores import CheckpointStore, SupportsProvision
 
 __all__ = [
     "Driver",
     "FastcheckpointDriver",
+    "Prepared",
     "StoreTarget",
     "Subject",
     "default_store_urls",
@@ -130,6 +132,19 @@ class StoreTarget:
     def open(self) -> CheckpointStore:
         return open_store(self.url)
 
+    async def prepare(self) -> None:
+        """Fail early, with the library's message, on a URL that cannot be opened; provision
+        what a network store needs (bucket, table) where the store can do that itself."""
+        try:
+            store = self.open()
+            try:
+                if isinstance(store, SupportsProvision):
+                    await store.provision()
+            finally:
+                await store.aclose()
+        except CheckpointError as exc:
+            raise ValueError(f"cannot open store {self.url!r}: {exc}") from exc
+
     @contextlib.asynccontextmanager
     async def session(self, keep: int | None) -> AsyncIterator[FastcheckpointDriver]:
         config = CheckpointConfig(max_checkpoints_per_run=keep)
@@ -152,16 +167,27 @@ def default_store_urls(root: str) -> list[str]:
     ]
 
 
-@contextlib.contextmanager
-def prepared_targets(urls: list[str] | None) -> Iterator[tuple[list[StoreTarget], str]]:
-    """Targets for ``urls`` (default: :func:`default_store_urls`) and a scratch directory.
+@dataclass
+class Prepared:
+    targets: list[StoreTarget]
+    scratch: str
+    """A directory for default file stores and comparison stores; removed afterwards."""
+    services: Services
 
-    The scratch directory (default file stores, comparison stores) is removed afterwards.
-    """
+
+@contextlib.contextmanager
+def prepared_targets(urls: list[str] | None) -> Iterator[Prepared]:
+    """Targets for ``urls``, or by default the local stores plus every network store whose
+    server is reachable (Redis) or can be started here (moto for S3 and DynamoDB)."""
     scratch = tempfile.mkdtemp(prefix="fastcheckpoint-bench-")
+    need_moto = not urls or any(f"endpoint_url={MOTO}" in url for url in urls)
     try:
-        chosen = urls if urls else default_store_urls(scratch)
-        yield [StoreTarget(url) for url in chosen], scratch
+        with bench_services(need_moto) as services:
+            if urls:
+                chosen = [services.resolve(url) for url in urls]
+            else:
+                chosen = default_store_urls(scratch) + services.store_urls()
+            yield Prepared([StoreTarget(url) for url in chosen], scratch, services)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -23,7 +23,6 @@ from benchmarks.measure import Phase, Sample, summarize
 from benchmarks.settings import Sizes
 from benchmarks.subjects import StoreTarget, Subject, prepared_targets
 from benchmarks.workloads import WORKLOADS, Outcome, Workload
-from fastcheckpoint import CheckpointError
 
 __all__ = ["Report", "WorkloadResult", "run_suite"]
 
@@ -135,15 +134,6 @@ def _plan(
     return jobs, skipped
 
 
-async def _check_opens(target: StoreTarget) -> None:
-    """Fail early, with the library's message, on a URL that cannot be opened."""
-    try:
-        store = target.open()
-        await store.aclose()
-    except CheckpointError as exc:
-        raise ValueError(f"cannot open store {target.url!r}: {exc}") from exc
-
-
 async def _footprints(jobs: list[_Job], sizes: Sizes) -> None:
     for job in jobs:
         subject = job.subject
@@ -170,12 +160,13 @@ async def _suite(
     backend: str,
 ) -> Report:
     notes: list[str] = []
-    with prepared_targets(urls) as (targets, scratch):
-        for target in targets:
-            await _check_opens(target)
-        subjects: list[Subject] = list(targets)
+    with prepared_targets(urls) as prepared:
+        notes += prepared.services.notes
+        for target in prepared.targets:
+            await target.prepare()
+        subjects: list[Subject] = list(prepared.targets)
         if compare:
-            others, missing = comparison_subjects(scratch)
+            others, missing = comparison_subjects(prepared.scratch, prepared.targets)
             subjects += others
             notes += missing
         jobs, skipped = _plan(subjects, workloads, sizes)

@@ -107,3 +107,42 @@ def test_unknown_workload_is_rejected() -> None:
 def test_a_store_that_cannot_be_opened_fails_before_anything_runs() -> None:
     with pytest.raises(ValueError, match="cannot open store 'nosuch://x'"):
         run_suite(["nosuch://x"], ["W1"], TINY)
+
+
+def test_moto_placeholder_is_resolved_and_redis_prefixes_remembered() -> None:
+    from benchmarks.services import Services
+
+    services = Services(moto_url="http://127.0.0.1:4567")
+    resolved = services.resolve("s3://b/p?region=us-east-1&endpoint_url=moto")
+    services.resolve("redis://127.0.0.1:6379/0?prefix=fcbench-x")
+
+    assert "endpoint_url=http%3A%2F%2F127.0.0.1%3A4567" in resolved
+    assert services.redis_prefixes == {"fcbench-x"}
+    with pytest.raises(ValueError, match="moto"):
+        Services().resolve("s3://b/p?endpoint_url=moto")
+
+
+def test_requests_are_counted_where_drivers_send() -> None:
+    import anyio
+    import redis.asyncio
+
+    from benchmarks.footprint import counting_syscalls
+    from benchmarks.services import _redis_answers
+
+    if not _redis_answers("redis://127.0.0.1:6379/0"):
+        pytest.skip("no Redis at 127.0.0.1:6379")
+
+    async def three_round_trips() -> int:
+        client = redis.asyncio.Redis(host="127.0.0.1", port=6379)
+        try:
+            await client.ping()  # connects: the handshake's own commands are not counted
+            with counting_syscalls() as counts:
+                await client.ping()
+                await client.ping()
+                async with client.pipeline(transaction=False) as pipe:
+                    await pipe.ping().ping().execute()  # one round trip for both
+            return counts["requests"]
+        finally:
+            await client.aclose()
+
+    assert anyio.run(three_round_trips) == 3

@@ -36,6 +36,7 @@ __all__ = [
     "Item",
     "RunRecord",
     "StoredCheckpoint",
+    "SupportsProvision",
     "header_of",
     "is_live",
     "latest_expiry",
@@ -269,3 +270,15 @@ class CheckpointStore(Protocol):
     async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class SupportsProvision(Protocol):
+    """A store that can create what it needs on its backend (``fastcheckpoint init URL``).
+
+    ``provision()`` is idempotent: it creates what is missing (tables, indexes, buckets, TTL
+    and lifecycle settings), leaves what exists, and raises :class:`ConfigurationError` when
+    something exists but is set up incompatibly. Stores that need nothing do not offer it.
+    """
+
+    async def provision(self) -> None: ...
