@@ -6,6 +6,9 @@ DynamoDB) are imported only when used.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from fastcheckpoint._config import CheckpointConfig, RetryPolicy
 from fastcheckpoint._manager import CheckpointManager, RunPage
 from fastcheckpoint._model import (
@@ -31,7 +34,31 @@ from fastcheckpoint.stores import CheckpointStore, open_store
 from fastcheckpoint.stores.file import FileCheckpointStore, FileStore
 from fastcheckpoint.stores.memory import InMemoryCheckpointStore, MemoryStore
 
+if TYPE_CHECKING:
+    from fastcheckpoint.stores.redis import RedisCheckpointStore, RedisStore
+
 __version__ = "0.1.0"
+
+# Stores whose drivers are optional extras: imported on first access, so ``import
+# fastcheckpoint`` never needs redis or aiobotocore. name -> (module, extra)
+_LAZY = {
+    "RedisStore": ("fastcheckpoint.stores.redis", "redis"),
+    "RedisCheckpointStore": ("fastcheckpoint.stores.redis", "redis"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fastcheckpoint' has no attribute {name!r}")
+    module_name, extra = _LAZY[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"fastcheckpoint.{name} needs packages that are not installed ({exc.name}); "
+            f"run: pip install 'fastcheckpoint[{extra}]'"
+        ) from exc
+    return getattr(module, name)
 
 __all__ = [
     "Checkpoint",
@@ -49,6 +76,8 @@ __all__ = [
     "FileStore",
     "InMemoryCheckpointStore",
     "MemoryStore",
+    "RedisCheckpointStore",
+    "RedisStore",
     "RetryPolicy",
     "RunInfo",
     "RunPage",

@@ -41,6 +41,7 @@ from fastcheckpoint.stores import (
     CheckpointStore,
     RunRecord,
     StoredCheckpoint,
+    SupportsDefaultTTL,
     open_store,
 )
 
@@ -108,6 +109,9 @@ class CheckpointManager:
             dec_hook=self.config.dec_hook,
             compress_min_bytes=self.config.compress_min_bytes,
         )
+        self._default_ttl = self.config.default_ttl_seconds
+        if self._default_ttl is None and isinstance(store, SupportsDefaultTTL):
+            self._default_ttl = store.default_ttl_seconds
         self._hints: OrderedDict[str, _Hint] = OrderedDict()
         self._cleanup: tuple[anyio.CancelScope, anyio.Event] | None = None
         self._cleanup_task: object = None  # keeps an asyncio task referenced while it runs
@@ -323,7 +327,7 @@ class CheckpointManager:
 
     def _ttl(self, ttl_seconds: object, now: float) -> float | None:
         if ttl_seconds is None:
-            return self.config.default_ttl_seconds
+            return self._default_ttl
         if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)):
             raise ValidationError(f"ttl_seconds must be a number, got {ttl_seconds!r}")
         try:

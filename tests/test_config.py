@@ -453,3 +453,4 @@ def test_manager_from_env_passes_its_retry_policy_to_the_store(
         )
 
     assert seen[0].options == {"retry": RetryPolicy(max_retries=9)}
+

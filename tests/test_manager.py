@@ -645,6 +645,28 @@ async def test_default_ttl_comes_from_config_and_per_create_ttl_overrides_it(
     assert explicit.metadata.expires_at == clock.now + 5
 
 
+async def test_a_store_level_default_ttl_applies_unless_the_config_sets_one(
+    store: CheckpointStore, clock: FakeClock
+) -> None:
+    """FastAgentic-style stores carry a default TTL (SupportsDefaultTTL); the manager applies
+    it, so the returned and the restored checkpoint report the same expiry."""
+
+    class WithDefaultTTL(ForwardingStore):
+        default_ttl_seconds: float | None = 30.0
+
+    from_store = manager_with(WithDefaultTTL(store), clock)
+    from_config = manager_with(WithDefaultTTL(store), clock, default_ttl_seconds=90.0)
+    with anyio.fail_after(10):
+        created = await create(from_store)
+        restored = await from_store.restore(RUN)
+        configured = await create(from_config)
+
+    assert created.metadata.ttl_seconds == 30
+    assert restored is not None
+    assert restored.metadata.expires_at == created.metadata.expires_at == clock.now + 30
+    assert configured.metadata.ttl_seconds == 90
+
+
 @pytest.mark.parametrize("bad_ttl", [0, 0.0, -1, -0.5, math.nan, math.inf, True, False, "10"])
 async def test_invalid_ttl_raises_validation_error_and_writes_nothing(
     manager: CheckpointManager, bad_ttl: Any

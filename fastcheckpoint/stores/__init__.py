@@ -15,6 +15,7 @@ from fastcheckpoint.stores._base import (
     Item,
     RunRecord,
     StoredCheckpoint,
+    SupportsDefaultTTL,
     SupportsProvision,
     header_of,
     is_live,
@@ -28,6 +29,7 @@ __all__ = [
     "Item",
     "RunRecord",
     "StoredCheckpoint",
+    "SupportsDefaultTTL",
     "SupportsProvision",
     "header_of",
     "is_live",
@@ -49,6 +51,10 @@ class _Backend:
 _REGISTRY: dict[str, _Backend] = {
     "memory": _Backend("fastcheckpoint.stores.memory:MemoryStore", None, remote=False),
     "file": _Backend("fastcheckpoint.stores.file:FileStore", None, remote=False),
+    **{
+        scheme: _Backend("fastcheckpoint.stores.redis:RedisStore", "redis", remote=True)
+        for scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster")
+    },
 }
 
 

@@ -29,6 +29,8 @@ from typing import Protocol, runtime_checkable
 
 import msgspec
 
+from fastcheckpoint.errors import ValidationError
+
 __all__ = [
     "EMPTY_RUN",
     "CheckpointHeader",
@@ -36,9 +38,12 @@ __all__ = [
     "Item",
     "RunRecord",
     "StoredCheckpoint",
+    "SupportsDefaultTTL",
     "SupportsProvision",
+    "check_keep_latest",
     "header_of",
     "is_live",
+    "key_successor",
     "latest_expiry",
 ]
 
@@ -109,6 +114,22 @@ def latest_expiry(first: float | None, second: float | None) -> float | None:
     if first is None or second is None:
         return None
     return max(first, second)
+
+
+def check_keep_latest(keep_latest: int | None) -> None:
+    """The one validation of ``append``'s ``keep_latest``: ``None`` or an int >= 1."""
+    if keep_latest is not None and (isinstance(keep_latest, bool) or keep_latest < 1):
+        raise ValidationError(f"keep_latest must be None or >= 1, got {keep_latest!r}")
+
+
+def key_successor(prefix: str) -> str:
+    """The smallest string greater than every string that starts with ``prefix`` (code point
+    order): the exclusive upper bound of a prefix scan over item keys."""
+    while prefix and prefix[-1] == "\U0010ffff":
+        prefix = prefix[:-1]
+    if not prefix:
+        return "\U0010ffff" * 2
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 def header_of(record: CheckpointHeader) -> CheckpointHeader:
@@ -282,3 +303,15 @@ class SupportsProvision(Protocol):
     """
 
     async def provision(self) -> None: ...
+
+
+@runtime_checkable
+class SupportsDefaultTTL(Protocol):
+    """A store configured with a default expiry (FastAgentic's ``ttl_seconds=`` on a store).
+
+    The manager applies it, as if it were ``CheckpointConfig.default_ttl_seconds``, when the
+    config sets none: expiry is computed in one place, so the checkpoint ``create`` returns and
+    the one ``restore`` reads report the same ``expires_at``. Stores never invent expiries.
+    """
+
+    default_ttl_seconds: float | None

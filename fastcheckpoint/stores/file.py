@@ -67,6 +67,7 @@ from fastcheckpoint.stores._base import (
     Item,
     RunRecord,
     StoredCheckpoint,
+    check_keep_latest,
     is_live,
 )
 
@@ -753,8 +754,7 @@ class FileStore:
         _check_status(run.status)
         if not math.isfinite(run.created_at):
             raise ValidationError(f"run created_at must be finite, got {run.created_at}")
-        if keep_latest is not None and (isinstance(keep_latest, bool) or keep_latest < 1):
-            raise ValidationError(f"keep_latest must be None or >= 1, got {keep_latest!r}")
+        check_keep_latest(keep_latest)
         return await self._call(self._append, run_key, record, run, keep_latest, now)
 
     def _append(

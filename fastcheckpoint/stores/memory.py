@@ -34,8 +34,10 @@ from fastcheckpoint.stores._base import (
     Item,
     RunRecord,
     StoredCheckpoint,
+    check_keep_latest,
     header_of,
     is_live,
+    key_successor,
     latest_expiry,
 )
 
@@ -86,15 +88,6 @@ def _parse_cursor(cursor: str) -> tuple[float, str]:
         return (float(created), run_key)
     except ValueError as exc:
         raise ValidationError(f"malformed run listing cursor {cursor!r}") from exc
-
-
-def _successor(prefix: str) -> str:
-    """The smallest string greater than every string that starts with ``prefix``."""
-    while prefix and prefix[-1] == "\U0010ffff":
-        prefix = prefix[:-1]
-    if not prefix:
-        return "\U0010ffff" * 2
-    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 class MemoryStore:
@@ -260,8 +253,7 @@ class MemoryStore:
         keep_latest: int | None,
         now: float,
     ) -> str:
-        if keep_latest is not None and (isinstance(keep_latest, bool) or keep_latest < 1):
-            raise ValidationError(f"keep_latest must be None or >= 1, got {keep_latest!r}")
+        check_keep_latest(keep_latest)
         current = self._live_run(run_key, now)
         if current is None:
             if record.sequence != 0:
@@ -463,7 +455,7 @@ class MemoryStore:
             return []
         keys = space.keys
         low = bisect_left(keys, prefix)
-        high = bisect_left(keys, _successor(prefix), lo=low) if prefix else len(keys)
+        high = bisect_left(keys, key_successor(prefix), lo=low) if prefix else len(keys)
         if start_after is not None and reverse:
             high = min(high, bisect_left(keys, start_after, lo=low))
         elif start_after is not None:

@@ -1,0 +1,169 @@
+"""Helpers of the Redis tests: building stores on the chosen server, counting round trips,
+cleaning up only this session's keys, and a loopback proxy that cuts connections."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
+
+from fastcheckpoint._config import RetryPolicy
+from fastcheckpoint.stores.redis import RedisStore
+from tests.stores.conftest import RedisTarget
+
+_counter = itertools.count()
+_fake_server: Any = None
+
+FAST_RETRY = RetryPolicy(base_delay=0.01, max_delay=0.05, max_retries=2)
+
+
+class CountingConnection(Connection):
+    """Counts round trips: every write of one or more packed commands to the socket is one
+    request/response exchange (a pipeline is written in one go). Records the commands too."""
+
+    round_trips: ClassVar[int] = 0
+    commands: ClassVar[list[tuple[bytes, ...]]] = []
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).round_trips += 1
+        await super().send_packed_command(command, check_health)
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        words = [arg if isinstance(arg, bytes) else str(arg).encode() for arg in args]
+        # redis-py passes subcommands joined ("SCRIPT LOAD"): record them as Redis sees them.
+        type(self).commands.append((*words[0].split(b" "), *words[1:]))
+        return super().pack_command(*args)
+
+
+def counting_connection_class() -> type[CountingConnection]:
+    """A fresh subclass, so counts of one test never mix with another's."""
+    return type("Counting", (CountingConnection,), {"round_trips": 0, "commands": []})
+
+
+def unique_prefix(target: RedisTarget) -> str:
+    return f"{target.prefix}-{next(_counter)}"
+
+
+def make_store(target: RedisTarget, prefix: str, **options: Any) -> RedisStore:
+    if target.kind == "fakeredis":
+        import fakeredis
+
+        global _fake_server
+        if _fake_server is None:
+            _fake_server = fakeredis.FakeServer()
+        client = fakeredis.FakeAsyncRedis(server=_fake_server)
+        cluster = options.pop("cluster", None)
+        return RedisStore(
+            client, prefix=prefix, cluster=cluster, owns_client=True, script_flags=False, **options
+        )
+    query = f"prefix={prefix}"
+    if options.pop("cluster", None):
+        query += "&cluster=false"
+        return _split_index_store(target, prefix, **options)
+    return RedisStore.from_url(f"{target.url}?{query}", **options)
+
+
+def _split_index_store(target: RedisTarget, prefix: str, **options: Any) -> RedisStore:
+    """A store on a plain server that runs the Redis Cluster code path: run scripts return
+    their index changes and the client applies them in a second call."""
+    client = aioredis.Redis.from_url(target.url, **options)
+    return RedisStore(client, prefix=prefix, cluster=True, owns_client=True)
+
+
+async def delete_prefix(client: Any, prefix: str) -> int:
+    """Deletes this test's keys only: everything under ``<prefix>:``."""
+    removed = 0
+    batch: list[bytes] = []
+    async for key in client.scan_iter(match=f"{prefix}:*", count=500):
+        batch.append(key)
+        if len(batch) >= 500:
+            removed += await client.unlink(*batch)
+            batch = []
+    if batch:
+        removed += await client.unlink(*batch)
+    return int(removed)
+
+
+async def keys_under(client: Any, prefix: str) -> list[bytes]:
+    return sorted([key async for key in client.scan_iter(match=f"{prefix}:*", count=500)])
+
+
+class CuttingProxy:
+    """A loopback TCP proxy to a Redis server that cuts connections on purpose.
+
+    ``cut_plan`` decides, per client->server chunk that carries an ``EVALSHA``, what happens:
+    ``"pass"``, ``"drop"`` (close both sides before forwarding: the server never sees the
+    request) or ``"lose-reply"`` (forward the request, then close before the reply comes back:
+    applied but unacknowledged).
+    """
+
+    def __init__(self, upstream_host: str, upstream_port: int,
+                 cut_plan: Sequence[str] | None = None) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.plan = list(cut_plan or [])
+        self.chunks = 0
+        self.cuts = 0
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    def _next_action(self, data: bytes) -> str:
+        # Only chunks carrying a store operation follow the plan; connection handshakes pass,
+        # so that a retry on a fresh connection meets the plan's next entry, not a cut.
+        if b"EVALSHA" not in data:
+            return "pass"
+        action = self.plan[self.chunks] if self.chunks < len(self.plan) else "pass"
+        self.chunks += 1
+        return action
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        closed = asyncio.Event()
+
+        async def downstream() -> None:
+            try:
+                while data := await up_reader.read(65536):
+                    if closed.is_set():
+                        return
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                closed.set()
+
+        task = asyncio.create_task(downstream())
+        try:
+            while data := await reader.read(65536):
+                action = self._next_action(data)
+                if action == "drop":
+                    self.cuts += 1
+                    break
+                up_writer.write(data)
+                await up_writer.drain()
+                if action == "lose-reply":
+                    self.cuts += 1
+                    closed.set()
+                    # Let the server run the command before the cut, so it is applied.
+                    await asyncio.sleep(0.05)
+                    break
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            closed.set()
+            for stream in (writer, up_writer):
+                stream.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,128 @@
+"""Fixtures of the store tests: which Redis the Redis tests use, reported in the summary."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.stores._redis_servers import (
+    SHARED_HOST,
+    SHARED_PORT,
+    PrivateCluster,
+    PrivateRedis,
+    answers_ping,
+    free_port,
+    redis_binary,
+    session_prefix,
+)
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    kind: str  # "shared", "private" or "fakeredis"
+    url: str
+    prefix: str  # every key a test writes starts with it
+
+    def describe(self) -> str:
+        if self.kind == "fakeredis":
+            return "fakeredis (no redis-server reachable or installed)"
+        where = self.url.split("//", 1)[1]
+        return f"{self.kind} redis-server at {where}, key prefix {self.prefix}"
+
+
+_chosen: list[str] = []
+
+FORCE = "FASTCHECKPOINT_TEST_REDIS"
+"""``shared``, ``private`` or ``fakeredis``: skip the earlier choices (to test a fallback)."""
+
+
+def _tier() -> str:
+    forced = os.environ.get(FORCE, "")
+    if forced:
+        if forced not in ("shared", "private", "fakeredis"):
+            raise pytest.UsageError(f"{FORCE} must be shared, private or fakeredis, not {forced!r}")
+        return forced
+    if answers_ping(SHARED_HOST, SHARED_PORT):
+        return "shared"
+    if redis_binary() is not None:
+        return "private"
+    return "fakeredis"
+
+
+def _plan() -> str:
+    return {
+        "shared": f"shared redis-server at {SHARED_HOST}:{SHARED_PORT}",
+        "private": "a private redis-server started from the binary on a free port",
+        "fakeredis": "fakeredis (no redis-server reachable or installed)",
+    }[_tier()]
+
+
+def pytest_report_header() -> str:
+    return f"redis store tests: {_plan()}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in _chosen:
+        terminalreporter.write_line(f"redis store tests ran against {line}")
+
+
+@pytest.fixture(scope="session")
+def redis_target() -> Iterator[RedisTarget]:
+    prefix = session_prefix()
+    tier = _tier()
+    if tier == "shared":
+        target = RedisTarget("shared", f"redis://{SHARED_HOST}:{SHARED_PORT}/0", prefix)
+        _chosen.append(target.describe())
+        yield target
+        return
+    if tier == "private":
+        server = PrivateRedis(free_port())
+        server.start()
+        target = RedisTarget("private", server.url, prefix)
+        _chosen.append(target.describe())
+        try:
+            yield target
+        finally:
+            server.stop()
+        return
+    if importlib.util.find_spec("fakeredis") is None or importlib.util.find_spec("lupa") is None:
+        pytest.skip("no Redis: 127.0.0.1:6379 is unreachable, redis-server is not installed, "
+                    "and fakeredis with lupa (pip install 'fakeredis[lua]') is missing")
+    target = RedisTarget("fakeredis", "fakeredis://", prefix)
+    _chosen.append(target.describe())
+    yield target
+
+
+@pytest.fixture(scope="session")
+def private_redis() -> Iterator[PrivateRedis]:
+    """A redis-server of our own, for what must not touch the shared one (SCRIPT FLUSH, ACL,
+    restarts)."""
+    if redis_binary() is None:
+        pytest.skip("redis-server is not installed: cannot start a private server")
+    server = PrivateRedis(free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[PrivateCluster]:
+    """Three primaries started from the binary and joined with redis-cli --cluster create."""
+    if redis_binary() is None:
+        pytest.skip("redis-server is not installed: cannot start a Redis Cluster")
+    cluster = PrivateCluster()
+    try:
+        cluster.start()
+    except Exception as exc:  # e.g. a sandbox without the cluster bus ports: say why
+        cluster.stop()
+        pytest.skip(f"could not start a Redis Cluster from the binary: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

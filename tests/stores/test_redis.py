@@ -1,0 +1,70 @@
+"""The store contract on RedisStore: plain Redis, the cluster code path, and a real cluster."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from fastcheckpoint.stores import CheckpointStore
+from fastcheckpoint.stores.redis import RedisStore
+from fastcheckpoint.testing import StoreContract
+from tests.stores._redis_servers import PrivateCluster
+from tests.stores._redis_support import delete_prefix, make_store, unique_prefix
+from tests.stores.conftest import RedisTarget
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # redis.asyncio runs on asyncio only.
+    return "asyncio"
+
+
+async def _closed(store: RedisStore, prefix: str) -> None:
+    with anyio.fail_after(30):
+        await delete_prefix(store._client, prefix)
+        await store.aclose()
+
+
+class TestRedisStore(StoreContract):
+    """Plain Redis: every script also updates the global indexes itself."""
+
+    deadline_seconds = 30.0
+
+    @pytest.fixture
+    async def store(self, redis_target: RedisTarget) -> AsyncIterator[CheckpointStore]:
+        prefix = unique_prefix(redis_target)
+        store = make_store(redis_target, prefix)
+        yield store
+        await _closed(store, prefix)
+
+
+class TestRedisStoreClusterCodePath(StoreContract):
+    """The Redis Cluster code path on a plain server: run scripts touch only their run's slot
+    and return index changes, which the client applies in a second call."""
+
+    deadline_seconds = 30.0
+
+    @pytest.fixture
+    async def store(self, redis_target: RedisTarget) -> AsyncIterator[CheckpointStore]:
+        prefix = unique_prefix(redis_target)
+        store = make_store(redis_target, prefix, cluster=True)
+        yield store
+        await _closed(store, prefix)
+
+
+class TestRedisStoreOnCluster(StoreContract):
+    """A real three-primary Redis Cluster: cross-slot scripts would fail here."""
+
+    deadline_seconds = 30.0
+
+    @pytest.fixture
+    async def store(self, redis_cluster: PrivateCluster) -> AsyncIterator[CheckpointStore]:
+        store = RedisStore.from_url(f"{redis_cluster.url}?prefix=contract")
+        yield store
+        with anyio.fail_after(30):
+            # A private cluster: clearing every node between tests is ours to do.
+            for node in store._client.get_primaries():
+                await store._client.execute_command("FLUSHALL", target_nodes=node)
+            await store.aclose()
