@@ -35,6 +35,7 @@ from fastcheckpoint.stores.file import FileCheckpointStore, FileStore
 from fastcheckpoint.stores.memory import InMemoryCheckpointStore, MemoryStore
 
 if TYPE_CHECKING:
+    from fastcheckpoint.stores.dynamodb import DynamoDBStore
     from fastcheckpoint.stores.redis import RedisCheckpointStore, RedisStore
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __version__ = "0.1.0"
 # Stores whose drivers are optional extras: imported on first access, so ``import
 # fastcheckpoint`` never needs redis or aiobotocore. name -> (module, extra)
 _LAZY = {
+    "DynamoDBStore": ("fastcheckpoint.stores.dynamodb", "dynamodb"),
     "RedisStore": ("fastcheckpoint.stores.redis", "redis"),
     "RedisCheckpointStore": ("fastcheckpoint.stores.redis", "redis"),
 }
@@ -72,6 +74,7 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "CorruptCheckpointError",
+    "DynamoDBStore",
     "FileCheckpointStore",
     "FileStore",
     "InMemoryCheckpointStore",

@@ -12,6 +12,7 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, cast
+from urllib.parse import quote, urlencode
 
 import anyio
 import anyio.lowlevel
@@ -674,10 +675,15 @@ def _store_url(env: Mapping[str, str]) -> str:
     if mode == "development":
         return "memory://"
     if mode == "production":
-        raise ConfigurationError(
-            "CHECKPOINT_MODE=production needs the DynamoDB+S3 store, which this version does "
-            "not include yet; set FASTCHECKPOINT_URL (e.g. file:///var/lib/ckpt) instead"
-        )
+        table = env.get("CHECKPOINT_TABLE_NAME", "").strip()
+        bucket = env.get("CHECKPOINT_S3_BUCKET", "").strip()
+        if not table or not bucket:
+            raise ConfigurationError(
+                "CHECKPOINT_MODE=production needs CHECKPOINT_TABLE_NAME and CHECKPOINT_S3_BUCKET "
+                "(create both with: fastcheckpoint init 'dynamodb://TABLE?bucket=BUCKET')"
+            )
+        # The region comes from AWS_REGION / AWS_DEFAULT_REGION through botocore.
+        return f"dynamodb://{quote(table, safe='')}?{urlencode({'bucket': bucket})}"
     if mode:
         raise ConfigurationError(
             f"CHECKPOINT_MODE={mode!r} is not valid; use development or production")

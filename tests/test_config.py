@@ -454,3 +454,27 @@ def test_manager_from_env_passes_its_retry_policy_to_the_store(
 
     assert seen[0].options == {"retry": RetryPolicy(max_retries=9)}
 
+
+def test_manager_from_env_production_builds_the_dynamodb_store() -> None:
+    from fastcheckpoint.stores.dynamodb import DynamoDBStore
+
+    manager = CheckpointManager.from_env({
+        "CHECKPOINT_MODE": "production",
+        "CHECKPOINT_TABLE_NAME": "agent-checkpoints",
+        "CHECKPOINT_S3_BUCKET": "agent-blobs",
+        "CHECKPOINT_TTL_DAYS": "90",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    })
+
+    assert isinstance(manager.store, DynamoDBStore)
+    assert manager.config.default_ttl_seconds == 90 * 86400
+
+
+@pytest.mark.parametrize("missing", ["CHECKPOINT_TABLE_NAME", "CHECKPOINT_S3_BUCKET"])
+def test_manager_from_env_production_names_what_is_missing(missing: str) -> None:
+    env = {"CHECKPOINT_MODE": "production", "CHECKPOINT_TABLE_NAME": "t",
+           "CHECKPOINT_S3_BUCKET": "b"}
+    del env[missing]
+
+    with pytest.raises(ConfigurationError, match=missing):
+        CheckpointManager.from_env(env)

@@ -55,6 +55,7 @@ _REGISTRY: dict[str, _Backend] = {
         scheme: _Backend("fastcheckpoint.stores.redis:RedisStore", "redis", remote=True)
         for scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster")
     },
+    "dynamodb": _Backend("fastcheckpoint.stores.dynamodb:DynamoDBStore", "dynamodb", remote=True),
 }
 
 

@@ -1,0 +1,745 @@
+"""The DynamoDB+S3 store against moto in server mode: the contract, request counts, routing
+at the size threshold, expiry that moto never applies natively, orphaned blobs, conflicts,
+provisioning and the ops kit (stores/dynamodb/)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+import fastcheckpoint
+from fastcheckpoint import _ids
+from fastcheckpoint._config import RetryPolicy
+from fastcheckpoint.errors import ConfigurationError, ConflictError, SequenceConflict
+from fastcheckpoint.stores import CheckpointStore
+from fastcheckpoint.stores import _dynamodb_layout as layout
+from fastcheckpoint.stores._aws import RequestCounter
+from fastcheckpoint.stores.dynamodb import (
+    DEFAULT_THRESHOLD,
+    TRANSACTION_ACTIONS,
+    DynamoDBStore,
+    parse_size,
+)
+from fastcheckpoint.testing import StoreContract
+from fastcheckpoint.testing._builders import (
+    T0,
+    checkpoint_id_of,
+    key_of,
+    make_checkpoint,
+    make_item,
+    make_run,
+)
+from tests.stores._moto import REGION, moto_endpoint, unique_name
+
+__all__ = ["moto_endpoint"]
+
+pytestmark = pytest.mark.anyio
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+PACKAGE_ROOT = str(Path(fastcheckpoint.__file__).resolve().parent.parent)
+KIT = REPOSITORY / "stores" / "dynamodb"
+WORKER = REPOSITORY / "tests" / "dynamodb_worker.py"
+DEADLINE = 60.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # aiobotocore runs on asyncio only
+
+
+@pytest.fixture(scope="session")
+def atomic_moto(moto_endpoint: str) -> str:
+    """The session's moto server, which serves one request at a time (see ``_moto``)."""
+    return moto_endpoint
+
+
+@pytest.fixture(scope="session")
+def aws_names() -> tuple[str, str]:
+    """The table and bucket of this test session."""
+    return unique_name("table"), unique_name("bucket")
+
+
+@pytest.fixture(scope="session")
+def provisioned(atomic_moto: str, aws_names: tuple[str, str]) -> str:
+    """``atomic_moto`` once the session's table and bucket exist."""
+    table, bucket = aws_names
+
+    async def provision() -> None:
+        store = DynamoDBStore(table, bucket=bucket, region=REGION, endpoint_url=atomic_moto)
+        try:
+            await store.provision()
+        finally:
+            await store.aclose()
+
+    anyio.run(provision, backend="asyncio")
+    return atomic_moto
+
+
+def _url(endpoint: str, names: tuple[str, str], **extra: str) -> str:
+    table, bucket = names
+    query = {"bucket": bucket, "region": REGION, "endpoint_url": endpoint, **extra}
+    return f"dynamodb://{table}?" + "&".join(f"{k}={v}" for k, v in query.items())
+
+
+@contextlib.asynccontextmanager
+async def opened(endpoint: str, names: tuple[str, str], **options: Any) -> AsyncIterator[
+    DynamoDBStore
+]:
+    table, bucket = names
+    store = DynamoDBStore(
+        table, bucket=bucket, region=REGION, endpoint_url=endpoint,
+        prefix=options.pop("prefix", f"{unique_name('p')}/"), **options,
+    )
+    try:
+        yield store
+    finally:
+        with anyio.fail_after(10):
+            await store.aclose()
+
+
+class TestDynamoDBStore(StoreContract):
+    deadline_seconds = DEADLINE
+
+    @pytest.fixture
+    async def store(
+        self, provisioned: str, aws_names: tuple[str, str]
+    ) -> AsyncIterator[CheckpointStore]:
+        # A fresh table per test keeps the run listings of one test out of the next.
+        table = unique_name("contract")
+        async with opened(provisioned, (table, aws_names[1])) as store:
+            with anyio.fail_after(30):
+                await store.provision()
+            yield store
+
+
+# -- helpers of the backend-specific tests ----------------------------------------------------
+
+
+@pytest.fixture
+async def store(provisioned: str, aws_names: tuple[str, str]) -> AsyncIterator[DynamoDBStore]:
+    """A store on the session's table and bucket, under a prefix of its own."""
+    async with opened(provisioned, aws_names) as store:
+        yield store
+
+
+@contextlib.contextmanager
+def counting(store: DynamoDBStore) -> Iterator[tuple[RequestCounter, RequestCounter]]:
+    """Count the requests of the store's DynamoDB and S3 clients."""
+    ddb, s3 = store._ddb, store._s3
+    assert ddb is not None, "call `await store.clients()` first"
+    assert s3 is not None, "call `await store.clients()` first"
+    with RequestCounter.attached(ddb) as dynamo, RequestCounter.attached(s3) as bucket:
+        yield dynamo, bucket
+
+
+async def _raw_item(store: DynamoDBStore, run_key: str, sort_key: str) -> dict[str, Any] | None:
+    ddb, _ = await store.clients()
+    response = await ddb.get_item(
+        TableName=store.table,
+        Key={"PK": {"S": layout.partition(run_key)}, "SK": {"S": sort_key}},
+        ConsistentRead=True,
+    )
+    item: dict[str, Any] | None = response.get("Item")
+    return item
+
+
+async def _blob_keys(store: DynamoDBStore, run_key: str) -> list[str]:
+    keys, _ = await store._bucket().list_page(f"{run_key}/")
+    return keys
+
+
+def _manager(store: DynamoDBStore, clock: list[float], **config: Any) -> Any:
+    return fastcheckpoint.CheckpointManager(
+        store,
+        config=fastcheckpoint.CheckpointConfig(clock=lambda: clock[0], **config),
+    )
+
+
+# -- URL and configuration ----------------------------------------------------------------
+
+
+def test_from_url_reads_every_option() -> None:
+    store = DynamoDBStore.from_url(
+        "dynamodb://Checkpoints?bucket=ckpt-blobs&prefix=agents/&threshold=100KB"
+        "&region=eu-west-1&endpoint_url=http://127.0.0.1:9",
+        retry=RetryPolicy(max_retries=2),
+    )
+    assert (store.table, store.bucket, store.prefix, store.threshold) == (
+        "Checkpoints", "ckpt-blobs", "agents/", 100 * 1024
+    )
+    assert store._endpoint.region == "eu-west-1"
+    assert store._endpoint.endpoint_url == "http://127.0.0.1:9"
+    assert store._retry.max_retries == 2
+    assert DynamoDBStore.from_url("dynamodb://T-1").threshold == DEFAULT_THRESHOLD
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("dynamodb://T-1?bucket=b-1&colour=red", "unknown dynamodb:// option"),
+        ("dynamodb://T-1?threshold=lots", "threshold must be a size"),
+        ("dynamodb://T-1?threshold=401KB", "threshold must be between"),
+        ("dynamodb://T-1/bucket", "names only the table"),
+        ("dynamodb://?bucket=b-1", "expected dynamodb://TABLE"),
+        ("dynamodb://T-1?endpoint_url=localhost:4566", "endpoint_url must start with"),
+        ("dynamodb://T-1?bucket=Not_A_Bucket", "not a valid S3 bucket name"),
+    ],
+)
+def test_bad_urls_say_what_to_fix(url: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        DynamoDBStore.from_url(url)
+
+
+def test_parse_size() -> None:
+    assert parse_size("350KB") == 350 * 1024
+    assert parse_size("1mb") == 1024 * 1024
+    assert parse_size("300000") == 300_000
+    with pytest.raises(ConfigurationError):
+        parse_size("3.5KB")
+
+
+async def test_open_store_builds_it_from_the_url(
+    provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    from fastcheckpoint.stores import register_store
+
+    # The lead registers the scheme in fastcheckpoint/stores/__init__.py; until then, here.
+    register_store("dynamodb", "fastcheckpoint.stores.dynamodb:DynamoDBStore", "dynamodb",
+                   remote=True)
+    store = fastcheckpoint.open_store(_url(provisioned, aws_names), retry=RetryPolicy(0.01, 0.02))
+    assert isinstance(store, DynamoDBStore)
+    with anyio.fail_after(DEADLINE):
+        try:
+            seed = make_run("by-url")
+            await store.append(key_of(seed), make_checkpoint(seed, 0), run=seed,
+                               keep_latest=None, now=T0)
+            assert await store.get_run(key_of(seed), now=T0) is not None
+            assert await store.delete_run(key_of(seed)) == 1
+        finally:
+            await store.aclose()
+
+
+# -- request counts (SPEC §4 budget) --------------------------------------------------------
+
+
+async def test_small_checkpoints_cost_one_write_and_one_query(store: DynamoDBStore) -> None:
+    clock = [T0]
+    manager = _manager(store, clock, max_checkpoints_per_run=3)
+    state = {"step": 0, "notes": "x" * 2000}
+    with anyio.fail_after(DEADLINE):
+        await store.clients()
+        with counting(store) as (dynamo, s3):
+            first = await manager.create("small", state=state)
+        assert (dynamo.counts, s3.counts) == ({"TransactWriteItems": 1}, {})
+        for step in range(1, 6):  # pruning beyond 3 rides in the same transaction
+            with counting(store) as (dynamo, s3):
+                await manager.create("small", state={**state, "step": step})
+            assert (dynamo.counts, s3.counts) == ({"TransactWriteItems": 1}, {}), step
+        with counting(store) as (dynamo, s3):
+            restored = await manager.restore("small")
+        assert (dynamo.counts, s3.counts) == ({"Query": 1}, {})
+        assert restored is not None
+        assert restored.state["step"] == 5
+        with counting(store) as (dynamo, s3):
+            again = await manager.restore_from(restored.checkpoint_id)
+        assert (dynamo.counts, s3.counts) == ({"TransactGetItems": 1}, {})
+        assert again is not None
+        assert again.state == restored.state
+        with counting(store) as (dynamo, s3):
+            listed = await manager.list_checkpoints("small", limit=10)
+        assert (dynamo.counts, s3.counts) == ({"Query": 1}, {})
+        assert [m.sequence for m in listed] == [5, 4, 3]
+        assert await manager.restore_from(first.checkpoint_id) is None  # pruned
+
+
+async def test_large_checkpoints_cost_one_put_and_one_get_more(store: DynamoDBStore) -> None:
+    clock = [T0]
+    manager = _manager(store, clock, max_checkpoints_per_run=2, compress_min_bytes=None)
+    big = os.urandom(DEFAULT_THRESHOLD + 10_000)
+    with anyio.fail_after(DEADLINE):
+        await store.clients()
+        for step in range(2):
+            with counting(store) as (dynamo, s3):
+                await manager.create("large", state={"blob": big, "step": step})
+            assert (dynamo.counts, s3.counts) == ({"TransactWriteItems": 1}, {"PutObject": 1})
+        # The third prunes the first: its blob goes in one DeleteObjects after the commit.
+        with counting(store) as (dynamo, s3):
+            await manager.create("large", state={"blob": big, "step": 2})
+        assert dynamo.counts == {"TransactWriteItems": 1}
+        assert s3.counts == {"PutObject": 1, "DeleteObjects": 1}
+        assert len(await _blob_keys(store, _ids.run_key("large"))) == 2
+        with counting(store) as (dynamo, s3):
+            restored = await manager.restore("large")
+        assert (dynamo.counts, s3.counts) == ({"Query": 1}, {"GetObject": 1})
+        assert restored is not None
+        assert restored.state == {"blob": big, "step": 2}
+        with counting(store) as (dynamo, s3):
+            again = await manager.restore_from(restored.checkpoint_id)
+        assert (dynamo.counts, s3.counts) == ({"TransactGetItems": 1}, {"GetObject": 1})
+        assert again is not None
+        assert again.state == restored.state
+        with counting(store) as (dynamo, s3):
+            listed = await manager.list_checkpoints("large")
+        assert (dynamo.counts, s3.counts) == ({"Query": 1}, {})
+        assert [m.sequence for m in listed] == [2, 1]
+
+
+async def test_list_runs_is_one_query_per_index_shard(store: DynamoDBStore) -> None:
+    table = unique_name("listing")
+    async with opened(store._endpoint.endpoint_url or "", (table, store.bucket or "")) as fresh:
+        with anyio.fail_after(DEADLINE):
+            await fresh.provision()
+            for index in range(12):
+                seed = make_run(f"listed-{index}", created_at=T0 + index)
+                await fresh.append(key_of(seed), make_checkpoint(seed, 0), run=seed,
+                                   keep_latest=None, now=T0)
+            seen: list[str] = []
+            cursor: str | None = None
+            pages = 0
+            with counting(fresh) as (dynamo, s3):
+                while True:
+                    runs, cursor = await fresh.list_runs(status="active", limit=5, cursor=cursor,
+                                                         now=T0)
+                    pages += 1
+                    seen += [run.run_id for run in runs]
+                    if cursor is None:
+                        break
+                count = await fresh.count_runs(status=None, now=T0)
+            assert seen == [f"listed-{index}" for index in range(11, -1, -1)]
+            assert pages == 3
+            assert dynamo.counts == {"Query": (pages + 1) * layout.INDEX_SHARDS}
+            assert s3.counts == {}
+            assert count == 12
+
+
+# -- size routing ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload_size", "in_s3"),
+    [
+        (DEFAULT_THRESHOLD - 1024, False),  # just under: the whole item stays in DynamoDB
+        (DEFAULT_THRESHOLD, True),  # just over, with the header and key
+        (420 * 1024, True),  # over DynamoDB's 400 KB item limit
+    ],
+)
+async def test_routing_at_the_threshold(
+    store: DynamoDBStore, payload_size: int, in_s3: bool
+) -> None:
+    seed = make_run(f"routed-{payload_size}")
+    key = key_of(seed)
+    payload = os.urandom(payload_size)
+    with anyio.fail_after(DEADLINE):
+        await store.clients()
+        with counting(store) as (_, s3):
+            await store.append(key, make_checkpoint(seed, 0, payload=payload), run=seed,
+                               keep_latest=None, now=T0)
+        assert s3.counts == ({"PutObject": 1} if in_s3 else {})
+        raw = await _raw_item(store, key, layout.checkpoint_sk(0))
+        assert raw is not None
+        assert ("bl" in raw, "pl" in raw) == (in_s3, not in_s3)
+        for found in (await store.get(key, 0, now=T0), await store.latest(key, now=T0)):
+            assert found is not None
+            assert found[0].payload == payload
+        assert await store.delete_run(key) == 1
+        assert await _blob_keys(store, key) == []
+
+
+async def test_configured_threshold_routes_smaller_payloads(
+    provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    async with opened(provisioned, aws_names, threshold=parse_size("2KB")) as store:
+        seed = make_run("low-threshold")
+        key = key_of(seed)
+        with anyio.fail_after(DEADLINE):
+            await store.clients()
+            with counting(store) as (_, s3):
+                await store.append(key, make_checkpoint(seed, 0, payload=b"a" * 1000), run=seed,
+                                   keep_latest=None, now=T0)
+                await store.append(key, make_checkpoint(seed, 1, payload=b"b" * 3000), run=seed,
+                                   keep_latest=None, now=T0)
+            assert s3.counts == {"PutObject": 1}
+            found = await store.get(key, 1, now=T0)
+            assert found is not None
+            assert found[0].payload == b"b" * 3000
+
+
+async def test_large_checkpoint_without_a_bucket_is_a_configuration_error(
+    provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    store = DynamoDBStore(aws_names[0], region=REGION, endpoint_url=provisioned)
+    seed = make_run("no-bucket")
+    try:
+        with anyio.fail_after(DEADLINE), pytest.raises(ConfigurationError, match="bucket="):
+            await store.append(key_of(seed), make_checkpoint(seed, 0, payload=b"x" * 400_000),
+                               run=seed, keep_latest=None, now=T0)
+        assert await store.get_run(key_of(seed), now=T0) is None
+    finally:
+        await store.aclose()
+
+
+# -- failures: blobs are cleaned up, conflicts are not retried -----------------------------
+
+
+async def test_failed_item_write_deletes_its_blob(store: DynamoDBStore) -> None:
+    seed = make_run("blob-of-a-loser")
+    key = key_of(seed)
+    big = os.urandom(DEFAULT_THRESHOLD + 1)
+    with anyio.fail_after(DEADLINE):
+        await store.clients()
+        await store.append(key, make_checkpoint(seed, 0, payload=big), run=seed,
+                           keep_latest=None, now=T0)
+        kept = await _blob_keys(store, key)
+        with counting(store) as (dynamo, s3), pytest.raises(SequenceConflict) as caught:
+            await store.append(key, make_checkpoint(seed, 0, payload=big), run=seed,
+                               keep_latest=None, now=T0)
+        assert (caught.value.latest_sequence, caught.value.incarnation) == (0, seed.incarnation)
+        assert s3.counts == {"PutObject": 1, "DeleteObjects": 1}
+        assert dynamo.counts == {"GetItem": 1}  # the conflict is decided on a fresh read
+        assert await _blob_keys(store, key) == kept
+
+
+async def test_conditional_failures_are_conflicts_not_retries(
+    provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    seed = make_run("contended")
+    key = key_of(seed)
+    async with opened(provisioned, aws_names) as first, opened(provisioned, aws_names) as second:
+        with anyio.fail_after(DEADLINE):
+            await first.append(key, make_checkpoint(seed, 0), run=seed, keep_latest=None, now=T0)
+            assert await second.get_run(key, now=T0) is not None  # second caches the run item
+            await first.append(key, make_checkpoint(seed, 1), run=seed, keep_latest=None, now=T0)
+
+            await second.clients()
+            with counting(second) as (dynamo, _), pytest.raises(SequenceConflict) as caught:
+                await second.append(key, make_checkpoint(seed, 1, payload=b"late"), run=seed,
+                                    keep_latest=None, now=T0)
+            # One transaction: its cancellation carries the current run item, no re-read.
+            assert dynamo.counts == {"TransactWriteItems": 1}
+            assert caught.value.latest_sequence == 1
+
+            await second.update_run(key, incarnation=seed.incarnation, version=0,
+                                    status="paused", data=b"", now=T0)
+            with counting(first) as (dynamo, _), pytest.raises(ConflictError, match="concurrent"):
+                await first.update_run(key, incarnation=seed.incarnation, version=0,
+                                       status="failed", data=b"", now=T0)
+            assert dynamo.counts == {"UpdateItem": 1}
+            run = await first.get_run(key, now=T0)
+            assert run is not None
+            assert (run.status, run.version) == ("paused", 1)
+
+
+# -- expiry: moto never deletes, reads hide and purging removes ---------------------------
+
+
+async def test_expired_checkpoints_are_hidden_then_purged(store: DynamoDBStore) -> None:
+    clock = [T0]
+    manager = _manager(store, clock, max_checkpoints_per_run=None, compress_min_bytes=None)
+    with anyio.fail_after(DEADLINE):
+        kept = await manager.create("ageing", state={"n": 0})
+        short = await manager.create("ageing", state={"blob": os.urandom(DEFAULT_THRESHOLD)},
+                                     ttl_seconds=60)
+        key = _ids.run_key("ageing")
+        raw = await _raw_item(store, key, layout.checkpoint_sk(1))
+        assert raw is not None
+        assert int(raw["ttl"]["N"]) == layout.ttl_of(T0 + 60)
+        assert raw["x"]["N"] in ("1700000060", "1700000060.0")
+        assert len(await _blob_keys(store, key)) == 1
+
+        clock[0] = T0 + 60
+        # Expired but not deleted (moto has no TTL sweeper, and AWS takes up to days).
+        assert await _raw_item(store, key, layout.checkpoint_sk(1)) is not None
+        assert await manager.restore_from(short.checkpoint_id) is None
+        restored = await manager.restore("ageing")
+        assert restored is not None
+        assert restored.checkpoint_id == kept.checkpoint_id
+
+        assert await manager.cleanup_expired() == 1
+        assert await _raw_item(store, key, layout.checkpoint_sk(1)) is None
+        assert await _blob_keys(store, key) == []
+        info = await manager.get_run("ageing")
+        assert info is not None
+        assert info.checkpoint_count == 1
+
+
+async def test_expired_run_and_its_items_are_purged(store: DynamoDBStore) -> None:
+    seed = make_run("bygone")
+    key = key_of(seed)
+    with anyio.fail_after(DEADLINE):
+        await store.append(key, make_checkpoint(seed, 0, expires_at=T0 + 10,
+                                                payload=os.urandom(DEFAULT_THRESHOLD)),
+                           run=msgspec.structs.replace(seed, expires_at=T0 + 10),
+                           keep_latest=None, now=T0)
+        await store.put_items(key, [make_item("free"), make_item("owned", owner=0)], now=T0)
+        run_item = await _raw_item(store, key, layout.RUN_SK)
+        assert run_item is not None
+        # The run item outlives its checkpoints natively, so the cleanup loop gets it first.
+        assert int(run_item["ttl"]["N"]) > layout.ttl_of(T0 + 10)
+        assert await store.get_run(key, now=T0 + 10) is None
+
+        removed = 0
+        for _ in range(20):
+            count, done = await store.purge_expired(now=T0 + 10, limit=100)
+            removed += count
+            if done:
+                break
+        assert removed == 1
+        for sort_key in (layout.RUN_SK, layout.checkpoint_sk(0), layout.item_sk("free"),
+                         layout.item_sk("owned"), layout.marker_sk(0, "owned")):
+            assert await _raw_item(store, key, sort_key) is None, sort_key
+        assert await _blob_keys(store, key) == []
+
+
+async def test_purge_removes_orphaned_blobs_and_spares_in_flight_ones(
+    store: DynamoDBStore,
+) -> None:
+    seed = make_run("orphans")
+    key = key_of(seed)
+    big = os.urandom(DEFAULT_THRESHOLD + 1)
+    with anyio.fail_after(DEADLINE):
+        await store.append(key, make_checkpoint(seed, 0, payload=big), run=seed,
+                           keep_latest=None, now=T0)
+        await store.append(key, make_checkpoint(seed, 1, expires_at=T0 + 5), run=seed,
+                           keep_latest=None, now=T0)
+        await store.append(key, make_checkpoint(seed, 2), run=seed, keep_latest=None, now=T0)
+        referenced = await _blob_keys(store, key)
+        blobs = store._bucket()
+        # What a crash between the S3 PUT and the item write leaves behind:
+        crashed = f"{key}/{seed.incarnation}/{1:020d}-dead0001"
+        other_incarnation = f"{key}/aaaaaaaa/{0:020d}-dead0002"
+        in_flight = f"{key}/{seed.incarnation}/{3:020d}-busy0003"  # above latest: spared
+        for blob in (crashed, other_incarnation, in_flight):
+            await blobs.put(blob, b"orphan")
+
+        assert await store.purge_expired(now=T0 + 5, limit=10) == (1, True)
+
+        assert sorted(await _blob_keys(store, key)) == sorted([*referenced, in_flight])
+        found = await store.get(key, 0, now=T0 + 5)
+        assert found is not None
+        assert found[0].payload == big
+
+
+# -- batches, clients, layout -----------------------------------------------------------------
+
+
+async def test_batch_writes_are_chunked_to_25(store: DynamoDBStore) -> None:
+    seed = make_run("batched")
+    key = key_of(seed)
+    with anyio.fail_after(DEADLINE):
+        await store.append(key, make_checkpoint(seed, 0), run=seed, keep_latest=None, now=T0)
+        await store.clients()
+        with counting(store) as (dynamo, _):
+            await store.put_items(key, [make_item(f"k{index:03}") for index in range(60)], now=T0)
+        assert dynamo.counts == {"BatchWriteItem": 3}
+        with counting(store) as (dynamo, _):
+            assert await store.delete_run(key) == 1
+        # 60 items, 1 checkpoint, the run item: 62 deletes in 3 batches, after one Query.
+        assert dynamo.counts == {"Query": 1, "BatchWriteItem": 3}
+
+
+async def test_given_clients_are_used_and_never_closed(
+    provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    owner = DynamoDBStore(aws_names[0], bucket=aws_names[1], region=REGION,
+                          endpoint_url=provisioned)
+    try:
+        ddb, s3 = await owner.clients()
+        borrower = DynamoDBStore(aws_names[0], bucket=aws_names[1], dynamodb_client=ddb,
+                                 s3_client=s3, prefix=f"{unique_name('b')}/")
+        seed = make_run("borrowed")
+        with anyio.fail_after(DEADLINE):
+            await borrower.append(key_of(seed), make_checkpoint(seed, 0, payload=os.urandom(
+                DEFAULT_THRESHOLD + 1)), run=seed, keep_latest=None, now=T0)
+            await borrower.aclose()
+            # Still open: the borrower closed nothing it was given.
+            assert (await ddb.describe_table(TableName=aws_names[0]))["Table"]
+            assert await s3.head_bucket(Bucket=aws_names[1])
+    finally:
+        await owner.aclose()
+
+
+def test_book_prunes_expired_then_oldest_and_tracks_expiry() -> None:
+    book = layout.Book()
+    for sequence, expires_at in enumerate([None, T0 + 50, T0 + 10, T0 + 30, None]):
+        book.add(sequence, expires_at, f"blob-{sequence}" if sequence == 3 else None)
+    assert (book.count, book.expires_at(), book.due()) == (5, None, T0 + 10)
+    assert book.prune(T0 + 10, keep_latest=3) == [2, 0]
+    assert book.sequences() == [1, 3, 4]
+    assert book.held == [(1, 2), (3, 5)]
+    assert book.remove(4)
+    assert not book.remove(4)
+    assert (book.expires_at(), book.due(), book.blobs) == (T0 + 50, T0 + 30, {3: "blob-3"})
+    encoded = layout.BOOK_ENCODER.encode(book)
+    assert layout.BOOK_DECODER.decode(encoded) == book
+    assert book.prune(T0 + 50, keep_latest=None) == [1, 3]
+    assert (book.count, book.expires_at(), book.due()) == (0, 0.0, 0.0)
+
+
+def test_created_stamps_sort_like_creation_times() -> None:
+    times = [-5.5, -0.0, 0.0, 1e-9, 1.0, T0, T0 + 0.000001, 1e18]
+    stamps = [layout.created_stamp(at, "aaaa") for at in times]
+    assert stamps == sorted(stamps)
+    assert layout.created_stamp(T0, "aaaa") < layout.created_stamp(T0, "aaab")
+
+
+# -- provisioning and the ops kit -------------------------------------------------------------
+
+
+async def test_provision_is_idempotent_and_sets_everything(
+    atomic_moto: str, moto_endpoint: str
+) -> None:
+    names = (unique_name("prov"), unique_name("prov"))
+    async with opened(atomic_moto, names, prefix="blobs/") as store:
+        with anyio.fail_after(DEADLINE):
+            await store.provision()
+            await store.provision()
+            ddb, s3 = await store.clients()
+            table = (await ddb.describe_table(TableName=names[0]))["Table"]
+            assert table["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
+            assert {index["IndexName"] for index in table["GlobalSecondaryIndexes"]} == {
+                layout.BY_STATUS, layout.BY_CREATED, layout.BY_EXPIRY
+            }
+            ttl = (await ddb.describe_time_to_live(TableName=names[0]))["TimeToLiveDescription"]
+            assert (ttl["TimeToLiveStatus"], ttl["AttributeName"]) == ("ENABLED", "ttl")
+            versioning = await s3.get_bucket_versioning(Bucket=names[1])
+            assert versioning["Status"] == "Enabled"
+            encryption = await s3.get_bucket_encryption(Bucket=names[1])
+            rule = encryption["ServerSideEncryptionConfiguration"]["Rules"][0]
+            assert rule["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+            lifecycle = await s3.get_bucket_lifecycle_configuration(Bucket=names[1])
+            (rule,) = lifecycle["Rules"]
+            assert rule["ID"] == "fastcheckpoint-blobs"
+            assert rule["Status"] == "Enabled"
+            assert rule["NoncurrentVersionExpiration"]["NoncurrentDays"] == 30
+            assert rule["Filter"]["Prefix"] == "blobs/"
+
+
+async def test_table_json_is_what_provision_creates(atomic_moto: str) -> None:
+    definition = json.loads((KIT / "table.json").read_text())
+    table_name = definition.pop("TableName")
+    assert table_name == "fastcheckpoint"
+    assert definition == layout.TABLE_DEFINITION
+    names = (unique_name("kit"), unique_name("kit"))
+    async with opened(atomic_moto, names) as store:
+        with anyio.fail_after(DEADLINE):
+            await store.provision()
+            ddb, _ = await store.clients()
+            table = (await ddb.describe_table(TableName=names[0]))["Table"]
+    assert table["KeySchema"] == definition["KeySchema"]
+    assert sorted(table["AttributeDefinitions"], key=str) == sorted(
+        definition["AttributeDefinitions"], key=str
+    )
+    described = {
+        index["IndexName"]: (index["KeySchema"], index["Projection"])
+        for index in table["GlobalSecondaryIndexes"]
+    }
+    assert described == {
+        index["IndexName"]: (index["KeySchema"], index["Projection"])
+        for index in definition["GlobalSecondaryIndexes"]
+    }
+
+
+_S3_ACTIONS = {
+    "PutObject": "s3:PutObject",
+    "GetObject": "s3:GetObject",
+    "DeleteObjects": "s3:DeleteObject",
+    "ListObjectsV2": "s3:ListBucket",
+}
+
+
+async def test_iam_policy_grants_exactly_what_the_store_calls(
+    store: DynamoDBStore,
+) -> None:
+    """Every store operation over a workload, counted per client, against iam-policy.json."""
+    big = os.urandom(DEFAULT_THRESHOLD + 1)
+    seed = make_run("iam")
+    key = key_of(seed)
+    with anyio.fail_after(DEADLINE):
+        await store.clients()
+        with counting(store) as (dynamo, s3):
+            await store.append(key, make_checkpoint(seed, 0, payload=big, expires_at=T0 + 5),
+                               run=msgspec.structs.replace(seed, expires_at=T0 + 5),
+                               keep_latest=1, now=T0)
+            await store.get(key, 0, now=T0)
+            await store.put_items(key, [make_item("a", owner=0, expires_at=T0 + 5)], now=T0)
+            await store.put_items(key, [make_item("b")], create_only=True, now=T0)
+            await store.append(key, make_checkpoint(seed, 1), run=seed, keep_latest=1, now=T0)
+            await store.get(key, 1, now=T0)
+            await store.latest(key, now=T0)
+            await store.headers(key, before=1, limit=5, now=T0)
+            await store.get_items(key, ["a", "b"], now=T0)
+            await store.scan_items(key, now=T0)
+            await store.delete_items(key, ["b"])
+            run = await store.update_run(key, incarnation=seed.incarnation, version=0,
+                                         status="paused", data=b"", now=T0)
+            await store.list_runs(status="paused", limit=5, cursor=None, now=T0)
+            await store.count_runs(status=None, now=T0)
+            await store.append(key, make_checkpoint(seed, 2, expires_at=T0 + 5), run=run,
+                               keep_latest=None, now=T0)
+            await store.delete(key, 2, checkpoint_id=checkpoint_id_of(seed, 2))
+            await store.append(key, make_checkpoint(seed, 3, expires_at=T0 + 5), run=run,
+                               keep_latest=None, now=T0)
+            await store.purge_expired(now=T0 + 5, limit=100)
+            await store.delete_run(key)
+    called = {f"dynamodb:{name}" for name in dynamo.counts}
+    if called & {"dynamodb:TransactWriteItems", "dynamodb:TransactGetItems"}:
+        called |= {f"dynamodb:{name}" for name in TRANSACTION_ACTIONS}
+    called |= {_S3_ACTIONS[name] for name in s3.counts}
+
+    policy = json.loads((KIT / "iam-policy.json").read_text())
+    granted = {action for statement in policy["Statement"] for action in statement["Action"]}
+    assert granted == called
+    assert all(statement["Effect"] == "Allow" for statement in policy["Statement"])
+    for statement in policy["Statement"]:
+        for resource in statement["Resource"]:
+            assert "*" not in resource.split(":")[-1].split("/")[0], resource
+
+
+# -- several processes ------------------------------------------------------------------------
+
+
+async def test_processes_appending_to_one_run_get_unique_gap_free_sequences(
+    provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    run_id = f"shared-{unique_name('run')}"
+    prefix = f"{unique_name('mp')}/"
+    env = {**os.environ, "PYTHONPATH": PACKAGE_ROOT}
+    outputs: dict[str, bytes] = {}
+
+    async def worker(name: str) -> None:
+        done = await anyio.run_process(
+            [sys.executable, str(WORKER), provisioned, aws_names[0], aws_names[1], prefix,
+             run_id, "15", name],
+            env=env,
+        )
+        outputs[name] = done.stdout
+
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as group:
+            for index in range(4):
+                group.start_soon(worker, f"w{index}")
+        acknowledged = [int(line) for out in outputs.values() for line in out.split()]
+        assert sorted(acknowledged) == list(range(60))
+        async with opened(provisioned, aws_names, prefix=prefix) as store:
+            key = _ids.run_key(run_id)
+            run = await store.get_run(key, now=T0)
+            assert run is not None
+            assert (run.latest_sequence, run.checkpoint_count) == (59, 60)
+            found, _ = await store.headers(key, before=None, limit=100, now=T0)
+            assert [header.sequence for header in found] == list(range(59, -1, -1))
+            for name, out in outputs.items():
+                for line in out.split():
+                    got = await store.get(key, int(line), now=T0)
+                    assert got is not None
+                    assert got[0].payload == f"{name}/{int(line)}".encode()
+            await store.delete_run(key)
+
