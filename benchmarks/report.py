@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.baseline import NETWORK_KINDS
 from benchmarks.measure import Phase
 from benchmarks.settings import Sizes
 from benchmarks.suite import Report, WorkloadResult
@@ -50,7 +51,6 @@ _COUNTERPARTS = {
     "redis": (("fastagentic", "redis"),),
     "s3": (("fastagentic", "s3"),),
 }
-_NETWORK_KINDS = ("redis", "rediss", "s3", "dynamodb")
 
 
 def machine_info() -> dict[str, Any]:
@@ -206,7 +206,7 @@ def _concurrency_targets(report: Report) -> list[dict[str, Any]]:
         if sequential is None or "create" not in sequential.phases:
             continue
         value = result.phases["create"].ops_per_s / sequential.phases["create"].ops_per_s
-        network = result.kind in _NETWORK_KINDS
+        network = result.kind in NETWORK_KINDS
         rows.append({
             "target": f"{result.subject} W2 create ops/s >= W1 create ops/s",
             "value": value, "met": value >= 1.0 if network else None,
@@ -225,6 +225,7 @@ def to_json(report: Report, machine: dict[str, Any]) -> dict[str, Any]:
         "ratios": ratios(report),
         "targets": targets(report),
         "notes": report.notes,
+        "network": report.network,
     }
 
 
@@ -300,6 +301,20 @@ def to_markdown(report: Report, machine: dict[str, Any]) -> str:
         for name, values in report.floor.items():
             lines.append(f"| {name} | {_num(values['bytes'])} | {_num(values['encode_us'], 1)} "
                          f"| {_num(values['decode_us'], 1)} | {_num(values['total_us'], 1)} |")
+        lines.append("")
+    if report.network:
+        lines += ["## Network floor: the bare driver on the same server, same size", "",
+                  "One write and one read of the W1 checkpoint's size with the driver alone. "
+                  "Compare with the store's W1 create and restore to see what is the server "
+                  "(or the emulator) and what is the library.", "",
+                  "| store | driver operations | bytes | write p50 µs | write p99 µs "
+                  "| read p50 µs | read p99 µs |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for row in report.network:
+            lines.append(
+                f"| {row['store']} | {row['operations']} | {_num(row['bytes'])} "
+                f"| {_num(row['write']['p50_us'], 1)} | {_num(row['write']['p99_us'], 1)} "
+                f"| {_num(row['read']['p50_us'], 1)} | {_num(row['read']['p99_us'], 1)} |")
         lines.append("")
     rows = ratios(report)
     if rows:
@@ -401,7 +416,8 @@ def from_json(data: dict[str, Any]) -> tuple[Report, dict[str, Any]]:
         results.append(WorkloadResult(**{**raw, "phases": phases}))
     sizes = Sizes(**{key: tuple(value) if isinstance(value, list) else value
                      for key, value in data["sizes"].items()})
-    report = Report(sizes, results, data["floor"], data["notes"], data["backend"])
+    report = Report(sizes, results, data["floor"], data["notes"], data["backend"],
+                    data.get("network", []))
     return report, data["machine"]
 
 

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from fastcheckpoint.stores import available_schemes
+
 __all__ = ["MOTO", "Services", "bench_services"]
 
 MOTO = "moto"
@@ -51,12 +53,12 @@ class Services:
     def store_urls(self) -> list[str]:
         """Network store URLs for the default store list, for the backends available."""
         urls: list[str] = []
-        if self.redis_url is not None and _importable("fastcheckpoint.stores.redis"):
+        if self.redis_url is not None and _usable("redis", "redis"):
             urls.append(self.resolve(_with_query(self.redis_url, prefix=f"fcbench-{self.token}")))
-        if self.moto_url is not None and _importable("fastcheckpoint.stores.s3"):
+        if self.moto_url is not None and _usable("s3", "aiobotocore"):
             urls.append(self.resolve(
                 f"s3://fcbench-{self.token}/bench?region=us-east-1&endpoint_url={MOTO}"))
-        if self.moto_url is not None and _importable("fastcheckpoint.stores.dynamodb"):
+        if self.moto_url is not None and _usable("dynamodb", "aiobotocore"):
             urls.append(self.resolve(
                 f"dynamodb://fcbench-{self.token}?bucket=fcbench-blobs-{self.token}"
                 f"&region=us-east-1&endpoint_url={MOTO}"))
@@ -74,6 +76,11 @@ class Services:
         if parts.scheme.startswith("redis"):
             self.redis_prefixes.add(query.get("prefix", ""))
         return url
+
+
+def _usable(scheme: str, driver: str) -> bool:
+    """Whether ``open_store`` knows ``scheme`` and the backend's driver is installed."""
+    return scheme in available_schemes() and _importable(driver)
 
 
 def _importable(module: str) -> bool:

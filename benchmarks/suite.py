@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 
+from benchmarks.baseline import network_floor
 from benchmarks.compare import comparison_subjects
 from benchmarks.content import Content
 from benchmarks.footprint import floor, measure_footprint
@@ -54,6 +55,8 @@ class Report:
     floor: dict[str, dict[str, float]]
     notes: list[str]
     backend: str
+    network: list[dict[str, Any]] = field(default_factory=list)
+    """Bare driver write/read latency on each network store's server (:mod:`baseline`)."""
 
 
 @dataclass
@@ -150,6 +153,26 @@ async def _footprints(jobs: list[_Job], sizes: Sizes) -> None:
             logger.error("%s footprint failed:\n%s", job.label, traceback.format_exc())
 
 
+async def _network_floors(jobs: list[_Job], sizes: Sizes) -> list[dict[str, Any]]:
+    """For each network store that ran W1: the bare driver on the same server, same size."""
+    floors: list[dict[str, Any]] = []
+    for job in jobs:
+        subject = job.subject
+        if job.workload.name != "W1" or not isinstance(subject, StoreTarget):
+            continue
+        size = int(job.result.footprint.get("payload_header_bytes") or 0)
+        if not size:
+            continue
+        try:
+            measured = await network_floor(subject, size, min(200, sizes.w1_restores))
+        except Exception:
+            logger.error("network floor of %s failed:\n%s", subject.label, traceback.format_exc())
+            continue
+        if measured is not None:
+            floors.append(measured)
+    return floors
+
+
 async def _suite(
     urls: list[str] | None,
     workloads: Sequence[Workload],
@@ -176,6 +199,7 @@ async def _suite(
                           if job.workload.name in ("W1", "W3")}
         floors = await _run_jobs(jobs, floor_contents, sizes, progress)
         await _footprints(jobs, sizes)
+        network = await _network_floors(jobs, sizes)
     for job in jobs:
         job.result.phases = {phase: summarize(samples) for phase, samples in job.samples.items()}
     results = [job.result for job in jobs] + skipped
@@ -183,7 +207,7 @@ async def _suite(
     results.sort(key=lambda result: order[result.workload])
     for result in skipped:
         notes.append(f"{result.workload} on {result.subject} skipped: {result.skipped}")
-    return Report(sizes, results, floors, notes, backend)
+    return Report(sizes, results, floors, notes, backend, network)
 
 
 def run_suite(

@@ -69,11 +69,15 @@ def test_multi_process_writers_get_unique_gap_free_sequences(tmp_path: Path) -> 
     assert result.phases["create"].ops == 6
 
 
+def _machine() -> dict[str, object]:
+    return {"command": "python -m benchmarks", "machine": "x", "cpu_count": 2,
+            "python": "CPython", "platform": "test", "date_utc": "now",
+            "versions": {"fastcheckpoint": "0", "msgspec": "0"}}
+
+
 def test_reports_render_and_targets_are_evaluated() -> None:
     report = run_suite(["memory://"], ["W1", "W5"], TINY)
-    machine = {"command": "python -m benchmarks", "machine": "x", "cpu_count": 2,
-               "python": "CPython", "platform": "test", "date_utc": "now",
-               "versions": {"fastcheckpoint": "0", "msgspec": "0"}}
+    machine = _machine()
 
     document = json.loads(json.dumps(to_json(report, machine)))
     markdown = to_markdown(report, machine)
@@ -146,3 +150,22 @@ def test_requests_are_counted_where_drivers_send() -> None:
             await client.aclose()
 
     assert anyio.run(three_round_trips) == 3
+
+
+def test_a_redis_store_reports_round_trips_and_the_network_floor() -> None:
+    from benchmarks.services import _redis_answers
+
+    if not _redis_answers("redis://127.0.0.1:6379/0"):
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    report = run_suite(["redis://127.0.0.1:6379/0?prefix=fctest-bench-smoke"], ["W1"], TINY)
+
+    [result] = report.results
+    assert result.error is None, result.error
+    per_op = result.footprint["per_op"]
+    assert per_op["create"]["requests"] == 1  # one script call per create...
+    assert per_op["restore"]["requests"] == 1  # ...and per restore
+    [floor] = report.network
+    assert floor["operations"] == "SET / GET"
+    assert floor["bytes"] == int(result.footprint["payload_header_bytes"])
+    assert floor["write"]["p50_us"] > 0
+    assert "Network floor" in to_markdown(report, _machine())

@@ -31,6 +31,7 @@ __all__ = [
     "StoredCheckpoint",
     "SupportsDefaultTTL",
     "SupportsProvision",
+    "available_schemes",
     "header_of",
     "is_live",
     "latest_expiry",
@@ -68,6 +69,11 @@ def register_store(
     them the ``retry`` policy, and their ``from_url`` must accept ``retry=``.
     """
     _REGISTRY[scheme.lower()] = _Backend(target, extra, remote)
+
+
+def available_schemes() -> list[str]:
+    """URL schemes ``open_store`` knows, whether or not their extras are installed."""
+    return sorted(_REGISTRY)
 
 
 def open_store(url: str, *, retry: RetryPolicy | None = None, **options: Any) -> CheckpointStore:
