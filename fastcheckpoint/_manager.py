@@ -53,11 +53,13 @@ logger = logging.getLogger("fastcheckpoint")
 _HINT_CAPACITY = 10_000
 
 # Sequence conflicts are contention, not failure: the store names the head it holds, so a
-# retry is well informed and the first few go at once. Only writers that keep colliding
-# (several processes on one run) pause, briefly (full jitter, 1 ms doubling to 50 ms): the
-# transient-failure policy's 100 ms base would idle every loser for a whole round.
+# retry is well informed and the first few go at once. Writers that keep colliding (several
+# processes on one run) then pause with full jitter from 1 ms, doubling up to the retry
+# policy's cap: short pauses keep throughput (the policy's 100 ms base would idle every loser
+# for a whole round), and the growth keeps a writer that loses again and again from running
+# out of attempts while the others are still busy.
 _FREE_RETRIES = 3
-_CONTENTION = RetryPolicy(base_delay=0.001, max_delay=0.05)
+_CONTENTION_BASE = 0.001
 _ESTIMATE_NODES = 256
 _ESTIMATE_DEPTH = 6
 _TERMINAL = frozenset({CheckpointStatus.COMPLETED, CheckpointStatus.FAILED,
@@ -113,6 +115,8 @@ class CheckpointManager:
         self._default_ttl = self.config.default_ttl_seconds
         if self._default_ttl is None and isinstance(store, SupportsDefaultTTL):
             self._default_ttl = store.default_ttl_seconds
+        cap = self.config.retry.max_delay
+        self._contention = RetryPolicy(base_delay=min(_CONTENTION_BASE, cap), max_delay=cap)
         self._hints: OrderedDict[str, _Hint] = OrderedDict()
         self._cleanup: tuple[anyio.CancelScope, anyio.Event] | None = None
         self._cleanup_task: object = None  # keeps an asyncio task referenced while it runs
@@ -299,7 +303,7 @@ class CheckpointManager:
                 guess = await self._observed_head(key, conflict, now)
                 last = attempt + 1 == self.config.max_sequence_retries
                 if attempt >= _FREE_RETRIES and not last:
-                    await anyio.sleep(_CONTENTION.delay(attempt - _FREE_RETRIES))
+                    await anyio.sleep(self._contention.delay(attempt - _FREE_RETRIES))
                 continue
             self._remember(key, _Hint(sequence, incarnation, now, len(payload)))
             return record, parent, status
