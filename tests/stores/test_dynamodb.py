@@ -743,3 +743,23 @@ async def test_processes_appending_to_one_run_get_unique_gap_free_sequences(
                     assert got[0].payload == f"{name}/{int(line)}".encode()
             await store.delete_run(key)
 
+
+
+def test_fastcheckpoint_init_provisions_from_the_shell(
+    moto_endpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import boto3
+
+    from fastcheckpoint.cli import EXIT_OK, main
+
+    names = (unique_name("init"), unique_name("init"))
+    url = _url(moto_endpoint, names)
+
+    assert main(["init", url]) == EXIT_OK
+    assert main(["init", url]) == EXIT_OK  # idempotent
+    assert "provisioned" in capsys.readouterr().out
+    table = boto3.client("dynamodb", region_name=REGION, endpoint_url=moto_endpoint)
+    described = table.describe_table(TableName=names[0])["Table"]
+    assert described["TableStatus"] == "ACTIVE"
+    bucket = boto3.client("s3", region_name=REGION, endpoint_url=moto_endpoint)
+    assert bucket.get_bucket_versioning(Bucket=names[1])["Status"] == "Enabled"
