@@ -37,6 +37,7 @@ from fastcheckpoint.stores.memory import InMemoryCheckpointStore, MemoryStore
 if TYPE_CHECKING:
     from fastcheckpoint.stores.dynamodb import DynamoDBStore
     from fastcheckpoint.stores.redis import RedisCheckpointStore, RedisStore
+    from fastcheckpoint.stores.s3 import S3CheckpointStore, S3Store
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,8 @@ _LAZY = {
     "DynamoDBStore": ("fastcheckpoint.stores.dynamodb", "dynamodb"),
     "RedisStore": ("fastcheckpoint.stores.redis", "redis"),
     "RedisCheckpointStore": ("fastcheckpoint.stores.redis", "redis"),
+    "S3Store": ("fastcheckpoint.stores.s3", "s3"),
+    "S3CheckpointStore": ("fastcheckpoint.stores.s3", "s3"),
 }
 
 
@@ -84,6 +87,8 @@ __all__ = [
     "RetryPolicy",
     "RunInfo",
     "RunPage",
+    "S3CheckpointStore",
+    "S3Store",
     "SequenceConflict",
     "SerializationError",
     "StatusChange",

@@ -56,6 +56,7 @@ _REGISTRY: dict[str, _Backend] = {
         scheme: _Backend("fastcheckpoint.stores.redis:RedisStore", "redis", remote=True)
         for scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster")
     },
+    "s3": _Backend("fastcheckpoint.stores.s3:S3Store", "s3", remote=True),
     "dynamodb": _Backend("fastcheckpoint.stores.dynamodb:DynamoDBStore", "dynamodb", remote=True),
 }
 

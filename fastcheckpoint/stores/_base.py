@@ -43,6 +43,7 @@ __all__ = [
     "check_keep_latest",
     "header_of",
     "is_live",
+    "item_key_bytes",
     "key_successor",
     "latest_expiry",
 ]
@@ -120,6 +121,20 @@ def check_keep_latest(keep_latest: int | None) -> None:
     """The one validation of ``append``'s ``keep_latest``: ``None`` or an int >= 1."""
     if keep_latest is not None and (isinstance(keep_latest, bool) or keep_latest < 1):
         raise ValidationError(f"keep_latest must be None or >= 1, got {keep_latest!r}")
+
+
+def item_key_bytes(key: object, limit: int, why: str) -> bytes:
+    """The UTF-8 of an item key, or :class:`ValidationError` when it is not a valid ``str`` of
+    at most ``limit`` bytes; ``why`` names the backend's reason for the limit."""
+    if not isinstance(key, str):
+        raise ValidationError(f"item key must be a str, got {type(key).__name__}")
+    try:
+        raw = key.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValidationError(f"item key {key[:40]!r} is not valid unicode") from exc
+    if len(raw) > limit:
+        raise ValidationError(f"item key is {len(raw)} bytes of UTF-8; {why} allows {limit}")
+    return raw
 
 
 def key_successor(prefix: str) -> str:

@@ -57,6 +57,7 @@ from fastcheckpoint.stores._base import (
     StoredCheckpoint,
     check_keep_latest,
     is_live,
+    item_key_bytes,
     key_successor,
 )
 from fastcheckpoint.stores._dynamodb_layout import Book
@@ -1712,17 +1713,7 @@ def _item_size(item: Mapping[str, Any]) -> int:
 
 
 def _check_item(item: Item) -> None:
-    if not isinstance(item.key, str):
-        raise ValidationError(f"item key must be a str, got {type(item.key).__name__}")
-    try:
-        size = len(item.key.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise ValidationError(f"item key {item.key[:40]!r} is not valid unicode") from exc
-    if size > layout.MAX_ITEM_KEY_BYTES:
-        raise ValidationError(
-            f"item key is {size} bytes of UTF-8; DynamoDB sort keys allow at most "
-            f"{layout.MAX_ITEM_KEY_BYTES} here"
-        )
+    item_key_bytes(item.key, layout.MAX_ITEM_KEY_BYTES, "the DynamoDB store (sort keys)")
     if not isinstance(item.value, bytes):
         raise ValidationError(f"item value must be bytes, got {type(item.value).__name__}")
     if len(item.value) > _MAX_VALUE_BYTES:

@@ -69,6 +69,7 @@ from fastcheckpoint.stores._base import (
     StoredCheckpoint,
     check_keep_latest,
     is_live,
+    item_key_bytes,
 )
 
 __all__ = ["MAX_ITEM_KEY_BYTES", "FileCheckpointStore", "FileStore"]
@@ -170,17 +171,7 @@ def _b32hex(raw: bytes) -> str:
 
 
 def _item_name(key: object) -> str:
-    if not isinstance(key, str):
-        raise ValidationError(f"item key must be a str, got {type(key).__name__}")
-    try:
-        raw = key.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValidationError(f"item key {key!r:.80} is not valid unicode") from exc
-    if len(raw) > MAX_ITEM_KEY_BYTES:
-        raise ValidationError(
-            f"item key is {len(raw)} bytes of UTF-8; the file store's limit is {MAX_ITEM_KEY_BYTES}"
-        )
-    return "k" + _b32hex(raw)
+    return "k" + _b32hex(item_key_bytes(key, MAX_ITEM_KEY_BYTES, "the file store"))
 
 
 def _key_of_name(name: str) -> str | None:

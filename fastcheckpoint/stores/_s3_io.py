@@ -1,0 +1,226 @@
+"""The few S3 calls the S3 store makes, with ETags, conditions and our error types.
+
+``_aws.Blobs`` covers plain put/get/list; the store also needs ETags from listings and reads
+(its compare-and-set tokens) and ``IfMatch`` on writes and deletes, so these helpers sit
+beside it rather than inside the shared module. A missing object is always a normal
+``None``/``False``, whatever flavour of "not found" the client raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import anyio
+from botocore.exceptions import BotoCoreError, ClientError
+
+from fastcheckpoint.errors import StoreError
+from fastcheckpoint.stores._aws import DELETE_BATCH, error_code, http_status, translate
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+_T = TypeVar("_T")
+_A = TypeVar("_A")
+_B = TypeVar("_B")
+
+_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_TAKEN_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+_PARALLEL = 16  # concurrent GETs per batch: enough to hide latency, few enough for pools
+PAGE = 1000
+"""The most keys one ``ListObjectsV2`` returns."""
+
+
+@dataclass(frozen=True)
+class Listed:
+    key: str  # relative to the store prefix
+    etag: str
+
+
+Found = list[Listed]
+"""Keys found by a listing, ascending (an alias: ``Bucket.list`` shadows ``list`` there)."""
+
+
+def _missing(exc: ClientError) -> bool:
+    return error_code(exc) in _MISSING_CODES or http_status(exc) == 404
+
+
+def _taken(exc: ClientError) -> bool:
+    # 412: the condition failed. 409: a concurrent conditional write to the key is in flight.
+    return http_status(exc) in (409, 412) or error_code(exc) in _TAKEN_CODES
+
+
+class Bucket:
+    """One bucket under one key prefix; keys given and returned are relative to the prefix."""
+
+    def __init__(self, client: S3Client, bucket: str, prefix: str) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix
+
+    def where(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix}{key}"
+
+    async def put(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+    ) -> str | None:
+        """Write ``body``; the new ETag, or None when the condition did not hold."""
+        conditions: dict[str, Any] = {}
+        if if_none_match:
+            conditions["IfNoneMatch"] = "*"
+        if if_match is not None:
+            conditions["IfMatch"] = if_match
+        try:
+            response = await self.client.put_object(
+                Bucket=self.bucket, Key=self.prefix + key, Body=body, **conditions
+            )
+        except ClientError as exc:
+            # IfMatch on a key that vanished answers 404: the compare-and-set lost too.
+            if conditions and (_taken(exc) or (if_match is not None and _missing(exc))):
+                return None
+            raise translate(exc, f"S3 PutObject {self.where(key)}") from exc
+        except BotoCoreError as exc:
+            raise translate(exc, f"S3 PutObject {self.where(key)}") from exc
+        return str(response.get("ETag", ""))
+
+    async def get(self, key: str) -> tuple[bytes, str] | None:
+        """``(body, etag)`` of an object, or None when it does not exist."""
+        try:
+            response = await self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+            async with response["Body"] as stream:
+                body = await stream.read()
+        except ClientError as exc:
+            if _missing(exc):
+                return None
+            raise translate(exc, f"S3 GetObject {self.where(key)}") from exc
+        except BotoCoreError as exc:
+            raise translate(exc, f"S3 GetObject {self.where(key)}") from exc
+        return body, str(response.get("ETag", ""))
+
+    async def delete_if(self, key: str, etag: str) -> bool:
+        """Delete the object only if it still has ``etag``; whether this call removed it.
+
+        The condition makes removal exact when several workers race for the same object:
+        one of them wins, the others see 412 (changed) or 404 (already gone).
+        """
+        try:
+            await self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key, IfMatch=etag)
+        except ClientError as exc:
+            if _taken(exc) or _missing(exc):
+                return False
+            raise translate(exc, f"S3 DeleteObject {self.where(key)}") from exc
+        except BotoCoreError as exc:
+            raise translate(exc, f"S3 DeleteObject {self.where(key)}") from exc
+        return True
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        """Delete objects, 1,000 per ``DeleteObjects`` request; missing ones are no error."""
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), DELETE_BATCH):
+            chunk = unique[start : start + DELETE_BATCH]
+            objects = [{"Key": self.prefix + key} for key in chunk]
+            try:
+                response = await self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": cast(Any, objects), "Quiet": True}
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise translate(exc, f"S3 DeleteObjects in s3://{self.bucket}") from exc
+            errors = response.get("Errors", [])
+            if errors:
+                first = errors[0]
+                raise StoreError(
+                    f"S3 DeleteObjects in s3://{self.bucket}: {len(errors)} keys not deleted, "
+                    f"first {first.get('Key')!r}: {first.get('Code')} {first.get('Message')}"
+                )
+
+    async def list(
+        self, prefix: str, *, start_after: str | None = None, limit: int | None = None
+    ) -> list[Listed]:
+        """Keys under ``prefix`` in ascending order, every page (or the first ``limit``)."""
+        if limit is None:
+            return (await self.scan(prefix, start_after=start_after))[0]
+        found, _ = await self.scan(
+            prefix,
+            start_after=start_after,
+            first=limit,
+            until=lambda found: len(found) >= limit,
+        )
+        return found[:limit]
+
+    async def scan(
+        self,
+        prefix: str,
+        *,
+        start_after: str | None = None,
+        first: int = PAGE,
+        until: Callable[[Found], bool] | None = None,
+    ) -> tuple[Found, bool]:
+        """Keys under ``prefix`` in ascending order, page by page, and whether the listing
+        ended. The first page asks for ``first`` keys (a reader that needs the newest few
+        pays for a few), later ones for 1,000; it stops early once ``until(found)`` holds."""
+        found: Found = []
+        token: str | None = None
+        cut = len(self.prefix)
+        size = max(1, min(PAGE, first))
+        while True:
+            params: dict[str, Any] = {
+                "Bucket": self.bucket,
+                "Prefix": self.prefix + prefix,
+                "MaxKeys": size,
+            }
+            if token is not None:
+                params["ContinuationToken"] = token
+            elif start_after is not None:
+                params["StartAfter"] = self.prefix + start_after
+            try:
+                response = await self.client.list_objects_v2(**params)
+            except (ClientError, BotoCoreError) as exc:
+                raise translate(exc, f"S3 ListObjectsV2 {self.where(prefix)}") from exc
+            found.extend(
+                Listed(entry["Key"][cut:], str(entry.get("ETag", "")))
+                for entry in response.get("Contents", [])
+            )
+            token = response.get("NextContinuationToken") if response.get("IsTruncated") else None
+            if token is None:
+                return found, True
+            if until is not None and until(found):
+                return found, False
+            size = PAGE
+
+
+async def gather(calls: Sequence[Callable[[], Awaitable[_T]]]) -> list[_T]:
+    """Run ``calls`` concurrently (at most ``_PARALLEL`` at a time); results in call order."""
+    results: list[Any] = [None] * len(calls)
+    limiter = anyio.CapacityLimiter(_PARALLEL)
+
+    async def run(index: int, call: Callable[[], Awaitable[_T]]) -> None:
+        async with limiter:
+            results[index] = await call()
+
+    if len(calls) == 1:
+        return [await calls[0]()]
+    async with anyio.create_task_group() as group:
+        for index, call in enumerate(calls):
+            group.start_soon(run, index, call)
+    return results
+
+
+async def pair(
+    first: Callable[[], Awaitable[_A]], second: Callable[[], Awaitable[_B]]
+) -> tuple[_A, _B]:
+    """Two different requests at once: one round trip instead of two."""
+    results: list[Any] = [None, None]
+
+    async def run(index: int, call: Callable[[], Awaitable[Any]]) -> None:
+        results[index] = await call()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, 0, first)
+        group.start_soon(run, 1, second)
+    return results[0], results[1]

@@ -1,0 +1,250 @@
+"""Object keys and record encodings of the S3 store (see ``docs/stores/s3.md``).
+
+Under the store prefix ``P``, for the run with key ``rk``::
+
+    P runs/<rk>/a                            run object: status, version, data (compare-and-set)
+    P runs/<rk>/c/<inv seq>                  slot: the checkpoint itself (create-only: the commit)
+    P runs/<rk>/c/<inv seq>/m<listing>       marker: what a listing needs, in the key
+    P runs/<rk>/c/<inv seq>/l<listing>       marker of a long header (the header in its body)
+    P runs/<rk>/c/<inv seq>/t<listing>       tombstone marker of a deleted newest checkpoint
+    P runs/<rk>/o/<hex item key>/<meta>      owner/expiry of an item, in the key
+    P items/<rk>/<hex item key>              item
+    P index/all/<inv created>/<rk>/<inc>     run index, newest created first
+    P index/status/<status>/<inv created>/<rk>/<inc>
+
+``<inv seq>`` is ``10**19 - 1 - sequence`` in 19 digits, so a run's slots list newest first,
+right after its run object (``a`` < ``c``): one ``ListObjectsV2`` of ``runs/<rk>/`` with a small
+``MaxKeys`` returns the run object's ETag and the newest checkpoints, however long the run.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import TypeVar
+
+import msgspec
+
+from fastcheckpoint.errors import CorruptCheckpointError, ValidationError
+from fastcheckpoint.stores._base import item_key_bytes
+
+SEQUENCE_SPAN = 10**19
+"""Sequences are 0 .. 10**19 - 1: every id the manager can parse (up to 19 digits)."""
+MAX_KEY_BYTES = 1024
+"""S3's limit on an object key (UTF-8)."""
+MAX_PREFIX_BYTES = 384
+"""Longest store prefix: leaves room for item keys and listing markers under 1,024 bytes."""
+MAX_ITEM_KEY_BYTES = 256
+"""Longest item key (UTF-8); stored hex-encoded, so it takes twice that in the object key."""
+_CREATED_SPAN = 10**17  # microseconds since the epoch: good until the year 5138
+_STATUS = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_FORMAT = b"\x01"
+_R = TypeVar("_R")
+
+
+class RunState(msgspec.Struct, array_like=True, frozen=True):
+    """The run object: what changes rarely. Counters and expiry are derived from listings."""
+
+    run_id: str
+    incarnation: str
+    status: str
+    created_at: float
+    updated_at: float
+    version: int
+    data: bytes
+
+
+class Slot(msgspec.Struct, array_like=True, frozen=True):
+    """A slot object: one checkpoint (or the tombstone of the newest one after a delete)."""
+
+    incarnation: str
+    sequence: int
+    checkpoint_id: str
+    created_at: float
+    expires_at: float | None
+    appended_at: float
+    header: bytes
+    payload: bytes
+    tombstone: bool = False
+
+
+class Listing(msgspec.Struct, array_like=True, frozen=True):
+    """What a marker key carries: everything ``headers``/``latest``/run derivation need."""
+
+    incarnation: str
+    checkpoint_id: str
+    created_at: float
+    expires_at: float | None
+    appended_at: float
+    header: bytes | None = None  # None in an "l" marker: the header is in the marker's body
+
+
+class ItemBody(msgspec.Struct, array_like=True, frozen=True):
+    value: bytes
+    owner: int | None
+    expires_at: float | None
+
+
+class ItemMeta(msgspec.Struct, array_like=True, frozen=True):
+    owner: int | None
+    expires_at: float | None
+
+
+_encoder = msgspec.msgpack.Encoder()
+_run_decoder = msgspec.msgpack.Decoder(RunState)
+_slot_decoder = msgspec.msgpack.Decoder(Slot)
+_listing_decoder = msgspec.msgpack.Decoder(Listing)
+_item_decoder = msgspec.msgpack.Decoder(ItemBody)
+_meta_decoder = msgspec.msgpack.Decoder(ItemMeta)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _decode(decoder: msgspec.msgpack.Decoder[_R], blob: bytes, where: str, what: str) -> _R:
+    if not blob.startswith(_FORMAT):
+        raise CorruptCheckpointError(f"unknown {what} format", key=where)
+    try:
+        return decoder.decode(blob[1:])
+    except msgspec.DecodeError as exc:
+        raise CorruptCheckpointError(f"undecodable {what}: {exc}", key=where) from exc
+
+
+def encode(record: msgspec.Struct) -> bytes:
+    return _FORMAT + _encoder.encode(record)
+
+
+def decode_run(blob: bytes, where: str) -> RunState:
+    return _decode(_run_decoder, blob, where, "run object")
+
+
+def decode_slot(blob: bytes, where: str) -> Slot:
+    return _decode(_slot_decoder, blob, where, "checkpoint")
+
+
+def decode_item(blob: bytes, where: str) -> ItemBody:
+    return _decode(_item_decoder, blob, where, "item")
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+def inverted(sequence: int) -> str:
+    return f"{SEQUENCE_SPAN - 1 - sequence:019d}"
+
+
+def valid_sequence(sequence: int) -> bool:
+    return not isinstance(sequence, bool) and 0 <= sequence < SEQUENCE_SPAN
+
+
+def run_prefix(run_key: str) -> str:
+    return f"runs/{run_key}/"
+
+
+def run_object(run_key: str) -> str:
+    return f"runs/{run_key}/a"
+
+
+def slots_prefix(run_key: str) -> str:
+    return f"runs/{run_key}/c/"
+
+
+def slot_key(run_key: str, sequence: int) -> str:
+    return f"runs/{run_key}/c/{inverted(sequence)}"
+
+
+def older_than(run_key: str, sequence: int) -> str:
+    """``StartAfter`` for listing the slots older than ``sequence``: after every key of its
+    slot ("~" sorts after the marker kinds and base64url) and before the next older slot."""
+    return f"{slot_key(run_key, sequence)}/~"
+
+
+def marker_key(run_key: str, sequence: int, kind: str, listing: Listing) -> str:
+    return f"{slot_key(run_key, sequence)}/{kind}{_b64(_encoder.encode(listing))}"
+
+
+def item_markers_prefix(run_key: str) -> str:
+    return f"runs/{run_key}/o/"
+
+
+def item_marker_key(run_key: str, hex_key: str, meta: ItemMeta) -> str:
+    return f"runs/{run_key}/o/{hex_key}/{_b64(_encoder.encode(meta))}"
+
+
+def items_prefix(run_key: str) -> str:
+    return f"items/{run_key}/"
+
+
+def item_object(run_key: str, hex_key: str) -> str:
+    return f"items/{run_key}/{hex_key}"
+
+
+def hex_item_key(key: object) -> str:
+    """The order-preserving key segment of an item key (hex of UTF-8 keeps code point order)."""
+    why = "the S3 store (S3 keys are limited to 1,024 bytes)"
+    return item_key_bytes(key, MAX_ITEM_KEY_BYTES, why).hex()
+
+
+def item_key_of(hex_key: str) -> str:
+    return bytes.fromhex(hex_key).decode("utf-8")
+
+
+def _inverted_created(created_at: float) -> str:
+    micros = min(max(round(created_at * 1_000_000), 0), _CREATED_SPAN - 1)
+    return f"{_CREATED_SPAN - 1 - micros:017d}"
+
+
+def check_status(status: object) -> str:
+    if not isinstance(status, str) or not _STATUS.fullmatch(status):
+        raise ValidationError(
+            f"run status {status!r} cannot be indexed by the S3 store: use 1-64 characters "
+            "of letters, digits, '_', '.' or '-'"
+        )
+    return status
+
+
+def index_prefix(status: str | None) -> str:
+    return "index/all/" if status is None else f"index/status/{status}/"
+
+
+def index_keys(run_key: str, state: RunState) -> tuple[str, str]:
+    """The run's entries in the all-runs and the by-status index."""
+    tail = f"{_inverted_created(state.created_at)}/{run_key}/{state.incarnation}"
+    return f"index/all/{tail}", f"index/status/{state.status}/{tail}"
+
+
+def parse_index_entry(key: str, prefix: str) -> tuple[str, str] | None:
+    """``(run_key, incarnation)`` of an index key under ``prefix``."""
+    parts = key[len(prefix) :].split("/")
+    if len(parts) != 3:
+        return None
+    return parts[1], parts[2]
+
+
+# -- parsing listings --------------------------------------------------------------------------
+
+
+def parse_sequence(inverted_text: str) -> int | None:
+    if len(inverted_text) != 19 or not inverted_text.isdigit():
+        return None
+    return SEQUENCE_SPAN - 1 - int(inverted_text)
+
+
+def parse_listing(encoded: str) -> Listing | None:
+    try:
+        return _listing_decoder.decode(_unb64(encoded))
+    except (msgspec.DecodeError, binascii.Error, ValueError):
+        return None
+
+
+def parse_item_meta(encoded: str) -> ItemMeta | None:
+    try:
+        return _meta_decoder.decode(_unb64(encoded))
+    except (msgspec.DecodeError, binascii.Error, ValueError):
+        return None
