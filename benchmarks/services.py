@@ -122,7 +122,9 @@ def _moto_server(notes: list[str]) -> Iterator[str | None]:
         yield None
         return
     port = _free_port()
-    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    # moto's own server checks conditional writes without a lock, so concurrent writers (W2,
+    # W6) could both win a sequence; the serialized one behaves like AWS.
+    command = [sys.executable, "-m", "fastcheckpoint.testing.moto", str(port)]
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

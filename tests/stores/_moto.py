@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import secrets
-import threading
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
+
+from fastcheckpoint.testing.moto import serialized_moto_server
 
 REGION = "us-east-1"
 CREDENTIALS = {
@@ -29,45 +29,6 @@ def unique_name(kind: str) -> str:
     return f"fc-test-{kind}-{secrets.token_hex(4)}"
 
 
-class _Serialized:
-    """WSGI middleware answering one request at a time.
-
-    moto's server checks a condition and then writes without a lock, so two concurrent
-    conditional writes (S3 ``IfNoneMatch``, DynamoDB ``attribute_not_exists``) can both
-    succeed, where AWS evaluates each atomically. Serving requests one by one restores that,
-    which the race tests (one winner per sequence) depend on.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.lock = threading.Lock()
-
-    def __call__(self, environ: Any, start_response: Any) -> Any:
-        with self.lock:
-            return list(self.app(environ, start_response))
-
-
-def _serialized_server() -> Any:
-    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
-    from moto.moto_server.werkzeug_app import (
-        DomainDispatcherApplication,
-        MotoRequestHandler,
-        create_backend_app,
-    )
-    from werkzeug.serving import make_server
-
-    class SerializedMotoServer(ThreadedMotoServer):
-        def _server_entry(self) -> None:
-            app = _Serialized(DomainDispatcherApplication(create_backend_app))
-            self._server = make_server(
-                self._ip_address, self._port, app, True, request_handler=MotoRequestHandler
-            )
-            self._server_ready_event.set()
-            self._server.serve_forever()
-
-    return SerializedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-
-
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """``http://127.0.0.1:<random port>`` of a moto server, with fake credentials in the env.
@@ -78,7 +39,7 @@ def moto_endpoint() -> Iterator[str]:
     """
     saved = {name: os.environ.get(name) for name in CREDENTIALS}
     os.environ.update(CREDENTIALS)
-    server = _serialized_server()
+    server = serialized_moto_server()
     server.start()
     host, port = server.get_host_and_port()
     try:
