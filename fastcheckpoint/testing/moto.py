@@ -39,11 +39,15 @@ def serialized_moto_server(host: str = "127.0.0.1", port: int = 0) -> Any:
     )
     from werkzeug.serving import make_server
 
+    class QuietHandler(MotoRequestHandler):
+        def log_request(self, *args: Any, **kwargs: Any) -> None:
+            pass  # one line per request drowns test and benchmark output
+
     class SerializedMotoServer(ThreadedMotoServer):
         def _server_entry(self) -> None:
             app = _Serialized(DomainDispatcherApplication(create_backend_app))
             self._server = make_server(
-                self._ip_address, self._port, app, True, request_handler=MotoRequestHandler
+                self._ip_address, self._port, app, True, request_handler=QuietHandler
             )
             self._server_ready_event.set()
             self._server.serve_forever()
