@@ -478,3 +478,13 @@ def test_manager_from_env_production_names_what_is_missing(missing: str) -> None
 
     with pytest.raises(ConfigurationError, match=missing):
         CheckpointManager.from_env(env)
+
+
+def test_available_schemes_lists_every_bundled_store() -> None:
+    from fastcheckpoint.stores import available_schemes
+
+    schemes = available_schemes()
+    assert {"memory", "file", "redis", "rediss", "redis+cluster", "s3", "dynamodb"} <= set(
+        schemes
+    )
+    assert schemes == sorted(schemes)

@@ -2,8 +2,9 @@
 
 One place for what both backends need from aiobotocore: where to connect (``region``,
 ``endpoint_url`` from a store URL), clients built with the one retry policy, translation of
-botocore's exceptions into ours, counting the HTTP requests a client sends, and blobs in a
-bucket (the S3 store's objects and the DynamoDB store's large payloads).
+botocore's exceptions into ours, and counting the HTTP requests a client sends. Objects in a
+bucket (the S3 store's records, the DynamoDB store's large payloads) go through
+``_s3_io.Bucket``.
 
 Retries (§3.11). botocore's *standard* mode decides what is transient (throttling codes such
 as ``SlowDown`` and ``ProvisionedThroughputExceededException``, 5xx, connection resets and
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from aiobotocore.retries.standard import AioStandardRetryConditions
 from aiobotocore.session import AioSession, get_session
@@ -47,12 +48,10 @@ from fastcheckpoint.errors import (
 )
 
 if TYPE_CHECKING:
-    from types_aiobotocore_s3 import S3Client
+    pass
 
 __all__ = [
-    "DELETE_BATCH",
     "AwsEndpoint",
-    "Blobs",
     "RequestCounter",
     "client_config",
     "error_code",
@@ -62,9 +61,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("fastcheckpoint.stores")
-
-DELETE_BATCH = 1000
-"""Most keys one ``DeleteObjects`` request takes."""
 
 _THROTTLING = frozenset(
     {
@@ -275,118 +271,3 @@ class RequestCounter:
             yield counter
         finally:
             client.meta.events.unregister("request-created", counter._on_request)
-
-
-class Blobs:
-    """Objects under one prefix of one bucket: put, get, delete in batches, list.
-
-    Keys passed in are relative to ``prefix``. Missing objects are a normal ``None`` or a
-    no-op, whatever the client's flavour of "not found" (aiobotocore raises ``NoSuchKey``;
-    some S3-compatible services answer a bare 404).
-    """
-
-    def __init__(self, client: S3Client, bucket: str, prefix: str = "") -> None:
-        self.client = client
-        self.bucket = bucket
-        self.prefix = prefix
-
-    def full_key(self, key: str) -> str:
-        return f"{self.prefix}{key}"
-
-    def where(self, key: str) -> str:
-        return f"s3://{self.bucket}/{self.full_key(key)}"
-
-    async def put(
-        self,
-        key: str,
-        body: bytes,
-        *,
-        metadata: Mapping[str, str] | None = None,
-        create_only: bool = False,
-    ) -> bool:
-        """Write an object; with ``create_only`` return False (writing nothing) if it exists."""
-        extra: dict[str, Any] = {}
-        if metadata:
-            extra["Metadata"] = dict(metadata)
-        if create_only:
-            extra["IfNoneMatch"] = "*"
-        try:
-            await self.client.put_object(
-                Bucket=self.bucket, Key=self.full_key(key), Body=body, **extra
-            )
-        except ClientError as exc:
-            # 412: another writer created it first. 409 ConditionalRequestConflict: a
-            # concurrent conditional write to the same key is in flight; also "taken".
-            if create_only and (http_status(exc) in (409, 412) or error_code(exc) in (
-                "PreconditionFailed",
-                "ConditionalRequestConflict",
-            )):
-                return False
-            raise translate(exc, f"S3 PutObject {self.where(key)}") from exc
-        except BotoCoreError as exc:
-            raise translate(exc, f"S3 PutObject {self.where(key)}") from exc
-        return True
-
-    async def get(self, key: str) -> tuple[bytes, dict[str, str]] | None:
-        """``(body, metadata)`` of an object, or None when it does not exist."""
-        try:
-            response = await self.client.get_object(Bucket=self.bucket, Key=self.full_key(key))
-            async with response["Body"] as stream:
-                body = await stream.read()
-        except ClientError as exc:
-            if error_code(exc) in ("NoSuchKey", "404", "NotFound") or http_status(exc) == 404:
-                return None
-            raise translate(exc, f"S3 GetObject {self.where(key)}") from exc
-        except BotoCoreError as exc:
-            raise translate(exc, f"S3 GetObject {self.where(key)}") from exc
-        return body, dict(response.get("Metadata", {}))
-
-    async def delete(self, keys: Sequence[str]) -> int:
-        """Delete objects, 1,000 per request; missing ones are not an error. Returns requests."""
-        requests = 0
-        for start in range(0, len(keys), DELETE_BATCH):
-            chunk = keys[start : start + DELETE_BATCH]
-            objects = [{"Key": self.full_key(key)} for key in chunk]
-            try:
-                response = await self.client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": cast(Any, objects), "Quiet": True}
-                )
-            except (ClientError, BotoCoreError) as exc:
-                raise translate(exc, f"S3 DeleteObjects in s3://{self.bucket}") from exc
-            requests += 1
-            errors = response.get("Errors", [])
-            if errors:
-                first = errors[0]
-                raise StoreError(
-                    f"S3 DeleteObjects in s3://{self.bucket}: {len(errors)} keys not deleted, "
-                    f"first {first.get('Key')!r}: {first.get('Code')} {first.get('Message')}"
-                )
-        return requests
-
-    async def list_page(
-        self,
-        prefix: str,
-        *,
-        start_after: str | None = None,
-        limit: int = 1000,
-        token: str | None = None,
-    ) -> tuple[list[str], str | None]:
-        """One ``ListObjectsV2`` page of keys (relative to ``self.prefix``) and the next token."""
-        params: dict[str, Any] = {
-            "Bucket": self.bucket,
-            "Prefix": self.full_key(prefix),
-            "MaxKeys": min(limit, 1000),
-        }
-        if token is not None:
-            params["ContinuationToken"] = token
-        elif start_after is not None:
-            params["StartAfter"] = self.full_key(start_after)
-        try:
-            response = await self.client.list_objects_v2(**params)
-        except (ClientError, BotoCoreError) as exc:
-            raise translate(exc, f"S3 ListObjectsV2 {self.where(prefix)}") from exc
-        cut = len(self.prefix)
-        keys = [entry["Key"][cut:] for entry in response.get("Contents", [])]
-        next_token = response.get("NextContinuationToken") if response.get("IsTruncated") else None
-        return keys, next_token
-

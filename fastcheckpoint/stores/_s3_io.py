@@ -1,9 +1,8 @@
-"""The few S3 calls the S3 store makes, with ETags, conditions and our error types.
+"""S3 objects with ETags, conditions and our error types, and running requests concurrently.
 
-``_aws.Blobs`` covers plain put/get/list; the store also needs ETags from listings and reads
-(its compare-and-set tokens) and ``IfMatch`` on writes and deletes, so these helpers sit
-beside it rather than inside the shared module. A missing object is always a normal
-``None``/``False``, whatever flavour of "not found" the client raises.
+Used by the S3 store (its records; ETags are its compare-and-set tokens) and by the DynamoDB
+store (payloads above its threshold). A missing object is always a normal ``None``/``False``,
+whatever flavour of "not found" the client raises (aiobotocore's ``NoSuchKey``, a bare 404).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import anyio
 from botocore.exceptions import BotoCoreError, ClientError
 
 from fastcheckpoint.errors import StoreError
-from fastcheckpoint.stores._aws import DELETE_BATCH, error_code, http_status, translate
+from fastcheckpoint.stores._aws import error_code, http_status, translate
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -30,6 +29,8 @@ _TAKEN_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
 _PARALLEL = 16  # concurrent GETs per batch: enough to hide latency, few enough for pools
 PAGE = 1000
 """The most keys one ``ListObjectsV2`` returns."""
+DELETE_BATCH = 1000
+"""The most keys one ``DeleteObjects`` request takes."""
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import logging
 import re
 import secrets
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -49,7 +49,7 @@ from fastcheckpoint.errors import (
     ValidationError,
 )
 from fastcheckpoint.stores import _dynamodb_layout as layout
-from fastcheckpoint.stores._aws import AwsEndpoint, Blobs, error_code, open_client, translate
+from fastcheckpoint.stores._aws import AwsEndpoint, error_code, open_client, translate
 from fastcheckpoint.stores._base import (
     CheckpointHeader,
     Item,
@@ -61,6 +61,7 @@ from fastcheckpoint.stores._base import (
     key_successor,
 )
 from fastcheckpoint.stores._dynamodb_layout import Book
+from fastcheckpoint.stores._s3_io import Bucket, gather, pair
 
 if TYPE_CHECKING:
     from aiobotocore.session import AioSession
@@ -78,7 +79,6 @@ __all__ = [
 logger = logging.getLogger("fastcheckpoint.stores.dynamodb")
 
 _T = TypeVar("_T")
-_U = TypeVar("_U")
 
 DEFAULT_THRESHOLD: Final = 350 * 1024
 """Encoded checkpoints larger than this (bytes) go to S3; DynamoDB's item limit is 400 KB."""
@@ -90,7 +90,6 @@ _BATCH_WRITE_LIMIT: Final = 25
 _BATCH_GET_LIMIT: Final = 100
 _APPEND_ATTEMPTS: Final = 8
 _CACHE_SIZE: Final = 4096
-_CONCURRENT_DELETES: Final = 16
 
 TRANSACTION_ACTIONS: Final = frozenset({"PutItem", "UpdateItem", "DeleteItem", "GetItem"})
 """IAM actions checked for the items inside TransactWriteItems / TransactGetItems."""
@@ -327,7 +326,7 @@ class DynamoDBStore:
         self._session = session
         self._ddb: Any = dynamodb_client
         self._s3: Any = s3_client
-        self._blobs: Blobs | None = None
+        self._blobs: Bucket | None = None
         self._stack = contextlib.AsyncExitStack()
         self._opening = anyio.Lock()
         self._cache: OrderedDict[str, _RunState | None] = OrderedDict()
@@ -382,14 +381,14 @@ class DynamoDBStore:
         await self._client()
         return self._ddb, self._s3
 
-    def _bucket(self) -> Blobs:
+    def _bucket(self) -> Bucket:
         if self._blobs is None:
             if self.bucket is None or self._s3 is None:
                 raise ConfigurationError(
                     f"this checkpoint is larger than the store's threshold ({self.threshold} "
                     "bytes) and needs S3: add ?bucket=... to the dynamodb:// URL"
                 )
-            self._blobs = Blobs(self._s3, self.bucket, self.prefix)
+            self._blobs = Bucket(self._s3, self.bucket, self.prefix)
         return self._blobs
 
     async def provision(self) -> None:
@@ -688,20 +687,8 @@ class DynamoDBStore:
         book = state.book.copy()
         book.add(record.sequence, record.expires_at, blob)
         removed = book.prune(now, keep_latest)
-        removed_blobs = [state.book.blobs[s] for s in removed if s in state.book.blobs]
-        head = msgspec.structs.replace(
-            state.record,
-            latest_sequence=record.sequence,
-            checkpoint_count=book.count,
-            updated_at=now,
-            expires_at=book.expires_at(),
-        )
-        new_state = _RunState(
-            record=head,
-            rev=state.rev + 1,
-            book=book,
-            owners=state.owners - set(removed),
-            purging=False,
+        new_state, removed_blobs = _after_removal(
+            state, book, removed, latest_sequence=record.sequence, updated_at=now
         )
         run_update = _run_update(run_key, state, new_state, removed)
         operations: list[dict[str, Any]] = [{"Update": run_update}, {"Put": {"Item": item}}]
@@ -926,7 +913,7 @@ class DynamoDBStore:
         else:
             # The run item sorts above every checkpoint, out of reach of a page below
             # ``before``: it is read beside the Query.
-            found, run = await _both(
+            found, run = await pair(
                 lambda: self._header_pages(params, limit, now, include_expired, run_key),
                 lambda: self._read_state(run_key),
             )
@@ -1013,17 +1000,7 @@ class DynamoDBStore:
         """Remove held checkpoints (with owned items) and update the run item: one transaction."""
         book = state.book.copy()
         removed = [sequence for sequence in sequences if book.remove(sequence)]
-        removed_blobs = [state.book.blobs[s] for s in removed if s in state.book.blobs]
-        head = msgspec.structs.replace(
-            state.record, checkpoint_count=book.count, expires_at=book.expires_at()
-        )
-        new_state = _RunState(
-            record=head,
-            rev=state.rev + 1,
-            book=book,
-            owners=state.owners - set(removed),
-            purging=False,
-        )
+        new_state, removed_blobs = _after_removal(state, book, removed)
         run_update = _run_update(run_key, state, new_state, removed)
         deletes = await self._removal_deletes(run_key, state, removed)
         if checkpoint_id is not None:
@@ -1066,13 +1043,8 @@ class DynamoDBStore:
     async def _discard_prefix(self, prefix: str, keep: Callable[[str], bool] | None = None) -> int:
         """Delete the blobs under ``prefix`` (except those ``keep`` spares); returns how many."""
         blobs = self._bucket()
-        token: str | None = None
-        doomed: list[str] = []
-        while True:
-            keys, token = await blobs.list_page(prefix, token=token)
-            doomed += [key for key in keys if keep is None or not keep(key)]
-            if token is None:
-                break
+        listed = await blobs.list(prefix)
+        doomed = [entry.key for entry in listed if keep is None or not keep(entry.key)]
         if doomed:
             await blobs.delete(doomed)
         return len(doomed)
@@ -1201,7 +1173,7 @@ class DynamoDBStore:
                     return found[:limit], bool(last) or len(found) > limit
                 params["ExclusiveStartKey"] = last
 
-        pages = await _gather([_bind(shard_page, shard) for shard in _shards()])
+        pages = await gather([_bind(shard_page, shard) for shard in _shards()])
         merged = sorted(
             (item for items, _ in pages for item in items),
             key=lambda item: _text(item, "gord"),
@@ -1237,7 +1209,7 @@ class DynamoDBStore:
                     return total
                 params["ExclusiveStartKey"] = last
 
-        return sum(await _gather([_bind(shard_count, shard) for shard in _shards()]))
+        return sum(await gather([_bind(shard_count, shard) for shard in _shards()]))
 
     # -- items ----------------------------------------------------------------------------
 
@@ -1421,7 +1393,7 @@ class DynamoDBStore:
                 )
             return 1
 
-        return sum(await _gather([_bind(delete_one, key) for key in unique]))
+        return sum(await gather([_bind(delete_one, key) for key in unique]))
 
     # -- maintenance ----------------------------------------------------------------------
 
@@ -1443,7 +1415,7 @@ class DynamoDBStore:
             items = response.get("Items", [])
             return items, len(items) > limit or bool(response.get("LastEvaluatedKey"))
 
-        pages = await _gather([_bind(shard_due, shard) for shard in _shards()])
+        pages = await gather([_bind(shard_due, shard) for shard in _shards()])
         due = sorted(
             (item for items, _ in pages for item in items),
             key=lambda item: (_number(item, "xat") or 0.0, _text(item, "PK"), _text(item, "SK")),
@@ -1599,35 +1571,25 @@ def _bind(function: Callable[[Any], Awaitable[_T]], argument: Any) -> Callable[[
     return call
 
 
-async def _both(
-    first: Callable[[], Awaitable[_T]], second: Callable[[], Awaitable[_U]]
-) -> tuple[_T, _U]:
-    """Two calls at once."""
-    results: dict[int, Any] = {}
-
-    async def run(index: int, call: Callable[[], Awaitable[Any]]) -> None:
-        results[index] = await call()
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(run, 0, first)
-        group.start_soon(run, 1, second)
-    return results[0], results[1]
-
-
-async def _gather(calls: Iterable[Callable[[], Awaitable[_T]]]) -> list[_T]:
-    """Run calls concurrently (at most a few at once) and return results in order."""
-    calls = list(calls)
-    results: list[Any] = [None] * len(calls)
-    limiter = anyio.CapacityLimiter(_CONCURRENT_DELETES)
-
-    async def run(index: int, call: Callable[[], Awaitable[_T]]) -> None:
-        async with limiter:
-            results[index] = await call()
-
-    async with anyio.create_task_group() as group:
-        for index, call in enumerate(calls):
-            group.start_soon(run, index, call)
-    return cast(list[_T], results)
+def _after_removal(
+    state: _RunState, book: layout.Book, removed: Sequence[int], **record_changes: Any
+) -> tuple[_RunState, list[str]]:
+    """The run state once ``book`` (already updated) no longer holds ``removed``, and the S3
+    keys of the removed checkpoints' payloads; ``record_changes`` go into the run record."""
+    head = msgspec.structs.replace(
+        state.record,
+        checkpoint_count=book.count,
+        expires_at=book.expires_at(),
+        **record_changes,
+    )
+    new_state = _RunState(
+        record=head,
+        rev=state.rev + 1,
+        book=book,
+        owners=state.owners - set(removed),
+        purging=False,
+    )
+    return new_state, [state.book.blobs[s] for s in removed if s in state.book.blobs]
 
 
 def _shards() -> range:

@@ -1,8 +1,10 @@
-"""The AWS plumbing shared by the S3 and DynamoDB stores, against moto and a failing server."""
+"""The AWS plumbing and S3 object access shared by the S3 and DynamoDB stores, against moto
+and a failing server."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.server
 import socket
 import threading
@@ -15,7 +17,8 @@ import pytest
 
 from fastcheckpoint._config import RetryPolicy
 from fastcheckpoint.errors import ConfigurationError, StoreError, StoreUnavailableError
-from fastcheckpoint.stores._aws import AwsEndpoint, Blobs, RequestCounter, open_client
+from fastcheckpoint.stores._aws import AwsEndpoint, RequestCounter, open_client
+from fastcheckpoint.stores._s3_io import Bucket, gather, pair
 from tests.stores._moto import REGION, moto_endpoint, unique_name
 
 __all__ = ["moto_endpoint"]
@@ -47,52 +50,82 @@ async def s3_client(endpoint_url: str, retry: RetryPolicy | None = None) -> Asyn
 
 
 @pytest.fixture
-async def blobs(moto_endpoint: str) -> AsyncIterator[Blobs]:
+async def bucket(moto_endpoint: str) -> AsyncIterator[Bucket]:
     async with s3_client(moto_endpoint) as client:
-        bucket = unique_name("aws")
-        await client.create_bucket(Bucket=bucket)
-        yield Blobs(client, bucket, prefix="p/")
+        name = unique_name("aws")
+        await client.create_bucket(Bucket=name)
+        yield Bucket(client, name, prefix="p/")
 
 
-async def test_blobs_round_trip_create_only_list_and_delete(blobs: Blobs) -> None:
+async def test_bucket_round_trip_conditions_list_and_delete(bucket: Bucket) -> None:
     with anyio.fail_after(30):
-        assert await blobs.put("a/1", b"one", metadata={"x": "1"})
-        assert not await blobs.put("a/1", b"other", create_only=True)
-        assert await blobs.get("a/1") == (b"one", {"x": "1"})
-        assert await blobs.get("a/missing") is None
+        etag = await bucket.put("a/1", b"one")
+        assert etag
+        assert await bucket.put("a/1", b"other", if_none_match=True) is None  # taken
+        assert await bucket.get("a/1") == (b"one", etag)
+        assert await bucket.get("a/missing") is None
+        assert await bucket.put("a/1", b"two", if_match="\"stale\"") is None  # CAS lost
+        assert await bucket.put("a/missing", b"x", if_match=etag) is None  # nothing to match
+        newer = await bucket.put("a/1", b"two", if_match=etag)
+        assert newer is not None
+        assert not await bucket.delete_if("a/1", etag)  # the old ETag no longer matches
         for name in ("a/2", "a/3", "b/1"):
-            assert await blobs.put(name, name.encode(), create_only=True)
-        keys, token = await blobs.list_page("a/", limit=2)
-        assert (keys, token is not None) == (["a/1", "a/2"], True)
-        keys, token = await blobs.list_page("a/", token=token)
-        assert (keys, token) == (["a/3"], None)
-        assert await blobs.list_page("a/", start_after="a/1") == (["a/2", "a/3"], None)
-        assert await blobs.delete(["a/1", "a/2", "a/3", "a/never"]) == 1
-        assert await blobs.list_page("") == (["b/1"], None)
+            assert await bucket.put(name, name.encode(), if_none_match=True)
+        assert [entry.key for entry in await bucket.list("a/", limit=2)] == ["a/1", "a/2"]
+        assert [entry.key for entry in await bucket.list("a/", start_after="a/1")] == [
+            "a/2", "a/3"]
+        assert (await bucket.list("a/1"))[0].etag == newer
+        assert await bucket.delete_if("a/1", newer)
+        await bucket.delete(["a/2", "a/3", "a/never"])  # a missing key is no error
+        assert [entry.key for entry in await bucket.list("")] == ["b/1"]
 
 
-async def test_delete_sends_one_request_per_thousand_keys(blobs: Blobs) -> None:
-    with anyio.fail_after(30), RequestCounter.attached(blobs.client) as counter:
-        assert await blobs.delete([f"k/{n}" for n in range(2001)]) == 3
+async def test_scan_pages_and_stops_when_told(bucket: Bucket) -> None:
+    with anyio.fail_after(60):
+        await gather([functools.partial(bucket.put, f"k/{n:04d}", b"") for n in range(1005)])
+        with RequestCounter.attached(bucket.client) as counter:
+            everything, ended = await bucket.scan("k/")
+        assert (len(everything), ended, counter.counts) == (1005, True, {"ListObjectsV2": 2})
+        with RequestCounter.attached(bucket.client) as counter:
+            few, ended = await bucket.scan("k/", first=3, until=lambda found: len(found) >= 3)
+        assert ([entry.key for entry in few], ended) == (["k/0000", "k/0001", "k/0002"], False)
+        assert counter.counts == {"ListObjectsV2": 1}
+
+
+async def test_delete_sends_one_request_per_thousand_keys(bucket: Bucket) -> None:
+    with anyio.fail_after(30), RequestCounter.attached(bucket.client) as counter:
+        await bucket.delete([f"k/{n}" for n in range(2001)])
         assert counter.counts == {"DeleteObjects": 3}
 
 
-async def test_request_counter_counts_each_operation(blobs: Blobs) -> None:
+async def test_request_counter_counts_each_operation(bucket: Bucket) -> None:
     with anyio.fail_after(30):
-        with RequestCounter.attached(blobs.client) as counter:
-            await blobs.put("c", b"x")
-            await blobs.get("c")
-            await blobs.get("c")
-        await blobs.get("c")  # detached: not counted
+        with RequestCounter.attached(bucket.client) as counter:
+            await bucket.put("c", b"x")
+            await bucket.get("c")
+            await bucket.get("c")
+        await bucket.get("c")  # detached: not counted
         assert counter.counts == {"PutObject": 1, "GetObject": 2}
         assert counter.total == 3
+
+
+async def test_pair_and_gather_keep_the_order_of_their_calls() -> None:
+    async def after(delay: float, value: int) -> int:
+        await anyio.sleep(delay)
+        return value
+
+    with anyio.fail_after(10):
+        assert await pair(functools.partial(after, 0.02, 1), functools.partial(after, 0, 2)) == (
+            1, 2)
+        calls = [functools.partial(after, (20 - n) / 1000, n) for n in range(20)]
+        assert await gather(calls) == list(range(20))
 
 
 async def test_missing_bucket_is_a_configuration_error(moto_endpoint: str) -> None:
     with anyio.fail_after(30):
         async with s3_client(moto_endpoint) as client:
             with pytest.raises(ConfigurationError, match="fastcheckpoint init"):
-                await Blobs(client, unique_name("absent")).put("k", b"v")
+                await Bucket(client, unique_name("absent"), "").put("k", b"v")
 
 
 class _SlowDownHandler(http.server.BaseHTTPRequestHandler):
@@ -143,7 +176,7 @@ async def test_throttling_is_retried_with_the_policy_then_unavailable(
     with anyio.fail_after(30):
         async with s3_client(throttling_server, policy) as client:
             with pytest.raises(StoreUnavailableError, match="throttling") as caught:
-                await Blobs(client, "bucket").get("key")
+                await Bucket(client, "bucket", "").get("key")
     assert _SlowDownHandler.requests == 4  # the first try and max_retries retries
     assert policy.asked == [0, 1, 2]
     assert caught.value.__cause__ is not None
@@ -153,7 +186,7 @@ async def test_zero_retries_sends_one_request(throttling_server: str) -> None:
     with anyio.fail_after(30):
         async with s3_client(throttling_server, RecordingPolicy(max_retries=0)) as client:
             with pytest.raises(StoreUnavailableError):
-                await Blobs(client, "bucket").put("key", b"v")
+                await Bucket(client, "bucket", "").put("key", b"v")
     assert _SlowDownHandler.requests == 1
 
 
@@ -164,7 +197,7 @@ async def test_forbidden_names_the_iam_policy(throttling_server: str) -> None:
         with anyio.fail_after(30):
             async with s3_client(throttling_server) as client:
                 with pytest.raises(StoreError, match="IAM policy"):
-                    await Blobs(client, "bucket").get("key")
+                    await Bucket(client, "bucket", "").get("key")
         assert _SlowDownHandler.requests == 1  # not transient: no retry
     finally:
         _SlowDownHandler.status = 503
@@ -178,7 +211,7 @@ async def test_unreachable_endpoint_is_unavailable() -> None:
     with anyio.fail_after(30):
         async with s3_client(f"http://127.0.0.1:{port}", RecordingPolicy(max_retries=1)) as c:
             with pytest.raises(StoreUnavailableError, match="cannot reach"):
-                await Blobs(c, "bucket").get("key")
+                await Bucket(c, "bucket", "").get("key")
 
 
 def test_endpoint_from_query_validates_the_url() -> None:

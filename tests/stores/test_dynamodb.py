@@ -153,8 +153,7 @@ async def _raw_item(store: DynamoDBStore, run_key: str, sort_key: str) -> dict[s
 
 
 async def _blob_keys(store: DynamoDBStore, run_key: str) -> list[str]:
-    keys, _ = await store._bucket().list_page(f"{run_key}/")
-    return keys
+    return [entry.key for entry in await store._bucket().list(f"{run_key}/")]
 
 
 def _manager(store: DynamoDBStore, clock: list[float], **config: Any) -> Any:
