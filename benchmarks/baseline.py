@@ -1,25 +1,34 @@
-"""The network floor: what the bare driver pays for one write and one read on the same server.
+"""The backend floor: what the bare driver or filesystem pays for one write and one read.
 
 For each network store measured, the same payload size is written and read back with the
 driver alone (redis-py ``SET``/``GET``; aiobotocore ``PutObject``/``GetObject`` or
 ``PutItem``/``GetItem``) against the same server, in scratch keys, buckets and tables that are
 removed afterwards. Set next to a store's create and restore, it shows what is the server (or
 the emulator: moto answers in milliseconds, AWS in tens of them) and what is the library.
+
+For a file store, the least an async library can pay for a write of those bytes that survives
+a crash: one append to an open file and one ``fdatasync`` (no new file, no rename, no
+directory sync), and for a read one ``pread``, each in a worker thread as a library must do
+to keep disk waits off the event loop. With ``fsync=false`` the write is the append alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+import anyio.to_thread
+
 from benchmarks.measure import percentile
 from benchmarks.subjects import StoreTarget
 
-__all__ = ["NETWORK_KINDS", "network_floor"]
+__all__ = ["NETWORK_KINDS", "backend_floor"]
 
 NETWORK_KINDS = ("redis", "rediss", "s3", "dynamodb")
 
@@ -41,10 +50,12 @@ async def _timed(operation: Operation, iterations: int) -> dict[str, float]:
 
 
 @contextlib.asynccontextmanager
-async def _redis(url: str, body: bytes) -> AsyncIterator[tuple[str, Operation, Operation]]:
+async def _redis(
+    target: StoreTarget, body: bytes
+) -> AsyncIterator[tuple[str, Operation, Operation]]:
     import redis.asyncio
 
-    parts = urlsplit(url)
+    parts = urlsplit(target.url)
     prefix = dict(parse_qsl(parts.query)).get("prefix", "fcbench")
     client = redis.asyncio.Redis.from_url(urlunsplit(parts._replace(query="")))
     key = f"{prefix}:floor:{secrets.token_hex(4)}"
@@ -61,11 +72,11 @@ def _aws_options(url: str) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def _s3(url: str, body: bytes) -> AsyncIterator[tuple[str, Operation, Operation]]:
+async def _s3(target: StoreTarget, body: bytes) -> AsyncIterator[tuple[str, Operation, Operation]]:
     from aiobotocore.session import get_session
 
     bucket = f"fcbench-floor-{secrets.token_hex(4)}"
-    async with get_session().create_client("s3", **_aws_options(url)) as client:
+    async with get_session().create_client("s3", **_aws_options(target.url)) as client:
         await client.create_bucket(Bucket=bucket)
 
         async def get() -> bytes:
@@ -83,11 +94,13 @@ async def _s3(url: str, body: bytes) -> AsyncIterator[tuple[str, Operation, Oper
 
 
 @contextlib.asynccontextmanager
-async def _dynamodb(url: str, body: bytes) -> AsyncIterator[tuple[str, Operation, Operation]]:
+async def _dynamodb(
+    target: StoreTarget, body: bytes
+) -> AsyncIterator[tuple[str, Operation, Operation]]:
     from aiobotocore.session import get_session
 
     table = f"fcbench-floor-{secrets.token_hex(4)}"
-    async with get_session().create_client("dynamodb", **_aws_options(url)) as client:
+    async with get_session().create_client("dynamodb", **_aws_options(target.url)) as client:
         await client.create_table(
             TableName=table, BillingMode="PAY_PER_REQUEST",
             AttributeDefinitions=[{"AttributeName": "PK", "AttributeType": "S"}],
@@ -103,17 +116,47 @@ async def _dynamodb(url: str, body: bytes) -> AsyncIterator[tuple[str, Operation
             await client.delete_table(TableName=table)
 
 
-_DRIVERS = {"redis": _redis, "rediss": _redis, "s3": _s3, "dynamodb": _dynamodb}
+@contextlib.asynccontextmanager
+async def _file(
+    target: StoreTarget, body: bytes
+) -> AsyncIterator[tuple[str, Operation, Operation]]:
+    directory = target.disk_path
+    assert directory is not None
+    os.makedirs(directory, exist_ok=True)
+    sync = target.kind == "file"
+    handle, path = tempfile.mkstemp(prefix=".floor-", dir=directory)
+    size = len(body)
+
+    def append() -> None:
+        os.write(handle, body)
+        if sync:
+            os.fdatasync(handle)
+
+    def read() -> bytes:
+        return os.pread(handle, size, 0)
+
+    try:
+        yield ("append + fdatasync / pread, in a worker thread" if sync
+               else "append / pread, in a worker thread",
+               lambda: anyio.to_thread.run_sync(append),
+               lambda: anyio.to_thread.run_sync(read))
+    finally:
+        os.close(handle)
+        os.unlink(path)
 
 
-async def network_floor(target: StoreTarget, size: int, iterations: int) -> dict[str, Any] | None:
-    """Bare driver write and read latency of ``size`` bytes on ``target``'s server, or None
-    for a store that is not a network store."""
+_DRIVERS = {"redis": _redis, "rediss": _redis, "s3": _s3, "dynamodb": _dynamodb,
+            "file": _file, "file-nofsync": _file}
+
+
+async def backend_floor(target: StoreTarget, size: int, iterations: int) -> dict[str, Any] | None:
+    """Bare write and read latency of ``size`` bytes on ``target``'s server or disk, or None
+    for a store that has neither (memory)."""
     driver = _DRIVERS.get(target.kind)
     if driver is None:
         return None
     body = secrets.token_bytes(size)  # incompressible, like an encoded checkpoint
-    async with driver(target.url, body) as (label, write, read):
+    async with driver(target, body) as (label, write, read):
         await write()  # connect and warm up outside the timing
         await read()
         return {

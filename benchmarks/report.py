@@ -303,11 +303,13 @@ def to_markdown(report: Report, machine: dict[str, Any]) -> str:
                          f"| {_num(values['decode_us'], 1)} | {_num(values['total_us'], 1)} |")
         lines.append("")
     if report.network:
-        lines += ["## Network floor: the bare driver on the same server, same size", "",
-                  "One write and one read of the W1 checkpoint's size with the driver alone. "
-                  "Compare with the store's W1 create and restore to see what is the server "
-                  "(or the emulator) and what is the library.", "",
-                  "| store | driver operations | bytes | write p50 µs | write p99 µs "
+        lines += ["## Backend floor: the bare driver or filesystem, same size", "",
+                  "One write and one read of the W1 checkpoint's size with the driver alone "
+                  "on the same server, or for a file store with one append (+ fdatasync when "
+                  "fsync is on) and one pread on a file in the same directory, in a worker "
+                  "thread. Compare with the store's W1 create and restore to see what is the "
+                  "server, emulator or disk and what is the library.", "",
+                  "| store | operations | bytes | write p50 µs | write p99 µs "
                   "| read p50 µs | read p99 µs |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for row in report.network:

@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 
-from benchmarks.baseline import network_floor
+from benchmarks.baseline import backend_floor
 from benchmarks.compare import comparison_subjects
 from benchmarks.content import Content
 from benchmarks.footprint import floor, measure_footprint
@@ -56,7 +56,7 @@ class Report:
     notes: list[str]
     backend: str
     network: list[dict[str, Any]] = field(default_factory=list)
-    """Bare driver write/read latency on each network store's server (:mod:`baseline`)."""
+    """Bare write/read latency on each store's server or disk (:mod:`baseline`)."""
 
 
 @dataclass
@@ -153,8 +153,9 @@ async def _footprints(jobs: list[_Job], sizes: Sizes) -> None:
             logger.error("%s footprint failed:\n%s", job.label, traceback.format_exc())
 
 
-async def _network_floors(jobs: list[_Job], sizes: Sizes) -> list[dict[str, Any]]:
-    """For each network store that ran W1: the bare driver on the same server, same size."""
+async def _backend_floors(jobs: list[_Job], sizes: Sizes) -> list[dict[str, Any]]:
+    """For each network or file store that ran W1: the bare driver on the same server (the
+    bare filesystem in the same directory), same size."""
     floors: list[dict[str, Any]] = []
     for job in jobs:
         subject = job.subject
@@ -164,9 +165,9 @@ async def _network_floors(jobs: list[_Job], sizes: Sizes) -> list[dict[str, Any]
         if not size:
             continue
         try:
-            measured = await network_floor(subject, size, min(200, sizes.w1_restores))
+            measured = await backend_floor(subject, size, min(200, sizes.w1_restores))
         except Exception:
-            logger.error("network floor of %s failed:\n%s", subject.label, traceback.format_exc())
+            logger.error("backend floor of %s failed:\n%s", subject.label, traceback.format_exc())
             continue
         if measured is not None:
             floors.append(measured)
@@ -199,7 +200,7 @@ async def _suite(
                           if job.workload.name in ("W1", "W3")}
         floors = await _run_jobs(jobs, floor_contents, sizes, progress)
         await _footprints(jobs, sizes)
-        network = await _network_floors(jobs, sizes)
+        network = await _backend_floors(jobs, sizes)
     for job in jobs:
         job.result.phases = {phase: summarize(samples) for phase, samples in job.samples.items()}
     results = [job.result for job in jobs] + skipped

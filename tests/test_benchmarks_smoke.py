@@ -69,6 +69,25 @@ def test_multi_process_writers_get_unique_gap_free_sequences(tmp_path: Path) -> 
     assert result.phases["create"].ops == 6
 
 
+@pytest.mark.parametrize(("query", "operations"), [
+    ("", "append + fdatasync / pread, in a worker thread"),
+    ("?fsync=false", "append / pread, in a worker thread"),
+])
+def test_a_file_store_reports_the_disk_floor_in_its_own_directory(
+    tmp_path: Path, query: str, operations: str
+) -> None:
+    report = run_suite([f"file://{tmp_path / 'store'}{query}"], ["W1"], TINY)
+
+    [result] = report.results
+    assert result.error is None, result.error
+    [floor] = report.network
+    assert floor["operations"] == operations
+    assert floor["bytes"] == int(result.footprint["payload_header_bytes"])
+    assert floor["write"]["p50_us"] > 0
+    assert floor["read"]["p50_us"] > 0
+    assert not [p.name for p in (tmp_path / "store").iterdir() if p.name.startswith(".floor-")]
+
+
 def _machine() -> dict[str, object]:
     return {"command": "python -m benchmarks", "machine": "x", "cpu_count": 2,
             "python": "CPython", "platform": "test", "date_utc": "now",
@@ -152,7 +171,7 @@ def test_requests_are_counted_where_drivers_send() -> None:
     assert anyio.run(three_round_trips) == 3
 
 
-def test_a_redis_store_reports_round_trips_and_the_network_floor() -> None:
+def test_a_redis_store_reports_round_trips_and_the_backend_floor() -> None:
     from benchmarks.services import _redis_answers
 
     if not _redis_answers("redis://127.0.0.1:6379/0"):
@@ -168,4 +187,4 @@ def test_a_redis_store_reports_round_trips_and_the_network_floor() -> None:
     assert floor["operations"] == "SET / GET"
     assert floor["bytes"] == int(result.footprint["payload_header_bytes"])
     assert floor["write"]["p50_us"] > 0
-    assert "Network floor" in to_markdown(report, _machine())
+    assert "Backend floor" in to_markdown(report, _machine())

@@ -16,6 +16,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastcheckpoint
 from fastcheckpoint import CorruptCheckpointError, SerializationError
@@ -325,6 +327,96 @@ def test_aware_datetime_bytes_and_int_keys_round_trip_with_their_types() -> None
     assert type(restored["when"]) is dt.datetime
     assert type(restored["raw"]) is bytes
     assert list(restored["by_int"]) == [0, -1, 2**63 - 1]
+
+
+def same(first: Any, second: Any) -> bool:
+    """Equal and of the same type at every level (``==`` alone takes ``[1]`` for ``(1,)``)."""
+    if type(first) is not type(second):
+        return False
+    if isinstance(first, dict):
+        return list(first) == list(second) and all(
+            same(k1, k2) and same(first[k1], second[k2])
+            for k1, k2 in zip(first, second, strict=True))
+    if isinstance(first, (list, tuple)):
+        return len(first) == len(second) and all(map(same, first, second))
+    if isinstance(first, (set, frozenset)):
+        return first == second and {type(v) for v in first} == {type(v) for v in second}
+    return bool(first == second)
+
+
+_int64 = st.integers(min_value=-(2**63), max_value=2**64 - 1)
+# What msgpack stores as is: the create-time screen lets content made only of these through.
+_lossless = st.one_of(st.none(), st.booleans(), _int64, st.floats(allow_nan=False), st.text(),
+                      st.binary(max_size=8))
+# What msgspec would silently turn into something else: the screen must send these to the
+# exact check wherever they sit, as values or as dict keys, however deep.
+_changed_by_msgpack = st.one_of(
+    st.uuids(), st.datetimes(), st.dates(), st.times(), st.timedeltas(),
+    st.decimals(allow_nan=False, allow_infinity=False), st.tuples(_int64),
+    st.frozensets(st.text(max_size=3), max_size=2),
+)
+_keys = st.one_of(st.text(max_size=5), _int64, st.uuids(), st.tuples(st.text(max_size=3)),
+                  st.dates(), st.frozensets(_int64, max_size=2))
+_content = st.recursive(
+    st.one_of(_lossless, _changed_by_msgpack),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(_keys, children, max_size=4),
+        st.tuples(children, children),
+        st.sets(_int64, max_size=3),
+    ),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(state=st.dictionaries(st.one_of(st.text(max_size=5), _keys), _content, max_size=4),
+       messages=st.lists(_content, max_size=3))
+def test_any_mix_of_supported_types_round_trips_with_every_type_intact(
+    state: dict[Any, Any], messages: list[Any]
+) -> None:
+    codec = Codec()
+
+    restored = codec.decode_payload(encode(codec, state, messages=messages), KEY)
+
+    assert same(restored.state, state)
+    assert same(restored.messages, messages)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param((1, 2), id="tuple"),
+        pytest.param(uuid.UUID(int=7), id="uuid"),
+        pytest.param(dt.date(2024, 1, 2), id="date"),
+        pytest.param(True, id="bool"),
+        pytest.param(b"\x00", id="bytes"),
+    ],
+)
+@pytest.mark.parametrize(
+    "place",
+    [
+        pytest.param(lambda v: {"a": [{"b": [v]}]}, id="deep-value"),
+        pytest.param(lambda v: {"a": [{v: 1}]}, id="key-among-none"),
+        pytest.param(lambda v: {"a": {"s": 1, v: 2}}, id="key-after-str-keys"),
+        pytest.param(lambda v: {"a": {1: 1, v: 2}}, id="key-after-int-keys"),
+    ],
+)
+def test_values_msgpack_would_change_keep_their_type_in_any_position(
+    value: Any, place: Any
+) -> None:
+    state = place(value)
+
+    assert same(round_trip(Codec(), state), state)
+
+
+def test_a_msgpack_ext_in_the_state_is_refused_not_stored() -> None:
+    # msgspec would write it as is, and restore would read it as one of the codec's own
+    # extensions (here a malformed UUID): a checkpoint nobody could restore.
+    with pytest.raises(SerializationError) as caught:
+        encode(Codec(), {"a": [msgspec.msgpack.Ext(1, b"x")]})
+
+    assert caught.value.path == "state['a'][0]"
 
 
 class Color(enum.Enum):
