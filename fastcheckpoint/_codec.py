@@ -11,7 +11,8 @@ Everything else it would quietly turn into something else (a UUID into text, a t
 list, a Decimal into text, a dataclass into a dict), so the fast path checks its own work.
 First a screen: when every object reachable from the payload is exactly a dict, list, str, int,
 float, bool, None or bytes, msgpack stores it losslessly and there is nothing to check (the
-walk runs level by level in C, about a third of the cost of a decode). Otherwise it decodes
+walk runs level by level in C and costs a third to a half of a decode and compare; CPython
+3.10 to 3.12, see ``_SCREEN``). Otherwise it decodes
 what it encoded and compares in C. Only when they differ, or msgspec refuses a value, does the
 slow path walk the value in Python, storing UUID, tuple, set, frozenset, naive
 datetime, date, time, timedelta and Decimal as msgpack extensions, handing any other type to the
@@ -67,9 +68,12 @@ _EXT_DECIMAL = 10
 _PLAIN = (str, float, bool, type(None), bytes)
 _LOSSLESS = frozenset({dict, list, str, int, float, bool, type(None), bytes})
 """Types msgpack stores and msgspec restores exactly: exact types, no subclasses."""
-_SCREEN = sys.implementation.name == "cpython"
-"""The screen relies on CPython's ``gc.get_referents`` visiting dict keys and values and list
-items; elsewhere every payload takes the decode-and-compare check."""
+_CONTAINERS = frozenset({dict, list})
+_SCREEN = sys.implementation.name == "cpython" and sys.version_info < (3, 13)
+"""The screen relies on ``gc.get_referents`` visiting every value of a dict and every key that
+is not an exact ``str``, as CPython 3.10 to 3.12 do. CPython 3.13 does not visit the values an
+object keeps inline in its ``__dict__`` (``vars(obj)``), so there, and on other interpreters,
+every payload takes the decode-and-compare check."""
 
 
 class Header(msgspec.Struct, array_like=True, frozen=True):
@@ -168,21 +172,25 @@ def _refuse_ext(code: int, data: memoryview) -> Any:
     raise _Malformed(f"extension type {code} in the data to encode")
 
 
-def _lossless_only(parts: tuple[Any, ...]) -> bool:
-    """Whether every object reachable from ``parts`` has one of the ``_LOSSLESS`` types.
+def _lossless_only(payload: Payload) -> bool:
+    """Whether every object reachable from ``payload`` has one of the ``_LOSSLESS`` types.
 
-    Walks breadth first, one level per ``gc.get_referents`` call, all in C: a dict's referents
-    are its keys and values (CPython skips the keys only of a dict whose keys are all exact
-    ``str``), a list's its items, and str, int, float, bool, None and bytes have none. Any other
-    type ends the walk with ``False``. Called only on data msgspec has just encoded, so it has
-    no cycles and every level is finite.
+    Walks breadth first, one level per ``gc.get_referents`` call, all in C: on the interpreters
+    of ``_SCREEN`` a dict's referents are its values and every key that is not an exact ``str``,
+    a list's are its items, and str, int, float, bool, None and bytes have none. Any other type
+    ends the walk with ``False``. Called only on data msgspec has just encoded, so it has no
+    cycles and every level is finite.
     """
-    level: tuple[Any, ...] | list[Any] = parts
-    while level:
-        if not _LOSSLESS.issuperset(map(type, level)):
+    level = [payload.state, payload.messages, payload.tool_calls, payload.context]
+    if list(map(type, level)) != [dict, list, list, dict]:
+        return False
+    while True:
+        kinds = set(map(type, level))
+        if not kinds <= _LOSSLESS:
             return False
+        if kinds.isdisjoint(_CONTAINERS):
+            return True
         level = gc.get_referents(*level)
-    return True
 
 
 class _HookFailed(Exception):
@@ -272,7 +280,7 @@ class Codec:
             body = self._encoder.encode(payload)
         except (TypeError, ValueError, OverflowError, RecursionError):
             return None
-        if _SCREEN and _lossless_only(msgspec.structs.astuple(payload)):
+        if _SCREEN and _lossless_only(payload):
             return body
         try:
             return body if self._plain_decoder.decode(body) == payload else None

@@ -329,6 +329,15 @@ def test_aware_datetime_bytes_and_int_keys_round_trip_with_their_types() -> None
     assert list(restored["by_int"]) == [0, -1, 2**63 - 1]
 
 
+class Holder:
+    alive: list[Holder] = []  # noqa: RUF012 - kept alive on purpose, see below
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.other = "text"
+        Holder.alive.append(self)  # a dead object's __dict__ takes its values back
+
+
 def same(first: Any, second: Any) -> bool:
     """Equal and of the same type at every level (``==`` alone takes ``[1]`` for ``(1,)``)."""
     if type(first) is not type(second):
@@ -400,6 +409,10 @@ def test_any_mix_of_supported_types_round_trips_with_every_type_intact(
         pytest.param(lambda v: {"a": [{v: 1}]}, id="key-among-none"),
         pytest.param(lambda v: {"a": {"s": 1, v: 2}}, id="key-after-str-keys"),
         pytest.param(lambda v: {"a": {1: 1, v: 2}}, id="key-after-int-keys"),
+        # The __dict__ of a live object: its values may live in the object (a split table;
+        # on CPython 3.13 kept inline, and gc.get_referents of the dict does not visit them).
+        pytest.param(lambda v: {"a": vars(Holder(v))}, id="instance-dict-value"),
+        pytest.param(lambda v: vars(Holder([v])), id="instance-dict-as-state"),
     ],
 )
 def test_values_msgpack_would_change_keep_their_type_in_any_position(
