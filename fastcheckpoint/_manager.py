@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, cast
@@ -19,8 +27,8 @@ import anyio.lowlevel
 import msgspec
 import sniffio
 
-from fastcheckpoint import _ids
-from fastcheckpoint._codec import Codec, Header, Payload
+from fastcheckpoint import _export, _ids
+from fastcheckpoint._codec import Codec, Header, Payload, RunData
 from fastcheckpoint._config import CheckpointConfig, RetryPolicy
 from fastcheckpoint._model import (
     Checkpoint,
@@ -598,6 +606,63 @@ class CheckpointManager:
         wanted = None if status is None else _status_arg(status).value
         return await self._store.count_runs(status=wanted, now=self.config.clock())
 
+    # -- audit export (§3.8) -----------------------------------------------------------------
+
+    def export_run(
+        self,
+        run_id: str,
+        format: str = "json",
+        *,
+        include_state: bool = False,
+        page_size: int = 100,
+    ) -> AsyncGenerator[str, None]:
+        """The run's history as text, streamed: ``async for chunk in manager.export_run(...)``.
+
+        First the run (status, times, error, approval, every status change with who and when),
+        then every checkpoint the store holds, newest first, ``page_size`` headers per store
+        read (expired ones not yet purged too, with status EXPIRED). With ``include_state``
+        each checkpoint's content is read as well, one checkpoint at a time. ``format`` is
+        ``"json"`` (one document), ``"csv"`` (one row per record) or ``"markdown"``.
+
+        Arguments are checked at once; a run that does not exist raises
+        :class:`CheckpointNotFound` when iteration starts. The export reads the run, then its
+        checkpoints page by page: checkpoints created meanwhile may be missing, and ones pruned
+        meanwhile may be missing or (with ``include_state``) shown without content.
+        """
+        render = _export.renderer(format)
+        _ids.key_of(run_id)
+        if not isinstance(include_state, bool):
+            raise ValidationError(f"include_state must be a bool, got {include_state!r:.40}")
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValidationError(f"page_size must be a positive integer, got {page_size!r:.40}")
+        return self._export(run_id, render, include_state, page_size)
+
+    async def _export(
+        self, run_id: str, render: _export.Renderer, include_state: bool, page_size: int
+    ) -> AsyncGenerator[str, None]:
+        run = await self.get_run(run_id)
+        if run is None:
+            raise CheckpointNotFound(f"run {run_id!r} does not exist (or expired)")
+
+        async def entries() -> AsyncGenerator[_export.Entry, None]:
+            before: str | None = None
+            while True:
+                page = await self.list_checkpoints(
+                    run_id, page_size, before=before, include_expired=True)
+                for metadata in page:
+                    content = (await self.restore_from(metadata.checkpoint_id)
+                               if include_state else None)
+                    yield metadata, content
+                if len(page) < page_size:
+                    return
+                before = page[-1].checkpoint_id
+
+        async with contextlib.aclosing(entries()) as listed, contextlib.aclosing(
+            render(run, listed, include_state)
+        ) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
     async def mark_completed(self, run_id: str) -> RunInfo | None:
         """Set the run COMPLETED (from ACTIVE or PAUSED); ``None`` if there is no such run."""
         return await self._transition(
@@ -607,10 +672,81 @@ class CheckpointManager:
 
     async def mark_failed(self, run_id: str, error: str = "") -> RunInfo | None:
         """Set the run FAILED with ``error`` (from ACTIVE or PAUSED); ``None`` if no such run."""
+        error = _text("error", error)
+
+        def record_error(data: RunData, now: float) -> None:
+            data.error = error
+
         return await self._transition(
             run_id, CheckpointStatus.FAILED,
             allowed={CheckpointStatus.ACTIVE, CheckpointStatus.PAUSED},
-            error=_text("error", error),
+            note=error, update=record_error,
+        )
+
+    # -- human in the loop (§3.7) ------------------------------------------------------------
+
+    async def pause(
+        self, run_id: str, request: Mapping[str, Any] | None = None
+    ) -> RunInfo | None:
+        """Ask for a human decision: record ``request`` and set the run PAUSED (from ACTIVE).
+
+        Checkpoints nothing by itself. ``RunInfo.approval`` then holds ``{"request": ...,
+        "requested_at": ...}``; ``list_runs(status=PAUSED)`` is the queue of pending requests.
+        ``None`` if there is no such run; :class:`ConflictError` if it is not ACTIVE (a paused
+        run already waits for a decision).
+        """
+        asked = _request(request)
+
+        def record_request(data: RunData, now: float) -> None:
+            data.approval = {"request": asked, "requested_at": now}
+
+        return await self._transition(
+            run_id, CheckpointStatus.PAUSED, allowed={CheckpointStatus.ACTIVE},
+            update=record_request,
+        )
+
+    async def approve(self, run_id: str, *, approver: str, comment: str = "") -> RunInfo | None:
+        """Approve the pending request: the run becomes ACTIVE again, the decision recorded.
+
+        ``RunInfo.approval`` gains ``decision="approved"``, ``decided_by``, ``decided_at`` and
+        ``comment``; the status history names the approver. ``None`` if there is no such run;
+        :class:`ConflictError` if the run is not PAUSED.
+        """
+        return await self._decide(run_id, CheckpointStatus.ACTIVE, "approved", approver,
+                                  "comment", _text("comment", comment))
+
+    async def reject(self, run_id: str, *, approver: str, reason: str = "") -> RunInfo | None:
+        """Reject the pending request: the run becomes REJECTED (final), the decision recorded.
+
+        Like :meth:`approve`, with ``decision="rejected"`` and ``reason``. Rejecting a run that
+        is already REJECTED returns it unchanged (a retried call); any other status that is not
+        PAUSED is a :class:`ConflictError`.
+        """
+        return await self._decide(run_id, CheckpointStatus.REJECTED, "rejected", approver,
+                                  "reason", _text("reason", reason))
+
+    async def _decide(
+        self,
+        run_id: str,
+        target: CheckpointStatus,
+        decision: str,
+        approver: object,
+        note_name: str,
+        note: str,
+    ) -> RunInfo | None:
+        who = _text("approver", approver)
+        if not who:
+            raise ValidationError("approver must name who decides, got an empty string")
+
+        def record_decision(data: RunData, now: float) -> None:
+            approval = dict(data.approval or {})
+            approval.update(
+                {"decision": decision, "decided_by": who, "decided_at": now, note_name: note})
+            data.approval = approval
+
+        return await self._transition(
+            run_id, target, allowed={CheckpointStatus.PAUSED}, actor=who, note=note,
+            update=record_decision,
         )
 
     async def _transition(
@@ -619,9 +755,15 @@ class CheckpointManager:
         target: CheckpointStatus,
         *,
         allowed: set[CheckpointStatus],
-        error: str | None = None,
+        actor: str | None = None,
+        note: str = "",
+        update: Callable[[RunData, float], None] | None = None,
     ) -> RunInfo | None:
-        """Compare-and-set the run's status; re-read and re-check on a lost race."""
+        """Compare-and-set the run's status; re-read and re-check on a lost race.
+
+        The change goes into the status history with ``actor`` and ``note``; ``update`` records
+        the rest (error, approval) in the run details, at the time of the change.
+        """
         key = _ids.key_of(run_id)
         for _ in range(self.config.max_sequence_retries):
             now = self.config.clock()
@@ -634,9 +776,9 @@ class CheckpointManager:
             if current not in allowed:
                 raise ConflictError(f"run {run_id!r} is {current}; it cannot become {target}")
             data = self._codec.decode_run_data(record.data, key)
-            data.history.append((target.value, now, None, error or ""))
-            if error is not None:
-                data.error = error
+            data.history.append((target.value, now, actor, note))
+            if update is not None:
+                update(data, now)
             try:
                 updated = await self._store.update_run(
                     key, incarnation=record.incarnation, version=record.version,
@@ -771,6 +913,29 @@ def _mapping(name: str, value: object) -> dict[Any, Any]:
     if isinstance(value, Mapping):
         return dict(value)
     raise ValidationError(f"{name} must be a dict, got {type(value).__name__}")
+
+
+def _request(value: object) -> dict[str, Any]:
+    """An approval request: a copy of a dict of JSON values, so that the run details, the
+    audit export and whoever reads the queue see exactly what the caller asked."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValidationError(f"request must be a dict, got {type(value).__name__}")
+    request = dict(value)
+    try:
+        copied = _json_decoder.decode(_json_encoder.encode(request))
+    except (TypeError, ValueError, OverflowError, msgspec.DecodeError) as exc:
+        raise ValidationError(f"request must hold JSON values only: {exc}") from exc
+    if copied != request or not isinstance(copied, dict):
+        raise ValidationError(
+            "request must hold JSON values only (dicts with str keys, lists, str, int, float, "
+            "bool, None); a tuple, UUID, date or bytes would come back as something else")
+    return copied
+
+
+_json_encoder = msgspec.json.Encoder()
+_json_decoder = msgspec.json.Decoder()
 
 
 def _sequence(name: str, value: object) -> list[Any]:

@@ -176,6 +176,9 @@ class RunInfo(msgspec.Struct, frozen=True, kw_only=True):
     expires_at: float | None = None
     error: str | None = None
     approval: dict[str, Any] | None = None
+    """The latest human-in-the-loop request: ``request`` and ``requested_at`` from ``pause``;
+    ``decision`` (``"approved"``/``"rejected"``), ``decided_by``, ``decided_at`` and
+    ``comment``/``reason`` once decided. Every decision is also in ``history``."""
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     history: list[StatusChange] = msgspec.field(default_factory=list)
 

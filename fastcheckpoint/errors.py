@@ -37,7 +37,8 @@ class SerializationError(CheckpointError):
 
 
 class CheckpointNotFound(CheckpointError, LookupError):
-    """A checkpoint the caller named as existing (``parent_id``, ``fork``) does not exist."""
+    """A checkpoint or run the caller named as existing (``parent_id``, ``fork``,
+    ``export_run``) does not exist."""
 
 
 class ConflictError(CheckpointError):

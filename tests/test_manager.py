@@ -1,4 +1,4 @@
-"""CheckpointManager semantics (SPEC §2, §3.1-§3.6, §3.9) on every bundled store.
+"""CheckpointManager semantics (SPEC §2, §3.1-§3.9) on every bundled store.
 
 Each test runs against MemoryStore and FileStore, on asyncio and on trio. Time is a fake clock
 moved by hand; nothing sleeps to wait for expiry.
@@ -6,8 +6,12 @@ moved by hand; nothing sleeps to wait for expiry.
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import datetime as dt
 import functools
+import io
+import json
 import math
 import os
 import re
@@ -1264,11 +1268,10 @@ async def test_failed_run_cannot_be_marked_completed(manager: CheckpointManager)
     assert run.status is CheckpointStatus.FAILED
 
 
-async def test_concurrent_complete_and_fail_from_two_managers_let_exactly_one_win(
-    store: CheckpointStore, reopen: Callable[[], CheckpointStore], clock: FakeClock
-) -> None:
-    first = manager_with(store, clock)
-    second = manager_with(reopen(), clock)
+async def race(
+    **changes: Callable[[], Awaitable[RunInfo | None]]
+) -> dict[str, CheckpointStatus | None]:
+    """Run status changes at once; each one's resulting status, or None if it lost."""
     outcomes: dict[str, CheckpointStatus | None] = {}
 
     async def attempt(name: str, change: Callable[[], Awaitable[RunInfo | None]]) -> None:
@@ -1280,11 +1283,22 @@ async def test_concurrent_complete_and_fail_from_two_managers_let_exactly_one_wi
             assert info is not None
             outcomes[name] = info.status
 
+    async with anyio.create_task_group() as task_group:
+        for name, change in changes.items():
+            task_group.start_soon(attempt, name, change)
+    return outcomes
+
+
+async def test_concurrent_complete_and_fail_from_two_managers_let_exactly_one_win(
+    store: CheckpointStore, reopen: Callable[[], CheckpointStore], clock: FakeClock
+) -> None:
+    first = manager_with(store, clock)
+    second = manager_with(reopen(), clock)
+
     with anyio.fail_after(10):
         await create(first)
-        async with anyio.create_task_group() as task_group:
-            task_group.start_soon(attempt, "complete", functools.partial(first.mark_completed, RUN))
-            task_group.start_soon(attempt, "fail", functools.partial(second.mark_failed, RUN, "x"))
+        outcomes = await race(complete=functools.partial(first.mark_completed, RUN),
+                              fail=functools.partial(second.mark_failed, RUN, "x"))
         run = await first.get_run(RUN)
 
     winners = [status for status in outcomes.values() if status is not None]
@@ -1361,6 +1375,377 @@ async def test_get_run_reports_its_fields(manager: CheckpointManager, clock: Fak
     assert failed.history[-1].status is CheckpointStatus.FAILED
     assert failed.history[-1].at == started + 10
     assert failed.history[-1].note == "tool crashed"
+
+
+# -- human in the loop (§3.7) -------------------------------------------------------------------
+
+
+async def test_pause_records_the_request_and_queues_the_run_without_checkpointing(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    request = {"action": "refund", "amount": 120.5, "lines": [{"sku": "A-1", "qty": 2}]}
+    with anyio.fail_after(10):
+        created = await create(manager)
+        await create(manager, OTHER)
+        clock.advance(5)
+        paused = await manager.pause(RUN, request=request)
+        request["amount"] = 0  # the caller's dict is copied, not kept
+        run = await manager.get_run(RUN)
+        queue = await manager.list_runs(status=CheckpointStatus.PAUSED)
+        pending = await manager.count_runs(CheckpointStatus.PAUSED)
+        latest = await manager.restore(RUN)
+
+    assert paused is not None
+    assert paused == run
+    assert run.status is CheckpointStatus.PAUSED
+    assert run.approval == {
+        "request": {"action": "refund", "amount": 120.5, "lines": [{"sku": "A-1", "qty": 2}]},
+        "requested_at": clock.now,
+    }
+    assert run.latest_sequence == created.metadata.sequence  # pausing checkpoints nothing
+    assert run.checkpoint_count == 1
+    assert [(c.status, c.at, c.actor, c.note) for c in run.history] == [
+        (CheckpointStatus.PAUSED, clock.now, None, "")]
+    assert [info.run_id for info in queue] == [RUN]
+    assert pending == 1
+    assert latest is not None
+    assert latest.metadata.status is CheckpointStatus.PAUSED
+
+
+async def test_approve_reactivates_the_run_and_records_who_when_and_why(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        await manager.pause(RUN, request={"question": "send the email?"})
+        paused_at = clock.now
+        clock.advance(60)
+        approved = await manager.approve(RUN, approver="ana@example.com", comment="looks right")
+        queue = await manager.list_runs(status=CheckpointStatus.PAUSED)
+        after = await create(manager)
+
+    assert approved is not None
+    assert approved.status is CheckpointStatus.ACTIVE
+    assert approved.approval == {
+        "request": {"question": "send the email?"}, "requested_at": paused_at,
+        "decision": "approved", "decided_by": "ana@example.com", "decided_at": clock.now,
+        "comment": "looks right",
+    }
+    assert [(c.status, c.actor, c.note) for c in approved.history] == [
+        (CheckpointStatus.PAUSED, None, ""),
+        (CheckpointStatus.ACTIVE, "ana@example.com", "looks right"),
+    ]
+    assert approved.history[-1].at == clock.now
+    assert list(queue) == []
+    assert after.metadata.status is CheckpointStatus.ACTIVE
+
+
+async def test_reject_ends_the_run_and_a_retried_reject_returns_it_unchanged(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        await manager.pause(RUN)
+        clock.advance(1)
+        rejected = await manager.reject(RUN, approver="bo", reason="amount too high")
+        clock.advance(1)
+        again = await manager.reject(RUN, approver="someone else", reason="x")
+        with pytest.raises(ConflictError):
+            await manager.approve(RUN, approver="bo")
+        with pytest.raises(ConflictError):
+            await manager.pause(RUN)
+        latest = await manager.restore(RUN)
+
+    assert rejected is not None
+    assert rejected.status is CheckpointStatus.REJECTED
+    assert rejected.approval == {
+        "request": {}, "requested_at": clock.now - 2, "decision": "rejected",
+        "decided_by": "bo", "decided_at": clock.now - 1, "reason": "amount too high",
+    }
+    assert again == rejected
+    assert latest is not None
+    assert latest.metadata.status is CheckpointStatus.REJECTED
+
+
+@pytest.mark.parametrize("decide", ["approve", "reject"])
+async def test_deciding_on_a_run_that_is_not_paused_is_a_conflict(
+    manager: CheckpointManager, decide: str
+) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        with pytest.raises(ConflictError, match="active"):
+            await getattr(manager, decide)(RUN, approver="ana")
+        run = await manager.get_run(RUN)
+
+    assert run is not None
+    assert run.status is CheckpointStatus.ACTIVE
+    assert run.approval is None
+    assert run.history == []
+
+
+async def test_a_paused_or_finished_run_cannot_be_paused(manager: CheckpointManager) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        await create(manager, OTHER)
+        await manager.pause(RUN, request={"n": 1})
+        with pytest.raises(ConflictError, match="paused"):
+            await manager.pause(RUN, request={"n": 2})
+        await manager.mark_completed(OTHER)
+        with pytest.raises(ConflictError, match="completed"):
+            await manager.pause(OTHER)
+        run = await manager.get_run(RUN)
+
+    assert run is not None
+    assert run.approval is not None
+    assert run.approval["request"] == {"n": 1}  # the pending request was not replaced
+
+
+async def test_human_in_the_loop_calls_on_an_unknown_run_return_none(
+    manager: CheckpointManager,
+) -> None:
+    with anyio.fail_after(10):
+        assert await manager.pause(RUN, request={"a": 1}) is None
+        assert await manager.approve(RUN, approver="ana") is None
+        assert await manager.reject(RUN, approver="ana") is None
+        assert await manager.get_run(RUN) is None
+
+
+@pytest.mark.parametrize(
+    "request_value",
+    [
+        pytest.param(["not", "a", "dict"], id="list"),
+        pytest.param({1: "int key"}, id="int-key"),
+        pytest.param({"steps": ("a", "b")}, id="tuple"),
+        pytest.param({"id": uuid.UUID(int=1)}, id="uuid"),
+        pytest.param({"when": dt.date(2024, 1, 1)}, id="date"),
+        pytest.param({"blob": b"x"}, id="bytes"),
+        pytest.param({"obj": object()}, id="object"),
+    ],
+)
+async def test_a_request_that_is_not_json_is_refused_and_nothing_changes(
+    manager: CheckpointManager, request_value: Any
+) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        with pytest.raises(ValidationError, match="request"):
+            await manager.pause(RUN, request=request_value)
+        run = await manager.get_run(RUN)
+
+    assert run is not None
+    assert run.status is CheckpointStatus.ACTIVE
+    assert run.approval is None
+
+
+@pytest.mark.parametrize("approver", ["", None, 7])
+async def test_a_decision_needs_an_approver(manager: CheckpointManager, approver: Any) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        await manager.pause(RUN)
+        with pytest.raises(ValidationError, match="approver"):
+            await manager.approve(RUN, approver=approver)
+        run = await manager.get_run(RUN)
+
+    assert run is not None
+    assert run.status is CheckpointStatus.PAUSED
+
+
+async def test_concurrent_approve_and_reject_from_two_managers_let_exactly_one_decide(
+    store: CheckpointStore, reopen: Callable[[], CheckpointStore], clock: FakeClock
+) -> None:
+    first = manager_with(store, clock)
+    second = manager_with(reopen(), clock)
+
+    with anyio.fail_after(10):
+        await create(first)
+        await first.pause(RUN, request={"q": 1})
+        outcomes = await race(approve=functools.partial(first.approve, RUN, approver="ana"),
+                              reject=functools.partial(second.reject, RUN, approver="bo"))
+        run = await first.get_run(RUN)
+
+    winners = [status for status in outcomes.values() if status is not None]
+    assert len(outcomes) == 2
+    assert len(winners) == 1
+    assert run is not None
+    assert run.status is winners[0]
+    assert run.approval is not None
+    assert run.approval["decided_by"] == ("ana" if winners[0] is CheckpointStatus.ACTIVE
+                                          else "bo")
+    assert [change.status for change in run.history] == [CheckpointStatus.PAUSED, winners[0]]
+
+
+# -- audit export (§3.8) -------------------------------------------------------------------------
+
+
+async def export(manager: CheckpointManager, run_id: str = RUN, **options: Any) -> list[str]:
+    with anyio.fail_after(10):
+        return [chunk async for chunk in manager.export_run(run_id, **options)]
+
+
+async def reviewed_run(manager: CheckpointManager, clock: FakeClock, steps: int = 3) -> None:
+    """A run with ``steps`` checkpoints, paused for a refund and approved."""
+    with anyio.fail_after(10):
+        for step in range(steps):
+            clock.advance(1)
+            await manager.create(RUN, {"step": step, "order": uuid.UUID(int=17)},
+                                 messages=[{"role": "user", "content": f"turn {step}"}],
+                                 step_name=f"step {step}", tags=["refund"], force=True)
+        clock.advance(1)
+        await manager.pause(RUN, request={"action": "refund", "amount": 120.5})
+        clock.advance(1)
+        await manager.approve(RUN, approver="ana@example.com", comment="within policy")
+
+
+async def test_json_export_holds_the_run_and_every_checkpoint_newest_first(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    await reviewed_run(manager, clock)
+
+    document = json.loads("".join(await export(manager)))
+    run = await manager.get_run(RUN)
+    listed = await manager.list_checkpoints(RUN)
+
+    assert run is not None
+    assert document["run"] == json.loads(json.dumps(run.to_dict()))
+    assert document["run"]["approval"]["decided_by"] == "ana@example.com"
+    assert [c["status"] for c in document["run"]["history"]] == ["paused", "active"]
+    assert document["checkpoints"] == [metadata.to_dict() for metadata in listed]
+    assert [c["sequence"] for c in document["checkpoints"]] == [2, 1, 0]
+    assert "content" not in document["checkpoints"][0]
+
+
+async def test_json_export_with_state_carries_each_checkpoint_content(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    await reviewed_run(manager, clock, steps=2)
+
+    document = json.loads("".join(await export(manager, include_state=True)))
+
+    assert [c["content"] for c in document["checkpoints"]] == [
+        {"state": {"step": step, "order": str(uuid.UUID(int=17))},
+         "messages": [{"role": "user", "content": f"turn {step}"}],
+         "tool_calls": [], "context": {}}
+        for step in (1, 0)
+    ]
+
+
+async def test_export_streams_one_chunk_per_checkpoint_and_reads_in_pages(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    await reviewed_run(manager, clock, steps=7)
+
+    chunks = await export(manager, page_size=3)
+    document = json.loads("".join(chunks))
+
+    assert [c["sequence"] for c in document["checkpoints"]] == [6, 5, 4, 3, 2, 1, 0]
+    assert len(chunks) == 7 + 2  # the run, each checkpoint, the closing bracket
+    assert max(len(chunk) for chunk in chunks[1:-1]) < 1_000
+
+
+async def test_csv_export_has_the_run_its_status_changes_and_its_checkpoints(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    await reviewed_run(manager, clock, steps=2)
+
+    rows = list(csv.DictReader(io.StringIO("".join(await export(manager, format="csv",
+                                                                  include_state=True)))))
+
+    assert [row["record"] for row in rows] == [
+        "run", "status_change", "status_change", "checkpoint", "checkpoint"]
+    assert rows[0]["status"] == "active"
+    assert json.loads(rows[0]["data"])["approval"]["request"] == {
+        "action": "refund", "amount": 120.5}
+    assert (rows[2]["status"], rows[2]["actor"], rows[2]["note"]) == (
+        "active", "ana@example.com", "within policy")
+    assert rows[2]["at"].endswith("Z")
+    assert [row["sequence"] for row in rows[3:]] == ["1", "0"]
+    assert [row["step_name"] for row in rows[3:]] == ["step 1", "step 0"]
+    assert json.loads(rows[3]["tags"]) == ["refund"]
+    assert json.loads(rows[3]["data"])["state"]["step"] == 1
+
+
+async def test_markdown_export_escapes_table_cells_and_fences_content(
+    manager: CheckpointManager,
+) -> None:
+    with anyio.fail_after(10):
+        await manager.create(RUN, {"note": "a ``` fence and a | pipe"},
+                             step_name="plan | draft\nnext", tags=["a|b"])
+        await manager.mark_failed(RUN, "tool | crashed")
+
+    table = "".join(await export(manager, format="markdown"))
+    detailed = "".join(await export(manager, format="markdown", include_state=True))
+
+    assert table.startswith(f"# Run `{RUN}`\n")
+    assert "| status | failed |" in table
+    assert "| error | tool \\| crashed |" in table
+    assert "plan \\| draft<br>next" in table
+    assert "| a\\|b |" in table
+    assert "### Checkpoint 0" in detailed
+    assert "````json\n" in detailed  # longer than the ``` inside the state
+    assert '"note": "a ``` fence and a | pipe"' in detailed
+
+
+async def test_expired_checkpoints_still_held_are_exported_as_expired(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    with anyio.fail_after(10):
+        await manager.create(RUN, {"n": 0}, ttl_seconds=10)
+        await manager.create(RUN, {"n": 1}, force=True)
+        clock.advance(11)
+
+    document = json.loads("".join(await export(manager, include_state=True)))
+
+    assert [(c["sequence"], c["status"]) for c in document["checkpoints"]] == [
+        (1, "active"), (0, "expired")]
+    assert document["checkpoints"][1]["content"] is None
+
+
+async def test_export_of_an_unknown_run_raises_checkpoint_not_found(
+    manager: CheckpointManager,
+) -> None:
+    chunks = manager.export_run("no-such-run")
+    with anyio.fail_after(10), pytest.raises(CheckpointNotFound, match="no-such-run"):
+        await chunks.__anext__()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"format": "xml"}, id="format"),
+        pytest.param({"format": None}, id="format-none"),
+        pytest.param({"page_size": 0}, id="page-size"),
+        pytest.param({"page_size": True}, id="page-size-bool"),
+        pytest.param({"include_state": "yes"}, id="include-state"),
+    ],
+)
+async def test_bad_arguments_are_refused_before_anything_is_read(
+    manager: CheckpointManager, options: dict[str, Any]
+) -> None:
+    with pytest.raises(ValidationError):
+        manager.export_run(RUN, **options)
+
+
+async def test_stopping_early_closes_the_export(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    await reviewed_run(manager, clock, steps=5)
+
+    with anyio.fail_after(10):
+        async with contextlib.aclosing(manager.export_run(RUN, page_size=2)) as chunks:
+            first = [chunk async for chunk in _take(chunks, 2)]
+
+    assert first[0].startswith('{"run": ')
+    assert '"sequence":4' in first[1]
+    run = await manager.get_run(RUN)
+    assert run is not None
+    assert run.status is CheckpointStatus.ACTIVE
+
+
+async def _take(chunks: AsyncIterator[str], count: int) -> AsyncIterator[str]:
+    async for chunk in chunks:
+        yield chunk
+        count -= 1
+        if count == 0:
+            return
 
 
 # -- run listings -------------------------------------------------------------------------------

@@ -1,0 +1,190 @@
+"""Audit export of one run (SPEC §3.8): JSON, Markdown or CSV, produced as a stream of text.
+
+The renderers take the run record and an async iterator of its checkpoints (metadata, and the
+checkpoint itself when state is exported) and yield text chunks, one record at a time, so a
+long run never has to fit in memory. The manager feeds them page by page.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+
+from fastcheckpoint._codec import to_json_text
+from fastcheckpoint._model import Checkpoint, CheckpointMetadata, RunInfo
+from fastcheckpoint.errors import ValidationError
+
+__all__ = ["FORMATS", "Entry", "Renderer", "renderer"]
+
+Entry = tuple[CheckpointMetadata, Checkpoint | None]
+"""A checkpoint's metadata and, when state is exported, the checkpoint (None if it expired
+between listing and reading)."""
+Renderer = Callable[[RunInfo, AsyncIterator[Entry], bool], AsyncGenerator[str, None]]
+
+
+def _when(epoch: float | None) -> str:
+    """ISO 8601 in UTC with milliseconds, ``Z`` suffix; empty for ``None``."""
+    if epoch is None:
+        return ""
+    moment = _dt.datetime.fromtimestamp(epoch, tz=_dt.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _content(checkpoint: Checkpoint | None) -> dict[str, Any] | None:
+    if checkpoint is None:
+        return None
+    return {"state": checkpoint.state, "messages": checkpoint.messages,
+            "tool_calls": checkpoint.tool_calls, "context": checkpoint.context}
+
+
+# -- JSON ---------------------------------------------------------------------------------------
+
+
+async def _json(
+    run: RunInfo, entries: AsyncIterator[Entry], with_state: bool
+) -> AsyncGenerator[str, None]:
+    yield '{"run": ' + to_json_text(run.to_dict()) + ',\n "checkpoints": ['
+    separator = "\n  "
+    async for metadata, checkpoint in entries:
+        record: dict[str, Any] = metadata.to_dict()
+        if with_state:
+            record["content"] = _content(checkpoint)
+        yield separator + to_json_text(record)
+        separator = ",\n  "
+    yield "\n]}\n"
+
+
+# -- CSV ----------------------------------------------------------------------------------------
+
+_CSV_COLUMNS = ("record", "at", "sequence", "checkpoint_id", "status", "step_name", "parent_id",
+                "tags", "expires_at", "actor", "note", "data")
+
+
+def _csv_row(values: dict[str, Any]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow([values.get(column, "") for column in _CSV_COLUMNS])
+    return buffer.getvalue()
+
+
+async def _csv(
+    run: RunInfo, entries: AsyncIterator[Entry], with_state: bool
+) -> AsyncGenerator[str, None]:
+    yield _csv_row({column: column for column in _CSV_COLUMNS})
+    yield _csv_row({
+        "record": "run", "at": _when(run.created_at), "status": run.status.value,
+        "expires_at": _when(run.expires_at), "note": run.error or "",
+        "data": to_json_text({
+            "run_id": run.run_id, "updated_at": _when(run.updated_at),
+            "latest_sequence": run.latest_sequence, "checkpoint_count": run.checkpoint_count,
+            "approval": run.approval, "metadata": run.metadata,
+        }),
+    })
+    for change in run.history:
+        yield _csv_row({"record": "status_change", "at": _when(change.at),
+                        "status": change.status.value, "actor": change.actor or "",
+                        "note": change.note})
+    async for metadata, checkpoint in entries:
+        yield _csv_row({
+            "record": "checkpoint", "at": _when(metadata.created_at),
+            "sequence": metadata.sequence, "checkpoint_id": metadata.checkpoint_id,
+            "status": metadata.status.value, "step_name": metadata.step_name,
+            "parent_id": metadata.parent_id or "", "tags": to_json_text(metadata.tags),
+            "expires_at": _when(metadata.expires_at),
+            "data": to_json_text(_content(checkpoint)) if with_state else "",
+        })
+
+
+# -- Markdown -----------------------------------------------------------------------------------
+
+
+def _cell(text: object) -> str:
+    """Text for a table cell: pipes escaped, line breaks as ``<br>``."""
+    return re.sub(r"\r\n|\r|\n", "<br>", str(text)).replace("|", "\\|")
+
+
+def _code(text: str) -> str:
+    """An inline code span that holds ``text`` whatever backticks it contains."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    padding = " " if text.startswith("`") or text.endswith("`") else ""
+    flat = re.sub(r"\r\n|\r|\n", " ", text)
+    return f"{fence}{padding}{flat}{padding}{fence}"
+
+
+def _block(value: Any) -> str:
+    """An indented JSON block, its fence longer than any backtick run in the text."""
+    text = msgspec.json.format(to_json_text(value), indent=2)
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}json\n{text}\n{fence}\n"
+
+
+async def _markdown(
+    run: RunInfo, entries: AsyncIterator[Entry], with_state: bool
+) -> AsyncGenerator[str, None]:
+    rows = [
+        ("status", run.status.value),
+        ("created", _when(run.created_at)),
+        ("updated", _when(run.updated_at)),
+        ("latest sequence", run.latest_sequence),
+        ("checkpoints held", run.checkpoint_count),
+        ("expires", _when(run.expires_at) or "never"),
+    ]
+    if run.error:
+        rows.append(("error", run.error))
+    lines = [f"# Run {_code(run.run_id)}", "", "| | |", "| --- | --- |"]
+    lines += [f"| {name} | {_cell(value)} |" for name, value in rows]
+    yield "\n".join(lines) + "\n"
+    if run.metadata:
+        yield "\n## Run metadata\n\n" + _block(run.metadata)
+    if run.approval is not None:
+        yield "\n## Approval\n\n" + _block(run.approval)
+    if run.history:
+        lines = ["", "## Status history", "", "| at | status | by | note |",
+                 "| --- | --- | --- | --- |"]
+        lines += [f"| {_when(c.at)} | {c.status.value} | {_cell(c.actor or '')} "
+                  f"| {_cell(c.note)} |" for c in run.history]
+        yield "\n".join(lines) + "\n"
+    yield "\n## Checkpoints, newest first\n\n"
+    if not with_state:
+        yield ("| sequence | created | step | status | tags | parent | expires | id |\n"
+               "| ---: | --- | --- | --- | --- | --- | --- | --- |\n")
+    async for metadata, checkpoint in entries:
+        if not with_state:
+            yield (f"| {metadata.sequence} | {_when(metadata.created_at)} "
+                   f"| {_cell(metadata.step_name)} | {metadata.status.value} "
+                   f"| {_cell(', '.join(metadata.tags))} | {_cell(metadata.parent_id or '')} "
+                   f"| {_when(metadata.expires_at)} | {_cell(metadata.checkpoint_id)} |\n")
+            continue
+        details = [
+            f"### Checkpoint {metadata.sequence}", "",
+            f"- id: {_code(metadata.checkpoint_id)}",
+            f"- created: {_when(metadata.created_at)}",
+            f"- step: {_code(metadata.step_name) if metadata.step_name else '-'}",
+            f"- status: {metadata.status.value}",
+            f"- tags: {_cell(', '.join(metadata.tags)) or '-'}",
+            f"- parent: {_code(metadata.parent_id) if metadata.parent_id else '-'}",
+            f"- expires: {_when(metadata.expires_at) or 'never'}", "",
+        ]
+        content = _content(checkpoint)
+        body = _block(content) if content is not None else "(expired before it was read)\n"
+        yield "\n".join(details) + "\n" + body + "\n"
+
+
+_RENDERERS: dict[str, Renderer] = {"json": _json, "csv": _csv, "markdown": _markdown}
+FORMATS = tuple(_RENDERERS)
+
+
+def renderer(format: str) -> Renderer:
+    """The renderer for ``format``; :class:`ValidationError` names the formats there are."""
+    try:
+        return _RENDERERS[format]
+    except (KeyError, TypeError):
+        raise ValidationError(
+            f"format must be one of {', '.join(FORMATS)}; got {format!r:.40}") from None
