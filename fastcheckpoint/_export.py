@@ -20,7 +20,7 @@ from fastcheckpoint._codec import to_json_text
 from fastcheckpoint._model import Checkpoint, CheckpointMetadata, RunInfo
 from fastcheckpoint.errors import ValidationError
 
-__all__ = ["FORMATS", "Entry", "Renderer", "renderer"]
+__all__ = ["FORMATS", "Entry", "Renderer", "renderer", "when"]
 
 Entry = tuple[CheckpointMetadata, Checkpoint | None]
 """A checkpoint's metadata and, when state is exported, the checkpoint (None if it expired
@@ -28,7 +28,7 @@ between listing and reading)."""
 Renderer = Callable[[RunInfo, AsyncIterator[Entry], bool], AsyncGenerator[str, None]]
 
 
-def _when(epoch: float | None) -> str:
+def when(epoch: float | None) -> str:
     """ISO 8601 in UTC with milliseconds, ``Z`` suffix; empty for ``None``."""
     if epoch is None:
         return ""
@@ -77,25 +77,25 @@ async def _csv(
 ) -> AsyncGenerator[str, None]:
     yield _csv_row({column: column for column in _CSV_COLUMNS})
     yield _csv_row({
-        "record": "run", "at": _when(run.created_at), "status": run.status.value,
-        "expires_at": _when(run.expires_at), "note": run.error or "",
+        "record": "run", "at": when(run.created_at), "status": run.status.value,
+        "expires_at": when(run.expires_at), "note": run.error or "",
         "data": to_json_text({
-            "run_id": run.run_id, "updated_at": _when(run.updated_at),
+            "run_id": run.run_id, "updated_at": when(run.updated_at),
             "latest_sequence": run.latest_sequence, "checkpoint_count": run.checkpoint_count,
             "approval": run.approval, "metadata": run.metadata,
         }),
     })
     for change in run.history:
-        yield _csv_row({"record": "status_change", "at": _when(change.at),
+        yield _csv_row({"record": "status_change", "at": when(change.at),
                         "status": change.status.value, "actor": change.actor or "",
                         "note": change.note})
     async for metadata, checkpoint in entries:
         yield _csv_row({
-            "record": "checkpoint", "at": _when(metadata.created_at),
+            "record": "checkpoint", "at": when(metadata.created_at),
             "sequence": metadata.sequence, "checkpoint_id": metadata.checkpoint_id,
             "status": metadata.status.value, "step_name": metadata.step_name,
             "parent_id": metadata.parent_id or "", "tags": to_json_text(metadata.tags),
-            "expires_at": _when(metadata.expires_at),
+            "expires_at": when(metadata.expires_at),
             "data": to_json_text(_content(checkpoint)) if with_state else "",
         })
 
@@ -130,11 +130,11 @@ async def _markdown(
 ) -> AsyncGenerator[str, None]:
     rows = [
         ("status", run.status.value),
-        ("created", _when(run.created_at)),
-        ("updated", _when(run.updated_at)),
+        ("created", when(run.created_at)),
+        ("updated", when(run.updated_at)),
         ("latest sequence", run.latest_sequence),
         ("checkpoints held", run.checkpoint_count),
-        ("expires", _when(run.expires_at) or "never"),
+        ("expires", when(run.expires_at) or "never"),
     ]
     if run.error:
         rows.append(("error", run.error))
@@ -148,7 +148,7 @@ async def _markdown(
     if run.history:
         lines = ["", "## Status history", "", "| at | status | by | note |",
                  "| --- | --- | --- | --- |"]
-        lines += [f"| {_when(c.at)} | {c.status.value} | {_cell(c.actor or '')} "
+        lines += [f"| {when(c.at)} | {c.status.value} | {_cell(c.actor or '')} "
                   f"| {_cell(c.note)} |" for c in run.history]
         yield "\n".join(lines) + "\n"
     yield "\n## Checkpoints, newest first\n\n"
@@ -157,20 +157,20 @@ async def _markdown(
                "| ---: | --- | --- | --- | --- | --- | --- | --- |\n")
     async for metadata, checkpoint in entries:
         if not with_state:
-            yield (f"| {metadata.sequence} | {_when(metadata.created_at)} "
+            yield (f"| {metadata.sequence} | {when(metadata.created_at)} "
                    f"| {_cell(metadata.step_name)} | {metadata.status.value} "
                    f"| {_cell(', '.join(metadata.tags))} | {_cell(metadata.parent_id or '')} "
-                   f"| {_when(metadata.expires_at)} | {_cell(metadata.checkpoint_id)} |\n")
+                   f"| {when(metadata.expires_at)} | {_cell(metadata.checkpoint_id)} |\n")
             continue
         details = [
             f"### Checkpoint {metadata.sequence}", "",
             f"- id: {_code(metadata.checkpoint_id)}",
-            f"- created: {_when(metadata.created_at)}",
+            f"- created: {when(metadata.created_at)}",
             f"- step: {_code(metadata.step_name) if metadata.step_name else '-'}",
             f"- status: {metadata.status.value}",
             f"- tags: {_cell(', '.join(metadata.tags)) or '-'}",
             f"- parent: {_code(metadata.parent_id) if metadata.parent_id else '-'}",
-            f"- expires: {_when(metadata.expires_at) or 'never'}", "",
+            f"- expires: {when(metadata.expires_at) or 'never'}", "",
         ]
         content = _content(checkpoint)
         body = _block(content) if content is not None else "(expired before it was read)\n"

@@ -1,22 +1,42 @@
-"""The ``fastcheckpoint`` command: provisioning and benchmarks.
+"""The ``fastcheckpoint`` command: inspect and act on runs, provision stores, benchmark.
 
+``fastcheckpoint runs | show | history | export | fork | approve | reject | cleanup`` work on
+the store of ``--url`` (default: ``FASTCHECKPOINT_URL``, or ``CHECKPOINT_MODE`` as
+:meth:`CheckpointManager.from_env` reads it), with the rest of the configuration from
+``FASTCHECKPOINT_*``. They print tables for people and JSON with ``--json``.
 ``fastcheckpoint init URL`` creates what a store needs (idempotent). ``fastcheckpoint bench``
-runs the benchmark suite, which lives in the repository's ``benchmarks/`` (an editable
-install of a checkout has it). The inspection commands of the specification (runs, show,
-history, export...) are not built yet.
+runs the benchmark suite, which lives in the repository's ``benchmarks/`` (an editable install
+of a checkout has it). ``prune`` and ``doctor`` of the specification are not built yet.
 
-Exit codes: 0 done, 1 the store failed, 2 bad usage or configuration.
+Exit codes: 0 done, 1 the store failed, 2 bad usage or configuration, 3 no such run or
+checkpoint, 4 the run's status does not allow the change (e.g. approving a run that is not
+paused).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TextIO
 
 import anyio
+import msgspec
 
-from fastcheckpoint.errors import CheckpointError, ConfigurationError
+from fastcheckpoint import _ids
+from fastcheckpoint._codec import to_json_text
+from fastcheckpoint._config import CheckpointConfig
+from fastcheckpoint._export import FORMATS, when
+from fastcheckpoint._manager import CheckpointManager, _store_url
+from fastcheckpoint._model import CheckpointStatus
+from fastcheckpoint.errors import (
+    CheckpointError,
+    CheckpointNotFound,
+    ConfigurationError,
+    ConflictError,
+    ValidationError,
+)
 from fastcheckpoint.stores import SupportsProvision, open_store
 
 __all__ = ["main"]
@@ -24,6 +44,10 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_STORE = 1
 EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_CONFLICT = 4
+
+Action = Callable[[CheckpointManager, argparse.Namespace], Awaitable[int]]
 
 
 async def _init(url: str) -> str:
@@ -49,6 +73,192 @@ def _run_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- output ---------------------------------------------------------------------------------------
+
+
+def _print_json(value: Any) -> None:
+    print(msgspec.json.format(to_json_text(value), indent=2))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO) -> None:
+    """Left-aligned columns, two spaces apart; line breaks in cells shown as spaces."""
+    cells = [[str(value).replace("\n", " ") for value in row] for row in rows]
+    widths = [max([len(header)] + [len(row[i]) for row in cells]) for i, header in
+              enumerate(headers)]
+    for row in [list(headers), *cells]:
+        line = "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True))
+        out.write(line.rstrip() + "\n")
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+# -- commands on a store --------------------------------------------------------------------------
+
+
+async def _runs(manager: CheckpointManager, args: argparse.Namespace) -> int:
+    page = await manager.list_runs(args.status, limit=args.limit, cursor=args.cursor)
+    if args.json:
+        _print_json({"runs": [run.to_dict() for run in page],
+                     "next_cursor": page.next_cursor})
+        return EXIT_OK
+    _table(("RUN", "STATUS", "CREATED", "UPDATED", "LATEST", "HELD"),
+           [(run.run_id, run.status.value, when(run.created_at), when(run.updated_at),
+             run.latest_sequence, run.checkpoint_count) for run in page], sys.stdout)
+    if page.next_cursor:
+        print(f"more: fastcheckpoint runs --cursor {page.next_cursor}")
+    return EXIT_OK
+
+
+async def _show(manager: CheckpointManager, args: argparse.Namespace) -> int:
+    checkpoint = await manager.restore(args.run)
+    if checkpoint is None:
+        return _fail(f"run {args.run!r} has no live checkpoint", EXIT_NOT_FOUND)
+    if args.seq is not None and args.seq != checkpoint.metadata.sequence:
+        key, incarnation, _ = _ids.require_checkpoint_id(checkpoint.checkpoint_id)
+        wanted = _ids.checkpoint_id(key, incarnation, args.seq)
+        found = await manager.restore_from(wanted) if args.seq >= 0 else None
+        if found is None:
+            return _fail(f"run {args.run!r} holds no live checkpoint at sequence {args.seq}",
+                         EXIT_NOT_FOUND)
+        checkpoint = found
+    if args.json:
+        _print_json(checkpoint.to_dict())
+        return EXIT_OK
+    metadata = checkpoint.metadata
+    _table(("FIELD", "VALUE"), [
+        ("run", metadata.run_id), ("checkpoint", metadata.checkpoint_id),
+        ("sequence", metadata.sequence), ("created", when(metadata.created_at)),
+        ("status", metadata.status.value), ("step", metadata.step_name or "-"),
+        ("parent", metadata.parent_id or "-"), ("tags", ", ".join(metadata.tags) or "-"),
+        ("expires", when(metadata.expires_at) or "never"),
+    ], sys.stdout)
+    print()
+    _print_json({"state": checkpoint.state, "messages": checkpoint.messages,
+                 "tool_calls": checkpoint.tool_calls, "context": checkpoint.context})
+    return EXIT_OK
+
+
+async def _history(manager: CheckpointManager, args: argparse.Namespace) -> int:
+    if args.json:
+        return await _write_export(manager, args.run, "json", False, sys.stdout)
+    run = await manager.get_run(args.run)
+    if run is None:
+        return _fail(f"run {args.run!r} does not exist (or expired)", EXIT_NOT_FOUND)
+    print(f"run {run.run_id}: {run.status.value}, created {when(run.created_at)}, "
+          f"{run.checkpoint_count} checkpoint(s) held, latest sequence {run.latest_sequence}")
+    if run.error:
+        print(f"error: {run.error}")
+    print()
+    _table(("AT", "STATUS", "BY", "NOTE"),
+           [(when(run.created_at), CheckpointStatus.ACTIVE.value, "", "run started")]
+           + [(when(c.at), c.status.value, c.actor or "", c.note) for c in run.history],
+           sys.stdout)
+    print()
+    rows: list[tuple[object, ...]] = []
+    before: str | None = None
+    while True:
+        page = await manager.list_checkpoints(args.run, 500, before=before,
+                                              include_expired=True)
+        rows += [(m.sequence, when(m.created_at), m.status.value, m.step_name,
+                  ", ".join(m.tags), m.checkpoint_id) for m in page]
+        if len(page) < 500:
+            break
+        before = page[-1].checkpoint_id
+    _table(("SEQ", "CREATED", "STATUS", "STEP", "TAGS", "CHECKPOINT"), rows, sys.stdout)
+    return EXIT_OK
+
+
+async def _write_export(
+    manager: CheckpointManager, run_id: str, format: str, include_state: bool, out: TextIO
+) -> int:
+    async for chunk in manager.export_run(run_id, format, include_state=include_state):
+        out.write(chunk)
+    return EXIT_OK
+
+
+async def _export_command(manager: CheckpointManager, args: argparse.Namespace) -> int:
+    if args.output is None:
+        return await _write_export(manager, args.run, args.format, args.state, sys.stdout)
+    async with await anyio.open_file(args.output, "w", encoding="utf-8", newline="") as out:
+        async for chunk in manager.export_run(args.run, args.format,
+                                              include_state=args.state):
+            await out.write(chunk)
+    return EXIT_OK
+
+
+async def _fork(manager: CheckpointManager, args: argparse.Namespace) -> int:
+    forked = await manager.fork(args.checkpoint_id, args.run)
+    if args.json:
+        _print_json(forked.metadata.to_dict())
+    else:
+        print(f"forked {args.checkpoint_id} into run {forked.run_id} "
+              f"as {forked.checkpoint_id}")
+    return EXIT_OK
+
+
+async def _decide(manager: CheckpointManager, args: argparse.Namespace) -> int:
+    if args.command == "approve":
+        run = await manager.approve(args.run, approver=args.approver, comment=args.comment)
+    else:
+        run = await manager.reject(args.run, approver=args.approver, reason=args.reason)
+    if run is None:
+        return _fail(f"run {args.run!r} does not exist (or expired)", EXIT_NOT_FOUND)
+    if args.json:
+        _print_json(run.to_dict())
+    else:
+        print(f"run {run.run_id}: {run.status.value} ({args.command}d by {args.approver})")
+    return EXIT_OK
+
+
+async def _cleanup(manager: CheckpointManager, args: argparse.Namespace) -> int:
+    removed = await manager.cleanup_expired()
+    if args.json:
+        _print_json({"removed_checkpoints": removed})
+    else:
+        print(f"removed {removed} expired checkpoint(s), with expired runs and items")
+    return EXIT_OK
+
+
+def _on_store(action: Action) -> Callable[[argparse.Namespace], int]:
+    """Open the store, run ``action`` with a manager on it, map errors to exit codes."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            url = args.url or _store_url(os.environ)
+            config = CheckpointConfig.from_env()
+            store = open_store(url)
+        except ConfigurationError as exc:
+            return _fail(str(exc), EXIT_USAGE)
+
+        async def go() -> int:
+            manager = CheckpointManager(store, config=config)
+            try:
+                return await action(manager, args)
+            finally:
+                await manager.aclose()
+
+        try:
+            return anyio.run(go)
+        except (ConfigurationError, ValidationError) as exc:
+            return _fail(str(exc), EXIT_USAGE)
+        except CheckpointNotFound as exc:
+            return _fail(str(exc), EXIT_NOT_FOUND)
+        except ConflictError as exc:
+            return _fail(str(exc), EXIT_CONFLICT)
+        except CheckpointError as exc:
+            return _fail(str(exc), EXIT_STORE)
+        except BrokenPipeError:  # the reader went away (| head): not an error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_OK
+        except OSError as exc:  # --output could not be written
+            return _fail(str(exc), EXIT_USAGE)
+
+    return run
+
+
 def _run_bench(bench_args: list[str]) -> int:
     try:
         from benchmarks.cli import main as bench_main
@@ -63,16 +273,59 @@ def _run_bench(bench_args: list[str]) -> int:
     return bench_main(bench_args)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fastcheckpoint", description="fastcheckpoint: provisioning and benchmarks."
+        prog="fastcheckpoint",
+        description="fastcheckpoint: inspect and act on runs, provision stores, benchmark.",
+        epilog="Exit codes: 0 done, 1 the store failed, 2 bad usage or configuration, "
+               "3 no such run or checkpoint, 4 the run's status does not allow the change.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    on_store = argparse.ArgumentParser(add_help=False)
+    on_store.add_argument("--url", help="store URL (default: FASTCHECKPOINT_URL)")
+    on_store.add_argument("--json", action="store_true", help="JSON output, for scripts")
+
+    def store_command(name: str, action: Action, helptext: str,
+                      *positional: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, parents=[on_store], help=helptext)
+        for argument in positional:
+            command.add_argument(argument.lower(), metavar=argument)
+        command.set_defaults(handler=_on_store(action))
+        return command
+
+    runs = store_command("runs", _runs, "list runs, newest first")
+    runs.add_argument("--status", choices=[s.value for s in CheckpointStatus
+                                           if s is not CheckpointStatus.EXPIRED])
+    runs.add_argument("--limit", type=_positive, default=50, help="runs per page (50)")
+    runs.add_argument("--cursor", help="the next page, as the previous page printed it")
+    show = store_command("show", _show,
+                         "a run's latest checkpoint (or --seq N) with its content", "RUN")
+    show.add_argument("--seq", type=int, help="the checkpoint at this sequence")
+    store_command("history", _history, "a run's status changes and checkpoints", "RUN")
+    export = store_command("export", _export_command, "audit export of a run (streamed)", "RUN")
+    export.add_argument("--format", choices=FORMATS, default="json")
+    export.add_argument("--state", action="store_true", help="include checkpoint content")
+    export.add_argument("--output", "-o", help="write to this file (default: stdout)")
+    fork = store_command("fork", _fork, "start a new run from a checkpoint", "CHECKPOINT_ID")
+    fork.add_argument("--run", help="the new run's id (default: a fresh one)")
+    for name, note in (("approve", "comment"), ("reject", "reason")):
+        decide = store_command(name, _decide, f"{name} a paused run", "RUN")
+        decide.add_argument("--approver", required=True, help="who decides")
+        decide.add_argument(f"--{note}", default="")
+    store_command("cleanup", _cleanup, "remove expired checkpoints, runs and items now")
+
     init = commands.add_parser(
         "init", help="create what a store needs (DynamoDB table, S3 bucket...); idempotent"
     )
     init.add_argument("url", metavar="URL", help="store URL, e.g. dynamodb://Table?bucket=b")
-    init.set_defaults(run=_run_init)
+    init.set_defaults(handler=_run_init)
     # Listed for --help only: main() hands everything after "bench" to the suite's own parser.
     commands.add_parser(
         "bench", help="run the benchmark suite (options as python -m benchmarks, e.g. --quick)"
@@ -85,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments[:1] == ["bench"]:
         return _run_bench(arguments[1:])
     args = _parser().parse_args(arguments)
-    code: int = args.run(args)
+    code: int = args.handler(args)
     return code
 
 

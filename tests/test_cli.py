@@ -1,14 +1,28 @@
-"""The ``fastcheckpoint`` command line: init and bench."""
+"""The ``fastcheckpoint`` command line: the run commands, init and bench."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 import fastcheckpoint.stores as stores_module
-from fastcheckpoint.cli import EXIT_OK, EXIT_STORE, EXIT_USAGE, main
+from fastcheckpoint import CheckpointConfig, CheckpointManager, open_store
+from fastcheckpoint.cli import (
+    EXIT_CONFLICT,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_STORE,
+    EXIT_USAGE,
+    main,
+)
 from fastcheckpoint.errors import StoreUnavailableError
 from fastcheckpoint.stores import register_store
 from fastcheckpoint.stores.memory import MemoryStore
@@ -29,6 +43,9 @@ class ProvisionedStore(MemoryStore):
 
 class BrokenStore(ProvisionedStore):
     async def provision(self) -> None:
+        raise StoreUnavailableError("cannot reach the endpoint")
+
+    async def list_runs(self, **_: Any) -> Any:
         raise StoreUnavailableError("cannot reach the endpoint")
 
 
@@ -85,3 +102,196 @@ def test_a_missing_command_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as caught:
         main([])
     assert caught.value.code == 2
+
+
+# -- commands on a store ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A file store holding: order-17 (3 checkpoints, paused for a refund), order-18 (one
+    checkpoint) and order-19 (one checkpoint that expired ten minutes ago)."""
+    for name in list(os.environ):
+        if name.startswith(("FASTCHECKPOINT_", "CHECKPOINT_")):
+            monkeypatch.delenv(name)
+    store_url = f"file://{tmp_path / 'store'}"
+
+    async def seed() -> None:
+        manager = CheckpointManager(open_store(store_url))
+        for step in range(3):
+            await manager.create("order-17", {"step": step}, step_name=f"step {step}",
+                                 tags=["refund"], force=True)
+        await manager.create("order-18", {"x": 1})
+        await manager.pause("order-17", request={"amount": 12})
+        await manager.aclose()
+        past = CheckpointManager(open_store(store_url),
+                                 config=CheckpointConfig(clock=lambda: time.time() - 600))
+        await past.create("order-19", {"old": True}, ttl_seconds=60)
+        await past.aclose()
+
+    anyio.run(seed)
+    return store_url
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_runs_lists_newest_first_and_filters_by_status(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(capsys, "runs", "--url", url)
+    paused_code, paused, _ = run_cli(capsys, "runs", "--url", url, "--status", "paused",
+                                     "--json")
+
+    assert code == EXIT_OK
+    lines = out.splitlines()
+    assert lines[0].split() == ["RUN", "STATUS", "CREATED", "UPDATED", "LATEST", "HELD"]
+    assert [line.split()[:2] for line in lines[1:]] == [["order-18", "active"],
+                                                       ["order-17", "paused"]]
+    assert paused_code == EXIT_OK
+    document = json.loads(paused)
+    assert [run["run_id"] for run in document["runs"]] == ["order-17"]
+    assert document["runs"][0]["approval"]["request"] == {"amount": 12}
+    assert document["next_cursor"] is None
+
+
+def test_runs_pages_with_the_cursor_it_prints(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FASTCHECKPOINT_URL", url)  # the default when --url is not given
+    _, first, _ = run_cli(capsys, "runs", "--limit", "1")
+    cursor = first.splitlines()[-1].split("--cursor ", 1)[1]
+    _, second, _ = run_cli(capsys, "runs", "--limit", "1", "--cursor", cursor)
+
+    assert first.splitlines()[1].startswith("order-18")
+    assert second.splitlines()[1].startswith("order-17")
+
+
+def test_show_prints_the_latest_or_the_asked_sequence_with_its_content(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(capsys, "show", "order-17", "--url", url)
+    seq_code, seq_json, _ = run_cli(capsys, "show", "order-17", "--seq", "0", "--url", url,
+                                    "--json")
+
+    assert code == EXIT_OK
+    assert "sequence    2" in out
+    assert '"step": 2' in out
+    assert seq_code == EXIT_OK
+    shown = json.loads(seq_json)
+    assert shown["metadata"]["sequence"] == 0
+    assert shown["metadata"]["status"] == "paused"
+    assert shown["state"] == {"step": 0}
+
+
+@pytest.mark.parametrize("argv", [["show", "no-such-run"], ["show", "order-17", "--seq", "9"],
+                                  ["show", "order-17", "--seq", "-1"],
+                                  ["history", "no-such-run"], ["export", "no-such-run"],
+                                  ["approve", "no-such-run", "--approver", "ana"]])
+def test_a_missing_run_or_checkpoint_exits_3(
+    url: str, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    code, out, err = run_cli(capsys, *argv, "--url", url)
+
+    assert code == EXIT_NOT_FOUND
+    assert out == ""
+    assert err.startswith("error: ")
+
+
+def test_history_shows_status_changes_and_every_checkpoint(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(capsys, "history", "order-17", "--url", url)
+    _, as_json, _ = run_cli(capsys, "history", "order-17", "--url", url, "--json")
+    _, exported, _ = run_cli(capsys, "export", "order-17", "--url", url)
+
+    assert code == EXIT_OK
+    assert out.startswith("run order-17: paused")
+    assert "paused" in out.split("SEQ")[0]
+    assert [line.split()[0] for line in out.split("SEQ")[1].splitlines()[1:]] == ["2", "1", "0"]
+    assert json.loads(as_json) == json.loads(exported)
+
+
+def test_export_writes_every_format_to_stdout_or_a_file(
+    url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, _ = run_cli(capsys, "export", "order-17", "--format", "csv", "--state",
+                           "--url", url)
+    target = tmp_path / "order-17.md"
+    file_code, file_out, _ = run_cli(capsys, "export", "order-17", "--format", "markdown",
+                                     "-o", str(target), "--url", url)
+
+    assert code == EXIT_OK
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [row["record"] for row in rows] == ["run", "status_change"] + ["checkpoint"] * 3
+    assert json.loads(rows[-1]["data"])["state"] == {"step": 0}
+    assert file_code == EXIT_OK
+    assert file_out == ""
+    assert target.read_text().startswith("# Run `order-17`")
+
+
+def test_approve_and_reject_decide_once_and_report_conflicts(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(capsys, "approve", "order-17", "--approver", "ana", "--comment",
+                           "ok", "--url", url, "--json")
+    again, _, err = run_cli(capsys, "reject", "order-17", "--approver", "bo", "--url", url)
+
+    assert code == EXIT_OK
+    decided = json.loads(out)
+    assert decided["status"] == "active"
+    assert decided["approval"]["decided_by"] == "ana"
+    assert decided["history"][-1]["note"] == "ok"
+    assert again == EXIT_CONFLICT
+    assert "active" in err
+
+
+def test_fork_starts_a_new_run_from_a_checkpoint(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, shown, _ = run_cli(capsys, "show", "order-18", "--url", url, "--json")
+    source = json.loads(shown)["metadata"]["checkpoint_id"]
+    code, out, _ = run_cli(capsys, "fork", source, "--run", "order-18-retry", "--url", url)
+    _, copy, _ = run_cli(capsys, "show", "order-18-retry", "--url", url, "--json")
+    taken, _, _ = run_cli(capsys, "fork", source, "--run", "order-18-retry", "--url", url)
+
+    assert code == EXIT_OK
+    assert "order-18-retry" in out
+    assert json.loads(copy)["state"] == {"x": 1}
+    assert json.loads(copy)["metadata"]["parent_id"] == source
+    assert taken == EXIT_CONFLICT
+
+
+def test_cleanup_removes_what_expired(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "cleanup", "--url", url, "--json")
+    _, runs, _ = run_cli(capsys, "runs", "--url", url, "--json")
+
+    assert code == EXIT_OK
+    assert json.loads(out) == {"removed_checkpoints": 1}
+    assert {run["run_id"] for run in json.loads(runs)["runs"]} == {"order-17", "order-18"}
+
+
+def test_run_commands_need_a_store(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("FASTCHECKPOINT_URL", "CHECKPOINT_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    missing, _, missing_err = run_cli(capsys, "runs")
+    unknown, _, unknown_err = run_cli(capsys, "runs", "--url", "nosuch://x")
+    monkeypatch.setenv("FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN", "many")
+    malformed, _, _ = run_cli(capsys, "runs", "--url", f"file://{tmp_path}")
+
+    assert (missing, unknown, malformed) == (EXIT_USAGE, EXIT_USAGE, EXIT_USAGE)
+    assert "FASTCHECKPOINT_URL" in missing_err
+    assert "unknown store URL scheme" in unknown_err
+
+
+@pytest.mark.usefixtures("registry")
+def test_a_failing_store_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "runs", "--url", "broken://x")
+
+    assert code == EXIT_STORE
+    assert "cannot reach" in err
