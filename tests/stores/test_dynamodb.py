@@ -260,6 +260,39 @@ async def test_small_checkpoints_cost_one_write_and_one_query(store: DynamoDBSto
         assert await manager.restore_from(first.checkpoint_id) is None  # pruned
 
 
+async def test_costs_do_not_grow_with_the_run(store: DynamoDBStore) -> None:
+    """W5 in miniature: the same requests next to 10 checkpoints and next to 500 (no pruning;
+    W5 itself at 10,000 exhausts moto's memory, see docs/benchmarks.md)."""
+    clock = [T0]
+    manager = _manager(store, clock, max_checkpoints_per_run=None)
+
+    async def steady_costs(run_id: str, held: int) -> dict[str, dict[str, int]]:
+        for n in range(held):
+            await manager.create(run_id, state={"n": n})
+        costs: dict[str, dict[str, int]] = {}
+        with counting(store) as (dynamo, s3):
+            await manager.create(run_id, state={"n": held})
+        costs["create"] = {**dynamo.counts, **s3.counts}
+        with counting(store) as (dynamo, s3):
+            assert await manager.restore(run_id) is not None
+        costs["restore"] = {**dynamo.counts, **s3.counts}
+        with counting(store) as (dynamo, s3):
+            assert len(await manager.list_checkpoints(run_id, limit=20)) == 20
+        costs["list"] = {**dynamo.counts, **s3.counts}
+        return costs
+
+    with anyio.fail_after(240):
+        await store.clients()
+        short = await steady_costs("w5-short", 20)
+        long = await steady_costs("w5-long", 500)
+        run = await manager.get_run("w5-long")
+
+    assert short == long == {
+        "create": {"TransactWriteItems": 1}, "restore": {"Query": 1}, "list": {"Query": 1}}
+    assert run is not None
+    assert run.checkpoint_count == 501
+
+
 async def test_large_checkpoints_cost_one_put_and_one_get_more(store: DynamoDBStore) -> None:
     clock = [T0]
     manager = _manager(store, clock, max_checkpoints_per_run=2, compress_min_bytes=None)
