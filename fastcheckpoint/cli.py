@@ -1,12 +1,12 @@
 """The ``fastcheckpoint`` command: inspect and act on runs, provision stores, benchmark.
 
-``fastcheckpoint runs | show | history | export | fork | approve | reject | cleanup`` work on
-the store of ``--url`` (default: ``FASTCHECKPOINT_URL``, or ``CHECKPOINT_MODE`` as
+``fastcheckpoint runs | show | history | export | fork | approve | reject | cleanup | doctor``
+work on the store of ``--url`` (default: ``FASTCHECKPOINT_URL``, or ``CHECKPOINT_MODE`` as
 :meth:`CheckpointManager.from_env` reads it), with the rest of the configuration from
 ``FASTCHECKPOINT_*``. They print tables for people and JSON with ``--json``.
 ``fastcheckpoint init URL`` creates what a store needs (idempotent). ``fastcheckpoint bench``
 runs the benchmark suite, which lives in the repository's ``benchmarks/`` (an editable install
-of a checkout has it). ``prune`` and ``doctor`` of the specification are not built yet.
+of a checkout has it). ``prune`` of the specification is not built yet.
 
 Exit codes: 0 done, 1 the store failed, 2 bad usage or configuration, 3 no such run or
 checkpoint, 4 the run's status does not allow the change (e.g. approving a run that is not
@@ -16,8 +16,11 @@ paused).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import secrets
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO
 
@@ -222,12 +225,89 @@ async def _cleanup(manager: CheckpointManager, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _doctor(manager: CheckpointManager, args: argparse.Namespace) -> int:
+    """Every operation the library makes, once, on a throwaway run: connectivity,
+    permissions and provisioning as the store itself sees them."""
+    probe = f"fastcheckpoint-doctor-{secrets.token_hex(6)}"
+    checks: list[dict[str, Any]] = []
+    found: dict[str, Any] = {}
+
+    async def create() -> str:
+        created = await manager.create(probe, {"probe": True}, step_name="doctor",
+                                       ttl_seconds=600, force=True)
+        assert created is not None
+        found["id"] = created.checkpoint_id
+        return f"checkpoint {created.checkpoint_id} (expires in 10 minutes if left behind)"
+
+    async def restore() -> str:
+        latest = await manager.restore(probe)
+        if latest is None or latest.checkpoint_id != found["id"]:
+            raise CheckpointError("the checkpoint just written is not the run's latest")
+        return "latest checkpoint read back"
+
+    async def restore_from() -> str:
+        again = await manager.restore_from(found["id"])
+        if again is None or again.state != {"probe": True}:
+            raise CheckpointError("the checkpoint just written does not read back by id")
+        return "read back by id, content intact"
+
+    async def listing() -> str:
+        listed = await manager.list_checkpoints(probe)
+        if [m.checkpoint_id for m in listed] != [found["id"]]:
+            raise CheckpointError(f"listing shows {len(listed)} checkpoint(s), expected 1")
+        return "1 checkpoint listed"
+
+    async def status() -> str:
+        run = await manager.mark_completed(probe)
+        if run is None or run.status is not CheckpointStatus.COMPLETED:
+            raise CheckpointError("the run's status did not change")
+        return "run record updated (compare-and-set)"
+
+    async def delete() -> str:
+        removed = await manager.delete_run(probe)
+        return f"probe run deleted ({removed} checkpoint(s))"
+
+    steps: list[tuple[str, Callable[[], Awaitable[str]]]] = [
+        ("write", create), ("read latest", restore), ("read by id", restore_from),
+        ("list", listing), ("update run", status), ("delete run", delete),
+    ]
+    for number, (name, step) in enumerate(steps):
+        started = time.perf_counter()
+        try:
+            detail = await step()
+        except CheckpointError as exc:
+            detail = f"{type(exc).__name__}: {exc}"
+            provisioned = isinstance(manager.store, SupportsProvision)
+            if number == 0 and provisioned and "fastcheckpoint init" not in detail:
+                detail += " (if the table or bucket does not exist: fastcheckpoint init URL)"
+            checks.append({"check": name, "ok": False, "ms": _ms(started), "detail": detail})
+            break
+        checks.append({"check": name, "ok": True, "ms": _ms(started), "detail": detail})
+    failed = not all(check["ok"] for check in checks)
+    if failed and found:  # leave nothing behind but what cannot be removed
+        with contextlib.suppress(CheckpointError):
+            await manager.delete_run(probe)
+    if args.json:
+        _print_json({"store": args.store_url, "ok": not failed, "checks": checks})
+    else:
+        print(f"store: {args.store_url}")
+        _table(("CHECK", "RESULT", "MS", "DETAIL"),
+               [(c["check"], "ok" if c["ok"] else "FAILED", f"{c['ms']:.1f}", c["detail"])
+                for c in checks], sys.stdout)
+    return EXIT_STORE if failed else EXIT_OK
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
+
+
 def _on_store(action: Action) -> Callable[[argparse.Namespace], int]:
     """Open the store, run ``action`` with a manager on it, map errors to exit codes."""
 
     def run(args: argparse.Namespace) -> int:
         try:
-            url = args.url or _store_url(os.environ)
+            url = getattr(args, "target", None) or args.url or _store_url(os.environ)
+            args.store_url = url
             config = CheckpointConfig.from_env()
             store = open_store(url)
         except ConfigurationError as exc:
@@ -320,6 +400,9 @@ def _parser() -> argparse.ArgumentParser:
         decide.add_argument("--approver", required=True, help="who decides")
         decide.add_argument(f"--{note}", default="")
     store_command("cleanup", _cleanup, "remove expired checkpoints, runs and items now")
+    doctor = store_command("doctor", _doctor,
+                           "check connectivity, permissions and provisioning with a probe run")
+    doctor.add_argument("target", nargs="?", metavar="URL", help="store URL (or --url)")
 
     init = commands.add_parser(
         "init", help="create what a store needs (DynamoDB table, S3 bucket...); idempotent"

@@ -48,12 +48,32 @@ class BrokenStore(ProvisionedStore):
     async def list_runs(self, **_: Any) -> Any:
         raise StoreUnavailableError("cannot reach the endpoint")
 
+    async def append(self, *_: Any, **__: Any) -> Any:
+        raise StoreUnavailableError("cannot reach the endpoint")
+
+
+class ReadOnlyRunsStore(MemoryStore):
+    """Writes checkpoints but may not change run records; keeps every instance to look at."""
+
+    opened: list[ReadOnlyRunsStore] = []  # noqa: RUF012 - shared on purpose
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> ReadOnlyRunsStore:
+        store = cls()
+        cls.opened.append(store)
+        return store
+
+    async def update_run(self, *_: Any, **__: Any) -> Any:
+        raise StoreUnavailableError("access denied to run records")
+
 
 @pytest.fixture
 def registry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stores_module, "_REGISTRY", dict(stores_module._REGISTRY))
     register_store("provisioned", f"{__name__}:ProvisionedStore")
     register_store("broken", f"{__name__}:BrokenStore")
+    register_store("readonly", f"{__name__}:ReadOnlyRunsStore")
+    ReadOnlyRunsStore.opened.clear()
     PROVISIONED.clear()
 
 
@@ -295,3 +315,53 @@ def test_a_failing_store_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert code == EXIT_STORE
     assert "cannot reach" in err
+
+
+def test_doctor_runs_every_operation_on_a_probe_run_and_removes_it(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(capsys, "doctor", url)
+    json_code, as_json, _ = run_cli(capsys, "doctor", "--url", url, "--json")
+    _, runs, _ = run_cli(capsys, "runs", "--url", url, "--json")
+
+    assert (code, json_code) == (EXIT_OK, EXIT_OK)
+    assert out.splitlines()[0] == f"store: {url}"
+    assert len(out.splitlines()) == 2 + 6
+    assert out.count("  ok  ") == 6
+    assert "FAILED" not in out
+    report = json.loads(as_json)
+    assert report["ok"] is True
+    assert [check["check"] for check in report["checks"]] == [
+        "write", "read latest", "read by id", "list", "update run", "delete run"]
+    assert all(check["ok"] for check in report["checks"])
+    assert {run["run_id"] for run in json.loads(runs)["runs"]} == {"order-17", "order-18"}
+
+
+@pytest.mark.usefixtures("registry")
+def test_doctor_reports_the_first_failure_with_what_to_do(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run_cli(capsys, "doctor", "broken://x", "--json")
+
+    assert code == EXIT_STORE
+    report = json.loads(out)
+    assert report["ok"] is False
+    [check] = report["checks"]
+    assert check["check"] == "write"
+    assert "cannot reach the endpoint" in check["detail"]
+    assert "fastcheckpoint init URL" in check["detail"]
+
+
+@pytest.mark.usefixtures("registry")
+def test_doctor_removes_its_probe_when_a_later_step_fails(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run_cli(capsys, "doctor", "readonly://x")
+
+    assert code == EXIT_STORE
+    assert [line.split()[:2] for line in out.splitlines()[2:]] == [
+        ["write", "ok"], ["read", "latest"], ["read", "by"], ["list", "ok"],
+        ["update", "run"]]
+    assert "FAILED" in out.splitlines()[-1]
+    [store] = ReadOnlyRunsStore.opened
+    assert anyio.run(lambda: store.count_runs(status=None, now=time.time())) == 0
