@@ -70,6 +70,8 @@ _FREE_RETRIES = 3
 _CONTENTION_BASE = 0.001
 _ESTIMATE_NODES = 256
 _ESTIMATE_DEPTH = 6
+_PRUNE_PAGE = 500
+"""Checkpoint headers listed per store read by :meth:`CheckpointManager.prune`."""
 _TERMINAL = frozenset({CheckpointStatus.COMPLETED, CheckpointStatus.FAILED,
                        CheckpointStatus.REJECTED})
 
@@ -512,6 +514,32 @@ class CheckpointManager:
         key = _ids.key_of(run_id)
         self._hints.pop(key, None)
         return await self._store.delete_run(key)
+
+    async def prune(self, run_id: str, keep: int) -> int:
+        """Delete all but the newest ``keep`` live checkpoints of the run; returns how many.
+
+        For a one-off change of retention (after lowering ``max_checkpoints_per_run``, or for
+        a run written without a limit); creates prune as they go. It lists the run a page at
+        a time and deletes each surplus checkpoint with one store call, so it costs in
+        proportion to what it removes. Checkpoints created meanwhile are newer and kept;
+        expired ones are left to :meth:`cleanup_expired`.
+        """
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValidationError(
+                f"keep must be a positive integer (delete_run removes a whole run), "
+                f"got {keep!r:.40}")
+        removed = 0
+        seen = 0
+        before: str | None = None
+        while True:
+            page = await self.list_checkpoints(run_id, _PRUNE_PAGE, before=before)
+            for metadata in page:
+                seen += 1
+                if seen > keep and await self.delete(metadata.checkpoint_id):
+                    removed += 1
+            if len(page) < _PRUNE_PAGE:
+                return removed
+            before = page[-1].checkpoint_id
 
     async def cleanup_expired(self) -> int:
         """Remove expired checkpoints, items and runs in bounded batches; returns checkpoints."""

@@ -1,12 +1,12 @@
 """The ``fastcheckpoint`` command: inspect and act on runs, provision stores, benchmark.
 
-``fastcheckpoint runs | show | history | export | fork | approve | reject | cleanup | doctor``
-work on the store of ``--url`` (default: ``FASTCHECKPOINT_URL``, or ``CHECKPOINT_MODE`` as
-:meth:`CheckpointManager.from_env` reads it), with the rest of the configuration from
-``FASTCHECKPOINT_*``. They print tables for people and JSON with ``--json``.
+``fastcheckpoint runs | show | history | export | fork | approve | reject | cleanup | prune |
+doctor`` work on the store of ``--url`` (default: ``FASTCHECKPOINT_URL``, or
+``CHECKPOINT_MODE`` as :meth:`CheckpointManager.from_env` reads it), with the rest of the
+configuration from ``FASTCHECKPOINT_*``. They print tables for people and JSON with ``--json``.
 ``fastcheckpoint init URL`` creates what a store needs (idempotent). ``fastcheckpoint bench``
 runs the benchmark suite, which lives in the repository's ``benchmarks/`` (an editable install
-of a checkout has it). ``prune`` of the specification is not built yet.
+of a checkout has it).
 
 Exit codes: 0 done, 1 the store failed, 2 bad usage or configuration, 3 no such run or
 checkpoint, 4 the run's status does not allow the change (e.g. approving a run that is not
@@ -216,6 +216,17 @@ async def _decide(manager: CheckpointManager, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _prune(manager: CheckpointManager, args: argparse.Namespace) -> int:
+    if await manager.get_run(args.run) is None:
+        return _fail(f"run {args.run!r} does not exist (or expired)", EXIT_NOT_FOUND)
+    removed = await manager.prune(args.run, args.keep)
+    if args.json:
+        _print_json({"run_id": args.run, "removed_checkpoints": removed})
+    else:
+        print(f"run {args.run}: removed {removed} checkpoint(s), kept the newest {args.keep}")
+    return EXIT_OK
+
+
 async def _cleanup(manager: CheckpointManager, args: argparse.Namespace) -> int:
     removed = await manager.cleanup_expired()
     if args.json:
@@ -400,6 +411,9 @@ def _parser() -> argparse.ArgumentParser:
         decide.add_argument("--approver", required=True, help="who decides")
         decide.add_argument(f"--{note}", default="")
     store_command("cleanup", _cleanup, "remove expired checkpoints, runs and items now")
+    prune = store_command("prune", _prune, "keep only a run's newest checkpoints", "RUN")
+    prune.add_argument("--keep", type=_positive, required=True,
+                       help="how many of the newest live checkpoints to keep")
     doctor = store_command("doctor", _doctor,
                            "check connectivity, permissions and provisioning with a probe run")
     doctor.add_argument("target", nargs="?", metavar="URL", help="store URL (or --url)")

@@ -365,3 +365,19 @@ def test_doctor_removes_its_probe_when_a_later_step_fails(
     assert "FAILED" in out.splitlines()[-1]
     [store] = ReadOnlyRunsStore.opened
     assert anyio.run(lambda: store.count_runs(status=None, now=time.time())) == 0
+
+
+def test_prune_keeps_the_newest_checkpoints_of_a_run(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(capsys, "prune", "order-17", "--keep", "1", "--url", url, "--json")
+    _, history, _ = run_cli(capsys, "history", "order-17", "--url", url, "--json")
+    missing, _, _ = run_cli(capsys, "prune", "no-such-run", "--keep", "1", "--url", url)
+    with pytest.raises(SystemExit) as refused:
+        main(["prune", "order-17", "--keep", "0", "--url", url])
+
+    assert code == EXIT_OK
+    assert json.loads(out) == {"run_id": "order-17", "removed_checkpoints": 2}
+    assert [c["sequence"] for c in json.loads(history)["checkpoints"]] == [2]
+    assert missing == EXIT_NOT_FOUND
+    assert refused.value.code == EXIT_USAGE

@@ -822,6 +822,41 @@ async def test_no_pruning_when_the_limit_is_none_or_zero(
     assert listed == list(range(104, -1, -1))
 
 
+async def test_prune_keeps_the_newest_live_checkpoints_across_listing_pages(
+    store: CheckpointStore, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("fastcheckpoint._manager._PRUNE_PAGE", 4)  # several pages
+    manager = manager_with(store, clock, max_checkpoints_per_run=None)
+    with anyio.fail_after(20):
+        await create(manager, state={"i": 0}, ttl_seconds=5)  # expires: cleanup's, not prune's
+        for i in range(1, 12):
+            await create(manager, state={"i": i})
+        clock.advance(6)
+        removed = await manager.prune(RUN, 3)
+        again = await manager.prune(RUN, 3)
+        live = await sequences(manager)
+        held = await sequences(manager, include_expired=True)
+        latest = await manager.restore(RUN)
+
+    assert removed == 8
+    assert again == 0
+    assert live == [11, 10, 9]
+    assert held == [11, 10, 9, 0]
+    assert latest is not None
+    assert latest.state == {"i": 11}
+
+
+@pytest.mark.parametrize("keep", [0, -1, True, 2.5, "3"])
+async def test_prune_refuses_a_keep_that_is_not_a_positive_integer(
+    manager: CheckpointManager, keep: Any
+) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        with pytest.raises(ValidationError, match="keep"):
+            await manager.prune(RUN, keep)
+        assert await sequences(manager) == [0]
+
+
 # -- throttling ---------------------------------------------------------------------------------
 
 
