@@ -18,27 +18,59 @@ import msgspec
 
 from fastcheckpoint._codec import to_json_text
 from fastcheckpoint._model import Checkpoint, CheckpointMetadata, RunInfo
-from fastcheckpoint.errors import ValidationError
+from fastcheckpoint.errors import SerializationError, ValidationError
 
-__all__ = ["FORMATS", "Entry", "Renderer", "renderer", "when"]
+__all__ = ["FORMATS", "Entry", "Renderer", "json_text", "renderer", "when"]
 
-Entry = tuple[CheckpointMetadata, Checkpoint | None]
-"""A checkpoint's metadata and, when state is exported, the checkpoint (None if it expired
-between listing and reading)."""
+Entry = tuple[CheckpointMetadata, Checkpoint | str | None]
+"""A checkpoint's metadata and, when state is exported, the checkpoint: ``None`` if it expired
+between listing and reading, or the reason it could not be read (a corrupt record)."""
 Renderer = Callable[[RunInfo, AsyncIterator[Entry], bool], AsyncGenerator[str, None]]
 
 
 def when(epoch: float | None) -> str:
-    """ISO 8601 in UTC with milliseconds, ``Z`` suffix; empty for ``None``."""
+    """ISO 8601 in UTC with milliseconds, ``Z`` suffix; empty for ``None``; epoch seconds for
+    a time no calendar date can show (a TTL of thousands of years)."""
     if epoch is None:
         return ""
-    moment = _dt.datetime.fromtimestamp(epoch, tz=_dt.timezone.utc)
+    try:
+        moment = _dt.datetime.fromtimestamp(epoch, tz=_dt.timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return f"{epoch:.3f} (epoch seconds)"
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _content(checkpoint: Checkpoint | None) -> dict[str, Any] | None:
+def json_text(value: Any) -> str:
+    """JSON for people and audit files, for any content a checkpoint can hold.
+
+    What JSON can say is written as :func:`to_json_text` writes it. Content it cannot say (a
+    tuple as a dict key, an object a ``dec_hook`` rebuilt) is written with such keys as their
+    ``repr`` and such values as ``{"repr": ..., "type": ...}`` instead of failing the export.
+    """
+    try:
+        return to_json_text(value)
+    except SerializationError:
+        return to_json_text(_jsonable(value))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key if isinstance(key, str) else repr(key): _jsonable(item)
+                for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(item) for item in value]
+    try:
+        to_json_text(value)
+    except SerializationError:
+        return {"repr": repr(value), "type": f"{type(value).__module__}.{type(value).__qualname__}"}
+    return value
+
+
+def _content(checkpoint: Checkpoint | str | None) -> dict[str, Any] | None:
     if checkpoint is None:
         return None
+    if isinstance(checkpoint, str):
+        return {"unreadable": checkpoint}
     return {"state": checkpoint.state, "messages": checkpoint.messages,
             "tool_calls": checkpoint.tool_calls, "context": checkpoint.context}
 
@@ -49,13 +81,13 @@ def _content(checkpoint: Checkpoint | None) -> dict[str, Any] | None:
 async def _json(
     run: RunInfo, entries: AsyncIterator[Entry], with_state: bool
 ) -> AsyncGenerator[str, None]:
-    yield '{"run": ' + to_json_text(run.to_dict()) + ',\n "checkpoints": ['
+    yield '{"run": ' + json_text(run.to_dict()) + ',\n "checkpoints": ['
     separator = "\n  "
     async for metadata, checkpoint in entries:
         record: dict[str, Any] = metadata.to_dict()
         if with_state:
             record["content"] = _content(checkpoint)
-        yield separator + to_json_text(record)
+        yield separator + json_text(record)
         separator = ",\n  "
     yield "\n]}\n"
 
@@ -79,7 +111,7 @@ async def _csv(
     yield _csv_row({
         "record": "run", "at": when(run.created_at), "status": run.status.value,
         "expires_at": when(run.expires_at), "note": run.error or "",
-        "data": to_json_text({
+        "data": json_text({
             "run_id": run.run_id, "updated_at": when(run.updated_at),
             "latest_sequence": run.latest_sequence, "checkpoint_count": run.checkpoint_count,
             "approval": run.approval, "metadata": run.metadata,
@@ -94,9 +126,9 @@ async def _csv(
             "record": "checkpoint", "at": when(metadata.created_at),
             "sequence": metadata.sequence, "checkpoint_id": metadata.checkpoint_id,
             "status": metadata.status.value, "step_name": metadata.step_name,
-            "parent_id": metadata.parent_id or "", "tags": to_json_text(metadata.tags),
+            "parent_id": metadata.parent_id or "", "tags": json_text(metadata.tags),
             "expires_at": when(metadata.expires_at),
-            "data": to_json_text(_content(checkpoint)) if with_state else "",
+            "data": json_text(_content(checkpoint)) if with_state else "",
         })
 
 
@@ -119,7 +151,7 @@ def _code(text: str) -> str:
 
 def _block(value: Any) -> str:
     """An indented JSON block, its fence longer than any backtick run in the text."""
-    text = msgspec.json.format(to_json_text(value), indent=2)
+    text = msgspec.json.format(json_text(value), indent=2)
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
     return f"{fence}json\n{text}\n{fence}\n"
@@ -172,8 +204,12 @@ async def _markdown(
             f"- parent: {_code(metadata.parent_id) if metadata.parent_id else '-'}",
             f"- expires: {when(metadata.expires_at) or 'never'}", "",
         ]
-        content = _content(checkpoint)
-        body = _block(content) if content is not None else "(expired before it was read)\n"
+        if isinstance(checkpoint, str):
+            body = f"(unreadable: {_cell(checkpoint)})\n"
+        elif checkpoint is None:
+            body = "(expired before it was read)\n"
+        else:
+            body = _block(_content(checkpoint))
         yield "\n".join(details) + "\n" + body + "\n"
 
 

@@ -43,6 +43,7 @@ from fastcheckpoint.errors import (
     ConflictError,
     CorruptCheckpointError,
     SequenceConflict,
+    SerializationError,
     ValidationError,
 )
 from fastcheckpoint.stores import (
@@ -678,9 +679,8 @@ class CheckpointManager:
                 page = await self.list_checkpoints(
                     run_id, page_size, before=before, include_expired=True)
                 for metadata in page:
-                    content = (await self.restore_from(metadata.checkpoint_id)
-                               if include_state else None)
-                    yield metadata, content
+                    yield metadata, (await self._readable(metadata.checkpoint_id)
+                                     if include_state else None)
                 if len(page) < page_size:
                     return
                 before = page[-1].checkpoint_id
@@ -690,6 +690,15 @@ class CheckpointManager:
         ) as chunks:
             async for chunk in chunks:
                 yield chunk
+
+    async def _readable(self, checkpoint_id: str) -> Checkpoint | str | None:
+        """The checkpoint for an export, or why it cannot be read: one bad record must not
+        end the export of the others (§3.9)."""
+        try:
+            return await self.restore_from(checkpoint_id)
+        except (CorruptCheckpointError, SerializationError) as exc:
+            logger.warning("export: cannot read %s: %s", checkpoint_id, exc)
+            return f"{type(exc).__name__}: {exc}"
 
     async def mark_completed(self, run_id: str) -> RunInfo | None:
         """Set the run COMPLETED (from ACTIVE or PAUSED); ``None`` if there is no such run."""
@@ -730,20 +739,36 @@ class CheckpointManager:
 
         return await self._transition(
             run_id, CheckpointStatus.PAUSED, allowed={CheckpointStatus.ACTIVE},
-            update=record_request,
+            note=_json_encoder.encode(asked).decode(), update=record_request,
         )
 
-    async def approve(self, run_id: str, *, approver: str, comment: str = "") -> RunInfo | None:
+    async def approve(
+        self,
+        run_id: str,
+        *,
+        approver: str,
+        comment: str = "",
+        requested_at: float | None = None,
+    ) -> RunInfo | None:
         """Approve the pending request: the run becomes ACTIVE again, the decision recorded.
 
         ``RunInfo.approval`` gains ``decision="approved"``, ``decided_by``, ``decided_at`` and
-        ``comment``; the status history names the approver. ``None`` if there is no such run;
-        :class:`ConflictError` if the run is not PAUSED.
+        ``comment``; the status history names the approver. Pass the ``requested_at`` of the
+        request the approver saw to make sure that is the one approved (else
+        :class:`ConflictError`). ``None`` if there is no such run; :class:`ConflictError` if
+        the run is not PAUSED.
         """
         return await self._decide(run_id, CheckpointStatus.ACTIVE, "approved", approver,
-                                  "comment", _text("comment", comment))
+                                  "comment", _text("comment", comment), requested_at)
 
-    async def reject(self, run_id: str, *, approver: str, reason: str = "") -> RunInfo | None:
+    async def reject(
+        self,
+        run_id: str,
+        *,
+        approver: str,
+        reason: str = "",
+        requested_at: float | None = None,
+    ) -> RunInfo | None:
         """Reject the pending request: the run becomes REJECTED (final), the decision recorded.
 
         Like :meth:`approve`, with ``decision="rejected"`` and ``reason``. Rejecting a run that
@@ -751,7 +776,7 @@ class CheckpointManager:
         PAUSED is a :class:`ConflictError`.
         """
         return await self._decide(run_id, CheckpointStatus.REJECTED, "rejected", approver,
-                                  "reason", _text("reason", reason))
+                                  "reason", _text("reason", reason), requested_at)
 
     async def _decide(
         self,
@@ -761,12 +786,22 @@ class CheckpointManager:
         approver: object,
         note_name: str,
         note: str,
+        requested_at: float | None,
     ) -> RunInfo | None:
         who = _text("approver", approver)
         if not who:
             raise ValidationError("approver must name who decides, got an empty string")
+        if requested_at is not None and (
+            isinstance(requested_at, bool) or not isinstance(requested_at, (int, float))
+        ):
+            raise ValidationError(f"requested_at must be a number, got {requested_at!r:.40}")
 
         def record_decision(data: RunData, now: float) -> None:
+            pending = (data.approval or {}).get("requested_at")
+            if requested_at is not None and pending != requested_at:
+                raise ConflictError(
+                    f"run {run_id!r} waits on the request made at {pending}, not the one made "
+                    f"at {requested_at}; read the run again before deciding")
             approval = dict(data.approval or {})
             approval.update(
                 {"decision": decision, "decided_by": who, "decided_at": now, note_name: note})

@@ -23,14 +23,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import anyio
 import msgspec
 
 from fastcheckpoint import _ids
-from fastcheckpoint._codec import to_json_text
 from fastcheckpoint._config import CheckpointConfig
-from fastcheckpoint._export import FORMATS, when
+from fastcheckpoint._export import FORMATS, json_text, when
 from fastcheckpoint._manager import CheckpointManager, _store_url
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint.errors import (
@@ -80,7 +80,7 @@ def _run_init(args: argparse.Namespace) -> int:
 
 
 def _print_json(value: Any) -> None:
-    print(msgspec.json.format(to_json_text(value), indent=2))
+    print(msgspec.json.format(json_text(value), indent=2))
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO) -> None:
@@ -185,10 +185,19 @@ async def _write_export(
 async def _export_command(manager: CheckpointManager, args: argparse.Namespace) -> int:
     if args.output is None:
         return await _write_export(manager, args.run, args.format, args.state, sys.stdout)
-    async with await anyio.open_file(args.output, "w", encoding="utf-8", newline="") as out:
-        async for chunk in manager.export_run(args.run, args.format,
-                                              include_state=args.state):
-            await out.write(chunk)
+    # Written beside the target and renamed over it at the end: a failed export leaves the
+    # file that was there before, never a half-written one.
+    target = anyio.Path(args.output)
+    partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+    try:
+        async with await anyio.open_file(partial, "w", encoding="utf-8", newline="") as out:
+            async for chunk in manager.export_run(args.run, args.format,
+                                                  include_state=args.state):
+                await out.write(chunk)
+        await partial.replace(target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            await partial.unlink()
     return EXIT_OK
 
 
@@ -212,7 +221,9 @@ async def _decide(manager: CheckpointManager, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(run.to_dict())
     else:
-        print(f"run {run.run_id}: {run.status.value} ({args.command}d by {args.approver})")
+        decision = run.approval or {}
+        print(f"run {run.run_id}: {run.status.value} ({decision.get('decision', '?')} by "
+              f"{decision.get('decided_by', '?')} at {when(decision.get('decided_at'))})")
     return EXIT_OK
 
 
@@ -236,12 +247,11 @@ async def _cleanup(manager: CheckpointManager, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _doctor(manager: CheckpointManager, args: argparse.Namespace) -> int:
-    """Every operation the library makes, once, on a throwaway run: connectivity,
-    permissions and provisioning as the store itself sees them."""
-    probe = f"fastcheckpoint-doctor-{secrets.token_hex(6)}"
-    checks: list[dict[str, Any]] = []
-    found: dict[str, Any] = {}
+Step = tuple[str, Callable[[], Awaitable[str]]]
+
+
+def _doctor_steps(manager: CheckpointManager, probe: str, found: dict[str, Any]) -> list[Step]:
+    """Every operation the library makes, once, on the throwaway run ``probe``."""
 
     async def create() -> str:
         created = await manager.create(probe, {"probe": True}, step_name="doctor",
@@ -278,34 +288,63 @@ async def _doctor(manager: CheckpointManager, args: argparse.Namespace) -> int:
         removed = await manager.delete_run(probe)
         return f"probe run deleted ({removed} checkpoint(s))"
 
-    steps: list[tuple[str, Callable[[], Awaitable[str]]]] = [
-        ("write", create), ("read latest", restore), ("read by id", restore_from),
-        ("list", listing), ("update run", status), ("delete run", delete),
-    ]
-    for number, (name, step) in enumerate(steps):
-        started = time.perf_counter()
-        try:
-            detail = await step()
-        except CheckpointError as exc:
-            detail = f"{type(exc).__name__}: {exc}"
-            provisioned = isinstance(manager.store, SupportsProvision)
-            if number == 0 and provisioned and "fastcheckpoint init" not in detail:
-                detail += " (if the table or bucket does not exist: fastcheckpoint init URL)"
-            checks.append({"check": name, "ok": False, "ms": _ms(started), "detail": detail})
-            break
-        checks.append({"check": name, "ok": True, "ms": _ms(started), "detail": detail})
+    return [("write", create), ("read latest", restore), ("read by id", restore_from),
+            ("list", listing), ("update run", status), ("delete run", delete)]
+
+
+async def _doctor(manager: CheckpointManager, args: argparse.Namespace) -> int:
+    """Connectivity, permissions and provisioning as the store itself sees them."""
+    probe = f"fastcheckpoint-doctor-{secrets.token_hex(6)}"
+    checks: list[dict[str, Any]] = []
+    found: dict[str, Any] = {}
+    steps = _doctor_steps(manager, probe, found)
+    try:
+        for number, (name, step) in enumerate(steps):
+            started = time.perf_counter()
+            try:
+                detail = await step()
+            except CheckpointError as exc:
+                detail = f"{type(exc).__name__}: {exc}"
+                provisioned = isinstance(manager.store, SupportsProvision)
+                if number == 0 and provisioned and "fastcheckpoint init" not in detail:
+                    detail += " (if the table or bucket does not exist: fastcheckpoint init URL)"
+                checks.append({"check": name, "ok": False, "ms": _ms(started),
+                               "detail": detail})
+                break
+            checks.append({"check": name, "ok": True, "ms": _ms(started), "detail": detail})
+    finally:
+        done = bool(checks) and checks[-1]["check"] == "delete run" and checks[-1]["ok"]
+        if found and not done:  # failed or interrupted: leave nothing behind
+            with anyio.CancelScope(shield=True), contextlib.suppress(CheckpointError):
+                await manager.delete_run(probe)
     failed = not all(check["ok"] for check in checks)
-    if failed and found:  # leave nothing behind but what cannot be removed
-        with contextlib.suppress(CheckpointError):
-            await manager.delete_run(probe)
+    shown = _redacted(args.store_url)
     if args.json:
-        _print_json({"store": args.store_url, "ok": not failed, "checks": checks})
+        _print_json({"store": shown, "ok": not failed, "checks": checks})
     else:
-        print(f"store: {args.store_url}")
+        print(f"store: {shown}")
         _table(("CHECK", "RESULT", "MS", "DETAIL"),
                [(c["check"], "ok" if c["ok"] else "FAILED", f"{c['ms']:.1f}", c["detail"])
                 for c in checks], sys.stdout)
     return EXIT_STORE if failed else EXIT_OK
+
+
+def _redacted(url: str) -> str:
+    """The URL with any password replaced, for printing."""
+    parts = urlsplit(url) if "://" in url else None
+    if parts is None or parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _missing_file_store(url: str) -> str | None:
+    """The directory of a ``file://`` URL (or plain path) that does not exist, else None."""
+    parts = urlsplit(url) if "://" in url else None
+    if parts is not None and parts.scheme.lower() != "file":
+        return None
+    path = unquote(parts.path) if parts is not None else url
+    return None if os.path.exists(path) else path
 
 
 def _ms(started: float) -> float:
@@ -319,6 +358,10 @@ def _on_store(action: Action) -> Callable[[argparse.Namespace], int]:
         try:
             url = getattr(args, "target", None) or args.url or _store_url(os.environ)
             args.store_url = url
+            missing = _missing_file_store(url)
+            if missing is not None and args.command != "doctor":
+                return _fail(f"no file store at {missing} (a mistyped path? fastcheckpoint "
+                             f"doctor {url} creates it and checks it)", EXIT_USAGE)
             config = CheckpointConfig.from_env()
             store = open_store(url)
         except ConfigurationError as exc:

@@ -21,6 +21,7 @@ from fastcheckpoint.cli import (
     EXIT_OK,
     EXIT_STORE,
     EXIT_USAGE,
+    _redacted,
     main,
 )
 from fastcheckpoint.errors import StoreUnavailableError
@@ -381,3 +382,56 @@ def test_prune_keeps_the_newest_checkpoints_of_a_run(
     assert [c["sequence"] for c in json.loads(history)["checkpoints"]] == [2]
     assert missing == EXIT_NOT_FOUND
     assert refused.value.code == EXIT_USAGE
+
+
+def test_a_failed_export_leaves_the_file_that_was_there(
+    url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    target = tmp_path / "audit.json"
+    target.write_text("yesterday's export")
+
+    code, _, _ = run_cli(capsys, "export", "no-such-run", "-o", str(target), "--url", url)
+
+    assert code == EXIT_NOT_FOUND
+    assert target.read_text() == "yesterday's export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.json", "store"]
+
+
+def test_a_file_store_path_that_does_not_exist_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(capsys, "runs", "--url", f"file://{tmp_path / 'typo'}")
+
+    assert code == EXIT_USAGE
+    assert "no file store at" in err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_times_no_calendar_can_show_do_not_break_the_output(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def forever() -> None:
+        manager = CheckpointManager(open_store(url))
+        await manager.create("order-20", {"n": 1}, ttl_seconds=1e12)
+        await manager.aclose()
+
+    anyio.run(forever)
+    code, out, _ = run_cli(capsys, "show", "order-20", "--url", url)
+    csv_code, _, _ = run_cli(capsys, "export", "order-20", "--format", "csv", "--url", url)
+
+    assert (code, csv_code) == (EXIT_OK, EXIT_OK)
+    assert "(epoch seconds)" in out
+
+
+def test_a_decision_reports_who_decided(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = run_cli(capsys, "reject", "order-17", "--approver", "alice", "--url", url)
+    _, again, _ = run_cli(capsys, "reject", "order-17", "--approver", "bob", "--url", url)
+
+    assert out.startswith("run order-17: rejected (rejected by alice at ")
+    assert again.startswith("run order-17: rejected (rejected by alice at ")  # the first stands
+
+
+def test_printed_urls_hide_passwords() -> None:
+    assert _redacted("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert _redacted("rediss://app:s3cret@cache/0?prefix=a") == "rediss://app:***@cache/0?prefix=a"
+    assert _redacted("file:///var/lib/ckpt") == "file:///var/lib/ckpt"

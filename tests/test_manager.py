@@ -1440,7 +1440,8 @@ async def test_pause_records_the_request_and_queues_the_run_without_checkpointin
     assert run.latest_sequence == created.metadata.sequence  # pausing checkpoints nothing
     assert run.checkpoint_count == 1
     assert [(c.status, c.at, c.actor, c.note) for c in run.history] == [
-        (CheckpointStatus.PAUSED, clock.now, None, "")]
+        (CheckpointStatus.PAUSED, clock.now, None,
+         '{"action":"refund","amount":120.5,"lines":[{"sku":"A-1","qty":2}]}')]
     assert [info.run_id for info in queue] == [RUN]
     assert pending == 1
     assert latest is not None
@@ -1467,7 +1468,7 @@ async def test_approve_reactivates_the_run_and_records_who_when_and_why(
         "comment": "looks right",
     }
     assert [(c.status, c.actor, c.note) for c in approved.history] == [
-        (CheckpointStatus.PAUSED, None, ""),
+        (CheckpointStatus.PAUSED, None, '{"question":"send the email?"}'),
         (CheckpointStatus.ACTIVE, "ana@example.com", "looks right"),
     ]
     assert approved.history[-1].at == clock.now
@@ -1500,6 +1501,31 @@ async def test_reject_ends_the_run_and_a_retried_reject_returns_it_unchanged(
     assert again == rejected
     assert latest is not None
     assert latest.metadata.status is CheckpointStatus.REJECTED
+
+
+async def test_every_request_stays_in_the_history_and_a_decision_can_name_its_request(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        first = await manager.pause(RUN, request={"amount": 1})
+        assert first is not None
+        assert first.approval is not None
+        seen = first.approval["requested_at"]
+        await manager.approve(RUN, approver="ana", requested_at=seen)
+        clock.advance(5)
+        await manager.pause(RUN, request={"amount": 9999})
+        with pytest.raises(ConflictError, match="read the run again"):
+            await manager.approve(RUN, approver="ana", requested_at=seen)  # a stale screen
+        run = await manager.get_run(RUN)
+
+    assert run is not None
+    assert run.status is CheckpointStatus.PAUSED
+    assert [(c.status, c.note) for c in run.history] == [
+        (CheckpointStatus.PAUSED, '{"amount":1}'),
+        (CheckpointStatus.ACTIVE, ""),
+        (CheckpointStatus.PAUSED, '{"amount":9999}'),
+    ]
 
 
 @pytest.mark.parametrize("decide", ["approve", "reject"])
@@ -1732,6 +1758,30 @@ async def test_expired_checkpoints_still_held_are_exported_as_expired(
     assert [(c["sequence"], c["status"]) for c in document["checkpoints"]] == [
         (1, "active"), (0, "expired")]
     assert document["checkpoints"][1]["content"] is None
+
+
+async def test_export_goes_on_past_a_corrupt_checkpoint_and_content_json_cannot_say(
+    store: CheckpointStore, clock: FakeClock
+) -> None:
+    manager = manager_with(store, clock)
+    with anyio.fail_after(10):
+        await manager.create(RUN, {(1, 2): "tuple key", "n": 0})
+        await manager.create(RUN, {"n": 1}, force=True)
+        await manager.create(RUN, {"n": 2}, force=True)
+
+    class OneCorrupt(ForwardingStore):
+        async def get(self, run_key: str, sequence: int, *, now: float) -> Any:
+            if sequence == 1:
+                raise CorruptCheckpointError("payload checksum mismatch", key="runs/x/c/1")
+            return await self.inner.get(run_key, sequence, now=now)
+
+    reader = manager_with(OneCorrupt(store), clock)
+    document = json.loads("".join(await export(reader, include_state=True)))
+
+    assert [c["sequence"] for c in document["checkpoints"]] == [2, 1, 0]
+    assert document["checkpoints"][1]["content"]["unreadable"].startswith(
+        "CorruptCheckpointError: payload checksum mismatch")
+    assert document["checkpoints"][2]["content"]["state"] == {"(1, 2)": "tuple key", "n": 0}
 
 
 async def test_export_of_an_unknown_run_raises_checkpoint_not_found(
