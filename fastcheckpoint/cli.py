@@ -174,6 +174,30 @@ async def _history(manager: CheckpointManager, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Progress:
+    """A one-line count on stderr while a long command runs, when a person watches (stderr is
+    a terminal that the command's output does not go to); silent otherwise."""
+
+    def __init__(self, label: str, *, output_is_terminal: bool) -> None:
+        self._label = label
+        self._shown = sys.stderr.isatty() and not output_is_terminal
+        self._count = 0
+        self._last = 0.0
+
+    def step(self) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if self._shown and now - self._last >= 0.2:
+            self._last = now
+            sys.stderr.write(f"\r{self._label}: {self._count:,} chunks written")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self._shown and self._last:
+            sys.stderr.write(f"\r{self._label}: {self._count:,} chunks written, done\n")
+            sys.stderr.flush()
+
+
 async def _write_export(
     manager: CheckpointManager, run_id: str, format: str, include_state: bool, out: TextIO
 ) -> int:
@@ -184,18 +208,29 @@ async def _write_export(
 
 async def _export_command(manager: CheckpointManager, args: argparse.Namespace) -> int:
     if args.output is None:
-        return await _write_export(manager, args.run, args.format, args.state, sys.stdout)
+        progress = _Progress(f"export {args.run}", output_is_terminal=sys.stdout.isatty())
+        try:
+            async for chunk in manager.export_run(args.run, args.format,
+                                                  include_state=args.state):
+                sys.stdout.write(chunk)
+                progress.step()
+        finally:
+            progress.close()
+        return EXIT_OK
     # Written beside the target and renamed over it at the end: a failed export leaves the
     # file that was there before, never a half-written one.
     target = anyio.Path(args.output)
     partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+    progress = _Progress(f"export {args.run} to {args.output}", output_is_terminal=False)
     try:
         async with await anyio.open_file(partial, "w", encoding="utf-8", newline="") as out:
             async for chunk in manager.export_run(args.run, args.format,
                                                   include_state=args.state):
                 await out.write(chunk)
+                progress.step()
         await partial.replace(target)
     finally:
+        progress.close()
         with contextlib.suppress(FileNotFoundError):
             await partial.unlink()
     return EXIT_OK

@@ -435,3 +435,31 @@ def test_printed_urls_hide_passwords() -> None:
     assert _redacted("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
     assert _redacted("rediss://app:s3cret@cache/0?prefix=a") == "rediss://app:***@cache/0?prefix=a"
     assert _redacted("file:///var/lib/ckpt") == "file:///var/lib/ckpt"
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_long_export_to_a_file_shows_progress_on_a_terminal(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watched = Terminal()
+    monkeypatch.setattr("sys.stderr", watched)
+    target = tmp_path / "audit.csv"
+
+    assert main(["export", "order-17", "--format", "csv", "-o", str(target), "--url", url]) == 0
+
+    assert watched.getvalue().endswith(f"export order-17 to {target}: 6 chunks written, done\n")
+    assert len(target.read_text().splitlines()) == 6
+
+
+def test_no_progress_when_nobody_watches(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(capsys, "export", "order-17", "-o", str(tmp_path / "a.json"),
+                           "--url", url)
+
+    assert code == EXIT_OK
+    assert err == ""
