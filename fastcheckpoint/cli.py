@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import secrets
 import sys
 import time
@@ -85,12 +86,17 @@ def _print_json(value: Any) -> None:
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO) -> None:
     """Left-aligned columns, two spaces apart; line breaks in cells shown as spaces."""
-    cells = [[str(value).replace("\n", " ") for value in row] for row in rows]
+    cells = [[_flat(str(value)) for value in row] for row in rows]
     widths = [max([len(header)] + [len(row[i]) for row in cells]) for i, header in
               enumerate(headers)]
     for row in [list(headers), *cells]:
         line = "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True))
         out.write(line.rstrip() + "\n")
+
+
+def _flat(text: str) -> str:
+    """One line: line breaks and tabs as spaces."""
+    return re.sub(r"[\r\n\t\v\f]", " ", text)
 
 
 def _fail(message: str, code: int) -> int:
@@ -160,18 +166,24 @@ async def _history(manager: CheckpointManager, args: argparse.Namespace) -> int:
            + [(when(c.at), c.status.value, c.actor or "", c.note) for c in run.history],
            sys.stdout)
     print()
-    rows: list[tuple[object, ...]] = []
+    # Streamed a page at a time, so a run of any length prints in constant memory: the
+    # columns before the free text have widths known in advance.
+    digits = len(str(run.latest_sequence))
+    width, id_width = max(3, digits), 37 + digits  # ck-<24>-<8>-<sequence>
+    print(f"{'SEQ':<{width}}  {'CREATED':<24}  {'STATUS':<9}  {'CHECKPOINT':<{id_width}}  "
+          "STEP  TAGS")
     before: str | None = None
     while True:
         page = await manager.list_checkpoints(args.run, 500, before=before,
                                               include_expired=True)
-        rows += [(m.sequence, when(m.created_at), m.status.value, m.step_name,
-                  ", ".join(m.tags), m.checkpoint_id) for m in page]
+        for m in page:
+            line = (f"{m.sequence:<{width}}  {when(m.created_at):<24}  {m.status.value:<9}  "
+                    f"{m.checkpoint_id:<{id_width}}  {_flat(m.step_name) or '-'}  "
+                    f"{_flat(', '.join(m.tags))}")
+            print(line.rstrip())
         if len(page) < 500:
-            break
+            return EXIT_OK
         before = page[-1].checkpoint_id
-    _table(("SEQ", "CREATED", "STATUS", "STEP", "TAGS", "CHECKPOINT"), rows, sys.stdout)
-    return EXIT_OK
 
 
 class _Progress:

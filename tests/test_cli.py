@@ -463,3 +463,19 @@ def test_no_progress_when_nobody_watches(
 
     assert code == EXIT_OK
     assert err == ""
+
+
+def test_history_keeps_one_line_per_checkpoint_whatever_the_step_name(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def odd() -> None:
+        manager = CheckpointManager(open_store(url))
+        await manager.create("order-21", {"n": 1}, step_name="plan\tthen\r\nact")
+        await manager.aclose()
+
+    anyio.run(odd)
+    code, out, _ = run_cli(capsys, "history", "order-21", "--url", url)
+
+    assert code == EXIT_OK
+    [row] = [line for line in out.splitlines() if line.startswith("0 ")]
+    assert "plan then  act" in row
