@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from fastcheckpoint._codec import to_json_text
+from fastcheckpoint._codec import from_json_text, to_json_text
 from fastcheckpoint._model import Checkpoint, CheckpointMetadata, RunInfo
 from fastcheckpoint.errors import SerializationError, ValidationError
 
@@ -53,10 +53,18 @@ def json_text(value: Any) -> str:
         return to_json_text(_jsonable(value))
 
 
+def _key_text(key: Any) -> str:
+    """A dict key as JSON writes it (1 as "1", a UUID as its text), else its ``repr``."""
+    try:
+        [text] = from_json_text(to_json_text({key: None}))
+    except (SerializationError, ValueError):
+        return repr(key)
+    return str(text)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
-        return {key if isinstance(key, str) else repr(key): _jsonable(item)
-                for key, item in value.items()}
+        return {_key_text(key): _jsonable(item) for key, item in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [_jsonable(item) for item in value]
     try:

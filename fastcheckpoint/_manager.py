@@ -796,12 +796,14 @@ class CheckpointManager:
         ):
             raise ValidationError(f"requested_at must be a number, got {requested_at!r:.40}")
 
-        def record_decision(data: RunData, now: float) -> None:
+        def same_request(data: RunData) -> None:
             pending = (data.approval or {}).get("requested_at")
-            if requested_at is not None and pending != requested_at:
+            if pending != requested_at:
                 raise ConflictError(
-                    f"run {run_id!r} waits on the request made at {pending}, not the one made "
+                    f"run {run_id!r} holds the request made at {pending}, not the one made "
                     f"at {requested_at}; read the run again before deciding")
+
+        def record_decision(data: RunData, now: float) -> None:
             approval = dict(data.approval or {})
             approval.update(
                 {"decision": decision, "decided_by": who, "decided_at": now, note_name: note})
@@ -809,7 +811,7 @@ class CheckpointManager:
 
         return await self._transition(
             run_id, target, allowed={CheckpointStatus.PAUSED}, actor=who, note=note,
-            update=record_decision,
+            update=record_decision, guard=None if requested_at is None else same_request,
         )
 
     async def _transition(
@@ -821,11 +823,14 @@ class CheckpointManager:
         actor: str | None = None,
         note: str = "",
         update: Callable[[RunData, float], None] | None = None,
+        guard: Callable[[RunData], None] | None = None,
     ) -> RunInfo | None:
         """Compare-and-set the run's status; re-read and re-check on a lost race.
 
         The change goes into the status history with ``actor`` and ``note``; ``update`` records
-        the rest (error, approval) in the run details, at the time of the change.
+        the rest (error, approval) in the run details, at the time of the change. ``guard``
+        sees the run details first, before even a repeated final status returns the run
+        unchanged, and raises to refuse.
         """
         key = _ids.key_of(run_id)
         for _ in range(self.config.max_sequence_retries):
@@ -834,11 +839,13 @@ class CheckpointManager:
             if record is None:
                 return None
             current = _status(record.status, key)
+            data = self._codec.decode_run_data(record.data, key)
+            if guard is not None:
+                guard(data)
             if current == target and target in _TERMINAL:
                 return self._run_info(record)
             if current not in allowed:
                 raise ConflictError(f"run {run_id!r} is {current}; it cannot become {target}")
-            data = self._codec.decode_run_data(record.data, key)
             data.history.append((target.value, now, actor, note))
             if update is not None:
                 update(data, now)

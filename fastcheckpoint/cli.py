@@ -20,6 +20,7 @@ import contextlib
 import os
 import re
 import secrets
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -204,9 +205,10 @@ class _Progress:
             sys.stderr.write(f"\r{self._label}: {self._count:,} chunks written")
             sys.stderr.flush()
 
-    def close(self) -> None:
+    def close(self, *, ok: bool) -> None:
         if self._shown and self._last:
-            sys.stderr.write(f"\r{self._label}: {self._count:,} chunks written, done\n")
+            outcome = "done" if ok else "stopped"
+            sys.stderr.write(f"\r{self._label}: {self._count:,} chunks written, {outcome}\n")
             sys.stderr.flush()
 
 
@@ -221,30 +223,45 @@ async def _write_export(
 async def _export_command(manager: CheckpointManager, args: argparse.Namespace) -> int:
     if args.output is None:
         progress = _Progress(f"export {args.run}", output_is_terminal=sys.stdout.isatty())
+        ok = False
         try:
             async for chunk in manager.export_run(args.run, args.format,
                                                   include_state=args.state):
                 sys.stdout.write(chunk)
                 progress.step()
+            ok = True
         finally:
-            progress.close()
+            progress.close(ok=ok)
         return EXIT_OK
-    # Written beside the target and renamed over it at the end: a failed export leaves the
-    # file that was there before, never a half-written one.
     target = anyio.Path(args.output)
-    partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
-    progress = _Progress(f"export {args.run} to {args.output}", output_is_terminal=False)
     try:
-        async with await anyio.open_file(partial, "w", encoding="utf-8", newline="") as out:
+        mode: int | None = (await target.lstat()).st_mode
+    except FileNotFoundError:
+        mode = None
+    # A new or regular file is written beside the target and renamed over it at the end (with
+    # the old file's permissions): a failed export leaves the file that was there before. A
+    # link, pipe or device is written through, as any program would.
+    partial = (target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+               if mode is None or stat.S_ISREG(mode) else None)
+    progress = _Progress(f"export {args.run} to {args.output}", output_is_terminal=False)
+    ok = False
+    try:
+        async with await anyio.open_file(partial or target, "w", encoding="utf-8",
+                                         newline="") as out:
+            if partial is not None and mode is not None:
+                os.chmod(out.wrapped.fileno(), stat.S_IMODE(mode))
             async for chunk in manager.export_run(args.run, args.format,
                                                   include_state=args.state):
                 await out.write(chunk)
                 progress.step()
-        await partial.replace(target)
+        if partial is not None:
+            await partial.replace(target)
+        ok = True
     finally:
-        progress.close()
-        with contextlib.suppress(FileNotFoundError):
-            await partial.unlink()
+        progress.close(ok=ok)
+        if partial is not None:
+            with contextlib.suppress(FileNotFoundError):
+                await partial.unlink()
     return EXIT_OK
 
 
@@ -351,7 +368,7 @@ async def _doctor(manager: CheckpointManager, args: argparse.Namespace) -> int:
             try:
                 detail = await step()
             except CheckpointError as exc:
-                detail = f"{type(exc).__name__}: {exc}"
+                detail = _without_password(f"{type(exc).__name__}: {exc}", args.store_url)
                 provisioned = isinstance(manager.store, SupportsProvision)
                 if number == 0 and provisioned and "fastcheckpoint init" not in detail:
                     detail += " (if the table or bucket does not exist: fastcheckpoint init URL)"
@@ -385,13 +402,29 @@ def _redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def _without_password(text: str, url: str) -> str:
+    """``text`` with the URL's password, if any, replaced (error messages may quote it)."""
+    parts = urlsplit(url) if "://" in url else None
+    password = None if parts is None else parts.password
+    return text.replace(password, "***") if password else text
+
+
 def _missing_file_store(url: str) -> str | None:
-    """The directory of a ``file://`` URL (or plain path) that does not exist, else None."""
+    """The directory of a ``file://`` URL (or plain path) that does not exist, else None.
+
+    Only a path that is not there counts: one this process may not look into is left to the
+    store, which reports the permission problem."""
     parts = urlsplit(url) if "://" in url else None
     if parts is not None and parts.scheme.lower() != "file":
         return None
     path = unquote(parts.path) if parts is not None else url
-    return None if os.path.exists(path) else path
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return path
+    except OSError:
+        return None
+    return None
 
 
 def _ms(started: float) -> float:
@@ -407,12 +440,12 @@ def _on_store(action: Action) -> Callable[[argparse.Namespace], int]:
             args.store_url = url
             missing = _missing_file_store(url)
             if missing is not None and args.command != "doctor":
-                return _fail(f"no file store at {missing} (a mistyped path? fastcheckpoint "
+                return _fail(f"no file store at {missing!r} (a mistyped path? fastcheckpoint "
                              f"doctor {url} creates it and checks it)", EXIT_USAGE)
             config = CheckpointConfig.from_env()
             store = open_store(url)
         except ConfigurationError as exc:
-            return _fail(str(exc), EXIT_USAGE)
+            return _fail(_without_password(str(exc), getattr(args, "store_url", "")), EXIT_USAGE)
 
         async def go() -> int:
             manager = CheckpointManager(store, config=config)
@@ -421,16 +454,19 @@ def _on_store(action: Action) -> Callable[[argparse.Namespace], int]:
             finally:
                 await manager.aclose()
 
+        def fail(exc: Exception, code: int) -> int:
+            return _fail(_without_password(str(exc), url), code)
+
         try:
             return anyio.run(go)
         except (ConfigurationError, ValidationError) as exc:
-            return _fail(str(exc), EXIT_USAGE)
+            return fail(exc, EXIT_USAGE)
         except CheckpointNotFound as exc:
-            return _fail(str(exc), EXIT_NOT_FOUND)
+            return fail(exc, EXIT_NOT_FOUND)
         except ConflictError as exc:
-            return _fail(str(exc), EXIT_CONFLICT)
+            return fail(exc, EXIT_CONFLICT)
         except CheckpointError as exc:
-            return _fail(str(exc), EXIT_STORE)
+            return fail(exc, EXIT_STORE)
         except BrokenPipeError:  # the reader went away (| head): not an error of ours
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return EXIT_OK

@@ -479,3 +479,48 @@ def test_history_keeps_one_line_per_checkpoint_whatever_the_step_name(
     assert code == EXIT_OK
     [row] = [line for line in out.splitlines() if line.startswith("0 ")]
     assert "plan then  act" in row
+
+
+def test_export_to_an_existing_file_keeps_its_permissions_and_writes_through_links(
+    url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    private = tmp_path / "private.json"
+    private.write_text("old")
+    private.chmod(0o600)
+    link = tmp_path / "latest.json"
+    link.symlink_to(private)
+
+    code, _, _ = run_cli(capsys, "export", "order-17", "-o", str(link), "--url", url)
+
+    assert code == EXIT_OK
+    assert link.is_symlink()
+    assert json.loads(private.read_text())["run"]["run_id"] == "order-17"
+    assert private.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_failed_export_says_so_on_the_terminal(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watched = Terminal()
+    monkeypatch.setattr("sys.stderr", watched)
+    real = CheckpointManager.export_run
+
+    async def breaks(*args: Any, **kwargs: Any) -> Any:
+        async for chunk in real(*args, **kwargs):
+            yield chunk
+            raise StoreUnavailableError("connection lost")
+
+    monkeypatch.setattr(CheckpointManager, "export_run", breaks)
+    code = main(["export", "order-17", "-o", str(tmp_path / "a.json"), "--url", url])
+
+    assert code == EXIT_STORE
+    assert "1 chunks written, stopped\n" in watched.getvalue()
+    assert not (tmp_path / "a.json").exists()
+
+
+def test_passwords_stay_out_of_error_messages(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "runs", "--url", "redis+x://:s3cret@cache/0")
+
+    assert code == EXIT_USAGE
+    assert "s3cret" not in err
+    assert ":***@" in err

@@ -1526,6 +1526,14 @@ async def test_every_request_stays_in_the_history_and_a_decision_can_name_its_re
         (CheckpointStatus.ACTIVE, ""),
         (CheckpointStatus.PAUSED, '{"amount":9999}'),
     ]
+    with anyio.fail_after(10):
+        assert run.approval is not None
+        current = run.approval["requested_at"]
+        rejected = await manager.reject(RUN, approver="bo", requested_at=current)
+        again = await manager.reject(RUN, approver="bo", requested_at=current)  # a retry
+        with pytest.raises(ConflictError, match="read the run again"):
+            await manager.reject(RUN, approver="ana", requested_at=seen)  # decided, not hers
+    assert again == rejected
 
 
 @pytest.mark.parametrize("decide", ["approve", "reject"])
@@ -1765,7 +1773,7 @@ async def test_export_goes_on_past_a_corrupt_checkpoint_and_content_json_cannot_
 ) -> None:
     manager = manager_with(store, clock)
     with anyio.fail_after(10):
-        await manager.create(RUN, {(1, 2): "tuple key", "n": 0})
+        await manager.create(RUN, {(1, 2): "tuple key", "n": 0, uuid.UUID(int=7): "uuid key"})
         await manager.create(RUN, {"n": 1}, force=True)
         await manager.create(RUN, {"n": 2}, force=True)
 
@@ -1781,7 +1789,8 @@ async def test_export_goes_on_past_a_corrupt_checkpoint_and_content_json_cannot_
     assert [c["sequence"] for c in document["checkpoints"]] == [2, 1, 0]
     assert document["checkpoints"][1]["content"]["unreadable"].startswith(
         "CorruptCheckpointError: payload checksum mismatch")
-    assert document["checkpoints"][2]["content"]["state"] == {"(1, 2)": "tuple key", "n": 0}
+    assert document["checkpoints"][2]["content"]["state"] == {
+        "(1, 2)": "tuple key", "n": 0, "00000000-0000-0000-0000-000000000007": "uuid key"}
 
 
 async def test_export_of_an_unknown_run_raises_checkpoint_not_found(
