@@ -19,12 +19,13 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from benchmarks.content import Content
 from benchmarks.services import MOTO, Services, bench_services
 from fastcheckpoint import CheckpointConfig, CheckpointError, CheckpointManager, open_store
 from fastcheckpoint.stores import CheckpointStore, SupportsProvision
+from fastcheckpoint.stores.file import parse_file_url
 
 __all__ = [
     "Driver",
@@ -125,9 +126,7 @@ class StoreTarget:
         """The directory of a file store (for disk usage), else ``None``."""
         if not self.kind.startswith("file"):
             return None
-        if "://" not in self.url:
-            return self.url
-        return unquote(urlsplit(self.url).path)
+        return parse_file_url(self.url)[0]
 
     def open(self) -> CheckpointStore:
         return open_store(self.url)

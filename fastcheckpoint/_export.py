@@ -148,10 +148,13 @@ def _cell(text: object) -> str:
     return re.sub(r"\r\n|\r|\n", "<br>", str(text)).replace("|", "\\|")
 
 
+def _longest_backticks(text: str) -> int:
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
+
+
 def _code(text: str) -> str:
     """An inline code span that holds ``text`` whatever backticks it contains."""
-    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
-    fence = "`" * (longest + 1)
+    fence = "`" * (_longest_backticks(text) + 1)
     padding = " " if text.startswith("`") or text.endswith("`") else ""
     flat = re.sub(r"\r\n|\r|\n", " ", text)
     return f"{fence}{padding}{flat}{padding}{fence}"
@@ -160,8 +163,7 @@ def _code(text: str) -> str:
 def _block(value: Any) -> str:
     """An indented JSON block, its fence longer than any backtick run in the text."""
     text = msgspec.json.format(json_text(value), indent=2)
-    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
-    fence = "`" * max(3, longest + 1)
+    fence = "`" * max(3, _longest_backticks(text) + 1)
     return f"{fence}json\n{text}\n{fence}\n"
 
 

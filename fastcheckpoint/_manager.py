@@ -28,7 +28,7 @@ import msgspec
 import sniffio
 
 from fastcheckpoint import _export, _ids
-from fastcheckpoint._codec import Codec, Header, Payload, RunData
+from fastcheckpoint._codec import Codec, Header, Payload, RunData, from_json_text, to_json_text
 from fastcheckpoint._config import CheckpointConfig, RetryPolicy
 from fastcheckpoint._model import (
     Checkpoint,
@@ -739,7 +739,7 @@ class CheckpointManager:
 
         return await self._transition(
             run_id, CheckpointStatus.PAUSED, allowed={CheckpointStatus.ACTIVE},
-            note=_json_encoder.encode(asked).decode(), update=record_request,
+            note=to_json_text(asked), update=record_request,
         )
 
     async def approve(
@@ -994,8 +994,8 @@ def _request(value: object) -> dict[str, Any]:
         raise ValidationError(f"request must be a dict, got {type(value).__name__}")
     request = dict(value)
     try:
-        copied = _json_decoder.decode(_json_encoder.encode(request))
-    except (TypeError, ValueError, OverflowError, msgspec.DecodeError) as exc:
+        copied = from_json_text(to_json_text(request))
+    except SerializationError as exc:
         raise ValidationError(f"request must hold JSON values only: {exc}") from exc
     if copied != request or not isinstance(copied, dict):
         raise ValidationError(
@@ -1003,9 +1003,6 @@ def _request(value: object) -> dict[str, Any]:
             "bool, None); a tuple, UUID, date or bytes would come back as something else")
     return copied
 
-
-_json_encoder = msgspec.json.Encoder()
-_json_decoder = msgspec.json.Decoder()
 
 
 def _sequence(name: str, value: object) -> list[Any]:

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import anyio
 import msgspec
@@ -43,6 +43,7 @@ from fastcheckpoint.errors import (
     ValidationError,
 )
 from fastcheckpoint.stores import SupportsProvision, open_store
+from fastcheckpoint.stores.file import parse_file_url
 
 __all__ = ["main"]
 
@@ -153,7 +154,7 @@ async def _show(manager: CheckpointManager, args: argparse.Namespace) -> int:
 
 async def _history(manager: CheckpointManager, args: argparse.Namespace) -> int:
     if args.json:
-        return await _write_export(manager, args.run, "json", False, sys.stdout)
+        return await _export_to_stdout(manager, args.run, "json", include_state=False)
     run = await manager.get_run(args.run)
     if run is None:
         return _fail(f"run {args.run!r} does not exist (or expired)", EXIT_NOT_FOUND)
@@ -212,27 +213,25 @@ class _Progress:
             sys.stderr.flush()
 
 
-async def _write_export(
-    manager: CheckpointManager, run_id: str, format: str, include_state: bool, out: TextIO
+async def _export_to_stdout(
+    manager: CheckpointManager, run_id: str, format: str, *, include_state: bool
 ) -> int:
-    async for chunk in manager.export_run(run_id, format, include_state=include_state):
-        out.write(chunk)
+    progress = _Progress(f"export {run_id}", output_is_terminal=sys.stdout.isatty())
+    ok = False
+    try:
+        async for chunk in manager.export_run(run_id, format, include_state=include_state):
+            sys.stdout.write(chunk)
+            progress.step()
+        ok = True
+    finally:
+        progress.close(ok=ok)
     return EXIT_OK
 
 
 async def _export_command(manager: CheckpointManager, args: argparse.Namespace) -> int:
     if args.output is None:
-        progress = _Progress(f"export {args.run}", output_is_terminal=sys.stdout.isatty())
-        ok = False
-        try:
-            async for chunk in manager.export_run(args.run, args.format,
-                                                  include_state=args.state):
-                sys.stdout.write(chunk)
-                progress.step()
-            ok = True
-        finally:
-            progress.close(ok=ok)
-        return EXIT_OK
+        return await _export_to_stdout(manager, args.run, args.format,
+                                       include_state=args.state)
     target = anyio.Path(args.output)
     try:
         mode: int | None = (await target.lstat()).st_mode
@@ -395,11 +394,7 @@ async def _doctor(manager: CheckpointManager, args: argparse.Namespace) -> int:
 
 def _redacted(url: str) -> str:
     """The URL with any password replaced, for printing."""
-    parts = urlsplit(url) if "://" in url else None
-    if parts is None or parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    return _without_password(url, url)
 
 
 def _without_password(text: str, url: str) -> str:
@@ -414,10 +409,9 @@ def _missing_file_store(url: str) -> str | None:
 
     Only a path that is not there counts: one this process may not look into is left to the
     store, which reports the permission problem."""
-    parts = urlsplit(url) if "://" in url else None
-    if parts is not None and parts.scheme.lower() != "file":
+    if "://" in url and urlsplit(url).scheme.lower() != "file":
         return None
-    path = unquote(parts.path) if parts is not None else url
+    path, _ = parse_file_url(url)
     try:
         os.stat(path)
     except FileNotFoundError:

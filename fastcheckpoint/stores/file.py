@@ -72,7 +72,7 @@ from fastcheckpoint.stores._base import (
     item_key_bytes,
 )
 
-__all__ = ["MAX_ITEM_KEY_BYTES", "FileCheckpointStore", "FileStore"]
+__all__ = ["MAX_ITEM_KEY_BYTES", "FileCheckpointStore", "FileStore", "parse_file_url"]
 
 logger = logging.getLogger("fastcheckpoint.stores.file")
 
@@ -156,6 +156,16 @@ class _Frame(NamedTuple):
 
 
 # -- names ------------------------------------------------------------------------------------
+
+
+def parse_file_url(url: str) -> tuple[str, list[tuple[str, str]]]:
+    """The directory and the query options of ``file:///abs/path?...`` or of a plain path."""
+    if "://" not in url:
+        return url, []
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "file" or parts.netloc not in ("", "localhost"):
+        raise ConfigurationError(f"not a file store URL (file:///abs/path): {url!r}")
+    return unquote(parts.path), parse_qsl(parts.query, keep_blank_values=True)
 
 
 def _check_run_key(run_key: object) -> str:
@@ -602,15 +612,8 @@ class FileStore:
     @classmethod
     def from_url(cls, url: str, **options: Any) -> FileStore:
         """``file:///abs/path?fsync=false`` or a plain path; ``fsync`` may also be an option."""
-        settings: dict[str, object] = {}
-        if "://" in url:
-            parts = urlsplit(url)
-            if parts.scheme.lower() != "file" or parts.netloc not in ("", "localhost"):
-                raise ConfigurationError(f"not a file store URL (file:///abs/path): {url!r}")
-            path = unquote(parts.path)
-            settings.update(parse_qsl(parts.query, keep_blank_values=True))
-        else:
-            path = url
+        path, query = parse_file_url(url)
+        settings: dict[str, object] = dict(query)
         settings.update(options)
         unknown = sorted(set(settings) - {"fsync"})
         if unknown:
