@@ -49,7 +49,10 @@ class SequenceConflict(ConflictError):
     """A store refused an append because the proposed sequence is not the run's next one.
 
     Raised by stores to the manager, which re-reads and retries. ``latest_sequence`` and
-    ``incarnation`` describe the live run the store holds (``None`` when it holds none).
+    ``incarnation`` describe the live run the store holds (``None`` when it holds none);
+    ``latest_sequence`` is -1 when the run exists but its first checkpoint is not written yet
+    (a store whose run creation takes more than one request): the next proposal is sequence 0
+    in that ``incarnation``.
     """
 
     def __init__(

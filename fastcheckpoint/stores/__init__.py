@@ -12,30 +12,40 @@ from fastcheckpoint.stores._base import (
     EMPTY_RUN,
     CheckpointHeader,
     CheckpointStore,
+    ExpiryCleanup,
     Item,
+    RunDamage,
     RunRecord,
     StoredCheckpoint,
     SupportsDefaultTTL,
     SupportsProvision,
+    SupportsRepair,
+    check_options,
     header_of,
     is_live,
     latest_expiry,
+    purge_all,
 )
 
 __all__ = [
     "EMPTY_RUN",
     "CheckpointHeader",
     "CheckpointStore",
+    "ExpiryCleanup",
     "Item",
+    "RunDamage",
     "RunRecord",
     "StoredCheckpoint",
     "SupportsDefaultTTL",
     "SupportsProvision",
+    "SupportsRepair",
     "available_schemes",
+    "check_options",
     "header_of",
     "is_live",
     "latest_expiry",
     "open_store",
+    "purge_all",
     "register_store",
 ]
 
@@ -87,7 +97,10 @@ def open_store(url: str, *, retry: RetryPolicy | None = None, **options: Any) ->
     """
     if not isinstance(url, str) or not url:
         raise ConfigurationError(f"store URL must be a non-empty string, got {url!r}")
-    scheme = urlsplit(url).scheme.lower() if "://" in url else "file"
+    try:
+        scheme = urlsplit(url).scheme.lower() if "://" in url else "file"
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket: redis://[::1
+        raise ConfigurationError(f"malformed store URL {url!r}: {exc}") from exc
     if scheme not in _REGISTRY:
         known = ", ".join(f"{name}://" for name in sorted(_REGISTRY))
         raise ConfigurationError(f"unknown store URL scheme {scheme!r} in {url!r}; known: {known}")
@@ -97,7 +110,7 @@ def open_store(url: str, *, retry: RetryPolicy | None = None, **options: Any) ->
         module = importlib.import_module(module_name)
     except ImportError as exc:
         extra = backend.extra
-        hint = f"pip install 'fastcheckpoint[{extra}]'" if extra else "a complete installation"
+        hint = f"pip install 'fastcheckpoint[{extra}]'" if extra else f"pip install {exc.name}"
         raise ConfigurationError(
             f"the {scheme}:// store needs packages that are not installed ({exc.name}); "
             f"run: {hint}"

@@ -24,28 +24,36 @@ Errors. Stores raise only :mod:`fastcheckpoint.errors` types; driver exceptions 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
+import anyio.lowlevel
 import msgspec
 
-from fastcheckpoint.errors import ValidationError
+from fastcheckpoint.errors import ConfigurationError, ValidationError
 
 __all__ = [
     "EMPTY_RUN",
     "CheckpointHeader",
     "CheckpointStore",
+    "ExpiryCleanup",
     "Item",
+    "RunDamage",
     "RunRecord",
     "StoredCheckpoint",
     "SupportsDefaultTTL",
     "SupportsProvision",
+    "SupportsRepair",
     "check_keep_latest",
+    "check_options",
     "header_of",
     "is_live",
     "item_key_bytes",
     "key_successor",
     "latest_expiry",
+    "purge_all",
 ]
 
 
@@ -176,7 +184,8 @@ class CheckpointStore(Protocol):
        ``expires_at = record.expires_at``); unowned items stay, as an adapter may have written
        them just before the run's first checkpoint. Otherwise :class:`SequenceConflict` is
        raised carrying ``R.latest_sequence`` and ``R.incarnation`` (or ``None``), and nothing
-       changes.
+       changes; ``-1`` with an incarnation means the run is being created and sequence 0 of
+       that incarnation is the one to propose.
     2. The record is written; the run record gets ``latest_sequence = record.sequence``,
        ``checkpoint_count + 1``, ``updated_at = now`` and ``expires_at = max(R.expires_at,
        record.expires_at)`` where ``None`` (never) wins.
@@ -314,10 +323,12 @@ class SupportsProvision(Protocol):
 
     ``provision()`` is idempotent: it creates what is missing (tables, indexes, buckets, TTL
     and lifecycle settings), leaves what exists, and raises :class:`ConfigurationError` when
-    something exists but is set up incompatibly. Stores that need nothing do not offer it.
+    something exists but is set up incompatibly. It returns one line per thing it checked,
+    for people, saying what it did: ``"created table T"``, ``"found bucket B"``, ``"enabled
+    TTL on T"``. Stores that need nothing do not offer it.
     """
 
-    async def provision(self) -> None: ...
+    async def provision(self) -> list[str]: ...
 
 
 @runtime_checkable
@@ -330,3 +341,104 @@ class SupportsDefaultTTL(Protocol):
     """
 
     default_ttl_seconds: float | None
+
+
+class RunDamage(msgspec.Struct, frozen=True, kw_only=True):
+    """A run whose record cannot be used, as :meth:`SupportsRepair.damaged_runs` reports it."""
+
+    run_key: str
+    key: str
+    """Where the damaged record lives (a path, a store key), for people to read."""
+    problem: str
+    """Why it cannot be used, e.g. "fails its checksum"."""
+    checkpoints: int
+    """Intact checkpoints the run's log still holds."""
+    newest: CheckpointHeader | None
+    """The newest intact checkpoint (its manager-encoded header names the run id), ``None``
+    when the log holds none: then nothing can be rebuilt."""
+
+
+@runtime_checkable
+class SupportsRepair(Protocol):
+    """A store that can rebuild a damaged run record from the run's checkpoint log.
+
+    A run record is damaged when it cannot be decoded (checksum, framing, foreign bytes), is
+    missing while checkpoints of the run are in place, or contradicts the log it describes
+    (e.g. it belongs to another incarnation than the checkpoints in place). A damaged record
+    never hides intact checkpoints: ``get``, ``latest`` and ``headers`` still return them,
+    judged live by their own ``expires_at`` and reported with status ``"active"`` (the real
+    status is unknown; the store logs a warning naming the record). ``get_run``, ``append``,
+    ``update_run`` and ``delete`` on such a run raise :class:`CorruptCheckpointError` naming
+    the record, and change nothing; ``delete_run`` still removes the whole run; ``list_runs``
+    and ``count_runs`` skip the run (logged). What an interrupted first create leaves (the
+    run's checkpoint 0 in place, its record not yet written) is not damage: a store may let
+    the next ``append`` adopt it.
+
+    ``damaged_runs(run_key=None, now=t)`` finds damaged runs: the one run when ``run_key`` is
+    given (``[]`` if its record is fine or absent), else every run of the store (this reads
+    every run record; meant for an operator's repair, not for hot paths).
+
+    ``rebuild_run(run_key, seed, now=t)`` replaces the damaged record by one derived from the
+    log: ``incarnation`` (from the newest intact checkpoint's id), ``latest_sequence``,
+    ``checkpoint_count`` and ``expires_at`` from the intact checkpoints, ``created_at`` from
+    the oldest of them; ``run_id``, ``status`` and ``data`` from ``seed``; ``version`` 0 and
+    ``updated_at = now``. Indexes (runs by status) follow the new record. Returns the new
+    record. Raises :class:`ConflictError` when the record is not damaged (any more), and
+    :class:`CheckpointNotFound` when the log holds no intact checkpoint. Checkpoints and
+    items are never changed.
+    """
+
+    async def damaged_runs(
+        self, *, run_key: str | None = None, now: float
+    ) -> list[RunDamage]: ...
+
+    async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord: ...
+
+
+async def purge_all(
+    store: CheckpointStore, *, clock: Callable[[], float], batch_size: int
+) -> int:
+    """Run ``purge_expired`` in batches of ``batch_size`` until nothing expired is left.
+
+    Returns the checkpoints removed. The one loop behind ``CheckpointManager.cleanup_expired``
+    and every store's own ``cleanup_expired``; other tasks run between batches.
+    """
+    removed = 0
+    while True:
+        count, done = await store.purge_expired(now=clock(), limit=batch_size)
+        removed += count
+        if done:
+            return removed
+        await anyio.lowlevel.checkpoint()
+
+
+class ExpiryCleanup:
+    """``await store.cleanup_expired()``, FastAgentic's call on a store, for every store class.
+
+    The same work as ``CheckpointManager.cleanup_expired()`` by the wall clock: expired
+    checkpoints (with their items), expired items and emptied runs are removed in bounded
+    batches; returns how many checkpoints were removed.
+    """
+
+    async def cleanup_expired(self: CheckpointStore, *, batch_size: int = 500) -> int:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValidationError(f"batch_size must be a positive integer, got {batch_size!r:.40}")
+        return await purge_all(self, clock=time.time, batch_size=batch_size)
+
+
+def check_options(where: str, given: Iterable[str], known: Collection[str]) -> None:
+    """Refuse options a store does not know, naming the nearest known one.
+
+    ``where`` names the store for the message (e.g. ``"the redis:// store"``); ``given`` are
+    the option names found in the URL query and keyword options.
+    """
+    unknown = sorted(set(given) - set(known))
+    if not unknown:
+        return
+    name = unknown[0]
+    more = f" (and {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else ""
+    message = f"unknown option {name!r}{more} for {where}"
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    message += f"; did you mean {close[0]!r}?" if close else "."
+    listed = ", ".join(sorted(known)) or "none"
+    raise ConfigurationError(f"{message} Known options: {listed}.")

@@ -14,6 +14,10 @@ yields a fresh store and closes it; every clause of
             yield store
             await store.aclose()
 
+Stores that rebuild damaged run records (``SupportsRepair``) also subclass
+:class:`RepairContract`, adding a ``damage_run_record`` fixture that corrupts a run's record in
+place.
+
 The tests need pytest and anyio's pytest plugin; they run on every backend the
 ``anyio_backend`` fixture names. The builders (``make_run``, ``make_checkpoint``,
 ``make_item``...) make the values a store is handed, for backend-specific tests beside it.
@@ -24,7 +28,7 @@ from __future__ import annotations
 import pytest
 
 # Plain asserts in the contract report their operands like those in a test module.
-pytest.register_assert_rewrite("fastcheckpoint.testing._contract")
+pytest.register_assert_rewrite("fastcheckpoint.testing._contract", "fastcheckpoint.testing._repair")
 
 from fastcheckpoint.testing._builders import (  # noqa: E402
     T0,
@@ -37,9 +41,12 @@ from fastcheckpoint.testing._builders import (  # noqa: E402
     without_key,
 )
 from fastcheckpoint.testing._contract import StoreContract  # noqa: E402
+from fastcheckpoint.testing._repair import DamageRunRecord, RepairContract  # noqa: E402
 
 __all__ = [
     "T0",
+    "DamageRunRecord",
+    "RepairContract",
     "StoreContract",
     "checkpoint_id_of",
     "header_of",
