@@ -5,19 +5,26 @@ Every stored blob is a frame::
     b"FC" | format version (1 byte) | codec (b"m" = msgpack) | compression (0 none, 1 zlib)
     | CRC-32 of the body (4 bytes, big endian) | body
 
-Fidelity. A restored payload equals the stored one, types included. msgspec encodes plain data
-(dict, list, str, int, float, bool, None, bytes, timezone-aware datetime) natively and fast.
-Everything else it would quietly turn into something else (a UUID into text, a tuple into a
-list, a Decimal into text, a dataclass into a dict), so the fast path checks its own work.
-First a screen: when every object reachable from the payload is exactly a dict, list, str, int,
-float, bool, None or bytes, msgpack stores it losslessly and there is nothing to check (the
-walk runs level by level in C and costs a third to a half of a decode and compare; CPython
-3.10 to 3.12, see ``_SCREEN``). Otherwise it decodes
-what it encoded and compares in C. Only when they differ, or msgspec refuses a value, does the
-slow path walk the value in Python, storing UUID, tuple, set, frozenset, naive
-datetime, date, time, timedelta and Decimal as msgpack extensions, handing any other type to the
-user's ``enc_hook`` (it comes back through ``dec_hook(type_name, value)``), and raising
-:class:`SerializationError` naming the path of a value nobody can encode.
+Fidelity. A restored payload equals the stored one, types included, or ``create`` refuses it
+with a :class:`SerializationError` naming the path. Types are matched exactly: a subclass (an
+``IntEnum``, a ``str`` Enum, an ``OrderedDict``, a ``namedtuple``) is not its base class.
+msgspec encodes plain data (dict, list, str, int, float, bool, None, bytes, datetime in UTC)
+natively and fast; everything else it would quietly turn into something else (a UUID into
+text, a tuple into a list, an IntEnum into an int, a datetime at +02:00 into UTC), so the fast
+path proves its own work. A screen walks every object reachable from the payload level by
+level in C (``gc.get_referents``): when each is exactly a dict, list, str, int, float, bool,
+None, bytes or a UTC datetime, and nothing is nested deeper than :data:`MAX_DEPTH`, msgspec's
+bytes are stored as they are. Otherwise a slow path walks the value in Python, storing UUID,
+tuple, set, frozenset, bytearray, naive or fixed-offset datetime and time, date, timedelta and
+Decimal as msgpack extensions, handing any other type to the user's ``enc_hook`` (it comes back
+through ``dec_hook(type_name, value)``), and raising :class:`SerializationError` naming the path
+of a value nobody can encode or nested too deep.
+
+Depth. Nothing is stored more than :data:`MAX_DEPTH` containers below ``state``,
+``messages``, ``tool_calls`` or ``context``, so every record restores from an ordinary call
+depth, in a worker thread too. A record nested deeper was not written by us: decoding it raises
+:class:`CorruptCheckpointError`, never ``RecursionError``. What ``dec_hook`` builds from a stored
+value is the user's own and may nest as deep as it likes.
 
 Decoding builds only those types and what ``dec_hook`` returns, so a tampered store cannot make
 a restore run code.
@@ -27,18 +34,31 @@ from __future__ import annotations
 
 import datetime as _dt
 import decimal
+import enum
 import gc
+import math
+import operator
 import sys
+import threading
 import uuid
 import zlib
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import msgspec
 
 from fastcheckpoint.errors import CorruptCheckpointError, SerializationError
 
-__all__ = ["Codec", "DecHook", "EncHook", "from_json_text", "to_json_text"]
+__all__ = [
+    "MAX_DEPTH",
+    "Codec",
+    "DecHook",
+    "EncHook",
+    "from_json_text",
+    "json_copy",
+    "to_json_text",
+]
 
 EncHook = Callable[[Any], Any]
 """Turns an object of another type into supported values; raise to refuse."""
@@ -51,7 +71,14 @@ _CODEC_MSGPACK = ord("m")
 _COMPRESS_NONE = 0
 _COMPRESS_ZLIB = 1
 _PREFIX_LEN = 9
-_MAX_DEPTH = 200
+
+MAX_DEPTH = 100
+"""Most containers a stored value may sit below its part: ``state['a'][0]`` is 2 deep.
+
+Decoding a level costs at most three units of Python's recursion limit (1,000 by default; on
+CPython 3.10 and 3.11 the same counter as the caller's frames): nested tuples on 3.10, the
+costliest. So every record restores with 690 frames already on the stack, and creates with 590,
+in an event loop or a worker thread (512 KiB of stack is plenty)."""
 
 # Extension codes: part of the stored format, never renumber.
 _EXT_UUID = 1
@@ -64,16 +91,30 @@ _EXT_DATE = 7
 _EXT_TIME = 8
 _EXT_TIMEDELTA = 9
 _EXT_DECIMAL = 10
+_EXT_DATETIME = 11
+"""A datetime with a fixed offset other than UTC, or with ``fold=1``: [isoformat, fold, tzname]."""
+_EXT_CLOCK_TIME = 12
+"""A time with a fixed offset, or with ``fold=1``: [isoformat, fold, tzname]."""
+_EXT_BYTEARRAY = 13
 
-_PLAIN = (str, float, bool, type(None), bytes)
+_INT_RANGE = range(-(2**63), 2**64)
+_UTC = _dt.timezone.utc
 _LOSSLESS = frozenset({dict, list, str, int, float, bool, type(None), bytes})
 """Types msgpack stores and msgspec restores exactly: exact types, no subclasses."""
+_LOSSLESS_OR_DATETIME = _LOSSLESS | {_dt.datetime}
 _CONTAINERS = frozenset({dict, list})
-_SCREEN = sys.implementation.name == "cpython" and sys.version_info < (3, 13)
-"""The screen relies on ``gc.get_referents`` visiting every value of a dict and every key that
-is not an exact ``str``, as CPython 3.10 to 3.12 do. CPython 3.13 does not visit the values an
-object keeps inline in its ``__dict__`` (``vars(obj)``), so there, and on other interpreters,
-every payload takes the decode-and-compare check."""
+_WALKED = frozenset({dict, list, tuple, set, frozenset})
+"""Decoded containers whose items the depth check visits; anything else is a leaf."""
+_tzinfo_of = operator.attrgetter("tzinfo")
+_fold_of = operator.attrgetter("fold")
+
+_SCREEN = sys.implementation.name == "cpython" and (3, 10) <= sys.version_info[:2] < (3, 14)
+"""The screen relies on ``gc.get_referents`` of a dict visiting each of its values and every
+key that is not an exact ``str``, and of a list its items, as CPython 3.10 to 3.13 do, with one
+exception handled by ``_INLINE_VALUES``. Elsewhere every payload takes the slow path."""
+_INLINE_VALUES = sys.version_info >= (3, 13)
+"""CPython 3.13 does not visit the values an object keeps inline in its ``__dict__``
+(``vars(obj)``): the screen leaves such a dict to the slow path."""
 
 
 class Header(msgspec.Struct, array_like=True, frozen=True):
@@ -168,33 +209,80 @@ class _Malformed(Exception):
     """An extension whose bytes do not parse: the record is corrupt."""
 
 
-def _refuse_ext(code: int, data: memoryview) -> Any:
-    raise _Malformed(f"extension type {code} in the data to encode")
+# -- the create-time screen ---------------------------------------------------------------------
 
 
 def _lossless_only(payload: Payload) -> bool:
-    """Whether every object reachable from ``payload`` has one of the ``_LOSSLESS`` types.
+    """Whether msgspec's own encoding of ``payload`` restores exactly, within :data:`MAX_DEPTH`.
 
-    Walks breadth first, one level per ``gc.get_referents`` call, all in C: on the interpreters
-    of ``_SCREEN`` a dict's referents are its values and every key that is not an exact ``str``,
-    a list's are its items, and str, int, float, bool, None and bytes have none. Any other type
-    ends the walk with ``False``. Called only on data msgspec has just encoded, so it has no
-    cycles and every level is finite.
+    True when every object reachable from ``payload`` has one of the ``_LOSSLESS`` types or is
+    a UTC datetime. Walks breadth first, one level per ``gc.get_referents`` call, all in C (see
+    ``_SCREEN``); str, int, float, bool, None, bytes and datetime have no referents. Any other
+    type ends the walk with ``False``. Called only on data msgspec has just encoded, so it has
+    no cycles and every level is finite.
     """
-    level = [payload.state, payload.messages, payload.tool_calls, payload.context]
+    level: list[Any] = [payload.state, payload.messages, payload.tool_calls, payload.context]
     if list(map(type, level)) != [dict, list, list, dict]:
         return False
-    while True:
+    for _ in range(MAX_DEPTH + 1):
         kinds = set(map(type, level))
-        if not kinds <= _LOSSLESS:
+        if not kinds <= _LOSSLESS and not (kinds <= _LOSSLESS_OR_DATETIME and _utc_only(level)):
             return False
         if kinds.isdisjoint(_CONTAINERS):
             return True
+        if _INLINE_VALUES and dict in kinds and _hides_values(level):
+            return False
         level = gc.get_referents(*level)
+    return not level  # the values MAX_DEPTH + 1 containers down: there must be none
+
+
+def _utc_only(level: list[Any]) -> bool:
+    """Whether every datetime of ``level`` is in UTC with ``fold=0`` (msgpack's timestamp)."""
+    moments = [item for item in level if type(item) is _dt.datetime]
+    return set(map(_tzinfo_of, moments)) == {_UTC} and not any(map(_fold_of, moments))
+
+
+def _hides_values(level: list[Any]) -> bool:
+    """Whether a dict of ``level`` keeps values ``gc.get_referents`` does not visit."""
+    dicts = [item for item in level if type(item) is dict]
+    return any(map(operator.lt, map(len, map(gc.get_referents, dicts)), map(len, dicts)))
+
+
+# -- the restore-time depth check ---------------------------------------------------------------
+
+
+def _deeper_than(
+    roots: list[Any], limit: int, *, plain: bool, leaves: AbstractSet[int] = frozenset()
+) -> bool:
+    """Whether a decoded value sits more than ``limit`` containers below one of ``roots``.
+
+    ``plain``: every object is one msgspec builds without an extension hook (dict, list, str,
+    int, float, bool, None, bytes, datetime), so each level goes to ``gc.get_referents`` as it
+    is. Otherwise only dicts, lists, tuples, sets and frozensets are opened; UUIDs, dates and
+    what ``dec_hook`` built (the ids in ``leaves``) are leaves: the user's objects may nest as
+    they like, only what was stored counts.
+    """
+    level = roots
+    for _ in range(limit + 1):
+        if not plain:
+            level = [item for item in level if type(item) in _WALKED and id(item) not in leaves]
+        if not level:
+            return False
+        level = gc.get_referents(*level)
+    return bool(level)
+
+
+def _too_deep(path: str) -> SerializationError:
+    return SerializationError(
+        f"cannot encode {path}: nested more than {MAX_DEPTH} levels deep", path=path)
 
 
 class _HookFailed(Exception):
     """The user's ``dec_hook`` raised: reported as a serialization problem, not corruption."""
+
+
+_REFUSED = object()
+"""``_exact``'s answer for a type it does not store by itself."""
 
 
 class Codec:
@@ -214,11 +302,12 @@ class Codec:
         self._compress_level = compress_level
         self._encoder = msgspec.msgpack.Encoder()
         self._ext_encoder = msgspec.msgpack.Encoder(enc_hook=_ext_key_hook)
-        self._plain_decoder = msgspec.msgpack.Decoder(Payload, ext_hook=_refuse_ext)
         self._payload_decoder = msgspec.msgpack.Decoder(Payload, ext_hook=self._ext_hook)
         self._any_decoder = msgspec.msgpack.Decoder(ext_hook=self._ext_hook)
         self._header_decoder = msgspec.msgpack.Decoder(Header)
         self._run_decoder = msgspec.msgpack.Decoder(RunData)
+        # Per thread: .extended, the decode met an extension; .built, ids of what dec_hook built.
+        self._decoding = threading.local()
 
     # -- headers and run details ----------------------------------------------------------
 
@@ -229,23 +318,33 @@ class Codec:
         body = _unframe(blob, key)
         try:
             return self._header_decoder.decode(body)
+        except RecursionError as exc:
+            raise CorruptCheckpointError("header nested too deep to decode", key=key) from exc
         except msgspec.DecodeError as exc:
             raise CorruptCheckpointError(f"undecodable header: {exc}", key=key) from exc
 
     def encode_run_data(self, data: RunData) -> bytes:
         try:
             return _frame(self._encoder.encode(data), _COMPRESS_NONE)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise SerializationError(f"cannot encode run details: {exc}") from exc
 
     def decode_run_data(self, blob: bytes, key: str) -> RunData:
+        """Run details; an approval or metadata nested deeper than a pause request may be
+        (``MAX_DEPTH`` below ``approval['request']``) is corrupt."""
         if not blob:
             return RunData()
         body = _unframe(blob, key)
         try:
-            return self._run_decoder.decode(body)
+            data = self._run_decoder.decode(body)
+        except RecursionError as exc:
+            raise CorruptCheckpointError("run record nested too deep to decode", key=key) from exc
         except msgspec.DecodeError as exc:
             raise CorruptCheckpointError(f"undecodable run record: {exc}", key=key) from exc
+        if _deeper_than([data.approval, data.metadata], MAX_DEPTH + 1, plain=True):
+            raise CorruptCheckpointError(
+                f"run record nested more than {MAX_DEPTH + 1} levels deep", key=key)
+        return data
 
     # -- payloads -------------------------------------------------------------------------
 
@@ -256,18 +355,25 @@ class Codec:
         tool_calls: list[Any],
         context: dict[Any, Any],
     ) -> bytes:
-        """Encode a checkpoint body; raises :class:`SerializationError` naming the bad path."""
-        payload = Payload(state, messages, tool_calls, context)
-        body = self._encode_plain(payload)
-        if body is None:
-            seen: set[int] = set()  # ids of the containers being converted: finds cycles
-            converted = Payload(
-                self._convert(state, "state", 0, seen),
-                self._convert(messages, "messages", 0, seen),
-                self._convert(tool_calls, "tool_calls", 0, seen),
-                self._convert(context, "context", 0, seen),
-            )
-            body = self._ext_encoder.encode(converted)
+        """Encode a checkpoint body; raises :class:`SerializationError` naming the bad path.
+
+        The parts themselves are stored as a dict, a list, a list and a dict (restore returns
+        those types whatever mapping or sequence was passed); their contents keep their types.
+        """
+        payload = Payload(
+            state if type(state) is dict else dict(state),
+            messages if type(messages) is list else list(messages),
+            tool_calls if type(tool_calls) is list else list(tool_calls),
+            context if type(context) is dict else dict(context),
+        )
+        try:
+            body = self._encode_plain(payload)
+            if body is None:
+                body = self._encode_converted(payload)
+        except RecursionError as exc:  # only a caller already near the recursion limit
+            raise SerializationError(
+                "cannot encode the checkpoint: the call stack is nearly exhausted; create it "
+                "from a shallower call depth") from exc
         if self._compress_min_bytes is not None and len(body) >= self._compress_min_bytes:
             packed = zlib.compress(body, self._compress_level)
             if len(packed) < len(body):
@@ -275,55 +381,67 @@ class Codec:
         return _frame(body, _COMPRESS_NONE)
 
     def _encode_plain(self, payload: Payload) -> bytes | None:
-        """msgspec's own encoding if it round-trips exactly, else ``None``."""
+        """msgspec's own encoding if the screen proves it exact, else ``None``."""
+        if not _SCREEN:
+            return None
         try:
             body = self._encoder.encode(payload)
         except (TypeError, ValueError, OverflowError, RecursionError):
             return None
-        if _SCREEN and _lossless_only(payload):
-            return body
-        try:
-            return body if self._plain_decoder.decode(body) == payload else None
-        except _Malformed:  # an Ext in the caller's data: ours to refuse, not to store
-            return None
+        return body if _lossless_only(payload) else None
+
+    def _encode_converted(self, payload: Payload) -> bytes:
+        seen: set[int] = set()  # ids of the containers being converted: finds cycles
+        converted = Payload(
+            self._convert_container(payload.state, "state", 0, seen),
+            self._convert_container(payload.messages, "messages", 0, seen),
+            self._convert_container(payload.tool_calls, "tool_calls", 0, seen),
+            self._convert_container(payload.context, "context", 0, seen),
+        )
+        return self._ext_encoder.encode(converted)
 
     def decode_payload(self, blob: bytes, key: str) -> Payload:
         body = _unframe(blob, key)
+        decoding = self._decoding
+        decoding.extended = False
+        outer, decoding.built = getattr(decoding, "built", None), set()  # a dec_hook may decode
         try:
-            return self._payload_decoder.decode(body)
+            payload: Payload = self._payload_decoder.decode(body)
+            roots = [payload.state, payload.messages, payload.tool_calls, payload.context]
+            too_deep = _deeper_than(
+                roots, MAX_DEPTH, plain=not decoding.extended, leaves=decoding.built)
         except _HookFailed as exc:
             raise SerializationError(f"dec_hook failed on {key}: {exc.__cause__}") from exc
+        except RecursionError as exc:
+            raise CorruptCheckpointError(
+                f"payload nested too deep to decode (at most {MAX_DEPTH} levels are written; "
+                "or the call stack here is nearly exhausted)", key=key) from exc
         except (msgspec.DecodeError, _Malformed) as exc:
             raise CorruptCheckpointError(f"undecodable payload: {exc}", key=key) from exc
+        finally:
+            decoding.built = outer
+        if too_deep:
+            raise CorruptCheckpointError(
+                f"payload nested more than {MAX_DEPTH} levels deep", key=key)
+        return payload
 
     # -- the slow path ----------------------------------------------------------------------
 
     def _convert(self, value: Any, path: str, depth: int, seen: set[int]) -> Any:
         """A copy of ``value`` that msgspec encodes exactly; raises naming the bad path."""
+        if depth > MAX_DEPTH:
+            raise _too_deep(path)
         kind = type(value)
-        if kind is int:
-            if -(2**63) <= value < 2**64:
-                return value
-            raise SerializationError(f"cannot encode {path}: integer out of the 64-bit range",
-                                     path=path)
         if kind is str:
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise SerializationError(
-                    f"cannot encode {path}: a str with a lone surrogate", path=path) from exc
+            return _checked_str(value, path)
+        if kind is int:
+            return _checked_int(value, path)
+        if kind is float or kind is bool or value is None or kind is bytes:
             return value
-        if kind in _PLAIN:
-            return value
-        if depth > _MAX_DEPTH:
-            raise SerializationError(
-                f"cannot encode {path}: nested deeper than {_MAX_DEPTH} levels", path=path)
-        if isinstance(value, (dict, list)):
+        if kind is dict or kind is list:
             return self._convert_container(value, path, depth, seen)
-        special = self._special(value, path, depth, seen)
-        if special is not None:
-            return special
-        return self._via_hook(value, path, depth, seen)
+        converted = self._exact(value, path, depth, seen)
+        return self._via_hook(value, path, depth, seen) if converted is _REFUSED else converted
 
     def _convert_container(
         self, value: dict[Any, Any] | list[Any], path: str, depth: int, seen: set[int]
@@ -335,104 +453,236 @@ class Codec:
         seen.add(marker)
         try:
             if isinstance(value, list):
-                return [
-                    self._convert(v, f"{path}[{i}]", depth + 1, seen) for i, v in enumerate(value)
-                ]
-            return {
-                self._convert_key(k, f"{path} key {k!r}", depth + 1, seen):
-                    self._convert(v, f"{path}[{k!r}]", depth + 1, seen)
-                for k, v in value.items()
-            }
+                return self._convert_items(value, path, depth, seen)
+            converted: dict[Any, Any] = {}
+            for key, item in value.items():
+                # The value first: past the limit, the error names state['a']...['k'].
+                stored = self._convert(item, f"{path}[{key!r}]", depth + 1, seen)
+                stored_key = self._convert_member(
+                    key, f"{path} key {key!r}", depth + 1, seen, as_key=True)
+                converted[stored_key] = stored
+            return converted
         finally:
             seen.discard(marker)
 
-    def _convert_key(self, key: Any, path: str, depth: int, seen: set[int]) -> Any:
-        converted = self._convert(key, path, depth, seen)
-        return _ExtKey(converted) if isinstance(converted, msgspec.msgpack.Ext) else converted
+    def _convert_items(self, values: Any, path: str, depth: int, seen: set[int]) -> list[Any]:
+        # A loop, not a comprehension: one frame less per level on CPython 3.10 and 3.11.
+        converted = []
+        for index, item in enumerate(values):
+            converted.append(self._convert(item, f"{path}[{index}]", depth + 1, seen))
+        return converted
 
-    def _special(self, value: Any, path: str, depth: int, seen: set[int]) -> Any:
-        """Types msgspec would change but we store exactly, as extensions."""
-        if isinstance(value, (tuple, set, frozenset)):
-            code = (_EXT_TUPLE if isinstance(value, tuple)
-                    else _EXT_SET if isinstance(value, set) else _EXT_FROZENSET)
-            items = [
-                self._convert(v, f"{path}[{i}]", depth + 1, seen) for i, v in enumerate(value)
-            ]
+    def _convert_member(
+        self, value: Any, path: str, depth: int, seen: set[int], *, as_key: bool
+    ) -> Any:
+        """A dict key or set item: it must come back hashable."""
+        converted = self._convert(value, path, depth, seen)
+        if not isinstance(converted, msgspec.msgpack.Ext):
+            return converted
+        if converted.code == _EXT_USER and self._user_dec_hook is None:
+            _, plain = self._any_decoder.decode(converted.data)  # what restore would build
+            try:
+                hash(plain)
+            except TypeError as exc:
+                raise SerializationError(
+                    f"cannot encode {path}: enc_hook turned it into an unhashable "
+                    f"{type(plain).__name__}, which cannot come back as a dict key or set item "
+                    "without a dec_hook", path=path) from exc
+        return _ExtKey(converted) if as_key else converted
+
+    def _exact(self, value: Any, path: str, depth: int, seen: set[int]) -> Any:
+        """Types msgspec would change but we store exactly, as extensions; else ``_REFUSED``."""
+        kind = type(value)
+        if kind is tuple:
+            items = self._convert_items(value, path, depth, seen)
+            return msgspec.msgpack.Ext(_EXT_TUPLE, self._ext_encoder.encode(items))
+        if kind is set or kind is frozenset:
+            items = [self._convert_member(v, f"{path}[{i}]", depth + 1, seen, as_key=False)
+                     for i, v in enumerate(value)]
+            code = _EXT_SET if kind is set else _EXT_FROZENSET
             return msgspec.msgpack.Ext(code, self._ext_encoder.encode(items))
-        if isinstance(value, uuid.UUID):
+        if kind is uuid.UUID:
             return msgspec.msgpack.Ext(_EXT_UUID, value.bytes)
-        if isinstance(value, _dt.datetime):
-            if value.tzinfo is not None and value.utcoffset() is not None:
-                return value
-            return msgspec.msgpack.Ext(_EXT_NAIVE_DATETIME, value.isoformat().encode())
-        if isinstance(value, _dt.date):
+        if kind is _dt.datetime:
+            return self._datetime(value)
+        if kind is _dt.date:
             return msgspec.msgpack.Ext(_EXT_DATE, value.isoformat().encode())
-        if isinstance(value, _dt.time):
-            if value.tzinfo is not None:
-                return self._via_hook(value, path, depth, seen)
-            return msgspec.msgpack.Ext(_EXT_TIME, value.isoformat().encode())
-        if isinstance(value, _dt.timedelta):
+        if kind is _dt.time:
+            return self._time(value)
+        if kind is _dt.timedelta:
             parts = (value.days, value.seconds, value.microseconds)
             return msgspec.msgpack.Ext(_EXT_TIMEDELTA, self._encoder.encode(parts))
-        if isinstance(value, decimal.Decimal):
+        if kind is decimal.Decimal:
             return msgspec.msgpack.Ext(_EXT_DECIMAL, str(value).encode())
-        if isinstance(value, (bytearray, memoryview)):
-            return bytes(value)
-        if isinstance(value, (str, float, bytes)):  # subclasses of plain types
-            return self._via_hook(value, path, depth, seen)
-        return None
+        if kind is bytearray:
+            return msgspec.msgpack.Ext(_EXT_BYTEARRAY, bytes(value))
+        return _REFUSED
+
+    def _datetime(self, value: _dt.datetime) -> Any:
+        tz = value.tzinfo
+        if tz is None and not value.fold:
+            return msgspec.msgpack.Ext(_EXT_NAIVE_DATETIME, value.isoformat().encode())
+        if tz is _UTC and not value.fold:
+            return value  # msgpack's own timestamp
+        if tz is not None and type(tz) is not _dt.timezone:
+            return _REFUSED  # a zone with rules (ZoneInfo, pytz): its offset alone is not it
+        fields = (value.isoformat(), value.fold, _tz_name(tz))
+        return msgspec.msgpack.Ext(_EXT_DATETIME, self._encoder.encode(fields))
+
+    def _time(self, value: _dt.time) -> Any:
+        tz = value.tzinfo
+        if tz is None and not value.fold:
+            return msgspec.msgpack.Ext(_EXT_TIME, value.isoformat().encode())
+        if tz is not None and type(tz) is not _dt.timezone:
+            return _REFUSED
+        fields = (value.isoformat(), value.fold, _tz_name(tz))
+        return msgspec.msgpack.Ext(_EXT_CLOCK_TIME, self._encoder.encode(fields))
 
     def _via_hook(self, value: Any, path: str, depth: int, seen: set[int]) -> Any:
         name = _type_name(value)
         if self._user_enc_hook is None:
             raise SerializationError(
-                f"cannot encode {path}: objects of type {name} are not supported. Store "
-                "JSON-like data, datetime, bytes, UUID, tuples, sets or Decimal, or pass "
-                "enc_hook/dec_hook in CheckpointConfig", path=path)
+                f"cannot encode {path}: {_refusal(value)}, or pass enc_hook/dec_hook in "
+                "CheckpointConfig", path=path)
         try:
             converted = self._user_enc_hook(value)
         except Exception as exc:
             raise SerializationError(
                 f"cannot encode {path}: enc_hook refused {name} ({type(exc).__name__}: {exc})",
                 path=path) from exc
+        if type(converted) is type(value):
+            raise SerializationError(
+                f"cannot encode {path}: enc_hook returned a {name} for a {name}; return "
+                "supported values (e.g. a dict or a str)", path=path)
         inner = self._convert(converted, path, depth + 1, seen)
         return msgspec.msgpack.Ext(_EXT_USER, self._ext_encoder.encode((name, inner)))
 
+    # -- decoding extensions ----------------------------------------------------------------
+
     def _ext_hook(self, code: int, data: memoryview) -> Any:
+        # One frame per nested extension (no helper call): decoding depth is recursion depth.
         try:
             if code == _EXT_UUID:
-                return uuid.UUID(bytes=bytes(data))
-            if code == _EXT_USER:
+                value: Any = uuid.UUID(bytes=bytes(data))
+            elif code == _EXT_USER:
                 name, value = self._any_decoder.decode(data)
-                return value if self._user_dec_hook is None else self._dec_hook(name, value)
-            if code in (_EXT_TUPLE, _EXT_SET, _EXT_FROZENSET):
+                if self._user_dec_hook is not None:
+                    value = self._rebuilt(name, value)
+            elif code in (_EXT_TUPLE, _EXT_SET, _EXT_FROZENSET):
                 items = self._any_decoder.decode(data)
-                return (tuple if code == _EXT_TUPLE else set if code == _EXT_SET
-                        else frozenset)(items)
-            if code == _EXT_NAIVE_DATETIME:
-                return _dt.datetime.fromisoformat(bytes(data).decode())
-            if code == _EXT_DATE:
-                return _dt.date.fromisoformat(bytes(data).decode())
-            if code == _EXT_TIME:
-                return _dt.time.fromisoformat(bytes(data).decode())
-            if code == _EXT_TIMEDELTA:
+                value = (tuple if code == _EXT_TUPLE else set if code == _EXT_SET
+                         else frozenset)(items)
+            elif code == _EXT_NAIVE_DATETIME:
+                value = _dt.datetime.fromisoformat(bytes(data).decode())
+            elif code == _EXT_DATE:
+                value = _dt.date.fromisoformat(bytes(data).decode())
+            elif code == _EXT_TIME:
+                value = _dt.time.fromisoformat(bytes(data).decode())
+            elif code == _EXT_TIMEDELTA:
                 days, seconds, micros = self._any_decoder.decode(data)
-                return _dt.timedelta(days=days, seconds=seconds, microseconds=micros)
-            if code == _EXT_DECIMAL:
-                return decimal.Decimal(bytes(data).decode())
+                value = _dt.timedelta(days=days, seconds=seconds, microseconds=micros)
+            elif code == _EXT_DECIMAL:
+                value = decimal.Decimal(bytes(data).decode())
+            elif code == _EXT_DATETIME:
+                fields = self._any_decoder.decode(data)
+                value = _with_clock_fields(_dt.datetime.fromisoformat, fields)
+            elif code == _EXT_CLOCK_TIME:
+                value = _with_clock_fields(_dt.time.fromisoformat, self._any_decoder.decode(data))
+            elif code == _EXT_BYTEARRAY:
+                value = bytearray(data)
+            else:
+                raise _Malformed(f"unknown extension type {code}")
         except (_HookFailed, _Malformed):
             raise
         except (ValueError, TypeError, OverflowError, decimal.InvalidOperation,
                 msgspec.DecodeError) as exc:
             raise _Malformed(f"malformed extension {code}: {exc}") from exc
-        raise _Malformed(f"unknown extension type {code}")
+        # Set after building, so that a decode nested in a dec_hook cannot clear it.
+        self._decoding.extended = True
+        return value
+
+    def _rebuilt(self, name: str, value: Any) -> Any:
+        """What ``dec_hook`` builds from a stored value, remembered as a leaf of the payload."""
+        built: set[int] | None = getattr(self._decoding, "built", None)
+        if _deeper_than([value], MAX_DEPTH, plain=False, leaves=built or frozenset()):
+            raise _Malformed(f"the stored value of a {name} is nested too deep")
+        result = self._dec_hook(name, value)
+        if built is not None:
+            built.add(id(result))
+        return result
 
     def _dec_hook(self, name: str, value: Any) -> Any:
         assert self._user_dec_hook is not None
         try:
             return self._user_dec_hook(name, value)
+        except RecursionError:  # a record nested too deep, not the hook's fault
+            raise
         except Exception as exc:
             raise _HookFailed(name) from exc
+
+
+def _checked_str(value: str, path: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SerializationError(
+            f"cannot encode {path}: a str with a lone surrogate", path=path) from exc
+    return value
+
+
+def _checked_int(value: int, path: str) -> int:
+    if value in _INT_RANGE:
+        return value
+    raise SerializationError(f"cannot encode {path}: integer out of the 64-bit range", path=path)
+
+
+def _tz_name(tz: _dt.tzinfo | None) -> str | None:
+    """The name of a fixed-offset timezone, if it was given one (``timezone(offset, name)``)."""
+    if tz is None:
+        return None
+    name = tz.tzname(None)
+    unnamed = _dt.timezone(tz.utcoffset(None) or _dt.timedelta())
+    return None if name == unnamed.tzname(None) else name
+
+
+def _with_clock_fields(parse: Callable[[str], Any], fields: Any) -> Any:
+    """A datetime or time from ``[isoformat, fold, tzname]`` (``_EXT_DATETIME``/``_CLOCK_TIME``)."""
+    text, fold, name = fields
+    if fold not in (0, 1) or not (name is None or type(name) is str):
+        raise ValueError(f"bad fold {fold!r} or zone name {name!r}")
+    value = parse(text)
+    if name is not None:
+        if value.tzinfo is None:
+            raise ValueError("a zone name without an offset")
+        value = value.replace(tzinfo=_dt.timezone(value.utcoffset(), name))
+    return value.replace(fold=fold)
+
+
+def _refusal(value: Any) -> str:
+    """Why ``value`` is refused, and what to store instead."""
+    kind = type(value)
+    what = f"objects of type {_type_name(value)} are not supported"
+    if isinstance(value, enum.Enum):
+        return f"{what} (an Enum member would come back as its value); store its .value"
+    if isinstance(value, tuple) and hasattr(kind, "_fields"):
+        return f"{what} (a namedtuple would come back as a tuple); store value._asdict()"
+    if isinstance(value, (_dt.datetime, _dt.time)) and value.tzinfo is not None and (
+            kind in (_dt.datetime, _dt.time)):
+        return (f"a {kind.__name__} in the zone {value.tzinfo!r} is not supported (only fixed "
+                "offsets, datetime.timezone, round-trip); convert it, e.g. "
+                ".astimezone(timezone.utc)")
+    if kind is memoryview:
+        return f"{what}; store bytes(value)"
+    for base in (dict, list, tuple, set, frozenset, str, int, float, bytes, bytearray,
+                 _dt.datetime, _dt.date, _dt.time, _dt.timedelta, decimal.Decimal, uuid.UUID):
+        if isinstance(value, base):
+            return (f"{what} (a subclass of {base.__qualname__} would come back as a "
+                    f"{base.__qualname__}); convert it to a {base.__qualname__}")
+    return (f"{what}; store JSON-like data, datetime, bytes, UUID, tuples, sets or Decimal "
+            "instead")
+
+
+# -- JSON -----------------------------------------------------------------------------------
 
 
 _json_encoder = msgspec.json.Encoder()
@@ -443,12 +693,61 @@ def to_json_text(value: Any) -> str:
     """JSON for people: UUIDs, dates and Decimals become text; bytes become base64."""
     try:
         return _json_encoder.encode(value).decode("utf-8")
-    except (TypeError, ValueError, OverflowError) as exc:
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise SerializationError(f"cannot encode checkpoint as JSON: {exc}") from exc
 
 
 def from_json_text(data: str | bytes) -> Any:
     try:
         return _json_decoder.decode(data)
+    except RecursionError as exc:
+        raise SerializationError("invalid checkpoint JSON: nested too deep") from exc
     except msgspec.DecodeError as exc:
         raise SerializationError(f"invalid checkpoint JSON: {exc}") from exc
+
+
+def json_copy(value: object, root: str) -> Any:
+    """A deep copy of ``value`` if it holds JSON values only, else :class:`SerializationError`.
+
+    JSON values: dicts with ``str`` keys, lists, ``str``, ``int`` (64-bit), finite ``float``,
+    ``bool`` and ``None``, exact types (no subclasses), at most :data:`MAX_DEPTH` levels below
+    ``value``. The error's ``path`` names the first other value, starting at ``root``, e.g.
+    ``request['items'][2]`` for a tuple there.
+    """
+    try:
+        return _json_copy(value, root, 0)
+    except RecursionError as exc:  # only a caller already near the recursion limit
+        raise SerializationError(
+            f"cannot copy {root}: the call stack is nearly exhausted; call from a shallower "
+            "call depth", path=root) from exc
+
+
+def _json_copy(value: object, path: str, depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        raise SerializationError(
+            f"{path} is nested more than {MAX_DEPTH} levels deep", path=path)
+    if value is None or type(value) is bool:
+        return value
+    if type(value) is str:
+        return _checked_str(value, path)
+    if type(value) is int:
+        return _checked_int(value, path)
+    if type(value) is float and math.isfinite(value):
+        return value
+    if type(value) is list:
+        return [_json_copy(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
+    if type(value) is dict:
+        return {_json_key(key, path): _json_copy(item, f"{path}[{key!r}]", depth + 1)
+                for key, item in value.items()}
+    what = "a float that is not finite" if type(value) is float else f"a {_type_name(value)}"
+    raise SerializationError(
+        f"{path} is {what}, not a JSON value; use dicts with str keys, lists, str, int, "
+        "float, bool or None", path=path)
+
+
+def _json_key(key: object, path: str) -> str:
+    where = f"{path} key {key!r}"
+    if type(key) is str:
+        return _checked_str(key, where)
+    raise SerializationError(
+        f"{where} is a {_type_name(key)}; JSON keys are str", path=where)

@@ -1,4 +1,8 @@
-"""The record codec (SPEC §3.9): framing, checksums, compression, type fidelity, error paths."""
+"""The record codec: framing, checksums, compression, type fidelity, error paths.
+
+Depth limits are in test_codec_depth.py, type-by-type fidelity in test_codec_fidelity.py,
+json_copy in test_codec_json.py.
+"""
 
 from __future__ import annotations
 
@@ -325,6 +329,7 @@ def test_aware_datetime_bytes_and_int_keys_round_trip_with_their_types() -> None
 
     assert restored == state
     assert type(restored["when"]) is dt.datetime
+    assert restored["offset"].utcoffset() == dt.timedelta(hours=-7)  # not moved to UTC
     assert type(restored["raw"]) is bytes
     assert list(restored["by_int"]) == [0, -1, 2**63 - 1]
 
@@ -452,7 +457,7 @@ class Box:
     ],
 )
 def test_values_outside_the_supported_types_round_trip_or_are_refused(value: Any) -> None:
-    # §3.9: restored state equals what was stored, or the value raises SerializationError;
+    # Restored state equals what was stored, or the value raises SerializationError;
     # never silently comes back as something else (a str, a dict).
     codec = Codec()
     refused: SerializationError | None = None
