@@ -1,4 +1,4 @@
-"""fastcheckpoint's benchmark suite (SPEC §7): ``python -m benchmarks --help``.
+"""fastcheckpoint's benchmark suite: ``python -m benchmarks --help``.
 
 From Python::
 

@@ -1,4 +1,4 @@
-"""Workload sizes: the full suite (SPEC §7), a quick one (``make bench``), a tiny one (tests)."""
+"""Workload sizes: the full suite, a quick one (``make bench``), a tiny one (tests)."""
 
 from __future__ import annotations
 

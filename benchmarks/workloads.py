@@ -1,4 +1,4 @@
-"""The workloads W1-W6 (SPEC §7). Each ``run_once`` is one repetition on a fresh session.
+"""The workloads W1-W6 (docs/benchmarks.md). Each ``run_once`` is one repetition on a fresh session.
 
 W1 and W4 speak only the :class:`~benchmarks.subjects.Driver` interface, so they run on the
 comparison subjects too; W2, W3, W5 and W6 use fastcheckpoint's manager directly.

@@ -15,6 +15,7 @@ from fastcheckpoint._model import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointStatus,
+    RepairReport,
     RunInfo,
     StatusChange,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "MemoryStore",
     "RedisCheckpointStore",
     "RedisStore",
+    "RepairReport",
     "RetryPolicy",
     "RunInfo",
     "RunPage",

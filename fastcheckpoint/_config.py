@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import random
@@ -22,7 +23,7 @@ _ENV_OWNED_ELSEWHERE = ("FASTCHECKPOINT_URL", "FASTCHECKPOINT_BENCH_")
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter for transient backend failures (§3.11).
+    """Exponential backoff with full jitter for transient backend failures.
 
     Backends hand these numbers to their drivers' own retry machinery where it exists.
     """
@@ -128,11 +129,19 @@ class CheckpointConfig:
                 retry[key[6:]] = _parse(name, raw, _RETRY_FIELDS[key[6:]])
             else:
                 known = sorted(ENV_PREFIX + n.upper() for n in (*simple, *_retry_env_names()))
-                raise ConfigurationError(f"unknown setting {name}; known: {', '.join(known)}")
+                raise ConfigurationError(_unknown_setting(name, known))
         if retry:
             values["retry"] = RetryPolicy(**retry)
         values.update(overrides)
         return cls(**values)
+
+
+def _unknown_setting(name: str, known: list[str]) -> str:
+    # Compared without the shared prefix, which would make every name look close.
+    suffixes = {setting[len(ENV_PREFIX):]: setting for setting in known}
+    close = difflib.get_close_matches(name[len(ENV_PREFIX):], list(suffixes), n=1, cutoff=0.6)
+    hint = f"; did you mean {suffixes[close[0]]}?" if close else "."
+    return f"unknown setting {name}{hint} Known: {', '.join(known)}, {ENV_PREFIX}URL."
 
 
 def _retry_env_names() -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -11,6 +12,7 @@ import os
 from collections import OrderedDict
 from collections.abc import (
     AsyncGenerator,
+    AsyncIterator,
     Callable,
     Coroutine,
     Iterator,
@@ -25,19 +27,20 @@ from urllib.parse import quote, urlencode
 import anyio
 import anyio.lowlevel
 import msgspec
-import sniffio
 
 from fastcheckpoint import _export, _ids
-from fastcheckpoint._codec import Codec, Header, Payload, RunData, from_json_text, to_json_text
+from fastcheckpoint._codec import Codec, Header, Payload, RunData, json_copy, to_json_text
 from fastcheckpoint._config import CheckpointConfig, RetryPolicy
 from fastcheckpoint._model import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointStatus,
+    RepairReport,
     RunInfo,
     StatusChange,
 )
 from fastcheckpoint.errors import (
+    CheckpointError,
     CheckpointNotFound,
     ConfigurationError,
     ConflictError,
@@ -49,11 +52,15 @@ from fastcheckpoint.errors import (
 from fastcheckpoint.stores import (
     CheckpointHeader,
     CheckpointStore,
+    RunDamage,
     RunRecord,
     StoredCheckpoint,
     SupportsDefaultTTL,
+    SupportsRepair,
     open_store,
+    purge_all,
 )
+from fastcheckpoint.stores._loops import running_library
 
 __all__ = ["CheckpointManager", "RunPage"]
 
@@ -73,6 +80,17 @@ _ESTIMATE_NODES = 256
 _ESTIMATE_DEPTH = 6
 _PRUNE_PAGE = 500
 """Checkpoint headers listed per store read by :meth:`CheckpointManager.prune`."""
+_LOST_DETAILS = (
+    "status history",
+    "approval requests and decisions",
+    "error of a failed run",
+    "run metadata",
+)
+"""What rebuilt run details cannot recover: it lived only in the damaged details."""
+_LOST_IN_REPAIR = ("status (the run is active again)", *_LOST_DETAILS)
+"""What a rebuilt run record cannot recover: it lived only in the damaged record."""
+_REPAIR_PAGE = 500
+"""Run records listed per store read by :meth:`CheckpointManager.repair` of a whole store."""
 _TERMINAL = frozenset({CheckpointStatus.COMPLETED, CheckpointStatus.FAILED,
                        CheckpointStatus.REJECTED})
 
@@ -83,8 +101,23 @@ class _Hint:
 
     latest_sequence: int
     incarnation: str
-    last_created_at: float
     payload_size: int
+
+
+@dataclass(eq=False)
+class _Claim:
+    """A create's claim on its run's throttling interval, told apart by identity: two creates
+    may read the same time from the clock."""
+
+    at: float
+
+
+@dataclass
+class _Turn:
+    """The creates of one run in this process wait here for their turn to append."""
+
+    lock: anyio.Lock
+    users: int = 0
 
 
 class RunPage(msgspec.Struct, frozen=True):
@@ -129,6 +162,8 @@ class CheckpointManager:
         cap = self.config.retry.max_delay
         self._contention = RetryPolicy(base_delay=min(_CONTENTION_BASE, cap), max_delay=cap)
         self._hints: OrderedDict[str, _Hint] = OrderedDict()
+        self._last_create: OrderedDict[str, _Claim] = OrderedDict()
+        self._writers: dict[str, _Turn] = {}
         self._cleanup: tuple[anyio.CancelScope, anyio.Event] | None = None
         self._cleanup_task: object = None  # keeps an asyncio task referenced while it runs
 
@@ -157,9 +192,11 @@ class CheckpointManager:
         """Start the cleanup loop in the background (idempotent).
 
         Unlike a task group, this may be called from any task and stopped from another (as
-        FastAgentic allowed); :meth:`stop` cancels the loop and waits until it has ended.
+        FastAgentic allowed); :meth:`stop` cancels the loop and waits until it has ended. A
+        loop that ended with its event loop (an ``asyncio.run()`` that returned without
+        :meth:`stop`) is started again in the current one.
         """
-        if self._cleanup is not None:
+        if self._cleanup is not None and not self._cleanup[1].is_set():
             return
         scope, finished = anyio.CancelScope(), anyio.Event()
 
@@ -247,22 +284,25 @@ class CheckpointManager:
         now = self.config.clock()
         ttl = self._ttl(ttl_seconds, now)
         hint = self._hints.get(key)
-        if not force and self._throttled(hint, now):
+        if not force and self._throttled(key, now):
             return None
-        if parent_id is not None:
-            await self._require_parent(key, parent_id)
-        payload = await self._encode_payload(body, hint)
-        expires_at = None if ttl is None else now + ttl
-        header = Header(run_id, step, parent_id, tag_list, ttl)
-        record, parent, status = await self._append(
-            key, header, payload, now=now, expires_at=expires_at
-        )
+        with self._throttle_slot(key, now):
+            if parent_id is not None:
+                await self._require_parent(key, parent_id)
+            payload = await self._encode_payload(body, hint)
+            expires_at = None if ttl is None else now + ttl
+            header = Header(run_id, step, parent_id, tag_list, ttl)
+            record, parent, status = await self._append(
+                key, header, payload, now=now, expires_at=expires_at
+            )
+        if status == CheckpointStatus.FAILED.value:
+            status = await self._resume(run_id, record.checkpoint_id)
         metadata = CheckpointMetadata(
             run_id=run_id,
             checkpoint_id=record.checkpoint_id,
             sequence=record.sequence,
             created_at=now,
-            status=_status(status, record.key),
+            status=_reported_status(status, record.checkpoint_id),
             step_name=step,
             parent_id=parent,
             tags=tag_list,
@@ -282,8 +322,35 @@ class CheckpointManager:
     ) -> tuple[StoredCheckpoint, str | None, str]:
         """Propose the next sequence, retrying on conflicts; the store decides who wins.
 
-        Returns the record written, its parent id and the run status.
+        Returns the record written, its parent id and the run status. Creates of one run in
+        this process take turns: racing each other would only burn retries.
         """
+        async with self._writer(key):
+            return await self._append_turn(key, header, payload, now=now, expires_at=expires_at)
+
+    @contextlib.asynccontextmanager
+    async def _writer(self, key: str) -> AsyncIterator[None]:
+        turn = self._writers.get(key)
+        if turn is None:
+            turn = self._writers[key] = _Turn(anyio.Lock())
+        turn.users += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.users -= 1
+            if turn.users == 0:
+                del self._writers[key]
+
+    async def _append_turn(
+        self,
+        key: str,
+        header: Header,
+        payload: bytes,
+        *,
+        now: float,
+        expires_at: float | None,
+    ) -> tuple[StoredCheckpoint, str | None, str]:
         hint = self._hints.get(key)
         guess = None if hint is None else (hint.latest_sequence, hint.incarnation)
         for attempt in range(self.config.max_sequence_retries):
@@ -316,7 +383,7 @@ class CheckpointManager:
                 if attempt >= _FREE_RETRIES and not last:
                     await anyio.sleep(self._contention.delay(attempt - _FREE_RETRIES))
                 continue
-            self._remember(key, _Hint(sequence, incarnation, now, len(payload)))
+            self._remember(key, _Hint(sequence, incarnation, len(payload)))
             return record, parent, status
         raise ConflictError(
             f"could not append to run {header.run_id!r}: lost the sequence race "
@@ -337,9 +404,62 @@ class CheckpointManager:
         if len(self._hints) > _HINT_CAPACITY:
             self._hints.popitem(last=False)
 
-    def _throttled(self, hint: _Hint | None, now: float) -> bool:
+    def _throttled(self, key: str, now: float) -> bool:
         interval = self.config.checkpoint_interval
-        return interval > 0 and hint is not None and now - hint.last_created_at < interval
+        if interval <= 0:
+            return False
+        last = self._last_create.get(key)
+        return last is not None and now - last.at < interval
+
+    @contextlib.contextmanager
+    def _throttle_slot(self, key: str, now: float) -> Iterator[None]:
+        """Claim the run's throttling interval before any I/O, so that concurrent creates of
+        one run in this process see it at once; a create that fails gives it back."""
+        if self.config.checkpoint_interval <= 0:
+            yield
+            return
+        previous = self._last_create.get(key)
+        claim = self._last_create[key] = _Claim(now)
+        self._last_create.move_to_end(key)
+        if len(self._last_create) > _HINT_CAPACITY:
+            self._last_create.popitem(last=False)
+        try:
+            yield
+        except BaseException:
+            if self._last_create.get(key) is claim:  # else a later create holds the interval
+                if previous is None:
+                    del self._last_create[key]
+                else:
+                    self._last_create[key] = previous
+            raise
+
+    async def _resume(self, run_id: str, checkpoint_id: str) -> str:
+        """A create on a FAILED run resumes it: ACTIVE again, recorded in the history.
+
+        The checkpoint is already written, so this never fails the create (a caller retrying
+        a create that raised would write it twice): if another worker changed the status
+        meanwhile, the run's status as it is now is reported; if the store failed, the run
+        stays FAILED, the failure is logged, and the run's next create tries again.
+        """
+        try:
+            info = await self._make_active(run_id, checkpoint_id)
+        except CheckpointError:
+            logger.warning("run %r: checkpoint %s was created, but the failed run could not be "
+                           "made active again; its next create tries again", run_id,
+                           checkpoint_id, exc_info=True)
+            return CheckpointStatus.FAILED.value
+        return CheckpointStatus.FAILED.value if info is None else info.status.value
+
+    async def _make_active(self, run_id: str, checkpoint_id: str) -> RunInfo | None:
+        def clear_error(data: RunData, now: float) -> None:
+            data.error = None
+
+        try:
+            return await self._transition(
+                run_id, CheckpointStatus.ACTIVE, allowed={CheckpointStatus.FAILED},
+                note=f"resumed: checkpoint {checkpoint_id} created", update=clear_error)
+        except ConflictError:
+            return await self.get_run(run_id)  # another worker changed the status meanwhile
 
     def _ttl(self, ttl_seconds: object, now: float) -> float | None:
         if ttl_seconds is None:
@@ -352,13 +472,18 @@ class CheckpointManager:
             ttl = math.inf
         if not math.isfinite(ttl) or ttl <= 0 or now + ttl <= now:
             raise ValidationError(
-                "ttl_seconds must be a finite, positive number of seconds (None = never "
-                f"expire), got {ttl_seconds!r}"
+                "ttl_seconds must be a finite, positive number of seconds (or None for the "
+                f"configured default_ttl_seconds), got {ttl_seconds!r}"
             )
         return ttl
 
     async def _require_parent(self, key: str, parent_id: str) -> None:
-        parent_key, _, sequence = _ids.require_checkpoint_id(parent_id, "parent_id")
+        parsed = _lookup_id(parent_id, "parent_id")
+        if parsed is None:
+            raise CheckpointNotFound(
+                f"parent_id {parent_id[:80]!r} does not exist (it is not a checkpoint id "
+                "returned by create)")
+        parent_key, _, sequence = parsed
         if parent_key != key:
             raise CheckpointNotFound(f"parent_id {parent_id!r} belongs to another run")
         if await self._header_at(key, sequence, parent_id) is None:
@@ -375,26 +500,47 @@ class CheckpointManager:
 
     async def restore(self, run_id: str) -> Checkpoint | None:
         """The run's newest live checkpoint, or ``None``."""
-        found = await self._store.latest(_ids.key_of(run_id), now=self.config.clock())
-        return None if found is None else await self._decode(*found)
+        key = _ids.key_of(run_id)
+        found = await self._store.latest(key, now=self.config.clock())
+        return None if found is None else await self._decode(key, *found)
 
     async def restore_from(self, checkpoint_id: str) -> Checkpoint | None:
-        """The checkpoint with this id if it is live, else ``None``. One direct store read."""
-        key, _, sequence = _ids.require_checkpoint_id(checkpoint_id)
-        found = await self._store.get(key, sequence, now=self.config.clock())
-        if found is None or found[0].checkpoint_id != checkpoint_id:
-            return None
-        return await self._decode(*found)
+        """The checkpoint with this id if it is live, else ``None``. One direct store read.
 
-    async def _decode(self, stored: StoredCheckpoint, status: str) -> Checkpoint:
-        metadata = self._metadata(stored, self._codec.decode_header(stored.header, stored.key),
-                                  _status(status, stored.key))
-        if len(stored.payload) >= self.config.offload_min_bytes:
-            body = await anyio.to_thread.run_sync(
-                lambda: self._codec.decode_payload(stored.payload, stored.key))
-        else:
-            body = self._codec.decode_payload(stored.payload, stored.key)
+        An id that is not one of ours (a FastAgentic ``ckpt-...`` id, say) is not found.
+        """
+        found = await self._get_by_id(checkpoint_id)
+        return None if found is None else await self._decode(found[0], *found[1])
+
+    async def _get_by_id(
+        self, checkpoint_id: str
+    ) -> tuple[str, tuple[StoredCheckpoint, str]] | None:
+        """The run key and the live record with this id, if there is one."""
+        parsed = _lookup_id(checkpoint_id)
+        if parsed is None:
+            return None
+        key, _, sequence = parsed
+        found = await self._store.get(key, sequence, now=self.config.clock())
+        if found is None:
+            return None
+        _check_located(key, found[0], sequence)
+        if found[0].checkpoint_id != checkpoint_id:
+            return None  # the same place in a later incarnation of the run: not this one
+        return key, found
+
+    async def _decode(self, key: str, stored: StoredCheckpoint, status: str) -> Checkpoint:
+        header = self._codec.decode_header(stored.header, stored.key)
+        _check_located(key, stored)
+        _check_owner(key, stored, header)
+        metadata = self._metadata(stored, header, _reported_status(status, stored.key))
+        body = await self._decode_body(stored)
         return Checkpoint(metadata, body.state, body.messages, body.tool_calls, body.context)
+
+    async def _decode_body(self, stored: StoredCheckpoint) -> Payload:
+        if len(stored.payload) >= self.config.offload_min_bytes:
+            return await anyio.to_thread.run_sync(
+                lambda: self._codec.decode_payload(stored.payload, stored.key))
+        return self._codec.decode_payload(stored.payload, stored.key)
 
     def _metadata(
         self, stored: CheckpointHeader, header: Header, status: CheckpointStatus
@@ -442,8 +588,9 @@ class CheckpointManager:
             )
             if page and incarnation is not None and _incarnation(page[0]) != incarnation:
                 return []  # ``before`` came from a deleted incarnation of this run id
+            run_status = _listed_status(status, run_id)
             for stored in page:
-                metadata = self._listed(stored, status, now)
+                metadata = self._listed(key, stored, run_status, now)
                 if metadata is not None and wanted.issubset(metadata.tags) and (
                     step is None or metadata.step_name == step
                 ):
@@ -460,12 +607,13 @@ class CheckpointManager:
         return sequence, incarnation
 
     def _listed(
-        self, stored: CheckpointHeader, status: str | None, now: float
+        self, run_key: str, stored: CheckpointHeader, run_status: CheckpointStatus, now: float
     ) -> CheckpointMetadata | None:
         key = f"{stored.checkpoint_id} (header)"
         try:
             header = self._codec.decode_header(stored.header, key)
-            run_status = _status(status or CheckpointStatus.EXPIRED.value, key)
+            _check_located(run_key, stored)
+            _check_owner(run_key, stored, header)
         except CorruptCheckpointError:
             logger.warning("skipping corrupt checkpoint header %s", key, exc_info=True)
             return None
@@ -480,14 +628,15 @@ class CheckpointManager:
         page, status = await self._store.headers(key, before=sequence + 1, limit=1, now=now)
         if not page or page[0].checkpoint_id != checkpoint_id:
             return None
-        return self._listed(page[0], status, now)
+        return self._listed(key, page[0], _listed_status(status, checkpoint_id), now)
 
     async def lineage(self, checkpoint_id: str) -> list[CheckpointMetadata]:
         """The checkpoint and its ancestors, newest first, as far as retention kept them.
 
         Follows ``parent_id`` across forks into the source run. An unknown id gives ``[]``.
         """
-        _ids.require_checkpoint_id(checkpoint_id)
+        if _lookup_id(checkpoint_id) is None:
+            return []
         chain: list[CheckpointMetadata] = []
         seen: set[str] = set()
         current: str | None = checkpoint_id
@@ -506,8 +655,11 @@ class CheckpointManager:
     # -- delete and cleanup -----------------------------------------------------------------
 
     async def delete(self, checkpoint_id: str) -> bool:
-        """Delete one checkpoint; ``False`` if it did not exist."""
-        key, _, sequence = _ids.require_checkpoint_id(checkpoint_id)
+        """Delete one checkpoint; ``False`` if it did not exist (or is not one of our ids)."""
+        parsed = _lookup_id(checkpoint_id)
+        if parsed is None:
+            return False
+        key, _, sequence = parsed
         return await self._store.delete(key, sequence, checkpoint_id=checkpoint_id)
 
     async def delete_run(self, run_id: str) -> int:
@@ -544,15 +696,129 @@ class CheckpointManager:
 
     async def cleanup_expired(self) -> int:
         """Remove expired checkpoints, items and runs in bounded batches; returns checkpoints."""
-        removed = 0
+        return await purge_all(
+            self._store, clock=self.config.clock, batch_size=self.config.cleanup_batch_size)
+
+    # -- repair ---------------------------------------------------------------------------
+
+    async def repair(self, run_id: str | None = None) -> list[RepairReport]:
+        """Rebuild damaged run records from their runs' checkpoint logs; one report each.
+
+        With ``run_id`` only that run is checked; without, every run of the store (this reads
+        every run record: an operator's tool, not for hot paths). A damaged record (failing its
+        checksum, unreadable, contradicting the log) never hides intact checkpoints, but it
+        blocks creates and status changes until it is rebuilt. The rebuilt record takes what
+        the log holds (incarnation, latest sequence, count, expiry) and starts ACTIVE with a
+        history entry saying so; what lived only in the damaged record is listed in
+        :attr:`RepairReport.lost`. A record the store reads but whose run details (history,
+        approval, error) or status cannot be decoded is reset in place the same way, keeping a
+        readable status. An empty list means nothing was damaged. Raises
+        :class:`ConfigurationError` when the store cannot rebuild run records.
+        """
+        key = None if run_id is None else _ids.key_of(run_id)
+        store = self._store
+        if not isinstance(store, SupportsRepair):
+            raise ConfigurationError(
+                f"{type(store).__name__} cannot rebuild damaged run records (it does not "
+                "implement SupportsRepair)")
+        now = self.config.clock()
+        found = await store.damaged_runs(run_key=key, now=now)
+        reports = [await self._rebuild(store, damage, now) for damage in found]
+        if key is not None and found:
+            return reports  # the store's own record was damaged: rebuilt or reported already
+        async for record in self._run_records(key, now):
+            report = await self._reset_details(record, now)
+            if report is not None:
+                reports.append(report)
+        return reports
+
+    async def _run_records(self, key: str | None, now: float) -> AsyncIterator[RunRecord]:
+        """The live run record at ``key``, or every live run record of the store."""
+        if key is not None:
+            record = await self._store.get_run(key, now=now)
+            if record is not None and _ids.run_key(record.run_id) == key:
+                yield record
+            return
+        cursor: str | None = None
         while True:
-            count, done = await self._store.purge_expired(
-                now=self.config.clock(), limit=self.config.cleanup_batch_size
-            )
-            removed += count
-            if done:
-                return removed
-            await anyio.lowlevel.checkpoint()  # let other tasks run between batches
+            records, cursor = await self._store.list_runs(
+                status=None, limit=_REPAIR_PAGE, cursor=cursor, now=now)
+            for record in records:
+                yield record
+            if cursor is None:
+                return
+
+    async def _reset_details(self, record: RunRecord, now: float) -> RepairReport | None:
+        """Reset a run record whose details or status only the manager finds damaged (the
+        store keeps them as opaque bytes, so its own repair sees nothing wrong); compare-and-set,
+        so a record changed meanwhile is left alone. ``None`` if nothing is wrong."""
+        key = _ids.run_key(record.run_id)
+        where = f"run record of run key {key}"
+        problem = self._details_problem(record, where)
+        if problem is None:
+            return None
+        status_kept = _run_status(record.status) is not None
+        status = record.status if status_kept else CheckpointStatus.ACTIVE.value
+        data = RunData(history=[(status, now, "repair", f"run details rebuilt ({problem})")])
+        report = functools.partial(RepairReport, run_id=record.run_id, key=where,
+                                   problem=problem, checkpoints=record.checkpoint_count)
+        try:
+            await self._store.update_run(
+                key, incarnation=record.incarnation, version=record.version, status=status,
+                data=self._codec.encode_run_data(data), now=now)
+        except (ConflictError, CheckpointNotFound):
+            return report(outcome="not damaged", detail="the record changed meanwhile "
+                          "(another process rewrote, repaired or deleted it)")
+        return report(outcome="rebuilt",
+                      lost=list(_LOST_DETAILS if status_kept else _LOST_IN_REPAIR))
+
+    def _details_problem(self, record: RunRecord, where: str) -> str | None:
+        if _run_status(record.status) is None:
+            return f"unknown run status {record.status[:40]!r}"
+        try:
+            self._codec.decode_run_data(record.data, where)
+        except CorruptCheckpointError as exc:
+            return f"run details cannot be read: {exc}"
+        return None
+
+    async def _rebuild(
+        self, store: SupportsRepair, damage: RunDamage, now: float
+    ) -> RepairReport:
+        run_id = self._run_id_of(damage)
+        report = functools.partial(
+            RepairReport, run_id=run_id, key=damage.key, problem=damage.problem,
+            checkpoints=damage.checkpoints)
+        if run_id is None:
+            return report(outcome="unrecoverable", detail="no intact checkpoint names the run; "
+                          "nothing to rebuild from (delete_run removes what is left)")
+        note = f"run record rebuilt from {damage.checkpoints} checkpoints ({damage.problem})"
+        data = RunData(history=[(CheckpointStatus.ACTIVE.value, now, "repair", note)])
+        seed = RunRecord(
+            run_id=run_id, incarnation="", status=CheckpointStatus.ACTIVE.value,
+            created_at=now, updated_at=now, latest_sequence=0, checkpoint_count=0,
+            expires_at=None, data=self._codec.encode_run_data(data),
+        )
+        try:
+            await store.rebuild_run(damage.run_key, seed, now=now)
+        except ConflictError:
+            return report(outcome="not damaged", detail="the record is readable again "
+                          "(another process repaired, rewrote or deleted it)")
+        except CheckpointNotFound:
+            return report(outcome="unrecoverable",
+                          detail="no intact checkpoint is left to rebuild from")
+        return report(outcome="rebuilt", lost=list(_LOST_IN_REPAIR))
+
+    def _run_id_of(self, damage: RunDamage) -> str | None:
+        """The run id the newest intact checkpoint names, if it belongs to this run key."""
+        if damage.newest is None:
+            return None
+        try:
+            header = self._codec.decode_header(damage.newest.header, damage.key)
+        except CorruptCheckpointError:
+            return None
+        if _ids.run_key(header.run_id) != damage.run_key:
+            return None
+        return header.run_id
 
     # -- branching ------------------------------------------------------------------------
 
@@ -570,27 +836,29 @@ class CheckpointManager:
         Raises :class:`CheckpointNotFound` for an unknown source and :class:`ConflictError`
         when ``new_run_id`` already exists.
         """
-        key, _, sequence = _ids.require_checkpoint_id(checkpoint_id)
+        found = await self._get_by_id(checkpoint_id)
+        if found is None:
+            raise CheckpointNotFound(
+                f"checkpoint {checkpoint_id[:80]!r} does not exist (or expired)")
+        key, (source, _) = found
         now = self.config.clock()
-        found = await self._store.get(key, sequence, now=now)
-        if found is None or found[0].checkpoint_id != checkpoint_id:
-            raise CheckpointNotFound(f"checkpoint {checkpoint_id!r} does not exist (or expired)")
-        source, _ = found
         header = self._codec.decode_header(source.header, source.key)
+        _check_owner(key, source, header)
+        # Read before anything is written: a source that cannot be restored is not copied.
+        body = await self._decode_body(source)
         if new_run_id is None:
             new_run_id = f"{header.run_id}-fork-{_ids.new_incarnation()}"
         new_key = _ids.key_of(new_run_id)
         ttl = self._ttl(ttl_seconds, now)
         expires_at = None if ttl is None else now + ttl
         incarnation = _ids.new_incarnation()
+        new_header = Header(new_run_id, header.step_name, checkpoint_id, header.tags, ttl)
         record = StoredCheckpoint(
             sequence=0,
             checkpoint_id=_ids.checkpoint_id(new_key, incarnation, 0),
             created_at=now,
             expires_at=expires_at,
-            header=self._codec.encode_header(
-                Header(new_run_id, header.step_name, checkpoint_id, header.tags, ttl)
-            ),
+            header=self._codec.encode_header(new_header),
             payload=source.payload,
         )
         seed = RunRecord(
@@ -604,14 +872,26 @@ class CheckpointManager:
             )
         except SequenceConflict as exc:
             raise ConflictError(f"cannot fork into {new_run_id!r}: that run exists") from exc
-        self._remember(new_key, _Hint(0, incarnation, now, len(source.payload)))
-        return await self._decode(record, status)
+        self._remember(new_key, _Hint(0, incarnation, len(source.payload)))
+        metadata = self._metadata(record, new_header,
+                                  _reported_status(status, record.checkpoint_id))
+        return Checkpoint(metadata, body.state, body.messages, body.tool_calls, body.context)
 
     # -- runs -----------------------------------------------------------------------------
 
     async def get_run(self, run_id: str) -> RunInfo | None:
-        record = await self._store.get_run(_ids.key_of(run_id), now=self.config.clock())
+        key = _ids.key_of(run_id)
+        record = await self._read_run(key)
         return None if record is None else self._run_info(record)
+
+    async def _read_run(self, key: str, now: float | None = None) -> RunRecord | None:
+        """The live run record at ``key``; a record of another run found there is corrupt."""
+        record = await self._store.get_run(key, now=self.config.clock() if now is None else now)
+        if record is not None and _ids.run_key(record.run_id) != key:
+            raise CorruptCheckpointError(
+                f"the run record found here belongs to run {record.run_id[:80]!r}",
+                key=f"run record of run key {key}")
+        return record
 
     async def list_runs(
         self,
@@ -629,13 +909,24 @@ class CheckpointManager:
         records, next_cursor = await self._store.list_runs(
             status=wanted, limit=limit, cursor=cursor, now=self.config.clock()
         )
-        return RunPage([self._run_info(record) for record in records], next_cursor)
+        return RunPage([info for info in map(self._listed_run, records) if info is not None],
+                       next_cursor)
+
+    def _listed_run(self, record: RunRecord) -> RunInfo | None:
+        """The run for a listing; a record that cannot be read is logged and skipped, so it
+        never hides the others (:meth:`repair` rebuilds it)."""
+        try:
+            return self._run_info(record)
+        except CorruptCheckpointError:
+            logger.warning("skipping run %r in a listing: its record cannot be read (repair "
+                           "rebuilds it)", record.run_id[:80], exc_info=True)
+            return None
 
     async def count_runs(self, status: CheckpointStatus | str | None = None) -> int:
         wanted = None if status is None else _status_arg(status).value
         return await self._store.count_runs(status=wanted, now=self.config.clock())
 
-    # -- audit export (§3.8) -----------------------------------------------------------------
+    # -- audit export -----------------------------------------------------------------------
 
     def export_run(
         self,
@@ -693,7 +984,7 @@ class CheckpointManager:
 
     async def _readable(self, checkpoint_id: str) -> Checkpoint | str | None:
         """The checkpoint for an export, or why it cannot be read: one bad record must not
-        end the export of the others (§3.9)."""
+        end the export of the others."""
         try:
             return await self.restore_from(checkpoint_id)
         except (CorruptCheckpointError, SerializationError) as exc:
@@ -720,27 +1011,28 @@ class CheckpointManager:
             note=error, update=record_error,
         )
 
-    # -- human in the loop (§3.7) ------------------------------------------------------------
+    # -- human in the loop ------------------------------------------------------------------
 
     async def pause(
         self, run_id: str, request: Mapping[str, Any] | None = None
-    ) -> RunInfo | None:
+    ) -> RunInfo:
         """Ask for a human decision: record ``request`` and set the run PAUSED (from ACTIVE).
 
         Checkpoints nothing by itself. ``RunInfo.approval`` then holds ``{"request": ...,
         "requested_at": ...}``; ``list_runs(status=PAUSED)`` is the queue of pending requests.
-        ``None`` if there is no such run; :class:`ConflictError` if it is not ACTIVE (a paused
-        run already waits for a decision).
+        :class:`CheckpointNotFound` if there is no such run; :class:`ConflictError` if it is
+        not ACTIVE (a paused run already waits for a decision).
         """
         asked = _request(request)
 
         def record_request(data: RunData, now: float) -> None:
             data.approval = {"request": asked, "requested_at": now}
 
-        return await self._transition(
+        return _found(await self._transition(
             run_id, CheckpointStatus.PAUSED, allowed={CheckpointStatus.ACTIVE},
-            note=to_json_text(asked), update=record_request,
-        )
+            note=to_json_text(asked), update=record_request, must_exist=True,
+            refusal="cannot be paused: it is {status}, and only an active run can be",
+        ))
 
     async def approve(
         self,
@@ -749,14 +1041,14 @@ class CheckpointManager:
         approver: str,
         comment: str = "",
         requested_at: float | None = None,
-    ) -> RunInfo | None:
+    ) -> RunInfo:
         """Approve the pending request: the run becomes ACTIVE again, the decision recorded.
 
         ``RunInfo.approval`` gains ``decision="approved"``, ``decided_by``, ``decided_at`` and
         ``comment``; the status history names the approver. Pass the ``requested_at`` of the
         request the approver saw to make sure that is the one approved (else
-        :class:`ConflictError`). ``None`` if there is no such run; :class:`ConflictError` if
-        the run is not PAUSED.
+        :class:`ConflictError`). :class:`CheckpointNotFound` if there is no such run;
+        :class:`ConflictError` if the run is not PAUSED.
         """
         return await self._decide(run_id, CheckpointStatus.ACTIVE, "approved", approver,
                                   "comment", _text("comment", comment), requested_at)
@@ -768,12 +1060,12 @@ class CheckpointManager:
         approver: str,
         reason: str = "",
         requested_at: float | None = None,
-    ) -> RunInfo | None:
+    ) -> RunInfo:
         """Reject the pending request: the run becomes REJECTED (final), the decision recorded.
 
         Like :meth:`approve`, with ``decision="rejected"`` and ``reason``. Rejecting a run that
         is already REJECTED returns it unchanged (a retried call); any other status that is not
-        PAUSED is a :class:`ConflictError`.
+        PAUSED is a :class:`ConflictError`; a missing run is :class:`CheckpointNotFound`.
         """
         return await self._decide(run_id, CheckpointStatus.REJECTED, "rejected", approver,
                                   "reason", _text("reason", reason), requested_at)
@@ -787,7 +1079,7 @@ class CheckpointManager:
         note_name: str,
         note: str,
         requested_at: float | None,
-    ) -> RunInfo | None:
+    ) -> RunInfo:
         who = _text("approver", approver)
         if not who:
             raise ValidationError("approver must name who decides, got an empty string")
@@ -809,10 +1101,11 @@ class CheckpointManager:
                 {"decision": decision, "decided_by": who, "decided_at": now, note_name: note})
             data.approval = approval
 
-        return await self._transition(
+        return _found(await self._transition(
             run_id, target, allowed={CheckpointStatus.PAUSED}, actor=who, note=note,
             update=record_decision, guard=None if requested_at is None else same_request,
-        )
+            must_exist=True, refusal="is not awaiting approval (it is {status})",
+        ))
 
     async def _transition(
         self,
@@ -824,19 +1117,24 @@ class CheckpointManager:
         note: str = "",
         update: Callable[[RunData, float], None] | None = None,
         guard: Callable[[RunData], None] | None = None,
+        refusal: str = "",
+        must_exist: bool = False,
     ) -> RunInfo | None:
         """Compare-and-set the run's status; re-read and re-check on a lost race.
 
         The change goes into the status history with ``actor`` and ``note``; ``update`` records
         the rest (error, approval) in the run details, at the time of the change. ``guard``
         sees the run details first, before even a repeated final status returns the run
-        unchanged, and raises to refuse.
+        unchanged, and raises to refuse. ``refusal`` continues "run 'r' " to explain a status
+        not in ``allowed`` (``{status}`` is replaced by the run's status). A missing run gives
+        ``None``, or :class:`CheckpointNotFound` with ``must_exist``.
         """
         key = _ids.key_of(run_id)
         for _ in range(self.config.max_sequence_retries):
             now = self.config.clock()
-            record = await self._store.get_run(key, now=now)
+            record = await self._read_run(key, now)
             if record is None:
+                _missing_run(run_id, must_exist)
                 return None
             current = _status(record.status, key)
             data = self._codec.decode_run_data(record.data, key)
@@ -845,7 +1143,8 @@ class CheckpointManager:
             if current == target and target in _TERMINAL:
                 return self._run_info(record)
             if current not in allowed:
-                raise ConflictError(f"run {run_id!r} is {current}; it cannot become {target}")
+                why = refusal or "is {status}; it cannot become " + target.value
+                raise ConflictError(f"run {run_id!r} " + why.format(status=current.value))
             data.history.append((target.value, now, actor, note))
             if update is not None:
                 update(data, now)
@@ -856,7 +1155,8 @@ class CheckpointManager:
                     data=self._codec.encode_run_data(data), now=now,
                 )
             except CheckpointNotFound:
-                return None  # the run expired or was deleted since we read it
+                _missing_run(run_id, must_exist)
+                return None  # expired or deleted since read
             except ConflictError:
                 continue
             return self._run_info(updated)
@@ -947,7 +1247,7 @@ def _incarnation(stored: CheckpointHeader) -> str | None:
 
 def _spawn(run: Callable[[], Coroutine[Any, Any, None]]) -> object:
     """Start ``run`` as a background task of the current event loop; return a handle to keep."""
-    library = sniffio.current_async_library()
+    library = running_library()
     if library == "trio":
         import trio
 
@@ -967,6 +1267,35 @@ def _status(value: str, key: str) -> CheckpointStatus:
         raise CorruptCheckpointError(f"unknown run status {value!r}", key=key) from exc
 
 
+def _reported_status(value: str, where: str) -> CheckpointStatus:
+    """The run status to report with a checkpoint read or just written (``where``).
+
+    A status no run can have (a damaged run record) is logged and reported ACTIVE, as stores
+    report a run whose record they cannot read: the run's intact checkpoints stay readable,
+    and a create whose checkpoint is written never raises (its caller would write it twice).
+    """
+    status = _run_status(value)
+    if status is not None:
+        return status
+    logger.warning("the run of %s holds the unknown status %r, reported as active until "
+                   "repair resets its record", where, value[:40])
+    return CheckpointStatus.ACTIVE
+
+
+def _listed_status(value: str | None, where: str) -> CheckpointStatus:
+    """The run status a listing reports: EXPIRED when no live run holds the checkpoints."""
+    return CheckpointStatus.EXPIRED if value is None else _reported_status(value, where)
+
+
+def _run_status(value: str) -> CheckpointStatus | None:
+    """A run record's status, or ``None`` if it is none a run can have."""
+    try:
+        status = CheckpointStatus(value)
+    except ValueError:
+        return None
+    return None if status is CheckpointStatus.EXPIRED else status
+
+
 def _status_arg(value: CheckpointStatus | str) -> CheckpointStatus:
     try:
         return CheckpointStatus(value)
@@ -982,7 +1311,9 @@ def _mapping(name: str, value: object) -> dict[Any, Any]:
         return value
     if isinstance(value, Mapping):
         return dict(value)
-    raise ValidationError(f"{name} must be a dict, got {type(value).__name__}")
+    raise ValidationError(
+        f"{name} must be a dict, got {type(value).__name__}; convert it first (e.g. "
+        "dataclasses.asdict(obj), model.model_dump(), msgspec.structs.asdict(obj))")
 
 
 def _request(value: object) -> dict[str, Any]:
@@ -992,17 +1323,13 @@ def _request(value: object) -> dict[str, Any]:
         return {}
     if not isinstance(value, Mapping):
         raise ValidationError(f"request must be a dict, got {type(value).__name__}")
-    request = dict(value)
     try:
-        copied = from_json_text(to_json_text(request))
+        copied: dict[str, Any] = json_copy(dict(value), "request")
     except SerializationError as exc:
-        raise ValidationError(f"request must hold JSON values only: {exc}") from exc
-    if copied != request or not isinstance(copied, dict):
         raise ValidationError(
-            "request must hold JSON values only (dicts with str keys, lists, str, int, float, "
-            "bool, None); a tuple, UUID, date or bytes would come back as something else")
+            f"request must hold JSON values only (dicts with str keys, lists, str, int, float, "
+            f"bool, None): {exc}") from exc
     return copied
-
 
 
 def _sequence(name: str, value: object) -> list[Any]:
@@ -1034,3 +1361,54 @@ def _tags(tags: object) -> list[str]:
     for tag in result:
         _text("tags[]", tag)
     return result
+
+
+def _lookup_id(value: object, what: str = "checkpoint_id") -> tuple[str, str, int] | None:
+    """Where a checkpoint id points, or ``None`` for a string that is not one of our ids
+    (not found, as FastAgentic's docs expect); anything but a ``str`` is a mistake."""
+    if not isinstance(value, str):
+        raise ValidationError(f"{what} must be a str, got {type(value).__name__}")
+    return _ids.parse_checkpoint_id(value)
+
+
+def _where(run_key: str, stored: CheckpointHeader) -> str:
+    key = getattr(stored, "key", "")
+    return key or f"run key {run_key}, sequence {stored.sequence}"
+
+
+def _check_located(run_key: str, stored: CheckpointHeader, sequence: int | None = None) -> None:
+    """A record read from ``run_key`` (at ``sequence``) must say it lives there: a record
+    copied in from another run or slot is corrupt, never another run's data."""
+    parsed = _ids.parse_checkpoint_id(stored.checkpoint_id)
+    if (
+        parsed is None
+        or parsed[0] != run_key
+        or parsed[2] != stored.sequence
+        or (sequence is not None and stored.sequence != sequence)
+    ):
+        raise CorruptCheckpointError(
+            f"the record found here belongs elsewhere: it names checkpoint "
+            f"{stored.checkpoint_id[:80]!r} at sequence {stored.sequence}",
+            key=_where(run_key, stored),
+        )
+
+
+def _check_owner(run_key: str, stored: CheckpointHeader, header: Header) -> None:
+    """The run id inside a checkpoint must be the run it was read from."""
+    if _ids.run_key(header.run_id) != run_key:
+        raise CorruptCheckpointError(
+            f"the record found here belongs to run {header.run_id[:80]!r}",
+            key=_where(run_key, stored),
+        )
+
+
+def _missing_run(run_id: str, must_exist: bool) -> None:
+    """Raise :class:`CheckpointNotFound` for a missing run where the caller must name one."""
+    if must_exist:
+        raise CheckpointNotFound(f"run {run_id[:80]!r} does not exist (or expired)")
+
+
+def _found(info: RunInfo | None) -> RunInfo:
+    """The result of a transition made with ``must_exist``, which never gives ``None``."""
+    assert info is not None
+    return info

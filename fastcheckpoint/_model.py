@@ -15,6 +15,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointMetadata",
     "CheckpointStatus",
+    "RepairReport",
     "RunInfo",
     "StatusChange",
 ]
@@ -181,6 +182,36 @@ class RunInfo(msgspec.Struct, frozen=True, kw_only=True):
     ``comment``/``reason`` once decided. Every decision is also in ``history``."""
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     history: list[StatusChange] = msgspec.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = msgspec.to_builtins(self)
+        return result
+
+
+class RepairReport(msgspec.Struct, frozen=True, kw_only=True):
+    """One damaged run record found by :meth:`CheckpointManager.repair`, and what was done."""
+
+    run_id: str | None
+    """The run, as named by its newest intact checkpoint (``None`` when none is left)."""
+    key: str
+    """Where the damaged record lives in the store."""
+    problem: str
+    """Why the record could not be used."""
+    outcome: str
+    """``"rebuilt"`` (a new run record was derived from the checkpoint log), ``"not damaged"``
+    (the record was readable again by the time of the rebuild: another process repaired or
+    rewrote it) or ``"unrecoverable"`` (nothing left to rebuild from; see ``detail``)."""
+    checkpoints: int
+    """Intact checkpoints the run still holds (all restorable after a repair)."""
+    lost: list[str] = msgspec.field(default_factory=list)
+    """What the rebuilt record could not recover (it lived only in the damaged record)."""
+    detail: str = ""
+    """Why nothing was rebuilt, unless the outcome is ``"rebuilt"``."""
+
+    @property
+    def repaired(self) -> bool:
+        """Whether the run is usable now (rebuilt here, or found repaired)."""
+        return self.outcome != "unrecoverable"
 
     def to_dict(self) -> dict[str, Any]:
         result: dict[str, Any] = msgspec.to_builtins(self)

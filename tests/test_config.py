@@ -1,4 +1,4 @@
-"""Configuration (SPEC §2, §3.11, §4): defaults, validation, the retry policy, the environment."""
+"""Configuration: defaults, validation, the retry policy, the environment."""
 
 from __future__ import annotations
 
@@ -355,7 +355,7 @@ def test_manager_from_env_with_a_bad_setting_raises_configuration_error() -> Non
 
 
 def test_manager_from_env_accepts_checkpoint_mode_development() -> None:
-    # §4: teams migrating from the DynamoDB+S3 deployment pattern set CHECKPOINT_MODE instead.
+    # Teams migrating from the DynamoDB+S3 deployment pattern set CHECKPOINT_MODE instead.
     manager = CheckpointManager.from_env(
         {"CHECKPOINT_MODE": "development", "CHECKPOINT_TTL_DAYS": "90"}
     )
@@ -376,6 +376,19 @@ def test_open_store_unknown_scheme_raises_configuration_error(url: str) -> None:
 def test_open_store_rejects_a_non_url(url: Any) -> None:
     with pytest.raises(ConfigurationError):
         open_store(url)
+
+
+def test_open_store_malformed_url_raises_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="malformed store URL"):
+        open_store("redis://[::1")
+
+
+def test_unknown_setting_suggests_the_nearest_one() -> None:
+    with pytest.raises(ConfigurationError, match="did you mean FASTCHECKPOINT_DEFAULT_TTL_SECONDS"):
+        CheckpointConfig.from_env({"FASTCHECKPOINT_DEFAULT_TTL_SECOND": "5"})
+    with pytest.raises(ConfigurationError) as caught:
+        CheckpointConfig.from_env({"FASTCHECKPOINT_ZZZ": "5"})
+    assert "did you mean" not in str(caught.value)
 
 
 def test_open_store_memory_url_gives_a_memory_store() -> None:
@@ -488,3 +501,15 @@ def test_available_schemes_lists_every_bundled_store() -> None:
         schemes
     )
     assert schemes == sorted(schemes)
+
+
+def test_a_registered_store_without_its_package_names_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import fastcheckpoint.stores as stores_module
+
+    monkeypatch.setattr(stores_module, "_REGISTRY", dict(stores_module._REGISTRY))
+    register_store("thirdparty", "fc_thirdparty_store_not_installed:Store")
+
+    with pytest.raises(ConfigurationError, match="pip install fc_thirdparty_store_not_installed"):
+        open_store("thirdparty://x")

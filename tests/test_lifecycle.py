@@ -1,4 +1,4 @@
-"""The cleanup loop (SPEC §3.10): started by start()/async with, structured, logs and keeps going.
+"""The cleanup loop: started by start()/async with, structured, logs and keeps going.
 
 Runs on asyncio and trio against both bundled stores. The loop runs every 10 ms; tests wait for
 its effect by polling under a deadline, and expiry comes from moving a fake clock.

@@ -1,4 +1,5 @@
-"""CheckpointManager semantics (SPEC §2, §3.1-§3.9) on every bundled store.
+"""CheckpointManager semantics (API, sequencing, ids, expiry, pruning, status, serialization)
+on every bundled store.
 
 Each test runs against MemoryStore and FileStore, on asyncio and on trio. Time is a fake clock
 moved by hand; nothing sleeps to wait for expiry.
@@ -46,6 +47,7 @@ from fastcheckpoint import (
     SequenceConflict,
     SerializationError,
     ValidationError,
+    _export,
     _ids,
 )
 from fastcheckpoint.stores import RunRecord, StoredCheckpoint
@@ -208,12 +210,35 @@ async def test_restore_from_unknown_id_returns_none(manager: CheckpointManager) 
         assert await manager.restore_from(other_sequence(checkpoint.checkpoint_id, 7)) is None
 
 
-@pytest.mark.parametrize("bad_id", ["", "nope", "ck-abc-def-1", 42, None])
-async def test_restore_from_malformed_id_raises_validation_error(
+FOREIGN_IDS = ["", "nope", "ckpt-abc123", "ck-abc-def-1", "ck-" + "a" * 24 + "-aaaaaaaa-x"]
+
+
+@pytest.mark.parametrize("foreign", FOREIGN_IDS)
+async def test_foreign_id_strings_are_not_found(manager: CheckpointManager, foreign: str) -> None:
+    # FastAgentic's docs call restore_from("ckpt-abc123"); migrating users hold such ids.
+    with anyio.fail_after(10):
+        await create(manager)
+        assert await manager.restore_from(foreign) is None
+        assert await manager.delete(foreign) is False
+        assert await manager.lineage(foreign) == []
+        with pytest.raises(CheckpointNotFound):
+            await manager.fork(foreign, "forked")
+        with pytest.raises(CheckpointNotFound):
+            await manager.create(RUN, {"n": 1}, parent_id=foreign)
+        await _assert_nothing_written(manager, [0])
+
+
+@pytest.mark.parametrize("bad_id", [42, None, b"ck-x", 1.5])
+async def test_non_str_ids_raise_validation_error(
     manager: CheckpointManager, bad_id: Any
 ) -> None:
-    with anyio.fail_after(10), pytest.raises(ValidationError):
-        await manager.restore_from(bad_id)
+    with anyio.fail_after(10):
+        for call in (manager.restore_from, manager.delete, manager.lineage, manager.fork):
+            with pytest.raises(ValidationError):
+                await call(bad_id)
+        if bad_id is not None:  # parent_id=None means "the latest"
+            with pytest.raises(ValidationError):
+                await manager.create(RUN, {"n": 1}, parent_id=bad_id)
 
 
 async def test_list_checkpoints_newest_first_with_limit(manager: CheckpointManager) -> None:
@@ -359,7 +384,7 @@ async def test_fastagentic_names_and_call_shapes_work() -> None:
     assert deleted == 1
 
 
-# -- sequencing (§3.1) --------------------------------------------------------------------------
+# -- sequencing --------------------------------------------------------------------------------
 
 
 async def test_twenty_concurrent_creates_on_one_manager_get_gap_free_unique_sequences(
@@ -515,7 +540,7 @@ async def test_sequence_conflicts_retry_at_once_then_pause_briefly(
     assert all(0 <= pause <= ceiling for pause, ceiling in zip(pauses, ceilings, strict=True))
 
 
-# -- parents (§3.5) -----------------------------------------------------------------------------
+# -- parents -----------------------------------------------------------------------------------
 
 
 async def test_parent_id_defaults_to_the_previous_checkpoint(manager: CheckpointManager) -> None:
@@ -589,8 +614,8 @@ async def test_parent_id_for_a_run_without_checkpoints_raises_checkpoint_not_fou
         await _assert_nothing_written(manager, [])
 
 
-@pytest.mark.parametrize("bad_parent", ["", "not-an-id", 17])
-async def test_malformed_parent_id_raises_validation_error(
+@pytest.mark.parametrize("bad_parent", [17, ["ck"]])
+async def test_non_str_parent_id_raises_validation_error(
     manager: CheckpointManager, bad_parent: Any
 ) -> None:
     with anyio.fail_after(10):
@@ -621,7 +646,7 @@ async def test_expired_parent_id_raises_checkpoint_not_found(
         assert await manager.restore(RUN) is None
 
 
-# -- TTL and expiry (§3.3) ----------------------------------------------------------------------
+# -- TTL and expiry ----------------------------------------------------------------------------
 
 
 async def test_ttl_seconds_per_create_sets_expires_at(
@@ -776,7 +801,7 @@ async def test_cleanup_expired_removes_expired_checkpoints_and_returns_the_count
         assert await manager.restore(OTHER) == kept
 
 
-# -- pruning (§3.4) -----------------------------------------------------------------------------
+# -- pruning -----------------------------------------------------------------------------------
 
 
 async def test_max_checkpoints_per_run_keeps_the_newest_n(
@@ -880,7 +905,7 @@ async def test_checkpoint_interval_throttles_and_force_bypasses_it(
         assert later.metadata.sequence == 2
 
 
-# -- ids of deleted runs (§3.2) -----------------------------------------------------------------
+# -- ids of deleted runs -----------------------------------------------------------------------
 
 
 async def test_restore_from_id_of_a_deleted_run_never_returns_the_reused_runs_checkpoint(
@@ -900,7 +925,7 @@ async def test_restore_from_id_of_a_deleted_run_never_returns_the_reused_runs_ch
         assert await manager.restore_from(new.checkpoint_id) == new
 
 
-# -- isolation (§3.9) ---------------------------------------------------------------------------
+# -- isolation ---------------------------------------------------------------------------------
 
 
 async def test_mutating_inputs_after_create_never_changes_what_is_restored(
@@ -958,7 +983,7 @@ async def test_mutating_the_checkpoint_create_returned_never_changes_the_store(
     assert restored.messages == []
 
 
-# -- serialization (§3.9) -----------------------------------------------------------------------
+# -- serialization -----------------------------------------------------------------------------
 
 
 class Opaque:
@@ -1264,7 +1289,7 @@ async def test_hostile_run_ids_work_and_stay_distinct(
     assert entries(tmp_path) in ([], ["store"])  # nothing escaped the store's directory
 
 
-# -- status (§3.6) ------------------------------------------------------------------------------
+# -- status ------------------------------------------------------------------------------------
 
 
 async def test_mark_completed_twice_is_fine(manager: CheckpointManager) -> None:
@@ -1412,7 +1437,7 @@ async def test_get_run_reports_its_fields(manager: CheckpointManager, clock: Fak
     assert failed.history[-1].note == "tool crashed"
 
 
-# -- human in the loop (§3.7) -------------------------------------------------------------------
+# -- human in the loop -------------------------------------------------------------------------
 
 
 async def test_pause_records_the_request_and_queues_the_run_without_checkpointing(
@@ -1542,7 +1567,7 @@ async def test_deciding_on_a_run_that_is_not_paused_is_a_conflict(
 ) -> None:
     with anyio.fail_after(10):
         await create(manager)
-        with pytest.raises(ConflictError, match="active"):
+        with pytest.raises(ConflictError, match=r"is not awaiting approval \(it is active\)"):
             await getattr(manager, decide)(RUN, approver="ana")
         run = await manager.get_run(RUN)
 
@@ -1569,13 +1594,16 @@ async def test_a_paused_or_finished_run_cannot_be_paused(manager: CheckpointMana
     assert run.approval["request"] == {"n": 1}  # the pending request was not replaced
 
 
-async def test_human_in_the_loop_calls_on_an_unknown_run_return_none(
+async def test_human_in_the_loop_calls_on_an_unknown_run_raise_not_found(
     manager: CheckpointManager,
 ) -> None:
     with anyio.fail_after(10):
-        assert await manager.pause(RUN, request={"a": 1}) is None
-        assert await manager.approve(RUN, approver="ana") is None
-        assert await manager.reject(RUN, approver="ana") is None
+        with pytest.raises(CheckpointNotFound, match="does not exist"):
+            await manager.pause(RUN, request={"a": 1})
+        with pytest.raises(CheckpointNotFound):
+            await manager.approve(RUN, approver="ana")
+        with pytest.raises(CheckpointNotFound):
+            await manager.reject(RUN, approver="ana")
         assert await manager.get_run(RUN) is None
 
 
@@ -1603,6 +1631,15 @@ async def test_a_request_that_is_not_json_is_refused_and_nothing_changes(
     assert run is not None
     assert run.status is CheckpointStatus.ACTIVE
     assert run.approval is None
+
+
+async def test_a_refused_request_names_the_path_of_the_bad_value(
+    manager: CheckpointManager,
+) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        with pytest.raises(ValidationError, match=r"request\['steps'\]\[1\] is a builtins.tuple"):
+            await manager.pause(RUN, request={"steps": [1, ("a", "b")]})
 
 
 @pytest.mark.parametrize("approver", ["", None, 7])
@@ -1642,7 +1679,7 @@ async def test_concurrent_approve_and_reject_from_two_managers_let_exactly_one_d
     assert [change.status for change in run.history] == [CheckpointStatus.PAUSED, winners[0]]
 
 
-# -- audit export (§3.8) -------------------------------------------------------------------------
+# -- audit export ------------------------------------------------------------------------------
 
 
 async def export(manager: CheckpointManager, run_id: str = RUN, **options: Any) -> list[str]:
@@ -1674,10 +1711,21 @@ async def test_json_export_holds_the_run_and_every_checkpoint_newest_first(
     listed = await manager.list_checkpoints(RUN)
 
     assert run is not None
-    assert document["run"] == json.loads(json.dumps(run.to_dict()))
+    expected_run = json.loads(json.dumps(run.to_dict()))
+    for name in ("created_at", "updated_at"):
+        expected_run[name] = _export.when(expected_run[name])
+    for change in expected_run["history"]:
+        change["at"] = _export.when(change["at"])
+    for name in ("requested_at", "decided_at"):
+        expected_run["approval"][name] = _export.when(expected_run["approval"][name])
+    assert document["run"] == expected_run
+    assert document["run"]["created_at"].endswith("Z")
     assert document["run"]["approval"]["decided_by"] == "ana@example.com"
     assert [c["status"] for c in document["run"]["history"]] == ["paused", "active"]
-    assert document["checkpoints"] == [metadata.to_dict() for metadata in listed]
+    assert document["checkpoints"] == [
+        {**metadata.to_dict(), "created_at": _export.when(metadata.created_at)}
+        for metadata in listed
+    ]
     assert [c["sequence"] for c in document["checkpoints"]] == [2, 1, 0]
     assert "content" not in document["checkpoints"][0]
 
@@ -1918,7 +1966,7 @@ async def test_count_runs_counts_live_runs_by_status(manager: CheckpointManager)
         assert await manager.count_runs() == 2
 
 
-# -- fork and lineage (§3.5) --------------------------------------------------------------------
+# -- fork and lineage --------------------------------------------------------------------------
 
 
 async def test_fork_starts_a_new_run_from_a_copy_of_the_checkpoint(
@@ -2068,7 +2116,7 @@ async def test_list_checkpoints_before_an_id_of_another_run_raises_validation_er
             await manager.list_checkpoints(RUN, before=foreign.checkpoint_id)
 
 
-# -- corrupt records (§3.9) ---------------------------------------------------------------------
+# -- corrupt records ---------------------------------------------------------------------------
 
 
 async def append_raw(

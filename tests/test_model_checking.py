@@ -1,10 +1,11 @@
-"""Model checking (SPEC §7): hypothesis drives a CheckpointManager against a reference model.
+"""Model checking: hypothesis drives a CheckpointManager against a reference model.
 
 A ``RuleBasedStateMachine`` runs random sequences of creates, restores, deletes, status
 changes, clock moves and cleanups on a real manager (over MemoryStore or a FileStore in a fresh
-directory) and on a small pure-Python model of the semantics in SPEC §3.1-§3.6, and checks after
-every step that both agree on what ``restore``, ``restore_from``, ``list_checkpoints`` and
-``get_run`` report. Each machine keeps one blocking portal (an event loop in a thread) for its
+directory) and on a small pure-Python model of the semantics docs/concepts.md states
+(sequencing, ids, expiry, pruning, parents, status), and checks after every step that both
+agree on what ``restore``, ``restore_from``, ``list_checkpoints`` and ``get_run`` report.
+Each machine keeps one blocking portal (an event loop in a thread) for its
 lifetime; every step is one call through it.
 """
 
@@ -125,13 +126,15 @@ class Model:
         if run is None:
             return 0, None, ACTIVE
         sequence = run.latest_sequence + 1
-        return sequence, run.ids.get(sequence - 1), run.status
+        return sequence, run.ids.get(sequence - 1), ACTIVE if run.status is FAILED else run.status
 
     def append(self, checkpoint: ModelCheckpoint) -> None:
         now = self.clock.now
         run = self.live_run(checkpoint.run_id)
         if run is None:  # a new run, or a new incarnation replacing an expired one
             run = self.runs[checkpoint.run_id] = ModelRun(expires_at=checkpoint.expires_at)
+        if run.status is FAILED:
+            run.status = ACTIVE  # a create resumes a failed run
         run.latest_sequence = checkpoint.sequence
         run.expires_at = _later(run.expires_at, checkpoint.expires_at)
         run.held[checkpoint.sequence] = checkpoint
