@@ -28,7 +28,9 @@ def _split(values: Sequence[str] | None) -> list[str] | None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Benchmark fastcheckpoint stores (SPEC §7 workloads W1-W6).",
+        description="Benchmark fastcheckpoint stores on workloads W1-W6 (sequential, "
+                    "concurrent, large, pruning, scaling, multi-process; docs/benchmarks.md "
+                    "describes each).",
     )
     parser.add_argument(
         "--store", action="append", metavar="URL[,URL...]",

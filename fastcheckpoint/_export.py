@@ -1,8 +1,11 @@
-"""Audit export of one run (SPEC §3.8): JSON, Markdown or CSV, produced as a stream of text.
+"""Audit export of one run: JSON, Markdown or CSV, produced as a stream of text.
 
 The renderers take the run record and an async iterator of its checkpoints (metadata, and the
 checkpoint itself when state is exported) and yield text chunks, one record at a time, so a
 long run never has to fit in memory. The manager feeds them page by page.
+
+Every time in every format is ISO 8601 in UTC with microseconds (``when``): an audit file is
+read by people and by tools that parse dates, and epoch floats suit neither.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import io
+import math
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
@@ -27,17 +31,66 @@ Entry = tuple[CheckpointMetadata, Checkpoint | str | None]
 between listing and reading, or the reason it could not be read (a corrupt record)."""
 Renderer = Callable[[RunInfo, AsyncIterator[Entry], bool], AsyncGenerator[str, None]]
 
+_UNIX_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+_FIRST, _PAST_LAST = -62_135_596_800.0, 253_402_300_800.0
+"""Epoch seconds of 0001-01-01 and 10000-01-01: the range ``datetime`` can show."""
+_CYCLE = 146_097 * 86_400
+"""Seconds in 400 Gregorian years: the calendar repeats exactly, weekdays included."""
+_APPROVAL_TIMES = ("requested_at", "decided_at")
+
 
 def when(epoch: float | None) -> str:
-    """ISO 8601 in UTC with milliseconds, ``Z`` suffix; empty for ``None``; epoch seconds for
-    a time no calendar date can show (a TTL of thousands of years)."""
+    """``2026-12-03T07:34:55.123456Z``: ISO 8601, UTC, microseconds; empty for ``None``.
+
+    A time past the year 9999 (a TTL of millennia) gets an expanded year (``+33658-09-...``),
+    as ISO 8601 allows: shifted by whole 400-year cycles into the range ``datetime`` can show,
+    formatted, and the year put back.
+    """
     if epoch is None:
         return ""
-    try:
-        moment = _dt.datetime.fromtimestamp(epoch, tz=_dt.timezone.utc)
-    except (ValueError, OverflowError, OSError):
-        return f"{epoch:.3f} (epoch seconds)"
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if not math.isfinite(epoch):
+        return str(epoch)
+    shift = 0.0 if _FIRST <= epoch < _PAST_LAST else epoch - epoch % _CYCLE
+    cycles = int(shift // _CYCLE)
+    moment = _UNIX_EPOCH + _dt.timedelta(seconds=epoch - shift)
+    text = moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    if not cycles:
+        return text
+    year = moment.year + 400 * cycles
+    return f"{'+' if year > 0 else '-'}{abs(year):04d}{text[4:]}"
+
+
+def _time(epoch: object) -> object:
+    """``epoch`` as :func:`when` writes it; ``None`` (never) and non-numbers unchanged."""
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
+        return epoch
+    return when(epoch)
+
+
+def _approval(approval: dict[str, Any] | None) -> dict[str, Any] | None:
+    if approval is None:
+        return None
+    return {key: _time(value) if key in _APPROVAL_TIMES else value
+            for key, value in approval.items()}
+
+
+def _run_document(run: RunInfo) -> dict[str, Any]:
+    """``RunInfo.to_dict()`` with every time (run, status history, approval) as :func:`when`."""
+    document = run.to_dict()
+    for name in ("created_at", "updated_at", "expires_at"):
+        document[name] = _time(document[name])
+    for change in document["history"]:
+        change["at"] = _time(change["at"])
+    document["approval"] = _approval(run.approval)
+    return document
+
+
+def _checkpoint_document(metadata: CheckpointMetadata) -> dict[str, Any]:
+    """``CheckpointMetadata.to_dict()`` with ``created_at`` and ``expires_at`` as :func:`when`."""
+    document = metadata.to_dict()
+    document["created_at"] = _time(metadata.created_at)
+    document["expires_at"] = _time(metadata.expires_at)
+    return document
 
 
 def json_text(value: Any) -> str:
@@ -89,10 +142,10 @@ def _content(checkpoint: Checkpoint | str | None) -> dict[str, Any] | None:
 async def _json(
     run: RunInfo, entries: AsyncIterator[Entry], with_state: bool
 ) -> AsyncGenerator[str, None]:
-    yield '{"run": ' + json_text(run.to_dict()) + ',\n "checkpoints": ['
+    yield '{"run": ' + json_text(_run_document(run)) + ',\n "checkpoints": ['
     separator = "\n  "
     async for metadata, checkpoint in entries:
-        record: dict[str, Any] = metadata.to_dict()
+        record = _checkpoint_document(metadata)
         if with_state:
             record["content"] = _content(checkpoint)
         yield separator + json_text(record)
@@ -122,7 +175,7 @@ async def _csv(
         "data": json_text({
             "run_id": run.run_id, "updated_at": when(run.updated_at),
             "latest_sequence": run.latest_sequence, "checkpoint_count": run.checkpoint_count,
-            "approval": run.approval, "metadata": run.metadata,
+            "approval": _approval(run.approval), "metadata": run.metadata,
         }),
     })
     for change in run.history:
@@ -186,7 +239,7 @@ async def _markdown(
     if run.metadata:
         yield "\n## Run metadata\n\n" + _block(run.metadata)
     if run.approval is not None:
-        yield "\n## Approval\n\n" + _block(run.approval)
+        yield "\n## Approval\n\n" + _block(_approval(run.approval))
     if run.history:
         lines = ["", "## Status history", "", "| at | status | by | note |",
                  "| --- | --- | --- | --- |"]

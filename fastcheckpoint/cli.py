@@ -5,12 +5,11 @@ doctor`` work on the store of ``--url`` (default: ``FASTCHECKPOINT_URL``, or
 ``CHECKPOINT_MODE`` as :meth:`CheckpointManager.from_env` reads it), with the rest of the
 configuration from ``FASTCHECKPOINT_*``. They print tables for people and JSON with ``--json``.
 ``fastcheckpoint init URL`` creates what a store needs (idempotent). ``fastcheckpoint bench``
-runs the benchmark suite, which lives in the repository's ``benchmarks/`` (an editable install
-of a checkout has it).
+runs the benchmark suite, which ships in the source distribution, not in the installed package.
 
 Exit codes: 0 done, 1 the store failed, 2 bad usage or configuration, 3 no such run or
 checkpoint, 4 the run's status does not allow the change (e.g. approving a run that is not
-paused).
+paused), 5 ``doctor --repair`` found damage it could not repair.
 """
 
 from __future__ import annotations
@@ -20,21 +19,22 @@ import contextlib
 import os
 import re
 import secrets
+import shlex
 import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 from urllib.parse import urlsplit
 
 import anyio
 import msgspec
 
-from fastcheckpoint import _ids
+from fastcheckpoint import __version__, _ids
 from fastcheckpoint._config import CheckpointConfig
 from fastcheckpoint._export import FORMATS, json_text, when
 from fastcheckpoint._manager import CheckpointManager, _store_url
-from fastcheckpoint._model import CheckpointStatus
+from fastcheckpoint._model import Checkpoint, CheckpointStatus, RepairReport, RunInfo
 from fastcheckpoint.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -42,7 +42,7 @@ from fastcheckpoint.errors import (
     ConflictError,
     ValidationError,
 )
-from fastcheckpoint.stores import SupportsProvision, open_store
+from fastcheckpoint.stores import CheckpointStore, SupportsProvision, open_store
 from fastcheckpoint.stores.file import parse_file_url
 
 __all__ = ["main"]
@@ -52,30 +52,60 @@ EXIT_STORE = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_CONFLICT = 4
+EXIT_DAMAGED = 5
+"""``doctor --repair`` found a damaged run record it could not rebuild: the store answered,
+so retrying will not help; a person has to look (the report says why)."""
+
+_EXIT_CODES = ("Exit codes: 0 done, 1 the store failed, 2 bad usage or configuration, 3 no such "
+               "run or checkpoint, 4 the run's status does not allow the change, 5 doctor "
+               "--repair found damage it could not repair.")
+_RUNS_PAGE = 50
+_REQUEST_WIDTH = 60
+"""Characters of a pending request shown in the approval queue (``show`` prints it whole)."""
 
 Action = Callable[[CheckpointManager, argparse.Namespace], Awaitable[int]]
 
 
-async def _init(url: str) -> str:
+# -- init -----------------------------------------------------------------------------------------
+
+
+async def _init(url: str) -> tuple[bool, list[str] | None]:
+    """Whether the store has anything to provision, and what ``provision()`` reports it did
+    (``None`` from a store that reports nothing)."""
     store = open_store(url)
     try:
         if not isinstance(store, SupportsProvision):
-            return f"{url}: nothing to provision (the store creates what it needs on first use)"
-        await store.provision()
-        return f"{url}: provisioned (tables, buckets, indexes, TTL and lifecycle as needed)"
+            return False, None
+        # Stores report what they did as a list of lines; older ones return None.
+        provision = cast(Callable[[], Awaitable[object]], store.provision)
+        done = await provision()
     finally:
         await store.aclose()
+    if done is None:
+        return True, None
+    return True, [str(line) for line in cast(Sequence[object], done)]
 
 
 def _run_init(args: argparse.Namespace) -> int:
+    shown = _redacted(args.url)
     try:
-        print(anyio.run(_init, args.url))
+        if _file_store_path(args.url) == "":
+            return _fail(_NO_DIRECTORY.format(url=args.url), EXIT_USAGE)
+        provisioned, done = anyio.run(_init, args.url)
     except ConfigurationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(_without_password(str(exc), args.url), EXIT_USAGE)
     except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_STORE
+        return _fail(_without_password(str(exc), args.url), EXIT_STORE)
+    except ValueError as exc:  # a URL too malformed to take apart
+        return _fail(f"bad store URL {shown!r}: {exc}", EXIT_USAGE)
+    if args.json:
+        _print_json({"store": shown, "provisioned": provisioned, "actions": done})
+    elif not provisioned:
+        print(f"{shown}: nothing to provision (the store creates what it needs on first use)")
+    elif done is None:
+        print(f"{shown}: provisioned (tables, buckets, indexes, TTL and lifecycle as needed)")
+    else:
+        print(f"{shown}: provisioned" + "".join(f"\n  {line}" for line in done))
     return EXIT_OK
 
 
@@ -101,9 +131,108 @@ def _flat(text: str) -> str:
     return re.sub(r"[\r\n\t\v\f]", " ", text)
 
 
+def _clipped(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _duration(seconds: float) -> str:
+    """``3d 4h``, ``2h 05m``, ``4m 12s``, ``12s``: how long, to the two largest units."""
+    total = max(0, int(seconds))
+    days, rest = divmod(total, 86_400)
+    hours, rest = divmod(rest, 3_600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
 def _fail(message: str, code: int) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
+
+
+class _Progress:
+    """A one-line count on stderr while a long command runs, only when a person watches.
+
+    ``shown`` says whether one does: stderr is a terminal, and (for a command that streams
+    its output) the output does not go to that terminal too. ``total`` is what the store said
+    before the work started; work done meanwhile by others may end the count above or below.
+    """
+
+    def __init__(self, label: str, unit: str, total: int | None, *, shown: bool) -> None:
+        self._label = label
+        self._unit = unit
+        self._total = total
+        self._shown = shown
+        self._count = 0
+        self._last: float | None = None
+
+    @staticmethod
+    def watched(*, output_is_terminal: bool) -> bool:
+        return sys.stderr.isatty() and not output_is_terminal
+
+    def add(self, count: int) -> None:
+        self._count += count
+        now = time.monotonic()
+        if self._shown and (self._last is None or now - self._last >= 0.2):
+            self._last = now
+            sys.stderr.write(f"\r{self._line()}")
+            sys.stderr.flush()
+
+    def close(self, *, ok: bool) -> None:
+        if self._shown:
+            sys.stderr.write(f"\r{self._line()}, {'done' if ok else 'stopped'}\n")
+            sys.stderr.flush()
+
+    def _line(self) -> str:
+        if self._total is None:
+            return f"{self._label}: {self._count:,} {self._unit}"
+        total = max(self._total, self._count)
+        percent = 100 * self._count // total if total else 100
+        return f"{self._label}: {self._count:,} of {total:,} {self._unit} ({percent}%)"
+
+
+class _Watched:
+    """A store whose checkpoint listings and deletions are counted, for progress lines.
+
+    Everything else is the store's own: attributes pass through, so capability checks see
+    what the real store offers.
+    """
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        *,
+        listed: Callable[[int], None] | None = None,
+        deleted: Callable[[int], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._listed = listed
+        self._deleted = deleted
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def headers(self, run_key: str, **options: Any) -> Any:
+        page, status = await self._store.headers(run_key, **options)
+        if self._listed is not None:
+            self._listed(len(page))
+        return page, status
+
+    async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
+        deleted = await self._store.delete(run_key, sequence, checkpoint_id=checkpoint_id)
+        if deleted and self._deleted is not None:
+            self._deleted(1)
+        return deleted
+
+
+def _watched_manager(manager: CheckpointManager, store: _Watched) -> CheckpointManager:
+    """A manager like ``manager`` on the watched store; ``manager`` still closes the store."""
+    return CheckpointManager(cast(CheckpointStore, store), config=manager.config)
 
 
 # -- commands on a store --------------------------------------------------------------------------
@@ -115,41 +244,107 @@ async def _runs(manager: CheckpointManager, args: argparse.Namespace) -> int:
         _print_json({"runs": [run.to_dict() for run in page],
                      "next_cursor": page.next_cursor})
         return EXIT_OK
-    _table(("RUN", "STATUS", "CREATED", "UPDATED", "LATEST", "HELD"),
-           [(run.run_id, run.status.value, when(run.created_at), when(run.updated_at),
-             run.latest_sequence, run.checkpoint_count) for run in page], sys.stdout)
+    if args.status == CheckpointStatus.PAUSED.value:
+        now = manager.config.clock()
+        _table(("RUN", "REQUESTED", "WAITING", "REQUEST"),
+               [(run.run_id, *_pending(run, now)) for run in page], sys.stdout)
+    else:
+        _table(("RUN", "STATUS", "CREATED", "UPDATED", "LATEST", "HELD"),
+               [(run.run_id, run.status.value, when(run.created_at), when(run.updated_at),
+                 run.latest_sequence, run.checkpoint_count) for run in page], sys.stdout)
     if page.next_cursor:
-        print(f"more: fastcheckpoint runs --cursor {page.next_cursor}")
+        print("more: " + _next_page(args, page.next_cursor))
     return EXIT_OK
 
 
+def _pending(run: RunInfo, now: float, width: int = _REQUEST_WIDTH) -> tuple[str, str, str]:
+    """When the run's approval request was made, how long it has waited, the request."""
+    approval = run.approval or {}
+    requested_at = approval.get("requested_at")
+    if not isinstance(requested_at, (int, float)):
+        return "-", "-", "-"
+    request = _flat(json_text(approval.get("request")))
+    return when(requested_at), _duration(now - requested_at), _clipped(request, width)
+
+
+def _next_page(args: argparse.Namespace, cursor: str) -> str:
+    """The command for the next page: the same store, status and page size."""
+    words = ["fastcheckpoint", "runs"]
+    if args.url:
+        words += ["--url", _redacted(args.url)]
+    if args.status:
+        words += ["--status", args.status]
+    words += ["--limit", str(args.limit), "--cursor", cursor]
+    return shlex.join(words)
+
+
 async def _show(manager: CheckpointManager, args: argparse.Namespace) -> int:
-    checkpoint = await manager.restore(args.run)
+    wanted: str = args.target
+    is_checkpoint_id = _ids.parse_checkpoint_id(wanted) is not None
+    if is_checkpoint_id and args.seq is not None:
+        return _fail("--seq goes with a run id; a checkpoint id names its checkpoint already",
+                     EXIT_USAGE)
+    if is_checkpoint_id:
+        checkpoint = await manager.restore_from(wanted)
+        if checkpoint is None:  # a run's id may look like a checkpoint id too
+            checkpoint = await manager.restore(wanted)
+    elif args.seq is None:
+        checkpoint = await manager.restore(wanted)
+    else:
+        checkpoint = await _at_sequence(manager, wanted, args.seq)
     if checkpoint is None:
-        return _fail(f"run {args.run!r} has no live checkpoint", EXIT_NOT_FOUND)
-    if args.seq is not None and args.seq != checkpoint.metadata.sequence:
-        key, incarnation, _ = _ids.require_checkpoint_id(checkpoint.checkpoint_id)
-        wanted = _ids.checkpoint_id(key, incarnation, args.seq)
-        found = await manager.restore_from(wanted) if args.seq >= 0 else None
-        if found is None:
-            return _fail(f"run {args.run!r} holds no live checkpoint at sequence {args.seq}",
-                         EXIT_NOT_FOUND)
-        checkpoint = found
+        return _fail(_not_shown(wanted, args.seq, is_checkpoint_id), EXIT_NOT_FOUND)
     if args.json:
         _print_json(checkpoint.to_dict())
         return EXIT_OK
     metadata = checkpoint.metadata
-    _table(("FIELD", "VALUE"), [
+    rows: list[tuple[str, object]] = [
         ("run", metadata.run_id), ("checkpoint", metadata.checkpoint_id),
         ("sequence", metadata.sequence), ("created", when(metadata.created_at)),
         ("status", metadata.status.value), ("step", metadata.step_name or "-"),
         ("parent", metadata.parent_id or "-"), ("tags", ", ".join(metadata.tags) or "-"),
         ("expires", when(metadata.expires_at) or "never"),
-    ], sys.stdout)
+    ]
+    if metadata.status is CheckpointStatus.PAUSED:
+        rows += await _request_rows(manager, metadata.run_id)
+    _table(("FIELD", "VALUE"), rows, sys.stdout)
     print()
     _print_json({"state": checkpoint.state, "messages": checkpoint.messages,
                  "tool_calls": checkpoint.tool_calls, "context": checkpoint.context})
     return EXIT_OK
+
+
+async def _at_sequence(
+    manager: CheckpointManager, run_id: str, sequence: int
+) -> Checkpoint | None:
+    """The run's live checkpoint at ``sequence``: its id from the newest checkpoint's header.
+
+    Every live checkpoint of a run belongs to the run's current incarnation (a deleted run's
+    checkpoints go with it), so the newest one's id gives the incarnation. Only its header is
+    read: a large or unreadable newest checkpoint does not stand in the way of another one.
+    """
+    newest = await manager.list_checkpoints(run_id, 1)
+    if not newest:
+        return None
+    key, incarnation, _ = _ids.require_checkpoint_id(newest[0].checkpoint_id)
+    return await manager.restore_from(_ids.checkpoint_id(key, incarnation, sequence))
+
+
+def _not_shown(wanted: str, sequence: int | None, is_checkpoint_id: bool) -> str:
+    if is_checkpoint_id:
+        return f"no live checkpoint {wanted!r} (and no run with that id)"
+    if sequence is not None:
+        return f"run {wanted!r} holds no live checkpoint at sequence {sequence}"
+    return f"run {wanted!r} has no live checkpoint"
+
+
+async def _request_rows(manager: CheckpointManager, run_id: str) -> list[tuple[str, object]]:
+    """``show``'s rows for a paused run: the pending request, whole, and how long it waited."""
+    run = await manager.get_run(run_id)
+    if run is None or run.status is not CheckpointStatus.PAUSED:
+        return []  # decided or deleted since the checkpoint was read
+    requested, waiting, request = _pending(run, manager.config.clock(), width=sys.maxsize)
+    return [("request", request), ("waiting", f"{waiting} (since {requested})")]
 
 
 async def _history(manager: CheckpointManager, args: argparse.Namespace) -> int:
@@ -172,67 +367,78 @@ async def _history(manager: CheckpointManager, args: argparse.Namespace) -> int:
     # columns before the free text have widths known in advance.
     digits = len(str(run.latest_sequence))
     width, id_width = max(3, digits), 37 + digits  # ck-<24>-<8>-<sequence>
-    print(f"{'SEQ':<{width}}  {'CREATED':<24}  {'STATUS':<9}  {'CHECKPOINT':<{id_width}}  "
-          "STEP  TAGS")
+    stamp = len(when(run.created_at))
+    print(f"{'SEQ':<{width}}  {'CREATED':<{stamp}}  {'STATUS':<9}  "
+          f"{'CHECKPOINT':<{id_width}}  STEP  TAGS")
     before: str | None = None
     while True:
         page = await manager.list_checkpoints(args.run, 500, before=before,
                                               include_expired=True)
         for m in page:
-            line = (f"{m.sequence:<{width}}  {when(m.created_at):<24}  {m.status.value:<9}  "
-                    f"{m.checkpoint_id:<{id_width}}  {_flat(m.step_name) or '-'}  "
-                    f"{_flat(', '.join(m.tags))}")
+            line = (f"{m.sequence:<{width}}  {when(m.created_at):<{stamp}}  "
+                    f"{m.status.value:<9}  {m.checkpoint_id:<{id_width}}  "
+                    f"{_flat(m.step_name) or '-'}  {_flat(', '.join(m.tags))}")
             print(line.rstrip())
         if len(page) < 500:
             return EXIT_OK
         before = page[-1].checkpoint_id
 
 
-class _Progress:
-    """A one-line count on stderr while a long command runs, when a person watches (stderr is
-    a terminal that the command's output does not go to); silent otherwise."""
-
-    def __init__(self, label: str, *, output_is_terminal: bool) -> None:
-        self._label = label
-        self._shown = sys.stderr.isatty() and not output_is_terminal
-        self._count = 0
-        self._last = 0.0
-
-    def step(self) -> None:
-        self._count += 1
-        now = time.monotonic()
-        if self._shown and now - self._last >= 0.2:
-            self._last = now
-            sys.stderr.write(f"\r{self._label}: {self._count:,} chunks written")
-            sys.stderr.flush()
-
-    def close(self, *, ok: bool) -> None:
-        if self._shown and self._last:
-            outcome = "done" if ok else "stopped"
-            sys.stderr.write(f"\r{self._label}: {self._count:,} chunks written, {outcome}\n")
-            sys.stderr.flush()
+async def _export_progress(
+    manager: CheckpointManager, run_id: str, label: str, *, output_is_terminal: bool
+) -> tuple[CheckpointManager, _Progress]:
+    """A manager that counts the checkpoints the export lists, and the progress it feeds."""
+    shown = _Progress.watched(output_is_terminal=output_is_terminal)
+    run = await manager.get_run(run_id) if shown else None
+    total = None if run is None else run.checkpoint_count
+    progress = _Progress(label, "checkpoints", total, shown=shown)
+    return _watched_manager(manager, _Watched(manager.store, listed=progress.add)), progress
 
 
 async def _export_to_stdout(
     manager: CheckpointManager, run_id: str, format: str, *, include_state: bool
 ) -> int:
-    progress = _Progress(f"export {run_id}", output_is_terminal=sys.stdout.isatty())
+    exporter, progress = await _export_progress(
+        manager, run_id, f"export {run_id}", output_is_terminal=sys.stdout.isatty())
     ok = False
     try:
-        async for chunk in manager.export_run(run_id, format, include_state=include_state):
+        async for chunk in exporter.export_run(run_id, format, include_state=include_state):
             sys.stdout.write(chunk)
-            progress.step()
         ok = True
     finally:
         progress.close(ok=ok)
     return EXIT_OK
 
 
+def _export_format(args: argparse.Namespace) -> str | None:
+    """``--format``, with ``--json`` as another way to say ``--format json``; None if both
+    are given and disagree."""
+    if args.json and args.format not in (None, "json"):
+        return None
+    return str(args.format or "json")
+
+
 async def _export_command(manager: CheckpointManager, args: argparse.Namespace) -> int:
+    format = _export_format(args)
+    if format is None:
+        return _fail(f"--json asks for the JSON export; it cannot go with --format "
+                     f"{args.format}", EXIT_USAGE)
     if args.output is None:
-        return await _export_to_stdout(manager, args.run, args.format,
-                                       include_state=args.state)
+        return await _export_to_stdout(manager, args.run, format, include_state=args.state)
     target = anyio.Path(args.output)
+    if not await target.parent.is_dir():
+        return _fail(f"cannot write {args.output}: there is no directory "
+                     f"{str(target.parent)!r}", EXIT_USAGE)
+    try:
+        await _export_to_file(manager, args, format, target)
+    except OSError as exc:
+        return _fail(f"cannot write {args.output}: {exc.strerror or exc}", EXIT_USAGE)
+    return EXIT_OK
+
+
+async def _export_to_file(
+    manager: CheckpointManager, args: argparse.Namespace, format: str, target: anyio.Path
+) -> None:
     try:
         mode: int | None = (await target.lstat()).st_mode
     except FileNotFoundError:
@@ -242,17 +448,17 @@ async def _export_command(manager: CheckpointManager, args: argparse.Namespace) 
     # link, pipe or device is written through, as any program would.
     partial = (target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
                if mode is None or stat.S_ISREG(mode) else None)
-    progress = _Progress(f"export {args.run} to {args.output}", output_is_terminal=False)
+    exporter, progress = await _export_progress(
+        manager, args.run, f"export {args.run} to {args.output}", output_is_terminal=False)
     ok = False
     try:
         async with await anyio.open_file(partial or target, "w", encoding="utf-8",
                                          newline="") as out:
             if partial is not None and mode is not None:
                 os.chmod(out.wrapped.fileno(), stat.S_IMODE(mode))
-            async for chunk in manager.export_run(args.run, args.format,
-                                                  include_state=args.state):
+            async for chunk in exporter.export_run(args.run, format,
+                                                   include_state=args.state):
                 await out.write(chunk)
-                progress.step()
         if partial is not None:
             await partial.replace(target)
         ok = True
@@ -261,7 +467,6 @@ async def _export_command(manager: CheckpointManager, args: argparse.Namespace) 
         if partial is not None:
             with contextlib.suppress(FileNotFoundError):
                 await partial.unlink()
-    return EXIT_OK
 
 
 async def _fork(manager: CheckpointManager, args: argparse.Namespace) -> int:
@@ -279,8 +484,6 @@ async def _decide(manager: CheckpointManager, args: argparse.Namespace) -> int:
         run = await manager.approve(args.run, approver=args.approver, comment=args.comment)
     else:
         run = await manager.reject(args.run, approver=args.approver, reason=args.reason)
-    if run is None:
-        return _fail(f"run {args.run!r} does not exist (or expired)", EXIT_NOT_FOUND)
     if args.json:
         _print_json(run.to_dict())
     else:
@@ -291,9 +494,19 @@ async def _decide(manager: CheckpointManager, args: argparse.Namespace) -> int:
 
 
 async def _prune(manager: CheckpointManager, args: argparse.Namespace) -> int:
-    if await manager.get_run(args.run) is None:
+    run = await manager.get_run(args.run)
+    if run is None:
         return _fail(f"run {args.run!r} does not exist (or expired)", EXIT_NOT_FOUND)
-    removed = await manager.prune(args.run, args.keep)
+    # The result is one line printed at the end, so the count may share the terminal.
+    progress = _Progress(f"prune {args.run}", "checkpoints removed",
+                         max(0, run.checkpoint_count - args.keep), shown=sys.stderr.isatty())
+    pruner = _watched_manager(manager, _Watched(manager.store, deleted=progress.add))
+    ok = False
+    try:
+        removed = await pruner.prune(args.run, args.keep)
+        ok = True
+    finally:
+        progress.close(ok=ok)
     if args.json:
         _print_json({"run_id": args.run, "removed_checkpoints": removed})
     else:
@@ -309,6 +522,8 @@ async def _cleanup(manager: CheckpointManager, args: argparse.Namespace) -> int:
         print(f"removed {removed} expired checkpoint(s), with expired runs and items")
     return EXIT_OK
 
+
+# -- doctor ---------------------------------------------------------------------------------------
 
 Step = tuple[str, Callable[[], Awaitable[str]]]
 
@@ -356,7 +571,10 @@ def _doctor_steps(manager: CheckpointManager, probe: str, found: dict[str, Any])
 
 
 async def _doctor(manager: CheckpointManager, args: argparse.Namespace) -> int:
-    """Connectivity, permissions and provisioning as the store itself sees them."""
+    """Connectivity, permissions and provisioning as the store itself sees them; or, with
+    ``--repair``, damaged run records found and rebuilt."""
+    if args.repair:
+        return await _repair(manager, args)
     probe = f"fastcheckpoint-doctor-{secrets.token_hex(6)}"
     checks: list[dict[str, Any]] = []
     found: dict[str, Any] = {}
@@ -392,6 +610,52 @@ async def _doctor(manager: CheckpointManager, args: argparse.Namespace) -> int:
     return EXIT_STORE if failed else EXIT_OK
 
 
+async def _repair(manager: CheckpointManager, args: argparse.Namespace) -> int:
+    reports = await manager.repair(args.run)
+    rebuilt = sum(report.outcome == "rebuilt" for report in reports)
+    unrecoverable = sum(not report.repaired for report in reports)
+    shown = _redacted(args.store_url)
+    if args.json:
+        _print_json({"store": shown, "run_id": args.run, "damaged": len(reports),
+                     "rebuilt": rebuilt, "reports": [report.to_dict() for report in reports]})
+    else:
+        _print_repairs(shown, args.run, reports, rebuilt)
+    return EXIT_DAMAGED if unrecoverable else EXIT_OK
+
+
+_RESULTS = {"rebuilt": "rebuilt", "not damaged": "repaired elsewhere",
+            "unrecoverable": "NOT REBUILT"}
+
+
+def _print_repairs(
+    shown: str, run_id: str | None, reports: list[RepairReport], rebuilt: int
+) -> None:
+    where = shown if run_id is None else f"{shown}, run {run_id}"
+    if not reports:
+        print(f"{where}: nothing damaged")
+        return
+    print(f"{where}: {len(reports)} damaged run record(s), {rebuilt} rebuilt, "
+          f"{len(reports) - rebuilt} not rebuilt")
+    _table(("RUN", "RESULT", "CHECKPOINTS", "PROBLEM", "RECORD"),
+           [(report.run_id or "-", _RESULTS[report.outcome],
+             report.checkpoints, report.problem, report.key) for report in reports],
+           sys.stdout)
+    for report in reports:
+        name = report.run_id or f"record {report.key}"
+        if report.outcome == "rebuilt":
+            print(f"{name}: rebuilt, every intact checkpoint restorable; lost with the damaged "
+                  f"record: {'; '.join(report.lost) or 'nothing'}")
+        else:
+            print(f"{name}: not rebuilt: {report.detail}")
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
+
+
+# -- store URLs -----------------------------------------------------------------------------------
+
+
 def _redacted(url: str) -> str:
     """The URL with any password replaced, for printing."""
     return _without_password(url, url)
@@ -399,47 +663,95 @@ def _redacted(url: str) -> str:
 
 def _without_password(text: str, url: str) -> str:
     """``text`` with the URL's password, if any, replaced (error messages may quote it)."""
-    parts = urlsplit(url) if "://" in url else None
-    password = None if parts is None else parts.password
+    try:
+        password = urlsplit(url).password if "://" in url else None
+    except ValueError:  # too malformed to take apart: nothing to find a password in
+        password = None
     return text.replace(password, "***") if password else text
 
 
+def _file_store_path(url: str) -> str | None:
+    """The directory of a ``file://`` URL or plain path; None for other stores."""
+    if "://" in url and urlsplit(url).scheme.lower() != "file":
+        return None
+    return parse_file_url(url)[0]
+
+
 def _missing_file_store(url: str) -> str | None:
-    """The directory of a ``file://`` URL (or plain path) that does not exist, else None.
+    """Why a ``file://`` URL (or plain path) names no store, else None.
 
     Only a path that is not there counts: one this process may not look into is left to the
     store, which reports the permission problem."""
-    if "://" in url and urlsplit(url).scheme.lower() != "file":
+    path = _file_store_path(url)
+    if path is None:
         return None
-    path, _ = parse_file_url(url)
+    if not path:
+        return _NO_DIRECTORY.format(url=url)
     try:
         os.stat(path)
     except FileNotFoundError:
-        return path
+        return (f"no file store at {path!r} (a mistyped path? fastcheckpoint doctor {url} "
+                "creates it and checks it)")
     except OSError:
         return None
     return None
 
 
-def _ms(started: float) -> float:
-    return (time.perf_counter() - started) * 1000
+_NO_DIRECTORY = "the URL {url!r} names no directory (file:///absolute/path)"
+
+
+def _store_of(args: argparse.Namespace) -> str:
+    """The store URL: ``doctor``'s URL argument, else ``--url``, else the environment."""
+    target = getattr(args, "target", None) if args.command == "doctor" else None
+    if target and args.url:
+        if not args.repair or args.run:
+            raise _UsageError("name the store once: a URL argument or --url")
+        args.run, target = target, None  # doctor --repair --url URL RUN
+    if target and args.repair and not args.run and _names_a_run(target):
+        args.run, target = target, None  # doctor --repair RUN, the store from the environment
+    if args.command == "doctor" and args.run and not args.repair:
+        raise _UsageError("a RUN goes with --repair (doctor --repair URL RUN)")
+    return str(target or args.url or _store_url(os.environ))
+
+
+def _names_a_run(target: str) -> bool:
+    """Whether ``doctor --repair TARGET`` names a run of the environment's store rather than
+    a store: the environment names one, and TARGET is no URL and no path that exists."""
+    env_store = os.environ.get("FASTCHECKPOINT_URL") or os.environ.get("CHECKPOINT_MODE")
+    return bool(env_store) and "://" not in target and not os.path.lexists(target)
+
+
+class _UsageError(Exception):
+    """A mistake in the command line that argparse cannot see."""
+
+
+def _open(args: argparse.Namespace) -> tuple[CheckpointStore, CheckpointConfig]:
+    """The store and the configuration, or :class:`ConfigurationError` / :class:`_UsageError`
+    saying what is wrong with them."""
+    url = _store_of(args)
+    args.store_url = url
+    try:
+        creates_store = args.command == "doctor" and not args.repair
+        missing = None if creates_store else _missing_file_store(url)
+        if missing is not None:
+            raise _UsageError(missing)
+        config = CheckpointConfig.from_env()
+        return open_store(url, retry=config.retry), config
+    except ValueError as exc:  # a URL too malformed to take apart
+        raise _UsageError(f"bad store URL {_redacted(url)!r}: {exc}") from exc
 
 
 def _on_store(action: Action) -> Callable[[argparse.Namespace], int]:
     """Open the store, run ``action`` with a manager on it, map errors to exit codes."""
 
     def run(args: argparse.Namespace) -> int:
+        args.store_url = ""
         try:
-            url = getattr(args, "target", None) or args.url or _store_url(os.environ)
-            args.store_url = url
-            missing = _missing_file_store(url)
-            if missing is not None and args.command != "doctor":
-                return _fail(f"no file store at {missing!r} (a mistyped path? fastcheckpoint "
-                             f"doctor {url} creates it and checks it)", EXIT_USAGE)
-            config = CheckpointConfig.from_env()
-            store = open_store(url)
+            store, config = _open(args)
+        except _UsageError as exc:
+            return _fail(str(exc), EXIT_USAGE)
         except ConfigurationError as exc:
-            return _fail(_without_password(str(exc), getattr(args, "store_url", "")), EXIT_USAGE)
+            return _fail(_without_password(str(exc), args.store_url), EXIT_USAGE)
 
         async def go() -> int:
             manager = CheckpointManager(store, config=config)
@@ -449,7 +761,7 @@ def _on_store(action: Action) -> Callable[[argparse.Namespace], int]:
                 await manager.aclose()
 
         def fail(exc: Exception, code: int) -> int:
-            return _fail(_without_password(str(exc), url), code)
+            return _fail(_without_password(str(exc), args.store_url), code)
 
         try:
             return anyio.run(go)
@@ -464,30 +776,58 @@ def _on_store(action: Action) -> Callable[[argparse.Namespace], int]:
         except BrokenPipeError:  # the reader went away (| head): not an error of ours
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return EXIT_OK
-        except OSError as exc:  # --output could not be written
-            return _fail(str(exc), EXIT_USAGE)
+        except OSError as exc:  # the output could not be written (disk full...)
+            return _fail(f"cannot write the output: {exc}", EXIT_USAGE)
 
     return run
+
+
+# -- bench ----------------------------------------------------------------------------------------
 
 
 def _run_bench(bench_args: list[str]) -> int:
     try:
         from benchmarks.cli import main as bench_main
-    except ImportError:
-        print(
-            "error: the benchmark suite ships with the source, not the wheel; run it from a "
-            "checkout: git clone <repository> && cd fastcheckpoint && make bench "
-            "(or pip install -e '.[bench]' then fastcheckpoint bench)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("benchmarks", "benchmarks.cli"):
+            return _fail(f"the benchmark suite needs {exc.name}, which is not installed: "
+                         "pip install -e '.[bench]' in the source directory", EXIT_USAGE)
+        return _fail(_BENCH_NOT_INSTALLED.format(version=__version__), EXIT_USAGE)
     return bench_main(bench_args)
 
 
+_BENCH_NOT_INSTALLED = """\
+fastcheckpoint bench runs the benchmark suite, which is not part of the installed package:
+it is the benchmarks/ directory of the fastcheckpoint source distribution. To run it:
+  pip download --no-deps --no-binary :all: fastcheckpoint=={version}
+  tar xzf fastcheckpoint-{version}.tar.gz && cd fastcheckpoint-{version}
+  python -m venv .venv && .venv/bin/pip install -e '.[bench]'
+  .venv/bin/fastcheckpoint bench --quick"""
+
+
+# -- arguments ------------------------------------------------------------------------------------
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _sequence(text: str) -> int:
+    """An argparse type: a checkpoint sequence, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a sequence number (0 for a run's first checkpoint), got {text!r}")
     return value
 
 
@@ -495,9 +835,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastcheckpoint",
         description="fastcheckpoint: inspect and act on runs, provision stores, benchmark.",
-        epilog="Exit codes: 0 done, 1 the store failed, 2 bad usage or configuration, "
-               "3 no such run or checkpoint, 4 the run's status does not allow the change.",
+        epilog=_EXIT_CODES,
     )
+    parser.add_argument("--version", action="version", version=f"fastcheckpoint {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     on_store = argparse.ArgumentParser(add_help=False)
     on_store.add_argument("--url", help="store URL (default: FASTCHECKPOINT_URL)")
@@ -505,23 +845,28 @@ def _parser() -> argparse.ArgumentParser:
 
     def store_command(name: str, action: Action, helptext: str,
                       *positional: str) -> argparse.ArgumentParser:
-        command = commands.add_parser(name, parents=[on_store], help=helptext)
+        command = commands.add_parser(name, parents=[on_store], help=helptext,
+                                      epilog=_EXIT_CODES)
         for argument in positional:
             command.add_argument(argument.lower(), metavar=argument)
         command.set_defaults(handler=_on_store(action))
         return command
 
-    runs = store_command("runs", _runs, "list runs, newest first")
+    runs = store_command("runs", _runs, "list runs, newest first; --status paused is the "
+                                        "approval queue")
     runs.add_argument("--status", choices=[s.value for s in CheckpointStatus
                                            if s is not CheckpointStatus.EXPIRED])
-    runs.add_argument("--limit", type=_positive, default=50, help="runs per page (50)")
+    runs.add_argument("--limit", type=_positive, default=_RUNS_PAGE,
+                      help=f"runs per page ({_RUNS_PAGE})")
     runs.add_argument("--cursor", help="the next page, as the previous page printed it")
-    show = store_command("show", _show,
-                         "a run's latest checkpoint (or --seq N) with its content", "RUN")
-    show.add_argument("--seq", type=int, help="the checkpoint at this sequence")
+    show = store_command("show", _show, "a checkpoint with its content: a run's latest (or "
+                                        "--seq N), or the one a checkpoint id names")
+    show.add_argument("target", metavar="RUN|CHECKPOINT_ID")
+    show.add_argument("--seq", type=_sequence, help="the run's checkpoint at this sequence")
     store_command("history", _history, "a run's status changes and checkpoints", "RUN")
     export = store_command("export", _export_command, "audit export of a run (streamed)", "RUN")
-    export.add_argument("--format", choices=FORMATS, default="json")
+    export.add_argument("--format", choices=FORMATS,
+                        help="json (the default; also --json), csv or markdown")
     export.add_argument("--state", action="store_true", help="include checkpoint content")
     export.add_argument("--output", "-o", help="write to this file (default: stdout)")
     fork = store_command("fork", _fork, "start a new run from a checkpoint", "CHECKPOINT_ID")
@@ -534,18 +879,26 @@ def _parser() -> argparse.ArgumentParser:
     prune = store_command("prune", _prune, "keep only a run's newest checkpoints", "RUN")
     prune.add_argument("--keep", type=_positive, required=True,
                        help="how many of the newest live checkpoints to keep")
-    doctor = store_command("doctor", _doctor,
-                           "check connectivity, permissions and provisioning with a probe run")
+    doctor = store_command(
+        "doctor", _doctor, "check connectivity, permissions and provisioning with a probe "
+                           "run; with --repair, rebuild damaged run records")
     doctor.add_argument("target", nargs="?", metavar="URL", help="store URL (or --url)")
+    doctor.add_argument("run", nargs="?", metavar="RUN",
+                        help="with --repair: only this run (default: every run)")
+    doctor.add_argument("--repair", action="store_true",
+                        help="find run records that cannot be read and rebuild them from the "
+                             "runs' checkpoints")
 
     init = commands.add_parser(
-        "init", help="create what a store needs (DynamoDB table, S3 bucket...); idempotent"
+        "init", help="create what a store needs (DynamoDB table, S3 bucket...); idempotent",
+        epilog=_EXIT_CODES,
     )
     init.add_argument("url", metavar="URL", help="store URL, e.g. dynamodb://Table?bucket=b")
+    init.add_argument("--json", action="store_true", help="JSON output, for scripts")
     init.set_defaults(handler=_run_init)
     # Listed for --help only: main() hands everything after "bench" to the suite's own parser.
     commands.add_parser(
-        "bench", help="run the benchmark suite (options as python -m benchmarks, e.g. --quick)"
+        "bench", help="run the benchmark suite (from the source distribution; --help there)"
     )
     return parser
 

@@ -6,6 +6,9 @@ import csv
 import io
 import json
 import os
+import re
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,8 +16,9 @@ from typing import Any
 import anyio
 import pytest
 
+import fastcheckpoint
 import fastcheckpoint.stores as stores_module
-from fastcheckpoint import CheckpointConfig, CheckpointManager, open_store
+from fastcheckpoint import CheckpointConfig, CheckpointManager, RunPage, open_store
 from fastcheckpoint.cli import (
     EXIT_CONFLICT,
     EXIT_NOT_FOUND,
@@ -24,7 +28,7 @@ from fastcheckpoint.cli import (
     _redacted,
     main,
 )
-from fastcheckpoint.errors import StoreUnavailableError
+from fastcheckpoint.errors import CorruptCheckpointError, StoreUnavailableError
 from fastcheckpoint.stores import register_store
 from fastcheckpoint.stores.memory import MemoryStore
 
@@ -209,7 +213,7 @@ def test_show_prints_the_latest_or_the_asked_sequence_with_its_content(
 
 
 @pytest.mark.parametrize("argv", [["show", "no-such-run"], ["show", "order-17", "--seq", "9"],
-                                  ["show", "order-17", "--seq", "-1"],
+                                  ["show", f"ck-{'a' * 24}-{'b' * 8}-0"],
                                   ["history", "no-such-run"], ["export", "no-such-run"],
                                   ["approve", "no-such-run", "--approver", "ana"]])
 def test_a_missing_run_or_checkpoint_exits_3(
@@ -420,7 +424,8 @@ def test_times_no_calendar_can_show_do_not_break_the_output(
     csv_code, _, _ = run_cli(capsys, "export", "order-20", "--format", "csv", "--url", url)
 
     assert (code, csv_code) == (EXIT_OK, EXIT_OK)
-    assert "(epoch seconds)" in out
+    [expires] = [line for line in out.splitlines() if line.startswith("expires")]
+    assert re.fullmatch(r"expires +\+3\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", expires)
 
 
 def test_a_decision_reports_who_decided(url: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -451,7 +456,8 @@ def test_a_long_export_to_a_file_shows_progress_on_a_terminal(
 
     assert main(["export", "order-17", "--format", "csv", "-o", str(target), "--url", url]) == 0
 
-    assert watched.getvalue().endswith(f"export order-17 to {target}: 6 chunks written, done\n")
+    assert watched.getvalue().endswith(
+        f"export order-17 to {target}: 3 of 3 checkpoints (100%), done\n")
     assert len(target.read_text().splitlines()) == 6
 
 
@@ -514,7 +520,7 @@ def test_a_failed_export_says_so_on_the_terminal(
     code = main(["export", "order-17", "-o", str(tmp_path / "a.json"), "--url", url])
 
     assert code == EXIT_STORE
-    assert "1 chunks written, stopped\n" in watched.getvalue()
+    assert ": 0 of 3 checkpoints (0%), stopped\nerror: connection lost\n" in watched.getvalue()
     assert not (tmp_path / "a.json").exists()
 
 
@@ -524,3 +530,367 @@ def test_passwords_stay_out_of_error_messages(capsys: pytest.CaptureFixture[str]
     assert code == EXIT_USAGE
     assert "s3cret" not in err
     assert ":***@" in err
+
+
+# -- first contact: version, arguments, paging, configuration mistakes ---------------------------
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+
+    assert caught.value.code == EXIT_OK
+    assert capsys.readouterr().out == f"fastcheckpoint {fastcheckpoint.__version__}\n"
+
+
+@pytest.mark.parametrize("argv", [["runs", "--limit", "abc"], ["runs", "--limit", "0"],
+                                  ["prune", "order-17", "--keep", "abc"]])
+def test_a_count_that_is_not_a_positive_integer_says_so(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+
+    assert caught.value.code == EXIT_USAGE
+    assert f"must be a positive integer, got {argv[-1]!r}" in capsys.readouterr().err
+
+
+def test_a_negative_sequence_is_refused(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["show", "order-17", "--seq", "-1", "--url", url])
+
+    assert caught.value.code == EXIT_USAGE
+    assert "--seq: must be a sequence number" in capsys.readouterr().err
+
+
+def test_the_next_page_command_keeps_the_store_status_and_page_size(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def more_paused() -> None:
+        manager = CheckpointManager(open_store(url))
+        for run_id in ("order-30", "order-31"):
+            await manager.create(run_id, {"n": 1})
+            await manager.pause(run_id, request={"run": run_id})
+        await manager.aclose()
+
+    anyio.run(more_paused)
+    pages: list[list[str]] = []
+    argv = ["runs", "--url", url, "--status", "paused", "--limit", "1"]
+    while argv:
+        code, out, _ = run_cli(capsys, *argv)
+        assert code == EXIT_OK
+        lines = out.splitlines()
+        hint = lines[-1] if lines[-1].startswith("more: ") else None
+        pages.append([line.split()[0] for line in lines[1:] if line is not hint])
+        argv = [] if hint is None else shlex.split(hint.removeprefix("more: "))[1:]
+        assert hint is None or argv[:7] == ["runs", "--url", url, "--status", "paused",
+                                            "--limit", "1"]
+
+    assert pages == [["order-31"], ["order-30"], ["order-17"]]
+
+
+def test_the_next_page_command_hides_a_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def list_runs(*_: Any, **__: Any) -> Any:
+        return RunPage([], "next")
+
+    monkeypatch.setattr(CheckpointManager, "list_runs", list_runs)
+    code, out, _ = run_cli(capsys, "runs", "--url", "memory://:s3cret@x")
+
+    assert code == EXIT_OK
+    assert out.splitlines()[-1] == ("more: fastcheckpoint runs --url 'memory://:***@x' "
+                                    "--limit 50 --cursor next")
+
+
+@pytest.mark.parametrize("command", ["runs", "init"])
+@pytest.mark.parametrize(("url", "says"), [
+    ("redis://127.0.0.1:6379/0?prefx=x", "did you mean 'prefix'"),  # an unknown option
+    ("redis://[::1", "Invalid IPv6 URL"),
+    ("file://", "names no directory"),
+])
+def test_a_bad_store_url_is_one_line_and_exit_2_never_a_traceback(
+    capsys: pytest.CaptureFixture[str], command: str, url: str, says: str
+) -> None:
+    argv = [command, url] if command == "init" else [command, "--url", url]
+
+    code, out, err = run_cli(capsys, *argv)
+
+    assert (code, out) == (EXIT_USAGE, "")
+    assert err.startswith("error: ")
+    assert err.count("\n") == 1
+    assert says in err
+
+
+def test_an_unknown_setting_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FASTCHECKPOINT_MAX_CHECKPOINT_PER_RUN", "5")
+
+    code, _, err = run_cli(capsys, "runs", "--url", f"file://{tmp_path}")
+
+    assert code == EXIT_USAGE
+    assert err.startswith("error: unknown setting FASTCHECKPOINT_MAX_CHECKPOINT_PER_RUN")
+    assert err.count("\n") == 1
+
+
+def test_a_missing_extra_names_the_install_command(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As if the redis package were not installed: importing it fails.
+    monkeypatch.delitem(sys.modules, "fastcheckpoint.stores.redis", raising=False)
+    monkeypatch.setitem(sys.modules, "redis", None)
+
+    code, out, err = run_cli(capsys, "runs", "--url", "redis://127.0.0.1:6379/0")
+    init_code, _, init_err = run_cli(capsys, "init", "redis://127.0.0.1:6379/0")
+
+    assert (code, init_code) == (EXIT_USAGE, EXIT_USAGE)
+    assert out == ""
+    for message in (err, init_err):
+        assert message.count("\n") == 1
+        assert "pip install 'fastcheckpoint[redis]'" in message
+
+
+def test_bench_from_an_installation_without_the_suite_says_what_to_get(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "benchmarks.cli", None)  # as in an installed wheel
+
+    code, _, err = run_cli(capsys, "bench", "--quick")
+
+    version = fastcheckpoint.__version__
+    assert code == EXIT_USAGE
+    assert "<" not in err
+    assert f"pip download --no-deps --no-binary :all: fastcheckpoint=={version}" in err
+    assert f"tar xzf fastcheckpoint-{version}.tar.gz" in err
+    assert "pip install -e '.[bench]'" in err
+
+
+def test_help_and_sources_cite_no_outside_document(capsys: pytest.CaptureFixture[str]) -> None:
+    texts: list[str] = []
+    for argv in (["--help"], *([name, "--help"] for name in (
+            "runs", "show", "history", "export", "fork", "approve", "reject", "cleanup",
+            "prune", "doctor", "init"))):
+        with pytest.raises(SystemExit):
+            main(argv)
+        texts.append(capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    texts.append(capsys.readouterr().out)
+    root = Path(__file__).resolve().parents[1]
+    for name in ("fastcheckpoint/cli.py", "fastcheckpoint/_export.py", "benchmarks/cli.py",
+                 "docs/command-line.md"):
+        texts.append((root / name).read_text())
+
+    assert all(text for text in texts)
+    assert not [text[:60] for text in texts if "§" in text or "SPEC" in text]
+
+
+# -- show: checkpoint ids, sequences, paused runs ------------------------------------------------
+
+
+def test_show_accepts_a_checkpoint_id(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    _, listed, _ = run_cli(capsys, "history", "order-17", "--url", url, "--json")
+    middle = json.loads(listed)["checkpoints"][1]["checkpoint_id"]
+
+    code, out, _ = run_cli(capsys, "show", middle, "--url", url, "--json")
+    refused, _, err = run_cli(capsys, "show", middle, "--seq", "0", "--url", url)
+
+    assert code == EXIT_OK
+    assert json.loads(out)["metadata"]["checkpoint_id"] == middle
+    assert json.loads(out)["state"] == {"step": 1}
+    assert refused == EXIT_USAGE
+    assert "--seq goes with a run id" in err
+
+
+class UnreadableLatestStore(MemoryStore):
+    """One store shared by every CLI call, whose newest checkpoint cannot be read."""
+
+    shared: UnreadableLatestStore | None = None
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> UnreadableLatestStore:
+        assert cls.shared is not None
+        return cls.shared
+
+    async def latest(self, run_key: str, *, now: float) -> Any:
+        raise CorruptCheckpointError("payload checksum mismatch", key=f"{run_key}/latest")
+
+
+def test_show_seq_reads_its_checkpoint_even_when_the_latest_is_unreadable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stores_module, "_REGISTRY", dict(stores_module._REGISTRY))
+    register_store("unreadable", f"{__name__}:UnreadableLatestStore")
+    store = UnreadableLatestStore()
+    monkeypatch.setattr(UnreadableLatestStore, "shared", store)
+
+    async def seed() -> None:
+        manager = CheckpointManager(store)
+        for step in range(3):
+            await manager.create("r", {"step": step}, force=True)
+
+    anyio.run(seed)
+    code, out, _ = run_cli(capsys, "show", "r", "--seq", "0", "--url", "unreadable://",
+                           "--json")
+
+    assert code == EXIT_OK
+    assert json.loads(out)["state"] == {"step": 0}
+
+
+def test_the_approval_queue_and_show_give_each_request_and_how_long_it_waited(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def paused_two_hours_ago() -> None:
+        earlier = CheckpointManager(open_store(url), config=CheckpointConfig(
+            clock=lambda: time.time() - 7_200))
+        await earlier.create("order-40", {"n": 1})
+        await earlier.pause("order-40", request={"action": "refund", "amount": 120.5})
+        await earlier.aclose()
+
+    anyio.run(paused_two_hours_ago)
+    code, queue, _ = run_cli(capsys, "runs", "--status", "paused", "--url", url)
+    _, shown, _ = run_cli(capsys, "show", "order-40", "--url", url)
+
+    assert code == EXIT_OK
+    header, *rows = queue.splitlines()
+    assert header.split() == ["RUN", "REQUESTED", "WAITING", "REQUEST"]
+    [row] = [row for row in rows if row.startswith("order-40 ")]
+    assert re.fullmatch(r'order-40 +\S+Z +2h 00m +\{"action":"refund","amount":120\.5\}', row)
+    fields = dict(line.split(None, 1) for line in shown.split("\n\n")[0].splitlines()[1:])
+    assert fields["status"] == "paused"
+    assert fields["request"] == '{"action":"refund","amount":120.5}'
+    assert re.fullmatch(r"2h 00m \(since \S+Z\)", fields["waiting"])
+
+
+# -- export and prune ------------------------------------------------------------------------------
+
+ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+EPOCH = re.compile(r"\b1\d{9}(\.\d+)?\b")  # epoch seconds of these years
+
+
+def times_in(value: Any) -> list[Any]:
+    """Every value under a key that names a time (``at``, ``*_at``), at any depth."""
+    if isinstance(value, list):
+        return [time for item in value for time in times_in(item)]
+    if not isinstance(value, dict):
+        return []
+    return [time for key, item in value.items() for time in (
+        [item] if key == "at" or key.endswith("_at") else times_in(item))]
+
+
+def test_every_time_in_every_export_format_is_iso_8601(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_cli(capsys, "approve", "order-17", "--approver", "ana", "--url", url)
+    outputs = {format: run_cli(capsys, "export", "order-17", "--format", format, "--state",
+                               "--url", url)[1] for format in ("json", "csv", "markdown")}
+
+    document = json.loads(outputs["json"])
+    times = [time for time in times_in(document) if time is not None]
+    assert len(times) == 2 + 2 + 2 + 3  # run, status changes, approval, checkpoints
+    assert all(isinstance(time, str) and ISO.fullmatch(time) for time in times), times
+    rows = list(csv.DictReader(io.StringIO(outputs["csv"])))
+    assert all(ISO.fullmatch(row["at"]) for row in rows)
+    run_data = json.loads(rows[0]["data"])
+    assert [ISO.fullmatch(time) is not None for time in times_in(run_data)] == [True] * 3
+    assert ISO.search(outputs["markdown"])
+    assert not [format for format, text in outputs.items() if EPOCH.search(text)]
+
+
+def test_export_json_flag_is_the_json_export_and_conflicts_with_another_format(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(capsys, "export", "order-17", "--json", "--url", url)
+    _, plain, _ = run_cli(capsys, "export", "order-17", "--url", url)
+    refused, refused_out, err = run_cli(capsys, "export", "order-17", "--json", "--format",
+                                        "csv", "--url", url)
+
+    assert code == EXIT_OK
+    assert json.loads(out) == json.loads(plain)
+    assert (refused, refused_out) == (EXIT_USAGE, "")
+    assert "cannot go with --format csv" in err
+
+
+def test_export_into_a_missing_directory_names_that_directory(
+    url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    missing = tmp_path / "audits" / "2026"
+
+    code, _, err = run_cli(capsys, "export", "order-17", "-o", str(missing / "a.json"),
+                           "--url", url)
+
+    assert code == EXIT_USAGE
+    assert err == (f"error: cannot write {missing / 'a.json'}: there is no directory "
+                   f"{str(missing)!r}\n")
+    assert not (tmp_path / "audits").exists()
+
+
+def test_export_to_stdout_shows_progress_only_when_the_output_goes_elsewhere(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watched, out = Terminal(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", watched)
+    monkeypatch.setattr("sys.stdout", out)
+
+    assert main(["export", "order-17", "--url", url]) == EXIT_OK
+    monkeypatch.setattr("sys.stdout", Terminal())
+    assert main(["export", "order-17", "--url", url]) == EXIT_OK
+
+    assert watched.getvalue().count("\n") == 1
+    assert watched.getvalue().endswith("export order-17: 3 of 3 checkpoints (100%), done\n")
+    assert json.loads(out.getvalue())["run"]["run_id"] == "order-17"
+
+
+def test_a_long_prune_shows_progress_on_a_terminal(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def long_run() -> None:
+        manager = CheckpointManager(open_store(url))
+        for step in range(30):
+            await manager.create("order-50", {"step": step}, force=True)
+        await manager.aclose()
+
+    anyio.run(long_run)
+    quiet, _, quiet_err = run_cli(capsys, "prune", "order-50", "--keep", "25", "--url", url)
+    watched = Terminal()
+    monkeypatch.setattr("sys.stderr", watched)
+    code = main(["prune", "order-50", "--keep", "5", "--url", url])
+
+    assert (quiet, quiet_err) == (EXIT_OK, "")
+    assert code == EXIT_OK
+    assert watched.getvalue().endswith(
+        "prune order-50: 20 of 20 checkpoints removed (100%), done\n")
+    assert "run order-50: removed 20 checkpoint(s), kept the newest 5" in capsys.readouterr().out
+
+
+# -- init ------------------------------------------------------------------------------------------
+
+
+class ReportingStore(MemoryStore):
+    """A store whose provision() reports what it did, as the S3 and DynamoDB stores do."""
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> ReportingStore:
+        return cls()
+
+    async def provision(self) -> list[str]:
+        return ["created bucket b", "found table t"]
+
+
+def test_init_reports_what_it_created_and_found(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stores_module, "_REGISTRY", dict(stores_module._REGISTRY))
+    register_store("reporting", f"{__name__}:ReportingStore")
+
+    code, out, _ = run_cli(capsys, "init", "reporting://:s3cret@x")
+    json_code, as_json, _ = run_cli(capsys, "init", "reporting://x", "--json")
+    _, nothing, _ = run_cli(capsys, "init", "memory://", "--json")
+
+    assert (code, json_code) == (EXIT_OK, EXIT_OK)
+    assert out == "reporting://:***@x: provisioned\n  created bucket b\n  found table t\n"
+    assert json.loads(as_json) == {"store": "reporting://x", "provisioned": True,
+                                   "actions": ["created bucket b", "found table t"]}
+    assert json.loads(nothing) == {"store": "memory://", "provisioned": False,
+                                   "actions": None}
