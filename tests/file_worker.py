@@ -8,6 +8,9 @@
     python file_worker.py crash-delete ROOT RUN_ID N        append 3, then SIGKILL itself just
                                                             before the N-th file-system change
                                                             of deleting checkpoint 1
+    python file_worker.py crash-rebuild ROOT RUN_ID N       append 3, damage run.rec, then
+                                                            SIGKILL itself just before the N-th
+                                                            file-system change of rebuild_run
 
 Each acknowledged append prints its sequence on a line of its own, after ``append`` returned.
 """
@@ -115,12 +118,43 @@ async def _crash_delete(root: str, run_id: str, number: int) -> None:
     print("survived", flush=True)
 
 
+def rebuild_seed(run_id: str) -> RunRecord:
+    """What the manager hands ``rebuild_run``: the run fields a rebuilt record starts with."""
+    return RunRecord(
+        run_id=run_id,
+        incarnation="",
+        status="active",
+        created_at=0.0,
+        updated_at=0.0,
+        latest_sequence=0,
+        checkpoint_count=0,
+        expires_at=None,
+        data=b"rebuilt",
+    )
+
+
+def damage_run_record(path: str) -> None:
+    """Overwrite the last bytes of a ``run.rec`` in place: its checksum no longer matches."""
+    with open(path, "r+b") as damaged:
+        damaged.seek(-3, os.SEEK_END)
+        damaged.write(b"zzz")
+
+
+async def _crash_rebuild(root: str, run_id: str, number: int) -> None:
+    store = FileStore(root)
+    for _ in range(3):
+        print(await _append_next(store, run_id, "forever"), flush=True)
+    key = _ids.run_key(run_id)
+    damage_run_record(os.path.join(root, "runs", key, "run.rec"))
+    _die_before_change(number)
+    await store.rebuild_run(key, rebuild_seed(run_id), now=time.time())
+    print("survived", flush=True)
+
+
 async def _main(mode: str, root: str, run_id: str, count: int, worker: str) -> None:
-    if mode == "crash":
-        await _crash(root, run_id, count)
-        return
-    if mode == "crash-delete":
-        await _crash_delete(root, run_id, count)
+    crashes = {"crash": _crash, "crash-delete": _crash_delete, "crash-rebuild": _crash_rebuild}
+    if mode in crashes:
+        await crashes[mode](root, run_id, count)
         return
     store = FileStore(root)
     appended = 0
@@ -134,6 +168,6 @@ async def _main(mode: str, root: str, run_id: str, count: int, worker: str) -> N
 
 if __name__ == "__main__":
     mode, root, run_id = sys.argv[1:4]
-    count = int(sys.argv[4]) if mode in ("append", "crash", "crash-delete") else 0
+    count = int(sys.argv[4]) if mode != "forever" else 0
     worker = sys.argv[5] if mode == "append" else "forever"
     anyio.run(_main, mode, root, run_id, count, worker)

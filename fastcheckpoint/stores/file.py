@@ -18,12 +18,26 @@ of checkpoints that never expire and a sorted index of ``(expires_at, sequence)`
 that do, so expired checkpoints and the run's own expiry are found without reading checkpoint
 files. Checkpoints are removed by committing a ``run.rec`` without them, which lists them as
 ``removing`` (hidden from reads), and unlinking their files afterwards; a failed or interrupted
-unlink is retried by the run's next writer or by ``purge_expired``. A checkpoint file above
-``latest_sequence`` is a leftover of an interrupted write, invisible and replaced later.
+unlink is retried by the run's next writer or by ``purge_expired``.
+
+The checkpoint files are the run's log and ``run.rec`` summarises it. An intact checkpoint of
+the run's incarnation at ``latest_sequence + 1`` means the record is behind its log: a crash
+came between the checkpoint's rename and the commit (the create then counts as made, like one
+that committed just before the crash), or an old ``run.rec`` was put back. Such a file is never
+replaced: readers see it, and the run's next writer brings ``run.rec`` up to date from the log
+first. An append that fails before its commit removes its checkpoint file again, so a caller
+that got an error never finds its checkpoint adopted. A ``run.rec`` is damaged when it cannot
+be decoded, is missing while checkpoints are in place, or belongs to another incarnation than
+the checkpoint at ``latest_sequence + 1`` (an old copy put back after the run id was deleted
+and reused): reads go by the log, writers refuse until :meth:`FileStore.rebuild_run` replaces
+it. Only checkpoint 0 alone, with no record or an expired one, is what an interrupted first
+create leaves: an append adopts it. Before a run is discarded as expired, every checkpoint
+file is looked at, so an old record put back never gets live checkpoints removed.
+
 Writers of a run hold its lock, so sequences stay unique and gap-free across processes; readers
-take no lock and read through a directory descriptor, so a concurrent ``delete_run`` (a rename
-into ``trash/``) cannot mix two incarnations of a run into one answer. POSIX only
-(``fcntl.flock``); one host (no NFS).
+take no lock (except to read a run whose record is damaged or behind) and read through a
+directory descriptor, so a concurrent ``delete_run`` (a rename into ``trash/``) cannot mix two
+incarnations of a run into one answer. POSIX only (``fcntl.flock``); one host (no NFS).
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ import base64
 import binascii
 import bisect
 import contextlib
+import enum
 import errno
 import fcntl
 import functools
@@ -46,12 +61,13 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import anyio
 import anyio.to_thread
 import msgspec
 
+from fastcheckpoint import _ids
 from fastcheckpoint.errors import (
     CheckpointNotFound,
     ConfigurationError,
@@ -64,10 +80,14 @@ from fastcheckpoint.errors import (
 from fastcheckpoint.stores._base import (
     EMPTY_RUN,
     CheckpointHeader,
+    ExpiryCleanup,
     Item,
+    RunDamage,
     RunRecord,
     StoredCheckpoint,
     check_keep_latest,
+    check_options,
+    header_of,
     is_live,
     item_key_bytes,
 )
@@ -331,6 +351,16 @@ def _frame(magic: bytes, meta: bytes, head: bytes = b"", body: bytes = b"") -> b
     return b"".join((fixed, _CRCS.pack(head_crc, zlib.crc32(body)), meta, head, body))
 
 
+def _checkpoint_bytes(record: StoredCheckpoint) -> bytes:
+    meta = _CheckpointMeta(
+        sequence=record.sequence,
+        checkpoint_id=record.checkpoint_id,
+        created_at=record.created_at,
+        expires_at=record.expires_at,
+    )
+    return _frame(_CHECKPOINT_MAGIC, _ENCODER.encode(meta), record.header, record.payload)
+
+
 def _pread_exact(fd: int, size: int, offset: int, path: str) -> bytes:
     chunks: list[bytes] = []
     while size > 0:
@@ -426,6 +456,24 @@ class _Dir:
         finally:
             os.close(fd)
 
+    def exists(self, relative: str) -> bool:
+        # faccessat: a miss (the common answer) raises no exception, a third of a failed stat.
+        target = relative if self.fd is not None else self.path_of(relative)
+        return os.access(target, os.F_OK, dir_fd=self.fd, follow_symlinks=False)
+
+    def sequences(self) -> list[int]:
+        """Sequences of the checkpoint files in place, newest first (foreign names logged)."""
+        found: list[int] = []
+        for name in self.listdir(_CHECKPOINTS):
+            sequence = _sequence_of_name(name)
+            if sequence is None:
+                path = self.path_of(f"{_CHECKPOINTS}/{name}")
+                logger.warning("file store: skipping foreign file %s", path)
+            else:
+                found.append(sequence)
+        found.sort(reverse=True)
+        return found
+
     def state(self) -> _RunState | None:
         frame = self.read(_RUN_FILE, _RUN_MAGIC, whole=False)
         if frame is None:
@@ -478,6 +526,172 @@ class _Dir:
         if _item_name(meta.key) != name:
             raise CorruptCheckpointError(f"holds item {meta.key!r:.80}", key=path)
         return meta, frame.body
+
+
+# -- how reads see a run ----------------------------------------------------------------------
+
+_UNKNOWN_STATUS = "active"
+"""Reported for a run read by its log alone: its real status lived in the damaged record."""
+
+
+class _View(NamedTuple):
+    """What a read goes by: the range ``run.rec`` describes (extended over checkpoints it is
+    behind), or the checkpoint files in place when there is no usable record."""
+
+    status: str
+    top: int
+    low: int
+    hidden: tuple[int, ...]
+    listed: tuple[int, ...] | None = None
+    """Sequences of the files in place, newest first, when the read goes by the log alone."""
+
+    def candidates(self, before: int | None = None) -> Iterator[int]:
+        """Sequences that may hold a checkpoint, newest first, below ``before``."""
+        if self.listed is not None:
+            return (s for s in self.listed if before is None or s < before)
+        top = self.top if before is None else min(before - 1, self.top)
+        return (s for s in range(top, self.low - 1, -1) if s not in self.hidden)
+
+    def holds(self, sequence: int) -> bool:
+        if self.listed is not None:
+            return sequence in self.listed
+        return self.low <= sequence <= self.top and sequence not in self.hidden
+
+
+def _place_of(found: CheckpointHeader) -> tuple[str, str] | None:
+    """``(run key, incarnation)`` a checkpoint's id names, if it names its own sequence."""
+    parsed = _ids.parse_checkpoint_id(found.checkpoint_id)
+    if parsed is None or parsed[2] != found.sequence:
+        return None
+    return parsed[0], parsed[1]
+
+
+def _checkpoint_name(sequence: int) -> str:
+    return f"{_CHECKPOINTS}/{_sequence_name(sequence)}"
+
+
+def _problem(exc: CorruptCheckpointError) -> str:
+    """The message of a corrupt-record error without the key it names."""
+    return str(exc).removesuffix(f" (store key: {exc.key})")
+
+
+def _trusted_view(
+    files: _Dir, now: float, *, include_expired: bool = False
+) -> tuple[bool, _View | None]:
+    """The view ``run.rec`` gives (``None``: no live run), and whether it can be trusted.
+
+    It cannot when it is damaged, or missing while checkpoints are in place, or behind its log:
+    a file at ``latest_sequence + 1`` is a checkpoint being committed right now, one the record
+    does not know about, or one of another incarnation of the run (an old record put back).
+    """
+    try:
+        state = files.state()
+    except CorruptCheckpointError:
+        return False, None
+    if state is None or state.run is None:
+        # No run record: normally no checkpoint file either (a run of items only).
+        return not files.listdir(_CHECKPOINTS), None
+    run = state.run
+    if files.exists(_checkpoint_name(run.latest_sequence + 1)):
+        return False, None
+    if not include_expired and not is_live(run.expires_at, now):
+        return True, None
+    return True, _View(run.status, run.latest_sequence, state.low, state.removing)
+
+
+class _Slot(enum.Enum):
+    """What a checkpoint file name holds, as seen by a run record."""
+
+    EMPTY = "no file"
+    OURS = "an intact checkpoint of the record's incarnation"
+    OTHER_LIFE = "an intact checkpoint of another incarnation of the run"
+    UNUSABLE = "a torn file, or another run's"
+
+
+def _slot(files: _Dir, run_key: str, run: RunRecord, sequence: int) -> _Slot:
+    """What is in place at ``sequence`` for the record ``run``."""
+    if not files.exists(_checkpoint_name(sequence)):
+        return _Slot.EMPTY  # the common answer, found without an exception
+    try:
+        found = files.checkpoint(sequence, 0.0, payload=False, include_expired=True)
+    except CorruptCheckpointError:
+        return _Slot.UNUSABLE
+    if found is None:
+        return _Slot.EMPTY
+    place = _place_of(found)
+    if place is None or place[0] != run_key:
+        return _Slot.UNUSABLE
+    return _Slot.OURS if place[1] == run.incarnation else _Slot.OTHER_LIFE
+
+
+def _other_life(files: _Dir, run: RunRecord, sequence: int) -> CorruptCheckpointError:
+    """The problem of a record whose run's checkpoints belong to another incarnation."""
+    return CorruptCheckpointError(
+        f"run.rec names incarnation {run.incarnation!r:.20}, but checkpoint {sequence} in place "
+        "is of another incarnation of the run (an old copy of run.rec put back?)",
+        key=files.path_of(_RUN_FILE),
+    )
+
+
+def _log_view(
+    files: _Dir, run_key: str, now: float, *, include_expired: bool = False
+) -> _View | None:
+    """The view of a run whose record cannot be trusted as it is; under the run lock.
+
+    A readable record is extended over the intact checkpoints of its incarnation in place
+    above it (what its next writer will adopt); without a usable record the run is read by
+    the checkpoint files in place, reported active.
+    """
+    trusted, view = _trusted_view(files, now, include_expired=include_expired)
+    if trusted:
+        return view  # a writer brought the record up to date while we waited for the lock
+    damaged = False
+    try:
+        state = files.state()
+    except CorruptCheckpointError as exc:
+        logger.warning(
+            "file store: %s is damaged (%s); reading the run by its checkpoint files",
+            exc.key,
+            _problem(exc),
+        )
+        state, damaged = None, True
+    run = state.run if state is not None else None
+    if run is not None and _slot(files, run_key, run, run.latest_sequence + 1) is _Slot.OTHER_LIFE:
+        problem = _other_life(files, run, run.latest_sequence + 1)
+        logger.warning(
+            "file store: %s is damaged (%s); reading the run by its checkpoint files",
+            problem.key,
+            _problem(problem),
+        )
+        state, run, damaged = None, None, True  # its range and hidden ones are another life's
+    if state is not None and run is not None:
+        top = run.latest_sequence
+        while _slot(files, run_key, run, top + 1) is _Slot.OURS:
+            top += 1
+        if top == run.latest_sequence and not include_expired and not is_live(run.expires_at, now):
+            return None
+        return _View(run.status, top, state.low, state.removing)
+    low, hidden = (state.low, state.removing) if state is not None else (0, ())
+    listed = tuple(s for s in files.sequences() if s >= low and s not in hidden)
+    if not listed:
+        return None
+    if not damaged:
+        logger.warning(
+            "file store: %s is missing or holds no run; reading the run by its checkpoint files",
+            files.path_of(_RUN_FILE),
+        )
+    return _View(_UNKNOWN_STATUS, listed[0], low, hidden, listed)
+
+
+def _newest_live(files: _Dir, view: _View, now: float) -> tuple[StoredCheckpoint, str] | None:
+    for sequence in view.candidates():
+        # Past a deleted or expired newest checkpoint, heads first: no payload of a dead one.
+        if sequence < view.top and files.checkpoint(sequence, now, payload=False) is None:
+            continue
+        found = files.checkpoint(sequence, now, payload=True)
+        if isinstance(found, StoredCheckpoint):
+            return found, view.status
+    return None
 
 
 # -- small file-system helpers ----------------------------------------------------------------
@@ -545,6 +759,17 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _directory_of(path: object) -> str:
+    """The store's directory as a ``str`` path (``ConfigurationError`` for anything else)."""
+    try:
+        directory = os.fspath(path)  # type: ignore[call-overload]
+    except TypeError as exc:
+        raise ConfigurationError(f"file store path must be a str or a path: {path!r:.80}") from exc
+    if not isinstance(directory, str) or "\0" in directory:
+        raise ConfigurationError(f"not a usable file store path: {directory!r:.80}")
+    return directory
+
+
 def _parse_bool(name: str, value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -572,7 +797,7 @@ class _Budget:
 # -- the store --------------------------------------------------------------------------------
 
 
-class FileStore:
+class FileStore(ExpiryCleanup):
     """Checkpoints in a directory tree; see the module docstring for the layout.
 
     Costs (``n`` = checkpoints held by the run, ``k`` = requested count): ``append`` writes
@@ -583,7 +808,12 @@ class FileStore:
     with pruning, else the live ones (expired ones leave it on the next append). ``get`` and
     ``latest`` open ``run.rec`` and one checkpoint (``latest`` walks
     down only past deleted or expired newest ones); ``headers`` reads ``run.rec`` and the
-    first 4 KiB of about ``k`` checkpoint files, never payloads; ``update_run`` rewrites
+    first 4 KiB of about ``k`` checkpoint files, never payloads. Writers, ``get``, ``latest``,
+    ``headers`` and ``get_run`` also look (one ``faccessat``) for a checkpoint beyond
+    ``latest_sequence``; a run whose record is behind costs its next writer one head read per
+    checkpoint in place, and a damaged run is read by listing its checkpoint files. Starting
+    an expired run over, and purging one, read the head of each of its checkpoint files
+    first. ``update_run`` rewrites
     ``run.rec`` (and moves one index marker on a status change); ``list_runs`` lists the status
     index and reads ``run.rec`` of the runs it returns; ``count_runs`` reads ``run.rec`` of
     every indexed run; ``scan_items`` lists the run's items. ``purge_expired`` reads every
@@ -595,7 +825,7 @@ class FileStore:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
-        self._root = os.path.abspath(os.fspath(path))
+        self._root = os.path.abspath(_directory_of(path))
         self._fsync = fsync
         self._runs = os.path.join(self._root, "runs")
         self._locks = os.path.join(self._root, "locks")
@@ -615,9 +845,7 @@ class FileStore:
         path, query = parse_file_url(url)
         settings: dict[str, object] = dict(query)
         settings.update(options)
-        unknown = sorted(set(settings) - {"fsync"})
-        if unknown:
-            raise ConfigurationError(f"unknown file store options {unknown} in {url!r}")
+        check_options("the file:// store", settings, {"fsync"})
         if not path:
             raise ConfigurationError(f"file store URL without a path: {url!r}")
         return cls(path, fsync=_parse_bool("fsync", settings.get("fsync", True)))
@@ -760,7 +988,7 @@ class FileStore:
         now: float,
     ) -> str:
         with self._locked(run_key):
-            state = self._read_state(run_key)
+            state = self._current_state(run_key, seed, now)
             stored = state.run if state is not None else None
             current = stored if stored is not None and is_live(stored.expires_at, now) else None
             _check_sequence(run_key, record, seed, current)
@@ -772,26 +1000,68 @@ class FileStore:
                 ledger.run, latest_sequence=record.sequence, updated_at=now
             )
             ledger.add(record.sequence, record.expires_at)
-            self._ensure_dir(os.path.join(self._run_dir(run_key), _CHECKPOINTS))
-            self._write_checkpoint(run_key, record)
-            ledger.remove_expired(now)
-            if keep_latest is not None:
-                self._remove_oldest(run_key, ledger, keep_latest)
-            committed = ledger.state()
-            assert committed.run is not None
-            if current is None:
-                self._index_add(run_key, committed.run)
-            self._commit(run_key, committed)
+            committed = self._write_and_commit(
+                run_key, record, ledger, keep_latest, now, new_run=current is None
+            )
             if (
                 stored is not None
                 and current is None
-                and not _same_marker(run_key, stored, committed.run)
+                and not _same_marker(run_key, stored, committed)
             ):
                 marker = self._marker_path(run_key, stored)
                 with _after_commit(marker):
                     _discard(marker)
             self._remove_checkpoints(run_key, ledger.removed)
-            return committed.run.status
+            return committed.status
+
+    def _write_and_commit(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        ledger: _Ledger,
+        keep_latest: int | None,
+        now: float,
+        *,
+        new_run: bool,
+    ) -> RunRecord:
+        """Write the checkpoint, prune, commit ``run.rec``; returns the committed run record.
+
+        A checkpoint file in place counts as part of the log, so it is withdrawn again when
+        anything fails before the commit: a caller that got an error never finds it adopted.
+        """
+        directory = os.path.join(self._run_dir(run_key), _CHECKPOINTS)
+        self._ensure_dir(directory)
+        path = os.path.join(directory, _sequence_name(record.sequence))
+        self._write_file(run_key, path, _checkpoint_bytes(record))
+        try:
+            self._sync_dir(directory)
+            ledger.remove_expired(now)
+            if keep_latest is not None:
+                self._remove_oldest(run_key, ledger, keep_latest)
+            committed = ledger.state()
+            assert committed.run is not None
+            if new_run:
+                self._index_add(run_key, committed.run)
+            run_file = os.path.join(self._run_dir(run_key), _RUN_FILE)
+            self._write_file(run_key, run_file, _frame(_RUN_MAGIC, _ENCODER.encode(committed)))
+        except BaseException:
+            self._withdraw(path)
+            raise
+        self._sync_dir(self._run_dir(run_key))
+        return committed.run
+
+    def _withdraw(self, path: str) -> None:
+        """Remove the checkpoint file of an append that failed before its commit."""
+        try:
+            _discard(path)
+            self._sync_dir(os.path.dirname(path))
+        except OSError as exc:
+            logger.error(
+                "file store: could not remove %s after a failed append (%s); the run's next "
+                "writer will count it as a checkpoint",
+                path,
+                exc.strerror or exc,
+            )
 
     def _start_run(self, run_key: str, state: _RunState | None, seed: RunRecord) -> _Ledger:
         """Clear what an expired or emptied run left; ``seed`` becomes the record, uncommitted."""
@@ -801,17 +1071,235 @@ class FileStore:
         fresh = _RunState(items_next_expiry=state.items_next_expiry if state is not None else None)
         return _Ledger(fresh, seed, ())
 
-    def _write_checkpoint(self, run_key: str, record: StoredCheckpoint) -> None:
-        meta = _CheckpointMeta(
-            sequence=record.sequence,
-            checkpoint_id=record.checkpoint_id,
-            created_at=record.created_at,
-            expires_at=record.expires_at,
+    # -- damaged run records, and records behind their log --------------------------------------
+
+    def _damaged(self, exc: CorruptCheckpointError) -> CorruptCheckpointError:
+        """The error of a write refused because the run's record is damaged, with the remedy."""
+        url = "file://" + quote(self._root)
+        return CorruptCheckpointError(
+            f"the run record is damaged ({_problem(exc)}); the run's checkpoints can still be "
+            "restored, but it takes no new checkpoint, deletion or status change until the "
+            f"record is rebuilt: run `fastcheckpoint doctor --repair {url} RUN` (RUN: the run "
+            "id) or `await manager.repair(run_id)`; `delete_run` removes the whole run",
+            key=exc.key,
         )
-        data = _frame(_CHECKPOINT_MAGIC, _ENCODER.encode(meta), record.header, record.payload)
-        directory = os.path.join(self._run_dir(run_key), _CHECKPOINTS)
-        self._write_file(run_key, os.path.join(directory, _sequence_name(record.sequence)), data)
-        self._sync_dir(directory)
+
+    def _state_for_write(self, run_key: str) -> _RunState | None:
+        """``run.rec`` for a writer that leaves checkpoints alone; a damaged one is refused."""
+        try:
+            return self._read_state(run_key)
+        except CorruptCheckpointError as exc:
+            raise self._damaged(exc) from exc
+
+    def _current_state(
+        self, run_key: str, seed: RunRecord | None, now: float | None
+    ) -> _RunState | None:
+        """``run.rec`` for a writer holding the run lock, first brought up to date with the log
+        when it is behind it (status and run data kept); a damaged record is refused.
+
+        ``seed`` (an append's) becomes the run record of what a crash between a run's first
+        checkpoint and its commit leaves: checkpoint 0 alone, with no record or an expired one.
+        """
+        state = self._state_for_write(run_key)
+        files = _Dir(self._run_dir(run_key))
+        try:
+            adoption = self._adoption(run_key, files, state, seed, now)
+        except CorruptCheckpointError as exc:
+            raise self._damaged(exc) from exc
+        if adoption is None:
+            return state
+        run = state.run if state is not None else None
+        rebuilt = self._rebuilt(run_key, files, adoption[0], adoption[1], now)
+        if rebuilt is None or rebuilt.run is None:
+            return state
+        logger.warning(
+            "file store: %s was behind its log (latest sequence %s, checkpoint %d in place: an "
+            "interrupted write, or an old copy put back); brought it up to date",
+            files.path_of(_RUN_FILE),
+            "none" if run is None else run.latest_sequence,
+            rebuilt.run.latest_sequence,
+        )
+        self._commit_rebuilt(run_key, run, rebuilt)
+        return rebuilt
+
+    def _adoption(
+        self,
+        run_key: str,
+        files: _Dir,
+        state: _RunState | None,
+        seed: RunRecord | None,
+        now: float | None,
+    ) -> tuple[_RunState | None, RunRecord] | None:
+        """``None`` when the record counts every checkpoint in place, else what to rebuild it
+        from (the record to keep, if any, and the run fields). Raises
+        :class:`CorruptCheckpointError` when the record is damaged: undecodable, missing while
+        checkpoints are in place, or of another incarnation than they are.
+
+        Looks at ``latest_sequence + 1`` only, unless the record is expired at ``now``: its
+        run would be discarded, so then every checkpoint file in place is looked at.
+        """
+        run = state.run if state is not None else None
+        if state is None or run is None:
+            left = self._first_create_left(run_key, files, state, seed)
+            return (state, seed) if left and seed is not None else None
+        if self._log_ahead(run_key, files, run):
+            return state, run
+        if now is None or is_live(run.expires_at, now):
+            return None
+        ours, others = self._live_unknown(run_key, files, state, run, now)
+        if not others:
+            return (state, run) if ours else None
+        if ours or len(others) > 1 or others[0][0] != 0 or seed is None:
+            raise _other_life(files, run, others[-1][0])
+        # The first checkpoint of the run's next life, cut before its commit: adopted alone.
+        life = msgspec.structs.replace(seed, incarnation=others[0][1])
+        return _RunState(run=life, items_next_expiry=state.items_next_expiry), seed
+
+    def _log_ahead(self, run_key: str, files: _Dir, run: RunRecord) -> bool:
+        """Whether an intact checkpoint of the record's incarnation is in place at
+        ``latest_sequence + 1``; raises :class:`CorruptCheckpointError` for one of another
+        incarnation. Anything else there is logged, and replaced by the next append."""
+        sequence = run.latest_sequence + 1
+        slot = _slot(files, run_key, run, sequence)
+        if slot is _Slot.OTHER_LIFE:
+            raise _other_life(files, run, sequence)
+        if slot is _Slot.UNUSABLE:
+            path = files.path_of(_checkpoint_name(sequence))
+            logger.warning(
+                "file store: %s is no intact checkpoint of this run; its next append replaces it",
+                path,
+            )
+        return slot is _Slot.OURS
+
+    def _first_create_left(
+        self, run_key: str, files: _Dir, state: _RunState | None, seed: RunRecord | None
+    ) -> bool:
+        """Whether a run without a record holds checkpoint 0 alone, which an interrupted first
+        create leaves and an append (``seed``) adopts. Any other checkpoint in place means the
+        record was lost: :class:`CorruptCheckpointError`, as for a damaged one."""
+        if not files.exists(_CHECKPOINTS) or not files.listdir(_CHECKPOINTS):
+            return False  # the common case: a run's first append, or a run of items only
+        heads = self._log_heads(run_key, files, state)
+        if not heads:
+            return False  # torn or foreign files only: the append replaces or ignores them
+        if seed is not None and [head.sequence for head in heads] == [0]:
+            return True
+        missing = "run.rec is missing" if state is None else "run.rec holds no run record"
+        raise CorruptCheckpointError(missing, key=files.path_of(_RUN_FILE))
+
+    def _live_unknown(
+        self, run_key: str, files: _Dir, state: _RunState, run: RunRecord, now: float
+    ) -> tuple[bool, list[tuple[int, str]]]:
+        """Live checkpoints in place that an expired record does not hold: whether some are of
+        its incarnation (it was put back after its successor was pruned), and ``(sequence,
+        incarnation)`` of those of other incarnations, ascending.
+
+        Costs a head read per checkpoint file: only for a run about to be discarded, whose
+        files are all removed next anyway.
+        """
+        hidden = set(state.removing)
+        ours = False
+        others: list[tuple[int, str]] = []
+        for sequence in reversed(files.sequences()):
+            try:
+                found = files.checkpoint(sequence, now, payload=False)
+            except CorruptCheckpointError:
+                continue  # says nothing about the record; removed with the run
+            place = None if found is None else _place_of(found)
+            if place is None or place[0] != run_key:
+                continue
+            if place[1] != run.incarnation:
+                others.append((sequence, place[1]))
+            elif sequence >= state.low and sequence not in hidden:
+                ours = True
+        return ours, others
+
+    def _log_heads(
+        self, run_key: str, files: _Dir, keep: _RunState | None
+    ) -> list[CheckpointHeader]:
+        """Intact checkpoints in place of the run's incarnation, oldest first.
+
+        The incarnation is that of ``keep`` (a readable record) if it holds a run, else of the
+        newest intact checkpoint. What ``keep`` hides stays hidden. Corrupt files are logged,
+        and files of other runs or incarnations left out: reads still report them as corrupt.
+        """
+        low, hidden = (keep.low, set(keep.removing)) if keep is not None else (0, set())
+        heads: list[CheckpointHeader] = []
+        incarnation = keep.run.incarnation if keep is not None and keep.run is not None else None
+        for sequence in files.sequences():
+            if sequence < low or sequence in hidden:
+                continue
+            try:
+                head = files.checkpoint(sequence, 0.0, payload=False, include_expired=True)
+            except CorruptCheckpointError as exc:
+                logger.warning("file store: skipping corrupt checkpoint %s: %s", exc.key, exc)
+                continue
+            place = None if head is None else _place_of(head)
+            if head is None or place is None or place[0] != run_key:
+                continue
+            incarnation = place[1] if incarnation is None else incarnation
+            if place[1] == incarnation:
+                heads.append(head)
+        heads.reverse()
+        return heads
+
+    def _rebuilt(
+        self,
+        run_key: str,
+        files: _Dir,
+        keep: _RunState | None,
+        base: RunRecord,
+        now: float | None,
+    ) -> _RunState | None:
+        """The ``run.rec`` the log implies, or ``None`` when it holds no intact checkpoint.
+
+        ``base`` gives ``run_id``, ``status`` and ``data``; ``created_at`` and ``version`` too
+        when it is ``keep``'s own run, else they come from the log (oldest checkpoint, 0).
+        ``updated_at`` becomes ``now`` (kept when ``None``).
+        """
+        heads = self._log_heads(run_key, files, keep)
+        if not heads:
+            return None
+        oldest, newest = heads[0], heads[-1]
+        place = _place_of(newest)
+        assert place is not None
+        immortal = sum(1 for head in heads if head.expires_at is None)
+        expiring = sorted(
+            (head.expires_at, head.sequence) for head in heads if head.expires_at is not None
+        )
+        own = keep is not None and keep.run is base
+        run = msgspec.structs.replace(
+            base,
+            incarnation=place[1],
+            latest_sequence=newest.sequence,
+            checkpoint_count=len(heads),
+            expires_at=_held_expiry(immortal, expiring),
+            created_at=base.created_at if own else oldest.created_at,
+            version=base.version if own else 0,
+            updated_at=base.updated_at if now is None else now,
+        )
+        return _RunState(
+            run=run,
+            low=oldest.sequence,
+            immortal=immortal,
+            expiring=tuple(expiring),
+            removing=keep.removing if keep is not None else (),
+            # Item expiries are unknown without a record: purge_expired looks at every item.
+            items_next_expiry=keep.items_next_expiry if keep is not None else 0.0,
+        )
+
+    def _commit_rebuilt(self, run_key: str, old: RunRecord | None, state: _RunState) -> None:
+        """Commit a rebuilt ``run.rec``; the run's index marker follows it. The marker of an
+        unreadable record is left to ``purge_expired``, which then finds it stale."""
+        assert state.run is not None
+        moved = old is None or not _same_marker(run_key, old, state.run)
+        if moved:
+            self._index_add(run_key, state.run)
+        self._commit(run_key, state)
+        if old is not None and moved:
+            marker = self._marker_path(run_key, old)
+            with _after_commit(marker):
+                _discard(marker)
 
     def _remove_oldest(self, run_key: str, ledger: _Ledger, keep_latest: int) -> None:
         """Remove the oldest held checkpoints beyond ``keep_latest``, walking up from ``low``.
@@ -919,16 +1407,29 @@ class FileStore:
         _check_run_key(run_key)
         return await self._call(self._get, run_key, sequence, now)
 
+    def _view(
+        self,
+        run_key: str,
+        files: _Dir,
+        now: float,
+        *,
+        include_expired: bool = False,
+    ) -> _View | None:
+        """How to read the run: by ``run.rec``, or by its log (waiting for the run's writer)
+        when the record is damaged or behind."""
+        trusted, view = _trusted_view(files, now, include_expired=include_expired)
+        if trusted:
+            return view
+        with self._locked(run_key):
+            return _log_view(files, run_key, now, include_expired=include_expired)
+
     def _get(self, run_key: str, sequence: int, now: float) -> tuple[StoredCheckpoint, str] | None:
         with self._reader(run_key) as files:
-            state = files.state() if files is not None else None
-            run = _live_run(state, now)
-            if files is None or state is None or run is None:
-                return None
-            if not state.low <= sequence <= run.latest_sequence or sequence in state.removing:
+            view = None if files is None else self._view(run_key, files, now)
+            if files is None or view is None or not view.holds(sequence):
                 return None
             found = files.checkpoint(sequence, now, payload=True)
-            return (found, run.status) if isinstance(found, StoredCheckpoint) else None
+            return (found, view.status) if isinstance(found, StoredCheckpoint) else None
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
         _check_run_key(run_key)
@@ -938,20 +1439,22 @@ class FileStore:
         with self._reader(run_key) as files:
             if files is None:
                 return None
-            state = files.state()
+            previous: _View | None = None
             for _ in range(_LATEST_ATTEMPTS):
-                found = _newest_live(files, state, now)
-                if found is not None:
-                    return found
-                # A concurrent append may have pruned what this state pointed at: only an
-                # unchanged run.rec makes "no live checkpoint" the answer.
-                again = files.state()
-                if again == state:
+                view = self._view(run_key, files, now)
+                # A concurrent append may have pruned what a view pointed at: only an unchanged
+                # run.rec makes "no live checkpoint" the answer.
+                if view is None or view == previous:
                     return None
-                state = again
+                found = _newest_live(files, view, now)
+                if found is not None or view.listed is not None:
+                    return found
+                previous = view
         # Appends kept moving the run under us: read it once while writers wait.
         with self._locked(run_key):
-            return _newest_live(_Dir(self._run_dir(run_key)), self._read_state(run_key), now)
+            files = _Dir(self._run_dir(run_key))
+            view = _log_view(files, run_key, now)
+            return None if view is None else _newest_live(files, view, now)
 
     async def headers(
         self,
@@ -969,17 +1472,15 @@ class FileStore:
         self, run_key: str, before: int | None, limit: int, now: float, include_expired: bool
     ) -> tuple[list[CheckpointHeader], str | None]:
         with self._reader(run_key) as files:
-            state = files.state() if files is not None else None
-            run = state.run if include_expired and state is not None else _live_run(state, now)
-            if files is None or state is None or run is None:
+            view = None
+            if files is not None:
+                view = self._view(run_key, files, now, include_expired=include_expired)
+            if files is None or view is None:
                 return [], None
-            top = run.latest_sequence if before is None else min(before - 1, run.latest_sequence)
             found: list[CheckpointHeader] = []
-            for sequence in range(top, state.low - 1, -1):
+            for sequence in view.candidates(before):
                 if len(found) >= limit:
                     break
-                if sequence in state.removing:
-                    continue
                 try:
                     header = files.checkpoint(
                         sequence, now, payload=False, include_expired=include_expired
@@ -989,7 +1490,7 @@ class FileStore:
                     continue
                 if header is not None:
                     found.append(header)
-            return found, run.status
+            return found, view.status
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
         _check_run_key(run_key)
@@ -997,7 +1498,7 @@ class FileStore:
 
     def _delete(self, run_key: str, sequence: int, checkpoint_id: str) -> bool:
         with self._locked(run_key):
-            state = self._read_state(run_key)
+            state = self._current_state(run_key, None, None)
             if state is None or state.run is None:
                 return False
             if not state.low <= sequence <= state.run.latest_sequence:
@@ -1059,7 +1560,26 @@ class FileStore:
         return await self._call(self._get_run, run_key, now)
 
     def _get_run(self, run_key: str, now: float) -> RunRecord | None:
-        return _live_run(_Dir(self._run_dir(run_key)).state(), now)
+        try:
+            state = self._checked_state(run_key, None)
+        except CorruptCheckpointError:
+            # Maybe a writer between its two writes (a first checkpoint not yet committed):
+            # decided again once it is done.
+            with self._locked(run_key):
+                try:
+                    state = self._checked_state(run_key, None)
+                except CorruptCheckpointError as exc:
+                    raise self._damaged(exc) from exc
+        return _live_run(state, now)
+
+    def _checked_state(self, run_key: str, now: float | None) -> _RunState | None:
+        """``run.rec`` unless it is damaged as writers see it (:class:`CorruptCheckpointError`
+        naming it): undecodable, missing while checkpoints are in place, or of another
+        incarnation than they are. Without ``now`` the files of an expired run are not read."""
+        files = _Dir(self._run_dir(run_key))
+        state = files.state()
+        self._adoption(run_key, files, state, None, now)
+        return state
 
     async def update_run(
         self,
@@ -1079,7 +1599,7 @@ class FileStore:
         self, run_key: str, incarnation: str, version: int, status: str, data: bytes, now: float
     ) -> RunRecord:
         with self._locked(run_key):
-            state = self._read_state(run_key)
+            state = self._current_state(run_key, None, now)
             run = _live_run(state, now)
             if state is None or run is None:
                 raise CheckpointNotFound(f"no live run with key {run_key}")
@@ -1204,7 +1724,7 @@ class FileStore:
     ) -> None:
         run_dir = self._run_dir(run_key)
         with self._locked(run_key):
-            state = self._read_state(run_key)
+            state = self._state_for_write(run_key)
             if create_only:
                 self._check_absent(run_key, named, now)
             self._ensure_dir(run_dir)
@@ -1385,10 +1905,11 @@ class FileStore:
             indexed[run_key] = marker
         if state is not None and not self._purge_due(run_key, state, now):
             return 0
-        # Due, or a directory without run.rec: decide again under the lock.
+        # Due, or a directory without run.rec: decide again under the lock, by a record that
+        # counts every checkpoint in place (an old one might call live ones expired).
         with self._locked(run_key):
             try:
-                state = self._read_state(run_key)
+                state = self._current_state(run_key, None, now)
             except CorruptCheckpointError as exc:
                 logger.warning("file store: skipping run with corrupt record %s: %s", exc.key, exc)
                 return 0
@@ -1409,7 +1930,8 @@ class FileStore:
         return any(os.path.lexists(self._checkpoint_path(run_key, s)) for s in state.removing)
 
     def _purge_whole_run(self, run_key: str, state: _RunState | None, budget: _Budget) -> int:
-        """Remove an expired or emptied run, or a run directory that no write ever committed."""
+        """Remove an expired or emptied run, or a run directory that no write ever committed
+        (one with checkpoints but no record is refused earlier, by ``_current_state``)."""
         trash = self._move_to_trash(run_key)
         if state is not None and state.run is not None:
             marker = self._marker_path(run_key, state.run)
@@ -1504,6 +2026,85 @@ class FileStore:
             return True
         return _status_dir_name(run.status) != directory or _marker_name(run_key, run) != marker
 
+    # -- repair -------------------------------------------------------------------------------
+
+    async def damaged_runs(self, *, run_key: str | None = None, now: float) -> list[RunDamage]:
+        """Runs whose ``run.rec`` cannot be decoded, is missing (or holds no run) while
+        checkpoints are in place, or belongs to another incarnation than they do. A record
+        behind its log is not damaged: the run's next writer brings it up to date. Reads every
+        ``run.rec``, every checkpoint head of a damaged or expired run."""
+        if run_key is not None:
+            _check_run_key(run_key)
+        return await self._call(self._damaged_runs, run_key, now)
+
+    def _damaged_runs(self, run_key: str | None, now: float) -> list[RunDamage]:
+        if run_key is not None:
+            keys = [run_key]
+        else:
+            keys = sorted(name for name in os.listdir(self._runs) if _RUN_KEY.fullmatch(name))
+        found: list[RunDamage] = []
+        for key in keys:
+            if self._damage(key, now) is None:
+                continue  # the common case, decided without waiting for the run's writer
+            with self._locked(key):
+                damage = self._damage(key, now)
+            if damage is not None:
+                found.append(damage)
+        return found
+
+    def _damage(self, run_key: str, now: float) -> RunDamage | None:
+        files = _Dir(self._run_dir(run_key))
+        try:
+            keep = self._checked_state(run_key, now)
+        except CorruptCheckpointError as exc:
+            keep, problem = None, _problem(exc)
+        else:
+            if keep is not None and keep.run is not None:
+                return None
+            problem = "run.rec is missing" if keep is None else "run.rec holds no run record"
+        heads = self._log_heads(run_key, files, keep)
+        if not heads and (keep is not None or not files.exists(_RUN_FILE)):
+            return None  # a run of items only, or no run at all
+        return RunDamage(
+            run_key=run_key,
+            key=files.path_of(_RUN_FILE),
+            problem=problem,
+            checkpoints=len(heads),
+            newest=header_of(heads[-1]) if heads else None,
+        )
+
+    async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
+        """Rewrites ``run.rec`` (and adds the index marker); checkpoint files are only read."""
+        _check_run_key(run_key)
+        _check_status(seed.status)
+        return await self._call(self._rebuild_run, run_key, seed, now)
+
+    def _rebuild_run(self, run_key: str, seed: RunRecord, now: float) -> RunRecord:
+        with self._locked(run_key):
+            files = _Dir(self._run_dir(run_key))
+            keep: _RunState | None = None
+            old: RunRecord | None = None
+            try:
+                keep = self._checked_state(run_key, now)
+            except CorruptCheckpointError:  # damaged: the log alone decides
+                with contextlib.suppress(CorruptCheckpointError):
+                    damaged = files.state()  # readable: another life's, whose marker goes
+                    old = damaged.run if damaged is not None else None
+            if keep is not None and keep.run is not None:
+                raise ConflictError(f"the run record of run key {run_key} is not damaged")
+            rebuilt = self._rebuilt(run_key, files, keep, seed, now)
+            if rebuilt is None or rebuilt.run is None:
+                raise CheckpointNotFound(
+                    f"run key {run_key} holds no intact checkpoint to rebuild its record from"
+                )
+            self._commit_rebuilt(run_key, old, rebuilt)
+            logger.info(
+                "file store: rebuilt %s from %d checkpoints",
+                files.path_of(_RUN_FILE),
+                rebuilt.run.checkpoint_count,
+            )
+            return rebuilt.run
+
     async def aclose(self) -> None:
         """Nothing to release: the store holds no descriptor between operations."""
 
@@ -1531,25 +2132,6 @@ def _same_marker(run_key: str, first: RunRecord, second: RunRecord) -> bool:
     return first.status == second.status and (
         _marker_name(run_key, first) == _marker_name(run_key, second)
     )
-
-
-def _newest_live(
-    files: _Dir, state: _RunState | None, now: float
-) -> tuple[StoredCheckpoint, str] | None:
-    run = _live_run(state, now)
-    if state is None or run is None:
-        return None
-    for sequence in range(run.latest_sequence, state.low - 1, -1):
-        if sequence in state.removing:
-            continue
-        # Past a deleted or expired newest checkpoint, heads first: no payload of a dead one.
-        older = sequence < run.latest_sequence
-        if older and files.checkpoint(sequence, now, payload=False) is None:
-            continue
-        found = files.checkpoint(sequence, now, payload=True)
-        if isinstance(found, StoredCheckpoint):
-            return found, run.status
-    return None
 
 
 def _live_run(state: _RunState | None, now: float) -> RunRecord | None:

@@ -18,12 +18,12 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 
 from fastcheckpoint.errors import (
     CheckpointNotFound,
-    ConfigurationError,
     ConflictError,
     SequenceConflict,
     ValidationError,
@@ -31,10 +31,13 @@ from fastcheckpoint.errors import (
 from fastcheckpoint.stores._base import (
     EMPTY_RUN,
     CheckpointHeader,
+    ExpiryCleanup,
     Item,
+    RunDamage,
     RunRecord,
     StoredCheckpoint,
     check_keep_latest,
+    check_options,
     header_of,
     is_live,
     key_successor,
@@ -90,7 +93,7 @@ def _parse_cursor(cursor: str) -> tuple[float, str]:
         raise ValidationError(f"malformed run listing cursor {cursor!r}") from exc
 
 
-class MemoryStore:
+class MemoryStore(ExpiryCleanup):
     """Keeps everything in this process; for tests, notebooks and single-process agents."""
 
     def __init__(self) -> None:
@@ -102,8 +105,9 @@ class MemoryStore:
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MemoryStore:
-        if options:
-            raise ConfigurationError(f"memory:// takes no options, got {sorted(options)}")
+        """``memory://``: it takes no options, in the URL or as keywords."""
+        query = parse_qsl(urlsplit(url).query, keep_blank_values=True)
+        check_options("the memory:// store", [*(name for name, _ in query), *options], ())
         return cls()
 
     # -- expiry bookkeeping ---------------------------------------------------------------
@@ -511,6 +515,18 @@ class MemoryStore:
         if space is not None and not space.items and run is None:
             del self._items[run_key]
         return removed, removed + items
+
+    # -- repair ---------------------------------------------------------------------------
+
+    async def damaged_runs(self, *, run_key: str | None = None, now: float) -> list[RunDamage]:
+        """Always ``[]``: run records live as Python objects that no write leaves half done,
+        so ``CheckpointManager.repair()`` works here (and finds nothing) as on durable stores."""
+        return []
+
+    async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
+        if run_key in self._runs:
+            raise ConflictError(f"the run record of run key {run_key} is not damaged")
+        raise CheckpointNotFound(f"run key {run_key} holds no checkpoint to rebuild a record from")
 
     async def aclose(self) -> None:
         return None
