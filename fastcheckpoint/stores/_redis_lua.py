@@ -3,10 +3,10 @@
 Calling convention (every script)
 ---------------------------------
 ``KEYS`` are the run's eight fixed keys, all under the hash tag ``{<run key>}`` so that a script
-touches one slot (checkpoint keys ``<base>c:<sequence>`` are built inside the script and share
-the tag)::
+touches one slot (checkpoint keys ``<base>c:<sequence>`` and operation memos ``<base>op:<token>``
+are built inside the script and share the tag)::
 
-    KEYS[1] run  hash: rid inc st ct ut ls exp v d m tk   (the run record)
+    KEYS[1] run  hash: rid inc st ct ut ls v d m          (the run record)
     KEYS[2] seq  zset: sequence -> sequence                (the checkpoint log)
     KEYS[3] exp  zset: sequence -> expires_at              (checkpoints that expire)
     KEYS[4] due  hash: s (score) m (member)                (what the global due index holds)
@@ -25,44 +25,95 @@ index operations for the client to apply. Operation arguments start at ``ARGV[5]
 
 Every script returns ``{result, ops}``; ``ops`` is a flat list of quadruples for :data:`INDEX`.
 
+The log is the truth. The run's expiry and its latest sequence are derived from the log on
+every call (the latest expiry in ``exp``, or never when a logged checkpoint does not expire;
+the larger of ``ls`` and the newest logged sequence), so a replayed or damaged run hash can
+neither hide live checkpoints nor make an append overwrite one; appends are also create-only
+at their slot. A run hash that cannot be used while its log holds live checkpoints is
+*damaged* (see ``load_run``): reads still return the checkpoints (status ``active``), writes
+answer ``{'damaged', problem}`` and change nothing.
+
+Lost replies. redis-py retries a call whose reply was lost, with the same arguments. Appends
+recognise their own write token in the checkpoint they wrote; run updates, the counting deletes
+and the purge remember their reply (and the index operations it carried) for five minutes under
+``<base>op:<token>`` and answer a retry with it (a run update with the record as it is then:
+another change may have followed).
+
 Floats travel as the decimal strings Python wrote (``repr``) or Redis formats (scores); the
 scripts compare them with ``tonumber`` and store the strings unchanged, so no precision is lost
 to Lua's ``tostring``. ``''`` stands for "never expires".
 
 Every script reads and checks before its first write, so an error it raises leaves nothing
-half-done, and the write scripts carry a ``#!lua`` shebang so that Redis refuses them up front
-when it is out of memory instead of failing between two writes.
+half-done. Flags: reads carry ``no-writes``; scripts whose writes only remove or re-index
+(deletes, purging, :data:`INDEX`, reads that drop dangling log entries) carry ``allow-oom``, so
+they keep working, and keep freeing memory, when Redis is at ``maxmemory``; the scripts that add
+data, and :data:`INTENT` that precedes them on Redis Cluster, carry none, so a full server
+refuses them before their first write.
 """
 
 from __future__ import annotations
 
-__all__ = ["INDEX", "SCRIPTS", "WRITE_SCRIPTS", "without_flags"]
+__all__ = ["INDEX", "INTENT", "SCRIPTS", "without_flags"]
 
 # Index operations on the global keys, shared by the run scripts (plain Redis) and INDEX.
 _APPLY_OP = r"""
 -- Index operations on the global keys (all under one hash tag of their own).
---   add    member status   a new run
---   move   member old new  a status change
---   forget member          a run that is gone: out of every index
---   due    old new score   (re)schedule the run for purging; new '' = unschedule
+--   add    member status stamp   a new run
+--   sync   member status stamp   make the indexes say what the run record says
+--   forget member                a run that is gone: out of every index
+--   damaged member               a run whose record is damaged: counts skip it until repaired
+--   due    old new score         (re)schedule the run for purging; new '' = unschedule
+--   intend intent score          Redis Cluster: a run script is about to change the indexes
+--   done   intent                ... and its index operations were applied
+-- On Redis Cluster the index calls of two status changes, or of a status change and the
+-- cleanup loop's repair, can land out of order. `stamp` is when the run script read the
+-- record (the run slot's server clock, in microseconds); `ver` keeps the newest stamp applied
+-- per member, and older ones are ignored. '' (plain Redis, where a script updates record and
+-- indexes at once) skips the check.
+local function newer(g, member, stamp)
+  if stamp == '' then return true end
+  local known = tonumber(redis.call('HGET', g .. 'ver', member))
+  if known and known > tonumber(stamp) then return false end
+  redis.call('HSET', g .. 'ver', member, stamp)
+  return true
+end
+
+local function sync(g, member, status, stamp)
+  if not newer(g, member, stamp) then return end
+  for _, other in ipairs(redis.call('SMEMBERS', g .. 'statuses')) do
+    if other ~= status then redis.call('ZREM', g .. 's:' .. other, member) end
+  end
+  redis.call('ZREM', g .. 'damaged', member)
+  redis.call('ZADD', g .. 'all', 0, member)
+  redis.call('ZADD', g .. 's:' .. status, 0, member)
+  redis.call('SADD', g .. 'statuses', status)
+end
+
 local function apply_op(g, kind, a, b, c)
   if kind == 'add' then
+    if not newer(g, a, c) then return end
     redis.call('ZADD', g .. 'all', 0, a)
     redis.call('ZADD', g .. 's:' .. b, 0, a)
     redis.call('SADD', g .. 'statuses', b)
-  elseif kind == 'move' then
-    redis.call('ZREM', g .. 's:' .. b, a)
-    redis.call('ZADD', g .. 's:' .. c, 0, a)
-    redis.call('SADD', g .. 'statuses', c)
+  elseif kind == 'sync' then
+    sync(g, a, b, c)
   elseif kind == 'forget' then
     redis.call('ZREM', g .. 'all', a)
     redis.call('ZREM', g .. 'due', a)
+    redis.call('ZREM', g .. 'damaged', a)
+    redis.call('HDEL', g .. 'ver', a)
     for _, status in ipairs(redis.call('SMEMBERS', g .. 'statuses')) do
       redis.call('ZREM', g .. 's:' .. status, a)
     end
   elseif kind == 'due' then
     if a ~= '' and a ~= b then redis.call('ZREM', g .. 'due', a) end
     if b ~= '' then redis.call('ZADD', g .. 'due', c, b) end
+  elseif kind == 'damaged' then
+    redis.call('ZADD', g .. 'damaged', 0, a)
+  elseif kind == 'intend' then
+    redis.call('ZADD', g .. 'fix', b, a)
+  elseif kind == 'done' then
+    redis.call('ZREM', g .. 'fix', a)
   end
 end
 
@@ -72,10 +123,25 @@ end
 _PRELUDE = r"""
 local BASE, NOW_S, GRACE, GLOBAL = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local NOW = tonumber(NOW_S)
+local RUN_KEY = string.match(BASE, '{([a-z2-7]+)}:$')
+local MEMBER = '^' .. string.rep('[0-9a-f]', 16) .. RUN_KEY .. '%.[a-z2-7]+$'
+local MEMO_MS = 300000
 local OPS = {}
 """ + _APPLY_OP + r"""
+-- Unparseable expiries count as live, so a corrupt record is reported, never silently hidden.
+-- Without the manager's clock (delete calls) everything counts as live.
 local function is_live(expires_at)
-  return expires_at == '' or NOW < tonumber(expires_at)
+  if expires_at == '' or not NOW then return true end
+  local at = tonumber(expires_at)
+  return not at or NOW < at
+end
+
+-- The stamp of an index operation that adds or moves a run: only on Redis Cluster, where
+-- the client applies it later (see apply_op).
+local function stamp()
+  if GLOBAL ~= '' then return '' end
+  local now = redis.call('TIME')
+  return now[1] .. string.format('%06d', tonumber(now[2]))
 end
 
 local function ckey(sequence)
@@ -91,6 +157,31 @@ local function op(kind, a, b, c)
     OPS[#OPS + 1] = b or ''
     OPS[#OPS + 1] = c or ''
   end
+end
+
+-- A field of a run-level hash, or false; never an error when a foreign value of another type
+-- sits at the key (that is damage to report, not a reason to fail).
+local function field(key, name)
+  local value = redis.pcall('HGET', key, name)
+  if type(value) == 'table' then return false end
+  return value
+end
+
+-- The reply a retried call (same token) gets again, or nil.
+local function recall(token)
+  if token == '' then return nil end
+  local saved = redis.call('GET', BASE .. 'op:' .. token)
+  if saved then return cjson.decode(saved) end
+  return nil
+end
+
+-- Reply {result, OPS}, remembered under the token when a retry would otherwise get another
+-- answer: when the call changed something (keep) or carries index operations.
+local function answer(token, result, keep)
+  if token ~= '' and (keep or #OPS > 0) then
+    redis.call('SET', BASE .. 'op:' .. token, cjson.encode({result, OPS}), 'PX', MEMO_MS)
+  end
+  return {result, OPS}
 end
 
 local function drop_item(key)
@@ -141,15 +232,95 @@ local function earlier(first, second)
   return first
 end
 
--- Native expiry of the run-level keys: the run's expiry (or, with no run record, the latest
--- item expiry) plus a grace, so they never vanish before the data they index; PERSIST when
+-- Whether s is UTF-8 as Python decodes it strictly (no overlongs, no surrogates): the client
+-- reads run ids and statuses as text. ASCII, the usual case, costs one string.find.
+local function is_utf8(s)
+  if not string.find(s, '[\128-\255]') then return true end
+  local index, size = 1, #s
+  while index <= size do
+    local first, length = string.byte(s, index), 1
+    if first >= 0xF0 and first <= 0xF4 then length = 4
+    elseif first >= 0xE0 and first <= 0xEF then length = 3
+    elseif first >= 0xC2 and first <= 0xDF then length = 2
+    elseif first >= 0x80 then return false end
+    for next = index + 1, index + length - 1 do
+      local byte = string.byte(s, next)
+      if not byte or byte < 0x80 or byte > 0xBF then return false end
+    end
+    local second = string.byte(s, index + 1)
+    if (first == 0xE0 and second < 0xA0) or (first == 0xED and second > 0x9F)
+        or (first == 0xF0 and second < 0x90) or (first == 0xF4 and second > 0x8F) then
+      return false
+    end
+    index = index + length
+  end
+  return true
+end
+
+-- Why the record r cannot be used, or nil. `top` is the newest logged sequence.
+local function record_problem(r, top)
+  if not r.rid or r.rid == '' then return 'has no run id' end
+  if not is_utf8(r.rid) then return 'has a run id that is not UTF-8 text' end
+  if not r.inc or not string.match(r.inc, '^[a-z2-7]+$') then return 'has no valid incarnation' end
+  if not r.st or r.st == '' then return 'has no status' end
+  if not is_utf8(r.st) then return 'has a status that is not UTF-8 text' end
+  if not tonumber(r.ct) or not tonumber(r.ut) then return 'has unreadable times' end
+  if not r.ls or not string.match(r.ls, '^%d+$') then return 'has no valid latest sequence' end
+  if not r.v or not string.match(r.v, '^%d+$') then return 'has no valid version' end
+  if not r.m or not string.match(r.m, MEMBER) or string.sub(r.m, -#r.inc - 1) ~= '.' .. r.inc then
+    return 'has no valid index member'
+  end
+  if not top then return nil end
+  local id = field(ckey(top), 'i')
+  local logged = id and string.match(id, '^ck%-[a-z2-7]+%-([a-z2-7]+)%-%d+$')
+  if logged and logged ~= r.inc then
+    return 'names incarnation ' .. r.inc .. ' but its newest checkpoint belongs to ' .. logged
+  end
+  return nil
+end
+
+-- The run as the scripts judge it. present: the hash exists; problem: why it cannot be used;
+-- expiry/live: from the log; damaged: unusable while the log holds live checkpoints; latest:
+-- the newest sequence ever appended as far as record and log tell.
+local function load_run()
+  local r = {expiry = held_expiry()}
+  r.live = r.expiry ~= '0' and is_live(r.expiry)
+  local top = redis.call('ZREVRANGE', KEYS[2], 0, 0)[1]
+  local f = redis.pcall('HMGET', KEYS[1], 'rid', 'inc', 'st', 'ct', 'ut', 'ls', 'v', 'd', 'm')
+  if f.err then
+    r.present, r.problem = true, 'is not a hash'
+  else
+    r.rid, r.inc, r.st, r.ct, r.ut, r.ls, r.v, r.d, r.m = unpack(f, 1, 9)
+    r.present = (r.rid or r.inc or r.st or r.ls) and true or redis.call('EXISTS', KEYS[1]) == 1
+    if r.present then
+      r.problem = record_problem(r, top)
+    elseif r.live then
+      r.problem = 'is missing while its log holds live checkpoints'
+    end
+  end
+  r.damaged = r.problem ~= nil and r.live
+  r.latest = tonumber(top) or -1
+  if r.present and not r.problem and tonumber(r.ls) > r.latest then r.latest = tonumber(r.ls) end
+  return r
+end
+
+-- The status reads report: the record's, or 'active' when the record is damaged.
+local function status_of(r)
+  if r.problem then return 'active' end
+  return r.st
+end
+
+-- Native expiry of the run-level keys: the run's expiry (or, with no run, the latest item
+-- expiry) plus a grace, so they never vanish before the data they index; PERSIST when
 -- something in them never expires.
 local function touch_run_keys()
   -- Without the manager's clock (delete calls) there is nothing to anchor a TTL at: keep the
-  -- longer lifetime the keys have; liveness follows the exp field, and purging removes them.
+  -- longer lifetime the keys have; liveness follows the log, and purging removes them.
   if not NOW then return end
-  local expires_at = redis.call('HGET', KEYS[1], 'exp')
-  if not expires_at then
+  local expires_at
+  if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
+    expires_at = held_expiry()
+  else
     local items = redis.call('ZCARD', KEYS[5])
     if items == 0 then return end
     if items > redis.call('ZCARD', KEYS[8]) then
@@ -171,21 +342,27 @@ end
 local function next_due()
   local due = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')[2]
   due = earlier(due, redis.call('ZRANGE', KEYS[8], 0, 0, 'WITHSCORES')[2])
-  local expires_at = redis.call('HGET', KEYS[1], 'exp')
-  if expires_at then due = earlier(due, expires_at) end
+  if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
+    due = earlier(due, held_expiry())
+  end
   return due
 end
 
-local function due_member(run_key)
-  return redis.call('HGET', KEYS[1], 'm') or ('~' .. run_key)
+-- The run's member of the global indexes; '~<run key>' when it has no usable record.
+local function due_member()
+  local member = field(KEYS[1], 'm')
+  if member and string.match(member, MEMBER) then return member end
+  return '~' .. RUN_KEY
 end
 
 -- Keep the global due index at or before the next expiry. Only ever moves it earlier, so a
 -- steady stream of appends with the same TTL never touches the global index; purging moves it
--- later (exact = true).
-local function schedule(run_key, exact)
+-- later (exact = true) and always states it, even when KEYS[4] says the index holds it
+-- already: on Redis Cluster an index call that failed after a purge leaves the run due there
+-- for good otherwise, and every cleanup pass would meet it again.
+local function schedule(exact)
   local due = next_due()
-  local current = redis.call('HMGET', KEYS[4], 's', 'm')
+  local current = {field(KEYS[4], 's'), field(KEYS[4], 'm')}
   if not due then
     if exact and current[2] then
       redis.call('DEL', KEYS[4])
@@ -193,9 +370,9 @@ local function schedule(run_key, exact)
     end
     return
   end
-  local member = due_member(run_key)
+  local member = due_member()
   if current[2] == member and not exact and tonumber(current[1]) <= tonumber(due) then return end
-  if current[2] == member and current[1] == due then return end
+  if current[2] == member and current[1] == due and not exact then return end
   redis.call('HSET', KEYS[4], 's', due, 'm', member)
   if not current[2] then
     -- A new key: it lives as long as the run record, like every run-level key.
@@ -205,34 +382,29 @@ local function schedule(run_key, exact)
   op('due', current[2] or '', member, due)
 end
 
--- After checkpoints were removed: the run's expiry follows what it still holds.
+-- After checkpoints were removed: the run-level keys live as long as what they still hold.
 local function settle_run(old_expiry)
-  if not old_expiry then return end
-  local expires_at = held_expiry()
-  if expires_at ~= old_expiry then
-    redis.call('HSET', KEYS[1], 'exp', expires_at)
-    touch_run_keys()
-  end
+  if held_expiry() ~= old_expiry then touch_run_keys() end
 end
 
--- Drops index entries of checkpoints whose key Redis expired (or evicted).
-local function drop_stale(stale, old_expiry, run_key)
+-- Drops log entries of checkpoints whose key Redis expired (or evicted).
+local function drop_stale(stale, old_expiry)
   if #stale == 0 then return end
   for _, sequence in ipairs(stale) do drop_checkpoint(sequence) end
   settle_run(old_expiry)
-  schedule(run_key, false)
+  schedule(false)
 end
 
-local function run_fields()
-  local f = redis.call('HMGET', KEYS[1], 'rid', 'inc', 'st', 'ct', 'ut', 'ls', 'exp', 'v', 'd')
-  f[10] = redis.call('ZCARD', KEYS[2])
-  return f
+-- rid inc st ct ut ls exp v d count, as RedisStore._run_record reads them.
+local function run_fields(r)
+  return {r.rid, r.inc, r.st, r.ct, r.ut, string.format('%d', r.latest), r.expiry, r.v, r.d,
+          redis.call('ZCARD', KEYS[2])}
 end
 
 -- Everything of the run: checkpoints, owned items, record; unowned items unless kept.
 local function drop_run(keep_unowned_items)
-  local member = redis.call('HGET', KEYS[1], 'm')
-  local scheduled = redis.call('HGET', KEYS[4], 'm')
+  local member = field(KEYS[1], 'm')
+  local scheduled = field(KEYS[4], 'm')
   local sequences = redis.call('ZRANGE', KEYS[2], 0, -1)
   for _, sequence in ipairs(sequences) do
     redis.call('UNLINK', ckey(sequence))
@@ -247,179 +419,213 @@ local function drop_run(keep_unowned_items)
   if scheduled and scheduled ~= member then op('forget', scheduled) end
   return #sequences
 end
+
+-- Checkpoints of the log whose keys still hold an id, newest first: {count, newest sequence,
+-- oldest created_at}. Log entries whose key is gone are collected in `stale`.
+local function intact(stale)
+  local count, newest, oldest = 0, nil, nil
+  for _, sequence in ipairs(redis.call('ZREVRANGE', KEYS[2], 0, -1)) do
+    local f = redis.call('HMGET', ckey(sequence), 'i', 't')
+    if not f[1] then
+      stale[#stale + 1] = sequence
+    else
+      count = count + 1
+      newest = newest or sequence
+      oldest = f[2]
+    end
+  end
+  return count, newest, oldest
+end
 """
 
 # ARGV[5..]: sequence, checkpoint id, created_at, expires_at, header, payload, data TTL ms,
 # keep_latest, write token, then the seed run: run_id, incarnation, status, created_at,
-# version, data, index member, run key.
+# version, data, index member.
 _APPEND = r"""
 local sequence, expires_at, token = ARGV[5], ARGV[8], ARGV[13]
-local incarnation, run_key = ARGV[15], ARGV[22]
-local head = redis.call('HMGET', KEYS[1], 'inc', 'ls', 'exp', 'st')
-local status, old_expiry = head[4], head[3]
-local created = false
-if head[1] and is_live(head[3]) then
-  if incarnation ~= head[1] or tonumber(sequence) ~= tonumber(head[2]) + 1 then
-    -- A redis-py retry of this very append after a lost reply: it was applied.
-    if incarnation == head[1] and sequence == head[2]
-        and redis.call('HGET', KEYS[9], 'w') == token then
-      return {{'ok', status}, OPS}
-    end
-    return {{'conflict', head[2], head[1]}, OPS}
+local incarnation = ARGV[15]
+local saved = recall(token)
+if saved then return saved end
+local run = load_run()
+-- A redis-py retry of this very append after a lost reply: it was applied.
+if field(KEYS[9], 'w') == token then return {{'ok', status_of(run)}, OPS} end
+if run.damaged then return {{'damaged', run.problem}, OPS} end
+local slot = redis.call('HMGET', KEYS[9], 'i', 'e')
+local taken = slot[1] and is_live(slot[2])
+local status, created = run.st, false
+if run.present and run.live then
+  if incarnation ~= run.inc or tonumber(sequence) ~= run.latest + 1 or taken then
+    local latest = run.latest
+    if taken and tonumber(sequence) > latest then latest = tonumber(sequence) end
+    return {{'conflict', string.format('%d', latest), run.inc}, OPS}
   end
 else
-  if sequence ~= '0' then return {{'conflict', '', ''}, OPS} end
-  if head[1] then drop_run(true) end
+  if sequence ~= '0' or taken then return {{'conflict', '', ''}, OPS} end
+  if run.present or redis.call('EXISTS', KEYS[2]) == 1 then drop_run(true) end
   redis.call('HSET', KEYS[1], 'rid', ARGV[14], 'inc', incarnation, 'st', ARGV[16],
-    'ct', ARGV[17], 'v', ARGV[18], 'd', ARGV[19], 'm', ARGV[20], 'exp', expires_at)
-  op('add', ARGV[20], ARGV[16])
-  status, old_expiry, created = ARGV[16], nil, true
+    'ct', ARGV[17], 'v', ARGV[18], 'd', ARGV[19], 'm', ARGV[20])
+  op('add', ARGV[20], ARGV[16], stamp())
+  status, created = ARGV[16], true
 end
 
 redis.call('DEL', KEYS[9])
 redis.call('HSET', KEYS[9], 'i', ARGV[6], 't', ARGV[7], 'e', expires_at, 'h', ARGV[9],
-  'p', ARGV[10], 'w', token)
+  'p', ARGV[10], 'w', token, 'q', sequence)
 if ARGV[11] ~= '' then redis.call('PEXPIRE', KEYS[9], ARGV[11]) end
 redis.call('ZADD', KEYS[2], sequence, sequence)
 if expires_at ~= '' then redis.call('ZADD', KEYS[3], expires_at, sequence) end
-local run_expiry = expires_at
-if not created then run_expiry = later(old_expiry, expires_at) end
-redis.call('HSET', KEYS[1], 'ls', sequence, 'ut', NOW_S, 'exp', run_expiry)
+redis.call('HSET', KEYS[1], 'ls', sequence, 'ut', NOW_S)
 
 -- Pruning: expired checkpoints first, then the oldest beyond keep_latest.
-local removed = 0
 for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', NOW_S)) do
-  removed = removed + drop_checkpoint(gone)
+  drop_checkpoint(gone)
 end
 if ARGV[12] ~= '' then
   local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[12])
   if excess > 0 then
     for _, gone in ipairs(redis.call('ZRANGE', KEYS[2], 0, excess - 1)) do
-      removed = removed + drop_checkpoint(gone)
+      drop_checkpoint(gone)
     end
   end
 end
-if removed > 0 then
-  run_expiry = held_expiry()
-  redis.call('HSET', KEYS[1], 'exp', run_expiry)
-end
-if created or run_expiry ~= old_expiry then touch_run_keys() end
-schedule(run_key, false)
-return {{'ok', status}, OPS}
+if created or held_expiry() ~= run.expiry then touch_run_keys() end
+schedule(false)
+return answer(token, {'ok', status}, false)
 """
 
-# ARGV[5]: sequence (KEYS[9] is its key).
+# ARGV[5]: sequence (KEYS[9] is its key). Returns {1, status, sequence, id, created, expires,
+# header, payload, stored sequence, problem} or {0}.
 _GET = r"""
-local head = redis.call('HMGET', KEYS[1], 'inc', 'exp', 'st')
-if not head[1] or not is_live(head[2]) then return {{0}, OPS} end
-local f = redis.call('HMGET', KEYS[9], 'i', 't', 'e', 'h', 'p')
+local run = load_run()
+if not run.live then return {{0}, OPS} end
+local f = redis.call('HMGET', KEYS[9], 'i', 't', 'e', 'h', 'p', 'q')
 if not f[1] or not is_live(f[3]) then return {{0}, OPS} end
-return {{1, head[3], ARGV[5], f[1], f[2], f[3], f[4], f[5]}, OPS}
+return {{1, status_of(run), ARGV[5], f[1], f[2], f[3], f[4], f[5], f[6], run.problem or ''},
+  OPS}
 """
 
-# ARGV[5]: run key.
+# Returns like _GET.
 _LATEST = r"""
-local head = redis.call('HMGET', KEYS[1], 'inc', 'exp', 'st')
-if not head[1] or not is_live(head[2]) then return {{0}, OPS} end
+local run = load_run()
+if not run.live then return {{0}, OPS} end
 local upper, stale, found = '+inf', {}, nil
 while not found do
   local page = redis.call('ZREVRANGEBYSCORE', KEYS[2], upper, '-inf', 'LIMIT', 0, 16)
   if #page == 0 then break end
   for _, sequence in ipairs(page) do
-    local f = redis.call('HMGET', ckey(sequence), 'i', 't', 'e', 'h', 'p')
+    local f = redis.call('HMGET', ckey(sequence), 'i', 't', 'e', 'h', 'p', 'q')
     if not f[1] then
       stale[#stale + 1] = sequence
     elseif is_live(f[3]) then
-      found = {1, head[3], sequence, f[1], f[2], f[3], f[4], f[5]}
+      found = {1, status_of(run), sequence, f[1], f[2], f[3], f[4], f[5], f[6], run.problem or ''}
       break
     end
   end
   upper = '(' .. page[#page]
 end
-drop_stale(stale, head[2], ARGV[5])
+drop_stale(stale, run.expiry)
 return {found or {0}, OPS}
 """
 
-# ARGV[5..]: before ('' = from the newest), limit, include_expired ('1'/'0'), run key.
+# ARGV[5..]: before ('' = from the newest), limit, include_expired ('1'/'0').
+# Returns {1, status, problem, then (sequence, id, created, expires, header, stored sequence)
+# per checkpoint}.
 _HEADERS = r"""
-local head = redis.call('HMGET', KEYS[1], 'inc', 'exp', 'st')
+local run = load_run()
 local include_expired = ARGV[7] == '1'
-if not head[1] or (not include_expired and not is_live(head[2])) then return {{0}, OPS} end
+if not run.live and not (include_expired and run.present) then return {{0}, OPS} end
 local limit = tonumber(ARGV[6])
 local upper = '+inf'
 if ARGV[5] ~= '' then upper = '(' .. ARGV[5] end
-local out, stale, count = {1, head[3]}, {}, 0
+local out, stale, count = {1, status_of(run), run.problem or ''}, {}, 0
 while count < limit do
   local page = redis.call('ZREVRANGEBYSCORE', KEYS[2], upper, '-inf', 'LIMIT', 0, limit - count)
   if #page == 0 then break end
   for _, sequence in ipairs(page) do
-    local f = redis.call('HMGET', ckey(sequence), 'i', 't', 'e', 'h')
+    local f = redis.call('HMGET', ckey(sequence), 'i', 't', 'e', 'h', 'q')
     if not f[1] then
       stale[#stale + 1] = sequence
     elseif include_expired or is_live(f[3]) then
       out[#out + 1] = sequence
-      out[#out + 1] = f[1]
-      out[#out + 1] = f[2]
-      out[#out + 1] = f[3]
-      out[#out + 1] = f[4]
+      for index = 1, 5 do out[#out + 1] = f[index] end
       count = count + 1
       if count >= limit then break end
     end
   end
   upper = '(' .. page[#page]
 end
-drop_stale(stale, head[2], ARGV[8])
+drop_stale(stale, run.expiry)
 return {out, OPS}
 """
 
-# ARGV[5..]: sequence, checkpoint id, run key (KEYS[9] is the checkpoint's key).
+# ARGV[5..]: sequence, checkpoint id, token (KEYS[9] is the checkpoint's key).
 _DELETE = r"""
-if redis.call('HGET', KEYS[9], 'i') ~= ARGV[6] then return {{0}, OPS} end
-local old_expiry = redis.call('HGET', KEYS[1], 'exp')
+local saved = recall(ARGV[7])
+if saved then return saved end
+if field(KEYS[9], 'i') ~= ARGV[6] then return {{0}, OPS} end
+local run = load_run()
+if run.damaged then return {{'damaged', run.problem}, OPS} end
 local removed = drop_checkpoint(ARGV[5])
 if removed == 0 then
   -- A checkpoint key the log does not hold (left over by a crashed client): remove it.
   redis.call('UNLINK', KEYS[9])
   return {{0}, OPS}
 end
-settle_run(old_expiry)
-schedule(ARGV[7], false)
-return {{removed}, OPS}
+settle_run(run.expiry)
+schedule(false)
+return answer(ARGV[7], {removed}, true)
 """
 
+# ARGV[5]: token.
 _DELETE_RUN = r"""
-return {{drop_run(false)}, OPS}
+local saved = recall(ARGV[5])
+if saved then return saved end
+local removed = drop_run(false)
+return answer(ARGV[5], {removed}, removed > 0)
 """
 
+# Returns {rid, inc, st, ct, ut, latest, expiry, v, d, count, problem, index member};
+# rid false: no usable run (problem set when it is damaged).
 _GET_RUN = r"""
-return {run_fields(), OPS}
+local run = load_run()
+if run.damaged then
+  return {{false, false, false, false, false, false, false, false, false, 0, run.problem}, OPS}
+end
+if not run.present or run.problem then return {{false}, OPS} end
+local fields = run_fields(run)
+fields[11], fields[12] = '', run.m
+return {fields, OPS}
 """
 
 # ARGV[5..]: incarnation, version, status, data, write token.
 _UPDATE_RUN = r"""
-local h = redis.call('HMGET', KEYS[1], 'inc', 'v', 'st', 'exp', 'm', 'tk')
-if not h[1] or not is_live(h[4]) then return {{'missing'}, OPS} end
-if h[1] ~= ARGV[5] or h[2] ~= ARGV[6] then
-  -- A redis-py retry of this very update after a lost reply: it was applied.
-  if h[1] == ARGV[5] and h[6] == ARGV[9] and tonumber(h[2]) == tonumber(ARGV[6]) + 1 then
-    local fields = run_fields()
-    table.insert(fields, 1, 'ok')
-    return {fields, OPS}
-  end
-  return {{'conflict', h[1], h[2]}, OPS}
+local saved = recall(ARGV[9])
+local run = load_run()
+if run.damaged then return {{'damaged', run.problem}, OPS} end
+if not run.present or not run.live or run.problem then return {{'missing'}, OPS} end
+if saved and run.inc == ARGV[5] then
+  -- A redis-py retry of this very update after a lost reply: it was applied, and other
+  -- changes may have followed. The record as it is now, and the index changes once more.
+  OPS = saved[2]
+  local fields = run_fields(run)
+  table.insert(fields, 1, 'ok')
+  return {fields, OPS}
 end
-redis.call('HSET', KEYS[1], 'st', ARGV[7], 'd', ARGV[8], 'ut', NOW_S, 'tk', ARGV[9],
-  'v', string.format('%d', tonumber(ARGV[6]) + 1))
-if h[3] ~= ARGV[7] then op('move', h[5], h[3], ARGV[7]) end
-local fields = run_fields()
+if run.inc ~= ARGV[5] or run.v ~= ARGV[6] then return {{'conflict', run.inc, run.v}, OPS} end
+local version = string.format('%d', tonumber(ARGV[6]) + 1)
+redis.call('HSET', KEYS[1], 'st', ARGV[7], 'd', ARGV[8], 'ut', NOW_S, 'v', version)
+if run.st ~= ARGV[7] then op('sync', run.m, ARGV[7], stamp()) end
+answer(ARGV[9], {'ok'}, true)
+run.st, run.d, run.ut, run.v = ARGV[7], ARGV[8], NOW_S, version
+local fields = run_fields(run)
 table.insert(fields, 1, 'ok')
 return {fields, OPS}
 """
 
-# ARGV[5..]: create_only ('1'/'0'), run key, then (key, value, owner, expires_at) per item.
+# ARGV[5..]: create_only ('1'/'0'), then (key, value, owner, expires_at) per item.
 _PUT_ITEMS = r"""
 if ARGV[5] == '1' then
-  for index = 7, #ARGV, 4 do
+  for index = 6, #ARGV, 4 do
     local key = ARGV[index]
     if redis.call('HEXISTS', KEYS[6], key) == 1 then
       local expires_at = redis.call('ZSCORE', KEYS[8], key)
@@ -427,7 +633,7 @@ if ARGV[5] == '1' then
     end
   end
 end
-for index = 7, #ARGV, 4 do
+for index = 6, #ARGV, 4 do
   local key, owner, expires_at = ARGV[index], ARGV[index + 2], ARGV[index + 3]
   drop_item(key)
   redis.call('HSET', KEYS[6], key, ARGV[index + 1])
@@ -436,7 +642,7 @@ for index = 7, #ARGV, 4 do
   if expires_at ~= '' then redis.call('ZADD', KEYS[8], expires_at, key) end
 end
 touch_run_keys()
-schedule(ARGV[6], false)
+schedule(false)
 return {{'ok'}, OPS}
 """
 
@@ -480,27 +686,33 @@ end
 return {out, OPS}
 """
 
-# ARGV[5..]: item keys.
+# ARGV[5..]: token, then item keys.
 _DELETE_ITEMS = r"""
+local saved = recall(ARGV[5])
+if saved then return saved end
 local removed = 0
-for index = 5, #ARGV do removed = removed + drop_item(ARGV[index]) end
-return {{removed}, OPS}
+for index = 6, #ARGV do removed = removed + drop_item(ARGV[index]) end
+return answer(ARGV[5], {removed}, removed > 0)
 """
 
-# ARGV[5..]: budget, run key, the member the global due index listed.
+# ARGV[5..]: budget, the member the global due index listed, token.
 # Returns {checkpoints removed, things removed}.
 _PURGE_RUN = r"""
-local budget, run_key, listed = tonumber(ARGV[5]), ARGV[6], ARGV[7]
-local head = redis.call('HMGET', KEYS[1], 'inc', 'exp', 'm')
-local scheduled = redis.call('HGET', KEYS[4], 'm')
-if listed ~= scheduled and listed ~= head[3] then
+local budget, listed, token = tonumber(ARGV[5]), ARGV[6], ARGV[7]
+local saved = recall(token)
+if saved then return saved end
+local run = load_run()
+local member = field(KEYS[1], 'm')
+local scheduled = field(KEYS[4], 'm')
+if listed ~= scheduled and listed ~= member then
   -- The due index names a run incarnation this slot no longer holds (its keys expired
   -- natively, or a client died before updating the index): forget it everywhere.
   op('forget', listed)
 end
-if head[1] and not is_live(head[2]) then
+local logged = redis.call('EXISTS', KEYS[2]) == 1
+if (run.present or logged) and not run.live then
   local removed = drop_run(false)
-  return {{removed, removed + 1}, OPS}
+  return answer(token, {removed, removed + 1}, true)
 end
 local removed, items = 0, 0
 for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', NOW_S, 'LIMIT', 0, budget)) do
@@ -510,59 +722,109 @@ if removed < budget then
   local expired = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', NOW_S, 'LIMIT', 0, budget - removed)
   for _, key in ipairs(expired) do items = items + drop_item(key) end
 end
-if removed > 0 then settle_run(head[2]) end
-if head[1] or redis.call('EXISTS', KEYS[5]) == 1 then
-  schedule(run_key, true)
+if removed > 0 then settle_run(run.expiry) end
+if run.present or logged or redis.call('EXISTS', KEYS[5]) == 1 then
+  schedule(true)
 elseif scheduled then
   redis.call('DEL', KEYS[4])
   op('forget', scheduled)
 end
-return {{removed, removed + items}, OPS}
+return answer(token, {removed, removed + items}, removed + items > 0)
+"""
+
+# Redis Cluster: make the global indexes say what the run says, after a client may have died
+# between a run script and its index call. ARGV[5]: the intent the client recorded first.
+_REINDEX = r"""
+local run = load_run()
+if run.present and run.live and not run.problem then
+  op('sync', run.m, run.st, stamp())
+  schedule(true)
+end
+op('done', ARGV[5])
+return {{1}, OPS}
+"""
+
+# What repairing the run needs to know, read only. Returns {problem ('' = not damaged),
+# intact count, newest sequence, its id, created, expires, header, stored sequence, oldest
+# created_at}.
+_INSPECT = r"""
+local run = load_run()
+if not run.damaged then return {{''}, OPS} end
+local count, newest, oldest = intact({})
+if not newest then return {{run.problem, 0}, OPS} end
+local f = redis.call('HMGET', ckey(newest), 'i', 't', 'e', 'h', 'q')
+return {{run.problem, count, newest, f[1], f[2], f[3], f[4], f[5], oldest}, OPS}
+"""
+
+# Replace a damaged record by one derived from the log. ARGV[5..]: run id, status, data,
+# incarnation, newest sequence, oldest created_at and index member the client derived from
+# _INSPECT's answer (the script checks they still hold), now. Returns {'ok', fields...},
+# {'fine'} when the record is not damaged, {'changed'} when the log moved on, {'empty'}.
+_REBUILD = r"""
+local run = load_run()
+if not run.damaged then return {{'fine'}, OPS} end
+local stale = {}
+local count, newest, oldest = intact(stale)
+if not newest then return {{'empty'}, OPS} end
+local id = redis.call('HGET', ckey(newest), 'i')
+local incarnation = string.match(id, '^ck%-[a-z2-7]+%-([a-z2-7]+)%-%d+$')
+if incarnation ~= ARGV[8] or newest ~= ARGV[9] or oldest ~= ARGV[10] then
+  return {{'changed'}, OPS}
+end
+for _, sequence in ipairs(stale) do drop_checkpoint(sequence) end
+local old_member = field(KEYS[1], 'm')
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'rid', ARGV[5], 'inc', incarnation, 'st', ARGV[6], 'ct', oldest,
+  'ut', NOW_S, 'ls', newest, 'v', '0', 'd', ARGV[7], 'm', ARGV[11])
+if old_member and old_member ~= ARGV[11] then op('forget', old_member) end
+op('sync', ARGV[11], ARGV[6], stamp())
+touch_run_keys()
+schedule(true)
+local fresh = load_run()
+local fields = run_fields(fresh)
+table.insert(fields, 1, 'ok')
+return {fields, OPS}
 """
 
 # Applies index operations on the global keys (KEYS[1] = <global base>all names the slot).
 # ARGV[1]: global base; ARGV[2..]: quadruples as the run scripts return them.
-INDEX = "#!lua\n" + _APPLY_OP + r"""
+_INDEX_BODY = _APPLY_OP + r"""
 for index = 2, #ARGV, 4 do
   apply_op(ARGV[1], ARGV[index], ARGV[index + 1], ARGV[index + 2], ARGV[index + 3])
 end
 return #ARGV
 """
 
-_BODIES = {
-    "append": _APPEND,
-    "get": _GET,
-    "latest": _LATEST,
-    "headers": _HEADERS,
-    "delete": _DELETE,
-    "delete_run": _DELETE_RUN,
-    "get_run": _GET_RUN,
-    "update_run": _UPDATE_RUN,
-    "put_items": _PUT_ITEMS,
-    "get_items": _GET_ITEMS,
-    "scan_items": _SCAN_ITEMS,
-    "delete_items": _DELETE_ITEMS,
-    "purge_run": _PURGE_RUN,
-}
+INDEX = "#!lua flags=allow-oom\n" + _INDEX_BODY
+"""Redis Cluster: applies the index operations a run script returned, and drops stale entries;
+kept working at ``maxmemory``, as it completes changes already made."""
 
-WRITE_SCRIPTS = frozenset(
-    {"append", "latest", "headers", "delete", "delete_run", "update_run", "put_items",
-     "delete_items", "purge_run"}
-)
-"""Scripts that may write. The others carry ``no-writes`` so they also run on a full server."""
+INTENT = "#!lua\n" + _INDEX_BODY
+"""Redis Cluster: records an intent before a script that adds data; refused at ``maxmemory``
+like that script, so a refused create writes nothing."""
+
+_READS = {"get": _GET, "get_run": _GET_RUN, "get_items": _GET_ITEMS,
+          "scan_items": _SCAN_ITEMS, "inspect": _INSPECT}
+_FREEING = {"latest": _LATEST, "headers": _HEADERS, "delete": _DELETE,
+            "delete_run": _DELETE_RUN, "delete_items": _DELETE_ITEMS, "purge_run": _PURGE_RUN,
+            "reindex": _REINDEX}
+_ADDING = {"append": _APPEND, "update_run": _UPDATE_RUN, "put_items": _PUT_ITEMS,
+           "rebuild": _REBUILD}
 
 SCRIPTS = {
-    name: ("#!lua\n" if name in WRITE_SCRIPTS else "#!lua flags=no-writes\n") + _PRELUDE + body
-    for name, body in _BODIES.items()
+    **{name: "#!lua flags=no-writes\n" + _PRELUDE + body for name, body in _READS.items()},
+    **{name: "#!lua flags=allow-oom\n" + _PRELUDE + body for name, body in _FREEING.items()},
+    **{name: "#!lua\n" + _PRELUDE + body for name, body in _ADDING.items()},
 }
+"""Every run script by operation name."""
 
 
 def without_flags(script: str) -> str:
     """``script`` without its ``#!lua`` line, for servers that do not parse script flags.
 
     fakeredis (the tests' last resort when no redis-server exists) is one. Redis 7 itself
-    always gets the flags: they make it refuse a write script before its first write when it
-    is out of memory, instead of failing half-way.
+    always gets the flags: they make it refuse a script that adds data before its first write
+    when it is out of memory, and let reads and deletes run then.
     """
     first, _, rest = script.partition("\n")
     return rest if first.startswith("#!lua") else script

@@ -6,44 +6,60 @@ Layout (``<ns>`` is the prefix plus ``:``; every key of a run carries the hash t
     <ns>{<rk>}:run        hash   the run record
     <ns>{<rk>}:seq        zset   the checkpoint log (sequence -> sequence)
     <ns>{<rk>}:exp        zset   expiring checkpoints (sequence -> expires_at)
-    <ns>{<rk>}:c:<seq>    hash   one checkpoint: id, created, expiry, header, payload
+    <ns>{<rk>}:c:<seq>    hash   one checkpoint: id, created, expiry, header, payload, sequence
     <ns>{<rk>}:ik/iv/io/ie       items: keys (lex), values, owners, expiries
     <ns>{<rk>}:due        hash   what the global due index holds for this run
-    <ns>{idx:<prefix>}:all / :s:<status> / :due / :statuses     the global indexes
+    <ns>{<rk>}:op:<token> string a retried operation's remembered reply (5 minutes)
+    <ns>{idx:<prefix>}:all / :s:<status> / :due / :statuses / :damaged / :fix / :ver
+                                  the global indexes (:fix and :ver on Redis Cluster only)
 
 Costs in round trips: append, get, latest, a page of headers, get_run, update_run, delete,
 delete_run and each items call are one script call (``EVALSHA``; a server that lost its
 scripts answers ``NOSCRIPT`` and redis-py loads the script and retries once). On Redis Cluster
-the global indexes live in another slot: a call that creates, deletes or re-statuses a run, or
-schedules its first expiry, costs one more call to apply the index change; steady-state appends
-stay at one. ``list_runs`` and ``count_runs`` read the global index and then the run records in
-one pipeline (two round trips). ``purge_expired`` costs one call per run due plus two.
+the global indexes live in another slot: a call that creates or re-statuses a run first records
+its intent in the index slot, then runs, then applies the index change (three calls); a call
+that deletes a run or schedules its first expiry costs one more call; steady-state appends stay
+at one. Index changes carry the run server's time, so one that lands late never undoes a newer
+one, and a failed index call never fails the operation it follows (the intent repairs it).
+``list_runs`` and ``count_runs`` read the global index and then the run records in one
+pipeline (two round trips). ``purge_expired`` costs one call per run due plus two.
 
 Expiry. Checkpoint keys get native millisecond expiry, anchored at the manager's ``now``
 (``PEXPIRE`` of ``expires_at - now``) rather than at the server's clock, so a manager with an
 injected or skewed clock keeps the lifetime it asked for. Run-level keys expire with the run
 plus a grace (they index the data, so they must not vanish first); index entries of data Redis
 expired are dropped by the next read that meets them and by ``purge_expired``, which walks a
-global due index (O(expired)). Every decision about liveness uses the manager's ``now``.
+global due index (O(expired)). Every decision about liveness uses the manager's ``now``, and a
+run's expiry and latest sequence are derived from its log, never trusted from the run hash.
+
+Runs on asyncio only (redis-py); one connection pool per event loop for clients it builds.
 
 See ``docs/stores/redis.md`` for URL options, memory per checkpoint and the ACL the store needs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import math
 import os
 import re
 import struct
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import anyio
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import (
+    URL_QUERY_ARGUMENT_PARSERS,
+    AbstractConnection,
+    ConnectionPool,
+    SSLConnection,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import FullJitterBackoff
 
@@ -60,12 +76,16 @@ from fastcheckpoint.errors import (
 )
 from fastcheckpoint.stores._base import (
     CheckpointHeader,
+    ExpiryCleanup,
     Item,
+    RunDamage,
     RunRecord,
     StoredCheckpoint,
     check_keep_latest,
+    check_options,
 )
-from fastcheckpoint.stores._redis_lua import INDEX, SCRIPTS, without_flags
+from fastcheckpoint.stores._loops import PerLoop
+from fastcheckpoint.stores._redis_lua import INDEX, INTENT, SCRIPTS, without_flags
 
 __all__ = ["RedisCheckpointStore", "RedisStore", "redis_retry"]
 
@@ -80,16 +100,54 @@ and a single value this large already blocks the server for tens of milliseconds
 # whose clocks disagree by less than this never see them vanish before the data they index.
 # Liveness never depends on it: every read compares expires_at with the manager's now.
 _GRACE_MS = 60_000
+# Redis Cluster: an index intent older than this (by the manager's clock) belongs to a client
+# that died between a run script and its index call; the cleanup loop then re-derives the
+# run's index entries from the run record.
+_INTENT_GRACE_S = _GRACE_MS / 1000
+
+# What a driver call may raise: redis-py's errors, its cluster errors (not RedisErrors), and
+# asyncio's RuntimeError when a passed client's connections belong to an event loop that is gone.
+_DRIVER_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException, RuntimeError)
+
+# Run scripts of the cleanup loop (see RedisStore._complete_index).
+_MAINTENANCE = frozenset({"purge_run", "reindex"})
 
 _RUN_KEY = re.compile(r"[a-z2-7]{1,64}")
 _MEMBER = re.compile(rb"([0-9a-f]{16})([a-z2-7]{1,64})\.([a-z2-7]{1,64})")
+_INTENT = re.compile(rb"([a-z2-7]{1,64})\.[0-9a-f]{16}")
+_CHECKPOINT_ID_INCARNATION = re.compile(r"ck-[a-z2-7]+-([a-z2-7]+)-\d+")
 _URL_SCHEMES = {"redis", "rediss", "redis+cluster", "rediss+cluster"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+_STORE_OPTIONS = frozenset({"prefix", "cluster", "max_payload_bytes", "default_ttl_seconds"})
+# Query options redis-py's from_url hands to the connection as text, unparsed; the typed ones
+# are the keys of its URL_QUERY_ARGUMENT_PARSERS.
+_TEXT_QUERY_OPTIONS = frozenset({
+    "client_name", "username", "password", "lib_name", "lib_version", "ssl_keyfile",
+    "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_data", "ssl_ca_path",
+    "ssl_ciphers", "ssl_password",
+})
+
+
+def _parameters(*functions: Callable[..., Any]) -> frozenset[str]:
+    names: set[str] = set()
+    for function in functions:
+        names |= {name for name, parameter in inspect.signature(function).parameters.items()
+                  if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)}
+    return frozenset(names - {"self"})
+
+
+# What redis-py accepts: its connection classes' keyword arguments (which a URL query or
+# keyword options reach), and for keyword options also the client's and the pool's.
+_CONNECTION_PARAMETERS = _parameters(AbstractConnection.__init__, SSLConnection.__init__)
+_QUERY_OPTIONS = frozenset(URL_QUERY_ARGUMENT_PARSERS) | (
+    _TEXT_QUERY_OPTIONS & _CONNECTION_PARAMETERS)
+_KEYWORD_OPTIONS = _CONNECTION_PARAMETERS | _parameters(
+    aioredis.Redis.__init__, RedisCluster.__init__, ConnectionPool.__init__)
 
 
 def redis_retry(policy: RetryPolicy) -> Retry:
-    """redis-py's own retry machinery configured from the one retry policy (§3.11).
+    """redis-py's own retry machinery configured from the one retry policy.
 
     Full jitter, ``uniform(0, min(max_delay, base_delay * 2**n))``, on connection errors and
     timeouts (redis-py's defaults for ``Retry``), ``max_retries`` times.
@@ -118,6 +176,11 @@ def _ttl_ms(expires_at: float, now: float) -> int:
     return max(1, math.ceil((expires_at - now) * 1000))
 
 
+def _token() -> str:
+    """A write token: how a script recognises a redis-py retry of the call that carried it."""
+    return os.urandom(8).hex()
+
+
 def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8")
@@ -132,13 +195,26 @@ def _lex_successor(prefix: bytes) -> bytes | None:
     return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
-class RedisStore:
+class _Stale:
+    """What :meth:`RedisStore._records_of` gives for an index entry whose run is gone."""
+
+
+_STALE = _Stale()
+
+
+class RedisStore(ExpiryCleanup):
     """Checkpoints in Redis 7+ (or Redis Cluster, or any server that speaks it, e.g. Valkey).
 
     Build it with :meth:`from_url` (``redis://host:6379/0?prefix=fc``, ``rediss://`` for TLS,
     ``redis+cluster://`` or ``?cluster=true`` for a cluster) or hand it an existing
     ``redis.asyncio.Redis`` / ``RedisCluster`` created with ``decode_responses=False``; a client
     you pass is never closed by the store.
+
+    Runs on asyncio only: under trio the first call raises :class:`ConfigurationError`. A store
+    built by :meth:`from_url` opens one connection pool per event loop, so it works from
+    several ``asyncio.run()`` calls; a client you pass belongs to the event loop the store
+    first uses it in, and a call from another loop raises :class:`ConfigurationError` before
+    anything is sent.
 
     ``retry``, when given, replaces the client's retry with :func:`redis_retry` of it.
     ``max_payload_bytes`` bounds header plus payload of one checkpoint and each item value.
@@ -161,55 +237,36 @@ class RedisStore:
         owns_client: bool = False,
         script_flags: bool = True,
     ) -> None:
-        if not isinstance(client, (aioredis.Redis, RedisCluster)):
-            raise ConfigurationError(
-                "RedisStore needs a redis.asyncio.Redis or redis.asyncio.RedisCluster client, "
-                f"got {type(client).__name__} (a synchronous redis.Redis will not do)"
-            )
-        if client.get_connection_kwargs().get("decode_responses"):
-            raise ConfigurationError(
-                "RedisStore needs a client created with decode_responses=False: checkpoints "
-                "are bytes, and decoding them as text would corrupt them"
-            )
-        if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
-            raise ConfigurationError(
-                f"Redis key prefix must be a string without '{{' or '}}' (they would break "
-                f"the hash tags that keep a run's keys in one cluster slot), got {prefix!r}"
-            )
+        _check_client(client)
+        _check_prefix(prefix)
         if isinstance(max_payload_bytes, bool) or not isinstance(max_payload_bytes, int) or (
             max_payload_bytes < 1
         ):
             raise ConfigurationError(
                 f"max_payload_bytes must be a positive int, got {max_payload_bytes!r}")
-        if default_ttl_seconds is not None and (
-            isinstance(default_ttl_seconds, bool)
-            or not isinstance(default_ttl_seconds, (int, float))
-            or not math.isfinite(default_ttl_seconds)
-            or default_ttl_seconds <= 0
-        ):
-            raise ConfigurationError(
-                "default_ttl_seconds must be None or a finite, positive number of seconds, "
-                f"got {default_ttl_seconds!r}"
-            )
+        _check_default_ttl(default_ttl_seconds)
         if retry is not None:
             client.set_retry(redis_retry(retry))
-        self._client = client
+        self._seed = client
+        # The event loop the client above belongs to: the first one that used the store.
+        self._seed_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+        self._factory: Callable[[], Any] | None = None
         self._owns_client = owns_client
+        self._clients: PerLoop[Any] = PerLoop(
+            self._build_client, self._close_client, store="RedisStore",
+            driver="redis-py (redis.asyncio)")
         self._cluster = isinstance(client, RedisCluster) if cluster is None else cluster
         self._prefix = prefix
         self._ns = prefix if not prefix or prefix.endswith(":") else prefix + ":"
         self._global = f"{self._ns}{{idx:{prefix}}}:"
         self.max_payload_bytes = max_payload_bytes
         self.default_ttl_seconds = default_ttl_seconds
-        # RedisCluster discovers slots lazily, and in redis-py (8.1) concurrent first commands
-        # race in that discovery, tearing down connections other tasks are using: do it once.
-        self._discovered = not isinstance(client, RedisCluster)
-        self._discovery = anyio.Lock()
         shape = (lambda text: text) if script_flags else without_flags
         self._scripts = {
             name: client.register_script(shape(text)) for name, text in SCRIPTS.items()
         }
         self._index = client.register_script(shape(INDEX))
+        self._intent = client.register_script(shape(INTENT))
 
     @classmethod
     def from_url(
@@ -219,8 +276,9 @@ class RedisStore:
         ``redis+cluster://`` / ``rediss+cluster://`` or ``?cluster=true`` (Redis Cluster).
 
         Query options of the store: ``prefix``, ``cluster``, ``max_payload_bytes``,
-        ``default_ttl_seconds``; every other query option (``socket_timeout``,
-        ``ssl_cert_reqs``...) goes to redis-py's ``from_url``, as do keyword ``options``.
+        ``default_ttl_seconds``; the query options redis-py's ``from_url`` understands
+        (``socket_timeout``, ``ssl_cert_reqs``...) go to it, as do keyword ``options``. Any
+        other option is a :class:`ConfigurationError` naming it.
         """
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -230,39 +288,72 @@ class RedisStore:
                 f"rediss+cluster://, got {url!r}"
             )
         query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        prefix = options.pop("prefix", query.pop("prefix", DEFAULT_PREFIX))
-        cluster_flag = query.pop("cluster", "").lower()
-        if cluster_flag not in _TRUE | _FALSE:
-            raise ConfigurationError(f"cluster= must be true or false, got {cluster_flag!r}")
-        cluster = scheme.endswith("+cluster") or cluster_flag in _TRUE
+        check_options(f"the {scheme}:// store (URL query)", query, _STORE_OPTIONS | _QUERY_OPTIONS)
+        check_options(f"the {scheme}:// store (keyword options)", options,
+                      _STORE_OPTIONS | _KEYWORD_OPTIONS)
         if parts.path.strip("/") and not parts.path.strip("/").isdigit():
             raise ConfigurationError(
                 f"the path of a Redis URL is the database number (redis://host:6379/0), "
                 f"got {parts.path!r} in {_redacted(url)}"
             )
-        store_options: dict[str, Any] = {
-            "max_payload_bytes": options.pop(
-                "max_payload_bytes", _int_option(query, "max_payload_bytes")),
-            "default_ttl_seconds": options.pop(
-                "default_ttl_seconds", _float_option(query, "default_ttl_seconds")),
-        }
-        store_options = {name: value for name, value in store_options.items()
-                         if value is not None}
+        store_options = _store_options(scheme, query, options)
         driver_url = urlunsplit(
             (scheme.removesuffix("+cluster"), parts.netloc, parts.path, urlencode(query), "")
         )
         policy = retry if retry is not None else RetryPolicy()
         options.setdefault("retry", redis_retry(policy))
         options["decode_responses"] = False
+        driver = RedisCluster if store_options["cluster"] else aioredis.Redis
+
+        def build() -> Any:
+            return driver.from_url(driver_url, **options)
+
         try:
-            client: Any = (
-                RedisCluster.from_url(driver_url, **options) if cluster
-                else aioredis.Redis.from_url(driver_url, **options)
-            )
+            client = build()
         except (ValueError, TypeError) as exc:
             raise ConfigurationError(
                 f"cannot build a Redis client from {_redacted(url)}: {exc}") from exc
-        return cls(client, prefix=prefix, cluster=cluster, owns_client=True, **store_options)
+        store = cls(client, owns_client=True, **store_options)
+        store._factory = build
+        return store
+
+    # -- clients per event loop --------------------------------------------------------------
+
+    @property
+    def _client(self) -> Any:
+        """The running loop's client once built, else the one the store was made with."""
+        return self._clients.current() or self._seed
+
+    async def _build_client(self) -> Any:
+        """The client for the running loop. A store built from a URL gives every loop a new
+        client (the one ``from_url`` made is never connected, so no loop's connections
+        outlive it); a passed client serves the first loop that uses the store, others are
+        refused."""
+        loop = asyncio.get_running_loop()
+        if self._factory is not None:
+            client = self._factory()
+        elif self._seed_loop is None or self._seed_loop() is loop:
+            self._seed_loop = weakref.ref(loop)
+            client = self._seed
+        else:
+            raise ConfigurationError(
+                "RedisStore was handed a redis client that belongs to the event loop the "
+                "store first used it in; its connections cannot serve another event loop. "
+                "Build the store with RedisStore.from_url(...) or open_store(...) (one "
+                "connection pool per event loop), or give each event loop its own store"
+            )
+        if isinstance(client, RedisCluster):
+            # redis-py (8.1) races when concurrent first commands discover the slots, tearing
+            # down connections other tasks use: discover once, before anyone sends.
+            try:
+                await client.initialize()
+            except _DRIVER_ERRORS as exc:
+                self._raise(exc, "cluster discovery")
+        return client
+
+    async def _close_client(self, client: Any) -> None:
+        if self._owns_client:
+            await client.aclose()
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -283,67 +374,106 @@ class RedisStore:
         args: Sequence[Any],
         *,
         checkpoint: int | None = None,
+        intent: bool = False,
     ) -> list[Any]:
-        """Call script ``name`` on the run's slot, apply any index operations it returned."""
+        """Call script ``name`` on the run's slot, apply any index operations it returned.
+
+        ``intent``: the call may add the run to the indexes or move it between them. On Redis
+        Cluster that change is applied by a second call, so the intent is recorded first (in
+        the index slot): if this process dies in between, ``purge_expired`` finds the intent
+        and re-derives the run's index entries from its record.
+        """
         keys, base = self._run_keys(run_key)
         if checkpoint is not None:
             keys.append(f"{base}c:{checkpoint}")
+        client = await self._clients.get()
+        marker = None
+        if intent and self._cluster and now is not None:
+            marker = f"{run_key}.{_token()}"
+            await self._call(
+                client, self._intent, [self._global + "all"],
+                [self._global, "intend", marker, _float_arg(now + _INTENT_GRACE_S), ""],
+                what=f"{name} (index intent)")
         inline = "" if self._cluster else self._global
         argv = [base, "" if now is None else _float_arg(now), _GRACE_MS, inline, *args]
-        reply = await self._call(self._scripts[name], keys, argv, what=name)
-        result, ops = reply
+        result, ops = await self._call(client, self._scripts[name], keys, argv, what=name)
+        ops = list(ops)
+        if marker is not None:
+            ops += ["done", marker, "", ""]
         if ops:
-            await self._apply_index_ops(ops)
+            await self._complete_index(client, ops, name, run_key)
         return list(result)
 
-    async def _apply_index_ops(self, ops: Sequence[Any]) -> None:
+    async def _complete_index(
+        self, client: Any, ops: Sequence[Any], name: str, run_key: str
+    ) -> None:
+        """Redis Cluster: apply the index changes of a run script that has already run.
+
+        Its change is made, so a failure here must not report the operation as failed: a
+        caller retrying a create would write its checkpoint twice. The run keeps its intent,
+        so the cleanup loop re-derives its index entries; a run that left the indexes stays
+        listed until a listing finds it gone. The cleanup loop's own calls do fail, so that
+        it backs off; its next pass states the run's index entries again.
+        """
+        if name in _MAINTENANCE:
+            await self._apply_index_ops(client, ops)
+            return
+        try:
+            await self._apply_index_ops(client, ops)
+        except StoreError as exc:
+            _log.warning("%s of run key %s is done, but its index update failed (%s); the "
+                         "cleanup loop repairs the index", name, run_key, exc)
+
+    async def _apply_index_ops(self, client: Any, ops: Sequence[Any]) -> None:
         """Redis Cluster only: the run's slot changed; bring the global index along."""
         await self._call(
-            self._index, [self._global + "all"], [self._global, *ops], what="index update"
-        )
+            client, self._index, [self._global + "all"], [self._global, *ops],
+            what="index update")
 
-    async def _discover(self) -> None:
-        async with self._discovery:
-            if not self._discovered:
-                await self._client.initialize()
-                self._discovered = True
-
-    async def _call(self, script: Any, keys: Sequence[str], args: Sequence[Any], *,
-                    what: str) -> Any:
+    async def _call(self, client: Any, script: Any, keys: Sequence[str], args: Sequence[Any],
+                    *, what: str) -> Any:
         try:
-            if not self._discovered:
-                await self._discover()
-            return await script(keys=keys, args=args)
-        except redis_errors.RedisError as exc:
+            return await script(keys=keys, args=args, client=client)
+        except _DRIVER_ERRORS as exc:
             self._raise(exc, what)
 
     async def _driver(self, what: str, awaitable: Any) -> Any:
         try:
-            if not self._discovered:
-                await self._discover()
             return await awaitable
-        except redis_errors.RedisError as exc:
+        except _DRIVER_ERRORS as exc:
             self._raise(exc, what)
 
     def _describe(self) -> str:
         try:
-            kwargs = self._client.get_connection_kwargs()
+            kwargs = self._seed.get_connection_kwargs()
         except Exception:  # pragma: no cover - a foreign client without connection kwargs
             return "the Redis server"
         host = kwargs.get("host") or kwargs.get("path") or "?"
         port = kwargs.get("port")
         return f"Redis at {host}:{port}" if port else f"Redis at {host}"
 
-    def _raise(self, exc: redis_errors.RedisError, what: str) -> NoReturn:
+    def _raise(self, exc: Exception, what: str) -> NoReturn:
         """Translate a driver error into ours, saying what to fix; the driver's is chained."""
         where = self._describe()
         message = str(exc)
+        if isinstance(exc, redis_errors.RedisClusterException):
+            self._raise_cluster(exc, where, what)
+        if isinstance(exc, RuntimeError) and "loop" in message:
+            raise ConfigurationError(
+                f"the redis client failed during {what} ({message}): its connections belong "
+                "to an event loop that is gone, as when a client you passed to RedisStore was "
+                "used in another event loop first. The call may have reached the server. Give "
+                "the store a client no other event loop used, or build it with "
+                "RedisStore.from_url(...) or open_store(...) (one connection pool per event loop)"
+            ) from exc
         if isinstance(exc, redis_errors.AuthenticationError):
             raise ConfigurationError(
                 f"{where} refused the credentials ({message}); put the right user and password "
                 "in the URL (redis://user:password@host:6379/0)"
             ) from exc
-        if isinstance(exc, redis_errors.NoPermissionError) or message.startswith("NOPERM"):
+        if isinstance(exc, redis_errors.NoPermissionError) or message.startswith("NOPERM") or (
+            "can't run this command" in message  # a script's call the ACL denies
+        ):
             raise StoreError(
                 f"{where} denied {what}: {message}. The store's Redis user needs the commands "
                 "and key patterns in stores/redis/users.acl (see docs/stores/redis.md#acl)"
@@ -362,10 +492,13 @@ class RedisStore:
             raise StoreUnavailableError(
                 f"{where} is unavailable during {what} after retries ({message}); {hint}"
             ) from exc
-        if "OOM" in message.split(" ", 1)[0]:
+        if isinstance(exc, redis_errors.OutOfMemoryError) or "maxmemory" in message:
             raise StoreError(
                 f"{where} is out of memory (maxmemory reached) and refused {what}; nothing was "
-                "written. Raise maxmemory, lower retention, or run the cleanup loop"
+                "written. Reads and deletes keep working: free memory by deleting runs or "
+                "checkpoints you no longer need (delete_run, delete, prune) or by running "
+                "cleanup_expired, lower max_checkpoints_per_run or the TTLs, or raise "
+                "maxmemory"
             ) from exc
         if "WRONGTYPE" in message:
             raise StoreError(
@@ -380,6 +513,22 @@ class RedisStore:
             ) from exc
         raise StoreError(f"{where} failed during {what}: {message}") from exc
 
+    def _raise_cluster(
+        self, exc: redis_errors.RedisClusterException, where: str, what: str
+    ) -> NoReturn:
+        message = str(exc)
+        if "Cluster mode is not enabled" in message:
+            raise ConfigurationError(
+                f"{where} is not a Redis Cluster (cluster support is disabled there); use a "
+                "redis:// or rediss:// URL without +cluster or cluster=true"
+            ) from exc
+        if "cannot be connected" in message:
+            raise StoreUnavailableError(
+                f"{where} is unavailable during {what} ({message}); check that the cluster's "
+                "nodes are running and reachable at the URL's host and port"
+            ) from exc
+        raise StoreError(f"{where} (Redis Cluster) failed during {what}: {message}") from exc
+
     def _check_size(self, what: str, size: int) -> None:
         if size > self.max_payload_bytes:
             raise ValidationError(
@@ -388,10 +537,24 @@ class RedisStore:
                 "state elsewhere (e.g. the S3 store)"
             )
 
+    def _damaged(self, run_key: str, problem: Any) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"the run record {_text(problem)}; the run's checkpoints are still readable, and "
+            "CheckpointManager.repair(run_id) (fastcheckpoint doctor --repair) rebuilds the "
+            "record from them", key=self._run_keys(run_key)[0][0])
+
+    def _warn_damaged(self, run_key: str, problem: Any) -> None:
+        if problem:
+            _log.warning("run record %s %s; reporting its checkpoints with status 'active' "
+                         "until it is repaired", self._run_keys(run_key)[0][0], _text(problem))
+
     def _checkpoint(self, run_key: str, fields: Sequence[Any]) -> tuple[StoredCheckpoint, str]:
-        """``fields`` = status, sequence, id, created, expires, header, payload."""
+        """``fields`` = status, sequence, id, created, expires, header, payload, stored
+        sequence, problem of the run record."""
+        self._warn_damaged(run_key, fields[8])
         _, base = self._run_keys(run_key)
         key = f"{base}c:{_text(fields[1])}"
+        _check_stored_sequence(fields[1], fields[7], key)
         try:
             record = StoredCheckpoint(
                 sequence=int(fields[1]),
@@ -406,8 +569,23 @@ class RedisStore:
             raise CorruptCheckpointError(f"unreadable checkpoint fields: {exc}", key=key) from exc
         return record, _text(fields[0])
 
+    def _header(self, base: str, fields: Sequence[Any]) -> CheckpointHeader:
+        """``fields`` = sequence, id, created, expires, header, stored sequence."""
+        key = f"{base}c:{_text(fields[0])}"
+        _check_stored_sequence(fields[0], fields[5], key)
+        try:
+            return CheckpointHeader(
+                sequence=int(fields[0]),
+                checkpoint_id=_text(fields[1]),
+                created_at=float(fields[2]),
+                expires_at=float(fields[3]) if fields[3] else None,
+                header=bytes(fields[4] or b""),
+            )
+        except (TypeError, ValueError, UnicodeDecodeError) as exc:
+            raise CorruptCheckpointError(f"unreadable checkpoint fields: {exc}", key=key) from exc
+
     def _run_record(self, run_key: str, fields: Sequence[Any]) -> RunRecord:
-        """``fields`` = rid inc st ct ut ls exp v d count (as the scripts' run_fields())."""
+        """``fields`` = rid inc st ct ut latest exp v d count (the scripts' run_fields())."""
         key = self._run_keys(run_key)[0][0]
         try:
             return RunRecord(
@@ -453,7 +631,7 @@ class RedisStore:
                 record.payload,
                 "" if expires_at is None else str(_ttl_ms(expires_at, now)),
                 "" if keep_latest is None else str(keep_latest),
-                os.urandom(8).hex(),
+                _token(),
                 run.run_id,
                 run.incarnation,
                 run.status,
@@ -461,10 +639,12 @@ class RedisStore:
                 str(run.version),
                 run.data,
                 member,
-                run_key,
             ],
             checkpoint=record.sequence,
+            intent=record.sequence == 0,
         )
+        if reply[0] == b"damaged":
+            raise self._damaged(run_key, reply[1])
         if reply[0] == b"conflict":
             latest = int(reply[1]) if reply[1] else None
             incarnation = _text(reply[2]) if reply[2] else None
@@ -482,7 +662,7 @@ class RedisStore:
         return self._checkpoint(run_key, reply[1:]) if reply[0] == 1 else None
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
-        reply = await self._run("latest", run_key, now, [run_key])
+        reply = await self._run("latest", run_key, now, [])
         return self._checkpoint(run_key, reply[1:]) if reply[0] == 1 else None
 
     async def headers(
@@ -500,32 +680,28 @@ class RedisStore:
             "headers",
             run_key,
             now,
-            ["" if before is None else str(before), str(limit), "1" if include_expired else "0",
-             run_key],
+            ["" if before is None else str(before), str(limit), "1" if include_expired else "0"],
         )
         if reply[0] != 1:
             return [], None
+        self._warn_damaged(run_key, reply[2])
         _, base = self._run_keys(run_key)
         found: list[CheckpointHeader] = []
-        for index in range(2, len(reply), 5):
-            sequence, checkpoint_id, created, expires, header = reply[index:index + 5]
+        for index in range(3, len(reply), 6):
             try:
-                found.append(CheckpointHeader(
-                    sequence=int(sequence),
-                    checkpoint_id=_text(checkpoint_id),
-                    created_at=float(created),
-                    expires_at=float(expires) if expires else None,
-                    header=bytes(header or b""),
-                ))
-            except (TypeError, ValueError, UnicodeDecodeError) as exc:
-                raise CorruptCheckpointError(
-                    f"unreadable checkpoint fields: {exc}", key=f"{base}c:{_text(sequence)}"
-                ) from exc
+                found.append(self._header(base, reply[index:index + 6]))
+            except CorruptCheckpointError:
+                # One bad record must not hide the others: reading it names the key.
+                _log.warning("skipping a corrupt checkpoint in the listing of %s", base,
+                             exc_info=True)
         return found, _text(reply[1])
 
     async def _status_of(self, run_key: str, now: float, include_expired: bool) -> str | None:
         fields = await self._run("get_run", run_key, now, [])
-        if fields[1] is None:
+        if fields[0] is None:
+            if len(fields) > 10 and fields[10]:
+                self._warn_damaged(run_key, fields[10])
+                return "active"
             return None
         record = self._run_record(run_key, fields)
         if not include_expired and not _live(record.expires_at, now):
@@ -534,19 +710,24 @@ class RedisStore:
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
         reply = await self._run(
-            "delete", run_key, None, [str(sequence), checkpoint_id, run_key], checkpoint=sequence
+            "delete", run_key, None, [str(sequence), checkpoint_id, _token()],
+            checkpoint=sequence,
         )
+        if reply[0] == b"damaged":
+            raise self._damaged(run_key, reply[1])
         return bool(reply[0])
 
     async def delete_run(self, run_key: str) -> int:
-        reply = await self._run("delete_run", run_key, None, [])
+        reply = await self._run("delete_run", run_key, None, [_token()])
         return int(reply[0])
 
     # -- runs ------------------------------------------------------------------------------
 
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
         fields = await self._run("get_run", run_key, now, [])
-        if fields[1] is None:
+        if fields[0] is None:
+            if len(fields) > 10 and fields[10]:
+                raise self._damaged(run_key, fields[10])
             return None
         record = self._run_record(run_key, fields)
         return record if _live(record.expires_at, now) else None
@@ -562,9 +743,11 @@ class RedisStore:
         now: float,
     ) -> RunRecord:
         reply = await self._run(
-            "update_run", run_key, now,
-            [incarnation, str(version), status, data, os.urandom(8).hex()],
+            "update_run", run_key, now, [incarnation, str(version), status, data, _token()],
+            intent=True,
         )
+        if reply[0] == b"damaged":
+            raise self._damaged(run_key, reply[1])
         if reply[0] == b"missing":
             raise CheckpointNotFound(f"no live run with key {run_key}")
         if reply[0] == b"conflict":
@@ -582,84 +765,146 @@ class RedisStore:
     ) -> tuple[list[RunRecord], str | None]:
         if cursor is not None and _MEMBER.fullmatch(cursor.encode()) is None:
             raise ValidationError(f"malformed run listing cursor {cursor!r}")
+        client = await self._clients.get()
         index = self._index_key(status)
         upper = b"+" if cursor is None else b"(" + cursor.encode()
         found: list[RunRecord] = []
         while len(found) < limit:
             want = limit - len(found)
             members: list[bytes] = await self._driver(
-                "list_runs", self._client.zrevrangebylex(index, upper, b"-", start=0, num=want + 1)
+                "list_runs", client.zrevrangebylex(index, upper, b"-", start=0, num=want + 1)
             )
             page = members[:want]
-            records = await self._records_of(page, now)
+            records = await self._records_of(client, page, now)
             stale: list[bytes] = []
+            damaged: list[bytes] = []
             for member, record in zip(page, records, strict=True):
-                if record is None:
+                if record is _STALE:
                     stale.append(member)
-                elif status in (None, record.status) and _live(record.expires_at, now):
+                elif record is None:
+                    damaged.append(member)
+                elif isinstance(record, RunRecord) and status in (None, record.status) and (
+                    _live(record.expires_at, now)
+                ):
                     found.append(record)
-            await self._forget(stale)
+            await self._tidy(client, stale, damaged)
             if len(members) <= want:
                 return found, None
             upper = b"(" + page[-1]
         return found, upper[1:].decode()
 
-    async def _records_of(self, members: Sequence[bytes], now: float) -> list[RunRecord | None]:
-        """The run records that index members name, in one pipeline; ``None`` for a member
-        whose run incarnation is gone (stale). Expired records are returned as they are."""
-        if not members:
-            return []
+    async def _records_of(
+        self, client: Any, members: Sequence[bytes], now: float
+    ) -> list[RunRecord | _Stale | None]:
+        """The run records that index members name, read in one pipeline by the get_run
+        script: a record, ``_STALE`` for a member whose run incarnation is gone (or that is
+        malformed), ``None`` for a run whose record is damaged (skipped, logged). Expired
+        records are returned as they are."""
         parsed = [_parse_member(member) for member in members]
-        pipe = self._client.pipeline(transaction=False)
-        for _, run_key, _ in parsed:
-            keys, _ = self._run_keys(run_key)
-            pipe.hmget(keys[0], "rid", "inc", "st", "ct", "ut", "ls", "exp", "v", "d", "m")
-            pipe.zcard(keys[1])
-        replies = await self._driver("list_runs", pipe.execute())
-        records: list[RunRecord | None] = []
-        for position, (member, (_, run_key, _)) in enumerate(zip(members, parsed, strict=True)):
-            fields, count = replies[2 * position], replies[2 * position + 1]
-            if fields[1] is None or fields[9] != member:
-                records.append(None)
-                continue
-            records.append(self._run_record(run_key, [*fields[:9], count]))
+        wanted = [(index, run_key) for index, run_key in enumerate(parsed) if run_key]
+        replies = await self._get_runs(client, [run_key for _, run_key in wanted], now)
+        records: list[RunRecord | _Stale | None] = [_STALE] * len(members)
+        for (index, run_key), fields in zip(wanted, replies, strict=True):
+            records[index] = self._listed_record(run_key, members[index], fields)
         return records
 
-    async def _forget(self, members: Sequence[bytes]) -> None:
-        """Drops index entries whose run incarnation no longer exists."""
-        if not members:
-            return
+    def _listed_record(
+        self, run_key: str, member: bytes, fields: Sequence[Any]
+    ) -> RunRecord | _Stale | None:
+        result, _ = fields
+        if result[0] is None:
+            if len(result) > 10 and result[10]:
+                _log.warning("skipping run %s in the run listing: its record %s", run_key,
+                             _text(result[10]))
+                return None
+            return _STALE
+        if result[11] != member:
+            return _STALE
+        try:
+            return self._run_record(run_key, result)
+        except CorruptCheckpointError:
+            _log.warning("skipping run %s in the run listing", run_key, exc_info=True)
+            return None
+
+    async def _get_runs(self, client: Any, run_keys: Sequence[str], now: float) -> list[Any]:
+        """The get_run script's reply for each run, in one pipeline (a second one, once, if
+        the server answered NOSCRIPT after losing its scripts)."""
+        if not run_keys:
+            return []
+        script = self._scripts["get_run"]
+        if isinstance(client, RedisCluster):
+            # redis-py refuses scripts in cluster pipelines: concurrent calls instead.
+            return list(await asyncio.gather(*(
+                self._call(client, script, *self._get_run_call(run_key, now), what="list_runs")
+                for run_key in run_keys)))
+        replies = await self._pipelined(client, script.sha, run_keys, now)
+        if any(isinstance(reply, redis_errors.NoScriptError) for reply in replies):
+            script.sha = await self._driver("list_runs", client.script_load(script.script))
+            replies = await self._pipelined(client, script.sha, run_keys, now)
+        for reply in replies:
+            if isinstance(reply, redis_errors.RedisError):
+                self._raise(reply, "list_runs")
+        return replies
+
+    def _get_run_call(self, run_key: str, now: float) -> tuple[list[str], list[Any]]:
+        keys, base = self._run_keys(run_key)
+        return keys, [base, _float_arg(now), _GRACE_MS, ""]
+
+    async def _pipelined(
+        self, client: Any, sha: str, run_keys: Sequence[str], now: float
+    ) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for run_key in run_keys:
+            keys, args = self._get_run_call(run_key, now)
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        return list(await self._driver("list_runs", pipe.execute(raise_on_error=False)))
+
+    async def _tidy(
+        self, client: Any, stale: Sequence[bytes], damaged: Sequence[bytes] = ()
+    ) -> None:
+        """Drops index entries whose run incarnation no longer exists, and records runs whose
+        record is damaged, so that counts skip them until they are repaired or removed."""
         ops: list[Any] = []
-        for member in members:
+        for member in stale:
+            _log.info("dropping the stale entry %r from the run index", member)
             ops += ["forget", member, "", ""]
-        await self._apply_index_ops(ops)
+        for member in damaged:
+            ops += ["damaged", member, "", ""]
+        if ops:
+            await self._apply_index_ops(client, ops)
 
     async def count_runs(self, *, status: str | None, now: float) -> int:
+        client = await self._clients.get()
         index = self._index_key(status)
-        pipe = self._client.pipeline(transaction=False)
+        damaged = self._global + "damaged"
+        pipe = client.pipeline(transaction=False)
         pipe.zcard(index)
         pipe.zrangebyscore(self._global + "due", "-inf", _float_arg(now))
-        total, due = await self._driver("count_runs", pipe.execute())
+        pipe.zintercard(2, [index, damaged])
+        total, due, known_damaged = await self._driver("count_runs", pipe.execute())
         candidates = [member for member in due if not member.startswith(b"~")]
         if not candidates:
-            return int(total)
+            return int(total) - int(known_damaged)
         # Only runs due by now can be indexed yet expired: O(expired), not O(runs).
-        pipe = self._client.pipeline(transaction=False)
+        pipe = client.pipeline(transaction=False)
         for member in candidates:
             pipe.zscore(index, member)
-        indexed = await self._driver("count_runs", pipe.execute())
-        members = [member for member, score in zip(candidates, indexed, strict=True)
-                   if score is not None]
-        records = await self._records_of(members, now)
-        gone = sum(1 for record in records if record is None or not _live(record.expires_at, now))
-        return int(total) - gone
+            pipe.zscore(damaged, member)
+        scores = await self._driver("count_runs", pipe.execute())
+        members = [member for member, indexed, marked
+                   in zip(candidates, scores[0::2], scores[1::2], strict=True)
+                   if indexed is not None and marked is None]
+        records = await self._records_of(client, members, now)
+        gone = sum(1 for record in records
+                   if not isinstance(record, RunRecord) or not _live(record.expires_at, now))
+        return int(total) - int(known_damaged) - gone
 
     # -- items -----------------------------------------------------------------------------
 
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
-        args: list[Any] = ["1" if create_only else "0", run_key]
+        args: list[Any] = ["1" if create_only else "0"]
         for item in items:
             if not isinstance(item, Item):
                 raise ValidationError(f"put_items takes Item values, got {type(item).__name__}")
@@ -721,52 +966,195 @@ class RedisStore:
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
         if not keys:
             return 0
-        reply = await self._run("delete_items", run_key, None, list(keys))
+        reply = await self._run("delete_items", run_key, None, [_token(), *keys])
         return int(reply[0])
 
     # -- maintenance -----------------------------------------------------------------------
 
     async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
-        due_key = self._global + "due"
-        members: list[bytes] = await self._driver(
-            "purge_expired",
-            self._client.zrangebyscore(due_key, "-inf", _float_arg(now), start=0,
-                                       num=max(limit, 1)),
-        )
+        client = await self._clients.get()
+        due, intents = await self._due(client, now, max(limit, 1))
         removed, budget = 0, limit
-        for member in members:
+        for member in due:
             if budget <= 0:
                 break
             run_key = _run_key_of(member)
             if run_key is None:
                 _log.warning("dropping a malformed entry %r from the due index %s",
-                             member, due_key)
-                await self._forget([member])
+                             member, self._global + "due")
+                await self._tidy(client, [member])
                 continue
             checkpoints, work = await self._run(
-                "purge_run", run_key, now, [str(budget), run_key, member]
+                "purge_run", run_key, now, [str(budget), member, _token()]
             )
             removed += int(checkpoints)
             budget -= max(int(work), 1)
-        left = await self._driver(
-            "purge_expired", self._client.zcount(due_key, "-inf", _float_arg(now))
-        )
-        return removed, int(left) == 0
+        for intent in intents[:max(budget, 0)]:
+            await self._reindex(client, intent, now)
+        return removed, await self._nothing_due(client, now)
+
+    async def _due(self, client: Any, now: float, limit: int) -> tuple[list[bytes], list[bytes]]:
+        """Runs due for purging and, on Redis Cluster, index intents older than their grace."""
+        upto = _float_arg(now)
+        pipe = client.pipeline(transaction=False)
+        pipe.zrangebyscore(self._global + "due", "-inf", upto, start=0, num=limit)
+        if self._cluster:
+            pipe.zrangebyscore(self._global + "fix", "-inf", upto, start=0, num=limit)
+        replies = await self._driver("purge_expired", pipe.execute())
+        return list(replies[0]), list(replies[1]) if self._cluster else []
+
+    async def _reindex(self, client: Any, intent: bytes, now: float) -> None:
+        """A client died between a run script and its index call: re-derive the run's index
+        entries from its record."""
+        match = _INTENT.fullmatch(intent)
+        if match is None:
+            _log.warning("dropping a malformed entry %r from the index intents", intent)
+            await self._apply_index_ops(client, ["done", intent, "", ""])
+            return
+        _log.info("re-deriving the index entries of run key %s (a client stopped between "
+                  "its run update and its index update)", match[1].decode())
+        await self._run("reindex", match[1].decode(), now, [intent])
+
+    async def _nothing_due(self, client: Any, now: float) -> bool:
+        upto = _float_arg(now)
+        pipe = client.pipeline(transaction=False)
+        pipe.zcount(self._global + "due", "-inf", upto)
+        if self._cluster:
+            pipe.zcount(self._global + "fix", "-inf", upto)
+        counts = await self._driver("purge_expired", pipe.execute())
+        return sum(int(count) for count in counts) == 0
+
+    # -- repair ----------------------------------------------------------------------------
+
+    async def damaged_runs(
+        self, *, run_key: str | None = None, now: float
+    ) -> list[RunDamage]:
+        run_keys = [run_key] if run_key is not None else await self._all_run_keys()
+        found: list[RunDamage] = []
+        for key in run_keys:
+            damage = await self._inspect(key, now)
+            if damage is not None:
+                found.append(damage)
+        return found
+
+    async def _all_run_keys(self) -> list[str]:
+        """Every run key with a record or a log under the prefix (SCAN: O(keys))."""
+        client = await self._clients.get()
+        # One pattern for both suffixes: ':run' and ':seq'.
+        pattern = f"{_glob_escape(self._ns)}{{*}}:[rs][ue][nq]"
+        found: set[str] = set()
+        try:
+            async for key in client.scan_iter(match=pattern, count=1000):
+                match = re.fullmatch(rb".*\{([a-z2-7]{1,64})\}:(?:run|seq)", key)
+                if match is not None:
+                    found.add(match[1].decode())
+        except _DRIVER_ERRORS as exc:
+            self._raise(exc, "damaged_runs")
+        return sorted(found)
+
+    async def _inspect(self, run_key: str, now: float) -> RunDamage | None:
+        reply = await self._run("inspect", run_key, now, [])
+        if not reply[0]:
+            return None
+        key = self._run_keys(run_key)[0][0]
+        newest = None
+        if int(reply[1]) > 0:
+            newest = self._header(self._run_keys(run_key)[1], [reply[2], *reply[3:8]])
+        return RunDamage(run_key=run_key, key=key, problem=f"the run record {_text(reply[0])}",
+                         checkpoints=int(reply[1]), newest=newest)
+
+    async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
+        for _ in range(8):
+            reply = await self._run("inspect", run_key, now, [])
+            if not reply[0]:
+                raise ConflictError(f"the run record of run key {run_key} is not damaged")
+            if int(reply[1]) == 0:
+                raise CheckpointNotFound(
+                    f"run key {run_key} holds no intact checkpoint to rebuild its record from")
+            newest_id = bytes(reply[3]).decode("utf-8", "replace")  # may be tampered with too
+            incarnation = _CHECKPOINT_ID_INCARNATION.fullmatch(newest_id)
+            if incarnation is None:
+                raise CorruptCheckpointError(
+                    f"the newest checkpoint's id {newest_id[:80]!r} names no incarnation",
+                    key=f"{self._run_keys(run_key)[1]}c:{_text(reply[2])}")
+            oldest = reply[8]
+            member = f"{_sortable(float(oldest))}{run_key}.{incarnation[1]}"
+            result = await self._run(
+                "rebuild", run_key, now,
+                [seed.run_id, seed.status, seed.data, incarnation[1], reply[2], oldest, member],
+                intent=True,
+            )
+            if result[0] == b"ok":
+                return self._run_record(run_key, result[1:])
+            if result[0] == b"fine":
+                raise ConflictError(f"the run record of run key {run_key} is not damaged")
+            if result[0] == b"empty":
+                raise CheckpointNotFound(
+                    f"run key {run_key} holds no intact checkpoint to rebuild its record from")
+        raise ConflictError(f"run key {run_key} kept changing while its record was rebuilt")
 
     async def aclose(self) -> None:
-        if self._owns_client:
-            await self._client.aclose()
+        await self._clients.aclose()
+
+
+def _check_client(client: Any) -> None:
+    if not isinstance(client, (aioredis.Redis, RedisCluster)):
+        raise ConfigurationError(
+            "RedisStore needs a redis.asyncio.Redis or redis.asyncio.RedisCluster client, "
+            f"got {type(client).__name__} (a synchronous redis.Redis will not do)"
+        )
+    if client.get_connection_kwargs().get("decode_responses"):
+        raise ConfigurationError(
+            "RedisStore needs a client created with decode_responses=False: checkpoints "
+            "are bytes, and decoding them as text would corrupt them"
+        )
+
+
+def _check_prefix(prefix: Any) -> None:
+    if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
+        raise ConfigurationError(
+            f"Redis key prefix must be a string without '{{' or '}}' (they would break "
+            f"the hash tags that keep a run's keys in one cluster slot), got {prefix!r}"
+        )
+
+
+def _check_default_ttl(default_ttl_seconds: Any) -> None:
+    if default_ttl_seconds is not None and (
+        isinstance(default_ttl_seconds, bool)
+        or not isinstance(default_ttl_seconds, (int, float))
+        or not math.isfinite(default_ttl_seconds)
+        or default_ttl_seconds <= 0
+    ):
+        raise ConfigurationError(
+            "default_ttl_seconds must be None or a finite, positive number of seconds, "
+            f"got {default_ttl_seconds!r}"
+        )
+
+
+def _check_stored_sequence(sequence: Any, stored: Any, key: str) -> None:
+    """The sequence a checkpoint hash records must be the one its key names: a record copied
+    to another slot is corrupt. Records written before the field existed have none."""
+    if stored is not None and stored != sequence:
+        raise CorruptCheckpointError(
+            f"the record found here was written at sequence {_text(stored)[:20]}, not at "
+            f"{_text(sequence)}", key=key)
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 def _live(expires_at: float | None, now: float) -> bool:
     return expires_at is None or now < expires_at
 
 
-def _parse_member(member: bytes) -> tuple[str, str, str]:
+def _parse_member(member: bytes) -> str | None:
+    """The run key an index member names, or ``None`` (logged) when it is malformed."""
     match = _MEMBER.fullmatch(member)
     if match is None:
-        raise StoreError(f"malformed entry {member!r} in the run index")
-    return match[1].decode(), match[2].decode(), match[3].decode()
+        _log.warning("skipping the malformed entry %r of the run index", member)
+        return None
+    return match[2].decode()
 
 
 def _run_key_of(member: bytes) -> str | None:
@@ -775,6 +1163,24 @@ def _run_key_of(member: bytes) -> str | None:
         return run_key if _RUN_KEY.fullmatch(run_key) else None
     match = _MEMBER.fullmatch(member)
     return None if match is None else match[2].decode()
+
+
+def _store_options(scheme: str, query: dict[str, str], options: dict[str, Any]) -> dict[str, Any]:
+    """The store's own options, taken out of the URL query and the keyword options (keywords
+    win); what is left of both goes to redis-py."""
+    cluster_flag = query.pop("cluster", "").lower()
+    if cluster_flag not in _TRUE | _FALSE:
+        raise ConfigurationError(f"cluster= must be true or false, got {cluster_flag!r}")
+    found: dict[str, Any] = {
+        "prefix": options.pop("prefix", query.pop("prefix", DEFAULT_PREFIX)),
+        "cluster": bool(options.pop("cluster", scheme.endswith("+cluster")
+                                    or cluster_flag in _TRUE)),
+        "max_payload_bytes": options.pop(
+            "max_payload_bytes", _int_option(query, "max_payload_bytes")),
+        "default_ttl_seconds": options.pop(
+            "default_ttl_seconds", _float_option(query, "default_ttl_seconds")),
+    }
+    return {name: value for name, value in found.items() if value is not None}
 
 
 def _int_option(query: dict[str, str], name: str) -> int | None:

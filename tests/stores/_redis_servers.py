@@ -1,6 +1,6 @@
 """Redis servers for the tests: the shared one, private ones started from the binary, a cluster.
 
-Selection (SPEC §7): 127.0.0.1:6379 when it answers, else a ``redis-server`` started here on a
+Selection: 127.0.0.1:6379 when it answers, else a ``redis-server`` started here on a
 free port, else fakeredis (which needs ``lupa`` for scripts). Private servers keep nothing on
 disk and are stopped by the fixture that started them.
 """

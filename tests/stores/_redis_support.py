@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 
 from fastcheckpoint._config import RetryPolicy
+from fastcheckpoint.stores import RunRecord
+from fastcheckpoint.stores._redis_lua import INDEX, INTENT, SCRIPTS
 from fastcheckpoint.stores.redis import RedisStore
+from fastcheckpoint.testing import T0, key_of, make_checkpoint
 from tests.stores.conftest import RedisTarget
 
 _counter = itertools.count()
@@ -167,3 +171,38 @@ class CuttingProxy:
                 stream.close()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+# -- shared by the Redis test modules ------------------------------------------------------
+
+
+def real_server(target: RedisTarget) -> None:
+    """Skip a test that needs a real redis-server when only fakeredis is there."""
+    if target.kind == "fakeredis":
+        pytest.skip("needs a real redis-server (fakeredis was chosen)")
+
+
+async def append(store: RedisStore, run: RunRecord, sequence: int, *, now: float = T0,
+                 expires_at: float | None = None, keep_latest: int | None = None,
+                 payload: bytes | None = None) -> None:
+    """Append checkpoint ``sequence`` of ``run`` (built by ``make_checkpoint``)."""
+    await store.append(key_of(run), make_checkpoint(run, sequence, created_at=now,
+                                                     expires_at=expires_at, payload=payload),
+                       run=run, keep_latest=keep_latest, now=now)
+
+
+async def load_scripts(client: Any) -> None:
+    """Load every script up front, so counts see the steady state, not the NOSCRIPT path."""
+    for text in [*SCRIPTS.values(), INDEX, INTENT]:
+        await client.script_load(text)
+
+
+async def round_trips(counter: type[CountingConnection], action: Callable[[], Any]) -> int:
+    before = counter.round_trips
+    await action()
+    return counter.round_trips - before
+
+
+def host_and_port(target: RedisTarget) -> tuple[str, int]:
+    host, port = target.url.split("//", 1)[1].split("/", 1)[0].split(":")
+    return host, int(port)

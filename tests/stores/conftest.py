@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
+import anyio
 import pytest
 
 from tests.stores._redis_servers import (
@@ -36,8 +37,11 @@ class RedisTarget:
 
 _chosen: list[str] = []
 
-FORCE = "FASTCHECKPOINT_TEST_REDIS"
-"""``shared``, ``private`` or ``fakeredis``: skip the earlier choices (to test a fallback)."""
+FORCE = "FC_TEST_REDIS"
+"""``shared``, ``private`` or ``fakeredis``: skip the earlier choices (to test a fallback).
+
+Test-only, so outside the library's ``FASTCHECKPOINT_*`` configuration namespace (whose
+unknown names the library refuses)."""
 
 
 def _tier() -> str:
@@ -126,3 +130,19 @@ def redis_cluster() -> Iterator[PrivateCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+async def prefixed(redis_target: RedisTarget) -> AsyncIterator[tuple[RedisTarget, str]]:
+    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
+    import redis.asyncio as aioredis
+
+    from tests.stores._redis_support import delete_prefix, unique_prefix
+
+    prefix = unique_prefix(redis_target)
+    yield redis_target, prefix
+    if redis_target.kind != "fakeredis":
+        client = aioredis.Redis.from_url(redis_target.url)
+        with anyio.fail_after(30):
+            await delete_prefix(client, prefix)
+            await client.aclose()

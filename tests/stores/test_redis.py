@@ -9,7 +9,7 @@ import pytest
 
 from fastcheckpoint.stores import CheckpointStore
 from fastcheckpoint.stores.redis import RedisStore
-from fastcheckpoint.testing import StoreContract
+from fastcheckpoint.testing import DamageRunRecord, RepairContract, StoreContract
 from tests.stores._redis_servers import PrivateCluster
 from tests.stores._redis_support import delete_prefix, make_store, unique_prefix
 from tests.stores.conftest import RedisTarget
@@ -27,7 +27,15 @@ async def _closed(store: RedisStore, prefix: str) -> None:
         await store.aclose()
 
 
-class TestRedisStore(StoreContract):
+async def _garble_run_hash(store: CheckpointStore, run_key: str) -> None:
+    """Overwrite the run hash's fields in place with bytes that are not what they should be,
+    as a foreign writer or an operator's mistake would."""
+    assert isinstance(store, RedisStore)
+    await store._client.hset(f"{store._ns}{{{run_key}}}:run", mapping={
+        "inc": b"\xff\x00??", "ls": b"-x-", "ct": b"yesterday", "m": b"\x00"})
+
+
+class TestRedisStore(StoreContract, RepairContract):
     """Plain Redis: every script also updates the global indexes itself."""
 
     deadline_seconds = 30.0
@@ -39,8 +47,12 @@ class TestRedisStore(StoreContract):
         yield store
         await _closed(store, prefix)
 
+    @pytest.fixture
+    def damage_run_record(self) -> DamageRunRecord:
+        return _garble_run_hash
 
-class TestRedisStoreClusterCodePath(StoreContract):
+
+class TestRedisStoreClusterCodePath(StoreContract, RepairContract):
     """The Redis Cluster code path on a plain server: run scripts touch only their run's slot
     and return index changes, which the client applies in a second call."""
 
@@ -53,8 +65,12 @@ class TestRedisStoreClusterCodePath(StoreContract):
         yield store
         await _closed(store, prefix)
 
+    @pytest.fixture
+    def damage_run_record(self) -> DamageRunRecord:
+        return _garble_run_hash
 
-class TestRedisStoreOnCluster(StoreContract):
+
+class TestRedisStoreOnCluster(StoreContract, RepairContract):
     """A real three-primary Redis Cluster: cross-slot scripts would fail here."""
 
     deadline_seconds = 30.0
@@ -68,3 +84,7 @@ class TestRedisStoreOnCluster(StoreContract):
             for node in store._client.get_primaries():
                 await store._client.execute_command("FLUSHALL", target_nodes=node)
             await store.aclose()
+
+    @pytest.fixture
+    def damage_run_record(self) -> DamageRunRecord:
+        return _garble_run_hash

@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +24,21 @@ from fastcheckpoint.errors import (
     StoreUnavailableError,
     ValidationError,
 )
-from fastcheckpoint.stores._redis_lua import INDEX, SCRIPTS
+from fastcheckpoint.stores._redis_lua import INDEX, INTENT, SCRIPTS
 from fastcheckpoint.stores.redis import RedisCheckpointStore, RedisStore, redis_retry
 from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_item, make_run
 from tests.stores._redis_servers import PrivateCluster, PrivateRedis, free_port, redis_binary
 from tests.stores._redis_support import (
     FAST_RETRY,
-    CountingConnection,
     CuttingProxy,
+    append,
     counting_connection_class,
-    delete_prefix,
+    host_and_port,
     keys_under,
+    load_scripts,
     make_store,
-    unique_prefix,
+    real_server,
+    round_trips,
 )
 from tests.stores.conftest import RedisTarget
 
@@ -55,39 +56,14 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def _real_server(target: RedisTarget) -> None:
-    if target.kind == "fakeredis":
-        pytest.skip("needs a real redis-server (fakeredis was chosen)")
-
-
-@pytest.fixture
-async def prefixed(redis_target: RedisTarget) -> AsyncIterator[tuple[RedisTarget, str]]:
-    """A prefix of this test's own; its keys are deleted afterwards."""
-    prefix = unique_prefix(redis_target)
-    yield redis_target, prefix
-    if redis_target.kind != "fakeredis":
-        client = aioredis.Redis.from_url(redis_target.url)
-        with anyio.fail_after(30):
-            await delete_prefix(client, prefix)
-            await client.aclose()
-
-
-async def _append(store: RedisStore, run: Any, sequence: int, *, now: float = T0,
-                  expires_at: float | None = None, keep_latest: int | None = None,
-                  payload: bytes | None = None) -> None:
-    await store.append(key_of(run), make_checkpoint(run, sequence, created_at=now,
-                                                     expires_at=expires_at, payload=payload),
-                       run=run, keep_latest=keep_latest, now=now)
-
-
 # -- round trips --------------------------------------------------------------------------
 
 
 async def _exercise(store: RedisStore, run: Any) -> None:
     """Every operation once, so that scripts are loaded and connections open."""
     key = key_of(run)
-    await _append(store, run, 0, expires_at=T0 + 100)
-    await _append(store, run, 1, keep_latest=5)
+    await append(store, run, 0, expires_at=T0 + 100)
+    await append(store, run, 1, keep_latest=5)
     await store.get(key, 0, now=T0)
     await store.latest(key, now=T0)
     await store.headers(key, before=None, limit=10, now=T0)
@@ -100,21 +76,11 @@ async def _exercise(store: RedisStore, run: Any) -> None:
     await store.delete_items(key, ["a"])
     await store.list_runs(status=None, limit=10, cursor=None, now=T0)
     await store.count_runs(status=None, now=T0)
+    await store.damaged_runs(run_key=key, now=T0)
+    await store.damaged_runs(now=T0)
     await store.delete(key, 1, checkpoint_id=make_checkpoint(run, 1).checkpoint_id)
     await store.delete_run(key)
     await store.purge_expired(now=T0, limit=10)
-
-
-async def _load_scripts(client: Any) -> None:
-    """Load every script up front, so counts see the steady state, not the NOSCRIPT path."""
-    for text in [*SCRIPTS.values(), INDEX]:
-        await client.script_load(text)
-
-
-async def _round_trips(counter: type[CountingConnection], action: Callable[[], Any]) -> int:
-    before = counter.round_trips
-    await action()
-    return counter.round_trips - before
 
 
 @pytest.mark.parametrize("cluster_path", [False, True], ids=["plain", "cluster-code-path"])
@@ -122,32 +88,33 @@ async def test_round_trips_per_operation(
     prefixed: tuple[RedisTarget, str], cluster_path: bool
 ) -> None:
     target, prefix = prefixed
-    _real_server(target)
+    real_server(target)
     counter = counting_connection_class()
     client = aioredis.Redis.from_url(target.url, connection_class=counter)
     store = RedisStore(client, prefix=prefix, cluster=cluster_path)
     with anyio.fail_after(30):
-        await _load_scripts(client)
+        await load_scripts(client)
         await _exercise(store, make_run("warm-up"))
         run = make_run("counted", status="active")
         key = key_of(run)
-        index_call = 1 if cluster_path else 0
+        # On a cluster, a call that may add a run to the indexes or move it between them first
+        # records its intent in the index slot, then applies the change there.
+        index_calls = 2 if cluster_path else 0
         expected = {
-            # creating the run: the run's slot, plus the global index on a cluster
-            "first append": (lambda: _append(store, run, 0, expires_at=T0 + 100), 1 + index_call),
-            "append": (lambda: _append(store, run, 1, expires_at=T0 + 101), 1),
+            "first append": (lambda: append(store, run, 0, expires_at=T0 + 100), 1 + index_calls),
+            "append": (lambda: append(store, run, 1, expires_at=T0 + 101), 1),
             "append with pruning": (
-                lambda: _append(store, run, 2, expires_at=T0 + 102, keep_latest=2), 1),
+                lambda: append(store, run, 2, expires_at=T0 + 102, keep_latest=2), 1),
             "get": (lambda: store.get(key, 2, now=T0), 1),
             "latest": (lambda: store.latest(key, now=T0), 1),
             "headers": (lambda: store.headers(key, before=None, limit=50, now=T0), 1),
             "get_run": (lambda: store.get_run(key, now=T0), 1),
             "update_run, status kept": (lambda: store.update_run(
                 key, incarnation=run.incarnation, version=0, status="active", data=b"x",
-                now=T0), 1),
+                now=T0), 1 + index_calls),
             "update_run, status changed": (lambda: store.update_run(
                 key, incarnation=run.incarnation, version=1, status="paused", data=b"y",
-                now=T0), 1 + index_call),
+                now=T0), 1 + index_calls),
             "put_items": (lambda: store.put_items(key, [make_item("k")], now=T0), 1),
             "get_items": (lambda: store.get_items(key, ["k"], now=T0), 1),
             "scan_items": (lambda: store.scan_items(key, now=T0), 1),
@@ -156,7 +123,7 @@ async def test_round_trips_per_operation(
             "list_runs": (lambda: store.list_runs(status=None, limit=10, cursor=None, now=T0), 2),
             "count_runs": (lambda: store.count_runs(status="paused", now=T0), 1),
         }
-        counted = {name: await _round_trips(counter, action)
+        counted = {name: await round_trips(counter, action)
                    for name, (action, _) in expected.items()}
         await client.aclose()
     assert counted == {name: trips for name, (_, trips) in expected.items()}
@@ -167,17 +134,17 @@ async def test_steady_state_appends_cost_one_round_trip_each(
 ) -> None:
     """Also on the cluster code path: same-TTL appends never touch the global indexes."""
     target, prefix = prefixed
-    _real_server(target)
+    real_server(target)
     counter = counting_connection_class()
     client = aioredis.Redis.from_url(target.url, connection_class=counter)
     store = RedisStore(client, prefix=prefix, cluster=True)
     run = make_run("steady")
     with anyio.fail_after(30):
-        await _load_scripts(client)
-        await _append(store, run, 0, expires_at=T0 + 3600)
+        await load_scripts(client)
+        await append(store, run, 0, expires_at=T0 + 3600)
         before = counter.round_trips
         for sequence in range(1, 51):
-            await _append(store, run, sequence, now=T0 + sequence,
+            await append(store, run, sequence, now=T0 + sequence,
                           expires_at=T0 + 3600 + sequence, keep_latest=10)
         trips = counter.round_trips - before
         headers, _ = await store.headers(key_of(run), before=None, limit=100, now=T0 + 60)
@@ -194,12 +161,12 @@ async def test_scripts_fall_back_to_loading_after_noscript(private_redis: Privat
     store = RedisStore(client, prefix="noscript")
     run = make_run("noscript")
     with anyio.fail_after(30):
-        await _append(store, run, 0)
+        await append(store, run, 0)
         await client.script_flush()
         counter.commands.clear()
-        trips = await _round_trips(counter, lambda: store.latest(key_of(run), now=T0))
+        trips = await round_trips(counter, lambda: store.latest(key_of(run), now=T0))
         sent = [command[0] for command in counter.commands]
-        again = await _round_trips(counter, lambda: store.latest(key_of(run), now=T0))
+        again = await round_trips(counter, lambda: store.latest(key_of(run), now=T0))
         found = await store.latest(key_of(run), now=T0)
         await client.flushall()
         await client.aclose()
@@ -214,13 +181,13 @@ async def test_scripts_fall_back_to_loading_after_noscript(private_redis: Privat
 
 async def test_every_script_call_touches_one_slot(prefixed: tuple[RedisTarget, str]) -> None:
     target, prefix = prefixed
-    _real_server(target)
+    real_server(target)
     counter = counting_connection_class()
     client = aioredis.Redis.from_url(target.url, connection_class=counter)
     store = RedisStore(client, prefix=prefix, cluster=True)
     with anyio.fail_after(30):
         await _exercise(store, make_run("slots"))
-        await _append(store, make_run("kept"), 0, expires_at=T0 + 100)
+        await append(store, make_run("kept"), 0, expires_at=T0 + 100)
         keys = await keys_under(client, prefix)
         await client.aclose()
     calls = [command for command in counter.commands if command[0] == b"EVALSHA"]
@@ -230,10 +197,15 @@ async def test_every_script_call_touches_one_slot(prefixed: tuple[RedisTarget, s
         assert len({key_slot(key) for key in declared}) == 1, declared
     run_tag = key_of(make_run("kept")).encode()
     slots = {key_slot(key) for key in keys}
-    assert slots == {key_slot(run_tag), key_slot(f"idx:{prefix}".encode())}
+    # The deleted run left only the memos of its deletes (for retries; they expire).
+    deleted = [key for key in keys if key_of(make_run("slots")).encode() in key]
+    assert deleted
+    assert all(b":op:" in key for key in deleted), deleted
+    assert slots == {key_slot(run_tag), key_slot(f"idx:{prefix}".encode()),
+                     key_slot(key_of(make_run("slots")).encode())}
     pattern = re.compile(
         rb"^" + re.escape(prefix.encode()) + rb":\{([a-z2-7]{24}|idx:" + re.escape(prefix.encode())
-        + rb")\}:(run|seq|exp|due|ik|iv|io|ie|c:\d+|all|s:\w+|statuses)$"
+        + rb")\}:(run|seq|exp|due|ik|iv|io|ie|c:\d+|op:[0-9a-f]{16}|all|s:\w+|statuses|fix|ver)$"
     )
     assert all(pattern.match(key) for key in keys), keys
 
@@ -243,7 +215,7 @@ async def test_cluster_keyslot_agrees_with_the_layout(redis_cluster: PrivateClus
     run = make_run("slot-check")
     key = key_of(run)
     with anyio.fail_after(30):
-        await _append(store, run, 0, expires_at=T0 + 100)
+        await append(store, run, 0, expires_at=T0 + 100)
         await store.put_items(key, [make_item("i")], now=T0)
         names = [f"slots:{{{key}}}:{suffix}" for suffix in
                  ("run", "seq", "exp", "due", "ik", "iv", "io", "ie", "c:0")]
@@ -262,15 +234,15 @@ async def test_cluster_keyslot_agrees_with_the_layout(redis_cluster: PrivateClus
 async def test_half_second_ttl_really_expires(prefixed: tuple[RedisTarget, str]) -> None:
     """The server's native expiry, not just the manager's clock: waits 0.6 s for real."""
     target, prefix = prefixed
-    _real_server(target)
+    real_server(target)
     store = make_store(target, prefix)
     run = make_run("brief", created_at=time.time())
     key = key_of(run)
     checkpoint_key = f"{prefix}:{{{key}}}:c:1"
     with anyio.fail_after(30):
         now = time.time()
-        await _append(store, run, 0, now=now)
-        await _append(store, run, 1, now=now, expires_at=now + 0.5)
+        await append(store, run, 0, now=now)
+        await append(store, run, 1, now=now, expires_at=now + 0.5)
         ttl_ms = await store._client.pttl(checkpoint_key)
         await anyio.sleep(0.6)
         exists = await store._client.exists(checkpoint_key)
@@ -293,13 +265,13 @@ async def test_half_second_ttl_really_expires(prefixed: tuple[RedisTarget, str])
 
 async def test_status_change_never_extends_a_ttl(prefixed: tuple[RedisTarget, str]) -> None:
     target, prefix = prefixed
-    _real_server(target)
+    real_server(target)
     store = make_store(target, prefix)
     run = make_run("ttl-kept")
     key = key_of(run)
     names = [f"{prefix}:{{{key}}}:c:0", f"{prefix}:{{{key}}}:run", f"{prefix}:{{{key}}}:seq"]
     with anyio.fail_after(30):
-        await _append(store, run, 0, expires_at=T0 + 100)
+        await append(store, run, 0, expires_at=T0 + 100)
         before = [await store._client.pttl(name) for name in names]
         for version, status in enumerate(["paused", "active", "completed"]):
             await store.update_run(key, incarnation=run.incarnation, version=version,
@@ -314,16 +286,16 @@ async def test_checkpoint_ttl_is_exact_and_run_keys_outlive_it(
     prefixed: tuple[RedisTarget, str],
 ) -> None:
     target, prefix = prefixed
-    _real_server(target)
+    real_server(target)
     store = make_store(target, prefix)
     run = make_run("lifetimes")
     key = key_of(run)
     with anyio.fail_after(30):
-        await _append(store, run, 0, expires_at=T0 + 30.25)
+        await append(store, run, 0, expires_at=T0 + 30.25)
         data_ttl = await store._client.pttl(f"{prefix}:{{{key}}}:c:0")
         run_ttls = [await store._client.pttl(f"{prefix}:{{{key}}}:{name}")
                     for name in ("run", "seq", "exp", "due")]
-        await _append(store, run, 1)  # one that never expires: the run keys persist
+        await append(store, run, 1)  # one that never expires: the run keys persist
         persisted = [await store._client.pttl(f"{prefix}:{{{key}}}:{name}")
                      for name in ("run", "seq", "exp")]
         still = await store._client.pttl(f"{prefix}:{{{key}}}:c:0")
@@ -339,13 +311,13 @@ async def test_evicted_checkpoint_is_dropped_from_the_log(
 ) -> None:
     """A checkpoint key that vanished (native expiry, eviction) leaves no dangling entry."""
     target, prefix = prefixed
-    _real_server(target)
+    real_server(target)
     store = make_store(target, prefix)
     run = make_run("evicted")
     key = key_of(run)
     with anyio.fail_after(30):
         for sequence in range(4):
-            await _append(store, run, sequence)
+            await append(store, run, sequence)
         await store._client.unlink(f"{prefix}:{{{key}}}:c:3", f"{prefix}:{{{key}}}:c:1")
         latest = await store.latest(key, now=T0)
         headers, _ = await store.headers(key, before=None, limit=10, now=T0)
@@ -365,12 +337,12 @@ async def test_runs_whose_keys_vanished_leave_the_indexes(
     """Run keys gone (native expiry while no cleanup ran): listings skip and drop the
     entries, counts exclude them, purging forgets the due entry."""
     target, prefix = prefixed
-    _real_server(target)
+    real_server(target)
     store = make_store(target, prefix, cluster=cluster_path)
     gone, kept = make_run("vanished", created_at=T0 + 1), make_run("kept", created_at=T0)
     with anyio.fail_after(30):
-        await _append(store, kept, 0)
-        await _append(store, gone, 0, expires_at=T0 + 10)
+        await append(store, kept, 0)
+        await append(store, gone, 0, expires_at=T0 + 10)
         run_keys = [key async for key in store._client.scan_iter(
             match=f"{prefix}:{{{key_of(gone)}}}:*")]
         await store._client.unlink(*run_keys)
@@ -391,17 +363,17 @@ async def test_runs_whose_keys_vanished_leave_the_indexes(
 async def test_purge_walks_only_what_is_due(prefixed: tuple[RedisTarget, str]) -> None:
     """purge_expired reads the due index up to now, not every run: O(expired)."""
     target, prefix = prefixed
-    _real_server(target)
+    real_server(target)
     counter = counting_connection_class()
     client = aioredis.Redis.from_url(target.url, connection_class=counter)
     store = RedisStore(client, prefix=prefix)
     with anyio.fail_after(60):
-        await _load_scripts(client)
+        await load_scripts(client)
         for index in range(30):
-            await _append(store, make_run(f"forever-{index}"), 0)
+            await append(store, make_run(f"forever-{index}"), 0)
         expiring = make_run("expiring")
-        await _append(store, expiring, 0, expires_at=T0 + 10)
-        trips = await _round_trips(counter, lambda: store.purge_expired(now=T0 + 10, limit=100))
+        await append(store, expiring, 0, expires_at=T0 + 10)
+        trips = await round_trips(counter, lambda: store.purge_expired(now=T0 + 10, limit=100))
         count = await store.count_runs(status=None, now=T0 + 10)
         await client.aclose()
     assert trips == 3  # due range, one run's purge, the "anything left?" count
@@ -415,17 +387,17 @@ async def test_oversized_payload_is_refused_before_writing(
     prefixed: tuple[RedisTarget, str],
 ) -> None:
     target, prefix = prefixed
-    _real_server(target)
+    real_server(target)
     store = make_store(target, prefix, max_payload_bytes=1000)
     run = make_run("big")
     with anyio.fail_after(30):
         with pytest.raises(ValidationError, match="max_payload_bytes"):
-            await _append(store, run, 0, payload=b"x" * 2000)
+            await append(store, run, 0, payload=b"x" * 2000)
         with pytest.raises(ValidationError, match="max_payload_bytes"):
             await store.put_items(key_of(run), [make_item("ok"), make_item("big", b"x" * 1001)],
                                   now=T0)
         written = await keys_under(store._client, prefix)
-        await _append(store, run, 0, payload=b"x" * 900)
+        await append(store, run, 0, payload=b"x" * 900)
         await store.aclose()
     assert written == []
 
@@ -483,7 +455,7 @@ async def test_connection_refused_is_unavailable_after_retries() -> None:
     store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", retry=FAST_RETRY)
     try:
         with anyio.fail_after(30), pytest.raises(StoreUnavailableError) as caught:
-            await _append(store, make_run("nowhere"), 0)
+            await append(store, make_run("nowhere"), 0)
     finally:
         await store.aclose()
     assert f"127.0.0.1:{port}" in str(caught.value)
@@ -497,12 +469,12 @@ async def test_server_restart_is_survived(private_redis: PrivateRedis) -> None:
     run = make_run("restarted")
     try:
         with anyio.fail_after(60):
-            await _append(store, run, 0)
+            await append(store, run, 0)
             private_redis.stop()
             with pytest.raises(StoreUnavailableError):
                 await store.get_run(key_of(run), now=T0)
             private_redis.start()
-            await _append(store, run, 0)  # the restarted server kept nothing (no persistence)
+            await append(store, run, 0)  # the restarted server kept nothing (no persistence)
             found = await store.latest(key_of(run), now=T0)
     finally:
         await store.aclose()
@@ -519,7 +491,7 @@ async def test_missing_acl_permission_says_what_to_grant(private_redis: PrivateR
         f"redis://reader:pw@127.0.0.1:{private_redis.port}/0?prefix=acl", retry=FAST_RETRY)
     try:
         with anyio.fail_after(30), pytest.raises(StoreError) as caught:
-            await _append(store, make_run("denied"), 0)
+            await append(store, make_run("denied"), 0)
     finally:
         await store.aclose()
         await admin.execute_command("ACL", "DELUSER", "reader")
@@ -558,7 +530,7 @@ def _acl_commands() -> set[str]:
 
 def _script_commands() -> set[str]:
     found: set[str] = set()
-    for text in [*SCRIPTS.values(), INDEX]:
+    for text in [*SCRIPTS.values(), INDEX, INTENT]:
         found |= {name.lower() for name in re.findall(r"redis\.call\('([A-Z]+)'", text)}
     return found
 
@@ -568,7 +540,7 @@ async def test_acl_example_lists_exactly_the_commands_the_store_sends(
 ) -> None:
     """Commands sent on the connection plus those the scripts call = the ACL's grants."""
     target, prefix = prefixed
-    _real_server(target)
+    real_server(target)
     counter = counting_connection_class()
     client = aioredis.Redis.from_url(target.url, connection_class=counter)
     store = RedisStore(client, prefix=prefix)
@@ -604,10 +576,15 @@ async def test_ops_kit_files_load_and_the_acl_is_enough() -> None:
     store = RedisStore.from_url(
         f"redis://fastcheckpoint:change-me@127.0.0.1:{server.port}/0?prefix=fastcheckpoint",
         retry=FAST_RETRY)
+    # The Redis Cluster code path calls more inside its scripts (intents, stamps).
+    cluster_path = RedisStore(aioredis.Redis.from_url(
+        f"redis://fastcheckpoint:change-me@127.0.0.1:{server.port}/0"),
+        prefix="fastcheckpoint", cluster=True, owns_client=True)
     try:
         with anyio.fail_after(30):
+            await _exercise(cluster_path, make_run("least-privilege-cluster"))
             await _exercise(store, make_run("least-privilege"))
-            await _append(store, make_run("other"), 0, expires_at=T0 + 5)
+            await append(store, make_run("other"), 0, expires_at=T0 + 5)
             purged = await store.purge_expired(now=T0 + 5, limit=10)
             with pytest.raises(redis_errors.NoPermissionError):
                 await admin.set("elsewhere", "x")  # outside the prefix: denied
@@ -615,6 +592,7 @@ async def test_ops_kit_files_load_and_the_acl_is_enough() -> None:
                 await admin.flushall()
     finally:
         await store.aclose()
+        await cluster_path.aclose()
         await admin.aclose()
         server.stop()
     assert purged == (1, True)
@@ -630,10 +608,9 @@ async def test_cut_connections_leave_no_half_written_checkpoint(
     them. redis-py retries; the append script recognises a retry of itself, so every
     acknowledged checkpoint is restorable, none is duplicated, and none is half-written."""
     target, prefix = prefixed
-    _real_server(target)
-    host, port = target.url.split("//", 1)[1].split("/", 1)[0].split(":")
+    real_server(target)
     plan = ["pass", "drop", "pass", "lose-reply"] * 15
-    proxy = CuttingProxy(host, int(port), plan)
+    proxy = CuttingProxy(*host_and_port(target), plan)
     await proxy.start()
     policy = RetryPolicy(base_delay=0.001, max_delay=0.01, max_retries=5)
     store = RedisStore.from_url(f"redis://127.0.0.1:{proxy.port}/0?prefix={prefix}",
@@ -673,7 +650,7 @@ async def test_processes_get_unique_gap_free_sequences(
     prefixed: tuple[RedisTarget, str],
 ) -> None:
     target, prefix = prefixed
-    _real_server(target)
+    real_server(target)
     url = f"{target.url}?prefix={prefix}"
     workers, each = 4, 25
 
@@ -707,7 +684,7 @@ async def test_processes_get_unique_gap_free_sequences(
 
 async def test_url_options(prefixed: tuple[RedisTarget, str]) -> None:
     target, prefix = prefixed
-    _real_server(target)
+    real_server(target)
     base = target.url.rsplit("/", 1)[0]
     store = RedisStore.from_url(
         f"{base}/3?prefix={prefix}&max_payload_bytes=77&default_ttl_seconds=60&socket_timeout=5",
@@ -741,7 +718,7 @@ def test_bad_urls_are_configuration_errors(url: str, message: str) -> None:
 
 async def test_given_client_is_never_closed(prefixed: tuple[RedisTarget, str]) -> None:
     target, prefix = prefixed
-    _real_server(target)
+    real_server(target)
     client = aioredis.Redis.from_url(target.url)
     store = RedisStore(client, prefix=prefix)
     await store.aclose()
@@ -770,7 +747,7 @@ async def test_fastagentic_shape_applies_its_ttl(prefixed: tuple[RedisTarget, st
     """FastAgentic's store-level ``ttl_seconds`` reaches checkpoints through the manager, so
     what ``create`` returns, what ``restore`` reads and the key's real TTL all agree."""
     target, prefix = prefixed
-    _real_server(target)
+    real_server(target)
     client = aioredis.Redis.from_url(target.url)
     default = RedisCheckpointStore(client)
     assert default._ns == "fastagentic:checkpoint:"
