@@ -1,8 +1,12 @@
-# Every target bootstraps .venv on first use; a fresh machine needs only Python >= 3.10 and make.
+# Every target bootstraps its virtualenv on first use; a fresh machine needs only
+# Python >= 3.10 and make. `make demo` uses .venv-demo with the library alone (anyio, msgspec);
+# every other target uses .venv with the [dev] extra.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+DEMO_VENV ?= .venv-demo
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test lint type bench docs clean
@@ -10,27 +14,39 @@ PYTEST_ARGS ?=
 help:
 	@echo "make install   create $(VENV) and install fastcheckpoint[dev] in editable mode"
 	@echo "make demo      run an agent loop, kill it with SIGKILL, resume it from its checkpoint"
+	@echo "               (in $(DEMO_VENV), which holds the library and nothing else)"
 	@echo "make test      run the test suite (PYTEST_ARGS='-k file' to select)"
 	@echo "make lint      ruff check"
 	@echo "make type      mypy --strict"
 	@echo "make bench     quick benchmark run"
 	@echo "make docs      build the documentation site into site/"
-	@echo "make clean     remove $(VENV), caches, build output and demo data"
+	@echo "make clean     remove $(VENV), $(DEMO_VENV), caches, build output and demo data"
 
-# The stamp is rebuilt whenever pyproject.toml changes (new dependency, new extra).
-$(VENV)/.installed: pyproject.toml
-	@test -x $(BIN)/python || { \
+# $(call new-venv,DIR): create the virtualenv DIR unless it exists, after checking $(PYTHON).
+define new-venv
+@test -x $(1)/bin/python || { \
 		$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-			|| { echo "fastcheckpoint needs Python >= 3.10; point PYTHON at one, e.g. make PYTHON=python3.12 test" >&2; exit 1; }; \
-		echo "$(PYTHON) -m venv $(VENV)"; $(PYTHON) -m venv $(VENV); }
+			|| { echo "fastcheckpoint needs Python >= 3.10; point PYTHON at one, e.g. make PYTHON=python3.12 $(or $(MAKECMDGOALS),test)" >&2; exit 1; }; \
+		echo "$(PYTHON) -m venv $(1)"; $(PYTHON) -m venv $(1); }
+endef
+
+# The stamps are rebuilt whenever pyproject.toml changes (new dependency, new extra).
+$(VENV)/.installed: pyproject.toml
+	$(call new-venv,$(VENV))
 	$(BIN)/python -m pip install -U pip
 	$(BIN)/pip install -e '.[dev]'
 	@touch $@
 
+# Editable, so the demo always runs the code in this checkout.
+$(DEMO_VENV)/.installed: pyproject.toml
+	$(call new-venv,$(DEMO_VENV))
+	$(DEMO_VENV)/bin/python -m pip install -e .
+	@touch $@
+
 install: $(VENV)/.installed
 
-demo: $(VENV)/.installed
-	$(BIN)/python examples/agent_demo.py
+demo: $(DEMO_VENV)/.installed
+	$(DEMO_VENV)/bin/python examples/agent_demo.py $(DEMO_ARGS)
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -50,6 +66,6 @@ docs: $(VENV)/.installed
 	$(BIN)/mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) build dist site .mypy_cache .ruff_cache .pytest_cache .hypothesis .fastcheckpoint-demo
+	rm -rf $(VENV) $(DEMO_VENV) build dist site .mypy_cache .ruff_cache .pytest_cache .hypothesis .fastcheckpoint-demo
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	find . -name '*.egg-info' -type d -prune -exec rm -rf {} +
