@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint type bench docs clean
+.PHONY: help install demo test lint type soak bench docs clean
 
 help:
 	@echo "make install   create $(VENV) and install fastcheckpoint[dev] in editable mode"
@@ -18,6 +18,7 @@ help:
 	@echo "make test      run the test suite (PYTEST_ARGS='-k file' to select)"
 	@echo "make lint      ruff check"
 	@echo "make type      mypy --strict"
+	@echo "make soak      the reliability suite at ten times its size (about 10 minutes)"
 	@echo "make bench     quick benchmark run"
 	@echo "make docs      build the documentation site into site/"
 	@echo "make clean     remove $(VENV), $(DEMO_VENV), caches, build output and demo data"
@@ -56,6 +57,9 @@ lint: $(VENV)/.installed
 
 type: $(VENV)/.installed
 	$(BIN)/mypy
+
+soak: $(VENV)/.installed
+	FC_RELIABILITY_SCALE=10 $(BIN)/python -m pytest tests/reliability -q
 
 bench: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev,bench]'

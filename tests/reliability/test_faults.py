@@ -1,0 +1,173 @@
+"""Randomised network faults between a store and its server (Redis, S3 and DynamoDB on moto).
+
+A fault proxy cuts connections mid-request, drops replies of requests the server applied, and
+delays requests, at random with a fixed rate. Whatever it does:
+
+* every create that returned a checkpoint is restorable, exactly once, with its content, at
+  the sequence it was told;
+* a create that failed raised a ``CheckpointError`` (nothing else), and left at most its one
+  checkpoint behind;
+* the run's sequences stay unique and gap-free;
+* deletes report what happened.
+"""
+
+from __future__ import annotations
+
+import random
+
+import anyio
+import pytest
+
+from fastcheckpoint import CheckpointConfig, CheckpointError, CheckpointManager
+from tests.reliability._audit import Ack, Figures, RunAudit, audit_run, scaled, state_for
+from tests.reliability._stores import FAST_RETRY, Target
+from tests.reliability.faults import INJECTED, Fault, FaultPlan, FaultProxy
+
+pytestmark = pytest.mark.anyio
+
+FAULT_RATE = 0.08
+CREATES = 80
+DELETES = 24
+DELETE_FAULT_RATE = 0.25
+CONFIG = CheckpointConfig(max_checkpoints_per_run=None, retry=FAST_RETRY)
+
+
+def _deadline(operations: int) -> float:
+    return 60.0 + 0.5 * operations
+
+
+def _plan(rate: float, seed: int, kinds: tuple[Fault, ...] = INJECTED) -> FaultPlan:
+    """Random faults at ``rate``, after an opening that holds each kind twice, shuffled among
+    passes: even a short run meets every kind of fault."""
+    rng = random.Random(seed)
+    opening = [*kinds, *kinds, *[Fault.PASS] * (6 * len(kinds))]
+    rng.shuffle(opening)
+    return FaultPlan(rate=rate, kinds=kinds, seed=rng.randrange(2**32), script=opening)
+
+
+def _faulty(target: Target, plan: FaultPlan) -> FaultProxy:
+    assert target.upstream is not None
+    assert target.wire is not None
+    return FaultProxy(target.upstream, target.wire, plan)
+
+
+async def _audit(target: Target, run_id: str, acks: list[Ack], unconfirmed: set[str]) -> RunAudit:
+    """Check the run through a store without faults."""
+    store = target.store()
+    try:
+        with anyio.fail_after(_deadline(len(acks))):
+            return await audit_run(CheckpointManager(store, config=CONFIG), run_id, acks,
+                                   unconfirmed)
+    finally:
+        await store.aclose()
+
+
+def _by_kind(proxy: FaultProxy) -> dict[str, int]:
+    return {fault.value.replace("-", "_"): proxy.counts[fault] for fault in INJECTED}
+
+
+def _described(exc: BaseException) -> str:
+    return f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"[:300]
+
+
+async def test_acknowledged_creates_survive_faults_exactly_once(
+    network_target: Target, seed: int, figures: Figures
+) -> None:
+    run_id = f"faults-{seed}"
+    count = scaled(CREATES)
+    acks: list[Ack] = []
+    unconfirmed: set[str] = set()
+    foreign: list[str] = []
+    with _faulty(network_target, _plan(FAULT_RATE, seed)) as proxy:
+        store = network_target.store(proxy.endpoint)
+        manager = CheckpointManager(store, config=CONFIG)
+        try:
+            with anyio.fail_after(_deadline(count)):
+                for step in range(count):
+                    token = f"{seed}/{step}"
+                    try:
+                        created = await manager.create(run_id, state_for(token), force=True)
+                    except CheckpointError:
+                        unconfirmed.add(token)
+                        continue
+                    except Exception as exc:  # what is under test: nothing else escapes
+                        foreign.append(_described(exc))
+                        unconfirmed.add(token)
+                        continue
+                    assert created is not None
+                    acks.append(Ack(token, created.metadata.sequence, created.checkpoint_id))
+        finally:
+            await store.aclose()
+    audit = await _audit(network_target, run_id, acks, unconfirmed)
+    figures.add("fault-creates", network_target.name, creates=count, faults=proxy.injected,
+                **_by_kind(proxy), acknowledged=len(acks), raised=len(unconfirmed),
+                lost=len(audit.lost), duplicated=len(audit.duplicated))
+    assert min(proxy.counts[fault] for fault in INJECTED) >= 2
+    replay = f"{figures.replay}, faults {dict(proxy.counts)}"
+    assert not foreign, f"{replay}: creates raised non-CheckpointErrors: {foreign}"
+    assert not audit.problems(), f"{replay}: {audit.problems()}"
+    assert len(audit.unacknowledged) <= len(unconfirmed)
+
+
+async def _create_directly(target: Target, run_id: str, count: int) -> list[str]:
+    store = target.store()
+    try:
+        manager = CheckpointManager(store, config=CONFIG)
+        created = [await manager.create(run_id, state_for(f"{run_id}/{n}"), force=True)
+                   for n in range(count)]
+    finally:
+        await store.aclose()
+    return [checkpoint.checkpoint_id for checkpoint in created if checkpoint is not None]
+
+
+async def _gone_and_kept(target: Target, run_id: str, ids: list[str]) -> tuple[set[str], int]:
+    """Which of ``ids`` no longer restore, and how many live checkpoints the run holds."""
+    store = target.store()
+    try:
+        manager = CheckpointManager(store, config=CONFIG)
+        gone = {i for i in ids if await manager.restore_from(i) is None}
+        listed = await manager.list_checkpoints(run_id, limit=10_000)
+    finally:
+        await store.aclose()
+    return gone, len(listed)
+
+
+async def test_deletes_under_lost_replies_report_what_happened(
+    network_target: Target, seed: int, figures: Figures
+) -> None:
+    """``delete`` of a live checkpoint is True and ``delete_run`` counts what it removed,
+    even when the reply to the request that did it was lost and the driver retried."""
+    run_id = f"deletes-{seed}"
+    count = scaled(DELETES)
+    with anyio.fail_after(_deadline(count)):
+        ids = await _create_directly(network_target, run_id, count)
+    doomed, wrong, raised = ids[: count // 2], [], 0
+    confirmed: set[str] = set()
+    with _faulty(network_target, _plan(DELETE_FAULT_RATE, seed, (Fault.LOSE_REPLY,))) as proxy:
+        store = network_target.store(proxy.endpoint)
+        manager = CheckpointManager(store, config=CONFIG)
+        try:
+            with anyio.fail_after(_deadline(count)):
+                for checkpoint_id in doomed:
+                    try:
+                        deleted = await manager.delete(checkpoint_id)
+                    except CheckpointError:
+                        raised += 1
+                        continue
+                    if deleted is not True:
+                        wrong.append(f"delete({checkpoint_id}) returned {deleted!r}")
+                    confirmed.add(checkpoint_id)
+                gone, held = await _gone_and_kept(network_target, run_id, ids)
+                removed = await manager.delete_run(run_id)
+        finally:
+            await store.aclose()
+    if removed != held:
+        wrong.append(f"delete_run removed {held} checkpoints and returned {removed}")
+    after, _ = await _gone_and_kept(network_target, run_id, ids)
+    figures.add("fault-deletes", network_target.name, deletes=len(doomed) + 1,
+                faults=proxy.injected, wrong_results=len(wrong), raised=raised)
+    assert proxy.counts[Fault.LOSE_REPLY] >= 2
+    replay = f"{figures.replay}, faults {dict(proxy.counts)}"
+    assert confirmed <= gone <= set(doomed), f"{replay}: deletes removed other checkpoints"
+    assert after == set(ids), f"{replay}: delete_run left checkpoints behind"
+    assert not wrong, f"{replay}: {wrong}"

@@ -1,0 +1,141 @@
+"""The fault proxy does what it says: a cut request never runs, a lost reply's request did run,
+a delay delays, and the plan's rate and seed hold. The other tests rely on each of these."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.exceptions as redis_errors
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from tests.reliability._stores import REGION, address
+from tests.reliability.faults import HTTP, REDIS, Fault, FaultPlan, FaultProxy
+from tests.stores.conftest import RedisTarget
+
+_SET = "redis.call('SET', KEYS[1], ARGV[1]) return 1"
+
+
+@pytest.fixture
+def redis_address(shared_redis: RedisTarget) -> Iterator[tuple[str, int, str]]:
+    """Host, port and a key of this test on the shared Redis; the key is removed afterwards."""
+    if shared_redis.kind == "fakeredis":
+        pytest.skip("needs a real redis-server: fakeredis cannot sit behind a TCP proxy")
+    host, port = address(shared_redis.url)
+    key = f"{shared_redis.prefix}-proxy:{secrets.token_hex(4)}"
+    yield host, port, key
+    direct = redis.Redis(host=host, port=port)
+    direct.delete(key)
+    direct.close()
+
+
+def _client(port: int) -> redis.Redis:
+    # No retries: each call is exactly one request, so the plan's script lines up with calls.
+    return redis.Redis(host="127.0.0.1", port=port, retry=Retry(NoBackoff(), 0),
+                       socket_timeout=10)
+
+
+def _value(host: str, port: int, key: str) -> bytes | None:
+    direct = redis.Redis(host=host, port=port)
+    try:
+        value = direct.get(key)
+        return None if value is None else bytes(value)  # type: ignore[arg-type]
+    finally:
+        direct.close()
+
+
+def test_a_cut_request_never_runs(redis_address: tuple[str, int, str]) -> None:
+    host, port, key = redis_address
+    with FaultProxy((host, port), REDIS, FaultPlan(script=[Fault.CUT])) as proxy:
+        client = _client(proxy.port)
+        with pytest.raises(redis_errors.ConnectionError):
+            client.eval(_SET, 1, key, "cut")
+        assert client.eval(_SET, 1, key, "after") == 1  # the next request passes
+        client.close()
+    assert proxy.counts == {Fault.CUT: 1, Fault.PASS: 1}
+    assert _value(host, port, key) == b"after"
+
+
+def test_a_lost_reply_was_applied(redis_address: tuple[str, int, str]) -> None:
+    host, port, key = redis_address
+    with FaultProxy((host, port), REDIS, FaultPlan(script=[Fault.LOSE_REPLY])) as proxy:
+        client = _client(proxy.port)
+        with pytest.raises(redis_errors.ConnectionError):
+            client.eval(_SET, 1, key, "applied")
+        client.close()
+    assert proxy.injected == 1
+    assert _value(host, port, key) == b"applied"
+
+
+def test_a_delay_delays_and_delivers(redis_address: tuple[str, int, str]) -> None:
+    host, port, key = redis_address
+    plan = FaultPlan(script=[Fault.DELAY])
+    with FaultProxy((host, port), REDIS, plan, delay_seconds=0.3) as proxy:
+        client = _client(proxy.port)
+        started = time.monotonic()
+        assert client.eval(_SET, 1, key, "late") == 1
+        elapsed = time.monotonic() - started
+        client.close()
+    assert elapsed >= 0.3
+    assert _value(host, port, key) == b"late"
+
+
+def test_handshakes_pass_and_only_script_calls_are_requests(
+    redis_address: tuple[str, int, str],
+) -> None:
+    host, port, key = redis_address
+    with FaultProxy((host, port), REDIS, FaultPlan(rate=1.0, kinds=[Fault.CUT])) as proxy:
+        client = _client(proxy.port)
+        assert client.ping()
+        client.set(key, "plain")
+        with pytest.raises(redis_errors.ConnectionError):
+            client.eval(_SET, 1, key, "cut")
+        client.close()
+    assert proxy.counts == {Fault.CUT: 1}
+    assert _value(host, port, key) == b"plain"
+
+
+def test_the_plan_keeps_its_rate_and_replays_from_its_seed() -> None:
+    def draw(seed: int) -> list[Fault]:
+        plan = FaultPlan(rate=0.1, seed=seed)
+        return [plan.next() for _ in range(5000)]
+
+    first = draw(7)
+    assert first == draw(7)
+    assert first != draw(8)
+    injected = sum(fault is not Fault.PASS for fault in first)
+    assert 400 <= injected <= 600
+    assert {fault for fault in first if fault is not Fault.PASS} == {
+        Fault.CUT, Fault.LOSE_REPLY, Fault.DELAY}
+
+
+def _s3(endpoint: str) -> Any:
+    import boto3  # type: ignore[import-untyped]
+    from botocore.config import Config
+
+    config = Config(retries={"total_max_attempts": 1, "mode": "standard"})
+    return boto3.client("s3", region_name=REGION, endpoint_url=endpoint, config=config)
+
+
+@pytest.mark.parametrize(("fault", "applied"), [(Fault.CUT, False), (Fault.LOSE_REPLY, True)])
+def test_http_requests_meet_their_fate(
+    moto_endpoint: str, aws_bucket: str, fault: Fault, applied: bool
+) -> None:
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
+
+    key = f"proxy/{secrets.token_hex(4)}"
+    with FaultProxy(address(moto_endpoint), HTTP, FaultPlan(script=[fault])) as proxy:
+        client = _s3(proxy.endpoint)
+        with pytest.raises((ConnectionClosedError, EndpointConnectionError)):
+            client.put_object(Bucket=aws_bucket, Key=key, Body=b"x" * 100_000)
+        client.close()
+    direct = _s3(moto_endpoint)
+    listed = direct.list_objects_v2(Bucket=aws_bucket, Prefix=key).get("Contents", [])
+    direct.close()
+    assert proxy.counts == {fault: 1}
+    assert len(listed) == (1 if applied else 0)
