@@ -602,3 +602,47 @@ def test_per_loop_closes_a_client_that_was_being_built_when_closed() -> None:
 
     asyncio.run(main())
     assert closed == ["client"]
+
+
+def test_per_loop_closes_each_loops_client_when_that_loop_shuts_down() -> None:
+    # asyncio.run() finalizes async generators before closing its loop: the client of each
+    # run is closed in its own loop, not left for the garbage collector (unclosed sockets).
+    closed: list[tuple[int, bool]] = []
+
+    async def build() -> int:
+        return len(closed)
+
+    async def close(resource: int) -> None:
+        closed.append((resource, asyncio.get_running_loop().is_running()))
+
+    clients: PerLoop[int] = PerLoop(build, close, store="TestStore", driver="a driver")
+
+    async def use() -> int:
+        return await clients.get()
+
+    first = asyncio.run(use())
+    after_first = list(closed)
+    second = asyncio.run(use())
+
+    assert (first, second) == (0, 1)
+    assert after_first == [(0, True)]
+    assert closed == [(0, True), (1, True)]
+
+
+def test_per_loop_aclose_closes_the_client_once() -> None:
+    closed: list[object] = []
+
+    async def build() -> str:
+        return "client"
+
+    async def close(resource: object) -> None:
+        closed.append(resource)
+
+    clients: PerLoop[str] = PerLoop(build, close, store="TestStore", driver="a driver")
+
+    async def main() -> None:
+        await clients.get()
+        await clients.aclose()
+
+    asyncio.run(main())
+    assert closed == ["client"]

@@ -9,16 +9,19 @@ driver needs asyncio must say so on trio instead of failing inside the driver.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 from fastcheckpoint.errors import ConfigurationError
 
-__all__ = ["PerLoop", "require_asyncio", "running_library"]
+__all__ = ["GivenClientLoop", "PerLoop", "require_asyncio", "running_library"]
 
 _T = TypeVar("_T")
+
+logger = logging.getLogger("fastcheckpoint.stores")
 
 
 def running_library() -> str | None:
@@ -62,10 +65,12 @@ class PerLoop(Generic[_T]):
     """One resource (a driver client) per asyncio event loop, built on first use in each.
 
     Concurrent first users in one loop share one build; a build that failed (or was
-    cancelled) is not kept, so the next user builds again. The resources of loops that were
-    closed are dropped when another loop builds its own (their connections died with their
-    loop, and a resource holds its loop, so it would never be let go by itself);
-    :meth:`aclose` closes the current loop's resource and forgets the others.
+    cancelled) is not kept, so the next user builds again. Each resource is closed in its own
+    loop when that loop shuts down (``asyncio.run()`` finalizes async generators before it
+    closes the loop, and each resource is guarded by one), so a module-level store used by
+    several ``asyncio.run()`` calls leaves no connection open; entries of closed loops are
+    dropped when another loop builds its own. :meth:`aclose` closes the current loop's
+    resource and forgets the others.
     """
 
     def __init__(
@@ -83,13 +88,16 @@ class PerLoop(Generic[_T]):
         self._by_loop: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, asyncio.Future[_T]
         ] = weakref.WeakKeyDictionary()
+        self._guards: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, AsyncGenerator[None, None]
+        ] = weakref.WeakKeyDictionary()
 
     async def get(self) -> _T:
         loop = require_asyncio(self._store, self._driver)
         pending = self._by_loop.get(loop)
         if pending is None or _failed(pending):  # failed while all its callers were cancelled
             self._drop_closed_loops()
-            pending = loop.create_task(self._build())
+            pending = loop.create_task(self._build_guarded(loop))
             self._by_loop[loop] = pending
         try:
             # Shielded: one caller's cancellation must not cancel the build others wait for.
@@ -99,9 +107,28 @@ class PerLoop(Generic[_T]):
                 del self._by_loop[loop]  # a failed build is not kept: the next call tries again
             raise
 
+    async def _build_guarded(self, loop: asyncio.AbstractEventLoop) -> _T:
+        resource = await self._build()
+        guard = self._closing(resource)
+        await guard.asend(None)  # first iteration: the loop now finalizes it at shutdown
+        self._guards[loop] = guard
+        return resource
+
+    async def _closing(self, resource: _T) -> AsyncGenerator[None, None]:
+        """Closes ``resource`` when finalized: by the loop's shutdown, or by :meth:`aclose`."""
+        try:
+            yield
+        finally:
+            try:
+                await self._close(resource)
+            except Exception:
+                logger.warning("%s: closing a %s client failed", self._store, self._driver,
+                               exc_info=True)
+
     def _drop_closed_loops(self) -> None:
         for loop in [loop for loop in self._by_loop if loop.is_closed()]:
             del self._by_loop[loop]
+            self._guards.pop(loop, None)
 
     def current(self) -> _T | None:
         """The resource of the running loop if it was built already (no I/O)."""
@@ -118,19 +145,50 @@ class PerLoop(Generic[_T]):
         """Close the running loop's resource, waiting for it if it is being built (else it
         would be built after this and never closed); forget those of other (finished) loops."""
         try:
-            pending = self._by_loop.get(asyncio.get_running_loop())
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:  # not in an asyncio loop: it built nothing
-            pending = None
+            loop = None
+        pending = None if loop is None else self._by_loop.get(loop)
         self._by_loop.clear()
-        if pending is None:
+        if pending is None or loop is None:
+            self._guards.clear()
             return
         try:
-            resource = await asyncio.shield(pending)
+            await asyncio.shield(pending)
         except Exception:  # the build failed: nothing to close
             return
-        await self._close(resource)
+        guard = self._guards.pop(loop, None)
+        self._guards.clear()
+        if guard is not None:
+            await guard.aclose()  # closes the resource, once
 
 
 def _failed(build: asyncio.Future[Any]) -> bool:
     """Whether a build ended without a resource (its exception counts as retrieved)."""
     return build.done() and (build.cancelled() or build.exception() is not None)
+
+
+class GivenClientLoop:
+    """The event loop a client handed to a store belongs to: the first loop that used it.
+
+    Driver clients cannot change loops. :meth:`check` (call it before sending anything)
+    remembers the first loop and refuses any other with :class:`ConfigurationError`.
+    """
+
+    def __init__(self, store: str, driver: str, remedy: str) -> None:
+        self._store = store
+        self._driver = driver
+        self._remedy = remedy
+        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+
+    def check(self) -> asyncio.AbstractEventLoop:
+        loop = require_asyncio(self._store, self._driver)
+        if self._loop is None:
+            self._loop = weakref.ref(loop)
+        elif self._loop() is not loop:
+            raise ConfigurationError(
+                f"{self._store} was given a client that belongs to another event loop (the "
+                f"first one it was used in); {self._driver} clients cannot change loops. "
+                f"{self._remedy}"
+            )
+        return loop

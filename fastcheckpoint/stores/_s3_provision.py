@@ -1,0 +1,130 @@
+"""Provisioning of an S3 bucket for a store: the bucket, versioning, default encryption and
+the store's lifecycle rules, created or completed idempotently, never recreated.
+
+Shared by the S3 store (checkpoints) and the DynamoDB store (large payloads). Each step
+returns one line for people: ``"created ..."``, ``"enabled ..."``, ``"updated ..."``,
+``"removed ..."`` or ``"found ..."`` (in place already).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from fastcheckpoint.stores._aws import error_code, translate
+
+__all__ = ["provision_bucket"]
+
+
+async def provision_bucket(
+    client: Any,
+    bucket: str,
+    rules: Sequence[dict[str, Any]],
+    *,
+    retired: Collection[str] = (),
+) -> list[str]:
+    """Make ``bucket`` ready: it exists, keeps versions, encrypts by default (an existing
+    default encryption, e.g. KMS, is kept) and holds ``rules`` beside the bucket's other
+    lifecycle rules (which are kept); rules whose ids are in ``retired`` are removed."""
+    try:
+        return [
+            await _bucket(client, bucket),
+            await _versioning(client, bucket),
+            await _encryption(client, bucket),
+            *await _lifecycle(client, bucket, rules, retired),
+        ]
+    except (ClientError, BotoCoreError) as exc:
+        raise translate(exc, f"provisioning S3 bucket {bucket}") from exc
+
+
+async def _bucket(client: Any, bucket: str) -> str:
+    name = f"bucket s3://{bucket}"
+    try:
+        await client.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        if error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+            raise
+    else:
+        return f"found {name}"
+    params: dict[str, Any] = {"Bucket": bucket}
+    region = client.meta.region_name
+    if region and region != "us-east-1":
+        params["CreateBucketConfiguration"] = {"LocationConstraint": region}
+    try:
+        await client.create_bucket(**params)
+    except ClientError as exc:
+        if error_code(exc) != "BucketAlreadyOwnedByYou":
+            raise
+        return f"found {name}"  # created concurrently, by another provisioning run
+    return f"created {name}"
+
+
+async def _versioning(client: Any, bucket: str) -> str:
+    current = await client.get_bucket_versioning(Bucket=bucket)
+    if current.get("Status") == "Enabled":
+        return "found versioning"
+    await client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    return "enabled versioning"
+
+
+async def _encryption(client: Any, bucket: str) -> str:
+    try:
+        current = await client.get_bucket_encryption(Bucket=bucket)
+    except ClientError as exc:
+        if error_code(exc) != "ServerSideEncryptionConfigurationNotFoundError":
+            raise
+    else:
+        for rule in current["ServerSideEncryptionConfiguration"].get("Rules", []):
+            default = rule.get("ApplyServerSideEncryptionByDefault")
+            if default is not None:
+                return f"found default encryption {default['SSEAlgorithm']}"
+    await client.put_bucket_encryption(
+        Bucket=bucket,
+        ServerSideEncryptionConfiguration={
+            "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+        },
+    )
+    return "enabled default encryption AES256"
+
+
+async def _lifecycle(
+    client: Any, bucket: str, rules: Sequence[dict[str, Any]], retired: Collection[str]
+) -> list[str]:
+    existing = await _rules_of(client, bucket)
+    by_id = {rule.get("ID"): rule for rule in existing}
+    done: list[str] = []
+    for rule in rules:
+        found = by_id.get(rule["ID"])
+        verb = "created" if found is None else "found" if _echoes(found, rule) else "updated"
+        done.append(f"{verb} lifecycle rule {rule['ID']}")
+    wanted = {rule["ID"] for rule in rules}
+    done += [f"removed lifecycle rule {name}" for name in sorted(retired)
+             if name in by_id and name not in wanted]
+    if all(line.startswith("found") for line in done):
+        return done
+    kept = [rule for rule in existing if rule.get("ID") not in wanted | set(retired)]
+    await client.put_bucket_lifecycle_configuration(
+        Bucket=bucket, LifecycleConfiguration={"Rules": [*kept, *rules]}
+    )
+    return done
+
+
+async def _rules_of(client: Any, bucket: str) -> list[dict[str, Any]]:
+    try:
+        response = await client.get_bucket_lifecycle_configuration(Bucket=bucket)
+    except ClientError as exc:
+        if error_code(exc) == "NoSuchLifecycleConfiguration":
+            return []
+        raise
+    return [dict(rule) for rule in response.get("Rules", [])]
+
+
+def _echoes(found: Any, wanted: Any) -> bool:
+    """Whether a rule as S3 returns it has every setting of ``wanted`` (S3 adds defaults)."""
+    if isinstance(wanted, dict):
+        return isinstance(found, dict) and all(
+            _echoes(found.get(key), value) for key, value in wanted.items()
+        )
+    return bool(found == wanted)
