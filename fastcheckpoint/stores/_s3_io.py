@@ -7,15 +7,22 @@ whatever flavour of "not found" the client raises (aiobotocore's ``NoSuchKey``, 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+import enum
+import sys
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import anyio
 from botocore.exceptions import BotoCoreError, ClientError
 
-from fastcheckpoint.errors import StoreError
+from fastcheckpoint.errors import CheckpointError, StoreError
 from fastcheckpoint.stores._aws import error_code, http_status, translate
+
+if sys.version_info < (3, 11):
+    # anyio installs the backport on 3.10; the type checker may run where it is absent.
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -33,6 +40,15 @@ DELETE_BATCH = 1000
 """The most keys one ``DeleteObjects`` request takes."""
 
 
+class Unchanged(enum.Enum):
+    """What :meth:`Bucket.get_if_changed` returns for an object that still has the ETag."""
+
+    UNCHANGED = "unchanged"
+
+
+UNCHANGED: Literal[Unchanged.UNCHANGED] = Unchanged.UNCHANGED
+
+
 @dataclass(frozen=True)
 class Listed:
     key: str  # relative to the store prefix
@@ -44,7 +60,9 @@ Found = list[Listed]
 
 
 def _missing(exc: ClientError) -> bool:
-    return error_code(exc) in _MISSING_CODES or http_status(exc) == 404
+    """The object is not there (the bucket is: a missing bucket is a configuration error)."""
+    code = error_code(exc)
+    return code != "NoSuchBucket" and (code in _MISSING_CODES or http_status(exc) == 404)
 
 
 def _taken(exc: ClientError) -> bool:
@@ -97,6 +115,28 @@ class Bucket:
             async with response["Body"] as stream:
                 body = await stream.read()
         except ClientError as exc:
+            if _missing(exc):
+                return None
+            raise translate(exc, f"S3 GetObject {self.where(key)}") from exc
+        except BotoCoreError as exc:
+            raise translate(exc, f"S3 GetObject {self.where(key)}") from exc
+        return body, str(response.get("ETag", ""))
+
+    async def get_if_changed(
+        self, key: str, etag: str
+    ) -> tuple[bytes, str] | Literal[Unchanged.UNCHANGED] | None:
+        """``UNCHANGED`` while the object still has ``etag`` (a 304: no body is sent), else
+        what :meth:`get` returns: one request that checks an object and, if it changed,
+        reads it."""
+        try:
+            response = await self.client.get_object(
+                Bucket=self.bucket, Key=self.prefix + key, IfNoneMatch=etag
+            )
+            async with response["Body"] as stream:
+                body = await stream.read()
+        except ClientError as exc:
+            if http_status(exc) == 304 or error_code(exc) in ("304", "NotModified"):
+                return UNCHANGED
             if _missing(exc):
                 return None
             raise translate(exc, f"S3 GetObject {self.where(key)}") from exc
@@ -196,7 +236,10 @@ class Bucket:
 
 
 async def gather(calls: Sequence[Callable[[], Awaitable[_T]]]) -> list[_T]:
-    """Run ``calls`` concurrently (at most ``_PARALLEL`` at a time); results in call order."""
+    """Run ``calls`` concurrently (at most ``_PARALLEL`` at a time); results in call order.
+
+    A failure cancels the other calls and is raised alone (see :func:`one_error`).
+    """
     results: list[Any] = [None] * len(calls)
     limiter = anyio.CapacityLimiter(_PARALLEL)
 
@@ -206,22 +249,57 @@ async def gather(calls: Sequence[Callable[[], Awaitable[_T]]]) -> list[_T]:
 
     if len(calls) == 1:
         return [await calls[0]()]
-    async with anyio.create_task_group() as group:
-        for index, call in enumerate(calls):
-            group.start_soon(run, index, call)
+    with one_error():
+        async with anyio.create_task_group() as group:
+            for index, call in enumerate(calls):
+                group.start_soon(run, index, call)
     return results
 
 
 async def pair(
     first: Callable[[], Awaitable[_A]], second: Callable[[], Awaitable[_B]]
 ) -> tuple[_A, _B]:
-    """Two different requests at once: one round trip instead of two."""
+    """Two different requests at once: one round trip instead of two. A failure cancels the
+    other request and is raised alone (see :func:`one_error`)."""
     results: list[Any] = [None, None]
 
     async def run(index: int, call: Callable[[], Awaitable[Any]]) -> None:
         results[index] = await call()
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(run, 0, first)
-        group.start_soon(run, 1, second)
+    with one_error():
+        async with anyio.create_task_group() as group:
+            group.start_soon(run, 0, first)
+            group.start_soon(run, 1, second)
     return results[0], results[1]
+
+
+@contextlib.contextmanager
+def one_error() -> Iterator[None]:
+    """Turn the ``ExceptionGroup`` of a failed task group into one exception.
+
+    Callers of the stores catch :class:`CheckpointError`, never a group: the first of our
+    errors is raised (its driver exception stays chained), else the first other failure.
+    A group holding a cancellation or an interrupt (a ``BaseException`` that is not an
+    ``Exception``) is re-raised as it is, so cancellation keeps working.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if not all(isinstance(leaf, Exception) for leaf in leaves):
+            raise
+        chosen = next((leaf for leaf in leaves if isinstance(leaf, CheckpointError)), leaves[0])
+    else:
+        return
+    # Raised outside the handler: the chosen error keeps its own cause and context.
+    raise chosen
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            found += _leaves(error)
+        else:
+            found.append(error)
+    return found

@@ -53,6 +53,11 @@ class RunState(msgspec.Struct, array_like=True, frozen=True):
     updated_at: float
     version: int
     data: bytes
+    floor: int = 0
+    """Slot keys below it may have been deleted (pruned, deleted or expired checkpoints);
+    none at or above it ever was. A key is only deleted once the floor is above it, so a
+    create-only PUT at or above the floor collides with any slot ever written there, and an
+    append below it (from knowledge older than another process's pruning) is refused."""
 
 
 class Slot(msgspec.Struct, array_like=True, frozen=True):
@@ -67,6 +72,10 @@ class Slot(msgspec.Struct, array_like=True, frozen=True):
     header: bytes
     payload: bytes
     tombstone: bool = False
+    token: bytes = b""
+    """Random per write: a writer whose reply was lost recognises its own slot by it."""
+    run_key: str = ""
+    """The run it was written for: a slot copied from another run reads as corrupt."""
 
 
 class Listing(msgspec.Struct, array_like=True, frozen=True):
@@ -78,6 +87,7 @@ class Listing(msgspec.Struct, array_like=True, frozen=True):
     expires_at: float | None
     appended_at: float
     header: bytes | None = None  # None in an "l" marker: the header is in the marker's body
+    token: bytes = b""  # the slot's write token
 
 
 class ItemBody(msgspec.Struct, array_like=True, frozen=True):
@@ -124,8 +134,17 @@ def decode_run(blob: bytes, where: str) -> RunState:
     return _decode(_run_decoder, blob, where, "run object")
 
 
-def decode_slot(blob: bytes, where: str) -> Slot:
-    return _decode(_slot_decoder, blob, where, "checkpoint")
+def decode_slot(blob: bytes, where: str, *, run_key: str, sequence: int) -> Slot:
+    """The slot read from ``run_key``'s key for ``sequence``; one that says it belongs to
+    another run or sequence (a record copied over this one) is corrupt."""
+    slot = _decode(_slot_decoder, blob, where, "checkpoint")
+    if slot.sequence != sequence or slot.run_key not in ("", run_key):
+        raise CorruptCheckpointError(
+            f"checkpoint record of sequence {slot.sequence} of run key {slot.run_key!r} "
+            f"found where sequence {sequence} of run key {run_key!r} belongs",
+            key=where,
+        )
+    return slot
 
 
 def decode_item(blob: bytes, where: str) -> ItemBody:
@@ -191,8 +210,12 @@ def hex_item_key(key: object) -> str:
     return item_key_bytes(key, MAX_ITEM_KEY_BYTES, why).hex()
 
 
-def item_key_of(hex_key: str) -> str:
-    return bytes.fromhex(hex_key).decode("utf-8")
+def item_key_of(hex_key: str) -> str | None:
+    """The item key of an item object's name; None for a name that is not one of ours."""
+    try:
+        return bytes.fromhex(hex_key).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def _inverted_created(created_at: float) -> str:

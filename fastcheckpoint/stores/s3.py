@@ -10,19 +10,31 @@ commit, and the one object ``get`` reads) plus a *marker* (``c/<inv seq>/m<listi
 written right after). A slot without its marker (a crash between the two PUTs) is still a
 committed checkpoint: readers fetch its listing from the slot itself.
 
-Run state. The run object holds what changes rarely (status, version, data, incarnation);
-``latest_sequence``, ``checkpoint_count`` and ``expires_at`` are derived from the run's
-listing, so an append never rewrites it. Runs are created by a compare-and-set on the run
-object (create-only, or ``IfMatch`` over a dead run's), which also decides among writers
-racing for a run's first checkpoint; the loser sees the new incarnation.
+Run state. The run object holds what changes rarely (status, version, data, incarnation,
+floor); ``latest_sequence``, ``checkpoint_count`` and ``expires_at`` are derived from the
+run's listing, so an append does not rewrite it (only pruning raises the floor, rarely).
+Runs are created by a compare-and-set on the run object (create-only, or ``IfMatch`` over a
+dead run's), which also decides among writers racing for a run's first checkpoint; the
+others join the incarnation it created.
 
 Costs independent of the run's length. Keys list newest first, right after the run object,
 so readers LIST only the head of a run (``MaxKeys`` sized to what they need, continuing only
 past expired checkpoints, tombstones and leftovers). Appends do not LIST at all in steady
 state: each process keeps what it knows of a run's log (``_Log``: built from one listing,
 then from its own writes), proposes from it, and lets the create-only slot PUT catch other
-writers; a 412 is resolved by listing the head. Pruning deletes keys the process knows, in
-one ``DeleteObjects``; below what it knows it lists once, and what it lists it deletes.
+writers; a 412 is resolved by listing the head. The same round trip reads the run object
+unless it still has the ETag this process knows (a 304): an append into a run that was
+deleted or started over meanwhile is taken back and refused, never acknowledged. Pruning
+deletes keys the process knows, in one ``DeleteObjects``; below what it knows it lists once,
+and what it lists it deletes.
+
+Sequences are never handed out twice. A create-only PUT only collides with a slot that is
+still there, so the run object carries a *floor*: slot keys are deleted only below it
+(pruning raises it first, once per ``keep_latest`` + 1 appends), the newest checkpoint is
+never deleted outright (a tombstone replaces it), and an append below the floor (from
+knowledge older than another process's pruning) is taken back by the check. A dead run is
+*sealed* (its next sequence claimed create-only) before it is started over or purged, so
+an append from a process that does not know it died is refused or keeps it alive.
 
 Exact removal. Deletes that must be counted (``delete``, purging) are conditional
 (``IfMatch`` on the ETag listed), so concurrent workers never both count one checkpoint.
@@ -34,37 +46,44 @@ import contextlib
 import functools
 import heapq
 import logging
+import secrets
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-import anyio
 import msgspec
 
 from fastcheckpoint._config import RetryPolicy
 from fastcheckpoint.errors import (
+    CheckpointError,
     CheckpointNotFound,
     ConfigurationError,
     ConflictError,
+    CorruptCheckpointError,
     SequenceConflict,
     StoreError,
     ValidationError,
 )
 from fastcheckpoint.stores import _s3_layout as layout
-from fastcheckpoint.stores._aws import AwsEndpoint, error_code, open_client, translate
+from fastcheckpoint.stores._aws import AwsEndpoint, open_client
 from fastcheckpoint.stores._base import (
     EMPTY_RUN,
     CheckpointHeader,
+    ExpiryCleanup,
     Item,
+    RunDamage,
     RunRecord,
     StoredCheckpoint,
     check_keep_latest,
+    check_options,
     is_live,
 )
-from fastcheckpoint.stores._s3_io import PAGE, Bucket, Listed, gather, pair
+from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop
+from fastcheckpoint.stores._s3_io import PAGE, UNCHANGED, Bucket, Listed, Unchanged, gather, pair
 from fastcheckpoint.stores._s3_layout import ItemMeta, Listing, RunState, Slot
+from fastcheckpoint.stores._s3_provision import provision_bucket
 
 if TYPE_CHECKING:
     from aiobotocore.session import AioSession
@@ -73,11 +92,12 @@ if TYPE_CHECKING:
 __all__ = ["S3CheckpointStore", "S3Store", "lifecycle_rules"]
 
 logger = logging.getLogger("fastcheckpoint.stores.s3")
+_T = TypeVar("_T")
 
 CREATION_GRACE_SECONDS = 60.0
-"""A run object without any checkpoint is a run being created for this long (its creator
-writes the first slot right after); later it is a crash leftover that appends and purging
-replace."""
+"""A run object without any checkpoint is a run being created: the next first append joins
+it at once (whether its creator is still writing or crashed). The cleanup loop leaves it
+alone for this long, then removes it as a crash leftover."""
 _RUN_CACHE = 1024
 """Runs this process keeps knowledge of (run object, log, owned items), least recently used
 first out; a forgotten run costs one LIST on its next append."""
@@ -85,6 +105,12 @@ _LOG_SPARE = 256
 """Checkpoints a log keeps beyond ``keep_latest`` (all of an unpruned run's, up to this): what
 bounds its memory. Older ones are forgotten; only the cleanup loop then removes them on expiry."""
 _URL_OPTIONS = frozenset({"region", "endpoint_url"})
+_KEYWORD_OPTIONS = frozenset({"client", "session"})
+_TOKEN_BYTES = 8
+_FLOOR_RACES = 3
+"""Tries of a status change whose compare-and-set loses to writers raising the floor."""
+_STORE = "S3Store"
+_DRIVER = "aiobotocore"
 
 
 def lifecycle_rules(prefix: str = "", *, backstop_days: int | None = None) -> list[dict[str, Any]]:
@@ -159,6 +185,10 @@ class _Run:
     state: RunState | None
     etag: str | None
     listed: _Listed
+    damage: CorruptCheckpointError | None = None
+    """Set when the run object cannot be decoded: ``state`` is then made up from the log
+    (the newest checkpoint's incarnation, status active) so that readers still find the
+    intact checkpoints; writers refuse with this error."""
     held: list[_SlotView] = field(default_factory=list)  # ascending
     tombstones: list[_SlotView] = field(default_factory=list)
     orphans: list[_SlotView] = field(default_factory=list)  # other incarnations, bare markers
@@ -174,6 +204,18 @@ class _Run:
                 self.tombstones.append(view)
             else:
                 self.held.append(view)
+
+    @classmethod
+    def damaged(cls, listed: _Listed, damage: CorruptCheckpointError) -> _Run:
+        """The run as its log shows it, when its run object cannot be read: the incarnation
+        of the newest checkpoint (tombstones and seals may be an ended run's)."""
+        views = [view for view in listed.slots.values()
+                 if view.slot_etag is not None and view.listing is not None and view.kind != "t"]
+        if not views:
+            return cls(None, listed.run_etag, listed, damage)
+        newest = max(views, key=lambda view: (_listing(view).appended_at, view.sequence))
+        state = RunState("", _listing(newest).incarnation, "active", 0.0, 0.0, 0, b"")
+        return cls(state, listed.run_etag, listed, damage)
 
     @property
     def latest_sequence(self) -> int:
@@ -192,13 +234,17 @@ class _Run:
     def live(self, now: float) -> bool:
         return self.state is not None and bool(self.held) and is_live(self.expires_at, now)
 
-    def being_created(self, now: float) -> bool:
-        """A run object whose creator has not written the first slot yet (within the grace)."""
+    def being_created(self) -> bool:
+        """A run object without any checkpoint of its own: its creator has not written the
+        first slot yet, or crashed before it did. The next first append joins it."""
+        return self.state is not None and not self.held and not self.tombstones
+
+    def abandoned(self, now: float) -> bool:
+        """Being created for longer than any creator takes: a crash leftover to purge."""
         return (
-            self.state is not None
-            and not self.held
-            and not self.tombstones
-            and now - self.state.updated_at < CREATION_GRACE_SECONDS
+            self.being_created()
+            and self.state is not None
+            and now - self.state.updated_at >= CREATION_GRACE_SECONDS
         )
 
     def record(self) -> RunRecord:
@@ -223,14 +269,13 @@ class _Run:
         )
 
     def conflict(self, now: float) -> SequenceConflict:
-        if self.live(now):
-            assert self.state is not None
+        """What the manager must propose next: the live run's next sequence; sequence 0 in
+        the incarnation of a run being created (``latest_sequence`` -1: joining it); else a
+        new run."""
+        if self.state is not None and (self.live(now) or self.being_created()):
             return SequenceConflict(
                 latest_sequence=self.latest_sequence, incarnation=self.state.incarnation
             )
-        if self.being_created(now):
-            assert self.state is not None
-            return SequenceConflict(latest_sequence=0, incarnation=self.state.incarnation)
         return SequenceConflict(latest_sequence=None, incarnation=None)
 
 
@@ -249,8 +294,8 @@ class _Log:
     Every checkpoint of the run with ``sequence >= known_from`` is in ``held`` (ascending);
     older ones are unknown unless ``known_from == 0``. Built from a listing, then kept up to
     date by this process's own appends and deletes. It goes stale when another process
-    writes the run: the create-only slot PUT catches that (see "Stale knowledge" in
-    ``docs/stores/s3.md``).
+    writes the run: the create-only slot PUT and the check of the run object sent with it
+    catch that (see "Stale knowledge" in ``docs/stores/s3.md``).
     """
 
     latest: int  # held or tombstone, -1 for none
@@ -302,12 +347,14 @@ class _Cached:
 def _accepts(cached: _Cached, sequence: int, incarnation: str, now: float) -> bool:
     """Whether this process's knowledge admits the append without a LIST: it follows the
     latest sequence known, of the incarnation known, and a known checkpoint is live (so the
-    run is). The create-only PUT of the slot still decides against other writers."""
+    run is). The create-only PUT of the slot still decides against other writers, and the
+    run object read with it against a deleted or restarted run."""
     log, state = cached.log, cached.state
     return (
         log is not None
         and state is not None
         and sequence == log.latest + 1
+        and sequence >= state.floor
         and incarnation == state.incarnation
         and log.live(now)
     )
@@ -351,7 +398,7 @@ def _marker_of(
     """The marker of a checkpoint, key and body: a function of the slot alone, so whoever
     finds a slot without its marker writes exactly the marker its writer would have."""
     if kind == "t":
-        short = msgspec.structs.replace(listing, header=None)
+        short = msgspec.structs.replace(listing, header=None, token=b"")
         return layout.marker_key(run_key, sequence, "t", short), b""
     key = layout.marker_key(run_key, sequence, "m", listing)
     if len((prefix + key).encode("utf-8")) <= layout.MAX_KEY_BYTES:
@@ -367,6 +414,11 @@ def _owned_of(run_key: str, cached: _Cached, owners: Iterable[int]) -> list[str]
         for hex_key, marker in cached.owned.get(owner, {}).items():
             keys += [marker, layout.item_object(run_key, hex_key)]
     return keys
+
+
+def _listing_of(slot: Slot) -> Listing:
+    return Listing(slot.incarnation, slot.checkpoint_id, slot.created_at, slot.expires_at,
+                   slot.appended_at, slot.header, slot.token)
 
 
 def _listing(view: _SlotView) -> Listing:
@@ -417,13 +469,27 @@ def _parse_slot_key(listed: _Listed, entry: Listed, rest: str) -> None:
 # -- the store ------------------------------------------------------------------------------------
 
 
-class S3Store:
+@dataclass
+class _Built:
+    """A client the store created for one event loop, with what closes it."""
+
+    io: Bucket
+    stack: contextlib.AsyncExitStack
+
+
+class S3Store(ExpiryCleanup):
     """Checkpoints in an S3 bucket (or an S3-compatible service) under a key prefix.
 
     Build it from a URL (``s3://bucket/prefix?region=...&endpoint_url=...``), from an
-    aiobotocore ``session`` (the store then creates, owns and closes its client), or around
+    aiobotocore ``session`` (the store then creates, owns and closes its clients), or around
     an existing ``client``, which it never closes and whose retry configuration it leaves
-    alone. ``retry`` configures the client the store creates.
+    alone. ``retry`` configures the clients the store creates.
+
+    Runs on asyncio only (aiobotocore needs it); on trio every call raises
+    :class:`ConfigurationError` before sending anything. A store that creates its clients
+    creates one per event loop, so one store serves several ``asyncio.run()`` calls; a
+    ``client`` passed in belongs to the loop it was first used in, and a call from another
+    loop raises :class:`ConfigurationError` before sending anything.
     """
 
     def __init__(
@@ -441,15 +507,18 @@ class S3Store:
             raise ConfigurationError(f"S3 bucket must be a bucket name, got {bucket!r}")
         self._bucket_name = bucket
         self._prefix = _normalized_prefix(prefix)
-        self._given = client
         self._session = session
         self._endpoint = AwsEndpoint.from_query(
             {"region": region or "", "endpoint_url": endpoint_url or ""}
         )
         self._retry = retry if retry is not None else RetryPolicy()
-        self._stack = contextlib.AsyncExitStack()
-        self._io: Bucket | None = None if client is None else Bucket(client, bucket, self._prefix)
-        self._opening = anyio.Lock()
+        self._given: Bucket | None = None if client is None else Bucket(
+            client, bucket, self._prefix)
+        self._given_loop = GivenClientLoop(
+            _STORE, _DRIVER, "Create the client in this loop, or let the store create its own "
+            "(open_store(url) or S3Store(bucket, session=...)): it creates one per event loop")
+        self._built: PerLoop[_Built] = PerLoop(
+            self._build, _close_built, store=_STORE, driver=_DRIVER)
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
 
     @classmethod
@@ -463,14 +532,8 @@ class S3Store:
                 f"expected s3://bucket/prefix?region=...&endpoint_url=..., got {url!r}"
             )
         query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        unknown = sorted(set(query) - _URL_OPTIONS)
-        if unknown:
-            raise ConfigurationError(
-                f"unknown s3:// URL options {unknown} in {url!r}; known: {sorted(_URL_OPTIONS)}"
-            )
-        extra = sorted(set(options) - {"client", "session"})
-        if extra:
-            raise ConfigurationError(f"S3Store.from_url takes client= or session=, got {extra}")
+        check_options("the s3:// store URL", query, _URL_OPTIONS)
+        check_options("S3Store.from_url", options, _KEYWORD_OPTIONS)
         return cls(
             parts.netloc,
             parts.path.lstrip("/"),
@@ -490,73 +553,41 @@ class S3Store:
         return self._prefix
 
     async def client(self) -> S3Client:
-        """The client in use (created on first use unless one was given)."""
+        """The client in use in this event loop (created on first use unless one was given)."""
         return (await self._objects()).client
 
     async def _objects(self) -> Bucket:
-        if self._io is not None:
-            return self._io
-        async with self._opening:
-            if self._io is None:
-                client = await open_client(
-                    self._stack, "s3", self._endpoint, self._retry, session=self._session
-                )
-                self._io = Bucket(client, self._bucket_name, self._prefix)
-        return self._io
+        if self._given is None:
+            return (await self._built.get()).io
+        self._given_loop.check()
+        return self._given
+
+    async def _build(self) -> _Built:
+        stack = contextlib.AsyncExitStack()
+        client = await open_client(
+            stack, "s3", self._endpoint, self._retry, session=self._session
+        )
+        return _Built(Bucket(client, self._bucket_name, self._prefix), stack)
 
     async def aclose(self) -> None:
-        if self._given is None:
-            self._io = None
-        await self._stack.aclose()
+        await self._built.aclose()
 
     # -- provisioning -----------------------------------------------------------------------
 
-    async def provision(self, *, backstop_days: int | None = None) -> None:
-        """Create the bucket if needed, with versioning, AES256 default encryption and the
-        lifecycle rules of :func:`lifecycle_rules`. Idempotent; rules of others are kept."""
+    async def provision(self, *, backstop_days: int | None = None) -> list[str]:
+        """Create what is missing: the bucket, versioning, AES256 default encryption (a
+        bucket's own default encryption is kept) and the lifecycle rules of
+        :func:`lifecycle_rules` (rules of others are kept). Idempotent.
+
+        Returns one line per thing checked, saying what was done: ``"created ..."``,
+        ``"enabled ..."``, ``"updated ..."`` (a rule of ours with other settings),
+        ``"removed ..."`` (the backstop rule, when ``backstop_days`` is no longer given) or
+        ``"found ..."`` (in place already).
+        """
         io = await self._objects()
-        client, bucket = io.client, self._bucket_name
         rules = lifecycle_rules(self._prefix, backstop_days=backstop_days)
-        try:
-            await self._create_bucket(client)
-            await client.put_bucket_versioning(
-                Bucket=bucket, VersioningConfiguration={"Status": "Enabled"}
-            )
-            await client.put_bucket_encryption(
-                Bucket=bucket,
-                ServerSideEncryptionConfiguration={
-                    "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
-                },
-            )
-            ours = {rule["ID"] for rule in rules} | {"fastcheckpoint-backstop"}
-            kept = [rule for rule in await self._lifecycle(client) if rule.get("ID") not in ours]
-            await client.put_bucket_lifecycle_configuration(
-                Bucket=bucket, LifecycleConfiguration={"Rules": cast(Any, [*kept, *rules])}
-            )
-        except Exception as exc:
-            if isinstance(exc, StoreError | ConfigurationError):
-                raise
-            raise translate(exc, f"provisioning s3://{bucket}") from exc
-
-    async def _create_bucket(self, client: S3Client) -> None:
-        params: dict[str, Any] = {"Bucket": self._bucket_name}
-        region = client.meta.region_name
-        if region and region != "us-east-1":
-            params["CreateBucketConfiguration"] = {"LocationConstraint": region}
-        try:
-            await client.create_bucket(**params)
-        except Exception as exc:
-            if error_code(exc) not in ("BucketAlreadyOwnedByYou",):
-                raise
-
-    async def _lifecycle(self, client: S3Client) -> list[dict[str, Any]]:
-        try:
-            response = await client.get_bucket_lifecycle_configuration(Bucket=self._bucket_name)
-        except Exception as exc:
-            if error_code(exc) == "NoSuchLifecycleConfiguration":
-                return []
-            raise
-        return [dict(rule) for rule in response.get("Rules", [])]
+        return await provision_bucket(
+            io.client, self._bucket_name, rules, retired={"fastcheckpoint-backstop"})
 
     # -- what this process knows of runs -------------------------------------------------------
 
@@ -582,7 +613,7 @@ class S3Store:
 
     def _adopt(self, run_key: str, current: _Run, known_from: int) -> None:
         """Take what a listing showed as this process's knowledge of the run's log."""
-        if current.state is None or current.etag is None:
+        if current.state is None or current.etag is None or current.damage is not None:
             self._forget(run_key)
             return
         # The pair (ETag, state) is consistent even if older than the cache's: re-set it, as
@@ -695,10 +726,15 @@ class S3Store:
         bare = [view for view in listed.slots.values()
                 if view.slot_etag is not None and view.listing is None]
         state, _ = await pair(
-            functools.partial(self._state, io, run_key, listed.run_etag),
+            functools.partial(_damage_as_value, self._state, io, run_key, listed.run_etag),
             functools.partial(gather, [functools.partial(self._read_bare, io, run_key, view)
                                        for view in bare]),
         )
+        if isinstance(state, CorruptCheckpointError):
+            logger.warning("run object %s is damaged (%s): its checkpoints are read as active "
+                           "and it refuses changes until it is rebuilt (rebuild_run)",
+                           state.key, state)
+            return _Run.damaged(listed, state)
         return _Run(None if state is None else state[0], None if state is None else state[1],
                     listed)
 
@@ -710,10 +746,10 @@ class S3Store:
         if found is None:
             view.slot_etag = None
             return
-        slot = layout.decode_slot(found[0], io.where(key))
+        slot = layout.decode_slot(found[0], io.where(key), run_key=run_key,
+                                  sequence=view.sequence)
         view.kind = "t" if slot.tombstone else "m"
-        view.listing = Listing(slot.incarnation, slot.checkpoint_id, slot.created_at,
-                               slot.expires_at, slot.appended_at, slot.header)
+        view.listing = _listing_of(slot)
         view.marker = _marker_of(io.prefix, run_key, view.sequence, view.kind, view.listing)[0]
         view.missing = True
 
@@ -744,23 +780,125 @@ class S3Store:
         cached = self._cache.get(run_key)
         if cached is None or not _accepts(cached, record.sequence, run.incarnation, now):
             cached = await self._prepare(io, run_key, record, run, keep_latest, now)
-        state, log = cached.state, cached.log
+        state, log, etag = cached.state, cached.log, cached.etag
         assert state is not None
         assert log is not None
+        assert etag is not None
         slot = Slot(state.incarnation, record.sequence, record.checkpoint_id, record.created_at,
-                    record.expires_at, now, record.header, record.payload)
-        key = layout.slot_key(run_key, slot.sequence)
-        # The commit, and the only check against other writers: create-only at the sequence.
-        if await io.put(key, layout.encode(slot), if_none_match=True) is None:
-            await self._taken(io, run_key, slot, keep_latest, now)
+                    record.expires_at, now, record.header, record.payload,
+                    token=secrets.token_bytes(_TOKEN_BYTES), run_key=run_key)
+        # The commit (create-only at the sequence: the check against other writers) and, in
+        # the same round trip, the check against the run: is its object still the one this
+        # process knows? An unchanged one costs a 304 without a body.
+        slot_etag, seen = await pair(
+            functools.partial(self._commit, io, run_key, slot, keep_latest, now),
+            functools.partial(_error_as_value, io.get_if_changed, layout.run_object(run_key),
+                              etag),
+        )
+        status = await self._confirm(io, run_key, slot, slot_etag, seen, state, keep_latest, now)
+        # Pruning only now: keys this process knows may belong to a newer run if the run
+        # was started over, and the check above has just ruled that out.
         entry, _ = await pair(
             functools.partial(self._write_marker, io, run_key, slot),
             functools.partial(self._prune, io, run_key, cached, log, slot, keep_latest, now),
         )
         log.latest = max(log.latest, slot.sequence)
+        log.garbage.pop(slot.sequence, None)  # a leftover our slot replaced: its key is ours now
         log.add(slot.sequence, entry)
         log.trim(_LOG_SPARE + (keep_latest or 0))
-        return state.status
+        return status
+
+    async def _commit(
+        self, io: Bucket, run_key: str, slot: Slot, keep_latest: int | None, now: float
+    ) -> str:
+        """Write the slot create-only; its ETag, or ``SequenceConflict`` (see :meth:`_taken`)."""
+        key = layout.slot_key(run_key, slot.sequence)
+        try:
+            written = await io.put(key, layout.encode(slot), if_none_match=True)
+        except StoreError:
+            # Applied or not: a reply lost and every retry refused leaves it unknown. The
+            # create fails, so it must not leave a checkpoint a retrying caller would repeat.
+            await self._withdraw(io, run_key, slot)
+            raise
+        if written is not None:
+            return written
+        return await self._taken(io, run_key, slot, keep_latest, now)
+
+    async def _ours(self, io: Bucket, run_key: str, slot: Slot) -> str | None:
+        """The ETag of ``slot``'s key if it holds this very write (its token): a write that
+        was applied although its reply was lost, found by the retry's 412."""
+        key = layout.slot_key(run_key, slot.sequence)
+        found = await io.get(key)
+        if found is None:
+            return None
+        try:
+            stored = layout.decode_slot(found[0], io.where(key), run_key=run_key,
+                                        sequence=slot.sequence)
+        except CorruptCheckpointError:
+            return None  # not ours: ours decodes
+        return found[1] if stored.token == slot.token else None
+
+    async def _withdraw(
+        self, io: Bucket, run_key: str, slot: Slot, etag: str | None = None
+    ) -> None:
+        """Best effort, for a create that fails: remove its slot if it was written (``etag``
+        if known). Unless another writer appended after it meanwhile: then the slot is part
+        of the run's history, and removing it would leave a gap."""
+        key = layout.slot_key(run_key, slot.sequence)
+        try:
+            ours = etag if etag is not None else await self._ours(io, run_key, slot)
+            if ours is None:
+                return  # never written
+            if not await io.list(layout.slot_key(run_key, slot.sequence + 1), limit=1):
+                await io.delete_if(key, ours)
+                return
+            why = "another writer appended after it"
+        except CheckpointError as exc:
+            why = str(exc)
+        logger.warning("a failed create left checkpoint %s behind at %s: %s",
+                       slot.checkpoint_id, io.where(key), why)
+
+    async def _confirm(
+        self,
+        io: Bucket,
+        run_key: str,
+        slot: Slot,
+        slot_etag: str,
+        seen: tuple[bytes, str] | Unchanged | CheckpointError | None,
+        state: RunState,
+        keep_latest: int | None,
+        now: float,
+    ) -> str:
+        """Accept the committed slot if the run object (``seen`` in the commit's round trip)
+        is still of the slot's incarnation, with the slot at or above its floor, and return
+        the run's status; otherwise take the slot back and refuse: an acknowledged
+        checkpoint is always one readers find, at a sequence never handed out before."""
+        current: RunState | None = state
+        if isinstance(seen, CheckpointError):
+            # Unchecked: a create that fails leaves no checkpoint behind (if it can).
+            await self._withdraw(io, run_key, slot, slot_etag)
+            raise seen
+        if seen is None:
+            current = None
+        elif seen is not UNCHANGED:
+            try:
+                current = layout.decode_run(seen[0], io.where(layout.run_object(run_key)))
+            except CorruptCheckpointError:
+                await self._withdraw(io, run_key, slot, slot_etag)
+                raise
+            self._remember(run_key, seen[1], current)  # the LIST below need not read it again
+        if (
+            current is not None
+            and current.incarnation == slot.incarnation
+            and slot.sequence >= current.floor
+        ):
+            return current.status  # at most its status, data or floor changed
+        # Deleted, or deleted and started over, since this process last read it; or another
+        # process pruned past what this one knew, and the slot's key had been freed.
+        await _take_back(io, run_key, slot, slot_etag)
+        run, known_from = await self._head(io, run_key, live_wanted=keep_latest or 1, now=now)
+        self._adopt(run_key, run, known_from)
+        raise run.conflict(now)
 
     async def _prepare(
         self,
@@ -772,18 +910,27 @@ class S3Store:
         now: float,
     ) -> _Cached:
         """What this process knows does not admit the append: list the run's head, then
-        accept, refuse (``SequenceConflict``) or start the run over."""
+        accept, refuse (``SequenceConflict``), join a run being created, or start the run
+        over."""
         current, known_from = await self._head(io, run_key, live_wanted=keep_latest or 1, now=now)
+        if current.damage is not None:
+            raise current.damage
         self._adopt(run_key, current, known_from)
         sequence = record.sequence
+        mine = current.state is not None and seed.incarnation == current.state.incarnation
         if current.live(now):
-            assert current.state is not None
-            if sequence != current.latest_sequence + 1 or (
-                seed.incarnation != current.state.incarnation
-            ):
+            if sequence != current.latest_sequence + 1 or not mine:
                 raise current.conflict(now)
             return self._cached(run_key)
-        if current.being_created(now) or sequence != 0:
+        if current.being_created():
+            # Its creator may have crashed before the first slot: whoever comes next writes
+            # that slot in the creator's incarnation (and the index entries it may lack), at
+            # once. If the creator is alive, the slot's create-only PUT decides between them.
+            if sequence != 0 or not mine:
+                raise current.conflict(now)
+            await self._join(io, run_key, current, now)
+            return self._cached(run_key)
+        if sequence != 0:
             raise current.conflict(now)
         # A dead or absent run: _head listed all of it, leftovers included.
         state, etag = await self._start_over(io, run_key, current, seed, now)
@@ -793,6 +940,21 @@ class S3Store:
         cached.owned = {}
         return cached
 
+    async def _join(self, io: Bucket, run_key: str, current: _Run, now: float) -> None:
+        """Finish a run's creation for its creator: write the index entries it may lack, and
+        touch the run object (compare-and-set ``updated_at``), so that a cleanup worker that
+        judged the creation abandoned cannot remove it under this append."""
+        assert current.state is not None
+        assert current.etag is not None
+        touched = msgspec.structs.replace(current.state, updated_at=now)
+        etag = await io.put(layout.run_object(run_key), layout.encode(touched),
+                            if_match=current.etag)
+        if etag is None:
+            raise (await self._load(io, run_key)).conflict(now)
+        self._remember(run_key, etag, touched)
+        await gather([functools.partial(io.put, key, b"")
+                      for key in layout.index_keys(run_key, touched)])
+
     async def _start_over(
         self, io: Bucket, run_key: str, current: _Run, seed: RunRecord, now: float
     ) -> tuple[RunState, str]:
@@ -800,38 +962,75 @@ class S3Store:
         leftovers of the previous run (checkpoints, owned items, index entries)."""
         state = RunState(seed.run_id, seed.incarnation, layout.check_status(seed.status),
                          seed.created_at, now, seed.version, seed.data)
+        if current.state is not None and not await self._seal(io, run_key, current, now):
+            raise (await self._load(io, run_key)).conflict(now)  # it lives again
         key = layout.run_object(run_key)
         etag = await io.put(key, layout.encode(state), if_none_match=current.etag is None,
                             if_match=current.etag)
         if etag is None:
+            etag = await self._written(io, run_key, state)
+        if etag is None:
             raise (await self._load(io, run_key)).conflict(now)
         self._remember(run_key, etag, state)
-        leftovers = [key for view in current.listed.slots.values()
-                     for key in _keys_of(run_key, view)]
+        views = [view for view in current.listed.slots.values() if not _fresh_seal(view, now)]
+        leftovers = [key for view in views for key in _marker_keys_of(view)]
         leftovers += current.listed.stray
         owned = [marker for marker in current.listed.item_markers if marker.meta.owner is not None]
         leftovers += [marker.key for marker in owned]
         leftovers += [layout.item_object(run_key, marker.hex_key) for marker in owned]
         if current.state is not None:
             leftovers += layout.index_keys(run_key, current.state)
-        if leftovers:
-            await io.delete(leftovers)
-        await gather([functools.partial(io.put, key, b"")
-                      for key in layout.index_keys(run_key, state)])
+        await pair(
+            functools.partial(_delete_leftovers, io, run_key, views, leftovers),
+            functools.partial(gather, [functools.partial(io.put, key, b"")
+                                       for key in layout.index_keys(run_key, state)]),
+        )
         return state, etag
+
+    async def _seal(self, io: Bucket, run_key: str, current: _Run, now: float) -> bool:
+        """Before a dead run is started over or purged: claim the sequence after its last
+        one, create-only, with an empty tombstone (a *seal*). Whether the run is dead was
+        judged from a listing; a process that does not know it died (its checkpoints were
+        deleted or expired by others) may be appending right now, at exactly that sequence
+        (every lower key it could propose is taken). Whichever PUT lands first wins: that
+        append is refused (412), or the seal is, and the run, alive again, is left alone.
+        False when the seal was refused.
+
+        The seal stays: an append's upload may land long after it was sent. The new run's
+        writers replace it when they reach its sequence; the cleanup loop removes it once it
+        is below the new run's head, or a while after the run was purged."""
+        assert current.state is not None
+        sequence = current.latest_sequence + 1
+        seal = Slot(current.state.incarnation, sequence, "", now, None, now, b"", b"",
+                    tombstone=True, token=secrets.token_bytes(_TOKEN_BYTES), run_key=run_key)
+        if await io.put(layout.slot_key(run_key, sequence), layout.encode(seal),
+                        if_none_match=True) is None:
+            return False
+        await self._put_marker(io, run_key, sequence, "t", _listing_of(seal))
+        return True
 
     async def _taken(
         self, io: Bucket, run_key: str, slot: Slot, keep_latest: int | None, now: float
-    ) -> None:
-        """The slot's key is taken. A leftover of another incarnation (a writer of a run that
-        ended) is replaced with ``IfMatch``; otherwise another writer got the sequence: raise
-        the conflict, after writing any marker a writer left out (safe: a marker is a
-        function of its slot) and learning the run's head for the retry."""
+    ) -> str:
+        """The slot's key is taken. By this very write (its reply was lost, the retry got
+        412): the slot carries our token, so it is ours. By a leftover of another
+        incarnation (a writer of a run that ended): replaced with ``IfMatch``. Otherwise
+        another writer got the sequence: raise the conflict, after writing any marker a
+        writer left out (safe: a marker is a function of its slot) and learning the run's
+        head for the retry. Returns the ETag of our slot."""
         current, known_from = await self._head(io, run_key, live_wanted=keep_latest or 1, now=now)
         await self._heal(io, run_key, current)
         occupant = current.listed.slots.get(slot.sequence)
+        if occupant is None or occupant.slot_etag is None:
+            # Not in the head: others appended above it meanwhile, so read it to tell.
+            ours = await self._ours(io, run_key, slot)
+            if ours is not None:
+                return ours
+        elif occupant.listing is not None and occupant.listing.token == slot.token:
+            return occupant.slot_etag
         if (
-            (current.live(now) or current.being_created(now))
+            (current.live(now) or current.being_created())
+            and current.damage is None
             and current.state is not None
             and current.state.incarnation == slot.incarnation
             and current.latest_sequence + 1 == slot.sequence
@@ -841,11 +1040,14 @@ class S3Store:
             and occupant.listing.incarnation != slot.incarnation
         ):
             key = layout.slot_key(run_key, slot.sequence)
-            if await io.put(key, layout.encode(slot), if_match=occupant.slot_etag) is not None:
+            etag = await io.put(key, layout.encode(slot), if_match=occupant.slot_etag)
+            if etag is None:  # replaced by another writer, or by this one (a lost reply)
+                etag = await self._ours(io, run_key, slot)
+            if etag is not None:
                 stale = [stale for stale in _keys_of(run_key, occupant) if stale != key]
                 if stale:
                     await io.delete(stale)
-                return
+                return etag
             current, known_from = await self._head(
                 io, run_key, live_wanted=keep_latest or 1, now=now
             )
@@ -868,16 +1070,14 @@ class S3Store:
         key, body = _marker_of(io.prefix, run_key, sequence, kind, listing)
         try:
             await io.put(key, body)
-        except StoreError:
+        except CheckpointError:
             # The slot is the commit and is readable; listings fall back to reading it.
             logger.warning("checkpoint %s committed without its listing marker %s",
                            listing.checkpoint_id, io.where(key), exc_info=True)
         return key
 
     async def _write_marker(self, io: Bucket, run_key: str, slot: Slot) -> _Entry:
-        listing = Listing(slot.incarnation, slot.checkpoint_id, slot.created_at, slot.expires_at,
-                          slot.appended_at, slot.header)
-        marker = await self._put_marker(io, run_key, slot.sequence, "m", listing)
+        marker = await self._put_marker(io, run_key, slot.sequence, "m", _listing_of(slot))
         return _Entry(slot.expires_at, [layout.slot_key(run_key, slot.sequence), marker])
 
     async def _prune(
@@ -916,19 +1116,26 @@ class S3Store:
         keys = [key for sequence in doomed for key in log.held[sequence].keys]
         keys += [key for sequence in garbage for key in log.garbage[sequence]]
         keys += _owned_of(run_key, cached, doomed)
+        opened = max((*doomed, *garbage), default=-1)  # the highest slot key deleted
         additions: dict[int, _Entry] = {}
-        if keep_latest is not None and log.known_from > 0:
-            older, additions = await self._older(io, run_key, cached, log, need, now)
-            keys += older
-        if keys:
-            try:
-                await io.delete(keys)
-            except StoreError:
-                # Committed already: the next append prunes what this one could not.
-                logger.warning("pruning run %s failed", run_key, exc_info=True)
+        try:
+            if keep_latest is not None and log.known_from > 0:
+                older, additions = await self._older(io, run_key, cached, log, need, now)
+                keys += older
+                opened = max(opened, log.known_from - 1 if older else -1)
+            if keys and not await self._raise_floor(io, run_key, cached, opened, newest + 1):
                 for entry in popped:
                     heapq.heappush(log.expiring, entry)
-                return
+                return  # the run object changed meanwhile: the next append prunes
+            if keys:
+                await io.delete(keys)
+        except CheckpointError:
+            # Committed already, so the append must not fail: the next one prunes what this
+            # one could not.
+            logger.warning("pruning run %s failed", run_key, exc_info=True)
+            for entry in popped:
+                heapq.heappush(log.expiring, entry)
+            return
         for sequence in doomed:
             del log.held[sequence]
             cached.owned.pop(sequence, None)
@@ -936,6 +1143,31 @@ class S3Store:
             del log.garbage[sequence]
         if keep_latest is not None and log.known_from > 0:
             log.merge_older(additions)
+
+    async def _raise_floor(
+        self, io: Bucket, run_key: str, cached: _Cached, opened: int, floor: int
+    ) -> bool:
+        """Before slot keys up to ``opened`` are deleted: make sure the run object's floor is
+        above them (compare-and-set to ``floor``, this process's next sequence, so that this
+        is needed once per ``keep_latest`` + 1 appends). False when the run object changed
+        since this process read it (a status change): the keys must stay for now."""
+        state, etag = cached.state, cached.etag
+        assert state is not None
+        assert etag is not None
+        if opened < state.floor:
+            return True
+        return await self._cas_run(io, run_key, etag, msgspec.structs.replace(state, floor=floor))
+
+    async def _cas_run(self, io: Bucket, run_key: str, etag: str, new: RunState) -> bool:
+        """Compare-and-set the run object from ``etag`` to ``new``; False when another write
+        got there first. Recognises its own write after a lost reply."""
+        written = await io.put(layout.run_object(run_key), layout.encode(new), if_match=etag)
+        if written is None:
+            written = await self._written(io, run_key, new)
+        if written is None:
+            return False
+        self._remember(run_key, written, new)
+        return True
 
     async def _older(
         self, io: Bucket, run_key: str, cached: _Cached, log: _Log, need: int, now: float
@@ -975,16 +1207,18 @@ class S3Store:
         # The run object is read every time (concurrently): the status must be current and
         # a GET cannot check another object's ETag.
         found, state = await pair(
-            functools.partial(io.get, key), functools.partial(self._read_state, io, run_key)
+            functools.partial(io.get, key),
+            functools.partial(_damage_as_value, self._read_state, io, run_key),
         )
         if found is None or state is None:
             return None
-        slot = layout.decode_slot(found[0], io.where(key))
-        if slot.tombstone or slot.incarnation != state[0].incarnation or not is_live(
-            slot.expires_at, now
-        ):
-            return None
-        return self._located(io, run_key, slot), state[0].status
+        if isinstance(state, CorruptCheckpointError):
+            # Which incarnation is current only the log can tell now: its head says.
+            head = (await self._head(io, run_key, live_wanted=1, now=now))[0].state
+            if head is None:
+                return None
+            return self._accept(io, run_key, sequence, found, head, now)
+        return self._accept(io, run_key, sequence, found, state[0], now)
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
         io = await self._objects()
@@ -1003,6 +1237,7 @@ class S3Store:
 
         listed, known_from = await self._scan(io, run_key, first=_page_for(2), enough=found)
         if listed.run_etag is None:
+            self._forget(run_key)  # deleted: what this process knew of it is void
             return None
         # Guess the newest live checkpoint before knowing the incarnation for sure, so the
         # run object (when its ETag changed) and the slot are read at once; check afterwards.
@@ -1012,13 +1247,14 @@ class S3Store:
         ):
             got, state = await pair(
                 functools.partial(io.get, layout.slot_key(run_key, guess.sequence)),
-                functools.partial(self._state, io, run_key, listed.run_etag),
+                functools.partial(_damage_as_value, self._state, io, run_key, listed.run_etag),
             )
             if state is None:
                 return None
-            result = self._accept(io, run_key, guess, got, state[0], now)
-            if result is not None:
-                return result
+            if not isinstance(state, CorruptCheckpointError) and got is not None:
+                result = self._accept(io, run_key, guess.sequence, got, state[0], now)
+                if result is not None:
+                    return result
         result = await self._first_live(io, run_key, await self._resolve(io, run_key, listed), now)
         if result is None and known_from:
             result = await self._first_live(io, run_key, await self._load(io, run_key), now)
@@ -1033,7 +1269,9 @@ class S3Store:
             if not is_live(_listing(view).expires_at, now):
                 continue
             got = await io.get(layout.slot_key(run_key, view.sequence))
-            result = self._accept(io, run_key, view, got, current.state, now)
+            if got is None:
+                continue
+            result = self._accept(io, run_key, view.sequence, got, current.state, now)
             if result is not None:
                 return result
         return None
@@ -1042,14 +1280,14 @@ class S3Store:
         self,
         io: Bucket,
         run_key: str,
-        view: _SlotView,
-        found: tuple[bytes, str] | None,
+        sequence: int,
+        found: tuple[bytes, str],
         state: RunState,
         now: float,
     ) -> tuple[StoredCheckpoint, str] | None:
-        if found is None:
-            return None
-        slot = layout.decode_slot(found[0], io.where(layout.slot_key(run_key, view.sequence)))
+        """The checkpoint in a slot's body, if it is a live one of the run's incarnation."""
+        where = io.where(layout.slot_key(run_key, sequence))
+        slot = layout.decode_slot(found[0], where, run_key=run_key, sequence=sequence)
         if slot.tombstone or slot.incarnation != state.incarnation or not is_live(
             slot.expires_at, now
         ):
@@ -1150,54 +1388,84 @@ class S3Store:
             return False
         io = await self._objects()
         current = await self._load(io, run_key)
+        if current.damage is not None:
+            raise current.damage
         self._adopt(run_key, current, 0)
         view = next((v for v in current.held if v.sequence == sequence), None)
         if view is None or _listing(view).checkpoint_id != checkpoint_id:
             return False
         assert view.slot_etag is not None
         key = layout.slot_key(run_key, sequence)
-        tombstone_keys: list[str] = []
-        if sequence == current.latest_sequence:
-            # The newest keeps its slot as a tombstone: its sequence is never handed out again.
-            listing = msgspec.structs.replace(_listing(view), header=None)
-            tombstone = Slot(listing.incarnation, sequence, listing.checkpoint_id,
-                             listing.created_at, listing.expires_at, listing.appended_at,
-                             b"", b"", tombstone=True)
-            if await io.put(key, layout.encode(tombstone), if_match=view.slot_etag) is None:
-                return False
-            tombstone_keys = [key, await self._put_marker(io, run_key, sequence, "t", listing)]
-        elif not await io.delete_if(key, view.slot_etag):
+        listing = msgspec.structs.replace(_listing(view), header=None, token=b"")
+        if await self._bury(io, run_key, view, listing) is None:
             return False
+        # The tombstone keeps the slot's key taken: a writer whose knowledge of the run is
+        # older than this delete proposes this sequence at most, and must collide. Pruning
+        # removes it later, once the run's floor is above it.
+        tombstone_keys = [key, await self._put_marker(io, run_key, sequence, "t", listing)]
         markers = [view.marker] if view.marker is not None else []
         await io.delete([*markers, *view.extra,
                          *_owned_keys(run_key, current.listed, {sequence})])
         self._discard(run_key, [sequence])
         cached = self._cache.get(run_key)
-        if tombstone_keys and cached is not None and cached.log is not None:
+        if cached is not None and cached.log is not None:
             cached.log.garbage[sequence] = tombstone_keys
         return True
+
+    async def _bury(
+        self, io: Bucket, run_key: str, view: _SlotView, listing: Listing
+    ) -> str | None:
+        """Replace a checkpoint's slot by a tombstone (``IfMatch`` on the slot listed): the
+        removal that decides between concurrent deletes. Returns the tombstone's ETag, or
+        None when another delete won. A tombstone carries a write token, so a delete whose
+        reply was lost recognises its own tombstone when the retry gets 412."""
+        assert view.slot_etag is not None
+        key = layout.slot_key(run_key, view.sequence)
+        token = secrets.token_bytes(_TOKEN_BYTES)
+        tombstone = Slot(listing.incarnation, view.sequence, listing.checkpoint_id,
+                         listing.created_at, listing.expires_at, listing.appended_at, b"", b"",
+                         tombstone=True, token=token, run_key=run_key)
+        etag = await io.put(key, layout.encode(tombstone), if_match=view.slot_etag)
+        if etag is not None:
+            return etag
+        found = await io.get(key)
+        if found is None:
+            return None
+        slot = layout.decode_slot(found[0], io.where(key), run_key=run_key,
+                                  sequence=view.sequence)
+        return found[1] if slot.tombstone and slot.token == token else None
 
     async def delete_run(self, run_key: str) -> int:
         io = await self._objects()
         current = await self._load(io, run_key)
         items = await io.list(layout.items_prefix(run_key))
-        keys = [key for view in current.listed.slots.values() for key in _keys_of(run_key, view)]
+        # The run object first: a crash part way leaves leftovers of a deleted run (which
+        # appends and the cleanup loop remove), never a run that lost some checkpoints.
+        keys = [layout.run_object(run_key)] if current.listed.run_etag is not None else []
+        keys += [key for view in current.listed.slots.values() for key in _keys_of(run_key, view)]
         keys += [marker.key for marker in current.listed.item_markers]
         keys += current.listed.stray + [entry.key for entry in items]
-        if current.state is not None:
-            keys += [layout.run_object(run_key), *layout.index_keys(run_key, current.state)]
-        elif current.listed.run_etag is not None:
-            keys.append(layout.run_object(run_key))
+        if current.damage is not None:
+            keys += await self._index_entries_of(io, run_key)  # the record cannot name them
+        elif current.state is not None:
+            keys += layout.index_keys(run_key, current.state)
         if keys:
             await io.delete(keys)
         self._forget(run_key)
         return len(current.held)
+
+    async def _index_entries_of(self, io: Bucket, run_key: str) -> list[str]:
+        """Every index entry of the run, found by listing the whole index (a repair path)."""
+        return [entry.key for entry in await io.list("index/")
+                if _indexed_run_key(entry.key) == run_key]
 
     # -- runs ---------------------------------------------------------------------------------
 
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
         io = await self._objects()
         current = await self._load(io, run_key)
+        if current.damage is not None:
+            raise current.damage
         self._adopt(run_key, current, 0)
         return current.record() if current.live(now) else None
 
@@ -1214,6 +1482,8 @@ class S3Store:
         layout.check_status(status)
         io = await self._objects()
         current = await self._load(io, run_key)
+        if current.damage is not None:
+            raise current.damage
         self._adopt(run_key, current, 0)
         if not current.live(now):
             raise CheckpointNotFound(f"no live run with key {run_key}")
@@ -1227,17 +1497,44 @@ class S3Store:
             )
         new = msgspec.structs.replace(old, status=status, data=bytes(data), version=version + 1,
                                       updated_at=now)
-        etag = await io.put(layout.run_object(run_key), layout.encode(new),
-                            if_match=current.etag)
-        if etag is None:
-            raise ConflictError(f"run {run_key} changed concurrently; read it again and retry")
-        self._remember(run_key, etag, new)
+        new = await self._change_run(io, run_key, old, current.etag, new)
         if new.status != old.status:
             # The by-status index follows the run object; readers check entries against it.
             await io.put(layout.index_keys(run_key, new)[1], b"")
             await io.delete([layout.index_keys(run_key, old)[1]])
         current.state = new
         return current.record()
+
+    async def _change_run(
+        self, io: Bucket, run_key: str, old: RunState, etag: str, new: RunState
+    ) -> RunState:
+        """Compare-and-set the run object from ``old`` (at ``etag``) to ``new``. A writer
+        raising the floor meanwhile is no conflict: the higher floor is kept, and the write
+        tried again."""
+        key = layout.run_object(run_key)
+        for _ in range(_FLOOR_RACES):
+            written = await io.put(key, layout.encode(new), if_match=etag)
+            if written is not None:
+                self._remember(run_key, written, new)
+                return new
+            found = await _damage_as_value(self._read_state, io, run_key)
+            if not isinstance(found, tuple):
+                break
+            latest, etag = found
+            if latest == new:
+                return new  # applied, its reply lost: the retry found our own write
+            if msgspec.structs.replace(latest, floor=old.floor) != old:
+                break
+            new = msgspec.structs.replace(new, floor=max(new.floor, latest.floor))
+        raise ConflictError(f"run {run_key} changed concurrently; read it again and retry")
+
+    async def _written(self, io: Bucket, run_key: str, state: RunState) -> str | None:
+        """After a failed compare-and-set: the ETag if the run object holds ``state`` anyway
+        (the write was applied, its reply lost, and the retry found its own write)."""
+        found = await _damage_as_value(self._read_state, io, run_key)
+        if isinstance(found, tuple) and found[0] == state:
+            return found[1]
+        return None
 
     async def list_runs(
         self, *, status: str | None, limit: int, cursor: str | None, now: float
@@ -1278,6 +1575,8 @@ class S3Store:
                 return None
             run_key, incarnation = parsed
             current = await self._load(io, run_key)
+            if current.damage is not None:
+                return None  # logged by _resolve
             state = current.state
             if state is None or state.incarnation != incarnation or not current.live(now):
                 return None
@@ -1295,6 +1594,72 @@ class S3Store:
         entries = await io.list(prefix)
         records = await self._indexed(io, entries, prefix, status, now)
         return sum(1 for record in records if record is not None)
+
+    # -- repair ---------------------------------------------------------------------------------
+
+    async def damaged_runs(
+        self, *, run_key: str | None = None, now: float
+    ) -> list[RunDamage]:
+        io = await self._objects()
+        if run_key is not None:
+            groups = [(run_key, await io.list(layout.run_prefix(run_key)))]
+        else:
+            groups = list(_by_run(await io.list("runs/")))
+        found = await gather([functools.partial(self._damage_of, io, key, entries)
+                              for key, entries in groups])
+        return [damage for damage in found if damage is not None]
+
+    async def _damage_of(
+        self, io: Bucket, run_key: str, entries: list[Listed]
+    ) -> RunDamage | None:
+        listed = _parse_run_listing(run_key, entries)
+        if listed.run_etag is None:
+            return None
+        current = await self._resolve(io, run_key, listed)
+        damage = current.damage
+        if damage is None:
+            return None
+        newest = await self._header(io, current.held[-1]) if current.held else None
+        return RunDamage(
+            run_key=run_key,
+            key=damage.key,
+            problem=str(damage).removesuffix(f" (store key: {damage.key})"),
+            checkpoints=len(current.held),
+            newest=newest,
+        )
+
+    async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
+        status = layout.check_status(seed.status)
+        io = await self._objects()
+        current = await self._load(io, run_key)
+        where = io.where(layout.run_object(run_key))
+        if current.damage is None:
+            raise ConflictError(f"the run record {where} is not damaged: nothing to rebuild")
+        if current.state is None or current.etag is None or not current.held:
+            raise CheckpointNotFound(
+                f"the run record {where} is damaged and its log holds no intact checkpoint "
+                "to rebuild it from; delete the run"
+            )
+        oldest = _listing(current.held[0])
+        # Which keys were freed before is lost with the damaged object: none at or above the
+        # next sequence was.
+        state = RunState(seed.run_id, current.state.incarnation, status, oldest.created_at, now,
+                         0, bytes(seed.data), floor=current.latest_sequence + 1)
+        # Compare-and-set over the damaged bytes: a concurrent repair or writer wins alone.
+        etag = await io.put(layout.run_object(run_key), layout.encode(state),
+                            if_match=current.etag)
+        if etag is None:
+            etag = await self._written(io, run_key, state)
+        if etag is None:
+            raise ConflictError(f"the run record {where} changed while it was rebuilt")
+        self._remember(run_key, etag, state)
+        wanted = layout.index_keys(run_key, state)
+        stale = [key for key in await self._index_entries_of(io, run_key) if key not in wanted]
+        await pair(
+            functools.partial(gather, [functools.partial(io.put, key, b"") for key in wanted]),
+            functools.partial(io.delete, stale),
+        )
+        return _Run(state, etag, current.listed).record()
 
     # -- items ----------------------------------------------------------------------------------
 
@@ -1412,13 +1777,17 @@ class S3Store:
                 base + hex_prefix, start_after=None if after is None else base + after
             )
             candidates = [entry.key[len(base):] for entry in listed]
+        # An object whose name is no item key of ours (put there by something else) is skipped.
+        named = {hex_key: layout.item_key_of(hex_key) for hex_key in candidates}
+        candidates = [hex_key for hex_key in candidates if named[hex_key] is not None]
         result: list[tuple[str, bytes]] = []
         for start in range(0, len(candidates), limit):
             chunk = candidates[start : start + limit]
             values = await self._read_items(io, run_key, chunk, now)
             for hex_key, value in zip(chunk, values, strict=True):
-                if value is not None and len(result) < limit:
-                    result.append((layout.item_key_of(hex_key), value))
+                item_key = named[hex_key]
+                if value is not None and item_key is not None and len(result) < limit:
+                    result.append((item_key, value))
             if len(result) >= limit:
                 break
         return result
@@ -1459,9 +1828,14 @@ class S3Store:
             if work >= limit:
                 left = True
                 break
-            checkpoints, things, more = await self._purge_run(
-                io, run_key, listed, now, limit - work
-            )
+            try:
+                checkpoints, things, more = await self._purge_run(
+                    io, run_key, listed, now, limit - work
+                )
+            except CorruptCheckpointError as exc:
+                # One damaged record must not stop the cleanup of every other run.
+                logger.warning("cleanup skipped run %s: %s", run_key, exc)
+                continue
             removed += checkpoints
             work += things
             left = left or more
@@ -1472,10 +1846,12 @@ class S3Store:
     ) -> tuple[int, int, bool]:
         """Purge one run: ``(checkpoints removed, things removed, more left)``."""
         current = await self._resolve(io, run_key, listed)
+        if current.damage is not None:
+            return 0, 0, False  # logged by _resolve; rebuild_run repairs it, then it is purged
         if current.state is not None and not current.live(now):
-            if current.being_created(now):
+            if current.being_created() and not current.abandoned(now):
                 return 0, 0, False
-            return await self._purge_dead_run(io, run_key, current)
+            return await self._purge_dead_run(io, run_key, current, now)
         await self._heal(io, run_key, current)
         removed = 0
         things = 0
@@ -1483,22 +1859,35 @@ class S3Store:
         gone: list[int] = []
         expired = [v for v in current.held if not is_live(_listing(v).expires_at, now)]
         more = len(expired) > budget
-        for view in expired[:budget]:
-            assert view.slot_etag is not None
+        head = current.latest_sequence
+        batch = expired[:budget]
+        # Tombstones below the newest (deleted checkpoints) go too, once the floor allows.
+        buried = [view for view in current.tombstones if view.sequence < head]
+        if not await self._floor_above(io, run_key, current, [*batch, *buried]):
+            # The run object changed since it was listed: only the newest (it stays as a
+            # tombstone) goes now; the next pass removes the others.
+            more = more or len(batch) > 1
+            batch = [view for view in batch if view.sequence == head]
+            buried = []
+        for view in batch:
             things += 1
-            if await io.delete_if(layout.slot_key(run_key, view.sequence), view.slot_etag):
+            if await self._remove_expired(io, run_key, view, newest=view.sequence == head):
                 removed += 1
                 gone.append(view.sequence)
                 keys += [*([view.marker] if view.marker else []), *view.extra]
                 keys += _owned_keys(run_key, listed, {view.sequence})
-        head = current.latest_sequence
         mine = None if current.state is None else current.state.incarnation
-        for view in current.orphans:
-            if current.state is None or view.sequence < head:
-                gone.append(view.sequence)
-                keys += _keys_of(run_key, view)
-                if view.listing is not None and view.listing.incarnation == mine:
-                    keys += _owned_keys(run_key, listed, {view.sequence})
+        orphans = [view for view in current.orphans
+                   if (current.state is None or view.sequence < head)
+                   and not _fresh_seal(view, now)]
+        for view in orphans:
+            gone.append(view.sequence)
+            keys += _marker_keys_of(view)
+            if view.listing is not None and view.listing.incarnation == mine:
+                keys += _owned_keys(run_key, listed, {view.sequence})
+        for view in buried:
+            gone.append(view.sequence)
+            keys += _marker_keys_of(view)
         held = {view.sequence for view in current.held}
         for marker in listed.item_markers:
             owner = marker.meta.owner
@@ -1508,10 +1897,40 @@ class S3Store:
             elif owner is not None and owner < head and owner not in held:
                 # Its owner was pruned by a process that did not know of the item.
                 keys += [marker.key, layout.item_object(run_key, marker.hex_key)]
-        if keys:
-            await io.delete(keys)
+        await _delete_leftovers(io, run_key, [*orphans, *buried], keys)
         self._discard(run_key, gone)
         return removed, things, more
+
+    async def _floor_above(
+        self, io: Bucket, run_key: str, current: _Run, views: Sequence[_SlotView]
+    ) -> bool:
+        """Before the slots of ``views`` are deleted (the newest is never: it is buried):
+        make sure the run's floor is above them. False when the run object changed since
+        it was listed."""
+        head = current.latest_sequence
+        opened = max((view.sequence for view in views if view.sequence != head), default=-1)
+        state, etag = current.state, current.etag
+        if opened < 0 or state is None or opened < state.floor:
+            return True
+        assert etag is not None
+        raised = msgspec.structs.replace(state, floor=head + 1)
+        return await self._cas_run(io, run_key, etag, raised)
+
+    async def _remove_expired(
+        self, io: Bucket, run_key: str, view: _SlotView, *, newest: bool
+    ) -> bool:
+        """Remove an expired checkpoint exactly (``IfMatch`` on the slot listed). The run's
+        newest keeps its slot as a tombstone, as in :meth:`delete`: the run's latest
+        sequence is derived from its slots, so removing it would hand its sequence (and so
+        its checkpoint id) out again."""
+        assert view.slot_etag is not None
+        if not newest:
+            return await io.delete_if(layout.slot_key(run_key, view.sequence), view.slot_etag)
+        listing = msgspec.structs.replace(_listing(view), header=None, token=b"")
+        if await self._bury(io, run_key, view, listing) is None:
+            return False
+        await self._put_marker(io, run_key, view.sequence, "t", listing)
+        return True
 
     def _discard(self, run_key: str, sequences: Iterable[int]) -> None:
         """Checkpoints removed by someone else than an append: drop them from the log."""
@@ -1525,20 +1944,23 @@ class S3Store:
                 cached.log.garbage.pop(sequence, None)
 
     async def _purge_dead_run(
-        self, io: Bucket, run_key: str, current: _Run
+        self, io: Bucket, run_key: str, current: _Run, now: float
     ) -> tuple[int, int, bool]:
         assert current.state is not None
         assert current.etag is not None
+        if not await self._seal(io, run_key, current, now):
+            return 0, 0, False  # an append made it live again since it was listed
         # The conditional delete of the run object elects one purging worker per run.
         if not await io.delete_if(layout.run_object(run_key), current.etag):
             return 0, 0, False
         self._forget(run_key)
         items = await io.list(layout.items_prefix(run_key))
-        keys = [key for view in current.listed.slots.values() for key in _keys_of(run_key, view)]
+        views = list(current.listed.slots.values())
+        keys = [key for view in views for key in _marker_keys_of(view)]
         keys += [marker.key for marker in current.listed.item_markers]
         keys += current.listed.stray + [entry.key for entry in items]
         keys += layout.index_keys(run_key, current.state)
-        await io.delete(keys)
+        await _delete_leftovers(io, run_key, views, keys)
         return len(current.held), len(current.held) + 1, False
 
 
@@ -1555,6 +1977,41 @@ class S3CheckpointStore(S3Store):
 # -- helpers ------------------------------------------------------------------------------------
 
 
+async def _close_built(built: _Built) -> None:
+    await built.stack.aclose()
+
+
+async def _error_as_value(
+    call: Callable[..., Awaitable[_T]], *args: Any
+) -> _T | CheckpointError:
+    """``call(*args)``, with our error returned rather than raised (so that a request sent
+    alongside it is not cancelled half-way)."""
+    try:
+        return await call(*args)
+    except CheckpointError as exc:
+        return exc
+
+
+async def _damage_as_value(
+    read: Callable[..., Awaitable[tuple[RunState, str] | None]], *args: Any
+) -> tuple[RunState, str] | CorruptCheckpointError | None:
+    """A read of the run object, with an undecodable one returned rather than raised."""
+    try:
+        return await read(*args)
+    except CorruptCheckpointError as exc:
+        return exc
+
+
+async def _take_back(io: Bucket, run_key: str, slot: Slot, etag: str) -> None:
+    """Remove a committed slot whose create is refused (best effort: if this fails too, the
+    slot stays, and the failure is logged)."""
+    try:
+        await io.delete_if(layout.slot_key(run_key, slot.sequence), etag)
+    except CheckpointError:
+        logger.warning("a refused create of run %s left checkpoint %s behind", run_key,
+                       slot.checkpoint_id, exc_info=True)
+
+
 def _normalized_prefix(prefix: object) -> str:
     if not isinstance(prefix, str):
         raise ConfigurationError(f"S3 prefix must be a str, got {type(prefix).__name__}")
@@ -1567,6 +2024,35 @@ def _normalized_prefix(prefix: object) -> str:
             "without empty segments ('//')"
         )
     return prefix + "/"
+
+
+async def _delete_leftovers(
+    io: Bucket, run_key: str, views: Sequence[_SlotView], keys: Sequence[str]
+) -> None:
+    """Delete what a run no longer needs: ``keys`` by key, the slots of ``views`` each only
+    if it still has the ETag listed. A slot key is the one key a new incarnation of the run
+    reuses (its writers replace leftovers with ``IfMatch``), so it is never deleted blindly."""
+    slots = [(layout.slot_key(run_key, view.sequence), view.slot_etag)
+             for view in views if view.slot_etag is not None]
+    await pair(
+        functools.partial(gather, [functools.partial(io.delete_if, key, etag)
+                                   for key, etag in slots]),
+        functools.partial(io.delete, keys),
+    )
+
+
+def _indexed_run_key(key: str) -> str | None:
+    """The run key of an index entry (``index/all/...`` or ``index/status/<s>/...``)."""
+    parts = key.split("/")
+    if len(parts) == 5 and parts[1] == "all":
+        return parts[3]
+    if len(parts) == 6 and parts[1] == "status":
+        return parts[4]
+    return None
+
+
+def _marker_keys_of(view: _SlotView) -> list[str]:
+    return ([view.marker] if view.marker is not None else []) + view.extra
 
 
 def _keys_of(run_key: str, view: _SlotView) -> list[str]:
@@ -1598,8 +2084,22 @@ def _newest_live(
     return None
 
 
+def _fresh_seal(view: _SlotView, now: float) -> bool:
+    """A seal (see ``S3Store._seal``) written less than the grace ago: an append it stops
+    may still be on its way."""
+    listing = view.listing
+    return (
+        view.kind == "t"
+        and listing is not None
+        and not listing.checkpoint_id
+        and now - listing.appended_at < CREATION_GRACE_SECONDS
+    )
+
+
 def _may_need_purge(listed: _Listed, now: float) -> bool:
     """From the listing alone: does this run have anything expired, dead or stray?"""
+    if listed.run_etag is None and listed.slots:
+        return True  # leftovers of a deleted run (a delete_run or purge that stopped)
     if any(not is_live(marker.meta.expires_at, now) for marker in listed.item_markers):
         return True
     views = list(listed.slots.values())
@@ -1615,6 +2115,8 @@ def _may_need_purge(listed: _Listed, now: float) -> bool:
     if any(marker.meta.owner is not None and marker.meta.owner < top
            and marker.meta.owner not in slotted for marker in listed.item_markers):
         return True  # items whose owner was pruned by a process that did not know of them
+    if any(view.kind == "t" and view.sequence < top for view in views):
+        return True  # tombstones of deleted checkpoints below the newest
     incarnations = {_listing(view).incarnation for view in views}
     return len(incarnations) > 1 or bool(listed.stray)
 
@@ -1633,6 +2135,8 @@ def _by_run(entries: Sequence[Listed]) -> Iterable[tuple[str, list[Listed]]]:
         group.append(entry)
     if group and current is not None:
         yield current, group
+
+
 
 
 def _check_item(item: object) -> None:

@@ -18,7 +18,7 @@ import pytest
 from fastcheckpoint._config import RetryPolicy
 from fastcheckpoint.errors import ConfigurationError, StoreError, StoreUnavailableError
 from fastcheckpoint.stores._aws import AwsEndpoint, RequestCounter, open_client
-from fastcheckpoint.stores._s3_io import Bucket, gather, pair
+from fastcheckpoint.stores._s3_io import UNCHANGED, Bucket, gather, pair
 from tests.stores._moto import REGION, moto_endpoint, unique_name
 
 __all__ = ["moto_endpoint"]
@@ -121,11 +121,59 @@ async def test_pair_and_gather_keep_the_order_of_their_calls() -> None:
         assert await gather(calls) == list(range(20))
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_pair_and_gather_raise_one_error_not_a_group() -> None:
+    """A failed request among concurrent ones is raised alone, its driver error chained."""
+    async def fails(message: str) -> int:
+        try:
+            raise OSError(message)
+        except OSError as exc:
+            raise StoreError(message) from exc
+
+    async def waits() -> int:
+        await anyio.sleep(10)
+        return 0
+
+    with anyio.fail_after(5):
+        with pytest.raises(StoreError, match="first") as caught:
+            await pair(functools.partial(fails, "first"), waits)
+        assert isinstance(caught.value.__cause__, OSError)
+        with pytest.raises(StoreError, match="failed"):
+            await gather([waits, functools.partial(fails, "failed"), waits])
+        with pytest.raises(KeyError):  # not ours: still one exception, never a group
+            await pair(waits, functools.partial(_raise, KeyError("k")))
+        with anyio.move_on_after(0.01) as scope:  # cancellation passes through unchanged
+            await pair(waits, waits)
+        assert scope.cancelled_caught
+
+
+async def _raise(error: Exception) -> None:
+    raise error
+
+
+async def test_get_if_changed_answers_unchanged_changed_or_missing(bucket: Bucket) -> None:
+    with anyio.fail_after(30):
+        etag = await bucket.put("watched", b"one")
+        assert etag is not None
+        with RequestCounter.attached(bucket.client) as counter:
+            assert await bucket.get_if_changed("watched", etag) is UNCHANGED
+        newer = await bucket.put("watched", b"two")
+        assert await bucket.get_if_changed("watched", etag) == (b"two", newer)
+        assert await bucket.get_if_changed("never", etag) is None
+    assert counter.counts == {"GetObject": 1}
+
+
 async def test_missing_bucket_is_a_configuration_error(moto_endpoint: str) -> None:
+    """Also for reads: a missing bucket is never a missing object."""
     with anyio.fail_after(30):
         async with s3_client(moto_endpoint) as client:
+            absent = Bucket(client, unique_name("absent"), "")
             with pytest.raises(ConfigurationError, match="fastcheckpoint init"):
-                await Bucket(client, unique_name("absent"), "").put("k", b"v")
+                await absent.put("k", b"v")
+            with pytest.raises(ConfigurationError, match="fastcheckpoint init"):
+                await absent.get("k")
+            with pytest.raises(ConfigurationError, match="fastcheckpoint init"):
+                await absent.get_if_changed("k", '"x"')
 
 
 class _SlowDownHandler(http.server.BaseHTTPRequestHandler):

@@ -3,18 +3,21 @@ the FastAgentic alias, provisioning, and the ops kit in ``stores/s3/``."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import http.server
 import json
 import os
+import re
 import secrets
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
@@ -22,14 +25,31 @@ import pytest
 from aiobotocore.session import get_session
 from botocore.config import Config
 
-from fastcheckpoint import Checkpoint, CheckpointConfig, CheckpointManager, CheckpointStatus, _ids
+from fastcheckpoint import (
+    Checkpoint,
+    CheckpointConfig,
+    CheckpointManager,
+    CheckpointStatus,
+    _ids,
+    open_store,
+)
 from fastcheckpoint._config import RetryPolicy
-from fastcheckpoint.errors import ConfigurationError, StoreUnavailableError, ValidationError
+from fastcheckpoint.errors import (
+    ConfigurationError,
+    StoreUnavailableError,
+    ValidationError,
+)
 from fastcheckpoint.stores import CheckpointStore
 from fastcheckpoint.stores import _s3_layout as layout
 from fastcheckpoint.stores._aws import AwsEndpoint, RequestCounter, open_client
 from fastcheckpoint.stores.s3 import S3CheckpointStore, S3Store, lifecycle_rules
-from fastcheckpoint.testing import T0, StoreContract, make_item
+from fastcheckpoint.testing import (
+    T0,
+    DamageRunRecord,
+    RepairContract,
+    StoreContract,
+    make_item,
+)
 from tests.stores._moto import REGION, moto_endpoint, unique_name
 
 __all__ = ["moto_endpoint"]
@@ -37,6 +57,7 @@ __all__ = ["moto_endpoint"]
 pytestmark = pytest.mark.anyio
 
 DEADLINE = 60.0
+_T = TypeVar("_T")
 
 
 @pytest.fixture
@@ -67,7 +88,7 @@ async def raw_client(endpoint_url: str, retry: RetryPolicy | None = None) -> Asy
         yield await open_client(stack, "s3", endpoint, retry or RetryPolicy())
 
 
-class TestS3Store(StoreContract):
+class TestS3Store(StoreContract, RepairContract):
     deadline_seconds = DEADLINE
 
     @pytest.fixture
@@ -78,6 +99,17 @@ class TestS3Store(StoreContract):
         yield store
         with anyio.fail_after(10):
             await store.aclose()
+
+    @pytest.fixture
+    def damage_run_record(self) -> DamageRunRecord:
+        return damage_run_object
+
+async def damage_run_object(store: CheckpointStore, run_key: str) -> None:
+    """Overwrite a run's run object with bytes that do not decode."""
+    assert isinstance(store, S3Store)
+    client = await store.client()
+    await client.put_object(Bucket=store.bucket, Key=store.prefix + layout.run_object(run_key),
+                            Body=b"\x01not a run object")
 
 
 # -- helpers for the S3-specific tests -------------------------------------------------------------
@@ -142,8 +174,12 @@ async def test_long_header_goes_to_the_marker_body(s3_store: S3Store) -> None:
 def test_prefix_and_url_validation() -> None:
     store = S3Store.from_url("s3://bucket/some/prefix/?region=eu-west-1")
     assert (store.bucket, store.prefix) == ("bucket", "some/prefix/")
-    with pytest.raises(ConfigurationError, match="unknown s3:// URL options"):
+    with pytest.raises(ConfigurationError, match=r"unknown option 'regoin'.*did you mean 'region'"):
         S3Store.from_url("s3://bucket/p?regoin=eu-west-1")
+    with pytest.raises(ConfigurationError, match=r"option 'sesion'.*did you mean 'session'"):
+        S3Store.from_url("s3://bucket/p", sesion=None)
+    with pytest.raises(ConfigurationError, match=r"unknown option 'regoin'.*did you mean 'region'"):
+        open_store("s3://bucket/p?region=eu-west-1&regoin=x")
     with pytest.raises(ConfigurationError, match="bucket"):
         S3Store.from_url("s3:///p")
     with pytest.raises(ConfigurationError, match="endpoint_url"):
@@ -166,8 +202,10 @@ async def test_request_counts_per_operation(s3_store: S3Store) -> None:
             await manager.create("counted", {"n": n})
         client = await s3_store.client()
 
+        with RequestCounter.attached(client) as raising:
+            await manager.create("counted", {"n": 3})  # the 4th: the first to prune
         with RequestCounter.attached(client) as create:
-            created = await manager.create("counted", {"n": 3})  # the 4th: prunes the 1st
+            created = await manager.create("counted", {"n": 4})
         with RequestCounter.attached(client) as starting:
             await manager.create("other-run", {"n": 0})
         with RequestCounter.attached(client) as unpruned:
@@ -182,25 +220,29 @@ async def test_request_counts_per_operation(s3_store: S3Store) -> None:
         with RequestCounter.attached(client) as paging:
             older = await manager.list_checkpoints("counted", limit=1, before=created.checkpoint_id)
 
-    # Slot (create-only: the commit) and marker; the pruned checkpoint's two keys in one
-    # DeleteObjects. No LIST: this process wrote the run and knows it.
-    assert create.counts == {"PutObject": 2, "DeleteObjects": 1}
-    assert unpruned.counts == {"PutObject": 2}
+    # Slot (create-only: the commit) with, in the same round trip, a GET of the run object
+    # that answers 304 while it is the one this process knows; then the marker and the
+    # pruned checkpoint's two keys in one DeleteObjects. No LIST: this process wrote the run.
+    assert create.counts == {"PutObject": 2, "GetObject": 1, "DeleteObjects": 1}
+    # Once per max_checkpoints_per_run + 1 creates, pruning first raises the run object's
+    # floor above the keys it deletes (one compare-and-set PUT).
+    assert raising.counts == {"PutObject": 3, "GetObject": 1, "DeleteObjects": 1}
+    assert unpruned.counts == {"PutObject": 2, "GetObject": 1}
     # A run's first create lists the run (to find it absent), takes the run object and
     # writes two index entries besides slot and marker.
-    assert starting.counts == {"ListObjectsV2": 1, "PutObject": 5}
+    assert starting.counts == {"ListObjectsV2": 1, "PutObject": 5, "GetObject": 1}
     assert restore.counts == {"ListObjectsV2": 1, "GetObject": 1}
     assert latest is not None
-    assert latest.state == {"n": 3}
+    assert latest.state == {"n": 4}
     # The slot and the run object (for the run's current status) are read concurrently.
     assert restore_from.counts == {"GetObject": 2}
     assert again is not None
-    assert again.state == {"n": 3}
+    assert again.state == {"n": 4}
     assert listing.counts == {"ListObjectsV2": 1}
-    assert [item.sequence for item in listed] == [3, 2, 1]
+    assert [item.sequence for item in listed] == [4, 3, 2]
     # Below a checkpoint: the slots from there and the run object's ETag, two LISTs at once.
     assert paging.counts == {"ListObjectsV2": 2}
-    assert [item.sequence for item in older] == [2]
+    assert [item.sequence for item in older] == [3]
 
 
 async def _write_directly(
@@ -279,7 +321,7 @@ async def test_costs_do_not_grow_with_the_run(s3_store: S3Store) -> None:
         run = await manager.get_run("long")
 
     assert short == long == {
-        "create": {"PutObject": 2},
+        "create": {"PutObject": 2, "GetObject": 1},
         "restore": {"ListObjectsV2": 1, "GetObject": 1},
         "list": {"ListObjectsV2": 1},
         "page": {"ListObjectsV2": 2},
@@ -315,12 +357,13 @@ async def test_joining_a_long_run_prunes_it_once_then_costs_one_delete(
             await joiner_store.aclose()
 
     # The proposal at 0 conflicts (1 LIST of the head, 1 GET of the run object this process
-    # never read), the retry commits, one LIST of what lies below the known head finds the 37
-    # surplus checkpoints, one DeleteObjects removes them.
+    # never read), the retry commits (with its 304 check), one LIST of what lies below the
+    # known head finds the 37 surplus checkpoints, the run's floor is raised above them (1
+    # PUT) and one DeleteObjects removes them.
     assert joining.counts == {
-        "ListObjectsV2": 2, "GetObject": 1, "PutObject": 2, "DeleteObjects": 1
+        "ListObjectsV2": 2, "GetObject": 2, "PutObject": 3, "DeleteObjects": 1
     }
-    assert steady.counts == {"PutObject": 2, "DeleteObjects": 1}
+    assert steady.counts == {"PutObject": 2, "GetObject": 1, "DeleteObjects": 1}
     assert [item.sequence for item in listed] == [41, 40, 39]
     assert len(found["Contents"]) == 1 + 2 * 3  # the run object, slot and marker of each
 
@@ -352,8 +395,9 @@ async def test_a_lost_race_heals_the_winners_marker_and_reports_the_head(
     assert third.metadata.sequence == 3
     assert marker in {entry["Key"] for entry in after["Contents"]}
     # The slot PUT at 1 fails, one LIST of the head (+ a GET of the marker-less slot 2)
-    # explains why; the marker is written; the retry at 3 commits: slot and marker.
-    assert racing.counts == {"PutObject": 1 + 1 + 2, "ListObjectsV2": 1, "GetObject": 1}
+    # explains why; the marker is written; the retry at 3 commits: slot and marker. Each
+    # attempt checks the run object (a 304) in the slot's round trip.
+    assert racing.counts == {"PutObject": 1 + 1 + 2, "ListObjectsV2": 1, "GetObject": 1 + 2}
 
 
 async def test_restore_reads_the_run_object_once_per_status_change(s3_store: S3Store) -> None:
@@ -383,19 +427,89 @@ async def test_restore_reads_the_run_object_once_per_status_change(s3_store: S3S
 # -- faults ---------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Gate:
+    """Stops the ``skip + 1``-th request matching ``pattern`` in the proxy until released:
+    before moto sees it, or (``applied``) after moto applied it, before the reply."""
+
+    pattern: re.Pattern[str]
+    applied: bool = False
+    skip: int = 0
+    arrived: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the proxy is threaded
+
+    def stops(self, request: str) -> bool:
+        if not self.pattern.search(request):
+            return False
+        with self.lock:
+            self.skip -= 1
+            return self.skip == -1
+
+    def wait(self) -> None:
+        self.arrived.set()
+        self.release.wait(DEADLINE)
+
+    async def reached(self) -> None:
+        """Until the request is held (checked in a thread: the proxy runs in one)."""
+        arrived = await anyio.to_thread.run_sync(self.arrived.wait, DEADLINE)
+        assert arrived, f"no request matched {self.pattern.pattern}"
+
+
 class _FaultyProxy(http.server.BaseHTTPRequestHandler):
-    """Forwards to moto, but answers 503 SlowDown or cuts the connection for chosen requests."""
+    """Forwards to moto, but answers 503 SlowDown or cuts the connection for chosen requests,
+    drops the reply of one chosen request after moto applied it, or holds one (``gate``)."""
 
     protocol_version = "HTTP/1.1"  # answers "Expect: 100-continue", which botocore sends
     upstream = ""
     faults: ClassVar[list[str]] = []  # one per request: "slowdown", "reset" or "" (forward)
+    drop_reply_to: ClassVar[re.Pattern[str] | None] = None  # "METHOD /path?query", once
+    slow_down: ClassVar[re.Pattern[str] | None] = None  # "METHOD /path?query", every time
+    gate: ClassVar[_Gate | None] = None
+    watches: ClassVar[list[tuple[re.Pattern[str], threading.Event]]] = []
+    dropped = 0
     seen = 0
+
+    @classmethod
+    def hold(cls, pattern: re.Pattern[str], *, applied: bool = False, skip: int = 0) -> _Gate:
+        cls.gate = _Gate(pattern, applied, skip)
+        return cls.gate
+
+    @classmethod
+    def watch(cls, pattern: re.Pattern[str]) -> threading.Event:
+        """Set once a reply to a request matching ``pattern`` (plus `` STATUS``) was sent."""
+        answered = threading.Event()
+        cls.watches.append((pattern, answered))
+        return answered
 
     def _handle(self) -> None:
         type(self).seen += 1
-        fault = type(self).faults.pop(0) if type(self).faults else ""
+        request = f"{self.command} {self.path}"
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        gate = type(self).gate
+        if gate is not None and gate.stops(request):
+            if not gate.applied:
+                gate.wait()  # then handled as if it arrived now
+            else:
+                self._forward(body)
+                gate.wait()
+                type(self).dropped += 1
+                self.connection.shutdown(socket.SHUT_RDWR)  # applied, but never heard of
+                self.close_connection = True
+                return
+        fault = type(self).faults.pop(0) if type(self).faults else ""
+        throttled = type(self).slow_down
+        if throttled is not None and throttled.search(request):
+            fault = "slowdown"
+        wanted = type(self).drop_reply_to
+        if wanted is not None and wanted.search(request):
+            type(self).drop_reply_to = None
+            type(self).dropped += 1
+            self._forward(body)
+            self.connection.shutdown(socket.SHUT_RDWR)  # applied, but the client never hears
+            self.close_connection = True
+            return
         if fault == "reset":
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
@@ -408,13 +522,7 @@ class _FaultyProxy(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(payload)
             return
-        target = urlsplit(type(self).upstream)
-        connection = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "expect")}
-        headers["Host"] = target.netloc
-        connection.request(self.command, self.path, body=body, headers=headers)
-        answer = connection.getresponse()
-        data = answer.read()
+        answer, data = self._forward(body)
         self.send_response(answer.status)
         for name, value in answer.getheaders():
             if name.lower() not in ("content-length", "transfer-encoding", "connection", "date",
@@ -423,7 +531,21 @@ class _FaultyProxy(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-        connection.close()
+        for pattern, answered in type(self).watches:
+            if pattern.search(f"{request} {answer.status}"):
+                answered.set()
+
+    def _forward(self, body: bytes) -> tuple[http.client.HTTPResponse, bytes]:
+        target = urlsplit(type(self).upstream)
+        connection = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "expect")}
+        headers["Host"] = target.netloc
+        try:
+            connection.request(self.command, self.path, body=body, headers=headers)
+            answer = connection.getresponse()
+            return answer, answer.read()
+        finally:
+            connection.close()
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
@@ -435,6 +557,11 @@ class _FaultyProxy(http.server.BaseHTTPRequestHandler):
 def faulty_proxy(moto_endpoint: str) -> Iterator[type[_FaultyProxy]]:
     _FaultyProxy.upstream = moto_endpoint
     _FaultyProxy.faults = []
+    _FaultyProxy.drop_reply_to = None
+    _FaultyProxy.slow_down = None
+    _FaultyProxy.gate = None
+    _FaultyProxy.watches = []
+    _FaultyProxy.dropped = 0
     _FaultyProxy.seen = 0
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FaultyProxy)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -482,8 +609,8 @@ async def test_throttling_and_resets_are_retried(
     assert created.metadata.sequence == 1
     assert restored is not None
     assert restored.state == {"n": 1}
-    if extra_attempts is not None:  # create: 2 PUTs; restore: LIST + GET
-        assert counter.total == 4 + extra_attempts
+    if extra_attempts is not None:  # create: 2 PUTs + the 304 check; restore: LIST + GET
+        assert counter.total == 5 + extra_attempts
     # Nothing was created twice.
     assert await _count_slots(s3_bucket, store.prefix, faulty_proxy.upstream) == 2
 
@@ -568,6 +695,80 @@ async def test_processes_writing_one_run_get_unique_gap_free_sequences(
     assert sorted(item.sequence for item in listed) == acknowledged
 
 
+# -- event loops -------------------------------------------------------------------------------
+
+async def _within(call: Awaitable[_T]) -> _T:
+    with anyio.fail_after(DEADLINE):
+        return await call
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_on_trio_every_call_says_the_store_needs_asyncio(
+    moto_endpoint: str, s3_bucket: str
+) -> None:
+    built = S3Store(s3_bucket, "trio", region=REGION, endpoint_url=moto_endpoint)
+    given = S3CheckpointStore(object(), bucket=s3_bucket)  # refused before it is touched
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: built.get_run("a" * 24, now=T0),
+        lambda: CheckpointManager(built).create("trio", {"n": 0}),
+        built.client,
+        lambda: given.latest("a" * 24, now=T0),
+    ]
+    with anyio.fail_after(DEADLINE):
+        for call in calls:
+            with pytest.raises(ConfigurationError, match="S3Store runs on asyncio only"):
+                await call()
+        await built.aclose()  # nothing was opened
+
+
+def test_one_store_serves_several_asyncio_runs(
+    faulty_proxy: type[_FaultyProxy], s3_bucket: str
+) -> None:
+    """A module-level store and manager used by consecutive ``asyncio.run()`` calls, as
+    FastAgentic's docs write them: the store opens a client in each event loop. (Through
+    the proxy, which keeps connections alive as S3 does; moto closes each one.)"""
+    store = S3Store(s3_bucket, f"loops-{secrets.token_hex(4)}", region=REGION,
+                    endpoint_url=faulty_proxy.address)  # type: ignore[attr-defined]
+    manager = CheckpointManager(store)
+    first = asyncio.run(_within(manager.create("loops", {"n": 0})))
+    second = asyncio.run(_within(manager.create("loops", {"n": 1})))
+    restored = asyncio.run(_within(manager.restore("loops")))
+    asyncio.run(_within(store.aclose()))
+
+    assert first is not None
+    assert second is not None
+    assert second.metadata.sequence == 1
+    assert restored is not None
+    assert restored.checkpoint_id == second.checkpoint_id
+
+
+def test_a_client_passed_in_refuses_another_event_loop(moto_endpoint: str, s3_bucket: str) -> None:
+    """A client belongs to the event loop it was first used in: from another loop, the store
+    refuses with a typed error before sending anything."""
+    home, other = asyncio.new_event_loop(), asyncio.new_event_loop()
+    stack = contextlib.AsyncExitStack()
+    try:
+        endpoint = AwsEndpoint(region=REGION, endpoint_url=moto_endpoint)
+        client = home.run_until_complete(open_client(stack, "s3", endpoint, RetryPolicy()))
+        store = S3Store(s3_bucket, f"bound-{secrets.token_hex(4)}", client=client)
+        manager = CheckpointManager(store)
+        created = home.run_until_complete(_within(manager.create("bound", {"n": 0})))
+        with RequestCounter.attached(client) as elsewhere, pytest.raises(
+            ConfigurationError, match="another event loop"
+        ):
+            other.run_until_complete(_within(manager.restore("bound")))
+        restored = home.run_until_complete(_within(manager.restore("bound")))
+    finally:
+        home.run_until_complete(stack.aclose())
+        home.close()
+        other.close()
+
+    assert elsewhere.counts == {}
+    assert created is not None
+    assert restored is not None
+    assert restored.checkpoint_id == created.checkpoint_id
+
+
 # -- FastAgentic alias -----------------------------------------------------------------------------
 
 
@@ -595,6 +796,56 @@ async def test_alias_works_with_a_stock_client(moto_endpoint: str, s3_bucket: st
 
 
 # -- provisioning and the ops kit ----------------------------------------------------------------
+
+
+async def test_provision_reports_what_it_created_and_what_it_found(moto_endpoint: str) -> None:
+    bucket = unique_name("report")
+    store = S3Store(bucket, "p", region=REGION, endpoint_url=moto_endpoint)
+    try:
+        with anyio.fail_after(DEADLINE):
+            first = await store.provision()
+            client = await store.client()
+            with RequestCounter.attached(client) as checking:
+                again = await store.provision()
+            backstop = await store.provision(backstop_days=30)
+            dropped = await store.provision()
+    finally:
+        await store.aclose()
+
+    assert first == [f"created bucket s3://{bucket}", "enabled versioning",
+                     "enabled default encryption AES256",
+                     "created lifecycle rule fastcheckpoint-noncurrent"]
+    assert again == [f"found bucket s3://{bucket}", "found versioning",
+                     "found default encryption AES256",
+                     "found lifecycle rule fastcheckpoint-noncurrent"]
+    assert not any(name.startswith(("Put", "Create")) for name in checking.counts)
+    assert backstop[3:] == ["found lifecycle rule fastcheckpoint-noncurrent",
+                            "created lifecycle rule fastcheckpoint-backstop"]
+    assert dropped[3:] == ["found lifecycle rule fastcheckpoint-noncurrent",
+                           "removed lifecycle rule fastcheckpoint-backstop"]
+
+
+async def test_provision_keeps_a_default_encryption_of_the_bucket(moto_endpoint: str) -> None:
+    bucket = unique_name("kms")
+    store = S3Store(bucket, region=REGION, endpoint_url=moto_endpoint)
+    try:
+        with anyio.fail_after(DEADLINE):
+            client = await store.client()
+            await client.create_bucket(Bucket=bucket)
+            await client.put_bucket_encryption(
+                Bucket=bucket,
+                ServerSideEncryptionConfiguration={"Rules": [
+                    {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms"}}]},
+            )
+            done = await store.provision()
+            encryption = await client.get_bucket_encryption(Bucket=bucket)
+    finally:
+        await store.aclose()
+
+    assert done[:3] == [f"found bucket s3://{bucket}", "enabled versioning",
+                        "found default encryption aws:kms"]
+    sse = encryption["ServerSideEncryptionConfiguration"]["Rules"][0]
+    assert sse["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "aws:kms"
 
 
 async def test_provision_is_idempotent_and_keeps_foreign_rules(moto_endpoint: str) -> None:
@@ -652,6 +903,9 @@ _IAM_ACTIONS = {
     "PutObject": "s3:PutObject",
     "GetObject": "s3:GetObject",
     "HeadObject": "s3:GetObject",
+    "HeadBucket": "s3:ListBucket",
+    "GetBucketVersioning": "s3:GetBucketVersioning",
+    "GetBucketEncryption": "s3:GetEncryptionConfiguration",
     "DeleteObject": "s3:DeleteObject",
     "DeleteObjects": "s3:DeleteObject",
     "ListObjectsV2": "s3:ListBucket",
