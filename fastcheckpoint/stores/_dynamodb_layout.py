@@ -8,6 +8,9 @@ One partition per run (``PK = run#<run key>``); sort keys order the partition as
     r                            the run item, right above the newest checkpoint
 
 so one descending ``Query`` from ``r`` returns the run item and then the newest checkpoints.
+Checkpoints, items and run items that expire also carry ``xpk``/``xat``, which put them in
+the ``by_expiry`` index the cleanup loop reads (a run item at its expiry, at 0 once it holds
+nothing).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import math
 import struct
 import zlib
 from bisect import bisect_right, insort
+from collections.abc import Sequence
 from typing import Any, Final
 
 import msgspec
@@ -26,10 +30,17 @@ __all__ = [
     "BY_CREATED",
     "BY_EXPIRY",
     "BY_STATUS",
+    "FRONT_CAPACITY",
     "INDEX_SHARDS",
     "MAX_ITEM_KEY_BYTES",
+    "OWNERS_CAPACITY",
+    "REFILL",
     "TABLE_DEFINITION",
+    "Back",
     "Book",
+    "blob_key",
+    "blob_sequence",
+    "blob_suffix",
     "checkpoint_sk",
     "created_stamp",
     "item_sk",
@@ -158,37 +169,86 @@ def ttl_of(expires_at: float) -> int:
     return max(0, math.ceil(expires_at))
 
 
-class Book(msgspec.Struct, array_like=True):
-    """What the run item knows about the checkpoints it holds, so pruning reads nothing.
+class Back(msgspec.Struct, array_like=True):
+    """The held checkpoints at and above ``start``: counted, not detailed (their items are)."""
 
-    Size is O(held checkpoints that expire + gaps + large ones), not O(payload).
+    start: int
+    count: int = 0
+    immortal: int = 0
+    """Of them, how many never expire."""
+    latest: float | None = None
+    """The latest expiry among them (and among those the front took in from here): exact
+    except after one holding it was removed early, when the store reads the back again."""
+
+
+class Book(msgspec.Struct, array_like=True):
+    """What the run item knows about the checkpoints it holds, so an append reads nothing.
+
+    The *front* details the oldest held checkpoints exactly: ranges of held sequences, the
+    expiries of those that expire, the blob suffixes of large ones; pruning and expiry take
+    them from there. Once the front details ``capacity`` entries, newer checkpoints go to the
+    *back*, which only counts them: their own items carry their expiry and blob key, and the
+    front takes them in, oldest first, with one ``Query`` when it runs dry. So the book stays
+    under a fixed size however many checkpoints a run holds.
     """
 
     held: list[tuple[int, int]] = msgspec.field(default_factory=list)
-    """Disjoint ``[start, end)`` ranges of held sequences, ascending."""
+    """Disjoint ``[start, end)`` ranges of held sequences in the front, ascending."""
     expiring: list[tuple[float, int]] = msgspec.field(default_factory=list)
-    """``(expires_at, sequence)`` of held checkpoints that expire, ascending."""
+    """``(expires_at, sequence)`` of front checkpoints that expire, ascending."""
     immortal: int = 0
-    """Held checkpoints that never expire."""
+    """Front checkpoints that never expire."""
     blobs: dict[int, str] = msgspec.field(default_factory=dict)
-    """Sequence -> S3 key of held checkpoints whose payload lives in the bucket."""
+    """Sequence -> blob suffix (see :func:`blob_key`) of front checkpoints kept in S3."""
+    back: Back | None = None
 
     def copy(self) -> Book:
-        return Book(list(self.held), list(self.expiring), self.immortal, dict(self.blobs))
+        back = None if self.back is None else msgspec.structs.replace(self.back)
+        return Book(list(self.held), list(self.expiring), self.immortal, dict(self.blobs), back)
+
+    @property
+    def front_count(self) -> int:
+        return sum(end - start for start, end in self.held)
 
     @property
     def count(self) -> int:
-        return sum(end - start for start, end in self.held)
+        return self.front_count + (0 if self.back is None else self.back.count)
 
-    def holds(self, sequence: int) -> bool:
+    @property
+    def detail(self) -> int:
+        """Entries the front details: what ``capacity`` bounds."""
+        return len(self.held) + len(self.expiring) + len(self.blobs)
+
+    def in_front(self, sequence: int) -> bool:
         index = bisect_right(self.held, (sequence, MAX_SEQUENCE + 1)) - 1
         return index >= 0 and self.held[index][0] <= sequence < self.held[index][1]
 
+    def holds(self, sequence: int) -> bool:
+        """Whether the run holds ``sequence``; in the back, whether it may (its item decides)."""
+        if self.back is not None and sequence >= self.back.start:
+            return True
+        return self.in_front(sequence)
+
     def sequences(self) -> list[int]:
+        """The front's held sequences."""
         return [sequence for start, end in self.held for sequence in range(start, end)]
 
-    def add(self, sequence: int, expires_at: float | None, blob: str | None) -> None:
+    def add(
+        self, sequence: int, expires_at: float | None, blob: str | None, *, capacity: int
+    ) -> None:
         """Record a new newest checkpoint (``sequence`` above every held one)."""
+        if self.back is None and self.detail < capacity:
+            self._add_front(sequence, expires_at, blob)
+            return
+        if self.back is None:
+            self.back = Back(start=sequence)
+        self.back.count += 1
+        if expires_at is None:
+            self.back.immortal += 1
+        elif self.back.latest is None or expires_at > self.back.latest:
+            self.back.latest = expires_at
+
+    def _add_front(self, sequence: int, expires_at: float | None, blob: str | None) -> None:
         if self.held and self.held[-1][1] == sequence:
             self.held[-1] = (self.held[-1][0], sequence + 1)
         else:
@@ -201,6 +261,7 @@ class Book(msgspec.Struct, array_like=True):
             self.blobs[sequence] = blob
 
     def remove(self, sequence: int) -> bool:
+        """Remove a front checkpoint; ``False`` if the front does not hold it."""
         index = bisect_right(self.held, (sequence, MAX_SEQUENCE + 1)) - 1
         if index < 0 or not self.held[index][0] <= sequence < self.held[index][1]:
             return False
@@ -216,37 +277,134 @@ class Book(msgspec.Struct, array_like=True):
         self.blobs.pop(sequence, None)
         return True
 
+    def remove_back(self, expires_at: float | None) -> None:
+        """Forget one checkpoint of the back (its item says when it expires)."""
+        back = self.back
+        if back is None:
+            return
+        back.count -= 1
+        if expires_at is None:
+            back.immortal -= 1
+        if back.count <= 0:
+            self.back = None
+
+    def expiry_of(self, sequence: int) -> float | None:
+        """The expiry of a front checkpoint (``None``: never, or not in the front)."""
+        return next((at for at, held in self.expiring if held == sequence), None)
+
     def expired(self, now: float) -> list[int]:
-        return sorted(sequence for expires_at, sequence in self.expiring if expires_at <= now)
+        """Front checkpoints expired at ``now``, ascending."""
+        return sorted(sequence for _, sequence in self.expiring[: self._expired_count(now)])
+
+    def _expired_count(self, now: float) -> int:
+        return bisect_right(self.expiring, (now, MAX_SEQUENCE + 1))
+
+    def wanted(self, now: float, keep_latest: int | None, *, coming: int = 0) -> int:
+        """How many of the back's oldest checkpoints the front must take in before pruning
+        (``coming`` checkpoints about to be added): enough for ``keep_latest``, and some
+        whenever no live one is left in the front."""
+        if self.back is None:
+            return 0
+        live_front = self.front_count - self._expired_count(now)
+        needed = 0 if keep_latest is None else self.count + coming - keep_latest - live_front
+        return max(needed, 1 if live_front <= 0 else 0)
+
+    def absorb(
+        self, entries: Sequence[tuple[int, float | None, str | None]], exhausted: bool
+    ) -> None:
+        """Take the back's oldest checkpoints into the front: ``(sequence, expires_at, blob
+        suffix)`` ascending from ``back.start``, as the log holds them; ``exhausted`` when
+        they are all of the back."""
+        back = self.back
+        if back is None:
+            return
+        for sequence, expires_at, blob in entries:
+            self._add_front(sequence, expires_at, blob)
+            back.count -= 1
+            if expires_at is None:
+                back.immortal -= 1
+        if exhausted or back.count <= 0:
+            self.back = None  # what the log holds wins over the count
+        elif entries:
+            back.start = entries[-1][0] + 1
 
     def prune(self, now: float, keep_latest: int | None) -> list[int]:
-        """Remove expired checkpoints, then the oldest beyond ``keep_latest``; return them."""
+        """Remove expired front checkpoints, then the oldest beyond ``keep_latest``."""
         removed = self.expired(now)
         for sequence in removed:
             self.remove(sequence)
         if keep_latest is not None:
             excess = self.count - keep_latest
-            while excess > 0:
+            while excess > 0 and self.held:
                 oldest = self.held[0][0]
                 self.remove(oldest)
                 removed.append(oldest)
                 excess -= 1
         return removed
 
+    def lowers_latest(self, expiries: Sequence[float | None], now: float) -> bool:
+        """Whether having removed checkpoints with these expiries (before they expired) may
+        leave ``back.latest`` later than any checkpoint still held: then the store reads the
+        back again. Not while the front still holds one expiring as late."""
+        back = self.back
+        if back is None or back.latest is None:
+            return False
+        if self.expiring and self.expiring[-1][0] >= back.latest:
+            return False
+        return any(at is not None and at == back.latest and at > now for at in expiries)
+
     def expires_at(self) -> float | None:
         """The run's expiry: latest held expiry, ``None`` if one never expires, else EMPTY_RUN."""
-        if not self.held:
+        if self.count <= 0:
             return EMPTY_RUN
-        if self.immortal:
+        back = self.back
+        if self.immortal or (back is not None and back.immortal):
             return None
-        return max(expires_at for expires_at, _ in self.expiring)
+        candidates = [at for at, _ in self.expiring[-1:]]
+        if back is not None and back.latest is not None:
+            candidates.append(back.latest)
+        return max(candidates) if candidates else None
 
-    def due(self) -> float | None:
-        """When ``purge_expired`` must first look at the run (``None``: nothing ever expires)."""
-        if not self.held:
-            return EMPTY_RUN
-        return self.expiring[0][0] if self.expiring else None
+    def problem(self, checkpoint_count: int, latest_sequence: int) -> str | None:
+        """Why this book cannot describe a run with these counters, or ``None``."""
+        if self.count != checkpoint_count:
+            return f"its book counts {self.count} checkpoints, its record {checkpoint_count}"
+        top = self.held[-1][1] - 1 if self.held else -1
+        if self.back is not None:
+            top = max(top, self.back.start)
+        if top > latest_sequence:
+            return f"its book holds sequence {top} above the latest, {latest_sequence}"
+        if self.back is not None and (self.back.count < 1 or self.back.immortal < 0):
+            return "its book counts a negative back"
+        return None
 
 
 BOOK_ENCODER = msgspec.msgpack.Encoder()
 BOOK_DECODER = msgspec.msgpack.Decoder(Book)
+
+FRONT_CAPACITY: Final = 2048
+"""Entries the front of a book details at most (about 15 bytes each in the run item)."""
+REFILL: Final = 256
+"""Checkpoints the front takes in from the back per ``Query`` when it runs dry."""
+OWNERS_CAPACITY: Final = 1024
+"""Owning sequences the run item lists at most; below its floor every one counts as owning."""
+
+
+def blob_key(run_key: str, incarnation: str, sequence: int, suffix: str) -> str:
+    """The S3 key (below the store prefix) of a checkpoint's payload."""
+    if "/" in suffix:
+        return suffix  # a whole key, as books written before suffixes hold them
+    return f"{run_key}/{incarnation}/{sequence:0{SEQUENCE_DIGITS}d}-{suffix}"
+
+
+def blob_suffix(key: str) -> str:
+    """The random part of a blob key, which a book keeps instead of the whole key."""
+    return key.rsplit("-", 1)[-1]
+
+
+def blob_sequence(key: str) -> int | None:
+    """The sequence a blob key names, ``None`` for a key not of :func:`blob_key`'s shape."""
+    parts = key.split("/")
+    if len(parts) != 3 or not parts[2][:SEQUENCE_DIGITS].isdigit():
+        return None
+    return int(parts[2][:SEQUENCE_DIGITS])

@@ -46,7 +46,6 @@ import math
 import os
 import re
 import struct
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -84,7 +83,7 @@ from fastcheckpoint.stores._base import (
     check_keep_latest,
     check_options,
 )
-from fastcheckpoint.stores._loops import PerLoop
+from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop
 from fastcheckpoint.stores._redis_lua import INDEX, INTENT, SCRIPTS, without_flags
 
 __all__ = ["RedisCheckpointStore", "RedisStore", "redis_retry"]
@@ -249,7 +248,10 @@ class RedisStore(ExpiryCleanup):
             client.set_retry(redis_retry(retry))
         self._seed = client
         # The event loop the client above belongs to: the first one that used the store.
-        self._seed_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+        self._seed_loop = GivenClientLoop(
+            "RedisStore", "redis-py", "Build the store with RedisStore.from_url(...) or "
+            "open_store(...) (one connection pool per event loop), or give each event loop its "
+            "own store")
         self._factory: Callable[[], Any] | None = None
         self._owns_client = owns_client
         self._clients: PerLoop[Any] = PerLoop(
@@ -329,19 +331,11 @@ class RedisStore(ExpiryCleanup):
         client (the one ``from_url`` made is never connected, so no loop's connections
         outlive it); a passed client serves the first loop that uses the store, others are
         refused."""
-        loop = asyncio.get_running_loop()
         if self._factory is not None:
             client = self._factory()
-        elif self._seed_loop is None or self._seed_loop() is loop:
-            self._seed_loop = weakref.ref(loop)
-            client = self._seed
         else:
-            raise ConfigurationError(
-                "RedisStore was handed a redis client that belongs to the event loop the "
-                "store first used it in; its connections cannot serve another event loop. "
-                "Build the store with RedisStore.from_url(...) or open_store(...) (one "
-                "connection pool per event loop), or give each event loop its own store"
-            )
+            self._seed_loop.check()
+            client = self._seed
         if isinstance(client, RedisCluster):
             # redis-py (8.1) races when concurrent first commands discover the slots, tearing
             # down connections other tasks use: discover once, before anyone sends.

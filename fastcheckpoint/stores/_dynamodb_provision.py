@@ -1,0 +1,81 @@
+"""Provisioning of the DynamoDB store: the table (indexes, TTL) and the bucket (versioning,
+encryption, lifecycle rule), created or completed idempotently, never recreated."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from fastcheckpoint.errors import ConfigurationError
+from fastcheckpoint.stores import _dynamodb_layout as layout
+from fastcheckpoint.stores._aws import error_code, translate
+from fastcheckpoint.stores._s3_provision import provision_bucket
+
+__all__ = ["LIFECYCLE_RULE", "provision_blob_bucket", "provision_table"]
+
+
+async def provision_table(client: Any, table: str) -> list[str]:
+    action = f"provisioning DynamoDB table {table}"
+    indexes = [index["IndexName"] for index in layout.TABLE_DEFINITION["GlobalSecondaryIndexes"]]
+    try:
+        try:
+            described = await client.describe_table(TableName=table)
+        except ClientError as exc:
+            if error_code(exc) != "ResourceNotFoundException":
+                raise
+            await client.create_table(TableName=table, **layout.TABLE_DEFINITION)
+            done = [f"created table {table} with the indexes {', '.join(indexes)}"]
+        else:
+            present = {
+                index["IndexName"]
+                for index in described["Table"].get("GlobalSecondaryIndexes", [])
+            }
+            missing = sorted(set(indexes) - present)
+            if missing:
+                raise ConfigurationError(
+                    f"table {table} exists without the indexes {missing}; add them as in "
+                    "stores/dynamodb/table.json or use a new table"
+                )
+            done = [f"found table {table} with the indexes {', '.join(indexes)}"]
+        waiter = client.get_waiter("table_exists")
+        await waiter.wait(TableName=table, WaiterConfig={"Delay": 1, "MaxAttempts": 120})
+        done.append(await _provision_ttl(client, table))
+    except (ClientError, BotoCoreError) as exc:
+        raise translate(exc, action) from exc
+    return done
+
+
+async def _provision_ttl(client: Any, table: str) -> str:
+    ttl = await client.describe_time_to_live(TableName=table)
+    status = ttl.get("TimeToLiveDescription", {})
+    if status.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
+        await client.update_time_to_live(
+            TableName=table,
+            TimeToLiveSpecification={"Enabled": True, "AttributeName": layout.TTL_ATTRIBUTE},
+        )
+        return f"enabled TTL on the attribute {layout.TTL_ATTRIBUTE!r}"
+    if status.get("AttributeName") != layout.TTL_ATTRIBUTE:
+        raise ConfigurationError(
+            f"table {table} has TTL on {status.get('AttributeName')!r}; this store needs "
+            f"TTL on {layout.TTL_ATTRIBUTE!r}"
+        )
+    return f"found TTL on the attribute {layout.TTL_ATTRIBUTE!r}"
+
+
+LIFECYCLE_RULE: Final[dict[str, Any]] = {
+    "ID": "fastcheckpoint-blobs",
+    "Status": "Enabled",
+    "Filter": {"Prefix": ""},
+    # Deleted blobs stay as noncurrent versions under versioning: keep them 30 days for
+    # recovery, then let S3 remove them, with the delete markers left behind.
+    "NoncurrentVersionExpiration": {"NoncurrentDays": 30},
+    "Expiration": {"ExpiredObjectDeleteMarker": True},
+    "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+}
+
+
+async def provision_blob_bucket(client: Any, bucket: str, prefix: str) -> list[str]:
+    """The bucket of large payloads, with :data:`LIFECYCLE_RULE` under ``prefix``."""
+    rule = {**LIFECYCLE_RULE, "Filter": {"Prefix": prefix}}
+    return await provision_bucket(client, bucket, [rule])

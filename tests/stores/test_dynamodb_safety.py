@@ -1,0 +1,558 @@
+"""The DynamoDB store under races, lost replies, replayed and tampered records, and
+transactions cancelled for reasons other than a lost race: no acknowledged checkpoint is lost,
+duplicated or misattributed, and every failure is one of our errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+from botocore.exceptions import ClientError, ConnectionClosedError
+
+import fastcheckpoint
+from fastcheckpoint import _ids
+from fastcheckpoint._config import RetryPolicy
+from fastcheckpoint.errors import (
+    CheckpointError,
+    ConflictError,
+    CorruptCheckpointError,
+    SequenceConflict,
+    StoreUnavailableError,
+    ValidationError,
+)
+from fastcheckpoint.stores import _dynamodb_layout as layout
+from fastcheckpoint.stores import dynamodb
+from fastcheckpoint.stores.dynamodb import DEFAULT_THRESHOLD, DynamoDBStore
+from fastcheckpoint.testing._builders import (
+    T0,
+    checkpoint_id_of,
+    key_of,
+    make_checkpoint,
+    make_item,
+    make_run,
+)
+from tests.stores._moto import REGION, moto_endpoint, unique_name
+from tests.stores.test_dynamodb import (
+    DEADLINE,
+    _manager,
+    _raw_item,
+    atomic_moto,
+    aws_names,
+    counting,
+    opened,
+    provisioned,
+    store,
+)
+
+__all__ = ["atomic_moto", "aws_names", "moto_endpoint", "provisioned", "store"]
+
+pytestmark = pytest.mark.anyio
+
+QUICK = RetryPolicy(base_delay=0.001, max_delay=0.002, max_retries=2)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # aiobotocore runs on asyncio only
+
+
+async def _purged(store: DynamoDBStore, now: float) -> int:
+    removed = 0
+    for _ in range(20):
+        count, done = await store.purge_expired(now=now, limit=100)
+        removed += count
+        if done:
+            return removed
+    raise AssertionError("purge_expired never reported done")
+
+
+# -- a whole-run purge racing a restart of the run (issue 12, item 2) ----------------------
+
+
+async def test_purge_racing_a_restart_leaves_the_new_incarnation_alone(
+    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    old = make_run("purge-race", expires_at=T0 + 10)
+    new = make_run("purge-race", created_at=T0 + 10)
+    key = key_of(old)
+    async with opened(provisioned, aws_names, prefix=store.prefix) as other:
+
+        async def restart() -> None:
+            # Another process starts the run over and writes side items for it.
+            await other.append(key, make_checkpoint(new, 0, created_at=T0 + 10), run=new,
+                               keep_latest=None, now=T0 + 10)
+            await other.put_items(
+                key, [make_item("new-free"), make_item("new-owned", owner=0)], now=T0 + 10)
+
+        listing = store._partition
+
+        async def restarted_before_listing(run_key: str, *attributes: str) -> Any:
+            # The race: between the purge's mark and its partition query.
+            await restart()
+            return await listing(run_key, *attributes)
+
+        with anyio.fail_after(DEADLINE):
+            await store.append(key, make_checkpoint(old, 0, expires_at=T0 + 10), run=old,
+                               keep_latest=None, now=T0)
+            await store.put_items(key, [make_item("old-owned", owner=0)], now=T0)
+            monkeypatch.setattr(store, "_partition", restarted_before_listing)
+
+            assert await _purged(store, T0 + 10) == 1
+
+            run = await other.get_run(key, now=T0 + 10)
+            assert run is not None
+            assert run.incarnation == new.incarnation
+            latest = await other.latest(key, now=T0 + 10)
+            assert latest is not None
+            assert latest[0].checkpoint_id == _ids.checkpoint_id(key, new.incarnation, 0)
+            assert await other.get_items(key, ["new-free", "new-owned", "old-owned"],
+                                         now=T0 + 10) == {
+                "new-free": b"value-new-free", "new-owned": b"value-new-owned"}
+            assert await _raw_item(store, key, layout.marker_sk(0, "new-owned")) is not None
+            await other.delete_run(key)
+
+
+async def test_delete_run_leaves_the_blobs_of_a_run_started_after_it_alone(
+    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``delete_run`` removes the table's records and the run's S3 blobs. A process that
+    starts the run anew meanwhile (refused while the run is still there) keeps its payload."""
+    old = make_run("deleted-then-restarted")
+    new = make_run("deleted-then-restarted", created_at=T0 + 1)
+    key = key_of(old)
+    payload = os.urandom(DEFAULT_THRESHOLD + 1)
+    async with opened(provisioned, aws_names, prefix=store.prefix) as other:
+        discard = store._discard_prefix
+
+        restarted: list[bool] = []
+
+        async def restart() -> None:
+            try:
+                await other.append(key, make_checkpoint(new, 0, payload=payload), run=new,
+                                   keep_latest=None, now=T0 + 1)
+            except SequenceConflict:
+                return  # the run is still visible: it must be, until its blobs are gone
+            restarted.append(True)
+
+        async def restarted_first(prefix: str, *args: Any) -> int:
+            await restart()
+            return await discard(prefix, *args)
+
+        with anyio.fail_after(DEADLINE):
+            await store.append(key, make_checkpoint(old, 0, payload=payload), run=old,
+                               keep_latest=None, now=T0)
+            monkeypatch.setattr(store, "_discard_prefix", restarted_first)
+            assert await store.delete_run(key) == 1
+            if not restarted:
+                await restart()
+            assert restarted
+
+            found = await other.latest(key, now=T0 + 1)
+            assert found is not None
+            assert found[0].checkpoint_id == _ids.checkpoint_id(key, new.incarnation, 0)
+            assert found[0].payload == payload
+            blobs = await (await other._bucket()).list(f"{key}/")
+            assert [blob.key.split("/")[1] for blob in blobs] == [new.incarnation]
+            await other.delete_run(key)
+
+
+async def test_leftovers_removed_after_a_restart_spare_the_new_incarnation(
+    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run started over an expired one removes the old run's records in its first
+    transaction, and what does not fit right after it. Another process appending to the new
+    run meanwhile keeps its checkpoints."""
+    monkeypatch.setattr(dynamodb, "_TRANSACTION_LIMIT", 6)  # 4 leftovers fit, 2 overflow
+    old = make_run("restarted-with-leftovers", expires_at=T0 + 10)
+    new = make_run("restarted-with-leftovers", created_at=T0 + 10)
+    key = key_of(old)
+    async with opened(provisioned, aws_names, prefix=store.prefix) as other:
+        overflow = store._guarded_deletes
+
+        async def appended_meanwhile(deletes: list[dict[str, Any]]) -> None:
+            for sequence in range(1, 7):
+                await other.append(key, make_checkpoint(new, sequence), run=new,
+                                   keep_latest=None, now=T0 + 10)
+            await overflow(deletes)
+
+        with anyio.fail_after(DEADLINE):
+            for sequence in range(7):
+                await store.append(key, make_checkpoint(old, sequence, expires_at=T0 + 10),
+                                   run=old, keep_latest=None, now=T0)
+            monkeypatch.setattr(store, "_guarded_deletes", appended_meanwhile)
+            await store.append(key, make_checkpoint(new, 0), run=new, keep_latest=None,
+                               now=T0 + 10)
+
+            found, _ = await other.headers(key, before=None, limit=10, now=T0 + 10)
+            assert [header.sequence for header in found] == list(range(6, -1, -1))
+            assert all(header.checkpoint_id == _ids.checkpoint_id(key, new.incarnation,
+                                                                  header.sequence)
+                       for header in found)
+            await other.delete_run(key)
+
+
+# -- a run item put back from an older copy (issue 12, item 5) -----------------------------
+
+
+async def test_a_replayed_run_item_never_overwrites_a_checkpoint(
+    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    clock = [T0]
+    writer = _manager(store, clock)
+    key = _ids.run_key("replayed")
+    with anyio.fail_after(DEADLINE):
+        acknowledged = [await writer.create("replayed", state={"n": n}) for n in range(2)]
+        saved = await _raw_item(store, key, layout.RUN_SK)
+        acknowledged += [await writer.create("replayed", state={"n": n}) for n in range(2, 4)]
+        ddb, _ = await store.clients()
+        await ddb.put_item(TableName=store.table, Item=saved)  # the old run item is back
+
+        async with opened(provisioned, aws_names, prefix=store.prefix) as fresh:
+            restarted = _manager(fresh, clock)  # a process that reads the old run item
+            for manager in (restarted, writer):
+                with pytest.raises(CorruptCheckpointError, match="behind its log"):
+                    await manager.create("replayed", state={"n": "late"})
+            for checkpoint in acknowledged:
+                again = await restarted.restore_from(checkpoint.checkpoint_id)
+                assert again is not None
+                assert again.state == checkpoint.state
+            latest = await restarted.restore("replayed")  # the old run item hides nothing
+            assert latest is not None
+            assert latest.checkpoint_id == acknowledged[-1].checkpoint_id
+
+            [damage] = await fresh.damaged_runs(run_key=key, now=clock[0])
+            assert "behind its log" in damage.problem
+            assert damage.checkpoints == 4
+            [report] = await restarted.repair("replayed")
+            assert report.repaired
+            created = await restarted.create("replayed", state={"n": 4})
+            assert created is not None
+            assert created.metadata.sequence == 4
+
+
+# -- a lost reply on the commit (issue 12, item 6) -------------------------------------------
+
+
+class _LoseFirstReply:
+    """A ``before-send`` hook: the first matching request reaches the server (which applies
+    it), then its connection dies before the reply arrives; the driver sends it again."""
+
+    def __init__(self, client: Any, operation: str,
+                 meanwhile: Callable[[], Any] | None = None) -> None:
+        self.client = client
+        self.event = f"before-send.dynamodb.{operation}"
+        self.meanwhile = meanwhile
+        self.lost = 0
+
+    async def __call__(self, request: Any, **_: Any) -> None:
+        if self.lost:
+            return
+        self.lost += 1
+        response = await self.client._endpoint._send(request)
+        await response.content  # the server has answered: the write is applied
+        if self.meanwhile is not None:
+            await self.meanwhile()
+        raise ConnectionClosedError(endpoint_url=request.url)
+
+    def __enter__(self) -> _LoseFirstReply:
+        self.client.meta.events.register(self.event, self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.meta.events.unregister(self.event, self)
+
+
+async def test_a_commit_whose_reply_was_lost_is_written_once(
+    provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    clock = [T0]
+    async with opened(provisioned, aws_names, retry=QUICK) as store:
+        manager = _manager(store, clock)
+        with anyio.fail_after(DEADLINE):
+            await manager.create("lost-reply", state={"n": 0})
+            ddb, _ = await store.clients()
+            with _LoseFirstReply(ddb, "TransactWriteItems") as fault, counting(store) as (
+                dynamo, _
+            ):
+                created = await manager.create("lost-reply", state={"n": 1})
+            assert fault.lost == 1
+            assert dynamo.counts == {"TransactWriteItems": 2}  # the attempt and its resend
+            assert created is not None
+            assert created.metadata.sequence == 1
+            listed = await manager.list_checkpoints("lost-reply")
+            assert [m.sequence for m in listed] == [1, 0]
+
+
+async def test_a_lost_reply_then_another_writer_is_still_one_checkpoint(
+    provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    seed = make_run("lost-then-raced")
+    key = key_of(seed)
+    async with opened(provisioned, aws_names, retry=QUICK) as store, opened(
+        provisioned, aws_names, prefix="unused/"
+    ) as other:
+        with anyio.fail_after(DEADLINE):
+            await store.append(key, make_checkpoint(seed, 0), run=seed, keep_latest=None, now=T0)
+
+            async def another_append() -> None:  # lands between our write and its resend
+                await other.append(key, make_checkpoint(seed, 2), run=seed, keep_latest=None,
+                                   now=T0)
+
+            ddb, _ = await store.clients()
+            with _LoseFirstReply(ddb, "TransactWriteItems", another_append) as fault:
+                await store.append(key, make_checkpoint(seed, 1), run=seed, keep_latest=None,
+                                   now=T0)
+            assert fault.lost == 1
+            found, _ = await store.headers(key, before=None, limit=10, now=T0)
+            assert [header.sequence for header in found] == [2, 1, 0]
+
+
+async def test_a_delete_or_status_change_whose_reply_was_lost_reports_what_happened(
+    provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    seed = make_run("lost-delete")
+    key = key_of(seed)
+    async with opened(provisioned, aws_names, retry=QUICK) as store:
+        with anyio.fail_after(DEADLINE):
+            for sequence in range(2):
+                await store.append(key, make_checkpoint(seed, sequence), run=seed,
+                                   keep_latest=None, now=T0)
+            ddb, _ = await store.clients()
+            with _LoseFirstReply(ddb, "TransactWriteItems") as lost_delete:
+                assert await store.delete(key, 0, checkpoint_id=checkpoint_id_of(seed, 0))
+            with _LoseFirstReply(ddb, "UpdateItem") as lost_update:
+                run = await store.update_run(key, incarnation=seed.incarnation, version=0,
+                                             status="completed", data=b"done", now=T0)
+            assert (lost_delete.lost, lost_update.lost) == (1, 1)
+            assert (run.status, run.version, run.checkpoint_count) == ("completed", 1, 1)
+            found, status = await store.headers(key, before=None, limit=10, now=T0)
+            assert ([header.sequence for header in found], status) == ([1], "completed")
+
+
+async def test_a_large_create_whose_outcome_is_unknown_keeps_its_payload(
+    provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    """The reply of the commit is lost and no resend is allowed: the create fails, but the
+    transaction may have landed (here it did), so the blob it points to must stay."""
+    seed = make_run("unknown-outcome")
+    key = key_of(seed)
+    payload = os.urandom(DEFAULT_THRESHOLD + 1)
+    no_resend = RetryPolicy(base_delay=0.001, max_delay=0.002, max_retries=0)
+    async with opened(provisioned, aws_names, retry=no_resend) as store:
+        with anyio.fail_after(DEADLINE):
+            await store.append(key, make_checkpoint(seed, 0), run=seed, keep_latest=None, now=T0)
+            ddb, _ = await store.clients()
+            with _LoseFirstReply(ddb, "TransactWriteItems") as fault, pytest.raises(
+                StoreUnavailableError
+            ):
+                await store.append(key, make_checkpoint(seed, 1, payload=payload), run=seed,
+                                   keep_latest=None, now=T0)
+            assert fault.lost == 1
+            found = await store.latest(key, now=T0)  # it landed: readable, payload and all
+            assert found is not None
+            assert (found[0].sequence, found[0].payload) == (1, payload)
+
+
+async def test_a_create_only_item_write_whose_reply_was_lost_succeeds(
+    provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    seed = make_run("lost-items")
+    key = key_of(seed)
+    async with opened(provisioned, aws_names, retry=QUICK) as store:
+        with anyio.fail_after(DEADLINE):
+            await store.append(key, make_checkpoint(seed, 0), run=seed, keep_latest=None, now=T0)
+            ddb, _ = await store.clients()
+            with _LoseFirstReply(ddb, "TransactWriteItems") as lost:
+                await store.put_items(key, [make_item("a"), make_item("b", owner=0)],
+                                      create_only=True, now=T0)
+            assert lost.lost == 1
+            assert await store.get_items(key, ["a", "b"], now=T0) == {
+                "a": b"value-a", "b": b"value-b"}
+            with pytest.raises(ConflictError, match="already exists"):  # others still conflict
+                await store.put_items(key, [make_item("a")], create_only=True, now=T0)
+
+
+async def test_a_purge_whose_mark_lost_its_reply_counts_the_run(
+    provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    seed = make_run("lost-mark", expires_at=T0 + 10)
+    key = key_of(seed)
+    # A table of its own: a purge of the session's table counts other tests' records too.
+    names = (unique_name("mark"), aws_names[1])
+    async with opened(provisioned, names, retry=QUICK) as store:
+        with anyio.fail_after(DEADLINE):
+            await store.provision()
+            for sequence in range(2):
+                await store.append(key, make_checkpoint(seed, sequence, expires_at=T0 + 10),
+                                   run=seed, keep_latest=None, now=T0)
+            ddb, _ = await store.clients()
+            with _LoseFirstReply(ddb, "UpdateItem") as lost_mark:
+                assert await _purged(store, T0 + 10) == 2
+            assert lost_mark.lost == 1
+            assert await _raw_item(store, key, layout.RUN_SK) is None
+
+
+# -- transactions cancelled for other reasons (issue 12, item 13) --------------------------
+
+
+def _cancelled(*codes: str) -> ClientError:
+    reasons = [{"Code": code, "Message": f"{code} happened"} if code != "None" else
+               {"Code": "None"} for code in codes]
+    return ClientError(
+        {"Error": {"Code": "TransactionCanceledException", "Message": "cancelled"},
+         "CancellationReasons": reasons, "ResponseMetadata": {"RetryAttempts": 0}},
+        "TransactWriteItems",
+    )
+
+
+class _Cancelling:
+    """Stands in for ``transact_write_items``: cancels the first ``times`` calls with
+    ``codes``, then sends the real request."""
+
+    def __init__(self, real: Any, codes: tuple[str, ...], times: int) -> None:
+        self.real = real
+        self.codes = codes
+        self.times = times
+        self.calls = 0
+
+    async def __call__(self, **params: Any) -> Any:
+        self.calls += 1
+        if self.calls <= self.times:
+            raise _cancelled(*self.codes)
+        return await self.real(**params)
+
+
+@pytest.mark.parametrize(
+    ("codes", "error", "calls"),
+    [
+        (("None", "ValidationError"), ValidationError, 1),  # an item too large: at once
+        (("ItemCollectionSizeLimitExceeded", "None"), CheckpointError, 1),
+        (("ThrottlingError", "None"), StoreUnavailableError, 3),  # 1 + 2 retries
+        (("TransactionConflict", "None"), ConflictError, 3),
+    ],
+)
+async def test_cancellations_other_than_a_lost_race_surface_with_their_reason(
+    provisioned: str, aws_names: tuple[str, str], monkeypatch: pytest.MonkeyPatch,
+    codes: tuple[str, ...], error: type[Exception], calls: int,
+) -> None:
+    clock = [T0]
+    run_id = f"cancelled-{'-'.join(codes)}"
+    async with opened(provisioned, aws_names, retry=QUICK) as store:
+        manager = _manager(store, clock)
+        with anyio.fail_after(DEADLINE):
+            await manager.create(run_id, state={"n": 0})
+            ddb, _ = await store.clients()
+            fake = _Cancelling(ddb.transact_write_items, codes, times=100)
+            monkeypatch.setattr(ddb, "transact_write_items", fake)
+            with pytest.raises(error, match=codes[0] if codes[0] != "None" else codes[1]):
+                await manager.create(run_id, state={"n": 1})
+            assert fake.calls == calls
+            monkeypatch.undo()
+            run = await manager.get_run(run_id)
+            assert run is not None
+            assert run.checkpoint_count == 1
+
+
+async def test_a_throttled_transaction_is_retried_then_commits(
+    provisioned: str, aws_names: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [T0]
+    async with opened(provisioned, aws_names, retry=QUICK) as store:
+        manager = _manager(store, clock)
+        with anyio.fail_after(DEADLINE):
+            await manager.create("throttled", state={"n": 0})
+            ddb, _ = await store.clients()
+            fake = _Cancelling(ddb.transact_write_items, ("ThrottlingError", "None"), times=2)
+            monkeypatch.setattr(ddb, "transact_write_items", fake)
+            created = await manager.create("throttled", state={"n": 1})
+            assert fake.calls == 3
+            assert created is not None
+            assert created.metadata.sequence == 1
+
+
+# -- tampered records (issue 12, item 8) ------------------------------------------------------
+
+
+async def test_a_checkpoint_copied_from_another_run_is_corrupt(store: DynamoDBStore) -> None:
+    clock = [T0]
+    manager = _manager(store, clock)
+    with anyio.fail_after(DEADLINE):
+        mine = [await manager.create("victim", state={"n": n}) for n in range(2)]
+        theirs = await manager.create("intruder", state={"secret": True})
+        assert theirs is not None
+        source = await _raw_item(store, _ids.run_key("intruder"), layout.checkpoint_sk(0))
+        assert source is not None
+        ddb, _ = await store.clients()
+        victim = _ids.run_key("victim")
+        await ddb.put_item(TableName=store.table, Item={
+            **source, "PK": {"S": layout.partition(victim)},
+            "SK": {"S": layout.checkpoint_sk(1)}})
+
+        with pytest.raises(CorruptCheckpointError) as caught:
+            await manager.restore("victim")
+        assert layout.checkpoint_sk(1) in caught.value.key
+        with pytest.raises(CorruptCheckpointError):
+            await manager.restore_from(mine[1].checkpoint_id)
+        listed = await manager.list_checkpoints("victim")  # a listing skips it
+        assert [m.sequence for m in listed] == [0]
+
+
+async def test_a_checkpoint_item_with_a_malformed_attribute_is_corrupt(
+    store: DynamoDBStore,
+) -> None:
+    clock = [T0]
+    manager = _manager(store, clock)
+    with anyio.fail_after(DEADLINE):
+        mine = [await manager.create("edited", state={"n": n}) for n in range(2)]
+        ddb, _ = await store.clients()
+        key = _ids.run_key("edited")
+        await ddb.update_item(
+            TableName=store.table,
+            Key={"PK": {"S": layout.partition(key)}, "SK": {"S": layout.checkpoint_sk(1)}},
+            UpdateExpression="SET x = :soon",
+            ExpressionAttributeValues={":soon": {"S": "tomorrow"}},
+        )
+        with pytest.raises(CorruptCheckpointError, match="malformed") as caught:
+            await manager.restore("edited")
+        assert layout.checkpoint_sk(1) in caught.value.key
+        with pytest.raises(CorruptCheckpointError, match="malformed"):
+            await manager.restore_from(mine[1].checkpoint_id)
+        listed = await manager.list_checkpoints("edited")  # a listing skips it
+        assert [m.sequence for m in listed] == [0]
+
+
+# -- concurrent requests fail with one error (issue 12, item 16) -----------------------------
+
+
+async def test_concurrent_requests_fail_with_one_of_our_errors(provisioned: str) -> None:
+    missing = DynamoDBStore(unique_name("missing"), region=REGION, endpoint_url=provisioned,
+                            retry=QUICK)
+    manager = fastcheckpoint.CheckpointManager(missing)
+    run_key = _ids.run_key("anything")
+    calls = {
+        "list_runs": lambda: missing.list_runs(status=None, limit=5, cursor=None, now=T0),
+        "count_runs": lambda: missing.count_runs(status="active", now=T0),
+        "purge_expired": lambda: missing.purge_expired(now=T0, limit=5),
+        "cleanup_expired": missing.cleanup_expired,
+        "headers": lambda: missing.headers(run_key, before=5, limit=5, now=T0),
+        "delete_items": lambda: missing.delete_items(run_key, ["a", "b"]),
+        "damaged_runs": lambda: missing.damaged_runs(now=T0),
+        "lineage": lambda: manager.lineage(_ids.checkpoint_id(run_key, "aaaaaaaa", 3)),
+        "manager.list_runs": manager.list_runs,
+    }
+    try:
+        for name, call in calls.items():
+            with anyio.fail_after(DEADLINE):
+                try:
+                    await call()
+                except CheckpointError:
+                    continue
+                raise AssertionError(f"{name} did not fail")
+    finally:
+        await missing.aclose()
