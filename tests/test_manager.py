@@ -2207,3 +2207,15 @@ async def test_malformed_create_arguments_raise_validation_error(
         with pytest.raises(ValidationError):
             await manager.create(RUN, **bad)
         await _assert_nothing_written(manager, [])
+
+
+async def test_error_texts_say_what_to_do(manager: CheckpointManager) -> None:
+    @dataclass
+    class Msg:
+        text: str
+
+    with anyio.fail_after(10):
+        with pytest.raises(ValidationError, match=r"None for the configured default_ttl_seconds"):
+            await manager.create(RUN, {"n": 1}, ttl_seconds=0)
+        with pytest.raises(ValidationError, match=r"got Msg; convert it first .*asdict"):
+            await manager.create(RUN, Msg("hi"))  # type: ignore[arg-type]

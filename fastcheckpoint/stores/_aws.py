@@ -6,7 +6,7 @@ botocore's exceptions into ours, and counting the HTTP requests a client sends. 
 bucket (the S3 store's records, the DynamoDB store's large payloads) go through
 ``_s3_io.Bucket``.
 
-Retries (§3.11). botocore's *standard* mode decides what is transient (throttling codes such
+Retries. botocore's *standard* mode decides what is transient (throttling codes such
 as ``SlowDown`` and ``ProvisionedThroughputExceededException``, 5xx, connection resets and
 timeouts); its backoff, however, is hard-wired (base 1 s for throttling, cap 20 s). We keep
 botocore's decision and replace only the delay with :meth:`RetryPolicy.delay`, by swapping the

@@ -190,7 +190,7 @@ def test_prefix_and_url_validation() -> None:
         layout.hex_item_key("k" * 257)
 
 
-# -- request counts (§4 budget) ------------------------------------------------------------------
+# -- request counts (the cost budget) ----------------------------------------------------------
 
 
 async def test_request_counts_per_operation(s3_store: S3Store) -> None:
