@@ -123,6 +123,9 @@ class Header(msgspec.Struct, array_like=True, frozen=True):
     parent_id: str | None
     tags: list[str]
     ttl_seconds: float | None
+    extra: bytes = b""
+    """An adapter's own small metadata (a framework's checkpoint metadata, for filters that
+    must not read payloads); empty for the manager's checkpoints, and in older records."""
 
 
 class Payload(msgspec.Struct, array_like=True):

@@ -36,6 +36,9 @@ from fastcheckpoint.errors import ConfigurationError, ValidationError
 
 __all__ = [
     "EMPTY_RUN",
+    "MAX_ITEM_KEY_BYTES",
+    "MAX_LABELS",
+    "MAX_LABEL_BYTES",
     "CheckpointHeader",
     "CheckpointStore",
     "ExpiryCleanup",
@@ -44,10 +47,14 @@ __all__ = [
     "RunRecord",
     "StoredCheckpoint",
     "SupportsDefaultTTL",
+    "SupportsLabels",
     "SupportsProvision",
     "SupportsRepair",
+    "SupportsSharedItems",
     "check_keep_latest",
+    "check_labels",
     "check_options",
+    "check_shared_items",
     "header_of",
     "is_live",
     "item_key_bytes",
@@ -75,6 +82,9 @@ class StoredCheckpoint(CheckpointHeader, frozen=True, kw_only=True):
     """Manager-encoded body (state, messages...). Opaque to stores, never read by listings."""
     key: str = ""
     """Where the store keeps it (a path, a key): filled by stores on reads, for error messages."""
+    refs: tuple[str, ...] = ()
+    """Keys of the run's shared items this checkpoint uses (:class:`SupportsSharedItems`):
+    each stays while a held checkpoint lists it. Stores without the capability leave it empty."""
 
 
 class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,6 +107,10 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     leave it alone."""
     data: bytes = b""
     """Manager-encoded run details (error, approvals, history). Opaque to stores."""
+    labels: tuple[str, ...] = ()
+    """Set from the seed when the run is created, never changed afterwards; runs are found by
+    them with :class:`SupportsLabels` (at most :data:`MAX_LABELS`, each a non-empty ``str`` of at
+    most :data:`MAX_LABEL_BYTES` UTF-8 bytes). Stores without the capability ignore them."""
 
 
 class Item(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,6 +122,11 @@ class Item(msgspec.Struct, frozen=True, kw_only=True):
     """Sequence of the checkpoint this item belongs to: deleted whenever that checkpoint is."""
     expires_at: float | None = None
 
+
+MAX_ITEM_KEY_BYTES = 128
+"""The longest item key, in UTF-8 bytes, that every store takes (adapters hash longer names)."""
+MAX_LABELS = 16
+MAX_LABEL_BYTES = 256
 
 EMPTY_RUN = 0.0
 """``RunRecord.expires_at`` of a run whose last checkpoint was removed: expired since 1970."""
@@ -442,3 +461,114 @@ def check_options(where: str, given: Iterable[str], known: Collection[str]) -> N
     message += f"; did you mean {close[0]!r}?" if close else "."
     listed = ", ".join(sorted(known)) or "none"
     raise ConfigurationError(f"{message} Known options: {listed}.")
+
+
+@runtime_checkable
+class SupportsLabels(Protocol):
+    """Runs found by labels: a thread's runs, an app's or a user's sessions.
+
+    A run's ``labels`` come from the seed of the ``append`` that creates it (also a new
+    incarnation after expiry or ``delete_run``) and never change; ``get_run`` and listings
+    return them. Invalid labels (more than :data:`MAX_LABELS`, empty, not ``str``, longer than
+    :data:`MAX_LABEL_BYTES`) make that ``append`` raise :class:`ValidationError` and change
+    nothing.
+
+    ``runs_with_label(label, limit=n, cursor=c, now=t)`` pages the live runs carrying
+    ``label``, newest created first like ``list_runs``, with an opaque cursor (``None`` after
+    the last page); a run that expires or is deleted leaves every label listing with it. It
+    never reads checkpoints.
+    """
+
+    async def runs_with_label(
+        self, label: str, *, limit: int, cursor: str | None, now: float
+    ) -> tuple[list[RunRecord], str | None]: ...
+
+
+@runtime_checkable
+class SupportsSharedItems(Protocol):
+    """A checkpoint written together with its side items, items shared by several
+    checkpoints, and one read that returns a checkpoint with all of them: what an adapter
+    needs to store a framework's checkpoint (channel values written once per version, pending
+    writes owned by their checkpoint) at one request per save and per load.
+
+    ``append_with_items(run_key, record, run=seed, keep_latest=n, now=t, items=[...])`` is
+    ``append`` with ``items`` written in the same atomic operation, each only if no live item
+    has its key (a live one is kept as it is: a value written once per version is never
+    rewritten). An item whose ``owner`` is ``record.sequence`` belongs to the new checkpoint;
+    any other owner is a :class:`ValidationError`. Either all of it happens or none of it.
+
+    Shared items. An item named in the ``refs`` of a held checkpoint (one the store still
+    holds, live or expired but not yet purged) is *referenced*: it is never removed (not by
+    expiry, pruning or purging) while any held checkpoint of the run names it, and it is
+    removed once none does: with the removal of the last checkpoint that named it, or at the
+    latest by the ``purge_expired`` that completes after that removal (a store may sweep). An
+    append racing a removal never loses an item its record names. ``refs`` naming no item are
+    allowed (reads return what exists). Keys follow the item rules (at most
+    :data:`MAX_ITEM_KEY_BYTES`). Shared items carry no expiry of their own (``expires_at``
+    ``None``): the checkpoints naming them decide their life; owned items are given their
+    checkpoint's ``expires_at``, so everything of a checkpoint expires together.
+
+    ``read_with_items(run_key, sequence=s, now=t)`` returns what ``get`` (``sequence`` given)
+    or ``latest`` (``None``) would, plus, in one atomic read, the live items the checkpoint
+    owns and the items its ``refs`` name, as ``{key: value}``; ``None`` when there is no such
+    live checkpoint. The record comes back with its ``refs``.
+
+    ``put_owned_items(run_key, items, owner=s, checkpoint_id=c, if_absent=b, now=t)`` writes
+    items that belong to checkpoint ``s`` (every ``item.owner`` must be ``s``, else
+    :class:`ValidationError`) only if that checkpoint is live and its id is ``c``, atomically
+    with that check; with ``if_absent`` a live item already at a key is kept. Returns whether
+    it wrote (``False``: the checkpoint is gone, nothing was written; a write for a deleted
+    run never brings it back).
+    """
+
+    async def append_with_items(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        *,
+        run: RunRecord,
+        keep_latest: int | None,
+        now: float,
+        items: Sequence[Item],
+    ) -> str: ...
+
+    async def read_with_items(
+        self, run_key: str, *, sequence: int | None, now: float
+    ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None: ...
+
+    async def put_owned_items(
+        self,
+        run_key: str,
+        items: Sequence[Item],
+        *,
+        owner: int,
+        checkpoint_id: str,
+        if_absent: bool,
+        now: float,
+    ) -> bool: ...
+
+
+def check_labels(labels: object) -> tuple[str, ...]:
+    """The one validation of a seed's ``labels``; :class:`ValidationError` saying why."""
+    if not isinstance(labels, tuple):
+        raise ValidationError(f"labels must be a tuple of str, got {type(labels).__name__}")
+    if len(labels) > MAX_LABELS:
+        raise ValidationError(f"a run takes at most {MAX_LABELS} labels, got {len(labels)}")
+    for label in labels:
+        if not isinstance(label, str) or not label:
+            raise ValidationError(f"a label must be a non-empty str, got {label!r:.40}")
+        item_key_bytes(label, MAX_LABEL_BYTES, "a label")
+    return labels
+
+
+def check_shared_items(record: StoredCheckpoint, items: Sequence[Item]) -> None:
+    """The one validation of ``append_with_items``' items and refs (before anything is
+    written): owners are the new checkpoint or none, keys are valid item keys."""
+    for key in record.refs:
+        item_key_bytes(key, MAX_ITEM_KEY_BYTES, "an item key")
+    for item in items:
+        item_key_bytes(item.key, MAX_ITEM_KEY_BYTES, "an item key")
+        if item.owner is not None and item.owner != record.sequence:
+            raise ValidationError(
+                f"item {item.key[:40]!r} is owned by checkpoint {item.owner}; items appended "
+                f"with checkpoint {record.sequence} belong to it or to no checkpoint")

@@ -14,7 +14,9 @@ yields a fresh store and closes it; every clause of
             yield store
             await store.aclose()
 
-Stores that rebuild damaged run records (``SupportsRepair``) also subclass
+Stores offering the adapter capabilities (``SupportsLabels``, ``SupportsSharedItems``) also
+subclass :class:`LabelsContract` and :class:`SharedItemsContract`. Stores that rebuild damaged
+run records (``SupportsRepair``) also subclass
 :class:`RepairContract`, adding a ``damage_run_record`` fixture that corrupts a run's record in
 place.
 
@@ -28,8 +30,13 @@ from __future__ import annotations
 import pytest
 
 # Plain asserts in the contract report their operands like those in a test module.
-pytest.register_assert_rewrite("fastcheckpoint.testing._contract", "fastcheckpoint.testing._repair")
+pytest.register_assert_rewrite(
+    "fastcheckpoint.testing._contract",
+    "fastcheckpoint.testing._repair",
+    "fastcheckpoint.testing._adapter",
+)
 
+from fastcheckpoint.testing._adapter import LabelsContract, SharedItemsContract  # noqa: E402
 from fastcheckpoint.testing._builders import (  # noqa: E402
     T0,
     checkpoint_id_of,
@@ -46,7 +53,9 @@ from fastcheckpoint.testing._repair import DamageRunRecord, RepairContract  # no
 __all__ = [
     "T0",
     "DamageRunRecord",
+    "LabelsContract",
     "RepairContract",
+    "SharedItemsContract",
     "StoreContract",
     "checkpoint_id_of",
     "header_of",

@@ -1,0 +1,412 @@
+"""Contracts of the capabilities adapters build on: ``SupportsLabels`` and
+``SupportsSharedItems`` (see their docstrings in :mod:`fastcheckpoint.stores`).
+
+A backend's test class subclasses the mixin of each capability it offers, with the same
+``store`` fixture as :class:`~fastcheckpoint.testing.StoreContract`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anyio
+import msgspec
+import pytest
+
+from fastcheckpoint.errors import SequenceConflict, ValidationError
+from fastcheckpoint.stores._base import (
+    MAX_ITEM_KEY_BYTES,
+    CheckpointStore,
+    Item,
+    RunRecord,
+    StoredCheckpoint,
+    SupportsLabels,
+    SupportsSharedItems,
+)
+from fastcheckpoint.testing._builders import (
+    T0,
+    checkpoint_id_of,
+    key_of,
+    make_checkpoint,
+    make_item,
+    make_run,
+    without_key,
+)
+from fastcheckpoint.testing._contract import ContractBase, _append, _delete, _sequences
+
+__all__ = ["LabelsContract", "SharedItemsContract"]
+
+
+async def _labelled(
+    store: CheckpointStore, run_id: str, labels: tuple[str, ...], *, now: float = T0,
+    expires_at: float | None = None,
+) -> RunRecord:
+    run = make_run(run_id, created_at=now)
+    seed = msgspec.structs.replace(run, labels=labels)
+    await _append(store, seed, 0, now=now, expires_at=expires_at)
+    return seed
+
+
+async def _all_with(store: SupportsLabels, label: str, *, now: float, limit: int = 2) -> list[str]:
+    """Run ids carrying ``label``, every page read with ``limit`` runs per page."""
+    found: list[str] = []
+    cursor: str | None = None
+    while True:
+        page, cursor = await store.runs_with_label(label, limit=limit, cursor=cursor, now=now)
+        found += [record.run_id for record in page]
+        if cursor is None:
+            return found
+
+
+class LabelsContract(ContractBase):
+    """``SupportsLabels``: runs carry labels from their creation and are found by them."""
+
+    async def test_store_offers_labels(self, store: CheckpointStore) -> None:
+        assert isinstance(store, SupportsLabels)
+
+    async def test_labels_are_kept_and_returned(self, store: CheckpointStore) -> None:
+        seed = await _labelled(store, "kept", ("thread:t1", "app:a"))
+
+        record = await store.get_run(key_of(seed), now=T0)
+        assert record is not None
+        assert record.labels == ("thread:t1", "app:a")
+        runs, _ = await store.list_runs(status=None, limit=10, cursor=None, now=T0)
+        assert [found.labels for found in runs] == [("thread:t1", "app:a")]
+
+    async def test_runs_are_found_by_each_label_newest_first(
+        self, store: CheckpointStore
+    ) -> None:
+        assert isinstance(store, SupportsLabels)
+        for index in range(5):
+            labels = ("thread:t1",) if index % 2 == 0 else ("thread:t2",)
+            await _labelled(store, f"run-{index}", (*labels, "all"), now=T0 + index)
+
+        assert await _all_with(store, "thread:t1", now=T0 + 10) == ["run-4", "run-2", "run-0"]
+        assert await _all_with(store, "thread:t2", now=T0 + 10) == ["run-3", "run-1"]
+        assert await _all_with(store, "all", now=T0 + 10, limit=1) == [
+            f"run-{index}" for index in (4, 3, 2, 1, 0)
+        ]
+        assert await _all_with(store, "nobody", now=T0 + 10) == []
+
+    async def test_appends_do_not_change_labels(self, store: CheckpointStore) -> None:
+        assert isinstance(store, SupportsLabels)
+        seed = await _labelled(store, "fixed", ("first",))
+        later = msgspec.structs.replace(seed, labels=("second",))
+        await _append(store, later, 1, now=T0 + 1)
+
+        assert await _all_with(store, "first", now=T0 + 2) == ["fixed"]
+        assert await _all_with(store, "second", now=T0 + 2) == []
+
+    async def test_a_deleted_or_expired_run_leaves_its_labels(
+        self, store: CheckpointStore
+    ) -> None:
+        assert isinstance(store, SupportsLabels)
+        deleted = await _labelled(store, "deleted", ("gone",))
+        await _labelled(store, "expiring", ("gone",), expires_at=T0 + 10)
+        await _labelled(store, "staying", ("gone",))
+        await store.delete_run(key_of(deleted))
+
+        assert await _all_with(store, "gone", now=T0 + 5) == ["staying", "expiring"]
+        assert await _all_with(store, "gone", now=T0 + 10) == ["staying"]
+        await store.purge_expired(now=T0 + 10, limit=1000)
+        assert await _all_with(store, "gone", now=T0 + 5) == ["staying"]
+
+    async def test_a_new_incarnation_takes_its_seeds_labels(
+        self, store: CheckpointStore
+    ) -> None:
+        assert isinstance(store, SupportsLabels)
+        first = await _labelled(store, "reborn", ("old",))
+        await store.delete_run(key_of(first))
+        await _labelled(store, "reborn", ("new",), now=T0 + 1)
+
+        assert await _all_with(store, "old", now=T0 + 2) == []
+        assert await _all_with(store, "new", now=T0 + 2) == ["reborn"]
+
+    @pytest.mark.parametrize(
+        "labels",
+        [("",), ("x" * 257,), tuple(f"l{index}" for index in range(17)), ("ok", 7)],
+        ids=["empty", "too-long", "too-many", "not-str"],
+    )
+    async def test_invalid_labels_are_refused_and_nothing_is_written(
+        self, store: CheckpointStore, labels: tuple[object, ...]
+    ) -> None:
+        seed = msgspec.structs.replace(make_run("refused"), labels=labels)
+
+        with pytest.raises(ValidationError):
+            await _append(store, seed, 0)
+        assert await store.get_run(key_of(seed), now=T0) is None
+
+
+def _with_refs(
+    run: RunRecord, sequence: int, refs: Sequence[str], *, created_at: float,
+    expires_at: float | None,
+) -> StoredCheckpoint:
+    record = make_checkpoint(run, sequence, created_at=created_at, expires_at=expires_at)
+    return msgspec.structs.replace(record, refs=tuple(refs))
+
+
+async def _append_items(
+    store: CheckpointStore,
+    run: RunRecord,
+    sequence: int,
+    *,
+    refs: Sequence[str] = (),
+    items: Sequence[Item] = (),
+    now: float = T0,
+    expires_at: float | None = None,
+    keep_latest: int | None = None,
+) -> StoredCheckpoint:
+    assert isinstance(store, SupportsSharedItems)
+    record = _with_refs(run, sequence, refs, created_at=now, expires_at=expires_at)
+    seed = msgspec.structs.replace(run, expires_at=expires_at)
+    await store.append_with_items(
+        key_of(run), record, run=seed, keep_latest=keep_latest, now=now, items=items
+    )
+    return record
+
+
+async def _read(
+    store: CheckpointStore, run: RunRecord, sequence: int | None, *, now: float = T0
+) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+    assert isinstance(store, SupportsSharedItems)
+    return await store.read_with_items(key_of(run), sequence=sequence, now=now)
+
+
+async def _stored(store: CheckpointStore, run: RunRecord, keys: Sequence[str], *, now: float
+                  = T0) -> dict[str, bytes]:
+    return await store.get_items(key_of(run), list(keys), now=now)
+
+
+class SharedItemsContract(ContractBase):
+    """``SupportsSharedItems``: checkpoints with their items, shared items, owned writes."""
+
+    async def test_store_offers_shared_items(self, store: CheckpointStore) -> None:
+        assert isinstance(store, SupportsSharedItems)
+
+    async def test_append_writes_the_checkpoint_and_its_items_together(
+        self, store: CheckpointStore
+    ) -> None:
+        run = make_run("together")
+        record = await _append_items(
+            store, run, 0, refs=["b/a", "b/b"],
+            items=[make_item("b/a"), make_item("b/b"), make_item("w/0/x", owner=0)],
+        )
+
+        found = await _read(store, run, 0)
+        assert found is not None
+        checkpoint, status, items = found
+        assert without_key(checkpoint) == record
+        assert checkpoint.refs == ("b/a", "b/b")
+        assert status == "active"
+        assert items == {"b/a": b"value-b/a", "b/b": b"value-b/b", "w/0/x": b"value-w/0/x"}
+        assert await _read(store, run, None) == found
+
+    async def test_an_item_written_once_is_never_rewritten(self, store: CheckpointStore) -> None:
+        run = make_run("written-once")
+        await _append_items(store, run, 0, refs=["b/a"], items=[make_item("b/a", b"first")])
+        await _append_items(store, run, 1, refs=["b/a"], items=[make_item("b/a", b"second")])
+
+        found = await _read(store, run, 1)
+        assert found is not None
+        assert found[2] == {"b/a": b"first"}
+
+    async def test_later_checkpoints_share_items_of_earlier_ones(
+        self, store: CheckpointStore
+    ) -> None:
+        run = make_run("sharing")
+        await _append_items(store, run, 0, refs=["b/a1", "b/b1"],
+                            items=[make_item("b/a1"), make_item("b/b1")])
+        await _append_items(store, run, 1, refs=["b/a2", "b/b1"], items=[make_item("b/a2")])
+
+        first, second = await _read(store, run, 0), await _read(store, run, 1)
+        assert first is not None
+        assert second is not None
+        assert set(first[2]) == {"b/a1", "b/b1"}
+        assert set(second[2]) == {"b/a2", "b/b1"}
+
+    async def test_a_shared_item_lives_while_a_held_checkpoint_names_it(
+        self, store: CheckpointStore
+    ) -> None:
+        run = make_run("pruned-sharing")
+        await _append_items(store, run, 0, refs=["b/a", "b/old"],
+                            items=[make_item("b/a"), make_item("b/old")])
+        await _append_items(store, run, 1, refs=["b/a", "b/new"], items=[make_item("b/new")],
+                            keep_latest=1)
+        await store.purge_expired(now=T0, limit=1000)
+
+        assert await _sequences(store, run, now=T0) == [1]
+        found = await _read(store, run, 1)
+        assert found is not None
+        assert found[2] == {"b/a": b"value-b/a", "b/new": b"value-b/new"}
+        assert await _stored(store, run, ["b/old"]) == {}
+
+    async def test_items_named_by_no_held_checkpoint_are_removed(
+        self, store: CheckpointStore
+    ) -> None:
+        run = make_run("unreferenced")
+        first = await _append_items(store, run, 0, refs=["b/a"], items=[make_item("b/a")])
+        await _append_items(store, run, 1, refs=["b/a", "b/b"], items=[make_item("b/b")])
+        await _delete(store, run, 1)
+        await store.purge_expired(now=T0, limit=1000)
+        assert await _stored(store, run, ["b/a", "b/b"]) == {"b/a": b"value-b/a"}
+
+        assert await store.delete(key_of(run), 0, checkpoint_id=first.checkpoint_id)
+        await store.purge_expired(now=T0, limit=1000)
+        assert await _stored(store, run, ["b/a", "b/b"]) == {}
+
+    async def test_items_of_expired_checkpoints_go_with_them(
+        self, store: CheckpointStore
+    ) -> None:
+        run = make_run("expiring-items")
+        await _append_items(store, run, 0, refs=["b/a"], expires_at=T0 + 10,
+                            items=[make_item("b/a"), make_item("w/0", owner=0)])
+        await _append_items(store, run, 1, refs=["b/a", "b/b"], expires_at=T0 + 20,
+                            items=[make_item("b/b"), make_item("w/1", owner=1)])
+
+        later = await _read(store, run, 1, now=T0 + 15)
+        assert later is not None
+        assert set(later[2]) == {"b/a", "b/b", "w/1"}
+        assert await _read(store, run, 0, now=T0 + 15) is None
+        await store.purge_expired(now=T0 + 20, limit=1000)
+        assert await _stored(store, run, ["b/a", "b/b", "w/0", "w/1"], now=T0) == {}
+
+    async def test_a_run_deleted_takes_its_shared_items(self, store: CheckpointStore) -> None:
+        run = make_run("deleted-with-items")
+        await _append_items(store, run, 0, refs=["b/a"], items=[make_item("b/a")])
+        await store.delete_run(key_of(run))
+
+        assert await _stored(store, run, ["b/a"]) == {}
+
+    async def test_refs_naming_no_item_are_allowed(self, store: CheckpointStore) -> None:
+        run = make_run("dangling")
+        await _append_items(store, run, 0, refs=["b/missing", "b/here"],
+                            items=[make_item("b/here")])
+
+        found = await _read(store, run, 0)
+        assert found is not None
+        assert found[2] == {"b/here": b"value-b/here"}
+
+    async def test_read_latest_skips_expired_and_missing(self, store: CheckpointStore) -> None:
+        run = make_run("latest-read")
+        assert await _read(store, run, None) is None
+        await _append_items(store, run, 0, refs=["b/a"], items=[make_item("b/a")])
+        await _append_items(store, run, 1, refs=["b/b"], items=[make_item("b/b")],
+                            expires_at=T0 + 5)
+
+        found = await _read(store, run, None, now=T0 + 5)
+        assert found is not None
+        assert found[0].sequence == 0
+        assert found[2] == {"b/a": b"value-b/a"}
+        assert await _read(store, run, 7) is None
+
+    async def test_a_refused_append_writes_no_item(self, store: CheckpointStore) -> None:
+        assert isinstance(store, SupportsSharedItems)
+        run = make_run("refused-items")
+        await _append_items(store, run, 0)
+
+        with pytest.raises(SequenceConflict):
+            await _append_items(store, run, 5, refs=["b/x"],
+                                items=[make_item("b/x"), make_item("w/5", owner=5)])
+        assert await _stored(store, run, ["b/x", "w/5"]) == {}
+
+    @pytest.mark.parametrize(
+        ("refs", "items"),
+        [
+            ((), [Item(key="w/x", value=b"v", owner=3)]),
+            (("x" * (MAX_ITEM_KEY_BYTES + 1),), []),
+            ((), [Item(key="y" * (MAX_ITEM_KEY_BYTES + 1), value=b"v")]),
+        ],
+        ids=["foreign-owner", "long-ref", "long-key"],
+    )
+    async def test_invalid_items_are_refused_and_nothing_is_written(
+        self, store: CheckpointStore, refs: tuple[str, ...], items: list[Item]
+    ) -> None:
+        run = make_run("invalid-items")
+
+        with pytest.raises(ValidationError):
+            await _append_items(store, run, 0, refs=refs, items=items)
+        assert await store.get_run(key_of(run), now=T0) is None
+
+    async def test_owned_items_are_written_only_to_a_live_checkpoint(
+        self, store: CheckpointStore
+    ) -> None:
+        assert isinstance(store, SupportsSharedItems)
+        run = make_run("owned")
+        await _append_items(store, run, 0, expires_at=T0 + 10)
+        key = key_of(run)
+        own = checkpoint_id_of(run, 0)
+
+        assert await store.put_owned_items(key, [make_item("w/a", owner=0)], owner=0,
+                                           checkpoint_id=own, if_absent=False, now=T0)
+        assert not await store.put_owned_items(key, [make_item("w/b", owner=0)], owner=0,
+                                               checkpoint_id=own, if_absent=False,
+                                               now=T0 + 10)
+        other_life = checkpoint_id_of(make_run("owned"), 0)
+        assert not await store.put_owned_items(key, [make_item("w/c", owner=0)], owner=0,
+                                               checkpoint_id=other_life, if_absent=False,
+                                               now=T0)
+        found = await _read(store, run, 0)
+        assert found is not None
+        assert found[2] == {"w/a": b"value-w/a"}
+
+    async def test_owned_items_if_absent_keep_the_first_value(
+        self, store: CheckpointStore
+    ) -> None:
+        assert isinstance(store, SupportsSharedItems)
+        run = make_run("first-wins")
+        await _append_items(store, run, 0)
+        key, own = key_of(run), checkpoint_id_of(run, 0)
+
+        for value, if_absent in ((b"one", True), (b"two", True), (b"three", False)):
+            assert await store.put_owned_items(
+                key, [make_item("w/a", value, owner=0), make_item(f"w/{value!r}", owner=0)],
+                owner=0, checkpoint_id=own, if_absent=if_absent, now=T0)
+        found = await _read(store, run, 0)
+        assert found is not None
+        assert found[2]["w/a"] == b"three"
+        assert len(found[2]) == 4
+
+    async def test_owned_items_go_with_their_checkpoint(self, store: CheckpointStore) -> None:
+        assert isinstance(store, SupportsSharedItems)
+        run = make_run("owned-pruned")
+        await _append_items(store, run, 0)
+        assert await store.put_owned_items(
+            key_of(run), [make_item("w/0", owner=0)], owner=0,
+            checkpoint_id=checkpoint_id_of(run, 0), if_absent=True, now=T0)
+        await _append_items(store, run, 1, keep_latest=1)
+        await store.purge_expired(now=T0, limit=1000)
+
+        assert await _stored(store, run, ["w/0"]) == {}
+
+    async def test_owned_items_must_name_their_owner(self, store: CheckpointStore) -> None:
+        assert isinstance(store, SupportsSharedItems)
+        run = make_run("owner-mismatch")
+        await _append_items(store, run, 0)
+
+        with pytest.raises(ValidationError):
+            await store.put_owned_items(
+                key_of(run), [make_item("w/0", owner=1)], owner=0,
+                checkpoint_id=checkpoint_id_of(run, 0), if_absent=True, now=T0)
+        assert await _stored(store, run, ["w/0"]) == {}
+
+    async def test_an_append_racing_a_removal_keeps_what_it_names(
+        self, store: CheckpointStore
+    ) -> None:
+        # Checkpoint 0 names b/a; checkpoint 1 names it again (not rewriting it) while 0 is
+        # pruned and purged: b/a must survive for 1.
+        run = make_run("racing")
+        await _append_items(store, run, 0, refs=["b/a"], items=[make_item("b/a")])
+
+        async def prune_and_purge() -> None:
+            await _append_items(store, run, 1, refs=["b/a"], keep_latest=1)
+            await store.purge_expired(now=T0, limit=1000)
+
+        async def purge() -> None:
+            await store.purge_expired(now=T0, limit=1000)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(prune_and_purge)
+            group.start_soon(purge)
+        found = await _read(store, run, 1)
+        assert found is not None
+        assert found[2] == {"b/a": b"value-b/a"}
