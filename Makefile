@@ -66,7 +66,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks --quick
 
 docs: $(VENV)/.installed
-	$(BIN)/pip install -q mkdocs-material
+	$(BIN)/pip install -q mkdocs-material 'mkdocstrings[python]'
 	$(BIN)/mkdocs build --strict
 
 clean:

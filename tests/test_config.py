@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
+import types
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import anyio
 import pytest
@@ -513,3 +515,64 @@ def test_a_registered_store_without_its_package_names_what_to_install(
 
     with pytest.raises(ConfigurationError, match="pip install fc_thirdparty_store_not_installed"):
         open_store("thirdparty://x")
+
+
+def test_register_store_refuses_to_replace_a_scheme_unless_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import fastcheckpoint.stores as stores_module
+
+    monkeypatch.setattr(stores_module, "_REGISTRY", dict(stores_module._REGISTRY))
+    with pytest.raises(ConfigurationError, match=r"registered to fastcheckpoint\.stores\.redis"):
+        register_store("redis", "my_package.store:MyStore")
+    register_store("memory", "fastcheckpoint.stores.memory:MemoryStore")  # the same: harmless
+    register_store("redis", "fastcheckpoint.stores.memory:MemoryStore", replace=True)
+
+    assert isinstance(open_store("redis://x"), MemoryStore)
+
+
+@pytest.mark.parametrize("target", ["no-colon", "a:b:c", 7])
+def test_register_store_refuses_a_malformed_target(target: Any) -> None:
+    with pytest.raises(ConfigurationError, match=r"package\.module:Class"):
+        register_store("mystore", target)
+
+
+def test_stores_are_discovered_from_the_entry_point_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.metadata
+
+    import fastcheckpoint.stores as stores_module
+
+    class Remote(MemoryStore):
+        remote = True
+        seen: ClassVar[dict[str, Any]] = {}
+
+        @classmethod
+        def from_url(cls, url: str, **options: Any) -> Remote:
+            cls.seen.update(options)
+            return cls()
+
+    module = types.ModuleType("fc_entry_point_store")
+    module.Remote = Remote  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fc_entry_point_store", module)
+    entries = [
+        importlib.metadata.EntryPoint("viaplugin", "fc_entry_point_store:Remote",
+                                      "fastcheckpoint.stores"),
+        importlib.metadata.EntryPoint("redis", "fc_entry_point_store:Remote",
+                                      "fastcheckpoint.stores"),
+    ]
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: entries if group == "fastcheckpoint.stores" else [])
+    monkeypatch.setattr(stores_module, "_REGISTRY", dict(stores_module._REGISTRY))
+    monkeypatch.setattr(stores_module, "_ENTRY_POINTS", set())
+    stores_module._discover.cache_clear()
+    try:
+        assert "viaplugin" in stores_module.available_schemes()
+        store = open_store("viaplugin://x")
+        assert stores_module._REGISTRY["redis"].target == "fastcheckpoint.stores.redis:RedisStore"
+    finally:
+        stores_module._discover.cache_clear()
+
+    assert isinstance(store, Remote)
+    assert isinstance(Remote.seen["retry"], RetryPolicy)  # a remote class gets the policy

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,24 +27,31 @@ from fastcheckpoint.stores._base import (
     SupportsProvision,
     SupportsRepair,
     SupportsSharedItems,
+    check_keep_latest,
     check_labels,
     check_options,
     check_shared_items,
     header_of,
     is_live,
+    item_key_bytes,
+    key_successor,
     latest_expiry,
     purge_all,
 )
+from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop, require_asyncio
 
 __all__ = [
     "EMPTY_RUN",
+    "ENTRY_POINT_GROUP",
     "MAX_ITEM_KEY_BYTES",
     "MAX_LABELS",
     "MAX_LABEL_BYTES",
     "CheckpointHeader",
     "CheckpointStore",
     "ExpiryCleanup",
+    "GivenClientLoop",
     "Item",
+    "PerLoop",
     "RunDamage",
     "RunRecord",
     "StoredCheckpoint",
@@ -52,15 +61,19 @@ __all__ = [
     "SupportsRepair",
     "SupportsSharedItems",
     "available_schemes",
+    "check_keep_latest",
     "check_labels",
     "check_options",
     "check_shared_items",
     "header_of",
     "is_live",
+    "item_key_bytes",
+    "key_successor",
     "latest_expiry",
     "open_store",
     "purge_all",
     "register_store",
+    "require_asyncio",
 ]
 
 
@@ -72,6 +85,13 @@ class _Backend:
         self.extra = extra
         self.remote = remote
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Backend) and (self.target, self.extra, self.remote) == (
+            other.target, other.extra, other.remote)
+
+    def __hash__(self) -> int:
+        return hash((self.target, self.extra, self.remote))
+
 
 _REGISTRY: dict[str, _Backend] = {
     "memory": _Backend("fastcheckpoint.stores.memory:MemoryStore", None, remote=False),
@@ -82,23 +102,71 @@ _REGISTRY: dict[str, _Backend] = {
     },
     "s3": _Backend("fastcheckpoint.stores.s3:S3Store", "s3", remote=True),
     "dynamodb": _Backend("fastcheckpoint.stores.dynamodb:DynamoDBStore", "dynamodb", remote=True),
+    **{
+        scheme: _Backend("fastcheckpoint.stores.postgres:PostgresStore", "postgres", remote=True)
+        for scheme in ("postgresql", "postgres")
+    },
+    "sqlite": _Backend("fastcheckpoint.stores.sqlite:SQLiteStore", None, remote=False),
 }
 
+ENTRY_POINT_GROUP = "fastcheckpoint.stores"
+"""Third-party stores register here: ``[project.entry-points."fastcheckpoint.stores"]`` with
+``myscheme = "my_package.store:MyStore"``. A class whose ``remote`` attribute is true gets the
+retry policy, as with ``register_store(..., remote=True)``."""
 
 def register_store(
-    scheme: str, target: str, extra: str | None = None, *, remote: bool = False
+    scheme: str,
+    target: str,
+    extra: str | None = None,
+    *,
+    remote: bool = False,
+    replace: bool = False,
 ) -> None:
     """Map a URL scheme to ``"package.module:Class"``; the class needs ``from_url(url, **kw)``.
 
     ``remote`` stores talk to a server and retry transient failures: ``open_store`` hands
-    them the ``retry`` policy, and their ``from_url`` must accept ``retry=``.
+    them the ``retry`` policy, and their ``from_url`` must accept ``retry=``. ``extra`` names
+    the ``fastcheckpoint[extra]`` to install when the import fails. A scheme that is already
+    registered to something else is a :class:`ConfigurationError` unless ``replace=True``:
+    nobody silently takes over ``redis://``. Registering the same thing twice is harmless.
     """
-    _REGISTRY[scheme.lower()] = _Backend(target, extra, remote)
+    if not isinstance(scheme, str) or not scheme or "://" in scheme:
+        raise ConfigurationError(f"a store scheme is a name like 'mystore', got {scheme!r}")
+    if not isinstance(target, str) or target.count(":") != 1:
+        raise ConfigurationError(
+            f"a store target is 'package.module:Class', got {target!r}")
+    _discover()
+    key = scheme.lower()
+    backend = _Backend(target, extra, remote)
+    current = _REGISTRY.get(key)
+    if current is not None and current != backend and not replace:
+        raise ConfigurationError(
+            f"the {key}:// scheme is registered to {current.target} already; pass "
+            "replace=True to replace it")
+    _REGISTRY[key] = backend
 
 
 def available_schemes() -> list[str]:
-    """URL schemes ``open_store`` knows, whether or not their extras are installed."""
+    """URL schemes ``open_store`` knows (entry points included), whether or not their
+    extras are installed."""
+    _discover()
     return sorted(_REGISTRY)
+
+
+@functools.cache
+def _discover() -> None:
+    """Add the stores installed packages declare in the entry-point group, once; bundled and
+    already registered schemes win (a package cannot take over ``redis://`` by installing)."""
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        key = entry.name.lower()
+        if key in _REGISTRY:
+            continue
+        _REGISTRY[key] = _Backend(entry.value, None, remote=False)
+        _ENTRY_POINTS.add(key)
+
+
+_ENTRY_POINTS: set[str] = set()
+"""Schemes found through entry points: whether they are remote is read from their class."""
 
 
 def open_store(url: str, *, retry: RetryPolicy | None = None, **options: Any) -> CheckpointStore:
@@ -115,6 +183,7 @@ def open_store(url: str, *, retry: RetryPolicy | None = None, **options: Any) ->
         scheme = urlsplit(url).scheme.lower() if "://" in url else "file"
     except ValueError as exc:  # e.g. an unclosed IPv6 bracket: redis://[::1
         raise ConfigurationError(f"malformed store URL {url!r}: {exc}") from exc
+    _discover()
     if scheme not in _REGISTRY:
         known = ", ".join(f"{name}://" for name in sorted(_REGISTRY))
         raise ConfigurationError(f"unknown store URL scheme {scheme!r} in {url!r}; known: {known}")
@@ -129,8 +198,12 @@ def open_store(url: str, *, retry: RetryPolicy | None = None, **options: Any) ->
             f"the {scheme}:// store needs packages that are not installed ({exc.name}); "
             f"run: {hint}"
         ) from exc
-    store_class = getattr(module, class_name)
-    if backend.remote:
+    store_class = getattr(module, class_name, None)
+    if store_class is None or not callable(getattr(store_class, "from_url", None)):
+        raise ConfigurationError(
+            f"the {scheme}:// store {backend.target} does not exist or has no from_url(url)")
+    remote = backend.remote or (scheme in _ENTRY_POINTS and getattr(store_class, "remote", False))
+    if remote:
         options["retry"] = retry if retry is not None else RetryPolicy()
     store: CheckpointStore = store_class.from_url(url, **options)
     return store
