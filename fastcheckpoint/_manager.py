@@ -29,7 +29,7 @@ import anyio.lowlevel
 import msgspec
 
 from fastcheckpoint import _export, _ids
-from fastcheckpoint._codec import Codec, Header, Payload, RunData, json_copy, to_json_text
+from fastcheckpoint._codec import Codec, Header, Payload, RunData, to_json_text
 from fastcheckpoint._config import CheckpointConfig, RetryPolicy
 from fastcheckpoint._model import (
     Checkpoint,
@@ -38,6 +38,15 @@ from fastcheckpoint._model import (
     RepairReport,
     RunInfo,
     StatusChange,
+)
+from fastcheckpoint._validate import (
+    list_arg,
+    lookup_id,
+    mapping_arg,
+    request_arg,
+    status_arg,
+    tags_arg,
+    text_arg,
 )
 from fastcheckpoint.errors import (
     CheckpointError,
@@ -274,13 +283,13 @@ class CheckpointManager:
         """
         key = _ids.key_of(run_id)
         body = Payload(
-            _mapping("state", state),
-            _sequence("messages", messages),
-            _sequence("tool_calls", tool_calls),
-            _mapping("context", context),
+            mapping_arg("state", state),
+            list_arg("messages", messages),
+            list_arg("tool_calls", tool_calls),
+            mapping_arg("context", context),
         )
-        step = _text("step_name", step_name)
-        tag_list = _tags(tags)
+        step = text_arg("step_name", step_name)
+        tag_list = tags_arg(tags)
         now = self.config.clock()
         ttl = self._ttl(ttl_seconds, now)
         hint = self._hints.get(key)
@@ -319,14 +328,18 @@ class CheckpointManager:
         *,
         now: float,
         expires_at: float | None,
+        new_run: bool = False,
     ) -> tuple[StoredCheckpoint, str | None, str]:
         """Propose the next sequence, retrying on conflicts; the store decides who wins.
 
         Returns the record written, its parent id and the run status. Creates of one run in
-        this process take turns: racing each other would only burn retries.
+        this process take turns: racing each other would only burn retries. With
+        ``new_run`` the checkpoint must start the run (sequence 0 of a new incarnation):
+        an existing run is a :class:`ConflictError`, not a race to retry.
         """
         async with self._writer(key):
-            return await self._append_turn(key, header, payload, now=now, expires_at=expires_at)
+            return await self._append_turn(
+                key, header, payload, now=now, expires_at=expires_at, new_run=new_run)
 
     @contextlib.asynccontextmanager
     async def _writer(self, key: str) -> AsyncIterator[None]:
@@ -350,19 +363,19 @@ class CheckpointManager:
         *,
         now: float,
         expires_at: float | None,
+        new_run: bool,
     ) -> tuple[StoredCheckpoint, str | None, str]:
-        hint = self._hints.get(key)
+        hint = None if new_run else self._hints.get(key)
         guess = None if hint is None else (hint.latest_sequence, hint.incarnation)
         for attempt in range(self.config.max_sequence_retries):
             sequence, incarnation = (0, _ids.new_incarnation()) if guess is None else (
                 guess[0] + 1, guess[1])
-            checkpoint_id = _ids.checkpoint_id(key, incarnation, sequence)
             parent = header.parent_id
             if parent is None and sequence > 0:
                 parent = _ids.checkpoint_id(key, incarnation, sequence - 1)
             record = StoredCheckpoint(
                 sequence=sequence,
-                checkpoint_id=checkpoint_id,
+                checkpoint_id=_ids.checkpoint_id(key, incarnation, sequence),
                 created_at=now,
                 expires_at=expires_at,
                 header=self._codec.encode_header(msgspec.structs.replace(header, parent_id=parent)),
@@ -378,6 +391,8 @@ class CheckpointManager:
                     key, record, run=seed, keep_latest=self.config.keep_latest, now=now
                 )
             except SequenceConflict as conflict:
+                if new_run:
+                    raise ConflictError(f"run {header.run_id!r} exists already") from conflict
                 guess = await self._observed_head(key, conflict, now)
                 last = attempt + 1 == self.config.max_sequence_retries
                 if attempt >= _FREE_RETRIES and not last:
@@ -478,7 +493,7 @@ class CheckpointManager:
         return ttl
 
     async def _require_parent(self, key: str, parent_id: str) -> None:
-        parsed = _lookup_id(parent_id, "parent_id")
+        parsed = lookup_id(parent_id, "parent_id")
         if parsed is None:
             raise CheckpointNotFound(
                 f"parent_id {parent_id[:80]!r} does not exist (it is not a checkpoint id "
@@ -516,7 +531,7 @@ class CheckpointManager:
         self, checkpoint_id: str
     ) -> tuple[str, tuple[StoredCheckpoint, str]] | None:
         """The run key and the live record with this id, if there is one."""
-        parsed = _lookup_id(checkpoint_id)
+        parsed = lookup_id(checkpoint_id)
         if parsed is None:
             return None
         key, _, sequence = parsed
@@ -578,8 +593,8 @@ class CheckpointManager:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValidationError(f"limit must be a non-negative integer, got {limit!r}")
         cursor, incarnation = (None, None) if before is None else self._before(key, before)
-        wanted = set(_tags(tags))
-        step = None if step_name is None else _text("step_name", step_name)
+        wanted = set(tags_arg(tags))
+        step = None if step_name is None else text_arg("step_name", step_name)
         now = self.config.clock()
         result: list[CheckpointMetadata] = []
         while len(result) < limit:
@@ -635,7 +650,7 @@ class CheckpointManager:
 
         Follows ``parent_id`` across forks into the source run. An unknown id gives ``[]``.
         """
-        if _lookup_id(checkpoint_id) is None:
+        if lookup_id(checkpoint_id) is None:
             return []
         chain: list[CheckpointMetadata] = []
         seen: set[str] = set()
@@ -656,7 +671,7 @@ class CheckpointManager:
 
     async def delete(self, checkpoint_id: str) -> bool:
         """Delete one checkpoint; ``False`` if it did not exist (or is not one of our ids)."""
-        parsed = _lookup_id(checkpoint_id)
+        parsed = lookup_id(checkpoint_id)
         if parsed is None:
             return False
         key, _, sequence = parsed
@@ -851,28 +866,13 @@ class CheckpointManager:
         new_key = _ids.key_of(new_run_id)
         ttl = self._ttl(ttl_seconds, now)
         expires_at = None if ttl is None else now + ttl
-        incarnation = _ids.new_incarnation()
         new_header = Header(new_run_id, header.step_name, checkpoint_id, header.tags, ttl)
-        record = StoredCheckpoint(
-            sequence=0,
-            checkpoint_id=_ids.checkpoint_id(new_key, incarnation, 0),
-            created_at=now,
-            expires_at=expires_at,
-            header=self._codec.encode_header(new_header),
-            payload=source.payload,
-        )
-        seed = RunRecord(
-            run_id=new_run_id, incarnation=incarnation, status=CheckpointStatus.ACTIVE.value,
-            created_at=now, updated_at=now, latest_sequence=0, checkpoint_count=1,
-            expires_at=expires_at,
-        )
         try:
-            status = await self._store.append(
-                new_key, record, run=seed, keep_latest=self.config.keep_latest, now=now
-            )
-        except SequenceConflict as exc:
+            record, _, status = await self._append(
+                new_key, new_header, source.payload, now=now, expires_at=expires_at,
+                new_run=True)
+        except ConflictError as exc:
             raise ConflictError(f"cannot fork into {new_run_id!r}: that run exists") from exc
-        self._remember(new_key, _Hint(0, incarnation, len(source.payload)))
         metadata = self._metadata(record, new_header,
                                   _reported_status(status, record.checkpoint_id))
         return Checkpoint(metadata, body.state, body.messages, body.tool_calls, body.context)
@@ -905,7 +905,7 @@ class CheckpointManager:
             raise ValidationError(f"limit must be a positive integer, got {limit!r}")
         if cursor is not None and not isinstance(cursor, str):
             raise ValidationError(f"cursor must be a str from a previous page, got {cursor!r}")
-        wanted = None if status is None else _status_arg(status).value
+        wanted = None if status is None else status_arg(status).value
         records, next_cursor = await self._store.list_runs(
             status=wanted, limit=limit, cursor=cursor, now=self.config.clock()
         )
@@ -923,7 +923,7 @@ class CheckpointManager:
             return None
 
     async def count_runs(self, status: CheckpointStatus | str | None = None) -> int:
-        wanted = None if status is None else _status_arg(status).value
+        wanted = None if status is None else status_arg(status).value
         return await self._store.count_runs(status=wanted, now=self.config.clock())
 
     # -- audit export -----------------------------------------------------------------------
@@ -1000,7 +1000,7 @@ class CheckpointManager:
 
     async def mark_failed(self, run_id: str, error: str = "") -> RunInfo | None:
         """Set the run FAILED with ``error`` (from ACTIVE or PAUSED); ``None`` if no such run."""
-        error = _text("error", error)
+        error = text_arg("error", error)
 
         def record_error(data: RunData, now: float) -> None:
             data.error = error
@@ -1023,7 +1023,7 @@ class CheckpointManager:
         :class:`CheckpointNotFound` if there is no such run; :class:`ConflictError` if it is
         not ACTIVE (a paused run already waits for a decision).
         """
-        asked = _request(request)
+        asked = request_arg(request)
 
         def record_request(data: RunData, now: float) -> None:
             data.approval = {"request": asked, "requested_at": now}
@@ -1051,7 +1051,7 @@ class CheckpointManager:
         :class:`ConflictError` if the run is not PAUSED.
         """
         return await self._decide(run_id, CheckpointStatus.ACTIVE, "approved", approver,
-                                  "comment", _text("comment", comment), requested_at)
+                                  "comment", text_arg("comment", comment), requested_at)
 
     async def reject(
         self,
@@ -1068,7 +1068,7 @@ class CheckpointManager:
         PAUSED is a :class:`ConflictError`; a missing run is :class:`CheckpointNotFound`.
         """
         return await self._decide(run_id, CheckpointStatus.REJECTED, "rejected", approver,
-                                  "reason", _text("reason", reason), requested_at)
+                                  "reason", text_arg("reason", reason), requested_at)
 
     async def _decide(
         self,
@@ -1080,7 +1080,7 @@ class CheckpointManager:
         note: str,
         requested_at: float | None,
     ) -> RunInfo:
-        who = _text("approver", approver)
+        who = text_arg("approver", approver)
         if not who:
             raise ValidationError("approver must name who decides, got an empty string")
         if requested_at is not None and (
@@ -1294,81 +1294,6 @@ def _run_status(value: str) -> CheckpointStatus | None:
     except ValueError:
         return None
     return None if status is CheckpointStatus.EXPIRED else status
-
-
-def _status_arg(value: CheckpointStatus | str) -> CheckpointStatus:
-    try:
-        return CheckpointStatus(value)
-    except ValueError as exc:
-        names = ", ".join(status.value for status in CheckpointStatus)
-        raise ValidationError(f"unknown status {value!r}; use one of {names}") from exc
-
-
-def _mapping(name: str, value: object) -> dict[Any, Any]:
-    if value is None and name != "state":
-        return {}
-    if isinstance(value, dict):
-        return value
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise ValidationError(
-        f"{name} must be a dict, got {type(value).__name__}; convert it first (e.g. "
-        "dataclasses.asdict(obj), model.model_dump(), msgspec.structs.asdict(obj))")
-
-
-def _request(value: object) -> dict[str, Any]:
-    """An approval request: a copy of a dict of JSON values, so that the run details, the
-    audit export and whoever reads the queue see exactly what the caller asked."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ValidationError(f"request must be a dict, got {type(value).__name__}")
-    try:
-        copied: dict[str, Any] = json_copy(dict(value), "request")
-    except SerializationError as exc:
-        raise ValidationError(
-            f"request must hold JSON values only (dicts with str keys, lists, str, int, float, "
-            f"bool, None): {exc}") from exc
-    return copied
-
-
-def _sequence(name: str, value: object) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, list):
-        return value
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ValidationError(f"{name} must be a list, got {type(value).__name__}")
-    return list(value)
-
-
-def _text(name: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise ValidationError(f"{name} must be a str, got {type(value).__name__}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValidationError(f"{name} must be valid unicode (it has a lone surrogate)") from exc
-    return value
-
-
-def _tags(tags: object) -> list[str]:
-    if tags is None:
-        return []
-    if isinstance(tags, str) or not isinstance(tags, (list, tuple, set, frozenset)):
-        raise ValidationError(f"tags must be a list of str, got {type(tags).__name__}")
-    result = list(tags)
-    for tag in result:
-        _text("tags[]", tag)
-    return result
-
-
-def _lookup_id(value: object, what: str = "checkpoint_id") -> tuple[str, str, int] | None:
-    """Where a checkpoint id points, or ``None`` for a string that is not one of our ids
-    (not found, as FastAgentic's docs expect); anything but a ``str`` is a mistake."""
-    if not isinstance(value, str):
-        raise ValidationError(f"{what} must be a str, got {type(value).__name__}")
-    return _ids.parse_checkpoint_id(value)
 
 
 def _where(run_key: str, stored: CheckpointHeader) -> str:
