@@ -2,11 +2,11 @@
 
 Calling convention (every script)
 ---------------------------------
-``KEYS`` are the run's eight fixed keys, all under the hash tag ``{<run key>}`` so that a script
+``KEYS`` are the run's ten fixed keys, all under the hash tag ``{<run key>}`` so that a script
 touches one slot (checkpoint keys ``<base>c:<sequence>`` and operation memos ``<base>op:<token>``
 are built inside the script and share the tag)::
 
-    KEYS[1] run  hash: rid inc st ct ut ls v d m          (the run record)
+    KEYS[1] run  hash: rid inc st ct ut ls v d m lb       (the run record; lb: labels)
     KEYS[2] seq  zset: sequence -> sequence                (the checkpoint log)
     KEYS[3] exp  zset: sequence -> expires_at              (checkpoints that expire)
     KEYS[4] due  hash: s (score) m (member)                (what the global due index holds)
@@ -14,7 +14,9 @@ are built inside the script and share the tag)::
     KEYS[6] iv   hash: item key -> value
     KEYS[7] io   zset: item key -> owner sequence
     KEYS[8] ie   zset: item key -> expires_at
-    KEYS[9]      the checkpoint key the operation names, where it names one
+    KEYS[9] ir   hash: item key -> how many held checkpoints name it in their refs
+    KEYS[10] cr  hash: sequence -> the refs of that checkpoint (a JSON list, as the client sent)
+    KEYS[11]     the checkpoint key the operation names, where it names one
 
 ``ARGV[1]`` is the run's key base (``<ns>{<run key>}:``), ``ARGV[2]`` the manager's ``now``
 (epoch seconds; ``''`` for the delete calls, which get no clock), ``ARGV[3]`` the grace in ms
@@ -33,11 +35,19 @@ at their slot. A run hash that cannot be used while its log holds live checkpoin
 *damaged* (see ``load_run``): reads still return the checkpoints (status ``active``), writes
 answer ``{'damaged', problem}`` and change nothing.
 
+Shared items. A checkpoint's refs (item keys) are kept in ``cr`` rather than in the checkpoint
+hash, because that hash may expire natively before its log entry is dropped: every removal of a
+checkpoint (pruning, ``delete``, purging, a log entry whose key vanished) reads its refs there
+and lowers the counts in ``ir``; an item no held checkpoint names any more is removed at once,
+unless a held checkpoint owns it. A referenced item carries no expiry of its own, and the item
+keys live as long as the run (plus the grace), so it never expires while a held checkpoint names
+it.
+
 Lost replies. redis-py retries a call whose reply was lost, with the same arguments. Appends
-recognise their own write token in the checkpoint they wrote; run updates, the counting deletes
-and the purge remember their reply (and the index operations it carried) for five minutes under
-``<base>op:<token>`` and answer a retry with it (a run update with the record as it is then:
-another change may have followed).
+recognise their own write token in the checkpoint they wrote; run updates, the counting deletes,
+owned-item writes, create-only item writes and the purge remember their reply (and the index
+operations it carried) for five minutes under ``<base>op:<token>`` and answer a retry with it
+(a run update with the record as it is then: another change may have followed).
 
 Floats travel as the decimal strings Python wrote (``repr``) or Redis formats (scores); the
 scripts compare them with ``tonumber`` and store the strings unchanged, so no precision is lost
@@ -60,7 +70,8 @@ _APPLY_OP = r"""
 -- Index operations on the global keys (all under one hash tag of their own).
 --   add    member status stamp   a new run
 --   sync   member status stamp   make the indexes say what the run record says
---   forget member                a run that is gone: out of every index
+--   forget member                a run that is gone: out of every index (its labels too)
+--   label  member labels         a new run's labels (a JSON list): into each label's index
 --   damaged member               a run whose record is damaged: counts skip it until repaired
 --   due    old new score         (re)schedule the run for purging; new '' = unschedule
 --   intend intent score          Redis Cluster: a run script is about to change the indexes
@@ -76,6 +87,22 @@ local function newer(g, member, stamp)
   if known and known > tonumber(stamp) then return false end
   redis.call('HSET', g .. 'ver', member, stamp)
   return true
+end
+
+-- A JSON list of strings as a Lua table; {} for anything else (a foreign value is skipped).
+local function decode_list(blob)
+  if not blob or blob == '' then return {} end
+  local ok, list = pcall(cjson.decode, blob)
+  if ok and type(list) == 'table' then return list end
+  return {}
+end
+
+-- The run leaves the index of each label `lab` says it carries.
+local function unlabel(g, member)
+  local labels = redis.call('HGET', g .. 'lab', member)
+  if not labels then return end
+  for _, label in ipairs(decode_list(labels)) do redis.call('ZREM', g .. 'l:' .. label, member) end
+  redis.call('HDEL', g .. 'lab', member)
 end
 
 local function sync(g, member, status, stamp)
@@ -105,6 +132,11 @@ local function apply_op(g, kind, a, b, c)
     for _, status in ipairs(redis.call('SMEMBERS', g .. 'statuses')) do
       redis.call('ZREM', g .. 's:' .. status, a)
     end
+    unlabel(g, a)
+  elseif kind == 'label' then
+    -- A member names one incarnation, whose labels never change: no stamp needed.
+    redis.call('HSET', g .. 'lab', a, b)
+    for _, label in ipairs(decode_list(b)) do redis.call('ZADD', g .. 'l:' .. label, 0, a) end
   elseif kind == 'due' then
     if a ~= '' and a ~= b then redis.call('ZREM', g .. 'due', a) end
     if b ~= '' then redis.call('ZADD', g .. 'due', c, b) end
@@ -192,18 +224,78 @@ local function drop_item(key)
   return 1
 end
 
-local function drop_owned_items(sequence)
-  for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], sequence, sequence)) do
-    drop_item(key)
+local function item_live(key)
+  if redis.call('HEXISTS', KEYS[6], key) == 0 then return false end
+  local expires_at = redis.call('ZSCORE', KEYS[8], key)
+  return not expires_at or is_live(expires_at)
+end
+
+-- Writes (replaces) one item. A key a held checkpoint names gets no expiry: the checkpoints
+-- naming it decide its life.
+local function write_item(key, value, owner, expires_at)
+  drop_item(key)
+  redis.call('HSET', KEYS[6], key, value)
+  redis.call('ZADD', KEYS[5], 0, key)
+  if owner ~= '' then redis.call('ZADD', KEYS[7], owner, key) end
+  if expires_at ~= '' and redis.call('HEXISTS', KEYS[9], key) == 0 then
+    redis.call('ZADD', KEYS[8], expires_at, key)
   end
 end
 
--- Removes one checkpoint from the log with its owned items; 1 if it was held.
+-- Which of the item keys exist ('1'/'0' each): a script that creates one gives it the run's
+-- lifetime (see touch_run_keys).
+local function item_keys()
+  local found = ''
+  for index = 5, 10 do found = found .. redis.call('EXISTS', KEYS[index]) end
+  return found
+end
+
+-- One more held checkpoint names each of `keys` (distinct); a key named for the first time
+-- loses any expiry of its own.
+local function reference(keys)
+  for _, key in ipairs(keys) do
+    if redis.call('HINCRBY', KEYS[9], key, 1) == 1 then redis.call('ZREM', KEYS[8], key) end
+  end
+end
+
+-- Checkpoint `sequence` no longer names its refs: an item no held checkpoint names any more
+-- is removed, unless a held checkpoint owns it (its owner then decides).
+local function unreference(sequence)
+  local refs = redis.call('HGET', KEYS[10], sequence)
+  if not refs then return end
+  redis.call('HDEL', KEYS[10], sequence)
+  local seen = {}
+  for _, key in ipairs(decode_list(refs)) do
+    if not seen[key] then
+      seen[key] = true
+      if redis.call('HINCRBY', KEYS[9], key, -1) <= 0 then
+        redis.call('HDEL', KEYS[9], key)
+        if not redis.call('ZSCORE', KEYS[7], key) then drop_item(key) end
+      end
+    end
+  end
+end
+
+-- Owned items go with their owner; one a held checkpoint names outlives it, unowned.
+local function drop_owned_items(sequence)
+  for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], sequence, sequence)) do
+    if redis.call('HEXISTS', KEYS[9], key) == 1 then
+      redis.call('ZREM', KEYS[7], key)
+      redis.call('ZREM', KEYS[8], key)
+    else
+      drop_item(key)
+    end
+  end
+end
+
+-- Removes one checkpoint from the log with its owned items and its references; 1 if it was
+-- held.
 local function drop_checkpoint(sequence)
   if redis.call('ZREM', KEYS[2], sequence) == 0 then return 0 end
   redis.call('ZREM', KEYS[3], sequence)
   redis.call('UNLINK', ckey(sequence))
   drop_owned_items(sequence)
+  unreference(sequence)
   return 1
 end
 
@@ -286,11 +378,12 @@ local function load_run()
   local r = {expiry = held_expiry()}
   r.live = r.expiry ~= '0' and is_live(r.expiry)
   local top = redis.call('ZREVRANGE', KEYS[2], 0, 0)[1]
-  local f = redis.pcall('HMGET', KEYS[1], 'rid', 'inc', 'st', 'ct', 'ut', 'ls', 'v', 'd', 'm')
+  local f = redis.pcall('HMGET', KEYS[1], 'rid', 'inc', 'st', 'ct', 'ut', 'ls', 'v', 'd', 'm',
+    'lb')
   if f.err then
     r.present, r.problem = true, 'is not a hash'
   else
-    r.rid, r.inc, r.st, r.ct, r.ut, r.ls, r.v, r.d, r.m = unpack(f, 1, 9)
+    r.rid, r.inc, r.st, r.ct, r.ut, r.ls, r.v, r.d, r.m, r.lb = unpack(f, 1, 10)
     r.present = (r.rid or r.inc or r.st or r.ls) and true or redis.call('EXISTS', KEYS[1]) == 1
     if r.present then
       r.problem = record_problem(r, top)
@@ -333,7 +426,7 @@ local function touch_run_keys()
   if expires_at ~= '' then
     ttl = string.format('%d', math.ceil(math.max(tonumber(expires_at) - NOW, 0) * 1000) + GRACE)
   end
-  for index = 1, 8 do
+  for index = 1, 10 do
     if ttl then redis.call('PEXPIRE', KEYS[index], ttl) else redis.call('PERSIST', KEYS[index]) end
   end
 end
@@ -395,13 +488,14 @@ local function drop_stale(stale, old_expiry)
   schedule(false)
 end
 
--- rid inc st ct ut ls exp v d count, as RedisStore._run_record reads them.
+-- rid inc st ct ut ls exp v d count labels, as RedisStore._run_record reads them.
 local function run_fields(r)
   return {r.rid, r.inc, r.st, r.ct, r.ut, string.format('%d', r.latest), r.expiry, r.v, r.d,
-          redis.call('ZCARD', KEYS[2])}
+          redis.call('ZCARD', KEYS[2]), r.lb or ''}
 end
 
--- Everything of the run: checkpoints, owned items, record; unowned items unless kept.
+-- Everything of the run: checkpoints, owned and shared items, record; with
+-- keep_unowned_items, items no checkpoint named stay.
 local function drop_run(keep_unowned_items)
   local member = field(KEYS[1], 'm')
   local scheduled = field(KEYS[4], 'm')
@@ -411,9 +505,11 @@ local function drop_run(keep_unowned_items)
     if keep_unowned_items then drop_owned_items(sequence) end
   end
   if keep_unowned_items then
-    redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+    for _, key in ipairs(redis.call('HKEYS', KEYS[9])) do drop_item(key) end
+    redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[9], KEYS[10])
   else
-    redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8])
+    redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8],
+      KEYS[9], KEYS[10])
   end
   if member then op('forget', member) end
   if scheduled and scheduled ~= member then op('forget', scheduled) end
@@ -436,11 +532,47 @@ local function intact(stale)
   end
   return count, newest, oldest
 end
+
+-- What a read returns for one checkpoint: {1, status, sequence, id, created, expires, header,
+-- payload, stored sequence, problem, refs}.
+local function checkpoint_reply(run, sequence, f)
+  return {1, status_of(run), sequence, f[1], f[2], f[3], f[4], f[5], f[6], run.problem or '',
+    redis.call('HGET', KEYS[10], sequence) or ''}
+end
+
+-- The live checkpoint at KEYS[11], or nil.
+local function find_one(run, sequence)
+  local f = redis.call('HMGET', KEYS[11], 'i', 't', 'e', 'h', 'p', 'q')
+  if not f[1] or not is_live(f[3]) then return nil end
+  return checkpoint_reply(run, sequence, f)
+end
+
+-- The newest live checkpoint, or nil; drops log entries whose key vanished on the way.
+local function find_latest(run)
+  local upper, stale, found = '+inf', {}, nil
+  while not found do
+    local page = redis.call('ZREVRANGEBYSCORE', KEYS[2], upper, '-inf', 'LIMIT', 0, 16)
+    if #page == 0 then break end
+    for _, sequence in ipairs(page) do
+      local f = redis.call('HMGET', ckey(sequence), 'i', 't', 'e', 'h', 'p', 'q')
+      if not f[1] then
+        stale[#stale + 1] = sequence
+      elseif is_live(f[3]) then
+        found = checkpoint_reply(run, sequence, f)
+        break
+      end
+    end
+    upper = '(' .. page[#page]
+  end
+  drop_stale(stale, run.expiry)
+  return found
+end
 """
 
 # ARGV[5..]: sequence, checkpoint id, created_at, expires_at, header, payload, data TTL ms,
 # keep_latest, write token, then the seed run: run_id, incarnation, status, created_at,
-# version, data, index member.
+# version, data, index member, labels (JSON, '' for none); then the refs (JSON, '' for none),
+# the number n of distinct refs, those n keys, and (key, value, owned '1'/'') per item.
 _APPEND = r"""
 local sequence, expires_at, token = ARGV[5], ARGV[8], ARGV[13]
 local incarnation = ARGV[15]
@@ -448,9 +580,9 @@ local saved = recall(token)
 if saved then return saved end
 local run = load_run()
 -- A redis-py retry of this very append after a lost reply: it was applied.
-if field(KEYS[9], 'w') == token then return {{'ok', status_of(run)}, OPS} end
+if field(KEYS[11], 'w') == token then return {{'ok', status_of(run)}, OPS} end
 if run.damaged then return {{'damaged', run.problem}, OPS} end
-local slot = redis.call('HMGET', KEYS[9], 'i', 'e')
+local slot = redis.call('HMGET', KEYS[11], 'i', 'e')
 local taken = slot[1] and is_live(slot[2])
 local status, created = run.st, false
 if run.present and run.live then
@@ -461,20 +593,44 @@ if run.present and run.live then
   end
 else
   if sequence ~= '0' or taken then return {{'conflict', '', ''}, OPS} end
-  if run.present or redis.call('EXISTS', KEYS[2]) == 1 then drop_run(true) end
+  if run.present or redis.call('EXISTS', KEYS[2], KEYS[10]) > 0 then drop_run(true) end
   redis.call('HSET', KEYS[1], 'rid', ARGV[14], 'inc', incarnation, 'st', ARGV[16],
     'ct', ARGV[17], 'v', ARGV[18], 'd', ARGV[19], 'm', ARGV[20])
   op('add', ARGV[20], ARGV[16], stamp())
+  if ARGV[21] ~= '' then
+    redis.call('HSET', KEYS[1], 'lb', ARGV[21])
+    op('label', ARGV[20], ARGV[21])
+  end
   status, created = ARGV[16], true
 end
+local keys_before = item_keys()
 
-redis.call('DEL', KEYS[9])
-redis.call('HSET', KEYS[9], 'i', ARGV[6], 't', ARGV[7], 'e', expires_at, 'h', ARGV[9],
+redis.call('DEL', KEYS[11])
+redis.call('HSET', KEYS[11], 'i', ARGV[6], 't', ARGV[7], 'e', expires_at, 'h', ARGV[9],
   'p', ARGV[10], 'w', token, 'q', sequence)
-if ARGV[11] ~= '' then redis.call('PEXPIRE', KEYS[9], ARGV[11]) end
+if ARGV[11] ~= '' then redis.call('PEXPIRE', KEYS[11], ARGV[11]) end
 redis.call('ZADD', KEYS[2], sequence, sequence)
 if expires_at ~= '' then redis.call('ZADD', KEYS[3], expires_at, sequence) end
 redis.call('HSET', KEYS[1], 'ls', sequence, 'ut', NOW_S)
+
+-- Its refs count before pruning can remove what they name; then its items, if absent.
+local distinct = tonumber(ARGV[23])
+if ARGV[22] ~= '' then
+  redis.call('HSET', KEYS[10], sequence, ARGV[22])
+  local refs = {}
+  for index = 24, 23 + distinct do refs[#refs + 1] = ARGV[index] end
+  reference(refs)
+end
+for index = 24 + distinct, #ARGV, 3 do
+  local key = ARGV[index]
+  if not item_live(key) then
+    if ARGV[index + 2] == '1' then
+      write_item(key, ARGV[index + 1], sequence, expires_at)
+    else
+      write_item(key, ARGV[index + 1], '', '')
+    end
+  end
+end
 
 -- Pruning: expired checkpoints first, then the oldest beyond keep_latest.
 for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', NOW_S)) do
@@ -488,43 +644,56 @@ if ARGV[12] ~= '' then
     end
   end
 end
-if created or held_expiry() ~= run.expiry then touch_run_keys() end
+if created or held_expiry() ~= run.expiry or item_keys() ~= keys_before then
+  touch_run_keys()
+end
 schedule(false)
 return answer(token, {'ok', status}, false)
 """
 
-# ARGV[5]: sequence (KEYS[9] is its key). Returns {1, status, sequence, id, created, expires,
-# header, payload, stored sequence, problem} or {0}.
+# ARGV[5]: sequence (KEYS[11] is its key). Returns checkpoint_reply() or {0}.
 _GET = r"""
 local run = load_run()
 if not run.live then return {{0}, OPS} end
-local f = redis.call('HMGET', KEYS[9], 'i', 't', 'e', 'h', 'p', 'q')
-if not f[1] or not is_live(f[3]) then return {{0}, OPS} end
-return {{1, status_of(run), ARGV[5], f[1], f[2], f[3], f[4], f[5], f[6], run.problem or ''},
-  OPS}
+return {find_one(run, ARGV[5]) or {0}, OPS}
 """
 
 # Returns like _GET.
 _LATEST = r"""
 local run = load_run()
 if not run.live then return {{0}, OPS} end
-local upper, stale, found = '+inf', {}, nil
-while not found do
-  local page = redis.call('ZREVRANGEBYSCORE', KEYS[2], upper, '-inf', 'LIMIT', 0, 16)
-  if #page == 0 then break end
-  for _, sequence in ipairs(page) do
-    local f = redis.call('HMGET', ckey(sequence), 'i', 't', 'e', 'h', 'p', 'q')
-    if not f[1] then
-      stale[#stale + 1] = sequence
-    elseif is_live(f[3]) then
-      found = {1, status_of(run), sequence, f[1], f[2], f[3], f[4], f[5], f[6], run.problem or ''}
-      break
+return {find_latest(run) or {0}, OPS}
+"""
+
+# ARGV[5]: sequence ('' = the newest live one; KEYS[11] is its key when given). Returns
+# checkpoint_reply() followed by (key, value) of the live items it owns and its refs name, or
+# {0}.
+_READ_WITH_ITEMS = r"""
+local run = load_run()
+if not run.live then return {{0}, OPS} end
+local found
+if ARGV[5] == '' then found = find_latest(run) else found = find_one(run, ARGV[5]) end
+if not found then return {{0}, OPS} end
+local keys, seen = {}, {}
+local function want(key)
+  if seen[key] then return end
+  seen[key] = true
+  keys[#keys + 1] = key
+end
+for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], found[3], found[3])) do want(key) end
+for _, key in ipairs(decode_list(found[11])) do want(key) end
+for first = 1, #keys, 256 do
+  local chunk = {unpack(keys, first, math.min(first + 255, #keys))}
+  local values = redis.call('HMGET', KEYS[6], unpack(chunk))
+  local expiries = redis.call('ZMSCORE', KEYS[8], unpack(chunk))
+  for index, key in ipairs(chunk) do
+    if values[index] and is_live(expiries[index] or '') then
+      found[#found + 1] = key
+      found[#found + 1] = values[index]
     end
   end
-  upper = '(' .. page[#page]
 end
-drop_stale(stale, run.expiry)
-return {found or {0}, OPS}
+return {found, OPS}
 """
 
 # ARGV[5..]: before ('' = from the newest), limit, include_expired ('1'/'0').
@@ -558,17 +727,17 @@ drop_stale(stale, run.expiry)
 return {out, OPS}
 """
 
-# ARGV[5..]: sequence, checkpoint id, token (KEYS[9] is the checkpoint's key).
+# ARGV[5..]: sequence, checkpoint id, token (KEYS[11] is the checkpoint's key).
 _DELETE = r"""
 local saved = recall(ARGV[7])
 if saved then return saved end
-if field(KEYS[9], 'i') ~= ARGV[6] then return {{0}, OPS} end
+if field(KEYS[11], 'i') ~= ARGV[6] then return {{0}, OPS} end
 local run = load_run()
 if run.damaged then return {{'damaged', run.problem}, OPS} end
 local removed = drop_checkpoint(ARGV[5])
 if removed == 0 then
   -- A checkpoint key the log does not hold (left over by a crashed client): remove it.
-  redis.call('UNLINK', KEYS[9])
+  redis.call('UNLINK', KEYS[11])
   return {{0}, OPS}
 end
 settle_run(run.expiry)
@@ -584,16 +753,17 @@ local removed = drop_run(false)
 return answer(ARGV[5], {removed}, removed > 0)
 """
 
-# Returns {rid, inc, st, ct, ut, latest, expiry, v, d, count, problem, index member};
+# Returns {rid, inc, st, ct, ut, latest, expiry, v, d, count, labels, problem, index member};
 # rid false: no usable run (problem set when it is damaged).
 _GET_RUN = r"""
 local run = load_run()
 if run.damaged then
-  return {{false, false, false, false, false, false, false, false, false, 0, run.problem}, OPS}
+  return {{false, false, false, false, false, false, false, false, false, 0, '', run.problem},
+    OPS}
 end
 if not run.present or run.problem then return {{false}, OPS} end
 local fields = run_fields(run)
-fields[11], fields[12] = '', run.m
+fields[12], fields[13] = '', run.m
 return {fields, OPS}
 """
 
@@ -622,28 +792,42 @@ table.insert(fields, 1, 'ok')
 return {fields, OPS}
 """
 
-# ARGV[5..]: create_only ('1'/'0'), then (key, value, owner, expires_at) per item.
+# ARGV[5..]: create_only ('1'/'0'), token ('' unless create_only), then (key, value, owner,
+# expires_at) per item.
 _PUT_ITEMS = r"""
+local saved = recall(ARGV[6])
+if saved then return saved end
 if ARGV[5] == '1' then
-  for index = 6, #ARGV, 4 do
-    local key = ARGV[index]
-    if redis.call('HEXISTS', KEYS[6], key) == 1 then
-      local expires_at = redis.call('ZSCORE', KEYS[8], key)
-      if not expires_at or NOW < tonumber(expires_at) then return {{'conflict', key}, OPS} end
-    end
+  for index = 7, #ARGV, 4 do
+    if item_live(ARGV[index]) then return {{'conflict', ARGV[index]}, OPS} end
   end
 end
-for index = 6, #ARGV, 4 do
-  local key, owner, expires_at = ARGV[index], ARGV[index + 2], ARGV[index + 3]
-  drop_item(key)
-  redis.call('HSET', KEYS[6], key, ARGV[index + 1])
-  redis.call('ZADD', KEYS[5], 0, key)
-  if owner ~= '' then redis.call('ZADD', KEYS[7], owner, key) end
-  if expires_at ~= '' then redis.call('ZADD', KEYS[8], expires_at, key) end
+for index = 7, #ARGV, 4 do
+  write_item(ARGV[index], ARGV[index + 1], ARGV[index + 2], ARGV[index + 3])
 end
 touch_run_keys()
 schedule(false)
-return {{'ok'}, OPS}
+return answer(ARGV[6], {'ok'}, true)
+"""
+
+# ARGV[5..]: owner sequence (KEYS[11] is its key), its checkpoint id, if_absent ('1'/'0'),
+# token, then (key, value) per item. Returns {1} when written, {0} when the checkpoint is not
+# held and live with that id (nothing written).
+_PUT_OWNED_ITEMS = r"""
+local saved = recall(ARGV[8])
+if saved then return saved end
+local f = redis.call('HMGET', KEYS[11], 'i', 'e')
+if f[1] ~= ARGV[6] or not is_live(f[2] or '') or not redis.call('ZSCORE', KEYS[2], ARGV[5]) then
+  return {{0}, OPS}
+end
+local keys_before = item_keys()
+for index = 9, #ARGV, 2 do
+  if ARGV[7] ~= '1' or not item_live(ARGV[index]) then
+    write_item(ARGV[index], ARGV[index + 1], ARGV[5], f[2] or '')
+  end
+end
+if item_keys() ~= keys_before then touch_run_keys() end
+return answer(ARGV[8], {1}, true)
 """
 
 # ARGV[5..]: item keys. Returns values then expiries, in key order; liveness is decided by
@@ -738,6 +922,7 @@ _REINDEX = r"""
 local run = load_run()
 if run.present and run.live and not run.problem then
   op('sync', run.m, run.st, stamp())
+  if run.lb and run.lb ~= '' then op('label', run.m, run.lb) end
   schedule(true)
 end
 op('done', ARGV[5])
@@ -758,8 +943,9 @@ return {{run.problem, count, newest, f[1], f[2], f[3], f[4], f[5], oldest}, OPS}
 
 # Replace a damaged record by one derived from the log. ARGV[5..]: run id, status, data,
 # incarnation, newest sequence, oldest created_at and index member the client derived from
-# _INSPECT's answer (the script checks they still hold), now. Returns {'ok', fields...},
-# {'fine'} when the record is not damaged, {'changed'} when the log moved on, {'empty'}.
+# _INSPECT's answer (the script checks they still hold), the seed's labels (JSON or '').
+# Returns {'ok', fields...}, {'fine'} when the record is not damaged, {'changed'} when the log
+# moved on, {'empty'}.
 _REBUILD = r"""
 local run = load_run()
 if not run.damaged then return {{'fine'}, OPS} end
@@ -778,6 +964,10 @@ redis.call('HSET', KEYS[1], 'rid', ARGV[5], 'inc', incarnation, 'st', ARGV[6], '
   'ut', NOW_S, 'ls', newest, 'v', '0', 'd', ARGV[7], 'm', ARGV[11])
 if old_member and old_member ~= ARGV[11] then op('forget', old_member) end
 op('sync', ARGV[11], ARGV[6], stamp())
+if ARGV[12] ~= '' then
+  redis.call('HSET', KEYS[1], 'lb', ARGV[12])
+  op('label', ARGV[11], ARGV[12])
+end
 touch_run_keys()
 schedule(true)
 local fresh = load_run()
@@ -805,11 +995,11 @@ like that script, so a refused create writes nothing."""
 
 _READS = {"get": _GET, "get_run": _GET_RUN, "get_items": _GET_ITEMS,
           "scan_items": _SCAN_ITEMS, "inspect": _INSPECT}
-_FREEING = {"latest": _LATEST, "headers": _HEADERS, "delete": _DELETE,
-            "delete_run": _DELETE_RUN, "delete_items": _DELETE_ITEMS, "purge_run": _PURGE_RUN,
-            "reindex": _REINDEX}
+_FREEING = {"latest": _LATEST, "read_with_items": _READ_WITH_ITEMS, "headers": _HEADERS,
+            "delete": _DELETE, "delete_run": _DELETE_RUN, "delete_items": _DELETE_ITEMS,
+            "purge_run": _PURGE_RUN, "reindex": _REINDEX}
 _ADDING = {"append": _APPEND, "update_run": _UPDATE_RUN, "put_items": _PUT_ITEMS,
-           "rebuild": _REBUILD}
+           "put_owned_items": _PUT_OWNED_ITEMS, "rebuild": _REBUILD}
 
 SCRIPTS = {
     **{name: "#!lua flags=no-writes\n" + _PRELUDE + body for name, body in _READS.items()},

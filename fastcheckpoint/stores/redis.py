@@ -8,21 +8,24 @@ Layout (``<ns>`` is the prefix plus ``:``; every key of a run carries the hash t
     <ns>{<rk>}:exp        zset   expiring checkpoints (sequence -> expires_at)
     <ns>{<rk>}:c:<seq>    hash   one checkpoint: id, created, expiry, header, payload, sequence
     <ns>{<rk>}:ik/iv/io/ie       items: keys (lex), values, owners, expiries
+    <ns>{<rk>}:ir         hash   shared items: item key -> held checkpoints naming it
+    <ns>{<rk>}:cr         hash   sequence -> that checkpoint's refs
     <ns>{<rk>}:due        hash   what the global due index holds for this run
     <ns>{<rk>}:op:<token> string a retried operation's remembered reply (5 minutes)
-    <ns>{idx:<prefix>}:all / :s:<status> / :due / :statuses / :damaged / :fix / :ver
-                                  the global indexes (:fix and :ver on Redis Cluster only)
+    <ns>{idx:<prefix>}:all / :s:<status> / :l:<label> / :lab / :due / :statuses / :damaged /
+                       :fix / :ver    the global indexes (:fix and :ver on Redis Cluster only)
 
-Costs in round trips: append, get, latest, a page of headers, get_run, update_run, delete,
-delete_run and each items call are one script call (``EVALSHA``; a server that lost its
-scripts answers ``NOSCRIPT`` and redis-py loads the script and retries once). On Redis Cluster
-the global indexes live in another slot: a call that creates or re-statuses a run first records
-its intent in the index slot, then runs, then applies the index change (three calls); a call
-that deletes a run or schedules its first expiry costs one more call; steady-state appends stay
-at one. Index changes carry the run server's time, so one that lands late never undoes a newer
-one, and a failed index call never fails the operation it follows (the intent repairs it).
-``list_runs`` and ``count_runs`` read the global index and then the run records in one
-pipeline (two round trips). ``purge_expired`` costs one call per run due plus two.
+Costs in round trips: append (also with items), get, latest, read_with_items, a page of
+headers, get_run, update_run, delete, delete_run and each items call are one script call
+(``EVALSHA``; a server that lost its scripts answers ``NOSCRIPT`` and redis-py loads the script
+and retries once). On Redis Cluster the global indexes live in another slot: a call that
+creates or re-statuses a run first records its intent in the index slot, then runs, then
+applies the index change (three calls); a call that deletes a run or schedules its first
+expiry costs one more call; steady-state appends stay at one. Index changes carry the run
+server's time, so one that lands late never undoes a newer one, and a failed index call never
+fails the operation it follows (the intent repairs it).
+``list_runs``, ``runs_with_label`` and ``count_runs`` read the global index and then the run
+records in one pipeline (two round trips). ``purge_expired`` costs one call per run due plus two.
 
 Expiry. Checkpoint keys get native millisecond expiry, anchored at the manager's ``now``
 (``PEXPIRE`` of ``expires_at - now``) rather than at the server's clock, so a manager with an
@@ -32,7 +35,8 @@ expired are dropped by the next read that meets them and by ``purge_expired``, w
 global due index (O(expired)). Every decision about liveness uses the manager's ``now``, and a
 run's expiry and latest sequence are derived from its log, never trusted from the run hash.
 
-Runs on asyncio only (redis-py); one connection pool per event loop for clients it builds.
+Runs on asyncio only (redis-py); one connection pool per event loop for clients it builds,
+with socket timeouts (a server that silently drops packets fails a call instead of hanging it).
 
 See ``docs/stores/redis.md`` for URL options, memory per checkpoint and the ACL the store needs.
 """
@@ -50,6 +54,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
@@ -74,6 +79,8 @@ from fastcheckpoint.errors import (
     ValidationError,
 )
 from fastcheckpoint.stores._base import (
+    MAX_ITEM_KEY_BYTES,
+    MAX_LABEL_BYTES,
     CheckpointHeader,
     ExpiryCleanup,
     Item,
@@ -81,7 +88,10 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_keep_latest,
+    check_labels,
     check_options,
+    check_shared_items,
+    item_key_bytes,
 )
 from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop
 from fastcheckpoint.stores._redis_lua import INDEX, INTENT, SCRIPTS, without_flags
@@ -94,6 +104,13 @@ DEFAULT_PREFIX = "fastcheckpoint"
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 """Header plus payload of one checkpoint (or one item value): Redis keeps it all in memory,
 and a single value this large already blocks the server for tens of milliseconds."""
+
+DEFAULT_SOCKET_TIMEOUT = 10.0
+"""Seconds a store built from a URL waits for a reply before redis-py treats the connection as
+broken (and retries): longer than Redis's 5-second busy-script threshold, so a slow server is
+not abandoned, yet a server that silently drops packets fails the call instead of hanging it."""
+DEFAULT_SOCKET_CONNECT_TIMEOUT = 5.0
+"""Seconds a store built from a URL waits for a connection (TCP and, for rediss://, TLS)."""
 
 # Run-level keys (record, log, items) outlive the run's expiry by this much, so that writers
 # whose clocks disagree by less than this never see them vanish before the data they index.
@@ -112,6 +129,8 @@ _DRIVER_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException, R
 _MAINTENANCE = frozenset({"purge_run", "reindex"})
 
 _RUN_KEY = re.compile(r"[a-z2-7]{1,64}")
+# The fixed keys of a run, in the order the scripts take them (KEYS[1..10]).
+_RUN_KEYS = ("run", "seq", "exp", "due", "ik", "iv", "io", "ie", "ir", "cr")
 _MEMBER = re.compile(rb"([0-9a-f]{16})([a-z2-7]{1,64})\.([a-z2-7]{1,64})")
 _INTENT = re.compile(rb"([a-z2-7]{1,64})\.[0-9a-f]{16}")
 _CHECKPOINT_ID_INCARNATION = re.compile(r"ck-[a-z2-7]+-([a-z2-7]+)-\d+")
@@ -178,6 +197,15 @@ def _ttl_ms(expires_at: float, now: float) -> int:
 def _token() -> str:
     """A write token: how a script recognises a redis-py retry of the call that carried it."""
     return os.urandom(8).hex()
+
+
+_LIST_ENCODER = msgspec.json.Encoder()
+_LIST_DECODER = msgspec.json.Decoder(tuple[str, ...])
+
+
+def _json_list(values: Sequence[str]) -> bytes:
+    """Labels or refs as the scripts keep them ('' for none): a JSON list of strings."""
+    return _LIST_ENCODER.encode(tuple(values)) if values else b""
 
 
 def _text(value: Any) -> str:
@@ -280,7 +308,9 @@ class RedisStore(ExpiryCleanup):
         Query options of the store: ``prefix``, ``cluster``, ``max_payload_bytes``,
         ``default_ttl_seconds``; the query options redis-py's ``from_url`` understands
         (``socket_timeout``, ``ssl_cert_reqs``...) go to it, as do keyword ``options``. Any
-        other option is a :class:`ConfigurationError` naming it.
+        other option is a :class:`ConfigurationError` naming it. ``socket_timeout`` defaults
+        to :data:`DEFAULT_SOCKET_TIMEOUT` and ``socket_connect_timeout`` to
+        :data:`DEFAULT_SOCKET_CONNECT_TIMEOUT` (whatever redis-py's own defaults are).
         """
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -304,6 +334,10 @@ class RedisStore(ExpiryCleanup):
         )
         policy = retry if retry is not None else RetryPolicy()
         options.setdefault("retry", redis_retry(policy))
+        for name, seconds in (("socket_timeout", DEFAULT_SOCKET_TIMEOUT),
+                              ("socket_connect_timeout", DEFAULT_SOCKET_CONNECT_TIMEOUT)):
+            if name not in query:
+                options.setdefault(name, seconds)
         options["decode_responses"] = False
         driver = RedisCluster if store_options["cluster"] else aioredis.Redis
 
@@ -358,7 +392,7 @@ class RedisStore(ExpiryCleanup):
                 f"the run id), got {run_key!r}"
             )
         base = f"{self._ns}{{{run_key}}}:"
-        return [base + name for name in ("run", "seq", "exp", "due", "ik", "iv", "io", "ie")], base
+        return [base + name for name in _RUN_KEYS], base
 
     async def _run(
         self,
@@ -544,7 +578,7 @@ class RedisStore(ExpiryCleanup):
 
     def _checkpoint(self, run_key: str, fields: Sequence[Any]) -> tuple[StoredCheckpoint, str]:
         """``fields`` = status, sequence, id, created, expires, header, payload, stored
-        sequence, problem of the run record."""
+        sequence, problem of the run record, refs (the scripts' checkpoint_reply())."""
         self._warn_damaged(run_key, fields[8])
         _, base = self._run_keys(run_key)
         key = f"{base}c:{_text(fields[1])}"
@@ -558,8 +592,9 @@ class RedisStore(ExpiryCleanup):
                 header=bytes(fields[5] or b""),
                 payload=bytes(fields[6] or b""),
                 key=key,
+                refs=_LIST_DECODER.decode(fields[9]) if fields[9] else (),
             )
-        except (TypeError, ValueError, UnicodeDecodeError) as exc:
+        except (TypeError, ValueError, UnicodeDecodeError, msgspec.DecodeError) as exc:
             raise CorruptCheckpointError(f"unreadable checkpoint fields: {exc}", key=key) from exc
         return record, _text(fields[0])
 
@@ -579,7 +614,8 @@ class RedisStore(ExpiryCleanup):
             raise CorruptCheckpointError(f"unreadable checkpoint fields: {exc}", key=key) from exc
 
     def _run_record(self, run_key: str, fields: Sequence[Any]) -> RunRecord:
-        """``fields`` = rid inc st ct ut latest exp v d count (the scripts' run_fields())."""
+        """``fields`` = rid inc st ct ut latest exp v d count labels (the scripts'
+        run_fields())."""
         key = self._run_keys(run_key)[0][0]
         try:
             return RunRecord(
@@ -593,8 +629,9 @@ class RedisStore(ExpiryCleanup):
                 expires_at=float(fields[6]) if fields[6] else None,
                 version=int(fields[7]),
                 data=bytes(fields[8] or b""),
+                labels=_LIST_DECODER.decode(fields[10]) if fields[10] else (),
             )
-        except (TypeError, ValueError, UnicodeDecodeError) as exc:
+        except (TypeError, ValueError, UnicodeDecodeError, msgspec.DecodeError) as exc:
             raise CorruptCheckpointError(f"unreadable run record: {exc}", key=key) from exc
 
     # -- checkpoint log --------------------------------------------------------------------
@@ -608,10 +645,31 @@ class RedisStore(ExpiryCleanup):
         keep_latest: int | None,
         now: float,
     ) -> str:
+        return await self.append_with_items(
+            run_key, record, run=run, keep_latest=keep_latest, now=now, items=())
+
+    async def append_with_items(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        *,
+        run: RunRecord,
+        keep_latest: int | None,
+        now: float,
+        items: Sequence[Item],
+    ) -> str:
         check_keep_latest(keep_latest)
+        check_labels(run.labels)
+        for item in items:
+            self._check_item(item)
+        check_shared_items(record, items)
         self._check_size("checkpoint header plus payload", len(record.header) + len(record.payload))
         expires_at = record.expires_at
         member = f"{_sortable(run.created_at)}{run_key}.{run.incarnation}"
+        distinct = list(dict.fromkeys(record.refs))
+        item_args: list[Any] = []
+        for item in items:
+            item_args += [item.key, item.value, "" if item.owner is None else "1"]
         reply = await self._run(
             "append",
             run_key,
@@ -633,6 +691,12 @@ class RedisStore(ExpiryCleanup):
                 str(run.version),
                 run.data,
                 member,
+                # Labels matter only to the append that creates the run: always sequence 0.
+                _json_list(run.labels) if record.sequence == 0 else b"",
+                _json_list(record.refs),
+                str(len(distinct)),
+                *distinct,
+                *item_args,
             ],
             checkpoint=record.sequence,
             intent=record.sequence == 0,
@@ -658,6 +722,19 @@ class RedisStore(ExpiryCleanup):
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
         reply = await self._run("latest", run_key, now, [])
         return self._checkpoint(run_key, reply[1:]) if reply[0] == 1 else None
+
+    async def read_with_items(
+        self, run_key: str, *, sequence: int | None, now: float
+    ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        reply = await self._run(
+            "read_with_items", run_key, now, ["" if sequence is None else str(sequence)],
+            checkpoint=sequence)
+        if reply[0] != 1:
+            return None
+        record, status = self._checkpoint(run_key, reply[1:11])
+        items = {_text(reply[index]): bytes(reply[index + 1])
+                 for index in range(11, len(reply), 2)}
+        return record, status, items
 
     async def headers(
         self,
@@ -693,8 +770,8 @@ class RedisStore(ExpiryCleanup):
     async def _status_of(self, run_key: str, now: float, include_expired: bool) -> str | None:
         fields = await self._run("get_run", run_key, now, [])
         if fields[0] is None:
-            if len(fields) > 10 and fields[10]:
-                self._warn_damaged(run_key, fields[10])
+            if len(fields) > 11 and fields[11]:
+                self._warn_damaged(run_key, fields[11])
                 return "active"
             return None
         record = self._run_record(run_key, fields)
@@ -720,8 +797,8 @@ class RedisStore(ExpiryCleanup):
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
         fields = await self._run("get_run", run_key, now, [])
         if fields[0] is None:
-            if len(fields) > 10 and fields[10]:
-                raise self._damaged(run_key, fields[10])
+            if len(fields) > 11 and fields[11]:
+                raise self._damaged(run_key, fields[11])
             return None
         record = self._run_record(run_key, fields)
         return record if _live(record.expires_at, now) else None
@@ -757,10 +834,27 @@ class RedisStore(ExpiryCleanup):
     async def list_runs(
         self, *, status: str | None, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
-        if cursor is not None and _MEMBER.fullmatch(cursor.encode()) is None:
-            raise ValidationError(f"malformed run listing cursor {cursor!r}")
+        return await self._page_runs(self._index_key(status), status, limit, cursor, now)
+
+    async def runs_with_label(
+        self, label: str, *, limit: int, cursor: str | None, now: float
+    ) -> tuple[list[RunRecord], str | None]:
+        if not isinstance(label, str) or not label:
+            raise ValidationError(f"a label is a non-empty str, got {label!r:.40}")
+        item_key_bytes(label, MAX_LABEL_BYTES, "a label")
+        return await self._page_runs(self._global + "l:" + label, None, limit, cursor, now)
+
+    async def _page_runs(
+        self, index: str, status: str | None, limit: int, cursor: str | None, now: float
+    ) -> tuple[list[RunRecord], str | None]:
+        """A page of live runs from the index sorted set ``index``, newest created first; with
+        ``status``, only runs whose record has it (the index may lag behind on a cluster)."""
+        if cursor is not None and (
+            not isinstance(cursor, str) or not cursor.isascii()
+            or _MEMBER.fullmatch(cursor.encode()) is None
+        ):
+            raise ValidationError(f"malformed run listing cursor {cursor!r:.80}")
         client = await self._clients.get()
-        index = self._index_key(status)
         upper = b"+" if cursor is None else b"(" + cursor.encode()
         found: list[RunRecord] = []
         while len(found) < limit:
@@ -807,12 +901,12 @@ class RedisStore(ExpiryCleanup):
     ) -> RunRecord | _Stale | None:
         result, _ = fields
         if result[0] is None:
-            if len(result) > 10 and result[10]:
+            if len(result) > 11 and result[11]:
                 _log.warning("skipping run %s in the run listing: its record %s", run_key,
-                             _text(result[10]))
+                             _text(result[11]))
                 return None
             return _STALE
-        if result[11] != member:
+        if result[12] != member:
             return _STALE
         try:
             return self._run_record(run_key, result)
@@ -898,13 +992,10 @@ class RedisStore(ExpiryCleanup):
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
-        args: list[Any] = ["1" if create_only else "0"]
+        # Only a create-only write answers a retry of itself differently: remember its reply.
+        args: list[Any] = ["1" if create_only else "0", _token() if create_only else ""]
         for item in items:
-            if not isinstance(item, Item):
-                raise ValidationError(f"put_items takes Item values, got {type(item).__name__}")
-            if not isinstance(item.key, str) or not isinstance(item.value, bytes):
-                raise ValidationError("an item needs a str key and a bytes value")
-            self._check_size(f"item {item.key[:80]!r}", len(item.value))
+            self._check_item(item)
             args += [
                 item.key,
                 item.value,
@@ -916,6 +1007,39 @@ class RedisStore(ExpiryCleanup):
         reply = await self._run("put_items", run_key, now, args)
         if reply[0] == b"conflict":
             raise ConflictError(f"item {_text(reply[1])!r} already exists")
+
+    async def put_owned_items(
+        self,
+        run_key: str,
+        items: Sequence[Item],
+        *,
+        owner: int,
+        checkpoint_id: str,
+        if_absent: bool,
+        now: float,
+    ) -> bool:
+        if isinstance(owner, bool) or not isinstance(owner, int) or owner < 0:
+            raise ValidationError(f"owner must be a checkpoint sequence, got {owner!r:.40}")
+        if not isinstance(checkpoint_id, str):
+            raise ValidationError(f"checkpoint_id must be a str, got {checkpoint_id!r:.40}")
+        args: list[Any] = [str(owner), checkpoint_id, "1" if if_absent else "0", _token()]
+        for item in items:
+            self._check_item(item)
+            if item.owner != owner:
+                raise ValidationError(
+                    f"item {item.key[:40]!r} is owned by {item.owner}, not by checkpoint {owner}")
+            args += [item.key, item.value]
+        reply = await self._run("put_owned_items", run_key, now, args, checkpoint=owner)
+        return bool(reply[0])
+
+    def _check_item(self, item: object) -> None:
+        """What every item write checks before anything is sent."""
+        if not isinstance(item, Item):
+            raise ValidationError(f"items are Item values, got {type(item).__name__}")
+        if not isinstance(item.value, bytes):
+            raise ValidationError(f"an item's value must be bytes, got {type(item.value).__name__}")
+        item_key_bytes(item.key, MAX_ITEM_KEY_BYTES, "an item key")
+        self._check_size(f"item {item.key[:80]!r}", len(item.value))
 
     async def get_items(
         self, run_key: str, keys: Sequence[str], *, now: float
@@ -1075,7 +1199,8 @@ class RedisStore(ExpiryCleanup):
             member = f"{_sortable(float(oldest))}{run_key}.{incarnation[1]}"
             result = await self._run(
                 "rebuild", run_key, now,
-                [seed.run_id, seed.status, seed.data, incarnation[1], reply[2], oldest, member],
+                [seed.run_id, seed.status, seed.data, incarnation[1], reply[2], oldest, member,
+                 _json_list(check_labels(seed.labels))],
                 intent=True,
             )
             if result[0] == b"ok":

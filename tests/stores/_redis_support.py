@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 
 from fastcheckpoint._config import RetryPolicy
-from fastcheckpoint.stores import RunRecord
+from fastcheckpoint.stores import Item, RunRecord
 from fastcheckpoint.stores._redis_lua import INDEX, INTENT, SCRIPTS
 from fastcheckpoint.stores.redis import RedisStore
 from fastcheckpoint.testing import T0, key_of, make_checkpoint
@@ -102,12 +103,16 @@ class CuttingProxy:
     ``cut_plan`` decides, per client->server chunk that carries an ``EVALSHA``, what happens:
     ``"pass"``, ``"drop"`` (close both sides before forwarding: the server never sees the
     request) or ``"lose-reply"`` (forward the request, then close before the reply comes back:
-    applied but unacknowledged).
+    applied but unacknowledged). ``on_lost_reply``, when given, runs after the server applied
+    a request whose reply is lost and before the client can retry: what another client does
+    in between.
     """
 
     def __init__(self, upstream_host: str, upstream_port: int,
-                 cut_plan: Sequence[str] | None = None) -> None:
+                 cut_plan: Sequence[str] | None = None,
+                 on_lost_reply: Callable[[], Awaitable[None]] | None = None) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self.on_lost_reply = on_lost_reply
         self.plan = list(cut_plan or [])
         self.chunks = 0
         self.cuts = 0
@@ -162,6 +167,8 @@ class CuttingProxy:
                     closed.set()
                     # Let the server run the command before the cut, so it is applied.
                     await asyncio.sleep(0.05)
+                    if self.on_lost_reply is not None:
+                        await self.on_lost_reply()
                     break
         except (ConnectionError, OSError):
             pass
@@ -189,6 +196,20 @@ async def append(store: RedisStore, run: RunRecord, sequence: int, *, now: float
     await store.append(key_of(run), make_checkpoint(run, sequence, created_at=now,
                                                      expires_at=expires_at, payload=payload),
                        run=run, keep_latest=keep_latest, now=now)
+
+
+async def append_with_items(
+    store: RedisStore, run: RunRecord, sequence: int, *, now: float = T0,
+    expires_at: float | None = None, keep_latest: int | None = None,
+    refs: Sequence[str] = (), items: Sequence[Item] = (), labels: tuple[str, ...] = (),
+) -> str:
+    """Append checkpoint ``sequence`` of ``run`` with ``refs`` and ``items``; ``labels`` go
+    into the seed."""
+    record = msgspec.structs.replace(
+        make_checkpoint(run, sequence, created_at=now, expires_at=expires_at), refs=tuple(refs))
+    seed = msgspec.structs.replace(run, labels=labels)
+    return await store.append_with_items(key_of(run), record, run=seed,
+                                         keep_latest=keep_latest, now=now, items=items)
 
 
 async def load_scripts(client: Any) -> None:

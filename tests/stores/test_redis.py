@@ -9,7 +9,13 @@ import pytest
 
 from fastcheckpoint.stores import CheckpointStore
 from fastcheckpoint.stores.redis import RedisStore
-from fastcheckpoint.testing import DamageRunRecord, RepairContract, StoreContract
+from fastcheckpoint.testing import (
+    DamageRunRecord,
+    LabelsContract,
+    RepairContract,
+    SharedItemsContract,
+    StoreContract,
+)
 from tests.stores._redis_servers import PrivateCluster
 from tests.stores._redis_support import delete_prefix, make_store, unique_prefix
 from tests.stores.conftest import RedisTarget
@@ -35,7 +41,9 @@ async def _garble_run_hash(store: CheckpointStore, run_key: str) -> None:
         "inc": b"\xff\x00??", "ls": b"-x-", "ct": b"yesterday", "m": b"\x00"})
 
 
-class TestRedisStore(StoreContract, RepairContract):
+class TestRedisStore(
+    StoreContract, RepairContract, LabelsContract, SharedItemsContract
+):
     """Plain Redis: every script also updates the global indexes itself."""
 
     deadline_seconds = 30.0
@@ -52,7 +60,9 @@ class TestRedisStore(StoreContract, RepairContract):
         return _garble_run_hash
 
 
-class TestRedisStoreClusterCodePath(StoreContract, RepairContract):
+class TestRedisStoreClusterCodePath(
+    StoreContract, RepairContract, LabelsContract, SharedItemsContract
+):
     """The Redis Cluster code path on a plain server: run scripts touch only their run's slot
     and return index changes, which the client applies in a second call."""
 
@@ -70,7 +80,9 @@ class TestRedisStoreClusterCodePath(StoreContract, RepairContract):
         return _garble_run_hash
 
 
-class TestRedisStoreOnCluster(StoreContract, RepairContract):
+class TestRedisStoreOnCluster(
+    StoreContract, RepairContract, LabelsContract, SharedItemsContract
+):
     """A real three-primary Redis Cluster: cross-slot scripts would fail here."""
 
     deadline_seconds = 30.0

@@ -13,7 +13,11 @@ import redis.asyncio as aioredis
 from fastcheckpoint import CheckpointConfig, CheckpointManager, open_store
 from fastcheckpoint._config import RetryPolicy
 from fastcheckpoint.errors import ConfigurationError, StoreUnavailableError
-from fastcheckpoint.stores.redis import RedisStore
+from fastcheckpoint.stores.redis import (
+    DEFAULT_SOCKET_CONNECT_TIMEOUT,
+    DEFAULT_SOCKET_TIMEOUT,
+    RedisStore,
+)
 from fastcheckpoint.testing import T0, key_of, make_run
 from tests.stores._redis_servers import free_port
 from tests.stores._redis_support import (
@@ -59,6 +63,50 @@ def test_the_driver_query_options_are_accepted() -> None:
     assert (kwargs["socket_timeout"], kwargs["ssl_cert_reqs"], kwargs["client_name"]) == (
         5.0, "none", "agents")
     assert store._client.connection_pool.max_connections == 20
+
+
+# -- socket timeouts ----------------------------------------------------------------------------
+
+
+def test_a_store_from_a_url_has_socket_timeouts_whatever_the_redis_py_version() -> None:
+    """redis-py before 8 waits for ever by default; the store sets its own, which the URL query
+    and keyword options override."""
+    default = RedisStore.from_url("redis://127.0.0.1:6379/0")
+    cluster = RedisStore.from_url("redis+cluster://127.0.0.1:7000/0")
+    query = RedisStore.from_url(
+        "redis://127.0.0.1:6379/0?socket_timeout=2.5&socket_connect_timeout=1")
+    keyword = RedisStore.from_url("redis://127.0.0.1:6379/0", socket_timeout=3)
+    timeouts = [(kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) for kwargs in (
+        store._client.get_connection_kwargs() for store in (default, cluster, query, keyword))]
+    assert (DEFAULT_SOCKET_TIMEOUT, DEFAULT_SOCKET_CONNECT_TIMEOUT) == (10.0, 5.0)
+    assert timeouts == [(10.0, 5.0), (10.0, 5.0), (2.5, 1.0), (3, 5.0)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_server_that_never_answers_fails_the_call_instead_of_hanging_it() -> None:
+    """The connection is accepted and every request swallowed, as behind a firewall that drops
+    packets: after the socket timeout and the retries, a typed error."""
+    swallowed: list[bytes] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            swallowed.append(data)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0?socket_timeout=0.2",
+                                retry=RetryPolicy(base_delay=0.01, max_delay=0.05, max_retries=1))
+    try:
+        with anyio.fail_after(_DEADLINE), pytest.raises(StoreUnavailableError) as caught:
+            await store.get_run(key_of(make_run("silent")), now=T0)
+    finally:
+        await store.aclose()
+        server.close()
+        await server.wait_closed()
+    assert swallowed
+    assert "Timeout" in str(caught.value)
 
 
 # -- event loops --------------------------------------------------------------------------------

@@ -26,12 +26,20 @@ from fastcheckpoint.errors import (
 )
 from fastcheckpoint.stores._redis_lua import INDEX, INTENT, SCRIPTS
 from fastcheckpoint.stores.redis import RedisCheckpointStore, RedisStore, redis_retry
-from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_item, make_run
+from fastcheckpoint.testing import (
+    T0,
+    checkpoint_id_of,
+    key_of,
+    make_checkpoint,
+    make_item,
+    make_run,
+)
 from tests.stores._redis_servers import PrivateCluster, PrivateRedis, free_port, redis_binary
 from tests.stores._redis_support import (
     FAST_RETRY,
     CuttingProxy,
     append,
+    append_with_items,
     counting_connection_class,
     host_and_port,
     keys_under,
@@ -62,8 +70,15 @@ def anyio_backend() -> str:
 async def _exercise(store: RedisStore, run: Any) -> None:
     """Every operation once, so that scripts are loaded and connections open."""
     key = key_of(run)
-    await append(store, run, 0, expires_at=T0 + 100)
+    await append_with_items(store, run, 0, expires_at=T0 + 100, refs=["b/a"],
+                            items=[make_item("b/a"), make_item("w/0", owner=0)],
+                            labels=("thread:exercise",))
     await append(store, run, 1, keep_latest=5)
+    await store.read_with_items(key, sequence=None, now=T0)
+    await store.read_with_items(key, sequence=0, now=T0)
+    await store.put_owned_items(key, [make_item("w/1", owner=1)], owner=1,
+                                checkpoint_id=checkpoint_id_of(run, 1), if_absent=True, now=T0)
+    await store.runs_with_label("thread:exercise", limit=10, cursor=None, now=T0)
     await store.get(key, 0, now=T0)
     await store.latest(key, now=T0)
     await store.headers(key, before=None, limit=10, now=T0)
@@ -97,14 +112,30 @@ async def test_round_trips_per_operation(
         await _exercise(store, make_run("warm-up"))
         run = make_run("counted", status="active")
         key = key_of(run)
+        own = checkpoint_id_of(run, 3)
         # On a cluster, a call that may add a run to the indexes or move it between them first
         # records its intent in the index slot, then applies the change there.
         index_calls = 2 if cluster_path else 0
         expected = {
-            "first append": (lambda: append(store, run, 0, expires_at=T0 + 100), 1 + index_calls),
+            "first append, labelled": (lambda: append_with_items(
+                store, run, 0, expires_at=T0 + 100, labels=("thread:t", "app:a")),
+                1 + index_calls),
             "append": (lambda: append(store, run, 1, expires_at=T0 + 101), 1),
             "append with pruning": (
                 lambda: append(store, run, 2, expires_at=T0 + 102, keep_latest=2), 1),
+            # LangGraph's save, its pending writes and its load: one round trip each.
+            "append with items and refs, pruning": (lambda: append_with_items(
+                store, run, 3, expires_at=T0 + 103, keep_latest=2, refs=["b/a", "b/b"],
+                items=[make_item("b/a"), make_item("b/b"), make_item("w/3/x", owner=3)]), 1),
+            "put_owned_items": (lambda: store.put_owned_items(
+                key, [make_item("w/3/y", owner=3)], owner=3, checkpoint_id=own,
+                if_absent=True, now=T0), 1),
+            "read_with_items, latest": (
+                lambda: store.read_with_items(key, sequence=None, now=T0), 1),
+            "read_with_items, by sequence": (
+                lambda: store.read_with_items(key, sequence=3, now=T0), 1),
+            "runs_with_label": (lambda: store.runs_with_label(
+                "thread:t", limit=10, cursor=None, now=T0), 2),
             "get": (lambda: store.get(key, 2, now=T0), 1),
             "latest": (lambda: store.latest(key, now=T0), 1),
             "headers": (lambda: store.headers(key, before=None, limit=50, now=T0), 1),
@@ -205,7 +236,8 @@ async def test_every_script_call_touches_one_slot(prefixed: tuple[RedisTarget, s
                      key_slot(key_of(make_run("slots")).encode())}
     pattern = re.compile(
         rb"^" + re.escape(prefix.encode()) + rb":\{([a-z2-7]{24}|idx:" + re.escape(prefix.encode())
-        + rb")\}:(run|seq|exp|due|ik|iv|io|ie|c:\d+|op:[0-9a-f]{16}|all|s:\w+|statuses|fix|ver)$"
+        + rb")\}:(run|seq|exp|due|ik|iv|io|ie|ir|cr|c:\d+|op:[0-9a-f]{16}"
+        rb"|all|s:\w+|statuses|fix|ver|lab|l:[\w:]+)$"
     )
     assert all(pattern.match(key) for key in keys), keys
 
@@ -215,17 +247,18 @@ async def test_cluster_keyslot_agrees_with_the_layout(redis_cluster: PrivateClus
     run = make_run("slot-check")
     key = key_of(run)
     with anyio.fail_after(30):
-        await append(store, run, 0, expires_at=T0 + 100)
-        await store.put_items(key, [make_item("i")], now=T0)
+        await append_with_items(store, run, 0, expires_at=T0 + 100, refs=["i"],
+                                items=[make_item("i"), make_item("w", owner=0)])
+        await store.put_items(key, [make_item("e", expires_at=T0 + 50)], now=T0)
         names = [f"slots:{{{key}}}:{suffix}" for suffix in
-                 ("run", "seq", "exp", "due", "ik", "iv", "io", "ie", "c:0")]
+                 ("run", "seq", "exp", "due", "ik", "iv", "io", "ie", "ir", "cr", "c:0")]
         slots = {await store._client.cluster_keyslot(name) for name in names}
-        exists = await store._client.exists(f"slots:{{{key}}}:c:0")
+        exists = await store._client.exists(*names)
         for node in store._client.get_primaries():
             await store._client.execute_command("FLUSHALL", target_nodes=node)
         await store.aclose()
     assert slots == {key_slot(key.encode())}
-    assert exists == 1
+    assert exists == len(names)
 
 
 # -- expiry -------------------------------------------------------------------------------
