@@ -1,10 +1,19 @@
 """A separate OS process appending to a FileStore, for tests/stores/test_file_specific.py.
 
     python file_worker.py append ROOT RUN_ID COUNT WORKER   append COUNT checkpoints, then exit
+    python file_worker.py append-items ROOT RUN_ID COUNT WORKER
+                                                            the same with append_with_items
+                                                            (items_for, keep_latest=3)
     python file_worker.py forever ROOT RUN_ID               append until killed
     python file_worker.py crash ROOT RUN_ID N               append 3, then SIGKILL itself just
                                                             before the N-th file-system change
                                                             of the 4th append (keep_latest=2)
+    python file_worker.py crash-items ROOT RUN_ID N         the same with append_with_items
+    python file_worker.py crash-owned ROOT RUN_ID N         append 3 with items, put one owned
+                                                            item on checkpoint 2 (prints "put"),
+                                                            then SIGKILL itself just before the
+                                                            N-th file-system change of putting
+                                                            owned_batch(2, "q") on it
     python file_worker.py crash-delete ROOT RUN_ID N        append 3, then SIGKILL itself just
                                                             before the N-th file-system change
                                                             of deleting checkpoint 1
@@ -13,6 +22,8 @@
                                                             file-system change of rebuild_run
 
 Each acknowledged append prints its sequence on a line of its own, after ``append`` returned.
+Appends with items write ``items_for(sequence)`` and name ``refs_for(sequence)``: a shared item
+of their own, the previous checkpoint's and one all checkpoints share, and an owned item.
 """
 
 from __future__ import annotations
@@ -27,10 +38,11 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import msgspec
 
 from fastcheckpoint import _ids
 from fastcheckpoint.errors import SequenceConflict
-from fastcheckpoint.stores import RunRecord, StoredCheckpoint
+from fastcheckpoint.stores import Item, RunRecord, StoredCheckpoint
 from fastcheckpoint.stores.file import FileStore
 
 
@@ -42,6 +54,33 @@ def payload_for(sequence: int, worker: str) -> bytes:
     """Deterministic, of varying size up to ~256 KiB, so a torn write would show."""
     size = random.Random(sequence).randrange(1 << 18)
     return worker.encode() + random.Random(f"{worker}/{sequence}").randbytes(size)
+
+
+def item_value(key: str) -> bytes:
+    """Deterministic, of varying size up to ~64 KiB, so a torn item would show."""
+    size = random.Random(key).randrange(1 << 16)
+    return key.encode() + random.Random(f"value/{key}").randbytes(size)
+
+
+def refs_for(sequence: int) -> tuple[str, ...]:
+    return ("b/all", *(f"b/{shared}" for shared in (sequence - 1, sequence) if shared >= 0))
+
+
+def items_for(sequence: int) -> list[Item]:
+    """What checkpoint ``sequence`` is appended with: the shared items it may be the first to
+    name (``b/all`` is kept as first written), and one item it owns."""
+    shared = [Item(key=key, value=item_value(key)) for key in ("b/all", f"b/{sequence}")]
+    return [*shared, Item(key=f"w/{sequence}", value=item_value(f"w/{sequence}"), owner=sequence)]
+
+
+def expected_items(sequence: int) -> dict[str, bytes]:
+    """What ``read_with_items`` returns for checkpoint ``sequence`` (before owned puts)."""
+    return {key: item_value(key) for key in (*refs_for(sequence), f"w/{sequence}")}
+
+
+def owned_batch(sequence: int, tag: str, count: int) -> list[Item]:
+    keys = [f"w/{sequence}/{tag}{index}" for index in range(count)]
+    return [Item(key=key, value=item_value(key), owner=sequence) for key in keys]
 
 
 def _die_before_change(number: int) -> None:
@@ -61,7 +100,12 @@ def _die_before_change(number: int) -> None:
 
 
 async def _append_next(
-    store: FileStore, run_id: str, worker: str, keep_latest: int | None = None
+    store: FileStore,
+    run_id: str,
+    worker: str,
+    keep_latest: int | None = None,
+    *,
+    with_items: bool = False,
 ) -> int | None:
     """Append the run's next checkpoint; ``None`` if another writer took that sequence."""
     key = _ids.run_key(run_id)
@@ -90,19 +134,47 @@ async def _append_next(
         payload=payload_for(sequence, worker),
     )
     try:
-        await store.append(key, record, run=run, keep_latest=keep_latest, now=now)
+        if with_items:
+            record = msgspec.structs.replace(record, refs=refs_for(sequence))
+            await store.append_with_items(
+                key, record, run=run, keep_latest=keep_latest, now=now, items=items_for(sequence)
+            )
+        else:
+            await store.append(key, record, run=run, keep_latest=keep_latest, now=now)
     except SequenceConflict:
         return None
     return sequence
 
 
-async def _crash(root: str, run_id: str, number: int) -> None:
+async def _crash(root: str, run_id: str, number: int, *, with_items: bool = False) -> None:
     store = FileStore(root)
     for _ in range(3):
-        print(await _append_next(store, run_id, "forever"), flush=True)
+        print(await _append_next(store, run_id, "forever", with_items=with_items), flush=True)
     _die_before_change(number)
-    await _append_next(store, run_id, "forever", keep_latest=2)
+    await _append_next(store, run_id, "forever", keep_latest=2, with_items=with_items)
     print("survived", flush=True)
+
+
+async def _crash_items(root: str, run_id: str, number: int) -> None:
+    await _crash(root, run_id, number, with_items=True)
+
+
+async def _crash_owned(root: str, run_id: str, number: int) -> None:
+    store = FileStore(root)
+    for _ in range(3):
+        print(await _append_next(store, run_id, "forever", with_items=True), flush=True)
+    key = _ids.run_key(run_id)
+    run = await store.get_run(key, now=time.time())
+    assert run is not None
+    owner = _ids.checkpoint_id(key, run.incarnation, 2)
+    for tag, count in (("p", 1), ("q", 3)):
+        if tag == "q":
+            _die_before_change(number)
+        assert await store.put_owned_items(
+            key, owned_batch(2, tag, count), owner=2, checkpoint_id=owner, if_absent=True,
+            now=time.time(),
+        )
+        print("put" if tag == "p" else "survived", flush=True)
 
 
 async def _crash_delete(root: str, run_id: str, number: int) -> None:
@@ -152,14 +224,22 @@ async def _crash_rebuild(root: str, run_id: str, number: int) -> None:
 
 
 async def _main(mode: str, root: str, run_id: str, count: int, worker: str) -> None:
-    crashes = {"crash": _crash, "crash-delete": _crash_delete, "crash-rebuild": _crash_rebuild}
+    crashes = {
+        "crash": _crash,
+        "crash-items": _crash_items,
+        "crash-owned": _crash_owned,
+        "crash-delete": _crash_delete,
+        "crash-rebuild": _crash_rebuild,
+    }
     if mode in crashes:
         await crashes[mode](root, run_id, count)
         return
     store = FileStore(root)
     appended = 0
+    with_items = mode == "append-items"
+    keep_latest = 3 if with_items else None
     while mode == "forever" or appended < count:
-        sequence = await _append_next(store, run_id, worker)
+        sequence = await _append_next(store, run_id, worker, keep_latest, with_items=with_items)
         if sequence is not None:
             print(sequence, flush=True)
             appended += 1
@@ -169,5 +249,5 @@ async def _main(mode: str, root: str, run_id: str, count: int, worker: str) -> N
 if __name__ == "__main__":
     mode, root, run_id = sys.argv[1:4]
     count = int(sys.argv[4]) if mode != "forever" else 0
-    worker = sys.argv[5] if mode == "append" else "forever"
+    worker = sys.argv[5] if mode in ("append", "append-items") else "forever"
     anyio.run(_main, mode, root, run_id, count, worker)

@@ -2,11 +2,14 @@
 
 Layout under the root (directories 0700, files 0600)::
 
-    runs/<run key>/run.rec          commit point: run record + bookkeeping (msgpack, CRC-32)
-    runs/<run key>/c/<sequence:020> one checkpoint per file: framing, metadata, header, payload
+    runs/<run key>/run.rec          commit point: run record + bookkeeping (msgpack, CRC-32),
+                                    and as its body the reference counts of shared items
+    runs/<run key>/c/<sequence:020> one checkpoint per file: framing, metadata (with its refs
+                                    and the run's labels), header, payload
     runs/<run key>/i/k<key>         one item per file; <key> is base32hex of the UTF-8 key
     runs/<run key>/o/<sequence:020>/k<key>   empty markers: items owned by that checkpoint
     index/s<status>/<stamp>-<run key>        empty markers: runs by status, newest created first
+    index/l<label hash>/<stamp>-<run key>    the same by label (base32hex of a BLAKE2b hash)
     locks/<run key>                 flock(2) file of the run, outside its directory
     tmp/<run key>.<random>          files being written (under the run lock)
     trash/<run key>.<random>        run directories being removed
@@ -19,6 +22,16 @@ that do, so expired checkpoints and the run's own expiry are found without readi
 files. Checkpoints are removed by committing a ``run.rec`` without them, which lists them as
 ``removing`` (hidden from reads), and unlinking their files afterwards; a failed or interrupted
 unlink is retried by the run's next writer or by ``purge_expired``.
+
+Shared items (``SupportsSharedItems``): ``run.rec``'s body counts, per item key, the held
+checkpoints whose ``refs`` name it, and lists the held checkpoints that have refs; writers read
+it, readers never do. An append writes its items first (owner markers, item files, their
+directory fsync'd), then its checkpoint file, then ``run.rec`` with the new counts: a
+checkpoint that can be seen has its items in place. A removed checkpoint's refs, read from its
+head before the commit, are released in the same commit; keys no held checkpoint names any more
+are listed as ``dropping`` and their files unlinked afterwards (again by the next writer or
+``purge_expired`` if that failed). The counts are rebuilt from the checkpoints' refs whenever
+``run.rec`` is.
 
 The checkpoint files are the run's log and ``run.rec`` summarises it. An intact checkpoint of
 the run's incarnation at ``latest_sequence + 1`` means the record is behind its log: a crash
@@ -50,6 +63,7 @@ import enum
 import errno
 import fcntl
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -58,7 +72,7 @@ import secrets
 import stat
 import struct
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -79,6 +93,7 @@ from fastcheckpoint.errors import (
 )
 from fastcheckpoint.stores._base import (
     EMPTY_RUN,
+    MAX_ITEM_KEY_BYTES,
     CheckpointHeader,
     ExpiryCleanup,
     Item,
@@ -86,7 +101,9 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_keep_latest,
+    check_labels,
     check_options,
+    check_shared_items,
     header_of,
     is_live,
     item_key_bytes,
@@ -99,8 +116,7 @@ logger = logging.getLogger("fastcheckpoint.stores.file")
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
-MAX_ITEM_KEY_BYTES = 128
-"""Longest item key in UTF-8 bytes: its base32hex file name must fit in 255 bytes."""
+# MAX_ITEM_KEY_BYTES (128) also keeps an item's base32hex file name within 255 bytes.
 _MAX_STATUS_BYTES = 64
 
 _RUN_KEY = re.compile(r"[a-z2-7]{24}")
@@ -126,11 +142,25 @@ _ITEM_MAGIC = b"FCit"
 
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 _DIR_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY
+_MARKER_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
 # A symlink or a file where a directory belongs: the layout was tampered with, not an I/O fault.
 _LAYOUT_ERRNOS = frozenset({errno.ELOOP, errno.ENOTDIR})
 
 
-class _RunState(msgspec.Struct, frozen=True, kw_only=True):
+class _Shared(msgspec.Struct, frozen=True, kw_only=True):
+    """The body of ``run.rec``: what keeps the run's shared items exact. Only writers read it,
+    so a run naming many shared items costs its readers nothing."""
+
+    counts: dict[str, int] = msgspec.field(default_factory=dict)
+    """Key of each shared item named by held checkpoints -> how many of them name it."""
+    referring: tuple[int, ...] = ()
+    """Held checkpoints with ``refs``, ascending: only their heads are read when removed."""
+
+
+_NO_SHARED = _Shared()
+
+
+class _RunState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """What ``run.rec`` holds: the run record and what keeps appends and purges cheap."""
 
     run: RunRecord | None = None
@@ -147,6 +177,12 @@ class _RunState(msgspec.Struct, frozen=True, kw_only=True):
     the commit, and again by the next writer if that failed."""
     items_next_expiry: float | None = None
     """No item expires before this (a lower bound; ``None``: none expires)."""
+    dropping: tuple[str, ...] = ()
+    """Keys of shared items no held checkpoint names any more, whose files may still be
+    there: unlinked after the commit, and again by the next writer if that failed."""
+    shared: _Shared | None = None
+    """The record's body, as writers read it; ``None`` as readers see the record (they never
+    read the body). Never encoded with the rest."""
 
 
 class _CheckpointMeta(msgspec.Struct, frozen=True, array_like=True):
@@ -154,6 +190,16 @@ class _CheckpointMeta(msgspec.Struct, frozen=True, array_like=True):
     checkpoint_id: str
     created_at: float
     expires_at: float | None
+    refs: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+    """The run's labels, so that a run record rebuilt from the log keeps them."""
+
+
+class _Head(CheckpointHeader, frozen=True, kw_only=True):
+    """A checkpoint's head as this store reads it, with what its metadata carries besides."""
+
+    refs: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
 
 
 class _ItemMeta(msgspec.Struct, frozen=True, array_like=True):
@@ -164,6 +210,7 @@ class _ItemMeta(msgspec.Struct, frozen=True, array_like=True):
 
 _ENCODER = msgspec.msgpack.Encoder()
 _STATE_DECODER = msgspec.msgpack.Decoder(_RunState)
+_SHARED_DECODER = msgspec.msgpack.Decoder(_Shared)
 _CHECKPOINT_DECODER = msgspec.msgpack.Decoder(_CheckpointMeta)
 _ITEM_DECODER = msgspec.msgpack.Decoder(_ItemMeta)
 
@@ -229,6 +276,12 @@ def _status_dir_name(status: str) -> str:
     return "s" + _b32hex(status.encode("utf-8"))
 
 
+def _label_dir_name(label: str) -> str:
+    # A hash: labels take up to 256 bytes, too long for a file name once encoded. Listings
+    # check the run's own labels, so a collision would only cost a record read.
+    return "l" + _b32hex(hashlib.blake2b(label.encode("utf-8"), digest_size=20).digest())
+
+
 def _check_status(status: object) -> str:
     if not isinstance(status, str):
         raise ValidationError(f"run status must be a str, got {type(status).__name__}")
@@ -245,6 +298,23 @@ def _marker_name(run_key: str, run: RunRecord) -> str:
     """Sorts newest-created first: the stamp counts down from the creation microsecond."""
     micros = min(max(round(run.created_at * 1_000_000), 0), _STAMP_MAX)
     return f"{_STAMP_MAX - micros:020d}-{run_key}"
+
+
+_KEY_ALPHABET = "234567abcdefghijklmnopqrstuvwxyz"
+_DESCENDING = str.maketrans(_KEY_ALPHABET, _KEY_ALPHABET[::-1])
+
+
+def _listing_key(marker: str) -> tuple[str, str]:
+    """Listing order of a marker: newest created first, and among runs created in the same
+    microsecond the greater run key first, as every store lists them."""
+    return marker[:20], marker[21:].translate(_DESCENDING)
+
+
+def _marker_paths(run_key: str, run: RunRecord) -> set[str]:
+    """The run's index markers, relative to ``index/``: by status, and one per label."""
+    marker = _marker_name(run_key, run)
+    directories = [_status_dir_name(run.status), *map(_label_dir_name, run.labels)]
+    return {os.path.join(directory, marker) for directory in directories}
 
 
 # -- expiry arithmetic (None means never) -----------------------------------------------------
@@ -266,10 +336,18 @@ class _Ledger:
     """A run's bookkeeping while a writer changes it under the run lock.
 
     ``removed`` collects the checkpoints this operation removes; ``state()`` is the ``run.rec``
-    to commit, with the count and the run's expiry recomputed from what the run still holds.
+    to commit, with the count and the run's expiry recomputed from what the run still holds,
+    and the shared items' reference counts after the added and released checkpoints.
     """
 
-    def __init__(self, state: _RunState, run: RunRecord, leftovers: Sequence[int]) -> None:
+    def __init__(
+        self,
+        state: _RunState,
+        run: RunRecord,
+        leftovers: Sequence[int],
+        dropping: Sequence[str] = (),
+    ) -> None:
+        assert state.shared is not None, "a writer's run.rec is read with its body"
         self.base = state
         self.run = run
         self.low = state.low
@@ -278,6 +356,12 @@ class _Ledger:
         self.removed: list[int] = []
         self.leftovers = list(leftovers)
         """Removed earlier, files still there: carried in ``removing`` until they are gone."""
+        self.counts = dict(state.shared.counts)
+        self.referring = set(state.shared.referring)
+        self.dropping = set(dropping)
+        """Shared items dropped earlier whose files are still there (a failed unlink)."""
+        self.dropped: list[str] = []
+        """Shared items this operation drops: unlinked after its commit."""
 
     @property
     def held(self) -> int:
@@ -286,11 +370,30 @@ class _Ledger:
     def hidden(self) -> set[int]:
         return {*self.removed, *self.leftovers}
 
-    def add(self, sequence: int, expires_at: float | None) -> None:
+    def add(self, sequence: int, expires_at: float | None, refs: Sequence[str] = ()) -> None:
         if expires_at is None:
             self.immortal += 1
         else:
             bisect.insort(self.expiring, (expires_at, sequence))
+        if refs:
+            self.referring.add(sequence)
+        for key in dict.fromkeys(refs):
+            self.counts[key] = self.counts.get(key, 0) + 1
+            self.dropping.discard(key)
+
+    def releasing(self) -> list[int]:
+        """Removed checkpoints whose refs are still counted: :meth:`release` each."""
+        return [sequence for sequence in self.removed if sequence in self.referring]
+
+    def release(self, sequence: int, refs: Sequence[str]) -> None:
+        """A removed checkpoint's refs no longer count; items none names any more drop."""
+        self.referring.discard(sequence)
+        for key in dict.fromkeys(refs):
+            count = self.counts.get(key, 0) - 1
+            if count > 0:
+                self.counts[key] = count
+            elif self.counts.pop(key, None) is not None:
+                self.dropped.append(key)
 
     def remove(self, sequence: int, expires_at: float | None) -> None:
         if expires_at is None:
@@ -332,6 +435,8 @@ class _Ledger:
             immortal=self.immortal,
             expiring=tuple(self.expiring),
             removing=tuple(sorted({*self.leftovers, *self.removed})),
+            dropping=tuple(sorted({*self.dropping, *self.dropped} - self.counts.keys())),
+            shared=_Shared(counts=self.counts, referring=tuple(sorted(self.referring))),
         )
 
 
@@ -351,14 +456,30 @@ def _frame(magic: bytes, meta: bytes, head: bytes = b"", body: bytes = b"") -> b
     return b"".join((fixed, _CRCS.pack(head_crc, zlib.crc32(body)), meta, head, body))
 
 
-def _checkpoint_bytes(record: StoredCheckpoint) -> bytes:
+def _checkpoint_bytes(record: StoredCheckpoint, labels: tuple[str, ...]) -> bytes:
     meta = _CheckpointMeta(
         sequence=record.sequence,
         checkpoint_id=record.checkpoint_id,
         created_at=record.created_at,
         expires_at=record.expires_at,
+        refs=record.refs,
+        labels=labels,
     )
     return _frame(_CHECKPOINT_MAGIC, _ENCODER.encode(meta), record.header, record.payload)
+
+
+def _run_bytes(state: _RunState) -> bytes:
+    """``run.rec``: the state as metadata, the shared items' bookkeeping as the body."""
+    assert state.shared is not None, "a run.rec read without its body is never written back"
+    meta = _ENCODER.encode(msgspec.structs.replace(state, shared=None))
+    shared = state.shared
+    body = _ENCODER.encode(shared) if shared.counts or shared.referring else b""
+    return _frame(_RUN_MAGIC, meta, b"", body)
+
+
+def _item_bytes(item: Item) -> bytes:
+    meta = _ENCODER.encode(_ItemMeta(item.key, item.owner, item.expires_at))
+    return _frame(_ITEM_MAGIC, meta, b"", item.value)
 
 
 def _pread_exact(fd: int, size: int, offset: int, path: str) -> bytes:
@@ -474,23 +595,28 @@ class _Dir:
         found.sort(reverse=True)
         return found
 
-    def state(self) -> _RunState | None:
-        frame = self.read(_RUN_FILE, _RUN_MAGIC, whole=False)
+    def state(self, *, whole: bool = False) -> _RunState | None:
+        """``run.rec``; with its body (the shared items' bookkeeping) only when ``whole``."""
+        frame = self.read(_RUN_FILE, _RUN_MAGIC, whole=whole)
         if frame is None:
             return None
-        return _decode(_STATE_DECODER, frame.meta, self.path_of(_RUN_FILE))
+        path = self.path_of(_RUN_FILE)
+        state = _decode(_STATE_DECODER, frame.meta, path)
+        if frame.body is None:
+            return state
+        shared = _decode(_SHARED_DECODER, frame.body, path) if frame.body else _NO_SHARED
+        return msgspec.structs.replace(state, shared=shared)
 
-    def checkpoint(
-        self, sequence: int, now: float, *, payload: bool, include_expired: bool = False
-    ) -> StoredCheckpoint | CheckpointHeader | None:
-        """Checkpoint ``sequence`` if present (and live unless ``include_expired``)."""
-        relative = f"{_CHECKPOINTS}/{_sequence_name(sequence)}"
+    def _checkpoint_frame(
+        self, sequence: int, now: float, *, whole: bool, include_expired: bool
+    ) -> tuple[_CheckpointMeta, _Frame] | None:
+        relative = _checkpoint_name(sequence)
         path = self.path_of(relative)
         fd = self.open(relative)
         if fd is None:
             return None
         try:
-            frame = _read_frame(fd, path, _CHECKPOINT_MAGIC, whole=payload)
+            frame = _read_frame(fd, path, _CHECKPOINT_MAGIC, whole=whole)
         finally:
             os.close(fd)
         meta = _decode(_CHECKPOINT_DECODER, frame.meta, path)
@@ -498,22 +624,40 @@ class _Dir:
             raise CorruptCheckpointError(f"holds sequence {meta.sequence}", key=path)
         if not include_expired and not is_live(meta.expires_at, now):
             return None
-        if frame.body is None:
-            return CheckpointHeader(
-                sequence=meta.sequence,
-                checkpoint_id=meta.checkpoint_id,
-                created_at=meta.created_at,
-                expires_at=meta.expires_at,
-                header=frame.head,
-            )
+        return meta, frame
+
+    def head(self, sequence: int, now: float, *, include_expired: bool = False) -> _Head | None:
+        """The head of checkpoint ``sequence`` if present (and live unless
+        ``include_expired``): its first 4 KiB, never the payload."""
+        found = self._checkpoint_frame(sequence, now, whole=False, include_expired=include_expired)
+        if found is None:
+            return None
+        meta, frame = found
+        return _Head(
+            sequence=meta.sequence,
+            checkpoint_id=meta.checkpoint_id,
+            created_at=meta.created_at,
+            expires_at=meta.expires_at,
+            header=frame.head,
+            refs=meta.refs,
+            labels=meta.labels,
+        )
+
+    def checkpoint(self, sequence: int, now: float) -> StoredCheckpoint | None:
+        """Checkpoint ``sequence`` with its payload, if present and live."""
+        found = self._checkpoint_frame(sequence, now, whole=True, include_expired=False)
+        if found is None:
+            return None
+        meta, frame = found
         return StoredCheckpoint(
             sequence=meta.sequence,
             checkpoint_id=meta.checkpoint_id,
             created_at=meta.created_at,
             expires_at=meta.expires_at,
             header=frame.head,
-            payload=frame.body,
-            key=path,
+            payload=frame.body or b"",
+            key=self.path_of(_checkpoint_name(sequence)),
+            refs=meta.refs,
         )
 
     def item(self, name: str, *, whole: bool) -> tuple[_ItemMeta, bytes | None] | None:
@@ -613,7 +757,7 @@ def _slot(files: _Dir, run_key: str, run: RunRecord, sequence: int) -> _Slot:
     if not files.exists(_checkpoint_name(sequence)):
         return _Slot.EMPTY  # the common answer, found without an exception
     try:
-        found = files.checkpoint(sequence, 0.0, payload=False, include_expired=True)
+        found = files.head(sequence, 0.0, include_expired=True)
     except CorruptCheckpointError:
         return _Slot.UNUSABLE
     if found is None:
@@ -686,10 +830,10 @@ def _log_view(
 def _newest_live(files: _Dir, view: _View, now: float) -> tuple[StoredCheckpoint, str] | None:
     for sequence in view.candidates():
         # Past a deleted or expired newest checkpoint, heads first: no payload of a dead one.
-        if sequence < view.top and files.checkpoint(sequence, now, payload=False) is None:
+        if sequence < view.top and files.head(sequence, now) is None:
             continue
-        found = files.checkpoint(sequence, now, payload=True)
-        if isinstance(found, StoredCheckpoint):
+        found = files.checkpoint(sequence, now)
+        if found is not None:
             return found, view.status
     return None
 
@@ -742,6 +886,15 @@ def _after_commit(path: str) -> Iterator[None]:
         yield
     except OSError as exc:
         _log_leftover(path, exc)
+
+
+def _remove_empty_dir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError as exc:
+        # A marker arrived meanwhile, or a concurrent sweep got here first.
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+            raise
 
 
 def _mkdir(path: str) -> bool:
@@ -814,14 +967,28 @@ class FileStore(ExpiryCleanup):
     checkpoint in place, and a damaged run is read by listing its checkpoint files. Starting
     an expired run over, and purging one, read the head of each of its checkpoint files
     first. ``update_run`` rewrites
-    ``run.rec`` (and moves one index marker on a status change); ``list_runs`` lists the status
-    index and reads ``run.rec`` of the runs it returns; ``count_runs`` reads ``run.rec`` of
-    every indexed run; ``scan_items`` lists the run's items. ``purge_expired`` reads every
-    ``run.rec`` and only the files of runs with something due.
+    ``run.rec`` (and moves one index marker on a status change); ``list_runs`` and
+    ``runs_with_label`` list one index directory and read ``run.rec`` of the runs they return;
+    ``count_runs`` reads ``run.rec`` of every indexed run; ``scan_items`` lists the run's items.
+    ``purge_expired`` reads every ``run.rec`` and only the files of runs with something due.
+
+    Adapter capabilities (``r`` = refs of the checkpoint, ``i`` = items written, ``s`` = shared
+    items the run's held checkpoints name): ``append_with_items`` also reads the head of each of
+    its ``i`` items (to keep a live one), writes the new ones with one more fsync, and rewrites
+    the ``s`` counts in ``run.rec``'s body (a few bytes plus the key per shared item); each
+    pruned checkpoint with refs costs one head read, each item it was the last to name one
+    unlink. The first checkpoint of a run adds one marker per label. ``read_with_items`` costs
+    ``get`` or ``latest``, one listing of ``o/<sequence>/``, one read per owned item and per
+    ref, ``run.rec``'s first 4 KiB again and one ``stat``: O(owned + r), not O(n) or O(s).
+    ``put_owned_items`` reads ``run.rec`` and the owner's head under the run lock, then writes
+    like ``put_items``.
 
     Limits: item keys up to :data:`MAX_ITEM_KEY_BYTES` UTF-8 bytes, statuses up to 64. Each
     item file is replaced atomically, but a crash in the middle of a multi-item ``put_items``
-    can leave a prefix of the batch written (errors before the first rename write nothing).
+    or ``put_owned_items`` can leave a prefix of the batch written (errors before the first
+    rename write nothing); an append's items are all in place before its checkpoint shows.
+    A crash before an append's checkpoint is in place may leave the items it wrote: its retry
+    keeps them, and they go with the run.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
@@ -954,12 +1121,11 @@ class FileStore(ExpiryCleanup):
 
     def _commit(self, run_key: str, state: _RunState) -> None:
         run_dir = self._run_dir(run_key)
-        data = _frame(_RUN_MAGIC, _ENCODER.encode(state))
-        self._write_file(run_key, os.path.join(run_dir, _RUN_FILE), data)
+        self._write_file(run_key, os.path.join(run_dir, _RUN_FILE), _run_bytes(state))
         self._sync_dir(run_dir)
 
-    def _read_state(self, run_key: str) -> _RunState | None:
-        return _Dir(self._run_dir(run_key)).state()
+    def _read_state(self, run_key: str, *, whole: bool = False) -> _RunState | None:
+        return _Dir(self._run_dir(run_key)).state(whole=whole)
 
     # -- checkpoint log -----------------------------------------------------------------------
 
@@ -972,12 +1138,29 @@ class FileStore(ExpiryCleanup):
         keep_latest: int | None,
         now: float,
     ) -> str:
+        return await self.append_with_items(
+            run_key, record, run=run, keep_latest=keep_latest, now=now, items=()
+        )
+
+    async def append_with_items(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        *,
+        run: RunRecord,
+        keep_latest: int | None,
+        now: float,
+        items: Sequence[Item],
+    ) -> str:
         _check_run_key(run_key)
         _check_status(run.status)
         if not math.isfinite(run.created_at):
             raise ValidationError(f"run created_at must be finite, got {run.created_at}")
         check_keep_latest(keep_latest)
-        return await self._call(self._append, run_key, record, run, keep_latest, now)
+        check_labels(run.labels)
+        check_shared_items(record, items)
+        named = _appended_items(record, items)
+        return await self._call(self._append, run_key, record, run, keep_latest, now, named)
 
     def _append(
         self,
@@ -986,6 +1169,7 @@ class FileStore(ExpiryCleanup):
         seed: RunRecord,
         keep_latest: int | None,
         now: float,
+        named: list[tuple[str, Item]],
     ) -> str:
         with self._locked(run_key):
             state = self._current_state(run_key, seed, now)
@@ -995,24 +1179,23 @@ class FileStore(ExpiryCleanup):
             if state is None or stored is None or current is None:
                 ledger = self._start_run(run_key, state, seed)
             else:
-                ledger = _Ledger(state, current, self._retry_removals(run_key, state))
+                ledger = self._ledger(run_key, state, current)
             ledger.run = msgspec.structs.replace(
                 ledger.run, latest_sequence=record.sequence, updated_at=now
             )
-            ledger.add(record.sequence, record.expires_at)
+            written = self._absent_items(run_key, ledger, named, now)
+            # Counted before pruning: an item the new checkpoint names is never released by
+            # the checkpoints it replaces.
+            ledger.add(record.sequence, record.expires_at, record.refs)
             committed = self._write_and_commit(
-                run_key, record, ledger, keep_latest, now, new_run=current is None
+                run_key, record, ledger, keep_latest, now, new_run=current is None, items=written
             )
-            if (
-                stored is not None
-                and current is None
-                and not _same_marker(run_key, stored, committed)
-            ):
-                marker = self._marker_path(run_key, stored)
-                with _after_commit(marker):
-                    _discard(marker)
+            assert committed.run is not None
+            if stored is not None and current is None:
+                self._unindex(run_key, stored, keep=committed.run)
             self._remove_checkpoints(run_key, ledger.removed)
-            return committed.status
+            self._drop_shared(run_key, committed.dropping)
+            return committed.run.status
 
     def _write_and_commit(
         self,
@@ -1023,35 +1206,45 @@ class FileStore(ExpiryCleanup):
         now: float,
         *,
         new_run: bool,
-    ) -> RunRecord:
-        """Write the checkpoint, prune, commit ``run.rec``; returns the committed run record.
+        items: list[tuple[str, Item]],
+    ) -> _RunState:
+        """Write the items, the checkpoint, prune, commit ``run.rec``; returns what it committed.
 
-        A checkpoint file in place counts as part of the log, so it is withdrawn again when
-        anything fails before the commit: a caller that got an error never finds it adopted.
+        The items come first: once the checkpoint file is in place readers see it (it is part
+        of the log), so everything it names must be there already. That file is withdrawn
+        again, then the items, when anything fails before the commit: a caller that got an
+        error never finds its checkpoint adopted.
         """
         directory = os.path.join(self._run_dir(run_key), _CHECKPOINTS)
-        self._ensure_dir(directory)
         path = os.path.join(directory, _sequence_name(record.sequence))
-        self._write_file(run_key, path, _checkpoint_bytes(record))
+        try:
+            self._write_items(run_key, items)
+            self._ensure_dir(directory)
+            self._write_file(run_key, path, _checkpoint_bytes(record, ledger.run.labels))
+        except BaseException:
+            self._withdraw_items(run_key, items)
+            raise
         try:
             self._sync_dir(directory)
             ledger.remove_expired(now)
             if keep_latest is not None:
                 self._remove_oldest(run_key, ledger, keep_latest)
-            committed = ledger.state()
+            committed = self._settled(run_key, ledger)
             assert committed.run is not None
             if new_run:
-                self._index_add(run_key, committed.run)
+                self._add_markers(_marker_paths(run_key, committed.run))
             run_file = os.path.join(self._run_dir(run_key), _RUN_FILE)
-            self._write_file(run_key, run_file, _frame(_RUN_MAGIC, _ENCODER.encode(committed)))
+            self._write_file(run_key, run_file, _run_bytes(committed))
         except BaseException:
-            self._withdraw(path)
+            if self._withdraw(path):
+                self._withdraw_items(run_key, items)
             raise
         self._sync_dir(self._run_dir(run_key))
-        return committed.run
+        return committed
 
-    def _withdraw(self, path: str) -> None:
-        """Remove the checkpoint file of an append that failed before its commit."""
+    def _withdraw(self, path: str) -> bool:
+        """Remove the checkpoint file of an append that failed before its commit; whether it
+        is gone (else its items must stay: the run's next writer counts it)."""
         try:
             _discard(path)
             self._sync_dir(os.path.dirname(path))
@@ -1062,14 +1255,97 @@ class FileStore(ExpiryCleanup):
                 path,
                 exc.strerror or exc,
             )
+            return False
+        return True
+
+    def _withdraw_items(self, run_key: str, items: list[tuple[str, Item]]) -> None:
+        """Remove the items a failed append wrote (they replaced no live item)."""
+        directory = os.path.join(self._run_dir(run_key), _ITEMS)
+        for name, _ in items:
+            path = os.path.join(directory, name)
+            try:
+                _discard(path)
+            except OSError as exc:
+                logger.error(
+                    "file store: could not remove %s after a failed append (%s); it stays as "
+                    "an item of the run",
+                    path,
+                    exc.strerror or exc,
+                )
 
     def _start_run(self, run_key: str, state: _RunState | None, seed: RunRecord) -> _Ledger:
-        """Clear what an expired or emptied run left; ``seed`` becomes the record, uncommitted."""
+        """Clear what an expired or emptied run left; ``seed`` becomes the record, uncommitted.
+
+        The earlier life's shared items go too: a key's value there is not this life's.
+        """
         self._ensure_dir(self._run_dir(run_key))
+        failed: list[str] = []
         if state is not None and state.run is not None:
             self._discard_checkpoints(run_key)
-        fresh = _RunState(items_next_expiry=state.items_next_expiry if state is not None else None)
-        return _Ledger(fresh, seed, ())
+            shared = state.shared if state.shared is not None else _NO_SHARED
+            failed = self._drop_shared(run_key, {*shared.counts, *state.dropping})
+        fresh = _RunState(
+            items_next_expiry=state.items_next_expiry if state is not None else None,
+            shared=_NO_SHARED,
+        )
+        return _Ledger(fresh, seed, (), failed)
+
+    def _ledger(self, run_key: str, state: _RunState, run: RunRecord) -> _Ledger:
+        """The ledger of a writer of a live run, once the removals that earlier operations
+        committed but could not finish are retried."""
+        leftovers = self._retry_removals(run_key, state)
+        return _Ledger(state, run, leftovers, self._drop_shared(run_key, state.dropping))
+
+    def _settled(self, run_key: str, ledger: _Ledger) -> _RunState:
+        """The ``run.rec`` to commit, once the checkpoints removed release their refs (read
+        from their heads: before the commit their files are still in place)."""
+        files = _Dir(self._run_dir(run_key))
+        for sequence in ledger.releasing():
+            try:
+                head = files.head(sequence, 0.0, include_expired=True)
+            except CorruptCheckpointError as exc:
+                logger.warning(
+                    "file store: the shared items %s names stay until its run goes: %s",
+                    exc.key,
+                    _problem(exc),
+                )
+                head = None
+            ledger.release(sequence, () if head is None else head.refs)
+        return ledger.state()
+
+    def _absent_items(
+        self, run_key: str, ledger: _Ledger, named: list[tuple[str, Item]], now: float
+    ) -> list[tuple[str, Item]]:
+        """The appended items to write: those whose key holds no live item. A key dropped
+        earlier whose file is still there (a failed unlink) counts as free."""
+        files = _Dir(self._run_dir(run_key))
+        absent: list[tuple[str, Item]] = []
+        for name, item in named:
+            if item.key in ledger.dropping:
+                ledger.dropping.discard(item.key)
+            elif _holds_live_item(files, name, now):
+                continue  # written once per key: a live value is never replaced
+            absent.append((name, item))
+        return absent
+
+    def _drop_shared(self, run_key: str, keys: Iterable[str]) -> list[str]:
+        """Unlink shared items that no held checkpoint names (an owned item stays with its
+        owner); returns the keys whose unlink failed (logged), to be tried again."""
+        files = _Dir(self._run_dir(run_key))
+        failed: list[str] = []
+        for key in keys:
+            name = _item_name(key)
+            path = files.path_of(f"{_ITEMS}/{name}")
+            try:
+                found = files.item(name, whole=False)
+                if found is not None and found[0].owner is None:
+                    _discard(path)
+            except CorruptCheckpointError as exc:
+                logger.warning("file store: skipping corrupt item %s: %s", exc.key, exc)
+            except OSError as exc:
+                _log_leftover(path, exc)
+                failed.append(key)
+        return failed
 
     # -- damaged run records, and records behind their log --------------------------------------
 
@@ -1085,9 +1361,9 @@ class FileStore(ExpiryCleanup):
         )
 
     def _state_for_write(self, run_key: str) -> _RunState | None:
-        """``run.rec`` for a writer that leaves checkpoints alone; a damaged one is refused."""
+        """``run.rec`` (with its body) for a writer; a damaged one is refused."""
         try:
-            return self._read_state(run_key)
+            return self._read_state(run_key, whole=True)
         except CorruptCheckpointError as exc:
             raise self._damaged(exc) from exc
 
@@ -1153,7 +1429,14 @@ class FileStore(ExpiryCleanup):
             raise _other_life(files, run, others[-1][0])
         # The first checkpoint of the run's next life, cut before its commit: adopted alone.
         life = msgspec.structs.replace(seed, incarnation=others[0][1])
-        return _RunState(run=life, items_next_expiry=state.items_next_expiry), seed
+        # The earlier life's shared bookkeeping is kept so that the rebuild drops its items.
+        kept = _RunState(
+            run=life,
+            items_next_expiry=state.items_next_expiry,
+            dropping=state.dropping,
+            shared=state.shared,
+        )
+        return kept, seed
 
     def _log_ahead(self, run_key: str, files: _Dir, run: RunRecord) -> bool:
         """Whether an intact checkpoint of the record's incarnation is in place at
@@ -1202,7 +1485,7 @@ class FileStore(ExpiryCleanup):
         others: list[tuple[int, str]] = []
         for sequence in reversed(files.sequences()):
             try:
-                found = files.checkpoint(sequence, now, payload=False)
+                found = files.head(sequence, now)
             except CorruptCheckpointError:
                 continue  # says nothing about the record; removed with the run
             place = None if found is None else _place_of(found)
@@ -1214,9 +1497,7 @@ class FileStore(ExpiryCleanup):
                 ours = True
         return ours, others
 
-    def _log_heads(
-        self, run_key: str, files: _Dir, keep: _RunState | None
-    ) -> list[CheckpointHeader]:
+    def _log_heads(self, run_key: str, files: _Dir, keep: _RunState | None) -> list[_Head]:
         """Intact checkpoints in place of the run's incarnation, oldest first.
 
         The incarnation is that of ``keep`` (a readable record) if it holds a run, else of the
@@ -1224,13 +1505,13 @@ class FileStore(ExpiryCleanup):
         and files of other runs or incarnations left out: reads still report them as corrupt.
         """
         low, hidden = (keep.low, set(keep.removing)) if keep is not None else (0, set())
-        heads: list[CheckpointHeader] = []
+        heads: list[_Head] = []
         incarnation = keep.run.incarnation if keep is not None and keep.run is not None else None
         for sequence in files.sequences():
             if sequence < low or sequence in hidden:
                 continue
             try:
-                head = files.checkpoint(sequence, 0.0, payload=False, include_expired=True)
+                head = files.head(sequence, 0.0, include_expired=True)
             except CorruptCheckpointError as exc:
                 logger.warning("file store: skipping corrupt checkpoint %s: %s", exc.key, exc)
                 continue
@@ -1253,9 +1534,11 @@ class FileStore(ExpiryCleanup):
     ) -> _RunState | None:
         """The ``run.rec`` the log implies, or ``None`` when it holds no intact checkpoint.
 
-        ``base`` gives ``run_id``, ``status`` and ``data``; ``created_at`` and ``version`` too
-        when it is ``keep``'s own run, else they come from the log (oldest checkpoint, 0).
-        ``updated_at`` becomes ``now`` (kept when ``None``).
+        ``base`` gives ``run_id``, ``status`` and ``data``; ``created_at``, ``version`` and
+        ``labels`` too when it is ``keep``'s own run, else they come from the log (oldest
+        checkpoint, 0, newest checkpoint). ``updated_at`` becomes ``now`` (kept when ``None``).
+        The shared items' counts come from the refs of the checkpoints in place; the items
+        ``keep`` counted that none of them names are dropped.
         """
         heads = self._log_heads(run_key, files, keep)
         if not heads:
@@ -1277,7 +1560,12 @@ class FileStore(ExpiryCleanup):
             created_at=base.created_at if own else oldest.created_at,
             version=base.version if own else 0,
             updated_at=base.updated_at if now is None else now,
+            labels=base.labels if own else newest.labels,
         )
+        shared = _shared_of(heads)
+        dropped: set[str] = set()
+        if keep is not None:
+            dropped = {*(keep.shared or _NO_SHARED).counts, *keep.dropping} - shared.counts.keys()
         return _RunState(
             run=run,
             low=oldest.sequence,
@@ -1286,20 +1574,20 @@ class FileStore(ExpiryCleanup):
             removing=keep.removing if keep is not None else (),
             # Item expiries are unknown without a record: purge_expired looks at every item.
             items_next_expiry=keep.items_next_expiry if keep is not None else 0.0,
+            dropping=tuple(sorted(dropped)),
+            shared=shared,
         )
 
     def _commit_rebuilt(self, run_key: str, old: RunRecord | None, state: _RunState) -> None:
-        """Commit a rebuilt ``run.rec``; the run's index marker follows it. The marker of an
-        unreadable record is left to ``purge_expired``, which then finds it stale."""
+        """Commit a rebuilt ``run.rec``; the run's index markers follow it. The markers of an
+        unreadable record are left to ``purge_expired``, which then finds them stale."""
         assert state.run is not None
-        moved = old is None or not _same_marker(run_key, old, state.run)
-        if moved:
-            self._index_add(run_key, state.run)
+        markers = _marker_paths(run_key, state.run)
+        self._add_markers(markers if old is None else markers - _marker_paths(run_key, old))
         self._commit(run_key, state)
-        if old is not None and moved:
-            marker = self._marker_path(run_key, old)
-            with _after_commit(marker):
-                _discard(marker)
+        if old is not None:
+            self._unindex(run_key, old, keep=state.run)
+        self._drop_shared(run_key, state.dropping)
 
     def _remove_oldest(self, run_key: str, ledger: _Ledger, keep_latest: int) -> None:
         """Remove the oldest held checkpoints beyond ``keep_latest``, walking up from ``low``.
@@ -1317,27 +1605,25 @@ class FileStore(ExpiryCleanup):
             if sequence in expiring:
                 ledger.remove(sequence, expiring[sequence])
             elif sequence not in hidden:
-                meta = self._peek(run_key, sequence)
-                if meta is True or (isinstance(meta, _CheckpointMeta) and meta.expires_at is None):
+                head = self._peek(run_key, sequence)
+                if head is True or (isinstance(head, _Head) and head.expires_at is None):
                     ledger.remove(sequence, None)  # never expires (or unreadable: counted so)
-                elif isinstance(meta, _CheckpointMeta):
+                    if isinstance(head, _Head) and sequence in ledger.referring:
+                        ledger.release(sequence, head.refs)  # read now, not again
+                elif isinstance(head, _Head):
                     ledger.removed.append(sequence)  # expiring but unindexed: not held, a leftover
             sequence += 1
         ledger.low = max(ledger.low, sequence)
 
-    def _peek(self, run_key: str, sequence: int) -> _CheckpointMeta | bool:
-        """Metadata of a checkpoint for cleanup; else whether a (corrupt, logged) file is there."""
+    def _peek(self, run_key: str, sequence: int) -> _Head | bool:
+        """The head of a checkpoint for cleanup; else whether a (corrupt, logged) file is there."""
         files = _Dir(self._run_dir(run_key))
         try:
-            found = files.checkpoint(sequence, 0.0, payload=False, include_expired=True)
+            found = files.head(sequence, 0.0, include_expired=True)
         except CorruptCheckpointError as exc:
             logger.warning("file store: skipping corrupt checkpoint %s: %s", exc.key, exc)
             return True
-        if found is None:
-            return False
-        return _CheckpointMeta(
-            found.sequence, found.checkpoint_id, found.created_at, found.expires_at
-        )
+        return False if found is None else found
 
     def _checkpoint_path(self, run_key: str, sequence: int) -> str:
         return os.path.join(self._run_dir(run_key), _CHECKPOINTS, _sequence_name(sequence))
@@ -1425,11 +1711,13 @@ class FileStore(ExpiryCleanup):
 
     def _get(self, run_key: str, sequence: int, now: float) -> tuple[StoredCheckpoint, str] | None:
         with self._reader(run_key) as files:
-            view = None if files is None else self._view(run_key, files, now)
-            if files is None or view is None or not view.holds(sequence):
-                return None
-            found = files.checkpoint(sequence, now, payload=True)
-            return (found, view.status) if isinstance(found, StoredCheckpoint) else None
+            return None if files is None else self._get_in(run_key, files, sequence, now)
+
+    def _get_in(
+        self, run_key: str, files: _Dir, sequence: int, now: float
+    ) -> tuple[StoredCheckpoint, str] | None:
+        view = self._view(run_key, files, now)
+        return None if view is None else _held_checkpoint(files, view, sequence, now)
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
         _check_run_key(run_key)
@@ -1437,24 +1725,135 @@ class FileStore(ExpiryCleanup):
 
     def _latest(self, run_key: str, now: float) -> tuple[StoredCheckpoint, str] | None:
         with self._reader(run_key) as files:
-            if files is None:
+            return None if files is None else self._latest_in(run_key, files, now)
+
+    def _latest_in(
+        self, run_key: str, files: _Dir, now: float
+    ) -> tuple[StoredCheckpoint, str] | None:
+        previous: _View | None = None
+        for _ in range(_LATEST_ATTEMPTS):
+            view = self._view(run_key, files, now)
+            # A concurrent append may have pruned what a view pointed at: only an unchanged
+            # run.rec makes "no live checkpoint" the answer.
+            if view is None or view == previous:
                 return None
-            previous: _View | None = None
-            for _ in range(_LATEST_ATTEMPTS):
-                view = self._view(run_key, files, now)
-                # A concurrent append may have pruned what a view pointed at: only an unchanged
-                # run.rec makes "no live checkpoint" the answer.
-                if view is None or view == previous:
-                    return None
-                found = _newest_live(files, view, now)
-                if found is not None or view.listed is not None:
-                    return found
-                previous = view
+            found = _newest_live(files, view, now)
+            if found is not None or view.listed is not None:
+                return found
+            previous = view
         # Appends kept moving the run under us: read it once while writers wait.
         with self._locked(run_key):
             files = _Dir(self._run_dir(run_key))
             view = _log_view(files, run_key, now)
             return None if view is None else _newest_live(files, view, now)
+
+    async def read_with_items(
+        self, run_key: str, *, sequence: int | None, now: float
+    ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        """The checkpoint read as by ``get`` or ``latest``, then its owned items (listed
+        under ``o/<sequence>/``) and the items its refs name, then ``run.rec`` again: a
+        checkpoint still held there had all its items in place while they were read."""
+        _check_run_key(run_key)
+        return await self._call(self._read_with_items, run_key, sequence, now)
+
+    def _read_with_items(
+        self, run_key: str, sequence: int | None, now: float
+    ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        with self._reader(run_key) as files:
+            if files is None:
+                return None
+            for _ in range(_LATEST_ATTEMPTS):
+                if sequence is None:
+                    found = self._latest_in(run_key, files, now)
+                else:
+                    found = self._get_in(run_key, files, sequence, now)
+                if found is None:
+                    return None
+                items = _items_of(files, found[0], now)
+                if self._still_held(run_key, files, found[0].sequence, now):
+                    return found[0], found[1], items
+        # Writers kept removing what we read (or the record is behind or damaged): read it
+        # once while they wait.
+        with self._locked(run_key):
+            files = _Dir(self._run_dir(run_key))
+            view = _log_view(files, run_key, now)
+            if view is None:
+                return None
+            if sequence is None:
+                found = _newest_live(files, view, now)
+            else:
+                found = _held_checkpoint(files, view, sequence, now)
+            return None if found is None else (found[0], found[1], _items_of(files, found[0], now))
+
+    def _still_held(self, run_key: str, files: _Dir, sequence: int, now: float) -> bool:
+        """Whether ``run.rec`` still holds checkpoint ``sequence`` and the run directory read
+        through ``files`` is still the run's (``delete_run`` renames it away whole, then
+        removes its files in any order)."""
+        trusted, view = _trusted_view(files, now)
+        if not trusted or view is None or not view.holds(sequence):
+            return False
+        assert files.fd is not None
+        try:
+            here = os.stat(self._run_dir(run_key), follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        read = os.fstat(files.fd)
+        return (here.st_dev, here.st_ino) == (read.st_dev, read.st_ino)
+
+    async def put_owned_items(
+        self,
+        run_key: str,
+        items: Sequence[Item],
+        *,
+        owner: int,
+        checkpoint_id: str,
+        if_absent: bool,
+        now: float,
+    ) -> bool:
+        """Writes each item like ``put_items`` (owner markers first): a crash in the middle of
+        a batch can leave part of it written."""
+        _check_run_key(run_key)
+        named = _owned_items(items, owner)
+        return await self._call(
+            self._put_owned_items, run_key, named, owner, checkpoint_id, if_absent, now
+        )
+
+    def _live_owner(
+        self, run_key: str, owner: int, checkpoint_id: str, now: float
+    ) -> _Head | None:
+        """Checkpoint ``owner`` if the run holds it live with id ``checkpoint_id``; under the
+        run lock."""
+        state = self._current_state(run_key, None, now)
+        run = _live_run(state, now)
+        if state is None or run is None or owner in state.removing:
+            return None
+        if not state.low <= owner <= run.latest_sequence:
+            return None
+        head = _Dir(self._run_dir(run_key)).head(owner, now)
+        return head if head is not None and head.checkpoint_id == checkpoint_id else None
+
+    def _put_owned_items(
+        self,
+        run_key: str,
+        named: list[tuple[str, Item]],
+        owner: int,
+        checkpoint_id: str,
+        if_absent: bool,
+        now: float,
+    ) -> bool:
+        with self._locked(run_key):
+            head = self._live_owner(run_key, owner, checkpoint_id, now)
+            if head is None:
+                return False
+            files = _Dir(self._run_dir(run_key))
+            chosen: dict[str, Item] = {}
+            for name, item in named:
+                if if_absent and (name in chosen or _holds_live_item(files, name, now)):
+                    continue
+                # Everything of a checkpoint expires together.
+                chosen[name] = msgspec.structs.replace(item, expires_at=head.expires_at)
+            self._write_items(run_key, list(chosen.items()))
+            return True
 
     async def headers(
         self,
@@ -1482,14 +1881,12 @@ class FileStore(ExpiryCleanup):
                 if len(found) >= limit:
                     break
                 try:
-                    header = files.checkpoint(
-                        sequence, now, payload=False, include_expired=include_expired
-                    )
+                    header = files.head(sequence, now, include_expired=include_expired)
                 except CorruptCheckpointError as exc:
                     logger.warning("file store: skipping corrupt checkpoint %s: %s", exc.key, exc)
                     continue
                 if header is not None:
-                    found.append(header)
+                    found.append(header_of(header))
             return found, view.status
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
@@ -1506,20 +1903,22 @@ class FileStore(ExpiryCleanup):
             if sequence in state.removing:
                 return False
             files = _Dir(self._run_dir(run_key))
-            found = files.checkpoint(sequence, 0.0, payload=False, include_expired=True)
+            found = files.head(sequence, 0.0, include_expired=True)
             if found is None or found.checkpoint_id != checkpoint_id:
                 return False
-            ledger = _Ledger(state, state.run, self._retry_removals(run_key, state))
+            ledger = self._ledger(run_key, state, state.run)
             ledger.remove(sequence, found.expires_at)
             # Committed first, unlinked after: a crash in between leaves the file hidden by
             # ``removing`` until the next writer unlinks it, never a checkpoint that comes back.
-            self._commit(run_key, ledger.state())
+            committed = self._settled(run_key, ledger)
+            self._commit(run_key, committed)
             if not self._remove_checkpoints(run_key, ledger.removed):
                 # Durable before a later commit drops it from ``removing``: unlike pruned
                 # checkpoints (below ``low``, or expired), nothing else would hide it.
                 directory = files.path_of(_CHECKPOINTS)
                 with _after_commit(directory):
                     self._sync_dir(directory)
+            self._drop_shared(run_key, committed.dropping)
             return True
 
     async def delete_run(self, run_key: str) -> int:
@@ -1535,9 +1934,7 @@ class FileStore(ExpiryCleanup):
                 state = None
             trash = self._move_to_trash(run_key)
             if state is not None and state.run is not None:
-                marker = self._marker_path(run_key, state.run)
-                with _after_commit(marker):
-                    _discard(marker)
+                self._unindex(run_key, state.run)
         if trash is not None:
             with _after_commit(trash):
                 _remove_tree(trash)
@@ -1572,12 +1969,15 @@ class FileStore(ExpiryCleanup):
                     raise self._damaged(exc) from exc
         return _live_run(state, now)
 
-    def _checked_state(self, run_key: str, now: float | None) -> _RunState | None:
+    def _checked_state(
+        self, run_key: str, now: float | None, *, whole: bool = False
+    ) -> _RunState | None:
         """``run.rec`` unless it is damaged as writers see it (:class:`CorruptCheckpointError`
         naming it): undecodable, missing while checkpoints are in place, or of another
-        incarnation than they are. Without ``now`` the files of an expired run are not read."""
+        incarnation than they are. Without ``now`` the files of an expired run are not read;
+        without ``whole`` neither is the record's body (the shared items' counts)."""
         files = _Dir(self._run_dir(run_key))
-        state = files.state()
+        state = files.state(whole=whole)
         self._adoption(run_key, files, state, None, now)
         return state
 
@@ -1614,50 +2014,65 @@ class FileStore(ExpiryCleanup):
             # New marker before the commit, old one after: a crash or a failed unlink leaves a
             # stale marker (filtered by list_runs, removed by purge_expired), never a run
             # without one.
-            if status != run.status:
-                self._index_add(run_key, updated)
+            self._add_markers(_marker_paths(run_key, updated) - _marker_paths(run_key, run))
             self._commit(run_key, msgspec.structs.replace(state, run=updated))
-            if status != run.status:
-                marker = self._marker_path(run_key, run)
-                with _after_commit(marker):
-                    _discard(marker)
+            self._unindex(run_key, run, keep=updated)
             return updated
 
-    def _index_add(self, run_key: str, run: RunRecord) -> None:
-        directory = os.path.join(self._index, _status_dir_name(run.status))
-        self._ensure_dir(directory)
-        marker = os.path.join(directory, _marker_name(run_key, run))
-        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        self._sync_dir(directory)
+    def _add_markers(self, markers: Iterable[str]) -> None:
+        """Create index markers (paths relative to ``index/``), durably: before a commit."""
+        for relative in sorted(markers):
+            directory, name = os.path.split(os.path.join(self._index, relative))
+            while True:
+                self._ensure_dir(directory)
+                try:
+                    os.close(os.open(os.path.join(directory, name), _MARKER_FLAGS, 0o600))
+                    break
+                except FileNotFoundError:
+                    continue  # purge_expired removed the empty label directory meanwhile
+            self._sync_dir(directory)
 
-    def _marker_path(self, run_key: str, run: RunRecord) -> str:
-        return os.path.join(self._index, _status_dir_name(run.status), _marker_name(run_key, run))
+    def _unindex(self, run_key: str, run: RunRecord, *, keep: RunRecord | None = None) -> None:
+        """Remove the markers of ``run`` that ``keep`` (what replaced it) does not have.
 
-    def _markers(self, status: str | None) -> list[tuple[str, str]]:
-        """``(marker, status directory)`` of indexed runs, newest created first."""
-        if status is None:
-            directories = []
-            for name in os.listdir(self._index):
-                if name.startswith("s"):
+        After a commit: a failure leaves a stale marker (logged), which listings skip and
+        ``purge_expired`` removes, never a run without one.
+        """
+        stale = _marker_paths(run_key, run)
+        if keep is not None:
+            stale -= _marker_paths(run_key, keep)
+        for relative in sorted(stale):
+            marker = os.path.join(self._index, relative)
+            with _after_commit(marker):
+                _discard(marker)
+
+    def _index_directories(self, kind: str | None = None) -> list[str]:
+        """The index's directories (``"s"``: by status, ``"l"``: by label, ``None``: both)."""
+        directories = []
+        for name in os.listdir(self._index):
+            if name.startswith(("s", "l")):
+                if kind is None or name.startswith(kind):
                     directories.append(name)
-                else:
-                    path = os.path.join(self._index, name)
-                    logger.warning("file store: skipping foreign entry %s", path)
-        else:
-            directories = [_status_dir_name(status)]
+            else:
+                path = os.path.join(self._index, name)
+                logger.warning("file store: skipping foreign entry %s", path)
+        return directories
+
+    def _markers(self, directories: Iterable[str]) -> list[tuple[str, str]]:
+        """``(marker, directory)`` of the runs indexed there, newest created first."""
         markers: list[tuple[str, str]] = []
         for directory in directories:
             try:
                 names = os.listdir(os.path.join(self._index, directory))
             except FileNotFoundError:
-                continue  # no run ever had this status
+                continue  # no run ever had this status or label
             for name in names:
                 if _MARKER.fullmatch(name):
                     markers.append((name, directory))
                 else:
                     path = os.path.join(self._index, directory, name)
                     logger.warning("file store: skipping foreign file %s", path)
-        markers.sort()
+        markers.sort(key=lambda found: _listing_key(found[0]))
         return markers
 
     def _indexed_run(self, marker: str, directory: str, now: float) -> RunRecord | None:
@@ -1668,28 +2083,43 @@ class FileStore(ExpiryCleanup):
         except CorruptCheckpointError as exc:
             logger.warning("file store: skipping run with corrupt record %s: %s", exc.key, exc)
             return None
-        if run is None or _status_dir_name(run.status) != directory:
+        if run is None or os.path.join(directory, marker) not in _marker_paths(run_key, run):
             return None
-        return run if _marker_name(run_key, run) == marker else None
+        return run
 
     async def list_runs(
         self, *, status: str | None, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
-        if cursor is not None and (not isinstance(cursor, str) or not _MARKER.fullmatch(cursor)):
-            raise ValidationError(f"not a run listing cursor of the file store: {cursor!r:.80}")
         if status is not None:
             _check_status(status)
-        if limit < 1:
-            raise ValidationError(f"limit must be at least 1, got {limit}")
+        _check_page(limit, cursor)
         return await self._call(self._list_runs, status, limit, cursor, now)
 
     def _list_runs(
         self, status: str | None, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
+        return self._page(self._status_directories(status), limit, cursor, now)
+
+    async def runs_with_label(
+        self, label: str, *, limit: int, cursor: str | None, now: float
+    ) -> tuple[list[RunRecord], str | None]:
+        """Lists ``index/l<hash of the label>/`` and reads ``run.rec`` of the runs it returns
+        (and of the stale markers it passes), like ``list_runs``."""
+        check_labels((label,))
+        _check_page(limit, cursor)
+        return await self._call(self._page, [_label_dir_name(label)], limit, cursor, now)
+
+    def _status_directories(self, status: str | None) -> list[str]:
+        return self._index_directories("s") if status is None else [_status_dir_name(status)]
+
+    def _page(
+        self, directories: list[str], limit: int, cursor: str | None, now: float
+    ) -> tuple[list[RunRecord], str | None]:
+        """Live runs indexed in ``directories``, newest created first, after ``cursor``."""
         found: list[RunRecord] = []
         last = ""
-        for marker, directory in self._markers(status):
-            if cursor is not None and marker <= cursor:
+        for marker, directory in self._markers(directories):
+            if cursor is not None and _listing_key(marker) <= _listing_key(cursor):
                 continue
             run = self._indexed_run(marker, directory, now)
             if run is None:
@@ -1706,7 +2136,7 @@ class FileStore(ExpiryCleanup):
         return await self._call(self._count_runs, status, now)
 
     def _count_runs(self, status: str | None, now: float) -> int:
-        markers = self._markers(status)
+        markers = self._markers(self._status_directories(status))
         return sum(self._indexed_run(marker, folder, now) is not None for marker, folder in markers)
 
     # -- items --------------------------------------------------------------------------------
@@ -1728,20 +2158,31 @@ class FileStore(ExpiryCleanup):
             if create_only:
                 self._check_absent(run_key, named, now)
             self._ensure_dir(run_dir)
-            # The hint is committed before the items so purge_expired always finds them.
+            # The hint is committed before the items so purge_expired always finds them, and
+            # so is a key taken out of ``dropping``: a dropped key written again is no leftover.
             earliest = _min_expiry([item.expires_at for _, item in named])
             hint = earliest if state is None else _earliest(state.items_next_expiry, earliest)
-            if state is None or hint != state.items_next_expiry:
-                base = state if state is not None else _RunState()
-                self._commit(run_key, msgspec.structs.replace(base, items_next_expiry=hint))
-            self._mark_owners(run_key, named)
-            directory = os.path.join(run_dir, _ITEMS)
-            self._ensure_dir(directory)
-            for name, item in named:
-                meta = _ENCODER.encode(_ItemMeta(item.key, item.owner, item.expires_at))
-                data = _frame(_ITEM_MAGIC, meta, b"", item.value)
-                self._write_file(run_key, os.path.join(directory, name), data)
-            self._sync_dir(directory)
+            base = state if state is not None else _RunState(shared=_NO_SHARED)
+            keys = {item.key for _, item in named}
+            updated = msgspec.structs.replace(
+                base,
+                items_next_expiry=hint,
+                dropping=tuple(key for key in base.dropping if key not in keys),
+            )
+            if state is None or updated != state:
+                self._commit(run_key, updated)
+            self._write_items(run_key, named)
+
+    def _write_items(self, run_key: str, named: Sequence[tuple[str, Item]]) -> None:
+        """Write item files (owner markers first, durably), then make them durable."""
+        if not named:
+            return
+        self._mark_owners(run_key, named)
+        directory = os.path.join(self._run_dir(run_key), _ITEMS)
+        self._ensure_dir(directory)
+        for name, item in named:
+            self._write_file(run_key, os.path.join(directory, name), _item_bytes(item))
+        self._sync_dir(directory)
 
     def _check_absent(self, run_key: str, named: list[tuple[str, Item]], now: float) -> None:
         files = _Dir(self._run_dir(run_key))
@@ -1750,7 +2191,7 @@ class FileStore(ExpiryCleanup):
             if found is not None and is_live(found[0].expires_at, now):
                 raise ConflictError(f"item {item.key!r:.80} already exists in run {run_key}")
 
-    def _mark_owners(self, run_key: str, named: list[tuple[str, Item]]) -> None:
+    def _mark_owners(self, run_key: str, named: Sequence[tuple[str, Item]]) -> None:
         """Record owned items under their owner, durably before the items themselves."""
         owners: dict[int, list[str]] = {}
         for name, item in named:
@@ -1764,8 +2205,7 @@ class FileStore(ExpiryCleanup):
             directory = os.path.join(root, _sequence_name(owner))
             self._ensure_dir(directory)
             for name in names:
-                path = os.path.join(directory, name)
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+                os.close(os.open(os.path.join(directory, name), _MARKER_FLAGS, 0o600))
             self._sync_dir(directory)
 
     async def get_items(self, run_key: str, keys: Sequence[str], *, now: float) -> dict[str, bytes]:
@@ -1854,7 +2294,7 @@ class FileStore(ExpiryCleanup):
         self._sweep_trash(budget)
         self._sweep_temp(budget)
         removed = 0
-        indexed: dict[str, str] = {}
+        indexed: dict[str, set[str]] = {}
         for name in sorted(os.listdir(self._runs)):
             if budget.exhausted:
                 return removed, False
@@ -1892,8 +2332,10 @@ class FileStore(ExpiryCleanup):
                     logger.warning("file store: removed %s left by an interrupted write", path)
                     budget.spend(1)
 
-    def _purge_run(self, run_key: str, now: float, budget: _Budget, indexed: dict[str, str]) -> int:
-        """Purge one run; returns checkpoints removed. Records the marker of a live run."""
+    def _purge_run(
+        self, run_key: str, now: float, budget: _Budget, indexed: dict[str, set[str]]
+    ) -> int:
+        """Purge one run; returns checkpoints removed. Records the markers of a live run."""
         try:
             state = self._read_state(run_key)
         except CorruptCheckpointError as exc:
@@ -1901,8 +2343,7 @@ class FileStore(ExpiryCleanup):
             return 0
         run = _live_run(state, now)
         if run is not None:
-            marker = os.path.join(_status_dir_name(run.status), _marker_name(run_key, run))
-            indexed[run_key] = marker
+            indexed[run_key] = _marker_paths(run_key, run)
         if state is not None and not self._purge_due(run_key, state, now):
             return 0
         # Due, or a directory without run.rec: decide again under the lock, by a record that
@@ -1927,16 +2368,17 @@ class FileStore(ExpiryCleanup):
             return True
         if _due(state.items_next_expiry, now):
             return True
-        return any(os.path.lexists(self._checkpoint_path(run_key, s)) for s in state.removing)
+        if any(os.path.lexists(self._checkpoint_path(run_key, s)) for s in state.removing):
+            return True
+        items = os.path.join(self._run_dir(run_key), _ITEMS)
+        return any(os.path.lexists(os.path.join(items, _item_name(k))) for k in state.dropping)
 
     def _purge_whole_run(self, run_key: str, state: _RunState | None, budget: _Budget) -> int:
         """Remove an expired or emptied run, or a run directory that no write ever committed
         (one with checkpoints but no record is refused earlier, by ``_current_state``)."""
         trash = self._move_to_trash(run_key)
         if state is not None and state.run is not None:
-            marker = self._marker_path(run_key, state.run)
-            with _after_commit(marker):
-                _discard(marker)
+            self._unindex(run_key, state.run)
         if trash is None:
             return 0  # removed by a concurrent purge or delete_run
         if state is None:
@@ -1950,14 +2392,17 @@ class FileStore(ExpiryCleanup):
     def _purge_inside_run(self, run_key: str, state: _RunState, now: float, budget: _Budget) -> int:
         """Remove the due checkpoints and items of a live run (or of an items-only one)."""
         leftovers = self._retry_removals(run_key, state)
+        failed = self._drop_shared(run_key, state.dropping)
         removed: list[int] = []
-        committed = msgspec.structs.replace(state, removing=tuple(leftovers))
+        committed = msgspec.structs.replace(
+            state, removing=tuple(leftovers), dropping=tuple(sorted(failed))
+        )
         if state.run is not None:
-            ledger = _Ledger(state, state.run, leftovers)
+            ledger = _Ledger(state, state.run, leftovers, failed)
             ledger.remove_expired(now, limit=budget.left)
             budget.spend(len(ledger.removed))
             removed = ledger.removed
-            committed = ledger.state()
+            committed = self._settled(run_key, ledger)
         items: list[str] = []
         if _due(committed.items_next_expiry, now) and not budget.exhausted:
             hint, items = self._expired_items(run_key, now, budget)
@@ -1965,6 +2410,7 @@ class FileStore(ExpiryCleanup):
         if committed != state:
             self._commit(run_key, committed)
         self._remove_checkpoints(run_key, removed)
+        self._drop_shared(run_key, committed.dropping)
         directory = os.path.join(self._run_dir(run_key), _ITEMS)
         for name in items:
             path = os.path.join(directory, name)
@@ -2003,13 +2449,24 @@ class FileStore(ExpiryCleanup):
     def _has_items(self, run_key: str) -> bool:
         return bool(_Dir(self._run_dir(run_key)).listdir(_ITEMS))
 
-    def _sweep_index(self, indexed: dict[str, str], budget: _Budget) -> None:
-        """Remove markers that a crash in update_run, or an unreadable deleted run, left."""
-        for marker, directory in self._markers(None):
+    def _sweep_index(self, indexed: dict[str, set[str]], budget: _Budget) -> None:
+        """Remove markers that a crash (in update_run, or between a run's first marker and
+        its commit), or an unreadable deleted run, left; and empty label directories, which
+        would otherwise pile up with every label ever used."""
+        directories = self._index_directories()
+        markers = self._markers(directories)
+        used = {directory for _, directory in markers}
+        for directory in directories:
+            if budget.exhausted:
+                return
+            if directory.startswith("l") and directory not in used:
+                budget.spend(1)
+                _remove_empty_dir(os.path.join(self._index, directory))
+        for marker, directory in markers:
             run_key = marker[21:]
             if budget.exhausted:
                 return
-            if indexed.get(run_key) == os.path.join(directory, marker):
+            if os.path.join(directory, marker) in indexed.get(run_key, ()):
                 continue
             with self._locked(run_key):
                 if self._marker_is_stale(run_key, marker, directory):
@@ -2022,9 +2479,7 @@ class FileStore(ExpiryCleanup):
         except CorruptCheckpointError:
             return False  # logged by the run pass; its marker stays until it is repaired
         run = state.run if state is not None else None
-        if run is None:
-            return True
-        return _status_dir_name(run.status) != directory or _marker_name(run_key, run) != marker
+        return run is None or os.path.join(directory, marker) not in _marker_paths(run_key, run)
 
     # -- repair -------------------------------------------------------------------------------
 
@@ -2055,7 +2510,7 @@ class FileStore(ExpiryCleanup):
     def _damage(self, run_key: str, now: float) -> RunDamage | None:
         files = _Dir(self._run_dir(run_key))
         try:
-            keep = self._checked_state(run_key, now)
+            keep = self._checked_state(run_key, now, whole=True)
         except CorruptCheckpointError as exc:
             keep, problem = None, _problem(exc)
         else:
@@ -2085,7 +2540,7 @@ class FileStore(ExpiryCleanup):
             keep: _RunState | None = None
             old: RunRecord | None = None
             try:
-                keep = self._checked_state(run_key, now)
+                keep = self._checked_state(run_key, now, whole=True)
             except CorruptCheckpointError:  # damaged: the log alone decides
                 with contextlib.suppress(CorruptCheckpointError):
                     damaged = files.state()  # readable: another life's, whose marker goes
@@ -2128,10 +2583,80 @@ def _check_sequence(
         )
 
 
-def _same_marker(run_key: str, first: RunRecord, second: RunRecord) -> bool:
-    return first.status == second.status and (
-        _marker_name(run_key, first) == _marker_name(run_key, second)
-    )
+def _check_page(limit: int, cursor: str | None) -> None:
+    if cursor is not None and (not isinstance(cursor, str) or not _MARKER.fullmatch(cursor)):
+        raise ValidationError(f"not a run listing cursor of the file store: {cursor!r:.80}")
+    if limit < 1:
+        raise ValidationError(f"limit must be at least 1, got {limit}")
+
+
+def _appended_items(record: StoredCheckpoint, items: Sequence[Item]) -> list[tuple[str, Item]]:
+    """``(file name, item)`` of the items appended with ``record``, the first of each key;
+    owned ones expire with it, shared ones live while a checkpoint names them."""
+    named: dict[str, Item] = {}
+    for item in items:
+        expires_at = record.expires_at if item.owner is not None else None
+        named.setdefault(_item_name(item.key), msgspec.structs.replace(item, expires_at=expires_at))
+    return list(named.items())
+
+
+def _owned_items(items: Sequence[Item], owner: int) -> list[tuple[str, Item]]:
+    named: list[tuple[str, Item]] = []
+    for item in items:
+        name = _item_name(item.key)
+        if item.owner != owner:
+            raise ValidationError(
+                f"item {item.key[:40]!r} is owned by {item.owner}, not by checkpoint {owner}"
+            )
+        named.append((name, item))
+    return named
+
+
+def _holds_live_item(files: _Dir, name: str, now: float) -> bool:
+    """Whether a live item is in place at ``name``; a corrupt one (logged) is not."""
+    try:
+        found = files.item(name, whole=False)
+    except CorruptCheckpointError as exc:
+        logger.warning("file store: replacing corrupt item %s: %s", exc.key, exc)
+        return False
+    return found is not None and is_live(found[0].expires_at, now)
+
+
+def _held_checkpoint(
+    files: _Dir, view: _View, sequence: int, now: float
+) -> tuple[StoredCheckpoint, str] | None:
+    if not view.holds(sequence):
+        return None
+    found = files.checkpoint(sequence, now)
+    return None if found is None else (found, view.status)
+
+
+def _items_of(files: _Dir, record: StoredCheckpoint, now: float) -> dict[str, bytes]:
+    """The live items ``record`` owns and those its refs name: O(owned + refs) reads."""
+    found: dict[str, bytes] = {}
+    for name in files.listdir(f"{_OWNERS}/{_sequence_name(record.sequence)}"):
+        key = _key_of_name(name)
+        item = None if key is None else files.item(name, whole=True)
+        if key is None or item is None or not is_live(item[0].expires_at, now):
+            continue
+        # A marker outlives an item rewritten with another owner: the item's owner decides.
+        if item[0].owner == record.sequence:
+            found[key] = item[1] or b""
+    for key in record.refs:
+        item = None if key in found else files.item(_item_name(key), whole=True)
+        if item is not None and is_live(item[0].expires_at, now):
+            found[key] = item[1] or b""
+    return found
+
+
+def _shared_of(heads: Sequence[_Head]) -> _Shared:
+    """The shared items' bookkeeping of a log: what ``run.rec`` keeps, rebuilt."""
+    counts: dict[str, int] = {}
+    for head in heads:
+        for key in dict.fromkeys(head.refs):
+            counts[key] = counts.get(key, 0) + 1
+    referring = tuple(sorted(head.sequence for head in heads if head.refs))
+    return _Shared(counts=counts, referring=referring)
 
 
 def _live_run(state: _RunState | None, now: float) -> RunRecord | None:

@@ -3,11 +3,14 @@
 Holds encoded bytes only, so nothing a caller does to its objects changes what is stored.
 Every method runs without awaiting, so each is atomic on its event loop.
 
-Costs: append, get and latest are O(1) amortised; headers is O(log n + k); pruning pops from
-the old end of a run's sequence list. Expiry is tracked per run in heaps that are compacted
-when stale entries outnumber live ones, and a store-wide heap holds one due time per run, so
-``purge_expired`` does work proportional to what expired. Runs are kept in creation order, so
-a new run is appended at the end; a status change moves one entry between per-status lists.
+Costs: append, get and latest are O(1) amortised (plus O(items + refs) for
+``append_with_items``); headers is O(log n + k); pruning pops from the old end of a run's
+sequence list. Expiry is tracked per run in heaps that are compacted when stale entries
+outnumber live ones, and a store-wide heap holds one due time per run, so ``purge_expired`` does
+work proportional to what expired. Runs are kept in creation order, so a new run is appended at
+the end; a status change moves one entry between per-status lists, and each label has a list of
+its runs in the same order. Shared items are reference-counted per run: a removed checkpoint
+releases its ``refs`` and an item whose count drops to zero goes with it, in O(refs).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from fastcheckpoint.errors import (
 )
 from fastcheckpoint.stores._base import (
     EMPTY_RUN,
+    MAX_ITEM_KEY_BYTES,
     CheckpointHeader,
     ExpiryCleanup,
     Item,
@@ -37,9 +41,12 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_keep_latest,
+    check_labels,
     check_options,
+    check_shared_items,
     header_of,
     is_live,
+    item_key_bytes,
     key_successor,
     latest_expiry,
 )
@@ -75,6 +82,11 @@ class _Items:
     items: dict[str, Item] = field(default_factory=dict)
     owned: dict[int, set[str]] = field(default_factory=dict)  # owner sequence -> keys
     expiring: list[tuple[float, str]] = field(default_factory=list)  # heap of (expires_at, key)
+    refs: dict[str, int] = field(default_factory=dict)  # key -> held checkpoints naming it
+
+    def live(self, key: str, now: float) -> Item | None:
+        item = self.items.get(key)
+        return item if item is not None and is_live(item.expires_at, now) else None
 
 
 def _order_key(record: RunRecord, run_key: str) -> tuple[float, str]:
@@ -100,6 +112,7 @@ class MemoryStore(ExpiryCleanup):
         self._runs: dict[str, _Run] = {}
         self._items: dict[str, _Items] = {}
         self._order: dict[str | None, list[tuple[float, str]]] = {None: []}
+        self._labels: dict[str, list[tuple[float, str]]] = {}  # label -> runs, creation order
         self._due: list[tuple[float, str]] = []  # heap: (when something of the run expires, key)
         self._scheduled: dict[str, float] = {}  # run key -> the due time in _due that counts
 
@@ -180,9 +193,20 @@ class MemoryStore(ExpiryCleanup):
     def _unindex(self, record: RunRecord, run_key: str) -> None:
         order = _order_key(record, run_key)
         for bucket in (self._order[None], self._order.get(record.status, [])):
-            index = bisect_left(bucket, order)
-            if index < len(bucket) and bucket[index] == order:
-                del bucket[index]
+            _remove_sorted(bucket, order)
+
+    def _index_labels(self, record: RunRecord, run_key: str) -> None:
+        order = _order_key(record, run_key)
+        for label in dict.fromkeys(record.labels):
+            insort(self._labels.setdefault(label, []), order)
+
+    def _unindex_labels(self, record: RunRecord, run_key: str) -> None:
+        order = _order_key(record, run_key)
+        for label in dict.fromkeys(record.labels):
+            bucket = self._labels.get(label, [])
+            _remove_sorted(bucket, order)
+            if not bucket:
+                self._labels.pop(label, None)  # labels come and go with runs: keep no empty ones
 
     # -- removal --------------------------------------------------------------------------
 
@@ -193,8 +217,7 @@ class MemoryStore(ExpiryCleanup):
         del run.sequences[bisect_left(run.sequences, sequence)]
         space = self._items.get(run_key)
         if space is not None:
-            for key in list(space.owned.pop(sequence, ())):
-                _drop_item(space, key)
+            _release(space, record)
         expires_at = run.record.expires_at
         if record.expires_at is None:
             run.immortal -= 1
@@ -214,12 +237,12 @@ class MemoryStore(ExpiryCleanup):
         removed = 0
         if run is not None:
             self._unindex(run.record, run_key)
+            self._unindex_labels(run.record, run_key)
             space = self._items.get(run_key)
             for sequence in run.sequences:
                 removed += 1
                 if space is not None:
-                    for key in list(space.owned.pop(sequence, ())):
-                        _drop_item(space, key)
+                    _release(space, run.checkpoints[sequence])
         if not keep_items:
             self._items.pop(run_key, None)
         self._reschedule(run_key)
@@ -257,7 +280,32 @@ class MemoryStore(ExpiryCleanup):
         keep_latest: int | None,
         now: float,
     ) -> str:
+        return self._append(run_key, record, run, keep_latest, now, ())
+
+    async def append_with_items(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        *,
+        run: RunRecord,
+        keep_latest: int | None,
+        now: float,
+        items: Sequence[Item],
+    ) -> str:
+        return self._append(run_key, record, run, keep_latest, now, items)
+
+    def _append(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        run: RunRecord,
+        keep_latest: int | None,
+        now: float,
+        items: Sequence[Item],
+    ) -> str:
         check_keep_latest(keep_latest)
+        check_labels(run.labels)
+        check_shared_items(record, items)
         current = self._live_run(run_key, now)
         if current is None:
             if record.sequence != 0:
@@ -267,6 +315,7 @@ class MemoryStore(ExpiryCleanup):
                                            expires_at=record.expires_at)
             current = self._runs[run_key] = _Run(record=seed)
             self._index(seed, run_key)
+            self._index_labels(seed, run_key)
         elif record.sequence != current.record.latest_sequence + 1 or (
             run.incarnation != current.record.incarnation
         ):
@@ -275,7 +324,9 @@ class MemoryStore(ExpiryCleanup):
                 incarnation=current.record.incarnation,
             )
         head = current.record
-        current.checkpoints[record.sequence] = msgspec.structs.replace(record, key="")
+        # A tuple of its own: a list of refs the caller keeps would change what is stored.
+        stored = msgspec.structs.replace(record, key="", refs=tuple(record.refs))
+        current.checkpoints[record.sequence] = stored
         current.sequences.append(record.sequence)
         current.record = msgspec.structs.replace(
             head,
@@ -284,13 +335,34 @@ class MemoryStore(ExpiryCleanup):
             updated_at=now,
             expires_at=latest_expiry(head.expires_at, record.expires_at),
         )
+        if stored.refs or items:
+            self._add_shared(run_key, stored, items, now)
         self._track_checkpoint_expiry(run_key, current, record)
         self._prune(run_key, current, keep_latest, now)
         return current.record.status
 
+    def _add_shared(
+        self, run_key: str, record: StoredCheckpoint, items: Sequence[Item], now: float
+    ) -> None:
+        """Count the new checkpoint's refs, then write its items where no live item is: before
+        pruning, so an item it names is never released by the checkpoints it replaces."""
+        space = self._items.setdefault(run_key, _Items())
+        for key in dict.fromkeys(record.refs):
+            space.refs[key] = space.refs.get(key, 0) + 1
+        for item in items:
+            if space.live(item.key, now) is not None:
+                continue  # written once per key: a live value is never replaced
+            # Owned items expire with their checkpoint; shared ones live while a checkpoint
+            # names them, so they carry no expiry of their own.
+            expires_at = record.expires_at if item.owner is not None else None
+            self._write_item(run_key, space, msgspec.structs.replace(item, expires_at=expires_at))
+
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
+        return self._get(run_key, sequence, now)
+
+    def _get(self, run_key: str, sequence: int, now: float) -> tuple[StoredCheckpoint, str] | None:
         run = self._live_run(run_key, now)
         if run is None:
             return None
@@ -300,6 +372,9 @@ class MemoryStore(ExpiryCleanup):
         return self._located(run_key, record), run.record.status
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
+        return self._latest(run_key, now)
+
+    def _latest(self, run_key: str, now: float) -> tuple[StoredCheckpoint, str] | None:
         run = self._live_run(run_key, now)
         if run is None:
             return None
@@ -308,6 +383,47 @@ class MemoryStore(ExpiryCleanup):
             if is_live(record.expires_at, now):
                 return self._located(run_key, record), run.record.status
         return None
+
+    async def read_with_items(
+        self, run_key: str, *, sequence: int | None, now: float
+    ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        if sequence is None:
+            found = self._latest(run_key, now)
+        else:
+            found = self._get(run_key, sequence, now)
+        if found is None:
+            return None
+        record, status = found
+        space = self._items.get(run_key)
+        items: dict[str, bytes] = {}
+        if space is not None:
+            for key in (*space.owned.get(record.sequence, ()), *record.refs):
+                item = space.live(key, now)
+                if item is not None:
+                    items[key] = item.value
+        return record, status, items
+
+    async def put_owned_items(
+        self,
+        run_key: str,
+        items: Sequence[Item],
+        *,
+        owner: int,
+        checkpoint_id: str,
+        if_absent: bool,
+        now: float,
+    ) -> bool:
+        _check_owned_items(items, owner)
+        found = self._get(run_key, owner, now)
+        if found is None or found[0].checkpoint_id != checkpoint_id:
+            return False
+        space = self._items.setdefault(run_key, _Items())
+        for item in items:
+            if if_absent and space.live(item.key, now) is not None:
+                continue
+            owned = msgspec.structs.replace(item, expires_at=found[0].expires_at)
+            self._write_item(run_key, space, owned)
+        return True
 
     async def headers(
         self,
@@ -377,7 +493,18 @@ class MemoryStore(ExpiryCleanup):
     async def list_runs(
         self, *, status: str | None, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
-        bucket = self._order.get(status, [])
+        return self._page(self._order.get(status, []), limit, cursor, now)
+
+    async def runs_with_label(
+        self, label: str, *, limit: int, cursor: str | None, now: float
+    ) -> tuple[list[RunRecord], str | None]:
+        check_labels((label,))
+        return self._page(self._labels.get(label, []), limit, cursor, now)
+
+    def _page(
+        self, bucket: list[tuple[float, str]], limit: int, cursor: str | None, now: float
+    ) -> tuple[list[RunRecord], str | None]:
+        """Live runs of an index, newest created first, from ``cursor`` on."""
         index = len(bucket) if cursor is None else bisect_left(bucket, _parse_cursor(cursor))
         result: list[RunRecord] = []
         while index > 0 and len(result) < limit:
@@ -417,19 +544,23 @@ class MemoryStore(ExpiryCleanup):
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
+        for item in items:
+            item_key_bytes(item.key, MAX_ITEM_KEY_BYTES, "every store")
         space = self._items.setdefault(run_key, _Items())
         if create_only:
             for item in items:
-                existing = space.items.get(item.key)
-                if existing is not None and is_live(existing.expires_at, now):
+                if space.live(item.key, now) is not None:
                     raise ConflictError(f"item {item.key!r} already exists")
         for item in items:
-            _drop_item(space, item.key)
-            space.items[item.key] = item
-            insort(space.keys, item.key)
-            if item.owner is not None:
-                space.owned.setdefault(item.owner, set()).add(item.key)
-            self._track_item_expiry(run_key, space, item)
+            self._write_item(run_key, space, item)
+
+    def _write_item(self, run_key: str, space: _Items, item: Item) -> None:
+        _drop_item(space, item.key)
+        space.items[item.key] = item
+        insort(space.keys, item.key)
+        if item.owner is not None:
+            space.owned.setdefault(item.owner, set()).add(item.key)
+        self._track_item_expiry(run_key, space, item)
 
     async def get_items(
         self, run_key: str, keys: Sequence[str], *, now: float
@@ -530,6 +661,35 @@ class MemoryStore(ExpiryCleanup):
 
     async def aclose(self) -> None:
         return None
+
+
+def _remove_sorted(bucket: list[tuple[float, str]], order: tuple[float, str]) -> None:
+    index = bisect_left(bucket, order)
+    if index < len(bucket) and bucket[index] == order:
+        del bucket[index]
+
+
+def _check_owned_items(items: Sequence[Item], owner: int) -> None:
+    for item in items:
+        item_key_bytes(item.key, MAX_ITEM_KEY_BYTES, "every store")
+        if item.owner != owner:
+            raise ValidationError(
+                f"item {item.key[:40]!r} is owned by {item.owner}, not by checkpoint {owner}")
+
+
+def _release(space: _Items, record: StoredCheckpoint) -> None:
+    """A checkpoint leaves: its owned items go, and the shared items it was the last to name."""
+    for key in list(space.owned.pop(record.sequence, ())):
+        _drop_item(space, key)
+    for key in dict.fromkeys(record.refs):
+        count = space.refs.get(key, 0) - 1
+        if count > 0:
+            space.refs[key] = count
+            continue
+        space.refs.pop(key, None)
+        item = space.items.get(key)
+        if item is not None and item.owner is None:
+            _drop_item(space, key)
 
 
 def _drop_item(space: _Items, key: str) -> bool:

@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from fastcheckpoint.stores import CheckpointStore
-from fastcheckpoint.testing import StoreContract
+from fastcheckpoint.testing import LabelsContract, SharedItemsContract, StoreContract
 
 
 async def _close(store: CheckpointStore) -> None:
@@ -17,7 +17,7 @@ async def _close(store: CheckpointStore) -> None:
         await store.aclose()
 
 
-class TestMemoryStore(StoreContract):
+class TestMemoryStore(StoreContract, LabelsContract, SharedItemsContract):
     @pytest.fixture
     async def store(self) -> AsyncIterator[CheckpointStore]:
         from fastcheckpoint.stores.memory import MemoryStore
@@ -27,7 +27,7 @@ class TestMemoryStore(StoreContract):
         await _close(store)
 
 
-class TestFileStore(StoreContract):
+class TestFileStore(StoreContract, LabelsContract, SharedItemsContract):
     @pytest.fixture
     async def store(self, tmp_path: Path) -> AsyncIterator[CheckpointStore]:
         from fastcheckpoint.stores.file import FileStore

@@ -592,7 +592,7 @@ async def test_one_thread_hop_per_operation(
         return await real(func, *args, **kwargs)
 
     monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
-    seed = make_run("hops")
+    seed = msgspec.structs.replace(make_run("hops"), labels=("thread",))
     key = key_of(seed)
     operations: list[Callable[[], Awaitable[object]]] = [
         lambda: _append(store, seed, 0),
@@ -610,6 +610,17 @@ async def test_one_thread_hop_per_operation(
         lambda: store.get_items(key, ["a", "b"], now=T0),
         lambda: store.scan_items(key, now=T0),
         lambda: store.delete_items(key, ["a"]),
+        lambda: store.append_with_items(
+            key, msgspec.structs.replace(make_checkpoint(seed, 2), refs=("a", "s")), run=seed,
+            keep_latest=None, now=T0, items=[make_item("s"), make_item("w", owner=2)],
+        ),
+        lambda: store.put_owned_items(
+            key, [make_item("o", owner=2)], owner=2, checkpoint_id=checkpoint_id_of(seed, 2),
+            if_absent=True, now=T0,
+        ),
+        lambda: store.read_with_items(key, sequence=2, now=T0),
+        lambda: store.read_with_items(key, sequence=None, now=T0),
+        lambda: store.runs_with_label("thread", limit=10, cursor=None, now=T0),
         lambda: store.delete(key, 1, checkpoint_id=checkpoint_id_of(seed, 1)),
         lambda: store.purge_expired(now=T0, limit=10),
         lambda: store.delete_run(key),
@@ -1018,6 +1029,169 @@ async def test_kill_9_before_every_file_system_change_of_a_rebuild(
         runs, _ = await store.list_runs(status="active", limit=100, cursor=None, now=T0)
     assert len(runs) == 17
     assert os.listdir(root / "tmp") == []
+
+
+async def _crash_each_step(
+    root: Path, mode: str, steps: int, check: Callable[[str, list[str]], Awaitable[None]]
+) -> list[int]:
+    """Run ``file_worker.py MODE`` once per crash point 1..``steps`` (four at a time), call
+    ``check(run_id, printed lines)`` after each; returns the crash points it survived."""
+    survived_at: list[int] = []
+    limiter = anyio.CapacityLimiter(4)
+
+    async def crash_at(number: int) -> None:
+        run_id = f"{mode}-{number}"
+        async with limiter:
+            done = await anyio.run_process(
+                _worker_command(mode, str(root), run_id, str(number)),
+                env=_worker_env(),
+                check=False,
+            )
+        lines = done.stdout.decode().split()
+        assert lines[:3] == ["0", "1", "2"], done.stderr.decode()
+        if lines[-1:] == ["survived"]:
+            survived_at.append(number)
+        else:
+            assert done.returncode == -9, done.stderr.decode()
+        await check(run_id, lines)
+
+    async with anyio.create_task_group() as group:
+        for number in range(1, steps + 1):
+            group.start_soon(crash_at, number)
+    return survived_at
+
+
+async def _read_all_items(store: FileStore, key: str) -> dict[int, dict[str, bytes]]:
+    """The items ``read_with_items`` returns for each held checkpoint, newest first."""
+    found, _ = await store.headers(key, before=None, limit=100, now=T0)
+    read: dict[int, dict[str, bytes]] = {}
+    for header in found:
+        got = await store.read_with_items(key, sequence=header.sequence, now=T0)
+        assert got is not None, f"checkpoint {header.sequence} listed but unreadable"
+        assert got[0].refs == worker.refs_for(header.sequence)
+        read[header.sequence] = got[2]
+    return read
+
+
+async def _append_after_crash(store: FileStore, key: str, keep_latest: int) -> list[int]:
+    """Append the run's next checkpoint with its items; the sequences then held."""
+    run = await store.get_run(key, now=T0)
+    latest = await store.latest(key, now=T0)
+    assert run is not None
+    assert latest is not None
+    after = latest[0].sequence + 1  # the record may be behind a checkpoint in place
+    record = msgspec.structs.replace(make_checkpoint(run, after), refs=worker.refs_for(after))
+    await store.append_with_items(
+        key, record, run=run, keep_latest=keep_latest, now=T0, items=worker.items_for(after)
+    )
+    assert await store.purge_expired(now=T0, limit=1000) == (0, True)
+    found, _ = await store.headers(key, before=None, limit=100, now=T0)
+    return [header.sequence for header in found]
+
+
+async def _stored_keys(store: FileStore, key: str) -> set[str]:
+    return {item for item, _ in await store.scan_items(key, limit=1000, now=T0)}
+
+
+async def test_kill_9_before_every_file_system_change_of_an_append_with_items(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The 4th append (a new shared item, two shared ones of earlier checkpoints, an owned
+    one; pruning to 2 drops a shared item) killed before each of its file-system changes:
+    every checkpoint that shows has all its items, acknowledged ones always show, and the
+    next append leaves exactly the items of the checkpoints it holds."""
+    FileStore(root)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    shown: set[int] = set()
+
+    async def check(run_id: str, lines: list[str]) -> None:
+        store = FileStore(root)
+        key = _ids.run_key(run_id)
+        read = await _read_all_items(store, key)
+        assert 2 in read, "an acknowledged checkpoint is lost"
+        for sequence, items in read.items():
+            assert items == worker.expected_items(sequence), f"checkpoint {sequence} half shown"
+        shown.add(max(read))
+        held = await _append_after_crash(store, key, keep_latest=2)
+        assert held == [held[0], held[0] - 1]
+        expected = {item for sequence in held for item in worker.expected_items(sequence)}
+        assert await _stored_keys(store, key) == expected
+        assert [name for name in os.listdir(root / "tmp") if name.startswith(key)] == []
+
+    with anyio.fail_after(180):
+        survived_at = await _crash_each_step(root, "crash-items", 60, check)
+    assert survived_at, "60 file-system changes were not enough for one append with items"
+    assert min(survived_at) - 1 >= 20, f"an append made only {min(survived_at) - 1} changes"
+    assert shown == {2, 3}, "no kill fell between the checkpoint's rename and the commit"
+    _assert_only_crash_warnings(caplog)
+
+
+async def test_kill_9_before_every_file_system_change_of_a_put_owned_items(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Owned items put on a live checkpoint, killed before each file-system change: the
+    items of the appends and of the acknowledged put are all there, each item of the cut
+    batch is either absent or whole, and putting the batch again completes it."""
+    FileStore(root)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    batch = {item.key: item.value for item in worker.owned_batch(2, "q", 3)}
+    partial: list[int] = []
+
+    async def check(run_id: str, lines: list[str]) -> None:
+        assert lines[3:4] == ["put"]
+        store = FileStore(root)
+        key = _ids.run_key(run_id)
+        read = await _read_all_items(store, key)
+        acknowledged = {**worker.expected_items(2), "w/2/p0": worker.item_value("w/2/p0")}
+        cut = {item: value for item, value in read[2].items() if item not in acknowledged}
+        assert read[2].items() >= acknowledged.items()
+        assert cut.items() <= batch.items(), "a torn or foreign owned item"
+        if 0 < len(cut) < len(batch):
+            partial.append(len(cut))
+        run = await store.get_run(key, now=T0)
+        assert run is not None
+        assert await store.put_owned_items(
+            key, worker.owned_batch(2, "q", 3), owner=2,
+            checkpoint_id=checkpoint_id_of(run, 2), if_absent=True, now=T0,
+        )
+        again = await store.read_with_items(key, sequence=2, now=T0)
+        assert again is not None
+        assert again[2] == {**acknowledged, **batch}
+        held = await _append_after_crash(store, key, keep_latest=1)
+        assert held == [3]
+        assert await _stored_keys(store, key) == set(worker.expected_items(3))
+
+    with anyio.fail_after(180):
+        survived_at = await _crash_each_step(root, "crash-owned", 36, check)
+    assert survived_at, "36 file-system changes were not enough for one put_owned_items"
+    assert partial, "no kill fell between two items of the batch"
+    _assert_only_crash_warnings(caplog)
+
+
+async def test_four_processes_append_with_shared_items(root: Path) -> None:
+    """Reference counts stay exact across processes: whoever appends, whoever prunes, the
+    items left are exactly those the held checkpoints name or own."""
+    FileStore(root)
+    run_id = "items shared by four processes"
+
+    async def run_worker(name: str) -> None:
+        await anyio.run_process(
+            _worker_command("append-items", str(root), run_id, "10", name), env=_worker_env()
+        )
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as group:
+            for index in range(4):
+                group.start_soon(run_worker, f"w{index}")
+        store = FileStore(root)
+        key = _ids.run_key(run_id)
+        read = await _read_all_items(store, key)
+        assert sorted(read) == [37, 38, 39]
+        for sequence, items in read.items():
+            assert items == worker.expected_items(sequence)
+        assert await store.purge_expired(now=T0, limit=1000) == (0, True)
+        expected = {item for sequence in read for item in worker.expected_items(sequence)}
+        assert await _stored_keys(store, key) == expected
 
 
 async def _check_survivors(

@@ -1,0 +1,380 @@
+"""FileStore's adapter capabilities beyond their contracts: the label index on disk, reference
+counts of shared items kept exact through failures and rebuilt from the checkpoint files,
+what reads cost, and hostile keys and labels contained."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from fastcheckpoint.errors import CorruptCheckpointError, StoreError
+from fastcheckpoint.stores import CheckpointHeader, Item, RunRecord, StoredCheckpoint
+from fastcheckpoint.stores import file as file_store
+from fastcheckpoint.stores.file import FileStore
+from fastcheckpoint.testing import (
+    T0,
+    checkpoint_id_of,
+    key_of,
+    make_checkpoint,
+    make_item,
+    make_run,
+    without_key,
+)
+
+pytestmark = pytest.mark.anyio
+
+LOGGER = "fastcheckpoint.stores.file"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def store(root: Path) -> FileStore:
+    return FileStore(root)
+
+
+def _labelled(name: str, *labels: str) -> RunRecord:
+    return msgspec.structs.replace(make_run(name), labels=labels)
+
+
+async def _append(
+    store: FileStore,
+    run: RunRecord,
+    sequence: int,
+    refs: Sequence[str] = (),
+    items: Sequence[Item] = (),
+    *,
+    now: float = T0,
+    expires_at: float | None = None,
+    keep_latest: int | None = None,
+) -> StoredCheckpoint:
+    record = make_checkpoint(run, sequence, created_at=now, expires_at=expires_at)
+    record = msgspec.structs.replace(record, refs=tuple(refs))
+    seed = msgspec.structs.replace(run, expires_at=expires_at)
+    await store.append_with_items(
+        key_of(run), record, run=seed, keep_latest=keep_latest, now=now, items=items
+    )
+    return record
+
+
+async def _items_of(store: FileStore, run: RunRecord, sequence: int | None) -> dict[str, bytes]:
+    found = await store.read_with_items(key_of(run), sequence=sequence, now=T0)
+    assert found is not None
+    return found[2]
+
+
+def _item_files(root: Path, run: RunRecord) -> set[str]:
+    """The item keys whose files are in place."""
+    directory = root / "runs" / key_of(run) / "i"
+    keys = (file_store._key_of_name(name) for name in os.listdir(directory))
+    return {key for key in keys if key is not None}
+
+
+def _label_markers(root: Path) -> dict[str, list[str]]:
+    index = root / "index"
+    return {
+        name: sorted(os.listdir(index / name)) for name in os.listdir(index) if name[0] == "l"
+    }
+
+
+def _assert_inside(root: Path) -> None:
+    for directory, subdirectories, names in os.walk(root):
+        for name in subdirectories + names:
+            path = Path(directory) / name
+            assert path.resolve().is_relative_to(root.resolve()), path
+            assert not path.is_symlink(), path
+
+
+def _failing(
+    monkeypatch: pytest.MonkeyPatch, name: str, refuse: Callable[[str], bool]
+) -> list[str]:
+    """Make ``os.<name>`` fail with EIO on the (first) paths ``refuse`` picks."""
+    refused: list[str] = []
+    real = getattr(os, name)
+
+    def failing(path: Any, *args: Any, **kwargs: Any) -> Any:
+        target = os.fsdecode(args[0] if name == "replace" else path)
+        if refuse(target):
+            refused.append(target)
+            raise OSError(errno.EIO, os.strerror(errno.EIO), target)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, name, failing)
+    return refused
+
+
+# -- labels -----------------------------------------------------------------------------------
+
+HOSTILE_LABELS = ("../../etc/passwd", "nul\x00byte", "é" * 128, "x" * 256, "/", "thread:1")
+
+
+async def test_labels_are_markers_inside_the_root_and_leave_with_the_run(
+    root: Path, store: FileStore
+) -> None:
+    run = _labelled("hostile-labels", *HOSTILE_LABELS)
+    expiring = _labelled("expiring", "thread:1")
+    with anyio.fail_after(30):
+        await _append(store, run, 0)
+        await _append(store, expiring, 0, expires_at=T0 + 10)
+        markers = _label_markers(root)
+        assert len(markers) == len(HOSTILE_LABELS)
+        assert sorted(map(len, markers.values())) == [1] * 5 + [2]
+        _assert_inside(root)
+        for label in HOSTILE_LABELS:
+            page, cursor = await store.runs_with_label(label, limit=10, cursor=None, now=T0)
+            shared = {"expiring"} if label == "thread:1" else set()
+            assert {found.run_id for found in page} == {"hostile-labels", *shared}
+            assert cursor is None
+
+        assert await store.delete_run(key_of(run)) == 1
+        assert sorted(map(len, _label_markers(root).values())) == [0] * 5 + [1]
+        assert await store.purge_expired(now=T0 + 10, limit=100) == (1, True)
+    assert _label_markers(root) == {}  # emptied label directories go too
+
+
+async def test_a_new_life_moves_the_label_markers(root: Path, store: FileStore) -> None:
+    first = _labelled("reborn", "old", "both")
+    second = _labelled("reborn", "new", "both")
+    with anyio.fail_after(30):
+        await _append(store, first, 0, expires_at=T0 + 5)
+        await _append(store, second, 0, now=T0 + 5)
+        for label, expected in (("old", []), ("new", ["reborn"]), ("both", ["reborn"])):
+            page, _ = await store.runs_with_label(label, limit=10, cursor=None, now=T0 + 6)
+            assert [found.run_id for found in page] == expected
+    assert sorted(map(len, _label_markers(root).values())) == [0, 1, 1]
+
+
+async def test_a_stale_label_marker_is_skipped_and_swept(root: Path, store: FileStore) -> None:
+    """What a crash between a run's first markers and its commit leaves."""
+    run = _labelled("stale", "thread:s")
+    with anyio.fail_after(30):
+        await _append(store, run, 0)
+        ((directory, [marker]),) = _label_markers(root).items()
+        ghost = marker[:21] + "q" * 24
+        (root / "index" / directory / ghost).touch()
+
+        page, _ = await store.runs_with_label("thread:s", limit=1, cursor=None, now=T0)
+        assert [found.run_id for found in page] == ["stale"]
+        assert await store.purge_expired(now=T0, limit=100) == (0, True)
+    assert _label_markers(root) == {directory: [marker]}
+
+
+# -- shared items: exact through failures -----------------------------------------------------
+
+
+async def test_refs_are_kept_and_returned_by_every_read(store: FileStore) -> None:
+    run = make_run("refs")
+    key = key_of(run)
+    with anyio.fail_after(30):
+        record = await _append(store, run, 0, ["b/x", "b/y"], [make_item("b/x")])
+        got, latest = await store.get(key, 0, now=T0), await store.latest(key, now=T0)
+        read = await store.read_with_items(key, sequence=None, now=T0)
+        headers, _ = await store.headers(key, before=None, limit=10, now=T0)
+    assert got is not None
+    assert latest is not None
+    assert read is not None
+    for found in (got[0], latest[0], read[0]):
+        assert without_key(found) == record
+    assert [type(header) for header in headers] == [CheckpointHeader]
+
+
+async def test_a_failed_append_leaves_no_item_and_keeps_the_shared_ones(
+    root: Path, store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = make_run("failed-append")
+    with anyio.fail_after(30):
+        await _append(store, run, 0, ["b/a"], [make_item("b/a")])
+        refused = _failing(monkeypatch, "replace", lambda path: path.endswith("run.rec"))
+        with pytest.raises(StoreError):
+            await _append(store, run, 1, ["b/a", "b/new"],
+                          [make_item("b/a", b"other"), make_item("b/new"),
+                           make_item("w/1", owner=1)])
+        assert len(refused) == 1
+        monkeypatch.undo()
+        assert _item_files(root, run) == {"b/a"}
+        assert await store.latest(key_of(run), now=T0) is not None
+        assert await store.get(key_of(run), 1, now=T0) is None
+
+        await _append(store, run, 1, ["b/a", "b/new"], [make_item("b/new")])
+        assert await _items_of(store, run, 1) == {"b/a": b"value-b/a", "b/new": b"value-b/new"}
+
+
+async def test_a_dropped_item_whose_unlink_failed_is_removed_by_purge(
+    root: Path, store: FileStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = make_run("drop-fails")
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    with anyio.fail_after(30):
+        await _append(store, run, 0, ["b/all", "b/0"], [make_item("b/all"), make_item("b/0")])
+        stuck = file_store._item_name("b/0")
+        refused = _failing(monkeypatch, "unlink", lambda path: path.endswith(stuck))
+
+        await _append(store, run, 1, ["b/all"], keep_latest=1)
+
+        assert refused
+        monkeypatch.undo()
+        assert _item_files(root, run) == {"b/all", "b/0"}  # left for the sweep, and logged
+        assert "failed after the commit" in caplog.text
+        assert await store.purge_expired(now=T0, limit=100) == (0, True)
+    assert _item_files(root, run) == {"b/all"}
+
+
+async def test_a_dropped_key_written_again_is_not_swept(
+    root: Path, store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key whose unlink failed and which ``put_items`` wrote again is no leftover."""
+    run = make_run("drop-rewritten")
+    with anyio.fail_after(30):
+        await _append(store, run, 0, ["b/0"], [make_item("b/0")])
+        stuck = file_store._item_name("b/0")
+        _failing(monkeypatch, "unlink", lambda path: path.endswith(stuck))
+        await _append(store, run, 1, keep_latest=1)
+        monkeypatch.undo()
+        await store.put_items(key_of(run), [make_item("b/0", b"again")], now=T0)
+
+        await _append(store, run, 2, keep_latest=1)
+        assert await store.purge_expired(now=T0, limit=100) == (0, True)
+        assert await store.get_items(key_of(run), ["b/0"], now=T0) == {"b/0": b"again"}
+
+
+async def test_a_new_life_writes_its_own_shared_items(root: Path, store: FileStore) -> None:
+    """An expired run started over drops the earlier life's shared items, so a key written
+    again (versions count from 1 in each life) holds this life's value."""
+    first, second = make_run("lives"), make_run("lives")
+    with anyio.fail_after(30):
+        await _append(store, first, 0, ["b/1"], [make_item("b/1", b"first life")],
+                      expires_at=T0 + 5)
+        await _append(store, second, 0, ["b/1"], [make_item("b/1", b"second life")],
+                      now=T0 + 5)
+        found = await store.read_with_items(key_of(second), sequence=0, now=T0 + 5)
+    assert found is not None
+    assert found[2] == {"b/1": b"second life"}
+
+
+@pytest.mark.parametrize("damage", ["counts", "record"])
+async def test_rebuild_takes_counts_and_labels_from_the_checkpoints(
+    root: Path, store: FileStore, damage: str
+) -> None:
+    """The refs each checkpoint carries rebuild the counts (a damaged body of run.rec, or a
+    lost run.rec); its labels come back too, though the manager's seed has none."""
+    run = _labelled("rebuilt", "thread:r")
+    key = key_of(run)
+    record = root / "runs" / key / "run.rec"
+    with anyio.fail_after(30):
+        for sequence in range(3):
+            await _append(store, run, sequence, ["b/all", f"b/{sequence}"],
+                          [make_item("b/all"), make_item(f"b/{sequence}")])
+        if damage == "counts":
+            record.write_bytes(record.read_bytes()[:-3] + b"zzz")  # in the body
+        else:
+            record.unlink()
+        with pytest.raises(CorruptCheckpointError):
+            await _append(store, run, 3)
+        [found] = await store.damaged_runs(now=T0)
+        assert found.checkpoints == 3
+
+        seed = msgspec.structs.replace(make_run("rebuilt"), labels=())
+        rebuilt = await store.rebuild_run(key, seed, now=T0)
+
+        assert rebuilt.labels == ("thread:r",)
+        page, _ = await store.runs_with_label("thread:r", limit=10, cursor=None, now=T0)
+        assert [found.run_id for found in page] == ["rebuilt"]
+        assert await _items_of(store, run, 1) == {"b/all": b"value-b/all", "b/1": b"value-b/1"}
+        await _append(store, rebuilt, 3, ["b/all"], keep_latest=1)
+        assert await store.purge_expired(now=T0, limit=100) == (0, True)
+    assert _item_files(root, run) == {"b/all"}
+
+
+# -- costs ------------------------------------------------------------------------------------
+
+
+async def test_readers_never_read_the_reference_counts(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run.rec holds the counts of 2,000 shared items in its body; get, latest, get_run,
+    headers and read_with_items read only its first 4 KiB."""
+    store = FileStore(root, fsync=False)
+    run = make_run("many-shared")
+    key = key_of(run)
+    with anyio.fail_after(60):
+        for sequence in range(100):
+            keys = [f"b/{sequence}/{index}" for index in range(20)]
+            await _append(store, run, sequence, keys)
+        size = (root / "runs" / key / "run.rec").stat().st_size
+        assert size > 16_000
+        read: list[int] = []
+        real = file_store._pread_exact
+
+        def counting(fd: int, count: int, offset: int, path: str) -> bytes:
+            if path.endswith("run.rec"):
+                read.append(count)
+            return real(fd, count, offset, path)
+
+        monkeypatch.setattr(file_store, "_pread_exact", counting)
+        await store.get(key, 50, now=T0)
+        await store.latest(key, now=T0)
+        await store.get_run(key, now=T0)
+        await store.headers(key, before=None, limit=5, now=T0)
+        await store.read_with_items(key, sequence=None, now=T0)
+    assert read
+    assert max(read) <= 4096
+
+
+async def test_read_with_items_reads_what_the_checkpoint_owns_and_names(
+    store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = make_run("o-owned-plus-refs")
+    key = key_of(run)
+    with anyio.fail_after(30):
+        await store.put_items(key, [make_item(f"other/{index}") for index in range(100)], now=T0)
+        await _append(store, run, 0, ["b/a", "b/b", "b/missing"],
+                      [make_item("b/a"), make_item("b/b"), make_item("w/0", owner=0)])
+        assert await store.put_owned_items(key, [make_item("w/1", owner=0)], owner=0,
+                                           checkpoint_id=checkpoint_id_of(run, 0),
+                                           if_absent=True, now=T0)
+        items: list[str] = []
+        listed: list[str] = []
+        real_item, real_listdir = file_store._Dir.item, file_store._Dir.listdir
+
+        def counting_item(self: Any, name: str, *, whole: bool) -> Any:
+            items.append(name)
+            return real_item(self, name, whole=whole)
+
+        def counting_listdir(self: Any, relative: str) -> list[str]:
+            listed.append(relative)
+            return real_listdir(self, relative)
+
+        monkeypatch.setattr(file_store._Dir, "item", counting_item)
+        monkeypatch.setattr(file_store._Dir, "listdir", counting_listdir)
+        found = await store.read_with_items(key, sequence=0, now=T0)
+    assert found is not None
+    assert sorted(found[2]) == ["b/a", "b/b", "w/0", "w/1"]
+    assert len(items) == 5  # two owned, three named
+    assert listed == [f"o/{0:020d}"]
+
+
+async def test_hostile_item_keys_in_refs_stay_inside_the_root(
+    root: Path, store: FileStore
+) -> None:
+    hostile = ["../x", "/etc/passwd", "nul\x00byte", "..", "\U0001f600" * 32, "new\nline"]
+    run = make_run("hostile-refs")
+    with anyio.fail_after(30):
+        await _append(store, run, 0, hostile,
+                      [make_item(key, owner=0 if index % 2 else None)
+                       for index, key in enumerate(hostile)])
+        assert await _items_of(store, run, 0) == {key: f"value-{key}".encode() for key in hostile}
+        await _append(store, run, 1, keep_latest=1)
+        assert await store.purge_expired(now=T0, limit=100) == (0, True)
+    _assert_inside(root)
+    assert _item_files(root, run) == set()
