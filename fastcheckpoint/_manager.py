@@ -22,7 +22,6 @@ from collections.abc import (
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, cast
-from urllib.parse import quote, urlencode
 
 import anyio
 import anyio.lowlevel
@@ -39,6 +38,7 @@ from fastcheckpoint._model import (
     RunInfo,
     StatusChange,
 )
+from fastcheckpoint._urls import store_url_from_env, ttl_seconds_from_days
 from fastcheckpoint._validate import (
     list_arg,
     lookup_id,
@@ -188,8 +188,9 @@ class CheckpointManager:
         config = CheckpointConfig.from_env(env)
         ttl_days = env.get("CHECKPOINT_TTL_DAYS")
         if ttl_days and "FASTCHECKPOINT_DEFAULT_TTL_SECONDS" not in env:
-            config = dataclasses.replace(config, default_ttl_seconds=_ttl_days(ttl_days))
-        return cls(open_store(_store_url(env), retry=config.retry), config=config)
+            ttl = ttl_seconds_from_days(ttl_days)
+            config = dataclasses.replace(config, default_ttl_seconds=ttl)
+        return cls(open_store(store_url_from_env(env), retry=config.retry), config=config)
 
     @property
     def store(self) -> CheckpointStore:
@@ -1181,40 +1182,6 @@ class CheckpointManager:
                 for status, at, actor, note in data.history
             ],
         )
-
-
-def _store_url(env: Mapping[str, str]) -> str:
-    url = env.get("FASTCHECKPOINT_URL")
-    if url:
-        return url
-    mode = env.get("CHECKPOINT_MODE", "").strip().lower()
-    if mode == "development":
-        return "memory://"
-    if mode == "production":
-        table = env.get("CHECKPOINT_TABLE_NAME", "").strip()
-        bucket = env.get("CHECKPOINT_S3_BUCKET", "").strip()
-        if not table or not bucket:
-            raise ConfigurationError(
-                "CHECKPOINT_MODE=production needs CHECKPOINT_TABLE_NAME and CHECKPOINT_S3_BUCKET "
-                "(create both with: fastcheckpoint init 'dynamodb://TABLE?bucket=BUCKET')"
-            )
-        # The region comes from AWS_REGION / AWS_DEFAULT_REGION through botocore.
-        return f"dynamodb://{quote(table, safe='')}?{urlencode({'bucket': bucket})}"
-    if mode:
-        raise ConfigurationError(
-            f"CHECKPOINT_MODE={mode!r} is not valid; use development or production")
-    raise ConfigurationError(
-        "FASTCHECKPOINT_URL is not set (e.g. memory://, file:///var/lib/ckpt)")
-
-
-def _ttl_days(raw: str) -> float:
-    try:
-        days = float(raw)
-    except ValueError as exc:
-        raise ConfigurationError(f"CHECKPOINT_TTL_DAYS={raw!r} is not a number") from exc
-    if not math.isfinite(days) or days <= 0:
-        raise ConfigurationError(f"CHECKPOINT_TTL_DAYS must be > 0, got {raw!r}")
-    return days * 86400.0
 
 
 def _estimated_size(body: Payload) -> int:

@@ -33,8 +33,9 @@ import msgspec
 from fastcheckpoint import __version__, _ids
 from fastcheckpoint._config import CheckpointConfig
 from fastcheckpoint._export import FORMATS, json_text, when
-from fastcheckpoint._manager import CheckpointManager, _store_url
+from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import Checkpoint, CheckpointStatus, RepairReport, RunInfo
+from fastcheckpoint._urls import redacted, store_url_from_env, without_password
 from fastcheckpoint.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -87,15 +88,15 @@ async def _init(url: str) -> tuple[bool, list[str] | None]:
 
 
 def _run_init(args: argparse.Namespace) -> int:
-    shown = _redacted(args.url)
+    shown = redacted(args.url)
     try:
         if _file_store_path(args.url) == "":
             return _fail(_NO_DIRECTORY.format(url=args.url), EXIT_USAGE)
         provisioned, done = anyio.run(_init, args.url)
     except ConfigurationError as exc:
-        return _fail(_without_password(str(exc), args.url), EXIT_USAGE)
+        return _fail(without_password(str(exc), args.url), EXIT_USAGE)
     except CheckpointError as exc:
-        return _fail(_without_password(str(exc), args.url), EXIT_STORE)
+        return _fail(without_password(str(exc), args.url), EXIT_STORE)
     except ValueError as exc:  # a URL too malformed to take apart
         return _fail(f"bad store URL {shown!r}: {exc}", EXIT_USAGE)
     if args.json:
@@ -271,7 +272,7 @@ def _next_page(args: argparse.Namespace, cursor: str) -> str:
     """The command for the next page: the same store, status and page size."""
     words = ["fastcheckpoint", "runs"]
     if args.url:
-        words += ["--url", _redacted(args.url)]
+        words += ["--url", redacted(args.url)]
     if args.status:
         words += ["--status", args.status]
     words += ["--limit", str(args.limit), "--cursor", cursor]
@@ -585,7 +586,7 @@ async def _doctor(manager: CheckpointManager, args: argparse.Namespace) -> int:
             try:
                 detail = await step()
             except CheckpointError as exc:
-                detail = _without_password(f"{type(exc).__name__}: {exc}", args.store_url)
+                detail = without_password(f"{type(exc).__name__}: {exc}", args.store_url)
                 provisioned = isinstance(manager.store, SupportsProvision)
                 if number == 0 and provisioned and "fastcheckpoint init" not in detail:
                     detail += " (if the table or bucket does not exist: fastcheckpoint init URL)"
@@ -599,7 +600,7 @@ async def _doctor(manager: CheckpointManager, args: argparse.Namespace) -> int:
             with anyio.CancelScope(shield=True), contextlib.suppress(CheckpointError):
                 await manager.delete_run(probe)
     failed = not all(check["ok"] for check in checks)
-    shown = _redacted(args.store_url)
+    shown = redacted(args.store_url)
     if args.json:
         _print_json({"store": shown, "ok": not failed, "checks": checks})
     else:
@@ -614,7 +615,7 @@ async def _repair(manager: CheckpointManager, args: argparse.Namespace) -> int:
     reports = await manager.repair(args.run)
     rebuilt = sum(report.outcome == "rebuilt" for report in reports)
     unrecoverable = sum(not report.repaired for report in reports)
-    shown = _redacted(args.store_url)
+    shown = redacted(args.store_url)
     if args.json:
         _print_json({"store": shown, "run_id": args.run, "damaged": len(reports),
                      "rebuilt": rebuilt, "reports": [report.to_dict() for report in reports]})
@@ -656,18 +657,6 @@ def _ms(started: float) -> float:
 # -- store URLs -----------------------------------------------------------------------------------
 
 
-def _redacted(url: str) -> str:
-    """The URL with any password replaced, for printing."""
-    return _without_password(url, url)
-
-
-def _without_password(text: str, url: str) -> str:
-    """``text`` with the URL's password, if any, replaced (error messages may quote it)."""
-    try:
-        password = urlsplit(url).password if "://" in url else None
-    except ValueError:  # too malformed to take apart: nothing to find a password in
-        password = None
-    return text.replace(password, "***") if password else text
 
 
 def _file_store_path(url: str) -> str | None:
@@ -711,7 +700,7 @@ def _store_of(args: argparse.Namespace) -> str:
         args.run, target = target, None  # doctor --repair RUN, the store from the environment
     if args.command == "doctor" and args.run and not args.repair:
         raise _UsageError("a RUN goes with --repair (doctor --repair URL RUN)")
-    return str(target or args.url or _store_url(os.environ))
+    return str(target or args.url or store_url_from_env(os.environ))
 
 
 def _names_a_run(target: str) -> bool:
@@ -738,7 +727,7 @@ def _open(args: argparse.Namespace) -> tuple[CheckpointStore, CheckpointConfig]:
         config = CheckpointConfig.from_env()
         return open_store(url, retry=config.retry), config
     except ValueError as exc:  # a URL too malformed to take apart
-        raise _UsageError(f"bad store URL {_redacted(url)!r}: {exc}") from exc
+        raise _UsageError(f"bad store URL {redacted(url)!r}: {exc}") from exc
 
 
 def _on_store(action: Action) -> Callable[[argparse.Namespace], int]:
@@ -751,7 +740,7 @@ def _on_store(action: Action) -> Callable[[argparse.Namespace], int]:
         except _UsageError as exc:
             return _fail(str(exc), EXIT_USAGE)
         except ConfigurationError as exc:
-            return _fail(_without_password(str(exc), args.store_url), EXIT_USAGE)
+            return _fail(without_password(str(exc), args.store_url), EXIT_USAGE)
 
         async def go() -> int:
             manager = CheckpointManager(store, config=config)
@@ -761,7 +750,7 @@ def _on_store(action: Action) -> Callable[[argparse.Namespace], int]:
                 await manager.aclose()
 
         def fail(exc: Exception, code: int) -> int:
-            return _fail(_without_password(str(exc), args.store_url), code)
+            return _fail(without_password(str(exc), args.store_url), code)
 
         try:
             return anyio.run(go)

@@ -25,7 +25,6 @@ from fastcheckpoint.cli import (
     EXIT_OK,
     EXIT_STORE,
     EXIT_USAGE,
-    _redacted,
     main,
 )
 from fastcheckpoint.errors import CorruptCheckpointError, StoreUnavailableError
@@ -434,12 +433,6 @@ def test_a_decision_reports_who_decided(url: str, capsys: pytest.CaptureFixture[
 
     assert out.startswith("run order-17: rejected (rejected by alice at ")
     assert again.startswith("run order-17: rejected (rejected by alice at ")  # the first stands
-
-
-def test_printed_urls_hide_passwords() -> None:
-    assert _redacted("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
-    assert _redacted("rediss://app:s3cret@cache/0?prefix=a") == "rediss://app:***@cache/0?prefix=a"
-    assert _redacted("file:///var/lib/ckpt") == "file:///var/lib/ckpt"
 
 
 class Terminal(io.StringIO):

@@ -68,6 +68,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import FullJitterBackoff
 
 from fastcheckpoint._config import RetryPolicy
+from fastcheckpoint._urls import redacted
 from fastcheckpoint.errors import (
     CheckpointNotFound,
     ConfigurationError,
@@ -326,7 +327,7 @@ class RedisStore(ExpiryCleanup):
         if parts.path.strip("/") and not parts.path.strip("/").isdigit():
             raise ConfigurationError(
                 f"the path of a Redis URL is the database number (redis://host:6379/0), "
-                f"got {parts.path!r} in {_redacted(url)}"
+                f"got {parts.path!r} in {redacted(url)}"
             )
         store_options = _store_options(scheme, query, options)
         driver_url = urlunsplit(
@@ -348,7 +349,7 @@ class RedisStore(ExpiryCleanup):
             client = build()
         except (ValueError, TypeError) as exc:
             raise ConfigurationError(
-                f"cannot build a Redis client from {_redacted(url)}: {exc}") from exc
+                f"cannot build a Redis client from {redacted(url)}: {exc}") from exc
         store = cls(client, owns_client=True, **store_options)
         store._factory = build
         return store
@@ -1320,15 +1321,6 @@ def _float_option(query: dict[str, str], name: str) -> float | None:
         return float(raw)
     except ValueError as exc:
         raise ConfigurationError(f"{name} must be a number of seconds, got {raw!r}") from exc
-
-
-def _redacted(url: str) -> str:
-    """The URL without its password, for error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 class RedisCheckpointStore(RedisStore):
