@@ -14,6 +14,18 @@ yields a fresh store and closes it; every clause of
             yield store
             await store.aclose()
 
+The contract is also six classes by concern, each usable on its own with the same ``store``
+fixture, whose sum is :class:`StoreContract`: :class:`AppendContract`, :class:`ReadContract`,
+:class:`DeleteContract`, :class:`RunsContract`, :class:`ItemsContract` and
+:class:`PurgeContract`. Subclass some of them to run part of the contract, e.g. while a store is
+being written (every one of them creates runs with ``append`` and reads them back with
+``get_run``, ``get``, ``latest`` and ``headers``)::
+
+    from fastcheckpoint.testing import AppendContract, ReadContract
+
+    class TestMyStore(AppendContract, ReadContract):
+        ...  # the same ``store`` fixture
+
 Stores offering the adapter capabilities (``SupportsLabels``, ``SupportsSharedItems``) also
 subclass :class:`LabelsContract` and :class:`SharedItemsContract`. Stores that rebuild damaged
 run records (``SupportsRepair``) also subclass
@@ -32,11 +44,18 @@ import pytest
 # Plain asserts in the contract report their operands like those in a test module.
 pytest.register_assert_rewrite(
     "fastcheckpoint.testing._contract",
+    "fastcheckpoint.testing._append",
+    "fastcheckpoint.testing._read",
+    "fastcheckpoint.testing._delete",
+    "fastcheckpoint.testing._runs",
+    "fastcheckpoint.testing._items",
+    "fastcheckpoint.testing._purge",
     "fastcheckpoint.testing._repair",
     "fastcheckpoint.testing._adapter",
 )
 
 from fastcheckpoint.testing._adapter import LabelsContract, SharedItemsContract  # noqa: E402
+from fastcheckpoint.testing._append import AppendContract  # noqa: E402
 from fastcheckpoint.testing._builders import (  # noqa: E402
     T0,
     checkpoint_id_of,
@@ -47,14 +66,25 @@ from fastcheckpoint.testing._builders import (  # noqa: E402
     make_run,
     without_key,
 )
-from fastcheckpoint.testing._contract import StoreContract  # noqa: E402
+from fastcheckpoint.testing._delete import DeleteContract  # noqa: E402
+from fastcheckpoint.testing._items import ItemsContract  # noqa: E402
+from fastcheckpoint.testing._purge import PurgeContract  # noqa: E402
+from fastcheckpoint.testing._read import ReadContract  # noqa: E402
 from fastcheckpoint.testing._repair import DamageRunRecord, RepairContract  # noqa: E402
+from fastcheckpoint.testing._runs import RunsContract  # noqa: E402
+from fastcheckpoint.testing._store import StoreContract  # noqa: E402
 
 __all__ = [
     "T0",
+    "AppendContract",
     "DamageRunRecord",
+    "DeleteContract",
+    "ItemsContract",
     "LabelsContract",
+    "PurgeContract",
+    "ReadContract",
     "RepairContract",
+    "RunsContract",
     "SharedItemsContract",
     "StoreContract",
     "checkpoint_id_of",

@@ -1,0 +1,393 @@
+"""The store contract, part one: ``append``, the one write of the checkpoint log."""
+
+from __future__ import annotations
+
+import anyio
+import msgspec
+import pytest
+
+from fastcheckpoint.errors import SequenceConflict
+from fastcheckpoint.stores._base import CheckpointStore, RunRecord
+from fastcheckpoint.testing._builders import (
+    T0,
+    key_of,
+    make_checkpoint,
+    make_item,
+    make_run,
+    without_key,
+)
+from fastcheckpoint.testing._contract import (
+    ContractBase,
+    _append,
+    _append_many,
+    _expected_run,
+    _sequences,
+    _snapshot,
+    _update,
+)
+
+__all__ = ["AppendContract"]
+
+
+class AppendContract(ContractBase):
+    """``append``: the one write of a run's checkpoint log.
+
+    A run is created by its sequence 0; each next sequence is accepted once, like a commit, and
+    anything else is a ``SequenceConflict`` that changes nothing; a run that expired starts over
+    at 0; the run's ``expires_at`` is the latest of its checkpoints'; pruning removes the
+    expired, then the oldest beyond ``keep_latest``; of concurrent writers exactly one wins. The
+    tests read back with ``get_run``, ``get``, ``latest`` and ``headers``, and use items owned
+    by pruned checkpoints.
+    """
+
+    # -- append: creating a run ---------------------------------------------------------------
+
+    async def test_append_at_zero_creates_run_record(self, store: CheckpointStore) -> None:
+        seed = make_run("created", status="paused", created_at=T0, data=b"run-data")
+
+        status = await store.append(
+            key_of(seed),
+            make_checkpoint(seed, 0, expires_at=T0 + 100),
+            run=msgspec.structs.replace(seed, expires_at=T0 + 100),
+            keep_latest=None,
+            now=T0,
+        )
+
+        assert status == "paused"
+        assert await store.get_run(key_of(seed), now=T0) == _expected_run(
+            seed, latest_sequence=0, checkpoint_count=1, updated_at=T0, expires_at=T0 + 100
+        )
+
+    async def test_append_at_zero_on_live_run_conflicts(self, store: CheckpointStore) -> None:
+        seed = make_run("live")
+        await _append_many(store, seed, [0, 1])
+        before = await _snapshot(store, seed, now=T0)
+        for rival in (seed, make_run("live")):
+            with pytest.raises(SequenceConflict) as caught:
+                await _append(store, rival, 0, now=T0 + 1, payload=b"rival")
+            assert caught.value.latest_sequence == 1
+            assert caught.value.incarnation == seed.incarnation
+        assert await _snapshot(store, seed, now=T0) == before
+
+    async def test_append_nonzero_on_absent_run_conflicts(self, store: CheckpointStore) -> None:
+        seed = make_run("absent")
+        with pytest.raises(SequenceConflict) as caught:
+            await _append(store, seed, 1)
+        assert caught.value.latest_sequence is None
+        assert caught.value.incarnation is None
+        assert await store.get_run(key_of(seed), now=T0) is None
+        assert await store.get(key_of(seed), 1, now=T0) is None
+        assert await store.headers(key_of(seed), before=None, limit=10, now=T0) == ([], None)
+
+
+    # -- append: the next sequence ------------------------------------------------------------
+
+    async def test_append_next_sequence_updates_run_record(self, store: CheckpointStore) -> None:
+        seed = make_run("next", created_at=T0, data=b"d")
+        await _append(store, seed, 0, now=T0)
+        await _append(store, seed, 1, now=T0 + 5)
+        status = await store.append(
+            key_of(seed),
+            make_checkpoint(seed, 2, created_at=T0 + 9),
+            run=seed,
+            keep_latest=None,
+            now=T0 + 9,
+        )
+
+        assert status == "active"
+        assert await store.get_run(key_of(seed), now=T0 + 9) == _expected_run(
+            seed, latest_sequence=2, checkpoint_count=3, updated_at=T0 + 9, expires_at=None
+        )
+
+    async def test_append_keeps_run_fields_other_than_the_log(self, store: CheckpointStore) -> None:
+        seed = make_run("kept", created_at=T0)
+        await _append(store, seed, 0)
+        updated = await _update(store, seed, version=0, status="paused", data=b"ok", now=T0 + 1)
+        other_seed = msgspec.structs.replace(
+            seed, status="active", data=b"other", created_at=T0 + 2, version=7
+        )
+
+        status = await store.append(
+            key_of(seed),
+            make_checkpoint(seed, 1, created_at=T0 + 2),
+            run=other_seed,
+            keep_latest=None,
+            now=T0 + 2,
+        )
+
+        assert status == "paused"
+        assert await store.get_run(key_of(seed), now=T0 + 2) == msgspec.structs.replace(
+            updated, latest_sequence=1, checkpoint_count=2, updated_at=T0 + 2
+        )
+
+    async def test_append_skipping_a_sequence_conflicts(self, store: CheckpointStore) -> None:
+        seed = make_run("skip")
+        await _append_many(store, seed, [0, 1])
+        before = await _snapshot(store, seed, now=T0)
+        for sequence in (3, 10, -1):
+            with pytest.raises(SequenceConflict) as caught:
+                await _append(store, seed, sequence, now=T0 + 1)
+            assert caught.value.latest_sequence == 1
+            assert caught.value.incarnation == seed.incarnation
+        assert await _snapshot(store, seed, now=T0) == before
+
+    async def test_append_existing_sequence_conflicts(self, store: CheckpointStore) -> None:
+        seed = make_run("again")
+        await _append_many(store, seed, [0, 1, 2])
+        before = await _snapshot(store, seed, now=T0)
+        for sequence in (1, 2):
+            with pytest.raises(SequenceConflict) as caught:
+                await _append(store, seed, sequence, now=T0 + 1, payload=b"overwrite")
+            assert caught.value.latest_sequence == 2
+            assert caught.value.incarnation == seed.incarnation
+        assert await _snapshot(store, seed, now=T0) == before
+
+    async def test_append_with_other_incarnation_conflicts(self, store: CheckpointStore) -> None:
+        seed = make_run("incarnation")
+        await _append_many(store, seed, [0, 1])
+        before = await _snapshot(store, seed, now=T0)
+        impostor = make_run("incarnation")
+        assert impostor.incarnation != seed.incarnation
+        with pytest.raises(SequenceConflict) as caught:
+            await _append(store, impostor, 2, now=T0 + 1)
+        assert caught.value.latest_sequence == 1
+        assert caught.value.incarnation == seed.incarnation
+        assert await _snapshot(store, seed, now=T0) == before
+
+
+    # -- append: expired runs -----------------------------------------------------------------
+
+    async def test_append_on_expired_run_starts_over(self, store: CheckpointStore) -> None:
+        old = make_run("reborn", created_at=T0)
+        key = key_of(old)
+        await _append_many(store, old, [0, 1, 2], expires_at=T0 + 10)
+        await store.put_items(key, [make_item("old-owned", owner=1)], now=T0)
+        new = make_run("reborn", created_at=T0 + 10, status="active", data=b"new")
+
+        status = await store.append(
+            key,
+            make_checkpoint(new, 0, created_at=T0 + 10),
+            run=new,
+            keep_latest=None,
+            now=T0 + 10,
+        )
+
+        assert status == "active"
+        assert await store.get_run(key, now=T0 + 10) == _expected_run(
+            new, latest_sequence=0, checkpoint_count=1, updated_at=T0 + 10, expires_at=None
+        )
+        found = await store.get(key, 0, now=T0 + 10)
+        assert found is not None
+        assert without_key(found[0]) == make_checkpoint(new, 0, created_at=T0 + 10)
+        # Read at T0, when the old run was live: its leftovers are gone, not just hidden.
+        assert await store.get(key, 1, now=T0) is None
+        assert await store.get(key, 2, now=T0) is None
+        assert await _sequences(store, new, now=T0, include_expired=True) == [0]
+        assert await store.get_items(key, ["old-owned"], now=T0) == {}
+
+    async def test_append_nonzero_on_expired_run_conflicts(self, store: CheckpointStore) -> None:
+        seed = make_run("stale")
+        await _append_many(store, seed, [0, 1], expires_at=T0 + 10)
+        before = await _snapshot(store, seed, now=T0)
+        with pytest.raises(SequenceConflict) as caught:
+            await _append(store, seed, 2, now=T0 + 10)
+        assert caught.value.latest_sequence is None
+        assert caught.value.incarnation is None
+        assert await _snapshot(store, seed, now=T0) == before
+        assert await store.get_run(key_of(seed), now=T0 + 10) is None
+
+    async def test_run_expires_at_is_latest_checkpoint_expiry(self, store: CheckpointStore) -> None:
+        seed = make_run("expiry")
+        key = key_of(seed)
+        expected = [
+            (T0 + 100, T0 + 100),
+            (T0 + 50, T0 + 100),
+            (T0 + 150, T0 + 150),
+            (None, None),
+            (T0 + 500, None),
+        ]
+        for sequence, (checkpoint_expiry, run_expiry) in enumerate(expected):
+            await _append(store, seed, sequence, expires_at=checkpoint_expiry)
+            run = await store.get_run(key, now=T0)
+            assert run is not None
+            assert run.expires_at == run_expiry, f"after appending {sequence}"
+
+    async def test_run_expires_with_its_last_checkpoint(self, store: CheckpointStore) -> None:
+        seed = make_run("fading")
+        key = key_of(seed)
+        await _append(store, seed, 0, expires_at=T0 + 20)
+        await _append(store, seed, 1, expires_at=T0 + 10)
+
+        assert await store.get_run(key, now=T0 + 19) is not None
+        assert await store.get_run(key, now=T0 + 20) is None
+        assert await store.latest(key, now=T0 + 20) is None
+        assert await store.headers(key, before=None, limit=10, now=T0 + 20) == ([], None)
+
+
+    # -- append: pruning ----------------------------------------------------------------------
+
+    async def test_keep_latest_keeps_newest(self, store: CheckpointStore) -> None:
+        seed = make_run("pruned")
+        key = key_of(seed)
+        for sequence in range(6):
+            await _append(store, seed, sequence, keep_latest=3)
+            run = await store.get_run(key, now=T0)
+            assert run is not None
+            assert run.checkpoint_count == min(sequence + 1, 3)
+        assert await _sequences(store, seed, now=T0, include_expired=True) == [5, 4, 3]
+        for sequence in range(3):
+            assert await store.get(key, sequence, now=T0) is None
+
+    async def test_keep_latest_removes_expired_first(self, store: CheckpointStore) -> None:
+        seed = make_run("expired-first")
+        await _append(store, seed, 0, keep_latest=3)
+        await _append(store, seed, 1, keep_latest=3)
+        await _append(store, seed, 2, keep_latest=3, expires_at=T0 + 10)
+
+        await _append(store, seed, 3, now=T0 + 10, keep_latest=3)
+
+        assert await _sequences(store, seed, now=T0, include_expired=True) == [3, 1, 0]
+        run = await store.get_run(key_of(seed), now=T0 + 10)
+        assert run is not None
+        assert run.checkpoint_count == 3
+
+    async def test_keep_latest_holds_newest_live(self, store: CheckpointStore) -> None:
+        seed = make_run("newest-live")
+        await _append(store, seed, 0)
+        await _append(store, seed, 1)
+        await _append(store, seed, 2, expires_at=T0 + 10)
+        await _append(store, seed, 3, expires_at=T0 + 10)
+
+        await _append(store, seed, 4, now=T0 + 10, keep_latest=2)
+
+        assert await _sequences(store, seed, now=T0 + 10) == [4, 1]
+        assert await _sequences(store, seed, now=T0, include_expired=True) == [4, 1]
+
+    async def test_lowered_keep_latest_converges_on_next_append(
+        self, store: CheckpointStore
+    ) -> None:
+        seed = make_run("lowered")
+        await _append_many(store, seed, range(6), keep_latest=10)
+
+        await _append(store, seed, 6, keep_latest=2)
+
+        assert await _sequences(store, seed, now=T0, include_expired=True) == [6, 5]
+        run = await store.get_run(key_of(seed), now=T0)
+        assert run is not None
+        assert run.checkpoint_count == 2
+        assert run.latest_sequence == 6
+
+    async def test_keep_latest_none_keeps_all(self, store: CheckpointStore) -> None:
+        seed = make_run("unpruned")
+        await _append_many(store, seed, range(25), keep_latest=None)
+        assert await _sequences(store, seed, now=T0) == list(range(24, -1, -1))
+        run = await store.get_run(key_of(seed), now=T0)
+        assert run is not None
+        assert run.checkpoint_count == 25
+
+    async def test_append_removes_expired_checkpoints_without_limit(
+        self, store: CheckpointStore
+    ) -> None:
+        seed = make_run("unlimited-expiry")
+        await _append(store, seed, 0)
+        await _append(store, seed, 1, expires_at=T0 + 10)
+
+        await _append(store, seed, 2, now=T0 + 10, keep_latest=None)
+
+        assert await _sequences(store, seed, now=T0, include_expired=True) == [2, 0]
+
+    async def test_pruning_removes_owned_items(self, store: CheckpointStore) -> None:
+        seed = make_run("owned")
+        key = key_of(seed)
+        await _append_many(store, seed, [0, 1])
+        await store.put_items(
+            key,
+            [make_item("of-0", owner=0), make_item("of-1", owner=1), make_item("free")],
+            now=T0,
+        )
+
+        await _append(store, seed, 2, keep_latest=1)
+
+        assert await store.get_items(key, ["of-0", "of-1", "free"], now=T0) == {
+            "free": b"value-free"
+        }
+
+
+    # -- concurrency --------------------------------------------------------------------------
+
+    async def test_concurrent_appends_one_winner(self, store: CheckpointStore) -> None:
+        seed = make_run("race")
+        key = key_of(seed)
+        await _append(store, seed, 0)
+        winners: list[bytes] = []
+        losers: list[SequenceConflict] = []
+
+        async def writer(index: int) -> None:
+            payload = f"writer-{index}".encode()
+            try:
+                await _append(store, seed, 1, now=T0 + 1, payload=payload)
+            except SequenceConflict as exc:
+                losers.append(exc)
+            else:
+                winners.append(payload)
+
+        async with anyio.create_task_group() as group:
+            for index in range(10):
+                group.start_soon(writer, index)
+
+        assert len(winners) == 1
+        assert len(losers) == 9
+        assert {(exc.latest_sequence, exc.incarnation) for exc in losers} == {(1, seed.incarnation)}
+        found = await store.get(key, 1, now=T0 + 1)
+        assert found is not None
+        assert found[0].payload == winners[0]
+        run = await store.get_run(key, now=T0 + 1)
+        assert run is not None
+        assert (run.latest_sequence, run.checkpoint_count) == (1, 2)
+
+    async def test_concurrent_first_appends_one_winner(self, store: CheckpointStore) -> None:
+        seeds = [make_run("first-race", created_at=T0 + index) for index in range(10)]
+        winners: list[RunRecord] = []
+        losers: list[SequenceConflict] = []
+
+        async def writer(seed: RunRecord) -> None:
+            try:
+                await _append(store, seed, 0, now=seed.created_at)
+            except SequenceConflict as exc:
+                losers.append(exc)
+            else:
+                winners.append(seed)
+
+        async with anyio.create_task_group() as group:
+            for seed in seeds:
+                group.start_soon(writer, seed)
+
+        assert len(winners) == 1
+        assert len(losers) == 9
+        winner = winners[0]
+        # A loser may see the run between its creation and its first checkpoint: it is then
+        # told to join the winner's incarnation at sequence 0 (latest_sequence -1).
+        assert {exc.incarnation for exc in losers} == {winner.incarnation}
+        assert {exc.latest_sequence for exc in losers} <= {-1, 0}
+        assert await store.get_run(key_of(winner), now=T0 + 10) == _expected_run(
+            winner,
+            latest_sequence=0,
+            checkpoint_count=1,
+            updated_at=winner.created_at,
+            expires_at=None,
+        )
+        assert await store.count_runs(status=None, now=T0 + 10) == 1
+
+    async def test_runs_are_independent(self, store: CheckpointStore) -> None:
+        first, second = make_run("independent-1"), make_run("independent-2")
+        await _append_many(store, first, range(3))
+        await _append_many(store, second, range(2), keep_latest=1)
+
+        assert await _sequences(store, first, now=T0) == [2, 1, 0]
+        assert await _sequences(store, second, now=T0) == [1]
+        await _append(store, first, 3, keep_latest=1)
+        assert await _sequences(store, second, now=T0) == [1]
+        second_run = await store.get_run(key_of(second), now=T0)
+        assert second_run is not None
+        assert (second_run.latest_sequence, second_run.checkpoint_count) == (1, 1)
+
