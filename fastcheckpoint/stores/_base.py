@@ -146,8 +146,10 @@ def latest_expiry(first: float | None, second: float | None) -> float | None:
 
 def check_keep_latest(keep_latest: int | None) -> None:
     """The one validation of ``append``'s ``keep_latest``: ``None`` or an int >= 1."""
-    if keep_latest is not None and (isinstance(keep_latest, bool) or keep_latest < 1):
-        raise ValidationError(f"keep_latest must be None or >= 1, got {keep_latest!r}")
+    if keep_latest is None:
+        return
+    if not isinstance(keep_latest, int) or isinstance(keep_latest, bool) or keep_latest < 1:
+        raise ValidationError(f"keep_latest must be None or an int >= 1, got {keep_latest!r}")
 
 
 def item_key_bytes(key: object, limit: int, why: str) -> bytes:

@@ -6,7 +6,7 @@ import anyio
 import msgspec
 import pytest
 
-from fastcheckpoint.errors import SequenceConflict
+from fastcheckpoint.errors import SequenceConflict, ValidationError
 from fastcheckpoint.stores._base import CheckpointStore, RunRecord
 from fastcheckpoint.testing._builders import (
     T0,
@@ -237,6 +237,18 @@ class AppendContract(ContractBase):
         assert await _sequences(store, seed, now=T0, include_expired=True) == [5, 4, 3]
         for sequence in range(3):
             assert await store.get(key, sequence, now=T0) is None
+
+    @pytest.mark.parametrize("keep_latest", [0, -1, True, 2.5, "3"])
+    async def test_a_bad_keep_latest_is_refused_before_any_change(
+        self, store: CheckpointStore, keep_latest: object
+    ) -> None:
+        seed = make_run("bad-keep")
+        await _append(store, seed, 0)
+
+        with pytest.raises(ValidationError):
+            await _append(store, seed, 1, keep_latest=keep_latest)  # type: ignore[arg-type]
+
+        assert await _sequences(store, seed, now=T0, include_expired=True) == [0]
 
     async def test_keep_latest_removes_expired_first(self, store: CheckpointStore) -> None:
         seed = make_run("expired-first")
