@@ -2,15 +2,20 @@
 
 One partition per run (``PK = run#<run key>``); sort keys order the partition as::
 
-    i#<item key>                 items (code point order = UTF-8 byte order, as DynamoDB sorts)
-    j#<owner:020>#<item key>     markers: items owned by checkpoint <owner>
-    k#<sequence:020>             checkpoints
+    c#<item key>                 reference count of a shared item
+    i#<item key>                 items (code point order = UTF-8 byte order, as DynamoDB sorts);
+                                 an item owned by a checkpoint is an anchor here (its owner)
+    k#<sequence:020>!            the guard of checkpoint <sequence>'s owned items
+    k#<sequence:020>#<item key>  the value of an item owned by checkpoint <sequence>
+    k#<sequence:020>$            checkpoint <sequence>
     r                            the run item, right above the newest checkpoint
 
-so one descending ``Query`` from ``r`` returns the run item and then the newest checkpoints.
+so one descending ``Query`` from ``r`` returns the run item, the newest checkpoint and then
+the items it owns. Labels are entries in partitions of their own (``PK = label#<label>``,
+sorted by the run's creation), written in the transaction that creates the run.
 Checkpoints, items and run items that expire also carry ``xpk``/``xat``, which put them in
 the ``by_expiry`` index the cleanup loop reads (a run item at its expiry, at 0 once it holds
-nothing).
+nothing; a reference count at 0 once it may have dropped to zero).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any, Final
 
 import msgspec
 
-from fastcheckpoint.stores._base import EMPTY_RUN
+from fastcheckpoint.stores._base import EMPTY_RUN, MAX_ITEM_KEY_BYTES
 
 __all__ = [
     "BY_CREATED",
@@ -42,9 +47,19 @@ __all__ = [
     "blob_sequence",
     "blob_suffix",
     "checkpoint_sk",
+    "counter_sk",
     "created_stamp",
+    "family_prefix",
+    "guard_sk",
+    "is_checkpoint_sk",
+    "is_guard_sk",
+    "is_owned_sk",
+    "item_blob_key",
+    "item_blob_sort_key",
     "item_sk",
-    "marker_sk",
+    "label_partition",
+    "owned_key",
+    "owned_sk",
     "partition",
     "sequence_of",
     "shard_of",
@@ -54,17 +69,20 @@ __all__ = [
 RUN_SK: Final = "r"
 CHECKPOINT_PREFIX: Final = "k#"
 ITEM_PREFIX: Final = "i#"
-MARKER_PREFIX: Final = "j#"
+COUNTER_PREFIX: Final = "c#"
 # One past every key of a family ('#' + 1 == '$'): exclusive upper bounds of range queries.
 CHECKPOINT_END: Final = "k$"
 ITEM_END: Final = "i$"
-MARKER_END: Final = "j$"
+
+# What follows the sequence in a sort key of the ``k#`` family: the guard and the owned
+# values of a checkpoint sort below it, so a descending Query meets the checkpoint first.
+GUARD_MARK: Final = "!"
+OWNED_MARK: Final = "#"
+CHECKPOINT_MARK: Final = "$"
 
 SEQUENCE_DIGITS: Final = 20
 MAX_SEQUENCE: Final = 10**SEQUENCE_DIGITS - 1
-
-MAX_ITEM_KEY_BYTES: Final = 1000
-"""Longest item key in UTF-8 bytes: a marker's sort key (24 bytes + key) must fit in 1,024."""
+_FAMILY_LENGTH: Final = len(CHECKPOINT_PREFIX) + SEQUENCE_DIGITS
 
 INDEX_SHARDS: Final = 8
 """Shards of each run index. Every client of a table must use the same number."""
@@ -74,7 +92,9 @@ BY_CREATED: Final = "by_created"
 BY_EXPIRY: Final = "by_expiry"
 
 # Attributes the run indexes copy, so a listing page is built from the index alone.
-RUN_PROJECTION: Final = ["rid", "inc", "st", "ca", "ua", "ls", "cnt", "exp", "ver", "dat", "pg"]
+RUN_PROJECTION: Final = [
+    "rid", "inc", "st", "ca", "ua", "ls", "cnt", "exp", "ver", "dat", "pg", "lb"
+]
 
 TABLE_DEFINITION: Final[dict[str, Any]] = {
     "AttributeDefinitions": [
@@ -129,25 +149,57 @@ def partition(run_key: str) -> str:
     return f"run#{run_key}"
 
 
-def checkpoint_sk(sequence: int) -> str:
+def family_prefix(sequence: int) -> str:
+    """The prefix of every sort key of checkpoint ``sequence``: itself, its guard and its
+    owned values."""
     return f"{CHECKPOINT_PREFIX}{sequence:0{SEQUENCE_DIGITS}d}"
 
 
+def checkpoint_sk(sequence: int) -> str:
+    return family_prefix(sequence) + CHECKPOINT_MARK
+
+
+def guard_sk(sequence: int) -> str:
+    return family_prefix(sequence) + GUARD_MARK
+
+
+def owned_sk(owner: int, key: str) -> str:
+    return family_prefix(owner) + OWNED_MARK + key
+
+
 def sequence_of(sort_key: str) -> int:
-    """The sequence in a checkpoint's or a marker's sort key."""
+    """The sequence in a sort key of the ``k#`` family."""
     return int(sort_key[2 : 2 + SEQUENCE_DIGITS])
+
+
+def is_checkpoint_sk(sort_key: str) -> bool:
+    return len(sort_key) == _FAMILY_LENGTH + 1 and sort_key.endswith(CHECKPOINT_MARK) and (
+        sort_key.startswith(CHECKPOINT_PREFIX))
+
+
+def is_owned_sk(sort_key: str) -> bool:
+    return sort_key.startswith(CHECKPOINT_PREFIX) and sort_key[_FAMILY_LENGTH:][:1] == OWNED_MARK
+
+
+def is_guard_sk(sort_key: str) -> bool:
+    return sort_key.startswith(CHECKPOINT_PREFIX) and sort_key[_FAMILY_LENGTH:] == GUARD_MARK
+
+
+def owned_key(sort_key: str) -> str:
+    """The item key in an owned value's sort key."""
+    return sort_key[_FAMILY_LENGTH + 1 :]
 
 
 def item_sk(key: str) -> str:
     return f"{ITEM_PREFIX}{key}"
 
 
-def marker_sk(owner: int, key: str) -> str:
-    return f"{MARKER_PREFIX}{owner:0{SEQUENCE_DIGITS}d}#{key}"
+def counter_sk(key: str) -> str:
+    return f"{COUNTER_PREFIX}{key}"
 
 
-def marker_item_key(sort_key: str) -> str:
-    return sort_key[3 + SEQUENCE_DIGITS :]
+def label_partition(label: str) -> str:
+    return f"label#{label}"
 
 
 def shard_of(run_key: str) -> int:
@@ -408,3 +460,26 @@ def blob_sequence(key: str) -> int | None:
     if len(parts) != 3 or not parts[2][:SEQUENCE_DIGITS].isdigit():
         return None
     return int(parts[2][:SEQUENCE_DIGITS])
+
+
+ITEM_BLOBS: Final = "i"
+"""The folder of item values under a run's blob prefix (no incarnation is one letter)."""
+
+
+def item_blob_key(run_key: str, sort_key: str, written_at: float, suffix: str) -> str:
+    """The S3 key (below the store prefix) of an item value too large for its item: it names
+    the item that points to it and when it was written, so a sweep can tell an orphan (whose
+    item points elsewhere) from a write still under way (a recent one)."""
+    return f"{run_key}/{ITEM_BLOBS}/{sort_key.encode().hex()}/{int(written_at)}-{suffix}"
+
+
+def item_blob_sort_key(key: str) -> tuple[str, float] | None:
+    """``(sort key of the item, written at)`` of an item blob key, ``None`` for another key."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[1] != ITEM_BLOBS:
+        return None
+    stamp = parts[3].split("-", 1)[0]
+    try:
+        return bytes.fromhex(parts[2]).decode(), float(stamp)
+    except (ValueError, UnicodeDecodeError):
+        return None

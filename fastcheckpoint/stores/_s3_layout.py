@@ -7,10 +7,14 @@ Under the store prefix ``P``, for the run with key ``rk``::
     P runs/<rk>/c/<inv seq>/m<listing>       marker: what a listing needs, in the key
     P runs/<rk>/c/<inv seq>/l<listing>       marker of a long header (the header in its body)
     P runs/<rk>/c/<inv seq>/t<listing>       tombstone marker of a deleted newest checkpoint
-    P runs/<rk>/o/<hex item key>/<meta>      owner/expiry of an item, in the key
+    P runs/<rk>/c/<inv seq>/w<hex key>/<meta> an item owned by the checkpoint (expiry in the key)
+    P runs/<rk>/o/<hex item key>/<meta>      expiry of an item owned by no checkpoint, in the key
+    P runs/<rk>/sweep/due                    a removal left shared items to sweep
+    P runs/<rk>/sweep/lease                  a sweep in progress: what it will delete
     P items/<rk>/<hex item key>              item
     P index/all/<inv created>/<rk>/<inc>     run index, newest created first
     P index/status/<status>/<inv created>/<rk>/<inc>
+    P index/label/<b64 label>/<inv created>/<rk>/<inc>
 
 ``<inv seq>`` is ``10**19 - 1 - sequence`` in 19 digits, so a run's slots list newest first,
 right after its run object (``a`` < ``c``): one ``ListObjectsV2`` of ``runs/<rk>/`` with a small
@@ -27,7 +31,7 @@ from typing import TypeVar
 import msgspec
 
 from fastcheckpoint.errors import CorruptCheckpointError, ValidationError
-from fastcheckpoint.stores._base import item_key_bytes
+from fastcheckpoint.stores._base import MAX_ITEM_KEY_BYTES, item_key_bytes
 
 SEQUENCE_SPAN = 10**19
 """Sequences are 0 .. 10**19 - 1: every id the manager can parse (up to 19 digits)."""
@@ -35,10 +39,12 @@ MAX_KEY_BYTES = 1024
 """S3's limit on an object key (UTF-8)."""
 MAX_PREFIX_BYTES = 384
 """Longest store prefix: leaves room for item keys and listing markers under 1,024 bytes."""
-MAX_ITEM_KEY_BYTES = 256
-"""Longest item key (UTF-8); stored hex-encoded, so it takes twice that in the object key."""
 _CREATED_SPAN = 10**17  # microseconds since the epoch: good until the year 5138
 _STATUS = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_KEY_ALPHABET = "234567abcdefghijklmnopqrstuvwxyz"  # of run keys, in code point order
+_INVERT = str.maketrans(_KEY_ALPHABET, _KEY_ALPHABET[::-1])
+"""Run keys in index entries: reversed alphabet, so that ascending listings put the greater
+key first (its own inverse)."""
 _FORMAT = b"\x01"
 _R = TypeVar("_R")
 
@@ -58,6 +64,7 @@ class RunState(msgspec.Struct, array_like=True, frozen=True):
     none at or above it ever was. A key is only deleted once the floor is above it, so a
     create-only PUT at or above the floor collides with any slot ever written there, and an
     append below it (from knowledge older than another process's pruning) is refused."""
+    labels: tuple[str, ...] = ()
 
 
 class Slot(msgspec.Struct, array_like=True, frozen=True):
@@ -76,6 +83,8 @@ class Slot(msgspec.Struct, array_like=True, frozen=True):
     """Random per write: a writer whose reply was lost recognises its own slot by it."""
     run_key: str = ""
     """The run it was written for: a slot copied from another run reads as corrupt."""
+    refs: tuple[str, ...] = ()
+    """Keys of the shared items the checkpoint names."""
 
 
 class Listing(msgspec.Struct, array_like=True, frozen=True):
@@ -88,17 +97,37 @@ class Listing(msgspec.Struct, array_like=True, frozen=True):
     appended_at: float
     header: bytes | None = None  # None in an "l" marker: the header is in the marker's body
     token: bytes = b""  # the slot's write token
+    refs: bool = False  # the slot names shared items: its removal calls for a sweep
 
 
 class ItemBody(msgspec.Struct, array_like=True, frozen=True):
     value: bytes
     owner: int | None
     expires_at: float | None
+    token: bytes = b""
+    """Random per write: a writer whose reply was lost recognises its own item by it."""
+    shared: bool = False
+    """Written by ``append_with_items`` without an owner: removed by the sweep once no held
+    checkpoint names it."""
+    checkpoint_id: str = ""
+    """The owner checkpoint's id, for items written for a checkpoint (``append_with_items``,
+    ``put_owned_items``): a read of that checkpoint skips an item another life of it owns."""
 
 
 class ItemMeta(msgspec.Struct, array_like=True, frozen=True):
     owner: int | None
     expires_at: float | None
+
+
+class SweepLease(msgspec.Struct, array_like=True, frozen=True):
+    """A sweep of a run's shared items in progress (see ``S3Store._sweep``)."""
+
+    deleting: bool
+    """False while it collects (an append naming a doomed item may still veto it by deleting
+    the lease); True once it deletes, which nothing can stop any more."""
+    token: bytes
+    since: float
+    doomed: tuple[str, ...]  # hex keys of the items it will delete
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -107,6 +136,7 @@ _slot_decoder = msgspec.msgpack.Decoder(Slot)
 _listing_decoder = msgspec.msgpack.Decoder(Listing)
 _item_decoder = msgspec.msgpack.Decoder(ItemBody)
 _meta_decoder = msgspec.msgpack.Decoder(ItemMeta)
+_lease_decoder = msgspec.msgpack.Decoder(SweepLease)
 
 
 def _b64(raw: bytes) -> str:
@@ -151,6 +181,10 @@ def decode_item(blob: bytes, where: str) -> ItemBody:
     return _decode(_item_decoder, blob, where, "item")
 
 
+def decode_lease(blob: bytes, where: str) -> SweepLease:
+    return _decode(_lease_decoder, blob, where, "sweep lease")
+
+
 # -- keys -------------------------------------------------------------------------------------
 
 
@@ -189,11 +223,26 @@ def marker_key(run_key: str, sequence: int, kind: str, listing: Listing) -> str:
 
 
 def item_markers_prefix(run_key: str) -> str:
+    """Where the markers of items owned by no checkpoint are (those of owned items are
+    under their owner's slot key)."""
     return f"runs/{run_key}/o/"
 
 
 def item_marker_key(run_key: str, hex_key: str, meta: ItemMeta) -> str:
-    return f"runs/{run_key}/o/{hex_key}/{_b64(_encoder.encode(meta))}"
+    """The marker of an item with an owner or an expiry: under its owner's slot key (a read
+    of the checkpoint lists its items there), else under ``o/``."""
+    encoded = _b64(_encoder.encode(meta))
+    if meta.owner is None:
+        return f"runs/{run_key}/o/{hex_key}/{encoded}"
+    return f"{slot_key(run_key, meta.owner)}/w{hex_key}/{encoded}"
+
+
+def sweep_due(run_key: str) -> str:
+    return f"runs/{run_key}/sweep/due"
+
+
+def sweep_lease(run_key: str) -> str:
+    return f"runs/{run_key}/sweep/lease"
 
 
 def items_prefix(run_key: str) -> str:
@@ -206,8 +255,7 @@ def item_object(run_key: str, hex_key: str) -> str:
 
 def hex_item_key(key: object) -> str:
     """The order-preserving key segment of an item key (hex of UTF-8 keeps code point order)."""
-    why = "the S3 store (S3 keys are limited to 1,024 bytes)"
-    return item_key_bytes(key, MAX_ITEM_KEY_BYTES, why).hex()
+    return item_key_bytes(key, MAX_ITEM_KEY_BYTES, "every store").hex()
 
 
 def item_key_of(hex_key: str) -> str | None:
@@ -236,10 +284,26 @@ def index_prefix(status: str | None) -> str:
     return "index/all/" if status is None else f"index/status/{status}/"
 
 
-def index_keys(run_key: str, state: RunState) -> tuple[str, str]:
-    """The run's entries in the all-runs and the by-status index."""
-    tail = f"{_inverted_created(state.created_at)}/{run_key}/{state.incarnation}"
-    return f"index/all/{tail}", f"index/status/{state.status}/{tail}"
+def label_prefix(label: str) -> str:
+    return f"index/label/{_b64(label.encode('utf-8'))}/"
+
+
+def _index_tail(run_key: str, state: RunState) -> str:
+    """Newest created first; of runs created at the same microsecond, the greater run key
+    first (the order of every store: descending ``(created_at, run_key)``)."""
+    return f"{_inverted_created(state.created_at)}/{run_key.translate(_INVERT)}/" \
+        f"{state.incarnation}"
+
+
+def index_keys(run_key: str, state: RunState) -> list[str]:
+    """The run's entries in the all-runs index, the by-status index and each label's."""
+    tail = _index_tail(run_key, state)
+    labels = [f"{label_prefix(label)}{tail}" for label in dict.fromkeys(state.labels)]
+    return [f"index/all/{tail}", status_entry(run_key, state), *labels]
+
+
+def status_entry(run_key: str, state: RunState) -> str:
+    return f"index/status/{state.status}/{_index_tail(run_key, state)}"
 
 
 def parse_index_entry(key: str, prefix: str) -> tuple[str, str] | None:
@@ -247,7 +311,18 @@ def parse_index_entry(key: str, prefix: str) -> tuple[str, str] | None:
     parts = key[len(prefix) :].split("/")
     if len(parts) != 3:
         return None
-    return parts[1], parts[2]
+    return parts[1].translate(_INVERT), parts[2]
+
+
+def indexed_run_key(key: str) -> str | None:
+    """The run key of any index entry (``index/all/...``, ``index/status/<s>/...``,
+    ``index/label/<l>/...``)."""
+    parts = key.split("/")
+    if len(parts) == 5 and parts[1] == "all":
+        return parts[3].translate(_INVERT)
+    if len(parts) == 6 and parts[1] in ("status", "label"):
+        return parts[4].translate(_INVERT)
+    return None
 
 
 # -- parsing listings --------------------------------------------------------------------------

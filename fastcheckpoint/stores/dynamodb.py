@@ -21,7 +21,9 @@ DeleteObjects when a large checkpoint is pruned, +1 Query when a pruned checkpoi
 items, +1 Query per ``REFILL`` appends in a run holding more than the book details); latest
 1 Query (+1 GET when large); get 1 TransactGetItems (+1 GET); headers 1 Query for the first
 page, a Query and a GetItem (concurrent) for later pages; list_runs and count_runs one Query
-per index shard per page, issued concurrently.
+per index shard per page, issued concurrently. append_with_items 1 (the items ride in the
+append's transaction); read_with_items of the latest checkpoint 1 TransactGetItems when this
+process knows its records, else 1 Query (+1 BatchGetItem for the shared items it names).
 
 Three sparse global secondary indexes, each sharded ``INDEX_SHARDS`` ways by run key so no
 single index partition takes every active run: ``by_status`` (``<status>#<shard>``),
@@ -36,11 +38,13 @@ they were first used in.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import re
 import secrets
-from collections import OrderedDict
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -63,9 +67,12 @@ from fastcheckpoint.errors import (
     StoreUnavailableError,
     ValidationError,
 )
+from fastcheckpoint.stores import _dynamodb_items as items_layout
 from fastcheckpoint.stores import _dynamodb_layout as layout
 from fastcheckpoint.stores._aws import AwsEndpoint, error_code, open_client, translate
 from fastcheckpoint.stores._base import (
+    MAX_ITEM_KEY_BYTES,
+    MAX_LABEL_BYTES,
     CheckpointHeader,
     ExpiryCleanup,
     Item,
@@ -73,11 +80,24 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_keep_latest,
+    check_labels,
     check_options,
+    check_shared_items,
     is_live,
     item_key_bytes,
     key_successor,
 )
+from fastcheckpoint.stores._dynamodb_attrs import Names as _Names
+from fastcheckpoint.stores._dynamodb_attrs import b as _b
+from fastcheckpoint.stores._dynamodb_attrs import binary as _bytes
+from fastcheckpoint.stores._dynamodb_attrs import integer as _int
+from fastcheckpoint.stores._dynamodb_attrs import n as _n
+from fastcheckpoint.stores._dynamodb_attrs import number as _number
+from fastcheckpoint.stores._dynamodb_attrs import s as _s
+from fastcheckpoint.stores._dynamodb_attrs import strings as _strings
+from fastcheckpoint.stores._dynamodb_attrs import text as _text
+from fastcheckpoint.stores._dynamodb_attrs import text_list as _text_list
+from fastcheckpoint.stores._dynamodb_items import Value
 from fastcheckpoint.stores._dynamodb_layout import Book
 from fastcheckpoint.stores._dynamodb_provision import (
     LIFECYCLE_RULE,
@@ -109,13 +129,20 @@ DEFAULT_THRESHOLD: Final = 350 * 1024
 """Encoded checkpoints larger than this (bytes) go to S3; DynamoDB's item limit is 400 KB."""
 _MAX_THRESHOLD: Final = 400 * 1024 - 2048  # room for the key and the other attributes
 _ITEM_OVERHEAD: Final = 200  # attribute names, key, id, numbers: generous, so we never hit 400 KB
-_MAX_VALUE_BYTES: Final = 390 * 1024
 _TRANSACTION_LIMIT: Final = 100
+_TRANSACTION_BYTES: Final = 4 * 1024 * 1024 - 512 * 1024
+"""What the records written by one transaction may weigh: DynamoDB takes 4 MB, and the run
+item's update (its book, its details) needs room beside them."""
+_ITEM_BLOB_GRACE: Final = 3600.0
+"""An item blob younger than this (seconds) may belong to a write still under way: the
+sweep of orphaned item blobs spares it."""
 _PURGE_BATCH: Final = _TRANSACTION_LIMIT // 2
 _BATCH_WRITE_LIMIT: Final = 25
 _BATCH_GET_LIMIT: Final = 100
 _APPEND_ATTEMPTS: Final = 8
 _CACHE_SIZE: Final = 4096
+_GONE: Final = float("-inf")
+"""The expiry of a checkpoint that is not there: never live."""
 
 TRANSACTION_ACTIONS: Final = frozenset(
     {"PutItem", "UpdateItem", "DeleteItem", "GetItem", "ConditionCheckItem"}
@@ -140,71 +167,6 @@ _KEYWORD_OPTIONS: Final = frozenset(
 )
 
 
-# -- attribute values ----------------------------------------------------------------------
-
-
-def _s(value: str) -> dict[str, Any]:
-    return {"S": value}
-
-
-def _n(value: float) -> dict[str, Any]:
-    # repr is the shortest exact decimal of a float; DynamoDB keeps 38 significant digits.
-    return {"N": repr(float(value)) if isinstance(value, float) else str(value)}
-
-
-def _b(value: bytes) -> dict[str, Any]:
-    return {"B": value}
-
-
-def _number(item: Mapping[str, Any], name: str) -> float | None:
-    value = item.get(name)
-    return None if value is None else float(value["N"])
-
-
-def _int(item: Mapping[str, Any], name: str, default: int = 0) -> int:
-    value = item.get(name)
-    return default if value is None else int(value["N"])
-
-
-def _text(item: Mapping[str, Any], name: str, default: str = "") -> str:
-    value = item.get(name)
-    return default if value is None else str(value["S"])
-
-
-def _bytes(item: Mapping[str, Any], name: str) -> bytes:
-    value = item.get(name)
-    return b"" if value is None else bytes(value["B"])
-
-
-class _Names:
-    """Placeholders for attribute names (``status``, ``data``, ``ttl`` are reserved words)."""
-
-    def __init__(self) -> None:
-        self.names: dict[str, str] = {}
-        self.values: dict[str, Any] = {}
-
-    def __call__(self, attribute: str) -> str:
-        for known, name in self.names.items():
-            if name == attribute:
-                return known
-        placeholder = f"#a{len(self.names)}"
-        self.names[placeholder] = attribute
-        return placeholder
-
-    def value(self, value: dict[str, Any]) -> str:
-        placeholder = f":v{len(self.values)}"
-        self.values[placeholder] = value
-        return placeholder
-
-    def params(self) -> dict[str, Any]:
-        params: dict[str, Any] = {}
-        if self.names:
-            params["ExpressionAttributeNames"] = dict(self.names)
-        if self.values:
-            params["ExpressionAttributeValues"] = dict(self.values)
-        return params
-
-
 # -- the run item --------------------------------------------------------------------------
 
 
@@ -220,12 +182,18 @@ class _RunState:
     owner_floor: int = 0
     """Every sequence below it may own items (the run item stopped listing them)."""
     purging: bool = False
+    items_floor: int | None = None
+    """Every sequence from it on may own items or name shared items (set by the first
+    ``append_with_items``): removing one reads what it owns and names."""
+    label_ttl: float | None = None
+    """The ``ttl`` the run's label entries carry (``None``: none)."""
 
     def live(self, now: float) -> bool:
         return not self.purging and is_live(self.record.expires_at, now)
 
     def may_own(self, sequence: int) -> bool:
-        return sequence in self.owners or sequence < self.owner_floor
+        return sequence in self.owners or sequence < self.owner_floor or (
+            self.items_floor is not None and sequence >= self.items_floor)
 
 
 class _DamagedRun(CorruptCheckpointError):
@@ -253,6 +221,7 @@ def _record_of(item: Mapping[str, Any]) -> RunRecord:
         expires_at=_number(item, "exp"),
         version=int(item["ver"]["N"]),
         data=_bytes(item, "dat"),
+        labels=_text_list(item, "lb"),
     )
     if not record.run_id or not record.status or "#" in record.status:
         raise ValueError("run id or status is empty or malformed")
@@ -281,12 +250,14 @@ def _state_of(item: Mapping[str, Any], where: str) -> _RunState:
         owners = frozenset(int(value) for value in item.get("own", {}).get("NS", ()))
         owner_floor = _int(item, "ofl")
         purging = bool(item.get("pg", {}).get("BOOL", False))
+        items_floor = None if "rfl" not in item else _int(item, "rfl")
+        label_ttl = _number(item, "lttl")
     except (KeyError, TypeError, ValueError, AttributeError, msgspec.DecodeError) as exc:
         raise _DamagedRun(f"it is unreadable ({type(exc).__name__}: {exc})", key=where) from exc
     problem = book.problem(record.checkpoint_count, record.latest_sequence)
     if problem is not None:
         raise _DamagedRun(problem, key=where)
-    return _RunState(record, rev, book, owners, owner_floor, purging)
+    return _RunState(record, rev, book, owners, owner_floor, purging, items_floor, label_ttl)
 
 
 def _index_attributes(run_key: str, record: RunRecord) -> dict[str, Any]:
@@ -346,7 +317,32 @@ def _run_item(
         item["own"] = {"NS": [str(owner) for owner in sorted(state.owners)]}
     if state.owner_floor:
         item["ofl"] = _n(state.owner_floor)
+    if record.labels:
+        item["lb"] = _strings(record.labels)
+    if state.items_floor is not None:
+        item["rfl"] = _n(state.items_floor)
+    if state.label_ttl is not None:
+        item["lttl"] = _n(state.label_ttl)
     return item
+
+
+def _run_ttl(book: Book) -> float | None:
+    """The run item's native ``ttl`` (see :func:`_expiry_attributes`), ``None`` if none."""
+    expires_at = book.expires_at()
+    return None if expires_at is None else layout.ttl_of(expires_at) + _RUN_TTL_GRACE
+
+
+def _label_ttl(old: float | None, book: Book, labels: Sequence[str]) -> float | None:
+    """The ``ttl`` the run's label entries need after a change leaving ``book``: never
+    before the run item's own, moved (rarely, with slack) only when the run outlives it."""
+    if not labels:
+        return None
+    run_ttl = _run_ttl(book)
+    if run_ttl is None:
+        return None
+    if old is not None and old >= run_ttl:
+        return old
+    return run_ttl + items_layout.LABEL_TTL_SLACK
 
 
 # -- plans ---------------------------------------------------------------------------------
@@ -361,6 +357,52 @@ class _Plan:
     removed_blobs: list[str]
     overflow: list[dict[str, Any]] = field(default_factory=list)
     """Deletes that did not fit in the transaction (more than 100 operations): done after."""
+    pins: list[_Early] = field(default_factory=list)
+    """Shared items and raised counts that did not fit: written before the transaction."""
+    lowered: list[str] = field(default_factory=list)
+    """Shared items whose counts this change lowers (the cleanup loop checks them)."""
+
+
+@dataclass(frozen=True)
+class _Early:
+    """A write that must land no later than the checkpoint that needs it: a shared item's
+    put (``raising`` 0) or the raise of its count by ``raising``."""
+
+    operation: dict[str, Any]
+    key: str
+    raising: int
+
+
+@dataclass
+class _Additions:
+    """What an append writes besides its checkpoint and run item."""
+
+    with_items: bool = False
+    """Through ``append_with_items``: the run's later checkpoints may own or name items."""
+    refs: Counter[str] = field(default_factory=Counter)
+    """The shared items the checkpoint names: each count rises by this much."""
+    owned: list[dict[str, Any]] = field(default_factory=list)
+    """Puts of the owned items' values and anchors (grouped by key)."""
+    shared: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Puts of shared items, by key (each only where no live item is)."""
+    blobs: list[str] = field(default_factory=list)
+    """S3 blobs written for the append (its payload, large item values)."""
+    pinned: Counter[str] = field(default_factory=Counter)
+    """Counts already raised before the transaction (see ``_pin``)."""
+    pinned_shared: set[str] = field(default_factory=set)
+    """Shared items already written before the transaction."""
+
+
+@dataclass
+class _Removal:
+    """What removing checkpoints takes besides their run item's update."""
+
+    targeted: list[dict[str, Any]] = field(default_factory=list)
+    """Deletes conditioned on the checkpoint's id (``delete``): they decide the change."""
+    deletes: list[dict[str, Any]] = field(default_factory=list)
+    refs: Counter[str] = field(default_factory=Counter)
+    """Shared items the removed checkpoints named: each count drops by this much."""
+    blobs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -383,6 +425,25 @@ class _Held:
     """The S3 key of its payload, if large."""
 
 
+@dataclass(frozen=True)
+class _Family:
+    """What this process knows of a run's latest checkpoint and the records next to it."""
+
+    sequence: int
+    records: int
+    """Records next to it (owned values, the guard): how far a Query reading it reaches."""
+    checkpoint_id: str = ""
+    refs: tuple[str, ...] = ()
+    owned: tuple[str, ...] | None = None
+    """Keys of every value it owns, when known exactly (it was appended or read whole by
+    this process, with no write to it since): then a read of it is one TransactGetItems."""
+    guard: str | None = None
+    """The write token of its guard (``None``: it has none)."""
+    guard_before: str | None = None
+    """When this process wrote the guard: the token that write replaced ("" for none), which
+    the guard keeps (``pw``); another token there means another write came first."""
+
+
 class _Cancelled(Exception):
     """A transaction cancelled because a condition failed (nothing was written)."""
 
@@ -391,9 +452,17 @@ class _Cancelled(Exception):
         self.reasons = reasons
         self.retried = retried
         """Whether the driver sent it more than once: an earlier attempt may have landed."""
+        self.operations: list[dict[str, Any]] = []
+        """The operations of the cancelled transaction (with their tags)."""
 
     def failed(self, index: int) -> bool:
         return index < len(self.reasons) and self.reasons[index].get("Code") == _CONDITION_FAILED
+
+    def failed_guard(self) -> bool:
+        """Whether a guard's condition failed: items were written to a checkpoint that this
+        change removes, after it read what the checkpoint owns."""
+        return any(self.failed(index) and operation.get("_fatal")
+                   for index, operation in enumerate(self.operations))
 
     def item(self, index: int) -> dict[str, Any] | None:
         if index >= len(self.reasons):
@@ -506,6 +575,10 @@ class DynamoDBStore(ExpiryCleanup):
             self._open_clients, _close_clients, store=_STORE, driver=_DRIVER
         )
         self._cache: OrderedDict[str, _RunState | None] = OrderedDict()
+        self._expiries: OrderedDict[str, float | None] = OrderedDict()
+        """Checkpoint id -> its ``expires_at`` (which never changes), as last written or read."""
+        self._families: OrderedDict[str, _Family] = OrderedDict()
+        """Run key -> its latest checkpoint as last written or read (see :class:`_Family`)."""
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> DynamoDBStore:
@@ -574,6 +647,8 @@ class DynamoDBStore(ExpiryCleanup):
 
     async def aclose(self) -> None:
         self._cache.clear()
+        self._expiries.clear()
+        self._families.clear()
         await self._clients.aclose()
 
     # -- provisioning ---------------------------------------------------------------------
@@ -632,12 +707,13 @@ class DynamoDBStore(ExpiryCleanup):
         One by a concurrent transaction or throttling is retried by the retry policy; any
         other reason (an item too large, a malformed request) is raised at once, as ours."""
         client = (await self._current()).dynamodb
-        for operation in operations:
+        request = [items_layout.strip_tags(operation) for operation in operations]
+        for operation in request:
             next(iter(operation.values()))["TableName"] = self.table
         action = f"DynamoDB TransactWriteItems on table {self.table}"
         for attempt in range(self._retry.max_retries + 1):
             try:
-                await client.transact_write_items(TransactItems=operations)
+                await client.transact_write_items(TransactItems=request)
                 return
             except ClientError as exc:
                 if error_code(exc) != "TransactionCanceledException":
@@ -648,7 +724,9 @@ class DynamoDBStore(ExpiryCleanup):
                 codes = {str(reason.get("Code", "None")) for reason in reasons}
                 if _CONDITION_FAILED in codes:
                     retried = int(exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0))
-                    raise _Cancelled(reasons, retried=retried > 0) from exc
+                    cancelled = _Cancelled(reasons, retried=retried > 0)
+                    cancelled.operations = list(operations)
+                    raise cancelled from exc
                 if codes - _TRANSIENT_REASONS - {"None"} or attempt == self._retry.max_retries:
                     raise _cancellation_error(reasons, action, attempt) from exc
             except BotoCoreError as exc:
@@ -656,9 +734,10 @@ class DynamoDBStore(ExpiryCleanup):
             await anyio.sleep(self._retry.delay(attempt))
 
     async def _commit(self, operations: list[dict[str, Any]], *, keep: int) -> None:
-        """TransactWriteItems; conditional deletes from index ``keep`` on whose condition
-        fails (an owned item rewritten meanwhile) are dropped and the rest retried. A failed
-        condition before ``keep`` raises :class:`_Cancelled`."""
+        """TransactWriteItems; conditional operations from index ``keep`` on whose condition
+        fails (an owned item rewritten meanwhile, an item that exists already) are dropped,
+        with the others of their ``_group``, and the rest retried. A failed condition before
+        ``keep``, or of a ``_fatal`` operation, raises :class:`_Cancelled`."""
         operations = list(operations)
         while operations:
             try:
@@ -666,9 +745,15 @@ class DynamoDBStore(ExpiryCleanup):
                 return
             except _Cancelled as cancelled:
                 failed = {index for index in range(len(operations)) if cancelled.failed(index)}
-                if not failed or min(failed) < keep:
+                if not failed or min(failed) < keep or any(
+                    operations[index].get("_fatal") for index in failed
+                ):
                     raise
-                operations = [op for index, op in enumerate(operations) if index not in failed]
+                groups = {operations[index].get("_group") for index in failed} - {None}
+                operations = [
+                    op for index, op in enumerate(operations)
+                    if index not in failed and op.get("_group") not in groups
+                ]
 
     async def _query_all(self, **params: Any) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
@@ -735,7 +820,34 @@ class DynamoDBStore(ExpiryCleanup):
         keep_latest: int | None,
         now: float,
     ) -> str:
+        return await self._append_checked(run_key, record, run, keep_latest, now, None)
+
+    async def append_with_items(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        *,
+        run: RunRecord,
+        keep_latest: int | None,
+        now: float,
+        items: Sequence[Item],
+    ) -> str:
+        check_shared_items(record, items)
+        for item in items:
+            _check_item(item)
+        return await self._append_checked(run_key, record, run, keep_latest, now, items)
+
+    async def _append_checked(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        run: RunRecord,
+        keep_latest: int | None,
+        now: float,
+        items: Sequence[Item] | None,
+    ) -> str:
         check_keep_latest(keep_latest)
+        check_labels(run.labels)
         token = secrets.token_hex(8)
         item = self._checkpoint_item(run_key, record, token)
         blob: str | None = None
@@ -745,32 +857,65 @@ class DynamoDBStore(ExpiryCleanup):
             item["bl"] = _s(blob)
             if _item_size(item) > _MAX_THRESHOLD:
                 raise ValidationError(
-                    f"checkpoint header is {len(record.header)} bytes: too large for a DynamoDB "
-                    "item even with the payload in S3; keep tags and step names small"
+                    f"checkpoint header is {len(record.header)} bytes (with {len(record.refs)} "
+                    "refs): too large for a DynamoDB item even with the payload in S3; keep "
+                    "tags and step names small"
                 )
-            await (await self._bucket()).put(blob, record.payload)
         outcome = _Outcome()
+        additions = _Additions(with_items=items is not None, refs=Counter(record.refs))
         try:
+            if blob is not None:
+                additions.blobs.append(blob)
+                await (await self._bucket()).put(blob, record.payload)
+            if items:
+                room = _TRANSACTION_BYTES - _item_size(item)
+                await self._add_items(run_key, record, items, token, now, room, additions)
+            if record.refs and item:
+                # The refs again, in a record without native TTL: if TTL removes the
+                # checkpoint before the store does, its removal still lowers their counts.
+                additions.owned.append(items_layout.put_op(
+                    items_layout.guard_record(run_key, record.sequence, token, record.refs)))
             status = await self._append(
-                run_key, record, item, blob, run, keep_latest, now, token, outcome)
+                run_key, record, item, blob, run, keep_latest, now, token, outcome, additions)
             outcome.committed = True
+            self._remember_expiry(record.checkpoint_id, record.expires_at)
+            owned = tuple(layout.owned_key(sort_key) for op in additions.owned
+                          if layout.is_owned_sk(sort_key := op["Put"]["Item"]["SK"]["S"]))
+            guard = token if record.refs else None
+            self._remember_family(run_key, _Family(
+                record.sequence, len(additions.owned) - len(owned), record.checkpoint_id,
+                tuple(record.refs), owned, guard))
             return status
         finally:
-            if blob is not None and not outcome.committed:
-                await self._forget_blob(blob, outcome)
+            if not outcome.committed:
+                await self._forget_append(run_key, additions, outcome)
 
-    async def _forget_blob(self, blob: str, outcome: _Outcome) -> None:
-        """The blob of an append that failed: deleted when no transaction of it can have
-        landed; kept when one may have (its reply lost, the call cancelled meanwhile), since
-        a committed checkpoint would then point to nothing. A blob no checkpoint points to
-        is an orphan, which the cleanup loop removes."""
-        if not outcome.unknown:
-            await self._discard_blobs([blob])
+    async def _forget_append(self, run_key: str, additions: _Additions, outcome: _Outcome) -> None:
+        """What an append that failed wrote before its transaction: blobs and pinned counts.
+        Undone when no transaction of it can have landed; kept when one may have (its reply
+        lost, the call cancelled meanwhile), since a committed checkpoint would then need
+        them. A blob no record points to is an orphan, which the cleanup loop removes; a
+        count left too high keeps a shared item until the run goes."""
+        if outcome.unknown:
+            if additions.blobs or additions.pinned:
+                logger.warning(
+                    "an append failed after sending its transaction, which may have landed; "
+                    "keeping its %d S3 blobs and %d raised counts (the cleanup loop removes "
+                    "blobs no record points to)", len(additions.blobs), len(additions.pinned),
+                )
             return
-        logger.warning(
-            "an append failed after sending its transaction, which may have landed; keeping "
-            "its S3 blob %s (the cleanup loop removes it if no checkpoint points to it)", blob,
-        )
+        await self._discard_blobs(additions.blobs)
+        if not additions.pinned:
+            return
+        lowering = [items_layout.counter_change(run_key, key, -count)
+                    for key, count in additions.pinned.items()]
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._guarded_deletes(lowering)
+            except Exception:
+                logger.warning("run %s: could not lower %d counts an append raised before it "
+                               "failed; their shared items stay until the run goes", run_key,
+                               len(lowering), exc_info=True)
 
     def _checkpoint_item(
         self, run_key: str, record: StoredCheckpoint, token: str
@@ -786,12 +931,82 @@ class DynamoDBStore(ExpiryCleanup):
             "pl": _b(record.payload),
             "wt": _s(token),
         }
+        if record.refs:
+            item["rf"] = _strings(record.refs)
         if record.expires_at is not None:
             item["x"] = _n(record.expires_at)
             item["ttl"] = _n(layout.ttl_of(record.expires_at))
             item["xpk"] = _s(f"x#{layout.shard_of(run_key)}")
             item["xat"] = _n(record.expires_at)
         return item
+
+    async def _add_items(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        items: Sequence[Item],
+        token: str,
+        now: float,
+        room: int,
+        additions: _Additions,
+    ) -> None:
+        """The records of an append's items (first of each key wins: an item written once is
+        never rewritten), values above the threshold (or beyond what one transaction takes)
+        put in S3 first."""
+        chosen = list({item.key: item for item in reversed(items)}.values())[::-1]
+        sort_keys = [layout.owned_sk(record.sequence, item.key) if item.owner is not None
+                     else layout.item_sk(item.key) for item in chosen]
+        values = await self._store_values(
+            run_key, list(zip(sort_keys, (item.value for item in chosen), strict=True)), room,
+            additions.blobs)
+        for item, sort_key in zip(chosen, sort_keys, strict=True):
+            value = values[sort_key]
+            names = _Names()
+            # Only where no live item is: a live one is kept as it is.
+            absent = (f"attribute_not_exists({names('PK')}) OR "
+                      f"{names('x')} <= {names.value(_n(now))}")
+            if item.owner is None:
+                record_item = items_layout.plain_record(run_key, item.key, value, None, token)
+                additions.shared[item.key] = items_layout.put_op(record_item, absent, names)
+                continue
+            group = f"owned:{item.key}"
+            additions.owned += [
+                items_layout.put_op(items_layout.owned_record(
+                    run_key, item.key, record.sequence, value, record.expires_at, token),
+                    _group=group),
+                items_layout.put_op(items_layout.anchor_record(
+                    run_key, item.key, record.sequence, record.expires_at, token,
+                    indexed=False), absent, names, _group=group),
+            ]
+
+    async def _store_values(
+        self, run_key: str, values: Sequence[tuple[str, bytes]], room: int, written: list[str]
+    ) -> dict[str, Value]:
+        """Item values by the sort key of their record: inline, or in S3 when the record
+        would pass the threshold or, largest first, when together they would pass ``room``
+        bytes. Blobs put are added to ``written`` (deleted by the caller on failure)."""
+        sizes = {sort_key: _ITEM_OVERHEAD + 2 * len(sort_key) + len(value)
+                 for sort_key, value in values}
+        blobbed = {sort_key for sort_key, size in sizes.items() if size > self.threshold}
+        total = sum(size for sort_key, size in sizes.items() if sort_key not in blobbed)
+        for sort_key in sorted(sizes, key=sizes.__getitem__, reverse=True):
+            if total <= room:
+                break
+            if sort_key not in blobbed:
+                blobbed.add(sort_key)
+                total -= sizes[sort_key]
+        result = {sort_key: Value(inline=value) for sort_key, value in values}
+        if not blobbed:
+            return result
+        bucket = await self._bucket()
+        stamp = time.time()  # a physical time: the sweep spares blobs of writes under way
+        for sort_key in sorted(blobbed):
+            key = layout.item_blob_key(run_key, sort_key, stamp, secrets.token_hex(4))
+            written.append(key)
+            result[sort_key] = Value(blob=key)
+        await gather([functools.partial(bucket.put, result[sort_key].blob or "", value)
+                      for sort_key, value in values if sort_key in blobbed])
+        return result
 
     async def _append(
         self,
@@ -804,6 +1019,7 @@ class DynamoDBStore(ExpiryCleanup):
         now: float,
         token: str,
         outcome: _Outcome,
+        additions: _Additions,
     ) -> str:
         known = run_key in self._cache
         state = self._cache.get(run_key)
@@ -820,7 +1036,8 @@ class DynamoDBStore(ExpiryCleanup):
                         continue
                     raise SequenceConflict(latest_sequence=None, incarnation=None)
                 previous = state if known else None
-                plan = await self._plan_first(run_key, item, blob, seed, previous, now, token)
+                plan = await self._plan_first(
+                    run_key, item, blob, seed, previous, now, token, additions)
             else:
                 head = state.record
                 if not item or record.sequence != head.latest_sequence + 1 or (
@@ -833,7 +1050,10 @@ class DynamoDBStore(ExpiryCleanup):
                         latest_sequence=head.latest_sequence, incarnation=head.incarnation
                     )
                 plan = await self._plan_next(run_key, item, blob, record, state, keep_latest,
-                                             now, token)
+                                             now, token, additions)
+            if plan.pins:
+                await self._pin(plan.pins, additions)
+                continue  # planned again without what the pins wrote
             outcome.unknown = True
             try:
                 await self._commit(plan.operations, keep=2)
@@ -843,6 +1063,8 @@ class DynamoDBStore(ExpiryCleanup):
                 if ours is not None:
                     plan.state = ours
                     return await self._committed(run_key, plan)
+                if cancelled.failed_guard():
+                    continue  # items were written to a checkpoint it removes: read them too
                 if not cancelled.failed(0):
                     raise self._behind_its_log(run_key, record.sequence) from cancelled
                 state = self._state_after(run_key, cancelled)
@@ -854,6 +1076,20 @@ class DynamoDBStore(ExpiryCleanup):
             latest_sequence=None if head_record is None else head_record.latest_sequence,
             incarnation=None if head_record is None else head_record.incarnation,
         )
+
+    async def _pin(self, pins: Sequence[_Early], additions: _Additions) -> None:
+        """Write the shared items and raise the counts that do not fit in an append's
+        transaction, before it: a shared item a checkpoint names must never be swept before
+        the checkpoint lands. What landed is remembered, so the append does not write it
+        again, and undone if the append fails."""
+        for start in range(0, len(pins), _TRANSACTION_LIMIT):
+            chunk = pins[start : start + _TRANSACTION_LIMIT]
+            await self._commit([entry.operation for entry in chunk], keep=0)
+            for entry in chunk:
+                if entry.raising:
+                    additions.pinned[entry.key] += entry.raising
+                else:
+                    additions.pinned_shared.add(entry.key)
 
     async def _committed(self, run_key: str, plan: _Plan) -> str:
         self._remember(run_key, plan.state)
@@ -926,6 +1162,7 @@ class DynamoDBStore(ExpiryCleanup):
         previous: _RunState | None,
         now: float,
         token: str,
+        additions: _Additions,
     ) -> _Plan:
         """Create the run (or replace an expired one, removing its leftovers)."""
         expires_at = _number(item, "x")
@@ -939,7 +1176,9 @@ class DynamoDBStore(ExpiryCleanup):
             expires_at=book.expires_at(),
         )
         rev = 0 if previous is None else previous.rev + 1
-        state = _RunState(head, rev, book, frozenset())
+        label_ttl = _label_ttl(None, book, head.labels)
+        state = _RunState(head, rev, book, frozenset(),
+                          items_floor=0 if additions.with_items else None, label_ttl=label_ttl)
         names = _Names()
         run_put: dict[str, Any] = {"Item": _run_item(run_key, state, token)}
         if previous is None:
@@ -948,52 +1187,67 @@ class DynamoDBStore(ExpiryCleanup):
             run_put["ConditionExpression"] = f"{names('rev')} = {names.value(_n(previous.rev))}"
         run_put["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
         run_put.update(names.params())
-        operations = [{"Put": run_put}, _checkpoint_put(run_key, item, head.incarnation)]
-        cleanup: list[dict[str, Any]] = []
-        removed_blobs: list[str] = []
+        labels = items_layout.label_puts(run_key, head, label_ttl)
+        must = [{"Put": run_put}, _checkpoint_put(run_key, item, head.incarnation), *labels,
+                *additions.owned]
+        removal = _Removal()
         if previous is not None:
-            cleanup, removed_blobs = await self._leftovers(run_key, previous)
-        room = _TRANSACTION_LIMIT - len(operations)
-        return _Plan(operations + cleanup[:room], state, removed_blobs, cleanup[room:])
+            removal = await self._leftovers(run_key, previous)
+            removal.deletes += items_layout.label_deletes(run_key, previous.record,
+                                                          sparing=labels)
+        must = _spared(removal, must)
+        early = self._shared_puts(additions)
+        early = [dataclasses.replace(entry, operation=operation) for entry, operation in
+                 zip(early, _spared(removal, [entry.operation for entry in early]), strict=True)]
+        return self._assemble(run_key, must, early, removal, state, additions, [])
 
-    async def _leftovers(
-        self, run_key: str, previous: _RunState
-    ) -> tuple[list[dict[str, Any]], list[str]]:
-        """Deletes of an expired run's checkpoints, markers and owned items; its blobs.
+    async def _leftovers(self, run_key: str, previous: _RunState) -> _Removal:
+        """Removal of an expired run's checkpoints, guards and owned items (and its blobs);
+        the counts of the shared items its checkpoints named are lowered.
 
-        Markers and owned items come first, so that they ride in the new run's first
-        transaction; checkpoint deletes, which may not fit and run after it, are conditioned
-        on the old checkpoint id: another process may append to the new run meanwhile."""
+        Owned items come first, so that they ride in the new run's first transaction;
+        checkpoint deletes, which may not fit and run after it, are conditioned on the old
+        checkpoint id, and the others on their write token: another process may append to the
+        new run meanwhile."""
         names = _Names()
         found = await self._query_all(
             KeyConditionExpression=(
                 f"{names('PK')} = {names.value(_s(layout.partition(run_key)))} AND "
-                f"{names('SK')} BETWEEN {names.value(_s(layout.MARKER_PREFIX))} "
+                f"{names('SK')} BETWEEN {names.value(_s(layout.CHECKPOINT_PREFIX))} "
                 f"AND {names.value(_s(layout.CHECKPOINT_END))}"
             ),
-            ProjectionExpression=f"{names('SK')}, {names('bl')}, {names('cid')}",
+            ProjectionExpression=", ".join(names(a) for a in ("SK", "bl", "cid", "rf", "wt", "vb")),
             ConsistentRead=True,
             **names.params(),
         )
-        markers: list[dict[str, Any]] = []
-        checkpoints: list[dict[str, Any]] = []
-        blobs = _blob_keys(run_key, previous, previous.book.blobs)
+        removal = _Removal(blobs=_blob_keys(run_key, previous, previous.book.blobs))
         pk = layout.partition(run_key)
-        owned: dict[str, int] = {}
+        ours = f"ck-{run_key}-{previous.record.incarnation}-"
+        checkpoints: list[dict[str, Any]] = []
+        named: dict[int, tuple[str, ...]] = {}
         for entry in found:
             sort_key = _text(entry, "SK")
-            if sort_key == layout.checkpoint_sk(0):
-                continue  # overwritten by the new run's first checkpoint in the same transaction
-            if "bl" in entry:
-                blobs.append(_text(entry, "bl"))
-            if sort_key.startswith(layout.MARKER_PREFIX):
-                markers.append(_delete(pk, sort_key))
-                owned.setdefault(layout.marker_item_key(sort_key), layout.sequence_of(sort_key))
-            else:
-                checkpoints.append(_delete_if(pk, sort_key, "cid", _text(entry, "cid")))
-        # One operation per item in a transaction: an item with two markers is deleted once.
-        items = [_owned_delete(pk, key, owner) for key, owner in owned.items()]
-        return markers + items + checkpoints, sorted(set(blobs))
+            for attribute in ("bl", "vb"):
+                if attribute in entry:
+                    removal.blobs.append(_text(entry, attribute))
+            if layout.is_checkpoint_sk(sort_key):
+                ours_too = _text(entry, "cid").startswith(ours)
+                named[layout.sequence_of(sort_key)] = _text_list(entry, "rf") if ours_too else ()
+                if sort_key != layout.checkpoint_sk(0):  # overwritten by the new run's first
+                    checkpoints.append(_delete_if(pk, sort_key, "cid", _text(entry, "cid")))
+                continue
+            if layout.is_guard_sk(sort_key):  # the refs of a checkpoint native TTL removed
+                named.setdefault(layout.sequence_of(sort_key), _text_list(entry, "rf"))
+            token = entry.get("wt", _s(""))
+            removal.deletes.append(items_layout.delete_when(pk, sort_key, "wt", token))
+            if layout.is_owned_sk(sort_key):
+                removal.deletes.append(items_layout.delete_when(
+                    pk, layout.item_sk(layout.owned_key(sort_key)), "wt", token))
+        removal.deletes += checkpoints
+        for refs in named.values():
+            removal.refs.update(refs)
+        removal.blobs = sorted(set(removal.blobs))
+        return removal
 
     async def _plan_next(
         self,
@@ -1005,6 +1259,7 @@ class DynamoDBStore(ExpiryCleanup):
         keep_latest: int | None,
         now: float,
         token: str,
+        additions: _Additions,
     ) -> _Plan:
         book = state.book.copy()
         wanted = book.wanted(now, keep_latest, coming=1)
@@ -1015,10 +1270,13 @@ class DynamoDBStore(ExpiryCleanup):
         removed = [_held_in(run_key, state, before, s) for s in book.prune(now, keep_latest)]
         put = _checkpoint_put(run_key, item, state.record.incarnation)
         in_back = book.back is not None and record.sequence >= book.back.start
+        floor = state.items_floor
+        if additions.with_items and (floor is None or floor > record.sequence):
+            floor = record.sequence
         return await self._plan_change(
-            run_key, state, book, removed, [put], now=now, token=token,
-            added=[record.expires_at] if in_back else [],
-            latest_sequence=record.sequence, updated_at=now,
+            run_key, state, book, removed, [put, *additions.owned], now=now, token=token,
+            added=[record.expires_at] if in_back else [], additions=additions,
+            items_floor=floor, latest_sequence=record.sequence, updated_at=now,
         )
 
     async def _plan_change(
@@ -1032,24 +1290,81 @@ class DynamoDBStore(ExpiryCleanup):
         now: float,
         token: str,
         added: Sequence[float | None] = (),
+        additions: _Additions | None = None,
+        items_floor: int | None = None,
+        checkpoint_ids: Mapping[int, str] | None = None,
         **record_changes: Any,
     ) -> _Plan:
         """The transaction taking the run from ``state`` to ``book`` (already without
-        ``removed``): run update first, then ``operations``, then the removals' deletes.
-        ``added``: expiries of the checkpoints this change puts in the back of ``book``."""
+        ``removed``): run update first, then ``operations``, then what must land with them
+        (label entries' expiry, shared items and raised counts), then the removals' deletes
+        and lowered counts. ``added``: expiries of the checkpoints this change puts in the
+        back of ``book``. ``checkpoint_ids``: removals conditioned on the checkpoint's id."""
         if book.lowers_latest([held.expires_at for held in removed], now):
             excluded = {held.sequence for held in removed}
             await self._rescan_latest(run_key, state, book, excluded, added)
         sequences = [held.sequence for held in removed]
-        new_state = _changed(state, book, sequences, **record_changes)
+        floor = state.items_floor if items_floor is None else items_floor
+        new_state = _changed(state, book, sequences, floor, **record_changes)
         update = {"Update": _run_update(run_key, state, new_state, sequences, token)}
-        deletes = await self._removal_deletes(run_key, state, sequences)
-        everything = [update, *operations, *deletes]
+        removal = await self._removal(run_key, state, sequences, checkpoint_ids or {})
+        refreshes = []
+        if new_state.label_ttl != state.label_ttl:
+            refreshes = items_layout.label_refreshes(run_key, state.record, new_state.label_ttl)
+        must = [update, *operations, *removal.targeted, *refreshes]
+        early = [] if additions is None else self._shared_puts(additions)
+        blobs = [held.blob for held in removed if held.blob is not None]
+        return self._assemble(run_key, must, early, removal, new_state, additions, blobs)
+
+    def _shared_puts(self, additions: _Additions) -> list[_Early]:
+        return [_Early(operation, key, 0) for key, operation in additions.shared.items()
+                if key not in additions.pinned_shared]
+
+    def _assemble(
+        self,
+        run_key: str,
+        must: list[dict[str, Any]],
+        early: list[_Early],
+        removal: _Removal,
+        state: _RunState,
+        additions: _Additions | None,
+        blobs: list[str],
+    ) -> _Plan:
+        """One change as a transaction of at most 100 operations: ``must`` (the run item,
+        the checkpoint, its owned items) always in it; shared items and raised counts in it
+        if they fit, else written before it (pins); deletes and lowered counts in it if they
+        fit, else right after it (overflow)."""
+        delta: Counter[str] = Counter()
+        if additions is not None:
+            delta = additions.refs - additions.pinned
+        delta.subtract(removal.refs)
+        lowering: list[dict[str, Any]] = []
+        lowered: list[str] = []
+        for key in sorted(delta):
+            change = delta[key]
+            operation = items_layout.counter_change(run_key, key, change)
+            if change > 0:
+                early.append(_Early(operation, key, change))
+            elif change < 0:
+                lowering.append(operation)
+                lowered.append(key)
+        if len(must) > _TRANSACTION_LIMIT:
+            raise ValidationError(
+                f"a checkpoint with {len(must) - 2} records of its own (owned items count "
+                f"two) does not fit in one DynamoDB transaction ({_TRANSACTION_LIMIT} "
+                "operations): append fewer items with it and write the rest with "
+                "put_owned_items")
+        room = _TRANSACTION_LIMIT - len(must)
+        inside = [entry.operation for entry in early[:room]]
+        late = removal.deletes + lowering
+        rest = room - len(inside)
         return _Plan(
-            everything[:_TRANSACTION_LIMIT],
-            new_state,
-            [held.blob for held in removed if held.blob is not None],
-            everything[_TRANSACTION_LIMIT:],
+            must + inside + late[:rest],
+            state,
+            blobs + removal.blobs,
+            late[rest:],
+            pins=early[room:],
+            lowered=lowered,
         )
 
     async def _refill(self, run_key: str, state: _RunState, book: Book, wanted: int) -> None:
@@ -1122,36 +1437,64 @@ class DynamoDBStore(ExpiryCleanup):
         expiries += [at for at in added if at is not None]
         back.latest = max(expiries, default=None)
 
-    async def _removal_deletes(
-        self, run_key: str, state: _RunState, removed: Sequence[int]
-    ) -> list[dict[str, Any]]:
-        """Deletes of checkpoints and of the items they own (found by their markers)."""
+    async def _removal(
+        self, run_key: str, state: _RunState, removed: Sequence[int], ids: Mapping[int, str]
+    ) -> _Removal:
+        """Deletes of checkpoints and of what they own, found (for those that may own items
+        or name shared items) with one Query of their families: the owned values, their
+        anchors, their blobs, the guard; and the shared items the checkpoints named, whose
+        counts drop. A checkpoint in ``ids`` is deleted only while it has that id."""
         pk = layout.partition(run_key)
-        deletes = [_delete(pk, layout.checkpoint_sk(sequence)) for sequence in removed]
+        removal = _Removal()
+        for sequence in removed:
+            if sequence in ids:
+                removal.targeted.append(_delete_if(
+                    pk, layout.checkpoint_sk(sequence), "cid", ids[sequence], fatal=True))
+            else:
+                removal.deletes.append(_delete(pk, layout.checkpoint_sk(sequence)))
         owning = sorted(sequence for sequence in set(removed) if state.may_own(sequence))
         if not owning:
-            return deletes
+            return removal
         names = _Names()
-        markers = await self._query_all(
+        found = await self._query_all(
             KeyConditionExpression=(
                 f"{names('PK')} = {names.value(_s(pk))} AND {names('SK')} BETWEEN "
-                f"{names.value(_s(layout.marker_sk(owning[0], '')))} AND "
-                f"{names.value(_s(layout.marker_sk(owning[-1] + 1, '')))}"
+                f"{names.value(_s(layout.family_prefix(owning[0])))} AND "
+                f"{names.value(_s(layout.checkpoint_sk(owning[-1])))}"
             ),
-            ProjectionExpression=names("SK"),
+            ProjectionExpression=", ".join(names(a) for a in ("SK", "cid", "rf", "wt", "vb")),
             ConsistentRead=True,
             **names.params(),
         )
-        owned: dict[str, int] = {}
         chosen = set(owning)
-        for marker in markers:
-            sort_key = _text(marker, "SK")
+        guarded: set[int] = set()
+        ours = f"ck-{run_key}-{state.record.incarnation}-"
+        named: dict[int, tuple[str, ...]] = {}
+        for entry in found:
+            sort_key = _text(entry, "SK")
             owner = layout.sequence_of(sort_key)
-            if owner in chosen:
-                deletes.append(_delete(pk, sort_key))
-                owned.setdefault(layout.marker_item_key(sort_key), owner)
-        deletes += [_owned_delete(pk, key, owner) for key, owner in owned.items()]
-        return deletes
+            if owner not in chosen:
+                continue
+            if layout.is_checkpoint_sk(sort_key):
+                ours_too = _text(entry, "cid").startswith(ours)
+                named[owner] = _text_list(entry, "rf") if ours_too else ()
+            elif layout.is_guard_sk(sort_key):
+                removal.deletes.append(items_layout.guard_delete(pk, owner, _text(entry, "wt")))
+                guarded.add(owner)
+                # Its refs count when native TTL removed the checkpoint first.
+                named.setdefault(owner, _text_list(entry, "rf"))
+            elif layout.is_owned_sk(sort_key):
+                removal.deletes += [
+                    _delete(pk, sort_key),
+                    _owned_delete(pk, layout.owned_key(sort_key), owner),
+                ]
+                if "vb" in entry:
+                    removal.blobs.append(_text(entry, "vb"))
+        removal.deletes += [items_layout.guard_check(pk, owner) for owner in owning
+                            if owner not in guarded]
+        for refs in named.values():
+            removal.refs.update(refs)
+        return removal
 
     async def _finish(self, run_key: str, plan: _Plan) -> None:
         """After a commit: deletes that did not fit, then blobs of removed checkpoints.
@@ -1182,7 +1525,10 @@ class DynamoDBStore(ExpiryCleanup):
                 )
 
     async def _guarded_deletes(self, deletes: list[dict[str, Any]]) -> None:
-        """Deletes in transactions of up to 100, dropping those whose condition fails."""
+        """Deletes in transactions of up to 100, dropping those whose condition fails (a
+        guard among them is moot once its checkpoint is gone)."""
+        deletes = [{key: value for key, value in operation.items() if key != "_fatal"}
+                   for operation in deletes]
         for start in range(0, len(deletes), _TRANSACTION_LIMIT):
             await self._commit(deletes[start : start + _TRANSACTION_LIMIT], keep=0)
 
@@ -1226,17 +1572,25 @@ class DynamoDBStore(ExpiryCleanup):
         self, run_key: str, sequence: int
     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """The run item and checkpoint ``sequence``, in one request and one consistent view."""
+        run_item, item = await self._snapshot_of(
+            run_key, [layout.RUN_SK, layout.checkpoint_sk(sequence)])
+        return run_item, item
+
+    async def _snapshot_of(
+        self, run_key: str, sort_keys: Sequence[str]
+    ) -> list[dict[str, Any] | None]:
+        """Records of the run's partition (``None`` where there is none), in one
+        TransactGetItems: one consistent view."""
         client = (await self._current()).dynamodb
         pk = _s(layout.partition(run_key))
-        keys = [{"PK": pk, "SK": _s(layout.RUN_SK)},
-                {"PK": pk, "SK": _s(layout.checkpoint_sk(sequence))}]
-        request = [{"Get": {"TableName": self.table, "Key": key}} for key in keys]
+        request = [{"Get": {"TableName": self.table, "Key": {"PK": pk, "SK": _s(sort_key)}}}
+                   for sort_key in sort_keys]
         action = f"DynamoDB TransactGetItems on {self.table}"
         for attempt in range(self._retry.max_retries + 1):
             try:
                 response = await client.transact_get_items(TransactItems=request)
             except ClientError as exc:
-                # Cancelled by a transaction writing one of the two items: read again.
+                # Cancelled by a transaction writing one of the items: read again.
                 if error_code(exc) != "TransactionCanceledException":
                     raise translate(exc, action) from exc
                 await anyio.sleep(self._retry.delay(attempt))
@@ -1244,9 +1598,8 @@ class DynamoDBStore(ExpiryCleanup):
             except BotoCoreError as exc:
                 raise translate(exc, action) from exc
             responses = response.get("Responses", [])
-            run_item = responses[0].get("Item") if responses else None
-            item = responses[1].get("Item") if len(responses) > 1 else None
-            return run_item, item
+            return [responses[index].get("Item") if index < len(responses) else None
+                    for index in range(len(sort_keys))]
         raise StoreError(
             f"{action}: kept colliding with concurrent writes of the run; try again"
         )
@@ -1267,6 +1620,8 @@ class DynamoDBStore(ExpiryCleanup):
         with _malformed(where):
             payload = _bytes(item, "pl")
             blob = _text(item, "bl") if "bl" in item else None
+            refs = _text_list(item, "rf")
+        self._remember_expiry(header.checkpoint_id, header.expires_at)
         if blob is not None:
             fetched = await (await self._bucket()).get(blob)
             if fetched is None:
@@ -1283,46 +1638,19 @@ class DynamoDBStore(ExpiryCleanup):
             header=header.header,
             payload=payload,
             key=where,
+            refs=refs,
         )
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
-        names = _Names()
-        params: dict[str, Any] = {
-            "KeyConditionExpression": (
-                f"{names('PK')} = {names.value(_s(layout.partition(run_key)))} AND "
-                f"{names('SK')} BETWEEN {names.value(_s(layout.checkpoint_sk(0)))} "
-                f"AND {names.value(_s(layout.RUN_SK))}"
-            ),
-            "ScanIndexForward": False,
-            "ConsistentRead": True,
-            # The run item and the newest checkpoint: all a restore needs in steady state.
-            "Limit": 2,
-            **names.params(),
-        }
-        reading: _Reading | None = None
-        while True:
-            response = await self._call("Query", **params)
-            for item in response.get("Items", []):
-                sort_key = _text(item, "SK")
-                if sort_key == layout.RUN_SK:
-                    reading = self._reading(run_key, item, now)
-                    if reading is None:
-                        return None
-                    continue
-                if reading is None:
-                    return None  # no run item: checkpoints here are leftovers
-                sequence = layout.sequence_of(sort_key)
-                if not reading.accepts(sequence):
-                    continue
-                reading = _pinned(reading, item)
-                found = await self._checkpoint(run_key, item, reading, now)
-                if found is not None:
-                    return found, self._status_of(run_key, reading, sequence)
-            last = response.get("LastEvaluatedKey")
-            if not last:
-                return None
-            params["ExclusiveStartKey"] = last
-            params["Limit"] = 16
+        # The run item and the newest checkpoint, one Query: all a restore needs.
+        found = await self._read_newest(run_key, None, now, family=False)
+        if found is None:
+            return None
+        item, _, reading = found
+        checkpoint = await self._checkpoint(run_key, item, reading, now)
+        if checkpoint is None:
+            return None
+        return checkpoint, self._status_of(run_key, reading, checkpoint.sequence)
 
     def _status_of(self, run_key: str, reading: _Reading, sequence: int) -> str:
         if reading.book is not None and sequence > reading.latest_sequence:
@@ -1398,6 +1726,8 @@ class DynamoDBStore(ExpiryCleanup):
                 if _text(item, "SK") == layout.RUN_SK:
                     run_item = item
                     continue
+                if not layout.is_checkpoint_sk(_text(item, "SK")):
+                    continue  # an item a checkpoint owns
                 found.append(item)
                 if include_expired or is_live(_expiry(item), now):
                     candidates += 1
@@ -1466,6 +1796,8 @@ class DynamoDBStore(ExpiryCleanup):
                     return True
                 if cancelled.failed(1):
                     return False  # the checkpoint at this sequence has another id
+                if cancelled.failed_guard():
+                    continue  # items were written to it meanwhile: read them too
                 state, fresh = self._state_after(run_key, cancelled), True
                 continue
             await self._committed(run_key, plan)
@@ -1494,16 +1826,9 @@ class DynamoDBStore(ExpiryCleanup):
                 return None
             removed = found[0]
             book.remove_back(removed.expires_at)
-        plan = await self._plan_change(
-            run_key, state, book, [removed], [], now=float("-inf"), token=token)
-        names = _Names()
-        target = plan.operations[1]["Delete"]
-        target["ConditionExpression"] = (
-            f"attribute_not_exists({names('PK')}) OR "
-            f"{names('cid')} = {names.value(_s(checkpoint_id))}"
-        )
-        target.update(names.params())
-        return plan
+        return await self._plan_change(
+            run_key, state, book, [removed], [], now=float("-inf"), token=token,
+            checkpoint_ids={sequence: checkpoint_id})
 
     async def _back_entries(
         self, run_key: str, state: _RunState, sequences: Sequence[int]
@@ -1531,20 +1856,27 @@ class DynamoDBStore(ExpiryCleanup):
 
     async def delete_run(self, run_key: str) -> int:
         pk = layout.partition(run_key)
-        found = await self._partition(run_key, "inc", "cid")
+        found = await self._partition(run_key, "inc", "cid", *_RECORD_ATTRIBUTES)
         self._cache.pop(run_key, None)
+        self._families.pop(run_key, None)
         keys = [_text(entry, "SK") for entry in found]
-        removed = sum(1 for key in keys if key.startswith(layout.CHECKPOINT_PREFIX))
+        removed = sum(1 for key in keys if layout.is_checkpoint_sk(key))
         await self._batch_write([
             {"DeleteRequest": {"Key": {"PK": _s(pk), "SK": _s(key)}}}
             for key in keys if key != layout.RUN_SK
         ])
-        # Then the blobs of the incarnations listed, then the run item: until it is gone,
-        # the run is visible (a retry after a crash finds its incarnation, its blobs) and
-        # no new incarnation can start, whose blobs would share the run key's prefix.
+        # Then the label entries and the blobs of the incarnations listed, then the run item:
+        # until it is gone, the run is visible (a retry after a crash finds its incarnation,
+        # its labels, its blobs) and no new incarnation can start, whose blobs would share
+        # the run key's prefix.
+        run_item = next((entry for entry in found if _text(entry, "SK") == layout.RUN_SK), None)
+        if run_item is not None and _record_problem(run_item) is None:
+            await self._guarded_deletes(
+                items_layout.label_deletes(run_key, _record_of(run_item)))
         if self.bucket is not None:
             for incarnation in sorted(_incarnations(run_key, found)):
                 await self._discard_prefix(f"{run_key}/{incarnation}/")
+            await self._sweep_item_blobs(run_key, grace=0.0)
         if layout.RUN_SK in keys:
             await self._call("DeleteItem", Key={"PK": _s(pk), "SK": _s(layout.RUN_SK)})
         self._cache.pop(run_key, None)
@@ -1732,19 +2064,29 @@ class DynamoDBStore(ExpiryCleanup):
             _check_item(item)
         if not items:
             return
-        pk = layout.partition(run_key)
-        owners = sorted({item.owner for item in items if item.owner is not None})
+        chosen = list({item.key: item for item in items}.values())  # the last write of a key
+        owners = sorted({item.owner for item in chosen if item.owner is not None})
         if owners:
+            self._unsure(run_key)
             await self._add_owners(run_key, owners)
-        records = [_item_record(pk, run_key, item) for item in items]
-        markers = [
-            {"PK": _s(pk), "SK": _s(layout.marker_sk(item.owner, item.key))}
-            for item in items if item.owner is not None
-        ]
-        if not create_only:
-            await self._batch_write([{"PutRequest": {"Item": r}} for r in records + markers])
-            return
-        await self._put_create_only(pk, records, markers, now)
+        token = secrets.token_hex(8)
+        written: list[str] = []
+        sort_keys = [layout.item_sk(item.key) if item.owner is None
+                     else layout.owned_sk(item.owner, item.key) for item in chosen]
+        try:
+            values = await self._store_values(
+                run_key, list(zip(sort_keys, (item.value for item in chosen), strict=True)),
+                _TRANSACTION_BYTES, written)
+            groups = [_put_group(run_key, item, values[sort_key], token, now, create_only)
+                      for item, sort_key in zip(chosen, sort_keys, strict=True)]
+            await self._write_groups(run_key, groups, token, create_only=create_only, checks=[])
+        except _NothingWritten:
+            await self._discard_blobs(written)
+            raise
+        except BaseException:
+            # Chunks sent may have landed (their replies lost): their blobs stay; the cleanup
+            # loop removes those no item points to.
+            raise
 
     async def _add_owners(self, run_key: str, owners: list[int]) -> None:
         """Record on the run item which checkpoints own items, before writing the items, so
@@ -1771,83 +2113,138 @@ class DynamoDBStore(ExpiryCleanup):
             try:
                 floor = _int(old, "ofl")
             except (KeyError, TypeError, ValueError):
-                return  # a damaged run item: its rebuild finds the owners from the markers
+                return  # a damaged run item: its rebuild finds the owners from the items
             owners = [owner for owner in owners if owner >= floor]
         cached = self._cache.get(run_key)
         if cached is not None and owners:
             self._remember(run_key, _replace_owners(cached, cached.owners | set(owners)))
 
-    async def _put_create_only(
+    async def _write_groups(
         self,
-        pk: str,
-        records: list[dict[str, Any]],
-        markers: list[dict[str, Any]],
-        now: float,
-    ) -> None:
-        # The token tells a resend refused because its first send was applied (reply lost).
-        token = _s(secrets.token_hex(8))
-        operations: list[dict[str, Any]] = []
-        for record in records:
-            names = _Names()
-            operations.append({"Put": {
-                "Item": {**record, "wt": token},
-                "ConditionExpression": (
-                    f"attribute_not_exists({names('PK')}) OR {names('x')} <= {names.value(_n(now))}"
-                ),
-                "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
-                **names.params(),
-            }})
-        operations += [{"Put": {"Item": marker}} for marker in markers]
-        written: list[dict[str, Any]] = []
-        for start in range(0, len(operations), _TRANSACTION_LIMIT):
-            chunk = operations[start : start + _TRANSACTION_LIMIT]
-            try:
-                await self._transact(chunk)
-            except _Cancelled as cancelled:
-                failed = [index for index in range(len(chunk)) if cancelled.failed(index)]
-                if cancelled.retried and all(
-                    (cancelled.item(index) or {}).get("wt") == token for index in failed
-                ):
-                    written += [op["Put"]["Item"] for op in chunk]
-                    continue
-                taken = [_text(chunk[index]["Put"]["Item"], "SK")[2:] for index in failed]
-                if written:  # undo earlier chunks: all or nothing
-                    await self._batch_write([
-                        {"DeleteRequest": {"Key": {"PK": _s(pk), "SK": item["SK"]}}}
-                        for item in written
-                    ])
-                raise ConflictError(f"item {taken[0]!r} already exists") from cancelled
-            written += [op["Put"]["Item"] for op in chunk]
+        run_key: str,
+        groups: list[list[dict[str, Any]]],
+        token: str,
+        *,
+        create_only: bool,
+        checks: list[dict[str, Any]],
+    ) -> bool:
+        """Write groups of records (an item: its value, or its owned value and anchor) in
+        transactions of up to 100 operations, each beginning with ``checks`` (conditions on
+        the owner; ``False`` when one fails: nothing more is written).
+
+        A put refused because a live item is at its key: with ``create_only``, a
+        :class:`ConflictError` after undoing the chunks written (:class:`_NothingWritten`);
+        an insert-if-absent put (``_group`` tagged ``absent``) is dropped with its group;
+        any other is an item owned by another checkpoint, whose value is then deleted with
+        the write. A refusal by records carrying ``token`` is this very write, resent after
+        its reply was lost: it landed."""
+        done: list[list[dict[str, Any]]] = []
+        for chunk in _chunks(groups, _TRANSACTION_LIMIT - len(checks)):
+            operations = [*checks, *(op for group in chunk for op in group)]
+            for _ in range(_APPEND_ATTEMPTS):
+                try:
+                    await self._commit(operations, keep=len(checks))
+                    break
+                except _Cancelled as cancelled:
+                    if any(cancelled.failed(index) for index in range(len(checks))):
+                        return False
+                    if _resent(cancelled, token):
+                        break
+                    if create_only:
+                        await self._undo_puts(run_key, done)
+                        raise _NothingWritten(_taken(cancelled)) from cancelled
+                    operations = _moved_from_other_owners(run_key, cancelled)
+            else:
+                raise ConflictError(f"run {run_key}: items kept changing while written; retry")
+            done.append(operations)
+        return True
+
+    async def _undo_puts(self, run_key: str, done: Sequence[Sequence[dict[str, Any]]]) -> None:
+        pk = _s(layout.partition(run_key))
+        await self._batch_write([
+            {"DeleteRequest": {"Key": {"PK": pk, "SK": operation["Put"]["Item"]["SK"]}}}
+            for operations in done for operation in operations if "Put" in operation
+        ])
 
     async def get_items(
         self, run_key: str, keys: Sequence[str], *, now: float
     ) -> dict[str, bytes]:
-        pk = layout.partition(run_key)
-        wanted = list(dict.fromkeys(keys))
-        result: dict[str, bytes] = {}
-        for start in range(0, len(wanted), _BATCH_GET_LIMIT):
-            request: dict[str, Any] = {
-                self.table: {
-                    "Keys": [{"PK": _s(pk), "SK": _s(layout.item_sk(k))} for k in
-                             wanted[start : start + _BATCH_GET_LIMIT]],
-                    "ConsistentRead": True,
-                }
-            }
+        found = await self._live_items(run_key, [key for key in dict.fromkeys(keys)
+                                                 if _may_be_item_key(key)], now)
+        return await self._values_of(run_key, found)
+
+    async def _live_items(
+        self, run_key: str, keys: Sequence[str], now: float
+    ) -> dict[str, dict[str, Any]]:
+        """The live records holding the values of items (an owned item's value next to its
+        owner, found through its anchor: a second BatchGetItem), by key."""
+        found = await self._batch_get(run_key, [layout.item_sk(key) for key in keys])
+        return await self._follow_anchors(run_key, {
+            key: record for key in keys
+            if (record := found.get(layout.item_sk(key))) is not None
+            and is_live(_number(record, "x"), now)
+        }, now)
+
+    async def _follow_anchors(
+        self, run_key: str, records: dict[str, dict[str, Any]], now: float
+    ) -> dict[str, dict[str, Any]]:
+        anchors = {layout.owned_sk(_int(record, "o"), key): key
+                   for key, record in records.items() if "o" in record}
+        if not anchors:
+            return records
+        values = await self._batch_get(run_key, list(anchors))
+        result = {key: record for key, record in records.items() if "o" not in record}
+        for sort_key, key in anchors.items():
+            value = values.get(sort_key)
+            if value is not None and is_live(_number(value, "x"), now):
+                result[key] = value
+        return {key: result[key] for key in records if key in result}
+
+    async def _batch_get(self, run_key: str, sort_keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Records of the run's partition by sort key: one BatchGetItem per 100, together."""
+        pk = _s(layout.partition(run_key))
+
+        async def chunk(keys: Sequence[str]) -> list[dict[str, Any]]:
+            request: dict[str, Any] = {self.table: {
+                "Keys": [{"PK": pk, "SK": _s(key)} for key in keys], "ConsistentRead": True}}
+            found: list[dict[str, Any]] = []
             for attempt in range(self._retry.max_retries + 2):
                 response = await self._send("BatchGetItem", RequestItems=request)
-                for item in response.get("Responses", {}).get(self.table, []):
-                    if is_live(_number(item, "x"), now):
-                        result[_text(item, "SK")[2:]] = _bytes(item, "v")
+                found += response.get("Responses", {}).get(self.table, [])
                 request = response.get("UnprocessedKeys") or {}
                 if not request:
-                    break
+                    return found
                 await anyio.sleep(self._retry.delay(attempt))
-            else:
-                raise StoreUnavailableError(
-                    f"DynamoDB BatchGetItem on table {self.table}: keys still unprocessed after "
-                    "retries; the table is throttling, raise its capacity"
+            raise StoreUnavailableError(
+                f"DynamoDB BatchGetItem on table {self.table}: keys still unprocessed after "
+                "retries; the table is throttling, raise its capacity"
+            )
+
+        unique = list(dict.fromkeys(sort_keys))
+        pages = await gather([functools.partial(chunk, unique[start : start + _BATCH_GET_LIMIT])
+                              for start in range(0, len(unique), _BATCH_GET_LIMIT)])
+        return {_text(record, "SK"): record for page in pages for record in page}
+
+    async def _values_of(
+        self, run_key: str, records: Mapping[str, Mapping[str, Any]]
+    ) -> dict[str, bytes]:
+        """The values records hold, by key: inline, or read from S3 (together)."""
+        result = {key: _bytes(record, "v") for key, record in records.items()
+                  if "vb" not in record}
+        blobbed = [(key, _text(record, "vb"), _text(record, "SK"))
+                   for key, record in records.items() if "vb" in record]
+        if not blobbed:
+            return result
+        bucket = await self._bucket()
+        fetched = await gather([functools.partial(bucket.get, blob) for _, blob, _ in blobbed])
+        for (key, blob, sort_key), got in zip(blobbed, fetched, strict=True):
+            if got is None:
+                raise CorruptCheckpointError(
+                    f"the value object s3://{self.bucket}/{self.prefix}{blob} is missing",
+                    key=self._where(run_key, sort_key),
                 )
-        return result
+            result[key] = got[0]
+        return {key: result[key] for key in records}
 
     async def scan_items(
         self,
@@ -1880,24 +2277,27 @@ class DynamoDBStore(ExpiryCleanup):
             "Limit": limit + 1,
             **names.params(),
         }
-        result: list[tuple[str, bytes]] = []
-        while True:
+        found: dict[str, dict[str, Any]] = {}
+        while len(found) < limit:
             response = await self._call("Query", **params)
             for item in response.get("Items", []):
                 sort_key = _text(item, "SK")
                 # BETWEEN includes ``high``, which is exclusive here.
                 if sort_key != high and is_live(_number(item, "x"), now):
-                    result.append((sort_key[2:], _bytes(item, "v")))
-                    if len(result) >= limit:
-                        return result
+                    found[sort_key[2:]] = item
+                    if len(found) >= limit:
+                        break
             last = response.get("LastEvaluatedKey")
             if not last:
-                return result
+                break
             params["ExclusiveStartKey"] = last
+        values = await self._values_of(run_key, await self._follow_anchors(run_key, found, now))
+        return list(values.items())
 
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
         pk = layout.partition(run_key)
-        unique = list(dict.fromkeys(keys))
+        self._unsure(run_key)
+        unique = [key for key in dict.fromkeys(keys) if _may_be_item_key(key)]
 
         async def delete_one(key: str) -> int:
             response = await self._call(
@@ -1908,14 +2308,438 @@ class DynamoDBStore(ExpiryCleanup):
             old = response.get("Attributes")
             if not old:
                 return 0
-            if "o" in old:
-                await self._call(
-                    "DeleteItem",
-                    Key={"PK": _s(pk), "SK": _s(layout.marker_sk(_int(old, "o"), key))},
-                )
+            await self._release_item(pk, key, old)
             return 1
 
         return sum(await gather([functools.partial(delete_one, key) for key in unique]))
+
+    async def _release_item(self, pk: str, key: str, old: Mapping[str, Any]) -> None:
+        """After an item's record was deleted: its owned value (written with the same token)
+        and its blob."""
+        blobs = [_text(old, "vb")] if "vb" in old else []
+        if "o" in old:
+            names = _Names()
+            response, _ = await self._conditional(
+                "DeleteItem",
+                Key={"PK": _s(pk), "SK": _s(layout.owned_sk(_int(old, "o"), key))},
+                ConditionExpression=f"{names('wt')} = {names.value(old.get('wt', _s('')))}",
+                ReturnValues="ALL_OLD",
+                **names.params(),
+            )
+            value = {} if response is None else response.get("Attributes") or {}
+            blobs += [_text(value, "vb")] if "vb" in value else []
+        await self._discard_blobs(blobs)
+
+    # -- shared items (SupportsSharedItems) --------------------------------------------------
+
+    async def put_owned_items(
+        self,
+        run_key: str,
+        items: Sequence[Item],
+        *,
+        owner: int,
+        checkpoint_id: str,
+        if_absent: bool,
+        now: float,
+    ) -> bool:
+        for item in items:
+            _check_item(item)
+            if item.owner != owner:
+                raise ValidationError(
+                    f"item {item.key[:40]!r} is owned by {item.owner}, not by checkpoint {owner}")
+        parsed = _ids.parse_checkpoint_id(checkpoint_id)
+        if parsed is None or parsed[0] != run_key or parsed[2] != owner:
+            return False
+        expires_at = await self._expiry_of(run_key, owner, checkpoint_id)
+        if expires_at is _GONE or not is_live(expires_at, now):
+            return False
+        # A resend keeps the first value of a key with ``if_absent``, else the last.
+        ordered = list(items) if if_absent else list(reversed(items))
+        chosen = list({item.key: item for item in reversed(ordered)}.values())
+        token = secrets.token_hex(8)
+        written: list[str] = []
+        sort_keys = [layout.owned_sk(owner, item.key) for item in chosen]
+        values = await self._store_values(
+            run_key, list(zip(sort_keys, (item.value for item in chosen), strict=True)),
+            _TRANSACTION_BYTES, written)
+        groups = [_owned_group(run_key, item, values[sort_key], expires_at, token, now,
+                               if_absent=if_absent)
+                  for item, sort_key in zip(chosen, sort_keys, strict=True)]
+        for _ in range(2):
+            checks = [_owner_covered(run_key, owner), _checkpoint_live(run_key, owner,
+                                                                         checkpoint_id, now),
+                      items_layout.guard_touch(run_key, owner, token)]
+            try:
+                wrote = await self._write_groups(run_key, groups, token, create_only=False,
+                                                 checks=checks)
+            except BaseException:
+                raise  # blobs of chunks that may have landed stay; the cleanup loop sweeps
+            if wrote or not await self._cover_owner(run_key, owner):
+                break
+        if not wrote:
+            await self._discard_blobs(written)
+            return False
+        self._grow_family(run_key, owner, [item.key for item in chosen], token)
+        return True
+
+    async def _cover_owner(self, run_key: str, owner: int) -> bool:
+        """After a refused ``put_owned_items``: if the run item did not count ``owner`` among
+        the checkpoints that may own items (appended by ``append``), list it there and say
+        so (the write is then retried); ``False`` when it did (the checkpoint is gone)."""
+        state = await self._read_state(run_key)
+        if state is None or state.may_own(owner):
+            return False
+        await self._add_owners(run_key, [owner])
+        return True
+
+    async def _expiry_of(self, run_key: str, sequence: int, checkpoint_id: str) -> float | None:
+        """The ``expires_at`` of a checkpoint (exact: an id's expiry never changes), from
+        memory or read; ``_GONE`` when there is no such checkpoint."""
+        if checkpoint_id in self._expiries:
+            return self._expiries[checkpoint_id]
+        names = _Names()
+        response = await self._call(
+            "GetItem",
+            Key={"PK": _s(layout.partition(run_key)), "SK": _s(layout.checkpoint_sk(sequence))},
+            ProjectionExpression=f"{names('cid')}, {names('x')}",
+            ConsistentRead=True,
+            **names.params(),
+        )
+        item = response.get("Item")
+        if not item or _text(item, "cid") != checkpoint_id:
+            return _GONE
+        expires_at = _expiry(item)
+        self._remember_expiry(checkpoint_id, expires_at)
+        return expires_at
+
+    def _remember_expiry(self, checkpoint_id: str, expires_at: float | None) -> None:
+        self._expiries[checkpoint_id] = expires_at
+        self._expiries.move_to_end(checkpoint_id)
+        while len(self._expiries) > _CACHE_SIZE:
+            self._expiries.popitem(last=False)
+
+    def _grow_family(
+        self, run_key: str, sequence: int, keys: Sequence[str], token: str
+    ) -> None:
+        """After ``put_owned_items`` wrote ``keys`` to the run's latest checkpoint with
+        ``token``: remember how many records sit next to it, so a read of it asks for as
+        many, and which (a read checks, by the guard, that no other write came between)."""
+        known = self._families.get(run_key)
+        if known is None or known.sequence != sequence:
+            return
+        owned = None if known.owned is None else tuple(dict.fromkeys((*known.owned, *keys)))
+        self._remember_family(run_key, dataclasses.replace(
+            known, records=known.records + len(keys) + 1, owned=owned, guard=token,
+            guard_before=known.guard or ""))
+
+    def _unsure(self, run_key: str) -> None:
+        """Forget which records the run's latest checkpoint owns (not how many there were:
+        the next read still asks for as many)."""
+        known = self._families.get(run_key)
+        if known is not None and known.owned is not None:
+            self._families[run_key] = dataclasses.replace(known, owned=None)
+
+    def _remember_family(self, run_key: str, family: _Family) -> None:
+        self._families[run_key] = family
+        self._families.move_to_end(run_key)
+        while len(self._families) > _CACHE_SIZE:
+            self._families.popitem(last=False)
+
+    async def read_with_items(
+        self, run_key: str, *, sequence: int | None, now: float
+    ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        if sequence is not None and not 0 <= sequence <= layout.MAX_SEQUENCE:
+            return None
+        known = self._families.get(run_key)
+        if known is not None and sequence in (None, known.sequence):
+            fast = await self._read_known(run_key, known, now)
+            if fast is not None:
+                return fast
+            known = self._families.get(run_key)
+        if sequence is None or (known is not None and known.sequence == sequence):
+            found = await self._read_newest(run_key, sequence, now)
+        else:
+            found = await self._read_at(run_key, sequence, now)
+        if found is None:
+            return None
+        item, family, reading = found
+        sequence = layout.sequence_of(_text(item, "SK"))
+        owned = {layout.owned_key(_text(record, "SK")): record for record in family
+                 if layout.is_owned_sk(_text(record, "SK")) and is_live(_number(record, "x"), now)}
+        refs = [key for key in dict.fromkeys(_text_list(item, "rf")) if key not in owned]
+        checkpoint, shared = await pair(
+            lambda: self._checkpoint(run_key, item, reading, now),
+            lambda: self._live_items(run_key, refs, now),
+        )
+        if checkpoint is None:
+            return None
+        if sequence >= reading.latest_sequence:
+            guard = next((_text(record, "wt") for record in family
+                          if layout.is_guard_sk(_text(record, "SK"))), None)
+            self._remember_family(run_key, _Family(
+                sequence, len(family), checkpoint.checkpoint_id, checkpoint.refs,
+                tuple(layout.owned_key(_text(record, "SK")) for record in family
+                      if layout.is_owned_sk(_text(record, "SK"))), guard))
+        values = await self._values_of(run_key, {**owned, **shared})
+        return checkpoint, self._status_of(run_key, reading, sequence), values
+
+    async def _read_known(
+        self, run_key: str, known: _Family, now: float
+    ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        """The run's latest checkpoint with its items in one TransactGetItems, when this
+        process knows exactly which records they are (it appended it, or read it whole): the
+        run item, the checkpoint, its guard, the values it owns and the items it names, in
+        one consistent snapshot. ``None`` when that knowledge proves stale (a newer or
+        removed checkpoint, a write to its items since: the guard or the run item's owners
+        tell), or when the snapshot would be too large: the caller then reads as usual."""
+        if known.owned is None or 3 + len(known.owned) + len(known.refs) > _TRANSACTION_LIMIT:
+            return None
+        owned = [layout.owned_sk(known.sequence, key) for key in known.owned]
+        named = [layout.item_sk(key) for key in dict.fromkeys(known.refs)]
+        sort_keys = [layout.RUN_SK, layout.checkpoint_sk(known.sequence),
+                     layout.guard_sk(known.sequence), *owned, *named]
+        found = await self._snapshot_of(run_key, sort_keys)
+        run_item, item, guard = found[0], found[1], found[2]
+        if run_item is None or item is None:
+            self._unsure(run_key)
+            return None
+        try:
+            state = _state_of(run_item, self._where(run_key, layout.RUN_SK))
+        except _DamagedRun:
+            self._unsure(run_key)
+            return None  # the usual read reports it
+        record = state.record
+        if (
+            not state.live(now)
+            or record.latest_sequence != known.sequence
+            or known.sequence in state.owners
+            or known.sequence < state.owner_floor
+            or _text(item, "cid") != known.checkpoint_id
+            or _text_list(item, "rf") != known.refs
+            or (None if guard is None else _text(guard, "wt")) != known.guard
+            or (guard is not None and known.guard_before is not None
+                and _text(guard, "pw") != known.guard_before)
+        ):
+            self._unsure(run_key)
+            return None
+        self._remember(run_key, state)
+        reading = _Reading.of(state)
+        checkpoint = await self._checkpoint(run_key, item, reading, now)
+        if checkpoint is None:
+            self._unsure(run_key)
+            return None
+        values = {layout.owned_key(sort_key): got
+                  for sort_key, got in zip(owned, found[3 : 3 + len(owned)], strict=True)
+                  if got is not None and is_live(_number(got, "x"), now)}
+        shared = {key: got
+                  for key, got in zip(dict.fromkeys(known.refs), found[3 + len(owned):],
+                                      strict=True)
+                  if got is not None and is_live(_number(got, "x"), now) and key not in values}
+        shared = await self._follow_anchors(run_key, shared, now)
+        items = await self._values_of(run_key, {**values, **shared})
+        return checkpoint, self._status_of(run_key, reading, known.sequence), items
+
+    async def _read_newest(
+        self, run_key: str, sequence: int | None, now: float, *, family: bool = True
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], _Reading] | None:
+        """The newest live checkpoint (or checkpoint ``sequence``, believed the newest), with
+        the records of its family (unless ``family`` is false: then none) and the reading of
+        its run, from one descending Query from the run item: exactly as many records as the
+        family held when last seen."""
+        known = self._families.get(run_key) if family else None
+        lower = layout.family_prefix(0 if known is None else known.sequence)
+        names = _Names()
+        params: dict[str, Any] = {
+            "KeyConditionExpression": (
+                f"{names('PK')} = {names.value(_s(layout.partition(run_key)))} AND "
+                f"{names('SK')} BETWEEN {names.value(_s(lower))} "
+                f"AND {names.value(_s(layout.RUN_SK))}"
+            ),
+            "ScanIndexForward": False,
+            "ConsistentRead": True,
+            # The run item, the checkpoint, its family and one more (the end of the range).
+            "Limit": 3 + known.records if known is not None else 2,
+            **names.params(),
+        }
+        reading: _Reading | None = None
+        chosen: dict[str, Any] | None = None
+        records: list[dict[str, Any]] = []
+        while True:
+            response = await self._call("Query", **params)
+            for item in response.get("Items", []):
+                sort_key = _text(item, "SK")
+                if sort_key == layout.RUN_SK:
+                    reading = self._reading(run_key, item, now)
+                    if reading is None:
+                        return None
+                    continue
+                if reading is None:
+                    return None  # no run item: checkpoints here are leftovers
+                if chosen is not None:
+                    if not family or (
+                        layout.sequence_of(sort_key) != layout.sequence_of(_text(chosen, "SK"))
+                    ):
+                        return chosen, records, reading
+                    records.append(item)
+                    continue
+                if not layout.is_checkpoint_sk(sort_key):
+                    continue  # the family of a checkpoint passed over
+                found = layout.sequence_of(sort_key)
+                if sequence is not None and found != sequence:
+                    if found < sequence:
+                        return None
+                    continue
+                if reading.accepts(found) and self._usable(run_key, item, reading, now):
+                    reading = _pinned(reading, item)
+                    chosen = item
+            last = response.get("LastEvaluatedKey")
+            if chosen is not None and reading is not None:
+                if last and family:
+                    records += await self._family_after(run_key, chosen, last)
+                return chosen, records, reading
+            if not last:
+                if known is None or sequence is not None:
+                    return None
+                # The newest live checkpoint is older than the one remembered (deleted or
+                # expired since): read the run from the top.
+                self._families.pop(run_key, None)
+                return await self._read_newest(run_key, None, now)
+            params["ExclusiveStartKey"] = last
+            params["Limit"] = 16
+
+    async def _family_after(
+        self, run_key: str, checkpoint: Mapping[str, Any], last: Mapping[str, Any]
+    ) -> list[dict[str, Any]]:
+        """The rest of a checkpoint's family, below ``last`` (a key a Query stopped at)."""
+        prefix = layout.family_prefix(layout.sequence_of(_text(checkpoint, "SK")))
+        names = _Names()
+        params: dict[str, Any] = {
+            "KeyConditionExpression": (
+                f"{names('PK')} = {names.value(_s(layout.partition(run_key)))} AND "
+                f"begins_with({names('SK')}, {names.value(_s(prefix))})"
+            ),
+            "ScanIndexForward": False,
+            "ConsistentRead": True,
+            **names.params(),
+        }
+        if _text(last, "SK").startswith(prefix):
+            params["ExclusiveStartKey"] = dict(last)
+        return [item for item in await self._query_all(**params)
+                if not layout.is_checkpoint_sk(_text(item, "SK"))]
+
+    async def _read_at(
+        self, run_key: str, sequence: int, now: float
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], _Reading] | None:
+        """Checkpoint ``sequence`` with its family (one Query) and the run item (a GetItem
+        sent with it)."""
+        names = _Names()
+        prefix = layout.family_prefix(sequence)
+        (found, run_item) = await pair(
+            lambda: self._query_all(
+                KeyConditionExpression=(
+                    f"{names('PK')} = {names.value(_s(layout.partition(run_key)))} AND "
+                    f"begins_with({names('SK')}, {names.value(_s(prefix))})"
+                ),
+                ScanIndexForward=False,
+                ConsistentRead=True,
+                **names.params(),
+            ),
+            lambda: self._raw_run_item(run_key),
+        )
+        reading = self._reading(run_key, run_item, now)
+        if not found or reading is None or not reading.accepts(sequence):
+            return None
+        item, family = found[0], found[1:]
+        if not layout.is_checkpoint_sk(_text(item, "SK")):
+            return None
+        reading = _pinned(reading, item)
+        return (item, family, reading) if self._usable(run_key, item, reading, now) else None
+
+    def _usable(
+        self, run_key: str, item: Mapping[str, Any], reading: _Reading, now: float
+    ) -> bool:
+        """Whether a checkpoint item is a live checkpoint of the run's incarnation (a
+        malformed one raises, as on every read)."""
+        header = _checkpoint_header(run_key, item, self._where(run_key, _text(item, "SK")))
+        incarnation = _pinned(reading, item).incarnation
+        ours = header.checkpoint_id.startswith(f"ck-{run_key}-{incarnation}-")
+        return ours and is_live(header.expires_at, now)
+
+    # -- labels (SupportsLabels) ----------------------------------------------------------------
+
+    async def runs_with_label(
+        self, label: str, *, limit: int, cursor: str | None, now: float
+    ) -> tuple[list[RunRecord], str | None]:
+        item_key_bytes(label, MAX_LABEL_BYTES, "a label")
+        if cursor is not None and not _CURSOR.fullmatch(cursor):
+            raise ValidationError(f"malformed label listing cursor {cursor!r}")
+        if limit < 1:
+            return [], cursor
+        names = _Names()
+        condition = f"{names('PK')} = {names.value(_s(layout.label_partition(label)))}"
+        if cursor is not None:
+            condition += f" AND {names('SK')} < {names.value(_s(cursor))}"
+        params: dict[str, Any] = {
+            "KeyConditionExpression": condition,
+            "ScanIndexForward": False,
+            "ConsistentRead": True,
+            "Limit": limit,
+            **names.params(),
+        }
+        found: list[RunRecord] = []
+        while True:
+            response = await self._call("Query", **params)
+            entries = response.get("Items", [])
+            records = await self._labelled_runs(entries, now)
+            for index, entry in enumerate(entries):
+                record = records.get(_text(entry, "SK"))
+                if record is None:
+                    continue
+                found.append(record)
+                if len(found) >= limit:
+                    more = index + 1 < len(entries) or bool(response.get("LastEvaluatedKey"))
+                    return found, _text(entry, "SK") if more else None
+            last = response.get("LastEvaluatedKey")
+            if not last:
+                return found, None
+            params["ExclusiveStartKey"] = last
+
+    async def _labelled_runs(
+        self, entries: Sequence[Mapping[str, Any]], now: float
+    ) -> dict[str, RunRecord]:
+        """The live runs label entries name (their run items, one BatchGetItem per 100), by
+        the entry's sort key; an entry of another incarnation, of an expired, purging or
+        damaged run is left out."""
+        wanted = {layout.partition(_text(entry, "rk")): entry for entry in entries
+                  if _text(entry, "rk")}
+        names = _Names()
+        projection = ", ".join(names(a) for a in (*_COUNTED_ATTRIBUTES, "dat", "pg", "lb"))
+        keys = [{"PK": _s(pk), "SK": _s(layout.RUN_SK)} for pk in wanted]
+        items: list[dict[str, Any]] = []
+        for start in range(0, len(keys), _BATCH_GET_LIMIT):
+            request: dict[str, Any] = {self.table: {
+                "Keys": keys[start : start + _BATCH_GET_LIMIT], "ConsistentRead": True,
+                "ProjectionExpression": projection, **names.params()}}
+            for attempt in range(self._retry.max_retries + 2):
+                response = await self._send("BatchGetItem", RequestItems=request)
+                items += response.get("Responses", {}).get(self.table, [])
+                request = response.get("UnprocessedKeys") or {}
+                if not request:
+                    break
+                await anyio.sleep(self._retry.delay(attempt))
+            else:
+                raise StoreUnavailableError(
+                    f"DynamoDB BatchGetItem on table {self.table}: keys still unprocessed after "
+                    "retries; the table is throttling, raise its capacity")
+        records: dict[str, RunRecord] = {}
+        for item in items:
+            entry = wanted.get(_text(item, "PK"))
+            record = self._listed(item)
+            if entry is None or record is None or "pg" in item:
+                continue
+            if record.incarnation == _text(entry, "inc") and is_live(record.expires_at, now):
+                records[_text(entry, "SK")] = record
+        return records
 
     # -- maintenance ----------------------------------------------------------------------
 
@@ -1930,17 +2754,24 @@ class DynamoDBStore(ExpiryCleanup):
         )
         more = len(due) > limit or any(truncated for _, truncated in pages)
         by_run: dict[str, list[str]] = {}
+        counts: dict[str, list[str]] = {}
         for entry in due[:limit]:
             pk, sort_key = _text(entry, "PK"), _text(entry, "SK")
             if sort_key.startswith(layout.ITEM_PREFIX):
                 await self._purge_item(pk, sort_key, now)
+            elif sort_key.startswith(layout.COUNTER_PREFIX):
+                counts.setdefault(pk.removeprefix("run#"), []).append(sort_key[2:])
             else:
                 by_run.setdefault(pk.removeprefix("run#"), []).append(sort_key)
         removed = 0
         for run_key, sort_keys in by_run.items():
-            count, finished = await self._purge_run(run_key, sort_keys, now, limit)
+            count, finished, lowered = await self._purge_run(run_key, sort_keys, now, limit)
             removed += count
             more = more or not finished
+            if lowered:  # swept now: this purge completes after the removal that lowered them
+                counts.setdefault(run_key, []).extend(lowered)
+        for run_key, keys in counts.items():
+            await self._sweep_shared(run_key, list(dict.fromkeys(keys)))
         return removed, not more
 
     async def _due_in_shard(
@@ -1971,15 +2802,61 @@ class DynamoDBStore(ExpiryCleanup):
         )
         # No response: rewritten with a later expiry, or already removed by another worker.
         old = {} if response is None else response.get("Attributes") or {}
-        if "o" in old:
-            marker = layout.marker_sk(_int(old, "o"), sort_key[2:])
-            await self._call("DeleteItem", Key={"PK": _s(pk), "SK": _s(marker)})
+        if old:
+            await self._release_item(pk, sort_key[2:], old)
+
+    async def _sweep_shared(self, run_key: str, keys: Sequence[str]) -> None:
+        """Remove the shared items whose counts reached zero, each with its count in one
+        transaction that holds only while the count is still zero: an append naming the
+        item raises the count first and the removal is cancelled. Counts above zero leave
+        the expiry index (only while as read: a removal lowering one again puts it back)."""
+        pk = layout.partition(run_key)
+        records = await self._batch_get(
+            run_key, [sort_key for key in keys
+                      for sort_key in (layout.counter_sk(key), layout.item_sk(key))])
+        for key in keys:
+            count = records.get(layout.counter_sk(key))
+            if count is None:
+                continue
+            names = _Names()
+            if _int(count, "rc") > 0:
+                await self._conditional(
+                    "UpdateItem",
+                    Key={"PK": _s(pk), "SK": _s(layout.counter_sk(key))},
+                    UpdateExpression=f"REMOVE {names('xpk')}, {names('xat')}",
+                    ConditionExpression=(
+                        f"{names('rc')} > {names.value(_n(0))} AND "
+                        f"{names('xat')} = {names.value(count.get('xat', _n(0)))}"),
+                    **names.params(),
+                )
+                continue
+            await self._remove_shared(pk, key, records.get(layout.item_sk(key)))
+
+    async def _remove_shared(self, pk: str, key: str, item: Mapping[str, Any] | None) -> None:
+        names = _Names()
+        zero = {"Delete": {
+            "Key": {"PK": _s(pk), "SK": _s(layout.counter_sk(key))},
+            "ConditionExpression": (f"attribute_not_exists({names('rc')}) OR "
+                                    f"{names('rc')} <= {names.value(_n(0))}"),
+            **names.params(),
+        }}
+        operations = [zero]
+        if item is not None and "o" not in item:  # an owned item goes with its owner
+            operations.append(items_layout.delete_when(
+                pk, layout.item_sk(key), "wt", item.get("wt", _s(""))))
+        try:
+            await self._commit(operations, keep=1)
+        except _Cancelled:
+            return  # named again meanwhile: it stays
+        if item is not None and "vb" in item and "o" not in item:
+            await self._discard_blobs([_text(item, "vb")])
 
     async def _purge_run(
         self, run_key: str, sort_keys: Sequence[str], now: float, budget: int
-    ) -> tuple[int, bool]:
+    ) -> tuple[int, bool, list[str]]:
         """Remove what of one run expired, prompted by its due index entries (checkpoints,
-        or the run item itself): ``(checkpoints removed, finished)``."""
+        or the run item itself): ``(checkpoints removed, finished, shared items whose counts
+        it lowered)``."""
         due = sorted(
             layout.sequence_of(key) for key in sort_keys
             if key.startswith(layout.CHECKPOINT_PREFIX)
@@ -1988,17 +2865,17 @@ class DynamoDBStore(ExpiryCleanup):
             try:
                 state = await self._read_state(run_key)
             except _DamagedRun as damage:
-                return await self._purge_damaged(run_key, due, sort_keys, now, damage)
+                return (*await self._purge_damaged(run_key, due, sort_keys, now, damage), [])
             if state is None:
                 await self._purge_unheld(run_key, due, now)
-                return 0, True
+                return 0, True, []
             if state.purging or not is_live(state.record.expires_at, now):
-                return await self._purge_whole_run(run_key, state, now)
+                return (*await self._purge_whole_run(run_key, state, now), [])
             unheld = [s for s in due if s > state.record.latest_sequence or not state.book.holds(s)]
             await self._purge_unheld(run_key, unheld, now)
             planned = await self._plan_expired(run_key, state, due, now, budget)
             if planned is None:
-                return 0, True  # a run item due but live: the index is behind, it catches up
+                return 0, True, []  # a run item due but live: the index is behind, it catches up
             plan, count, finished = planned
             try:
                 await self._commit(plan.operations, keep=1)
@@ -2007,8 +2884,9 @@ class DynamoDBStore(ExpiryCleanup):
                 continue
             await self._committed(run_key, plan)
             await self._reconcile_blobs(run_key, plan.state)
-            return count, finished
-        return 0, False
+            await self._sweep_item_blobs(run_key, grace=_ITEM_BLOB_GRACE)
+            return count, finished, plan.lowered
+        return 0, False, []
 
     async def _plan_expired(
         self, run_key: str, state: _RunState, due: Sequence[int], now: float, budget: int
@@ -2100,26 +2978,30 @@ class DynamoDBStore(ExpiryCleanup):
                 return 0, False  # changed meanwhile (another purger, or the run restarted)
             counted = state.book.count
         self._cache.pop(run_key, None)
-        await self._remove_marked(run_key, state.record.incarnation)
+        await self._remove_marked(run_key, state.record)
         return counted, True
 
-    async def _remove_marked(self, run_key: str, incarnation: str) -> None:
-        """Delete everything of a run marked for purging, in transactions that each check the
-        mark still stands: a run restarted meanwhile (a new incarnation, its checkpoints and
-        items) is left alone, and its own first append removes what is left of the old one."""
+    async def _remove_marked(self, run_key: str, record: RunRecord) -> None:
+        """Delete everything of a run marked for purging (its label entries too), in
+        transactions that each check the mark still stands: a run restarted meanwhile (a new
+        incarnation, its checkpoints and items) is left alone, and its own first append
+        removes what is left of the old one."""
         pk = layout.partition(run_key)
-        keys = [key for entry in await self._partition(run_key)
-                if (key := _text(entry, "SK")) != layout.RUN_SK]
+        incarnation = record.incarnation
+        deletes = [_delete(pk, key) for entry in await self._partition(run_key)
+                   if (key := _text(entry, "SK")) != layout.RUN_SK]
+        deletes += items_layout.label_deletes(run_key, record)
         chunk_size = _TRANSACTION_LIMIT - 1
-        for start in range(0, len(keys), chunk_size):
-            chunk = [_delete(pk, key) for key in keys[start : start + chunk_size]]
+        for start in range(0, len(deletes), chunk_size):
+            chunk = deletes[start : start + chunk_size]
             try:
-                await self._transact([_purge_guard(run_key, incarnation), *chunk])
+                await self._commit([_purge_guard(run_key, incarnation), *chunk], keep=1)
             except _Cancelled:
                 logger.info("cleanup: run %s started over while being purged; leaving it", pk)
                 return
         if self.bucket is not None:
             await self._discard_prefix(f"{run_key}/{incarnation}/")
+            await self._sweep_item_blobs(run_key, grace=0.0)
         names = _Names()
         # Conditional: a run restarted meanwhile keeps its new run item.
         await self._conditional(
@@ -2145,8 +3027,8 @@ class DynamoDBStore(ExpiryCleanup):
         spared_from = record.latest_sequence + 1 if back is None else back.start
 
         def keep(key: str) -> bool:
-            if key in referenced:
-                return True
+            if key in referenced or layout.item_blob_sort_key(key) is not None:
+                return True  # item blobs have a sweep of their own
             sequence = layout.blob_sequence(key)
             if sequence is None or key.split("/")[1] != record.incarnation:
                 return False
@@ -2155,6 +3037,30 @@ class DynamoDBStore(ExpiryCleanup):
         removed = await self._discard_prefix(f"{run_key}/", keep)
         if removed:
             logger.info("run %s: removed %d orphaned S3 blobs", run_key, removed)
+
+    async def _sweep_item_blobs(self, run_key: str, *, grace: float) -> None:
+        """Delete the run's item blobs that their item does not point to (a write that
+        failed or crashed after its S3 PUT, a value replaced), sparing those written less
+        than ``grace`` seconds ago (a write may still be under way). Each blob names its
+        item, so this reads one record per blob, not the run."""
+        if self.bucket is None:
+            return
+        bucket = await self._bucket()
+        listed = await bucket.list(f"{run_key}/{layout.ITEM_BLOBS}/")
+        cutoff = time.time() - grace
+        candidates: dict[str, str] = {}
+        for entry in listed:
+            parsed = layout.item_blob_sort_key(entry.key)
+            if parsed is None or parsed[1] <= cutoff:
+                candidates[entry.key] = "" if parsed is None else parsed[0]
+        if not candidates:
+            return
+        records = await self._batch_get(run_key, sorted({sk for sk in candidates.values() if sk}))
+        doomed = [blob for blob, sort_key in candidates.items()
+                  if _text(records.get(sort_key, {}), "vb") != blob]
+        if doomed:
+            await bucket.delete(doomed)
+            logger.info("run %s: removed %d orphaned item blobs", run_key, len(doomed))
 
     # -- repair -----------------------------------------------------------------------------
 
@@ -2244,7 +3150,8 @@ class DynamoDBStore(ExpiryCleanup):
                 f"{names('SK')} BETWEEN {names.value(_s(layout.checkpoint_sk(0)))} AND "
                 f"{names.value(_s(layout.checkpoint_sk(layout.MAX_SEQUENCE)))}"
             ),
-            ProjectionExpression=", ".join(names(a) for a in ("SK", "cid", "ca", "x", "bl", "hdr")),
+            ProjectionExpression=", ".join(
+                names(a) for a in ("SK", "cid", "ca", "x", "bl", "hdr", "rf")),
             ConsistentRead=True,
             **names.params(),
         )
@@ -2315,38 +3222,46 @@ class DynamoDBStore(ExpiryCleanup):
             expires_at=book.expires_at(),
             version=0,
             data=seed.data,
+            labels=check_labels(seed.labels),
         )
         owners = await self._owners(run_key)
         floor = 0
         if len(owners) > layout.OWNERS_CAPACITY:
             floor = sorted(owners)[len(owners) - layout.OWNERS_CAPACITY]
             owners = {owner for owner in owners if owner >= floor}
+        naming = [layout.sequence_of(_text(item, "SK")) for item in log if "rf" in item]
         # A fresh random revision: no process's cached copy of the old item can pass for it.
         rev = secrets.randbits(48)
-        return _RunState(record, rev, book, frozenset(owners), floor)
+        return _RunState(record, rev, book, frozenset(owners), floor,
+                         items_floor=min(naming, default=None))
 
     async def _owners(self, run_key: str) -> set[int]:
-        """The sequences that own items, from their markers."""
+        """The sequences that own items (or have a guard), from the records next to them."""
         names = _Names()
-        markers = await self._query_all(
+        found = await self._query_all(
             KeyConditionExpression=(
                 f"{names('PK')} = {names.value(_s(layout.partition(run_key)))} AND "
-                f"begins_with({names('SK')}, {names.value(_s(layout.MARKER_PREFIX))})"
+                f"{names('SK')} BETWEEN {names.value(_s(layout.CHECKPOINT_PREFIX))} "
+                f"AND {names.value(_s(layout.CHECKPOINT_END))}"
             ),
             ProjectionExpression=names("SK"),
             ConsistentRead=True,
             **names.params(),
         )
-        return {layout.sequence_of(_text(marker, "SK")) for marker in markers}
+        return {layout.sequence_of(sort_key) for entry in found
+                if not layout.is_checkpoint_sk(sort_key := _text(entry, "SK"))}
 
 
 # -- helpers -------------------------------------------------------------------------------
 
 _RUN_ATTRIBUTES: Final = (
-    "rid", "inc", "st", "ua", "ls", "cnt", "exp", "ver", "dat", "rev", "bk", "own", "ofl", "pg"
+    "rid", "inc", "st", "ua", "ls", "cnt", "exp", "ver", "dat", "rev", "bk", "own", "ofl", "pg",
+    "lb", "rfl", "lttl",
 )
 """What a read needs of the run item besides ``SK`` and ``ca``."""
 _COUNTED_ATTRIBUTES: Final = ("PK", "rid", "inc", "st", "ca", "ua", "ls", "cnt", "exp", "ver")
+_RECORD_ATTRIBUTES: Final = ("rid", "st", "ca", "ua", "ls", "cnt", "exp", "ver", "dat", "lb")
+"""The run record's attributes besides ``inc`` (the run indexes copy them)."""
 
 
 def _cancellation_error(
@@ -2472,7 +3387,8 @@ def _header(item: Mapping[str, Any]) -> CheckpointHeader:
 
 
 def _changed(
-    state: _RunState, book: Book, removed: Sequence[int], **record_changes: Any
+    state: _RunState, book: Book, removed: Sequence[int], items_floor: int | None,
+    **record_changes: Any,
 ) -> _RunState:
     """The run state once ``book`` (already updated) no longer holds ``removed``;
     ``record_changes`` go into the run record. Owners beyond the run item's capacity are
@@ -2488,7 +3404,8 @@ def _changed(
     if len(owners) > layout.OWNERS_CAPACITY:
         floor = sorted(owners)[len(owners) - layout.OWNERS_CAPACITY // 2]
         owners = frozenset(owner for owner in owners if owner >= floor)
-    return _RunState(head, state.rev + 1, book, owners, floor)
+    return _RunState(head, state.rev + 1, book, owners, floor, items_floor=items_floor,
+                     label_ttl=_label_ttl(state.label_ttl, book, head.labels))
 
 
 def _shards() -> range:
@@ -2510,10 +3427,15 @@ def _delete(pk: str, sort_key: str) -> dict[str, Any]:
     return {"Delete": {"Key": {"PK": _s(pk), "SK": _s(sort_key)}}}
 
 
-def _delete_if(pk: str, sort_key: str, attribute: str, value: str) -> dict[str, Any]:
-    """Delete a record only while ``attribute`` still holds ``value`` (or it is gone)."""
+def _delete_if(
+    pk: str, sort_key: str, attribute: str, value: str, *, fatal: bool = False
+) -> dict[str, Any]:
+    """Delete a record only while ``attribute`` still holds ``value`` (or it is gone);
+    ``fatal``: a failed condition cancels the whole change."""
     names = _Names()
     operation = _delete(pk, sort_key)
+    if fatal:
+        operation["_fatal"] = True
     operation["Delete"]["ConditionExpression"] = (
         f"attribute_not_exists({names('PK')}) OR {names(attribute)} = {names.value(_s(value))}"
     )
@@ -2575,8 +3497,12 @@ def _run_update(
     }
     if new.owner_floor != old.owner_floor:
         assignments["ofl"] = _n(new.owner_floor)
+    if new.items_floor is not None and new.items_floor != old.items_floor:
+        assignments["rfl"] = _n(new.items_floor)
+    if new.label_ttl is not None:
+        assignments["lttl"] = _n(new.label_ttl)
     sets = ", ".join(f"{names(k)} = {names.value(v)}" for k, v in assignments.items())
-    gone = [name for name in _EXPIRY_ATTRIBUTES if name not in assignments]
+    gone = [name for name in (*_EXPIRY_ATTRIBUTES, "lttl") if name not in assignments]
     expression = f"SET {sets}"
     if gone:
         expression += " REMOVE " + ", ".join(names(name) for name in gone)
@@ -2597,40 +3523,212 @@ def _run_update(
 
 
 def _replace_owners(state: _RunState, owners: frozenset[int]) -> _RunState:
-    return _RunState(state.record, state.rev, state.book, owners, state.owner_floor,
-                     state.purging)
+    return dataclasses.replace(state, owners=owners)
+
+
+def _target(operation: Mapping[str, Any]) -> tuple[str, str]:
+    """``(PK, SK)`` of the record a transaction operation writes or checks."""
+    action = next(value for name, value in operation.items() if not name.startswith("_"))
+    record = action.get("Item") or action["Key"]
+    return record["PK"]["S"], record["SK"]["S"]
+
+
+def _spared(removal: _Removal, writes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``writes`` of a run's first checkpoint without the deletes of leftovers at the same
+    records (a transaction names each record once): those writes replace the leftovers, so
+    their condition (no live record there) is dropped."""
+    doomed = {_target(operation) for operation in removal.deletes}
+    written = {_target(operation) for operation in writes}
+    removal.deletes = [op for op in removal.deletes if _target(op) not in written]
+    spared: list[dict[str, Any]] = []
+    for operation in writes:
+        put = operation.get("Put")
+        if put is None or "ConditionExpression" not in put or _target(operation) not in doomed:
+            spared.append(operation)
+            continue
+        bare = {name: value for name, value in put.items() if name not in (
+            "ConditionExpression", "ReturnValuesOnConditionCheckFailure",
+            "ExpressionAttributeNames", "ExpressionAttributeValues")}
+        spared.append({**operation, "Put": bare})
+    return spared
 
 
 def _item_size(item: Mapping[str, Any]) -> int:
     size = _ITEM_OVERHEAD
     for name, value in item.items():
-        size += len(name)
-        inner = next(iter(value.values()))
-        size += len(inner) if isinstance(inner, (bytes, str)) else 8
+        size += len(name) + _value_size(value)
     return size
 
 
+def _value_size(value: Mapping[str, Any]) -> int:
+    inner = next(iter(value.values()))
+    if isinstance(inner, (bytes, str)):
+        return len(inner.encode() if isinstance(inner, str) else inner)
+    if isinstance(inner, list):
+        return 3 + sum(1 + _value_size(entry) for entry in inner)
+    return 8
+
+
 def _check_item(item: Item) -> None:
-    item_key_bytes(item.key, layout.MAX_ITEM_KEY_BYTES, "the DynamoDB store (sort keys)")
+    item_key_bytes(item.key, MAX_ITEM_KEY_BYTES, "an item key")
     if not isinstance(item.value, bytes):
         raise ValidationError(f"item value must be bytes, got {type(item.value).__name__}")
-    if len(item.value) > _MAX_VALUE_BYTES:
-        raise ValidationError(
-            f"item value is {len(item.value)} bytes; a DynamoDB item holds at most "
-            f"{_MAX_VALUE_BYTES} bytes of value"
-        )
+    if item.owner is not None and (
+        isinstance(item.owner, bool) or not isinstance(item.owner, int)
+        or not 0 <= item.owner <= layout.MAX_SEQUENCE
+    ):
+        raise ValidationError(f"item owner must be a checkpoint sequence, got {item.owner!r:.40}")
 
 
-def _item_record(pk: str, run_key: str, item: Item) -> dict[str, Any]:
-    record: dict[str, Any] = {"PK": _s(pk), "SK": _s(layout.item_sk(item.key)), "v": _b(item.value)}
-    if item.owner is not None:
-        record["o"] = _n(item.owner)
-    if item.expires_at is not None:
-        record["x"] = _n(item.expires_at)
-        record["ttl"] = _n(layout.ttl_of(item.expires_at))
-        record["xpk"] = _s(f"x#{layout.shard_of(run_key)}")
-        record["xat"] = _n(item.expires_at)
-    return record
+def _may_be_item_key(key: object) -> bool:
+    """Whether an item could be stored at ``key`` (reads of other keys find nothing)."""
+    try:
+        item_key_bytes(key, MAX_ITEM_KEY_BYTES, "an item key")
+    except ValidationError:
+        return False
+    return True
+
+
+class _NothingWritten(ConflictError):
+    """A create-only write refused by a live item at one of its keys; nothing stays."""
+
+
+def _taken(cancelled: _Cancelled) -> str:
+    keys = [_text(operation["Put"]["Item"], "SK")[2:]
+            for index, operation in enumerate(cancelled.operations)
+            if cancelled.failed(index) and "Put" in operation]
+    return f"item {keys[0] if keys else '?'!r} already exists"
+
+
+def _resent(cancelled: _Cancelled, token: str) -> bool:
+    """Whether a transaction was refused only because an earlier send of it landed (its
+    reply lost): every refused record carries its write token."""
+    failed = [index for index in range(len(cancelled.operations)) if cancelled.failed(index)]
+    return cancelled.retried and bool(failed) and all(
+        (cancelled.item(index) or {}).get("wt") == _s(token) for index in failed)
+
+
+def _put_group(
+    run_key: str, item: Item, value: Value, token: str, now: float, create_only: bool
+) -> list[dict[str, Any]]:
+    """The records of one ``put_items`` item, conditioned so that nothing is overwritten
+    unseen: with ``create_only`` a live item; otherwise an item owned by another live
+    checkpoint (whose value, next to that checkpoint, must go with the write)."""
+    names = _Names()
+    if create_only:
+        condition = f"attribute_not_exists({names('PK')}) OR {names('x')} <= {names.value(_n(now))}"
+    elif item.owner is None:
+        condition = f"attribute_not_exists({names('o')}) OR {names('x')} <= {names.value(_n(now))}"
+    else:
+        condition = _same_owner(names, item.owner, now)
+    if item.owner is None:
+        record = items_layout.plain_record(run_key, item.key, value, item.expires_at, token)
+        return [items_layout.put_op(record, condition, names, _fatal=True)]
+    anchor = items_layout.anchor_record(run_key, item.key, item.owner, item.expires_at, token,
+                                        indexed=item.expires_at is not None)
+    return [
+        items_layout.put_op(items_layout.owned_record(
+            run_key, item.key, item.owner, value, item.expires_at, token)),
+        items_layout.put_op(anchor, condition, names, _fatal=True),
+    ]
+
+
+def _owned_group(
+    run_key: str, item: Item, value: Value, expires_at: float | None, token: str, now: float,
+    *, if_absent: bool,
+) -> list[dict[str, Any]]:
+    """The records of one ``put_owned_items`` item (its checkpoint's expiry): with
+    ``if_absent`` dropped, value and anchor, where a live item is."""
+    assert item.owner is not None
+    names = _Names()
+    anchor = items_layout.anchor_record(run_key, item.key, item.owner, expires_at, token,
+                                        indexed=False)
+    value_put = items_layout.put_op(items_layout.owned_record(
+        run_key, item.key, item.owner, value, expires_at, token))
+    if if_absent:
+        group = f"owned:{item.key}"
+        condition = (f"attribute_not_exists({names('PK')}) OR "
+                     f"{names('x')} <= {names.value(_n(now))}")
+        return [{**value_put, "_group": group},
+                items_layout.put_op(anchor, condition, names, _group=group)]
+    return [value_put, items_layout.put_op(anchor, _same_owner(names, item.owner, now), names,
+                                           _fatal=True)]
+
+
+def _same_owner(names: _Names, owner: int, now: float) -> str:
+    """No live item at the key, or one of the same owner: anything else is owned elsewhere."""
+    return (f"attribute_not_exists({names('o')}) OR {names('o')} = {names.value(_n(owner))} "
+            f"OR {names('x')} <= {names.value(_n(now))}")
+
+
+def _moved_from_other_owners(run_key: str, cancelled: _Cancelled) -> list[dict[str, Any]]:
+    """The operations of a cancelled item write, again, now replacing the items owned by
+    other checkpoints that refused it: the put accepts that very record, and the value it
+    leaves next to its former owner is deleted with it (only while unchanged)."""
+    pk = layout.partition(run_key)
+    operations = list(cancelled.operations)
+    for index, operation in enumerate(cancelled.operations):
+        old = cancelled.item(index)
+        if not cancelled.failed(index) or "Put" not in operation or not old or "o" not in old:
+            continue
+        key = _text(old, "SK")[2:]
+        token = old.get("wt", _s(""))
+        names = _Names()
+        put = {name: value for name, value in operation["Put"].items()
+               if name not in ("ExpressionAttributeNames", "ExpressionAttributeValues")}
+        put["ConditionExpression"] = (
+            f"{names('o')} = {names.value(old['o'])} AND {names('wt')} = {names.value(token)}")
+        put.update(names.params())
+        operations[index] = {**operation, "Put": put}
+        operations.append(items_layout.delete_when(
+            pk, layout.owned_sk(_int(old, "o"), key), "wt", token))
+    return operations
+
+
+def _owner_covered(run_key: str, owner: int) -> dict[str, Any]:
+    """A check that the run item counts ``owner`` among the checkpoints that may own items
+    (so removing it reads what it owns) and is not being purged."""
+    names = _Names()
+    at = names.value(_n(owner))
+    return {"ConditionCheck": {
+        "Key": {"PK": _s(layout.partition(run_key)), "SK": _s(layout.RUN_SK)},
+        "ConditionExpression": (
+            f"attribute_not_exists({names('pg')}) AND ("
+            f"(attribute_exists({names('rfl')}) AND {names('rfl')} <= {at}) OR "
+            f"contains({names('own')}, {at}) OR "
+            f"(attribute_exists({names('ofl')}) AND {names('ofl')} > {at}))"
+        ),
+        **names.params(),
+    }}
+
+
+def _checkpoint_live(run_key: str, sequence: int, checkpoint_id: str, now: float
+                     ) -> dict[str, Any]:
+    names = _Names()
+    return {"ConditionCheck": {
+        "Key": {"PK": _s(layout.partition(run_key)), "SK": _s(layout.checkpoint_sk(sequence))},
+        "ConditionExpression": (
+            f"{names('cid')} = {names.value(_s(checkpoint_id))} AND "
+            f"(attribute_not_exists({names('x')}) OR {names('x')} > {names.value(_n(now))})"
+        ),
+        **names.params(),
+    }}
+
+
+def _chunks(groups: Sequence[list[dict[str, Any]]], size: int) -> list[list[list[dict[str, Any]]]]:
+    """Groups of operations in chunks of at most ``size`` operations and of the records one
+    transaction takes, a group never split."""
+    chunks: list[list[list[dict[str, Any]]]] = [[]]
+    count = weight = 0
+    for group in groups:
+        heavy = sum(_item_size(op["Put"]["Item"]) for op in group if "Put" in op)
+        if chunks[-1] and (count + len(group) > size or weight + heavy > _TRANSACTION_BYTES):
+            chunks.append([])
+            count = weight = 0
+        chunks[-1].append(group)
+        count += len(group)
+        weight += heavy
+    return [chunk for chunk in chunks if chunk]
 
 
 def parse_size(text: str) -> int:

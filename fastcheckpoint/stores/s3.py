@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import heapq
+import itertools
 import logging
 import secrets
 from collections import OrderedDict
@@ -77,12 +78,15 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_keep_latest,
+    check_labels,
     check_options,
+    check_shared_items,
     is_live,
+    latest_expiry,
 )
 from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop
 from fastcheckpoint.stores._s3_io import PAGE, UNCHANGED, Bucket, Listed, Unchanged, gather, pair
-from fastcheckpoint.stores._s3_layout import ItemMeta, Listing, RunState, Slot
+from fastcheckpoint.stores._s3_layout import ItemBody, ItemMeta, Listing, RunState, Slot, SweepLease
 from fastcheckpoint.stores._s3_provision import provision_bucket
 
 if TYPE_CHECKING:
@@ -109,6 +113,13 @@ _KEYWORD_OPTIONS = frozenset({"client", "session"})
 _TOKEN_BYTES = 8
 _FLOOR_RACES = 3
 """Tries of a status change whose compare-and-set loses to writers raising the floor."""
+SWEEP_LEASE_SECONDS = 60.0
+"""A sweep lease older than this was left by a worker that stopped: the next sweep takes it."""
+_READ_PAGE = 100
+"""``MaxKeys`` of the listing behind ``read_with_items(sequence=None)``: the newest
+checkpoints with the items they own, in one LIST."""
+_REFS_CACHE = 4096
+"""Slots whose refs this process remembers for sweeps (a slot never changes under its ETag)."""
 _STORE = "S3Store"
 _DRIVER = "aiobotocore"
 
@@ -153,6 +164,13 @@ def lifecycle_rules(prefix: str = "", *, backstop_days: int | None = None) -> li
 
 
 @dataclass
+class _ItemMarker:
+    key: str
+    hex_key: str
+    meta: ItemMeta
+
+
+@dataclass
 class _SlotView:
     sequence: int
     slot_etag: str | None = None
@@ -161,13 +179,14 @@ class _SlotView:
     listing: Listing | None = None
     extra: list[str] = field(default_factory=list)  # duplicate markers (crash leftovers)
     missing: bool = False  # a slot without its marker: ``marker`` is the key it should have
+    owned: list[_ItemMarker] = field(default_factory=list)  # markers of the items it owns
 
-
-@dataclass
-class _ItemMarker:
-    key: str
-    hex_key: str
-    meta: ItemMeta
+    @property
+    def names_items(self) -> bool:
+        """Its checkpoint names shared items (or may: a slot not read yet)."""
+        if self.listing is None:
+            return self.slot_etag is not None
+        return self.kind != "t" and self.listing.refs
 
 
 @dataclass
@@ -178,6 +197,12 @@ class _Listed:
     slots: dict[int, _SlotView] = field(default_factory=dict)
     item_markers: list[_ItemMarker] = field(default_factory=list)
     stray: list[str] = field(default_factory=list)  # unparseable keys: removed with the run
+    sweep_due: str | None = None  # ETag of the object asking for a sweep
+    lease: str | None = None  # ETag of a sweep's lease
+
+    def sweep_keys(self, run_key: str) -> list[str]:
+        return ([layout.sweep_due(run_key)] if self.sweep_due is not None else []) + (
+            [layout.sweep_lease(run_key)] if self.lease is not None else [])
 
 
 @dataclass
@@ -226,10 +251,7 @@ class _Run:
     def expires_at(self) -> float | None:
         if not self.held:
             return EMPTY_RUN
-        expiries = [_listing(view).expires_at for view in self.held]
-        if any(expiry is None for expiry in expiries):
-            return None
-        return max(expiry for expiry in expiries if expiry is not None)
+        return functools.reduce(latest_expiry, [_listing(view).expires_at for view in self.held])
 
     def live(self, now: float) -> bool:
         return self.state is not None and bool(self.held) and is_live(self.expires_at, now)
@@ -266,6 +288,7 @@ class _Run:
             expires_at=self.expires_at,
             version=state.version,
             data=state.data,
+            labels=state.labels,
         )
 
     def conflict(self, now: float) -> SequenceConflict:
@@ -398,7 +421,7 @@ def _marker_of(
     """The marker of a checkpoint, key and body: a function of the slot alone, so whoever
     finds a slot without its marker writes exactly the marker its writer would have."""
     if kind == "t":
-        short = msgspec.structs.replace(listing, header=None, token=b"")
+        short = msgspec.structs.replace(listing, header=None, token=b"", refs=False)
         return layout.marker_key(run_key, sequence, "t", short), b""
     key = layout.marker_key(run_key, sequence, "m", listing)
     if len((prefix + key).encode("utf-8")) <= layout.MAX_KEY_BYTES:
@@ -418,7 +441,7 @@ def _owned_of(run_key: str, cached: _Cached, owners: Iterable[int]) -> list[str]
 
 def _listing_of(slot: Slot) -> Listing:
     return Listing(slot.incarnation, slot.checkpoint_id, slot.created_at, slot.expires_at,
-                   slot.appended_at, slot.header, slot.token)
+                   slot.appended_at, slot.header, slot.token, bool(slot.refs))
 
 
 def _listing(view: _SlotView) -> Listing:
@@ -442,6 +465,10 @@ def _parse_run_listing(run_key: str, entries: Iterable[Listed]) -> _Listed:
                 listed.stray.append(entry.key)
             else:
                 listed.item_markers.append(_ItemMarker(entry.key, hex_key, meta))
+        elif rest == "sweep/due":
+            listed.sweep_due = entry.etag
+        elif rest == "sweep/lease":
+            listed.lease = entry.etag
         else:
             listed.stray.append(entry.key)
     return listed
@@ -457,6 +484,9 @@ def _parse_slot_key(listed: _Listed, entry: Listed, rest: str) -> None:
     if not marker:
         view.slot_etag = entry.etag
         return
+    if marker.startswith("w"):
+        _parse_owned(listed, view, entry, marker[1:])
+        return
     listing = layout.parse_listing(marker[1:])
     if marker[0] not in "mlt" or listing is None:
         listed.stray.append(entry.key)
@@ -464,6 +494,18 @@ def _parse_slot_key(listed: _Listed, entry: Listed, rest: str) -> None:
         view.extra.append(entry.key)
     else:
         view.marker, view.kind, view.listing = entry.key, marker[0], listing
+
+
+def _parse_owned(listed: _Listed, view: _SlotView, entry: Listed, rest: str) -> None:
+    """The marker of an item the view's checkpoint owns: ``<hex key>/<meta>``."""
+    hex_key, _, encoded = rest.partition("/")
+    meta = layout.parse_item_meta(encoded)
+    if meta is None or meta.owner != view.sequence or layout.item_key_of(hex_key) is None:
+        listed.stray.append(entry.key)
+        return
+    marker = _ItemMarker(entry.key, hex_key, meta)
+    view.owned.append(marker)
+    listed.item_markers.append(marker)
 
 
 # -- the store ------------------------------------------------------------------------------------
@@ -520,6 +562,8 @@ class S3Store(ExpiryCleanup):
         self._built: PerLoop[_Built] = PerLoop(
             self._build, _close_built, store=_STORE, driver=_DRIVER)
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._refs: OrderedDict[tuple[str, int, str], frozenset[str]] = OrderedDict()
+        self._verdicts: OrderedDict[tuple[str, str, str], bool] = OrderedDict()
 
     @classmethod
     def from_url(
@@ -624,9 +668,10 @@ class S3Store(ExpiryCleanup):
             return  # an append of ours finished after that listing was taken: keep the newer
         log = _Log(current.latest_sequence, {}, {}, known_from)
         for view in current.held:
-            log.add(view.sequence, _Entry(_listing(view).expires_at, _keys_of(run_key, view)))
+            log.add(view.sequence,
+                    _Entry(_listing(view).expires_at, _prunable_keys(run_key, view)))
         for view in (*current.tombstones, *current.orphans):
-            log.garbage[view.sequence] = _keys_of(run_key, view)
+            log.garbage[view.sequence] = _prunable_keys(run_key, view)
         cached.log = log
 
     # -- reading a run ------------------------------------------------------------------------
@@ -748,6 +793,7 @@ class S3Store(ExpiryCleanup):
             return
         slot = layout.decode_slot(found[0], io.where(key), run_key=run_key,
                                   sequence=view.sequence)
+        self._remember_refs(run_key, view.sequence, found[1], slot)
         view.kind = "t" if slot.tombstone else "m"
         view.listing = _listing_of(slot)
         view.marker = _marker_of(io.prefix, run_key, view.sequence, view.kind, view.listing)[0]
@@ -762,6 +808,7 @@ class S3Store(ExpiryCleanup):
             header=slot.header,
             payload=slot.payload,
             key=io.where(layout.slot_key(run_key, slot.sequence)),
+            refs=slot.refs,
         )
 
     # -- checkpoint log -------------------------------------------------------------------------
@@ -775,38 +822,143 @@ class S3Store(ExpiryCleanup):
         keep_latest: int | None,
         now: float,
     ) -> str:
+        return await self._append(run_key, record, run, keep_latest, now, ())
+
+    async def append_with_items(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        *,
+        run: RunRecord,
+        keep_latest: int | None,
+        now: float,
+        items: Sequence[Item],
+    ) -> str:
+        return await self._append(run_key, record, run, keep_latest, now, items)
+
+    async def _append(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        run: RunRecord,
+        keep_latest: int | None,
+        now: float,
+        items: Sequence[Item],
+    ) -> str:
         check_keep_latest(keep_latest)
+        check_labels(run.labels)
+        shared, owned = _appended_items(record, items)
         io = await self._objects()
         cached = self._cache.get(run_key)
         if cached is None or not _accepts(cached, record.sequence, run.incarnation, now):
             cached = await self._prepare(io, run_key, record, run, keep_latest, now)
+        assert cached.state is not None
+        slot = Slot(cached.state.incarnation, record.sequence, record.checkpoint_id,
+                    record.created_at, record.expires_at, now, record.header, record.payload,
+                    token=secrets.token_bytes(_TOKEN_BYTES), run_key=run_key,
+                    refs=tuple(record.refs))
+        try:
+            return await self._write(io, run_key, cached, slot, shared, owned, keep_latest, now)
+        except CheckpointError:
+            if shared:
+                # Its shared items may be in place, named by nothing: the next sweep removes
+                # them (best effort: when this fails too, they wait for the run's deletion).
+                await self._ask_for_sweep(io, run_key)
+            raise
+
+    async def _write(
+        self,
+        io: Bucket,
+        run_key: str,
+        cached: _Cached,
+        slot: Slot,
+        shared: dict[str, Item],
+        owned: dict[str, Item],
+        keep_latest: int | None,
+        now: float,
+    ) -> str:
+        """The append, once this process's knowledge admits it: two round trips (see
+        "Requests per operation" in ``docs/stores/s3.md``)."""
         state, log, etag = cached.state, cached.log, cached.etag
         assert state is not None
         assert log is not None
         assert etag is not None
-        slot = Slot(state.incarnation, record.sequence, record.checkpoint_id, record.created_at,
-                    record.expires_at, now, record.header, record.payload,
-                    token=secrets.token_bytes(_TOKEN_BYTES), run_key=run_key)
         # The commit (create-only at the sequence: the check against other writers) and, in
         # the same round trip, the check against the run: is its object still the one this
-        # process knows? An unchanged one costs a 304 without a body.
-        slot_etag, seen = await pair(
+        # process knows? An unchanged one costs a 304 without a body. The shared items go
+        # with them: each is named by its key, so one written by an append that then loses
+        # the sequence is the value the winner names too.
+        slot_etag, (seen, written) = await pair(
             functools.partial(self._commit, io, run_key, slot, keep_latest, now),
-            functools.partial(_error_as_value, io.get_if_changed, layout.run_object(run_key),
-                              etag),
+            functools.partial(
+                pair,
+                functools.partial(_error_as_value, io.get_if_changed,
+                                  layout.run_object(run_key), etag),
+                functools.partial(_error_as_value, self._put_shared, io, run_key, slot,
+                                  shared, now),
+            ),
         )
+        if isinstance(written, CheckpointError):
+            await self._withdraw(io, run_key, slot, slot_etag)
+            raise written
         status = await self._confirm(io, run_key, slot, slot_etag, seen, state, keep_latest, now)
-        # Pruning only now: keys this process knows may belong to a newer run if the run
-        # was started over, and the check above has just ruled that out.
-        entry, _ = await pair(
-            functools.partial(self._write_marker, io, run_key, slot),
-            functools.partial(self._prune, io, run_key, cached, log, slot, keep_latest, now),
-        )
+        prune = functools.partial(self._prune, io, run_key, cached, log, slot, keep_latest, now)
+        if slot.refs or owned:
+            entry = await self._complete(io, run_key, cached, slot, slot_etag, owned, now)
+            # Pruning only once the append is sure to stand: its items may still fail, and
+            # a checkpoint taken back must not have pruned the ones it replaced.
+            await prune()
+        else:
+            # Pruning only now: keys this process knows may belong to a newer run if the
+            # run was started over, and the check above has just ruled that out.
+            entry, _ = await pair(
+                functools.partial(self._write_marker, io, run_key, slot), prune)
         log.latest = max(log.latest, slot.sequence)
         log.garbage.pop(slot.sequence, None)  # a leftover our slot replaced: its key is ours now
         log.add(slot.sequence, entry)
         log.trim(_LOG_SPARE + (keep_latest or 0))
         return status
+
+    async def _complete(
+        self,
+        io: Bucket,
+        run_key: str,
+        cached: _Cached,
+        slot: Slot,
+        slot_etag: str,
+        owned: dict[str, Item],
+        now: float,
+    ) -> _Entry:
+        """The second round trip of an append with items: the marker, the owned items (only
+        now: a slot that lost its sequence must not have written items the winner owns) and
+        the check against a sweep of the shared items the checkpoint names. When the items
+        fail or a sweep is deleting what the checkpoint names, the slot is taken back."""
+        entry, (markers, allowed) = await pair(
+            functools.partial(self._write_marker, io, run_key, slot),
+            functools.partial(
+                pair,
+                functools.partial(_error_as_value, self._put_owned, io, run_key, slot, owned,
+                                  now),
+                functools.partial(_error_as_value, self._sweep_allows, io, run_key, slot.refs),
+            ),
+        )
+        failure = next((found for found in (markers, allowed)
+                        if isinstance(found, CheckpointError)), None)
+        if failure is None and allowed is False:
+            failure = ConflictError(
+                f"a cleanup of run {run_key} is removing shared items checkpoint "
+                f"{slot.checkpoint_id} names; nothing was written: append it again with "
+                "those items")
+        if failure is None:
+            assert isinstance(markers, dict)
+            if markers:
+                cached.owned[slot.sequence] = markers
+            return entry
+        if await self._withdraw(io, run_key, slot, slot_etag):
+            marker = _marker_of(io.prefix, run_key, slot.sequence, "m", _listing_of(slot))[0]
+            await pair(functools.partial(_forget_keys, io, [marker]),
+                       functools.partial(self._withdraw_owned, io, run_key, slot, owned))
+        raise failure
 
     async def _commit(
         self, io: Bucket, run_key: str, slot: Slot, keep_latest: int | None, now: float
@@ -840,23 +992,24 @@ class S3Store(ExpiryCleanup):
 
     async def _withdraw(
         self, io: Bucket, run_key: str, slot: Slot, etag: str | None = None
-    ) -> None:
+    ) -> bool:
         """Best effort, for a create that fails: remove its slot if it was written (``etag``
         if known). Unless another writer appended after it meanwhile: then the slot is part
-        of the run's history, and removing it would leave a gap."""
+        of the run's history, and removing it would leave a gap. Whether the slot is gone."""
         key = layout.slot_key(run_key, slot.sequence)
         try:
             ours = etag if etag is not None else await self._ours(io, run_key, slot)
             if ours is None:
-                return  # never written
+                return True  # never written
             if not await io.list(layout.slot_key(run_key, slot.sequence + 1), limit=1):
                 await io.delete_if(key, ours)
-                return
+                return True
             why = "another writer appended after it"
         except CheckpointError as exc:
             why = str(exc)
         logger.warning("a failed create left checkpoint %s behind at %s: %s",
                        slot.checkpoint_id, io.where(key), why)
+        return False
 
     async def _confirm(
         self,
@@ -961,7 +1114,7 @@ class S3Store(ExpiryCleanup):
         """Take the run key for a new run: compare-and-set the run object, then clear the
         leftovers of the previous run (checkpoints, owned items, index entries)."""
         state = RunState(seed.run_id, seed.incarnation, layout.check_status(seed.status),
-                         seed.created_at, now, seed.version, seed.data)
+                         seed.created_at, now, seed.version, seed.data, labels=seed.labels)
         if current.state is not None and not await self._seal(io, run_key, current, now):
             raise (await self._load(io, run_key)).conflict(now)  # it lives again
         key = layout.run_object(run_key)
@@ -980,11 +1133,14 @@ class S3Store(ExpiryCleanup):
         leftovers += [layout.item_object(run_key, marker.hex_key) for marker in owned]
         if current.state is not None:
             leftovers += layout.index_keys(run_key, current.state)
-        await pair(
+        # Shared items stay (as unowned items do) until a sweep finds them named by none of
+        # the new run's checkpoints.
+        await gather([
             functools.partial(_delete_leftovers, io, run_key, views, leftovers),
-            functools.partial(gather, [functools.partial(io.put, key, b"")
-                                       for key in layout.index_keys(run_key, state)]),
-        )
+            functools.partial(_put_empty, io, layout.index_keys(run_key, state)),
+            functools.partial(self._ask_for_sweep, io, run_key,
+                              any(view.names_items for view in views)),
+        ])
         return state, etag
 
     async def _seal(self, io: Bucket, run_key: str, current: _Run, now: float) -> bool:
@@ -1078,7 +1234,154 @@ class S3Store(ExpiryCleanup):
 
     async def _write_marker(self, io: Bucket, run_key: str, slot: Slot) -> _Entry:
         marker = await self._put_marker(io, run_key, slot.sequence, "m", _listing_of(slot))
-        return _Entry(slot.expires_at, [layout.slot_key(run_key, slot.sequence), marker])
+        keys = [layout.slot_key(run_key, slot.sequence)]
+        # Pruned, a checkpoint naming shared items leaves its marker: the cleanup loop's cue
+        # to sweep what only it named.
+        return _Entry(slot.expires_at, keys if slot.refs else [*keys, marker])
+
+    # -- items written with a checkpoint ----------------------------------------------------------
+
+    async def _put_shared(
+        self, io: Bucket, run_key: str, slot: Slot, shared: dict[str, Item], now: float
+    ) -> None:
+        bodies = {hex_key: ItemBody(item.value, None, None, slot.token, shared=True)
+                  for hex_key, item in shared.items()}
+        await gather([functools.partial(self._put_item, io, run_key, hex_key, body, now)
+                      for hex_key, body in bodies.items()])
+
+    async def _put_owned(
+        self, io: Bucket, run_key: str, slot: Slot, owned: dict[str, Item], now: float
+    ) -> dict[str, str]:
+        """Write the items the new checkpoint owns (each with its marker, in one round trip);
+        the markers of those it owns now, by hex key."""
+        meta = ItemMeta(slot.sequence, slot.expires_at)
+
+        async def put(hex_key: str, item: Item) -> str | None:
+            body = ItemBody(item.value, slot.sequence, slot.expires_at, slot.token,
+                            checkpoint_id=slot.checkpoint_id)
+            marker = layout.item_marker_key(run_key, hex_key, meta)
+            (_, kept), _ = await pair(
+                functools.partial(self._put_item, io, run_key, hex_key, body, now),
+                functools.partial(io.put, marker, b""),
+            )
+            if kept is not None and (kept.owner, kept.expires_at) != (meta.owner,
+                                                                      meta.expires_at):
+                await io.delete([marker])  # the live item kept there is not this one's
+                return None
+            return marker
+
+        markers = await gather([functools.partial(put, hex_key, item)
+                                for hex_key, item in owned.items()])
+        return {hex_key: marker for hex_key, marker in zip(owned, markers, strict=True)
+                if marker is not None}
+
+    async def _put_item(
+        self,
+        io: Bucket,
+        run_key: str,
+        hex_key: str,
+        body: ItemBody,
+        now: float,
+        existing: tuple[bytes, str] | None = None,
+    ) -> tuple[str | None, ItemBody | None]:
+        """Write ``body`` unless a live item has the key (``existing``: the object as just
+        read, if it was): ``(its ETag, None)``, or ``(None, the live item kept)``. A key
+        taken by this very write (its token: a retry after a lost reply) counts as written."""
+        key = layout.item_object(run_key, hex_key)
+        encoded = layout.encode(body)
+        for _ in range(_FLOOR_RACES):
+            if existing is None:
+                etag = await io.put(key, encoded, if_none_match=True)
+                if etag is not None:
+                    return etag, None
+                existing = await io.get(key)
+                if existing is None:
+                    continue  # deleted in between: create it again
+            stored = layout.decode_item(existing[0], io.where(key))
+            if stored.token == body.token:
+                return existing[1], None
+            if is_live(stored.expires_at, now):
+                return None, stored
+            etag = await io.put(key, encoded, if_match=existing[1])
+            if etag is not None:
+                return etag, None
+            existing = await io.get(key)
+        raise ConflictError(f"item {io.where(key)} kept changing while it was written")
+
+    async def _sweep_allows(self, io: Bucket, run_key: str, refs: Sequence[str]) -> bool:
+        """After the commit: may the checkpoint name ``refs``? Not when a sweep that did not
+        see it is deleting one of them. A sweep still collecting is stopped instead (its
+        lease deleted: it then deletes nothing). See "Shared items" in ``docs/stores/s3.md``."""
+        if not refs:
+            return True
+        named = {layout.hex_item_key(ref) for ref in refs}
+        key = layout.sweep_lease(run_key)
+        for _ in range(_FLOOR_RACES):
+            found = await io.get(key)
+            if found is None:
+                return True
+            lease = _lease_of(found[0], io.where(key))
+            if lease is None or named.isdisjoint(lease.doomed):
+                return True
+            if lease.deleting:
+                return False
+            if await io.delete_if(key, found[1]):
+                return True
+        return False
+
+    async def _ask_for_sweep(self, io: Bucket, run_key: str, needed: bool = True) -> None:
+        """Best effort: ask the cleanup loop to sweep the run's shared items (if ``needed``)."""
+        if not needed:
+            return
+        key = layout.sweep_due(run_key)
+        try:
+            await io.put(key, secrets.token_bytes(_TOKEN_BYTES))
+        except CheckpointError:
+            logger.warning("could not ask for a sweep of run %s at %s: shared items named by "
+                           "no checkpoint may stay until the run is deleted", run_key,
+                           io.where(key), exc_info=True)
+
+    async def _withdraw_owned(
+        self, io: Bucket, run_key: str, slot: Slot, owned: dict[str, Item]
+    ) -> None:
+        """Best effort, for an append taken back: remove the owned items it wrote (those
+        carrying its token) and their markers."""
+        if not owned:
+            return
+        meta = ItemMeta(slot.sequence, slot.expires_at)
+        try:
+            found = await self._bodies(io, run_key, list(owned))
+            markers: list[str] = []
+            bodies: list[tuple[str, str]] = []
+            for hex_key, got in zip(owned, found, strict=True):
+                if got is not None and got[0].token != slot.token:
+                    continue  # not written by this append
+                markers.append(layout.item_marker_key(run_key, hex_key, meta))
+                if got is not None:
+                    bodies.append((layout.item_object(run_key, hex_key), got[1]))
+            await pair(
+                functools.partial(gather, [functools.partial(io.delete_if, key, etag)
+                                           for key, etag in bodies]),
+                functools.partial(io.delete, markers),
+            )
+        except CheckpointError:
+            logger.warning("a failed create of checkpoint %s left items behind in run %s",
+                           slot.checkpoint_id, run_key, exc_info=True)
+
+    async def _bodies(
+        self, io: Bucket, run_key: str, hex_keys: Sequence[str]
+    ) -> list[tuple[ItemBody, str] | None]:
+        """The items at ``hex_keys`` with their ETags (None where there is none), read
+        concurrently."""
+
+        async def read(hex_key: str) -> tuple[ItemBody, str] | None:
+            key = layout.item_object(run_key, hex_key)
+            found = await io.get(key)
+            if found is None:
+                return None
+            return layout.decode_item(found[0], io.where(key)), found[1]
+
+        return await gather([functools.partial(read, hex_key) for hex_key in hex_keys])
 
     async def _prune(
         self,
@@ -1188,12 +1491,12 @@ class S3Store(ExpiryCleanup):
         for view in reversed(current.held):
             expires_at = _listing(view).expires_at
             if len(kept) < need and is_live(expires_at, now):
-                kept[view.sequence] = _Entry(expires_at, _keys_of(run_key, view))
+                kept[view.sequence] = _Entry(expires_at, _prunable_keys(run_key, view))
             else:
-                keys += _keys_of(run_key, view)
+                keys += _prunable_keys(run_key, view)
                 gone.add(view.sequence)
         for view in (*current.tombstones, *current.orphans):
-            keys += _keys_of(run_key, view)
+            keys += _prunable_keys(run_key, view)
         keys += listed.stray
         return keys + _owned_of(run_key, cached, gone), kept
 
@@ -1210,6 +1513,18 @@ class S3Store(ExpiryCleanup):
             functools.partial(io.get, key),
             functools.partial(_damage_as_value, self._read_state, io, run_key),
         )
+        return await self._accept_read(io, run_key, sequence, found, state, now)
+
+    async def _accept_read(
+        self,
+        io: Bucket,
+        run_key: str,
+        sequence: int,
+        found: tuple[bytes, str] | None,
+        state: tuple[RunState, str] | CorruptCheckpointError | None,
+        now: float,
+    ) -> tuple[StoredCheckpoint, str] | None:
+        """What ``get`` returns, from the slot and the run object read together."""
         if found is None or state is None:
             return None
         if isinstance(state, CorruptCheckpointError):
@@ -1222,6 +1537,14 @@ class S3Store(ExpiryCleanup):
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
         io = await self._objects()
+        found = await self._latest(io, run_key, now, first=_page_for(2))
+        return None if found is None else found[:2]
+
+    async def _latest(
+        self, io: Bucket, run_key: str, now: float, *, first: int
+    ) -> tuple[StoredCheckpoint, str, _SlotView] | None:
+        """The newest live checkpoint, its run's status, and its view in the listing read
+        (with the markers of the items it owns). ``first``: ``MaxKeys`` of the first LIST."""
 
         def incarnation(listed: _Listed) -> str | None:
             cached = self._cache.get(run_key)
@@ -1235,7 +1558,7 @@ class S3Store(ExpiryCleanup):
                 view.slot_etag is not None and view.listing is None for view in views
             )
 
-        listed, known_from = await self._scan(io, run_key, first=_page_for(2), enough=found)
+        listed, known_from = await self._scan(io, run_key, first=first, enough=found)
         if listed.run_etag is None:
             self._forget(run_key)  # deleted: what this process knew of it is void
             return None
@@ -1252,9 +1575,9 @@ class S3Store(ExpiryCleanup):
             if state is None:
                 return None
             if not isinstance(state, CorruptCheckpointError) and got is not None:
-                result = self._accept(io, run_key, guess.sequence, got, state[0], now)
-                if result is not None:
-                    return result
+                accepted = self._accept(io, run_key, guess.sequence, got, state[0], now)
+                if accepted is not None:
+                    return *accepted, guess
         result = await self._first_live(io, run_key, await self._resolve(io, run_key, listed), now)
         if result is None and known_from:
             result = await self._first_live(io, run_key, await self._load(io, run_key), now)
@@ -1262,7 +1585,7 @@ class S3Store(ExpiryCleanup):
 
     async def _first_live(
         self, io: Bucket, run_key: str, current: _Run, now: float
-    ) -> tuple[StoredCheckpoint, str] | None:
+    ) -> tuple[StoredCheckpoint, str, _SlotView] | None:
         if current.state is None:
             return None
         for view in reversed(current.held):
@@ -1273,7 +1596,7 @@ class S3Store(ExpiryCleanup):
                 continue
             result = self._accept(io, run_key, view.sequence, got, current.state, now)
             if result is not None:
-                return result
+                return *result, view
         return None
 
     def _accept(
@@ -1293,6 +1616,155 @@ class S3Store(ExpiryCleanup):
         ):
             return None
         return self._located(io, run_key, slot), state.status
+
+    # -- checkpoints with their items ------------------------------------------------------------
+
+    async def read_with_items(
+        self, run_key: str, *, sequence: int | None, now: float
+    ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        io = await self._objects()
+        if sequence is None:
+            latest = await self._latest(io, run_key, now, first=_READ_PAGE)
+            if latest is None:
+                return None
+            record, status, view = latest
+            owned = [marker.hex_key for marker in view.owned]
+        else:
+            found = await self._read_at(io, run_key, sequence, now)
+            if found is None:
+                return None
+            record, status, owned = found
+        return record, status, await self._items_of(io, run_key, record, owned, now)
+
+    async def _read_at(
+        self, io: Bucket, run_key: str, sequence: int, now: float
+    ) -> tuple[StoredCheckpoint, str, list[str]] | None:
+        """What ``get`` returns, with the hex keys of the items the checkpoint owns (their
+        markers are under its slot key: listed in the same round trip)."""
+        if not layout.valid_sequence(sequence):
+            return None
+        slot = layout.slot_key(run_key, sequence)
+        (found, state), entries = await pair(
+            functools.partial(
+                pair,
+                functools.partial(io.get, slot),
+                functools.partial(_damage_as_value, self._read_state, io, run_key),
+            ),
+            functools.partial(io.list, f"{slot}/"),
+        )
+        accepted = await self._accept_read(io, run_key, sequence, found, state, now)
+        if accepted is None:
+            return None
+        view = _parse_run_listing(run_key, entries).slots.get(sequence)
+        return *accepted, [] if view is None else [marker.hex_key for marker in view.owned]
+
+    async def _items_of(
+        self,
+        io: Bucket,
+        run_key: str,
+        record: StoredCheckpoint,
+        owned: Sequence[str],
+        now: float,
+    ) -> dict[str, bytes]:
+        """The live items ``record`` names and those it owns (``owned``: hex keys of its item
+        markers), read concurrently. An item at an owned key that another checkpoint (or
+        another life of this one) owns now is not this checkpoint's."""
+        named = {layout.hex_item_key(key): key for key in record.refs}
+        wanted = list(dict.fromkeys([*named, *owned]))
+        found = await self._bodies(io, run_key, wanted)
+        values: dict[str, bytes] = {}
+        for hex_key, stored in zip(wanted, found, strict=True):
+            if stored is None or not is_live(stored[0].expires_at, now):
+                continue
+            body = stored[0]
+            mine = body.owner == record.sequence and body.checkpoint_id in (
+                "", record.checkpoint_id)
+            key = named.get(hex_key) if hex_key in named else (
+                layout.item_key_of(hex_key) if mine else None)
+            if key is not None:
+                values[key] = body.value
+        return values
+
+    async def put_owned_items(
+        self,
+        run_key: str,
+        items: Sequence[Item],
+        *,
+        owner: int,
+        checkpoint_id: str,
+        if_absent: bool,
+        now: float,
+    ) -> bool:
+        given = _owned_batch(items, owner, if_absent)
+        if not layout.valid_sequence(owner):
+            return False
+        io = await self._objects()
+        slot = layout.slot_key(run_key, owner)
+        # The owner check (slot and run object, as ``get`` reads them) and what the keys hold
+        # now, in one round trip; then every write in another.
+        (found, state), stored = await pair(
+            functools.partial(
+                pair,
+                functools.partial(io.get, slot),
+                functools.partial(_damage_as_value, self._read_state, io, run_key),
+            ),
+            functools.partial(self._stored_items, io, run_key, list(given)),
+        )
+        accepted = await self._accept_read(io, run_key, owner, found, state, now)
+        if accepted is None or accepted[0].checkpoint_id != checkpoint_id:
+            return False
+        record = accepted[0]
+        token = secrets.token_bytes(_TOKEN_BYTES)
+        markers = await gather([
+            functools.partial(self._put_owned_item, io, run_key, hex_key, item, record, token,
+                              if_absent, current, now)
+            for (hex_key, item), current in zip(given.items(), stored, strict=True)
+        ])
+        known = self._cached(run_key).owned.setdefault(owner, {})
+        known.update({hex_key: marker for hex_key, marker in zip(given, markers, strict=True)
+                      if marker is not None})
+        return True
+
+    async def _put_owned_item(
+        self,
+        io: Bucket,
+        run_key: str,
+        hex_key: str,
+        item: Item,
+        record: StoredCheckpoint,
+        token: bytes,
+        if_absent: bool,
+        stored: tuple[bytes, str] | None,
+        now: float,
+    ) -> str | None:
+        """Write one item owned by ``record`` and its marker; the marker when the item is
+        owned by ``record`` afterwards (None: a live item of another owner was kept)."""
+        body = ItemBody(item.value, record.sequence, record.expires_at, token,
+                        checkpoint_id=record.checkpoint_id)
+        marker = layout.item_marker_key(run_key, hex_key,
+                                        ItemMeta(record.sequence, record.expires_at))
+        old = None if stored is None else _marker_of_stored(run_key, hex_key, stored)
+        if not if_absent:
+            key = layout.item_object(run_key, hex_key)
+            stale = [old] if old is not None and old != marker else []
+            await pair(
+                functools.partial(gather, [functools.partial(io.put, key, layout.encode(body)),
+                                           functools.partial(io.put, marker, b"")]),
+                functools.partial(io.delete, stale),
+            )
+            return marker
+        (_, kept), _ = await pair(
+            functools.partial(self._put_item, io, run_key, hex_key, body, now, stored),
+            functools.partial(io.put, marker, b""),
+        )
+        if kept is None:
+            if old is not None and old != marker:
+                await io.delete([old])  # the expired item it replaced
+            return marker
+        if _marker_for(run_key, hex_key, kept.owner, kept.expires_at) != marker:
+            await io.delete([marker])  # the live item kept there is not this checkpoint's
+            return None
+        return marker
 
     async def headers(
         self,
@@ -1404,8 +1876,11 @@ class S3Store(ExpiryCleanup):
         # removes it later, once the run's floor is above it.
         tombstone_keys = [key, await self._put_marker(io, run_key, sequence, "t", listing)]
         markers = [view.marker] if view.marker is not None else []
-        await io.delete([*markers, *view.extra,
-                         *_owned_keys(run_key, current.listed, {sequence})])
+        await pair(
+            functools.partial(io.delete, [*markers, *view.extra,
+                                          *_owned_keys(run_key, current.listed, {sequence})]),
+            functools.partial(self._ask_for_sweep, io, run_key, view.names_items),
+        )
         self._discard(run_key, [sequence])
         cached = self._cache.get(run_key)
         if cached is not None and cached.log is not None:
@@ -1445,6 +1920,7 @@ class S3Store(ExpiryCleanup):
         keys += [key for view in current.listed.slots.values() for key in _keys_of(run_key, view)]
         keys += [marker.key for marker in current.listed.item_markers]
         keys += current.listed.stray + [entry.key for entry in items]
+        keys += current.listed.sweep_keys(run_key)
         if current.damage is not None:
             keys += await self._index_entries_of(io, run_key)  # the record cannot name them
         elif current.state is not None:
@@ -1457,7 +1933,7 @@ class S3Store(ExpiryCleanup):
     async def _index_entries_of(self, io: Bucket, run_key: str) -> list[str]:
         """Every index entry of the run, found by listing the whole index (a repair path)."""
         return [entry.key for entry in await io.list("index/")
-                if _indexed_run_key(entry.key) == run_key]
+                if layout.indexed_run_key(entry.key) == run_key]
 
     # -- runs ---------------------------------------------------------------------------------
 
@@ -1500,8 +1976,8 @@ class S3Store(ExpiryCleanup):
         new = await self._change_run(io, run_key, old, current.etag, new)
         if new.status != old.status:
             # The by-status index follows the run object; readers check entries against it.
-            await io.put(layout.index_keys(run_key, new)[1], b"")
-            await io.delete([layout.index_keys(run_key, old)[1]])
+            await io.put(layout.status_entry(run_key, new), b"")
+            await io.delete([layout.status_entry(run_key, old)])
         current.state = new
         return current.record()
 
@@ -1542,7 +2018,26 @@ class S3Store(ExpiryCleanup):
         if status is not None:
             layout.check_status(status)
         io = await self._objects()
-        prefix = layout.index_prefix(status)
+        return await self._page_index(io, layout.index_prefix(status), status, limit, cursor,
+                                      now)
+
+    async def runs_with_label(
+        self, label: str, *, limit: int, cursor: str | None, now: float
+    ) -> tuple[list[RunRecord], str | None]:
+        check_labels((label,))
+        io = await self._objects()
+        return await self._page_index(io, layout.label_prefix(label), None, limit, cursor, now)
+
+    async def _page_index(
+        self,
+        io: Bucket,
+        prefix: str,
+        status: str | None,
+        limit: int,
+        cursor: str | None,
+        now: float,
+    ) -> tuple[list[RunRecord], str | None]:
+        """A page of the live runs indexed under ``prefix`` (newest created first)."""
         start_after = None if cursor is None else _decode_cursor(cursor, prefix)
         result: list[RunRecord] = []
         page_size = min(max(limit, 50), 1000)
@@ -1569,6 +2064,11 @@ class S3Store(ExpiryCleanup):
     async def _indexed(
         self, io: Bucket, page: Sequence[Listed], prefix: str, status: str | None, now: float
     ) -> list[RunRecord | None]:
+        """The live run of each index entry (None for an entry of no live run). Entries of
+        runs that were deleted or started over are removed on the way: their incarnation
+        never lives again."""
+        stale: list[str] = []
+
         async def record(entry: Listed) -> RunRecord | None:
             parsed = layout.parse_index_entry(entry.key, prefix)
             if parsed is None:
@@ -1578,13 +2078,23 @@ class S3Store(ExpiryCleanup):
             if current.damage is not None:
                 return None  # logged by _resolve
             state = current.state
-            if state is None or state.incarnation != incarnation or not current.live(now):
+            if state is None or state.incarnation != incarnation:
+                stale.append(entry.key)
                 return None
+            if not current.live(now):
+                return None  # expired: the cleanup loop removes its entries with it
             if status is not None and state.status != status:
                 return None  # a stale entry: the status moved on
             return current.record()
 
-        return await gather([functools.partial(record, entry) for entry in page])
+        records = await gather([functools.partial(record, entry) for entry in page])
+        if stale:
+            try:
+                await io.delete(stale)
+            except CheckpointError:
+                logger.warning("could not remove %d index entries of deleted runs under %s",
+                               len(stale), io.where(prefix), exc_info=True)
+        return records
 
     async def count_runs(self, *, status: str | None, now: float) -> int:
         if status is not None:
@@ -1630,6 +2140,7 @@ class S3Store(ExpiryCleanup):
 
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
         status = layout.check_status(seed.status)
+        labels = check_labels(seed.labels)
         io = await self._objects()
         current = await self._load(io, run_key)
         where = io.where(layout.run_object(run_key))
@@ -1644,7 +2155,7 @@ class S3Store(ExpiryCleanup):
         # Which keys were freed before is lost with the damaged object: none at or above the
         # next sequence was.
         state = RunState(seed.run_id, current.state.incarnation, status, oldest.created_at, now,
-                         0, bytes(seed.data), floor=current.latest_sequence + 1)
+                         0, bytes(seed.data), floor=current.latest_sequence + 1, labels=labels)
         # Compare-and-set over the damaged bytes: a concurrent repair or writer wins alone.
         etag = await io.put(layout.run_object(run_key), layout.encode(state),
                             if_match=current.etag)
@@ -1673,59 +2184,75 @@ class S3Store(ExpiryCleanup):
         if not latest:
             return
         io = await self._objects()
-        markers = _parse_run_listing(
-            run_key, await io.list(layout.item_markers_prefix(run_key))
-        ).item_markers
+        # What each key holds now: the marker to replace is found from it, and create_only
+        # is checked against it before anything is written.
+        found = dict(zip(latest, await self._stored_items(io, run_key, list(latest)),
+                         strict=True))
         if create_only:
-            await self._put_new_items(io, run_key, latest, now)
-        else:
-            await gather([
-                functools.partial(io.put, layout.item_object(run_key, hex_key), _item_body(item))
-                for hex_key, item in latest.items()
-            ])
-        wanted = {
-            layout.item_marker_key(run_key, hex_key, ItemMeta(item.owner, item.expires_at))
+            for hex_key, stored in found.items():
+                if stored is not None and _live_item(stored, io.where(
+                        layout.item_object(run_key, hex_key)), now):
+                    raise ConflictError(f"item {latest[hex_key].key!r} already exists")
+        token = secrets.token_bytes(_TOKEN_BYTES)
+        await gather([
+            functools.partial(self._put_given, io, run_key, hex_key, item, token, create_only,
+                              found[hex_key], now)
             for hex_key, item in latest.items()
-            if item.owner is not None or item.expires_at is not None
-        }
-        existing = {marker.key for marker in markers}
-        await gather([functools.partial(io.put, key, b"") for key in sorted(wanted - existing)])
-        stale = [m.key for m in markers if m.hex_key in latest and m.key not in wanted]
-        if stale:
-            await io.delete(stale)
-        # The listing above showed every owned item: pruning removes them without a LIST.
-        owned: dict[int, dict[str, str]] = {}
-        for marker in markers:
-            if marker.meta.owner is not None and marker.hex_key not in latest:
-                owned.setdefault(marker.meta.owner, {})[marker.hex_key] = marker.key
-        for hex_key, item in latest.items():
-            if item.owner is not None:
-                meta = ItemMeta(item.owner, item.expires_at)
-                key = layout.item_marker_key(run_key, hex_key, meta)
-                owned.setdefault(item.owner, {})[hex_key] = key
-        self._cached(run_key).owned = owned
-
-    async def _put_new_items(
-        self, io: Bucket, run_key: str, items: dict[str, Item], now: float
-    ) -> None:
-        hex_keys = list(items)
-        found = await gather([
-            functools.partial(io.get, layout.item_object(run_key, hex_key)) for hex_key in hex_keys
         ])
-        replace: dict[str, str | None] = {}
-        for hex_key, existing in zip(hex_keys, found, strict=True):
-            if existing is None:
-                replace[hex_key] = None
-                continue
-            where = io.where(layout.item_object(run_key, hex_key))
-            if is_live(layout.decode_item(existing[0], where).expires_at, now):
-                raise ConflictError(f"item {items[hex_key].key!r} already exists")
-            replace[hex_key] = existing[1]
-        for hex_key, etag in replace.items():
-            written = await io.put(layout.item_object(run_key, hex_key), _item_body(items[hex_key]),
-                                   if_none_match=etag is None, if_match=etag)
-            if written is None:
-                raise ConflictError(f"item {items[hex_key].key!r} was created concurrently")
+        wanted = {hex_key: _marker_for(run_key, hex_key, item.owner, item.expires_at)
+                  for hex_key, item in latest.items()}
+        old = {hex_key: None if stored is None else _marker_of_stored(run_key, hex_key, stored)
+               for hex_key, stored in found.items()}
+        await pair(
+            functools.partial(gather, [functools.partial(io.put, marker, b"")
+                                       for hex_key, marker in wanted.items()
+                                       if marker is not None and marker != old[hex_key]]),
+            functools.partial(io.delete, [marker for hex_key, marker in old.items()
+                                          if marker is not None and marker != wanted[hex_key]]),
+        )
+        self._know_owners(run_key, found, latest, wanted)
+
+    async def _put_given(
+        self,
+        io: Bucket,
+        run_key: str,
+        hex_key: str,
+        item: Item,
+        token: bytes,
+        create_only: bool,
+        stored: tuple[bytes, str] | None,
+        now: float,
+    ) -> None:
+        body = ItemBody(item.value, item.owner, item.expires_at, token)
+        if not create_only:
+            await io.put(layout.item_object(run_key, hex_key), layout.encode(body))
+            return
+        _, kept = await self._put_item(io, run_key, hex_key, body, now, stored)
+        if kept is not None:
+            raise ConflictError(f"item {item.key!r} was created concurrently")
+
+    def _know_owners(
+        self,
+        run_key: str,
+        found: dict[str, tuple[bytes, str] | None],
+        latest: dict[str, Item],
+        markers: dict[str, str | None],
+    ) -> None:
+        """Keep what this process knows of owned items (pruning removes them by it) in step
+        with a ``put_items``."""
+        owned = self._cached(run_key).owned
+        for hex_key in found:
+            for items in owned.values():
+                items.pop(hex_key, None)
+            owner, marker = latest[hex_key].owner, markers[hex_key]
+            if owner is not None and marker is not None:
+                owned.setdefault(owner, {})[hex_key] = marker
+
+    async def _stored_items(
+        self, io: Bucket, run_key: str, hex_keys: Sequence[str]
+    ) -> list[tuple[bytes, str] | None]:
+        return await gather([functools.partial(io.get, layout.item_object(run_key, hex_key))
+                             for hex_key in hex_keys])
 
     async def get_items(
         self, run_key: str, keys: Sequence[str], *, now: float
@@ -1793,19 +2320,18 @@ class S3Store(ExpiryCleanup):
         return result
 
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
-        wanted = {layout.hex_item_key(key) for key in keys}
+        wanted = list({layout.hex_item_key(key): None for key in keys})
         if not wanted:
             return 0
         io = await self._objects()
-        base = layout.items_prefix(run_key)
-        present = {entry.key[len(base):] for entry in await io.list(base)} & wanted
+        found = await self._stored_items(io, run_key, wanted)
+        present = {hex_key: stored for hex_key, stored in zip(wanted, found, strict=True)
+                   if stored is not None}
         if not present:
             return 0
-        markers = _parse_run_listing(
-            run_key, await io.list(layout.item_markers_prefix(run_key))
-        ).item_markers
         doomed = [layout.item_object(run_key, hex_key) for hex_key in present]
-        doomed += [marker.key for marker in markers if marker.hex_key in present]
+        doomed += [marker for hex_key, stored in present.items()
+                   if (marker := _marker_of_stored(run_key, hex_key, stored)) is not None]
         await io.delete(doomed)
         cached = self._cache.get(run_key)
         if cached is not None:
@@ -1869,22 +2395,23 @@ class S3Store(ExpiryCleanup):
             more = more or len(batch) > 1
             batch = [view for view in batch if view.sequence == head]
             buried = []
+        sweep = False  # whether a checkpoint naming shared items is gone
         for view in batch:
             things += 1
             if await self._remove_expired(io, run_key, view, newest=view.sequence == head):
                 removed += 1
                 gone.append(view.sequence)
+                sweep = sweep or view.names_items
                 keys += [*([view.marker] if view.marker else []), *view.extra]
                 keys += _owned_keys(run_key, listed, {view.sequence})
-        mine = None if current.state is None else current.state.incarnation
         orphans = [view for view in current.orphans
                    if (current.state is None or view.sequence < head)
                    and not _fresh_seal(view, now)]
         for view in orphans:
             gone.append(view.sequence)
+            sweep = sweep or view.names_items  # e.g. the marker a pruned checkpoint left
             keys += _marker_keys_of(view)
-            if view.listing is not None and view.listing.incarnation == mine:
-                keys += _owned_keys(run_key, listed, {view.sequence})
+            keys += _owned_keys(run_key, listed, {view.sequence})
         for view in buried:
             gone.append(view.sequence)
             keys += _marker_keys_of(view)
@@ -1897,9 +2424,180 @@ class S3Store(ExpiryCleanup):
             elif owner is not None and owner < head and owner not in held:
                 # Its owner was pruned by a process that did not know of the item.
                 keys += [marker.key, layout.item_object(run_key, marker.hex_key)]
+        if current.state is None:
+            keys += listed.sweep_keys(run_key)  # the run is gone, its items with it
+        elif sweep or listed.sweep_due is not None or listed.lease is not None:
+            swept, unfinished = await self._sweep_run(io, run_key, listed, set(gone), now,
+                                                      max(budget - things, 1))
+            things += swept
+            more = more or unfinished
         await _delete_leftovers(io, run_key, [*orphans, *buried], keys)
         self._discard(run_key, gone)
         return removed, things, more
+
+    async def _sweep_run(
+        self, io: Bucket, run_key: str, listed: _Listed, gone: set[int], now: float,
+        budget: int,
+    ) -> tuple[int, bool]:
+        """Sweep the run's shared items: ``(items removed, more left)``. When the sweep
+        cannot finish now (another runs, an append stopped it, the budget ran out), the run
+        is marked for the next pass, so no cue for it is lost with the markers deleted now."""
+        removed, completed, more = await self._sweep(io, run_key, listed, gone, now, budget)
+        if not completed:
+            if listed.sweep_due is None:
+                await self._ask_for_sweep(io, run_key)
+        elif listed.sweep_due is not None:
+            await io.delete_if(layout.sweep_due(run_key), listed.sweep_due)
+        return removed, more
+
+    async def _sweep(
+        self, io: Bucket, run_key: str, listed: _Listed, gone: set[int], now: float,
+        budget: int,
+    ) -> tuple[int, bool, bool]:
+        """Remove the shared items that no checkpoint the run holds names (mark and sweep):
+        ``(items removed, completed, more left)``.
+
+        The doomed items are published in a lease object before anything is deleted. An
+        append naming one of them checks the lease after its commit: while the sweep still
+        collects, the append deletes the lease and the sweep deletes nothing; once it
+        deletes, the append is taken back. The sweep lists the run's newest checkpoints
+        again after taking the lease, so an append that landed before that keeps what it
+        names, and one that lands after it finds the lease."""
+        held = [view for view in listed.slots.values()
+                if view.slot_etag is not None and view.sequence not in gone]
+        named = await self._named(io, run_key, held)
+        doomed = await self._unnamed(io, run_key, listed, named)
+        more = len(doomed) > budget
+        doomed = dict(itertools.islice(doomed.items(), budget))
+        if not doomed:
+            if listed.lease is not None:
+                await self._drop_stale_lease(io, run_key, now)
+            return 0, True, False
+        token = secrets.token_bytes(_TOKEN_BYTES)
+        etag = await self._take_lease(io, run_key, SweepLease(False, token, now, tuple(doomed)),
+                                      now)
+        if etag is None:
+            return 0, False, False  # another sweep runs: it removes what this one would
+        for hex_key in await self._named_since(io, run_key, listed):
+            doomed.pop(hex_key, None)
+        deleting = SweepLease(True, token, now, tuple(doomed))
+        etag = await self._put_lease(io, run_key, deleting, if_match=etag)
+        if etag is None:
+            return 0, False, False  # an append naming a doomed item stopped it
+        results = await gather([
+            functools.partial(io.delete_if, layout.item_object(run_key, hex_key), item_etag)
+            for hex_key, item_etag in doomed.items()
+        ])
+        await io.delete_if(layout.sweep_lease(run_key), etag)
+        return sum(results), not more, more
+
+    async def _named(
+        self, io: Bucket, run_key: str, views: Iterable[_SlotView]
+    ) -> set[str]:
+        """Hex keys of the items the checkpoints of ``views`` name (their slots are read,
+        once per process: a slot never changes under its ETag)."""
+
+        async def refs_of(view: _SlotView) -> frozenset[str]:
+            assert view.slot_etag is not None
+            known = self._refs.get((run_key, view.sequence, view.slot_etag))
+            if known is not None:
+                return known
+            key = layout.slot_key(run_key, view.sequence)
+            found = await io.get(key)
+            if found is None:
+                return frozenset()  # removed since it was listed: it names nothing now
+            slot = layout.decode_slot(found[0], io.where(key), run_key=run_key,
+                                      sequence=view.sequence)
+            return self._remember_refs(run_key, view.sequence, found[1], slot)
+
+        found = await gather([functools.partial(refs_of, view) for view in views
+                              if view.names_items])
+        return set().union(*found)
+
+    def _remember_refs(self, run_key: str, sequence: int, etag: str, slot: Slot) -> frozenset[str]:
+        refs = frozenset(layout.hex_item_key(ref) for ref in slot.refs)
+        self._refs[(run_key, sequence, etag)] = refs
+        while len(self._refs) > _REFS_CACHE:
+            self._refs.popitem(last=False)
+        return refs
+
+    async def _unnamed(
+        self, io: Bucket, run_key: str, listed: _Listed, named: set[str]
+    ) -> dict[str, str]:
+        """The run's shared items outside ``named``, with their ETags. Items with a marker
+        (owned or expiring) are not shared; others are read once per process to tell."""
+        base = layout.items_prefix(run_key)
+        marked = {marker.hex_key for marker in listed.item_markers}
+        candidates = {entry.key[len(base):]: entry.etag for entry in await io.list(base)}
+        candidates = {hex_key: etag for hex_key, etag in candidates.items()
+                      if hex_key not in named and hex_key not in marked
+                      and layout.item_key_of(hex_key) is not None}
+        unknown = [hex_key for hex_key, etag in candidates.items()
+                   if (run_key, hex_key, etag) not in self._verdicts]
+        found = await self._stored_items(io, run_key, unknown)
+        for hex_key, stored in zip(unknown, found, strict=True):
+            if stored is not None and stored[1] == candidates[hex_key]:
+                self._verdicts[(run_key, hex_key, stored[1])] = _is_shared(stored)
+        while len(self._verdicts) > _REFS_CACHE:
+            self._verdicts.popitem(last=False)
+        return {hex_key: etag for hex_key, etag in candidates.items()
+                if self._verdicts.get((run_key, hex_key, etag), False)}
+
+    async def _named_since(self, io: Bucket, run_key: str, listed: _Listed) -> set[str]:
+        """Hex keys of the items named by checkpoints that landed since ``listed`` was
+        read: the run's newest slots are listed down to one that was there already."""
+        before = {sequence: view.slot_etag for sequence, view in listed.slots.items()
+                  if view.slot_etag is not None}
+
+        def reached(seen: _Listed) -> bool:
+            return any(view.slot_etag is not None and before.get(sequence) == view.slot_etag
+                       for sequence, view in seen.slots.items())
+
+        seen, _ = await self._scan(io, run_key, first=_page_for(2), enough=reached)
+        fresh = [view for sequence, view in seen.slots.items()
+                 if view.slot_etag is not None and before.get(sequence) != view.slot_etag]
+        return await self._named(io, run_key, fresh)
+
+    async def _take_lease(
+        self, io: Bucket, run_key: str, lease: SweepLease, now: float
+    ) -> str | None:
+        """The run's sweep lease for ``lease`` (its ETag), or None while another sweep
+        holds it. A lease left by a sweep that stopped is taken over once it is stale."""
+        etag = await self._put_lease(io, run_key, lease)
+        if etag is not None:
+            return etag
+        key = layout.sweep_lease(run_key)
+        found = await io.get(key)
+        if found is None:
+            return None  # released in between: the next pass sweeps
+        held = _lease_of(found[0], io.where(key))
+        if held is not None and now < held.since + SWEEP_LEASE_SECONDS:
+            return None
+        return await self._put_lease(io, run_key, lease, if_match=found[1])
+
+    async def _put_lease(
+        self, io: Bucket, run_key: str, lease: SweepLease, *, if_match: str | None = None
+    ) -> str | None:
+        """Write the lease, create-only or over ``if_match``; its ETag, or None when the
+        condition failed (also recognises its own write after a lost reply)."""
+        key = layout.sweep_lease(run_key)
+        etag = await io.put(key, layout.encode(lease), if_none_match=if_match is None,
+                            if_match=if_match)
+        if etag is not None:
+            return etag
+        found = await io.get(key)
+        if found is not None and _lease_of(found[0], io.where(key)) == lease:
+            return found[1]
+        return None
+
+    async def _drop_stale_lease(self, io: Bucket, run_key: str, now: float) -> None:
+        key = layout.sweep_lease(run_key)
+        found = await io.get(key)
+        if found is None:
+            return
+        held = _lease_of(found[0], io.where(key))
+        if held is None or now >= held.since + SWEEP_LEASE_SECONDS:
+            await io.delete_if(key, found[1])
 
     async def _floor_above(
         self, io: Bucket, run_key: str, current: _Run, views: Sequence[_SlotView]
@@ -1959,6 +2657,7 @@ class S3Store(ExpiryCleanup):
         keys = [key for view in views for key in _marker_keys_of(view)]
         keys += [marker.key for marker in current.listed.item_markers]
         keys += current.listed.stray + [entry.key for entry in items]
+        keys += current.listed.sweep_keys(run_key)
         keys += layout.index_keys(run_key, current.state)
         await _delete_leftovers(io, run_key, views, keys)
         return len(current.held), len(current.held) + 1, False
@@ -2041,25 +2740,26 @@ async def _delete_leftovers(
     )
 
 
-def _indexed_run_key(key: str) -> str | None:
-    """The run key of an index entry (``index/all/...`` or ``index/status/<s>/...``)."""
-    parts = key.split("/")
-    if len(parts) == 5 and parts[1] == "all":
-        return parts[3]
-    if len(parts) == 6 and parts[1] == "status":
-        return parts[4]
-    return None
-
-
 def _marker_keys_of(view: _SlotView) -> list[str]:
-    return ([view.marker] if view.marker is not None else []) + view.extra
+    """The view's markers, its own and those of the items it owns (not the items)."""
+    markers = [view.marker] if view.marker is not None else []
+    return markers + view.extra + [marker.key for marker in view.owned]
 
 
 def _keys_of(run_key: str, view: _SlotView) -> list[str]:
+    """Every key of the view's checkpoint: slot, markers, and the items it owns."""
     keys = [layout.slot_key(run_key, view.sequence)] if view.slot_etag is not None else []
-    if view.marker is not None:
-        keys.append(view.marker)
-    return keys + view.extra
+    keys += _marker_keys_of(view)
+    return keys + [layout.item_object(run_key, marker.hex_key) for marker in view.owned]
+
+
+def _prunable_keys(run_key: str, view: _SlotView) -> list[str]:
+    """What pruning deletes of the view: all but the marker of a checkpoint naming shared
+    items, which stays (without its slot) until a sweep has removed what only it named."""
+    keys = _keys_of(run_key, view)
+    if view.names_items and view.marker is not None:
+        keys.remove(view.marker)
+    return keys
 
 
 def _owned_keys(run_key: str, listed: _Listed, owners: set[int]) -> list[str]:
@@ -2100,6 +2800,8 @@ def _may_need_purge(listed: _Listed, now: float) -> bool:
     """From the listing alone: does this run have anything expired, dead or stray?"""
     if listed.run_etag is None and listed.slots:
         return True  # leftovers of a deleted run (a delete_run or purge that stopped)
+    if listed.sweep_due is not None or listed.lease is not None:
+        return True  # shared items to sweep, or a sweep's lease to check
     if any(not is_live(marker.meta.expires_at, now) for marker in listed.item_markers):
         return True
     views = list(listed.slots.values())
@@ -2141,13 +2843,95 @@ def _by_run(entries: Sequence[Listed]) -> Iterable[tuple[str, list[Listed]]]:
 
 def _check_item(item: object) -> None:
     if not isinstance(item, Item):
-        raise ValidationError(f"put_items takes Item records, got {type(item).__name__}")
+        raise ValidationError(f"items must be Item records, got {type(item).__name__}")
     if not isinstance(item.value, bytes):
-        raise ValidationError(f"item {item.key!r} value must be bytes")
+        raise ValidationError(f"item {item.key!r:.60} value must be bytes")
 
 
-def _item_body(item: Item) -> bytes:
-    return layout.encode(layout.ItemBody(item.value, item.owner, item.expires_at))
+def _appended_items(
+    record: StoredCheckpoint, items: Sequence[Item]
+) -> tuple[dict[str, Item], dict[str, Item]]:
+    """Validate what ``append_with_items`` is given; its shared and its owned items by hex
+    key (of one key given twice, the first: the second would find it in place)."""
+    for item in items:
+        _check_item(item)
+    check_shared_items(record, items)
+    shared: dict[str, Item] = {}
+    owned: dict[str, Item] = {}
+    for item in items:
+        hex_key = layout.hex_item_key(item.key)
+        if hex_key not in shared and hex_key not in owned:
+            (shared if item.owner is None else owned)[hex_key] = item
+    return shared, owned
+
+
+def _owned_batch(items: Sequence[Item], owner: int, if_absent: bool) -> dict[str, Item]:
+    """Validate what ``put_owned_items`` is given; the items by hex key (of one key given
+    twice: with ``if_absent`` the first, which the second would find in place; else the
+    last, which overwrites it)."""
+    batch: dict[str, Item] = {}
+    for item in items:
+        _check_item(item)
+        hex_key = layout.hex_item_key(item.key)
+        if item.owner != owner or isinstance(item.owner, bool):
+            raise ValidationError(
+                f"item {item.key[:40]!r} is owned by {item.owner!r}, not by checkpoint {owner}")
+        if not if_absent or hex_key not in batch:
+            batch[hex_key] = item
+    return batch
+
+
+def _lease_of(blob: bytes, where: str) -> SweepLease | None:
+    """A sweep lease, or None for an object that is not one (nothing to respect)."""
+    try:
+        return layout.decode_lease(blob, where)
+    except CorruptCheckpointError:
+        logger.warning("ignoring undecodable sweep lease %s", where)
+        return None
+
+
+async def _put_empty(io: Bucket, keys: Sequence[str]) -> None:
+    await gather([functools.partial(io.put, key, b"") for key in keys])
+
+
+async def _forget_keys(io: Bucket, keys: Sequence[str]) -> None:
+    """Best effort delete of what a failed operation wrote (logged when it fails)."""
+    try:
+        await io.delete(keys)
+    except CheckpointError:
+        logger.warning("a failed operation left %d objects behind in s3://%s", len(keys),
+                       io.bucket, exc_info=True)
+
+
+def _marker_for(
+    run_key: str, hex_key: str, owner: int | None, expires_at: float | None
+) -> str | None:
+    """The marker an item with this owner and expiry has (None: it has none)."""
+    if owner is None and expires_at is None:
+        return None
+    return layout.item_marker_key(run_key, hex_key, ItemMeta(owner, expires_at))
+
+
+def _marker_of_stored(run_key: str, hex_key: str, stored: tuple[bytes, str]) -> str | None:
+    """The marker of the item in an object as read (None for one that is not an item)."""
+    try:
+        body = layout.decode_item(stored[0], "")
+    except CorruptCheckpointError:
+        return None
+    return _marker_for(run_key, hex_key, body.owner, body.expires_at)
+
+
+def _is_shared(stored: tuple[bytes, str]) -> bool:
+    """Whether an object is a shared item (one the sweep may remove)."""
+    try:
+        body = layout.decode_item(stored[0], "")
+    except CorruptCheckpointError:
+        return False
+    return body.shared and body.owner is None and body.expires_at is None
+
+
+def _live_item(stored: tuple[bytes, str], where: str, now: float) -> bool:
+    return is_live(layout.decode_item(stored[0], where).expires_at, now)
 
 
 def _encode_cursor(key: str) -> str:
@@ -2160,5 +2944,5 @@ def _decode_cursor(cursor: str, prefix: str) -> str:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValidationError(f"malformed run listing cursor {cursor[:40]!r}") from exc
     if not key.startswith(prefix):
-        raise ValidationError("run listing cursor belongs to another status filter")
+        raise ValidationError("run listing cursor belongs to another listing (status or label)")
     return key

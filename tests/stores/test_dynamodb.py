@@ -15,12 +15,13 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from aiobotocore.session import get_session
 
 import fastcheckpoint
 from fastcheckpoint import _ids
 from fastcheckpoint._config import RetryPolicy
 from fastcheckpoint.errors import ConfigurationError, ConflictError, SequenceConflict
-from fastcheckpoint.stores import CheckpointStore
+from fastcheckpoint.stores import CheckpointStore, RunRecord
 from fastcheckpoint.stores import _dynamodb_layout as layout
 from fastcheckpoint.stores._aws import RequestCounter
 from fastcheckpoint.stores.dynamodb import (
@@ -29,7 +30,8 @@ from fastcheckpoint.stores.dynamodb import (
     DynamoDBStore,
     parse_size,
 )
-from fastcheckpoint.testing import StoreContract
+from fastcheckpoint.testing import LabelsContract, SharedItemsContract, StoreContract
+from fastcheckpoint.testing._adapter import _append_items
 from fastcheckpoint.testing._builders import (
     T0,
     checkpoint_id_of,
@@ -38,6 +40,7 @@ from fastcheckpoint.testing._builders import (
     make_item,
     make_run,
 )
+from tests.stores._capability_calls import capability_calls
 from tests.stores._moto import REGION, moto_endpoint, unique_name
 
 __all__ = ["moto_endpoint"]
@@ -49,6 +52,9 @@ PACKAGE_ROOT = str(Path(fastcheckpoint.__file__).resolve().parent.parent)
 KIT = REPOSITORY / "stores" / "dynamodb"
 WORKER = REPOSITORY / "tests" / "dynamodb_worker.py"
 DEADLINE = 60.0
+SESSION = get_session()
+"""One aiobotocore session for the stores the tests open: it loads the service models once
+(a store with a session of its own loads them for each client it builds)."""
 
 
 @pytest.fixture
@@ -97,7 +103,8 @@ async def opened(endpoint: str, names: tuple[str, str], **options: Any) -> Async
     table, bucket = names
     store = DynamoDBStore(
         table, bucket=bucket, region=REGION, endpoint_url=endpoint,
-        prefix=options.pop("prefix", f"{unique_name('p')}/"), **options,
+        prefix=options.pop("prefix", f"{unique_name('p')}/"),
+        session=options.pop("session", SESSION), **options,
     )
     try:
         yield store
@@ -106,7 +113,7 @@ async def opened(endpoint: str, names: tuple[str, str], **options: Any) -> Async
             await store.aclose()
 
 
-class TestDynamoDBStore(StoreContract):
+class TestDynamoDBStore(StoreContract, LabelsContract, SharedItemsContract):
     deadline_seconds = DEADLINE
 
     @pytest.fixture
@@ -454,6 +461,176 @@ async def test_large_checkpoint_without_a_bucket_is_a_configuration_error(
         await store.aclose()
 
 
+# -- shared items: request budget, values above the item limit -------------------------------
+
+
+async def _purge_until_done(store: DynamoDBStore, now: float) -> None:
+    while not (await store.purge_expired(now=now, limit=100))[1]:
+        pass  # the session's table holds other tests' expired records too
+
+
+async def test_checkpoints_with_items_cost_one_transaction_and_one_read(
+    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    """An append with its items is one transaction. A read with its items is one
+    TransactGetItems when this process knows which records it needs (it appended the
+    checkpoint and wrote to its items, or read it whole, with no other write since): run
+    item, checkpoint, guard, owned values and named items in one snapshot. Otherwise one
+    Query (the run item, the checkpoint and the values it owns sit together) +1
+    BatchGetItem for the shared items it names, which live apart."""
+    run = make_run("items-budget")
+    key = key_of(run)
+    expected = {"b/a": b"value-b/a", "b/c": b"value-b/c", "w/2": b"value-w/2"}
+    with anyio.fail_after(DEADLINE):
+        await store.clients()
+        with counting(store) as (first, _):
+            await _append_items(store, run, 0, refs=["b/a", "b/b"], items=[
+                make_item("b/a"), make_item("b/b"), make_item("w/0", owner=0)])
+        with counting(store) as (plain, _):
+            await _append_items(store, run, 1, items=[make_item("w/1", owner=1)])
+        with counting(store) as (pruning, _):
+            await _append_items(store, run, 2, refs=["b/a", "b/c"], items=[
+                make_item("b/c"), make_item("w/2", owner=2)], keep_latest=2)
+        with counting(store) as (appended, _):
+            assert (await _read_items(store, key)) == expected
+        with counting(store) as (owned, _):
+            await _own(store, run, "w/x", expected)
+        with counting(store) as (after_write, _):
+            assert (await _read_items(store, key)) == expected
+        with counting(store) as (read_whole, _):
+            assert (await _read_items(store, key)) == expected
+        async with opened(provisioned, aws_names, prefix=store.prefix) as other:
+            await _own(other, run, "w/y", expected)
+        with counting(store) as (written_elsewhere, _):
+            assert (await _read_items(store, key)) == expected
+        with counting(store) as (own_only, _):
+            older = await store.read_with_items(key, sequence=1, now=T0)
+
+    assert first.counts == plain.counts == owned.counts == {"TransactWriteItems": 1}
+    # Pruning checkpoint 0 reads what it owns and names (one Query of its records).
+    assert pruning.counts == {"Query": 1, "TransactWriteItems": 1}
+    # This process wrote the checkpoint and what it owns: it knows every record to read.
+    assert appended.counts == after_write.counts == read_whole.counts == {
+        "TransactGetItems": 1}
+    # Another process wrote to them: the snapshot shows its guard changed; then as usual.
+    assert written_elsewhere.counts == {"TransactGetItems": 1, "Query": 1, "BatchGetItem": 1}
+    # A checkpoint that is not the latest: its records and the run item (sent together).
+    assert own_only.counts == {"Query": 1, "GetItem": 1}
+    assert older is not None
+    assert older[2] == {"w/1": b"value-w/1"}
+
+
+async def _own(
+    store: DynamoDBStore, run: RunRecord, name: str, expected: dict[str, bytes]
+) -> None:
+    """Write item ``name`` owned by checkpoint 2 of ``run``, and expect it in reads."""
+    assert await store.put_owned_items(key_of(run), [make_item(name, owner=2)], owner=2,
+                                       checkpoint_id=checkpoint_id_of(run, 2), if_absent=True,
+                                       now=T0)
+    expected[name] = f"value-{name}".encode()
+
+
+async def _read_items(store: DynamoDBStore, key: str) -> dict[str, bytes]:
+    found = await store.read_with_items(key, sequence=None, now=T0)
+    assert found is not None
+    return found[2]
+
+
+async def test_item_values_above_the_item_limit_go_to_s3(store: DynamoDBStore) -> None:
+    """Values too large for a DynamoDB item (400 KB) are kept in S3 like large payloads,
+    whichever call writes them, and their objects go with their items."""
+    run = make_run("large-items")
+    key = key_of(run)
+    big = {name: os.urandom(450 * 1024) for name in ("shared", "owned", "later", "free")}
+    with anyio.fail_after(DEADLINE):
+        await store.clients()
+        with counting(store) as (dynamo, s3):
+            await _append_items(store, run, 0, refs=["b/big"], items=[
+                make_item("b/big", big["shared"]), make_item("w/big", big["owned"], owner=0)])
+        assert (dynamo.counts, s3.counts) == ({"TransactWriteItems": 1}, {"PutObject": 2})
+        assert await store.put_owned_items(key, [make_item("w/later", big["later"], owner=0)],
+                                           owner=0, checkpoint_id=checkpoint_id_of(run, 0),
+                                           if_absent=False, now=T0)
+        await store.put_items(key, [make_item("free", big["free"])], now=T0)
+        assert len(await _blob_keys(store, key)) == 4
+
+        with counting(store) as (dynamo, s3):
+            found = await store.read_with_items(key, sequence=None, now=T0)
+        assert s3.counts == {"GetObject": 3}
+        assert found is not None
+        assert found[2] == {"b/big": big["shared"], "w/big": big["owned"],
+                            "w/later": big["later"]}
+        assert await store.get_items(key, ["free", "w/big"], now=T0) == {
+            "free": big["free"], "w/big": big["owned"]}
+        assert dict(await store.scan_items(key, prefix="b/", now=T0)) == {"b/big": big["shared"]}
+
+        assert await store.delete_items(key, ["free"]) == 1
+        assert len(await _blob_keys(store, key)) == 3
+        # Pruning checkpoint 0 takes what it owns at once, and the shared value once the
+        # cleanup loop finds that no checkpoint names it any more.
+        await _append_items(store, run, 1, keep_latest=1)
+        assert len(await _blob_keys(store, key)) == 1
+        await _purge_until_done(store, T0)
+        assert await _blob_keys(store, key) == []
+        assert await store.get_items(key, ["b/big", "w/big", "w/later"], now=T0) == {}
+
+
+async def test_a_deleted_run_takes_its_large_item_values(store: DynamoDBStore) -> None:
+    run = make_run("large-items-deleted")
+    key = key_of(run)
+    with anyio.fail_after(DEADLINE):
+        await _append_items(store, run, 0, refs=["b/big"], items=[
+            make_item("b/big", os.urandom(450 * 1024)),
+            make_item("w/big", os.urandom(450 * 1024), owner=0)])
+        assert len(await _blob_keys(store, key)) == 2
+        assert await store.delete_run(key) == 1
+        assert await _blob_keys(store, key) == []
+
+
+async def test_expiry_never_orphans_shared_items(store: DynamoDBStore) -> None:
+    """A shared item stays while a live checkpoint names it, whatever expires around it, and
+    goes (with its S3 object) once every checkpoint naming it expired and was purged."""
+    run = make_run("expiring-shared", expires_at=T0 + 20)
+    key = key_of(run)
+    big = os.urandom(450 * 1024)
+    with anyio.fail_after(DEADLINE):
+        for sequence, expires_at in ((0, T0 + 10), (1, T0 + 20)):
+            await _append_items(store, run, sequence, refs=["b/big"],
+                                items=[make_item("b/big", big)], expires_at=expires_at)
+        await _purge_until_done(store, T0 + 10)
+        found = await store.read_with_items(key, sequence=None, now=T0 + 10)
+        assert found is not None
+        assert (found[0].sequence, found[2]) == (1, {"b/big": big})
+
+        await _purge_until_done(store, T0 + 20)
+        assert await store.get_items(key, ["b/big"], now=T0) == {}
+        assert await _blob_keys(store, key) == []
+
+
+async def test_native_ttl_removing_a_checkpoint_first_orphans_nothing(
+    store: DynamoDBStore,
+) -> None:
+    """AWS may delete an expired checkpoint item by TTL before the store removes it: the
+    shared items it named still lose its reference (kept in its guard, which has no TTL)
+    and go once nothing names them."""
+    run = make_run("ttl-first-items")
+    key = key_of(run)
+    with anyio.fail_after(DEADLINE):
+        await _append_items(store, run, 0, refs=["b/old", "b/both"], expires_at=T0 + 10,
+                            items=[make_item("b/old"), make_item("b/both")])
+        await _append_items(store, run, 1, refs=["b/both"])
+        ddb, _ = await store.clients()
+        await ddb.delete_item(TableName=store.table, Key={  # what native TTL does
+            "PK": {"S": layout.partition(key)}, "SK": {"S": layout.checkpoint_sk(0)}})
+
+        record = make_checkpoint(run, 2, created_at=T0 + 20)
+        await store.append(key, record, run=run, keep_latest=None, now=T0 + 20)
+        await _purge_until_done(store, T0 + 20)
+        assert await store.get_items(key, ["b/old", "b/both"], now=T0 + 20) == {
+            "b/both": b"value-b/both"}
+        assert await _raw_item(store, key, layout.guard_sk(0)) is None
+
+
 # -- failures: blobs are cleaned up, conflicts are not retried -----------------------------
 
 
@@ -561,7 +738,7 @@ async def test_expired_run_and_its_items_are_purged(store: DynamoDBStore) -> Non
                 break
         assert removed == 1
         for sort_key in (layout.RUN_SK, layout.checkpoint_sk(0), layout.item_sk("free"),
-                         layout.item_sk("owned"), layout.marker_sk(0, "owned")):
+                         layout.item_sk("owned"), layout.owned_sk(0, "owned")):
             assert await _raw_item(store, key, sort_key) is None, sort_key
         assert await _blob_keys(store, key) == []
 
@@ -587,7 +764,7 @@ async def test_an_expired_run_is_purged_after_native_ttl_removed_its_checkpoints
         while not (await store.purge_expired(now=T0 + 10, limit=100))[1]:
             pass  # the session's table holds other tests' expired records too
         for sort_key in (layout.RUN_SK, layout.item_sk("free"), layout.item_sk("owned"),
-                         layout.marker_sk(1, "owned")):
+                         layout.owned_sk(1, "owned")):
             assert await _raw_item(store, key, sort_key) is None, sort_key
         assert await _blob_keys(store, key) == []
 
@@ -624,20 +801,24 @@ async def test_purge_removes_orphaned_blobs_and_spares_in_flight_ones(
 # -- batches, clients, layout -----------------------------------------------------------------
 
 
-async def test_batch_writes_are_chunked_to_25(store: DynamoDBStore) -> None:
+async def test_item_writes_and_run_deletes_are_chunked(store: DynamoDBStore) -> None:
+    """Items are written in transactions of up to 100 records (each write is conditioned
+    so that it never hides an item owned by a checkpoint); a run is deleted in
+    BatchWriteItem chunks of 25."""
     seed = make_run("batched")
     key = key_of(seed)
     with anyio.fail_after(DEADLINE):
         await store.append(key, make_checkpoint(seed, 0), run=seed, keep_latest=None, now=T0)
         await store.clients()
         with counting(store) as (dynamo, _):
-            await store.put_items(key, [make_item(f"k{index:03}") for index in range(60)], now=T0)
-        assert dynamo.counts == {"BatchWriteItem": 3}
+            await store.put_items(key, [make_item(f"k{index:03}") for index in range(120)],
+                                  now=T0)
+        assert dynamo.counts == {"TransactWriteItems": 2}
         with counting(store) as (dynamo, _):
             assert await store.delete_run(key) == 1
-        # 60 items and 1 checkpoint: 61 deletes in 3 batches after one Query, then (after the
-        # blobs) the run item.
-        assert dynamo.counts == {"Query": 1, "BatchWriteItem": 3, "DeleteItem": 1}
+        # 120 items and 1 checkpoint: 121 deletes in 5 batches after one Query, then (after
+        # the blobs) the run item.
+        assert dynamo.counts == {"Query": 1, "BatchWriteItem": 5, "DeleteItem": 1}
 
 
 async def test_given_clients_are_used_and_never_closed(
@@ -800,6 +981,7 @@ async def test_iam_policy_grants_exactly_what_the_store_calls(
             await store.delete(key, 2, checkpoint_id=checkpoint_id_of(seed, 2))
             await store.append(key, make_checkpoint(seed, 3, expires_at=T0 + 5), run=run,
                                keep_latest=None, now=T0)
+            await capability_calls(store, value=os.urandom(DEFAULT_THRESHOLD + 1))
             await store.purge_expired(now=T0 + 5, limit=100)
             await store.delete_run(key)
     called = {f"dynamodb:{name}" for name in dynamo.counts}

@@ -301,7 +301,7 @@ async def test_owners_beyond_the_run_items_list_still_lose_their_items(
         kept = await small.get_items(key, [f"of-{s}" for s in range(10)], now=T0)
         assert sorted(kept) == ["of-9"]
         for sequence in range(9):
-            assert await _raw_item(small, key, layout.marker_sk(sequence, f"of-{sequence}")) is None
+            assert await _raw_item(small, key, layout.owned_sk(sequence, f"of-{sequence}")) is None
 
 
 async def test_reading_the_backs_expiry_again_counts_the_checkpoint_being_appended(

@@ -112,7 +112,7 @@ async def test_purge_racing_a_restart_leaves_the_new_incarnation_alone(
             assert await other.get_items(key, ["new-free", "new-owned", "old-owned"],
                                          now=T0 + 10) == {
                 "new-free": b"value-new-free", "new-owned": b"value-new-owned"}
-            assert await _raw_item(store, key, layout.marker_sk(0, "new-owned")) is not None
+            assert await _raw_item(store, key, layout.owned_sk(0, "new-owned")) is not None
             await other.delete_run(key)
 
 

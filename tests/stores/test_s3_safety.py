@@ -893,7 +893,7 @@ async def test_a_rebuilt_run_object_lists_and_indexes_the_run_again(s3_store: S3
     assert list(paused) == []
     # The paused entry of the damaged record is gone: one entry per index.
     assert len(index) == 2
-    assert all(entry.split("/")[-2] == key for entry in index)
+    assert all(layout.indexed_run_key(entry) == key for entry in index)
 
 
 async def test_delete_run_of_a_damaged_run_removes_its_index_entries(s3_store: S3Store) -> None:

@@ -1,0 +1,279 @@
+"""Records and transaction operations of the DynamoDB store's item space, shared items and
+labels: built here, sent by ``dynamodb.py`` (no I/O here).
+
+An item lives at ``i#<key>``. An unowned item holds its value there. An item owned by
+checkpoint ``s`` is an *anchor* there (its owner, ``o``) and holds its value at
+``k#<s>#<key>``, next to the checkpoint, so one Query reads a checkpoint with the items it
+owns. Every write of an item carries a random token (``wt``): a resend refused because its
+first send was applied recognises its own records, and a removal can say "only while it is
+the record I read".
+
+A shared item is counted at ``c#<key>`` (``rc``: how many held checkpoints name it), in the
+same transaction as every append and removal, so that updating a count never rewrites a
+large value. A count that may have reached zero enters the expiry index at 0, and the
+cleanup loop removes the count and its item together, only while the count is still zero.
+
+Operations carry private tags (keys starting with ``_``), stripped before sending:
+``_group`` (a failed condition drops every operation of the group: an item's value and its
+anchor) and ``_fatal`` (a failed condition cancels the whole change: a guard).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from fastcheckpoint.stores import _dynamodb_layout as layout
+from fastcheckpoint.stores._base import RunRecord
+from fastcheckpoint.stores._dynamodb_attrs import Names, n, s, strings
+
+__all__ = [
+    "LABEL_TTL_SLACK",
+    "Value",
+    "anchor_record",
+    "counter_change",
+    "delete_op",
+    "delete_when",
+    "expiry_attributes",
+    "guard_check",
+    "guard_delete",
+    "guard_record",
+    "guard_touch",
+    "label_deletes",
+    "label_puts",
+    "label_refreshes",
+    "owned_record",
+    "plain_record",
+    "put_op",
+    "strip_tags",
+    "wants_blob",
+]
+
+LABEL_TTL_SLACK: Final = 30 * 86400.0
+"""How far past the run item's own ``ttl`` its label entries' ``ttl`` is set: they are
+refreshed (one update each, in an append) only when the run outlives that."""
+
+
+@dataclass(frozen=True)
+class Value:
+    """An item value as an item holds it: the bytes, or the S3 key of a blob holding them."""
+
+    inline: bytes | None = None
+    blob: str | None = None
+
+    def attributes(self) -> dict[str, Any]:
+        if self.blob is not None:
+            return {"vb": s(self.blob)}
+        return {"v": {"B": self.inline or b""}}
+
+
+def wants_blob(size: int, threshold: int) -> bool:
+    """Whether an item record of ``size`` bytes keeps its value in S3."""
+    return size > threshold
+
+
+def expiry_attributes(run_key: str, expires_at: float | None, *, indexed: bool) -> dict[str, Any]:
+    """``x`` (exact) and ``ttl`` (native); ``xpk``/``xat`` when the cleanup loop must find it."""
+    if expires_at is None:
+        return {}
+    attributes: dict[str, Any] = {"x": n(expires_at), "ttl": n(layout.ttl_of(expires_at))}
+    if indexed:
+        attributes["xpk"] = s(f"x#{layout.shard_of(run_key)}")
+        attributes["xat"] = n(expires_at)
+    return attributes
+
+
+def plain_record(
+    run_key: str, key: str, value: Value, expires_at: float | None, token: str
+) -> dict[str, Any]:
+    """An unowned item: its value at ``i#<key>``."""
+    return {
+        "PK": s(layout.partition(run_key)),
+        "SK": s(layout.item_sk(key)),
+        **value.attributes(),
+        **expiry_attributes(run_key, expires_at, indexed=True),
+        "wt": s(token),
+    }
+
+
+def anchor_record(
+    run_key: str, key: str, owner: int, expires_at: float | None, token: str, *, indexed: bool
+) -> dict[str, Any]:
+    """An owned item's place in the key space: its owner; the value is next to the owner.
+    ``indexed`` when it expires on its own (``put_items``), not with its checkpoint."""
+    return {
+        "PK": s(layout.partition(run_key)),
+        "SK": s(layout.item_sk(key)),
+        "o": n(owner),
+        **expiry_attributes(run_key, expires_at, indexed=indexed),
+        "wt": s(token),
+    }
+
+
+def owned_record(
+    run_key: str, key: str, owner: int, value: Value, expires_at: float | None, token: str
+) -> dict[str, Any]:
+    """An owned item's value, next to its checkpoint (removed with it, never indexed)."""
+    return {
+        "PK": s(layout.partition(run_key)),
+        "SK": s(layout.owned_sk(owner, key)),
+        **value.attributes(),
+        **expiry_attributes(run_key, expires_at, indexed=False),
+        "wt": s(token),
+    }
+
+
+def put_op(item: dict[str, Any], condition: str | None = None, names: Names | None = None,
+           **tags: Any) -> dict[str, Any]:
+    put: dict[str, Any] = {"Item": item}
+    if condition is not None:
+        put["ConditionExpression"] = condition
+        put["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
+    if names is not None:
+        put.update(names.params())
+    return {"Put": put, **tags}
+
+
+def delete_op(pk: str, sort_key: str, **tags: Any) -> dict[str, Any]:
+    return {"Delete": {"Key": {"PK": s(pk), "SK": s(sort_key)}}, **tags}
+
+
+def delete_when(pk: str, sort_key: str, attribute: str, value: dict[str, Any],
+                **tags: Any) -> dict[str, Any]:
+    """Delete a record only while ``attribute`` holds ``value`` (it may have been rewritten)."""
+    names = Names()
+    operation = delete_op(pk, sort_key, **tags)
+    operation["Delete"]["ConditionExpression"] = f"{names(attribute)} = {names.value(value)}"
+    operation["Delete"].update(names.params())
+    return operation
+
+
+# -- guards ------------------------------------------------------------------------------------
+#
+# Items written to an existing checkpoint (``put_owned_items``) touch its guard, a small
+# record next to it. A removal of the checkpoint, which reads what the checkpoint owns before
+# it commits, deletes the guard only while it is as it read it (or checks that there is
+# none): a write that lands in between cancels the removal, which then reads again, so no
+# owned item outlives its checkpoint. The guard also keeps the token it replaced (``pw``,
+# "" for none): a writer that knew the token before its write can tell, from the guard, that
+# no other write came between (see ``DynamoDBStore._read_known``).
+
+
+def guard_record(run_key: str, owner: int, token: str, refs: Sequence[str]) -> dict[str, Any]:
+    """The guard of a checkpoint that names shared items, written with it: it keeps the
+    refs, and carries no native ``ttl`` (see ``DynamoDBStore._removal``)."""
+    return {
+        "PK": s(layout.partition(run_key)),
+        "SK": s(layout.guard_sk(owner)),
+        "wt": s(token),
+        "rf": strings(refs),
+    }
+
+
+def guard_touch(run_key: str, owner: int, token: str) -> dict[str, Any]:
+    names = Names()
+    return {"Update": {
+        "Key": {"PK": s(layout.partition(run_key)), "SK": s(layout.guard_sk(owner))},
+        "UpdateExpression": (
+            f"SET {names('pw')} = if_not_exists({names('wt')}, {names.value(s(''))}), "
+            f"{names('wt')} = {names.value(s(token))}"),
+        **names.params(),
+    }}
+
+
+def guard_delete(pk: str, owner: int, token: str) -> dict[str, Any]:
+    operation = delete_when(pk, layout.guard_sk(owner), "wt", s(token))
+    operation["_fatal"] = True
+    return operation
+
+
+def guard_check(pk: str, owner: int) -> dict[str, Any]:
+    names = Names()
+    return {"ConditionCheck": {
+        "Key": {"PK": s(pk), "SK": s(layout.guard_sk(owner))},
+        "ConditionExpression": f"attribute_not_exists({names('PK')})",
+        **names.params(),
+    }, "_fatal": True}
+
+
+# -- reference counts --------------------------------------------------------------------------
+
+
+def counter_change(run_key: str, key: str, change: int) -> dict[str, Any]:
+    """Update of the count of shared item ``key`` by ``change``. A raise must land with (or
+    before) the checkpoint naming the key; a lowering may land after the removal, and puts
+    the count in the expiry index (at 0), where the cleanup loop checks whether it reached
+    zero."""
+    names = Names()
+    expression = f"ADD {names('rc')} {names.value(n(change))}"
+    if change < 0:
+        expression = (f"SET {names('xpk')} = {names.value(s(f'x#{layout.shard_of(run_key)}'))}, "
+                      f"{names('xat')} = {names.value(n(0))} " + expression)
+    return {"Update": {
+        "Key": {"PK": s(layout.partition(run_key)), "SK": s(layout.counter_sk(key))},
+        "UpdateExpression": expression,
+        **names.params(),
+    }}
+
+
+# -- labels ------------------------------------------------------------------------------------
+
+
+def _label_key(label: str, run_key: str, record: RunRecord) -> dict[str, Any]:
+    return {
+        "PK": s(layout.label_partition(label)),
+        "SK": s(layout.created_stamp(record.created_at, run_key)),
+    }
+
+
+def label_puts(run_key: str, record: RunRecord, ttl: float | None) -> list[dict[str, Any]]:
+    """The label entries of a run being created (a run's labels never change)."""
+    operations = []
+    for label in dict.fromkeys(record.labels):
+        item = {**_label_key(label, run_key, record), "rk": s(run_key),
+                "inc": s(record.incarnation)}
+        if ttl is not None:
+            item["ttl"] = n(ttl)
+        operations.append({"Put": {"Item": item}})
+    return operations
+
+
+def label_deletes(run_key: str, record: RunRecord, *, sparing: Sequence[dict[str, Any]] = ()
+                  ) -> list[dict[str, Any]]:
+    """Deletes of a run's label entries, each only while it is this incarnation's; entries
+    at the keys of ``sparing`` (puts of a new incarnation) are left to those puts."""
+    spared = {(op["Put"]["Item"]["PK"]["S"], op["Put"]["Item"]["SK"]["S"]) for op in sparing}
+    operations = []
+    for label in dict.fromkeys(record.labels):
+        key = _label_key(label, run_key, record)
+        if (key["PK"]["S"], key["SK"]["S"]) in spared:
+            continue
+        names = Names()
+        operations.append({"Delete": {
+            "Key": key,
+            "ConditionExpression": f"{names('inc')} = {names.value(s(record.incarnation))}",
+            **names.params(),
+        }})
+    return operations
+
+
+def label_refreshes(run_key: str, record: RunRecord, ttl: float | None) -> list[dict[str, Any]]:
+    """Updates moving the ``ttl`` of a run's label entries (``None``: they never expire)."""
+    operations = []
+    for label in dict.fromkeys(record.labels):
+        names = Names()
+        change = (f"SET {names('ttl')} = {names.value(n(ttl))}" if ttl is not None
+                  else f"REMOVE {names('ttl')}")
+        operations.append({"Update": {
+            "Key": _label_key(label, run_key, record),
+            "UpdateExpression": change,
+            "ConditionExpression": f"{names('inc')} = {names.value(s(record.incarnation))}",
+            **names.params(),
+        }})
+    return operations
+
+
+def strip_tags(operation: Mapping[str, Any]) -> dict[str, Any]:
+    """An operation as DynamoDB takes it: without the private tags."""
+    return {name: value for name, value in operation.items() if not name.startswith("_")}
