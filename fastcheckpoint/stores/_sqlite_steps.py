@@ -1,0 +1,498 @@
+"""The SQLite store's statements, and the steps its write transactions are made of.
+
+Every step runs on the writer connection inside a transaction that the store opened
+(``BEGIN IMMEDIATE``); a step never commits. Expiries are ``None`` for "never".
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import re
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import msgspec
+
+from fastcheckpoint.stores._base import EMPTY_RUN, Item, RunRecord, StoredCheckpoint
+
+INT64 = 2**63 - 1
+_IN_SIZES = (1, 4, 16, 64, 256, 500)
+"""Lengths of ``IN (...)`` lists: keys are padded up to one, so few statements are prepared."""
+
+# -- statements -------------------------------------------------------------------------------
+
+RUN_COLUMNS = (
+    "r.run_id, r.incarnation, r.status, r.created_at, r.updated_at, r.latest_sequence, "
+    "r.checkpoint_count, r.expires_at, r.version, r.data, r.labels"
+)
+_CHECKPOINT_COLUMNS = (
+    "c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.refs, c.header, c.payload, "
+    "r.status, r.expires_at, r.run_key IS NOT NULL"
+)
+_LIVE = "(expires_at IS NULL OR expires_at > ?)"
+
+HEAD = (
+    "SELECT incarnation, status, latest_sequence, checkpoint_count, immortal, expires_at, due "
+    "FROM fc_runs WHERE run_key = ?"
+)
+HAS_CHECKPOINTS = "SELECT EXISTS (SELECT 1 FROM fc_checkpoints WHERE run_key = ?)"
+HAS_LIVE_CHECKPOINT = (
+    "SELECT EXISTS (SELECT 1 FROM fc_checkpoints WHERE run_key = ?1 "
+    "AND (expires_at IS NULL OR expires_at > ?2))"
+)
+INSERT_CHECKPOINT = (
+    "INSERT INTO fc_checkpoints (run_key, sequence, checkpoint_id, created_at, expires_at, refs, "
+    "header, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_RUN = (
+    "INSERT INTO fc_runs (run_key, run_id, incarnation, status, created_at, updated_at, "
+    "latest_sequence, checkpoint_count, immortal, expires_at, due, version, labels, data) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_LABEL = (
+    "INSERT OR IGNORE INTO fc_labels (run_key, label, created_at, position) VALUES (?, ?, ?, ?)"
+)
+# The index on ``due`` changes only when ``due`` does: the common append leaves it alone.
+UPDATE_HEAD = (
+    "UPDATE fc_runs SET latest_sequence = ?, checkpoint_count = ?, immortal = ?, "
+    "updated_at = ?, expires_at = ? WHERE run_key = ?"
+)
+UPDATE_HEAD_DUE = (
+    "UPDATE fc_runs SET latest_sequence = ?, checkpoint_count = ?, immortal = ?, "
+    "updated_at = ?, expires_at = ?, due = ? WHERE run_key = ?"
+)
+UPDATE_HOLDINGS = (
+    "UPDATE fc_runs SET checkpoint_count = ?, immortal = ?, expires_at = ?, due = ? "
+    "WHERE run_key = ?"
+)
+_EXPIRY_RANGE = (
+    "SELECT (SELECT max(expires_at) FROM fc_checkpoints WHERE run_key = ?1 AND expires_at "
+    "IS NOT NULL), (SELECT min(expires_at) FROM fc_checkpoints WHERE run_key = ?1 AND "
+    "expires_at IS NOT NULL)"
+)
+_EXPIRED_CHECKPOINTS = (
+    "SELECT sequence, expires_at, refs FROM fc_checkpoints WHERE run_key = ? "
+    "AND expires_at <= ? ORDER BY expires_at LIMIT ?"
+)
+_OLDEST_CHECKPOINTS = (
+    "SELECT sequence, expires_at, refs FROM fc_checkpoints WHERE run_key = ? "
+    "ORDER BY sequence LIMIT ?"
+)
+CHECKPOINT = "SELECT sequence, expires_at, refs, checkpoint_id FROM fc_checkpoints " \
+    "WHERE run_key = ? AND sequence = ?"
+# Deleting a checkpoint row removes its owned items (the trigger of the schema).
+_DELETE_CHECKPOINT = "DELETE FROM fc_checkpoints WHERE run_key = ? AND sequence = ?"
+_DELETE_UP_TO = "DELETE FROM fc_checkpoints WHERE run_key = ? AND sequence <= ?"
+_ADD_REF = (
+    "INSERT INTO fc_item_refs (run_key, key, holders) VALUES (?, ?, 1) "
+    "ON CONFLICT (run_key, key) DO UPDATE SET holders = holders + 1"
+)
+_DROP_REF = "UPDATE fc_item_refs SET holders = holders - ? WHERE run_key = ? AND key = ?"
+# Owned items go with their owner, never with their last reference.
+_DELETE_UNREFERENCED = (
+    "DELETE FROM fc_items WHERE run_key = ?1 AND key = ?2 AND owner IS NULL AND EXISTS "
+    "(SELECT 1 FROM fc_item_refs WHERE run_key = ?1 AND key = ?2 AND holders <= 0)"
+)
+_DELETE_ZERO_REF = "DELETE FROM fc_item_refs WHERE run_key = ? AND key = ? AND holders <= 0"
+UPSERT_ITEM = (
+    "INSERT INTO fc_items (run_key, key, owner, expires_at, value) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (run_key, key) DO UPDATE SET owner = excluded.owner, "
+    "expires_at = excluded.expires_at, value = excluded.value"
+)
+INSERT_ITEM_IF_ABSENT = (
+    "INSERT INTO fc_items (run_key, key, owner, expires_at, value) VALUES (?1, ?2, ?3, ?4, ?5) "
+    "ON CONFLICT (run_key, key) DO UPDATE SET owner = excluded.owner, "
+    "expires_at = excluded.expires_at, value = excluded.value "
+    "WHERE fc_items.expires_at IS NOT NULL AND fc_items.expires_at <= ?6"
+)
+# Leftovers of an expired run that starts over: unowned items no checkpoint named stay.
+_DROP_LEFTOVERS = (
+    "DELETE FROM fc_items WHERE run_key = ?1 AND owner IS NULL AND key IN "
+    "(SELECT key FROM fc_item_refs WHERE run_key = ?1)",
+    "DELETE FROM fc_item_refs WHERE run_key = ?1",
+    "DELETE FROM fc_checkpoints WHERE run_key = ?1",
+    "DELETE FROM fc_labels WHERE run_key = ?1",
+    "DELETE FROM fc_runs WHERE run_key = ?1",
+)
+_DROP_ITEMS = "DELETE FROM fc_items WHERE run_key = ?1"
+_DROP_CHECKPOINTS = "DELETE FROM fc_checkpoints WHERE run_key = ?1"
+_DROP_RECORD = (
+    "DELETE FROM fc_item_refs WHERE run_key = ?1",
+    "DELETE FROM fc_labels WHERE run_key = ?1",
+    "DELETE FROM fc_runs WHERE run_key = ?1",
+)
+GET = (
+    f"SELECT {_CHECKPOINT_COLUMNS} FROM fc_checkpoints c LEFT JOIN fc_runs r "
+    "ON r.run_key = c.run_key WHERE c.run_key = ?1 AND c.sequence = ?2"
+)
+LATEST = (
+    f"SELECT {_CHECKPOINT_COLUMNS} FROM fc_checkpoints c LEFT JOIN fc_runs r "
+    "ON r.run_key = c.run_key WHERE c.run_key = ?1 "
+    "AND (c.expires_at IS NULL OR c.expires_at > ?2) ORDER BY c.sequence DESC LIMIT 1"
+)
+RUN_STATUS = "SELECT status, expires_at FROM fc_runs WHERE run_key = ?"
+HEADERS = (
+    "SELECT sequence, checkpoint_id, created_at, expires_at, header FROM fc_checkpoints "
+    "WHERE run_key = ?1 AND sequence < ?2 ORDER BY sequence DESC LIMIT ?3"
+)
+LIVE_HEADERS = (
+    "SELECT sequence, checkpoint_id, created_at, expires_at, header FROM fc_checkpoints "
+    "WHERE run_key = ?1 AND sequence < ?2 AND (expires_at IS NULL OR expires_at > ?4) "
+    "ORDER BY sequence DESC LIMIT ?3"
+)
+# One statement, so that "no row" and "checkpoints in place" are seen in one snapshot.
+GET_RUN = (
+    f"SELECT {RUN_COLUMNS}, r.run_key IS NULL AND EXISTS "
+    "(SELECT 1 FROM fc_checkpoints WHERE run_key = ?1) "
+    "FROM (SELECT 1) LEFT JOIN fc_runs r ON r.run_key = ?1"
+)
+RUN = f"SELECT {RUN_COLUMNS} FROM fc_runs r WHERE r.run_key = ?"
+UPDATE_RUN = (
+    "UPDATE fc_runs SET status = ?, data = ?, version = ?, updated_at = ? WHERE run_key = ?"
+)
+LIST_RUNS = (
+    f"SELECT {RUN_COLUMNS}, r.run_key FROM fc_runs r WHERE (r.created_at, r.run_key) < (?1, ?2) "
+    "AND (r.expires_at IS NULL OR r.expires_at > ?3) "
+    "ORDER BY r.created_at DESC, r.run_key DESC LIMIT ?4"
+)
+LIST_RUNS_BY_STATUS = (
+    f"SELECT {RUN_COLUMNS}, r.run_key FROM fc_runs r WHERE r.status = ?5 "
+    "AND (r.created_at, r.run_key) < (?1, ?2) AND (r.expires_at IS NULL OR r.expires_at > ?3) "
+    "ORDER BY r.created_at DESC, r.run_key DESC LIMIT ?4"
+)
+RUNS_WITH_LABEL = (
+    f"SELECT {RUN_COLUMNS}, r.run_key FROM fc_labels l JOIN fc_runs r "
+    "ON r.run_key = l.run_key AND r.created_at = l.created_at WHERE l.label = ?5 "
+    "AND (l.created_at, l.run_key) < (?1, ?2) AND (r.expires_at IS NULL OR r.expires_at > ?3) "
+    "ORDER BY l.created_at DESC, l.run_key DESC LIMIT ?4"
+)
+# All runs minus the expired ones not purged yet; only runs due by now can be expired (unary
+# + keeps the planner on the ``due`` index).
+COUNT_RUNS = (
+    "SELECT (SELECT count(*) FROM fc_runs) - "
+    "(SELECT count(*) FROM fc_runs WHERE due <= ?1 AND expires_at <= ?1)"
+)
+COUNT_RUNS_BY_STATUS = (
+    "SELECT (SELECT count(*) FROM fc_runs WHERE status = ?2) - "
+    "(SELECT count(*) FROM fc_runs WHERE due <= ?1 AND expires_at <= ?1 AND +status = ?2)"
+)
+OWNED_ITEMS = f"SELECT key, value FROM fc_items WHERE run_key = ? AND owner = ? AND {_LIVE}"
+OWNER = (
+    "SELECT c.checkpoint_id, c.expires_at, r.expires_at FROM fc_checkpoints c JOIN fc_runs r "
+    "ON r.run_key = c.run_key WHERE c.run_key = ? AND c.sequence = ?"
+)
+DELETE_ITEM = "DELETE FROM fc_items WHERE run_key = ? AND key = ?"
+DUE_RUNS = (
+    "SELECT run_key, expires_at, checkpoint_count, immortal FROM fc_runs WHERE due <= ? "
+    "ORDER BY due LIMIT ?"
+)
+# Items a held checkpoint names are kept: referenced items live by their references.
+_UNREFERENCED_EXPIRED = (
+    "FROM fc_items i WHERE i.expires_at <= ?1 AND NOT EXISTS "
+    "(SELECT 1 FROM fc_item_refs f WHERE f.run_key = i.run_key AND f.key = i.key)"
+)
+EXPIRED_ITEMS = f"SELECT i.rowid {_UNREFERENCED_EXPIRED} LIMIT ?2"
+DELETE_ITEM_ROW = "DELETE FROM fc_items WHERE rowid = ?"
+ANYTHING_DUE = (
+    "SELECT EXISTS (SELECT 1 FROM fc_runs WHERE due <= ?1) "
+    f"OR EXISTS (SELECT 1 {_UNREFERENCED_EXPIRED})"
+)
+HAS_RUN = "SELECT 1 FROM fc_runs WHERE run_key = ?"
+DELETE_RUN_ROW = "DELETE FROM fc_runs WHERE run_key = ?"
+CLEAR_DUE = "UPDATE fc_runs SET due = NULL WHERE run_key = ?"
+_NEXT_LOGGED_RUN = (
+    "SELECT run_key FROM fc_checkpoints WHERE run_key > ? ORDER BY run_key LIMIT 1"
+)
+LOG_SUMMARY = (
+    "SELECT count(*), min(sequence), count(*) - count(expires_at), max(expires_at), "
+    "min(expires_at) FROM fc_checkpoints WHERE run_key = ?"
+)
+NEWEST_HEADER = (
+    "SELECT sequence, checkpoint_id, created_at, expires_at, header FROM fc_checkpoints "
+    "WHERE run_key = ? ORDER BY sequence DESC LIMIT 1"
+)
+NEWEST_ID = (
+    "SELECT sequence, checkpoint_id FROM fc_checkpoints WHERE run_key = ? "
+    "ORDER BY sequence DESC LIMIT 1"
+)
+CREATED_AT = "SELECT created_at FROM fc_checkpoints WHERE run_key = ? AND sequence = ?"
+COUNT_CHECKPOINTS = "SELECT count(*) FROM fc_checkpoints WHERE run_key = ?"
+DELETE_LABELS = "DELETE FROM fc_labels WHERE run_key = ?"
+LABELS = "SELECT label FROM fc_labels WHERE run_key = ? ORDER BY position"
+
+
+@functools.lru_cache(maxsize=64)
+def _items_in(size: int) -> str:
+    marks = ", ".join("?" * size)
+    return f"SELECT key, value FROM fc_items WHERE run_key = ? AND {_LIVE} AND key IN ({marks})"
+
+
+@functools.lru_cache(maxsize=64)
+def scan_statement(bounds: tuple[bool, bool, bool], reverse: bool) -> str:
+    """A scan with a lower prefix bound, an upper prefix bound and a ``start_after`` bound."""
+    low, high, after = bounds
+    terms = ["run_key = ?", _LIVE]
+    terms += ["key >= ?"] if low else []
+    terms += ["key < ?"] if high else []
+    terms += (["key < ?"] if reverse else ["key > ?"]) if after else []
+    order = "DESC" if reverse else "ASC"
+    where = " AND ".join(terms)
+    return f"SELECT key, value FROM fc_items WHERE {where} ORDER BY key {order} LIMIT ?"
+
+
+# -- values -----------------------------------------------------------------------------------
+
+
+class Head(NamedTuple):
+    """What an append needs of the run row."""
+
+    incarnation: str
+    status: str
+    latest_sequence: int
+    held: int
+    immortal: int
+    """Held checkpoints that never expire."""
+    expires_at: float | None
+    due: float | None
+    """The earliest expiry among held checkpoints (``EMPTY_RUN`` when none is held)."""
+    new: bool = False
+
+
+class Removed(NamedTuple):
+    """What a removal of checkpoints took away."""
+
+    checkpoints: int = 0
+    immortal: int = 0
+
+    @property
+    def mortal(self) -> bool:
+        """Whether a checkpoint that expires was among them."""
+        return self.checkpoints > self.immortal
+
+
+_ESCAPED = re.compile(r"\\(.)", re.DOTALL)
+
+
+def join(values: Sequence[str]) -> str | None:
+    """Strings as one text column: newline-separated, ``\\`` and newline escaped.
+
+    Every text decodes (there is no invalid form), so a row edited by hand can hold wrong
+    labels but never an undecodable record."""
+    if not values:
+        return None
+    return "\n".join(value.replace("\\", "\\\\").replace("\n", "\\n") for value in values)
+
+
+def split(text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return ()
+    return tuple(
+        _ESCAPED.sub(_unescape, part) if "\\" in part else part for part in text.split("\n")
+    )
+
+
+def _unescape(match: re.Match[str]) -> str:
+    return "\n" if match[1] == "n" else match[1]
+
+
+def run_of(row: Sequence[Any]) -> RunRecord:
+    """The record of a row selected with :data:`RUN_COLUMNS`."""
+    return RunRecord(
+        run_id=row[0], incarnation=row[1], status=row[2], created_at=row[3], updated_at=row[4],
+        latest_sequence=row[5], checkpoint_count=row[6], expires_at=row[7], version=row[8],
+        data=row[9], labels=split(row[10]),
+    )
+
+
+def earliest(first: float | None, second: float | None) -> float | None:
+    """The earlier of two expiries, where ``None`` (never) loses."""
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return min(first, second)
+
+
+def _padded(keys: Sequence[str]) -> Iterator[list[str]]:
+    """``keys`` in chunks of at most 500, each padded (repeating its last key) to a size of
+    :data:`_IN_SIZES`."""
+    for start in range(0, len(keys), _IN_SIZES[-1]):
+        chunk = list(keys[start:start + _IN_SIZES[-1]])
+        size = next(size for size in _IN_SIZES if size >= len(chunk))
+        yield chunk + [chunk[-1]] * (size - len(chunk))
+
+
+# -- reads ------------------------------------------------------------------------------------
+
+
+def read_items(
+    db: sqlite3.Connection, run_key: str, keys: Sequence[str], now: float
+) -> dict[str, bytes]:
+    found: dict[str, bytes] = {}
+    for chunk in _padded(keys):
+        found.update(db.execute(_items_in(len(chunk)), (run_key, now, *chunk)).fetchall())
+    return found
+
+
+def first_live_item(
+    db: sqlite3.Connection, run_key: str, keys: Sequence[str], now: float
+) -> str | None:
+    for chunk in _padded(keys):
+        row = db.execute(_items_in(len(chunk)), (run_key, now, *chunk)).fetchone()
+        if row is not None:
+            return str(row[0])
+    return None
+
+
+def logged_runs(db: sqlite3.Connection) -> list[str]:
+    """Every run key of the checkpoint table, one index probe each (a skip scan)."""
+    keys: list[str] = []
+    row = db.execute(_NEXT_LOGGED_RUN, ("",)).fetchone()
+    while row is not None:
+        keys.append(row[0])
+        row = db.execute(_NEXT_LOGGED_RUN, (row[0],)).fetchone()
+    return keys
+
+
+# -- write steps ------------------------------------------------------------------------------
+
+
+def insert_run(db: sqlite3.Connection, run_key: str, run: RunRecord, immortal: int,
+               due: float | None) -> None:
+    db.execute(_INSERT_RUN, (
+        run_key, run.run_id, run.incarnation, run.status, run.created_at, run.updated_at,
+        run.latest_sequence, run.checkpoint_count, immortal, run.expires_at, due, run.version,
+        join(run.labels), bytes(run.data),
+    ))
+    db.executemany(_INSERT_LABEL, [
+        (run_key, label, run.created_at, position) for position, label in enumerate(run.labels)
+    ])
+
+
+def insert_first(
+    db: sqlite3.Connection, run_key: str, seed: RunRecord, record: StoredCheckpoint, *,
+    held: int, immortal: int, expires_at: float | None, due: float | None, now: float,
+) -> None:
+    """The row of a run created by its first checkpoint: the seed, with the log's counters."""
+    run = msgspec.structs.replace(
+        seed, latest_sequence=record.sequence, checkpoint_count=held, updated_at=now,
+        expires_at=expires_at,
+    )
+    insert_run(db, run_key, run, immortal, due)
+
+
+def drop_leftovers(db: sqlite3.Connection, run_key: str) -> None:
+    for statement in _DROP_LEFTOVERS:
+        db.execute(statement, (run_key,))
+
+
+def drop_run(db: sqlite3.Connection, run_key: str) -> int:
+    """Remove everything of the run; returns how many checkpoints it held."""
+    db.execute(_DROP_ITEMS, (run_key,))
+    removed = db.execute(_DROP_CHECKPOINTS, (run_key,)).rowcount
+    for statement in _DROP_RECORD:
+        db.execute(statement, (run_key,))
+    return int(removed)
+
+
+def add_refs(db: sqlite3.Connection, run_key: str, refs: Iterable[str]) -> None:
+    keys = dict.fromkeys(refs)
+    if keys:
+        db.executemany(_ADD_REF, [(run_key, key) for key in keys])
+
+
+def _drop_refs(db: sqlite3.Connection, run_key: str, encoded: Iterable[str]) -> None:
+    """Count down the references of removed checkpoints; remove items no checkpoint names."""
+    counts = collections.Counter(key for text in encoded for key in dict.fromkeys(split(text)))
+    db.executemany(_DROP_REF, [(count, run_key, key) for key, count in counts.items()])
+    keys = [(run_key, key) for key in counts]
+    db.executemany(_DELETE_UNREFERENCED, keys)
+    db.executemany(_DELETE_ZERO_REF, keys)
+
+
+def put_appended_items(
+    db: sqlite3.Connection, run_key: str, record: StoredCheckpoint, items: Sequence[Item],
+    now: float,
+) -> None:
+    """Items written with their checkpoint, each only where no live item is; owned ones
+    expire with it."""
+    if not items:
+        return
+    db.executemany(INSERT_ITEM_IF_ABSENT, [
+        (run_key, item.key, item.owner,
+         item.expires_at if item.owner is None else earliest(item.expires_at, record.expires_at),
+         item.value, now)
+        for item in items
+    ])
+
+
+def remove(
+    db: sqlite3.Connection, run_key: str, rows: Sequence[Sequence[Any]], *, oldest: bool = False
+) -> Removed:
+    """Remove checkpoints ``(sequence, expires_at, refs)`` with their owned items and
+    references; ``oldest``: they are the run's oldest, in order (one range delete)."""
+    if not rows:
+        return Removed()
+    if oldest:
+        db.execute(_DELETE_UP_TO, (run_key, rows[-1][0]))
+    else:
+        db.executemany(_DELETE_CHECKPOINT, [(run_key, row[0]) for row in rows])
+    encoded = [row[2] for row in rows if row[2] is not None]
+    if encoded:
+        _drop_refs(db, run_key, encoded)
+    return Removed(len(rows), sum(1 for row in rows if row[1] is None))
+
+
+def prune(
+    db: sqlite3.Connection, run_key: str, *, held: int, due: float | None,
+    keep_latest: int | None, now: float,
+) -> Removed:
+    """Remove the run's expired checkpoints, then the oldest beyond ``keep_latest``."""
+    removed = Removed()
+    if due is not None and due <= now:
+        removed = remove(db, run_key, db.execute(
+            _EXPIRED_CHECKPOINTS, (run_key, now, INT64)).fetchall())
+    excess = 0 if keep_latest is None else held - removed.checkpoints - keep_latest
+    if excess <= 0:
+        return removed
+    oldest = remove(db, run_key, db.execute(
+        _OLDEST_CHECKPOINTS, (run_key, excess)).fetchall(), oldest=True)
+    return Removed(removed.checkpoints + oldest.checkpoints, removed.immortal + oldest.immortal)
+
+
+def holdings(
+    db: sqlite3.Connection, run_key: str, immortal: int
+) -> tuple[float | None, float | None]:
+    """``(expires_at, due)`` of a run from the checkpoints it holds; ``EMPTY_RUN`` for both
+    once it holds none."""
+    latest, first = db.execute(_EXPIRY_RANGE, (run_key,)).fetchone()
+    if immortal > 0:
+        return None, first
+    if latest is None:
+        return EMPTY_RUN, EMPTY_RUN
+    return latest, first
+
+
+def purge_run(db: sqlite3.Connection, run_key: str, held: int, budget: int) -> int:
+    """Remove up to ``budget`` checkpoints of an expired run, and the run once none is left."""
+    rows = db.execute(_OLDEST_CHECKPOINTS, (run_key, budget + 1)).fetchall()
+    if len(rows) <= budget:
+        return drop_run(db, run_key)
+    remove(db, run_key, rows[:budget], oldest=True)
+    db.execute("UPDATE fc_runs SET checkpoint_count = ? WHERE run_key = ?",
+               (max(held - budget, 0), run_key))
+    return budget
+
+
+def purge_checkpoints(
+    db: sqlite3.Connection, run_key: str, *, held: int, immortal: int, now: float, budget: int
+) -> int:
+    """Remove up to ``budget`` expired checkpoints of a live run."""
+    removed = remove(db, run_key, db.execute(
+        _EXPIRED_CHECKPOINTS, (run_key, now, budget)).fetchall())
+    expires_at, due = holdings(db, run_key, immortal)
+    db.execute(UPDATE_HOLDINGS,
+               (max(held - removed.checkpoints, 0), immortal, expires_at, due, run_key))
+    return removed.checkpoints

@@ -1,0 +1,1411 @@
+"""SQLite store: one database file in WAL mode, crash-safe, shared by the processes of one host.
+
+Tables (``stores/sqlite/schema.sql``; the schema is versioned, see ``_sqlite_schema``)::
+
+    fc_runs          one row per run: the run record, and ``due``, the earliest expiry of
+                     anything it holds (what ``purge_expired`` looks for, on an index)
+    fc_checkpoints   one row per checkpoint, keyed (run_key, sequence); payload last, so
+                     listings never read it
+    fc_items         one row per item, keyed (run_key, key)
+    fc_item_refs     per run and item key: how many held checkpoints name the key in their refs
+    fc_labels        per run and label, indexed by (label, created_at) for runs_with_label
+
+Every write operation is one transaction (``BEGIN IMMEDIATE``): a checkpoint, its run record,
+its items, reference counts and pruning commit together or not at all, and SQLite's write lock
+orders the writers of every process, so sequences stay unique and gap-free across processes. In
+WAL mode a commit appends to the ``-wal`` file and (``synchronous=FULL``, the default) syncs it
+once; a ``kill -9`` or power loss loses no committed transaction and exposes no partial one.
+
+Each store keeps one writer connection, used by one worker thread at a time, and a small pool
+of reader connections; readers see the last commit and never wait for the writer. Every
+operation is one ``anyio.to_thread`` hop, so the store runs on asyncio and trio.
+
+The run row is the authority for its checkpoints (both change in one transaction). The damage
+a run can show comes from outside: its row missing while checkpoint rows of the run are in place
+(an operator's ``DELETE``, a partial restore), or a row that contradicts them (an older copy put
+back: it knows fewer sequences, or another incarnation). Reads still return the checkpoints,
+appends refuse, and :meth:`SQLiteStore.rebuild_run` derives a new row from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, ParamSpec, TypeGuard, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import anyio
+import anyio.to_thread
+import msgspec
+
+from fastcheckpoint import _ids
+from fastcheckpoint.errors import (
+    CheckpointError,
+    CheckpointNotFound,
+    ConfigurationError,
+    ConflictError,
+    CorruptCheckpointError,
+    SequenceConflict,
+    StoreError,
+    StoreUnavailableError,
+    ValidationError,
+)
+from fastcheckpoint.stores import _sqlite_schema as schema
+from fastcheckpoint.stores import _sqlite_steps as steps
+from fastcheckpoint.stores._base import (
+    MAX_ITEM_KEY_BYTES,
+    CheckpointHeader,
+    ExpiryCleanup,
+    Item,
+    RunDamage,
+    RunRecord,
+    StoredCheckpoint,
+    check_keep_latest,
+    check_labels,
+    check_options,
+    check_shared_items,
+    is_live,
+    item_key_bytes,
+    latest_expiry,
+)
+
+__all__ = ["SQLiteStore", "parse_sqlite_url"]
+
+logger = logging.getLogger("fastcheckpoint.stores.sqlite")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+_RUN_KEY = re.compile(r"[a-z2-7]{24}")
+_SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
+_OPTIONS = ("synchronous", "timeout")
+_DEFAULT_TIMEOUT = 5.0
+_IDLE_READERS = 8
+_JOURNAL_SIZE_LIMIT = 64 << 20
+"""Bytes the ``-wal`` file is cut back to after a checkpoint (a burst of large checkpoints
+would otherwise leave it at its largest); above the ~4 MB it normally reaches."""
+
+# Primary result codes (sqlite3 names them only from Python 3.11 on).
+_BUSY, _LOCKED, _READONLY, _CORRUPT, _FULL, _CANTOPEN, _TOOBIG, _NOTADB = (
+    5, 6, 8, 11, 13, 14, 18, 26
+)
+_CODES_BY_TEXT = (
+    ("database is locked", _BUSY),
+    ("database table is locked", _LOCKED),
+    ("disk is full", _FULL),
+    ("malformed", _CORRUPT),
+    ("file is not a database", _NOTADB),
+    ("could not decode", _CORRUPT),
+    ("readonly database", _READONLY),
+    ("unable to open", _CANTOPEN),
+    ("too big", _TOOBIG),
+)
+
+# -- values -----------------------------------------------------------------------------------
+
+
+def _upper_bound(prefix: str) -> str | None:
+    """The smallest valid string above every string that starts with ``prefix``; ``None``
+    when every string from ``prefix`` on starts with it (a prefix of U+10FFFF only)."""
+    stripped = prefix.rstrip("\U0010ffff")
+    if not stripped:
+        return None
+    following = ord(stripped[-1]) + 1
+    if 0xD800 <= following <= 0xDFFF:  # surrogates are no key's characters: skip them
+        following = 0xE000
+    return stripped[:-1] + chr(following)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class _Undecodable(str):
+    """Text of a row that is not UTF-8 (bit rot, a foreign writer), with U+FFFD for the bad
+    bytes: the row it is in is reported as damaged, never taken for what it was."""
+
+
+def _text(raw: bytes) -> str:
+    """The connections' ``text_factory``: one row with bad text must not fail a whole query
+    (a listing of runs, say), as SQLite's own decoding would."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _Undecodable(raw.decode("utf-8", "replace"))
+
+
+def _undecodable(*texts: object) -> bool:
+    return any(isinstance(text, _Undecodable) for text in texts)
+
+
+def _bad_run_text(run: RunRecord) -> bool:
+    return _undecodable(run.run_id, run.incarnation, run.status, *run.labels)
+
+
+def _error_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF
+    text = str(exc).lower()
+    return next((code for words, code in _CODES_BY_TEXT if words in text), None)
+
+
+def _is_sequence(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= steps.INT64
+
+
+# -- validation -------------------------------------------------------------------------------
+
+
+def _check_run_key(run_key: object) -> str:
+    if not isinstance(run_key, str) or not _RUN_KEY.fullmatch(run_key):
+        raise ValidationError(f"not a run key (24 characters of [a-z2-7]): {run_key!r:.80}")
+    return run_key
+
+
+def _check_int(name: str, value: object) -> int:
+    if not _is_sequence(value):
+        raise ValidationError(f"{name} must be a 64-bit int, got {value!r:.40}")
+    return value
+
+
+def _check_time(name: str, value: object, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    # Beyond 64 bits an int cannot be bound to a statement; no real epoch time is that large.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or abs(value) > steps.INT64
+    ):
+        raise ValidationError(f"{name} must be a finite number of epoch seconds, got {value!r:.40}")
+
+
+def _check_bytes(name: str, value: object) -> None:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise ValidationError(f"{name} must be bytes, got {type(value).__name__}")
+
+
+def _check_text(name: str, value: object) -> None:
+    if not isinstance(value, str) or not value or not _encodable(value):
+        raise ValidationError(f"{name} must be a non-empty str of valid unicode, got {value!r:.40}")
+
+
+def _check_record(record: StoredCheckpoint) -> None:
+    if not isinstance(record, StoredCheckpoint):
+        raise ValidationError(f"record must be a StoredCheckpoint, got {type(record).__name__}")
+    _check_int("sequence", record.sequence)
+    _check_text("checkpoint_id", record.checkpoint_id)
+    _check_time("created_at", record.created_at)
+    _check_time("expires_at", record.expires_at, optional=True)
+    _check_bytes("header", record.header)
+    _check_bytes("payload", record.payload)
+    if not isinstance(record.refs, tuple):
+        raise ValidationError(
+            f"refs must be a tuple of item keys, got {type(record.refs).__name__}")
+    check_shared_items(record, ())
+
+
+def _check_seed(seed: RunRecord) -> None:
+    """What a new run row takes from the seed (checked when a run is created)."""
+    if not isinstance(seed, RunRecord):
+        raise ValidationError(f"run must be a RunRecord, got {type(seed).__name__}")
+    _check_text("run_id", seed.run_id)
+    _check_text("incarnation", seed.incarnation)
+    _check_text("status", seed.status)
+    _check_time("created_at", seed.created_at)
+    _check_int("version", seed.version)
+    _check_bytes("data", seed.data)
+    check_labels(seed.labels)
+
+
+def _check_items(items: object) -> None:
+    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
+        raise ValidationError(f"items must be a sequence of Item values, got {items!r:.40}")
+    for item in items:
+        if not isinstance(item, Item):
+            raise ValidationError(f"items must be Item values, got {type(item).__name__}")
+        item_key_bytes(item.key, MAX_ITEM_KEY_BYTES, "an item key")
+        _check_bytes("item value", item.value)
+        if item.owner is not None:
+            _check_int("item owner", item.owner)
+        _check_time("item expires_at", item.expires_at, optional=True)
+
+
+def _check_keys(keys: Sequence[str]) -> list[str]:
+    if not isinstance(keys, Sequence) or isinstance(keys, (str, bytes)):
+        raise ValidationError(f"keys must be a sequence of item keys, got {keys!r:.40}")
+    for key in keys:
+        item_key_bytes(key, MAX_ITEM_KEY_BYTES, "an item key")
+    return list(keys)
+
+
+def _check_limit(limit: object) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise ValidationError(f"limit must be an int, got {limit!r:.40}")
+    return max(0, min(limit, steps.INT64 - 1))  # a page asks for one more row than limit
+
+
+def _contradiction(head: steps.Head, newest: Sequence[Any] | None) -> str | None:
+    """How a run row contradicts the ``(sequence, checkpoint_id)`` of the newest checkpoint in
+    place (a row put back from an older copy, or edited by hand); ``None`` when it does not.
+    The leftovers of an expired run agree with its row, so an expired row put back over newer
+    checkpoints shows too."""
+    if newest is None:
+        return None
+    newest_sequence, newest_id = newest[0], newest[1]
+    parsed = _ids.parse_checkpoint_id(newest_id)
+    if newest_sequence > head.latest_sequence:
+        return (
+            f"the run record knows sequences up to {head.latest_sequence}, but checkpoint "
+            f"{newest_sequence} is in place (an older copy of the record was put back)"
+        )
+    if parsed is not None and parsed[1] != head.incarnation:
+        return (
+            f"the run record is of incarnation {head.incarnation!r:.40}, but the newest "
+            f"checkpoint in place is of incarnation {parsed[1]!r} (a record of another "
+            "incarnation was put back)"
+        )
+    return None
+
+
+def _make_cursor(created_at: float, run_key: str) -> str:
+    return f"{created_at!r}/{run_key}"
+
+
+def _parse_cursor(cursor: str | None) -> tuple[float, str]:
+    if cursor is None:
+        return math.inf, ""
+    if isinstance(cursor, str):
+        created, _, run_key = cursor.rpartition("/")
+        with contextlib.suppress(ValueError):
+            if _RUN_KEY.fullmatch(run_key) and math.isfinite(float(created)):
+                return float(created), run_key
+    raise ValidationError(f"malformed run listing cursor {cursor!r:.80}")
+
+
+# -- URLs -------------------------------------------------------------------------------------
+
+
+def parse_sqlite_url(url: str) -> tuple[str, list[tuple[str, str]]]:
+    """The database path and the query options of a ``sqlite://`` URL.
+
+    As in SQLAlchemy, ``sqlite:///relative/path.db`` names a path relative to the current
+    directory and ``sqlite:////absolute/path.db`` an absolute one.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ConfigurationError(f"malformed sqlite:// URL {url!r}: {exc}") from exc
+    if parts.scheme.lower() != "sqlite":
+        raise ConfigurationError(f"not a sqlite:// URL: {url!r}")
+    if parts.netloc:
+        raise ConfigurationError(
+            f"a sqlite:// URL names a file, not a host: {url!r} (sqlite:///relative.db or "
+            "sqlite:////absolute/path.db)"
+        )
+    path = unquote(parts.path)[1:]
+    if not path:
+        raise ConfigurationError(f"sqlite:// URL without a database path: {url!r}")
+    if path == ":memory:" or path.startswith("file:"):
+        raise ConfigurationError(
+            f"the sqlite:// store needs a database file, got {path!r}; for checkpoints kept in "
+            "memory use memory://"
+        )
+    return path, parse_qsl(parts.query, keep_blank_values=True)
+
+
+def _synchronous(value: object) -> str:
+    mode = _SYNCHRONOUS.get(value.lower()) if isinstance(value, str) else None
+    if mode is None:
+        raise ConfigurationError(
+            f"sqlite:// store option synchronous={value!r:.40} must be 'full' (the default: "
+            "every commit survives power loss) or 'normal' (a commit survives a process crash; "
+            "power loss may undo the last ones)"
+        )
+    return mode
+
+
+def _timeout(value: object) -> float:
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"sqlite:// store option timeout={value!r:.40} is not a "
+                                 "number of seconds") from exc
+    if isinstance(value, bool) or not math.isfinite(seconds) or seconds < 0:
+        raise ConfigurationError(f"sqlite:// store option timeout={value!r:.40} must be >= 0 s")
+    return seconds
+
+
+def _database_path(path: object) -> str:
+    try:
+        text = os.fspath(path)  # type: ignore[call-overload]
+    except TypeError as exc:
+        raise ConfigurationError(
+            f"sqlite store path must be a str or a path: {path!r:.80}") from exc
+    if not isinstance(text, str) or not text or "\0" in text or not _encodable(text):
+        raise ConfigurationError(f"not a usable sqlite store path: {text!r:.80}")
+    return os.path.abspath(text)
+
+
+# -- connections ------------------------------------------------------------------------------
+
+
+class _Readers:
+    """Idle reader connections, handed to one thread at a time; at most a few are kept."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self._idle: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._generation = 0
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            generation = self._generation
+            db = self._idle.pop() if self._idle else None
+        if db is None:
+            db = self._connect()
+        try:
+            yield db
+        except BaseException:
+            db.close()  # its state is unknown after an error: never reuse it
+            raise
+        with self._lock:
+            keep = generation == self._generation and len(self._idle) < _IDLE_READERS
+            if keep:
+                self._idle.append(db)
+        if not keep:
+            db.close()
+
+    @property
+    def open(self) -> bool:
+        return bool(self._idle)
+
+    def close(self) -> None:
+        """Close the idle connections; those in use are closed when given back."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+            self._generation += 1
+        for db in idle:
+            db.close()
+
+
+# -- the store --------------------------------------------------------------------------------
+
+
+class SQLiteStore(ExpiryCleanup):
+    """Checkpoints in one SQLite database file; see the module docstring for the tables.
+
+    Costs (``n`` = checkpoints held by the run, ``k`` = requested count, ``r`` = refs of a
+    checkpoint): ``append`` is one transaction with one sync of the WAL: a primary-key read of
+    the run row, one checkpoint insert, one run-row update, plus, when pruning, one select and
+    one delete of the oldest (and a statement per expired one), and ``O(r)`` reference-count
+    updates. ``get`` and ``latest`` are one indexed statement (``latest`` walks down only past
+    expired newest checkpoints); ``headers`` two, never reading payloads; ``list_runs`` and
+    ``runs_with_label`` one indexed page; ``count_runs`` counts an index (``O(runs)`` index
+    entries, no rows) minus the runs due; ``purge_expired`` visits only runs and items whose
+    expiry passed.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "full",
+        timeout: float = _DEFAULT_TIMEOUT,
+    ) -> None:
+        self._path = _database_path(path)
+        self._synchronous = _synchronous(synchronous)
+        self._timeout = _timeout(timeout)
+        self._write_lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
+        self._readers = _Readers(self._connect_reader)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLiteStore:
+        """``sqlite:///relative.db``, ``sqlite:////absolute.db``, with ``?synchronous=normal``
+        and ``?timeout=SECONDS`` (both also keyword options)."""
+        path, query = parse_sqlite_url(url)
+        settings: dict[str, Any] = dict(query)
+        settings.update(options)
+        check_options("the sqlite:// store", settings, _OPTIONS)
+        return cls(
+            path,
+            synchronous=settings.get("synchronous", "full"),
+            timeout=settings.get("timeout", _DEFAULT_TIMEOUT),
+        )
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self._path!r}, synchronous="
+                f"{self._synchronous.lower()!r}, timeout={self._timeout:g})")
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return Path(self._path)
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    async def _call(self, func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Run one whole operation in a worker thread: the only thread hop of a method."""
+        call = functools.partial(self._translated, func, *args, **kwargs)
+        return await anyio.to_thread.run_sync(call)
+
+    def _translated(self, func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return func(*args, **kwargs)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+        except OSError as exc:
+            raise self._os_error(exc) from exc
+        except OverflowError as exc:  # a value beyond what SQLite binds (a blob over 2 GB)
+            raise ValidationError(f"a value is too large for the sqlite store: {exc}") from exc
+
+    def _os_error(self, exc: OSError) -> StoreError:
+        where = exc.filename or self._path
+        if isinstance(exc, IsADirectoryError):
+            return StoreError(
+                f"the sqlite store path {where} is a directory; name a database file in it, "
+                f"e.g. sqlite:///{os.path.join(where, 'checkpoints.db')}"
+            )
+        if isinstance(exc, PermissionError):
+            return StoreError(
+                f"the sqlite store cannot open {where} for reading and writing: {exc.strerror} "
+                "(it needs write access to the database file and to its directory, which holds "
+                "the -wal and -shm files)"
+            )
+        return StoreError(f"sqlite store I/O failed on {where}: {exc.strerror or exc}")
+
+    def _error(self, exc: sqlite3.Error) -> CheckpointError:
+        code = _error_code(exc)
+        where = self._path
+        if code in (_BUSY, _LOCKED):
+            return StoreUnavailableError(
+                f"the SQLite database {where} stayed locked by another connection for the "
+                f"{self._timeout:g} s busy timeout (sqlite:// option timeout): {exc}"
+            )
+        if code in (_CORRUPT, _NOTADB):
+            return CorruptCheckpointError(f"the SQLite database is damaged: {exc}", key=where)
+        if code == _TOOBIG:
+            return ValidationError(
+                f"a value is larger than the SQLite database {where} takes (SQLITE_MAX_LENGTH, "
+                f"1 GB by default); nothing was written: {exc}"
+            )
+        if code == _FULL:
+            return StoreError(f"the SQLite database {where} cannot grow: the disk is full "
+                              f"(or the database reached its page limit): {exc}")
+        if code == _READONLY:
+            return StoreError(
+                f"the SQLite database {where} is read-only here: {exc} (the store writes the "
+                "file and, beside it, the -wal and -shm files: check the permissions of the "
+                "file and of its directory)"
+            )
+        if code == _CANTOPEN:
+            return StoreError(f"cannot open the SQLite database {where}: {exc}")
+        return StoreError(f"SQLite failed on {where}: {exc}")
+
+    def _connect(self) -> sqlite3.Connection:
+        # Autocommit (isolation_level=None): every transaction is begun and ended here.
+        db = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None,
+                             check_same_thread=False)
+        db.text_factory = _text
+        return db
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        self._ensure_ready()
+        db = self._connect()
+        try:
+            db.execute("PRAGMA query_only = ON")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _writer_connection(self) -> sqlite3.Connection:
+        """The writer connection, opened (and the schema checked) on first use; call it
+        holding the write lock."""
+        if self._writer is not None:
+            return self._writer
+        db = self._open_database()
+        try:
+            version = schema.schema_version(db)
+            if version is None:
+                schema.provision(db, self._path, upgrade=False)
+            else:
+                schema.check_version(version, self._path)
+        except BaseException:
+            db.close()
+            raise
+        self._writer = db
+        return db
+
+    def _open_database(self) -> sqlite3.Connection:
+        """A connection to the database, created 0600 (in a 0700 directory) if missing, in WAL
+        mode with the store's ``synchronous`` setting."""
+        os.makedirs(os.path.dirname(self._path), mode=0o700, exist_ok=True)
+        # SQLite gives the -wal and -shm files the database file's permissions.
+        os.close(os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        db = self._connect()
+        try:
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(
+                    f"the SQLite database {self._path} cannot use WAL mode (journal mode "
+                    f"{mode!r}); the sqlite:// store needs a local file system"
+                )
+            db.execute(f"PRAGMA synchronous = {self._synchronous}")
+            db.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
+            # Some builds zero every freed page, writing a pruned checkpoint's pages again;
+            # FAST zeroes what is written anyway (the b-tree pages), not the freed overflow.
+            db.execute("PRAGMA secure_delete = FAST")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _ensure_ready(self) -> None:
+        if self._writer is None:
+            with self._write_lock:
+                self._writer_connection()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction on the writer connection: committed if the block returns,
+        rolled back if it raises."""
+        with self._write_lock:
+            db = self._writer_connection()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                self._roll_back(db)
+                raise
+
+    def _roll_back(self, db: sqlite3.Connection) -> None:
+        if not db.in_transaction:
+            return  # SQLite already rolled it back (e.g. after SQLITE_FULL)
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            # A connection that cannot roll back is not reused; the next call opens another.
+            logger.warning("sqlite store: rolling back on %s failed; reopening", self._path,
+                           exc_info=True)
+            self._writer = None
+            db.close()
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: several statements that see one commit."""
+        with self._readers.connection() as db:
+            db.execute("BEGIN")
+            yield db
+            db.execute("COMMIT")
+
+    def _key(self, run_key: str, sequence: int) -> str:
+        return f"{self._path}#fc_checkpoints/{run_key}/{sequence}"
+
+    def _missing_record(self, run_key: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"the run record of run key {run_key} is missing while its checkpoints are in "
+            "place; `fastcheckpoint doctor --repair URL` rebuilds it from them (delete_run "
+            "removes the run)",
+            key=f"{self._path}#fc_runs/{run_key}",
+        )
+
+    def _undecodable_record(self, run_key: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"the run record of run key {run_key} holds text that is not UTF-8; `fastcheckpoint "
+            "doctor --repair URL` rebuilds it from the run's checkpoints",
+            key=f"{self._path}#fc_runs/{run_key}",
+        )
+
+    def _check_head(self, run_key: str, head: steps.Head) -> steps.Head:
+        if _undecodable(head.incarnation, head.status):
+            raise self._undecodable_record(run_key)
+        return head
+
+    def _check_damage(self, db: sqlite3.Connection, run_key: str) -> None:
+        """Called when the run has no row: refuse if checkpoints are in place without it."""
+        if db.execute(steps.HAS_CHECKPOINTS, (run_key,)).fetchone()[0]:
+            raise self._missing_record(run_key)
+
+    def _warn_damaged(
+        self, run_key: str, why: str = "is missing while its checkpoints are in place"
+    ) -> None:
+        logger.warning(
+            "sqlite store: the run record %s#fc_runs/%s %s; reading them with status 'active' "
+            "(fastcheckpoint doctor --repair rebuilds it)", self._path, run_key, why,
+        )
+
+    # -- checkpoint log -----------------------------------------------------------------------
+
+    async def append(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        *,
+        run: RunRecord,
+        keep_latest: int | None,
+        now: float,
+    ) -> str:
+        return await self.append_with_items(
+            run_key, record, run=run, keep_latest=keep_latest, now=now, items=()
+        )
+
+    async def append_with_items(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        *,
+        run: RunRecord,
+        keep_latest: int | None,
+        now: float,
+        items: Sequence[Item],
+    ) -> str:
+        _check_run_key(run_key)
+        _check_record(record)
+        if not isinstance(run, RunRecord):
+            raise ValidationError(f"run must be a RunRecord, got {type(run).__name__}")
+        if keep_latest is not None and not _is_sequence(keep_latest):
+            raise ValidationError(f"keep_latest must be an int or None, got {keep_latest!r:.40}")
+        check_keep_latest(keep_latest)
+        _check_time("now", now)
+        _check_items(items)
+        check_shared_items(record, items)
+        return await self._call(self._append, run_key, record, run, keep_latest, now, items)
+
+    def _append(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        seed: RunRecord,
+        keep_latest: int | None,
+        now: float,
+        items: Sequence[Item],
+    ) -> str:
+        with self._transaction() as db:
+            row = db.execute(steps.HEAD, (run_key,)).fetchone()
+            head = None if row is None else self._check_head(run_key, steps.Head(*row))
+            if head is None or not is_live(head.expires_at, now):
+                head = self._start_run(db, run_key, record, seed, head)
+            else:
+                self._check_next(db, run_key, head, record, seed)
+            self._insert_checkpoint(db, run_key, record)
+            steps.put_appended_items(db, run_key, record, items, now)
+            self._update_head(db, run_key, head, record, seed, keep_latest, now)
+            return head.status
+
+    def _check_next(
+        self,
+        db: sqlite3.Connection,
+        run_key: str,
+        head: steps.Head,
+        record: StoredCheckpoint,
+        seed: RunRecord,
+    ) -> None:
+        """``record`` must be the live run's next checkpoint, after a run row that the newest
+        checkpoint in place does not contradict."""
+        self._check_log(db, run_key, head)
+        if record.sequence != head.latest_sequence + 1 or seed.incarnation != head.incarnation:
+            raise SequenceConflict(
+                f"run {run_key} is at sequence {head.latest_sequence}",
+                latest_sequence=head.latest_sequence, incarnation=head.incarnation,
+            )
+
+    def _check_log(self, db: sqlite3.Connection, run_key: str, head: steps.Head) -> None:
+        """Refuse to write after a run row that the newest checkpoint in place contradicts
+        (one more primary-key probe)."""
+        problem = _contradiction(head, db.execute(steps.NEWEST_ID, (run_key,)).fetchone())
+        if problem is not None:
+            raise CorruptCheckpointError(
+                f"run key {run_key}: {problem}; `fastcheckpoint doctor --repair URL` rebuilds "
+                "the run record from the checkpoints",
+                key=f"{self._path}#fc_runs/{run_key}",
+            )
+
+    def _start_run(
+        self,
+        db: sqlite3.Connection,
+        run_key: str,
+        record: StoredCheckpoint,
+        seed: RunRecord,
+        head: steps.Head | None,
+    ) -> steps.Head:
+        """A fresh head for a run that has no live record; leftovers of an expired one go."""
+        if head is None:
+            self._check_damage(db, run_key)
+        else:
+            self._check_log(db, run_key, head)  # never drop checkpoints its row does not know
+        if record.sequence != 0:
+            raise SequenceConflict(
+                f"run {run_key} has no live record: only sequence 0 can start it",
+                latest_sequence=None, incarnation=None,
+            )
+        _check_seed(seed)
+        if head is not None:
+            steps.drop_leftovers(db, run_key)
+        return steps.Head(seed.incarnation, seed.status, -1, 0, 0, record.expires_at, None,
+                          new=True)
+
+    def _insert_checkpoint(
+        self, db: sqlite3.Connection, run_key: str, record: StoredCheckpoint
+    ) -> None:
+        try:
+            db.execute(steps.INSERT_CHECKPOINT, (
+                run_key, record.sequence, record.checkpoint_id, record.created_at,
+                record.expires_at, steps.join(record.refs), record.header, record.payload,
+            ))
+        except sqlite3.IntegrityError as exc:
+            # Only a row edited by hand puts a checkpoint beyond the run's latest sequence.
+            raise CorruptCheckpointError(
+                f"a checkpoint already holds sequence {record.sequence}, after the latest "
+                "one its run record knows: the run record was put back from an older copy or "
+                "edited by hand; `fastcheckpoint doctor --repair URL` rebuilds it from the "
+                f"checkpoints ({exc})",
+                key=self._key(run_key, record.sequence),
+            ) from exc
+        steps.add_refs(db, run_key, record.refs)
+
+    def _update_head(
+        self,
+        db: sqlite3.Connection,
+        run_key: str,
+        head: steps.Head,
+        record: StoredCheckpoint,
+        seed: RunRecord,
+        keep_latest: int | None,
+        now: float,
+    ) -> None:
+        """The run row after appending ``record``, with pruning done."""
+        held = head.held + 1
+        immortal = head.immortal + (record.expires_at is None)
+        expires_at = latest_expiry(head.expires_at, record.expires_at)
+        due = steps.earliest(head.due, record.expires_at)
+        removed = steps.prune(db, run_key, held=held, due=due, keep_latest=keep_latest, now=now)
+        held -= removed.checkpoints
+        immortal -= removed.immortal
+        if removed.mortal or (removed.checkpoints and not immortal):
+            expires_at, due = steps.holdings(db, run_key, immortal)
+        if head.new:
+            steps.insert_first(db, run_key, seed, record, held=held, immortal=immortal,
+                               expires_at=expires_at, due=due, now=now)
+        elif due == head.due:
+            db.execute(steps.UPDATE_HEAD,
+                       (record.sequence, held, immortal, now, expires_at, run_key))
+        else:
+            db.execute(steps.UPDATE_HEAD_DUE,
+                       (record.sequence, held, immortal, now, expires_at, due, run_key))
+
+    async def get(
+        self, run_key: str, sequence: int, *, now: float
+    ) -> tuple[StoredCheckpoint, str] | None:
+        _check_run_key(run_key)
+        _check_time("now", now)
+        if not _is_sequence(sequence):
+            return None
+        return await self._call(self._get, run_key, sequence, now)
+
+    def _get(self, run_key: str, sequence: int, now: float) -> tuple[StoredCheckpoint, str] | None:
+        with self._readers.connection() as db:
+            row = db.execute(steps.GET, (run_key, sequence)).fetchone()
+        return self._found(run_key, row, now)
+
+    async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
+        _check_run_key(run_key)
+        _check_time("now", now)
+        return await self._call(self._latest, run_key, now)
+
+    def _latest(self, run_key: str, now: float) -> tuple[StoredCheckpoint, str] | None:
+        with self._readers.connection() as db:
+            row = db.execute(steps.LATEST, (run_key, now)).fetchone()
+        return self._found(run_key, row, now)
+
+    def _found(
+        self, run_key: str, row: Sequence[Any] | None, now: float
+    ) -> tuple[StoredCheckpoint, str] | None:
+        """The live checkpoint of a ``GET``/``LATEST`` row with its run's status."""
+        if row is None:
+            return None
+        sequence, checkpoint_id, created_at, expires_at, refs, header, payload = row[:7]
+        status, run_expires_at, has_run = row[7:]
+        if not has_run:
+            self._warn_damaged(run_key)
+            status = "active"
+        elif not is_live(run_expires_at, now):
+            if not is_live(expires_at, now):
+                return None
+            # A run outlives its checkpoints: its row is an older copy put back.
+            self._warn_damaged(run_key, "says the run expired while live checkpoints are in place")
+            status = "active"
+        elif _undecodable(status):
+            self._warn_damaged(run_key, "holds text that is not UTF-8")
+            status = "active"
+        if not is_live(expires_at, now):
+            return None
+        if _undecodable(checkpoint_id, refs):
+            raise CorruptCheckpointError(
+                f"checkpoint {sequence} of run key {run_key} holds text that is not UTF-8",
+                key=self._key(run_key, sequence),
+            )
+        record = StoredCheckpoint(
+            sequence=sequence, checkpoint_id=checkpoint_id, created_at=created_at,
+            expires_at=expires_at, header=header, payload=payload,
+            key=self._key(run_key, sequence), refs=steps.split(refs),
+        )
+        return record, status
+
+    async def headers(
+        self,
+        run_key: str,
+        *,
+        before: int | None,
+        limit: int,
+        now: float,
+        include_expired: bool = False,
+    ) -> tuple[list[CheckpointHeader], str | None]:
+        _check_run_key(run_key)
+        _check_time("now", now)
+        end = steps.INT64 if before is None else max(-1, _check_int("before", before))
+        limit = _check_limit(limit)
+        return await self._call(self._headers, run_key, end, limit, now, include_expired)
+
+    def _headers(
+        self, run_key: str, before: int, limit: int, now: float, include_expired: bool
+    ) -> tuple[list[CheckpointHeader], str | None]:
+        with self._snapshot() as db:
+            run = db.execute(steps.RUN_STATUS, (run_key,)).fetchone()
+            if run is None:
+                if not db.execute(steps.HAS_CHECKPOINTS, (run_key,)).fetchone()[0]:
+                    return [], None
+                self._warn_damaged(run_key)
+                run = ("active", None)
+            elif not include_expired and not is_live(run[1], now):
+                run = self._expired_status(db, run_key, now)
+                if run is None:
+                    return [], None
+            elif _undecodable(run[0]):
+                self._warn_damaged(run_key, "holds text that is not UTF-8")
+                run = ("active", run[1])
+            if include_expired:
+                rows = db.execute(steps.HEADERS, (run_key, before, limit)).fetchall()
+            else:
+                rows = db.execute(steps.LIVE_HEADERS, (run_key, before, limit, now)).fetchall()
+        found = [
+            CheckpointHeader(sequence=sequence, checkpoint_id=checkpoint_id,
+                             created_at=created_at, expires_at=expires_at, header=header)
+            for sequence, checkpoint_id, created_at, expires_at, header in rows
+            if not self._skipped(run_key, sequence, checkpoint_id)
+        ]
+        return found, run[0]
+
+    def _expired_status(
+        self, db: sqlite3.Connection, run_key: str, now: float
+    ) -> tuple[str, float | None] | None:
+        """``None`` for a run whose row says it expired, unless live checkpoints are in place
+        (a run outlives its checkpoints, so its row is an older copy put back): then they are
+        listed, with status ``active``."""
+        if db.execute(steps.HAS_LIVE_CHECKPOINT, (run_key, now)).fetchone()[0]:
+            self._warn_damaged(run_key, "says the run expired while live checkpoints are in place")
+            return "active", None
+        return None
+
+    def _skipped(self, run_key: str, sequence: int, checkpoint_id: str) -> bool:
+        """Whether a listing leaves out a checkpoint whose id is not UTF-8 (logged)."""
+        if not _undecodable(checkpoint_id):
+            return False
+        logger.warning("sqlite store: %s holds an id that is not UTF-8; left out of the listing",
+                       self._key(run_key, sequence))
+        return True
+
+    async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
+        _check_run_key(run_key)
+        if not _is_sequence(sequence):
+            return False
+        return await self._call(self._delete, run_key, sequence, checkpoint_id)
+
+    def _delete(self, run_key: str, sequence: int, checkpoint_id: str) -> bool:
+        with self._transaction() as db:
+            row = db.execute(steps.HEAD, (run_key,)).fetchone()
+            if row is None:
+                self._check_damage(db, run_key)
+                return False
+            head = self._check_head(run_key, steps.Head(*row))
+            found = db.execute(steps.CHECKPOINT, (run_key, sequence)).fetchone()
+            if found is None or found[3] != checkpoint_id:
+                return False
+            removed = steps.remove(db, run_key, [found])
+            immortal = head.immortal - removed.immortal
+            expires_at, due = steps.holdings(db, run_key, immortal)
+            db.execute(steps.UPDATE_HOLDINGS,
+                       (head.held - 1, immortal, expires_at, due, run_key))
+            return True
+
+    async def delete_run(self, run_key: str) -> int:
+        _check_run_key(run_key)
+        return await self._call(self._delete_run, run_key)
+
+    def _delete_run(self, run_key: str) -> int:
+        with self._transaction() as db:
+            return steps.drop_run(db, run_key)
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
+        _check_run_key(run_key)
+        _check_time("now", now)
+        return await self._call(self._get_run, run_key, now)
+
+    def _get_run(self, run_key: str, now: float) -> RunRecord | None:
+        with self._readers.connection() as db:
+            row = db.execute(steps.GET_RUN, (run_key,)).fetchone()
+        if row[0] is None:
+            if row[-1]:
+                raise self._missing_record(run_key)
+            return None
+        record = steps.run_of(row)
+        if not is_live(record.expires_at, now):
+            return None
+        if _bad_run_text(record):
+            raise self._undecodable_record(run_key)
+        return record
+
+    async def update_run(
+        self,
+        run_key: str,
+        *,
+        incarnation: str,
+        version: int,
+        status: str,
+        data: bytes,
+        now: float,
+    ) -> RunRecord:
+        _check_run_key(run_key)
+        _check_text("status", status)
+        _check_bytes("data", data)
+        _check_time("now", now)
+        return await self._call(self._update_run, run_key, incarnation, version, status,
+                                data, now)
+
+    def _update_run(
+        self, run_key: str, incarnation: str, version: int, status: str, data: bytes, now: float
+    ) -> RunRecord:
+        with self._transaction() as db:
+            row = db.execute(steps.RUN, (run_key,)).fetchone()
+            if row is None:
+                self._check_damage(db, run_key)
+                raise CheckpointNotFound(f"no live run with key {run_key}")
+            current = steps.run_of(row)
+            if not is_live(current.expires_at, now):
+                raise CheckpointNotFound(f"no live run with key {run_key}")
+            if _bad_run_text(current):
+                raise self._undecodable_record(run_key)
+            if (current.incarnation, current.version) != (incarnation, version):
+                raise ConflictError(
+                    f"run changed concurrently (now {current.incarnation}/{current.version}, "
+                    f"expected {incarnation}/{version})"
+                )
+            db.execute(steps.UPDATE_RUN, (status, bytes(data), version + 1, now, run_key))
+        return msgspec.structs.replace(
+            current, status=status, data=bytes(data), version=version + 1, updated_at=now
+        )
+
+    async def list_runs(
+        self, *, status: str | None, limit: int, cursor: str | None, now: float
+    ) -> tuple[list[RunRecord], str | None]:
+        if status is not None and not isinstance(status, str):
+            raise ValidationError(f"status must be a str or None, got {status!r:.40}")
+        after = _parse_cursor(cursor)
+        limit = _check_limit(limit)
+        _check_time("now", now)
+        if status is not None and not _encodable(status):
+            return [], None  # no run has a status that is not valid unicode
+        if status is None:
+            return await self._call(self._page, steps.LIST_RUNS, (*after, now, limit + 1), limit)
+        return await self._call(
+            self._page, steps.LIST_RUNS_BY_STATUS, (*after, now, limit + 1, status), limit
+        )
+
+    async def runs_with_label(
+        self, label: str, *, limit: int, cursor: str | None, now: float
+    ) -> tuple[list[RunRecord], str | None]:
+        if not isinstance(label, str):
+            raise ValidationError(f"label must be a str, got {type(label).__name__}")
+        after = _parse_cursor(cursor)
+        limit = _check_limit(limit)
+        _check_time("now", now)
+        if not _encodable(label):
+            return [], None  # no run has a label that is not valid unicode
+        return await self._call(
+            self._page, steps.RUNS_WITH_LABEL, (*after, now, limit + 1, label), limit
+        )
+
+    def _page(
+        self, query: str, parameters: tuple[Any, ...], limit: int
+    ) -> tuple[list[RunRecord], str | None]:
+        if limit == 0:
+            return [], None
+        with self._readers.connection() as db:
+            rows = db.execute(query, parameters).fetchall()
+        runs = []
+        for row in rows[:limit]:
+            run = steps.run_of(row)
+            if _bad_run_text(run):
+                logger.warning("sqlite store: the run record %s#fc_runs/%s holds text that is "
+                               "not UTF-8; left out of the listing (fastcheckpoint doctor "
+                               "--repair rebuilds it)", self._path, row[-1])
+                continue
+            runs.append(run)
+        if len(rows) <= limit:
+            return runs, None
+        last = rows[limit - 1]
+        return runs, _make_cursor(last[3], last[-1])
+
+    async def count_runs(self, *, status: str | None, now: float) -> int:
+        if status is not None and not isinstance(status, str):
+            raise ValidationError(f"status must be a str or None, got {status!r:.40}")
+        _check_time("now", now)
+        if status is not None and not _encodable(status):
+            return 0
+        return await self._call(self._count_runs, status, now)
+
+    def _count_runs(self, status: str | None, now: float) -> int:
+        with self._readers.connection() as db:
+            if status is None:
+                return int(db.execute(steps.COUNT_RUNS, (now,)).fetchone()[0])
+            return int(db.execute(steps.COUNT_RUNS_BY_STATUS, (now, status)).fetchone()[0])
+
+    # -- items --------------------------------------------------------------------------------
+
+    async def put_items(
+        self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
+    ) -> None:
+        _check_run_key(run_key)
+        _check_items(items)
+        _check_time("now", now)
+        if items:
+            await self._call(self._put_items, run_key, list(items), create_only, now)
+
+    def _put_items(
+        self, run_key: str, items: list[Item], create_only: bool, now: float
+    ) -> None:
+        with self._transaction() as db:
+            taken = steps.first_live_item(db, run_key, [item.key for item in items], now) \
+                if create_only else None
+            if taken is not None:
+                raise ConflictError(f"item {taken!r:.80} already exists")
+            db.executemany(steps.UPSERT_ITEM, [
+                (run_key, item.key, item.owner, item.expires_at, item.value) for item in items
+            ])
+
+    async def put_owned_items(
+        self,
+        run_key: str,
+        items: Sequence[Item],
+        *,
+        owner: int,
+        checkpoint_id: str,
+        if_absent: bool,
+        now: float,
+    ) -> bool:
+        _check_run_key(run_key)
+        _check_int("owner", owner)
+        _check_time("now", now)
+        _check_items(items)
+        for item in items:
+            if item.owner != owner:
+                raise ValidationError(
+                    f"item {item.key[:40]!r} is owned by {item.owner!r}, not by checkpoint {owner}"
+                )
+        return await self._call(self._put_owned_items, run_key, list(items), owner,
+                                checkpoint_id, if_absent, now)
+
+    def _put_owned_items(
+        self, run_key: str, items: list[Item], owner: int, checkpoint_id: str, if_absent: bool,
+        now: float,
+    ) -> bool:
+        with self._transaction() as db:
+            row = db.execute(steps.OWNER, (run_key, owner)).fetchone()
+            if row is None or row[0] != checkpoint_id:
+                return False
+            expires_at, run_expires_at = row[1], row[2]
+            if not (is_live(expires_at, now) and is_live(run_expires_at, now)):
+                return False
+            statement = steps.INSERT_ITEM_IF_ABSENT if if_absent else steps.UPSERT_ITEM
+            db.executemany(statement, [
+                (run_key, item.key, owner, steps.earliest(item.expires_at, expires_at),
+                 item.value, *((now,) if if_absent else ()))
+                for item in items
+            ])
+            return True
+
+    async def get_items(
+        self, run_key: str, keys: Sequence[str], *, now: float
+    ) -> dict[str, bytes]:
+        _check_run_key(run_key)
+        wanted = _check_keys(keys)
+        _check_time("now", now)
+        if not wanted:
+            return {}
+        return await self._call(self._get_items, run_key, wanted, now)
+
+    def _get_items(self, run_key: str, keys: list[str], now: float) -> dict[str, bytes]:
+        with self._snapshot() as db:
+            return steps.read_items(db, run_key, keys, now)
+
+    async def read_with_items(
+        self, run_key: str, *, sequence: int | None, now: float
+    ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        _check_run_key(run_key)
+        _check_time("now", now)
+        if sequence is not None and not _is_sequence(sequence):
+            return None
+        return await self._call(self._read_with_items, run_key, sequence, now)
+
+    def _read_with_items(
+        self, run_key: str, sequence: int | None, now: float
+    ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        with self._snapshot() as db:
+            if sequence is None:
+                row = db.execute(steps.LATEST, (run_key, now)).fetchone()
+            else:
+                row = db.execute(steps.GET, (run_key, sequence)).fetchone()
+            found = self._found(run_key, row, now)
+            if found is None:
+                return None
+            record, status = found
+            items = steps.read_items(db, run_key, list(dict.fromkeys(record.refs)), now)
+            owned = db.execute(steps.OWNED_ITEMS, (run_key, record.sequence, now)).fetchall()
+        items.update(self._checked_items(run_key, owned))
+        return record, status, items
+
+    async def scan_items(
+        self,
+        run_key: str,
+        *,
+        prefix: str = "",
+        start_after: str | None = None,
+        limit: int = 100,
+        reverse: bool = False,
+        now: float,
+    ) -> list[tuple[str, bytes]]:
+        _check_run_key(run_key)
+        if not isinstance(prefix, str) or (start_after is not None and not isinstance(
+                start_after, str)):
+            raise ValidationError("prefix and start_after must be str")
+        if start_after is not None and not _encodable(start_after):
+            raise ValidationError(f"start_after {start_after[:40]!r} is not valid unicode")
+        limit = _check_limit(limit)
+        _check_time("now", now)
+        if limit == 0 or not _encodable(prefix):
+            return []  # no key holds a lone surrogate
+        return await self._call(self._scan_items, run_key, prefix, start_after, limit,
+                                bool(reverse), now)
+
+    def _scan_items(
+        self, run_key: str, prefix: str, start_after: str | None, limit: int, reverse: bool,
+        now: float,
+    ) -> list[tuple[str, bytes]]:
+        upper = _upper_bound(prefix) if prefix else None
+        bounds = (bool(prefix), upper is not None, start_after is not None)
+        parameters: list[Any] = [run_key, now]
+        parameters += [prefix] if prefix else []
+        parameters += [upper] if upper is not None else []
+        parameters += [start_after] if start_after is not None else []
+        with self._readers.connection() as db:
+            rows = db.execute(steps.scan_statement(bounds, reverse), (*parameters, limit))
+            return self._checked_items(run_key, rows)
+
+    def _checked_items(
+        self, run_key: str, rows: Iterable[tuple[str, bytes]]
+    ) -> list[tuple[str, bytes]]:
+        found = [(key, value) for key, value in rows]
+        for key, _ in found:
+            if _undecodable(key):
+                raise CorruptCheckpointError(
+                    f"an item key of run key {run_key} is not UTF-8: {key!r:.80}",
+                    key=f"{self._path}#fc_items/{run_key}",
+                )
+        return found
+
+    async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
+        _check_run_key(run_key)
+        doomed = _check_keys(keys)
+        if not doomed:
+            return 0
+        return await self._call(self._delete_items, run_key, doomed)
+
+    def _delete_items(self, run_key: str, keys: list[str]) -> int:
+        with self._transaction() as db:
+            # One at a time: a key listed twice is removed (and counted) once.
+            return sum(db.execute(steps.DELETE_ITEM, (run_key, key)).rowcount for key in keys)
+
+    # -- maintenance --------------------------------------------------------------------------
+
+    async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
+        _check_time("now", now)
+        limit = max(1, _check_limit(limit))
+        return await self._call(self._purge_expired, now, limit)
+
+    def _purge_expired(self, now: float, limit: int) -> tuple[int, bool]:
+        removed = 0
+        budget = limit
+        with self._transaction() as db:
+            for run_key, expires_at, held, immortal in db.execute(
+                    steps.DUE_RUNS, (now, limit)).fetchall():
+                if budget <= 0:
+                    break
+                if is_live(expires_at, now):
+                    found = steps.purge_checkpoints(db, run_key, held=held, immortal=immortal,
+                                                    now=now, budget=budget)
+                elif self._contradicted(db, run_key):
+                    found = 0
+                else:
+                    found = steps.purge_run(db, run_key, held, budget)
+                removed += found
+                budget -= max(found, 1)
+            if budget > 0:
+                expired = db.execute(steps.EXPIRED_ITEMS, (now, budget)).fetchall()
+                db.executemany(steps.DELETE_ITEM_ROW, expired)
+            done = not db.execute(steps.ANYTHING_DUE, (now,)).fetchone()[0]
+        return removed, done
+
+    def _contradicted(self, db: sqlite3.Connection, run_key: str) -> bool:
+        """Whether an expired run's row contradicts its newest checkpoint: then the run is not
+        removed, and not visited again (``due`` cleared) until a repair rebuilds its row."""
+        head = steps.Head(*db.execute(steps.HEAD, (run_key,)).fetchone())
+        problem = _contradiction(head, db.execute(steps.NEWEST_ID, (run_key,)).fetchone())
+        if problem is None:
+            return False
+        logger.warning("sqlite store: cleanup leaves run key %s alone in %s: %s (fastcheckpoint "
+                       "doctor --repair rebuilds its record)", run_key, self._path, problem)
+        db.execute(steps.CLEAR_DUE, (run_key,))
+        return True
+
+    async def provision(self) -> list[str]:
+        """Create the schema in a new database or upgrade an older one (``fastcheckpoint
+        init``); a database of a newer release is refused, never downgraded."""
+        return await self._call(self._provision)
+
+    def _provision(self) -> list[str]:
+        with self._write_lock:
+            db = self._open_database()
+            try:
+                done = schema.provision(db, self._path, upgrade=True)
+            finally:
+                db.close()
+            if self._writer is not None:  # reopened with the schema as it is now
+                self._writer.close()
+                self._writer = None
+        return [*done, f"journal mode WAL, synchronous={self._synchronous} in {self._path}"]
+
+    # -- repair -------------------------------------------------------------------------------
+
+    async def damaged_runs(self, *, run_key: str | None = None, now: float) -> list[RunDamage]:
+        """Runs whose row is missing while checkpoint rows are in place, or whose live row
+        contradicts the newest of them (fewer sequences, another incarnation). Without
+        ``run_key`` this visits every run key of the checkpoint table (a few primary-key probes
+        each, and a count of the checkpoints of a damaged one)."""
+        if run_key is not None:
+            _check_run_key(run_key)
+        _check_time("now", now)
+        return await self._call(self._damaged_runs, run_key)
+
+    def _damaged_runs(self, run_key: str | None) -> list[RunDamage]:
+        with self._snapshot() as db:
+            keys = [run_key] if run_key is not None else steps.logged_runs(db)
+            damages = [self._damage(db, key) for key in keys]
+        return [damage for damage in damages if damage is not None]
+
+    def _damage(self, db: sqlite3.Connection, run_key: str) -> RunDamage | None:
+        newest = db.execute(steps.NEWEST_HEADER, (run_key,)).fetchone()
+        if newest is None:
+            return None
+        head = db.execute(steps.HEAD, (run_key,)).fetchone()
+        problem: str | None
+        if head is None:
+            problem = "the run record is missing while checkpoints are in place"
+        elif _bad_run_text(steps.run_of(db.execute(steps.RUN, (run_key,)).fetchone())):
+            problem = "the run record holds text that is not UTF-8"
+        else:
+            problem = _contradiction(steps.Head(*head), newest[:2])
+            if problem is None:
+                return None
+        count = db.execute(steps.COUNT_CHECKPOINTS, (run_key,)).fetchone()[0]
+        return RunDamage(
+            run_key=run_key,
+            key=f"{self._path}#fc_runs/{run_key}",
+            problem=problem,
+            checkpoints=count,
+            newest=CheckpointHeader(sequence=newest[0], checkpoint_id=newest[1],
+                                    created_at=newest[2], expires_at=newest[3],
+                                    header=newest[4]),
+        )
+
+    async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
+        _check_run_key(run_key)
+        _check_time("now", now)
+        if not isinstance(seed, RunRecord):
+            raise ValidationError(f"seed must be a RunRecord, got {type(seed).__name__}")
+        return await self._call(self._rebuild_run, run_key, seed, now)
+
+    def _rebuild_run(self, run_key: str, seed: RunRecord, now: float) -> RunRecord:
+        with self._transaction() as db:
+            if db.execute(steps.HAS_RUN, (run_key,)).fetchone():
+                if self._damage(db, run_key) is None:
+                    raise ConflictError(f"the run record of run key {run_key} is not damaged")
+                db.execute(steps.DELETE_RUN_ROW, (run_key,))
+            count, oldest, immortal, latest, first = db.execute(
+                steps.LOG_SUMMARY, (run_key,)).fetchone()
+            newest = db.execute(steps.NEWEST_HEADER, (run_key,)).fetchone()
+            if not count or newest is None:
+                raise CheckpointNotFound(
+                    f"run key {run_key} holds no checkpoint to rebuild a record from")
+            parsed = _ids.parse_checkpoint_id(newest[1])
+            if parsed is None:
+                raise CorruptCheckpointError(
+                    f"the newest checkpoint of run key {run_key} has a foreign id "
+                    f"{newest[1]!r:.80}", key=self._key(run_key, newest[0]))
+            # The label rows outlive a run row deleted by hand: the run keeps its labels.
+            kept = tuple(label for (label,) in db.execute(steps.LABELS, (run_key,)))
+            rebuilt = RunRecord(
+                run_id=seed.run_id, incarnation=parsed[1], status=seed.status,
+                created_at=db.execute(steps.CREATED_AT, (run_key, oldest)).fetchone()[0],
+                updated_at=now, latest_sequence=newest[0], checkpoint_count=count,
+                expires_at=None if immortal else latest, version=0, data=bytes(seed.data),
+                labels=seed.labels or kept,
+            )
+            _check_seed(rebuilt)
+            db.execute(steps.DELETE_LABELS, (run_key,))
+            steps.insert_run(db, run_key, rebuilt, immortal, first)
+        logger.info("sqlite store: rebuilt the run record %s#fc_runs/%s from %d checkpoints",
+                    self._path, run_key, count)
+        return rebuilt
+
+    async def aclose(self) -> None:
+        """Close the store's connections (a later call opens new ones)."""
+        if self._writer is None and not self._readers.open:
+            return
+        await self._call(self._close)
+
+    def _close(self) -> None:
+        with self._write_lock:
+            writer, self._writer = self._writer, None
+            self._readers.close()
+            if writer is not None:
+                writer.close()
