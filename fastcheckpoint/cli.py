@@ -72,8 +72,9 @@ Action = Callable[[CheckpointManager, argparse.Namespace], Awaitable[int]]
 
 async def _init(url: str) -> tuple[bool, list[str] | None]:
     """Whether the store has anything to provision, and what ``provision()`` reports it did
-    (``None`` from a store that reports nothing)."""
-    store = open_store(url)
+    (``None`` from a store that reports nothing). The retry policy comes from
+    ``FASTCHECKPOINT_RETRY_*``, as for every other command."""
+    store = open_store(url, retry=CheckpointConfig.from_env().retry)
     try:
         if not isinstance(store, SupportsProvision):
             return False, None
@@ -879,7 +880,8 @@ def _parser() -> argparse.ArgumentParser:
                              "runs' checkpoints")
 
     init = commands.add_parser(
-        "init", help="create what a store needs (DynamoDB table, S3 bucket...); idempotent",
+        "init", help="create what a store needs (DynamoDB table, S3 bucket, PostgreSQL "
+                     "tables...) or upgrade it; idempotent",
         epilog=_EXIT_CODES,
     )
     init.add_argument("url", metavar="URL", help="store URL, e.g. dynamodb://Table?bucket=b")

@@ -1,0 +1,733 @@
+-- fastcheckpoint PostgreSQL store: every table, index and function at schema version 1.
+-- Generated from the code (a test keeps it equal); `fastcheckpoint init URL` applies the same.
+-- Run it as the role that will own the tables: psql -v ON_ERROR_STOP=1 -f schema.sql
+
+BEGIN;
+
+CREATE SCHEMA IF NOT EXISTS "public";
+
+CREATE TABLE "public"."fc_migrations" (
+    version integer PRIMARY KEY,
+    description text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE "public"."fc_runs" (
+    run_key text COLLATE "C" PRIMARY KEY,
+    run_id bytea NOT NULL,
+    incarnation text NOT NULL CHECK (incarnation ~ '^[a-z2-7]+$'),
+    status text NOT NULL,
+    created_at double precision NOT NULL,
+    updated_at double precision NOT NULL,
+    latest_sequence bigint NOT NULL CHECK (latest_sequence >= 0),
+    checkpoint_count bigint NOT NULL CHECK (checkpoint_count >= 0),
+    forever_count bigint NOT NULL CHECK (forever_count BETWEEN 0 AND checkpoint_count),
+    expires_at double precision,
+    purge_at double precision,
+    version bigint NOT NULL CHECK (version >= 0),
+    data bytea NOT NULL,
+    labels bytea[] NOT NULL,
+    update_token text
+) WITH (fillfactor = 70);
+
+COMMENT ON TABLE "public"."fc_runs" IS 'fastcheckpoint runs. expires_at: latest expiry of the checkpoints '
+    'held (NULL: one never expires; 0: none held). purge_at: set when none is held.';
+
+CREATE INDEX fc_runs_created ON "public"."fc_runs" (created_at, run_key);
+
+CREATE INDEX fc_runs_status ON "public"."fc_runs" (status, created_at, run_key);
+
+CREATE INDEX fc_runs_purge ON "public"."fc_runs" (purge_at) WHERE purge_at IS NOT NULL;
+
+CREATE TABLE "public"."fc_checkpoints" (
+    run_key text COLLATE "C" NOT NULL REFERENCES "public"."fc_runs" (run_key) ON DELETE CASCADE,
+    sequence bigint NOT NULL CHECK (sequence >= 0),
+    checkpoint_id text NOT NULL,
+    created_at double precision NOT NULL,
+    expires_at double precision,
+    header bytea NOT NULL,
+    payload bytea NOT NULL,
+    refs bytea[],
+    token text,
+    PRIMARY KEY (run_key, sequence)
+);
+
+CREATE INDEX fc_checkpoints_run_expiry ON "public"."fc_checkpoints" (run_key, expires_at)
+    WHERE expires_at IS NOT NULL;
+
+CREATE INDEX fc_checkpoints_expiry ON "public"."fc_checkpoints" (expires_at) WHERE expires_at IS NOT NULL;
+
+CREATE TABLE "public"."fc_items" (
+    run_key text COLLATE "C" NOT NULL,
+    key bytea NOT NULL,
+    value bytea NOT NULL,
+    owner bigint,
+    expires_at double precision,
+    PRIMARY KEY (run_key, key)
+);
+
+CREATE INDEX fc_items_owner ON "public"."fc_items" (run_key, owner) WHERE owner IS NOT NULL;
+
+CREATE INDEX fc_items_expiry ON "public"."fc_items" (expires_at) WHERE expires_at IS NOT NULL;
+
+CREATE TABLE "public"."fc_refs" (
+    run_key text COLLATE "C" NOT NULL,
+    key bytea NOT NULL,
+    holders bigint NOT NULL,
+    PRIMARY KEY (run_key, key)
+);
+
+CREATE TABLE "public"."fc_labels" (
+    label bytea NOT NULL,
+    created_at double precision NOT NULL,
+    run_key text COLLATE "C" NOT NULL REFERENCES "public"."fc_runs" (run_key) ON DELETE CASCADE,
+    PRIMARY KEY (label, created_at, run_key)
+);
+
+CREATE INDEX fc_labels_run ON "public"."fc_labels" (run_key);
+
+CREATE TABLE "public"."fc_ops" (
+    token text PRIMARY KEY,
+    result bigint NOT NULL,
+    expires_at double precision NOT NULL
+);
+
+CREATE INDEX fc_ops_expiry ON "public"."fc_ops" (expires_at);
+
+-- lz4 where the server has it (PostgreSQL 14+ built with lz4): several times faster than the
+-- default pglz for the payloads of agent states.
+DO $lz4$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_settings
+                WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
+        ALTER TABLE "public"."fc_checkpoints" ALTER COLUMN payload SET COMPRESSION lz4,
+                                  ALTER COLUMN header SET COMPRESSION lz4;
+        ALTER TABLE "public"."fc_items" ALTER COLUMN value SET COMPRESSION lz4;
+    END IF;
+END
+$lz4$;
+
+CREATE FUNCTION "public"."fc_remove"(p_run_key text, p_sequences bigint[])
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_gone bigint[];
+    v_forever bigint;
+    v_refs bytea[];
+    v_zeroed bytea[];
+BEGIN
+    IF p_sequences IS NULL OR cardinality(p_sequences) = 0 THEN
+        RETURN 0;
+    END IF;
+    WITH gone AS (
+        DELETE FROM "public"."fc_checkpoints"
+         WHERE run_key = p_run_key AND sequence = ANY (p_sequences)
+        RETURNING sequence, expires_at, refs
+    )
+    SELECT array_agg(sequence), count(*) FILTER (WHERE expires_at IS NULL),
+           (SELECT array_agg(ref ORDER BY ref) FROM gone g, unnest(g.refs) ref)
+      INTO v_gone, v_forever, v_refs
+      FROM gone;
+    IF v_gone IS NULL THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM "public"."fc_items" WHERE run_key = p_run_key AND owner = ANY (v_gone);
+    IF v_refs IS NOT NULL THEN
+        WITH released AS (
+            SELECT ref, count(*) AS times FROM unnest(v_refs) ref GROUP BY ref
+        ), counted AS (
+            UPDATE "public"."fc_refs" r SET holders = r.holders - released.times
+              FROM released
+             WHERE r.run_key = p_run_key AND r.key = released.ref
+            RETURNING r.key, r.holders
+        )
+        SELECT array_agg(key) FILTER (WHERE holders <= 0) INTO v_zeroed FROM counted;
+        IF v_zeroed IS NOT NULL THEN
+            DELETE FROM "public"."fc_refs" WHERE run_key = p_run_key AND key = ANY (v_zeroed);
+            DELETE FROM "public"."fc_items"
+             WHERE run_key = p_run_key AND key = ANY (v_zeroed) AND owner IS NULL;
+        END IF;
+    END IF;
+    UPDATE "public"."fc_runs" r
+       SET checkpoint_count = r.checkpoint_count - cardinality(v_gone),
+           forever_count = r.forever_count - v_forever,
+           expires_at = CASE
+               WHEN r.checkpoint_count = cardinality(v_gone) THEN 0
+               WHEN r.forever_count > v_forever THEN NULL
+               ELSE (SELECT max(c.expires_at) FROM "public"."fc_checkpoints" c
+                      WHERE c.run_key = p_run_key AND c.expires_at IS NOT NULL)
+           END,
+           purge_at = CASE WHEN r.checkpoint_count = cardinality(v_gone) THEN 0 END
+     WHERE r.run_key = p_run_key;
+    RETURN cardinality(v_gone);
+END
+$fn$;
+
+CREATE FUNCTION "public"."fc_append"(
+    p_run_key text, p_sequence bigint, p_checkpoint_id text, p_created_at double precision,
+    p_expires_at double precision, p_header bytea, p_payload bytea, p_refs bytea[],
+    p_token text, p_run_id bytea, p_incarnation text, p_status text,
+    p_run_created_at double precision, p_version bigint, p_data bytea, p_labels bytea[],
+    p_keep_latest bigint, p_now double precision,
+    p_item_keys bytea[], p_item_values bytea[], p_item_owners bigint[],
+    p_item_expiries double precision[],
+    OUT outcome text, OUT status text, OUT latest_sequence bigint, OUT incarnation text)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    r "public"."fc_runs"%ROWTYPE;
+    v_drop bigint[];
+    v_live bigint;
+BEGIN
+    -- The compare-and-set: only the next sequence of the live run of this incarnation.
+    UPDATE "public"."fc_runs" AS x
+       SET latest_sequence = p_sequence,
+           checkpoint_count = x.checkpoint_count + 1,
+           forever_count = x.forever_count + (p_expires_at IS NULL)::int,
+           updated_at = p_now,
+           expires_at = CASE WHEN x.expires_at IS NULL OR p_expires_at IS NULL THEN NULL
+                             ELSE greatest(x.expires_at, p_expires_at) END
+     WHERE x.run_key = p_run_key AND x.incarnation = p_incarnation
+       AND x.latest_sequence = p_sequence - 1
+       AND (x.expires_at IS NULL OR x.expires_at > p_now)
+    RETURNING x.* INTO r;
+    IF NOT FOUND THEN
+        SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+        IF FOUND AND (r.expires_at IS NULL OR r.expires_at > p_now) THEN
+            -- A live run: this call may be the retry of one whose reply was lost.
+            PERFORM 1 FROM "public"."fc_checkpoints" c
+             WHERE c.run_key = p_run_key AND c.sequence = p_sequence AND c.token = p_token;
+            IF FOUND THEN
+                outcome := 'ok'; status := r.status;
+            ELSE
+                outcome := 'conflict'; latest_sequence := r.latest_sequence;
+                incarnation := r.incarnation;
+            END IF;
+            RETURN;
+        END IF;
+        IF p_sequence <> 0 THEN
+            outcome := 'conflict';
+            RETURN;
+        END IF;
+        IF FOUND THEN
+            -- Start over on an expired (or emptied) run: replace its row if nobody did.
+            UPDATE "public"."fc_runs" AS x
+               SET run_id = p_run_id, incarnation = p_incarnation, status = p_status,
+                   created_at = p_run_created_at, updated_at = p_now, latest_sequence = 0,
+                   checkpoint_count = 1, forever_count = (p_expires_at IS NULL)::int,
+                   expires_at = p_expires_at, purge_at = NULL, version = p_version,
+                   data = p_data, labels = p_labels, update_token = NULL
+             WHERE x.run_key = p_run_key AND x.incarnation = r.incarnation
+               AND x.version = r.version AND x.latest_sequence = r.latest_sequence
+               AND x.expires_at IS NOT DISTINCT FROM r.expires_at
+            RETURNING x.* INTO r;
+            IF NOT FOUND THEN
+                SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+                outcome := 'conflict';
+                IF FOUND AND (r.expires_at IS NULL OR r.expires_at > p_now) THEN
+                    latest_sequence := r.latest_sequence; incarnation := r.incarnation;
+                END IF;
+                RETURN;
+            END IF;
+            -- Leftovers of the old run: checkpoints with their owned items, the shared
+            -- items they named, its labels. Unowned items stay.
+            WITH gone AS (
+                DELETE FROM "public"."fc_checkpoints" c WHERE c.run_key = p_run_key RETURNING c.sequence
+            )
+            DELETE FROM "public"."fc_items" i
+             WHERE i.run_key = p_run_key AND i.owner IN (SELECT sequence FROM gone);
+            WITH released AS (DELETE FROM "public"."fc_refs" f WHERE f.run_key = p_run_key RETURNING f.key)
+            DELETE FROM "public"."fc_items" i
+             WHERE i.run_key = p_run_key AND i.owner IS NULL
+               AND i.key IN (SELECT key FROM released);
+            DELETE FROM "public"."fc_labels" l WHERE l.run_key = p_run_key;
+        ELSE
+            INSERT INTO "public"."fc_runs" AS x (run_key, run_id, incarnation, status, created_at,
+                                     updated_at, latest_sequence, checkpoint_count,
+                                     forever_count, expires_at, version, data, labels)
+            VALUES (p_run_key, p_run_id, p_incarnation, p_status, p_run_created_at, p_now, 0,
+                    1, (p_expires_at IS NULL)::int, p_expires_at, p_version, p_data, p_labels)
+            ON CONFLICT (run_key) DO NOTHING
+            RETURNING x.* INTO r;
+            IF NOT FOUND THEN
+                -- Another writer created the run first (its transaction has committed).
+                SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+                outcome := 'conflict';
+                IF FOUND AND (r.expires_at IS NULL OR r.expires_at > p_now) THEN
+                    latest_sequence := r.latest_sequence; incarnation := r.incarnation;
+                END IF;
+                RETURN;
+            END IF;
+        END IF;
+        IF cardinality(p_labels) > 0 THEN
+            INSERT INTO "public"."fc_labels" (label, created_at, run_key)
+            SELECT DISTINCT label, p_run_created_at, p_run_key FROM unnest(p_labels) label;
+        END IF;
+    END IF;
+
+    INSERT INTO "public"."fc_checkpoints" (run_key, sequence, checkpoint_id, created_at, expires_at,
+                               header, payload, refs, token)
+    VALUES (p_run_key, p_sequence, p_checkpoint_id, p_created_at, p_expires_at, p_header,
+            p_payload, p_refs, p_token)
+    ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'FC001',
+            MESSAGE = format('run key %s already holds a checkpoint at sequence %s, which '
+                             'its run row says is the next one', p_run_key, p_sequence);
+    END IF;
+
+    IF p_item_keys IS NOT NULL AND cardinality(p_item_keys) > 0 THEN
+        -- Each item only where no live item has its key: a live one is kept as it is.
+        INSERT INTO "public"."fc_items" AS i (run_key, key, value, owner, expires_at)
+        SELECT p_run_key, k, v, o, e
+          FROM unnest(p_item_keys, p_item_values, p_item_owners, p_item_expiries) AS t(k, v, o, e)
+        ON CONFLICT (run_key, key) DO UPDATE
+           SET value = excluded.value, owner = excluded.owner, expires_at = excluded.expires_at
+         WHERE i.expires_at IS NOT NULL AND i.expires_at <= p_now;
+    END IF;
+    IF p_refs IS NOT NULL AND cardinality(p_refs) > 0 THEN
+        INSERT INTO "public"."fc_refs" AS f (run_key, key, holders)
+        SELECT DISTINCT p_run_key, k, 1 FROM unnest(p_refs) k
+        ON CONFLICT (run_key, key) DO UPDATE SET holders = f.holders + 1;
+    END IF;
+
+    -- Pruning: expired checkpoints, then the oldest beyond keep_latest.
+    v_live := r.checkpoint_count;
+    IF r.checkpoint_count > r.forever_count THEN
+        v_drop := ARRAY(SELECT c.sequence FROM "public"."fc_checkpoints" c
+                         WHERE c.run_key = p_run_key AND c.expires_at <= p_now);
+        v_live := v_live - cardinality(v_drop);
+    END IF;
+    IF p_keep_latest IS NOT NULL AND v_live > p_keep_latest THEN
+        v_drop := coalesce(v_drop, '{}') || ARRAY(
+            SELECT c.sequence FROM "public"."fc_checkpoints" c
+             WHERE c.run_key = p_run_key
+               AND (c.expires_at IS NULL OR c.expires_at > p_now)
+             ORDER BY c.sequence LIMIT v_live - p_keep_latest);
+    END IF;
+    IF cardinality(v_drop) > 0 THEN
+        PERFORM "public"."fc_remove"(p_run_key, v_drop);
+    END IF;
+    outcome := 'ok'; status := r.status;
+END
+$fn$;
+
+CREATE FUNCTION "public"."fc_delete"(p_run_key text, p_sequence bigint, p_checkpoint_id text,
+                         p_token text)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_result bigint;
+    v_server_now double precision := extract(epoch FROM clock_timestamp());
+BEGIN
+    SELECT o.result INTO v_result FROM "public"."fc_ops" o WHERE o.token = p_token;
+    IF FOUND THEN
+        RETURN v_result;
+    END IF;
+    PERFORM 1 FROM "public"."fc_runs" r WHERE r.run_key = p_run_key FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    PERFORM 1 FROM "public"."fc_checkpoints" c
+     WHERE c.run_key = p_run_key AND c.sequence = p_sequence
+       AND c.checkpoint_id = p_checkpoint_id;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    v_result := "public"."fc_remove"(p_run_key, ARRAY[p_sequence]);
+    INSERT INTO "public"."fc_ops" (token, result, expires_at) VALUES (p_token, v_result, v_server_now + 300);
+    RETURN v_result;
+END
+$fn$;
+
+CREATE FUNCTION "public"."fc_delete_run"(p_run_key text, p_token text)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_result bigint;
+BEGIN
+    SELECT o.result INTO v_result FROM "public"."fc_ops" o WHERE o.token = p_token;
+    IF FOUND THEN
+        RETURN v_result;
+    END IF;
+    -- The row first (its checkpoints and labels follow by cascade), then the run's items.
+    DELETE FROM "public"."fc_runs" r WHERE r.run_key = p_run_key RETURNING r.checkpoint_count INTO v_result;
+    DELETE FROM "public"."fc_refs" f WHERE f.run_key = p_run_key;
+    DELETE FROM "public"."fc_items" i WHERE i.run_key = p_run_key;
+    IF v_result IS NULL THEN
+        RETURN 0;
+    END IF;
+    INSERT INTO "public"."fc_ops" (token, result, expires_at)
+    VALUES (p_token, v_result, extract(epoch FROM clock_timestamp()) + 300);
+    RETURN v_result;
+END
+$fn$;
+
+CREATE FUNCTION "public"."fc_update_run"(p_run_key text, p_incarnation text, p_version bigint,
+                             p_status text, p_data bytea, p_now double precision,
+                             p_token text)
+RETURNS TABLE (outcome text, run "public"."fc_runs") LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    r "public"."fc_runs"%ROWTYPE;
+BEGIN
+    UPDATE "public"."fc_runs" AS x
+       SET status = p_status, data = p_data, version = x.version + 1, updated_at = p_now,
+           update_token = p_token
+     WHERE x.run_key = p_run_key AND x.incarnation = p_incarnation AND x.version = p_version
+       AND (x.expires_at IS NULL OR x.expires_at > p_now)
+    RETURNING x.* INTO r;
+    IF FOUND THEN
+        RETURN QUERY SELECT 'ok'::text, r;
+        RETURN;
+    END IF;
+    SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+    IF NOT FOUND OR NOT (r.expires_at IS NULL OR r.expires_at > p_now) THEN
+        RETURN QUERY SELECT 'missing'::text, NULL::"public"."fc_runs";
+    ELSIF r.incarnation = p_incarnation AND r.version = p_version + 1
+          AND r.update_token = p_token THEN
+        RETURN QUERY SELECT 'ok'::text, r;
+    ELSE
+        RETURN QUERY SELECT 'conflict'::text, r;
+    END IF;
+END
+$fn$;
+
+CREATE FUNCTION "public"."fc_put_items"(p_run_key text, p_keys bytea[], p_values bytea[],
+                            p_owners bigint[], p_expiries double precision[],
+                            p_create_only boolean, p_now double precision, p_token text)
+RETURNS void LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_taken bytea;
+    v_written bigint;
+BEGIN
+    IF p_create_only THEN
+        -- The retry of a create-only write whose reply was lost: it wrote, once.
+        PERFORM 1 FROM "public"."fc_ops" o WHERE o.token = p_token;
+        IF FOUND THEN
+            RETURN;
+        END IF;
+    END IF;
+    INSERT INTO "public"."fc_items" AS i (run_key, key, value, owner, expires_at)
+    SELECT p_run_key, k, v, o, e
+      FROM unnest(p_keys, p_values, p_owners, p_expiries) AS t(k, v, o, e)
+    ON CONFLICT (run_key, key) DO UPDATE
+       SET value = excluded.value, owner = excluded.owner, expires_at = excluded.expires_at
+     WHERE NOT p_create_only OR (i.expires_at IS NOT NULL AND i.expires_at <= p_now);
+    GET DIAGNOSTICS v_written = ROW_COUNT;
+    IF v_written < cardinality(p_keys) THEN
+        -- create_only met a live item: the exception undoes the whole batch.
+        SELECT i.key INTO v_taken FROM "public"."fc_items" i
+         WHERE i.run_key = p_run_key AND i.key = ANY (p_keys)
+           AND (i.expires_at IS NULL OR i.expires_at > p_now)
+         ORDER BY i.key LIMIT 1;
+        RAISE EXCEPTION USING ERRCODE = 'FC002', MESSAGE = coalesce(encode(v_taken, 'hex'), '');
+    END IF;
+    IF p_create_only THEN
+        INSERT INTO "public"."fc_ops" (token, result, expires_at)
+        VALUES (p_token, v_written, extract(epoch FROM clock_timestamp()) + 300);
+    END IF;
+END
+$fn$;
+
+CREATE FUNCTION "public"."fc_put_owned_items"(p_run_key text, p_owner bigint, p_checkpoint_id text,
+                                  p_keys bytea[], p_values bytea[], p_if_absent boolean,
+                                  p_now double precision)
+RETURNS boolean LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_expires_at double precision;
+BEGIN
+    -- Key share on the checkpoint: a concurrent removal waits for this write, and a
+    -- removal that came first leaves nothing to find.
+    SELECT c.expires_at INTO v_expires_at FROM "public"."fc_checkpoints" c
+     WHERE c.run_key = p_run_key AND c.sequence = p_owner
+       AND c.checkpoint_id = p_checkpoint_id
+       AND (c.expires_at IS NULL OR c.expires_at > p_now)
+       FOR KEY SHARE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    INSERT INTO "public"."fc_items" AS i (run_key, key, value, owner, expires_at)
+    SELECT p_run_key, k, v, p_owner, v_expires_at FROM unnest(p_keys, p_values) AS t(k, v)
+    ON CONFLICT (run_key, key) DO UPDATE
+       SET value = excluded.value, owner = excluded.owner, expires_at = excluded.expires_at
+     WHERE NOT p_if_absent OR (i.expires_at IS NOT NULL AND i.expires_at <= p_now);
+    RETURN true;
+END
+$fn$;
+
+CREATE FUNCTION "public"."fc_purge"(p_now double precision, p_limit integer,
+                        OUT removed bigint, OUT done boolean)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_budget integer := greatest(p_limit, 1);
+    v_server_now double precision := extract(epoch FROM clock_timestamp());
+    v_key text;
+    v_count bigint;
+    r "public"."fc_runs"%ROWTYPE;
+BEGIN
+    removed := 0;
+    FOR v_key IN
+        SELECT x.run_key FROM "public"."fc_runs" x WHERE x.purge_at IS NOT NULL AND x.purge_at <= p_now
+         ORDER BY x.purge_at LIMIT v_budget
+    LOOP
+        DELETE FROM "public"."fc_runs" x WHERE x.run_key = v_key AND x.checkpoint_count = 0;
+        IF FOUND THEN
+            DELETE FROM "public"."fc_refs" f WHERE f.run_key = v_key;
+            DELETE FROM "public"."fc_items" i WHERE i.run_key = v_key;
+        END IF;
+        v_budget := v_budget - 1;
+    END LOOP;
+    FOR v_key IN
+        SELECT DISTINCT due.run_key FROM (
+            SELECT c.run_key FROM "public"."fc_checkpoints" c
+             WHERE c.expires_at IS NOT NULL AND c.expires_at <= p_now
+             ORDER BY c.expires_at LIMIT greatest(v_budget, 0)) due
+    LOOP
+        EXIT WHEN v_budget <= 0;
+        SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = v_key FOR NO KEY UPDATE;
+        CONTINUE WHEN NOT FOUND;
+        IF r.expires_at IS NOT NULL AND r.expires_at <= p_now THEN
+            -- The whole run expired: everything of it goes.
+            WITH gone AS (DELETE FROM "public"."fc_checkpoints" c WHERE c.run_key = v_key RETURNING 1)
+            SELECT count(*) INTO v_count FROM gone;
+            DELETE FROM "public"."fc_runs" x WHERE x.run_key = v_key;
+            DELETE FROM "public"."fc_refs" f WHERE f.run_key = v_key;
+            DELETE FROM "public"."fc_items" i WHERE i.run_key = v_key;
+        ELSE
+            v_count := "public"."fc_remove"(v_key, ARRAY(
+                SELECT c.sequence FROM "public"."fc_checkpoints" c
+                 WHERE c.run_key = v_key AND c.expires_at <= p_now
+                 ORDER BY c.expires_at LIMIT v_budget));
+        END IF;
+        removed := removed + v_count;
+        v_budget := v_budget - greatest(v_count, 1)::integer;
+    END LOOP;
+    IF v_budget > 0 THEN
+        WITH gone AS (
+            DELETE FROM "public"."fc_items" i
+             WHERE (i.run_key, i.key) IN (
+                 SELECT e.run_key, e.key FROM "public"."fc_items" e
+                  WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now
+                    AND NOT EXISTS (SELECT 1 FROM "public"."fc_refs" f
+                                     WHERE f.run_key = e.run_key AND f.key = e.key)
+                  LIMIT v_budget)
+            RETURNING 1)
+        SELECT v_budget - count(*) INTO v_budget FROM gone;
+    END IF;
+    -- The server's clock in a variable: compared with a volatile call, the index is unused.
+    DELETE FROM "public"."fc_ops" o WHERE o.token IN (
+        SELECT token FROM "public"."fc_ops" WHERE expires_at <= v_server_now LIMIT 1000);
+    done := NOT EXISTS (SELECT 1 FROM "public"."fc_runs" x
+                         WHERE x.purge_at IS NOT NULL AND x.purge_at <= p_now)
+        AND NOT EXISTS (SELECT 1 FROM "public"."fc_checkpoints" c
+                         WHERE c.expires_at IS NOT NULL AND c.expires_at <= p_now)
+        AND NOT EXISTS (SELECT 1 FROM "public"."fc_items" e
+                         WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now
+                           AND NOT EXISTS (SELECT 1 FROM "public"."fc_refs" f
+                                            WHERE f.run_key = e.run_key AND f.key = e.key));
+END
+$fn$;
+
+CREATE FUNCTION "public"."fc_get"(p_run_key text, p_sequence bigint, p_now double precision)
+RETURNS TABLE (sequence bigint, checkpoint_id text, created_at double precision,
+               expires_at double precision, header bytea, payload bytea, refs bytea[],
+               status text)
+LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
+           c.refs, x.status
+      FROM "public"."fc_checkpoints" c JOIN "public"."fc_runs" x ON x.run_key = c.run_key
+     WHERE c.run_key = p_run_key AND c.sequence = p_sequence
+       AND (c.expires_at IS NULL OR c.expires_at > p_now);
+END
+$fn$;
+
+CREATE FUNCTION "public"."fc_latest"(p_run_key text, p_now double precision)
+RETURNS TABLE (sequence bigint, checkpoint_id text, created_at double precision,
+               expires_at double precision, header bytea, payload bytea, refs bytea[],
+               status text)
+LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
+           c.refs, x.status
+      FROM (SELECT * FROM "public"."fc_checkpoints" n
+             WHERE n.run_key = p_run_key AND (n.expires_at IS NULL OR n.expires_at > p_now)
+             ORDER BY n.sequence DESC LIMIT 1) c
+      JOIN "public"."fc_runs" x ON x.run_key = c.run_key;
+END
+$fn$;
+
+-- A checkpoint with the live items it owns and the items its refs name, in one read.
+CREATE FUNCTION "public"."fc_read_with_items"(p_run_key text, p_sequence bigint, p_now double precision)
+RETURNS TABLE (sequence bigint, checkpoint_id text, created_at double precision,
+               expires_at double precision, header bytea, payload bytea, refs bytea[],
+               status text, item_keys bytea[], item_values bytea[])
+LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    IF p_sequence IS NULL THEN
+        RETURN QUERY
+        SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
+               c.refs, x.status, w.keys, w.vals
+          FROM (SELECT * FROM "public"."fc_checkpoints" n
+                 WHERE n.run_key = p_run_key AND (n.expires_at IS NULL OR n.expires_at > p_now)
+                 ORDER BY n.sequence DESC LIMIT 1) c
+          JOIN "public"."fc_runs" x ON x.run_key = c.run_key
+         CROSS JOIN LATERAL (
+               SELECT array_agg(i.key), array_agg(i.value) FROM "public"."fc_items" i
+                WHERE i.run_key = p_run_key AND (i.expires_at IS NULL OR i.expires_at > p_now)
+                  AND (i.owner = c.sequence OR i.key = ANY (c.refs))) w(keys, vals);
+    ELSE
+        RETURN QUERY
+        SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
+               c.refs, x.status, w.keys, w.vals
+          FROM "public"."fc_checkpoints" c JOIN "public"."fc_runs" x ON x.run_key = c.run_key
+         CROSS JOIN LATERAL (
+               SELECT array_agg(i.key), array_agg(i.value) FROM "public"."fc_items" i
+                WHERE i.run_key = p_run_key AND (i.expires_at IS NULL OR i.expires_at > p_now)
+                  AND (i.owner = c.sequence OR i.key = ANY (c.refs))) w(keys, vals)
+         WHERE c.run_key = p_run_key AND c.sequence = p_sequence
+           AND (c.expires_at IS NULL OR c.expires_at > p_now);
+    END IF;
+END
+$fn$;
+
+-- Up to p_limit headers newest first below p_before, with the run's status: one row with
+-- NULL checkpoint columns when the run holds none to list, no row when there is no run.
+CREATE FUNCTION "public"."fc_headers"(p_run_key text, p_before bigint, p_limit integer,
+                          p_now double precision, p_all boolean)
+RETURNS TABLE (status text, sequence bigint, checkpoint_id text, created_at double precision,
+               expires_at double precision, header bytea)
+LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT x.status, c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header
+      FROM "public"."fc_runs" x
+      LEFT JOIN LATERAL (
+           SELECT n.sequence, n.checkpoint_id, n.created_at, n.expires_at, n.header
+             FROM "public"."fc_checkpoints" n
+            WHERE n.run_key = x.run_key AND n.sequence < p_before
+              AND (p_all OR n.expires_at IS NULL OR n.expires_at > p_now)
+            ORDER BY n.sequence DESC LIMIT p_limit) c ON true
+     WHERE x.run_key = p_run_key AND (p_all OR x.expires_at IS NULL OR x.expires_at > p_now)
+     ORDER BY c.sequence DESC;
+END
+$fn$;
+
+CREATE FUNCTION "public"."fc_get_run"(p_run_key text, p_now double precision)
+RETURNS SETOF "public"."fc_runs" LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY SELECT * FROM "public"."fc_runs" x
+     WHERE x.run_key = p_run_key AND (x.expires_at IS NULL OR x.expires_at > p_now);
+END
+$fn$;
+
+-- Live runs newest created first, after the cursor (created_at, run_key); by status when
+-- p_status is not NULL.
+CREATE FUNCTION "public"."fc_list_runs"(p_status text, p_limit integer, p_created_at double precision,
+                            p_run_key text, p_now double precision)
+RETURNS SETOF "public"."fc_runs" LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    IF p_status IS NULL THEN
+        RETURN QUERY SELECT * FROM "public"."fc_runs" x
+         WHERE (x.expires_at IS NULL OR x.expires_at > p_now)
+           AND (x.created_at, x.run_key) < (p_created_at, p_run_key)
+         ORDER BY x.created_at DESC, x.run_key DESC LIMIT p_limit;
+    ELSE
+        RETURN QUERY SELECT * FROM "public"."fc_runs" x
+         WHERE x.status = p_status AND (x.expires_at IS NULL OR x.expires_at > p_now)
+           AND (x.created_at, x.run_key) < (p_created_at, p_run_key)
+         ORDER BY x.created_at DESC, x.run_key DESC LIMIT p_limit;
+    END IF;
+END
+$fn$;
+
+CREATE FUNCTION "public"."fc_count_runs"(p_status text, p_now double precision)
+RETURNS bigint LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    IF p_status IS NULL THEN
+        RETURN (SELECT count(*) FROM "public"."fc_runs" x WHERE x.expires_at IS NULL OR x.expires_at > p_now);
+    END IF;
+    RETURN (SELECT count(*) FROM "public"."fc_runs" x
+             WHERE x.status = p_status AND (x.expires_at IS NULL OR x.expires_at > p_now));
+END
+$fn$;
+
+CREATE FUNCTION "public"."fc_runs_with_label"(p_label bytea, p_limit integer,
+                                  p_created_at double precision, p_run_key text,
+                                  p_now double precision)
+RETURNS SETOF "public"."fc_runs" LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY SELECT x.* FROM "public"."fc_labels" l JOIN "public"."fc_runs" x ON x.run_key = l.run_key
+     WHERE l.label = p_label AND (x.expires_at IS NULL OR x.expires_at > p_now)
+       AND (l.created_at, l.run_key) < (p_created_at, p_run_key)
+     ORDER BY l.created_at DESC, l.run_key DESC LIMIT p_limit;
+END
+$fn$;
+
+CREATE FUNCTION "public"."fc_get_items"(p_run_key text, p_keys bytea[], p_now double precision)
+RETURNS TABLE (key bytea, value bytea) LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY SELECT i.key, i.value FROM "public"."fc_items" i
+     WHERE i.run_key = p_run_key AND i.key = ANY (p_keys)
+       AND (i.expires_at IS NULL OR i.expires_at > p_now);
+END
+$fn$;
+
+-- Live items with p_low <= key < p_high, in key order (descending when p_reverse).
+CREATE FUNCTION "public"."fc_scan_items"(p_run_key text, p_low bytea, p_high bytea, p_limit integer,
+                             p_reverse boolean, p_now double precision)
+RETURNS TABLE (key bytea, value bytea) LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    IF p_reverse THEN
+        RETURN QUERY SELECT i.key, i.value FROM "public"."fc_items" i
+         WHERE i.run_key = p_run_key AND i.key >= p_low AND i.key < p_high
+           AND (i.expires_at IS NULL OR i.expires_at > p_now)
+         ORDER BY i.key DESC LIMIT p_limit;
+    ELSE
+        RETURN QUERY SELECT i.key, i.value FROM "public"."fc_items" i
+         WHERE i.run_key = p_run_key AND i.key >= p_low AND i.key < p_high
+           AND (i.expires_at IS NULL OR i.expires_at > p_now)
+         ORDER BY i.key LIMIT p_limit;
+    END IF;
+END
+$fn$;
+
+CREATE FUNCTION "public"."fc_delete_items"(p_run_key text, p_keys bytea[], p_token text)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_count bigint;
+BEGIN
+    SELECT o.result INTO v_count FROM "public"."fc_ops" o WHERE o.token = p_token;
+    IF FOUND THEN
+        RETURN v_count;
+    END IF;
+    DELETE FROM "public"."fc_items" i WHERE i.run_key = p_run_key AND i.key = ANY (p_keys);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    IF v_count > 0 THEN
+        INSERT INTO "public"."fc_ops" (token, result, expires_at)
+        VALUES (p_token, v_count, extract(epoch FROM clock_timestamp()) + 300);
+    END IF;
+    RETURN v_count;
+END
+$fn$;
+
+INSERT INTO "public"."fc_migrations" (version, description) VALUES (1, 'runs, checkpoints, items, shared-item references, labels, delete memos and the store''s functions');
+
+COMMIT;

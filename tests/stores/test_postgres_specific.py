@@ -1,0 +1,842 @@
+"""PostgresStore beyond the contract: round trips, PgBouncer mode, lost replies, connection
+faults, processes, migrations, event loops, URL options and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+
+from fastcheckpoint import CheckpointConfig, CheckpointError, CheckpointManager, RetryPolicy
+from fastcheckpoint.errors import (
+    ConfigurationError,
+    CorruptCheckpointError,
+    SequenceConflict,
+    StoreError,
+    StoreUnavailableError,
+    ValidationError,
+)
+from fastcheckpoint.stores import RunRecord, open_store
+from fastcheckpoint.stores._postgres_sql import MIGRATIONS, Names, Statements
+from fastcheckpoint.stores.postgres import PostgresStore
+from fastcheckpoint.testing import (
+    T0,
+    checkpoint_id_of,
+    key_of,
+    make_checkpoint,
+    make_item,
+    make_run,
+)
+from tests.reliability._audit import Ack, audit_run, state_for
+from tests.reliability.faults import Fault, FaultPlan, FaultProxy, Wire
+from tests.stores._postgres_server import (
+    PostgresTarget,
+    PrivatePgBouncer,
+    WireCounter,
+    append_checkpoint,
+    drop_schema,
+    free_port,
+    session_target,
+    unique_schema,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "postgres_worker.py"
+FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01, max_retries=5)
+
+# Requests in a client's byte stream: a simple query, or the Parse or Bind that opens an
+# extended-protocol exchange (asyncpg sends Bind, Execute and Sync in one write).
+POSTGRES_WIRE = Wire("postgres", lambda chunk: chunk[:1] in (b"Q", b"P", b"B"))
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def postgres(pytestconfig: pytest.Config) -> PostgresTarget:
+    return session_target(pytestconfig)
+
+
+@pytest.fixture
+def schema(postgres: PostgresTarget) -> Iterator[str]:
+    """A provisioned schema of this test's own, dropped afterwards (sync, for sync tests too:
+    it runs its own event loop outside the test's)."""
+    name = unique_schema()
+
+    async def provision() -> None:
+        store = PostgresStore.from_url(f"{postgres.url()}?schema={name}")
+        with anyio.fail_after(30):
+            await store.provision()
+            await store.aclose()
+
+    asyncio.run(provision())
+    yield name
+    asyncio.run(drop_schema(postgres, name))
+
+
+_append = append_checkpoint
+
+
+async def _exercise(store: PostgresStore, run: RunRecord) -> None:
+    """Every operation once, so each statement is prepared on the pool's one connection."""
+    key = key_of(run)
+    await _append(store, run, 0, expires_at=T0 + 100, refs=["b/a"],
+                  items=[make_item("b/a"), make_item("w/0", owner=0)], labels=("l",))
+    await _append(store, run, 1, keep_latest=5)
+    await store.read_with_items(key, sequence=None, now=T0)
+    await store.read_with_items(key, sequence=0, now=T0)
+    await store.put_owned_items(key, [make_item("w/1", owner=1)], owner=1,
+                                checkpoint_id=checkpoint_id_of(run, 1), if_absent=True, now=T0)
+    await store.runs_with_label("l", limit=10, cursor=None, now=T0)
+    await store.get(key, 0, now=T0)
+    await store.latest(key, now=T0)
+    await store.headers(key, before=None, limit=10, now=T0)
+    await store.get_run(key, now=T0)
+    await store.update_run(key, incarnation=run.incarnation, version=0, status="active",
+                           data=b"", now=T0)
+    await store.put_items(key, [make_item("a")], now=T0)
+    await store.get_items(key, ["a"], now=T0)
+    await store.scan_items(key, now=T0)
+    await store.delete_items(key, ["a"])
+    await store.list_runs(status=None, limit=10, cursor=None, now=T0)
+    await store.count_runs(status=None, now=T0)
+    await store.delete(key, 1, checkpoint_id=checkpoint_id_of(run, 1))
+    await store.delete_run(key)
+    await store.purge_expired(now=T0, limit=10)
+
+
+def _budget(store: PostgresStore, run: RunRecord) -> dict[str, tuple[Any, int]]:
+    key, own = key_of(run), checkpoint_id_of(run, 3)
+    return {
+        "first append, labelled": (lambda: _append(
+            store, run, 0, expires_at=T0 + 100, labels=("thread:t", "app:a")), 1),
+        "append": (lambda: _append(store, run, 1, expires_at=T0 + 101), 1),
+        "append with pruning": (lambda: _append(store, run, 2, expires_at=T0 + 102,
+                                                keep_latest=2), 1),
+        "append with items and refs, pruning": (lambda: _append(
+            store, run, 3, expires_at=T0 + 103, keep_latest=2, refs=["b/a", "b/b"],
+            items=[make_item("b/a"), make_item("b/b"), make_item("w/3/x", owner=3)]), 1),
+        "put_owned_items": (lambda: store.put_owned_items(
+            key, [make_item("w/3/y", owner=3)], owner=3, checkpoint_id=own, if_absent=True,
+            now=T0), 1),
+        "read_with_items, latest": (lambda: store.read_with_items(key, sequence=None, now=T0), 1),
+        "read_with_items, by sequence": (
+            lambda: store.read_with_items(key, sequence=3, now=T0), 1),
+        "runs_with_label": (lambda: store.runs_with_label("thread:t", limit=10, cursor=None,
+                                                          now=T0), 1),
+        "get": (lambda: store.get(key, 2, now=T0), 1),
+        "latest": (lambda: store.latest(key, now=T0), 1),
+        "headers": (lambda: store.headers(key, before=None, limit=50, now=T0), 1),
+        "get_run": (lambda: store.get_run(key, now=T0), 1),
+        "update_run": (lambda: store.update_run(key, incarnation=run.incarnation, version=0,
+                                                status="paused", data=b"x", now=T0), 1),
+        "put_items": (lambda: store.put_items(key, [make_item("k")], now=T0), 1),
+        "get_items": (lambda: store.get_items(key, ["k"], now=T0), 1),
+        "scan_items": (lambda: store.scan_items(key, now=T0), 1),
+        "delete_items": (lambda: store.delete_items(key, ["k"]), 1),
+        "delete": (lambda: store.delete(key, 2, checkpoint_id=checkpoint_id_of(run, 2)), 1),
+        "list_runs": (lambda: store.list_runs(status=None, limit=10, cursor=None, now=T0), 1),
+        "list_runs by status": (lambda: store.list_runs(status="paused", limit=10, cursor=None,
+                                                        now=T0), 1),
+        "count_runs": (lambda: store.count_runs(status="paused", now=T0), 1),
+        "purge_expired": (lambda: store.purge_expired(now=T0, limit=100), 1),
+        "delete_run": (lambda: store.delete_run(key), 1),
+    }
+
+
+# -- round trips --------------------------------------------------------------------------
+
+
+async def test_every_operation_is_one_round_trip(postgres: PostgresTarget, schema: str) -> None:
+    with WireCounter((postgres.host, postgres.port)) as counter:
+        store = PostgresStore.from_url(f"{counter.url(postgres)}?schema={schema}&max_size=1")
+        with anyio.fail_after(60):
+            await _exercise(store, make_run("warm-up"))
+            expected = _budget(store, make_run("counted"))
+            counted = {name: await counter.trips(action)
+                       for name, (action, _) in expected.items()}
+            await store.aclose()
+    assert counted == {name: trips for name, (_, trips) in expected.items()}
+
+
+async def test_manager_create_and_restore_are_one_round_trip_each(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    with WireCounter((postgres.host, postgres.port)) as counter:
+        store = PostgresStore.from_url(f"{counter.url(postgres)}?schema={schema}&max_size=1")
+        manager = CheckpointManager(store, config=CheckpointConfig(max_checkpoints_per_run=10))
+        state = {"messages": [{"role": "user", "content": "x" * 500}] * 20}
+        with anyio.fail_after(60):
+            for _ in range(3):  # the first calls prepare their statements
+                await manager.create("w1", state, force=True)
+                await manager.restore("w1")
+                await manager.list_checkpoints("w1", limit=5)
+            creates = [await counter.trips(lambda: manager.create("w1", state, force=True))
+                       for _ in range(20)]
+            restores = [await counter.trips(lambda: manager.restore("w1")) for _ in range(20)]
+            pages = [await counter.trips(lambda: manager.list_checkpoints("w1", limit=5))
+                     for _ in range(3)]
+            await store.aclose()
+    assert creates == [1] * 20
+    assert restores == [1] * 20
+    assert pages == [1] * 3
+
+
+async def test_pgbouncer_mode_prepares_no_named_statement(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    """statement_cache_size=0: every statement unnamed (nothing kept in the session), at two
+    round trips per call; the default names and caches them (one round trip)."""
+    found: dict[str, tuple[list[str], int]] = {}
+    for mode, option in (("pgbouncer", "&statement_cache_size=0"), ("default", "")):
+        with WireCounter((postgres.host, postgres.port)) as counter:
+            store = PostgresStore.from_url(
+                f"{counter.url(postgres)}?schema={schema}&max_size=1{option}")
+            with anyio.fail_after(60):
+                await _exercise(store, make_run(f"warm-up-{mode}"))
+                run = make_run(f"pgbouncer-{mode}")
+                await _append(store, run, 0)
+                trips = await counter.trips(
+                    lambda store=store, run=run: store.latest(key_of(run), now=T0))
+                await store.aclose()
+            found[mode] = (counter.statement_names, trips)
+    names, trips = found["pgbouncer"]
+    assert names
+    assert set(names) == {""}
+    assert trips == 2
+    names, trips = found["default"]
+    assert "" not in set(names)
+    assert trips == 1
+
+
+async def test_works_through_pgbouncer_in_transaction_mode(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    """A real PgBouncer (1.18: no prepared statements in transaction mode) with two server
+    connections behind many clients: concurrent runs, every operation, nothing relies on a
+    server session."""
+    if shutil.which("pgbouncer") is None:
+        pytest.skip("pgbouncer is not installed: the no-prepared-statement mode is covered by "
+                    "test_pgbouncer_mode_prepares_no_named_statement")
+    bouncer = PrivatePgBouncer((postgres.host, postgres.port))
+    bouncer.start()
+    url = f"postgresql://postgres@127.0.0.1:{bouncer.port}/{postgres.database}"
+    store = PostgresStore.from_url(f"{url}?schema={schema}&statement_cache_size=0&max_size=6")
+    manager = CheckpointManager(store, config=CheckpointConfig(max_checkpoints_per_run=5))
+
+    async def worker(index: int) -> None:
+        for step in range(15):
+            created = await manager.create(f"bounced-{index}", {"step": step}, force=True)
+            assert created is not None
+            restored = await manager.restore(f"bounced-{index}")
+            assert restored is not None
+            assert restored.state == {"step": step}
+
+    try:
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as group:
+                for index in range(6):
+                    group.start_soon(worker, index)
+            await _exercise(store, make_run("bounced-everything"))
+            listed = await manager.list_checkpoints("bounced-0", limit=10)
+    finally:
+        await store.aclose()
+        bouncer.stop()
+    assert [checkpoint.sequence for checkpoint in listed] == [14, 13, 12, 11, 10]
+
+
+# -- lost replies and connection faults ---------------------------------------------------
+
+
+async def test_a_retried_append_recognises_its_own_write(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    """The server side of a lost reply: the same call sent again finds its token."""
+    names = Names(schema, "fc_")
+    run = make_run("token")
+    record = make_checkpoint(run, 0)
+    args = [key_of(run), 0, record.checkpoint_id, T0, None, b"h", b"p", None, "tok-1",
+            b"token", run.incarnation, "active", T0, 0, b"", [], None, T0, None, None, None, None]
+    connection = await asyncpg.connect(postgres.url())
+    try:
+        sql = f"SELECT outcome, status, latest_sequence FROM {names['append']}({', '.join(f'${n}' for n in range(1, 23))})"  # noqa: E501
+        first = await connection.fetchrow(sql, *args)
+        again = await connection.fetchrow(sql, *args)
+        other = await connection.fetchrow(sql, *args[:8], "tok-2", *args[9:])
+        count = await connection.fetchval(f"SELECT count(*) FROM {names['checkpoints']}")
+    finally:
+        await connection.close()
+    assert tuple(first) == ("ok", "active", None)
+    assert tuple(again) == ("ok", "active", None)
+    assert tuple(other) == ("conflict", None, 0)
+    assert count == 1
+
+
+async def test_retried_deletes_and_updates_report_what_happened(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    names = Names(schema, "fc_")
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    run = make_run("memo")
+    key = key_of(run)
+    connection = await asyncpg.connect(postgres.url())
+    try:
+        with anyio.fail_after(30):
+            for sequence in range(3):
+                await _append(store, run, sequence)
+            delete = f"SELECT {names['delete']}($1, $2, $3, $4)"
+            removed = [await connection.fetchval(delete, key, 1, checkpoint_id_of(run, 1), "d")
+                       for _ in range(2)]
+            fresh = await connection.fetchval(delete, key, 1, checkpoint_id_of(run, 1), "d2")
+            update = (f"SELECT outcome, (run).version FROM "
+                      f"{names['update_run']}($1, $2, $3, $4, $5, $6, $7)")
+            updates = [tuple(await connection.fetchrow(update, key, run.incarnation, 0, "paused",
+                                                       b"", T0, "u")) for _ in range(2)]
+            stale = tuple(await connection.fetchrow(update, key, run.incarnation, 0, "paused",
+                                                    b"", T0, "u2"))
+            delete_run = f"SELECT {names['delete_run']}($1, $2)"
+            whole = [await connection.fetchval(delete_run, key, "r") for _ in range(2)]
+    finally:
+        await connection.close()
+        await store.aclose()
+    assert removed == [1, 1]
+    assert fresh == 0
+    assert updates == [("ok", 1), ("ok", 1)]
+    assert stale == ("conflict", 1)
+    assert whole == [2, 2]
+
+
+async def test_retried_item_writes_and_deletes_report_what_happened(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    """A create-only items write and an items delete sent again with their token: the write
+    is not a conflict with itself, the delete reports what the first attempt removed. Another
+    token meets the state as it is."""
+    names = Names(schema, "fc_")
+    run = make_run("item-memo")
+    key = key_of(run)
+    put = f"SELECT {names['put_items']}($1, $2, $3, $4, $5, $6, $7, $8)"
+    delete = f"SELECT {names['delete_items']}($1, $2, $3)"
+    args = [key, [b"a", b"b"], [b"1", b"2"], [None, None], [None, None], True, T0]
+    connection = await asyncpg.connect(postgres.url())
+    try:
+        with anyio.fail_after(30):
+            for _ in range(2):
+                await connection.execute(put, *args, "p")
+            with pytest.raises(asyncpg.PostgresError) as taken:
+                await connection.execute(put, *args, "p2")
+            removed = [await connection.fetchval(delete, key, [b"a", b"b"], "d")
+                       for _ in range(2)]
+            fresh = await connection.fetchval(delete, key, [b"a", b"b"], "d2")
+            left = await connection.fetchval(f"SELECT count(*) FROM {names['items']}")
+    finally:
+        await connection.close()
+    assert taken.value.sqlstate == "FC002"
+    assert removed == [2, 2]
+    assert fresh == 0
+    assert left == 0
+
+
+async def test_connection_faults_never_half_write_or_duplicate(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    """A proxy cuts requests mid-way (the server never runs them) and drops replies of
+    requests the server committed: every acknowledged create is there exactly once, nothing
+    is half-written, and sequences stay gap-free."""
+    kinds = (Fault.CUT, Fault.LOSE_REPLY, Fault.DELAY)
+    opening = [*kinds, *kinds, *[Fault.PASS] * 12]
+    plan = FaultPlan(rate=0.1, kinds=kinds, seed=15, script=opening)
+    config = CheckpointConfig(max_checkpoints_per_run=None, retry=FAST_RETRY)
+    acks: list[Ack] = []
+    unconfirmed: set[str] = set()
+    foreign: list[str] = []
+    with FaultProxy((postgres.host, postgres.port), POSTGRES_WIRE, plan) as proxy:
+        url = f"postgresql://postgres@127.0.0.1:{proxy.port}/{postgres.database}"
+        store = PostgresStore.from_url(f"{url}?schema={schema}", retry=FAST_RETRY)
+        manager = CheckpointManager(store, config=config)
+        try:
+            with anyio.fail_after(120):
+                for step in range(80):
+                    token = f"faults/{step}"
+                    try:
+                        created = await manager.create("faulty", state_for(token), force=True)
+                    except CheckpointError:
+                        unconfirmed.add(token)
+                        continue
+                    except Exception as exc:  # what is under test: nothing else escapes
+                        foreign.append(f"{type(exc).__name__}: {exc}")
+                        unconfirmed.add(token)
+                        continue
+                    assert created is not None
+                    acks.append(Ack(token, created.metadata.sequence, created.checkpoint_id))
+        finally:
+            await store.aclose()
+    clean = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    try:
+        with anyio.fail_after(60):
+            audit = await audit_run(CheckpointManager(clean, config=config), "faulty", acks,
+                                    unconfirmed)
+    finally:
+        await clean.aclose()
+    assert min(proxy.counts[fault] for fault in kinds) >= 2
+    assert not foreign
+    assert not audit.problems(), audit.problems()
+    assert len(audit.unacknowledged) <= len(unconfirmed)
+    assert len(acks) >= 40
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+async def test_processes_get_unique_gap_free_sequences(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    url = f"{postgres.url()}?schema={schema}&max_size=2"
+    workers, each = 4, 25
+
+    def run_workers() -> list[str]:
+        processes = [
+            subprocess.Popen([sys.executable, str(WORKER), url, "shared-run", str(each),
+                              f"w{index}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             cwd=ROOT)
+            for index in range(workers)
+        ]
+        outputs = []
+        for process in processes:
+            out, err = process.communicate(timeout=120)
+            assert process.returncode == 0, err.decode()
+            outputs.append(out.decode())
+        return outputs
+
+    with anyio.fail_after(150):
+        outputs = await anyio.to_thread.run_sync(run_workers)
+        store = PostgresStore.from_url(url)
+        record = await store.get_run(key_of(make_run("shared-run")), now=time.time())
+        await store.aclose()
+    sequences = sorted(int(line) for out in outputs for line in out.split())
+    assert sequences == list(range(workers * each))
+    assert record is not None
+    assert (record.latest_sequence, record.checkpoint_count) == (99, 100)
+
+
+# -- migrations ---------------------------------------------------------------------------
+
+
+async def test_provision_creates_then_finds(postgres: PostgresTarget) -> None:
+    schema = unique_schema()
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}&table_prefix=app_")
+    try:
+        with anyio.fail_after(60):
+            first = await store.provision()
+            second = await store.provision()
+            await _append(store, make_run("provisioned"), 0)
+    finally:
+        await store.aclose()
+        await drop_schema(postgres, schema)
+    assert first == [
+        f"created schema {schema}",
+        f"created table {schema}.app_migrations",
+        f"applied migration 1: {MIGRATIONS[0].description}",
+        f"now schema {schema} at version 1 (table prefix 'app_')",
+    ]
+    assert second == [f"found schema {schema} at version 1 (table prefix 'app_')"]
+
+
+async def test_concurrent_provisioning_takes_turns(postgres: PostgresTarget) -> None:
+    schema = unique_schema()
+    stores = [PostgresStore.from_url(f"{postgres.url()}?schema={schema}") for _ in range(3)]
+    reports: list[list[str]] = []
+
+    async def provision(store: PostgresStore) -> None:
+        reports.append(await store.provision())
+
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as group:
+                for store in stores:
+                    group.start_soon(provision, store)
+    finally:
+        for store in stores:
+            await store.aclose()
+        await drop_schema(postgres, schema)
+    applied = [report for report in reports if any("applied" in line for line in report)]
+    assert len(applied) == 1
+    assert sorted(report[-1] for report in reports) == sorted(
+        [f"now schema {schema} at version 1 (table prefix 'fc_')"]
+        + [f"found schema {schema} at version 1 (table prefix 'fc_')"] * 2)
+
+
+async def test_a_store_without_its_schema_says_to_run_init(postgres: PostgresTarget) -> None:
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={unique_schema()}")
+    try:
+        with anyio.fail_after(30), pytest.raises(ConfigurationError, match="fastcheckpoint init"):
+            await store.get_run(key_of(make_run("nothing")), now=T0)
+    finally:
+        await store.aclose()
+
+
+async def test_an_older_schema_is_upgraded_by_init(postgres: PostgresTarget) -> None:
+    """A migrations table with nothing applied stands for a schema older than this code."""
+    schema = unique_schema()
+    names = Names(schema, "fc_")
+    connection = await asyncpg.connect(postgres.url())
+    await connection.execute(f'CREATE SCHEMA "{schema}"; CREATE TABLE {names["migrations"]} '
+                             "(version integer PRIMARY KEY, description text NOT NULL, "
+                             "applied_at timestamptz NOT NULL DEFAULT now())")
+    await connection.close()
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    try:
+        with anyio.fail_after(30):
+            with pytest.raises(ConfigurationError, match=r"version 0.*upgrade it with"):
+                await store.latest(key_of(make_run("old")), now=T0)
+            lines = await store.provision()
+            assert await store.latest(key_of(make_run("old")), now=T0) is None
+    finally:
+        await store.aclose()
+        await drop_schema(postgres, schema)
+    assert lines == [f"applied migration 1: {MIGRATIONS[0].description}",
+                     f"now schema {schema} at version 1 (table prefix 'fc_')"]
+
+
+async def test_a_newer_schema_is_never_downgraded(postgres: PostgresTarget, schema: str) -> None:
+    names = Names(schema, "fc_")
+    connection = await asyncpg.connect(postgres.url())
+    await connection.execute(f"INSERT INTO {names['migrations']} (version, description) "
+                             "VALUES (2, 'from the future')")
+    before = await connection.fetch(f"SELECT version FROM {names['migrations']} ORDER BY 1")
+    await connection.close()
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    try:
+        with anyio.fail_after(30):
+            with pytest.raises(ConfigurationError, match=r"newer fastcheckpoint.*never downgrades"):
+                await store.provision()
+            with pytest.raises(ConfigurationError, match="migrated by a newer fastcheckpoint"):
+                await store.latest(key_of(make_run("new")), now=T0)
+    finally:
+        await store.aclose()
+    connection = await asyncpg.connect(postgres.url())
+    after = await connection.fetch(f"SELECT version FROM {names['migrations']} ORDER BY 1")
+    await connection.close()
+    assert [row[0] for row in after] == [row[0] for row in before] == [1, 2]
+
+
+# -- event loops --------------------------------------------------------------------------
+
+
+def test_trio_is_refused_with_a_configuration_error(postgres: PostgresTarget) -> None:
+    store = PostgresStore.from_url(f"{postgres.url()}?schema=never_created")
+
+    async def under_trio() -> None:
+        with pytest.raises(ConfigurationError, match="asyncio only"):
+            await store.latest(key_of(make_run("trio")), now=T0)
+        with pytest.raises(ConfigurationError, match="asyncio only"):
+            await store.provision()
+        await store.aclose()
+
+    anyio.run(under_trio, backend="trio")
+
+
+def test_a_module_level_store_serves_several_asyncio_runs(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    manager = CheckpointManager(store)
+
+    async def step(number: int) -> int:
+        with anyio.fail_after(30):
+            created = await manager.create("loops", {"step": number}, force=True)
+            assert created is not None
+            return created.metadata.sequence
+
+    sequences = [asyncio.run(step(number)) for number in range(3)]
+
+    async def close() -> None:
+        await store.aclose()
+
+    asyncio.run(close())
+    assert sequences == [0, 1, 2]
+
+
+async def test_a_given_pool_is_used_and_never_closed(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    pool = await asyncpg.create_pool(postgres.url(), min_size=1, max_size=2)
+    store = PostgresStore(pool, schema=schema)
+    try:
+        with anyio.fail_after(30):
+            await _append(store, make_run("given"), 0)
+            await store.aclose()
+            assert await pool.fetchval("SELECT 1") == 1
+    finally:
+        await pool.close()
+
+
+def test_a_given_pool_refuses_another_event_loop(postgres: PostgresTarget, schema: str) -> None:
+    first_loop = asyncio.new_event_loop()
+
+    async def first() -> tuple[PostgresStore, asyncpg.Pool]:
+        pool = await asyncpg.create_pool(postgres.url(), min_size=1, max_size=1)
+        store = PostgresStore(pool, schema=schema)
+        await store.latest(key_of(make_run("loop")), now=T0)
+        return store, pool
+
+    async def second(store: PostgresStore) -> None:
+        with pytest.raises(ConfigurationError, match="another event loop"):
+            await store.latest(key_of(make_run("loop")), now=T0)
+
+    try:
+        store, pool = first_loop.run_until_complete(first())
+        asyncio.run(second(store))
+        first_loop.run_until_complete(pool.close())
+    finally:
+        first_loop.close()
+
+
+# -- construction and errors --------------------------------------------------------------
+
+
+def test_unknown_url_options_are_refused(postgres: PostgresTarget) -> None:
+    with pytest.raises(ConfigurationError, match=r"'tabel_prefix'.*did you mean 'table_prefix'"):
+        PostgresStore.from_url(f"{postgres.url()}?tabel_prefix=x_")
+    with pytest.raises(ConfigurationError, match="'search_path'"):
+        PostgresStore.from_url(f"{postgres.url()}?search_path=x")
+    with pytest.raises(ConfigurationError, match="'colour'"):
+        open_store(postgres.url(), colour="blue")
+    with pytest.raises(ConfigurationError, match="names its database"):
+        PostgresStore.from_url("postgresql://localhost:5432")
+    with pytest.raises(ConfigurationError, match="table_prefix"):
+        PostgresStore.from_url(f"{postgres.url()}?table_prefix=Bad-Prefix")
+    with pytest.raises(ConfigurationError, match="min_size"):
+        PostgresStore.from_url(f"{postgres.url()}?min_size=5&max_size=2")
+    with pytest.raises(ConfigurationError, match="max_size must be an integer"):
+        PostgresStore.from_url(f"{postgres.url()}?max_size=many")
+
+
+async def test_open_store_takes_both_schemes_and_options(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    for scheme in ("postgresql", "postgres"):
+        url = postgres.url().replace("postgresql://", f"{scheme}://")
+        store = open_store(f"{url}?schema={schema}&default_ttl_seconds=60&max_payload_bytes=16",
+                           retry=FAST_RETRY, statement_cache_size=0)
+        assert isinstance(store, PostgresStore)
+        assert store.default_ttl_seconds == 60.0
+        with anyio.fail_after(30):
+            with pytest.raises(ValidationError, match="at most 16"):
+                await _append(store, make_run(f"big-{scheme}"), 0)
+            assert await store.get_run(key_of(make_run(f"big-{scheme}")), now=T0) is None
+            await store.aclose()
+
+
+async def test_an_unreachable_server_is_unavailable_after_retries() -> None:
+    store = PostgresStore.from_url(f"postgresql://postgres@127.0.0.1:{free_port()}/db",
+                                   retry=FAST_RETRY, connect_timeout=2)
+    try:
+        with anyio.fail_after(30), pytest.raises(StoreUnavailableError, match="after 5 retries"):
+            await store.latest(key_of(make_run("nowhere")), now=T0)
+    finally:
+        await store.aclose()
+
+
+async def test_a_driver_option_it_refuses_is_a_configuration_error(
+    postgres: PostgresTarget,
+) -> None:
+    store = PostgresStore.from_url(f"{postgres.url()}?sslmode=sometimes", retry=FAST_RETRY)
+    try:
+        with anyio.fail_after(30), pytest.raises(ConfigurationError, match="sslmode"):
+            await store.latest(key_of(make_run("nowhere")), now=T0)
+    finally:
+        await store.aclose()
+
+
+async def test_a_missing_database_is_a_configuration_error(postgres: PostgresTarget) -> None:
+    store = PostgresStore.from_url(postgres.url("fc_no_such_database"), retry=FAST_RETRY)
+    try:
+        with anyio.fail_after(30), pytest.raises(ConfigurationError, match="does not exist"):
+            await store.latest(key_of(make_run("nowhere")), now=T0)
+    finally:
+        await store.aclose()
+
+
+async def test_a_role_without_grants_is_told_which_grants(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    role = f"fc_nogrant_{schema[2:]}"
+    admin = await asyncpg.connect(postgres.url())
+    await admin.execute(f"CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA {schema} TO {role}; "
+                        f"GRANT SELECT ON {schema}.fc_migrations TO {role}")
+    store = PostgresStore.from_url(f"{postgres.url(user=role)}?schema={schema}",
+                                   retry=FAST_RETRY)
+    try:
+        with anyio.fail_after(30), pytest.raises(StoreError, match=r"grants\.sql"):
+            await _append(store, make_run("denied"), 0)
+    finally:
+        await store.aclose()
+        await admin.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+        await admin.close()
+
+
+async def test_a_contradicting_log_is_reported_corrupt_and_changes_nothing(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    """An operator who rewinds a run row by hand: the append meets a checkpoint where the row
+    says the next one goes, and refuses rather than overwrite it."""
+    names = Names(schema, "fc_")
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    run = make_run("rewound")
+    try:
+        with anyio.fail_after(30):
+            for sequence in range(3):
+                await _append(store, run, sequence)
+            connection = await asyncpg.connect(postgres.url())
+            await connection.execute(f"UPDATE {names['runs']} SET latest_sequence = 1")
+            await connection.close()
+            with pytest.raises(CorruptCheckpointError, match="contradicts its run row") as refused:
+                await _append(store, run, 2)
+            found = await store.get(key_of(run), 2, now=T0)
+    finally:
+        await store.aclose()
+    assert refused.value.key == f"{names['runs']} ({key_of(run)})"
+    assert found is not None
+    assert found[0].payload == make_checkpoint(run, 2).payload
+
+
+async def test_a_run_row_with_a_foreign_run_id_hides_no_other_run(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    """A run id that is not UTF-8 (written behind the store's back): that run reads as
+    corrupt, listings leave it out (logged) and still list the others, with a cursor."""
+    names = Names(schema, "fc_")
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    runs = [make_run(f"listed-{n}") for n in range(3)]
+    try:
+        with anyio.fail_after(30):
+            for run in runs:
+                await _append(store, run, 0)
+            connection = await asyncpg.connect(postgres.url())
+            await connection.execute(
+                f"UPDATE {names['runs']} SET run_id = '\\xff'::bytea WHERE run_key = $1",
+                key_of(runs[1]))
+            await connection.close()
+            with pytest.raises(CorruptCheckpointError, match="not UTF-8") as damaged:
+                await store.get_run(key_of(runs[1]), now=T0)
+            first, cursor = await store.list_runs(status=None, limit=2, cursor=None, now=T0)
+            rest, end = await store.list_runs(status=None, limit=2, cursor=cursor, now=T0)
+            counted = await store.count_runs(status=None, now=T0)
+    finally:
+        await store.aclose()
+    assert key_of(runs[1]) in damaged.value.key
+    assert sorted(r.run_id for r in first + rest) == ["listed-0", "listed-2"]
+    assert cursor is not None
+    assert end is None
+    assert counted == 3
+
+
+async def test_sequence_conflicts_carry_the_live_run(postgres: PostgresTarget, schema: str) -> None:
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    run = make_run("conflict")
+    try:
+        with anyio.fail_after(30):
+            await _append(store, run, 0)
+            with pytest.raises(SequenceConflict) as caught:
+                await _append(store, run, 5)
+    finally:
+        await store.aclose()
+    assert (caught.value.latest_sequence, caught.value.incarnation) == (0, run.incarnation)
+
+
+# -- plans: indexes, and no locking reads in sequencing -----------------------------------
+
+
+async def _plans(postgres: PostgresTarget, calls: list[tuple[str, list[Any]]]) -> list[str]:
+    """The plans of every statement run inside the store's functions for ``calls``
+    (auto_explain, nested statements included), sequential scans priced out."""
+    plans: list[str] = []
+    connection = await asyncpg.connect(postgres.url())
+    try:
+        with anyio.fail_after(30):
+            connection.add_log_listener(lambda _, message: plans.append(message.message))
+            await connection.execute(
+                "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; "
+                "SET auto_explain.log_nested_statements = on; SET client_min_messages = log; "
+                "SET enable_seqscan = off")
+            for sql, args in calls:
+                await connection.fetch(sql, *args)
+            await connection.execute("SELECT 1")  # the log messages above have arrived
+    finally:
+        await connection.close()
+    return plans
+
+
+async def test_sequencing_takes_no_locking_read(postgres: PostgresTarget, schema: str) -> None:
+    """The first append, the next ones, a lost race and a retried one: no statement of the
+    append locks rows with SELECT ... FOR UPDATE/SHARE (a LockRows plan node); the
+    compare-and-set UPDATE and the primary key decide. (The delete does lock the run row
+    that way, which shows the check sees such locks.)"""
+    names = Names(schema, "fc_")
+    sql = Statements(names)
+    run = make_run("no-lock")
+    key = key_of(run)
+
+    def append(sequence: int, token: str) -> tuple[str, list[Any]]:
+        record = make_checkpoint(run, sequence)
+        return sql.append, [key, sequence, record.checkpoint_id, T0, None, record.header,
+                            record.payload, None, token, b"no-lock", run.incarnation, "active",
+                            T0, 0, b"", [], 2, T0, None, None, None, None]
+
+    plans = await _plans(postgres, [
+        append(0, "t0"), append(1, "t1"), append(2, "t2"), append(3, "t3"),  # pruning too
+        append(2, "lost"), append(3, "t3"),
+    ])
+    deleting = await _plans(postgres, [
+        (sql.delete, [key, 3, checkpoint_id_of(run, 3), "d"])])
+    # PostgreSQL's own foreign-key check (SELECT 1 FROM ONLY ... FOR KEY SHARE) of the run
+    # row is a key-share lock: it never waits for the compare-and-set UPDATE of the row.
+    ours = [plan for plan in plans if "Query Text: SELECT 1 FROM ONLY" not in plan]
+    assert len(ours) >= 20
+    assert not [plan for plan in ours if "LockRows" in plan]
+    assert [plan for plan in deleting if "LockRows" in plan]
+
+
+async def test_listing_by_status_and_purging_run_on_indexes(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    """The plans of the statements inside the store's functions (auto_explain with nested
+    statements), with sequential scans priced out: each names its index, so the index fits
+    the query whatever the planner picks for a table this small."""
+    names = Names(schema, "fc_")
+    sql = Statements(names)
+    plans = await _plans(postgres, [
+        (sql.list_runs, ["paused", 10, math.inf, "", T0]),
+        (sql.count_runs, ["paused", T0]),
+        (sql.list_runs, [None, 10, math.inf, "", T0]),
+        (sql.purge, [T0, 10]),
+    ])
+
+    def plan_of(query: str) -> str:
+        found = [plan for plan in plans if query in plan.partition("\n")[2]]
+        assert found, f"no plan for {query!r} among {len(plans)}"
+        return found[0]
+
+    runs = f"FROM {names['runs']} x"
+    assert "fc_runs_status" in plan_of(f"{runs}\n         WHERE x.status = p_status AND (")
+    assert "fc_runs_status" in plan_of(f"SELECT count(*) {runs}\n             WHERE x.status")
+    assert "fc_runs_created" in plan_of(
+        f"{runs}\n         WHERE (x.expires_at IS NULL OR x.expires_at > p_now)")
+    assert "fc_runs_purge" in plan_of(f"{runs} WHERE x.purge_at IS NOT NULL")
+    assert "fc_checkpoints_expiry" in plan_of("WHERE c.expires_at IS NOT NULL AND c.expires_at")
+    assert "fc_ops_expiry" in plan_of(f"SELECT token FROM {names['ops']} WHERE expires_at")
