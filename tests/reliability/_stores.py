@@ -3,15 +3,20 @@
 A :class:`Target` builds a store (directly, or through an endpoint such as a fault proxy),
 names the URL a worker process opens, and carries a :class:`Tamperer`, which rewrites the
 backend's records behind the store's back the way a bad disk, an operator or an attacker
-would. Tamperers work at the documented key layout of each store and use plain synchronous
-clients (files, redis-py, boto3): they must not go through the code they are checking.
+would. Tamperers work at the documented key layout of each store and use plain clients of
+their own (files, sqlite3, redis-py, boto3, a bare asyncpg connection): they must not go
+through the code they are checking.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import functools
 import os
 import random
+import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +28,7 @@ from fastcheckpoint import CheckpointStore
 from fastcheckpoint._config import RetryPolicy
 from fastcheckpoint.stores import _dynamodb_layout as dynamodb_layout
 from fastcheckpoint.stores import _s3_layout as s3_layout
-from tests.reliability.faults import HTTP, REDIS, Wire
+from tests.reliability.faults import HTTP, POSTGRES, REDIS, Wire
 
 REGION = "us-east-1"
 
@@ -34,6 +39,9 @@ FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01, max_retries=5)
 class Tamperer(ABC):
     """Rewrites one store's records in place. ``*_locator`` return the part of the store key
     (as a ``CorruptCheckpointError`` names it) that identifies the record."""
+
+    repairs = True
+    """Whether the store rebuilds damaged run records (``manager.repair``)."""
 
     @abstractmethod
     def checkpoint_locator(self, run_key: str, sequence: int) -> str: ...
@@ -63,6 +71,11 @@ class Tamperer(ABC):
     @abstractmethod
     def scramble_run(self, run_key: str, rng: random.Random) -> None: ...
 
+    def damage_run(self, run_key: str, rng: random.Random) -> None:
+        """Make the run record unreadable, the way this store can tell: random bytes over it
+        by default."""
+        self.scramble_run(run_key, rng)
+
     @abstractmethod
     def close(self) -> None:
         """Release clients, and remove what the test wrote where later tests look."""
@@ -72,6 +85,10 @@ def _scrambled(raw: bytes, rng: random.Random) -> bytes:
     # Never equal to the original (a no-op would make the case pass vacuously).
     noise = rng.randbytes(len(raw))
     return noise if noise != raw else bytes(b ^ 0xFF for b in raw)
+
+
+def _not_utf8(rng: random.Random) -> bytes:
+    return b"\x9b" + rng.randbytes(15)
 
 
 # -- file --------------------------------------------------------------------------------
@@ -114,6 +131,238 @@ class FileTamperer(Tamperer):
 
     def close(self) -> None:
         pass  # the directory is the test's own
+
+
+# -- SQLite ------------------------------------------------------------------------------
+
+
+class SQLiteTamperer(Tamperer):
+    """Rows of ``fc_checkpoints`` (keyed ``run_key, sequence``) and ``fc_runs`` (``run_key``),
+    rewritten through a connection of its own. Every column is typed by a ``CHECK``, so damage
+    keeps the types: bytes in the blobs, a shorter blob, another run's row."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def checkpoint_locator(self, run_key: str, sequence: int) -> str:
+        return f"#fc_checkpoints/{run_key}/{sequence}"
+
+    def run_locator(self, run_key: str) -> str:
+        return f"#fc_runs/{run_key}"
+
+    @contextlib.contextmanager
+    def _db(self) -> Any:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    def _checkpoint(self, db: sqlite3.Connection, run_key: str, sequence: int) -> list[Any]:
+        row = db.execute(
+            "SELECT checkpoint_id, created_at, expires_at, refs, header, payload "
+            "FROM fc_checkpoints WHERE run_key = ? AND sequence = ?", (run_key, sequence)
+        ).fetchone()
+        assert row is not None, f"no checkpoint row ({run_key}, {sequence})"
+        return list(row)
+
+    def _put_checkpoint(self, db: sqlite3.Connection, run_key: str, sequence: int,
+                        row: list[Any]) -> None:
+        changed = db.execute(
+            "UPDATE fc_checkpoints SET checkpoint_id = ?, created_at = ?, expires_at = ?, "
+            "refs = ?, header = ?, payload = ? WHERE run_key = ? AND sequence = ?",
+            (*row, run_key, sequence)).rowcount
+        assert changed == 1
+
+    def copy_checkpoint(self, source_run_key: str, target_run_key: str, sequence: int) -> None:
+        with self._db() as db:
+            row = self._checkpoint(db, source_run_key, sequence)
+            self._put_checkpoint(db, target_run_key, sequence, row)
+
+    def truncate_checkpoint(self, run_key: str, sequence: int) -> None:
+        with self._db() as db:
+            row = self._checkpoint(db, run_key, sequence)
+            row[5] = row[5][: len(row[5]) // 2]
+            self._put_checkpoint(db, run_key, sequence, row)
+
+    def scramble_checkpoint(self, run_key: str, sequence: int, rng: random.Random) -> None:
+        with self._db() as db:
+            row = self._checkpoint(db, run_key, sequence)
+            row[4], row[5] = _scrambled(row[4], rng), _scrambled(row[5], rng)
+            self._put_checkpoint(db, run_key, sequence, row)
+
+    def save_run(self, run_key: str) -> tuple[Any, ...]:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM fc_runs WHERE run_key = ?", (run_key,)).fetchone()
+        assert row is not None, f"no run row {run_key}"
+        return tuple(row)
+
+    def replay_run(self, run_key: str, saved: Any) -> None:
+        marks = ", ".join("?" * len(saved))
+        with self._db() as db:
+            db.execute(f"INSERT OR REPLACE INTO fc_runs VALUES ({marks})", saved)
+
+    def scramble_run(self, run_key: str, rng: random.Random) -> None:
+        """Random bytes in the run row's blob, random text in its status; the typed columns
+        (sequence, counts, times) cannot take bytes."""
+        with self._db() as db:
+            row = db.execute("SELECT status, data FROM fc_runs WHERE run_key = ?",
+                             (run_key,)).fetchone()
+            assert row is not None, f"no run row {run_key}"
+            status = rng.randbytes(len(row[0])).hex()
+            changed = db.execute("UPDATE fc_runs SET status = ?, data = ? WHERE run_key = ?",
+                                 (status, _scrambled(row[1], rng), run_key)).rowcount
+            assert changed == 1
+
+    def scramble_run_id(self, run_key: str, rng: random.Random) -> None:
+        """Random bytes (never UTF-8: they start with a continuation byte) in the run id's
+        text column, as bit rot or a foreign writer would leave them."""
+        with self._db() as db:
+            changed = db.execute("UPDATE fc_runs SET run_id = CAST(? AS TEXT) WHERE run_key = ?",
+                                 (_not_utf8(rng), run_key)).rowcount
+            assert changed == 1
+
+    def damage_run(self, run_key: str, rng: random.Random) -> None:
+        """The run row gone while its checkpoints stay (an operator's ``DELETE``, a partial
+        restore): the damage this store recognises (random bytes fit only its byte and text
+        columns, which :meth:`scramble_run` covers)."""
+        with self._db() as db:
+            assert db.execute("DELETE FROM fc_runs WHERE run_key = ?", (run_key,)).rowcount == 1
+
+    def close(self) -> None:
+        pass  # the database is the test's own
+
+
+# -- PostgreSQL --------------------------------------------------------------------------
+
+
+class PostgresTamperer(Tamperer):
+    """Rows of ``<schema>.fc_checkpoints`` (keyed ``run_key, sequence``) and ``fc_runs``,
+    rewritten through an asyncpg connection of its own, on a thread of its own (the tests call
+    it from inside their event loop)."""
+
+    repairs = False
+
+    def __init__(self, url: str, schema: str) -> None:
+        self.url = url
+        self.schema = schema
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pg-tamperer")
+
+    def _table(self, name: str) -> str:
+        return f'"{self.schema}"."fc_{name}"'
+
+    def checkpoint_locator(self, run_key: str, sequence: int) -> str:
+        return f"{self._table('checkpoints')} ({run_key}, {sequence})"
+
+    def run_locator(self, run_key: str) -> str:
+        return f"{self._table('runs')} ({run_key})"
+
+    def _run(self, statements: Callable[[Any], Any]) -> Any:
+        """``statements(connection)`` (a coroutine function) in one transaction."""
+        import asyncpg
+
+        async def run() -> Any:
+            connection = await asyncpg.connect(self.url, timeout=10)
+            try:
+                async with connection.transaction():
+                    return await statements(connection)
+            finally:
+                await connection.close()
+
+        return self._pool.submit(asyncio.run, run()).result(60)
+
+    def _rewrite_checkpoint(self, run_key: str, sequence: int,
+                            change: Callable[[dict[str, Any]], dict[str, Any]],
+                            source_run_key: str | None = None) -> None:
+        table = self._table("checkpoints")
+
+        async def statements(connection: Any) -> None:
+            row = await connection.fetchrow(
+                f"SELECT checkpoint_id, created_at, expires_at, header, payload, refs, token "
+                f"FROM {table} WHERE run_key = $1 AND sequence = $2",
+                source_run_key or run_key, sequence)
+            assert row is not None, f"no checkpoint row ({source_run_key or run_key}, {sequence})"
+            new = change(dict(row))
+            status = await connection.execute(
+                f"UPDATE {table} SET checkpoint_id = $3, created_at = $4, expires_at = $5, "
+                f"header = $6, payload = $7, refs = $8, token = $9 "
+                f"WHERE run_key = $1 AND sequence = $2",
+                run_key, sequence, *new.values())
+            assert status == "UPDATE 1", status
+
+        self._run(statements)
+
+    def copy_checkpoint(self, source_run_key: str, target_run_key: str, sequence: int) -> None:
+        self._rewrite_checkpoint(target_run_key, sequence, lambda row: row, source_run_key)
+
+    def truncate_checkpoint(self, run_key: str, sequence: int) -> None:
+        def change(row: dict[str, Any]) -> dict[str, Any]:
+            return {**row, "payload": row["payload"][: len(row["payload"]) // 2]}
+
+        self._rewrite_checkpoint(run_key, sequence, change)
+
+    def scramble_checkpoint(self, run_key: str, sequence: int, rng: random.Random) -> None:
+        def change(row: dict[str, Any]) -> dict[str, Any]:
+            return {**row, "header": _scrambled(row["header"], rng),
+                    "payload": _scrambled(row["payload"], rng)}
+
+        self._rewrite_checkpoint(run_key, sequence, change)
+
+    def save_run(self, run_key: str) -> dict[str, Any]:
+        table = self._table("runs")
+
+        async def statements(connection: Any) -> dict[str, Any]:
+            row = await connection.fetchrow(f"SELECT * FROM {table} WHERE run_key = $1", run_key)
+            assert row is not None, f"no run row {run_key}"
+            return dict(row)
+
+        saved: dict[str, Any] = self._run(statements)
+        return saved
+
+    def replay_run(self, run_key: str, saved: Any) -> None:
+        table = self._table("runs")
+        names = [name for name in saved if name != "run_key"]
+        assignments = ", ".join(f"{name} = ${n}" for n, name in enumerate(names, start=2))
+
+        async def statements(connection: Any) -> None:
+            status = await connection.execute(
+                f"UPDATE {table} SET {assignments} WHERE run_key = $1",
+                run_key, *(saved[name] for name in names))
+            assert status == "UPDATE 1", status
+
+        self._run(statements)
+
+    def scramble_run(self, run_key: str, rng: random.Random) -> None:
+        """Random bytes in the run row's details, random text in its status; the typed columns
+        (sequence, counts, times) cannot take bytes."""
+        table = self._table("runs")
+
+        async def statements(connection: Any) -> None:
+            row = await connection.fetchrow(
+                f"SELECT status, data FROM {table} WHERE run_key = $1", run_key)
+            assert row is not None, f"no run row {run_key}"
+            status = await connection.execute(
+                f"UPDATE {table} SET status = $2, data = $3 WHERE run_key = $1",
+                run_key, rng.randbytes(len(row["status"])).hex(), _scrambled(row["data"], rng))
+            assert status == "UPDATE 1", status
+
+        self._run(statements)
+
+    def scramble_run_id(self, run_key: str, rng: random.Random) -> None:
+        """Random bytes (never UTF-8: they start with a continuation byte) for the run id."""
+        table = self._table("runs")
+
+        async def statements(connection: Any) -> None:
+            status = await connection.execute(
+                f"UPDATE {table} SET run_id = $2 WHERE run_key = $1", run_key, _not_utf8(rng))
+            assert status == "UPDATE 1", status
+
+        self._run(statements)
+
+    def close(self) -> None:
+        self._pool.shutdown()  # the schema is dropped by the fixture
 
 
 # -- Redis -------------------------------------------------------------------------------
@@ -346,6 +595,32 @@ def file_target(root: Path) -> Target:
 
     return Target("file", lambda _: FileStore(root), root.as_uri(), None, None,
                   FileTamperer(root))
+
+
+def sqlite_target(path: Path) -> Target:
+    from fastcheckpoint.stores.sqlite import SQLiteStore
+
+    return Target("sqlite", lambda _: SQLiteStore(path), f"sqlite:///{path}", None, None,
+                  SQLiteTamperer(path))
+
+
+def postgres_target(url: str, schema: str) -> Target:
+    """``url``: the database (``postgresql://user@host:port/db``); the store's tables live in
+    ``schema``, which the caller provisions and drops."""
+    from fastcheckpoint.stores.postgres import PostgresStore
+
+    parts = urlsplit(url)
+
+    def build(endpoint: str | None) -> CheckpointStore:
+        netloc = parts.netloc
+        if endpoint is not None:
+            user = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+            netloc = user + urlsplit(endpoint).netloc
+        return PostgresStore.from_url(f"postgresql://{netloc}{parts.path}?schema={schema}",
+                                      retry=FAST_RETRY)
+
+    return Target("postgres", build, f"{url}?schema={schema}", address(url), POSTGRES,
+                  PostgresTamperer(url, schema))
 
 
 def redis_target(url: str, prefix: str) -> Target:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import secrets
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -17,17 +20,25 @@ from tests.reliability._stores import (
     Target,
     dynamodb_target,
     file_target,
+    postgres_target,
     redis_target,
     s3_target,
+    sqlite_target,
 )
 from tests.stores._moto import moto_endpoint, unique_name
+from tests.stores._postgres_server import (
+    PostgresTarget,
+    drop_schema,
+    session_target,
+    unique_schema,
+)
 from tests.stores.conftest import RedisTarget
 from tests.stores.conftest import redis_target as shared_redis
 
 __all__ = ["moto_endpoint", "shared_redis"]
 
-DURABLE = ("file", "redis", "s3", "dynamodb")
-NETWORK = ("redis", "s3", "dynamodb")
+DURABLE = ("file", "sqlite", "redis", "postgres", "s3", "dynamodb")
+NETWORK = ("redis", "postgres", "s3", "dynamodb")
 
 _figures = Figures(int(os.environ.get(SEED_VARIABLE) or secrets.randbits(32)))
 
@@ -86,6 +97,46 @@ def file_store_target(tmp_path: Path) -> Iterator[Target]:
     target = file_target(tmp_path / "store")
     yield target
     target.tamperer.close()
+
+
+@pytest.fixture
+def sqlite_store_target(tmp_path: Path) -> Iterator[Target]:
+    target = sqlite_target(tmp_path / "checkpoints.db")
+    yield target
+    target.tamperer.close()
+
+
+def _on_own_loop(work: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run ``work()`` on an event loop of its own, in a thread of its own: fixtures run while
+    the test's loop may exist, and asyncpg ties connections to the loop that opened them."""
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, work()).result(120)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(pytestconfig: pytest.Config) -> PostgresTarget:
+    """The session's PostgreSQL database (dropped at the end), or a skip saying why there is
+    none, which the summary repeats."""
+    return session_target(pytestconfig)
+
+
+@pytest.fixture
+def postgres_store_target(postgres_server: PostgresTarget) -> Iterator[Target]:
+    """The store's tables in a schema of this test's own, dropped afterwards."""
+    schema = unique_schema()
+    target = postgres_target(postgres_server.url(), schema)
+
+    async def provision() -> None:
+        store = target.store()
+        try:
+            await store.provision()  # type: ignore[attr-defined]
+        finally:
+            await store.aclose()
+
+    _on_own_loop(provision)
+    yield target
+    target.tamperer.close()
+    _on_own_loop(lambda: drop_schema(postgres_server, schema))
 
 
 @pytest.fixture

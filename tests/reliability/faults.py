@@ -2,13 +2,16 @@
 
 A :class:`FaultProxy` listens on 127.0.0.1 and forwards every connection to one upstream
 server. It recognises requests in the client's byte stream with a :class:`Wire` (Redis
-script calls, HTTP requests) and gives each one a fate drawn from a :class:`FaultPlan`:
+script calls, HTTP requests, PostgreSQL queries) and gives each one a fate drawn from a
+:class:`FaultPlan`:
 
 ``pass``
     forwarded untouched.
 ``cut``
-    half of the request's first chunk is forwarded, then both connections are closed: the
-    connection dies mid-request and the server never runs it.
+    part of the request's first chunk is forwarded, then both connections are closed: the
+    connection dies mid-request and the server never applies it. Half the chunk on most
+    wires; on PostgreSQL every message but the closing ``Sync``, so the server runs the
+    statement inside its implicit transaction and the connection dies before the commit.
 ``lose-reply``
     the request is forwarded; when the server's reply starts to arrive (so the server has
     applied the request) both connections are closed and the reply is dropped: the client
@@ -26,6 +29,7 @@ import contextlib
 import enum
 import random
 import socket
+import struct
 import threading
 import time
 from collections import Counter, deque
@@ -33,7 +37,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 
-__all__ = ["HTTP", "INJECTED", "REDIS", "Fault", "FaultPlan", "FaultProxy", "Wire"]
+__all__ = [
+    "HTTP", "INJECTED", "POSTGRES", "POSTGRES_EXECUTIONS", "REDIS", "Fault", "FaultPlan",
+    "FaultProxy", "Wire", "postgres_running",
+]
 
 _CHUNK = 65536
 _ACCEPT_POLL = 0.05
@@ -60,6 +67,12 @@ class Wire:
     is_interim: Callable[[bytes], bool] = lambda chunk: False
     """Whether a chunk from the server is an interim answer (HTTP ``100 Continue``), which
     comes before the server applies the request and so is never the reply to drop."""
+    cut_at: Callable[[bytes], int] = lambda chunk: len(chunk) // 2
+    """How many bytes of a request's first chunk a cut forwards (fewer than the chunk)."""
+    framing: Callable[[], Callable[[bytes], bool]] | None = None
+    """For a protocol whose requests can only be told apart by following the stream: a
+    factory of a per-connection reader that takes each client chunk in order and says whether
+    it begins a request (used instead of ``starts_request``)."""
 
 
 def _redis_operation(chunk: bytes) -> bool:
@@ -76,6 +89,120 @@ HTTP = Wire(
     lambda chunk: chunk.startswith(_HTTP_METHODS),
     lambda chunk: chunk.startswith(b"HTTP/1.1 100 "),
 )
+
+_PG_SYNC = b"S\x00\x00\x00\x04"
+_PG_UNTYPED_REQUESTS = (80877103, 80877104, 80877102)
+"""SSLRequest, GSSENCRequest, CancelRequest: untyped messages before (or instead of) the
+startup message, which is untyped too."""
+_PG_NOT_REQUESTS = b"pX"
+"""Password (and SASL) answers belong to the handshake; Terminate closes the connection."""
+
+
+class _PostgresFrames:
+    """Follows one client connection of the PostgreSQL protocol (version 3) message by message.
+
+    A request is a simple ``Query``, or the extended-protocol messages up to and including
+    the ``Sync`` or ``Flush`` that makes the server answer them (asyncpg prepares with
+    ``Parse``, ``Describe``, ``Flush`` and runs with ``Bind``, ``Execute``, ``Sync``): one
+    round trip, which the server answers after it has run (and, at a ``Sync`` outside a
+    transaction block, committed) what came before. The startup packets and the
+    authentication handshake are no requests, so every fault falls on a statement.
+
+    With ``executions_only``, only requests that run a statement count (``Query``,
+    ``Bind``..``Sync``), not those that only prepare one (``Parse``..``Flush``); with
+    ``statement``, only those that run a statement whose text contains it (a simple
+    ``Query``, or a ``Bind`` of a statement prepared with such a text).
+    """
+
+    def __init__(self, *, executions_only: bool = False, statement: bytes | None = None) -> None:
+        self._first_kinds = b"QB" if executions_only or statement else None
+        self._statement = statement
+        self._marked: set[bytes] = set()  # prepared statements whose text holds ``statement``
+        self._started = False  # the startup message has gone by
+        self._pending = b""  # the start of a message whose length is not known yet
+        self._left = 0  # bytes of the current message still to come
+        self._in_batch = False  # inside an extended-protocol request, before its Sync
+
+    def __call__(self, chunk: bytes) -> bool:
+        begins = False
+        data = self._pending + chunk
+        at = 0
+        if self._left:
+            skipped = min(self._left, len(data))
+            at, self._left = skipped, self._left - skipped
+        while at < len(data):
+            if not self._started:
+                if len(data) - at < 8:
+                    break
+                length, code = struct.unpack("!ii", data[at : at + 8])
+                self._started = code not in _PG_UNTYPED_REQUESTS
+            else:
+                if len(data) - at < 5:
+                    break
+                kind = data[at : at + 1]
+                (length,) = struct.unpack("!i", data[at + 1 : at + 5])
+                length += 1  # the type byte
+                body = data[at + 5 : at + length]  # what of it has arrived
+                if kind == b"P" and self._statement is not None:
+                    name, _, text = body.partition(b"\x00")
+                    if self._statement in text:
+                        self._marked.add(name)
+                if kind not in _PG_NOT_REQUESTS and not self._in_batch:
+                    begins = begins or self._counts(kind, body)
+                    self._in_batch = kind != b"Q"
+                if kind in b"SH":  # Sync, Flush: the server answers what came before
+                    self._in_batch = False
+            if at + length > len(data):
+                self._left = at + length - len(data)
+                at = len(data)
+            else:
+                at += length
+        self._pending = data[at:]
+        return begins
+
+    def _counts(self, kind: bytes, body: bytes) -> bool:
+        """Whether a request that begins with this message meets the plan."""
+        if self._first_kinds is None:
+            return True
+        if kind not in self._first_kinds:
+            return False
+        if self._statement is None:
+            return True
+        if kind == b"Q":
+            return self._statement in body
+        _portal, _, rest = body.partition(b"\x00")
+        return rest.partition(b"\x00")[0] in self._marked
+
+
+def _postgres_cut(chunk: bytes) -> int:
+    # Run the statement, but never reach the Sync that would commit it.
+    if chunk.endswith(_PG_SYNC) and len(chunk) > len(_PG_SYNC):
+        return len(chunk) - len(_PG_SYNC)
+    return len(chunk) // 2
+
+
+POSTGRES = Wire(
+    "postgres",
+    lambda chunk: False,  # never used: the framing reads the stream
+    cut_at=_postgres_cut,
+    framing=_PostgresFrames,
+)
+POSTGRES_EXECUTIONS = Wire(
+    "postgres-executions",
+    lambda chunk: False,
+    cut_at=_postgres_cut,
+    framing=lambda: _PostgresFrames(executions_only=True),
+)
+"""PostgreSQL where only requests that run a statement meet faults: every fault falls on a
+statement the server runs (and, for a store call, commits), none on a prepare."""
+
+
+def postgres_running(statement: bytes) -> Wire:
+    """PostgreSQL where only requests that run a statement whose text contains ``statement``
+    meet faults (e.g. one store function: every fault falls on a call of it)."""
+    return Wire(f"postgres-{statement.decode(errors='replace')}", lambda chunk: False,
+                cut_at=_postgres_cut,
+                framing=lambda: _PostgresFrames(statement=statement))
 
 
 class FaultPlan:
@@ -228,6 +355,9 @@ class _Link:
             sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.dropping_reply = threading.Event()
+        framing = proxy.wire.framing
+        self._begins: Callable[[bytes], bool] = (
+            proxy.wire.starts_request if framing is None else framing())
         self._lock = threading.Lock()
         self._shut = False
         self._pumps_left = 2
@@ -240,7 +370,7 @@ class _Link:
     def client_to_server(self) -> None:
         try:
             while data := self.client.recv(_CHUNK):
-                fault = self.proxy.decide() if self.proxy.wire.starts_request(data) else None
+                fault = self.proxy.decide() if self._begins(data) else None
                 if not self._forward(data, fault):
                     return
         except OSError:
@@ -252,7 +382,7 @@ class _Link:
         """Forward a chunk, applying the fate of the request it begins (``None``: it begins
         none); ``False`` when the connection is to die now."""
         if fault is Fault.CUT:
-            self.upstream.sendall(data[: len(data) // 2])
+            self.upstream.sendall(data[: self.proxy.wire.cut_at(data)])
             return False
         if fault is Fault.DELAY:
             time.sleep(self.proxy.delay_seconds)

@@ -1,4 +1,5 @@
-"""Randomised network faults between a store and its server (Redis, S3 and DynamoDB on moto).
+"""Randomised network faults between a store and its server (Redis, PostgreSQL, S3 and DynamoDB
+on moto).
 
 A fault proxy cuts connections mid-request, drops replies of requests the server applied, and
 delays requests, at random with a fixed rate. Whatever it does:
@@ -14,14 +15,22 @@ delays requests, at random with a fixed rate. Whatever it does:
 from __future__ import annotations
 
 import random
+import time
 
 import anyio
 import pytest
 
-from fastcheckpoint import CheckpointConfig, CheckpointError, CheckpointManager
+from fastcheckpoint import CheckpointConfig, CheckpointError, CheckpointManager, ConflictError, _ids
 from tests.reliability._audit import Ack, Figures, RunAudit, audit_run, scaled, state_for
 from tests.reliability._stores import FAST_RETRY, Target
-from tests.reliability.faults import INJECTED, Fault, FaultPlan, FaultProxy
+from tests.reliability.faults import (
+    INJECTED,
+    Fault,
+    FaultPlan,
+    FaultProxy,
+    Wire,
+    postgres_running,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -137,13 +146,23 @@ async def test_deletes_under_lost_replies_report_what_happened(
 ) -> None:
     """``delete`` of a live checkpoint is True and ``delete_run`` counts what it removed,
     even when the reply to the request that did it was lost and the driver retried."""
+    assert network_target.wire is not None
+    await _deletes_under_lost_replies(network_target, seed, figures, network_target.wire,
+                                      "fault-deletes")
+
+
+async def _deletes_under_lost_replies(
+    network_target: Target, seed: int, figures: Figures, wire: Wire, scenario: str
+) -> None:
     run_id = f"deletes-{seed}"
     count = scaled(DELETES)
     with anyio.fail_after(_deadline(count)):
         ids = await _create_directly(network_target, run_id, count)
     doomed, wrong, raised = ids[: count // 2], [], 0
     confirmed: set[str] = set()
-    with _faulty(network_target, _plan(DELETE_FAULT_RATE, seed, (Fault.LOSE_REPLY,))) as proxy:
+    plan = _plan(DELETE_FAULT_RATE, seed, (Fault.LOSE_REPLY,))
+    assert network_target.upstream is not None
+    with FaultProxy(network_target.upstream, wire, plan) as proxy:
         store = network_target.store(proxy.endpoint)
         manager = CheckpointManager(store, config=CONFIG)
         try:
@@ -164,10 +183,124 @@ async def test_deletes_under_lost_replies_report_what_happened(
     if removed != held:
         wrong.append(f"delete_run removed {held} checkpoints and returned {removed}")
     after, _ = await _gone_and_kept(network_target, run_id, ids)
-    figures.add("fault-deletes", network_target.name, deletes=len(doomed) + 1,
+    figures.add(scenario, network_target.name, deletes=len(doomed) + 1,
                 faults=proxy.injected, wrong_results=len(wrong), raised=raised)
     assert proxy.counts[Fault.LOSE_REPLY] >= 2
     replay = f"{figures.replay}, faults {dict(proxy.counts)}"
     assert confirmed <= gone <= set(doomed), f"{replay}: deletes removed other checkpoints"
     assert after == set(ids), f"{replay}: delete_run left checkpoints behind"
     assert not wrong, f"{replay}: {wrong}"
+
+
+PG_CREATES = 40
+PG_WRITERS = 3
+PG_FAULT_RATE = 0.25
+APPEND_FUNCTION = b'"fc_append"('
+"""How the append function's call reads in the statement the PostgreSQL store prepares."""
+DELETE_FUNCTIONS = b'"fc_delete'
+"""The same for ``delete`` and ``delete_run`` (``fc_delete(`` and ``fc_delete_run(``)."""
+SCENARIOS = {Fault.LOSE_REPLY: "pg-lost-commit", Fault.CUT: "pg-cut-commit"}
+PG_CONFIG = CheckpointConfig(max_checkpoints_per_run=None, retry=FAST_RETRY,
+                             max_sequence_retries=1000)
+
+
+@pytest.mark.parametrize("fault", [Fault.LOSE_REPLY, Fault.CUT],
+                         ids=["lost-commit-reply", "cut-before-commit"])
+async def test_postgres_commits_once_whatever_the_connection_does(
+    postgres_store_target: Target, seed: int, figures: Figures, fault: Fault
+) -> None:
+    """Faults only on the requests that run the store's append function, while several
+    writers race on one run: a lost reply after the server committed the append (the retry
+    must find its write token and report that one checkpoint, although other writers may have
+    appended since), or a connection cut after the append ran and before the ``Sync`` that
+    commits it (the server rolls back; the retry writes it once). No half-written checkpoint,
+    no duplicate, and the run row agrees with the log."""
+    target = postgres_store_target
+    assert target.upstream is not None
+    run_id = f"pg-{fault.value}-{seed}"
+    count = scaled(PG_CREATES)
+    acks: list[Ack] = []
+    unconfirmed: set[str] = set()
+
+    async def writer(name: int, endpoint: str) -> None:
+        store = target.store(endpoint)
+        manager = CheckpointManager(store, config=PG_CONFIG)
+        try:
+            for step in range(name, count, PG_WRITERS):
+                token = f"{seed}/{step}"
+                try:
+                    created = await manager.create(run_id, state_for(token), force=True)
+                except CheckpointError:
+                    unconfirmed.add(token)
+                    continue
+                assert created is not None
+                acks.append(Ack(token, created.metadata.sequence, created.checkpoint_id))
+        finally:
+            await store.aclose()
+
+    plan = _plan(PG_FAULT_RATE, seed, (fault,))
+    with FaultProxy(target.upstream, postgres_running(APPEND_FUNCTION), plan) as proxy:
+        with anyio.fail_after(_deadline(count)):
+            async with anyio.create_task_group() as writers:
+                for name in range(PG_WRITERS):
+                    writers.start_soon(writer, name, proxy.endpoint)
+    audit = await _audit(target, run_id, acks, unconfirmed)
+    store = target.store()
+    try:
+        info = await CheckpointManager(store, config=CONFIG).get_run(run_id)
+    finally:
+        await store.aclose()
+    figures.add(SCENARIOS[fault], target.name, creates=count, faults=proxy.injected,
+                acknowledged=len(acks), raised=len(unconfirmed), lost=len(audit.lost),
+                duplicated=len(audit.duplicated))
+    replay = f"{figures.replay}, faults {dict(proxy.counts)}"
+    assert proxy.counts[fault] >= 2
+    assert not audit.problems(), f"{replay}: {audit.problems()}"
+    assert len(audit.unacknowledged) <= len(unconfirmed)
+    assert info is not None
+    assert (info.checkpoint_count, info.latest_sequence) == (audit.listed, audit.listed - 1), (
+        f"{replay}: the run row says {info.checkpoint_count} checkpoints up to sequence "
+        f"{info.latest_sequence}; the log holds {audit.listed}")
+
+
+async def test_postgres_deletes_report_what_happened_when_their_commit_reply_is_lost(
+    postgres_store_target: Target, seed: int, figures: Figures
+) -> None:
+    """:func:`test_deletes_under_lost_replies_report_what_happened` with every lost reply on a
+    call of the delete functions, after the server committed it."""
+    await _deletes_under_lost_replies(postgres_store_target, seed, figures,
+                                      postgres_running(DELETE_FUNCTIONS), "pg-lost-delete")
+
+
+async def test_postgres_a_create_only_item_write_whose_reply_is_lost_succeeds(
+    postgres_store_target: Target,
+) -> None:
+    """Insert-if-absent of items (``put_items(create_only=True)``): when the server committed
+    the write and its reply was lost, the retry recognises its own write instead of reporting
+    the item as taken by someone else."""
+    from fastcheckpoint.stores._base import Item
+
+    target = postgres_store_target
+    assert target.upstream is not None
+    direct = target.store()
+    manager = CheckpointManager(direct, config=CONFIG)
+    try:
+        await manager.create("items", state_for("items/0"), force=True)
+        key = _ids.key_of("items")
+        plan = FaultPlan(script=[Fault.LOSE_REPLY])
+        with FaultProxy(target.upstream, postgres_running(b'"fc_put_items"('), plan) as proxy:
+            store = target.store(proxy.endpoint)
+            try:
+                with anyio.fail_after(_deadline(1)):
+                    await store.put_items(
+                        key, [Item(key="k", value=b"ours")], create_only=True, now=time.time())
+            finally:
+                await store.aclose()
+        held = await direct.get_items(key, ["k"], now=time.time())
+        with pytest.raises(ConflictError):  # a second writer still finds it taken
+            await direct.put_items(
+                key, [Item(key="k", value=b"theirs")], create_only=True, now=time.time())
+    finally:
+        await direct.aclose()
+    assert proxy.counts == {Fault.LOSE_REPLY: 1, Fault.PASS: 1}
+    assert held == {"k": b"ours"}

@@ -1,4 +1,5 @@
-"""``kill -9`` of writer processes on every durable store (file, Redis, S3 and DynamoDB on moto).
+"""``kill -9`` of writer processes on every durable store (file, SQLite, Redis, PostgreSQL, S3 and
+DynamoDB on moto).
 
 Several processes write one run; each is killed at a random instant while writing, round after
 round. Afterwards every create a process acknowledged (it reports each one before starting the
@@ -34,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
 WRITERS = 3
 ROUNDS = 2
-KILL_WINDOW = {"file": 0.5, "redis": 0.5, "s3": 2.0, "dynamodb": 2.0}
+KILL_WINDOW = {"file": 0.5, "sqlite": 0.5, "redis": 0.5, "postgres": 0.5, "s3": 2.0,
+               "dynamodb": 2.0}
 """Seconds after the writers of a round start together, within which each is killed at a random
 instant (possibly during the run's very first create): a few creates' worth on each store."""
 STARTUP_SECONDS = 60.0

@@ -1,5 +1,6 @@
-"""The fault proxy does what it says: a cut request never runs, a lost reply's request did run,
-a delay delays, and the plan's rate and seed hold. The other tests rely on each of these."""
+"""The fault proxy does what it says: a cut request never runs (on PostgreSQL: never commits), a
+lost reply's request did run, a delay delays, and the plan's rate and seed hold. The other tests
+rely on each of these."""
 
 from __future__ import annotations
 
@@ -15,7 +16,16 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.reliability._stores import REGION, address
-from tests.reliability.faults import HTTP, REDIS, Fault, FaultPlan, FaultProxy
+from tests.reliability.faults import (
+    HTTP,
+    POSTGRES,
+    POSTGRES_EXECUTIONS,
+    REDIS,
+    Fault,
+    FaultPlan,
+    FaultProxy,
+)
+from tests.stores._postgres_server import PostgresTarget
 from tests.stores.conftest import RedisTarget
 
 _SET = "redis.call('SET', KEYS[1], ARGV[1]) return 1"
@@ -139,3 +149,87 @@ def test_http_requests_meet_their_fate(
     direct.close()
     assert proxy.counts == {fault: 1}
     assert len(listed) == (1 if applied else 0)
+
+
+# -- PostgreSQL --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pg_table(postgres_server: PostgresTarget) -> Iterator[tuple[PostgresTarget, str]]:
+    """A table of this test's own (``n`` from a sequence, ``v`` text), dropped afterwards."""
+    schema = f"proxy_{secrets.token_hex(4)}"
+    _pg(postgres_server.url(), f'CREATE SCHEMA "{schema}"; '
+        f'CREATE SEQUENCE "{schema}".s; CREATE TABLE "{schema}".t (n bigint, v text)')
+    yield postgres_server, f'"{schema}"'
+    _pg(postgres_server.url(), f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def _pg(url: str, statement: str, *args: Any) -> Any:
+    """``statement`` on a connection of its own; the rows it returns."""
+    import asyncio
+
+    import asyncpg
+
+    async def run() -> Any:
+        connection = await asyncpg.connect(url, timeout=10)
+        try:
+            if ";" in statement:  # several statements: the simple protocol, no rows
+                return await connection.execute(statement, *args)
+            return await connection.fetch(statement, *args)
+        finally:
+            await connection.close()
+
+    return asyncio.run(run())
+
+
+def _through(proxy: FaultProxy, target: PostgresTarget) -> str:
+    return f"postgresql://postgres@127.0.0.1:{proxy.port}/{target.database}"
+
+
+def _pg_insert(url: str, schema: str) -> Exception | None:
+    """One INSERT with a parameter (prepared, then run: two requests); what it raised."""
+    try:
+        _pg(url, f"INSERT INTO {schema}.t VALUES (nextval('{schema}.s'), $1)", "x")
+    except Exception as exc:  # asyncpg's or OSError: what a broken connection raises
+        return exc
+    return None
+
+
+def test_postgres_a_cut_statement_runs_and_is_rolled_back(
+    pg_table: tuple[PostgresTarget, str],
+) -> None:
+    """The cut falls after Bind and Execute, before Sync: the server runs the INSERT (the
+    sequence, which no rollback resets, moves on), the connection dies, nothing commits."""
+    target, schema = pg_table
+    with FaultProxy(address(target.url()), POSTGRES_EXECUTIONS,
+                    FaultPlan(script=[Fault.CUT])) as proxy:
+        assert _pg_insert(_through(proxy, target), schema) is not None
+    assert proxy.counts == {Fault.CUT: 1}
+    assert _pg(target.url(), f"SELECT count(*) FROM {schema}.t")[0][0] == 0
+    assert _pg(target.url(), f"SELECT last_value, is_called FROM {schema}.s")[0] == (1, True)
+
+
+def test_postgres_a_lost_reply_was_committed(pg_table: tuple[PostgresTarget, str]) -> None:
+    target, schema = pg_table
+    with FaultProxy(address(target.url()), POSTGRES_EXECUTIONS,
+                    FaultPlan(script=[Fault.LOSE_REPLY])) as proxy:
+        assert _pg_insert(_through(proxy, target), schema) is not None
+    assert proxy.counts == {Fault.LOSE_REPLY: 1}
+    assert _pg(target.url(), f"SELECT n, v FROM {schema}.t") == [(1, "x")]
+
+
+def test_postgres_handshakes_pass_and_prepares_and_runs_are_requests(
+    pg_table: tuple[PostgresTarget, str],
+) -> None:
+    """Every request is cut: the startup and authentication pass, the prepare (Parse..Sync)
+    is the first request and dies; with only executions counted the prepare passes and the
+    run dies."""
+    target, schema = pg_table
+    for wire, fates in ((POSTGRES, 1), (POSTGRES_EXECUTIONS, 1)):
+        with FaultProxy(address(target.url()), wire,
+                        FaultPlan(rate=1.0, kinds=[Fault.CUT])) as proxy:
+            assert _pg_insert(_through(proxy, target), schema) is not None
+        assert proxy.counts == {Fault.CUT: fates}
+    assert _pg(target.url(), f"SELECT count(*) FROM {schema}.t")[0][0] == 0
+    # The prepare was cut on the first wire; on the second the INSERT itself ran, once.
+    assert _pg(target.url(), f"SELECT last_value FROM {schema}.s")[0][0] == 1

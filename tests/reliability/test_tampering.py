@@ -5,6 +5,11 @@ record and a damaged run record. Reads of a damaged record raise ``CorruptCheckp
 naming its key, listings skip it, nothing returns another run's data, other records stay
 readable and listing, counting and cleanup keep working; after ``manager.repair(run_id)`` the
 intact checkpoints are readable and creates continue where the log ends.
+
+The SQL stores keep a run row of typed columns, not one record of bytes: their run record is
+damaged by losing the row (SQLite; PostgreSQL's foreign key takes the checkpoints with it), and
+by random bytes in the columns that hold bytes or free text (the last test of this file).
+Guarantees a store does not give yet are listed in :data:`KNOWN_GAPS`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from fastcheckpoint import (
     CorruptCheckpointError,
     _ids,
 )
+from fastcheckpoint.errors import ConfigurationError
 from tests.reliability._audit import Ack, Figures, audit_run, state_for
 from tests.reliability._stores import Target
 
@@ -33,6 +39,33 @@ pytestmark = pytest.mark.anyio
 CHECKPOINTS = 5
 DEADLINE = 60.0
 CONFIG = CheckpointConfig(max_checkpoints_per_run=None, max_sequence_retries=8)
+
+KNOWN_GAPS: dict[tuple[str, str], tuple[type[Exception], str]] = {
+    ("replayed-run", "postgres"): (
+        ConfigurationError,
+        "PostgreSQL: after an older run row is put back, every create raises "
+        "CorruptCheckpointError, and the store has no repair (no SupportsRepair), so the run "
+        "takes no create again until delete_run"),
+    ("scrambled-details", "postgres"): (
+        ConfigurationError,
+        "PostgreSQL: the store has no repair (no SupportsRepair), so repair() cannot reset "
+        "damaged run details"),
+    ("scrambled-run-id", "postgres"): (
+        ConfigurationError,
+        "PostgreSQL: the store has no repair (no SupportsRepair), so repair() cannot reset a "
+        "run row whose run_id is not UTF-8"),
+}
+"""Guarantees a store does not give yet: ``(case, store) -> (the error it raises, why)``.
+The case reaches them after checking everything else, and reports them as expected failures
+(``-ra`` lists the reason), so the rest of the case still holds every store to it; a store
+that gains the guarantee passes the whole case."""
+
+
+def _known_gap(case: str, target: Target, exc: Exception) -> None:
+    """Report ``exc`` as the known gap of ``case`` on this store, if it is that gap."""
+    gap = KNOWN_GAPS.get((case, target.name))
+    if gap is not None and isinstance(exc, gap[0]):
+        pytest.xfail(f"{gap[1]} ({type(exc).__name__}: {str(exc)[:200]})")
 
 
 @asynccontextmanager
@@ -175,19 +208,31 @@ async def test_a_replayed_run_record_never_lets_a_create_overwrite(
         acks += await _create(manager, run_a, [f"a/{n}" for n in range(3, 6)])
     tamperer.replay_run(key_a, saved)
     raised: set[str] = set()
+    unnamed: list[str] = []
     async with _manager(durable_target) as manager:
         for token in ("a/replayed-1", "a/replayed-2"):
             try:
                 acks += await _create(manager, run_a, [token])
-            except CheckpointError:
+            except CorruptCheckpointError as exc:  # a refusal names the run's record
                 raised.add(token)
+                if key_a not in exc.key:
+                    unnamed.append(f"{exc.key!r}: {exc}"[:300])
         audit = await audit_run(manager, run_a, acks, raised)
-        reports = await manager.repair(run_a)
-        after = await _create(manager, run_a, ["a/repaired"])
+        figures.add("replayed-run", durable_target.name, creates_after_replay=2,
+                    refused=len(raised), lost=len(audit.lost))
+        assert not audit.problems(), f"after the replay: {audit.problems()}"
+        if unnamed:
+            failure = AssertionError(f"refusals that do not name run key {key_a}: {unnamed}")
+            _known_gap("unnamed-refusal", durable_target, failure)
+            raise failure
+        try:
+            reports = await manager.repair(run_a)
+            after = await _create(manager, run_a, ["a/repaired"])
+        except CheckpointError as exc:
+            _known_gap("replayed-run", durable_target, exc)
+            raise
         healed = await audit_run(manager, run_a, acks + after, raised)
-    figures.add("replayed-run", durable_target.name, creates_after_replay=2,
-                refused=len(raised), lost=len(audit.lost), repaired=len(reports))
-    assert not audit.problems(), f"after the replay: {audit.problems()}"
+    figures.add("replayed-run", durable_target.name, repaired=len(reports))
     assert not healed.problems(), f"after repair: {healed.problems()}"
     assert after[0].sequence == healed.listed - 1
 
@@ -195,10 +240,15 @@ async def test_a_replayed_run_record_never_lets_a_create_overwrite(
 async def test_a_damaged_run_record_hides_no_checkpoint_and_repair_restores_creates(
     durable_target: Target, seed: int
 ) -> None:
+    """The run record made unreadable: random bytes over it, or (SQLite) its row deleted."""
+    if durable_target.name == "postgres":
+        pytest.skip("does not apply: PostgreSQL's run row cannot go missing while its "
+                    "checkpoints stay (a foreign key), and its columns are typed (random bytes "
+                    "in the byte columns: test_scrambled_run_details_...)")
     a, b = await _two_runs(durable_target, seed)
     run_a, run_b = _run_ids(seed)
     key_a = _ids.run_key(run_a)
-    durable_target.tamperer.scramble_run(key_a, random.Random(seed))
+    durable_target.tamperer.damage_run(key_a, random.Random(seed))
     locator = durable_target.tamperer.run_locator(key_a)
     async with _manager(durable_target) as manager:
         hidden = await _intact(manager, a + b)
@@ -229,3 +279,70 @@ async def test_a_damaged_run_record_hides_no_checkpoint_and_repair_restores_crea
     assert info is not None
     assert info.status.value == "active"
     assert again == []
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def sql_target(request: pytest.FixtureRequest) -> Target:
+    target: Target = request.getfixturevalue(f"{request.param}_store_target")
+    return target
+
+
+@pytest.mark.parametrize("damage", ["details", "run-id"])
+async def test_scrambled_run_details_hide_no_checkpoint_and_repair_resets_them(
+    sql_target: Target, seed: int, damage: str
+) -> None:
+    """Random bytes in a SQL run row's byte and text columns: its details and status, or its
+    run id. The checkpoints stay readable, the run's status cannot change, listings of runs
+    skip it, no create overwrites, and ``repair`` resets the record: the run is ACTIVE again
+    and takes creates and status changes."""
+    a, b = await _two_runs(sql_target, seed)
+    run_a, run_b = _run_ids(seed)
+    tamperer = sql_target.tamperer
+    if damage == "details":
+        tamperer.scramble_run(_ids.run_key(run_a), random.Random(seed))
+    else:
+        tamperer.scramble_run_id(_ids.run_key(run_a), random.Random(seed))  # type: ignore[attr-defined]
+    raised: set[str] = set()
+    async with _manager(sql_target) as manager:
+        hidden = await _intact(manager, a + b)
+        latest = await manager.restore(run_a)
+        listed = await manager.list_checkpoints(run_a)
+        try:
+            await _listing_and_cleanup_work(manager, [run_b])
+        except CheckpointError as exc:
+            _known_gap(f"scrambled-{damage}", sql_target, exc)
+            raise
+        with pytest.raises(CorruptCheckpointError):
+            await manager.mark_completed(run_a)
+        try:
+            a += await _create(manager, run_a, ["a/while-damaged"])
+        except CorruptCheckpointError:
+            raised.add("a/while-damaged")
+        audit = await audit_run(manager, run_a, a, raised)
+    assert not hidden, f"with run {run_a!r}'s details damaged: {hidden}"
+    assert latest is not None
+    assert latest.state == state_for(a[CHECKPOINTS - 1].token)
+    assert [m.checkpoint_id for m in listed] == [
+        ack.checkpoint_id for ack in reversed(a[:CHECKPOINTS])]
+    assert not audit.problems(), f"with the details damaged: {audit.problems()}"
+
+    async with _manager(sql_target) as manager:
+        try:
+            reports = await manager.repair(run_a)
+        except CheckpointError as exc:
+            _known_gap(f"scrambled-{damage}", sql_target, exc)
+            raise
+        after = await _create(manager, run_a, ["a/after-repair"])
+        info = await manager.get_run(run_a)
+        completed = await manager.mark_completed(run_a)
+        again = await manager.repair(run_a)
+        healed = await audit_run(manager, run_a, a + after, raised)
+        await _listing_and_cleanup_work(manager, [run_a, run_b])
+    assert [(r.run_id, r.repaired) for r in reports] == [(run_a, True)]
+    assert after[0].sequence == len(a)
+    assert info is not None
+    assert info.status.value == "active"
+    assert completed is not None
+    assert completed.status.value == "completed"
+    assert again == []
+    assert not healed.problems(), f"after repair: {healed.problems()}"
