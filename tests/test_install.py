@@ -28,13 +28,14 @@ import pytest
 
 from fastcheckpoint import CheckpointManager, CheckpointStatus, FileStore
 from tests.stores._moto import REGION, moto_endpoint, unique_name  # noqa: F401
+from tests.stores._postgres_server import PostgresTarget, drop_schema, session_target, unique_schema
 from tests.stores._redis_support import delete_prefix, unique_prefix
 from tests.stores.conftest import RedisTarget, redis_target  # noqa: F401
 
 pytestmark = pytest.mark.slow  # about 10 s on an idle machine: pip builds and installs
 
 ROOT = Path(__file__).resolve().parent.parent
-EXTRAS = ("none", "redis", "s3", "dynamodb")
+EXTRAS = ("none", "redis", "s3", "dynamodb", "postgres", "langgraph")
 INSTALL_TIMEOUT = 600  # seconds; a cold pip cache downloads every dependency once
 RUN_TIMEOUT = 120
 
@@ -143,7 +144,8 @@ WRONG_EXTRA = """
 
 def test_no_extras_imports_only_its_declared_dependencies(venvs: dict[str, Venv]) -> None:
     venv = venvs["none"]
-    result = venv.script(IMPORTABLE, "redis", "aiobotocore", "botocore", "trio", "pytest")
+    result = venv.script(IMPORTABLE, "redis", "aiobotocore", "botocore", "asyncpg", "langgraph",
+                         "langchain_core", "trio", "pytest")
 
     assert result.returncode == 0, result.stderr
     location, found = result.stdout.splitlines()
@@ -188,8 +190,9 @@ def test_no_extras_cli_help(venvs: dict[str, Venv]) -> None:
 @pytest.mark.parametrize(
     ("extra", "urls", "needed"),
     [
-        ("none", ["redis://127.0.0.1:1/0", "s3://b", "dynamodb://T?bucket=b"],
-         ["redis", "s3", "dynamodb"]),
+        ("none", ["redis://127.0.0.1:1/0", "s3://b", "dynamodb://T?bucket=b",
+                  "postgresql://127.0.0.1:1/db"],
+         ["redis", "s3", "dynamodb", "postgres"]),
         ("redis", ["s3://b", "dynamodb://T?bucket=b"], ["s3", "dynamodb"]),
         ("s3", ["redis://127.0.0.1:1/0"], ["redis"]),
     ],
@@ -272,3 +275,64 @@ def test_dynamodb_extra_alone_opens_its_store(
     url = f"dynamodb://{unique_name('install')}?{query}"
 
     assert round_trip(venvs["dynamodb"], url).startswith("DynamoDBStore ")
+
+
+def test_no_extras_opens_a_sqlite_store(venvs: dict[str, Venv]) -> None:
+    venv = venvs["none"]
+    url = f"sqlite:///{venv.work / 'checkpoints.db'}"
+
+    assert round_trip(venv, url).startswith("SQLiteStore ")
+
+
+@pytest.fixture
+def postgres_url(pytestconfig: pytest.Config) -> Iterator[str]:
+    target: PostgresTarget = session_target(pytestconfig)
+    schema = unique_schema()
+    yield f"{target.url()}?schema={schema}"
+    anyio.run(drop_schema, target, schema)
+
+
+def test_postgres_extra_alone_opens_its_store(venvs: dict[str, Venv], postgres_url: str) -> None:
+    assert round_trip(venvs["postgres"], postgres_url).startswith("PostgresStore ")
+
+
+SAVER = """
+    import sys
+    import anyio
+    from langgraph.checkpoint.base import empty_checkpoint
+    from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
+
+    async def main(url: str) -> None:
+        async with FastCheckpointSaver(url) as saver:
+            config = {"configurable": {"thread_id": "install", "checkpoint_ns": ""}}
+            checkpoint = empty_checkpoint()
+            saved = await saver.aput(config, checkpoint, {"step": 0}, {})
+            found = await saver.aget_tuple(saved)
+            assert found is not None and found.checkpoint["id"] == checkpoint["id"], found
+            print("saved", found.config["configurable"]["checkpoint_id"])
+
+    anyio.run(main, sys.argv[1])
+"""
+
+NO_LANGGRAPH = """
+    from fastcheckpoint import ConfigurationError
+    try:
+        import fastcheckpoint.integrations.langgraph
+    except ConfigurationError as exc:
+        print(exc)
+"""
+
+
+def test_langgraph_extra_alone_runs_the_saver(venvs: dict[str, Venv]) -> None:
+    venv = venvs["langgraph"]
+    result = venv.script(SAVER, f"sqlite:///{venv.work / 'graph.db'}")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("saved ")
+
+
+def test_the_saver_without_its_extra_names_the_install_command(venvs: dict[str, Venv]) -> None:
+    result = venvs["none"].script(NO_LANGGRAPH)
+
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'fastcheckpoint[langgraph]'" in result.stdout

@@ -1,0 +1,148 @@
+"""The LangGraph saver's blocking methods, run on an event loop as LangGraph's async savers do.
+
+A blocking call (``saver.get_tuple(...)``, what ``graph.invoke`` makes) runs the saver's
+coroutine on the loop the saver is bound to (the asyncio loop running when it was built or
+entered with ``async with``), from the caller's thread, and waits for it. Called on that
+loop's own thread it would wait for itself forever, so it raises instead. With no bound loop
+running (a program without asyncio, or after the bound loop ended) the saver starts a loop
+of its own in a daemon thread on first use; ``aclose()`` stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+from fastcheckpoint.errors import ConfigurationError
+
+_T = TypeVar("_T")
+
+_POLL_SECONDS = 0.25
+"""How often a waiting caller checks that the loop running its call still runs."""
+_STOP_SECONDS = 10.0
+
+
+class LoopBridge:
+    """Runs coroutines for callers outside the event loop; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bound: asyncio.AbstractEventLoop | None = None
+        self._own: asyncio.AbstractEventLoop | None = None
+        self._own_thread: threading.Thread | None = None
+
+    def bind(self) -> None:
+        """Bind to the running asyncio loop, unless bound to one that still runs."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        with self._lock:
+            if self._bound is None or self._bound.is_closed() or not self._bound.is_running():
+                self._bound = loop
+
+    def call(self, make: Callable[[], Coroutine[Any, Any, _T]], name: str) -> _T:
+        """Run ``make()`` on the saver's loop and return its result (or raise its error)."""
+        loop = self._target(name)
+        return self._wait(asyncio.run_coroutine_threadsafe(make(), loop), loop, name)
+
+    def iterate(self, items: AsyncIterator[_T], name: str) -> Iterator[_T]:
+        """Iterate ``items`` on the saver's loop, one item per round trip to it."""
+        loop = self._target(name)
+        try:
+            while True:
+                done, item = self._wait(
+                    asyncio.run_coroutine_threadsafe(_next(items), loop), loop, name)
+                if done:
+                    return
+                yield item  # type: ignore[misc]  # not done: an item
+        finally:
+            close = getattr(items, "aclose", None)
+            if close is not None and not loop.is_closed():
+                self._wait(asyncio.run_coroutine_threadsafe(close(), loop), loop, name)
+
+    def stop(self) -> None:
+        """Stop the saver's own loop thread, if it started one (the bound loop is the
+        caller's: never stopped here)."""
+        with self._lock:
+            loop, thread = self._own, self._own_thread
+            self._own = self._own_thread = None
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        if threading.current_thread() is not thread:
+            thread.join(_STOP_SECONDS)
+
+    def _target(self, name: str) -> asyncio.AbstractEventLoop:
+        try:
+            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        bound = self._bound
+        if bound is not None and bound.is_running():
+            if current is bound:
+                raise ConfigurationError(
+                    f"{name}() blocks until the store answers, and it was called on the event "
+                    f"loop the saver is bound to, which would wait for itself forever: use "
+                    f"a{name}() (graph.ainvoke / astream) there, or call {name}() from "
+                    "another thread (asyncio.to_thread)")
+            return bound
+        own = self._own_loop()
+        if current is own:
+            raise ConfigurationError(
+                f"{name}() was called on the saver's own event loop thread; use a{name}()")
+        return own
+
+    def _own_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._own is not None:
+                return self._own
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+            thread = threading.Thread(
+                target=_run_forever, args=(loop, ready), name="fastcheckpoint-langgraph",
+                daemon=True)
+            thread.start()
+            ready.wait()
+            self._own, self._own_thread = loop, thread
+            return loop
+
+    @staticmethod
+    def _wait(
+        future: concurrent.futures.Future[_T], loop: asyncio.AbstractEventLoop, name: str
+    ) -> _T:
+        while True:
+            try:
+                return future.result(timeout=_POLL_SECONDS)
+            except concurrent.futures.TimeoutError:
+                if loop.is_running():
+                    continue
+                future.cancel()
+                raise ConfigurationError(
+                    f"{name}(): the event loop running it stopped before it finished (the "
+                    "saver's loop ended; build the saver where its loop lives, or close it "
+                    "with aclose() before the loop ends)") from None
+            except concurrent.futures.CancelledError as exc:
+                raise ConfigurationError(
+                    f"{name}() was cancelled: its event loop shut down") from exc
+
+
+async def _next(items: AsyncIterator[_T]) -> tuple[bool, _T | None]:
+    try:
+        return False, await items.__anext__()
+    except StopAsyncIteration:
+        return True, None
+
+
+def _run_forever(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+    asyncio.set_event_loop(loop)
+    loop.call_soon(ready.set)
+    try:
+        loop.run_forever()
+    finally:
+        # Closes what stores opened on this loop (their clients are closed by its shutdown).
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

@@ -1,0 +1,255 @@
+"""How the LangGraph saver lays out LangGraph's checkpoints in a store (no I/O here).
+
+One LangGraph thread namespace ``(thread_id, checkpoint_ns)`` is one fastcheckpoint run: the
+root namespace's run id is the thread id itself (so ``fastcheckpoint show THREAD`` works), a
+child namespace's is ``thread_id + "\\x1f" + checkpoint_ns``. Every run carries the labels
+``langgraph`` and one naming its thread, which find all namespaces of a thread.
+
+A LangGraph checkpoint is one stored checkpoint at the run's next sequence: its header is the
+manager's (run id, step name, parent, TTL) with :class:`LangGraphHeader` as the adapter's
+extra (LangGraph's ids and its metadata, so listings filter without reading payloads); its
+payload holds the checkpoint without channel values, serialized by LangGraph's serde. The
+run's items:
+
+* ``b/<digest of channel and version>``: one channel value, written once per version and
+  shared by every checkpoint whose ``channel_versions`` name it (the checkpoint's ``refs``);
+* ``w/<sequence>/<digest of task id>/<idx>``: a pending write, owned by checkpoint
+  ``sequence`` (the sequence is part of the key: a task id such as LangGraph's NULL task
+  repeats across checkpoints of one run);
+* ``i/<LangGraph checkpoint id>``: where that checkpoint lives (:class:`Located`), owned by it.
+
+Every item value is a framed, checksummed record of the manager's codec. Item keys stay under
+the stores' 128-byte limit whatever the channel names, task ids and versions are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+
+from fastcheckpoint._codec import Codec, json_copy
+from fastcheckpoint.errors import CorruptCheckpointError, SerializationError, ValidationError
+
+SEPARATOR = "\x1f"
+"""Between thread id and namespace in a child namespace's run id; refused in thread ids."""
+LANGGRAPH_LABEL = "langgraph"
+"""Carried by every run the saver creates: ``list(None)`` pages through them."""
+REGISTRY_RUN_ID = SEPARATOR + "langgraph run index"
+"""The run id (never a thread's: it starts with the separator) whose items map LangGraph run
+ids to the fastcheckpoint runs holding their checkpoints, for ``delete_for_runs``."""
+INTERRUPT = "__interrupt__"
+"""LangGraph's channel for interrupt writes (``langgraph.checkpoint.serde.types.INTERRUPT``)."""
+
+_THREAD_LABEL = "langgraph.thread="
+_THREAD_LABEL_HASHED = "langgraph.thread#"
+_LONGEST_PLAIN_LABEL = 200
+_LONGEST_PLAIN_ID = 100
+_DIGEST_BYTES = 15  # 120 bits
+
+Typed = tuple[str, bytes]
+"""A value as LangGraph's serde writes it: ``(type tag, bytes)``."""
+
+
+class LangGraphHeader(msgspec.Struct, array_like=True, frozen=True):
+    """The adapter's part of a checkpoint header (``Header.extra``)."""
+
+    checkpoint_id: str
+    parent_checkpoint_id: str | None
+    thread_id: str
+    checkpoint_ns: str
+    metadata: Typed
+    """The checkpoint metadata as LangGraph's serde wrote it."""
+
+
+class Located(msgspec.Struct, array_like=True, frozen=True):
+    """Where a LangGraph checkpoint lives in its run: the ``i/`` item's value."""
+
+    incarnation: str
+    sequence: int
+    expires_at: float | None
+
+
+class StoredWrite(msgspec.Struct, array_like=True, frozen=True):
+    """One pending write: a ``w/`` item's value."""
+
+    task_id: str
+    task_path: str
+    channel: str
+    idx: int
+    value: Typed
+
+
+def digest(text: str) -> str:
+    """A fixed-length, key-safe name for any string (30 hexadecimal digits)."""
+    raw = text.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(raw, digest_size=_DIGEST_BYTES).hexdigest()
+
+
+def run_id_of(thread_id: str, checkpoint_ns: str) -> str:
+    return thread_id if not checkpoint_ns else f"{thread_id}{SEPARATOR}{checkpoint_ns}"
+
+
+def thread_label(thread_id: str) -> str:
+    """The label every run of the thread carries (hashed when the thread id is long)."""
+    if len(thread_id.encode("utf-8")) <= _LONGEST_PLAIN_LABEL:
+        return _THREAD_LABEL + thread_id
+    return _THREAD_LABEL_HASHED + digest(thread_id)
+
+
+def blob_key(channel: str, version: object) -> str:
+    # The type is part of the name: the int version 1 and the string "1" are different.
+    return "b/" + digest(f"{channel}\x00{type(version).__name__}:{version}")
+
+
+def write_key(sequence: int, task_id: str, idx: int) -> str:
+    return f"{writes_prefix(sequence)}{digest(task_id)}/{idx}"
+
+
+def writes_prefix(sequence: int) -> str:
+    return f"w/{sequence}/"
+
+
+def index_key(checkpoint_id: str) -> str:
+    if len(checkpoint_id.encode("utf-8")) <= _LONGEST_PLAIN_ID:
+        return "i/" + checkpoint_id
+    return "i#" + digest(checkpoint_id)
+
+
+def registry_prefix(langgraph_run_id: str) -> str:
+    return f"r/{digest(langgraph_run_id)}/"
+
+
+def registry_key(langgraph_run_id: str, run_key: str) -> str:
+    return registry_prefix(langgraph_run_id) + run_key
+
+
+def encode_header(header: LangGraphHeader) -> bytes:
+    return _encoder.encode(header)
+
+
+def decode_header(extra: bytes, where: str) -> LangGraphHeader:
+    try:
+        header: LangGraphHeader = _decoders[LangGraphHeader].decode(extra)
+    except msgspec.DecodeError as exc:
+        raise CorruptCheckpointError(
+            f"not a LangGraph checkpoint header: {exc}", key=where) from exc
+    return header
+
+
+class RegistryEntry(msgspec.Struct, array_like=True, frozen=True):
+    """A ``delete_for_runs`` index entry: a run holding checkpoints of a LangGraph run."""
+
+    run_id: str
+
+
+_T = TypeVar("_T")
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {
+    kind: msgspec.msgpack.Decoder(kind)
+    for kind in (LangGraphHeader, Located, StoredWrite, RegistryEntry)
+}
+_decoders[tuple] = msgspec.msgpack.Decoder(Typed)
+
+
+class ItemCodec:
+    """Item values as framed, checksummed records of the manager's codec."""
+
+    def __init__(self, codec: Codec) -> None:
+        self._codec = codec
+
+    def encode(self, value: object) -> bytes:
+        """``value``: one of this module's structs, or a :data:`Typed` value."""
+        return self._codec.encode_payload({"v": _encoder.encode(value)}, [], [], {})
+
+    def decode(self, blob: bytes, kind: type[_T], where: str) -> _T:
+        body = self._codec.decode_payload(blob, where).state.get("v")
+        if not isinstance(body, bytes):
+            raise CorruptCheckpointError("not a LangGraph saver item", key=where)
+        try:
+            value: _T = _decoders[kind].decode(body)
+        except msgspec.DecodeError as exc:
+            raise CorruptCheckpointError(
+                f"undecodable LangGraph saver item: {exc}", key=where) from exc
+        return value
+
+    def typed(self, blob: bytes, where: str) -> Typed:
+        value: Typed = self.decode(blob, tuple, where)
+        return value
+
+
+def approval_request(checkpoint_id: str, writes: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """The approval request recorded when a root-namespace task writes an interrupt:
+    ``{"interrupts": [{"value": ..., "id": ...}], "checkpoint_id": ...}``, JSON values only."""
+    interrupts: list[dict[str, Any]] = []
+    for channel, value in writes:
+        if channel == INTERRUPT:
+            interrupts.extend(_interrupts(value))
+    return {"interrupts": interrupts, "checkpoint_id": checkpoint_id}
+
+
+def merged_request(pending: Mapping[str, Any] | None, asked: dict[str, Any]) -> dict[str, Any]:
+    """The request of a run paused again at the same checkpoint (parallel interrupts): the
+    interrupts already pending and the new ones, once each."""
+    if not pending or pending.get("checkpoint_id") != asked["checkpoint_id"]:
+        return asked
+    known = list(pending.get("interrupts") or [])
+    fresh = [entry for entry in asked["interrupts"] if entry not in known]
+    return {"interrupts": known + fresh, "checkpoint_id": asked["checkpoint_id"]}
+
+
+def _interrupts(value: object) -> list[dict[str, Any]]:
+    entries = value if isinstance(value, (list, tuple)) else [value]
+    found: list[dict[str, Any]] = []
+    for entry in entries:
+        # LangGraph's Interrupt (langgraph.types, a package this module does not need).
+        if type(entry).__name__ == "Interrupt" and hasattr(entry, "value"):
+            found.append({"value": json_value(entry.value), "id": str(getattr(entry, "id", ""))})
+        else:
+            found.append({"value": json_value(entry)})
+    return found
+
+
+def json_value(value: object) -> Any:
+    """``value`` as JSON values for people to read (a request, an export): as it is when it
+    is JSON already, else its plain form (dataclasses, pydantic models, dates as text), else
+    its ``repr``."""
+    try:
+        return json_copy(value, "interrupt")
+    except SerializationError:
+        pass
+    try:
+        plain = msgspec.to_builtins(value, enc_hook=_plain, str_keys=True)
+        return json_copy(plain, "interrupt")
+    except (SerializationError, TypeError, ValueError, OverflowError, RecursionError):
+        return repr(value)[:2000]
+
+
+def _plain(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json")
+    raise TypeError(f"no plain form for {type(value).__name__}")
+
+
+def checked_thread_id(value: object) -> str:
+    """A thread id as the saver keys it: a non-empty ``str`` (an ``int`` or UUID becomes its
+    text) without the namespace separator."""
+    if isinstance(value, bool) or value is None:
+        raise ValidationError(f"thread_id must be a str, got {value!r:.40}")
+    text = value if isinstance(value, str) else _as_text(value)
+    if not text:
+        raise ValidationError("thread_id must not be empty")
+    if SEPARATOR in text:
+        raise ValidationError(
+            "thread_id must not contain the character \\x1f (the saver uses it between a "
+            "thread id and a subgraph namespace)")
+    return text
+
+
+def _as_text(value: object) -> str:
+    if isinstance(value, int) or type(value).__name__ == "UUID":
+        return str(value)
+    raise ValidationError(f"thread_id must be a str, got {type(value).__name__}")

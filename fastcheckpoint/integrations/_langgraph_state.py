@@ -1,0 +1,160 @@
+"""What one LangGraph saver remembers in its process: guesses that save store reads, and the
+hand-over of pending writes that arrive before their checkpoint.
+
+Nothing here is the truth (the store is): a hint that turns out stale costs a retry or a
+read, never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import anyio
+
+from fastcheckpoint.integrations._langgraph_records import Located, StoredWrite
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+_RUNS = 10_000
+_IDS = 50_000
+_SIGNAL_POLL = 0.05
+
+
+class Lru(Generic[_K, _V]):
+    """A bounded mapping that forgets the least recently used entry (thread-safe: blocking
+    calls may run on another loop thread than async ones)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._entries: OrderedDict[_K, _V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: _K) -> _V | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: _K, value: _V) -> None:
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            if len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+
+    def pop(self, key: _K) -> _V | None:
+        with self._lock:
+            return self._entries.pop(key, None)
+
+
+@dataclass
+class RunHint:
+    """What this process last saw of a run (a thread namespace)."""
+
+    latest_sequence: int
+    incarnation: str
+    newest_id: str | None
+    """The newest LangGraph checkpoint id this process wrote or read in the run."""
+    payload_size: int = 0
+    """Bytes written by the last save: large saves encode in a worker thread."""
+
+
+class Signal:
+    """Set once; awaited from any event loop (a waiter on another loop than the setter's
+    polls, so none waits forever). Cheap when nobody waits: the event is made by the first
+    waiter."""
+
+    def __init__(self) -> None:
+        self._event: anyio.Event | None = None
+        self._thread = threading.get_ident()
+        self.is_set = False
+
+    def set(self) -> None:
+        self.is_set = True
+        if self._event is not None and threading.get_ident() == self._thread:
+            self._event.set()
+
+    async def wait(self) -> None:
+        same_thread = threading.get_ident() == self._thread
+        while not self.is_set:
+            if same_thread:
+                if self._event is None:
+                    self._event = anyio.Event()
+                with anyio.move_on_after(_SIGNAL_POLL):
+                    await self._event.wait()
+            else:
+                await anyio.sleep(_SIGNAL_POLL / 10)
+
+
+@dataclass(eq=False)
+class Parked:
+    """Pending writes for a checkpoint this process has not saved yet: its save takes them
+    with it (LangGraph sends a step's writes while the step's checkpoint is still queued
+    behind the previous save)."""
+
+    writes: dict[tuple[str, int], StoredWrite] = field(default_factory=dict)
+    done: Signal = field(default_factory=Signal)
+    stored: bool = False
+
+    def add(self, writes: list[StoredWrite]) -> None:
+        for write in writes:
+            slot = (write.task_id, write.idx)
+            # A regular write is kept as first written, a special one (idx < 0) replaced.
+            if write.idx < 0 or slot not in self.writes:
+                self.writes[slot] = write
+
+
+class SaverState:
+    """The bookkeeping one saver and its copies (``with_allowlist``) share."""
+
+    def __init__(self) -> None:
+        self.runs: Lru[str, RunHint] = Lru(_RUNS)
+        self.located: Lru[tuple[str, str], Located] = Lru(_IDS)
+        self.registered: Lru[tuple[str, str], float] = Lru(_RUNS)
+        """(LangGraph run id, run key) -> until when its registry entry is known to last."""
+        self.deleted: Lru[str, bool] = Lru(_RUNS)
+        """Runs this process deleted: late writes to them are dropped without a read."""
+        self.saving: dict[tuple[str, str], Signal] = {}
+        self.parked: dict[tuple[str, str], Parked] = {}
+        self._last_turn: dict[str, Signal] = {}
+
+    def remember(self, key: str, checkpoint_id: str, where: Located, *, head: bool) -> None:
+        """A checkpoint of run ``key`` seen at ``where``; ``head``: the run's newest (just
+        saved, or read as the latest), so the next save goes after it."""
+        self.located.put((key, checkpoint_id), where)
+        hint = self.runs.get(key)
+        if hint is None and not head:
+            return
+        if hint is None or hint.incarnation != where.incarnation or (
+            hint.latest_sequence < where.sequence
+        ):
+            size = 0 if hint is None else hint.payload_size
+            self.runs.put(key, RunHint(where.sequence, where.incarnation, checkpoint_id, size))
+        elif hint.latest_sequence == where.sequence:
+            hint.newest_id = checkpoint_id
+
+    def forget_run(self, key: str) -> None:
+        self.runs.pop(key)
+        self.deleted.put(key, True)
+
+    @contextlib.asynccontextmanager
+    async def turn(self, key: str) -> AsyncIterator[None]:
+        """Saves of one run in this process take turns, first come first served: racing
+        would only burn retries (so a turn given up by cancellation lets the next one in)."""
+        previous = self._last_turn.get(key)
+        mine = self._last_turn[key] = Signal()
+        try:
+            if previous is not None:
+                await previous.wait()
+            yield
+        finally:
+            mine.set()
+            if self._last_turn.get(key) is mine:
+                del self._last_turn[key]

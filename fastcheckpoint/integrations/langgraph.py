@@ -1,0 +1,1440 @@
+"""A LangGraph checkpoint saver on any fastcheckpoint store.
+
+``FastCheckpointSaver`` is a ``langgraph.checkpoint.base.BaseCheckpointSaver``: pass it as
+``StateGraph.compile(checkpointer=...)``. Each LangGraph thread namespace is one
+fastcheckpoint run (the root namespace's run id is the thread id), so threads appear in
+``fastcheckpoint runs``, ``show``, ``history`` and ``export``, an interrupted thread is
+PAUSED in the approval queue, and TTL, retention and the cleanup loop apply. The layout is
+described in ``fastcheckpoint.integrations._langgraph_records``.
+
+Costs in store calls, in steady state (one process per thread, which it has read or
+written before): ``aput`` 1 (the checkpoint with its changed channel values), ``aput_writes``
+1 (2 when a batch mixes special and regular writes; 0 when the writes arrive before their
+checkpoint's save, which then takes them along), ``aget_tuple`` 1 (latest, or by an id this
+process has seen) else 2. The first save of a LangGraph run (``metadata["run_id"]``) in a
+namespace adds 1 call, to index it for ``delete_for_runs``.
+
+Needs ``pip install 'fastcheckpoint[langgraph]'`` and a store with labels and shared items
+(every bundled store).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, NamedTuple, Protocol, cast
+
+import anyio
+import msgspec
+
+from fastcheckpoint import _ids
+from fastcheckpoint._codec import Codec, Header, RunData
+from fastcheckpoint._config import CheckpointConfig, RetryPolicy
+from fastcheckpoint._manager import CheckpointManager
+from fastcheckpoint._model import CheckpointStatus
+from fastcheckpoint.errors import (
+    CheckpointError,
+    ConfigurationError,
+    ConflictError,
+    CorruptCheckpointError,
+    SequenceConflict,
+    SerializationError,
+    ValidationError,
+)
+from fastcheckpoint.integrations import _langgraph_records as records
+from fastcheckpoint.integrations._langgraph_bridge import LoopBridge
+from fastcheckpoint.integrations._langgraph_records import (
+    LANGGRAPH_LABEL,
+    ItemCodec,
+    LangGraphHeader,
+    Located,
+    RegistryEntry,
+    StoredWrite,
+    Typed,
+)
+from fastcheckpoint.integrations._langgraph_state import Parked, SaverState, Signal
+from fastcheckpoint.stores import (
+    CheckpointHeader,
+    CheckpointStore,
+    Item,
+    RunRecord,
+    StoredCheckpoint,
+    SupportsDefaultTTL,
+    SupportsLabels,
+    SupportsSharedItems,
+    open_store,
+)
+
+try:
+    from langchain_core.runnables import RunnableConfig
+    from langgraph.checkpoint.base import (
+        WRITES_IDX_MAP,
+        BaseCheckpointSaver,
+        ChannelVersions,
+        Checkpoint,
+        CheckpointMetadata,
+        CheckpointTuple,
+        PendingWrite,
+        get_checkpoint_metadata,
+        writes_sort_key,
+    )
+    from langgraph.checkpoint.serde.base import SerializerProtocol
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ConfigurationError(
+        "fastcheckpoint.integrations.langgraph needs LangGraph's checkpoint package: "
+        "pip install 'fastcheckpoint[langgraph]'") from exc
+
+__all__ = ["FastCheckpointSaver"]
+
+logger = logging.getLogger("fastcheckpoint.langgraph")
+
+_PAGE = 100
+"""Checkpoint headers or runs read per store call by listings, deletes and copies."""
+_PARKED_SECONDS = 30.0
+"""How long writes for a checkpoint this process has not saved yet wait for its save (it
+waits behind the previous save); then the store is asked, and writes to a checkpoint that
+never came are dropped."""
+_FREE_RETRIES = 3
+_CONTENTION_BASE = 0.001
+_FIRST_SAVE_SECONDS = 2.0
+"""How long writes to a checkpoint of a run this process has not seen wait for its first
+save (a blocking ``put`` and ``put_writes`` may reach the loop in either order)."""
+_REGISTRY_KEY = _ids.run_key(records.REGISTRY_RUN_ID)
+_NO_RUN = object()
+_REACTIVATED = frozenset({CheckpointStatus.PAUSED.value, CheckpointStatus.FAILED.value,
+                          CheckpointStatus.REJECTED.value})
+"""Statuses a root-namespace save ends: the graph went on after the interrupt or error (a
+rejection answers one request; the thread goes on, and may ask again)."""
+
+
+class _Where(NamedTuple):
+    """One thread namespace and the run that holds it."""
+
+    thread_id: str
+    checkpoint_ns: str
+    run_id: str
+    key: str
+
+
+class _Encoded(NamedTuple):
+    """A checkpoint ready to append, whatever sequence it gets."""
+
+    checkpoint_id: str
+    payload: bytes
+    extra: LangGraphHeader
+    step_name: str
+    blobs: list[Item]
+    refs: tuple[str, ...]
+    size: int
+
+
+@dataclasses.dataclass(eq=False)
+class _Shared:
+    """What the saver and its copies (``copy.copy``, ``with_allowlist``) share."""
+
+    store: CheckpointStore
+    manager: CheckpointManager
+    codec: Codec
+    items: ItemCodec
+    ttl_seconds: float | None
+    keep_latest: int | None
+    bridge: LoopBridge
+    state: SaverState
+
+
+class FastCheckpointSaver(BaseCheckpointSaver[str]):
+    """A LangGraph checkpointer on a fastcheckpoint store (or a store URL).
+
+    ``ttl_seconds``: every checkpoint expires that long after it is saved, together with its
+    pending writes and the channel values no other live checkpoint uses (``None``: the
+    store's default TTL, else never). ``keep_latest``: each thread namespace keeps its newest
+    N checkpoints, pruned by every save (``None`` keeps all). ``config``: the clock, retry
+    policy and cleanup loop settings (its retention fields are not used: the two arguments
+    above are). ``serde``: LangGraph's serializer (default ``JsonPlusSerializer``); values it
+    tags ``"pickle"`` are refused, when saved and when loaded.
+
+    Use ``async with FastCheckpointSaver(...) as saver:`` to run the cleanup loop (removes
+    expired checkpoints) and close the store at the end, or call :meth:`aclose`. The blocking
+    methods (``graph.invoke``) run on the event loop the saver was built or entered on, from
+    another thread; see :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        store: CheckpointStore | str,
+        *,
+        serde: SerializerProtocol | None = None,
+        ttl_seconds: float | None = None,
+        keep_latest: int | None = None,
+        config: CheckpointConfig | None = None,
+    ) -> None:
+        super().__init__(serde=serde)
+        settings = _settings(config)
+        capable = _capable_store(store, settings.retry)
+        ttl = _saver_ttl(ttl_seconds, capable)
+        _check_keep_latest(keep_latest)
+        manager = CheckpointManager(capable, config=dataclasses.replace(
+            settings, default_ttl_seconds=ttl, max_checkpoints_per_run=keep_latest))
+        codec = Codec(compress_min_bytes=settings.compress_min_bytes)
+        self._shared = _Shared(
+            store=capable, manager=manager, codec=codec, items=ItemCodec(codec),
+            ttl_seconds=ttl, keep_latest=keep_latest, bridge=LoopBridge(), state=SaverState())
+        self._shared.bridge.bind()
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        serde: SerializerProtocol | None = None,
+    ) -> FastCheckpointSaver:
+        """The store and settings ``CheckpointManager.from_env`` reads.
+
+        ``FASTCHECKPOINT_URL`` (or ``CHECKPOINT_MODE=development`` for memory,
+        ``CHECKPOINT_MODE=production`` with ``CHECKPOINT_TABLE_NAME`` and
+        ``CHECKPOINT_S3_BUCKET`` for DynamoDB+S3), ``CHECKPOINT_TTL_DAYS`` or
+        ``FASTCHECKPOINT_DEFAULT_TTL_SECONDS`` for ``ttl_seconds``, and
+        ``FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN`` for ``keep_latest`` (only when set: a
+        LangGraph thread keeps its whole history by default).
+        """
+        manager = CheckpointManager.from_env(environ)
+        env = os.environ if environ is None else environ
+        keep = (manager.config.keep_latest
+                if "FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN" in env else None)
+        return cls(manager.store, serde=serde, ttl_seconds=manager.config.default_ttl_seconds,
+                   keep_latest=keep, config=manager.config)
+
+    # -- what the saver is built on -------------------------------------------------------
+
+    @property
+    def store(self) -> CheckpointStore:
+        return self._shared.store
+
+    @property
+    def manager(self) -> CheckpointManager:
+        """A manager over the same store: runs, approvals (``approve``/``reject``), exports."""
+        return self._shared.manager
+
+    @property
+    def ttl_seconds(self) -> float | None:
+        return self._shared.ttl_seconds
+
+    @property
+    def keep_latest(self) -> int | None:
+        return self._shared.keep_latest
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> FastCheckpointSaver:
+        self._shared.bridge.bind()
+        await self._shared.manager.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the cleanup loop, close the store and the saver's own loop thread (if the
+        blocking methods started one). Copies share all three."""
+        try:
+            await self._shared.manager.aclose()
+        finally:
+            await anyio.to_thread.run_sync(self._shared.bridge.stop)
+
+    def close(self) -> None:
+        """:meth:`aclose` for programs without an event loop (blocking)."""
+        try:
+            self._shared.bridge.call(self._shared.manager.aclose, "close")
+        finally:
+            self._shared.bridge.stop()
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        """The checkpoint ``config`` names (its ``checkpoint_id``, else the namespace's
+        latest), with its channel values and pending writes; ``None`` if there is none."""
+        where = _where(config)
+        checkpoint_id = _checkpoint_id(config)
+        now = self._now()
+        if checkpoint_id is None:
+            latest = await self._store.read_with_items(where.key, sequence=None, now=now)
+            return None if latest is None else await self._tuple(where, *latest, head=True)
+        found = await self._read_by_id(where, checkpoint_id, now)
+        return None if found is None else await self._tuple(where, *found)
+
+    async def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        """Checkpoints newest first (in save order) of one namespace, of every namespace of a
+        thread (a config without ``checkpoint_ns``), or of every thread (``None``).
+
+        ``filter`` keeps checkpoints whose metadata has all those values (a missing key
+        matches ``None``), ``before`` those whose id sorts before its ``checkpoint_id``
+        (LangGraph's ids sort by time), ``limit`` counts what is returned. Metadata is read
+        from the headers: only matching checkpoints are read whole, one store call each.
+        """
+        wanted = _filter(filter)
+        before_id = None if before is None else _checkpoint_id(before)
+        remaining = _limit(limit)
+        only_id = None if config is None else _checkpoint_id(config)
+        if remaining == 0:
+            return
+        async for where in self._listed_runs(config):
+            async for found in self._listed(where, wanted, before_id, only_id):
+                yield found
+                remaining = None if remaining is None else remaining - 1
+                if remaining == 0:
+                    return
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """Save ``checkpoint`` with the channel values that changed (``new_versions``) in one
+        store call; unchanged values are shared with earlier checkpoints, never rewritten.
+
+        A save that names a parent (``config``'s ``checkpoint_id``) in a thread namespace
+        that no longer exists is dropped: a deleted thread is never brought back by a save
+        still in flight. Saving an id this process saved already changes nothing.
+        """
+        where = _where(config)
+        checkpoint_id = _new_checkpoint_id(checkpoint)
+        saved = _config_of(where, checkpoint_id)
+        slot = (where.key, checkpoint_id)
+        state = self._state
+        if self._saved_here(slot):
+            return saved
+        running = state.saving.get(slot)
+        if running is not None:
+            await running.wait()
+            return saved
+        signal = state.saving[slot] = Signal()
+        try:
+            await self._save(where, config, checkpoint, metadata, new_versions)
+        finally:
+            del state.saving[slot]
+            signal.set()
+        return saved
+
+    async def aput_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        """Store a task's writes on the checkpoint ``config`` names, owned by it (they go
+        when it goes). A write already stored for the same task and index is kept, except
+        special writes (errors, interrupts, resumes), which replace it. Writes to a
+        checkpoint that is gone are dropped. An interrupt written in the root namespace
+        pauses the thread's run with the interrupts as its approval request.
+        """
+        where = _where(config)
+        checkpoint_id = _required_checkpoint_id(config)
+        pending = self._pending_writes(writes, task_id, task_path)
+        if not pending:
+            return
+        stored = await self._store_writes(where, checkpoint_id, pending)
+        if stored and not where.checkpoint_ns and any(
+            write.channel == records.INTERRUPT for write in pending
+        ):
+            await self._pause(where, checkpoint_id, writes)
+
+    # -- thread operations ----------------------------------------------------------------
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        """Delete every namespace of the thread, with all checkpoints, writes and values."""
+        thread = records.checked_thread_id(thread_id)
+        keys = {_ids.run_key(thread)}
+        async for record in self._thread_runs(thread):
+            keys.add(_ids.run_key(record.run_id))
+        for key in keys:
+            self._state.forget_run(key)
+            await self._store.delete_run(key)
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        """Delete the checkpoints (with their writes) whose metadata ``run_id`` is one of
+        ``run_ids``, in every thread and namespace; values other checkpoints use stay."""
+        for run_id in _texts("run_ids", run_ids):
+            await self._delete_langgraph_run(run_id)
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        """Copy every namespace of a thread, oldest checkpoint first, with the same
+        checkpoint ids, metadata, pending writes and values, into a thread that has none
+        (else :class:`ConflictError`). A paused source leaves the copy paused too."""
+        source = records.checked_thread_id(source_thread_id)
+        target = records.checked_thread_id(target_thread_id)
+        async for _ in self._thread_runs(target):
+            raise ConflictError(
+                f"cannot copy into thread {target[:80]!r}: it has checkpoints already")
+        async for record in self._thread_runs(source):
+            await self._copy_run(record, target)
+
+    async def aprune(
+        self, thread_ids: Sequence[str], *, strategy: str = "keep_latest"
+    ) -> None:
+        """``"keep_latest"``: keep each namespace's newest checkpoint (and the ancestors a
+        delta channel rebuilds from); ``"delete"``: delete the threads."""
+        if strategy not in ("keep_latest", "delete"):
+            raise ValidationError(
+                f"strategy must be 'keep_latest' or 'delete', got {strategy!r:.40}")
+        for thread_id in _texts("thread_ids", thread_ids):
+            if strategy == "delete":
+                await self.adelete_thread(thread_id)
+                continue
+            async for record in self._thread_runs(records.checked_thread_id(thread_id)):
+                await self._keep_latest(record)
+
+    def get_next_version(self, current: str | None, channel: None) -> str:
+        """``"<counter, 32 digits>.<random>"``: increasing, and different on every branch of
+        a forked thread (so their channel values never share a stored version)."""
+        value = cast(object, current)  # LangGraph's own int versions come here too
+        if value is None:
+            counter = 0
+        elif isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValidationError(f"a channel version must be a str or int, got {value!r:.40}")
+        elif isinstance(value, str):
+            counter = _version_counter(value)
+        else:
+            counter = int(value)
+        return f"{counter + 1:032}.{random.random():016}"
+
+    # -- blocking methods -------------------------------------------------------------------
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return self._shared.bridge.call(lambda: self.aget_tuple(config), "get_tuple")
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        return self._shared.bridge.call(
+            lambda: self.aput(config, checkpoint, metadata, new_versions), "put")
+
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        self._shared.bridge.call(
+            lambda: self.aput_writes(config, writes, task_id, task_path), "put_writes")
+
+    def delete_thread(self, thread_id: str) -> None:
+        self._shared.bridge.call(lambda: self.adelete_thread(thread_id), "delete_thread")
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        self._shared.bridge.call(lambda: self.adelete_for_runs(run_ids), "delete_for_runs")
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        self._shared.bridge.call(
+            lambda: self.acopy_thread(source_thread_id, target_thread_id), "copy_thread")
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        self._shared.bridge.call(lambda: self.aprune(thread_ids, strategy=strategy), "prune")
+
+    def get_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, Any]:
+        return self._shared.bridge.call(
+            lambda: self.aget_delta_channel_history(config=config, channels=channels),
+            "get_delta_channel_history")
+
+    # -- internals: shared state ----------------------------------------------------------------
+
+    @property
+    def _store(self) -> _Capable:
+        return cast(_Capable, self._shared.store)
+
+    @property
+    def _state(self) -> SaverState:
+        return self._shared.state
+
+    def _now(self) -> float:
+        return self._shared.manager.config.clock()
+
+    # -- internals: serialization -----------------------------------------------------------
+
+    def _dumps(self, value: object, what: str) -> Typed:
+        try:
+            kind, data = self.serde.dumps_typed(value)
+        except Exception as exc:
+            raise SerializationError(
+                f"LangGraph's serializer cannot serialize {what}: {exc}", path=what) from exc
+        if not isinstance(kind, str) or not isinstance(data, (bytes, bytearray, memoryview)):
+            raise SerializationError(
+                f"the serializer returned {type(kind).__name__}/{type(data).__name__} for "
+                f"{what}; expected (str, bytes)", path=what)
+        if _is_pickle(kind):
+            raise SerializationError(
+                f"the serializer pickled {what}; the saver stores no pickles (a store that "
+                "someone can write to must not be able to run code on load): register the "
+                "type with the serializer instead", path=what)
+        return kind, bytes(data)
+
+    def _loads(self, typed: Typed, where: str) -> Any:
+        if _is_pickle(typed[0]):
+            raise SerializationError(
+                f"refusing to load a pickled value from {where}: pickle can run code")
+        try:
+            return self.serde.loads_typed(typed)
+        except Exception as exc:
+            raise SerializationError(
+                f"LangGraph's serializer cannot load the {typed[0]!r} value at {where}: "
+                f"{exc}") from exc
+
+    def _pending_writes(
+        self, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str
+    ) -> list[StoredWrite]:
+        task = _text("task_id", task_id)
+        path = _text("task_path", task_path)
+        pending: list[StoredWrite] = []
+        for position, write in enumerate(writes):
+            channel, value = _write_pair(write)
+            idx = WRITES_IDX_MAP.get(channel, position)
+            pending.append(StoredWrite(task, path, channel, idx,
+                                       self._dumps(value, f"writes[{position}]")))
+        return pending
+
+    # -- internals: reading -------------------------------------------------------------------
+
+    async def _read_by_id(
+        self, where: _Where, checkpoint_id: str, now: float
+    ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        slot = (where.key, checkpoint_id)
+        located = self._state.located.get(slot)
+        if located is not None:
+            found = await self._read_at(where, located, now)
+            if found is not None:
+                return found
+            self._state.located.pop(slot)  # gone, or another life of the run: ask the store
+        located = await self._lookup(where, checkpoint_id, now)
+        return None if located is None else await self._read_at(where, located, now)
+
+    async def _read_at(
+        self, where: _Where, located: Located, now: float
+    ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        found = await self._store.read_with_items(where.key, sequence=located.sequence, now=now)
+        expected = _ids.checkpoint_id(where.key, located.incarnation, located.sequence)
+        if found is None or found[0].checkpoint_id != expected:
+            return None
+        return found
+
+    async def _lookup(self, where: _Where, checkpoint_id: str, now: float) -> Located | None:
+        """Where a LangGraph checkpoint lives, from the run's index item (one store call)."""
+        key = records.index_key(checkpoint_id)
+        found = (await self._store.get_items(where.key, [key], now=now)).get(key)
+        if found is None:
+            return None
+        located = self._shared.items.decode(found, Located, f"run {where.run_id[:80]!r} item {key}")
+        self._state.located.put((where.key, checkpoint_id), located)
+        return located
+
+    async def _tuple(
+        self,
+        where: _Where,
+        stored: StoredCheckpoint,
+        status: str,
+        items: dict[str, bytes],
+        *,
+        head: bool = False,
+    ) -> CheckpointTuple:
+        """Decode a checkpoint read; ``head``: it is the run's latest (a hint for saves)."""
+        size = len(stored.payload) + sum(map(len, items.values()))
+        if size >= self._shared.manager.config.offload_min_bytes:
+            found = await anyio.to_thread.run_sync(self._decoded, where, stored, items)
+        else:
+            found = self._decoded(where, stored, items)
+        self._state.remember(where.key, found.checkpoint["id"], _located_of(where, stored),
+                             head=head)
+        return found
+
+    def _decoded(
+        self, where: _Where, stored: StoredCheckpoint, items: dict[str, bytes]
+    ) -> CheckpointTuple:
+        place = stored.key or f"run {where.run_id[:80]!r} sequence {stored.sequence}"
+        _, extra = self._headers_of(where, stored, place)
+        body = self._shared.codec.decode_payload(stored.payload, place).state.get("checkpoint")
+        if not isinstance(body, list) or len(body) != 2:
+            raise CorruptCheckpointError("not a LangGraph checkpoint payload", key=place)
+        checkpoint = self._loads(_typed(body, place), place)
+        versions = checkpoint.get("channel_versions") if isinstance(checkpoint, dict) else None
+        if not isinstance(versions, dict):
+            raise CorruptCheckpointError("a LangGraph checkpoint without channel_versions",
+                                         key=place)
+        values: dict[str, Any] = {}
+        for channel, version in versions.items():
+            blob = items.get(records.blob_key(channel, version))
+            if blob is not None:
+                values[channel] = self._loads(self._shared.items.typed(blob, place), place)
+        checkpoint["channel_values"] = values
+        return CheckpointTuple(
+            config=_config_of(where, extra.checkpoint_id),
+            checkpoint=cast(Checkpoint, checkpoint),
+            metadata=self._loads(extra.metadata, place),
+            parent_config=(None if extra.parent_checkpoint_id is None
+                           else _config_of(where, extra.parent_checkpoint_id)),
+            pending_writes=self._writes_of(stored.sequence, items, place),
+        )
+
+    def _headers_of(
+        self, where: _Where, stored: CheckpointHeader, place: str
+    ) -> tuple[Header, LangGraphHeader]:
+        header = self._shared.codec.decode_header(stored.header, place)
+        if header.run_id != where.run_id:
+            raise CorruptCheckpointError(
+                f"the record found here belongs to run {header.run_id[:80]!r}", key=place)
+        return header, records.decode_header(header.extra, place)
+
+    def _writes_of(
+        self, sequence: int, items: dict[str, bytes], place: str
+    ) -> list[PendingWrite]:
+        prefix = records.writes_prefix(sequence)
+        writes = [self._shared.items.decode(value, StoredWrite, place)
+                  for key, value in items.items() if key.startswith(prefix)]
+        writes.sort(key=lambda write: writes_sort_key(write.task_path, write.task_id, write.idx))
+        return [(write.task_id, write.channel, self._loads(write.value, place))
+                for write in writes]
+
+    # -- internals: listing --------------------------------------------------------------------
+
+    async def _listed_runs(self, config: RunnableConfig | None) -> AsyncIterator[_Where]:
+        """The namespaces a listing covers, as runs: one, a thread's, or every thread's."""
+        if config is None:
+            async for record in self._labelled(LANGGRAPH_LABEL):
+                where = _where_of_run(record.run_id)
+                if where is not None:
+                    yield where
+            return
+        where = _where(config)
+        if _names_namespace(config):
+            yield where
+            return
+        async for record in self._thread_runs(where.thread_id):
+            found = _where_of_run(record.run_id)
+            if found is not None:
+                yield found
+
+    async def _listed(
+        self,
+        where: _Where,
+        wanted: dict[str, Any],
+        before_id: str | None,
+        only_id: str | None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        start = None
+        if before_id is not None:
+            located = self._state.located.get((where.key, before_id))
+            start = None if located is None else located.sequence
+        async for stored in self._headers(where.key, before=start):
+            place = f"run {where.run_id[:80]!r} sequence {stored.sequence} (header)"
+            try:
+                _, extra = self._headers_of(where, stored, place)
+            except CorruptCheckpointError:
+                logger.warning("skipping an unreadable checkpoint header", exc_info=True)
+                continue
+            if (before_id is not None and extra.checkpoint_id >= before_id) or (
+                only_id is not None and extra.checkpoint_id != only_id
+            ):
+                continue
+            if wanted and not _matches(self._loads(extra.metadata, place), wanted):
+                continue
+            found = await self._store.read_with_items(
+                where.key, sequence=stored.sequence, now=self._now())
+            if found is not None:  # else pruned since the header was read
+                yield await self._tuple(where, *found)
+
+    async def _headers(
+        self, key: str, *, before: int | None = None
+    ) -> AsyncIterator[CheckpointHeader]:
+        """The run's live checkpoint headers, newest first, a page per store call."""
+        cursor = before
+        while True:
+            page, _ = await self._store.headers(key, before=cursor, limit=_PAGE, now=self._now())
+            for header in page:
+                yield header
+            if len(page) < _PAGE:
+                return
+            cursor = page[-1].sequence
+
+    async def _labelled(self, label: str) -> AsyncIterator[RunRecord]:
+        cursor: str | None = None
+        while True:
+            page, cursor = await self._store.runs_with_label(
+                label, limit=_PAGE, cursor=cursor, now=self._now())
+            for record in page:
+                yield record
+            if cursor is None:
+                return
+
+    async def _thread_runs(self, thread_id: str) -> AsyncIterator[RunRecord]:
+        """The runs of every namespace of the thread."""
+        async for record in self._labelled(records.thread_label(thread_id)):
+            where = _where_of_run(record.run_id)
+            if where is not None and where.thread_id == thread_id:
+                yield record
+
+    # -- internals: saving ---------------------------------------------------------------------
+
+    async def _save(
+        self,
+        where: _Where,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> None:
+        now = self._now()
+        parent_id = _checkpoint_id(config)
+        full = get_checkpoint_metadata(config, _metadata(metadata))
+        encoded = await self._encode(where, checkpoint, full, new_versions, parent_id)
+        langgraph_run = full.get("run_id")
+        if isinstance(langgraph_run, str) and langgraph_run:
+            await self._register(where, langgraph_run, now)
+        async with self._state.turn(where.key):
+            await self._append(where, encoded, parent_id, now)
+
+    async def _encode(
+        self,
+        where: _Where,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+        parent_id: str | None,
+    ) -> _Encoded:
+        hint = self._state.runs.get(where.key)
+        encode = self._encoder(where, checkpoint, metadata, new_versions, parent_id)
+        if hint is not None and hint.payload_size >= self._shared.manager.config.offload_min_bytes:
+            return await anyio.to_thread.run_sync(encode)
+        return encode()
+
+    def _encoder(
+        self,
+        where: _Where,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+        parent_id: str | None,
+    ) -> Callable[[], _Encoded]:
+        def encode() -> _Encoded:
+            values = _mapping("checkpoint['channel_values']", checkpoint.get("channel_values"))
+            versions = _mapping("checkpoint['channel_versions']",
+                                checkpoint.get("channel_versions"))
+            bare = {name: part for name, part in checkpoint.items() if name != "channel_values"}
+            blobs = [
+                Item(key=records.blob_key(channel, version), value=self._shared.items.encode(
+                    self._dumps(values[channel], f"channel_values[{channel!r}]")))
+                for channel, version in _mapping("new_versions", new_versions).items()
+                if channel in values
+            ]
+            # The ids are there for people (``fastcheckpoint show``); the saver reads the rest.
+            payload = self._shared.codec.encode_payload(
+                {"checkpoint": list(self._dumps(bare, "checkpoint")),
+                 "checkpoint_id": checkpoint["id"], "checkpoint_ns": where.checkpoint_ns},
+                [], [], {})
+            extra = LangGraphHeader(
+                checkpoint_id=checkpoint["id"], parent_checkpoint_id=parent_id,
+                thread_id=where.thread_id, checkpoint_ns=where.checkpoint_ns,
+                metadata=self._dumps(metadata, "metadata"))
+            return _Encoded(
+                checkpoint_id=checkpoint["id"], payload=payload, extra=extra,
+                step_name=_step_name(metadata), blobs=blobs,
+                refs=tuple(records.blob_key(channel, version)
+                           for channel, version in versions.items()),
+                size=len(payload) + sum(len(blob.value) for blob in blobs),
+            )
+
+        return encode
+
+    async def _register(self, where: _Where, langgraph_run: str, now: float) -> None:
+        """Index the run under the LangGraph run id, for ``delete_for_runs`` (once per
+        process, LangGraph run and namespace; again before an expiring entry runs out)."""
+        slot = (langgraph_run, where.key)
+        until = self._state.registered.get(slot)
+        if until is not None and now < until:
+            return
+        ttl = self._shared.ttl_seconds
+        entry = Item(
+            key=records.registry_key(langgraph_run, where.key),
+            value=self._shared.items.encode(RegistryEntry(where.run_id)),
+            # An entry outlives every checkpoint saved while it is known (refreshed after ttl).
+            expires_at=None if ttl is None else now + 2 * ttl,
+        )
+        await self._store.put_items(_REGISTRY_KEY, [entry], now=now)
+        self._state.registered.put(slot, math.inf if ttl is None else now + ttl)
+
+    async def _append(
+        self, where: _Where, encoded: _Encoded, parent_id: str | None, now: float
+    ) -> None:
+        """Append at the run's next sequence as this process knows it; on a conflict the
+        store names the head and the next attempt proposes what follows it."""
+        state = self._state
+        guess = await self._head(where, parent_id, now)
+        if guess is _NO_RUN:
+            self._dropped(where, encoded.checkpoint_id)
+            return
+        slot = (where.key, encoded.checkpoint_id)
+        parked = state.parked.pop(slot, None)
+        expires_at = None if self._shared.ttl_seconds is None else now + self._shared.ttl_seconds
+        settings = self._shared.manager.config
+        contention = RetryPolicy(base_delay=min(_CONTENTION_BASE, settings.retry.max_delay),
+                                 max_delay=settings.retry.max_delay)
+        try:
+            for attempt in range(settings.max_sequence_retries):
+                sequence, incarnation = ((0, _ids.new_incarnation()) if guess is None
+                                         else (guess[0] + 1, guess[1]))
+                located = Located(incarnation, sequence, expires_at)
+                record, items = self._record(where, encoded, parent_id, located, parked, now)
+                try:
+                    status = await self._store.append_with_items(
+                        where.key, record, run=self._seed(where, located, now),
+                        keep_latest=self._shared.keep_latest, now=now, items=items)
+                except SequenceConflict as conflict:
+                    guess = _conflict_head(conflict)
+                    if guess is None and parent_id is not None:
+                        self._dropped(where, encoded.checkpoint_id)
+                        return
+                    if attempt >= _FREE_RETRIES:
+                        await anyio.sleep(contention.delay(attempt - _FREE_RETRIES))
+                    continue
+                self._saved(where, encoded, located)
+                if parked is not None:
+                    parked.stored = True
+                if status in _REACTIVATED and not where.checkpoint_ns:
+                    await self._reactivate(where, status, encoded.checkpoint_id)
+                return
+        finally:
+            if parked is not None:
+                parked.done.set()
+        raise ConflictError(
+            f"could not save to thread {where.thread_id[:80]!r}: lost the sequence race "
+            f"{settings.max_sequence_retries} times in a row")
+
+    async def _head(self, where: _Where, parent_id: str | None, now: float) -> Any:
+        """The run's ``(latest sequence, incarnation)`` as this process knows it, read when a
+        save names a parent and the run is unknown here; ``None`` for no run yet, and
+        :data:`_NO_RUN` when a save names a parent in a run that does not exist (it must not
+        create one)."""
+        hint = self._state.runs.get(where.key)
+        if hint is not None:
+            return hint.latest_sequence, hint.incarnation
+        if parent_id is None:
+            return None
+        record = await self._store.get_run(where.key, now=now)
+        if record is None:
+            return _NO_RUN
+        return record.latest_sequence, record.incarnation
+
+    def _record(
+        self,
+        where: _Where,
+        encoded: _Encoded,
+        parent_id: str | None,
+        located: Located,
+        parked: Parked | None,
+        now: float,
+    ) -> tuple[StoredCheckpoint, list[Item]]:
+        parent = None if parent_id is None else self._state.located.get((where.key, parent_id))
+        parent_ck = (_ids.checkpoint_id(where.key, parent.incarnation, parent.sequence)
+                     if parent is not None and parent.incarnation == located.incarnation
+                     else None)
+        header = Header(where.run_id, encoded.step_name, parent_ck, [],
+                        self._shared.ttl_seconds, extra=records.encode_header(encoded.extra))
+        record = StoredCheckpoint(
+            sequence=located.sequence,
+            checkpoint_id=_ids.checkpoint_id(where.key, located.incarnation, located.sequence),
+            created_at=now, expires_at=located.expires_at,
+            header=self._shared.codec.encode_header(header), payload=encoded.payload,
+            refs=encoded.refs)
+        owned = [Item(key=records.index_key(encoded.checkpoint_id),
+                      value=self._shared.items.encode(located), owner=located.sequence,
+                      expires_at=located.expires_at)]
+        if parked is not None:
+            owned += self._write_items(located, list(parked.writes.values()))
+        return record, [*encoded.blobs, *owned]
+
+    def _seed(self, where: _Where, located: Located, now: float) -> RunRecord:
+        details = RunData(metadata={"framework": "langgraph", "thread_id": where.thread_id,
+                                    "checkpoint_ns": where.checkpoint_ns})
+        return RunRecord(
+            run_id=where.run_id, incarnation=located.incarnation,
+            status=CheckpointStatus.ACTIVE.value, created_at=now, updated_at=now,
+            latest_sequence=located.sequence, checkpoint_count=1,
+            expires_at=located.expires_at, data=self._shared.codec.encode_run_data(details),
+            labels=(LANGGRAPH_LABEL, records.thread_label(where.thread_id)))
+
+    def _saved_here(self, slot: tuple[str, str]) -> bool:
+        """Whether this process saved or read the checkpoint in the run's current life."""
+        located = self._state.located.get(slot)
+        hint = self._state.runs.get(slot[0])
+        return located is not None and hint is not None and (
+            located.incarnation == hint.incarnation)
+
+    def _saved(self, where: _Where, encoded: _Encoded, located: Located) -> None:
+        state = self._state
+        state.deleted.pop(where.key)
+        state.remember(where.key, encoded.checkpoint_id, located, head=True)
+        hint = state.runs.get(where.key)
+        if hint is not None:
+            hint.payload_size = encoded.size
+
+    def _dropped(self, where: _Where, checkpoint_id: str) -> None:
+        self._state.forget_run(where.key)
+        logger.info("checkpoint %s of thread %r was not saved: its thread namespace no longer "
+                    "exists (deleted while the save was on its way)", checkpoint_id,
+                    where.thread_id[:80])
+
+    # -- internals: pending writes -------------------------------------------------------------
+
+    async def _store_writes(
+        self, where: _Where, checkpoint_id: str, writes: list[StoredWrite]
+    ) -> bool:
+        """Store ``writes`` on their checkpoint; ``False`` if it is gone (or never came)."""
+        state = self._state
+        slot = (where.key, checkpoint_id)
+        saving = state.saving.get(slot)
+        if saving is not None:
+            await saving.wait()
+        located = state.located.get(slot)
+        now = self._now()
+        asked = False
+        if located is None and state.runs.get(where.key) is None:
+            located, asked = await self._lookup(where, checkpoint_id, now), True
+        if located is None and self._may_still_come(where.key, checkpoint_id):
+            wait = _FIRST_SAVE_SECONDS if state.runs.get(where.key) is None else _PARKED_SECONDS
+            if await self._park(slot, writes, wait):
+                return True
+            located = state.located.get(slot)
+        if located is None and not asked:
+            located = await self._lookup(where, checkpoint_id, self._now())
+        if located is None:
+            logger.info("pending writes for checkpoint %s of thread %r were dropped: that "
+                        "checkpoint does not exist (deleted, pruned or expired)",
+                        checkpoint_id, where.thread_id[:80])
+            return False
+        return await self._put_owned(where, checkpoint_id, located, writes)
+
+    def _may_still_come(self, key: str, checkpoint_id: str) -> bool:
+        """Whether this process may still save the checkpoint: newer than any it has seen
+        in the run (LangGraph's ids sort by time), or the run's first, in a run it did not
+        delete."""
+        hint = self._state.runs.get(key)
+        if hint is None:
+            return self._state.deleted.get(key) is None
+        return hint.newest_id is not None and checkpoint_id > hint.newest_id
+
+    async def _park(
+        self, slot: tuple[str, str], writes: list[StoredWrite], seconds: float
+    ) -> bool:
+        """Hand ``writes`` to the coming save of their checkpoint; whether it stored them."""
+        state = self._state
+        parked = state.parked.get(slot)
+        if parked is None:
+            parked = state.parked[slot] = Parked()
+        parked.add(writes)
+        while True:
+            with anyio.move_on_after(seconds):
+                await parked.done.wait()
+            if parked.done.is_set or state.parked.get(slot) is not parked:
+                break  # stored, failed, or taken by a save that is still running
+            del state.parked[slot]  # no save came
+            return False
+        if not parked.done.is_set:
+            await parked.done.wait()
+        return parked.stored
+
+    async def _put_owned(
+        self, where: _Where, checkpoint_id: str, located: Located, writes: list[StoredWrite]
+    ) -> bool:
+        owner = _ids.checkpoint_id(where.key, located.incarnation, located.sequence)
+        regular = [write for write in writes if write.idx >= 0]
+        special = [write for write in writes if write.idx < 0]
+        for group, if_absent in ((regular, True), (special, False)):
+            if group and not await self._store.put_owned_items(
+                where.key, self._write_items(located, group), owner=located.sequence,
+                checkpoint_id=owner, if_absent=if_absent, now=self._now()
+            ):
+                self._state.located.pop((where.key, checkpoint_id))
+                logger.info("pending writes for checkpoint %s of thread %r were dropped: "
+                            "the checkpoint is gone", checkpoint_id, where.thread_id[:80])
+                return False
+        return True
+
+    def _write_items(self, located: Located, writes: list[StoredWrite]) -> list[Item]:
+        return [Item(key=records.write_key(located.sequence, write.task_id, write.idx),
+                     value=self._shared.items.encode(write), owner=located.sequence,
+                     expires_at=located.expires_at) for write in writes]
+
+    # -- internals: status ---------------------------------------------------------------------
+
+    async def _pause(
+        self, where: _Where, checkpoint_id: str, writes: Sequence[tuple[str, Any]]
+    ) -> None:
+        """PAUSED, with the interrupts as the approval request (merged with those of the
+        same checkpoint already pending). Never fails the write: it is stored already."""
+        asked = records.approval_request(checkpoint_id, writes)
+
+        def record_request(data: RunData, now: float) -> None:
+            pending = data.approval or {}
+            undecided = pending if "decision" not in pending else {}
+            request = records.merged_request(undecided.get("request"), asked)
+            same = request is not asked
+            data.approval = {"request": request,
+                             "requested_at": undecided.get("requested_at", now) if same else now}
+
+        try:
+            await self._shared.manager._transition(
+                where.run_id, CheckpointStatus.PAUSED,
+                allowed={CheckpointStatus.ACTIVE, CheckpointStatus.PAUSED},
+                note=f"interrupted at LangGraph checkpoint {checkpoint_id}",
+                update=record_request)
+        except ConflictError as exc:
+            logger.info("thread %r was interrupted but is not queued for approval: %s",
+                        where.thread_id[:80], exc)
+        except CheckpointError:
+            logger.warning("thread %r was interrupted at %s, but its run could not be set "
+                           "PAUSED", where.thread_id[:80], checkpoint_id, exc_info=True)
+
+    async def _reactivate(self, where: _Where, status: str, checkpoint_id: str) -> None:
+        """ACTIVE again once the graph goes on after an interrupt, an error or a decision.
+        Never fails the save: the checkpoint is written."""
+
+        def clear_error(data: RunData, now: float) -> None:
+            data.error = None
+
+        try:
+            await self._shared.manager._transition(
+                where.run_id, CheckpointStatus.ACTIVE,
+                allowed={CheckpointStatus(value) for value in _REACTIVATED},
+                note=f"resumed: LangGraph checkpoint {checkpoint_id} saved after {status}",
+                update=clear_error)
+        except ConflictError:
+            pass  # another worker changed the status meanwhile: it stands
+        except CheckpointError:
+            logger.warning("thread %r went on after being %s, but its run could not be set "
+                           "active again", where.thread_id[:80], status, exc_info=True)
+
+    # -- internals: delete_for_runs, copy, prune ------------------------------------------------
+
+    async def _delete_langgraph_run(self, langgraph_run: str) -> None:
+        now = self._now()
+        prefix = records.registry_prefix(langgraph_run)
+        entries = await self._registry_entries(prefix, now)
+        for item_key, value in entries:
+            entry = self._shared.items.decode(value, RegistryEntry, item_key)
+            where = _where_of_run(entry.run_id)
+            if where is not None:
+                await self._delete_matching(where, langgraph_run)
+        await self._store.delete_items(_REGISTRY_KEY, [item_key for item_key, _ in entries])
+        for item_key, _ in entries:
+            self._state.registered.pop((langgraph_run, item_key[len(prefix):]))
+
+    async def _registry_entries(self, prefix: str, now: float) -> list[tuple[str, bytes]]:
+        entries: list[tuple[str, bytes]] = []
+        after: str | None = None
+        while True:
+            page = await self._store.scan_items(
+                _REGISTRY_KEY, prefix=prefix, start_after=after, limit=_PAGE, now=now)
+            entries += page
+            if len(page) < _PAGE:
+                return entries
+            after = page[-1][0]
+
+    async def _delete_matching(self, where: _Where, langgraph_run: str) -> None:
+        async for stored in self._headers(where.key):
+            place = f"run {where.run_id[:80]!r} sequence {stored.sequence} (header)"
+            try:
+                _, extra = self._headers_of(where, stored, place)
+                metadata = self._loads(extra.metadata, place)
+            except (CorruptCheckpointError, SerializationError):
+                logger.warning("delete_for_runs skipped an unreadable checkpoint header",
+                               exc_info=True)
+                continue
+            if isinstance(metadata, dict) and metadata.get("run_id") == langgraph_run:
+                self._state.located.pop((where.key, extra.checkpoint_id))
+                await self._store.delete(where.key, stored.sequence,
+                                         checkpoint_id=stored.checkpoint_id)
+
+    async def _copy_run(self, source: RunRecord, target_thread: str) -> None:
+        origin = _where_of_run(source.run_id)
+        if origin is None:
+            return
+        target = _where_from(target_thread, origin.checkpoint_ns)
+        oldest_first = [stored async for stored in self._headers(origin.key)][::-1]
+        copied: dict[str, str] = {}  # source record id -> copy's record id
+        incarnation = _ids.new_incarnation()
+        for stored in oldest_first:
+            found = await self._store.read_with_items(
+                origin.key, sequence=stored.sequence, now=self._now())
+            if found is not None:
+                await self._copy_checkpoint(
+                    origin, target, found[0], found[2],
+                    Located(incarnation, len(copied), self._expiry()), copied)
+        if copied and source.status == CheckpointStatus.PAUSED.value and \
+                not origin.checkpoint_ns:
+            await self._copy_request(source, target)
+
+    async def _copy_checkpoint(
+        self,
+        origin: _Where,
+        target: _Where,
+        stored: StoredCheckpoint,
+        items: dict[str, bytes],
+        located: Located,
+        copied: dict[str, str],
+    ) -> None:
+        place = stored.key or f"run {origin.run_id[:80]!r} sequence {stored.sequence}"
+        header, extra = self._headers_of(origin, stored, place)
+        extra = msgspec.structs.replace(extra, thread_id=target.thread_id)
+        record_id = _ids.checkpoint_id(target.key, located.incarnation, located.sequence)
+        parent = None if header.parent_id is None else copied.get(header.parent_id)
+        header = msgspec.structs.replace(
+            header, run_id=target.run_id, parent_id=parent,
+            ttl_seconds=self._shared.ttl_seconds, extra=records.encode_header(extra))
+        record = StoredCheckpoint(
+            sequence=located.sequence, checkpoint_id=record_id, created_at=self._now(),
+            expires_at=located.expires_at, header=self._shared.codec.encode_header(header),
+            payload=stored.payload, refs=stored.refs)
+        writes = records.writes_prefix(stored.sequence)
+        owned = [Item(key=records.writes_prefix(located.sequence) + key[len(writes):],
+                      value=value, owner=located.sequence, expires_at=located.expires_at)
+                 for key, value in items.items() if key.startswith(writes)]
+        owned.append(Item(key=records.index_key(extra.checkpoint_id),
+                          value=self._shared.items.encode(located), owner=located.sequence,
+                          expires_at=located.expires_at))
+        shared = [Item(key=key, value=items[key]) for key in stored.refs if key in items]
+        try:
+            await self._store.append_with_items(
+                target.key, record, run=self._seed(target, located, record.created_at),
+                keep_latest=self._shared.keep_latest, now=record.created_at,
+                items=[*shared, *owned])
+        except SequenceConflict as exc:
+            raise ConflictError(
+                f"thread {target.thread_id[:80]!r} was written to while being copied into"
+            ) from exc
+        copied[stored.checkpoint_id] = record_id
+        self._state.remember(target.key, extra.checkpoint_id, located, head=True)
+
+    async def _copy_request(self, source: RunRecord, target: _Where) -> None:
+        details = self._shared.codec.decode_run_data(source.data, f"run {source.run_id!r}")
+        approval = dict(details.approval or {})
+
+        def record_request(data: RunData, now: float) -> None:
+            data.approval = {"request": approval.get("request", {}), "requested_at": now}
+
+        await self._shared.manager._transition(
+            target.run_id, CheckpointStatus.PAUSED, allowed={CheckpointStatus.ACTIVE},
+            note=f"copied from thread {source.run_id[:80]!r} while awaiting approval",
+            update=record_request)
+
+    async def _keep_latest(self, record: RunRecord) -> None:
+        where = _where_of_run(record.run_id)
+        if where is None:
+            return
+        headers = [stored async for stored in self._headers(where.key)]
+        if not headers:
+            return
+        kept = self._delta_chain(where, headers)
+        for stored in headers:
+            if stored.sequence not in kept:
+                await self._store.delete(where.key, stored.sequence,
+                                         checkpoint_id=stored.checkpoint_id)
+
+    def _delta_chain(self, where: _Where, newest_first: list[CheckpointHeader]) -> set[int]:
+        """The newest checkpoint and the ancestors its delta channels rebuild from (the
+        supersteps since their last snapshot, from its metadata)."""
+        parsed: dict[str, tuple[int, LangGraphHeader]] = {}
+        for stored in newest_first:
+            place = f"run {where.run_id[:80]!r} sequence {stored.sequence} (header)"
+            try:
+                parsed[stored.checkpoint_id] = (
+                    stored.sequence, self._headers_of(where, stored, place)[1])
+            except CorruptCheckpointError:
+                continue
+        by_id = {extra.checkpoint_id: sequence for sequence, extra in parsed.values()}
+        extras = dict(parsed.values())
+        newest = newest_first[0].sequence
+        kept = {newest}
+        newest_extra = extras.get(newest)
+        if newest_extra is None:
+            return kept
+        depth = _supersteps(self._loads(newest_extra.metadata, where.run_id))
+        current = newest_extra
+        for _ in range(depth):
+            parent = current.parent_checkpoint_id
+            sequence = None if parent is None else by_id.get(parent)
+            if sequence is None:
+                break
+            kept.add(sequence)
+            current = extras[sequence]
+        return kept
+
+    def _expiry(self) -> float | None:
+        ttl = self._shared.ttl_seconds
+        return None if ttl is None else self._now() + ttl
+
+    # Last: below it, ``list`` in the class body would name this method.
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        return self._shared.bridge.iterate(
+            self.alist(config, filter=filter, before=before, limit=limit), "list")
+
+
+class _Capable(CheckpointStore, SupportsLabels, SupportsSharedItems, Protocol):
+    """A store with both capabilities the saver needs (for type checking only)."""
+
+
+# -- configs and arguments -------------------------------------------------------------------
+
+
+def _where(config: object) -> _Where:
+    configurable = _configurable(config)
+    if "thread_id" not in configurable:
+        raise ValidationError(
+            "config['configurable']['thread_id'] is required (LangGraph's checkpointers key "
+            "every checkpoint by thread)")
+    namespace = configurable.get("checkpoint_ns") or ""
+    if not isinstance(namespace, str):
+        raise ValidationError(
+            f"checkpoint_ns must be a str, got {type(namespace).__name__}")
+    return _where_from(records.checked_thread_id(configurable["thread_id"]), namespace)
+
+
+def _where_from(thread_id: str, checkpoint_ns: str) -> _Where:
+    run_id = records.run_id_of(thread_id, checkpoint_ns)
+    return _Where(thread_id, checkpoint_ns, run_id, _ids.key_of(run_id))
+
+
+def _where_of_run(run_id: str) -> _Where | None:
+    """The namespace a run holds, ``None`` for a run that is no LangGraph thread's."""
+    thread_id, _, namespace = run_id.partition(records.SEPARATOR)
+    if not thread_id:
+        return None
+    return _Where(thread_id, namespace, run_id, _ids.run_key(run_id))
+
+
+def _configurable(config: object) -> Mapping[str, Any]:
+    if type(config) is not dict and not isinstance(config, Mapping):
+        raise ValidationError(
+            f"config must be a dict like {{'configurable': {{'thread_id': ...}}}}, got "
+            f"{type(config).__name__}")
+    configurable = config.get("configurable")
+    if type(configurable) is not dict and not isinstance(configurable, Mapping):
+        raise ValidationError("config['configurable'] must be a dict naming the thread_id")
+    return configurable
+
+
+def _names_namespace(config: object) -> bool:
+    return _configurable(config).get("checkpoint_ns") is not None
+
+
+def _checkpoint_id(config: object) -> str | None:
+    value = _configurable(config).get("checkpoint_id")
+    if value is None or value == "":
+        return None
+    return _text("checkpoint_id", value)
+
+
+def _required_checkpoint_id(config: object) -> str:
+    checkpoint_id = _checkpoint_id(config)
+    if checkpoint_id is None:
+        raise ValidationError(
+            "config['configurable']['checkpoint_id'] is required: writes belong to a "
+            "checkpoint")
+    return checkpoint_id
+
+
+def _new_checkpoint_id(checkpoint: object) -> str:
+    if not isinstance(checkpoint, Mapping):
+        raise ValidationError(f"checkpoint must be a dict, got {type(checkpoint).__name__}")
+    value = checkpoint.get("id")
+    if not isinstance(value, str) or not value:
+        raise ValidationError("checkpoint['id'] must be a non-empty str")
+    return _text("checkpoint['id']", value)
+
+
+def _config_of(where: _Where, checkpoint_id: str) -> RunnableConfig:
+    return {"configurable": {"thread_id": where.thread_id, "checkpoint_ns": where.checkpoint_ns,
+                             "checkpoint_id": checkpoint_id}}
+
+
+def _located_of(where: _Where, stored: StoredCheckpoint) -> Located:
+    parsed = _ids.parse_checkpoint_id(stored.checkpoint_id)
+    if parsed is None or parsed[0] != where.key or parsed[2] != stored.sequence:
+        raise CorruptCheckpointError(
+            f"the record found here names checkpoint {stored.checkpoint_id[:80]!r}",
+            key=stored.key or f"run {where.run_id[:80]!r}")
+    return Located(parsed[1], stored.sequence, stored.expires_at)
+
+
+def _text(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(f"{name} must be a str, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValidationError(f"{name} must be valid unicode (it has a lone surrogate)") from exc
+    return value
+
+
+def _texts(name: str, values: object) -> list[str]:
+    if isinstance(values, str) or not isinstance(values, (Sequence, set, frozenset)):
+        raise ValidationError(f"{name} must be a list of str, got {type(values).__name__}")
+    return [_text(f"{name}[]", value) for value in values]
+
+
+def _write_pair(write: object) -> tuple[str, Any]:
+    if not isinstance(write, (tuple, list)) or len(write) != 2:
+        raise ValidationError(f"each write must be a (channel, value) pair, got {write!r:.60}")
+    return _text("a write's channel", write[0]), write[1]
+
+
+def _mapping(name: str, value: object) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValidationError(f"{name} must be a dict, got {type(value).__name__}")
+    return value
+
+
+def _metadata(metadata: object) -> CheckpointMetadata:
+    return cast(CheckpointMetadata, dict(_mapping("metadata", metadata)))
+
+
+def _filter(filter: object) -> dict[str, Any]:
+    if filter is None:
+        return {}
+    return dict(_mapping("filter", filter))
+
+
+def _limit(limit: object) -> int | None:
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValidationError(f"limit must be None or an integer >= 0, got {limit!r:.40}")
+    return limit
+
+
+def _matches(metadata: object, wanted: dict[str, Any]) -> bool:
+    if not isinstance(metadata, dict):
+        return False
+    return all(metadata.get(name) == value for name, value in wanted.items())
+
+
+def _step_name(metadata: Mapping[str, Any]) -> str:
+    """What ``fastcheckpoint history`` shows in its STEP column: ``loop 3``, ``input -1``."""
+    source, step = metadata.get("source"), metadata.get("step")
+    return " ".join(str(part) for part in (source, step) if part is not None)[:200]
+
+
+def _supersteps(metadata: object) -> int:
+    """The most supersteps any delta channel of the checkpoint went since its snapshot."""
+    counters = metadata.get("counters_since_delta_snapshot") if isinstance(
+        metadata, dict) else None
+    if not isinstance(counters, dict):
+        return 0
+    steps = [int(value[1]) for value in counters.values()
+             if isinstance(value, (list, tuple)) and len(value) == 2
+             and isinstance(value[1], int)]
+    return max(steps, default=0)
+
+
+def _version_counter(current: str) -> int:
+    head = current.split(".", 1)[0]
+    if not head.isdigit():
+        raise ValidationError(f"not a channel version this saver made: {current!r:.60}")
+    return int(head)
+
+
+def _typed(value: list[Any], where: str) -> Typed:
+    kind, data = value
+    if not isinstance(kind, str) or not isinstance(data, bytes):
+        raise CorruptCheckpointError("not a serialized LangGraph value", key=where)
+    return kind, data
+
+
+def _is_pickle(kind: str) -> bool:
+    return kind.split("+", 1)[0] == "pickle"  # "+" joins an encrypted value's tag and cipher
+
+
+def _conflict_head(conflict: SequenceConflict) -> tuple[int, str] | None:
+    if conflict.incarnation is None or conflict.latest_sequence is None:
+        return None
+    return conflict.latest_sequence, conflict.incarnation
+
+
+# -- construction ------------------------------------------------------------------------------
+
+
+def _settings(config: object) -> CheckpointConfig:
+    if config is None:
+        return CheckpointConfig(max_checkpoints_per_run=None)
+    if not isinstance(config, CheckpointConfig):
+        raise ConfigurationError(f"config must be a CheckpointConfig, got {type(config).__name__}")
+    return config
+
+
+def _capable_store(store: object, retry: RetryPolicy) -> CheckpointStore:
+    built = open_store(store, retry=retry) if isinstance(store, str) else store
+    if not isinstance(built, CheckpointStore):
+        raise ConfigurationError(
+            f"store must be a CheckpointStore or a store URL, got {type(store).__name__}")
+    missing = [name for name, capability in (("SupportsLabels", SupportsLabels),
+                                             ("SupportsSharedItems", SupportsSharedItems))
+               if not isinstance(built, capability)]
+    if missing:
+        raise ConfigurationError(
+            f"the LangGraph saver needs a store with {' and '.join(missing)}; "
+            f"{type(built).__name__} lacks {'them' if len(missing) > 1 else 'it'}")
+    return built
+
+
+def _saver_ttl(ttl_seconds: object, store: CheckpointStore) -> float | None:
+    if ttl_seconds is None:
+        if isinstance(store, SupportsDefaultTTL):
+            return store.default_ttl_seconds
+        return None
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)) or not (
+        math.isfinite(ttl_seconds) and ttl_seconds > 0
+    ):
+        raise ConfigurationError(
+            f"ttl_seconds must be None or a finite number > 0, got {ttl_seconds!r:.40}")
+    return float(ttl_seconds)
+
+
+def _check_keep_latest(keep_latest: object) -> None:
+    if keep_latest is None:
+        return
+    if isinstance(keep_latest, bool) or not isinstance(keep_latest, int) or keep_latest < 1:
+        raise ConfigurationError(
+            f"keep_latest must be None or an integer >= 1, got {keep_latest!r:.40}")
+
+

@@ -1,0 +1,694 @@
+"""The LangGraph saver beyond LangGraph's conformance suite: request budgets, shared channel
+values under pruning and deletes, listings across threads and namespaces, writes that arrive
+before (or after) their checkpoint, TTL and retention, no pickles, the blocking bridge,
+copies, status changes and configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import pickle
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+
+from fastcheckpoint import CheckpointStatus, FileStore, MemoryStore
+from fastcheckpoint._codec import Codec
+from fastcheckpoint._ids import run_key
+from fastcheckpoint.errors import (
+    CheckpointError,
+    ConfigurationError,
+    ConflictError,
+    SerializationError,
+    ValidationError,
+)
+from fastcheckpoint.integrations import _langgraph_records as records
+from fastcheckpoint.integrations import langgraph as saver_module
+from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
+from fastcheckpoint.stores import Item
+from tests._helpers import T0, FakeClock, ForwardingStore, make_config
+from tests.integrations._langgraph_support import (
+    CountingStore,
+    checkpoint,
+    config,
+    metadata,
+    put,
+)
+from tests.integrations.conftest import FreshStore
+
+pytestmark = pytest.mark.anyio
+
+DEADLINE = 20
+STORE_DEADLINE = 60
+"""For the tests that run on every kind of store (S3 and DynamoDB on moto are slow)."""
+INTERRUPT = "__interrupt__"
+
+
+def _saver(store: Any, clock: FakeClock | None = None, **options: Any) -> FastCheckpointSaver:
+    return FastCheckpointSaver(store, config=make_config(clock or FakeClock()), **options)
+
+
+async def _ids(saver: FastCheckpointSaver, cfg: Any, **options: Any) -> list[str]:
+    return [found.checkpoint["id"] async for found in saver.alist(cfg, **options)]
+
+
+async def _items(store: Any, thread_id: str, keys: list[str], ns: str = "") -> dict[str, bytes]:
+    found: dict[str, bytes] = await store.get_items(
+        run_key(records.run_id_of(thread_id, ns)), keys, now=T0)
+    return found
+
+
+# -- request budgets ------------------------------------------------------------------------------
+
+
+async def test_each_call_costs_one_store_call_in_steady_state() -> None:
+    store = CountingStore(MemoryStore())
+    saver = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        first = await put(saver, "t", values={"a": 1}, versions={"a": 1})
+        assert store.take() == {"append_with_items": 1}
+        second = await put(saver, "t", parent=first, values={"a": 2}, versions={"a": 2})
+        assert store.take() == {"append_with_items": 1}
+        await saver.aput_writes(config("t", second), [("a", 3), ("b", 4)], "task-1")
+        assert store.take() == {"put_owned_items": 1}
+        assert (await saver.aget_tuple(config("t"))) is not None
+        assert store.take() == {"read_with_items": 1}
+        assert (await saver.aget_tuple(config("t", first))) is not None
+        assert store.take() == {"read_with_items": 1}
+
+        elsewhere = _saver(store)  # another process: nothing cached
+        found = await elsewhere.aget_tuple(config("t", first))
+        assert store.take() == {"get_items": 1, "read_with_items": 1}
+    assert found is not None
+    assert found.checkpoint["channel_values"] == {"a": 1}
+
+
+async def test_a_langgraph_run_is_indexed_once_per_namespace() -> None:
+    store = CountingStore(MemoryStore())
+    saver = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        first = await put(saver, "t", run_id="run-1")
+        assert store.take() == {"put_items": 1, "append_with_items": 1}
+        await put(saver, "t", parent=first, run_id="run-1")
+        assert store.take() == {"append_with_items": 1}
+
+
+async def test_writes_mixing_special_and_regular_ones_cost_two_calls() -> None:
+    store = CountingStore(MemoryStore())
+    saver = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        first = await put(saver, "t")
+        store.take()
+        await saver.aput_writes(config("t", first), [("__resume__", "yes"), ("a", 1)], "task")
+        assert store.take() == {"put_owned_items": 2}
+
+
+async def test_unchanged_channel_values_are_not_sent_again() -> None:
+    store = CountingStore(MemoryStore())
+    saver = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        first = await put(saver, "t", values={"a": "1", "big": "x" * 10_000},
+                          versions={"a": 1, "big": 1})
+        await put(saver, "t", parent=first, values={"a": "2", "big": "x" * 10_000},
+                  versions={"a": 2, "big": 1}, new_versions={"a": 2})
+        items = store.last["append_with_items"][1]["items"]
+        latest = await saver.aget_tuple(config("t"))
+    blobs = [item for item in items if item.key.startswith("b/")]
+    assert [item.key for item in blobs] == [records.blob_key("a", 2)]
+    assert latest is not None
+    assert latest.checkpoint["channel_values"] == {"a": "2", "big": "x" * 10_000}
+
+
+# -- shared values, pruning and deletes --------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["prune", "keep_latest", "delete_for_runs"])
+async def test_a_value_shared_with_a_removed_checkpoint_survives(
+    how: str, clock: FakeClock, fresh_store: FreshStore
+) -> None:
+    async with fresh_store() as memory:
+        await _shared_value_survives(how, clock, memory)
+
+
+async def _shared_value_survives(how: str, clock: FakeClock, memory: Any) -> None:
+    saver = _saver(memory, clock, keep_latest=1 if how == "keep_latest" else None)
+    with anyio.fail_after(STORE_DEADLINE):
+        first = await put(saver, "t", values={"a": "a1", "b": "b1"}, versions={"a": 1, "b": 1},
+                          run_id="run-1")
+        await put(saver, "t", parent=first, values={"a": "a2", "b": "b1"},
+                  versions={"a": 2, "b": 1}, new_versions={"a": 2}, run_id="run-2")
+        if how == "prune":
+            await saver.aprune(["t"])
+        elif how == "delete_for_runs":
+            await saver.adelete_for_runs(["run-1"])
+        await saver.manager.cleanup_expired()
+        listed = [found.checkpoint["channel_values"] async for found in saver.alist(config("t"))]
+        stored = await _items(memory, "t", [records.blob_key(name, version) for name, version
+                                            in (("a", 1), ("a", 2), ("b", 1))])
+    assert listed == [{"a": "a2", "b": "b1"}]
+    assert set(stored) == {records.blob_key("a", 2), records.blob_key("b", 1)}
+
+
+async def test_delete_for_runs_finds_runs_in_every_thread_and_namespace() -> None:
+    saver = _saver(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        await put(saver, "t1", run_id="gone")
+        await put(saver, "t1", ns="child:1", run_id="gone")
+        kept = await put(saver, "t2", run_id="kept")
+        await put(saver, "t2", parent=kept, run_id="gone")
+        await saver.adelete_for_runs(["gone"])
+        await saver.adelete_for_runs(["gone"])  # idempotent
+        left = [(found.config["configurable"]["thread_id"], found.metadata["run_id"])
+                async for found in saver.alist(None)]
+    assert left == [("t2", "kept")]
+
+
+# -- listings -----------------------------------------------------------------------------------
+
+
+async def test_list_without_a_thread_or_namespace_covers_all_of_them() -> None:
+    saver = _saver(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        root = await put(saver, "t1", score=1)
+        child = await put(saver, "t1", ns="child:1", score=2)
+        other = await put(saver, "t2", score=1)
+        everything = set(await _ids(saver, None))
+        scored = set(await _ids(saver, None, filter={"score": 1}))
+        one_limited = await _ids(saver, None, limit=1)
+        thread = set(await _ids(saver, {"configurable": {"thread_id": "t1"}}))
+        root_only = await _ids(saver, config("t1"))
+    assert everything == {root, child, other}
+    assert scored == {root, other}
+    assert len(one_limited) == 1
+    assert thread == {root, child}
+    assert root_only == [root]
+
+
+async def test_before_may_name_a_checkpoint_of_another_namespace() -> None:
+    """Subgraph replay lists a child namespace before a root checkpoint's id."""
+    saver = _saver(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        older = await put(saver, "t", ns="child:1")
+        root = await put(saver, "t")
+        await put(saver, "t", ns="child:1", parent=older)
+        found = await _ids(saver, config("t", ns="child:1"), before=config("t", root), limit=1)
+    assert found == [older]
+
+
+async def test_list_pages_with_before_and_limit_in_a_long_thread() -> None:
+    saver = _saver(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        ids: list[str] = []
+        for step in range(250):
+            ids.append(await put(saver, "t", parent=ids[-1] if ids else None, step=step))
+        pages: list[str] = []
+        before = None
+        while True:
+            page = await _ids(saver, config("t"), before=before, limit=100)
+            pages += page
+            if len(page) < 100:
+                break
+            before = config("t", page[-1])
+    assert pages == ids[::-1]
+
+
+# -- writes before and after their checkpoint ----------------------------------------------------
+
+
+class _GatedStore(CountingStore):
+    """Holds ``append_with_items`` until ``gate`` is set (a slow save)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.gate: anyio.Event | None = None
+
+    async def append_with_items(self, *args: Any, **kwargs: Any) -> Any:
+        if self.gate is not None:
+            await self.gate.wait()
+        return await super().append_with_items(*args, **kwargs)  # type: ignore[misc]
+
+
+async def test_writes_sent_before_their_checkpoint_is_saved_go_with_it() -> None:
+    """LangGraph sends a step's writes while the step's checkpoint still waits behind the
+    previous save: they must be kept, not dropped as writes to a missing checkpoint."""
+    store = _GatedStore(MemoryStore())
+    saver = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        first = await put(saver, "t")
+        store.gate = anyio.Event()
+        second, third = checkpoint(), checkpoint()
+        async with anyio.create_task_group() as group:
+            group.start_soon(saver.aput, config("t", first), second, metadata(1), {})
+            await anyio.wait_all_tasks_blocked()
+            group.start_soon(saver.aput_writes, config("t", second["id"]), [("x", 1)], "a")
+            group.start_soon(saver.aput_writes, config("t", third["id"]), [("y", 2)], "b")
+            await anyio.wait_all_tasks_blocked()
+            store.gate.set()
+            await anyio.wait_all_tasks_blocked()
+            store.take()
+            await saver.aput(config("t", second["id"]), third, metadata(2), {})
+        calls = store.take()
+        on_second = await saver.aget_tuple(config("t", second["id"]))
+        on_third = await saver.aget_tuple(config("t", third["id"]))
+    assert calls == {"append_with_items": 1}  # the third checkpoint's writes went with it
+    assert on_second is not None
+    assert on_second.pending_writes == [("a", "x", 1)]
+    assert on_third is not None
+    assert on_third.pending_writes == [("b", "y", 2)]
+
+
+async def test_late_writes_and_saves_never_bring_a_deleted_thread_back(
+    monkeypatch: pytest.MonkeyPatch, fresh_store: FreshStore
+) -> None:
+    monkeypatch.setattr(saver_module, "_FIRST_SAVE_SECONDS", 0.05)
+    async with fresh_store() as memory:
+        await _deleted_thread_stays_deleted(memory)
+
+
+async def _deleted_thread_stays_deleted(memory: Any) -> None:
+    saver, elsewhere = _saver(memory), _saver(memory)
+    with anyio.fail_after(STORE_DEADLINE):
+        first = await put(saver, "t")
+        second = await put(saver, "t", parent=first)
+        assert await elsewhere.aget_tuple(config("t")) is not None  # the other knows it too
+        await saver.adelete_thread("t")
+        for writer in (saver, elsewhere, _saver(memory)):
+            await writer.aput_writes(config("t", second), [("x", 1)], "late")
+            await writer.aput_writes(config("t", second), [(INTERRUPT, "?")], "late")
+            await put(writer, "t", parent=second)
+        runs = await saver.manager.list_runs()
+        found = await saver.aget_tuple(config("t"))
+    assert found is None
+    assert list(runs) == []
+
+
+async def test_a_new_first_checkpoint_starts_a_deleted_thread_afresh() -> None:
+    saver = _saver(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        old = await put(saver, "t")
+        await saver.adelete_thread("t")
+        new = await put(saver, "t")
+        found = await _ids(saver, config("t"))
+    assert found == [new]
+    assert old != new
+
+
+async def test_a_write_already_stored_is_kept_and_a_special_one_replaced() -> None:
+    saver = _saver(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        first = await put(saver, "t")
+        await saver.aput_writes(config("t", first), [("a", "first"), ("__error__", "e1")], "t1")
+        await saver.aput_writes(config("t", first), [("a", "second"), ("__error__", "e2")], "t1")
+        await saver.aput_writes(config("t", first), [("b", 1)], "t0", task_path="~a")
+        found = await saver.aget_tuple(config("t"))
+    assert found is not None
+    # writes_sort_key order: (task_path, task_id, idx)
+    assert found.pending_writes == [("t1", "__error__", "e2"), ("t1", "a", "first"),
+                                    ("t0", "b", 1)]
+
+
+# -- TTL and retention ---------------------------------------------------------------------------
+
+
+async def test_a_checkpoint_expires_with_its_writes_and_values(
+    clock: FakeClock, fresh_store: FreshStore
+) -> None:
+    async with fresh_store() as memory:
+        await _expires_together(clock, memory)
+
+
+async def _expires_together(clock: FakeClock, memory: Any) -> None:
+    saver = _saver(memory, clock, ttl_seconds=60)
+    with anyio.fail_after(STORE_DEADLINE):
+        first = await put(saver, "t", values={"a": 1, "b": 1}, versions={"a": 1, "b": 1})
+        await saver.aput_writes(config("t", first), [("a", 5)], "task")
+        clock.advance(30)
+        second = await put(saver, "t", parent=first, values={"a": 2, "b": 1},
+                           versions={"a": 2, "b": 1}, new_versions={"a": 2})
+        clock.advance(31)  # the first expired, the second (sharing b) lives
+        assert await saver.aget_tuple(config("t", first)) is None
+        latest = await saver.aget_tuple(config("t"))
+        assert latest is not None
+        assert latest.checkpoint["id"] == second
+        assert latest.checkpoint["channel_values"] == {"a": 2, "b": 1}
+        assert await _ids(saver, config("t")) == [second]
+        clock.advance(30)  # both expired
+        assert await saver.aget_tuple(config("t")) is None
+        assert list(await saver.manager.list_runs()) == []
+        await saver.manager.cleanup_expired()
+    assert await _items(memory, "t", [records.blob_key("b", 1), records.blob_key("a", 1),
+                                      records.write_key(0, "task", 0)]) == {}
+
+
+async def test_keep_latest_keeps_the_newest_of_each_namespace(fresh_store: FreshStore) -> None:
+    async with fresh_store() as store:
+        await _keeps_the_newest(store)
+
+
+async def _keeps_the_newest(store: Any) -> None:
+    saver = _saver(store, keep_latest=2)
+    with anyio.fail_after(STORE_DEADLINE):
+        kept: dict[str, list[str]] = {}
+        for ns in ("", "child:1"):
+            ids: list[str] = []
+            for step in range(5):
+                ids.append(await put(saver, "t", ns=ns, parent=ids[-1] if ids else None,
+                                     values={"n": step, "same": "s"},
+                                     versions={"n": step + 1, "same": 1},
+                                     new_versions={"n": step + 1, **({} if step else {"same": 1})},
+                                     step=step))
+            kept[ns] = ids[-2:][::-1]
+        listed = {ns: await _ids(saver, config("t", ns=ns)) for ns in kept}
+        latest = await saver.aget_tuple(config("t", ns="child:1"))
+    assert listed == kept
+    assert latest is not None
+    assert latest.checkpoint["channel_values"] == {"n": 4, "same": "s"}
+
+
+# -- serialization -------------------------------------------------------------------------------
+
+
+class _Opaque:
+    """Nothing but pickle can store it."""
+
+    __slots__ = ("x",)
+
+    def __init__(self) -> None:
+        self.x = threading.Lock()
+
+    def __reduce__(self) -> Any:
+        return (_Opaque, ())
+
+
+_UNPICKLED: list[str] = []
+
+
+def _mark_unpickled() -> str:
+    _UNPICKLED.append("ran")
+    return "ran"
+
+
+class _Bomb:
+    def __reduce__(self) -> Any:
+        return (_mark_unpickled, ())
+
+
+async def test_pickled_values_are_refused_when_saved() -> None:
+    saver = FastCheckpointSaver(MemoryStore(), serde=JsonPlusSerializer(pickle_fallback=True))
+    with anyio.fail_after(DEADLINE):
+        with pytest.raises(SerializationError, match="pickle"):
+            await put(saver, "t", values={"a": _Opaque()}, versions={"a": 1})
+        assert await saver.aget_tuple(config("t")) is None
+
+
+async def test_pickled_values_in_the_store_are_never_loaded() -> None:
+    memory = MemoryStore()
+    saver = FastCheckpointSaver(memory, serde=JsonPlusSerializer(pickle_fallback=True))
+    planted = records.ItemCodec(Codec()).encode(("pickle", pickle.dumps(_Bomb())))
+    with anyio.fail_after(DEADLINE):
+        await memory.put_items(run_key("t"), [Item(key=records.blob_key("a", 1), value=planted)],
+                               now=T0)
+        await put(saver, "t", values={"a": "fine"}, versions={"a": 1})  # its value is kept
+        with pytest.raises(SerializationError, match="pickle"):
+            await saver.aget_tuple(config("t"))
+    assert _UNPICKLED == []
+
+
+async def test_an_unserializable_value_is_a_serialization_error() -> None:
+    saver = _saver(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        with pytest.raises(SerializationError):
+            await put(saver, "t", values={"a": threading.Lock()}, versions={"a": 1})
+        with pytest.raises(SerializationError):
+            await saver.aput_writes(config("t", "x"), [("a", threading.Lock())], "task")
+        assert await saver.aget_tuple(config("t")) is None
+
+
+# -- the blocking bridge -------------------------------------------------------------------------
+
+
+async def test_blocking_calls_on_the_loop_thread_raise_and_work_from_another() -> None:
+    saver = _saver(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        first = await put(saver, "t")
+        with pytest.raises(ConfigurationError, match="event loop"):
+            saver.get_tuple(config("t"))
+        with pytest.raises(ConfigurationError, match="event loop"):
+            saver.put(config("t", first), checkpoint(), {}, {})
+        with pytest.raises(ConfigurationError, match="event loop"):
+            saver.put_writes(config("t", first), [("a", 1)], "task")
+        found = await asyncio.to_thread(saver.get_tuple, config("t"))
+        listed = await asyncio.to_thread(lambda: list(saver.list(config("t"))))
+    assert found is not None
+    assert found.checkpoint["id"] == first
+    assert [item.checkpoint["id"] for item in listed] == [first]
+
+
+def test_blocking_calls_without_a_loop_use_the_savers_own_thread(tmp_path: Path) -> None:
+    saver = FastCheckpointSaver(FileStore(tmp_path, fsync=False))
+    first = saver.put(config("t"), checkpoint(), {"step": 0}, {})["configurable"]
+    saver.put_writes(config("t", first["checkpoint_id"]), [("a", 1)], "task")
+    found = saver.get_tuple(config("t"))
+    listed = list(saver.list(config("t")))
+    threads = [thread for thread in threading.enumerate()
+               if thread.name == "fastcheckpoint-langgraph"]
+    saver.close()
+    assert found is not None
+    assert found.pending_writes == [("task", "a", 1)]
+    assert len(listed) == 1
+    assert len(threads) == 1
+    assert not threads[0].is_alive()
+
+
+def test_a_saver_outliving_its_loop_serves_blocking_calls(tmp_path: Path) -> None:
+    async def build() -> FastCheckpointSaver:
+        saver = FastCheckpointSaver(FileStore(tmp_path, fsync=False))
+        await put(saver, "t")
+        return saver
+
+    saver = asyncio.run(build())
+    found = saver.get_tuple(config("t"))
+    saver.close()
+    assert found is not None
+
+
+# -- copies --------------------------------------------------------------------------------------
+
+
+async def test_copies_share_the_store_and_what_the_saver_knows() -> None:
+    store = CountingStore(MemoryStore())
+    strict = JsonPlusSerializer(allowed_msgpack_modules=None)  # as LANGGRAPH_STRICT_MSGPACK
+    saver = _saver(store, serde=strict)
+    clone = copy.copy(saver)
+    allowed = saver.with_allowlist([("tests.integrations", "Anything")])
+    with anyio.fail_after(DEADLINE):
+        first = await put(clone, "t", values={"a": 1}, versions={"a": 1})
+        store.take()
+        found = await allowed.aget_tuple(config("t", first))
+        calls = store.take()
+    assert allowed is not saver
+    assert found is not None
+    assert found.checkpoint["channel_values"] == {"a": 1}
+    assert calls == {"read_with_items": 1}  # the clone's save taught the other copy where
+
+
+async def test_copy_thread_copies_a_paused_threads_request() -> None:
+    saver = _saver(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        first = await put(saver, "src", values={"a": 1}, versions={"a": 1})
+        await saver.aput_writes(config("src", first), [(INTERRUPT, {"ask": "ok?"})], "task")
+        await saver.acopy_thread("src", "dst")
+        copied = await saver.manager.get_run("dst")
+        found = await saver.aget_tuple(config("dst"))
+        with pytest.raises(ConflictError):
+            await saver.acopy_thread("src", "dst")
+    assert copied is not None
+    assert copied.status is CheckpointStatus.PAUSED
+    assert copied.approval is not None
+    assert copied.approval["request"]["interrupts"] == [{"value": {"ask": "ok?"}}]
+    assert found is not None
+    assert found.checkpoint["id"] == first
+    assert found.pending_writes == [("task", INTERRUPT, {"ask": "ok?"})]
+
+
+# -- status: interrupts and approvals ------------------------------------------------------------
+
+
+async def test_an_interrupt_pauses_the_thread_until_the_graph_goes_on() -> None:
+    saver = _saver(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        first = await put(saver, "t")
+        await saver.aput_writes(config("t", first), [(INTERRUPT, {"q": 1})], "one")
+        await saver.aput_writes(config("t", first), [(INTERRUPT, {"q": 2})], "two")
+        child = await put(saver, "t", ns="child:1")
+        await saver.aput_writes(config("t", child, ns="child:1"), [(INTERRUPT, "x")], "c")
+        paused = await saver.manager.get_run("t")
+        child_run = await saver.manager.get_run(records.run_id_of("t", "child:1"))
+        await put(saver, "t", parent=first)
+        resumed = await saver.manager.get_run("t")
+    assert paused is not None
+    assert paused.status is CheckpointStatus.PAUSED
+    assert paused.approval is not None
+    assert paused.approval["request"] == {
+        "interrupts": [{"value": {"q": 1}}, {"value": {"q": 2}}], "checkpoint_id": first}
+    assert child_run is not None
+    assert child_run.status is CheckpointStatus.ACTIVE
+    assert resumed is not None
+    assert resumed.status is CheckpointStatus.ACTIVE
+
+
+async def test_a_rejected_thread_is_active_again_once_the_graph_goes_on() -> None:
+    saver = _saver(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        first = await put(saver, "t")
+        await saver.aput_writes(config("t", first), [(INTERRUPT, "run it?")], "task")
+        rejected = await saver.manager.reject("t", approver="bob", reason="no")
+        await put(saver, "t", parent=first)
+        after = await saver.manager.get_run("t")
+    assert rejected.status is CheckpointStatus.REJECTED
+    assert after is not None
+    assert after.status is CheckpointStatus.ACTIVE
+    assert [change.status for change in after.history] == [
+        CheckpointStatus.PAUSED, CheckpointStatus.REJECTED, CheckpointStatus.ACTIVE]
+
+
+# -- configuration and arguments -----------------------------------------------------------------
+
+
+async def test_a_store_without_the_capabilities_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="SupportsLabels and SupportsSharedItems"):
+        FastCheckpointSaver(ForwardingStore(MemoryStore()))
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"ttl_seconds": 0}, "ttl_seconds"),
+    ({"ttl_seconds": float("inf")}, "ttl_seconds"),
+    ({"keep_latest": 0}, "keep_latest"),
+    ({"config": object()}, "CheckpointConfig"),
+])
+async def test_bad_settings_are_configuration_errors(options: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        FastCheckpointSaver(MemoryStore(), **options)
+
+
+async def test_bad_arguments_are_validation_errors() -> None:
+    saver = _saver(MemoryStore())
+    bad_calls: list[Any] = [
+        lambda: saver.aget_tuple({"configurable": {}}),
+        lambda: saver.aget_tuple({"configurable": {"thread_id": "a\x1fb"}}),
+        lambda: saver.aget_tuple({"configurable": {"thread_id": ""}}),
+        lambda: saver.aput_writes(config("t"), [("a", 1)], "no checkpoint id"),
+        lambda: saver.aprune(["t"], strategy="everything"),
+        lambda: saver.adelete_for_runs("not-a-list"),
+        lambda: _ids(saver, config("t"), limit=-1),
+    ]
+    with anyio.fail_after(DEADLINE):
+        for call in bad_calls:
+            with pytest.raises(ValidationError):
+                await call()
+
+
+async def test_thread_ids_that_are_numbers_are_kept_as_text() -> None:
+    saver = _saver(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        first = await saver.aput({"configurable": {"thread_id": 42, "checkpoint_ns": ""}},
+                                 checkpoint(), {}, {})
+        found = await saver.aget_tuple(config("42"))
+    assert first["configurable"]["thread_id"] == "42"
+    assert found is not None
+
+
+def test_versions_increase_and_differ_on_every_branch() -> None:
+    saver = FastCheckpointSaver(MemoryStore())
+    first = saver.get_next_version(None, None)
+    second = saver.get_next_version(first, None)
+    sibling = saver.get_next_version(first, None)
+    from_int = saver.get_next_version(7, None)  # type: ignore[arg-type]
+    assert first.startswith("0" * 31 + "1.")
+    assert first < second
+    assert second.split(".")[0] == sibling.split(".")[0]
+    assert second != sibling
+    assert from_int.startswith("0" * 31 + "8.")
+    with pytest.raises(ValidationError):
+        saver.get_next_version("not a version", None)
+
+
+@pytest.mark.parametrize(("environ", "expected"), [
+    ({"CHECKPOINT_MODE": "development"}, (MemoryStore, None, None)),
+    ({"CHECKPOINT_MODE": "development", "CHECKPOINT_TTL_DAYS": "2"},
+     (MemoryStore, 2 * 86400.0, None)),
+    ({"FASTCHECKPOINT_URL": "memory://", "FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN": "5",
+      "FASTCHECKPOINT_DEFAULT_TTL_SECONDS": "60"}, (MemoryStore, 60.0, 5)),
+])
+async def test_from_env_reads_the_managers_variables(
+    environ: dict[str, str], expected: tuple[type, float | None, int | None]
+) -> None:
+    saver = FastCheckpointSaver.from_env(environ)
+    assert (type(saver.store), saver.ttl_seconds, saver.keep_latest) == expected
+    await saver.aclose()
+
+
+async def test_from_env_refuses_an_unknown_mode() -> None:
+    with pytest.raises(ConfigurationError, match="CHECKPOINT_MODE"):
+        FastCheckpointSaver.from_env({"CHECKPOINT_MODE": "staging"})
+
+
+async def test_every_error_is_a_checkpoint_error() -> None:
+    saver = _saver(MemoryStore())
+    with anyio.fail_after(DEADLINE), pytest.raises(CheckpointError):
+        await saver.aput(config("t"), {"id": ""}, {}, {})  # type: ignore[typeddict-item]
+
+
+async def test_from_env_in_production_mode_saves_to_dynamodb_and_s3(
+    dynamodb_for_savers: tuple[str, str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastcheckpoint.stores.dynamodb import DynamoDBStore
+
+    table, bucket, endpoint = dynamodb_for_savers
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # botocore's own variable
+    environ = {"CHECKPOINT_MODE": "production", "CHECKPOINT_TABLE_NAME": table,
+               "CHECKPOINT_S3_BUCKET": bucket, "CHECKPOINT_TTL_DAYS": "90"}
+    with anyio.fail_after(STORE_DEADLINE):
+        async with FastCheckpointSaver.from_env(environ) as saver:
+            assert isinstance(saver.store, DynamoDBStore)
+            _, s3 = await saver.store.clients()
+            before = await s3.list_objects_v2(Bucket=bucket)
+            large = os.urandom(500_000)  # above DynamoDB's item limit: the value goes to S3
+            first = await put(saver, "prod", values={"small": 1, "large": large},
+                              versions={"small": 1, "large": 1})
+            after = await s3.list_objects_v2(Bucket=bucket)
+            found = await saver.aget_tuple(config("prod"))
+            run = await saver.manager.get_run("prod")
+    assert after.get("KeyCount", 0) == before.get("KeyCount", 0) + 1
+    assert (saver.store.table, saver.store.bucket) == (table, bucket)
+    assert saver.ttl_seconds == 90 * 86400
+    assert found is not None
+    assert found.checkpoint["id"] == first
+    assert found.checkpoint["channel_values"] == {"small": 1, "large": large}
+    assert run is not None
+    assert run.expires_at is not None
+    assert run.expires_at > time.time() + 89 * 86400
+
+
+async def test_prune_with_the_delete_strategy_removes_every_namespace() -> None:
+    memory = MemoryStore()
+    saver = _saver(memory)
+    with anyio.fail_after(DEADLINE):
+        root = await put(saver, "t", values={"a": 1}, versions={"a": 1})
+        await put(saver, "t", ns="child:1", values={"a": 2}, versions={"a": 1})
+        await saver.aput_writes(config("t", root), [("a", 3)], "task")
+        kept = await put(saver, "other")
+        await saver.aprune(["t"], strategy="delete")
+        left = await _ids(saver, None)
+        runs = [run.run_id for run in await saver.manager.list_runs()]
+        stored = await _items(memory, "t", [records.blob_key("a", 1),
+                                            records.write_key(0, "task", 0)])
+    assert left == [kept]
+    assert runs == ["other"]
+    assert stored == {}
