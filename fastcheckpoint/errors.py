@@ -10,6 +10,7 @@ __all__ = [
     "CorruptCheckpointError",
     "SequenceConflict",
     "SerializationError",
+    "SharedItemGone",
     "StoreError",
     "StoreUnavailableError",
     "ValidationError",
@@ -43,6 +44,19 @@ class CheckpointNotFound(CheckpointError, LookupError):
 
 class ConflictError(CheckpointError):
     """A compare-and-set lost: the record changed, or the state does not allow the change."""
+
+
+class SharedItemGone(ConflictError):
+    """A store refused ``append_with_items`` because the checkpoint names shared items (in its
+    ``refs``, without their values) that a removal took away meanwhile; nothing was written.
+
+    Append it again with those items' values. ``keys`` lists the items when the store knows
+    them (empty when it only knows that some were removed).
+    """
+
+    def __init__(self, message: str, *, keys: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.keys = keys
 
 
 class SequenceConflict(ConflictError):

@@ -192,6 +192,9 @@ def test_a_pickle_in_the_store_is_never_executed(tmp_path: Path) -> None:
     assert not target.exists()
 
 
+_IMPORTERS = ("import_module", "__import__")
+
+
 def _imported_modules(tree: ast.AST) -> set[str]:
     found: set[str] = set()
     for node in ast.walk(tree):
@@ -199,9 +202,17 @@ def _imported_modules(tree: ast.AST) -> set[str]:
             found.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             found.add(node.module.split(".")[0])
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            found.add(node.value)  # importlib.import_module("pickle") and friends
+        elif isinstance(node, ast.Call) and _call_name(node.func) in _IMPORTERS:
+            # importlib.import_module("pickle") and friends
+            found.update(arg.value.split(".")[0] for arg in node.args[:1]
+                         if isinstance(arg, ast.Constant) and isinstance(arg.value, str))
     return found
+
+
+def _call_name(func: ast.expr) -> str | None:
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    return func.id if isinstance(func, ast.Name) else None
 
 
 def test_no_pickle_anywhere_in_the_package() -> None:

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol, cast
 
@@ -44,6 +44,7 @@ from fastcheckpoint.errors import (
     CorruptCheckpointError,
     SequenceConflict,
     SerializationError,
+    SharedItemGone,
     ValidationError,
 )
 from fastcheckpoint.integrations import _langgraph_records as records
@@ -715,8 +716,14 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         langgraph_run = full.get("run_id")
         if isinstance(langgraph_run, str) and langgraph_run:
             await self._register(where, langgraph_run, now)
+
+        async def with_every_value() -> _Encoded:
+            versions = dict(_mapping("checkpoint['channel_versions']",
+                                     checkpoint.get("channel_versions")))
+            return await self._encode(where, checkpoint, full, versions, parent_id)
+
         async with self._state.turn(where.key):
-            await self._append(where, encoded, parent_id, now)
+            await self._append(where, encoded, parent_id, now, with_every_value)
 
     async def _encode(
         self,
@@ -788,10 +795,17 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         self._state.registered.put(slot, math.inf if ttl is None else now + ttl)
 
     async def _append(
-        self, where: _Where, encoded: _Encoded, parent_id: str | None, now: float
+        self,
+        where: _Where,
+        encoded: _Encoded,
+        parent_id: str | None,
+        now: float,
+        with_every_value: Callable[[], Awaitable[_Encoded]],
     ) -> None:
         """Append at the run's next sequence as this process knows it; on a conflict the
-        store names the head and the next attempt proposes what follows it."""
+        store names the head and the next attempt proposes what follows it. A store that
+        finds a shared value this save names (and did not send, as unchanged) removed
+        meanwhile refuses it; the save is then sent once more with every value."""
         state = self._state
         guess = await self._head(where, parent_id, now)
         if guess is _NO_RUN:
@@ -803,6 +817,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         settings = self._shared.manager.config
         contention = RetryPolicy(base_delay=min(_CONTENTION_BASE, settings.retry.max_delay),
                                  max_delay=settings.retry.max_delay)
+        resent = False
         try:
             for attempt in range(settings.max_sequence_retries):
                 sequence, incarnation = ((0, _ids.new_incarnation()) if guess is None
@@ -813,6 +828,11 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                     status = await self._store.append_with_items(
                         where.key, record, run=self._seed(where, located, now),
                         keep_latest=self._shared.keep_latest, now=now, items=items)
+                except SharedItemGone:
+                    if resent:
+                        raise
+                    encoded, resent = await with_every_value(), True
+                    continue
                 except SequenceConflict as conflict:
                     guess = _conflict_head(conflict)
                     if guess is None and parent_id is not None:

@@ -11,11 +11,16 @@ the record I read".
 A shared item is counted at ``c#<key>`` (``rc``: how many held checkpoints name it), in the
 same transaction as every append and removal, so that updating a count never rewrites a
 large value. A count that may have reached zero enters the expiry index at 0, and the
-cleanup loop removes the count and its item together, only while the count is still zero.
+cleanup loop removes the item, only while the count is still zero, marking the count
+*condemned* in the same transaction: an append naming the item without writing it is then
+refused (its writer saw the item before the removal) rather than acknowledged without it.
+The mark goes after ``CONDEMNED_SECONDS``.
 
 Operations carry private tags (keys starting with ``_``), stripped before sending:
 ``_group`` (a failed condition drops every operation of the group: an item's value and its
-anchor) and ``_fatal`` (a failed condition cancels the whole change: a guard).
+anchor), ``_instead`` (what replaces an operation so dropped), ``_fatal`` (a failed
+condition cancels the whole change: a guard) and ``_gone`` (the shared item whose condemned
+count cancelled it).
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ __all__ = [
     "LABEL_TTL_SLACK",
     "Value",
     "anchor_record",
+    "condemn",
     "counter_change",
+    "counter_raise",
     "delete_op",
     "delete_when",
     "expiry_attributes",
@@ -46,6 +53,7 @@ __all__ = [
     "owned_record",
     "plain_record",
     "put_op",
+    "shared_group",
     "strip_tags",
     "wants_blob",
 ]
@@ -202,9 +210,9 @@ def guard_check(pk: str, owner: int) -> dict[str, Any]:
 
 def counter_change(run_key: str, key: str, change: int) -> dict[str, Any]:
     """Update of the count of shared item ``key`` by ``change``. A raise must land with (or
-    before) the checkpoint naming the key; a lowering may land after the removal, and puts
-    the count in the expiry index (at 0), where the cleanup loop checks whether it reached
-    zero."""
+    before) the checkpoint naming the key (see :func:`counter_raise`); a lowering may land
+    after the removal, and puts the count in the expiry index (at 0), where the cleanup loop
+    checks whether it reached zero."""
     names = Names()
     expression = f"ADD {names('rc')} {names.value(n(change))}"
     if change < 0:
@@ -213,6 +221,57 @@ def counter_change(run_key: str, key: str, change: int) -> dict[str, Any]:
     return {"Update": {
         "Key": {"PK": s(layout.partition(run_key)), "SK": s(layout.counter_sk(key))},
         "UpdateExpression": expression,
+        **names.params(),
+    }}
+
+
+def counter_raise(run_key: str, key: str, change: int, *, writing: bool) -> dict[str, Any]:
+    """The raise of shared item ``key``'s count by an append naming it.
+
+    Not ``writing`` it (the append names an item written before): only while the count is
+    not *condemned* (``gn``: the cleanup loop removed the item), else the append's whole
+    transaction is cancelled (``_fatal``; ``_gone`` names the key): the item it names is gone.
+    ``writing`` it (its put, ``shared_group(key)``, is in the same transaction): the put
+    brings the item back, so the raise clears the mark; if the put is dropped because a live
+    item is there, the raise is replaced by the checked one (``_instead``), since that item
+    may be condemned by the time the transaction is sent again."""
+    names = Names()
+    update: dict[str, Any] = {
+        "Key": {"PK": s(layout.partition(run_key)), "SK": s(layout.counter_sk(key))},
+    }
+    if writing:
+        update["UpdateExpression"] = (
+            f"ADD {names('rc')} {names.value(n(change))} REMOVE {names('gn')}")
+        update.update(names.params())
+        return {"Update": update, "_group": shared_group(key),
+                "_instead": counter_raise(run_key, key, change, writing=False)}
+    update["UpdateExpression"] = f"ADD {names('rc')} {names.value(n(change))}"
+    update["ConditionExpression"] = f"attribute_not_exists({names('gn')})"
+    update.update(names.params())
+    return {"Update": update, "_fatal": True, "_gone": key}
+
+
+def shared_group(key: str) -> str:
+    """The ``_group`` of a shared item's put and the raise of its count that goes with it."""
+    return f"shared:{key}"
+
+
+def condemn(run_key: str, key: str, now: float, until: float) -> dict[str, Any]:
+    """The cleanup loop's mark on the count of a shared item it removes (in the same
+    transaction), only while the count is zero: ``gn`` (when), the count at 0, and an
+    expiry-index entry at ``until``, when the mark itself goes. Until then an append naming
+    the item without writing it is refused (see :func:`counter_raise`)."""
+    names = Names()
+    zero = names.value(n(0))
+    return {"Update": {
+        "Key": {"PK": s(layout.partition(run_key)), "SK": s(layout.counter_sk(key))},
+        "UpdateExpression": (
+            f"SET {names('gn')} = {names.value(n(now))}, {names('rc')} = {zero}, "
+            f"{names('xpk')} = {names.value(s(f'x#{layout.shard_of(run_key)}'))}, "
+            f"{names('xat')} = {names.value(n(until))}"),
+        "ConditionExpression": (
+            f"(attribute_not_exists({names('rc')}) OR {names('rc')} <= {zero}) AND "
+            f"attribute_not_exists({names('gn')})"),
         **names.params(),
     }}
 

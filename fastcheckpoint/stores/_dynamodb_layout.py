@@ -35,6 +35,7 @@ __all__ = [
     "BY_CREATED",
     "BY_EXPIRY",
     "BY_STATUS",
+    "CONDEMNED_SECONDS",
     "FRONT_CAPACITY",
     "INDEX_SHARDS",
     "MAX_ITEM_KEY_BYTES",
@@ -83,6 +84,11 @@ CHECKPOINT_MARK: Final = "$"
 SEQUENCE_DIGITS: Final = 20
 MAX_SEQUENCE: Final = 10**SEQUENCE_DIGITS - 1
 _FAMILY_LENGTH: Final = len(CHECKPOINT_PREFIX) + SEQUENCE_DIGITS
+
+CONDEMNED_SECONDS: Final = 86400.0
+"""How long the count of a shared item the cleanup loop removed stays, marked: meanwhile an
+append naming the item without writing it is refused (its writer read that the item exists
+before the removal), rather than acknowledged without it."""
 
 INDEX_SHARDS: Final = 8
 """Shards of each run index. Every client of a table must use the same number."""

@@ -10,7 +10,8 @@ Under the store prefix ``P``, for the run with key ``rk``::
     P runs/<rk>/c/<inv seq>/w<hex key>/<meta> an item owned by the checkpoint (expiry in the key)
     P runs/<rk>/o/<hex item key>/<meta>      expiry of an item owned by no checkpoint, in the key
     P runs/<rk>/sweep/due                    a removal left shared items to sweep
-    P runs/<rk>/sweep/lease                  a sweep in progress: what it will delete
+    P runs/<rk>/sweep/lease                  a sweep in progress: what it will delete; and
+                                             what the sweeps removed in the last hour
     P items/<rk>/<hex item key>              item
     P index/all/<inv created>/<rk>/<inc>     run index, newest created first
     P index/status/<status>/<inv created>/<rk>/<inc>
@@ -119,15 +120,30 @@ class ItemMeta(msgspec.Struct, array_like=True, frozen=True):
     expires_at: float | None
 
 
+class Removed(msgspec.Struct, array_like=True, frozen=True):
+    """A shared item a sweep removed: its hex key, the ETag of the object removed, when."""
+
+    hex_key: str
+    etag: str
+    at: float
+
+
 class SweepLease(msgspec.Struct, array_like=True, frozen=True):
-    """A sweep of a run's shared items in progress (see ``S3Store._sweep``)."""
+    """A sweep of a run's shared items in progress (see ``S3Store._sweep``), and what the
+    run's sweeps removed lately (an append naming one of those is refused)."""
 
     deleting: bool
-    """False while it collects (an append naming a doomed item may still veto it by deleting
-    the lease); True once it deletes, which nothing can stop any more."""
+    """False while it collects (an append naming a doomed item may still veto it, by
+    rewriting the lease without ``doomed``); True once it deletes, which nothing can stop."""
     token: bytes
     since: float
-    doomed: tuple[str, ...]  # hex keys of the items it will delete
+    doomed: tuple[str, ...]
+    """Hex keys of the items it will delete; empty when no sweep is in progress."""
+    etags: tuple[str, ...] = ()
+    """The ETag of each doomed item, in the same order (what it deletes, ``IfMatch``)."""
+    removed: tuple[Removed, ...] = ()
+    """Items removed by the run's sweeps in the last ``REMOVED_SECONDS`` (by the sweeping
+    worker's clock)."""
 
 
 _encoder = msgspec.msgpack.Encoder()

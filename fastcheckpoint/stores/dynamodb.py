@@ -63,6 +63,7 @@ from fastcheckpoint.errors import (
     ConflictError,
     CorruptCheckpointError,
     SequenceConflict,
+    SharedItemGone,
     StoreError,
     StoreUnavailableError,
     ValidationError,
@@ -365,12 +366,13 @@ class _Plan:
 
 @dataclass(frozen=True)
 class _Early:
-    """A write that must land no later than the checkpoint that needs it: a shared item's
-    put (``raising`` 0) or the raise of its count by ``raising``."""
+    """Writes of one shared item that must land no later than the checkpoint that needs
+    them, sent together: its put (``writes``) and/or the raise of its count by ``raising``."""
 
-    operation: dict[str, Any]
+    operations: list[dict[str, Any]]
     key: str
     raising: int
+    writes: bool
 
 
 @dataclass
@@ -750,10 +752,13 @@ class DynamoDBStore(ExpiryCleanup):
                 ):
                     raise
                 groups = {operations[index].get("_group") for index in failed} - {None}
-                operations = [
-                    op for index, op in enumerate(operations)
-                    if index not in failed and op.get("_group") not in groups
-                ]
+                dropped = [index in failed or op.get("_group") in groups for index, op
+                           in enumerate(operations)]
+                # A dropped operation may name what replaces it (see ``counter_raise``).
+                operations = [op for op, drop in zip(operations, dropped, strict=True)
+                              if not drop] + [op["_instead"] for op, drop
+                                              in zip(operations, dropped, strict=True)
+                                              if drop and "_instead" in op]
 
     async def _query_all(self, **params: Any) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
@@ -967,7 +972,8 @@ class DynamoDBStore(ExpiryCleanup):
                       f"{names('x')} <= {names.value(_n(now))}")
             if item.owner is None:
                 record_item = items_layout.plain_record(run_key, item.key, value, None, token)
-                additions.shared[item.key] = items_layout.put_op(record_item, absent, names)
+                additions.shared[item.key] = items_layout.put_op(
+                    record_item, absent, names, _group=items_layout.shared_group(item.key))
                 continue
             group = f"owned:{item.key}"
             additions.owned += [
@@ -1052,7 +1058,7 @@ class DynamoDBStore(ExpiryCleanup):
                 plan = await self._plan_next(run_key, item, blob, record, state, keep_latest,
                                              now, token, additions)
             if plan.pins:
-                await self._pin(plan.pins, additions)
+                await self._pin(run_key, record.sequence, plan.pins, additions)
                 continue  # planned again without what the pins wrote
             outcome.unknown = True
             try:
@@ -1063,6 +1069,10 @@ class DynamoDBStore(ExpiryCleanup):
                 if ours is not None:
                     plan.state = ours
                     return await self._committed(run_key, plan)
+                gone = _gone(cancelled)
+                if gone:  # whatever else failed too: nothing was written, and the values
+                    # must be sent again in any case
+                    raise _gone_error(run_key, record.sequence, gone) from cancelled
                 if cancelled.failed_guard():
                     continue  # items were written to a checkpoint it removes: read them too
                 if not cancelled.failed(0):
@@ -1077,18 +1087,32 @@ class DynamoDBStore(ExpiryCleanup):
             incarnation=None if head_record is None else head_record.incarnation,
         )
 
-    async def _pin(self, pins: Sequence[_Early], additions: _Additions) -> None:
+    async def _pin(
+        self, run_key: str, sequence: int, pins: Sequence[_Early], additions: _Additions
+    ) -> None:
         """Write the shared items and raise the counts that do not fit in an append's
         transaction, before it: a shared item a checkpoint names must never be swept before
         the checkpoint lands. What landed is remembered, so the append does not write it
-        again, and undone if the append fails."""
-        for start in range(0, len(pins), _TRANSACTION_LIMIT):
-            chunk = pins[start : start + _TRANSACTION_LIMIT]
-            await self._commit([entry.operation for entry in chunk], keep=0)
+        again, and undone if the append fails. An item named without being written that the
+        cleanup loop removed meanwhile fails the append (:class:`ConflictError`)."""
+        chunks: list[list[_Early]] = [[]]
+        for entry in pins:
+            if sum(len(unit.operations) for unit in chunks[-1]) + len(
+                entry.operations
+            ) > _TRANSACTION_LIMIT:
+                chunks.append([])
+            chunks[-1].append(entry)
+        for chunk in chunks:
+            if not chunk:
+                continue
+            try:
+                await self._commit([op for entry in chunk for op in entry.operations], keep=0)
+            except _Cancelled as cancelled:
+                raise _gone_error(run_key, sequence, _gone(cancelled)) from cancelled
             for entry in chunk:
                 if entry.raising:
                     additions.pinned[entry.key] += entry.raising
-                else:
+                if entry.writes:
                     additions.pinned_shared.add(entry.key)
 
     async def _committed(self, run_key: str, plan: _Plan) -> str:
@@ -1197,8 +1221,9 @@ class DynamoDBStore(ExpiryCleanup):
                                                           sparing=labels)
         must = _spared(removal, must)
         early = self._shared_puts(additions)
-        early = [dataclasses.replace(entry, operation=operation) for entry, operation in
-                 zip(early, _spared(removal, [entry.operation for entry in early]), strict=True)]
+        spared = _spared(removal, [entry.operations[0] for entry in early])
+        early = [dataclasses.replace(entry, operations=[operation])
+                 for entry, operation in zip(early, spared, strict=True)]
         return self._assemble(run_key, must, early, removal, state, additions, [])
 
     async def _leftovers(self, run_key: str, previous: _RunState) -> _Removal:
@@ -1317,7 +1342,7 @@ class DynamoDBStore(ExpiryCleanup):
         return self._assemble(run_key, must, early, removal, new_state, additions, blobs)
 
     def _shared_puts(self, additions: _Additions) -> list[_Early]:
-        return [_Early(operation, key, 0) for key, operation in additions.shared.items()
+        return [_Early([operation], key, 0, True) for key, operation in additions.shared.items()
                 if key not in additions.pinned_shared]
 
     def _assemble(
@@ -1332,21 +1357,26 @@ class DynamoDBStore(ExpiryCleanup):
     ) -> _Plan:
         """One change as a transaction of at most 100 operations: ``must`` (the run item,
         the checkpoint, its owned items) always in it; shared items and raised counts in it
-        if they fit, else written before it (pins); deletes and lowered counts in it if they
-        fit, else right after it (overflow)."""
+        if they fit, else written before it (pins; an item's put and its count's raise stay
+        together); deletes and lowered counts in it if they fit, else right after it
+        (overflow). A raised count is checked not to be condemned unless the change writes
+        the item (see ``counter_raise``)."""
         delta: Counter[str] = Counter()
         if additions is not None:
             delta = additions.refs - additions.pinned
         delta.subtract(removal.refs)
         lowering: list[dict[str, Any]] = []
         lowered: list[str] = []
+        units = {entry.key: entry for entry in early}
         for key in sorted(delta):
             change = delta[key]
-            operation = items_layout.counter_change(run_key, key, change)
             if change > 0:
-                early.append(_Early(operation, key, change))
+                put = units.get(key)
+                raise_ = items_layout.counter_raise(run_key, key, change, writing=put is not None)
+                units[key] = (_Early([raise_], key, change, False) if put is None else
+                              _Early([*put.operations, raise_], key, change, True))
             elif change < 0:
-                lowering.append(operation)
+                lowering.append(items_layout.counter_change(run_key, key, change))
                 lowered.append(key)
         if len(must) > _TRANSACTION_LIMIT:
             raise ValidationError(
@@ -1355,7 +1385,13 @@ class DynamoDBStore(ExpiryCleanup):
                 "operations): append fewer items with it and write the rest with "
                 "put_owned_items")
         room = _TRANSACTION_LIMIT - len(must)
-        inside = [entry.operation for entry in early[:room]]
+        inside: list[dict[str, Any]] = []
+        pins: list[_Early] = []
+        for unit in units.values():
+            if not pins and len(inside) + len(unit.operations) <= room:
+                inside += unit.operations
+            else:
+                pins.append(unit)
         late = removal.deletes + lowering
         rest = room - len(inside)
         return _Plan(
@@ -1363,7 +1399,7 @@ class DynamoDBStore(ExpiryCleanup):
             state,
             blobs + removal.blobs,
             late[rest:],
-            pins=early[room:],
+            pins=pins,
             lowered=lowered,
         )
 
@@ -2771,7 +2807,7 @@ class DynamoDBStore(ExpiryCleanup):
             if lowered:  # swept now: this purge completes after the removal that lowered them
                 counts.setdefault(run_key, []).extend(lowered)
         for run_key, keys in counts.items():
-            await self._sweep_shared(run_key, list(dict.fromkeys(keys)))
+            await self._sweep_shared(run_key, list(dict.fromkeys(keys)), now)
         return removed, not more
 
     async def _due_in_shard(
@@ -2805,11 +2841,14 @@ class DynamoDBStore(ExpiryCleanup):
         if old:
             await self._release_item(pk, sort_key[2:], old)
 
-    async def _sweep_shared(self, run_key: str, keys: Sequence[str]) -> None:
-        """Remove the shared items whose counts reached zero, each with its count in one
-        transaction that holds only while the count is still zero: an append naming the
-        item raises the count first and the removal is cancelled. Counts above zero leave
-        the expiry index (only while as read: a removal lowering one again puts it back)."""
+    async def _sweep_shared(self, run_key: str, keys: Sequence[str], now: float) -> None:
+        """Remove the shared items whose counts reached zero, each in one transaction that
+        holds only while the count is still zero: an append naming the item raises the count
+        first and the removal is cancelled. The count stays, *condemned*, for
+        ``CONDEMNED_SECONDS``: an append that names the item without writing it (its writer
+        saw it before the removal) is refused rather than acknowledged without it; then the
+        mark goes. Counts above zero leave the expiry index (only while as read: a removal
+        lowering one again puts it back)."""
         pk = layout.partition(run_key)
         records = await self._batch_get(
             run_key, [sort_key for key in keys
@@ -2819,6 +2858,18 @@ class DynamoDBStore(ExpiryCleanup):
             if count is None:
                 continue
             names = _Names()
+            if "gn" in count:
+                if (_number(count, "xat") or 0.0) <= now:
+                    await self._conditional(
+                        "DeleteItem",
+                        Key={"PK": _s(pk), "SK": _s(layout.counter_sk(key))},
+                        ConditionExpression=(
+                            f"{names('gn')} = {names.value(count['gn'])} AND "
+                            f"(attribute_not_exists({names('rc')}) OR "
+                            f"{names('rc')} <= {names.value(_n(0))})"),
+                        **names.params(),
+                    )
+                continue
             if _int(count, "rc") > 0:
                 await self._conditional(
                     "UpdateItem",
@@ -2830,22 +2881,29 @@ class DynamoDBStore(ExpiryCleanup):
                     **names.params(),
                 )
                 continue
-            await self._remove_shared(pk, key, records.get(layout.item_sk(key)))
+            await self._remove_shared(run_key, key, records.get(layout.item_sk(key)), now)
 
-    async def _remove_shared(self, pk: str, key: str, item: Mapping[str, Any] | None) -> None:
-        names = _Names()
-        zero = {"Delete": {
-            "Key": {"PK": _s(pk), "SK": _s(layout.counter_sk(key))},
-            "ConditionExpression": (f"attribute_not_exists({names('rc')}) OR "
-                                    f"{names('rc')} <= {names.value(_n(0))}"),
-            **names.params(),
-        }}
-        operations = [zero]
-        if item is not None and "o" not in item:  # an owned item goes with its owner
-            operations.append(items_layout.delete_when(
-                pk, layout.item_sk(key), "wt", item.get("wt", _s(""))))
+    async def _remove_shared(
+        self, run_key: str, key: str, item: Mapping[str, Any] | None, now: float
+    ) -> None:
+        pk = layout.partition(run_key)
+        if item is not None and "o" not in item:
+            # The item and the mark together, only while the item is the one read (else the
+            # count stays in the expiry index and the next pass reads it again).
+            operations = [
+                items_layout.condemn(run_key, key, now, now + layout.CONDEMNED_SECONDS),
+                items_layout.delete_when(pk, layout.item_sk(key), "wt", item.get("wt", _s(""))),
+            ]
+        else:  # no item, or one owned by a checkpoint (it goes with it): only the count
+            names = _Names()
+            operations = [{"Delete": {
+                "Key": {"PK": _s(pk), "SK": _s(layout.counter_sk(key))},
+                "ConditionExpression": (f"attribute_not_exists({names('rc')}) OR "
+                                        f"{names('rc')} <= {names.value(_n(0))}"),
+                **names.params(),
+            }}]
         try:
-            await self._commit(operations, keep=1)
+            await self._commit(operations, keep=len(operations))
         except _Cancelled:
             return  # named again meanwhile: it stays
         if item is not None and "vb" in item and "o" not in item:
@@ -3587,6 +3645,21 @@ def _may_be_item_key(key: object) -> bool:
     except ValidationError:
         return False
     return True
+
+
+def _gone(cancelled: _Cancelled) -> list[str]:
+    """Shared items a cancelled append named without writing them that the cleanup loop
+    removed (their counts are condemned, see ``counter_raise``)."""
+    return [operation["_gone"] for index, operation in enumerate(cancelled.operations)
+            if "_gone" in operation and cancelled.failed(index)]
+
+
+def _gone_error(run_key: str, sequence: int, keys: Sequence[str]) -> SharedItemGone:
+    shown = ", ".join(repr(key[:40]) for key in keys[:3]) + (" ..." if len(keys) > 3 else "")
+    return SharedItemGone(
+        f"run {run_key}: checkpoint {sequence} names shared items the cleanup loop removed "
+        f"since they were written ({shown}); nothing was written: append it again with "
+        "their values", keys=tuple(keys))
 
 
 class _NothingWritten(ConflictError):

@@ -49,7 +49,7 @@ import itertools
 import logging
 import secrets
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
@@ -64,6 +64,7 @@ from fastcheckpoint.errors import (
     ConflictError,
     CorruptCheckpointError,
     SequenceConflict,
+    SharedItemGone,
     StoreError,
     ValidationError,
 )
@@ -86,7 +87,15 @@ from fastcheckpoint.stores._base import (
 )
 from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop
 from fastcheckpoint.stores._s3_io import PAGE, UNCHANGED, Bucket, Listed, Unchanged, gather, pair
-from fastcheckpoint.stores._s3_layout import ItemBody, ItemMeta, Listing, RunState, Slot, SweepLease
+from fastcheckpoint.stores._s3_layout import (
+    ItemBody,
+    ItemMeta,
+    Listing,
+    Removed,
+    RunState,
+    Slot,
+    SweepLease,
+)
 from fastcheckpoint.stores._s3_provision import provision_bucket
 
 if TYPE_CHECKING:
@@ -115,6 +124,10 @@ _FLOOR_RACES = 3
 """Tries of a status change whose compare-and-set loses to writers raising the floor."""
 SWEEP_LEASE_SECONDS = 60.0
 """A sweep lease older than this was left by a worker that stopped: the next sweep takes it."""
+REMOVED_SECONDS = 3600.0
+"""How long the run's sweep lease remembers a shared item a sweep removed: meanwhile an
+append naming it without writing it (its writer saw it before the removal) is refused
+rather than acknowledged without it."""
 _READ_PAGE = 100
 """``MaxKeys`` of the listing behind ``read_with_items(sequence=None)``: the newest
 checkpoints with the items they own, in one LIST."""
@@ -904,7 +917,8 @@ class S3Store(ExpiryCleanup):
         status = await self._confirm(io, run_key, slot, slot_etag, seen, state, keep_latest, now)
         prune = functools.partial(self._prune, io, run_key, cached, log, slot, keep_latest, now)
         if slot.refs or owned:
-            entry = await self._complete(io, run_key, cached, slot, slot_etag, owned, now)
+            entry = await self._complete(io, run_key, cached, slot, slot_etag, owned, written,
+                                         now)
             # Pruning only once the append is sure to stand: its items may still fail, and
             # a checkpoint taken back must not have pruned the ones it replaced.
             await prune()
@@ -927,28 +941,31 @@ class S3Store(ExpiryCleanup):
         slot: Slot,
         slot_etag: str,
         owned: dict[str, Item],
+        shared: dict[str, str],
         now: float,
     ) -> _Entry:
         """The second round trip of an append with items: the marker, the owned items (only
         now: a slot that lost its sequence must not have written items the winner owns) and
-        the check against a sweep of the shared items the checkpoint names. When the items
-        fail or a sweep is deleting what the checkpoint names, the slot is taken back."""
+        the check against a sweep of the shared items the checkpoint names (``shared``: the
+        ETags of those it wrote or found in place). When the items fail, or a sweep is
+        deleting or removed what the checkpoint names, the slot is taken back."""
         entry, (markers, allowed) = await pair(
             functools.partial(self._write_marker, io, run_key, slot),
             functools.partial(
                 pair,
                 functools.partial(_error_as_value, self._put_owned, io, run_key, slot, owned,
                                   now),
-                functools.partial(_error_as_value, self._sweep_allows, io, run_key, slot.refs),
+                functools.partial(_error_as_value, self._sweep_allows, io, run_key, slot.refs,
+                                  shared),
             ),
         )
         failure = next((found for found in (markers, allowed)
                         if isinstance(found, CheckpointError)), None)
         if failure is None and allowed is False:
-            failure = ConflictError(
-                f"a cleanup of run {run_key} is removing shared items checkpoint "
+            failure = SharedItemGone(
+                f"a cleanup of run {run_key} is removing (or removed) shared items checkpoint "
                 f"{slot.checkpoint_id} names; nothing was written: append it again with "
-                "those items")
+                "their values")
         if failure is None:
             assert isinstance(markers, dict)
             if markers:
@@ -1243,11 +1260,15 @@ class S3Store(ExpiryCleanup):
 
     async def _put_shared(
         self, io: Bucket, run_key: str, slot: Slot, shared: dict[str, Item], now: float
-    ) -> None:
+    ) -> dict[str, str]:
+        """Write the shared items where no live item is; the ETag of the object now at each
+        key (this write's, or the live item's kept), by hex key."""
         bodies = {hex_key: ItemBody(item.value, None, None, slot.token, shared=True)
                   for hex_key, item in shared.items()}
-        await gather([functools.partial(self._put_item, io, run_key, hex_key, body, now)
-                      for hex_key, body in bodies.items()])
+        results = await gather([functools.partial(self._put_item, io, run_key, hex_key, body,
+                                                  now) for hex_key, body in bodies.items()])
+        return {hex_key: etag for hex_key, (etag, _) in zip(bodies, results, strict=True)
+                if etag is not None}
 
     async def _put_owned(
         self, io: Bucket, run_key: str, slot: Slot, owned: dict[str, Item], now: float
@@ -1285,8 +1306,9 @@ class S3Store(ExpiryCleanup):
         existing: tuple[bytes, str] | None = None,
     ) -> tuple[str | None, ItemBody | None]:
         """Write ``body`` unless a live item has the key (``existing``: the object as just
-        read, if it was): ``(its ETag, None)``, or ``(None, the live item kept)``. A key
-        taken by this very write (its token: a retry after a lost reply) counts as written."""
+        read, if it was): ``(its ETag, None)``, or ``(the ETag of the live item kept, that
+        item)``. A key taken by this very write (its token: a retry after a lost reply)
+        counts as written."""
         key = layout.item_object(run_key, hex_key)
         encoded = layout.encode(body)
         for _ in range(_FLOOR_RACES):
@@ -1301,31 +1323,48 @@ class S3Store(ExpiryCleanup):
             if stored.token == body.token:
                 return existing[1], None
             if is_live(stored.expires_at, now):
-                return None, stored
+                return existing[1], stored
             etag = await io.put(key, encoded, if_match=existing[1])
             if etag is not None:
                 return etag, None
             existing = await io.get(key)
         raise ConflictError(f"item {io.where(key)} kept changing while it was written")
 
-    async def _sweep_allows(self, io: Bucket, run_key: str, refs: Sequence[str]) -> bool:
+    async def _sweep_allows(
+        self, io: Bucket, run_key: str, refs: Sequence[str], shared: Mapping[str, str]
+    ) -> bool:
         """After the commit: may the checkpoint name ``refs``? Not when a sweep that did not
-        see it is deleting one of them. A sweep still collecting is stopped instead (its
-        lease deleted: it then deletes nothing). See "Shared items" in ``docs/stores/s3.md``."""
+        see it is deleting one of them or removed one lately (the lease remembers), unless
+        this append wrote it again (``shared``: the ETag of the object at each key this
+        append wrote or found in place; a removal of another object is no loss). A sweep
+        still collecting is stopped instead (its lease rewritten without what it would
+        delete: it then deletes nothing). See "Shared items" in ``docs/stores/s3.md``."""
         if not refs:
             return True
         named = {layout.hex_item_key(ref) for ref in refs}
+
+        def lost(hex_key: str, etag: str | None) -> bool:
+            relied = shared.get(hex_key)
+            return hex_key in named and (relied is None or not etag or etag == relied)
+
         key = layout.sweep_lease(run_key)
         for _ in range(_FLOOR_RACES):
             found = await io.get(key)
             if found is None:
                 return True
             lease = _lease_of(found[0], io.where(key))
-            if lease is None or named.isdisjoint(lease.doomed):
+            if lease is None:
                 return True
-            if lease.deleting:
+            if any(lost(gone.hex_key, gone.etag) for gone in lease.removed):
                 return False
-            if await io.delete_if(key, found[1]):
+            if lease.deleting:
+                etags: Sequence[str | None] = lease.etags or [None] * len(lease.doomed)
+                return not any(lost(hex_key, etag)
+                               for hex_key, etag in zip(lease.doomed, etags, strict=False))
+            if named.isdisjoint(lease.doomed):
+                return True
+            stopped = msgspec.structs.replace(lease, doomed=(), etags=())
+            if await io.put(key, layout.encode(stopped), if_match=found[1]) is not None:
                 return True
         return False
 
@@ -2459,10 +2498,12 @@ class S3Store(ExpiryCleanup):
 
         The doomed items are published in a lease object before anything is deleted. An
         append naming one of them checks the lease after its commit: while the sweep still
-        collects, the append deletes the lease and the sweep deletes nothing; once it
-        deletes, the append is taken back. The sweep lists the run's newest checkpoints
-        again after taking the lease, so an append that landed before that keeps what it
-        names, and one that lands after it finds the lease."""
+        collects, the append rewrites the lease without them and the sweep deletes nothing;
+        once it deletes, the append is taken back. The sweep lists the run's newest
+        checkpoints again after taking the lease, so an append that landed before that keeps
+        what it names, and one that lands after it finds the lease. Once done, the lease
+        stays, without doomed items, remembering what was removed for ``REMOVED_SECONDS``:
+        an append landing after the sweep, naming an item it removed, is taken back too."""
         held = [view for view in listed.slots.values()
                 if view.slot_etag is not None and view.sequence not in gone]
         named = await self._named(io, run_key, held)
@@ -2474,21 +2515,31 @@ class S3Store(ExpiryCleanup):
                 await self._drop_stale_lease(io, run_key, now)
             return 0, True, False
         token = secrets.token_bytes(_TOKEN_BYTES)
-        etag = await self._take_lease(io, run_key, SweepLease(False, token, now, tuple(doomed)),
-                                      now)
-        if etag is None:
+        taken = await self._take_lease(
+            io, run_key, SweepLease(False, token, now, tuple(doomed), tuple(doomed.values())),
+            now, exists=listed.lease is not None)
+        if taken is None:
             return 0, False, False  # another sweep runs: it removes what this one would
+        etag, lease = taken
         for hex_key in await self._named_since(io, run_key, listed):
             doomed.pop(hex_key, None)
-        deleting = SweepLease(True, token, now, tuple(doomed))
-        etag = await self._put_lease(io, run_key, deleting, if_match=etag)
-        if etag is None:
+        deleting = msgspec.structs.replace(lease, deleting=True, doomed=tuple(doomed),
+                                           etags=tuple(doomed.values()))
+        written = await self._put_lease(io, run_key, deleting, if_match=etag)
+        if written is None:
             return 0, False, False  # an append naming a doomed item stopped it
         results = await gather([
             functools.partial(io.delete_if, layout.item_object(run_key, hex_key), item_etag)
             for hex_key, item_etag in doomed.items()
         ])
-        await io.delete_if(layout.sweep_lease(run_key), etag)
+        removed = tuple(Removed(hex_key, item_etag, now) for (hex_key, item_etag), deleted
+                        in zip(doomed.items(), results, strict=True) if deleted)
+        done = msgspec.structs.replace(deleting, deleting=False, doomed=(), etags=(),
+                                       removed=(*deleting.removed, *removed))
+        if await self._put_lease(io, run_key, done, if_match=written) is None:
+            logger.warning("run %s: a sweep's lease changed under it; appends naming the "
+                           "items it removed are refused until the lease is taken over",
+                           run_key)
         return sum(results), not more, more
 
     async def _named(
@@ -2559,21 +2610,27 @@ class S3Store(ExpiryCleanup):
         return await self._named(io, run_key, fresh)
 
     async def _take_lease(
-        self, io: Bucket, run_key: str, lease: SweepLease, now: float
-    ) -> str | None:
-        """The run's sweep lease for ``lease`` (its ETag), or None while another sweep
-        holds it. A lease left by a sweep that stopped is taken over once it is stale."""
-        etag = await self._put_lease(io, run_key, lease)
-        if etag is not None:
-            return etag
+        self, io: Bucket, run_key: str, lease: SweepLease, now: float, *, exists: bool
+    ) -> tuple[str, SweepLease] | None:
+        """The run's sweep lease for ``lease``: its ETag and the lease written (with what the
+        lease in place remembers), or None while another sweep holds it. A lease without a
+        sweep in progress is taken over, and one left by a sweep that stopped once it is
+        stale. ``exists``: a lease was listed (no create-only PUT is tried then)."""
+        if not exists:
+            etag = await self._put_lease(io, run_key, lease)
+            if etag is not None:
+                return etag, lease
         key = layout.sweep_lease(run_key)
         found = await io.get(key)
         if found is None:
-            return None  # released in between: the next pass sweeps
+            etag = await self._put_lease(io, run_key, lease)
+            return None if etag is None else (etag, lease)
         held = _lease_of(found[0], io.where(key))
-        if held is not None and now < held.since + SWEEP_LEASE_SECONDS:
+        if held is not None and held.doomed and now < held.since + SWEEP_LEASE_SECONDS:
             return None
-        return await self._put_lease(io, run_key, lease, if_match=found[1])
+        lease = msgspec.structs.replace(lease, removed=_remembered(held, now))
+        etag = await self._put_lease(io, run_key, lease, if_match=found[1])
+        return None if etag is None else (etag, lease)
 
     async def _put_lease(
         self, io: Bucket, run_key: str, lease: SweepLease, *, if_match: str | None = None
@@ -2591,13 +2648,21 @@ class S3Store(ExpiryCleanup):
         return None
 
     async def _drop_stale_lease(self, io: Bucket, run_key: str, now: float) -> None:
+        """Clear a lease left by a sweep that stopped (what it may have removed is
+        remembered), and remove the lease once it remembers nothing recent."""
         key = layout.sweep_lease(run_key)
         found = await io.get(key)
         if found is None:
             return
         held = _lease_of(found[0], io.where(key))
-        if held is None or now >= held.since + SWEEP_LEASE_SECONDS:
+        if held is not None and held.doomed and now < held.since + SWEEP_LEASE_SECONDS:
+            return  # a sweep in progress
+        removed = _remembered(held, now)
+        if not removed:
             await io.delete_if(key, found[1])
+        elif held is None or held.doomed or removed != held.removed:
+            idle = SweepLease(False, secrets.token_bytes(_TOKEN_BYTES), now, (), (), removed)
+            await io.put(key, layout.encode(idle), if_match=found[1])
 
     async def _floor_above(
         self, io: Bucket, run_key: str, current: _Run, views: Sequence[_SlotView]
@@ -2879,6 +2944,19 @@ def _owned_batch(items: Sequence[Item], owner: int, if_absent: bool) -> dict[str
         if not if_absent or hex_key not in batch:
             batch[hex_key] = item
     return batch
+
+
+def _remembered(held: SweepLease | None, now: float) -> tuple[Removed, ...]:
+    """What a lease in place remembers of removed items, still recent at ``now``, with what
+    its sweep may have removed if it stopped while deleting."""
+    if held is None:
+        return ()
+    removed = [gone for gone in held.removed if now < gone.at + REMOVED_SECONDS]
+    if held.deleting:
+        etags: Sequence[str] = held.etags or [""] * len(held.doomed)
+        removed += [Removed(hex_key, etag, held.since)
+                    for hex_key, etag in zip(held.doomed, etags, strict=False)]
+    return tuple(removed)
 
 
 def _lease_of(blob: bytes, where: str) -> SweepLease | None:

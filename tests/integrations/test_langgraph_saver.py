@@ -26,6 +26,7 @@ from fastcheckpoint.errors import (
     ConfigurationError,
     ConflictError,
     SerializationError,
+    SharedItemGone,
     ValidationError,
 )
 from fastcheckpoint.integrations import _langgraph_records as records
@@ -123,6 +124,58 @@ async def test_unchanged_channel_values_are_not_sent_again() -> None:
     assert [item.key for item in blobs] == [records.blob_key("a", 2)]
     assert latest is not None
     assert latest.checkpoint["channel_values"] == {"a": "2", "big": "x" * 10_000}
+
+
+class RefusingStore(CountingStore):
+    """Refuses the next ``refusals`` appends that name shared values they do not send, as a
+    store does when a removal took such a value away meanwhile."""
+
+    def __init__(self, inner: Any, refusals: int) -> None:
+        super().__init__(inner)
+        self.refusals = refusals
+
+    async def append_with_items(self, run_key: str, record: Any, **options: Any) -> Any:
+        sent = {item.key for item in options["items"]}
+        if self.refusals and any(key not in sent for key in record.refs):
+            self.refusals -= 1
+            self.calls["refused"] += 1
+            raise SharedItemGone("removed meanwhile: append it again with their values")
+        self.calls["append_with_items"] += 1
+        self.last["append_with_items"] = ((run_key, record), options)
+        return await self.inner.append_with_items(run_key, record, **options)
+
+
+async def test_a_save_refused_for_a_removed_value_is_sent_again_with_every_value() -> None:
+    store = RefusingStore(MemoryStore(), refusals=0)
+    saver = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        first = await put(saver, "t", values={"a": "1", "big": "x" * 1000},
+                          versions={"a": 1, "big": 1})
+        store.refusals = 1
+        await put(saver, "t", parent=first, values={"a": "2", "big": "x" * 1000},
+                  versions={"a": 2, "big": 1}, new_versions={"a": 2})
+        items = store.last["append_with_items"][1]["items"]
+        latest = await saver.aget_tuple(config("t"))
+    assert store.calls["refused"] == 1
+    assert {records.blob_key("a", 2), records.blob_key("big", 1)} <= {item.key for item in items}
+    assert latest is not None
+    assert latest.checkpoint["channel_values"] == {"a": "2", "big": "x" * 1000}
+
+
+async def test_a_save_refused_again_is_a_typed_error_and_writes_nothing() -> None:
+    store = RefusingStore(MemoryStore(), refusals=0)
+    saver = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        first = await put(saver, "t", values={"a": "1", "big": "x"}, versions={"a": 1, "big": 1})
+        store.refusals = 2  # the resend with every value is refused too (a version of a
+        # channel without a value is named and never sent)
+        with pytest.raises(SharedItemGone):
+            await put(saver, "t", parent=first, values={"a": "2"},
+                      versions={"a": 2, "big": 1}, new_versions={"a": 2})
+        latest = await saver.aget_tuple(config("t"))
+    assert store.calls["refused"] == 2
+    assert latest is not None
+    assert latest.checkpoint["id"] == first
 
 
 # -- shared values, pruning and deletes --------------------------------------------------------
