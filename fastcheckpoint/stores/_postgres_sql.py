@@ -18,6 +18,15 @@ items: one order everywhere, so concurrent writers never deadlock. Sequencing ne
 read: the ``UPDATE`` that moves ``latest_sequence`` from ``s - 1`` to ``s`` is the
 compare-and-set, and the primary key ``(run_key, sequence)`` keeps every write create-only.
 
+Damage. Only something outside the store makes a run row disagree with its checkpoints (a row
+put back from an older copy, edited by hand, a run id that is not UTF-8). ``<p>damage`` judges
+a row against the newest checkpoint in place (one primary-key probe); every function that uses
+a row asks it, in the same snapshot as the row (after taking the row's lock, for writers):
+reads report the status ``NULL`` (the store says ``active``), writes raise FC003, listings and
+counts leave the run out, cleanup never takes the row for the run's expiry.
+``<p>damaged_runs`` also compares counts and expiry with the whole log, and
+``<p>rebuild_run`` derives a new row from the log.
+
 Strings a user chooses (run ids, item keys, labels) are stored as UTF-8 ``bytea``: any Python
 string the library accepts (NUL included) round-trips, and ``bytea`` order is UTF-8 byte order,
 which is code point order.
@@ -31,6 +40,16 @@ from dataclasses import dataclass
 __all__ = ["MIGRATIONS", "Migration", "Names", "Statements"]
 
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*")
+
+UTF8_HEX = (
+    "^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]"
+    "|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]"
+    "|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]"
+    "|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$"
+)
+"""Well-formed UTF-8 (no overlong forms, no surrogates: what Python decodes), as a regular
+expression over ``encode(value, 'hex')``; ``convert_from`` would also refuse NUL, which run
+ids may hold."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +87,8 @@ _OBJECTS = (
     "migrations", "runs", "checkpoints", "items", "refs", "labels", "ops",
     "append", "remove", "delete", "delete_run", "update_run", "put_items", "put_owned_items",
     "purge", "get", "latest", "read_with_items", "headers", "get_run", "list_runs",
-    "count_runs", "runs_with_label", "get_items", "scan_items", "delete_items",
+    "count_runs", "runs_with_label", "get_items", "scan_items", "delete_items", "damage",
+    "damaged_runs", "rebuild_run",
 )
 
 TABLES = ("runs", "checkpoints", "items", "refs", "labels", "ops")
@@ -91,7 +111,8 @@ FUNCTIONS = {
     "append": "text, bigint, text, double precision, double precision, bytea, bytea, bytea[], "
               "text, bytea, text, text, double precision, bigint, bytea, bytea[], bigint, "
               "double precision, bytea[], bytea[], bigint[], double precision[]",
-    "remove": "text, bigint[]",
+    "damage": "text, bytea, text, bigint, bigint, double precision",
+    "remove": "text, bigint[], boolean",
     "delete": "text, bigint, text, text",
     "delete_run": "text, text",
     "update_run": "text, text, bigint, text, bytea, double precision, text",
@@ -110,6 +131,8 @@ FUNCTIONS = {
     "get_items": "text, bytea[], double precision",
     "scan_items": "text, bytea, bytea, integer, boolean, double precision",
     "delete_items": "text, bytea[], text",
+    "damaged_runs": "text, text, integer",
+    "rebuild_run": "text, bytea, text, bytea, bytea[], double precision",
 }
 """The store's server-side functions and their argument types (for grants and checks)."""
 
@@ -219,11 +242,58 @@ END
 $lz4$
 """
 
+# Why a run row cannot be used, NULL when it can: a run id that is not UTF-8, or a row that
+# the newest checkpoint in place contradicts (one primary-key probe): it knows fewer
+# sequences, another incarnation, no checkpoint, or an earlier expiry. Only something outside
+# the store (a row put back from an older copy, edited by hand) makes a row disagree with its
+# log: every write changes both in one transaction.
+_DAMAGE_V1 = r"""
+CREATE FUNCTION {damage}(p_run_key text, p_run_id bytea, p_incarnation text, p_latest bigint,
+                         p_held bigint, p_expires_at double precision)
+RETURNS text LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_sequence bigint;
+    v_id text;
+    v_expires_at double precision;
+BEGIN
+    IF encode(p_run_id, 'hex') !~ '<utf8>' THEN
+        RETURN 'holds a run id that is not UTF-8 text';
+    END IF;
+    SELECT n.sequence, n.checkpoint_id, n.expires_at INTO v_sequence, v_id, v_expires_at
+      FROM {checkpoints} n WHERE n.run_key = p_run_key ORDER BY n.sequence DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF v_sequence > p_latest THEN
+        RETURN format('knows sequences up to %s, but checkpoint %s is in place (an older '
+                      'copy of the row was put back)', p_latest, v_sequence);
+    END IF;
+    IF v_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$'
+       AND split_part(v_id, '-', 3) <> p_incarnation THEN
+        RETURN format('is of incarnation %s, but the newest checkpoint in place is of '
+                      'incarnation %s (a row of another incarnation was put back)',
+                      p_incarnation, split_part(v_id, '-', 3));
+    END IF;
+    IF p_held = 0 THEN
+        RETURN format('says the run holds no checkpoint, but checkpoint %s is in place',
+                      v_sequence);
+    END IF;
+    IF p_expires_at IS NOT NULL AND (v_expires_at IS NULL OR v_expires_at > p_expires_at) THEN
+        RETURN format('says the run expires at %s, before checkpoint %s in place does',
+                      p_expires_at, v_sequence);
+    END IF;
+    RETURN NULL;
+END
+$fn$
+""".replace("<utf8>", UTF8_HEX)
+
 # Removes checkpoints of one run (whose row the caller has locked) with their owned items,
-# releases the shared items they named, and brings the run's counters and expiry along.
-# Returns how many it removed.
+# releases the shared items they named (once per checkpoint), and, with p_count_run, brings
+# the run's counters and expiry along (not for a damaged row: repair recounts it). Returns
+# how many it removed.
 _REMOVE_V1 = r"""
-CREATE FUNCTION {remove}(p_run_key text, p_sequences bigint[])
+CREATE FUNCTION {remove}(p_run_key text, p_sequences bigint[], p_count_run boolean)
 RETURNS bigint LANGUAGE plpgsql AS $fn$
 #variable_conflict use_column
 DECLARE
@@ -241,7 +311,8 @@ BEGIN
         RETURNING sequence, expires_at, refs
     )
     SELECT array_agg(sequence), count(*) FILTER (WHERE expires_at IS NULL),
-           (SELECT array_agg(ref ORDER BY ref) FROM gone g, unnest(g.refs) ref)
+           (SELECT array_agg(ref ORDER BY ref)
+              FROM gone g, LATERAL (SELECT DISTINCT unnest(g.refs)) named(ref))
       INTO v_gone, v_forever, v_refs
       FROM gone;
     IF v_gone IS NULL THEN
@@ -264,6 +335,9 @@ BEGIN
              WHERE run_key = p_run_key AND key = ANY (v_zeroed) AND owner IS NULL;
         END IF;
     END IF;
+    IF NOT p_count_run THEN
+        RETURN cardinality(v_gone);
+    END IF;
     UPDATE {runs} r
        SET checkpoint_count = r.checkpoint_count - cardinality(v_gone),
            forever_count = r.forever_count - v_forever,
@@ -281,8 +355,9 @@ $fn$
 """
 
 # append / append_with_items. Outcome 'ok' (status), 'conflict' (latest, incarnation or NULLs),
-# or an exception FC001 when the log contradicts the run row (a checkpoint already at the
-# sequence the row says is next).
+# or an exception: FC003 when the run row is damaged (see {damage}), FC001 when the log
+# contradicts the row in a way the probe did not show (a checkpoint already at the sequence
+# the row says is next).
 _APPEND_V1 = r"""
 CREATE FUNCTION {append}(
     p_run_key text, p_sequence bigint, p_checkpoint_id text, p_created_at double precision,
@@ -299,6 +374,9 @@ DECLARE
     r {runs}%ROWTYPE;
     v_drop bigint[];
     v_live bigint;
+    v_next boolean;
+    v_found boolean;
+    v_problem text;
 BEGIN
     -- The compare-and-set: only the next sequence of the live run of this incarnation.
     UPDATE {runs} AS x
@@ -312,25 +390,51 @@ BEGIN
        AND x.latest_sequence = p_sequence - 1
        AND (x.expires_at IS NULL OR x.expires_at > p_now)
     RETURNING x.* INTO r;
-    IF NOT FOUND THEN
+    v_next := FOUND;
+    IF v_next THEN
+        -- Never write after a row that the log contradicts (the exception undoes the update).
+        -- The row is locked now: no other writer changes the run's log until this commits.
+        v_problem := {damage}(p_run_key, r.run_id, r.incarnation, p_sequence - 1,
+                              r.checkpoint_count - 1, r.expires_at);
+    ELSE
         SELECT * INTO r FROM {runs} x WHERE x.run_key = p_run_key;
-        IF FOUND AND (r.expires_at IS NULL OR r.expires_at > p_now) THEN
+        v_found := FOUND;
+        IF v_found THEN
+            -- Judged in one statement: the row and the log of one snapshot (another writer
+            -- may have committed since the row above was read).
+            SELECT {damage}(x.run_key, x.run_id, x.incarnation, x.latest_sequence,
+                            x.checkpoint_count, x.expires_at)
+              INTO v_problem FROM {runs} x WHERE x.run_key = p_run_key;
+        END IF;
+        IF v_found AND (r.expires_at IS NULL OR r.expires_at > p_now
+                        OR v_problem IS NOT NULL) THEN
             -- A live run: this call may be the retry of one whose reply was lost.
             PERFORM 1 FROM {checkpoints} c
              WHERE c.run_key = p_run_key AND c.sequence = p_sequence AND c.token = p_token;
             IF FOUND THEN
                 outcome := 'ok'; status := r.status;
-            ELSE
+                RETURN;
+            END IF;
+            IF v_problem IS NULL THEN
                 outcome := 'conflict'; latest_sequence := r.latest_sequence;
                 incarnation := r.incarnation;
+                RETURN;
             END IF;
-            RETURN;
         END IF;
+    END IF;
+    IF v_problem IS NOT NULL THEN
+        -- A damaged row (run id not UTF-8, contradicted by the log): refused, nothing written,
+        -- nothing of an expired run dropped that its row does not know.
+        RAISE EXCEPTION USING ERRCODE = 'FC003', DETAIL = p_run_key,
+            MESSAGE = format('the run row of run key %s %s', p_run_key,
+                             v_problem);
+    END IF;
+    IF NOT v_next THEN
         IF p_sequence <> 0 THEN
             outcome := 'conflict';
             RETURN;
         END IF;
-        IF FOUND THEN
+        IF v_found THEN
             -- Start over on an expired (or emptied) run: replace its row if nobody did.
             UPDATE {runs} AS x
                SET run_id = p_run_id, incarnation = p_incarnation, status = p_status,
@@ -427,7 +531,7 @@ BEGIN
              ORDER BY c.sequence LIMIT v_live - p_keep_latest);
     END IF;
     IF cardinality(v_drop) > 0 THEN
-        PERFORM {remove}(p_run_key, v_drop);
+        PERFORM {remove}(p_run_key, v_drop, true);
     END IF;
     outcome := 'ok'; status := r.status;
 END
@@ -443,6 +547,7 @@ RETURNS bigint LANGUAGE plpgsql AS $fn$
 #variable_conflict use_column
 DECLARE
     v_result bigint;
+    v_problem text;
     v_server_now double precision := extract(epoch FROM clock_timestamp());
 BEGIN
     SELECT o.result INTO v_result FROM {ops} o WHERE o.token = p_token;
@@ -453,13 +558,23 @@ BEGIN
     IF NOT FOUND THEN
         RETURN 0;
     END IF;
+    -- After the lock, in a statement of its own: the row and the log as the last writer left
+    -- them (a locking read may return a row newer than its own snapshot).
+    SELECT {damage}(p_run_key, r.run_id, r.incarnation, r.latest_sequence,
+                    r.checkpoint_count, r.expires_at)
+      INTO v_problem FROM {runs} r WHERE r.run_key = p_run_key;
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'FC003', DETAIL = p_run_key,
+            MESSAGE = format('the run row of run key %s %s', p_run_key,
+                             v_problem);
+    END IF;
     PERFORM 1 FROM {checkpoints} c
      WHERE c.run_key = p_run_key AND c.sequence = p_sequence
        AND c.checkpoint_id = p_checkpoint_id;
     IF NOT FOUND THEN
         RETURN 0;
     END IF;
-    v_result := {remove}(p_run_key, ARRAY[p_sequence]);
+    v_result := {remove}(p_run_key, ARRAY[p_sequence], true);
     INSERT INTO {ops} (token, result, expires_at) VALUES (p_token, v_result, v_server_now + 300);
     RETURN v_result;
 END
@@ -499,6 +614,8 @@ RETURNS TABLE (outcome text, run {runs}) LANGUAGE plpgsql AS $fn$
 #variable_conflict use_column
 DECLARE
     r {runs}%ROWTYPE;
+    v_updated boolean;
+    v_problem text;
 BEGIN
     UPDATE {runs} AS x
        SET status = p_status, data = p_data, version = x.version + 1, updated_at = p_now,
@@ -506,12 +623,25 @@ BEGIN
      WHERE x.run_key = p_run_key AND x.incarnation = p_incarnation AND x.version = p_version
        AND (x.expires_at IS NULL OR x.expires_at > p_now)
     RETURNING x.* INTO r;
-    IF FOUND THEN
+    v_updated := FOUND;
+    -- The row and the log judged in one statement (one snapshot).
+    SELECT {damage}(x.run_key, x.run_id, x.incarnation, x.latest_sequence,
+                    x.checkpoint_count, x.expires_at)
+      INTO v_problem FROM {runs} x WHERE x.run_key = p_run_key;
+    IF v_problem IS NOT NULL THEN
+        -- Undoes the update: a damaged row takes no status change until repaired.
+        RAISE EXCEPTION USING ERRCODE = 'FC003', DETAIL = p_run_key,
+            MESSAGE = format('the run row of run key %s %s', p_run_key,
+                             v_problem);
+    END IF;
+    IF NOT v_updated THEN
+        SELECT * INTO r FROM {runs} x WHERE x.run_key = p_run_key;
+    END IF;
+    IF v_updated THEN
         RETURN QUERY SELECT 'ok'::text, r;
         RETURN;
     END IF;
-    SELECT * INTO r FROM {runs} x WHERE x.run_key = p_run_key;
-    IF NOT FOUND OR NOT (r.expires_at IS NULL OR r.expires_at > p_now) THEN
+    IF r.run_key IS NULL OR NOT (r.expires_at IS NULL OR r.expires_at > p_now) THEN
         RETURN QUERY SELECT 'missing'::text, NULL::{runs};
     ELSIF r.incarnation = p_incarnation AND r.version = p_version + 1
           AND r.update_token = p_token THEN
@@ -612,10 +742,15 @@ BEGIN
         SELECT x.run_key FROM {runs} x WHERE x.purge_at IS NOT NULL AND x.purge_at <= p_now
          ORDER BY x.purge_at LIMIT v_budget
     LOOP
-        DELETE FROM {runs} x WHERE x.run_key = v_key AND x.checkpoint_count = 0;
+        DELETE FROM {runs} x WHERE x.run_key = v_key AND x.checkpoint_count = 0
+           AND NOT EXISTS (SELECT 1 FROM {checkpoints} c WHERE c.run_key = v_key);
         IF FOUND THEN
             DELETE FROM {refs} f WHERE f.run_key = v_key;
             DELETE FROM {items} i WHERE i.run_key = v_key;
+        ELSE
+            -- A row that says its run is empty over checkpoints in place (put back from an
+            -- older copy): never taken for empty, left for repair, out of this loop.
+            UPDATE {runs} x SET purge_at = NULL WHERE x.run_key = v_key AND x.purge_at <= p_now;
         END IF;
         v_budget := v_budget - 1;
     END LOOP;
@@ -628,7 +763,15 @@ BEGIN
         EXIT WHEN v_budget <= 0;
         SELECT * INTO r FROM {runs} x WHERE x.run_key = v_key FOR NO KEY UPDATE;
         CONTINUE WHEN NOT FOUND;
-        IF r.expires_at IS NOT NULL AND r.expires_at <= p_now THEN
+        IF {damage}(v_key, r.run_id, r.incarnation, r.latest_sequence, r.checkpoint_count,
+                    r.expires_at) IS NOT NULL THEN
+            -- A damaged row: its expired checkpoints go by their own expiry, the row stays
+            -- as it is (never taken for the run's expiry) until a repair rebuilds it.
+            v_count := {remove}(v_key, ARRAY(
+                SELECT c.sequence FROM {checkpoints} c
+                 WHERE c.run_key = v_key AND c.expires_at <= p_now
+                 ORDER BY c.expires_at LIMIT v_budget), false);
+        ELSIF r.expires_at IS NOT NULL AND r.expires_at <= p_now THEN
             -- The whole run expired: everything of it goes.
             WITH gone AS (DELETE FROM {checkpoints} c WHERE c.run_key = v_key RETURNING 1)
             SELECT count(*) INTO v_count FROM gone;
@@ -639,7 +782,7 @@ BEGIN
             v_count := {remove}(v_key, ARRAY(
                 SELECT c.sequence FROM {checkpoints} c
                  WHERE c.run_key = v_key AND c.expires_at <= p_now
-                 ORDER BY c.expires_at LIMIT v_budget));
+                 ORDER BY c.expires_at LIMIT v_budget), true);
         END IF;
         removed := removed + v_count;
         v_budget := v_budget - greatest(v_count, 1)::integer;
@@ -672,7 +815,25 @@ $fn$
 """
 
 # Reads. plpgsql caches each statement's plan in the server process that runs it, so a call
-# costs no planning even when the client sends unnamed statements (PgBouncer).
+# costs no planning even when the client sends unnamed statements (PgBouncer). A checkpoint
+# is read by its own expiry; the status is NULL when the run row is damaged (the store then
+# reports 'active'), so a damaged row never hides or fails an intact checkpoint.
+# What {damage} checks, inlined where many rows or hot reads need it (a plan cached with the
+# query's, no function call): the newest checkpoint of run row x (one primary-key probe), and
+# x's status when the row is intact, NULL when it is damaged.
+_HEAD = """
+        LEFT JOIN LATERAL (SELECT h.sequence, h.checkpoint_id, h.expires_at
+                             FROM {checkpoints} h WHERE h.run_key = x.run_key
+                            ORDER BY h.sequence DESC LIMIT 1) h ON true"""
+_INTACT_STATUS = """CASE WHEN encode(x.run_id, 'hex') ~ '<utf8>'
+           AND (h.sequence IS NULL
+                OR (h.sequence <= x.latest_sequence AND x.checkpoint_count > 0
+                    AND (h.checkpoint_id !~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$'
+                         OR split_part(h.checkpoint_id, '-', 3) = x.incarnation)
+                    AND (x.expires_at IS NULL
+                         OR (h.expires_at IS NOT NULL AND h.expires_at <= x.expires_at))))
+          THEN x.status END""".replace("<utf8>", UTF8_HEX)
+
 _READS_V1 = r"""
 CREATE FUNCTION {get}(p_run_key text, p_sequence bigint, p_now double precision)
 RETURNS TABLE (sequence bigint, checkpoint_id text, created_at double precision,
@@ -683,8 +844,8 @@ LANGUAGE plpgsql STABLE AS $fn$
 BEGIN
     RETURN QUERY
     SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
-           c.refs, x.status
-      FROM {checkpoints} c JOIN {runs} x ON x.run_key = c.run_key
+           c.refs, <status>
+      FROM {checkpoints} c JOIN {runs} x ON x.run_key = c.run_key<head>
      WHERE c.run_key = p_run_key AND c.sequence = p_sequence
        AND (c.expires_at IS NULL OR c.expires_at > p_now);
 END
@@ -699,11 +860,11 @@ LANGUAGE plpgsql STABLE AS $fn$
 BEGIN
     RETURN QUERY
     SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
-           c.refs, x.status
+           c.refs, <status>
       FROM (SELECT * FROM {checkpoints} n
              WHERE n.run_key = p_run_key AND (n.expires_at IS NULL OR n.expires_at > p_now)
              ORDER BY n.sequence DESC LIMIT 1) c
-      JOIN {runs} x ON x.run_key = c.run_key;
+      JOIN {runs} x ON x.run_key = c.run_key<head>;
 END
 $fn$;
 
@@ -718,11 +879,11 @@ BEGIN
     IF p_sequence IS NULL THEN
         RETURN QUERY
         SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
-               c.refs, x.status, w.keys, w.vals
+               c.refs, <status>, w.keys, w.vals
           FROM (SELECT * FROM {checkpoints} n
                  WHERE n.run_key = p_run_key AND (n.expires_at IS NULL OR n.expires_at > p_now)
                  ORDER BY n.sequence DESC LIMIT 1) c
-          JOIN {runs} x ON x.run_key = c.run_key
+          JOIN {runs} x ON x.run_key = c.run_key<head>
          CROSS JOIN LATERAL (
                SELECT array_agg(i.key), array_agg(i.value) FROM {items} i
                 WHERE i.run_key = p_run_key AND (i.expires_at IS NULL OR i.expires_at > p_now)
@@ -730,8 +891,8 @@ BEGIN
     ELSE
         RETURN QUERY
         SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
-               c.refs, x.status, w.keys, w.vals
-          FROM {checkpoints} c JOIN {runs} x ON x.run_key = c.run_key
+               c.refs, <status>, w.keys, w.vals
+          FROM {checkpoints} c JOIN {runs} x ON x.run_key = c.run_key<head>
          CROSS JOIN LATERAL (
                SELECT array_agg(i.key), array_agg(i.value) FROM {items} i
                 WHERE i.run_key = p_run_key AND (i.expires_at IS NULL OR i.expires_at > p_now)
@@ -742,25 +903,41 @@ BEGIN
 END
 $fn$;
 
--- Up to p_limit headers newest first below p_before, with the run's status: one row with
--- NULL checkpoint columns when the run holds none to list, no row when there is no run.
+-- Up to p_limit headers newest first below p_before, with the run's status (NULL when its row
+-- is damaged): one row with NULL checkpoint columns when the run holds none to list, no row
+-- when there is no run (or, unless p_all, only an intact row that says the run expired).
 CREATE FUNCTION {headers}(p_run_key text, p_before bigint, p_limit integer,
                           p_now double precision, p_all boolean)
 RETURNS TABLE (status text, sequence bigint, checkpoint_id text, created_at double precision,
                expires_at double precision, header bytea)
 LANGUAGE plpgsql STABLE AS $fn$
 #variable_conflict use_column
+DECLARE
+    v_status text;
+    v_expires_at double precision;
+    v_problem text;
 BEGIN
+    SELECT x.status, x.expires_at,
+           {damage}(x.run_key, x.run_id, x.incarnation, x.latest_sequence, x.checkpoint_count,
+                    x.expires_at)
+      INTO v_status, v_expires_at, v_problem FROM {runs} x WHERE x.run_key = p_run_key;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF v_problem IS NOT NULL THEN
+        v_status := NULL;
+    ELSIF NOT p_all AND v_expires_at IS NOT NULL AND v_expires_at <= p_now THEN
+        RETURN;
+    END IF;
     RETURN QUERY
-    SELECT x.status, c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header
-      FROM {runs} x
+    SELECT v_status, c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header
+      FROM (SELECT 1) one
       LEFT JOIN LATERAL (
            SELECT n.sequence, n.checkpoint_id, n.created_at, n.expires_at, n.header
              FROM {checkpoints} n
-            WHERE n.run_key = x.run_key AND n.sequence < p_before
+            WHERE n.run_key = p_run_key AND n.sequence < p_before
               AND (p_all OR n.expires_at IS NULL OR n.expires_at > p_now)
             ORDER BY n.sequence DESC LIMIT p_limit) c ON true
-     WHERE x.run_key = p_run_key AND (p_all OR x.expires_at IS NULL OR x.expires_at > p_now)
      ORDER BY c.sequence DESC;
 END
 $fn$;
@@ -795,15 +972,19 @@ BEGIN
 END
 $fn$;
 
+-- Live runs, damaged rows left out (one primary-key probe of the log per row).
 CREATE FUNCTION {count_runs}(p_status text, p_now double precision)
 RETURNS bigint LANGUAGE plpgsql STABLE AS $fn$
 #variable_conflict use_column
 BEGIN
     IF p_status IS NULL THEN
-        RETURN (SELECT count(*) FROM {runs} x WHERE x.expires_at IS NULL OR x.expires_at > p_now);
+        RETURN (SELECT count(*) FROM {runs} x<head>
+                 WHERE (x.expires_at IS NULL OR x.expires_at > p_now)
+                   AND <status> IS NOT NULL);
     END IF;
-    RETURN (SELECT count(*) FROM {runs} x
-             WHERE x.status = p_status AND (x.expires_at IS NULL OR x.expires_at > p_now));
+    RETURN (SELECT count(*) FROM {runs} x<head>
+             WHERE x.status = p_status AND (x.expires_at IS NULL OR x.expires_at > p_now)
+               AND <status> IS NOT NULL);
 END
 $fn$;
 
@@ -869,7 +1050,142 @@ BEGIN
     RETURN v_count;
 END
 $fn$
-"""
+""".replace("<head>", _HEAD).replace("<status>", _INTACT_STATUS)
+
+# Repair. damaged_runs judges run rows in run_key order after p_after (all of them, or the
+# one p_run_key names), up to p_limit: besides {damage}, the row's counters and expiry
+# against its whole log and its labels' UTF-8. A row comes back for every run judged (the
+# caller pages on run_key), its problem NULL when it is intact; the newest checkpoint comes
+# with a damaged one.
+_REPAIR_V1 = r"""
+CREATE FUNCTION {damaged_runs}(p_run_key text, p_after text, p_limit integer)
+RETURNS TABLE (run_key text, problem text, checkpoints bigint, sequence bigint,
+               checkpoint_id text, created_at double precision, expires_at double precision,
+               header bytea)
+LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH judged AS (
+        SELECT x.run_key, coalesce(
+                   {damage}(x.run_key, x.run_id, x.incarnation, x.latest_sequence,
+                            x.checkpoint_count, x.expires_at),
+                   CASE
+                   WHEN EXISTS (SELECT 1 FROM unnest(x.labels) label
+                                 WHERE encode(label, 'hex') !~ '<utf8>')
+                       THEN 'holds a label that is not UTF-8 text'
+                   WHEN l.held <> x.checkpoint_count THEN format(
+                       'counts %s checkpoints, but %s are in place', x.checkpoint_count,
+                       l.held)
+                   WHEN l.held > 0 AND l.forever <> x.forever_count THEN format(
+                       'counts %s checkpoints that never expire, but %s are in place',
+                       x.forever_count, l.forever)
+                   WHEN l.held > 0 AND x.expires_at IS DISTINCT FROM
+                        (CASE WHEN l.forever > 0 THEN NULL ELSE l.latest END) THEN format(
+                       'says the run expires at %s, its checkpoints at %s',
+                       coalesce(x.expires_at::text, 'never'),
+                       CASE WHEN l.forever > 0 THEN 'never' ELSE l.latest::text END)
+                   END) AS problem, l.held
+          FROM {runs} x
+         CROSS JOIN LATERAL (
+               SELECT count(*) AS held, count(*) FILTER (WHERE c.expires_at IS NULL) AS forever,
+                      max(c.expires_at) AS latest
+                 FROM {checkpoints} c WHERE c.run_key = x.run_key) l
+         WHERE x.run_key > p_after AND (p_run_key IS NULL OR x.run_key = p_run_key)
+         ORDER BY x.run_key LIMIT p_limit
+    )
+    SELECT j.run_key, j.problem, j.held, n.sequence, n.checkpoint_id, n.created_at,
+           n.expires_at, n.header
+      FROM judged j
+      LEFT JOIN LATERAL (
+           SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header
+             FROM {checkpoints} c
+            WHERE c.run_key = j.run_key AND j.problem IS NOT NULL
+            ORDER BY c.sequence DESC LIMIT 1) n ON true
+     ORDER BY j.run_key;
+END
+$fn$;
+
+-- Replaces a damaged run row by one derived from the log: incarnation (from the newest
+-- checkpoint's id), latest sequence, counts and expiry, created_at of the oldest checkpoint,
+-- labels (p_labels, else the run's label rows), shared-item reference counts recounted;
+-- run id, status and data from the caller, version 0. Outcome 'ok' with the new row,
+-- 'missing' (no row, so no checkpoint), 'intact' with the row, 'empty' (no checkpoint to
+-- rebuild from), 'foreign' (the newest checkpoint's id is not one of ours).
+CREATE FUNCTION {rebuild_run}(p_run_key text, p_run_id bytea, p_status text, p_data bytea,
+                              p_labels bytea[], p_now double precision)
+RETURNS TABLE (outcome text, run {runs}) LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    r {runs}%ROWTYPE;
+    v_problem text;
+    v_held bigint;
+    v_forever bigint;
+    v_latest double precision;
+    v_sequence bigint;
+    v_id text;
+    v_created double precision;
+    v_labels bytea[];
+BEGIN
+    SELECT * INTO r FROM {runs} x WHERE x.run_key = p_run_key FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'missing'::text, NULL::{runs};
+        RETURN;
+    END IF;
+    SELECT d.problem INTO v_problem FROM {damaged_runs}(p_run_key, '', 1) d;
+    IF v_problem IS NULL THEN
+        RETURN QUERY SELECT 'intact'::text, r;
+        RETURN;
+    END IF;
+    SELECT count(*), count(*) FILTER (WHERE c.expires_at IS NULL), max(c.expires_at)
+      INTO v_held, v_forever, v_latest
+      FROM {checkpoints} c WHERE c.run_key = p_run_key;
+    IF v_held = 0 THEN
+        RETURN QUERY SELECT 'empty'::text, NULL::{runs};
+        RETURN;
+    END IF;
+    SELECT c.sequence, c.checkpoint_id INTO v_sequence, v_id
+      FROM {checkpoints} c WHERE c.run_key = p_run_key ORDER BY c.sequence DESC LIMIT 1;
+    IF v_id !~ ('^ck-' || p_run_key || '-[a-z2-7]+-[0-9]+$') THEN
+        RETURN QUERY SELECT 'foreign'::text, NULL::{runs};
+        RETURN;
+    END IF;
+    SELECT c.created_at INTO v_created
+      FROM {checkpoints} c WHERE c.run_key = p_run_key ORDER BY c.sequence LIMIT 1;
+    IF cardinality(p_labels) > 0 THEN
+        v_labels := p_labels;
+    ELSE
+        -- The label rows are written with the run's creation and follow its incarnation;
+        -- the row's own list (in the order given) when it names the same labels.
+        v_labels := ARRAY(SELECT DISTINCT l.label FROM {labels} l
+                           WHERE l.run_key = p_run_key ORDER BY l.label);
+        IF (SELECT array_agg(DISTINCT label ORDER BY label) FROM unnest(r.labels) label)
+           IS NOT DISTINCT FROM (CASE WHEN cardinality(v_labels) > 0 THEN v_labels END) THEN
+            v_labels := r.labels;
+        END IF;
+    END IF;
+    UPDATE {runs} x
+       SET run_id = p_run_id, incarnation = split_part(v_id, '-', 3), status = p_status,
+           created_at = v_created, updated_at = p_now, latest_sequence = v_sequence,
+           checkpoint_count = v_held, forever_count = v_forever,
+           expires_at = CASE WHEN v_forever > 0 THEN NULL ELSE v_latest END, purge_at = NULL,
+           version = 0, data = p_data, labels = v_labels, update_token = NULL
+     WHERE x.run_key = p_run_key
+    RETURNING x.* INTO r;
+    DELETE FROM {labels} l WHERE l.run_key = p_run_key;
+    INSERT INTO {labels} (label, created_at, run_key)
+    SELECT DISTINCT label, v_created, p_run_key FROM unnest(v_labels) label;
+    -- Shared items: each key counted once per checkpoint in place that names it.
+    DELETE FROM {refs} f WHERE f.run_key = p_run_key;
+    INSERT INTO {refs} (run_key, key, holders)
+    SELECT p_run_key, named.key, count(*)
+      FROM {checkpoints} c, LATERAL (SELECT DISTINCT unnest(c.refs)) named(key)
+     WHERE c.run_key = p_run_key
+     GROUP BY named.key;
+    RETURN QUERY SELECT 'ok'::text, r;
+END
+$fn$
+""".replace("<utf8>", UTF8_HEX)
 
 MIGRATIONS = (
     Migration(
@@ -877,9 +1193,10 @@ MIGRATIONS = (
         "runs, checkpoints, items, shared-item references, labels, delete memos and the "
         "store's functions",
         ";\n\n".join([
-            _TABLES_V1.strip(), _REMOVE_V1.strip(), _APPEND_V1.strip(), _DELETES_V1.strip(),
+            _TABLES_V1.strip(), _DAMAGE_V1.strip(), _REMOVE_V1.strip(), _APPEND_V1.strip(),
+            _DELETES_V1.strip(),
             _UPDATE_RUN_V1.strip(), _ITEMS_V1.strip(), _PURGE_V1.strip(),
-            _READS_V1.strip(),
+            _READS_V1.strip(), _REPAIR_V1.strip(),
         ]),
     ),
 )
@@ -915,6 +1232,20 @@ class Statements:
         self.scan_items = call("scan_items", 6)
         self.delete_items = call("delete_items", 3)
         self.purge = call("purge", 2)
+        self.damaged_runs = call("damaged_runs", 3)
+        self.rebuild_run = call("rebuild_run", 6, "outcome, " + ", ".join(
+            f"(run).{column}" for column in RUN_COLUMNS.split(", ")))
+        problem = names.render(
+            "{damage}(run_key, run_id, incarnation, latest_sequence, checkpoint_count, "
+            "expires_at)")
+        # Run reads with one more column: why the row cannot be used (NULL when it can) for
+        # one run, whether it is damaged for a page of runs.
+        self.get_run = call("get_run", 2, f"{RUN_COLUMNS}, {problem}")
+        columns = ", ".join(f"x.{column}" for column in RUN_COLUMNS.split(", "))
+        damaged = names.render(f"{columns}, {_INTACT_STATUS} IS NULL")
+        newest_first = names.render(f" x{_HEAD}\n ORDER BY x.created_at DESC, x.run_key DESC")
+        self.list_runs = call("list_runs", 5, damaged) + newest_first
+        self.runs_with_label = call("runs_with_label", 5, damaged) + newest_first
 
 
 RUN_COLUMNS = ("run_id, incarnation, status, created_at, updated_at, latest_sequence, "

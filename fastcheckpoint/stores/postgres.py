@@ -12,6 +12,14 @@ and shared-item references), get, latest, read with items, a page of headers, a 
 1.21) every call costs two (an unnamed prepare, then the execution), and nothing is kept in
 the server session.
 
+Damaged run rows. Every write changes a run row and its checkpoints in one transaction, so only
+something outside the store makes them disagree: a row put back from an older copy (it knows
+fewer sequences, another incarnation), edited by hand, or a run id that is not UTF-8. Each call
+that uses the row checks it against the newest checkpoint in place (one primary-key probe, in
+the same function): reads return intact checkpoints with status ``active``, writes refuse with
+:class:`CorruptCheckpointError`, listings and counts leave the run out, and
+:meth:`PostgresStore.rebuild_run` derives a new row from the log (``SupportsRepair``).
+
 Lost replies. A connection that breaks after the server committed leaves the client unsure:
 the call is retried with the same write token, and the server recognises its own earlier
 write (the checkpoint's token, the run's last update token, or a five-minute memo of the
@@ -53,6 +61,7 @@ from fastcheckpoint.stores._base import (
     CheckpointHeader,
     ExpiryCleanup,
     Item,
+    RunDamage,
     RunRecord,
     StoredCheckpoint,
     check_keep_latest,
@@ -126,6 +135,10 @@ _POOL_ONLY = frozenset({"min_size", "max_size", "max_queries",
                         "max_inactive_connection_lifetime"})
 _CORRUPT_LOG = "FC001"
 _ITEM_TAKEN = "FC002"
+_DAMAGED_ROW = "FC003"
+_REPAIR_PAGE = 500
+_REMEDY = ("`fastcheckpoint doctor --repair URL` rebuilds it from the run's checkpoints "
+           "(delete_run removes the run)")
 
 
 def _token() -> str:
@@ -237,6 +250,9 @@ class PostgresStore(ExpiryCleanup):
     retried with its backoff; the write token of each call makes a retry safe.
     ``max_payload_bytes`` bounds header plus payload of one checkpoint and each item value.
     ``default_ttl_seconds`` is FastAgentic's store-level TTL (:class:`SupportsDefaultTTL`).
+    A run row damaged behind the store's back is found and rebuilt from the run's checkpoints
+    by :meth:`damaged_runs` and :meth:`rebuild_run` (:class:`SupportsRepair`, what
+    ``manager.repair()`` and ``fastcheckpoint doctor --repair`` use).
     """
 
     def __init__(
@@ -417,10 +433,15 @@ class PostgresStore(ExpiryCleanup):
             raise StoreError(
                 f"{where} denied {what}: {exc}. The store's role needs the grants in "
                 "stores/postgres/grants.sql (see docs/stores/postgres.md#grants)") from exc
+        if isinstance(exc, pg_errors.PostgresError) and exc.sqlstate == _DAMAGED_ROW:
+            run_key = getattr(exc, "detail", None) or "?"
+            raise CorruptCheckpointError(
+                f"{getattr(exc, 'message', exc)}; {_REMEDY}",
+                key=f"{self._names['runs']} ({run_key})") from exc
         if isinstance(exc, pg_errors.PostgresError) and exc.sqlstate == _CORRUPT_LOG:
             raise CorruptCheckpointError(
-                f"the checkpoint log contradicts its run row: {exc}",
-                key=f"{self._names['checkpoints']}") from exc
+                f"the checkpoint log contradicts its run row: {getattr(exc, 'message', exc)}; "
+                f"{_REMEDY}", key=f"{self._names['checkpoints']}") from exc
         if isinstance(exc, pg_errors.ProgramLimitExceededError):
             raise ValidationError(f"{where} refused {what}: {exc}") from exc
         if isinstance(exc, _TRANSIENT):
@@ -546,8 +567,13 @@ class PostgresStore(ExpiryCleanup):
         try:
             return await self._row("append", self._sql.append, *args)
         except CorruptCheckpointError as exc:
+            where = f"{self._names['runs']} ({run_key})"
+            if exc.key == where:
+                raise
+            cause = exc.__cause__
             raise CorruptCheckpointError(
-                str(exc), key=f"{self._names['runs']} ({run_key})") from exc.__cause__
+                f"the checkpoint log contradicts its run row: "
+                f"{getattr(cause, 'message', cause)}; {_REMEDY}", key=where) from cause
 
     def _item_columns(
         self, items: Iterable[Item], *, first_wins: bool,
@@ -589,11 +615,23 @@ class PostgresStore(ExpiryCleanup):
         ):
             return None
         row = await self._row("get", self._sql.get, run_key, sequence, now)
-        return None if row is None else (self._checkpoint(run_key, row), row[7])
+        return None if row is None else (self._checkpoint(run_key, row),
+                                         self._status(run_key, row[7]))
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
         row = await self._row("latest", self._sql.latest, _checked_run_key(run_key), now)
-        return None if row is None else (self._checkpoint(run_key, row), row[7])
+        return None if row is None else (self._checkpoint(run_key, row),
+                                         self._status(run_key, row[7]))
+
+    def _status(self, run_key: str, status: str | None) -> str:
+        """The run status a read reports: ``active`` when the run row is damaged (the store
+        functions send ``NULL`` then), logged."""
+        if status is not None:
+            return status
+        _log.warning("%s: the run row %s (%s) is damaged; reading its checkpoints with status "
+                     "'active' (fastcheckpoint doctor --repair rebuilds it)", self._where,
+                     self._names["runs"], run_key)
+        return "active"
 
     async def read_with_items(
         self, run_key: str, *, sequence: int | None, now: float
@@ -611,7 +649,7 @@ class PostgresStore(ExpiryCleanup):
         checkpoint = self._checkpoint(run_key, row)
         found = {_decoded(key, "an item key", checkpoint.key): bytes(value)
                  for key, value in zip(row[8] or (), row[9] or (), strict=True)}
-        return checkpoint, row[7], found
+        return checkpoint, self._status(run_key, row[7]), found
 
     async def headers(
         self,
@@ -633,8 +671,7 @@ class PostgresStore(ExpiryCleanup):
                              expires_at=row[4], header=bytes(row[5]))
             for row in rows if row[1] is not None
         ]
-        status: str = rows[0][0]
-        return found, status
+        return found, self._status(run_key, rows[0][0])
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
         _checked_run_key(run_key)
@@ -655,7 +692,13 @@ class PostgresStore(ExpiryCleanup):
 
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
         row = await self._row("get_run", self._sql.get_run, _checked_run_key(run_key), now)
-        return None if row is None else self._run_record(row)
+        if row is None:
+            return None
+        if row[12] is not None:
+            raise CorruptCheckpointError(
+                f"the run row of run key {run_key} {row[12]}; {_REMEDY}",
+                key=f"{self._names['runs']} ({run_key})")
+        return self._run_record(row)
 
     async def update_run(
         self,
@@ -709,6 +752,11 @@ class PostgresStore(ExpiryCleanup):
         behind the store's back) is left out and logged, so it hides no other run."""
         page = []
         for row in rows[:size]:
+            if row[12]:
+                _log.warning("%s: run listing skips the damaged run row %s (%s) "
+                             "(fastcheckpoint doctor --repair rebuilds it)", self._where,
+                             self._names["runs"], row[11])
+                continue
             try:
                 page.append(self._run_record(row))
             except CorruptCheckpointError as exc:
@@ -810,6 +858,65 @@ class PostgresStore(ExpiryCleanup):
         row = await self._row("purge_expired", self._sql.purge, now, max(_page_size(limit), 1))
         assert row is not None
         return int(row[0]), bool(row[1])
+
+    # -- repair (SupportsRepair) -------------------------------------------------------------
+
+    async def damaged_runs(self, *, run_key: str | None = None, now: float) -> list[RunDamage]:
+        """Run rows that cannot be used: a run id or label that is not UTF-8, or a row that
+        contradicts its log (fewer sequences or another incarnation than the newest checkpoint
+        in place, other counts, another expiry). Without ``run_key`` this judges every run row
+        of the store, in pages of 500 (one call each, reading the checkpoint table's rows but
+        never a payload): an operator's tool, not for hot paths."""
+        if run_key is not None:
+            _checked_run_key(run_key)
+        found: list[RunDamage] = []
+        after = ""
+        while True:
+            rows = await self._fetch("damaged_runs", self._sql.damaged_runs, run_key, after,
+                                     _REPAIR_PAGE)
+            for row in rows:
+                if row[1] is None:
+                    continue
+                newest = None if row[3] is None else CheckpointHeader(
+                    sequence=row[3], checkpoint_id=row[4], created_at=row[5],
+                    expires_at=row[6], header=bytes(row[7]))
+                found.append(RunDamage(
+                    run_key=row[0], key=f"{self._names['runs']} ({row[0]})",
+                    problem=f"the run row {row[1]}", checkpoints=int(row[2]), newest=newest))
+            if run_key is not None or len(rows) < _REPAIR_PAGE:
+                return found
+            after = rows[-1][0]
+
+    async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
+        """Replace a damaged run row by one derived from the log, in one transaction (see
+        :class:`SupportsRepair`): incarnation, latest sequence, counts, expiry and creation
+        time from the checkpoints in place; labels from the seed, else the run's label rows;
+        shared-item reference counts recounted; run id, status and data from ``seed``."""
+        _checked_run_key(run_key)
+        if not isinstance(seed, RunRecord):
+            raise ValidationError(f"seed must be a RunRecord, got {type(seed).__name__}")
+        labels = [_utf8(label, "a label") for label in check_labels(seed.labels)]
+        if not isinstance(seed.run_id, str) or not isinstance(seed.data, bytes):
+            raise ValidationError("the seed needs a str run_id and bytes data")
+        row = await self._row(
+            "rebuild_run", self._sql.rebuild_run, run_key, _utf8(seed.run_id, "run_id"),
+            _text_arg(seed.status, "status"), seed.data, labels, now)
+        assert row is not None
+        where = f"{self._names['runs']} ({run_key})"
+        if row[0] in ("missing", "empty"):
+            raise CheckpointNotFound(
+                f"run key {run_key} holds no checkpoint to rebuild a run row from")
+        if row[0] == "intact":
+            raise ConflictError(f"the run row {where} is not damaged")
+        if row[0] == "foreign":
+            raise CorruptCheckpointError(
+                f"the newest checkpoint of run key {run_key} has an id that is not "
+                "fastcheckpoint's: nothing to rebuild the run row from",
+                key=where)
+        rebuilt = self._run_record(row[1:])
+        _log.info("%s: rebuilt the run row %s from %d checkpoints", self._where, where,
+                  rebuilt.checkpoint_count)
+        return rebuilt
 
     async def provision(self) -> list[str]:
         """Create the schema's tables and functions, or upgrade them to this version.

@@ -13,7 +13,8 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON "public"."fc_refs" TO fastcheckpoint_app
 GRANT SELECT, INSERT, DELETE ON "public"."fc_labels" TO fastcheckpoint_app;
 GRANT SELECT, INSERT, DELETE ON "public"."fc_ops" TO fastcheckpoint_app;
 GRANT EXECUTE ON FUNCTION "public"."fc_append"(text, bigint, text, double precision, double precision, bytea, bytea, bytea[], text, bytea, text, text, double precision, bigint, bytea, bytea[], bigint, double precision, bytea[], bytea[], bigint[], double precision[]) TO fastcheckpoint_app;
-GRANT EXECUTE ON FUNCTION "public"."fc_remove"(text, bigint[]) TO fastcheckpoint_app;
+GRANT EXECUTE ON FUNCTION "public"."fc_damage"(text, bytea, text, bigint, bigint, double precision) TO fastcheckpoint_app;
+GRANT EXECUTE ON FUNCTION "public"."fc_remove"(text, bigint[], boolean) TO fastcheckpoint_app;
 GRANT EXECUTE ON FUNCTION "public"."fc_delete"(text, bigint, text, text) TO fastcheckpoint_app;
 GRANT EXECUTE ON FUNCTION "public"."fc_delete_run"(text, text) TO fastcheckpoint_app;
 GRANT EXECUTE ON FUNCTION "public"."fc_update_run"(text, text, bigint, text, bytea, double precision, text) TO fastcheckpoint_app;
@@ -31,3 +32,5 @@ GRANT EXECUTE ON FUNCTION "public"."fc_runs_with_label"(bytea, integer, double p
 GRANT EXECUTE ON FUNCTION "public"."fc_get_items"(text, bytea[], double precision) TO fastcheckpoint_app;
 GRANT EXECUTE ON FUNCTION "public"."fc_scan_items"(text, bytea, bytea, integer, boolean, double precision) TO fastcheckpoint_app;
 GRANT EXECUTE ON FUNCTION "public"."fc_delete_items"(text, bytea[], text) TO fastcheckpoint_app;
+GRANT EXECUTE ON FUNCTION "public"."fc_damaged_runs"(text, text, integer) TO fastcheckpoint_app;
+GRANT EXECUTE ON FUNCTION "public"."fc_rebuild_run"(text, bytea, text, bytea, bytea[], double precision) TO fastcheckpoint_app;

@@ -107,7 +107,46 @@ BEGIN
 END
 $lz4$;
 
-CREATE FUNCTION "public"."fc_remove"(p_run_key text, p_sequences bigint[])
+CREATE FUNCTION "public"."fc_damage"(p_run_key text, p_run_id bytea, p_incarnation text, p_latest bigint,
+                         p_held bigint, p_expires_at double precision)
+RETURNS text LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_sequence bigint;
+    v_id text;
+    v_expires_at double precision;
+BEGIN
+    IF encode(p_run_id, 'hex') !~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$' THEN
+        RETURN 'holds a run id that is not UTF-8 text';
+    END IF;
+    SELECT n.sequence, n.checkpoint_id, n.expires_at INTO v_sequence, v_id, v_expires_at
+      FROM "public"."fc_checkpoints" n WHERE n.run_key = p_run_key ORDER BY n.sequence DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF v_sequence > p_latest THEN
+        RETURN format('knows sequences up to %s, but checkpoint %s is in place (an older '
+                      'copy of the row was put back)', p_latest, v_sequence);
+    END IF;
+    IF v_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$'
+       AND split_part(v_id, '-', 3) <> p_incarnation THEN
+        RETURN format('is of incarnation %s, but the newest checkpoint in place is of '
+                      'incarnation %s (a row of another incarnation was put back)',
+                      p_incarnation, split_part(v_id, '-', 3));
+    END IF;
+    IF p_held = 0 THEN
+        RETURN format('says the run holds no checkpoint, but checkpoint %s is in place',
+                      v_sequence);
+    END IF;
+    IF p_expires_at IS NOT NULL AND (v_expires_at IS NULL OR v_expires_at > p_expires_at) THEN
+        RETURN format('says the run expires at %s, before checkpoint %s in place does',
+                      p_expires_at, v_sequence);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE FUNCTION "public"."fc_remove"(p_run_key text, p_sequences bigint[], p_count_run boolean)
 RETURNS bigint LANGUAGE plpgsql AS $fn$
 #variable_conflict use_column
 DECLARE
@@ -125,7 +164,8 @@ BEGIN
         RETURNING sequence, expires_at, refs
     )
     SELECT array_agg(sequence), count(*) FILTER (WHERE expires_at IS NULL),
-           (SELECT array_agg(ref ORDER BY ref) FROM gone g, unnest(g.refs) ref)
+           (SELECT array_agg(ref ORDER BY ref)
+              FROM gone g, LATERAL (SELECT DISTINCT unnest(g.refs)) named(ref))
       INTO v_gone, v_forever, v_refs
       FROM gone;
     IF v_gone IS NULL THEN
@@ -147,6 +187,9 @@ BEGIN
             DELETE FROM "public"."fc_items"
              WHERE run_key = p_run_key AND key = ANY (v_zeroed) AND owner IS NULL;
         END IF;
+    END IF;
+    IF NOT p_count_run THEN
+        RETURN cardinality(v_gone);
     END IF;
     UPDATE "public"."fc_runs" r
        SET checkpoint_count = r.checkpoint_count - cardinality(v_gone),
@@ -178,6 +221,9 @@ DECLARE
     r "public"."fc_runs"%ROWTYPE;
     v_drop bigint[];
     v_live bigint;
+    v_next boolean;
+    v_found boolean;
+    v_problem text;
 BEGIN
     -- The compare-and-set: only the next sequence of the live run of this incarnation.
     UPDATE "public"."fc_runs" AS x
@@ -191,25 +237,51 @@ BEGIN
        AND x.latest_sequence = p_sequence - 1
        AND (x.expires_at IS NULL OR x.expires_at > p_now)
     RETURNING x.* INTO r;
-    IF NOT FOUND THEN
+    v_next := FOUND;
+    IF v_next THEN
+        -- Never write after a row that the log contradicts (the exception undoes the update).
+        -- The row is locked now: no other writer changes the run's log until this commits.
+        v_problem := "public"."fc_damage"(p_run_key, r.run_id, r.incarnation, p_sequence - 1,
+                              r.checkpoint_count - 1, r.expires_at);
+    ELSE
         SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
-        IF FOUND AND (r.expires_at IS NULL OR r.expires_at > p_now) THEN
+        v_found := FOUND;
+        IF v_found THEN
+            -- Judged in one statement: the row and the log of one snapshot (another writer
+            -- may have committed since the row above was read).
+            SELECT "public"."fc_damage"(x.run_key, x.run_id, x.incarnation, x.latest_sequence,
+                            x.checkpoint_count, x.expires_at)
+              INTO v_problem FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+        END IF;
+        IF v_found AND (r.expires_at IS NULL OR r.expires_at > p_now
+                        OR v_problem IS NOT NULL) THEN
             -- A live run: this call may be the retry of one whose reply was lost.
             PERFORM 1 FROM "public"."fc_checkpoints" c
              WHERE c.run_key = p_run_key AND c.sequence = p_sequence AND c.token = p_token;
             IF FOUND THEN
                 outcome := 'ok'; status := r.status;
-            ELSE
+                RETURN;
+            END IF;
+            IF v_problem IS NULL THEN
                 outcome := 'conflict'; latest_sequence := r.latest_sequence;
                 incarnation := r.incarnation;
+                RETURN;
             END IF;
-            RETURN;
         END IF;
+    END IF;
+    IF v_problem IS NOT NULL THEN
+        -- A damaged row (run id not UTF-8, contradicted by the log): refused, nothing written,
+        -- nothing of an expired run dropped that its row does not know.
+        RAISE EXCEPTION USING ERRCODE = 'FC003', DETAIL = p_run_key,
+            MESSAGE = format('the run row of run key %s %s', p_run_key,
+                             v_problem);
+    END IF;
+    IF NOT v_next THEN
         IF p_sequence <> 0 THEN
             outcome := 'conflict';
             RETURN;
         END IF;
-        IF FOUND THEN
+        IF v_found THEN
             -- Start over on an expired (or emptied) run: replace its row if nobody did.
             UPDATE "public"."fc_runs" AS x
                SET run_id = p_run_id, incarnation = p_incarnation, status = p_status,
@@ -306,7 +378,7 @@ BEGIN
              ORDER BY c.sequence LIMIT v_live - p_keep_latest);
     END IF;
     IF cardinality(v_drop) > 0 THEN
-        PERFORM "public"."fc_remove"(p_run_key, v_drop);
+        PERFORM "public"."fc_remove"(p_run_key, v_drop, true);
     END IF;
     outcome := 'ok'; status := r.status;
 END
@@ -318,6 +390,7 @@ RETURNS bigint LANGUAGE plpgsql AS $fn$
 #variable_conflict use_column
 DECLARE
     v_result bigint;
+    v_problem text;
     v_server_now double precision := extract(epoch FROM clock_timestamp());
 BEGIN
     SELECT o.result INTO v_result FROM "public"."fc_ops" o WHERE o.token = p_token;
@@ -328,13 +401,23 @@ BEGIN
     IF NOT FOUND THEN
         RETURN 0;
     END IF;
+    -- After the lock, in a statement of its own: the row and the log as the last writer left
+    -- them (a locking read may return a row newer than its own snapshot).
+    SELECT "public"."fc_damage"(p_run_key, r.run_id, r.incarnation, r.latest_sequence,
+                    r.checkpoint_count, r.expires_at)
+      INTO v_problem FROM "public"."fc_runs" r WHERE r.run_key = p_run_key;
+    IF v_problem IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'FC003', DETAIL = p_run_key,
+            MESSAGE = format('the run row of run key %s %s', p_run_key,
+                             v_problem);
+    END IF;
     PERFORM 1 FROM "public"."fc_checkpoints" c
      WHERE c.run_key = p_run_key AND c.sequence = p_sequence
        AND c.checkpoint_id = p_checkpoint_id;
     IF NOT FOUND THEN
         RETURN 0;
     END IF;
-    v_result := "public"."fc_remove"(p_run_key, ARRAY[p_sequence]);
+    v_result := "public"."fc_remove"(p_run_key, ARRAY[p_sequence], true);
     INSERT INTO "public"."fc_ops" (token, result, expires_at) VALUES (p_token, v_result, v_server_now + 300);
     RETURN v_result;
 END
@@ -370,6 +453,8 @@ RETURNS TABLE (outcome text, run "public"."fc_runs") LANGUAGE plpgsql AS $fn$
 #variable_conflict use_column
 DECLARE
     r "public"."fc_runs"%ROWTYPE;
+    v_updated boolean;
+    v_problem text;
 BEGIN
     UPDATE "public"."fc_runs" AS x
        SET status = p_status, data = p_data, version = x.version + 1, updated_at = p_now,
@@ -377,12 +462,25 @@ BEGIN
      WHERE x.run_key = p_run_key AND x.incarnation = p_incarnation AND x.version = p_version
        AND (x.expires_at IS NULL OR x.expires_at > p_now)
     RETURNING x.* INTO r;
-    IF FOUND THEN
+    v_updated := FOUND;
+    -- The row and the log judged in one statement (one snapshot).
+    SELECT "public"."fc_damage"(x.run_key, x.run_id, x.incarnation, x.latest_sequence,
+                    x.checkpoint_count, x.expires_at)
+      INTO v_problem FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+    IF v_problem IS NOT NULL THEN
+        -- Undoes the update: a damaged row takes no status change until repaired.
+        RAISE EXCEPTION USING ERRCODE = 'FC003', DETAIL = p_run_key,
+            MESSAGE = format('the run row of run key %s %s', p_run_key,
+                             v_problem);
+    END IF;
+    IF NOT v_updated THEN
+        SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+    END IF;
+    IF v_updated THEN
         RETURN QUERY SELECT 'ok'::text, r;
         RETURN;
     END IF;
-    SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
-    IF NOT FOUND OR NOT (r.expires_at IS NULL OR r.expires_at > p_now) THEN
+    IF r.run_key IS NULL OR NOT (r.expires_at IS NULL OR r.expires_at > p_now) THEN
         RETURN QUERY SELECT 'missing'::text, NULL::"public"."fc_runs";
     ELSIF r.incarnation = p_incarnation AND r.version = p_version + 1
           AND r.update_token = p_token THEN
@@ -474,10 +572,15 @@ BEGIN
         SELECT x.run_key FROM "public"."fc_runs" x WHERE x.purge_at IS NOT NULL AND x.purge_at <= p_now
          ORDER BY x.purge_at LIMIT v_budget
     LOOP
-        DELETE FROM "public"."fc_runs" x WHERE x.run_key = v_key AND x.checkpoint_count = 0;
+        DELETE FROM "public"."fc_runs" x WHERE x.run_key = v_key AND x.checkpoint_count = 0
+           AND NOT EXISTS (SELECT 1 FROM "public"."fc_checkpoints" c WHERE c.run_key = v_key);
         IF FOUND THEN
             DELETE FROM "public"."fc_refs" f WHERE f.run_key = v_key;
             DELETE FROM "public"."fc_items" i WHERE i.run_key = v_key;
+        ELSE
+            -- A row that says its run is empty over checkpoints in place (put back from an
+            -- older copy): never taken for empty, left for repair, out of this loop.
+            UPDATE "public"."fc_runs" x SET purge_at = NULL WHERE x.run_key = v_key AND x.purge_at <= p_now;
         END IF;
         v_budget := v_budget - 1;
     END LOOP;
@@ -490,7 +593,15 @@ BEGIN
         EXIT WHEN v_budget <= 0;
         SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = v_key FOR NO KEY UPDATE;
         CONTINUE WHEN NOT FOUND;
-        IF r.expires_at IS NOT NULL AND r.expires_at <= p_now THEN
+        IF "public"."fc_damage"(v_key, r.run_id, r.incarnation, r.latest_sequence, r.checkpoint_count,
+                    r.expires_at) IS NOT NULL THEN
+            -- A damaged row: its expired checkpoints go by their own expiry, the row stays
+            -- as it is (never taken for the run's expiry) until a repair rebuilds it.
+            v_count := "public"."fc_remove"(v_key, ARRAY(
+                SELECT c.sequence FROM "public"."fc_checkpoints" c
+                 WHERE c.run_key = v_key AND c.expires_at <= p_now
+                 ORDER BY c.expires_at LIMIT v_budget), false);
+        ELSIF r.expires_at IS NOT NULL AND r.expires_at <= p_now THEN
             -- The whole run expired: everything of it goes.
             WITH gone AS (DELETE FROM "public"."fc_checkpoints" c WHERE c.run_key = v_key RETURNING 1)
             SELECT count(*) INTO v_count FROM gone;
@@ -501,7 +612,7 @@ BEGIN
             v_count := "public"."fc_remove"(v_key, ARRAY(
                 SELECT c.sequence FROM "public"."fc_checkpoints" c
                  WHERE c.run_key = v_key AND c.expires_at <= p_now
-                 ORDER BY c.expires_at LIMIT v_budget));
+                 ORDER BY c.expires_at LIMIT v_budget), true);
         END IF;
         removed := removed + v_count;
         v_budget := v_budget - greatest(v_count, 1)::integer;
@@ -541,8 +652,18 @@ LANGUAGE plpgsql STABLE AS $fn$
 BEGIN
     RETURN QUERY
     SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
-           c.refs, x.status
+           c.refs, CASE WHEN encode(x.run_id, 'hex') ~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$'
+           AND (h.sequence IS NULL
+                OR (h.sequence <= x.latest_sequence AND x.checkpoint_count > 0
+                    AND (h.checkpoint_id !~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$'
+                         OR split_part(h.checkpoint_id, '-', 3) = x.incarnation)
+                    AND (x.expires_at IS NULL
+                         OR (h.expires_at IS NOT NULL AND h.expires_at <= x.expires_at))))
+          THEN x.status END
       FROM "public"."fc_checkpoints" c JOIN "public"."fc_runs" x ON x.run_key = c.run_key
+        LEFT JOIN LATERAL (SELECT h.sequence, h.checkpoint_id, h.expires_at
+                             FROM "public"."fc_checkpoints" h WHERE h.run_key = x.run_key
+                            ORDER BY h.sequence DESC LIMIT 1) h ON true
      WHERE c.run_key = p_run_key AND c.sequence = p_sequence
        AND (c.expires_at IS NULL OR c.expires_at > p_now);
 END
@@ -557,11 +678,21 @@ LANGUAGE plpgsql STABLE AS $fn$
 BEGIN
     RETURN QUERY
     SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
-           c.refs, x.status
+           c.refs, CASE WHEN encode(x.run_id, 'hex') ~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$'
+           AND (h.sequence IS NULL
+                OR (h.sequence <= x.latest_sequence AND x.checkpoint_count > 0
+                    AND (h.checkpoint_id !~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$'
+                         OR split_part(h.checkpoint_id, '-', 3) = x.incarnation)
+                    AND (x.expires_at IS NULL
+                         OR (h.expires_at IS NOT NULL AND h.expires_at <= x.expires_at))))
+          THEN x.status END
       FROM (SELECT * FROM "public"."fc_checkpoints" n
              WHERE n.run_key = p_run_key AND (n.expires_at IS NULL OR n.expires_at > p_now)
              ORDER BY n.sequence DESC LIMIT 1) c
-      JOIN "public"."fc_runs" x ON x.run_key = c.run_key;
+      JOIN "public"."fc_runs" x ON x.run_key = c.run_key
+        LEFT JOIN LATERAL (SELECT h.sequence, h.checkpoint_id, h.expires_at
+                             FROM "public"."fc_checkpoints" h WHERE h.run_key = x.run_key
+                            ORDER BY h.sequence DESC LIMIT 1) h ON true;
 END
 $fn$;
 
@@ -576,11 +707,21 @@ BEGIN
     IF p_sequence IS NULL THEN
         RETURN QUERY
         SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
-               c.refs, x.status, w.keys, w.vals
+               c.refs, CASE WHEN encode(x.run_id, 'hex') ~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$'
+           AND (h.sequence IS NULL
+                OR (h.sequence <= x.latest_sequence AND x.checkpoint_count > 0
+                    AND (h.checkpoint_id !~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$'
+                         OR split_part(h.checkpoint_id, '-', 3) = x.incarnation)
+                    AND (x.expires_at IS NULL
+                         OR (h.expires_at IS NOT NULL AND h.expires_at <= x.expires_at))))
+          THEN x.status END, w.keys, w.vals
           FROM (SELECT * FROM "public"."fc_checkpoints" n
                  WHERE n.run_key = p_run_key AND (n.expires_at IS NULL OR n.expires_at > p_now)
                  ORDER BY n.sequence DESC LIMIT 1) c
           JOIN "public"."fc_runs" x ON x.run_key = c.run_key
+        LEFT JOIN LATERAL (SELECT h.sequence, h.checkpoint_id, h.expires_at
+                             FROM "public"."fc_checkpoints" h WHERE h.run_key = x.run_key
+                            ORDER BY h.sequence DESC LIMIT 1) h ON true
          CROSS JOIN LATERAL (
                SELECT array_agg(i.key), array_agg(i.value) FROM "public"."fc_items" i
                 WHERE i.run_key = p_run_key AND (i.expires_at IS NULL OR i.expires_at > p_now)
@@ -588,8 +729,18 @@ BEGIN
     ELSE
         RETURN QUERY
         SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
-               c.refs, x.status, w.keys, w.vals
+               c.refs, CASE WHEN encode(x.run_id, 'hex') ~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$'
+           AND (h.sequence IS NULL
+                OR (h.sequence <= x.latest_sequence AND x.checkpoint_count > 0
+                    AND (h.checkpoint_id !~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$'
+                         OR split_part(h.checkpoint_id, '-', 3) = x.incarnation)
+                    AND (x.expires_at IS NULL
+                         OR (h.expires_at IS NOT NULL AND h.expires_at <= x.expires_at))))
+          THEN x.status END, w.keys, w.vals
           FROM "public"."fc_checkpoints" c JOIN "public"."fc_runs" x ON x.run_key = c.run_key
+        LEFT JOIN LATERAL (SELECT h.sequence, h.checkpoint_id, h.expires_at
+                             FROM "public"."fc_checkpoints" h WHERE h.run_key = x.run_key
+                            ORDER BY h.sequence DESC LIMIT 1) h ON true
          CROSS JOIN LATERAL (
                SELECT array_agg(i.key), array_agg(i.value) FROM "public"."fc_items" i
                 WHERE i.run_key = p_run_key AND (i.expires_at IS NULL OR i.expires_at > p_now)
@@ -600,25 +751,41 @@ BEGIN
 END
 $fn$;
 
--- Up to p_limit headers newest first below p_before, with the run's status: one row with
--- NULL checkpoint columns when the run holds none to list, no row when there is no run.
+-- Up to p_limit headers newest first below p_before, with the run's status (NULL when its row
+-- is damaged): one row with NULL checkpoint columns when the run holds none to list, no row
+-- when there is no run (or, unless p_all, only an intact row that says the run expired).
 CREATE FUNCTION "public"."fc_headers"(p_run_key text, p_before bigint, p_limit integer,
                           p_now double precision, p_all boolean)
 RETURNS TABLE (status text, sequence bigint, checkpoint_id text, created_at double precision,
                expires_at double precision, header bytea)
 LANGUAGE plpgsql STABLE AS $fn$
 #variable_conflict use_column
+DECLARE
+    v_status text;
+    v_expires_at double precision;
+    v_problem text;
 BEGIN
+    SELECT x.status, x.expires_at,
+           "public"."fc_damage"(x.run_key, x.run_id, x.incarnation, x.latest_sequence, x.checkpoint_count,
+                    x.expires_at)
+      INTO v_status, v_expires_at, v_problem FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF v_problem IS NOT NULL THEN
+        v_status := NULL;
+    ELSIF NOT p_all AND v_expires_at IS NOT NULL AND v_expires_at <= p_now THEN
+        RETURN;
+    END IF;
     RETURN QUERY
-    SELECT x.status, c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header
-      FROM "public"."fc_runs" x
+    SELECT v_status, c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header
+      FROM (SELECT 1) one
       LEFT JOIN LATERAL (
            SELECT n.sequence, n.checkpoint_id, n.created_at, n.expires_at, n.header
              FROM "public"."fc_checkpoints" n
-            WHERE n.run_key = x.run_key AND n.sequence < p_before
+            WHERE n.run_key = p_run_key AND n.sequence < p_before
               AND (p_all OR n.expires_at IS NULL OR n.expires_at > p_now)
             ORDER BY n.sequence DESC LIMIT p_limit) c ON true
-     WHERE x.run_key = p_run_key AND (p_all OR x.expires_at IS NULL OR x.expires_at > p_now)
      ORDER BY c.sequence DESC;
 END
 $fn$;
@@ -653,15 +820,39 @@ BEGIN
 END
 $fn$;
 
+-- Live runs, damaged rows left out (one primary-key probe of the log per row).
 CREATE FUNCTION "public"."fc_count_runs"(p_status text, p_now double precision)
 RETURNS bigint LANGUAGE plpgsql STABLE AS $fn$
 #variable_conflict use_column
 BEGIN
     IF p_status IS NULL THEN
-        RETURN (SELECT count(*) FROM "public"."fc_runs" x WHERE x.expires_at IS NULL OR x.expires_at > p_now);
+        RETURN (SELECT count(*) FROM "public"."fc_runs" x
+        LEFT JOIN LATERAL (SELECT h.sequence, h.checkpoint_id, h.expires_at
+                             FROM "public"."fc_checkpoints" h WHERE h.run_key = x.run_key
+                            ORDER BY h.sequence DESC LIMIT 1) h ON true
+                 WHERE (x.expires_at IS NULL OR x.expires_at > p_now)
+                   AND CASE WHEN encode(x.run_id, 'hex') ~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$'
+           AND (h.sequence IS NULL
+                OR (h.sequence <= x.latest_sequence AND x.checkpoint_count > 0
+                    AND (h.checkpoint_id !~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$'
+                         OR split_part(h.checkpoint_id, '-', 3) = x.incarnation)
+                    AND (x.expires_at IS NULL
+                         OR (h.expires_at IS NOT NULL AND h.expires_at <= x.expires_at))))
+          THEN x.status END IS NOT NULL);
     END IF;
     RETURN (SELECT count(*) FROM "public"."fc_runs" x
-             WHERE x.status = p_status AND (x.expires_at IS NULL OR x.expires_at > p_now));
+        LEFT JOIN LATERAL (SELECT h.sequence, h.checkpoint_id, h.expires_at
+                             FROM "public"."fc_checkpoints" h WHERE h.run_key = x.run_key
+                            ORDER BY h.sequence DESC LIMIT 1) h ON true
+             WHERE x.status = p_status AND (x.expires_at IS NULL OR x.expires_at > p_now)
+               AND CASE WHEN encode(x.run_id, 'hex') ~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$'
+           AND (h.sequence IS NULL
+                OR (h.sequence <= x.latest_sequence AND x.checkpoint_count > 0
+                    AND (h.checkpoint_id !~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$'
+                         OR split_part(h.checkpoint_id, '-', 3) = x.incarnation)
+                    AND (x.expires_at IS NULL
+                         OR (h.expires_at IS NOT NULL AND h.expires_at <= x.expires_at))))
+          THEN x.status END IS NOT NULL);
 END
 $fn$;
 
@@ -725,6 +916,134 @@ BEGIN
         VALUES (p_token, v_count, extract(epoch FROM clock_timestamp()) + 300);
     END IF;
     RETURN v_count;
+END
+$fn$;
+
+CREATE FUNCTION "public"."fc_damaged_runs"(p_run_key text, p_after text, p_limit integer)
+RETURNS TABLE (run_key text, problem text, checkpoints bigint, sequence bigint,
+               checkpoint_id text, created_at double precision, expires_at double precision,
+               header bytea)
+LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH judged AS (
+        SELECT x.run_key, coalesce(
+                   "public"."fc_damage"(x.run_key, x.run_id, x.incarnation, x.latest_sequence,
+                            x.checkpoint_count, x.expires_at),
+                   CASE
+                   WHEN EXISTS (SELECT 1 FROM unnest(x.labels) label
+                                 WHERE encode(label, 'hex') !~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$')
+                       THEN 'holds a label that is not UTF-8 text'
+                   WHEN l.held <> x.checkpoint_count THEN format(
+                       'counts %s checkpoints, but %s are in place', x.checkpoint_count,
+                       l.held)
+                   WHEN l.held > 0 AND l.forever <> x.forever_count THEN format(
+                       'counts %s checkpoints that never expire, but %s are in place',
+                       x.forever_count, l.forever)
+                   WHEN l.held > 0 AND x.expires_at IS DISTINCT FROM
+                        (CASE WHEN l.forever > 0 THEN NULL ELSE l.latest END) THEN format(
+                       'says the run expires at %s, its checkpoints at %s',
+                       coalesce(x.expires_at::text, 'never'),
+                       CASE WHEN l.forever > 0 THEN 'never' ELSE l.latest::text END)
+                   END) AS problem, l.held
+          FROM "public"."fc_runs" x
+         CROSS JOIN LATERAL (
+               SELECT count(*) AS held, count(*) FILTER (WHERE c.expires_at IS NULL) AS forever,
+                      max(c.expires_at) AS latest
+                 FROM "public"."fc_checkpoints" c WHERE c.run_key = x.run_key) l
+         WHERE x.run_key > p_after AND (p_run_key IS NULL OR x.run_key = p_run_key)
+         ORDER BY x.run_key LIMIT p_limit
+    )
+    SELECT j.run_key, j.problem, j.held, n.sequence, n.checkpoint_id, n.created_at,
+           n.expires_at, n.header
+      FROM judged j
+      LEFT JOIN LATERAL (
+           SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header
+             FROM "public"."fc_checkpoints" c
+            WHERE c.run_key = j.run_key AND j.problem IS NOT NULL
+            ORDER BY c.sequence DESC LIMIT 1) n ON true
+     ORDER BY j.run_key;
+END
+$fn$;
+
+-- Replaces a damaged run row by one derived from the log: incarnation (from the newest
+-- checkpoint's id), latest sequence, counts and expiry, created_at of the oldest checkpoint,
+-- labels (p_labels, else the run's label rows), shared-item reference counts recounted;
+-- run id, status and data from the caller, version 0. Outcome 'ok' with the new row,
+-- 'missing' (no row, so no checkpoint), 'intact' with the row, 'empty' (no checkpoint to
+-- rebuild from), 'foreign' (the newest checkpoint's id is not one of ours).
+CREATE FUNCTION "public"."fc_rebuild_run"(p_run_key text, p_run_id bytea, p_status text, p_data bytea,
+                              p_labels bytea[], p_now double precision)
+RETURNS TABLE (outcome text, run "public"."fc_runs") LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    r "public"."fc_runs"%ROWTYPE;
+    v_problem text;
+    v_held bigint;
+    v_forever bigint;
+    v_latest double precision;
+    v_sequence bigint;
+    v_id text;
+    v_created double precision;
+    v_labels bytea[];
+BEGIN
+    SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'missing'::text, NULL::"public"."fc_runs";
+        RETURN;
+    END IF;
+    SELECT d.problem INTO v_problem FROM "public"."fc_damaged_runs"(p_run_key, '', 1) d;
+    IF v_problem IS NULL THEN
+        RETURN QUERY SELECT 'intact'::text, r;
+        RETURN;
+    END IF;
+    SELECT count(*), count(*) FILTER (WHERE c.expires_at IS NULL), max(c.expires_at)
+      INTO v_held, v_forever, v_latest
+      FROM "public"."fc_checkpoints" c WHERE c.run_key = p_run_key;
+    IF v_held = 0 THEN
+        RETURN QUERY SELECT 'empty'::text, NULL::"public"."fc_runs";
+        RETURN;
+    END IF;
+    SELECT c.sequence, c.checkpoint_id INTO v_sequence, v_id
+      FROM "public"."fc_checkpoints" c WHERE c.run_key = p_run_key ORDER BY c.sequence DESC LIMIT 1;
+    IF v_id !~ ('^ck-' || p_run_key || '-[a-z2-7]+-[0-9]+$') THEN
+        RETURN QUERY SELECT 'foreign'::text, NULL::"public"."fc_runs";
+        RETURN;
+    END IF;
+    SELECT c.created_at INTO v_created
+      FROM "public"."fc_checkpoints" c WHERE c.run_key = p_run_key ORDER BY c.sequence LIMIT 1;
+    IF cardinality(p_labels) > 0 THEN
+        v_labels := p_labels;
+    ELSE
+        -- The label rows are written with the run's creation and follow its incarnation;
+        -- the row's own list (in the order given) when it names the same labels.
+        v_labels := ARRAY(SELECT DISTINCT l.label FROM "public"."fc_labels" l
+                           WHERE l.run_key = p_run_key ORDER BY l.label);
+        IF (SELECT array_agg(DISTINCT label ORDER BY label) FROM unnest(r.labels) label)
+           IS NOT DISTINCT FROM (CASE WHEN cardinality(v_labels) > 0 THEN v_labels END) THEN
+            v_labels := r.labels;
+        END IF;
+    END IF;
+    UPDATE "public"."fc_runs" x
+       SET run_id = p_run_id, incarnation = split_part(v_id, '-', 3), status = p_status,
+           created_at = v_created, updated_at = p_now, latest_sequence = v_sequence,
+           checkpoint_count = v_held, forever_count = v_forever,
+           expires_at = CASE WHEN v_forever > 0 THEN NULL ELSE v_latest END, purge_at = NULL,
+           version = 0, data = p_data, labels = v_labels, update_token = NULL
+     WHERE x.run_key = p_run_key
+    RETURNING x.* INTO r;
+    DELETE FROM "public"."fc_labels" l WHERE l.run_key = p_run_key;
+    INSERT INTO "public"."fc_labels" (label, created_at, run_key)
+    SELECT DISTINCT label, v_created, p_run_key FROM unnest(v_labels) label;
+    -- Shared items: each key counted once per checkpoint in place that names it.
+    DELETE FROM "public"."fc_refs" f WHERE f.run_key = p_run_key;
+    INSERT INTO "public"."fc_refs" (run_key, key, holders)
+    SELECT p_run_key, named.key, count(*)
+      FROM "public"."fc_checkpoints" c, LATERAL (SELECT DISTINCT unnest(c.refs)) named(key)
+     WHERE c.run_key = p_run_key
+     GROUP BY named.key;
+    RETURN QUERY SELECT 'ok'::text, r;
 END
 $fn$;
 

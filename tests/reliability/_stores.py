@@ -243,7 +243,7 @@ class PostgresTamperer(Tamperer):
     rewritten through an asyncpg connection of its own, on a thread of its own (the tests call
     it from inside their event loop)."""
 
-    repairs = False
+    repairs = True
 
     def __init__(self, url: str, schema: str) -> None:
         self.url = url

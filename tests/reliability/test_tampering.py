@@ -30,7 +30,6 @@ from fastcheckpoint import (
     CorruptCheckpointError,
     _ids,
 )
-from fastcheckpoint.errors import ConfigurationError
 from tests.reliability._audit import Ack, Figures, audit_run, state_for
 from tests.reliability._stores import Target
 
@@ -40,21 +39,7 @@ CHECKPOINTS = 5
 DEADLINE = 60.0
 CONFIG = CheckpointConfig(max_checkpoints_per_run=None, max_sequence_retries=8)
 
-KNOWN_GAPS: dict[tuple[str, str], tuple[type[Exception], str]] = {
-    ("replayed-run", "postgres"): (
-        ConfigurationError,
-        "PostgreSQL: after an older run row is put back, every create raises "
-        "CorruptCheckpointError, and the store has no repair (no SupportsRepair), so the run "
-        "takes no create again until delete_run"),
-    ("scrambled-details", "postgres"): (
-        ConfigurationError,
-        "PostgreSQL: the store has no repair (no SupportsRepair), so repair() cannot reset "
-        "damaged run details"),
-    ("scrambled-run-id", "postgres"): (
-        ConfigurationError,
-        "PostgreSQL: the store has no repair (no SupportsRepair), so repair() cannot reset a "
-        "run row whose run_id is not UTF-8"),
-}
+KNOWN_GAPS: dict[tuple[str, str], tuple[type[Exception], str]] = {}
 """Guarantees a store does not give yet: ``(case, store) -> (the error it raises, why)``.
 The case reaches them after checking everything else, and reports them as expected failures
 (``-ra`` lists the reason), so the rest of the case still holds every store to it; a store

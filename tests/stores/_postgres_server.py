@@ -36,8 +36,8 @@ FORCE = "FC_TEST_POSTGRES"
 ADMIN_USER = "postgres"
 
 __all__ = [
-    "PostgresTarget", "PrivatePgBouncer", "WireCounter", "append_checkpoint", "drop_schema",
-    "free_port", "session_target", "unique_schema",
+    "RUN_ROW_DAMAGES", "PostgresTarget", "PrivatePgBouncer", "WireCounter", "append_checkpoint",
+    "drop_schema", "free_port", "run_row_damage", "session_target", "unique_schema",
 ]
 
 
@@ -428,3 +428,36 @@ async def append_checkpoint(
     written: str = await store.append_with_items(key_of(run), record, run=seed,
                                                  keep_latest=keep_latest, now=at, items=items)
     return written
+
+
+RUN_ROW_DAMAGES = {
+    # An older copy of the row put back: it knows one sequence and one checkpoint fewer.
+    "older-copy": "latest_sequence = latest_sequence - 1, checkpoint_count = "
+                  "checkpoint_count - 1, forever_count = greatest(forever_count - 1, 0)",
+    # A row of another incarnation of the run put back.
+    "other-incarnation": "incarnation = 'aaaaaaaa'",
+    # Bytes that are not UTF-8 for the run id (they start with a continuation byte).
+    "run-id-not-utf8": "run_id = '\\x9bc3'::bytea",
+}
+"""What an operator, a restore or a foreign writer can do to a run row while its checkpoints
+stay: the ``SET`` clause of an ``UPDATE`` of the row (a ``RepairContract`` damage)."""
+
+
+def run_row_damage(target: PostgresTarget, kind: str) -> Any:
+    """``await damage(store, run_key)``: apply :data:`RUN_ROW_DAMAGES` ``kind`` to the run row
+    of a ``PostgresStore``, through a connection of its own (as the owner)."""
+    assignments = RUN_ROW_DAMAGES[kind]
+
+    async def damage(store: Any, run_key: str) -> None:
+        import asyncpg
+
+        table = store._names["runs"]
+        connection = await asyncpg.connect(target.url())
+        try:
+            status = await connection.execute(
+                f"UPDATE {table} SET {assignments} WHERE run_key = $1", run_key)
+        finally:
+            await connection.close()
+        assert status == "UPDATE 1", status
+
+    return damage

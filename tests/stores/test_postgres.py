@@ -1,4 +1,5 @@
-"""The store contract and the adapter capabilities on PostgresStore (a real PostgreSQL)."""
+"""The store contract, the adapter capabilities and repair on PostgresStore (a real
+PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,18 @@ import pytest
 
 from fastcheckpoint.stores import CheckpointStore
 from fastcheckpoint.stores.postgres import PostgresStore
-from fastcheckpoint.testing import LabelsContract, SharedItemsContract, StoreContract
+from fastcheckpoint.testing import (
+    DamageRunRecord,
+    LabelsContract,
+    RepairContract,
+    SharedItemsContract,
+    StoreContract,
+)
 from tests.stores._postgres_server import (
+    RUN_ROW_DAMAGES,
     PostgresTarget,
     drop_schema,
+    run_row_damage,
     session_target,
     unique_schema,
 )
@@ -29,8 +38,10 @@ def postgres(pytestconfig: pytest.Config) -> PostgresTarget:
     return session_target(pytestconfig)
 
 
-class TestPostgresStore(StoreContract, LabelsContract, SharedItemsContract):
-    """Every test in a schema of its own, provisioned by the store."""
+class TestPostgresStore(StoreContract, LabelsContract, SharedItemsContract, RepairContract):
+    """Every test in a schema of its own, provisioned by the store; repair against each damage
+    a run row can take while its checkpoints stay (an older copy put back, a row of another
+    incarnation, a run id that is not UTF-8)."""
 
     deadline_seconds = 30.0
 
@@ -44,3 +55,10 @@ class TestPostgresStore(StoreContract, LabelsContract, SharedItemsContract):
         with anyio.fail_after(30):
             await store.aclose()
             await drop_schema(postgres, schema)
+
+    @pytest.fixture(params=sorted(RUN_ROW_DAMAGES))
+    def damage_run_record(
+        self, request: pytest.FixtureRequest, postgres: PostgresTarget
+    ) -> DamageRunRecord:
+        damage: DamageRunRecord = run_row_damage(postgres, request.param)
+        return damage

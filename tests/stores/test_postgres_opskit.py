@@ -20,7 +20,9 @@ from fastcheckpoint.stores._postgres_sql import FUNCTIONS, PRIVILEGES, TABLES, N
 from fastcheckpoint.stores.postgres import PostgresStore
 from fastcheckpoint.testing import (
     T0,
+    DamageRunRecord,
     LabelsContract,
+    RepairContract,
     SharedItemsContract,
     StoreContract,
     checkpoint_id_of,
@@ -29,8 +31,10 @@ from fastcheckpoint.testing import (
     make_run,
 )
 from tests.stores._postgres_server import (
+    RUN_ROW_DAMAGES,
     PostgresTarget,
     drop_schema,
+    run_row_damage,
     session_target,
     unique_schema,
 )
@@ -167,13 +171,21 @@ def granted_role(postgres: PostgresTarget) -> Iterator[str]:
 
 
 class TestPostgresStoreAsTheGrantedRoleWithoutStatementCache(
-    StoreContract, LabelsContract, SharedItemsContract
+    StoreContract, LabelsContract, SharedItemsContract, RepairContract
 ):
     """The whole contract as production runs it: the owner provisions, grants.sql (generated
     for this schema) is all the application's role holds, and the store sends unnamed
-    statements only (``statement_cache_size=0``, as behind PgBouncer in transaction mode)."""
+    statements only (``statement_cache_size=0``, as behind PgBouncer in transaction mode).
+    Repair too: ``fastcheckpoint doctor --repair`` runs as that role."""
 
     deadline_seconds = 30.0
+
+    @pytest.fixture(params=sorted(RUN_ROW_DAMAGES))
+    def damage_run_record(
+        self, request: pytest.FixtureRequest, postgres: PostgresTarget
+    ) -> DamageRunRecord:
+        damage: DamageRunRecord = run_row_damage(postgres, request.param)
+        return damage
 
     @pytest.fixture
     async def store(

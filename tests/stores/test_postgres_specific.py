@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import asyncpg
+import msgspec
 import pytest
 
 from fastcheckpoint import CheckpointConfig, CheckpointError, CheckpointManager, RetryPolicy
@@ -693,33 +694,63 @@ async def test_a_role_without_grants_is_told_which_grants(
 async def test_a_contradicting_log_is_reported_corrupt_and_changes_nothing(
     postgres: PostgresTarget, schema: str
 ) -> None:
-    """An operator who rewinds a run row by hand: the append meets a checkpoint where the row
-    says the next one goes, and refuses rather than overwrite it."""
+    """An operator who rewinds a run row by hand: the append sees a checkpoint beyond what the
+    row knows, and refuses rather than overwrite it; so do the other writes, and cleanup
+    leaves the run alone, until the repair rebuilds the row."""
     names = Names(schema, "fc_")
     store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
     run = make_run("rewound")
+    key = key_of(run)
     try:
         with anyio.fail_after(30):
             for sequence in range(3):
-                await _append(store, run, sequence)
+                await _append(store, run, sequence, expires_at=T0 + 10 + sequence)
             connection = await asyncpg.connect(postgres.url())
-            await connection.execute(f"UPDATE {names['runs']} SET latest_sequence = 1")
+            await connection.execute(f"UPDATE {names['runs']} SET latest_sequence = 1, "
+                                     "checkpoint_count = 0, expires_at = 0, purge_at = 0")
             await connection.close()
-            with pytest.raises(CorruptCheckpointError, match="contradicts its run row") as refused:
+            with pytest.raises(CorruptCheckpointError, match="knows sequences up to 1") as refused:
                 await _append(store, run, 2)
-            found = await store.get(key_of(run), 2, now=T0)
+            with pytest.raises(CorruptCheckpointError, match="knows sequences up to 1"):
+                await _append(store, run, 0, now=T0 + 5)  # never taken for an expired run
+            with pytest.raises(CorruptCheckpointError):
+                await store.delete(key, 1, checkpoint_id=checkpoint_id_of(run, 1))
+            with pytest.raises(CorruptCheckpointError):
+                await store.update_run(key, incarnation=run.incarnation, version=0,
+                                       status="paused", data=b"", now=T0)
+            found = await store.get(key, 2, now=T0)
+            listed, status = await store.headers(key, before=None, limit=10, now=T0)
+            # The row says the run is empty and long expired: cleanup removes only what
+            # expired by its own expiry, the row stays for the repair, and cleanup finishes.
+            purged = await store.purge_expired(now=T0 + 10.5, limit=100)
+            [damage] = await store.damaged_runs(now=T0 + 10.5)
+            rebuilt = await store.rebuild_run(
+                key, msgspec.structs.replace(run, status="paused"), now=T0 + 10.5)
+            after = await _append(store, run, 3, now=T0 + 11)
     finally:
         await store.aclose()
-    assert refused.value.key == f"{names['runs']} ({key_of(run)})"
+    assert refused.value.key == f"{names['runs']} ({key})"
     assert found is not None
     assert found[0].payload == make_checkpoint(run, 2).payload
+    assert found[1] == "active"
+    assert ([h.sequence for h in listed], status) == ([2, 1, 0], "active")
+    assert purged == (1, True)
+    assert (damage.run_key, damage.checkpoints) == (key, 2)
+    assert damage.newest is not None
+    assert damage.newest.sequence == 2
+    assert (rebuilt.latest_sequence, rebuilt.checkpoint_count, rebuilt.expires_at) == (
+        2, 2, T0 + 12)
+    assert (rebuilt.incarnation, rebuilt.status, rebuilt.created_at) == (
+        run.incarnation, "paused", T0)
+    assert after == "paused"
 
 
 async def test_a_run_row_with_a_foreign_run_id_hides_no_other_run(
     postgres: PostgresTarget, schema: str
 ) -> None:
     """A run id that is not UTF-8 (written behind the store's back): that run reads as
-    corrupt, listings leave it out (logged) and still list the others, with a cursor."""
+    corrupt, listings and counts leave it out (logged) and still list the others, with a
+    cursor."""
     names = Names(schema, "fc_")
     store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
     runs = [make_run(f"listed-{n}") for n in range(3)]
@@ -743,7 +774,87 @@ async def test_a_run_row_with_a_foreign_run_id_hides_no_other_run(
     assert sorted(r.run_id for r in first + rest) == ["listed-0", "listed-2"]
     assert cursor is not None
     assert end is None
-    assert counted == 3
+    assert counted == 2
+
+
+async def test_a_rebuilt_row_keeps_labels_and_recounts_shared_items(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    """An older copy of a labelled run's row, with shared items named by its checkpoints, put
+    back: the rebuilt row keeps the labels (the run is found by them again, newest first) and
+    the reference counts follow the log, so a shared item goes with the last checkpoint that
+    names it, not before."""
+    names = Names(schema, "fc_")
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    run = make_run("labelled")
+    key = key_of(run)
+    labels = ("thread:t", "app:a")
+    try:
+        with anyio.fail_after(30):
+            await _append(store, run, 0, labels=labels, refs=["b/a"], items=[make_item("b/a")])
+            connection = await asyncpg.connect(postgres.url())
+            saved = await connection.fetchrow(
+                f"SELECT latest_sequence, checkpoint_count, forever_count, incarnation "
+                f"FROM {names['runs']} WHERE run_key = $1", key)
+            await _append(store, run, 1, labels=labels, refs=["b/a", "b/b"],
+                          items=[make_item("b/b")])
+            await _append(store, run, 2, labels=labels, refs=["b/b"])
+            await connection.execute(
+                f"UPDATE {names['runs']} SET latest_sequence = $2, checkpoint_count = $3, "
+                f"forever_count = $4, labels = '{{}}' WHERE run_key = $1", key, *saved[:3])
+            await connection.execute(f"UPDATE {names['refs']} SET holders = 7")
+            await connection.close()
+            hidden, _ = await store.runs_with_label("app:a", limit=10, cursor=None, now=T0)
+            rebuilt = await store.rebuild_run(key, msgspec.structs.replace(run, labels=()),
+                                              now=T0 + 1)
+            found, _ = await store.runs_with_label("app:a", limit=10, cursor=None, now=T0)
+            assert await store.delete(key, 0, checkpoint_id=checkpoint_id_of(run, 0))
+            after_first = await store.get_items(key, ["b/a", "b/b"], now=T0)
+            assert await store.delete(key, 1, checkpoint_id=checkpoint_id_of(run, 1))
+            after_second = await store.get_items(key, ["b/a", "b/b"], now=T0)
+            assert await store.delete(key, 2, checkpoint_id=checkpoint_id_of(run, 2))
+            after_last = await store.get_items(key, ["b/a", "b/b"], now=T0)
+    finally:
+        await store.aclose()
+    assert hidden == []
+    assert sorted(rebuilt.labels) == sorted(labels)
+    assert (rebuilt.latest_sequence, rebuilt.checkpoint_count) == (2, 3)
+    assert [record.run_id for record in found] == ["labelled"]
+    assert set(after_first) == {"b/a", "b/b"}
+    assert set(after_second) == {"b/b"}
+    assert after_last == {}
+
+
+async def test_damaged_runs_pages_through_every_run(
+    postgres: PostgresTarget, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a run key, damaged_runs judges every run row, a page per call."""
+    import fastcheckpoint.stores.postgres as module
+
+    monkeypatch.setattr(module, "_REPAIR_PAGE", 2)
+    names = Names(schema, "fc_")
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    runs = [make_run(f"paged-{n}") for n in range(7)]
+    damaged = sorted(key_of(run) for run in runs[1::3])
+    try:
+        with anyio.fail_after(30):
+            for run in runs:
+                await _append(store, run, 0)
+                await _append(store, run, 1)
+            connection = await asyncpg.connect(postgres.url())
+            await connection.execute(
+                f"UPDATE {names['runs']} SET latest_sequence = 0 WHERE run_key = ANY ($1)",
+                damaged)
+            await connection.close()
+            found = await store.damaged_runs(now=T0)
+            counted = await store.count_runs(status=None, now=T0)
+    finally:
+        await store.aclose()
+    assert [damage.run_key for damage in found] == damaged
+    assert {damage.problem for damage in found} == {
+        "the run row knows sequences up to 0, but checkpoint 1 is in place (an older copy "
+        "of the row was put back)"}
+    assert counted == len(runs) - len(damaged)
 
 
 async def test_sequence_conflicts_carry_the_live_run(postgres: PostgresTarget, schema: str) -> None:
@@ -834,7 +945,7 @@ async def test_listing_by_status_and_purging_run_on_indexes(
 
     runs = f"FROM {names['runs']} x"
     assert "fc_runs_status" in plan_of(f"{runs}\n         WHERE x.status = p_status AND (")
-    assert "fc_runs_status" in plan_of(f"SELECT count(*) {runs}\n             WHERE x.status")
+    assert "fc_runs_status" in plan_of(f"SELECT count(*) {runs}\n        LEFT JOIN LATERAL")
     assert "fc_runs_created" in plan_of(
         f"{runs}\n         WHERE (x.expires_at IS NULL OR x.expires_at > p_now)")
     assert "fc_runs_purge" in plan_of(f"{runs} WHERE x.purge_at IS NOT NULL")
