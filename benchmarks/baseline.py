@@ -10,6 +10,12 @@ For a file store, the least an async library can pay for a write of those bytes 
 a crash: one append to an open file and one ``fdatasync`` (no new file, no rename, no
 directory sync), and for a read one ``pread``, each in a worker thread as a library must do
 to keep disk waits off the event loop. With ``fsync=false`` the write is the append alone.
+
+For PostgreSQL, one autocommitted ``INSERT`` of a ``bytea`` row (a prepared statement on one
+asyncpg connection, so one round trip and one WAL flush) and one ``SELECT`` of it by primary
+key, in a scratch table of the store's database. For SQLite, one ``INSERT`` and ``COMMIT`` of
+a BLOB row in WAL mode with the store's ``synchronous`` setting, and one ``SELECT``, each in a
+worker thread, in a scratch database beside the store's.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from benchmarks.subjects import StoreTarget
 
 __all__ = ["NETWORK_KINDS", "backend_floor"]
 
-NETWORK_KINDS = ("redis", "rediss", "s3", "dynamodb")
+NETWORK_KINDS = ("redis", "rediss", "s3", "dynamodb", "postgres")
 
 Operation = Callable[[], Awaitable[Any]]
 
@@ -145,8 +151,74 @@ async def _file(
         os.unlink(path)
 
 
+@contextlib.asynccontextmanager
+async def _postgres(
+    target: StoreTarget, body: bytes
+) -> AsyncIterator[tuple[str, Operation, Operation]]:
+    import asyncpg
+
+    parts = urlsplit(target.url)
+    connection = await asyncpg.connect(urlunsplit(parts._replace(scheme="postgresql", query="")))
+    table = f"fcbench_floor_{secrets.token_hex(4)}"
+    await connection.execute(f"CREATE TABLE {table} (k bigint PRIMARY KEY, v bytea NOT NULL)")
+    counter = iter(range(1 << 62))
+    insert = await connection.prepare(f"INSERT INTO {table} (k, v) VALUES ($1, $2)")
+    select = await connection.prepare(f"SELECT v FROM {table} WHERE k = $1")
+    try:
+        yield ("INSERT / SELECT of a bytea row (autocommit)",
+               lambda: insert.fetch(next(counter), body), lambda: select.fetchval(0))
+    finally:
+        await connection.execute(f"DROP TABLE {table}")
+        await connection.close()
+
+
+@contextlib.asynccontextmanager
+async def _sqlite(
+    target: StoreTarget, body: bytes
+) -> AsyncIterator[tuple[str, Operation, Operation]]:
+    import sqlite3
+
+    from fastcheckpoint.stores.sqlite import parse_sqlite_url
+
+    path, options = parse_sqlite_url(target.url)
+    synchronous = dict(options).get("synchronous", "full").upper()
+
+    def open_scratch() -> tuple[sqlite3.Connection, str]:
+        directory = os.path.dirname(os.path.abspath(path))
+        handle, scratch = tempfile.mkstemp(prefix=".floor-", suffix=".sqlite", dir=directory)
+        os.close(handle)
+        db = sqlite3.connect(scratch, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute(f"PRAGMA synchronous = {synchronous}")
+        db.execute("CREATE TABLE floor (k INTEGER PRIMARY KEY, v BLOB NOT NULL)")
+        return db, scratch
+
+    db, scratch = await anyio.to_thread.run_sync(open_scratch)
+    counter = iter(range(1 << 62))
+
+    def write() -> None:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO floor (k, v) VALUES (?, ?)", (next(counter), body))
+        db.execute("COMMIT")
+
+    def read() -> bytes:
+        row = db.execute("SELECT v FROM floor WHERE k = 0").fetchone()
+        return bytes(row[0])
+
+    try:
+        yield (f"INSERT + COMMIT / SELECT of a BLOB row (WAL, synchronous={synchronous}), "
+               "in a worker thread",
+               lambda: anyio.to_thread.run_sync(write), lambda: anyio.to_thread.run_sync(read))
+    finally:
+        db.close()
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(scratch + suffix)
+
+
 _DRIVERS = {"redis": _redis, "rediss": _redis, "s3": _s3, "dynamodb": _dynamodb,
-            "file": _file, "file-nofsync": _file}
+            "file": _file, "file-nofsync": _file, "postgres": _postgres, "sqlite": _sqlite,
+            "sqlite-normal": _sqlite}
 
 
 async def backend_floor(target: StoreTarget, size: int, iterations: int) -> dict[str, Any] | None:

@@ -29,18 +29,26 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Benchmark fastcheckpoint stores on workloads W1-W6 (sequential, "
-                    "concurrent, large, pruning, scaling, multi-process; docs/benchmarks.md "
-                    "describes each).",
+                    "concurrent, large, pruning, scaling, multi-process) and G1 (a LangGraph "
+                    "graph); docs/benchmarks.md describes each.",
     )
     parser.add_argument(
         "--store", action="append", metavar="URL[,URL...]",
-        help="store URL(s) to benchmark (repeatable); default: memory:// and temporary "
-             "file:// stores with fsync on and off",
+        help="store URL(s) to benchmark (repeatable); default: memory://, temporary "
+             "file:// stores with fsync on and off, a temporary sqlite:// database, and "
+             "the Redis, PostgreSQL and moto (S3, DynamoDB) servers reachable here",
     )
     parser.add_argument("--workload", action="append", metavar="W1,W2,...",
-                        help=f"workloads to run; default: all of {', '.join(WORKLOADS)}")
+                        help=f"workloads to run; default: all of {', '.join(WORKLOADS)}; "
+                             "G1 (a LangGraph graph on each store's saver) only when named")
     parser.add_argument("--compare", action="store_true",
-                        help="also run W1 and W4 on FastAgentic's stores and LangGraph's savers")
+                        help="also run W1 and W4 on FastAgentic's stores and LangGraph's savers "
+                             "(and G1 on LangGraph's savers)")
+    parser.add_argument("--compare-only", metavar="SYSTEM", choices=("fastagentic", "langgraph"),
+                        help="with --compare: only this system's stores or savers")
+    parser.add_argument("--w5-levels", metavar="N,N,...",
+                        help="W5's run lengths, ascending (default 10,1000,10000; "
+                             "--quick 10,100,1000), e.g. 10,1000,10000,100000")
     parser.add_argument("--quick", action="store_true",
                         help="smaller sizes (what make bench runs)")
     parser.add_argument("--repetitions", type=int, metavar="N",
@@ -95,6 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sizes = (Sizes.quick() if args.quick else Sizes.full()).with_repetitions(args.repetitions)
+    try:
+        levels = _split([args.w5_levels] if args.w5_levels else None)
+        sizes = sizes.with_w5_levels(tuple(int(level) for level in levels) if levels else None)
+    except ValueError as exc:
+        print(f"error: --w5-levels: {exc}", file=sys.stderr)
+        return 2
     if sizes.repetitions < 3:
         print(f"note: {sizes.repetitions} repetition(s); published numbers use at least 3",
               file=sys.stderr)
@@ -102,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _progress(not args.no_progress) as (plan, advance):
             report = run_suite(
                 _split(args.store), _split(args.workload), sizes, compare=args.compare,
+                compare_only=args.compare_only,
                 progress=advance, on_plan=plan, backend=args.backend,
             )
     except ValueError as exc:

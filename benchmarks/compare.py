@@ -172,36 +172,109 @@ class _LangGraphDriver:
         return len([item async for item in self.saver.alist(self._config(run_id))])
 
 
+_SAVER_NAMES = {
+    "memory": "InMemorySaver",
+    "sqlite": "AsyncSqliteSaver",
+    "sqlite-normal": "AsyncSqliteSaver (synchronous=NORMAL)",
+    "postgres": "AsyncPostgresSaver",
+    "dynamodb": "DynamoDBSaver (AWS)",
+}
+_SQLITE_SYNCHRONOUS = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+
+
 @dataclass
 class LangGraphSubject:
     kind: str
-    """``memory`` (InMemorySaver) or ``sqlite`` (AsyncSqliteSaver on a file, WAL mode)."""
+    """``memory`` (InMemorySaver), ``sqlite`` (AsyncSqliteSaver on a file in WAL mode, as
+    its ``setup`` leaves it, SQLite's default ``synchronous=FULL``), ``sqlite-normal`` (the
+    same with ``synchronous=NORMAL``), ``postgres`` (AsyncPostgresSaver on the database of
+    our PostgreSQL store) or ``dynamodb`` (langgraph-checkpoint-aws's DynamoDBSaver on our
+    DynamoDB store's endpoint, in a table of its own)."""
     scratch: str
+    url: str = ""
+    """For ``postgres`` and ``dynamodb``: our store's URL, whose server it shares."""
     system: str = "langgraph"
     label: str = ""
+    only: tuple[str, ...] | None = None
+    """Workloads it takes part in (``None``: every comparable one)."""
+    settings: str = ""
+    """What the saver ran with (SQLite's journal mode and synchronous), read from it."""
 
     def __post_init__(self) -> None:
-        names = {"memory": "InMemorySaver", "sqlite": "AsyncSqliteSaver"}
-        self.label = f"LangGraph {names[self.kind]}"
+        self.label = f"LangGraph {_SAVER_NAMES[self.kind]}"
 
     @contextlib.asynccontextmanager
     async def session(self, keep: int | None) -> AsyncIterator[_LangGraphDriver]:
+        async with self.saver() as saver:
+            yield _LangGraphDriver(saver)
+
+    @contextlib.asynccontextmanager
+    async def saver(self) -> AsyncIterator[Any]:
+        """A fresh saver (and, where it has one, a fresh database file or table)."""
         if self.kind == "memory":
             from langgraph.checkpoint.memory import InMemorySaver
 
-            yield _LangGraphDriver(InMemorySaver())
-            return
+            yield InMemorySaver()
+        elif self.kind in ("sqlite", "sqlite-normal"):
+            async with self._sqlite() as saver:
+                yield saver
+        elif self.kind == "postgres":
+            from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+
+            parts = urlsplit(self.url)
+            conninfo = urlunsplit(parts._replace(scheme="postgresql", query=""))
+            async with AsyncPostgresSaver.from_conn_string(conninfo) as saver:
+                await saver.setup()
+                yield saver
+        else:
+            async with self._dynamodb() as saver:
+                yield saver
+
+    @contextlib.asynccontextmanager
+    async def _sqlite(self) -> AsyncIterator[Any]:
         from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
         path = os.path.join(self.scratch, f"langgraph-{secrets.token_hex(4)}.sqlite")
         try:
             async with AsyncSqliteSaver.from_conn_string(path) as saver:
                 await saver.setup()
-                yield _LangGraphDriver(saver)
+                if self.kind == "sqlite-normal":
+                    await saver.conn.execute("PRAGMA synchronous = NORMAL")
+                mode = await (await saver.conn.execute("PRAGMA journal_mode")).fetchone()
+                sync = await (await saver.conn.execute("PRAGMA synchronous")).fetchone()
+                self.settings = (f"journal_mode={mode[0]}, "
+                                 f"synchronous={_SQLITE_SYNCHRONOUS.get(sync[0], sync[0])}")
+                saver.fcbench_path = path  # for the bytes it stores (benchmarks.graph)
+                yield saver
         finally:
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path + suffix)
+
+    @contextlib.asynccontextmanager
+    async def _dynamodb(self) -> AsyncIterator[Any]:
+        from aiobotocore.session import get_session
+        from langgraph_checkpoint_aws import DynamoDBSaver
+
+        query = dict(parse_qsl(urlsplit(self.url).query))
+        region, endpoint = query.get("region", "us-east-1"), query.get("endpoint_url")
+        table = f"fcbench-lg-{secrets.token_hex(4)}"
+        async with get_session().create_client(
+            "dynamodb", region_name=region, endpoint_url=endpoint) as client:
+            await client.create_table(
+                TableName=table, BillingMode="PAY_PER_REQUEST",
+                AttributeDefinitions=[{"AttributeName": "PK", "AttributeType": "S"},
+                                      {"AttributeName": "SK", "AttributeType": "S"}],
+                KeySchema=[{"AttributeName": "PK", "KeyType": "HASH"},
+                           {"AttributeName": "SK", "KeyType": "RANGE"}],
+            )
+            await client.get_waiter("table_exists").wait(TableName=table)
+            try:
+                saver = DynamoDBSaver(table_name=table, region_name=region, endpoint_url=endpoint)
+                saver.fcbench_table = table  # for the bytes it stores (benchmarks.graph)
+                yield saver
+            finally:
+                await client.delete_table(TableName=table)
 
 
 def comparison_subjects(
@@ -209,8 +282,10 @@ def comparison_subjects(
 ) -> tuple[list[Any], list[str]]:
     """The comparison subjects whose packages import, and a note for each that does not.
 
-    FastAgentic's Redis and S3 stores run when one of ``targets`` is a Redis or S3 store: they
-    use the same server (and bucket), so the comparison measures the libraries, not servers.
+    FastAgentic's Redis and S3 stores run when one of ``targets`` is a Redis or S3 store, and
+    LangGraph's AsyncPostgresSaver and AWS's DynamoDBSaver when one is a PostgreSQL or DynamoDB
+    store: they use the same server (and bucket, database, endpoint), so the comparison
+    measures the libraries, not servers.
     """
     subjects: list[Any] = []
     notes: list[str] = []
@@ -231,10 +306,33 @@ def comparison_subjects(
         subjects.append(LangGraphSubject("memory", scratch))
     try:
         import aiosqlite  # noqa: F401
-        import langgraph.checkpoint.sqlite.aio  # noqa: F401
+        import langgraph.checkpoint.sqlite.aio
     except ImportError as exc:
         notes.append(f"LangGraph AsyncSqliteSaver skipped: cannot import it ({exc}); "
                      f"run: {INSTALL_HINT}")
     else:
         subjects.append(LangGraphSubject("sqlite", scratch))
+        if any(target.kind == "sqlite-normal" for target in targets):
+            subjects.append(LangGraphSubject("sqlite-normal", scratch))
+    for target in targets:
+        if target.kind == "postgres":
+            try:
+                import langgraph.checkpoint.postgres.aio  # noqa: F401
+                import psycopg  # noqa: F401
+            except ImportError as exc:
+                notes.append(f"LangGraph AsyncPostgresSaver skipped: cannot import it ({exc}); "
+                             f"run: {INSTALL_HINT}")
+            else:
+                subjects.append(LangGraphSubject("postgres", scratch, target.url))
+            break
+    for target in targets:
+        if target.kind == "dynamodb":
+            try:
+                import langgraph_checkpoint_aws  # noqa: F401
+            except ImportError as exc:
+                notes.append(f"AWS's LangGraph DynamoDBSaver skipped: cannot import it ({exc}); "
+                             f"run: {INSTALL_HINT}")
+            else:  # the graph workload only: W1's 1,000 creates on moto take minutes
+                subjects.append(LangGraphSubject("dynamodb", scratch, target.url, only=("G1",)))
+            break
     return subjects, notes

@@ -1,8 +1,9 @@
 """Untimed instrumented passes: what an operation costs in calls and bytes, and the floor.
 
-* Store calls, worker-thread hops, fsyncs and backend requests (Redis round trips, AWS HTTP
-  requests) per create / restore / list, counted on a separate short run (counting would slow
-  the timed runs).
+* Store calls, worker-thread hops, fsyncs and backend requests (Redis and PostgreSQL round
+  trips, AWS HTTP requests) per create / restore / list, counted on a separate short run
+  (counting would slow the timed runs), in steady state: each operation runs once uncounted
+  first (asyncpg prepares a statement on its first use on a connection).
 * Bytes stored per checkpoint: the payload and header the manager hands the store, and for a
   file store the disk space the run takes divided by the checkpoints it holds.
 * The floor: a bare msgspec msgpack encode + decode of the same state and messages, what a
@@ -12,10 +13,12 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 import os
 import statistics
 import time
+from asyncio.selector_events import _SelectorSocketTransport
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -42,6 +45,10 @@ class CountingStore:
         self.inner = inner
         self.calls: Counter[str] = Counter()
         self.appended: list[int] = []
+        self.item_bytes = 0
+        """Keys and values of the items handed to the store (the LangGraph saver's channel
+        values and pending writes)."""
+        self.item_count = 0
 
     @classmethod
     def wrap(cls, inner: Any) -> CountingStore:
@@ -63,9 +70,13 @@ def _forwarder(name: str, asynchronous: bool) -> Callable[..., Any]:
 
     async def counted(self: CountingStore, *args: Any, **kwargs: Any) -> Any:
         self.calls[name] += 1
-        if name == "append":
+        if name in ("append", "append_with_items"):
             record = kwargs["record"] if "record" in kwargs else args[1]
             self.appended.append(len(record.payload) + len(record.header))
+        if name in ("append_with_items", "put_items", "put_owned_items"):
+            items = kwargs["items"] if "items" in kwargs else args[1]
+            self.item_bytes += sum(len(item.key.encode()) + len(item.value) for item in items)
+            self.item_count += len(items)
         return await getattr(self.inner, name)(*args, **kwargs)
 
     return counted
@@ -85,7 +96,10 @@ def _network_patches(counts: Counter[str]) -> list[tuple[Any, str, Callable[...,
     """Backend requests, counted where the drivers put bytes on the wire.
 
     redis-py sends each command, or each pipeline, with one ``send_packed_command``: one round
-    trip. aiobotocore sends each HTTP attempt (retries included) with one ``AioEndpoint._send``.
+    trip. aiobotocore sends each HTTP attempt (retries included) with one ``AioEndpoint._send``,
+    botocore (boto3, blocking: AWS's LangGraph saver) with one ``Endpoint._send``. asyncpg
+    writes each round trip's messages (a prepare, or bind + execute + sync) with one
+    ``transport.write``; only writes of asyncpg's protocol are counted there.
     """
     patches: list[tuple[Any, str, Callable[..., Any]]] = []
 
@@ -95,6 +109,21 @@ def _network_patches(counts: Counter[str]) -> list[tuple[Any, str, Callable[...,
             return await original(*args, **kwargs)
 
         return send
+
+    def counted_blocking(original: Callable[..., Any]) -> Callable[..., Any]:
+        def send(*args: Any, **kwargs: Any) -> Any:
+            counts["requests"] += 1
+            return original(*args, **kwargs)
+
+        return send
+
+    def counted_asyncpg(original: Callable[..., Any]) -> Callable[..., Any]:
+        def write(transport: Any, data: Any) -> Any:
+            if type(getattr(transport, "_protocol", None)).__module__.startswith("asyncpg"):
+                counts["requests"] += 1
+            return original(transport, data)
+
+        return write
 
     try:
         from redis.asyncio.connection import AbstractConnection
@@ -108,13 +137,22 @@ def _network_patches(counts: Counter[str]) -> list[tuple[Any, str, Callable[...,
         pass
     else:
         patches.append((AioEndpoint, "_send", counted))
+    try:
+        from botocore.endpoint import Endpoint
+    except ImportError:
+        pass
+    else:
+        patches.append((Endpoint, "_send", counted_blocking))
+    if _importable("asyncpg"):
+        patches.append((_SelectorSocketTransport, "write", counted_asyncpg))
     return patches
 
 
 @contextlib.contextmanager
 def counting_syscalls() -> Iterator[Counter[str]]:
-    """Count thread hops (``anyio.to_thread.run_sync``), ``os.fsync`` calls and backend
-    requests (Redis round trips, AWS HTTP requests) while inside."""
+    """Count thread hops (``anyio.to_thread.run_sync``, and aiosqlite's hops to its
+    connection thread), ``os.fsync`` calls and backend requests (Redis and PostgreSQL round
+    trips, AWS HTTP requests) while inside. SQLite's own fsyncs (in C) are not seen."""
     counts: Counter[str] = Counter()
 
     def hops(run_sync: Callable[..., Any]) -> Callable[..., Any]:
@@ -131,9 +169,20 @@ def counting_syscalls() -> Iterator[Counter[str]]:
 
         return counted_fsync
 
+    def aiosqlite_hops(execute: Callable[..., Any]) -> Callable[..., Any]:
+        async def counted_execute(*args: Any, **kwargs: Any) -> Any:
+            counts["thread_hops"] += 1
+            return await execute(*args, **kwargs)
+
+        return counted_execute
+
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patched(anyio.to_thread, "run_sync", hops))
         stack.enter_context(_patched(os, "fsync", fsyncs))
+        if _importable("aiosqlite"):  # every aiosqlite call is one hop to its own thread
+            from aiosqlite.core import Connection as AiosqliteConnection
+
+            stack.enter_context(_patched(AiosqliteConnection, "_execute", aiosqlite_hops))
         for owner, name, replacement in _network_patches(counts):
             stack.enter_context(_patched(owner, name, replacement))
         yield counts
@@ -157,6 +206,7 @@ async def measure_footprint(
             "list": (3, lambda: manager.list_checkpoints(run_id)),
         }
         for phase, (count, operation) in operations.items():
+            await operation()  # steady state: a driver's first use of a statement prepares it
             calls_before = sum(store.calls.values())
             with counting_syscalls() as counts:
                 for _ in range(count):
@@ -182,6 +232,13 @@ async def measure_footprint(
     finally:
         await manager.delete_run(run_id)
         await manager.aclose()
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
 
 
 def floor(content: Content, iterations: int) -> dict[str, float]:

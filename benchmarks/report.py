@@ -1,4 +1,5 @@
-"""Results: machine info, comparison ratios, issue 6's targets; JSON, Markdown and a PNG chart."""
+"""Results: machine info, comparison ratios, the speed targets (issues 6, 13 and 15); JSON,
+Markdown and a PNG chart."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ __all__ = [
 _PACKAGES = (
     "fastcheckpoint", "msgspec", "anyio", "trio", "fastagentic", "langgraph",
     "langgraph-checkpoint", "langgraph-checkpoint-sqlite", "aiosqlite", "redis", "aiobotocore",
-    "botocore", "moto",
+    "botocore", "moto", "asyncpg", "langgraph-checkpoint-postgres", "psycopg",
+    "langgraph-checkpoint-aws", "boto3",
 )
 
 # (our kind, workload, phase, their system, their kind, minimum ratio of ops/s)
@@ -42,6 +44,23 @@ _RATIO_TARGETS = (
     ("redis", "W1", "create", "fastagentic", "redis", 50.0),
     ("redis", "W1", "restore", "fastagentic", "redis", 1.0),
     ("s3", "W1", "create", "fastagentic", "s3", 20.0),
+    # issue 15: the SQLite store (same durability: synchronous=FULL on both) and PostgreSQL
+    ("sqlite", "W1", "create", "langgraph", "sqlite", 1.5),
+    ("sqlite", "W1", "restore", "langgraph", "sqlite", 1.5),
+    ("postgres", "W1", "create", "langgraph", "postgres", 2.0),
+    ("postgres", "W1", "restore", "langgraph", "postgres", 2.0),
+    # issue 13: the LangGraph saver in a graph, steps per second
+    ("memory", "G1", "step", "langgraph", "memory", 1.0),
+    ("file", "G1", "step", "langgraph", "sqlite", 2.0),
+    ("dynamodb", "G1", "step", "langgraph", "dynamodb", 3.0),
+)
+# issue 13: fewer backend trips per graph step than the saver compared with. A network
+# store's trips are requests (round trips, HTTP requests); a local one's, worker-thread hops
+# (each carries one piece of disk work: a file store operation, an aiosqlite call).
+_REQUEST_TARGETS = (
+    ("memory", "langgraph", "memory", None),
+    ("file", "langgraph", "sqlite", "thread_hops"),
+    ("dynamodb", "langgraph", "dynamodb", "requests"),
 )
 # Which comparison subjects each of our store kinds is set against.
 _COUNTERPARTS = {
@@ -50,6 +69,10 @@ _COUNTERPARTS = {
     "file-nofsync": (("fastagentic", "file"), ("langgraph", "sqlite")),
     "redis": (("fastagentic", "redis"),),
     "s3": (("fastagentic", "s3"),),
+    "sqlite": (("langgraph", "sqlite"),),
+    "sqlite-normal": (("langgraph", "sqlite-normal"), ("langgraph", "sqlite")),
+    "postgres": (("langgraph", "postgres"),),
+    "dynamodb": (("langgraph", "dynamodb"),),
 }
 
 
@@ -156,9 +179,33 @@ def targets(report: Report) -> list[dict[str, Any]]:
         value = ours.phases[phase].ops_per_s / theirs.phases[phase].ops_per_s
         rows.append({"target": label, "value": value, "met": value >= minimum,
                      "note": f"{ours.subject} vs {theirs.subject}"})
+    rows += _request_targets(report)
     rows += _floor_targets(report)
     rows += _scaling_targets(report)
     rows += _concurrency_targets(report)
+    return rows
+
+
+def _request_targets(report: Report) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for our_kind, system, kind, metric in _REQUEST_TARGETS:
+        ours = _find(report, "G1", "fastcheckpoint", our_kind)
+        theirs = _find(report, "G1", system, kind)
+        label = f"{our_kind} G1 fewer backend trips per step than {system} {kind}"
+        if ours is None or theirs is None:
+            continue
+        if metric is None:
+            rows.append({"target": label, "value": None, "met": None,
+                         "note": "no backend: neither makes requests"})
+            continue
+        mine = ours.footprint.get("per_step", {}).get(metric)
+        other = theirs.footprint.get("per_step", {}).get(metric)
+        if mine is None or other is None:
+            rows.append({"target": label, "value": None, "met": None, "note": "not measured"})
+            continue
+        rows.append({"target": label, "value": mine, "met": mine < other,
+                     "note": f"{metric.replace('_', ' ')} per step: {mine:.2f} vs {other:.2f} "
+                             f"({theirs.subject})"})
     return rows
 
 
@@ -289,7 +336,7 @@ def to_markdown(report: Report, machine: dict[str, Any]) -> str:
         f"Every number is the median of {report.sizes.repetitions} repetitions. "
         "bytes/ckpt: payload + header handed to the store; disk/ckpt: allocated disk space "
         "of a file store's run divided by the checkpoints it holds; requests: backend round "
-        "trips (Redis) or HTTP requests (S3, DynamoDB) per operation.",
+        "trips (Redis, PostgreSQL) or HTTP requests (S3, DynamoDB) per operation.",
         "",
         *_results_table(report),
         "",
@@ -318,6 +365,7 @@ def to_markdown(report: Report, machine: dict[str, Any]) -> str:
                 f"| {_num(row['write']['p50_us'], 1)} | {_num(row['write']['p99_us'], 1)} "
                 f"| {_num(row['read']['p50_us'], 1)} | {_num(row['read']['p99_us'], 1)} |")
         lines.append("")
+    lines += _graph_table(report)
     rows = ratios(report)
     if rows:
         lines += ["## Side by side (ops/s ratio, fastcheckpoint / other; same process run)", "",
@@ -326,7 +374,7 @@ def to_markdown(report: Report, machine: dict[str, Any]) -> str:
         lines += [f"| {row['workload']} | {row['phase']} | {row['store']} | {row['versus']} | "
                   f"{row['ratio']:.2f}x | {_num(row['p50_ratio'], 2)}x |" for row in rows]
         lines.append("")
-    lines += ["## Targets (issue 6)", "", "| target | value | status | note |",
+    lines += ["## Targets (issues 6, 13, 15)", "", "| target | value | status | note |",
               "| --- | ---: | --- | --- |"]
     for row in targets(report):
         status = {True: "met", False: "**not met**", None: "n/a"}[row["met"]]
@@ -339,6 +387,42 @@ def to_markdown(report: Report, machine: dict[str, Any]) -> str:
     if report.notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
     return "\n".join(lines) + "\n"
+
+
+def _graph_table(report: Report) -> list[str]:
+    """G1, one row per saver: time per step, saver calls and trips per step, bytes."""
+    graph = [r for r in report.results if r.workload == "G1" and not r.error and not r.skipped]
+    if not graph:
+        return []
+    lines = ["## G1: a LangGraph graph (one message per step, durability=\"sync\")", "",
+             f"{report.sizes.graph_steps} steps per thread, {report.sizes.graph_threads} "
+             "thread(s) per repetition. Per step: mean time (whole `ainvoke` / steps) and p50; "
+             "p50 of `aput` and `aput_writes`; saver calls, store calls (ours), worker-thread "
+             "hops, fsyncs seen by Python, backend requests; bytes one thread leaves stored "
+             "(values handed to the backend) and in how many records (ours: checkpoints + "
+             "items; theirs: rows, DynamoDB items or dictionary entries).", "",
+             "| saver | steps/s | mean µs/step | p50 µs/step | aput p50 µs "
+             "| aput_writes p50 µs | saver calls | store calls | thread hops | fsyncs "
+             "| requests | bytes/thread | records/thread |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: | ---: |"]
+    for result in graph:
+        step = result.phases.get("step")
+        put = result.phases.get("aput")
+        writes = result.phases.get("aput_writes")
+        per = result.footprint.get("per_step", {})
+        name = (result.subject if result.system != "fastcheckpoint"
+                else f"FastCheckpointSaver on {result.subject}")
+        counts = " | ".join(_num(per.get(key), 2) for key in (
+            "saver_calls", "store_calls", "thread_hops", "fsyncs", "requests"))
+        lines.append(
+            f"| {name} | {_num(step.ops_per_s if step else None)} "
+            f"| {_num(step.mean_us if step else None)} | {_num(step.p50_us if step else None)} "
+            f"| {_num(put.p50_us if put else None)} | {_num(writes.p50_us if writes else None)} "
+            f"| {counts} | {_num(result.footprint.get('bytes_per_thread'))} "
+            f"| {_num(result.footprint.get('records_per_thread'))} |")
+    lines.append("")
+    return lines
 
 
 def write_chart(report: Report, path: Path) -> bool:
@@ -365,7 +449,8 @@ def write_chart(report: Report, path: Path) -> bool:
         1, 3, figsize=(18, 6.5), gridspec_kw={"width_ratios": [1.2, 1.5, 1]})
     _bars(w1_axes, [r for r in usable if r.workload == "W1"], colors,
           "W1 sequential: ops/s by phase (log)", lambda r, phase: phase)
-    ours = [r for r in usable if r.system == "fastcheckpoint" and r.workload not in ("W1", "W5")]
+    ours = [r for r in usable
+            if r.system == "fastcheckpoint" and r.workload not in ("W1", "W5", "G1")]
     _bars(all_axes, ours, colors, "W2-W4, W6: ops/s (log)",
           lambda r, phase: f"{r.workload} {phase}")
     for result in (r for r in usable if r.workload == "W5"):

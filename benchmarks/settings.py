@@ -34,6 +34,14 @@ class Sizes:
     w6_creates: int = 100
     """Creates per process."""
     floor_iterations: int = 1_000
+    graph_steps: int = 50
+    """G1: supersteps of the LangGraph loop; each adds one message."""
+    graph_threads: int = 3
+    """G1: threads run one after another per repetition (each a fresh thread id)."""
+    graph_message_bytes: int = 500
+    """G1: length of the message text each step appends."""
+    graph_context_bytes: int = 4_000
+    """G1: msgpack size of a context channel set once by the input and never changed."""
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -59,6 +67,7 @@ class Sizes:
             w5_levels=(10, 100, 1_000), w5_ops=50,
             w6_creates=25,
             floor_iterations=300,
+            graph_threads=1,
         )
 
     @classmethod
@@ -73,7 +82,12 @@ class Sizes:
             w5_levels=(2, 5), w5_ops=2,
             w6_processes=2, w6_creates=3,
             floor_iterations=5,
+            graph_steps=3, graph_threads=1, graph_message_bytes=50, graph_context_bytes=200,
         )
 
     def with_repetitions(self, repetitions: int | None) -> Sizes:
         return self if repetitions is None else replace(self, repetitions=repetitions)
+
+    def with_w5_levels(self, levels: tuple[int, ...] | None) -> Sizes:
+        """W5's levels replaced (``--w5-levels``), e.g. up to 100,000 checkpoints in a run."""
+        return self if levels is None else replace(self, w5_levels=tuple(levels))

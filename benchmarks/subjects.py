@@ -109,11 +109,15 @@ class StoreTarget:
         parts = urlsplit(self.url) if "://" in self.url else None
         scheme = parts.scheme.lower() if parts is not None else "file"
         options = dict(parse_qsl(parts.query)) if parts is not None else {}
-        self.kind = scheme
+        self.kind = "postgres" if scheme == "postgresql" else scheme
         if scheme == "file" and options.get("fsync", "true").lower() in ("0", "false", "no", "off"):
             self.kind = "file-nofsync"
+        if scheme == "sqlite" and options.get("synchronous", "full").lower() == "normal":
+            self.kind = "sqlite-normal"
         if not self.label:
-            self.label = {"file": "file (fsync)", "file-nofsync": "file (no fsync)"}.get(
+            self.label = {"file": "file (fsync)", "file-nofsync": "file (no fsync)",
+                          "sqlite": "sqlite (synchronous=FULL)",
+                          "sqlite-normal": "sqlite (synchronous=NORMAL)"}.get(
                 self.kind, self.kind)
 
     @property
@@ -158,11 +162,13 @@ class StoreTarget:
 
 
 def default_store_urls(root: str) -> list[str]:
-    """``memory://`` and a file store under ``root`` with fsync on, and one with fsync off."""
+    """``memory://``, a file store under ``root`` with fsync on and one with fsync off, and a
+    SQLite database there (``synchronous=FULL``, the store's default)."""
     return [
         "memory://",
         f"file://{os.path.join(root, 'file-fsync')}",
         f"file://{os.path.join(root, 'file-nofsync')}?fsync=false",
+        f"sqlite:///{os.path.join(root, 'bench.sqlite')}",  # four slashes: an absolute path
     ]
 
 

@@ -20,12 +20,20 @@ from benchmarks.baseline import backend_floor
 from benchmarks.compare import comparison_subjects
 from benchmarks.content import Content
 from benchmarks.footprint import floor, measure_footprint
+from benchmarks.graph import GRAPH_WORKLOADS
 from benchmarks.measure import Phase, Sample, summarize
 from benchmarks.settings import Sizes
 from benchmarks.subjects import StoreTarget, Subject, prepared_targets
 from benchmarks.workloads import WORKLOADS, Outcome, Workload
 
-__all__ = ["Report", "WorkloadResult", "run_suite"]
+__all__ = ["ALL_WORKLOADS", "Report", "WorkloadResult", "run_suite"]
+
+ALL_WORKLOADS: dict[str, Workload] = {**WORKLOADS, **GRAPH_WORKLOADS}
+"""W1-W6 (the default) and the LangGraph graph workload G1 (only when asked for)."""
+
+ASYNCIO_ONLY = ("redis", "rediss", "s3", "dynamodb", "postgres")
+"""Store kinds whose drivers (redis-py, aiobotocore, asyncpg) need asyncio: left out of the
+default store list under trio."""
 
 logger = logging.getLogger("benchmarks")
 
@@ -120,8 +128,13 @@ def _plan(
     skipped: list[WorkloadResult] = []
     for subject in subjects:
         for workload in workloads:
-            if not (workload.comparable or isinstance(subject, StoreTarget)):
-                continue  # comparison subjects run only W1 and W4
+            if not isinstance(subject, StoreTarget) and not (
+                workload.comparable and subject.system in workload.compared_systems
+            ):
+                continue  # comparison subjects run only W1 and W4 (LangGraph's also G1)
+            only = getattr(subject, "only", None)
+            if only is not None and workload.name not in only:
+                continue
             result = WorkloadResult(
                 workload=workload.name, subject=subject.label, system=subject.system,
                 kind=subject.kind, url=subject.url if isinstance(subject, StoreTarget) else None,
@@ -140,9 +153,17 @@ def _plan(
 async def _footprints(jobs: list[_Job], sizes: Sizes) -> None:
     for job in jobs:
         subject = job.subject
-        if not isinstance(subject, StoreTarget) or job.workload.name == "W6":
-            continue
         if job.result.error is not None:
+            continue
+        own = getattr(job.workload, "footprint", None)
+        if own is not None:  # G1 counts per graph step, on every saver
+            try:
+                job.result.footprint = await own(subject, sizes, job.content)
+            except Exception as exc:
+                job.result.error = f"footprint failed: {type(exc).__name__}: {exc}"
+                logger.error("%s footprint failed:\n%s", job.label, traceback.format_exc())
+            continue
+        if not isinstance(subject, StoreTarget) or job.workload.name == "W6":
             continue
         keep = job.workload.keep(sizes)
         creates = 3 if job.workload.name == "W3" else min(keep or 20, 100) + 2
@@ -182,15 +203,24 @@ async def _suite(
     progress: Progress | None,
     on_plan: Callable[[int], None] | None,
     backend: str,
+    compare_only: str | None = None,
 ) -> Report:
     notes: list[str] = []
     with prepared_targets(urls) as prepared:
         notes += prepared.services.notes
+        if urls is None and backend != "asyncio":  # their drivers need an asyncio loop
+            left_out = [target for target in prepared.targets if target.kind in ASYNCIO_ONLY]
+            prepared.targets = [target for target in prepared.targets
+                                if target.kind not in ASYNCIO_ONLY]
+            notes += [f"{target.label} skipped: it runs on asyncio only" for target in left_out]
         for target in prepared.targets:
             await target.prepare()
         subjects: list[Subject] = list(prepared.targets)
         if compare:
             others, missing = comparison_subjects(prepared.scratch, prepared.targets)
+            if compare_only is not None:
+                others = [other for other in others if other.system == compare_only]
+                missing = [note for note in missing if note.lower().startswith(compare_only)]
             subjects += others
             notes += missing
         jobs, skipped = _plan(subjects, workloads, sizes)
@@ -204,10 +234,13 @@ async def _suite(
     for job in jobs:
         job.result.phases = {phase: summarize(samples) for phase, samples in job.samples.items()}
     results = [job.result for job in jobs] + skipped
-    order = {name: index for index, name in enumerate(WORKLOADS)}
+    order = {name: index for index, name in enumerate(ALL_WORKLOADS)}
     results.sort(key=lambda result: order[result.workload])
     for result in skipped:
         notes.append(f"{result.workload} on {result.subject} skipped: {result.skipped}")
+    for subject in subjects:
+        if getattr(subject, "settings", ""):
+            notes.append(f"{subject.label} ran with {subject.settings}")  # type: ignore[attr-defined]
     return Report(sizes, results, floors, notes, backend, network)
 
 
@@ -220,21 +253,28 @@ def run_suite(
     progress: Progress | None = None,
     on_plan: Callable[[int], None] | None = None,
     backend: str = "asyncio",
+    compare_only: str | None = None,
 ) -> Report:
     """Run the suite and return its report (nothing is written; see :mod:`benchmarks.report`).
 
-    ``stores``: store URLs (default: ``memory://`` and temporary file stores with fsync on and
-    off). ``workloads``: names such as ``["W1", "W4"]`` (default: all). ``compare`` adds
-    FastAgentic and LangGraph (W1 and W4; needs ``backend="asyncio"``).
+    ``stores``: store URLs (default: ``memory://``, temporary file stores with fsync on and
+    off, a temporary SQLite database, and the network stores reachable here).
+    ``workloads``: names such as ``["W1", "W4"]`` (default: W1-W6; G1, the LangGraph graph,
+    only when named). ``compare`` adds FastAgentic and LangGraph (W1 and W4, LangGraph's
+    savers also G1; needs ``backend="asyncio"``); ``compare_only`` (``"fastagentic"`` or
+    ``"langgraph"``) keeps one of the two.
     """
     names = list(workloads) if workloads else list(WORKLOADS)
-    unknown = [name for name in names if name not in WORKLOADS]
+    unknown = [name for name in names if name not in ALL_WORKLOADS]
     if unknown:
-        raise ValueError(f"unknown workloads {unknown}; known: {', '.join(WORKLOADS)}")
+        raise ValueError(f"unknown workloads {unknown}; known: {', '.join(ALL_WORKLOADS)}")
     if compare and backend != "asyncio":
         raise ValueError("--compare needs the asyncio backend (aiosqlite, FastAgentic)")
-    chosen = [WORKLOADS[name] for name in names]
+    if "G1" in names and backend != "asyncio":
+        raise ValueError("G1 needs the asyncio backend (LangGraph runs on asyncio)")
+    chosen = [ALL_WORKLOADS[name] for name in names]
     run = functools.partial(
-        _suite, stores, chosen, sizes or Sizes.full(), compare, progress, on_plan, backend
+        _suite, stores, chosen, sizes or Sizes.full(), compare, progress, on_plan, backend,
+        compare_only,
     )
     return anyio.run(run, backend=backend)

@@ -41,6 +41,8 @@ class Workload:
     title: ClassVar[str]
     comparable: ClassVar[bool] = False
     """Whether it runs on FastAgentic and LangGraph with ``--compare``."""
+    compared_systems: ClassVar[tuple[str, ...]] = ("fastagentic", "langgraph")
+    """Which comparison systems it runs on, when ``comparable``."""
 
     def keep(self, sizes: Sizes) -> int | None:
         """``max_checkpoints_per_run`` of the workload."""
