@@ -1,4 +1,4 @@
-"""A separate OS process appending to a DynamoDBStore, for tests/stores/test_dynamodb.py.
+"""A separate OS process appending to a DynamoDBStore, for tests/stores/dynamodb/test_dynamodb.py.
 
     python dynamodb_worker.py ENDPOINT TABLE BUCKET PREFIX RUN_ID COUNT WORKER
 

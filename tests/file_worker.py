@@ -1,4 +1,4 @@
-"""A separate OS process appending to a FileStore, for tests/stores/test_file_specific.py.
+"""A separate OS process appending to a FileStore, for tests/stores/file/test_file_specific.py.
 
     python file_worker.py append ROOT RUN_ID COUNT WORKER   append COUNT checkpoints, then exit
     python file_worker.py append-items ROOT RUN_ID COUNT WORKER

@@ -1,4 +1,4 @@
-"""An OS process creating checkpoints through PostgresStore (test_postgres_specific.py).
+"""An OS process creating checkpoints through PostgresStore (tests/stores/postgres/).
 
     python postgres_worker.py URL RUN_ID COUNT WORKER
 

@@ -1,4 +1,4 @@
-"""An OS process creating checkpoints through RedisStore (tests/stores/test_redis_specific.py).
+"""An OS process creating checkpoints via RedisStore (tests/stores/redis/test_redis_specific.py).
 
     python redis_worker.py URL RUN_ID COUNT WORKER
 

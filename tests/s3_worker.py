@@ -1,4 +1,4 @@
-"""A separate OS process creating checkpoints on one run of an S3 store (tests/stores/test_s3.py).
+"""A separate OS process creating checkpoints on one S3 run (tests/stores/s3/test_s3.py).
 
     python s3_worker.py ENDPOINT BUCKET PREFIX RUN_ID COUNT
 

@@ -1,4 +1,4 @@
-"""A separate OS process appending to a SQLiteStore, for tests/stores/test_sqlite_specific.py.
+"""An OS process appending to a SQLiteStore, for tests/stores/sqlite/test_sqlite_specific.py.
 
     python sqlite_worker.py append PATH RUN_ID COUNT WORKER   append COUNT checkpoints, then exit
     python sqlite_worker.py forever PATH RUN_ID KEEP SYNC     append until killed, pruning to

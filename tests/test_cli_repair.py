@@ -8,7 +8,6 @@ from typing import Any
 
 import anyio
 import pytest
-from _helpers import ForwardingStore
 
 import fastcheckpoint.stores as stores_module
 from fastcheckpoint import CheckpointManager, open_store
@@ -17,6 +16,7 @@ from fastcheckpoint.cli import EXIT_DAMAGED, EXIT_OK, EXIT_USAGE, main
 from fastcheckpoint.errors import CheckpointNotFound, ConflictError
 from fastcheckpoint.stores import RunDamage, RunRecord, register_store
 from fastcheckpoint.stores.memory import MemoryStore
+from tests._helpers import ForwardingStore
 
 GHOST = "g" * 24
 """A run key whose record is damaged and whose log holds no checkpoint: nothing to rebuild."""

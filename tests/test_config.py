@@ -12,7 +12,6 @@ from typing import Any, ClassVar, cast
 
 import anyio
 import pytest
-from _helpers import FakeClock
 
 from fastcheckpoint import (
     CheckpointConfig,
@@ -24,6 +23,7 @@ from fastcheckpoint import (
     open_store,
 )
 from fastcheckpoint.stores import register_store
+from tests._helpers import FakeClock
 
 # -- defaults -----------------------------------------------------------------------------------
 

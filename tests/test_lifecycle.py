@@ -12,9 +12,9 @@ from pathlib import Path
 
 import anyio
 import pytest
-from _helpers import STORE_KINDS, FakeClock, ForwardingStore, make_config, make_store
 
 from fastcheckpoint import CheckpointManager, CheckpointStore, StoreError
+from tests._helpers import STORE_KINDS, FakeClock, ForwardingStore, make_config, make_store
 
 pytestmark = pytest.mark.anyio
 

@@ -27,7 +27,6 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-from _helpers import STORE_KINDS, FakeClock, ForwardingStore, make_config, make_store
 
 from fastcheckpoint import (
     Checkpoint,
@@ -51,6 +50,7 @@ from fastcheckpoint import (
     _ids,
 )
 from fastcheckpoint.stores import RunRecord, StoredCheckpoint
+from tests._helpers import STORE_KINDS, FakeClock, ForwardingStore, make_config, make_store
 
 pytestmark = pytest.mark.anyio
 

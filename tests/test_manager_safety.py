@@ -18,7 +18,6 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-from _helpers import STORE_KINDS, T0, FakeClock, ForwardingStore, make_config, make_store
 
 from fastcheckpoint import (
     CheckpointManager,
@@ -33,6 +32,7 @@ from fastcheckpoint import (
 from fastcheckpoint._codec import json_copy
 from fastcheckpoint.stores import RunRecord, StoredCheckpoint
 from fastcheckpoint.stores._loops import PerLoop
+from tests._helpers import STORE_KINDS, T0, FakeClock, ForwardingStore, make_config, make_store
 
 pytestmark = pytest.mark.anyio
 

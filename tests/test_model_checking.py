@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from _helpers import FakeClock, make_config, make_store
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -43,6 +42,7 @@ from fastcheckpoint import (
     CheckpointStore,
     ConflictError,
 )
+from tests._helpers import FakeClock, make_config, make_store
 
 T = TypeVar("T")
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import anyio
 import pytest
-from _helpers import STORE_KINDS, FakeClock, make_config, make_store
 
 from fastcheckpoint import (
     CheckpointManager,
@@ -21,6 +20,7 @@ from fastcheckpoint import (
     ConflictError,
     RunInfo,
 )
+from tests._helpers import STORE_KINDS, FakeClock, make_config, make_store
 
 pytestmark = pytest.mark.anyio
 

@@ -31,8 +31,14 @@ from fastcheckpoint.stores.dynamodb import DynamoDBStore
 from fastcheckpoint.stores.s3 import S3Store
 from fastcheckpoint.testing._builders import T0, checkpoint_id_of, key_of, make_checkpoint, make_run
 from tests.stores._moto import moto_endpoint
-from tests.stores.test_dynamodb import _raw_item, atomic_moto, aws_names, opened, provisioned
-from tests.stores.test_s3 import s3_bucket, s3_store
+from tests.stores.dynamodb.test_dynamodb import (
+    _raw_item,
+    atomic_moto,
+    aws_names,
+    opened,
+    provisioned,
+)
+from tests.stores.s3.test_s3 import s3_bucket, s3_store
 
 __all__ = ["atomic_moto", "aws_names", "moto_endpoint", "provisioned", "s3_bucket", "s3_store"]
 

@@ -29,7 +29,7 @@ from fastcheckpoint.stores._aws import RequestCounter
 from fastcheckpoint.stores.s3 import S3Store
 from fastcheckpoint.testing import T0, make_item
 from tests.stores._moto import REGION, moto_endpoint
-from tests.stores.test_s3 import (
+from tests.stores.s3.test_s3 import (
     DEADLINE,
     _FaultyProxy,
     _manager,

@@ -40,7 +40,7 @@ from tests.stores._postgres_server import (
 )
 from tests.stores._postgres_server import append_checkpoint as _append
 
-KIT = Path(__file__).resolve().parents[2] / "stores" / "postgres"
+KIT = Path(__file__).resolve().parents[3] / "stores" / "postgres"
 DEFAULT = Names("public", "fc_")
 
 pytestmark = pytest.mark.anyio

@@ -1,4 +1,4 @@
-"""The store contract (:mod:`fastcheckpoint.testing`) run against every bundled store."""
+"""The store contract (:mod:`fastcheckpoint.testing`) run against FileStore."""
 
 from __future__ import annotations
 
@@ -15,16 +15,6 @@ from fastcheckpoint.testing import LabelsContract, SharedItemsContract, StoreCon
 async def _close(store: CheckpointStore) -> None:
     with anyio.fail_after(10):
         await store.aclose()
-
-
-class TestMemoryStore(StoreContract, LabelsContract, SharedItemsContract):
-    @pytest.fixture
-    async def store(self) -> AsyncIterator[CheckpointStore]:
-        from fastcheckpoint.stores.memory import MemoryStore
-
-        store = MemoryStore()
-        yield store
-        await _close(store)
 
 
 class TestFileStore(StoreContract, LabelsContract, SharedItemsContract):

@@ -25,7 +25,7 @@ from fastcheckpoint.testing._builders import (
     make_run,
 )
 from tests.stores._moto import moto_endpoint
-from tests.stores.test_dynamodb import (
+from tests.stores.dynamodb.test_dynamodb import (
     _raw_item,
     atomic_moto,
     aws_names,

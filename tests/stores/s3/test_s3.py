@@ -123,7 +123,7 @@ async def damage_run_object(store: CheckpointStore, run_key: str) -> None:
 
 # -- helpers for the S3-specific tests -------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

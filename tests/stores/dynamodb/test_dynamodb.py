@@ -47,7 +47,7 @@ __all__ = ["moto_endpoint"]
 
 pytestmark = pytest.mark.anyio
 
-REPOSITORY = Path(__file__).resolve().parents[2]
+REPOSITORY = Path(__file__).resolve().parents[3]
 PACKAGE_ROOT = str(Path(fastcheckpoint.__file__).resolve().parent.parent)
 KIT = REPOSITORY / "stores" / "dynamodb"
 WORKER = REPOSITORY / "tests" / "dynamodb_worker.py"

@@ -35,7 +35,7 @@ from fastcheckpoint.testing._builders import (
     make_run,
 )
 from tests.stores._moto import REGION, moto_endpoint, unique_name
-from tests.stores.test_dynamodb import (
+from tests.stores.dynamodb.test_dynamodb import (
     DEADLINE,
     _manager,
     _raw_item,

@@ -51,7 +51,7 @@ from tests.stores._postgres_server import (
     unique_schema,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 WORKER = ROOT / "tests" / "postgres_worker.py"
 FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01, max_retries=5)
 

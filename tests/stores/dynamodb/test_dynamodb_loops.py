@@ -19,7 +19,7 @@ from fastcheckpoint.stores._aws import RequestCounter
 from fastcheckpoint.stores.dynamodb import DynamoDBStore
 from fastcheckpoint.testing._builders import T0, key_of, make_checkpoint, make_run
 from tests.stores._moto import REGION, moto_endpoint, unique_name
-from tests.stores.test_dynamodb import DEADLINE, atomic_moto, aws_names, provisioned
+from tests.stores.dynamodb.test_dynamodb import DEADLINE, atomic_moto, aws_names, provisioned
 
 __all__ = ["atomic_moto", "aws_names", "moto_endpoint", "provisioned"]
 

@@ -27,7 +27,7 @@ from fastcheckpoint.testing._builders import (
 )
 from fastcheckpoint.testing._repair import DamageRunRecord
 from tests.stores._moto import moto_endpoint, unique_name
-from tests.stores.test_dynamodb import (
+from tests.stores.dynamodb.test_dynamodb import (
     DEADLINE,
     _raw_item,
     atomic_moto,

