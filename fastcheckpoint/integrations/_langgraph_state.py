@@ -23,6 +23,7 @@ _V = TypeVar("_V")
 
 _RUNS = 10_000
 _IDS = 50_000
+_SEEDS = 1_000
 _SIGNAL_POLL = 0.05
 
 
@@ -121,6 +122,11 @@ class SaverState:
         """(LangGraph run id, run key) -> until when its registry entry is known to last."""
         self.deleted: Lru[str, bool] = Lru(_RUNS)
         """Runs this process deleted: late writes to them are dropped without a read."""
+        self.seeds: Lru[str, tuple[str, bytes, tuple[str, ...]]] = Lru(_SEEDS)
+        """Run key -> (run id, encoded details, labels) of the run a save may create."""
+        self.failed: Lru[str, str] = Lru(_RUNS)
+        """Run key -> the oldest checkpoint id whose save failed since the run was last saved
+        or read: LangGraph saves nothing after it in that graph run."""
         self.saving: dict[tuple[str, str], Signal] = {}
         self.parked: dict[tuple[str, str], Parked] = {}
         self._last_turn: dict[str, Signal] = {}
@@ -139,6 +145,15 @@ class SaverState:
             self.runs.put(key, RunHint(where.sequence, where.incarnation, checkpoint_id, size))
         elif hint.latest_sequence == where.sequence:
             hint.newest_id = checkpoint_id
+
+    def failed_save(self, key: str, checkpoint_id: str) -> None:
+        """The save of ``checkpoint_id`` failed: writes parked for it or a later checkpoint
+        of the run are released (not stored), and later ones do not wait."""
+        known = self.failed.get(key)
+        if known is None or checkpoint_id < known:
+            self.failed.put(key, checkpoint_id)
+        for slot in [slot for slot in self.parked if slot[0] == key and slot[1] >= checkpoint_id]:
+            self.parked.pop(slot).done.set()
 
     def forget_run(self, key: str) -> None:
         self.runs.pop(key)

@@ -21,6 +21,7 @@ Needs ``pip install 'fastcheckpoint[langgraph]'`` and a store with labels and sh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -99,7 +100,8 @@ _PAGE = 100
 _PARKED_SECONDS = 30.0
 """How long writes for a checkpoint this process has not saved yet wait for its save (it
 waits behind the previous save); then the store is asked, and writes to a checkpoint that
-never came are dropped."""
+never came are dropped. The save releases them as soon as it ends, stored or not; only a
+save that never starts (LangGraph skips the saves after one that failed) costs the wait."""
 _FREE_RETRIES = 3
 _CONTENTION_BASE = 0.001
 _FIRST_SAVE_SECONDS = 2.0
@@ -183,7 +185,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             settings, default_ttl_seconds=ttl, max_checkpoints_per_run=keep_latest))
         codec = Codec(compress_min_bytes=settings.compress_min_bytes)
         self._shared = _Shared(
-            store=capable, manager=manager, codec=codec, items=ItemCodec(codec),
+            store=capable, manager=manager, codec=codec,
+            items=ItemCodec(codec),
             ttl_seconds=ttl, keep_latest=keep_latest, bridge=LoopBridge(), state=SaverState())
         self._shared.bridge.bind()
 
@@ -267,6 +270,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         where = _where(config)
         checkpoint_id = _checkpoint_id(config)
         now = self._now()
+        self._state.failed.pop(where.key)  # a graph run starts here: its saves may come
         if checkpoint_id is None:
             latest = await self._store.read_with_items(where.key, sequence=None, now=now)
             return None if latest is None else await self._tuple(where, *latest, head=True)
@@ -332,9 +336,19 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         signal = state.saving[slot] = Signal()
         try:
             await self._save(where, config, checkpoint, metadata, new_versions)
+        except Exception:
+            # LangGraph makes no save of the thread after one that failed (each waits for
+            # the previous): writes parked for later checkpoints would wait for nothing.
+            state.failed_save(where.key, checkpoint_id)
+            raise
         finally:
             del state.saving[slot]
             signal.set()
+            # Writes parked for this checkpoint that the save did not take (it failed or was
+            # dropped before it got to them) learn it now, not when their wait runs out.
+            left = state.parked.pop(slot, None)
+            if left is not None:
+                left.done.set()
         return saved
 
     async def aput_writes(
@@ -815,8 +829,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         parked = state.parked.pop(slot, None)
         expires_at = None if self._shared.ttl_seconds is None else now + self._shared.ttl_seconds
         settings = self._shared.manager.config
-        contention = RetryPolicy(base_delay=min(_CONTENTION_BASE, settings.retry.max_delay),
-                                 max_delay=settings.retry.max_delay)
+        contention: RetryPolicy | None = None
         resent = False
         try:
             for attempt in range(settings.max_sequence_retries):
@@ -839,6 +852,10 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                         self._dropped(where, encoded.checkpoint_id)
                         return
                     if attempt >= _FREE_RETRIES:
+                        if contention is None:
+                            contention = RetryPolicy(
+                                base_delay=min(_CONTENTION_BASE, settings.retry.max_delay),
+                                max_delay=settings.retry.max_delay)
                         await anyio.sleep(contention.delay(attempt - _FREE_RETRIES))
                     continue
                 self._saved(where, encoded, located)
@@ -898,14 +915,25 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         return record, [*encoded.blobs, *owned]
 
     def _seed(self, where: _Where, located: Located, now: float) -> RunRecord:
-        details = RunData(metadata={"framework": "langgraph", "thread_id": where.thread_id,
-                                    "checkpoint_ns": where.checkpoint_ns})
+        data, labels = self._seed_parts(where)
         return RunRecord(
             run_id=where.run_id, incarnation=located.incarnation,
             status=CheckpointStatus.ACTIVE.value, created_at=now, updated_at=now,
             latest_sequence=located.sequence, checkpoint_count=1,
-            expires_at=located.expires_at, data=self._shared.codec.encode_run_data(details),
-            labels=(LANGGRAPH_LABEL, records.thread_label(where.thread_id)))
+            expires_at=located.expires_at, data=data, labels=labels)
+
+    def _seed_parts(self, where: _Where) -> tuple[bytes, tuple[str, ...]]:
+        """A new run's details and labels (the same for every save of a namespace)."""
+        seeds = self._state.seeds
+        found = seeds.get(where.key)
+        if found is not None and found[0] == where.run_id:
+            return found[1], found[2]
+        details = RunData(metadata={"framework": "langgraph", "thread_id": where.thread_id,
+                                    "checkpoint_ns": where.checkpoint_ns})
+        data = self._shared.codec.encode_run_data(details)
+        labels = (LANGGRAPH_LABEL, records.thread_label(where.thread_id))
+        seeds.put(where.key, (where.run_id, data, labels))
+        return data, labels
 
     def _saved_here(self, slot: tuple[str, str]) -> bool:
         """Whether this process saved or read the checkpoint in the run's current life."""
@@ -917,6 +945,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
     def _saved(self, where: _Where, encoded: _Encoded, located: Located) -> None:
         state = self._state
         state.deleted.pop(where.key)
+        state.failed.pop(where.key)
         state.remember(where.key, encoded.checkpoint_id, located, head=True)
         hint = state.runs.get(where.key)
         if hint is not None:
@@ -936,14 +965,20 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         """Store ``writes`` on their checkpoint; ``False`` if it is gone (or never came)."""
         state = self._state
         slot = (where.key, checkpoint_id)
-        saving = state.saving.get(slot)
-        if saving is not None:
-            await saving.wait()
-        located = state.located.get(slot)
-        now = self._now()
         asked = False
-        if located is None and state.runs.get(where.key) is None:
-            located, asked = await self._lookup(where, checkpoint_id, now), True
+        while True:
+            saving = state.saving.get(slot)
+            if saving is not None:
+                await saving.wait()
+            located = state.located.get(slot)
+            if located is not None or asked or state.runs.get(where.key) is not None:
+                break
+            located, asked = await self._lookup(where, checkpoint_id, self._now()), True
+            if located is not None:
+                break
+            # The lookup awaited the store: the checkpoint's save may have started (and
+            # taken what was parked for it) or ended meanwhile, so look again before parking.
+        # No await from the checks above to parking: a save that starts later takes the writes.
         if located is None and self._may_still_come(where.key, checkpoint_id):
             wait = _FIRST_SAVE_SECONDS if state.runs.get(where.key) is None else _PARKED_SECONDS
             if await self._park(slot, writes, wait):
@@ -962,6 +997,9 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         """Whether this process may still save the checkpoint: newer than any it has seen
         in the run (LangGraph's ids sort by time), or the run's first, in a run it did not
         delete."""
+        failed = self._state.failed.get(key)
+        if failed is not None and checkpoint_id >= failed:
+            return False
         hint = self._state.runs.get(key)
         if hint is None:
             return self._state.deleted.get(key) is None
@@ -1250,6 +1288,7 @@ def _where(config: object) -> _Where:
     return _where_from(records.checked_thread_id(configurable["thread_id"]), namespace)
 
 
+@functools.lru_cache(maxsize=4096)  # every call names its namespace: a few, named often
 def _where_from(thread_id: str, checkpoint_ns: str) -> _Where:
     run_id = records.run_id_of(thread_id, checkpoint_ns)
     return _Where(thread_id, checkpoint_ns, run_id, _ids.key_of(run_id))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 
@@ -25,6 +26,7 @@ from fastcheckpoint.errors import (
     CheckpointError,
     ConfigurationError,
     ConflictError,
+    CorruptCheckpointError,
     SerializationError,
     SharedItemGone,
     ValidationError,
@@ -314,6 +316,104 @@ async def test_writes_sent_before_their_checkpoint_is_saved_go_with_it() -> None
     assert on_second.pending_writes == [("a", "x", 1)]
     assert on_third is not None
     assert on_third.pending_writes == [("b", "y", 2)]
+
+
+class _SlowReplies(CountingStore):
+    """``append_with_items`` waits for ``save_gate`` before it starts; ``get_items`` answers
+    what the store held when asked, but only once ``reply_gate`` is set (a reply in flight)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.save_gate: anyio.Event | None = None
+        self.reply_gate: anyio.Event | None = None
+
+    async def append_with_items(self, *args: Any, **kwargs: Any) -> Any:
+        if self.save_gate is not None:
+            await self.save_gate.wait()
+        return await super().append_with_items(*args, **kwargs)  # type: ignore[misc]
+
+    async def get_items(self, *args: Any, **kwargs: Any) -> Any:
+        found = await super().get_items(*args, **kwargs)  # type: ignore[misc]
+        if self.reply_gate is not None:
+            await self.reply_gate.wait()
+        return found
+
+
+async def test_writes_whose_checkpoint_is_saved_during_their_lookup_are_stored_at_once() -> None:
+    """A new thread (nothing known of it here): the second checkpoint's writes ask the store
+    where it lives while the first save is on its way; before the answer (none) comes back,
+    the first save ends and the second checkpoint is saved. The writes must then go on that
+    checkpoint at once, not wait for a save that has already happened."""
+    store = _SlowReplies(MemoryStore())
+    saver = _saver(store)
+    first, second = checkpoint(), checkpoint()
+    store.save_gate, store.reply_gate = anyio.Event(), anyio.Event()
+    with anyio.fail_after(DEADLINE / 4):  # far below the saver's wait for a coming save
+        async with anyio.create_task_group() as group:
+            group.start_soon(saver.aput, config("t"), first, metadata(-1), {})
+            await anyio.wait_all_tasks_blocked()
+            group.start_soon(saver.aput_writes, config("t", second["id"]), [("x", 1)], "a")
+            await anyio.wait_all_tasks_blocked()
+            assert store.take() == {"get_items": 1}  # asked, the answer still on its way
+            store.save_gate.set()
+            await anyio.wait_all_tasks_blocked()
+            await saver.aput(config("t", first["id"]), second, metadata(0), {})
+            store.reply_gate.set()
+        found = await saver.aget_tuple(config("t", second["id"]))
+    assert found is not None
+    assert found.pending_writes == [("a", "x", 1)]
+
+
+async def test_writes_waiting_for_a_save_that_fails_are_released_by_it() -> None:
+    """Writes parked for a checkpoint whose save then fails before it reaches the store learn
+    it from the save, and are dropped as writes to a checkpoint that does not exist, instead
+    of waiting out the saver's wait for a coming save."""
+    store = CountingStore(MemoryStore())
+    saver = _saver(store)
+    with anyio.fail_after(DEADLINE / 4):  # far below the saver's wait for a coming save
+        first = await put(saver, "t")
+        second = checkpoint({"a": threading.Lock()})
+        store.take()
+        async with anyio.create_task_group() as group:
+            group.start_soon(saver.aput_writes, config("t", second["id"]), [("x", 1)], "a")
+            await anyio.wait_all_tasks_blocked()
+            assert store.take() == {}  # parked for the coming save, nothing asked
+            with pytest.raises(SerializationError):
+                await saver.aput(config("t", first), second, metadata(0), {"a": 1})
+        calls = store.take()
+    assert "put_owned_items" not in calls
+    assert await saver.aget_tuple(config("t", second["id"])) is None
+
+
+async def test_after_a_failed_save_writes_for_later_checkpoints_do_not_wait() -> None:
+    """LangGraph makes no save after one that failed in a graph run: writes parked for the
+    checkpoints after it, or sent later, are dropped at once. The next graph run (which starts
+    with a read) parks writes for its coming saves again."""
+    store = CountingStore(MemoryStore())
+    saver = _saver(store)
+    with anyio.fail_after(DEADLINE / 4):  # far below the saver's wait for a coming save
+        first = await put(saver, "t")
+        broken, after, later = checkpoint({"a": threading.Lock()}), checkpoint(), checkpoint()
+        async with anyio.create_task_group() as group:
+            group.start_soon(saver.aput_writes, config("t", after["id"]), [("x", 1)], "a")
+            await anyio.wait_all_tasks_blocked()
+            with pytest.raises(SerializationError):
+                await saver.aput(config("t", first), broken, metadata(0), {"a": 1})
+        await saver.aput_writes(config("t", later["id"]), [("y", 2)], "b")
+        await saver.aput_writes(config("t", broken["id"]), [("z", 3)], "c")
+        assert "put_owned_items" not in store.take()
+        assert await saver.aget_tuple(config("t")) is not None  # the next graph run
+        again = checkpoint()
+        async with anyio.create_task_group() as group:
+            group.start_soon(saver.aput_writes, config("t", again["id"]), [("x", 4)], "d")
+            await anyio.wait_all_tasks_blocked()
+            store.take()
+            await saver.aput(config("t", first), again, metadata(1), {})
+        calls = store.take()
+        found = await saver.aget_tuple(config("t", again["id"]))
+    assert calls == {"append_with_items": 1}  # the writes went with their checkpoint
+    assert found is not None
+    assert found.pending_writes == [("d", "x", 4)]
 
 
 async def test_late_writes_and_saves_never_bring_a_deleted_thread_back(
@@ -745,3 +845,26 @@ async def test_prune_with_the_delete_strategy_removes_every_namespace() -> None:
     assert left == [kept]
     assert runs == ["other"]
     assert stored == {}
+
+
+@pytest.mark.parametrize("compress_min_bytes", [None, 0, 64, 1 << 20])
+def test_item_values_are_the_records_the_codec_writes(compress_min_bytes: int | None) -> None:
+    """Item values are the manager's codec records (framed, checksummed, compressed alike)."""
+    codec = Codec(compress_min_bytes=compress_min_bytes)
+    items = records.ItemCodec(codec)
+    encoder = msgspec.msgpack.Encoder()
+    values: list[Any] = [
+        ("json", b""), ("msgpack", b"x" * 10), ("msgpack", bytes(range(256)) * 40),
+        records.Located("inc", 3, None), records.Located("inc", 2**40, 1.5),
+        records.StoredWrite("task", "path", "channel", -1, ("json", b"{}")),
+        records.RegistryEntry("thread\x1fns"),
+    ]
+    for value in values:
+        blob = items.encode(value)
+        assert blob == codec.encode_payload({"v": encoder.encode(value)}, [], [], {})
+        assert items.decode(blob, type(value), "here") == value
+        other = codec.encode_payload({"v": encoder.encode(value), "x": [1]}, [2], [], {"y": 3})
+        assert items.decode(other, type(value), "here") == value  # any record with a "v"
+        damaged = blob[:-1] + bytes([blob[-1] ^ 1])
+        with pytest.raises(CorruptCheckpointError):
+            items.decode(damaged, type(value), "here")
