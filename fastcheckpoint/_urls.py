@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -51,13 +52,18 @@ def ttl_seconds_from_days(raw: str) -> float:
     return days * 86400.0
 
 
+_USERINFO = re.compile(r"://([^:/@]*):([^@/]*)@")
+
+
 def without_password(text: str, url: str) -> str:
     """``text`` with the URL's password, if any, replaced by ``***`` (error messages of
-    drivers may quote it anywhere). A URL too malformed to take apart has none to find."""
+    drivers may quote it anywhere). In a URL too malformed to take apart, whatever stands
+    between ``user:`` and ``@`` is taken for the password."""
     try:
         password = urlsplit(url).password if "://" in url else None
     except ValueError:
-        password = None
+        found = _USERINFO.search(url)
+        password = found.group(2) if found else None
     return text.replace(password, "***") if password else text
 
 

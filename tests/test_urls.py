@@ -21,9 +21,10 @@ def test_a_password_quoted_in_an_error_is_hidden_too() -> None:
     assert shown == "auth failed for *** at cache"
 
 
-def test_a_malformed_url_is_shown_as_it_is() -> None:
+def test_a_malformed_url_is_shown_as_it_is_but_for_its_password() -> None:
     assert redacted("redis://[::1:6379") == "redis://[::1:6379"
     assert redacted("not a url") == "not a url"
+    assert redacted("postgresql://app:pw@[::1:5432/x") == "postgresql://app:***@[::1:5432/x"
 
 
 def test_the_url_wins_over_the_mode() -> None:

@@ -46,6 +46,7 @@ import asyncpg
 import asyncpg.exceptions as pg_errors
 
 from fastcheckpoint._config import RetryPolicy
+from fastcheckpoint._urls import redacted
 from fastcheckpoint.errors import (
     CheckpointNotFound,
     ConfigurationError,
@@ -970,15 +971,15 @@ def _split_url(url: str) -> Any:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a malformed port
     except ValueError as exc:
-        raise ConfigurationError(f"malformed PostgreSQL URL {_redacted(url)}: {exc}") from exc
+        raise ConfigurationError(f"malformed PostgreSQL URL {redacted(url)}: {exc}") from exc
     if parts.scheme.lower() not in _URL_SCHEMES:
         raise ConfigurationError(
             f"a PostgreSQL store URL starts with postgresql:// or postgres://, got "
-            f"{_redacted(url)}")
+            f"{redacted(url)}")
     if not parts.path.strip("/"):
         raise ConfigurationError(
             f"a PostgreSQL URL names its database (postgresql://user@host:5432/db), got "
-            f"{_redacted(url)}")
+            f"{redacted(url)}")
     return parts
 
 
@@ -986,19 +987,6 @@ def _describe(parts: Any) -> str:
     host = parts.hostname or "localhost"
     port = parts.port or 5432
     return f"{host}:{port}{parts.path}"
-
-
-def _redacted(url: str) -> str:
-    """The URL without its password, for error messages."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
-    if password is None:
-        return url
-    netloc = parts.netloc.replace(f":{password}@", ":***@")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def _typed_store_options(raw: dict[str, Any]) -> dict[str, Any]:
