@@ -7,9 +7,11 @@ override one method to inject a fault.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import anyio
 
 from fastcheckpoint import (
     CheckpointConfig,
@@ -157,3 +159,53 @@ class ForwardingStore:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+async def acks_until_killed(
+    command: Sequence[str], env: Mapping[str, str], log: Path, delay: float
+) -> list[int]:
+    """Start a worker that prints each acknowledged sequence on a line of its own, SIGKILL it
+    ``delay`` seconds after its first acknowledgement, and return what it acknowledged (its
+    stderr goes to ``log``)."""
+    output = bytearray()
+    with log.open("wb") as stderr:
+        process = await anyio.open_process(list(command), env=dict(env), stderr=stderr)
+        async with process:
+            assert process.stdout is not None
+
+            async def pump() -> None:
+                assert process.stdout is not None
+                async for chunk in process.stdout:
+                    output.extend(chunk)
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(pump)
+                while b"\n" not in output:
+                    assert process.returncode is None, "worker died; see its stderr in " + str(log)
+                    await anyio.sleep(0.01)
+                await anyio.sleep(delay)
+                process.kill()
+                assert await process.wait() == -9
+    complete = output[: output.rfind(b"\n") + 1]  # a line cut by the kill is no acknowledgement
+    return [int(line) for line in complete.split()]
+
+
+async def acks_of_workers(
+    commands: Mapping[str, Sequence[str]], env: Mapping[str, str]
+) -> dict[int, str]:
+    """Run the workers together to their end; which worker acknowledged each sequence (each
+    prints its sequences one per line). A sequence acknowledged twice fails the test."""
+    outputs: dict[str, bytes] = {}
+
+    async def run_worker(name: str) -> None:
+        done = await anyio.run_process(list(commands[name]), env=dict(env))
+        outputs[name] = done.stdout
+
+    async with anyio.create_task_group() as group:
+        for name in commands:
+            group.start_soon(run_worker, name)
+    acknowledged = {
+        int(line): name for name, out in outputs.items() for line in out.decode().split()
+    }
+    assert sum(len(out.split()) for out in outputs.values()) == len(acknowledged)
+    return acknowledged

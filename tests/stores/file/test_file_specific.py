@@ -41,6 +41,7 @@ from fastcheckpoint.testing import (
     make_run,
     without_key,
 )
+from tests._helpers import acks_of_workers, acks_until_killed
 
 pytestmark = pytest.mark.anyio
 
@@ -809,23 +810,11 @@ def _worker_env() -> dict[str, str]:
 async def test_four_processes_append_to_one_run(root: Path) -> None:
     FileStore(root)
     run_id = "shared by four processes"
-    outputs: dict[str, bytes] = {}
-
-    async def run_worker(name: str) -> None:
-        done = await anyio.run_process(
-            _worker_command("append", str(root), run_id, "25", name), env=_worker_env()
-        )
-        outputs[name] = done.stdout
+    commands = {f"w{index}": _worker_command("append", str(root), run_id, "25", f"w{index}")
+                for index in range(4)}
 
     with anyio.fail_after(60):
-        async with anyio.create_task_group() as group:
-            for index in range(4):
-                group.start_soon(run_worker, f"w{index}")
-
-        acknowledged = {
-            int(line): name for name, out in outputs.items() for line in out.decode().split()
-        }
-        assert sum(len(out.split()) for out in outputs.values()) == 100
+        acknowledged = await acks_of_workers(commands, _worker_env())
         assert sorted(acknowledged) == list(range(100))
         store = FileStore(root)
         key = _ids.run_key(run_id)
@@ -844,29 +833,8 @@ async def test_four_processes_append_to_one_run(root: Path) -> None:
 
 async def _append_until_killed(root: Path, run_id: str, delay: float, log: Path) -> list[int]:
     """Start a writer, SIGKILL it ``delay`` seconds after its first acknowledgement."""
-    output = bytearray()
-    with log.open("wb") as stderr:
-        process = await anyio.open_process(
-            _worker_command("forever", str(root), run_id), env=_worker_env(), stderr=stderr
-        )
-        async with process:
-            assert process.stdout is not None
-
-            async def pump() -> None:
-                assert process.stdout is not None
-                async for chunk in process.stdout:
-                    output.extend(chunk)
-
-            async with anyio.create_task_group() as group:
-                group.start_soon(pump)
-                while b"\n" not in output:
-                    assert process.returncode is None, "worker died; see its stderr in " + str(log)
-                    await anyio.sleep(0.01)
-                await anyio.sleep(delay)
-                process.kill()
-                assert await process.wait() == -9
-    complete = output[: output.rfind(b"\n") + 1]  # a line cut by the kill is no acknowledgement
-    return [int(line) for line in complete.split()]
+    command = _worker_command("forever", str(root), run_id)
+    return await acks_until_killed(command, _worker_env(), log, delay)
 
 
 async def test_kill_9_loses_no_acknowledged_checkpoint(

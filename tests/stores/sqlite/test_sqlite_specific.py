@@ -53,6 +53,7 @@ from fastcheckpoint.testing import (
     make_run,
     without_key,
 )
+from tests._helpers import acks_of_workers, acks_until_killed
 
 pytestmark = pytest.mark.anyio
 
@@ -1036,24 +1037,11 @@ async def test_four_processes_append_to_one_run(database: Path, anyio_backend: s
     with anyio.fail_after(30):
         await SQLiteStore(database).provision()
     run_id = "shared by four processes"
-    outputs: dict[str, bytes] = {}
-
-    async def run_worker(name: str) -> None:
-        done = await anyio.run_process(
-            _worker_command("append", str(database), run_id, "25", name),
-            env=_worker_env(anyio_backend),
-        )
-        outputs[name] = done.stdout
+    commands = {f"w{index}": _worker_command("append", str(database), run_id, "25", f"w{index}")
+                for index in range(4)}
 
     with anyio.fail_after(120):
-        async with anyio.create_task_group() as group:
-            for index in range(4):
-                group.start_soon(run_worker, f"w{index}")
-
-        acknowledged = {
-            int(line): name for name, out in outputs.items() for line in out.decode().split()
-        }
-        assert sum(len(out.split()) for out in outputs.values()) == 100
+        acknowledged = await acks_of_workers(commands, _worker_env(anyio_backend))
         assert sorted(acknowledged) == list(range(100))
         store = SQLiteStore(database)
         key = _ids.run_key(run_id)
@@ -1079,31 +1067,8 @@ async def _append_until_killed(
     anyio_backend: str,
 ) -> list[int]:
     """Start a writer, SIGKILL it ``delay`` seconds after its first acknowledgement."""
-    output = bytearray()
-    with log.open("wb") as stderr:
-        process = await anyio.open_process(
-            _worker_command("forever", str(database), run_id, str(keep), synchronous),
-            env=_worker_env(anyio_backend),
-            stderr=stderr,
-        )
-        async with process:
-            assert process.stdout is not None
-
-            async def pump() -> None:
-                assert process.stdout is not None
-                async for chunk in process.stdout:
-                    output.extend(chunk)
-
-            async with anyio.create_task_group() as group:
-                group.start_soon(pump)
-                while b"\n" not in output:
-                    assert process.returncode is None, "worker died; see its stderr in " + str(log)
-                    await anyio.sleep(0.01)
-                await anyio.sleep(delay)
-                process.kill()
-                assert await process.wait() == -9
-    complete = output[: output.rfind(b"\n") + 1]  # a line cut by the kill is no acknowledgement
-    return [int(line) for line in complete.split()]
+    command = _worker_command("forever", str(database), run_id, str(keep), synchronous)
+    return await acks_until_killed(command, _worker_env(anyio_backend), log, delay)
 
 
 async def test_kill_9_at_random_instants_loses_no_acknowledged_checkpoint(
