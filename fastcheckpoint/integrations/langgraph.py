@@ -49,6 +49,7 @@ from fastcheckpoint.errors import (
     ValidationError,
 )
 from fastcheckpoint.integrations import _langgraph_records as records
+from fastcheckpoint.integrations._adapter import adapter_ttl, capable_store
 from fastcheckpoint.integrations._langgraph_bridge import LoopBridge
 from fastcheckpoint.integrations._langgraph_records import (
     LANGGRAPH_LABEL,
@@ -66,10 +67,8 @@ from fastcheckpoint.stores import (
     Item,
     RunRecord,
     StoredCheckpoint,
-    SupportsDefaultTTL,
     SupportsLabels,
     SupportsSharedItems,
-    open_store,
 )
 
 try:
@@ -178,8 +177,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
     ) -> None:
         super().__init__(serde=serde)
         settings = _settings(config)
-        capable = _capable_store(store, settings.retry)
-        ttl = _saver_ttl(ttl_seconds, capable)
+        capable = capable_store(store, settings.retry, "the LangGraph saver")
+        ttl = adapter_ttl(ttl_seconds, capable)
         _check_keep_latest(keep_latest)
         manager = CheckpointManager(capable, config=dataclasses.replace(
             settings, default_ttl_seconds=ttl, max_checkpoints_per_run=keep_latest))
@@ -1459,34 +1458,6 @@ def _settings(config: object) -> CheckpointConfig:
     if not isinstance(config, CheckpointConfig):
         raise ConfigurationError(f"config must be a CheckpointConfig, got {type(config).__name__}")
     return config
-
-
-def _capable_store(store: object, retry: RetryPolicy) -> CheckpointStore:
-    built = open_store(store, retry=retry) if isinstance(store, str) else store
-    if not isinstance(built, CheckpointStore):
-        raise ConfigurationError(
-            f"store must be a CheckpointStore or a store URL, got {type(store).__name__}")
-    missing = [name for name, capability in (("SupportsLabels", SupportsLabels),
-                                             ("SupportsSharedItems", SupportsSharedItems))
-               if not isinstance(built, capability)]
-    if missing:
-        raise ConfigurationError(
-            f"the LangGraph saver needs a store with {' and '.join(missing)}; "
-            f"{type(built).__name__} lacks {'them' if len(missing) > 1 else 'it'}")
-    return built
-
-
-def _saver_ttl(ttl_seconds: object, store: CheckpointStore) -> float | None:
-    if ttl_seconds is None:
-        if isinstance(store, SupportsDefaultTTL):
-            return store.default_ttl_seconds
-        return None
-    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)) or not (
-        math.isfinite(ttl_seconds) and ttl_seconds > 0
-    ):
-        raise ConfigurationError(
-            f"ttl_seconds must be None or a finite number > 0, got {ttl_seconds!r:.40}")
-    return float(ttl_seconds)
 
 
 def _check_keep_latest(keep_latest: object) -> None:

@@ -1,0 +1,51 @@
+"""What every framework adapter does the same way: take a store or a store URL, check that the
+store has the capabilities adapters need, and read a TTL argument."""
+
+from __future__ import annotations
+
+import math
+
+from fastcheckpoint._config import RetryPolicy
+from fastcheckpoint.errors import ConfigurationError
+from fastcheckpoint.stores import (
+    CheckpointStore,
+    SupportsDefaultTTL,
+    SupportsLabels,
+    SupportsSharedItems,
+    open_store,
+)
+
+__all__ = ["adapter_ttl", "capable_store"]
+
+
+def capable_store(store: object, retry: RetryPolicy, who: str) -> CheckpointStore:
+    """``store`` itself, or the store its URL names (opened with ``retry``), once it is known
+    to offer labels and shared items; :class:`ConfigurationError` naming ``who`` (the adapter)
+    otherwise."""
+    built = open_store(store, retry=retry) if isinstance(store, str) else store
+    if not isinstance(built, CheckpointStore):
+        raise ConfigurationError(
+            f"store must be a CheckpointStore or a store URL, got {type(store).__name__}")
+    missing = [name for name, capability in (("SupportsLabels", SupportsLabels),
+                                             ("SupportsSharedItems", SupportsSharedItems))
+               if not isinstance(built, capability)]
+    if missing:
+        raise ConfigurationError(
+            f"{who} needs a store with {' and '.join(missing)}; "
+            f"{type(built).__name__} lacks {'them' if len(missing) > 1 else 'it'}")
+    return built
+
+
+def adapter_ttl(ttl_seconds: object, store: CheckpointStore) -> float | None:
+    """An adapter's ``ttl_seconds`` argument checked; ``None`` means the store's default TTL
+    (stores configured with one), else never."""
+    if ttl_seconds is None:
+        if isinstance(store, SupportsDefaultTTL):
+            return store.default_ttl_seconds
+        return None
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)) or not (
+        math.isfinite(ttl_seconds) and ttl_seconds > 0
+    ):
+        raise ConfigurationError(
+            f"ttl_seconds must be None or a finite number > 0, got {ttl_seconds!r:.40}")
+    return float(ttl_seconds)

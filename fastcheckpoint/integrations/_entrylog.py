@@ -1,0 +1,378 @@
+"""An append-only list of entries per run, with a small state beside it: what session-style
+framework interfaces store (a conversation's items, a session's events).
+
+Layout. The run holds one checkpoint, its latest (``keep_latest=1``): every change appends the
+next one, so the store's sequence check is the compare-and-set that orders writers of every
+process, and a change is applied exactly once or not at all. Entries live in *segments*,
+shared items of the run (one per append that adds entries, holding those entries); the
+checkpoint lists its segments in ``refs`` and, in its payload, how many entries of each it
+uses, plus the adapter's state. A segment is written once and never rewritten: removing the
+newest entry (``pop``) lowers the count of its segment; segments that no checkpoint names any
+more are removed by the store with the checkpoint that named them last.
+
+So an append writes the new entries, not the whole list; segments are merged as they
+accumulate (the newest two while the older one is at most twice the newer's size, as in a
+binary counter), which keeps their number logarithmic in the log's size and rewrites each
+entry a logarithmic number of times over its life. ``read`` is one ``read_with_items``: the
+checkpoint and every segment in one atomic read.
+
+TTL slides: every change gives the new checkpoint ``now + ttl_seconds``, and the run, its
+segments and everything else expire together when no change came for that long.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import anyio
+import msgspec
+
+from fastcheckpoint import _ids
+from fastcheckpoint._codec import Codec, Header, RunData
+from fastcheckpoint._config import RetryPolicy
+from fastcheckpoint._model import CheckpointStatus
+from fastcheckpoint.errors import (
+    ConfigurationError,
+    ConflictError,
+    CorruptCheckpointError,
+    SequenceConflict,
+    SharedItemGone,
+    ValidationError,
+)
+from fastcheckpoint.stores import (
+    CheckpointStore,
+    Item,
+    RunRecord,
+    StoredCheckpoint,
+    SupportsLabels,
+    SupportsSharedItems,
+    check_labels,
+)
+
+__all__ = ["EntryLog", "LogHead", "LogView", "StaleLog"]
+
+_SEGMENT_PREFIX = "s/"
+_MAX_SEGMENTS = 48
+"""Segments a checkpoint names at most: the binary-counter merging keeps far fewer (about
+log2 of the entry count); this bounds a log fed entries of wildly shrinking sizes."""
+_MAX_ATTEMPTS = 64
+_FREE_ATTEMPTS = 3
+_CONTENTION = RetryPolicy(base_delay=0.001, max_delay=0.05)
+_STATE_KEY = "entry_log"
+
+
+class StaleLog(ConflictError):
+    """A compare-and-set change found the log at another revision than the one expected."""
+
+    def __init__(self, message: str, *, revision: int) -> None:
+        super().__init__(message)
+        self.revision = revision
+        """The log's revision now (``-1``: it does not exist)."""
+
+
+class LogHead(msgspec.Struct, frozen=True):
+    """The log after a change."""
+
+    revision: int
+    """Bumped by every change; ``expect=`` takes it for a compare-and-set."""
+    created_at: float
+    updated_at: float
+
+
+class LogView(msgspec.Struct, frozen=True):
+    """The whole log as one atomic read found it."""
+
+    entries: list[bytes]
+    """Oldest first."""
+    state: bytes
+    """The adapter's state, as last given (``b""`` when never given)."""
+    revision: int
+    created_at: float
+    updated_at: float
+
+
+class _Segment(msgspec.Struct, array_like=True, frozen=True):
+    key: str
+    used: int
+    """How many of the segment's entries, from its first, the log holds."""
+    size: int
+    """Their total size in bytes (what merging compares)."""
+
+
+class _Layout(msgspec.Struct, array_like=True, frozen=True):
+    segments: list[_Segment]
+    state: bytes
+    created_at: float
+
+
+class _Known(msgspec.Struct):
+    """The head this object last read or wrote, with its entries per segment."""
+
+    sequence: int
+    incarnation: str
+    layout: _Layout
+    values: list[list[bytes]]
+    updated_at: float
+
+
+_layout_encoder = msgspec.msgpack.Encoder()
+_layout_decoder = msgspec.msgpack.Decoder(_Layout)
+_segment_decoder = msgspec.msgpack.Decoder(list[bytes])
+_codec = Codec()
+
+
+class EntryLog:
+    """One run's entries and state on a store with labels and shared items.
+
+    Every method is one atomic change or read in the store; writers in any number of
+    processes are ordered by the store (a change lost to another writer is retried on the new
+    head, unless it was a compare-and-set with ``expect=``). One object per run and task; it
+    keeps the head it saw last, so a change costs one store call while nobody else wrote.
+    """
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        run_id: str,
+        *,
+        labels: Sequence[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+        ttl_seconds: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(store, SupportsSharedItems) or not isinstance(store, SupportsLabels):
+            raise ConfigurationError(
+                f"an entry log needs a store with labels and shared items; "
+                f"{type(store).__name__} lacks them")
+        self._store = store
+        self._run_id = run_id
+        self._key = _ids.key_of(run_id)
+        self._labels = check_labels(tuple(labels))
+        self._data = _codec.encode_run_data(RunData(metadata=dict(metadata or {})))
+        self._ttl = ttl_seconds
+        self._clock = clock
+        self._known: _Known | None = None
+        self._seen = False
+        """Whether ``_known`` is this object's last sight of the head (``None``: absent)."""
+
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def read(self) -> LogView | None:
+        """The whole log, or ``None`` when it does not exist (never written, cleared or
+        expired). One store call."""
+        known = await self._read()
+        if known is None:
+            return None
+        entries = [entry for values, segment in zip(known.values, known.layout.segments,
+                                                     strict=True)
+                   for entry in values[:segment.used]]
+        return LogView(entries=entries, state=known.layout.state, revision=known.sequence,
+                       created_at=known.layout.created_at, updated_at=known.updated_at)
+
+    async def _read(self) -> _Known | None:
+        found = await self._store.read_with_items(self._key, sequence=None, now=self._clock())
+        self._seen = True
+        if found is None:
+            self._known = None
+            return None
+        record, _status, items = found
+        where = record.key or f"run {self._run_id!r}"
+        layout = _decode_layout(record.payload, where)
+        values = [_segment_values(items.get(segment.key), segment, where)
+                  for segment in layout.segments]
+        parsed = _ids.parse_checkpoint_id(record.checkpoint_id)
+        if parsed is None:
+            raise CorruptCheckpointError(
+                f"entry log holds a checkpoint with a malformed id {record.checkpoint_id!r:.60}",
+                key=where)
+        self._known = _Known(record.sequence, parsed[1], layout, values, record.created_at)
+        return self._known
+
+    # -- changes ----------------------------------------------------------------------------
+
+    async def append(
+        self,
+        entries: Sequence[bytes],
+        *,
+        state: bytes | None = None,
+        expect: int | None = None,
+    ) -> LogHead:
+        """Add ``entries`` after the last one and, unless ``state`` is ``None``, replace the
+        state; creates the log when it does not exist.
+
+        With ``expect`` (a revision, ``-1`` for "does not exist yet") the change is applied
+        only if the log is still at that revision, else :class:`StaleLog`. Costs one store
+        call when this object saw the current head last, else two.
+        """
+        batch = [_checked_entry(entry) for entry in entries]
+        if state is not None and not isinstance(state, bytes):
+            raise ValidationError(f"state must be bytes, got {type(state).__name__}")
+        if expect is not None and (isinstance(expect, bool) or not isinstance(expect, int)
+                                   or expect < -1):
+            raise ValidationError(f"expect must be a revision (an int >= -1), got {expect!r:.40}")
+        # The first try trusts this object's last sight of the head (or, never having looked,
+        # guesses that the log is new); a refusal means it was stale, and every later try reads.
+        known = self._known if self._seen or expect in (None, -1) else await self._read()
+        for attempt in range(_MAX_ATTEMPTS):
+            if expect is not None and _revision(known) != expect:
+                known = await self._read()
+                if _revision(known) != expect:
+                    raise StaleLog(f"log {self._run_id!r:.80} is at revision {_revision(known)}, "
+                                   f"not {expect}", revision=_revision(known))
+            head = await self._try_change(known, batch, state)
+            if head is not None:
+                return head
+            await self._pause(attempt)
+            known = await self._read()
+        raise ConflictError(f"could not change log {self._run_id!r:.80}: lost the race to "
+                            f"other writers {_MAX_ATTEMPTS} times in a row")
+
+    async def pop(self) -> bytes | None:
+        """Remove and return the newest entry (``None`` when there is none). Atomic: no two
+        callers, in any processes, get the same entry."""
+        fresh = not self._seen
+        known = self._known if self._seen else await self._read()
+        for attempt in range(_MAX_ATTEMPTS):
+            if known is None or not known.layout.segments:
+                if fresh:
+                    return None
+                known, fresh = await self._read(), True  # seen empty: look again
+                continue
+            last = known.layout.segments[-1]
+            entry = known.values[-1][last.used - 1]
+            if await self._try_change(known, [], None, pop=True) is not None:
+                return entry
+            await self._pause(attempt)
+            known, fresh = await self._read(), True
+        raise ConflictError(f"could not pop from log {self._run_id!r:.80}: lost the race to "
+                            f"other writers {_MAX_ATTEMPTS} times in a row")
+
+    async def clear(self) -> bool:
+        """Remove the log, its entries and its state; whether there was one."""
+        self._known, self._seen = None, False
+        return await self._store.delete_run(self._key) > 0
+
+    async def _pause(self, attempt: int) -> None:
+        if attempt >= _FREE_ATTEMPTS:
+            await anyio.sleep(_CONTENTION.delay(attempt - _FREE_ATTEMPTS))
+
+    async def _try_change(
+        self, known: _Known | None, batch: list[bytes], state: bytes | None, *, pop: bool = False
+    ) -> LogHead | None:
+        """Propose the next checkpoint after ``known``; ``None`` when another writer got
+        there first (this object's head is then unknown)."""
+        now = self._clock()
+        if known is None:
+            sequence, incarnation = 0, _ids.new_incarnation()
+            segments: list[_Segment] = []
+            values: list[list[bytes]] = []
+            kept_state, created_at = b"", now
+        else:
+            sequence, incarnation = known.sequence + 1, known.incarnation
+            segments = list(known.layout.segments)
+            values = list(known.values)
+            kept_state, created_at = known.layout.state, known.layout.created_at
+        new_key = f"{_SEGMENT_PREFIX}{incarnation}/{sequence:x}"
+        if pop:
+            last = segments[-1]
+            if last.used == 1:
+                segments.pop()
+                values.pop()
+            else:
+                size = last.size - len(values[-1][last.used - 1])
+                segments[-1] = _Segment(last.key, last.used - 1, size)
+        written: list[bytes] | None = None
+        if batch:
+            segments.append(_Segment(new_key, len(batch), sum(map(len, batch))))
+            values.append(batch)
+            written = _merged(segments, values, new_key)
+        layout = _Layout(segments, kept_state if state is None else state, created_at)
+        expires_at = None if self._ttl is None else now + self._ttl
+        checkpoint_id = _ids.checkpoint_id(self._key, incarnation, sequence)
+        parent = (None if sequence == 0
+                  else _ids.checkpoint_id(self._key, incarnation, sequence - 1))
+        header = Header(self._run_id, "pop" if pop else "append", parent, [], self._ttl)
+        record = StoredCheckpoint(
+            sequence=sequence, checkpoint_id=checkpoint_id, created_at=now,
+            expires_at=expires_at, header=_codec.encode_header(header),
+            payload=_codec.encode_payload(
+                {_STATE_KEY: _layout_encoder.encode(layout),
+                 "entries": sum(segment.used for segment in segments)}, [], [], {}),
+            refs=tuple(segment.key for segment in segments))
+        items = [] if written is None else [
+            Item(key=new_key, value=_layout_encoder.encode(written))]
+        seed = RunRecord(
+            run_id=self._run_id, incarnation=incarnation, status=CheckpointStatus.ACTIVE.value,
+            created_at=now, updated_at=now, latest_sequence=sequence, checkpoint_count=1,
+            expires_at=expires_at, data=self._data, labels=self._labels)
+        try:
+            await self._store.append_with_items(
+                self._key, record, run=seed, keep_latest=1, now=now, items=items)
+        except (SequenceConflict, SharedItemGone):
+            self._known, self._seen = None, False
+            return None
+        self._known = _Known(sequence, incarnation, layout, values, now)
+        return LogHead(revision=sequence, created_at=created_at, updated_at=now)
+
+
+def _revision(known: _Known | None) -> int:
+    return -1 if known is None else known.sequence
+
+
+def _merged(segments: list[_Segment], values: list[list[bytes]], new_key: str) -> list[bytes]:
+    """Merge the newest segments in place while the older of the last two is at most twice
+    the size of the newer (or there are too many); returns the values of the newest segment,
+    which is the one to write under ``new_key``."""
+    while len(segments) >= 2 and (
+        segments[-2].size <= 2 * segments[-1].size or len(segments) > _MAX_SEGMENTS
+    ):
+        newer, older = segments.pop(), segments.pop()
+        newer_values, older_values = values.pop(), values.pop()
+        joined = older_values[:older.used] + newer_values[:newer.used]
+        segments.append(_Segment(new_key, len(joined), older.size + newer.size))
+        values.append(joined)
+    return values[-1]
+
+
+def _checked_entry(entry: object) -> bytes:
+    if not isinstance(entry, bytes):
+        raise ValidationError(f"an entry must be bytes, got {type(entry).__name__}")
+    return entry
+
+
+def _decode_layout(payload: bytes, where: str) -> _Layout:
+    body = _codec.decode_payload(payload, where).state.get(_STATE_KEY)
+    if not isinstance(body, bytes):
+        raise CorruptCheckpointError("checkpoint holds no entry log head", key=where)
+    try:
+        layout = _layout_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise CorruptCheckpointError(f"undecodable entry log head: {exc}", key=where) from exc
+    for segment in layout.segments:
+        if segment.used < 1 or segment.size < 0:
+            raise CorruptCheckpointError(
+                f"entry log names segment {segment.key!r:.60} with {segment.used} entries",
+                key=where)
+    return layout
+
+
+def _segment_values(blob: bytes | None, segment: _Segment, where: str) -> list[bytes]:
+    if blob is None:
+        raise CorruptCheckpointError(
+            f"entry log segment {segment.key!r:.60} is missing", key=where)
+    try:
+        values = _segment_decoder.decode(blob)
+    except msgspec.DecodeError as exc:
+        raise CorruptCheckpointError(
+            f"undecodable entry log segment {segment.key!r:.60}: {exc}", key=where) from exc
+    if len(values) < segment.used:
+        raise CorruptCheckpointError(
+            f"entry log segment {segment.key!r:.60} holds {len(values)} entries, the log "
+            f"uses {segment.used}", key=where)
+    return values

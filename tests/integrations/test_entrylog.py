@@ -1,0 +1,270 @@
+"""The entry log the session adapters share, on every store: appends, pops, compare-and-set,
+writers with stale views, sliding TTL, costs and the segments it leaves behind."""
+
+from __future__ import annotations
+
+import math
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastcheckpoint import _ids
+from fastcheckpoint.errors import ConfigurationError, CorruptCheckpointError, ValidationError
+from fastcheckpoint.integrations._entrylog import EntryLog, StaleLog
+from fastcheckpoint.stores import CheckpointStore, SupportsSharedItems
+from fastcheckpoint.stores.memory import MemoryStore
+from tests._helpers import FakeClock
+from tests.integrations._langgraph_support import CountingStore
+from tests.integrations.conftest import FreshStore
+
+pytestmark = pytest.mark.anyio
+
+
+def _entries(count: int, start: int = 0) -> list[bytes]:
+    return [f"entry-{index}".encode() for index in range(start, start + count)]
+
+
+async def test_append_read_pop_and_clear(fresh_store: FreshStore, clock: FakeClock) -> None:
+    async with fresh_store() as store:
+        log = EntryLog(store, "session-1", labels=("app:demo",), clock=clock)
+        assert await log.read() is None
+        assert await log.pop() is None
+        first = await log.append(_entries(2), state=b"s1")
+        assert first.revision == 0
+        clock.advance(1)
+        second = await log.append(_entries(1, 2))
+        assert second.revision == 1
+        assert second.created_at == first.created_at < second.updated_at
+        view = await EntryLog(store, "session-1", clock=clock).read()
+        assert view is not None
+        assert view.entries == _entries(3)
+        assert view.state == b"s1"  # kept when a change gives none
+        assert (view.revision, view.updated_at) == (1, second.updated_at)
+        assert await log.pop() == b"entry-2"
+        await log.append([b"late"], state=b"s2")
+        view = await log.read()
+        assert view is not None
+        assert view.entries == [b"entry-0", b"entry-1", b"late"]
+        assert view.state == b"s2"
+        assert await log.clear() is True
+        assert await log.read() is None
+        assert await log.clear() is False
+        await log.append([b"again"])
+        view = await log.read()
+        assert view is not None
+        assert view.entries == [b"again"]
+        assert view.revision == 0
+
+
+async def test_compare_and_set(fresh_store: FreshStore, clock: FakeClock) -> None:
+    async with fresh_store() as store:
+        log = EntryLog(store, "cas", clock=clock)
+        with pytest.raises(StaleLog) as absent:
+            await log.append([b"x"], expect=0)
+        assert absent.value.revision == -1
+        await log.append([b"a"], expect=-1)
+        other = EntryLog(store, "cas", clock=clock)
+        with pytest.raises(StaleLog) as exists:
+            await other.append([b"b"], expect=-1)
+        assert exists.value.revision == 0
+        await other.append([b"b"], expect=0)
+        # ``log`` still believes the log is at revision 0: the store refuses, nothing written.
+        with pytest.raises(StaleLog) as stale:
+            await log.append([b"c"], expect=0)
+        assert stale.value.revision == 1
+        view = await log.read()
+        assert view is not None
+        assert view.entries == [b"a", b"b"]
+        with pytest.raises(ValidationError):
+            await log.append([b"x"], expect=-2)
+        with pytest.raises(ValidationError):
+            await log.append(["text"])  # type: ignore[list-item]
+
+
+async def test_writers_with_stale_views_lose_nothing(
+    fresh_store: FreshStore, clock: FakeClock
+) -> None:
+    """Several objects (as in several processes) append to one log in turns, each with a view
+    the others made stale: every entry is there once, in the order acknowledged."""
+    async with fresh_store() as store:
+        logs = [EntryLog(store, "shared", clock=clock) for _ in range(3)]
+        expected: list[bytes] = []
+        for step in range(24):
+            entry = f"{step}".encode()
+            await logs[step % 3].append([entry])
+            expected.append(entry)
+            if step % 5 == 4:
+                popped = await logs[(step + 1) % 3].pop()
+                assert popped == expected.pop()
+        view = await logs[0].read()
+        assert view is not None
+        assert view.entries == expected
+
+
+async def test_concurrent_pops_never_share_an_entry(
+    fresh_store: FreshStore, clock: FakeClock
+) -> None:
+    async with fresh_store() as store:
+        await EntryLog(store, "stack", clock=clock).append(_entries(12))
+        popped: list[bytes | None] = []
+
+        async def popper() -> None:
+            log = EntryLog(store, "stack", clock=clock)
+            for _ in range(4):
+                popped.append(await log.pop())
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as group:
+                for _ in range(4):
+                    group.start_soon(popper)
+        taken = [entry for entry in popped if entry is not None]
+        assert sorted(taken) == sorted(_entries(12))
+        assert popped.count(None) == 4
+        assert await EntryLog(store, "stack", clock=clock).read() is not None
+
+
+async def test_ttl_slides_and_expiry_leaves_nothing(
+    fresh_store: FreshStore, clock: FakeClock
+) -> None:
+    async with fresh_store() as store:
+        log = EntryLog(store, "ttl", ttl_seconds=100, clock=clock)
+        await log.append([b"a"])
+        clock.advance(60)
+        await log.append([b"b"])
+        clock.advance(60)  # 120 s after the first change, 60 s after the last
+        view = await log.read()
+        assert view is not None
+        assert view.entries == [b"a", b"b"]
+        clock.advance(41)
+        assert await log.read() is None
+        head = await log.append([b"fresh"])
+        assert head.revision == 0
+        view = await log.read()
+        assert view is not None
+        assert view.entries == [b"fresh"]
+
+
+async def test_segments_stay_few_and_none_is_orphaned(
+    fresh_store: FreshStore, kind: str, clock: FakeClock
+) -> None:
+    steps = 40 if kind in ("s3", "dynamodb") else 200  # moto takes ~0.2 s per append
+    async with fresh_store() as store:
+        assert isinstance(store, SupportsSharedItems)
+        log = EntryLog(store, "long", clock=clock)
+        for step in range(steps):
+            await log.append([f"{step:04d}".encode() * 8])
+        key = _ids.key_of("long")
+        found = await store.read_with_items(key, sequence=None, now=clock())
+        assert found is not None
+        refs = found[0].refs
+        assert len(refs) <= math.ceil(math.log2(steps)) + 1
+        view = await log.read()
+        assert view is not None
+        assert view.entries == [f"{step:04d}".encode() * 8 for step in range(steps)]
+        for _ in range(20):  # stores may sweep unreferenced segments while purging
+            _, done = await store.purge_expired(now=clock(), limit=1000)
+            if done:
+                break
+        held = await store.scan_items(key, prefix="s/", limit=1000, now=clock())
+        assert sorted(item_key for item_key, _ in held) == sorted(refs)
+
+
+async def test_costs_one_store_call(fresh_store: FreshStore, clock: FakeClock) -> None:
+    async with fresh_store() as store:
+        counting = CountingStore(store)
+        log = EntryLog(counting, "costs", clock=clock)  # type: ignore[arg-type]
+        await log.append([b"first"])
+        assert counting.take() == {"append_with_items": 1}  # a new log: no read first
+        for _ in range(3):
+            await log.append([b"more"])
+            assert counting.take() == {"append_with_items": 1}
+        await log.read()
+        assert counting.take() == {"read_with_items": 1}
+        await log.pop()
+        assert counting.take() == {"append_with_items": 1}
+        await EntryLog(store, "costs", clock=clock).append([b"elsewhere"])
+        await log.append([b"stale"])  # refused once, read, appended
+        assert counting.take() == {"append_with_items": 2, "read_with_items": 1}
+
+
+async def test_a_missing_segment_is_a_typed_error(clock: FakeClock) -> None:
+    store = MemoryStore()
+    log = EntryLog(store, "damaged", clock=clock)
+    await log.append([b"a"])
+    await log.append([b"b" * 10])  # the older segment is smaller: not merged
+    key = _ids.key_of("damaged")
+    found = await store.read_with_items(key, sequence=None, now=clock())
+    assert found is not None
+    await store.delete_items(key, [found[0].refs[0]])
+    with pytest.raises(CorruptCheckpointError, match="missing"):
+        await log.read()
+
+
+def test_refuses_a_store_without_shared_items() -> None:
+    class Plain:
+        pass
+
+    with pytest.raises(ConfigurationError, match="shared items"):
+        EntryLog(Plain(), "x")  # type: ignore[arg-type]
+
+
+class _Model:
+    """What the log must hold: a list and a state."""
+
+    def __init__(self) -> None:
+        self.entries: list[bytes] = []
+        self.state = b""
+        self.exists = False
+
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(0, 2), st.integers(0, 3), st.booleans()),
+        st.tuples(st.just("pop"), st.integers(0, 2), st.just(0), st.just(False)),
+        st.tuples(st.just("clear"), st.integers(0, 2), st.just(0), st.just(False)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_OPS, sizes=st.lists(st.integers(1, 300), min_size=4, max_size=4))
+def test_random_changes_from_stale_writers_restore_exactly(
+    ops: list[tuple[str, int, int, bool]], sizes: list[int]
+) -> None:
+    async def scenario() -> None:
+        store: CheckpointStore = MemoryStore()
+        clock = FakeClock()
+        logs = [EntryLog(store, "model", clock=clock) for _ in range(3)]
+        model = _Model()
+        counter = 0
+        for op, writer, count, with_state in ops:
+            log = logs[writer]
+            if op == "append":
+                batch = []
+                for _ in range(count):
+                    batch.append(f"{counter}:".encode() + b"x" * sizes[counter % 4])
+                    counter += 1
+                state = f"state-{counter}".encode() if with_state else None
+                await log.append(batch, state=state)
+                model.entries += batch
+                model.state = state if state is not None else (
+                    model.state if model.exists else b"")
+                model.exists = True
+            elif op == "pop":
+                popped = await log.pop()
+                assert popped == (model.entries.pop() if model.entries else None)
+            else:
+                assert await log.clear() is model.exists
+                model.__init__()  # type: ignore[misc]
+            view = await logs[(writer + 1) % 3].read()
+            if not model.exists:
+                assert view is None
+            else:
+                assert view is not None
+                assert view.entries == model.entries
+                assert view.state == model.state
+
+    anyio.run(scenario)
