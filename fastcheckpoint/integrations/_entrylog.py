@@ -10,10 +10,10 @@ uses, plus the adapter's state. A segment is written once and never rewritten: r
 newest entry (``pop``) lowers the count of its segment; segments that no checkpoint names any
 more are removed by the store with the checkpoint that named them last.
 
-So an append writes the new entries, not the whole list; segments are merged as they
+So an append writes the new entries, not the whole list; small segments are merged as they
 accumulate (the newest two while the older one is at most twice the newer's size, as in a
-binary counter), which keeps their number logarithmic in the log's size and rewrites each
-entry a logarithmic number of times over its life. ``read`` is one ``read_with_items``: the
+binary counter, up to :data:`SEAL_BYTES`), which keeps their number small and bounds what one
+append rewrites by a constant. ``read`` is one ``read_with_items``: the
 checkpoint and every segment in one atomic read.
 
 TTL slides: every change gives the new checkpoint ``now + ttl_seconds``, and the run, its
@@ -51,12 +51,14 @@ from fastcheckpoint.stores import (
     check_labels,
 )
 
-__all__ = ["EntryLog", "LogHead", "LogView", "StaleLog"]
+__all__ = ["SEAL_BYTES", "EntryLog", "LogHead", "LogView", "StaleLog"]
 
 _SEGMENT_PREFIX = "s/"
-_MAX_SEGMENTS = 48
-"""Segments a checkpoint names at most: the binary-counter merging keeps far fewer (about
-log2 of the entry count); this bounds a log fed entries of wildly shrinking sizes."""
+SEAL_BYTES = 256 * 1024
+"""Segments are merged only while the result stays within this many bytes of entries; larger
+ones are sealed, never rewritten. So an append writes its entries plus at most this much, and
+a log has one segment per ``SEAL_BYTES`` of entries plus about log2(``SEAL_BYTES``) smaller
+ones (their sizes at least halve from one to the next)."""
 _MAX_ATTEMPTS = 64
 _FREE_ATTEMPTS = 3
 _CONTENTION = RetryPolicy(base_delay=0.001, max_delay=0.05)
@@ -327,10 +329,11 @@ def _revision(known: _Known | None) -> int:
 
 def _merged(segments: list[_Segment], values: list[list[bytes]], new_key: str) -> list[bytes]:
     """Merge the newest segments in place while the older of the last two is at most twice
-    the size of the newer (or there are too many); returns the values of the newest segment,
-    which is the one to write under ``new_key``."""
+    the size of the newer and the two fit in :data:`SEAL_BYTES`; returns the values of the
+    newest segment, which is the one to write under ``new_key``."""
     while len(segments) >= 2 and (
-        segments[-2].size <= 2 * segments[-1].size or len(segments) > _MAX_SEGMENTS
+        segments[-2].size <= 2 * segments[-1].size
+        and segments[-2].size + segments[-1].size <= SEAL_BYTES
     ):
         newer, older = segments.pop(), segments.pop()
         newer_values, older_values = values.pop(), values.pop()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from fastcheckpoint import _ids
 from fastcheckpoint.errors import ConfigurationError, CorruptCheckpointError, ValidationError
-from fastcheckpoint.integrations._entrylog import EntryLog, StaleLog
+from fastcheckpoint.integrations._entrylog import SEAL_BYTES, EntryLog, StaleLog
 from fastcheckpoint.stores import CheckpointStore, SupportsSharedItems
 from fastcheckpoint.stores.memory import MemoryStore
 from tests._helpers import FakeClock
@@ -268,3 +268,24 @@ def test_random_changes_from_stale_writers_restore_exactly(
                 assert view.state == model.state
 
     anyio.run(scenario)
+
+
+async def test_an_append_writes_its_entries_plus_a_bounded_merge(clock: FakeClock) -> None:
+    """Bytes written per append do not grow with the log: at most the new entries plus one
+    merge of at most SEAL_BYTES; the segments named stay one per SEAL_BYTES plus a few."""
+    counting = CountingStore(MemoryStore())
+    log = EntryLog(counting, "growing", clock=clock)  # type: ignore[arg-type]
+    entry = b"m" * 1000
+    most = 0
+    for _ in range(1500):  # about 1.5 MB: several sealed segments
+        await log.append([entry])
+        (_key, record), options = counting.last["append_with_items"]
+        written = sum(len(item.value) for item in options["items"])
+        most = max(most, written)
+        refs = len(record.refs)
+    assert most <= SEAL_BYTES + len(entry) + 4096  # msgpack framing of the entries
+    total = 1500 * len(entry)
+    assert refs <= total // SEAL_BYTES + 1 + math.ceil(math.log2(SEAL_BYTES / len(entry))) + 1
+    view = await log.read()
+    assert view is not None
+    assert view.entries == [entry] * 1500
