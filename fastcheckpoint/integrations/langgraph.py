@@ -34,6 +34,7 @@ import anyio
 import msgspec
 
 from fastcheckpoint import _ids
+from fastcheckpoint._bridge import LoopBridge
 from fastcheckpoint._codec import Codec, Header, RunData
 from fastcheckpoint._config import CheckpointConfig, RetryPolicy
 from fastcheckpoint._manager import CheckpointManager
@@ -50,7 +51,6 @@ from fastcheckpoint.errors import (
 )
 from fastcheckpoint.integrations import _langgraph_records as records
 from fastcheckpoint.integrations._adapter import adapter_ttl, capable_store
-from fastcheckpoint.integrations._langgraph_bridge import LoopBridge
 from fastcheckpoint.integrations._langgraph_records import (
     LANGGRAPH_LABEL,
     ItemCodec,
@@ -186,7 +186,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         self._shared = _Shared(
             store=capable, manager=manager, codec=codec,
             items=ItemCodec(codec),
-            ttl_seconds=ttl, keep_latest=keep_latest, bridge=LoopBridge(), state=SaverState())
+            ttl_seconds=ttl, keep_latest=keep_latest, bridge=LoopBridge("the saver"),
+            state=SaverState())
         self._shared.bridge.bind()
 
     @classmethod

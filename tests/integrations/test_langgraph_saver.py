@@ -610,7 +610,7 @@ def test_blocking_calls_without_a_loop_use_the_savers_own_thread(tmp_path: Path)
     found = saver.get_tuple(config("t"))
     listed = list(saver.list(config("t")))
     threads = [thread for thread in threading.enumerate()
-               if thread.name == "fastcheckpoint-langgraph"]
+               if thread.name == "fastcheckpoint-loop"]
     saver.close()
     assert found is not None
     assert found.pending_writes == [("task", "a", 1)]

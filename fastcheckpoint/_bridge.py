@@ -1,11 +1,12 @@
-"""The LangGraph saver's blocking methods, run on an event loop as LangGraph's async savers do.
+"""Blocking calls into async code: the one way synchronous interfaces reach the library
+(:class:`fastcheckpoint.blocking.BlockingManager`, the LangGraph saver's blocking methods).
 
-A blocking call (``saver.get_tuple(...)``, what ``graph.invoke`` makes) runs the saver's
-coroutine on the loop the saver is bound to (the asyncio loop running when it was built or
-entered with ``async with``), from the caller's thread, and waits for it. Called on that
-loop's own thread it would wait for itself forever, so it raises instead. With no bound loop
-running (a program without asyncio, or after the bound loop ended) the saver starts a loop
-of its own in a daemon thread on first use; ``aclose()`` stops it.
+A blocking call runs its coroutine on the loop the bridge is bound to (the asyncio loop
+running when its owner was built, or entered with ``async with``), from the caller's thread,
+and waits for it. Called on that loop's own thread it would wait for itself forever, so it
+raises instead. With no bound loop running (a program without asyncio, or after the bound
+loop ended) the bridge starts a loop of its own in a daemon thread on first use; ``stop()``
+ends it. Stores opened from that thread live on its loop, so they are closed through it too.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ _STOP_SECONDS = 10.0
 
 
 class LoopBridge:
-    """Runs coroutines for callers outside the event loop; see the module docstring."""
+    """Runs coroutines for callers outside the event loop; see the module docstring.
+    ``owner`` names what the bridge serves in error messages (``"the saver"``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str = "the manager") -> None:
+        self._owner = owner
         self._lock = threading.Lock()
         self._bound: asyncio.AbstractEventLoop | None = None
         self._own: asyncio.AbstractEventLoop | None = None
@@ -45,12 +48,12 @@ class LoopBridge:
                 self._bound = loop
 
     def call(self, make: Callable[[], Coroutine[Any, Any, _T]], name: str) -> _T:
-        """Run ``make()`` on the saver's loop and return its result (or raise its error)."""
+        """Run ``make()`` on the bridge's loop and return its result (or raise its error)."""
         loop = self._target(name)
         return self._wait(asyncio.run_coroutine_threadsafe(make(), loop), loop, name)
 
     def iterate(self, items: AsyncIterator[_T], name: str) -> Iterator[_T]:
-        """Iterate ``items`` on the saver's loop, one item per round trip to it."""
+        """Iterate ``items`` on the bridge's loop, one item per round trip to it."""
         loop = self._target(name)
         try:
             while True:
@@ -65,7 +68,7 @@ class LoopBridge:
                 self._wait(asyncio.run_coroutine_threadsafe(close(), loop), loop, name)
 
     def stop(self) -> None:
-        """Stop the saver's own loop thread, if it started one (the bound loop is the
+        """Stop the bridge's own loop thread, if it started one (the bound loop is the
         caller's: never stopped here)."""
         with self._lock:
             loop, thread = self._own, self._own_thread
@@ -86,14 +89,15 @@ class LoopBridge:
             if current is bound:
                 raise ConfigurationError(
                     f"{name}() blocks until the store answers, and it was called on the event "
-                    f"loop the saver is bound to, which would wait for itself forever: use "
-                    f"a{name}() (graph.ainvoke / astream) there, or call {name}() from "
-                    "another thread (asyncio.to_thread)")
+                    f"loop {self._owner} is bound to, which would wait for itself forever: "
+                    f"use the async API there, or call {name}() from another thread "
+                    "(asyncio.to_thread)")
             return bound
         own = self._own_loop()
         if current is own:
             raise ConfigurationError(
-                f"{name}() was called on the saver's own event loop thread; use a{name}()")
+                f"{name}() was called on {self._owner}'s own event loop thread; use the "
+                "async API there")
         return own
 
     def _own_loop(self) -> asyncio.AbstractEventLoop:
@@ -103,15 +107,15 @@ class LoopBridge:
             loop = asyncio.new_event_loop()
             ready = threading.Event()
             thread = threading.Thread(
-                target=_run_forever, args=(loop, ready), name="fastcheckpoint-langgraph",
+                target=_run_forever, args=(loop, ready), name="fastcheckpoint-loop",
                 daemon=True)
             thread.start()
             ready.wait()
             self._own, self._own_thread = loop, thread
             return loop
 
-    @staticmethod
     def _wait(
+        self,
         future: concurrent.futures.Future[_T], loop: asyncio.AbstractEventLoop, name: str
     ) -> _T:
         while True:
@@ -122,9 +126,9 @@ class LoopBridge:
                     continue
                 future.cancel()
                 raise ConfigurationError(
-                    f"{name}(): the event loop running it stopped before it finished (the "
-                    "saver's loop ended; build the saver where its loop lives, or close it "
-                    "with aclose() before the loop ends)") from None
+                    f"{name}(): the event loop running it stopped before it finished "
+                    f"({self._owner}'s loop ended; build it where its loop lives, or close it "
+                    "before the loop ends)") from None
             except concurrent.futures.CancelledError as exc:
                 raise ConfigurationError(
                     f"{name}() was cancelled: its event loop shut down") from exc

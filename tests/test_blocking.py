@@ -1,0 +1,110 @@
+"""The blocking facade: every manager coroutine has a blocking twin with the same signature,
+usable from plain threads, from threads beside a running asyncio loop, and refused on that
+loop's own thread."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from fastcheckpoint import CheckpointConfig, CheckpointManager, CheckpointStatus, FileStore
+from fastcheckpoint.blocking import BlockingManager
+from fastcheckpoint.errors import CheckpointError, ConfigurationError, ValidationError
+from tests._helpers import FakeClock
+
+_NOT_MIRRORED = {"start", "stop", "aclose"}  # lifecycle: start() and close() instead
+
+
+def _coroutine_methods() -> list[str]:
+    return sorted(
+        name for name, member in inspect.getmembers(CheckpointManager)
+        if not name.startswith("_") and name not in _NOT_MIRRORED
+        and (inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member)
+             or name == "export_run"))
+
+
+@pytest.mark.parametrize("name", _coroutine_methods())
+def test_every_manager_coroutine_has_a_blocking_twin(name: str) -> None:
+    ours = inspect.signature(getattr(BlockingManager, name))
+    theirs = inspect.signature(getattr(CheckpointManager, name))
+    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == [
+        (p.name, p.kind, p.default) for p in theirs.parameters.values()]
+
+
+def test_a_program_without_an_event_loop(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with BlockingManager(f"file://{tmp_path}", config=CheckpointConfig(clock=clock)) as manager:
+        first = manager.create("run-1", {"step": 1}, step_name="plan")
+        assert first is not None
+        manager.create("run-1", {"step": 2}, step_name="act", force=True)
+        restored = manager.restore("run-1")
+        assert restored is not None
+        assert restored.state == {"step": 2}
+        assert [m.step_name for m in manager.list_checkpoints("run-1")] == ["act", "plan"]
+        info = manager.pause("run-1", {"question": "ship it?"})
+        assert info.status is CheckpointStatus.PAUSED
+        assert [run.run_id for run in manager.list_runs(CheckpointStatus.PAUSED)] == ["run-1"]
+        manager.approve("run-1", approver="ops")
+        exported = json.loads("".join(manager.export_run("run-1")))
+        assert exported["run"]["run_id"] == "run-1"
+        assert manager.count_runs() == 1
+        assert manager.delete_run("run-1") == 2
+        assert manager.restore("run-1") is None
+        with pytest.raises(ValidationError):
+            manager.create("", {"x": 1})
+    manager.close()  # twice is harmless
+
+
+def test_threads_share_one_facade(tmp_path: Path) -> None:
+    manager = BlockingManager(FileStore(tmp_path))
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            for step in range(5):
+                manager.create(f"run-{index}", {"step": step}, force=True)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert errors == []
+        for index in range(4):
+            restored = manager.restore(f"run-{index}")
+            assert restored is not None
+            assert restored.state == {"step": 4}
+    finally:
+        manager.close()
+
+
+def test_beside_a_running_loop_it_runs_on_that_loop(tmp_path: Path) -> None:
+    async def main() -> None:
+        manager = BlockingManager(CheckpointManager(FileStore(tmp_path)))
+        # From another thread: runs on this loop while it awaits the thread.
+        created = await asyncio.to_thread(manager.create, "run", {"a": 1})
+        assert created is not None
+        # On the loop's own thread it would wait for itself: refused, with the way out.
+        with pytest.raises(ConfigurationError, match="another thread"):
+            manager.restore("run")
+        restored = await manager.manager.restore("run")
+        assert restored is not None
+        assert restored.state == {"a": 1}
+        await manager.manager.aclose()
+
+    asyncio.run(main())
+
+
+def test_config_with_a_manager_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError):
+        BlockingManager(CheckpointManager(FileStore(tmp_path)), config=CheckpointConfig())
+    with pytest.raises(CheckpointError):
+        BlockingManager("nosuchscheme://x")
