@@ -1,6 +1,10 @@
 """Adapters that plug fastcheckpoint stores into agent frameworks.
 
 Each integration lives in its own module and imports its framework only there, so
-``import fastcheckpoint`` never needs one: ``fastcheckpoint.integrations.langgraph`` needs
-``pip install 'fastcheckpoint[langgraph]'``.
+``import fastcheckpoint`` never needs one; each module names its extra when the framework is
+missing:
+
+* ``fastcheckpoint.integrations.langgraph``: ``FastCheckpointSaver`` (extra ``langgraph``).
+* ``fastcheckpoint.integrations.agent_framework``: ``FastCheckpointStorage``, Microsoft Agent
+  Framework's workflow checkpoint storage (extra ``agent-framework``).
 """

@@ -4,6 +4,7 @@ store has the capabilities adapters need, and read a TTL argument."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from fastcheckpoint._config import RetryPolicy
 from fastcheckpoint.errors import ConfigurationError
@@ -18,16 +19,20 @@ from fastcheckpoint.stores import (
 __all__ = ["adapter_ttl", "capable_store"]
 
 
-def capable_store(store: object, retry: RetryPolicy, who: str) -> CheckpointStore:
+def capable_store(
+    store: object,
+    retry: RetryPolicy,
+    who: str,
+    needs: Sequence[type] = (SupportsLabels, SupportsSharedItems),
+) -> CheckpointStore:
     """``store`` itself, or the store its URL names (opened with ``retry``), once it is known
-    to offer labels and shared items; :class:`ConfigurationError` naming ``who`` (the adapter)
-    otherwise."""
+    to offer the capabilities ``needs`` lists; :class:`ConfigurationError` naming ``who`` (the
+    adapter) otherwise."""
     built = open_store(store, retry=retry) if isinstance(store, str) else store
     if not isinstance(built, CheckpointStore):
         raise ConfigurationError(
             f"store must be a CheckpointStore or a store URL, got {type(store).__name__}")
-    missing = [name for name, capability in (("SupportsLabels", SupportsLabels),
-                                             ("SupportsSharedItems", SupportsSharedItems))
+    missing = [capability.__name__ for capability in needs
                if not isinstance(built, capability)]
     if missing:
         raise ConfigurationError(
