@@ -35,7 +35,8 @@ from tests.stores.conftest import RedisTarget, redis_target  # noqa: F401
 pytestmark = pytest.mark.slow  # about 10 s on an idle machine: pip builds and installs
 
 ROOT = Path(__file__).resolve().parent.parent
-EXTRAS = ("none", "redis", "s3", "dynamodb", "postgres", "langgraph")
+EXTRAS = ("none", "redis", "s3", "dynamodb", "postgres", "langgraph", "agent-framework",
+          "pydantic-ai")
 INSTALL_TIMEOUT = 600  # seconds; a cold pip cache downloads every dependency once
 RUN_TIMEOUT = 120
 
@@ -314,15 +315,6 @@ SAVER = """
     anyio.run(main, sys.argv[1])
 """
 
-NO_LANGGRAPH = """
-    from fastcheckpoint import ConfigurationError
-    try:
-        import fastcheckpoint.integrations.langgraph
-    except ConfigurationError as exc:
-        print(exc)
-"""
-
-
 def test_langgraph_extra_alone_runs_the_saver(venvs: dict[str, Venv]) -> None:
     venv = venvs["langgraph"]
     result = venv.script(SAVER, f"sqlite:///{venv.work / 'graph.db'}")
@@ -331,8 +323,81 @@ def test_langgraph_extra_alone_runs_the_saver(venvs: dict[str, Venv]) -> None:
     assert result.stdout.startswith("saved ")
 
 
-def test_the_saver_without_its_extra_names_the_install_command(venvs: dict[str, Venv]) -> None:
-    result = venvs["none"].script(NO_LANGGRAPH)
+AGENT_FRAMEWORK = """
+    import sys
+    import anyio
+    from agent_framework import WorkflowCheckpoint
+    from fastcheckpoint.integrations.agent_framework import FastCheckpointStorage
+
+    async def main(url: str) -> None:
+        async with FastCheckpointStorage(url) as storage:
+            saved = await storage.save(WorkflowCheckpoint(
+                workflow_name="install", graph_signature_hash="h", state={"n": 1}))
+            loaded = await storage.load(saved)
+            assert loaded.state == {"n": 1}, loaded.state
+            print("saved", saved)
+
+    anyio.run(main, sys.argv[1])
+"""
+
+
+def test_agent_framework_extra_alone_runs_the_storage(venvs: dict[str, Venv]) -> None:
+    venv = venvs["agent-framework"]
+    result = venv.script(AGENT_FRAMEWORK, f"sqlite:///{venv.work / 'workflows.db'}")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("saved ")
+
+
+PYDANTIC_AI = """
+    import sys
+    import anyio
+    from pydantic_ai import Agent
+    from pydantic_ai.conversation import Conversation
+    from pydantic_ai.models.test import TestModel
+    from fastcheckpoint.integrations.pydantic_ai import FastConversationStore
+
+    async def main(url: str) -> None:
+        agent = Agent(TestModel(custom_output_text="noted"))
+        async with FastConversationStore(url) as store:
+            result = await agent.run("hello", conversation=Conversation(conversation_id="c"))
+            await store.save(result)
+        async with FastConversationStore(url) as store:
+            loaded = await store.load("c")
+            assert loaded is not None and len(loaded.messages) == 2, loaded
+            print("saved", len(loaded.messages))
+
+    anyio.run(main, sys.argv[1])
+"""
+
+
+def test_pydantic_ai_extra_alone_runs_the_conversation_store(venvs: dict[str, Venv]) -> None:
+    venv = venvs["pydantic-ai"]
+    result = venv.script(PYDANTIC_AI, f"sqlite:///{venv.work / 'conversations.db'}")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("saved ")
+
+
+NO_FRAMEWORK = """
+    import importlib, sys
+    from fastcheckpoint import ConfigurationError
+    try:
+        importlib.import_module(sys.argv[1])
+    except ConfigurationError as exc:
+        print(exc)
+"""
+
+
+@pytest.mark.parametrize(("module", "extra"), [
+    ("fastcheckpoint.integrations.langgraph", "langgraph"),
+    ("fastcheckpoint.integrations.agent_framework", "agent-framework"),
+    ("fastcheckpoint.integrations.pydantic_ai", "pydantic-ai"),
+])
+def test_an_adapter_without_its_extra_names_the_install_command(
+    venvs: dict[str, Venv], module: str, extra: str
+) -> None:
+    result = venvs["none"].script(NO_FRAMEWORK, module)
 
     assert result.returncode == 0, result.stderr
-    assert "pip install 'fastcheckpoint[langgraph]'" in result.stdout
+    assert f"pip install 'fastcheckpoint[{extra}]'" in result.stdout

@@ -7,4 +7,6 @@ missing:
 * ``fastcheckpoint.integrations.langgraph``: ``FastCheckpointSaver`` (extra ``langgraph``).
 * ``fastcheckpoint.integrations.agent_framework``: ``FastCheckpointStorage``, Microsoft Agent
   Framework's workflow checkpoint storage (extra ``agent-framework``).
+* ``fastcheckpoint.integrations.pydantic_ai``: ``FastConversationStore``, a Pydantic AI
+  conversation store (extra ``pydantic-ai``).
 """

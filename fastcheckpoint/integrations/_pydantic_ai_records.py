@@ -1,0 +1,177 @@
+"""Where the Pydantic AI conversation store keeps things, and how it encodes them.
+
+Layout (every address is a run key, a hash, so no id reaches a path or key as it is):
+
+* A conversation is the run ``pydantic-ai:<conversation_id>``. It holds one checkpoint, its
+  current :class:`ConversationRecord` (older ones are pruned by the next save). The record's
+  revision is stored in it; the checkpoint's place, ``(incarnation, sequence)``, is the
+  compare-and-set token the store checks. Labels: every conversation, its scope, its family.
+* An entry lives in an *entries run* chosen from its id: the millisecond prefix of a UUIDv7
+  (the ids Pydantic AI mints), so the entries one save adds share a run and go in one write;
+  any other id is hashed whole. Its item key is the hash of the id. ``read_entry`` is one read.
+* A *family* is a conversation and every fork made from it, or from its forks: the
+  conversations that may share entries. Its registry run lists the entries the family wrote
+  (``o:<entry key>`` -> the entries run holding it) and the markers of a release under way.
+  Entries go when the family's last conversation is deleted (or expired, by
+  ``cleanup_expired``), never earlier: a fork may still reach them.
+* The families registry lists every family, for ``cleanup_expired``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, Generic, TypeVar
+
+import msgspec
+import pydantic
+from pydantic_ai.conversation_store import ConversationEntry, ConversationRecord
+from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
+
+from fastcheckpoint import _ids
+from fastcheckpoint._codec import Codec
+from fastcheckpoint.errors import CorruptCheckpointError, ValidationError
+
+FRAMEWORK = "pydantic-ai"
+CONVERSATION_LABEL = "pydantic-ai conversation"
+RUN_PREFIX = "pydantic-ai:"
+OWNED_PREFIX = "o:"
+CLOSING_PREFIX = "closing:"
+FAMILIES_KEY = _ids.run_key("pydantic-ai families")
+FORMAT = 1
+
+_UUID7_PREFIX = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7")
+_RECORDS: pydantic.TypeAdapter[ConversationRecord] = pydantic.TypeAdapter(ConversationRecord)
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class Known(msgspec.Struct, frozen=True):
+    """Where a conversation's record with ``revision`` was seen: what a write or delete
+    expecting that revision proposes, without reading it again."""
+
+    revision: str
+    incarnation: str
+    sequence: int
+    family: str
+
+
+class Lru(Generic[_K, _V]):
+    """A bounded mapping that forgets the least recently used key first."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._data: OrderedDict[_K, _V] = OrderedDict()
+
+    def get(self, key: _K) -> _V | None:
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: _K, value: _V) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        if len(self._data) > self._size:
+            self._data.popitem(last=False)
+
+    def pop(self, key: _K) -> None:
+        self._data.pop(key, None)
+
+
+# -- addresses ---------------------------------------------------------------------------------
+
+
+def run_id_of(conversation_id: str) -> str:
+    return RUN_PREFIX + conversation_id
+
+
+def conversation_id_of(run_id: str) -> str | None:
+    return run_id[len(RUN_PREFIX):] if run_id.startswith(RUN_PREFIX) else None
+
+
+def scope_label(scope: str) -> str:
+    try:
+        return "pydantic-ai scope " + _ids.run_key(scope)
+    except UnicodeEncodeError as exc:
+        raise ValidationError("scope must be valid unicode (it has a lone surrogate)") from exc
+
+
+def family_label(family: str) -> str:
+    return "pydantic-ai family " + family
+
+
+def family_key(family: str) -> str:
+    return _ids.run_key("pydantic-ai family " + family)
+
+
+def entry_key(entry_id: str) -> str:
+    """The item key of an entry (a hash: ids of any length fit)."""
+    return _ids.key_of(entry_id)
+
+
+def entries_run_key(entry_id: str) -> str:
+    entry_key(entry_id)  # validates the id
+    shard = entry_id[:13] if _UUID7_PREFIX.match(entry_id) else entry_id
+    return _ids.run_key("pydantic-ai entries " + shard)
+
+
+def labels_of(scope: str | None, family: str) -> tuple[str, ...]:
+    labels = [CONVERSATION_LABEL, family_label(family)]
+    if scope is not None:
+        labels.append(scope_label(scope))
+    return tuple(labels)
+
+
+# -- encoding ----------------------------------------------------------------------------------
+
+
+def encode_record(codec: Codec, record: ConversationRecord, family: str) -> bytes:
+    """The checkpoint body: the record as Pydantic's JSON, parsed, so ``fastcheckpoint show``
+    prints it as it is."""
+    state = {"format": FORMAT, "family": family,
+             "record": json.loads(_RECORDS.dump_json(record))}
+    return codec.encode_payload(state, [], [], {})
+
+
+def decode_record(codec: Codec, blob: bytes, where: str) -> tuple[ConversationRecord, str]:
+    state = codec.decode_payload(blob, where).state
+    family, fields = state.get("family"), state.get("record")
+    if state.get("format") != FORMAT or not isinstance(family, str) or not isinstance(
+            fields, dict):
+        raise CorruptCheckpointError("not a Pydantic AI conversation record", key=where)
+    try:
+        return _RECORDS.validate_json(json.dumps(fields)), family
+    except (pydantic.ValidationError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"undecodable conversation record: {exc}", key=where) from exc
+
+
+def encode_entry(codec: Codec, entry: ConversationEntry, family: str) -> bytes:
+    state = {"format": FORMAT, "family": family, "id": entry.id, "parent_id": entry.parent_id,
+             "kind": entry.kind, "message": ModelMessagesTypeAdapter.dump_json([entry.message])}
+    return codec.encode_payload(state, [], [], {})
+
+
+def decode_entry(codec: Codec, blob: bytes, where: str) -> tuple[ConversationEntry, str]:
+    state = codec.decode_payload(blob, where).state
+    try:
+        family, message = _fields(state)
+        entry = ConversationEntry(id=state["id"], parent_id=state["parent_id"], message=message)
+    except (KeyError, TypeError, pydantic.ValidationError) as exc:
+        raise CorruptCheckpointError(f"not a Pydantic AI conversation entry: {exc}",
+                                     key=where) from exc
+    return entry, family
+
+
+def _fields(state: Mapping[str, Any]) -> tuple[str, ModelMessage]:
+    family, raw = state["family"], state["message"]
+    if state.get("format") != FORMAT or state.get("kind") != "message" or not isinstance(
+        family, str) or not isinstance(raw, bytes) or not isinstance(state["id"], str):
+        raise TypeError("unexpected fields")
+    messages = ModelMessagesTypeAdapter.validate_json(raw)
+    if len(messages) != 1:
+        raise TypeError("an entry holds one message")
+    return family, messages[0]

@@ -1,0 +1,462 @@
+"""A Pydantic AI conversation store on any fastcheckpoint store.
+
+``FastConversationStore`` is a ``pydantic_ai.conversation_store.ConversationStore``: ``load``
+a conversation before a run, ``save`` the run's result after it, ``branch``, ``fork``,
+``list_conversations`` and ``delete`` as Pydantic AI documents them. Each conversation is a
+fastcheckpoint run (``pydantic-ai:<conversation_id>``), so it appears in ``fastcheckpoint
+runs`` and ``show`` and expires with TTL; each message is stored once, as an entry that forks
+share. The layout is described in ``fastcheckpoint.integrations._pydantic_ai_records``.
+
+Costs in store calls: ``read_record`` 1; ``read_entry`` 1, or 0 for an entry this process
+wrote or read before (entries never change); ``write_record`` 1 (the compare-and-set append),
+plus 1 for the family's index and 1 per entries run (usually 1) when it adds entries, plus 1
+read when the revision it expects is not the one this process last read or wrote; a new
+conversation adds 1 (its family), a fork 2 (its anchor entry, the release check);
+``delete_record`` 2 (the conditional delete, the family's members), or, for the family's last
+conversation, 2 more (a release marker, the members again) and the family's entries;
+``read_records`` 1 per 100 conversations listed, then 1 per record returned.
+
+Needs ``pip install 'fastcheckpoint[pydantic-ai]'`` and a store with labels (every bundled
+store).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Protocol, cast
+
+from fastcheckpoint import _ids
+from fastcheckpoint._codec import Codec, Header, RunData
+from fastcheckpoint._config import CheckpointConfig
+from fastcheckpoint._manager import CheckpointManager
+from fastcheckpoint._model import CheckpointStatus
+from fastcheckpoint.errors import (
+    ConfigurationError,
+    CorruptCheckpointError,
+    SequenceConflict,
+    ValidationError,
+)
+from fastcheckpoint.integrations._adapter import adapter_ttl, capable_store
+from fastcheckpoint.stores import (
+    CheckpointStore,
+    Item,
+    RunRecord,
+    StoredCheckpoint,
+    SupportsLabels,
+    purge_all,
+)
+
+try:
+    from pydantic_ai.conversation_store import (
+        ConversationConflict,
+        ConversationEntry,
+        ConversationRecord,
+        ConversationStore,
+    )
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ConfigurationError(
+        "fastcheckpoint.integrations.pydantic_ai needs Pydantic AI: "
+        "pip install 'fastcheckpoint[pydantic-ai]'") from exc
+
+from fastcheckpoint.integrations import _pydantic_ai_records as records
+from fastcheckpoint.integrations._pydantic_ai_records import Known, Lru
+
+__all__ = ["FastConversationStore"]
+
+_PAGE = 100
+"""Runs or items read per store call by listings and releases."""
+_CLOSING_SECONDS = 3600.0
+"""How long the marker of a family's release stays: a fork that started before the release
+and checks after it is refused meanwhile (a release takes a few calls)."""
+_FAMILY_GRACE_SECONDS = 3600.0
+"""``cleanup_expired`` leaves families younger than this: their first conversation may be
+between registering the family and writing its record."""
+_KNOWN = 10_000
+_ENTRIES = 4_096
+_CACHED_ENTRY_BYTES = 256 * 1024
+"""Larger entries (a message with an image, say) are read from the store each time."""
+
+
+class _Capable(CheckpointStore, SupportsLabels, Protocol):
+    """A store with labels (for type checking only)."""
+
+
+class FastConversationStore(ConversationStore):
+    """A Pydantic AI ``ConversationStore`` on a fastcheckpoint store (or a store URL).
+
+    ``ttl_seconds``: a conversation expires that long after its last save (``None``: the
+    store's default TTL, else never); its entries go with the last conversation of its family
+    (``cleanup_expired``). ``clock``: epoch seconds, for tests.
+
+    The compare-and-set of a revision is the store's own: two writers expecting the same
+    revision, in one process or many, cannot both win; the loser gets
+    ``ConversationConflict``. ``read_entry`` raises ``KeyError`` (a ``LookupError``, which
+    Pydantic AI catches) for an entry the store does not have; every other failure is a
+    ``fastcheckpoint.errors.CheckpointError``.
+    """
+
+    def __init__(
+        self,
+        store_or_url: CheckpointStore | str,
+        *,
+        ttl_seconds: float | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._owns_store = isinstance(store_or_url, str)
+        self._store = cast(_Capable, capable_store(
+            store_or_url, CheckpointConfig().retry, "the Pydantic AI conversation store",
+            (SupportsLabels,)))
+        self._ttl_seconds = adapter_ttl(ttl_seconds, self._store)
+        self._clock = time.time if clock is None else clock
+        self._codec = Codec()
+        self._known: Lru[str, Known] = Lru(_KNOWN)
+        self._entries: Lru[str, bytes] = Lru(_ENTRIES)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> FastConversationStore:
+        """The store and TTL ``CheckpointManager.from_env`` reads (``FASTCHECKPOINT_URL``,
+        ``FASTCHECKPOINT_DEFAULT_TTL_SECONDS`` or ``CHECKPOINT_TTL_DAYS``...); the store it
+        opens is closed by :meth:`aclose`."""
+        manager = CheckpointManager.from_env(environ)
+        built = cls(manager.store, ttl_seconds=manager.config.default_ttl_seconds)
+        built._owns_store = True
+        return built
+
+    @property
+    def store(self) -> CheckpointStore:
+        return self._store
+
+    @property
+    def ttl_seconds(self) -> float | None:
+        return self._ttl_seconds
+
+    async def __aenter__(self) -> FastConversationStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the store if this object opened it from a URL (a store given is left open)."""
+        if self._owns_store:
+            self._owns_store = False
+            await self._store.aclose()
+
+    async def cleanup_expired(self, *, batch_size: int = 500) -> int:
+        """Remove the entries of families whose conversations have all expired, then what
+        expired in the store (``purge_expired`` in batches). Returns the entries removed."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValidationError(f"batch_size must be a positive integer, got {batch_size!r:.40}")
+        removed = 0
+        now = self._now()
+        for family, registered_at in await self._families(now):
+            if now - registered_at >= _FAMILY_GRACE_SECONDS:
+                removed += await self._release_family(family)
+        await purge_all(self._store, clock=self._clock, batch_size=batch_size)
+        return removed
+
+    # -- the primitives ---------------------------------------------------------------------
+
+    async def read_record(self, conversation_id: str) -> ConversationRecord | None:
+        key = _ids.key_of(records.run_id_of(conversation_id))
+        found = await self._store.latest(key, now=self._now())
+        if found is None:
+            self._known.pop(conversation_id)
+            return None
+        record, known = self._decoded(found[0], conversation_id)
+        self._known.put(conversation_id, known)
+        return record
+
+    async def read_records(
+        self, *, scope: str | None = None, limit: int | None = None
+    ) -> Sequence[ConversationRecord]:
+        label = records.CONVERSATION_LABEL if scope is None else records.scope_label(scope)
+        runs = await self._runs_with(label)
+        runs.sort(key=lambda run: run.updated_at, reverse=True)
+        found: list[ConversationRecord] = []
+        for run in runs:
+            if limit is not None and len(found) >= limit:
+                break
+            conversation_id = records.conversation_id_of(run.run_id)
+            record = None if conversation_id is None else await self.read_record(conversation_id)
+            if record is not None and (scope is None or record.scope == scope):
+                found.append(record)
+        found.sort(key=lambda record: record.updated_at, reverse=True)
+        return found
+
+    async def write_record(
+        self,
+        record: ConversationRecord,
+        *,
+        new_entries: Sequence[ConversationEntry] = (),
+        expected_revision: str | None,
+    ) -> None:
+        conversation_id = record.conversation_id
+        key = _ids.key_of(records.run_id_of(conversation_id))
+        now = self._now()
+        joined = False
+        if expected_revision is None:
+            family, joined = await self._family_of_new(record, new_entries, now)
+            incarnation, sequence = _ids.new_incarnation(), 0
+        else:
+            known = await self._expecting(conversation_id, expected_revision)
+            family, incarnation, sequence = known.family, known.incarnation, known.sequence + 1
+        if new_entries:
+            await self._put_entries(family, new_entries, now)
+        checkpoint = self._checkpoint(key, record, family, incarnation, sequence, now)
+        seed = self._seed(conversation_id, record, family, incarnation, checkpoint)
+        try:
+            await self._store.append(key, checkpoint, run=seed, keep_latest=1, now=now)
+        except SequenceConflict as exc:
+            self._known.pop(conversation_id)
+            await self._discard(family, new_entries)
+            if expected_revision is None and not joined:  # the family this write registered
+                await self._store.delete_items(records.FAMILIES_KEY, [family])
+            raise ConversationConflict(conversation_id) from exc
+        known = Known(record.revision, incarnation, sequence, family)
+        self._known.put(conversation_id, known)
+        if joined and await self._releasing(family, now):
+            self._known.pop(conversation_id)
+            await self._delete_checkpoint(key, known)
+            raise ConversationConflict(conversation_id)
+
+    async def delete_record(self, conversation_id: str, *, expected_revision: str) -> None:
+        """Delete the conversation; its entries stay while another conversation of its family
+        (a fork of it, or what it was forked from) is stored, and are deleted with the last."""
+        known = await self._expecting(conversation_id, expected_revision)
+        key = _ids.key_of(records.run_id_of(conversation_id))
+        self._known.pop(conversation_id)
+        if not await self._delete_checkpoint(key, known):
+            raise ConversationConflict(conversation_id)
+        await self._release_family(known.family)
+
+    async def read_entry(self, entry_id: str) -> ConversationEntry:
+        """The entry; ``KeyError`` if the store does not have it."""
+        item_key = records.entry_key(entry_id)
+        blob = self._entries.get(item_key)
+        if blob is None:
+            found = await self._entry_blob(entry_id)
+            if found is None:
+                raise KeyError(entry_id)
+            blob = found
+            self._remember(item_key, blob)
+        return records.decode_entry(self._codec, blob, f"entry {entry_id[:80]!r}")[0]
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return self._clock()
+
+    def _expiry(self, now: float) -> float | None:
+        return None if self._ttl_seconds is None else now + self._ttl_seconds
+
+    def _decoded(
+        self, checkpoint: StoredCheckpoint, conversation_id: str
+    ) -> tuple[ConversationRecord, Known]:
+        where = checkpoint.key or f"conversation {conversation_id[:80]!r}"
+        record, family = records.decode_record(self._codec, checkpoint.payload, where)
+        parsed = _ids.parse_checkpoint_id(checkpoint.checkpoint_id)
+        if parsed is None or record.conversation_id != conversation_id:
+            raise CorruptCheckpointError(
+                f"this is not the record of conversation {conversation_id[:80]!r}", key=where)
+        return record, Known(record.revision, parsed[1], parsed[2], family)
+
+    async def _expecting(self, conversation_id: str, revision: str) -> Known:
+        """Where the record with ``revision`` is; ``ConversationConflict`` if it is not the
+        stored one. Trusts what this process saw: a stale guess loses the store's own check."""
+        known = self._known.get(conversation_id)
+        if known is None or known.revision != revision:
+            await self.read_record(conversation_id)
+            known = self._known.get(conversation_id)
+        if known is None or known.revision != revision:
+            raise ConversationConflict(conversation_id)
+        return known
+
+    async def _family_of_new(
+        self, record: ConversationRecord, new_entries: Sequence[ConversationEntry], now: float
+    ) -> tuple[str, bool]:
+        """The family a new record belongs to, and whether it joins an existing one (a fork):
+        the family of the first stored entry it reaches, else a new one, registered."""
+        new_ids = {entry.id for entry in new_entries}
+        anchor = new_entries[0].parent_id if new_entries else record.head_id
+        if anchor is not None and anchor not in new_ids:
+            found = await self._entry_blob(anchor)
+            if found is None:
+                raise ConversationConflict(record.conversation_id)
+            where = f"entry {anchor[:80]!r}"
+            return records.decode_entry(self._codec, found, where)[1], True
+        family = _ids.new_incarnation() + _ids.new_incarnation()
+        await self._store.put_items(
+            records.FAMILIES_KEY, [Item(key=family, value=repr(now).encode("ascii"))], now=now)
+        return family, False
+
+    async def _put_entries(
+        self, family: str, entries: Sequence[ConversationEntry], now: float
+    ) -> None:
+        """Index the entries in their family first, so a crash leaves nothing untracked."""
+        by_run: dict[str, list[Item]] = {}
+        owned: list[Item] = []
+        for entry in entries:
+            run_key, item_key = records.entries_run_key(entry.id), records.entry_key(entry.id)
+            blob = records.encode_entry(self._codec, entry, family)
+            by_run.setdefault(run_key, []).append(Item(key=item_key, value=blob))
+            owned.append(Item(key=records.OWNED_PREFIX + item_key, value=run_key.encode("ascii")))
+        await self._store.put_items(records.family_key(family), owned, now=now)
+        for run_key, items in by_run.items():
+            await self._store.put_items(run_key, items, now=now)
+        for items in by_run.values():
+            for item in items:
+                self._remember(item.key, item.value)
+
+    async def _discard(self, family: str, entries: Sequence[ConversationEntry]) -> None:
+        """Remove the entries of a write that lost (its record was not stored)."""
+        if not entries:
+            return
+        by_run: dict[str, list[str]] = {}
+        for entry in entries:
+            by_run.setdefault(records.entries_run_key(entry.id), []).append(
+                records.entry_key(entry.id))
+        for run_key, keys in by_run.items():
+            self._forget(keys)
+            await self._store.delete_items(run_key, keys)
+        await self._store.delete_items(
+            records.family_key(family),
+            [records.OWNED_PREFIX + key for keys in by_run.values() for key in keys])
+
+    def _remember(self, item_key: str, blob: bytes) -> None:
+        if len(blob) <= _CACHED_ENTRY_BYTES:
+            self._entries.put(item_key, blob)
+
+    def _forget(self, item_keys: list[str]) -> None:
+        for item_key in item_keys:
+            self._entries.pop(item_key)
+
+    async def _entry_blob(self, entry_id: str) -> bytes | None:
+        item_key = records.entry_key(entry_id)
+        found = await self._store.get_items(
+            records.entries_run_key(entry_id), [item_key], now=self._now())
+        return found.get(item_key)
+
+    def _checkpoint(
+        self,
+        key: str,
+        record: ConversationRecord,
+        family: str,
+        incarnation: str,
+        sequence: int,
+        now: float,
+    ) -> StoredCheckpoint:
+        header = Header(run_id=records.run_id_of(record.conversation_id), step_name="save",
+                        parent_id=None, tags=[], ttl_seconds=self._ttl_seconds)
+        return StoredCheckpoint(
+            sequence=sequence, checkpoint_id=_ids.checkpoint_id(key, incarnation, sequence),
+            created_at=now, expires_at=self._expiry(now),
+            header=self._codec.encode_header(header),
+            payload=records.encode_record(self._codec, record, family))
+
+    def _seed(
+        self,
+        conversation_id: str,
+        record: ConversationRecord,
+        family: str,
+        incarnation: str,
+        checkpoint: StoredCheckpoint,
+    ) -> RunRecord:
+        metadata: dict[str, object] = {"framework": records.FRAMEWORK,
+                                       "conversation_id": conversation_id}
+        if record.scope is not None:
+            metadata["scope"] = record.scope
+        if record.forked_from is not None:
+            metadata["forked_from"] = record.forked_from
+        return RunRecord(
+            run_id=records.run_id_of(conversation_id), incarnation=incarnation,
+            status=CheckpointStatus.ACTIVE.value, created_at=checkpoint.created_at,
+            updated_at=checkpoint.created_at, latest_sequence=checkpoint.sequence,
+            checkpoint_count=1, expires_at=checkpoint.expires_at,
+            data=self._codec.encode_run_data(RunData(metadata=metadata)),
+            labels=records.labels_of(record.scope, family))
+
+    async def _delete_checkpoint(self, key: str, known: Known) -> bool:
+        """Delete the record ``known`` names, only if it is still the stored one."""
+        return await self._store.delete(
+            key, known.sequence,
+            checkpoint_id=_ids.checkpoint_id(key, known.incarnation, known.sequence))
+
+    async def _releasing(self, family: str, now: float) -> bool:
+        found = await self._store.scan_items(
+            records.family_key(family), prefix=records.CLOSING_PREFIX, limit=1, now=now)
+        return bool(found)
+
+    async def _release_family(self, family: str) -> int:
+        """Delete the family's entries if none of its conversations is stored; returns how
+        many. The marker goes before the decisive check and stays: a fork whose record lands
+        after that check sees it and withdraws."""
+        if await self._has_members(family):
+            return 0
+        now = self._now()
+        family_key = records.family_key(family)
+        marker = records.CLOSING_PREFIX + _ids.new_incarnation()
+        await self._store.put_items(family_key, [Item(
+            key=marker, value=b"", expires_at=now + _CLOSING_SECONDS)], now=now)
+        if await self._has_members(family):
+            await self._store.delete_items(family_key, [marker])
+            return 0
+        removed = await self._delete_entries(family_key, now)
+        await self._store.delete_items(records.FAMILIES_KEY, [family])
+        return removed
+
+    async def _has_members(self, family: str) -> bool:
+        members, _ = await self._store.runs_with_label(
+            records.family_label(family), limit=1, cursor=None, now=self._now())
+        return bool(members)
+
+    async def _delete_entries(self, family_key: str, now: float) -> int:
+        removed = 0
+        while True:
+            page = await self._store.scan_items(
+                family_key, prefix=records.OWNED_PREFIX, limit=_PAGE, now=now)
+            if not page:
+                return removed
+            by_run: dict[str, list[str]] = {}
+            for owned_key, where in page:
+                by_run.setdefault(where.decode("ascii"), []).append(
+                    owned_key[len(records.OWNED_PREFIX):])
+            for run_key, keys in by_run.items():
+                self._forget(keys)
+                removed += await self._store.delete_items(run_key, keys)
+            await self._store.delete_items(family_key, [owned_key for owned_key, _ in page])
+
+    async def _families(self, now: float) -> list[tuple[str, float]]:
+        families: list[tuple[str, float]] = []
+        after: str | None = None
+        while True:
+            page = await self._store.scan_items(
+                records.FAMILIES_KEY, start_after=after, limit=_PAGE, now=now)
+            families += [(family, _registered_at(value)) for family, value in page]
+            if len(page) < _PAGE:
+                return families
+            after = page[-1][0]
+
+    async def _runs_with(self, label: str) -> list[RunRecord]:
+        runs: list[RunRecord] = []
+        cursor: str | None = None
+        while True:
+            page, cursor = await self._store.runs_with_label(
+                label, limit=_PAGE, cursor=cursor, now=self._now())
+            runs += page
+            if cursor is None:
+                return runs
+
+
+def _registered_at(value: bytes) -> float:
+    try:
+        return float(value.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return 0.0  # not ours to date: old enough to be checked
