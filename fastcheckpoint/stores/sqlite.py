@@ -350,6 +350,25 @@ def _timeout(value: object) -> float:
     return seconds
 
 
+def _create_private(path: str) -> None:
+    """Create the database file 0600 if it is missing (SQLite gives the -wal and -shm files
+    the database file's permissions).
+
+    Only a file this call creates is opened here: closing any descriptor of a file drops every
+    POSIX lock the process holds on it, so opening and closing an existing database would
+    release the locks of this process's other connections to it (another store object on the
+    same file), and another process could then take the database for unused and checkpoint
+    and remove its WAL under them: a corrupt database.
+    """
+    if os.path.exists(path):
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return  # created meanwhile by another connection
+    os.close(fd)
+
+
 def _database_path(path: object) -> str:
     try:
         text = os.fspath(path)  # type: ignore[call-overload]
@@ -558,8 +577,7 @@ class SQLiteStore(ExpiryCleanup):
         """A connection to the database, created 0600 (in a 0700 directory) if missing, in WAL
         mode with the store's ``synchronous`` setting."""
         os.makedirs(os.path.dirname(self._path), mode=0o700, exist_ok=True)
-        # SQLite gives the -wal and -shm files the database file's permissions.
-        os.close(os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        _create_private(self._path)
         db = self._connect()
         try:
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]

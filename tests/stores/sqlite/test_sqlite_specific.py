@@ -218,6 +218,46 @@ async def test_a_store_serves_several_event_loops_and_reopens_after_aclose(
     assert found[0].sequence == 1
 
 
+_CHILD_CREATES_AND_CLOSES = """
+import sys
+import anyio
+from fastcheckpoint import CheckpointManager
+from fastcheckpoint.stores.sqlite import SQLiteStore
+
+async def main() -> None:
+    manager = CheckpointManager(SQLiteStore(sys.argv[1]))
+    await manager.create("child", {"n": 1})
+    await manager.aclose()  # its last connection: SQLite checkpoints and removes the WAL
+
+anyio.run(main)
+"""
+
+
+async def test_two_stores_on_one_file_in_a_process_keep_their_locks(database: Path) -> None:
+    """A second store object on the same file must not release the first one's locks (closing
+    any descriptor of a file drops the process's POSIX locks on it): else another process's
+    close takes the database for unused and removes the WAL under them, corrupting it."""
+    one, two = CheckpointManager(SQLiteStore(database)), CheckpointManager(SQLiteStore(database))
+    try:
+        await one.create("a", {"n": 0})
+        await two.create("b", {"n": 0})
+        child = await anyio.run_process(
+            [sys.executable, "-c", _CHILD_CREATES_AND_CLOSES, str(database)], check=False)
+        assert child.returncode == 0, child.stderr.decode()
+        for n in range(1, 30):
+            await one.create("a", {"n": n})
+            await two.create("b", {"n": n})
+        first, second = await one.restore("a"), await two.restore("b")
+        assert first is not None
+        assert second is not None
+        assert (first.state, second.state) == ({"n": 29}, {"n": 29})
+    finally:
+        await one.aclose()
+        await two.aclose()
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
 # -- schema versions and the ops kit ----------------------------------------------------------
 
 
