@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow  # about 10 s on an idle machine: pip builds and i
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRAS = ("none", "redis", "s3", "dynamodb", "postgres", "langgraph", "agent-framework",
-          "pydantic-ai")
+          "pydantic-ai", "openai-agents")
 INSTALL_TIMEOUT = 600  # seconds; a cold pip cache downloads every dependency once
 RUN_TIMEOUT = 120
 
@@ -379,6 +379,32 @@ def test_pydantic_ai_extra_alone_runs_the_conversation_store(venvs: dict[str, Ve
     assert result.stdout.startswith("saved ")
 
 
+OPENAI_AGENTS = """
+    import sys
+    import anyio
+    from fastcheckpoint.integrations.openai_agents import FastSession
+
+    async def main(url: str) -> None:
+        async with FastSession("install", url) as session:
+            await session.add_items([{"role": "user", "content": "hi"}])
+        async with FastSession("install", url) as session:
+            items = await session.get_items()
+            assert items == [{"role": "user", "content": "hi"}], items
+            assert await session.pop_item() == items[0]
+            print("saved", len(items))
+
+    anyio.run(main, sys.argv[1])
+"""
+
+
+def test_openai_agents_extra_alone_runs_the_session(venvs: dict[str, Venv]) -> None:
+    venv = venvs["openai-agents"]
+    result = venv.script(OPENAI_AGENTS, f"sqlite:///{venv.work / 'sessions.db'}")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("saved ")
+
+
 NO_FRAMEWORK = """
     import importlib, sys
     from fastcheckpoint import ConfigurationError
@@ -393,6 +419,7 @@ NO_FRAMEWORK = """
     ("fastcheckpoint.integrations.langgraph", "langgraph"),
     ("fastcheckpoint.integrations.agent_framework", "agent-framework"),
     ("fastcheckpoint.integrations.pydantic_ai", "pydantic-ai"),
+    ("fastcheckpoint.integrations.openai_agents", "openai-agents"),
 ])
 def test_an_adapter_without_its_extra_names_the_install_command(
     venvs: dict[str, Venv], module: str, extra: str

@@ -7,6 +7,9 @@ missing:
 * ``fastcheckpoint.integrations.langgraph``: ``FastCheckpointSaver`` (extra ``langgraph``).
 * ``fastcheckpoint.integrations.agent_framework``: ``FastCheckpointStorage``, Microsoft Agent
   Framework's workflow checkpoint storage (extra ``agent-framework``).
+* ``fastcheckpoint.integrations.openai_agents``: ``FastSession`` (an OpenAI Agents SDK
+  session) and ``RunStateStore`` (interrupted runs in the approval queue), extra
+  ``openai-agents``.
 * ``fastcheckpoint.integrations.pydantic_ai``: ``FastConversationStore``, a Pydantic AI
   conversation store (extra ``pydantic-ai``).
 """

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from fastcheckpoint._config import RetryPolicy
+from fastcheckpoint._config import CheckpointConfig, RetryPolicy
 from fastcheckpoint.errors import ConfigurationError
 from fastcheckpoint.stores import (
     CheckpointStore,
@@ -16,7 +16,17 @@ from fastcheckpoint.stores import (
     open_store,
 )
 
-__all__ = ["adapter_ttl", "capable_store"]
+__all__ = ["adapter_config", "adapter_ttl", "capable_store"]
+
+
+def adapter_config(config: object, default: CheckpointConfig | None = None) -> CheckpointConfig:
+    """An adapter's ``config`` argument checked; ``None`` means ``default`` (else the
+    defaults)."""
+    if config is None:
+        return CheckpointConfig() if default is None else default
+    if not isinstance(config, CheckpointConfig):
+        raise ConfigurationError(f"config must be a CheckpointConfig, got {type(config).__name__}")
+    return config
 
 
 def capable_store(

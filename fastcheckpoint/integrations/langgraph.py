@@ -50,7 +50,7 @@ from fastcheckpoint.errors import (
     ValidationError,
 )
 from fastcheckpoint.integrations import _langgraph_records as records
-from fastcheckpoint.integrations._adapter import adapter_ttl, capable_store
+from fastcheckpoint.integrations._adapter import adapter_config, adapter_ttl, capable_store
 from fastcheckpoint.integrations._langgraph_records import (
     LANGGRAPH_LABEL,
     ItemCodec,
@@ -176,7 +176,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         config: CheckpointConfig | None = None,
     ) -> None:
         super().__init__(serde=serde)
-        settings = _settings(config)
+        settings = adapter_config(config, CheckpointConfig(max_checkpoints_per_run=None))
         capable = capable_store(store, settings.retry, "the LangGraph saver")
         ttl = adapter_ttl(ttl_seconds, capable)
         _check_keep_latest(keep_latest)
@@ -1451,14 +1451,6 @@ def _conflict_head(conflict: SequenceConflict) -> tuple[int, str] | None:
 
 
 # -- construction ------------------------------------------------------------------------------
-
-
-def _settings(config: object) -> CheckpointConfig:
-    if config is None:
-        return CheckpointConfig(max_checkpoints_per_run=None)
-    if not isinstance(config, CheckpointConfig):
-        raise ConfigurationError(f"config must be a CheckpointConfig, got {type(config).__name__}")
-    return config
 
 
 def _check_keep_latest(keep_latest: object) -> None:

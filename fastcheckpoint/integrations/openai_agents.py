@@ -1,0 +1,523 @@
+"""OpenAI Agents SDK: a conversation session and a human-approval queue on any store.
+
+``FastSession`` implements the SDK's ``Session`` protocol: pass it as
+``Runner.run(agent, input, session=...)``. Each session is one fastcheckpoint run, named
+``openai-agents:<session_id>``, whose items are kept as an entry log (see
+``fastcheckpoint.integrations._entrylog``): ``fastcheckpoint runs`` and ``show`` list it, and
+it expires as a whole ``ttl_seconds`` after its last write.
+
+``RunStateStore`` keeps an interrupted run (a tool with ``needs_approval``) as a PAUSED run in
+the approval queue, so ``fastcheckpoint runs --status paused``, ``approve`` and ``reject``
+work on it; :meth:`RunStateStore.resume` loads it back with the decision applied to every
+pending tool call, ready for ``Runner.run(agent, state)``.
+
+Costs in store calls: ``get_items`` 1; ``add_items`` and ``pop_item`` 1 when this session
+object made the last change or read, else 3 (a refused change, a read, the change; a pop by
+an object that never looked: 2); ``clear_session`` 1. ``RunStateStore.record`` 3 (a
+checkpoint, then the status change: read and update; 4 when its manager has not written the
+run before), ``resume`` 4 (the run, the checkpoint, then the claim of the decision: read and
+update).
+
+Needs ``pip install 'fastcheckpoint[openai-agents]'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Mapping
+from types import TracebackType
+from typing import Any, TypeVar, cast
+
+import msgspec
+
+from fastcheckpoint._codec import RunData
+from fastcheckpoint._config import CheckpointConfig
+from fastcheckpoint._manager import CheckpointManager
+from fastcheckpoint._model import CheckpointStatus, RunInfo
+from fastcheckpoint._validate import request_arg, text_arg
+from fastcheckpoint.errors import (
+    CheckpointNotFound,
+    ConfigurationError,
+    ConflictError,
+    CorruptCheckpointError,
+    SerializationError,
+    ValidationError,
+)
+from fastcheckpoint.integrations._adapter import adapter_config, adapter_ttl, capable_store
+from fastcheckpoint.integrations._entrylog import EntryLog
+from fastcheckpoint.stores import CheckpointStore
+
+try:
+    from agents import Agent, RunResult, RunResultStreaming, RunState, ToolApprovalItem
+    from agents.items import TResponseInputItem
+    from agents.memory import SessionSettings
+    from agents.memory.session_settings import coerce_session_settings, resolve_session_limit
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ConfigurationError(
+        "fastcheckpoint.integrations.openai_agents needs the OpenAI Agents SDK: "
+        "pip install 'fastcheckpoint[openai-agents]'") from exc
+
+__all__ = ["FRAMEWORK", "FastSession", "RunStateStore", "session_run_id"]
+
+logger = logging.getLogger("fastcheckpoint.openai_agents")
+
+FRAMEWORK = "openai-agents"
+"""``framework`` in a session's run metadata and in every approval request."""
+_SESSION_LABEL = "openai-agents:session"
+_T = TypeVar("_T")
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder()
+
+
+def session_run_id(session_id: str) -> str:
+    """The fastcheckpoint run that holds a session: what ``fastcheckpoint show`` takes."""
+    return f"{FRAMEWORK}:{session_id}"
+
+
+class FastSession:
+    """An Agents SDK session (``agents.memory.Session``) on a fastcheckpoint store.
+
+    ``store``: a store, shared with whatever else uses it (open it once, pass it to every
+    session), or a store URL this session opens and :meth:`aclose` closes. ``ttl_seconds``:
+    the session expires that long after its last write (``add_items``, ``pop_item``), all
+    items together (``None``: the store's default TTL, else never). ``config``: its clock
+    and retry policy are used (and its ``default_ttl_seconds`` when ``ttl_seconds`` is
+    ``None``).
+
+    Every operation is atomic across processes: concurrent ``add_items`` keep each batch
+    together, and no two ``pop_item`` calls return the same item.
+    """
+
+    session_settings: SessionSettings | None = None
+
+    def __init__(
+        self,
+        session_id: str,
+        store: CheckpointStore | str,
+        *,
+        ttl_seconds: float | None = None,
+        session_settings: SessionSettings | Mapping[str, Any] | None = None,
+        config: CheckpointConfig | None = None,
+    ) -> None:
+        if not isinstance(session_id, str) or not session_id:
+            raise ValidationError(f"session_id must be a non-empty str, got {session_id!r:.40}")
+        settings = adapter_config(config)
+        self._store = capable_store(store, settings.retry, "FastSession")
+        self._owns_store = isinstance(store, str)
+        self.session_id = session_id
+        self.session_settings = _session_settings(session_settings)
+        self._log = EntryLog(
+            self._store, session_run_id(session_id), labels=(_SESSION_LABEL,),
+            metadata={"framework": FRAMEWORK, "session_id": session_id},
+            ttl_seconds=_ttl(ttl_seconds, settings, self._store), clock=settings.clock)
+        # Changes from this object's tasks take turns instead of racing each other in the
+        # store (correct either way; racing only costs retries).
+        self._turn = asyncio.Lock()
+
+    @classmethod
+    def from_env(
+        cls,
+        session_id: str,
+        environ: Mapping[str, str] | None = None,
+        *,
+        ttl_seconds: float | None = None,
+        session_settings: SessionSettings | Mapping[str, Any] | None = None,
+    ) -> FastSession:
+        """A session on the store ``CheckpointManager.from_env`` opens (``FASTCHECKPOINT_URL``
+        or ``CHECKPOINT_MODE``; ``CHECKPOINT_TTL_DAYS`` or ``FASTCHECKPOINT_DEFAULT_TTL_SECONDS``
+        for the TTL). The session owns that store: :meth:`aclose` closes it."""
+        manager = CheckpointManager.from_env(environ)
+        session = cls(session_id, manager.store, ttl_seconds=ttl_seconds,
+                      session_settings=session_settings, config=manager.config)
+        session._owns_store = True
+        return session
+
+    @property
+    def store(self) -> CheckpointStore:
+        return self._store
+
+    @property
+    def run_id(self) -> str:
+        """The fastcheckpoint run holding this session (``session_run_id(session_id)``)."""
+        return session_run_id(self.session_id)
+
+    async def get_items(self, limit: int | None = None) -> list[TResponseInputItem]:
+        """The latest ``limit`` items (``None``: ``session_settings.limit``, else all), oldest
+        first. One store call."""
+        wanted = resolve_session_limit(limit, self.session_settings)
+        view = await self._log.read()
+        if view is None or (wanted is not None and wanted <= 0):
+            return []
+        return self._latest(view.entries, wanted)
+
+    async def add_items(self, items: list[TResponseInputItem]) -> None:
+        """Append ``items`` in order, atomically. A cancelled call has added all of them or
+        none when the cancellation is raised."""
+        if not items:
+            return
+        entries = [self._encode(item, index) for index, item in enumerate(items)]
+        async with self._turn:
+            await _settled(self._log.append(entries))
+
+    async def pop_item(self) -> TResponseInputItem | None:
+        """Remove and return the newest item; ``None`` when the session is empty. A call
+        cancelled while the store removes the item raises the cancellation after the removal,
+        so that item is gone (as with the SDK's own sessions)."""
+        while True:
+            async with self._turn:
+                entry = await _settled(self._log.pop())
+            if entry is None:
+                return None
+            item = self._decode(entry)
+            if item is not None:
+                return item
+
+    async def clear_session(self) -> None:
+        """Remove the session and all its items."""
+        async with self._turn:
+            await _settled(self._log.clear())
+
+    async def aclose(self) -> None:
+        """Close the store if this session opened it (a URL, or :meth:`from_env`)."""
+        if self._owns_store:
+            self._owns_store = False
+            await self._store.aclose()
+
+    async def __aenter__(self) -> FastSession:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _latest(self, entries: list[bytes], wanted: int | None) -> list[TResponseInputItem]:
+        # Newest first until enough readable items: a limit counts items, not damaged entries.
+        items: list[TResponseInputItem] = []
+        for entry in reversed(entries):
+            if wanted is not None and len(items) >= wanted:
+                break
+            item = self._decode(entry)
+            if item is not None:
+                items.append(item)
+        items.reverse()
+        return items
+
+    def _encode(self, item: object, index: int) -> bytes:
+        if not isinstance(item, dict):
+            raise SerializationError(
+                f"session item {index} must be a dict, got {type(item).__name__}")
+        try:
+            data = _encoder.encode(item)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise SerializationError(
+                f"session item {index} is not JSON ({exc}); nothing was added") from exc
+        if _decoder.decode(data) != item:
+            raise SerializationError(
+                f"session item {index} would not come back as it is (JSON has no tuples, NaN, "
+                f"infinities or non-str keys); nothing was added")
+        return data
+
+    def _decode(self, entry: bytes) -> TResponseInputItem | None:
+        try:
+            item = _decoder.decode(entry)
+        except msgspec.DecodeError as exc:
+            logger.warning("session %r: skipping an unreadable item: %s",
+                           self.session_id[:80], exc)
+            return None
+        if not isinstance(item, dict):
+            logger.warning("session %r: skipping an item that is not a dict",
+                           self.session_id[:80])
+            return None
+        return cast(TResponseInputItem, item)
+
+
+class RunStateStore:
+    """Interrupted Agents SDK runs, kept in fastcheckpoint's approval queue.
+
+    ``store``: a store or store URL (opened here, closed by :meth:`aclose`), or a
+    ``CheckpointManager`` to share. ``ttl_seconds``: each recorded state expires that long
+    after it is recorded (``None``: the manager's default). The run id is yours: it is what
+    ``fastcheckpoint approve RUN`` takes.
+
+    ::
+
+        result = await Runner.run(agent, "Refund order A-17")
+        await approvals.record("order-a17", result)      # PAUSED, waiting for a person
+        # fastcheckpoint approve order-a17 --approver ana  (or reject ... --reason "...")
+        state = await approvals.resume("order-a17", agent)  # None while still waiting
+        result = await Runner.run(agent, state)
+        await approvals.record("order-a17", result)      # COMPLETED (or PAUSED again)
+    """
+
+    def __init__(
+        self,
+        store: CheckpointStore | str | CheckpointManager,
+        *,
+        ttl_seconds: float | None = None,
+        config: CheckpointConfig | None = None,
+    ) -> None:
+        if isinstance(store, CheckpointManager):
+            if config is not None:
+                raise ConfigurationError("pass config to the CheckpointManager, not here")
+            self._manager, self._owns_store = store, False
+        else:
+            settings = adapter_config(config)
+            opened = capable_store(store, settings.retry, "RunStateStore", ())
+            self._owns_store = isinstance(store, str)
+            self._manager = CheckpointManager(opened, settings)
+        self._ttl = (None if ttl_seconds is None
+                     else adapter_ttl(ttl_seconds, self._manager.store))
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, ttl_seconds: float | None = None
+    ) -> RunStateStore:
+        """On the store and settings ``CheckpointManager.from_env`` reads; owns the store."""
+        approvals = cls(CheckpointManager.from_env(environ), ttl_seconds=ttl_seconds)
+        approvals._owns_store = True
+        return approvals
+
+    @property
+    def manager(self) -> CheckpointManager:
+        """The manager over the store: ``get_run``, ``list_runs``, ``approve``, ``reject``."""
+        return self._manager
+
+    async def aclose(self) -> None:
+        """Close the store if this object opened it."""
+        if self._owns_store:
+            self._owns_store = False
+            await self._manager.aclose()
+
+    async def __aenter__(self) -> RunStateStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def record(
+        self,
+        run_id: str,
+        result: RunResult | RunResultStreaming | RunState[Any, Any],
+        *,
+        context_serializer: Any = None,
+    ) -> RunInfo:
+        """Checkpoint ``result``'s state; PAUSED with its pending tool calls as the approval
+        request if it was interrupted, else COMPLETED (with ``final_output`` in the
+        checkpoint).
+
+        ``context_serializer`` goes to ``RunState.to_json`` (for a context that is not a
+        mapping). :class:`ConflictError` if the run already waits for a decision or is
+        finished.
+        """
+        state = result if isinstance(result, RunState) else result.to_state()
+        pending = state.get_interruptions()
+        body: dict[str, Any] = {"framework": FRAMEWORK,
+                                "run_state": _state_json(state, context_serializer)}
+        if not pending and not isinstance(result, RunState):
+            body["final_output"] = _output_text(result.final_output)
+        checkpoint = await self._manager.create(
+            run_id, body, step_name="interrupted" if pending else "finished",
+            ttl_seconds=self._ttl, force=True)
+        assert checkpoint is not None  # forced: never throttled
+        if not pending:
+            finished = await self._manager.mark_completed(run_id)
+            if finished is None:  # expired the moment it was written
+                raise CheckpointNotFound(f"run {run_id!r} is gone")
+            return finished
+        # The tool calls first: the queue (``fastcheckpoint runs --status paused``) shows the
+        # request's beginning.
+        return await self._manager.pause(run_id, request={
+            "tool_calls": [_described(item) for item in pending],
+            "checkpoint_id": checkpoint.checkpoint_id,
+            "framework": FRAMEWORK,
+        })
+
+    async def resume(
+        self,
+        run_id: str,
+        agent: Agent[Any],
+        *,
+        context_override: Any = None,
+        context_deserializer: Any = None,
+    ) -> RunState[Any, Agent[Any]] | None:
+        """The recorded state with the decision applied to each pending tool call, ready for
+        ``Runner.run(agent, state)``; ``None`` while the run still waits for a decision.
+
+        Approved: every pending call is approved. Rejected: every one is rejected, and the
+        reviewer's ``reason`` (when given) is what the model is told. The decision is claimed
+        once: a second ``resume`` of it raises :class:`ConflictError` (after :meth:`fail`, it
+        may be resumed again). :class:`CheckpointNotFound` if there is no such run.
+        ``context_override`` and ``context_deserializer`` go to ``RunState.from_json``.
+        """
+        run = await self._manager.get_run(run_id)
+        if run is None:
+            raise CheckpointNotFound(f"no run {run_id!r}")
+        if run.status is CheckpointStatus.PAUSED:
+            return None
+        approval = _decided(run)
+        state = await self._load(run_id, approval, agent, context_override, context_deserializer)
+        await self._claim(run_id, approval)
+        reason = approval.get("reason") or None
+        for item in state.get_interruptions():
+            if approval["decision"] == "approved":
+                state.approve(item)
+            else:
+                state.reject(item, rejection_message=reason)
+        return state
+
+    async def fail(self, run_id: str, error: str = "") -> RunInfo | None:
+        """FAILED with ``error`` (from ACTIVE or PAUSED, like ``mark_failed``): for a resumed
+        run that could not finish, whose decision may then be resumed again. ``None`` if
+        there is no such run."""
+        error = text_arg("error", error)
+
+        def release(data: RunData, now: float) -> None:
+            data.error = error
+            if data.approval is not None:
+                data.approval.pop("resumed_at", None)
+
+        return await self._manager._transition(
+            run_id, CheckpointStatus.FAILED,
+            allowed={CheckpointStatus.ACTIVE, CheckpointStatus.PAUSED},
+            note=error, update=release)
+
+    async def _load(
+        self,
+        run_id: str,
+        approval: dict[str, Any],
+        agent: Agent[Any],
+        context_override: Any,
+        context_deserializer: Any,
+    ) -> RunState[Any, Agent[Any]]:
+        request = approval.get("request") or {}
+        checkpoint_id = request.get("checkpoint_id")
+        checkpoint = (await self._manager.restore_from(checkpoint_id)
+                      if isinstance(checkpoint_id, str) else None)
+        if checkpoint is None:
+            raise CheckpointNotFound(
+                f"run {run_id!r}: the state its approval request names is gone "
+                f"({checkpoint_id!r:.60})")
+        data = checkpoint.state.get("run_state")
+        if not isinstance(data, dict):
+            raise CorruptCheckpointError("not a recorded Agents SDK run state",
+                                         key=checkpoint.checkpoint_id)
+        try:
+            return await RunState.from_json(
+                agent, data, context_override=context_override,
+                context_deserializer=context_deserializer)
+        except Exception as exc:
+            raise SerializationError(
+                f"run {run_id!r}: cannot rebuild its RunState with agent {agent.name!r}: "
+                f"{exc}") from exc
+
+    async def _claim(self, run_id: str, approval: dict[str, Any]) -> None:
+        requested_at = approval.get("requested_at")
+
+        def unclaimed(data: RunData) -> None:
+            current = data.approval or {}
+            if current.get("requested_at") != requested_at or "decision" not in current:
+                raise ConflictError(f"run {run_id!r} changed since it was read; resume again")
+            if "resumed_at" in current:
+                raise ConflictError(f"run {run_id!r}: its decision was resumed already")
+
+        def claim(data: RunData, now: float) -> None:
+            data.approval = {**(data.approval or {}), "resumed_at": now}
+
+        await self._manager._transition(
+            run_id, CheckpointStatus.ACTIVE,
+            allowed={CheckpointStatus.ACTIVE, CheckpointStatus.REJECTED,
+                     CheckpointStatus.FAILED},
+            note=f"resumed after the request was {approval['decision']}",
+            update=claim, guard=unclaimed, must_exist=True)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+async def _settled(mutation: Awaitable[_T]) -> _T:
+    """Await a store mutation to its end even if the caller is cancelled meanwhile, so a
+    cancelled ``add_items`` or ``clear_session`` happened or did not, never "maybe"; the
+    cancellation is raised afterwards."""
+    task = asyncio.ensure_future(mutation)
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.wait((task,))
+        except asyncio.CancelledError as exc:
+            cancelled = cancelled or exc
+    if cancelled is not None:
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller gets its cancellation instead
+        raise cancelled
+    return task.result()
+
+
+def _ttl(ttl_seconds: object, config: CheckpointConfig, store: CheckpointStore) -> float | None:
+    if ttl_seconds is None and config.default_ttl_seconds is not None:
+        return config.default_ttl_seconds
+    return adapter_ttl(ttl_seconds, store)
+
+
+def _session_settings(value: object) -> SessionSettings:
+    if value is None:
+        return SessionSettings()
+    if isinstance(value, SessionSettings):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return coerce_session_settings(dict(value))
+        except Exception as exc:
+            raise ConfigurationError(f"invalid session_settings: {exc}") from exc
+    raise ConfigurationError(
+        f"session_settings must be a SessionSettings or a dict, got {type(value).__name__}")
+
+
+def _state_json(state: RunState[Any, Any], context_serializer: Any) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = state.to_json(context_serializer=context_serializer)
+    except Exception as exc:
+        raise SerializationError(f"cannot serialize the RunState: {exc}") from exc
+    return data
+
+
+def _output_text(output: object) -> str | None:
+    if output is None or isinstance(output, str):
+        return output
+    dump = getattr(output, "model_dump_json", None)
+    return dump() if callable(dump) else repr(output)
+
+
+def _described(item: ToolApprovalItem) -> dict[str, Any]:
+    """One pending tool call as a reviewer reads it: the arguments as JSON when they are."""
+    return {"tool": item.qualified_name, "arguments": _arguments(item.arguments),
+            "call_id": item.call_id, "agent": item.agent.name}
+
+
+def _arguments(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return request_arg({"arguments": _decoder.decode(text)})["arguments"]
+    except (msgspec.DecodeError, ValidationError):
+        return text  # not JSON: the reviewer sees the text
+
+
+def _decided(run: RunInfo) -> dict[str, Any]:
+    approval = run.approval or {}
+    if approval.get("decision") not in ("approved", "rejected"):
+        raise ConflictError(
+            f"run {run.run_id!r} has no decision to resume (it is {run.status.value}); "
+            f"record an interrupted result first")
+    if "resumed_at" in approval:
+        raise ConflictError(f"run {run.run_id!r}: its decision was resumed already")
+    return approval
