@@ -45,13 +45,17 @@ _T = TypeVar("_T")
 class BlockingManager:
     """:class:`~fastcheckpoint.CheckpointManager` with blocking methods; see the module
     docstring. Built from a manager, a store or a store URL (``config`` applies to the last
-    two)."""
+    two). With ``own_loop`` it never uses the loop running where it is built and always runs
+    on a loop thread of its own: for frameworks that call synchronous interfaces from their
+    event loop's own thread (CrewAI does), where a call bound to that loop would wait for
+    itself."""
 
     def __init__(
         self,
         target: CheckpointManager | CheckpointStore | str,
         *,
         config: CheckpointConfig | None = None,
+        own_loop: bool = False,
     ) -> None:
         if isinstance(target, CheckpointManager):
             if config is not None:
@@ -62,7 +66,8 @@ class BlockingManager:
             store = open_store(target, retry=settings.retry) if isinstance(target, str) else target
             self._manager = CheckpointManager(store, config=settings)
         self._bridge = LoopBridge("the blocking manager")
-        self._bridge.bind()
+        if not own_loop:
+            self._bridge.bind()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> BlockingManager:

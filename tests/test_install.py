@@ -420,6 +420,7 @@ NO_FRAMEWORK = """
     ("fastcheckpoint.integrations.agent_framework", "agent-framework"),
     ("fastcheckpoint.integrations.pydantic_ai", "pydantic-ai"),
     ("fastcheckpoint.integrations.openai_agents", "openai-agents"),
+    ("fastcheckpoint.integrations.crewai", "crewai"),
 ])
 def test_an_adapter_without_its_extra_names_the_install_command(
     venvs: dict[str, Venv], module: str, extra: str

@@ -4,6 +4,8 @@ Each integration lives in its own module and imports its framework only there, s
 ``import fastcheckpoint`` never needs one; each module names its extra when the framework is
 missing:
 
+* ``fastcheckpoint.integrations.crewai``: ``FastFlowPersistence``, CrewAI's flow
+  persistence, pending feedback in the approval queue (extra ``crewai``).
 * ``fastcheckpoint.integrations.langgraph``: ``FastCheckpointSaver`` (extra ``langgraph``).
 * ``fastcheckpoint.integrations.agent_framework``: ``FastCheckpointStorage``, Microsoft Agent
   Framework's workflow checkpoint storage (extra ``agent-framework``).

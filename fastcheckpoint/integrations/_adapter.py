@@ -16,7 +16,8 @@ from fastcheckpoint.stores import (
     open_store,
 )
 
-__all__ = ["adapter_config", "adapter_ttl", "capable_store"]
+__all__ = ["adapter_config", "adapter_ttl", "capable_store", "checked_keep_latest",
+           "checked_ttl"]
 
 
 def adapter_config(config: object, default: CheckpointConfig | None = None) -> CheckpointConfig:
@@ -58,9 +59,28 @@ def adapter_ttl(ttl_seconds: object, store: CheckpointStore) -> float | None:
         if isinstance(store, SupportsDefaultTTL):
             return store.default_ttl_seconds
         return None
+    return checked_ttl(ttl_seconds)
+
+
+def checked_ttl(ttl_seconds: object) -> float | None:
+    """A ``ttl_seconds`` argument: ``None`` or a finite number > 0, else
+    :class:`ConfigurationError`."""
+    if ttl_seconds is None:
+        return None
     if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)) or not (
         math.isfinite(ttl_seconds) and ttl_seconds > 0
     ):
         raise ConfigurationError(
             f"ttl_seconds must be None or a finite number > 0, got {ttl_seconds!r:.40}")
     return float(ttl_seconds)
+
+
+def checked_keep_latest(keep_latest: object) -> int | None:
+    """A ``keep_latest`` argument: ``None`` or an integer >= 1, else
+    :class:`ConfigurationError`."""
+    if keep_latest is None:
+        return None
+    if isinstance(keep_latest, bool) or not isinstance(keep_latest, int) or keep_latest < 1:
+        raise ConfigurationError(
+            f"keep_latest must be None or an integer >= 1, got {keep_latest!r:.40}")
+    return keep_latest

@@ -50,7 +50,12 @@ from fastcheckpoint.errors import (
     ValidationError,
 )
 from fastcheckpoint.integrations import _langgraph_records as records
-from fastcheckpoint.integrations._adapter import adapter_config, adapter_ttl, capable_store
+from fastcheckpoint.integrations._adapter import (
+    adapter_config,
+    adapter_ttl,
+    capable_store,
+    checked_keep_latest,
+)
 from fastcheckpoint.integrations._langgraph_records import (
     LANGGRAPH_LABEL,
     ItemCodec,
@@ -179,7 +184,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         settings = adapter_config(config, CheckpointConfig(max_checkpoints_per_run=None))
         capable = capable_store(store, settings.retry, "the LangGraph saver")
         ttl = adapter_ttl(ttl_seconds, capable)
-        _check_keep_latest(keep_latest)
+        checked_keep_latest(keep_latest)
         manager = CheckpointManager(capable, config=dataclasses.replace(
             settings, default_ttl_seconds=ttl, max_checkpoints_per_run=keep_latest))
         codec = Codec(compress_min_bytes=settings.compress_min_bytes)
@@ -1451,13 +1456,5 @@ def _conflict_head(conflict: SequenceConflict) -> tuple[int, str] | None:
 
 
 # -- construction ------------------------------------------------------------------------------
-
-
-def _check_keep_latest(keep_latest: object) -> None:
-    if keep_latest is None:
-        return
-    if isinstance(keep_latest, bool) or not isinstance(keep_latest, int) or keep_latest < 1:
-        raise ConfigurationError(
-            f"keep_latest must be None or an integer >= 1, got {keep_latest!r:.40}")
 
 

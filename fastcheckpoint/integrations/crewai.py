@@ -1,0 +1,391 @@
+"""CrewAI flows: flow state and pending human feedback on any fastcheckpoint store.
+
+``FastFlowPersistence`` is a ``crewai.flow.persistence.FlowPersistence``: pass it to
+``@persist(...)`` or ``Flow(persistence=...)``. A flow is one fastcheckpoint run whose run id
+is the flow's id (``state.id``), so ``fastcheckpoint show <flow id>``, ``history`` and
+``export`` read it. Each ``save_state`` is one checkpoint named after the method that
+finished; ``load_state`` restores the newest live one.
+
+A flow that pauses for human feedback (``@human_feedback`` with a provider that raises
+``HumanFeedbackPending``) is PAUSED in the approval queue, with the feedback request as its
+approval request: ``fastcheckpoint runs --status paused`` lists it, and ``approve`` or
+``reject`` decide it. ``Flow.from_pending(flow_id, persistence)`` loads it back (before or
+after a decision) until the resumed flow has gone on; :meth:`FastFlowPersistence.feedback`
+turns a reviewer's decision into the text for ``Flow.resume``. A flow resumed without a
+reviewer (``flow.resume(text)`` from your own handler) leaves the queue approved by
+``crewai``.
+
+Every call blocks on :class:`fastcheckpoint.blocking.BlockingManager`. Costs in store calls:
+``save_state`` 1 (2 the first time this object writes a flow, or after another process
+did), ``load_state`` 1, ``save_pending_feedback`` 3 (the checkpoint, then the status change:
+read and update), ``load_pending_feedback`` 2, ``clear_pending_feedback`` 1, plus 2 when the
+run is still PAUSED and 2 when the resumed method saved no checkpoint of its own.
+
+Needs ``pip install 'fastcheckpoint[crewai]'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from fastcheckpoint._config import CheckpointConfig
+from fastcheckpoint._manager import CheckpointManager
+from fastcheckpoint._model import CheckpointStatus, RunInfo
+from fastcheckpoint.blocking import BlockingManager
+from fastcheckpoint.errors import (
+    CheckpointNotFound,
+    ConfigurationError,
+    ConflictError,
+    CorruptCheckpointError,
+    SerializationError,
+    ValidationError,
+)
+from fastcheckpoint.integrations._adapter import checked_keep_latest, checked_ttl
+from fastcheckpoint.stores import CheckpointStore
+
+try:
+    from crewai.flow.async_feedback.types import (  # type: ignore[import-not-found, unused-ignore]
+        PendingFeedbackContext,
+    )
+    from crewai.flow.persistence.base import (  # type: ignore[import-not-found, unused-ignore]
+        FlowPersistence,
+    )
+    from pydantic import BaseModel, Field, PrivateAttr
+    from pydantic import ValidationError as PydanticValidationError
+    from pydantic_core import PydanticSerializationError
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ConfigurationError(
+        "fastcheckpoint.integrations.crewai needs CrewAI: "
+        "pip install 'fastcheckpoint[crewai]'") from exc
+
+__all__ = ["ANSWERED_TAG", "FRAMEWORK", "REQUESTED_TAG", "FastFlowPersistence"]
+
+FRAMEWORK = "crewai"
+"""``framework`` of the approval requests this module makes, and the approver it records
+when a flow is resumed without a reviewer."""
+REQUESTED_TAG = "crewai:feedback-requested"
+"""Tag of the checkpoint saved with a feedback request (the state the flow resumes from)."""
+ANSWERED_TAG = "crewai:feedback-answered"
+"""Tag of the checkpoint that ends a request when the resumed method saved none."""
+_ANSWERED_COMMENT = "feedback given through Flow.resume"
+_SUPERSEDED_COMMENT = "superseded by a newer feedback request of the flow"
+_json_decoder = msgspec.json.Decoder()
+
+
+class FastFlowPersistence(FlowPersistence):  # type: ignore[misc, unused-ignore]
+    """CrewAI flow persistence on a fastcheckpoint store (or a store URL).
+
+    ``ttl_seconds``: every checkpoint expires that long after it is saved, and a flow with
+    it (``None``: the config's ``default_ttl_seconds``, else the store's default, else
+    never). ``keep_latest``: each flow keeps its newest N checkpoints (``None`` keeps all).
+    ``config``: clock, retry policy and the other manager settings.
+
+    Built from a URL, the persistence serializes as that URL (CrewAI's flow definitions
+    rebuild it from ``{"persistence_type": "FastFlowPersistence", "url": ...}``); rebuilt
+    without one, it opens the store ``FASTCHECKPOINT_URL`` names. :meth:`close` closes the
+    store (a store closes only what it created).
+
+    Errors are :class:`~fastcheckpoint.CheckpointError` subclasses; a state that is neither
+    a dict nor a pydantic model is a :class:`~fastcheckpoint.ValidationError`, which is a
+    ``ValueError`` as CrewAI's own backends raise. Inside a flow CrewAI wraps a failed
+    ``save_state`` in its ``RuntimeError``.
+    """
+
+    persistence_type: str = Field(default="FastFlowPersistence")
+    url: str | None = Field(default=None, repr=False,
+                            description="the store URL, when built from one")
+    ttl_seconds: float | None = Field(default=None)
+    keep_latest: int | None = Field(default=None)
+    _blocking: BlockingManager | None = PrivateAttr(default=None)
+    _config: CheckpointConfig | None = PrivateAttr(default=None)
+    _closed: bool = PrivateAttr(default=False)
+
+    def __init__(
+        self,
+        store: CheckpointStore | str | None = None,
+        /,
+        *,
+        ttl_seconds: float | None = None,
+        keep_latest: int | None = None,
+        config: CheckpointConfig | None = None,
+        **fields: Any,
+    ) -> None:
+        checked_ttl(ttl_seconds)
+        checked_keep_latest(keep_latest)
+        if config is not None and not isinstance(config, CheckpointConfig):
+            raise ConfigurationError(
+                f"config must be a CheckpointConfig, got {type(config).__name__}")
+        if isinstance(store, str):
+            fields["url"] = store
+        try:
+            super().__init__(ttl_seconds=ttl_seconds, keep_latest=keep_latest, **fields)
+        except PydanticValidationError as exc:
+            raise ConfigurationError(f"invalid FastFlowPersistence settings: {exc}") from exc
+        self._config = config
+        if store is None or isinstance(store, str):
+            self.init_db()
+        else:
+            self._blocking = BlockingManager(
+                store, config=self._settings(config or CheckpointConfig()), own_loop=True)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> FastFlowPersistence:
+        """The store and settings ``CheckpointManager.from_env`` reads: ``FASTCHECKPOINT_URL``
+        (or ``CHECKPOINT_MODE``), ``CHECKPOINT_TTL_DAYS`` or
+        ``FASTCHECKPOINT_DEFAULT_TTL_SECONDS`` for ``ttl_seconds``, and
+        ``FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN`` for ``keep_latest`` (only when set: a
+        flow keeps its whole history by default)."""
+        env = os.environ if environ is None else environ
+        manager = CheckpointManager.from_env(env)
+        keep = (manager.config.keep_latest
+                if "FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN" in env else None)
+        return cls(manager.store, ttl_seconds=manager.config.default_ttl_seconds,
+                   keep_latest=keep, config=manager.config)
+
+    @property
+    def manager(self) -> BlockingManager:
+        """The blocking manager over the store: ``get_run``, ``list_runs``, ``approve``,
+        ``reject``, ``export_run``."""
+        return self._opened()
+
+    def close(self) -> None:
+        """Close the store and stop the manager's loop thread; later calls raise
+        :class:`ConfigurationError`. Safe to call twice."""
+        self._closed = True
+        blocking, self._blocking = self._blocking, None
+        if blocking is not None:
+            blocking.close()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FastFlowPersistence:
+        # A handle on a store, like a connection: copies of a flow share it.
+        return self
+
+    # -- FlowPersistence ------------------------------------------------------------------
+
+    def init_db(self) -> None:
+        """Open the store: the URL given, else the one ``FASTCHECKPOINT_URL`` names. Nothing
+        is created here; provision a store with ``fastcheckpoint init URL``."""
+        self._opened()
+
+    def save_state(
+        self, flow_uuid: str, method_name: str, state_data: dict[str, Any] | BaseModel
+    ) -> None:
+        """One checkpoint of the flow's run, named after the method that finished."""
+        self._opened().create(flow_uuid, _state_dict(state_data), step_name=method_name,
+                              force=True)
+
+    def load_state(self, flow_uuid: str) -> dict[str, Any] | None:
+        """The state of the flow's newest live checkpoint, or ``None``."""
+        checkpoint = self._opened().restore(flow_uuid)
+        return None if checkpoint is None else checkpoint.state
+
+    def save_pending_feedback(
+        self,
+        flow_uuid: str,
+        context: PendingFeedbackContext,
+        state_data: dict[str, Any] | BaseModel,
+    ) -> None:
+        """Checkpoint the state, then PAUSE the run with the feedback request (the context
+        as JSON, with the checkpoint's id) as its approval request.
+
+        A request still waiting is superseded (approved by ``crewai``, then paused again).
+        :class:`ConflictError` if the run was rejected: a rejection ends the run in the
+        approval queue, so the flow cannot wait there again.
+        """
+        blocking = self._opened()
+        request = _request_of(context)
+        checkpoint = blocking.create(flow_uuid, _state_dict(state_data),
+                                     step_name=context.method_name, tags=[REQUESTED_TAG],
+                                     force=True)
+        assert checkpoint is not None  # forced: never throttled
+        request.update(framework=FRAMEWORK, checkpoint_id=checkpoint.checkpoint_id,
+                       sequence=checkpoint.metadata.sequence)
+        self._pause(flow_uuid, request)
+
+    def load_pending_feedback(
+        self, flow_uuid: str
+    ) -> tuple[dict[str, Any], PendingFeedbackContext] | None:
+        """The state saved with the flow's feedback request and its context, while the
+        request waits or is decided but the resumed flow has not gone on; else ``None``."""
+        blocking = self._opened()
+        run = blocking.get_run(flow_uuid)
+        request = _pending_request(run)
+        if request is None:
+            return None
+        checkpoint = blocking.restore_from(request["checkpoint_id"])
+        if checkpoint is None:
+            raise CheckpointNotFound(
+                f"flow {flow_uuid!r}: the state saved with its feedback request is gone")
+        try:
+            context = PendingFeedbackContext.from_dict(_context_dict(request))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptCheckpointError(f"not a CrewAI feedback request: {exc}",
+                                         key=f"run {flow_uuid!r}") from exc
+        return checkpoint.state, context
+
+    def clear_pending_feedback(self, flow_uuid: str) -> None:
+        """End the flow's feedback request: a run still PAUSED is approved by ``crewai``, and
+        a checkpoint tagged ``crewai:feedback-answered`` marks the request answered when the
+        resumed method saved none."""
+        blocking = self._opened()
+        run = blocking.get_run(flow_uuid)
+        request = _crewai_request(run)
+        if run is None or request is None:
+            return
+        if run.status is CheckpointStatus.PAUSED:
+            run = self._answered(flow_uuid, run)
+        if run.latest_sequence != request.get("sequence"):
+            return
+        checkpoint = blocking.restore_from(request["checkpoint_id"])
+        if checkpoint is not None:
+            blocking.create(flow_uuid, checkpoint.state, step_name=checkpoint.metadata.step_name,
+                            tags=[ANSWERED_TAG], force=True)
+
+    # -- reviewers ------------------------------------------------------------------------
+
+    def feedback(self, flow_uuid: str) -> str | None:
+        """A reviewer's decision on the flow's pending request, as the text to pass to
+        ``Flow.resume``: ``"approved"`` or ``"rejected"``, followed by ``": "`` and the
+        comment or reason when one was given. ``None`` while the request waits for a
+        decision, or when the flow has no pending request."""
+        run = self._opened().get_run(flow_uuid)
+        if run is None or _pending_request(run) is None:
+            return None
+        approval = run.approval or {}
+        decision = approval.get("decision")
+        if decision not in ("approved", "rejected"):
+            return None
+        note = approval.get("comment" if decision == "approved" else "reason") or ""
+        return f"{decision}: {note}" if note else str(decision)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _opened(self) -> BlockingManager:
+        if self._closed:
+            raise ConfigurationError("this FastFlowPersistence is closed")
+        if self._blocking is None:
+            if self.url is None:
+                manager = CheckpointManager.from_env()
+                self._blocking = BlockingManager(
+                    manager.store, config=self._settings(manager.config), own_loop=True)
+            else:
+                self._blocking = BlockingManager(
+                    self.url, config=self._settings(self._config or CheckpointConfig()),
+                    own_loop=True)
+        return self._blocking
+
+    def _settings(self, base: CheckpointConfig) -> CheckpointConfig:
+        """``base`` with this object's TTL (when set) and pruning limit."""
+        ttl = checked_ttl(self.ttl_seconds)
+        return dataclasses.replace(
+            base,
+            default_ttl_seconds=base.default_ttl_seconds if ttl is None else ttl,
+            max_checkpoints_per_run=checked_keep_latest(self.keep_latest))
+
+    def _pause(self, flow_uuid: str, request: dict[str, Any]) -> None:
+        blocking = self._opened()
+        try:
+            blocking.pause(flow_uuid, request)
+            return
+        except ConflictError as exc:
+            waiting = blocking.get_run(flow_uuid)
+            if waiting is None or waiting.status is not CheckpointStatus.PAUSED or (
+                _crewai_request(waiting) is None
+            ):
+                status = "gone" if waiting is None else waiting.status.value
+                raise ConflictError(
+                    f"flow {flow_uuid!r} cannot wait for feedback in the approval queue: its "
+                    f"run is {status}, and only an active run (or one waiting for an earlier "
+                    "request of the flow) can be paused; a rejected run is finished there"
+                ) from exc
+        blocking.approve(flow_uuid, approver=FRAMEWORK, comment=_SUPERSEDED_COMMENT,
+                         requested_at=(waiting.approval or {}).get("requested_at"))
+        blocking.pause(flow_uuid, request)
+
+    def _answered(self, flow_uuid: str, run: RunInfo) -> RunInfo:
+        """The run after approving its waiting request for the flow that was resumed; a
+        reviewer who decided meanwhile wins."""
+        blocking = self._opened()
+        try:
+            return blocking.approve(flow_uuid, approver=FRAMEWORK, comment=_ANSWERED_COMMENT,
+                                    requested_at=(run.approval or {}).get("requested_at"))
+        except ConflictError:
+            now = blocking.get_run(flow_uuid)
+            if now is None or now.status is CheckpointStatus.PAUSED:
+                raise
+            return now
+
+
+def _crewai_request(run: RunInfo | None) -> dict[str, Any] | None:
+    """The run's latest approval request, if this module made it."""
+    request = None if run is None or run.approval is None else run.approval.get("request")
+    if isinstance(request, dict) and request.get("framework") == FRAMEWORK:
+        return request
+    return None
+
+
+def _pending_request(run: RunInfo | None) -> dict[str, Any] | None:
+    """The run's feedback request while the flow has not gone on past it: no checkpoint
+    came after the one saved with it."""
+    request = _crewai_request(run)
+    if run is None or request is None or run.latest_sequence != request.get("sequence"):
+        return None
+    if not isinstance(request.get("checkpoint_id"), str):
+        raise CorruptCheckpointError("a CrewAI feedback request without its checkpoint id",
+                                     key=f"run {run.run_id!r}")
+    return request
+
+
+def _state_dict(state_data: object) -> dict[str, Any]:
+    """The state as CrewAI's backends store it: a model as its JSON dump, a dict as is."""
+    if isinstance(state_data, BaseModel):
+        try:
+            return state_data.model_dump(mode="json")
+        except PydanticSerializationError:
+            return state_data.model_dump()
+    if isinstance(state_data, dict):
+        return state_data
+    raise ValidationError(
+        f"state_data must be a pydantic BaseModel or a dict, got {type(state_data).__name__}")
+
+
+def _request_of(context: PendingFeedbackContext) -> dict[str, Any]:
+    """The feedback context as an approval request. Its trace ids are 128-bit integers,
+    which JSON readers cannot all hold: they are kept as decimal text."""
+    request = _json_value(context.to_dict(), "the feedback context")
+    trace = request.get("trace_context")
+    if isinstance(trace, list):
+        request["trace_context"] = [str(part) for part in trace]
+    return request
+
+
+def _context_dict(request: dict[str, Any]) -> dict[str, Any]:
+    """What ``PendingFeedbackContext.from_dict`` reads, from an approval request."""
+    trace = request.get("trace_context")
+    if isinstance(trace, list) and all(isinstance(part, str) for part in trace):
+        return {**request, "trace_context": [int(part) for part in trace]}
+    return request
+
+
+def _json_value(value: dict[str, Any], what: str) -> dict[str, Any]:
+    """``value`` as JSON values (approval requests hold nothing else): models as their JSON
+    dump, anything else JSON has no type for as its text, as CrewAI's SQLite backend does."""
+    try:
+        decoded: dict[str, Any] = _json_decoder.decode(msgspec.json.encode(value,
+                                                                           enc_hook=_jsonable))
+    except (msgspec.EncodeError, TypeError, ValueError, OverflowError) as exc:
+        raise SerializationError(f"{what} cannot be written as JSON: {exc}") from exc
+    return decoded
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return str(value)
+
+

@@ -1,0 +1,36 @@
+"""A store that counts the calls the persistence makes, for the cost tests."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+
+class CountingStore:
+    """Forwards every call of the store protocol to ``inner`` and counts them by method."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls: Counter[str] = Counter()
+
+    def take(self) -> dict[str, int]:
+        """The calls counted since the last ``take``."""
+        counted = dict(self.calls)
+        self.calls.clear()
+        return counted
+
+
+def _forwarding(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+    async def forward(self: CountingStore, *args: Any, **kwargs: Any) -> Any:
+        self.calls[name] += 1
+        return await getattr(self.inner, name)(*args, **kwargs)
+
+    forward.__name__ = name
+    return forward
+
+
+for _name in ("append", "get", "latest", "headers", "delete", "delete_run", "get_run",
+              "update_run", "list_runs", "count_runs", "put_items", "get_items", "scan_items",
+              "delete_items", "purge_expired", "aclose"):
+    setattr(CountingStore, _name, _forwarding(_name))

@@ -1,0 +1,592 @@
+"""FastFlowPersistence against CrewAI's current release: the FlowPersistence contract on each
+store, real flows (restored in a new process), pending feedback through the approval queue
+and the command line, TTL on a moved clock, and the errors it raises."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from crewai.flow.async_feedback.types import HumanFeedbackPending, PendingFeedbackContext
+from crewai.flow.flow import Flow, start
+from crewai.flow.persistence import FlowPersistence, persist
+from crewai.flow.persistence.base import _persistence_registry
+from pydantic import BaseModel
+
+from fastcheckpoint import (
+    CheckpointConfig,
+    CheckpointError,
+    CheckpointStatus,
+    ConfigurationError,
+    ConflictError,
+    MemoryStore,
+    SerializationError,
+    ValidationError,
+)
+from fastcheckpoint.integrations.crewai import (
+    ANSWERED_TAG,
+    FRAMEWORK,
+    REQUESTED_TAG,
+    FastFlowPersistence,
+)
+
+from ._support import CountingStore
+from .flow_worker import counter_flow, review_flow
+
+HERE = Path(__file__).resolve().parent
+CHECKOUT = HERE.parents[2]
+WORKER = HERE / "flow_worker.py"
+TRACE = (201640978158458407664287636097305410089, 4293339474153934709)
+SUBPROCESS_SECONDS = 120
+
+
+class Clock:
+    """The manager's clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Order(BaseModel):
+    id: str = ""
+    placed: datetime = datetime(2026, 12, 3, 7, 30, tzinfo=timezone.utc)
+    ref: uuid.UUID = uuid.UUID(int=17)
+    items: list[str] = []
+
+
+@pytest.fixture
+def persistence(store_url: str) -> Iterator[FastFlowPersistence]:
+    opened = FastFlowPersistence(store_url)
+    yield opened
+    opened.close()
+
+
+def flow_id() -> str:
+    return str(uuid.uuid4())
+
+
+def feedback_context(flow: str, *, method: str = "review") -> PendingFeedbackContext:
+    return PendingFeedbackContext(
+        flow_id=flow, flow_class="tests.ReviewFlow", method_name=method,
+        method_output={"draft": "refund A-17", "amount": 120.5}, message="Send it?",
+        emit=["approved", "rejected"], default_outcome="rejected", metadata={"ticket": 7},
+        requested_at=datetime(2026, 12, 3, 9, 0), execution_uuid="exec-1", trace_context=TRACE)
+
+
+# -- the FlowPersistence contract, on every store ----------------------------------------------
+
+
+def test_is_a_flow_persistence_registered_by_name(persistence: FastFlowPersistence) -> None:
+    assert isinstance(persistence, FlowPersistence)
+    assert _persistence_registry["FastFlowPersistence"] is FastFlowPersistence
+    assert persistence.persistence_type == "FastFlowPersistence"
+
+
+def test_save_state_checkpoints_each_method_and_load_state_restores_the_latest(
+    persistence: FastFlowPersistence,
+) -> None:
+    flow = flow_id()
+    assert persistence.load_state(flow) is None
+    persistence.save_state(flow, "plan", {"id": flow, "step": 1, "raw": b"\x00", "pair": (1, 2)})
+    persistence.save_state(flow, "act", {"id": flow, "step": 2, "raw": b"\x01", "pair": (3, 4)})
+
+    assert persistence.load_state(flow) == {"id": flow, "step": 2, "raw": b"\x01",
+                                            "pair": (3, 4)}
+    listed = persistence.manager.list_checkpoints(flow)
+    assert [(item.sequence, item.step_name) for item in listed] == [(1, "act"), (0, "plan")]
+    run = persistence.manager.get_run(flow)
+    assert run is not None
+    assert (run.run_id, run.status) == (flow, CheckpointStatus.ACTIVE)
+    assert persistence.load_state(flow_id()) is None
+
+
+def test_a_model_state_is_stored_as_its_json_dump(persistence: FastFlowPersistence) -> None:
+    flow = flow_id()
+    persistence.save_state(flow, "place", Order(id=flow, items=["book"]))
+
+    assert persistence.load_state(flow) == {
+        "id": flow, "placed": "2026-12-03T07:30:00Z",
+        "ref": "00000000-0000-0000-0000-000000000011", "items": ["book"]}
+    assert Order.model_validate(persistence.load_state(flow)) == Order(id=flow, items=["book"])
+
+
+def test_pending_feedback_waits_in_the_approval_queue(persistence: FastFlowPersistence) -> None:
+    flow = flow_id()
+    persistence.save_state(flow, "write", {"id": flow, "draft": "v1"})
+    persistence.save_pending_feedback(flow, feedback_context(flow), {"id": flow, "draft": "v2"})
+
+    run = persistence.manager.get_run(flow)
+    assert run is not None
+    assert run.status is CheckpointStatus.PAUSED
+    assert run.approval is not None
+    request = run.approval["request"]
+    assert (request["framework"], request["method_name"], request["message"]) == (
+        FRAMEWORK, "review", "Send it?")
+    assert request["method_output"] == {"draft": "refund A-17", "amount": 120.5}
+    queue = persistence.manager.list_runs(status=CheckpointStatus.PAUSED)
+    assert flow in [item.run_id for item in queue]
+    newest = persistence.manager.list_checkpoints(flow, 1)[0]
+    assert (newest.step_name, newest.tags) == ("review", [REQUESTED_TAG])
+    assert request["checkpoint_id"] == newest.checkpoint_id
+
+    loaded = persistence.load_pending_feedback(flow)
+    assert loaded is not None
+    state, context = loaded
+    assert state == {"id": flow, "draft": "v2"}
+    assert context == feedback_context(flow)
+    assert persistence.feedback(flow) is None  # nobody decided yet
+    assert persistence.load_state(flow) == {"id": flow, "draft": "v2"}
+
+
+def test_a_decision_stays_pending_until_the_resumed_flow_goes_on(
+    persistence: FastFlowPersistence,
+) -> None:
+    flow = flow_id()
+    persistence.save_pending_feedback(flow, feedback_context(flow), {"id": flow})
+    persistence.manager.approve(flow, approver="ana", comment="within policy")
+
+    assert persistence.feedback(flow) == "approved: within policy"
+    assert persistence.load_pending_feedback(flow) is not None
+
+    persistence.save_state(flow, "review", {"id": flow, "sent": True})  # the resumed method
+    persistence.clear_pending_feedback(flow)
+
+    assert persistence.load_pending_feedback(flow) is None
+    assert persistence.feedback(flow) is None
+    run = persistence.manager.get_run(flow)
+    assert run is not None
+    assert (run.status, run.latest_sequence) == (CheckpointStatus.ACTIVE, 1)
+
+
+def test_clear_without_a_reviewer_approves_as_crewai(persistence: FastFlowPersistence) -> None:
+    flow = flow_id()
+    persistence.save_pending_feedback(flow, feedback_context(flow), {"id": flow, "n": 1})
+    persistence.clear_pending_feedback(flow)
+
+    assert persistence.load_pending_feedback(flow) is None
+    run = persistence.manager.get_run(flow)
+    assert run is not None
+    assert run.status is CheckpointStatus.ACTIVE
+    assert run.history[-1].actor == FRAMEWORK
+    newest = persistence.manager.list_checkpoints(flow, 1)[0]
+    assert (newest.step_name, newest.tags) == ("review", [ANSWERED_TAG])
+    assert persistence.load_state(flow) == {"id": flow, "n": 1}
+    persistence.clear_pending_feedback(flow)  # nothing pending: nothing written
+    assert persistence.manager.get_run(flow).latest_sequence == 1  # type: ignore[union-attr]
+
+
+def test_a_newer_request_supersedes_one_still_waiting(persistence: FastFlowPersistence) -> None:
+    flow = flow_id()
+    persistence.save_pending_feedback(flow, feedback_context(flow, method="first"), {"id": flow})
+    persistence.save_pending_feedback(flow, feedback_context(flow, method="second"),
+                                      {"id": flow, "n": 2})
+
+    loaded = persistence.load_pending_feedback(flow)
+    assert loaded is not None
+    assert (loaded[0], loaded[1].method_name) == ({"id": flow, "n": 2}, "second")
+    run = persistence.manager.get_run(flow)
+    assert run is not None
+    assert run.status is CheckpointStatus.PAUSED
+    assert [(change.status, change.actor) for change in run.history] == [
+        (CheckpointStatus.PAUSED, None), (CheckpointStatus.ACTIVE, FRAMEWORK),
+        (CheckpointStatus.PAUSED, None)]
+
+
+def test_a_rejection_is_feedback_and_ends_the_run_in_the_queue(
+    persistence: FastFlowPersistence,
+) -> None:
+    flow = flow_id()
+    persistence.save_pending_feedback(flow, feedback_context(flow), {"id": flow})
+    persistence.manager.reject(flow, approver="ana", reason="needs a manager")
+
+    assert persistence.feedback(flow) == "rejected: needs a manager"
+    assert persistence.load_pending_feedback(flow) is not None
+    persistence.clear_pending_feedback(flow)
+    assert persistence.load_pending_feedback(flow) is None
+    persistence.save_state(flow, "rework", {"id": flow, "n": 2})  # the flow goes on
+    assert persistence.load_state(flow) == {"id": flow, "n": 2}
+
+    with pytest.raises(ConflictError, match="rejected"):
+        persistence.save_pending_feedback(flow, feedback_context(flow), {"id": flow})
+
+
+def test_a_decision_without_a_note_is_the_decision_word(persistence: FastFlowPersistence) -> None:
+    flow = flow_id()
+    persistence.save_pending_feedback(flow, feedback_context(flow), {"id": flow})
+    persistence.manager.approve(flow, approver="ana")
+    assert persistence.feedback(flow) == "approved"
+
+
+def test_approval_requests_of_other_adapters_are_not_feedback(
+    persistence: FastFlowPersistence,
+) -> None:
+    flow = flow_id()
+    persistence.manager.create(flow, {"id": flow})
+    persistence.manager.pause(flow, request={"framework": "openai-agents", "tool_calls": []})
+
+    assert persistence.load_pending_feedback(flow) is None
+    persistence.clear_pending_feedback(flow)
+    with pytest.raises(ConflictError, match="paused"):
+        persistence.save_pending_feedback(flow, feedback_context(flow), {"id": flow})
+    run = persistence.manager.get_run(flow)
+    assert run is not None
+    assert run.status is CheckpointStatus.PAUSED
+    assert run.approval is not None
+    assert run.approval["request"]["framework"] == "openai-agents"
+
+
+def test_copies_of_a_flow_share_the_persistence_and_close_ends_it(store_url: str) -> None:
+    persistence = FastFlowPersistence(store_url)
+    flow = flow_id()
+    persistence.save_state(flow, "plan", {"id": flow})
+    assert copy.deepcopy(persistence) is persistence
+    persistence.close()
+    persistence.close()
+    with pytest.raises(ConfigurationError, match="closed"):
+        persistence.load_state(flow)
+
+
+def test_store_calls_per_operation() -> None:
+    """What the module docstring states: one store call per save and per load in steady
+    state, three for a request, two to load it, and what ending it costs."""
+    store = CountingStore(MemoryStore())
+    persistence = FastFlowPersistence(store)  # type: ignore[arg-type]
+    try:
+        flow = flow_id()
+        persistence.save_state(flow, "plan", {"id": flow})
+        assert sum(store.take().values()) == 1
+        persistence.save_state(flow, "act", {"id": flow})
+        assert store.take() == {"append": 1}
+        persistence.load_state(flow)
+        assert store.take() == {"latest": 1}
+        persistence.save_pending_feedback(flow, feedback_context(flow), {"id": flow})
+        assert store.take() == {"append": 1, "get_run": 1, "update_run": 1}
+        persistence.load_pending_feedback(flow)
+        assert sum(store.take().values()) == 2
+        persistence.feedback(flow)
+        assert store.take() == {"get_run": 1}
+        persistence.clear_pending_feedback(flow)  # still PAUSED, no checkpoint since
+        assert sum(store.take().values()) == 1 + 2 + 2
+
+        other = FastFlowPersistence(store)  # type: ignore[arg-type]
+        try:
+            other.save_state(flow, "elsewhere", {"id": flow})  # another writer of the flow
+            assert sum(store.take().values()) == 2
+        finally:
+            other.close()
+    finally:
+        persistence.close()
+
+
+# -- settings: TTL, pruning, the serialized form ----------------------------------------------
+
+
+def test_ttl_expires_state_and_pending_feedback_on_the_managers_clock(tmp_path: Path) -> None:
+    clock = Clock()
+    persistence = FastFlowPersistence(f"sqlite:///{tmp_path / 'ttl.db'}", ttl_seconds=60,
+                                      config=CheckpointConfig(clock=clock))
+    try:
+        flow, waiting = flow_id(), flow_id()
+        persistence.save_state(flow, "plan", {"id": flow})
+        persistence.save_pending_feedback(waiting, feedback_context(waiting), {"id": waiting})
+        clock.now += 59.9
+        assert persistence.load_state(flow) == {"id": flow}
+        assert persistence.load_pending_feedback(waiting) is not None
+
+        clock.now += 0.1
+        assert persistence.load_state(flow) is None
+        assert persistence.load_pending_feedback(waiting) is None
+        assert persistence.manager.list_runs(status=CheckpointStatus.PAUSED).runs == []
+    finally:
+        persistence.close()
+
+
+def test_keep_latest_prunes_each_flow(tmp_path: Path) -> None:
+    persistence = FastFlowPersistence(f"file://{tmp_path / 'store'}?fsync=false", keep_latest=2)
+    try:
+        flow = flow_id()
+        for step in range(5):
+            persistence.save_state(flow, f"step-{step}", {"id": flow, "step": step})
+        listed = persistence.manager.list_checkpoints(flow)
+        assert [item.step_name for item in listed] == ["step-4", "step-3"]
+        assert persistence.load_state(flow) == {"id": flow, "step": 4}
+    finally:
+        persistence.close()
+
+
+def test_keeps_every_checkpoint_by_default(tmp_path: Path) -> None:
+    persistence = FastFlowPersistence(f"sqlite:///{tmp_path / 'all.db'}")
+    try:
+        flow = flow_id()
+        for step in range(120):  # more than the manager's default limit of 100
+            persistence.save_state(flow, "loop", {"id": flow, "step": step})
+        assert len(persistence.manager.list_checkpoints(flow, 200)) == 120
+    finally:
+        persistence.close()
+
+
+def test_the_serialized_persistence_reopens_its_store(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'flows.db'}"
+    first = FastFlowPersistence(url, ttl_seconds=3600, keep_latest=5)
+    flow = flow_id()
+    first.save_state(flow, "plan", {"id": flow, "step": 1})
+    dumped = first.model_dump(mode="json")
+    first.close()
+    assert dumped == {"persistence_type": "FastFlowPersistence", "url": url,
+                      "ttl_seconds": 3600.0, "keep_latest": 5}
+
+    # what CrewAI does with a flow definition's persistence config
+    rebuilt = _persistence_registry[dumped["persistence_type"]].model_validate(dumped)
+    try:
+        assert rebuilt.load_state(flow) == {"id": flow, "step": 1}
+        rebuilt.save_state(flow, "act", {"id": flow, "step": 2})
+        newest = rebuilt.manager.list_checkpoints(flow, 1)[0]
+        assert newest.ttl_seconds == 3600.0
+    finally:
+        rebuilt.close()
+
+
+def test_from_env_and_a_dict_without_url_open_the_environments_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = f"file://{tmp_path / 'env-store'}?fsync=false"
+    monkeypatch.setenv("FASTCHECKPOINT_URL", url)
+    monkeypatch.setenv("FASTCHECKPOINT_DEFAULT_TTL_SECONDS", "600")
+    from_env = FastFlowPersistence.from_env()
+    flow = flow_id()
+    try:
+        from_env.save_state(flow, "plan", {"id": flow})
+        assert from_env.manager.list_checkpoints(flow)[0].ttl_seconds == 600.0
+    finally:
+        from_env.close()
+    rebuilt = FastFlowPersistence.model_validate({"persistence_type": "FastFlowPersistence"})
+    try:
+        assert rebuilt.load_state(flow) == {"id": flow}
+    finally:
+        rebuilt.close()
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def test_errors_are_checkpoint_errors(persistence: FastFlowPersistence) -> None:
+    with pytest.raises(ValidationError, match="BaseModel or a dict"):
+        persistence.save_state(flow_id(), "plan", ["not", "a", "state"])  # type: ignore[arg-type]
+    assert issubclass(ValidationError, ValueError)  # what CrewAI's backends raise
+    with pytest.raises(ValidationError):
+        persistence.save_state("", "plan", {"id": ""})
+    with pytest.raises(SerializationError, match="state"):
+        persistence.save_state(flow_id(), "plan", {"id": "x", "handle": object()})
+    for call in (persistence.load_state, persistence.load_pending_feedback,
+                 persistence.clear_pending_feedback, persistence.feedback):
+        with pytest.raises(CheckpointError):
+            call(17)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"ttl_seconds": 0}, "ttl_seconds"),
+    ({"ttl_seconds": float("nan")}, "ttl_seconds"),
+    ({"keep_latest": 0}, "keep_latest"),
+    ({"keep_latest": True}, "keep_latest"),
+    ({"config": {"clock": 1}}, "CheckpointConfig"),
+])
+def test_bad_settings_are_configuration_errors(arguments: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        FastFlowPersistence("memory://", **arguments)
+
+
+def test_a_bad_store_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError):
+        FastFlowPersistence("nosuchscheme://x")
+    with pytest.raises(ConfigurationError):
+        FastFlowPersistence(object())  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="settings"):
+        FastFlowPersistence(url=7)  # type: ignore[arg-type]
+
+
+# -- real flows -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two flows run here on a SQLite store: one finishes, one pauses for feedback, which is
+    approved on the command line; then one new process continues the first by its id and
+    resumes the second with the decision (one process: importing CrewAI takes seconds)."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('flows') / 'flows.db'}"
+    persistence = FastFlowPersistence(url)
+    try:
+        counter = counter_flow(persistence)()
+        counter.kickoff()
+        review = review_flow(persistence)()
+        outcome = review.kickoff()
+        steps = [item.step_name for item in persistence.manager.list_checkpoints(counter.state.id)]
+    finally:
+        persistence.close()
+    queue = _cli("runs", "--status", "paused", "--url", url)
+    _cli("approve", review.state.id, "--approver", "ana@example.com", "--comment", "ship it",
+         "--url", url)
+    continued, resumed = _worker(url, "continue", counter.state.id, "resume", review.state.id)
+    return {"url": url, "counter": counter.state.model_dump(), "steps": steps,
+            "review": review.state.model_dump(), "outcome": outcome, "queue": queue,
+            "continued": continued, "resumed": resumed}
+
+
+def test_a_flow_restored_by_id_in_a_new_process(other_process: dict[str, Any]) -> None:
+    first = other_process["counter"]
+    assert other_process["steps"] == ["finish", "begin"]
+    assert other_process["continued"] == {
+        "id": first["id"], "runs": 2, "steps": ["begin-1", "finish-1", "begin-2", "finish-2"]}
+
+
+def test_an_unstructured_flow_keeps_its_dict_state(tmp_path: Path) -> None:
+    persistence = FastFlowPersistence(f"file://{tmp_path / 'store'}?fsync=false")
+
+    @persist(persistence)
+    class Notes(Flow):  # type: ignore[type-arg]
+        @start()
+        def note(self) -> None:
+            self.state["notes"] = [*self.state.get("notes", []), "seen"]
+
+    try:
+        first = Notes()
+        first.kickoff()
+        again = Notes()
+        again.kickoff(inputs={"id": first.state["id"]})
+        assert again.state["notes"] == ["seen", "seen"]
+        assert persistence.load_state(first.state["id"]) == {
+            "id": first.state["id"], "notes": ["seen", "seen"]}
+    finally:
+        persistence.close()
+
+
+def test_a_flow_built_inside_a_running_event_loop(tmp_path: Path) -> None:
+    """CrewAI calls its persistence on its event loop's thread: the persistence must not
+    run the manager on the loop it was built in."""
+
+    async def main() -> dict[str, Any]:
+        persistence = FastFlowPersistence(f"sqlite:///{tmp_path / 'async.db'}")
+        try:
+            flow = counter_flow(persistence)()
+            await flow.kickoff_async()
+            again = counter_flow(persistence)()
+            await again.kickoff_async(inputs={"id": flow.state.id})
+            return again.state.model_dump()
+        finally:
+            persistence.close()
+
+    state = asyncio.run(main())
+    assert (state["runs"], state["steps"][-1]) == (2, "finish-2")
+
+
+def test_human_feedback_approved_on_the_command_line_resumes_in_a_new_process(
+    other_process: dict[str, Any],
+) -> None:
+    paused = other_process["review"]["id"]
+    outcome = other_process["outcome"]
+    assert isinstance(outcome, HumanFeedbackPending)
+    assert outcome.context.flow_id == paused
+    assert paused in other_process["queue"]
+    assert other_process["resumed"] == {
+        "id": paused, "draft": "refund order A-17", "verdict": "approved: ship it"}
+
+    reopened = FastFlowPersistence(other_process["url"])
+    try:
+        run = reopened.manager.get_run(paused)
+        assert run is not None
+        assert run.status is CheckpointStatus.ACTIVE
+        assert run.history[-1].actor == "ana@example.com"
+        assert reopened.load_pending_feedback(paused) is None
+        assert [item.step_name for item in reopened.manager.list_checkpoints(paused)] == [
+            "decide", "review", "review", "write"]
+        with pytest.raises(ValueError, match="No pending feedback"):
+            review_flow(reopened).from_pending(paused, reopened)
+    finally:
+        reopened.close()
+
+
+def test_human_feedback_rejected_reaches_the_flow(tmp_path: Path) -> None:
+    persistence = FastFlowPersistence(f"file://{tmp_path / 'store'}?fsync=false")
+    try:
+        started = review_flow(persistence)()
+        assert isinstance(started.kickoff(), HumanFeedbackPending)
+        paused = started.state.id
+        persistence.manager.reject(paused, approver="bo", reason="over the limit")
+        flow = review_flow(persistence).from_pending(paused, persistence)
+        assert flow.pending_feedback is not None
+        assert flow.pending_feedback.message == "Send this refund?"
+        flow.resume(persistence.feedback(paused) or "")
+        assert flow.state.verdict == "rejected: over the limit"
+        run = persistence.manager.get_run(paused)
+        assert run is not None
+        assert run.status is CheckpointStatus.REJECTED
+        assert persistence.load_pending_feedback(paused) is None
+    finally:
+        persistence.close()
+
+
+def test_a_flow_resumed_without_a_reviewer_leaves_the_queue(tmp_path: Path) -> None:
+    persistence = FastFlowPersistence(f"sqlite:///{tmp_path / 'direct.db'}")
+    try:
+        started = review_flow(persistence)()
+        started.kickoff()
+        flow = review_flow(persistence).from_pending(started.state.id, persistence)
+        flow.resume("fine by me")
+        assert flow.state.verdict == "fine by me"
+        assert persistence.manager.list_runs(status=CheckpointStatus.PAUSED).runs == []
+        run = persistence.manager.get_run(started.state.id)
+        assert run is not None
+        assert (run.status, run.history[-1].actor) == (CheckpointStatus.ACTIVE, FRAMEWORK)
+    finally:
+        persistence.close()
+
+
+def _worker(*argv: str) -> list[dict[str, Any]]:
+    done = subprocess.run(
+        [sys.executable, str(WORKER), *argv], capture_output=True, text=True,
+        timeout=SUBPROCESS_SECONDS, env=os.environ.copy(), cwd=CHECKOUT, check=False)
+    if done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, done.args, done.stdout, done.stderr)
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("RESULT "), done.stdout[-2000:]
+    result: list[dict[str, Any]] = json.loads(last.removeprefix("RESULT "))
+    return result
+
+
+def _cli(*argv: str) -> str:
+    script = Path(sys.executable).with_name("fastcheckpoint")
+    command = [str(script)] if script.exists() else [
+        sys.executable, "-c", "import sys; from fastcheckpoint.cli import main; sys.exit(main())"]
+    done = subprocess.run([*command, *argv], capture_output=True, text=True,
+                          timeout=SUBPROCESS_SECONDS, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_the_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "crewai_flow_example", CHECKOUT / "examples" / "crewai_flow.py")
+    assert spec is not None
+    assert spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    example.main(f"sqlite:///{tmp_path / 'example.db'}")
+
+    printed = capsys.readouterr().out
+    assert "waiting: True Send this refund?" in printed
+    assert "verdict: approved: within policy" in printed
+    assert "checkpoints, newest first: ['settle', 'review', 'review', 'draft']" in printed
