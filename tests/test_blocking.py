@@ -108,3 +108,20 @@ def test_config_with_a_manager_is_refused(tmp_path: Path) -> None:
         BlockingManager(CheckpointManager(FileStore(tmp_path)), config=CheckpointConfig())
     with pytest.raises(CheckpointError):
         BlockingManager("nosuchscheme://x")
+
+
+def test_own_loop_serves_calls_made_on_a_running_loops_thread(tmp_path: Path) -> None:
+    """As CrewAI does: a synchronous interface called from the framework's loop thread."""
+
+    async def main() -> None:
+        manager = BlockingManager(FileStore(tmp_path), own_loop=True)
+        try:
+            created = manager.create("run", {"a": 1})  # blocks this loop: its own loop runs it
+            assert created is not None
+            restored = manager.restore("run")
+            assert restored is not None
+            assert restored.state == {"a": 1}
+        finally:
+            manager.close()
+
+    asyncio.run(main())
