@@ -220,18 +220,26 @@ class EntryLog:
             raise ValidationError(f"expect must be a revision (an int >= -1), got {expect!r:.40}")
         # The first try trusts this object's last sight of the head (or, never having looked,
         # guesses that the log is new); a refusal means it was stale, and every later try reads.
-        known = self._known if self._seen or expect in (None, -1) else await self._read()
+        fresh = not (self._seen or expect in (None, -1))
+        known = await self._read() if fresh else self._known
+        # A revision names a head only within one life of the log (a cleared log starts again
+        # at 0): an expectation met by the head this object saw holds for that life only.
+        pinned = (known.incarnation if expect is not None and known is not None
+                  and known.sequence == expect else None)
         for attempt in range(_MAX_ATTEMPTS):
-            if expect is not None and _revision(known) != expect:
-                known = await self._read()
-                if _revision(known) != expect:
-                    raise StaleLog(f"log {self._run_id!r:.80} is at revision {_revision(known)}, "
-                                   f"not {expect}", revision=_revision(known))
+            if expect is not None and not _meets(known, expect, pinned):
+                if not fresh:
+                    known, fresh = await self._read(), True
+                if not _meets(known, expect, pinned):
+                    raise StaleLog(
+                        f"log {self._run_id!r:.80} is not at revision {expect} any more (now "
+                        f"{_revision(known)}{'' if pinned is None else ', maybe recreated'})",
+                        revision=_revision(known))
             head = await self._try_change(known, batch, state)
             if head is not None:
                 return head
             await self._pause(attempt)
-            known = await self._read()
+            known, fresh = await self._read(), True
         raise ConflictError(f"could not change log {self._run_id!r:.80}: lost the race to "
                             f"other writers {_MAX_ATTEMPTS} times in a row")
 
@@ -319,12 +327,19 @@ class EntryLog:
         except (SequenceConflict, SharedItemGone):
             self._known, self._seen = None, False
             return None
-        self._known = _Known(sequence, incarnation, layout, values, now)
+        self._known, self._seen = _Known(sequence, incarnation, layout, values, now), True
         return LogHead(revision=sequence, created_at=created_at, updated_at=now)
 
 
 def _revision(known: _Known | None) -> int:
     return -1 if known is None else known.sequence
+
+
+def _meets(known: _Known | None, expect: int, pinned: str | None) -> bool:
+    """Whether ``known`` is the head an ``expect`` names (in the life ``pinned``, if given)."""
+    if known is None:
+        return expect == -1
+    return known.sequence == expect and (pinned is None or known.incarnation == pinned)
 
 
 def _merged(segments: list[_Segment], values: list[list[bytes]], new_key: str) -> list[bytes]:

@@ -30,6 +30,7 @@ appends refuse, and :meth:`SQLiteStore.rebuild_run` derives a new row from them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import math
@@ -361,6 +362,11 @@ def _create_private(path: str) -> None:
     and remove its WAL under them: a corrupt database.
     """
     if os.path.exists(path):
+        # What opening it for reading and writing would have said, asked without a descriptor.
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
         return
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

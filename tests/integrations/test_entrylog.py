@@ -83,6 +83,24 @@ async def test_compare_and_set(fresh_store: FreshStore, clock: FakeClock) -> Non
             await log.append(["text"])  # type: ignore[list-item]
 
 
+async def test_an_expectation_holds_for_one_life_of_the_log(
+    fresh_store: FreshStore, clock: FakeClock
+) -> None:
+    """A log cleared and created again starts again at revision 0: an object that saw
+    revision 0 of the old log must not take the new one's revision 0 for it."""
+    async with fresh_store() as store:
+        old = EntryLog(store, "lives", clock=clock)
+        await old.append([b"old"])
+        other = EntryLog(store, "lives", clock=clock)
+        assert await other.clear() is True
+        await other.append([b"new"])
+        with pytest.raises(StaleLog, match="recreated"):
+            await old.append([b"late"], expect=0)
+        view = await other.read()
+        assert view is not None
+        assert view.entries == [b"new"]
+
+
 async def test_writers_with_stale_views_lose_nothing(
     fresh_store: FreshStore, clock: FakeClock
 ) -> None:
@@ -184,6 +202,11 @@ async def test_costs_one_store_call(fresh_store: FreshStore, clock: FakeClock) -
         assert counting.take() == {"read_with_items": 1}
         await log.pop()
         assert counting.take() == {"append_with_items": 1}
+        fresh = EntryLog(counting, "costs-new", clock=clock)  # type: ignore[arg-type]
+        await fresh.append([b"a"])
+        await fresh.pop()  # it created the log: it knows the head
+        await fresh.append([b"b"], expect=1)
+        assert counting.take() == {"append_with_items": 3}
         await EntryLog(store, "costs", clock=clock).append([b"elsewhere"])
         await log.append([b"stale"])  # refused once, read, appended
         assert counting.take() == {"append_with_items": 2, "read_with_items": 1}
