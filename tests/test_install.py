@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow  # about 10 s on an idle machine: pip builds and i
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRAS = ("none", "redis", "s3", "dynamodb", "postgres", "langgraph", "agent-framework",
-          "pydantic-ai", "openai-agents")
+          "pydantic-ai", "openai-agents", "google-adk")
 INSTALL_TIMEOUT = 600  # seconds; a cold pip cache downloads every dependency once
 RUN_TIMEOUT = 120
 
@@ -405,6 +405,36 @@ def test_openai_agents_extra_alone_runs_the_session(venvs: dict[str, Venv]) -> N
     assert result.stdout.startswith("saved ")
 
 
+GOOGLE_ADK = """
+    import sys
+    import anyio
+    from google.adk.events import Event
+    from fastcheckpoint.integrations.google_adk import FastSessionService
+
+    async def main(url: str) -> None:
+        service = FastSessionService(url)
+        session = await service.create_session(app_name="app", user_id="u", state={"n": 1})
+        await service.append_event(session, Event(author="user", invocation_id="i"))
+        await service.aclose()
+        service = FastSessionService(url)
+        found = await service.get_session(app_name="app", user_id="u", session_id=session.id)
+        assert found is not None and found.state == {"n": 1}, found
+        assert len(found.events) == 1, found.events
+        await service.aclose()
+        print("saved", len(found.events))
+
+    anyio.run(main, sys.argv[1])
+"""
+
+
+def test_google_adk_extra_alone_runs_the_session_service(venvs: dict[str, Venv]) -> None:
+    venv = venvs["google-adk"]
+    result = venv.script(GOOGLE_ADK, f"sqlite:///{venv.work / 'sessions.db'}")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("saved ")
+
+
 NO_FRAMEWORK = """
     import importlib, sys
     from fastcheckpoint import ConfigurationError
@@ -421,6 +451,7 @@ NO_FRAMEWORK = """
     ("fastcheckpoint.integrations.pydantic_ai", "pydantic-ai"),
     ("fastcheckpoint.integrations.openai_agents", "openai-agents"),
     ("fastcheckpoint.integrations.crewai", "crewai"),
+    ("fastcheckpoint.integrations.google_adk", "google-adk"),
 ])
 def test_an_adapter_without_its_extra_names_the_install_command(
     venvs: dict[str, Venv], module: str, extra: str

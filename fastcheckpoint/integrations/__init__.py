@@ -6,6 +6,8 @@ missing:
 
 * ``fastcheckpoint.integrations.crewai``: ``FastFlowPersistence``, CrewAI's flow
   persistence, pending feedback in the approval queue (extra ``crewai``).
+* ``fastcheckpoint.integrations.google_adk``: ``FastSessionService``, a Google ADK session
+  service (extra ``google-adk``).
 * ``fastcheckpoint.integrations.langgraph``: ``FastCheckpointSaver`` (extra ``langgraph``).
 * ``fastcheckpoint.integrations.agent_framework``: ``FastCheckpointStorage``, Microsoft Agent
   Framework's workflow checkpoint storage (extra ``agent-framework``).

@@ -1,0 +1,628 @@
+"""A Google ADK session service on any fastcheckpoint store.
+
+``FastSessionService`` is a ``google.adk.sessions.BaseSessionService``: pass it as
+``Runner(session_service=...)``. A session is one entry log (see
+``fastcheckpoint.integrations._entrylog``): its events are the entries, each ADK ``Event`` as
+its own JSON, and its state (without ``app:``, ``user:`` and ``temp:`` keys) is the log's
+state. App state and user state are one log each, holding only a state, changed by
+compare-and-set. Sessions appear in ``fastcheckpoint runs`` and ``show`` under the run id
+``google-adk:<app>/<user>/<session>`` (names percent-encoded; see
+``fastcheckpoint.integrations._google_adk_names``).
+
+Costs in store calls, in steady state (a process appending to a session it created, read or
+appended to before): ``append_event`` 1, whatever the session's length (the event, plus the
+session state when the event changes it), plus 1 for app state and 1 for user state when the
+event changes them; ``get_session`` 3 (session, app state, user state, read concurrently);
+``create_session`` 3 (the same); ``list_sessions`` 1 per page of ``page_size`` sessions, and
+never reads events or state; ``delete_session`` 1; ``get_user_state`` 1.
+
+Needs ``pip install 'fastcheckpoint[google-adk]'`` and a store with labels and shared items
+(every bundled store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping
+from types import TracebackType
+from typing import Any, NamedTuple, cast
+
+import anyio
+import msgspec
+
+from fastcheckpoint._config import CheckpointConfig
+from fastcheckpoint.errors import (
+    ConfigurationError,
+    ConflictError,
+    CorruptCheckpointError,
+    SerializationError,
+    ValidationError,
+)
+from fastcheckpoint.integrations import _google_adk_names as names
+from fastcheckpoint.integrations._adapter import adapter_ttl, capable_store
+from fastcheckpoint.integrations._entrylog import EntryLog, LogHead, LogView, StaleLog
+from fastcheckpoint.stores import (
+    CheckpointStore,
+    SupportsLabels,
+    purge_all,
+)
+
+try:
+    import pydantic
+    import pydantic_core
+    from google.adk.errors import StaleSessionError
+    from google.adk.errors.already_exists_error import AlreadyExistsError
+    from google.adk.errors.session_not_found_error import SessionNotFoundError
+    from google.adk.events.event import Event
+    from google.adk.platform import uuid as platform_uuid
+    from google.adk.sessions import BaseSessionService, Session, State
+    from google.adk.sessions.base_session_service import GetSessionConfig, ListSessionsResponse
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ConfigurationError(
+        "fastcheckpoint.integrations.google_adk needs the Google Agent Development Kit: "
+        "pip install 'fastcheckpoint[google-adk]'") from exc
+
+__all__ = ["FastSessionService"]
+
+_PAGE_SIZE = 100
+_REMEMBERED = 1024
+"""Logs whose last seen head the service keeps (least recently used go first)."""
+_SHARED_ATTEMPTS = 64
+_STALE_MESSAGE = ("The session has been modified in storage since it was loaded. "
+                  "Please reload the session before appending more events.")
+_MARKER = "fastcheckpoint:"
+_FRAMEWORK = "google-adk"
+_EMPTY_STATE = b"{}"
+
+
+class _Stamp(msgspec.Struct):
+    """What ``get_session`` and the stale check read of a stored event without decoding it."""
+
+    id: str = ""
+    timestamp: float = 0.0
+
+
+_stamp_decoder = msgspec.json.Decoder(_Stamp)
+
+
+class _Deltas(NamedTuple):
+    """A state change split by scope (``temp:`` keys dropped), keys without their prefix."""
+
+    app: dict[str, Any]
+    user: dict[str, Any]
+    session: dict[str, Any]
+
+
+class _Head(NamedTuple):
+    """A log's head as this process saw it: ``created_at`` tells incarnations apart."""
+
+    revision: int
+    created_at: float
+
+
+_ABSENT = _Head(-1, 0.0)
+
+
+@dataclasses.dataclass(eq=False)
+class _Tracked:
+    """A log and what this process last saw of it."""
+
+    log: EntryLog
+    head: _Head | None = None
+    """``None``: unknown; revision -1: the log did not exist."""
+    state: bytes | None = None
+    """The stored state at ``head`` (``None``: unknown)."""
+
+    def saw(self, head: _Head, state: bytes | None) -> None:
+        self.head, self.state = head, state
+
+    def saw_view(self, view: LogView | None) -> tuple[_Head, bytes]:
+        head = _ABSENT if view is None else _Head(view.revision, view.created_at)
+        state = _EMPTY_STATE if view is None else view.state or _EMPTY_STATE
+        self.head, self.state = head, state
+        return head, state
+
+    def known(self) -> tuple[_Head, bytes] | None:
+        if self.head is None or self.state is None:
+            return None
+        return self.head, self.state
+
+    def forget(self) -> None:
+        self.head, self.state = None, None
+
+
+@dataclasses.dataclass(eq=False)
+class _Lock:
+    lock: anyio.Lock
+    users: int = 0
+
+
+class FastSessionService(BaseSessionService):
+    """An ADK session service on a fastcheckpoint store (or a store URL).
+
+    ``ttl_seconds``: a session expires that long after its last change (creation or
+    ``append_event``; ``None``: the store's default TTL, else never); an expired session is
+    absent everywhere. App state and user state never expire. ``page_size``: sessions
+    ``list_sessions`` reads per store call. ``clock``: epoch seconds, for timestamps and
+    expiry (tests move it by hand).
+
+    Raises what ADK's session services raise where its interface says so
+    (``AlreadyExistsError``, ``SessionNotFoundError``, ``StaleSessionError``); everything else
+    is a :class:`fastcheckpoint.errors.CheckpointError`. ``async with`` (or :meth:`aclose`)
+    closes the store when the service opened it from a URL; a store object stays open.
+    """
+
+    def __init__(
+        self,
+        store: CheckpointStore | str,
+        *,
+        ttl_seconds: float | None = None,
+        page_size: int = _PAGE_SIZE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = capable_store(store, CheckpointConfig().retry, "the ADK session service")
+        self._owns_store = isinstance(store, str)
+        self._ttl = adapter_ttl(ttl_seconds, self._store)
+        self._page_size = _page_size(page_size)
+        if not callable(clock):
+            raise ConfigurationError(f"clock must be callable, got {type(clock).__name__}")
+        self._clock = clock
+        self._tracked: OrderedDict[str, _Tracked] = OrderedDict()
+        self._locks: dict[str, _Lock] = {}
+
+    @property
+    def store(self) -> CheckpointStore:
+        return self._store
+
+    @property
+    def ttl_seconds(self) -> float | None:
+        return self._ttl
+
+    async def __aenter__(self) -> FastSessionService:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the store if this service opened it (from a URL)."""
+        self._tracked.clear()
+        if self._owns_store:
+            await self._store.aclose()
+
+    async def cleanup_expired(self, *, batch_size: int = 500) -> int:
+        """Remove what expired (sessions past their TTL) from the store now; returns how many
+        checkpoints were removed. Expired sessions are absent whether or not this runs."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValidationError(f"batch_size must be a positive integer, got {batch_size!r:.40}")
+        return await purge_all(self._store, clock=self._clock, batch_size=batch_size)
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    async def create_session(
+        self,
+        *,
+        app_name: str,
+        user_id: str,
+        state: dict[str, Any] | None = None,
+        session_id: str | None = None,
+    ) -> Session:
+        """Create a session (a fresh id unless ``session_id``); ``app:`` and ``user:`` keys
+        of ``state`` go to the app's and the user's state, ``temp:`` keys are dropped.
+
+        Raises ``google.adk.errors.already_exists_error.AlreadyExistsError`` when a live
+        session has that id.
+        """
+        session_id = session_id or platform_uuid.new_uuid()
+        deltas = _split(state or {})
+        tracked = self._session_log(app_name, user_id, session_id)
+        encoded = _encode_state(deltas.session)
+        try:
+            head = await tracked.log.append((), state=encoded, expect=-1)
+        except StaleLog:
+            tracked.forget()
+            raise AlreadyExistsError(f"Session with id {session_id} already exists.") from None
+        tracked.saw(_head(head), encoded)
+        app_state, user_state = await self._shared_states(
+            self._app_log(app_name), deltas.app, self._user_log(app_name, user_id), deltas.user)
+        session = Session(
+            id=session_id, app_name=app_name, user_id=user_id,
+            state=_merged(_decode_state(encoded, tracked.log.run_id), app_state, user_state),
+            last_update_time=head.updated_at)
+        _mark(session, _head(head))
+        return session
+
+    async def get_session(
+        self,
+        *,
+        app_name: str,
+        user_id: str,
+        session_id: str,
+        config: GetSessionConfig | None = None,
+    ) -> Session | None:
+        """The session with its events (``config`` keeps the ``num_recent_events`` newest,
+        then those at or after ``after_timestamp``) and its state merged with the app's and
+        the user's; ``None`` when there is no live session."""
+        tracked = self._session_log(app_name, user_id, session_id)
+        app_log, user_log = self._app_log(app_name), self._user_log(app_name, user_id)
+        view, app_view, user_view = await _read_all(tracked.log, app_log.log, user_log.log)
+        tracked.saw_view(view)
+        app_state, user_state = _state_of(app_view, app_log), _state_of(user_view, user_log)
+        if view is None:
+            return None
+        where = tracked.log.run_id
+        events = [_decode_event(entry, where) for entry in _selected(view.entries, config)]
+        session = Session(
+            id=session_id, app_name=app_name, user_id=user_id,
+            state=_merged(_decode_state(view.state, where), app_state, user_state),
+            events=events, last_update_time=view.updated_at)
+        _mark(session, _Head(view.revision, view.created_at))
+        return session
+
+    async def list_sessions(
+        self, *, app_name: str, user_id: str | None = None
+    ) -> ListSessionsResponse:
+        """The app's sessions (of one user when ``user_id`` is given), oldest update first.
+
+        As ``ListSessionsResponse`` documents, the sessions carry no events and no state
+        (``get_session`` returns both): the listing reads the stores' label index, one call
+        per ``page_size`` sessions, and no session's content.
+        """
+        if user_id is None:
+            label, wanted = names.app_label(app_name), None
+        else:
+            label, wanted = names.user_label(app_name, user_id), user_id
+        sessions: list[Session] = []
+        cursor: str | None = None
+        while True:
+            page, cursor = await cast(SupportsLabels, self._store).runs_with_label(
+                label, limit=self._page_size, cursor=cursor, now=self._clock())
+            for record in page:
+                found = names.parse_session_run_id(record.run_id)
+                if found is None or found.app_name != app_name or (
+                        wanted is not None and found.user_id != wanted):
+                    continue
+                sessions.append(Session(id=found.session_id, app_name=app_name,
+                                        user_id=found.user_id,
+                                        last_update_time=record.updated_at))
+            if cursor is None:
+                break
+        sessions.sort(key=lambda session: (session.last_update_time, session.user_id,
+                                           session.id))
+        return ListSessionsResponse(sessions=sessions)
+
+    async def delete_session(self, *, app_name: str, user_id: str, session_id: str) -> None:
+        """Remove the session with its events (nothing happens when there is none)."""
+        run_id = names.session_run_id(app_name, user_id, session_id)
+        tracked = self._session_log(app_name, user_id, session_id)
+        await tracked.log.clear()
+        self._tracked.pop(run_id, None)
+
+    async def get_user_state(self, *, app_name: str, user_id: str) -> dict[str, Any]:
+        """The user's state, keys without the ``user:`` prefix (``{}`` when none)."""
+        tracked = self._user_log(app_name, user_id)
+        return _state_of(await tracked.log.read(), tracked)
+
+    async def append_event(self, session: Session, event: Event) -> Event:
+        """Store ``event`` after the session's last one and apply its state change (to the
+        session, and to the app's or the user's state for ``app:`` and ``user:`` keys;
+        ``temp:`` keys only to this ``session`` object). Partial events are not stored.
+
+        Raises ``google.adk.errors.StaleSessionError`` when the session changed in the
+        store since ``session`` was read or last appended to (by another process or
+        another session object), and
+        ``google.adk.errors.session_not_found_error.SessionNotFoundError`` when it is gone.
+        Then nothing is stored, and neither the event nor its state change reaches
+        ``session`` (its ``temp:`` keys do, as with ADK's database service).
+        """
+        if event.partial:
+            return event
+        self._apply_temp_state(session, event)
+        event = self._trim_temp_delta_state(event)
+        deltas = _split(event.actions.state_delta)
+        entry = _encode_event(event)
+        tracked = self._session_log(session.app_name, session.user_id, session.id)
+        async with self._serialized(tracked.log.run_id):
+            head = await self._append_entry(session, tracked, entry, deltas.session)
+            if deltas.app:
+                await self._shared_state(self._app_log(session.app_name), deltas.app)
+            if deltas.user:
+                await self._shared_state(self._user_log(session.app_name, session.user_id),
+                                         deltas.user)
+            session.last_update_time = head.updated_at
+            _mark(session, _head(head))
+        return self._commit_event_to_session(session, event)
+
+    # -- the session's log ------------------------------------------------------------------
+
+    async def _append_entry(
+        self, session: Session, tracked: _Tracked, entry: bytes, delta: dict[str, Any]
+    ) -> LogHead:
+        expected, stored_state = await self._expected_head(session, tracked)
+        state: bytes | None = None
+        if delta:
+            current = _decode_state(stored_state, tracked.log.run_id)
+            state = _encode_state({**current, **delta})
+        try:
+            head = await tracked.log.append((entry,), state=state, expect=expected.revision)
+        except StaleLog as stale:
+            tracked.forget()
+            if stale.revision == -1:
+                raise _not_found(session) from None
+            raise StaleSessionError(_STALE_MESSAGE) from None
+        tracked.saw(_head(head), stored_state if state is None else state)
+        return head
+
+    async def _expected_head(self, session: Session, tracked: _Tracked) -> tuple[_Head, bytes]:
+        """The stored head ``session`` reflects, with the stored state there.
+
+        A session this service handed out carries its head: when this process saw that head
+        last, nothing is read (the append's compare-and-set catches a later change). Else the
+        log is read: it must be at that head; for a session without one (built by hand, or
+        by another service) the stored events must end with the session's last event, as
+        ADK's database service checks.
+        """
+        marked = _marked_head(session)
+        known = tracked.known()
+        if marked is not None and known is not None and known[0] == marked:
+            return known
+        view = await tracked.log.read()
+        head, state = tracked.saw_view(view)
+        if view is None:
+            raise _not_found(session)
+        if marked is not None:
+            if head != marked:
+                raise StaleSessionError(_STALE_MESSAGE)
+        elif view.updated_at > session.last_update_time and not _has_seen(session, view):
+            raise StaleSessionError(_STALE_MESSAGE)
+        return head, state
+
+    @contextlib.asynccontextmanager
+    async def _serialized(self, run_id: str) -> AsyncIterator[None]:
+        """One ``append_event`` at a time per session in this process (ADK's parallel agents
+        share a session object: each append must see the head the previous one left)."""
+        held = self._locks.setdefault(run_id, _Lock(anyio.Lock()))
+        held.users += 1
+        try:
+            async with held.lock:
+                yield
+        finally:
+            held.users -= 1
+            if not held.users:
+                del self._locks[run_id]
+
+    # -- app and user state -----------------------------------------------------------------
+
+    async def _shared_states(
+        self, app: _Tracked, app_delta: dict[str, Any], user: _Tracked,
+        user_delta: dict[str, Any],
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The app's and the user's state after merging the deltas (read concurrently when
+        neither changes)."""
+        if not app_delta and not user_delta:
+            app_view, user_view = await _read_all(app.log, user.log)
+            return _state_of(app_view, app), _state_of(user_view, user)
+        return await self._shared_state(app, app_delta), await self._shared_state(user, user_delta)
+
+    async def _shared_state(self, tracked: _Tracked, delta: dict[str, Any]) -> dict[str, Any]:
+        """The app's or the user's state after merging ``delta`` into it (only read when
+        ``delta`` is empty). A compare-and-set on the state, retried on the new state when
+        another session changed it first: concurrent changes all land, the later one
+        winning per key."""
+        if not delta:
+            return _state_of(await tracked.log.read(), tracked)
+        where = tracked.log.run_id
+        for _ in range(_SHARED_ATTEMPTS):
+            known = tracked.known() or tracked.saw_view(await tracked.log.read())
+            encoded = _encode_state({**_decode_state(known[1], where), **delta})
+            try:
+                head = await tracked.log.append((), state=encoded, expect=known[0].revision)
+            except StaleLog:
+                tracked.forget()
+                continue
+            tracked.saw(_head(head), encoded)
+            return _decode_state(encoded, where)
+        raise ConflictError(f"could not change {where!r:.80}: other sessions changed it "
+                            f"first {_SHARED_ATTEMPTS} times in a row")
+
+    # -- logs -------------------------------------------------------------------------------
+
+    def _session_log(self, app_name: str, user_id: str, session_id: str) -> _Tracked:
+        run_id = names.session_run_id(app_name, user_id, session_id)
+        return self._track(run_id, lambda: EntryLog(
+            self._store, run_id,
+            labels=(names.app_label(app_name), names.user_label(app_name, user_id)),
+            metadata={"framework": _FRAMEWORK, "app_name": app_name, "user_id": user_id,
+                      "session_id": session_id},
+            ttl_seconds=self._ttl, clock=self._clock))
+
+    def _app_log(self, app_name: str) -> _Tracked:
+        run_id = names.app_state_run_id(app_name)
+        return self._track(run_id, lambda: EntryLog(
+            self._store, run_id,
+            metadata={"framework": _FRAMEWORK, "app_name": app_name, "holds": "app state"},
+            clock=self._clock))
+
+    def _user_log(self, app_name: str, user_id: str) -> _Tracked:
+        run_id = names.user_state_run_id(app_name, user_id)
+        return self._track(run_id, lambda: EntryLog(
+            self._store, run_id,
+            metadata={"framework": _FRAMEWORK, "app_name": app_name, "user_id": user_id,
+                      "holds": "user state"},
+            clock=self._clock))
+
+    def _track(self, run_id: str, build: Callable[[], EntryLog]) -> _Tracked:
+        tracked = self._tracked.get(run_id)
+        if tracked is None:
+            tracked = self._tracked[run_id] = _Tracked(build())
+            if len(self._tracked) > _REMEMBERED:
+                self._tracked.popitem(last=False)
+        else:
+            self._tracked.move_to_end(run_id)
+        return tracked
+
+
+# -- construction -------------------------------------------------------------------------------
+
+
+def _page_size(page_size: object) -> int:
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        raise ConfigurationError(f"page_size must be an integer >= 1, got {page_size!r:.40}")
+    return page_size
+
+
+# -- reads --------------------------------------------------------------------------------------
+
+
+async def _read_all(*logs: EntryLog) -> list[LogView | None]:
+    """Read logs concurrently; the first failure is raised as it is (not in a group)."""
+    views: list[LogView | None] = [None] * len(logs)
+    failures: list[Exception] = []
+
+    async def read(index: int, log: EntryLog) -> None:
+        try:
+            views[index] = await log.read()
+        except Exception as exc:
+            failures.append(exc)
+
+    async with anyio.create_task_group() as group:
+        for index, log in enumerate(logs):
+            group.start_soon(read, index, log)
+    if failures:
+        raise failures[0]
+    return views
+
+
+def _selected(entries: list[bytes], config: GetSessionConfig | None) -> list[bytes]:
+    """The stored events ``config`` keeps: the ``num_recent_events`` newest, then the newest
+    run of those at or after ``after_timestamp`` (ADK's in-memory service's order)."""
+    if config is None:
+        return entries
+    picked = entries
+    if config.num_recent_events is not None:
+        picked = picked[max(0, len(picked) - config.num_recent_events):]
+    if config.after_timestamp is not None:
+        start = len(picked)
+        while start and _stamp_decoder.decode(picked[start - 1]).timestamp \
+                >= config.after_timestamp:
+            start -= 1
+        picked = picked[start:]
+    return picked
+
+
+def _has_seen(session: Session, view: LogView) -> bool:
+    """Whether ``session`` holds the stored session's newest event (or both hold none)."""
+    if not view.entries:
+        return not session.events
+    return bool(session.events) and \
+        _stamp_decoder.decode(view.entries[-1]).id == session.events[-1].id
+
+
+def _state_of(view: LogView | None, tracked: _Tracked) -> dict[str, Any]:
+    """The state ``view`` holds, noted as ``tracked``'s last sight."""
+    _, state = tracked.saw_view(view)
+    return _decode_state(state, tracked.log.run_id)
+
+
+# -- state and events ---------------------------------------------------------------------------
+
+
+def _split(state: Mapping[str, Any]) -> _Deltas:
+    deltas = _Deltas({}, {}, {})
+    for key, value in state.items():
+        if key.startswith(State.APP_PREFIX):
+            deltas.app[key.removeprefix(State.APP_PREFIX)] = value
+        elif key.startswith(State.USER_PREFIX):
+            deltas.user[key.removeprefix(State.USER_PREFIX)] = value
+        elif not key.startswith(State.TEMP_PREFIX):
+            deltas.session[key] = value
+    return deltas
+
+
+def _merged(
+    session_state: dict[str, Any], app_state: Mapping[str, Any], user_state: Mapping[str, Any]
+) -> dict[str, Any]:
+    merged = dict(session_state)
+    merged.update((State.APP_PREFIX + key, value) for key, value in app_state.items())
+    merged.update((State.USER_PREFIX + key, value) for key, value in user_state.items())
+    return merged
+
+
+def _encode_state(state: Mapping[str, Any]) -> bytes:
+    try:
+        return pydantic_core.to_json(state)
+    except pydantic_core.PydanticSerializationError as exc:
+        bad = next((key for key, value in state.items() if not _encodable(value)), None)
+        raise SerializationError(f"session state value cannot be stored as JSON: {exc}",
+                                 path=None if bad is None else f"state[{bad!r}]") from exc
+
+
+def _encodable(value: object) -> bool:
+    try:
+        pydantic_core.to_json(value)
+    except pydantic_core.PydanticSerializationError:
+        return False
+    return True
+
+
+def _decode_state(data: bytes, where: str) -> dict[str, Any]:
+    if not data:
+        return {}
+    try:
+        state = pydantic_core.from_json(data)
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"undecodable ADK state: {exc}", key=where) from exc
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(
+            f"ADK state is a {type(state).__name__}, not an object", key=where)
+    return state
+
+
+def _encode_event(event: Event) -> bytes:
+    try:
+        return event.model_dump_json(exclude_none=True).encode()
+    except pydantic_core.PydanticSerializationError as exc:
+        raise SerializationError(f"ADK event {event.id!r} cannot be stored as JSON: {exc}",
+                                 path="event") from exc
+
+
+def _decode_event(entry: bytes, where: str) -> Event:
+    try:
+        return Event.model_validate_json(entry)
+    except pydantic.ValidationError as exc:
+        raise CorruptCheckpointError(f"undecodable ADK event: {exc}", key=where) from exc
+
+
+# -- the stale-session marker -------------------------------------------------------------------
+
+
+def _head(head: LogHead) -> _Head:
+    return _Head(head.revision, head.created_at)
+
+
+def _mark(session: Session, head: _Head) -> None:
+    """Record on ``session`` the head it reflects, in the field ADK keeps for it."""
+    session._storage_update_marker = f"{_MARKER}{head.revision}@{head.created_at!r}"
+
+
+def _marked_head(session: Session) -> _Head | None:
+    marker = session._storage_update_marker
+    if not marker or not marker.startswith(_MARKER):
+        return None
+    revision, _, created_at = marker[len(_MARKER):].partition("@")
+    try:
+        return _Head(int(revision), float(created_at))
+    except ValueError:
+        return None
+
+
+def _not_found(session: Session) -> SessionNotFoundError:
+    return SessionNotFoundError(f"Session {session.id} not found.")

@@ -1,0 +1,438 @@
+"""The Google ADK session service on every store: ADK's in-memory service as the reference,
+stale sessions, shared state under concurrency, TTL, paging, costs in store calls, and a real
+``LlmAgent`` whose session goes on in another process."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from google.adk.errors import StaleSessionError
+from google.adk.errors.already_exists_error import AlreadyExistsError
+from google.adk.errors.session_not_found_error import SessionNotFoundError
+from google.adk.events.event import Event
+from google.adk.events.event_actions import EventActions
+from google.adk.platform import time as platform_time
+from google.adk.platform import uuid as platform_uuid
+from google.adk.sessions import BaseSessionService, InMemorySessionService, Session
+from google.adk.sessions.base_session_service import GetSessionConfig
+from google.genai import types
+
+from fastcheckpoint.errors import ConfigurationError, SerializationError
+from fastcheckpoint.integrations import _google_adk_names as names
+from fastcheckpoint.integrations.google_adk import FastSessionService
+from fastcheckpoint.stores import MAX_LABEL_BYTES
+from fastcheckpoint.stores.memory import MemoryStore
+from tests._helpers import FakeClock
+from tests.integrations._langgraph_support import CountingStore
+from tests.integrations.conftest import FreshStore
+from tests.integrations.google_adk_worker import APP, USER, build_runner, turn
+
+pytestmark = pytest.mark.anyio
+
+DEADLINE = 60
+WORKER = Path(__file__).resolve().parent / "google_adk_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def adk_clock(clock: FakeClock) -> Iterator[FakeClock]:
+    """ADK's own clock (event timestamps, the in-memory service's times) on ``clock``."""
+    platform_time.set_time_provider(clock)
+    yield clock
+    platform_time.reset_time_provider()
+
+
+def event(delta: dict[str, Any] | None = None, *, author: str = "agent", text: str = "") -> Event:
+    content = types.Content(role="user" if author == "user" else "model",
+                            parts=[types.Part(text=text or f"from {author}")])
+    return Event(author=author, invocation_id="inv", content=content,
+                 actions=EventActions(state_delta=dict(delta or {})))
+
+
+def view(session: Session | None) -> dict[str, Any] | None:
+    """Everything a caller can observe of a session, as plain data."""
+    if session is None:
+        return None
+    return {"id": session.id, "app": session.app_name, "user": session.user_id,
+            "state": session.state, "time": session.last_update_time,
+            "events": [item.model_dump(mode="json") for item in session.events]}
+
+
+async def error_of(call: Any) -> str:
+    try:
+        await call
+    except Exception as exc:
+        return type(exc).__name__
+    return "no error"
+
+
+# -- the contract, against ADK's in-memory service -------------------------------------------
+
+
+async def scenario(service: BaseSessionService, clock: FakeClock) -> list[Any]:
+    """What a caller observes through the whole session interface. Ids come from a counter
+    and times from ``clock``, so two correct services observe the same things, except that
+    listings of ours carry no state (``ListSessionsResponse`` documents none)."""
+    counter = itertools.count()
+    platform_uuid.set_id_provider(lambda: f"id-{next(counter)}")
+    seen: list[Any] = []
+    try:
+        await _scenario(service, clock, seen)
+    finally:
+        platform_uuid.reset_id_provider()
+    return seen
+
+
+async def _scenario(service: BaseSessionService, clock: FakeClock, seen: list[Any]) -> None:
+    first = await service.create_session(
+        app_name="app", user_id="u1", session_id="s1",
+        state={"topic": "maths", "app:model": "m1", "user:lang": "en", "temp:draft": "x"})
+    seen.append(view(first))
+    clock.advance(1)
+    generated = await service.create_session(app_name="app", user_id="u1")
+    seen.append(view(generated))
+    seen.append(await error_of(service.create_session(app_name="app", user_id="u1",
+                                                      session_id="s1")))
+    clock.advance(1)
+    third = await service.create_session(app_name="app", user_id="u2", session_id="s3")
+    elsewhere = await service.create_session(app_name="other", user_id="u1", session_id="s1",
+                                             state={"where": "other"})
+    seen.extend([view(third), view(elsewhere)])
+    deltas: list[dict[str, Any]] = [
+        {"count": 0, "temp:scratch": 1}, {"user:lang": "fr", "nested": {"a": [1, None]}},
+        {"app:model": "m2", "count": 2}, {}, {"count": None, "user:seen": True}]
+    for number, delta in enumerate(deltas):
+        clock.advance(1)
+        made = event(delta, author="user" if number % 2 else "agent", text=f"message {number}")
+        seen.append((await service.append_event(first, made)).model_dump(mode="json"))
+    partial = event({"count": 99}, text="typing")
+    partial.partial = True
+    await service.append_event(first, partial)
+    seen.append(view(first))
+    stamps = [item.timestamp for item in first.events]
+    for config in (None, GetSessionConfig(num_recent_events=2),
+                   GetSessionConfig(num_recent_events=0), GetSessionConfig(num_recent_events=9),
+                   GetSessionConfig(after_timestamp=stamps[2]),
+                   GetSessionConfig(after_timestamp=stamps[-1] + 1),
+                   GetSessionConfig(num_recent_events=3, after_timestamp=stamps[3])):
+        seen.append(view(await service.get_session(app_name="app", user_id="u1",
+                                                   session_id="s1", config=config)))
+    for app, user, session_id in (("app", "u2", "s3"), ("other", "u1", "s1"),
+                                  ("app", "u2", "s1"), ("app", "u1", "nope")):
+        seen.append(view(await service.get_session(app_name=app, user_id=user,
+                                                   session_id=session_id)))
+    seen.append(await service.get_user_state(app_name="app", user_id="u1"))
+    seen.append(await service.get_user_state(app_name="app", user_id="nobody"))
+    seen.append(await listed(service))
+    clock.advance(1)
+    await service.delete_session(app_name="app", user_id="u1", session_id=generated.id)
+    await service.delete_session(app_name="app", user_id="u1", session_id=generated.id)
+    seen.append(view(await service.get_session(app_name="app", user_id="u1",
+                                               session_id=generated.id)))
+    seen.append(await error_of(service.append_event(generated, event())))
+    seen.append(await listed(service))
+
+
+async def listed(service: BaseSessionService) -> list[Any]:
+    found = []
+    for app, user in (("app", None), ("app", "u1"), ("app", "u2"), ("app", "nobody"),
+                      ("other", None), ("none", None)):
+        response = await service.list_sessions(app_name=app, user_id=user)
+        found.append([(session.id, session.app_name, session.user_id,
+                       session.last_update_time, session.events)
+                      for session in response.sessions])
+    return found
+
+
+async def test_the_service_observes_what_adks_in_memory_service_does(
+    fresh_store: FreshStore, adk_clock: FakeClock
+) -> None:
+    with anyio.fail_after(DEADLINE):
+        expected = await scenario(InMemorySessionService(), adk_clock)
+        adk_clock.now = FakeClock().now
+        async with fresh_store() as store:
+            ours = await scenario(FastSessionService(store, clock=adk_clock), adk_clock)
+    assert ours == expected
+    assert expected[2] == AlreadyExistsError.__name__
+    assert expected[-2] == "SessionNotFoundError"
+
+
+# -- stale sessions and shared state ----------------------------------------------------------
+
+
+async def test_a_stale_session_is_refused_and_left_unchanged(
+    fresh_store: FreshStore, adk_clock: FakeClock
+) -> None:
+    with anyio.fail_after(DEADLINE):
+        async with fresh_store() as store:
+            # Two services on one store: two processes, each with its own view.
+            ours = FastSessionService(store, clock=adk_clock)
+            theirs = FastSessionService(store, clock=adk_clock)
+            mine = await ours.create_session(app_name="a", user_id="u", session_id="s",
+                                             state={"n": 0})
+            other = await theirs.get_session(app_name="a", user_id="u", session_id="s")
+            assert other is not None
+            adk_clock.advance(1)
+            await ours.append_event(mine, event({"n": 1}))
+            adk_clock.advance(1)
+            before = view(other)
+            with pytest.raises(StaleSessionError):
+                await theirs.append_event(other, event({"n": 2}))
+            assert view(other) == before
+            stored = await theirs.get_session(app_name="a", user_id="u", session_id="s")
+            assert stored is not None
+            assert (len(stored.events), stored.state) == (1, {"n": 1})
+
+            await theirs.append_event(stored, event({"n": 3}))  # reloaded: accepted
+            with pytest.raises(StaleSessionError):
+                await ours.append_event(mine, event({"n": 4}))
+
+            # A session this service did not hand out: checked against the stored events.
+            by_hand = Session(id="s", app_name="a", user_id="u")
+            with pytest.raises(StaleSessionError):
+                await ours.append_event(by_hand, event({"n": 5}))
+            copied = Session.model_validate(stored.model_dump())
+            await ours.append_event(copied, event({"n": 6}))
+            final = await ours.get_session(app_name="a", user_id="u", session_id="s")
+            assert final is not None
+            assert [item.actions.state_delta["n"] for item in final.events] == [1, 3, 6]
+            assert final.state == {"n": 6}
+
+            # Gone, then back under the same id: the old session objects stay refused.
+            await theirs.delete_session(app_name="a", user_id="u", session_id="s")
+            with pytest.raises(SessionNotFoundError):
+                await ours.append_event(final, event({"n": 7}))
+            reborn = await theirs.create_session(app_name="a", user_id="u", session_id="s")
+            adk_clock.advance(1)
+            await theirs.append_event(reborn, event({"n": 8}))
+            with pytest.raises(StaleSessionError):
+                await ours.append_event(final, event({"n": 9}))
+            again = await ours.get_session(app_name="a", user_id="u", session_id="s")
+            assert again is not None
+            assert [item.actions.state_delta["n"] for item in again.events] == [8]
+
+
+async def test_user_state_changes_from_two_sessions_all_land(
+    fresh_store: FreshStore, adk_clock: FakeClock
+) -> None:
+    with anyio.fail_after(DEADLINE):
+        async with fresh_store() as store:
+            first = FastSessionService(store, clock=adk_clock)
+            second = FastSessionService(store, clock=adk_clock)
+            one = await first.create_session(app_name="a", user_id="u", session_id="one")
+            two = await second.create_session(app_name="a", user_id="u", session_id="two")
+            # Both services saw the user's state empty; the second writes first, so the
+            # first one's compare-and-set fails and is retried on the new state.
+            await second.append_event(two, event({"user:from_two": 1, "app:seen": "two"}))
+            await first.append_event(one, event({"user:from_one": 1, "app:seen": "one"}))
+            assert await first.get_user_state(app_name="a", user_id="u") == {
+                "from_two": 1, "from_one": 1}
+
+            async def burst(service: FastSessionService, session: Session, name: str) -> None:
+                for number in range(2):
+                    await service.append_event(session, event({f"user:{name}{number}": number}))
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(burst, first, one, "one")
+                group.start_soon(burst, second, two, "two")
+            state = await second.get_user_state(app_name="a", user_id="u")
+            assert state == {"from_two": 1, "from_one": 1,
+                             **{f"{name}{number}": number for name in ("one", "two")
+                                for number in range(2)}}
+            got = await second.get_session(app_name="a", user_id="u", session_id="one")
+            assert got is not None
+            assert got.state["app:seen"] == "one"
+            assert {key for key in got.state if key.startswith("user:")} == {
+                f"user:{key}" for key in state}
+            assert len(got.events) == 3
+
+
+# -- TTL -----------------------------------------------------------------------------------------
+
+
+async def test_sessions_expire_after_ttl_seconds_without_a_change(
+    fresh_store: FreshStore, adk_clock: FakeClock
+) -> None:
+    with anyio.fail_after(DEADLINE):
+        async with fresh_store() as store:
+            service = FastSessionService(store, ttl_seconds=100, clock=adk_clock)
+            session = await service.create_session(app_name="a", user_id="u", session_id="s")
+            adk_clock.advance(60)
+            await service.append_event(session, event({"user:name": "ada"}))
+            adk_clock.advance(60)  # 120 s after creation, 60 after the append: alive
+            alive = await service.get_session(app_name="a", user_id="u", session_id="s")
+            assert alive is not None
+            assert len(alive.events) == 1
+            assert [found.id for found in
+                    (await service.list_sessions(app_name="a")).sessions] == ["s"]
+
+            adk_clock.advance(100)
+            assert await service.get_session(app_name="a", user_id="u", session_id="s") is None
+            assert (await service.list_sessions(app_name="a", user_id="u")).sessions == []
+            with pytest.raises(SessionNotFoundError):
+                await service.append_event(alive, event())
+            assert await service.cleanup_expired() >= 1
+            # User state outlives the session; the id is free again.
+            assert await service.get_user_state(app_name="a", user_id="u") == {"name": "ada"}
+            fresh = await service.create_session(app_name="a", user_id="u", session_id="s")
+            assert (fresh.events, fresh.state) == ([], {"user:name": "ada"})
+
+
+# -- paging and costs ----------------------------------------------------------------------------
+
+
+async def test_costs_in_store_calls_and_paged_listing(
+    fresh_store: FreshStore, adk_clock: FakeClock
+) -> None:
+    with anyio.fail_after(DEADLINE):
+        async with fresh_store() as store:
+            counting: Any = CountingStore(store)
+            service = FastSessionService(counting, page_size=2, clock=adk_clock)
+            session = await service.create_session(app_name="a", user_id="u1", session_id="s")
+            assert counting.take() == {"append_with_items": 1, "read_with_items": 2}
+            for number in range(-1, 3):
+                adk_clock.advance(1)
+                await service.append_event(session, event({"step": number}))
+                assert counting.take() == {"append_with_items": 1}
+            await service.append_event(session, event({"user:x": 1}))
+            assert counting.take() == {"append_with_items": 2}
+            await service.append_event(session, event({"app:x": 1, "user:x": 2}))
+            assert counting.take() == {"append_with_items": 3}
+            partial = event({"step": 99})
+            partial.partial = True
+            await service.append_event(session, partial)
+            assert counting.take() == {}
+
+            # Another process: reads the session, then appends at one call each.
+            other = FastSessionService(counting, page_size=2, clock=adk_clock)
+            loaded = await other.get_session(app_name="a", user_id="u1", session_id="s")
+            assert counting.take() == {"read_with_items": 3}
+            assert loaded is not None
+            assert len(loaded.events) == 6
+            await other.append_event(loaded, event({"step": 100}))
+            assert counting.take() == {"append_with_items": 1}
+
+            for user, count in (("u1", 2), ("u2", 2)):
+                for number in range(count):
+                    adk_clock.advance(1)
+                    await service.create_session(app_name="a", user_id=user,
+                                                 session_id=f"{user}-{number}")
+            await service.create_session(app_name="b", user_id="u1", session_id="elsewhere")
+            counting.take()
+            everyone = await service.list_sessions(app_name="a")
+            assert counting.take() == {"runs_with_label": 3}  # 5 sessions, 2 a page
+            assert [found.id for found in everyone.sessions] == [
+                "s", "u1-0", "u1-1", "u2-0", "u2-1"]
+            assert all(found.events == [] and found.state == {} for found in everyone.sessions)
+            mine = await service.list_sessions(app_name="a", user_id="u1")
+            assert counting.take() == {"runs_with_label": 2}
+            assert [found.id for found in mine.sessions] == ["s", "u1-0", "u1-1"]
+            assert counting.last["runs_with_label"][1]["limit"] == 2
+
+            await service.delete_session(app_name="a", user_id="u1", session_id="s")
+            assert counting.take() == {"delete_run": 1}
+
+
+# -- names, limits, configuration ------------------------------------------------------------
+
+
+async def test_any_names_round_trip_and_long_ones_get_hashed_labels() -> None:
+    with anyio.fail_after(DEADLINE):
+        service = FastSessionService(MemoryStore())
+        app, user = "a/p:p%" + "é" * 200, "user/with:colons"
+        label = names.user_label(app, user)
+        assert label.startswith("google-adk:user:sha256:")
+        assert len(label.encode()) <= MAX_LABEL_BYTES
+        for session_id in ("x/y", "x:y", "%2F", "日本"):
+            made = await service.create_session(app_name=app, user_id=user,
+                                                session_id=session_id)
+            await service.append_event(made, event({"k": session_id}))
+        await service.create_session(app_name=app, user_id="user", session_id="x/y")
+        listed_ids = [(found.user_id, found.id) for found in
+                      (await service.list_sessions(app_name=app, user_id=user)).sessions]
+        assert listed_ids == [(user, "x/y"), (user, "x:y"), (user, "%2F"), (user, "日本")]
+        assert len((await service.list_sessions(app_name=app)).sessions) == 5
+        got = await service.get_session(app_name=app, user_id=user, session_id="日本")
+        assert got is not None
+        assert got.state == {"k": "日本"}
+        assert names.parse_session_run_id(names.session_run_id(app, user, "x/y")) == (
+            app, user, "x/y")
+        assert names.parse_session_run_id("google-adk-user:a/b") is None
+
+
+async def test_values_json_cannot_hold_are_refused_before_anything_is_written() -> None:
+    with anyio.fail_after(DEADLINE):
+        service = FastSessionService(MemoryStore())
+        session = await service.create_session(app_name="a", user_id="u", session_id="s")
+        with pytest.raises(SerializationError):
+            await service.append_event(session, event({"callback": print}))
+        with pytest.raises(SerializationError):
+            await service.create_session(app_name="a", user_id="u", state={"f": print})
+        stored = await service.get_session(app_name="a", user_id="u", session_id="s")
+        assert stored is not None
+        assert stored.events == []
+
+
+def test_configuration_errors_name_what_is_wrong() -> None:
+    with pytest.raises(ConfigurationError, match="ttl_seconds"):
+        FastSessionService(MemoryStore(), ttl_seconds=0)
+    with pytest.raises(ConfigurationError, match="page_size"):
+        FastSessionService(MemoryStore(), page_size=0)
+    with pytest.raises(ConfigurationError, match="CheckpointStore"):
+        FastSessionService(object())  # type: ignore[arg-type]
+
+
+# -- a real agent, continued in another process ------------------------------------------------
+
+
+async def test_an_agent_session_goes_on_in_a_new_process(tmp_path: Path) -> None:
+    urls = {"file": f"file://{tmp_path / 'files'}",
+            "sqlite": f"sqlite:///{tmp_path / 'sessions.db'}"}
+    with anyio.fail_after(DEADLINE):
+        stale: dict[str, Session] = {}
+        for kind, url in urls.items():
+            async with FastSessionService(url) as service:
+                await service.create_session(app_name=APP, user_id=USER, session_id=kind)
+                runner, model = build_runner(service)
+                assert await turn(runner, kind, "add 2 and 3") == ["The sum is 5."]
+                assert model.seen[-1] == ["user: add 2 and 3", "model: call add",
+                                          "user: result 5"]
+                loaded = await service.get_session(app_name=APP, user_id=USER,
+                                                   session_id=kind)
+                assert loaded is not None
+                stale[kind] = loaded
+        results = await _workers(urls)
+        for kind, url in urls.items():
+            result = results[kind]
+            assert result["seen"] == [["user: add 2 and 3", "model: call add", "user: result 5",
+                                       "model: The sum is 5.", "user: how many?"]]
+            assert result["replies"] == ["I was sent 5 messages."]
+            assert result["state"] == {"last_answer": "I was sent 5 messages.",
+                                       "user:additions": 1}
+            async with FastSessionService(url) as service:
+                session = await service.get_session(app_name=APP, user_id=USER,
+                                                    session_id=kind)
+                assert session is not None
+                assert len(session.events) == 6
+                assert session.events[1].get_function_calls()[0].args == {"a": 2, "b": 3}
+                with pytest.raises(StaleSessionError):  # the other process went on
+                    await service.append_event(stale[kind], event())
+
+
+async def _workers(urls: dict[str, str]) -> dict[str, Any]:
+    """Run a turn on each store (session named after its kind) in one new process."""
+    targets = [part for kind, url in urls.items() for part in (url, kind)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = await anyio.run_process([sys.executable, str(WORKER), "how many?", *targets],
+                                   env=env, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    lines = done.stdout.decode().strip().splitlines()[-len(urls):]
+    return dict(zip(urls, map(json.loads, lines), strict=True))
