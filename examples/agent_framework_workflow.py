@@ -104,7 +104,7 @@ async def resume(storage: FastCheckpointStorage) -> str:
 
 async def story() -> None:
     with tempfile.TemporaryDirectory() as scratch:
-        url = f"sqlite://{Path(scratch) / 'orders.db'}"
+        url = f"sqlite:///{Path(scratch) / 'orders.db'}"
         async with FastCheckpointStorage(url, checkpoint_types=[PickList]) as storage:
             await run(storage)
         # A new storage on the same database: what a restarted process would open.

@@ -64,5 +64,5 @@ async def main(url: str) -> None:
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as scratch:
-        target = sys.argv[1] if len(sys.argv) > 1 else f"sqlite://{Path(scratch) / 'chat.db'}"
+        target = sys.argv[1] if len(sys.argv) > 1 else f"sqlite:///{Path(scratch) / 'chat.db'}"
         anyio.run(main, target)

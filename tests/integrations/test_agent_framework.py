@@ -396,7 +396,7 @@ async def test_closes_only_the_store_it_opened(tmp_path: Path) -> None:
         async with FastCheckpointStorage(given):  # type: ignore[arg-type]
             pass
         assert given.calls["aclose"] == 0
-        url = f"sqlite://{tmp_path / 'env.db'}"
+        url = f"sqlite:///{tmp_path / 'env.db'}"
         environ = {"FASTCHECKPOINT_URL": url, "FASTCHECKPOINT_DEFAULT_TTL_SECONDS": "60"}
         async with FastCheckpointStorage.from_env(environ) as storage:
             assert storage.ttl_seconds == 60.0
@@ -516,7 +516,7 @@ def _run(env: dict[str, str], *args: str) -> dict[str, Any]:
 @pytest.mark.parametrize("kind", ["file", "sqlite"])
 def test_workflow_resumes_in_a_new_process(kind: str, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    url = f"file://{tmp_path / 'store'}" if kind == "file" else f"sqlite://{tmp_path / 'db'}"
+    url = f"file://{tmp_path / 'store'}" if kind == "file" else f"sqlite:///{tmp_path / 'db'}"
     text = "one small step for a workflow"
     crashed = _run(env, url, "run", text, "3")
     assert crashed["crashed"] == "crashed at word 3"

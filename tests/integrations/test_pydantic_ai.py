@@ -285,7 +285,7 @@ async def _conversations_show_in_the_cli_views(conversations: FastConversationSt
 
 
 def _url(kind: str, tmp_path: Path) -> str:
-    return f"file://{tmp_path / 'store'}" if kind == "file" else f"sqlite://{tmp_path / 's.db'}"
+    return f"file://{tmp_path / 'store'}" if kind == "file" else f"sqlite:///{tmp_path / 's.db'}"
 
 
 @pytest.mark.parametrize("store_kind", ["file", "sqlite"])
@@ -464,7 +464,7 @@ async def test_conversations_expire_and_their_entries_are_cleaned_up(clock: Fake
 
 
 async def test_a_store_url_is_opened_and_closed_by_the_adapter(tmp_path: Path) -> None:
-    url = f"sqlite://{tmp_path / 'c.db'}"
+    url = f"sqlite:///{tmp_path / 'c.db'}"
     with anyio.fail_after(10):
         async with FastConversationStore(url) as conversations:
             await conversations.save(Conversation(conversation_id="u", messages=_turns("a")))
