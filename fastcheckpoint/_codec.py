@@ -529,7 +529,7 @@ class Codec:
             return value  # msgpack's own timestamp
         if tz is not None and type(tz) is not _dt.timezone:
             return _REFUSED  # a zone with rules (ZoneInfo, pytz): its offset alone is not it
-        fields = (value.isoformat(), value.fold, _tz_name(tz))
+        fields = _clock_fields(value.isoformat(), value.fold, tz)
         return msgspec.msgpack.Ext(_EXT_DATETIME, self._encoder.encode(fields))
 
     def _time(self, value: _dt.time) -> Any:
@@ -538,7 +538,7 @@ class Codec:
             return msgspec.msgpack.Ext(_EXT_TIME, value.isoformat().encode())
         if tz is not None and type(tz) is not _dt.timezone:
             return _REFUSED
-        fields = (value.isoformat(), value.fold, _tz_name(tz))
+        fields = _clock_fields(value.isoformat(), value.fold, tz)
         return msgspec.msgpack.Ext(_EXT_CLOCK_TIME, self._encoder.encode(fields))
 
     def _via_hook(self, value: Any, path: str, depth: int, seen: set[int]) -> Any:
@@ -648,13 +648,31 @@ def _tz_name(tz: _dt.tzinfo | None) -> str | None:
     return None if name == unnamed.tzname(None) else name
 
 
+def _clock_fields(text: str, fold: int, tz: _dt.tzinfo | None) -> tuple[Any, ...]:
+    """``[isoformat, fold, tzname]``, plus the offset in microseconds when it has a fraction
+    of a second: ``fromisoformat`` reads some such offsets as zero (CPython 3.11 reads
+    ``+00:00:00.000001`` as UTC), so they are not left to the text."""
+    offset = None if tz is None else tz.utcoffset(None)
+    if offset is not None and offset.microseconds:
+        return (text, fold, _tz_name(tz), offset // _dt.timedelta(microseconds=1))
+    return (text, fold, _tz_name(tz))
+
+
 def _with_clock_fields(parse: Callable[[str], Any], fields: Any) -> Any:
-    """A datetime or time from ``[isoformat, fold, tzname]`` (``_EXT_DATETIME``/``_CLOCK_TIME``)."""
-    text, fold, name = fields
-    if fold not in (0, 1) or not (name is None or type(name) is str):
-        raise ValueError(f"bad fold {fold!r} or zone name {name!r}")
+    """A datetime or time from ``[isoformat, fold, tzname]`` or ``[isoformat, fold, tzname,
+    offset in microseconds]`` (``_EXT_DATETIME``/``_CLOCK_TIME``)."""
+    text, fold, name, *rest = fields
+    if fold not in (0, 1) or not (name is None or type(name) is str) or len(rest) > 1:
+        raise ValueError(f"bad fold {fold!r}, zone name {name!r} or fields {len(fields)}")
     value = parse(text)
-    if name is not None:
+    if rest:
+        micros = rest[0]
+        if type(micros) is not int or value.tzinfo is None:
+            raise ValueError(f"bad offset {micros!r} for {text!r:.60}")
+        offset = _dt.timedelta(microseconds=micros)
+        value = value.replace(tzinfo=_dt.timezone(offset) if name is None
+                              else _dt.timezone(offset, name))
+    elif name is not None:
         if value.tzinfo is None:
             raise ValueError("a zone name without an offset")
         value = value.replace(tzinfo=_dt.timezone(value.utcoffset(), name))
