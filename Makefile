@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_VENV ?= .venv-demo
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test (0 runs the suite in this process, in order).
+TEST_WORKERS ?= 2
 DEMO_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -15,7 +17,8 @@ help:
 	@echo "make install   create $(VENV) and install fastcheckpoint[dev] in editable mode"
 	@echo "make demo      run an agent loop, kill it with SIGKILL, resume it from its checkpoint"
 	@echo "               (in $(DEMO_VENV), which holds the library and nothing else)"
-	@echo "make test      run the test suite (PYTEST_ARGS='-k file' to select)"
+	@echo "make test      run the test suite on TEST_WORKERS=2 processes (PYTEST_ARGS='-k file'"
+	@echo "               to select, TEST_WORKERS=0 for one process)"
 	@echo "make lint      ruff check"
 	@echo "make type      mypy --strict"
 	@echo "make soak      the reliability suite at ten times its size (about 10 minutes)"
@@ -50,7 +53,7 @@ demo: $(DEMO_VENV)/.installed
 	$(DEMO_VENV)/bin/python examples/agent_demo.py $(DEMO_ARGS)
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

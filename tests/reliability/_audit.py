@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import threading
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,8 +195,25 @@ class Figures:
             with open(path, "a", encoding="utf-8") as out:
                 out.write(json.dumps(line) + "\n")
 
+    def rows(self) -> list[list[object]]:
+        """The counts as plain values, for :meth:`merge` in another process."""
+        with self._lock:
+            return [[scenario, store, dict(counts)]
+                    for (scenario, store), counts in sorted(self._rows.items())]
+
+    def merge(self, rows: Iterable[Sequence[Any]]) -> None:
+        """Add counts another process measured (its :meth:`rows`); nothing is reported."""
+        with self._lock:
+            for scenario, store, counts in rows:
+                self._rows.setdefault((scenario, store), Counter()).update(counts)
+
     def lines(self) -> list[str]:
         with self._lock:
             rows = sorted(self._rows.items())
         return [f"{scenario:<14} {store:<9} " + ", ".join(f"{k} {v}" for k, v in counts.items())
                 for (scenario, store), counts in rows]
+
+
+FIGURES = Figures(int(os.environ.get(SEED_VARIABLE) or secrets.randbits(32)))
+"""This session's figures. Its seed is chosen once: the process that starts the session
+exports it in ``$FC_RELIABILITY_SEED`` before any xdist worker starts, so all share it."""

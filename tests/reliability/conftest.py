@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import secrets
 import zlib
 from collections.abc import Callable, Coroutine, Iterator
@@ -14,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.reliability._audit import SCALE_VARIABLE, SEED_VARIABLE, Figures, scale
+from tests.reliability._audit import FIGURES, SCALE_VARIABLE, SEED_VARIABLE, Figures, scale
 from tests.reliability._stores import (
     REGION,
     Target,
@@ -40,22 +39,12 @@ __all__ = ["moto_endpoint", "shared_redis"]
 DURABLE = ("file", "sqlite", "redis", "postgres", "s3", "dynamodb")
 NETWORK = ("redis", "postgres", "s3", "dynamodb")
 
-_figures = Figures(int(os.environ.get(SEED_VARIABLE) or secrets.randbits(32)))
+_figures = FIGURES
 
 
 def pytest_report_header() -> str:
     return (f"reliability suite: seed {_figures.seed} (replay with {SEED_VARIABLE}), "
             f"scale {scale():g} ({SCALE_VARIABLE})")
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    lines = _figures.lines()
-    if not lines:
-        return
-    terminalreporter.section("reliability figures")
-    terminalreporter.write_line(f"seed {_figures.seed}, scale {scale():g}")
-    for line in lines:
-        terminalreporter.write_line(line)
 
 
 @pytest.fixture

@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from tests import _summary
+
 SHARED_HOST, SHARED_PORT = "127.0.0.1", 5432
 FORCE = "FC_TEST_POSTGRES"
 ADMIN_USER = "postgres"
@@ -172,20 +174,17 @@ class _Session:
         self.target: PostgresTarget | None = None
         self.skip_reason: str | None = None
         self.server: PrivatePostgres | None = None
-        self.reported = False
-
-    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
-        if self.target is not None:
-            terminalreporter.write_line(f"postgres store tests ran against "
-                                        f"{self.target.describe()} (dropped afterwards)")
-        elif self.skip_reason is not None:
-            terminalreporter.write_line(f"postgres store tests SKIPPED: {self.skip_reason}")
 
     def open(self, config: pytest.Config) -> None:
-        if not self.reported:
-            config.pluginmanager.register(self, "fastcheckpoint-postgres-session")
-            config.add_cleanup(self.close)
-            self.reported = True
+        config.add_cleanup(self.close)
+        self._open()
+        if self.target is not None:
+            _summary.note(f"postgres store tests ran against {self.target.describe()} "
+                          "(dropped afterwards)")
+        else:
+            _summary.note(f"postgres store tests SKIPPED: {self.skip_reason}")
+
+    def _open(self) -> None:
         tier = _tier()
         if tier == "none":
             self.skip_reason = (

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import anyio
 import pytest
 
+from tests import _summary
 from tests.stores._redis_servers import (
     SHARED_HOST,
     SHARED_PORT,
@@ -32,10 +33,8 @@ class RedisTarget:
         if self.kind == "fakeredis":
             return "fakeredis (no redis-server reachable or installed)"
         where = self.url.split("//", 1)[1]
-        return f"{self.kind} redis-server at {where}, key prefix {self.prefix}"
+        return f"{self.kind} redis-server at {where} (under key prefixes of their own)"
 
-
-_chosen: list[str] = []
 
 FORCE = "FC_TEST_REDIS"
 """``shared``, ``private`` or ``fakeredis``: skip the earlier choices (to test a fallback).
@@ -69,25 +68,20 @@ def pytest_report_header() -> str:
     return f"redis store tests: {_plan()}"
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    for line in _chosen:
-        terminalreporter.write_line(f"redis store tests ran against {line}")
-
-
 @pytest.fixture(scope="session")
 def redis_target() -> Iterator[RedisTarget]:
     prefix = session_prefix()
     tier = _tier()
     if tier == "shared":
         target = RedisTarget("shared", f"redis://{SHARED_HOST}:{SHARED_PORT}/0", prefix)
-        _chosen.append(target.describe())
+        _summary.note(f"redis store tests ran against {target.describe()}")
         yield target
         return
     if tier == "private":
         server = PrivateRedis(free_port())
         server.start()
         target = RedisTarget("private", server.url, prefix)
-        _chosen.append(target.describe())
+        _summary.note(f"redis store tests ran against {target.describe()}")
         try:
             yield target
         finally:
@@ -97,7 +91,7 @@ def redis_target() -> Iterator[RedisTarget]:
         pytest.skip("no Redis: 127.0.0.1:6379 is unreachable, redis-server is not installed, "
                     "and fakeredis with lupa (pip install 'fakeredis[lua]') is missing")
     target = RedisTarget("fakeredis", "fakeredis://", prefix)
-    _chosen.append(target.describe())
+    _summary.note(f"redis store tests ran against {target.describe()}")
     yield target
 
 
