@@ -789,8 +789,10 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             return _Encoded(
                 checkpoint_id=checkpoint["id"], payload=payload, extra=extra,
                 step_name=_step_name(metadata), blobs=blobs,
+                # A channel without a value (empty at this checkpoint) has no blob to name:
+                # stores refuse refs to items they do not hold.
                 refs=tuple(records.blob_key(channel, version)
-                           for channel, version in versions.items()),
+                           for channel, version in versions.items() if channel in values),
                 size=len(payload) + sum(len(blob.value) for blob in blobs),
             )
 
@@ -1181,7 +1183,9 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         record = StoredCheckpoint(
             sequence=located.sequence, checkpoint_id=record_id, created_at=self._now(),
             expires_at=located.expires_at, header=self._shared.codec.encode_header(header),
-            payload=stored.payload, refs=stored.refs)
+            # Only the values the source holds (a checkpoint saved by an older release may
+            # name channels that never had one): stores refuse refs to items they lack.
+            payload=stored.payload, refs=tuple(key for key in stored.refs if key in items))
         writes = records.writes_prefix(stored.sequence)
         owned = [Item(key=records.writes_prefix(located.sequence) + key[len(writes):],
                       value=value, owner=located.sequence, expires_at=located.expires_at)
@@ -1189,7 +1193,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         owned.append(Item(key=records.index_key(extra.checkpoint_id),
                           value=self._shared.items.encode(located), owner=located.sequence,
                           expires_at=located.expires_at))
-        shared = [Item(key=key, value=items[key]) for key in stored.refs if key in items]
+        shared = [Item(key=key, value=items[key]) for key in record.refs]
         try:
             await self._store.append_with_items(
                 target.key, record, run=self._seed(target, located, record.created_at),

@@ -37,6 +37,8 @@ from fastcheckpoint.stores._base import (
     key_successor,
     latest_expiry,
     purge_all,
+    refs_to_find,
+    unheld_refs,
 )
 from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop, require_asyncio
 
@@ -72,8 +74,10 @@ __all__ = [
     "latest_expiry",
     "open_store",
     "purge_all",
+    "refs_to_find",
     "register_store",
     "require_asyncio",
+    "unheld_refs",
 ]
 
 

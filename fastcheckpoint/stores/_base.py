@@ -32,7 +32,7 @@ from typing import Protocol, runtime_checkable
 import anyio.lowlevel
 import msgspec
 
-from fastcheckpoint.errors import ConfigurationError, ValidationError
+from fastcheckpoint.errors import ConfigurationError, SharedItemGone, ValidationError
 
 __all__ = [
     "EMPTY_RUN",
@@ -504,8 +504,17 @@ class SupportsSharedItems(Protocol):
     expiry, pruning or purging) while any held checkpoint of the run names it, and it is
     removed once none does: with the removal of the last checkpoint that named it, or at the
     latest by the ``purge_expired`` that completes after that removal (a store may sweep). An
-    append racing a removal never loses an item its record names. ``refs`` naming no item are
-    allowed (reads return what exists). Keys follow the item rules (at most
+    append racing a removal never loses an item its record names: every ref must name an item
+    the run holds or the same call writes, and an append naming one that a removal took (a
+    writer that believed it still held, while another process pruned its last holder) is
+    refused with :class:`~fastcheckpoint.errors.SharedItemGone`, nothing written: append again
+    with those values. Stores that read every ref in the append's atomic step (memory, file,
+    SQLite, Redis, PostgreSQL) refuse any ref naming no live item, also one never written
+    (:func:`refs_to_find` and :func:`unheld_refs` give the keys to look up and the error); S3
+    and DynamoDB check refs against the removals they remember, so callers name only items
+    they wrote. A new life of a run (sequence 0 after it expired or was deleted) holds only the
+    loose items of its key (``put_items``), not what the earlier life's checkpoints named or
+    owned. Keys follow the item rules (at most
     :data:`MAX_ITEM_KEY_BYTES`). Shared items carry no expiry of their own (``expires_at``
     ``None``): the checkpoints naming them decide their life; owned items are given their
     checkpoint's ``expires_at``, so everything of a checkpoint expires together.
@@ -574,3 +583,20 @@ def check_shared_items(record: StoredCheckpoint, items: Sequence[Item]) -> None:
             raise ValidationError(
                 f"item {item.key[:40]!r} is owned by checkpoint {item.owner}; items appended "
                 f"with checkpoint {record.sequence} belong to it or to no checkpoint")
+
+
+def refs_to_find(record: StoredCheckpoint, items: Sequence[Item]) -> tuple[str, ...]:
+    """The keys ``record.refs`` names that ``items`` do not write, each once, in order: the
+    items ``append_with_items`` must find held by the run."""
+    written = {item.key for item in items}
+    return tuple(key for key in dict.fromkeys(record.refs) if key not in written)
+
+
+def unheld_refs(run_key: str, sequence: int, keys: Sequence[str]) -> SharedItemGone:
+    """The one refusal of an append whose refs name items the run does not hold."""
+    shown = ", ".join(repr(key[:40]) for key in keys[:5])
+    more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+    return SharedItemGone(
+        f"run {run_key}: checkpoint {sequence} names shared items the run does not hold "
+        f"({shown}{more}); nothing was written: append it again with their values",
+        keys=tuple(keys))

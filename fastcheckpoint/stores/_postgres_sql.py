@@ -538,6 +538,53 @@ END
 $fn$
 """
 
+
+def _patched(text: str, *edits: tuple[str, str]) -> str:
+    """``text`` with each ``(old, new)`` edit made; each ``old`` occurs exactly once."""
+    for old, new in edits:
+        if text.count(old) != 1:
+            raise ValueError(f"{old!r} occurs {text.count(old)} times, not once")
+        text = text.replace(old, new)
+    return text
+
+
+# Migration 2: the append of migration 1, refusing (FC004, nothing written, a new run's row
+# included) refs that name an item the run does not hold live. A writer in another process
+# may have pruned the last checkpoint naming an item this writer still believes held; the
+# check comes after the sequence check and the recognition of a retry (an append whose reply
+# was lost is acknowledged even if its items went since), and after the leftovers of an
+# expired run went. The keys, distinct and in refs order, go hex-encoded in DETAIL.
+_APPEND_V2 = _patched(
+    _APPEND_V1,
+    ("CREATE FUNCTION {append}(", "CREATE OR REPLACE FUNCTION {append}("),
+    ("    v_problem text;\nBEGIN\n", "    v_problem text;\n    v_unheld bytea[];\nBEGIN\n"),
+    ("\n    INSERT INTO {checkpoints} (run_key, sequence, checkpoint_id, created_at, expires_at,\n",
+     r"""
+    IF cardinality(p_refs) > 0 THEN
+        -- The run row is locked by now: a removal of the run's checkpoints (which releases
+        -- their shared items) waits for this transaction.
+        SELECT array_agg(wanted.k ORDER BY wanted.n) INTO v_unheld
+          FROM (SELECT t.k, min(t.n) AS n
+                  FROM unnest(p_refs) WITH ORDINALITY AS t(k, n)
+                 WHERE NOT (t.k = ANY (coalesce(p_item_keys, '{{}}')))
+                 GROUP BY t.k) wanted
+         WHERE NOT EXISTS (SELECT 1 FROM {items} i
+                            WHERE i.run_key = p_run_key AND i.key = wanted.k
+                              AND (i.expires_at IS NULL OR i.expires_at > p_now));
+        IF v_unheld IS NOT NULL THEN
+            RAISE EXCEPTION USING ERRCODE = 'FC004',
+                MESSAGE = format('run key %s: checkpoint %s names shared items the run does '
+                                 'not hold', p_run_key, p_sequence),
+                DETAIL = array_to_string(ARRAY(
+                    SELECT encode(u.k, 'hex') FROM unnest(v_unheld) WITH ORDINALITY AS u(k, n)
+                     ORDER BY u.n), ',');
+        END IF;
+    END IF;
+
+    INSERT INTO {checkpoints} (run_key, sequence, checkpoint_id, created_at, expires_at,
+"""),
+)
+
 # Deletes whose reply may be lost remember their result under the caller's token for five
 # minutes (by the server's clock: these calls carry no manager clock).
 _DELETES_V1 = r"""
@@ -1198,6 +1245,11 @@ MIGRATIONS = (
             _UPDATE_RUN_V1.strip(), _ITEMS_V1.strip(), _PURGE_V1.strip(),
             _READS_V1.strip(), _REPAIR_V1.strip(),
         ]),
+    ),
+    Migration(
+        2,
+        "append refuses refs naming items the run does not hold",
+        _APPEND_V2.strip(),
     ),
 )
 """Every schema version, oldest first. A released migration is never edited: changes come

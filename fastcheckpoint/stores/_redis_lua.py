@@ -41,7 +41,11 @@ checkpoint (pruning, ``delete``, purging, a log entry whose key vanished) reads 
 and lowers the counts in ``ir``; an item no held checkpoint names any more is removed at once,
 unless a held checkpoint owns it. A referenced item carries no expiry of its own, and the item
 keys live as long as the run (plus the grace), so it never expires while a held checkpoint names
-it.
+it. An append with items counts its refs before anything it replaces is pruned, and first checks,
+after the sequence check and before its first write, that every ref it does not write itself
+names a live item of the run (for a new run, one that outlives the old incarnation): otherwise it
+answers ``{'gone', keys...}`` and writes nothing, since another process may have removed the last
+holder of an item this writer still believes held.
 
 Lost replies. redis-py retries a call whose reply was lost, with the same arguments. Appends
 recognise their own write token in the checkpoint they wrote; run updates, the counting deletes,
@@ -573,6 +577,8 @@ end
 # keep_latest, write token, then the seed run: run_id, incarnation, status, created_at,
 # version, data, index member, labels (JSON, '' for none); then the refs (JSON, '' for none),
 # the number n of distinct refs, those n keys, and (key, value, owned '1'/'') per item.
+# Returns {'ok', status}, {'conflict', latest, incarnation}, {'damaged', problem} or
+# {'gone', keys...}: refs naming items the run does not hold (nothing written).
 _APPEND = r"""
 local sequence, expires_at, token = ARGV[5], ARGV[8], ARGV[13]
 local incarnation = ARGV[15]
@@ -585,7 +591,8 @@ if run.damaged then return {{'damaged', run.problem}, OPS} end
 local slot = redis.call('HMGET', KEYS[11], 'i', 'e')
 local taken = slot[1] and is_live(slot[2])
 local status, created = run.st, false
-if run.present and run.live then
+local continues, replaced = run.present and run.live, false
+if continues then
   if incarnation ~= run.inc or tonumber(sequence) ~= run.latest + 1 or taken then
     local latest = run.latest
     if taken and tonumber(sequence) > latest then latest = tonumber(sequence) end
@@ -593,7 +600,32 @@ if run.present and run.live then
   end
 else
   if sequence ~= '0' or taken then return {{'conflict', '', ''}, OPS} end
-  if run.present or redis.call('EXISTS', KEYS[2], KEYS[10]) > 0 then drop_run(true) end
+  replaced = run.present or redis.call('EXISTS', KEYS[2], KEYS[10]) > 0
+end
+
+-- Refs the append does not write must name items the run holds now: a writer that names an
+-- item without its value (believing it held) may have lost a race with a removal of its last
+-- holder in another process. A new run holds only what outlives the old one (drop_run(true)):
+-- no item a checkpoint of it names or owns.
+local distinct = tonumber(ARGV[23])
+local written, missing = {}, {'gone'}
+for index = 24 + distinct, #ARGV, 3 do written[ARGV[index]] = true end
+for index = 24, 23 + distinct do
+  local key = ARGV[index]
+  if not written[key] then
+    local held = item_live(key)
+    if held and replaced then
+      local owner = redis.call('ZSCORE', KEYS[7], key)
+      held = redis.call('HEXISTS', KEYS[9], key) == 0
+        and not (owner and redis.call('ZSCORE', KEYS[2], owner))
+    end
+    if not held then missing[#missing + 1] = key end
+  end
+end
+if #missing > 1 then return {missing, OPS} end
+
+if not continues then
+  if replaced then drop_run(true) end
   redis.call('HSET', KEYS[1], 'rid', ARGV[14], 'inc', incarnation, 'st', ARGV[16],
     'ct', ARGV[17], 'v', ARGV[18], 'd', ARGV[19], 'm', ARGV[20])
   op('add', ARGV[20], ARGV[16], stamp())
@@ -614,7 +646,6 @@ if expires_at ~= '' then redis.call('ZADD', KEYS[3], expires_at, sequence) end
 redis.call('HSET', KEYS[1], 'ls', sequence, 'ut', NOW_S)
 
 -- Its refs count before pruning can remove what they name; then its items, if absent.
-local distinct = tonumber(ARGV[23])
 if ARGV[22] ~= '' then
   redis.call('HSET', KEYS[10], sequence, ARGV[22])
   local refs = {}

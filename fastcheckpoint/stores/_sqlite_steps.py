@@ -224,9 +224,9 @@ LABELS = "SELECT label FROM fc_labels WHERE run_key = ? ORDER BY position"
 
 
 @functools.lru_cache(maxsize=64)
-def _items_in(size: int) -> str:
+def _items_in(size: int, columns: str = "key, value") -> str:
     marks = ", ".join("?" * size)
-    return f"SELECT key, value FROM fc_items WHERE run_key = ? AND {_LIVE} AND key IN ({marks})"
+    return f"SELECT {columns} FROM fc_items WHERE run_key = ? AND {_LIVE} AND key IN ({marks})"
 
 
 @functools.lru_cache(maxsize=64)
@@ -344,6 +344,18 @@ def first_live_item(
         if row is not None:
             return str(row[0])
     return None
+
+
+def unheld(
+    db: sqlite3.Connection, run_key: str, keys: Sequence[str], now: float
+) -> list[str]:
+    """The ``keys`` (distinct) that name no live item of the run, in their order; reads keys
+    only, never values."""
+    held: set[str] = set()
+    for chunk in _padded(keys):
+        rows = db.execute(_items_in(len(chunk), "key"), (run_key, now, *chunk))
+        held.update(key for key, in rows)
+    return [key for key in keys if key not in held]
 
 
 def logged_runs(db: sqlite3.Connection) -> list[str]:

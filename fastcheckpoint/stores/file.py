@@ -72,7 +72,7 @@ import secrets
 import stat
 import struct
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -107,6 +107,8 @@ from fastcheckpoint.stores._base import (
     header_of,
     is_live,
     item_key_bytes,
+    refs_to_find,
+    unheld_refs,
 )
 
 __all__ = ["MAX_ITEM_KEY_BYTES", "FileCheckpointStore", "FileStore", "parse_file_url"]
@@ -1176,10 +1178,20 @@ class FileStore(ExpiryCleanup):
             stored = state.run if state is not None else None
             current = stored if stored is not None and is_live(stored.expires_at, now) else None
             _check_sequence(run_key, record, seed, current)
+            find = refs_to_find(record, [item for _, item in named])
             if state is None or stored is None or current is None:
+                if find:
+                    # A new life holds the loose items of its key, not what the checkpoints
+                    # of an earlier one named (they go with them).
+                    earlier = state.shared if state is not None and state.shared else None
+                    self._check_refs_held(
+                        run_key, record.sequence, find, now, new_life=True,
+                        gone={*(earlier.counts if earlier else ()),
+                              *(state.dropping if state is not None else ())})
                 ledger = self._start_run(run_key, state, seed)
             else:
                 ledger = self._ledger(run_key, state, current)
+                self._check_refs_held(run_key, record.sequence, find, now, gone=ledger.dropping)
             ledger.run = msgspec.structs.replace(
                 ledger.run, latest_sequence=record.sequence, updated_at=now
             )
@@ -1327,6 +1339,31 @@ class FileStore(ExpiryCleanup):
                 continue  # written once per key: a live value is never replaced
             absent.append((name, item))
         return absent
+
+    def _check_refs_held(
+        self, run_key: str, sequence: int, keys: Sequence[str], now: float, *,
+        gone: Collection[str], new_life: bool = False,
+    ) -> None:
+        """Refuse (before anything is written) refs naming items the run does not hold: a key
+        in ``gone`` (being dropped), or with no live item in place (for a new life, no live
+        loose item), is not held."""
+        if not keys:
+            return
+        files = _Dir(self._run_dir(run_key))
+
+        def held(key: str) -> bool:
+            if key in gone:
+                return False
+            try:
+                found = files.item(_item_name(key), whole=False)
+            except CorruptCheckpointError:
+                return False  # replaced if this append wrote it; refused as missing here
+            return (found is not None and is_live(found[0].expires_at, now)
+                    and not (new_life and found[0].owner is not None))
+
+        missing = [key for key in keys if not held(key)]
+        if missing:
+            raise unheld_refs(run_key, sequence, missing)
 
     def _drop_shared(self, run_key: str, keys: Iterable[str]) -> list[str]:
         """Unlink shared items that no held checkpoint names (an owned item stays with its

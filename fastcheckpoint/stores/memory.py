@@ -49,6 +49,8 @@ from fastcheckpoint.stores._base import (
     item_key_bytes,
     key_successor,
     latest_expiry,
+    refs_to_find,
+    unheld_refs,
 )
 
 __all__ = ["InMemoryCheckpointStore", "MemoryStore"]
@@ -310,6 +312,7 @@ class MemoryStore(ExpiryCleanup):
         if current is None:
             if record.sequence != 0:
                 raise SequenceConflict(latest_sequence=None, incarnation=None)
+            self._check_refs_held(run_key, record, items, now, new_life=True)
             self._drop_run(run_key, keep_items=True)
             seed = msgspec.structs.replace(run, latest_sequence=-1, checkpoint_count=0,
                                            expires_at=record.expires_at)
@@ -323,6 +326,8 @@ class MemoryStore(ExpiryCleanup):
                 latest_sequence=current.record.latest_sequence,
                 incarnation=current.record.incarnation,
             )
+        else:
+            self._check_refs_held(run_key, record, items, now)
         head = current.record
         # A tuple of its own: a list of refs the caller keeps would change what is stored.
         stored = msgspec.structs.replace(record, key="", refs=tuple(record.refs))
@@ -340,6 +345,25 @@ class MemoryStore(ExpiryCleanup):
         self._track_checkpoint_expiry(run_key, current, record)
         self._prune(run_key, current, keep_latest, now)
         return current.record.status
+
+    def _check_refs_held(
+        self, run_key: str, record: StoredCheckpoint, items: Sequence[Item], now: float,
+        *, new_life: bool = False,
+    ) -> None:
+        """Refuse (before any change) refs naming items the run does not hold. A new life
+        holds only the loose items (``put_items``) of its run key: what the checkpoints of an
+        earlier life named or owned goes with them."""
+        space = self._items.get(run_key)
+
+        def held(key: str) -> bool:
+            item = None if space is None else space.live(key, now)
+            if item is None or space is None:
+                return False
+            return not new_life or (item.owner is None and space.refs.get(key, 0) == 0)
+
+        missing = [key for key in refs_to_find(record, items) if not held(key)]
+        if missing:
+            raise unheld_refs(run_key, record.sequence, missing)
 
     def _add_shared(
         self, run_key: str, record: StoredCheckpoint, items: Sequence[Item], now: float

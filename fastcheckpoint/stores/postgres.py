@@ -70,6 +70,7 @@ from fastcheckpoint.stores._base import (
     check_options,
     check_shared_items,
     item_key_bytes,
+    unheld_refs,
 )
 from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop, require_asyncio
 from fastcheckpoint.stores._postgres_schema import SchemaState, provision, schema_state
@@ -137,6 +138,7 @@ _POOL_ONLY = frozenset({"min_size", "max_size", "max_queries",
 _CORRUPT_LOG = "FC001"
 _ITEM_TAKEN = "FC002"
 _DAMAGED_ROW = "FC003"
+_REFS_UNHELD = "FC004"
 _REPAIR_PAGE = 500
 _REMEDY = ("`fastcheckpoint doctor --repair URL` rebuilds it from the run's checkpoints "
            "(delete_run removes the run)")
@@ -545,9 +547,10 @@ class PostgresStore(ExpiryCleanup):
         refs = [_key_bytes(ref) for ref in record.refs]
         keys, values, owners, expiries = self._item_columns(
             items, first_wins=True, checkpoint_expiry=(record.expires_at,))
+        sequence = _bigint(record.sequence, "sequence")
         row = await self._append_row(
-            run_key,
-            run_key, _bigint(record.sequence, "sequence"), record.checkpoint_id,
+            run_key, sequence,
+            run_key, sequence, record.checkpoint_id,
             record.created_at, record.expires_at, record.header, record.payload,
             refs or None, _token(), _utf8(run.run_id, "run_id"),
             _text_arg(run.incarnation, "incarnation"), _text_arg(run.status, "status"),
@@ -562,11 +565,21 @@ class PostgresStore(ExpiryCleanup):
             f"sequence {record.sequence} is not the next of run key {run_key}",
             latest_sequence=row[2], incarnation=row[3])
 
-    async def _append_row(self, run_key: str, *args: Any) -> asyncpg.Record | None:
+    async def _append_row(
+        self, run_key: str, sequence: int, *args: Any
+    ) -> asyncpg.Record | None:
         """The append call (``args``: the function's, from ``run_key`` on). A refusal because
-        the log contradicts the run row names the run row, where the damage is."""
+        the log contradicts the run row names the run row, where the damage is; refs naming
+        items the run does not hold are refused with their keys (hex in the error's detail)."""
         try:
             return await self._row("append", self._sql.append, *args)
+        except StoreError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, pg_errors.PostgresError) and cause.sqlstate == _REFS_UNHELD:
+                detail = getattr(cause, "detail", None) or ""
+                keys = [bytes.fromhex(key).decode("utf-8") for key in detail.split(",") if key]
+                raise unheld_refs(run_key, sequence, keys) from cause
+            raise
         except CorruptCheckpointError as exc:
             where = f"{self._names['runs']} ({run_key})"
             if exc.key == where:

@@ -27,6 +27,11 @@ fails the operation it follows (the intent repairs it).
 ``list_runs``, ``runs_with_label`` and ``count_runs`` read the global index and then the run
 records in one pipeline (two round trips). ``purge_expired`` costs one call per run due plus two.
 
+Shared items. ``append_with_items`` checks inside its script, before writing anything, that each
+ref it does not write names an item the run holds and that is live at ``now``; otherwise it
+raises ``SharedItemGone`` naming those keys and leaves the run as it was (a new run is not
+created). The check adds no round trip.
+
 Expiry. Checkpoint keys get native millisecond expiry, anchored at the manager's ``now``
 (``PEXPIRE`` of ``expires_at - now``) rather than at the server's clock, so a manager with an
 injected or skewed clock keeps the lifetime it asked for. Run-level keys expire with the run
@@ -93,6 +98,7 @@ from fastcheckpoint.stores._base import (
     check_options,
     check_shared_items,
     item_key_bytes,
+    unheld_refs,
 )
 from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop
 from fastcheckpoint.stores._redis_lua import INDEX, INTENT, SCRIPTS, without_flags
@@ -712,6 +718,8 @@ class RedisStore(ExpiryCleanup):
                 latest_sequence=latest,
                 incarnation=incarnation,
             )
+        if reply[0] == b"gone":
+            raise unheld_refs(run_key, record.sequence, [_text(key) for key in reply[1:]])
         return _text(reply[1])
 
     async def get(

@@ -76,6 +76,8 @@ from fastcheckpoint.stores._base import (
     is_live,
     item_key_bytes,
     latest_expiry,
+    refs_to_find,
+    unheld_refs,
 )
 
 __all__ = ["SQLiteStore", "parse_sqlite_url"]
@@ -438,13 +440,14 @@ class SQLiteStore(ExpiryCleanup):
 
     Costs (``n`` = checkpoints held by the run, ``k`` = requested count, ``r`` = refs of a
     checkpoint): ``append`` is one transaction with one sync of the WAL: a primary-key read of
-    the run row, one checkpoint insert, one run-row update, plus, when pruning, one select and
-    one delete of the oldest (and a statement per expired one), and ``O(r)`` reference-count
-    updates. ``get`` and ``latest`` are one indexed statement (``latest`` walks down only past
-    expired newest checkpoints); ``headers`` two, never reading payloads; ``list_runs`` and
-    ``runs_with_label`` one indexed page; ``count_runs`` counts an index (``O(runs)`` index
-    entries, no rows) minus the runs due; ``purge_expired`` visits only runs and items whose
-    expiry passed.
+    the run row, one indexed read of the keys its refs name beyond the items it writes (which
+    must all be live items of the run; a statement per 500 such refs), one checkpoint insert,
+    one run-row update, plus, when pruning, one select and one delete of the oldest (and a
+    statement per expired one), and ``O(r)`` reference-count updates. ``get`` and ``latest``
+    are one indexed statement (``latest`` walks down only past expired newest checkpoints);
+    ``headers`` two, never reading payloads; ``list_runs`` and ``runs_with_label`` one indexed
+    page; ``count_runs`` counts an index (``O(runs)`` index entries, no rows) minus the runs
+    due; ``purge_expired`` visits only runs and items whose expiry passed.
     """
 
     def __init__(
@@ -730,6 +733,11 @@ class SQLiteStore(ExpiryCleanup):
                 head = self._start_run(db, run_key, record, seed, head)
             else:
                 self._check_next(db, run_key, head, record, seed)
+            # After the leftovers of an expired run went: a ref to one of them is refused too.
+            # Raising rolls back, so a refused append leaves even a new run's row unwritten.
+            missing = steps.unheld(db, run_key, refs_to_find(record, items), now)
+            if missing:
+                raise unheld_refs(run_key, record.sequence, missing)
             self._insert_checkpoint(db, run_key, record)
             steps.put_appended_items(db, run_key, record, items, now)
             self._update_head(db, run_key, head, record, seed, keep_latest, now)

@@ -8,12 +8,13 @@ A backend's test class subclasses the mixin of each capability it offers, with t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import anyio
 import msgspec
 import pytest
 
-from fastcheckpoint.errors import SequenceConflict, ValidationError
+from fastcheckpoint.errors import SequenceConflict, SharedItemGone, ValidationError
 from fastcheckpoint.stores._base import (
     MAX_ITEM_KEY_BYTES,
     CheckpointStore,
@@ -180,6 +181,10 @@ async def _stored(store: CheckpointStore, run: RunRecord, keys: Sequence[str], *
 class SharedItemsContract(ContractBase):
     """``SupportsSharedItems``: checkpoints with their items, shared items, owned writes."""
 
+    refs_checked_when_appended: ClassVar[bool] = True
+    """Whether the store refuses a ref naming an item that was never written (it reads every
+    ref in the append's atomic step); every store refuses a ref to an item a removal took."""
+
     async def test_store_offers_shared_items(self, store: CheckpointStore) -> None:
         assert isinstance(store, SupportsSharedItems)
 
@@ -277,14 +282,79 @@ class SharedItemsContract(ContractBase):
 
         assert await _stored(store, run, ["b/a"]) == {}
 
-    async def test_refs_naming_no_item_are_allowed(self, store: CheckpointStore) -> None:
-        run = make_run("dangling")
-        await _append_items(store, run, 0, refs=["b/missing", "b/here"],
-                            items=[make_item("b/here")])
+    async def test_a_ref_to_an_item_a_removal_took_is_refused(
+        self, store: CheckpointStore
+    ) -> None:
+        """A writer that believes an item is still held (another process pruned its last
+        holder meanwhile) names it without its value: the append is refused, nothing is
+        written, and sending the value makes it."""
+        run = make_run("stale-ref")
+        await _append_items(store, run, 0, refs=["b/a"], items=[make_item("b/a")])
+        await _append_items(store, run, 1, refs=["b/b"], items=[make_item("b/b")],
+                            keep_latest=1)
+        await store.purge_expired(now=T0, limit=1000)
+        assert await _stored(store, run, ["b/a"]) == {}
 
-        found = await _read(store, run, 0)
+        with pytest.raises(SharedItemGone):
+            await _append_items(store, run, 2, refs=["b/a", "b/b"], items=[make_item("w/2",
+                                owner=2)])
+        found = await _read(store, run, None)
         assert found is not None
-        assert found[2] == {"b/here": b"value-b/here"}
+        assert (found[0].sequence, found[2]) == (1, {"b/b": b"value-b/b"})
+        assert await _stored(store, run, ["b/a", "w/2"]) == {}
+
+        await _append_items(store, run, 2, refs=["b/a", "b/b"], items=[make_item("b/a")])
+        found = await _read(store, run, None)
+        assert found is not None
+        assert (found[0].sequence, found[2]) == (2, {"b/a": b"value-b/a",
+                                                     "b/b": b"value-b/b"})
+
+    async def test_a_ref_to_an_item_never_written_is_refused(
+        self, store: CheckpointStore
+    ) -> None:
+        """Stores that read every ref in the append's atomic step refuse one naming an item
+        the run does not hold (and the append does not write); S3 and DynamoDB check refs
+        against the removals they remember instead (``refs_checked_when_appended``)."""
+        if not self.refs_checked_when_appended:
+            pytest.skip("this store checks refs against the removals it remembers")
+        run = make_run("dangling")
+        await _append_items(store, run, 0, refs=["b/here"], items=[make_item("b/here")])
+
+        with pytest.raises(SharedItemGone) as refused:
+            await _append_items(store, run, 1, refs=["b/missing", "b/here", "b/new"],
+                                items=[make_item("b/new")])
+        assert refused.value.keys in ((), ("b/missing",))
+        assert await _sequences(store, run, now=T0) == [0]
+        assert await _stored(store, run, ["b/new"]) == {}
+
+        with pytest.raises(SharedItemGone):
+            await _append_items(store, make_run("dangling-new"), 0, refs=["b/missing"])
+        assert await store.get_run(key_of(make_run("dangling-new")), now=T0) is None
+
+    async def test_a_new_life_of_a_run_holds_only_its_loose_items(
+        self, store: CheckpointStore
+    ) -> None:
+        """A run appended again after it expired does not hold what the checkpoints of its
+        earlier life named (they go with them): naming one without its value is refused and
+        creates nothing; an item put with ``put_items`` outlives them and may be named."""
+        if not self.refs_checked_when_appended:
+            pytest.skip("this store checks refs against the removals it remembers")
+        old = make_run("reborn")
+        await _append_items(store, old, 0, refs=["b/named"], items=[make_item("b/named")],
+                            expires_at=T0 + 10)
+        await store.put_items(key_of(old), [make_item("b/loose")], now=T0)
+        later = T0 + 20
+        new = msgspec.structs.replace(make_run("reborn"), created_at=later)
+
+        with pytest.raises(SharedItemGone) as refused:
+            await _append_items(store, new, 0, refs=["b/loose", "b/named"], now=later)
+        assert refused.value.keys in ((), ("b/named",))
+        assert await store.get_run(key_of(new), now=later) is None
+
+        await _append_items(store, new, 0, refs=["b/loose"], now=later)
+        found = await _read(store, new, 0, now=later)
+        assert found is not None
+        assert found[2] == {"b/loose": b"value-b/loose"}
 
     async def test_read_latest_skips_expired_and_missing(self, store: CheckpointStore) -> None:
         run = make_run("latest-read")

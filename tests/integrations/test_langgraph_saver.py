@@ -132,13 +132,15 @@ class RefusingStore(CountingStore):
     """Refuses the next ``refusals`` appends that name shared values they do not send, as a
     store does when a removal took such a value away meanwhile."""
 
-    def __init__(self, inner: Any, refusals: int) -> None:
+    def __init__(self, inner: Any, refusals: int, *, even_when_all_sent: bool = False) -> None:
         super().__init__(inner)
         self.refusals = refusals
+        self.even_when_all_sent = even_when_all_sent
 
     async def append_with_items(self, run_key: str, record: Any, **options: Any) -> Any:
         sent = {item.key for item in options["items"]}
-        if self.refusals and any(key not in sent for key in record.refs):
+        if self.refusals and (self.even_when_all_sent
+                              or any(key not in sent for key in record.refs)):
             self.refusals -= 1
             self.calls["refused"] += 1
             raise SharedItemGone("removed meanwhile: append it again with their values")
@@ -165,14 +167,15 @@ async def test_a_save_refused_for_a_removed_value_is_sent_again_with_every_value
 
 
 async def test_a_save_refused_again_is_a_typed_error_and_writes_nothing() -> None:
-    store = RefusingStore(MemoryStore(), refusals=0)
+    """A store that refuses the resend too (none of ours does once every value is sent) gets
+    its error back: the saver sends again once, never in a loop."""
+    store = RefusingStore(MemoryStore(), refusals=0, even_when_all_sent=True)
     saver = _saver(store)
     with anyio.fail_after(DEADLINE):
         first = await put(saver, "t", values={"a": "1", "big": "x"}, versions={"a": 1, "big": 1})
-        store.refusals = 2  # the resend with every value is refused too (a version of a
-        # channel without a value is named and never sent)
+        store.refusals = 2
         with pytest.raises(SharedItemGone):
-            await put(saver, "t", parent=first, values={"a": "2"},
+            await put(saver, "t", parent=first, values={"a": "2", "big": "x"},
                       versions={"a": 2, "big": 1}, new_versions={"a": 2})
         latest = await saver.aget_tuple(config("t"))
     assert store.calls["refused"] == 2
@@ -208,6 +211,30 @@ async def _shared_value_survives(how: str, clock: FakeClock, memory: Any) -> Non
                                             in (("a", 1), ("a", 2), ("b", 1))])
     assert listed == [{"a": "a2", "b": "b1"}]
     assert set(stored) == {records.blob_key("a", 2), records.blob_key("b", 1)}
+
+
+async def test_a_value_another_process_removed_is_sent_again(
+    clock: FakeClock, fresh_store: FreshStore
+) -> None:
+    """Process A saved channel b at version 1; process B saved the next checkpoint with a new
+    b and pruned the thread, removing b's first value. A, still believing it held, saves a
+    checkpoint on its own parent with b unchanged: the store refuses the append (the value
+    is gone) and A sends it again, so the checkpoint restores whole."""
+    async with fresh_store() as store:
+        first_process, second_process = _saver(store, clock), _saver(store, clock)
+        with anyio.fail_after(STORE_DEADLINE):
+            first = await put(first_process, "t", values={"a": "a1", "b": "b1"},
+                              versions={"a": 1, "b": 1})
+            await put(second_process, "t", parent=first, values={"a": "a2", "b": "b2"},
+                      versions={"a": 2, "b": 2}, new_versions={"a": 2, "b": 2})
+            await second_process.aprune(["t"])
+            await second_process.manager.cleanup_expired()
+            assert await _items(store, "t", [records.blob_key("b", 1)]) == {}
+            third = await put(first_process, "t", parent=first, values={"a": "a3", "b": "b1"},
+                              versions={"a": 3, "b": 1}, new_versions={"a": 3})
+            restored = await second_process.aget_tuple(config("t", third))
+    assert restored is not None
+    assert restored.checkpoint["channel_values"] == {"a": "a3", "b": "b1"}
 
 
 async def test_delete_for_runs_finds_runs_in_every_thread_and_namespace() -> None:
@@ -276,6 +303,15 @@ async def test_list_pages_with_before_and_limit_in_a_long_thread() -> None:
 # -- writes before and after their checkpoint ----------------------------------------------------
 
 
+async def _settle() -> None:
+    """Let every task started so far run to where it waits (no thread hop is involved here:
+    small values are encoded inline). Not ``anyio.wait_all_tasks_blocked()``: writes waiting
+    for a save poll their signal every 50 ms, and its own 0.1 s re-checks can fall in step
+    with those wake-ups and find a task runnable every time, until the test's deadline."""
+    for _ in range(50):
+        await anyio.lowlevel.checkpoint()
+
+
 class _GatedStore(CountingStore):
     """Holds ``append_with_items`` until ``gate`` is set (a slow save)."""
 
@@ -300,12 +336,12 @@ async def test_writes_sent_before_their_checkpoint_is_saved_go_with_it() -> None
         second, third = checkpoint(), checkpoint()
         async with anyio.create_task_group() as group:
             group.start_soon(saver.aput, config("t", first), second, metadata(1), {})
-            await anyio.wait_all_tasks_blocked()
+            await _settle()
             group.start_soon(saver.aput_writes, config("t", second["id"]), [("x", 1)], "a")
             group.start_soon(saver.aput_writes, config("t", third["id"]), [("y", 2)], "b")
-            await anyio.wait_all_tasks_blocked()
+            await _settle()
             store.gate.set()
-            await anyio.wait_all_tasks_blocked()
+            await _settle()
             store.take()
             await saver.aput(config("t", second["id"]), third, metadata(2), {})
         calls = store.take()
@@ -351,12 +387,12 @@ async def test_writes_whose_checkpoint_is_saved_during_their_lookup_are_stored_a
     with anyio.fail_after(DEADLINE / 4):  # far below the saver's wait for a coming save
         async with anyio.create_task_group() as group:
             group.start_soon(saver.aput, config("t"), first, metadata(-1), {})
-            await anyio.wait_all_tasks_blocked()
+            await _settle()
             group.start_soon(saver.aput_writes, config("t", second["id"]), [("x", 1)], "a")
-            await anyio.wait_all_tasks_blocked()
+            await _settle()
             assert store.take() == {"get_items": 1}  # asked, the answer still on its way
             store.save_gate.set()
-            await anyio.wait_all_tasks_blocked()
+            await _settle()
             await saver.aput(config("t", first["id"]), second, metadata(0), {})
             store.reply_gate.set()
         found = await saver.aget_tuple(config("t", second["id"]))
@@ -376,7 +412,7 @@ async def test_writes_waiting_for_a_save_that_fails_are_released_by_it() -> None
         store.take()
         async with anyio.create_task_group() as group:
             group.start_soon(saver.aput_writes, config("t", second["id"]), [("x", 1)], "a")
-            await anyio.wait_all_tasks_blocked()
+            await _settle()
             assert store.take() == {}  # parked for the coming save, nothing asked
             with pytest.raises(SerializationError):
                 await saver.aput(config("t", first), second, metadata(0), {"a": 1})
@@ -396,7 +432,7 @@ async def test_after_a_failed_save_writes_for_later_checkpoints_do_not_wait() ->
         broken, after, later = checkpoint({"a": threading.Lock()}), checkpoint(), checkpoint()
         async with anyio.create_task_group() as group:
             group.start_soon(saver.aput_writes, config("t", after["id"]), [("x", 1)], "a")
-            await anyio.wait_all_tasks_blocked()
+            await _settle()
             with pytest.raises(SerializationError):
                 await saver.aput(config("t", first), broken, metadata(0), {"a": 1})
         await saver.aput_writes(config("t", later["id"]), [("y", 2)], "b")
@@ -406,7 +442,7 @@ async def test_after_a_failed_save_writes_for_later_checkpoints_do_not_wait() ->
         again = checkpoint()
         async with anyio.create_task_group() as group:
             group.start_soon(saver.aput_writes, config("t", again["id"]), [("x", 4)], "d")
-            await anyio.wait_all_tasks_blocked()
+            await _settle()
             store.take()
             await saver.aput(config("t", first), again, metadata(1), {})
         calls = store.take()

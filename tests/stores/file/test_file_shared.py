@@ -177,7 +177,8 @@ async def test_refs_are_kept_and_returned_by_every_read(store: FileStore) -> Non
     run = make_run("refs")
     key = key_of(run)
     with anyio.fail_after(30):
-        record = await _append(store, run, 0, ["b/x", "b/y"], [make_item("b/x")])
+        record = await _append(store, run, 0, ["b/x", "b/y"], [make_item("b/x"),
+                                                                make_item("b/y")])
         got, latest = await store.get(key, 0, now=T0), await store.latest(key, now=T0)
         read = await store.read_with_items(key, sequence=None, now=T0)
         headers, _ = await store.headers(key, before=None, limit=10, now=T0)
@@ -310,7 +311,7 @@ async def test_readers_never_read_the_reference_counts(
     with anyio.fail_after(60):
         for sequence in range(100):
             keys = [f"b/{sequence}/{index}" for index in range(20)]
-            await _append(store, run, sequence, keys)
+            await _append(store, run, sequence, keys, [make_item(key) for key in keys])
         size = (root / "runs" / key / "run.rec").stat().st_size
         assert size > 16_000
         read: list[int] = []
@@ -338,8 +339,9 @@ async def test_read_with_items_reads_what_the_checkpoint_owns_and_names(
     key = key_of(run)
     with anyio.fail_after(30):
         await store.put_items(key, [make_item(f"other/{index}") for index in range(100)], now=T0)
-        await _append(store, run, 0, ["b/a", "b/b", "b/missing"],
-                      [make_item("b/a"), make_item("b/b"), make_item("w/0", owner=0)])
+        await _append(store, run, 0, ["b/a", "b/b", "b/c"],
+                      [make_item("b/a"), make_item("b/b"), make_item("b/c"),
+                       make_item("w/0", owner=0)])
         assert await store.put_owned_items(key, [make_item("w/1", owner=0)], owner=0,
                                            checkpoint_id=checkpoint_id_of(run, 0),
                                            if_absent=True, now=T0)
@@ -359,7 +361,7 @@ async def test_read_with_items_reads_what_the_checkpoint_owns_and_names(
         monkeypatch.setattr(file_store._Dir, "listdir", counting_listdir)
         found = await store.read_with_items(key, sequence=0, now=T0)
     assert found is not None
-    assert sorted(found[2]) == ["b/a", "b/b", "w/0", "w/1"]
+    assert sorted(found[2]) == ["b/a", "b/b", "b/c", "w/0", "w/1"]
     assert len(items) == 5  # two owned, three named
     assert listed == [f"o/{0:020d}"]
 

@@ -160,7 +160,7 @@ async def test_label_lists_and_reference_counts_hold_only_what_is_held() -> None
         assert len(store._labels) == 25
         run = make_run("long")
         for sequence in range(500):
-            refs = ("b/all", f"b/{sequence}", f"b/{sequence - 1}")
+            refs = ("b/all", f"b/{sequence}", *([f"b/{sequence - 1}"] if sequence else []))
             items = [make_item("b/all"), make_item(f"b/{sequence}"),
                      make_item(f"w/{sequence}", owner=sequence)]
             await store.append_with_items(key_of(run), _with_refs(run, sequence, refs), run=run,

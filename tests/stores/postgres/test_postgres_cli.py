@@ -26,7 +26,9 @@ from tests.stores._postgres_server import (
     unique_schema,
 )
 
-DESCRIPTION = MIGRATIONS[0].description
+LATEST = MIGRATIONS[-1].version
+APPLIED = [f"  applied migration {migration.version}: {migration.description}"
+           for migration in MIGRATIONS]
 
 
 @pytest.fixture(scope="session")
@@ -82,11 +84,11 @@ def test_init_creates_then_finds_and_doctor_passes(
         f"{url}: provisioned",
         f"  created schema {schema}",
         f"  created table {schema}.cli_migrations",
-        f"  applied migration 1: {DESCRIPTION}",
-        f"  now schema {schema} at version 1 (table prefix 'cli_')",
+        *APPLIED,
+        f"  now schema {schema} at version {LATEST} (table prefix 'cli_')",
     ]
-    assert again == {"store": url, "provisioned": True,
-                     "actions": [f"found schema {schema} at version 1 (table prefix 'cli_')"]}
+    assert again == {"store": url, "provisioned": True, "actions": [
+        f"found schema {schema} at version {LATEST} (table prefix 'cli_')"]}
     results = [re.split(r"\s{2,}", line)[:2] for line in doctor.splitlines()[2:]]
     assert results == [[check, "ok"] for check in (
         "write", "read latest", "read by id", "list", "update run", "delete run")], doctor
@@ -117,11 +119,11 @@ def test_init_upgrades_an_older_schema(
     assert "schema version 0" in before
     assert "fastcheckpoint init URL" in before
     assert upgraded.splitlines()[1:] == [
-        f"  applied migration 1: {DESCRIPTION}",
-        f"  now schema {schema} at version 1 (table prefix 'fc_')",
+        *APPLIED,
+        f"  now schema {schema} at version {LATEST} (table prefix 'fc_')",
     ]
     versions = _sql(postgres, f"SELECT version FROM {names['migrations']} ORDER BY 1")
-    assert [row[0] for row in versions] == [1]
+    assert [row[0] for row in versions] == [*range(1, LATEST + 1)]
 
 
 def test_init_refuses_to_downgrade(
@@ -132,7 +134,7 @@ def test_init_refuses_to_downgrade(
     assert main(["init", url]) == 0
     capsys.readouterr()
     _sql(postgres, f"INSERT INTO {names['migrations']} (version, description) "
-                   "VALUES (2, 'from a newer fastcheckpoint')")
+                   f"VALUES ({LATEST + 1}, 'from a newer fastcheckpoint')")
 
     code = main(["init", url])
     refused = capsys.readouterr()
@@ -145,7 +147,7 @@ def test_init_refuses_to_downgrade(
     assert doctor_code == 1
     assert "migrated by a newer fastcheckpoint" in doctor
     versions = _sql(postgres, f"SELECT version FROM {names['migrations']} ORDER BY 1")
-    assert [row[0] for row in versions] == [1, 2]
+    assert [row[0] for row in versions] == [*range(1, LATEST + 2)]
 
 
 def test_doctor_before_init_says_to_run_init(

@@ -16,7 +16,7 @@ import pytest
 from fastcheckpoint import CheckpointConfig, CheckpointManager
 from fastcheckpoint.stores import CheckpointStore
 from fastcheckpoint.stores._postgres_schema import grants_script, schema_script
-from fastcheckpoint.stores._postgres_sql import FUNCTIONS, PRIVILEGES, TABLES, Names
+from fastcheckpoint.stores._postgres_sql import FUNCTIONS, MIGRATIONS, PRIVILEGES, TABLES, Names
 from fastcheckpoint.stores.postgres import PostgresStore
 from fastcheckpoint.testing import (
     T0,
@@ -104,7 +104,7 @@ async def test_the_store_runs_on_the_kits_schema_as_the_granted_role(
     try:
         with anyio.fail_after(60):
             assert await store.provision() == [
-                "found schema public at version 1 (table prefix 'fc_')"]
+                f"found schema public at version {MIGRATIONS[-1].version} (table prefix 'fc_')"]
             await _append(store, run, 0, expires_at=T0 + 10, refs=["b/a"],
                           items=[make_item("b/a"), make_item("w/0", owner=0)], labels=("l",))
             await _append(store, run, 1, keep_latest=1, refs=["b/b"], items=[make_item("b/b")])

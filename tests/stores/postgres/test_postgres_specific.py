@@ -23,12 +23,13 @@ from fastcheckpoint.errors import (
     ConfigurationError,
     CorruptCheckpointError,
     SequenceConflict,
+    SharedItemGone,
     StoreError,
     StoreUnavailableError,
     ValidationError,
 )
 from fastcheckpoint.stores import RunRecord, open_store
-from fastcheckpoint.stores._postgres_sql import MIGRATIONS, Names, Statements
+from fastcheckpoint.stores._postgres_sql import FUNCTIONS, MIGRATIONS, Names, Statements
 from fastcheckpoint.stores.postgres import PostgresStore
 from fastcheckpoint.testing import (
     T0,
@@ -54,6 +55,9 @@ from tests.stores._postgres_server import (
 ROOT = Path(__file__).resolve().parents[3]
 WORKER = ROOT / "tests" / "postgres_worker.py"
 FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01, max_retries=5)
+LATEST = MIGRATIONS[-1].version
+APPLIED = [f"applied migration {migration.version}: {migration.description}"
+           for migration in MIGRATIONS]
 
 # Requests in a client's byte stream: a simple query, or the Parse or Bind that opens an
 # extended-protocol exchange (asyncpg sends Bind, Execute and Sync in one write).
@@ -287,6 +291,50 @@ async def test_a_retried_append_recognises_its_own_write(
     assert count == 1
 
 
+async def test_unheld_refs_are_named_and_a_retry_still_finds_its_write(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    """The refused keys come back decoded, once each, in refs order; a wrong sequence is a
+    SequenceConflict first; an append whose reply was lost is acknowledged when sent again
+    even if the item it named went meanwhile (its checkpoint is written: nothing to refuse)."""
+    names = Names(schema, "fc_")
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    run = make_run("unheld")
+    key = key_of(run)
+    odd, snowman = "z/\x00é", "a/\u2603"
+    args = [key, 1, checkpoint_id_of(run, 1), T0, None, b"h", b"p", [b"b/a"], "tok-1",
+            run.run_id.encode(), run.incarnation, "active", T0, 0, b"", [], None, T0, None,
+            None, None, None]
+    sql = (f"SELECT outcome FROM {names['append']}"
+           f"({', '.join(f'${n}' for n in range(1, 23))})")
+    try:
+        with anyio.fail_after(30):
+            await _append(store, run, 0, refs=["b/a"], items=[make_item("b/a")])
+            with pytest.raises(SharedItemGone, match="nothing was written") as refused:
+                await _append(store, run, 1, refs=[odd, "b/a", snowman, odd, "b/new"],
+                              items=[make_item("b/new")])
+            with pytest.raises(SequenceConflict):
+                await _append(store, run, 5, refs=[odd])
+            connection = await asyncpg.connect(postgres.url())
+            try:
+                first = await connection.fetchval(sql, *args)
+                assert await store.delete_items(key, ["b/a"]) == 1
+                again = await connection.fetchval(sql, *args)
+                with pytest.raises(asyncpg.PostgresError) as raw:
+                    await connection.fetchval(sql, *args[:1], 2, checkpoint_id_of(run, 2),
+                                              *args[3:8], "tok-2", *args[9:])
+            finally:
+                await connection.close()
+            sequences = [header.sequence for header in
+                         (await store.headers(key, before=None, limit=10, now=T0))[0]]
+    finally:
+        await store.aclose()
+    assert refused.value.keys == (odd, snowman)
+    assert (first, again) == ("ok", "ok")
+    assert (raw.value.sqlstate, raw.value.detail) == ("FC004", b"b/a".hex())
+    assert sequences == [1, 0]
+
+
 async def test_retried_deletes_and_updates_report_what_happened(
     postgres: PostgresTarget, schema: str
 ) -> None:
@@ -451,10 +499,10 @@ async def test_provision_creates_then_finds(postgres: PostgresTarget) -> None:
     assert first == [
         f"created schema {schema}",
         f"created table {schema}.app_migrations",
-        f"applied migration 1: {MIGRATIONS[0].description}",
-        f"now schema {schema} at version 1 (table prefix 'app_')",
+        *APPLIED,
+        f"now schema {schema} at version {LATEST} (table prefix 'app_')",
     ]
-    assert second == [f"found schema {schema} at version 1 (table prefix 'app_')"]
+    assert second == [f"found schema {schema} at version {LATEST} (table prefix 'app_')"]
 
 
 async def test_concurrent_provisioning_takes_turns(postgres: PostgresTarget) -> None:
@@ -477,8 +525,8 @@ async def test_concurrent_provisioning_takes_turns(postgres: PostgresTarget) -> 
     applied = [report for report in reports if any("applied" in line for line in report)]
     assert len(applied) == 1
     assert sorted(report[-1] for report in reports) == sorted(
-        [f"now schema {schema} at version 1 (table prefix 'fc_')"]
-        + [f"found schema {schema} at version 1 (table prefix 'fc_')"] * 2)
+        [f"now schema {schema} at version {LATEST} (table prefix 'fc_')"]
+        + [f"found schema {schema} at version {LATEST} (table prefix 'fc_')"] * 2)
 
 
 async def test_a_store_without_its_schema_says_to_run_init(postgres: PostgresTarget) -> None:
@@ -509,15 +557,71 @@ async def test_an_older_schema_is_upgraded_by_init(postgres: PostgresTarget) -> 
     finally:
         await store.aclose()
         await drop_schema(postgres, schema)
-    assert lines == [f"applied migration 1: {MIGRATIONS[0].description}",
-                     f"now schema {schema} at version 1 (table prefix 'fc_')"]
+    assert lines == [*APPLIED, f"now schema {schema} at version {LATEST} (table prefix 'fc_')"]
+
+
+async def test_a_version_1_schema_is_upgraded_and_its_data_kept(postgres: PostgresTarget) -> None:
+    """Migration 2 replaces the append function in place (same signature, so the same object
+    and its grants): a run written at version 1 goes on, and refs naming items the run does
+    not hold, acknowledged at version 1, are refused from then on."""
+    schema = unique_schema()
+    names = Names(schema, "fc_")
+    run = make_run("from-v1")
+    key = key_of(run)
+    signature = f"{names['append']}({FUNCTIONS['append']})"
+    v1_append = (f"SELECT outcome FROM {names['append']}"
+                 f"({', '.join(f'${n}' for n in range(1, 23))})")
+
+    def v1_call(sequence: int, refs: list[bytes], items: list[bytes]) -> list[Any]:
+        return [key, sequence, checkpoint_id_of(run, sequence), T0, None, b"h", b"p", refs,
+                f"tok-{sequence}", run.run_id.encode(), run.incarnation, "active", T0, 0, b"",
+                [], None, T0, items or None, [b"v"] * len(items) or None,
+                [None] * len(items) or None, [None] * len(items) or None]
+
+    connection = await asyncpg.connect(postgres.url())
+    try:
+        await connection.execute(f'CREATE SCHEMA "{schema}"; CREATE TABLE {names["migrations"]} '
+                                 "(version integer PRIMARY KEY, description text NOT NULL, "
+                                 "applied_at timestamptz NOT NULL DEFAULT now())")
+        await connection.execute(names.render(MIGRATIONS[0].sql))
+        await connection.execute(f"INSERT INTO {names['migrations']} (version, description) "
+                                 "VALUES (1, $1)", MIGRATIONS[0].description)
+        before = await connection.fetchval("SELECT to_regprocedure($1)::oid", signature)
+        written = [await connection.fetchval(v1_append, *v1_call(0, [b"b/a"], [b"b/a"])),
+                   await connection.fetchval(v1_append, *v1_call(1, [b"b/nothing"], []))]
+    finally:
+        await connection.close()
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    try:
+        with anyio.fail_after(30):
+            with pytest.raises(ConfigurationError, match=r"version 1.*upgrade it with"):
+                await store.latest(key, now=T0)
+            lines = await store.provision()
+            await _append(store, run, 2, refs=["b/a"])
+            with pytest.raises(SharedItemGone) as refused:
+                await _append(store, run, 3, refs=["b/a", "b/nothing"])
+            found = await store.read_with_items(key, sequence=None, now=T0)
+            connection = await asyncpg.connect(postgres.url())
+            try:
+                after = await connection.fetchval("SELECT to_regprocedure($1)::oid", signature)
+            finally:
+                await connection.close()
+    finally:
+        await store.aclose()
+        await drop_schema(postgres, schema)
+    assert written == ["ok", "ok"]
+    assert lines == [*APPLIED[1:], f"now schema {schema} at version {LATEST} (table prefix 'fc_')"]
+    assert after == before
+    assert refused.value.keys == ("b/nothing",)
+    assert found is not None
+    assert (found[0].sequence, found[2]) == (2, {"b/a": b"v"})
 
 
 async def test_a_newer_schema_is_never_downgraded(postgres: PostgresTarget, schema: str) -> None:
     names = Names(schema, "fc_")
     connection = await asyncpg.connect(postgres.url())
     await connection.execute(f"INSERT INTO {names['migrations']} (version, description) "
-                             "VALUES (2, 'from the future')")
+                             "VALUES ($1, 'from the future')", LATEST + 1)
     before = await connection.fetch(f"SELECT version FROM {names['migrations']} ORDER BY 1")
     await connection.close()
     store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
@@ -532,7 +636,7 @@ async def test_a_newer_schema_is_never_downgraded(postgres: PostgresTarget, sche
     connection = await asyncpg.connect(postgres.url())
     after = await connection.fetch(f"SELECT version FROM {names['migrations']} ORDER BY 1")
     await connection.close()
-    assert [row[0] for row in after] == [row[0] for row in before] == [1, 2]
+    assert [row[0] for row in after] == [row[0] for row in before] == [*range(1, LATEST + 2)]
 
 
 # -- event loops --------------------------------------------------------------------------

@@ -464,7 +464,7 @@ async def test_refs_are_returned_by_every_read_and_counted_once(
     key = key_of(run)
     with anyio.fail_after(_DEADLINE):
         await append_with_items(store, run, 0, refs=["b/x", "b/y", "b/x"],
-                                items=[make_item("b/x")])
+                                items=[make_item("b/x"), make_item("b/y")])
         await append_with_items(store, run, 1, refs=["b/x"])
         await append(store, run, 2)
         got = await store.get(key, 0, now=T0)

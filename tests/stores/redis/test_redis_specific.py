@@ -20,6 +20,7 @@ from fastcheckpoint import CheckpointConfig, CheckpointManager
 from fastcheckpoint._config import RetryPolicy
 from fastcheckpoint.errors import (
     ConfigurationError,
+    SharedItemGone,
     StoreError,
     StoreUnavailableError,
     ValidationError,
@@ -411,6 +412,42 @@ async def test_purge_walks_only_what_is_due(prefixed: tuple[RedisTarget, str]) -
         await client.aclose()
     assert trips == 3  # due range, one run's purge, the "anything left?" count
     assert count == 30
+
+
+# -- shared items -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cluster", [False, True], ids=["plain", "cluster-code-path"])
+async def test_a_new_incarnation_holds_only_what_outlives_the_old_one(
+    prefixed: tuple[RedisTarget, str], cluster: bool
+) -> None:
+    """A run appended again after it expired starts from what the old incarnation leaves:
+    the items its checkpoints named go with it, so naming one without its value is refused
+    (no key changes, no run is created); an item no checkpoint named stays and may be named."""
+    target, prefix = prefixed
+    real_server(target)
+    store = make_store(target, prefix, cluster=cluster)
+    old = make_run("reborn", expires_at=T0 + 10)
+    key = key_of(old)
+    later = T0 + 20
+    new = make_run("reborn", created_at=later)
+    with anyio.fail_after(30):
+        await append_with_items(store, old, 0, expires_at=T0 + 10, refs=["b/named"],
+                                items=[make_item("b/named")])
+        await store.put_items(key, [make_item("b/loose")], now=T0)
+        before = await keys_under(store._client, prefix)
+        with pytest.raises(SharedItemGone) as refused:
+            await append_with_items(store, new, 0, now=later, refs=["b/loose", "b/named"])
+        after = await keys_under(store._client, prefix)
+        refused_run = await store.get_run(key, now=later)
+        await append_with_items(store, new, 0, now=later, refs=["b/loose"])
+        found = await store.read_with_items(key, sequence=0, now=later)
+        await store.aclose()
+    assert refused.value.keys == ("b/named",)
+    assert after == before
+    assert refused_run is None
+    assert found is not None
+    assert found[2] == {"b/loose": b"value-b/loose"}
 
 
 # -- bad input and faults ---------------------------------------------------------------

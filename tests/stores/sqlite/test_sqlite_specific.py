@@ -36,6 +36,7 @@ from fastcheckpoint.errors import (
     ConflictError,
     CorruptCheckpointError,
     SequenceConflict,
+    SharedItemGone,
     StoreError,
     StoreUnavailableError,
     ValidationError,
@@ -909,6 +910,72 @@ async def test_scans_by_prefix_at_the_edges_of_unicode(store: SQLiteStore, prefi
         await store.put_items(key, [make_item(k) for k in keys], now=T0)
         found = await store.scan_items(key, prefix=prefix, now=T0)
     assert [k for k, _ in found] == sorted(k for k in keys if k.startswith(prefix))
+
+
+# -- refs an append must find ----------------------------------------------------------------
+
+
+async def test_refs_beyond_one_in_list_are_all_checked_in_refs_order(store: SQLiteStore) -> None:
+    """More refs than one ``IN (...)`` list takes: every chunk is read, the missing keys come
+    back once each, in the order the refs name them."""
+    run = make_run("many-refs")
+    key = key_of(run)
+    held = [f"b/{n:04}" for n in range(1200)]
+    refs = [*held[:3], "gone/0", *held[3:700], "gone/1", *held[700:], "gone/0"]
+    with anyio.fail_after(30):
+        await store.append_with_items(
+            key, msgspec.structs.replace(make_checkpoint(run, 0), refs=tuple(held)), run=run,
+            keep_latest=None, now=T0, items=[make_item(k) for k in held])
+        with pytest.raises(SharedItemGone) as refused:
+            await store.append_with_items(
+                key, msgspec.structs.replace(make_checkpoint(run, 1), refs=tuple(refs)),
+                run=run, keep_latest=None, now=T0, items=[])
+        await store.append_with_items(
+            key, msgspec.structs.replace(make_checkpoint(run, 1), refs=tuple(held)), run=run,
+            keep_latest=1, now=T0, items=[])
+        found = await store.read_with_items(key, sequence=None, now=T0)
+    assert refused.value.keys == ("gone/0", "gone/1")
+    assert found is not None
+    assert found[0].sequence == 1
+    assert len(found[2]) == len(held)
+
+
+async def test_a_ref_to_what_an_expired_run_left_is_refused_and_the_old_row_stays(
+    store: SQLiteStore, database: Path
+) -> None:
+    """A run starting over after its record expired drops the items the old checkpoints
+    named: a ref to one of them is refused, and the refusal rolls back that drop too."""
+    old = make_run("over", expires_at=T0 + 5)
+    key = key_of(old)
+    first = msgspec.structs.replace(make_checkpoint(old, 0, expires_at=T0 + 5), refs=("b/a",))
+    again = make_run("over")
+    with anyio.fail_after(30):
+        await store.append_with_items(key, first, run=old, keep_latest=None, now=T0,
+                                      items=[make_item("b/a")])
+        with pytest.raises(SharedItemGone) as refused:
+            await store.append_with_items(
+                key, msgspec.structs.replace(make_checkpoint(again, 0), refs=("b/a",)),
+                run=again, keep_latest=None, now=T0 + 10, items=[])
+    assert refused.value.keys == ("b/a",)
+    assert _query(database, "SELECT incarnation FROM fc_runs") == [(old.incarnation,)]
+    assert _query(database, "SELECT key FROM fc_items") == [("b/a",)]
+    assert _query(database, "SELECT key, holders FROM fc_item_refs") == [("b/a", 1)]
+
+
+async def test_a_ref_to_an_expired_owned_item_is_refused(store: SQLiteStore) -> None:
+    run = make_run("owned-ref")
+    key = key_of(run)
+    with anyio.fail_after(30):
+        await store.append_with_items(
+            key, make_checkpoint(run, 0, expires_at=T0 + 5), run=run, keep_latest=None, now=T0,
+            items=[make_item("w/0", owner=0), make_item("w/1", owner=0)])
+        await store.append_with_items(key, make_checkpoint(run, 1), run=run, keep_latest=None,
+                                      now=T0, items=[])
+        with pytest.raises(SharedItemGone) as refused:
+            await store.append_with_items(
+                key, msgspec.structs.replace(make_checkpoint(run, 2), refs=("w/1", "w/0")),
+                run=run, keep_latest=None, now=T0 + 5, items=[])
+    assert refused.value.keys == ("w/1", "w/0")
 
 
 # -- costs ------------------------------------------------------------------------------------
