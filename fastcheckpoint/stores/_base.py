@@ -27,7 +27,7 @@ from __future__ import annotations
 import difflib
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard, runtime_checkable
 
 import anyio.lowlevel
 import msgspec
@@ -48,6 +48,7 @@ __all__ = [
     "StoredCheckpoint",
     "SupportsDefaultTTL",
     "SupportsLabels",
+    "SupportsNestedItems",
     "SupportsProvision",
     "SupportsRepair",
     "SupportsSharedItems",
@@ -60,6 +61,9 @@ __all__ = [
     "item_key_bytes",
     "key_successor",
     "latest_expiry",
+    "nested_prefix",
+    "nesting_under",
+    "offers_nested_items",
     "purge_all",
 ]
 
@@ -557,6 +561,64 @@ class SupportsSharedItems(Protocol):
         if_absent: bool,
         now: float,
     ) -> bool: ...
+
+
+NESTING = "/"
+"""What follows a shared item's key in the keys of the items nested under it."""
+
+
+def nested_prefix(key: str) -> str:
+    """The prefix of the keys of the items nested under the shared item ``key``
+    (:class:`SupportsNestedItems`): ``key + "/"``."""
+    return key + NESTING
+
+
+@runtime_checkable
+class SupportsNestedItems(SupportsSharedItems, Protocol):
+    """Items nested under a shared item, living and read with it: what a log that grows needs
+    (a conversation stored as what each checkpoint adds, not as a copy per checkpoint).
+
+    An item is *nested* under the shared item ``K`` when its key starts with
+    :func:`nested_prefix` ``(K)`` (``K + "/"``). Nested items are written by
+    ``append_with_items`` like any item (each only where no live item has its key; loose, owner
+    ``None``, no expiry of their own), normally in an append whose record names ``K``. They
+    live exactly as long as ``K``'s item: every removal of ``K`` (its last holder pruned,
+    deleted or expired, the run deleted or started over) removes the items nested under it in
+    the same step or, at the latest, in the ``purge_expired`` that completes ``K``'s removal;
+    never before. So checkpoints that all name only ``K`` share every item nested under it,
+    however many there are, at the cost of one ref each.
+
+    ``read_with_items`` returns, with the item of each ref ``K``, every live item nested under
+    ``K``, in the same atomic read. An append naming a ``K`` that a removal took is refused
+    (:class:`~fastcheckpoint.errors.SharedItemGone`) like any stale ref, and writes none of its
+    nested items. ``scan_items(prefix=nested_prefix(K))`` pages them in key order.
+
+    ``nested_items`` is ``True`` on a store that offers this (a class attribute; a wrapper
+    that forwards attributes may expose ``False``).
+    """
+
+    nested_items: bool
+
+
+def nesting_under(refs: Sequence[str], items: Sequence[Item]) -> tuple[str, ...]:
+    """The keys among ``refs`` that ``items`` writes nested items under, in ``refs`` order:
+    what a store that remembers which shared items have nested items records for an append
+    (each item key's prefixes up to a ``/`` are looked up: linear in the keys' length)."""
+    named = set(refs)
+    found: set[str] = set()
+    for item in items:
+        cut = item.key.find(NESTING)
+        while cut != -1:
+            if item.key[:cut] in named:
+                found.add(item.key[:cut])
+            cut = item.key.find(NESTING, cut + 1)
+    return tuple(key for key in dict.fromkeys(refs) if key in found)
+
+
+def offers_nested_items(store: object) -> TypeGuard[SupportsNestedItems]:
+    """Whether ``store`` keeps nested items with their shared item
+    (:class:`SupportsNestedItems`)."""
+    return isinstance(store, SupportsNestedItems) and store.nested_items is True
 
 
 def check_labels(labels: object) -> tuple[str, ...]:

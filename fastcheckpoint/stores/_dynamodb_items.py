@@ -16,6 +16,15 @@ cleanup loop removes the item, only while the count is still zero, marking the c
 refused (its writer saw the item before the removal) rather than acknowledged without it.
 The mark goes after ``CONDEMNED_SECONDS``.
 
+Items nested under a shared item (keys starting with ``<key>/``) go with it. When there are
+any, its removal marks the count *nesting* too (``np``, a token) and enters it in the expiry
+index at once: the nested items are then deleted in transactions that each check the mark,
+and the mark goes last, with the item's key in the run item's list of items with nested
+items (which reads consult; see ``DynamoDBStore._end_nesting``). A removal interrupted in
+between is completed by the next cleanup pass, and while the mark stands no append can bring
+the item back (see :func:`counter_raise`), so nested items of the old item never show under a
+new one.
+
 Operations carry private tags (keys starting with ``_``), stripped before sending:
 ``_group`` (a failed condition drops every operation of the group: an item's value and its
 anchor), ``_instead`` (what replaces an operation so dropped), ``_fatal`` (a failed
@@ -50,6 +59,8 @@ __all__ = [
     "label_deletes",
     "label_puts",
     "label_refreshes",
+    "nesting_check",
+    "nesting_done",
     "owned_record",
     "plain_record",
     "put_op",
@@ -232,9 +243,11 @@ def counter_raise(run_key: str, key: str, change: int, *, writing: bool) -> dict
     not *condemned* (``gn``: the cleanup loop removed the item), else the append's whole
     transaction is cancelled (``_fatal``; ``_gone`` names the key): the item it names is gone.
     ``writing`` it (its put, ``shared_group(key)``, is in the same transaction): the put
-    brings the item back, so the raise clears the mark; if the put is dropped because a live
-    item is there, the raise is replaced by the checked one (``_instead``), since that item
-    may be condemned by the time the transaction is sent again."""
+    brings the item back, so the raise clears the mark, unless the removal is still taking
+    the items nested under the old one (``np``): then it fails like a put dropped because a
+    live item is there, and either way the raise is replaced by the checked one
+    (``_instead``), since that item may be condemned by the time the transaction is sent
+    again."""
     names = Names()
     update: dict[str, Any] = {
         "Key": {"PK": s(layout.partition(run_key)), "SK": s(layout.counter_sk(key))},
@@ -242,6 +255,7 @@ def counter_raise(run_key: str, key: str, change: int, *, writing: bool) -> dict
     if writing:
         update["UpdateExpression"] = (
             f"ADD {names('rc')} {names.value(n(change))} REMOVE {names('gn')}")
+        update["ConditionExpression"] = f"attribute_not_exists({names('np')})"
         update.update(names.params())
         return {"Update": update, "_group": shared_group(key),
                 "_instead": counter_raise(run_key, key, change, writing=False)}
@@ -256,24 +270,54 @@ def shared_group(key: str) -> str:
     return f"shared:{key}"
 
 
-def condemn(run_key: str, key: str, now: float, until: float) -> dict[str, Any]:
+def condemn(run_key: str, key: str, now: float, until: float,
+            nesting: str | None = None) -> dict[str, Any]:
     """The cleanup loop's mark on the count of a shared item it removes (in the same
     transaction), only while the count is zero: ``gn`` (when), the count at 0, and an
     expiry-index entry at ``until``, when the mark itself goes. Until then an append naming
-    the item without writing it is refused (see :func:`counter_raise`)."""
+    the item without writing it is refused (see :func:`counter_raise`). With ``nesting`` (a
+    token: items are nested under it) also ``np``, and the entry at ``now``: the next pass
+    completes the removal of the nested items if this one does not (see :func:`nesting_done`)."""
     names = Names()
     zero = names.value(n(0))
+    nested = "" if nesting is None else f", {names('np')} = {names.value(s(nesting))}"
     return {"Update": {
         "Key": {"PK": s(layout.partition(run_key)), "SK": s(layout.counter_sk(key))},
         "UpdateExpression": (
             f"SET {names('gn')} = {names.value(n(now))}, {names('rc')} = {zero}, "
             f"{names('xpk')} = {names.value(s(f'x#{layout.shard_of(run_key)}'))}, "
-            f"{names('xat')} = {names.value(n(until))}"),
+            f"{names('xat')} = {names.value(n(until if nesting is None else now))}{nested}"),
         "ConditionExpression": (
             f"(attribute_not_exists({names('rc')}) OR {names('rc')} <= {zero}) AND "
             f"attribute_not_exists({names('gn')})"),
         **names.params(),
     }}
+
+
+def nesting_check(run_key: str, key: str, token: str) -> dict[str, Any]:
+    """The condition of every transaction deleting items nested under a removed shared item:
+    its count still carries this removal's ``np``. Once the removal is done (by this worker or
+    another), the item may be written anew, with nested items of its own that must stay."""
+    names = Names()
+    return {"ConditionCheck": {
+        "Key": {"PK": s(layout.partition(run_key)), "SK": s(layout.counter_sk(key))},
+        "ConditionExpression": f"{names('np')} = {names.value(s(token))}",
+        **names.params(),
+    }, "_fatal": True}
+
+
+def nesting_done(run_key: str, key: str, token: str, until: float) -> dict[str, Any]:
+    """``UpdateItem`` parameters (without the table) ending a removal whose nested items are
+    all gone: ``np`` goes and the count's expiry-index entry moves to ``until``, when the
+    condemned mark goes (sent with the run item's update that stops listing ``key``)."""
+    names = Names()
+    return {
+        "Key": {"PK": s(layout.partition(run_key)), "SK": s(layout.counter_sk(key))},
+        "UpdateExpression": (f"SET {names('xat')} = {names.value(n(until))} "
+                             f"REMOVE {names('np')}"),
+        "ConditionExpression": f"{names('np')} = {names.value(s(token))}",
+        **names.params(),
+    }
 
 
 # -- labels ------------------------------------------------------------------------------------

@@ -29,7 +29,9 @@ counts leave the run out, cleanup never takes the row for the run's expiry.
 
 Strings a user chooses (run ids, item keys, labels) are stored as UTF-8 ``bytea``: any Python
 string the library accepts (NUL included) round-trips, and ``bytea`` order is UTF-8 byte order,
-which is code point order.
+which is code point order. So the items nested under a shared item ``K`` (keys starting with
+``K/``) are one primary-key range, ``K/`` up to ``K0``: ``read_with_items`` scans it for each
+ref, and every removal of ``K``'s item deletes it (migration 3).
 """
 
 from __future__ import annotations
@@ -1234,6 +1236,108 @@ END
 $fn$
 """.replace("<utf8>", UTF8_HEX)
 
+# Migration 3: items nested under a shared item K (keys starting with K || '/') go with it.
+# Where a shared item goes because no checkpoint names it any more ({remove}: pruning,
+# delete, purge; the start of a new life in {append}), the items nested under each loose item
+# that went (v_dropped) go in the same transaction: one primary-key range delete per item, the
+# keys from K || '/' up to K || '0' ('0' is the byte after '/'; bytea order is code point
+# order). Deleting a whole run or an expired one already takes all of the run's items.
+_DROP_NESTED = """
+            IF v_dropped IS NOT NULL THEN
+                DELETE FROM {items} i USING unnest(v_dropped) n(k)
+                 WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
+                   AND i.key < n.k || '0'::bytea;
+            END IF;"""
+
+_REMOVE_V3 = _patched(
+    _REMOVE_V1,
+    ("CREATE FUNCTION {remove}(", "CREATE OR REPLACE FUNCTION {remove}("),
+    ("    v_zeroed bytea[];\n", "    v_zeroed bytea[];\n    v_dropped bytea[];\n"),
+    ("""
+            DELETE FROM {items}
+             WHERE run_key = p_run_key AND key = ANY (v_zeroed) AND owner IS NULL;""",
+     """
+            WITH dropped AS (
+                DELETE FROM {items} i
+                 WHERE i.run_key = p_run_key AND i.key = ANY (v_zeroed) AND i.owner IS NULL
+                RETURNING i.key
+            )
+            SELECT array_agg(key) INTO v_dropped FROM dropped;""" + _DROP_NESTED),
+)
+
+_APPEND_V3 = _patched(
+    _APPEND_V2,
+    ("    v_unheld bytea[];\n", "    v_unheld bytea[];\n    v_dropped bytea[];\n"),
+    ("""
+            WITH released AS (DELETE FROM {refs} f WHERE f.run_key = p_run_key RETURNING f.key)
+            DELETE FROM {items} i
+             WHERE i.run_key = p_run_key AND i.owner IS NULL
+               AND i.key IN (SELECT key FROM released);""",
+     """
+            WITH released AS (
+                DELETE FROM {refs} f WHERE f.run_key = p_run_key RETURNING f.key
+            ), dropped AS (
+                DELETE FROM {items} i
+                 WHERE i.run_key = p_run_key AND i.owner IS NULL
+                   AND i.key IN (SELECT key FROM released)
+                RETURNING i.key
+            )
+            SELECT array_agg(key) INTO v_dropped FROM dropped;""" + _DROP_NESTED),
+)
+
+# Migration 3, the read: a checkpoint with the live items it owns, the items its refs name,
+# and the items nested under those (one primary-key range per distinct ref), still one
+# statement, so one snapshot. OFFSET 0 keeps the range subquery from being merged into a join
+# that the planner may turn around (the run's items scanned, each tested against every ref):
+# each ref is its own primary-key range scan. Owned items come from the first part only; an
+# item nested under two refs (one ref nested under another) comes twice, the client keeps one.
+_READ_ITEMS = """
+         CROSS JOIN LATERAL (
+               SELECT array_agg(w.key), array_agg(w.value) FROM (
+                   SELECT i.key, i.value FROM {items} i
+                    WHERE i.run_key = p_run_key
+                      AND (i.expires_at IS NULL OR i.expires_at > p_now)
+                      AND (i.owner = c.sequence OR i.key = ANY (c.refs))
+                   UNION ALL
+                   SELECT r.key, r.value
+                     FROM (SELECT DISTINCT unnest(c.refs)) n(k)
+                    CROSS JOIN LATERAL (
+                          SELECT i.key, i.value FROM {items} i
+                           WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
+                             AND i.key < n.k || '0'::bytea
+                             AND (i.expires_at IS NULL OR i.expires_at > p_now)
+                             AND i.owner IS DISTINCT FROM c.sequence
+                          OFFSET 0) r) w) w(keys, vals)"""
+
+_READ_WITH_ITEMS_V3 = r"""
+CREATE OR REPLACE FUNCTION {read_with_items}(p_run_key text, p_sequence bigint,
+                                             p_now double precision)
+RETURNS TABLE (sequence bigint, checkpoint_id text, created_at double precision,
+               expires_at double precision, header bytea, payload bytea, refs bytea[],
+               status text, item_keys bytea[], item_values bytea[])
+LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    IF p_sequence IS NULL THEN
+        RETURN QUERY
+        SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
+               c.refs, <status>, w.keys, w.vals
+          FROM (SELECT * FROM {checkpoints} n
+                 WHERE n.run_key = p_run_key AND (n.expires_at IS NULL OR n.expires_at > p_now)
+                 ORDER BY n.sequence DESC LIMIT 1) c
+          JOIN {runs} x ON x.run_key = c.run_key<head><items>;
+    ELSE
+        RETURN QUERY
+        SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
+               c.refs, <status>, w.keys, w.vals
+          FROM {checkpoints} c JOIN {runs} x ON x.run_key = c.run_key<head><items>
+         WHERE c.run_key = p_run_key AND c.sequence = p_sequence
+           AND (c.expires_at IS NULL OR c.expires_at > p_now);
+    END IF;
+END
+$fn$
+""".replace("<items>", _READ_ITEMS).replace("<head>", _HEAD).replace("<status>", _INTACT_STATUS)
+
 MIGRATIONS = (
     Migration(
         1,
@@ -1250,6 +1354,11 @@ MIGRATIONS = (
         2,
         "append refuses refs naming items the run does not hold",
         _APPEND_V2.strip(),
+    ),
+    Migration(
+        3,
+        "items nested under a shared item are read and removed with it",
+        ";\n\n".join([_REMOVE_V3.strip(), _APPEND_V3.strip(), _READ_WITH_ITEMS_V3.strip()]),
     ),
 )
 """Every schema version, oldest first. A released migration is never edited: changes come

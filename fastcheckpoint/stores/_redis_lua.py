@@ -47,6 +47,15 @@ names a live item of the run (for a new run, one that outlives the old incarnati
 answers ``{'gone', keys...}`` and writes nothing, since another process may have removed the last
 holder of an item this writer still believes held.
 
+Nested items. An item whose key starts with ``K .. '/'`` is nested under the shared item ``K``
+(the bounds come from :func:`~fastcheckpoint.stores.nested_prefix`; see ``nested_range``).
+``read_with_items`` returns them with each ref's item (one ``ZRANGEBYLEX`` of ``ik`` per
+distinct ref); ``unreference`` and ``drop_run(true)`` remove them whenever they remove ``K``
+(``drop_nested``), and ``drop_run(false)`` removes every item key anyway. An anchor that a held
+checkpoint still owns when its last ref goes stays, and so does what is nested under it; when
+its owner goes it is an owned item like any other (``drop_owned_items``), and what was nested
+under it stays a loose item until the run goes, as in the memory store.
+
 Lost replies. redis-py retries a call whose reply was lost, with the same arguments. Appends
 recognise their own write token in the checkpoint they wrote; run updates, the counting deletes,
 owned-item writes, create-only item writes and the purge remember their reply (and the index
@@ -67,7 +76,22 @@ refuses them before their first write.
 
 from __future__ import annotations
 
+from fastcheckpoint.stores._base import key_successor, nested_prefix
+
 __all__ = ["INDEX", "INTENT", "SCRIPTS", "without_flags"]
+
+
+def _nested_bounds() -> str:
+    """The Lua constants of :func:`~fastcheckpoint.stores.nested_prefix`: the keys of the items
+    nested under ``K`` run from ``K .. NESTED_FROM`` up to, not including, ``K .. NESTED_TO``.
+    That holds for every ``K`` because the prefix is one character below U+10FFFF, whose
+    ``key_successor`` is the next character."""
+    low = nested_prefix("")
+    high = key_successor(low)
+    if len(low) != 1 or not (low + high).isascii() or {"'", "\\"} & set(low + high):
+        raise AssertionError(f"the nested prefix {low!r} cannot be a Lua constant")
+    return f"local NESTED_FROM, NESTED_TO = '{low}', '{high}'\n"
+
 
 # Index operations on the global keys, shared by the run scripts (plain Redis) and INDEX.
 _APPLY_OP = r"""
@@ -163,7 +187,7 @@ local RUN_KEY = string.match(BASE, '{([a-z2-7]+)}:$')
 local MEMBER = '^' .. string.rep('[0-9a-f]', 16) .. RUN_KEY .. '%.[a-z2-7]+$'
 local MEMO_MS = 300000
 local OPS = {}
-""" + _APPLY_OP + r"""
+""" + _nested_bounds() + _APPLY_OP + r"""
 -- Unparseable expiries count as live, so a corrupt record is reported, never silently hidden.
 -- Without the manager's clock (delete calls) everything counts as live.
 local function is_live(expires_at)
@@ -228,6 +252,27 @@ local function drop_item(key)
   return 1
 end
 
+-- The bounds (ZRANGEBYLEX syntax) of the keys of the items nested under `key`: those that
+-- start with key .. NESTED_FROM, in byte order (= code point order).
+local function nested_range(key)
+  return '[' .. key .. NESTED_FROM, '(' .. key .. NESTED_TO
+end
+
+-- Removes every item nested under `key`, a page of the key index at a time (a few commands
+-- per page, so O(log n) per item and no Lua table of them all); their values, owners and
+-- expiries go with them.
+local function drop_nested(key)
+  local low, high = nested_range(key)
+  while true do
+    local page = redis.call('ZRANGEBYLEX', KEYS[5], low, high, 'LIMIT', 0, 256)
+    if #page == 0 then return end
+    redis.call('HDEL', KEYS[6], unpack(page))
+    redis.call('ZREM', KEYS[5], unpack(page))
+    redis.call('ZREM', KEYS[7], unpack(page))
+    redis.call('ZREM', KEYS[8], unpack(page))
+  end
+end
+
 local function item_live(key)
   if redis.call('HEXISTS', KEYS[6], key) == 0 then return false end
   local expires_at = redis.call('ZSCORE', KEYS[8], key)
@@ -263,7 +308,8 @@ local function reference(keys)
 end
 
 -- Checkpoint `sequence` no longer names its refs: an item no held checkpoint names any more
--- is removed, unless a held checkpoint owns it (its owner then decides).
+-- is removed with the items nested under it, unless a held checkpoint owns it (its owner then
+-- decides, and what is nested under it stays as long as it does).
 local function unreference(sequence)
   local refs = redis.call('HGET', KEYS[10], sequence)
   if not refs then return end
@@ -274,7 +320,10 @@ local function unreference(sequence)
       seen[key] = true
       if redis.call('HINCRBY', KEYS[9], key, -1) <= 0 then
         redis.call('HDEL', KEYS[9], key)
-        if not redis.call('ZSCORE', KEYS[7], key) then drop_item(key) end
+        if not redis.call('ZSCORE', KEYS[7], key) then
+          drop_item(key)
+          drop_nested(key)
+        end
       end
     end
   end
@@ -509,7 +558,10 @@ local function drop_run(keep_unowned_items)
     if keep_unowned_items then drop_owned_items(sequence) end
   end
   if keep_unowned_items then
-    for _, key in ipairs(redis.call('HKEYS', KEYS[9])) do drop_item(key) end
+    for _, key in ipairs(redis.call('HKEYS', KEYS[9])) do
+      drop_item(key)
+      drop_nested(key)
+    end
     redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[9], KEYS[10])
   else
     redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8],
@@ -697,8 +749,8 @@ return {find_latest(run) or {0}, OPS}
 """
 
 # ARGV[5]: sequence ('' = the newest live one; KEYS[11] is its key when given). Returns
-# checkpoint_reply() followed by (key, value) of the live items it owns and its refs name, or
-# {0}.
+# checkpoint_reply() followed by (key, value) of the live items it owns, its refs name and
+# are nested under what its refs name (a range of the key index per ref), or {0}.
 _READ_WITH_ITEMS = r"""
 local run = load_run()
 if not run.live then return {{0}, OPS} end
@@ -712,7 +764,16 @@ local function want(key)
   keys[#keys + 1] = key
 end
 for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], found[3], found[3])) do want(key) end
-for _, key in ipairs(decode_list(found[11])) do want(key) end
+local refs = decode_list(found[11])
+for _, key in ipairs(refs) do want(key) end
+local ranged = {}
+for _, key in ipairs(refs) do
+  if not ranged[key] then
+    ranged[key] = true
+    local low, high = nested_range(key)
+    for _, nested in ipairs(redis.call('ZRANGEBYLEX', KEYS[5], low, high)) do want(nested) end
+  end
+end
 for first = 1, #keys, 256 do
   local chunk = {unpack(keys, first, math.min(first + 255, #keys))}
   local values = redis.call('HMGET', KEYS[6], unpack(chunk))

@@ -34,6 +34,9 @@ _B = TypeVar("_B")
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _TAKEN_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
 _PARALLEL = 16  # concurrent GETs per batch: enough to hide latency, few enough for pools
+WIDE = 48
+"""Concurrent requests of a batch that may be long (the items nested under a shared item):
+just under the pool of 50 connections a client the stores create has."""
 PAGE = 1000
 """The most keys one ``ListObjectsV2`` returns."""
 DELETE_BATCH = 1000
@@ -235,13 +238,15 @@ class Bucket:
             size = PAGE
 
 
-async def gather(calls: Sequence[Callable[[], Awaitable[_T]]]) -> list[_T]:
-    """Run ``calls`` concurrently (at most ``_PARALLEL`` at a time); results in call order.
+async def gather(
+    calls: Sequence[Callable[[], Awaitable[_T]]], *, parallel: int = _PARALLEL
+) -> list[_T]:
+    """Run ``calls`` concurrently (at most ``parallel`` at a time); results in call order.
 
     A failure cancels the other calls and is raised alone (see :func:`one_error`).
     """
     results: list[Any] = [None] * len(calls)
-    limiter = anyio.CapacityLimiter(_PARALLEL)
+    limiter = anyio.CapacityLimiter(parallel)
 
     async def run(index: int, call: Callable[[], Awaitable[_T]]) -> None:
         async with limiter:

@@ -2,7 +2,8 @@
 
 Under the store prefix ``P``, for the run with key ``rk``::
 
-    P runs/<rk>/a                            run object: status, version, data (compare-and-set)
+    P runs/<rk>/a                            run object: status, version, data, the shared
+                                             items with nested items (compare-and-set)
     P runs/<rk>/c/<inv seq>                  slot: the checkpoint itself (create-only: the commit)
     P runs/<rk>/c/<inv seq>/m<listing>       marker: what a listing needs, in the key
     P runs/<rk>/c/<inv seq>/l<listing>       marker of a long header (the header in its body)
@@ -20,6 +21,10 @@ Under the store prefix ``P``, for the run with key ``rk``::
 ``<inv seq>`` is ``10**19 - 1 - sequence`` in 19 digits, so a run's slots list newest first,
 right after its run object (``a`` < ``c``): one ``ListObjectsV2`` of ``runs/<rk>/`` with a small
 ``MaxKeys`` returns the run object's ETag and the newest checkpoints, however long the run.
+
+Hex keeps the code point order of item keys, and ``"/"`` is ``2f`` (no other character's
+UTF-8 holds that byte), so the items nested under ``K`` (keys ``K + "/..."``) are exactly the
+objects under ``items/<rk>/<hex K>2f``: one listing by prefix.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Collection, Iterable
 from typing import TypeVar
 
 import msgspec
@@ -66,6 +72,37 @@ class RunState(msgspec.Struct, array_like=True, frozen=True):
     create-only PUT at or above the floor collides with any slot ever written there, and an
     append below it (from knowledge older than another process's pruning) is refused."""
     labels: tuple[str, ...] = ()
+    nesting: tuple[str, ...] = ()
+    """Keys of the shared items appends wrote nested items under (at most
+    ``NESTING_CAPACITY``): a read with items lists what is nested under a ref only if it is
+    here, in ``nesting_all``, or in the slot's ``nests``. A key leaves once a sweep removed
+    its item."""
+    nesting_all: bool = False
+    """Any shared item may have nested items: ``nesting`` outgrew its capacity, or the run
+    object was rebuilt (which items had nested items is lost with it)."""
+
+    def may_nest(self, key: str) -> bool:
+        return self.nesting_all or key in self.nesting
+
+
+NESTING_CAPACITY = 32
+"""Keys a run object lists in ``nesting`` at most; beyond them it says any may nest."""
+
+
+def nesting_after(state: RunState, keys: Iterable[str]) -> RunState:
+    """``state`` once items are written nested under ``keys`` (shared items)."""
+    added = [key for key in dict.fromkeys(keys) if not state.may_nest(key)]
+    if not added:
+        return state
+    if len(state.nesting) + len(added) > NESTING_CAPACITY:
+        return msgspec.structs.replace(state, nesting=(), nesting_all=True)
+    return msgspec.structs.replace(state, nesting=(*state.nesting, *added))
+
+
+def nesting_without(state: RunState, keys: Collection[str]) -> RunState:
+    """``state`` once the shared items ``keys`` are removed (with what was nested under them)."""
+    return msgspec.structs.replace(
+        state, nesting=tuple(key for key in state.nesting if key not in keys))
 
 
 class Slot(msgspec.Struct, array_like=True, frozen=True):
@@ -86,6 +123,8 @@ class Slot(msgspec.Struct, array_like=True, frozen=True):
     """The run it was written for: a slot copied from another run reads as corrupt."""
     refs: tuple[str, ...] = ()
     """Keys of the shared items the checkpoint names."""
+    nests: tuple[str, ...] = ()
+    """Those of ``refs`` its append wrote nested items under (see ``RunState.nesting``)."""
 
 
 class Listing(msgspec.Struct, array_like=True, frozen=True):
@@ -272,6 +311,31 @@ def item_object(run_key: str, hex_key: str) -> str:
 def hex_item_key(key: object) -> str:
     """The order-preserving key segment of an item key (hex of UTF-8 keeps code point order)."""
     return item_key_bytes(key, MAX_ITEM_KEY_BYTES, "every store").hex()
+
+
+NESTING_HEX = "2f"
+"""``nested_prefix`` (``"/"``) in a hex item key."""
+
+
+def nested_items_prefix(run_key: str, hex_key: str) -> str:
+    """Where the items nested under the item ``hex_key`` are: a listing of this prefix."""
+    return f"items/{run_key}/{hex_key}{NESTING_HEX}"
+
+
+def anchors_of(hex_key: str) -> list[str]:
+    """The hex keys ``hex_key`` is nested under (each key before a ``"/"``), shortest first."""
+    found: list[str] = []
+    at = hex_key.find(NESTING_HEX)
+    while at >= 0:
+        if at % 2 == 0:
+            found.append(hex_key[:at])
+        at = hex_key.find(NESTING_HEX, at + 1)
+    return found
+
+
+def nested_under(hex_key: str, anchors: set[str] | frozenset[str]) -> bool:
+    """Whether ``hex_key`` is nested under one of ``anchors``."""
+    return bool(anchors) and any(anchor in anchors for anchor in anchors_of(hex_key))
 
 
 def item_key_of(hex_key: str) -> str | None:

@@ -15,13 +15,32 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from fastcheckpoint.stores._base import EMPTY_RUN, Item, RunRecord, StoredCheckpoint
+from fastcheckpoint.stores._base import (
+    EMPTY_RUN,
+    Item,
+    RunRecord,
+    StoredCheckpoint,
+    key_successor,
+    nested_prefix,
+)
 
 INT64 = 2**63 - 1
 _IN_SIZES = (1, 4, 16, 64, 256, 500)
 """Lengths of ``IN (...)`` lists: keys are padded up to one, so few statements are prepared."""
 
 # -- statements -------------------------------------------------------------------------------
+
+_NESTING = nested_prefix("")
+_BEYOND = key_successor(_NESTING)
+
+
+def _nested_range(key: str) -> str:
+    """The items ``i`` nested under the item key ``key`` (an SQL expression): the range
+    ``[nested_prefix(K), key_successor(nested_prefix(K)))`` of the item key index, ``K || '/'``
+    to ``K || '0'`` (the successor changes only the last character); SQLite compares UTF-8 text
+    bytewise, which is code point order, as in ``scan_items``."""
+    return f"i.key >= {key} || '{_NESTING}' AND i.key < {key} || '{_BEYOND}'"
+
 
 RUN_COLUMNS = (
     "r.run_id, r.incarnation, r.status, r.created_at, r.updated_at, r.latest_sequence, "
@@ -95,6 +114,15 @@ _DELETE_UNREFERENCED = (
     "DELETE FROM fc_items WHERE run_key = ?1 AND key = ?2 AND owner IS NULL AND EXISTS "
     "(SELECT 1 FROM fc_item_refs WHERE run_key = ?1 AND key = ?2 AND holders <= 0)"
 )
+# What is nested under a key goes when its last reference does, unless an item owned by a
+# checkpoint holds the key (it goes with its owner). The reference row is the outer loop, so a
+# key still named costs one primary-key probe, never a walk over what is nested under it.
+_DELETE_NESTED_UNREFERENCED = (
+    "DELETE FROM fc_items WHERE rowid IN (SELECT i.rowid FROM fc_item_refs f CROSS JOIN "
+    f"fc_items i ON i.run_key = f.run_key AND {_nested_range('f.key')} WHERE f.run_key = ?1 "
+    "AND f.key = ?2 AND f.holders <= 0 "
+    "AND NOT EXISTS (SELECT 1 FROM fc_items WHERE run_key = ?1 AND key = ?2))"
+)
 _DELETE_ZERO_REF = "DELETE FROM fc_item_refs WHERE run_key = ? AND key = ? AND holders <= 0"
 UPSERT_ITEM = (
     "INSERT INTO fc_items (run_key, key, owner, expires_at, value) VALUES (?, ?, ?, ?, ?) "
@@ -107,10 +135,13 @@ INSERT_ITEM_IF_ABSENT = (
     "expires_at = excluded.expires_at, value = excluded.value "
     "WHERE fc_items.expires_at IS NOT NULL AND fc_items.expires_at <= ?6"
 )
-# Leftovers of an expired run that starts over: unowned items no checkpoint named stay.
+# Leftovers of an expired run that starts over: unowned items no checkpoint named stay,
+# unless nested under a key one named.
 _DROP_LEFTOVERS = (
     "DELETE FROM fc_items WHERE run_key = ?1 AND owner IS NULL AND key IN "
     "(SELECT key FROM fc_item_refs WHERE run_key = ?1)",
+    "DELETE FROM fc_items WHERE rowid IN (SELECT i.rowid FROM fc_item_refs f CROSS JOIN "
+    f"fc_items i ON i.run_key = f.run_key AND {_nested_range('f.key')} WHERE f.run_key = ?1)",
     "DELETE FROM fc_item_refs WHERE run_key = ?1",
     "DELETE FROM fc_checkpoints WHERE run_key = ?1",
     "DELETE FROM fc_labels WHERE run_key = ?1",
@@ -229,6 +260,21 @@ def _items_in(size: int, columns: str = "key, value") -> str:
     return f"SELECT {columns} FROM fc_items WHERE run_key = ? AND {_LIVE} AND key IN ({marks})"
 
 
+@functools.lru_cache(maxsize=16)
+def _refs_in(size: int) -> str:
+    """The items ``size`` keys name and the items nested under them: one probe and one range
+    of the item key index per key (``?3``...; ``NULL`` pads, matching nothing)."""
+    keys = ", ".join(f"(?{number})" for number in range(3, size + 3))
+    live = "(i.expires_at IS NULL OR i.expires_at > ?2)"
+    return (
+        f"WITH r (key) AS (VALUES {keys}) "
+        "SELECT i.key, i.value FROM r CROSS JOIN fc_items i ON i.run_key = ?1 "
+        f"AND i.key = r.key WHERE {live} UNION ALL "
+        "SELECT i.key, i.value FROM r CROSS JOIN fc_items i ON i.run_key = ?1 "
+        f"AND {_nested_range('r.key')} WHERE {live}"
+    )
+
+
 @functools.lru_cache(maxsize=64)
 def scan_statement(bounds: tuple[bool, bool, bool], reverse: bool) -> str:
     """A scan with a lower prefix bound, an upper prefix bound and a ``start_after`` bound."""
@@ -315,12 +361,17 @@ def earliest(first: float | None, second: float | None) -> float | None:
     return min(first, second)
 
 
+def _chunks(keys: Sequence[str]) -> Iterator[tuple[list[str], int]]:
+    """``keys`` in chunks of at most 500, each with the size of :data:`_IN_SIZES` it fits."""
+    for start in range(0, len(keys), _IN_SIZES[-1]):
+        chunk = list(keys[start:start + _IN_SIZES[-1]])
+        yield chunk, next(size for size in _IN_SIZES if size >= len(chunk))
+
+
 def _padded(keys: Sequence[str]) -> Iterator[list[str]]:
     """``keys`` in chunks of at most 500, each padded (repeating its last key) to a size of
     :data:`_IN_SIZES`."""
-    for start in range(0, len(keys), _IN_SIZES[-1]):
-        chunk = list(keys[start:start + _IN_SIZES[-1]])
-        size = next(size for size in _IN_SIZES if size >= len(chunk))
+    for chunk, size in _chunks(keys):
         yield chunk + [chunk[-1]] * (size - len(chunk))
 
 
@@ -333,6 +384,18 @@ def read_items(
     found: dict[str, bytes] = {}
     for chunk in _padded(keys):
         found.update(db.execute(_items_in(len(chunk)), (run_key, now, *chunk)).fetchall())
+    return found
+
+
+def read_refs(
+    db: sqlite3.Connection, run_key: str, keys: Sequence[str], now: float
+) -> list[tuple[str, bytes]]:
+    """The live items ``keys`` name and the live items nested under them
+    (:class:`~fastcheckpoint.stores.SupportsNestedItems`), one statement per 500 keys."""
+    found: list[tuple[str, bytes]] = []
+    for chunk, size in _chunks(keys):
+        padding = [None] * (size - len(chunk))
+        found += db.execute(_refs_in(size), (run_key, now, *chunk, *padding)).fetchall()
     return found
 
 
@@ -416,11 +479,13 @@ def add_refs(db: sqlite3.Connection, run_key: str, refs: Iterable[str]) -> None:
 
 
 def _drop_refs(db: sqlite3.Connection, run_key: str, encoded: Iterable[str]) -> None:
-    """Count down the references of removed checkpoints; remove items no checkpoint names."""
+    """Count down the references of removed checkpoints; remove items no checkpoint names,
+    with the items nested under them."""
     counts = collections.Counter(key for text in encoded for key in dict.fromkeys(split(text)))
     db.executemany(_DROP_REF, [(count, run_key, key) for key, count in counts.items()])
     keys = [(run_key, key) for key in counts]
     db.executemany(_DELETE_UNREFERENCED, keys)
+    db.executemany(_DELETE_NESTED_UNREFERENCED, keys)
     db.executemany(_DELETE_ZERO_REF, keys)
 
 

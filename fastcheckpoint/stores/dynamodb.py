@@ -23,7 +23,13 @@ items, +1 Query per ``REFILL`` appends in a run holding more than the book detai
 page, a Query and a GetItem (concurrent) for later pages; list_runs and count_runs one Query
 per index shard per page, issued concurrently. append_with_items 1 (the items ride in the
 append's transaction); read_with_items of the latest checkpoint 1 TransactGetItems when this
-process knows its records, else 1 Query (+1 BatchGetItem for the shared items it names).
+process knows its records, else 1 Query (+1 BatchGetItem for the shared items it names), and
++1 Query (per MB) per named item that the run item lists as having nested items (``nk``),
+sent with the rest: no round trip more (+1 GET per value in S3); none for items with nothing
+nested. Removing a shared item with nested items (the cleanup loop, once no checkpoint names
+it): +1 Query to find them, then per MB a Query and per 99 items a TransactWriteItems, and one
+TransactWriteItems ending the removal; a run deleted or purged whole takes them with its
+partition.
 
 Three sparse global secondary indexes, each sharded ``INDEX_SHARDS`` ways by run key so no
 single index partition takes every active run: ``by_status`` (``<status>#<shard>``),
@@ -87,6 +93,8 @@ from fastcheckpoint.stores._base import (
     is_live,
     item_key_bytes,
     key_successor,
+    nested_prefix,
+    nesting_under,
 )
 from fastcheckpoint.stores._dynamodb_attrs import Names as _Names
 from fastcheckpoint.stores._dynamodb_attrs import b as _b
@@ -188,9 +196,18 @@ class _RunState:
     ``append_with_items``): removing one reads what it owns and names."""
     label_ttl: float | None = None
     """The ``ttl`` the run's label entries carry (``None``: none)."""
+    nesting: frozenset[str] = frozenset()
+    """Shared items that appends wrote nested items under (``nk``): a read of a checkpoint
+    naming one looks for them, and only then (see :func:`_nesting_after`)."""
+    nesting_all: bool = False
+    """Any shared item may have nested items (``nka``: ``nesting`` outgrew its capacity, or
+    the run item was rebuilt): a read looks under every item it names."""
 
     def live(self, now: float) -> bool:
         return not self.purging and is_live(self.record.expires_at, now)
+
+    def may_nest(self, key: str) -> bool:
+        return self.nesting_all or key in self.nesting
 
     def may_own(self, sequence: int) -> bool:
         return sequence in self.owners or sequence < self.owner_floor or (
@@ -253,12 +270,30 @@ def _state_of(item: Mapping[str, Any], where: str) -> _RunState:
         purging = bool(item.get("pg", {}).get("BOOL", False))
         items_floor = None if "rfl" not in item else _int(item, "rfl")
         label_ttl = _number(item, "lttl")
+        nesting = frozenset(item.get("nk", {}).get("SS", ()))
+        nesting_all = bool(item.get("nka", {}).get("BOOL", False))
     except (KeyError, TypeError, ValueError, AttributeError, msgspec.DecodeError) as exc:
         raise _DamagedRun(f"it is unreadable ({type(exc).__name__}: {exc})", key=where) from exc
     problem = book.problem(record.checkpoint_count, record.latest_sequence)
     if problem is not None:
         raise _DamagedRun(problem, key=where)
-    return _RunState(record, rev, book, owners, owner_floor, purging, items_floor, label_ttl)
+    return _RunState(record, rev, book, owners, owner_floor, purging, items_floor, label_ttl,
+                     nesting, nesting_all)
+
+
+_NESTING_CAPACITY: Final = 32
+"""Shared items a run item lists as having nested items (``nk``, at most 4 KB of keys);
+beyond it the run item says any may (``nka``) and reads look under every item they name."""
+
+
+def _nesting_after(state: _RunState, keys: Sequence[str]) -> _RunState:
+    """``state`` once an append wrote items nested under ``keys`` (items it names)."""
+    added = frozenset(keys) - state.nesting
+    if state.nesting_all or not added:
+        return state
+    if len(state.nesting) + len(added) > _NESTING_CAPACITY:
+        return dataclasses.replace(state, nesting=frozenset(), nesting_all=True)
+    return dataclasses.replace(state, nesting=state.nesting | added)
 
 
 def _index_attributes(run_key: str, record: RunRecord) -> dict[str, Any]:
@@ -324,6 +359,10 @@ def _run_item(
         item["rfl"] = _n(state.items_floor)
     if state.label_ttl is not None:
         item["lttl"] = _n(state.label_ttl)
+    if state.nesting:
+        item["nk"] = {"SS": sorted(state.nesting)}
+    if state.nesting_all:
+        item["nka"] = {"BOOL": True}
     return item
 
 
@@ -393,6 +432,8 @@ class _Additions:
     """Counts already raised before the transaction (see ``_pin``)."""
     pinned_shared: set[str] = field(default_factory=set)
     """Shared items already written before the transaction."""
+    nesting: tuple[str, ...] = ()
+    """The items it names that it writes nested items under: the run item lists them."""
 
 
 @dataclass
@@ -496,11 +537,18 @@ class _Reading:
     incarnation: str | None
     book: Book | None
     latest_sequence: int
+    nesting: frozenset[str] | None = None
+    """The shared items that may have nested items (``None``: any may)."""
 
     @classmethod
     def of(cls, state: _RunState) -> _Reading:
         record = state.record
-        return cls(record.status, record.incarnation, state.book, record.latest_sequence)
+        nesting = None if state.nesting_all else state.nesting
+        return cls(record.status, record.incarnation, state.book, record.latest_sequence,
+                   nesting)
+
+    def may_nest(self, key: str) -> bool:
+        return self.nesting is None or key in self.nesting
 
     def accepts(self, sequence: int) -> bool:
         if self.book is None or sequence > self.latest_sequence:
@@ -528,6 +576,8 @@ class DynamoDBStore(ExpiryCleanup):
     loop they were first used in. Create the table and bucket with :meth:`provision`
     (``fastcheckpoint init URL``). Runs on asyncio only.
     """
+
+    nested_items = True
 
     _book_capacity: int = layout.FRONT_CAPACITY
     """Entries a run item's book details at most (see ``_dynamodb_layout.Book``); tests
@@ -867,7 +917,8 @@ class DynamoDBStore(ExpiryCleanup):
                     "tags and step names small"
                 )
         outcome = _Outcome()
-        additions = _Additions(with_items=items is not None, refs=Counter(record.refs))
+        additions = _Additions(with_items=items is not None, refs=Counter(record.refs),
+                               nesting=nesting_under(record.refs, items or ()))
         try:
             if blob is not None:
                 additions.blobs.append(blob)
@@ -1201,8 +1252,9 @@ class DynamoDBStore(ExpiryCleanup):
         )
         rev = 0 if previous is None else previous.rev + 1
         label_ttl = _label_ttl(None, book, head.labels)
-        state = _RunState(head, rev, book, frozenset(),
-                          items_floor=0 if additions.with_items else None, label_ttl=label_ttl)
+        state = _nesting_after(_RunState(
+            head, rev, book, frozenset(), items_floor=0 if additions.with_items else None,
+            label_ttl=label_ttl), additions.nesting)
         names = _Names()
         run_put: dict[str, Any] = {"Item": _run_item(run_key, state, token)}
         if previous is None:
@@ -1331,7 +1383,10 @@ class DynamoDBStore(ExpiryCleanup):
         sequences = [held.sequence for held in removed]
         floor = state.items_floor if items_floor is None else items_floor
         new_state = _changed(state, book, sequences, floor, **record_changes)
-        update = {"Update": _run_update(run_key, state, new_state, sequences, token)}
+        if additions is not None:
+            new_state = _nesting_after(new_state, additions.nesting)
+        update = {"Update": _run_update(run_key, state, new_state, sequences, token,
+                                        () if additions is None else additions.nesting)}
         removal = await self._removal(run_key, state, sequences, checkpoint_ids or {})
         refreshes = []
         if new_state.label_ttl != state.label_ttl:
@@ -2502,10 +2557,13 @@ class DynamoDBStore(ExpiryCleanup):
         sequence = layout.sequence_of(_text(item, "SK"))
         owned = {layout.owned_key(_text(record, "SK")): record for record in family
                  if layout.is_owned_sk(_text(record, "SK")) and is_live(_number(record, "x"), now)}
-        refs = [key for key in dict.fromkeys(_text_list(item, "rf")) if key not in owned]
-        checkpoint, shared = await pair(
+        named = _text_list(item, "rf")
+        refs = [key for key in dict.fromkeys(named) if key not in owned]
+        checkpoint, (shared, nested) = await pair(
             lambda: self._checkpoint(run_key, item, reading, now),
-            lambda: self._live_items(run_key, refs, now),
+            lambda: pair(lambda: self._live_items(run_key, refs, now),
+                         lambda: self._nested_records(
+                             run_key, [key for key in named if reading.may_nest(key)], now)),
         )
         if checkpoint is None:
             return None
@@ -2516,8 +2574,35 @@ class DynamoDBStore(ExpiryCleanup):
                 sequence, len(family), checkpoint.checkpoint_id, checkpoint.refs,
                 tuple(layout.owned_key(_text(record, "SK")) for record in family
                       if layout.is_owned_sk(_text(record, "SK"))), guard))
-        values = await self._values_of(run_key, {**owned, **shared})
+        values = await self._values_of(run_key, {**nested, **owned, **shared})
         return checkpoint, self._status_of(run_key, reading, sequence), values
+
+    async def _nested_records(
+        self, run_key: str, refs: Sequence[str], now: float
+    ) -> dict[str, dict[str, Any]]:
+        """The live records holding the values of the items nested under each of ``refs``:
+        one Query per ref (``begins_with`` on ``i#<ref>/``, paged by the MB), all at once.
+        Callers pass only the refs the run item lists as having nested items (``nk``)."""
+        prefixes = [layout.item_sk(nested_prefix(key)) for key in dict.fromkeys(refs)
+                    if _may_be_item_key(nested_prefix(key))]
+        if not prefixes:
+            return {}
+        pk = _s(layout.partition(run_key))
+
+        async def under(prefix: str) -> list[dict[str, Any]]:
+            names = _Names()
+            return await self._query_all(
+                KeyConditionExpression=(
+                    f"{names('PK')} = {names.value(pk)} AND "
+                    f"begins_with({names('SK')}, {names.value(_s(prefix))})"),
+                ConsistentRead=True,
+                **names.params(),
+            )
+
+        pages = await gather([functools.partial(under, prefix) for prefix in prefixes])
+        found = {_text(record, "SK")[2:]: record for page in pages for record in page
+                 if is_live(_number(record, "x"), now)}
+        return await self._follow_anchors(run_key, found, now)
 
     async def _read_known(
         self, run_key: str, known: _Family, now: float
@@ -2534,7 +2619,13 @@ class DynamoDBStore(ExpiryCleanup):
         named = [layout.item_sk(key) for key in dict.fromkeys(known.refs)]
         sort_keys = [layout.RUN_SK, layout.checkpoint_sk(known.sequence),
                      layout.guard_sk(known.sequence), *owned, *named]
-        found = await self._snapshot_of(run_key, sort_keys)
+        # The items this process last saw with nested items are looked under with the
+        # snapshot; the run item in it says whether any other must be (after it).
+        cached = self._cache.get(run_key)
+        eager = [] if cached is None else [key for key in dict.fromkeys(known.refs)
+                                           if cached.may_nest(key)]
+        found, nested = await pair(lambda: self._snapshot_of(run_key, sort_keys),
+                                   lambda: self._nested_records(run_key, eager, now))
         run_item, item, guard = found[0], found[1], found[2]
         if run_item is None or item is None:
             self._unsure(run_key)
@@ -2571,8 +2662,11 @@ class DynamoDBStore(ExpiryCleanup):
                   for key, got in zip(dict.fromkeys(known.refs), found[3 + len(owned):],
                                       strict=True)
                   if got is not None and is_live(_number(got, "x"), now) and key not in values}
-        shared = await self._follow_anchors(run_key, shared, now)
-        items = await self._values_of(run_key, {**values, **shared})
+        late = [key for key in dict.fromkeys(known.refs)
+                if state.may_nest(key) and key not in eager]
+        shared, more = await pair(lambda: self._follow_anchors(run_key, shared, now),
+                                  lambda: self._nested_records(run_key, late, now))
+        items = await self._values_of(run_key, {**nested, **more, **values, **shared})
         return checkpoint, self._status_of(run_key, reading, known.sequence), items
 
     async def _read_newest(
@@ -2858,6 +2952,10 @@ class DynamoDBStore(ExpiryCleanup):
             if count is None:
                 continue
             names = _Names()
+            if "np" in count:  # a removal interrupted before its nested items were all gone
+                await self._remove_nested(run_key, key, _text(count, "np"),
+                                          (_number(count, "gn") or now) + layout.CONDEMNED_SECONDS)
+                continue
             if "gn" in count:
                 if (_number(count, "xat") or 0.0) <= now:
                     await self._conditional(
@@ -2865,6 +2963,7 @@ class DynamoDBStore(ExpiryCleanup):
                         Key={"PK": _s(pk), "SK": _s(layout.counter_sk(key))},
                         ConditionExpression=(
                             f"{names('gn')} = {names.value(count['gn'])} AND "
+                            f"attribute_not_exists({names('np')}) AND "
                             f"(attribute_not_exists({names('rc')}) OR "
                             f"{names('rc')} <= {names.value(_n(0))})"),
                         **names.params(),
@@ -2886,12 +2985,21 @@ class DynamoDBStore(ExpiryCleanup):
     async def _remove_shared(
         self, run_key: str, key: str, item: Mapping[str, Any] | None, now: float
     ) -> None:
+        """Remove a shared item whose count is zero, and the items nested under it: the
+        item and the count's mark in one transaction (which a raise of the count cancels),
+        then, if a Query found nested items, those (see :meth:`_remove_nested`)."""
         pk = layout.partition(run_key)
+        nesting: str | None = None
+        until = now + layout.CONDEMNED_SECONDS
         if item is not None and "o" not in item:
+            # Nested items found now are removed after the item; any written later by an
+            # append naming the item raise its count, which cancels the removal.
+            if (await self._nested_page(run_key, key, limit=1))[0]:
+                nesting = secrets.token_hex(8)
             # The item and the mark together, only while the item is the one read (else the
             # count stays in the expiry index and the next pass reads it again).
             operations = [
-                items_layout.condemn(run_key, key, now, now + layout.CONDEMNED_SECONDS),
+                items_layout.condemn(run_key, key, now, until, nesting),
                 items_layout.delete_when(pk, layout.item_sk(key), "wt", item.get("wt", _s(""))),
             ]
         else:  # no item, or one owned by a checkpoint (it goes with it): only the count
@@ -2908,6 +3016,88 @@ class DynamoDBStore(ExpiryCleanup):
             return  # named again meanwhile: it stays
         if item is not None and "vb" in item and "o" not in item:
             await self._discard_blobs([_text(item, "vb")])
+        if nesting is not None:
+            await self._remove_nested(run_key, key, nesting, until)
+
+    async def _nested_page(
+        self, run_key: str, key: str, *, limit: int | None = None,
+        start: Mapping[str, Any] | None = None,
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """One Query page of the records of the items nested under ``key`` (what deleting
+        them needs: key, owner, token, blob), and where the next page starts."""
+        names = _Names()
+        params: dict[str, Any] = {
+            "KeyConditionExpression": (
+                f"{names('PK')} = {names.value(_s(layout.partition(run_key)))} AND "
+                f"begins_with({names('SK')}, "
+                f"{names.value(_s(layout.item_sk(nested_prefix(key))))})"),
+            "ProjectionExpression": ", ".join(names(a) for a in ("SK", "o", "wt", "vb")),
+            "ConsistentRead": True,
+            **names.params(),
+        }
+        if limit is not None:
+            params["Limit"] = limit
+        if start is not None:
+            params["ExclusiveStartKey"] = dict(start)
+        response = await self._call("Query", **params)
+        return response.get("Items", []), response.get("LastEvaluatedKey")
+
+    async def _remove_nested(self, run_key: str, key: str, token: str, until: float) -> None:
+        """Delete the items nested under the removed shared item ``key`` (a Query page per
+        MB, a transaction per 99 records, each checking that the removal marked ``token`` is
+        still under way), then end the removal. Interrupted, the mark stays in the expiry
+        index, due: the next cleanup pass calls this again. A transaction cancelled by the
+        check means another worker finished it; a delete refused because its record was
+        rewritten since the page was read spares it (written after the removal)."""
+        pk = layout.partition(run_key)
+        check = items_layout.nesting_check(run_key, key, token)
+        start: dict[str, Any] | None = None
+        while True:
+            records, start = await self._nested_page(run_key, key, start=start)
+            groups: list[list[dict[str, Any]]] = []
+            blobs: list[str] = []
+            for record in records:
+                sort_key = _text(record, "SK")
+                group = [items_layout.delete_when(pk, sort_key, "wt", record.get("wt", _s("")),
+                                                  _group=sort_key)]
+                if "o" in record:  # an owned item: its value too, next to its owner
+                    group.append(items_layout.delete_when(
+                        pk, layout.owned_sk(_int(record, "o"), sort_key[2:]), "wt",
+                        record.get("wt", _s("")), _group=sort_key))
+                groups.append(group)
+                blobs += [_text(record, "vb")] if "vb" in record else []
+            for chunk in _chunks(groups, _TRANSACTION_LIMIT - 1):
+                try:
+                    await self._commit([check, *(op for group in chunk for op in group)], keep=1)
+                except _Cancelled:
+                    return  # done by another worker: the item may be written anew since
+            await self._discard_blobs(blobs)
+            if start is None:
+                break
+        await self._end_nesting(run_key, key, token, until)
+
+    async def _end_nesting(self, run_key: str, key: str, token: str, until: float) -> None:
+        """End a removal whose nested items are all gone: the count loses its mark and the
+        run item stops listing ``key`` among the items with nested items (``nk``), together,
+        only while the mark is this removal's. While it stands no append can name ``key``,
+        so none can have listed it again meanwhile."""
+        done = items_layout.nesting_done(run_key, key, token, until)
+        names = _Names()
+        listed = names.value({"SS": [key]})
+        unlist = {"Update": {
+            "Key": {"PK": _s(layout.partition(run_key)), "SK": _s(layout.RUN_SK)},
+            "UpdateExpression": f"DELETE {names('nk')} {listed}",
+            "ConditionExpression": f"contains({names('nk')}, {names.value(_s(key))})",
+            **names.params(),
+        }}
+        try:
+            await self._transact([{"Update": dict(done)}, unlist])  # it adds the table
+        except _Cancelled as cancelled:
+            if cancelled.failed(0):
+                return  # another worker ended it
+            # The run item does not list it (it says any item may have nested items, or the
+            # run is going): only the mark.
+            await self._conditional("UpdateItem", **done)
 
     async def _purge_run(
         self, run_key: str, sort_keys: Sequence[str], now: float, budget: int
@@ -3290,8 +3480,9 @@ class DynamoDBStore(ExpiryCleanup):
         naming = [layout.sequence_of(_text(item, "SK")) for item in log if "rf" in item]
         # A fresh random revision: no process's cached copy of the old item can pass for it.
         rev = secrets.randbits(48)
+        # Which items have nested items is not in the log: reads look under every one.
         return _RunState(record, rev, book, frozenset(owners), floor,
-                         items_floor=min(naming, default=None))
+                         items_floor=min(naming, default=None), nesting_all=True)
 
     async def _owners(self, run_key: str) -> set[int]:
         """The sequences that own items (or have a guard), from the records next to them."""
@@ -3431,7 +3622,7 @@ def _pinned(reading: _Reading, item: Mapping[str, Any]) -> _Reading:
     parsed = _ids.parse_checkpoint_id(_text(item, "cid"))
     if parsed is None:
         return reading
-    return _Reading(reading.status, parsed[1], reading.book, reading.latest_sequence)
+    return dataclasses.replace(reading, incarnation=parsed[1])
 
 
 def _header(item: Mapping[str, Any]) -> CheckpointHeader:
@@ -3463,7 +3654,8 @@ def _changed(
         floor = sorted(owners)[len(owners) - layout.OWNERS_CAPACITY // 2]
         owners = frozenset(owner for owner in owners if owner >= floor)
     return _RunState(head, state.rev + 1, book, owners, floor, items_floor=items_floor,
-                     label_ttl=_label_ttl(state.label_ttl, book, head.labels))
+                     label_ttl=_label_ttl(state.label_ttl, book, head.labels),
+                     nesting=state.nesting, nesting_all=state.nesting_all)
 
 
 def _shards() -> range:
@@ -3538,10 +3730,12 @@ def _purge_guard(run_key: str, incarnation: str) -> dict[str, Any]:
 
 
 def _run_update(
-    run_key: str, old: _RunState, new: _RunState, removed: Sequence[int], token: str
+    run_key: str, old: _RunState, new: _RunState, removed: Sequence[int], token: str,
+    nesting: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The run item's update in an append or removal: conditioned on its revision, and on
-    no removed checkpoint having gained owned items we do not know about."""
+    no removed checkpoint having gained owned items we do not know about. ``nesting``: the
+    items the append writes nested items under, added to ``nk`` (unless ``nka``)."""
     names = _Names()
     head = new.record
     assignments = {
@@ -3559,11 +3753,20 @@ def _run_update(
         assignments["rfl"] = _n(new.items_floor)
     if new.label_ttl is not None:
         assignments["lttl"] = _n(new.label_ttl)
+    if new.nesting_all and not old.nesting_all:
+        assignments["nka"] = {"BOOL": True}
     sets = ", ".join(f"{names(k)} = {names.value(v)}" for k, v in assignments.items())
     gone = [name for name in (*_EXPIRY_ATTRIBUTES, "lttl") if name not in assignments]
+    if "nka" in assignments:
+        gone.append("nk")
     expression = f"SET {sets}"
     if gone:
         expression += " REMOVE " + ", ".join(names(name) for name in gone)
+    # Added every time, never set from this process's copy: the cleanup loop takes keys out
+    # without a new revision (see ``_end_nesting``), so the copy may list more than the item.
+    if nesting and not new.nesting_all:
+        listed = {"SS": sorted(set(nesting))}
+        expression += f" ADD {names('nk')} {names.value(listed)}"
     dropped = sorted(old.owners - new.owners)
     if dropped:
         expression += f" DELETE {names('own')} {names.value({'NS': [str(s) for s in dropped]})}"

@@ -8,6 +8,7 @@ Layout under the root (directories 0700, files 0600)::
                                     and the run's labels), header, payload
     runs/<run key>/i/k<key>         one item per file; <key> is base32hex of the UTF-8 key
     runs/<run key>/o/<sequence:020>/k<key>   empty markers: items owned by that checkpoint
+    runs/<run key>/n/k<key>         empty markers: items may be nested under the item <key>
     index/s<status>/<stamp>-<run key>        empty markers: runs by status, newest created first
     index/l<label hash>/<stamp>-<run key>    the same by label (base32hex of a BLAKE2b hash)
     locks/<run key>                 flock(2) file of the run, outside its directory
@@ -32,6 +33,18 @@ head before the commit, are released in the same commit; keys no held checkpoint
 are listed as ``dropping`` and their files unlinked afterwards (again by the next writer or
 ``purge_expired`` if that failed). The counts are rebuilt from the checkpoints' refs whenever
 ``run.rec`` is.
+
+Nested items (``SupportsNestedItems``): base32hex names sort like the keys they encode, so
+the items nested under ``K`` are one slice of the run's sorted item names, but finding it
+takes a listing of ``i/``. A marker ``n/k<K>`` says where that is worth it: it is created
+(durably, before the items) when an item is written under ``K + "/"`` while ``K`` holds an
+item, in place or in the same batch; keys that hold no item (``w/<sequence>/...``) get none.
+Reads look for the marker of each ref (one ``faccessat``) and list ``i/`` only for refs that
+have one. Removing a shared item removes what is nested under it in the same cleanup after the
+commit, markers last, so a marker left keeps the key in ``dropping`` for the next writer or
+``purge_expired``; a dropped key written again first loses what was left under it. Items
+written under ``K + "/"`` before ``K`` holds an item are not marked: they are nested under it
+once an item is written there while it holds one.
 
 The checkpoint files are the run's log and ``run.rec`` summarises it. An intact checkpoint of
 the run's incarnation at ``latest_sequence + 1`` means the record is behind its log: a crash
@@ -94,6 +107,7 @@ from fastcheckpoint.errors import (
 from fastcheckpoint.stores._base import (
     EMPTY_RUN,
     MAX_ITEM_KEY_BYTES,
+    NESTING,
     CheckpointHeader,
     ExpiryCleanup,
     Item,
@@ -107,6 +121,8 @@ from fastcheckpoint.stores._base import (
     header_of,
     is_live,
     item_key_bytes,
+    key_successor,
+    nested_prefix,
     refs_to_find,
     unheld_refs,
 )
@@ -130,6 +146,7 @@ _RUN_FILE = "run.rec"
 _CHECKPOINTS = "c"
 _ITEMS = "i"
 _OWNERS = "o"
+_NESTED = "n"
 
 # Frame: magic, version, reserved, meta/head/body lengths | CRC of fixed+meta+head, CRC of body.
 _FIXED = struct.Struct("<4sHHIIQ")
@@ -264,6 +281,24 @@ def _key_of_name(name: str) -> str | None:
     except (binascii.Error, ValueError):
         return None
     return key if "k" + _b32hex(raw) == name else None
+
+
+def _nested_names(names: Sequence[str], key: str) -> Sequence[str]:
+    """The names among ``names`` (sorted) that encode keys nested under ``key``: names sort
+    like the keys they encode, so the key range ``[K + "/", successor)`` is one slice."""
+    prefix = nested_prefix(key)
+    low = "k" + _b32hex(prefix.encode("utf-8"))
+    high = "k" + _b32hex(key_successor(prefix).encode("utf-8"))
+    start = bisect.bisect_left(names, low)
+    return names[start : bisect.bisect_left(names, high, lo=start)]
+
+
+def _prefixes(key: str) -> Iterator[str]:
+    """The keys ``key`` is nested under if items hold them: each part before a ``"/"``."""
+    end = key.find(NESTING)
+    while end != -1:
+        yield key[:end]
+        end = key.find(NESTING, end + 1)
 
 
 def _sequence_name(sequence: int) -> str:
@@ -982,6 +1017,15 @@ class FileStore(ExpiryCleanup):
     unlink. The first checkpoint of a run adds one marker per label. ``read_with_items`` costs
     ``get`` or ``latest``, one listing of ``o/<sequence>/``, one read per owned item and per
     ref, ``run.rec``'s first 4 KiB again and one ``stat``: O(owned + r), not O(n) or O(s).
+
+    Nested items (``m`` = items nested under the refs, ``t`` = items of the run):
+    ``read_with_items`` also looks for each ref's nesting marker (one ``faccessat``), and for
+    refs that have one lists the run's items once and reads each nested item: O(owned + r +
+    m) reads and one O(t) listing. Writing items whose keys hold a ``/`` costs, per distinct
+    ``/``-prefix of them, one ``faccessat`` (does it hold an item?) and, where it does, one
+    more for its marker; creating a missing marker costs one more fsync. Removing a shared
+    item looks for its marker; with one, the removal lists the run's items and markers once
+    and unlinks each nested item, then fsyncs ``i/``: one O(t) listing plus O(m) unlinks.
     ``put_owned_items`` reads ``run.rec`` and the owner's head under the run lock, then writes
     like ``put_items``.
 
@@ -992,6 +1036,8 @@ class FileStore(ExpiryCleanup):
     A crash before an append's checkpoint is in place may leave the items it wrote: its retry
     keeps them, and they go with the run.
     """
+
+    nested_items = True
 
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self._root = os.path.abspath(_directory_of(path))
@@ -1329,11 +1375,13 @@ class FileStore(ExpiryCleanup):
         self, run_key: str, ledger: _Ledger, named: list[tuple[str, Item]], now: float
     ) -> list[tuple[str, Item]]:
         """The appended items to write: those whose key holds no live item. A key dropped
-        earlier whose file is still there (a failed unlink) counts as free."""
+        earlier whose file is still there (a failed unlink) counts as free, once the items
+        nested under it are gone."""
         files = _Dir(self._run_dir(run_key))
         absent: list[tuple[str, Item]] = []
         for name, item in named:
             if item.key in ledger.dropping:
+                self._clear_nested(run_key, [item.key])
                 ledger.dropping.discard(item.key)
             elif _holds_live_item(files, name, now):
                 continue  # written once per key: a live value is never replaced
@@ -1366,23 +1414,87 @@ class FileStore(ExpiryCleanup):
             raise unheld_refs(run_key, sequence, missing)
 
     def _drop_shared(self, run_key: str, keys: Iterable[str]) -> list[str]:
-        """Unlink shared items that no held checkpoint names (an owned item stays with its
-        owner); returns the keys whose unlink failed (logged), to be tried again."""
+        """Unlink shared items that no held checkpoint names, and the items nested under them
+        (an owned item stays with its owner, and what is nested under it); returns the keys
+        whose unlinks failed (logged), to be tried again."""
         files = _Dir(self._run_dir(run_key))
         failed: list[str] = []
+        gone: list[str] = []
         for key in keys:
             name = _item_name(key)
             path = files.path_of(f"{_ITEMS}/{name}")
             try:
                 found = files.item(name, whole=False)
-                if found is not None and found[0].owner is None:
+                if found is not None and found[0].owner is not None:
+                    continue
+                if found is not None:
                     _discard(path)
+                gone.append(key)  # or gone already: a retry finishes what is nested under it
             except CorruptCheckpointError as exc:
                 logger.warning("file store: skipping corrupt item %s: %s", exc.key, exc)
             except OSError as exc:
                 _log_leftover(path, exc)
                 failed.append(key)
+        return failed + self._remove_nested(run_key, gone)
+
+    def _remove_nested(self, run_key: str, keys: Iterable[str]) -> list[str]:
+        """Unlink the items nested under ``keys`` (whose items are gone), then their nesting
+        markers; returns the keys where an unlink failed (logged), to be tried again.
+
+        Only keys with a marker have any: one ``faccessat`` each. For those, one listing of
+        the run's items (and of its markers) serves them all, and each nested item costs one
+        unlink. The markers go last, once the unlinks are durable: a marker left means the
+        removal is unfinished.
+        """
+        files = _Dir(self._run_dir(run_key))
+        anchors = [k for k in dict.fromkeys(keys) if files.exists(f"{_NESTED}/{_item_name(k)}")]
+        if not anchors:
+            return []
+        items, markers = files.path_of(_ITEMS), files.path_of(_NESTED)
+        try:
+            names = sorted(files.listdir(_ITEMS))
+            marker_names = sorted(files.listdir(_NESTED))
+        except OSError as exc:
+            _log_leftover(items, exc)
+            return anchors
+        failed: list[str] = []
+        removed = False
+        for key in anchors:
+            try:
+                for name in _nested_names(names, key):
+                    if _key_of_name(name) is not None:
+                        removed |= _discard(os.path.join(items, name))
+            except OSError as exc:
+                _log_leftover(items, exc)
+                failed.append(key)
+        try:
+            if removed:
+                self._sync_dir(items)
+        except OSError as exc:
+            _log_leftover(items, exc)
+            return anchors
+        for key in anchors:
+            if key in failed:
+                continue
+            try:
+                # Markers of keys nested under ``key`` too: every item under them is gone.
+                for name in [*_nested_names(marker_names, key), _item_name(key)]:
+                    _discard(os.path.join(markers, name))
+            except OSError as exc:
+                _log_leftover(markers, exc)
+                failed.append(key)
         return failed
+
+    def _clear_nested(self, run_key: str, keys: Collection[str]) -> None:
+        """Finish removing what is nested under dropped ``keys`` about to be written again (a
+        failed unlink left it), so the new items start with nothing under them; before any
+        write, so a failure fails the operation."""
+        failed = self._remove_nested(run_key, keys) if keys else []
+        if failed:
+            raise StoreError(
+                f"file store: could not remove the items nested under {failed[0]!r:.80}, "
+                f"dropped earlier, in {self._run_dir(run_key)}; see the log"
+            )
 
     # -- damaged run records, and records behind their log --------------------------------------
 
@@ -2201,6 +2313,7 @@ class FileStore(ExpiryCleanup):
             hint = earliest if state is None else _earliest(state.items_next_expiry, earliest)
             base = state if state is not None else _RunState(shared=_NO_SHARED)
             keys = {item.key for _, item in named}
+            self._clear_nested(run_key, keys.intersection(base.dropping))
             updated = msgspec.structs.replace(
                 base,
                 items_next_expiry=hint,
@@ -2211,10 +2324,11 @@ class FileStore(ExpiryCleanup):
             self._write_items(run_key, named)
 
     def _write_items(self, run_key: str, named: Sequence[tuple[str, Item]]) -> None:
-        """Write item files (owner markers first, durably), then make them durable."""
+        """Write item files (owner and nesting markers first, durably), then make them durable."""
         if not named:
             return
         self._mark_owners(run_key, named)
+        self._mark_nesting(run_key, named)
         directory = os.path.join(self._run_dir(run_key), _ITEMS)
         self._ensure_dir(directory)
         for name, item in named:
@@ -2244,6 +2358,32 @@ class FileStore(ExpiryCleanup):
             for name in names:
                 os.close(os.open(os.path.join(directory, name), _MARKER_FLAGS, 0o600))
             self._sync_dir(directory)
+
+    def _mark_nesting(self, run_key: str, named: Sequence[tuple[str, Item]]) -> None:
+        """Mark, durably before the items, each key that items being written are nested under
+        where that key holds an item (in place or in the batch): the removal of that item then
+        knows to look for them, and reads naming it to list them. Keys that hold no item get
+        no marker, so keys like ``w/<sequence>/<task>/<index>`` leave none behind."""
+        files = _Dir(self._run_dir(run_key))
+        batch = {item.key for _, item in named}
+        seen: set[str] = set()
+        anchors: list[str] = []
+        for _, item in named:
+            for prefix in _prefixes(item.key):
+                if prefix in seen:
+                    continue
+                seen.add(prefix)
+                name = _item_name(prefix)
+                if prefix in batch or files.exists(f"{_ITEMS}/{name}"):
+                    anchors.append(name)
+        missing = [name for name in anchors if not files.exists(f"{_NESTED}/{name}")]
+        if not missing:
+            return
+        directory = files.path_of(_NESTED)
+        self._ensure_dir(directory)
+        for name in missing:
+            os.close(os.open(os.path.join(directory, name), _MARKER_FLAGS, 0o600))
+        self._sync_dir(directory)
 
     async def get_items(self, run_key: str, keys: Sequence[str], *, now: float) -> dict[str, bytes]:
         _check_run_key(run_key)
@@ -2407,8 +2547,12 @@ class FileStore(ExpiryCleanup):
             return True
         if any(os.path.lexists(self._checkpoint_path(run_key, s)) for s in state.removing):
             return True
-        items = os.path.join(self._run_dir(run_key), _ITEMS)
-        return any(os.path.lexists(os.path.join(items, _item_name(k))) for k in state.dropping)
+        run_dir = self._run_dir(run_key)
+        return any(
+            os.path.lexists(os.path.join(run_dir, directory, _item_name(key)))
+            for key in state.dropping
+            for directory in (_ITEMS, _NESTED)  # a marker left: nested items may be too
+        )
 
     def _purge_whole_run(self, run_key: str, state: _RunState | None, budget: _Budget) -> int:
         """Remove an expired or emptied run, or a run directory that no write ever committed
@@ -2669,7 +2813,39 @@ def _held_checkpoint(
 
 
 def _items_of(files: _Dir, record: StoredCheckpoint, now: float) -> dict[str, bytes]:
-    """The live items ``record`` owns and those its refs name: O(owned + refs) reads."""
+    """The live items ``record`` owns, those its refs name and those nested under them:
+    O(owned + refs) reads, plus one listing of the items and a read per nested item when a
+    ref has any."""
+    found = _owned_and_named(files, record, now)
+    anchors = [key for key in dict.fromkeys(record.refs)
+               if files.exists(f"{_NESTED}/{_item_name(key)}")]
+    if not anchors:
+        return found
+    names = sorted(files.listdir(_ITEMS))
+    done = {_item_name(key) for key in found}  # read already, as a ref or an owned item
+    for anchor in anchors:
+        for name in _nested_names(names, anchor):
+            item = None if name in done else _nested_item(files, name)
+            done.add(name)  # ranges of refs nested in one another overlap
+            if item is not None and is_live(item[0].expires_at, now):
+                found[item[0].key] = item[1] or b""
+    return found
+
+
+def _nested_item(files: _Dir, name: str) -> tuple[_ItemMeta, bytes | None] | None:
+    """The item at ``name`` (its key checked against the name as it is read); a foreign
+    file is skipped (logged), a corrupt item raises as any item of a read does."""
+    try:
+        return files.item(name, whole=True)
+    except CorruptCheckpointError:
+        if _key_of_name(name) is not None:
+            raise
+        logger.warning("file store: skipping foreign file %s", files.path_of(f"{_ITEMS}/{name}"))
+        return None
+
+
+def _owned_and_named(files: _Dir, record: StoredCheckpoint, now: float) -> dict[str, bytes]:
+    """The live items ``record`` owns and those its refs name."""
     found: dict[str, bytes] = {}
     for name in files.listdir(f"{_OWNERS}/{_sequence_name(record.sequence)}"):
         key = _key_of_name(name)

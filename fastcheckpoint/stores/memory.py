@@ -10,7 +10,8 @@ outnumber live ones, and a store-wide heap holds one due time per run, so ``purg
 work proportional to what expired. Runs are kept in creation order, so a new run is appended at
 the end; a status change moves one entry between per-status lists, and each label has a list of
 its runs in the same order. Shared items are reference-counted per run: a removed checkpoint
-releases its ``refs`` and an item whose count drops to zero goes with it, in O(refs).
+releases its ``refs`` and an item whose count drops to zero goes with it, in O(refs), with the
+items nested under it (a slice of the run's sorted keys).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from fastcheckpoint.stores._base import (
     item_key_bytes,
     key_successor,
     latest_expiry,
+    nested_prefix,
     refs_to_find,
     unheld_refs,
 )
@@ -109,6 +111,8 @@ def _parse_cursor(cursor: str) -> tuple[float, str]:
 
 class MemoryStore(ExpiryCleanup):
     """Keeps everything in this process; for tests, notebooks and single-process agents."""
+
+    nested_items = True
 
     def __init__(self) -> None:
         self._runs: dict[str, _Run] = {}
@@ -425,6 +429,11 @@ class MemoryStore(ExpiryCleanup):
                 item = space.live(key, now)
                 if item is not None:
                     items[key] = item.value
+            for key in dict.fromkeys(record.refs):
+                for nested in _nested_keys(space, key):
+                    item = space.live(nested, now)
+                    if item is not None:
+                        items[nested] = item.value
         return record, status, items
 
     async def put_owned_items(
@@ -714,6 +723,15 @@ def _release(space: _Items, record: StoredCheckpoint) -> None:
         item = space.items.get(key)
         if item is not None and item.owner is None:
             _drop_item(space, key)
+            for nested in _nested_keys(space, key):
+                _drop_item(space, nested)
+
+
+def _nested_keys(space: _Items, key: str) -> list[str]:
+    """Keys of the items nested under ``key``, ascending."""
+    prefix = nested_prefix(key)
+    low = bisect_left(space.keys, prefix)
+    return space.keys[low:bisect_left(space.keys, key_successor(prefix), lo=low)]
 
 
 def _drop_item(space: _Items, key: str) -> bool:

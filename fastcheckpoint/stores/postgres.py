@@ -10,7 +10,10 @@ and shared-item references), get, latest, read with items, a page of headers, a 
 ``purge_expired`` batch. A statement's first use on a connection costs one more round trip
 (asyncpg prepares it); with ``statement_cache_size=0`` (PgBouncer in transaction mode before
 1.21) every call costs two (an unnamed prepare, then the execution), and nothing is kept in
-the server session.
+the server session. Items nested under a shared item (``SupportsNestedItems``) are one
+primary-key range of the items table: a read with items returns them in its one call (one
+range scan per distinct ref, however many items), and whatever removes the shared item
+deletes them in the same transaction (one range delete).
 
 Damaged run rows. Every write changes a run row and its checkpoints in one transaction, so only
 something outside the store makes them disagree: a row put back from an older copy (it knows
@@ -257,6 +260,8 @@ class PostgresStore(ExpiryCleanup):
     by :meth:`damaged_runs` and :meth:`rebuild_run` (:class:`SupportsRepair`, what
     ``manager.repair()`` and ``fastcheckpoint doctor --repair`` use).
     """
+
+    nested_items = True
 
     def __init__(
         self,

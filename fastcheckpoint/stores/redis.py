@@ -32,6 +32,13 @@ ref it does not write names an item the run holds and that is live at ``now``; o
 raises ``SharedItemGone`` naming those keys and leaves the run as it was (a new run is not
 created). The check adds no round trip.
 
+Nested items (``nested_items = True``). ``read_with_items`` stays one script call: per distinct
+ref ``K`` it adds one ``ZRANGEBYLEX`` of the item keys over ``[K + "/", K + "0")`` (byte order,
+which is code point order) and reads their values in batches, O(log n + nested) per ref. The
+script that removes ``K`` (pruning, ``delete``, purging, ``delete_run``, a new life of the run, a
+read dropping a vanished log entry) removes the items nested under it in the same call, a page
+of 256 keys at a time: a few commands per page, no extra round trip.
+
 Expiry. Checkpoint keys get native millisecond expiry, anchored at the manager's ``now``
 (``PEXPIRE`` of ``expires_at - now``) rather than at the server's clock, so a manager with an
 injected or skewed clock keeps the lifetime it asked for. Run-level keys expire with the run
@@ -258,6 +265,8 @@ class RedisStore(ExpiryCleanup):
     then closes it in :meth:`aclose`. ``script_flags=False`` leaves out the ``#!lua`` flags
     line of the scripts, for servers that cannot parse it (fakeredis); Redis 7 should keep it.
     """
+
+    nested_items = True
 
     def __init__(
         self,

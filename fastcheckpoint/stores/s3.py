@@ -38,6 +38,18 @@ an append from a process that does not know it died is refused or keeps it alive
 
 Exact removal. Deletes that must be counted (``delete``, purging) are conditional
 (``IfMatch`` on the ETag listed), so concurrent workers never both count one checkpoint.
+
+Nested items (``SupportsNestedItems``). The items nested under a shared item ``K`` are the
+objects under one key prefix (see ``_s3_layout``). The run object lists the refs appends
+nested items under (the first such append writes it before its commit: 1 PUT and a round trip
+more, once per ref; at most 32, then "any ref"), and each slot those its own append did. A read
+with items lists that prefix for each listed ref only, with the reads of the refs (one LIST per
+such ref, per 1,000 nested items), then reads what it lists concurrently: one more round trip
+when there are any; refs nothing was nested under (the LangGraph saver's) cost nothing. They are
+removed by the sweep that removes ``K`` (an item nested under a named one is held), the
+deepest first, so a sweep that stops part way leaves ``K`` until all of them are gone and
+the next sweep completes it; the sweep's lease guards them as it guards ``K``, and the sweep
+then takes ``K`` off the run object's list (1 PUT).
 """
 
 from __future__ import annotations
@@ -45,7 +57,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import heapq
-import itertools
 import logging
 import secrets
 from collections import OrderedDict
@@ -84,9 +95,19 @@ from fastcheckpoint.stores._base import (
     check_shared_items,
     is_live,
     latest_expiry,
+    nesting_under,
 )
 from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop
-from fastcheckpoint.stores._s3_io import PAGE, UNCHANGED, Bucket, Listed, Unchanged, gather, pair
+from fastcheckpoint.stores._s3_io import (
+    PAGE,
+    UNCHANGED,
+    WIDE,
+    Bucket,
+    Listed,
+    Unchanged,
+    gather,
+    pair,
+)
 from fastcheckpoint.stores._s3_layout import (
     ItemBody,
     ItemMeta,
@@ -252,7 +273,8 @@ class _Run:
         if not views:
             return cls(None, listed.run_etag, listed, damage)
         newest = max(views, key=lambda view: (_listing(view).appended_at, view.sequence))
-        state = RunState("", _listing(newest).incarnation, "active", 0.0, 0.0, 0, b"")
+        state = RunState("", _listing(newest).incarnation, "active", 0.0, 0.0, 0, b"",
+                         nesting_all=True)
         return cls(state, listed.run_etag, listed, damage)
 
     @property
@@ -370,6 +392,15 @@ class _Log:
 
 
 @dataclass
+class _SharedWrite:
+    """The shared items an append wrote or found in place: the ETag of the object at each
+    hex key, and those this append created (what it may withdraw when refused)."""
+
+    etags: dict[str, str] = field(default_factory=dict)
+    created: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class _Cached:
     """One run as this process knows it: the run object as last read (valid while listings
     show the same ETag), the log, and owned items it wrote or listed (owner -> hex -> marker)."""
@@ -378,6 +409,19 @@ class _Cached:
     state: RunState | None = None
     log: _Log | None = None
     owned: dict[int, dict[str, str]] = field(default_factory=dict)
+
+
+_Accepted = tuple[StoredCheckpoint, str, tuple[str, ...]]
+"""A checkpoint read, its run's status, and the refs that may have items nested under them."""
+
+
+def _nesting_refs(slot: Slot, state: RunState) -> tuple[str, ...]:
+    """The refs of ``slot`` a read with items looks under: those the run object lists as
+    having nested items, and those the slot's own append wrote nested items under (it
+    lists them in the run object before its commit, but a read of the run object sent with
+    the read of the slot may be served before that)."""
+    return tuple(ref for ref in dict.fromkeys(slot.refs)
+                 if state.may_nest(ref) or ref in slot.nests)
 
 
 def _accepts(cached: _Cached, sequence: int, incarnation: str, now: float) -> bool:
@@ -547,6 +591,8 @@ class S3Store(ExpiryCleanup):
     loop raises :class:`ConfigurationError` before sending anything.
     """
 
+    nested_items = True
+
     def __init__(
         self,
         bucket: str,
@@ -576,7 +622,7 @@ class S3Store(ExpiryCleanup):
             self._build, _close_built, store=_STORE, driver=_DRIVER)
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._refs: OrderedDict[tuple[str, int, str], frozenset[str]] = OrderedDict()
-        self._verdicts: OrderedDict[tuple[str, str, str], bool] = OrderedDict()
+        self._verdicts: OrderedDict[tuple[str, str, str], str] = OrderedDict()
 
     @classmethod
     def from_url(
@@ -861,15 +907,18 @@ class S3Store(ExpiryCleanup):
         check_keep_latest(keep_latest)
         check_labels(run.labels)
         shared, owned = _appended_items(record, items)
+        nests = nesting_under(record.refs, items)
         io = await self._objects()
         cached = self._cache.get(run_key)
         if cached is None or not _accepts(cached, record.sequence, run.incarnation, now):
-            cached = await self._prepare(io, run_key, record, run, keep_latest, now)
+            cached = await self._prepare(io, run_key, record, run, keep_latest, now, nests)
         assert cached.state is not None
         slot = Slot(cached.state.incarnation, record.sequence, record.checkpoint_id,
                     record.created_at, record.expires_at, now, record.header, record.payload,
                     token=secrets.token_bytes(_TOKEN_BYTES), run_key=run_key,
-                    refs=tuple(record.refs))
+                    refs=tuple(record.refs), nests=nests)
+        if not all(cached.state.may_nest(key) for key in nests):
+            cached = await self._note_nesting(io, run_key, slot, now)
         try:
             return await self._write(io, run_key, cached, slot, shared, owned, keep_latest, now)
         except CheckpointError:
@@ -941,14 +990,15 @@ class S3Store(ExpiryCleanup):
         slot: Slot,
         slot_etag: str,
         owned: dict[str, Item],
-        shared: dict[str, str],
+        shared: _SharedWrite,
         now: float,
     ) -> _Entry:
         """The second round trip of an append with items: the marker, the owned items (only
         now: a slot that lost its sequence must not have written items the winner owns) and
-        the check against a sweep of the shared items the checkpoint names (``shared``: the
-        ETags of those it wrote or found in place). When the items fail, or a sweep is
-        deleting or removed what the checkpoint names, the slot is taken back."""
+        the check against a sweep of the shared items the checkpoint names or nests under
+        what it names (``shared``: those it wrote or found in place). When the items fail, or
+        a sweep is deleting or removed what the checkpoint relies on, the slot is taken back,
+        with the items it created nested under what it names."""
         entry, (markers, allowed) = await pair(
             functools.partial(self._write_marker, io, run_key, slot),
             functools.partial(
@@ -956,12 +1006,13 @@ class S3Store(ExpiryCleanup):
                 functools.partial(_error_as_value, self._put_owned, io, run_key, slot, owned,
                                   now),
                 functools.partial(_error_as_value, self._sweep_allows, io, run_key, slot.refs,
-                                  shared),
+                                  shared.etags),
             ),
         )
         failure = next((found for found in (markers, allowed)
                         if isinstance(found, CheckpointError)), None)
-        if failure is None and allowed is False:
+        refused = failure is None and allowed is False
+        if refused:
             failure = SharedItemGone(
                 f"a cleanup of run {run_key} is removing (or removed) shared items checkpoint "
                 f"{slot.checkpoint_id} names; nothing was written: append it again with "
@@ -973,8 +1024,12 @@ class S3Store(ExpiryCleanup):
             return entry
         if await self._withdraw(io, run_key, slot, slot_etag):
             marker = _marker_of(io.prefix, run_key, slot.sequence, "m", _listing_of(slot))[0]
-            await pair(functools.partial(_forget_keys, io, [marker]),
-                       functools.partial(self._withdraw_owned, io, run_key, slot, owned))
+            nested = _created_under(slot.refs, shared) if refused else {}
+            await gather([
+                functools.partial(_forget_keys, io, [marker]),
+                functools.partial(self._withdraw_owned, io, run_key, slot, owned),
+                functools.partial(_forget_created, io, run_key, nested),
+            ])
         raise failure
 
     async def _commit(
@@ -1078,10 +1133,11 @@ class S3Store(ExpiryCleanup):
         seed: RunRecord,
         keep_latest: int | None,
         now: float,
+        nests: Sequence[str] = (),
     ) -> _Cached:
         """What this process knows does not admit the append: list the run's head, then
         accept, refuse (``SequenceConflict``), join a run being created, or start the run
-        over."""
+        over (a run object written on the way lists ``nests``, see :meth:`_note_nesting`)."""
         current, known_from = await self._head(io, run_key, live_wanted=keep_latest or 1, now=now)
         if current.damage is not None:
             raise current.damage
@@ -1098,25 +1154,28 @@ class S3Store(ExpiryCleanup):
             # once. If the creator is alive, the slot's create-only PUT decides between them.
             if sequence != 0 or not mine:
                 raise current.conflict(now)
-            await self._join(io, run_key, current, now)
+            await self._join(io, run_key, current, now, nests)
             return self._cached(run_key)
         if sequence != 0:
             raise current.conflict(now)
         # A dead or absent run: _head listed all of it, leftovers included.
-        state, etag = await self._start_over(io, run_key, current, seed, now)
+        state, etag = await self._start_over(io, run_key, current, seed, now, nests)
         self._remember(run_key, etag, state)
         cached = self._cached(run_key)
         cached.log = _Log(-1, {}, {}, 0)
         cached.owned = {}
         return cached
 
-    async def _join(self, io: Bucket, run_key: str, current: _Run, now: float) -> None:
+    async def _join(
+        self, io: Bucket, run_key: str, current: _Run, now: float, nests: Sequence[str]
+    ) -> None:
         """Finish a run's creation for its creator: write the index entries it may lack, and
         touch the run object (compare-and-set ``updated_at``), so that a cleanup worker that
         judged the creation abandoned cannot remove it under this append."""
         assert current.state is not None
         assert current.etag is not None
-        touched = msgspec.structs.replace(current.state, updated_at=now)
+        touched = layout.nesting_after(
+            msgspec.structs.replace(current.state, updated_at=now), nests)
         etag = await io.put(layout.run_object(run_key), layout.encode(touched),
                             if_match=current.etag)
         if etag is None:
@@ -1126,12 +1185,14 @@ class S3Store(ExpiryCleanup):
                       for key in layout.index_keys(run_key, touched)])
 
     async def _start_over(
-        self, io: Bucket, run_key: str, current: _Run, seed: RunRecord, now: float
+        self, io: Bucket, run_key: str, current: _Run, seed: RunRecord, now: float,
+        nests: Sequence[str],
     ) -> tuple[RunState, str]:
         """Take the run key for a new run: compare-and-set the run object, then clear the
         leftovers of the previous run (checkpoints, owned items, index entries)."""
-        state = RunState(seed.run_id, seed.incarnation, layout.check_status(seed.status),
-                         seed.created_at, now, seed.version, seed.data, labels=seed.labels)
+        state = layout.nesting_after(
+            RunState(seed.run_id, seed.incarnation, layout.check_status(seed.status),
+                     seed.created_at, now, seed.version, seed.data, labels=seed.labels), nests)
         if current.state is not None and not await self._seal(io, run_key, current, now):
             raise (await self._load(io, run_key)).conflict(now)  # it lives again
         key = layout.run_object(run_key)
@@ -1159,6 +1220,26 @@ class S3Store(ExpiryCleanup):
                               any(view.names_items for view in views)),
         ])
         return state, etag
+
+    async def _note_nesting(self, io: Bucket, run_key: str, slot: Slot, now: float) -> _Cached:
+        """Before the commit of an append writing items nested under shared items the run
+        object does not list yet (``slot.nests``): list them there (compare-and-set). Reads
+        then look under those refs, for every checkpoint naming them, whatever happens to
+        the append; done after the commit, a crash between the two would hide the items
+        from the reads of other checkpoints. Once per shared item: 1 PUT, 1 round trip."""
+        for _ in range(_FLOOR_RACES):
+            cached = self._cached(run_key)
+            state, etag = cached.state, cached.etag
+            if (state is None or etag is None or cached.log is None
+                    or state.incarnation != slot.incarnation):
+                break  # the run changed under this process's knowledge: propose again
+            if all(state.may_nest(key) for key in slot.nests):
+                return cached
+            if await self._cas_run(io, run_key, etag, layout.nesting_after(state, slot.nests)):
+                return self._cached(run_key)
+            if self._cached(run_key).etag == etag:
+                await self._read_state(io, run_key)  # the check after the CAS could not read it
+        raise (await self._load(io, run_key)).conflict(now)
 
     async def _seal(self, io: Bucket, run_key: str, current: _Run, now: float) -> bool:
         """Before a dead run is started over or purged: claim the sequence after its last
@@ -1260,15 +1341,20 @@ class S3Store(ExpiryCleanup):
 
     async def _put_shared(
         self, io: Bucket, run_key: str, slot: Slot, shared: dict[str, Item], now: float
-    ) -> dict[str, str]:
-        """Write the shared items where no live item is; the ETag of the object now at each
-        key (this write's, or the live item's kept), by hex key."""
+    ) -> _SharedWrite:
+        """Write the shared items where no live item is: the ETag of the object now at each
+        key (this write's, or the live item's kept), and which of them this write created."""
         bodies = {hex_key: ItemBody(item.value, None, None, slot.token, shared=True)
                   for hex_key, item in shared.items()}
         results = await gather([functools.partial(self._put_item, io, run_key, hex_key, body,
                                                   now) for hex_key, body in bodies.items()])
-        return {hex_key: etag for hex_key, (etag, _) in zip(bodies, results, strict=True)
-                if etag is not None}
+        done = _SharedWrite()
+        for hex_key, (etag, kept) in zip(bodies, results, strict=True):
+            if etag is not None:
+                done.etags[hex_key] = etag
+                if kept is None:
+                    done.created[hex_key] = etag
+        return done
 
     async def _put_owned(
         self, io: Bucket, run_key: str, slot: Slot, owned: dict[str, Item], now: float
@@ -1333,19 +1419,24 @@ class S3Store(ExpiryCleanup):
     async def _sweep_allows(
         self, io: Bucket, run_key: str, refs: Sequence[str], shared: Mapping[str, str]
     ) -> bool:
-        """After the commit: may the checkpoint name ``refs``? Not when a sweep that did not
-        see it is deleting one of them or removed one lately (the lease remembers), unless
-        this append wrote it again (``shared``: the ETag of the object at each key this
-        append wrote or found in place; a removal of another object is no loss). A sweep
-        still collecting is stopped instead (its lease rewritten without what it would
-        delete: it then deletes nothing). See "Shared items" in ``docs/stores/s3.md``."""
+        """After the commit: may the checkpoint stand? Not when a sweep that did not see it
+        is deleting, or removed lately (the lease remembers), what it relies on: the items
+        its ``refs`` name, unless this append wrote them again (``shared``: the ETag of the
+        object at each key this append wrote or found in place; a removal of another object
+        is no loss), and the very objects it wrote or found in place nested under what it
+        names. A sweep still collecting any of those (or anything nested under what it
+        names) is stopped instead (its lease rewritten without what it would delete: it
+        then deletes nothing). See "Shared items" in ``docs/stores/s3.md``."""
         if not refs:
             return True
         named = {layout.hex_item_key(ref) for ref in refs}
 
         def lost(hex_key: str, etag: str | None) -> bool:
             relied = shared.get(hex_key)
-            return hex_key in named and (relied is None or not etag or etag == relied)
+            if hex_key in named:
+                return relied is None or not etag or etag == relied
+            return relied is not None and layout.nested_under(hex_key, named) and (
+                not etag or etag == relied)
 
         key = layout.sweep_lease(run_key)
         for _ in range(_FLOOR_RACES):
@@ -1361,7 +1452,7 @@ class S3Store(ExpiryCleanup):
                 etags: Sequence[str | None] = lease.etags or [None] * len(lease.doomed)
                 return not any(lost(hex_key, etag)
                                for hex_key, etag in zip(lease.doomed, etags, strict=False))
-            if named.isdisjoint(lease.doomed):
+            if not any(_held(hex_key, named) for hex_key in lease.doomed):
                 return True
             stopped = msgspec.structs.replace(lease, doomed=(), etags=())
             if await io.put(key, layout.encode(stopped), if_match=found[1]) is not None:
@@ -1408,10 +1499,10 @@ class S3Store(ExpiryCleanup):
                            slot.checkpoint_id, run_key, exc_info=True)
 
     async def _bodies(
-        self, io: Bucket, run_key: str, hex_keys: Sequence[str]
+        self, io: Bucket, run_key: str, hex_keys: Sequence[str], *, wide: bool = False
     ) -> list[tuple[ItemBody, str] | None]:
         """The items at ``hex_keys`` with their ETags (None where there is none), read
-        concurrently."""
+        concurrently (``WIDE`` at a time if ``wide``: a batch that may be long)."""
 
         async def read(hex_key: str) -> tuple[ItemBody, str] | None:
             key = layout.item_object(run_key, hex_key)
@@ -1420,7 +1511,8 @@ class S3Store(ExpiryCleanup):
                 return None
             return layout.decode_item(found[0], io.where(key)), found[1]
 
-        return await gather([functools.partial(read, hex_key) for hex_key in hex_keys])
+        calls = [functools.partial(read, hex_key) for hex_key in hex_keys]
+        return await (gather(calls, parallel=WIDE) if wide else gather(calls))
 
     async def _prune(
         self,
@@ -1552,7 +1644,8 @@ class S3Store(ExpiryCleanup):
             functools.partial(io.get, key),
             functools.partial(_damage_as_value, self._read_state, io, run_key),
         )
-        return await self._accept_read(io, run_key, sequence, found, state, now)
+        accepted = await self._accept_read(io, run_key, sequence, found, state, now)
+        return None if accepted is None else accepted[:2]
 
     async def _accept_read(
         self,
@@ -1562,8 +1655,9 @@ class S3Store(ExpiryCleanup):
         found: tuple[bytes, str] | None,
         state: tuple[RunState, str] | CorruptCheckpointError | None,
         now: float,
-    ) -> tuple[StoredCheckpoint, str] | None:
-        """What ``get`` returns, from the slot and the run object read together."""
+    ) -> _Accepted | None:
+        """What ``get`` returns, from the slot and the run object read together, with the
+        refs that may have items nested under them (see :func:`_nesting_refs`)."""
         if found is None or state is None:
             return None
         if isinstance(state, CorruptCheckpointError):
@@ -1581,9 +1675,10 @@ class S3Store(ExpiryCleanup):
 
     async def _latest(
         self, io: Bucket, run_key: str, now: float, *, first: int
-    ) -> tuple[StoredCheckpoint, str, _SlotView] | None:
-        """The newest live checkpoint, its run's status, and its view in the listing read
-        (with the markers of the items it owns). ``first``: ``MaxKeys`` of the first LIST."""
+    ) -> tuple[StoredCheckpoint, str, tuple[str, ...], _SlotView] | None:
+        """The newest live checkpoint, its run's status, the refs that may have items nested
+        under them, and its view in the listing read (with the markers of the items it
+        owns). ``first``: ``MaxKeys`` of the first LIST."""
 
         def incarnation(listed: _Listed) -> str | None:
             cached = self._cache.get(run_key)
@@ -1624,7 +1719,7 @@ class S3Store(ExpiryCleanup):
 
     async def _first_live(
         self, io: Bucket, run_key: str, current: _Run, now: float
-    ) -> tuple[StoredCheckpoint, str, _SlotView] | None:
+    ) -> tuple[StoredCheckpoint, str, tuple[str, ...], _SlotView] | None:
         if current.state is None:
             return None
         for view in reversed(current.held):
@@ -1646,7 +1741,7 @@ class S3Store(ExpiryCleanup):
         found: tuple[bytes, str],
         state: RunState,
         now: float,
-    ) -> tuple[StoredCheckpoint, str] | None:
+    ) -> _Accepted | None:
         """The checkpoint in a slot's body, if it is a live one of the run's incarnation."""
         where = io.where(layout.slot_key(run_key, sequence))
         slot = layout.decode_slot(found[0], where, run_key=run_key, sequence=sequence)
@@ -1654,7 +1749,7 @@ class S3Store(ExpiryCleanup):
             slot.expires_at, now
         ):
             return None
-        return self._located(io, run_key, slot), state.status
+        return self._located(io, run_key, slot), state.status, _nesting_refs(slot, state)
 
     # -- checkpoints with their items ------------------------------------------------------------
 
@@ -1666,20 +1761,21 @@ class S3Store(ExpiryCleanup):
             latest = await self._latest(io, run_key, now, first=_READ_PAGE)
             if latest is None:
                 return None
-            record, status, view = latest
+            record, status, nesting, view = latest
             owned = [marker.hex_key for marker in view.owned]
         else:
             found = await self._read_at(io, run_key, sequence, now)
             if found is None:
                 return None
-            record, status, owned = found
-        return record, status, await self._items_of(io, run_key, record, owned, now)
+            record, status, nesting, owned = found
+        return record, status, await self._items_of(io, run_key, record, owned, nesting, now)
 
     async def _read_at(
         self, io: Bucket, run_key: str, sequence: int, now: float
-    ) -> tuple[StoredCheckpoint, str, list[str]] | None:
-        """What ``get`` returns, with the hex keys of the items the checkpoint owns (their
-        markers are under its slot key: listed in the same round trip)."""
+    ) -> tuple[StoredCheckpoint, str, tuple[str, ...], list[str]] | None:
+        """What ``get`` returns, with the refs that may have items nested under them and the
+        hex keys of the items the checkpoint owns (their markers are under its slot key:
+        listed in the same round trip)."""
         if not layout.valid_sequence(sequence):
             return None
         slot = layout.slot_key(run_key, sequence)
@@ -1703,14 +1799,22 @@ class S3Store(ExpiryCleanup):
         run_key: str,
         record: StoredCheckpoint,
         owned: Sequence[str],
+        nesting: Sequence[str],
         now: float,
     ) -> dict[str, bytes]:
         """The live items ``record`` names and those it owns (``owned``: hex keys of its item
-        markers), read concurrently. An item at an owned key that another checkpoint (or
-        another life of this one) owns now is not this checkpoint's."""
+        markers), read concurrently with a listing of what is nested under each of
+        ``nesting`` (the names that may have nested items); then the nested items,
+        concurrently (a round trip only when there are any). An item at an owned key that
+        another checkpoint (or another life of this one) owns now is not this checkpoint's."""
         named = {layout.hex_item_key(key): key for key in record.refs}
         wanted = list(dict.fromkeys([*named, *owned]))
-        found = await self._bodies(io, run_key, wanted)
+        found, listings = await pair(
+            functools.partial(self._bodies, io, run_key, wanted),
+            functools.partial(gather, [
+                functools.partial(io.list, layout.nested_items_prefix(run_key, hex_key))
+                for hex_key in dict.fromkeys(map(layout.hex_item_key, nesting))]),
+        )
         values: dict[str, bytes] = {}
         for hex_key, stored in zip(wanted, found, strict=True):
             if stored is None or not is_live(stored[0].expires_at, now):
@@ -1722,6 +1826,18 @@ class S3Store(ExpiryCleanup):
                 layout.item_key_of(hex_key) if mine else None)
             if key is not None:
                 values[key] = body.value
+        read = dict(zip(wanted, found, strict=True))
+        base = len(layout.items_prefix(run_key))
+        nested = list(dict.fromkeys(entry.key[base:] for listed in listings for entry in listed))
+        nested = [hex_key for hex_key in nested if layout.item_key_of(hex_key) is not None]
+        unread = [hex_key for hex_key in nested if hex_key not in read]
+        read.update(zip(unread, await self._bodies(io, run_key, unread, wide=True),
+                        strict=True))
+        for hex_key in nested:
+            stored = read[hex_key]
+            key = layout.item_key_of(hex_key)
+            if stored is not None and key is not None and is_live(stored[0].expires_at, now):
+                values[key] = stored[0].value
         return values
 
     async def put_owned_items(
@@ -2024,8 +2140,9 @@ class S3Store(ExpiryCleanup):
         self, io: Bucket, run_key: str, old: RunState, etag: str, new: RunState
     ) -> RunState:
         """Compare-and-set the run object from ``old`` (at ``etag``) to ``new``. A writer
-        raising the floor meanwhile is no conflict: the higher floor is kept, and the write
-        tried again."""
+        raising the floor or changing which items have nested items meanwhile is no
+        conflict: the higher floor and the other writer's list are kept, and the write tried
+        again."""
         key = layout.run_object(run_key)
         for _ in range(_FLOOR_RACES):
             written = await io.put(key, layout.encode(new), if_match=etag)
@@ -2038,9 +2155,12 @@ class S3Store(ExpiryCleanup):
             latest, etag = found
             if latest == new:
                 return new  # applied, its reply lost: the retry found our own write
-            if msgspec.structs.replace(latest, floor=old.floor) != old:
+            if msgspec.structs.replace(latest, floor=old.floor, nesting=old.nesting,
+                                       nesting_all=old.nesting_all) != old:
                 break
-            new = msgspec.structs.replace(new, floor=max(new.floor, latest.floor))
+            new = msgspec.structs.replace(new, floor=max(new.floor, latest.floor),
+                                          nesting=latest.nesting,
+                                          nesting_all=latest.nesting_all)
         raise ConflictError(f"run {run_key} changed concurrently; read it again and retry")
 
     async def _written(self, io: Bucket, run_key: str, state: RunState) -> str | None:
@@ -2194,7 +2314,8 @@ class S3Store(ExpiryCleanup):
         # Which keys were freed before is lost with the damaged object: none at or above the
         # next sequence was.
         state = RunState(seed.run_id, current.state.incarnation, status, oldest.created_at, now,
-                         0, bytes(seed.data), floor=current.latest_sequence + 1, labels=labels)
+                         0, bytes(seed.data), floor=current.latest_sequence + 1, labels=labels,
+                         nesting_all=True)
         # Compare-and-set over the damaged bytes: a concurrent repair or writer wins alone.
         etag = await io.put(layout.run_object(run_key), layout.encode(state),
                             if_match=current.etag)
@@ -2493,8 +2614,9 @@ class S3Store(ExpiryCleanup):
         self, io: Bucket, run_key: str, listed: _Listed, gone: set[int], now: float,
         budget: int,
     ) -> tuple[int, bool, bool]:
-        """Remove the shared items that no checkpoint the run holds names (mark and sweep):
-        ``(items removed, completed, more left)``.
+        """Remove the shared items that no checkpoint the run holds names, nor nests under
+        an item it names, with what is nested under them (mark and sweep): ``(items
+        removed, completed, more left)``.
 
         The doomed items are published in a lease object before anything is deleted. An
         append naming one of them checks the lease after its commit: while the sweep still
@@ -2507,9 +2629,7 @@ class S3Store(ExpiryCleanup):
         held = [view for view in listed.slots.values()
                 if view.slot_etag is not None and view.sequence not in gone]
         named = await self._named(io, run_key, held)
-        doomed = await self._unnamed(io, run_key, listed, named)
-        more = len(doomed) > budget
-        doomed = dict(itertools.islice(doomed.items(), budget))
+        doomed, more = _within(await self._unnamed(io, run_key, listed, named), budget)
         if not doomed:
             if listed.lease is not None:
                 await self._drop_stale_lease(io, run_key, now)
@@ -2521,26 +2641,73 @@ class S3Store(ExpiryCleanup):
         if taken is None:
             return 0, False, False  # another sweep runs: it removes what this one would
         etag, lease = taken
-        for hex_key in await self._named_since(io, run_key, listed):
-            doomed.pop(hex_key, None)
+        fresh = await self._named_since(io, run_key, listed)
+        doomed = _spared(doomed, {hex_key for hex_key in doomed if _held(hex_key, fresh)})
         deleting = msgspec.structs.replace(lease, deleting=True, doomed=tuple(doomed),
                                            etags=tuple(doomed.values()))
         written = await self._put_lease(io, run_key, deleting, if_match=etag)
         if written is None:
             return 0, False, False  # an append naming a doomed item stopped it
-        results = await gather([
-            functools.partial(io.delete_if, layout.item_object(run_key, hex_key), item_etag)
-            for hex_key, item_etag in doomed.items()
-        ])
-        removed = tuple(Removed(hex_key, item_etag, now) for (hex_key, item_etag), deleted
-                        in zip(doomed.items(), results, strict=True) if deleted)
+        deleted = await self._delete_nested_first(io, run_key, doomed)
+        removed = tuple(Removed(hex_key, item_etag, now) for hex_key, item_etag
+                        in doomed.items() if hex_key in deleted)
         done = msgspec.structs.replace(deleting, deleting=False, doomed=(), etags=(),
                                        removed=(*deleting.removed, *removed))
+        await self._unnest(io, run_key, listed.run_etag,
+                           {key for key in map(layout.item_key_of, deleted) if key is not None})
         if await self._put_lease(io, run_key, done, if_match=written) is None:
             logger.warning("run %s: a sweep's lease changed under it; appends naming the "
                            "items it removed are refused until the lease is taken over",
                            run_key)
-        return sum(results), not more, more
+        return len(deleted), not more, more
+
+    async def _unnest(
+        self, io: Bucket, run_key: str, etag: str | None, removed: set[str]
+    ) -> None:
+        """Once the sweep removed shared items (with what was nested under them), the run
+        object stops listing them as having nested items (compare-and-set; 1 PUT, only when
+        it listed one). Best effort: a key left listed costs reads of checkpoints naming it
+        (none is held now) a LIST each, and counts towards the capacity."""
+        try:
+            found = await self._state(io, run_key, etag)
+            for _ in range(_FLOOR_RACES):
+                if found is None or not any(key in found[0].nesting for key in removed):
+                    return
+                state, etag = found
+                if await self._cas_run(io, run_key, etag,
+                                       layout.nesting_without(state, removed)):
+                    return
+                found = await self._read_state(io, run_key)
+        except CheckpointError as exc:
+            failure: CheckpointError | None = exc
+        else:
+            failure = None
+        logger.warning("run %s: its run object still lists removed items as having nested "
+                       "items (reads of checkpoints naming them list what is under them)",
+                       run_key, exc_info=failure)
+
+    async def _delete_nested_first(
+        self, io: Bucket, run_key: str, doomed: Mapping[str, str]
+    ) -> set[str]:
+        """Delete the doomed items (each ``IfMatch`` its ETag), the deepest nested first, one
+        round trip per level: an item is deleted only once every doomed item nested under it
+        is, so a sweep that stops part way never leaves an item of a removed anchor to be
+        read with a new item at that key. The hex keys deleted."""
+        levels: dict[int, list[str]] = {}
+        keys = set(doomed)
+        for hex_key in doomed:
+            depth = sum(1 for anchor in layout.anchors_of(hex_key) if anchor in keys)
+            levels.setdefault(depth, []).append(hex_key)
+        deleted: set[str] = set()
+        for depth in sorted(levels, reverse=True):
+            level = levels[depth]
+            results = await gather([
+                functools.partial(io.delete_if, layout.item_object(run_key, hex_key),
+                                  doomed[hex_key])
+                for hex_key in level
+            ], parallel=WIDE)
+            deleted.update(hex_key for hex_key, done in zip(level, results, strict=True) if done)
+        return deleted
 
     async def _named(
         self, io: Bucket, run_key: str, views: Iterable[_SlotView]
@@ -2575,24 +2742,30 @@ class S3Store(ExpiryCleanup):
     async def _unnamed(
         self, io: Bucket, run_key: str, listed: _Listed, named: set[str]
     ) -> dict[str, str]:
-        """The run's shared items outside ``named``, with their ETags. Items with a marker
-        (owned or expiring) are not shared; others are read once per process to tell."""
+        """What the sweep removes, with ETags, in key order: the run's shared items neither
+        in ``named`` nor nested under an item in it, and the loose items (``put_items``,
+        no owner, no expiry) nested under a shared item it removes. Items with a marker
+        (owned or expiring) are neither; others are read once per process to tell."""
         base = layout.items_prefix(run_key)
         marked = {marker.hex_key for marker in listed.item_markers}
         candidates = {entry.key[len(base):]: entry.etag for entry in await io.list(base)}
         candidates = {hex_key: etag for hex_key, etag in candidates.items()
-                      if hex_key not in named and hex_key not in marked
+                      if hex_key not in marked and not _held(hex_key, named)
                       and layout.item_key_of(hex_key) is not None}
         unknown = [hex_key for hex_key, etag in candidates.items()
                    if (run_key, hex_key, etag) not in self._verdicts]
         found = await self._stored_items(io, run_key, unknown)
         for hex_key, stored in zip(unknown, found, strict=True):
             if stored is not None and stored[1] == candidates[hex_key]:
-                self._verdicts[(run_key, hex_key, stored[1])] = _is_shared(stored)
+                self._verdicts[(run_key, hex_key, stored[1])] = _kind(stored)
         while len(self._verdicts) > _REFS_CACHE:
             self._verdicts.popitem(last=False)
+        kinds = {hex_key: self._verdicts.get((run_key, hex_key, etag), "")
+                 for hex_key, etag in candidates.items()}
+        shared = {hex_key for hex_key, kind in kinds.items() if kind == "shared"}
         return {hex_key: etag for hex_key, etag in candidates.items()
-                if self._verdicts.get((run_key, hex_key, etag), False)}
+                if hex_key in shared
+                or (kinds[hex_key] == "loose" and layout.nested_under(hex_key, shared))}
 
     async def _named_since(self, io: Bucket, run_key: str, listed: _Listed) -> set[str]:
         """Hex keys of the items named by checkpoints that landed since ``listed`` was
@@ -2968,6 +3141,51 @@ def _lease_of(blob: bytes, where: str) -> SweepLease | None:
         return None
 
 
+def _within(doomed: dict[str, str], budget: int) -> tuple[dict[str, str], bool]:
+    """At most ``budget`` of the doomed items, and whether more are left: the most deeply
+    nested first, so an item is taken only with every doomed item nested under it (see
+    ``S3Store._delete_nested_first``), and a pass always removes something."""
+    if len(doomed) <= budget:
+        return doomed, False
+    keys = set(doomed)
+    order = sorted(doomed, key=lambda hex_key: -sum(
+        1 for anchor in layout.anchors_of(hex_key) if anchor in keys))
+    chosen = {hex_key: doomed[hex_key] for hex_key in order[:budget]}
+    return _spared(chosen, set(order[budget:])), True
+
+
+def _spared(doomed: dict[str, str], spared: set[str]) -> dict[str, str]:
+    """``doomed`` without ``spared`` and without the items they are nested under: an item
+    is removed only with everything nested under it."""
+    anchors = {anchor for hex_key in spared for anchor in layout.anchors_of(hex_key)}
+    return {hex_key: etag for hex_key, etag in doomed.items()
+            if hex_key not in spared and hex_key not in anchors}
+
+
+def _held(hex_key: str, named: set[str] | frozenset[str]) -> bool:
+    """Whether the item ``hex_key`` is named, or nested under an item that is."""
+    return hex_key in named or layout.nested_under(hex_key, named)
+
+
+def _created_under(refs: Sequence[str], shared: _SharedWrite) -> dict[str, str]:
+    """The items an append created nested under what it names: ``{hex key: ETag}``, what
+    it withdraws when a sweep refuses it (it must leave nothing under a removed item)."""
+    named = {layout.hex_item_key(ref) for ref in refs}
+    return {hex_key: etag for hex_key, etag in shared.created.items()
+            if layout.nested_under(hex_key, named)}
+
+
+async def _forget_created(io: Bucket, run_key: str, created: Mapping[str, str]) -> None:
+    """Best effort: remove the items a refused append created (each only while it is the
+    object it wrote), so that it leaves nothing nested under what it lost."""
+    try:
+        await gather([functools.partial(io.delete_if, layout.item_object(run_key, hex_key), etag)
+                      for hex_key, etag in created.items()], parallel=WIDE)
+    except CheckpointError:
+        logger.warning("a refused append left %d nested items behind in run %s (the next "
+                       "sweep removes them)", len(created), run_key, exc_info=True)
+
+
 async def _put_empty(io: Bucket, keys: Sequence[str]) -> None:
     await gather([functools.partial(io.put, key, b"") for key in keys])
 
@@ -2999,13 +3217,17 @@ def _marker_of_stored(run_key: str, hex_key: str, stored: tuple[bytes, str]) -> 
     return _marker_for(run_key, hex_key, body.owner, body.expires_at)
 
 
-def _is_shared(stored: tuple[bytes, str]) -> bool:
-    """Whether an object is a shared item (one the sweep may remove)."""
+def _kind(stored: tuple[bytes, str]) -> str:
+    """What the sweep makes of an object: ``"shared"`` (a shared item, which it removes once
+    nothing names it), ``"loose"`` (a ``put_items`` item without owner or expiry, removed
+    only nested under a shared item it removes), or ``""`` (neither)."""
     try:
         body = layout.decode_item(stored[0], "")
     except CorruptCheckpointError:
-        return False
-    return body.shared and body.owner is None and body.expires_at is None
+        return ""
+    if body.owner is not None or body.expires_at is not None:
+        return ""
+    return "shared" if body.shared else "loose"
 
 
 def _live_item(stored: tuple[bytes, str], where: str, now: float) -> bool:

@@ -8,6 +8,7 @@ Tables (``stores/sqlite/schema.sql``; the schema is versioned, see ``_sqlite_sch
                      listings never read it
     fc_items         one row per item, keyed (run_key, key)
     fc_item_refs     per run and item key: how many held checkpoints name the key in their refs
+                     (the items nested under the key, ``key/...``, go with its last reference)
     fc_labels        per run and label, indexed by (label, created_at) for runs_with_label
 
 Every write operation is one transaction (``BEGIN IMMEDIATE``): a checkpoint, its run record,
@@ -448,7 +449,16 @@ class SQLiteStore(ExpiryCleanup):
     ``headers`` two, never reading payloads; ``list_runs`` and ``runs_with_label`` one indexed
     page; ``count_runs`` counts an index (``O(runs)`` index entries, no rows) minus the runs
     due; ``purge_expired`` visits only runs and items whose expiry passed.
+
+    ``read_with_items`` is one snapshot: the checkpoint, one statement per 500 refs that reads,
+    for each ref ``K``, its item (a primary-key probe) and every item nested under it (one range
+    of the primary key, ``m`` rows), and one for the owned items: ``O(r + m)`` rows, never a
+    statement per nested item. When pruning, deletion or cleanup drops the last reference to
+    ``K``, the same transaction removes what is nested under it with one range delete (its
+    ``m`` rows); a removal that leaves ``K`` named costs one more primary-key probe per ref.
     """
+
+    nested_items = True
 
     def __init__(
         self,
@@ -1221,10 +1231,9 @@ class SQLiteStore(ExpiryCleanup):
             if found is None:
                 return None
             record, status = found
-            items = steps.read_items(db, run_key, list(dict.fromkeys(record.refs)), now)
+            named = steps.read_refs(db, run_key, list(dict.fromkeys(record.refs)), now)
             owned = db.execute(steps.OWNED_ITEMS, (run_key, record.sequence, now)).fetchall()
-        items.update(self._checked_items(run_key, owned))
-        return record, status, items
+        return record, status, dict(self._checked_items(run_key, [*named, *owned]))
 
     async def scan_items(
         self,

@@ -26,9 +26,10 @@ being written (every one of them creates runs with ``append`` and reads them bac
     class TestMyStore(AppendContract, ReadContract):
         ...  # the same ``store`` fixture
 
-Stores offering the adapter capabilities (``SupportsLabels``, ``SupportsSharedItems``) also
-subclass :class:`LabelsContract` and :class:`SharedItemsContract`. Stores that rebuild damaged
-run records (``SupportsRepair``) also subclass
+Stores offering the adapter capabilities (``SupportsLabels``, ``SupportsSharedItems``,
+``SupportsNestedItems``) also subclass :class:`LabelsContract`, :class:`SharedItemsContract`
+and :class:`NestedItemsContract`. Stores that rebuild damaged run records (``SupportsRepair``)
+also subclass
 :class:`RepairContract`, adding a ``damage_run_record`` fixture that corrupts a run's record in
 place.
 
@@ -54,7 +55,11 @@ pytest.register_assert_rewrite(
     "fastcheckpoint.testing._adapter",
 )
 
-from fastcheckpoint.testing._adapter import LabelsContract, SharedItemsContract  # noqa: E402
+from fastcheckpoint.testing._adapter import (  # noqa: E402
+    LabelsContract,
+    NestedItemsContract,
+    SharedItemsContract,
+)
 from fastcheckpoint.testing._append import AppendContract  # noqa: E402
 from fastcheckpoint.testing._builders import (  # noqa: E402
     T0,
@@ -81,6 +86,7 @@ __all__ = [
     "DeleteContract",
     "ItemsContract",
     "LabelsContract",
+    "NestedItemsContract",
     "PurgeContract",
     "ReadContract",
     "RepairContract",

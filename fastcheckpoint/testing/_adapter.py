@@ -1,5 +1,6 @@
-"""Contracts of the capabilities adapters build on: ``SupportsLabels`` and
-``SupportsSharedItems`` (see their docstrings in :mod:`fastcheckpoint.stores`).
+"""Contracts of the capabilities adapters build on: ``SupportsLabels``,
+``SupportsSharedItems`` and ``SupportsNestedItems`` (see their docstrings in
+:mod:`fastcheckpoint.stores`).
 
 A backend's test class subclasses the mixin of each capability it offers, with the same
 ``store`` fixture as :class:`~fastcheckpoint.testing.StoreContract`.
@@ -22,7 +23,10 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     SupportsLabels,
+    SupportsNestedItems,
     SupportsSharedItems,
+    nested_prefix,
+    offers_nested_items,
 )
 from fastcheckpoint.testing._builders import (
     T0,
@@ -35,7 +39,7 @@ from fastcheckpoint.testing._builders import (
 )
 from fastcheckpoint.testing._contract import ContractBase, _append, _delete, _sequences
 
-__all__ = ["LabelsContract", "SharedItemsContract"]
+__all__ = ["LabelsContract", "NestedItemsContract", "SharedItemsContract"]
 
 
 async def _labelled(
@@ -480,3 +484,141 @@ class SharedItemsContract(ContractBase):
         found = await _read(store, run, 1)
         assert found is not None
         assert found[2] == {"b/a": b"value-b/a"}
+
+
+async def _nested(store: CheckpointStore, run: RunRecord, anchor: str, *, now: float = T0
+                  ) -> list[str]:
+    """Keys of the live items nested under ``anchor``, as a scan pages them."""
+    keys: list[str] = []
+    after: str | None = None
+    while True:
+        page = await store.scan_items(key_of(run), prefix=nested_prefix(anchor),
+                                      start_after=after, limit=50, now=now)
+        keys += [key for key, _ in page]
+        if len(page) < 50:
+            return keys
+        after = page[-1][0]
+
+
+class NestedItemsContract(ContractBase):
+    """``SupportsNestedItems``: items nested under a shared item live and are read with it."""
+
+    async def test_store_offers_nested_items(self, store: CheckpointStore) -> None:
+        assert isinstance(store, SupportsNestedItems)
+        assert offers_nested_items(store)
+
+    async def test_nested_items_are_read_with_their_shared_item(
+        self, store: CheckpointStore
+    ) -> None:
+        """Only keys under ``K + "/"`` are nested: ``K.x``, ``Kx`` and ``K0`` (``"0"`` follows
+        ``"/"``) are other items, not read with ``K``."""
+        run = make_run("nested-read")
+        await store.put_items(key_of(run), [make_item(key) for key in (
+            "h/a.x", "h/ab", "h/a0", "h/b/1")], now=T0)
+        await _append_items(store, run, 0, refs=["h/a"],
+                            items=[make_item("h/a"), make_item("h/a/0")])
+        await _append_items(store, run, 1, refs=["h/a"],
+                            items=[make_item("h/a/1"), make_item("h/a/1/deeper")])
+
+        for sequence in (0, 1, None):
+            found = await _read(store, run, sequence)
+            assert found is not None
+            assert found[2] == {key: f"value-{key}".encode() for key in (
+                "h/a", "h/a/0", "h/a/1", "h/a/1/deeper")}
+        assert await _nested(store, run, "h/a") == ["h/a/0", "h/a/1", "h/a/1/deeper"]
+
+    async def test_many_nested_items_come_back_in_one_read(
+        self, store: CheckpointStore
+    ) -> None:
+        run = make_run("nested-many")
+        await _append_items(store, run, 0, refs=["h/log"], items=[make_item("h/log")])
+        for sequence in range(1, 7):
+            await _append_items(store, run, sequence, refs=["h/log"], items=[
+                make_item(f"h/log/{sequence:03}{index:03}") for index in range(50)])
+
+        found = await _read(store, run, None)
+        assert found is not None
+        assert len(found[2]) == 301
+        assert found[2]["h/log/006049"] == b"value-h/log/006049"
+        assert len(await _nested(store, run, "h/log")) == 300
+
+    async def test_nested_items_outlive_the_checkpoint_that_wrote_them(
+        self, store: CheckpointStore
+    ) -> None:
+        run = make_run("nested-pruned")
+        await _append_items(store, run, 0, refs=["h/a"],
+                            items=[make_item("h/a"), make_item("h/a/0")])
+        await _append_items(store, run, 1, refs=["h/a"], items=[make_item("h/a/1")])
+        await _append_items(store, run, 2, refs=["h/a"], items=[make_item("h/a/2")],
+                            keep_latest=1)
+        await store.purge_expired(now=T0, limit=1000)
+
+        assert await _sequences(store, run, now=T0) == [2]
+        found = await _read(store, run, 2)
+        assert found is not None
+        assert set(found[2]) == {"h/a", "h/a/0", "h/a/1", "h/a/2"}
+
+    async def test_nested_items_go_when_their_shared_item_does(
+        self, store: CheckpointStore
+    ) -> None:
+        """Pruned, deleted, expired: whichever removal takes ``K`` takes what is under it,
+        and leaves what is nested under another item."""
+        run = make_run("nested-removed")
+        await _append_items(store, run, 0, refs=["h/a"],
+                            items=[make_item("h/a"), make_item("h/a/0")])
+        await _append_items(store, run, 1, refs=["h/a"], items=[make_item("h/a/1")])
+        await _append_items(store, run, 2, refs=["h/b"],
+                            items=[make_item("h/b"), make_item("h/b/0")], keep_latest=1)
+        await store.purge_expired(now=T0, limit=1000)
+        assert await _nested(store, run, "h/a") == []
+        assert await _stored(store, run, ["h/a", "h/a/0", "h/a/1"]) == {}
+
+        await _append_items(store, run, 3, refs=["h/c"], expires_at=T0 + 10,
+                            items=[make_item("h/c"), make_item("h/c/0")])
+        await _delete(store, run, 2)
+        await store.purge_expired(now=T0, limit=1000)
+        assert await _nested(store, run, "h/b") == []
+        assert await _nested(store, run, "h/c") == ["h/c/0"]
+
+        await store.purge_expired(now=T0 + 10, limit=1000)
+        assert await _nested(store, run, "h/c", now=T0) == []
+        assert await _stored(store, run, ["h/c", "h/c/0"], now=T0) == {}
+
+    async def test_a_deleted_run_takes_its_nested_items(self, store: CheckpointStore) -> None:
+        run = make_run("nested-deleted-run")
+        await _append_items(store, run, 0, refs=["h/a"],
+                            items=[make_item("h/a"), make_item("h/a/0")])
+        await store.delete_run(key_of(run))
+        assert await _nested(store, run, "h/a") == []
+
+    async def test_a_new_life_holds_no_nested_item_of_the_old(
+        self, store: CheckpointStore
+    ) -> None:
+        run = make_run("nested-reborn")
+        await _append_items(store, run, 0, refs=["h/a"], expires_at=T0 + 10,
+                            items=[make_item("h/a"), make_item("h/a/0")])
+        later = T0 + 20
+        new = msgspec.structs.replace(make_run("nested-reborn"), created_at=later)
+        await _append_items(store, new, 0, refs=["h/b"], now=later,
+                            items=[make_item("h/b"), make_item("h/b/0")])
+        await store.purge_expired(now=later, limit=1000)
+
+        found = await _read(store, new, 0, now=later)
+        assert found is not None
+        assert found[2] == {"h/b": b"value-h/b", "h/b/0": b"value-h/b/0"}
+        assert await _nested(store, run, "h/a", now=later) == []
+
+    async def test_an_append_naming_a_removed_item_writes_nothing_under_it(
+        self, store: CheckpointStore
+    ) -> None:
+        run = make_run("nested-stale")
+        await _append_items(store, run, 0, refs=["h/a"],
+                            items=[make_item("h/a"), make_item("h/a/0")])
+        await _append_items(store, run, 1, refs=["h/b"], items=[make_item("h/b")],
+                            keep_latest=1)
+        await store.purge_expired(now=T0, limit=1000)
+
+        with pytest.raises(SharedItemGone):
+            await _append_items(store, run, 2, refs=["h/a"], items=[make_item("h/a/1")])
+        assert await _nested(store, run, "h/a") == []
+        assert await _sequences(store, run, now=T0) == [1]

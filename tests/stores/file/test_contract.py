@@ -9,7 +9,12 @@ import anyio
 import pytest
 
 from fastcheckpoint.stores import CheckpointStore
-from fastcheckpoint.testing import LabelsContract, SharedItemsContract, StoreContract
+from fastcheckpoint.testing import (
+    LabelsContract,
+    NestedItemsContract,
+    SharedItemsContract,
+    StoreContract,
+)
 
 
 async def _close(store: CheckpointStore) -> None:
@@ -17,7 +22,7 @@ async def _close(store: CheckpointStore) -> None:
         await store.aclose()
 
 
-class TestFileStore(StoreContract, LabelsContract, SharedItemsContract):
+class TestFileStore(StoreContract, LabelsContract, SharedItemsContract, NestedItemsContract):
     @pytest.fixture
     async def store(self, tmp_path: Path) -> AsyncIterator[CheckpointStore]:
         from fastcheckpoint.stores.file import FileStore

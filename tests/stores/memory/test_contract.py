@@ -8,7 +8,12 @@ import anyio
 import pytest
 
 from fastcheckpoint.stores import CheckpointStore
-from fastcheckpoint.testing import LabelsContract, SharedItemsContract, StoreContract
+from fastcheckpoint.testing import (
+    LabelsContract,
+    NestedItemsContract,
+    SharedItemsContract,
+    StoreContract,
+)
 
 
 async def _close(store: CheckpointStore) -> None:
@@ -16,7 +21,7 @@ async def _close(store: CheckpointStore) -> None:
         await store.aclose()
 
 
-class TestMemoryStore(StoreContract, LabelsContract, SharedItemsContract):
+class TestMemoryStore(StoreContract, LabelsContract, SharedItemsContract, NestedItemsContract):
     @pytest.fixture
     async def store(self) -> AsyncIterator[CheckpointStore]:
         from fastcheckpoint.stores.memory import MemoryStore

@@ -13,6 +13,7 @@ from fastcheckpoint.stores.postgres import PostgresStore
 from fastcheckpoint.testing import (
     DamageRunRecord,
     LabelsContract,
+    NestedItemsContract,
     RepairContract,
     SharedItemsContract,
     StoreContract,
@@ -38,7 +39,9 @@ def postgres(pytestconfig: pytest.Config) -> PostgresTarget:
     return session_target(pytestconfig)
 
 
-class TestPostgresStore(StoreContract, LabelsContract, SharedItemsContract, RepairContract):
+class TestPostgresStore(
+    StoreContract, LabelsContract, SharedItemsContract, NestedItemsContract, RepairContract
+):
     """Every test in a schema of its own, provisioned by the store; repair against each damage
     a run row can take while its checkpoints stay (an older copy put back, a row of another
     incarnation, a run id that is not UTF-8)."""

@@ -22,6 +22,7 @@ from fastcheckpoint.testing import (
     T0,
     DamageRunRecord,
     LabelsContract,
+    NestedItemsContract,
     RepairContract,
     SharedItemsContract,
     StoreContract,
@@ -171,7 +172,7 @@ def granted_role(postgres: PostgresTarget) -> Iterator[str]:
 
 
 class TestPostgresStoreAsTheGrantedRoleWithoutStatementCache(
-    StoreContract, LabelsContract, SharedItemsContract, RepairContract
+    StoreContract, LabelsContract, SharedItemsContract, NestedItemsContract, RepairContract
 ):
     """The whole contract as production runs it: the owner provisions, grants.sql (generated
     for this schema) is all the application's role holds, and the store sends unnamed

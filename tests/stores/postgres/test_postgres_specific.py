@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -199,6 +200,60 @@ async def test_manager_create_and_restore_are_one_round_trip_each(
     assert creates == [1] * 20
     assert restores == [1] * 20
     assert pages == [1] * 3
+
+
+async def test_a_thousand_nested_items_cost_no_extra_round_trip(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    """A 1,000-step history (an anchor and 1,000 items of 1 KB nested under it): reading a
+    checkpoint with all of them is one round trip, and so is the append whose pruning takes
+    the anchor with everything under it."""
+    run = make_run("nested-cost")
+    key = key_of(run)
+    with WireCounter((postgres.host, postgres.port)) as counter:
+        store = PostgresStore.from_url(f"{counter.url(postgres)}?schema={schema}&max_size=1")
+        with anyio.fail_after(60):
+            await _exercise(store, make_run("warm-up"))
+            await _append(store, run, 0, refs=["h/log"], items=[make_item("h/log")])
+            for sequence in range(1, 11):
+                await _append(store, run, sequence, refs=["h/log"], keep_latest=3, items=[
+                    make_item(f"h/log/{sequence:03}{index:03}", bytes(1000))
+                    for index in range(100)])
+            found: list[Any] = []
+            reading = await counter.trips(lambda: _into(found, store.read_with_items(
+                key, sequence=None, now=T0)))
+            removing = await counter.trips(lambda: _append(
+                store, run, 11, refs=["h/next"], items=[make_item("h/next")], keep_latest=1))
+            left = await store.scan_items(key, limit=10, now=T0)
+            await store.aclose()
+    assert (reading, removing) == (1, 1)
+    assert len(found[0][2]) == 1001
+    assert left == [("h/next", b"value-h/next")]
+
+
+async def _into(results: list[Any], call: Any) -> None:
+    results.append(await call)
+
+
+async def test_refs_nested_under_refs_and_owned_nested_items_read_once(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    """A ref nested under another ref: the items under both (sent once per range) come back
+    once each; an owned item nested under a ref, once; ``h/aé/z`` is not under ``h/a``
+    (``é`` follows ``0``)."""
+    run = make_run("nested-twice")
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    try:
+        with anyio.fail_after(30):
+            await _append(store, run, 0, refs=["h/a", "h/a/1", "h/a"], items=[
+                make_item(key) for key in ("h/a", "h/a/1", "h/a/1/x", "h/a/\u00e9", "h/a\u00e9/z")
+            ] + [make_item("h/a/own", owner=0), make_item("w/0", owner=0)])
+            found = await store.read_with_items(key_of(run), sequence=0, now=T0)
+    finally:
+        await store.aclose()
+    assert found is not None
+    assert found[2] == {key: f"value-{key}".encode() for key in (
+        "h/a", "h/a/1", "h/a/1/x", "h/a/\u00e9", "h/a/own", "w/0")}
 
 
 async def test_pgbouncer_mode_prepares_no_named_statement(
@@ -615,6 +670,71 @@ async def test_a_version_1_schema_is_upgraded_and_its_data_kept(postgres: Postgr
     assert refused.value.keys == ("b/nothing",)
     assert found is not None
     assert (found[0].sequence, found[2]) == (2, {"b/a": b"v"})
+
+
+async def test_a_version_2_schema_is_upgraded_and_its_data_kept(postgres: PostgresTarget) -> None:
+    """Migration 3 replaces remove, append and read_with_items in place (same signatures, so
+    the same objects and their grants): items nested under a shared item, written at version
+    2 and not read with it there, are read with it from then on and go when it goes."""
+    schema = unique_schema()
+    names = Names(schema, "fc_")
+    run = make_run("from-v2")
+    key = key_of(run)
+    replaced = [f"{names[name]}({FUNCTIONS[name]})"
+                for name in ("remove", "append", "read_with_items")]
+    append = (f"SELECT outcome FROM {names['append']}"
+              f"({', '.join(f'${n}' for n in range(1, 23))})")
+    read = f"SELECT item_keys FROM {names['read_with_items']}($1, $2, $3)"
+
+    def v2_call(sequence: int, refs: list[str], items: list[str]) -> list[Any]:
+        return [key, sequence, checkpoint_id_of(run, sequence), T0, None, b"h", b"p",
+                [ref.encode() for ref in refs], f"tok-{sequence}", run.run_id.encode(),
+                run.incarnation, "active", T0, 0, b"", [], None, T0,
+                [item.encode() for item in items], [b"v"] * len(items), [None] * len(items),
+                [None] * len(items)]
+
+    connection = await asyncpg.connect(postgres.url())
+    try:
+        await connection.execute(f'CREATE SCHEMA "{schema}"; CREATE TABLE {names["migrations"]} '
+                                 "(version integer PRIMARY KEY, description text NOT NULL, "
+                                 "applied_at timestamptz NOT NULL DEFAULT now())")
+        for migration in MIGRATIONS[:2]:
+            await connection.execute(names.render(migration.sql))
+            await connection.execute(f"INSERT INTO {names['migrations']} (version, description) "
+                                     "VALUES ($1, $2)", migration.version, migration.description)
+        before = [await connection.fetchval("SELECT to_regprocedure($1)::oid", signature)
+                  for signature in replaced]
+        written = [await connection.fetchval(append, *v2_call(0, ["h/a"], ["h/a", "h/a/0"])),
+                   await connection.fetchval(append, *v2_call(1, ["h/a"], ["h/a/1"]))]
+        at_v2 = await connection.fetchval(read, key, None, T0)
+    finally:
+        await connection.close()
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    try:
+        with anyio.fail_after(30):
+            with pytest.raises(ConfigurationError, match=r"version 2.*upgrade it with"):
+                await store.latest(key, now=T0)
+            lines = await store.provision()
+            found = await store.read_with_items(key, sequence=0, now=T0)
+            await _append(store, run, 2, refs=["h/b"], items=[make_item("h/b")], keep_latest=1)
+            left = await store.scan_items(key, prefix="h/", now=T0)
+            connection = await asyncpg.connect(postgres.url())
+            try:
+                after = [await connection.fetchval("SELECT to_regprocedure($1)::oid", signature)
+                         for signature in replaced]
+            finally:
+                await connection.close()
+    finally:
+        await store.aclose()
+        await drop_schema(postgres, schema)
+    assert written == ["ok", "ok"]
+    assert at_v2 == [b"h/a"]
+    assert lines == [*APPLIED[2:], f"now schema {schema} at version {LATEST} (table prefix 'fc_')"]
+    assert after == before
+    assert None not in before
+    assert found is not None
+    assert found[2] == {"h/a": b"v", "h/a/0": b"v", "h/a/1": b"v"}
+    assert left == [("h/b", b"value-h/b")]
 
 
 async def test_a_newer_schema_is_never_downgraded(postgres: PostgresTarget, schema: str) -> None:
@@ -1055,3 +1175,37 @@ async def test_listing_by_status_and_purging_run_on_indexes(
     assert "fc_runs_purge" in plan_of(f"{runs} WHERE x.purge_at IS NOT NULL")
     assert "fc_checkpoints_expiry" in plan_of("WHERE c.expires_at IS NOT NULL AND c.expires_at")
     assert "fc_ops_expiry" in plan_of(f"SELECT token FROM {names['ops']} WHERE expires_at")
+
+
+async def test_nested_items_are_read_and_removed_by_key_range(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    """The plans inside read_with_items (latest, by sequence) and a delete that releases a
+    shared item, sequential scans priced out: the items nested under a ref are one range of
+    the items' primary key (both bounds in the index condition), not the run's items each
+    tested against the refs."""
+    names = Names(schema, "fc_")
+    sql = Statements(names)
+    run = make_run("nested-plans")
+    key = key_of(run)
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    try:
+        with anyio.fail_after(30):
+            await _append(store, run, 0, refs=["h/a"], items=[
+                make_item("h/a"), make_item("h/a/0"), make_item("h/a.x"), make_item("h/a0")])
+    finally:
+        await store.aclose()
+    plans = await _plans(postgres, [
+        (sql.read_with_items, [key, None, T0]),
+        (sql.read_with_items, [key, 0, T0]),
+        (sql.delete, [key, 0, checkpoint_id_of(run, 0), "nested-plans"]),
+    ])
+    ranged = re.compile(r"Index Scan using fc_items_pkey on fc_items \w+ .*\n\s+Index Cond: "
+                        r"\(\(run_key = .*\) AND \(key >= .*'\\x2f'::bytea\)\) AND "
+                        r"\(key < .*'\\x30'::bytea\)\)\)")
+    reads = [plan for plan in plans if names["items"] in plan and "w(keys, vals)" in plan]
+    removals = [plan for plan in plans if "USING unnest(v_dropped)" in plan]
+    assert len(reads) == 2
+    assert len(removals) == 1
+    assert all(ranged.search(plan) for plan in reads + removals), "\n\n".join(reads + removals)
+

@@ -12,6 +12,7 @@ from fastcheckpoint.stores.redis import RedisStore
 from fastcheckpoint.testing import (
     DamageRunRecord,
     LabelsContract,
+    NestedItemsContract,
     RepairContract,
     SharedItemsContract,
     StoreContract,
@@ -42,7 +43,7 @@ async def _garble_run_hash(store: CheckpointStore, run_key: str) -> None:
 
 
 class TestRedisStore(
-    StoreContract, RepairContract, LabelsContract, SharedItemsContract
+    StoreContract, RepairContract, LabelsContract, SharedItemsContract, NestedItemsContract
 ):
     """Plain Redis: every script also updates the global indexes itself."""
 
@@ -61,7 +62,7 @@ class TestRedisStore(
 
 
 class TestRedisStoreClusterCodePath(
-    StoreContract, RepairContract, LabelsContract, SharedItemsContract
+    StoreContract, RepairContract, LabelsContract, SharedItemsContract, NestedItemsContract
 ):
     """The Redis Cluster code path on a plain server: run scripts touch only their run's slot
     and return index changes, which the client applies in a second call."""
@@ -81,7 +82,7 @@ class TestRedisStoreClusterCodePath(
 
 
 class TestRedisStoreOnCluster(
-    StoreContract, RepairContract, LabelsContract, SharedItemsContract
+    StoreContract, RepairContract, LabelsContract, SharedItemsContract, NestedItemsContract
 ):
     """A real three-primary Redis Cluster: cross-slot scripts would fail here."""
 

@@ -1,5 +1,5 @@
-"""RedisStore's adapter capabilities beyond their contracts: labels and shared items in the key
-layout, under native expiry, on the Redis Cluster code path, after lost replies."""
+"""RedisStore's adapter capabilities beyond their contracts: labels, shared and nested items in
+the key layout, under native expiry, on the Redis Cluster code path, after lost replies."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import anyio
 import pytest
+import redis.asyncio as aioredis
 
 from fastcheckpoint._config import RetryPolicy
 from fastcheckpoint.errors import ValidationError
@@ -16,11 +17,13 @@ from tests.stores._redis_support import (
     CuttingProxy,
     append,
     append_with_items,
+    counting_connection_class,
     host_and_port,
     keys_under,
     load_scripts,
     make_store,
     real_server,
+    round_trips,
 )
 from tests.stores.conftest import RedisTarget
 
@@ -482,3 +485,142 @@ async def test_refs_are_returned_by_every_read_and_counted_once(
     assert (latest[0].sequence, latest[0].refs) == (2, ())
     assert kept == {"b/x": b"value-b/x"}
     assert left == {}
+
+
+# -- nested items -------------------------------------------------------------------------------
+
+# Keys beside the range of the anchor "h/log": "." sorts before "/", "0" is the range's bound,
+# "\u00e9" and "\U0010ffff" sort after it (as code points and as UTF-8 bytes).
+_BESIDE = ["h/lo", "h/log.x", "h/log0", "h/log0/1", "h/log\u00e9/1", "h/lof/1", "h/loh"]
+_INSIDE = ["h/log/\u00e9", "h/log/\U0010ffff", "h/log//"]
+
+
+async def _item_key_counts(store: RedisStore, prefix: str, run_id: str) -> list[int]:
+    """How many entries the four item keys of the run hold (ik, iv, io, ie)."""
+    client = store._client
+    ik, iv, io, ie = (_run_key_name(prefix, run_id, part) for part in ("ik", "iv", "io", "ie"))
+    return [await client.zcard(ik), await client.hlen(iv), await client.zcard(io),
+            await client.zcard(ie)]
+
+
+@pytest.mark.parametrize("cluster_path", [False, True], ids=["plain", "cluster-code-path"])
+async def test_a_thousand_step_log_is_read_in_one_call_and_removed_in_one(
+    prefixed: tuple[RedisTarget, str], cluster_path: bool
+) -> None:
+    """A 1,000-step conversation, about 1 KB added per step under one anchor, three checkpoints
+    kept: the read returns the anchor and every nested item in one script call, and the
+    append whose pruning releases the anchor's last holder removes all of them in its own call,
+    leaving every item outside the range (neighbours in byte and code point order)."""
+    target, prefix = prefixed
+    real_server(target)
+    counter = counting_connection_class()
+    client = aioredis.Redis.from_url(target.url, connection_class=counter)
+    store = RedisStore(client, prefix=prefix, cluster=cluster_path)
+    run = make_run("long-log")
+    key = key_of(run)
+    with anyio.fail_after(_DEADLINE * 2):
+        await load_scripts(client)
+        await store.put_items(key, [make_item(name) for name in _BESIDE], now=T0)
+        await append_with_items(store, run, 0, refs=["h/log"], items=[
+            make_item("h/log"), *(make_item(name) for name in _INSIDE)])
+        for step in range(1, 1001):
+            await append_with_items(store, run, step, refs=["h/log"], keep_latest=3,
+                                    items=[make_item(f"h/log/{step:06}", b"x" * 1000)])
+        before = await _item_key_counts(store, prefix, "long-log")
+        read_trips = await round_trips(
+            counter, lambda: store.read_with_items(key, sequence=None, now=T0))
+        found = await store.read_with_items(key, sequence=998, now=T0)
+        prune_trips = await round_trips(counter, lambda: append_with_items(
+            store, run, 1001, refs=["h/next"], items=[make_item("h/next")], keep_latest=1))
+        after = await _item_key_counts(store, prefix, "long-log")
+        left = [name for name, _ in await store.scan_items(key, limit=100, now=T0)]
+        await client.aclose()
+    assert (read_trips, prune_trips) == (1, 1)
+    assert found is not None
+    assert set(found[2]) == {"h/log", *_INSIDE, *(f"h/log/{step:06}" for step in range(1, 1001))}
+    assert found[2]["h/log/000500"] == b"x" * 1000
+    assert before == [len(_BESIDE) + 1 + len(_INSIDE) + 1000,
+                      len(_BESIDE) + 1 + len(_INSIDE) + 1000, 0, 0]
+    assert after == [len(_BESIDE) + 1, len(_BESIDE) + 1, 0, 0]
+    assert left == sorted([*_BESIDE, "h/next"])
+
+
+async def test_anchors_whose_keys_look_like_range_syntax(
+    prefixed: tuple[RedisTarget, str]
+) -> None:
+    """ZRANGEBYLEX reads "-", "+", "[" and "(" at the start of a bound: anchor keys made of them
+    still select exactly their own nested items."""
+    target, prefix = prefixed
+    real_server(target)
+    store = make_store(target, prefix)
+    run = make_run("odd-anchors")
+    key = key_of(run)
+    anchors = ["-", "+", "[", "(", ""]
+    with anyio.fail_after(_DEADLINE):
+        await store.put_items(key, [make_item(f"{anchor}0/1") for anchor in anchors], now=T0)
+        await append_with_items(store, run, 0, refs=anchors[:4], items=[
+            item for anchor in anchors[:4]
+            for item in (make_item(anchor), make_item(f"{anchor}/1"))])
+        await append_with_items(store, run, 1, refs=[""], items=[make_item(""), make_item("/1")])
+        first = await store.read_with_items(key, sequence=0, now=T0)
+        await store.delete(key, 0, checkpoint_id=checkpoint_id_of(run, 0))
+        second = await store.read_with_items(key, sequence=1, now=T0)
+        left = [name for name, _ in await store.scan_items(key, limit=100, now=T0)]
+        await store.aclose()
+    assert first is not None
+    assert first[2] == {name: f"value-{name}".encode() for anchor in anchors[:4]
+                        for name in (anchor, f"{anchor}/1")}
+    assert second is not None
+    # "" is an anchor too: everything that starts with "/" is nested under it.
+    assert second[2] == {"": b"value-", "/1": b"value-/1"}
+    assert left == sorted(["", "/1", *(f"{anchor}0/1" for anchor in anchors)])
+
+
+async def test_nested_items_stay_while_their_anchor_outlives_its_owner(
+    prefixed: tuple[RedisTarget, str]
+) -> None:
+    """An anchor written as an owned item that a later checkpoint names outlives its owner, and
+    so does what is nested under it; they go with the last checkpoint naming the anchor."""
+    target, prefix = prefixed
+    real_server(target)
+    store = make_store(target, prefix)
+    run = make_run("adopted-anchor")
+    key = key_of(run)
+    with anyio.fail_after(_DEADLINE):
+        await append_with_items(store, run, 0, items=[
+            make_item("w/0", owner=0), make_item("w/0/a")])
+        await append_with_items(store, run, 1, refs=["w/0"], items=[make_item("w/0/b")],
+                                keep_latest=1)
+        kept = await store.read_with_items(key, sequence=1, now=T0)
+        await store.delete(key, 1, checkpoint_id=checkpoint_id_of(run, 1))
+        left = await store.scan_items(key, limit=100, now=T0)
+        await store.aclose()
+    assert kept is not None
+    assert set(kept[2]) == {"w/0", "w/0/a", "w/0/b"}
+    assert left == []
+
+
+async def test_a_new_life_drops_what_was_nested_under_the_old_anchors(
+    prefixed: tuple[RedisTarget, str]
+) -> None:
+    """A run created again after it expired: the old anchors go with what is nested under them,
+    loose items the old life never named stay, and the new life's nested items are its own."""
+    target, prefix = prefixed
+    real_server(target)
+    store = make_store(target, prefix)
+    old, new = make_run("reborn-log"), make_run("reborn-log", created_at=T0 + 20)
+    key = key_of(old)
+    with anyio.fail_after(_DEADLINE):
+        await store.put_items(key, [make_item("loose/1")], now=T0)
+        await append_with_items(store, old, 0, expires_at=T0 + 10, refs=["h/a"],
+                                items=[make_item("h/a"), make_item("h/a/0", b"old")])
+        await append_with_items(store, old, 1, expires_at=T0 + 10, refs=["h/a"],
+                                items=[make_item("h/a/1", b"old")])
+        await append_with_items(store, new, 0, now=T0 + 20, refs=["h/a"],
+                                items=[make_item("h/a", b"new"), make_item("h/a/0", b"new")])
+        found = await store.read_with_items(key, sequence=0, now=T0 + 20)
+        left = [name for name, _ in await store.scan_items(key, limit=100, now=T0 + 20)]
+        await store.aclose()
+    assert found is not None
+    assert found[2] == {"h/a": b"new", "h/a/0": b"new"}
+    assert left == ["h/a", "h/a/0", "loose/1"]

@@ -47,6 +47,7 @@ from fastcheckpoint.testing import (
     T0,
     DamageRunRecord,
     LabelsContract,
+    NestedItemsContract,
     RepairContract,
     SharedItemsContract,
     StoreContract,
@@ -98,7 +99,8 @@ async def raw_client(endpoint_url: str, retry: RetryPolicy | None = None) -> Asy
         yield await open_client(stack, "s3", endpoint, retry or RetryPolicy())
 
 
-class TestS3Store(StoreContract, RepairContract, LabelsContract, SharedItemsContract):
+class TestS3Store(StoreContract, RepairContract, LabelsContract, SharedItemsContract,
+                  NestedItemsContract):
     deadline_seconds = DEADLINE
     # Refs are checked against the removals the store remembers (a key never written is
     # not looked up: that would cost a read per ref).
@@ -245,8 +247,10 @@ async def test_request_counts_per_operation(s3_store: S3Store) -> None:
     assert restore.counts == {"ListObjectsV2": 1, "GetObject": 1}
     assert latest is not None
     assert latest.state == {"n": 4}
-    # The slot and the run object (for the run's current status) are read concurrently.
-    assert restore_from.counts == {"GetObject": 2}
+    # The slot and the run object (for the run's current status) are read concurrently. On
+    # a store with nested items the manager reads through read_with_items: with them, one
+    # LIST of the markers of the items the checkpoint owns (still one round trip).
+    assert restore_from.counts == {"GetObject": 2, "ListObjectsV2": 1}
     assert again is not None
     assert again.state == {"n": 4}
     assert listing.counts == {"ListObjectsV2": 1}
@@ -259,7 +263,8 @@ async def test_request_counts_per_operation(s3_store: S3Store) -> None:
 async def test_request_counts_of_checkpoints_with_items(s3_store: S3Store) -> None:
     """The budget of ``SupportsSharedItems``: an append with items takes two round trips
     like any append, a read with items three (the head, the slot, then every item it names
-    or owns at once), a write of owned items two."""
+    or owns at once), a write of owned items two. Nothing is nested under the names (as with
+    the LangGraph saver's): no listing of what is nested under them."""
     run = make_run("items-budget")
     key = key_of(run)
 
@@ -296,7 +301,8 @@ async def test_request_counts_of_checkpoints_with_items(s3_store: S3Store) -> No
     # The owner check (slot and run object) with the item as it is, then item and marker.
     assert owned.counts == {"GetObject": 3, "PutObject": 2}
     # The head of the run (its markers list what the newest checkpoint owns), the slot,
-    # then the 4 items (2 named, 2 owned) at once.
+    # then the 4 items (2 named, 2 owned) at once. The run object lists no name as having
+    # nested items: nothing is listed under them.
     assert newest.counts == {"ListObjectsV2": 1, "GetObject": 5}
     # Slot, run object and the owned items' markers at once, then the items at once.
     assert at.counts == {"ListObjectsV2": 1, "GetObject": 6}

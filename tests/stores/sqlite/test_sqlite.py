@@ -16,6 +16,7 @@ from fastcheckpoint.stores.sqlite import SQLiteStore
 from fastcheckpoint.testing import (
     DamageRunRecord,
     LabelsContract,
+    NestedItemsContract,
     RepairContract,
     SharedItemsContract,
     StoreContract,
@@ -36,7 +37,9 @@ def _delete_run_row_and_labels(store: CheckpointStore, run_key: str) -> None:
         db.execute("DELETE FROM fc_labels WHERE run_key = ?", (run_key,))
 
 
-class TestSQLiteStore(StoreContract, LabelsContract, SharedItemsContract, RepairContract):
+class TestSQLiteStore(
+    StoreContract, LabelsContract, SharedItemsContract, NestedItemsContract, RepairContract
+):
     @pytest.fixture
     async def store(self, tmp_path: Path) -> AsyncIterator[CheckpointStore]:
         store = SQLiteStore(tmp_path / "checkpoints.db")

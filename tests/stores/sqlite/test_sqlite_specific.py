@@ -978,6 +978,42 @@ async def test_a_ref_to_an_expired_owned_item_is_refused(store: SQLiteStore) -> 
     assert refused.value.keys == ("w/1", "w/0")
 
 
+# -- items nested under a shared item --------------------------------------------------------
+
+
+async def _append_under(
+    store: SQLiteStore, run: RunRecord, sequence: int, anchor: str, items: list[Item], *,
+    keep_latest: int | None = None,
+) -> None:
+    """Checkpoint ``sequence`` naming only ``anchor``, written with ``items``."""
+    record = msgspec.structs.replace(make_checkpoint(run, sequence), refs=(anchor,))
+    await store.append_with_items(key_of(run), record, run=run, keep_latest=keep_latest,
+                                  now=T0, items=items)
+
+
+@pytest.mark.parametrize("anchor", ["", "\0", "a\nb", "\\", "\U0010ffff", "a\U0010ffff",
+                                    "k" * 123])
+async def test_nested_items_are_the_range_of_their_prefix_in_code_point_order(
+    store: SQLiteStore, anchor: str
+) -> None:
+    """What sorts next to ``K + "/"`` but is not under it (``K.``, ``K0``, ``K\\0/``, ``K`` +
+    U+10FFFF) is neither read with ``K`` nor removed with it."""
+    run = make_run("nested edges")
+    key = key_of(run)
+    nested = [anchor + "/", anchor + "/x", anchor + "/\0", anchor + "/\U0010ffff"]
+    siblings = [anchor + ".", anchor + "0", anchor + "\0/", anchor + "\U0010ffff/"]
+    with anyio.fail_after(30):
+        await store.put_items(key, [make_item(k) for k in siblings], now=T0)
+        await _append_under(store, run, 0, anchor, [make_item(anchor), make_item(nested[0])])
+        await _append_under(store, run, 1, anchor, [make_item(k) for k in nested[1:]])
+        found = await store.read_with_items(key, sequence=0, now=T0)
+        await _append_under(store, run, 2, "~other", [make_item("~other")], keep_latest=1)
+        left = await store.scan_items(key, limit=100, now=T0)
+    assert found is not None
+    assert found[2] == {k: f"value-{k}".encode() for k in [anchor, *nested]}
+    assert [k for k, _ in left] == sorted([*siblings, "~other"])
+
+
 # -- costs ------------------------------------------------------------------------------------
 
 
@@ -1120,6 +1156,89 @@ async def test_pruning_writes_no_freed_page_again(database: Path) -> None:
         frames = (database.parent / "checkpoints.db-wal").stat().st_size // 4120
         await store.aclose()
     assert frames / 20 <= 10 + 8, f"{frames / 20} pages written per pruned append"
+
+
+class _Statements:
+    """Records the statements the store's connections run (each execution of an
+    ``executemany`` too)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.run: list[str] = []
+        real = SQLiteStore._connect
+
+        def traced(store: SQLiteStore) -> sqlite3.Connection:
+            db = real(store)
+            db.set_trace_callback(self.run.append)
+            return db
+
+        monkeypatch.setattr(SQLiteStore, "_connect", traced)
+
+    async def of(self, call: Callable[[], Awaitable[object]]) -> list[str]:
+        before = len(self.run)
+        await call()
+        return self.run[before:]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_thousand_nested_items_are_read_and_removed_by_as_many_statements_as_one(
+    database: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A history of 1,000 items of 1 KB under one anchor: ``read_with_items`` reads it with the
+    statements that read 10, and the removal of the anchor's last reference deletes it with the
+    statements that delete 10."""
+    statements = _Statements(monkeypatch)
+    store = SQLiteStore(database)
+    reads: dict[int, list[str]] = {}
+    removals: dict[int, list[str]] = {}
+    value = random.Random(5).randbytes(1000)
+    with anyio.fail_after(60):
+        for count in (10, 1000):
+            run = make_run(f"history of {count}")
+            key = key_of(run)
+            await _append_under(store, run, 0, "h/log", [make_item("h/log")])
+            step = count // 10
+            for sequence in range(1, 11):
+                await _append_under(store, run, sequence, "h/log", [
+                    make_item(f"h/log/{n:04}", value) for n in range(step * (sequence - 1),
+                                                                     step * sequence)
+                ])
+            found = await store.read_with_items(key, sequence=None, now=T0)  # opens a reader
+            reads[count] = await statements.of(
+                functools.partial(store.read_with_items, key, sequence=None, now=T0))
+            assert found is not None
+            assert len(found[2]) == count + 1
+            removals[count] = await statements.of(functools.partial(
+                _append_under, store, run, 11, "h/next", [make_item("h/next")], keep_latest=1))
+            assert await store.scan_items(key, prefix="h/log", now=T0) == []
+        await store.aclose()
+    assert len(reads[1000]) == len(reads[10]) == 5, reads[10]  # BEGIN, LATEST, refs, owned, COMMIT
+    assert len(removals[1000]) == len(removals[10]), removals[10]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # steps of SQLite, not of the loop
+async def test_pruning_what_names_an_anchor_never_walks_what_is_nested_under_it(
+    database: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every append prunes a checkpoint naming the anchor while newer ones still name it: it
+    costs the same with 10 and with 1,000 items nested under the anchor."""
+    steps = _Steps(monkeypatch)
+    store = SQLiteStore(database)
+    run = make_run("long history")
+    costs: dict[int, int] = {}
+    with anyio.fail_after(60):
+        await _append_under(store, run, 0, "h/log", [make_item("h/log")])
+        for sequence in range(1, 1001):
+            call = functools.partial(_append_under, store, run, sequence, "h/log",
+                                     [make_item(f"h/log/{sequence:04}")], keep_latest=3)
+            if sequence in (10, 1000):
+                costs[sequence] = await steps.of(call)
+            else:
+                await call()
+        found = await store.read_with_items(key_of(run), sequence=None, now=T0)
+        await store.aclose()
+    assert found is not None
+    assert len(found[2]) == 1001
+    assert costs[1000] <= costs[10] * 1.2 + 10, costs
 
 
 # -- several processes ------------------------------------------------------------------------
