@@ -32,6 +32,7 @@ a restore run code.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import decimal
 import enum
@@ -55,6 +56,8 @@ __all__ = [
     "Codec",
     "DecHook",
     "EncHook",
+    "LogRef",
+    "LoggedPayload",
     "from_json_text",
     "json_copy",
     "to_json_text",
@@ -66,6 +69,9 @@ DecHook = Callable[[str, Any], Any]
 """Rebuilds an object from ``(type name, value)``; the type name is ``module.QualName``."""
 
 FORMAT_VERSION = 1
+LOGGED_FORMAT_VERSION = 2
+"""Bodies with parts stored as logs (:class:`LoggedPayload`); everything else is version 1."""
+_PAYLOAD_VERSIONS = (FORMAT_VERSION, LOGGED_FORMAT_VERSION)
 _MAGIC = b"FC"
 _CODEC_MSGPACK = ord("m")
 _COMPRESS_NONE = 0
@@ -97,6 +103,7 @@ _EXT_CLOCK_TIME = 12
 """A time with a fixed offset, or with ``fold=1``: [isoformat, fold, tzname]."""
 _EXT_BYTEARRAY = 13
 
+_LIST_PARTS = ("messages", "tool_calls")
 _INT_RANGE = range(-(2**63), 2**64)
 _UTC = _dt.timezone.utc
 _LOSSLESS = frozenset({dict, list, str, int, float, bool, type(None), bytes})
@@ -128,11 +135,33 @@ class Header(msgspec.Struct, array_like=True, frozen=True):
     must not read payloads); empty for the manager's checkpoints, and in older records."""
 
 
+class LogRef(msgspec.Struct, array_like=True, frozen=True):
+    """Where a part stored as a log lives: the run's shared item ``anchor`` (the part's first
+    entries) and the items nested under it (what later checkpoints added); the checkpoint's
+    part is the log's first ``length`` entries, held by the piece whose token is ``last`` and
+    the pieces before it (``""``: the anchor alone), whose encodings have the CRC-32 ``crc``."""
+
+    anchor: str
+    length: int
+    crc: int
+    last: str
+
+
 class Payload(msgspec.Struct, array_like=True):
     state: dict[Any, Any]
     messages: list[Any]
     tool_calls: list[Any]
     context: dict[Any, Any]
+
+
+class LoggedPayload(Payload):
+    """A body with parts stored as logs: framed as format version 2, which releases that
+    know only version 1 refuse (rather than restore the logged parts as empty lists)."""
+
+    messages_log: LogRef | None = None
+    """Set when ``messages`` is stored as a log (then the list above is empty)."""
+    tool_calls_log: LogRef | None = None
+    """Set when ``tool_calls`` is stored as a log (then the list above is empty)."""
 
 
 class RunData(msgspec.Struct, array_like=True):
@@ -147,16 +176,48 @@ MAX_INFLATED_BYTES = 1 << 30
 without a bound, a few kilobytes planted in a store could inflate to gigabytes on restore."""
 
 
-def _frame(body: bytes, compression: int) -> bytes:
+def _frame(body: bytes, compression: int, version: int = FORMAT_VERSION) -> bytes:
     crc = zlib.crc32(body).to_bytes(4, "big")
-    return b"".join((_MAGIC, bytes((FORMAT_VERSION, _CODEC_MSGPACK, compression)), crc, body))
+    return b"".join((_MAGIC, bytes((version, _CODEC_MSGPACK, compression)), crc, body))
 
 
-def _unframe(blob: bytes, key: str) -> bytes:
+_PIECE_PLAIN = b"\x01"
+_PIECE_ZLIB = b"\x02"
+_LINK_BYTES = 12
+"""A piece names the one before it by its token, padded with ``-`` to this many bytes."""
+
+
+def _piece_body(key: str, value: bytes) -> bytes | memoryview:
+    """The entry encodings a stored piece of a log holds."""
+    kind, body = value[:1], memoryview(value)[1 + _LINK_BYTES:]
+    if kind == _PIECE_PLAIN:
+        return body
+    if kind == _PIECE_ZLIB:
+        return _inflate(body, key, "log piece")
+    raise CorruptCheckpointError(f"not a log piece (kind {kind!r})", key=key)
+
+
+def _array_header(count: int) -> bytes:
+    """A msgpack array header for ``count`` items."""
+    if count < 16:
+        return bytes((0x90 | count,))
+    if count < 1 << 16:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
+def _array_header_length(first: int) -> int:
+    """Bytes of a msgpack array header starting with the byte ``first``."""
+    if first & 0xF0 == 0x90:
+        return 1
+    return {0xDC: 3, 0xDD: 5}[first]
+
+
+def _unframe(blob: bytes, key: str, versions: tuple[int, ...] = (FORMAT_VERSION,)) -> bytes:
     if len(blob) < _PREFIX_LEN or blob[:2] != _MAGIC:
         raise CorruptCheckpointError("not a fastcheckpoint record", key=key)
     version, codec, compression = blob[2], blob[3], blob[4]
-    if version != FORMAT_VERSION or codec != _CODEC_MSGPACK:
+    if version not in versions or codec != _CODEC_MSGPACK:
         raise CorruptCheckpointError(
             f"unsupported record format version {version} codec {codec}", key=key
         )
@@ -166,19 +227,24 @@ def _unframe(blob: bytes, key: str) -> bytes:
     if compression == _COMPRESS_NONE:
         return body
     if compression == _COMPRESS_ZLIB:
-        inflater = zlib.decompressobj()
-        try:
-            inflated = inflater.decompress(body, MAX_INFLATED_BYTES)
-        except zlib.error as exc:
-            raise CorruptCheckpointError("undecompressable body", key=key) from exc
-        if inflater.unconsumed_tail:
-            raise CorruptCheckpointError(
-                f"compressed body inflates past {MAX_INFLATED_BYTES} bytes", key=key
-            )
-        if not inflater.eof:
-            raise CorruptCheckpointError("truncated compressed body", key=key)
-        return inflated
+        return _inflate(body, key, "body")
     raise CorruptCheckpointError(f"unknown compression {compression}", key=key)
+
+
+def _inflate(body: bytes | memoryview, key: str, what: str) -> bytes:
+    """zlib-inflate a stored ``what`` (a body, a log piece), at most
+    :data:`MAX_INFLATED_BYTES` of it."""
+    inflater = zlib.decompressobj()
+    try:
+        inflated = inflater.decompress(body, MAX_INFLATED_BYTES)
+    except zlib.error as exc:
+        raise CorruptCheckpointError(f"undecompressable {what}", key=key) from exc
+    if inflater.unconsumed_tail:
+        raise CorruptCheckpointError(
+            f"compressed {what} inflates past {MAX_INFLATED_BYTES} bytes", key=key)
+    if not inflater.eof:
+        raise CorruptCheckpointError(f"truncated compressed {what}", key=key)
+    return inflated
 
 
 def _type_name(obj: Any) -> str:
@@ -306,6 +372,7 @@ class Codec:
         self._encoder = msgspec.msgpack.Encoder()
         self._ext_encoder = msgspec.msgpack.Encoder(enc_hook=_ext_key_hook)
         self._payload_decoder = msgspec.msgpack.Decoder(Payload, ext_hook=self._ext_hook)
+        self._logged_decoder = msgspec.msgpack.Decoder(LoggedPayload, ext_hook=self._ext_hook)
         self._any_decoder = msgspec.msgpack.Decoder(ext_hook=self._ext_hook)
         self._header_decoder = msgspec.msgpack.Decoder(Header)
         self._run_decoder = msgspec.msgpack.Decoder(RunData)
@@ -357,18 +424,97 @@ class Codec:
         messages: list[Any],
         tool_calls: list[Any],
         context: dict[Any, Any],
+        *,
+        messages_log: LogRef | None = None,
+        tool_calls_log: LogRef | None = None,
     ) -> bytes:
         """Encode a checkpoint body; raises :class:`SerializationError` naming the bad path.
 
         The parts themselves are stored as a dict, a list, a list and a dict (restore returns
         those types whatever mapping or sequence was passed); their contents keep their types.
+        A part stored as a log is passed empty, with its :class:`LogRef`.
         """
-        payload = Payload(
+        parts = (
             state if type(state) is dict else dict(state),
             messages if type(messages) is list else list(messages),
             tool_calls if type(tool_calls) is list else list(tool_calls),
             context if type(context) is dict else dict(context),
         )
+        if messages_log is None and tool_calls_log is None:
+            return self._encode(Payload(*parts))
+        return self._encode(LoggedPayload(*parts, messages_log, tool_calls_log))
+
+    def entries_bytes(self, part: str, entries: list[Any], first: int = 0) -> bytes:
+        """The stored encodings of ``entries`` (entries ``first`` onwards of the list ``part``),
+        one after the other: equal for two lists exactly when they would restore as equal
+        lists, types included (a different value never encodes the same). Raises
+        :class:`SerializationError` naming the entry's index in the whole list."""
+        encoded = self._encoded_list(part, entries, first)
+        return encoded[_array_header_length(encoded[0]):]
+
+    def same_entries(self, part: str, entries: list[Any], encoded: bytes | bytearray) -> bool:
+        """Whether ``entries`` encode to ``encoded`` (:meth:`entries_bytes`), without copying
+        either."""
+        mine = self._encoded_list(part, entries)
+        header = _array_header_length(mine[0])
+        return len(mine) - header == len(encoded) and mine.endswith(encoded)
+
+    def piece(self, encoded: bytes, before: str) -> bytes:
+        """A piece of a log as stored: a kind byte, the token of the piece ``before`` it
+        (``""``: none, this is the anchor) and entry encodings (:meth:`entries_bytes`),
+        zlib-compressed like payloads when that makes them smaller. A log's checksum is in the
+        checkpoints that use it (:class:`LogRef`), over all its pieces at once."""
+        link = before.encode("ascii").ljust(_LINK_BYTES, b"-")
+        if self._compress_min_bytes is not None and len(encoded) >= self._compress_min_bytes:
+            packed = zlib.compress(encoded, self._compress_level)
+            if len(packed) < len(encoded):
+                return _PIECE_ZLIB + link + packed
+        return _PIECE_PLAIN + link + encoded
+
+    @staticmethod
+    def piece_before(key: str, value: bytes) -> str:
+        """The token of the piece before this one (``""``: the anchor)."""
+        if len(value) < 1 + _LINK_BYTES:
+            raise CorruptCheckpointError("not a log piece (too short)", key=key)
+        try:
+            return value[1:1 + _LINK_BYTES].decode("ascii").rstrip("-")
+        except UnicodeDecodeError as exc:
+            raise CorruptCheckpointError("not a log piece (its link)", key=key) from exc
+
+    def decode_log(self, part: str, log: LogRef, pieces: list[tuple[str, bytes]], where: str
+                   ) -> list[Any]:
+        """The first ``log.length`` entries of a log from its pieces in order (the anchor's
+        first): checked against ``log.crc`` and decoded at once, like one list."""
+        bodies = [_piece_body(key, value) for key, value in pieces]
+        joined = b"".join(bodies)
+        if zlib.crc32(joined) != log.crc:
+            raise CorruptCheckpointError(
+                f"the {part} log {log.anchor!r} fails its checksum (a piece is missing or "
+                "damaged)", key=where)
+        array = _array_header(log.length) + joined
+        entries: list[Any] = self._decoded(
+            lambda: [Payload({}, self._any_decoder.decode(array), [], {})], where)[0].messages
+        return entries
+
+    def _encoded_list(self, part: str, entries: list[Any], first: int = 0) -> bytes:
+        body: list[Any] = [{}, [], [], {}]
+        body[_LIST_PARTS.index(part) + 1] = entries
+        payload = Payload(*body)
+        try:
+            encoded = None
+            if _SCREEN and _lossless_only(payload):
+                with contextlib.suppress(TypeError, ValueError, OverflowError):
+                    encoded = self._encoder.encode(entries)
+            if encoded is None:
+                converted = self._convert_container(entries, part, 0, set(), first)
+                encoded = self._ext_encoder.encode(converted)
+        except RecursionError as exc:
+            raise SerializationError(
+                "cannot encode the checkpoint: the call stack is nearly exhausted; create it "
+                "from a shallower call depth") from exc
+        return encoded
+
+    def _encode(self, payload: Payload) -> bytes:
         try:
             body = self._encode_plain(payload)
             if body is None:
@@ -377,11 +523,12 @@ class Codec:
             raise SerializationError(
                 "cannot encode the checkpoint: the call stack is nearly exhausted; create it "
                 "from a shallower call depth") from exc
+        version = LOGGED_FORMAT_VERSION if type(payload) is LoggedPayload else FORMAT_VERSION
         if self._compress_min_bytes is not None and len(body) >= self._compress_min_bytes:
             packed = zlib.compress(body, self._compress_level)
             if len(packed) < len(body):
-                return _frame(packed, _COMPRESS_ZLIB)
-        return _frame(body, _COMPRESS_NONE)
+                return _frame(packed, _COMPRESS_ZLIB, version)
+        return _frame(body, _COMPRESS_NONE, version)
 
     def _encode_plain(self, payload: Payload) -> bytes | None:
         """msgspec's own encoding if the screen proves it exact, else ``None``."""
@@ -395,22 +542,30 @@ class Codec:
 
     def _encode_converted(self, payload: Payload) -> bytes:
         seen: set[int] = set()  # ids of the containers being converted: finds cycles
-        converted = Payload(
-            self._convert_container(payload.state, "state", 0, seen),
-            self._convert_container(payload.messages, "messages", 0, seen),
-            self._convert_container(payload.tool_calls, "tool_calls", 0, seen),
-            self._convert_container(payload.context, "context", 0, seen),
+        converted = msgspec.structs.replace(
+            payload,
+            state=self._convert_container(payload.state, "state", 0, seen),
+            messages=self._convert_container(payload.messages, "messages", 0, seen),
+            tool_calls=self._convert_container(payload.tool_calls, "tool_calls", 0, seen),
+            context=self._convert_container(payload.context, "context", 0, seen),
         )
         return self._ext_encoder.encode(converted)
 
     def decode_payload(self, blob: bytes, key: str) -> Payload:
-        body = _unframe(blob, key)
+        """A body: a :class:`LoggedPayload` when it has parts stored as logs."""
+        body = _unframe(blob, key, _PAYLOAD_VERSIONS)
+        decoder = self._payload_decoder if blob[2] == FORMAT_VERSION else self._logged_decoder
+        return self._decoded(lambda: [decoder.decode(body)], key)[0]
+
+    def _decoded(self, decode: Callable[[], list[Payload]], key: str) -> list[Payload]:
+        """Bodies ``decode`` returns, checked for depth; errors name ``key``."""
         decoding = self._decoding
         decoding.extended = False
         outer, decoding.built = getattr(decoding, "built", None), set()  # a dec_hook may decode
         try:
-            payload: Payload = self._payload_decoder.decode(body)
-            roots = [payload.state, payload.messages, payload.tool_calls, payload.context]
+            payloads = decode()
+            roots = [root for payload in payloads for root in (
+                payload.state, payload.messages, payload.tool_calls, payload.context)]
             too_deep = _deeper_than(
                 roots, MAX_DEPTH, plain=not decoding.extended, leaves=decoding.built)
         except _HookFailed as exc:
@@ -426,7 +581,7 @@ class Codec:
         if too_deep:
             raise CorruptCheckpointError(
                 f"payload nested more than {MAX_DEPTH} levels deep", key=key)
-        return payload
+        return payloads
 
     # -- the slow path ----------------------------------------------------------------------
 
@@ -447,7 +602,8 @@ class Codec:
         return self._via_hook(value, path, depth, seen) if converted is _REFUSED else converted
 
     def _convert_container(
-        self, value: dict[Any, Any] | list[Any], path: str, depth: int, seen: set[int]
+        self, value: dict[Any, Any] | list[Any], path: str, depth: int, seen: set[int],
+        first: int = 0,
     ) -> Any:
         marker = id(value)
         if marker in seen:
@@ -456,7 +612,7 @@ class Codec:
         seen.add(marker)
         try:
             if isinstance(value, list):
-                return self._convert_items(value, path, depth, seen)
+                return self._convert_items(value, path, depth, seen, first)
             converted: dict[Any, Any] = {}
             for key, item in value.items():
                 # The value first: past the limit, the error names state['a']...['k'].
@@ -468,10 +624,12 @@ class Codec:
         finally:
             seen.discard(marker)
 
-    def _convert_items(self, values: Any, path: str, depth: int, seen: set[int]) -> list[Any]:
+    def _convert_items(
+        self, values: Any, path: str, depth: int, seen: set[int], first: int = 0
+    ) -> list[Any]:
         # A loop, not a comprehension: one frame less per level on CPython 3.10 and 3.11.
         converted = []
-        for index, item in enumerate(values):
+        for index, item in enumerate(values, first):
             converted.append(self._convert(item, f"{path}[{index}]", depth + 1, seen))
         return converted
 

@@ -69,6 +69,10 @@ class CheckpointConfig:
     cleanup_batch_size: int = 500
     max_sequence_retries: int = 32
     """How often a create re-reads and retries after losing a sequence race."""
+    history_min_entries: int | None = 32
+    """``messages`` and ``tool_calls`` lists with at least this many entries are stored as a
+    log of what each checkpoint adds, not as a copy per checkpoint, on stores that keep nested
+    items (all bundled ones); ``None`` stores every checkpoint's lists whole."""
     enc_hook: EncHook | None = None
     dec_hook: DecHook | None = None
     clock: Callable[[], float] = time.time
@@ -91,6 +95,8 @@ class CheckpointConfig:
         if self.compress_min_bytes is not None:
             _check_int("compress_min_bytes", self.compress_min_bytes, minimum=0)
         _check_int("offload_min_bytes", self.offload_min_bytes, minimum=0)
+        if self.history_min_entries is not None:
+            _check_int("history_min_entries", self.history_min_entries, minimum=1)
         _check_int("cleanup_batch_size", self.cleanup_batch_size, minimum=1)
         _check_int("max_sequence_retries", self.max_sequence_retries, minimum=1)
         if not isinstance(self.retry, RetryPolicy):
@@ -159,6 +165,7 @@ _ENV_FIELDS = {
     "offload_min_bytes": "int",
     "cleanup_batch_size": "int",
     "max_sequence_retries": "int",
+    "history_min_entries": "int?",
 }
 _RETRY_FIELDS = {"base_delay": "float", "max_delay": "float", "max_retries": "int"}
 _TRUE = {"1", "true", "yes", "on"}

@@ -30,6 +30,7 @@ import msgspec
 from fastcheckpoint import _export, _ids
 from fastcheckpoint._codec import Codec, Header, Payload, RunData, to_json_text
 from fastcheckpoint._config import CheckpointConfig, RetryPolicy
+from fastcheckpoint._history import Histories, Written
 from fastcheckpoint._model import (
     Checkpoint,
     CheckpointMetadata,
@@ -56,6 +57,7 @@ from fastcheckpoint.errors import (
     CorruptCheckpointError,
     SequenceConflict,
     SerializationError,
+    SharedItemGone,
     ValidationError,
 )
 from fastcheckpoint.stores import (
@@ -66,6 +68,7 @@ from fastcheckpoint.stores import (
     StoredCheckpoint,
     SupportsDefaultTTL,
     SupportsRepair,
+    offers_nested_items,
     open_store,
     purge_all,
 )
@@ -171,6 +174,10 @@ class CheckpointManager:
         cap = self.config.retry.max_delay
         self._contention = RetryPolicy(base_delay=min(_CONTENTION_BASE, cap), max_delay=cap)
         self._hints: OrderedDict[str, _Hint] = OrderedDict()
+        self._nested = store if offers_nested_items(store) else None
+        self._histories = Histories(
+            self._codec, min_entries=self.config.history_min_entries,
+            enabled=self._nested is not None)
         self._last_create: OrderedDict[str, _Claim] = OrderedDict()
         self._writers: dict[str, _Turn] = {}
         self._cleanup: tuple[anyio.CancelScope, anyio.Event] | None = None
@@ -299,11 +306,13 @@ class CheckpointManager:
         with self._throttle_slot(key, now):
             if parent_id is not None:
                 await self._require_parent(key, parent_id)
-            payload = await self._encode_payload(body, hint)
+            content: Payload | bytes = body
+            if not self._histories.enabled:
+                content = await self._encode_payload(body, hint)
             expires_at = None if ttl is None else now + ttl
             header = Header(run_id, step, parent_id, tag_list, ttl)
             record, parent, status = await self._append(
-                key, header, payload, now=now, expires_at=expires_at
+                key, header, content, now=now, expires_at=expires_at
             )
         if status == CheckpointStatus.FAILED.value:
             status = await self._resume(run_id, record.checkpoint_id)
@@ -325,7 +334,7 @@ class CheckpointManager:
         self,
         key: str,
         header: Header,
-        payload: bytes,
+        content: Payload | bytes,
         *,
         now: float,
         expires_at: float | None,
@@ -333,14 +342,17 @@ class CheckpointManager:
     ) -> tuple[StoredCheckpoint, str | None, str]:
         """Propose the next sequence, retrying on conflicts; the store decides who wins.
 
-        Returns the record written, its parent id and the run status. Creates of one run in
-        this process take turns: racing each other would only burn retries. With
-        ``new_run`` the checkpoint must start the run (sequence 0 of a new incarnation):
-        an existing run is a :class:`ConflictError`, not a race to retry.
+        ``content`` is the encoded payload, or the body when its lists may be stored as logs
+        (what is written then depends on the sequence each attempt proposes). Returns the
+        record written, its parent id and the run status. Creates of one run in this process
+        take turns: racing each other would only burn retries, and a log is extended only by
+        the create after the one that wrote it. With ``new_run`` the checkpoint must start
+        the run (sequence 0 of a new incarnation): an existing run is a
+        :class:`ConflictError`, not a race to retry.
         """
         async with self._writer(key):
             return await self._append_turn(
-                key, header, payload, now=now, expires_at=expires_at, new_run=new_run)
+                key, header, content, now=now, expires_at=expires_at, new_run=new_run)
 
     @contextlib.asynccontextmanager
     async def _writer(self, key: str) -> AsyncIterator[None]:
@@ -360,7 +372,7 @@ class CheckpointManager:
         self,
         key: str,
         header: Header,
-        payload: bytes,
+        content: Payload | bytes,
         *,
         now: float,
         expires_at: float | None,
@@ -368,9 +380,13 @@ class CheckpointManager:
     ) -> tuple[StoredCheckpoint, str | None, str]:
         hint = None if new_run else self._hints.get(key)
         guess = None if hint is None else (hint.latest_sequence, hint.incarnation)
+        extend = not new_run
         for attempt in range(self.config.max_sequence_retries):
             sequence, incarnation = (0, _ids.new_incarnation()) if guess is None else (
                 guess[0] + 1, guess[1])
+            written = await self._written(
+                key, content, sequence=sequence, incarnation=incarnation, extend=extend,
+                hint=hint)
             parent = header.parent_id
             if parent is None and sequence > 0:
                 parent = _ids.checkpoint_id(key, incarnation, sequence - 1)
@@ -380,7 +396,8 @@ class CheckpointManager:
                 created_at=now,
                 expires_at=expires_at,
                 header=self._codec.encode_header(msgspec.structs.replace(header, parent_id=parent)),
-                payload=payload,
+                payload=written.payload,
+                refs=written.refs,
             )
             seed = RunRecord(
                 run_id=header.run_id, incarnation=incarnation, status=CheckpointStatus.ACTIVE.value,
@@ -388,9 +405,20 @@ class CheckpointManager:
                 expires_at=expires_at,
             )
             try:
-                status = await self._store.append(
-                    key, record, run=seed, keep_latest=self.config.keep_latest, now=now
-                )
+                if written.refs and self._nested is not None:
+                    status = await self._nested.append_with_items(
+                        key, record, run=seed, keep_latest=self.config.keep_latest, now=now,
+                        items=written.items)
+                else:
+                    status = await self._store.append(
+                        key, record, run=seed, keep_latest=self.config.keep_latest, now=now
+                    )
+            except SharedItemGone:
+                # Another process removed the log this create extended (it deleted or pruned
+                # its last holder): the same sequence again, with new logs.
+                self._histories.forget(key)
+                extend = False
+                continue
             except SequenceConflict as conflict:
                 if new_run:
                     raise ConflictError(f"run {header.run_id!r} exists already") from conflict
@@ -399,7 +427,8 @@ class CheckpointManager:
                 if attempt >= _FREE_RETRIES and not last:
                     await anyio.sleep(self._contention.delay(attempt - _FREE_RETRIES))
                 continue
-            self._remember(key, _Hint(sequence, incarnation, len(payload)))
+            self._histories.remember(key, written, sequence=sequence, incarnation=incarnation)
+            self._remember(key, _Hint(sequence, incarnation, written.size))
             return record, parent, status
         raise ConflictError(
             f"could not append to run {header.run_id!r}: lost the sequence race "
@@ -505,6 +534,28 @@ class CheckpointManager:
         if await self._header_at(key, sequence, parent_id) is None:
             raise CheckpointNotFound(f"parent_id {parent_id!r} does not exist (or expired)")
 
+    async def _written(
+        self, key: str, content: Payload | bytes, *, sequence: int, incarnation: str,
+        extend: bool, hint: _Hint | None,
+    ) -> Written:
+        """What an attempt at ``sequence`` writes: the payload, and the logs' new entries."""
+        if isinstance(content, bytes):
+            return Written(content, [], (), [])
+        body = content
+
+        def write() -> Written:
+            parts = self._histories.plan(
+                key, body, sequence=sequence, incarnation=incarnation, extend=extend)
+            return self._histories.encode(body, parts)
+
+        # Large when this process has not written the run yet (the whole body), or when the
+        # last write or the logs' prefix compared before extending them are.
+        size = _estimated_size(body) if hint is None else max(
+            hint.payload_size, self._histories.kept_bytes(key))
+        if size >= self.config.offload_min_bytes:
+            return await anyio.to_thread.run_sync(write)
+        return write()
+
     async def _encode_payload(self, body: Payload, hint: _Hint | None) -> bytes:
         args = (body.state, body.messages, body.tool_calls, body.context)
         size = _estimated_size(body) if hint is None else hint.payload_size
@@ -517,7 +568,7 @@ class CheckpointManager:
     async def restore(self, run_id: str) -> Checkpoint | None:
         """The run's newest live checkpoint, or ``None``."""
         key = _ids.key_of(run_id)
-        found = await self._store.latest(key, now=self.config.clock())
+        found = await self._read(key, None, self.config.clock())
         return None if found is None else await self._decode(key, *found)
 
     async def restore_from(self, checkpoint_id: str) -> Checkpoint | None:
@@ -528,15 +579,26 @@ class CheckpointManager:
         found = await self._get_by_id(checkpoint_id)
         return None if found is None else await self._decode(found[0], *found[1])
 
+    async def _read(
+        self, key: str, sequence: int | None, now: float
+    ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        """The latest live checkpoint (``sequence`` ``None``) or the one at ``sequence``, its
+        run status, and the items its logs are kept in: one store read."""
+        if self._nested is not None:
+            return await self._nested.read_with_items(key, sequence=sequence, now=now)
+        found = await (self._store.latest(key, now=now) if sequence is None
+                       else self._store.get(key, sequence, now=now))
+        return None if found is None else (*found, {})
+
     async def _get_by_id(
         self, checkpoint_id: str
-    ) -> tuple[str, tuple[StoredCheckpoint, str]] | None:
+    ) -> tuple[str, tuple[StoredCheckpoint, str, dict[str, bytes]]] | None:
         """The run key and the live record with this id, if there is one."""
         parsed = lookup_id(checkpoint_id)
         if parsed is None:
             return None
         key, _, sequence = parsed
-        found = await self._store.get(key, sequence, now=self.config.clock())
+        found = await self._read(key, sequence, self.config.clock())
         if found is None:
             return None
         _check_located(key, found[0], sequence)
@@ -544,19 +606,26 @@ class CheckpointManager:
             return None  # the same place in a later incarnation of the run: not this one
         return key, found
 
-    async def _decode(self, key: str, stored: StoredCheckpoint, status: str) -> Checkpoint:
+    async def _decode(
+        self, key: str, stored: StoredCheckpoint, status: str, items: dict[str, bytes]
+    ) -> Checkpoint:
         header = self._codec.decode_header(stored.header, stored.key)
         _check_located(key, stored)
         _check_owner(key, stored, header)
         metadata = self._metadata(stored, header, _reported_status(status, stored.key))
-        body = await self._decode_body(stored)
+        body = await self._decode_body(stored, items)
         return Checkpoint(metadata, body.state, body.messages, body.tool_calls, body.context)
 
-    async def _decode_body(self, stored: StoredCheckpoint) -> Payload:
-        if len(stored.payload) >= self.config.offload_min_bytes:
-            return await anyio.to_thread.run_sync(
-                lambda: self._codec.decode_payload(stored.payload, stored.key))
-        return self._codec.decode_payload(stored.payload, stored.key)
+    async def _decode_body(self, stored: StoredCheckpoint, items: dict[str, bytes]) -> Payload:
+        """The body, its logged lists rebuilt from ``items`` (in a worker thread when large)."""
+        def decode() -> Payload:
+            payload = self._codec.decode_payload(stored.payload, stored.key)
+            return self._histories.resolve(payload, items, stored.key)
+
+        size = len(stored.payload) + sum(map(len, items.values()))
+        if size >= self.config.offload_min_bytes:
+            return await anyio.to_thread.run_sync(decode)
+        return decode()
 
     def _metadata(
         self, stored: CheckpointHeader, header: Header, status: CheckpointStatus
@@ -856,12 +925,12 @@ class CheckpointManager:
         if found is None:
             raise CheckpointNotFound(
                 f"checkpoint {checkpoint_id[:80]!r} does not exist (or expired)")
-        key, (source, _) = found
+        key, (source, _, items) = found
         now = self.config.clock()
         header = self._codec.decode_header(source.header, source.key)
         _check_owner(key, source, header)
         # Read before anything is written: a source that cannot be restored is not copied.
-        body = await self._decode_body(source)
+        body = await self._decode_body(source, items)
         if new_run_id is None:
             new_run_id = f"{header.run_id}-fork-{_ids.new_incarnation()}"
         new_key = _ids.key_of(new_run_id)
@@ -869,9 +938,10 @@ class CheckpointManager:
         expires_at = None if ttl is None else now + ttl
         new_header = Header(new_run_id, header.step_name, checkpoint_id, header.tags, ttl)
         try:
+            # A payload naming logs is written again: they are items of the source run.
             record, _, status = await self._append(
-                new_key, new_header, source.payload, now=now, expires_at=expires_at,
-                new_run=True)
+                new_key, new_header, body if source.refs else source.payload, now=now,
+                expires_at=expires_at, new_run=True)
         except ConflictError as exc:
             raise ConflictError(f"cannot fork into {new_run_id!r}: that run exists") from exc
         metadata = self._metadata(record, new_header,

@@ -75,7 +75,7 @@ def _flip_last_byte(blob: bytes) -> bytes:
 CORRUPTIONS = [
     pytest.param(_flip_last_byte, "checksum", id="checksum-mismatch"),
     pytest.param(lambda blob: b"XX" + blob[2:], "not a fastcheckpoint record", id="bad-magic"),
-    pytest.param(lambda blob: blob[:2] + b"\x02" + blob[3:], "version", id="unknown-version"),
+    pytest.param(lambda blob: blob[:2] + b"\x03" + blob[3:], "version", id="unknown-version"),
     pytest.param(lambda blob: blob[:3] + b"z" + blob[4:], "codec", id="unknown-codec"),
     pytest.param(lambda blob: blob[:5], "not a fastcheckpoint record", id="truncated-prefix"),
     pytest.param(lambda blob: blob[: len(blob) // 2], "checksum", id="truncated-body"),

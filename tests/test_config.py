@@ -156,6 +156,8 @@ def test_zero_retries_is_allowed() -> None:
         pytest.param({"offload_min_bytes": -1}, id="offload-negative"),
         pytest.param({"cleanup_batch_size": 0}, id="batch-zero"),
         pytest.param({"max_sequence_retries": 0}, id="sequence-retries-zero"),
+        pytest.param({"history_min_entries": 0}, id="history-zero"),
+        pytest.param({"history_min_entries": 2.5}, id="history-float"),
         pytest.param({"retry": {"base_delay": 1}}, id="retry-not-a-policy"),
         pytest.param({"auto_checkpoint": "no"}, id="auto-checkpoint-str"),
         pytest.param({"clock": 1_700_000_000.0}, id="clock-not-callable"),
@@ -180,6 +182,7 @@ def test_from_env_parses_every_variable() -> None:
         "FASTCHECKPOINT_OFFLOAD_MIN_BYTES": "2048",
         "FASTCHECKPOINT_CLEANUP_BATCH_SIZE": "10",
         "FASTCHECKPOINT_MAX_SEQUENCE_RETRIES": "7",
+        "FASTCHECKPOINT_HISTORY_MIN_ENTRIES": "none",
         "FASTCHECKPOINT_RETRY_BASE_DELAY": "0.2",
         "FASTCHECKPOINT_RETRY_MAX_DELAY": "3",
         "FASTCHECKPOINT_RETRY_MAX_RETRIES": "2",
@@ -196,6 +199,7 @@ def test_from_env_parses_every_variable() -> None:
     assert config.offload_min_bytes == 2048
     assert config.cleanup_batch_size == 10
     assert config.max_sequence_retries == 7
+    assert config.history_min_entries is None
     assert config.retry == RetryPolicy(base_delay=0.2, max_delay=3.0, max_retries=2)
 
 

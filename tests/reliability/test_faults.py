@@ -118,6 +118,55 @@ async def test_acknowledged_creates_survive_faults_exactly_once(
     assert len(audit.unacknowledged) <= len(unconfirmed)
 
 
+async def test_acknowledged_histories_restore_exactly_under_faults(
+    network_target: Target, seed: int, figures: Figures
+) -> None:
+    """The same with a conversation that grows every step, stored as a log (messages of 4
+    entries or more): lost replies and cut connections around appends that write pieces of
+    the log never lose, mix up or duplicate an entry of an acknowledged checkpoint."""
+    run_id = f"history-faults-{seed}"
+    count = scaled(CREATES // 2)
+    config = CheckpointConfig(max_checkpoints_per_run=None, retry=FAST_RETRY,
+                              history_min_entries=4)
+    conversation: list[str] = []
+    sent: dict[str, list[str]] = {}
+    foreign: list[str] = []
+    with _faulty(network_target, _plan(FAULT_RATE, seed)) as proxy:
+        store = network_target.store(proxy.endpoint)
+        manager = CheckpointManager(store, config=config)
+        try:
+            with anyio.fail_after(_deadline(count)):
+                for step in range(count):
+                    conversation.append(f"{seed}/{step}")
+                    try:
+                        created = await manager.create(run_id, {"step": step},
+                                                       messages=conversation, force=True)
+                    except CheckpointError:
+                        continue
+                    except Exception as exc:  # what is under test: nothing else escapes
+                        foreign.append(_described(exc))
+                        continue
+                    assert created is not None
+                    sent[created.checkpoint_id] = list(conversation)
+        finally:
+            await store.aclose()
+    replay = f"{figures.replay}, faults {dict(proxy.counts)}"
+    assert not foreign, f"{replay}: creates raised non-CheckpointErrors: {foreign}"
+    clean = network_target.store()
+    try:
+        reader = CheckpointManager(clean, config=config)
+        with anyio.fail_after(_deadline(len(sent))):
+            for checkpoint_id, messages in sent.items():
+                restored = await reader.restore_from(checkpoint_id)
+                assert restored is not None, f"{replay}: {checkpoint_id} lost"
+                assert restored.messages == messages, f"{replay}: {checkpoint_id} differs"
+    finally:
+        await clean.aclose()
+    figures.add("fault-histories", network_target.name, creates=count, faults=proxy.injected,
+                acknowledged=len(sent))
+    assert sent, replay
+
+
 async def _create_directly(target: Target, run_id: str, count: int) -> list[str]:
     store = target.store()
     try:

@@ -1,0 +1,280 @@
+"""Lists that grow, stored as what each checkpoint adds: the manager's histories.
+
+An agent that checkpoints its conversation after every step would store it again with every
+checkpoint: O(n²) bytes for n steps. On a store that keeps nested items
+(:class:`~fastcheckpoint.stores.SupportsNestedItems`), a ``messages`` or ``tool_calls`` list of at
+least ``CheckpointConfig.history_min_entries`` entries is stored as a *log* instead:
+
+* the *anchor*, a shared item of the run (``m/<incarnation>/<sequence>`` for messages, ``t/...``
+  for tool calls), holds the entries the list had when the log began;
+* *pieces*, items nested under the anchor (``<anchor>/<index of their first entry>.<token>``,
+  the token random), each hold the entries one later checkpoint added and name the piece
+  before them (the anchor for the first);
+* every checkpoint of the log names the anchor in its ``refs`` and records in its payload a
+  :class:`~fastcheckpoint._codec.LogRef`: its list is the log's first ``length`` entries, the
+  ones its last piece and the pieces before it hold, with their CRC-32.
+
+Pieces are chained rather than found by position because a write that failed may leave a
+piece behind on a store without atomic writes (S3): a later create at the same position writes
+a piece of its own, never one it might find in place with other entries.
+
+The store keeps the anchor while a checkpoint names it and the pieces with it, and returns them
+all with the checkpoint in one read, so pruning and expiry never take an entry a held checkpoint
+uses, and a log dies with the last checkpoint naming it.
+
+A create extends the log only when that is certainly right: its sequence is the one after the
+checkpoint this process stored last for the run (the store refuses it if any other process wrote
+in between), and the new list starts with exactly the entries that checkpoint stored (compared by
+value with copies decoded from the stored bytes, so an entry changed in place counts as a change).
+Anything else (the first create of a run in this process, a lost sequence race, a list edited,
+shortened or reordered, an anchor another process's removal took) begins a new log with the
+whole list: never wrong, at the cost of one full copy.
+"""
+
+from __future__ import annotations
+
+import secrets
+import zlib
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastcheckpoint._codec import Codec, LoggedPayload, LogRef, Payload
+from fastcheckpoint.errors import CorruptCheckpointError
+from fastcheckpoint.stores import Item, nested_prefix
+
+__all__ = ["Histories", "Written"]
+
+PARTS = ("messages", "tool_calls")
+_CODES = {"messages": "m", "tool_calls": "t"}
+_KEPT_BYTES = 64 * 1024 * 1024
+"""Bytes of stored entries this process keeps decoded copies of, over all runs, to tell an
+appended list from an edited one; beyond it the least recently written runs are forgotten
+(their next create begins a new log)."""
+_KEPT_RUNS = 10_000
+"""Runs this process remembers logs of (the least recently written are forgotten)."""
+_INDEX_DIGITS = 10
+_TOKEN_BYTES = 6
+
+
+@dataclass
+class _Kept:
+    """One part's log as this process stored it last."""
+
+    anchor: str
+    count: int
+    """Entries the log holds."""
+    encoded: bytearray
+    """Their encodings (:meth:`Codec.entries_bytes`), as the log stores them: what a list must
+    encode to, to start with exactly them."""
+    crc: int
+    """CRC-32 of ``encoded``."""
+    last: str
+    """Token of the log's last piece (``""``: the anchor)."""
+
+    @property
+    def stored_bytes(self) -> int:
+        return len(self.encoded)
+
+
+@dataclass
+class _RunLogs:
+    sequence: int
+    incarnation: str
+    parts: dict[str, _Kept] = field(default_factory=dict)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(kept.stored_bytes for kept in self.parts.values())
+
+
+@dataclass
+class _Part:
+    """What one create writes for one part stored as a log."""
+
+    part: str
+    anchor: str
+    first: int
+    """Index of the first entry written (0: the anchor, a new log)."""
+    entries: list[Any]
+    length: int
+    base: _Kept | None
+    """The log extended (``None``: a new one)."""
+    encoded: bytes = b""
+    """The encodings of the entries written, taken when they were (the caller may change
+    them later)."""
+    crc: int = 0
+    """CRC-32 of the log's encodings up to ``length``."""
+    last: str = ""
+    """Token of the log's last piece after this write."""
+
+
+@dataclass
+class Written:
+    """What a create writes: the payload, its items and refs, and what to remember."""
+
+    payload: bytes
+    items: list[Item]
+    refs: tuple[str, ...]
+    parts: list[_Part]
+
+    @property
+    def size(self) -> int:
+        return len(self.payload) + sum(len(item.value) for item in self.items)
+
+
+class Histories:
+    """Plans the logs of each create and rebuilds lists on reads; remembers, per run, what
+    this process stored last (a guess that saves copies, never trusted without the store's
+    sequence check)."""
+
+    def __init__(self, codec: Codec, *, min_entries: int | None, enabled: bool) -> None:
+        self._codec = codec
+        self._min_entries = min_entries if enabled else None
+        self._runs: OrderedDict[str, _RunLogs] = OrderedDict()
+        self._kept_bytes = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self._min_entries is not None
+
+    def plan(
+        self, key: str, body: Payload, *, sequence: int, incarnation: str, extend: bool
+    ) -> list[_Part]:
+        """The parts of ``body`` to store as logs in checkpoint ``sequence``: extending the
+        logs of the checkpoint before it when ``extend``, this process stored that one, and
+        the lists start with what it stored (encodes the stored prefix again to compare:
+        :meth:`kept_bytes` says how much)."""
+        if self._min_entries is None:
+            return []
+        previous = self._runs.get(key) if extend else None
+        if previous is not None and (previous.sequence, previous.incarnation) != (
+                sequence - 1, incarnation):
+            previous = None
+        parts: list[_Part] = []
+        for part in PARTS:
+            entries: list[Any] = getattr(body, part)
+            if len(entries) < self._min_entries:
+                continue
+            base = None if previous is None else previous.parts.get(part)
+            if base is not None and self._extends(part, entries, base):
+                parts.append(_Part(part, base.anchor, base.count, entries[base.count:],
+                                   len(entries), base))
+            else:
+                anchor = f"{_CODES[part]}/{incarnation}/{sequence:x}"
+                parts.append(_Part(part, anchor, 0, entries, len(entries), None))
+        return parts
+
+    def encode(self, body: Payload, parts: list[_Part]) -> Written:
+        """Encode the payload and the new entries of ``parts`` (may run in a worker thread)."""
+        logs: dict[str, LogRef] = {}
+        items: list[Item] = []
+        for planned in parts:
+            base = planned.base
+            if base is None:
+                planned.encoded = self._codec.entries_bytes(planned.part, planned.entries)
+                items.append(Item(key=planned.anchor, value=self._codec.piece(
+                    planned.encoded, "")))
+            elif planned.entries:
+                planned.encoded = self._codec.entries_bytes(
+                    planned.part, planned.entries, planned.first)
+                planned.last = secrets.token_hex(_TOKEN_BYTES)
+                items.append(Item(
+                    key=f"{nested_prefix(planned.anchor)}{planned.first:0{_INDEX_DIGITS}d}."
+                        f"{planned.last}",
+                    value=self._codec.piece(planned.encoded, base.last)))
+            else:
+                planned.last = base.last  # nothing added: the checkpoint names the log as it is
+            planned.crc = zlib.crc32(planned.encoded, 0 if base is None else base.crc)
+            logs[planned.part] = LogRef(planned.anchor, planned.length, planned.crc,
+                                        planned.last)
+        payload = self._codec.encode_payload(
+            body.state,
+            [] if "messages" in logs else body.messages,
+            [] if "tool_calls" in logs else body.tool_calls,
+            body.context,
+            messages_log=logs.get("messages"),
+            tool_calls_log=logs.get("tool_calls"),
+        )
+        refs = tuple(planned.anchor for planned in parts)
+        return Written(payload, items, refs, parts)
+
+    def remember(self, key: str, written: Written, *, sequence: int, incarnation: str) -> None:
+        """The create of ``written`` at ``sequence`` succeeded: it is the log to extend."""
+        if self._min_entries is None:
+            return
+        old = self._runs.pop(key, None)
+        if old is not None:
+            self._kept_bytes -= old.stored_bytes
+        logs = _RunLogs(sequence, incarnation)
+        for planned in written.parts:
+            kept = planned.base
+            if kept is None:
+                kept = _Kept(planned.anchor, 0, bytearray(), 0, "")
+            kept.encoded += planned.encoded  # the old value is no one else's: it is replaced
+            kept.count = planned.length
+            kept.crc = planned.crc
+            kept.last = planned.last
+            logs.parts[planned.part] = kept
+        if not logs.parts:
+            return
+        self._runs[key] = logs
+        self._kept_bytes += logs.stored_bytes
+        while len(self._runs) > 1 and (
+                self._kept_bytes > _KEPT_BYTES or len(self._runs) > _KEPT_RUNS):
+            _, evicted = self._runs.popitem(last=False)
+            self._kept_bytes -= evicted.stored_bytes
+
+    def _extends(self, part: str, entries: list[Any], kept: _Kept) -> bool:
+        """Whether ``entries`` starts with exactly the entries of ``kept``: compared by their
+        encodings, so an entry changed in place is a change, and two values that would
+        restore differently (``1`` and ``1.0``, a tuple and a list) never pass for equal."""
+        if len(entries) < kept.count:
+            return False
+        return self._codec.same_entries(part, entries[:kept.count], kept.encoded)
+
+    def kept_bytes(self, key: str) -> int:
+        """Bytes of entries a create of the run compares before extending its logs."""
+        logs = self._runs.get(key)
+        return 0 if logs is None else logs.stored_bytes
+
+    def forget(self, key: str) -> None:
+        """Begin new logs at the run's next create (its anchors may be gone)."""
+        old = self._runs.pop(key, None)
+        if old is not None:
+            self._kept_bytes -= old.stored_bytes
+
+    def resolve(self, payload: Payload, items: Mapping[str, bytes], where: str) -> Payload:
+        """The body with its logged parts rebuilt from the items read with the checkpoint."""
+        if not isinstance(payload, LoggedPayload):
+            return payload
+        if payload.messages_log is not None:
+            payload.messages = self._entries("messages", payload.messages_log, items, where)
+        if payload.tool_calls_log is not None:
+            payload.tool_calls = self._entries(
+                "tool_calls", payload.tool_calls_log, items, where)
+        return payload
+
+    def _entries(self, part: str, log: LogRef, items: Mapping[str, bytes], where: str
+                 ) -> list[Any]:
+        if log.anchor not in items:
+            raise CorruptCheckpointError(
+                f"the {part} log {log.anchor!r} this checkpoint names is missing", key=where)
+        prefix = nested_prefix(log.anchor)
+        by_token = {name.rpartition(".")[2]: name for name in items if name.startswith(prefix)}
+        chain: list[tuple[str, bytes]] = []
+        token = log.last
+        while token:  # from the checkpoint's last piece back to the anchor
+            name = by_token.pop(token, None)  # popped: a damaged chain cannot loop
+            if name is None:
+                raise CorruptCheckpointError(
+                    f"the {part} log {log.anchor!r} lacks its piece {token!r}", key=where)
+            chain.append((name, items[name]))
+            token = self._codec.piece_before(name, items[name])
+        chain.append((log.anchor, items[log.anchor]))
+        chain.reverse()
+        return self._codec.decode_log(part, log, chain, where)
+
+
+
