@@ -29,8 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Benchmark fastcheckpoint stores on workloads W1-W6 (sequential, "
-                    "concurrent, large, pruning, scaling, multi-process) and G1 (a LangGraph "
-                    "graph); docs/benchmarks.md describes each.",
+                    "concurrent, large, pruning, scaling, multi-process), W7 (a long "
+                    "conversation) and G1 (a LangGraph graph); docs/benchmarks.md describes "
+                    "each.",
     )
     parser.add_argument(
         "--store", action="append", metavar="URL[,URL...]",
@@ -40,10 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workload", action="append", metavar="W1,W2,...",
                         help=f"workloads to run; default: all of {', '.join(WORKLOADS)}; "
-                             "G1 (a LangGraph graph on each store's saver) only when named")
+                             "W7 (a long conversation) and G1 (a LangGraph graph on each store's "
+                             "saver) only when named")
     parser.add_argument("--compare", action="store_true",
-                        help="also run W1 and W4 on FastAgentic's stores and LangGraph's savers "
-                             "(and G1 on LangGraph's savers)")
+                        help="also run W1, W4 and W7 on FastAgentic's stores and LangGraph's "
+                             "savers (and G1 on LangGraph's savers)")
     parser.add_argument("--compare-only", metavar="SYSTEM", choices=("fastagentic", "langgraph"),
                         help="with --compare: only this system's stores or savers")
     parser.add_argument("--w5-levels", metavar="N,N,...",

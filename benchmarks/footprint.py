@@ -56,6 +56,8 @@ class CountingStore:
                  if not name.startswith("_") and callable(getattr(inner, name))]
         methods = {name: _forwarder(name, inspect.iscoroutinefunction(getattr(inner, name)))
                    for name in names}
+        if hasattr(inner, "nested_items"):  # a capability flag, not a method
+            methods["nested_items"] = inner.nested_items
         subclass = type(f"Counting{type(inner).__name__}", (cls,), methods)
         wrapper: CountingStore = subclass(inner)
         return wrapper

@@ -183,6 +183,7 @@ def targets(report: Report) -> list[dict[str, Any]]:
     rows += _floor_targets(report)
     rows += _scaling_targets(report)
     rows += _concurrency_targets(report)
+    rows += _long_run_targets(report)
     return rows
 
 
@@ -365,6 +366,7 @@ def to_markdown(report: Report, machine: dict[str, Any]) -> str:
                 f"| {_num(row['write']['p50_us'], 1)} | {_num(row['write']['p99_us'], 1)} "
                 f"| {_num(row['read']['p50_us'], 1)} | {_num(row['read']['p99_us'], 1)} |")
         lines.append("")
+    lines += _long_run_table(report)
     lines += _graph_table(report)
     rows = ratios(report)
     if rows:
@@ -374,7 +376,7 @@ def to_markdown(report: Report, machine: dict[str, Any]) -> str:
         lines += [f"| {row['workload']} | {row['phase']} | {row['store']} | {row['versus']} | "
                   f"{row['ratio']:.2f}x | {_num(row['p50_ratio'], 2)}x |" for row in rows]
         lines.append("")
-    lines += ["## Targets (issues 6, 13, 15)", "", "| target | value | status | note |",
+    lines += ["## Targets (issues 6, 13, 14, 15)", "", "| target | value | status | note |",
               "| --- | ---: | --- | --- |"]
     for row in targets(report):
         status = {True: "met", False: "**not met**", None: "n/a"}[row["met"]]
@@ -387,6 +389,70 @@ def to_markdown(report: Report, machine: dict[str, Any]) -> str:
     if report.notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
     return "\n".join(lines) + "\n"
+
+
+def _long_run_table(report: Report) -> list[str]:
+    """W7, one row per subject: create at each level, restore, bytes the run leaves stored."""
+    runs = [r for r in report.results if r.workload == "W7" and not r.error and not r.skipped]
+    if not runs:
+        return []
+    levels = sorted({int(name.split("@")[1]) for r in runs for name in r.phases if "@" in name})
+    lines = ["## W7: a long conversation (retention off)", "",
+             f"{report.sizes.w7_steps} steps of about {report.sizes.w7_message_bytes} bytes of "
+             f"messages each, with a state of about {report.sizes.w7_state_bytes} bytes. Create "
+             "p50 over the ten steps up to each level; restore p50 of the latest; bytes the whole "
+             "run leaves stored (values handed to the backend; FastAgentic's file store: its "
+             "directory's size) and that over the final conversation's own msgpack size; a bare "
+             "msgpack decode of the final conversation.", "",
+             "| subject | " + " | ".join(f"create@{level} p50 µs" for level in levels)
+             + " | restore p50 µs | bare decode µs | bytes stored | ÷ conversation |",
+             "| --- | " + " | ".join("---:" for _ in levels) + " | ---: | ---: | ---: | ---: |"]
+    for result in runs:
+        cells = [_num(result.phases[f"create@{level}"].p50_us)
+                 if f"create@{level}" in result.phases else "" for level in levels]
+        restore = result.phases.get("restore")
+        footprint = result.footprint
+        lines.append(
+            f"| {result.subject} | {' | '.join(cells)} "
+            f"| {_num(restore.p50_us if restore else None)} "
+            f"| {_num(footprint.get('bare_decode_us'), 1)} "
+            f"| {_num(footprint.get('stored_bytes'))} | {_num(footprint.get('stored_ratio'), 2)} |")
+    lines.append("")
+    return lines
+
+
+def _long_run_targets(report: Report) -> list[dict[str, Any]]:
+    """Issue 14's goals on every store: storage, flat creates, restore near a bare decode."""
+    rows: list[dict[str, Any]] = []
+    for result in report.results:
+        if (result.workload != "W7" or result.system != "fastcheckpoint" or result.error
+                or result.skipped):
+            continue
+        footprint = result.footprint
+        ratio = footprint.get("stored_ratio")
+        rows.append({"target": f"{result.subject} W7 bytes stored <= 2x the conversation",
+                     "value": ratio, "met": None if ratio is None else ratio <= 2.0,
+                     "note": f"{_num(footprint.get('stored_bytes'))} bytes"})
+        levels = sorted(int(name.split("@")[1]) for name in result.phases if "@" in name)
+        if len(levels) >= 2:
+            low = result.phases[f"create@{levels[0]}"].p50_us
+            high = result.phases[f"create@{levels[-1]}"].p50_us
+            value = high / low if low else None
+            rows.append({
+                "target": f"{result.subject} W7 create p50 at {levels[-1]} <= 1.5x at "
+                          f"{levels[0]}",
+                "value": value, "met": None if value is None else value <= 1.5,
+                "note": f"{high:.1f} µs vs {low:.1f} µs"})
+        restore = result.phases.get("restore")
+        bare = footprint.get("bare_decode_us")
+        if restore is not None and bare:
+            value = restore.p50_us / bare
+            rows.append({
+                "target": f"{result.subject} W7 restore p50 <= 2x a bare decode of the "
+                          "conversation",
+                "value": value, "met": value <= 2.0,
+                "note": f"{restore.p50_us:.1f} µs vs {bare:.1f} µs"})
+    return rows
 
 
 def _graph_table(report: Report) -> list[str]:
@@ -450,7 +516,7 @@ def write_chart(report: Report, path: Path) -> bool:
     _bars(w1_axes, [r for r in usable if r.workload == "W1"], colors,
           "W1 sequential: ops/s by phase (log)", lambda r, phase: phase)
     ours = [r for r in usable
-            if r.system == "fastcheckpoint" and r.workload not in ("W1", "W5", "G1")]
+            if r.system == "fastcheckpoint" and r.workload not in ("W1", "W5", "W7", "G1")]
     _bars(all_axes, ours, colors, "W2-W4, W6: ops/s (log)",
           lambda r, phase: f"{r.workload} {phase}")
     for result in (r for r in usable if r.workload == "W5"):

@@ -42,6 +42,13 @@ class Sizes:
     """G1: length of the message text each step appends."""
     graph_context_bytes: int = 4_000
     """G1: msgpack size of a context channel set once by the input and never changed."""
+    w7_steps: int = 1_000
+    """W7: steps of the conversation, each checkpointed (retention off)."""
+    w7_message_bytes: int = 1_000
+    """W7: about how many bytes of messages each step adds."""
+    w7_state_bytes: int = 2_000
+    """W7: msgpack size of the state checkpointed with the messages."""
+    w7_restores: int = 20
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -68,6 +75,7 @@ class Sizes:
             w6_creates=25,
             floor_iterations=300,
             graph_threads=1,
+            w7_restores=10,
         )
 
     @classmethod
@@ -83,6 +91,7 @@ class Sizes:
             w6_processes=2, w6_creates=3,
             floor_iterations=5,
             graph_steps=3, graph_threads=1, graph_message_bytes=50, graph_context_bytes=200,
+            w7_steps=40, w7_message_bytes=100, w7_state_bytes=300, w7_restores=2,
         )
 
     def with_repetitions(self, repetitions: int | None) -> Sizes:

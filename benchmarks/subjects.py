@@ -1,7 +1,7 @@
 """What gets benchmarked: fastcheckpoint stores, opened by URL, behind a small driver interface.
 
 A :class:`Driver` turns "create / restore latest / list" into prepared zero-argument awaitables,
-so the timed region holds nothing but the library call. The same W1 and W4 code then drives
+so the timed region holds nothing but the library call. The same W1, W4 and W7 code then drives
 fastcheckpoint and, in :mod:`benchmarks.compare`, FastAgentic and LangGraph.
 
 Any store URL that :func:`fastcheckpoint.open_store` understands is a target; stores that land

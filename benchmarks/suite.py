@@ -21,6 +21,7 @@ from benchmarks.compare import comparison_subjects
 from benchmarks.content import Content
 from benchmarks.footprint import floor, measure_footprint
 from benchmarks.graph import GRAPH_WORKLOADS
+from benchmarks.longrun import LONGRUN_WORKLOADS
 from benchmarks.measure import Phase, Sample, summarize
 from benchmarks.settings import Sizes
 from benchmarks.subjects import StoreTarget, Subject, prepared_targets
@@ -28,8 +29,9 @@ from benchmarks.workloads import WORKLOADS, Outcome, Workload
 
 __all__ = ["ALL_WORKLOADS", "Report", "WorkloadResult", "run_suite"]
 
-ALL_WORKLOADS: dict[str, Workload] = {**WORKLOADS, **GRAPH_WORKLOADS}
-"""W1-W6 (the default) and the LangGraph graph workload G1 (only when asked for)."""
+ALL_WORKLOADS: dict[str, Workload] = {**WORKLOADS, **LONGRUN_WORKLOADS, **GRAPH_WORKLOADS}
+"""W1-W6 (the default), and the long conversation W7 and the LangGraph graph workload G1
+(only when asked for)."""
 
 ASYNCIO_ONLY = ("redis", "rediss", "s3", "dynamodb", "postgres")
 """Store kinds whose drivers (redis-py, aiobotocore, asyncpg) need asyncio: left out of the
@@ -131,7 +133,7 @@ def _plan(
             if not isinstance(subject, StoreTarget) and not (
                 workload.comparable and subject.system in workload.compared_systems
             ):
-                continue  # comparison subjects run only W1 and W4 (LangGraph's also G1)
+                continue  # comparison subjects run only W1, W4 and W7 (LangGraph's also G1)
             only = getattr(subject, "only", None)
             if only is not None and workload.name not in only:
                 continue
@@ -259,10 +261,10 @@ def run_suite(
 
     ``stores``: store URLs (default: ``memory://``, temporary file stores with fsync on and
     off, a temporary SQLite database, and the network stores reachable here).
-    ``workloads``: names such as ``["W1", "W4"]`` (default: W1-W6; G1, the LangGraph graph,
-    only when named). ``compare`` adds FastAgentic and LangGraph (W1 and W4, LangGraph's
-    savers also G1; needs ``backend="asyncio"``); ``compare_only`` (``"fastagentic"`` or
-    ``"langgraph"``) keeps one of the two.
+    ``workloads``: names such as ``["W1", "W4"]`` (default: W1-W6; W7, the long
+    conversation, and G1, the LangGraph graph, only when named). ``compare`` adds FastAgentic
+    and LangGraph (W1, W4 and W7, LangGraph's savers also G1; needs ``backend="asyncio"``);
+    ``compare_only`` (``"fastagentic"`` or ``"langgraph"``) keeps one of the two.
     """
     names = list(workloads) if workloads else list(WORKLOADS)
     unknown = [name for name in names if name not in ALL_WORKLOADS]

@@ -1,6 +1,7 @@
 """The workloads W1-W6 (docs/benchmarks.md). Each ``run_once`` is one repetition on a fresh session.
 
-W1 and W4 speak only the :class:`~benchmarks.subjects.Driver` interface, so they run on the
+W1 and W4 (and W7, in :mod:`benchmarks.longrun`) speak only the
+:class:`~benchmarks.subjects.Driver` interface, so they run on the
 comparison subjects too; W2, W3, W5 and W6 use fastcheckpoint's manager directly.
 """
 

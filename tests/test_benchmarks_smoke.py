@@ -57,6 +57,25 @@ def test_every_workload_runs_on_the_memory_store(backend: str) -> None:
     assert report.floor["W1"]["total_us"] > 0
 
 
+def test_the_long_conversation_reports_creates_restores_and_bytes_stored() -> None:
+    report = run_suite(["memory://"], ["W7"], TINY)
+
+    result = _result(report, "W7")
+    assert result.error is None, result.error
+    assert set(result.phases) == {"create@10", "create@40", "restore"}
+    assert result.checks == {"held": TINY.w7_steps, "all_held": True, "restored_exactly": True}
+    footprint = result.footprint
+    assert footprint["stored_bytes"] > footprint["conversation_bytes"] > 0
+    assert footprint["stored_ratio"] == footprint["stored_bytes"] / footprint["conversation_bytes"]
+    rendered = to_markdown(report, {"command": "x", "machine": "m", "cpu_count": 2,
+                                    "python": "3", "platform": "p", "date_utc": "d",
+                                    "versions": {"fastcheckpoint": "0", "msgspec": "0"}})
+    assert "## W7: a long conversation" in rendered
+    names = [row["target"] for row in targets(report)]
+    assert "memory W7 bytes stored <= 2x the conversation" in names
+    assert "memory W7 create p50 at 40 <= 1.5x at 10" in names
+
+
 def test_multi_process_writers_get_unique_gap_free_sequences(tmp_path: Path) -> None:
     report = run_suite([f"file://{tmp_path / 'store'}?fsync=false"], ["W6"], TINY)
 
