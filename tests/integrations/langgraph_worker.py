@@ -4,7 +4,8 @@
 
 Runs the step loop of ``tests/integrations/_langgraph_support.py`` on thread THREAD (from
 the start, or from the thread's latest checkpoint when it has one), printing ``step N`` as
-step N starts and ``done [0, 1, ...]`` with the final state at the end.
+step N starts (with ``durability="sync"``: steps before it are saved) and ``done [0, 1, ...]``
+with the final state at the end.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ async def main(url: str, thread_id: str, steps: int) -> None:
         graph = step_loop(saver, steps, on_step=report)
         config: Any = {"configurable": {"thread_id": thread_id}}
         started = await saver.aget_tuple(config) is not None
-        result = await graph.ainvoke(None if started else {"done": []}, config)
+        # Each step's checkpoint is written before the next step starts: "step N" on stdout
+        # means steps 0..N-1 are durable, whatever moment the kill lands on.
+        result = await graph.ainvoke(None if started else {"done": []}, config,
+                                     durability="sync")
         print("done", json.dumps(result["done"]), flush=True)
 
 

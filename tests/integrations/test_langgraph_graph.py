@@ -201,6 +201,8 @@ def test_a_run_killed_mid_step_resumes_with_no_step_lost_or_repeated(
     assert resumed.returncode == 0, resumed.stderr
     lines = resumed.stdout.splitlines()
     first_again = int(lines[0].split()[1])
-    assert 0 < first_again <= kill_after + 1  # resumed from a checkpoint, none lost
+    # Every step before the one running when the kill landed was saved: none is lost (the
+    # kill may land a step or two later than asked, never earlier).
+    assert kill_after <= first_again < steps
     assert lines[:-1] == [f"step {number}" for number in range(first_again, steps)]
     assert lines[-1] == "done " + json.dumps(list(range(steps)))
