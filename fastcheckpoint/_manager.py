@@ -387,6 +387,8 @@ class CheckpointManager:
             written = await self._written(
                 key, content, sequence=sequence, incarnation=incarnation, extend=extend,
                 hint=hint)
+            if not written.parts:
+                content = written.payload  # no logs: the same bytes for every attempt
             parent = header.parent_id
             if parent is None and sequence > 0:
                 parent = _ids.checkpoint_id(key, incarnation, sequence - 1)
