@@ -5,8 +5,8 @@ checkpoint: O(n²) bytes for n steps. On a store that keeps nested items
 (:class:`~fastcheckpoint.stores.SupportsNestedItems`), a ``messages`` or ``tool_calls`` list of at
 least ``CheckpointConfig.history_min_entries`` entries is stored as a *log* instead:
 
-* the *anchor*, a shared item of the run (``m/<incarnation>/<sequence>`` for messages, ``t/...``
-  for tool calls), holds the entries the list had when the log began;
+* the *anchor*, a shared item of the run (``m/<incarnation>/<sequence>.<token>`` for
+  messages, ``t/...`` for tool calls), holds the entries the list had when the log began;
 * *pieces*, items nested under the anchor (``<anchor>/<index of their first entry>.<token>``,
   the token random), each hold the entries one later checkpoint added and name the piece
   before them (the anchor for the first);
@@ -14,9 +14,10 @@ least ``CheckpointConfig.history_min_entries`` entries is stored as a *log* inst
   :class:`~fastcheckpoint._codec.LogRef`: its list is the log's first ``length`` entries, the
   ones its last piece and the pieces before it hold, with their CRC-32.
 
-Pieces are chained rather than found by position because a write that failed may leave a
-piece behind on a store without atomic writes (S3): a later create at the same position writes
-a piece of its own, never one it might find in place with other entries.
+Pieces are chained rather than found by position, and anchors and pieces carry random tokens,
+because a write that failed may leave them behind on a store without atomic writes (S3): a
+later create at the same place writes items of its own, never ones it might find in place with
+other entries (items are written only where no item has the key).
 
 The store keeps the anchor while a checkpoint names it and the pieces with it, and returns them
 all with the checkpoint in one read, so pruning and expiry never take an entry a held checkpoint
@@ -162,7 +163,10 @@ class Histories:
                 parts.append(_Part(part, base.anchor, base.count, entries[base.count:],
                                    len(entries), base))
             else:
-                anchor = f"{_CODES[part]}/{incarnation}/{sequence:x}"
+                # A token of its own, like pieces: an anchor a failed write left at this
+                # place (S3) must never pass for this one.
+                anchor = (f"{_CODES[part]}/{incarnation}/{sequence:x}."
+                          f"{secrets.token_hex(_TOKEN_BYTES)}")
                 parts.append(_Part(part, anchor, 0, entries, len(entries), None))
         return parts
 

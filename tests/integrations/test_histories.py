@@ -387,3 +387,25 @@ async def test_a_piece_a_failed_write_left_behind_is_never_used(clock: FakeClock
     restored = await manager.restore("stray")
     assert restored is not None
     assert restored.messages == messages
+
+
+async def test_an_anchor_a_failed_write_left_behind_is_never_used(clock: FakeClock) -> None:
+    """A create that begins a log and fails may leave its anchor behind (S3); the create
+    that takes its place, with another list, begins a log of its own."""
+    store = MemoryStore()
+    manager = _manager(store, clock)
+    messages = [_message(index) for index in range(5)]
+    first = await manager.create("stray-anchor", {}, messages=messages)
+    assert first is not None
+    [anchor] = await _log_items(store, "stray-anchor")
+    assert anchor.startswith("m/") and "." in anchor.rsplit("/", 1)[1]
+
+    other = _manager(store, clock)  # no hint: begins a new log at the next sequence
+    messages[0] = _message(0, "edited")
+    created = await other.create("stray-anchor", {}, messages=messages)
+    assert created is not None
+    anchors = [key for key in await _log_items(store, "stray-anchor") if key.count("/") == 2]
+    assert len(anchors) == 2
+    restored = await other.restore("stray-anchor")
+    assert restored is not None
+    assert restored.messages == messages
