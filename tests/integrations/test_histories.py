@@ -398,7 +398,8 @@ async def test_an_anchor_a_failed_write_left_behind_is_never_used(clock: FakeClo
     first = await manager.create("stray-anchor", {}, messages=messages)
     assert first is not None
     [anchor] = await _log_items(store, "stray-anchor")
-    assert anchor.startswith("m/") and "." in anchor.rsplit("/", 1)[1]
+    assert anchor.startswith("m/")
+    assert "." in anchor.rsplit("/", 1)[1]
 
     other = _manager(store, clock)  # no hint: begins a new log at the next sequence
     messages[0] = _message(0, "edited")
