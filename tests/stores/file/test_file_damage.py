@@ -44,16 +44,6 @@ pytestmark = pytest.mark.anyio
 LOGGER = "fastcheckpoint.stores.file"
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    return tmp_path / "store"
-
-
-@pytest.fixture
-def store(root: Path) -> FileStore:
-    return FileStore(root)
-
-
 def _payload(sequence: int) -> bytes:
     return b"payload-%d-" % sequence * 50
 

@@ -32,16 +32,6 @@ pytestmark = pytest.mark.anyio
 LOGGER = "fastcheckpoint.stores.file"
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    return tmp_path / "store"
-
-
-@pytest.fixture
-def store(root: Path) -> FileStore:
-    return FileStore(root)
-
-
 async def _append(
     store: FileStore,
     run: RunRecord,

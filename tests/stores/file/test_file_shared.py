@@ -34,16 +34,6 @@ pytestmark = pytest.mark.anyio
 LOGGER = "fastcheckpoint.stores.file"
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    return tmp_path / "store"
-
-
-@pytest.fixture
-def store(root: Path) -> FileStore:
-    return FileStore(root)
-
-
 def _labelled(name: str, *labels: str) -> RunRecord:
     return msgspec.structs.replace(make_run(name), labels=labels)
 

@@ -61,17 +61,6 @@ def _load_worker() -> ModuleType:
 worker = _load_worker()
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    """The store directory: created by the store itself, inside the test's own directory."""
-    return tmp_path / "store"
-
-
-@pytest.fixture
-def store(root: Path) -> FileStore:
-    return FileStore(root)
-
-
 async def _append(
     store: FileStore,
     run: RunRecord,
