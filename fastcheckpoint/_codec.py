@@ -197,13 +197,25 @@ def _piece_body(key: str, value: bytes) -> bytes | memoryview:
     raise CorruptCheckpointError(f"not a log piece (kind {kind!r})", key=key)
 
 
-def _array_header(count: int) -> bytes:
+def array_header(count: int) -> bytes:
     """A msgpack array header for ``count`` items."""
     if count < 16:
         return bytes((0x90 | count,))
     if count < 1 << 16:
         return b"\xdc" + count.to_bytes(2, "big")
     return b"\xdd" + count.to_bytes(4, "big")
+
+
+def split_array(data: bytes) -> tuple[int, memoryview] | None:
+    """The element count and the elements' bytes of the well-formed msgpack array ``data``
+    (what an encoder wrote); ``None`` when it is not an array."""
+    if not data or not (data[0] & 0xF0 == 0x90 or data[0] in (0xDC, 0xDD)):
+        return None
+    start = _array_header_length(data[0])
+    if len(data) < start:
+        return None
+    count = data[0] & 0x0F if start == 1 else int.from_bytes(data[1:start], "big")
+    return count, memoryview(data)[start:]
 
 
 def _array_header_length(first: int) -> int:
@@ -491,7 +503,7 @@ class Codec:
             raise CorruptCheckpointError(
                 f"the {part} log {log.anchor!r} fails its checksum (a piece is missing or "
                 "damaged)", key=where)
-        array = _array_header(log.length) + joined
+        array = array_header(log.length) + joined
         entries: list[Any] = self._decoded(
             lambda: [Payload({}, self._any_decoder.decode(array), [], {})], where)[0].messages
         return entries

@@ -49,11 +49,11 @@ __all__ = ["Histories", "Written"]
 
 PARTS = ("messages", "tool_calls")
 _CODES = {"messages": "m", "tool_calls": "t"}
-_KEPT_BYTES = 64 * 1024 * 1024
+KEPT_BYTES = 64 * 1024 * 1024
 """Bytes of stored entries this process keeps decoded copies of, over all runs, to tell an
 appended list from an edited one; beyond it the least recently written runs are forgotten
 (their next create begins a new log)."""
-_KEPT_RUNS = 10_000
+KEPT_RUNS = 10_000
 """Runs this process remembers logs of (the least recently written are forgotten)."""
 _INDEX_DIGITS = 10
 _TOKEN_BYTES = 6
@@ -226,7 +226,7 @@ class Histories:
         self._runs[key] = logs
         self._kept_bytes += logs.stored_bytes
         while len(self._runs) > 1 and (
-                self._kept_bytes > _KEPT_BYTES or len(self._runs) > _KEPT_RUNS):
+                self._kept_bytes > KEPT_BYTES or len(self._runs) > KEPT_RUNS):
             _, evicted = self._runs.popitem(last=False)
             self._kept_bytes -= evicted.stored_bytes
 

@@ -136,3 +136,20 @@ def test_round_trips_are_counted_where_asyncpg_writes() -> None:
             await connection.close()
 
     assert anyio.run(trips, backend="asyncio") == (2, 2)
+
+
+def test_the_delta_history_benchmark_compares_ours_with_the_default_walk(
+    tmp_path: Path,
+) -> None:
+    import anyio
+
+    from benchmarks.delta_history import run
+
+    rows = anyio.run(run, ["memory://", f"file://{tmp_path / 'files'}?fsync=false"], 9, 5, 20,
+                     2, backend="asyncio")
+    calls = {row.split(" | ")[0].lstrip("| "): row.rstrip(" |").split(" | ")[-1]
+             for row in rows[2:]}
+    assert list(calls)[-1] == "LangGraph InMemorySaver"
+    for url in ("memory://", f"file://{tmp_path / 'files'}?fsync=false"):
+        ours, default = int(calls[f"ours, {url}"]), int(calls[f"default walk, {url}"])
+        assert 0 < ours < default

@@ -7,16 +7,22 @@ child namespace's is ``thread_id + "\\x1f" + checkpoint_ns``. Every run carries 
 
 A LangGraph checkpoint is one stored checkpoint at the run's next sequence: its header is the
 manager's (run id, step name, parent, TTL) with :class:`LangGraphHeader` as the adapter's
-extra (LangGraph's ids and its metadata, so listings filter without reading payloads); its
+extra (LangGraph's ids, its metadata and which channel values the checkpoint stores, so
+listings filter and delta channel histories find their seeds without reading payloads); its
 payload holds the checkpoint without channel values, serialized by LangGraph's serde. The
 run's items:
 
 * ``b/<digest of channel and version>``: one channel value, written once per version and
   shared by every checkpoint whose ``channel_versions`` name it (the checkpoint's ``refs``);
-* ``w/<sequence>/<digest of task id>/<idx>``: a pending write, owned by checkpoint
-  ``sequence`` (the sequence is part of the key: a task id such as LangGraph's NULL task
-  repeats across checkpoints of one run);
-* ``i/<LangGraph checkpoint id>``: where that checkpoint lives (:class:`Located`), owned by it.
+* ``w/<digit count, 2 digits><sequence>/<digest of task id>/<idx>``: a pending write, owned
+  by checkpoint ``sequence`` (the sequence is part of the key: a task id such as LangGraph's
+  NULL task repeats across checkpoints of one run; with its digit count first, keys sort by
+  sequence, so a delta channel's history scans the writes of a range of checkpoints);
+* ``i/<LangGraph checkpoint id>``: where that checkpoint lives (:class:`Located`), owned by it;
+* ``l/<digest of the channel>/<token>`` and items nested under it: a long list value stored
+  as a log (``fastcheckpoint.integrations._langgraph_logs``), named by the checkpoints'
+  ``refs`` instead of a ``b/`` value; the header's :class:`ChannelLog` says where each
+  checkpoint's value ends.
 
 Every item value is a framed, checksummed record of the manager's codec. Item keys stay under
 the stores' 128-byte limit whatever the channel names, task ids and versions are.
@@ -43,6 +49,9 @@ ids to the fastcheckpoint runs holding their checkpoints, for ``delete_for_runs`
 INTERRUPT = "__interrupt__"
 """LangGraph's channel for interrupt writes (``langgraph.checkpoint.serde.types.INTERRUPT``)."""
 
+WRITES = "w/"
+"""The prefix of every pending write's key."""
+
 _THREAD_LABEL = "langgraph.thread="
 _THREAD_LABEL_HASHED = "langgraph.thread#"
 _LONGEST_PLAIN_LABEL = 200
@@ -51,6 +60,19 @@ _DIGEST_BYTES = 15  # 120 bits
 
 Typed = tuple[str, bytes]
 """A value as LangGraph's serde writes it: ``(type tag, bytes)``."""
+
+
+class ChannelLog(msgspec.Struct, array_like=True, frozen=True):
+    """Where a checkpoint's value of one channel lives when it is a log (in its header)."""
+
+    version: str | int | float
+    """The channel version this value is."""
+    anchor: str
+    last: str
+    """The key of the log's last part for this value (the anchor's when it has no piece)."""
+    count: int
+    crc: int
+    """CRC-32 of the entries' bytes, all parts in order."""
 
 
 class LangGraphHeader(msgspec.Struct, array_like=True, frozen=True):
@@ -62,6 +84,12 @@ class LangGraphHeader(msgspec.Struct, array_like=True, frozen=True):
     checkpoint_ns: str
     metadata: Typed
     """The checkpoint metadata as LangGraph's serde wrote it."""
+    values: tuple[str, ...] | None = None
+    """The channels whose value the checkpoint stores (``None`` in a header written before
+    this was recorded): where the history of a delta channel begins, read from headers."""
+    logs: dict[str, ChannelLog] | None = None
+    """The channels whose value is stored as a log (``fastcheckpoint.integrations.
+    _langgraph_logs``), and where."""
 
 
 class Located(msgspec.Struct, array_like=True, frozen=True):
@@ -109,7 +137,21 @@ def write_key(sequence: int, task_id: str, idx: int) -> str:
 
 
 def writes_prefix(sequence: int) -> str:
-    return f"w/{sequence}/"
+    """The prefix of the keys of the writes of checkpoint ``sequence``. Keys sort by
+    sequence (its digits after their count), so one scan reads the writes of a range."""
+    digits = str(sequence)
+    return f"{WRITES}{len(digits):02d}{digits}/"
+
+
+def write_sequence(key: str) -> int | None:
+    """The sequence in a write's key (:func:`writes_prefix`); ``None`` for another key."""
+    if not key.startswith(WRITES):
+        return None
+    count = key[len(WRITES):len(WRITES) + 2]
+    if not (count.isascii() and count.isdigit()):
+        return None
+    digits = key[len(WRITES) + 2:len(WRITES) + 2 + int(count)]
+    return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
 def index_key(checkpoint_id: str) -> str:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import anyio
 
-from fastcheckpoint.integrations._langgraph_records import Located, StoredWrite
+from fastcheckpoint.integrations._langgraph_records import ChannelLog, Located, StoredWrite
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -124,6 +124,9 @@ class SaverState:
         """Runs this process deleted: late writes to them are dropped without a read."""
         self.seeds: Lru[str, tuple[str, bytes, tuple[str, ...]]] = Lru(_SEEDS)
         """Run key -> (run id, encoded details, labels) of the run a save may create."""
+        self.logs: Lru[tuple[str, str], Mapping[str, ChannelLog]] = Lru(_IDS)
+        """(run key, LangGraph checkpoint id) -> the logged values its header records: what
+        a save with that parent keeps of them."""
         self.failed: Lru[str, str] = Lru(_RUNS)
         """Run key -> the oldest checkpoint id whose save failed since the run was last saved
         or read: LangGraph saves nothing after it in that graph run."""

@@ -5,14 +5,19 @@
 fastcheckpoint run (the root namespace's run id is the thread id), so threads appear in
 ``fastcheckpoint runs``, ``show``, ``history`` and ``export``, an interrupted thread is
 PAUSED in the approval queue, and TTL, retention and the cleanup loop apply. The layout is
-described in ``fastcheckpoint.integrations._langgraph_records``.
+described in ``fastcheckpoint.integrations._langgraph_records``; long list values (a growing
+``messages``) are stored as logs of what each version adds
+(``fastcheckpoint.integrations._langgraph_logs``).
 
 Costs in store calls, in steady state (one process per thread, which it has read or
 written before): ``aput`` 1 (the checkpoint with its changed channel values), ``aput_writes``
 1 (2 when a batch mixes special and regular writes; 0 when the writes arrive before their
 checkpoint's save, which then takes them along), ``aget_tuple`` 1 (latest, or by an id this
 process has seen) else 2. The first save of a LangGraph run (``metadata["run_id"]``) in a
-namespace adds 1 call, to index it for ``delete_for_runs``.
+namespace adds 1 call, to index it for ``delete_for_runs``. ``aget_delta_channel_history``
+(delta channels): 1 per 100 headers, 1 per ancestor holding a seed, 1 per 1,000 writes after
+it. With logs on, a save whose parent this process has not seen and which keeps values
+unchanged adds 1 or 2 (the parent's header: which of those values are logs).
 
 Needs ``pip install 'fastcheckpoint[langgraph]'`` and a store with labels and shared items
 (every bundled store).
@@ -56,8 +61,10 @@ from fastcheckpoint.integrations._adapter import (
     capable_store,
     checked_keep_latest,
 )
+from fastcheckpoint.integrations._langgraph_logs import ChannelLogs, Planned
 from fastcheckpoint.integrations._langgraph_records import (
     LANGGRAPH_LABEL,
+    ChannelLog,
     ItemCodec,
     LangGraphHeader,
     Located,
@@ -74,6 +81,8 @@ from fastcheckpoint.stores import (
     StoredCheckpoint,
     SupportsLabels,
     SupportsSharedItems,
+    nested_prefix,
+    offers_nested_items,
 )
 
 try:
@@ -85,6 +94,7 @@ try:
         Checkpoint,
         CheckpointMetadata,
         CheckpointTuple,
+        DeltaChannelHistory,
         PendingWrite,
         get_checkpoint_metadata,
         writes_sort_key,
@@ -100,6 +110,9 @@ __all__ = ["FastCheckpointSaver"]
 logger = logging.getLogger("fastcheckpoint.langgraph")
 
 _PAGE = 100
+_WRITES_PAGE = 1000
+"""Writes per scan of a delta channel's history (they are all read: pages only bound one
+reply)."""
 """Checkpoint headers or runs read per store call by listings, deletes and copies."""
 _PARKED_SECONDS = 30.0
 """How long writes for a checkpoint this process has not saved yet wait for its save (it
@@ -138,6 +151,8 @@ class _Encoded(NamedTuple):
     blobs: list[Item]
     refs: tuple[str, ...]
     size: int
+    planned: list[Planned]
+    """The logged values it writes (remembered once the save is acknowledged)."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -152,6 +167,7 @@ class _Shared:
     keep_latest: int | None
     bridge: LoopBridge
     state: SaverState
+    logs: ChannelLogs
 
 
 class FastCheckpointSaver(BaseCheckpointSaver[str]):
@@ -192,7 +208,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             store=capable, manager=manager, codec=codec,
             items=ItemCodec(codec),
             ttl_seconds=ttl, keep_latest=keep_latest, bridge=LoopBridge("the saver"),
-            state=SaverState())
+            state=SaverState(), logs=ChannelLogs(
+                settings.history_min_entries if offers_nested_items(capable) else None))
         self._shared.bridge.bind()
 
     @classmethod
@@ -390,6 +407,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             keys.add(_ids.run_key(record.run_id))
         for key in keys:
             self._state.forget_run(key)
+            self._shared.logs.forget(key)
             await self._store.delete_run(key)
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
@@ -424,6 +442,29 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 continue
             async for record in self._thread_runs(records.checked_thread_id(thread_id)):
                 await self._keep_latest(record)
+
+    async def aget_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        """What each of ``channels`` (LangGraph's delta channels, beta) needs to rebuild its
+        value at the checkpoint ``config`` names (else the namespace's latest): the writes
+        of its ancestors, oldest first, back to the nearest one that stores the channel's
+        value, which is the ``seed``. Ancestors follow parent ids, not save order.
+
+        A few store calls however long the chain (LangGraph's default reads every ancestor
+        whole): the run's headers, a page of 100 per call, say which ancestors store which
+        values; each ancestor holding seeds is read once, with its writes; the writes of the
+        others come from one scan of their sequence range, a page of 1,000 writes per call. A
+        chain with headers of an older release (they do not say which values they store), a
+        parent saved after its child, or a seed removed meanwhile is walked the default way.
+        """
+        wanted = _texts("channels", channels)
+        if not wanted:
+            return {}
+        found = await self._delta_history(_where(config), _checkpoint_id(config), wanted)
+        if found is None:
+            return await super().aget_delta_channel_history(config=config, channels=channels)
+        return found
 
     def get_next_version(self, current: str | None, channel: None) -> str:
         """``"<counter, 32 digits>.<random>"``: increasing, and different on every branch of
@@ -586,31 +627,25 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         """Decode a checkpoint read; ``head``: it is the run's latest (a hint for saves)."""
         size = len(stored.payload) + sum(map(len, items.values()))
         if size >= self._shared.manager.config.offload_min_bytes:
-            found = await anyio.to_thread.run_sync(self._decoded, where, stored, items)
+            found = await anyio.to_thread.run_sync(self._decoded, where, stored, items, head)
         else:
-            found = self._decoded(where, stored, items)
+            found = self._decoded(where, stored, items, head)
         self._state.remember(where.key, found.checkpoint["id"], _located_of(where, stored),
                              head=head)
         return found
 
     def _decoded(
-        self, where: _Where, stored: StoredCheckpoint, items: dict[str, bytes]
+        self, where: _Where, stored: StoredCheckpoint, items: dict[str, bytes], head: bool
     ) -> CheckpointTuple:
         place = stored.key or f"run {where.run_id[:80]!r} sequence {stored.sequence}"
         _, extra = self._headers_of(where, stored, place)
-        body = self._shared.codec.decode_payload(stored.payload, place).state.get("checkpoint")
-        if not isinstance(body, list) or len(body) != 2:
-            raise CorruptCheckpointError("not a LangGraph checkpoint payload", key=place)
-        checkpoint = self._loads(_typed(body, place), place)
-        versions = checkpoint.get("channel_versions") if isinstance(checkpoint, dict) else None
-        if not isinstance(versions, dict):
-            raise CorruptCheckpointError("a LangGraph checkpoint without channel_versions",
-                                         key=place)
+        self._state.logs.put((where.key, extra.checkpoint_id), extra.logs or {})
+        checkpoint = self._bare_checkpoint(stored, place)
         values: dict[str, Any] = {}
-        for channel, version in versions.items():
-            blob = items.get(records.blob_key(channel, version))
-            if blob is not None:
-                values[channel] = self._loads(self._shared.items.typed(blob, place), place)
+        for channel, version in checkpoint["channel_versions"].items():
+            typed = self._value_of(where, extra, channel, version, items, place, keep=head)
+            if typed is not None:
+                values[channel] = self._loads(typed, place)
         checkpoint["channel_values"] = values
         return CheckpointTuple(
             config=_config_of(where, extra.checkpoint_id),
@@ -630,15 +665,76 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 f"the record found here belongs to run {header.run_id[:80]!r}", key=place)
         return header, records.decode_header(header.extra, place)
 
+    def _value_of(
+        self,
+        where: _Where,
+        extra: LangGraphHeader,
+        channel: str,
+        version: object,
+        items: Mapping[str, bytes],
+        place: str,
+        *,
+        keep: bool,
+    ) -> Typed | None:
+        """The stored value of ``channel`` at ``version`` as the serde wrote it (from its log
+        or its blob); ``None`` if the checkpoint stores none. ``keep``: a logged value may be
+        extended by the next save (the run's latest)."""
+        log = None if extra.logs is None else extra.logs.get(channel)
+        if log is not None and log.version == version:
+            return self._shared.logs.read(where.key, channel, log, items, place, keep=keep)
+        blob = items.get(records.blob_key(channel, version))
+        return None if blob is None else self._shared.items.typed(blob, place)
+
+    async def _inherited_logs(
+        self,
+        where: _Where,
+        checkpoint: Checkpoint,
+        new_versions: ChannelVersions,
+        parent_id: str | None,
+        now: float,
+    ) -> Mapping[str, ChannelLog]:
+        """The logs of the parent's values this save keeps unchanged. Known when this process
+        saved or read the parent (LangGraph reads what it continues from); otherwise from the
+        parent's header (1 or 2 store calls), only where logs are on."""
+        if parent_id is None or self._shared.logs.min_entries is None:
+            return {}
+        known = self._state.logs.get((where.key, parent_id))
+        if known is not None:
+            return known
+        values = checkpoint.get("channel_values")
+        changed = new_versions if isinstance(new_versions, Mapping) else {}
+        if not isinstance(values, Mapping) or all(name in changed for name in values):
+            return {}
+        located = self._state.located.get((where.key, parent_id))
+        if located is None:
+            located = await self._lookup(where, parent_id, now)
+        if located is None:
+            return {}
+        page, _ = await self._store.headers(where.key, before=located.sequence + 1, limit=1,
+                                            now=now)
+        expected = _ids.checkpoint_id(where.key, located.incarnation, located.sequence)
+        if not page or page[0].checkpoint_id != expected:
+            return {}
+        place = f"run {where.run_id[:80]!r} sequence {located.sequence} (header)"
+        logs = self._headers_of(where, page[0], place)[1].logs or {}
+        self._state.logs.put((where.key, parent_id), logs)
+        return logs
+
     def _writes_of(
         self, sequence: int, items: dict[str, bytes], place: str
     ) -> list[PendingWrite]:
+        return [(write.task_id, write.channel, self._loads(write.value, place))
+                for write in self._stored_writes(sequence, items, place)]
+
+    def _stored_writes(
+        self, sequence: int, items: dict[str, bytes], place: str
+    ) -> list[StoredWrite]:
+        """The writes among a checkpoint's items, in the order LangGraph applies them."""
         prefix = records.writes_prefix(sequence)
         writes = [self._shared.items.decode(value, StoredWrite, place)
                   for key, value in items.items() if key.startswith(prefix)]
         writes.sort(key=lambda write: writes_sort_key(write.task_path, write.task_id, write.idx))
-        return [(write.task_id, write.channel, self._loads(write.value, place))
-                for write in writes]
+        return writes
 
     # -- internals: listing --------------------------------------------------------------------
 
@@ -731,15 +827,18 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         now = self._now()
         parent_id = _checkpoint_id(config)
         full = get_checkpoint_metadata(config, _metadata(metadata))
-        encoded = await self._encode(where, checkpoint, full, new_versions, parent_id)
+        inherited = await self._inherited_logs(where, checkpoint, new_versions, parent_id, now)
+        encoded = await self._encode(where, checkpoint, full, new_versions, parent_id, inherited)
         langgraph_run = full.get("run_id")
         if isinstance(langgraph_run, str) and langgraph_run:
             await self._register(where, langgraph_run, now)
 
         async def with_every_value() -> _Encoded:
+            # A value this save named is gone: every value is sent, logs begin anew.
+            self._shared.logs.forget(where.key)
             versions = dict(_mapping("checkpoint['channel_versions']",
                                      checkpoint.get("channel_versions")))
-            return await self._encode(where, checkpoint, full, versions, parent_id)
+            return await self._encode(where, checkpoint, full, versions, parent_id, {})
 
         async with self._state.turn(where.key):
             await self._append(where, encoded, parent_id, now, with_every_value)
@@ -751,9 +850,10 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
         parent_id: str | None,
+        inherited: Mapping[str, ChannelLog],
     ) -> _Encoded:
         hint = self._state.runs.get(where.key)
-        encode = self._encoder(where, checkpoint, metadata, new_versions, parent_id)
+        encode = self._encoder(where, checkpoint, metadata, new_versions, parent_id, inherited)
         if hint is not None and hint.payload_size >= self._shared.manager.config.offload_min_bytes:
             return await anyio.to_thread.run_sync(encode)
         return encode()
@@ -765,35 +865,53 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
         parent_id: str | None,
+        inherited: Mapping[str, ChannelLog],
     ) -> Callable[[], _Encoded]:
         def encode() -> _Encoded:
             values = _mapping("checkpoint['channel_values']", checkpoint.get("channel_values"))
             versions = _mapping("checkpoint['channel_versions']",
                                 checkpoint.get("channel_versions"))
             bare = {name: part for name, part in checkpoint.items() if name != "channel_values"}
-            blobs = [
-                Item(key=records.blob_key(channel, version), value=self._shared.items.encode(
-                    self._dumps(values[channel], f"channel_values[{channel!r}]")))
-                for channel, version in _mapping("new_versions", new_versions).items()
-                if channel in values
-            ]
+            blobs: list[Item] = []
+            planned: list[Planned] = []
+            for channel, version in _mapping("new_versions", new_versions).items():
+                if channel not in values:
+                    continue
+                typed = self._dumps(values[channel], f"channel_values[{channel!r}]")
+                plan = self._shared.logs.plan(where.key, channel, version, typed)
+                if plan is None:
+                    blobs.append(Item(key=records.blob_key(channel, version),
+                                      value=self._shared.items.encode(typed)))
+                    continue
+                planned.append(plan)
+                if plan.part is not None:
+                    blobs.append(Item(key=plan.key, value=ChannelLogs.part_value(plan.part)))
             # The ids are there for people (``fastcheckpoint show``); the saver reads the rest.
             payload = self._shared.codec.encode_payload(
                 {"checkpoint": list(self._dumps(bare, "checkpoint")),
                  "checkpoint_id": checkpoint["id"], "checkpoint_ns": where.checkpoint_ns},
                 [], [], {})
+            # A channel without a value (empty at this checkpoint, or a delta channel between
+            # its snapshots) has no blob to name: stores refuse refs to items they do not hold.
+            stored = tuple(channel for channel in versions if channel in values)
+            # Logged values: the new ones, and the unchanged ones the parent recorded.
+            logs = {channel: log for channel, log in inherited.items()
+                    if channel in stored and versions[channel] == log.version}
+            logs.update((plan.channel, plan.log) for plan in planned)
             extra = LangGraphHeader(
                 checkpoint_id=checkpoint["id"], parent_checkpoint_id=parent_id,
                 thread_id=where.thread_id, checkpoint_ns=where.checkpoint_ns,
-                metadata=self._dumps(metadata, "metadata"))
+                metadata=self._dumps(metadata, "metadata"), values=stored, logs=logs or None)
             return _Encoded(
                 checkpoint_id=checkpoint["id"], payload=payload, extra=extra,
                 step_name=_step_name(metadata), blobs=blobs,
-                # A channel without a value (empty at this checkpoint) has no blob to name:
-                # stores refuse refs to items they do not hold.
-                refs=tuple(records.blob_key(channel, version)
-                           for channel, version in versions.items() if channel in values),
-                size=len(payload) + sum(len(blob.value) for blob in blobs),
+                refs=tuple(dict.fromkeys(
+                    logs[channel].anchor if channel in logs
+                    else records.blob_key(channel, versions[channel]) for channel in stored)),
+                # What was serialized (a logged value whole): large saves encode off the loop.
+                size=len(payload) + sum(len(blob.value) for blob in blobs) + sum(
+                    len(plan.entries) for plan in planned),
+                planned=planned,
             )
 
         return encode
@@ -954,12 +1072,16 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         state.deleted.pop(where.key)
         state.failed.pop(where.key)
         state.remember(where.key, encoded.checkpoint_id, located, head=True)
+        state.logs.put((where.key, encoded.checkpoint_id), encoded.extra.logs or {})
+        for plan in encoded.planned:
+            self._shared.logs.remember(where.key, plan)
         hint = state.runs.get(where.key)
         if hint is not None:
             hint.payload_size = encoded.size
 
     def _dropped(self, where: _Where, checkpoint_id: str) -> None:
         self._state.forget_run(where.key)
+        self._shared.logs.forget(where.key)
         logger.info("checkpoint %s of thread %r was not saved: its thread namespace no longer "
                     "exists (deleted while the save was on its way)", checkpoint_id,
                     where.thread_id[:80])
@@ -1194,6 +1316,10 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                           value=self._shared.items.encode(located), owner=located.sequence,
                           expires_at=located.expires_at))
         shared = [Item(key=key, value=items[key]) for key in record.refs]
+        # A log's pieces, nested under its anchor, go with it.
+        shared += [Item(key=key, value=value) for key, value in items.items()
+                   if any(key.startswith(nested_prefix(anchor))
+                          for anchor in _anchors(extra))]
         try:
             await self._store.append_with_items(
                 target.key, record, run=self._seed(target, located, record.created_at),
@@ -1260,6 +1386,152 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             current = extras[sequence]
         return kept
 
+    # -- internals: delta channel history ---------------------------------------------------
+
+    async def _delta_history(
+        self, where: _Where, checkpoint_id: str | None, wanted: list[str]
+    ) -> dict[str, DeltaChannelHistory] | None:
+        """``aget_delta_channel_history`` from headers and a range scan; ``None`` where only
+        the default walk can answer."""
+        now = self._now()
+        chain = await self._delta_chain_of(where, checkpoint_id, wanted, now)
+        if chain is None or isinstance(chain, dict):
+            return chain
+        writes: dict[int, list[StoredWrite]] = {}
+        seeds: dict[str, Typed] = {}
+        for sequence in sorted(set(chain.seeds.values())):
+            found = await self._store.read_with_items(where.key, sequence=sequence, now=now)
+            if found is None or found[0].checkpoint_id != chain.record_ids[sequence]:
+                return None  # removed since its header was read
+            stored, _, items = found
+            place = stored.key or f"run {where.run_id[:80]!r} sequence {sequence}"
+            versions = self._bare_checkpoint(stored, place)["channel_versions"]
+            extra = self._headers_of(where, stored, place)[1]
+            for channel in (name for name, at in chain.seeds.items() if at == sequence):
+                version = versions.get(channel)
+                typed = None if version is None else self._value_of(
+                    where, extra, channel, version, items, place, keep=False)
+                if typed is None:
+                    return None
+                seeds[channel] = typed
+            writes[sequence] = self._stored_writes(sequence, items, place)
+        others = {sequence for sequence, _ in chain.visited} - writes.keys()
+        if others:
+            writes.update(await self._scanned_writes(where, others, now))
+        size = sum(len(write.value[1]) for found in writes.values() for write in found)
+        size += sum(len(typed[1]) for typed in seeds.values())
+        build = functools.partial(self._history_of, where, wanted, chain, writes, seeds)
+        if size >= self._shared.manager.config.offload_min_bytes:
+            return await anyio.to_thread.run_sync(build)
+        return build()
+
+    async def _delta_chain_of(
+        self, where: _Where, checkpoint_id: str | None, wanted: list[str], now: float
+    ) -> _DeltaChain | dict[str, DeltaChannelHistory] | None:
+        """The target's ancestors, newest first, each with the channels whose writes it
+        gives, and where each channel's seed is; empty histories when there is no target;
+        ``None`` for the default walk."""
+        before: int | None = None
+        expected: tuple[int, str] | None = None
+        if checkpoint_id is not None:
+            located = self._state.located.get((where.key, checkpoint_id))
+            if located is None:
+                located = await self._lookup(where, checkpoint_id, now)
+            if located is None:
+                return _empty_histories(wanted)
+            before = located.sequence + 1
+            expected = (located.sequence,
+                        _ids.checkpoint_id(where.key, located.incarnation, located.sequence))
+        chain = _DeltaChain(remaining=set(wanted))
+        cursor: str | None = None
+        target_seen = False
+        while True:
+            page, _ = await self._store.headers(where.key, before=before, limit=_PAGE, now=now)
+            for stored in page:
+                place = f"run {where.run_id[:80]!r} sequence {stored.sequence} (header)"
+                if not target_seen:
+                    if expected is not None and (stored.sequence, stored.checkpoint_id) != expected:
+                        return _empty_histories(wanted)  # gone, or another life of the run
+                    target_seen = True
+                    cursor = self._headers_of(where, stored, place)[1].parent_checkpoint_id
+                elif cursor is not None:
+                    extra = self._headers_of(where, stored, place)[1]
+                    if extra.checkpoint_id != cursor:
+                        continue
+                    if extra.values is None:
+                        return None
+                    chain.visit(stored, extra.values)
+                    cursor = extra.parent_checkpoint_id
+                if cursor is None or not chain.remaining:
+                    return chain
+            if len(page) < _PAGE:
+                break
+            before = page[-1].sequence
+        if not target_seen:
+            return _empty_histories(wanted)
+        # The parent is not among the older headers: removed (the chain ends there, as in
+        # the default walk), or saved after its child (only the default walk finds it).
+        return None if await self._lookup(where, cast(str, cursor), now) is not None else chain
+
+    def _bare_checkpoint(self, stored: StoredCheckpoint, place: str) -> dict[str, Any]:
+        """The LangGraph checkpoint in the payload, without channel values."""
+        body = self._shared.codec.decode_payload(stored.payload, place).state.get("checkpoint")
+        if not isinstance(body, list) or len(body) != 2:
+            raise CorruptCheckpointError("not a LangGraph checkpoint payload", key=place)
+        checkpoint = self._loads(_typed(body, place), place)
+        versions = checkpoint.get("channel_versions") if isinstance(checkpoint, dict) else None
+        if not isinstance(versions, dict):
+            raise CorruptCheckpointError("a LangGraph checkpoint without channel_versions",
+                                         key=place)
+        return cast(dict[str, Any], checkpoint)
+
+    async def _scanned_writes(
+        self, where: _Where, sequences: set[int], now: float
+    ) -> dict[int, list[StoredWrite]]:
+        """The writes of the checkpoints at ``sequences``, by one scan of their range."""
+        last = max(sequences)
+        start_after = records.writes_prefix(min(sequences))[:-1]
+        found: dict[int, list[StoredWrite]] = {}
+        while True:
+            page = await self._store.scan_items(where.key, prefix=records.WRITES,
+                                                start_after=start_after, limit=_WRITES_PAGE,
+                                                now=now)
+            for key, value in page:
+                sequence = records.write_sequence(key)
+                if sequence is None or sequence not in sequences:
+                    if sequence is not None and sequence > last:
+                        return found
+                    continue
+                place = f"run {where.run_id[:80]!r} item {key}"
+                found.setdefault(sequence, []).append(
+                    self._shared.items.decode(value, StoredWrite, place))
+            if len(page) < _WRITES_PAGE:
+                return found
+            start_after = page[-1][0]
+
+    def _history_of(
+        self,
+        where: _Where,
+        wanted: list[str],
+        chain: _DeltaChain,
+        writes: dict[int, list[StoredWrite]],
+        seeds: dict[str, Typed],
+    ) -> dict[str, DeltaChannelHistory]:
+        histories: dict[str, DeltaChannelHistory] = {
+            channel: {"writes": []} for channel in wanted}
+        for sequence, channels in reversed(chain.visited):  # oldest first
+            place = f"run {where.run_id[:80]!r} sequence {sequence} (writes)"
+            ordered = sorted(writes.get(sequence, ()), key=lambda write: writes_sort_key(
+                write.task_path, write.task_id, write.idx))
+            for write in ordered:
+                if write.channel in channels:
+                    histories[write.channel]["writes"].append(
+                        (write.task_id, write.channel, self._loads(write.value, place)))
+        for channel, typed in seeds.items():
+            histories[channel]["seed"] = self._loads(
+                typed, f"run {where.run_id[:80]!r} sequence {chain.seeds[channel]} ({channel})")
+        return histories
+
     def _expiry(self) -> float | None:
         ttl = self._shared.ttl_seconds
         return None if ttl is None else self._now() + ttl
@@ -1275,6 +1547,32 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
     ) -> Iterator[CheckpointTuple]:
         return self._shared.bridge.iterate(
             self.alist(config, filter=filter, before=before, limit=limit), "list")
+
+
+@dataclasses.dataclass
+class _DeltaChain:
+    """A delta channel history's walk: the ancestors visited, newest first, each with the
+    channels it gives writes to; where each channel's seed is; the channels still walking."""
+
+    remaining: set[str]
+    visited: list[tuple[int, frozenset[str]]] = dataclasses.field(default_factory=list)
+    seeds: dict[str, int] = dataclasses.field(default_factory=dict)
+    record_ids: dict[int, str] = dataclasses.field(default_factory=dict)
+
+    def visit(self, stored: CheckpointHeader, values: tuple[str, ...]) -> None:
+        self.visited.append((stored.sequence, frozenset(self.remaining)))
+        self.record_ids[stored.sequence] = stored.checkpoint_id
+        for channel in self.remaining.intersection(values):
+            self.seeds[channel] = stored.sequence
+        self.remaining.difference_update(values)
+
+
+def _anchors(extra: LangGraphHeader) -> set[str]:
+    return set() if extra.logs is None else {log.anchor for log in extra.logs.values()}
+
+
+def _empty_histories(channels: list[str]) -> dict[str, DeltaChannelHistory]:
+    return {channel: {"writes": []} for channel in channels}
 
 
 class _Capable(CheckpointStore, SupportsLabels, SupportsSharedItems, Protocol):

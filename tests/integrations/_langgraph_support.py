@@ -36,6 +36,11 @@ class CountingStore:
         self.calls: Counter[str] = Counter()
         self.last: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 
+    @property
+    def nested_items(self) -> bool:
+        """The inner store's capability flag (a flag, not a call: not counted)."""
+        return getattr(self.inner, "nested_items", False) is True
+
     def take(self) -> dict[str, int]:
         """The calls counted since the last ``take`` (``aclose`` not counted)."""
         counted = {name: count for name, count in self.calls.items() if name != "aclose"}

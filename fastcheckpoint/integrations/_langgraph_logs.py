@@ -1,0 +1,197 @@
+"""Growing list channels stored as what each version adds: the LangGraph saver's logs.
+
+A ``messages`` channel under ``add_messages`` gets a new version at every step, each the whole
+list so far: stored as one value per version, a thread of n steps stores O(n²) bytes. On a
+store that keeps nested items, a list value of at least ``history_min_entries`` entries that
+LangGraph's serde writes as a msgpack array is stored as a *log* instead:
+
+* the *anchor*, a shared item of the run (``l/<digest of the channel>/<token>``), holds the
+  entries the list had when the log began;
+* *pieces*, items nested under the anchor (``<anchor>/<index of their first entry>.<token>``),
+  each hold the entries one later version added and name the part before them;
+* the checkpoint's header records, per logged channel, a :class:`ChannelLog` (the version, the
+  anchor, the last piece, the entry count and a CRC-32 of the entries), and its refs name the
+  anchor instead of a per-version value. A checkpoint whose channel did not change records its
+  parent's :class:`ChannelLog` again.
+
+Entries are compared and stored as the bytes the serde wrote for them (each array element's
+msgpack encoding, found without decoding it), and read back as one msgpack array, so a load
+decodes the list once, as it would a whole value. A version extends the log this process
+wrote or read last for the channel only when its list starts with exactly those entries' bytes
+(an entry changed in place encodes differently); otherwise it begins a new log with the whole
+list. Pieces are found by the chain from the checkpoint's last piece, never by position, so a
+piece a failed or concurrent save left under the anchor is never read.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import msgspec
+
+from fastcheckpoint._codec import array_header, split_array
+from fastcheckpoint._history import KEPT_BYTES, KEPT_RUNS
+from fastcheckpoint.errors import CorruptCheckpointError
+from fastcheckpoint.integrations._langgraph_records import ChannelLog, Typed, digest
+from fastcheckpoint.stores import nested_prefix
+
+__all__ = ["ChannelLogs", "LogPart", "Planned"]
+
+LOGS = "l/"
+"""The prefix of every anchor's key."""
+_MSGPACK = "msgpack"
+_INDEX_DIGITS = 10
+_TOKEN_BYTES = 6
+
+
+class LogPart(msgspec.Struct, array_like=True, frozen=True):
+    """The value of an anchor or a piece."""
+
+    previous: str
+    """The key of the part before (``""`` for the anchor)."""
+    count: int
+    entries: bytes
+    """The msgpack encodings of the part's entries, concatenated."""
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A logged value to save: its record, the part to write, and what to remember once the
+    save is acknowledged."""
+
+    channel: str
+    log: ChannelLog
+    key: str
+    """The key of the part to write (``""``: the list did not grow, nothing to write)."""
+    part: LogPart | None
+    entries: memoryview
+    """All the value's entries (a view of the serde's output)."""
+
+
+@dataclass
+class _Kept:
+    log: ChannelLog
+    entries: bytes | memoryview
+    """The entries' bytes as stored, all parts in order."""
+
+
+_PART = msgspec.msgpack.Decoder(LogPart)
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+class ChannelLogs:
+    """The logs of one saver's process: planning saves, reading values back, and the entries
+    of each run's and channel's last log as this process wrote or read it (bounded, least
+    recently used first out; a forgotten log's next version begins a new one). Thread-safe:
+    saves encode in worker threads."""
+
+    def __init__(self, min_entries: int | None) -> None:
+        self.min_entries = min_entries
+        self._kept: OrderedDict[tuple[str, str], _Kept] = OrderedDict()
+        self._kept_bytes = 0
+        self._lock = threading.Lock()
+
+    def plan(self, run_key: str, channel: str, version: str | int | float,
+             typed: Typed) -> Planned | None:
+        """How to save ``typed`` (the serde's output for the channel's new value) as a log;
+        ``None``: save it whole (logs are off, it is not a msgpack array, or it is short).
+        Costs one comparison of the bytes stored before (no decoding, no copy of them)."""
+        if self.min_entries is None or typed[0] != _MSGPACK:
+            return None
+        found = split_array(typed[1])
+        if found is None or found[0] < self.min_entries:
+            return None
+        count, body = found
+        with self._lock:
+            kept = self._kept.get((run_key, channel))
+        # msgpack is prefix-free: bytes equal to whole entries end where an entry ends.
+        if kept is not None and kept.log.count <= count and \
+                body[:len(kept.entries)] == kept.entries:
+            added = bytes(body[len(kept.entries):])
+            if kept.log.count == count:
+                log = msgspec.structs.replace(kept.log, version=version)
+                return Planned(channel, log, "", None, body)
+            key = (f"{nested_prefix(kept.log.anchor)}{kept.log.count:0{_INDEX_DIGITS}d}."
+                   f"{secrets.token_hex(_TOKEN_BYTES)}")
+            log = ChannelLog(version, kept.log.anchor, key, count,
+                             zlib.crc32(added, kept.log.crc))
+            return Planned(channel, log, key, LogPart(kept.log.last, count - kept.log.count,
+                                                      added), body)
+        whole = bytes(body)
+        anchor = f"{LOGS}{digest(channel)}/{secrets.token_hex(_TOKEN_BYTES)}"
+        log = ChannelLog(version, anchor, anchor, count, zlib.crc32(whole))
+        return Planned(channel, log, anchor, LogPart("", count, whole), body)
+
+    @staticmethod
+    def part_value(part: LogPart) -> bytes:
+        return _ENCODER.encode(part)
+
+    def remember(self, run_key: str, planned: Planned) -> None:
+        """A save with ``planned`` was acknowledged: the next version may extend it."""
+        self._keep(run_key, planned.channel, _Kept(planned.log, planned.entries))
+
+    def forget(self, run_key: str) -> None:
+        """The run's logs may be gone (deleted, refused): its next versions begin new ones."""
+        with self._lock:
+            for slot in [slot for slot in self._kept if slot[0] == run_key]:
+                self._kept_bytes -= len(self._kept.pop(slot).entries)
+
+    def read(self, run_key: str, channel: str, log: ChannelLog, items: Mapping[str, bytes],
+             where: str, *, keep: bool) -> Typed:
+        """The value ``log`` records, from the anchor and pieces among ``items`` (what the
+        store returned with the checkpoint), as the serde wrote it; ``keep``: remember it
+        (the run's latest, which the next save may extend)."""
+        chunks: list[bytes] = []
+        key = log.last
+        total = 0
+        while True:
+            found = items.get(key)
+            if found is None:
+                raise CorruptCheckpointError(
+                    f"channel {channel!r:.80}: part {key!r} of its log is missing", key=where)
+            try:
+                part = _PART.decode(found)
+            except msgspec.DecodeError as exc:
+                raise CorruptCheckpointError(
+                    f"channel {channel!r:.80}: part {key!r} of its log is damaged: {exc}",
+                    key=where) from exc
+            chunks.append(part.entries)
+            total += part.count
+            if not part.previous:
+                break
+            # Every piece adds entries and names a part of the same log: the walk ends.
+            if part.count < 1 or total >= log.count or not (
+                part.previous == log.anchor or
+                part.previous.startswith(nested_prefix(log.anchor))
+            ):
+                raise CorruptCheckpointError(
+                    f"channel {channel!r:.80}: the log's chain is broken at {key!r}", key=where)
+            key = part.previous
+        if key != log.anchor:
+            raise CorruptCheckpointError(
+                f"channel {channel!r:.80}: the log does not begin at its anchor", key=where)
+        entries = b"".join(reversed(chunks))
+        if total != log.count or zlib.crc32(entries) != log.crc:
+            raise CorruptCheckpointError(
+                f"channel {channel!r:.80}: the log fails its checksum", key=where)
+        if keep:
+            self._keep(run_key, channel, _Kept(log, entries))
+        return _MSGPACK, array_header(log.count) + entries
+
+    def _keep(self, run_key: str, channel: str, kept: _Kept) -> None:
+        slot = (run_key, channel)
+        with self._lock:
+            old = self._kept.pop(slot, None)
+            if old is not None:
+                self._kept_bytes -= len(old.entries)
+            self._kept[slot] = kept
+            self._kept_bytes += len(kept.entries)
+            while self._kept and (self._kept_bytes > KEPT_BYTES or
+                                  len(self._kept) > KEPT_RUNS):
+                _, dropped = self._kept.popitem(last=False)
+                self._kept_bytes -= len(dropped.entries)

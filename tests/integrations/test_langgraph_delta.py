@@ -1,0 +1,274 @@
+"""LangGraph's delta channels (beta) on the saver: ``aget_delta_channel_history`` answers from
+the run's headers, one read per ancestor holding seeds and a range scan of writes, and gives
+exactly what LangGraph's default walk (every ancestor read whole) gives: on every store,
+along forks, after an ancestor was deleted, for headers of an older release and for targets
+that are not there."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from typing import Annotated, Any, TypedDict
+
+import anyio
+import pytest
+from langgraph.channels.delta import DeltaChannel
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+
+from fastcheckpoint import MemoryStore
+from fastcheckpoint._ids import run_key
+from fastcheckpoint.integrations import _langgraph_records as records
+from fastcheckpoint.integrations import langgraph as saver_module
+from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
+from tests._helpers import FakeClock, make_config
+from tests.integrations._langgraph_support import (
+    CountingStore,
+    checkpoint,
+    config,
+    metadata,
+    put,
+)
+from tests.integrations.conftest import FreshStore
+
+pytestmark = pytest.mark.anyio
+
+DEADLINE = 20
+STORE_DEADLINE = 120
+"""For the tests that run on every kind of store (S3 and DynamoDB on moto are slow)."""
+TURNS_PER_INVOKE = 5
+CHANNELS = ["messages", "notes", "turns"]
+
+
+class Chat(TypedDict, total=False):
+    """The state as the nodes see it (the graph's schema adds the delta channels)."""
+
+    messages: list[str]
+    notes: list[str]
+    turns: int
+
+
+def _concat(state: Sequence[str], writes: Sequence[Sequence[str]]) -> list[str]:
+    return [*state, *itertools.chain.from_iterable(writes)]
+
+
+def _graph(saver: FastCheckpointSaver, *, messages_every: int = 4,
+           notes_every: int = 7) -> CompiledStateGraph[Any, Any, Any, Any]:
+    """A chat loop: each turn adds a message, every other turn a note too; an invoke runs
+    until the turn count is a multiple of :data:`TURNS_PER_INVOKE`."""
+
+    # Functional syntax: the class syntax cannot see the frequencies under future annotations.
+    chat = TypedDict("chat", {  # type: ignore[misc]  # noqa: UP013
+        "messages": Annotated[list[str], DeltaChannel(_concat, snapshot_frequency=messages_every)],
+        "notes": Annotated[list[str], DeltaChannel(_concat, snapshot_frequency=notes_every)],
+        "turns": int,
+    }, total=False)
+
+    def talk(state: Chat) -> dict[str, Any]:
+        turn = state.get("turns", 0)
+        update: dict[str, Any] = {"messages": [f"m{turn}"], "turns": turn + 1}
+        if turn % 2 == 0:
+            update["notes"] = [f"n{turn}"]
+        return update
+
+    def more(state: Chat) -> str:
+        return "talk" if state.get("turns", 0) % TURNS_PER_INVOKE else END
+
+    graph = StateGraph(chat)
+    graph.add_node("talk", talk)
+    graph.add_edge(START, "talk")
+    graph.add_conditional_edges("talk", more, ["talk", END])
+    return graph.compile(checkpointer=saver)
+
+
+def _saver(store: Any, **options: Any) -> FastCheckpointSaver:
+    return FastCheckpointSaver(store, config=make_config(FakeClock()), **options)
+
+
+async def _run(graph: CompiledStateGraph[Any, Any, Any, Any], thread: str, invokes: int) -> None:
+    for number in range(invokes):
+        await graph.ainvoke({"messages": [f"user{number}"]}, config(thread))
+
+
+def _expected_messages(invokes: int) -> list[str]:
+    expected: list[str] = []
+    for number in range(invokes):
+        expected.append(f"user{number}")
+        expected += [f"m{turn}" for turn in range(number * TURNS_PER_INVOKE,
+                                                  (number + 1) * TURNS_PER_INVOKE)]
+    return expected
+
+
+async def _default(saver: FastCheckpointSaver, cfg: Any,
+                   channels: list[str] = CHANNELS) -> Any:
+    """LangGraph's own walk: every ancestor read whole through ``aget_tuple``."""
+    return await BaseCheckpointSaver.aget_delta_channel_history(
+        saver, config=cfg, channels=channels)
+
+
+async def _assert_every_checkpoint_matches(
+    saver: FastCheckpointSaver, thread: str, *, every: int = 1
+) -> int:
+    """Compares the histories at every checkpoint (``every``: every so many) and at the
+    latest with the default walk's; how many were compared."""
+    compared = 0
+    async for number, found in _enumerate(saver.alist(config(thread))):
+        if number % every:
+            continue
+        fast = await saver.aget_delta_channel_history(config=found.config, channels=CHANNELS)
+        assert fast == await _default(saver, found.config), found.config
+        compared += 1
+    latest = config(thread)
+    assert await saver.aget_delta_channel_history(config=latest, channels=CHANNELS) == \
+        await _default(saver, latest)
+    return compared
+
+
+async def _enumerate(found: AsyncIterator[Any]) -> AsyncIterator[tuple[int, Any]]:
+    number = 0
+    async for value in found:
+        yield number, value
+        number += 1
+
+
+async def test_histories_equal_the_default_walk_on_every_store(
+    fresh_store: FreshStore, kind: str
+) -> None:
+    # The default walk reads each ancestor whole: on moto's S3 and DynamoDB a few seconds per
+    # checkpoint, so there a third of them are compared.
+    every = 3 if kind in ("s3", "dynamodb") else 1
+    with anyio.fail_after(STORE_DEADLINE):
+        async with fresh_store() as store:
+            saver = _saver(store)
+            await _run(_graph(saver, messages_every=3, notes_every=4), "t", 3)
+            assert await _assert_every_checkpoint_matches(saver, "t", every=every) > 15 / every
+            # Another process reads the thread back through the histories.
+            state = await _graph(_saver(store), messages_every=3, notes_every=4).aget_state(
+                config("t"))
+            assert state.values["messages"] == _expected_messages(3)
+            assert state.values["notes"] == [f"n{turn}" for turn in range(0, 15, 2)]
+
+
+async def test_a_fork_follows_its_parents_not_the_save_order() -> None:
+    saver = _saver(MemoryStore())
+    graph = _graph(saver)
+    with anyio.fail_after(DEADLINE):
+        await _run(graph, "t", 3)
+        history = [found async for found in saver.alist(config("t"))]
+        middle = next(found for found in history
+                      if found.checkpoint["channel_versions"].get("turns") and
+                      found.metadata.get("step") == 7)
+        forked = await graph.aupdate_state(middle.config, {"messages": ["edited"]},
+                                           as_node="talk")
+        await graph.ainvoke(None, forked)
+        await _run(graph, "t", 1)
+        assert await _assert_every_checkpoint_matches(saver, "t") > len(history)
+        state = await _graph(_saver(saver.store)).aget_state(config("t"))
+        before = (await graph.aget_state(middle.config)).values["messages"]
+        assert state.values["messages"][:len(before) + 1] == [*before, "edited"]
+
+
+async def test_a_long_chain_costs_a_few_store_calls() -> None:
+    store = CountingStore(MemoryStore())
+    saver = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        await _run(_graph(saver, messages_every=20, notes_every=1000), "t", 8)
+        latest = config("t")
+        store.take()
+        fast = await saver.aget_delta_channel_history(config=latest, channels=["messages"])
+        # The headers (one page), the checkpoint holding the seed, with its writes, and the
+        # writes of the ancestors after it (one page).
+        assert store.take() == {"headers": 1, "read_with_items": 1, "scan_items": 1}
+        assert fast == await _default(saver, latest, ["messages"])
+        assert store.take()["read_with_items"] >= 10
+        # Notes reach the root (48 checkpoints); turns seeds at the parent.
+        fast = await saver.aget_delta_channel_history(config=latest, channels=CHANNELS)
+        assert store.take() == {"headers": 1, "read_with_items": 2, "scan_items": 1}
+        assert fast == await _default(saver, latest)
+        assert store.take()["read_with_items"] >= 48
+
+
+async def test_headers_of_an_older_release_are_walked_the_default_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = CountingStore(MemoryStore())
+    saver = _saver(store)
+    header = saver_module.LangGraphHeader
+
+    def unrecorded(**fields: Any) -> Any:
+        return header(**{**fields, "values": None})
+
+    with anyio.fail_after(DEADLINE):
+        monkeypatch.setattr(saver_module, "LangGraphHeader", unrecorded)
+        await _run(_graph(saver, notes_every=1000), "t", 2)
+        monkeypatch.undo()
+        await _run(_graph(saver, notes_every=1000), "t", 1)  # newer ones over older ones
+        assert await _assert_every_checkpoint_matches(saver, "t") > 10
+        store.take()
+        # Notes reach the root, through the older headers.
+        await saver.aget_delta_channel_history(config=config("t"), channels=["notes"])
+        assert store.take()["read_with_items"] > 10
+
+
+async def test_a_deleted_ancestor_ends_the_chain_as_in_the_default_walk() -> None:
+    store = MemoryStore()
+    saver = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        await _run(_graph(saver, messages_every=100, notes_every=100), "t", 2)
+        key = run_key("t")
+        headers, _ = await store.headers(key, before=None, limit=100, now=FakeClock()())
+        removed = headers[4]
+        assert await store.delete(key, removed.sequence, checkpoint_id=removed.checkpoint_id)
+        assert await _assert_every_checkpoint_matches(saver, "t") > 5
+        fast = await saver.aget_delta_channel_history(config=config("t"), channels=CHANNELS)
+        assert "seed" not in fast["messages"]
+        assert 0 < len(fast["messages"]["writes"]) < len(_expected_messages(2))
+
+
+async def test_a_parent_saved_after_its_child_is_walked_the_default_way() -> None:
+    store = CountingStore(MemoryStore())
+    saver = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        root = await put(saver, "t", values={"x": ["a"]}, versions={"x": 1})
+        parent, child = checkpoint(versions={"x": 2}), checkpoint(versions={"x": 3})
+        await saver.aput(config("t", parent["id"]), child, metadata(2), {})
+        await saver.aput(config("t", root), parent, metadata(1), {})
+        for made, value in ((root, "b"), (parent["id"], "c"), (child["id"], "d")):
+            await saver.aput_writes(config("t", made), [("x", [value])], "task")
+        target = config("t", child["id"])
+        store.take()
+        fast = await saver.aget_delta_channel_history(config=target, channels=["x"])
+        assert fast == {"x": {"writes": [("task", "x", ["b"]), ("task", "x", ["c"])],
+                              "seed": ["a"]}}
+        assert fast == await _default(saver, target, ["x"])
+        assert store.take()["get_items"] == 1  # the parent looked up: it is there
+
+
+async def test_a_target_that_is_not_there_has_empty_histories() -> None:
+    saver = _saver(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        empty = {channel: {"writes": []} for channel in CHANNELS}
+        assert await saver.aget_delta_channel_history(config=config("none"),
+                                                      channels=CHANNELS) == empty
+        await _run(_graph(saver), "t", 1)
+        unknown = config("t", "1f0e0000-0000-6000-8000-000000000000")
+        assert await saver.aget_delta_channel_history(config=unknown, channels=CHANNELS) == \
+            empty == await _default(saver, unknown)
+        kept = [found.config async for found in saver.alist(config("t"))][2]
+        await saver.adelete_thread("t")
+        await _run(_graph(saver), "t", 1)  # a new life of the thread: the old ids are gone
+        assert await saver.aget_delta_channel_history(config=kept, channels=CHANNELS) == empty
+        assert await saver.aget_delta_channel_history(config=config("t"), channels=[]) == {}
+
+
+def test_write_keys_sort_by_sequence() -> None:
+    sequences = [0, 1, 2, 9, 10, 11, 99, 100, 101, 999, 1000, 12345, 10**12, 10**12 + 1]
+    prefixes = [records.writes_prefix(sequence) for sequence in sequences]
+    assert sorted(prefixes) == prefixes
+    for sequence in sequences:
+        key = records.write_key(sequence, "task", 3)
+        assert key.startswith(records.WRITES)
+        assert records.write_sequence(key) == sequence
+    for other in ("b/abc", "w/", "w/x1/", "w/02a/", "i/w/011/"):
+        assert records.write_sequence(other) is None
