@@ -1317,9 +1317,10 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                           expires_at=located.expires_at))
         shared = [Item(key=key, value=items[key]) for key in record.refs]
         # A log's pieces, nested under its anchor, go with it.
-        shared += [Item(key=key, value=value) for key, value in items.items()
-                   if any(key.startswith(nested_prefix(anchor))
-                          for anchor in _anchors(extra))]
+        nests = tuple(nested_prefix(anchor) for anchor in _anchors(extra))
+        if nests:
+            shared += [Item(key=key, value=value) for key, value in items.items()
+                       if key.startswith(nests)]
         try:
             await self._store.append_with_items(
                 target.key, record, run=self._seed(target, located, record.created_at),
