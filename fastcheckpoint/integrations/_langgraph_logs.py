@@ -71,6 +71,10 @@ class Planned:
     part: LogPart | None
     entries: memoryview
     """All the value's entries (a view of the serde's output)."""
+    extends: str | None
+    """The incarnation of the run whose log it extends (``None``: a new log). The save may
+    name that log's anchor only in that life of the run: a store that does not check refs
+    of an earlier life (S3, DynamoDB) would accept a log another process's delete took."""
 
 
 @dataclass
@@ -78,6 +82,8 @@ class _Kept:
     log: ChannelLog
     entries: bytes | memoryview
     """The entries' bytes as stored, all parts in order."""
+    incarnation: str
+    """The life of the run the log was written or read in."""
 
 
 _PART = msgspec.msgpack.Decoder(LogPart)
@@ -115,25 +121,26 @@ class ChannelLogs:
             added = bytes(body[len(kept.entries):])
             if kept.log.count == count:
                 log = msgspec.structs.replace(kept.log, version=version)
-                return Planned(channel, log, "", None, body)
+                return Planned(channel, log, "", None, body, kept.incarnation)
             key = (f"{nested_prefix(kept.log.anchor)}{kept.log.count:0{_INDEX_DIGITS}d}."
                    f"{secrets.token_hex(_TOKEN_BYTES)}")
             log = ChannelLog(version, kept.log.anchor, key, count,
                              zlib.crc32(added, kept.log.crc))
             return Planned(channel, log, key, LogPart(kept.log.last, count - kept.log.count,
-                                                      added), body)
+                                                      added), body, kept.incarnation)
         whole = bytes(body)
         anchor = f"{LOGS}{digest(channel)}/{secrets.token_hex(_TOKEN_BYTES)}"
         log = ChannelLog(version, anchor, anchor, count, zlib.crc32(whole))
-        return Planned(channel, log, anchor, LogPart("", count, whole), body)
+        return Planned(channel, log, anchor, LogPart("", count, whole), body, None)
 
     @staticmethod
     def part_value(part: LogPart) -> bytes:
         return _ENCODER.encode(part)
 
-    def remember(self, run_key: str, planned: Planned) -> None:
-        """A save with ``planned`` was acknowledged: the next version may extend it."""
-        self._keep(run_key, planned.channel, _Kept(planned.log, planned.entries))
+    def remember(self, run_key: str, planned: Planned, incarnation: str) -> None:
+        """A save with ``planned`` was acknowledged in life ``incarnation`` of the run: the
+        next version may extend it."""
+        self._keep(run_key, planned.channel, _Kept(planned.log, planned.entries, incarnation))
 
     def forget(self, run_key: str) -> None:
         """The run's logs may be gone (deleted, refused): its next versions begin new ones."""
@@ -142,10 +149,10 @@ class ChannelLogs:
                 self._kept_bytes -= len(self._kept.pop(slot).entries)
 
     def read(self, run_key: str, channel: str, log: ChannelLog, items: Mapping[str, bytes],
-             where: str, *, keep: bool) -> Typed:
+             where: str, *, keep: str | None) -> Typed:
         """The value ``log`` records, from the anchor and pieces among ``items`` (what the
         store returned with the checkpoint), as the serde wrote it; ``keep``: remember it
-        (the run's latest, which the next save may extend)."""
+        (the run's latest, which the next save may extend), read in that incarnation."""
         chunks: list[bytes] = []
         key = log.last
         total = 0
@@ -179,8 +186,8 @@ class ChannelLogs:
         if total != log.count or zlib.crc32(entries) != log.crc:
             raise CorruptCheckpointError(
                 f"channel {channel!r:.80}: the log fails its checksum", key=where)
-        if keep:
-            self._keep(run_key, channel, _Kept(log, entries))
+        if keep is not None:
+            self._keep(run_key, channel, _Kept(log, entries, keep))
         return _MSGPACK, array_header(log.count) + entries
 
     def _keep(self, run_key: str, channel: str, kept: _Kept) -> None:

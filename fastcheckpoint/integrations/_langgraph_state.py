@@ -124,9 +124,9 @@ class SaverState:
         """Runs this process deleted: late writes to them are dropped without a read."""
         self.seeds: Lru[str, tuple[str, bytes, tuple[str, ...]]] = Lru(_SEEDS)
         """Run key -> (run id, encoded details, labels) of the run a save may create."""
-        self.logs: Lru[tuple[str, str], Mapping[str, ChannelLog]] = Lru(_IDS)
-        """(run key, LangGraph checkpoint id) -> the logged values its header records: what
-        a save with that parent keeps of them."""
+        self.logs: Lru[tuple[str, str], tuple[str, Mapping[str, ChannelLog]]] = Lru(_IDS)
+        """(run key, LangGraph checkpoint id) -> the incarnation it was seen in and the logged
+        values its header records: what a save with that parent keeps of them."""
         self.failed: Lru[str, str] = Lru(_RUNS)
         """Run key -> the oldest checkpoint id whose save failed since the run was last saved
         or read: LangGraph saves nothing after it in that graph run."""

@@ -15,9 +15,9 @@ written before): ``aput`` 1 (the checkpoint with its changed channel values), ``
 checkpoint's save, which then takes them along), ``aget_tuple`` 1 (latest, or by an id this
 process has seen) else 2. The first save of a LangGraph run (``metadata["run_id"]``) in a
 namespace adds 1 call, to index it for ``delete_for_runs``. ``aget_delta_channel_history``
-(delta channels): 1 per 100 headers, 1 per ancestor holding a seed, 1 per 1,000 writes after
-it. With logs on, a save whose parent this process has not seen and which keeps values
-unchanged adds 1 or 2 (the parent's header: which of those values are logs).
+(delta channels): 2 per 100 headers (read again after the writes), 1 per ancestor holding a
+seed, 1 per 1,000 writes after it. A save whose parent this process has not seen and which
+keeps values unchanged adds 1 or 2 (the parent's header: which of those values are logs).
 
 Needs ``pip install 'fastcheckpoint[langgraph]'`` and a store with labels and shared items
 (every bundled store).
@@ -153,6 +153,9 @@ class _Encoded(NamedTuple):
     size: int
     planned: list[Planned]
     """The logged values it writes (remembered once the save is acknowledged)."""
+    log_life: str | None
+    """The life (incarnation) of the run the logs it extends or keeps belong to: it may be
+    appended only in that life (``None``: it names no earlier log)."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -454,9 +457,11 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         A few store calls however long the chain (LangGraph's default reads every ancestor
         whole): the run's headers, a page of 100 per call, say which ancestors store which
         values; each ancestor holding seeds is read once, with its writes; the writes of the
-        others come from one scan of their sequence range, a page of 1,000 writes per call. A
-        chain with headers of an older release (they do not say which values they store), a
-        parent saved after its child, or a seed removed meanwhile is walked the default way.
+        others come from one scan of their sequence range, a page of 1,000 writes per call;
+        then the headers again, to be sure no ancestor went meanwhile. A chain with headers of
+        an older release (they do not say which values they store), a parent saved after its
+        child, a target found elsewhere than this process remembers, or an ancestor or seed
+        removed meanwhile is walked the default way.
         """
         wanted = _texts("channels", channels)
         if not wanted:
@@ -639,11 +644,13 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
     ) -> CheckpointTuple:
         place = stored.key or f"run {where.run_id[:80]!r} sequence {stored.sequence}"
         _, extra = self._headers_of(where, stored, place)
-        self._state.logs.put((where.key, extra.checkpoint_id), extra.logs or {})
+        life = _located_of(where, stored).incarnation
+        self._state.logs.put((where.key, extra.checkpoint_id), (life, extra.logs or {}))
         checkpoint = self._bare_checkpoint(stored, place)
         values: dict[str, Any] = {}
         for channel, version in checkpoint["channel_versions"].items():
-            typed = self._value_of(where, extra, channel, version, items, place, keep=head)
+            typed = self._value_of(where, extra, channel, version, items, place,
+                                   keep=life if head else None)
             if typed is not None:
                 values[channel] = self._loads(typed, place)
         checkpoint["channel_values"] = values
@@ -674,11 +681,11 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         items: Mapping[str, bytes],
         place: str,
         *,
-        keep: bool,
+        keep: str | None,
     ) -> Typed | None:
         """The stored value of ``channel`` at ``version`` as the serde wrote it (from its log
-        or its blob); ``None`` if the checkpoint stores none. ``keep``: a logged value may be
-        extended by the next save (the run's latest)."""
+        or its blob); ``None`` if the checkpoint stores none. ``keep``: the incarnation of the
+        run's latest, read here: its logged values may be extended by the next save."""
         log = None if extra.logs is None else extra.logs.get(channel)
         if log is not None and log.version == version:
             return self._shared.logs.read(where.key, channel, log, items, place, keep=keep)
@@ -692,33 +699,35 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         new_versions: ChannelVersions,
         parent_id: str | None,
         now: float,
-    ) -> Mapping[str, ChannelLog]:
-        """The logs of the parent's values this save keeps unchanged. Known when this process
-        saved or read the parent (LangGraph reads what it continues from); otherwise from the
-        parent's header (1 or 2 store calls), only where logs are on."""
-        if parent_id is None or self._shared.logs.min_entries is None:
-            return {}
+    ) -> _Logs | None:
+        """The logs among the parent's values this save keeps unchanged, with the life of the
+        run they belong to; ``None`` when that cannot be known (the parent is gone): the save
+        then sends every value. Known when this process saved or read the parent (LangGraph
+        reads what it continues from); otherwise read from the parent's header (1 or 2 store
+        calls). Also with logs off here: another process may have written them."""
+        if parent_id is None:
+            return _NO_LOGS
         known = self._state.logs.get((where.key, parent_id))
         if known is not None:
             return known
         values = checkpoint.get("channel_values")
         changed = new_versions if isinstance(new_versions, Mapping) else {}
         if not isinstance(values, Mapping) or all(name in changed for name in values):
-            return {}
+            return _NO_LOGS
         located = self._state.located.get((where.key, parent_id))
         if located is None:
             located = await self._lookup(where, parent_id, now)
         if located is None:
-            return {}
+            return None
         page, _ = await self._store.headers(where.key, before=located.sequence + 1, limit=1,
                                             now=now)
         expected = _ids.checkpoint_id(where.key, located.incarnation, located.sequence)
         if not page or page[0].checkpoint_id != expected:
-            return {}
+            return None
         place = f"run {where.run_id[:80]!r} sequence {located.sequence} (header)"
-        logs = self._headers_of(where, page[0], place)[1].logs or {}
-        self._state.logs.put((where.key, parent_id), logs)
-        return logs
+        found = (located.incarnation, self._headers_of(where, page[0], place)[1].logs or {})
+        self._state.logs.put((where.key, parent_id), found)
+        return found
 
     def _writes_of(
         self, sequence: int, items: dict[str, bytes], place: str
@@ -828,7 +837,11 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         parent_id = _checkpoint_id(config)
         full = get_checkpoint_metadata(config, _metadata(metadata))
         inherited = await self._inherited_logs(where, checkpoint, new_versions, parent_id, now)
-        encoded = await self._encode(where, checkpoint, full, new_versions, parent_id, inherited)
+        if inherited is None:  # which unchanged values are logs is unknown: send them all
+            new_versions = dict(_mapping("checkpoint['channel_versions']",
+                                         checkpoint.get("channel_versions")))
+        encoded = await self._encode(where, checkpoint, full, new_versions, parent_id,
+                                     inherited or _NO_LOGS)
         langgraph_run = full.get("run_id")
         if isinstance(langgraph_run, str) and langgraph_run:
             await self._register(where, langgraph_run, now)
@@ -838,7 +851,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             self._shared.logs.forget(where.key)
             versions = dict(_mapping("checkpoint['channel_versions']",
                                      checkpoint.get("channel_versions")))
-            return await self._encode(where, checkpoint, full, versions, parent_id, {})
+            return await self._encode(where, checkpoint, full, versions, parent_id, _NO_LOGS)
 
         async with self._state.turn(where.key):
             await self._append(where, encoded, parent_id, now, with_every_value)
@@ -850,7 +863,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
         parent_id: str | None,
-        inherited: Mapping[str, ChannelLog],
+        inherited: _Logs,
     ) -> _Encoded:
         hint = self._state.runs.get(where.key)
         encode = self._encoder(where, checkpoint, metadata, new_versions, parent_id, inherited)
@@ -865,7 +878,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
         parent_id: str | None,
-        inherited: Mapping[str, ChannelLog],
+        inherited: _Logs,
     ) -> Callable[[], _Encoded]:
         def encode() -> _Encoded:
             values = _mapping("checkpoint['channel_values']", checkpoint.get("channel_values"))
@@ -895,8 +908,10 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             # its snapshots) has no blob to name: stores refuse refs to items they do not hold.
             stored = tuple(channel for channel in versions if channel in values)
             # Logged values: the new ones, and the unchanged ones the parent recorded.
-            logs = {channel: log for channel, log in inherited.items()
+            logs = {channel: log for channel, log in inherited[1].items()
                     if channel in stored and versions[channel] == log.version}
+            lives = {inherited[0]} if logs else set()
+            lives.update(plan.extends for plan in planned if plan.extends is not None)
             logs.update((plan.channel, plan.log) for plan in planned)
             extra = LangGraphHeader(
                 checkpoint_id=checkpoint["id"], parent_checkpoint_id=parent_id,
@@ -912,6 +927,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 size=len(payload) + sum(len(blob.value) for blob in blobs) + sum(
                     len(plan.entries) for plan in planned),
                 planned=planned,
+                log_life=None if not lives else lives.pop() if len(lives) == 1 else _MIXED,
             )
 
         return encode
@@ -960,6 +976,10 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             for attempt in range(settings.max_sequence_retries):
                 sequence, incarnation = ((0, _ids.new_incarnation()) if guess is None
                                          else (guess[0] + 1, guess[1]))
+                if encoded.log_life is not None and encoded.log_life != incarnation:
+                    # Its logs are of another life of the run (deleted or expired since):
+                    # a store may not tell that their anchors are gone. Write them anew.
+                    encoded = await with_every_value()
                 located = Located(incarnation, sequence, expires_at)
                 record, items = self._record(where, encoded, parent_id, located, parked, now)
                 try:
@@ -1072,9 +1092,10 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         state.deleted.pop(where.key)
         state.failed.pop(where.key)
         state.remember(where.key, encoded.checkpoint_id, located, head=True)
-        state.logs.put((where.key, encoded.checkpoint_id), encoded.extra.logs or {})
+        state.logs.put((where.key, encoded.checkpoint_id),
+                       (located.incarnation, encoded.extra.logs or {}))
         for plan in encoded.planned:
-            self._shared.logs.remember(where.key, plan)
+            self._shared.logs.remember(where.key, plan, located.incarnation)
         hint = state.runs.get(where.key)
         if hint is not None:
             hint.payload_size = encoded.size
@@ -1411,7 +1432,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             for channel in (name for name, at in chain.seeds.items() if at == sequence):
                 version = versions.get(channel)
                 typed = None if version is None else self._value_of(
-                    where, extra, channel, version, items, place, keep=False)
+                    where, extra, channel, version, items, place, keep=None)
                 if typed is None:
                     return None
                 seeds[channel] = typed
@@ -1419,6 +1440,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         others = {sequence for sequence, _ in chain.visited} - writes.keys()
         if others:
             writes.update(await self._scanned_writes(where, others, now))
+            if not await self._still_held(where, chain, now):
+                return None  # an ancestor went meanwhile: its writes may be missing
         size = sum(len(write.value[1]) for found in writes.values() for write in found)
         size += sum(len(typed[1]) for typed in seeds.values())
         build = functools.partial(self._history_of, where, wanted, chain, writes, seeds)
@@ -1452,7 +1475,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 place = f"run {where.run_id[:80]!r} sequence {stored.sequence} (header)"
                 if not target_seen:
                     if expected is not None and (stored.sequence, stored.checkpoint_id) != expected:
-                        return _empty_histories(wanted)  # gone, or another life of the run
+                        return None  # gone, or moved to another life: the default walk knows
                     target_seen = True
                     cursor = self._headers_of(where, stored, place)[1].parent_checkpoint_id
                 elif cursor is not None:
@@ -1485,6 +1508,21 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             raise CorruptCheckpointError("a LangGraph checkpoint without channel_versions",
                                          key=place)
         return cast(dict[str, Any], checkpoint)
+
+    async def _still_held(self, where: _Where, chain: _DeltaChain, now: float) -> bool:
+        """Whether every ancestor the walk visited is still held (after its writes were
+        read), by the run's headers again."""
+        wanted = dict(chain.record_ids)
+        before: int | None = max(wanted) + 1
+        while wanted:
+            page, _ = await self._store.headers(where.key, before=before, limit=_PAGE, now=now)
+            for stored in page:
+                if wanted.get(stored.sequence) == stored.checkpoint_id:
+                    del wanted[stored.sequence]
+            if len(page) < _PAGE or not page or page[-1].sequence < min(wanted, default=0):
+                break
+            before = page[-1].sequence
+        return not wanted
 
     async def _scanned_writes(
         self, where: _Where, sequences: set[int], now: float
@@ -1566,6 +1604,13 @@ class _DeltaChain:
         for channel in self.remaining.intersection(values):
             self.seeds[channel] = stored.sequence
         self.remaining.difference_update(values)
+
+
+_Logs = tuple[str, Mapping[str, ChannelLog]]
+"""Logged values with the life (incarnation) of the run they belong to."""
+_NO_LOGS: _Logs = ("", {})
+_MIXED = "\x00"
+"""A save naming logs of different lives: never a life of the run (it is written anew)."""
 
 
 def _anchors(extra: LangGraphHeader) -> set[str]:

@@ -177,14 +177,14 @@ async def test_a_long_chain_costs_a_few_store_calls() -> None:
         latest = config("t")
         store.take()
         fast = await saver.aget_delta_channel_history(config=latest, channels=["messages"])
-        # The headers (one page), the checkpoint holding the seed, with its writes, and the
-        # writes of the ancestors after it (one page).
-        assert store.take() == {"headers": 1, "read_with_items": 1, "scan_items": 1}
+        # The headers (one page), the checkpoint holding the seed, with its writes, the writes
+        # of the ancestors after it (one page), and the headers again (none went meanwhile).
+        assert store.take() == {"headers": 2, "read_with_items": 1, "scan_items": 1}
         assert fast == await _default(saver, latest, ["messages"])
         assert store.take()["read_with_items"] >= 10
         # Notes reach the root (48 checkpoints); turns seeds at the parent.
         fast = await saver.aget_delta_channel_history(config=latest, channels=CHANNELS)
-        assert store.take() == {"headers": 1, "read_with_items": 2, "scan_items": 1}
+        assert store.take() == {"headers": 2, "read_with_items": 2, "scan_items": 1}
         assert fast == await _default(saver, latest)
         assert store.take()["read_with_items"] >= 48
 
@@ -272,3 +272,61 @@ def test_write_keys_sort_by_sequence() -> None:
         assert records.write_sequence(key) == sequence
     for other in ("b/abc", "w/", "w/x1/", "w/02a/", "i/w/011/"):
         assert records.write_sequence(other) is None
+
+
+class _DeletesDuringScan(MemoryStore):
+    """Another process deletes checkpoint ``victim`` just before the scan of writes."""
+
+    victim: tuple[int, str] | None = None
+
+    async def scan_items(self, run_key: str, **options: Any) -> list[tuple[str, bytes]]:
+        if self.victim is not None and options.get("prefix") == records.WRITES:
+            sequence, record_id = self.victim
+            self.victim = None
+            assert await self.delete(run_key, sequence, checkpoint_id=record_id)
+        found: list[tuple[str, bytes]] = await super().scan_items(run_key, **options)
+        return found
+
+
+async def _chain(saver: FastCheckpointSaver) -> list[Any]:
+    """x = ["a"] at the root, then three checkpoints storing none; each but the last has a
+    write to x: b, c, d."""
+    saved = [await saver.aput(config("t"), checkpoint({"x": ["a"]}, {"x": 1}), metadata(0),
+                              {"x": 1})]
+    for step in range(1, 4):
+        saved.append(await saver.aput(saved[-1], checkpoint({}, {"x": step + 1}),
+                                      metadata(step), {}))
+    for at, value in zip(saved, "bcd", strict=False):
+        await saver.aput_writes(at, [("x", [value])], "task")
+    return saved
+
+
+async def test_an_ancestor_removed_during_the_walk_gives_the_default_answer() -> None:
+    store = _DeletesDuringScan()
+    saver = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        saved = await _chain(saver)
+        headers, _ = await store.headers(run_key("t"), before=None, limit=10,
+                                         now=FakeClock()())
+        store.victim = (headers[2].sequence, headers[2].checkpoint_id)  # the second one
+        fast = await saver.aget_delta_channel_history(config=saved[-1], channels=["x"])
+        # Never a history with a gap: what the default walk gives now (the chain ends at the
+        # removed checkpoint).
+        assert fast == await _default(saver, saved[-1], ["x"]) == {
+            "x": {"writes": [("task", "x", ["d"])]}}
+
+
+async def test_a_checkpoint_moved_to_another_life_is_found_again() -> None:
+    store = MemoryStore()
+    saver, other = _saver(store), _saver(store)
+    with anyio.fail_after(DEADLINE):
+        saved = await _chain(saver)
+        # Another process copies the thread away, deletes it and copies it back: the same
+        # LangGraph ids in a new life of the run; this process remembers the old places.
+        await other.acopy_thread("t", "s")
+        await other.adelete_thread("t")
+        await other.acopy_thread("s", "t")
+        fast = await saver.aget_delta_channel_history(config=saved[-1], channels=["x"])
+        assert fast == {"x": {"writes": [("task", "x", ["b"]), ("task", "x", ["c"]),
+                                         ("task", "x", ["d"])], "seed": ["a"]}}
+        assert fast == await _default(saver, saved[-1], ["x"])

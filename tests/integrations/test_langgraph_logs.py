@@ -157,43 +157,92 @@ async def test_forks_and_pruning_keep_every_held_checkpoint_exact() -> None:
         assert set(await _anchors(store, "t")) == named
 
 
-async def test_a_save_whose_parent_another_process_wrote_keeps_its_log() -> None:
-    store = MemoryStore()
-    writer = _saver(store)
-    with anyio.fail_after(DEADLINE):
-        entries = [f"entry {number}" for number in range(40)]
-        first = await writer.aput(config("t"), checkpoint({"log": entries, "n": 0},
-                                                          {"log": 1, "n": 1}),
-                                  metadata(0), {"log": 1, "n": 1})
-        counting = CountingStore(store)
-        other = _saver(counting, keep_latest=1)
-        counting.take()
-        second = await other.aput(first, checkpoint({"log": entries, "n": 1},
-                                                    {"log": 1, "n": 2}),
-                                  metadata(1), {"n": 2})
-        # Where the parent lives, and its header: the log it keeps unchanged.
-        assert counting.take() == {"get_items": 1, "get_run": 1, "headers": 1,
-                                   "append_with_items": 1}
-        found = await _saver(store).aget_tuple(second)
-        assert found is not None
-        assert found.checkpoint["channel_values"] == {"log": entries, "n": 1}
-        assert len(await _anchors(store, "t")) == 1
+async def test_a_save_whose_parent_another_process_wrote_keeps_its_log(
+    fresh_store: FreshStore,
+) -> None:
+    with anyio.fail_after(STORE_DEADLINE):
+        async with fresh_store() as store:
+            writer = _saver(store)
+            entries = [f"entry {number}" for number in range(40)]
+            first = await writer.aput(config("t"), checkpoint({"log": entries, "n": 0},
+                                                              {"log": 1, "n": 1}),
+                                      metadata(0), {"log": 1, "n": 1})
+            counting = CountingStore(store)
+            other = _saver(counting, keep_latest=1)
+            counting.take()
+            second = await other.aput(first, checkpoint({"log": entries, "n": 1},
+                                                        {"log": 1, "n": 2}),
+                                      metadata(1), {"n": 2})
+            # Where the parent lives, and its header: the log it keeps unchanged.
+            assert counting.take() == {"get_items": 1, "get_run": 1, "headers": 1,
+                                       "append_with_items": 1}
+            assert await _loads(store, second) == {"log": entries, "n": 1}
+            assert len(await _anchors(store, "t")) == 1
 
 
-async def test_a_log_removed_meanwhile_is_written_again() -> None:
-    store = MemoryStore()
-    saver = _saver(store)
-    entries = [f"entry {number}" for number in range(40)]
-    with anyio.fail_after(DEADLINE):
-        await saver.aput(config("t"), checkpoint({"log": entries}, {"log": 1}),
-                         metadata(0), {"log": 1})
-        await store.delete_run(run_key("t"))  # another process deletes the thread
-        longer = [*entries, "one more"]
-        saved = await saver.aput(config("t"), checkpoint({"log": longer}, {"log": 2}),
-                                 metadata(0), {"log": 2})
-        found = await _saver(store).aget_tuple(saved)
-        assert found is not None
-        assert found.checkpoint["channel_values"] == {"log": longer}
+ENTRIES = [f"entry {number}" for number in range(40)]
+
+
+async def _loads(store: Any, saved: Any, clock: FakeClock | None = None) -> Any:
+    found = await FastCheckpointSaver(store, config=make_config(clock or FakeClock()),
+                                      ttl_seconds=None).aget_tuple(saved)
+    assert found is not None
+    return found.checkpoint["channel_values"]
+
+
+async def test_a_log_another_process_removed_is_written_again(fresh_store: FreshStore) -> None:
+    # S3 and DynamoDB do not check refs of an earlier life of a run: the saver must not name a
+    # log of the life another process deleted, or of one that expired.
+    clock = FakeClock()
+    with anyio.fail_after(STORE_DEADLINE):
+        async with fresh_store() as store:
+            saver = FastCheckpointSaver(store, config=make_config(clock), ttl_seconds=100)
+            await saver.aput(config("t"), checkpoint({"log": ENTRIES}, {"log": 1}),
+                             metadata(0), {"log": 1})
+            await store.delete_run(run_key("t"))  # another process deletes the thread
+            longer = [*ENTRIES, "one more"]  # the client sends the conversation again
+            saved = await saver.aput(config("t"), checkpoint({"log": longer}, {"log": 2}),
+                                     metadata(0), {"log": 2})
+            assert await _loads(store, saved, clock) == {"log": longer}
+            clock.advance(1000)  # the thread expires, is purged, and starts again
+            await store.purge_expired(now=clock(), limit=1000)
+            again = [*longer, "and again"]
+            saved = await saver.aput(config("t"), checkpoint({"log": again}, {"log": 3}),
+                                     metadata(0), {"log": 3})
+            assert await _loads(store, saved, clock) == {"log": again}
+
+
+async def test_a_process_with_logs_off_keeps_logged_values(fresh_store: FreshStore) -> None:
+    with anyio.fail_after(STORE_DEADLINE):
+        async with fresh_store() as store:
+            first = await _saver(store).aput(
+                config("t"), checkpoint({"log": ENTRIES, "n": 0}, {"log": 1, "n": 1}),
+                metadata(0), {"log": 1, "n": 1})
+            off = _saver(store, settings={"history_min_entries": None})
+            assert await off.aget_tuple(first) is not None  # LangGraph reads, then goes on
+            second = await off.aput(first, checkpoint({"log": ENTRIES, "n": 1},
+                                                      {"log": 1, "n": 2}), metadata(1), {"n": 2})
+            assert await _loads(store, second) == {"log": ENTRIES, "n": 1}
+
+
+async def test_an_unseen_parent_that_is_gone_sends_every_value(fresh_store: FreshStore) -> None:
+    with anyio.fail_after(STORE_DEADLINE):
+        async with fresh_store() as store:
+            writer = _saver(store)
+            first = await writer.aput(
+                config("t"), checkpoint({"log": ENTRIES, "n": 0}, {"log": 1, "n": 1}),
+                metadata(0), {"log": 1, "n": 1})
+            second = await writer.aput(first, checkpoint({"log": ENTRIES, "n": 1},
+                                                         {"log": 1, "n": 2}),
+                                       metadata(1), {"n": 2})
+            key = run_key("t")  # another process deletes the parent; the first keeps the log
+            headers, _ = await store.headers(key, before=None, limit=10, now=T0)
+            assert await store.delete(key, headers[0].sequence,
+                                      checkpoint_id=headers[0].checkpoint_id)
+            third = await _saver(store).aput(second, checkpoint({"log": ENTRIES, "n": 2},
+                                                                {"log": 1, "n": 3}),
+                                             metadata(2), {"n": 3})
+            assert await _loads(store, third) == {"log": ENTRIES, "n": 2}
 
 
 async def test_a_damaged_or_missing_piece_is_a_corrupt_checkpoint() -> None:
