@@ -24,8 +24,9 @@ run's items:
   ``refs`` instead of a ``b/`` value; the header's :class:`ChannelLog` says where each
   checkpoint's value ends.
 
-Every item value is a framed, checksummed record of the manager's codec. Item keys stay under
-the stores' 128-byte limit whatever the channel names, task ids and versions are.
+Every item value is a framed, checksummed record of the manager's codec, except a log's parts
+(checked by the CRC-32 its checkpoints record over all of them). Item keys stay under the
+stores' 128-byte limit whatever the channel names, task ids and versions are.
 """
 
 from __future__ import annotations
