@@ -1513,13 +1513,14 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         """Whether every ancestor the walk visited is still held (after its writes were
         read), by the run's headers again."""
         wanted = dict(chain.record_ids)
-        before: int | None = max(wanted) + 1
+        before = max(wanted) + 1
         while wanted:
             page, _ = await self._store.headers(where.key, before=before, limit=_PAGE, now=now)
             for stored in page:
                 if wanted.get(stored.sequence) == stored.checkpoint_id:
                     del wanted[stored.sequence]
-            if len(page) < _PAGE or not page or page[-1].sequence < min(wanted, default=0):
+            # A short page is the last; past the oldest one wanted, the rest cannot hold it.
+            if len(page) < _PAGE or page[-1].sequence <= min(wanted, default=0):
                 break
             before = page[-1].sequence
         return not wanted
