@@ -47,8 +47,10 @@ class CountingStore:
         self.appended: list[int] = []
         self.item_bytes = 0
         """Keys and values of the items handed to the store (the LangGraph saver's channel
-        values and pending writes)."""
+        values and pending writes, the manager's logs) and not removed by ``delete_items``
+        since."""
         self.item_count = 0
+        self.item_sizes: dict[tuple[Any, str], int] = {}
 
     @classmethod
     def wrap(cls, inner: Any) -> CountingStore:
@@ -77,8 +79,18 @@ def _forwarder(name: str, asynchronous: bool) -> Callable[..., Any]:
             self.appended.append(len(record.payload) + len(record.header))
         if name in ("append_with_items", "put_items", "put_owned_items"):
             items = kwargs["items"] if "items" in kwargs else args[1]
-            self.item_bytes += sum(len(item.key.encode()) + len(item.value) for item in items)
+            for item in items:
+                size = len(item.key.encode()) + len(item.value)
+                self.item_sizes[(args[0], item.key)] = size
+                self.item_bytes += size
             self.item_count += len(items)
+        if name == "delete_items":  # what the run still stores (merged log parts go)
+            keys = kwargs["keys"] if "keys" in kwargs else args[1]
+            for key in keys:
+                size = self.item_sizes.pop((args[0], key), None)
+                if size is not None:
+                    self.item_bytes -= size
+                    self.item_count -= 1
         return await getattr(self.inner, name)(*args, **kwargs)
 
     return counted

@@ -136,10 +136,11 @@ class Header(msgspec.Struct, array_like=True, frozen=True):
 
 
 class LogRef(msgspec.Struct, array_like=True, frozen=True):
-    """Where a part stored as a log lives: the run's shared item ``anchor`` (the part's first
-    entries) and the items nested under it (what later checkpoints added); the checkpoint's
-    part is the log's first ``length`` entries, held by the piece whose token is ``last`` and
-    the pieces before it (``""``: the anchor alone), whose encodings have the CRC-32 ``crc``."""
+    """Where a list stored as a log lives (:mod:`fastcheckpoint._logs`): the run's shared
+    item ``anchor`` (the list's first entries) and the items nested under it (what later
+    checkpoints added); the checkpoint's list is the log's first ``length`` entries, held by
+    the part ``last`` (a key; the anchor's when it is alone) and the parts before it, whose
+    encodings have the CRC-32 ``crc``."""
 
     anchor: str
     length: int
@@ -179,22 +180,6 @@ without a bound, a few kilobytes planted in a store could inflate to gigabytes o
 def _frame(body: bytes, compression: int, version: int = FORMAT_VERSION) -> bytes:
     crc = zlib.crc32(body).to_bytes(4, "big")
     return b"".join((_MAGIC, bytes((version, _CODEC_MSGPACK, compression)), crc, body))
-
-
-_PIECE_PLAIN = b"\x01"
-_PIECE_ZLIB = b"\x02"
-_LINK_BYTES = 12
-"""A piece names the one before it by its token, padded with ``-`` to this many bytes."""
-
-
-def _piece_body(key: str, value: bytes) -> bytes | memoryview:
-    """The entry encodings a stored piece of a log holds."""
-    kind, body = value[:1], memoryview(value)[1 + _LINK_BYTES:]
-    if kind == _PIECE_PLAIN:
-        return body
-    if kind == _PIECE_ZLIB:
-        return _inflate(body, key, "log piece")
-    raise CorruptCheckpointError(f"not a log piece (kind {kind!r})", key=key)
 
 
 def array_header(count: int) -> bytes:
@@ -239,12 +224,12 @@ def _unframe(blob: bytes, key: str, versions: tuple[int, ...] = (FORMAT_VERSION,
     if compression == _COMPRESS_NONE:
         return body
     if compression == _COMPRESS_ZLIB:
-        return _inflate(body, key, "body")
+        return inflate(body, key, "body")
     raise CorruptCheckpointError(f"unknown compression {compression}", key=key)
 
 
-def _inflate(body: bytes | memoryview, key: str, what: str) -> bytes:
-    """zlib-inflate a stored ``what`` (a body, a log piece), at most
+def inflate(body: bytes | memoryview, key: str, what: str) -> bytes:
+    """zlib-inflate a stored ``what`` (a body, a log part), at most
     :data:`MAX_INFLATED_BYTES` of it."""
     inflater = zlib.decompressobj()
     try:
@@ -471,39 +456,23 @@ class Codec:
         header = _array_header_length(mine[0])
         return len(mine) - header == len(encoded) and mine.endswith(encoded)
 
-    def piece(self, encoded: bytes, before: str) -> bytes:
-        """A piece of a log as stored: a kind byte, the token of the piece ``before`` it
-        (``""``: none, this is the anchor) and entry encodings (:meth:`entries_bytes`),
-        zlib-compressed like payloads when that makes them smaller. A log's checksum is in the
-        checkpoints that use it (:class:`LogRef`), over all its pieces at once."""
-        link = before.encode("ascii").ljust(_LINK_BYTES, b"-")
-        if self._compress_min_bytes is not None and len(encoded) >= self._compress_min_bytes:
-            packed = zlib.compress(encoded, self._compress_level)
-            if len(packed) < len(encoded):
-                return _PIECE_ZLIB + link + packed
-        return _PIECE_PLAIN + link + encoded
+    def pack_entries(self, raw: bytes) -> bytes | None:
+        """A log part's entries zlib-compressed like payloads, or ``None`` when they are
+        stored as they are (small, or no smaller compressed)."""
+        if self._compress_min_bytes is None or len(raw) < self._compress_min_bytes:
+            return None
+        packed = zlib.compress(raw, self._compress_level)
+        return packed if len(packed) < len(raw) else None
 
     @staticmethod
-    def piece_before(key: str, value: bytes) -> str:
-        """The token of the piece before this one (``""``: the anchor)."""
-        if len(value) < 1 + _LINK_BYTES:
-            raise CorruptCheckpointError("not a log piece (too short)", key=key)
-        try:
-            return value[1:1 + _LINK_BYTES].decode("ascii").rstrip("-")
-        except UnicodeDecodeError as exc:
-            raise CorruptCheckpointError("not a log piece (its link)", key=key) from exc
+    def unpack_entries(packed: bytes, key: str) -> bytes:
+        """A log part's entries as :meth:`pack_entries` stored them, inflated."""
+        return inflate(packed, key, "log part")
 
-    def decode_log(self, part: str, log: LogRef, pieces: list[tuple[str, bytes]], where: str
-                   ) -> list[Any]:
-        """The first ``log.length`` entries of a log from its pieces in order (the anchor's
-        first): checked against ``log.crc`` and decoded at once, like one list."""
-        bodies = [_piece_body(key, value) for key, value in pieces]
-        joined = b"".join(bodies)
-        if zlib.crc32(joined) != log.crc:
-            raise CorruptCheckpointError(
-                f"the {part} log {log.anchor!r} fails its checksum (a piece is missing or "
-                "damaged)", key=where)
-        array = array_header(log.length) + joined
+    def decode_entries(self, count: int, data: bytes, where: str) -> list[Any]:
+        """``count`` entries from their encodings ``data`` (a log's, checked), decoded at
+        once like one list."""
+        array = array_header(count) + data
         entries: list[Any] = self._decoded(
             lambda: [Payload({}, self._any_decoder.decode(array), [], {})], where)[0].messages
         return entries

@@ -7,17 +7,19 @@ least ``CheckpointConfig.history_min_entries`` entries is stored as a *log* inst
 
 * the *anchor*, a shared item of the run (``m/<incarnation>/<sequence>.<token>`` for
   messages, ``t/...`` for tool calls), holds the entries the list had when the log began;
-* *pieces*, items nested under the anchor (``<anchor>/<index of their first entry>.<token>``,
-  the token random), each hold the entries one later checkpoint added and name the piece
-  before them (the anchor for the first);
+* *parts*, items nested under the anchor, each hold the entries of one later checkpoint, or
+  of several merged once they accumulate (:mod:`fastcheckpoint._logs`, shared with the
+  LangGraph saver), and name the part before them;
 * every checkpoint of the log names the anchor in its ``refs`` and records in its payload a
   :class:`~fastcheckpoint._codec.LogRef`: its list is the log's first ``length`` entries, the
-  ones its last piece and the pieces before it hold, with their CRC-32.
+  ones its last part and the parts before it hold, with their CRC-32.
 
-Pieces are chained rather than found by position, and anchors and pieces carry random tokens,
+Parts are chained rather than found by position, and anchors and parts carry random tokens,
 because a write that failed may leave them behind on a store without atomic writes (S3): a
 later create at the same place writes items of its own, never ones it might find in place with
-other entries (items are written only where no item has the key).
+other entries (items are written only where no item has the key). When a create merges parts,
+the manager removes the merged ones once the store acknowledged it (one more store call every
+:data:`~fastcheckpoint._logs.FANOUT` creates); a read that finds one gone uses the merged part.
 
 The store keeps the anchor while a checkpoint names it and the pieces with it, and returns them
 all with the checkpoint in one read, so pruning and expiry never take an entry a held checkpoint
@@ -35,15 +37,14 @@ whole list: never wrong, at the cost of one full copy.
 from __future__ import annotations
 
 import secrets
-import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastcheckpoint import _logs
 from fastcheckpoint._codec import Codec, LoggedPayload, LogRef, Payload
-from fastcheckpoint.errors import CorruptCheckpointError
-from fastcheckpoint.stores import Item, nested_prefix
+from fastcheckpoint.stores import Item
 
 __all__ = ["Histories", "Written"]
 
@@ -55,7 +56,6 @@ appended list from an edited one; beyond it the least recently written runs are 
 (their next create begins a new log)."""
 KEPT_RUNS = 10_000
 """Runs this process remembers logs of (the least recently written are forgotten)."""
-_INDEX_DIGITS = 10
 _TOKEN_BYTES = 6
 
 
@@ -63,16 +63,18 @@ _TOKEN_BYTES = 6
 class _Kept:
     """One part's log as this process stored it last."""
 
-    anchor: str
-    count: int
-    """Entries the log holds."""
+    tail: _logs.Tail
     encoded: bytearray
-    """Their encodings (:meth:`Codec.entries_bytes`), as the log stores them: what a list must
-    encode to, to start with exactly them."""
-    crc: int
-    """CRC-32 of ``encoded``."""
-    last: str
-    """Token of the log's last piece (``""``: the anchor)."""
+    """The entries' encodings (:meth:`Codec.entries_bytes`), as the log stores them: what a
+    list must encode to, to start with exactly them."""
+
+    @property
+    def anchor(self) -> str:
+        return self.tail.anchor
+
+    @property
+    def count(self) -> int:
+        return self.tail.count
 
     @property
     def stored_bytes(self) -> int:
@@ -105,10 +107,8 @@ class _Part:
     encoded: bytes = b""
     """The encodings of the entries written, taken when they were (the caller may change
     them later)."""
-    crc: int = 0
-    """CRC-32 of the log's encodings up to ``length``."""
-    last: str = ""
-    """Token of the log's last piece after this write."""
+    write: _logs.Write | None = None
+    """The item written (``None``: nothing was added, the checkpoint names the log as is)."""
 
 
 @dataclass
@@ -123,6 +123,13 @@ class Written:
     @property
     def size(self) -> int:
         return len(self.payload) + sum(len(item.value) for item in self.items)
+
+    @property
+    def discard(self) -> list[str]:
+        """Parts of the logs this create merged into its own: remove them once it is
+        acknowledged."""
+        return [key for planned in self.parts if planned.write is not None
+                for key in planned.write.discard]
 
 
 class Histories:
@@ -174,25 +181,26 @@ class Histories:
         """Encode the payload and the new entries of ``parts`` (may run in a worker thread)."""
         logs: dict[str, LogRef] = {}
         items: list[Item] = []
+        pack = self._codec.pack_entries
         for planned in parts:
             base = planned.base
             if base is None:
                 planned.encoded = self._codec.entries_bytes(planned.part, planned.entries)
-                items.append(Item(key=planned.anchor, value=self._codec.piece(
-                    planned.encoded, "")))
+                planned.write = _logs.begin(planned.anchor, planned.encoded, planned.length,
+                                            pack=pack)
             elif planned.entries:
                 planned.encoded = self._codec.entries_bytes(
                     planned.part, planned.entries, planned.first)
-                planned.last = secrets.token_hex(_TOKEN_BYTES)
-                items.append(Item(
-                    key=f"{nested_prefix(planned.anchor)}{planned.first:0{_INDEX_DIGITS}d}."
-                        f"{planned.last}",
-                    value=self._codec.piece(planned.encoded, base.last)))
+                planned.write = _logs.extend(base.tail, base.encoded, planned.encoded,
+                                             len(planned.entries), pack=pack)
+            if planned.write is None:
+                assert base is not None
+                tail = base.tail  # nothing added: the checkpoint names the log as it is
+                logs[planned.part] = LogRef(planned.anchor, tail.count, tail.crc, tail.last)
             else:
-                planned.last = base.last  # nothing added: the checkpoint names the log as it is
-            planned.crc = zlib.crc32(planned.encoded, 0 if base is None else base.crc)
-            logs[planned.part] = LogRef(planned.anchor, planned.length, planned.crc,
-                                        planned.last)
+                items.append(Item(key=planned.write.key, value=planned.write.value))
+                logs[planned.part] = LogRef(planned.anchor, planned.write.count,
+                                            planned.write.crc, planned.write.key)
         payload = self._codec.encode_payload(
             body.state,
             [] if "messages" in logs else body.messages,
@@ -214,12 +222,13 @@ class Histories:
         logs = _RunLogs(sequence, incarnation)
         for planned in written.parts:
             kept = planned.base
-            if kept is None:
-                kept = _Kept(planned.anchor, 0, bytearray(), 0, "")
+            if planned.write is not None:
+                tail = planned.write.tail(planned.anchor)
+                if kept is None:
+                    kept = _Kept(tail, bytearray())
+                kept.tail = tail
+            assert kept is not None, "a new log always writes its anchor"
             kept.encoded += planned.encoded  # the old value is no one else's: it is replaced
-            kept.count = planned.length
-            kept.crc = planned.crc
-            kept.last = planned.last
             logs.parts[planned.part] = kept
         if not logs.parts:
             return
@@ -237,6 +246,15 @@ class Histories:
         if len(entries) < kept.count:
             return False
         return self._codec.same_entries(part, entries[:kept.count], kept.encoded)
+
+    def undiscarded(self, key: str, written: Written) -> None:
+        """Removing the parts ``written`` merged failed: the run's next merge tries again."""
+        logs = self._runs.get(key)
+        for planned in written.parts:
+            kept = None if logs is None else logs.parts.get(planned.part)
+            if planned.write is not None and kept is not None and \
+                    kept.anchor == planned.anchor:
+                kept.tail.leftovers = planned.write.discard
 
     def kept_bytes(self, key: str) -> int:
         """Bytes of entries a create of the run compares before extending its logs."""
@@ -262,23 +280,9 @@ class Histories:
 
     def _entries(self, part: str, log: LogRef, items: Mapping[str, bytes], where: str
                  ) -> list[Any]:
-        if log.anchor not in items:
-            raise CorruptCheckpointError(
-                f"the {part} log {log.anchor!r} this checkpoint names is missing", key=where)
-        prefix = nested_prefix(log.anchor)
-        by_token = {name.rpartition(".")[2]: name for name in items if name.startswith(prefix)}
-        chain: list[tuple[str, bytes]] = []
-        token = log.last
-        while token:  # from the checkpoint's last piece back to the anchor
-            name = by_token.pop(token, None)  # popped: a damaged chain cannot loop
-            if name is None:
-                raise CorruptCheckpointError(
-                    f"the {part} log {log.anchor!r} lacks its piece {token!r}", key=where)
-            chain.append((name, items[name]))
-            token = self._codec.piece_before(name, items[name])
-        chain.append((log.anchor, items[log.anchor]))
-        chain.reverse()
-        return self._codec.decode_log(part, log, chain, where)
-
-
-
+        """The list ``log`` records; :class:`~fastcheckpoint._logs.LogGap` when a part is
+        missing (reading again may find it merged)."""
+        found = _logs.read(log.anchor, log.last, log.length, log.crc, items,
+                           what=f"the {part} log {log.anchor!r}", where=where,
+                           unpack=self._codec.unpack_entries)
+        return self._codec.decode_entries(log.length, found.entries, where)

@@ -31,6 +31,7 @@ from fastcheckpoint import _export, _ids
 from fastcheckpoint._codec import Codec, Header, Payload, RunData, to_json_text
 from fastcheckpoint._config import CheckpointConfig, RetryPolicy
 from fastcheckpoint._history import Histories, Written
+from fastcheckpoint._logs import LogGap
 from fastcheckpoint._model import (
     Checkpoint,
     CheckpointMetadata,
@@ -431,11 +432,26 @@ class CheckpointManager:
                 continue
             self._histories.remember(key, written, sequence=sequence, incarnation=incarnation)
             self._remember(key, _Hint(sequence, incarnation, written.size))
+            await self._discard_merged(key, written)
             return record, parent, status
         raise ConflictError(
             f"could not append to run {header.run_id!r}: lost the sequence race "
             f"{self.config.max_sequence_retries} times in a row"
         )
+
+    async def _discard_merged(self, key: str, written: Written) -> None:
+        """Remove the log parts an acknowledged create merged into its own (readers that
+        still look for them use the merged part). A failure costs only space: the run's next
+        merge tries again."""
+        discard = written.discard
+        if not discard:
+            return
+        try:
+            await self._store.delete_items(key, discard)
+        except CheckpointError as exc:
+            self._histories.undiscarded(key, written)
+            logger.warning("could not remove %d merged log parts of run key %s (%s); the "
+                           "run's next merge tries again", len(discard), key, exc)
 
     async def _observed_head(
         self, key: str, conflict: SequenceConflict, now: float
@@ -615,19 +631,32 @@ class CheckpointManager:
         _check_located(key, stored)
         _check_owner(key, stored, header)
         metadata = self._metadata(stored, header, _reported_status(status, stored.key))
-        body = await self._decode_body(stored, items)
+        body = await self._decode_body(key, stored, items)
         return Checkpoint(metadata, body.state, body.messages, body.tool_calls, body.context)
 
-    async def _decode_body(self, stored: StoredCheckpoint, items: dict[str, bytes]) -> Payload:
-        """The body, its logged lists rebuilt from ``items`` (in a worker thread when large)."""
-        def decode() -> Payload:
+    async def _decode_body(
+        self, key: str, stored: StoredCheckpoint, items: dict[str, bytes]
+    ) -> Payload:
+        """The body, its logged lists rebuilt from ``items`` (in a worker thread when large).
+        A log part missing is read once more: on a store whose reads are not atomic, another
+        process may have merged it away between the listing and the reading of the parts."""
+        def decode(items: dict[str, bytes]) -> Payload:
             payload = self._codec.decode_payload(stored.payload, stored.key)
             return self._histories.resolve(payload, items, stored.key)
 
-        size = len(stored.payload) + sum(map(len, items.values()))
-        if size >= self.config.offload_min_bytes:
-            return await anyio.to_thread.run_sync(decode)
-        return decode()
+        async def decoded(items: dict[str, bytes]) -> Payload:
+            size = len(stored.payload) + sum(map(len, items.values()))
+            if size >= self.config.offload_min_bytes:
+                return await anyio.to_thread.run_sync(decode, items)
+            return decode(items)
+
+        try:
+            return await decoded(items)
+        except LogGap:
+            again = await self._read(key, stored.sequence, self.config.clock())
+            if again is None or again[0].checkpoint_id != stored.checkpoint_id:
+                raise
+            return await decoded(again[2])
 
     def _metadata(
         self, stored: CheckpointHeader, header: Header, status: CheckpointStatus
@@ -932,7 +961,7 @@ class CheckpointManager:
         header = self._codec.decode_header(source.header, source.key)
         _check_owner(key, source, header)
         # Read before anything is written: a source that cannot be restored is not copied.
-        body = await self._decode_body(source, items)
+        body = await self._decode_body(key, source, items)
         if new_run_id is None:
             new_run_id = f"{header.run_id}-fork-{_ids.new_incarnation()}"
         new_key = _ids.key_of(new_run_id)

@@ -7,10 +7,11 @@ LangGraph's serde writes as a msgpack array is stored as a *log* instead:
 
 * the *anchor*, a shared item of the run (``l/<digest of the channel>/<token>``), holds the
   entries the list had when the log began;
-* *pieces*, items nested under the anchor (``<anchor>/<index of their first entry>.<token>``),
-  each hold the entries one later version added and name the part before them;
+* *parts*, items nested under the anchor, each hold the entries one later version added, or
+  those of several merged once they accumulate (:mod:`fastcheckpoint._logs`, shared with the
+  manager's histories), and name the part before them;
 * the checkpoint's header records, per logged channel, a :class:`ChannelLog` (the version, the
-  anchor, the last piece, the entry count and a CRC-32 of the entries), and its refs name the
+  anchor, the last part, the entry count and a CRC-32 of the entries), and its refs name the
   anchor instead of a per-version value. A checkpoint whose channel did not change records its
   parent's :class:`ChannelLog` again.
 
@@ -19,44 +20,34 @@ msgpack encoding, found without decoding it), and read back as one msgpack array
 decodes the list once, as it would a whole value. A version extends the log this process
 wrote or read last for the channel only when its list starts with exactly those entries' bytes
 (an entry changed in place encodes differently); otherwise it begins a new log with the whole
-list. Pieces are found by the chain from the checkpoint's last piece, never by position, so a
-piece a failed or concurrent save left under the anchor is never read.
+list. Parts are found by the chain from the checkpoint's last part, never by position, so a
+part a failed or concurrent save left under the anchor is never read. A save that merges parts
+removes the merged ones once the store acknowledged it (one more store call every
+:data:`~fastcheckpoint._logs.FANOUT` versions of a channel); a load that finds one gone reads
+the merged part instead.
 """
 
 from __future__ import annotations
 
 import secrets
 import threading
-import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import msgspec
 
+from fastcheckpoint import _logs
 from fastcheckpoint._codec import array_header, split_array
 from fastcheckpoint._history import KEPT_BYTES, KEPT_RUNS
-from fastcheckpoint.errors import CorruptCheckpointError
 from fastcheckpoint.integrations._langgraph_records import ChannelLog, Typed, digest
-from fastcheckpoint.stores import nested_prefix
 
-__all__ = ["ChannelLogs", "LogPart", "Planned"]
+__all__ = ["ChannelLogs", "Planned"]
 
 LOGS = "l/"
 """The prefix of every anchor's key."""
 _MSGPACK = "msgpack"
-_INDEX_DIGITS = 10
 _TOKEN_BYTES = 6
-
-
-class LogPart(msgspec.Struct, array_like=True, frozen=True):
-    """The value of an anchor or a piece."""
-
-    previous: str
-    """The key of the part before (``""`` for the anchor)."""
-    count: int
-    entries: bytes
-    """The msgpack encodings of the part's entries, concatenated."""
 
 
 @dataclass(frozen=True)
@@ -66,10 +57,11 @@ class Planned:
 
     channel: str
     log: ChannelLog
-    key: str
-    """The key of the part to write (``""``: the list did not grow, nothing to write)."""
-    part: LogPart | None
-    entries: memoryview
+    write: _logs.Write | None
+    """The part to write (``None``: the list did not grow, nothing to write)."""
+    tail: _logs.Tail
+    """The log once the save is acknowledged."""
+    entries: bytes | memoryview
     """All the value's entries (a view of the serde's output)."""
     extends: str | None
     """The incarnation of the run whose log it extends (``None``: a new log). The save may
@@ -84,10 +76,7 @@ class _Kept:
     """The entries' bytes as stored, all parts in order."""
     incarnation: str
     """The life of the run the log was written or read in."""
-
-
-_PART = msgspec.msgpack.Decoder(LogPart)
-_ENCODER = msgspec.msgpack.Encoder()
+    tail: _logs.Tail
 
 
 class ChannelLogs:
@@ -118,29 +107,31 @@ class ChannelLogs:
         # msgpack is prefix-free: bytes equal to whole entries end where an entry ends.
         if kept is not None and kept.log.count <= count and \
                 body[:len(kept.entries)] == kept.entries:
-            added = bytes(body[len(kept.entries):])
             if kept.log.count == count:
                 log = msgspec.structs.replace(kept.log, version=version)
-                return Planned(channel, log, "", None, body, kept.incarnation)
-            key = (f"{nested_prefix(kept.log.anchor)}{kept.log.count:0{_INDEX_DIGITS}d}."
-                   f"{secrets.token_hex(_TOKEN_BYTES)}")
-            log = ChannelLog(version, kept.log.anchor, key, count,
-                             zlib.crc32(added, kept.log.crc))
-            return Planned(channel, log, key, LogPart(kept.log.last, count - kept.log.count,
-                                                      added), body, kept.incarnation)
-        whole = bytes(body)
+                return Planned(channel, log, None, kept.tail, body, kept.incarnation)
+            write = _logs.extend(kept.tail, kept.entries, bytes(body[len(kept.entries):]),
+                                 count - kept.log.count)
+            log = ChannelLog(version, kept.log.anchor, write.key, count, write.crc)
+            return Planned(channel, log, write, write.tail(kept.log.anchor), body,
+                           kept.incarnation)
         anchor = f"{LOGS}{digest(channel)}/{secrets.token_hex(_TOKEN_BYTES)}"
-        log = ChannelLog(version, anchor, anchor, count, zlib.crc32(whole))
-        return Planned(channel, log, anchor, LogPart("", count, whole), body, None)
-
-    @staticmethod
-    def part_value(part: LogPart) -> bytes:
-        return _ENCODER.encode(part)
+        write = _logs.begin(anchor, bytes(body), count)
+        log = ChannelLog(version, anchor, anchor, count, write.crc)
+        return Planned(channel, log, write, write.tail(anchor), body, None)
 
     def remember(self, run_key: str, planned: Planned, incarnation: str) -> None:
         """A save with ``planned`` was acknowledged in life ``incarnation`` of the run: the
         next version may extend it."""
-        self._keep(run_key, planned.channel, _Kept(planned.log, planned.entries, incarnation))
+        self._keep(run_key, planned.channel,
+                   _Kept(planned.log, planned.entries, incarnation, planned.tail))
+
+    def undiscarded(self, run_key: str, planned: Planned) -> None:
+        """Removing the parts ``planned`` merged failed: the log's next merge tries again."""
+        with self._lock:
+            kept = self._kept.get((run_key, planned.channel))
+            if kept is not None and planned.write is not None and kept.tail is planned.tail:
+                kept.tail.leftovers = planned.write.discard
 
     def forget(self, run_key: str) -> None:
         """The run's logs may be gone (deleted, refused): its next versions begin new ones."""
@@ -153,42 +144,11 @@ class ChannelLogs:
         """The value ``log`` records, from the anchor and pieces among ``items`` (what the
         store returned with the checkpoint), as the serde wrote it; ``keep``: remember it
         (the run's latest, which the next save may extend), read in that incarnation."""
-        chunks: list[bytes] = []
-        key = log.last
-        total = 0
-        while True:
-            found = items.get(key)
-            if found is None:
-                raise CorruptCheckpointError(
-                    f"channel {channel!r:.80}: part {key!r} of its log is missing", key=where)
-            try:
-                part = _PART.decode(found)
-            except msgspec.DecodeError as exc:
-                raise CorruptCheckpointError(
-                    f"channel {channel!r:.80}: part {key!r} of its log is damaged: {exc}",
-                    key=where) from exc
-            chunks.append(part.entries)
-            total += part.count
-            if not part.previous:
-                break
-            # Every piece adds entries and names a part of the same log: the walk ends.
-            if part.count < 1 or total >= log.count or not (
-                part.previous == log.anchor or
-                part.previous.startswith(nested_prefix(log.anchor))
-            ):
-                raise CorruptCheckpointError(
-                    f"channel {channel!r:.80}: the log's chain is broken at {key!r}", key=where)
-            key = part.previous
-        if key != log.anchor:
-            raise CorruptCheckpointError(
-                f"channel {channel!r:.80}: the log does not begin at its anchor", key=where)
-        entries = b"".join(reversed(chunks))
-        if total != log.count or zlib.crc32(entries) != log.crc:
-            raise CorruptCheckpointError(
-                f"channel {channel!r:.80}: the log fails its checksum", key=where)
+        found = _logs.read(log.anchor, log.last, log.count, log.crc, items,
+                           what=f"channel {channel!r:.80}: its log", where=where)
         if keep is not None:
-            self._keep(run_key, channel, _Kept(log, entries, keep))
-        return _MSGPACK, array_header(log.count) + entries
+            self._keep(run_key, channel, _Kept(log, found.entries, keep, found.tail))
+        return _MSGPACK, array_header(log.count) + found.entries
 
     def _keep(self, run_key: str, channel: str, kept: _Kept) -> None:
         slot = (run_key, channel)

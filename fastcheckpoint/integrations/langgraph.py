@@ -42,6 +42,7 @@ from fastcheckpoint import _ids
 from fastcheckpoint._bridge import LoopBridge
 from fastcheckpoint._codec import Codec, Header, RunData
 from fastcheckpoint._config import CheckpointConfig, RetryPolicy
+from fastcheckpoint._logs import LogGap
 from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint.errors import (
@@ -629,15 +630,28 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         *,
         head: bool = False,
     ) -> CheckpointTuple:
-        """Decode a checkpoint read; ``head``: it is the run's latest (a hint for saves)."""
-        size = len(stored.payload) + sum(map(len, items.values()))
-        if size >= self._shared.manager.config.offload_min_bytes:
-            found = await anyio.to_thread.run_sync(self._decoded, where, stored, items, head)
-        else:
-            found = self._decoded(where, stored, items, head)
+        """Decode a checkpoint read; ``head``: it is the run's latest (a hint for saves). A
+        log part missing is read once more: on a store whose reads are not atomic, another
+        process may have merged it away between the listing and the reading of the parts."""
+        try:
+            found = await self._decode_read(where, stored, items, head)
+        except LogGap:
+            again = await self._store.read_with_items(
+                where.key, sequence=stored.sequence, now=self._now())
+            if again is None or again[0].checkpoint_id != stored.checkpoint_id:
+                raise
+            found = await self._decode_read(where, stored, again[2], head)
         self._state.remember(where.key, found.checkpoint["id"], _located_of(where, stored),
                              head=head)
         return found
+
+    async def _decode_read(
+        self, where: _Where, stored: StoredCheckpoint, items: dict[str, bytes], head: bool
+    ) -> CheckpointTuple:
+        size = len(stored.payload) + sum(map(len, items.values()))
+        if size >= self._shared.manager.config.offload_min_bytes:
+            return await anyio.to_thread.run_sync(self._decoded, where, stored, items, head)
+        return self._decoded(where, stored, items, head)
 
     def _decoded(
         self, where: _Where, stored: StoredCheckpoint, items: dict[str, bytes], head: bool
@@ -897,8 +911,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                                       value=self._shared.items.encode(typed)))
                     continue
                 planned.append(plan)
-                if plan.part is not None:
-                    blobs.append(Item(key=plan.key, value=ChannelLogs.part_value(plan.part)))
+                if plan.write is not None:
+                    blobs.append(Item(key=plan.write.key, value=plan.write.value))
             # The ids are there for people (``fastcheckpoint show``); the saver reads the rest.
             payload = self._shared.codec.encode_payload(
                 {"checkpoint": list(self._dumps(bare, "checkpoint")),
@@ -1004,6 +1018,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                         await anyio.sleep(contention.delay(attempt - _FREE_RETRIES))
                     continue
                 self._saved(where, encoded, located)
+                await self._discard_merged(where, encoded)
                 if parked is not None:
                     parked.stored = True
                 if status in _REACTIVATED and not where.checkpoint_ns:
@@ -1099,6 +1114,22 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         hint = state.runs.get(where.key)
         if hint is not None:
             hint.payload_size = encoded.size
+
+    async def _discard_merged(self, where: _Where, encoded: _Encoded) -> None:
+        """Remove the log parts an acknowledged save merged into its own (loads that still
+        look for them read the merged part). A failure costs only space: the log's next
+        merge tries again."""
+        merging = [plan for plan in encoded.planned if plan.write and plan.write.discard]
+        if not merging:
+            return
+        discard = [key for plan in merging if plan.write for key in plan.write.discard]
+        try:
+            await self._store.delete_items(where.key, discard)
+        except CheckpointError as exc:
+            for plan in merging:
+                self._shared.logs.undiscarded(where.key, plan)
+            logger.warning("could not remove %d merged log parts of thread %r (%s); the log's "
+                           "next merge tries again", len(discard), where.thread_id[:80], exc)
 
     def _dropped(self, where: _Where, checkpoint_id: str) -> None:
         self._state.forget_run(where.key)

@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from fastcheckpoint import CheckpointConfig, CheckpointManager
+from fastcheckpoint._logs import LogGap
 from fastcheckpoint.errors import CorruptCheckpointError
 from fastcheckpoint.stores import CheckpointStore, offers_nested_items
 from fastcheckpoint.stores.memory import MemoryStore
@@ -285,6 +286,146 @@ async def test_one_store_call_per_create_and_per_restore(clock: FakeClock) -> No
         assert store.take() == {"read_with_items": 1}
 
 
+async def test_a_long_log_merges_its_parts_and_every_checkpoint_restores_exactly(
+    fresh_store: FreshStore, clock: FakeClock
+) -> None:
+    """Parts merge as they accumulate and the merged ones are removed, so a restore reads a
+    bounded number of them; checkpoints whose parts were merged away (older ones, and those
+    of a second writer that continued an older checkpoint) restore from the merged parts."""
+    from fastcheckpoint._logs import FANOUT
+
+    async with fresh_store() as store:
+        moto = type(store).__name__ in ("S3Store", "DynamoDBStore")
+        steps = 3 * FANOUT if moto else FANOUT * FANOUT + 20
+        manager = _manager(store, clock)
+        messages = [_message(index) for index in range(MIN)]
+        created: list[tuple[str, list[Any]]] = []
+        most = 0
+        for _ in range(steps):
+            messages.append(_message(len(messages)))
+            checkpoint = await manager.create("long", {}, messages=messages)
+            assert checkpoint is not None
+            created.append((checkpoint.metadata.checkpoint_id, list(messages)))
+            most = max(most, len(await _log_items(store, "long")))
+        # The anchor, then at most FANOUT - 1 parts per level (two levels here).
+        assert most <= 1 + 2 * (FANOUT - 1)
+        latest = await manager.restore("long")
+        assert latest is not None
+        assert latest.messages == messages
+        every = 1 if not moto else 7
+        for checkpoint_id, expected in created[::every]:
+            restored = await manager.restore_from(checkpoint_id)
+            assert restored is not None
+            assert restored.messages == expected
+        # Every entry once, plus each part's frame and where the writes it holds end.
+        logged = await _log_items(store, "long")
+        stored = sum(map(len, logged.values()))
+        assert stored < len(msgspec.msgpack.encode(messages)) + 48 * len(logged) + 4 * steps
+
+        # A second process continues from an older checkpoint (a fork in time, as a process
+        # with an older hint would) and both lines restore exactly after each other's merges.
+        source_id, source = created[FANOUT // 2]
+        forked = await manager.fork(source_id, "long-fork")
+        assert forked.messages == source
+        for checkpoint_id, expected in created[-3:]:
+            restored = await _manager(store, clock).restore_from(checkpoint_id)
+            assert restored is not None
+            assert restored.messages == expected
+
+
+async def test_merging_costs_one_removal_every_few_creates_and_reads_stay_one_call(
+    clock: FakeClock
+) -> None:
+    from fastcheckpoint._logs import FANOUT
+
+    store = _Counting(MemoryStore())
+    manager = _manager(store, clock)  # type: ignore[arg-type]
+    messages = [_message(index) for index in range(MIN)]
+    removals = []
+    for step in range(3 * FANOUT + 1):
+        messages.append(_message(len(messages)))
+        await manager.create("counted", {}, messages=messages)
+        calls = store.take()
+        assert calls.pop("append_with_items") == 1
+        if calls:
+            assert calls == {"delete_items": 1}
+            removals.append(step)
+        restored = await manager.restore("counted")
+        assert restored is not None
+        assert restored.messages == messages
+        assert store.take() == {"read_with_items": 1}
+    # The first create begins the log; every FANOUT-th part after it merges.
+    assert removals == [FANOUT, 2 * FANOUT, 3 * FANOUT]
+
+
+async def test_a_part_merged_away_during_a_read_is_read_again(clock: FakeClock) -> None:
+    """On a store whose reads are not atomic, a reader can list a part that another process
+    merges away before the reader gets to it: the manager reads the checkpoint once more."""
+    from fastcheckpoint._logs import FANOUT
+
+    class Stale(_Counting):
+        stale: dict[str, bytes] | None = None
+
+        async def read_with_items(self, *args: Any, **kwargs: Any) -> Any:
+            found = await super().read_with_items(*args, **kwargs)
+            if self.stale is not None and found is not None:
+                items, self.stale = self.stale, None
+                return (*found[:2], items)  # what a listing before the merge saw, minus it
+            return found
+
+    store = Stale(MemoryStore())
+    writer, reader = _manager(store, clock), _manager(store, clock)  # type: ignore[arg-type]
+    messages = [_message(index) for index in range(MIN)]
+    for _ in range(FANOUT):
+        messages.append(_message(len(messages)))
+        await writer.create("raced", {}, messages=messages)
+    before = await store.inner.read_with_items(
+        writer_key := __import__("fastcheckpoint")._ids.key_of("raced"), sequence=None, now=0.0)
+    messages.append(_message(len(messages)))
+    await writer.create("raced", {}, messages=messages)  # merges, removes what it merged
+    after = await store.inner.read_with_items(writer_key, sequence=None, now=0.0)
+    assert len(after[2]) < len(before[2])
+    store.stale = {key: value for key, value in before[2].items() if key in after[2]}
+    store.take()
+    restored = await reader.restore_from(before[0].checkpoint_id)
+    assert restored is not None
+    assert restored.messages == messages[:-1]
+    assert store.take() == {"read_with_items": 2}
+
+
+async def test_a_failed_removal_of_merged_parts_loses_nothing_and_is_retried(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fastcheckpoint import _ids
+    from fastcheckpoint._logs import FANOUT
+    from fastcheckpoint.errors import StoreError
+
+    class Failing(_Counting):
+        fail = True
+
+        async def delete_items(self, *args: Any, **kwargs: Any) -> Any:
+            if self.fail:
+                self.fail = False
+                raise StoreError("the removal failed")
+            return await super().delete_items(*args, **kwargs)
+
+    store = Failing(MemoryStore())
+    manager = _manager(store, clock)  # type: ignore[arg-type]
+    messages = [_message(index) for index in range(MIN)]
+    counts = []
+    for _ in range(2 * FANOUT + 1):
+        messages.append(_message(len(messages)))
+        assert await manager.create("failing", {}, messages=messages) is not None
+        counts.append(len(await _log_items(store.inner, "failing")))
+        restored = await manager.restore("failing")
+        assert restored is not None
+        assert restored.messages == messages
+    assert "could not remove" in caplog.text
+    # The second merge removed what the first left: the log holds what it would have.
+    assert counts[-1] == 3
+    assert _ids.key_of("failing")
+
+
 async def test_short_lists_and_disabled_histories_are_stored_whole(clock: FakeClock) -> None:
     store = MemoryStore()
     short = _manager(store, clock)
@@ -313,7 +454,7 @@ async def test_a_missing_piece_of_a_log_is_reported_as_corrupt(clock: FakeClock)
     pieces = [key for key in await _log_items(store, "damaged") if key.count("/") == 3]
     assert len(pieces) == 1
     await store.delete_items(_ids.key_of("damaged"), pieces)
-    with pytest.raises(CorruptCheckpointError, match="lacks its piece"):
+    with pytest.raises(LogGap, match="is missing"):
         await manager.restore("damaged")
 
 
@@ -331,13 +472,18 @@ async def test_a_damaged_piece_is_reported_as_corrupt(clock: FakeClock) -> None:
     pieces = {name: value for name, value in (await _log_items(store, "flipped")).items()
               if name.count("/") == 3}
     [(name, value)] = pieces.items()
+    from fastcheckpoint._logs import LogPart
+
+    part = msgspec.msgpack.decode(value, type=LogPart)
+    flipped = part.entries[:-1] + bytes((part.entries[-1] ^ 1,))
     await store.delete_items(key, [name])
-    await store.put_items(key, [Item(key=name, value=value[:-1] + b"?")], now=clock())
+    await store.put_items(key, [Item(key=name, value=msgspec.msgpack.encode(
+        msgspec.structs.replace(part, entries=flipped)))], now=clock())
     with pytest.raises(CorruptCheckpointError, match="fails its checksum"):
         await manager.restore("flipped")
     await store.delete_items(key, [name])
     await store.put_items(key, [Item(key=name, value=b"\x09" + value[1:])], now=clock())
-    with pytest.raises(CorruptCheckpointError, match="not a log piece"):
+    with pytest.raises(CorruptCheckpointError, match="is damaged"):
         await manager.restore("flipped")
 
 
@@ -366,7 +512,7 @@ async def test_a_refused_entry_is_named_by_its_index_and_nothing_is_written(
 async def test_a_piece_a_failed_write_left_behind_is_never_used(clock: FakeClock) -> None:
     """On a store without atomic writes, a create that failed may leave its piece of the log
     behind; the next create at the same place writes its own and restores its own entries."""
-    from fastcheckpoint import _ids
+    from fastcheckpoint import _ids, _logs
     from fastcheckpoint._codec import Codec
     from fastcheckpoint.stores import Item
 
@@ -376,10 +522,11 @@ async def test_a_piece_a_failed_write_left_behind_is_never_used(clock: FakeClock
     await manager.create("stray", {}, messages=messages)
     [anchor] = await _log_items(store, "stray")
     codec = Codec()
-    stray = [_message(5, "from a write that failed")]
-    await store.put_items(_ids.key_of("stray"), [Item(
-        key=f"{anchor}/{5:010d}.{'ab' * 6}",
-        value=codec.piece(codec.entries_bytes("messages", stray, 5), ""))], now=clock())
+    base = codec.entries_bytes("messages", messages)
+    stray = _logs.extend(_logs.begin(anchor, base, 5).tail(anchor), base, codec.entries_bytes(
+        "messages", [_message(5, "from a write that failed")], 5), 1)
+    await store.put_items(_ids.key_of("stray"), [Item(key=stray.key, value=stray.value)],
+                          now=clock())
 
     messages.append(_message(5, "the one acknowledged"))
     created = await manager.create("stray", {}, messages=messages)

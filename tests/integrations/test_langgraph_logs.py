@@ -115,6 +115,51 @@ async def test_every_checkpoint_loads_what_langgraph_saved_on_every_store(
             assert len(await _anchors(store, "t")) == 1
 
 
+async def test_two_branches_of_one_log_merge_their_parts_and_load_exactly(
+    fresh_store: FreshStore, kind: str
+) -> None:
+    """Two processes read the same head and each goes on with a branch of its own: both
+    extend the same log, each merges its parts (removing them) as they accumulate, and every
+    checkpoint of both branches still loads exactly what was saved."""
+    from fastcheckpoint._logs import FANOUT
+
+    moto = kind in ("s3", "dynamodb")
+    with anyio.fail_after(STORE_DEADLINE):
+        async with fresh_store() as store:
+            entries = [f"entry {number}" for number in range(40)]
+            head = await _saver(store).aput(config("t"), checkpoint({"log": entries},
+                                                                    {"log": 1}),
+                                            metadata(0), {"log": 1})
+            branches: dict[str, tuple[Any, list[str], int]] = {}
+            for name in ("a", "b"):
+                saver = _saver(store)
+                assert await saver.aget_tuple(config("t")) is not None  # the head, kept
+                branches[name] = (saver, head, list(entries))
+            expected: dict[str, list[str]] = {}
+            most = 0
+            for step in range(2 * FANOUT + 3):
+                for name, (saver, parent, before) in list(branches.items()):
+                    values = [*before, f"{name} {step}"]
+                    version = step + 2
+                    saved = await saver.aput(parent, checkpoint({"log": values},
+                                                                {"log": version}),
+                                             metadata(step + 1), {"log": version})
+                    expected[saved["configurable"]["checkpoint_id"]] = values
+                    branches[name] = (saver, saved, values)
+                [anchor] = await _anchors(store, "t")
+                parts = await store.scan_items(run_key("t"), prefix=nested_prefix(anchor),
+                                               limit=10_000, now=T0)
+                most = max(most, len(parts))
+            # Each branch keeps at most FANOUT - 1 parts per level (two levels here).
+            assert most <= 2 * 2 * (FANOUT - 1)
+            reader = _saver(store)
+            checked = list(expected.items())
+            for checkpoint_id, values in checked[::5] if moto else checked:
+                found = await reader.aget_tuple(config("t", checkpoint_id))
+                assert found is not None
+                assert found.checkpoint["channel_values"]["log"] == values
+
+
 async def test_an_edited_list_begins_a_new_log_and_loads_exactly() -> None:
     store = MemoryStore()
     saver, theirs = _saver(store), InMemorySaver()
