@@ -469,10 +469,9 @@ class Codec:
         """A log part's entries as :meth:`pack_entries` stored them, inflated."""
         return inflate(packed, key, "log part")
 
-    def decode_entries(self, count: int, data: bytes, where: str) -> list[Any]:
-        """``count`` entries from their encodings ``data`` (a log's, checked), decoded at
-        once like one list."""
-        array = array_header(count) + data
+    def decode_entries(self, array: bytes, where: str) -> list[Any]:
+        """A log's entries (checked), decoded at once from ``array``: their encodings after a
+        msgpack array header (:func:`array_header`)."""
         entries: list[Any] = self._decoded(
             lambda: [Payload({}, self._any_decoder.decode(array), [], {})], where)[0].messages
         return entries

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastcheckpoint import _logs
-from fastcheckpoint._codec import Codec, LoggedPayload, LogRef, Payload
+from fastcheckpoint._codec import Codec, LoggedPayload, LogRef, Payload, array_header
 from fastcheckpoint.stores import Item
 
 __all__ = ["Histories", "Written"]
@@ -284,5 +284,5 @@ class Histories:
         missing (reading again may find it merged)."""
         found = _logs.read(log.anchor, log.last, log.length, log.crc, items,
                            what=f"the {part} log {log.anchor!r}", where=where,
-                           unpack=self._codec.unpack_entries)
-        return self._codec.decode_entries(log.length, found.entries, where)
+                           unpack=self._codec.unpack_entries, header=array_header(log.length))
+        return self._codec.decode_entries(found.data, where)

@@ -43,6 +43,7 @@ import secrets
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import msgspec
 
@@ -74,7 +75,18 @@ class LogPart(msgspec.Struct, array_like=True, frozen=True):
     packed: bool = False
 
 
-_DECODER = msgspec.msgpack.Decoder(LogPart)
+class _PartView(msgspec.Struct, array_like=True, frozen=True):
+    """A :class:`LogPart` as read: its entries a view of the stored value, not a copy."""
+
+    previous: str
+    level: int
+    counts: tuple[int, ...]
+    sizes: tuple[int, ...]
+    entries: memoryview
+    packed: bool = False
+
+
+_DECODER = msgspec.msgpack.Decoder(_PartView)
 _ENCODER = msgspec.msgpack.Encoder()
 
 
@@ -205,25 +217,28 @@ def extend(tail: Tail, data: bytes | bytearray | memoryview, new: bytes, added: 
 
 @dataclass(frozen=True)
 class Read:
-    """A log read back: its entries' bytes, and its tail (to extend it)."""
+    """A log read back: the caller's header and the entries' bytes (``data``), the entries
+    alone (a view of ``data``), and its tail (to extend it)."""
 
-    entries: bytes
+    data: bytes
+    entries: memoryview
     tail: Tail
 
 
 @dataclass
 class _Found:
     key: str
-    part: LogPart
+    part: _PartView
     first: int
     ends: tuple[int, ...] = field(default=())
     """Entry index where each of its writes ends (absolute)."""
 
 
 def read(anchor: str, last: str, count: int, crc: int, items: Mapping[str, bytes], *,
-         what: str, where: str, unpack: Unpack | None = None) -> Read:
+         what: str, where: str, unpack: Unpack | None = None, header: bytes = b"") -> Read:
     """The log ``(anchor, last, count, crc)`` from its parts among ``items`` (what the store
-    returned with the checkpoint): its first ``count`` entries, checked against ``crc``.
+    returned with the checkpoint): its first ``count`` entries, checked against ``crc``, in
+    one copy, after ``header`` (a msgpack array header makes them one array to decode).
 
     Raises :class:`LogGap` when a part is missing and nothing else holds its entries,
     :class:`CorruptCheckpointError` when a part is damaged or the log fails its CRC; ``what``
@@ -234,13 +249,17 @@ def read(anchor: str, last: str, count: int, crc: int, items: Mapping[str, bytes
         raise LogGap(f"{what}: its anchor {anchor!r} is missing", key=where)
     for chain in parts.chains(last, count):
         pieces = [parts.bytes_of(found, end) for found, end in chain]
-        data = b"".join(pieces)
-        if zlib.crc32(data) == crc:
+        checked = 0
+        for piece in pieces:
+            checked = zlib.crc32(piece, checked)
+        if checked == crc:
             links, start = [], 0
             for (found, end), piece in zip(chain, pieces, strict=True):
                 links.append(parts.link(found, end, start))
                 start += len(piece)
-            return Read(data, Tail(anchor, tuple(links), count, crc))
+            data = b"".join((header, *pieces))
+            return Read(data, memoryview(data)[len(header):],
+                        Tail(anchor, tuple(links), count, crc))
     if parts.missing:
         raise LogGap(f"{what}: its part {parts.missing[0]!r} is missing", key=where)
     raise CorruptCheckpointError(f"{what} fails its checksum (a part is missing or damaged)",
@@ -259,7 +278,7 @@ class _Parts:
         self.where = where
         self.unpack = unpack
         self.found: dict[str, _Found | None] = {}
-        self.raw: dict[str, bytes] = {}
+        self.raw: dict[str, memoryview] = {}
         self.by_end: dict[int, list[str]] | None = None
         self.missing: list[str] = []
 
@@ -290,11 +309,7 @@ class _Parts:
                 min(part.counts) < 1 or min(part.sizes) < 0:
             raise CorruptCheckpointError(
                 f"{self.what}: its part {key!r} is not a part of it", key=self.where)
-        ends, end = [], first
-        for added in part.counts:
-            end += added
-            ends.append(end)
-        return _Found(key, part, first, tuple(ends))
+        return _Found(key, part, first, tuple(accumulate(part.counts, initial=first))[1:])
 
     def holding(self, end: int) -> list[str]:
         """Parts in which a write ends at entry ``end``, longest first (a damaged part,
@@ -338,7 +353,8 @@ class _Parts:
             for rest in self.chains(other, end):
                 yield [*rest, *links[::-1]]
 
-    def bytes_of(self, found: _Found, end: int) -> bytes:
+    def bytes_of(self, found: _Found, end: int) -> memoryview:
+        """The part's entries up to entry ``end`` (a view: copied once, by the join)."""
         raw = self.raw.get(found.key)
         if raw is None:
             raw = found.part.entries
@@ -346,13 +362,14 @@ class _Parts:
                 if self.unpack is None:
                     raise CorruptCheckpointError(
                         f"{self.what}: its part {found.key!r} is compressed", key=self.where)
-                raw = self.unpack(raw, found.key)
+                raw = memoryview(self.unpack(bytes(raw), found.key))
             if len(raw) != sum(found.part.sizes):
                 raise CorruptCheckpointError(
                     f"{self.what}: its part {found.key!r} is damaged (size)", key=self.where)
             self.raw[found.key] = raw
-        index = found.ends.index(end)
-        return raw[:sum(found.part.sizes[:index + 1])]
+        if end == found.ends[-1]:
+            return raw
+        return raw[:sum(found.part.sizes[:found.ends.index(end) + 1])]
 
     def link(self, found: _Found, end: int, start: int) -> _Link:
         """The part as a writer knows it: up to ``end``, at byte ``start`` of the log."""

@@ -36,7 +36,7 @@ class _Log:
         _, count, crc, data = self.versions[0]
         found = read(ANCHOR, ANCHOR, count, crc, self.items, what="log", where="here")
         assert found.entries == data
-        return found.tail, found.entries
+        return found.tail, bytes(found.entries)
 
     def append(self, tail: Tail, data: bytes, added: int, *, remove: bool = True) -> Tail:
         new = _entries(tail.count, added)
@@ -46,7 +46,7 @@ class _Log:
         if remove:
             for key in write.discard:
                 self.items.pop(key, None)
-        self.versions.append((write.key, write.count, write.crc, data + new))
+        self.versions.append((write.key, write.count, write.crc, bytes(data) + new))
         return write.tail(ANCHOR)
 
     def check_all(self) -> None:
@@ -91,7 +91,7 @@ def test_branches_that_share_a_start_survive_each_others_merges() -> None:
     rng = random.Random(5)
     log = _Log()
     start = read(ANCHOR, ANCHOR, 3, log.versions[0][2], log.items, what="log", where="here")
-    branches = [(start.tail, start.entries)]
+    branches = [(start.tail, bytes(start.entries))]
     for _ in range(600):
         index = rng.randrange(len(branches))
         tail, data = branches[index]
@@ -106,7 +106,7 @@ def test_branches_that_share_a_start_survive_each_others_merges() -> None:
             # A writer that reads a branch back (an older version) and continues from it.
             last, count, crc, data = log.versions[rng.randrange(len(log.versions))]
             found = read(ANCHOR, last, count, crc, log.items, what="log", where="here")
-            branches[rng.randrange(len(branches))] = (found.tail, found.entries)
+            branches[rng.randrange(len(branches))] = (found.tail, bytes(found.entries))
     log.check_all()
 
 
@@ -122,7 +122,7 @@ def test_a_part_used_only_in_part_is_never_removed() -> None:
     found = read(ANCHOR, last, count, crc, log.items, what="log", where="here")
     assert found.tail.last == merged
     assert not found.tail.links[-1].whole
-    branch, branch_data = found.tail, found.entries
+    branch, branch_data = found.tail, bytes(found.entries)
     for _ in range(3 * FANOUT):
         branch = log.append(branch, branch_data, 1)
         branch_data += _entries(branch.count - 1, 1)

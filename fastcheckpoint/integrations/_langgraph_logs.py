@@ -145,10 +145,11 @@ class ChannelLogs:
         store returned with the checkpoint), as the serde wrote it; ``keep``: remember it
         (the run's latest, which the next save may extend), read in that incarnation."""
         found = _logs.read(log.anchor, log.last, log.count, log.crc, items,
-                           what=f"channel {channel!r:.80}: its log", where=where)
+                           what=f"channel {channel!r:.80}: its log", where=where,
+                           header=array_header(log.count))
         if keep is not None:
             self._keep(run_key, channel, _Kept(log, found.entries, keep, found.tail))
-        return _MSGPACK, array_header(log.count) + found.entries
+        return _MSGPACK, found.data
 
     def _keep(self, run_key: str, channel: str, kept: _Kept) -> None:
         slot = (run_key, channel)
