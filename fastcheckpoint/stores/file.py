@@ -8,7 +8,7 @@ Layout under the root (directories 0700, files 0600)::
                                     and the run's labels), header, payload
     runs/<run key>/i/k<key>         one item per file; <key> is base32hex of the UTF-8 key
     runs/<run key>/o/<sequence:020>/k<key>   empty markers: items owned by that checkpoint
-    runs/<run key>/n/k<key>         empty markers: items may be nested under the item <key>
+    runs/<run key>/n/k<key>/k<nested key>  empty markers: items nested under the item <key>
     index/s<status>/<stamp>-<run key>        empty markers: runs by status, newest created first
     index/l<label hash>/<stamp>-<run key>    the same by label (base32hex of a BLAKE2b hash)
     locks/<run key>                 flock(2) file of the run, outside its directory
@@ -34,17 +34,17 @@ are listed as ``dropping`` and their files unlinked afterwards (again by the nex
 ``purge_expired`` if that failed). The counts are rebuilt from the checkpoints' refs whenever
 ``run.rec`` is.
 
-Nested items (``SupportsNestedItems``): base32hex names sort like the keys they encode, so
-the items nested under ``K`` are one slice of the run's sorted item names, but finding it
-takes a listing of ``i/``. A marker ``n/k<K>`` says where that is worth it: it is created
-(durably, before the items) when an item is written under ``K + "/"`` while ``K`` holds an
-item, in place or in the same batch; keys that hold no item (``w/<sequence>/...``) get none.
-Reads look for the marker of each ref (one ``faccessat``) and list ``i/`` only for refs that
-have one. Removing a shared item removes what is nested under it in the same cleanup after the
-commit, markers last, so a marker left keeps the key in ``dropping`` for the next writer or
-``purge_expired``; a dropped key written again first loses what was left under it. Items
-written under ``K + "/"`` before ``K`` holds an item are not marked: they are nested under it
-once an item is written there while it holds one.
+Nested items (``SupportsNestedItems``): an item written under ``K + "/"`` while ``K`` holds an
+item (in place or in the same batch) gets an empty marker ``n/k<K>/<its name>`` (durably,
+before the item) for each such ``K`` its key is under; keys that hold no item
+(``w/<sequence>/...``) get none. Reads look for the marker directory of each ref (one
+``faccessat``) and list only those, so a read never lists the run's items. Removing a shared
+item removes what its markers name in the same cleanup after the commit, markers last, so a
+marker left keeps the key in ``dropping`` for the next writer or ``purge_expired``; a dropped
+key written again first loses what was left under it; ``delete_items`` removes an item, then
+its markers. Items written under ``K + "/"`` before ``K`` holds an item are not marked until
+the first marker under ``K`` is made, which marks them too (base32hex names sort like the keys
+they encode, so they are one slice of the run's sorted item names).
 
 The checkpoint files are the run's log and ``run.rec`` summarises it. An intact checkpoint of
 the run's incarnation at ``latest_sequence + 1`` means the record is behind its log: a crash
@@ -1441,27 +1441,23 @@ class FileStore(ExpiryCleanup):
         """Unlink the items nested under ``keys`` (whose items are gone), then their nesting
         markers; returns the keys where an unlink failed (logged), to be tried again.
 
-        Only keys with a marker have any: one ``faccessat`` each. For those, one listing of
-        the run's items (and of its markers) serves them all, and each nested item costs one
-        unlink. The markers go last, once the unlinks are durable: a marker left means the
-        removal is unfinished.
+        Only keys with a marker directory have any: one ``faccessat`` each. Each of those
+        lists its own markers (every item nested under it, at any depth), and each nested
+        item costs one unlink. The markers go last, once the unlinks are durable: a marker
+        left means the removal is unfinished.
         """
         files = _Dir(self._run_dir(run_key))
         anchors = [k for k in dict.fromkeys(keys) if files.exists(f"{_NESTED}/{_item_name(k)}")]
         if not anchors:
             return []
         items, markers = files.path_of(_ITEMS), files.path_of(_NESTED)
-        try:
-            names = sorted(files.listdir(_ITEMS))
-            marker_names = sorted(files.listdir(_NESTED))
-        except OSError as exc:
-            _log_leftover(items, exc)
-            return anchors
+        listed: dict[str, list[str]] = {}
         failed: list[str] = []
         removed = False
         for key in anchors:
             try:
-                for name in _nested_names(names, key):
+                listed[key] = names = files.listdir(f"{_NESTED}/{_item_name(key)}")
+                for name in names:
                     if _key_of_name(name) is not None:
                         removed |= _discard(os.path.join(items, name))
             except OSError as exc:
@@ -1477,9 +1473,10 @@ class FileStore(ExpiryCleanup):
             if key in failed:
                 continue
             try:
-                # Markers of keys nested under ``key`` too: every item under them is gone.
-                for name in [*_nested_names(marker_names, key), _item_name(key)]:
-                    _discard(os.path.join(markers, name))
+                # The marker directories of keys nested under ``key`` too: every item under
+                # them is among ``key``'s, gone.
+                for name in [*listed[key], _item_name(key)]:
+                    _remove_tree(os.path.join(markers, name))
             except OSError as exc:
                 _log_leftover(markers, exc)
                 failed.append(key)
@@ -2360,30 +2357,41 @@ class FileStore(ExpiryCleanup):
             self._sync_dir(directory)
 
     def _mark_nesting(self, run_key: str, named: Sequence[tuple[str, Item]]) -> None:
-        """Mark, durably before the items, each key that items being written are nested under
-        where that key holds an item (in place or in the batch): the removal of that item then
-        knows to look for them, and reads naming it to list them. Keys that hold no item get
-        no marker, so keys like ``w/<sequence>/<task>/<index>`` leave none behind."""
+        """Mark, durably before the items, each item being written under a key that holds an
+        item (in place or in the batch): an empty ``n/k<K>/<item name>`` for each such key
+        ``K`` it is nested under. Reads naming ``K`` list that directory, and the removal of
+        ``K``'s item removes what it lists, so neither lists the run's items. Keys that hold
+        no item get no marker, so keys like ``w/<sequence>/<task>/<index>`` leave none
+        behind. The first marker under ``K`` also marks the items written under it before it
+        held an item (one listing of the run's items, once per key)."""
         files = _Dir(self._run_dir(run_key))
         batch = {item.key for _, item in named}
-        seen: set[str] = set()
-        anchors: list[str] = []
-        for _, item in named:
+        holds: dict[str, bool] = {}
+        wanted: dict[str, list[str]] = {}
+        for name, item in named:
             for prefix in _prefixes(item.key):
-                if prefix in seen:
-                    continue
-                seen.add(prefix)
-                name = _item_name(prefix)
-                if prefix in batch or files.exists(f"{_ITEMS}/{name}"):
-                    anchors.append(name)
-        missing = [name for name in anchors if not files.exists(f"{_NESTED}/{name}")]
-        if not missing:
+                held = holds.get(prefix)
+                if held is None:
+                    held = holds[prefix] = prefix in batch or files.exists(
+                        f"{_ITEMS}/{_item_name(prefix)}")
+                if held:
+                    wanted.setdefault(prefix, []).append(name)
+        if not wanted:
             return
-        directory = files.path_of(_NESTED)
-        self._ensure_dir(directory)
-        for name in missing:
-            os.close(os.open(os.path.join(directory, name), _MARKER_FLAGS, 0o600))
-        self._sync_dir(directory)
+        root = files.path_of(_NESTED)
+        self._ensure_dir(root)
+        listed: list[str] | None = None
+        for key, written in wanted.items():
+            directory = os.path.join(root, _item_name(key))
+            names = list(written)
+            if _mkdir(directory):
+                self._sync_dir(root)
+                if listed is None:
+                    listed = sorted(files.listdir(_ITEMS))
+                names += _nested_names(listed, key)
+            for name in names:
+                os.close(os.open(os.path.join(directory, name), _MARKER_FLAGS, 0o600))
+            self._sync_dir(directory)
 
     async def get_items(self, run_key: str, keys: Sequence[str], *, now: float) -> dict[str, bytes]:
         _check_run_key(run_key)
@@ -2451,12 +2459,21 @@ class FileStore(ExpiryCleanup):
         return await self._call(self._delete_items, run_key, names)
 
     def _delete_items(self, run_key: str, names: list[str]) -> int:
-        directory = os.path.join(self._run_dir(run_key), _ITEMS)
+        run_dir = self._run_dir(run_key)
+        directory = os.path.join(run_dir, _ITEMS)
         with self._locked(run_key):
             # Owner markers of deleted items go when their owner does (they are re-checked).
             removed = sum(_discard(os.path.join(directory, name)) for name in set(names))
             if removed:
                 self._sync_dir(directory)
+            # Then their nesting markers: a marker left without its item is skipped by reads.
+            files = _Dir(run_dir)
+            for name in set(names):
+                key = _key_of_name(name)
+                for prefix in () if key is None else _prefixes(key):
+                    anchor = f"{_NESTED}/{_item_name(prefix)}"
+                    if files.exists(anchor):
+                        _discard(os.path.join(files.path_of(anchor), name))
             return removed
 
     # -- maintenance --------------------------------------------------------------------------
@@ -2814,19 +2831,18 @@ def _held_checkpoint(
 
 def _items_of(files: _Dir, record: StoredCheckpoint, now: float) -> dict[str, bytes]:
     """The live items ``record`` owns, those its refs name and those nested under them:
-    O(owned + refs) reads, plus one listing of the items and a read per nested item when a
-    ref has any."""
+    O(owned + refs) reads, plus, for a ref with nested items, one listing of its nesting
+    markers and a read per nested item."""
     found = _owned_and_named(files, record, now)
     anchors = [key for key in dict.fromkeys(record.refs)
                if files.exists(f"{_NESTED}/{_item_name(key)}")]
     if not anchors:
         return found
-    names = sorted(files.listdir(_ITEMS))
     done = {_item_name(key) for key in found}  # read already, as a ref or an owned item
     for anchor in anchors:
-        for name in _nested_names(names, anchor):
+        for name in files.listdir(f"{_NESTED}/{_item_name(anchor)}"):
             item = None if name in done else _nested_item(files, name)
-            done.add(name)  # ranges of refs nested in one another overlap
+            done.add(name)  # refs nested in one another mark the same items
             if item is not None and is_live(item[0].expires_at, now):
                 found[item[0].key] = item[1] or b""
     return found

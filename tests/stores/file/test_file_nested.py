@@ -141,7 +141,7 @@ async def test_items_put_under_a_loose_item_are_nested_under_it_once_it_is_share
 # -- costs ------------------------------------------------------------------------------------
 
 
-async def test_a_read_lists_the_items_once_and_reads_each_nested_item_once(
+async def test_a_read_lists_the_markers_of_its_refs_and_reads_each_nested_item_once(
     store: FileStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run = make_run("read-cost")
@@ -157,7 +157,10 @@ async def test_a_read_lists_the_items_once_and_reads_each_nested_item_once(
         found = await _items_of(store, run, 0)
     assert len(found) == 4 + 101
     assert found["h/a/000/x"] == b"value-h/a/000/x"
-    assert listed == [f"o/{0:020d}", "i"]
+    # The run's items (50 others among them) are never listed: each ref with nested items
+    # lists its own markers, which hold everything under it at any depth.
+    assert listed == [f"o/{0:020d}",
+                      *(f"n/{file_store._item_name(key)}" for key in ("h/a", "h/b", "h/a/000"))]
     assert len(read) == len(set(read)) == 4 + 101
 
 
@@ -178,9 +181,27 @@ async def test_refs_without_nested_items_cost_no_listing(
         assert listed == [f"o/{1:020d}"]
 
         await _append(store, run, 3, ["b/3"], [make_item("b/3")], keep_latest=1)
-        assert listed.count("i") == 1  # the removal of h/log's nested items
+        # The removal of h/log's nested items lists its markers, not the run's items.
+        assert listed[1:] == [f"n/{file_store._item_name('h/log')}"]
         monkeypatch.undo()
         assert await store.scan_items(key_of(run), prefix="h/", now=T0) == []
+
+
+async def test_deleted_nested_items_take_their_markers_along(
+    root: Path, store: FileStore
+) -> None:
+    """A log's writer removes the parts it merged with ``delete_items``: their markers go
+    too, so reads keep listing only what is there."""
+    run = make_run("deleted-nested")
+    with anyio.fail_after(30):
+        await _append(store, run, 0, ["h/a"], [make_item("h/a"), make_item("h/a/0"),
+                                               make_item("h/a/1"), make_item("h/a/1/x")])
+        markers = root / "runs" / key_of(run) / "n" / file_store._item_name("h/a")
+        assert {file_store._key_of_name(name) for name in os.listdir(markers)} == {
+            "h/a/0", "h/a/1", "h/a/1/x"}
+        assert await store.delete_items(key_of(run), ["h/a/0", "h/a/1/x"]) == 2
+        assert {file_store._key_of_name(name) for name in os.listdir(markers)} == {"h/a/1"}
+        assert await _items_of(store, run, 0) == _values("h/a", "h/a/1")
 
 
 # -- removals that fail half-way --------------------------------------------------------------
@@ -279,7 +300,11 @@ async def test_a_foreign_file_among_nested_items_is_skipped_and_logged(
     with anyio.fail_after(30):
         await _append(store, run, 0, ["h/a"], [make_item("h/a"), make_item("h/a/0")])
         name = file_store._item_name("h/a/0")
-        foreign = root / "runs" / key_of(run) / "i" / (name[:-1] + "~")
-        foreign.write_text("not an item")
+        run_dir = root / "runs" / key_of(run)
+        (run_dir / "i" / (name[:-1] + "~")).write_text("not an item")
+        assert await _items_of(store, run, 0) == _values("h/a", "h/a/0")  # never looked at
+        assert "skipping foreign file" not in caplog.text
+        # Marked as nested under h/a (by hand: the store never marks a foreign name).
+        (run_dir / "n" / file_store._item_name("h/a") / (name[:-1] + "~")).touch()
         assert await _items_of(store, run, 0) == _values("h/a", "h/a/0")
     assert "skipping foreign file" in caplog.text
