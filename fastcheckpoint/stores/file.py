@@ -2383,15 +2383,24 @@ class FileStore(ExpiryCleanup):
         listed: list[str] | None = None
         for key, written in wanted.items():
             directory = os.path.join(root, _item_name(key))
-            names = list(written)
-            if _mkdir(directory):
-                self._sync_dir(root)
-                if listed is None:
-                    listed = sorted(files.listdir(_ITEMS))
-                names += _nested_names(listed, key)
-            for name in names:
-                os.close(os.open(os.path.join(directory, name), _MARKER_FLAGS, 0o600))
-            self._sync_dir(directory)
+            if files.exists(f"{_NESTED}/{_item_name(key)}"):
+                self._make_markers(directory, written)
+                continue
+            # A key's first markers are made aside and renamed into place, so a directory in
+            # place always marks what was under the key before it (a crash leaves none).
+            if listed is None:
+                listed = sorted(files.listdir(_ITEMS))
+            aside = os.path.join(root, "." + _item_name(key))
+            _remove_tree(aside)  # what a crash left
+            os.mkdir(aside, 0o700)
+            self._make_markers(aside, [*_nested_names(listed, key), *written])
+            os.rename(aside, directory)
+            self._sync_dir(root)
+
+    def _make_markers(self, directory: str, names: Iterable[str]) -> None:
+        for name in names:
+            os.close(os.open(os.path.join(directory, name), _MARKER_FLAGS, 0o600))
+        self._sync_dir(directory)
 
     async def get_items(self, run_key: str, keys: Sequence[str], *, now: float) -> dict[str, bytes]:
         _check_run_key(run_key)

@@ -204,6 +204,24 @@ async def test_deleted_nested_items_take_their_markers_along(
         assert await _items_of(store, run, 0) == _values("h/a", "h/a/1")
 
 
+async def test_markers_a_crash_left_aside_are_made_again(root: Path, store: FileStore) -> None:
+    """A key's first markers are made in ``n/.k<K>`` and renamed into place: a crash before
+    the rename leaves that aside, and the next write under the key starts it over."""
+    run = make_run("aside")
+    key = key_of(run)
+    with anyio.fail_after(30):
+        await store.put_items(key, [make_item("h/a/early")], now=T0)  # not nested: no h/a
+        await store.put_items(key, [make_item("h/a")], now=T0)
+        assert _keys_in(root, run, "n") == set()
+        aside = root / "runs" / key / "n" / ("." + file_store._item_name("h/a"))
+        aside.mkdir(parents=True)
+        (aside / "left by a crash").touch()
+        await _append(store, run, 0, ["h/a"], [make_item("h/a/0")])
+        assert not aside.exists()
+        assert _keys_in(root, run, "n") == {"h/a"}
+        assert await _items_of(store, run, 0) == _values("h/a", "h/a/early", "h/a/0")
+
+
 # -- removals that fail half-way --------------------------------------------------------------
 
 
