@@ -1462,8 +1462,11 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             extra = self._headers_of(where, stored, place)[1]
             for channel in (name for name, at in chain.seeds.items() if at == sequence):
                 version = versions.get(channel)
-                typed = None if version is None else self._value_of(
-                    where, extra, channel, version, items, place, keep=None)
+                try:
+                    typed = None if version is None else self._value_of(
+                        where, extra, channel, version, items, place, keep=None)
+                except LogGap:
+                    return None  # a log part merged away during the read: the walk reads again
                 if typed is None:
                     return None
                 seeds[channel] = typed

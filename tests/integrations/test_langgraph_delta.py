@@ -330,3 +330,39 @@ async def test_a_checkpoint_moved_to_another_life_is_found_again() -> None:
         assert fast == {"x": {"writes": [("task", "x", ["b"]), ("task", "x", ["c"]),
                                          ("task", "x", ["d"])], "seed": ["a"]}}
         assert fast == await _default(saver, saved[-1], ["x"])
+
+
+class _LosesAPart(MemoryStore):
+    """A read that lists a log part another process merges away before it is read (a store
+    whose reads are not atomic): the next ``read_with_items`` misses one part."""
+
+    lose: str | None = None
+
+    async def read_with_items(self, run_key: str, **options: Any) -> Any:
+        found = await super().read_with_items(run_key, **options)
+        if found is not None and self.lose is not None and self.lose in found[2]:
+            items = {key: value for key, value in found[2].items() if key != self.lose}
+            self.lose = None
+            return (*found[:2], items)
+        return found
+
+
+async def test_a_seed_log_part_missing_during_the_read_gives_the_default_answer() -> None:
+    store = _LosesAPart()
+    saver = FastCheckpointSaver(store, config=make_config(FakeClock(), history_min_entries=2))
+    with anyio.fail_after(DEADLINE):
+        seed = ["a0", "a1", "a2"]
+        saved = [await saver.aput(config("t"), checkpoint({"x": seed}, {"x": 1}),
+                                  metadata(0), {"x": 1})]
+        saved.append(await saver.aput(saved[-1], checkpoint({"x": [*seed, "a3"]}, {"x": 2}),
+                                      metadata(1), {"x": 2}))
+        saved.append(await saver.aput(saved[-1], checkpoint({}, {"x": 3}), metadata(2), {}))
+        await saver.aput_writes(saved[1], [("x", ["b"])], "task")
+        parts = [key for key, _ in await store.scan_items(run_key("t"), prefix="l/", now=0.0)
+                 if key.count("/") == 3]
+        assert len(parts) == 1  # the seed is a log: its anchor and one part
+        store.lose = parts[0]
+        fast = await saver.aget_delta_channel_history(config=saved[-1], channels=["x"])
+        assert store.lose is None  # the fast path met the gap and let the walk answer
+        assert fast == await _default(saver, saved[-1], ["x"]) == {
+            "x": {"writes": [("task", "x", ["b"])], "seed": [*seed, "a3"]}}
