@@ -21,7 +21,7 @@ other entries (items are written only where no item has the key). When a create 
 the manager removes the merged ones once the store acknowledged it (one more store call every
 :data:`~fastcheckpoint._logs.FANOUT` creates); a read that finds one gone uses the merged part.
 
-The store keeps the anchor while a checkpoint names it and the pieces with it, and returns them
+The store keeps the anchor while a checkpoint names it and the parts with it, and returns them
 all with the checkpoint in one read, so pruning and expiry never take an entry a held checkpoint
 uses, and a log dies with the last checkpoint naming it.
 
@@ -170,7 +170,7 @@ class Histories:
                 parts.append(_Part(part, base.anchor, base.count, entries[base.count:],
                                    len(entries), base))
             else:
-                # A token of its own, like pieces: an anchor a failed write left at this
+                # A token of its own, like parts: an anchor a failed write left at this
                 # place (S3) must never pass for this one.
                 anchor = (f"{_CODES[part]}/{incarnation}/{sequence:x}."
                           f"{secrets.token_hex(_TOKEN_BYTES)}")

@@ -141,7 +141,7 @@ class ChannelLogs:
 
     def read(self, run_key: str, channel: str, log: ChannelLog, items: Mapping[str, bytes],
              where: str, *, keep: str | None) -> Typed:
-        """The value ``log`` records, from the anchor and pieces among ``items`` (what the
+        """The value ``log`` records, from the anchor and parts among ``items`` (what the
         store returned with the checkpoint), as the serde wrote it; ``keep``: remember it
         (the run's latest, which the next save may extend), read in that incarnation."""
         found = _logs.read(log.anchor, log.last, log.count, log.crc, items,

@@ -1368,7 +1368,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                           value=self._shared.items.encode(located), owner=located.sequence,
                           expires_at=located.expires_at))
         shared = [Item(key=key, value=items[key]) for key in record.refs]
-        # A log's pieces, nested under its anchor, go with it.
+        # A log's parts, nested under its anchor, go with it.
         nests = tuple(nested_prefix(anchor) for anchor in _anchors(extra))
         if nests:
             shared += [Item(key=key, value=value) for key, value in items.items()
