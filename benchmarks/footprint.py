@@ -165,8 +165,9 @@ def _network_patches(counts: Counter[str]) -> list[tuple[Any, str, Callable[...,
 @contextlib.contextmanager
 def counting_syscalls() -> Iterator[Counter[str]]:
     """Count thread hops (``anyio.to_thread.run_sync``, and aiosqlite's hops to its
-    connection thread), ``os.fsync`` calls and backend requests (Redis and PostgreSQL round
-    trips, AWS HTTP requests) while inside. SQLite's own fsyncs (in C) are not seen."""
+    connection thread), ``os.fsync`` and ``os.fdatasync`` calls and backend requests (Redis
+    and PostgreSQL round trips, AWS HTTP requests) while inside. SQLite's own syncs (in C) are
+    not seen."""
     counts: Counter[str] = Counter()
 
     def hops(run_sync: Callable[..., Any]) -> Callable[..., Any]:
@@ -193,6 +194,7 @@ def counting_syscalls() -> Iterator[Counter[str]]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patched(anyio.to_thread, "run_sync", hops))
         stack.enter_context(_patched(os, "fsync", fsyncs))
+        stack.enter_context(_patched(os, "fdatasync", fsyncs))
         if _importable("aiosqlite"):  # every aiosqlite call is one hop to its own thread
             from aiosqlite.core import Connection as AiosqliteConnection
 

@@ -35,6 +35,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -44,6 +45,7 @@ from fastcheckpoint import _ids
 from fastcheckpoint.errors import SequenceConflict
 from fastcheckpoint.stores import Item, RunRecord, StoredCheckpoint
 from fastcheckpoint.stores.file import FileStore
+from tests._file_records import run_record
 
 
 def header_for(sequence: int, worker: str) -> bytes:
@@ -95,7 +97,8 @@ def _die_before_change(number: int) -> None:
 
         return killing
 
-    for name in ("open", "write", "fsync", "replace", "rename", "unlink", "mkdir", "rmdir"):
+    for name in ("open", "write", "pwrite", "fsync", "fdatasync", "ftruncate", "replace",
+                 "rename", "unlink", "mkdir", "rmdir"):
         setattr(os, name, wrap(getattr(os, name)))
 
 
@@ -205,11 +208,11 @@ def rebuild_seed(run_id: str) -> RunRecord:
     )
 
 
-def damage_run_record(path: str) -> None:
-    """Overwrite the last bytes of a ``run.rec`` in place: its checksum no longer matches."""
-    with open(path, "r+b") as damaged:
-        damaged.seek(-3, os.SEEK_END)
-        damaged.write(b"zzz")
+def damage_run_record(root: str, key: str) -> None:
+    """Replace the run's ``run.rec`` with one whose last bytes differ: its checksum no longer
+    matches."""
+    record = run_record(Path(root), key)
+    record.write_bytes(record.read_bytes()[:-3] + b"zzz")
 
 
 async def _crash_rebuild(root: str, run_id: str, number: int) -> None:
@@ -217,7 +220,7 @@ async def _crash_rebuild(root: str, run_id: str, number: int) -> None:
     for _ in range(3):
         print(await _append_next(store, run_id, "forever"), flush=True)
     key = _ids.run_key(run_id)
-    damage_run_record(os.path.join(root, "runs", key, "run.rec"))
+    damage_run_record(root, key)
     _die_before_change(number)
     await store.rebuild_run(key, rebuild_seed(run_id), now=time.time())
     print("survived", flush=True)

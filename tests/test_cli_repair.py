@@ -16,6 +16,7 @@ from fastcheckpoint.cli import EXIT_DAMAGED, EXIT_OK, EXIT_USAGE, main
 from fastcheckpoint.errors import CheckpointNotFound, ConflictError
 from fastcheckpoint.stores import RunDamage, RunRecord, register_store
 from fastcheckpoint.stores.memory import MemoryStore
+from tests._file_records import run_record
 from tests._helpers import ForwardingStore
 
 GHOST = "g" * 24
@@ -222,7 +223,7 @@ def test_repair_rebuilds_a_corrupt_file_store_run_record(
         await manager.aclose()
 
     anyio.run(seed)
-    record = tmp_path / "store" / "runs" / run_key("order-1") / "run.rec"
+    record = run_record(tmp_path / "store", run_key("order-1"))
     damaged = bytearray(record.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
     record.write_bytes(bytes(damaged))

@@ -2,37 +2,39 @@
 
 Layout under the root (directories 0700, files 0600)::
 
-    runs/<run key>/run.rec          commit point: run record + bookkeeping (msgpack, CRC-32),
-                                    and as its body the reference counts of shared items
-    runs/<run key>/c/<sequence:020> one checkpoint per file: framing, metadata (with its refs
-                                    and the run's labels), header, payload
+    runs/<run key>/log              the run's records, appended in commits (``_file_log``):
+                                    ``run.rec`` (run record + bookkeeping, msgpack, CRC-32;
+                                    its body: the reference counts of shared items) and
+                                    ``c/<sequence>`` (one per checkpoint: framing, metadata
+                                    with its refs and the run's labels, header, payload)
+    runs/<run key>/idx              where each record's newest entry is (a checked cache)
     runs/<run key>/i/k<key>         one item per file; <key> is base32hex of the UTF-8 key
     runs/<run key>/o/<sequence:020>/k<key>   empty markers: items owned by that checkpoint
-    runs/<run key>/n/k<key>/k<nested key>  empty markers: items nested under the item <key>
+    runs/<run key>/n/k<K>/k<nested key>  empty markers: items nested under the item <K>
     index/s<status>/<stamp>-<run key>        empty markers: runs by status, newest created first
     index/l<label hash>/<stamp>-<run key>    the same by label (base32hex of a BLAKE2b hash)
     locks/<run key>                 flock(2) file of the run, outside its directory
     tmp/<run key>.<random>          files being written (under the run lock)
     trash/<run key>.<random>        run directories being removed
 
-Every record file is written in ``tmp/``, fsync'd, renamed into place and its directory
-fsync'd (``fsync=False`` skips the fsyncs); markers are empty files created in place.
-``run.rec`` is the commit point of the run. It also holds what keeps pruning O(1): the count
-of checkpoints that never expire and a sorted index of ``(expires_at, sequence)`` of the ones
-that do, so expired checkpoints and the run's own expiry are found without reading checkpoint
-files. Checkpoints are removed by committing a ``run.rec`` without them, which lists them as
-``removing`` (hidden from reads), and unlinking their files afterwards; a failed or interrupted
-unlink is retried by the run's next writer or by ``purge_expired``.
+A commit of the run's log is its only commit point: an append commits its checkpoint, the new
+``run.rec`` and the removal of the checkpoints it prunes together, with one write and one
+``fdatasync``; status changes, deletions and purges commit a new ``run.rec`` the same way.
+``run.rec`` also holds what keeps pruning O(1): the count of checkpoints that never expire and
+a sorted index of ``(expires_at, sequence)`` of the ones that do, so expired checkpoints and
+the run's own expiry are found without reading checkpoint records. Item files are written in
+``tmp/``, fsync'd, renamed into place and their directory fsync'd (``fsync=False`` skips every
+sync); markers are empty files created in place.
 
 Shared items (``SupportsSharedItems``): ``run.rec``'s body counts, per item key, the held
 checkpoints whose ``refs`` name it, and lists the held checkpoints that have refs; writers read
 it, readers never do. An append writes its items first (owner markers, item files, their
-directory fsync'd), then its checkpoint file, then ``run.rec`` with the new counts: a
-checkpoint that can be seen has its items in place. A removed checkpoint's refs, read from its
-head before the commit, are released in the same commit; keys no held checkpoint names any more
-are listed as ``dropping`` and their files unlinked afterwards (again by the next writer or
-``purge_expired`` if that failed). The counts are rebuilt from the checkpoints' refs whenever
-``run.rec`` is.
+directory fsync'd), then commits: a checkpoint that can be seen has its items in place. A
+removed checkpoint's refs, read from its head before the commit, are released in the same
+commit; keys no held checkpoint names any more are listed as ``dropping`` and their files
+unlinked afterwards (again by the next writer or ``purge_expired`` if that failed). So are the
+owned items of removed checkpoints (``removing`` lists those whose items may be left). The
+counts are rebuilt from the checkpoints' refs whenever ``run.rec`` is.
 
 Nested items (``SupportsNestedItems``): an item written under ``K + "/"`` while ``K`` holds an
 item (in place or in the same batch) gets an empty marker ``n/k<K>/<its name>`` (durably,
@@ -46,19 +48,17 @@ its markers. Items written under ``K + "/"`` before ``K`` holds an item are not 
 the first marker under ``K`` is made, which marks them too (base32hex names sort like the keys
 they encode, so they are one slice of the run's sorted item names).
 
-The checkpoint files are the run's log and ``run.rec`` summarises it. An intact checkpoint of
-the run's incarnation at ``latest_sequence + 1`` means the record is behind its log: a crash
-came between the checkpoint's rename and the commit (the create then counts as made, like one
-that committed just before the crash), or an old ``run.rec`` was put back. Such a file is never
-replaced: readers see it, and the run's next writer brings ``run.rec`` up to date from the log
-first. An append that fails before its commit removes its checkpoint file again, so a caller
-that got an error never finds its checkpoint adopted. A ``run.rec`` is damaged when it cannot
-be decoded, is missing while checkpoints are in place, or belongs to another incarnation than
-the checkpoint at ``latest_sequence + 1`` (an old copy put back after the run id was deleted
-and reused): reads go by the log, writers refuse until :meth:`FileStore.rebuild_run` replaces
-it. Only checkpoint 0 alone, with no record or an expired one, is what an interrupted first
-create leaves: an append adopts it. Before a run is discarded as expired, every checkpoint
-file is looked at, so an old record put back never gets live checkpoints removed.
+The checkpoint records are the run's log and ``run.rec`` summarises it. Commits keep the two
+in step, so a record behind its log, or a damaged one, comes from damage or tampering, not
+from a crash; the store still reads such a run by its checkpoints. An intact checkpoint of the
+run's incarnation at ``latest_sequence + 1`` means the record is behind (an old ``run.rec``
+was put back): readers see it, and the run's next writer brings ``run.rec`` up to date first.
+A ``run.rec`` is damaged when it cannot be decoded, is missing while checkpoints are in place,
+or belongs to another incarnation than the checkpoint at ``latest_sequence + 1``: reads go by
+the log, writers refuse until :meth:`FileStore.rebuild_run` replaces it. Only checkpoint 0
+alone, with no record or an expired one, is adopted by an append. Before a run is discarded
+as expired, every checkpoint record is looked at, so an old record put back never gets live
+checkpoints removed.
 
 Writers of a run hold its lock, so sequences stay unique and gap-free across processes; readers
 take no lock (except to read a run whose record is damaged or behind) and read through a
@@ -84,6 +84,7 @@ import re
 import secrets
 import stat
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -126,6 +127,7 @@ from fastcheckpoint.stores._base import (
     refs_to_find,
     unheld_refs,
 )
+from fastcheckpoint.stores._file_log import LOG, RUN, LogView, LogWriter, open_view
 
 __all__ = ["MAX_ITEM_KEY_BYTES", "FileCheckpointStore", "FileStore", "parse_file_url"]
 
@@ -391,8 +393,14 @@ class _Ledger:
         self.immortal = state.immortal
         self.expiring = list(state.expiring)
         self.removed: list[int] = []
+        """Checkpoints this operation removes: their records go in its commit."""
+        self.erase: list[int] = []
+        """Records of an earlier life's checkpoints, removed by the same commit."""
+        self.owning: set[int] = set()
+        """Those of ``removed`` that own items: carried in ``removing`` until they are gone."""
         self.leftovers = list(leftovers)
-        """Removed earlier, files still there: carried in ``removing`` until they are gone."""
+        """Removed earlier, owned items still there: carried in ``removing`` until they are
+        gone."""
         self.counts = dict(state.shared.counts)
         self.referring = set(state.shared.referring)
         self.dropping = set(dropping)
@@ -471,7 +479,7 @@ class _Ledger:
             low=low,
             immortal=self.immortal,
             expiring=tuple(self.expiring),
-            removing=tuple(sorted({*self.leftovers, *self.removed})),
+            removing=tuple(sorted({*self.leftovers, *self.owning})),
             dropping=tuple(sorted({*self.dropping, *self.dropped} - self.counts.keys())),
             shared=_Shared(counts=self.counts, referring=tuple(sorted(self.referring))),
         )
@@ -536,9 +544,26 @@ def _read_frame(fd: int, path: str, magic: bytes, *, whole: bool) -> _Frame:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise CorruptCheckpointError("not a regular file", key=path)
-    if info.st_size < _PREFIX:
-        raise CorruptCheckpointError("file shorter than its framing (truncated)", key=path)
     data = _pread_exact(fd, info.st_size if whole else min(info.st_size, _PEEK_BYTES), 0, path)
+    return _parse_frame(
+        data, info.st_size, path, magic, whole=whole,
+        more=lambda size: data + _pread_exact(fd, size - len(data), len(data), path))
+
+
+def _parse_frame(
+    data: bytes,
+    size: int,
+    path: str,
+    magic: bytes,
+    *,
+    whole: bool,
+    more: Callable[[int], bytes],
+    what: str = "file",
+) -> _Frame:
+    """Check and split a record of ``size`` bytes from ``data``, its first bytes (all of them
+    when ``whole``); ``more(n)`` returns its first ``n`` bytes when the head needs them."""
+    if size < _PREFIX:
+        raise CorruptCheckpointError(f"{what} shorter than its framing (truncated)", key=path)
     found, version, _, meta_len, head_len, body_len = _FIXED.unpack_from(data)
     head_crc, body_crc = _CRCS.unpack_from(data, _FIXED.size)
     if found != magic:
@@ -546,12 +571,12 @@ def _read_frame(fd: int, path: str, magic: bytes, *, whole: bool) -> _Frame:
     if version != _VERSION:
         raise CorruptCheckpointError(f"unsupported record format version {version}", key=path)
     head_end = _PREFIX + meta_len + head_len
-    if info.st_size != head_end + body_len:
+    if size != head_end + body_len:
         raise CorruptCheckpointError(
-            f"file is {info.st_size} bytes, its framing says {head_end + body_len}", key=path
+            f"{what} is {size} bytes, its framing says {head_end + body_len}", key=path
         )
     if len(data) < head_end:
-        data += _pread_exact(fd, head_end - len(data), len(data), path)
+        data = more(head_end)
     if zlib.crc32(data[_PREFIX:head_end], zlib.crc32(data[: _FIXED.size])) != head_crc:
         raise CorruptCheckpointError("header checksum mismatch", key=path)
     body = data[head_end:] if whole else None
@@ -568,23 +593,85 @@ def _decode(decoder: msgspec.msgpack.Decoder[_T], data: bytes, path: str) -> _T:
         raise CorruptCheckpointError(f"undecodable record metadata: {exc}", key=path) from exc
 
 
+class _HeldLog:
+    """The log of a run whose lock this thread holds: opened once for the operation, and
+    again after each of its commits."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.depth = 0
+        self._view: LogView | None = None
+        self._opened = False
+
+    def view(self) -> LogView | None:
+        if not self._opened:
+            self._view, self._opened = open_view(self.path), True
+        return self._view
+
+    def forget(self) -> None:
+        if self._view is not None:
+            self._view.close()
+        self._view, self._opened = None, False
+
+
+class _HeldLogs(threading.local):
+    def __init__(self) -> None:
+        self.by_path: dict[str, _HeldLog] = {}
+
+
+_HELD = _HeldLogs()
+"""Per thread: the logs of the runs whose lock it holds (an operation runs in one thread)."""
+
+
 class _Dir:
-    """A directory to read records from: through an open descriptor when one is given."""
+    """A run directory to read from: its item files, and the records of its log (``run.rec``
+    and one per checkpoint). Through an open descriptor when one is given; then the log is
+    opened once and held until :meth:`close`. Under the run's lock the log the operation
+    holds is used."""
 
     def __init__(self, path: str, fd: int | None = None) -> None:
         self.path = path
         self.fd = fd
+        self._view: LogView | None = None
+        self._opened = False
+
+    def close(self) -> None:
+        if self._view is not None:
+            self._view.close()
+        self._view, self._opened = None, False
+
+    @contextlib.contextmanager
+    def _log(self) -> Iterator[LogView | None]:
+        held = _HELD.by_path.get(self.path) if self.fd is None else None
+        if held is not None:
+            yield held.view()
+            return
+        if self.fd is not None:
+            if not self._opened:
+                self._view, self._opened = open_view(self.path, self.fd), True
+            yield self._view
+            return
+        view = open_view(self.path)
+        try:
+            yield view
+        finally:
+            if view is not None:
+                view.close()
 
     def path_of(self, relative: str) -> str:
         return os.path.join(self.path, relative)
 
+    def record_key(self, key: int) -> str:
+        """How errors and logs name a record of the run's log."""
+        return f"{self.path}/{LOG}:{_record_name(key)}"
+
     def open(self, relative: str) -> int | None:
-        """A read descriptor for a record, ``None`` if absent."""
+        """A read descriptor for an item file, ``None`` if absent."""
         target = relative if self.fd is not None else self.path_of(relative)
         try:
             return os.open(target, _READ_FLAGS, dir_fd=self.fd)
         except FileNotFoundError:
-            return None  # absent records are normal: never written, pruned or deleted
+            return None  # absent items are normal: never written, removed or deleted
         except OSError as exc:
             if exc.errno in _LAYOUT_ERRNOS:
                 raise CorruptCheckpointError(
@@ -601,6 +688,38 @@ class _Dir:
         finally:
             os.close(fd)
 
+    def record(self, key: int, magic: bytes, *, whole: bool) -> _Frame | None:
+        """Record ``key`` of the log (``RUN`` or a sequence), ``None`` if the log holds none;
+        only its head area unless ``whole``."""
+        path = self.record_key(key)
+        with self._log() as view:
+            if view is None:
+                return None
+            found = view.read_sized(key, None if whole else _PEEK_BYTES)
+            if found is None:
+                return None
+            data, size = found
+
+            def more(wanted: int) -> bytes:
+                assert view is not None
+                again = view.read_sized(key, wanted)
+                if again is None or again[1] != size:
+                    raise CorruptCheckpointError("record changed while read", key=path)
+                return again[0]
+
+            return _parse_frame(data, size, path, magic, whole=whole, more=more, what="record")
+
+    def has_record(self, key: int) -> bool:
+        with self._log() as view:
+            return view is not None and view.find(key) is not None
+
+    def sequences(self) -> list[int]:
+        """Sequences of the checkpoint records in the log, newest first (a scan of the log)."""
+        with self._log() as view:
+            if view is None:
+                return []
+            return sorted((key for key in view.held_keys() if key != RUN), reverse=True)
+
     def listdir(self, relative: str) -> list[str]:
         """Names in a subdirectory; empty when it does not exist."""
         try:
@@ -608,7 +727,7 @@ class _Dir:
                 return os.listdir(self.path_of(relative))
             fd = os.open(relative, _DIR_FLAGS, dir_fd=self.fd)
         except FileNotFoundError:
-            return []  # created lazily: no item or checkpoint was ever written there
+            return []  # created lazily: no item was ever written there
         try:
             return os.listdir(fd)
         finally:
@@ -619,25 +738,12 @@ class _Dir:
         target = relative if self.fd is not None else self.path_of(relative)
         return os.access(target, os.F_OK, dir_fd=self.fd, follow_symlinks=False)
 
-    def sequences(self) -> list[int]:
-        """Sequences of the checkpoint files in place, newest first (foreign names logged)."""
-        found: list[int] = []
-        for name in self.listdir(_CHECKPOINTS):
-            sequence = _sequence_of_name(name)
-            if sequence is None:
-                path = self.path_of(f"{_CHECKPOINTS}/{name}")
-                logger.warning("file store: skipping foreign file %s", path)
-            else:
-                found.append(sequence)
-        found.sort(reverse=True)
-        return found
-
     def state(self, *, whole: bool = False) -> _RunState | None:
         """``run.rec``; with its body (the shared items' bookkeeping) only when ``whole``."""
-        frame = self.read(_RUN_FILE, _RUN_MAGIC, whole=whole)
+        frame = self.record(RUN, _RUN_MAGIC, whole=whole)
         if frame is None:
             return None
-        path = self.path_of(_RUN_FILE)
+        path = self.record_key(RUN)
         state = _decode(_STATE_DECODER, frame.meta, path)
         if frame.body is None:
             return state
@@ -647,15 +753,10 @@ class _Dir:
     def _checkpoint_frame(
         self, sequence: int, now: float, *, whole: bool, include_expired: bool
     ) -> tuple[_CheckpointMeta, _Frame] | None:
-        relative = _checkpoint_name(sequence)
-        path = self.path_of(relative)
-        fd = self.open(relative)
-        if fd is None:
+        frame = self.record(sequence, _CHECKPOINT_MAGIC, whole=whole)
+        if frame is None:
             return None
-        try:
-            frame = _read_frame(fd, path, _CHECKPOINT_MAGIC, whole=whole)
-        finally:
-            os.close(fd)
+        path = self.record_key(sequence)
         meta = _decode(_CHECKPOINT_DECODER, frame.meta, path)
         if meta.sequence != sequence:
             raise CorruptCheckpointError(f"holds sequence {meta.sequence}", key=path)
@@ -693,7 +794,7 @@ class _Dir:
             expires_at=meta.expires_at,
             header=frame.head,
             payload=frame.body or b"",
-            key=self.path_of(_checkpoint_name(sequence)),
+            key=self.record_key(sequence),
             refs=meta.refs,
         )
 
@@ -717,14 +818,14 @@ _UNKNOWN_STATUS = "active"
 
 class _View(NamedTuple):
     """What a read goes by: the range ``run.rec`` describes (extended over checkpoints it is
-    behind), or the checkpoint files in place when there is no usable record."""
+    behind), or the checkpoint records in the log when there is no usable record."""
 
     status: str
     top: int
     low: int
     hidden: tuple[int, ...]
     listed: tuple[int, ...] | None = None
-    """Sequences of the files in place, newest first, when the read goes by the log alone."""
+    """Sequences of the checkpoint records, newest first, when the read goes by the log alone."""
 
     def candidates(self, before: int | None = None) -> Iterator[int]:
         """Sequences that may hold a checkpoint, newest first, below ``before``."""
@@ -747,8 +848,9 @@ def _place_of(found: CheckpointHeader) -> tuple[str, str] | None:
     return parsed[0], parsed[1]
 
 
-def _checkpoint_name(sequence: int) -> str:
-    return f"{_CHECKPOINTS}/{_sequence_name(sequence)}"
+def _record_name(key: int) -> str:
+    """``run.rec`` or ``c/<sequence>``: how a record of a run's log is named."""
+    return _RUN_FILE if key == RUN else f"{_CHECKPOINTS}/{_sequence_name(key)}"
 
 
 def _problem(exc: CorruptCheckpointError) -> str:
@@ -770,10 +872,10 @@ def _trusted_view(
     except CorruptCheckpointError:
         return False, None
     if state is None or state.run is None:
-        # No run record: normally no checkpoint file either (a run of items only).
-        return not files.listdir(_CHECKPOINTS), None
+        # No run record: normally no checkpoint record either (a run of items only).
+        return not files.sequences(), None
     run = state.run
-    if files.exists(_checkpoint_name(run.latest_sequence + 1)):
+    if files.has_record(run.latest_sequence + 1):
         return False, None
     if not include_expired and not is_live(run.expires_at, now):
         return True, None
@@ -781,7 +883,7 @@ def _trusted_view(
 
 
 class _Slot(enum.Enum):
-    """What a checkpoint file name holds, as seen by a run record."""
+    """What the log holds at a checkpoint's sequence, as seen by a run record."""
 
     EMPTY = "no file"
     OURS = "an intact checkpoint of the record's incarnation"
@@ -791,8 +893,8 @@ class _Slot(enum.Enum):
 
 def _slot(files: _Dir, run_key: str, run: RunRecord, sequence: int) -> _Slot:
     """What is in place at ``sequence`` for the record ``run``."""
-    if not files.exists(_checkpoint_name(sequence)):
-        return _Slot.EMPTY  # the common answer, found without an exception
+    if not files.has_record(sequence):
+        return _Slot.EMPTY  # the common answer
     try:
         found = files.head(sequence, 0.0, include_expired=True)
     except CorruptCheckpointError:
@@ -810,7 +912,7 @@ def _other_life(files: _Dir, run: RunRecord, sequence: int) -> CorruptCheckpoint
     return CorruptCheckpointError(
         f"run.rec names incarnation {run.incarnation!r:.20}, but checkpoint {sequence} in place "
         "is of another incarnation of the run (an old copy of run.rec put back?)",
-        key=files.path_of(_RUN_FILE),
+        key=files.record_key(RUN),
     )
 
 
@@ -821,7 +923,7 @@ def _log_view(
 
     A readable record is extended over the intact checkpoints of its incarnation in place
     above it (what its next writer will adopt); without a usable record the run is read by
-    the checkpoint files in place, reported active.
+    the checkpoint records in the log, reported active.
     """
     trusted, view = _trusted_view(files, now, include_expired=include_expired)
     if trusted:
@@ -831,7 +933,7 @@ def _log_view(
         state = files.state()
     except CorruptCheckpointError as exc:
         logger.warning(
-            "file store: %s is damaged (%s); reading the run by its checkpoint files",
+            "file store: %s is damaged (%s); reading the run by its checkpoints",
             exc.key,
             _problem(exc),
         )
@@ -840,7 +942,7 @@ def _log_view(
     if run is not None and _slot(files, run_key, run, run.latest_sequence + 1) is _Slot.OTHER_LIFE:
         problem = _other_life(files, run, run.latest_sequence + 1)
         logger.warning(
-            "file store: %s is damaged (%s); reading the run by its checkpoint files",
+            "file store: %s is damaged (%s); reading the run by its checkpoints",
             problem.key,
             _problem(problem),
         )
@@ -858,8 +960,8 @@ def _log_view(
         return None
     if not damaged:
         logger.warning(
-            "file store: %s is missing or holds no run; reading the run by its checkpoint files",
-            files.path_of(_RUN_FILE),
+            "file store: %s is missing or holds no run; reading the run by its checkpoints",
+            files.record_key(RUN),
         )
     return _View(_UNKNOWN_STATUS, listed[0], low, hidden, listed)
 
@@ -990,20 +1092,21 @@ class _Budget:
 class FileStore(ExpiryCleanup):
     """Checkpoints in a directory tree; see the module docstring for the layout.
 
-    Costs (``n`` = checkpoints held by the run, ``k`` = requested count): ``append`` writes
-    two files (checkpoint, ``run.rec``) with four fsyncs, plus one unlink per pruned
-    checkpoint, one head read per pruned checkpoint that never expires, and one ``lstat`` per
-    checkpoint the run's previous write removed (to finish a removal that failed). ``run.rec``
-    grows by about 15 bytes per held checkpoint that expires: at most ``keep_latest`` of them
-    with pruning, else the live ones (expired ones leave it on the next append). ``get`` and
-    ``latest`` open ``run.rec`` and one checkpoint (``latest`` walks
-    down only past deleted or expired newest ones); ``headers`` reads ``run.rec`` and the
-    first 4 KiB of about ``k`` checkpoint files, never payloads. Writers, ``get``, ``latest``,
-    ``headers`` and ``get_run`` also look (one ``faccessat``) for a checkpoint beyond
-    ``latest_sequence``; a run whose record is behind costs its next writer one head read per
-    checkpoint in place, and a damaged run is read by listing its checkpoint files. Starting
-    an expired run over, and purging one, read the head of each of its checkpoint files
-    first. ``update_run`` rewrites
+    Costs (``n`` = checkpoints held by the run, ``k`` = requested count): ``append`` appends
+    one commit to the run's log (the checkpoint, ``run.rec``, the removal of what it prunes)
+    with one write and one ``fdatasync``, and updates ``idx`` unsynced; plus one head read per
+    pruned checkpoint that never expires. The run's first append makes the log (its file and
+    directory synced). An append that finds the log's dead bytes above its live ones (and
+    256 KiB) compacts it: O(live bytes), amortised O(1). ``run.rec`` grows by about 15 bytes
+    per held checkpoint that expires: at most ``keep_latest`` of them with pruning, else the
+    live ones (expired ones leave it on the next append). ``get`` and ``latest`` read
+    ``run.rec`` and one checkpoint through ``idx`` (``latest`` walks down only past deleted
+    or expired newest ones); ``headers`` reads ``run.rec`` and the first 4 KiB of about ``k``
+    checkpoint records, never payloads. Writers, ``get``, ``latest``, ``headers`` and
+    ``get_run`` also look up ``idx``'s slot beyond ``latest_sequence``; a run whose record is
+    behind costs its next writer one head read per checkpoint, and a damaged run (or a
+    missing ``idx``) is read by scanning its log. Starting an expired run over, and purging
+    one, read the head of each of its checkpoints first. ``update_run`` commits a new
     ``run.rec`` (and moves one index marker on a status change); ``list_runs`` and
     ``runs_with_label`` list one index directory and read ``run.rec`` of the runs they return;
     ``count_runs`` reads ``run.rec`` of every indexed run; ``scan_items`` lists the run's items.
@@ -1011,12 +1114,13 @@ class FileStore(ExpiryCleanup):
 
     Adapter capabilities (``r`` = refs of the checkpoint, ``i`` = items written, ``s`` = shared
     items the run's held checkpoints name): ``append_with_items`` also reads the head of each of
-    its ``i`` items (to keep a live one), writes the new ones with one more fsync, and rewrites
-    the ``s`` counts in ``run.rec``'s body (a few bytes plus the key per shared item); each
-    pruned checkpoint with refs costs one head read, each item it was the last to name one
-    unlink. The first checkpoint of a run adds one marker per label. ``read_with_items`` costs
-    ``get`` or ``latest``, one listing of ``o/<sequence>/``, one read per owned item and per
-    ref, ``run.rec``'s first 4 KiB again and one ``stat``: O(owned + r), not O(n) or O(s).
+    its ``i`` items (to keep a live one), writes the new ones (a sync each, and one of ``i/``),
+    and commits the ``s`` counts in ``run.rec``'s body (a few bytes plus the key per shared
+    item); each pruned checkpoint with refs costs one head read, each item it was the last to
+    name one unlink. The first checkpoint of a run adds one marker per label.
+    ``read_with_items`` costs ``get`` or ``latest``, one listing of ``o/<sequence>/``, one read
+    per owned item and per ref, ``run.rec``'s first 4 KiB again and one ``stat``: O(owned +
+    r), not O(n) or O(s).
 
     Nested items (``m`` = items nested under the refs, ``t`` = items of the run):
     ``read_with_items`` also looks for each ref's nesting marker (one ``faccessat``), and for
@@ -1094,9 +1198,11 @@ class FileStore(ExpiryCleanup):
         if fd is None:
             yield None
             return
+        files = _Dir(self._run_dir(run_key), fd)
         try:
-            yield _Dir(self._run_dir(run_key), fd)
+            yield files
         finally:
+            files.close()
             os.close(fd)
 
     @contextlib.contextmanager
@@ -1107,13 +1213,20 @@ class FileStore(ExpiryCleanup):
         if fd is None:
             yield False
             return
+        run_dir = self._run_dir(run_key)
+        held = _HELD.by_path.setdefault(run_dir, _HeldLog(run_dir))
+        held.depth += 1
         try:
             yield True
             # A run without a directory needs no lock file. Removed while held: whoever
             # waits on it finds its inode gone from the path and locks a new file.
-            if not os.path.lexists(self._run_dir(run_key)):
+            if not os.path.lexists(run_dir):
                 _discard(path)
         finally:
+            held.depth -= 1
+            if not held.depth:
+                held.forget()
+                del _HELD.by_path[run_dir]
             os.close(fd)
 
     @staticmethod
@@ -1167,10 +1280,29 @@ class FileStore(ExpiryCleanup):
             _discard(temp)
             raise
 
-    def _commit(self, run_key: str, state: _RunState) -> None:
+    def _temp_path(self, run_key: str) -> str:
+        return os.path.join(self._tmp, f"{run_key}.{secrets.token_hex(8)}")
+
+    def _commit(
+        self,
+        run_key: str,
+        state: _RunState,
+        *,
+        checkpoint: tuple[int, bytes] | None = None,
+        erase: Iterable[int] = (),
+    ) -> None:
+        """Commit ``run.rec`` (with a new checkpoint, and the removal of the records of
+        ``erase``) to the run's log: one write and one sync."""
         run_dir = self._run_dir(run_key)
-        self._write_file(run_key, os.path.join(run_dir, _RUN_FILE), _run_bytes(state))
-        self._sync_dir(run_dir)
+        writer = LogWriter(run_dir, functools.partial(self._temp_path, run_key), fsync=self._fsync)
+        puts = [] if checkpoint is None else [checkpoint]
+        held = _HELD.by_path.get(run_dir)
+        try:
+            writer.commit([*puts, (RUN, _run_bytes(state))], erase,
+                          view=None if held is None else held.view())
+        finally:
+            if held is not None:
+                held.forget()  # the log moved on (or was compacted): read it anew
 
     def _read_state(self, run_key: str, *, whole: bool = False) -> _RunState | None:
         return _Dir(self._run_dir(run_key)).state(whole=whole)
@@ -1266,24 +1398,15 @@ class FileStore(ExpiryCleanup):
         new_run: bool,
         items: list[tuple[str, Item]],
     ) -> _RunState:
-        """Write the items, the checkpoint, prune, commit ``run.rec``; returns what it committed.
+        """Write the items, prune, and commit the checkpoint with ``run.rec`` (and the removal
+        of the pruned checkpoints) in one commit of the run's log; returns what it committed.
 
-        The items come first: once the checkpoint file is in place readers see it (it is part
-        of the log), so everything it names must be there already. That file is withdrawn
-        again, then the items, when anything fails before the commit: a caller that got an
-        error never finds its checkpoint adopted.
+        The items come first: once the checkpoint is in the log readers see it, so everything
+        it names must be there already. They are withdrawn again when the commit fails: a
+        caller that got an error never finds its checkpoint, nor the items it wrote.
         """
-        directory = os.path.join(self._run_dir(run_key), _CHECKPOINTS)
-        path = os.path.join(directory, _sequence_name(record.sequence))
         try:
             self._write_items(run_key, items)
-            self._ensure_dir(directory)
-            self._write_file(run_key, path, _checkpoint_bytes(record, ledger.run.labels))
-        except BaseException:
-            self._withdraw_items(run_key, items)
-            raise
-        try:
-            self._sync_dir(directory)
             ledger.remove_expired(now)
             if keep_latest is not None:
                 self._remove_oldest(run_key, ledger, keep_latest)
@@ -1291,30 +1414,14 @@ class FileStore(ExpiryCleanup):
             assert committed.run is not None
             if new_run:
                 self._add_markers(_marker_paths(run_key, committed.run))
-            run_file = os.path.join(self._run_dir(run_key), _RUN_FILE)
-            self._write_file(run_key, run_file, _run_bytes(committed))
+            self._commit(
+                run_key, committed,
+                checkpoint=(record.sequence, _checkpoint_bytes(record, ledger.run.labels)),
+                erase=[*ledger.erase, *ledger.removed])
         except BaseException:
-            if self._withdraw(path):
-                self._withdraw_items(run_key, items)
+            self._withdraw_items(run_key, items)
             raise
-        self._sync_dir(self._run_dir(run_key))
         return committed
-
-    def _withdraw(self, path: str) -> bool:
-        """Remove the checkpoint file of an append that failed before its commit; whether it
-        is gone (else its items must stay: the run's next writer counts it)."""
-        try:
-            _discard(path)
-            self._sync_dir(os.path.dirname(path))
-        except OSError as exc:
-            logger.error(
-                "file store: could not remove %s after a failed append (%s); the run's next "
-                "writer will count it as a checkpoint",
-                path,
-                exc.strerror or exc,
-            )
-            return False
-        return True
 
     def _withdraw_items(self, run_key: str, items: list[tuple[str, Item]]) -> None:
         """Remove the items a failed append wrote (they replaced no live item)."""
@@ -1338,15 +1445,18 @@ class FileStore(ExpiryCleanup):
         """
         self._ensure_dir(self._run_dir(run_key))
         failed: list[str] = []
+        earlier: list[int] = []
         if state is not None and state.run is not None:
-            self._discard_checkpoints(run_key)
+            earlier = self._discard_checkpoints(run_key)
             shared = state.shared if state.shared is not None else _NO_SHARED
             failed = self._drop_shared(run_key, {*shared.counts, *state.dropping})
         fresh = _RunState(
             items_next_expiry=state.items_next_expiry if state is not None else None,
             shared=_NO_SHARED,
         )
-        return _Ledger(fresh, seed, (), failed)
+        ledger = _Ledger(fresh, seed, (), failed)
+        ledger.erase = earlier
+        return ledger
 
     def _ledger(self, run_key: str, state: _RunState, run: RunRecord) -> _Ledger:
         """The ledger of a writer of a live run, once the removals that earlier operations
@@ -1356,8 +1466,12 @@ class FileStore(ExpiryCleanup):
 
     def _settled(self, run_key: str, ledger: _Ledger) -> _RunState:
         """The ``run.rec`` to commit, once the checkpoints removed release their refs (read
-        from their heads: before the commit their files are still in place)."""
+        from their heads: before the commit their records are still in the log). Those that
+        own items stay in ``removing`` until their items are gone."""
         files = _Dir(self._run_dir(run_key))
+        ledger.owning = {
+            sequence for sequence in ledger.removed
+            if files.exists(f"{_OWNERS}/{_sequence_name(sequence)}")}
         for sequence in ledger.releasing():
             try:
                 head = files.head(sequence, 0.0, include_expired=True)
@@ -1537,7 +1651,7 @@ class FileStore(ExpiryCleanup):
         logger.warning(
             "file store: %s was behind its log (latest sequence %s, checkpoint %d in place: an "
             "interrupted write, or an old copy put back); brought it up to date",
-            files.path_of(_RUN_FILE),
+            files.record_key(RUN),
             "none" if run is None else run.latest_sequence,
             rebuilt.run.latest_sequence,
         )
@@ -1558,7 +1672,7 @@ class FileStore(ExpiryCleanup):
         checkpoints are in place, or of another incarnation than they are.
 
         Looks at ``latest_sequence + 1`` only, unless the record is expired at ``now``: its
-        run would be discarded, so then every checkpoint file in place is looked at.
+        run would be discarded, so then every checkpoint record is looked at.
         """
         run = state.run if state is not None else None
         if state is None or run is None:
@@ -1593,10 +1707,9 @@ class FileStore(ExpiryCleanup):
         if slot is _Slot.OTHER_LIFE:
             raise _other_life(files, run, sequence)
         if slot is _Slot.UNUSABLE:
-            path = files.path_of(_checkpoint_name(sequence))
             logger.warning(
                 "file store: %s is no intact checkpoint of this run; its next append replaces it",
-                path,
+                files.record_key(sequence),
             )
         return slot is _Slot.OURS
 
@@ -1606,7 +1719,7 @@ class FileStore(ExpiryCleanup):
         """Whether a run without a record holds checkpoint 0 alone, which an interrupted first
         create leaves and an append (``seed``) adopts. Any other checkpoint in place means the
         record was lost: :class:`CorruptCheckpointError`, as for a damaged one."""
-        if not files.exists(_CHECKPOINTS) or not files.listdir(_CHECKPOINTS):
+        if not files.sequences():
             return False  # the common case: a run's first append, or a run of items only
         heads = self._log_heads(run_key, files, state)
         if not heads:
@@ -1614,7 +1727,7 @@ class FileStore(ExpiryCleanup):
         if seed is not None and [head.sequence for head in heads] == [0]:
             return True
         missing = "run.rec is missing" if state is None else "run.rec holds no run record"
-        raise CorruptCheckpointError(missing, key=files.path_of(_RUN_FILE))
+        raise CorruptCheckpointError(missing, key=files.record_key(RUN))
 
     def _live_unknown(
         self, run_key: str, files: _Dir, state: _RunState, run: RunRecord, now: float
@@ -1623,7 +1736,7 @@ class FileStore(ExpiryCleanup):
         its incarnation (it was put back after its successor was pruned), and ``(sequence,
         incarnation)`` of those of other incarnations, ascending.
 
-        Costs a head read per checkpoint file: only for a run about to be discarded, whose
+        Costs a head read per checkpoint record: only for a run about to be discarded, whose
         files are all removed next anyway.
         """
         hidden = set(state.removing)
@@ -1771,28 +1884,24 @@ class FileStore(ExpiryCleanup):
             return True
         return False if found is None else found
 
-    def _checkpoint_path(self, run_key: str, sequence: int) -> str:
-        return os.path.join(self._run_dir(run_key), _CHECKPOINTS, _sequence_name(sequence))
-
     def _retry_removals(self, run_key: str, state: _RunState) -> list[int]:
-        """Finish removals an earlier operation committed but could not unlink; what is left."""
-        pending = [s for s in state.removing if os.path.lexists(self._checkpoint_path(run_key, s))]
-        return self._remove_checkpoints(run_key, pending) if pending else []
+        """Finish removing the owned items of checkpoints removed earlier (a failure after
+        their commit left them); returns those still unfinished."""
+        return self._remove_checkpoints(run_key, state.removing) if state.removing else []
 
     def _remove_checkpoints(self, run_key: str, sequences: Sequence[int]) -> list[int]:
-        """Unlink committed removals, owned items first; returns those that failed (logged).
+        """Remove the owned items of committed removals (their records went in the commit);
+        returns those where that failed (logged).
 
-        Runs after a commit, so a failure never fails the operation: the checkpoint stays
-        hidden (listed in ``removing``) and its file marks the removal as unfinished.
+        Runs after a commit, so a failure never fails the operation: the checkpoint stays in
+        ``removing`` until its items are gone.
         """
         failed: list[int] = []
         for sequence in sequences:
-            path = self._checkpoint_path(run_key, sequence)
             try:
                 self._remove_owned_items(run_key, sequence)
-                _discard(path)
             except OSError as exc:
-                _log_leftover(path, exc)
+                _log_leftover(os.path.join(self._run_dir(run_key), _OWNERS), exc)
                 failed.append(sequence)
         return failed
 
@@ -1823,15 +1932,15 @@ class FileStore(ExpiryCleanup):
             logger.warning("file store: left %s in place: it holds foreign entries", owner_dir)
         return removed
 
-    def _discard_checkpoints(self, run_key: str) -> None:
-        """Remove every checkpoint (with owned items) of an expired run about to start over."""
+    def _discard_checkpoints(self, run_key: str) -> list[int]:
+        """Remove the owned items of every checkpoint of an expired run about to start over;
+        returns the checkpoints, whose records its next commit removes."""
         files = _Dir(self._run_dir(run_key))
         for name in files.listdir(_OWNERS):
             sequence = _sequence_of_name(name)
             if sequence is not None:
                 self._remove_owned_items(run_key, sequence)
-        for name in files.listdir(_CHECKPOINTS):
-            _discard(files.path_of(f"{_CHECKPOINTS}/{name}"))
+        return files.sequences()
 
     async def get(
         self, run_key: str, sequence: int, *, now: float
@@ -2054,16 +2163,10 @@ class FileStore(ExpiryCleanup):
                 return False
             ledger = self._ledger(run_key, state, state.run)
             ledger.remove(sequence, found.expires_at)
-            # Committed first, unlinked after: a crash in between leaves the file hidden by
-            # ``removing`` until the next writer unlinks it, never a checkpoint that comes back.
+            # The record goes in the commit; owned items after it (``removing`` until gone).
             committed = self._settled(run_key, ledger)
-            self._commit(run_key, committed)
-            if not self._remove_checkpoints(run_key, ledger.removed):
-                # Durable before a later commit drops it from ``removing``: unlike pruned
-                # checkpoints (below ``low``, or expired), nothing else would hide it.
-                directory = files.path_of(_CHECKPOINTS)
-                with _after_commit(directory):
-                    self._sync_dir(directory)
+            self._commit(run_key, committed, erase=ledger.removed)
+            self._remove_checkpoints(run_key, ledger.removed)
             self._drop_shared(run_key, committed.dropping)
             return True
 
@@ -2571,9 +2674,10 @@ class FileStore(ExpiryCleanup):
             return True
         if _due(state.items_next_expiry, now):
             return True
-        if any(os.path.lexists(self._checkpoint_path(run_key, s)) for s in state.removing):
-            return True
         run_dir = self._run_dir(run_key)
+        owners = os.path.join(run_dir, _OWNERS)
+        if any(os.path.lexists(os.path.join(owners, _sequence_name(s))) for s in state.removing):
+            return True
         return any(
             os.path.lexists(os.path.join(run_dir, directory, _item_name(key)))
             for key in state.dropping
@@ -2615,7 +2719,7 @@ class FileStore(ExpiryCleanup):
             hint, items = self._expired_items(run_key, now, budget)
             committed = msgspec.structs.replace(committed, items_next_expiry=hint)
         if committed != state:
-            self._commit(run_key, committed)
+            self._commit(run_key, committed, erase=removed)
         self._remove_checkpoints(run_key, removed)
         self._drop_shared(run_key, committed.dropping)
         directory = os.path.join(self._run_dir(run_key), _ITEMS)
@@ -2725,18 +2829,18 @@ class FileStore(ExpiryCleanup):
                 return None
             problem = "run.rec is missing" if keep is None else "run.rec holds no run record"
         heads = self._log_heads(run_key, files, keep)
-        if not heads and (keep is not None or not files.exists(_RUN_FILE)):
+        if not heads and (keep is not None or not files.has_record(RUN)):
             return None  # a run of items only, or no run at all
         return RunDamage(
             run_key=run_key,
-            key=files.path_of(_RUN_FILE),
+            key=files.record_key(RUN),
             problem=problem,
             checkpoints=len(heads),
             newest=header_of(heads[-1]) if heads else None,
         )
 
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
-        """Rewrites ``run.rec`` (and adds the index marker); checkpoint files are only read."""
+        """Commits a new ``run.rec`` (and adds the index marker); checkpoints are only read."""
         _check_run_key(run_key)
         _check_status(seed.status)
         return await self._call(self._rebuild_run, run_key, seed, now)
@@ -2762,7 +2866,7 @@ class FileStore(ExpiryCleanup):
             self._commit_rebuilt(run_key, old, rebuilt)
             logger.info(
                 "file store: rebuilt %s from %d checkpoints",
-                files.path_of(_RUN_FILE),
+                files.record_key(RUN),
                 rebuilt.run.checkpoint_count,
             )
             return rebuilt.run

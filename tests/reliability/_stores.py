@@ -14,7 +14,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import os
 import random
 import sqlite3
 from abc import ABC, abstractmethod
@@ -28,6 +27,7 @@ from fastcheckpoint import CheckpointStore
 from fastcheckpoint._config import RetryPolicy
 from fastcheckpoint.stores import _dynamodb_layout as dynamodb_layout
 from fastcheckpoint.stores import _s3_layout as s3_layout
+from tests._file_records import LogRecord, checkpoint_record, run_record
 from tests.reliability.faults import HTTP, POSTGRES, REDIS, Wire
 
 REGION = "us-east-1"
@@ -95,39 +95,43 @@ def _not_utf8(rng: random.Random) -> bytes:
 
 
 class FileTamperer(Tamperer):
+    """Records of the runs' logs (``runs/<key>/log``), replaced and damaged the way files
+    were: a replacement is a commit of the log that puts the tampered bytes."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
 
     def checkpoint_locator(self, run_key: str, sequence: int) -> str:
-        return f"runs/{run_key}/c/{sequence:020d}"
+        return f"runs/{run_key}/log:c/{sequence:020d}"
 
     def run_locator(self, run_key: str) -> str:
-        return f"runs/{run_key}/run.rec"
+        return f"runs/{run_key}/log:run.rec"
 
-    def _path(self, locator: str) -> Path:
-        return self.root / locator
+    def _checkpoint(self, run_key: str, sequence: int) -> LogRecord:
+        return checkpoint_record(self.root, run_key, sequence)
 
     def copy_checkpoint(self, source_run_key: str, target_run_key: str, sequence: int) -> None:
-        data = self._path(self.checkpoint_locator(source_run_key, sequence)).read_bytes()
-        self._path(self.checkpoint_locator(target_run_key, sequence)).write_bytes(data)
+        data = self._checkpoint(source_run_key, sequence).read_bytes()
+        self._checkpoint(target_run_key, sequence).write_bytes(data)
 
     def truncate_checkpoint(self, run_key: str, sequence: int) -> None:
-        path = self._path(self.checkpoint_locator(run_key, sequence))
-        os.truncate(path, path.stat().st_size // 2)
+        record = self._checkpoint(run_key, sequence)
+        data = record.read_bytes()
+        record.write_bytes(data[: len(data) // 2])
 
     def scramble_checkpoint(self, run_key: str, sequence: int, rng: random.Random) -> None:
-        path = self._path(self.checkpoint_locator(run_key, sequence))
-        path.write_bytes(_scrambled(path.read_bytes(), rng))
+        record = self._checkpoint(run_key, sequence)
+        record.write_bytes(_scrambled(record.read_bytes(), rng))
 
     def save_run(self, run_key: str) -> bytes:
-        return self._path(self.run_locator(run_key)).read_bytes()
+        return run_record(self.root, run_key).read_bytes()
 
     def replay_run(self, run_key: str, saved: Any) -> None:
-        self._path(self.run_locator(run_key)).write_bytes(saved)
+        run_record(self.root, run_key).write_bytes(saved)
 
     def scramble_run(self, run_key: str, rng: random.Random) -> None:
-        path = self._path(self.run_locator(run_key))
-        path.write_bytes(_scrambled(path.read_bytes(), rng))
+        record = run_record(self.root, run_key)
+        record.write_bytes(_scrambled(record.read_bytes(), rng))
 
     def close(self) -> None:
         pass  # the directory is the test's own

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from fastcheckpoint.testing import (
     make_run,
     without_key,
 )
+from tests._file_records import LogRecord, checkpoint_record, run_record
 from tests._helpers import FakeClock, make_config
 
 pytestmark = pytest.mark.anyio
@@ -71,15 +71,15 @@ async def _run_of(store: FileStore, name: str, count: int) -> RunRecord:
     return seed
 
 
-def _record(root: Path, run: RunRecord) -> Path:
-    return root / "runs" / key_of(run) / "run.rec"
+def _record(root: Path, run: RunRecord) -> LogRecord:
+    return run_record(root, key_of(run))
 
 
-def _checkpoint_file(root: Path, run: RunRecord, sequence: int) -> Path:
-    return root / "runs" / key_of(run) / "c" / f"{sequence:020d}"
+def _checkpoint_file(root: Path, run: RunRecord, sequence: int) -> LogRecord:
+    return checkpoint_record(root, key_of(run), sequence)
 
 
-def _damage(path: Path) -> None:
+def _damage(path: LogRecord) -> None:
     path.write_bytes(path.read_bytes()[:-3] + b"zzz")  # the header checksum no longer matches
 
 
@@ -114,7 +114,7 @@ class TestFileStoreRepair(RepairContract):
     @pytest.fixture
     def damage_run_record(self, tmp_path: Path) -> DamageRunRecord:
         async def damage(store: CheckpointStore, run_key: str) -> None:
-            _damage(tmp_path / "runs" / run_key / "run.rec")
+            _damage(run_record(tmp_path, run_key))
 
         return damage
 
@@ -295,7 +295,7 @@ async def test_manager_restores_all_ten_and_repairs(root: Path) -> None:
     with anyio.fail_after(30):
         created = [await manager.create("agent", {"step": step}) for step in range(10)]
         ids = [checkpoint.checkpoint_id for checkpoint in created if checkpoint is not None]
-        _damage(root / "runs" / key_of(make_run("agent")) / "run.rec")
+        _damage(run_record(root, key_of(make_run("agent"))))
 
         restored = [await manager.restore_from(checkpoint_id) for checkpoint_id in ids]
         assert [c.state["step"] for c in restored if c is not None] == list(range(10))
@@ -373,7 +373,6 @@ async def test_a_first_create_cut_before_its_commit_counts_as_made(
     key = key_of(seed)
     elsewhere = FileStore(tmp_path / "elsewhere")
     await _append(elsewhere, seed, 0)
-    (root / "runs" / key / "c").mkdir(parents=True)
     _checkpoint_file(root, seed, 0).write_bytes(
         _checkpoint_file(tmp_path / "elsewhere", seed, 0).read_bytes()
     )
@@ -437,7 +436,7 @@ async def test_an_old_run_record_put_back_costs_no_checkpoint(root: Path) -> Non
     manager = CheckpointManager(store, make_config(clock))
     with anyio.fail_after(30):
         ids = [await manager.create("replayed", {"step": step}) for step in range(3)]
-        record = root / "runs" / key_of(make_run("replayed")) / "run.rec"
+        record = run_record(root, key_of(make_run("replayed")))
         old = record.read_bytes()
         for step in range(3, 10):
             ids.append(await manager.create("replayed", {"step": step}))
@@ -590,15 +589,11 @@ async def test_a_failed_commit_leaves_no_checkpoint_to_adopt(
     duplicate of the retry."""
     seed = await _run_of(store, "commit-fails", 3)
     key = key_of(seed)
-    real_replace = os.replace
-
-    def replace(source: Any, target: Any, *args: Any, **kwargs: Any) -> None:
-        if os.fspath(target).endswith("run.rec"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(target))
-        real_replace(source, target, *args, **kwargs)
+    def no_space(fd: int) -> None:  # the commit's sync: its write did not make it to disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with anyio.fail_after(30):
-        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "fdatasync", no_space)
         with pytest.raises(StoreError, match="No space left"):
             await _append(store, seed, 3, payload=b"first try")
         monkeypatch.undo()
@@ -627,9 +622,9 @@ async def test_checkpoint_swapped_in_from_another_run_is_corrupt(root: Path) -> 
             await manager.create("run-b", {"owner": "b"})
         a, b = make_run("run-a"), make_run("run-b")
         # Same place in another run: the copy names run B's key.
-        shutil.copyfile(_checkpoint_file(root, b, 2), _checkpoint_file(root, a, 2))
+        _checkpoint_file(root, a, 2).write_bytes(_checkpoint_file(root, b, 2).read_bytes())
         # Another place in the same run: the store refuses a file holding another sequence.
-        shutil.copyfile(_checkpoint_file(root, a, 0), _checkpoint_file(root, a, 1))
+        _checkpoint_file(root, a, 1).write_bytes(_checkpoint_file(root, a, 0).read_bytes())
 
         with pytest.raises(CorruptCheckpointError) as caught:
             await manager.restore("run-a")

@@ -18,6 +18,7 @@ import pytest
 from fastcheckpoint.errors import CorruptCheckpointError, StoreError
 from fastcheckpoint.stores import CheckpointHeader, Item, RunRecord, StoredCheckpoint
 from fastcheckpoint.stores import file as file_store
+from fastcheckpoint.stores._file_log import RUN, LogView
 from fastcheckpoint.stores.file import FileStore
 from fastcheckpoint.testing import (
     T0,
@@ -28,6 +29,7 @@ from fastcheckpoint.testing import (
     make_run,
     without_key,
 )
+from tests._file_records import run_record
 
 pytestmark = pytest.mark.anyio
 
@@ -186,7 +188,13 @@ async def test_a_failed_append_leaves_no_item_and_keeps_the_shared_ones(
     run = make_run("failed-append")
     with anyio.fail_after(30):
         await _append(store, run, 0, ["b/a"], [make_item("b/a")])
-        refused = _failing(monkeypatch, "replace", lambda path: path.endswith("run.rec"))
+        refused: list[int] = []
+
+        def failing(fd: int) -> None:  # the commit's sync
+            refused.append(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        monkeypatch.setattr(os, "fdatasync", failing)
         with pytest.raises(StoreError):
             await _append(store, run, 1, ["b/a", "b/new"],
                           [make_item("b/a", b"other"), make_item("b/new"),
@@ -261,7 +269,7 @@ async def test_rebuild_takes_counts_and_labels_from_the_checkpoints(
     lost run.rec); its labels come back too, though the manager's seed has none."""
     run = _labelled("rebuilt", "thread:r")
     key = key_of(run)
-    record = root / "runs" / key / "run.rec"
+    record = run_record(root, key)
     with anyio.fail_after(30):
         for sequence in range(3):
             await _append(store, run, sequence, ["b/all", f"b/{sequence}"],
@@ -302,17 +310,20 @@ async def test_readers_never_read_the_reference_counts(
         for sequence in range(100):
             keys = [f"b/{sequence}/{index}" for index in range(20)]
             await _append(store, run, sequence, keys, [make_item(key) for key in keys])
-        size = (root / "runs" / key / "run.rec").stat().st_size
+        size = len(run_record(root, key).read_bytes())
         assert size > 16_000
         read: list[int] = []
-        real = file_store._pread_exact
+        real = LogView.read_sized
 
-        def counting(fd: int, count: int, offset: int, path: str) -> bytes:
-            if path.endswith("run.rec"):
-                read.append(count)
-            return real(fd, count, offset, path)
+        def counting(
+            view: LogView, key: int, limit: int | None = None, *, check: bool = False
+        ) -> tuple[bytes, int] | None:
+            found = real(view, key, limit, check=check)
+            if key == RUN and found is not None:
+                read.append(len(found[0]))
+            return found
 
-        monkeypatch.setattr(file_store, "_pread_exact", counting)
+        monkeypatch.setattr(LogView, "read_sized", counting)
         await store.get(key, 50, now=T0)
         await store.latest(key, now=T0)
         await store.get_run(key, now=T0)

@@ -1,0 +1,382 @@
+"""The file store's record log (``fastcheckpoint.stores._file_log``): commits, the index and
+what happens when it is stale, missing or damaged, torn tails, damaged entries, removals,
+compaction, a crash at each step of it, kill -9 of a writer, and the syncs a commit costs."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fastcheckpoint.errors import CorruptCheckpointError
+from fastcheckpoint.stores import _file_log as log
+from fastcheckpoint.stores._file_log import INDEX, LOG, RUN, LogWriter, open_view
+
+
+class _Run:
+    """A run directory with its log writer, and a model of what the log must hold."""
+
+    def __init__(self, root: Path, *, fsync: bool = False) -> None:
+        self.dir = root / "run"
+        self.tmp = root / "tmp"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(exist_ok=True)
+        self.writer = LogWriter(str(self.dir), self.temp, fsync=fsync)
+        self.model: dict[int, bytes] = {}
+
+    def temp(self) -> str:
+        return str(self.tmp / secrets.token_hex(8))
+
+    def commit(self, puts: dict[int, bytes], removes: tuple[int, ...] = ()) -> None:
+        self.writer.commit(list(puts.items()), removes)
+        for key in removes:
+            if key not in puts:
+                self.model.pop(key, None)
+        self.model.update(puts)
+
+    def read_all(self) -> dict[int, bytes]:
+        view = open_view(str(self.dir))
+        if view is None:
+            return {}
+        with view:
+            found = {}
+            for key in view.held_keys():
+                data = view.read(key, check=True)
+                assert data is not None
+                found[key] = data
+            return found
+
+    def check(self) -> None:
+        assert self.read_all() == self.model
+        view = open_view(str(self.dir))
+        assert view is not None
+        with view:  # lookups by key (through idx) agree with the scan
+            for key, data in self.model.items():
+                assert view.read(key, check=True) == data
+            assert view.read(max(self.model, default=0) + 1) is None
+
+    def check_indexed(self) -> None:
+        """``idx`` covers every commit, and the log holds what the model does."""
+        view = open_view(str(self.dir))
+        assert view is not None
+        with view:
+            assert view.indexed
+            assert not view.tail.found
+        self.check()
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / LOG
+
+    @property
+    def index_path(self) -> Path:
+        return self.dir / INDEX
+
+
+def _data(key: int, version: int, size: int = 100) -> bytes:
+    return f"{key}:{version}:".encode().ljust(size, b".")
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> _Run:
+    return _Run(tmp_path)
+
+
+def test_commits_read_back_through_the_index_and_by_a_scan(run: _Run) -> None:
+    assert open_view(str(run.dir)) is None
+    run.commit({0: _data(0, 0), RUN: b"run-0"})
+    run.commit({1: _data(1, 0), RUN: b"run-1"})
+    run.commit({1: _data(1, 1, 5000)})
+    run.check()
+    view = open_view(str(run.dir))
+    assert view is not None
+    with view:
+        assert view.indexed
+        assert not view.tail.found
+        assert view.read(1, limit=3) == b"1:1"
+        assert view.read(RUN) == b"run-1"
+    run.index_path.unlink()
+    view = open_view(str(run.dir))
+    assert view is not None
+    with view:
+        assert not view.indexed
+    run.check()
+    run.commit({2: b"two"})  # the writer makes a whole idx again
+    run.check_indexed()
+
+
+def test_an_index_behind_the_log_is_completed_by_reading_the_tail(run: _Run) -> None:
+    """A crash after a commit's sync, before its idx update: readers find the commit in the
+    log's tail; the next writer brings idx up to date."""
+    run.commit({0: _data(0, 0), RUN: b"r0"})
+    old_index = run.index_path.read_bytes()
+    run.commit({1: _data(1, 0), RUN: b"r1"}, removes=(0,))
+    run.index_path.write_bytes(old_index)
+    view = open_view(str(run.dir))
+    assert view is not None
+    with view:
+        assert view.indexed
+        assert set(view.tail.found) == {0, 1, RUN}
+    run.check()
+    run.commit({2: b"two"})
+    run.check_indexed()
+
+
+@pytest.mark.parametrize("damage", ["slot", "header", "other log", "garbage"])
+def test_a_damaged_or_foreign_index_is_not_trusted(run: _Run, damage: str) -> None:
+    for version in range(3):
+        run.commit({key: _data(key, version) for key in (RUN, 0, 1, 2)})
+    raw = bytearray(run.index_path.read_bytes())
+    if damage == "slot":
+        raw[log._slot_offset(1) + 2] ^= 0xFF
+    elif damage == "header":
+        raw[30] ^= 0xFF
+    elif damage == "other log":
+        raw[8:24] = bytes(16)
+    else:
+        raw = bytearray(os.urandom(len(raw)))
+    run.index_path.write_bytes(bytes(raw))
+    run.check()
+    run.commit({3: b"three"})
+    run.check()
+
+
+def test_a_torn_tail_is_ignored_and_cut_by_the_next_writer(run: _Run) -> None:
+    run.commit({0: _data(0, 0), RUN: b"r0"})
+    size = run.log_path.stat().st_size
+    before = dict(run.model)
+    run.commit({1: _data(1, 0, 3000), RUN: b"r1"})
+    full = run.log_path.read_bytes()
+    for cut in (size + 1, size + 40, len(full) - 1):  # everything but the whole commit
+        run.log_path.write_bytes(full[:cut])
+        assert run.read_all() == before
+    # The commit's length in place but its bytes never written (zeros): torn as well.
+    run.log_path.write_bytes(full[:size] + bytes(len(full) - size))
+    assert run.read_all() == before
+    run.model = before
+    run.commit({2: b"two"})
+    run.check()
+    assert b"\0" * 64 not in run.log_path.read_bytes()
+
+
+def test_a_commit_being_written_is_invisible_until_its_last_entry_is_in_place(
+    run: _Run,
+) -> None:
+    run.commit({RUN: b"r0"})
+    entries = [log.entry_bytes(5, _data(5, 0), last=False),
+               log.entry_bytes(RUN, b"r1", last=True)]
+    data = b"".join(entries)
+    with run.log_path.open("ab") as handle:
+        for piece in (data[:10], data[10 : len(entries[0])], data[len(entries[0]) : -1]):
+            handle.write(piece)
+            handle.flush()
+            assert run.read_all() == {RUN: b"r0"}
+        handle.write(data[-1:])
+    assert run.read_all() == {RUN: b"r1", 5: _data(5, 0)}
+
+
+def test_a_damaged_entry_reads_as_damaged_never_as_its_older_version(run: _Run) -> None:
+    run.commit({0: _data(0, 0), 1: _data(1, 0)})
+    offset = run.log_path.stat().st_size
+    run.commit({0: _data(0, 1, 2000)})
+    run.commit({RUN: b"after"})  # the damaged commit is not the last one: no torn tail
+    raw = bytearray(run.log_path.read_bytes())
+    raw[offset + 28 + 500] ^= 0x01
+    run.log_path.write_bytes(bytes(raw))
+    for drop_index in (False, True):
+        if drop_index:
+            run.index_path.unlink()
+        view = open_view(str(run.dir))
+        assert view is not None
+        with view:
+            with pytest.raises(CorruptCheckpointError, match="checksum"):
+                view.read(0, check=True)
+            assert view.read(1, check=True) == _data(1, 0)
+            assert view.read(RUN) == b"after"
+            assert 0 in view.held_keys()
+    run.writer.compact()
+    view = open_view(str(run.dir))
+    assert view is not None
+    with view:
+        with pytest.raises(CorruptCheckpointError):
+            view.read(0, check=True)
+        assert view.read(1, check=True) == _data(1, 0)
+
+
+def test_removals_hide_keys_and_compaction_drops_them(run: _Run) -> None:
+    run.commit({0: _data(0, 0), 1: _data(1, 0), RUN: b"r"})
+    run.commit({RUN: b"r2"}, removes=(0,))
+    run.check()
+    run.index_path.unlink()
+    run.check()
+    run.writer.compact()
+    run.check()
+    assert b"0:0:" not in run.log_path.read_bytes()
+
+
+def test_a_commit_compacts_once_dead_bytes_exceed_the_live_ones(run: _Run) -> None:
+    big = 64 << 10
+    run.commit({0: _data(0, 0, big), RUN: b"r" * 100})
+    first = run.log_path.stat().st_ino
+    for version in range(1, 4):
+        run.commit({0: _data(0, version, big), RUN: b"r" * 100})
+        assert run.log_path.stat().st_ino == first  # dead bytes below the minimum
+    before = open_view(str(run.dir))
+    assert before is not None
+    for version in range(4, 12):
+        run.commit({0: _data(0, version, big), RUN: b"r" * 100})
+    assert run.log_path.stat().st_ino != first
+    # Live (one entry of each key) plus at most the dead bytes that trigger a compaction.
+    assert run.log_path.stat().st_size < log._COMPACT_MIN_DEAD + 3 * big
+    run.check()
+    with before:  # a reader that opened the old log still reads it, intact
+        assert before.read(0, check=True) in {_data(0, version, big) for version in range(3, 12)}
+
+
+def test_a_crash_at_any_step_of_compaction_leaves_one_whole_log(run: _Run) -> None:
+    for version in range(5):
+        run.commit({key: _data(key, version, 1000) for key in (RUN, 0, 1)}, removes=(version,))
+    old_log, old_index = run.log_path.read_bytes(), run.index_path.read_bytes()
+    run.writer.compact()
+    new_log = run.log_path.read_bytes()
+    # Renamed the new log, not yet its idx: readers see the old idx as another log's.
+    run.index_path.write_bytes(old_index)
+    run.check()
+    run.commit({7: b"seven"})
+    run.check()
+    # Crashed before the rename: the old log and idx, and a leftover in tmp/.
+    run.log_path.write_bytes(old_log)
+    run.index_path.write_bytes(old_index)
+    (run.tmp / "leftover").write_bytes(new_log)
+    run.model.pop(7)
+    run.check()
+
+
+def test_a_failed_write_leaves_the_log_as_it_was(
+    run: _Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run.commit({0: _data(0, 0), RUN: b"r0"})
+    size = run.log_path.stat().st_size
+    real = os.pwrite
+
+    def full_disk(fd: int, data: bytes, offset: int) -> int:
+        if offset >= size and len(data) > 100:
+            real(fd, bytes(data)[:100], offset)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    with pytest.raises(OSError, match="space"):
+        run.writer.commit([(1, _data(1, 0, 1000)), (RUN, b"r1")])
+    monkeypatch.undo()
+    assert run.log_path.stat().st_size == size
+    run.check()
+
+
+def test_a_commit_costs_one_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def counted(name: str) -> Callable[[int], None]:
+        real = getattr(os, name)
+
+        def sync(fd: int) -> None:
+            calls.append(name)
+            real(fd)
+
+        return sync
+
+    for name in ("fsync", "fdatasync"):
+        monkeypatch.setattr(os, name, counted(name))
+    run = _Run(tmp_path, fsync=True)
+    run.commit({0: b"first", RUN: b"r0"})
+    assert calls == ["fsync", "fsync"]  # the new log, and the directory that names it
+    for sequence in range(1, 6):
+        calls.clear()
+        run.commit({sequence: _data(sequence, 0, 15_000), RUN: b"r"}, removes=(sequence - 1,))
+        assert calls == ["fdatasync"]
+    run.check()
+
+
+def test_random_commits_reopens_and_compactions_match_a_model(tmp_path: Path) -> None:
+    for seed in range(12):
+        rng = random.Random(seed)
+        run = _Run(tmp_path / str(seed))
+        for step in range(120):
+            keys = rng.sample(range(-1, 12), rng.randint(1, 4))
+            puts = {key: _data(key, step, rng.choice((0, 10, 300, 5000))) for key in keys
+                    if rng.random() < 0.8}
+            removes = tuple(key for key in keys if key not in puts)
+            run.commit(puts, removes)
+            roll = rng.random()
+            if roll < 0.05 and run.index_path.exists():
+                run.index_path.unlink()
+            elif roll < 0.1:
+                run.writer.compact()
+            if step % 10 == 0:
+                run.check()
+        run.check()
+
+
+_WORKER = textwrap.dedent("""
+    import os, secrets, sys
+    from fastcheckpoint.stores._file_log import LogWriter, RUN
+    directory, temp = sys.argv[1], sys.argv[2]
+    writer = LogWriter(directory, lambda: os.path.join(temp, secrets.token_hex(8)), fsync=True)
+    for n in range(1, 1_000_000):
+        data = (b"%d:" % n).ljust(2000 + (n % 7) * 3000, b"x")
+        writer.commit([(n % 5, data), (RUN, b"%d" % n)], removes=[(n + 2) % 5])
+        print(n, flush=True)
+        if n % 9 == 0:
+            writer.compact()
+""")
+
+
+def test_acknowledged_commits_survive_kill_9_during_commits_and_compactions(
+    tmp_path: Path,
+) -> None:
+    run = _Run(tmp_path)
+    for round_ in range(4):
+        process = subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(run.dir), str(run.tmp)],
+            stdout=subprocess.PIPE, text=True)
+        assert process.stdout is not None
+        acked = 0
+        deadline = time.monotonic() + 0.3 + round_ * 0.2
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            acked = int(line)
+        process.send_signal(signal.SIGKILL)
+        rest = process.stdout.read()
+        process.wait()
+        acked = max([acked, *(int(line) for line in rest.split())])
+        assert acked > 0, "the worker made no commit"
+        view = open_view(str(run.dir))
+        assert view is not None
+        with view:
+            latest = int(view.read(RUN, check=True) or b"0")
+            # Acknowledged is durable; at most the commit in flight may also be there.
+            assert latest in (acked, acked + 1)
+            data = view.read(latest % 5, check=True)
+            assert data is not None
+            assert data.startswith(b"%d:" % latest)
+            assert view.read((latest + 2) % 5) is None
+        run.dir.joinpath("restart").write_text(str(round_))
+
+
+def test_keys_and_sizes_are_checked() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        log.entry_bytes(-2, b"", last=True)
+    assert list(itertools.islice(log.entry_bytes(0, None, last=True), 4)) == list(b"FCle")
