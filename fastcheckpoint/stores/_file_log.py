@@ -4,28 +4,31 @@ A run's records (its run record and one record per checkpoint) live in ``log``, 
 only file that a create writes to::
 
     log   header (magic, format version, a random log id), then entries, appended in commits
-    idx   where the newest entry of each key is: a header (the log id it indexes, how far,
-          how many bytes are live) and one 16-byte slot per key, at a fixed place
+    idx   where the newest entry of each key is: a header (the log id it indexes, the boot it
+          was written in, how far it covers the log, how many bytes are live) and one 16-byte
+          slot per key, at a fixed place
 
-An entry is an envelope (magic, operation, key, data length, CRC-32 of the data, CRC-32 of
-the envelope) and the data. A commit appends its entries with one ``pwrite`` and makes them
-durable with one ``fdatasync``; it then updates ``idx`` without syncing it. ``idx`` is a
-cache: a reader checks every slot it uses (its CRC, the entry's envelope and key) and reads
-the entries appended after what ``idx`` covers (a commit whose ``idx`` update a crash or a
-concurrent writer has not made yet); an ``idx`` that is missing, damaged or of another log is
-replaced by a scan of the log (the next writer rebuilds it). So a reader reads a record in
-O(1) of the run's length, and a create costs one write and one sync.
+An entry is an envelope (magic, operation, flags "first" and "last of its commit", key, data
+length, CRC-32 of the data, CRC-32 of the envelope) and the data. A commit appends its
+entries with one ``pwrite`` and makes them durable with one ``fdatasync``; it then updates
+``idx`` without syncing it. ``idx`` is a cache: a reader checks every slot it uses (its CRC,
+the entry's envelope and key) and reads the commits appended after what ``idx`` covers; an
+``idx`` that is missing, damaged, of another log or of an earlier boot (unsynced, its pages
+may have reached the disk in any order) is replaced by a scan of the log, and a new one is
+written under the run's lock (:meth:`LogWriter.reindex`, or the next commit). So a reader
+reads a record in O(1) of the run's length, and a create costs one write and one sync.
 
-Torn tails: a commit interrupted by a crash leaves a partial entry at the end. Readers stop at
-the first entry that is incomplete or fails its CRCs at the end of the log (it is also what a
-commit in progress looks like); the next writer truncates it before appending. A damaged entry
-with intact entries after it is skipped by a scan (which looks for the next valid envelope)
-and reported as damaged when its key is read.
+Torn tails and damage: a commit counts once all its entries, first to last, are in place with
+intact envelopes, and the last commit's data matches its CRCs. A commit left incomplete or
+torn at the end is what a crash (or a commit in progress) leaves: readers ignore it, the next
+writer cuts it off. Unreadable bytes before a complete commit are damage: whose entry they
+held cannot be known, so every key found before them reads as damaged (never as an older
+entry, or as absent), and the log is not compacted (the damage stays visible).
 
-Compaction: once the dead bytes (entries replaced or removed since) exceed the live ones, a
-writer copies the live entries into a new log (new id) in the store's ``tmp/``, syncs it,
-renames it over ``log``, syncs the directory, and writes a new ``idx``. A crash leaves either
-log whole; readers that opened the old one keep reading it, consistently.
+Compaction: once the dead bytes (entries replaced or removed since) exceed the live ones and
+256 KiB, the commit that got there copies the live entries into a new log (new id) in the
+store's ``tmp/``, syncs it, renames it over ``log``, syncs the directory, and writes a new
+``idx``. A crash leaves either log whole; readers that opened the old one keep reading it.
 
 Writers hold the run's lock (the caller's); readers take none.
 """
@@ -34,11 +37,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import secrets
 import stat
 import struct
+import time
+import uuid
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
@@ -67,32 +73,46 @@ _ENTRY_MAGIC = b"FCle"
 _VERSION = 1
 _PUT = 1
 _REMOVE = 2
-_LAST = 1
+_FIRST = 1
+_LAST = 2
 
 # Log header: magic, version, reserved, log id, CRC of the preceding fields, padding.
 _LOG_HEADER = struct.Struct("<4sHH16sI4x")
 # Entry envelope: magic, operation, flags, reserved (2), key, data length, data CRC |
-# envelope CRC. Flag 1: the last entry of its commit.
+# envelope CRC. Flags: the first entry of its commit, the last one.
 _ENVELOPE = struct.Struct("<4sBB2xqII")
 _ENVELOPE_CRC = struct.Struct("<I")
 _ENTRY = _ENVELOPE.size + _ENVELOPE_CRC.size
-# Index header: magic, version, reserved, log id, end, live bytes, start of the last commit,
-# CRC | padding to 64.
-_INDEX_HEADER = struct.Struct("<4sHH16sQQQI")
+# Index header: magic, version, reserved, log id, boot, end, live bytes, CRC | padding to 64.
+_INDEX_HEADER = struct.Struct("<4sHH16s16sQQI")
 _INDEX_START = 64
 # Slot: entry offset + 1 (0: none), data length, CRC of (key, offset, length).
 _SLOT = struct.Struct("<QII")
 _SLOT_CRC = struct.Struct("<qQI")
 
 _MAX_KEY = (1 << 56) - 1
-_MAX_DATA = (1 << 32) - 1
-_SCAN_CHUNK = 1 << 20
+MAX_DATA = (1 << 32) - 1
+"""The largest record a log entry holds (its length is 32 bits)."""
+_SCAN_CHUNK = 64 << 10
 _COMPACT_MIN_DEAD = 256 << 10
 """A log is compacted once its dead bytes exceed both this and its live bytes."""
 _OPEN_ATTEMPTS = 3
 
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 _WRITE_FLAGS = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+@functools.cache
+def _boot() -> bytes:
+    """This boot of the machine, as 16 bytes: an ``idx`` written before the last reboot is
+    not used (unsynced, its pages may have reached the disk in any order)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as source:
+            return uuid.UUID(source.read().strip()).bytes
+    except (OSError, ValueError):
+        # No boot id (not Linux): the boot time to the second. A clock step makes a reader
+        # scan and the next writer rebuild idx once; a reboot always changes it.
+        return struct.pack("<q8x", round(time.time() - time.monotonic()))
 
 
 class Located(NamedTuple):
@@ -105,6 +125,15 @@ class Located(NamedTuple):
 _REMOVED = Located(-1, -1)
 _BEYOND = Located(-2, -2)
 _BAD = Located(-3, -3)
+
+
+class Record(NamedTuple):
+    """A record read from the log: its data (the first bytes asked for), its whole length,
+    and where its entry is (to read more of the same entry)."""
+
+    data: bytes
+    size: int
+    at: Located
 
 
 def _slot_offset(key: int) -> int:
@@ -123,18 +152,33 @@ def _check_key(key: int) -> None:
         raise ValueError(f"log key out of range: {key}")
 
 
-def entry_bytes(key: int, data: bytes | None, *, last: bool) -> bytes:
-    """An entry that puts ``data`` under ``key`` (``None``: removes the key); ``last`` marks
-    the last entry of its commit."""
+def entry_bytes(key: int, data: bytes | None, *, first: bool = True, last: bool = True) -> bytes:
+    """An entry that puts ``data`` under ``key`` (``None``: removes the key); ``first`` and
+    ``last`` mark the first and last entries of its commit."""
     _check_key(key)
-    if data is not None and len(data) > _MAX_DATA:
+    if data is not None and len(data) > MAX_DATA:
         raise ValueError(f"log entry of {len(data)} bytes is too large")
     body = b"" if data is None else data
+    flags = (_FIRST if first else 0) | (_LAST if last else 0)
     envelope = _ENVELOPE.pack(
-        _ENTRY_MAGIC, _REMOVE if data is None else _PUT, _LAST if last else 0, key, len(body),
-        zlib.crc32(body),
-    )
+        _ENTRY_MAGIC, _REMOVE if data is None else _PUT, flags, key, len(body), zlib.crc32(body))
     return b"".join((envelope, _ENVELOPE_CRC.pack(zlib.crc32(envelope)), body))
+
+
+def _commit_entries(
+    operations: Sequence[tuple[int, bytes | None]], start: int
+) -> tuple[list[bytes], dict[int, Located | None]]:
+    """The entries of one commit of ``operations`` written at ``start``, and where each
+    key's entry lands (``None``: removed)."""
+    pieces: list[bytes] = []
+    located: dict[int, Located | None] = {}
+    offset = start
+    for number, (key, data) in enumerate(operations):
+        entry = entry_bytes(key, data, first=number == 0, last=number == len(operations) - 1)
+        located[key] = None if data is None else Located(offset, len(data))
+        pieces.append(entry)
+        offset += len(entry)
+    return pieces, located
 
 
 def _log_header(log_id: bytes) -> bytes:
@@ -142,11 +186,11 @@ def _log_header(log_id: bytes) -> bytes:
     return _LOG_HEADER.pack(_LOG_MAGIC, _VERSION, 0, log_id, zlib.crc32(fields))
 
 
-def _index_header(log_id: bytes, end: int, live: int, last: int) -> bytes:
-    fields = _INDEX_HEADER.pack(_INDEX_MAGIC, _VERSION, 0, log_id, end, live, last, 0)[:-4]
+def _index_header(log_id: bytes, end: int, live: int) -> bytes:
+    fields = _INDEX_HEADER.pack(_INDEX_MAGIC, _VERSION, 0, log_id, _boot(), end, live, 0)[:-4]
     crc = zlib.crc32(fields)
-    return _INDEX_HEADER.pack(_INDEX_MAGIC, _VERSION, 0, log_id, end, live, last, crc).ljust(
-        _INDEX_START, b"\0")
+    return _INDEX_HEADER.pack(
+        _INDEX_MAGIC, _VERSION, 0, log_id, _boot(), end, live, crc).ljust(_INDEX_START, b"\0")
 
 
 def _pread(fd: int, size: int, offset: int) -> bytes:
@@ -167,6 +211,7 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
 
 class _Envelope(NamedTuple):
     operation: int
+    first: bool
     last: bool
     key: int
     size: int
@@ -178,14 +223,14 @@ def _envelope(raw: bytes | memoryview) -> _Envelope | None:
     if len(raw) < _ENTRY:
         return None
     magic, operation, flags, key, size, crc = _ENVELOPE.unpack_from(raw)
-    if magic != _ENTRY_MAGIC or operation not in (_PUT, _REMOVE) or flags & ~_LAST or \
-            not RUN <= key <= _MAX_KEY:
+    if magic != _ENTRY_MAGIC or operation not in (_PUT, _REMOVE) or \
+            flags & ~(_FIRST | _LAST) or not RUN <= key <= _MAX_KEY:
         return None
     if zlib.crc32(raw[: _ENVELOPE.size]) != _ENVELOPE_CRC.unpack_from(raw, _ENVELOPE.size)[0]:
         return None
     if operation == _REMOVE and size:
         return None
-    return _Envelope(operation, bool(flags & _LAST), key, size, crc)
+    return _Envelope(operation, bool(flags & _FIRST), bool(flags & _LAST), key, size, crc)
 
 
 class _Scan(NamedTuple):
@@ -194,71 +239,98 @@ class _Scan(NamedTuple):
     end: int
     """Where the last complete commit ends."""
     damaged: dict[int, Located]
-    """Keys whose newest entry in the range fails its data CRC, and where it is."""
+    """Keys whose newest entry may not be the one found: its data fails its CRC, or bytes the
+    scan could not read (a damaged entry) follow it. Reading one raises."""
     live: int
+    gaps: bool
+    """Whether the range holds unreadable bytes before its last complete commit."""
+
+
+_Entry = tuple[int, Located, int]
+"""An entry of a commit being read: key, where (or ``_REMOVED``), data CRC."""
 
 
 def _scan(fd: int, start: int, size: int) -> _Scan:
     """Read the commits in ``[start, size)``.
 
-    A commit counts once its last entry is in place and intact. A commit left incomplete or
-    damaged at the end of the range is a torn tail (or one being written): ignored. An
-    entry that fails its data CRC inside a commit followed by others is damage: its key reads
-    as damaged, never as an older entry. An unreadable envelope is skipped (the next valid
-    one is looked for).
+    A commit counts once its entries, from its first to its last, are in place and their
+    envelopes intact. A commit left incomplete or damaged at the end of the range is a torn
+    tail (or one being written): ignored. Data is checked (CRC) in that last commit only;
+    the records' own checksums catch damage elsewhere when they are read. Unreadable bytes
+    (a damaged envelope) before a complete commit are damage: every key found before them
+    reads as damaged (the bytes may have held a newer entry of it), never as its older entry.
     """
-    commits: list[list[tuple[int, Located, bool]]] = []
-    ends: list[int] = []
-    pending: list[tuple[int, Located, bool]] = []
+    commits: list[tuple[list[_Entry], bool, int]] = []
+    pending: list[_Entry] | None = None
+    gap = False
     offset = start
     buffer = b""
     base = start  # file offset of buffer[0]
 
-    def window(at: int, need: int) -> memoryview:
+    def window(at: int, need: int) -> bytes:
         nonlocal buffer, base
         if at < base or at + need > base + len(buffer):
-            buffer = _pread(fd, max(need, _SCAN_CHUNK), at)
+            buffer = _pread(fd, min(max(need, _SCAN_CHUNK), size - at), at)
             base = at
-        return memoryview(buffer)[at - base : at - base + need]
+        return buffer[at - base : at - base + need]
 
     while offset + _ENTRY <= size:
         envelope = _envelope(window(offset, _ENTRY))
         if envelope is None:
-            pending = []  # a commit missing an entry never counts
+            pending, gap = None, True  # a commit missing an entry never counts
             offset = _resync(fd, offset + 1, size)
             continue
         stop = offset + _ENTRY + envelope.size
         if stop > size:
             break  # incomplete: a torn tail, or a commit still being written
-        intact = zlib.crc32(window(offset + _ENTRY, envelope.size)) == envelope.crc
+        if envelope.first:
+            if pending is not None:
+                gap = True  # a commit that never got its last entry
+            pending = []
+        elif pending is None:
+            gap = True  # an entry of a commit whose start is unreadable
+            offset = stop
+            continue
         located = Located(offset, envelope.size) if envelope.operation == _PUT else _REMOVED
-        pending.append((envelope.key, located, intact))
+        pending.append((envelope.key, located, envelope.crc))
         offset = stop
         if envelope.last:
-            commits.append(pending)
-            ends.append(stop)
-            pending = []
-    if commits and not all(intact for _, _, intact in commits[-1]):
+            commits.append((pending, gap, stop))
+            pending, gap = None, False
+    if commits and not _intact(fd, commits[-1][0]):
         commits.pop()  # torn: the newest commit's bytes never all reached the disk
-        ends.pop()
     found: dict[int, Located] = {}
     damaged: dict[int, Located] = {}
-    for commit in commits:
-        for key, located, intact in commit:
-            if intact:
-                found[key] = located
-                damaged.pop(key, None)
-            else:
-                damaged[key] = located
-                found.pop(key, None)
-    live = sum(_ENTRY + found.size for found in found.values() if found is not _REMOVED)
-    return _Scan(found, ends[-1] if ends else start, damaged, live)
+    gaps = False
+    for entries, gap, _ in commits:
+        if gap:
+            gaps = True
+            damaged.update((key, at) for key, at in found.items() if at is not _REMOVED)
+            found = {key: at for key, at in found.items() if at is _REMOVED}
+        for key, located, _ in entries:
+            found[key] = located
+            damaged.pop(key, None)
+    live = sum(_ENTRY + at.size for at in found.values() if at is not _REMOVED)
+    return _Scan(found, commits[-1][2] if commits else start, damaged, live, gaps)
+
+
+def _intact(fd: int, entries: Sequence[_Entry]) -> bool:
+    """Whether the data of a commit's entries matches their CRCs."""
+    for _, located, crc in entries:
+        if located is _REMOVED:
+            continue
+        data = _pread(fd, located.size, located.offset + _ENTRY)
+        if len(data) != located.size or zlib.crc32(data) != crc:
+            return False
+    return True
 
 
 def _resync(fd: int, offset: int, size: int) -> int:
     """The offset of the next valid envelope at or after ``offset`` (``size`` if none)."""
     while offset + _ENTRY <= size:
         chunk = _pread(fd, min(_SCAN_CHUNK, size - offset), offset)
+        if not chunk:
+            return size  # the file got shorter (a writer cut a torn tail)
         at = chunk.find(_ENTRY_MAGIC)
         while at >= 0:
             if _envelope(_pread(fd, _ENTRY, offset + at)) is not None:
@@ -274,22 +346,19 @@ class _Index(NamedTuple):
     log_id: bytes
     end: int
     live: int
-    last: int
-    """Where the last commit it covers begins (a writer checks that commit before trusting
-    ``end``: ``idx`` is not synced, so after a power loss it may be ahead of the log)."""
 
 
 def _read_index(fd: int, log_id: bytes) -> _Index | None:
-    """``idx`` if it is intact and indexes the log ``log_id``."""
+    """``idx`` if it is intact, indexes the log ``log_id`` and was written since this boot."""
     raw = _pread(fd, _INDEX_START, 0)
     if len(raw) < _INDEX_HEADER.size:
         return None
-    magic, version, _, found_id, end, live, last, crc = _INDEX_HEADER.unpack_from(raw)
-    if magic != _INDEX_MAGIC or version != _VERSION or found_id != log_id:
+    magic, version, _, found_id, boot, end, live, crc = _INDEX_HEADER.unpack_from(raw)
+    if magic != _INDEX_MAGIC or version != _VERSION or found_id != log_id or boot != _boot():
         return None
-    if zlib.crc32(raw[: _INDEX_HEADER.size - 4]) != crc or not _LOG_HEADER.size <= last <= end:
+    if zlib.crc32(raw[: _INDEX_HEADER.size - 4]) != crc or end < _LOG_HEADER.size:
         return None
-    return _Index(fd, found_id, end, live, last)
+    return _Index(fd, found_id, end, live)
 
 
 def _read_log_id(fd: int, path: str) -> bytes:
@@ -352,6 +421,14 @@ class LogView:
         """Whether lookups go through ``idx`` (else the view scanned the whole log)."""
         return self.index is not None
 
+    @property
+    def settled(self) -> bool:
+        """Whether ``idx`` covers every commit the view saw. Not so while a writer is between
+        its commit and the update of ``idx`` (or its commit failed and is being cut off
+        again), after a crash there, or without a usable ``idx``: a reader then waits for the
+        run's writer (and may write ``idx`` itself, :meth:`LogWriter.reindex`)."""
+        return self.index is not None and not self.tail.found and not self.tail.damaged
+
     def close(self) -> None:
         os.close(self.fd)
         self._drop_index()
@@ -384,8 +461,8 @@ class LogView:
         """Catch up with commits made since the view opened (idx's header and the log's tail
         read again); ``False`` when ``idx`` no longer describes this log."""
         assert self.index is not None
-        size = os.fstat(self.fd).st_size
         index = _read_index(self.index.fd, self.log_id)
+        size = os.fstat(self.fd).st_size  # after idx: a commit idx covers is in the log
         if index is None or index.end > size:
             return False
         self.index, self.size = index, size
@@ -398,7 +475,8 @@ class LogView:
         A slot past what the view has read (a commit made since) moves the view forward; a
         slot that does not check makes it drop ``idx`` and scan the whole log.
         """
-        _check_key(key)
+        if not RUN <= key <= _MAX_KEY:
+            return None  # no entry can hold it
         for _ in range(_OPEN_ATTEMPTS):
             found = self.tail.found.get(key) or self.tail.damaged.get(key)
             if found is not None:
@@ -418,23 +496,26 @@ class LogView:
         """``key``'s data (its first ``limit`` bytes), ``None`` when absent. ``check`` also
         verifies the data's CRC (callers whose data carries its own checksums skip it)."""
         found = self.read_sized(key, limit, check=check)
-        return None if found is None else found[0]
+        return None if found is None else found.data
 
     def read_sized(
-        self, key: int, limit: int | None = None, *, check: bool = False
-    ) -> tuple[bytes, int] | None:
-        """``key``'s data (its first ``limit`` bytes) and its whole length, ``None`` when
-        absent.
+        self, key: int, limit: int | None = None, *, check: bool = False,
+        at: Located | None = None,
+    ) -> Record | None:
+        """``key``'s data (its first ``limit`` bytes), its whole length and where its entry
+        is; ``None`` when absent. ``at``: read that entry (found by an earlier read), not
+        the key's newest one.
 
         An entry ``idx`` points at that does not check makes the view scan the whole log and
-        look again (``idx`` is not synced: after a crash it may name a commit whose bytes
-        never reached the disk); an entry the scan finds damaged raises.
+        look again; a key the scan found damaged raises.
         """
         while True:
-            found = self.find(key)
+            found = self.find(key) if at is None else at
             if found is None:
                 return None
-            problem = "log entry fails its data checksum" if key in self.tail.damaged else None
+            problem = None
+            if at is None and key in self.tail.damaged:
+                problem = "the log holds unreadable bytes after this record's newest entry"
             data = b""
             if problem is None:
                 want = found.size if limit is None else min(limit, found.size)
@@ -449,8 +530,8 @@ class LogView:
                 elif check and want == found.size and zlib.crc32(data) != envelope.crc:
                     problem = "log entry fails its data checksum"
             if problem is None:
-                return data, found.size
-            if not self.indexed:
+                return Record(data, found.size, found)
+            if at is not None or not self.indexed:
                 raise CorruptCheckpointError(f"{problem} (key {key})", key=self.path)
             self._rescan()
 
@@ -486,14 +567,14 @@ def _open(directory_fd: int | None, directory: str, name: str, flags: int) -> in
         raise
 
 
-def _replaced(directory_fd: int | None, directory: str, info: os.stat_result) -> bool:
-    """Whether ``log`` now names another file than the one opened."""
+def _replaced(directory_fd: int | None, directory: str, fd: int) -> bool:
+    """Whether ``log`` now names another file than the one open as ``fd``."""
     target = LOG if directory_fd is not None else os.path.join(directory, LOG)
     try:
         now = os.stat(target, dir_fd=directory_fd, follow_symlinks=False)
     except FileNotFoundError:
         return True
-    return (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino)
+    return not os.path.samestat(now, os.fstat(fd))
 
 
 def open_view(directory: str, directory_fd: int | None = None) -> LogView | None:
@@ -506,24 +587,24 @@ def open_view(directory: str, directory_fd: int | None = None) -> LogView | None
             return None
         index_fd: int | None = None
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise CorruptCheckpointError("record log is not a regular file", key=path)
             log_id = _read_log_id(fd, path)
             index = None
             index_fd = _open(directory_fd, directory, INDEX, _READ_FLAGS)
             if index_fd is not None:
                 index = _read_index(index_fd, log_id)
-                if index is not None and index.end > info.st_size:
-                    index = None  # of a longer log (a tail a writer has truncated since)
-                if index is None:
-                    os.close(index_fd)
-                    index_fd = None
-                    if attempt + 1 < _OPEN_ATTEMPTS and _replaced(directory_fd, directory, info):
-                        os.close(fd)
-                        continue  # compacted between the two opens: open the new pair
+            size = os.fstat(fd).st_size  # after idx: what idx covers is in the log
+            if index is not None and index.end > size:
+                index = None  # of a longer log (a tail a writer has cut off since)
+            if index is None and index_fd is not None:
+                os.close(index_fd)
+                index_fd = None
+                if attempt + 1 < _OPEN_ATTEMPTS and _replaced(directory_fd, directory, fd):
+                    os.close(fd)
+                    continue  # compacted between the two opens: open the new pair
             start = index.end if index is not None else _LOG_HEADER.size
-            return LogView(path, fd, log_id, info.st_size, index, _scan(fd, start, info.st_size))
+            return LogView(path, fd, log_id, size, index, _scan(fd, start, size))
         except BaseException:
             if index_fd is not None:
                 os.close(index_fd)
@@ -587,27 +668,21 @@ class LogWriter:
         self, view: LogView, puts: Sequence[tuple[int, bytes]], removed: list[int]
     ) -> tuple[int, int]:
         """Append the commit; returns the log's end and live bytes after it."""
-        if view.index is not None and _scan(view.fd, view.index.last, view.index.end).end != \
-                view.index.end:
-            view._rescan()  # idx names a commit that is not (all) in the log
         operations: list[tuple[int, bytes | None]] = [*puts, *((key, None) for key in removed)]
         live = view.live
         for key, _ in operations:
             old = view.find(key)  # may turn the view into a scan of the whole log
-            if old is not None and key not in view.tail.damaged:
+            if old is not None:
                 live -= _ENTRY + old.size
         live += sum(_ENTRY + len(data) for _, data in puts)
         # What the view read past idx (everything, without one) gets its slots too.
         located: dict[int, Located | None] = {
             key: None if found is _REMOVED else found for key, found in view.tail.found.items()}
         located.update(view.tail.damaged)
-        pieces = []
-        offset = start = view.end
-        for number, (key, data) in enumerate(operations):
-            entry = entry_bytes(key, data, last=number == len(operations) - 1)
-            located[key] = None if data is None else Located(offset, len(data))
-            pieces.append(entry)
-            offset += len(entry)
+        start = view.end
+        pieces, placed = _commit_entries(operations, start)
+        located.update(placed)
+        end = start + sum(len(piece) for piece in pieces)
         fd = os.open(self.path, _WRITE_FLAGS)
         try:
             if not os.path.samestat(os.fstat(fd), os.fstat(view.fd)):
@@ -618,22 +693,27 @@ class LogWriter:
             try:
                 _write_at(fd, b"".join(pieces), start)
                 self._sync(fd)
-            except BaseException:
-                with contextlib.suppress(OSError):
+            except BaseException as exc:
+                try:
                     os.ftruncate(fd, start)
+                except OSError as cut:
+                    raise CommitLeftInLog(
+                        exc.errno if isinstance(exc, OSError) else None,
+                        f"the commit failed ({exc}) and could not be cut off the log ({cut})",
+                        self.path) from exc
                 raise
         finally:
             os.close(fd)
         try:
             if view.index is None:
                 # No usable idx: every key's place comes from the view's scan of the whole log.
-                self._install_index(view.log_id, offset, live, start, located)
+                self._install_index(view.log_id, end, live, located)
             else:
                 fd = os.open(os.path.join(self.directory, INDEX), _WRITE_FLAGS)
                 try:
                     for key, found in located.items():
                         _write_at(fd, _slot_bytes(key, found), _slot_offset(key))
-                    _write_at(fd, _index_header(view.log_id, offset, live, start), 0)
+                    _write_at(fd, _index_header(view.log_id, end, live), 0)
                 finally:
                     os.close(fd)
         except OSError as exc:
@@ -641,7 +721,26 @@ class LogWriter:
             # updates idx (or makes a new one).
             logger.warning("file store: updating %s failed after a commit: %s",
                            os.path.join(self.directory, INDEX), exc.strerror or exc)
-        return offset, live
+        return end, live
+
+    def reindex(self) -> None:
+        """Write a whole new ``idx`` when it is missing, stale or behind the log (under the run
+        lock: what a reader that found it so does once it holds the lock)."""
+        view = open_view(self.directory)
+        if view is None:
+            return
+        try:
+            if view.settled:
+                return
+            if view.indexed:
+                view._rescan()
+            found = view.tail
+            entries: dict[int, Located | None] = {
+                key: at for key, at in found.found.items() if at is not _REMOVED}
+            entries.update(found.damaged)
+            self._install_index(view.log_id, found.end, found.live, entries)
+        finally:
+            view.close()
 
     def _sync(self, fd: int, *, data_only: bool = True) -> None:
         if self.fsync:
@@ -659,14 +758,14 @@ class LogWriter:
             os.close(fd)
 
     def _install_index(
-        self, log_id: bytes, end: int, live: int, last: int, entries: dict[int, Located | None]
+        self, log_id: bytes, end: int, live: int, entries: dict[int, Located | None]
     ) -> None:
         """A whole new ``idx``, renamed into place (unsynced: readers check what they use)."""
         temp = self.temp_path()
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             try:
-                _write_at(fd, _index_header(log_id, end, live, last), 0)
+                _write_at(fd, _index_header(log_id, end, live), 0)
                 for key, found in entries.items():
                     if found is not None:
                         _write_at(fd, _slot_bytes(key, found), _slot_offset(key))
@@ -680,23 +779,20 @@ class LogWriter:
 
     def _create(self, puts: Sequence[tuple[int, bytes]]) -> None:
         """The run's first log: written aside, synced, renamed in place, directory synced."""
-        self._install(secrets.token_bytes(16), [(key, entry_bytes(
-            key, data, last=number == len(puts) - 1)) for number, (key, data) in enumerate(puts)])
+        pieces, located = _commit_entries(puts, _LOG_HEADER.size)
+        self._install(secrets.token_bytes(16), pieces, located)
 
-    def _install(self, log_id: bytes, entries: Sequence[tuple[int, bytes]]) -> None:
-        """Make the log ``log_id`` of ``entries`` (key, whole entry) and its ``idx``."""
-        located: dict[int, Located | None] = {}
-        offset = last = _LOG_HEADER.size
-        for key, entry in entries:
-            last = offset
-            removal = _ENVELOPE.unpack_from(entry)[1] == _REMOVE
-            located[key] = None if removal else Located(offset, len(entry) - _ENTRY)
-            offset += len(entry)
+    def _install(
+        self, log_id: bytes, pieces: Sequence[bytes], located: dict[int, Located | None]
+    ) -> None:
+        """Make the log ``log_id`` of the entries ``pieces`` (``located``: where each key's
+        entry is) and its ``idx``."""
+        data = b"".join((_log_header(log_id), *pieces))
         temp = self.temp_path()
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             try:
-                _write_at(fd, b"".join((_log_header(log_id), *(e for _, e in entries))), 0)
+                _write_at(fd, data, 0)
                 self._sync(fd, data_only=False)
             finally:
                 os.close(fd)
@@ -706,40 +802,54 @@ class LogWriter:
                 os.unlink(temp)
             raise
         self._sync_directory()
-        self._install_index(log_id, offset, offset - _LOG_HEADER.size, last, located)
+        live = sum(_ENTRY + at.size for at in located.values() if at is not None)
+        self._install_index(log_id, len(data), live, located)
 
     # -- compaction ----------------------------------------------------------------------------
 
     def compact(self) -> None:
-        """Rewrite the log with only its live entries (damaged ones kept as they are)."""
+        """Rewrite the log with only its live entries. A log holding unreadable bytes is left
+        as it is (they are the evidence of the damage its reads report), with a warning."""
         view = open_view(self.directory)
         if view is None:
             return
         try:
-            self._compact(view)
+            scan = _scan(view.fd, _LOG_HEADER.size, view.end)
+            if scan.gaps:
+                logger.warning(
+                    "file store: %s holds unreadable bytes; it is not compacted (reads of the "
+                    "records before them report damage)", self.path)
+                return
+            kept = sorted((key, at) for key, at in scan.found.items() if at is not _REMOVED)
+            pieces: list[bytes] = []
+            located: dict[int, Located | None] = {}
+            offset = _LOG_HEADER.size
+            for key, at in kept:
+                # Each entry becomes a commit of its own (its flags and envelope CRC redone).
+                piece = _recommitted(_pread(view.fd, _ENTRY + at.size, at.offset))
+                pieces.append(piece)
+                located[key] = Located(offset, at.size)
+                offset += len(piece)
+            # An entry damaged since it was written keeps its bad data, so it still reads as
+            # damaged; a last commit that changes nothing keeps it from reading as a torn tail.
+            unused = max((key for key, _ in kept), default=RUN) + 1
+            pieces.append(entry_bytes(unused, None))
+            self._install(secrets.token_bytes(16), pieces, located)
         finally:
             view.close()
 
-    def _compact(self, view: LogView) -> None:
-        scan = _scan(view.fd, _LOG_HEADER.size, view.end)
-        kept = [(key, found) for key, found in scan.damaged.items()]
-        kept += sorted((key, found) for key, found in scan.found.items() if found is not _REMOVED)
-        # Each entry becomes a commit of its own. Damaged ones keep their bad data (they still
-        # read as damaged) and come first: a damaged last commit would read as a torn tail.
-        entries = [(key, _recommitted(_pread(view.fd, _ENTRY + found.size, found.offset)))
-                   for key, found in kept]
-        if not entries or entries[-1][0] in scan.damaged:
-            absent = max((key for key, _ in kept), default=RUN) + 1
-            entries.append((absent, entry_bytes(absent, None, last=True)))  # changes nothing
-        self._install(secrets.token_bytes(16), entries)
+
+class CommitLeftInLog(OSError):
+    """A commit failed and its bytes could not be cut off the log again: readers may find
+    it, so what it names (items written for it) must stay."""
 
 
 def _recommitted(raw: bytes) -> bytes:
-    """An entry as a commit of its own (its last-entry flag set, its envelope CRC redone)."""
+    """An entry as a commit of its own (both flags set, its envelope CRC redone)."""
     envelope = _envelope(raw)
     assert envelope is not None, "compaction copies entries a scan found"
-    header = _ENVELOPE.pack(
-        _ENTRY_MAGIC, envelope.operation, _LAST, envelope.key, envelope.size, envelope.crc)
+    header = _ENVELOPE.pack(_ENTRY_MAGIC, envelope.operation, _FIRST | _LAST, envelope.key,
+                            envelope.size, envelope.crc)
     return b"".join((header, _ENVELOPE_CRC.pack(zlib.crc32(header)), raw[_ENTRY:]))
 
 

@@ -127,7 +127,15 @@ from fastcheckpoint.stores._base import (
     refs_to_find,
     unheld_refs,
 )
-from fastcheckpoint.stores._file_log import LOG, RUN, LogView, LogWriter, open_view
+from fastcheckpoint.stores._file_log import (
+    LOG,
+    MAX_DATA,
+    RUN,
+    CommitLeftInLog,
+    LogView,
+    LogWriter,
+    open_view,
+)
 
 __all__ = ["MAX_ITEM_KEY_BYTES", "FileCheckpointStore", "FileStore", "parse_file_url"]
 
@@ -156,6 +164,8 @@ _CRCS = struct.Struct("<II")
 _PREFIX = _FIXED.size + _CRCS.size
 _VERSION = 1
 _PEEK_BYTES = 4096
+_MAX_RECORD = MAX_DATA - (1 << 20)
+"""Header plus payload of a checkpoint (its metadata and framing fit in the rest)."""
 _LATEST_ATTEMPTS = 3
 _CHECKPOINT_MAGIC = b"FCck"
 _RUN_MAGIC = b"FCrn"
@@ -640,6 +650,22 @@ class _Dir:
             self._view.close()
         self._view, self._opened = None, False
 
+    def refresh(self) -> None:
+        """Read the log anew from here on (a held view is a snapshot of its commits past
+        ``idx``, and of the log file itself if a compaction replaced it since)."""
+        self.close()
+        held = _HELD.by_path.get(self.path) if self.fd is None else None
+        if held is not None:
+            held.forget()
+
+    def settled(self) -> bool:
+        """Whether ``idx`` covers every commit of the log as read (or there is no log): not
+        so while a writer is between its commit and its ``idx`` update, or when its commit
+        failed and is being cut off, or after a crash there (then a reader waits for the
+        run's lock)."""
+        with self._log() as view:
+            return view is None or view.settled
+
     @contextlib.contextmanager
     def _log(self) -> Iterator[LogView | None]:
         held = _HELD.by_path.get(self.path) if self.fd is None else None
@@ -698,16 +724,16 @@ class _Dir:
             found = view.read_sized(key, None if whole else _PEEK_BYTES)
             if found is None:
                 return None
-            data, size = found
 
-            def more(wanted: int) -> bytes:
+            def more(wanted: int) -> bytes:  # the same entry, further (its bytes never change)
                 assert view is not None
-                again = view.read_sized(key, wanted)
-                if again is None or again[1] != size:
-                    raise CorruptCheckpointError("record changed while read", key=path)
-                return again[0]
+                assert found is not None
+                again = view.read_sized(key, wanted, at=found.at)
+                assert again is not None
+                return again.data
 
-            return _parse_frame(data, size, path, magic, whole=whole, more=more, what="record")
+            return _parse_frame(
+                found.data, found.size, path, magic, whole=whole, more=more, what="record")
 
     def has_record(self, key: int) -> bool:
         with self._log() as view:
@@ -859,14 +885,18 @@ def _problem(exc: CorruptCheckpointError) -> str:
 
 
 def _trusted_view(
-    files: _Dir, now: float, *, include_expired: bool = False
+    files: _Dir, now: float, *, include_expired: bool = False, locked: bool = False
 ) -> tuple[bool, _View | None]:
     """The view ``run.rec`` gives (``None``: no live run), and whether it can be trusted.
 
     It cannot when it is damaged, or missing while checkpoints are in place, or behind its log:
-    a file at ``latest_sequence + 1`` is a checkpoint being committed right now, one the record
-    does not know about, or one of another incarnation of the run (an old record put back).
+    a checkpoint at ``latest_sequence + 1`` is one the record does not know about, or one of
+    another incarnation of the run (an old record put back). Nor, unless the reader holds the
+    run's lock, when ``idx`` does not cover every commit read: a commit may be one being cut
+    off again because it failed.
     """
+    if not locked and not files.settled():
+        return False, None
     try:
         state = files.state()
     except CorruptCheckpointError:
@@ -925,7 +955,7 @@ def _log_view(
     above it (what its next writer will adopt); without a usable record the run is read by
     the checkpoint records in the log, reported active.
     """
-    trusted, view = _trusted_view(files, now, include_expired=include_expired)
+    trusted, view = _trusted_view(files, now, include_expired=include_expired, locked=True)
     if trusted:
         return view  # a writer brought the record up to date while we waited for the lock
     damaged = False
@@ -1339,6 +1369,10 @@ class FileStore(ExpiryCleanup):
         check_keep_latest(keep_latest)
         check_labels(run.labels)
         check_shared_items(record, items)
+        if len(record.header) + len(record.payload) > _MAX_RECORD:
+            raise ValidationError(
+                f"checkpoint of {len(record.header) + len(record.payload)} bytes: the file "
+                f"store holds at most {_MAX_RECORD} per checkpoint")
         named = _appended_items(record, items)
         return await self._call(self._append, run_key, record, run, keep_latest, now, named)
 
@@ -1418,6 +1452,11 @@ class FileStore(ExpiryCleanup):
                 run_key, committed,
                 checkpoint=(record.sequence, _checkpoint_bytes(record, ledger.run.labels)),
                 erase=[*ledger.erase, *ledger.removed])
+        except CommitLeftInLog:
+            logger.error(
+                "file store: a failed append to run %s could not be cut off its log; the "
+                "items it wrote stay, and readers may find its checkpoint", run_key)
+            raise
         except BaseException:
             self._withdraw_items(run_key, items)
             raise
@@ -1962,7 +2001,21 @@ class FileStore(ExpiryCleanup):
         if trusted:
             return view
         with self._locked(run_key):
+            self._settle(run_key, files)
             return _log_view(files, run_key, now, include_expired=include_expired)
+
+    def _settle(self, run_key: str, files: _Dir) -> None:
+        """Under the run lock: bring ``idx`` up to date with the log when a crash (or a
+        reboot) left it behind, so later readers need not wait; then read the log anew."""
+        writer = LogWriter(
+            self._run_dir(run_key), functools.partial(self._temp_path, run_key),
+            fsync=self._fsync)
+        try:
+            writer.reindex()
+        except OSError as exc:  # reads still go by the log; the next writer tries again
+            logger.warning("file store: could not rewrite %s: %s",
+                           os.path.join(writer.directory, "idx"), exc.strerror or exc)
+        files.refresh()
 
     def _get(self, run_key: str, sequence: int, now: float) -> tuple[StoredCheckpoint, str] | None:
         with self._reader(run_key) as files:
@@ -1986,7 +2039,9 @@ class FileStore(ExpiryCleanup):
         self, run_key: str, files: _Dir, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
         previous: _View | None = None
-        for _ in range(_LATEST_ATTEMPTS):
+        for attempt in range(_LATEST_ATTEMPTS):
+            if attempt:
+                files.refresh()
             view = self._view(run_key, files, now)
             # A concurrent append may have pruned what a view pointed at: only an unchanged
             # run.rec makes "no live checkpoint" the answer.
@@ -1999,6 +2054,7 @@ class FileStore(ExpiryCleanup):
         # Appends kept moving the run under us: read it once while writers wait.
         with self._locked(run_key):
             files = _Dir(self._run_dir(run_key))
+            self._settle(run_key, files)
             view = _log_view(files, run_key, now)
             return None if view is None else _newest_live(files, view, now)
 
@@ -2031,6 +2087,7 @@ class FileStore(ExpiryCleanup):
         # once while they wait.
         with self._locked(run_key):
             files = _Dir(self._run_dir(run_key))
+            self._settle(run_key, files)
             view = _log_view(files, run_key, now)
             if view is None:
                 return None
@@ -2044,6 +2101,7 @@ class FileStore(ExpiryCleanup):
         """Whether ``run.rec`` still holds checkpoint ``sequence`` and the run directory read
         through ``files`` is still the run's (``delete_run`` renames it away whole, then
         removes its files in any order)."""
+        files.refresh()
         trusted, view = _trusted_view(files, now)
         if not trusted or view is None or not view.holds(sequence):
             return False
@@ -2206,12 +2264,18 @@ class FileStore(ExpiryCleanup):
         return await self._call(self._get_run, run_key, now)
 
     def _get_run(self, run_key: str, now: float) -> RunRecord | None:
-        try:
-            state = self._checked_state(run_key, None)
-        except CorruptCheckpointError:
-            # Maybe a writer between its two writes (a first checkpoint not yet committed):
-            # decided again once it is done.
+        state: _RunState | None = None
+        # A commit idx does not cover yet may be one being cut off again (it failed):
+        # decided once the run's writer is done, like a record that looks damaged.
+        unsure = not _Dir(self._run_dir(run_key)).settled()
+        if not unsure:
+            try:
+                state = self._checked_state(run_key, None)
+            except CorruptCheckpointError:
+                unsure = True
+        if unsure:
             with self._locked(run_key):
+                self._settle(run_key, _Dir(self._run_dir(run_key)))
                 try:
                     state = self._checked_state(run_key, None)
                 except CorruptCheckpointError as exc:

@@ -11,6 +11,7 @@ import os
 import random
 import stat
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -27,9 +28,11 @@ from fastcheckpoint.errors import (
     ConfigurationError,
     CorruptCheckpointError,
     SequenceConflict,
+    StoreError,
     ValidationError,
 )
 from fastcheckpoint.stores import Item, RunRecord, open_store
+from fastcheckpoint.stores import _file_log as file_log
 from fastcheckpoint.stores import file as file_store
 from fastcheckpoint.stores.file import MAX_ITEM_KEY_BYTES, FileCheckpointStore, FileStore
 from fastcheckpoint.testing import (
@@ -1251,3 +1254,144 @@ async def _check_survivors(
     assert (await store.latest(key, now=T0)) is not None
     await _assert_temp_files_swept(store, root, key)
     assert os.listdir(root / "trash") == []
+
+
+# -- readers racing writers on the run's log --------------------------------------------------
+
+
+def _appender(store: FileStore, run: RunRecord) -> Callable[[int], None]:
+    def append(sequence: int) -> None:
+        record = make_checkpoint(run, sequence)
+        named = file_store._appended_items(record, [make_item(f"w/{sequence}", owner=sequence)])
+        store._translated(store._append, key_of(run), record, run, None, T0, named)
+
+    return append
+
+
+def test_read_with_items_never_returns_a_checkpoint_deleted_while_it_read(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader opens the log while a writer is between its commit and its idx update, reads
+    checkpoint 1, and another writer deletes it (and its owned item) before the reader checks
+    that it is still held: the reader must read again, not trust the run record it saw."""
+    store = FileStore(root, fsync=False)
+    run = make_run("stale-held")
+    key = key_of(run)
+    append = _appender(store, run)
+    append(0)
+    in_window, go = threading.Event(), threading.Event()
+    armed = [True]
+    real_sync = file_log.LogWriter._sync
+
+    def sync(writer: file_log.LogWriter, fd: int, *, data_only: bool = True) -> None:
+        real_sync(writer, fd, data_only=data_only)
+        if armed[0] and threading.current_thread().name == "W":
+            armed[0] = False
+            in_window.set()
+            go.wait(10)
+
+    monkeypatch.setattr(file_log.LogWriter, "_sync", sync)
+    writer = threading.Thread(target=append, args=(1,), name="W")
+    writer.start()
+    assert in_window.wait(10)
+    real_items_of = file_store._items_of
+
+    def items_of(files: Any, record: Any, now: float) -> dict[str, bytes]:
+        if threading.current_thread().name == "R" and record.sequence == 1:
+            go.set()
+            writer.join()
+            store._translated(store._delete, key, 1, checkpoint_id_of(run, 1))
+        return real_items_of(files, record, now)
+
+    monkeypatch.setattr(file_store, "_items_of", items_of)
+    found: list[Any] = []
+    reader = threading.Thread(
+        target=lambda: found.append(store._translated(store._read_with_items, key, None, T0)),
+        name="R")
+    reader.start()
+    reader.join(30)
+    go.set()
+    writer.join(10)
+    assert found
+    assert found[0] is not None
+    assert (found[0][0].sequence, found[0][2]) == (0, {"w/0": b"value-w/0"})
+
+
+def test_a_large_head_is_read_from_the_entry_found_though_a_delete_removes_it(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A head over 4 KiB is read in two steps; a delete between them must not make the
+    record look changed (its entry's bytes stay where they were)."""
+    store = FileStore(root, fsync=False)
+    run = make_run("big-head")
+    key = key_of(run)
+    for sequence in range(3):
+        record = make_checkpoint(run, sequence, header=b"h" * 5000)
+        store._translated(store._append, key, record, run, None, T0, [])
+    store._translated(store._delete, key, 2, checkpoint_id_of(run, 2))
+    real = file_log.LogView.read_sized
+    fired = [False]
+
+    def read_sized(view: file_log.LogView, key_: int, limit: int | None = None,
+                   **options: Any) -> Any:
+        found = real(view, key_, limit, **options)
+        if key_ == 1 and limit == file_store._PEEK_BYTES and not fired[0]:
+            fired[0] = True
+            store._translated(store._delete, key, 1, checkpoint_id_of(run, 1))
+        return found
+
+    monkeypatch.setattr(file_log.LogView, "read_sized", read_sized)
+    latest = store._translated(store._latest, key, T0)
+    assert fired[0]
+    assert latest is not None
+    assert latest[0].sequence in (0, 1)
+
+
+def test_a_create_whose_sync_fails_is_never_seen_by_readers(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its commit is in the log until it is cut off again: a reader in that window waits for
+    the run's writer, then finds the run as it was."""
+    store = FileStore(root, fsync=False)
+    run = make_run("failed-sync")
+    key = key_of(run)
+    store._translated(store._append, key, make_checkpoint(run, 0), run, None, T0, [])
+    seen: list[Any] = []
+    readers: list[threading.Thread] = []
+    real = file_log.LogWriter._sync
+
+    def sync(writer: file_log.LogWriter, fd: int, *, data_only: bool = True) -> None:
+        if not readers:
+            reader = threading.Thread(
+                target=lambda: seen.append(store._translated(store._latest, key, T0)))
+            readers.append(reader)
+            reader.start()
+            reader.join(0.5)  # it waits for the run's lock, which this writer holds
+            raise OSError(errno.EIO, "fdatasync failed")
+        real(writer, fd, data_only=data_only)
+
+    monkeypatch.setattr(file_log.LogWriter, "_sync", sync)
+    with pytest.raises(StoreError, match="fdatasync failed"):
+        store._translated(store._append, key, make_checkpoint(run, 1, payload=b"first try"),
+                          run, None, T0, [])
+    readers[0].join(10)
+    assert seen
+    assert seen[0] is not None
+    assert seen[0][0].sequence == 0
+    store._translated(store._append, key, make_checkpoint(run, 1, payload=b"retry"),
+                      run, None, T0, [])
+    latest = store._translated(store._latest, key, T0)
+    assert latest is not None
+    assert latest[0].payload == b"retry"
+
+
+def test_a_record_too_large_for_the_log_is_a_validation_error(store: FileStore) -> None:
+    run = make_run("huge")
+
+    class Huge(bytes):
+        def __len__(self) -> int:
+            return file_log.MAX_DATA
+
+    record = msgspec.structs.replace(make_checkpoint(run, 0), payload=Huge(b"x"))
+    with pytest.raises(ValidationError, match="at most"):
+        anyio.run(lambda: store.append(key_of(run), record, run=run, keep_latest=None, now=T0))
