@@ -1417,7 +1417,7 @@ class FileStore(ExpiryCleanup):
             assert committed.run is not None
             if stored is not None and current is None:
                 self._unindex(run_key, stored, keep=committed.run)
-            self._remove_checkpoints(run_key, ledger.removed)
+            self._remove_checkpoints(run_key, sorted(ledger.owning))
             self._drop_shared(run_key, committed.dropping)
             return committed.run.status
 
@@ -2224,7 +2224,7 @@ class FileStore(ExpiryCleanup):
             # The record goes in the commit; owned items after it (``removing`` until gone).
             committed = self._settled(run_key, ledger)
             self._commit(run_key, committed, erase=ledger.removed)
-            self._remove_checkpoints(run_key, ledger.removed)
+            self._remove_checkpoints(run_key, sorted(ledger.owning))
             self._drop_shared(run_key, committed.dropping)
             return True
 
@@ -2769,6 +2769,7 @@ class FileStore(ExpiryCleanup):
         leftovers = self._retry_removals(run_key, state)
         failed = self._drop_shared(run_key, state.dropping)
         removed: list[int] = []
+        owning: list[int] = []
         committed = msgspec.structs.replace(
             state, removing=tuple(leftovers), dropping=tuple(sorted(failed))
         )
@@ -2778,13 +2779,14 @@ class FileStore(ExpiryCleanup):
             budget.spend(len(ledger.removed))
             removed = ledger.removed
             committed = self._settled(run_key, ledger)
+            owning = sorted(ledger.owning)
         items: list[str] = []
         if _due(committed.items_next_expiry, now) and not budget.exhausted:
             hint, items = self._expired_items(run_key, now, budget)
             committed = msgspec.structs.replace(committed, items_next_expiry=hint)
         if committed != state:
             self._commit(run_key, committed, erase=removed)
-        self._remove_checkpoints(run_key, removed)
+        self._remove_checkpoints(run_key, owning)
         self._drop_shared(run_key, committed.dropping)
         directory = os.path.join(self._run_dir(run_key), _ITEMS)
         for name in items:
