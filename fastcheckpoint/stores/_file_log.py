@@ -91,8 +91,11 @@ _SLOT = struct.Struct("<QII")
 _SLOT_CRC = struct.Struct("<qQI")
 
 _MAX_KEY = (1 << 56) - 1
-MAX_DATA = (1 << 32) - 1
-"""The largest record a log entry holds (its length is 32 bits)."""
+MAX_DATA = (1 << 32) - 2
+"""The largest record a log entry holds (its length is 32 bits; one value marks damage)."""
+_DAMAGED = (1 << 32) - 1
+"""The length a slot gives a key whose newest entry is unreadable (the scan that made the
+slot found unreadable bytes after the entry it points at)."""
 _SCAN_CHUNK = 64 << 10
 _COMPACT_MIN_DEAD = 256 << 10
 """A log is compacted once its dead bytes exceed both this and its live bytes."""
@@ -110,9 +113,12 @@ def _boot() -> bytes:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as source:
             return uuid.UUID(source.read().strip()).bytes
     except (OSError, ValueError):
-        # No boot id (not Linux): the boot time to the second. A clock step makes a reader
-        # scan and the next writer rebuild idx once; a reboot always changes it.
-        return struct.pack("<q8x", round(time.time() - time.monotonic()))
+        # No boot id (not Linux): the boot time to ten seconds, from a clock that runs while
+        # the machine sleeps. A clock step makes readers scan and idx be rebuilt once; a
+        # reboot always changes it.
+        clock = getattr(time, "CLOCK_MONOTONIC", None)
+        since_boot = time.monotonic() if clock is None else time.clock_gettime(clock)
+        return struct.pack("<q8x", round((time.time() - since_boot) / 10))
 
 
 class Located(NamedTuple):
@@ -410,7 +416,7 @@ class LogView:
             if old is _BAD:
                 self._rescan()
                 return self.tail.live
-            if old is not None and old is not _BEYOND:
+            if old is not None and old is not _BEYOND and old.size != _DAMAGED:
                 live -= _ENTRY + old.size
             if found is not _REMOVED:
                 live += _ENTRY + found.size
@@ -455,6 +461,8 @@ class LogView:
         if zlib.crc32(_SLOT_CRC.pack(key, stored, size)) != crc or stored == 0:
             return _BAD
         found = Located(stored - 1, size)
+        if size == _DAMAGED:
+            return found if found.offset < self.index.end else _BEYOND
         return found if found.offset + _ENTRY + found.size <= self.index.end else _BEYOND
 
     def _advance(self) -> bool:
@@ -514,7 +522,7 @@ class LogView:
             if found is None:
                 return None
             problem = None
-            if at is None and key in self.tail.damaged:
+            if at is None and (key in self.tail.damaged or found.size == _DAMAGED):
                 problem = "the log holds unreadable bytes after this record's newest entry"
             data = b""
             if problem is None:
@@ -657,12 +665,11 @@ class LogWriter:
             if own:
                 view.close()
         dead = end - _LOG_HEADER.size - live
-        if dead >= _COMPACT_MIN_DEAD and dead > live:
+        if dead >= _COMPACT_MIN_DEAD and dead > live and view.log_id not in _UNCOMPACTABLE:
             try:
                 self.compact()
-            except OSError as exc:  # the commit stands; the next one compacts again
-                logger.warning("file store: compacting %s failed: %s", self.path,
-                               exc.strerror or exc)
+            except Exception as exc:  # the commit stands; the next one compacts again
+                logger.warning("file store: compacting %s failed: %s", self.path, exc)
 
     def _append(
         self, view: LogView, puts: Sequence[tuple[int, bytes]], removed: list[int]
@@ -672,13 +679,13 @@ class LogWriter:
         live = view.live
         for key, _ in operations:
             old = view.find(key)  # may turn the view into a scan of the whole log
-            if old is not None:
+            if old is not None and old.size != _DAMAGED:
                 live -= _ENTRY + old.size
         live += sum(_ENTRY + len(data) for _, data in puts)
         # What the view read past idx (everything, without one) gets its slots too.
         located: dict[int, Located | None] = {
             key: None if found is _REMOVED else found for key, found in view.tail.found.items()}
-        located.update(view.tail.damaged)
+        located.update(_marked_damaged(view.tail.damaged))
         start = view.end
         pieces, placed = _commit_entries(operations, start)
         located.update(placed)
@@ -737,7 +744,7 @@ class LogWriter:
             found = view.tail
             entries: dict[int, Located | None] = {
                 key: at for key, at in found.found.items() if at is not _REMOVED}
-            entries.update(found.damaged)
+            entries.update(_marked_damaged(found.damaged))
             self._install_index(view.log_id, found.end, found.live, entries)
         finally:
             view.close()
@@ -816,6 +823,7 @@ class LogWriter:
         try:
             scan = _scan(view.fd, _LOG_HEADER.size, view.end)
             if scan.gaps:
+                _UNCOMPACTABLE.add(view.log_id)  # this process does not scan it again for it
                 logger.warning(
                     "file store: %s holds unreadable bytes; it is not compacted (reads of the "
                     "records before them report damage)", self.path)
@@ -837,6 +845,16 @@ class LogWriter:
             self._install(secrets.token_bytes(16), pieces, located)
         finally:
             view.close()
+
+
+_UNCOMPACTABLE: set[bytes] = set()
+"""Ids of logs found to hold unreadable bytes, which this process leaves uncompacted."""
+
+
+def _marked_damaged(damaged: dict[int, Located]) -> dict[int, Located | None]:
+    """Slots for keys whose newest entry is unreadable: they read as damaged, never as the
+    older entry the slot points at."""
+    return {key: Located(at.offset, _DAMAGED) for key, at in damaged.items()}
 
 
 class CommitLeftInLog(OSError):

@@ -1369,10 +1369,12 @@ class FileStore(ExpiryCleanup):
         check_keep_latest(keep_latest)
         check_labels(run.labels)
         check_shared_items(record, items)
-        if len(record.header) + len(record.payload) > _MAX_RECORD:
+        size = len(record.header) + len(record.payload) + sum(
+            len(name.encode()) for name in (*record.refs, *run.labels))
+        if size > _MAX_RECORD:
             raise ValidationError(
-                f"checkpoint of {len(record.header) + len(record.payload)} bytes: the file "
-                f"store holds at most {_MAX_RECORD} per checkpoint")
+                f"checkpoint of {size} bytes: the file store holds at most {_MAX_RECORD} per "
+                "checkpoint")
         named = _appended_items(record, items)
         return await self._call(self._append, run_key, record, run, keep_latest, now, named)
 
@@ -2018,8 +2020,31 @@ class FileStore(ExpiryCleanup):
         files.refresh()
 
     def _get(self, run_key: str, sequence: int, now: float) -> tuple[StoredCheckpoint, str] | None:
+        def locked(files: _Dir) -> tuple[StoredCheckpoint, str] | None:
+            view = _log_view(files, run_key, now)
+            return None if view is None else _held_checkpoint(files, view, sequence, now)
+
+        return self._read_settled(
+            run_key, lambda files: self._get_in(run_key, files, sequence, now), locked)
+
+    def _read_settled(
+        self, run_key: str, read: Callable[[_Dir], _T], locked: Callable[[_Dir], _T]
+    ) -> _T:
+        """``read(files)`` lock-free when ``idx`` covers every commit the read saw, before
+        and after it (its view may move forward into a commit made meanwhile, maybe one that
+        fails and is cut off again); else ``locked(files)`` under the run's lock, once
+        ``idx`` is brought up to date."""
         with self._reader(run_key) as files:
-            return None if files is None else self._get_in(run_key, files, sequence, now)
+            if files is None:
+                return read(_Dir(self._run_dir(run_key)))  # no such run: nothing to wait for
+            if files.settled():
+                result = read(files)
+                if files.settled():
+                    return result
+        with self._locked(run_key):
+            files = _Dir(self._run_dir(run_key))
+            self._settle(run_key, files)
+            return locked(files)
 
     def _get_in(
         self, run_key: str, files: _Dir, sequence: int, now: float
@@ -2032,8 +2057,12 @@ class FileStore(ExpiryCleanup):
         return await self._call(self._latest, run_key, now)
 
     def _latest(self, run_key: str, now: float) -> tuple[StoredCheckpoint, str] | None:
-        with self._reader(run_key) as files:
-            return None if files is None else self._latest_in(run_key, files, now)
+        def locked(files: _Dir) -> tuple[StoredCheckpoint, str] | None:
+            view = _log_view(files, run_key, now)
+            return None if view is None else _newest_live(files, view, now)
+
+        return self._read_settled(
+            run_key, lambda files: self._latest_in(run_key, files, now), locked)
 
     def _latest_in(
         self, run_key: str, files: _Dir, now: float
@@ -2081,7 +2110,8 @@ class FileStore(ExpiryCleanup):
                 if found is None:
                     return None
                 items = _items_of(files, found[0], now)
-                if self._still_held(run_key, files, found[0].sequence, now):
+                if self._still_held(run_key, files, found[0].sequence, now) and \
+                        files.settled():
                     return found[0], found[1], items
         # Writers kept removing what we read (or the record is behind or damaged): read it
         # once while they wait.
@@ -2183,11 +2213,8 @@ class FileStore(ExpiryCleanup):
     def _headers(
         self, run_key: str, before: int | None, limit: int, now: float, include_expired: bool
     ) -> tuple[list[CheckpointHeader], str | None]:
-        with self._reader(run_key) as files:
-            view = None
-            if files is not None:
-                view = self._view(run_key, files, now, include_expired=include_expired)
-            if files is None or view is None:
+        def headers(files: _Dir, view: _View | None) -> tuple[list[CheckpointHeader], str | None]:
+            if view is None:
                 return [], None
             found: list[CheckpointHeader] = []
             for sequence in view.candidates(before):
@@ -2201,6 +2228,13 @@ class FileStore(ExpiryCleanup):
                 if header is not None:
                     found.append(header_of(header))
             return found, view.status
+
+        return self._read_settled(
+            run_key,
+            lambda files: headers(
+                files, self._view(run_key, files, now, include_expired=include_expired)),
+            lambda files: headers(
+                files, _log_view(files, run_key, now, include_expired=include_expired)))
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
         _check_run_key(run_key)
@@ -2264,32 +2298,30 @@ class FileStore(ExpiryCleanup):
         return await self._call(self._get_run, run_key, now)
 
     def _get_run(self, run_key: str, now: float) -> RunRecord | None:
-        state: _RunState | None = None
-        # A commit idx does not cover yet may be one being cut off again (it failed):
-        # decided once the run's writer is done, like a record that looks damaged.
-        unsure = not _Dir(self._run_dir(run_key)).settled()
-        if not unsure:
-            try:
-                state = self._checked_state(run_key, None)
-            except CorruptCheckpointError:
-                unsure = True
-        if unsure:
+        def read(files: _Dir) -> _RunState | None:
+            return self._checked_state(run_key, None, files=files)
+
+        try:
+            state = self._read_settled(run_key, read, read)
+        except CorruptCheckpointError:
+            # Decided again under the run's lock: a writer in the middle of a commit, or damage.
             with self._locked(run_key):
-                self._settle(run_key, _Dir(self._run_dir(run_key)))
+                files = _Dir(self._run_dir(run_key))
+                self._settle(run_key, files)
                 try:
-                    state = self._checked_state(run_key, None)
+                    state = read(files)
                 except CorruptCheckpointError as exc:
                     raise self._damaged(exc) from exc
         return _live_run(state, now)
 
     def _checked_state(
-        self, run_key: str, now: float | None, *, whole: bool = False
+        self, run_key: str, now: float | None, *, whole: bool = False, files: _Dir | None = None
     ) -> _RunState | None:
         """``run.rec`` unless it is damaged as writers see it (:class:`CorruptCheckpointError`
         naming it): undecodable, missing while checkpoints are in place, or of another
         incarnation than they are. Without ``now`` the files of an expired run are not read;
         without ``whole`` neither is the record's body (the shared items' counts)."""
-        files = _Dir(self._run_dir(run_key))
+        files = _Dir(self._run_dir(run_key)) if files is None else files
         state = files.state(whole=whole)
         self._adoption(run_key, files, state, None, now)
         return state
@@ -2391,8 +2423,12 @@ class FileStore(ExpiryCleanup):
     def _indexed_run(self, marker: str, directory: str, now: float) -> RunRecord | None:
         """The live run a marker stands for, or ``None`` if the marker is stale."""
         run_key = marker[21:]
+
+        def read(files: _Dir) -> _RunState | None:
+            return files.state()
+
         try:
-            run = _live_run(self._read_state(run_key), now)
+            run = _live_run(self._read_settled(run_key, read, read), now)
         except CorruptCheckpointError as exc:
             logger.warning("file store: skipping run with corrupt record %s: %s", exc.key, exc)
             return None

@@ -258,6 +258,17 @@ def test_unreadable_bytes_in_the_middle_make_older_records_read_as_damaged(
     size = run.log_path.stat().st_size
     run.writer.compact()
     assert run.log_path.stat().st_size == size  # the evidence stays
+    # A new idx keeps it too: one a reader writes under the run lock, then a commit's.
+    for make_index in (run.writer.reindex, lambda: run.commit({4: b"four"})):
+        make_index()
+        view = open_view(str(run.dir))
+        assert view is not None
+        with view:
+            assert view.settled
+            for key in (0, 1):
+                with pytest.raises(CorruptCheckpointError, match="unreadable bytes"):
+                    view.read(key)
+            assert view.read(3) == _data(3, 0)
 
 
 def test_a_torn_commit_never_counts_in_part(run: _Run, monkeypatch: pytest.MonkeyPatch) -> None:
