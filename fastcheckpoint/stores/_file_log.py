@@ -58,6 +58,7 @@ __all__ = [
     "LogView",
     "LogWriter",
     "open_view",
+    "pread",
 ]
 
 logger = logging.getLogger("fastcheckpoint.stores.file")
@@ -199,7 +200,7 @@ def _index_header(log_id: bytes, end: int, live: int) -> bytes:
         _INDEX_MAGIC, _VERSION, 0, log_id, _boot(), end, live, crc).ljust(_INDEX_START, b"\0")
 
 
-def _pread(fd: int, size: int, offset: int) -> bytes:
+def pread(fd: int, size: int, offset: int) -> bytes:
     """Up to ``size`` bytes at ``offset`` (fewer only at the end of the file)."""
     data = os.pread(fd, size, offset)
     if len(data) == size or not data:
@@ -276,7 +277,7 @@ def _scan(fd: int, start: int, size: int) -> _Scan:
     def window(at: int, need: int) -> bytes:
         nonlocal buffer, base
         if at < base or at + need > base + len(buffer):
-            buffer = _pread(fd, min(max(need, _SCAN_CHUNK), size - at), at)
+            buffer = pread(fd, min(max(need, _SCAN_CHUNK), size - at), at)
             base = at
         return buffer[at - base : at - base + need]
 
@@ -325,7 +326,7 @@ def _intact(fd: int, entries: Sequence[_Entry]) -> bool:
     for _, located, crc in entries:
         if located is _REMOVED:
             continue
-        data = _pread(fd, located.size, located.offset + _ENTRY)
+        data = pread(fd, located.size, located.offset + _ENTRY)
         if len(data) != located.size or zlib.crc32(data) != crc:
             return False
     return True
@@ -334,12 +335,12 @@ def _intact(fd: int, entries: Sequence[_Entry]) -> bool:
 def _resync(fd: int, offset: int, size: int) -> int:
     """The offset of the next valid envelope at or after ``offset`` (``size`` if none)."""
     while offset + _ENTRY <= size:
-        chunk = _pread(fd, min(_SCAN_CHUNK, size - offset), offset)
+        chunk = pread(fd, min(_SCAN_CHUNK, size - offset), offset)
         if not chunk:
             return size  # the file got shorter (a writer cut a torn tail)
         at = chunk.find(_ENTRY_MAGIC)
         while at >= 0:
-            if _envelope(_pread(fd, _ENTRY, offset + at)) is not None:
+            if _envelope(pread(fd, _ENTRY, offset + at)) is not None:
                 return offset + at
             at = chunk.find(_ENTRY_MAGIC, at + 1)
         # A magic may straddle the chunk's end: look again from its last bytes.
@@ -356,7 +357,7 @@ class _Index(NamedTuple):
 
 def _read_index(fd: int, log_id: bytes) -> _Index | None:
     """``idx`` if it is intact, indexes the log ``log_id`` and was written since this boot."""
-    raw = _pread(fd, _INDEX_START, 0)
+    raw = pread(fd, _INDEX_START, 0)
     if len(raw) < _INDEX_HEADER.size:
         return None
     magic, version, _, found_id, boot, end, live, crc = _INDEX_HEADER.unpack_from(raw)
@@ -368,7 +369,7 @@ def _read_index(fd: int, log_id: bytes) -> _Index | None:
 
 
 def _read_log_id(fd: int, path: str) -> bytes:
-    raw = _pread(fd, _LOG_HEADER.size, 0)
+    raw = pread(fd, _LOG_HEADER.size, 0)
     if len(raw) < _LOG_HEADER.size:
         raise CorruptCheckpointError("record log shorter than its header", key=path)
     magic, version, _, log_id, crc = _LOG_HEADER.unpack(raw)
@@ -454,7 +455,7 @@ class LogView:
         """``key``'s slot in ``idx`` (``_BEYOND``: a commit made since the view opened,
         ``_BAD``: a slot that does not check)."""
         assert self.index is not None
-        raw = _pread(self.index.fd, _SLOT.size, _slot_offset(key))
+        raw = pread(self.index.fd, _SLOT.size, _slot_offset(key))
         if len(raw) < _SLOT.size or raw == bytes(_SLOT.size):
             return None
         stored, size, crc = _SLOT.unpack(raw)
@@ -527,7 +528,7 @@ class LogView:
             data = b""
             if problem is None:
                 want = found.size if limit is None else min(limit, found.size)
-                raw = _pread(self.fd, _ENTRY + want, found.offset)
+                raw = pread(self.fd, _ENTRY + want, found.offset)
                 envelope = _envelope(raw)
                 data = raw[_ENTRY:]
                 if envelope is None or envelope.key != key or envelope.size != found.size or \
@@ -634,8 +635,6 @@ class LogWriter:
         self.path = os.path.join(directory, LOG)
         self.temp_path = temp_path
         self.fsync = fsync
-        self.syncs = 0
-        """``fsync``/``fdatasync`` calls made (for cost tests)."""
 
     def commit(
         self,
@@ -752,7 +751,6 @@ class LogWriter:
     def _sync(self, fd: int, *, data_only: bool = True) -> None:
         if self.fsync:
             (os.fdatasync if data_only else os.fsync)(fd)
-            self.syncs += 1
 
     def _sync_directory(self) -> None:
         if not self.fsync:
@@ -760,7 +758,6 @@ class LogWriter:
         fd = os.open(self.directory, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY)
         try:
             os.fsync(fd)
-            self.syncs += 1
         finally:
             os.close(fd)
 
@@ -834,7 +831,7 @@ class LogWriter:
             offset = _LOG_HEADER.size
             for key, at in kept:
                 # Each entry becomes a commit of its own (its flags and envelope CRC redone).
-                piece = _recommitted(_pread(view.fd, _ENTRY + at.size, at.offset))
+                piece = _recommitted(pread(view.fd, _ENTRY + at.size, at.offset))
                 pieces.append(piece)
                 located[key] = Located(offset, at.size)
                 offset += len(piece)

@@ -135,6 +135,7 @@ from fastcheckpoint.stores._file_log import (
     LogView,
     LogWriter,
     open_view,
+    pread,
 )
 
 __all__ = ["MAX_ITEM_KEY_BYTES", "FileCheckpointStore", "FileStore", "parse_file_url"]
@@ -538,15 +539,10 @@ def _item_bytes(item: Item) -> bytes:
 
 
 def _pread_exact(fd: int, size: int, offset: int, path: str) -> bytes:
-    chunks: list[bytes] = []
-    while size > 0:
-        chunk = os.pread(fd, size, offset)
-        if not chunk:
-            raise CorruptCheckpointError("file ends early (truncated)", key=path)
-        chunks.append(chunk)
-        size -= len(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
+    data = pread(fd, size, offset)
+    if len(data) < size:
+        raise CorruptCheckpointError("file ends early (truncated)", key=path)
+    return data
 
 
 def _read_frame(fd: int, path: str, magic: bytes, *, whole: bool) -> _Frame:
@@ -609,7 +605,6 @@ class _HeldLog:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.depth = 0
         self._view: LogView | None = None
         self._opened = False
 
@@ -1244,8 +1239,8 @@ class FileStore(ExpiryCleanup):
             yield False
             return
         run_dir = self._run_dir(run_key)
-        held = _HELD.by_path.setdefault(run_dir, _HeldLog(run_dir))
-        held.depth += 1
+        # A thread never holds a run's lock twice (flock would wait on itself).
+        held = _HELD.by_path[run_dir] = _HeldLog(run_dir)
         try:
             yield True
             # A run without a directory needs no lock file. Removed while held: whoever
@@ -1253,10 +1248,8 @@ class FileStore(ExpiryCleanup):
             if not os.path.lexists(run_dir):
                 _discard(path)
         finally:
-            held.depth -= 1
-            if not held.depth:
-                held.forget()
-                del _HELD.by_path[run_dir]
+            held.forget()
+            del _HELD.by_path[run_dir]
             os.close(fd)
 
     @staticmethod
