@@ -34,7 +34,7 @@ __all__ = ["CountingStore", "counting_syscalls", "floor", "measure_footprint"]
 
 
 class CountingStore:
-    """Forwards every store method, counting calls and the bytes handed to ``append``.
+    """Forwards every store method, counting calls and the bytes handed to the appends.
 
     Build it with :meth:`wrap`: the wrapper gets a real method for each public method of the
     store, so ``isinstance`` checks against the store protocol and capability protocols see
@@ -74,7 +74,7 @@ def _forwarder(name: str, asynchronous: bool) -> Callable[..., Any]:
 
     async def counted(self: CountingStore, *args: Any, **kwargs: Any) -> Any:
         self.calls[name] += 1
-        if name in ("append", "append_with_items"):
+        if name in ("append", "append_next", "append_with_items"):
             record = kwargs["record"] if "record" in kwargs else args[1]
             self.appended.append(len(record.payload) + len(record.header))
         if name in ("append_with_items", "put_items", "put_owned_items"):

@@ -67,6 +67,7 @@ from fastcheckpoint.stores import (
     RunDamage,
     RunRecord,
     StoredCheckpoint,
+    SupportsAppendNext,
     SupportsDefaultTTL,
     SupportsRepair,
     offers_nested_items,
@@ -147,6 +148,13 @@ class RunPage(msgspec.Struct, frozen=True):
         return len(self.runs)
 
 
+def _parent(key: str, header: Header, incarnation: str, sequence: int) -> str | None:
+    """A checkpoint's parent: the one the caller named, else the run's previous one."""
+    if header.parent_id is not None or sequence == 0:
+        return header.parent_id
+    return _ids.checkpoint_id(key, incarnation, sequence - 1)
+
+
 class CheckpointManager:
     """Creates and restores checkpoints of agent runs on any :class:`CheckpointStore`.
 
@@ -176,6 +184,7 @@ class CheckpointManager:
         self._contention = RetryPolicy(base_delay=min(_CONTENTION_BASE, cap), max_delay=cap)
         self._hints: OrderedDict[str, _Hint] = OrderedDict()
         self._nested = store if offers_nested_items(store) else None
+        self._next = store if isinstance(store, SupportsAppendNext) else None
         self._histories = Histories(
             self._codec, min_entries=self.config.history_min_entries,
             enabled=self._nested is not None)
@@ -390,18 +399,11 @@ class CheckpointManager:
                 hint=hint)
             if not written.parts:
                 content = written.payload  # no logs: the same bytes for every attempt
-            parent = header.parent_id
-            if parent is None and sequence > 0:
-                parent = _ids.checkpoint_id(key, incarnation, sequence - 1)
-            record = StoredCheckpoint(
-                sequence=sequence,
-                checkpoint_id=_ids.checkpoint_id(key, incarnation, sequence),
-                created_at=now,
-                expires_at=expires_at,
-                header=self._codec.encode_header(msgspec.structs.replace(header, parent_id=parent)),
-                payload=written.payload,
-                refs=written.refs,
-            )
+
+            stamped = functools.partial(
+                self._stamped, key, header, incarnation, now=now, expires_at=expires_at,
+                payload=written.payload, refs=written.refs)
+            record = stamped(sequence)
             seed = RunRecord(
                 run_id=header.run_id, incarnation=incarnation, status=CheckpointStatus.ACTIVE.value,
                 created_at=now, updated_at=now, latest_sequence=sequence, checkpoint_count=1,
@@ -412,6 +414,13 @@ class CheckpointManager:
                     status = await self._nested.append_with_items(
                         key, record, run=seed, keep_latest=self.config.keep_latest, now=now,
                         items=written.items)
+                elif self._next is not None and not new_run and not written.parts:
+                    # The payload holds no log: the same at any sequence. Should other
+                    # writers have moved the run on, the store stamps it at the next one.
+                    status, record = await self._next.append_next(
+                        key, record, run=seed, keep_latest=self.config.keep_latest, now=now,
+                        renumber=stamped)
+                    sequence = record.sequence
                 else:
                     status = await self._store.append(
                         key, record, run=seed, keep_latest=self.config.keep_latest, now=now
@@ -433,10 +442,26 @@ class CheckpointManager:
             self._histories.remember(key, written, sequence=sequence, incarnation=incarnation)
             self._remember(key, _Hint(sequence, incarnation, written.size))
             await self._discard_merged(key, written)
-            return record, parent, status
+            return record, _parent(key, header, incarnation, sequence), status
         raise ConflictError(
             f"could not append to run {header.run_id!r}: lost the sequence race "
             f"{self.config.max_sequence_retries} times in a row"
+        )
+
+    def _stamped(
+        self, key: str, header: Header, incarnation: str, sequence: int, *, now: float,
+        expires_at: float | None, payload: bytes, refs: tuple[str, ...],
+    ) -> StoredCheckpoint:
+        """The record of a create at ``sequence`` (its id and parent follow from it)."""
+        parent = _parent(key, header, incarnation, sequence)
+        return StoredCheckpoint(
+            sequence=sequence,
+            checkpoint_id=_ids.checkpoint_id(key, incarnation, sequence),
+            created_at=now,
+            expires_at=expires_at,
+            header=self._codec.encode_header(msgspec.structs.replace(header, parent_id=parent)),
+            payload=payload,
+            refs=refs,
         )
 
     async def _discard_merged(self, key: str, written: Written) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "RunDamage",
     "RunRecord",
     "StoredCheckpoint",
+    "SupportsAppendNext",
     "SupportsDefaultTTL",
     "SupportsLabels",
     "SupportsNestedItems",
@@ -467,6 +468,37 @@ def check_options(where: str, given: Iterable[str], known: Collection[str]) -> N
     message += f"; did you mean {close[0]!r}?" if close else "."
     listed = ", ".join(sorted(known)) or "none"
     raise ConfigurationError(f"{message} Known options: {listed}.")
+
+
+@runtime_checkable
+class SupportsAppendNext(Protocol):
+    """Appends that take the run's next sequence when other writers took the one proposed:
+    what keeps several processes appending to one run from losing sequence races.
+
+    ``append_next(run_key, record, run=seed, keep_latest=n, now=t, renumber=f)`` is
+    ``append(run_key, record, ...)`` with one difference: when the run has a live record ``R``
+    of the seed's incarnation and ``record.sequence != R.latest_sequence + 1``, the store calls
+    ``f(R.latest_sequence + 1)`` and appends the checkpoint it returns instead (at that
+    sequence, naming no items), in the same atomic operation, so the append never fails with
+    :class:`SequenceConflict` for that reason. Every other conflict (no live run and a sequence
+    other than 0, another incarnation) raises as ``append`` does, without calling ``f``.
+    ``record`` names no items (``ValidationError`` otherwise), nor may the one ``f`` returns.
+
+    ``f`` runs while the store holds the run (maybe in a worker thread): it must be quick,
+    must not block, and must not call the store. Returns the run's status after the append
+    and the checkpoint written (``record`` or ``f``'s).
+    """
+
+    async def append_next(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        *,
+        run: RunRecord,
+        keep_latest: int | None,
+        now: float,
+        renumber: Callable[[int], StoredCheckpoint],
+    ) -> tuple[str, StoredCheckpoint]: ...
 
 
 @runtime_checkable

@@ -391,10 +391,14 @@ class LogView:
     """
 
     def __init__(
-        self, path: str, fd: int, log_id: bytes, size: int, index: _Index | None, tail: _Scan
+        self, path: str, fd: int, log_id: bytes, size: int, index: _Index | None, tail: _Scan,
+        *, writable: bool = False,
     ) -> None:
         self.path = path
         self.fd = fd
+        self.writable = writable
+        """Whether ``fd`` and the index's descriptor are open for writing too (a view its
+        writer opened under the run lock commits through them)."""
         self.log_id = log_id
         self.size = size
         self.index = index
@@ -573,6 +577,10 @@ def _open(directory_fd: int | None, directory: str, name: str, flags: int) -> in
             raise CorruptCheckpointError(
                 f"not a record log ({os.strerror(exc.errno)})",
                 key=os.path.join(directory, name)) from exc
+        if exc.errno == errno.EISDIR:  # opened for writing, a directory in its place
+            what = "record log" if name == LOG else "record log index"
+            raise CorruptCheckpointError(
+                f"{what} is not a regular file", key=os.path.join(directory, name)) from exc
         raise
 
 
@@ -586,12 +594,16 @@ def _replaced(directory_fd: int | None, directory: str, fd: int) -> bool:
     return not os.path.samestat(now, os.fstat(fd))
 
 
-def open_view(directory: str, directory_fd: int | None = None) -> LogView | None:
+def open_view(
+    directory: str, directory_fd: int | None = None, *, writable: bool = False
+) -> LogView | None:
     """The log of the run directory ``directory`` (through ``directory_fd`` when given),
-    ``None`` when it has none."""
+    ``None`` when it has none. ``writable``: its files opened for writing too, for a writer
+    that holds the run lock and commits through the view."""
     path = os.path.join(directory, LOG)
+    flags = _WRITE_FLAGS | os.O_NONBLOCK if writable else _READ_FLAGS
     for attempt in range(_OPEN_ATTEMPTS):
-        fd = _open(directory_fd, directory, LOG, _READ_FLAGS)
+        fd = _open(directory_fd, directory, LOG, flags)
         if fd is None:
             return None
         index_fd: int | None = None
@@ -600,7 +612,7 @@ def open_view(directory: str, directory_fd: int | None = None) -> LogView | None
                 raise CorruptCheckpointError("record log is not a regular file", key=path)
             log_id = _read_log_id(fd, path)
             index = None
-            index_fd = _open(directory_fd, directory, INDEX, _READ_FLAGS)
+            index_fd = _open(directory_fd, directory, INDEX, flags)
             if index_fd is not None:
                 index = _read_index(index_fd, log_id)
             size = os.fstat(fd).st_size  # after idx: what idx covers is in the log
@@ -613,7 +625,8 @@ def open_view(directory: str, directory_fd: int | None = None) -> LogView | None
                     os.close(fd)
                     continue  # compacted between the two opens: open the new pair
             start = index.end if index is not None else _LOG_HEADER.size
-            return LogView(path, fd, log_id, size, index, _scan(fd, start, size))
+            return LogView(path, fd, log_id, size, index, _scan(fd, start, size),
+                           writable=writable)
         except BaseException:
             if index_fd is not None:
                 os.close(index_fd)
@@ -689,12 +702,14 @@ class LogWriter:
         pieces, placed = _commit_entries(operations, start)
         located.update(placed)
         end = start + sum(len(piece) for piece in pieces)
-        fd = os.open(self.path, _WRITE_FLAGS)
+        fd = view.fd if view.writable else os.open(self.path, _WRITE_FLAGS)
         try:
-            if not os.path.samestat(os.fstat(fd), os.fstat(view.fd)):
+            named = os.stat(self.path, follow_symlinks=False) if view.writable else os.fstat(fd)
+            opened = os.fstat(view.fd)
+            if not os.path.samestat(named, opened):
                 raise CorruptCheckpointError(
                     "record log replaced while its writer held the run lock", key=self.path)
-            if os.fstat(fd).st_size != start:
+            if opened.st_size != start:
                 os.ftruncate(fd, start)  # a torn tail a crash left
             try:
                 _write_at(fd, b"".join(pieces), start)
@@ -709,25 +724,40 @@ class LogWriter:
                         self.path) from exc
                 raise
         finally:
-            os.close(fd)
+            if fd != view.fd:
+                os.close(fd)
         try:
             if view.index is None:
                 # No usable idx: every key's place comes from the view's scan of the whole log.
                 self._install_index(view.log_id, end, live, located)
             else:
-                fd = os.open(os.path.join(self.directory, INDEX), _WRITE_FLAGS)
-                try:
-                    for key, found in located.items():
-                        _write_at(fd, _slot_bytes(key, found), _slot_offset(key))
-                    _write_at(fd, _index_header(view.log_id, end, live), 0)
-                finally:
-                    os.close(fd)
+                self._update_index(view, end, live, located)
         except OSError as exc:
             # The commit stands: readers find it past what idx covers; the next writer
             # updates idx (or makes a new one).
             logger.warning("file store: updating %s failed after a commit: %s",
                            os.path.join(self.directory, INDEX), exc.strerror or exc)
         return end, live
+
+    def _update_index(
+        self, view: LogView, end: int, live: int, located: dict[int, Located | None]
+    ) -> None:
+        """Write the slots of a commit's keys, then ``idx``'s header (with ``run.rec``'s slot,
+        right after it, in the same write)."""
+        assert view.index is not None
+        fd = view.index.fd if view.writable else os.open(
+            os.path.join(self.directory, INDEX), _WRITE_FLAGS)
+        try:
+            header = _index_header(view.log_id, end, live)
+            if RUN in located:
+                header += _slot_bytes(RUN, located[RUN])
+            for key, found in located.items():
+                if key != RUN:
+                    _write_at(fd, _slot_bytes(key, found), _slot_offset(key))
+            _write_at(fd, header, 0)
+        finally:
+            if fd != view.index.fd:
+                os.close(fd)
 
     def reindex(self) -> None:
         """Write a whole new ``idx`` when it is missing, stale or behind the log (under the run

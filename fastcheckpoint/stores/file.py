@@ -610,7 +610,7 @@ class _HeldLog:
 
     def view(self) -> LogView | None:
         if not self._opened:
-            self._view, self._opened = open_view(self.path), True
+            self._view, self._opened = open_view(self.path, writable=True), True
         return self._view
 
     def forget(self) -> None:
@@ -658,26 +658,38 @@ class _Dir:
         so while a writer is between its commit and its ``idx`` update, or when its commit
         failed and is being cut off, or after a crash there (then a reader waits for the
         run's lock)."""
-        with self._log() as view:
+        view, temporary = self._log()
+        try:
             return view is None or view.settled
+        finally:
+            if temporary and view is not None:
+                view.close()
 
-    @contextlib.contextmanager
-    def _log(self) -> Iterator[LogView | None]:
-        held = _HELD.by_path.get(self.path) if self.fd is None else None
-        if held is not None:
-            yield held.view()
-            return
+    def unchanged(self) -> bool:
+        """Whether the log read through this directory's descriptor is still its log and no
+        commit was made to it since it was read: commits only append to a log (after cutting
+        off a torn tail, so a read that saw none), and compaction replaces it."""
+        view = self._view
+        if self.fd is None or view is None or view.size != view.end:
+            return False
+        try:
+            named = os.stat(LOG, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        read = os.fstat(view.fd)
+        return os.path.samestat(named, read) and read.st_size == view.size
+
+    def _log(self) -> tuple[LogView | None, bool]:
+        """The log as this read sees it, and whether the caller must close it (it is neither
+        the operation's held log nor this directory's own, opened once)."""
         if self.fd is not None:
             if not self._opened:
                 self._view, self._opened = open_view(self.path, self.fd), True
-            yield self._view
-            return
-        view = open_view(self.path)
-        try:
-            yield view
-        finally:
-            if view is not None:
-                view.close()
+            return self._view, False
+        held = _HELD.by_path.get(self.path)
+        if held is not None:
+            return held.view(), False
+        return open_view(self.path), True
 
     def path_of(self, relative: str) -> str:
         return os.path.join(self.path, relative)
@@ -712,10 +724,10 @@ class _Dir:
     def record(self, key: int, magic: bytes, *, whole: bool) -> _Frame | None:
         """Record ``key`` of the log (``RUN`` or a sequence), ``None`` if the log holds none;
         only its head area unless ``whole``."""
-        path = self.record_key(key)
-        with self._log() as view:
-            if view is None:
-                return None
+        view, temporary = self._log()
+        if view is None:
+            return None
+        try:
             found = view.read_sized(key, None if whole else _PEEK_BYTES)
             if found is None:
                 return None
@@ -727,19 +739,32 @@ class _Dir:
                 assert again is not None
                 return again.data
 
-            return _parse_frame(
-                found.data, found.size, path, magic, whole=whole, more=more, what="record")
+            return _parse_frame(found.data, found.size, self.record_key(key), magic,
+                                whole=whole, more=more, what="record")
+        finally:
+            if temporary:
+                view.close()
 
     def has_record(self, key: int) -> bool:
-        with self._log() as view:
-            return view is not None and view.find(key) is not None
+        view, temporary = self._log()
+        if view is None:
+            return False
+        try:
+            return view.find(key) is not None
+        finally:
+            if temporary:
+                view.close()
 
     def sequences(self) -> list[int]:
         """Sequences of the checkpoint records in the log, newest first (a scan of the log)."""
-        with self._log() as view:
-            if view is None:
-                return []
+        view, temporary = self._log()
+        if view is None:
+            return []
+        try:
             return sorted((key for key in view.held_keys() if key != RUN), reverse=True)
+        finally:
+            if temporary:
+                view.close()
 
     def listdir(self, relative: str) -> list[str]:
         """Names in a subdirectory; empty when it does not exist."""
@@ -1212,7 +1237,7 @@ class FileStore(ExpiryCleanup):
             raise StoreError(f"file store I/O failed on {where}: {exc.strerror or exc}") from exc
 
     def _run_dir(self, run_key: str) -> str:
-        return os.path.join(self._runs, run_key)
+        return self._runs + os.sep + run_key  # a checked key: letters and digits only
 
     @contextlib.contextmanager
     def _reader(self, run_key: str) -> Iterator[_Dir | None]:
@@ -1355,21 +1380,27 @@ class FileStore(ExpiryCleanup):
         now: float,
         items: Sequence[Item],
     ) -> str:
-        _check_run_key(run_key)
-        _check_status(run.status)
-        if not math.isfinite(run.created_at):
-            raise ValidationError(f"run created_at must be finite, got {run.created_at}")
-        check_keep_latest(keep_latest)
-        check_labels(run.labels)
+        _check_append(run_key, record, run, keep_latest)
         check_shared_items(record, items)
-        size = len(record.header) + len(record.payload) + sum(
-            len(name.encode()) for name in (*record.refs, *run.labels))
-        if size > _MAX_RECORD:
-            raise ValidationError(
-                f"checkpoint of {size} bytes: the file store holds at most {_MAX_RECORD} per "
-                "checkpoint")
         named = _appended_items(record, items)
-        return await self._call(self._append, run_key, record, run, keep_latest, now, named)
+        status, _ = await self._call(self._append, run_key, record, run, keep_latest, now, named)
+        return status
+
+    async def append_next(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        *,
+        run: RunRecord,
+        keep_latest: int | None,
+        now: float,
+        renumber: Callable[[int], StoredCheckpoint],
+    ) -> tuple[str, StoredCheckpoint]:
+        _check_append(run_key, record, run, keep_latest)
+        if record.refs:
+            raise ValidationError("append_next takes checkpoints that name no items")
+        return await self._call(
+            self._append, run_key, record, run, keep_latest, now, [], renumber=renumber)
 
     def _append(
         self,
@@ -1379,11 +1410,16 @@ class FileStore(ExpiryCleanup):
         keep_latest: int | None,
         now: float,
         named: list[tuple[str, Item]],
-    ) -> str:
+        renumber: Callable[[int], StoredCheckpoint] | None = None,
+    ) -> tuple[str, StoredCheckpoint]:
         with self._locked(run_key):
             state = self._current_state(run_key, seed, now)
             stored = state.run if state is not None else None
             current = stored if stored is not None and is_live(stored.expires_at, now) else None
+            if renumber is not None and current is not None and \
+                    seed.incarnation == current.incarnation and \
+                    record.sequence != current.latest_sequence + 1:
+                record = _renumbered(renumber, current.latest_sequence + 1, seed)
             _check_sequence(run_key, record, seed, current)
             find = refs_to_find(record, [item for _, item in named])
             if state is None or stored is None or current is None:
@@ -1414,7 +1450,7 @@ class FileStore(ExpiryCleanup):
                 self._unindex(run_key, stored, keep=committed.run)
             self._remove_checkpoints(run_key, sorted(ledger.owning))
             self._drop_shared(run_key, committed.dropping)
-            return committed.run.status
+            return committed.run.status, record
 
     def _write_and_commit(
         self,
@@ -2123,18 +2159,18 @@ class FileStore(ExpiryCleanup):
     def _still_held(self, run_key: str, files: _Dir, sequence: int, now: float) -> bool:
         """Whether ``run.rec`` still holds checkpoint ``sequence`` and the run directory read
         through ``files`` is still the run's (``delete_run`` renames it away whole, then
-        removes its files in any order)."""
-        files.refresh()
-        trusted, view = _trusted_view(files, now)
-        if not trusted or view is None or not view.holds(sequence):
-            return False
+        removes its files in any order). When no commit was made since the read, it is."""
+        if not files.unchanged():
+            files.refresh()
+            trusted, view = _trusted_view(files, now)
+            if not trusted or view is None or not view.holds(sequence):
+                return False
         assert files.fd is not None
         try:
             here = os.stat(self._run_dir(run_key), follow_symlinks=False)
         except FileNotFoundError:
             return False
-        read = os.fstat(files.fd)
-        return (here.st_dev, here.st_ino) == (read.st_dev, read.st_ino)
+        return os.path.samestat(here, os.fstat(files.fd))
 
     async def put_owned_items(
         self,
@@ -2968,6 +3004,41 @@ class FileStore(ExpiryCleanup):
 
     async def aclose(self) -> None:
         """Nothing to release: the store holds no descriptor between operations."""
+
+
+def _check_append(
+    run_key: str, record: StoredCheckpoint, seed: RunRecord, keep_latest: int | None
+) -> None:
+    """What every append checks before it takes the run's lock."""
+    _check_run_key(run_key)
+    _check_status(seed.status)
+    if not math.isfinite(seed.created_at):
+        raise ValidationError(f"run created_at must be finite, got {seed.created_at}")
+    check_keep_latest(keep_latest)
+    check_labels(seed.labels)
+    _check_record_size(record, seed)
+
+
+def _check_record_size(record: StoredCheckpoint, seed: RunRecord) -> None:
+    size = len(record.header) + len(record.payload) + sum(
+        len(name.encode()) for name in (*record.refs, *seed.labels))
+    if size > _MAX_RECORD:
+        raise ValidationError(
+            f"checkpoint of {size} bytes: the file store holds at most {_MAX_RECORD} per "
+            "checkpoint")
+
+
+def _renumbered(
+    renumber: Callable[[int], StoredCheckpoint], sequence: int, seed: RunRecord
+) -> StoredCheckpoint:
+    """The checkpoint ``renumber`` makes for ``sequence``, checked as an append's is."""
+    record = renumber(sequence)
+    if not isinstance(record, StoredCheckpoint) or record.sequence != sequence or record.refs:
+        raise ValidationError(
+            f"renumber({sequence}) must return a checkpoint at sequence {sequence} that names "
+            "no items")
+    _check_record_size(record, seed)
+    return record
 
 
 def _check_sequence(

@@ -28,10 +28,10 @@ being written (every one of them creates runs with ``append`` and reads them bac
 
 Stores offering the adapter capabilities (``SupportsLabels``, ``SupportsSharedItems``,
 ``SupportsNestedItems``) also subclass :class:`LabelsContract`, :class:`SharedItemsContract`
-and :class:`NestedItemsContract`. Stores that rebuild damaged run records (``SupportsRepair``)
-also subclass
-:class:`RepairContract`, adding a ``damage_run_record`` fixture that corrupts a run's record in
-place.
+and :class:`NestedItemsContract`; stores whose appends can take the run's next sequence
+(``SupportsAppendNext``) subclass :class:`AppendNextContract`. Stores that rebuild damaged
+run records (``SupportsRepair``) also subclass :class:`RepairContract`, adding a
+``damage_run_record`` fixture that corrupts a run's record in place.
 
 The tests need pytest and anyio's pytest plugin; they run on every backend the
 ``anyio_backend`` fixture names. The builders (``make_run``, ``make_checkpoint``,
@@ -60,7 +60,7 @@ from fastcheckpoint.testing._adapter import (  # noqa: E402
     NestedItemsContract,
     SharedItemsContract,
 )
-from fastcheckpoint.testing._append import AppendContract  # noqa: E402
+from fastcheckpoint.testing._append import AppendContract, AppendNextContract  # noqa: E402
 from fastcheckpoint.testing._builders import (  # noqa: E402
     T0,
     checkpoint_id_of,
@@ -82,6 +82,7 @@ from fastcheckpoint.testing._store import StoreContract  # noqa: E402
 __all__ = [
     "T0",
     "AppendContract",
+    "AppendNextContract",
     "DamageRunRecord",
     "DeleteContract",
     "ItemsContract",

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anyio
 import msgspec
 import pytest
 
 from fastcheckpoint.errors import SequenceConflict, ValidationError
-from fastcheckpoint.stores._base import CheckpointStore, RunRecord
+from fastcheckpoint.stores._base import (
+    CheckpointStore,
+    RunRecord,
+    StoredCheckpoint,
+    SupportsAppendNext,
+)
 from fastcheckpoint.testing._builders import (
     T0,
     key_of,
@@ -26,7 +33,7 @@ from fastcheckpoint.testing._contract import (
     _update,
 )
 
-__all__ = ["AppendContract"]
+__all__ = ["AppendContract", "AppendNextContract"]
 
 
 class AppendContract(ContractBase):
@@ -403,3 +410,130 @@ class AppendContract(ContractBase):
         assert second_run is not None
         assert (second_run.latest_sequence, second_run.checkpoint_count) == (1, 1)
 
+
+
+class AppendNextContract(ContractBase):
+    """``SupportsAppendNext``: an append whose sequence others took is renumbered to the
+    run's next one (by the caller's ``renumber``) instead of failing; every other conflict
+    fails as ``append``'s does, without calling it."""
+
+    @staticmethod
+    def _renumber(run: RunRecord, calls: list[int], *, payload: bytes = b"same payload"
+                  ) -> Callable[[int], StoredCheckpoint]:
+        def renumber(sequence: int) -> StoredCheckpoint:
+            calls.append(sequence)
+            return make_checkpoint(run, sequence, payload=payload)
+
+        return renumber
+
+    async def test_store_offers_append_next(self, store: CheckpointStore) -> None:
+        assert isinstance(store, SupportsAppendNext)
+
+    async def test_a_taken_sequence_is_renumbered_to_the_next(
+        self, store: CheckpointStore
+    ) -> None:
+        assert isinstance(store, SupportsAppendNext)
+        run = make_run("renumbered")
+        await _append_many(store, run, range(3))
+        calls: list[int] = []
+
+        status, written = await store.append_next(
+            key_of(run), make_checkpoint(run, 1, payload=b"same payload"), run=run,
+            keep_latest=None, now=T0, renumber=self._renumber(run, calls))
+
+        assert (status, calls) == ("active", [3])
+        assert written == make_checkpoint(run, 3, payload=b"same payload")
+        found = await store.latest(key_of(run), now=T0)
+        assert found is not None
+        assert (without_key(found[0]), found[1]) == (written, "active")
+        assert await _sequences(store, run, now=T0) == [3, 2, 1, 0]
+        stored = await store.get_run(key_of(run), now=T0)
+        assert stored is not None
+        assert (stored.latest_sequence, stored.checkpoint_count) == (3, 4)
+
+    async def test_the_next_sequence_is_appended_as_given(self, store: CheckpointStore) -> None:
+        assert isinstance(store, SupportsAppendNext)
+        run = make_run("in-turn")
+        await _append_many(store, run, range(2))
+        calls: list[int] = []
+        record = make_checkpoint(run, 2)
+
+        _, written = await store.append_next(
+            key_of(run), record, run=run, keep_latest=1, now=T0,
+            renumber=self._renumber(run, calls))
+
+        assert (written, calls) == (record, [])
+        assert await _sequences(store, run, now=T0) == [2]
+
+    async def test_a_new_run_starts_at_zero_without_renumbering(
+        self, store: CheckpointStore
+    ) -> None:
+        assert isinstance(store, SupportsAppendNext)
+        run = make_run("fresh")
+        calls: list[int] = []
+        _, written = await store.append_next(
+            key_of(run), make_checkpoint(run, 0), run=run, keep_latest=None, now=T0,
+            renumber=self._renumber(run, calls))
+        assert (written.sequence, calls) == (0, [])
+        other_life = make_run("fresh", incarnation="another")
+        with pytest.raises(SequenceConflict):
+            await store.append_next(
+                key_of(run), make_checkpoint(other_life, 5), run=other_life, keep_latest=None,
+                now=T0, renumber=self._renumber(other_life, calls))
+        absent = make_run("absent")
+        with pytest.raises(SequenceConflict):
+            await store.append_next(
+                key_of(absent), make_checkpoint(absent, 4), run=absent, keep_latest=None,
+                now=T0, renumber=self._renumber(absent, calls))
+        assert calls == []
+        assert await _sequences(store, run, now=T0) == [0]
+        assert await store.get_run(key_of(absent), now=T0) is None
+
+    async def test_bad_records_are_refused_and_nothing_is_written(
+        self, store: CheckpointStore
+    ) -> None:
+        assert isinstance(store, SupportsAppendNext)
+        run = make_run("refused")
+        await _append_many(store, run, range(2))
+        before = await _snapshot(store, run, now=T0)
+        with_refs = msgspec.structs.replace(make_checkpoint(run, 2), refs=("shared/a",))
+        with pytest.raises(ValidationError):
+            await store.append_next(
+                key_of(run), with_refs, run=run, keep_latest=None, now=T0,
+                renumber=self._renumber(run, []))
+
+        def elsewhere(sequence: int) -> StoredCheckpoint:
+            return make_checkpoint(run, sequence + 7)
+
+        with pytest.raises(ValidationError):
+            await store.append_next(
+                key_of(run), make_checkpoint(run, 0), run=run, keep_latest=None, now=T0,
+                renumber=elsewhere)
+        assert await _snapshot(store, run, now=T0) == before
+
+    async def test_concurrent_writers_all_land_once_in_order(
+        self, store: CheckpointStore
+    ) -> None:
+        """Writers that all propose the same sequence: none fails, each lands exactly once,
+        and the sequences are gap-free."""
+        assert isinstance(store, SupportsAppendNext)
+        run = make_run("crowd")
+        await _append(store, run, 0)
+        payloads: list[bytes] = []
+
+        async def writer(number: int) -> None:
+            payload = f"writer-{number}".encode()
+            _, written = await store.append_next(
+                key_of(run), make_checkpoint(run, 1, payload=payload), run=run,
+                keep_latest=None, now=T0,
+                renumber=self._renumber(run, [], payload=payload))
+            payloads.append(written.payload)
+
+        async with anyio.create_task_group() as group:
+            for number in range(8):
+                group.start_soon(writer, number)
+
+        assert sorted(payloads) == sorted(f"writer-{n}".encode() for n in range(8))
+        assert await _sequences(store, run, now=T0) == list(range(8, -1, -1))
+        found = [await store.get(key_of(run), s, now=T0) for s in range(1, 9)]
+        assert sorted(f[0].payload for f in found if f is not None) == sorted(payloads)

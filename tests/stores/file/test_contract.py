@@ -10,6 +10,7 @@ import pytest
 
 from fastcheckpoint.stores import CheckpointStore
 from fastcheckpoint.testing import (
+    AppendNextContract,
     LabelsContract,
     NestedItemsContract,
     SharedItemsContract,
@@ -22,7 +23,9 @@ async def _close(store: CheckpointStore) -> None:
         await store.aclose()
 
 
-class TestFileStore(StoreContract, LabelsContract, SharedItemsContract, NestedItemsContract):
+class TestFileStore(
+    StoreContract, AppendNextContract, LabelsContract, SharedItemsContract, NestedItemsContract
+):
     @pytest.fixture
     async def store(self, tmp_path: Path) -> AsyncIterator[CheckpointStore]:
         from fastcheckpoint.stores.file import FileStore

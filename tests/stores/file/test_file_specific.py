@@ -870,6 +870,48 @@ async def test_four_processes_append_to_one_run(root: Path) -> None:
             assert got[0].checkpoint_id == _ids.checkpoint_id(key, run.incarnation, sequence)
 
 
+async def test_managers_sharing_a_run_take_turns_without_losing_sequence_races(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Managers on their own stores (as processes would be) creating on one run at once: the
+    store stamps a create whose sequence another took at the run's next one, so no create is
+    retried for a lost race, and the ids and parents chain without a gap."""
+    appends: list[int] = []
+    real = FileStore._append
+
+    def counted(self: FileStore, *args: Any, **kwargs: Any) -> Any:
+        appends.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FileStore, "_append", counted)
+    managers = [fastcheckpoint.CheckpointManager(FileStore(root)) for _ in range(4)]
+    run_id = "one run, four writers"
+    await managers[0].create(run_id, {"writer": -1})
+    appends.clear()
+
+    async def writer(number: int) -> None:
+        for step in range(10):
+            await managers[number].create(run_id, {"writer": number, "step": step})
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as group:
+            for number in range(4):
+                group.start_soon(writer, number)
+    # One store append per create, none lost to another writer; the three managers new to
+    # the run each learn its incarnation from one refused append first.
+    assert len(appends) == 40 + 3
+    history = await managers[0].list_checkpoints(run_id, limit=100)
+    assert [item.sequence for item in history] == list(range(40, -1, -1))
+    by_sequence = {item.sequence: item for item in history}
+    for sequence in range(1, 41):
+        assert by_sequence[sequence].parent_id == by_sequence[sequence - 1].checkpoint_id
+    states = [(await managers[0].restore_from(item.checkpoint_id)) for item in history[:-1]]
+    assert sorted((c.state["writer"], c.state["step"]) for c in states if c is not None) == \
+        sorted((number, step) for number in range(4) for step in range(10))
+    for manager in managers:
+        await manager.aclose()
+
+
 async def _append_until_killed(root: Path, run_id: str, delay: float, log: Path) -> list[int]:
     """Start a writer, SIGKILL it ``delay`` seconds after its first acknowledgement."""
     command = _worker_command("forever", str(root), run_id)
