@@ -71,7 +71,8 @@ RUN = -1
 _LOG_MAGIC = b"FClg"
 _INDEX_MAGIC = b"FCix"
 _ENTRY_MAGIC = b"FCle"
-_VERSION = 1
+_VERSION = 2
+"""Of the log and ``idx`` formats (2: envelope CRCs seeded with the log id)."""
 _PUT = 1
 _REMOVE = 2
 _FIRST = 1
@@ -159,9 +160,19 @@ def _check_key(key: int) -> None:
         raise ValueError(f"log key out of range: {key}")
 
 
-def entry_bytes(key: int, data: bytes | None, *, first: bool = True, last: bool = True) -> bytes:
-    """An entry that puts ``data`` under ``key`` (``None``: removes the key); ``first`` and
-    ``last`` mark the first and last entries of its commit."""
+def seed_of(log_id: bytes) -> int:
+    """What the envelope CRCs of the log ``log_id`` start from: an entry checks only in its
+    own log, so bytes that look like entries (a payload holding a copy of another log, say)
+    are never taken for one when a scan looks for the next entry after damage."""
+    return zlib.crc32(log_id)
+
+
+def entry_bytes(
+    key: int, data: bytes | None, *, seed: int, first: bool = True, last: bool = True
+) -> bytes:
+    """An entry that puts ``data`` under ``key`` (``None``: removes the key) in the log whose
+    envelopes start from ``seed`` (:func:`seed_of`); ``first`` and ``last`` mark the first and
+    last entries of its commit."""
     _check_key(key)
     if data is not None and len(data) > MAX_DATA:
         raise ValueError(f"log entry of {len(data)} bytes is too large")
@@ -169,11 +180,11 @@ def entry_bytes(key: int, data: bytes | None, *, first: bool = True, last: bool 
     flags = (_FIRST if first else 0) | (_LAST if last else 0)
     envelope = _ENVELOPE.pack(
         _ENTRY_MAGIC, _REMOVE if data is None else _PUT, flags, key, len(body), zlib.crc32(body))
-    return b"".join((envelope, _ENVELOPE_CRC.pack(zlib.crc32(envelope)), body))
+    return b"".join((envelope, _ENVELOPE_CRC.pack(zlib.crc32(envelope, seed)), body))
 
 
 def _commit_entries(
-    operations: Sequence[tuple[int, bytes | None]], start: int
+    operations: Sequence[tuple[int, bytes | None]], start: int, seed: int
 ) -> tuple[list[bytes], dict[int, Located | None]]:
     """The entries of one commit of ``operations`` written at ``start``, and where each
     key's entry lands (``None``: removed)."""
@@ -181,7 +192,8 @@ def _commit_entries(
     located: dict[int, Located | None] = {}
     offset = start
     for number, (key, data) in enumerate(operations):
-        entry = entry_bytes(key, data, first=number == 0, last=number == len(operations) - 1)
+        entry = entry_bytes(
+            key, data, seed=seed, first=number == 0, last=number == len(operations) - 1)
         located[key] = None if data is None else Located(offset, len(data))
         pieces.append(entry)
         offset += len(entry)
@@ -225,15 +237,17 @@ class _Envelope(NamedTuple):
     crc: int
 
 
-def _envelope(raw: bytes | memoryview) -> _Envelope | None:
-    """The envelope at the start of ``raw`` if it is one (magic, CRC, operation, key)."""
+def _envelope(raw: bytes | memoryview, seed: int) -> _Envelope | None:
+    """The envelope at the start of ``raw`` if it is one of the log whose envelopes start
+    from ``seed`` (magic, CRC, operation, key)."""
     if len(raw) < _ENTRY:
         return None
     magic, operation, flags, key, size, crc = _ENVELOPE.unpack_from(raw)
     if magic != _ENTRY_MAGIC or operation not in (_PUT, _REMOVE) or \
             flags & ~(_FIRST | _LAST) or not RUN <= key <= _MAX_KEY:
         return None
-    if zlib.crc32(raw[: _ENVELOPE.size]) != _ENVELOPE_CRC.unpack_from(raw, _ENVELOPE.size)[0]:
+    if zlib.crc32(raw[: _ENVELOPE.size], seed) != \
+            _ENVELOPE_CRC.unpack_from(raw, _ENVELOPE.size)[0]:
         return None
     if operation == _REMOVE and size:
         return None
@@ -257,7 +271,7 @@ _Entry = tuple[int, Located, int]
 """An entry of a commit being read: key, where (or ``_REMOVED``), data CRC."""
 
 
-def _scan(fd: int, start: int, size: int) -> _Scan:
+def _scan(fd: int, start: int, size: int, seed: int) -> _Scan:
     """Read the commits in ``[start, size)``.
 
     A commit counts once its entries, from its first to its last, are in place and their
@@ -282,10 +296,10 @@ def _scan(fd: int, start: int, size: int) -> _Scan:
         return buffer[at - base : at - base + need]
 
     while offset + _ENTRY <= size:
-        envelope = _envelope(window(offset, _ENTRY))
+        envelope = _envelope(window(offset, _ENTRY), seed)
         if envelope is None:
             pending, gap = None, True  # a commit missing an entry never counts
-            offset = _resync(fd, offset + 1, size)
+            offset = _resync(fd, offset + 1, size, seed)
             continue
         stop = offset + _ENTRY + envelope.size
         if stop > size:
@@ -332,7 +346,7 @@ def _intact(fd: int, entries: Sequence[_Entry]) -> bool:
     return True
 
 
-def _resync(fd: int, offset: int, size: int) -> int:
+def _resync(fd: int, offset: int, size: int, seed: int) -> int:
     """The offset of the next valid envelope at or after ``offset`` (``size`` if none)."""
     while offset + _ENTRY <= size:
         chunk = pread(fd, min(_SCAN_CHUNK, size - offset), offset)
@@ -340,7 +354,7 @@ def _resync(fd: int, offset: int, size: int) -> int:
             return size  # the file got shorter (a writer cut a torn tail)
         at = chunk.find(_ENTRY_MAGIC)
         while at >= 0:
-            if _envelope(pread(fd, _ENTRY, offset + at)) is not None:
+            if _envelope(pread(fd, _ENTRY, offset + at), seed) is not None:
                 return offset + at
             at = chunk.find(_ENTRY_MAGIC, at + 1)
         # A magic may straddle the chunk's end: look again from its last bytes.
@@ -400,6 +414,7 @@ class LogView:
         """Whether ``fd`` and the index's descriptor are open for writing too (a view its
         writer opened under the run lock commits through them)."""
         self.log_id = log_id
+        self.seed = seed_of(log_id)
         self.size = size
         self.index = index
         self.tail = tail
@@ -479,7 +494,7 @@ class LogView:
         if index is None or index.end > size:
             return False
         self.index, self.size = index, size
-        self.tail = _scan(self.fd, index.end, size)
+        self.tail = _scan(self.fd, index.end, size, self.seed)
         return True
 
     def find(self, key: int) -> Located | None:
@@ -533,7 +548,7 @@ class LogView:
             if problem is None:
                 want = found.size if limit is None else min(limit, found.size)
                 raw = pread(self.fd, _ENTRY + want, found.offset)
-                envelope = _envelope(raw)
+                envelope = _envelope(raw, self.seed)
                 data = raw[_ENTRY:]
                 if envelope is None or envelope.key != key or envelope.size != found.size or \
                         envelope.operation != _PUT:
@@ -551,13 +566,13 @@ class LogView:
     def _rescan(self) -> None:
         self._drop_index()
         self.size = os.fstat(self.fd).st_size
-        self.tail = _scan(self.fd, _LOG_HEADER.size, self.size)
+        self.tail = _scan(self.fd, _LOG_HEADER.size, self.size, self.seed)
 
     def scan(self) -> _Scan:
         """Every commit of the log (for repairs, listings and compaction): O(log)."""
         if self.index is None:
             return self.tail  # scanned from the start when the view opened
-        return _scan(self.fd, _LOG_HEADER.size, self.size)
+        return _scan(self.fd, _LOG_HEADER.size, self.size, self.seed)
 
     def held_keys(self) -> list[int]:
         """Every key the log holds, damaged ones included (a scan of the whole log)."""
@@ -625,7 +640,7 @@ def open_view(
                     os.close(fd)
                     continue  # compacted between the two opens: open the new pair
             start = index.end if index is not None else _LOG_HEADER.size
-            return LogView(path, fd, log_id, size, index, _scan(fd, start, size),
+            return LogView(path, fd, log_id, size, index, _scan(fd, start, size, seed_of(log_id)),
                            writable=writable)
         except BaseException:
             if index_fd is not None:
@@ -699,7 +714,7 @@ class LogWriter:
             key: None if found is _REMOVED else found for key, found in view.tail.found.items()}
         located.update(_marked_damaged(view.tail.damaged))
         start = view.end
-        pieces, placed = _commit_entries(operations, start)
+        pieces, placed = _commit_entries(operations, start, view.seed)
         located.update(placed)
         end = start + sum(len(piece) for piece in pieces)
         fd = view.fd if view.writable else os.open(self.path, _WRITE_FLAGS)
@@ -770,6 +785,10 @@ class LogWriter:
                 return
             if view.indexed:
                 view._rescan()
+            # Commits past idx may be a killed writer's, made before its sync: they reach the
+            # disk before idx calls them committed (readers would otherwise return what a
+            # power loss could still take away).
+            self._sync(view.fd)
             found = view.tail
             entries: dict[int, Located | None] = {
                 key: at for key, at in found.found.items() if at is not _REMOVED}
@@ -813,8 +832,9 @@ class LogWriter:
 
     def _create(self, puts: Sequence[tuple[int, bytes]]) -> None:
         """The run's first log: written aside, synced, renamed in place, directory synced."""
-        pieces, located = _commit_entries(puts, _LOG_HEADER.size)
-        self._install(secrets.token_bytes(16), pieces, located)
+        log_id = secrets.token_bytes(16)
+        pieces, located = _commit_entries(puts, _LOG_HEADER.size, seed_of(log_id))
+        self._install(log_id, pieces, located)
 
     def _install(
         self, log_id: bytes, pieces: Sequence[bytes], located: dict[int, Located | None]
@@ -848,7 +868,7 @@ class LogWriter:
         if view is None:
             return
         try:
-            scan = _scan(view.fd, _LOG_HEADER.size, view.end)
+            scan = _scan(view.fd, _LOG_HEADER.size, view.end, view.seed)
             if scan.gaps:
                 _UNCOMPACTABLE.add(view.log_id)  # this process does not scan it again for it
                 logger.warning(
@@ -856,20 +876,23 @@ class LogWriter:
                     "records before them report damage)", self.path)
                 return
             kept = sorted((key, at) for key, at in scan.found.items() if at is not _REMOVED)
+            log_id = secrets.token_bytes(16)
+            seed = seed_of(log_id)
             pieces: list[bytes] = []
             located: dict[int, Located | None] = {}
             offset = _LOG_HEADER.size
             for key, at in kept:
                 # Each entry becomes a commit of its own (its flags and envelope CRC redone).
-                piece = _recommitted(pread(view.fd, _ENTRY + at.size, at.offset))
+                piece = _recommitted(
+                    pread(view.fd, _ENTRY + at.size, at.offset), view.seed, seed)
                 pieces.append(piece)
                 located[key] = Located(offset, at.size)
                 offset += len(piece)
             # An entry damaged since it was written keeps its bad data, so it still reads as
             # damaged; a last commit that changes nothing keeps it from reading as a torn tail.
             unused = max((key for key, _ in kept), default=RUN) + 1
-            pieces.append(entry_bytes(unused, None))
-            self._install(secrets.token_bytes(16), pieces, located)
+            pieces.append(entry_bytes(unused, None, seed=seed))
+            self._install(log_id, pieces, located)
         finally:
             view.close()
 
@@ -889,13 +912,14 @@ class CommitLeftInLog(OSError):
     it, so what it names (items written for it) must stay."""
 
 
-def _recommitted(raw: bytes) -> bytes:
-    """An entry as a commit of its own (both flags set, its envelope CRC redone)."""
-    envelope = _envelope(raw)
+def _recommitted(raw: bytes, seed: int, new_seed: int) -> bytes:
+    """An entry of the log whose envelopes start from ``seed`` as a commit of its own in the
+    log whose envelopes start from ``new_seed`` (both flags set, its envelope CRC redone)."""
+    envelope = _envelope(raw, seed)
     assert envelope is not None, "compaction copies entries a scan found"
     header = _ENVELOPE.pack(_ENTRY_MAGIC, envelope.operation, _FIRST | _LAST, envelope.key,
                             envelope.size, envelope.crc)
-    return b"".join((header, _ENVELOPE_CRC.pack(zlib.crc32(header)), raw[_ENTRY:]))
+    return b"".join((header, _ENVELOPE_CRC.pack(zlib.crc32(header, new_seed)), raw[_ENTRY:]))
 
 
 def _write_at(fd: int, data: bytes | memoryview, offset: int) -> None:

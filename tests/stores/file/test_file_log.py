@@ -76,6 +76,14 @@ class _Run:
         self.check()
 
     @property
+    def seed(self) -> int:
+        """What the log's envelope CRCs start from."""
+        view = open_view(str(self.dir))
+        assert view is not None
+        with view:
+            return view.seed
+
+    @property
     def log_path(self) -> Path:
         return self.dir / LOG
 
@@ -178,8 +186,8 @@ def test_a_commit_being_written_is_invisible_until_its_last_entry_is_in_place(
     run: _Run,
 ) -> None:
     run.commit({RUN: b"r0"})
-    entries = [log.entry_bytes(5, _data(5, 0), last=False),
-               log.entry_bytes(RUN, b"r1", first=False)]
+    entries = [log.entry_bytes(5, _data(5, 0), seed=run.seed, last=False),
+               log.entry_bytes(RUN, b"r1", seed=run.seed, first=False)]
     data = b"".join(entries)
     with run.log_path.open("ab") as handle:
         for piece in (data[:10], data[10 : len(entries[0])], data[len(entries[0]) : -1]):
@@ -269,6 +277,28 @@ def test_unreadable_bytes_in_the_middle_make_older_records_read_as_damaged(
                 with pytest.raises(CorruptCheckpointError, match="unreadable bytes"):
                     view.read(key)
             assert view.read(3) == _data(3, 0)
+
+
+def test_entries_of_another_log_inside_a_record_are_never_taken_for_entries(
+    run: _Run,
+) -> None:
+    """After unreadable bytes a scan looks for the next entry; a record whose data holds an
+    entry (a copy of another run's log, say) must not be taken for one: envelopes check only
+    in their own log."""
+    forged = log.entry_bytes(RUN, b"forged", seed=log.seed_of(secrets.token_bytes(16)))
+    run.commit({0: _data(0, 0), RUN: b"r0"})
+    offset = run.log_path.stat().st_size
+    run.commit({1: b"x" * 10 + forged})
+    run.commit({2: _data(2, 0)})
+    _flip(run, offset)  # the envelope of the entry holding the copy
+    run.index_path.unlink()
+    view = open_view(str(run.dir))
+    assert view is not None
+    with view:
+        assert view.tail.gaps
+        with pytest.raises(CorruptCheckpointError):
+            view.read(RUN)  # written before the unreadable bytes: damaged, never "forged"
+        assert view.read(2, check=True) == _data(2, 0)
 
 
 def test_a_torn_commit_never_counts_in_part(run: _Run, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -414,6 +444,37 @@ def test_a_commit_costs_one_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     run.check()
 
 
+def test_an_index_rebuilt_over_commits_it_did_not_write_syncs_them_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer killed between its write and its sync leaves a commit past idx that is not on
+    the disk yet: whoever rewrites idx over it syncs the log before idx covers the commit."""
+    run = _Run(tmp_path, fsync=True)
+    run.commit({0: b"first", RUN: b"r0"})
+    old_index = run.index_path.read_bytes()
+    run.commit({1: b"second", RUN: b"r1"})
+    run.index_path.write_bytes(old_index)  # as if killed before the sync and the idx update
+    steps: list[str] = []
+    real_replace, real_sync = os.replace, os.fdatasync
+
+    def replace(source: str, target: str) -> None:
+        steps.append(f"rename {Path(target).name}")
+        real_replace(source, target)
+
+    def fdatasync(fd: int) -> None:
+        steps.append("fdatasync")
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    run.writer.reindex()
+    assert steps == ["fdatasync", f"rename {INDEX}"]
+    run.check_indexed()
+    steps.clear()
+    run.writer.reindex()  # nothing past idx: nothing to sync or rewrite
+    assert steps == []
+
+
 def test_random_commits_reopens_and_compactions_match_a_model(tmp_path: Path) -> None:
     for seed in range(12):
         rng = random.Random(seed)
@@ -484,5 +545,5 @@ def test_acknowledged_commits_survive_kill_9_during_commits_and_compactions(
 
 def test_keys_and_sizes_are_checked() -> None:
     with pytest.raises(ValueError, match="out of range"):
-        log.entry_bytes(-2, b"", last=True)
-    assert list(itertools.islice(log.entry_bytes(0, None, last=True), 4)) == list(b"FCle")
+        log.entry_bytes(-2, b"", seed=0, last=True)
+    assert list(itertools.islice(log.entry_bytes(0, None, seed=0), 4)) == list(b"FCle")
