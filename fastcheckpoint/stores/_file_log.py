@@ -26,9 +26,13 @@ held cannot be known, so every key found before them reads as damaged (never as 
 entry, or as absent), and the log is not compacted (the damage stays visible).
 
 Compaction: once the dead bytes (entries replaced or removed since) exceed the live ones and
-256 KiB, the commit that got there copies the live entries into a new log (new id) in the
-store's ``tmp/``, syncs it, renames it over ``log``, syncs the directory, and writes a new
-``idx``. A crash leaves either log whole; readers that opened the old one keep reading it.
+256 KiB, :meth:`LogWriter.commit` says so, and the store compacts the log once it has
+released the run's lock: the live entries of what ``idx`` covers are copied into a new log
+(new id) in the store's ``tmp/`` and synced without the lock; holding it, the commits made
+since are added whole, the new log is synced, renamed over ``log``, the directory synced, and
+a new ``idx`` written. A crash leaves either log whole; readers that opened the old one keep
+reading it. The copy holds a ``flock`` on itself so that the store's sweep of crashed
+writers' temporary files leaves it alone.
 
 Writers hold the run's lock (the caller's); readers take none.
 """
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -46,7 +51,7 @@ import struct
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from fastcheckpoint.errors import CorruptCheckpointError
@@ -670,33 +675,30 @@ class LogWriter:
         removes: Iterable[int] = (),
         *,
         view: LogView | None = None,
-    ) -> None:
+    ) -> bool:
         """Append ``puts`` (key, data) and the removal of ``removes`` as one commit: one
         write and one sync (two more, file and directory, when it makes the log). A commit
         that raises leaves the log as it was (its partial bytes are cut off again, or by the
         next writer). ``view``: the log as the caller opened it (left open), else it is
-        opened here. Compacts the log afterwards when it is due."""
+        opened here. Returns whether the log is due for :meth:`compact` (its dead bytes
+        above its live ones and :data:`_COMPACT_MIN_DEAD`)."""
         removed = [key for key in dict.fromkeys(removes) if key not in dict(puts)]
         if not puts and not removed:
-            return
+            return False
         own = view is None
         if view is None:
             view = open_view(self.directory)
         if view is None:
             if puts:
                 self._create(puts)
-            return
+            return False
         try:
             end, live = self._append(view, puts, removed)
         finally:
             if own:
                 view.close()
         dead = end - _LOG_HEADER.size - live
-        if dead >= _COMPACT_MIN_DEAD and dead > live and view.log_id not in _UNCOMPACTABLE:
-            try:
-                self.compact()
-            except Exception as exc:  # the commit stands; the next one compacts again
-                logger.warning("file store: compacting %s failed: %s", self.path, exc)
+        return dead >= _COMPACT_MIN_DEAD and dead > live and view.log_id not in _UNCOMPACTABLE
 
     def _append(
         self, view: LogView, puts: Sequence[tuple[int, bytes]], removed: list[int]
@@ -811,7 +813,7 @@ class LogWriter:
             os.close(fd)
 
     def _install_index(
-        self, log_id: bytes, end: int, live: int, entries: dict[int, Located | None]
+        self, log_id: bytes, end: int, live: int, entries: Mapping[int, Located | None]
     ) -> None:
         """A whole new ``idx``, renamed into place (unsynced: readers check what they use)."""
         temp = self.temp_path()
@@ -834,67 +836,203 @@ class LogWriter:
         """The run's first log: written aside, synced, renamed in place, directory synced."""
         log_id = secrets.token_bytes(16)
         pieces, located = _commit_entries(puts, _LOG_HEADER.size, seed_of(log_id))
-        self._install(log_id, pieces, located)
-
-    def _install(
-        self, log_id: bytes, pieces: Sequence[bytes], located: dict[int, Located | None]
-    ) -> None:
-        """Make the log ``log_id`` of the entries ``pieces`` (``located``: where each key's
-        entry is) and its ``idx``."""
-        data = b"".join((_log_header(log_id), *pieces))
-        temp = self.temp_path()
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        new = _NewLog(self.temp_path(), log_id)
         try:
-            try:
-                _write_at(fd, data, 0)
-                self._sync(fd, data_only=False)
-            finally:
-                os.close(fd)
-            os.replace(temp, self.path)
+            new.write(pieces)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
+            new.abandon()
+            raise
+        self._put_in_place(new, located)
+
+    def _put_in_place(self, new: _NewLog, located: dict[int, Located | None]) -> None:
+        """Sync the new log, rename it over ``log``, sync the directory, and write its ``idx``
+        (``located``: where each key's newest entry is, ``None`` for a removed key)."""
+        try:
+            self._sync(new.fd, data_only=False)
+        except BaseException:
+            new.abandon()
+            raise
+        new.close()
+        try:
+            os.replace(new.path, self.path)
+        except BaseException:
+            new.abandon()
             raise
         self._sync_directory()
-        live = sum(_ENTRY + at.size for at in located.values() if at is not None)
-        self._install_index(log_id, len(data), live, located)
+        kept = {key: at for key, at in located.items() if at is not None}
+        live = sum(_ENTRY + at.size for at in kept.values())
+        self._install_index(new.log_id, new.size, live, kept)
 
     # -- compaction ----------------------------------------------------------------------------
 
-    def compact(self) -> None:
-        """Rewrite the log with only its live entries. A log holding unreadable bytes is left
-        as it is (they are the evidence of the damage its reads report), with a warning."""
+    def compact(
+        self, locked: Callable[[], contextlib.AbstractContextManager[object]] | None = None
+    ) -> None:
+        """Rewrite the log with only its live entries.
+
+        Without ``locked`` the caller holds the run's lock. With it (what takes the lock) the
+        caller does not: the live entries of the commits ``idx`` covers are copied and synced
+        first, without the lock; then, holding it, the commits made since are added and the
+        new log is renamed in place, so writers wait only for that last part. A log holding
+        unreadable bytes is left as it is (they are the evidence of the damage its reads
+        report), with a warning; so is a log compacted again or replaced meanwhile.
+        """
         view = open_view(self.directory)
         if view is None:
             return
         try:
-            scan = _scan(view.fd, _LOG_HEADER.size, view.end, view.seed)
-            if scan.gaps:
-                _UNCOMPACTABLE.add(view.log_id)  # this process does not scan it again for it
-                logger.warning(
-                    "file store: %s holds unreadable bytes; it is not compacted (reads of the "
-                    "records before them report damage)", self.path)
+            if locked is not None and view.index is None:
+                # What is committed is not known without the lock: all of it while held.
+                with locked():
+                    self.compact()
                 return
-            kept = sorted((key, at) for key, at in scan.found.items() if at is not _REMOVED)
-            log_id = secrets.token_bytes(16)
-            seed = seed_of(log_id)
-            pieces: list[bytes] = []
-            located: dict[int, Located | None] = {}
-            offset = _LOG_HEADER.size
-            for key, at in kept:
-                # Each entry becomes a commit of its own (its flags and envelope CRC redone).
-                piece = _recommitted(
-                    pread(view.fd, _ENTRY + at.size, at.offset), view.seed, seed)
-                pieces.append(piece)
-                located[key] = Located(offset, at.size)
-                offset += len(piece)
-            # An entry damaged since it was written keeps its bad data, so it still reads as
-            # damaged; a last commit that changes nothing keeps it from reading as a torn tail.
-            unused = max((key for key, _ in kept), default=RUN) + 1
-            pieces.append(entry_bytes(unused, None, seed=seed))
-            self._install(log_id, pieces, located)
+            # Unlocked, only what idx covers is surely committed (later bytes may be a commit
+            # being written, or one that fails and is cut off again).
+            copy = self._copy_live(view, view.end if view.index is None or locked is None
+                                   else view.index.end)
         finally:
             view.close()
+        if copy is None:
+            return
+        if locked is None:
+            self._finish_copy(copy)
+            return
+        try:
+            with locked():
+                self._finish_copy(copy)
+        except BaseException:
+            copy.new.abandon()  # if not in place yet (else a no-op)
+            raise
+
+    def _copy_live(self, view: LogView, end: int) -> _Copy | None:
+        """The live entries of the commits before ``end``, each as a commit of its own, in a
+        new log (synced) in the temporary directory; ``None`` for a log with unreadable
+        bytes."""
+        scan = _scan(view.fd, _LOG_HEADER.size, end, view.seed)
+        if scan.gaps:
+            self._uncompactable(view.log_id)
+            return None
+        new = _NewLog(self.temp_path(), secrets.token_bytes(16))
+        located: dict[int, Located | None] = {}
+        try:
+            for key, at in sorted(scan.found.items()):
+                if at is not _REMOVED:
+                    located[key] = Located(new.size, at.size)
+                    new.write([_resealed(pread(view.fd, _ENTRY + at.size, at.offset),
+                                         view.seed, new.seed)])
+            self._sync(new.fd)  # most of the copy reaches the disk before the lock is taken
+        except BaseException:
+            new.abandon()
+            raise
+        return _Copy(new, view.log_id, end, located)
+
+    def _finish_copy(self, copy: _Copy) -> None:
+        """Holding the run lock: add the commits made since the copy began, whole, then put
+        the new log in place; nothing if the log is no longer the one copied."""
+        new = copy.new
+        try:
+            view = open_view(self.directory)
+            if view is None or view.log_id != copy.source:
+                if view is not None:
+                    view.close()
+                new.abandon()  # compacted again, or the run deleted
+                return
+            with view:
+                tail = _scan(view.fd, copy.end, view.end, view.seed)
+                if tail.gaps:
+                    self._uncompactable(view.log_id)
+                    new.abandon()
+                    return
+                at = copy.end
+                while at < tail.end:  # every entry in order, with its commit's flags
+                    envelope = _envelope(pread(view.fd, _ENTRY, at), view.seed)
+                    assert envelope is not None, "the scan found whole commits here"
+                    copy.located[envelope.key] = \
+                        Located(new.size, envelope.size) if envelope.operation == _PUT else None
+                    new.write([_resealed(pread(view.fd, _ENTRY + envelope.size, at),
+                                         view.seed, new.seed, whole_commit=False)])
+                    at += _ENTRY + envelope.size
+            # An entry damaged since it was written keeps its bad data, so it still reads as
+            # damaged; a last commit that changes nothing keeps it from reading as a torn tail.
+            unused = max((key for key, at in copy.located.items() if at is not None),
+                         default=RUN) + 1
+            new.write([entry_bytes(unused, None, seed=new.seed)])
+        except BaseException:
+            new.abandon()
+            raise
+        self._put_in_place(new, copy.located)
+
+    def _uncompactable(self, log_id: bytes) -> None:
+        _UNCOMPACTABLE.add(log_id)  # this process does not scan it again for it
+        logger.warning(
+            "file store: %s holds unreadable bytes; it is not compacted (reads of the "
+            "records before them report damage)", self.path)
+
+
+class _NewLog:
+    """A log being written in the temporary directory (a run's first, or a compacted one).
+
+    It holds an exclusive ``flock`` on the file while it is open: a compaction copies without
+    the run lock, and the store's sweep of crashed writers' temporary files leaves a file
+    alone while someone holds it (:func:`in_use`).
+    """
+
+    def __init__(self, path: str, log_id: bytes) -> None:
+        self.path = path
+        self.log_id = log_id
+        self.seed = seed_of(log_id)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.size = 0
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            self.write([_log_header(log_id)])
+        except BaseException:
+            self.abandon()
+            raise
+
+    def write(self, pieces: Iterable[bytes]) -> None:
+        for piece in pieces:
+            _write_at(self.fd, piece, self.size)
+            self.size += len(piece)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def abandon(self) -> None:
+        """Close and remove it: it will not be used."""
+        with contextlib.suppress(OSError):
+            self.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+def in_use(path: str) -> bool:
+    """Whether the temporary file ``path`` is held by its writer (a new log being made)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False  # gone already, or not a file to hold
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+class _Copy(NamedTuple):
+    """A compaction under way."""
+
+    new: _NewLog
+    source: bytes
+    """The id of the log copied."""
+    end: int
+    """Where the commits copied end in the log copied."""
+    located: dict[int, Located | None]
+    """Where each key's newest entry is in the new log (``None``: removed since)."""
 
 
 _UNCOMPACTABLE: set[bytes] = set()
@@ -912,12 +1050,15 @@ class CommitLeftInLog(OSError):
     it, so what it names (items written for it) must stay."""
 
 
-def _recommitted(raw: bytes, seed: int, new_seed: int) -> bytes:
-    """An entry of the log whose envelopes start from ``seed`` as a commit of its own in the
-    log whose envelopes start from ``new_seed`` (both flags set, its envelope CRC redone)."""
+def _resealed(raw: bytes, seed: int, new_seed: int, *, whole_commit: bool = True) -> bytes:
+    """An entry of the log whose envelopes start from ``seed``, for the log whose envelopes
+    start from ``new_seed`` (its envelope CRC redone): a commit of its own (both flags set)
+    when ``whole_commit``, else with the flags it had."""
     envelope = _envelope(raw, seed)
     assert envelope is not None, "compaction copies entries a scan found"
-    header = _ENVELOPE.pack(_ENTRY_MAGIC, envelope.operation, _FIRST | _LAST, envelope.key,
+    flags = _FIRST | _LAST if whole_commit else \
+        (_FIRST if envelope.first else 0) | (_LAST if envelope.last else 0)
+    header = _ENVELOPE.pack(_ENTRY_MAGIC, envelope.operation, flags, envelope.key,
                             envelope.size, envelope.crc)
     return b"".join((header, _ENVELOPE_CRC.pack(zlib.crc32(header, new_seed)), raw[_ENTRY:]))
 

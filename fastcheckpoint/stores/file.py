@@ -97,6 +97,7 @@ import msgspec
 
 from fastcheckpoint import _ids
 from fastcheckpoint.errors import (
+    CheckpointError,
     CheckpointNotFound,
     ConfigurationError,
     ConflictError,
@@ -134,6 +135,7 @@ from fastcheckpoint.stores._file_log import (
     CommitLeftInLog,
     LogView,
     LogWriter,
+    in_use,
     open_view,
     pread,
 )
@@ -607,6 +609,9 @@ class _HeldLog:
         self.path = path
         self._view: LogView | None = None
         self._opened = False
+        self.compact_due = False
+        """Whether a commit of the operation left the log due for compaction (done once the
+        operation has released the lock)."""
 
     def view(self) -> LogView | None:
         if not self._opened:
@@ -1147,9 +1152,11 @@ class FileStore(ExpiryCleanup):
     with one write and one ``fdatasync``, and updates ``idx`` unsynced; plus one head read per
     pruned checkpoint that never expires. The run's first append makes the log (its file and
     directory synced). An append that finds the log's dead bytes above its live ones (and
-    256 KiB) compacts it: O(live bytes), amortised O(1). ``run.rec`` grows by about 15 bytes
-    per held checkpoint that expires: at most ``keep_latest`` of them with pruning, else the
-    live ones (expired ones leave it on the next append). ``get`` and ``latest`` read
+    256 KiB) compacts it once it has released the run lock: O(live bytes), amortised O(1),
+    other writers waiting only for the commits made during the copy to be added.
+    ``run.rec`` grows by about 15 bytes per held checkpoint that expires: at most
+    ``keep_latest`` of them with pruning, else the live ones (expired ones leave it on the
+    next append). ``get`` and ``latest`` read
     ``run.rec`` and one checkpoint through ``idx`` (``latest`` walks down only past deleted
     or expired newest ones); ``headers`` reads ``run.rec`` and the first 4 KiB of about ``k``
     checkpoint records, never payloads. Writers, ``get``, ``latest``, ``headers`` and
@@ -1276,6 +1283,20 @@ class FileStore(ExpiryCleanup):
             held.forget()
             del _HELD.by_path[run_dir]
             os.close(fd)
+        if held.compact_due:  # the operation succeeded: compact, holding the lock briefly
+            self._compact(run_key)
+
+    def _compact(self, run_key: str, *, held: bool = False) -> None:
+        """Compact the run's log once a commit left it due: most of the copy without the run
+        lock, so writers wait only for the commits made meanwhile to be copied (``held``: the
+        caller holds the lock already). The commit stands whatever happens here; a failure is
+        logged and the next commit tries again."""
+        writer = LogWriter(self._run_dir(run_key), functools.partial(self._temp_path, run_key),
+                           fsync=self._fsync)
+        try:
+            writer.compact(locked=None if held else functools.partial(self._locked, run_key))
+        except (OSError, CheckpointError) as exc:
+            logger.warning("file store: compacting %s failed: %s", writer.path, exc)
 
     @staticmethod
     def _acquire(path: str, blocking: bool) -> int | None:
@@ -1346,11 +1367,15 @@ class FileStore(ExpiryCleanup):
         puts = [] if checkpoint is None else [checkpoint]
         held = _HELD.by_path.get(run_dir)
         try:
-            writer.commit([*puts, (RUN, _run_bytes(state))], erase,
-                          view=None if held is None else held.view())
+            due = writer.commit([*puts, (RUN, _run_bytes(state))], erase,
+                                view=None if held is None else held.view())
         finally:
             if held is not None:
-                held.forget()  # the log moved on (or was compacted): read it anew
+                held.forget()  # the log moved on: read it anew
+        if held is not None:
+            held.compact_due = held.compact_due or due
+        elif due:  # the caller holds the lock some other way: compact while it does
+            self._compact(run_key, held=True)
 
     def _read_state(self, run_key: str, *, whole: bool = False) -> _RunState | None:
         return _Dir(self._run_dir(run_key)).state(whole=whole)
@@ -2761,8 +2786,8 @@ class FileStore(ExpiryCleanup):
                 logger.warning("file store: skipping foreign file %s", path)
                 continue
             with self._locked(match[1], blocking=False) as locked:
-                if not locked:
-                    continue  # a writer of that run is at work
+                if not locked or in_use(path):
+                    continue  # a writer of that run is at work (a compaction copies unlocked)
                 if _discard(path):
                     logger.warning("file store: removed %s left by an interrupted write", path)
                     budget.spend(1)

@@ -4,17 +4,19 @@ compaction, a crash at each step of it, kill -9 of a writer, and the syncs a com
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
 import random
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -39,7 +41,8 @@ class _Run:
         return str(self.tmp / secrets.token_hex(8))
 
     def commit(self, puts: dict[int, bytes], removes: tuple[int, ...] = ()) -> None:
-        self.writer.commit(list(puts.items()), removes)
+        if self.writer.commit(list(puts.items()), removes):
+            self.writer.compact()
         for key in removes:
             if key not in puts:
                 self.model.pop(key, None)
@@ -399,6 +402,77 @@ def test_a_crash_at_any_step_of_compaction_leaves_one_whole_log(run: _Run) -> No
     run.check()
 
 
+def _filled(run: _Run) -> None:
+    """A log with dead entries: five versions of three keys, removals among them."""
+    for version in range(5):
+        run.commit({key: _data(key, version, 1000) for key in (RUN, 0, 1)}, removes=(version,))
+    run.commit({5: _data(5, 0), 6: _data(6, 0)})
+
+
+def test_commits_made_while_compaction_copies_are_carried_over(run: _Run) -> None:
+    """Compaction copies what idx covers without the lock; the commits made meanwhile (puts,
+    removals, several entries each) are added, whole, once it holds the lock."""
+    _filled(run)
+    first = run.log_path.stat().st_ino
+    took: list[str] = []
+
+    @contextlib.contextmanager
+    def locked() -> Iterator[None]:
+        took.append("lock")
+        run.commit({7: b"seven", RUN: b"meanwhile"}, removes=(5,))  # other writers, before us
+        run.commit({6: _data(6, 1, 3000)})
+        yield
+
+    run.writer.compact(locked=locked)
+    assert took == ["lock"]
+    assert run.log_path.stat().st_ino != first
+    run.check_indexed()
+    assert b"0:0:" not in run.log_path.read_bytes()  # dead entries of the copied part went
+    run.commit({8: b"eight"}, removes=(7,))  # the new log takes commits like any other
+    run.check_indexed()
+    assert not list(run.tmp.iterdir())
+
+
+@pytest.mark.parametrize("meanwhile", ["compacted", "deleted"])
+def test_a_compaction_overtaken_meanwhile_gives_up(run: _Run, meanwhile: str) -> None:
+    _filled(run)
+
+    @contextlib.contextmanager
+    def locked() -> Iterator[None]:
+        if meanwhile == "compacted":
+            run.writer.compact()  # another process compacted first
+            run.commit({9: b"nine"})
+        else:
+            shutil.rmtree(run.dir)  # the run was deleted
+            run.model.clear()
+        yield
+
+    run.writer.compact(locked=locked)
+    assert not list(run.tmp.iterdir())  # its copy was removed
+    if meanwhile == "compacted":
+        run.check_indexed()
+    else:
+        assert not run.dir.exists()
+
+
+def test_a_compaction_that_fails_leaves_the_log_and_no_copy(
+    run: _Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _filled(run)
+    before = run.log_path.read_bytes()
+
+    def fails(source: str, target: str) -> None:
+        raise OSError(errno.EIO, "rename failed")
+
+    monkeypatch.setattr(os, "replace", fails)
+    with pytest.raises(OSError, match="rename failed"):
+        run.writer.compact(locked=contextlib.nullcontext)
+    monkeypatch.undo()
+    assert run.log_path.read_bytes() == before
+    assert not list(run.tmp.iterdir())
+    run.check()
+
+
 def test_a_failed_write_leaves_the_log_as_it_was(
     run: _Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -496,16 +570,16 @@ def test_random_commits_reopens_and_compactions_match_a_model(tmp_path: Path) ->
 
 
 _WORKER = textwrap.dedent("""
-    import os, secrets, sys
+    import contextlib, os, secrets, sys
     from fastcheckpoint.stores._file_log import LogWriter, RUN
     directory, temp = sys.argv[1], sys.argv[2]
     writer = LogWriter(directory, lambda: os.path.join(temp, secrets.token_hex(8)), fsync=True)
     for n in range(1, 1_000_000):
         data = (b"%d:" % n).ljust(2000 + (n % 7) * 3000, b"x")
-        writer.commit([(n % 5, data), (RUN, b"%d" % n)], removes=[(n + 2) % 5])
+        due = writer.commit([(n % 5, data), (RUN, b"%d" % n)], removes=[(n + 2) % 5])
         print(n, flush=True)
-        if n % 9 == 0:
-            writer.compact()
+        if due or n % 9 == 0:
+            writer.compact(locked=contextlib.nullcontext)
 """)
 
 

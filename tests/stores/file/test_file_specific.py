@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import fcntl
 import importlib.util
 import logging
 import os
@@ -398,6 +399,26 @@ async def test_a_directory_where_the_log_belongs(
 # -- crash leftovers --------------------------------------------------------------------------
 
 
+async def test_purge_leaves_a_compaction_copy_alone_while_it_is_made(root: Path) -> None:
+    """A compaction copies a run's log into tmp/ without the run lock; the sweep of crashed
+    writers' temporary files must not remove the copy then, only once nobody holds it."""
+    store = FileStore(root)
+    seed = make_run("copying")
+    key = key_of(seed)
+    with anyio.fail_after(30):
+        await _append(store, seed, 0)
+        copy = root / "tmp" / f"{key}.0123456789abcdef"
+        fd = os.open(copy, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # as a compaction holds its copy
+            assert await store.purge_expired(now=T0, limit=100) == (0, True)
+            assert copy.exists()
+        finally:
+            os.close(fd)
+        assert await store.purge_expired(now=T0, limit=100) == (0, True)
+    assert not copy.exists()
+
+
 async def test_purge_removes_stale_temp_files_trash_and_markers(root: Path) -> None:
     store = FileStore(root)
     seed = make_run("sweep")
@@ -590,8 +611,9 @@ async def test_a_create_costs_one_sync_and_no_file_of_its_own(
     """Once a run has its log, an append (pruning included) is one write and one
     ``fdatasync`` of the log: no file created, renamed or removed, no directory synced. Once
     the pruned records' dead bytes exceed the live ones (and 256 KiB), the append that
-    commits also compacts: the new log synced and renamed in place, the directory synced,
-    a new idx renamed in place."""
+    commits also compacts: the copy synced (without the lock), then (with it) synced again
+    with what was committed meanwhile and renamed in place, the directory synced, a new idx
+    renamed in place."""
     store = FileStore(root)
     seed = make_run("one-sync")
     calls: list[str] = []
@@ -614,11 +636,52 @@ async def test_a_create_costs_one_sync_and_no_file_of_its_own(
             calls.clear()
             await _append(store, seed, sequence, keep_latest=3, payload=b"p" * 15_000)
             if calls != ["fdatasync"]:
-                assert calls == ["fdatasync", "fsync", "replace", "fsync", "replace"], calls
+                assert calls == [
+                    "fdatasync", "fdatasync", "fsync", "replace", "fsync", "replace"], calls
                 compactions += 1
         found, _ = await store.headers(key_of(seed), before=None, limit=10, now=T0)
     assert [header.sequence for header in found] == [39, 38, 37]
     assert 1 <= compactions <= 39 * 15_000 // (256 << 10) + 1
+
+
+async def test_writers_wait_only_for_the_end_of_a_compaction(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The append that leaves the log due compacts it after releasing the run lock: another
+    writer's append completes while the live records are copied, and is carried over."""
+    store = FileStore(root, fsync=False)
+    seed = make_run("compacting")
+    key = key_of(seed)
+    real = file_log.LogWriter._copy_live
+    appended = [-1]
+    started: list[bool] = []
+    other_done: list[bool] = []
+
+    def copy_live(writer: file_log.LogWriter, view: Any, end: int) -> Any:
+        if not started:
+            started.append(True)
+            other = threading.Thread(target=store._translated, args=(
+                # the append that compacts (appended[0] + 1) has committed, lock released
+                store._append, key, make_checkpoint(seed, appended[0] + 2), seed, 3, T0, []))
+            other.start()
+            other.join(10)
+            other_done.append(not other.is_alive())  # it got the lock meanwhile
+        return real(writer, view, end)
+
+    monkeypatch.setattr(file_log.LogWriter, "_copy_live", copy_live)
+    with anyio.fail_after(30):
+        while not other_done and appended[0] < 100:
+            await _append(store, seed, appended[0] + 1, keep_latest=3, payload=b"p" * 15_000)
+            appended[0] += 1
+        assert other_done == [True]
+        last = appended[0] + 1  # the other writer's
+        found, _ = await store.headers(key, before=None, limit=10, now=T0)
+        assert [header.sequence for header in found] == [last, last - 1, last - 2]
+        latest = await store.latest(key, now=T0)
+    assert latest is not None
+    assert latest[0].sequence == last
+    # Compacted, with the append made meanwhile: about the three records held.
+    assert (root / "runs" / key / "log").stat().st_size < 4 * 16_000
 
 
 async def test_one_thread_hop_per_operation(
