@@ -411,13 +411,15 @@ class LogView:
 
     def __init__(
         self, path: str, fd: int, log_id: bytes, size: int, index: _Index | None, tail: _Scan,
-        *, writable: bool = False,
+        *, writable: bool = False, index_writable: bool = False,
     ) -> None:
         self.path = path
         self.fd = fd
         self.writable = writable
-        """Whether ``fd`` and the index's descriptor are open for writing too (a view its
-        writer opened under the run lock commits through them)."""
+        """Whether ``fd`` is open for writing too (a view its writer opened under the run
+        lock commits through it)."""
+        self.index_writable = index_writable
+        """The same for the index's descriptor."""
         self.log_id = log_id
         self.seed = seed_of(log_id)
         self.size = size
@@ -614,25 +616,42 @@ def _replaced(directory_fd: int | None, directory: str, fd: int) -> bool:
     return not os.path.samestat(now, os.fstat(fd))
 
 
+def _open_view_file(
+    directory_fd: int | None, directory: str, name: str, writable: bool
+) -> tuple[int | None, bool]:
+    """``name`` opened for a view, and whether for writing too."""
+    if writable:
+        try:
+            return _open(directory_fd, directory, name, _WRITE_FLAGS | os.O_NONBLOCK), True
+        except PermissionError:
+            pass  # read-only here: whoever commits reports that, as before
+        except OSError as exc:
+            if exc.errno != errno.EROFS:
+                raise
+    return _open(directory_fd, directory, name, _READ_FLAGS), False
+
+
 def open_view(
     directory: str, directory_fd: int | None = None, *, writable: bool = False
 ) -> LogView | None:
     """The log of the run directory ``directory`` (through ``directory_fd`` when given),
-    ``None`` when it has none. ``writable``: its files opened for writing too, for a writer
-    that holds the run lock and commits through the view."""
+    ``None`` when it has none. ``writable``: its files opened for writing too where they can
+    be, for a writer that holds the run lock and commits through the view (a file that
+    cannot be is opened read-only, and the writer opens it itself when it commits, as it
+    would without this)."""
     path = os.path.join(directory, LOG)
-    flags = _WRITE_FLAGS | os.O_NONBLOCK if writable else _READ_FLAGS
     for attempt in range(_OPEN_ATTEMPTS):
-        fd = _open(directory_fd, directory, LOG, flags)
+        fd, log_writable = _open_view_file(directory_fd, directory, LOG, writable)
         if fd is None:
             return None
         index_fd: int | None = None
+        index_writable = False
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise CorruptCheckpointError("record log is not a regular file", key=path)
             log_id = _read_log_id(fd, path)
             index = None
-            index_fd = _open(directory_fd, directory, INDEX, flags)
+            index_fd, index_writable = _open_view_file(directory_fd, directory, INDEX, writable)
             if index_fd is not None:
                 index = _read_index(index_fd, log_id)
             size = os.fstat(fd).st_size  # after idx: what idx covers is in the log
@@ -646,7 +665,7 @@ def open_view(
                     continue  # compacted between the two opens: open the new pair
             start = index.end if index is not None else _LOG_HEADER.size
             return LogView(path, fd, log_id, size, index, _scan(fd, start, size, seed_of(log_id)),
-                           writable=writable)
+                           writable=log_writable, index_writable=index_writable)
         except BaseException:
             if index_fd is not None:
                 os.close(index_fd)
@@ -762,7 +781,7 @@ class LogWriter:
         """Write the slots of a commit's keys, then ``idx``'s header (with ``run.rec``'s slot,
         right after it, in the same write)."""
         assert view.index is not None
-        fd = view.index.fd if view.writable else os.open(
+        fd = view.index.fd if view.index_writable else os.open(
             os.path.join(self.directory, INDEX), _WRITE_FLAGS)
         try:
             header = _index_header(view.log_id, end, live)

@@ -644,6 +644,52 @@ async def test_a_create_costs_one_sync_and_no_file_of_its_own(
     assert 1 <= compactions <= 39 * 15_000 // (256 << 10) + 1
 
 
+@pytest.mark.parametrize("name", ["idx", "log"])
+async def test_a_file_that_cannot_be_opened_for_writing_fails_only_what_writes_it(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, name: str
+) -> None:
+    """``idx`` is a cache: one that cannot be written (permissions, an immutable flag) costs
+    a warning, never the commit. A log that cannot be written fails the commit (nothing
+    else can keep it), but reads, locked ones included, still work."""
+    store = FileStore(root, fsync=False)
+    seed = make_run(f"read-only-{name}")
+    key = key_of(seed)
+    real = file_log._open
+
+    def refused(directory_fd: Any, directory: str, opened: str, flags: int) -> Any:
+        if opened == name and flags & os.O_RDWR:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real(directory_fd, directory, opened, flags)
+
+    with anyio.fail_after(30):
+        await _append(store, seed, 0)
+        monkeypatch.setattr(file_log, "_open", refused)
+        monkeypatch.setattr(os, "open", _refusing_os_open(os.open, name))
+        caplog.set_level(logging.WARNING, logger=LOGGER)
+        if name == "idx":
+            await _append(store, seed, 1)
+            assert "failed after a commit" in caplog.text
+        else:
+            with pytest.raises(StoreError, match="not permitted"):
+                await _append(store, seed, 1)
+        latest = await store.latest(key, now=T0)
+        assert latest is not None
+        assert latest[0].sequence == (1 if name == "idx" else 0)
+        run = await store.get_run(key, now=T0)
+        assert run is not None
+
+
+def _refusing_os_open(real: Callable[..., int], name: str) -> Callable[..., int]:
+    """``os.open`` that refuses to open files called ``name`` for writing."""
+    def refusing(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if os.path.basename(os.fsdecode(path)) == name and flags & (os.O_RDWR | os.O_WRONLY) \
+                and not flags & os.O_CREAT:
+            raise PermissionError(errno.EPERM, "Operation not permitted", path)
+        return real(path, flags, *args, **kwargs)
+
+    return refusing
+
+
 async def test_writers_wait_only_for_the_end_of_a_compaction(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
