@@ -31,8 +31,9 @@ released the run's lock: the live entries of what ``idx`` covers are copied into
 (new id) in the store's ``tmp/`` and synced without the lock; holding it, the commits made
 since are added whole, the new log is synced, renamed over ``log``, the directory synced, and
 a new ``idx`` written. A crash leaves either log whole; readers that opened the old one keep
-reading it. The copy holds a ``flock`` on itself so that the store's sweep of crashed
-writers' temporary files leaves it alone.
+reading it. The copy's file is made under the lock and holds a ``flock`` on itself, so that
+the store's sweep of crashed writers' temporary files (which takes the run lock) leaves it
+alone.
 
 Writers hold the run's lock (the caller's); readers take none.
 """
@@ -900,15 +901,21 @@ class LogWriter:
         if view is None:
             return
         try:
-            if locked is not None and view.index is None:
+            if locked is None:
+                copy = self._copy_live(view, view.end, self._new_log())
+            elif view.index is None:
                 # What is committed is not known without the lock: all of it while held.
                 with locked():
                     self.compact()
                 return
-            # Unlocked, only what idx covers is surely committed (later bytes may be a commit
-            # being written, or one that fails and is cut off again).
-            copy = self._copy_live(view, view.end if view.index is None or locked is None
-                                   else view.index.end)
+            else:
+                # The copy is made (and held) under the lock, so that the sweep of crashed
+                # writers' files, which takes it, never finds it not held yet.
+                with locked():
+                    new = self._new_log()
+                # Unlocked, only what idx covers is surely committed (later bytes may be a
+                # commit being written, or one that fails and is cut off again).
+                copy = self._copy_live(view, view.index.end, new)
         finally:
             view.close()
         if copy is None:
@@ -923,17 +930,20 @@ class LogWriter:
             copy.new.abandon()  # if not in place yet (else a no-op)
             raise
 
-    def _copy_live(self, view: LogView, end: int) -> _Copy | None:
-        """The live entries of the commits before ``end``, each as a commit of its own, in a
-        new log (synced) in the temporary directory; ``None`` for a log with unreadable
+    def _new_log(self) -> _NewLog:
+        return _NewLog(self.temp_path(), secrets.token_bytes(16))
+
+    def _copy_live(self, view: LogView, end: int, new: _NewLog) -> _Copy | None:
+        """The live entries of the commits before ``end``, each as a commit of its own, in the
+        new log ``new`` (synced); ``None`` (``new`` removed) for a log with unreadable
         bytes."""
-        scan = _scan(view.fd, _LOG_HEADER.size, end, view.seed)
-        if scan.gaps:
-            self._uncompactable(view.log_id)
-            return None
-        new = _NewLog(self.temp_path(), secrets.token_bytes(16))
         located: dict[int, Located | None] = {}
         try:
+            scan = _scan(view.fd, _LOG_HEADER.size, end, view.seed)
+            if scan.gaps:
+                self._uncompactable(view.log_id)
+                new.abandon()
+                return None
             for key, at in sorted(scan.found.items()):
                 if at is not _REMOVED:
                     located[key] = Located(new.size, at.size)

@@ -419,12 +419,13 @@ def test_commits_made_while_compaction_copies_are_carried_over(run: _Run) -> Non
     @contextlib.contextmanager
     def locked() -> Iterator[None]:
         took.append("lock")
-        run.commit({7: b"seven", RUN: b"meanwhile"}, removes=(5,))  # other writers, before us
-        run.commit({6: _data(6, 1, 3000)})
+        if len(took) == 2:  # the copy is made: other writers got the lock before us
+            run.commit({7: b"seven", RUN: b"meanwhile"}, removes=(5,))
+            run.commit({6: _data(6, 1, 3000)})
         yield
 
     run.writer.compact(locked=locked)
-    assert took == ["lock"]
+    assert took == ["lock", "lock"]  # to make the copy's file, and to finish it
     assert run.log_path.stat().st_ino != first
     run.check_indexed()
     assert b"0:0:" not in run.log_path.read_bytes()  # dead entries of the copied part went
@@ -433,12 +434,44 @@ def test_commits_made_while_compaction_copies_are_carried_over(run: _Run) -> Non
     assert not list(run.tmp.iterdir())
 
 
+def test_a_compaction_makes_its_copy_while_it_holds_the_lock(
+    run: _Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's sweep removes a temporary file whose run lock it gets and whose flock
+    nobody holds: a copy made unlocked could be swept between its creation and its flock."""
+    _filled(run)
+    inside = [False]
+    made: list[bool] = []
+
+    @contextlib.contextmanager
+    def locked() -> Iterator[None]:
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    real = log._NewLog.__init__
+
+    def init(new: log._NewLog, path: str, log_id: bytes) -> None:
+        made.append(inside[0])
+        real(new, path, log_id)
+
+    monkeypatch.setattr(log._NewLog, "__init__", init)
+    run.writer.compact(locked=locked)
+    assert made == [True]
+    run.check_indexed()
+
+
 @pytest.mark.parametrize("meanwhile", ["compacted", "deleted"])
 def test_a_compaction_overtaken_meanwhile_gives_up(run: _Run, meanwhile: str) -> None:
     _filled(run)
 
     @contextlib.contextmanager
     def locked() -> Iterator[None]:
+        if not list(run.tmp.iterdir()):  # the copy's file is being made
+            yield
+            return
         if meanwhile == "compacted":
             run.writer.compact()  # another process compacted first
             run.commit({9: b"nine"})
