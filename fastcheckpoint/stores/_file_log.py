@@ -901,25 +901,30 @@ class LogWriter:
         if view is None:
             return
         try:
-            if locked is None:
-                copy = self._copy_live(view, view.end, self._new_log())
-            elif view.index is None:
-                # What is committed is not known without the lock: all of it while held.
+            # Unlocked, only what idx covers is surely committed (later bytes may be a commit
+            # being written, or one that fails and is cut off again).
+            end = view.end if locked is None or view.index is None else view.index.end
+            scan = _scan(view.fd, _LOG_HEADER.size, end, view.seed)
+            if scan.gaps:
+                self._uncompactable(view.log_id)
+                return
+            if locked is not None and (view.index is None or scan.end != end):
+                # Without idx what is committed is not known; and a last covered commit that
+                # fails its data checksum reads as a torn tail here, though it is not one:
+                # copied unlocked, it would be dropped. Both are done whole while held.
                 with locked():
                     self.compact()
                 return
+            if locked is None:
+                new = self._new_log()
             else:
                 # The copy is made (and held) under the lock, so that the sweep of crashed
                 # writers' files, which takes it, never finds it not held yet.
                 with locked():
                     new = self._new_log()
-                # Unlocked, only what idx covers is surely committed (later bytes may be a
-                # commit being written, or one that fails and is cut off again).
-                copy = self._copy_live(view, view.index.end, new)
+            copy = self._copy_live(view, scan, new)
         finally:
             view.close()
-        if copy is None:
-            return
         if locked is None:
             self._finish_copy(copy)
             return
@@ -933,17 +938,11 @@ class LogWriter:
     def _new_log(self) -> _NewLog:
         return _NewLog(self.temp_path(), secrets.token_bytes(16))
 
-    def _copy_live(self, view: LogView, end: int, new: _NewLog) -> _Copy | None:
-        """The live entries of the commits before ``end``, each as a commit of its own, in the
-        new log ``new`` (synced); ``None`` (``new`` removed) for a log with unreadable
-        bytes."""
+    def _copy_live(self, view: LogView, scan: _Scan, new: _NewLog) -> _Copy:
+        """The live entries ``scan`` found (of the commits it read), each as a commit of its
+        own, in the new log ``new`` (synced)."""
         located: dict[int, Located | None] = {}
         try:
-            scan = _scan(view.fd, _LOG_HEADER.size, end, view.seed)
-            if scan.gaps:
-                self._uncompactable(view.log_id)
-                new.abandon()
-                return None
             for key, at in sorted(scan.found.items()):
                 if at is not _REMOVED:
                     located[key] = Located(new.size, at.size)
@@ -953,7 +952,7 @@ class LogWriter:
         except BaseException:
             new.abandon()
             raise
-        return _Copy(new, view.log_id, end, located)
+        return _Copy(new, view.log_id, scan.end, located)
 
     def _finish_copy(self, copy: _Copy) -> None:
         """Holding the run lock: add the commits made since the copy began, whole, then put

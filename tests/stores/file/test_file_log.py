@@ -463,6 +463,48 @@ def test_a_compaction_makes_its_copy_while_it_holds_the_lock(
     run.check_indexed()
 
 
+def test_a_damaged_commit_idx_covers_is_kept_by_a_compaction_without_the_lock(
+    run: _Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last commit idx covers has a bad data byte, and a commit idx does not cover follows
+    (its idx update failed). Read up to idx's end, that commit looks like a torn tail; the
+    compaction must not drop it (undoing its removal, its run record and its new key): it
+    compacts the whole log under the lock, where the commit is not the last one."""
+    for version in range(40):
+        run.commit({RUN: b"r%d" % version * 500, 0: secrets.token_bytes(4000), 2: b"two"})
+    run.commit({RUN: b"rC" * 500, 5: b"five" * 100}, removes=(2,))
+    view = open_view(str(run.dir))
+    assert view is not None
+    with view:
+        assert view.settled
+        found = view.find(5)
+        assert found is not None
+    with monkeypatch.context() as patched:
+        patched.setattr(LogWriter, "_update_index", _fails)
+        run.commit({6: b"six"})  # past idx
+    raw = bytearray(run.log_path.read_bytes())
+    raw[found.offset + log._ENTRY + 3] ^= 0xFF  # a bad byte in the covered commit's data
+
+    run.log_path.write_bytes(bytes(raw))
+
+    def state() -> tuple[bool, bytes | None]:
+        view = open_view(str(run.dir))
+        assert view is not None
+        with view:
+            with pytest.raises(CorruptCheckpointError):
+                view.read(5, check=True)  # the damage still shows
+            return view.read(2) is not None, view.read(RUN)
+
+    before = state()
+    assert before == (False, b"rC" * 500)
+    run.writer.compact(locked=contextlib.nullcontext)
+    assert state() == before
+
+
+def _fails(*_: object) -> None:
+    raise OSError(errno.EIO, "idx update failed")
+
+
 @pytest.mark.parametrize("meanwhile", ["compacted", "deleted"])
 def test_a_compaction_overtaken_meanwhile_gives_up(run: _Run, meanwhile: str) -> None:
     _filled(run)

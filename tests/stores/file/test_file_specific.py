@@ -703,7 +703,7 @@ async def test_writers_wait_only_for_the_end_of_a_compaction(
     started: list[bool] = []
     other_done: list[bool] = []
 
-    def copy_live(writer: file_log.LogWriter, view: Any, end: int, new: Any) -> Any:
+    def copy_live(writer: file_log.LogWriter, view: Any, scan: Any, new: Any) -> Any:
         if not started:
             started.append(True)
             other = threading.Thread(target=store._translated, args=(
@@ -712,7 +712,7 @@ async def test_writers_wait_only_for_the_end_of_a_compaction(
             other.start()
             other.join(10)
             other_done.append(not other.is_alive())  # it got the lock meanwhile
-        return real(writer, view, end, new)
+        return real(writer, view, scan, new)
 
     monkeypatch.setattr(file_log.LogWriter, "_copy_live", copy_live)
     with anyio.fail_after(30):
