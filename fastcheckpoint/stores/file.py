@@ -1147,27 +1147,26 @@ class _Budget:
 class FileStore(ExpiryCleanup):
     """Checkpoints in a directory tree; see the module docstring for the layout.
 
-    Costs (``n`` = checkpoints held by the run, ``k`` = requested count): ``append`` appends
-    one commit to the run's log (the checkpoint, ``run.rec``, the removal of what it prunes)
-    with one write and one ``fdatasync``, and updates ``idx`` unsynced; plus one head read per
-    pruned checkpoint that never expires. The run's first append makes the log (its file and
-    directory synced). An append that finds the log's dead bytes above its live ones (and
-    256 KiB) compacts it once it has released the run lock: O(live bytes), amortised O(1),
-    other writers waiting only for the commits made during the copy to be added.
-    ``run.rec`` grows by about 15 bytes per held checkpoint that expires: at most
-    ``keep_latest`` of them with pruning, else the live ones (expired ones leave it on the
-    next append). ``get`` and ``latest`` read
-    ``run.rec`` and one checkpoint through ``idx`` (``latest`` walks down only past deleted
-    or expired newest ones); ``headers`` reads ``run.rec`` and the first 4 KiB of about ``k``
+    Costs (``n`` = checkpoints held by the run, ``k`` = requested count): ``append`` appends one
+    commit to the run's log (the checkpoint, ``run.rec``, the removal of what it prunes) with
+    one write and one ``fdatasync``, and updates ``idx`` unsynced; plus one head read per pruned
+    checkpoint that never expires. The run's first append makes the log (its file and directory
+    synced). An append that finds the log's dead bytes above its live ones (and 256 KiB)
+    compacts it once it has released the run lock: O(live bytes), amortised O(1), other writers
+    waiting only for the commits made during the copy to be added. ``run.rec`` grows by about 15
+    bytes per held checkpoint that expires: at most ``keep_latest`` of them with pruning, else
+    the live ones (expired ones leave it on the next append). ``get`` and ``latest`` read
+    ``run.rec`` and one checkpoint through ``idx`` (``latest`` walks down only past deleted or
+    expired newest ones); ``headers`` reads ``run.rec`` and the first 4 KiB of about ``k``
     checkpoint records, never payloads. Writers, ``get``, ``latest``, ``headers`` and
     ``get_run`` also look up ``idx``'s slot beyond ``latest_sequence``; a run whose record is
-    behind costs its next writer one head read per checkpoint, and a damaged run (or a
-    missing ``idx``) is read by scanning its log. Starting an expired run over, and purging
-    one, read the head of each of its checkpoints first. ``update_run`` commits a new
-    ``run.rec`` (and moves one index marker on a status change); ``list_runs`` and
-    ``runs_with_label`` list one index directory and read ``run.rec`` of the runs they return;
-    ``count_runs`` reads ``run.rec`` of every indexed run; ``scan_items`` lists the run's items.
-    ``purge_expired`` reads every ``run.rec`` and only the files of runs with something due.
+    behind costs its next writer one head read per checkpoint, and a damaged run (or a missing
+    ``idx``) is read by scanning its log. Starting an expired run over, and purging one, read
+    the head of each of its checkpoints first. ``update_run`` commits a new ``run.rec`` (and
+    moves one index marker on a status change); ``list_runs`` and ``runs_with_label`` list one
+    index directory and read ``run.rec`` of the runs they return; ``count_runs`` reads
+    ``run.rec`` of every indexed run; ``scan_items`` lists the run's items. ``purge_expired``
+    reads every ``run.rec`` and only the files of runs with something due.
 
     Adapter capabilities (``r`` = refs of the checkpoint, ``i`` = items written, ``s`` = shared
     items the run's held checkpoints name): ``append_with_items`` also reads the head of each of
@@ -1286,15 +1285,14 @@ class FileStore(ExpiryCleanup):
         if held.compact_due:  # the operation succeeded: compact, holding the lock briefly
             self._compact(run_key)
 
-    def _compact(self, run_key: str, *, held: bool = False) -> None:
+    def _compact(self, run_key: str) -> None:
         """Compact the run's log once a commit left it due: most of the copy without the run
-        lock, so writers wait only for the commits made meanwhile to be copied (``held``: the
-        caller holds the lock already). The commit stands whatever happens here; a failure is
-        logged and the next commit tries again."""
+        lock, so writers wait only for the commits made meanwhile to be copied. The commit
+        stands whatever happens here; a failure is logged and the next commit tries again."""
         writer = LogWriter(self._run_dir(run_key), functools.partial(self._temp_path, run_key),
                            fsync=self._fsync)
         try:
-            writer.compact(locked=None if held else functools.partial(self._locked, run_key))
+            writer.compact(locked=functools.partial(self._locked, run_key))
         except (OSError, CheckpointError) as exc:
             logger.warning("file store: compacting %s failed: %s", writer.path, exc)
 
@@ -1365,17 +1363,12 @@ class FileStore(ExpiryCleanup):
         run_dir = self._run_dir(run_key)
         writer = LogWriter(run_dir, functools.partial(self._temp_path, run_key), fsync=self._fsync)
         puts = [] if checkpoint is None else [checkpoint]
-        held = _HELD.by_path.get(run_dir)
+        held = _HELD.by_path[run_dir]  # every commit is made under the run lock
         try:
-            due = writer.commit([*puts, (RUN, _run_bytes(state))], erase,
-                                view=None if held is None else held.view())
+            due = writer.commit([*puts, (RUN, _run_bytes(state))], erase, view=held.view())
         finally:
-            if held is not None:
-                held.forget()  # the log moved on: read it anew
-        if held is not None:
-            held.compact_due = held.compact_due or due
-        elif due:  # the caller holds the lock some other way: compact while it does
-            self._compact(run_key, held=True)
+            held.forget()  # the log moved on: read it anew
+        held.compact_due = held.compact_due or due
 
     def _read_state(self, run_key: str, *, whole: bool = False) -> _RunState | None:
         return _Dir(self._run_dir(run_key)).state(whole=whole)
