@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from fastcheckpoint.stores import Item, RunRecord, StoredCheckpoint
 from fastcheckpoint.stores._file_log import LOG, RUN, LogWriter, open_view
+from fastcheckpoint.stores.file import FileStore
+from fastcheckpoint.testing import T0
+from fastcheckpoint.testing._adapter import _append_items as append_items
 
 
 class LogRecord:
@@ -82,4 +90,38 @@ def checkpoint_sequences(root: Path, run_key: str) -> list[int]:
     if view is None:
         return []
     with view:
-        return [key for key in view.held_keys() if key != RUN]
+        return [key for key in view.held_keys() if key >= 0]
+
+
+async def append_with_refs(
+    store: FileStore,
+    run: RunRecord,
+    sequence: int,
+    refs: Sequence[str] = (),
+    items: Sequence[Item] = (),
+    *,
+    now: float = T0,
+    expires_at: float | None = None,
+    keep_latest: int | None = None,
+) -> StoredCheckpoint:
+    """Append checkpoint ``sequence`` of ``run``, naming ``refs``, with ``items``."""
+    return await append_items(store, run, sequence, refs=refs, items=items, now=now,
+                              expires_at=expires_at, keep_latest=keep_latest)
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, *names: str) -> list[str]:
+    """A list that gets the name of each call of the ``os`` functions ``names`` from now on."""
+    calls: list[str] = []
+
+    def counted(name: str) -> Callable[..., Any]:
+        real = getattr(os, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in names:
+        monkeypatch.setattr(os, name, counted(name))
+    return calls

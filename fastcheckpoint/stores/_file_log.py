@@ -1,12 +1,13 @@
 """The record log of a file-store run: its records in one append-only file, and its index.
 
-A run's records (its run record and one record per checkpoint) live in ``log``, the run's
-only file that a create writes to::
+A run's records (its run record, one record per checkpoint, and the items the store keeps for
+the run) live in ``log``, the run's only file that a create writes to::
 
     log   header (magic, format version, a random log id), then entries, appended in commits
     idx   where the newest entry of each key is: a header (the log id it indexes, the boot it
           was written in, how far it covers the log, how many bytes are live) and one 16-byte
-          slot per key, at a fixed place
+          slot per key, at a fixed place (keys 0 and up at odd slots, negative keys at even
+          ones: the run record's key, -1, first)
 
 An entry is an envelope (magic, operation, flags "first" and "last of its commit", key, data
 length, CRC-32 of the data, CRC-32 of the envelope) and the data. A commit appends its
@@ -60,6 +61,7 @@ from fastcheckpoint.errors import CorruptCheckpointError
 __all__ = [
     "INDEX",
     "LOG",
+    "MIN_KEY",
     "RUN",
     "LogView",
     "LogWriter",
@@ -72,13 +74,15 @@ logger = logging.getLogger("fastcheckpoint.stores.file")
 LOG = "log"
 INDEX = "idx"
 RUN = -1
-"""The key of the run record; checkpoints are keyed by their sequence (0 and up)."""
+"""The key of the run record; checkpoints are keyed by their sequence (0 and up), and the
+store keys what else it keeps below -1 (:data:`MIN_KEY` and up)."""
 
 _LOG_MAGIC = b"FClg"
 _INDEX_MAGIC = b"FCix"
 _ENTRY_MAGIC = b"FCle"
-_VERSION = 2
-"""Of the log and ``idx`` formats (2: envelope CRCs seeded with the log id)."""
+_VERSION = 3
+"""Of the log and ``idx`` formats (2: envelope CRCs seeded with the log id; 3: negative keys
+below the run record's, and slots laid out for them)."""
 _PUT = 1
 _REMOVE = 2
 _FIRST = 1
@@ -99,6 +103,8 @@ _SLOT = struct.Struct("<QII")
 _SLOT_CRC = struct.Struct("<qQI")
 
 _MAX_KEY = (1 << 56) - 1
+MIN_KEY = -_MAX_KEY
+"""The lowest key an entry takes."""
 MAX_DATA = (1 << 32) - 2
 """The largest record a log entry holds (its length is 32 bits; one value marks damage)."""
 _DAMAGED = (1 << 32) - 1
@@ -151,7 +157,9 @@ class Record(NamedTuple):
 
 
 def _slot_offset(key: int) -> int:
-    return _INDEX_START + _SLOT.size * (key + 1)
+    # RUN (-1) first, right after the header (its slot is written with it); then keys 0, -2,
+    # 1, -3, ...: both ranges grow without bound and ``idx`` stays as long as they go.
+    return _INDEX_START + _SLOT.size * (2 * key + 1 if key >= 0 else -2 * key - 2)
 
 
 def _slot_bytes(key: int, found: Located | None) -> bytes:
@@ -162,7 +170,7 @@ def _slot_bytes(key: int, found: Located | None) -> bytes:
 
 
 def _check_key(key: int) -> None:
-    if not RUN <= key <= _MAX_KEY:
+    if not MIN_KEY <= key <= _MAX_KEY:
         raise ValueError(f"log key out of range: {key}")
 
 
@@ -250,7 +258,7 @@ def _envelope(raw: bytes | memoryview, seed: int) -> _Envelope | None:
         return None
     magic, operation, flags, key, size, crc = _ENVELOPE.unpack_from(raw)
     if magic != _ENTRY_MAGIC or operation not in (_PUT, _REMOVE) or \
-            flags & ~(_FIRST | _LAST) or not RUN <= key <= _MAX_KEY:
+            flags & ~(_FIRST | _LAST) or not MIN_KEY <= key <= _MAX_KEY:
         return None
     if zlib.crc32(raw[: _ENVELOPE.size], seed) != \
             _ENVELOPE_CRC.unpack_from(raw, _ENVELOPE.size)[0]:
@@ -423,6 +431,9 @@ class LogView:
         """The same for the index's descriptor."""
         self.log_id = log_id
         self.seed = seed_of(log_id)
+        self.current = index is not None
+        """Whether ``idx`` was usable when the view opened: intact, of this log, and written
+        since this boot (so what its writers wrote unsynced since is in place)."""
         self.size = size
         self.index = index
         self.tail = tail
@@ -511,7 +522,7 @@ class LogView:
         A slot past what the view has read (a commit made since) moves the view forward; a
         slot that does not check makes it drop ``idx`` and scan the whole log.
         """
-        if not RUN <= key <= _MAX_KEY:
+        if not MIN_KEY <= key <= _MAX_KEY:
             return None  # no entry can hold it
         for _ in range(_OPEN_ATTEMPTS):
             found = self.tail.found.get(key) or self.tail.damaged.get(key)
@@ -982,8 +993,8 @@ class LogWriter:
                     at += _ENTRY + envelope.size
             # An entry damaged since it was written keeps its bad data, so it still reads as
             # damaged; a last commit that changes nothing keeps it from reading as a torn tail.
-            unused = max((key for key, at in copy.located.items() if at is not None),
-                         default=RUN) + 1
+            unused = max(max((key for key, at in copy.located.items() if at is not None),
+                             default=RUN) + 1, 0)
             new.write([entry_bytes(unused, None, seed=new.seed)])
         except BaseException:
             new.abandon()

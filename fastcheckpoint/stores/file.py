@@ -4,11 +4,14 @@ Layout under the root (directories 0700, files 0600)::
 
     runs/<run key>/log              the run's records, appended in commits (``_file_log``):
                                     ``run.rec`` (run record + bookkeeping, msgpack, CRC-32;
-                                    its body: the reference counts of shared items) and
+                                    its body: the reference counts of shared items),
                                     ``c/<sequence>`` (one per checkpoint: framing, metadata
-                                    with its refs and the run's labels, header, payload)
+                                    with its refs and the run's labels, header, payload),
+                                    one entry per item (framing, key, owner, expiry, entry
+                                    number, value) and the count of item entries handed out
     runs/<run key>/idx              where each record's newest entry is (a checked cache)
-    runs/<run key>/i/k<key>         one item per file; <key> is base32hex of the UTF-8 key
+    runs/<run key>/i/k<key>         a copy of each item's entry; <key> is base32hex of the
+                                    UTF-8 key
     runs/<run key>/o/<sequence:020>/k<key>   empty markers: items owned by that checkpoint
     runs/<run key>/n/k<K>/k<nested key>  empty markers: items nested under the item <K>
     index/s<status>/<stamp>-<run key>        empty markers: runs by status, newest created first
@@ -22,23 +25,33 @@ A commit of the run's log is its only commit point: an append commits its checkp
 ``fdatasync``; status changes, deletions and purges commit a new ``run.rec`` the same way.
 ``run.rec`` also holds what keeps pruning O(1): the count of checkpoints that never expire and
 a sorted index of ``(expires_at, sequence)`` of the ones that do, so expired checkpoints and
-the run's own expiry are found without reading checkpoint records. Item files are written in
-``tmp/``, fsync'd, renamed into place and their directory fsync'd (``fsync=False`` skips every
-sync); markers are empty files created in place.
+the run's own expiry are found without reading checkpoint records.
+
+Items are records of the log too: a write of items (with an append, or alone) commits one
+entry per item (numbered from a count the same commit advances) and the removal of the entries
+they replace; a removal of items commits the removal of their entries. The item files and the
+markers are copies for reads, written before the commit (files in ``tmp/``, renamed into
+place) and never synced, so a write of any number of items costs one sync. After a crash of
+the machine they may be lost, torn or old; ``idx`` names the boot it was written in, and the
+first holder of the run lock that finds it not written in this boot (or missing, or damaged)
+makes them all again from the log before it writes a new one (O(items of the run), once);
+readers that find it so read through that lock. Writers take an item file for the run's item
+only when the log holds the entry it names (a crash between a file and its commit leaves one
+that is not). ``fsync=False`` skips every sync.
 
 Shared items (``SupportsSharedItems``): ``run.rec``'s body counts, per item key, the held
 checkpoints whose ``refs`` name it, and lists the held checkpoints that have refs; writers read
-it, readers never do. An append writes its items first (owner markers, item files, their
-directory fsync'd), then commits: a checkpoint that can be seen has its items in place. A
-removed checkpoint's refs, read from its head before the commit, are released in the same
-commit; keys no held checkpoint names any more are listed as ``dropping`` and their files
-unlinked afterwards (again by the next writer or ``purge_expired`` if that failed). So are the
-owned items of removed checkpoints (``removing`` lists those whose items may be left). The
-counts are rebuilt from the checkpoints' refs whenever ``run.rec`` is.
+it, readers never do. An append writes its items' files first (owner markers, item files),
+then commits their entries with the checkpoint: a checkpoint that can be seen has its items in
+place. A removed checkpoint's refs, read from its head before the commit, are released in the
+same commit; keys no held checkpoint names any more are listed as ``dropping`` and removed
+afterwards (again by the next writer or ``purge_expired`` if that failed). So are the owned
+items of removed checkpoints (``removing`` lists those whose items may be left). The counts
+are rebuilt from the checkpoints' refs whenever ``run.rec`` is.
 
 Nested items (``SupportsNestedItems``): an item written under ``K + "/"`` while ``K`` holds an
-item (in place or in the same batch) gets an empty marker ``n/k<K>/<its name>`` (durably,
-before the item) for each such ``K`` its key is under; keys that hold no item
+item (in place or in the same batch) gets an empty marker ``n/k<K>/<its name>`` (before the
+item) for each such ``K`` its key is under; keys that hold no item
 (``w/<sequence>/...``) get none. Reads look for the marker directory of each ref (one
 ``faccessat``) and list only those, so a read never lists the run's items. Removing a shared
 item removes what its markers name in the same cleanup after the commit, markers last, so a
@@ -131,6 +144,7 @@ from fastcheckpoint.stores._base import (
 from fastcheckpoint.stores._file_log import (
     LOG,
     MAX_DATA,
+    MIN_KEY,
     RUN,
     CommitLeftInLog,
     LogView,
@@ -173,6 +187,11 @@ _LATEST_ATTEMPTS = 3
 _CHECKPOINT_MAGIC = b"FCck"
 _RUN_MAGIC = b"FCrn"
 _ITEM_MAGIC = b"FCit"
+_ITEMS_MADE = -2
+"""Log key of how many item entries the run's log has handed out (8 bytes)."""
+_FIRST_ITEM = -3
+"""Log key of the first item entry: the ``n``-th is keyed ``_FIRST_ITEM - n``."""
+_COUNT = struct.Struct("<Q")
 
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 _DIR_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY
@@ -240,6 +259,8 @@ class _ItemMeta(msgspec.Struct, frozen=True, array_like=True):
     key: str
     owner: int | None
     expires_at: float | None
+    entry: int
+    """The log key of the entry that holds this item (its file is a copy of it)."""
 
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -247,6 +268,16 @@ _STATE_DECODER = msgspec.msgpack.Decoder(_RunState)
 _SHARED_DECODER = msgspec.msgpack.Decoder(_Shared)
 _CHECKPOINT_DECODER = msgspec.msgpack.Decoder(_CheckpointMeta)
 _ITEM_DECODER = msgspec.msgpack.Decoder(_ItemMeta)
+
+
+class _Entries(NamedTuple):
+    """What a commit holds for the items an operation writes (their files already in place):
+    an entry per item and the count of entries handed out, the removal of the entries they
+    replace, and, per item, the entry its key held before (``None``: none), to put back."""
+
+    puts: list[tuple[int, bytes]]
+    removes: list[int]
+    replaced: list[tuple[str, int | None]]
 
 
 class _Frame(NamedTuple):
@@ -535,8 +566,9 @@ def _run_bytes(state: _RunState) -> bytes:
     return _frame(_RUN_MAGIC, meta, b"", body)
 
 
-def _item_bytes(item: Item) -> bytes:
-    meta = _ENCODER.encode(_ItemMeta(item.key, item.owner, item.expires_at))
+def _item_bytes(item: Item, entry: int) -> bytes:
+    """An item as its log entry ``entry`` and its file hold it."""
+    meta = _ENCODER.encode(_ItemMeta(item.key, item.owner, item.expires_at, entry))
     return _frame(_ITEM_MAGIC, meta, b"", item.value)
 
 
@@ -766,10 +798,42 @@ class _Dir:
         if view is None:
             return []
         try:
-            return sorted((key for key in view.held_keys() if key != RUN), reverse=True)
+            return sorted((key for key in view.held_keys() if key >= 0), reverse=True)
         finally:
             if temporary:
                 view.close()
+
+    def items_current(self) -> bool:
+        """Whether the item files and markers can be read as they are: written unsynced, they
+        are known complete only where ``idx`` was written since this boot (a writer makes
+        them again from the log before it writes an ``idx`` that was not), or where the run
+        has no log."""
+        view, temporary = self._log()
+        try:
+            return view is None or view.current
+        finally:
+            if temporary and view is not None:
+                view.close()
+
+    def committed_item(self, name: str) -> _ItemMeta | None:
+        """The item file ``name``, if the log holds the entry it copies: a writer's check
+        (under the run lock), since a crash between an item's file and the commit of its
+        entry leaves a file that is not the run's item. ``None`` for a corrupt file too."""
+        try:
+            found = self.item(name, whole=False)
+        except CorruptCheckpointError as exc:
+            logger.warning("file store: replacing corrupt item %s: %s", exc.key, exc)
+            return None
+        if found is None:
+            return None
+        meta = found[0]
+        try:
+            frame = self.record(meta.entry, _ITEM_MAGIC, whole=False)
+            logged = None if frame is None else _decode(
+                _ITEM_DECODER, frame.meta, self.record_key(meta.entry))
+        except CorruptCheckpointError:
+            return None  # damaged in the log: written anew, so it is again
+        return meta if logged == meta else None
 
     def listdir(self, relative: str) -> list[str]:
         """Names in a subdirectory; empty when it does not exist."""
@@ -900,8 +964,12 @@ def _place_of(found: CheckpointHeader) -> tuple[str, str] | None:
 
 
 def _record_name(key: int) -> str:
-    """``run.rec`` or ``c/<sequence>``: how a record of a run's log is named."""
-    return _RUN_FILE if key == RUN else f"{_CHECKPOINTS}/{_sequence_name(key)}"
+    """``run.rec``, ``c/<sequence>`` or ``i#<n>``: how a record of a run's log is named."""
+    if key == RUN:
+        return _RUN_FILE
+    if key <= _FIRST_ITEM:
+        return f"{_ITEMS}#{_FIRST_ITEM - key}"
+    return f"{_CHECKPOINTS}/{_sequence_name(key)}" if key >= 0 else f"#{key}"
 
 
 def _problem(exc: CorruptCheckpointError) -> str:
@@ -1169,11 +1237,14 @@ class FileStore(ExpiryCleanup):
     reads every ``run.rec`` and only the files of runs with something due.
 
     Adapter capabilities (``r`` = refs of the checkpoint, ``i`` = items written, ``s`` = shared
-    items the run's held checkpoints name): ``append_with_items`` also reads the head of each of
-    its ``i`` items (to keep a live one), writes the new ones (a sync each, and one of ``i/``),
-    and commits the ``s`` counts in ``run.rec``'s body (a few bytes plus the key per shared
-    item); each pruned checkpoint with refs costs one head read, each item it was the last to
-    name one unlink. The first checkpoint of a run adds one marker per label.
+    items the run's held checkpoints name): ``append_with_items`` also looks for each of its
+    ``i`` items (a file in place costs a head read and a read of the entry it names, to keep a
+    live one), writes the new ones' files unsynced and commits their entries with the
+    checkpoint (still one sync), and commits the ``s`` counts in ``run.rec``'s body (a few
+    bytes plus the key per shared item); each pruned checkpoint with refs costs one head read,
+    and the items it was the last to name one more commit (one sync) and an unlink each. The
+    first checkpoint of a run adds one marker per label. ``put_items``, ``put_owned_items``
+    and ``delete_items`` are one commit each (one sync), plus a file per item.
     ``read_with_items`` costs ``get`` or ``latest``, one listing of ``o/<sequence>/``, one read
     per owned item and per ref, ``run.rec``'s first 4 KiB again and one ``stat``: O(owned +
     r), not O(n) or O(s).
@@ -1183,18 +1254,19 @@ class FileStore(ExpiryCleanup):
     refs that have one lists the run's items once and reads each nested item: O(owned + r +
     m) reads and one O(t) listing. Writing items whose keys hold a ``/`` costs, per distinct
     ``/``-prefix of them, one ``faccessat`` (does it hold an item?) and, where it does, one
-    more for its marker; creating a missing marker costs one more fsync. Removing a shared
-    item looks for its marker; with one, the removal lists the run's items and markers once
-    and unlinks each nested item, then fsyncs ``i/``: one O(t) listing plus O(m) unlinks.
-    ``put_owned_items`` reads ``run.rec`` and the owner's head under the run lock, then writes
-    like ``put_items``.
+    more for its marker. Removing a shared item looks for its marker; with one, the removal
+    lists the run's items and markers once, commits the removal of each nested item's entry
+    and unlinks its file: one O(t) listing plus O(m) unlinks. ``put_owned_items`` reads
+    ``run.rec`` and the owner's head under the run lock, then writes like ``put_items``.
+    After a restart of the machine, the run's first writer (or a reader, through the lock)
+    makes the item files and markers again from the log: O(t) once.
 
-    Limits: item keys up to :data:`MAX_ITEM_KEY_BYTES` UTF-8 bytes, statuses up to 64. Each
-    item file is replaced atomically, but a crash in the middle of a multi-item ``put_items``
-    or ``put_owned_items`` can leave a prefix of the batch written (errors before the first
-    rename write nothing); an append's items are all in place before its checkpoint shows.
-    A crash before an append's checkpoint is in place may leave the items it wrote: its retry
-    keeps them, and they go with the run.
+    Limits: item keys up to :data:`MAX_ITEM_KEY_BYTES` UTF-8 bytes, statuses up to 64. A
+    write of items is one commit, so the log holds a batch whole or not at all, and a write
+    that fails with an error puts back the files it replaced. An append's items are all in
+    place before its checkpoint shows. A ``kill -9`` before the commit may leave some of the
+    batch's files, read as items until the machine restarts (the log never held them) or a
+    write replaces them; writers never count them as items, so a retry writes them again.
     """
 
     nested_items = True
@@ -1273,6 +1345,7 @@ class FileStore(ExpiryCleanup):
         # A thread never holds a run's lock twice (flock would wait on itself).
         held = _HELD.by_path[run_dir] = _HeldLog(run_dir)
         try:
+            self._check_items(run_key, held)
             yield True
             # A run without a directory needs no lock file. Removed while held: whoever
             # waits on it finds its inode gone from the path and locks a new file.
@@ -1284,6 +1357,61 @@ class FileStore(ExpiryCleanup):
             os.close(fd)
         if held.compact_due:  # the operation succeeded: compact, holding the lock briefly
             self._compact(run_key)
+
+    def _check_items(self, run_key: str, held: _HeldLog) -> None:
+        """Make the item files again from the log when they may not be current; a log that
+        cannot be read is left to the operation (it reports it, or does without)."""
+        try:
+            view = held.view()
+        except CorruptCheckpointError:
+            return
+        if view is not None and not view.current:
+            self._rebuild_items(run_key, held)
+
+    def _rebuild_items(self, run_key: str, held: _HeldLog) -> None:
+        """Make the run's item files and markers again from its log, then a new ``idx``: what
+        the first holder of the run lock does when ``idx`` was not written since this boot (or
+        is missing or damaged). The files are written without syncs, so a crash of the
+        machine may have lost, torn or put back any of them; the log holds every item, each
+        synced by the commit that wrote it. O(items of the run), once per boot."""
+        view = held.view()
+        assert view is not None
+        files = _Dir(self._run_dir(run_key))
+        staged: list[tuple[str, Item, bytes]] = []
+        for key in view.held_keys():
+            if key > _FIRST_ITEM:
+                continue
+            try:
+                data = view.read(key, check=True)
+                if data is None:
+                    continue
+                frame = _parse_frame(data, len(data), files.record_key(key), _ITEM_MAGIC,
+                                     whole=True, more=lambda _: b"", what="record")
+                meta = _decode(_ITEM_DECODER, frame.meta, files.record_key(key))
+            except CorruptCheckpointError as exc:
+                logger.warning("file store: item %s is damaged in the log; it is lost: %s",
+                               exc.key, _problem(exc))
+                continue
+            if meta.entry != key:
+                logger.warning("file store: %s holds another entry's item; skipping it",
+                               files.record_key(key))
+                continue
+            item = Item(key=meta.key, value=b"", owner=meta.owner, expires_at=meta.expires_at)
+            staged.append((_item_name(meta.key), item, data))
+        # From nothing: files of items removed since, or never committed, go too.
+        for directory in (_ITEMS, _OWNERS, _NESTED):
+            _remove_tree(files.path_of(directory))
+        self._write_item_files(run_key, staged)
+        logger.info("file store: made the %d item files of run %s again from its log",
+                    len(staged), run_key)
+        writer = LogWriter(self._run_dir(run_key), functools.partial(self._temp_path, run_key),
+                           fsync=self._fsync)
+        try:
+            writer.reindex()
+        except OSError as exc:  # the next holder of the lock makes them again
+            logger.warning("file store: could not rewrite %s: %s",
+                           os.path.join(writer.directory, "idx"), exc.strerror or exc)
+        held.forget()
 
     def _compact(self, run_key: str) -> None:
         """Compact the run's log once a commit left it due: most of the copy without the run
@@ -1331,14 +1459,12 @@ class FileStore(ExpiryCleanup):
             self._sync_dir(os.path.dirname(path))
 
     def _write_file(self, run_key: str, target: str, data: bytes) -> None:
-        """Write ``data`` to ``target`` atomically; the caller fsyncs the target's directory."""
+        """Write ``data`` to ``target`` atomically, unsynced: a copy of what the log holds."""
         temp = os.path.join(self._tmp, f"{run_key}.{secrets.token_hex(8)}")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             try:
                 _write_all(fd, data)
-                if self._fsync:
-                    os.fsync(fd)
             finally:
                 os.close(fd)
             # Replace, not link: under the run lock a file already there is a leftover.
@@ -1353,19 +1479,27 @@ class FileStore(ExpiryCleanup):
     def _commit(
         self,
         run_key: str,
-        state: _RunState,
+        state: _RunState | None,
         *,
         checkpoint: tuple[int, bytes] | None = None,
         erase: Iterable[int] = (),
+        items: _Entries | None = None,
     ) -> None:
-        """Commit ``run.rec`` (with a new checkpoint, and the removal of the records of
-        ``erase``) to the run's log: one write and one sync."""
+        """Commit ``run.rec`` (unless ``None``; with a new checkpoint, the removal of the
+        records of ``erase``, and the item entries of ``items``) to the run's log: one write
+        and one sync."""
         run_dir = self._run_dir(run_key)
         writer = LogWriter(run_dir, functools.partial(self._temp_path, run_key), fsync=self._fsync)
         puts = [] if checkpoint is None else [checkpoint]
+        removes = list(erase)
+        if items is not None:
+            puts += items.puts
+            removes += items.removes
+        if state is not None:
+            puts.append((RUN, _run_bytes(state)))
         held = _HELD.by_path[run_dir]  # every commit is made under the run lock
         try:
-            due = writer.commit([*puts, (RUN, _run_bytes(state))], erase, view=held.view())
+            due = writer.commit(puts, removes, view=held.view())
         finally:
             held.forget()  # the log moved on: read it anew
         held.compact_due = held.compact_due or due
@@ -1488,8 +1622,9 @@ class FileStore(ExpiryCleanup):
         it names must be there already. They are withdrawn again when the commit fails: a
         caller that got an error never finds its checkpoint, nor the items it wrote.
         """
+        entries: _Entries | None = None
         try:
-            self._write_items(run_key, items)
+            entries = self._item_entries(run_key, items)
             ledger.remove_expired(now)
             if keep_latest is not None:
                 self._remove_oldest(run_key, ledger, keep_latest)
@@ -1500,28 +1635,74 @@ class FileStore(ExpiryCleanup):
             self._commit(
                 run_key, committed,
                 checkpoint=(record.sequence, _checkpoint_bytes(record, ledger.run.labels)),
-                erase=[*ledger.erase, *ledger.removed])
+                erase=[*ledger.erase, *ledger.removed], items=entries)
         except CommitLeftInLog:
             logger.error(
                 "file store: a failed append to run %s could not be cut off its log; the "
                 "items it wrote stay, and readers may find its checkpoint", run_key)
             raise
         except BaseException:
-            self._withdraw_items(run_key, items)
+            if entries is not None:
+                self._withdraw_items(run_key, entries)
             raise
         return committed
 
-    def _withdraw_items(self, run_key: str, items: list[tuple[str, Item]]) -> None:
-        """Remove the items a failed append wrote (they replaced no live item)."""
-        directory = os.path.join(self._run_dir(run_key), _ITEMS)
-        for name, _ in items:
-            path = os.path.join(directory, name)
+    def _item_entries(self, run_key: str, named: Sequence[tuple[str, Item]]) -> _Entries:
+        """Write the files of ``named`` (and their markers), unsynced, and return what the
+        commit that makes them durable holds; under the run lock. Each item gets a new log
+        entry; the entry its key held (if the log holds it: a file a crash left before its
+        commit is no item of the run) is removed by the same commit."""
+        if not named:
+            return _Entries([], [], [])
+        files = _Dir(self._run_dir(run_key))
+        made = _items_made(_HELD.by_path[files.path].view())
+        latest: dict[str, Item] = dict(named)  # the last of each key, as a batch of renames
+        entries = _Entries([], [], [])
+        staged: list[tuple[str, Item, bytes]] = []
+        for name, item in latest.items():
+            old = files.committed_item(name)
+            entry = _FIRST_ITEM - made
+            if entry < MIN_KEY:
+                raise StoreError(f"run {run_key} has used up its item entries")
+            made += 1
+            data = _item_bytes(item, entry)
+            if len(data) > MAX_DATA:
+                raise ValidationError(
+                    f"item {item.key!r:.80} is {len(data)} bytes framed; the file store holds "
+                    f"items up to {MAX_DATA} bytes")
+            staged.append((name, item, data))
+            entries.puts.append((entry, data))
+            entries.replaced.append((name, None if old is None else old.entry))
+            if old is not None:
+                entries.removes.append(old.entry)
+        entries.puts.append((_ITEMS_MADE, _COUNT.pack(made)))
+        try:
+            self._write_item_files(run_key, staged)
+        except BaseException:
+            self._withdraw_items(run_key, entries)
+            raise
+        return entries
+
+    def _withdraw_items(self, run_key: str, entries: _Entries) -> None:
+        """Put back the item files a failed operation replaced (from the log, which still
+        holds them), and remove those it added: the store is left as it was."""
+        files = _Dir(self._run_dir(run_key))
+        for name, old in entries.replaced:
+            path = files.path_of(f"{_ITEMS}/{name}")
             try:
-                _discard(path)
+                data = None
+                if old is not None:
+                    with contextlib.suppress(CorruptCheckpointError):
+                        view = _HELD.by_path[files.path].view()
+                        data = None if view is None else view.read(old, check=True)
+                if data is None:
+                    _discard(path)
+                else:
+                    self._write_file(run_key, path, data)
             except OSError as exc:
                 logger.error(
-                    "file store: could not remove %s after a failed append (%s); it stays as "
-                    "an item of the run",
+                    "file store: could not put back %s after a failed write (%s); it differs "
+                    "from the run's log until the machine restarts",
                     path,
                     exc.strerror or exc,
                 )
@@ -1604,12 +1785,10 @@ class FileStore(ExpiryCleanup):
         def held(key: str) -> bool:
             if key in gone:
                 return False
-            try:
-                found = files.item(_item_name(key), whole=False)
-            except CorruptCheckpointError:
-                return False  # replaced if this append wrote it; refused as missing here
-            return (found is not None and is_live(found[0].expires_at, now)
-                    and not (new_life and found[0].owner is not None))
+            # A corrupt item is replaced if this append wrote it; refused as missing here.
+            found = files.committed_item(_item_name(key))
+            return (found is not None and is_live(found.expires_at, now)
+                    and not (new_life and found.owner is not None))
 
         missing = [key for key in keys if not held(key)]
         if missing:
@@ -1620,32 +1799,39 @@ class FileStore(ExpiryCleanup):
         (an owned item stays with its owner, and what is nested under it); returns the keys
         whose unlinks failed (logged), to be tried again."""
         files = _Dir(self._run_dir(run_key))
-        failed: list[str] = []
         gone: list[str] = []
         for key in keys:
-            name = _item_name(key)
-            path = files.path_of(f"{_ITEMS}/{name}")
             try:
-                found = files.item(name, whole=False)
-                if found is not None and found[0].owner is not None:
-                    continue
-                if found is not None:
-                    _discard(path)
-                gone.append(key)  # or gone already: a retry finishes what is nested under it
+                found = files.item(_item_name(key), whole=False)
             except CorruptCheckpointError as exc:
                 logger.warning("file store: skipping corrupt item %s: %s", exc.key, exc)
-            except OSError as exc:
-                _log_leftover(path, exc)
-                failed.append(key)
-        return failed + self._remove_nested(run_key, gone)
+                continue
+            if found is None or found[0].owner is None:
+                gone.append(key)  # or gone already: a retry finishes what is nested under it
+        try:
+            self._remove_items(run_key, [_item_name(key) for key in gone])
+        except OSError as exc:
+            _log_leftover(files.path_of(_ITEMS), exc)
+            return gone
+        return self._remove_nested(run_key, gone)
+
+    def _remove_items(self, run_key: str, names: Collection[str]) -> int:
+        """Remove the items at ``names``: the removal of the entries the log holds for them in
+        one commit, then their files (unsynced); returns how many files went. Under the run
+        lock."""
+        files = _Dir(self._run_dir(run_key))
+        entries = [meta.entry for meta in map(files.committed_item, names) if meta is not None]
+        if entries:
+            self._commit(run_key, None, items=_Entries([], entries, []))
+        return sum(_discard(files.path_of(f"{_ITEMS}/{name}")) for name in names)
 
     def _remove_nested(self, run_key: str, keys: Iterable[str]) -> list[str]:
         """Unlink the items nested under ``keys`` (whose items are gone), then their nesting
         markers; returns the keys where an unlink failed (logged), to be tried again.
 
         Only keys with a marker directory have any: one ``faccessat`` each. Each of those
-        lists its own markers (every item nested under it, at any depth), and each nested
-        item costs one unlink. The markers go last, once the unlinks are durable: a marker
+        lists its own markers (every item nested under it, at any depth); the nested items'
+        entries go in one commit, then each costs one unlink. The markers go last: a marker
         left means the removal is unfinished.
         """
         files = _Dir(self._run_dir(run_key))
@@ -1655,19 +1841,16 @@ class FileStore(ExpiryCleanup):
         items, markers = files.path_of(_ITEMS), files.path_of(_NESTED)
         listed: dict[str, list[str]] = {}
         failed: list[str] = []
-        removed = False
         for key in anchors:
             try:
-                listed[key] = names = files.listdir(f"{_NESTED}/{_item_name(key)}")
-                for name in names:
-                    if _key_of_name(name) is not None:
-                        removed |= _discard(os.path.join(items, name))
+                listed[key] = files.listdir(f"{_NESTED}/{_item_name(key)}")
             except OSError as exc:
-                _log_leftover(items, exc)
+                _log_leftover(markers, exc)
                 failed.append(key)
+        nested = {name for names in listed.values() for name in names
+                  if _key_of_name(name) is not None}
         try:
-            if removed:
-                self._sync_dir(items)
+            self._remove_items(run_key, sorted(nested))
         except OSError as exc:
             _log_leftover(items, exc)
             return anchors
@@ -2000,8 +2183,8 @@ class FileStore(ExpiryCleanup):
             names = os.listdir(owner_dir)
         except FileNotFoundError:
             return 0  # the checkpoint owns no items
-        removed = 0
         files = _Dir(run_dir)
+        owned: list[str] = []
         for name in names:
             try:
                 found = files.item(name, whole=False) if _key_of_name(name) is not None else None
@@ -2010,7 +2193,9 @@ class FileStore(ExpiryCleanup):
                 found = None
             # The marker may be stale: the item was since rewritten with another owner.
             if found is not None and found[0].owner == sequence:
-                removed += _discard(os.path.join(run_dir, _ITEMS, name))
+                owned.append(name)
+        removed = self._remove_items(run_key, owned)
+        for name in names:
             _discard(os.path.join(owner_dir, name))
         try:
             os.rmdir(owner_dir)
@@ -2149,7 +2334,7 @@ class FileStore(ExpiryCleanup):
         with self._reader(run_key) as files:
             if files is None:
                 return None
-            for _ in range(_LATEST_ATTEMPTS):
+            for _ in range(_LATEST_ATTEMPTS if files.items_current() else 0):
                 if sequence is None:
                     found = self._latest_in(run_key, files, now)
                 else:
@@ -2160,8 +2345,8 @@ class FileStore(ExpiryCleanup):
                 if self._still_held(run_key, files, found[0].sequence, now) and \
                         files.settled():
                     return found[0], found[1], items
-        # Writers kept removing what we read (or the record is behind or damaged): read it
-        # once while they wait.
+        # Writers kept removing what we read (or the record is behind or damaged, or the item
+        # files are to be made again from the log): read it once while they wait.
         with self._locked(run_key):
             files = _Dir(self._run_dir(run_key))
             self._settle(run_key, files)
@@ -2242,7 +2427,15 @@ class FileStore(ExpiryCleanup):
                     continue
                 # Everything of a checkpoint expires together.
                 chosen[name] = msgspec.structs.replace(item, expires_at=head.expires_at)
-            self._write_items(run_key, list(chosen.items()))
+            entries = self._item_entries(run_key, list(chosen.items()))
+            try:
+                if entries.puts:
+                    self._commit(run_key, None, items=entries)
+            except CommitLeftInLog:
+                raise
+            except BaseException:
+                self._withdraw_items(run_key, entries)
+                raise
             return True
 
     async def headers(
@@ -2566,31 +2759,37 @@ class FileStore(ExpiryCleanup):
                 items_next_expiry=hint,
                 dropping=tuple(key for key in base.dropping if key not in keys),
             )
-            if state is None or updated != state:
-                self._commit(run_key, updated)
-            self._write_items(run_key, named)
+            entries = self._item_entries(run_key, named)
+            try:
+                self._commit(run_key, updated if state is None or updated != state else None,
+                             items=entries)
+            except CommitLeftInLog:
+                raise
+            except BaseException:
+                self._withdraw_items(run_key, entries)
+                raise
 
-    def _write_items(self, run_key: str, named: Sequence[tuple[str, Item]]) -> None:
-        """Write item files (owner and nesting markers first, durably), then make them durable."""
-        if not named:
+    def _write_item_files(self, run_key: str, staged: Sequence[tuple[str, Item, bytes]]) -> None:
+        """Write item files (owner and nesting markers first), unsynced: the log holds what
+        they copy, and a writer makes them again from it after a crash of the machine."""
+        if not staged:
             return
+        named = [(name, item) for name, item, _ in staged]
         self._mark_owners(run_key, named)
         self._mark_nesting(run_key, named)
         directory = os.path.join(self._run_dir(run_key), _ITEMS)
-        self._ensure_dir(directory)
-        for name, item in named:
-            self._write_file(run_key, os.path.join(directory, name), _item_bytes(item))
-        self._sync_dir(directory)
+        _mkdir(directory)
+        for name, _, data in staged:
+            self._write_file(run_key, os.path.join(directory, name), data)
 
     def _check_absent(self, run_key: str, named: list[tuple[str, Item]], now: float) -> None:
         files = _Dir(self._run_dir(run_key))
         for name, item in named:
-            found = files.item(name, whole=False)
-            if found is not None and is_live(found[0].expires_at, now):
+            if _holds_live_item(files, name, now):
                 raise ConflictError(f"item {item.key!r:.80} already exists in run {run_key}")
 
     def _mark_owners(self, run_key: str, named: Sequence[tuple[str, Item]]) -> None:
-        """Record owned items under their owner, durably before the items themselves."""
+        """Record owned items under their owner, before the items themselves."""
         owners: dict[int, list[str]] = {}
         for name, item in named:
             if item.owner is not None:
@@ -2598,16 +2797,14 @@ class FileStore(ExpiryCleanup):
         if not owners:
             return
         root = os.path.join(self._run_dir(run_key), _OWNERS)
-        self._ensure_dir(root)
+        _mkdir(root)
         for owner, names in owners.items():
             directory = os.path.join(root, _sequence_name(owner))
-            self._ensure_dir(directory)
-            for name in names:
-                os.close(os.open(os.path.join(directory, name), _MARKER_FLAGS, 0o600))
-            self._sync_dir(directory)
+            _mkdir(directory)
+            self._make_markers(directory, names)
 
     def _mark_nesting(self, run_key: str, named: Sequence[tuple[str, Item]]) -> None:
-        """Mark, durably before the items, each item being written under a key that holds an
+        """Mark, before the items, each item being written under a key that holds an
         item (in place or in the batch): an empty ``n/k<K>/<item name>`` for each such key
         ``K`` it is nested under. Reads naming ``K`` list that directory, and the removal of
         ``K``'s item removes what it lists, so neither lists the run's items. Keys that hold
@@ -2629,7 +2826,7 @@ class FileStore(ExpiryCleanup):
         if not wanted:
             return
         root = files.path_of(_NESTED)
-        self._ensure_dir(root)
+        _mkdir(root)
         listed: list[str] | None = None
         for key, written in wanted.items():
             directory = os.path.join(root, _item_name(key))
@@ -2645,12 +2842,11 @@ class FileStore(ExpiryCleanup):
             os.mkdir(aside, 0o700)
             self._make_markers(aside, [*_nested_names(listed, key), *written])
             os.rename(aside, directory)
-            self._sync_dir(root)
 
-    def _make_markers(self, directory: str, names: Iterable[str]) -> None:
+    @staticmethod
+    def _make_markers(directory: str, names: Iterable[str]) -> None:
         for name in names:
             os.close(os.open(os.path.join(directory, name), _MARKER_FLAGS, 0o600))
-        self._sync_dir(directory)
 
     async def get_items(self, run_key: str, keys: Sequence[str], *, now: float) -> dict[str, bytes]:
         _check_run_key(run_key)
@@ -2662,15 +2858,19 @@ class FileStore(ExpiryCleanup):
     def _get_items(
         self, run_key: str, named: list[tuple[str, str]], now: float
     ) -> dict[str, bytes]:
-        found: dict[str, bytes] = {}
+        return dict(self._read_items(run_key, functools.partial(_live_items, named=named,
+                                                                 now=now)))
+
+    def _read_items(self, run_key: str, read: Callable[[_Dir], list[_T]]) -> list[_T]:
+        """``read(files)`` of the run's item files, lock-free where they are current, else
+        once the run lock's first holder has made them again from the log."""
         with self._reader(run_key) as files:
             if files is None:
-                return found
-            for name, key in named:
-                item = files.item(name, whole=True)
-                if item is not None and is_live(item[0].expires_at, now):
-                    found[key] = item[1] or b""
-        return found
+                return []
+            if files.items_current():
+                return read(files)
+        with self._locked(run_key):
+            return read(_Dir(self._run_dir(run_key)))
 
     async def scan_items(
         self,
@@ -2694,10 +2894,8 @@ class FileStore(ExpiryCleanup):
         reverse: bool,
         now: float,
     ) -> list[tuple[str, bytes]]:
-        found: list[tuple[str, bytes]] = []
-        with self._reader(run_key) as files:
-            if files is None:
-                return found
+        def read(files: _Dir) -> list[tuple[str, bytes]]:
+            found: list[tuple[str, bytes]] = []
             for key, name in _scan_order(files, prefix, start_after, reverse):
                 if len(found) >= limit:
                     break
@@ -2708,7 +2906,9 @@ class FileStore(ExpiryCleanup):
                     continue
                 if item is not None and is_live(item[0].expires_at, now):
                     found.append((key, item[1] or b""))
-        return found
+            return found
+
+        return self._read_items(run_key, read)
 
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
         _check_run_key(run_key)
@@ -2719,12 +2919,9 @@ class FileStore(ExpiryCleanup):
 
     def _delete_items(self, run_key: str, names: list[str]) -> int:
         run_dir = self._run_dir(run_key)
-        directory = os.path.join(run_dir, _ITEMS)
         with self._locked(run_key):
             # Owner markers of deleted items go when their owner does (they are re-checked).
-            removed = sum(_discard(os.path.join(directory, name)) for name in set(names))
-            if removed:
-                self._sync_dir(directory)
+            removed = self._remove_items(run_key, sorted(set(names)))
             # Then their nesting markers: a marker left without its item is skipped by reads.
             files = _Dir(run_dir)
             for name in set(names):
@@ -2871,11 +3068,8 @@ class FileStore(ExpiryCleanup):
             self._commit(run_key, committed, erase=removed)
         self._remove_checkpoints(run_key, owning)
         self._drop_shared(run_key, committed.dropping)
-        directory = os.path.join(self._run_dir(run_key), _ITEMS)
-        for name in items:
-            path = os.path.join(directory, name)
-            with _after_commit(path):
-                _discard(path)
+        with _after_commit(os.path.join(self._run_dir(run_key), _ITEMS)):
+            self._remove_items(run_key, items)
         if committed.run is None and not self._has_items(run_key):
             self._purge_whole_run(run_key, committed, budget)  # an items-only run, now empty
         return len(removed)
@@ -3108,13 +3302,39 @@ def _owned_items(items: Sequence[Item], owner: int) -> list[tuple[str, Item]]:
 
 
 def _holds_live_item(files: _Dir, name: str, now: float) -> bool:
-    """Whether a live item is in place at ``name``; a corrupt one (logged) is not."""
+    """Whether the run holds a live item at ``name`` (its entry in the log); a corrupt one
+    (logged) is not. Under the run lock."""
+    found = files.committed_item(name)
+    return found is not None and is_live(found.expires_at, now)
+
+
+def _live_items(
+    files: _Dir, *, named: Sequence[tuple[str, str]], now: float
+) -> list[tuple[str, bytes]]:
+    """``(key, value)`` of the live items among ``named`` (``(file name, key)``)."""
+    found: list[tuple[str, bytes]] = []
+    for name, key in named:
+        item = files.item(name, whole=True)
+        if item is not None and is_live(item[0].expires_at, now):
+            found.append((key, item[1] or b""))
+    return found
+
+
+def _items_made(view: LogView | None) -> int:
+    """How many item entries the log has handed out; past every item key it holds when that
+    count is damaged (a scan of the log)."""
+    if view is None:
+        return 0
     try:
-        found = files.item(name, whole=False)
-    except CorruptCheckpointError as exc:
-        logger.warning("file store: replacing corrupt item %s: %s", exc.key, exc)
-        return False
-    return found is not None and is_live(found[0].expires_at, now)
+        data = view.read(_ITEMS_MADE, check=True)
+    except CorruptCheckpointError:
+        data = b""
+    if data is None:
+        return 0  # no item yet: once written, the count is never removed
+    if len(data) == _COUNT.size:
+        return int(_COUNT.unpack(data)[0])
+    keys = [key for key in view.held_keys() if key <= _FIRST_ITEM]
+    return _FIRST_ITEM - min(keys) + 1 if keys else 0
 
 
 def _held_checkpoint(

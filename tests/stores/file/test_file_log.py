@@ -694,5 +694,7 @@ def test_acknowledged_commits_survive_kill_9_during_commits_and_compactions(
 
 def test_keys_and_sizes_are_checked() -> None:
     with pytest.raises(ValueError, match="out of range"):
-        log.entry_bytes(-2, b"", seed=0, last=True)
+        log.entry_bytes(log.MIN_KEY - 1, b"", seed=0, last=True)
+    with pytest.raises(ValueError, match="out of range"):
+        log.entry_bytes(1 << 56, b"", seed=0, last=True)
     assert list(itertools.islice(log.entry_bytes(0, None, seed=0), 4)) == list(b"FCle")

@@ -6,47 +6,29 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
-import msgspec
 import pytest
 
 from fastcheckpoint.errors import StoreError
-from fastcheckpoint.stores import Item, RunRecord, StoredCheckpoint
+from fastcheckpoint.stores import RunRecord
 from fastcheckpoint.stores import file as file_store
 from fastcheckpoint.stores.file import FileStore
 from fastcheckpoint.testing import (
     T0,
     checkpoint_id_of,
     key_of,
-    make_checkpoint,
     make_item,
     make_run,
 )
+from tests._file_records import append_with_refs as _append
 
 pytestmark = pytest.mark.anyio
 
 LOGGER = "fastcheckpoint.stores.file"
-
-
-async def _append(
-    store: FileStore,
-    run: RunRecord,
-    sequence: int,
-    refs: Sequence[str] = (),
-    items: Sequence[Item] = (),
-    *,
-    keep_latest: int | None = None,
-) -> StoredCheckpoint:
-    record = msgspec.structs.replace(make_checkpoint(run, sequence, created_at=T0),
-                                     refs=tuple(refs))
-    await store.append_with_items(
-        key_of(run), record, run=run, keep_latest=keep_latest, now=T0, items=items
-    )
-    return record
 
 
 async def _items_of(store: FileStore, run: RunRecord, sequence: int | None) -> dict[str, bytes]:
@@ -292,22 +274,25 @@ async def test_put_items_of_a_dropped_anchor_removes_what_was_nested_under_it(
 # -- layout -----------------------------------------------------------------------------------
 
 
-async def test_markers_are_durable_before_the_items(
+async def test_markers_are_in_place_before_the_items(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = FileStore(root)
     run = make_run("marker-order")
-    synced: list[str] = []
-    real = FileStore._sync_dir
+    marker = root / "runs" / key_of(run) / "n" / file_store._item_name("h/a")
+    nested = file_store._item_name("h/a/0")
+    seen: list[tuple[str, bool]] = []
+    real = FileStore._write_file
 
-    def sync_dir(self: FileStore, path: str) -> None:
-        synced.append(os.path.basename(path))
-        real(self, path)
+    def write_file(self: FileStore, run_key: str, target: str, data: bytes) -> None:
+        seen.append((os.path.basename(target), (marker / nested).exists()))
+        real(self, run_key, target, data)
 
-    monkeypatch.setattr(FileStore, "_sync_dir", sync_dir)
+    monkeypatch.setattr(FileStore, "_write_file", write_file)
     with anyio.fail_after(30):
         await _append(store, run, 0, ["h/a"], [make_item("h/a"), make_item("h/a/0")])
-    assert synced.index("n") < synced.index("i")
+    assert (nested, True) in seen
+    assert all(marked for _, marked in seen)
 
 
 async def test_a_foreign_file_among_nested_items_is_skipped_and_logged(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import msgspec
 import pytest
 
 from fastcheckpoint.errors import CorruptCheckpointError, StoreError
-from fastcheckpoint.stores import CheckpointHeader, Item, RunRecord, StoredCheckpoint
+from fastcheckpoint.stores import CheckpointHeader, RunRecord
 from fastcheckpoint.stores import file as file_store
 from fastcheckpoint.stores._file_log import RUN, LogView
 from fastcheckpoint.stores.file import FileStore
@@ -24,11 +24,11 @@ from fastcheckpoint.testing import (
     T0,
     checkpoint_id_of,
     key_of,
-    make_checkpoint,
     make_item,
     make_run,
     without_key,
 )
+from tests._file_records import append_with_refs as _append
 from tests._file_records import run_record
 
 pytestmark = pytest.mark.anyio
@@ -38,26 +38,6 @@ LOGGER = "fastcheckpoint.stores.file"
 
 def _labelled(name: str, *labels: str) -> RunRecord:
     return msgspec.structs.replace(make_run(name), labels=labels)
-
-
-async def _append(
-    store: FileStore,
-    run: RunRecord,
-    sequence: int,
-    refs: Sequence[str] = (),
-    items: Sequence[Item] = (),
-    *,
-    now: float = T0,
-    expires_at: float | None = None,
-    keep_latest: int | None = None,
-) -> StoredCheckpoint:
-    record = make_checkpoint(run, sequence, created_at=now, expires_at=expires_at)
-    record = msgspec.structs.replace(record, refs=tuple(refs))
-    seed = msgspec.structs.replace(run, expires_at=expires_at)
-    await store.append_with_items(
-        key_of(run), record, run=seed, keep_latest=keep_latest, now=now, items=items
-    )
-    return record
 
 
 async def _items_of(store: FileStore, run: RunRecord, sequence: int | None) -> dict[str, bytes]:

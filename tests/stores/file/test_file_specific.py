@@ -45,7 +45,7 @@ from fastcheckpoint.testing import (
     make_run,
     without_key,
 )
-from tests._file_records import LogRecord, checkpoint_record, checkpoint_sequences
+from tests._file_records import LogRecord, checkpoint_record, checkpoint_sequences, count_calls
 from tests._helpers import acks_of_workers, acks_until_killed
 
 pytestmark = pytest.mark.anyio
@@ -616,21 +616,10 @@ async def test_a_create_costs_one_sync_and_no_file_of_its_own(
     renamed in place."""
     store = FileStore(root)
     seed = make_run("one-sync")
-    calls: list[str] = []
-
-    def counted(name: str) -> Callable[..., Any]:
-        real = getattr(os, name)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            calls.append(name)
-            return real(*args, **kwargs)
-
-        return call
-
     with anyio.fail_after(30):
         await _append(store, seed, 0, keep_latest=3)
-        for name in ("fsync", "fdatasync", "replace", "rename", "unlink", "mkdir"):
-            monkeypatch.setattr(os, name, counted(name))
+        calls = count_calls(monkeypatch, "fsync", "fdatasync", "replace", "rename", "unlink",
+                            "mkdir")
         compactions = 0
         for sequence in range(1, 40):
             calls.clear()
