@@ -566,3 +566,79 @@ def test_self_referencing_state_raises_serialization_error() -> None:
 
     with pytest.raises(SerializationError):
         encode(Codec(), state)
+
+
+# -- flat states (adapters' own records) ------------------------------------------------------
+
+
+class _Text(str):
+    pass
+
+
+@pytest.mark.parametrize("state", [
+    {"v": b"\x92\xa7msgpack\xc4\x01\x05"},
+    {"checkpoint": ["msgpack", b"\x80"], "checkpoint_id": "1ef-2", "checkpoint_ns": ""},
+    {"v": b""},
+    {},
+])
+@pytest.mark.parametrize("compress_min_bytes", [None, 16])
+def test_a_flat_state_is_stored_as_encode_payload_stores_it(
+    state: dict[str, Any], compress_min_bytes: int | None,
+) -> None:
+    codec = Codec(compress_min_bytes=compress_min_bytes)
+    blob = codec.encode_flat(state)
+
+    assert blob == encode(codec, state)
+    assert codec.decode_payload(blob, KEY).state == state
+
+
+def test_a_large_flat_state_is_compressed_like_a_payload() -> None:
+    state = {"v": b"the same bytes " * 1000}
+    codec = Codec(compress_min_bytes=1024)
+    blob = codec.encode_flat(state)
+
+    assert blob[4] == 1
+    assert blob == encode(codec, state)
+
+
+@pytest.mark.parametrize("state", [
+    {"v": ("msgpack", b"")},  # a tuple: stored as an extension, not as msgpack's list
+    {"v": [_Text("msgpack"), b""]},  # a str subclass: refused, as by encode_payload
+    {"v": 7},
+    {1: b""},
+])
+def test_a_state_that_is_not_flat_takes_encode_payloads_way(state: dict[Any, Any]) -> None:
+    codec = Codec()
+    try:
+        expected: bytes | type[Exception] = encode(codec, state)
+    except SerializationError:
+        expected = SerializationError
+    if expected is SerializationError:
+        with pytest.raises(SerializationError):
+            codec.encode_flat(state)
+        return
+    assert codec.encode_flat(state) == expected
+    assert codec.decode_payload(codec.encode_flat(state), KEY).state == state
+
+
+def test_a_lone_surrogate_in_a_flat_state_raises_serialization_error() -> None:
+    with pytest.raises(SerializationError) as caught:
+        Codec().encode_flat({"checkpoint_ns": "\udc80"})
+
+    assert caught.value.path == "state['checkpoint_ns']"
+
+
+def test_split_array_gives_the_elements_as_bytes() -> None:
+    from fastcheckpoint._codec import split_array
+
+    for items in ([], [1, "a"], list(range(20)), list(range(70_000))):
+        data = msgspec.msgpack.encode(items)
+        found = split_array(data)
+
+        assert found is not None
+        count, body = found
+        assert type(body) is bytes  # compared by memcmp, not byte by byte as a memoryview
+        assert count == len(items)
+        assert msgspec.msgpack.decode(data[:len(data) - len(body)] + body) == items
+    assert split_array(msgspec.msgpack.encode({"a": 1})) is None
+    assert split_array(b"") is None

@@ -134,7 +134,13 @@ def blob_key(channel: str, version: object) -> str:
 
 
 def write_key(sequence: int, task_id: str, idx: int) -> str:
-    return f"{writes_prefix(sequence)}{digest(task_id)}/{idx}"
+    return f"{task_writes_prefix(sequence, task_id)}{idx}"
+
+
+def task_writes_prefix(sequence: int, task_id: str) -> str:
+    """The key of a write of task ``task_id`` to checkpoint ``sequence`` is this prefix and
+    the write's idx (:func:`write_key`)."""
+    return f"{writes_prefix(sequence)}{digest(task_id)}/"
 
 
 def writes_prefix(sequence: int) -> str:
@@ -205,7 +211,7 @@ class ItemCodec:
 
     def encode(self, value: object) -> bytes:
         """``value``: one of this module's structs, or a :data:`Typed` value."""
-        return self._codec.encode_payload({"v": _encoder.encode(value)}, [], [], {})
+        return self._codec.encode_flat({"v": _encoder.encode(value)})
 
     def decode(self, blob: bytes, kind: type[_T], where: str) -> _T:
         body = self._codec.decode_payload(blob, where).state.get("v")

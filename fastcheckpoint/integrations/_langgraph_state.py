@@ -134,9 +134,11 @@ class SaverState:
         self.parked: dict[tuple[str, str], Parked] = {}
         self._last_turn: dict[str, Signal] = {}
 
-    def remember(self, key: str, checkpoint_id: str, where: Located, *, head: bool) -> None:
+    def remember(self, key: str, checkpoint_id: str, where: Located, *, head: bool,
+                 payload_size: int | None = None) -> None:
         """A checkpoint of run ``key`` seen at ``where``; ``head``: the run's newest (just
-        saved, or read as the latest), so the next save goes after it."""
+        saved, or read as the latest), so the next save goes after it; ``payload_size``: the
+        bytes its save wrote."""
         self.located.put((key, checkpoint_id), where)
         hint = self.runs.get(key)
         if hint is None and not head:
@@ -145,9 +147,16 @@ class SaverState:
             hint.latest_sequence < where.sequence
         ):
             size = 0 if hint is None else hint.payload_size
-            self.runs.put(key, RunHint(where.sequence, where.incarnation, checkpoint_id, size))
+            hint = RunHint(where.sequence, where.incarnation, checkpoint_id, size)
+            self.runs.put(key, hint)
         elif hint.latest_sequence == where.sequence:
             hint.newest_id = checkpoint_id
+        if payload_size is not None:
+            hint.payload_size = payload_size
+
+    def saving_in(self, key: str) -> Signal | None:
+        """The end of a save of run ``key`` on its way in this process, if any."""
+        return next((signal for slot, signal in self.saving.items() if slot[0] == key), None)
 
     def failed_save(self, key: str, checkpoint_id: str) -> None:
         """The save of ``checkpoint_id`` failed: writes parked for it or a later checkpoint

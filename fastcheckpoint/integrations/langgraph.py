@@ -124,7 +124,9 @@ _FREE_RETRIES = 3
 _CONTENTION_BASE = 0.001
 _FIRST_SAVE_SECONDS = 2.0
 """How long writes to a checkpoint of a run this process has not seen wait for its first
-save (a blocking ``put`` and ``put_writes`` may reach the loop in either order)."""
+save (a blocking ``put`` and ``put_writes`` may reach the loop in either order). Not while
+a save of the run is on its way here (a graph run's first save, which LangGraph's next saves
+queue behind): the writes wait for it, then as for a run this process knows."""
 _REGISTRY_KEY = _ids.run_key(records.REGISTRY_RUN_ID)
 _NO_RUN = object()
 _REACTIVATED = frozenset({CheckpointStatus.PAUSED.value, CheckpointStatus.FAILED.value,
@@ -901,23 +903,25 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             bare = {name: part for name, part in checkpoint.items() if name != "channel_values"}
             blobs: list[Item] = []
             planned: list[Planned] = []
+            written: dict[str, str] = {}  # channel -> its blob's key, when it is versions'
             for channel, version in _mapping("new_versions", new_versions).items():
                 if channel not in values:
                     continue
                 typed = self._dumps(values[channel], f"channel_values[{channel!r}]")
                 plan = self._shared.logs.plan(where.key, channel, version, typed)
                 if plan is None:
-                    blobs.append(Item(key=records.blob_key(channel, version),
-                                      value=self._shared.items.encode(typed)))
+                    key = records.blob_key(channel, version)
+                    if versions.get(channel) is version:
+                        written[channel] = key
+                    blobs.append(Item(key=key, value=self._shared.items.encode(typed)))
                     continue
                 planned.append(plan)
                 if plan.write is not None:
                     blobs.append(Item(key=plan.write.key, value=plan.write.value))
             # The ids are there for people (``fastcheckpoint show``); the saver reads the rest.
-            payload = self._shared.codec.encode_payload(
+            payload = self._shared.codec.encode_flat(
                 {"checkpoint": list(self._dumps(bare, "checkpoint")),
-                 "checkpoint_id": checkpoint["id"], "checkpoint_ns": where.checkpoint_ns},
-                [], [], {})
+                 "checkpoint_id": checkpoint["id"], "checkpoint_ns": where.checkpoint_ns})
             # A channel without a value (empty at this checkpoint, or a delta channel between
             # its snapshots) has no blob to name: stores refuse refs to items they do not hold.
             stored = tuple(channel for channel in versions if channel in values)
@@ -936,7 +940,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 step_name=_step_name(metadata), blobs=blobs,
                 refs=tuple(dict.fromkeys(
                     logs[channel].anchor if channel in logs
-                    else records.blob_key(channel, versions[channel]) for channel in stored)),
+                    else written.get(channel) or records.blob_key(channel, versions[channel])
+                    for channel in stored)),
                 # What was serialized (a logged value whole): large saves encode off the loop.
                 size=len(payload) + sum(len(blob.value) for blob in blobs) + sum(
                     len(plan.entries) for plan in planned),
@@ -1106,14 +1111,12 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         state = self._state
         state.deleted.pop(where.key)
         state.failed.pop(where.key)
-        state.remember(where.key, encoded.checkpoint_id, located, head=True)
+        state.remember(where.key, encoded.checkpoint_id, located, head=True,
+                       payload_size=encoded.size)
         state.logs.put((where.key, encoded.checkpoint_id),
                        (located.incarnation, encoded.extra.logs or {}))
         for plan in encoded.planned:
             self._shared.logs.remember(where.key, plan, located.incarnation)
-        hint = state.runs.get(where.key)
-        if hint is not None:
-            hint.payload_size = encoded.size
 
     async def _discard_merged(self, where: _Where, encoded: _Encoded) -> None:
         """Remove the log parts an acknowledged save merged into its own (loads that still
@@ -1161,8 +1164,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             # taken what was parked for it) or ended meanwhile, so look again before parking.
         # No await from the checks above to parking: a save that starts later takes the writes.
         if located is None and self._may_still_come(where.key, checkpoint_id):
-            wait = _FIRST_SAVE_SECONDS if state.runs.get(where.key) is None else _PARKED_SECONDS
-            if await self._park(slot, writes, wait):
+            if await self._park(slot, writes):
                 return True
             located = state.located.get(slot)
         if located is None and not asked:
@@ -1186,22 +1188,38 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             return self._state.deleted.get(key) is None
         return hint.newest_id is not None and checkpoint_id > hint.newest_id
 
-    async def _park(
-        self, slot: tuple[str, str], writes: list[StoredWrite], seconds: float
-    ) -> bool:
-        """Hand ``writes`` to the coming save of their checkpoint; whether it stored them."""
+    async def _park(self, slot: tuple[str, str], writes: list[StoredWrite]) -> bool:
+        """Hand ``writes`` to the coming save of their checkpoint; whether it stored them.
+
+        They wait :data:`_PARKED_SECONDS` from now, or :data:`_FIRST_SAVE_SECONDS` while this
+        process does not know the run, and for as long as a save of the run is on its way
+        here: LangGraph queues a graph run's saves one behind the other and sends each
+        step's writes at once, so a slow first save (a new store client, a new run) holds
+        back the checkpoints those writes belong to. Given up on, they would be dropped
+        although their checkpoint is saved right after (a delta channel then reads back
+        short for good)."""
         state = self._state
+        key = slot[0]
         parked = state.parked.get(slot)
         if parked is None:
             parked = state.parked[slot] = Parked()
         parked.add(writes)
+        since = anyio.current_time()
         while True:
-            with anyio.move_on_after(seconds):
-                await parked.done.wait()
+            budget = _PARKED_SECONDS if state.runs.get(key) is not None else _FIRST_SAVE_SECONDS
+            left = since + budget - anyio.current_time()
+            saving = None if left > 0 else state.saving_in(key)
+            if left > 0:
+                with anyio.move_on_after(left):
+                    await parked.done.wait()
+            elif saving is not None:
+                await saving.wait()  # the checkpoint's save may come behind it
             if parked.done.is_set or state.parked.get(slot) is not parked:
                 break  # stored, failed, or taken by a save that is still running
-            del state.parked[slot]  # no save came
-            return False
+            if left <= 0 and saving is None:
+                del state.parked[slot]  # no save came
+                return False
+            # Look again: the run may be known now, or another save on its way.
         if not parked.done.is_set:
             await parked.done.wait()
         return parked.stored
@@ -1224,9 +1242,16 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         return True
 
     def _write_items(self, located: Located, writes: list[StoredWrite]) -> list[Item]:
-        return [Item(key=records.write_key(located.sequence, write.task_id, write.idx),
-                     value=self._shared.items.encode(write), owner=located.sequence,
-                     expires_at=located.expires_at) for write in writes]
+        prefixes: dict[str, str] = {}  # task id -> its writes' key prefix: one digest each
+        items: list[Item] = []
+        for write in writes:
+            prefix = prefixes.get(write.task_id)
+            if prefix is None:
+                prefix = prefixes[write.task_id] = records.task_writes_prefix(
+                    located.sequence, write.task_id)
+            items.append(Item(key=f"{prefix}{write.idx}", value=self._shared.items.encode(write),
+                              owner=located.sequence, expires_at=located.expires_at))
+        return items
 
     # -- internals: status ---------------------------------------------------------------------
 
@@ -1722,7 +1747,7 @@ def _required_checkpoint_id(config: object) -> str:
 
 
 def _new_checkpoint_id(checkpoint: object) -> str:
-    if not isinstance(checkpoint, Mapping):
+    if type(checkpoint) is not dict and not isinstance(checkpoint, Mapping):
         raise ValidationError(f"checkpoint must be a dict, got {type(checkpoint).__name__}")
     value = checkpoint.get("id")
     if not isinstance(value, str) or not value:
@@ -1767,13 +1792,14 @@ def _write_pair(write: object) -> tuple[str, Any]:
 
 
 def _mapping(name: str, value: object) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):
         raise ValidationError(f"{name} must be a dict, got {type(value).__name__}")
     return value
 
 
 def _metadata(metadata: object) -> CheckpointMetadata:
-    return cast(CheckpointMetadata, dict(_mapping("metadata", metadata)))
+    # No copy: ``get_checkpoint_metadata`` makes the one the save keeps.
+    return cast(CheckpointMetadata, _mapping("metadata", metadata))
 
 
 def _filter(filter: object) -> dict[str, Any]:
@@ -1829,7 +1855,8 @@ def _typed(value: list[Any], where: str) -> Typed:
 
 
 def _is_pickle(kind: str) -> bool:
-    return kind.split("+", 1)[0] == "pickle"  # "+" joins an encrypted value's tag and cipher
+    # "+" joins an encrypted value's tag and cipher.
+    return kind == "pickle" or kind.startswith("pickle+")
 
 
 def _conflict_head(conflict: SequenceConflict) -> tuple[int, str] | None:

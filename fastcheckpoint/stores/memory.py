@@ -334,7 +334,8 @@ class MemoryStore(ExpiryCleanup):
             self._check_refs_held(run_key, record, items, now)
         head = current.record
         # A tuple of its own: a list of refs the caller keeps would change what is stored.
-        stored = msgspec.structs.replace(record, key="", refs=tuple(record.refs))
+        stored = record if record.key == "" and type(record.refs) is tuple else (
+            msgspec.structs.replace(record, key="", refs=tuple(record.refs)))
         current.checkpoints[record.sequence] = stored
         current.sequences.append(record.sequence)
         current.record = msgspec.structs.replace(
@@ -374,7 +375,7 @@ class MemoryStore(ExpiryCleanup):
     ) -> None:
         """Count the new checkpoint's refs, then write its items where no live item is: before
         pruning, so an item it names is never released by the checkpoints it replaces."""
-        space = self._items.setdefault(run_key, _Items())
+        space = self._space(run_key)
         for key in dict.fromkeys(record.refs):
             space.refs[key] = space.refs.get(key, 0) + 1
         for item in items:
@@ -383,7 +384,7 @@ class MemoryStore(ExpiryCleanup):
             # Owned items expire with their checkpoint; shared ones live while a checkpoint
             # names them, so they carry no expiry of their own.
             expires_at = record.expires_at if item.owner is not None else None
-            self._write_item(run_key, space, msgspec.structs.replace(item, expires_at=expires_at))
+            self._write_item(run_key, space, _expiring(item, expires_at))
 
     async def get(
         self, run_key: str, sequence: int, *, now: float
@@ -392,10 +393,8 @@ class MemoryStore(ExpiryCleanup):
 
     def _get(self, run_key: str, sequence: int, now: float) -> tuple[StoredCheckpoint, str] | None:
         run = self._live_run(run_key, now)
-        if run is None:
-            return None
-        record = run.checkpoints.get(sequence)
-        if record is None or not is_live(record.expires_at, now):
+        record = None if run is None else _live_checkpoint(run, sequence, now)
+        if run is None or record is None:
             return None
         return self._located(run_key, record), run.record.status
 
@@ -447,15 +446,15 @@ class MemoryStore(ExpiryCleanup):
         now: float,
     ) -> bool:
         _check_owned_items(items, owner)
-        found = self._get(run_key, owner, now)
-        if found is None or found[0].checkpoint_id != checkpoint_id:
+        run = self._live_run(run_key, now)
+        record = None if run is None else _live_checkpoint(run, owner, now)
+        if record is None or record.checkpoint_id != checkpoint_id:
             return False
-        space = self._items.setdefault(run_key, _Items())
+        space = self._space(run_key)
         for item in items:
             if if_absent and space.live(item.key, now) is not None:
                 continue
-            owned = msgspec.structs.replace(item, expires_at=found[0].expires_at)
-            self._write_item(run_key, space, owned)
+            self._write_item(run_key, space, _expiring(item, record.expires_at))
         return True
 
     async def headers(
@@ -579,7 +578,7 @@ class MemoryStore(ExpiryCleanup):
     ) -> None:
         for item in items:
             item_key_bytes(item.key, MAX_ITEM_KEY_BYTES, "every store")
-        space = self._items.setdefault(run_key, _Items())
+        space = self._space(run_key)
         if create_only:
             for item in items:
                 if space.live(item.key, now) is not None:
@@ -587,13 +586,23 @@ class MemoryStore(ExpiryCleanup):
         for item in items:
             self._write_item(run_key, space, item)
 
+    def _space(self, run_key: str) -> _Items:
+        """The run's items, made when it has none (not built on every call, as
+        ``setdefault`` would)."""
+        space = self._items.get(run_key)
+        if space is None:
+            space = self._items[run_key] = _Items()
+        return space
+
     def _write_item(self, run_key: str, space: _Items, item: Item) -> None:
-        _drop_item(space, item.key)
+        if item.key in space.items:
+            _drop_item(space, item.key)
         space.items[item.key] = item
         insort(space.keys, item.key)
         if item.owner is not None:
             space.owned.setdefault(item.owner, set()).add(item.key)
-        self._track_item_expiry(run_key, space, item)
+        if item.expires_at is not None:
+            self._track_item_expiry(run_key, space, item)
 
     async def get_items(
         self, run_key: str, keys: Sequence[str], *, now: float
@@ -694,6 +703,18 @@ class MemoryStore(ExpiryCleanup):
 
     async def aclose(self) -> None:
         return None
+
+
+def _live_checkpoint(run: _Run, sequence: int, now: float) -> StoredCheckpoint | None:
+    record = run.checkpoints.get(sequence)
+    return record if record is not None and is_live(record.expires_at, now) else None
+
+
+def _expiring(item: Item, expires_at: float | None) -> Item:
+    """``item`` expiring at ``expires_at`` (itself when it does: items are frozen)."""
+    if item.expires_at == expires_at:
+        return item
+    return msgspec.structs.replace(item, expires_at=expires_at)
 
 
 def _remove_sorted(bucket: list[tuple[float, str]], order: tuple[float, str]) -> None:

@@ -6,11 +6,13 @@ that are not there."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any, TypedDict
 
 import anyio
+import msgspec
 import pytest
 from langgraph.channels.delta import DeltaChannel
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -18,6 +20,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 
 from fastcheckpoint import MemoryStore
+from fastcheckpoint._codec import Codec
 from fastcheckpoint._ids import run_key
 from fastcheckpoint.integrations import _langgraph_records as records
 from fastcheckpoint.integrations import langgraph as saver_module
@@ -150,6 +153,39 @@ async def test_histories_equal_the_default_walk_on_every_store(
             assert state.values["notes"] == [f"n{turn}" for turn in range(0, 15, 2)]
 
 
+class _SlowFirstSave(CountingStore):
+    """Its first ``append_with_items`` (a new thread's first save) takes ``delay`` seconds
+    longer: a new store client and a new run, on a busy S3."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        super().__init__(inner)
+        self.delay: float | None = delay
+
+    async def append_with_items(self, *args: Any, **kwargs: Any) -> Any:
+        if self.delay is not None:
+            delay, self.delay = self.delay, None
+            await anyio.sleep(delay)
+        return await super().append_with_items(*args, **kwargs)  # type: ignore[misc]
+
+
+async def test_writes_sent_during_a_slow_first_save_are_all_replayed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The graph runs its steps while its first save is on its way, and sends their writes
+    (the notes) at once; the saves of their checkpoints queue behind the first. However long
+    it takes (here longer than the saver's wait for a new thread's first save), no write
+    is lost: another process reads every note back (once, a busy S3 lost those of the steps
+    whose saves came last)."""
+    monkeypatch.setattr(saver_module, "_FIRST_SAVE_SECONDS", 0.0)  # the first save outlasts it
+    store = _SlowFirstSave(MemoryStore(), delay=0.2)
+    with anyio.fail_after(DEADLINE):
+        await _run(_graph(_saver(store), messages_every=3, notes_every=4), "t", 3)
+        state = await _graph(_saver(store), messages_every=3, notes_every=4).aget_state(
+            config("t"))
+    assert state.values["messages"] == _expected_messages(3)
+    assert state.values["notes"] == [f"n{turn}" for turn in range(0, 15, 2)]
+
+
 async def test_a_fork_follows_its_parents_not_the_save_order() -> None:
     saver = _saver(MemoryStore())
     graph = _graph(saver)
@@ -272,6 +308,19 @@ def test_write_keys_sort_by_sequence() -> None:
         assert records.write_sequence(key) == sequence
     for other in ("b/abc", "w/", "w/x1/", "w/02a/", "i/w/011/"):
         assert records.write_sequence(other) is None
+
+
+def test_write_keys_and_item_values_keep_their_stored_form() -> None:
+    """Keys and values written by earlier releases are found and read the same way."""
+    task = hashlib.blake2b(b"task", digest_size=15).hexdigest()
+    assert records.write_key(12, "task", 3) == f"w/0212/{task}/3"
+    assert records.task_writes_prefix(12, "task") + "-1" == records.write_key(12, "task", -1)
+    codec = Codec()
+    items = records.ItemCodec(codec)
+    for value in (records.Located("inc", 4, None), ("msgpack", b"\x05"),
+                  records.StoredWrite("task", "", "messages", 0, ("msgpack", b"\x90"))):
+        packed = msgspec.msgpack.encode(value)
+        assert items.encode(value) == codec.encode_payload({"v": packed}, [], [], {})
 
 
 class _DeletesDuringScan(MemoryStore):

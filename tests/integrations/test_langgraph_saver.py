@@ -400,6 +400,37 @@ async def test_writes_whose_checkpoint_is_saved_during_their_lookup_are_stored_a
     assert found.pending_writes == [("a", "x", 1)]
 
 
+async def test_writes_wait_out_a_slow_first_save_of_a_new_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LangGraph queues a graph run's saves behind its first one and sends each step's writes
+    at once: in a new thread, writes for the second checkpoint arrive while the first save is
+    still on its way (a new store client and a new run: seconds on a busy S3). However long
+    that save takes, they wait for their checkpoint's save behind it, instead of being
+    dropped as writes to a checkpoint that never came (a delta channel rebuilt from them
+    would read back short for good)."""
+    monkeypatch.setattr(saver_module, "_FIRST_SAVE_SECONDS", 0.0)  # the first save outlasts it
+    store = _GatedStore(MemoryStore())
+    saver = _saver(store)
+    first, second = checkpoint(), checkpoint()
+    store.gate = anyio.Event()
+    with anyio.fail_after(DEADLINE / 4):  # far below the saver's wait for a coming save
+        async with anyio.create_task_group() as group:
+            group.start_soon(saver.aput, config("t"), first, metadata(-1), {})
+            await _settle()
+            group.start_soon(saver.aput_writes, config("t", second["id"]), [("x", 1)], "a")
+            await _settle()
+            store.gate.set()
+            await _settle()
+            store.take()
+            await saver.aput(config("t", first["id"]), second, metadata(0), {})
+        calls = store.take()
+        found = await saver.aget_tuple(config("t", second["id"]))
+    assert calls == {"append_with_items": 1}  # the writes went with their checkpoint
+    assert found is not None
+    assert found.pending_writes == [("a", "x", 1)]
+
+
 async def test_writes_waiting_for_a_save_that_fails_are_released_by_it() -> None:
     """Writes parked for a checkpoint whose save then fails before it reaches the store learn
     it from the save, and are dropped as writes to a checkpoint that does not exist, instead
