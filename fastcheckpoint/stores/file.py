@@ -14,6 +14,7 @@ Layout under the root (directories 0700, files 0600)::
                                     UTF-8 key
     runs/<run key>/o/<sequence:020>/k<key>   empty markers: items owned by that checkpoint
     runs/<run key>/n/k<K>/k<nested key>  empty markers: items nested under the item <K>
+    runs/<run key>/items.state      1 while a writer changes the three above, else 0
     index/s<status>/<stamp>-<run key>        empty markers: runs by status, newest created first
     index/l<label hash>/<stamp>-<run key>    the same by label (base32hex of a BLAKE2b hash)
     locks/<run key>                 flock(2) file of the run, outside its directory
@@ -34,10 +35,11 @@ markers are copies for reads, written before the commit (files in ``tmp/``, rena
 place) and never synced, so a write of any number of items costs one sync. After a crash of
 the machine they may be lost, torn or old; ``idx`` names the boot it was written in, and the
 first holder of the run lock that finds it not written in this boot (or missing, or damaged)
-makes them all again from the log before it writes a new one (O(items of the run), once);
-readers that find it so read through that lock. Writers take an item file for the run's item
-only when the log holds the entry it names (a crash between a file and its commit leaves one
-that is not). ``fsync=False`` skips every sync.
+makes them all again from the log before it writes a new one (O(items of the run), once).
+So it does when ``items.state`` (one byte, set by a writer before it touches the files and
+cleared when its operation ends well) says a writer died among them. Readers of items that
+find either read through that lock. Writers also take an item file for the run's item only
+when the log holds the entry it names. ``fsync=False`` skips every sync.
 
 Shared items (``SupportsSharedItems``): ``run.rec``'s body counts, per item key, the held
 checkpoints whose ``refs`` name it, and lists the held checkpoints that have refs; writers read
@@ -101,7 +103,7 @@ import threading
 import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, ParamSpec, TypeVar
+from typing import Any, Literal, NamedTuple, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import anyio
@@ -160,6 +162,7 @@ logger = logging.getLogger("fastcheckpoint.stores.file")
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+_ItemsUse = Literal["need", "try", "skip"]
 
 # MAX_ITEM_KEY_BYTES (128) also keeps an item's base32hex file name within 255 bytes.
 _MAX_STATUS_BYTES = 64
@@ -172,6 +175,9 @@ _STAMP_MAX = 10**20 - 1
 _RUN_FILE = "run.rec"
 _CHECKPOINTS = "c"
 _ITEMS = "i"
+_ITEMS_STATE = "items.state"
+"""One byte, unsynced: 1 while a writer changes item files (left so when it dies), else 0."""
+_CLEAN, _DIRTY = b"\0", b"\1"
 _OWNERS = "o"
 _NESTED = "n"
 
@@ -644,6 +650,9 @@ class _HeldLog:
         self.compact_due = False
         """Whether a commit of the operation left the log due for compaction (done once the
         operation has released the lock)."""
+        self.items_changing = False
+        """Whether the operation marked the item files as being changed (cleared when it
+        ends well)."""
 
     def view(self) -> LogView | None:
         if not self._opened:
@@ -736,7 +745,8 @@ class _Dir:
         return f"{self.path}/{LOG}:{_record_name(key)}"
 
     def open(self, relative: str) -> int | None:
-        """A read descriptor for an item file, ``None`` if absent."""
+        """A read descriptor for a file of the run directory (an item's), ``None`` if
+        absent."""
         target = relative if self.fd is not None else self.path_of(relative)
         try:
             return os.open(target, _READ_FLAGS, dir_fd=self.fd)
@@ -805,15 +815,28 @@ class _Dir:
 
     def items_current(self) -> bool:
         """Whether the item files and markers can be read as they are: written unsynced, they
-        are known complete only where ``idx`` was written since this boot (a writer makes
-        them again from the log before it writes an ``idx`` that was not), or where the run
-        has no log."""
+        are known to copy the log only where ``idx`` was written since this boot (a writer
+        makes them again from the log before it writes an ``idx`` that was not) and no writer
+        died while it changed them or failed to make them again (``items.state``)."""
+        if self.items_changing():
+            return False
         view, temporary = self._log()
         try:
             return view is None or view.current
         finally:
             if temporary and view is not None:
                 view.close()
+
+    def items_changing(self) -> bool:
+        """Whether ``items.state`` says a writer is changing the item files (or died doing
+        so, or could not make them again)."""
+        fd = self.open(_ITEMS_STATE)
+        if fd is None:
+            return False
+        try:
+            return os.pread(fd, 1, 0) == _DIRTY
+        finally:
+            os.close(fd)
 
     def committed_item(self, name: str) -> _ItemMeta | None:
         """The item file ``name``, if the log holds the entry it copies: a writer's check
@@ -1242,9 +1265,10 @@ class FileStore(ExpiryCleanup):
     live one), writes the new ones' files unsynced and commits their entries with the
     checkpoint (still one sync), and commits the ``s`` counts in ``run.rec``'s body (a few
     bytes plus the key per shared item); each pruned checkpoint with refs costs one head read,
-    and the items it was the last to name one more commit (one sync) and an unlink each. The
-    first checkpoint of a run adds one marker per label. ``put_items``, ``put_owned_items``
-    and ``delete_items`` are one commit each (one sync), plus a file per item.
+    and the items it was the last to name (or owned) are removed in the same commit, their
+    files unlinked after it. The first checkpoint of a run adds one marker per label.
+    ``put_items``, ``put_owned_items`` and ``delete_items`` are one commit each (one sync),
+    plus a file per item; every operation under the run lock reads ``items.state``.
     ``read_with_items`` costs ``get`` or ``latest``, one listing of ``o/<sequence>/``, one read
     per owned item and per ref, ``run.rec``'s first 4 KiB again and one ``stat``: O(owned +
     r), not O(n) or O(s).
@@ -1264,9 +1288,8 @@ class FileStore(ExpiryCleanup):
     Limits: item keys up to :data:`MAX_ITEM_KEY_BYTES` UTF-8 bytes, statuses up to 64. A
     write of items is one commit, so the log holds a batch whole or not at all, and a write
     that fails with an error puts back the files it replaced. An append's items are all in
-    place before its checkpoint shows. A ``kill -9`` before the commit may leave some of the
-    batch's files, read as items until the machine restarts (the log never held them) or a
-    write replaces them; writers never count them as items, so a retry writes them again.
+    place before its checkpoint shows. A ``kill -9`` among a write's files leaves
+    ``items.state`` set: the files are made again from the log before anyone reads them.
     """
 
     nested_items = True
@@ -1334,8 +1357,15 @@ class FileStore(ExpiryCleanup):
             os.close(fd)
 
     @contextlib.contextmanager
-    def _locked(self, run_key: str, *, blocking: bool = True) -> Iterator[bool]:
-        """Hold the run's lock; yields ``False`` if not ``blocking`` and it is busy."""
+    def _locked(
+        self, run_key: str, *, blocking: bool = True, items: _ItemsUse = "need"
+    ) -> Iterator[bool]:
+        """Hold the run's lock; yields ``False`` if not ``blocking`` and it is busy.
+
+        ``items``: the operation reads or changes items (``need``: the item files are first
+        made to copy the log, see :meth:`_check_items`, or the operation fails); it only may
+        commit (``try``: the same, but a failure to make them is logged and left marked for
+        the next holder); it neither (``skip``)."""
         path = os.path.join(self._locks, run_key)
         fd = self._acquire(path, blocking)
         if fd is None:
@@ -1345,12 +1375,15 @@ class FileStore(ExpiryCleanup):
         # A thread never holds a run's lock twice (flock would wait on itself).
         held = _HELD.by_path[run_dir] = _HeldLog(run_dir)
         try:
-            self._check_items(run_key, held)
+            if items != "skip":
+                self._check_items(run_key, held, need=items == "need")
             yield True
             # A run without a directory needs no lock file. Removed while held: whoever
             # waits on it finds its inode gone from the path and locks a new file.
             if not os.path.lexists(run_dir):
                 _discard(path)
+            elif held.items_changing:
+                self._mark_items(run_key, _CLEAN)  # the operation ended well
         finally:
             held.forget()
             del _HELD.by_path[run_dir]
@@ -1358,15 +1391,52 @@ class FileStore(ExpiryCleanup):
         if held.compact_due:  # the operation succeeded: compact, holding the lock briefly
             self._compact(run_key)
 
-    def _check_items(self, run_key: str, held: _HeldLog) -> None:
-        """Make the item files again from the log when they may not be current; a log that
-        cannot be read is left to the operation (it reports it, or does without)."""
+    def _check_items(self, run_key: str, held: _HeldLog, *, need: bool) -> None:
+        """Make the item files again from the log when they may not copy it: ``idx`` was not
+        written since this boot (or is missing or damaged), or ``items.state`` says a writer
+        died while it changed them. A log that cannot be read is left to the operation (it
+        reports it, or does without). Without ``need``, a failure is logged and the files
+        stay marked, so readers keep away from them and the next holder tries again."""
+        files = _Dir(held.path)
         try:
+            changing = files.items_changing()
             view = held.view()
         except CorruptCheckpointError:
             return
-        if view is not None and not view.current:
-            self._rebuild_items(run_key, held)
+        try:
+            if view is None:
+                if changing:  # a first write died before its log was made: nothing is held
+                    for directory in (_ITEMS, _OWNERS, _NESTED):
+                        _remove_tree(files.path_of(directory))
+                    self._mark_items(run_key, _CLEAN)
+            elif changing or not view.current:
+                self._rebuild_items(run_key, held)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self._mark_items(run_key, _DIRTY)
+            if need:
+                raise
+            logger.warning("file store: could not make the item files of run %s again from "
+                           "its log (the next holder of its lock tries again): %s",
+                           run_key, exc.strerror or exc)
+
+    def _mark_items(self, run_key: str, state: bytes) -> None:
+        """Write ``items.state`` (unsynced): a crash of the machine makes every run's item
+        files be made again anyway."""
+        path = os.path.join(self._run_dir(run_key), _ITEMS_STATE)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.pwrite(fd, state, 0)
+        finally:
+            os.close(fd)
+
+    def _items_changing(self, run_key: str) -> None:
+        """Mark the item files as being changed by this operation, once, before it touches
+        them: a holder of the lock after a ``kill -9`` makes them again from the log."""
+        held = _HELD.by_path[self._run_dir(run_key)]
+        if not held.items_changing:
+            self._mark_items(run_key, _DIRTY)
+            held.items_changing = True
 
     def _rebuild_items(self, run_key: str, held: _HeldLog) -> None:
         """Make the run's item files and markers again from its log, then a new ``idx``: what
@@ -1377,8 +1447,9 @@ class FileStore(ExpiryCleanup):
         view = held.view()
         assert view is not None
         files = _Dir(self._run_dir(run_key))
-        staged: list[tuple[str, Item, bytes]] = []
-        for key in view.held_keys():
+        staged: dict[str, tuple[str, Item, bytes]] = {}
+        # Oldest entry first: if the log holds two of one key, the newer is what counts.
+        for key in sorted(view.held_keys(), reverse=True):
             if key > _FIRST_ITEM:
                 continue
             try:
@@ -1397,11 +1468,12 @@ class FileStore(ExpiryCleanup):
                                files.record_key(key))
                 continue
             item = Item(key=meta.key, value=b"", owner=meta.owner, expires_at=meta.expires_at)
-            staged.append((_item_name(meta.key), item, data))
+            staged[meta.key] = (_item_name(meta.key), item, data)
         # From nothing: files of items removed since, or never committed, go too.
+        self._mark_items(run_key, _DIRTY)
         for directory in (_ITEMS, _OWNERS, _NESTED):
             _remove_tree(files.path_of(directory))
-        self._write_item_files(run_key, staged)
+        self._write_item_files(run_key, list(staged.values()))
         logger.info("file store: made the %d item files of run %s again from its log",
                     len(staged), run_key)
         writer = LogWriter(self._run_dir(run_key), functools.partial(self._temp_path, run_key),
@@ -1411,6 +1483,7 @@ class FileStore(ExpiryCleanup):
         except OSError as exc:  # the next holder of the lock makes them again
             logger.warning("file store: could not rewrite %s: %s",
                            os.path.join(writer.directory, "idx"), exc.strerror or exc)
+        self._mark_items(run_key, _CLEAN)
         held.forget()
 
     def _compact(self, run_key: str) -> None:
@@ -1420,7 +1493,7 @@ class FileStore(ExpiryCleanup):
         writer = LogWriter(self._run_dir(run_key), functools.partial(self._temp_path, run_key),
                            fsync=self._fsync)
         try:
-            writer.compact(locked=functools.partial(self._locked, run_key))
+            writer.compact(locked=functools.partial(self._locked, run_key, items="try"))
         except (OSError, CheckpointError) as exc:
             logger.warning("file store: compacting %s failed: %s", writer.path, exc)
 
@@ -1632,6 +1705,7 @@ class FileStore(ExpiryCleanup):
             assert committed.run is not None
             if new_run:
                 self._add_markers(_marker_paths(run_key, committed.run))
+            entries.removes.extend(self._doomed(run_key, ledger.owning, committed.dropping))
             self._commit(
                 run_key, committed,
                 checkpoint=(record.sequence, _checkpoint_bytes(record, ledger.run.labels)),
@@ -1654,6 +1728,7 @@ class FileStore(ExpiryCleanup):
         commit is no item of the run) is removed by the same commit."""
         if not named:
             return _Entries([], [], [])
+        self._items_changing(run_key)
         files = _Dir(self._run_dir(run_key))
         made = _items_made(_HELD.by_path[files.path].view())
         latest: dict[str, Item] = dict(named)  # the last of each key, as a batch of renames
@@ -1815,15 +1890,48 @@ class FileStore(ExpiryCleanup):
             return gone
         return self._remove_nested(run_key, gone)
 
+    def _doomed(self, run_key: str, owners: Iterable[int], dropped: Iterable[str]) -> list[int]:
+        """The entries of the items that removing the checkpoints ``owners`` (the items they
+        own) and dropping the shared items ``dropped`` (and what is nested under them) take
+        with them: removed by the same commit, so that it costs no commit of its own; their
+        files go after it (:meth:`_remove_checkpoints`, :meth:`_drop_shared`)."""
+        files = _Dir(self._run_dir(run_key))
+        entries: list[int] = []
+
+        def add(name: str, owner: int | None) -> None:
+            if _key_of_name(name) is None:
+                return
+            meta = files.committed_item(name)
+            if meta is not None and (owner is None or meta.owner == owner):
+                entries.append(meta.entry)
+
+        for sequence in owners:
+            for name in files.listdir(f"{_OWNERS}/{_sequence_name(sequence)}"):
+                add(name, sequence)
+        for key in dropped:
+            meta = files.committed_item(_item_name(key))
+            if meta is not None and meta.owner is not None:
+                continue  # an owned item stays with its owner, and what is nested under it
+            if meta is not None:
+                entries.append(meta.entry)
+            anchor = f"{_NESTED}/{_item_name(key)}"
+            for name in files.listdir(anchor) if files.exists(anchor) else ():
+                add(name, None)
+        return list(dict.fromkeys(entries))
+
     def _remove_items(self, run_key: str, names: Collection[str]) -> int:
         """Remove the items at ``names``: the removal of the entries the log holds for them in
         one commit, then their files (unsynced); returns how many files went. Under the run
         lock."""
         files = _Dir(self._run_dir(run_key))
-        entries = [meta.entry for meta in map(files.committed_item, names) if meta is not None]
+        present = [name for name in names if files.exists(f"{_ITEMS}/{name}")]
+        if not present:
+            return 0  # a file removed is an entry removed first
+        self._items_changing(run_key)
+        entries = [meta.entry for meta in map(files.committed_item, present) if meta is not None]
         if entries:
             self._commit(run_key, None, items=_Entries([], entries, []))
-        return sum(_discard(files.path_of(f"{_ITEMS}/{name}")) for name in names)
+        return sum(_discard(files.path_of(f"{_ITEMS}/{name}")) for name in present)
 
     def _remove_nested(self, run_key: str, keys: Iterable[str]) -> list[str]:
         """Unlink the items nested under ``keys`` (whose items are gone), then their nesting
@@ -2234,7 +2342,7 @@ class FileStore(ExpiryCleanup):
         trusted, view = _trusted_view(files, now, include_expired=include_expired)
         if trusted:
             return view
-        with self._locked(run_key):
+        with self._locked(run_key, items="try"):
             self._settle(run_key, files)
             return _log_view(files, run_key, now, include_expired=include_expired)
 
@@ -2273,7 +2381,7 @@ class FileStore(ExpiryCleanup):
                 result = read(files)
                 if files.settled():
                     return result
-        with self._locked(run_key):
+        with self._locked(run_key, items="try"):
             files = _Dir(self._run_dir(run_key))
             self._settle(run_key, files)
             return locked(files)
@@ -2313,7 +2421,7 @@ class FileStore(ExpiryCleanup):
                 return found
             previous = view
         # Appends kept moving the run under us: read it once while writers wait.
-        with self._locked(run_key):
+        with self._locked(run_key, items="try"):
             files = _Dir(self._run_dir(run_key))
             self._settle(run_key, files)
             view = _log_view(files, run_key, now)
@@ -2497,7 +2605,8 @@ class FileStore(ExpiryCleanup):
             ledger.remove(sequence, found.expires_at)
             # The record goes in the commit; owned items after it (``removing`` until gone).
             committed = self._settled(run_key, ledger)
-            self._commit(run_key, committed, erase=ledger.removed)
+            self._commit(run_key, committed, erase=ledger.removed, items=_Entries(
+                [], self._doomed(run_key, ledger.owning, committed.dropping), []))
             self._remove_checkpoints(run_key, sorted(ledger.owning))
             self._drop_shared(run_key, committed.dropping)
             return True
@@ -2507,7 +2616,7 @@ class FileStore(ExpiryCleanup):
         return await self._call(self._delete_run, run_key)
 
     def _delete_run(self, run_key: str) -> int:
-        with self._locked(run_key):
+        with self._locked(run_key, items="skip"):
             try:
                 state = self._read_state(run_key)
             except CorruptCheckpointError as exc:
@@ -2545,7 +2654,7 @@ class FileStore(ExpiryCleanup):
             state = self._read_settled(run_key, read, read)
         except CorruptCheckpointError:
             # Decided again under the run's lock: a writer in the middle of a commit, or damage.
-            with self._locked(run_key):
+            with self._locked(run_key, items="try"):
                 files = _Dir(self._run_dir(run_key))
                 self._settle(run_key, files)
                 try:
@@ -2583,7 +2692,7 @@ class FileStore(ExpiryCleanup):
     def _update_run(
         self, run_key: str, incarnation: str, version: int, status: str, data: bytes, now: float
     ) -> RunRecord:
-        with self._locked(run_key):
+        with self._locked(run_key, items="try"):
             state = self._current_state(run_key, None, now)
             run = _live_run(state, now)
             if state is None or run is None:
@@ -2975,7 +3084,7 @@ class FileStore(ExpiryCleanup):
             if match is None:
                 logger.warning("file store: skipping foreign file %s", path)
                 continue
-            with self._locked(match[1], blocking=False) as locked:
+            with self._locked(match[1], blocking=False, items="skip") as locked:
                 if not locked or in_use(path):
                     continue  # a writer of that run is at work (a compaction copies unlocked)
                 if _discard(path):
@@ -2998,7 +3107,7 @@ class FileStore(ExpiryCleanup):
             return 0
         # Due, or a directory without run.rec: decide again under the lock, by a record that
         # counts every checkpoint in place (an old one might call live ones expired).
-        with self._locked(run_key):
+        with self._locked(run_key, items="try"):
             try:
                 state = self._current_state(run_key, None, now)
             except CorruptCheckpointError as exc:
@@ -3064,8 +3173,12 @@ class FileStore(ExpiryCleanup):
         if _due(committed.items_next_expiry, now) and not budget.exhausted:
             hint, items = self._expired_items(run_key, now, budget)
             committed = msgspec.structs.replace(committed, items_next_expiry=hint)
-        if committed != state:
-            self._commit(run_key, committed, erase=removed)
+        doomed = self._doomed(run_key, owning, committed.dropping)
+        files = _Dir(self._run_dir(run_key))
+        doomed += [meta.entry for meta in map(files.committed_item, items) if meta is not None]
+        if committed != state or doomed:
+            self._commit(run_key, committed if committed != state else None, erase=removed,
+                         items=_Entries([], doomed, []))
         self._remove_checkpoints(run_key, owning)
         self._drop_shared(run_key, committed.dropping)
         with _after_commit(os.path.join(self._run_dir(run_key), _ITEMS)):
@@ -3122,7 +3235,7 @@ class FileStore(ExpiryCleanup):
                 return
             if os.path.join(directory, marker) in indexed.get(run_key, ()):
                 continue
-            with self._locked(run_key):
+            with self._locked(run_key, items="skip"):
                 if self._marker_is_stale(run_key, marker, directory):
                     _discard(os.path.join(self._index, directory, marker))
                     budget.spend(1)
@@ -3155,7 +3268,7 @@ class FileStore(ExpiryCleanup):
         for key in keys:
             if self._damage(key, now) is None:
                 continue  # the common case, decided without waiting for the run's writer
-            with self._locked(key):
+            with self._locked(key, items="try"):
                 damage = self._damage(key, now)
             if damage is not None:
                 found.append(damage)

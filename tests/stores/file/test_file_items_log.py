@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,17 @@ def _item_file(root: Path, run: RunRecord, key: str) -> Path:
     return root / "runs" / key_of(run) / "i" / _name(key)
 
 
-def _entry_of(path: Path) -> int:
-    """The log entry an item file says it copies."""
-    frame = file_store._parse_frame(
-        path.read_bytes(), path.stat().st_size, str(path), file_store._ITEM_MAGIC, whole=True,
-        more=lambda _: b"")
-    return file_store._ITEM_DECODER.decode(frame.meta).entry
+def _kill_at_commits(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """From now on the writer dies as a ``kill -9`` would just before it commits: nothing
+    after that point runs (no file is put back). Returns what lets it commit again."""
+    real = FileStore._commit
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise _Killed
+
+    monkeypatch.setattr(FileStore, "_commit", killed)
+    monkeypatch.setattr(FileStore, "_withdraw_items", lambda *args: None)
+    return lambda: monkeypatch.setattr(FileStore, "_commit", real)
 
 
 def _restart(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,43 +150,118 @@ async def test_a_restart_before_any_reindex_reads_every_item_by_the_log(
         assert await FileStore(root).get_items(key, ["k"], now=T0) == {"k": b"logged"}
 
 
-async def test_a_file_a_crash_left_before_its_commit_is_no_item(
+async def test_a_writer_killed_among_its_item_files_leaves_them_to_be_made_again(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A writer killed between an item's file and the commit of its entry leaves the file,
-    and its entry number unused: the retry of the append writes the item again (it was never
-    committed), a later item may take the same entry number, and removing the first key
-    never removes the entry of the second. After a restart only committed items are left."""
+    """A writer killed after some of its item files are in place, before its commit, leaves
+    ``items.state`` marked: readers keep away from the files and the next holder of the run
+    lock makes them again from the log first. So the killed write never counts: a key it
+    rewrote keeps its committed value (and is removed, or rewritten, for good), and the
+    killed append's retry writes its item again."""
     store = FileStore(root)
-    run = make_run("left-file")
+    run = make_run("killed-writer")
     key = key_of(run)
-    real_commit = FileStore._commit
-
-    def killed(*args: Any, **kwargs: Any) -> None:
-        raise _Killed
-
     with anyio.fail_after(30):
         await _append(store, run, 0)
-        monkeypatch.setattr(FileStore, "_commit", killed)
-        monkeypatch.setattr(FileStore, "_withdraw_items", lambda *args: None)
+        await store.put_items(key, [make_item("k", b"k1"), make_item("m", b"m1")], now=T0)
+        revive = _kill_at_commits(monkeypatch)
+        with pytest.raises(_Killed):
+            await store.put_items(key, [make_item("k", b"k2"), make_item("m", b"m2"),
+                                        make_item("x", b"never committed")], now=T0)
+        assert _item_file(root, run, "k").read_bytes().endswith(b"k2")  # in place, uncommitted
         with pytest.raises(_Killed):
             await _append(store, run, 1, refs=["s"], items=[make_item("s")])
-        with pytest.raises(_Killed):
-            await store.put_items(key, [make_item("x", b"never committed")], now=T0)
-        monkeypatch.setattr(FileStore, "_commit", real_commit)
+        revive()
 
+        assert await store.get_items(key, ["k", "m", "x"], now=T0) == {"k": b"k1", "m": b"m1"}
         await _append(store, run, 1, refs=["s"], items=[make_item("s")])  # the retry
-        await store.put_items(key, [make_item("y", b"committed")], now=T0)
-        # The killed writes both took the first entry number; the retry took it again.
-        assert _entry_of(_item_file(root, run, "x")) == _entry_of(_item_file(root, run, "s"))
-        await store.delete_items(key, ["x"])
-
+        assert await store.delete_items(key, ["k"]) == 1
+        await store.put_items(key, [make_item("m", b"m3")], now=T0)
         _restart(monkeypatch)
         fresh = FileStore(root)
-        assert await fresh.get_items(key, ["x", "y"], now=T0) == {"y": b"committed"}
+        assert await fresh.get_items(key, ["k", "m", "x"], now=T0) == {"m": b"m3"}
         found = await fresh.read_with_items(key, sequence=1, now=T0)
     assert found is not None
     assert found[2] == {"s": b"value-s"}
+
+
+async def test_a_first_write_killed_before_its_log_leaves_no_item(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first write of a run makes its log in its commit: killed before it, the files it
+    placed are removed by the next holder of the lock, and never read."""
+    store = FileStore(root)
+    run = make_run("killed-first")
+    key = key_of(run)
+    with anyio.fail_after(30):
+        revive = _kill_at_commits(monkeypatch)
+        with pytest.raises(_Killed):
+            await store.put_items(key, [make_item("ghost")], now=T0)
+        revive()
+        assert _item_file(root, run, "ghost").exists()
+        assert await store.get_items(key, ["ghost"], now=T0) == {}
+        await store.put_items(key, [make_item("real")], now=T0)
+        assert await store.scan_items(key, now=T0) == [("real", b"value-real")]
+        _restart(monkeypatch)
+        assert await FileStore(root).scan_items(key, now=T0) == [("real", b"value-real")]
+    assert not _item_file(root, run, "ghost").exists()
+
+
+async def test_item_files_that_cannot_be_made_again_fail_only_reads_and_writes_of_items(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a restart, a full disk (say) that keeps the item files from being made again
+    fails the operations on items, not checkpoint reads nor ``delete_run``; and readers keep
+    away from the files until they are made."""
+    store = FileStore(root)
+    run = make_run("cannot-rebuild")
+    other = make_run("deleted-anyway")
+    key = key_of(run)
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with anyio.fail_after(30):
+        await _append(store, run, 0, refs=["a"], items=[make_item("a")])
+        await _append(store, other, 0, refs=["a"], items=[make_item("a")])
+        _item_file(root, run, "a").write_bytes(b"torn")
+        _restart(monkeypatch)
+        fresh = FileStore(root)
+        real = FileStore._write_item_files
+        monkeypatch.setattr(FileStore, "_write_item_files", full)
+        found = await fresh.latest(key, now=T0)
+        assert found is not None
+        assert found[0].sequence == 0
+        assert await fresh.get_run(key, now=T0) is not None
+        with pytest.raises(StoreError, match="No space"):
+            await fresh.get_items(key, ["a"], now=T0)
+        with pytest.raises(StoreError, match="No space"):
+            await fresh.read_with_items(key, sequence=None, now=T0)
+        assert await fresh.delete_run(key_of(other)) == 1
+        monkeypatch.setattr(FileStore, "_write_item_files", real)
+        assert await fresh.get_items(key, ["a"], now=T0) == {"a": b"value-a"}
+
+
+async def test_pruning_removes_what_the_pruned_checkpoint_held_in_its_own_commit(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append that prunes a checkpoint owning items and naming the last holder of a shared
+    item (and what is nested under it) still costs one sync: their entries go in its commit."""
+    store = FileStore(root)
+    run = make_run("prune-one-sync")
+    key = key_of(run)
+    with anyio.fail_after(30):
+        first = await _append(store, run, 0, refs=["h"], items=[
+            make_item("h"), make_item("h/0"), make_item("w", owner=0)])
+        assert await store.put_owned_items(key, [make_item("w/1", owner=0)], owner=0,
+                                           checkpoint_id=first.checkpoint_id, if_absent=False,
+                                           now=T0)
+        calls = count_calls(monkeypatch, "fsync", "fdatasync")
+        await _append(store, run, 1, keep_latest=1)
+        assert calls == ["fdatasync"]
+        assert await store.scan_items(key, now=T0) == []
+        _restart(monkeypatch)
+        assert await FileStore(root).scan_items(key, now=T0) == []
 
 
 async def test_a_failed_write_puts_back_the_items_it_replaced(

@@ -1066,9 +1066,9 @@ async def test_kill_9_before_every_file_system_change_of_an_append(
 
     with anyio.fail_after(120):
         async with anyio.create_task_group() as group:
-            for number in range(1, 41):
+            for number in range(1, 51):
                 group.start_soon(crash_at, number)
-    assert survived_at, "40 file-system changes were not enough for one append"
+    assert survived_at, "50 file-system changes were not enough for one append"
     crashes = min(survived_at) - 1
     assert crashes >= 8, f"an append made only {crashes} file-system changes"
     _assert_only_crash_warnings(caplog)
@@ -1295,12 +1295,13 @@ async def test_kill_9_before_every_file_system_change_of_a_put_owned_items(
     root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Owned items put on a live checkpoint, killed before each file-system change: the
-    items of the appends and of the acknowledged put are all there, each item of the cut
-    batch is either absent or whole, and putting the batch again completes it."""
+    items of the appends and of the acknowledged put are all there, the cut batch is there
+    whole or not at all (a kill among its files leaves them to be made again from the log),
+    and putting the batch again completes it."""
     FileStore(root)
     caplog.set_level(logging.WARNING, logger=LOGGER)
     batch = {item.key: item.value for item in worker.owned_batch(2, "q", 3)}
-    partial: list[int] = []
+    cuts: list[int] = []
 
     async def check(run_id: str, lines: list[str]) -> None:
         assert lines[3:4] == ["put"]
@@ -1311,8 +1312,7 @@ async def test_kill_9_before_every_file_system_change_of_a_put_owned_items(
         cut = {item: value for item, value in read[2].items() if item not in acknowledged}
         assert read[2].items() >= acknowledged.items()
         assert cut.items() <= batch.items(), "a torn or foreign owned item"
-        if 0 < len(cut) < len(batch):
-            partial.append(len(cut))
+        cuts.append(len(cut))
         run = await store.get_run(key, now=T0)
         assert run is not None
         assert await store.put_owned_items(
@@ -1327,9 +1327,9 @@ async def test_kill_9_before_every_file_system_change_of_a_put_owned_items(
         assert await _stored_keys(store, key) == set(worker.expected_items(3))
 
     with anyio.fail_after(180):
-        survived_at = await _crash_each_step(root, "crash-owned", 36, check)
-    assert survived_at, "36 file-system changes were not enough for one put_owned_items"
-    assert partial, "no kill fell between two items of the batch"
+        survived_at = await _crash_each_step(root, "crash-owned", 50, check)
+    assert survived_at, "50 file-system changes were not enough for one put_owned_items"
+    assert set(cuts) == {0, len(batch)}, cuts
     _assert_only_crash_warnings(caplog)
 
 
@@ -1399,10 +1399,11 @@ async def _check_survivors(
 # -- readers racing writers on the run's log --------------------------------------------------
 
 
-def _appender(store: FileStore, run: RunRecord) -> Callable[[int], None]:
-    def append(sequence: int) -> None:
+def _appender(store: FileStore, run: RunRecord) -> Callable[..., None]:
+    def append(sequence: int, owning: bool = True) -> None:
         record = make_checkpoint(run, sequence)
-        named = file_store._appended_items(record, [make_item(f"w/{sequence}", owner=sequence)])
+        owned = [make_item(f"w/{sequence}", owner=sequence)] if owning else []
+        named = file_store._appended_items(record, owned)
         store._translated(store._append, key_of(run), record, run, None, T0, named)
 
     return append
@@ -1412,8 +1413,10 @@ def test_read_with_items_never_returns_a_checkpoint_deleted_while_it_read(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The reader opens the log while a writer is between its commit and its idx update, reads
-    checkpoint 1, and another writer deletes it (and its owned item) before the reader checks
-    that it is still held: the reader must read again, not trust the run record it saw."""
+    checkpoint 1, and other writers give it an owned item and delete it (and the item) before
+    the reader checks that it is still held: the reader must read again, not trust the run
+    record it saw. (The first writer writes no item: readers of items wait for writers that
+    change item files.)"""
     store = FileStore(root, fsync=False)
     run = make_run("stale-held")
     key = key_of(run)
@@ -1431,7 +1434,7 @@ def test_read_with_items_never_returns_a_checkpoint_deleted_while_it_read(
             go.wait(10)
 
     monkeypatch.setattr(file_log.LogWriter, "_sync", sync)
-    writer = threading.Thread(target=append, args=(1,), name="W")
+    writer = threading.Thread(target=append, args=(1, False), name="W")
     writer.start()
     assert in_window.wait(10)
     real_items_of = file_store._items_of
@@ -1440,6 +1443,9 @@ def test_read_with_items_never_returns_a_checkpoint_deleted_while_it_read(
         if threading.current_thread().name == "R" and record.sequence == 1:
             go.set()
             writer.join()
+            owned = file_store._owned_items([make_item("w/1", owner=1)], 1)
+            assert store._translated(store._put_owned_items, key, owned, 1,
+                                     checkpoint_id_of(run, 1), False, T0)
             store._translated(store._delete, key, 1, checkpoint_id_of(run, 1))
         return real_items_of(files, record, now)
 
