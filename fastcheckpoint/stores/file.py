@@ -653,6 +653,9 @@ class _HeldLog:
         self.items_changing = False
         """Whether the operation marked the item files as being changed (cleared when it
         ends well)."""
+        self.items_failed = False
+        """Whether the item files could not be made again from the log when the lock was
+        taken: they stay marked, and nothing may go by them."""
 
     def view(self) -> LogView | None:
         if not self._opened:
@@ -1382,8 +1385,11 @@ class FileStore(ExpiryCleanup):
             # waits on it finds its inode gone from the path and locks a new file.
             if not os.path.lexists(run_dir):
                 _discard(path)
-            elif held.items_changing:
-                self._mark_items(run_key, _CLEAN)  # the operation ended well
+            elif held.items_changing and not held.items_failed:
+                try:
+                    self._mark_items(run_key, _CLEAN)  # the operation ended well
+                except OSError as exc:  # it stands: the next holder makes the files again
+                    _log_leftover(os.path.join(run_dir, _ITEMS_STATE), exc)
         finally:
             held.forget()
             del _HELD.by_path[run_dir]
@@ -1412,6 +1418,7 @@ class FileStore(ExpiryCleanup):
             elif changing or not view.current:
                 self._rebuild_items(run_key, held)
         except OSError as exc:
+            held.items_failed = True
             with contextlib.suppress(OSError):
                 self._mark_items(run_key, _DIRTY)
             if need:
@@ -1917,6 +1924,8 @@ class FileStore(ExpiryCleanup):
             anchor = f"{_NESTED}/{_item_name(key)}"
             for name in files.listdir(anchor) if files.exists(anchor) else ():
                 add(name, None)
+        if entries:
+            self._items_changing(run_key)  # their files go after the commit
         return list(dict.fromkeys(entries))
 
     def _remove_items(self, run_key: str, names: Collection[str]) -> int:
@@ -3115,6 +3124,8 @@ class FileStore(ExpiryCleanup):
                 return 0
             if state is None or (state.run is not None and not is_live(state.run.expires_at, now)):
                 return self._purge_whole_run(run_key, state, budget)
+            if _HELD.by_path[self._run_dir(run_key)].items_failed:
+                return 0  # the item files are not the log's: logged, tried again next round
             if not self._purge_due(run_key, state, now):
                 return 0
             return self._purge_inside_run(run_key, state, now, budget)

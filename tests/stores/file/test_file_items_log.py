@@ -321,3 +321,33 @@ async def test_items_outlive_compaction_and_a_restart(
         values = await fresh.get_items(key, ["big", "kept"], now=T0)
     assert values["big"].startswith(b"39:")
     assert values["kept"] == b"value-kept"
+
+
+async def test_cleanup_leaves_a_run_whose_item_files_cannot_be_made_again(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cleanup loop may be the first holder of a run's lock after a restart: when the
+    item files cannot be made again (a full disk), it leaves the run's items alone (not
+    taking the missing files for removed items, so not removing the run), and they stay
+    marked until they are made."""
+    store = FileStore(root)
+    run = make_run("purge-cannot-rebuild")
+    key = key_of(run)
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with anyio.fail_after(30):
+        await store.put_items(key, [make_item("e", b"expiring", expires_at=T0 + 10)], now=T0)
+        await store.put_items(key, [make_item("k", b"kept")], now=T0)
+        _restart(monkeypatch)
+        fresh = FileStore(root)
+        real = FileStore._write_file
+        monkeypatch.setattr(FileStore, "_write_file", full)
+        assert await fresh.purge_expired(now=T0 + 100, limit=100) == (0, True)
+        assert (root / "runs" / key).is_dir()
+        assert (root / "runs" / key / "items.state").read_bytes() == b"\1"
+        monkeypatch.setattr(FileStore, "_write_file", real)
+        assert await fresh.get_items(key, ["e", "k"], now=T0 + 100) == {"k": b"kept"}
+        assert await fresh.purge_expired(now=T0 + 100, limit=100) == (0, True)
+        assert await fresh.scan_items(key, now=T0) == [("k", b"kept")]
