@@ -1412,8 +1412,7 @@ class FileStore(ExpiryCleanup):
         try:
             if view is None:
                 if changing:  # a first write died before its log was made: nothing is held
-                    for directory in (_ITEMS, _OWNERS, _NESTED):
-                        _remove_tree(files.path_of(directory))
+                    _clear_item_copies(files)
                     self._mark_items(run_key, _CLEAN)
             elif changing or not view.current:
                 self._rebuild_items(run_key, held)
@@ -1478,8 +1477,7 @@ class FileStore(ExpiryCleanup):
             staged[meta.key] = (_item_name(meta.key), item, data)
         # From nothing: files of items removed since, or never committed, go too.
         self._mark_items(run_key, _DIRTY)
-        for directory in (_ITEMS, _OWNERS, _NESTED):
-            _remove_tree(files.path_of(directory))
+        _clear_item_copies(files)
         self._write_item_files(run_key, list(staged.values()))
         logger.info("file store: made the %d item files of run %s again from its log",
                     len(staged), run_key)
@@ -2544,15 +2542,7 @@ class FileStore(ExpiryCleanup):
                     continue
                 # Everything of a checkpoint expires together.
                 chosen[name] = msgspec.structs.replace(item, expires_at=head.expires_at)
-            entries = self._item_entries(run_key, list(chosen.items()))
-            try:
-                if entries.puts:
-                    self._commit(run_key, None, items=entries)
-            except CommitLeftInLog:
-                raise
-            except BaseException:
-                self._withdraw_items(run_key, entries)
-                raise
+            self._commit_items(run_key, None, self._item_entries(run_key, list(chosen.items())))
             return True
 
     async def headers(
@@ -2877,15 +2867,20 @@ class FileStore(ExpiryCleanup):
                 items_next_expiry=hint,
                 dropping=tuple(key for key in base.dropping if key not in keys),
             )
-            entries = self._item_entries(run_key, named)
-            try:
-                self._commit(run_key, updated if state is None or updated != state else None,
-                             items=entries)
-            except CommitLeftInLog:
-                raise
-            except BaseException:
-                self._withdraw_items(run_key, entries)
-                raise
+            self._commit_items(run_key, updated if state is None or updated != state else None,
+                               self._item_entries(run_key, named))
+
+    def _commit_items(self, run_key: str, state: _RunState | None, entries: _Entries) -> None:
+        """Commit the entries of items whose files are in place (with ``run.rec``, unless
+        ``None``; nothing when there is nothing to commit); a commit that fails puts the
+        files back (but not one that stays in the log: its items may be read)."""
+        try:
+            self._commit(run_key, state, items=entries)
+        except CommitLeftInLog:
+            raise
+        except BaseException:
+            self._withdraw_items(run_key, entries)
+            raise
 
     def _write_item_files(self, run_key: str, staged: Sequence[tuple[str, Item, bytes]]) -> None:
         """Write item files (owner and nesting markers first), unsynced: the log holds what
@@ -3430,6 +3425,12 @@ def _holds_live_item(files: _Dir, name: str, now: float) -> bool:
     (logged) is not. Under the run lock."""
     found = files.committed_item(name)
     return found is not None and is_live(found.expires_at, now)
+
+
+def _clear_item_copies(files: _Dir) -> None:
+    """Remove the run's item files and markers (copies of its log: made again from it)."""
+    for directory in (_ITEMS, _OWNERS, _NESTED):
+        _remove_tree(files.path_of(directory))
 
 
 def _live_items(

@@ -53,6 +53,10 @@ def _kill_at_commits(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     return lambda: monkeypatch.setattr(FileStore, "_commit", real)
 
 
+def _disk_full(*args: Any, **kwargs: Any) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
 def _restart(monkeypatch: pytest.MonkeyPatch) -> None:
     """The machine restarts: a new boot id, so no ``idx`` written before counts as current."""
     boot = secrets.token_bytes(16)
@@ -218,9 +222,6 @@ async def test_item_files_that_cannot_be_made_again_fail_only_reads_and_writes_o
     other = make_run("deleted-anyway")
     key = key_of(run)
 
-    def full(*args: Any, **kwargs: Any) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
     with anyio.fail_after(30):
         await _append(store, run, 0, refs=["a"], items=[make_item("a")])
         await _append(store, other, 0, refs=["a"], items=[make_item("a")])
@@ -228,7 +229,7 @@ async def test_item_files_that_cannot_be_made_again_fail_only_reads_and_writes_o
         _restart(monkeypatch)
         fresh = FileStore(root)
         real = FileStore._write_item_files
-        monkeypatch.setattr(FileStore, "_write_item_files", full)
+        monkeypatch.setattr(FileStore, "_write_item_files", _disk_full)
         found = await fresh.latest(key, now=T0)
         assert found is not None
         assert found[0].sequence == 0
@@ -334,16 +335,13 @@ async def test_cleanup_leaves_a_run_whose_item_files_cannot_be_made_again(
     run = make_run("purge-cannot-rebuild")
     key = key_of(run)
 
-    def full(*args: Any, **kwargs: Any) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
     with anyio.fail_after(30):
         await store.put_items(key, [make_item("e", b"expiring", expires_at=T0 + 10)], now=T0)
         await store.put_items(key, [make_item("k", b"kept")], now=T0)
         _restart(monkeypatch)
         fresh = FileStore(root)
         real = FileStore._write_file
-        monkeypatch.setattr(FileStore, "_write_file", full)
+        monkeypatch.setattr(FileStore, "_write_file", _disk_full)
         assert await fresh.purge_expired(now=T0 + 100, limit=100) == (0, True)
         assert (root / "runs" / key).is_dir()
         assert (root / "runs" / key / "items.state").read_bytes() == b"\1"
