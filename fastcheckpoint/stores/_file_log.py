@@ -63,6 +63,8 @@ __all__ = [
     "LOG",
     "MIN_KEY",
     "RUN",
+    "Changes",
+    "Located",
     "LogView",
     "LogWriter",
     "open_view",
@@ -281,11 +283,24 @@ class _Scan(NamedTuple):
     """Whether the range holds unreadable bytes before its last complete commit."""
 
 
+class Changes(NamedTuple):
+    """What the commits of a range of the log did (:meth:`LogView.changes`)."""
+
+    found: dict[int, Located | None]
+    """Newest entry per key in the range (``None``: removed there)."""
+    damaged: dict[int, Located]
+    """Keys whose newest entry may not be the one found (unreadable bytes follow it)."""
+    end: int
+    """Where the range's last complete commit ends."""
+    gaps: bool
+    """Whether the range holds unreadable bytes before its last complete commit."""
+
+
 _Entry = tuple[int, Located, int]
 """An entry of a commit being read: key, where (or ``_REMOVED``), data CRC."""
 
 
-def _scan(fd: int, start: int, size: int, seed: int) -> _Scan:
+def _scan(fd: int, start: int, size: int, seed: int, *, read: bool = False) -> _Scan:
     """Read the commits in ``[start, size)``.
 
     A commit counts once its entries, from its first to its last, are in place and their
@@ -294,6 +309,8 @@ def _scan(fd: int, start: int, size: int, seed: int) -> _Scan:
     the records' own checksums catch damage elsewhere when they are read. Unreadable bytes
     (a damaged envelope) before a complete commit are damage: every key found before them
     reads as damaged (the bytes may have held a newer entry of it), never as its older entry.
+    ``read``: the range holds only commits a scan found whole before (their data is not
+    checked again).
     """
     commits: list[tuple[list[_Entry], bool, int]] = []
     pending: list[_Entry] | None = None
@@ -332,7 +349,7 @@ def _scan(fd: int, start: int, size: int, seed: int) -> _Scan:
         if envelope.last:
             commits.append((pending, gap, stop))
             pending, gap = None, False
-    if commits and not _intact(fd, commits[-1][0]):
+    if commits and not read and not _intact(fd, commits[-1][0]):
         commits.pop()  # torn: the newest commit's bytes never all reached the disk
     found: dict[int, Located] = {}
     damaged: dict[int, Located] = {}
@@ -592,6 +609,18 @@ class LogView:
         if self.index is None:
             return self.tail  # scanned from the start when the view opened
         return _scan(self.fd, _LOG_HEADER.size, self.size, self.seed)
+
+    def changes(self, start: int | None, end: int) -> Changes:
+        """What the commits in ``[start, end)`` did (from the first commit when ``start`` is
+        ``None``): ``start`` is where a commit begins (the end of an earlier range), ``end``
+        at most the view's :attr:`end`, so the range holds commits found whole already. Reads
+        the envelopes, not the data: O(entries in the range)."""
+        if end > self.end:
+            raise ValueError(f"changes up to {end}, past the view's end {self.end}")
+        first = _LOG_HEADER.size if start is None else start
+        scan = _scan(self.fd, first, end, self.seed, read=True)
+        found = {key: None if at is _REMOVED else at for key, at in scan.found.items()}
+        return Changes(found, scan.damaged, scan.end, scan.gaps)
 
     def held_keys(self) -> list[int]:
         """Every key the log holds, damaged ones included (a scan of the whole log)."""

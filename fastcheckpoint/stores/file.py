@@ -10,11 +10,6 @@ Layout under the root (directories 0700, files 0600)::
                                     one entry per item (framing, key, owner, expiry, entry
                                     number, value) and the count of item entries handed out
     runs/<run key>/idx              where each record's newest entry is (a checked cache)
-    runs/<run key>/i/k<key>         a copy of each item's entry; <key> is base32hex of the
-                                    UTF-8 key
-    runs/<run key>/o/<sequence:020>/k<key>   empty markers: items owned by that checkpoint
-    runs/<run key>/n/k<K>/k<nested key>  empty markers: items nested under the item <K>
-    runs/<run key>/items.state      1 while a writer changes the three above, else 0
     index/s<status>/<stamp>-<run key>        empty markers: runs by status, newest created first
     index/l<label hash>/<stamp>-<run key>    the same by label (base32hex of a BLAKE2b hash)
     locks/<run key>                 flock(2) file of the run, outside its directory
@@ -30,38 +25,29 @@ the run's own expiry are found without reading checkpoint records.
 
 Items are records of the log too: a write of items (with an append, or alone) commits one
 entry per item (numbered from a count the same commit advances) and the removal of the entries
-they replace; a removal of items commits the removal of their entries. The item files and the
-markers are copies for reads, written before the commit (files in ``tmp/``, renamed into
-place) and never synced, so a write of any number of items costs one sync. After a crash of
-the machine they may be lost, torn or old; ``idx`` names the boot it was written in, and the
-first holder of the run lock that finds it not written in this boot (or missing, or damaged)
-makes them all again from the log before it writes a new one (O(items of the run), once).
-So it does when ``items.state`` (one byte, set by a writer before it touches the files and
-cleared when its operation ends well) says a writer died among them. Readers of items that
-find either read through that lock. Writers also take an item file for the run's item only
-when the log holds the entry it names. ``fsync=False`` skips every sync.
+they replace; every removal of items (``delete_items``, expiry, and what goes with a removed
+checkpoint or a dropped shared item) is the removal of their entries, in the commit of the
+operation that removes them. So a write or removal of any number of items costs one sync, and
+the log holds each batch whole or not at all. The log keys an item's entry by its number, so
+each process keeps an index of a run's items (key, owner and expiry of each, and where its
+entry is), made by one scan of the log the first time it reads the run's items, and brought up
+to date from the commits appended since whenever it reads them again (their envelopes and the
+new items' metadata): an item is found by its key in a dictionary and read with one ``pread``,
+and the item index is never written anywhere (nothing to repair after a crash). A run that
+never held an item costs nothing more than one look for the count of item entries. A
+compaction (a new log) makes the index be made again. ``fsync=False`` skips every sync.
 
 Shared items (``SupportsSharedItems``): ``run.rec``'s body counts, per item key, the held
 checkpoints whose ``refs`` name it, and lists the held checkpoints that have refs; writers read
-it, readers never do. An append writes its items' files first (owner markers, item files),
-then commits their entries with the checkpoint: a checkpoint that can be seen has its items in
-place. A removed checkpoint's refs, read from its head before the commit, are released in the
-same commit; keys no held checkpoint names any more are listed as ``dropping`` and removed
-afterwards (again by the next writer or ``purge_expired`` if that failed). So are the owned
-items of removed checkpoints (``removing`` lists those whose items may be left). The counts
-are rebuilt from the checkpoints' refs whenever ``run.rec`` is.
+it, readers never do. An append commits its items' entries with the checkpoint, so a
+checkpoint that can be seen has its items in place. A removed checkpoint's refs, read from its
+head before the commit, are released in the same commit, and the items none names any more,
+the items it owned and the items nested under the dropped ones are removed by it too. The
+counts are rebuilt from the checkpoints' refs whenever ``run.rec`` is.
 
-Nested items (``SupportsNestedItems``): an item written under ``K + "/"`` while ``K`` holds an
-item (in place or in the same batch) gets an empty marker ``n/k<K>/<its name>`` (before the
-item) for each such ``K`` its key is under; keys that hold no item
-(``w/<sequence>/...``) get none. Reads look for the marker directory of each ref (one
-``faccessat``) and list only those, so a read never lists the run's items. Removing a shared
-item removes what its markers name in the same cleanup after the commit, markers last, so a
-marker left keeps the key in ``dropping`` for the next writer or ``purge_expired``; a dropped
-key written again first loses what was left under it; ``delete_items`` removes an item, then
-its markers. Items written under ``K + "/"`` before ``K`` holds an item are not marked until
-the first marker under ``K`` is made, which marks them too (base32hex names sort like the keys
-they encode, so they are one slice of the run's sorted item names).
+Nested items (``SupportsNestedItems``): the items whose keys start with ``K + "/"`` are one
+range of the item index's sorted keys, so ``read_with_items`` finds those nested under each ref
+with one bisection, and the removal of a shared item ``K`` removes them in its commit.
 
 The checkpoint records are the run's log and ``run.rec`` summarises it. Commits keep the two
 in step, so a record behind its log, or a damaged one, comes from damage or tampering, not
@@ -84,8 +70,8 @@ incarnations of a run into one answer. POSIX only (``fcntl.flock``); one host (n
 from __future__ import annotations
 
 import base64
-import binascii
 import bisect
+import collections
 import contextlib
 import enum
 import errno
@@ -103,7 +89,7 @@ import threading
 import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import anyio
@@ -124,7 +110,6 @@ from fastcheckpoint.errors import (
 from fastcheckpoint.stores._base import (
     EMPTY_RUN,
     MAX_ITEM_KEY_BYTES,
-    NESTING,
     CheckpointHeader,
     ExpiryCleanup,
     Item,
@@ -148,7 +133,7 @@ from fastcheckpoint.stores._file_log import (
     MAX_DATA,
     MIN_KEY,
     RUN,
-    CommitLeftInLog,
+    Located,
     LogView,
     LogWriter,
     in_use,
@@ -162,9 +147,6 @@ logger = logging.getLogger("fastcheckpoint.stores.file")
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
-_ItemsUse = Literal["need", "try", "skip"]
-
-# MAX_ITEM_KEY_BYTES (128) also keeps an item's base32hex file name within 255 bytes.
 _MAX_STATUS_BYTES = 64
 
 _RUN_KEY = re.compile(r"[a-z2-7]{24}")
@@ -175,11 +157,6 @@ _STAMP_MAX = 10**20 - 1
 _RUN_FILE = "run.rec"
 _CHECKPOINTS = "c"
 _ITEMS = "i"
-_ITEMS_STATE = "items.state"
-"""One byte, unsynced: 1 while a writer changes item files (left so when it dies), else 0."""
-_CLEAN, _DIRTY = b"\0", b"\1"
-_OWNERS = "o"
-_NESTED = "n"
 
 # Frame: magic, version, reserved, meta/head/body lengths | CRC of fixed+meta+head, CRC of body.
 _FIXED = struct.Struct("<4sHHIIQ")
@@ -202,8 +179,9 @@ _COUNT = struct.Struct("<Q")
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 _DIR_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY
 _MARKER_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
-# A symlink or a file where a directory belongs: the layout was tampered with, not an I/O fault.
-_LAYOUT_ERRNOS = frozenset({errno.ELOOP, errno.ENOTDIR})
+_INDEXED_ITEMS = 1 << 18
+"""How many items this process keeps indexed for the runs it read lately (beyond it, the least
+recently used runs' indexes are dropped; the last one used is always kept)."""
 
 
 class _Shared(msgspec.Struct, frozen=True, kw_only=True):
@@ -231,14 +209,8 @@ class _RunState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     expiring: tuple[tuple[float, int], ...] = ()
     """``(expires_at, sequence)`` of every held checkpoint that expires, ascending: the next to
     expire first, the latest expiry last. ``checkpoint_count == immortal + len(expiring)``."""
-    removing: tuple[int, ...] = ()
-    """Removed checkpoints whose files may still be there: hidden from reads, unlinked after
-    the commit, and again by the next writer if that failed."""
     items_next_expiry: float | None = None
     """No item expires before this (a lower bound; ``None``: none expires)."""
-    dropping: tuple[str, ...] = ()
-    """Keys of shared items no held checkpoint names any more, whose files may still be
-    there: unlinked after the commit, and again by the next writer if that failed."""
     shared: _Shared | None = None
     """The record's body, as writers read it; ``None`` as readers see the record (they never
     read the body). Never encoded with the rest."""
@@ -266,7 +238,7 @@ class _ItemMeta(msgspec.Struct, frozen=True, array_like=True):
     owner: int | None
     expires_at: float | None
     entry: int
-    """The log key of the entry that holds this item (its file is a copy of it)."""
+    """The log key of the entry that holds this item."""
 
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -277,13 +249,13 @@ _ITEM_DECODER = msgspec.msgpack.Decoder(_ItemMeta)
 
 
 class _Entries(NamedTuple):
-    """What a commit holds for the items an operation writes (their files already in place):
-    an entry per item and the count of entries handed out, the removal of the entries they
-    replace, and, per item, the entry its key held before (``None``: none), to put back."""
+    """What a commit holds for the items an operation writes and removes: an entry per item
+    written and the count of entries handed out, the removal of the entries they replace and
+    of those of the items removed."""
 
     puts: list[tuple[int, bytes]]
     removes: list[int]
-    replaced: list[tuple[str, int | None]]
+
 
 
 class _Frame(NamedTuple):
@@ -318,47 +290,14 @@ def _b32hex(raw: bytes) -> str:
     return base64.b32hexencode(raw).decode("ascii").rstrip("=").lower()
 
 
-def _item_name(key: object) -> str:
-    return "k" + _b32hex(item_key_bytes(key, MAX_ITEM_KEY_BYTES, "the file store"))
-
-
-def _key_of_name(name: str) -> str | None:
-    """The item key a file name encodes, or ``None`` for a name this store never writes."""
-    if not name.startswith("k"):
-        return None
-    encoded = name[1:]
-    try:
-        raw = base64.b32hexdecode(encoded.upper() + "=" * (-len(encoded) % 8))
-        key = raw.decode("utf-8")
-    except (binascii.Error, ValueError):
-        return None
-    return key if "k" + _b32hex(raw) == name else None
-
-
-def _nested_names(names: Sequence[str], key: str) -> Sequence[str]:
-    """The names among ``names`` (sorted) that encode keys nested under ``key``: names sort
-    like the keys they encode, so the key range ``[K + "/", successor)`` is one slice."""
-    prefix = nested_prefix(key)
-    low = "k" + _b32hex(prefix.encode("utf-8"))
-    high = "k" + _b32hex(key_successor(prefix).encode("utf-8"))
-    start = bisect.bisect_left(names, low)
-    return names[start : bisect.bisect_left(names, high, lo=start)]
-
-
-def _prefixes(key: str) -> Iterator[str]:
-    """The keys ``key`` is nested under if items hold them: each part before a ``"/"``."""
-    end = key.find(NESTING)
-    while end != -1:
-        yield key[:end]
-        end = key.find(NESTING, end + 1)
+def _check_item_key(key: object) -> str:
+    item_key_bytes(key, MAX_ITEM_KEY_BYTES, "the file store")
+    assert isinstance(key, str)
+    return key
 
 
 def _sequence_name(sequence: int) -> str:
     return f"{sequence:020d}"
-
-
-def _sequence_of_name(name: str) -> int | None:
-    return int(name) if len(name) == 20 and name.isascii() and name.isdigit() else None
 
 
 def _status_dir_name(status: str) -> str:
@@ -429,13 +368,7 @@ class _Ledger:
     and the shared items' reference counts after the added and released checkpoints.
     """
 
-    def __init__(
-        self,
-        state: _RunState,
-        run: RunRecord,
-        leftovers: Sequence[int],
-        dropping: Sequence[str] = (),
-    ) -> None:
+    def __init__(self, state: _RunState, run: RunRecord) -> None:
         assert state.shared is not None, "a writer's run.rec is read with its body"
         self.base = state
         self.run = run
@@ -446,24 +379,14 @@ class _Ledger:
         """Checkpoints this operation removes: their records go in its commit."""
         self.erase: list[int] = []
         """Records of an earlier life's checkpoints, removed by the same commit."""
-        self.owning: set[int] = set()
-        """Those of ``removed`` that own items: carried in ``removing`` until they are gone."""
-        self.leftovers = list(leftovers)
-        """Removed earlier, owned items still there: carried in ``removing`` until they are
-        gone."""
         self.counts = dict(state.shared.counts)
         self.referring = set(state.shared.referring)
-        self.dropping = set(dropping)
-        """Shared items dropped earlier whose files are still there (a failed unlink)."""
         self.dropped: list[str] = []
-        """Shared items this operation drops: unlinked after its commit."""
+        """Shared items no held checkpoint names any more: removed by the same commit."""
 
     @property
     def held(self) -> int:
         return self.immortal + len(self.expiring)
-
-    def hidden(self) -> set[int]:
-        return {*self.removed, *self.leftovers}
 
     def add(self, sequence: int, expires_at: float | None, refs: Sequence[str] = ()) -> None:
         if expires_at is None:
@@ -474,7 +397,6 @@ class _Ledger:
             self.referring.add(sequence)
         for key in dict.fromkeys(refs):
             self.counts[key] = self.counts.get(key, 0) + 1
-            self.dropping.discard(key)
 
     def releasing(self) -> list[int]:
         """Removed checkpoints whose refs are still counted: :meth:`release` each."""
@@ -489,6 +411,10 @@ class _Ledger:
                 self.counts[key] = count
             elif self.counts.pop(key, None) is not None:
                 self.dropped.append(key)
+
+    def dropped_keys(self) -> list[str]:
+        """The shared items this operation drops (no held checkpoint names them)."""
+        return [key for key in dict.fromkeys(self.dropped) if key not in self.counts]
 
     def remove(self, sequence: int, expires_at: float | None) -> None:
         if expires_at is None:
@@ -529,8 +455,6 @@ class _Ledger:
             low=low,
             immortal=self.immortal,
             expiring=tuple(self.expiring),
-            removing=tuple(sorted({*self.leftovers, *self.owning})),
-            dropping=tuple(sorted({*self.dropping, *self.dropped} - self.counts.keys())),
             shared=_Shared(counts=self.counts, referring=tuple(sorted(self.referring))),
         )
 
@@ -650,12 +574,6 @@ class _HeldLog:
         self.compact_due = False
         """Whether a commit of the operation left the log due for compaction (done once the
         operation has released the lock)."""
-        self.items_changing = False
-        """Whether the operation marked the item files as being changed (cleared when it
-        ends well)."""
-        self.items_failed = False
-        """Whether the item files could not be made again from the log when the lock was
-        taken: they stay marked, and nothing may go by them."""
 
     def view(self) -> LogView | None:
         if not self._opened:
@@ -678,10 +596,9 @@ _HELD = _HeldLogs()
 
 
 class _Dir:
-    """A run directory to read from: its item files, and the records of its log (``run.rec``
-    and one per checkpoint). Through an open descriptor when one is given; then the log is
-    opened once and held until :meth:`close`. Under the run's lock the log the operation
-    holds is used."""
+    """A run directory to read from: the records of its log (``run.rec``, one per checkpoint,
+    and its items). Through an open descriptor when one is given; then the log is opened once
+    and held until :meth:`close`. Under the run's lock the log the operation holds is used."""
 
     def __init__(self, path: str, fd: int | None = None) -> None:
         self.path = path
@@ -747,30 +664,6 @@ class _Dir:
         """How errors and logs name a record of the run's log."""
         return f"{self.path}/{LOG}:{_record_name(key)}"
 
-    def open(self, relative: str) -> int | None:
-        """A read descriptor for a file of the run directory (an item's), ``None`` if
-        absent."""
-        target = relative if self.fd is not None else self.path_of(relative)
-        try:
-            return os.open(target, _READ_FLAGS, dir_fd=self.fd)
-        except FileNotFoundError:
-            return None  # absent items are normal: never written, removed or deleted
-        except OSError as exc:
-            if exc.errno in _LAYOUT_ERRNOS:
-                raise CorruptCheckpointError(
-                    f"not a record file ({os.strerror(exc.errno)})", key=self.path_of(relative)
-                ) from exc
-            raise
-
-    def read(self, relative: str, magic: bytes, *, whole: bool) -> _Frame | None:
-        fd = self.open(relative)
-        if fd is None:
-            return None
-        try:
-            return _read_frame(fd, self.path_of(relative), magic, whole=whole)
-        finally:
-            os.close(fd)
-
     def record(self, key: int, magic: bytes, *, whole: bool) -> _Frame | None:
         """Record ``key`` of the log (``RUN`` or a sequence), ``None`` if the log holds none;
         only its head area unless ``whole``."""
@@ -815,69 +708,6 @@ class _Dir:
         finally:
             if temporary:
                 view.close()
-
-    def items_current(self) -> bool:
-        """Whether the item files and markers can be read as they are: written unsynced, they
-        are known to copy the log only where ``idx`` was written since this boot (a writer
-        makes them again from the log before it writes an ``idx`` that was not) and no writer
-        died while it changed them or failed to make them again (``items.state``)."""
-        if self.items_changing():
-            return False
-        view, temporary = self._log()
-        try:
-            return view is None or view.current
-        finally:
-            if temporary and view is not None:
-                view.close()
-
-    def items_changing(self) -> bool:
-        """Whether ``items.state`` says a writer is changing the item files (or died doing
-        so, or could not make them again)."""
-        fd = self.open(_ITEMS_STATE)
-        if fd is None:
-            return False
-        try:
-            return os.pread(fd, 1, 0) == _DIRTY
-        finally:
-            os.close(fd)
-
-    def committed_item(self, name: str) -> _ItemMeta | None:
-        """The item file ``name``, if the log holds the entry it copies: a writer's check
-        (under the run lock), since a crash between an item's file and the commit of its
-        entry leaves a file that is not the run's item. ``None`` for a corrupt file too."""
-        try:
-            found = self.item(name, whole=False)
-        except CorruptCheckpointError as exc:
-            logger.warning("file store: replacing corrupt item %s: %s", exc.key, exc)
-            return None
-        if found is None:
-            return None
-        meta = found[0]
-        try:
-            frame = self.record(meta.entry, _ITEM_MAGIC, whole=False)
-            logged = None if frame is None else _decode(
-                _ITEM_DECODER, frame.meta, self.record_key(meta.entry))
-        except CorruptCheckpointError:
-            return None  # damaged in the log: written anew, so it is again
-        return meta if logged == meta else None
-
-    def listdir(self, relative: str) -> list[str]:
-        """Names in a subdirectory; empty when it does not exist."""
-        try:
-            if self.fd is None:
-                return os.listdir(self.path_of(relative))
-            fd = os.open(relative, _DIR_FLAGS, dir_fd=self.fd)
-        except FileNotFoundError:
-            return []  # created lazily: no item was ever written there
-        try:
-            return os.listdir(fd)
-        finally:
-            os.close(fd)
-
-    def exists(self, relative: str) -> bool:
-        # faccessat: a miss (the common answer) raises no exception, a third of a failed stat.
-        target = relative if self.fd is not None else self.path_of(relative)
-        return os.access(target, os.F_OK, dir_fd=self.fd, follow_symlinks=False)
 
     def state(self, *, whole: bool = False) -> _RunState | None:
         """``run.rec``; with its body (the shared items' bookkeeping) only when ``whole``."""
@@ -939,16 +769,370 @@ class _Dir:
             refs=meta.refs,
         )
 
-    def item(self, name: str, *, whole: bool) -> tuple[_ItemMeta, bytes | None] | None:
-        relative = f"{_ITEMS}/{name}"
-        frame = self.read(relative, _ITEM_MAGIC, whole=whole)
-        if frame is None:
+    def items(self) -> tuple[LogView, _ItemIndex] | None:
+        """The run's items as the log this read sees holds them: the view to read their
+        entries from and the item index, brought up to date with it; ``None`` when the run
+        has no log or never held an item (the count of item entries is absent: one slot of
+        ``idx`` read, so operations of runs without items never scan for them). Without the
+        run lock, only a settled log (:meth:`settled`) is read so."""
+        view, temporary = self._log()
+        assert not temporary, "items are read through a descriptor or under the run lock"
+        if view is None or view.find(_ITEMS_MADE) is None:
             return None
-        path = self.path_of(relative)
-        meta = _decode(_ITEM_DECODER, frame.meta, path)
-        if _item_name(meta.key) != name:
-            raise CorruptCheckpointError(f"holds item {meta.key!r:.80}", key=path)
-        return meta, frame.body
+        assert self.fd is None or view.settled, "a reader reads items of a settled log only"
+        index = _INDEXES.of(self.path, view.log_id)
+        with index.lock:
+            index.catch_up(view, view.end, self.record_key)
+        return view, index
+
+    def value(self, view: LogView, found: _Indexed) -> bytes:
+        """The value of an item of the index (its entry read and checked)."""
+        entry = found.meta.entry
+        where = self.record_key(entry)
+        if found.damaged:
+            raise CorruptCheckpointError(
+                "the log holds unreadable bytes after this item's entry", key=where)
+        record = view.read_sized(entry, at=found.at)
+        assert record is not None  # an entry named by where it is: read, or raises
+        frame = _parse_frame(record.data, record.size, where, _ITEM_MAGIC, whole=True,
+                             more=lambda _: record.data, what="record")
+        return frame.body or b""
+
+    def read_items(
+        self, pick: Callable[[_ItemIndex], Sequence[_Indexed]], *, skip_corrupt: bool = False
+    ) -> list[tuple[str, bytes]]:
+        """``(key, value)`` of the items ``pick(index)`` chooses (under the index's lock; the
+        values are read after). A damaged item raises, or is logged and left out with
+        ``skip_corrupt``."""
+        got = self.items()
+        if got is None:
+            return []
+        view, index = got
+        with index.lock:
+            chosen = pick(index)
+        found: list[tuple[str, bytes]] = []
+        for item in chosen:
+            try:
+                found.append((item.meta.key, self.value(view, item)))
+            except CorruptCheckpointError as exc:
+                if not skip_corrupt:
+                    raise
+                logger.warning("file store: skipping corrupt item %s: %s", exc.key, exc)
+        return found
+
+
+class _Indexed(NamedTuple):
+    """An item as the run's log holds it."""
+
+    meta: _ItemMeta
+    at: Located
+    """Where its entry is in the log."""
+    damaged: bool
+    """The log holds unreadable bytes after its entry (a newer one may be lost there): a read
+    of it raises."""
+
+    def live(self, now: float) -> bool:
+        return is_live(self.meta.expires_at, now)
+
+
+class _ItemIndex:
+    """The items of one log of a run (its log id), as of its commits up to :attr:`end`.
+
+    The log keys an item's entry by its number, so finding an item by its key, the items a
+    checkpoint owns or those nested under a key would each take a scan of the log. This is
+    that scan, made once per process and log, then brought up to date from the commits
+    appended since (O(their bytes)). Entries never move within one log (it only grows until a
+    compaction makes a new one), so an index ahead of a reader's view still reads right
+    through it. Hold :attr:`lock` while using it.
+    """
+
+    def __init__(self, log_id: bytes) -> None:
+        self.log_id = log_id
+        self.lock = threading.Lock()
+        self._clear()
+
+    def _clear(self) -> None:
+        self.end: int | None = None
+        """Where the commits it covers end (``None``: not made yet)."""
+        self.made = 0
+        """Item entries the log has handed out (the next one is numbered so)."""
+        self.items: dict[str, _Indexed] = {}
+        self.keys: list[str] = []
+        """The items' keys, ascending (code point order, as ``scan_items`` pages them)."""
+        self.owned: dict[int, set[str]] = {}
+        """Owner sequence -> keys of the items it owns."""
+        self._by_entry: dict[int, str] = {}
+
+    def catch_up(self, view: LogView, end: int, name: Callable[[int], str]) -> None:
+        """Cover the commits of ``view`` up to ``end`` (``name`` names a log key in logs)."""
+        if self.end is not None and self.end >= end:
+            return
+        changes = view.changes(self.end, end)
+        if changes.gaps and self.end is not None:
+            # Unreadable bytes: whose entries they held cannot be known, so the whole log is
+            # read as a first scan reads it (entries before them read as damaged).
+            self._clear()
+            changes = view.changes(None, end)
+        for key, at in changes.found.items():
+            if key == _ITEMS_MADE and at is not None:
+                self.made = max(self.made, _items_made(view, at))
+            elif key <= _FIRST_ITEM:
+                self.made = max(self.made, _FIRST_ITEM - key + 1)
+                self._drop(key)
+                if at is not None:
+                    self._add(view, key, at, damaged=False, name=name)
+        for key, at in changes.damaged.items():
+            if key <= _FIRST_ITEM:
+                self._drop(key)
+                self._add(view, key, at, damaged=True, name=name)
+        self.end = changes.end
+
+    def _add(
+        self, view: LogView, entry: int, at: Located, *, damaged: bool,
+        name: Callable[[int], str],
+    ) -> None:
+        self.made = max(self.made, _FIRST_ITEM - entry + 1)
+        try:
+            meta = _entry_meta(view, entry, at, name(entry))
+        except CorruptCheckpointError as exc:
+            logger.warning("file store: item entry %s is unreadable; its item is lost: %s",
+                           exc.key, _problem(exc))
+            return
+        old = self.items.get(meta.key)
+        if old is not None and old.meta.entry < entry:
+            return  # the log holds a newer entry of the key (numbers go down)
+        self._by_entry[entry] = meta.key
+        if old is None:
+            bisect.insort(self.keys, meta.key)
+        elif old.meta.owner is not None:
+            self.owned[old.meta.owner].discard(meta.key)
+        self.items[meta.key] = _Indexed(meta, at, damaged)
+        if meta.owner is not None:
+            self.owned.setdefault(meta.owner, set()).add(meta.key)
+
+    def _drop(self, entry: int) -> None:
+        key = self._by_entry.pop(entry, None)
+        found = None if key is None else self.items.get(key)
+        if key is None or found is None or found.meta.entry != entry:
+            return
+        del self.items[key]
+        del self.keys[bisect.bisect_left(self.keys, key)]
+        if found.meta.owner is not None:
+            owned = self.owned[found.meta.owner]
+            owned.discard(key)
+            if not owned:
+                del self.owned[found.meta.owner]
+
+    def live(self, key: str, now: float) -> _Indexed | None:
+        """The live item at ``key`` (a damaged one is not: it is written anew)."""
+        found = self.items.get(key)
+        return found if found is not None and not found.damaged and found.live(now) else None
+
+    def nested(self, key: str) -> list[str]:
+        """Keys of the items nested under ``key``, ascending."""
+        prefix = nested_prefix(key)
+        low = bisect.bisect_left(self.keys, prefix)
+        return self.keys[low : bisect.bisect_left(self.keys, key_successor(prefix), lo=low)]
+
+    def page(
+        self, prefix: str, start_after: str | None, limit: int, reverse: bool, now: float
+    ) -> list[_Indexed]:
+        """Up to ``limit`` live items of ``scan_items``'s page."""
+        keys = self.keys
+        low = bisect.bisect_left(keys, prefix)
+        high = bisect.bisect_left(keys, key_successor(prefix), lo=low) if prefix else len(keys)
+        if start_after is not None and reverse:
+            high = min(high, bisect.bisect_left(keys, start_after, lo=low))
+        elif start_after is not None:
+            low = max(low, bisect.bisect_right(keys, start_after, lo=low))
+        found: list[_Indexed] = []
+        for position in range(high - 1, low - 1, -1) if reverse else range(low, high):
+            if len(found) >= limit:
+                break
+            item = self.items[keys[position]]
+            if item.live(now):
+                found.append(item)
+        return found
+
+
+class _ItemIndexes:
+    """This process's item indexes, one per run directory (of the log it last read there);
+    the least recently used are dropped once they index more than ``limit`` items."""
+
+    def __init__(self, limit: int) -> None:
+        self._by_path: collections.OrderedDict[str, _ItemIndex] = collections.OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def of(self, path: str, log_id: bytes) -> _ItemIndex:
+        with self._lock:
+            index = self._by_path.get(path)
+            if index is None or index.log_id != log_id:
+                # A new log of the run (compacted, or the run deleted and written again).
+                index = self._by_path[path] = _ItemIndex(log_id)
+                self._trim()
+            self._by_path.move_to_end(path)
+            return index
+
+    def forget(self, path: str) -> None:
+        with self._lock:
+            self._by_path.pop(path, None)
+
+    def _trim(self) -> None:
+        total = sum(len(index.items) for index in self._by_path.values())
+        while len(self._by_path) > 1 and total > self._limit:
+            _, dropped = self._by_path.popitem(last=False)
+            total -= len(dropped.items)
+
+
+class _Plan:
+    """What one commit does to a run's items, worked out against its item index under the
+    run lock: the items it writes (the last of each key) and those it removes, each step
+    seeing the earlier ones done, as the memory store would apply them one by one. Used
+    before the commit only: once it is made, readers may bring the index forward."""
+
+    def __init__(self, index: _ItemIndex | None) -> None:
+        self._index = index
+        self._items: dict[str, _Indexed] = {} if index is None else index.items
+        self.writes: dict[str, Item] = {}
+        self.removed: set[str] = set()
+        """Keys of indexed items this commit removes (or replaces)."""
+
+    def found(self, key: str) -> _Indexed | None:
+        """The indexed item at ``key``, unless this plan removes it."""
+        return None if key in self.removed else self._items.get(key)
+
+    def live(self, key: str, now: float) -> bool:
+        """Whether a live item is at ``key`` once the plan so far is done (a damaged one is
+        not: it is written anew)."""
+        written = self.writes.get(key)
+        if written is not None:
+            return is_live(written.expires_at, now)
+        found = self.found(key)
+        return found is not None and not found.damaged and found.live(now)
+
+    def write(self, item: Item) -> None:
+        self.writes.pop(item.key, None)  # the last of a key counts, in batch order
+        self.writes[item.key] = item
+
+    def remove(self, key: str) -> bool:
+        """Remove the item at ``key``; whether there was one."""
+        written = self.writes.pop(key, None) is not None
+        if self.found(key) is None:
+            return written
+        self.removed.add(key)
+        return True
+
+    def _owner(self, key: str) -> tuple[bool, int | None]:
+        written = self.writes.get(key)
+        if written is not None:
+            return True, written.owner
+        found = self.found(key)
+        return found is not None, None if found is None else found.meta.owner
+
+    def release(self, owners: Iterable[int] | None, dropped: Iterable[str]) -> None:
+        """What removed checkpoints take with them: the items owned by ``owners`` (``None``:
+        by any checkpoint), and each shared item of ``dropped`` (unless owned) with the items
+        nested under it."""
+        index_owned = {} if self._index is None else self._index.owned
+        wanted = set(index_owned) if owners is None else set(owners)
+        if wanted:
+            candidates = [key for owner in wanted for key in index_owned.get(owner, ())]
+            candidates += [key for key, item in self.writes.items() if item.owner is not None]
+            for key in sorted(set(candidates)):
+                present, owner = self._owner(key)
+                if present and owner is not None and (owners is None or owner in wanted):
+                    self.remove(key)
+        for key in dropped:
+            present, owner = self._owner(key)
+            if not present or owner is not None:
+                continue  # an owned item stays with its owner, and what is nested under it
+            self.remove(key)
+            prefix = nested_prefix(key)
+            nested = [] if self._index is None else self._index.nested(key)
+            nested += [written for written in self.writes if written.startswith(prefix)]
+            for inner in nested:
+                self.remove(inner)
+
+    def remove_expired(self, now: float, budget: _Budget) -> float | None:
+        """Remove expired items (up to the budget); returns the new lower bound of item
+        expiry."""
+        expired: list[str] = []
+        remaining: list[float | None] = []
+        for key, found in self._items.items():
+            if key in self.removed or key in self.writes:
+                continue
+            if found.live(now):
+                remaining.append(found.meta.expires_at)
+            elif len(expired) < budget.left:
+                expired.append(key)
+            else:
+                remaining.append(now)  # not removed this time: it may be due
+        for key in expired:
+            self.remove(key)
+        budget.spend(len(expired))
+        return _min_expiry(remaining)
+
+    def holds_items(self) -> bool:
+        """Whether the run holds items once the plan is done."""
+        return bool(self.writes) or any(key not in self.removed for key in self._items)
+
+    def entries(self, run_key: str) -> _Entries:
+        """What the commit holds: an entry per item written (numbered on from the count of
+        entries handed out, which it advances), and the removal of the entries of the items
+        it replaces or removes. Checks each item's size first: nothing is written when one
+        is too large."""
+        made = 0 if self._index is None else self._index.made
+        puts: list[tuple[int, bytes]] = []
+        for item in self.writes.values():
+            entry = _FIRST_ITEM - made
+            if entry < MIN_KEY:
+                raise StoreError(f"run {run_key} has used up its item entries")
+            made += 1
+            data = _item_bytes(item, entry)
+            if len(data) > MAX_DATA:
+                raise ValidationError(
+                    f"item {item.key!r:.80} is {len(data)} bytes framed; the file store holds "
+                    f"items up to {MAX_DATA} bytes")
+            puts.append((entry, data))
+        if puts:
+            puts.append((_ITEMS_MADE, _COUNT.pack(made)))
+        removes = [self._items[key].meta.entry
+                   for key in (*self.removed, *self.writes) if key in self._items]
+        return _Entries(puts, removes)
+
+
+_INDEXES = _ItemIndexes(_INDEXED_ITEMS)
+
+
+def _entry_meta(view: LogView, entry: int, at: Located, where: str) -> _ItemMeta:
+    """The metadata of the item entry ``entry`` at ``at`` (its head read and checked)."""
+    record = view.read_sized(entry, _PEEK_BYTES, at=at)
+    assert record is not None
+
+    def more(wanted: int) -> bytes:
+        again = view.read_sized(entry, wanted, at=at)
+        assert again is not None
+        return again.data
+
+    frame = _parse_frame(record.data, record.size, where, _ITEM_MAGIC, whole=False, more=more,
+                         what="record")
+    meta = _decode(_ITEM_DECODER, frame.meta, where)
+    if meta.entry != entry:
+        raise CorruptCheckpointError(f"holds the item of entry {meta.entry}", key=where)
+    return meta
+
+
+def _items_made(view: LogView, at: Located) -> int:
+    """The count of item entries handed out, as the log holds it at ``at`` (0 when damaged:
+    the entries found then count instead)."""
+    try:
+        record = view.read_sized(_ITEMS_MADE, at=at, check=True)
+    except CorruptCheckpointError:
+        return 0
+    if record is None or len(record.data) != _COUNT.size:
+        return 0
+    return int(_COUNT.unpack(record.data)[0])
 
 
 # -- how reads see a run ----------------------------------------------------------------------
@@ -964,7 +1148,6 @@ class _View(NamedTuple):
     status: str
     top: int
     low: int
-    hidden: tuple[int, ...]
     listed: tuple[int, ...] | None = None
     """Sequences of the checkpoint records, newest first, when the read goes by the log alone."""
 
@@ -973,12 +1156,12 @@ class _View(NamedTuple):
         if self.listed is not None:
             return (s for s in self.listed if before is None or s < before)
         top = self.top if before is None else min(before - 1, self.top)
-        return (s for s in range(top, self.low - 1, -1) if s not in self.hidden)
+        return iter(range(top, self.low - 1, -1))
 
     def holds(self, sequence: int) -> bool:
         if self.listed is not None:
             return sequence in self.listed
-        return self.low <= sequence <= self.top and sequence not in self.hidden
+        return self.low <= sequence <= self.top
 
 
 def _place_of(found: CheckpointHeader) -> tuple[str, str] | None:
@@ -1028,7 +1211,7 @@ def _trusted_view(
         return False, None
     if not include_expired and not is_live(run.expires_at, now):
         return True, None
-    return True, _View(run.status, run.latest_sequence, state.low, state.removing)
+    return True, _View(run.status, run.latest_sequence, state.low)
 
 
 class _Slot(enum.Enum):
@@ -1102,9 +1285,9 @@ def _log_view(
             top += 1
         if top == run.latest_sequence and not include_expired and not is_live(run.expires_at, now):
             return None
-        return _View(run.status, top, state.low, state.removing)
-    low, hidden = (state.low, state.removing) if state is not None else (0, ())
-    listed = tuple(s for s in files.sequences() if s >= low and s not in hidden)
+        return _View(run.status, top, state.low)
+    low = state.low if state is not None else 0
+    listed = tuple(s for s in files.sequences() if s >= low)
     if not listed:
         return None
     if not damaged:
@@ -1112,7 +1295,7 @@ def _log_view(
             "file store: %s is missing or holds no run; reading the run by its checkpoints",
             files.record_key(RUN),
         )
-    return _View(_UNKNOWN_STATUS, listed[0], low, hidden, listed)
+    return _View(_UNKNOWN_STATUS, listed[0], low, listed)
 
 
 def _newest_live(files: _Dir, view: _View, now: float) -> tuple[StoredCheckpoint, str] | None:
@@ -1263,36 +1446,29 @@ class FileStore(ExpiryCleanup):
     reads every ``run.rec`` and only the files of runs with something due.
 
     Adapter capabilities (``r`` = refs of the checkpoint, ``i`` = items written, ``s`` = shared
-    items the run's held checkpoints name): ``append_with_items`` also looks for each of its
-    ``i`` items (a file in place costs a head read and a read of the entry it names, to keep a
-    live one), writes the new ones' files unsynced and commits their entries with the
-    checkpoint (still one sync), and commits the ``s`` counts in ``run.rec``'s body (a few
-    bytes plus the key per shared item); each pruned checkpoint with refs costs one head read,
-    and the items it was the last to name (or owned) are removed in the same commit, their
-    files unlinked after it. The first checkpoint of a run adds one marker per label.
-    ``put_items``, ``put_owned_items`` and ``delete_items`` are one commit each (one sync),
-    plus a file per item; every operation under the run lock reads ``items.state``.
-    ``read_with_items`` costs ``get`` or ``latest``, one listing of ``o/<sequence>/``, one read
-    per owned item and per ref, ``run.rec``'s first 4 KiB again and one ``stat``: O(owned +
-    r), not O(n) or O(s).
-
-    Nested items (``m`` = items nested under the refs, ``t`` = items of the run):
-    ``read_with_items`` also looks for each ref's nesting marker (one ``faccessat``), and for
-    refs that have one lists the run's items once and reads each nested item: O(owned + r +
-    m) reads and one O(t) listing. Writing items whose keys hold a ``/`` costs, per distinct
-    ``/``-prefix of them, one ``faccessat`` (does it hold an item?) and, where it does, one
-    more for its marker. Removing a shared item looks for its marker; with one, the removal
-    lists the run's items and markers once, commits the removal of each nested item's entry
-    and unlinks its file: one O(t) listing plus O(m) unlinks. ``put_owned_items`` reads
-    ``run.rec`` and the owner's head under the run lock, then writes like ``put_items``.
-    After a restart of the machine, the run's first writer (or a reader, through the lock)
-    makes the item files and markers again from the log: O(t) once.
+    items the run's held checkpoints name, ``t`` = items of the run): every operation on items
+    goes by this process's item index of the run (see the module docstring), which costs one
+    scan of the log (O(log bytes)) the first time a process reads the run's items and after
+    a compaction, and otherwise a read of the commits appended since it last looked.
+    ``append_with_items`` looks up each of its ``i`` items in the index (a live one is kept)
+    and commits the new ones' entries with the checkpoint (still one write and one sync), and
+    the ``s`` counts in ``run.rec``'s body (a few bytes plus the key per shared item); each
+    pruned checkpoint with refs costs one head read, and the items it was the last to name (or
+    owned) go in the same commit. ``put_items``, ``put_owned_items`` and ``delete_items`` are
+    one commit each (one sync, however many items). ``read_with_items`` costs ``get`` or
+    ``latest``, one ``pread`` per owned item, per ref and per item nested under a ref (found
+    by one bisection per ref), then two ``stat`` calls (log and run directory) and, only if
+    a commit was made meanwhile, ``run.rec``'s first 4 KiB again: O(owned + r + nested), not
+    O(n), O(s) or O(t). ``get_items`` is one ``pread`` per key; ``scan_items``
+    bisects to its page. ``put_owned_items`` reads ``run.rec`` and the owner's head under the
+    run lock. Expired items are found by ``purge_expired`` walking the index: O(t) for a run
+    whose items are due.
 
     Limits: item keys up to :data:`MAX_ITEM_KEY_BYTES` UTF-8 bytes, statuses up to 64. A
-    write of items is one commit, so the log holds a batch whole or not at all, and a write
-    that fails with an error puts back the files it replaced. An append's items are all in
-    place before its checkpoint shows. A ``kill -9`` among a write's files leaves
-    ``items.state`` set: the files are made again from the log before anyone reads them.
+    write of items is one commit, so the log holds a batch whole or not at all; an append's
+    items are committed with its checkpoint. The item index of the runs a process read lately
+    holds about 2^18 items before the least recently used runs' indexes are dropped (and made
+    again when read).
     """
 
     nested_items = True
@@ -1360,15 +1536,8 @@ class FileStore(ExpiryCleanup):
             os.close(fd)
 
     @contextlib.contextmanager
-    def _locked(
-        self, run_key: str, *, blocking: bool = True, items: _ItemsUse = "need"
-    ) -> Iterator[bool]:
-        """Hold the run's lock; yields ``False`` if not ``blocking`` and it is busy.
-
-        ``items``: the operation reads or changes items (``need``: the item files are first
-        made to copy the log, see :meth:`_check_items`, or the operation fails); it only may
-        commit (``try``: the same, but a failure to make them is logged and left marked for
-        the next holder); it neither (``skip``)."""
+    def _locked(self, run_key: str, *, blocking: bool = True) -> Iterator[bool]:
+        """Hold the run's lock; yields ``False`` if not ``blocking`` and it is busy."""
         path = os.path.join(self._locks, run_key)
         fd = self._acquire(path, blocking)
         if fd is None:
@@ -1378,118 +1547,17 @@ class FileStore(ExpiryCleanup):
         # A thread never holds a run's lock twice (flock would wait on itself).
         held = _HELD.by_path[run_dir] = _HeldLog(run_dir)
         try:
-            if items != "skip":
-                self._check_items(run_key, held, need=items == "need")
             yield True
             # A run without a directory needs no lock file. Removed while held: whoever
             # waits on it finds its inode gone from the path and locks a new file.
             if not os.path.lexists(run_dir):
                 _discard(path)
-            elif held.items_changing and not held.items_failed:
-                try:
-                    self._mark_items(run_key, _CLEAN)  # the operation ended well
-                except OSError as exc:  # it stands: the next holder makes the files again
-                    _log_leftover(os.path.join(run_dir, _ITEMS_STATE), exc)
         finally:
             held.forget()
             del _HELD.by_path[run_dir]
             os.close(fd)
         if held.compact_due:  # the operation succeeded: compact, holding the lock briefly
             self._compact(run_key)
-
-    def _check_items(self, run_key: str, held: _HeldLog, *, need: bool) -> None:
-        """Make the item files again from the log when they may not copy it: ``idx`` was not
-        written since this boot (or is missing or damaged), or ``items.state`` says a writer
-        died while it changed them. A log that cannot be read is left to the operation (it
-        reports it, or does without). Without ``need``, a failure is logged and the files
-        stay marked, so readers keep away from them and the next holder tries again."""
-        files = _Dir(held.path)
-        try:
-            changing = files.items_changing()
-            view = held.view()
-        except CorruptCheckpointError:
-            return
-        try:
-            if view is None:
-                if changing:  # a first write died before its log was made: nothing is held
-                    _clear_item_copies(files)
-                    self._mark_items(run_key, _CLEAN)
-            elif changing or not view.current:
-                self._rebuild_items(run_key, held)
-        except OSError as exc:
-            held.items_failed = True
-            with contextlib.suppress(OSError):
-                self._mark_items(run_key, _DIRTY)
-            if need:
-                raise
-            logger.warning("file store: could not make the item files of run %s again from "
-                           "its log (the next holder of its lock tries again): %s",
-                           run_key, exc.strerror or exc)
-
-    def _mark_items(self, run_key: str, state: bytes) -> None:
-        """Write ``items.state`` (unsynced): a crash of the machine makes every run's item
-        files be made again anyway."""
-        path = os.path.join(self._run_dir(run_key), _ITEMS_STATE)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.pwrite(fd, state, 0)
-        finally:
-            os.close(fd)
-
-    def _items_changing(self, run_key: str) -> None:
-        """Mark the item files as being changed by this operation, once, before it touches
-        them: a holder of the lock after a ``kill -9`` makes them again from the log."""
-        held = _HELD.by_path[self._run_dir(run_key)]
-        if not held.items_changing:
-            self._mark_items(run_key, _DIRTY)
-            held.items_changing = True
-
-    def _rebuild_items(self, run_key: str, held: _HeldLog) -> None:
-        """Make the run's item files and markers again from its log, then a new ``idx``: what
-        the first holder of the run lock does when ``idx`` was not written since this boot (or
-        is missing or damaged). The files are written without syncs, so a crash of the
-        machine may have lost, torn or put back any of them; the log holds every item, each
-        synced by the commit that wrote it. O(items of the run), once per boot."""
-        view = held.view()
-        assert view is not None
-        files = _Dir(self._run_dir(run_key))
-        staged: dict[str, tuple[str, Item, bytes]] = {}
-        # Oldest entry first: if the log holds two of one key, the newer is what counts.
-        for key in sorted(view.held_keys(), reverse=True):
-            if key > _FIRST_ITEM:
-                continue
-            try:
-                data = view.read(key, check=True)
-                if data is None:
-                    continue
-                frame = _parse_frame(data, len(data), files.record_key(key), _ITEM_MAGIC,
-                                     whole=True, more=lambda _: b"", what="record")
-                meta = _decode(_ITEM_DECODER, frame.meta, files.record_key(key))
-            except CorruptCheckpointError as exc:
-                logger.warning("file store: item %s is damaged in the log; it is lost: %s",
-                               exc.key, _problem(exc))
-                continue
-            if meta.entry != key:
-                logger.warning("file store: %s holds another entry's item; skipping it",
-                               files.record_key(key))
-                continue
-            item = Item(key=meta.key, value=b"", owner=meta.owner, expires_at=meta.expires_at)
-            staged[meta.key] = (_item_name(meta.key), item, data)
-        # From nothing: files of items removed since, or never committed, go too.
-        self._mark_items(run_key, _DIRTY)
-        _clear_item_copies(files)
-        self._write_item_files(run_key, list(staged.values()))
-        logger.info("file store: made the %d item files of run %s again from its log",
-                    len(staged), run_key)
-        writer = LogWriter(self._run_dir(run_key), functools.partial(self._temp_path, run_key),
-                           fsync=self._fsync)
-        try:
-            writer.reindex()
-        except OSError as exc:  # the next holder of the lock makes them again
-            logger.warning("file store: could not rewrite %s: %s",
-                           os.path.join(writer.directory, "idx"), exc.strerror or exc)
-        self._mark_items(run_key, _CLEAN)
-        held.forget()
 
     def _compact(self, run_key: str) -> None:
         """Compact the run's log once a commit left it due: most of the copy without the run
@@ -1498,7 +1566,7 @@ class FileStore(ExpiryCleanup):
         writer = LogWriter(self._run_dir(run_key), functools.partial(self._temp_path, run_key),
                            fsync=self._fsync)
         try:
-            writer.compact(locked=functools.partial(self._locked, run_key, items="try"))
+            writer.compact(locked=functools.partial(self._locked, run_key))
         except (OSError, CheckpointError) as exc:
             logger.warning("file store: compacting %s failed: %s", writer.path, exc)
 
@@ -1535,21 +1603,6 @@ class FileStore(ExpiryCleanup):
     def _ensure_dir(self, path: str) -> None:
         if _mkdir(path):
             self._sync_dir(os.path.dirname(path))
-
-    def _write_file(self, run_key: str, target: str, data: bytes) -> None:
-        """Write ``data`` to ``target`` atomically, unsynced: a copy of what the log holds."""
-        temp = os.path.join(self._tmp, f"{run_key}.{secrets.token_hex(8)}")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                _write_all(fd, data)
-            finally:
-                os.close(fd)
-            # Replace, not link: under the run lock a file already there is a leftover.
-            os.replace(temp, target)
-        except BaseException:
-            _discard(temp)
-            raise
 
     def _temp_path(self, run_key: str) -> str:
         return os.path.join(self._tmp, f"{run_key}.{secrets.token_hex(8)}")
@@ -1612,8 +1665,9 @@ class FileStore(ExpiryCleanup):
     ) -> str:
         _check_append(run_key, record, run, keep_latest)
         check_shared_items(record, items)
-        named = _appended_items(record, items)
-        status, _ = await self._call(self._append, run_key, record, run, keep_latest, now, named)
+        appended = _appended_items(record, items)
+        status, _ = await self._call(
+            self._append, run_key, record, run, keep_latest, now, appended)
         return status
 
     async def append_next(
@@ -1639,7 +1693,7 @@ class FileStore(ExpiryCleanup):
         seed: RunRecord,
         keep_latest: int | None,
         now: float,
-        named: list[tuple[str, Item]],
+        items: list[Item],
         renumber: Callable[[int], StoredCheckpoint] | None = None,
     ) -> tuple[str, StoredCheckpoint]:
         with self._locked(run_key):
@@ -1651,35 +1705,33 @@ class FileStore(ExpiryCleanup):
                     record.sequence != current.latest_sequence + 1:
                 record = _renumbered(renumber, current.latest_sequence + 1, seed)
             _check_sequence(run_key, record, seed, current)
-            find = refs_to_find(record, [item for _, item in named])
+            plan = self._plan(run_key)
+            find = refs_to_find(record, items)
             if state is None or stored is None or current is None:
-                if find:
-                    # A new life holds the loose items of its key, not what the checkpoints
-                    # of an earlier one named (they go with them).
-                    earlier = state.shared if state is not None and state.shared else None
-                    self._check_refs_held(
-                        run_key, record.sequence, find, now, new_life=True,
-                        gone={*(earlier.counts if earlier else ()),
-                              *(state.dropping if state is not None else ())})
-                ledger = self._start_run(run_key, state, seed)
+                # A new life holds the loose items of its key, not what the checkpoints of an
+                # earlier one named (they go with them).
+                earlier = state.shared if state is not None and state.shared else _NO_SHARED
+                _check_refs_held(run_key, record.sequence, plan, find, now, new_life=True,
+                                 gone=earlier.counts)
+                ledger = self._start_run(run_key, state, seed, plan)
             else:
-                ledger = self._ledger(run_key, state, current)
-                self._check_refs_held(run_key, record.sequence, find, now, gone=ledger.dropping)
+                ledger = _Ledger(state, current)
+                _check_refs_held(run_key, record.sequence, plan, find, now)
             ledger.run = msgspec.structs.replace(
                 ledger.run, latest_sequence=record.sequence, updated_at=now
             )
-            written = self._absent_items(run_key, ledger, named, now)
+            for item in items:
+                if not plan.live(item.key, now):  # a live value is never replaced
+                    plan.write(item)
             # Counted before pruning: an item the new checkpoint names is never released by
             # the checkpoints it replaces.
             ledger.add(record.sequence, record.expires_at, record.refs)
             committed = self._write_and_commit(
-                run_key, record, ledger, keep_latest, now, new_run=current is None, items=written
+                run_key, record, ledger, keep_latest, now, new_run=current is None, plan=plan
             )
             assert committed.run is not None
             if stored is not None and current is None:
                 self._unindex(run_key, stored, keep=committed.run)
-            self._remove_checkpoints(run_key, sorted(ledger.owning))
-            self._drop_shared(run_key, committed.dropping)
             return committed.run.status, record
 
     def _write_and_commit(
@@ -1691,136 +1743,55 @@ class FileStore(ExpiryCleanup):
         now: float,
         *,
         new_run: bool,
-        items: list[tuple[str, Item]],
+        plan: _Plan,
     ) -> _RunState:
-        """Write the items, prune, and commit the checkpoint with ``run.rec`` (and the removal
-        of the pruned checkpoints) in one commit of the run's log; returns what it committed.
-
-        The items come first: once the checkpoint is in the log readers see it, so everything
-        it names must be there already. They are withdrawn again when the commit fails: a
-        caller that got an error never finds its checkpoint, nor the items it wrote.
-        """
-        entries: _Entries | None = None
-        try:
-            entries = self._item_entries(run_key, items)
-            ledger.remove_expired(now)
-            if keep_latest is not None:
-                self._remove_oldest(run_key, ledger, keep_latest)
-            committed = self._settled(run_key, ledger)
-            assert committed.run is not None
-            if new_run:
-                self._add_markers(_marker_paths(run_key, committed.run))
-            entries.removes.extend(self._doomed(run_key, ledger.owning, committed.dropping))
-            self._commit(
-                run_key, committed,
-                checkpoint=(record.sequence, _checkpoint_bytes(record, ledger.run.labels)),
-                erase=[*ledger.erase, *ledger.removed], items=entries)
-        except CommitLeftInLog:
-            logger.error(
-                "file store: a failed append to run %s could not be cut off its log; the "
-                "items it wrote stay, and readers may find its checkpoint", run_key)
-            raise
-        except BaseException:
-            if entries is not None:
-                self._withdraw_items(run_key, entries)
-            raise
+        """Prune, and commit the checkpoint with ``run.rec``, the items ``plan`` writes, the
+        removal of the pruned checkpoints and of the items that go with them, in one commit
+        of the run's log; returns what it committed."""
+        ledger.remove_expired(now)
+        if keep_latest is not None:
+            self._remove_oldest(run_key, ledger, keep_latest)
+        committed = self._settled(run_key, ledger)
+        assert committed.run is not None
+        plan.release(ledger.removed, ledger.dropped_keys())
+        entries = plan.entries(run_key)
+        if new_run:
+            self._add_markers(_marker_paths(run_key, committed.run))
+        self._commit(
+            run_key, committed,
+            checkpoint=(record.sequence, _checkpoint_bytes(record, ledger.run.labels)),
+            erase=[*ledger.erase, *ledger.removed], items=entries)
         return committed
 
-    def _item_entries(self, run_key: str, named: Sequence[tuple[str, Item]]) -> _Entries:
-        """Write the files of ``named`` (and their markers), unsynced, and return what the
-        commit that makes them durable holds; under the run lock. Each item gets a new log
-        entry; the entry its key held (if the log holds it: a file a crash left before its
-        commit is no item of the run) is removed by the same commit."""
-        if not named:
-            return _Entries([], [], [])
-        self._items_changing(run_key)
-        files = _Dir(self._run_dir(run_key))
-        made = _items_made(_HELD.by_path[files.path].view())
-        latest: dict[str, Item] = dict(named)  # the last of each key, as a batch of renames
-        entries = _Entries([], [], [])
-        staged: list[tuple[str, Item, bytes]] = []
-        for name, item in latest.items():
-            old = files.committed_item(name)
-            entry = _FIRST_ITEM - made
-            if entry < MIN_KEY:
-                raise StoreError(f"run {run_key} has used up its item entries")
-            made += 1
-            data = _item_bytes(item, entry)
-            if len(data) > MAX_DATA:
-                raise ValidationError(
-                    f"item {item.key!r:.80} is {len(data)} bytes framed; the file store holds "
-                    f"items up to {MAX_DATA} bytes")
-            staged.append((name, item, data))
-            entries.puts.append((entry, data))
-            entries.replaced.append((name, None if old is None else old.entry))
-            if old is not None:
-                entries.removes.append(old.entry)
-        entries.puts.append((_ITEMS_MADE, _COUNT.pack(made)))
-        try:
-            self._write_item_files(run_key, staged)
-        except BaseException:
-            self._withdraw_items(run_key, entries)
-            raise
-        return entries
+    def _plan(self, run_key: str) -> _Plan:
+        """A plan of what the operation does to the run's items; under the run lock."""
+        got = _Dir(self._run_dir(run_key)).items()
+        return _Plan(None if got is None else got[1])
 
-    def _withdraw_items(self, run_key: str, entries: _Entries) -> None:
-        """Put back the item files a failed operation replaced (from the log, which still
-        holds them), and remove those it added: the store is left as it was."""
-        files = _Dir(self._run_dir(run_key))
-        for name, old in entries.replaced:
-            path = files.path_of(f"{_ITEMS}/{name}")
-            try:
-                data = None
-                if old is not None:
-                    with contextlib.suppress(CorruptCheckpointError):
-                        view = _HELD.by_path[files.path].view()
-                        data = None if view is None else view.read(old, check=True)
-                if data is None:
-                    _discard(path)
-                else:
-                    self._write_file(run_key, path, data)
-            except OSError as exc:
-                logger.error(
-                    "file store: could not put back %s after a failed write (%s); it differs "
-                    "from the run's log until the machine restarts",
-                    path,
-                    exc.strerror or exc,
-                )
-
-    def _start_run(self, run_key: str, state: _RunState | None, seed: RunRecord) -> _Ledger:
-        """Clear what an expired or emptied run left; ``seed`` becomes the record, uncommitted.
-
-        The earlier life's shared items go too: a key's value there is not this life's.
-        """
+    def _start_run(
+        self, run_key: str, state: _RunState | None, seed: RunRecord, plan: _Plan
+    ) -> _Ledger:
+        """Clear what an expired or emptied run left (its checkpoints' records, the items they
+        owned and the shared items they named, all removed by the append's commit); ``seed``
+        becomes the record, uncommitted. A key's value in the earlier life is not this
+        life's."""
         self._ensure_dir(self._run_dir(run_key))
-        failed: list[str] = []
         earlier: list[int] = []
         if state is not None and state.run is not None:
-            earlier = self._discard_checkpoints(run_key)
-            shared = state.shared if state.shared is not None else _NO_SHARED
-            failed = self._drop_shared(run_key, {*shared.counts, *state.dropping})
+            earlier = _Dir(self._run_dir(run_key)).sequences()
+            plan.release(None, (state.shared or _NO_SHARED).counts)
         fresh = _RunState(
             items_next_expiry=state.items_next_expiry if state is not None else None,
             shared=_NO_SHARED,
         )
-        ledger = _Ledger(fresh, seed, (), failed)
+        ledger = _Ledger(fresh, seed)
         ledger.erase = earlier
         return ledger
 
-    def _ledger(self, run_key: str, state: _RunState, run: RunRecord) -> _Ledger:
-        """The ledger of a writer of a live run, once the removals that earlier operations
-        committed but could not finish are retried."""
-        leftovers = self._retry_removals(run_key, state)
-        return _Ledger(state, run, leftovers, self._drop_shared(run_key, state.dropping))
-
     def _settled(self, run_key: str, ledger: _Ledger) -> _RunState:
         """The ``run.rec`` to commit, once the checkpoints removed release their refs (read
-        from their heads: before the commit their records are still in the log). Those that
-        own items stay in ``removing`` until their items are gone."""
+        from their heads: before the commit their records are still in the log)."""
         files = _Dir(self._run_dir(run_key))
-        ledger.owning = {
-            sequence for sequence in ledger.removed
-            if files.exists(f"{_OWNERS}/{_sequence_name(sequence)}")}
         for sequence in ledger.releasing():
             try:
                 head = files.head(sequence, 0.0, include_expired=True)
@@ -1833,165 +1804,6 @@ class FileStore(ExpiryCleanup):
                 head = None
             ledger.release(sequence, () if head is None else head.refs)
         return ledger.state()
-
-    def _absent_items(
-        self, run_key: str, ledger: _Ledger, named: list[tuple[str, Item]], now: float
-    ) -> list[tuple[str, Item]]:
-        """The appended items to write: those whose key holds no live item. A key dropped
-        earlier whose file is still there (a failed unlink) counts as free, once the items
-        nested under it are gone."""
-        files = _Dir(self._run_dir(run_key))
-        absent: list[tuple[str, Item]] = []
-        for name, item in named:
-            if item.key in ledger.dropping:
-                self._clear_nested(run_key, [item.key])
-                ledger.dropping.discard(item.key)
-            elif _holds_live_item(files, name, now):
-                continue  # written once per key: a live value is never replaced
-            absent.append((name, item))
-        return absent
-
-    def _check_refs_held(
-        self, run_key: str, sequence: int, keys: Sequence[str], now: float, *,
-        gone: Collection[str], new_life: bool = False,
-    ) -> None:
-        """Refuse (before anything is written) refs naming items the run does not hold: a key
-        in ``gone`` (being dropped), or with no live item in place (for a new life, no live
-        loose item), is not held."""
-        if not keys:
-            return
-        files = _Dir(self._run_dir(run_key))
-
-        def held(key: str) -> bool:
-            if key in gone:
-                return False
-            # A corrupt item is replaced if this append wrote it; refused as missing here.
-            found = files.committed_item(_item_name(key))
-            return (found is not None and is_live(found.expires_at, now)
-                    and not (new_life and found.owner is not None))
-
-        missing = [key for key in keys if not held(key)]
-        if missing:
-            raise unheld_refs(run_key, sequence, missing)
-
-    def _drop_shared(self, run_key: str, keys: Iterable[str]) -> list[str]:
-        """Unlink shared items that no held checkpoint names, and the items nested under them
-        (an owned item stays with its owner, and what is nested under it); returns the keys
-        whose unlinks failed (logged), to be tried again."""
-        files = _Dir(self._run_dir(run_key))
-        gone: list[str] = []
-        for key in keys:
-            try:
-                found = files.item(_item_name(key), whole=False)
-            except CorruptCheckpointError as exc:
-                logger.warning("file store: skipping corrupt item %s: %s", exc.key, exc)
-                continue
-            if found is None or found[0].owner is None:
-                gone.append(key)  # or gone already: a retry finishes what is nested under it
-        try:
-            self._remove_items(run_key, [_item_name(key) for key in gone])
-        except OSError as exc:
-            _log_leftover(files.path_of(_ITEMS), exc)
-            return gone
-        return self._remove_nested(run_key, gone)
-
-    def _doomed(self, run_key: str, owners: Iterable[int], dropped: Iterable[str]) -> list[int]:
-        """The entries of the items that removing the checkpoints ``owners`` (the items they
-        own) and dropping the shared items ``dropped`` (and what is nested under them) take
-        with them: removed by the same commit, so that it costs no commit of its own; their
-        files go after it (:meth:`_remove_checkpoints`, :meth:`_drop_shared`)."""
-        files = _Dir(self._run_dir(run_key))
-        entries: list[int] = []
-
-        def add(name: str, owner: int | None) -> None:
-            if _key_of_name(name) is None:
-                return
-            meta = files.committed_item(name)
-            if meta is not None and (owner is None or meta.owner == owner):
-                entries.append(meta.entry)
-
-        for sequence in owners:
-            for name in files.listdir(f"{_OWNERS}/{_sequence_name(sequence)}"):
-                add(name, sequence)
-        for key in dropped:
-            meta = files.committed_item(_item_name(key))
-            if meta is not None and meta.owner is not None:
-                continue  # an owned item stays with its owner, and what is nested under it
-            if meta is not None:
-                entries.append(meta.entry)
-            anchor = f"{_NESTED}/{_item_name(key)}"
-            for name in files.listdir(anchor) if files.exists(anchor) else ():
-                add(name, None)
-        if entries:
-            self._items_changing(run_key)  # their files go after the commit
-        return list(dict.fromkeys(entries))
-
-    def _remove_items(self, run_key: str, names: Collection[str]) -> int:
-        """Remove the items at ``names``: the removal of the entries the log holds for them in
-        one commit, then their files (unsynced); returns how many files went. Under the run
-        lock."""
-        files = _Dir(self._run_dir(run_key))
-        present = [name for name in names if files.exists(f"{_ITEMS}/{name}")]
-        if not present:
-            return 0  # a file removed is an entry removed first
-        self._items_changing(run_key)
-        entries = [meta.entry for meta in map(files.committed_item, present) if meta is not None]
-        if entries:
-            self._commit(run_key, None, items=_Entries([], entries, []))
-        return sum(_discard(files.path_of(f"{_ITEMS}/{name}")) for name in present)
-
-    def _remove_nested(self, run_key: str, keys: Iterable[str]) -> list[str]:
-        """Unlink the items nested under ``keys`` (whose items are gone), then their nesting
-        markers; returns the keys where an unlink failed (logged), to be tried again.
-
-        Only keys with a marker directory have any: one ``faccessat`` each. Each of those
-        lists its own markers (every item nested under it, at any depth); the nested items'
-        entries go in one commit, then each costs one unlink. The markers go last: a marker
-        left means the removal is unfinished.
-        """
-        files = _Dir(self._run_dir(run_key))
-        anchors = [k for k in dict.fromkeys(keys) if files.exists(f"{_NESTED}/{_item_name(k)}")]
-        if not anchors:
-            return []
-        items, markers = files.path_of(_ITEMS), files.path_of(_NESTED)
-        listed: dict[str, list[str]] = {}
-        failed: list[str] = []
-        for key in anchors:
-            try:
-                listed[key] = files.listdir(f"{_NESTED}/{_item_name(key)}")
-            except OSError as exc:
-                _log_leftover(markers, exc)
-                failed.append(key)
-        nested = {name for names in listed.values() for name in names
-                  if _key_of_name(name) is not None}
-        try:
-            self._remove_items(run_key, sorted(nested))
-        except OSError as exc:
-            _log_leftover(items, exc)
-            return anchors
-        for key in anchors:
-            if key in failed:
-                continue
-            try:
-                # The marker directories of keys nested under ``key`` too: every item under
-                # them is among ``key``'s, gone.
-                for name in [*listed[key], _item_name(key)]:
-                    _remove_tree(os.path.join(markers, name))
-            except OSError as exc:
-                _log_leftover(markers, exc)
-                failed.append(key)
-        return failed
-
-    def _clear_nested(self, run_key: str, keys: Collection[str]) -> None:
-        """Finish removing what is nested under dropped ``keys`` about to be written again (a
-        failed unlink left it), so the new items start with nothing under them; before any
-        write, so a failure fails the operation."""
-        failed = self._remove_nested(run_key, keys) if keys else []
-        if failed:
-            raise StoreError(
-                f"file store: could not remove the items nested under {failed[0]!r:.80}, "
-                f"dropped earlier, in {self._run_dir(run_key)}; see the log"
-            )
 
     # -- damaged run records, and records behind their log --------------------------------------
 
@@ -2031,8 +1843,11 @@ class FileStore(ExpiryCleanup):
         if adoption is None:
             return state
         run = state.run if state is not None else None
-        rebuilt = self._rebuilt(run_key, files, adoption[0], adoption[1], now)
-        if rebuilt is None or rebuilt.run is None:
+        found = self._rebuilt(run_key, files, adoption[0], adoption[1], now)
+        if found is None:
+            return state
+        rebuilt, dropped = found
+        if rebuilt.run is None:
             return state
         logger.warning(
             "file store: %s was behind its log (latest sequence %s, checkpoint %d in place: an "
@@ -2041,7 +1856,7 @@ class FileStore(ExpiryCleanup):
             "none" if run is None else run.latest_sequence,
             rebuilt.run.latest_sequence,
         )
-        self._commit_rebuilt(run_key, run, rebuilt)
+        self._commit_rebuilt(run_key, run, rebuilt, dropped)
         return rebuilt
 
     def _adoption(
@@ -2076,12 +1891,7 @@ class FileStore(ExpiryCleanup):
         # The first checkpoint of the run's next life, cut before its commit: adopted alone.
         life = msgspec.structs.replace(seed, incarnation=others[0][1])
         # The earlier life's shared bookkeeping is kept so that the rebuild drops its items.
-        kept = _RunState(
-            run=life,
-            items_next_expiry=state.items_next_expiry,
-            dropping=state.dropping,
-            shared=state.shared,
-        )
+        kept = _RunState(run=life, items_next_expiry=state.items_next_expiry, shared=state.shared)
         return kept, seed
 
     def _log_ahead(self, run_key: str, files: _Dir, run: RunRecord) -> bool:
@@ -2125,7 +1935,6 @@ class FileStore(ExpiryCleanup):
         Costs a head read per checkpoint record: only for a run about to be discarded, whose
         files are all removed next anyway.
         """
-        hidden = set(state.removing)
         ours = False
         others: list[tuple[int, str]] = []
         for sequence in reversed(files.sequences()):
@@ -2138,7 +1947,7 @@ class FileStore(ExpiryCleanup):
                 continue
             if place[1] != run.incarnation:
                 others.append((sequence, place[1]))
-            elif sequence >= state.low and sequence not in hidden:
+            elif sequence >= state.low:
                 ours = True
         return ours, others
 
@@ -2146,14 +1955,15 @@ class FileStore(ExpiryCleanup):
         """Intact checkpoints in place of the run's incarnation, oldest first.
 
         The incarnation is that of ``keep`` (a readable record) if it holds a run, else of the
-        newest intact checkpoint. What ``keep`` hides stays hidden. Corrupt files are logged,
+        newest intact checkpoint; those below ``keep``'s ``low`` are gone. Corrupt files are
+        logged,
         and files of other runs or incarnations left out: reads still report them as corrupt.
         """
-        low, hidden = (keep.low, set(keep.removing)) if keep is not None else (0, set())
+        low = keep.low if keep is not None else 0
         heads: list[_Head] = []
         incarnation = keep.run.incarnation if keep is not None and keep.run is not None else None
         for sequence in files.sequences():
-            if sequence < low or sequence in hidden:
+            if sequence < low:
                 continue
             try:
                 head = files.head(sequence, 0.0, include_expired=True)
@@ -2176,14 +1986,15 @@ class FileStore(ExpiryCleanup):
         keep: _RunState | None,
         base: RunRecord,
         now: float | None,
-    ) -> _RunState | None:
-        """The ``run.rec`` the log implies, or ``None`` when it holds no intact checkpoint.
+    ) -> tuple[_RunState, list[str]] | None:
+        """The ``run.rec`` the log implies and the shared items ``keep`` counted that none of
+        the checkpoints in place names (to remove), or ``None`` when it holds no intact
+        checkpoint.
 
         ``base`` gives ``run_id``, ``status`` and ``data``; ``created_at``, ``version`` and
         ``labels`` too when it is ``keep``'s own run, else they come from the log (oldest
         checkpoint, 0, newest checkpoint). ``updated_at`` becomes ``now`` (kept when ``None``).
-        The shared items' counts come from the refs of the checkpoints in place; the items
-        ``keep`` counted that none of them names are dropped.
+        The shared items' counts come from the refs of the checkpoints in place.
         """
         heads = self._log_heads(run_key, files, keep)
         if not heads:
@@ -2208,31 +2019,33 @@ class FileStore(ExpiryCleanup):
             labels=base.labels if own else newest.labels,
         )
         shared = _shared_of(heads)
-        dropped: set[str] = set()
-        if keep is not None:
-            dropped = {*(keep.shared or _NO_SHARED).counts, *keep.dropping} - shared.counts.keys()
-        return _RunState(
+        counted = (keep.shared or _NO_SHARED).counts if keep is not None else {}
+        state = _RunState(
             run=run,
             low=oldest.sequence,
             immortal=immortal,
             expiring=tuple(expiring),
-            removing=keep.removing if keep is not None else (),
             # Item expiries are unknown without a record: purge_expired looks at every item.
             items_next_expiry=keep.items_next_expiry if keep is not None else 0.0,
-            dropping=tuple(sorted(dropped)),
             shared=shared,
         )
+        return state, sorted(counted.keys() - shared.counts.keys())
 
-    def _commit_rebuilt(self, run_key: str, old: RunRecord | None, state: _RunState) -> None:
-        """Commit a rebuilt ``run.rec``; the run's index markers follow it. The markers of an
+    def _commit_rebuilt(
+        self, run_key: str, old: RunRecord | None, state: _RunState, dropped: Sequence[str]
+    ) -> None:
+        """Commit a rebuilt ``run.rec`` with the removal of the shared items ``dropped`` (and
+        what is nested under them); the run's index markers follow it. The markers of an
         unreadable record are left to ``purge_expired``, which then finds them stale."""
         assert state.run is not None
+        plan = self._plan(run_key)
+        plan.release((), dropped)
+        entries = plan.entries(run_key)
         markers = _marker_paths(run_key, state.run)
         self._add_markers(markers if old is None else markers - _marker_paths(run_key, old))
-        self._commit(run_key, state)
+        self._commit(run_key, state, items=entries)
         if old is not None:
             self._unindex(run_key, old, keep=state.run)
-        self._drop_shared(run_key, state.dropping)
 
     def _remove_oldest(self, run_key: str, ledger: _Ledger, keep_latest: int) -> None:
         """Remove the oldest held checkpoints beyond ``keep_latest``, walking up from ``low``.
@@ -2243,13 +2056,13 @@ class FileStore(ExpiryCleanup):
         if ledger.held <= keep_latest:
             return
         expiring = {sequence: expires_at for expires_at, sequence in ledger.expiring}
-        hidden = ledger.hidden()
+        removed = set(ledger.removed)
         sequence = ledger.low
         # Never the newest: it was just written and is always kept.
         while ledger.held > keep_latest and sequence < ledger.run.latest_sequence:
             if sequence in expiring:
                 ledger.remove(sequence, expiring[sequence])
-            elif sequence not in hidden:
+            elif sequence not in removed:
                 head = self._peek(run_key, sequence)
                 if head is True or (isinstance(head, _Head) and head.expires_at is None):
                     ledger.remove(sequence, None)  # never expires (or unreadable: counted so)
@@ -2270,66 +2083,6 @@ class FileStore(ExpiryCleanup):
             return True
         return False if found is None else found
 
-    def _retry_removals(self, run_key: str, state: _RunState) -> list[int]:
-        """Finish removing the owned items of checkpoints removed earlier (a failure after
-        their commit left them); returns those still unfinished."""
-        return self._remove_checkpoints(run_key, state.removing) if state.removing else []
-
-    def _remove_checkpoints(self, run_key: str, sequences: Sequence[int]) -> list[int]:
-        """Remove the owned items of committed removals (their records went in the commit);
-        returns those where that failed (logged).
-
-        Runs after a commit, so a failure never fails the operation: the checkpoint stays in
-        ``removing`` until its items are gone.
-        """
-        failed: list[int] = []
-        for sequence in sequences:
-            try:
-                self._remove_owned_items(run_key, sequence)
-            except OSError as exc:
-                _log_leftover(os.path.join(self._run_dir(run_key), _OWNERS), exc)
-                failed.append(sequence)
-        return failed
-
-    def _remove_owned_items(self, run_key: str, sequence: int) -> int:
-        run_dir = self._run_dir(run_key)
-        owner_dir = os.path.join(run_dir, _OWNERS, _sequence_name(sequence))
-        try:
-            names = os.listdir(owner_dir)
-        except FileNotFoundError:
-            return 0  # the checkpoint owns no items
-        files = _Dir(run_dir)
-        owned: list[str] = []
-        for name in names:
-            try:
-                found = files.item(name, whole=False) if _key_of_name(name) is not None else None
-            except CorruptCheckpointError as exc:
-                logger.warning("file store: skipping corrupt item %s: %s", exc.key, exc)
-                found = None
-            # The marker may be stale: the item was since rewritten with another owner.
-            if found is not None and found[0].owner == sequence:
-                owned.append(name)
-        removed = self._remove_items(run_key, owned)
-        for name in names:
-            _discard(os.path.join(owner_dir, name))
-        try:
-            os.rmdir(owner_dir)
-        except OSError as exc:
-            if exc.errno != errno.ENOTEMPTY:
-                raise
-            logger.warning("file store: left %s in place: it holds foreign entries", owner_dir)
-        return removed
-
-    def _discard_checkpoints(self, run_key: str) -> list[int]:
-        """Remove the owned items of every checkpoint of an expired run about to start over;
-        returns the checkpoints, whose records its next commit removes."""
-        files = _Dir(self._run_dir(run_key))
-        for name in files.listdir(_OWNERS):
-            sequence = _sequence_of_name(name)
-            if sequence is not None:
-                self._remove_owned_items(run_key, sequence)
-        return files.sequences()
-
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
@@ -2349,7 +2102,7 @@ class FileStore(ExpiryCleanup):
         trusted, view = _trusted_view(files, now, include_expired=include_expired)
         if trusted:
             return view
-        with self._locked(run_key, items="try"):
+        with self._locked(run_key):
             self._settle(run_key, files)
             return _log_view(files, run_key, now, include_expired=include_expired)
 
@@ -2388,7 +2141,7 @@ class FileStore(ExpiryCleanup):
                 result = read(files)
                 if files.settled():
                     return result
-        with self._locked(run_key, items="try"):
+        with self._locked(run_key):
             files = _Dir(self._run_dir(run_key))
             self._settle(run_key, files)
             return locked(files)
@@ -2428,7 +2181,7 @@ class FileStore(ExpiryCleanup):
                 return found
             previous = view
         # Appends kept moving the run under us: read it once while writers wait.
-        with self._locked(run_key, items="try"):
+        with self._locked(run_key):
             files = _Dir(self._run_dir(run_key))
             self._settle(run_key, files)
             view = _log_view(files, run_key, now)
@@ -2437,9 +2190,10 @@ class FileStore(ExpiryCleanup):
     async def read_with_items(
         self, run_key: str, *, sequence: int | None, now: float
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
-        """The checkpoint read as by ``get`` or ``latest``, then its owned items (listed
-        under ``o/<sequence>/``) and the items its refs name, then ``run.rec`` again: a
-        checkpoint still held there had all its items in place while they were read."""
+        """The checkpoint read as by ``get`` or ``latest``, then its owned items, the items
+        its refs name and those nested under them (by the item index), then ``run.rec`` again
+        unless nothing was committed meanwhile: a checkpoint still held there had all its
+        items in place while they were read."""
         _check_run_key(run_key)
         return await self._call(self._read_with_items, run_key, sequence, now)
 
@@ -2449,19 +2203,21 @@ class FileStore(ExpiryCleanup):
         with self._reader(run_key) as files:
             if files is None:
                 return None
-            for _ in range(_LATEST_ATTEMPTS if files.items_current() else 0):
+            for _ in range(_LATEST_ATTEMPTS):
                 if sequence is None:
                     found = self._latest_in(run_key, files, now)
                 else:
                     found = self._get_in(run_key, files, sequence, now)
                 if found is None:
                     return None
+                if not files.settled():
+                    break
                 items = _items_of(files, found[0], now)
                 if self._still_held(run_key, files, found[0].sequence, now) and \
                         files.settled():
                     return found[0], found[1], items
-        # Writers kept removing what we read (or the record is behind or damaged, or the item
-        # files are to be made again from the log): read it once while they wait.
+        # Writers kept removing what we read (or the record is behind or damaged, or a commit
+        # is not settled yet): read it once while they wait.
         with self._locked(run_key):
             files = _Dir(self._run_dir(run_key))
             self._settle(run_key, files)
@@ -2481,7 +2237,9 @@ class FileStore(ExpiryCleanup):
         if not files.unchanged():
             files.refresh()
             trusted, view = _trusted_view(files, now)
-            if not trusted or view is None or not view.holds(sequence):
+            # A checkpoint deleted since is no longer in the log (nor are its items).
+            if not trusted or view is None or not view.holds(sequence) or \
+                    not files.has_record(sequence):
                 return False
         assert files.fd is not None
         try:
@@ -2500,12 +2258,12 @@ class FileStore(ExpiryCleanup):
         if_absent: bool,
         now: float,
     ) -> bool:
-        """Writes each item like ``put_items`` (owner markers first): a crash in the middle of
-        a batch can leave part of it written."""
+        """One commit, with the check of the owner: the batch is written whole or not at
+        all."""
         _check_run_key(run_key)
-        named = _owned_items(items, owner)
+        owned = _owned_items(items, owner)
         return await self._call(
-            self._put_owned_items, run_key, named, owner, checkpoint_id, if_absent, now
+            self._put_owned_items, run_key, owned, owner, checkpoint_id, if_absent, now
         )
 
     def _live_owner(
@@ -2515,9 +2273,7 @@ class FileStore(ExpiryCleanup):
         run lock."""
         state = self._current_state(run_key, None, now)
         run = _live_run(state, now)
-        if state is None or run is None or owner in state.removing:
-            return None
-        if not state.low <= owner <= run.latest_sequence:
+        if state is None or run is None or not state.low <= owner <= run.latest_sequence:
             return None
         head = _Dir(self._run_dir(run_key)).head(owner, now)
         return head if head is not None and head.checkpoint_id == checkpoint_id else None
@@ -2525,7 +2281,7 @@ class FileStore(ExpiryCleanup):
     def _put_owned_items(
         self,
         run_key: str,
-        named: list[tuple[str, Item]],
+        items: list[Item],
         owner: int,
         checkpoint_id: str,
         if_absent: bool,
@@ -2535,14 +2291,13 @@ class FileStore(ExpiryCleanup):
             head = self._live_owner(run_key, owner, checkpoint_id, now)
             if head is None:
                 return False
-            files = _Dir(self._run_dir(run_key))
-            chosen: dict[str, Item] = {}
-            for name, item in named:
-                if if_absent and (name in chosen or _holds_live_item(files, name, now)):
+            plan = self._plan(run_key)
+            for item in items:
+                if if_absent and plan.live(item.key, now):
                     continue
                 # Everything of a checkpoint expires together.
-                chosen[name] = msgspec.structs.replace(item, expires_at=head.expires_at)
-            self._commit_items(run_key, None, self._item_entries(run_key, list(chosen.items())))
+                plan.write(msgspec.structs.replace(item, expires_at=head.expires_at))
+            self._commit(run_key, None, items=plan.entries(run_key))
             return True
 
     async def headers(
@@ -2594,20 +2349,16 @@ class FileStore(ExpiryCleanup):
                 return False
             if not state.low <= sequence <= state.run.latest_sequence:
                 return False
-            if sequence in state.removing:
-                return False
             files = _Dir(self._run_dir(run_key))
             found = files.head(sequence, 0.0, include_expired=True)
             if found is None or found.checkpoint_id != checkpoint_id:
                 return False
-            ledger = self._ledger(run_key, state, state.run)
+            ledger = _Ledger(state, state.run)
             ledger.remove(sequence, found.expires_at)
-            # The record goes in the commit; owned items after it (``removing`` until gone).
             committed = self._settled(run_key, ledger)
-            self._commit(run_key, committed, erase=ledger.removed, items=_Entries(
-                [], self._doomed(run_key, ledger.owning, committed.dropping), []))
-            self._remove_checkpoints(run_key, sorted(ledger.owning))
-            self._drop_shared(run_key, committed.dropping)
+            plan = self._plan(run_key)
+            plan.release(ledger.removed, ledger.dropped_keys())
+            self._commit(run_key, committed, erase=ledger.removed, items=plan.entries(run_key))
             return True
 
     async def delete_run(self, run_key: str) -> int:
@@ -2615,7 +2366,7 @@ class FileStore(ExpiryCleanup):
         return await self._call(self._delete_run, run_key)
 
     def _delete_run(self, run_key: str) -> int:
-        with self._locked(run_key, items="skip"):
+        with self._locked(run_key):
             try:
                 state = self._read_state(run_key)
             except CorruptCheckpointError as exc:
@@ -2636,6 +2387,7 @@ class FileStore(ExpiryCleanup):
             os.rename(self._run_dir(run_key), trash)
         except FileNotFoundError:
             return None  # no such run
+        _INDEXES.forget(self._run_dir(run_key))
         self._sync_dir(self._runs)
         return trash
 
@@ -2653,7 +2405,7 @@ class FileStore(ExpiryCleanup):
             state = self._read_settled(run_key, read, read)
         except CorruptCheckpointError:
             # Decided again under the run's lock: a writer in the middle of a commit, or damage.
-            with self._locked(run_key, items="try"):
+            with self._locked(run_key):
                 files = _Dir(self._run_dir(run_key))
                 self._settle(run_key, files)
                 try:
@@ -2691,7 +2443,7 @@ class FileStore(ExpiryCleanup):
     def _update_run(
         self, run_key: str, incarnation: str, version: int, status: str, data: bytes, now: float
     ) -> RunRecord:
-        with self._locked(run_key, items="try"):
+        with self._locked(run_key):
             state = self._current_state(run_key, None, now)
             run = _live_run(state, now)
             if state is None or run is None:
@@ -2842,148 +2594,63 @@ class FileStore(ExpiryCleanup):
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
         _check_run_key(run_key)
-        named = [(_item_name(item.key), item) for item in items]
-        if named:
-            await self._call(self._put_items, run_key, named, create_only, now)
+        for item in items:
+            _check_item_key(item.key)
+        if items:
+            await self._call(self._put_items, run_key, list(items), create_only, now)
 
     def _put_items(
-        self, run_key: str, named: list[tuple[str, Item]], create_only: bool, now: float
+        self, run_key: str, items: list[Item], create_only: bool, now: float
     ) -> None:
-        run_dir = self._run_dir(run_key)
         with self._locked(run_key):
             state = self._state_for_write(run_key)
+            plan = self._plan(run_key)
             if create_only:
-                self._check_absent(run_key, named, now)
-            self._ensure_dir(run_dir)
-            # The hint is committed before the items so purge_expired always finds them, and
-            # so is a key taken out of ``dropping``: a dropped key written again is no leftover.
-            earliest = _min_expiry([item.expires_at for _, item in named])
+                taken = [item.key for item in items if plan.live(item.key, now)]
+                if taken:
+                    raise ConflictError(f"item {taken[0]!r:.80} already exists in run {run_key}")
+            for item in items:
+                plan.write(item)
+            entries = plan.entries(run_key)
+            self._ensure_dir(self._run_dir(run_key))
+            # The hint is committed with the items, so purge_expired always finds them.
+            earliest = _min_expiry([item.expires_at for item in items])
             hint = earliest if state is None else _earliest(state.items_next_expiry, earliest)
             base = state if state is not None else _RunState(shared=_NO_SHARED)
-            keys = {item.key for _, item in named}
-            self._clear_nested(run_key, keys.intersection(base.dropping))
-            updated = msgspec.structs.replace(
-                base,
-                items_next_expiry=hint,
-                dropping=tuple(key for key in base.dropping if key not in keys),
-            )
-            self._commit_items(run_key, updated if state is None or updated != state else None,
-                               self._item_entries(run_key, named))
-
-    def _commit_items(self, run_key: str, state: _RunState | None, entries: _Entries) -> None:
-        """Commit the entries of items whose files are in place (with ``run.rec``, unless
-        ``None``; nothing when there is nothing to commit); a commit that fails puts the
-        files back (but not one that stays in the log: its items may be read)."""
-        try:
-            self._commit(run_key, state, items=entries)
-        except CommitLeftInLog:
-            raise
-        except BaseException:
-            self._withdraw_items(run_key, entries)
-            raise
-
-    def _write_item_files(self, run_key: str, staged: Sequence[tuple[str, Item, bytes]]) -> None:
-        """Write item files (owner and nesting markers first), unsynced: the log holds what
-        they copy, and a writer makes them again from it after a crash of the machine."""
-        if not staged:
-            return
-        named = [(name, item) for name, item, _ in staged]
-        self._mark_owners(run_key, named)
-        self._mark_nesting(run_key, named)
-        directory = os.path.join(self._run_dir(run_key), _ITEMS)
-        _mkdir(directory)
-        for name, _, data in staged:
-            self._write_file(run_key, os.path.join(directory, name), data)
-
-    def _check_absent(self, run_key: str, named: list[tuple[str, Item]], now: float) -> None:
-        files = _Dir(self._run_dir(run_key))
-        for name, item in named:
-            if _holds_live_item(files, name, now):
-                raise ConflictError(f"item {item.key!r:.80} already exists in run {run_key}")
-
-    def _mark_owners(self, run_key: str, named: Sequence[tuple[str, Item]]) -> None:
-        """Record owned items under their owner, before the items themselves."""
-        owners: dict[int, list[str]] = {}
-        for name, item in named:
-            if item.owner is not None:
-                owners.setdefault(item.owner, []).append(name)
-        if not owners:
-            return
-        root = os.path.join(self._run_dir(run_key), _OWNERS)
-        _mkdir(root)
-        for owner, names in owners.items():
-            directory = os.path.join(root, _sequence_name(owner))
-            _mkdir(directory)
-            self._make_markers(directory, names)
-
-    def _mark_nesting(self, run_key: str, named: Sequence[tuple[str, Item]]) -> None:
-        """Mark, before the items, each item being written under a key that holds an
-        item (in place or in the batch): an empty ``n/k<K>/<item name>`` for each such key
-        ``K`` it is nested under. Reads naming ``K`` list that directory, and the removal of
-        ``K``'s item removes what it lists, so neither lists the run's items. Keys that hold
-        no item get no marker, so keys like ``w/<sequence>/<task>/<index>`` leave none
-        behind. The first marker under ``K`` also marks the items written under it before it
-        held an item (one listing of the run's items, once per key)."""
-        files = _Dir(self._run_dir(run_key))
-        batch = {item.key for _, item in named}
-        holds: dict[str, bool] = {}
-        wanted: dict[str, list[str]] = {}
-        for name, item in named:
-            for prefix in _prefixes(item.key):
-                held = holds.get(prefix)
-                if held is None:
-                    held = holds[prefix] = prefix in batch or files.exists(
-                        f"{_ITEMS}/{_item_name(prefix)}")
-                if held:
-                    wanted.setdefault(prefix, []).append(name)
-        if not wanted:
-            return
-        root = files.path_of(_NESTED)
-        _mkdir(root)
-        listed: list[str] | None = None
-        for key, written in wanted.items():
-            directory = os.path.join(root, _item_name(key))
-            if files.exists(f"{_NESTED}/{_item_name(key)}"):
-                self._make_markers(directory, written)
-                continue
-            # A key's first markers are made aside and renamed into place, so a directory in
-            # place always marks what was under the key before it (a crash leaves none).
-            if listed is None:
-                listed = sorted(files.listdir(_ITEMS))
-            aside = os.path.join(root, "." + _item_name(key))
-            _remove_tree(aside)  # what a crash left
-            os.mkdir(aside, 0o700)
-            self._make_markers(aside, [*_nested_names(listed, key), *written])
-            os.rename(aside, directory)
-
-    @staticmethod
-    def _make_markers(directory: str, names: Iterable[str]) -> None:
-        for name in names:
-            os.close(os.open(os.path.join(directory, name), _MARKER_FLAGS, 0o600))
+            updated = msgspec.structs.replace(base, items_next_expiry=hint)
+            self._commit(run_key, updated if state is None or updated != state else None,
+                         items=entries)
 
     async def get_items(self, run_key: str, keys: Sequence[str], *, now: float) -> dict[str, bytes]:
         _check_run_key(run_key)
-        named = [(_item_name(key), key) for key in keys]
-        if not named:
+        for key in keys:
+            _check_item_key(key)
+        if not keys:
             return {}
-        return await self._call(self._get_items, run_key, named, now)
+        return await self._call(self._get_items, run_key, list(keys), now)
 
-    def _get_items(
-        self, run_key: str, named: list[tuple[str, str]], now: float
-    ) -> dict[str, bytes]:
-        return dict(self._read_items(run_key, functools.partial(_live_items, named=named,
-                                                                 now=now)))
+    def _get_items(self, run_key: str, keys: list[str], now: float) -> dict[str, bytes]:
+        def pick(index: _ItemIndex) -> list[_Indexed]:
+            found = (index.items.get(key) for key in dict.fromkeys(keys))
+            return [item for item in found if item is not None and item.live(now)]
 
-    def _read_items(self, run_key: str, read: Callable[[_Dir], list[_T]]) -> list[_T]:
-        """``read(files)`` of the run's item files, lock-free where they are current, else
-        once the run lock's first holder has made them again from the log."""
+        return dict(self._read_items(run_key, pick))
+
+    def _read_items(
+        self, run_key: str, pick: Callable[[_ItemIndex], Sequence[_Indexed]], *,
+        skip_corrupt: bool = False,
+    ) -> list[tuple[str, bytes]]:
+        """The items ``pick`` chooses (:meth:`_Dir.read_items`): lock-free when ``idx`` covers
+        every commit of the log, else under the run lock."""
         with self._reader(run_key) as files:
             if files is None:
                 return []
-            if files.items_current():
-                return read(files)
+            if files.settled():
+                return files.read_items(pick, skip_corrupt=skip_corrupt)
         with self._locked(run_key):
-            return read(_Dir(self._run_dir(run_key)))
+            files = _Dir(self._run_dir(run_key))
+            self._settle(run_key, files)
+            return files.read_items(pick, skip_corrupt=skip_corrupt)
 
     async def scan_items(
         self,
@@ -3007,42 +2674,36 @@ class FileStore(ExpiryCleanup):
         reverse: bool,
         now: float,
     ) -> list[tuple[str, bytes]]:
-        def read(files: _Dir) -> list[tuple[str, bytes]]:
-            found: list[tuple[str, bytes]] = []
-            for key, name in _scan_order(files, prefix, start_after, reverse):
-                if len(found) >= limit:
-                    break
-                try:
-                    item = files.item(name, whole=True)
-                except CorruptCheckpointError as exc:
-                    logger.warning("file store: skipping corrupt item %s: %s", exc.key, exc)
-                    continue
-                if item is not None and is_live(item[0].expires_at, now):
-                    found.append((key, item[1] or b""))
-            return found
+        found: list[tuple[str, bytes]] = []
+        picked: list[str] = []
+        after = start_after
 
-        return self._read_items(run_key, read)
+        def pick(index: _ItemIndex) -> list[_Indexed]:
+            page = index.page(prefix, after, limit - len(found), reverse, now)
+            picked[:] = [item.meta.key for item in page]
+            return page
+
+        while True:
+            want = limit - len(found)
+            read = self._read_items(run_key, pick, skip_corrupt=True)
+            found += read
+            if len(picked) < want or len(read) == len(picked):
+                return found  # no more items, or the page is full
+            after = picked[-1]  # damaged items were skipped: fill the page past them
 
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
         _check_run_key(run_key)
-        names = [_item_name(key) for key in keys]
-        if not names:
+        for key in keys:
+            _check_item_key(key)
+        if not keys:
             return 0
-        return await self._call(self._delete_items, run_key, names)
+        return await self._call(self._delete_items, run_key, list(keys))
 
-    def _delete_items(self, run_key: str, names: list[str]) -> int:
-        run_dir = self._run_dir(run_key)
+    def _delete_items(self, run_key: str, keys: list[str]) -> int:
         with self._locked(run_key):
-            # Owner markers of deleted items go when their owner does (they are re-checked).
-            removed = self._remove_items(run_key, sorted(set(names)))
-            # Then their nesting markers: a marker left without its item is skipped by reads.
-            files = _Dir(run_dir)
-            for name in set(names):
-                key = _key_of_name(name)
-                for prefix in () if key is None else _prefixes(key):
-                    anchor = f"{_NESTED}/{_item_name(prefix)}"
-                    if files.exists(anchor):
-                        _discard(os.path.join(files.path_of(anchor), name))
+            plan = self._plan(run_key)
+            removed = sum(plan.remove(key) for key in dict.fromkeys(keys))
+            self._commit(run_key, None, items=plan.entries(run_key))
             return removed
 
     # -- maintenance --------------------------------------------------------------------------
@@ -3088,7 +2749,7 @@ class FileStore(ExpiryCleanup):
             if match is None:
                 logger.warning("file store: skipping foreign file %s", path)
                 continue
-            with self._locked(match[1], blocking=False, items="skip") as locked:
+            with self._locked(match[1], blocking=False) as locked:
                 if not locked or in_use(path):
                     continue  # a writer of that run is at work (a compaction copies unlocked)
                 if _discard(path):
@@ -3111,7 +2772,7 @@ class FileStore(ExpiryCleanup):
             return 0
         # Due, or a directory without run.rec: decide again under the lock, by a record that
         # counts every checkpoint in place (an old one might call live ones expired).
-        with self._locked(run_key, items="try"):
+        with self._locked(run_key):
             try:
                 state = self._current_state(run_key, None, now)
             except CorruptCheckpointError as exc:
@@ -3119,29 +2780,17 @@ class FileStore(ExpiryCleanup):
                 return 0
             if state is None or (state.run is not None and not is_live(state.run.expires_at, now)):
                 return self._purge_whole_run(run_key, state, budget)
-            if _HELD.by_path[self._run_dir(run_key)].items_failed:
-                return 0  # the item files are not the log's: logged, tried again next round
             if not self._purge_due(run_key, state, now):
                 return 0
             return self._purge_inside_run(run_key, state, now, budget)
 
     def _purge_due(self, run_key: str, state: _RunState, now: float) -> bool:
-        """Something of the run expired, or a removal is unfinished."""
+        """Something of the run expired."""
         if state.run is not None and not is_live(state.run.expires_at, now):
             return True
         if state.run is not None and state.expiring and state.expiring[0][0] <= now:
             return True
-        if _due(state.items_next_expiry, now):
-            return True
-        run_dir = self._run_dir(run_key)
-        owners = os.path.join(run_dir, _OWNERS)
-        if any(os.path.lexists(os.path.join(owners, _sequence_name(s))) for s in state.removing):
-            return True
-        return any(
-            os.path.lexists(os.path.join(run_dir, directory, _item_name(key)))
-            for key in state.dropping
-            for directory in (_ITEMS, _NESTED)  # a marker left: nested items may be too
-        )
+        return _due(state.items_next_expiry, now)
 
     def _purge_whole_run(self, run_key: str, state: _RunState | None, budget: _Budget) -> int:
         """Remove an expired or emptied run, or a run directory that no write ever committed
@@ -3160,67 +2809,29 @@ class FileStore(ExpiryCleanup):
         return removed
 
     def _purge_inside_run(self, run_key: str, state: _RunState, now: float, budget: _Budget) -> int:
-        """Remove the due checkpoints and items of a live run (or of an items-only one)."""
-        leftovers = self._retry_removals(run_key, state)
-        failed = self._drop_shared(run_key, state.dropping)
+        """Remove the due checkpoints and items of a live run (or of an items-only one), in
+        one commit."""
+        plan = self._plan(run_key)
         removed: list[int] = []
-        owning: list[int] = []
-        committed = msgspec.structs.replace(
-            state, removing=tuple(leftovers), dropping=tuple(sorted(failed))
-        )
+        committed = state
         if state.run is not None:
-            ledger = _Ledger(state, state.run, leftovers, failed)
+            ledger = _Ledger(state, state.run)
             ledger.remove_expired(now, limit=budget.left)
             budget.spend(len(ledger.removed))
             removed = ledger.removed
             committed = self._settled(run_key, ledger)
-            owning = sorted(ledger.owning)
-        items: list[str] = []
+            plan.release(removed, ledger.dropped_keys())
         if _due(committed.items_next_expiry, now) and not budget.exhausted:
-            hint, items = self._expired_items(run_key, now, budget)
+            hint = plan.remove_expired(now, budget)
             committed = msgspec.structs.replace(committed, items_next_expiry=hint)
-        doomed = self._doomed(run_key, owning, committed.dropping)
-        files = _Dir(self._run_dir(run_key))
-        doomed += [meta.entry for meta in map(files.committed_item, items) if meta is not None]
-        if committed != state or doomed:
+        entries = plan.entries(run_key)
+        emptied = committed.run is None and not plan.holds_items()  # before readers move on
+        if committed != state or entries.removes:
             self._commit(run_key, committed if committed != state else None, erase=removed,
-                         items=_Entries([], doomed, []))
-        self._remove_checkpoints(run_key, owning)
-        self._drop_shared(run_key, committed.dropping)
-        with _after_commit(os.path.join(self._run_dir(run_key), _ITEMS)):
-            self._remove_items(run_key, items)
-        if committed.run is None and not self._has_items(run_key):
+                         items=entries)
+        if emptied:
             self._purge_whole_run(run_key, committed, budget)  # an items-only run, now empty
         return len(removed)
-
-    def _expired_items(
-        self, run_key: str, now: float, budget: _Budget
-    ) -> tuple[float | None, list[str]]:
-        """Expired item files (up to the budget) and the new lower bound of item expiry."""
-        files = _Dir(self._run_dir(run_key))
-        expired: list[str] = []
-        remaining: list[float | None] = []
-        for name in files.listdir(_ITEMS):
-            if len(expired) >= budget.left:
-                remaining.append(now)  # unread: assume it may be due
-                continue
-            path = files.path_of(f"{_ITEMS}/{name}")
-            try:
-                found = files.item(name, whole=False) if _key_of_name(name) is not None else None
-            except CorruptCheckpointError as exc:
-                logger.warning("file store: skipping corrupt item %s: %s", exc.key, exc)
-                continue
-            if found is None:
-                logger.warning("file store: skipping foreign file %s", path)
-            elif is_live(found[0].expires_at, now):
-                remaining.append(found[0].expires_at)
-            else:
-                expired.append(name)
-        budget.spend(len(expired))
-        return _min_expiry(remaining), expired
-
-    def _has_items(self, run_key: str) -> bool:
-        return bool(_Dir(self._run_dir(run_key)).listdir(_ITEMS))
 
     def _sweep_index(self, indexed: dict[str, set[str]], budget: _Budget) -> None:
         """Remove markers that a crash (in update_run, or between a run's first marker and
@@ -3241,7 +2852,7 @@ class FileStore(ExpiryCleanup):
                 return
             if os.path.join(directory, marker) in indexed.get(run_key, ()):
                 continue
-            with self._locked(run_key, items="skip"):
+            with self._locked(run_key):
                 if self._marker_is_stale(run_key, marker, directory):
                     _discard(os.path.join(self._index, directory, marker))
                     budget.spend(1)
@@ -3274,7 +2885,7 @@ class FileStore(ExpiryCleanup):
         for key in keys:
             if self._damage(key, now) is None:
                 continue  # the common case, decided without waiting for the run's writer
-            with self._locked(key, items="try"):
+            with self._locked(key):
                 damage = self._damage(key, now)
             if damage is not None:
                 found.append(damage)
@@ -3320,12 +2931,14 @@ class FileStore(ExpiryCleanup):
                     old = damaged.run if damaged is not None else None
             if keep is not None and keep.run is not None:
                 raise ConflictError(f"the run record of run key {run_key} is not damaged")
-            rebuilt = self._rebuilt(run_key, files, keep, seed, now)
-            if rebuilt is None or rebuilt.run is None:
+            found = self._rebuilt(run_key, files, keep, seed, now)
+            if found is None or found[0].run is None:
                 raise CheckpointNotFound(
                     f"run key {run_key} holds no intact checkpoint to rebuild its record from"
                 )
-            self._commit_rebuilt(run_key, old, rebuilt)
+            rebuilt, dropped = found
+            assert rebuilt.run is not None
+            self._commit_rebuilt(run_key, old, rebuilt, dropped)
             logger.info(
                 "file store: rebuilt %s from %d checkpoints",
                 files.record_key(RUN),
@@ -3398,68 +3011,42 @@ def _check_page(limit: int, cursor: str | None) -> None:
         raise ValidationError(f"limit must be at least 1, got {limit}")
 
 
-def _appended_items(record: StoredCheckpoint, items: Sequence[Item]) -> list[tuple[str, Item]]:
-    """``(file name, item)`` of the items appended with ``record``, the first of each key;
-    owned ones expire with it, shared ones live while a checkpoint names them."""
-    named: dict[str, Item] = {}
+def _appended_items(record: StoredCheckpoint, items: Sequence[Item]) -> list[Item]:
+    """The items appended with ``record``, the first of each key; owned ones expire with it,
+    shared ones live while a checkpoint names them."""
+    appended: dict[str, Item] = {}
     for item in items:
+        _check_item_key(item.key)
         expires_at = record.expires_at if item.owner is not None else None
-        named.setdefault(_item_name(item.key), msgspec.structs.replace(item, expires_at=expires_at))
-    return list(named.items())
+        appended.setdefault(item.key, msgspec.structs.replace(item, expires_at=expires_at))
+    return list(appended.values())
 
 
-def _owned_items(items: Sequence[Item], owner: int) -> list[tuple[str, Item]]:
-    named: list[tuple[str, Item]] = []
+def _owned_items(items: Sequence[Item], owner: int) -> list[Item]:
     for item in items:
-        name = _item_name(item.key)
+        _check_item_key(item.key)
         if item.owner != owner:
             raise ValidationError(
                 f"item {item.key[:40]!r} is owned by {item.owner}, not by checkpoint {owner}"
             )
-        named.append((name, item))
-    return named
+    return list(items)
 
 
-def _holds_live_item(files: _Dir, name: str, now: float) -> bool:
-    """Whether the run holds a live item at ``name`` (its entry in the log); a corrupt one
-    (logged) is not. Under the run lock."""
-    found = files.committed_item(name)
-    return found is not None and is_live(found.expires_at, now)
+def _check_refs_held(
+    run_key: str, sequence: int, plan: _Plan, keys: Sequence[str], now: float, *,
+    gone: Collection[str] = (), new_life: bool = False,
+) -> None:
+    """Refuse (before anything is written) refs naming items the run does not hold: a key in
+    ``gone`` (going with an earlier life), or with no live item in place (for a new life, no
+    live loose item), is not held."""
+    def held(key: str) -> bool:
+        found = plan.found(key)
+        return (key not in gone and found is not None and not found.damaged
+                and found.live(now) and not (new_life and found.meta.owner is not None))
 
-
-def _clear_item_copies(files: _Dir) -> None:
-    """Remove the run's item files and markers (copies of its log: made again from it)."""
-    for directory in (_ITEMS, _OWNERS, _NESTED):
-        _remove_tree(files.path_of(directory))
-
-
-def _live_items(
-    files: _Dir, *, named: Sequence[tuple[str, str]], now: float
-) -> list[tuple[str, bytes]]:
-    """``(key, value)`` of the live items among ``named`` (``(file name, key)``)."""
-    found: list[tuple[str, bytes]] = []
-    for name, key in named:
-        item = files.item(name, whole=True)
-        if item is not None and is_live(item[0].expires_at, now):
-            found.append((key, item[1] or b""))
-    return found
-
-
-def _items_made(view: LogView | None) -> int:
-    """How many item entries the log has handed out; past every item key it holds when that
-    count is damaged (a scan of the log)."""
-    if view is None:
-        return 0
-    try:
-        data = view.read(_ITEMS_MADE, check=True)
-    except CorruptCheckpointError:
-        data = b""
-    if data is None:
-        return 0  # no item yet: once written, the count is never removed
-    if len(data) == _COUNT.size:
-        return int(_COUNT.unpack(data)[0])
-    keys = [key for key in view.held_keys() if key <= _FIRST_ITEM]
-    return _FIRST_ITEM - min(keys) + 1 if keys else 0
+    missing = [key for key in keys if not held(key)]
+    if missing:
+        raise unheld_refs(run_key, sequence, missing)
 
 
 def _held_checkpoint(
@@ -3472,52 +3059,16 @@ def _held_checkpoint(
 
 
 def _items_of(files: _Dir, record: StoredCheckpoint, now: float) -> dict[str, bytes]:
-    """The live items ``record`` owns, those its refs name and those nested under them:
-    O(owned + refs) reads, plus, for a ref with nested items, one listing of its nesting
-    markers and a read per nested item."""
-    found = _owned_and_named(files, record, now)
-    anchors = [key for key in dict.fromkeys(record.refs)
-               if files.exists(f"{_NESTED}/{_item_name(key)}")]
-    if not anchors:
-        return found
-    done = {_item_name(key) for key in found}  # read already, as a ref or an owned item
-    for anchor in anchors:
-        for name in files.listdir(f"{_NESTED}/{_item_name(anchor)}"):
-            item = None if name in done else _nested_item(files, name)
-            done.add(name)  # refs nested in one another mark the same items
-            if item is not None and is_live(item[0].expires_at, now):
-                found[item[0].key] = item[1] or b""
-    return found
+    """The live items ``record`` owns, those its refs name and those nested under them: one
+    bisection per ref in the item index, and one read per item."""
+    def pick(index: _ItemIndex) -> list[_Indexed]:
+        keys = [*sorted(index.owned.get(record.sequence, ())), *record.refs]
+        for ref in dict.fromkeys(record.refs):
+            keys += index.nested(ref)
+        found = (index.items.get(key) for key in dict.fromkeys(keys))
+        return [item for item in found if item is not None and item.live(now)]
 
-
-def _nested_item(files: _Dir, name: str) -> tuple[_ItemMeta, bytes | None] | None:
-    """The item at ``name`` (its key checked against the name as it is read); a foreign
-    file is skipped (logged), a corrupt item raises as any item of a read does."""
-    try:
-        return files.item(name, whole=True)
-    except CorruptCheckpointError:
-        if _key_of_name(name) is not None:
-            raise
-        logger.warning("file store: skipping foreign file %s", files.path_of(f"{_ITEMS}/{name}"))
-        return None
-
-
-def _owned_and_named(files: _Dir, record: StoredCheckpoint, now: float) -> dict[str, bytes]:
-    """The live items ``record`` owns and those its refs name."""
-    found: dict[str, bytes] = {}
-    for name in files.listdir(f"{_OWNERS}/{_sequence_name(record.sequence)}"):
-        key = _key_of_name(name)
-        item = None if key is None else files.item(name, whole=True)
-        if key is None or item is None or not is_live(item[0].expires_at, now):
-            continue
-        # A marker outlives an item rewritten with another owner: the item's owner decides.
-        if item[0].owner == record.sequence:
-            found[key] = item[1] or b""
-    for key in record.refs:
-        item = None if key in found else files.item(_item_name(key), whole=True)
-        if item is not None and is_live(item[0].expires_at, now):
-            found[key] = item[1] or b""
-    return found
+    return dict(files.read_items(pick))
 
 
 def _shared_of(heads: Sequence[_Head]) -> _Shared:
@@ -3545,24 +3096,6 @@ def _min_expiry(expiries: Sequence[float | None]) -> float | None:
 
 def _held(state: _RunState | None) -> int:
     return 0 if state is None or state.run is None else state.run.checkpoint_count
-
-
-def _scan_order(
-    files: _Dir, prefix: str, start_after: str | None, reverse: bool
-) -> list[tuple[str, str]]:
-    """``(key, file name)`` of the run's items in scan order, before expiry filtering."""
-    keyed: list[tuple[str, str]] = []
-    for name in files.listdir(_ITEMS):
-        key = _key_of_name(name)
-        if key is None:
-            path = files.path_of(f"{_ITEMS}/{name}")
-            logger.warning("file store: skipping foreign file %s", path)
-        elif key.startswith(prefix) and (
-            start_after is None or (key < start_after if reverse else key > start_after)
-        ):
-            keyed.append((key, name))
-    keyed.sort(reverse=reverse)
-    return keyed
 
 
 class FileCheckpointStore(FileStore):

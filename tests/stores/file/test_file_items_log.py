@@ -1,351 +1,449 @@
-"""FileStore items in the run's log: every item write is one commit (one sync); the item files
-and markers are unsynced copies, made again from the log when ``idx`` was not written since
-this boot (a crash of the machine is simulated by a new boot id and by losing, tearing or
-putting back files); and a file a crash left before its commit is never taken for an item."""
+"""FileStore items in the run's log: every write or removal of items is one commit (one sync)
+and makes no file; each process indexes a run's items by one scan of the log, then catches up
+from the commits appended since, so reads answer the same after a restart, a compaction or
+another process's writes; a failed commit changes nothing; a damaged entry fails the reads of
+its own item only."""
 
 from __future__ import annotations
 
 import errno
-import secrets
-import shutil
-from collections.abc import Callable
+import logging
+import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from fastcheckpoint.errors import StoreError
+from fastcheckpoint.errors import ConflictError, CorruptCheckpointError, StoreError
 from fastcheckpoint.stores import RunRecord
-from fastcheckpoint.stores import _file_log as file_log
 from fastcheckpoint.stores import file as file_store
-from fastcheckpoint.stores._file_log import LogWriter, open_view
 from fastcheckpoint.stores.file import FileStore
-from fastcheckpoint.testing import T0, key_of, make_item, make_run
+from fastcheckpoint.stores.memory import MemoryStore
+from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_item, make_run
+from tests._file_records import (
+    Process,
+    all_items,
+    count_calls,
+    fail_first_sync_while,
+    forget_items,
+    item_record,
+    new_boot,
+    snapshot,
+)
 from tests._file_records import append_with_refs as _append
-from tests._file_records import count_calls
 
 pytestmark = pytest.mark.anyio
 
-
-class _Killed(BaseException):
-    """What a ``kill -9`` at that point would leave: nothing after it runs."""
+LOGGER = "fastcheckpoint.stores.file"
 
 
-def _name(key: str) -> str:
-    return file_store._item_name(key)
+def _restart(monkeypatch: pytest.MonkeyPatch, root: Path, run_key: str) -> None:
+    """A new process after a restart of the machine: no item index, no current ``idx``."""
+    forget_items(root, run_key)
+    new_boot(monkeypatch)
 
 
-def _item_file(root: Path, run: RunRecord, key: str) -> Path:
-    return root / "runs" / key_of(run) / "i" / _name(key)
+def _values(*keys: str) -> dict[str, bytes]:
+    return {key: f"value-{key}".encode() for key in keys}
 
 
-def _kill_at_commits(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
-    """From now on the writer dies as a ``kill -9`` would just before it commits: nothing
-    after that point runs (no file is put back). Returns what lets it commit again."""
-    real = FileStore._commit
-
-    def killed(*args: Any, **kwargs: Any) -> None:
-        raise _Killed
-
-    monkeypatch.setattr(FileStore, "_commit", killed)
-    monkeypatch.setattr(FileStore, "_withdraw_items", lambda *args: None)
-    return lambda: monkeypatch.setattr(FileStore, "_commit", real)
+def _log_id(root: Path, run_key: str) -> bytes:
+    return (root / "runs" / run_key / "log").read_bytes()[8:24]
 
 
-def _disk_full(*args: Any, **kwargs: Any) -> None:
-    raise OSError(errno.ENOSPC, "No space left on device")
-
-
-def _restart(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The machine restarts: a new boot id, so no ``idx`` written before counts as current."""
-    boot = secrets.token_bytes(16)
-    monkeypatch.setattr(file_log, "_boot", lambda: boot)
-
-
-async def test_every_item_write_costs_one_sync(
+async def test_every_item_write_and_removal_costs_one_sync(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Appends with items, owned writes, loose writes and deletes: one commit of the log each,
-    whatever the number of items, markers and directories they make."""
+    """Appends with items, pruning appends, owned and loose writes, deletes of items and of
+    checkpoints, and a purge of expired items: one commit each (one ``fdatasync``), however
+    many items it writes or removes, and no file made, renamed or removed."""
     store = FileStore(root)
     run = make_run("one-sync-items")
     key = key_of(run)
     with anyio.fail_after(30):
         first = await _append(store, run, 0)
-        calls = count_calls(monkeypatch, "fsync", "fdatasync")
-        items = [make_item("h/a"), make_item("h/a/0"), make_item("w/1", owner=1),
-                 make_item("w/1/x", owner=1)]
-        second = await _append(store, run, 1, refs=["h/a"], items=items)
-        assert calls == ["fdatasync"]
-        calls.clear()
-        assert await store.put_owned_items(
+        calls = count_calls(monkeypatch, "fsync", "fdatasync", "replace", "rename", "unlink")
+
+        async def one_sync(operation: Awaitable[Any]) -> Any:
+            calls.clear()
+            result = await operation
+            assert calls == ["fdatasync"]
+            return result
+
+        await one_sync(_append(store, run, 1, refs=["h/a"], items=[
+            make_item("h/a"), make_item("h/a/0"), make_item("w/1", owner=1),
+            make_item("w/1/x", owner=1)]))
+        assert await one_sync(store.put_owned_items(
             key, [make_item("w/0", owner=0), make_item("w/0/y", owner=0)], owner=0,
-            checkpoint_id=first.checkpoint_id, if_absent=False, now=T0)
-        assert calls == ["fdatasync"]
-        calls.clear()
-        await store.put_items(key, [make_item("loose"), make_item("loose/x")], now=T0)
-        assert calls == ["fdatasync"]
-        calls.clear()
-        assert await store.delete_items(key, ["loose", "loose/x"]) == 2
-        assert calls == ["fdatasync"]
-        found = await store.read_with_items(key, sequence=1, now=T0)
-    assert found is not None
-    assert found[0].checkpoint_id == second.checkpoint_id
-    assert sorted(found[2]) == ["h/a", "h/a/0", "w/1", "w/1/x"]
+            checkpoint_id=first.checkpoint_id, if_absent=False, now=T0))
+        await one_sync(store.put_items(key, [
+            make_item("loose"), make_item("loose/x"), make_item("e/1", expires_at=T0 + 5),
+            make_item("e/2", expires_at=T0 + 5)], now=T0))
+        assert await one_sync(store.delete_items(key, ["loose", "loose/x", "absent"])) == 2
+        # Prunes 0 and 1: their owned items, h/a and what is nested under it.
+        await one_sync(_append(store, run, 2, refs=["h/b"], keep_latest=1,
+                               items=[make_item("h/b"), make_item("h/b/0")]))
+        assert await all_items(store, key) == _values("e/1", "e/2", "h/b", "h/b/0")
+        await _append(store, run, 3, refs=["h/c"], items=[
+            make_item("h/c"), make_item("h/c/0"), make_item("w/3", owner=3)])
+        assert await one_sync(store.delete(key, 3, checkpoint_id=checkpoint_id_of(run, 3)))
+        await _append(store, run, 4, refs=["h/d"], expires_at=T0 + 5, items=[
+            make_item("h/d"), make_item("h/d/0"), make_item("w/4", owner=4)])
+        assert await one_sync(store.purge_expired(now=T0 + 5, limit=100)) == (1, True)
+        assert await snapshot(store, key, now=T0 + 5) == (
+            _values("h/b", "h/b/0"), {2: _values("h/b", "h/b/0")})
 
 
-async def test_item_files_are_made_again_from_the_log_after_a_restart(
+async def test_items_read_the_same_after_a_restart(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Files written without a sync may be lost, torn or an older version after a crash of the
-    machine, and a removed one may be back: the first holder of the run lock after the restart
-    makes them all again from the log, and reads wait for it."""
-    store = FileStore(root)
+    """A new process indexes the run's items by a scan of the log: rewritten, deleted, owned,
+    nested and pruned items read as they did, also once ``idx`` is gone; items written after
+    the scan take new entries."""
     run = make_run("restart")
     key = key_of(run)
     run_dir = root / "runs" / key
     with anyio.fail_after(30):
+        store = FileStore(root)
         await _append(store, run, 0, refs=["h/a"], items=[
             make_item("h/a"), make_item("h/a/0"), make_item("own", owner=0)])
         await store.put_items(key, [make_item("loose", b"v1")], now=T0)
-        older = _item_file(root, run, "loose").read_bytes()
-        await store.put_items(key, [make_item("loose", b"v2")], now=T0)
-        await store.put_items(key, [make_item("gone")], now=T0)
-        removed = _item_file(root, run, "gone").read_bytes()
+        await store.put_items(key, [make_item("loose", b"v2"), make_item("gone")], now=T0)
         assert await store.delete_items(key, ["gone"]) == 1
-        owned = _item_file(root, run, "own").read_bytes()
+        assert await store.put_owned_items(key, [make_item("own/1", owner=0)], owner=0,
+                                           checkpoint_id=checkpoint_id_of(run, 0),
+                                           if_absent=True, now=T0)
+        await _append(store, run, 1, refs=["h/a", "b/1"], items=[
+            make_item("b/1"), make_item("h/a/1")])
+        await _append(store, run, 2, refs=["b/2"], keep_latest=2, items=[
+            make_item("b/2"), make_item("w/2", owner=2)])  # prunes 0: own and own/1 go
+        before = await snapshot(store, key)
+        assert before == (
+            {**_values("b/1", "b/2", "h/a", "h/a/0", "h/a/1"), "loose": b"v2",
+             **_values("w/2")},
+            {1: _values("b/1", "h/a", "h/a/0", "h/a/1"), 2: _values("b/2", "w/2")})
 
-        _item_file(root, run, "h/a/0").unlink()
-        _item_file(root, run, "own").write_bytes(owned[:10])
-        _item_file(root, run, "loose").write_bytes(older)
-        _item_file(root, run, "gone").write_bytes(removed)
-        shutil.rmtree(run_dir / "o")
-        shutil.rmtree(run_dir / "n")
-        _restart(monkeypatch)
+        for lose_idx in (False, True):
+            _restart(monkeypatch, root, key)
+            if lose_idx:
+                (run_dir / "idx").unlink()
+            assert await snapshot(FileStore(root), key) == before
 
-        fresh = FileStore(root)
-        found = await fresh.read_with_items(key, sequence=None, now=T0)
-        assert found is not None
-        assert found[2] == {"h/a": b"value-h/a", "h/a/0": b"value-h/a/0", "own": b"value-own"}
-        assert await fresh.get_items(key, ["loose", "gone"], now=T0) == {"loose": b"v2"}
-        scanned = await fresh.scan_items(key, now=T0)
-    assert [item for item, _ in scanned] == ["h/a", "h/a/0", "loose", "own"]
-    assert _item_file(root, run, "own").read_bytes() == owned
-    assert not _item_file(root, run, "gone").exists()
-    view = open_view(str(run_dir))
-    assert view is not None
-    with view:
-        assert view.current  # idx written in this boot: later reads take no lock
+        forget_items(root, key)
+        await FileStore(root).put_items(key, [make_item("new"), make_item("h/a/2")], now=T0)
+        _restart(monkeypatch, root, key)
+        after = await snapshot(FileStore(root), key)
+    assert after[0] == {**before[0], **_values("new", "h/a/2")}
+    assert after[1][1] == {**before[1][1], **_values("h/a/2")}
 
 
-async def test_a_restart_before_any_reindex_reads_every_item_by_the_log(
-    root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A reader that finds ``idx`` of an earlier boot never reads the item files as they are:
-    it waits for the run lock, whose first holder makes them again."""
-    store = FileStore(root)
-    run = make_run("reader-restart")
+async def test_another_process_sees_what_one_wrote(root: Path) -> None:
+    """Each process's item index catches up from the commits the other appended: rewrites,
+    deletions, and what a pruning append removed (owned and nested items)."""
+    run = make_run("two-processes")
     key = key_of(run)
+    other = Process()
     with anyio.fail_after(30):
-        await store.put_items(key, [make_item("k", b"logged")], now=T0)
-        _item_file(root, run, "k").write_bytes(b"torn")
-        _restart(monkeypatch)
-        assert await FileStore(root).get_items(key, ["k"], now=T0) == {"k": b"logged"}
+        here = FileStore(root)
+        await _append(here, run, 0, refs=["h/a"], items=[
+            make_item("h/a"), make_item("h/a/0"), make_item("w/0", owner=0)])
+        await here.put_items(key, [make_item("k", b"v1"), make_item("gone")], now=T0)
+        assert (await snapshot(here, key))[0] == {
+            **_values("h/a", "h/a/0", "w/0", "gone"), "k": b"v1"}
+        with other:
+            there = FileStore(root)
+            assert await snapshot(there, key) == await snapshot(here, key)
+            await there.put_items(key, [make_item("k", b"v2"), make_item("new")], now=T0)
+            assert await there.delete_items(key, ["gone"]) == 1
+            await _append(there, run, 1, refs=["b/1"], items=[make_item("b/1")],
+                          keep_latest=1)
+            theirs = await snapshot(there, key)
+        assert theirs == ({**_values("b/1", "new"), "k": b"v2"}, {1: _values("b/1")})
+        assert await snapshot(here, key) == theirs
+
+        await here.put_items(key, [make_item("k", b"v3"), make_item("h/a")], now=T0)
+        assert await here.delete_items(key, ["new"]) == 1
+        await _append(here, run, 2, refs=["h/a"], items=[make_item("h/a/1")])
+        mine = await snapshot(here, key)
+        with other:
+            assert await snapshot(there, key) == mine
+    assert mine == ({**_values("b/1", "h/a", "h/a/1"), "k": b"v3"},
+                    {1: _values("b/1"), 2: _values("h/a", "h/a/1")})
 
 
-async def test_a_writer_killed_among_its_item_files_leaves_them_to_be_made_again(
-    root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A writer killed after some of its item files are in place, before its commit, leaves
-    ``items.state`` marked: readers keep away from the files and the next holder of the run
-    lock makes them again from the log first. So the killed write never counts: a key it
-    rewrote keeps its committed value (and is removed, or rewritten, for good), and the
-    killed append's retry writes its item again."""
-    store = FileStore(root)
-    run = make_run("killed-writer")
-    key = key_of(run)
-    with anyio.fail_after(30):
-        await _append(store, run, 0)
-        await store.put_items(key, [make_item("k", b"k1"), make_item("m", b"m1")], now=T0)
-        revive = _kill_at_commits(monkeypatch)
-        with pytest.raises(_Killed):
-            await store.put_items(key, [make_item("k", b"k2"), make_item("m", b"m2"),
-                                        make_item("x", b"never committed")], now=T0)
-        assert _item_file(root, run, "k").read_bytes().endswith(b"k2")  # in place, uncommitted
-        with pytest.raises(_Killed):
-            await _append(store, run, 1, refs=["s"], items=[make_item("s")])
-        revive()
-
-        assert await store.get_items(key, ["k", "m", "x"], now=T0) == {"k": b"k1", "m": b"m1"}
-        await _append(store, run, 1, refs=["s"], items=[make_item("s")])  # the retry
-        assert await store.delete_items(key, ["k"]) == 1
-        await store.put_items(key, [make_item("m", b"m3")], now=T0)
-        _restart(monkeypatch)
-        fresh = FileStore(root)
-        assert await fresh.get_items(key, ["k", "m", "x"], now=T0) == {"m": b"m3"}
-        found = await fresh.read_with_items(key, sequence=1, now=T0)
-    assert found is not None
-    assert found[2] == {"s": b"value-s"}
-
-
-async def test_a_first_write_killed_before_its_log_leaves_no_item(
-    root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The first write of a run makes its log in its commit: killed before it, the files it
-    placed are removed by the next holder of the lock, and never read."""
-    store = FileStore(root)
-    run = make_run("killed-first")
-    key = key_of(run)
-    with anyio.fail_after(30):
-        revive = _kill_at_commits(monkeypatch)
-        with pytest.raises(_Killed):
-            await store.put_items(key, [make_item("ghost")], now=T0)
-        revive()
-        assert _item_file(root, run, "ghost").exists()
-        assert await store.get_items(key, ["ghost"], now=T0) == {}
-        await store.put_items(key, [make_item("real")], now=T0)
-        assert await store.scan_items(key, now=T0) == [("real", b"value-real")]
-        _restart(monkeypatch)
-        assert await FileStore(root).scan_items(key, now=T0) == [("real", b"value-real")]
-    assert not _item_file(root, run, "ghost").exists()
-
-
-async def test_item_files_that_cannot_be_made_again_fail_only_reads_and_writes_of_items(
-    root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """After a restart, a full disk (say) that keeps the item files from being made again
-    fails the operations on items, not checkpoint reads nor ``delete_run``; and readers keep
-    away from the files until they are made."""
-    store = FileStore(root)
-    run = make_run("cannot-rebuild")
-    other = make_run("deleted-anyway")
-    key = key_of(run)
-
-    with anyio.fail_after(30):
-        await _append(store, run, 0, refs=["a"], items=[make_item("a")])
-        await _append(store, other, 0, refs=["a"], items=[make_item("a")])
-        _item_file(root, run, "a").write_bytes(b"torn")
-        _restart(monkeypatch)
-        fresh = FileStore(root)
-        real = FileStore._write_item_files
-        monkeypatch.setattr(FileStore, "_write_item_files", _disk_full)
-        found = await fresh.latest(key, now=T0)
-        assert found is not None
-        assert found[0].sequence == 0
-        assert await fresh.get_run(key, now=T0) is not None
-        with pytest.raises(StoreError, match="No space"):
-            await fresh.get_items(key, ["a"], now=T0)
-        with pytest.raises(StoreError, match="No space"):
-            await fresh.read_with_items(key, sequence=None, now=T0)
-        assert await fresh.delete_run(key_of(other)) == 1
-        monkeypatch.setattr(FileStore, "_write_item_files", real)
-        assert await fresh.get_items(key, ["a"], now=T0) == {"a": b"value-a"}
-
-
-async def test_pruning_removes_what_the_pruned_checkpoint_held_in_its_own_commit(
-    root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An append that prunes a checkpoint owning items and naming the last holder of a shared
-    item (and what is nested under it) still costs one sync: their entries go in its commit."""
-    store = FileStore(root)
-    run = make_run("prune-one-sync")
-    key = key_of(run)
-    with anyio.fail_after(30):
-        first = await _append(store, run, 0, refs=["h"], items=[
-            make_item("h"), make_item("h/0"), make_item("w", owner=0)])
-        assert await store.put_owned_items(key, [make_item("w/1", owner=0)], owner=0,
-                                           checkpoint_id=first.checkpoint_id, if_absent=False,
-                                           now=T0)
-        calls = count_calls(monkeypatch, "fsync", "fdatasync")
-        await _append(store, run, 1, keep_latest=1)
-        assert calls == ["fdatasync"]
-        assert await store.scan_items(key, now=T0) == []
-        _restart(monkeypatch)
-        assert await FileStore(root).scan_items(key, now=T0) == []
-
-
-async def test_a_failed_write_puts_back_the_items_it_replaced(
-    root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A commit that fails leaves the items as they were: replaced files are written back from
-    the log, new ones removed."""
-    store = FileStore(root)
-    run = make_run("put-back")
-    key = key_of(run)
-
-    def failing(*args: Any, **kwargs: Any) -> bool:
-        raise OSError(errno.EIO, "injected")
-
-    with anyio.fail_after(30):
-        record = await _append(store, run, 0)
-        await store.put_items(key, [make_item("k", b"old")], now=T0)
-        assert await store.put_owned_items(
-            key, [make_item("w", b"old-w", owner=0)], owner=0,
-            checkpoint_id=record.checkpoint_id, if_absent=False, now=T0)
-        monkeypatch.setattr(LogWriter, "commit", failing)
-        with pytest.raises(StoreError):
-            await store.put_items(key, [make_item("k", b"new"), make_item("n")], now=T0)
-        with pytest.raises(StoreError):
-            await store.put_owned_items(
-                key, [make_item("w", b"new-w", owner=0)], owner=0,
-                checkpoint_id=record.checkpoint_id, if_absent=False, now=T0)
-        monkeypatch.undo()
-        assert await store.get_items(key, ["k", "n", "w"], now=T0) == {
-            "k": b"old", "w": b"old-w"}
-        _restart(monkeypatch)
-        assert await FileStore(root).get_items(key, ["k", "n", "w"], now=T0) == {
-            "k": b"old", "w": b"old-w"}
-
-
-async def test_items_outlive_compaction_and_a_restart(
-    root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Rewriting an item leaves its old entry dead in the log; compaction drops those and keeps
-    the entry numbers, so the files still name their entries."""
-    store = FileStore(root)
+async def test_items_outlive_compaction(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rewriting an item leaves its old entry dead in the log, and compaction makes a new log
+    without them: an item index of the old log (another process's) is made again from the new
+    one, and items are read, removed and written as before."""
     run = make_run("compacted-items")
     key = key_of(run)
     log = root / "runs" / key / "log"
+    other = Process()
     with anyio.fail_after(60):
-        await _append(store, run, 0, refs=["kept"], items=[make_item("kept")])
+        store = FileStore(root)
+        await _append(store, run, 0, refs=["kept"], items=[
+            make_item("kept"), make_item("kept/0"), make_item("w/0", owner=0)])
+        await store.put_items(key, [make_item("gone")], now=T0)
+        with other:
+            assert (await snapshot(store, key))[0] == _values("gone", "kept", "kept/0", "w/0")
+        old_log = _log_id(root, key)
         for round_ in range(40):
             await store.put_items(key, [make_item("big", b"%d:" % round_ + b"x" * 20_000)],
                                   now=T0)
+        assert _log_id(root, key) != old_log
         assert log.stat().st_size < 300_000  # 800 KB written, most of it dead and dropped
-        await store.delete_items(key, ["missing"])  # a removal after compaction finds entries
-        found = await store.read_with_items(key, sequence=0, now=T0)
-        assert found is not None
-        assert found[2] == {"kept": b"value-kept"}
-        _restart(monkeypatch)
-        fresh = FileStore(root)
-        values = await fresh.get_items(key, ["big", "kept"], now=T0)
-    assert values["big"].startswith(b"39:")
-    assert values["kept"] == b"value-kept"
+        expected = ({**_values("gone", "kept", "kept/0", "w/0"),
+                     "big": b"39:" + b"x" * 20_000}, {0: _values("kept", "kept/0", "w/0")})
+        with other:
+            assert await snapshot(store, key) == expected
+        assert await snapshot(store, key) == expected
+
+        assert await store.delete_items(key, ["gone"]) == 1
+        await store.put_items(key, [make_item("kept/1")], now=T0)
+        _restart(monkeypatch, root, key)
+        found = await snapshot(FileStore(root), key)
+    items = {key: value for key, value in expected[0].items() if key != "gone"}
+    assert found[0] == {**items, **_values("kept/1")}
+    assert found[1] == {0: _values("kept", "kept/0", "kept/1", "w/0")}
 
 
-async def test_cleanup_leaves_a_run_whose_item_files_cannot_be_made_again(
+# -- failed commits ---------------------------------------------------------------------------
+
+
+async def _failing_setup(store: FileStore | MemoryStore, run: RunRecord) -> None:
+    """Checkpoint 0 (never expires) names ``h/a`` with two nested items, ``b/0`` and owns
+    ``w/0``; checkpoint 1 (expiring) names ``h/a`` and ``h/b`` (with one nested); loose items,
+    one of them expiring."""
+    await _append(store, run, 0, refs=["h/a", "b/0"], items=[
+        make_item("h/a"), make_item("h/a/0"), make_item("h/a/1"), make_item("b/0"),
+        make_item("w/0", owner=0)])
+    await _append(store, run, 1, refs=["h/a", "h/b"], expires_at=T0 + 5, items=[
+        make_item("h/b"), make_item("h/b/0"), make_item("w/1", owner=1)])
+    await store.put_items(key_of(run), [
+        make_item("loose"), make_item("e", expires_at=T0 + 5)], now=T0)
+
+
+def _operation(
+    name: str, store: FileStore | MemoryStore, run: RunRecord
+) -> Callable[[], Awaitable[object]]:
+    key = key_of(run)
+    return {
+        "put_items": lambda: store.put_items(key, [
+            make_item("loose", b"new"), make_item("new"), make_item("h/a/2")], now=T0),
+        "put_owned_items": lambda: store.put_owned_items(
+            key, [make_item("w/0", b"new", owner=0), make_item("w/0/x", owner=0)], owner=0,
+            checkpoint_id=checkpoint_id_of(run, 0), if_absent=False, now=T0),
+        "delete_items": lambda: store.delete_items(key, ["loose", "h/a/0", "w/1"]),
+        "pruning append": lambda: _append(store, run, 2, refs=["b/2"], keep_latest=1, items=[
+            make_item("b/2"), make_item("w/2", owner=2), make_item("h/a/new")]),
+        "delete": lambda: store.delete(key, 0, checkpoint_id=checkpoint_id_of(run, 0)),
+        "purge": lambda: store.purge_expired(now=T0 + 5, limit=100),
+    }[name]
+
+
+def _fail_once(monkeypatch: pytest.MonkeyPatch, fault: str, log: Path) -> list[str]:
+    """Make the next commit to ``log`` fail: its ``fdatasync`` (its bytes written), or its
+    ``pwrite`` (half written, then the disk full)."""
+    failed: list[str] = []
+
+    def of_log(fd: int) -> bool:
+        return os.path.samestat(os.fstat(fd), os.stat(log))
+
+    if fault == "sync":
+        def fdatasync(fd: int) -> None:
+            assert of_log(fd)
+            failed.append(fault)
+            monkeypatch.undo()
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        return failed
+    real = os.pwrite
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        assert of_log(fd)
+        if not failed:
+            failed.append("half")
+            return real(fd, bytes(data)[: len(data) // 2], offset)
+        failed.append(fault)
+        monkeypatch.undo()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    return failed
+
+
+@pytest.mark.parametrize("fault", ["sync", "write"])
+@pytest.mark.parametrize("operation", [
+    "put_items", "put_owned_items", "delete_items", "pruning append", "delete", "purge"])
+async def test_a_failed_commit_changes_no_item(
+    root: Path, monkeypatch: pytest.MonkeyPatch, operation: str, fault: str
+) -> None:
+    """The commit of an operation on items fails: the log is cut back to where it was, every
+    item and checkpoint reads as before (in this process and in a new one), and the same
+    operation then does what the memory store does."""
+    run = make_run("failed-commit")
+    key = key_of(run)
+    log = root / "runs" / key / "log"
+    store, memory = FileStore(root), MemoryStore()
+    with anyio.fail_after(30):
+        for each in (store, memory):
+            await _failing_setup(each, run)
+        before, size = await snapshot(store, key), log.stat().st_size
+        assert before == await snapshot(memory, key)
+
+        failed = _fail_once(monkeypatch, fault, log)
+        with pytest.raises(StoreError):
+            await _operation(operation, store, run)()
+        assert failed == (["sync"] if fault == "sync" else ["half", "write"])
+        assert log.stat().st_size == size
+        assert await snapshot(store, key) == before
+        forget_items(root, key)
+        assert await snapshot(store, key) == before
+
+        await _operation(operation, store, run)()
+        await _operation(operation, memory, run)()
+        after = await snapshot(store, key)
+        assert after != before
+        assert after == await snapshot(memory, key)
+        forget_items(root, key)
+        assert await snapshot(store, key) == after
+
+
+def test_a_write_of_items_whose_sync_fails_is_never_seen_by_readers(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The cleanup loop may be the first holder of a run's lock after a restart: when the
-    item files cannot be made again (a full disk), it leaves the run's items alone (not
-    taking the missing files for removed items, so not removing the run), and they stay
-    marked until they are made."""
-    store = FileStore(root)
-    run = make_run("purge-cannot-rebuild")
+    """Its commit is in the log until it is cut off again: readers of items in that window
+    wait for the run's writer, then find the items as they were."""
+    store = FileStore(root, fsync=False)
+    run = make_run("failed-item-sync")
     key = key_of(run)
+    store._translated(store._put_items, key, [make_item("k", b"old")], False, T0)
+    seen: list[object] = []
 
+    def read() -> None:
+        seen.append(store._translated(store._get_items, key, ["k", "new"], T0))
+        seen.append(store._translated(store._scan_items, key, "", None, 10, False, T0))
+
+    readers = fail_first_sync_while(monkeypatch, read)
+    with pytest.raises(StoreError, match="fdatasync failed"):
+        store._translated(store._put_items, key, [make_item("k", b"lost"), make_item("new")],
+                          False, T0)
+    readers[0].join(10)
+    assert seen == [{"k": b"old"}, [("k", b"old")]]
+    store._translated(store._put_items, key, [make_item("k", b"retry")], False, T0)
+    assert store._translated(store._get_items, key, ["k", "new"], T0) == {"k": b"retry"}
+
+
+# -- damage -----------------------------------------------------------------------------------
+
+
+async def test_a_damaged_item_fails_its_reads_and_scans_skip_it(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bad byte in an item's value: reads of it raise naming its entry, whether this process
+    indexed it before or scans the log anew; scans skip it with a warning; the other items
+    read; writing it again replaces it."""
+    run = make_run("damaged-item")
+    key = key_of(run)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
     with anyio.fail_after(30):
-        await store.put_items(key, [make_item("e", b"expiring", expires_at=T0 + 10)], now=T0)
-        await store.put_items(key, [make_item("k", b"kept")], now=T0)
-        _restart(monkeypatch)
-        fresh = FileStore(root)
-        real = FileStore._write_file
-        monkeypatch.setattr(FileStore, "_write_file", _disk_full)
-        assert await fresh.purge_expired(now=T0 + 100, limit=100) == (0, True)
-        assert (root / "runs" / key).is_dir()
-        assert (root / "runs" / key / "items.state").read_bytes() == b"\1"
-        monkeypatch.setattr(FileStore, "_write_file", real)
-        assert await fresh.get_items(key, ["e", "k"], now=T0 + 100) == {"k": b"kept"}
-        assert await fresh.purge_expired(now=T0 + 100, limit=100) == (0, True)
-        assert await fresh.scan_items(key, now=T0) == [("k", b"kept")]
+        store = FileStore(root)
+        await _append(store, run, 0, refs=["b/a", "b/b"], items=[make_item("b/a"),
+                                                                  make_item("b/b")])
+        await store.put_items(key, [make_item("loose")], now=T0)  # later commits follow
+        record = item_record(root, key, "b/a")
+        record.flip(-1)
+        for restarted in (False, True):
+            if restarted:
+                _restart(monkeypatch, root, key)
+            caplog.clear()
+            with pytest.raises(CorruptCheckpointError) as caught:
+                await store.get_items(key, ["b/b", "b/a"], now=T0)
+            assert caught.value.key == str(record)
+            with pytest.raises(CorruptCheckpointError):
+                await store.read_with_items(key, sequence=0, now=T0)
+            assert await store.get_items(key, ["b/b", "loose"], now=T0) == _values(
+                "b/b", "loose")
+            assert await all_items(store, key) == _values("b/b", "loose")
+            assert f"skipping corrupt item {record}" in caplog.text
+        await store.put_items(key, [make_item("b/a", b"again")], now=T0)
+        found = await store.read_with_items(key, sequence=0, now=T0)
+    assert found is not None
+    assert found[2] == {"b/a": b"again", "b/b": b"value-b/b"}
+
+
+async def test_a_scan_fills_its_page_past_a_damaged_item(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A skipped item does not count against ``limit``: a short page still means the end."""
+    key = key_of(make_run("full-page"))
+    caplog.set_level(logging.ERROR, logger=LOGGER)
+    with anyio.fail_after(30):
+        store = FileStore(root)
+        for index in range(5):
+            await store.put_items(key, [make_item(f"k{index}")], now=T0)
+        item_record(root, key, "k1").flip(-1)
+        page = await store.scan_items(key, limit=3, now=T0)
+    assert [item for item, _ in page] == ["k0", "k2", "k3"]
+
+
+async def test_unreadable_bytes_in_the_log_make_the_items_before_them_read_as_damaged(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A commit whose entry is unreadable: the items written before it may have a newer entry
+    (or a removal) there, so their reads raise and scans skip them, never their older value;
+    what that commit wrote is lost; items written after it read. A damaged item is not live:
+    writing it again (even ``create_only``) replaces it."""
+    run = make_run("unreadable")
+    key = key_of(run)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    with anyio.fail_after(30):
+        store = FileStore(root)
+        await _append(store, run, 0, refs=["b/a"], items=[make_item("b/a")])
+        await store.put_items(key, [make_item("early")], now=T0)
+        await store.put_items(key, [make_item("lost")], now=T0)
+        lost = item_record(root, key, "lost")
+        await _append(store, run, 1, refs=["b/late"], items=[make_item("b/late")])
+        lost.flip(9, envelope=True)  # its commit's first entry
+        _restart(monkeypatch, root, key)
+
+        store = FileStore(root)
+        for damaged in ("b/a", "early"):
+            with pytest.raises(CorruptCheckpointError, match="unreadable bytes"):
+                await store.get_items(key, [damaged], now=T0)
+        assert await store.get_items(key, ["lost", "b/late"], now=T0) == _values("b/late")
+        assert await all_items(store, key) == _values("b/late")
+        assert caplog.text.count("skipping corrupt item") == 2
+        found = await store.read_with_items(key, sequence=1, now=T0)
+        assert found is not None
+        assert found[2] == _values("b/late")
+
+        await store.put_items(key, [make_item("early", b"again")], create_only=True, now=T0)
+        with pytest.raises(ConflictError):
+            await store.put_items(key, [make_item("b/late")], create_only=True, now=T0)
+        assert await all_items(store, key) == {"b/late": b"value-b/late", "early": b"again"}
+
+
+async def test_an_item_entry_whose_metadata_is_unreadable_is_lost(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An entry whose key cannot be read cannot be indexed: a process that scans the log
+    after the damage logs the item as lost, and every other item reads."""
+    run = make_run("unreadable-meta")
+    key = key_of(run)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    with anyio.fail_after(30):
+        store = FileStore(root)
+        await store.put_items(key, [make_item("a"), make_item("b"), make_item("c")], now=T0)
+        await store.put_items(key, [make_item("d")], now=T0)
+        record = item_record(root, key, "b")
+        record.flip(file_store._PREFIX)  # the first byte of its metadata
+        with pytest.raises(CorruptCheckpointError):  # indexed before the damage
+            await store.get_items(key, ["b"], now=T0)
+        _restart(monkeypatch, root, key)
+        assert await all_items(FileStore(root), key) == _values("a", "c", "d")
+        assert await store.get_items(key, ["a", "b"], now=T0) == _values("a")
+    assert f"item entry {record} is unreadable; its item is lost" in caplog.text

@@ -1,314 +1,330 @@
-"""FileStore's nested items beyond their contract: the nesting markers on disk, what a read
-and a removal list and read, removals that fail half-way and are finished later."""
+"""FileStore's nested items beyond their contract: the items under ``K + "/"`` are those of the
+run's item index in that key range, whenever and however they were written; every removal of
+``K`` takes them in its own commit; reads answer as the memory store does, in any process and
+after a restart."""
 
 from __future__ import annotations
 
-import errno
-import logging
-import os
-from collections.abc import Callable
+import itertools
+import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 
-from fastcheckpoint.errors import StoreError
+from fastcheckpoint.errors import CheckpointError
 from fastcheckpoint.stores import RunRecord
-from fastcheckpoint.stores import file as file_store
 from fastcheckpoint.stores.file import FileStore
-from fastcheckpoint.testing import (
-    T0,
-    checkpoint_id_of,
-    key_of,
-    make_item,
-    make_run,
+from fastcheckpoint.stores.memory import MemoryStore
+from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_item, make_run
+from tests._file_records import (
+    Process,
+    all_items,
+    count_calls,
+    count_item_reads,
+    forget_items,
+    snapshot,
 )
 from tests._file_records import append_with_refs as _append
 
 pytestmark = pytest.mark.anyio
 
-LOGGER = "fastcheckpoint.stores.file"
-
-
-async def _items_of(store: FileStore, run: RunRecord, sequence: int | None) -> dict[str, bytes]:
-    found = await store.read_with_items(key_of(run), sequence=sequence, now=T0)
-    assert found is not None
-    return found[2]
-
-
-def _keys_in(root: Path, run: RunRecord, directory: str) -> set[str]:
-    """The keys named by the files of ``runs/<run key>/<directory>/`` (``i``: items in place,
-    ``n``: nesting markers)."""
-    path = root / "runs" / key_of(run) / directory
-    keys = (file_store._key_of_name(name) for name in os.listdir(path)) if path.exists() else ()
-    return {key for key in keys if key is not None}
+Store = FileStore | MemoryStore
 
 
 def _values(*keys: str) -> dict[str, bytes]:
     return {key: f"value-{key}".encode() for key in keys}
 
 
-def _failing_unlink(monkeypatch: pytest.MonkeyPatch, refuse: Callable[[str], bool]) -> list[str]:
-    """Make ``os.unlink`` fail with EIO on the paths ``refuse`` picks."""
-    refused: list[str] = []
-    real = os.unlink
-
-    def failing(path: Any, *args: Any, **kwargs: Any) -> None:
-        if refuse(os.fsdecode(path)):
-            refused.append(os.fsdecode(path))
-            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
-        real(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "unlink", failing)
-    return refused
+async def _items_of(store: Store, run: RunRecord, sequence: int | None) -> dict[str, bytes]:
+    found = await store.read_with_items(key_of(run), sequence=sequence, now=T0)
+    assert found is not None
+    return found[2]
 
 
-def _counting(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
-    """Record the directories a ``_Dir`` lists and the items it reads."""
-    listed: list[str] = []
-    read: list[str] = []
-    real_item, real_listdir = file_store._Dir.item, file_store._Dir.listdir
-
-    def item(self: Any, name: str, *, whole: bool) -> Any:
-        read.append(name)
-        return real_item(self, name, whole=whole)
-
-    def listdir(self: Any, relative: str) -> list[str]:
-        listed.append(relative)
-        return real_listdir(self, relative)
-
-    monkeypatch.setattr(file_store._Dir, "item", item)
-    monkeypatch.setattr(file_store._Dir, "listdir", listdir)
-    return listed, read
-
-
-# -- markers ----------------------------------------------------------------------------------
-
-
-async def test_only_keys_that_are_items_get_a_nesting_marker(root: Path, store: FileStore) -> None:
-    """Keys like ``w/<sequence>/<task>/<index>`` or ``b/<sequence>/<index>`` name no item at
-    their prefixes and leave no marker behind; an item's key (or a key a checkpoint names)
-    gets one when an item is written under it, and loses it with its item."""
-    run = make_run("markers")
-    with anyio.fail_after(30):
-        await _append(store, run, 0, ["b/0/1", "h/a"], [
-            make_item("b/0/1"), make_item("w/0/t/1", owner=0),
-            make_item("h/a"), make_item("h/a/1"), make_item("h/a/1/x")])
-        assert _keys_in(root, run, "n") == {"h/a", "h/a/1"}
-
-        await _append(store, run, 1, keep_latest=1)
-        assert _keys_in(root, run, "i") == set()
-        assert _keys_in(root, run, "n") == set()
-
-
-async def test_items_put_under_a_loose_item_are_nested_under_it_once_it_is_shared(
-    store: FileStore,
+async def test_items_written_under_a_key_before_it_held_an_item_are_nested_under_it(
+    root: Path, store: FileStore
 ) -> None:
+    """Loose items put under ``h/a`` before ``h/a`` held an item, owned ones, and those of a
+    later append are all read with a checkpoint naming ``h/a`` (not ``h/a0`` nor ``h/a.x``),
+    after a restart too, and all go with it."""
     run = make_run("put-first")
     key = key_of(run)
     with anyio.fail_after(30):
+        await store.put_items(key, [make_item("h/a/early"), make_item("h/a0"),
+                                    make_item("h/a.x")], now=T0)
         await store.put_items(key, [make_item("h/a")], now=T0)
-        await store.put_items(key, [make_item("h/a/0")], now=T0)
-        await _append(store, run, 0, ["h/a"])
+        await _append(store, run, 0, ["h/a"], [make_item("h/a/0"), make_item("w/0/t/1", owner=0)])
         assert await store.put_owned_items(key, [make_item("h/a/owned", owner=0)], owner=0,
                                            checkpoint_id=checkpoint_id_of(run, 0),
                                            if_absent=True, now=T0)
-        assert await _items_of(store, run, 0) == _values("h/a", "h/a/0", "h/a/owned")
+        expected = _values("h/a", "h/a/0", "h/a/early", "h/a/owned", "w/0/t/1")
+        assert await _items_of(store, run, 0) == expected
+        forget_items(root, key)
+        assert await _items_of(store, run, 0) == expected
 
         await _append(store, run, 1, keep_latest=1)
-        assert await store.scan_items(key, prefix="h/", now=T0) == []
+        assert await all_items(store, key) == _values("h/a.x", "h/a0")
 
 
-# -- costs ------------------------------------------------------------------------------------
+async def test_dropping_a_shared_item_takes_what_the_same_append_wrote_under_it(
+    root: Path, store: FileStore
+) -> None:
+    """An append that writes ``h/a/new`` and prunes the last checkpoint naming ``h/a`` removes
+    ``h/a/new`` with it, as the memory store does."""
+    run = make_run("same-append")
+    key = key_of(run)
+    memory = MemoryStore()
+    with anyio.fail_after(30):
+        for each in (store, memory):
+            await _append(each, run, 0, ["h/a"], [make_item("h/a"), make_item("h/a/0")])
+            await _append(each, run, 1, ["b/1"], [make_item("b/1"), make_item("h/a/new"),
+                                                  make_item("h/a/new/deeper")], keep_latest=1)
+        assert await snapshot(store, key) == (_values("b/1"), {1: _values("b/1")})
+        assert await snapshot(memory, key) == await snapshot(store, key)
+        forget_items(root, key)
+        assert await snapshot(store, key) == await snapshot(memory, key)
 
 
-async def test_a_read_lists_the_markers_of_its_refs_and_reads_each_nested_item_once(
+async def _removal_setup(
+    store: Store, run: RunRecord, expiries: tuple[float | None, float | None]
+) -> None:
+    """``h/a`` (named by checkpoint 0) with items nested under it, written loose before it
+    and by the append; ``h/b`` (named by 1) with one; keys next to ``h/a`` not under it."""
+    key = key_of(run)
+    await store.put_items(key, [make_item("h/a/early"), make_item("h/a0"),
+                                make_item("h/a.x")], now=T0)
+    await _append(store, run, 0, ["h/a"], expires_at=expiries[0], items=[
+        make_item("h/a"), make_item("h/a/0"), make_item("h/a/1/x"), make_item("w/0", owner=0)])
+    await _append(store, run, 1, ["h/b"], expires_at=expiries[1],
+                  items=[make_item("h/b"), make_item("h/b/0")])
+
+
+REMOVALS: dict[str, tuple[tuple[float | None, float | None], float]] = {
+    # path: (expiries of checkpoints 0 and 1, when the removal happens)
+    "prune": ((None, None), T0),
+    "delete": ((None, None), T0),
+    "expiry": ((T0 + 3, None), T0 + 3),
+    "new life": ((T0 + 5, T0 + 5), T0 + 5),  # both checkpoints expire: the run does
+}
+
+
+def _removal(path: str, store: Store, run: RunRecord) -> Callable[[], Awaitable[object]]:
+    key = key_of(run)
+    reborn = make_run(run.run_id, created_at=T0 + 5)
+    return {
+        "prune": lambda: _append(store, run, 2, ["h/b"], keep_latest=1,
+                                 items=[make_item("h/a/late")]),
+        "delete": lambda: store.delete(key, 0, checkpoint_id=checkpoint_id_of(run, 0)),
+        "expiry": lambda: store.purge_expired(now=T0 + 3, limit=100),
+        "new life": lambda: _append(store, reborn, 0, ["n"], now=T0 + 5,
+                                    items=[make_item("n"), make_item("h/a/reborn")]),
+    }[path]
+
+
+@pytest.mark.parametrize("path", list(REMOVALS))
+async def test_every_removal_of_an_anchor_takes_its_nested_items_in_its_commit(
+    root: Path, store: FileStore, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """Pruned, deleted, expired or left by a new life: ``h/a`` goes with every item under it
+    (never ``h/a0`` or ``h/a.x``), in the removal's one commit; the store then answers as the
+    memory store does, also after a restart."""
+    run = make_run("removals")
+    key = key_of(run)
+    memory = MemoryStore()
+    expiries, when = REMOVALS[path]
+    with anyio.fail_after(30):
+        for each in (store, memory):
+            await _removal_setup(each, run, expiries)
+        assert await _items_of(store, run, 0) == _values(
+            "h/a", "h/a/0", "h/a/1/x", "h/a/early", "w/0")
+        calls = count_calls(monkeypatch, "fdatasync")
+        await _removal(path, store, run)()
+        assert calls == ["fdatasync"]
+        monkeypatch.undo()
+        await _removal(path, memory, run)()
+
+        found = await snapshot(store, key, now=when)
+        assert [item for item in found[0] if item.startswith("h/a/")] == (
+            ["h/a/reborn"] if path == "new life" else [])
+        assert {"h/a0", "h/a.x"} <= found[0].keys()
+        assert found == await snapshot(memory, key, now=when)
+        forget_items(root, key)
+        assert await snapshot(store, key, now=when) == found
+
+
+async def test_a_read_reads_each_item_of_its_checkpoint_once(
     store: FileStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A ref nested under another ref (``h/a/000`` under ``h/a``) and what is nested under
+    both are read once, and none of the run's other items is read."""
     run = make_run("read-cost")
     key = key_of(run)
     with anyio.fail_after(60):
         await store.put_items(key, [make_item(f"other/{index}") for index in range(50)], now=T0)
-        # h/a/000 is a ref nested under the ref h/a, with an item nested under it.
         await _append(store, run, 0, ["h/a", "h/b", "c/1", "h/a/000"], [
             make_item("h/a"), make_item("h/b"), make_item("c/1"), make_item("w/0", owner=0),
             *[make_item(f"h/a/{index:03}") for index in range(60)], make_item("h/a/000/x"),
             *[make_item(f"h/b/{index:03}") for index in range(40)]])
-        listed, read = _counting(monkeypatch)
+        read = count_item_reads(monkeypatch)
         found = await _items_of(store, run, 0)
     assert len(found) == 4 + 101
     assert found["h/a/000/x"] == b"value-h/a/000/x"
-    # The run's items (50 others among them) are never listed: each ref with nested items
-    # lists its own markers, which hold everything under it at any depth.
-    assert listed == [f"o/{0:020d}",
-                      *(f"n/{file_store._item_name(key)}" for key in ("h/a", "h/b", "h/a/000"))]
-    assert len(read) == len(set(read)) == 4 + 101
+    assert sorted(read) == sorted(found)
 
 
-async def test_refs_without_nested_items_cost_no_listing(
-    store: FileStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Reading, and dropping, shared items with nothing nested under them lists no items,
-    even in a run that holds an anchor with many nested items."""
-    run = make_run("plain-refs")
-    with anyio.fail_after(60):
-        await _append(store, run, 0, ["h/log", "b/0"], [
-            make_item("h/log"), make_item("b/0"),
-            *[make_item(f"h/log/{index:03}") for index in range(100)]])
-        await _append(store, run, 1, ["b/1"], [make_item("b/1")])
-        listed, _ = _counting(monkeypatch)
-        assert await _items_of(store, run, 1) == _values("b/1")
-        await _append(store, run, 2, ["h/log", "b/2"], [make_item("b/2")], keep_latest=2)
-        assert listed == [f"o/{1:020d}"]
-
-        await _append(store, run, 3, ["b/3"], [make_item("b/3")], keep_latest=1)
-        # The removal of h/log's nested items lists its markers, not the run's items: once to
-        # remove their entries in the append's commit, once to unlink their files after it.
-        assert listed[1:] == [f"n/{file_store._item_name('h/log')}"] * 2
-        monkeypatch.undo()
-        assert await store.scan_items(key_of(run), prefix="h/", now=T0) == []
-
-
-async def test_deleted_nested_items_take_their_markers_along(
-    root: Path, store: FileStore
-) -> None:
-    """A log's writer removes the parts it merged with ``delete_items``: their markers go
-    too, so reads keep listing only what is there."""
+async def test_deleted_nested_items_are_gone_for_every_reader(root: Path) -> None:
+    """``delete_items`` of items nested under a ref: the reads of this process, of another
+    one that indexed the run before, and of a new one return the rest."""
     run = make_run("deleted-nested")
+    key = key_of(run)
+    other = Process()
     with anyio.fail_after(30):
+        store = FileStore(root)
         await _append(store, run, 0, ["h/a"], [make_item("h/a"), make_item("h/a/0"),
                                                make_item("h/a/1"), make_item("h/a/1/x")])
-        markers = root / "runs" / key_of(run) / "n" / file_store._item_name("h/a")
-        assert {file_store._key_of_name(name) for name in os.listdir(markers)} == {
-            "h/a/0", "h/a/1", "h/a/1/x"}
-        assert await store.delete_items(key_of(run), ["h/a/0", "h/a/1/x"]) == 2
-        assert {file_store._key_of_name(name) for name in os.listdir(markers)} == {"h/a/1"}
-        assert await _items_of(store, run, 0) == _values("h/a", "h/a/1")
+        with other:
+            assert await _items_of(store, run, 0) == _values("h/a", "h/a/0", "h/a/1", "h/a/1/x")
+        assert await store.delete_items(key, ["h/a/0", "h/a/1/x"]) == 2
+        expected = _values("h/a", "h/a/1")
+        assert await _items_of(store, run, 0) == expected
+        with other:
+            assert await _items_of(store, run, 0) == expected
+        with Process():
+            assert await _items_of(store, run, 0) == expected
 
 
-async def test_markers_a_crash_left_aside_are_made_again(root: Path, store: FileStore) -> None:
-    """A key's first markers are made in ``n/.k<K>`` and renamed into place: a crash before
-    the rename leaves that aside, and the next write under the key starts it over."""
-    run = make_run("aside")
-    key = key_of(run)
-    with anyio.fail_after(30):
-        await store.put_items(key, [make_item("h/a/early")], now=T0)  # not nested: no h/a
-        await store.put_items(key, [make_item("h/a")], now=T0)
-        assert _keys_in(root, run, "n") == set()
-        aside = root / "runs" / key / "n" / ("." + file_store._item_name("h/a"))
-        aside.mkdir(parents=True)
-        (aside / "left by a crash").touch()
-        await _append(store, run, 0, ["h/a"], [make_item("h/a/0")])
-        assert not aside.exists()
-        assert _keys_in(root, run, "n") == {"h/a"}
-        assert await _items_of(store, run, 0) == _values("h/a", "h/a/early", "h/a/0")
+# -- against the memory store -----------------------------------------------------------------
 
 
-# -- removals that fail half-way --------------------------------------------------------------
+class _Model:
+    """Random operations on one run, applied to the file store (by one of two processes, each
+    restarted now and then) and to the memory store."""
+
+    def __init__(self, seed: int, store: FileStore) -> None:
+        self.rng = random.Random(seed)
+        self.store = store
+        self.memory = MemoryStore()
+        self.processes = [Process(), Process()]
+        self.name = f"model-{seed}"
+        self.run = make_run(self.name)
+        self.key = key_of(self.run)
+        self.now = T0
+        self.numbers = itertools.count()
+
+    def process(self) -> Process:
+        if self.rng.random() < 0.1:
+            self.processes[self.rng.randrange(2)] = Process()  # restarted
+        return self.processes[self.rng.randrange(2)]
+
+    async def known(self) -> list[str]:
+        return list(await all_items(self.memory, self.key, now=self.now))
+
+    def fresh(self, prefix: str) -> str:
+        return f"{prefix}{next(self.numbers)}"
+
+    def nested_keys(self, anchors: list[str], count: int) -> list[str]:
+        keys: list[str] = []
+        for _ in range(count):
+            anchor = self.rng.choice(anchors) if anchors else self.fresh("h/")
+            keys.append(f"{anchor}/{self.rng.choice(['', 'x/'])}{next(self.numbers)}")
+        return keys
+
+    async def operation(self) -> tuple[str, Callable[[Store], Awaitable[object]]]:
+        rng, key, now = self.rng, self.key, self.now
+        known = await self.known()
+        shareable = [item for item in known if not item.startswith("w/")]
+        choice = rng.choices(
+            ["append", "put_items", "delete_items", "delete", "put_owned_items", "purge",
+             "later"], weights=[8, 3, 2, 1, 2, 1, 2])[0]
+        if choice == "append":
+            current = await self.memory.get_run(key, now=now)
+            if current is None:
+                self.run = make_run(self.name, created_at=now)
+                sequence = 0
+            else:
+                sequence = current.latest_sequence + 1
+            run = self.run
+            anchors = [self.fresh("h/") for _ in range(rng.randrange(2))]
+            refs = [*rng.sample(shareable, min(len(shareable), rng.randrange(3))), *anchors]
+            if rng.random() < 0.1:
+                refs.append(self.fresh("gone/"))  # never written: refused
+            items = [make_item(item) for item in anchors]
+            items += [make_item(item) for item in self.nested_keys(refs, rng.randrange(3))]
+            items += [make_item(f"w/{sequence}/{index}", owner=sequence)
+                      for index in range(rng.randrange(2))]
+            expires_at = rng.choice([None, None, now + rng.uniform(1, 8)])
+            keep_latest = rng.choice([None, None, 1, 2, 3])
+            return choice, lambda store: _append(
+                store, run, sequence, refs, items, now=now, expires_at=expires_at,
+                keep_latest=keep_latest)
+        if choice == "put_items":
+            keys = self.nested_keys(shareable, rng.randrange(1, 3))
+            keys += rng.sample(shareable, min(len(shareable), rng.randrange(2)))
+            expires_at = rng.choice([None, now + rng.uniform(1, 8)])
+            create_only = rng.random() < 0.3
+            loose = [make_item(item, f"{item}@{now}".encode(), expires_at=expires_at)
+                     for item in keys]
+            return choice, lambda store: store.put_items(key, loose, create_only=create_only,
+                                                         now=now)
+        if choice == "delete_items":
+            doomed = rng.sample(known, min(len(known), rng.randrange(1, 4)))
+            return choice, lambda store: store.delete_items(key, doomed)
+        headers, _ = await self.memory.headers(key, before=None, limit=100, now=now)
+        held = [header.sequence for header in headers] or [0]
+        sequence = rng.choice(held)
+        checkpoint_id = checkpoint_id_of(self.run, sequence)
+        if choice == "delete":
+            return choice, lambda store: store.delete(key, sequence, checkpoint_id=checkpoint_id)
+        if choice == "put_owned_items":
+            owned = [make_item(f"w/{sequence}/{self.rng.choice('pq')}{index}",
+                               f"{now}".encode(), owner=sequence)
+                     for index in range(rng.randrange(1, 3))]
+            if_absent = rng.random() < 0.5
+            return choice, lambda store: store.put_owned_items(
+                key, owned, owner=sequence, checkpoint_id=checkpoint_id, if_absent=if_absent,
+                now=now)
+        if choice == "purge":
+            return choice, lambda store: _purged(store, now)
+        self.now += rng.uniform(0.5, 3)
+        return choice, lambda store: _nothing()
+
+    async def step(self, number: int) -> None:
+        what, operation = await self.operation()
+        with self.process():
+            mine = await _outcome(operation(self.store))
+        theirs = await _outcome(operation(self.memory))
+        assert mine == theirs, f"step {number} ({what})"
+        with self.process():
+            found = await snapshot(self.store, self.key, now=self.now)
+        assert found == await snapshot(self.memory, self.key, now=self.now), \
+            f"step {number} ({what})"
 
 
-async def test_a_nested_item_whose_unlink_failed_is_removed_by_purge(
-    root: Path, store: FileStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+async def _purged(store: Store, now: float) -> None:
+    await store.purge_expired(now=now, limit=1000)
+
+
+async def _nothing() -> None:
+    pass
+
+
+async def _outcome(result: Awaitable[object]) -> object:
+    try:
+        return await result
+    except CheckpointError as exc:
+        return type(exc)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_items_match_the_memory_store_through_random_operations(
+    root: Path, seed: int
 ) -> None:
-    run = make_run("nested-unlink-fails")
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-    with anyio.fail_after(30):
-        await _append(store, run, 0, ["h/a"], [make_item("h/a"), make_item("h/a/0"),
-                                               make_item("h/a/1")])
-        stuck = file_store._item_name("h/a/1")
-        refused = _failing_unlink(monkeypatch, lambda path: path.endswith(f"/i/{stuck}"))
-
-        await _append(store, run, 1, keep_latest=1)
-
-        assert refused
-        monkeypatch.undo()
-        assert "failed after the commit" in caplog.text
-        assert _keys_in(root, run, "i") == {"h/a/1"}
-        assert _keys_in(root, run, "n") == {"h/a"}  # the removal is unfinished
-        assert await store.purge_expired(now=T0, limit=100) == (0, True)
-    assert _keys_in(root, run, "i") == set()
-    assert _keys_in(root, run, "n") == set()
-
-
-async def test_a_dropped_anchor_written_again_starts_with_nothing_nested(
-    root: Path, store: FileStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Nested items a failed unlink left are removed before the key is written again; if
-    that fails again, the append fails and writes nothing."""
-    run = make_run("anchor-again")
-    with anyio.fail_after(30):
-        await _append(store, run, 0, ["h/a"], [make_item("h/a"), make_item("h/a/0")])
-        stuck = file_store._item_name("h/a/0")
-        _failing_unlink(monkeypatch, lambda path: path.endswith(f"/i/{stuck}"))
-        await _append(store, run, 1, keep_latest=1)
-
-        with pytest.raises(StoreError, match="nested under 'h/a'"):
-            await _append(store, run, 2, ["h/a"], [make_item("h/a", b"new"),
-                                                   make_item("h/a/1")])
-        assert await store.get(key_of(run), 2, now=T0) is None
-        assert _keys_in(root, run, "i") == {"h/a/0"}
-
-        monkeypatch.undo()
-        await _append(store, run, 2, ["h/a"], [make_item("h/a", b"new"), make_item("h/a/1")])
-        assert await _items_of(store, run, 2) == {"h/a": b"new", "h/a/1": b"value-h/a/1"}
-
-
-async def test_put_items_of_a_dropped_anchor_removes_what_was_nested_under_it(
-    root: Path, store: FileStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    run = make_run("put-anchor-again")
-    with anyio.fail_after(30):
-        await _append(store, run, 0, ["h/a"], [make_item("h/a"), make_item("h/a/0")])
-        stuck = file_store._item_name("h/a/0")
-        _failing_unlink(monkeypatch, lambda path: path.endswith(f"/i/{stuck}"))
-        await _append(store, run, 1, keep_latest=1)
-        monkeypatch.undo()
-
-        await store.put_items(key_of(run), [make_item("h/a", b"loose")], now=T0)
-        assert _keys_in(root, run, "i") == {"h/a"}
-        await _append(store, run, 2, keep_latest=1)
-        assert await store.purge_expired(now=T0, limit=100) == (0, True)
-        assert await store.get_items(key_of(run), ["h/a"], now=T0) == {"h/a": b"loose"}
-
-
-# -- layout -----------------------------------------------------------------------------------
-
-
-async def test_markers_are_in_place_before_the_items(
-    root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = FileStore(root)
-    run = make_run("marker-order")
-    marker = root / "runs" / key_of(run) / "n" / file_store._item_name("h/a")
-    nested = file_store._item_name("h/a/0")
-    seen: list[tuple[str, bool]] = []
-    real = FileStore._write_file
-
-    def write_file(self: FileStore, run_key: str, target: str, data: bytes) -> None:
-        seen.append((os.path.basename(target), (marker / nested).exists()))
-        real(self, run_key, target, data)
-
-    monkeypatch.setattr(FileStore, "_write_file", write_file)
-    with anyio.fail_after(30):
-        await _append(store, run, 0, ["h/a"], [make_item("h/a"), make_item("h/a/0")])
-    assert (nested, True) in seen
-    assert all(marked for _, marked in seen)
-
-
-async def test_a_foreign_file_among_nested_items_is_skipped_and_logged(
-    root: Path, store: FileStore, caplog: pytest.LogCaptureFixture
-) -> None:
-    run = make_run("foreign-nested")
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-    with anyio.fail_after(30):
-        await _append(store, run, 0, ["h/a"], [make_item("h/a"), make_item("h/a/0")])
-        name = file_store._item_name("h/a/0")
-        run_dir = root / "runs" / key_of(run)
-        (run_dir / "i" / (name[:-1] + "~")).write_text("not an item")
-        assert await _items_of(store, run, 0) == _values("h/a", "h/a/0")  # never looked at
-        assert "skipping foreign file" not in caplog.text
-        # Marked as nested under h/a (by hand: the store never marks a foreign name).
-        (run_dir / "n" / file_store._item_name("h/a") / (name[:-1] + "~")).touch()
-        assert await _items_of(store, run, 0) == _values("h/a", "h/a/0")
-    assert "skipping foreign file" in caplog.text
+    """Appends (refs, nested and owned items, pruning, expiry, new lives), writes, deletions
+    and purges, each by one of two processes that restart now and then: every operation has
+    the memory store's outcome, and the stores then read the same."""
+    model = _Model(seed, FileStore(root, fsync=False))
+    with anyio.fail_after(120):
+        for number in range(200):
+            await model.step(number)

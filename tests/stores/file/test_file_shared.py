@@ -1,13 +1,11 @@
 """FileStore's adapter capabilities beyond their contracts: the label index on disk, reference
-counts of shared items kept exact through failures and rebuilt from the checkpoint files,
+counts of shared items kept exact through failures and rebuilt from the checkpoint records,
 what reads cost, and hostile keys and labels contained."""
 
 from __future__ import annotations
 
 import errno
-import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +15,7 @@ import pytest
 
 from fastcheckpoint.errors import CorruptCheckpointError, StoreError
 from fastcheckpoint.stores import CheckpointHeader, RunRecord
-from fastcheckpoint.stores import file as file_store
-from fastcheckpoint.stores._file_log import RUN, LogView
+from fastcheckpoint.stores._file_log import RUN, LogView, Record
 from fastcheckpoint.stores.file import FileStore
 from fastcheckpoint.testing import (
     T0,
@@ -28,12 +25,10 @@ from fastcheckpoint.testing import (
     make_run,
     without_key,
 )
+from tests._file_records import all_items, count_item_reads, forget_items, run_record
 from tests._file_records import append_with_refs as _append
-from tests._file_records import run_record
 
 pytestmark = pytest.mark.anyio
-
-LOGGER = "fastcheckpoint.stores.file"
 
 
 def _labelled(name: str, *labels: str) -> RunRecord:
@@ -44,13 +39,6 @@ async def _items_of(store: FileStore, run: RunRecord, sequence: int | None) -> d
     found = await store.read_with_items(key_of(run), sequence=sequence, now=T0)
     assert found is not None
     return found[2]
-
-
-def _item_files(root: Path, run: RunRecord) -> set[str]:
-    """The item keys whose files are in place."""
-    directory = root / "runs" / key_of(run) / "i"
-    keys = (file_store._key_of_name(name) for name in os.listdir(directory))
-    return {key for key in keys if key is not None}
 
 
 def _label_markers(root: Path) -> dict[str, list[str]]:
@@ -66,24 +54,6 @@ def _assert_inside(root: Path) -> None:
             path = Path(directory) / name
             assert path.resolve().is_relative_to(root.resolve()), path
             assert not path.is_symlink(), path
-
-
-def _failing(
-    monkeypatch: pytest.MonkeyPatch, name: str, refuse: Callable[[str], bool]
-) -> list[str]:
-    """Make ``os.<name>`` fail with EIO on the (first) paths ``refuse`` picks."""
-    refused: list[str] = []
-    real = getattr(os, name)
-
-    def failing(path: Any, *args: Any, **kwargs: Any) -> Any:
-        target = os.fsdecode(args[0] if name == "replace" else path)
-        if refuse(target):
-            refused.append(target)
-            raise OSError(errno.EIO, os.strerror(errno.EIO), target)
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, name, failing)
-    return refused
 
 
 # -- labels -----------------------------------------------------------------------------------
@@ -165,6 +135,8 @@ async def test_refs_are_kept_and_returned_by_every_read(store: FileStore) -> Non
 async def test_a_failed_append_leaves_no_item_and_keeps_the_shared_ones(
     root: Path, store: FileStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """An append whose commit fails writes none of its items and leaves the shared item it
+    names as it was, in this process and in a new one."""
     run = make_run("failed-append")
     with anyio.fail_after(30):
         await _append(store, run, 0, ["b/a"], [make_item("b/a")])
@@ -181,50 +153,15 @@ async def test_a_failed_append_leaves_no_item_and_keeps_the_shared_ones(
                            make_item("w/1", owner=1)])
         assert len(refused) == 1
         monkeypatch.undo()
-        assert _item_files(root, run) == {"b/a"}
-        assert await store.latest(key_of(run), now=T0) is not None
-        assert await store.get(key_of(run), 1, now=T0) is None
+        for restarted in (False, True):
+            if restarted:
+                forget_items(root, key_of(run))
+            assert await all_items(store, key_of(run)) == {"b/a": b"value-b/a"}
+            assert await store.get(key_of(run), 1, now=T0) is None
+            assert await _items_of(store, run, 0) == {"b/a": b"value-b/a"}
 
         await _append(store, run, 1, ["b/a", "b/new"], [make_item("b/new")])
         assert await _items_of(store, run, 1) == {"b/a": b"value-b/a", "b/new": b"value-b/new"}
-
-
-async def test_a_dropped_item_whose_unlink_failed_is_removed_by_purge(
-    root: Path, store: FileStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    run = make_run("drop-fails")
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-    with anyio.fail_after(30):
-        await _append(store, run, 0, ["b/all", "b/0"], [make_item("b/all"), make_item("b/0")])
-        stuck = file_store._item_name("b/0")
-        refused = _failing(monkeypatch, "unlink", lambda path: path.endswith(stuck))
-
-        await _append(store, run, 1, ["b/all"], keep_latest=1)
-
-        assert refused
-        monkeypatch.undo()
-        assert _item_files(root, run) == {"b/all", "b/0"}  # left for the sweep, and logged
-        assert "failed after the commit" in caplog.text
-        assert await store.purge_expired(now=T0, limit=100) == (0, True)
-    assert _item_files(root, run) == {"b/all"}
-
-
-async def test_a_dropped_key_written_again_is_not_swept(
-    root: Path, store: FileStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A key whose unlink failed and which ``put_items`` wrote again is no leftover."""
-    run = make_run("drop-rewritten")
-    with anyio.fail_after(30):
-        await _append(store, run, 0, ["b/0"], [make_item("b/0")])
-        stuck = file_store._item_name("b/0")
-        _failing(monkeypatch, "unlink", lambda path: path.endswith(stuck))
-        await _append(store, run, 1, keep_latest=1)
-        monkeypatch.undo()
-        await store.put_items(key_of(run), [make_item("b/0", b"again")], now=T0)
-
-        await _append(store, run, 2, keep_latest=1)
-        assert await store.purge_expired(now=T0, limit=100) == (0, True)
-        assert await store.get_items(key_of(run), ["b/0"], now=T0) == {"b/0": b"again"}
 
 
 async def test_a_new_life_writes_its_own_shared_items(root: Path, store: FileStore) -> None:
@@ -272,7 +209,7 @@ async def test_rebuild_takes_counts_and_labels_from_the_checkpoints(
         assert await _items_of(store, run, 1) == {"b/all": b"value-b/all", "b/1": b"value-b/1"}
         await _append(store, rebuilt, 3, ["b/all"], keep_latest=1)
         assert await store.purge_expired(now=T0, limit=100) == (0, True)
-    assert _item_files(root, run) == {"b/all"}
+        assert await all_items(store, key) == {"b/all": b"value-b/all"}
 
 
 # -- costs ------------------------------------------------------------------------------------
@@ -296,11 +233,11 @@ async def test_readers_never_read_the_reference_counts(
         real = LogView.read_sized
 
         def counting(
-            view: LogView, key: int, limit: int | None = None, *, check: bool = False
-        ) -> tuple[bytes, int] | None:
-            found = real(view, key, limit, check=check)
+            view: LogView, key: int, limit: int | None = None, **options: Any
+        ) -> Record | None:
+            found = real(view, key, limit, **options)
             if key == RUN and found is not None:
-                read.append(len(found[0]))
+                read.append(len(found.data))
             return found
 
         monkeypatch.setattr(LogView, "read_sized", counting)
@@ -316,6 +253,8 @@ async def test_readers_never_read_the_reference_counts(
 async def test_read_with_items_reads_what_the_checkpoint_owns_and_names(
     store: FileStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Each item the checkpoint owns (appended or put later) or names is read once, and none
+    of the run's other items."""
     run = make_run("o-owned-plus-refs")
     key = key_of(run)
     with anyio.fail_after(30):
@@ -326,38 +265,31 @@ async def test_read_with_items_reads_what_the_checkpoint_owns_and_names(
         assert await store.put_owned_items(key, [make_item("w/1", owner=0)], owner=0,
                                            checkpoint_id=checkpoint_id_of(run, 0),
                                            if_absent=True, now=T0)
-        items: list[str] = []
-        listed: list[str] = []
-        real_item, real_listdir = file_store._Dir.item, file_store._Dir.listdir
-
-        def counting_item(self: Any, name: str, *, whole: bool) -> Any:
-            items.append(name)
-            return real_item(self, name, whole=whole)
-
-        def counting_listdir(self: Any, relative: str) -> list[str]:
-            listed.append(relative)
-            return real_listdir(self, relative)
-
-        monkeypatch.setattr(file_store._Dir, "item", counting_item)
-        monkeypatch.setattr(file_store._Dir, "listdir", counting_listdir)
+        read = count_item_reads(monkeypatch)
         found = await store.read_with_items(key, sequence=0, now=T0)
     assert found is not None
     assert sorted(found[2]) == ["b/a", "b/b", "b/c", "w/0", "w/1"]
-    assert len(items) == 5  # two owned, three named
-    assert listed == [f"o/{0:020d}"]
+    assert sorted(read) == ["b/a", "b/b", "b/c", "w/0", "w/1"]
 
 
-async def test_hostile_item_keys_in_refs_stay_inside_the_root(
-    root: Path, store: FileStore
-) -> None:
-    hostile = ["../x", "/etc/passwd", "nul\x00byte", "..", "\U0001f600" * 32, "new\nline"]
+async def test_hostile_item_keys_in_refs_make_no_file(root: Path, store: FileStore) -> None:
+    """Items are entries of the run's log: whatever their keys, the run's directory holds its
+    log and ``idx`` only, and the items read back, also in a new process, until pruned."""
+    hostile = ["../x", "/etc/passwd", "nul\x00byte", "..", "\U0001f600" * 32, "new\nline",
+               "../x/..", "/etc/passwd/../../y"]
     run = make_run("hostile-refs")
+    run_dir = root / "runs" / key_of(run)
     with anyio.fail_after(30):
         await _append(store, run, 0, hostile,
                       [make_item(key, owner=0 if index % 2 else None)
                        for index, key in enumerate(hostile)])
-        assert await _items_of(store, run, 0) == {key: f"value-{key}".encode() for key in hostile}
+        expected = {key: f"value-{key}".encode() for key in hostile}
+        assert await _items_of(store, run, 0) == expected
+        assert sorted(os.listdir(run_dir)) == ["idx", "log"]
+        forget_items(root, key_of(run))
+        assert await _items_of(store, run, 0) == expected
         await _append(store, run, 1, keep_latest=1)
         assert await store.purge_expired(now=T0, limit=100) == (0, True)
+        assert await all_items(store, key_of(run)) == {}
     _assert_inside(root)
-    assert _item_files(root, run) == set()
+    assert sorted(os.listdir(run_dir)) == ["idx", "log"]

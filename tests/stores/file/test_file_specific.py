@@ -45,7 +45,14 @@ from fastcheckpoint.testing import (
     make_run,
     without_key,
 )
-from tests._file_records import LogRecord, checkpoint_record, checkpoint_sequences, count_calls
+from tests._file_records import (
+    LogRecord,
+    checkpoint_record,
+    checkpoint_sequences,
+    count_calls,
+    fail_first_sync_while,
+    forget_items,
+)
 from tests._helpers import acks_of_workers, acks_until_killed
 
 pytestmark = pytest.mark.anyio
@@ -293,10 +300,14 @@ async def test_hostile_item_keys_round_trip_in_code_point_order(root: Path) -> N
         }
         scanned = await store.scan_items(key, limit=100, now=T0)
         assert [item for item, _ in scanned] == sorted(HOSTILE_KEYS)
+        forget_items(root, key)  # a new process scans the log for them
+        assert await store.scan_items(key, limit=100, now=T0) == scanned
+        assert sorted(os.listdir(root / "runs" / key)) == ["idx", "log"]
         assert await store.delete_items(key, HOSTILE_KEYS) == len(HOSTILE_KEYS)
+        assert await store.scan_items(key, limit=100, now=T0) == []
 
     _assert_inside(root)
-    assert os.listdir(root / "runs" / key / "i") == []
+    assert sorted(os.listdir(root / "runs" / key)) == ["idx", "log"]
 
 
 @pytest.mark.parametrize("bad", ["x" * (MAX_ITEM_KEY_BYTES + 1), "é" * 65, "lone \ud800", None])
@@ -339,8 +350,6 @@ async def test_corrupt_and_foreign_files_are_skipped_by_listings(
         truncated.write_bytes(truncated.read_bytes()[:10])
         junk = _checkpoint_file(root, seed, 3)
         junk.write_bytes(random.Random(3).randbytes(5000))
-        (root / "runs" / key / "i").mkdir()
-        (root / "runs" / key / "i" / "notes.txt").write_text("hello")
         (root / "runs" / "notes.txt").write_text("hello")
         (root / "tmp" / "notes.txt").write_text("hello")
         (root / "index" / "notes.txt").write_text("hello")
@@ -369,7 +378,6 @@ async def test_corrupt_and_foreign_files_are_skipped_by_listings(
     for foreign in (
         "runs/notes.txt",
         "tmp/notes.txt",
-        f"runs/{key}/i/notes.txt",
         "index/notes.txt",
     ):
         assert f"{root / foreign}\n" in logged + "\n"
@@ -486,87 +494,6 @@ def _failing_unlink(monkeypatch: pytest.MonkeyPatch, refuse: Callable[[str], boo
 
     monkeypatch.setattr(os, "unlink", unlink)
     return refused
-
-
-async def test_failed_unlink_after_commit_does_not_fail_the_append(
-    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A pruned checkpoint's record goes in the append's commit; its owned items are removed
-    after it. When that fails, the append still succeeds, and the checkpoint stays listed in
-    ``removing`` until the next writer (or ``purge_expired``) removes its items."""
-    store = FileStore(root)
-    seed = make_run("cleanup-fails")
-    key = key_of(seed)
-    pruned = _checkpoint_file(root, seed, 0)
-    owned = root / "runs" / key / "i" / file_store._item_name("of-0")
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-    with anyio.fail_after(30):
-        await _append(store, seed, 0)
-        await store.put_items(key, [make_item("of-0", owner=0), make_item("free")], now=T0)
-        refused = _failing_unlink(monkeypatch, lambda path: path == str(owned))
-
-        await _append(store, seed, 1, keep_latest=1, payload=b"kept")
-
-        assert refused == [str(owned)]
-        assert not pruned.exists()
-        assert owned.exists()
-        for found in (await store.get(key, 1, now=T0), await store.latest(key, now=T0)):
-            assert found is not None
-            assert without_key(found[0]) == make_checkpoint(seed, 1, payload=b"kept")
-        assert await store.get(key, 0, now=T0) is None
-        found_headers, _ = await store.headers(
-            key, before=None, limit=10, now=T0, include_expired=True
-        )
-        assert [header.sequence for header in found_headers] == [1]
-        run = await store.get_run(key, now=T0)
-        assert run is not None
-        assert (run.latest_sequence, run.checkpoint_count) == (1, 1)
-        assert await store.get_items(key, ["free"], now=T0) == {"free": b"value-free"}
-        assert "failed after the commit" in _warnings(caplog)
-
-        monkeypatch.undo()
-        assert await store.purge_expired(now=T0, limit=10) == (0, True)
-        assert not owned.exists()
-        await _append(store, seed, 2, keep_latest=1)
-    assert checkpoint_sequences(root, key) == [2]
-
-
-async def test_failed_unlink_after_delete_hides_the_checkpoint_until_swept(
-    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A deleted checkpoint's record goes in the delete's commit; an owned item whose removal
-    fails after it is removed by the run's next writer."""
-    store = FileStore(root)
-    seed = make_run("delete-cleanup-fails")
-    key = key_of(seed)
-    deleted = _checkpoint_file(root, seed, 1)
-    owned = root / "runs" / key / "i" / file_store._item_name("of-1")
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-    with anyio.fail_after(30):
-        for sequence in range(3):
-            await _append(store, seed, sequence)
-        await store.put_items(key, [make_item("of-1", owner=1)], now=T0)
-        refused = _failing_unlink(monkeypatch, lambda path: path == str(owned))
-
-        assert await store.delete(key, 1, checkpoint_id=checkpoint_id_of(seed, 1)) is True
-
-        assert refused == [str(owned)]
-        assert not deleted.exists()
-        assert owned.exists()
-        assert await store.get(key, 1, now=T0) is None
-        found, _ = await store.headers(key, before=None, limit=10, now=T0, include_expired=True)
-        assert [header.sequence for header in found] == [2, 0]
-        assert await store.delete(key, 1, checkpoint_id=checkpoint_id_of(seed, 1)) is False
-        run = await store.get_run(key, now=T0)
-        assert run is not None
-        assert run.checkpoint_count == 2
-        assert "failed after the commit" in _warnings(caplog)
-
-        monkeypatch.undo()
-        await _append(store, seed, 3)  # the run's next writer finishes the removal
-        assert not owned.exists()
-        found, _ = await store.headers(key, before=None, limit=10, now=T0, include_expired=True)
-        assert [header.sequence for header in found] == [3, 2, 0]
 
 
 async def test_failed_marker_move_after_commit_does_not_fail_update_run(
@@ -1262,9 +1189,11 @@ async def test_kill_9_before_every_file_system_change_of_an_append_with_items(
     root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The 4th append (a new shared item, two shared ones of earlier checkpoints, an owned
-    one; pruning to 2 drops a shared item) killed before each of its file-system changes:
-    every checkpoint that shows has all its items, acknowledged ones always show, and the
-    next append leaves exactly the items of the checkpoints it holds."""
+    one; pruning to 2 drops a shared item and two owned ones) killed before each of its
+    file-system changes (opens, the commit's write and sync, the updates of ``idx``): every
+    checkpoint that shows has all its items, acknowledged ones always show, the run holds
+    exactly the items of the checkpoints that show (what the append writes and removes is
+    one commit), and so does it after the next append."""
     FileStore(root)
     caplog.set_level(logging.WARNING, logger=LOGGER)
     shown: set[int] = set()
@@ -1276,6 +1205,8 @@ async def test_kill_9_before_every_file_system_change_of_an_append_with_items(
         assert 2 in read, "an acknowledged checkpoint is lost"
         for sequence, items in read.items():
             assert items == worker.expected_items(sequence), f"checkpoint {sequence} half shown"
+        assert await _stored_keys(store, key) == {item for items in read.values()
+                                                  for item in items}
         shown.add(max(read))
         held = await _append_after_crash(store, key, keep_latest=2)
         assert held == [held[0], held[0] - 1]
@@ -1284,9 +1215,9 @@ async def test_kill_9_before_every_file_system_change_of_an_append_with_items(
         await _assert_temp_files_swept(store, root, key)
 
     with anyio.fail_after(180):
-        survived_at = await _crash_each_step(root, "crash-items", 80, check)
-    assert survived_at, "80 file-system changes were not enough for one append with items"
-    assert min(survived_at) - 1 >= 20, f"an append made only {min(survived_at) - 1} changes"
+        survived_at = await _crash_each_step(root, "crash-items", 30, check)
+    assert survived_at, "30 file-system changes were not enough for one append with items"
+    assert min(survived_at) - 1 >= 15, f"an append made only {min(survived_at) - 1} changes"
     assert shown == {2, 3}, "no kill fell after the commit's write"
     _assert_only_crash_warnings(caplog)
 
@@ -1296,8 +1227,7 @@ async def test_kill_9_before_every_file_system_change_of_a_put_owned_items(
 ) -> None:
     """Owned items put on a live checkpoint, killed before each file-system change: the
     items of the appends and of the acknowledged put are all there, the cut batch is there
-    whole or not at all (a kill among its files leaves them to be made again from the log),
-    and putting the batch again completes it."""
+    whole or not at all (one commit), and putting the batch again completes it."""
     FileStore(root)
     caplog.set_level(logging.WARNING, logger=LOGGER)
     batch = {item.key: item.value for item in worker.owned_batch(2, "q", 3)}
@@ -1327,8 +1257,8 @@ async def test_kill_9_before_every_file_system_change_of_a_put_owned_items(
         assert await _stored_keys(store, key) == set(worker.expected_items(3))
 
     with anyio.fail_after(180):
-        survived_at = await _crash_each_step(root, "crash-owned", 50, check)
-    assert survived_at, "50 file-system changes were not enough for one put_owned_items"
+        survived_at = await _crash_each_step(root, "crash-owned", 20, check)
+    assert survived_at, "20 file-system changes were not enough for one put_owned_items"
     assert set(cuts) == {0, len(batch)}, cuts
     _assert_only_crash_warnings(caplog)
 
@@ -1399,68 +1329,55 @@ async def _check_survivors(
 # -- readers racing writers on the run's log --------------------------------------------------
 
 
-def _appender(store: FileStore, run: RunRecord) -> Callable[..., None]:
-    def append(sequence: int, owning: bool = True) -> None:
-        record = make_checkpoint(run, sequence)
-        owned = [make_item(f"w/{sequence}", owner=sequence)] if owning else []
-        named = file_store._appended_items(record, owned)
-        store._translated(store._append, key_of(run), record, run, None, T0, named)
+def _appender(store: FileStore, run: RunRecord) -> Callable[[int], None]:
+    def append(sequence: int) -> None:
+        """Checkpoint ``sequence`` with an item it owns and one only it names."""
+        record = msgspec.structs.replace(make_checkpoint(run, sequence), refs=(f"b/{sequence}",))
+        items = file_store._appended_items(
+            record, [make_item(f"w/{sequence}", owner=sequence), make_item(f"b/{sequence}")])
+        store._translated(store._append, key_of(run), record, run, None, T0, items)
 
     return append
 
 
-def test_read_with_items_never_returns_a_checkpoint_deleted_while_it_read(
-    root: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("sequence", [None, 1])
+def test_read_with_items_never_returns_a_checkpoint_without_the_items_it_had(
+    root: Path, monkeypatch: pytest.MonkeyPatch, sequence: int | None
 ) -> None:
-    """The reader opens the log while a writer is between its commit and its idx update, reads
-    checkpoint 1, and other writers give it an owned item and delete it (and the item) before
-    the reader checks that it is still held: the reader must read again, not trust the run
-    record it saw. (The first writer writes no item: readers of items wait for writers that
-    change item files.)"""
+    """The reader reads checkpoint 1; before it reads its items, another thread deletes it
+    (with the item it owns and the one only it names) and a read of items brings this
+    process's item index up to date: the reader returns checkpoint 1 with both items, or
+    what it would return after the delete, never checkpoint 1 without them."""
     store = FileStore(root, fsync=False)
     run = make_run("stale-held")
     key = key_of(run)
     append = _appender(store, run)
-    append(0)
-    in_window, go = threading.Event(), threading.Event()
-    armed = [True]
-    real_sync = file_log.LogWriter._sync
-
-    def sync(writer: file_log.LogWriter, fd: int, *, data_only: bool = True) -> None:
-        real_sync(writer, fd, data_only=data_only)
-        if armed[0] and threading.current_thread().name == "W":
-            armed[0] = False
-            in_window.set()
-            go.wait(10)
-
-    monkeypatch.setattr(file_log.LogWriter, "_sync", sync)
-    writer = threading.Thread(target=append, args=(1, False), name="W")
-    writer.start()
-    assert in_window.wait(10)
+    for each in range(2 if sequence is None else 3):
+        append(each)
+    deleted: list[bool] = []
     real_items_of = file_store._items_of
 
+    def delete_and_read_items() -> None:
+        deleted.append(store._translated(store._delete, key, 1, checkpoint_id_of(run, 1)))
+        store._translated(store._get_items, key, ["b/0"], T0)
+
     def items_of(files: Any, record: Any, now: float) -> dict[str, bytes]:
-        if threading.current_thread().name == "R" and record.sequence == 1:
-            go.set()
-            writer.join()
-            owned = file_store._owned_items([make_item("w/1", owner=1)], 1)
-            assert store._translated(store._put_owned_items, key, owned, 1,
-                                     checkpoint_id_of(run, 1), False, T0)
-            store._translated(store._delete, key, 1, checkpoint_id_of(run, 1))
+        if record.sequence == 1 and not deleted:
+            other = threading.Thread(target=delete_and_read_items)
+            other.start()
+            other.join(10)  # (a reader holding the run lock would make it wait: not here)
         return real_items_of(files, record, now)
 
     monkeypatch.setattr(file_store, "_items_of", items_of)
-    found: list[Any] = []
-    reader = threading.Thread(
-        target=lambda: found.append(store._translated(store._read_with_items, key, None, T0)),
-        name="R")
-    reader.start()
-    reader.join(30)
-    go.set()
-    writer.join(10)
-    assert found
-    assert found[0] is not None
-    assert (found[0][0].sequence, found[0][2]) == (0, {"w/0": b"value-w/0"})
+    found = store._translated(store._read_with_items, key, sequence, T0)
+    assert deleted == [True]
+
+    def whole(held: int) -> tuple[int, dict[str, bytes]]:
+        return held, {f"b/{held}": f"value-b/{held}".encode(),
+                      f"w/{held}": f"value-w/{held}".encode()}
+
+    read = None if found is None else (found[0].sequence, found[2])
+    assert read in ([whole(1), whole(0)] if sequence is None else [whole(1), None])
 
 
 def test_a_large_head_is_read_from_the_entry_found_though_a_delete_removes_it(
@@ -1503,20 +1420,8 @@ def test_a_create_whose_sync_fails_is_never_seen_by_readers(
     key = key_of(run)
     store._translated(store._append, key, make_checkpoint(run, 0), run, None, T0, [])
     seen: list[Any] = []
-    readers: list[threading.Thread] = []
-    real = file_log.LogWriter._sync
-
-    def sync(writer: file_log.LogWriter, fd: int, *, data_only: bool = True) -> None:
-        if not readers:
-            reader = threading.Thread(
-                target=lambda: seen.append(store._translated(store._latest, key, T0)))
-            readers.append(reader)
-            reader.start()
-            reader.join(0.5)  # it waits for the run's lock, which this writer holds
-            raise OSError(errno.EIO, "fdatasync failed")
-        real(writer, fd, data_only=data_only)
-
-    monkeypatch.setattr(file_log.LogWriter, "_sync", sync)
+    readers = fail_first_sync_while(
+        monkeypatch, lambda: seen.append(store._translated(store._latest, key, T0)))
     with pytest.raises(StoreError, match="fdatasync failed"):
         store._translated(store._append, key, make_checkpoint(run, 1, payload=b"first try"),
                           run, None, T0, [])
