@@ -3,8 +3,7 @@
 Layout under the root (directories 0700, files 0600)::
 
     runs/<run key>/log              the run's records, appended in commits (``_file_log``):
-                                    ``run.rec`` (run record + bookkeeping, msgpack, CRC-32;
-                                    its body: the reference counts of shared items),
+                                    ``run.rec`` (run record + bookkeeping, msgpack, CRC-32),
                                     ``c/<sequence>`` (one per checkpoint: framing, metadata
                                     with its refs and the run's labels, header, payload),
                                     one entry per item (framing, key, owner, expiry, entry
@@ -37,13 +36,14 @@ and the item index is never written anywhere (nothing to repair after a crash). 
 never held an item costs nothing more than one look for the count of item entries. A
 compaction (a new log) makes the index be made again. ``fsync=False`` skips every sync.
 
-Shared items (``SupportsSharedItems``): ``run.rec``'s body counts, per item key, the held
-checkpoints whose ``refs`` name it, and lists the held checkpoints that have refs; writers read
-it, readers never do. An append commits its items' entries with the checkpoint, so a
-checkpoint that can be seen has its items in place. A removed checkpoint's refs, read from its
-head before the commit, are released in the same commit, and the items none names any more,
-the items it owned and the items nested under the dropped ones are removed by it too. The
-counts are rebuilt from the checkpoints' refs whenever ``run.rec`` is.
+Shared items (``SupportsSharedItems``): the reference count of a shared item is how many
+checkpoint records of the log name it in their ``refs``, and the item index keeps those counts
+too (each checkpoint's refs read from its head as the index takes in the commit that adds it),
+so nothing stores them and an append costs the same however many shared items the run holds.
+An append commits its items' entries with the checkpoint, so a checkpoint that can be seen has
+its items in place. A removed checkpoint's refs are released in the same commit, and the items
+none names any more, the items it owned and the items nested under the dropped ones are
+removed by it too.
 
 Nested items (``SupportsNestedItems``): the items whose keys start with ``K + "/"`` are one
 range of the item index's sorted keys, so ``read_with_items`` finds those nested under each ref
@@ -184,19 +184,6 @@ _INDEXED_ITEMS = 1 << 18
 recently used runs' indexes are dropped; the last one used is always kept)."""
 
 
-class _Shared(msgspec.Struct, frozen=True, kw_only=True):
-    """The body of ``run.rec``: what keeps the run's shared items exact. Only writers read it,
-    so a run naming many shared items costs its readers nothing."""
-
-    counts: dict[str, int] = msgspec.field(default_factory=dict)
-    """Key of each shared item named by held checkpoints -> how many of them name it."""
-    referring: tuple[int, ...] = ()
-    """Held checkpoints with ``refs``, ascending: only their heads are read when removed."""
-
-
-_NO_SHARED = _Shared()
-
-
 class _RunState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """What ``run.rec`` holds: the run record and what keeps appends and purges cheap."""
 
@@ -211,9 +198,6 @@ class _RunState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     expire first, the latest expiry last. ``checkpoint_count == immortal + len(expiring)``."""
     items_next_expiry: float | None = None
     """No item expires before this (a lower bound; ``None``: none expires)."""
-    shared: _Shared | None = None
-    """The record's body, as writers read it; ``None`` as readers see the record (they never
-    read the body). Never encoded with the rest."""
 
 
 class _CheckpointMeta(msgspec.Struct, frozen=True, array_like=True):
@@ -243,7 +227,6 @@ class _ItemMeta(msgspec.Struct, frozen=True, array_like=True):
 
 _ENCODER = msgspec.msgpack.Encoder()
 _STATE_DECODER = msgspec.msgpack.Decoder(_RunState)
-_SHARED_DECODER = msgspec.msgpack.Decoder(_Shared)
 _CHECKPOINT_DECODER = msgspec.msgpack.Decoder(_CheckpointMeta)
 _ITEM_DECODER = msgspec.msgpack.Decoder(_ItemMeta)
 
@@ -364,12 +347,13 @@ class _Ledger:
     """A run's bookkeeping while a writer changes it under the run lock.
 
     ``removed`` collects the checkpoints this operation removes; ``state()`` is the ``run.rec``
-    to commit, with the count and the run's expiry recomputed from what the run still holds,
-    and the shared items' reference counts after the added and released checkpoints.
+    to commit, with the count and the run's expiry recomputed from what the run still holds.
+    The shared items' reference counts are the item index's (``index``: the counts of the
+    checkpoints in the log, ``None`` for a run that holds no item, or for a new life, which
+    counts nothing of the earlier one's), changed by what the operation adds and removes.
     """
 
-    def __init__(self, state: _RunState, run: RunRecord) -> None:
-        assert state.shared is not None, "a writer's run.rec is read with its body"
+    def __init__(self, state: _RunState, run: RunRecord, index: _ItemIndex | None) -> None:
         self.base = state
         self.run = run
         self.low = state.low
@@ -379,42 +363,34 @@ class _Ledger:
         """Checkpoints this operation removes: their records go in its commit."""
         self.erase: list[int] = []
         """Records of an earlier life's checkpoints, removed by the same commit."""
-        self.counts = dict(state.shared.counts)
-        self.referring = set(state.shared.referring)
-        self.dropped: list[str] = []
-        """Shared items no held checkpoint names any more: removed by the same commit."""
+        self._counts: dict[str, int] = {} if index is None else index.counts
+        self._refs: dict[int, tuple[str, ...]] = {} if index is None else index.refs
+        self._changed: dict[str, int] = {}
+        """Per key named by what the operation adds or removes: the change of its count."""
 
     @property
     def held(self) -> int:
         return self.immortal + len(self.expiring)
+
+    def _count(self, key: str) -> int:
+        return self._counts.get(key, 0) + self._changed.get(key, 0)
 
     def add(self, sequence: int, expires_at: float | None, refs: Sequence[str] = ()) -> None:
         if expires_at is None:
             self.immortal += 1
         else:
             bisect.insort(self.expiring, (expires_at, sequence))
-        if refs:
-            self.referring.add(sequence)
         for key in dict.fromkeys(refs):
-            self.counts[key] = self.counts.get(key, 0) + 1
-
-    def releasing(self) -> list[int]:
-        """Removed checkpoints whose refs are still counted: :meth:`release` each."""
-        return [sequence for sequence in self.removed if sequence in self.referring]
-
-    def release(self, sequence: int, refs: Sequence[str]) -> None:
-        """A removed checkpoint's refs no longer count; items none names any more drop."""
-        self.referring.discard(sequence)
-        for key in dict.fromkeys(refs):
-            count = self.counts.get(key, 0) - 1
-            if count > 0:
-                self.counts[key] = count
-            elif self.counts.pop(key, None) is not None:
-                self.dropped.append(key)
+            self._changed[key] = self._changed.get(key, 0) + 1
 
     def dropped_keys(self) -> list[str]:
-        """The shared items this operation drops (no held checkpoint names them)."""
-        return [key for key in dict.fromkeys(self.dropped) if key not in self.counts]
+        """The shared items the removed checkpoints named and no held checkpoint names any
+        more (the new one's refs counted first): they go in the same commit."""
+        released: dict[str, int] = {}
+        for sequence in dict.fromkeys(self.removed):
+            for key in self._refs.get(sequence, ()):
+                released[key] = released.get(key, 0) + 1
+        return [key for key, count in released.items() if self._count(key) - count <= 0]
 
     def remove(self, sequence: int, expires_at: float | None) -> None:
         if expires_at is None:
@@ -455,7 +431,6 @@ class _Ledger:
             low=low,
             immortal=self.immortal,
             expiring=tuple(self.expiring),
-            shared=_Shared(counts=self.counts, referring=tuple(sorted(self.referring))),
         )
 
 
@@ -488,12 +463,8 @@ def _checkpoint_bytes(record: StoredCheckpoint, labels: tuple[str, ...]) -> byte
 
 
 def _run_bytes(state: _RunState) -> bytes:
-    """``run.rec``: the state as metadata, the shared items' bookkeeping as the body."""
-    assert state.shared is not None, "a run.rec read without its body is never written back"
-    meta = _ENCODER.encode(msgspec.structs.replace(state, shared=None))
-    shared = state.shared
-    body = _ENCODER.encode(shared) if shared.counts or shared.referring else b""
-    return _frame(_RUN_MAGIC, meta, b"", body)
+    """``run.rec``: the state as metadata."""
+    return _frame(_RUN_MAGIC, _ENCODER.encode(state))
 
 
 def _item_bytes(item: Item, entry: int) -> bytes:
@@ -709,17 +680,12 @@ class _Dir:
             if temporary:
                 view.close()
 
-    def state(self, *, whole: bool = False) -> _RunState | None:
-        """``run.rec``; with its body (the shared items' bookkeeping) only when ``whole``."""
-        frame = self.record(RUN, _RUN_MAGIC, whole=whole)
+    def state(self) -> _RunState | None:
+        """``run.rec``."""
+        frame = self.record(RUN, _RUN_MAGIC, whole=False)
         if frame is None:
             return None
-        path = self.record_key(RUN)
-        state = _decode(_STATE_DECODER, frame.meta, path)
-        if frame.body is None:
-            return state
-        shared = _decode(_SHARED_DECODER, frame.body, path) if frame.body else _NO_SHARED
-        return msgspec.structs.replace(state, shared=shared)
+        return _decode(_STATE_DECODER, frame.meta, self.record_key(RUN))
 
     def _checkpoint_frame(
         self, sequence: int, now: float, *, whole: bool, include_expired: bool
@@ -861,6 +827,12 @@ class _ItemIndex:
         """The items' keys, ascending (code point order, as ``scan_items`` pages them)."""
         self.owned: dict[int, set[str]] = {}
         """Owner sequence -> keys of the items it owns."""
+        self.refs: dict[int, tuple[str, ...]] = {}
+        """Sequence of each checkpoint in the log that has refs -> its refs (each key once)."""
+        self.counts: dict[str, int] = {}
+        """Key -> how many checkpoints in the log name it: the shared items' reference
+        counts (a checkpoint is in the log from the commit that adds it to the one that
+        removes it, so these are the held checkpoints')."""
         self._by_entry: dict[int, str] = {}
 
     def catch_up(self, view: LogView, end: int, name: Callable[[int], str]) -> None:
@@ -881,11 +853,39 @@ class _ItemIndex:
                 self._drop(key)
                 if at is not None:
                     self._add(view, key, at, damaged=False, name=name)
+            elif key >= 0:
+                self._release(key)
+                if at is not None:
+                    self._hold(view, key, at, name)
         for key, at in changes.damaged.items():
             if key <= _FIRST_ITEM:
                 self._drop(key)
                 self._add(view, key, at, damaged=True, name=name)
+            elif key >= 0:
+                self._release(key)
+                self._hold(view, key, at, name)
         self.end = changes.end
+
+    def _hold(self, view: LogView, sequence: int, at: Located, name: Callable[[int], str]) -> None:
+        """Count the refs of the checkpoint record ``sequence`` at ``at`` (its head read)."""
+        try:
+            refs = _checkpoint_refs(view, sequence, at, name(sequence))
+        except CorruptCheckpointError as exc:
+            logger.warning("file store: checkpoint %s is unreadable; the shared items it names "
+                           "are not counted for it: %s", exc.key, _problem(exc))
+            return
+        if refs:
+            self.refs[sequence] = refs
+            for key in refs:
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def _release(self, sequence: int) -> None:
+        for key in self.refs.pop(sequence, ()):
+            count = self.counts[key] - 1
+            if count:
+                self.counts[key] = count
+            else:
+                del self.counts[key]
 
     def _add(
         self, view: LogView, entry: int, at: Located, *, damaged: bool,
@@ -992,11 +992,17 @@ class _Plan:
     before the commit only: once it is made, readers may bring the index forward."""
 
     def __init__(self, index: _ItemIndex | None) -> None:
+        self.index = index
+        """The run's item index (``None``: the run holds no item)."""
         self._index = index
         self._items: dict[str, _Indexed] = {} if index is None else index.items
         self.writes: dict[str, Item] = {}
         self.removed: set[str] = set()
         """Keys of indexed items this commit removes (or replaces)."""
+
+    def named(self) -> list[str]:
+        """The keys the checkpoints in the log name (before this commit)."""
+        return [] if self._index is None else list(self._index.counts)
 
     def found(self, key: str) -> _Indexed | None:
         """The indexed item at ``key``, unless this plan removes it."""
@@ -1121,6 +1127,21 @@ def _entry_meta(view: LogView, entry: int, at: Located, where: str) -> _ItemMeta
     if meta.entry != entry:
         raise CorruptCheckpointError(f"holds the item of entry {meta.entry}", key=where)
     return meta
+
+
+def _checkpoint_refs(view: LogView, sequence: int, at: Located, where: str) -> tuple[str, ...]:
+    """The refs of the checkpoint record ``sequence`` at ``at``, each key once."""
+    record = view.read_sized(sequence, _PEEK_BYTES, at=at)
+    assert record is not None
+
+    def more(wanted: int) -> bytes:
+        again = view.read_sized(sequence, wanted, at=at)
+        assert again is not None
+        return again.data
+
+    frame = _parse_frame(record.data, record.size, where, _CHECKPOINT_MAGIC, whole=False,
+                         more=more, what="record")
+    return tuple(dict.fromkeys(_decode(_CHECKPOINT_DECODER, frame.meta, where).refs))
 
 
 def _items_made(view: LogView, at: Located) -> int:
@@ -1448,21 +1469,21 @@ class FileStore(ExpiryCleanup):
     Adapter capabilities (``r`` = refs of the checkpoint, ``i`` = items written, ``s`` = shared
     items the run's held checkpoints name, ``t`` = items of the run): every operation on items
     goes by this process's item index of the run (see the module docstring), which costs one
-    scan of the log (O(log bytes)) the first time a process reads the run's items and after
-    a compaction, and otherwise a read of the commits appended since it last looked.
-    ``append_with_items`` looks up each of its ``i`` items in the index (a live one is kept)
-    and commits the new ones' entries with the checkpoint (still one write and one sync), and
-    the ``s`` counts in ``run.rec``'s body (a few bytes plus the key per shared item); each
-    pruned checkpoint with refs costs one head read, and the items it was the last to name (or
-    owned) go in the same commit. ``put_items``, ``put_owned_items`` and ``delete_items`` are
-    one commit each (one sync, however many items). ``read_with_items`` costs ``get`` or
-    ``latest``, one ``pread`` per owned item, per ref and per item nested under a ref (found
-    by one bisection per ref), then two ``stat`` calls (log and run directory) and, only if
-    a commit was made meanwhile, ``run.rec``'s first 4 KiB again: O(owned + r + nested), not
-    O(n), O(s) or O(t). ``get_items`` is one ``pread`` per key; ``scan_items``
-    bisects to its page. ``put_owned_items`` reads ``run.rec`` and the owner's head under the
-    run lock. Expired items are found by ``purge_expired`` walking the index: O(t) for a run
-    whose items are due.
+    scan of the log (O(log bytes)) the first time a process reads the run's items and after a
+    compaction, and otherwise a read of the commits appended since it last looked.
+    ``append_with_items`` looks up each of its ``i`` items in the index (a live one is kept) and
+    commits the new ones' entries with the checkpoint (still one write and one sync); the refs
+    of the checkpoints it prunes and their shared items' counts are the index's, so the items a
+    pruned checkpoint was the last to name (or owned) go in the same commit, with no read, and
+    nothing in the append grows with ``s``. ``put_items``, ``put_owned_items`` and
+    ``delete_items`` are one commit each (one sync, however many items). ``read_with_items``
+    costs ``get`` or ``latest``, one ``pread`` per owned item, per ref and per item nested under
+    a ref (found by one bisection per ref), then two ``stat`` calls (log and run directory) and,
+    only if a commit was made meanwhile, ``run.rec``'s first 4 KiB again: O(owned + r + nested),
+    not O(n), O(s) or O(t). ``get_items`` is one ``pread`` per key; ``scan_items`` bisects to
+    its page. ``put_owned_items`` reads ``run.rec`` and the owner's head under the run lock.
+    Expired items are found by ``purge_expired`` walking the index: O(t) for a run whose items
+    are due.
 
     Limits: item keys up to :data:`MAX_ITEM_KEY_BYTES` UTF-8 bytes, statuses up to 64. A
     write of items is one commit, so the log holds a batch whole or not at all; an append's
@@ -1635,8 +1656,8 @@ class FileStore(ExpiryCleanup):
             held.forget()  # the log moved on: read it anew
         held.compact_due = held.compact_due or due
 
-    def _read_state(self, run_key: str, *, whole: bool = False) -> _RunState | None:
-        return _Dir(self._run_dir(run_key)).state(whole=whole)
+    def _read_state(self, run_key: str) -> _RunState | None:
+        return _Dir(self._run_dir(run_key)).state()
 
     # -- checkpoint log -----------------------------------------------------------------------
 
@@ -1710,12 +1731,11 @@ class FileStore(ExpiryCleanup):
             if state is None or stored is None or current is None:
                 # A new life holds the loose items of its key, not what the checkpoints of an
                 # earlier one named (they go with them).
-                earlier = state.shared if state is not None and state.shared else _NO_SHARED
                 _check_refs_held(run_key, record.sequence, plan, find, now, new_life=True,
-                                 gone=earlier.counts)
+                                 gone=plan.named())
                 ledger = self._start_run(run_key, state, seed, plan)
             else:
-                ledger = _Ledger(state, current)
+                ledger = _Ledger(state, current, plan.index)
                 _check_refs_held(run_key, record.sequence, plan, find, now)
             ledger.run = msgspec.structs.replace(
                 ledger.run, latest_sequence=record.sequence, updated_at=now
@@ -1751,7 +1771,7 @@ class FileStore(ExpiryCleanup):
         ledger.remove_expired(now)
         if keep_latest is not None:
             self._remove_oldest(run_key, ledger, keep_latest)
-        committed = self._settled(run_key, ledger)
+        committed = ledger.state()
         assert committed.run is not None
         plan.release(ledger.removed, ledger.dropped_keys())
         entries = plan.entries(run_key)
@@ -1779,31 +1799,11 @@ class FileStore(ExpiryCleanup):
         earlier: list[int] = []
         if state is not None and state.run is not None:
             earlier = _Dir(self._run_dir(run_key)).sequences()
-            plan.release(None, (state.shared or _NO_SHARED).counts)
-        fresh = _RunState(
-            items_next_expiry=state.items_next_expiry if state is not None else None,
-            shared=_NO_SHARED,
-        )
-        ledger = _Ledger(fresh, seed)
+            plan.release(None, plan.named())
+        fresh = _RunState(items_next_expiry=state.items_next_expiry if state is not None else None)
+        ledger = _Ledger(fresh, seed, None)
         ledger.erase = earlier
         return ledger
-
-    def _settled(self, run_key: str, ledger: _Ledger) -> _RunState:
-        """The ``run.rec`` to commit, once the checkpoints removed release their refs (read
-        from their heads: before the commit their records are still in the log)."""
-        files = _Dir(self._run_dir(run_key))
-        for sequence in ledger.releasing():
-            try:
-                head = files.head(sequence, 0.0, include_expired=True)
-            except CorruptCheckpointError as exc:
-                logger.warning(
-                    "file store: the shared items %s names stay until its run goes: %s",
-                    exc.key,
-                    _problem(exc),
-                )
-                head = None
-            ledger.release(sequence, () if head is None else head.refs)
-        return ledger.state()
 
     # -- damaged run records, and records behind their log --------------------------------------
 
@@ -1821,7 +1821,7 @@ class FileStore(ExpiryCleanup):
     def _state_for_write(self, run_key: str) -> _RunState | None:
         """``run.rec`` (with its body) for a writer; a damaged one is refused."""
         try:
-            return self._read_state(run_key, whole=True)
+            return self._read_state(run_key)
         except CorruptCheckpointError as exc:
             raise self._damaged(exc) from exc
 
@@ -1843,11 +1843,8 @@ class FileStore(ExpiryCleanup):
         if adoption is None:
             return state
         run = state.run if state is not None else None
-        found = self._rebuilt(run_key, files, adoption[0], adoption[1], now)
-        if found is None:
-            return state
-        rebuilt, dropped = found
-        if rebuilt.run is None:
+        rebuilt = self._rebuilt(run_key, files, adoption[0], adoption[1], now)
+        if rebuilt is None or rebuilt.run is None:
             return state
         logger.warning(
             "file store: %s was behind its log (latest sequence %s, checkpoint %d in place: an "
@@ -1856,7 +1853,7 @@ class FileStore(ExpiryCleanup):
             "none" if run is None else run.latest_sequence,
             rebuilt.run.latest_sequence,
         )
-        self._commit_rebuilt(run_key, run, rebuilt, dropped)
+        self._commit_rebuilt(run_key, run, rebuilt)
         return rebuilt
 
     def _adoption(
@@ -1890,8 +1887,7 @@ class FileStore(ExpiryCleanup):
             raise _other_life(files, run, others[-1][0])
         # The first checkpoint of the run's next life, cut before its commit: adopted alone.
         life = msgspec.structs.replace(seed, incarnation=others[0][1])
-        # The earlier life's shared bookkeeping is kept so that the rebuild drops its items.
-        kept = _RunState(run=life, items_next_expiry=state.items_next_expiry, shared=state.shared)
+        kept = _RunState(run=life, items_next_expiry=state.items_next_expiry)
         return kept, seed
 
     def _log_ahead(self, run_key: str, files: _Dir, run: RunRecord) -> bool:
@@ -1986,15 +1982,12 @@ class FileStore(ExpiryCleanup):
         keep: _RunState | None,
         base: RunRecord,
         now: float | None,
-    ) -> tuple[_RunState, list[str]] | None:
-        """The ``run.rec`` the log implies and the shared items ``keep`` counted that none of
-        the checkpoints in place names (to remove), or ``None`` when it holds no intact
-        checkpoint.
+    ) -> _RunState | None:
+        """The ``run.rec`` the log implies, or ``None`` when it holds no intact checkpoint.
 
         ``base`` gives ``run_id``, ``status`` and ``data``; ``created_at``, ``version`` and
         ``labels`` too when it is ``keep``'s own run, else they come from the log (oldest
         checkpoint, 0, newest checkpoint). ``updated_at`` becomes ``now`` (kept when ``None``).
-        The shared items' counts come from the refs of the checkpoints in place.
         """
         heads = self._log_heads(run_key, files, keep)
         if not heads:
@@ -2018,32 +2011,22 @@ class FileStore(ExpiryCleanup):
             updated_at=base.updated_at if now is None else now,
             labels=base.labels if own else newest.labels,
         )
-        shared = _shared_of(heads)
-        counted = (keep.shared or _NO_SHARED).counts if keep is not None else {}
-        state = _RunState(
+        return _RunState(
             run=run,
             low=oldest.sequence,
             immortal=immortal,
             expiring=tuple(expiring),
             # Item expiries are unknown without a record: purge_expired looks at every item.
             items_next_expiry=keep.items_next_expiry if keep is not None else 0.0,
-            shared=shared,
         )
-        return state, sorted(counted.keys() - shared.counts.keys())
 
-    def _commit_rebuilt(
-        self, run_key: str, old: RunRecord | None, state: _RunState, dropped: Sequence[str]
-    ) -> None:
-        """Commit a rebuilt ``run.rec`` with the removal of the shared items ``dropped`` (and
-        what is nested under them); the run's index markers follow it. The markers of an
+    def _commit_rebuilt(self, run_key: str, old: RunRecord | None, state: _RunState) -> None:
+        """Commit a rebuilt ``run.rec``; the run's index markers follow it. The markers of an
         unreadable record are left to ``purge_expired``, which then finds them stale."""
         assert state.run is not None
-        plan = self._plan(run_key)
-        plan.release((), dropped)
-        entries = plan.entries(run_key)
         markers = _marker_paths(run_key, state.run)
         self._add_markers(markers if old is None else markers - _marker_paths(run_key, old))
-        self._commit(run_key, state, items=entries)
+        self._commit(run_key, state)
         if old is not None:
             self._unindex(run_key, old, keep=state.run)
 
@@ -2066,8 +2049,6 @@ class FileStore(ExpiryCleanup):
                 head = self._peek(run_key, sequence)
                 if head is True or (isinstance(head, _Head) and head.expires_at is None):
                     ledger.remove(sequence, None)  # never expires (or unreadable: counted so)
-                    if isinstance(head, _Head) and sequence in ledger.referring:
-                        ledger.release(sequence, head.refs)  # read now, not again
                 elif isinstance(head, _Head):
                     ledger.removed.append(sequence)  # expiring but unindexed: not held, a leftover
             sequence += 1
@@ -2353,10 +2334,10 @@ class FileStore(ExpiryCleanup):
             found = files.head(sequence, 0.0, include_expired=True)
             if found is None or found.checkpoint_id != checkpoint_id:
                 return False
-            ledger = _Ledger(state, state.run)
-            ledger.remove(sequence, found.expires_at)
-            committed = self._settled(run_key, ledger)
             plan = self._plan(run_key)
+            ledger = _Ledger(state, state.run, plan.index)
+            ledger.remove(sequence, found.expires_at)
+            committed = ledger.state()
             plan.release(ledger.removed, ledger.dropped_keys())
             self._commit(run_key, committed, erase=ledger.removed, items=plan.entries(run_key))
             return True
@@ -2415,14 +2396,13 @@ class FileStore(ExpiryCleanup):
         return _live_run(state, now)
 
     def _checked_state(
-        self, run_key: str, now: float | None, *, whole: bool = False, files: _Dir | None = None
+        self, run_key: str, now: float | None, *, files: _Dir | None = None
     ) -> _RunState | None:
         """``run.rec`` unless it is damaged as writers see it (:class:`CorruptCheckpointError`
         naming it): undecodable, missing while checkpoints are in place, or of another
-        incarnation than they are. Without ``now`` the files of an expired run are not read;
-        without ``whole`` neither is the record's body (the shared items' counts)."""
+        incarnation than they are. Without ``now`` the files of an expired run are not read."""
         files = _Dir(self._run_dir(run_key)) if files is None else files
-        state = files.state(whole=whole)
+        state = files.state()
         self._adoption(run_key, files, state, None, now)
         return state
 
@@ -2616,7 +2596,7 @@ class FileStore(ExpiryCleanup):
             # The hint is committed with the items, so purge_expired always finds them.
             earliest = _min_expiry([item.expires_at for item in items])
             hint = earliest if state is None else _earliest(state.items_next_expiry, earliest)
-            base = state if state is not None else _RunState(shared=_NO_SHARED)
+            base = state if state is not None else _RunState()
             updated = msgspec.structs.replace(base, items_next_expiry=hint)
             self._commit(run_key, updated if state is None or updated != state else None,
                          items=entries)
@@ -2815,11 +2795,11 @@ class FileStore(ExpiryCleanup):
         removed: list[int] = []
         committed = state
         if state.run is not None:
-            ledger = _Ledger(state, state.run)
+            ledger = _Ledger(state, state.run, plan.index)
             ledger.remove_expired(now, limit=budget.left)
             budget.spend(len(ledger.removed))
             removed = ledger.removed
-            committed = self._settled(run_key, ledger)
+            committed = ledger.state()
             plan.release(removed, ledger.dropped_keys())
         if _due(committed.items_next_expiry, now) and not budget.exhausted:
             hint = plan.remove_expired(now, budget)
@@ -2894,7 +2874,7 @@ class FileStore(ExpiryCleanup):
     def _damage(self, run_key: str, now: float) -> RunDamage | None:
         files = _Dir(self._run_dir(run_key))
         try:
-            keep = self._checked_state(run_key, now, whole=True)
+            keep = self._checked_state(run_key, now)
         except CorruptCheckpointError as exc:
             keep, problem = None, _problem(exc)
         else:
@@ -2924,21 +2904,19 @@ class FileStore(ExpiryCleanup):
             keep: _RunState | None = None
             old: RunRecord | None = None
             try:
-                keep = self._checked_state(run_key, now, whole=True)
+                keep = self._checked_state(run_key, now)
             except CorruptCheckpointError:  # damaged: the log alone decides
                 with contextlib.suppress(CorruptCheckpointError):
                     damaged = files.state()  # readable: another life's, whose marker goes
                     old = damaged.run if damaged is not None else None
             if keep is not None and keep.run is not None:
                 raise ConflictError(f"the run record of run key {run_key} is not damaged")
-            found = self._rebuilt(run_key, files, keep, seed, now)
-            if found is None or found[0].run is None:
+            rebuilt = self._rebuilt(run_key, files, keep, seed, now)
+            if rebuilt is None or rebuilt.run is None:
                 raise CheckpointNotFound(
                     f"run key {run_key} holds no intact checkpoint to rebuild its record from"
                 )
-            rebuilt, dropped = found
-            assert rebuilt.run is not None
-            self._commit_rebuilt(run_key, old, rebuilt, dropped)
+            self._commit_rebuilt(run_key, old, rebuilt)
             logger.info(
                 "file store: rebuilt %s from %d checkpoints",
                 files.record_key(RUN),
@@ -3069,16 +3047,6 @@ def _items_of(files: _Dir, record: StoredCheckpoint, now: float) -> dict[str, by
         return [item for item in found if item is not None and item.live(now)]
 
     return dict(files.read_items(pick))
-
-
-def _shared_of(heads: Sequence[_Head]) -> _Shared:
-    """The shared items' bookkeeping of a log: what ``run.rec`` keeps, rebuilt."""
-    counts: dict[str, int] = {}
-    for head in heads:
-        for key in dict.fromkeys(head.refs):
-            counts[key] = counts.get(key, 0) + 1
-    referring = tuple(sorted(head.sequence for head in heads if head.refs))
-    return _Shared(counts=counts, referring=referring)
 
 
 def _live_run(state: _RunState | None, now: float) -> RunRecord | None:
