@@ -534,6 +534,12 @@ def _decode(decoder: msgspec.msgpack.Decoder[_T], data: bytes, path: str) -> _T:
         raise CorruptCheckpointError(f"undecodable record metadata: {exc}", key=path) from exc
 
 
+class _Unsettled(Exception):
+    """A reader without the run lock met a log it cannot read items of as it is (a commit not
+    covered by ``idx``, or one made since its view opened): it reads again under the lock.
+    Never leaves the store."""
+
+
 class _HeldLog:
     """The log of a run whose lock this thread holds: opened once for the operation, and
     again after each of its commits."""
@@ -740,12 +746,20 @@ class _Dir:
         entries from and the item index, brought up to date with it; ``None`` when the run
         has no log or never held an item (the count of item entries is absent: one slot of
         ``idx`` read, so operations of runs without items never scan for them). Without the
-        run lock, only a settled log (:meth:`settled`) is read so."""
+        run lock, only a settled log (:meth:`settled`) that has not moved on since it was
+        opened is read so: else :class:`_Unsettled` (the caller reads under the lock)."""
         view, temporary = self._log()
         assert not temporary, "items are read through a descriptor or under the run lock"
-        if view is None or view.find(_ITEMS_MADE) is None:
+        if view is None:
             return None
-        assert self.fd is None or view.settled, "a reader reads items of a settled log only"
+        seen = (view.end, view.size, view.indexed)
+        if view.find(_ITEMS_MADE) is None:
+            return None
+        if self.fd is not None and ((view.end, view.size, view.indexed) != seen or
+                                    not view.settled):
+            # The look moved the view on (a commit made since it opened), or met a commit
+            # idx does not cover, or a damaged slot: what was read before it may not match.
+            raise _Unsettled
         index = _INDEXES.of(self.path, view.log_id)
         with index.lock:
             index.catch_up(view, view.end, self.record_key)
@@ -757,7 +771,8 @@ class _Dir:
         where = self.record_key(entry)
         if found.damaged:
             raise CorruptCheckpointError(
-                "the log holds unreadable bytes after this item's entry", key=where)
+                "damaged item: its log entry fails its checks, or unreadable bytes follow it",
+                key=where)
         record = view.read_sized(entry, at=found.at)
         assert record is not None  # an entry named by where it is: read, or raises
         frame = _parse_frame(record.data, record.size, where, _ITEM_MAGIC, whole=True,
@@ -895,6 +910,8 @@ class _ItemIndex:
         try:
             meta = _entry_meta(view, entry, at, name(entry))
         except CorruptCheckpointError as exc:
+            # Metadata that fails its checksum may name another key or owner than its own:
+            # trusted, it could shadow an intact item, so the entry is left out.
             logger.warning("file store: item entry %s is unreadable; its item is lost: %s",
                            exc.key, _problem(exc))
             return
@@ -956,32 +973,36 @@ class _ItemIndex:
 
 
 class _ItemIndexes:
-    """This process's item indexes, one per run directory (of the log it last read there);
-    the least recently used are dropped once they index more than ``limit`` items."""
+    """This process's item indexes, one per log of a run directory (a compaction, or the run
+    deleted and written again, makes a new log: readers still on the old one keep theirs); the
+    least recently used are dropped once a new one finds them indexing more than ``limit``
+    items in all."""
 
     def __init__(self, limit: int) -> None:
-        self._by_path: collections.OrderedDict[str, _ItemIndex] = collections.OrderedDict()
+        self._by_log: collections.OrderedDict[tuple[str, bytes], _ItemIndex] = \
+            collections.OrderedDict()
         self._limit = limit
         self._lock = threading.Lock()
 
     def of(self, path: str, log_id: bytes) -> _ItemIndex:
         with self._lock:
-            index = self._by_path.get(path)
-            if index is None or index.log_id != log_id:
-                # A new log of the run (compacted, or the run deleted and written again).
-                index = self._by_path[path] = _ItemIndex(log_id)
-                self._trim()
-            self._by_path.move_to_end(path)
+            index = self._by_log.get((path, log_id))
+            if index is None:
+                index = self._by_log[path, log_id] = _ItemIndex(log_id)
+                self._trim()  # never the one just made: it is the most recently used
+            else:
+                self._by_log.move_to_end((path, log_id))
             return index
 
     def forget(self, path: str) -> None:
         with self._lock:
-            self._by_path.pop(path, None)
+            for key in [key for key in self._by_log if key[0] == path]:
+                del self._by_log[key]
 
     def _trim(self) -> None:
-        total = sum(len(index.items) for index in self._by_path.values())
-        while len(self._by_path) > 1 and total > self._limit:
-            _, dropped = self._by_path.popitem(last=False)
+        total = sum(len(index.items) for index in self._by_log.values())
+        while len(self._by_log) > 1 and total > self._limit:
+            _, dropped = self._by_log.popitem(last=False)
             total -= len(dropped.items)
 
 
@@ -1036,18 +1057,17 @@ class _Plan:
         found = self.found(key)
         return found is not None, None if found is None else found.meta.owner
 
-    def release(self, owners: Iterable[int] | None, dropped: Iterable[str]) -> None:
-        """What removed checkpoints take with them: the items owned by ``owners`` (``None``:
-        by any checkpoint), and each shared item of ``dropped`` (unless owned) with the items
-        nested under it."""
+    def release(self, owners: Iterable[int], dropped: Iterable[str]) -> None:
+        """What removed checkpoints take with them: the items owned by ``owners``, and each
+        shared item of ``dropped`` (unless owned) with the items nested under it."""
         index_owned = {} if self._index is None else self._index.owned
-        wanted = set(index_owned) if owners is None else set(owners)
+        wanted = set(owners)
         if wanted:
             candidates = [key for owner in wanted for key in index_owned.get(owner, ())]
-            candidates += [key for key, item in self.writes.items() if item.owner is not None]
+            candidates += [key for key, item in self.writes.items() if item.owner in wanted]
             for key in sorted(set(candidates)):
                 present, owner = self._owner(key)
-                if present and owner is not None and (owners is None or owner in wanted):
+                if present and owner in wanted:
                     self.remove(key)
         for key in dropped:
             present, owner = self._owner(key)
@@ -1799,7 +1819,7 @@ class FileStore(ExpiryCleanup):
         earlier: list[int] = []
         if state is not None and state.run is not None:
             earlier = _Dir(self._run_dir(run_key)).sequences()
-            plan.release(None, plan.named())
+            plan.release(earlier, plan.named())
         fresh = _RunState(items_next_expiry=state.items_next_expiry if state is not None else None)
         ledger = _Ledger(fresh, seed, None)
         ledger.erase = earlier
@@ -2193,9 +2213,12 @@ class FileStore(ExpiryCleanup):
                     return None
                 if not files.settled():
                     break
-                items = _items_of(files, found[0], now)
-                if self._still_held(run_key, files, found[0].sequence, now) and \
-                        files.settled():
+                try:
+                    items = _items_of(files, found[0], now)
+                except _Unsettled:
+                    files.refresh()
+                    continue
+                if self._still_held(run_key, files, found[0], now) and files.settled():
                     return found[0], found[1], items
         # Writers kept removing what we read (or the record is behind or damaged, or a commit
         # is not settled yet): read it once while they wait.
@@ -2211,16 +2234,21 @@ class FileStore(ExpiryCleanup):
                 found = _held_checkpoint(files, view, sequence, now)
             return None if found is None else (found[0], found[1], _items_of(files, found[0], now))
 
-    def _still_held(self, run_key: str, files: _Dir, sequence: int, now: float) -> bool:
-        """Whether ``run.rec`` still holds checkpoint ``sequence`` and the run directory read
-        through ``files`` is still the run's (``delete_run`` renames it away whole, then
-        removes its files in any order). When no commit was made since the read, it is."""
+    def _still_held(
+        self, run_key: str, files: _Dir, record: StoredCheckpoint, now: float
+    ) -> bool:
+        """Whether ``run.rec`` still holds ``record`` and the run directory read through
+        ``files`` is still the run's (``delete_run`` renames it away whole, then removes its
+        files in any order). When no commit was made since the read, it is."""
         if not files.unchanged():
             files.refresh()
             trusted, view = _trusted_view(files, now)
-            # A checkpoint deleted since is no longer in the log (nor are its items).
-            if not trusted or view is None or not view.holds(sequence) or \
-                    not files.has_record(sequence):
+            if not trusted or view is None or not view.holds(record.sequence):
+                return False
+            # Deleted since (its record left the log with its items), or another life's
+            # checkpoint at the same sequence now.
+            head = files.head(record.sequence, now)
+            if head is None or head.checkpoint_id != record.checkpoint_id:
                 return False
         assert files.fd is not None
         try:
@@ -2626,7 +2654,8 @@ class FileStore(ExpiryCleanup):
             if files is None:
                 return []
             if files.settled():
-                return files.read_items(pick, skip_corrupt=skip_corrupt)
+                with contextlib.suppress(_Unsettled):
+                    return files.read_items(pick, skip_corrupt=skip_corrupt)
         with self._locked(run_key):
             files = _Dir(self._run_dir(run_key))
             self._settle(run_key, files)
