@@ -67,6 +67,7 @@ __all__ = [
     "Located",
     "LogView",
     "LogWriter",
+    "Record",
     "open_view",
     "pread",
 ]

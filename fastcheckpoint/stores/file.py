@@ -83,7 +83,6 @@ import math
 import os
 import re
 import secrets
-import stat
 import struct
 import threading
 import zlib
@@ -136,9 +135,9 @@ from fastcheckpoint.stores._file_log import (
     Located,
     LogView,
     LogWriter,
+    Record,
     in_use,
     open_view,
-    pread,
 )
 
 __all__ = ["MAX_ITEM_KEY_BYTES", "FileCheckpointStore", "FileStore", "parse_file_url"]
@@ -473,24 +472,6 @@ def _item_bytes(item: Item, entry: int) -> bytes:
     return _frame(_ITEM_MAGIC, meta, b"", item.value)
 
 
-def _pread_exact(fd: int, size: int, offset: int, path: str) -> bytes:
-    data = pread(fd, size, offset)
-    if len(data) < size:
-        raise CorruptCheckpointError("file ends early (truncated)", key=path)
-    return data
-
-
-def _read_frame(fd: int, path: str, magic: bytes, *, whole: bool) -> _Frame:
-    """Check and split a record file; reads only the head area unless ``whole``."""
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        raise CorruptCheckpointError("not a regular file", key=path)
-    data = _pread_exact(fd, info.st_size if whole else min(info.st_size, _PEEK_BYTES), 0, path)
-    return _parse_frame(
-        data, info.st_size, path, magic, whole=whole,
-        more=lambda size: data + _pread_exact(fd, size - len(data), len(data), path))
-
-
 def _parse_frame(
     data: bytes,
     size: int,
@@ -634,9 +615,6 @@ class _Dir:
             return held.view(), False
         return open_view(self.path), True
 
-    def path_of(self, relative: str) -> str:
-        return os.path.join(self.path, relative)
-
     def record_key(self, key: int) -> str:
         """How errors and logs name a record of the run's log."""
         return f"{self.path}/{LOG}:{_record_name(key)}"
@@ -651,16 +629,7 @@ class _Dir:
             found = view.read_sized(key, None if whole else _PEEK_BYTES)
             if found is None:
                 return None
-
-            def more(wanted: int) -> bytes:  # the same entry, further (its bytes never change)
-                assert view is not None
-                assert found is not None
-                again = view.read_sized(key, wanted, at=found.at)
-                assert again is not None
-                return again.data
-
-            return _parse_frame(found.data, found.size, self.record_key(key), magic,
-                                whole=whole, more=more, what="record")
+            return _frame_of(view, key, found, self.record_key(key), magic, whole=whole)
         finally:
             if temporary:
                 view.close()
@@ -775,9 +744,7 @@ class _Dir:
                 key=where)
         record = view.read_sized(entry, at=found.at)
         assert record is not None  # an entry named by where it is: read, or raises
-        frame = _parse_frame(record.data, record.size, where, _ITEM_MAGIC, whole=True,
-                             more=lambda _: record.data, what="record")
-        return frame.body or b""
+        return _frame_of(view, entry, record, where, _ITEM_MAGIC, whole=True).body or b""
 
     def read_items(
         self, pick: Callable[[_ItemIndex], Sequence[_Indexed]], *, skip_corrupt: bool = False
@@ -940,11 +907,6 @@ class _ItemIndex:
             if not owned:
                 del self.owned[found.meta.owner]
 
-    def live(self, key: str, now: float) -> _Indexed | None:
-        """The live item at ``key`` (a damaged one is not: it is written anew)."""
-        found = self.items.get(key)
-        return found if found is not None and not found.damaged and found.live(now) else None
-
     def nested(self, key: str) -> list[str]:
         """Keys of the items nested under ``key``, ascending."""
         prefix = nested_prefix(key)
@@ -1015,7 +977,6 @@ class _Plan:
     def __init__(self, index: _ItemIndex | None) -> None:
         self.index = index
         """The run's item index (``None``: the run holds no item)."""
-        self._index = index
         self._items: dict[str, _Indexed] = {} if index is None else index.items
         self.writes: dict[str, Item] = {}
         self.removed: set[str] = set()
@@ -1023,7 +984,7 @@ class _Plan:
 
     def named(self) -> list[str]:
         """The keys the checkpoints in the log name (before this commit)."""
-        return [] if self._index is None else list(self._index.counts)
+        return [] if self.index is None else list(self.index.counts)
 
     def found(self, key: str) -> _Indexed | None:
         """The indexed item at ``key``, unless this plan removes it."""
@@ -1060,7 +1021,7 @@ class _Plan:
     def release(self, owners: Iterable[int], dropped: Iterable[str]) -> None:
         """What removed checkpoints take with them: the items owned by ``owners``, and each
         shared item of ``dropped`` (unless owned) with the items nested under it."""
-        index_owned = {} if self._index is None else self._index.owned
+        index_owned = {} if self.index is None else self.index.owned
         wanted = set(owners)
         if wanted:
             candidates = [key for owner in wanted for key in index_owned.get(owner, ())]
@@ -1075,7 +1036,7 @@ class _Plan:
                 continue  # an owned item stays with its owner, and what is nested under it
             self.remove(key)
             prefix = nested_prefix(key)
-            nested = [] if self._index is None else self._index.nested(key)
+            nested = [] if self.index is None else self.index.nested(key)
             nested += [written for written in self.writes if written.startswith(prefix)]
             for inner in nested:
                 self.remove(inner)
@@ -1108,7 +1069,7 @@ class _Plan:
         entries handed out, which it advances), and the removal of the entries of the items
         it replaces or removes. Checks each item's size first: nothing is written when one
         is too large."""
-        made = 0 if self._index is None else self._index.made
+        made = 0 if self.index is None else self.index.made
         puts: list[tuple[int, bytes]] = []
         for item in self.writes.values():
             entry = _FIRST_ITEM - made
@@ -1131,19 +1092,30 @@ class _Plan:
 _INDEXES = _ItemIndexes(_INDEXED_ITEMS)
 
 
-def _entry_meta(view: LogView, entry: int, at: Located, where: str) -> _ItemMeta:
-    """The metadata of the item entry ``entry`` at ``at`` (its head read and checked)."""
-    record = view.read_sized(entry, _PEEK_BYTES, at=at)
-    assert record is not None
-
-    def more(wanted: int) -> bytes:
-        again = view.read_sized(entry, wanted, at=at)
+def _frame_of(
+    view: LogView, key: int, found: Record, where: str, magic: bytes, *, whole: bool
+) -> _Frame:
+    """Check and split the record ``found`` read from key ``key``'s entry (all of it when
+    ``whole``, else its first bytes: more of the same entry is read if its head needs it)."""
+    def more(wanted: int) -> bytes:  # the same entry, further (its bytes never change)
+        again = view.read_sized(key, wanted, at=found.at)
         assert again is not None
         return again.data
 
-    frame = _parse_frame(record.data, record.size, where, _ITEM_MAGIC, whole=False, more=more,
-                         what="record")
-    meta = _decode(_ITEM_DECODER, frame.meta, where)
+    return _parse_frame(found.data, found.size, where, magic, whole=whole, more=more,
+                        what="record")
+
+
+def _head_at(view: LogView, key: int, at: Located, where: str, magic: bytes) -> _Frame:
+    """The head of the record in key ``key``'s entry at ``at``, checked."""
+    found = view.read_sized(key, _PEEK_BYTES, at=at)
+    assert found is not None  # an entry named by where it is: read, or raises
+    return _frame_of(view, key, found, where, magic, whole=False)
+
+
+def _entry_meta(view: LogView, entry: int, at: Located, where: str) -> _ItemMeta:
+    """The metadata of the item entry ``entry`` at ``at`` (its head read and checked)."""
+    meta = _decode(_ITEM_DECODER, _head_at(view, entry, at, where, _ITEM_MAGIC).meta, where)
     if meta.entry != entry:
         raise CorruptCheckpointError(f"holds the item of entry {meta.entry}", key=where)
     return meta
@@ -1151,16 +1123,7 @@ def _entry_meta(view: LogView, entry: int, at: Located, where: str) -> _ItemMeta
 
 def _checkpoint_refs(view: LogView, sequence: int, at: Located, where: str) -> tuple[str, ...]:
     """The refs of the checkpoint record ``sequence`` at ``at``, each key once."""
-    record = view.read_sized(sequence, _PEEK_BYTES, at=at)
-    assert record is not None
-
-    def more(wanted: int) -> bytes:
-        again = view.read_sized(sequence, wanted, at=at)
-        assert again is not None
-        return again.data
-
-    frame = _parse_frame(record.data, record.size, where, _CHECKPOINT_MAGIC, whole=False,
-                         more=more, what="record")
+    frame = _head_at(view, sequence, at, where, _CHECKPOINT_MAGIC)
     return tuple(dict.fromkeys(_decode(_CHECKPOINT_DECODER, frame.meta, where).refs))
 
 
@@ -1416,12 +1379,6 @@ def _mkdir(path: str) -> bool:
     except FileExistsError:
         return False
     return True
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _directory_of(path: object) -> str:
