@@ -7,11 +7,13 @@ override one method to inject a fault.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
+import pytest
 
 from fastcheckpoint import (
     CheckpointConfig,
@@ -42,6 +44,19 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def count_hops(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """A list that gets each worker-thread hop (``anyio.to_thread.run_sync``) from now on."""
+    hops: list[object] = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        hops.append(func)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    return hops
 
 
 def make_store(kind: str, path: Path, *, fsync: bool = True) -> CheckpointStore:

@@ -50,10 +50,11 @@ import os
 import secrets
 import stat
 import struct
+import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 from fastcheckpoint.errors import CorruptCheckpointError
@@ -63,13 +64,19 @@ __all__ = [
     "LOG",
     "MIN_KEY",
     "RUN",
+    "CachedReadsUnsupported",
     "Changes",
     "Located",
     "LogView",
     "LogWriter",
     "Record",
+    "WouldWait",
+    "cached_only",
+    "cached_reads_supported",
+    "no_waiting",
     "open_view",
     "pread",
+    "take",
 ]
 
 logger = logging.getLogger("fastcheckpoint.stores.file")
@@ -230,8 +237,74 @@ def _index_header(log_id: bytes, end: int, live: int) -> bytes:
         _INDEX_MAGIC, _VERSION, 0, log_id, _boot(), end, live, crc).ljust(_INDEX_START, b"\0")
 
 
+class WouldWait(Exception):
+    """Raised within :func:`cached_only` where the operation would wait: for the disk (its
+    data is not in the page cache), for a lock, or for more reading than an event loop should
+    be held up by. The caller runs the operation again in a worker thread."""
+
+
+class CachedReadsUnsupported(WouldWait):
+    """The file system (or the platform) cannot read from the page cache only."""
+
+
+_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+_CACHED_BUDGET = 1 << 20
+"""How many bytes an operation within :func:`cached_only` may read before it is handed to a
+worker thread: about a millisecond of checking and decoding at most."""
+
+
+class _CachedOnly(threading.local):
+    def __init__(self) -> None:
+        self.active = False
+        self.budget = 0
+
+
+_CACHED = _CachedOnly()
+
+
+def cached_reads_supported() -> bool:
+    """Whether this platform can read without waiting for the disk (Linux ``RWF_NOWAIT``)."""
+    return _NOWAIT is not None
+
+
+@contextlib.contextmanager
+def cached_only() -> Iterator[None]:
+    """Within: this thread's reads (:func:`pread`) come from the page cache only, up to a
+    budget of bytes, and raise :class:`WouldWait` where they would wait for the disk, as
+    :func:`no_waiting` does where the caller would take a lock. For a read-only operation
+    run on an event loop's own thread (run again in a worker thread where it would wait)."""
+    if _NOWAIT is None:
+        raise CachedReadsUnsupported
+    assert not _CACHED.active, "cached_only does not nest"
+    _CACHED.active, _CACHED.budget = True, _CACHED_BUDGET
+    try:
+        yield
+    finally:
+        _CACHED.active = False
+
+
+def no_waiting() -> None:
+    """Raise :class:`WouldWait` within :func:`cached_only`: the caller is about to wait (for a
+    lock, say)."""
+    if _CACHED.active:
+        raise WouldWait
+
+
+@contextlib.contextmanager
+def take(lock: threading.Lock) -> Iterator[None]:
+    """Hold ``lock``; within :func:`cached_only`, raise :class:`WouldWait` if it is busy."""
+    if not lock.acquire(blocking=not _CACHED.active):
+        raise WouldWait
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def pread(fd: int, size: int, offset: int) -> bytes:
     """Up to ``size`` bytes at ``offset`` (fewer only at the end of the file)."""
+    if _CACHED.active:
+        return _pread_cached(fd, size, offset)
     data = os.pread(fd, size, offset)
     if len(data) == size or not data:
         return data
@@ -244,6 +317,33 @@ def pread(fd: int, size: int, offset: int) -> bytes:
         chunks.append(chunk)
         got += len(chunk)
     return b"".join(chunks)
+
+
+def _pread_cached(fd: int, size: int, offset: int) -> bytes:
+    """:func:`pread` from the page cache only."""
+    assert _NOWAIT is not None
+    _CACHED.budget -= size
+    if _CACHED.budget < 0:
+        raise WouldWait
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        try:
+            count = os.preadv(fd, [view[got:]], offset + got, _NOWAIT)
+        except BlockingIOError:
+            raise WouldWait from None
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise CachedReadsUnsupported from None
+            raise
+        if not count:
+            break
+        got += count
+    view.release()
+    if got < size:
+        del buffer[got:]
+    return bytes(buffer)
 
 
 class _Envelope(NamedTuple):

@@ -85,6 +85,7 @@ import re
 import secrets
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -92,6 +93,7 @@ from typing import Any, NamedTuple, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import msgspec
 
@@ -132,12 +134,18 @@ from fastcheckpoint.stores._file_log import (
     MAX_DATA,
     MIN_KEY,
     RUN,
+    CachedReadsUnsupported,
     Located,
     LogView,
     LogWriter,
     Record,
+    WouldWait,
+    cached_only,
+    cached_reads_supported,
     in_use,
+    no_waiting,
     open_view,
+    take,
 )
 
 __all__ = ["MAX_ITEM_KEY_BYTES", "FileCheckpointStore", "FileStore", "parse_file_url"]
@@ -178,6 +186,11 @@ _COUNT = struct.Struct("<Q")
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 _DIR_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY
 _MARKER_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+_RECENT_RUNS = 4096
+_RECENT_SECONDS = 30.0
+"""Reads of a run this process used within this many seconds (one of the last
+``_RECENT_RUNS``) are tried on the event loop's thread: its directory entries and inodes are
+then most likely in the kernel's caches, so opening its files does not wait for the disk."""
 _INDEXED_ITEMS = 1 << 18
 """How many items this process keeps indexed for the runs it read lately (beyond it, the least
 recently used runs' indexes are dropped; the last one used is always kept)."""
@@ -521,6 +534,27 @@ class _Unsettled(Exception):
     Never leaves the store."""
 
 
+class _Recent:
+    """Run keys this process opened lately, each with when (bounded, oldest out first)."""
+
+    def __init__(self, limit: int, seconds: float) -> None:
+        self._limit = limit
+        self._seconds = seconds
+        self._at: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def touch(self, key: str) -> None:
+        with self._lock:
+            self._at[key] = time.monotonic()
+            self._at.move_to_end(key)
+            if len(self._at) > self._limit:
+                self._at.popitem(last=False)
+
+    def __contains__(self, key: object) -> bool:
+        at = self._at.get(key) if isinstance(key, str) else None
+        return at is not None and time.monotonic() - at < self._seconds
+
+
 class _HeldLog:
     """The log of a run whose lock this thread holds: opened once for the operation, and
     again after each of its commits."""
@@ -730,7 +764,7 @@ class _Dir:
             # idx does not cover, or a damaged slot: what was read before it may not match.
             raise _Unsettled
         index = _INDEXES.of(self.path, view.log_id)
-        with index.lock:
+        with take(index.lock):
             index.catch_up(view, view.end, self.record_key)
         return view, index
 
@@ -756,7 +790,7 @@ class _Dir:
         if got is None:
             return []
         view, index = got
-        with index.lock:
+        with take(index.lock):
             chosen = pick(index)
         found: list[tuple[str, bytes]] = []
         for item in chosen:
@@ -822,40 +856,43 @@ class _ItemIndex:
         if self.end is not None and self.end >= end:
             return
         changes = view.changes(self.end, end)
-        if changes.gaps and self.end is not None:
+        clear = bool(changes.gaps) and self.end is not None
+        if clear:
             # Unreadable bytes: whose entries they held cannot be known, so the whole log is
             # read as a first scan reads it (entries before them read as damaged).
-            self._clear()
             changes = view.changes(None, end)
-        for key, at in changes.found.items():
-            if key == _ITEMS_MADE and at is not None:
-                self.made = max(self.made, _items_made(view, at))
+        # Every entry is read before the index changes: a read that fails (or would wait for
+        # the disk) leaves it as it was, and the next catch-up reads (and warns) again.
+        steps = [(key, at, False, _read_change(view, key, at, name))
+                 for key, at in changes.found.items()]
+        steps += [(key, at, True, _read_change(view, key, at, name))
+                  for key, at in changes.damaged.items()]
+        if clear:
+            self._clear()
+        for key, at, damaged, read in steps:
+            if key == _ITEMS_MADE:
+                if isinstance(read, int):
+                    self.made = max(self.made, read)
             elif key <= _FIRST_ITEM:
-                self.made = max(self.made, _FIRST_ITEM - key + 1)
+                if not damaged:
+                    self.made = max(self.made, _FIRST_ITEM - key + 1)
                 self._drop(key)
                 if at is not None:
-                    self._add(view, key, at, damaged=False, name=name)
+                    self._add(key, at, read, damaged=damaged)
             elif key >= 0:
                 self._release(key)
                 if at is not None:
-                    self._hold(view, key, at, name)
-        for key, at in changes.damaged.items():
-            if key <= _FIRST_ITEM:
-                self._drop(key)
-                self._add(view, key, at, damaged=True, name=name)
-            elif key >= 0:
-                self._release(key)
-                self._hold(view, key, at, name)
+                    self._hold(read)
         self.end = changes.end
 
-    def _hold(self, view: LogView, sequence: int, at: Located, name: Callable[[int], str]) -> None:
-        """Count the refs of the checkpoint record ``sequence`` at ``at`` (its head read)."""
-        try:
-            refs = _checkpoint_refs(view, sequence, at, name(sequence))
-        except CorruptCheckpointError as exc:
+    def _hold(self, read: _Change) -> None:
+        """Count the refs of a checkpoint record (as :func:`_read_change` read them)."""
+        if isinstance(read, CorruptCheckpointError):
             logger.warning("file store: checkpoint %s is unreadable; the shared items it names "
-                           "are not counted for it: %s", exc.key, _problem(exc))
+                           "are not counted for it: %s", read.key, _problem(read))
             return
+        assert isinstance(read, _CheckpointRefs)
+        sequence, refs = read
         if refs:
             self.refs[sequence] = refs
             for key in refs:
@@ -869,19 +906,17 @@ class _ItemIndex:
             else:
                 del self.counts[key]
 
-    def _add(
-        self, view: LogView, entry: int, at: Located, *, damaged: bool,
-        name: Callable[[int], str],
-    ) -> None:
+    def _add(self, entry: int, at: Located, read: _Change, *, damaged: bool) -> None:
+        """Index an item entry (its metadata as :func:`_read_change` read it)."""
         self.made = max(self.made, _FIRST_ITEM - entry + 1)
-        try:
-            meta = _entry_meta(view, entry, at, name(entry))
-        except CorruptCheckpointError as exc:
+        if isinstance(read, CorruptCheckpointError):
             # Metadata that fails its checksum may name another key or owner than its own:
             # trusted, it could shadow an intact item, so the entry is left out.
             logger.warning("file store: item entry %s is unreadable; its item is lost: %s",
-                           exc.key, _problem(exc))
+                           read.key, _problem(read))
             return
+        assert isinstance(read, _ItemMeta)
+        meta = read
         old = self.items.get(meta.key)
         if old is not None and old.meta.entry < entry:
             return  # the log holds a newer entry of the key (numbers go down)
@@ -1125,6 +1160,35 @@ def _checkpoint_refs(view: LogView, sequence: int, at: Located, where: str) -> t
     """The refs of the checkpoint record ``sequence`` at ``at``, each key once."""
     frame = _head_at(view, sequence, at, where, _CHECKPOINT_MAGIC)
     return tuple(dict.fromkeys(_decode(_CHECKPOINT_DECODER, frame.meta, where).refs))
+
+
+class _CheckpointRefs(NamedTuple):
+    sequence: int
+    refs: tuple[str, ...]
+
+
+_Change = int | _ItemMeta | _CheckpointRefs | CorruptCheckpointError | None
+"""What :func:`_read_change` read of a log entry for the item index."""
+
+
+def _read_change(
+    view: LogView, key: int, at: Located | None, name: Callable[[int], str]
+) -> _Change:
+    """What the item index takes from the log entry of ``key`` at ``at``: the count of item
+    entries handed out, an item's metadata or a checkpoint's refs (or why they are
+    unreadable); ``None`` for a removal or another record."""
+    if at is None:
+        return None
+    if key == _ITEMS_MADE:
+        return _items_made(view, at)
+    try:
+        if key <= _FIRST_ITEM:
+            return _entry_meta(view, key, at, name(key))
+        if key >= 0:
+            return _CheckpointRefs(key, _checkpoint_refs(view, key, at, name(key)))
+    except CorruptCheckpointError as exc:
+        return exc
+    return None
 
 
 def _items_made(view: LogView, at: Located) -> int:
@@ -1462,6 +1526,11 @@ class FileStore(ExpiryCleanup):
     Expired items are found by ``purge_expired`` walking the index: O(t) for a run whose items
     are due.
 
+    Thread hops: one per operation, except for ``get``, ``latest``, ``read_with_items`` and
+    ``get_run`` of a run this store used in the last 30 seconds, which are first tried on the
+    event loop's thread from the page cache only (``RWF_NOWAIT``), and handed to a worker
+    thread as soon as they would wait for the disk, a lock or more than 1 MiB of reading.
+
     Limits: item keys up to :data:`MAX_ITEM_KEY_BYTES` UTF-8 bytes, statuses up to 64. A
     write of items is one commit, so the log holds a batch whole or not at all; an append's
     items are committed with its checkpoint. The item index of the runs a process read lately
@@ -1479,6 +1548,8 @@ class FileStore(ExpiryCleanup):
         self._index = os.path.join(self._root, "index")
         self._tmp = os.path.join(self._root, "tmp")
         self._trash = os.path.join(self._root, "trash")
+        self._cached_reads = cached_reads_supported()
+        self._recent = _Recent(_RECENT_RUNS, _RECENT_SECONDS)
         try:
             os.makedirs(self._root, mode=0o700, exist_ok=True)
             for directory in (self._runs, self._locks, self._index, self._tmp, self._trash):
@@ -1507,6 +1578,25 @@ class FileStore(ExpiryCleanup):
         call = functools.partial(self._translated, func, *args, **kwargs)
         return await anyio.to_thread.run_sync(call)
 
+    async def _read(
+        self, run_key: str, func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """Run a read-only operation of ``run_key``: on this thread when this process used
+        the run lately and the operation can be done from the page cache, without waiting for
+        the disk, a lock or much reading (a worker-thread hop costs more than such a read);
+        else, or when it would wait, in a worker thread. Either way the call is a checkpoint
+        of the event loop: other tasks run, and a cancellation is taken, before it reads."""
+        if self._cached_reads and run_key in self._recent:
+            await anyio.lowlevel.checkpoint()
+            try:
+                with cached_only():
+                    return self._translated(func, *args, **kwargs)
+            except CachedReadsUnsupported:
+                self._cached_reads = False
+            except WouldWait:
+                pass
+        return await self._call(func, *args, **kwargs)
+
     def _translated(self, func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
             return func(*args, **kwargs)
@@ -1526,6 +1616,7 @@ class FileStore(ExpiryCleanup):
         if fd is None:
             yield None
             return
+        self._recent.touch(run_key)
         files = _Dir(self._run_dir(run_key), fd)
         try:
             yield files
@@ -1536,11 +1627,13 @@ class FileStore(ExpiryCleanup):
     @contextlib.contextmanager
     def _locked(self, run_key: str, *, blocking: bool = True) -> Iterator[bool]:
         """Hold the run's lock; yields ``False`` if not ``blocking`` and it is busy."""
+        no_waiting()
         path = os.path.join(self._locks, run_key)
         fd = self._acquire(path, blocking)
         if fd is None:
             yield False
             return
+        self._recent.touch(run_key)
         run_dir = self._run_dir(run_key)
         # A thread never holds a run's lock twice (flock would wait on itself).
         held = _HELD.by_path[run_dir] = _HeldLog(run_dir)
@@ -2045,7 +2138,7 @@ class FileStore(ExpiryCleanup):
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
         _check_run_key(run_key)
-        return await self._call(self._get, run_key, sequence, now)
+        return await self._read(run_key, self._get, run_key, sequence, now)
 
     def _view(
         self,
@@ -2112,7 +2205,7 @@ class FileStore(ExpiryCleanup):
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
         _check_run_key(run_key)
-        return await self._call(self._latest, run_key, now)
+        return await self._read(run_key, self._latest, run_key, now)
 
     def _latest(self, run_key: str, now: float) -> tuple[StoredCheckpoint, str] | None:
         def locked(files: _Dir) -> tuple[StoredCheckpoint, str] | None:
@@ -2153,7 +2246,7 @@ class FileStore(ExpiryCleanup):
         unless nothing was committed meanwhile: a checkpoint still held there had all its
         items in place while they were read."""
         _check_run_key(run_key)
-        return await self._call(self._read_with_items, run_key, sequence, now)
+        return await self._read(run_key, self._read_with_items, run_key, sequence, now)
 
     def _read_with_items(
         self, run_key: str, sequence: int | None, now: float
@@ -2361,7 +2454,7 @@ class FileStore(ExpiryCleanup):
 
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
         _check_run_key(run_key)
-        return await self._call(self._get_run, run_key, now)
+        return await self._read(run_key, self._get_run, run_key, now)
 
     def _get_run(self, run_key: str, now: float) -> RunRecord | None:
         def read(files: _Dir) -> _RunState | None:

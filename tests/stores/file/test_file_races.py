@@ -5,6 +5,7 @@ life: each call answers as the store stood at some instant of it, or raises a
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import time
@@ -42,9 +43,24 @@ def _answer(found: tuple[StoredCheckpoint, str, dict[str, bytes]] | None) -> Ans
     return None if found is None else (found[0].checkpoint_id, found[2])
 
 
+@pytest.fixture(autouse=True, params=["cached", "threaded"])
+def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every race both ways a read runs: on the event loop's thread from the page cache (a
+    run this process used lately), and in a worker thread."""
+    if request.param == "threaded":
+        monkeypatch.setattr(file_store, "cached_reads_supported", lambda: False)
+    return str(request.param)
+
+
 def _in_loop(call: Callable[[], Coroutine[Any, Any, Any]]) -> None:
-    """From a store's worker thread: another task's call, made and finished right now."""
-    anyio.from_thread.run(call)
+    """From inside a store's operation: another task's call, made and finished right now
+    (through the event loop from a worker thread; from the loop's own thread, where a read
+    from the page cache runs, in a thread with a loop of its own)."""
+    try:
+        anyio.from_thread.run(call)
+    except anyio.NoEventLoopError:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(anyio.run, call).result()
 
 
 def _first_call_runs(

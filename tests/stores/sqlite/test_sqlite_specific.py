@@ -54,7 +54,7 @@ from fastcheckpoint.testing import (
     make_run,
     without_key,
 )
-from tests._helpers import acks_of_workers, acks_until_killed
+from tests._helpers import acks_of_workers, acks_until_killed, count_hops
 
 pytestmark = pytest.mark.anyio
 
@@ -1020,14 +1020,7 @@ async def test_nested_items_are_the_range_of_their_prefix_in_code_point_order(
 async def test_one_thread_hop_per_operation(
     store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hops: list[object] = []
-    real = anyio.to_thread.run_sync
-
-    async def counting(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        hops.append(func)
-        return await real(func, *args, **kwargs)
-
-    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    hops = count_hops(monkeypatch)
     seed = msgspec.structs.replace(make_run("hops"), labels=("thread:1",))
     key = key_of(seed)
     own = checkpoint_id_of(seed, 1)
