@@ -26,7 +26,7 @@ from fastcheckpoint.stores import file as file_store
 from fastcheckpoint.stores._file_log import LOG, RUN, LogWriter, open_view
 from fastcheckpoint.stores.file import FileStore
 from fastcheckpoint.stores.memory import MemoryStore
-from fastcheckpoint.testing import T0
+from fastcheckpoint.testing import T0, key_of, make_checkpoint
 from fastcheckpoint.testing._adapter import _append_items as append_items
 
 _FIRST_ITEM = -3
@@ -205,6 +205,15 @@ def checkpoint_sequences(root: Path, run_key: str) -> list[int]:
         return []
     with view:
         return [key for key in view.held_keys() if key >= 0]
+
+
+async def append_plain(
+    store: FileStore, run: RunRecord, sequence: int, **options: Any
+) -> str:
+    """Append checkpoint ``sequence`` of ``run`` (``make_checkpoint``'s ``options``), keeping
+    every checkpoint; returns the run's status."""
+    record = make_checkpoint(run, sequence, **options)
+    return await store.append(key_of(run), record, run=run, keep_latest=None, now=T0)
 
 
 async def append_with_refs(

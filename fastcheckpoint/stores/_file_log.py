@@ -71,6 +71,7 @@ __all__ = [
     "LogWriter",
     "Record",
     "WouldWait",
+    "affordable",
     "cached_only",
     "cached_reads_supported",
     "no_waiting",
@@ -127,6 +128,10 @@ _COMPACT_MIN_DEAD = 256 << 10
 _OPEN_ATTEMPTS = 3
 
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+_NOATIME: int = getattr(os, "O_NOATIME", 0)
+"""Reads leave the files' access times alone where the platform allows it (Linux, files of
+the process's own user): no inode write, which a read on the event loop's thread must not
+wait for."""
 _WRITE_FLAGS = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
@@ -281,6 +286,13 @@ def cached_only() -> Iterator[None]:
         yield
     finally:
         _CACHED.active = False
+
+
+def affordable(size: int) -> None:
+    """Within :func:`cached_only`, raise :class:`WouldWait` at once when ``size`` more bytes
+    are beyond the budget (rather than read up to it and hand the operation over then)."""
+    if _CACHED.active and size > _CACHED.budget:
+        raise WouldWait
 
 
 def no_waiting() -> None:
@@ -774,6 +786,11 @@ def _open_view_file(
         except OSError as exc:
             if exc.errno != errno.EROFS:
                 raise
+    if _NOATIME:
+        try:
+            return _open(directory_fd, directory, name, _READ_FLAGS | _NOATIME), False
+        except PermissionError:
+            pass  # another user's file: O_NOATIME is for the owner only
     return _open(directory_fd, directory, name, _READ_FLAGS), False
 
 
@@ -840,13 +857,17 @@ class LogWriter:
         removes: Iterable[int] = (),
         *,
         view: LogView | None = None,
+        sync: bool = True,
     ) -> bool:
         """Append ``puts`` (key, data) and the removal of ``removes`` as one commit: one
         write and one sync (two more, file and directory, when it makes the log). A commit
         that raises leaves the log as it was (its partial bytes are cut off again, or by the
         next writer). ``view``: the log as the caller opened it (left open), else it is
-        opened here. Returns whether the log is due for :meth:`compact` (its dead bytes
-        above its live ones and :data:`_COMPACT_MIN_DEAD`)."""
+        opened here. Without ``sync`` (an existing log only) the commit is written but neither
+        synced nor put in ``idx``: :meth:`flush` does both for every such commit, or
+        :meth:`cut` takes them off again; until then readers wait for the run lock. Returns
+        whether the log is due for :meth:`compact` (its dead bytes above its live ones and
+        :data:`_COMPACT_MIN_DEAD`)."""
         removed = [key for key in dict.fromkeys(removes) if key not in dict(puts)]
         if not puts and not removed:
             return False
@@ -858,7 +879,7 @@ class LogWriter:
                 self._create(puts)
             return False
         try:
-            end, live = self._append(view, puts, removed)
+            end, live = self._append(view, puts, removed, sync=sync)
         finally:
             if own:
                 view.close()
@@ -866,7 +887,8 @@ class LogWriter:
         return dead >= _COMPACT_MIN_DEAD and dead > live and view.log_id not in _UNCOMPACTABLE
 
     def _append(
-        self, view: LogView, puts: Sequence[tuple[int, bytes]], removed: list[int]
+        self, view: LogView, puts: Sequence[tuple[int, bytes]], removed: list[int], *,
+        sync: bool,
     ) -> tuple[int, int]:
         """Append the commit; returns the log's end and live bytes after it."""
         operations: list[tuple[int, bytes | None]] = [*puts, *((key, None) for key in removed)]
@@ -895,7 +917,8 @@ class LogWriter:
                 os.ftruncate(fd, start)  # a torn tail a crash left
             try:
                 _write_at(fd, b"".join(pieces), start)
-                self._sync(fd)
+                if sync:
+                    self._sync(fd)
             except BaseException as exc:
                 try:
                     os.ftruncate(fd, start)
@@ -908,6 +931,14 @@ class LogWriter:
         finally:
             if fd != view.fd:
                 os.close(fd)
+        if sync:
+            self._index(view, end, live, located)
+        return end, live
+
+    def _index(
+        self, view: LogView, end: int, live: int, located: dict[int, Located | None]
+    ) -> None:
+        """Put the places of a commit's keys (``located``) in ``idx``, once it is synced."""
         try:
             if view.index is None:
                 # No usable idx: every key's place comes from the view's scan of the whole log.
@@ -919,7 +950,36 @@ class LogWriter:
             # updates idx (or makes a new one).
             logger.warning("file store: updating %s failed after a commit: %s",
                            os.path.join(self.directory, INDEX), exc.strerror or exc)
-        return end, live
+
+    def flush(self) -> None:
+        """Sync the commits made without a sync (under the same hold of the run lock), then
+        put them in ``idx``: one ``fdatasync`` for them all. Raises if the sync fails (then
+        :meth:`cut` them off)."""
+        view = open_view(self.directory, writable=True)
+        if view is None:
+            return
+        try:
+            if view.settled:
+                return  # nothing past idx
+            self._sync(view.fd)
+            live = view.live  # first: it may read the whole log anew (a slot that fails)
+            located: dict[int, Located | None] = {
+                key: None if found is _REMOVED else found
+                for key, found in view.tail.found.items()}
+            located.update(_marked_damaged(view.tail.damaged))
+            self._index(view, view.end, live, located)
+        finally:
+            view.close()
+
+    def cut(self, start: int) -> None:
+        """Cut the log off at ``start`` again: the commits made from there without a sync
+        failed (:meth:`flush` raised). Raises :class:`CommitLeftInLog` if it cannot."""
+        try:
+            os.truncate(self.path, start)
+        except OSError as cut:
+            raise CommitLeftInLog(
+                cut.errno, f"commits whose sync failed could not be cut off the log ({cut})",
+                self.path) from cut
 
     def _update_index(
         self, view: LogView, end: int, live: int, located: dict[int, Located | None]

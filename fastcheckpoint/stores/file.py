@@ -89,7 +89,7 @@ import time
 import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar, cast
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import anyio
@@ -140,6 +140,7 @@ from fastcheckpoint.stores._file_log import (
     LogWriter,
     Record,
     WouldWait,
+    affordable,
     cached_only,
     cached_reads_supported,
     in_use,
@@ -191,6 +192,10 @@ _RECENT_SECONDS = 30.0
 """Reads of a run this process used within this many seconds (one of the last
 ``_RECENT_RUNS``) are tried on the event loop's thread: its directory entries and inodes are
 then most likely in the kernel's caches, so opening its files does not wait for the disk."""
+_BATCH_PATIENCE = 0.002
+"""How long the leader of a batch of writes waits for a write of its run that this process
+started and that has not reached its worker thread yet (a thread hop takes 0.1-0.7 ms here),
+before it syncs without it."""
 _INDEXED_ITEMS = 1 << 18
 """How many items this process keeps indexed for the runs it read lately (beyond it, the least
 recently used runs' indexes are dropped; the last one used is always kept)."""
@@ -555,6 +560,135 @@ class _Recent:
         return at is not None and time.monotonic() - at < self._seconds
 
 
+class _Queued:
+    """A write waiting in a batch (:meth:`FileStore._batched`) and, once made, its outcome."""
+
+    def __init__(self, call: Callable[[], object]) -> None:
+        self._call = call
+        self.done = threading.Event()
+        self.settled = False
+        """Whether its outcome stands even if the batch's sync fails."""
+        self._result: object = None
+        self._error: BaseException | None = None
+
+    def make(self) -> None:
+        try:
+            self._result = self._call()
+        except Exception as exc:  # this write's own failure: the batch goes on
+            self._error = exc
+
+    def fail(self, exc: BaseException) -> None:
+        """The batch failed (``exc``) before this write's outcome could stand: it fails too,
+        with an error of its own (each waiting thread raises its own), unless it was made and
+        :attr:`settled`."""
+        if self.settled:
+            return
+        own: BaseException
+        if isinstance(exc, OSError):
+            own = _BatchFailed(*exc.args)
+            if exc.filename is not None:
+                own.filename = exc.filename
+        else:
+            own = StoreError(f"file store: the writes made together with this one failed: "
+                             f"{exc!r}")
+        own.__cause__ = exc
+        self._result = None
+        self._error = self._error or own
+
+    def outcome(self) -> object:
+        self.done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class _BatchFailed(OSError):
+    """The OS error that failed a whole batch of writes, once for each of them."""
+
+
+class _Batch:
+    def __init__(self) -> None:
+        self.queued: list[_Queued] = []
+
+
+class _Coming:
+    """A write of a run started on its way to a worker thread (:meth:`_Batches.coming`)."""
+
+    def __init__(self, run_key: str) -> None:
+        self.run_key = run_key
+        self.arrived = False
+
+
+class _Batches:
+    """The batches of writes of this process's threads, one open per run at most: a write
+    that finds one joins it, else it opens one and leads it. A leader whose batch is empty
+    waits a little for the writes of its run that are on their way to a worker thread
+    (started, not arrived), rather than sync without them and have them sync again."""
+
+    def __init__(self, patience: float) -> None:
+        self._patience = patience
+        self._changed = threading.Condition(threading.Lock())
+        self._open: dict[str, _Batch] = {}
+        self._coming: collections.Counter[str] = collections.Counter()
+
+    def coming(self, run_key: str) -> _Coming:
+        """A write of ``run_key`` is on its way (call :meth:`arrive` or :meth:`gone`)."""
+        with self._changed:
+            self._coming[run_key] += 1
+        return _Coming(run_key)
+
+    def gone(self, coming: _Coming) -> None:
+        """The write will not arrive (it failed or was cancelled before its thread ran)."""
+        with self._changed:
+            if not coming.arrived:
+                self._arrived(coming)
+                self._changed.notify_all()
+
+    def _arrived(self, coming: _Coming) -> None:
+        coming.arrived = True
+        self._coming[coming.run_key] -= 1
+        if not self._coming[coming.run_key]:
+            del self._coming[coming.run_key]
+
+    def join(self, coming: _Coming, queued: _Queued) -> _Batch | None:
+        """Queue a write; the batch when the caller leads it (else it waits for its outcome)."""
+        run_key = coming.run_key
+        with self._changed:
+            self._arrived(coming)
+            batch = self._open.get(run_key)
+            if batch is not None:
+                batch.queued.append(queued)
+                self._changed.notify_all()
+                return None
+            batch = self._open[run_key] = _Batch()
+            batch.queued.append(queued)
+            return batch
+
+    def take(self, run_key: str, batch: _Batch) -> list[_Queued]:
+        """The writes queued since the last call, after waiting up to the patience for one
+        while writes of the run are on their way; none closes the batch (a later write opens
+        the next one)."""
+        with self._changed:
+            deadline = time.monotonic() + self._patience
+            while not batch.queued and self._coming[run_key]:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            queued, batch.queued = batch.queued, []
+            if not queued and self._open.get(run_key) is batch:
+                del self._open[run_key]
+            return queued
+
+    def close(self, run_key: str, batch: _Batch) -> list[_Queued]:
+        """Close the batch at once; returns the writes still queued in it."""
+        with self._changed:
+            queued, batch.queued = batch.queued, []
+            if self._open.get(run_key) is batch:
+                del self._open[run_key]
+            return queued
+
+
 class _HeldLog:
     """The log of a run whose lock this thread holds: opened once for the operation, and
     again after each of its commits."""
@@ -566,6 +700,11 @@ class _HeldLog:
         self.compact_due = False
         """Whether a commit of the operation left the log due for compaction (done once the
         operation has released the lock)."""
+        self.batch = False
+        """Whether the hold makes a batch of writes (:meth:`FileStore._batched`): their
+        commits are synced once, at its end."""
+        self.unsynced_from: int | None = None
+        """Where the first commit the batch has not synced yet starts."""
 
     def view(self) -> LogView | None:
         if not self._opened:
@@ -791,7 +930,12 @@ class _Dir:
             return []
         view, index = got
         with take(index.lock):
+            if self.fd is not None and index.end is not None and index.end > view.end:
+                # The index took in commits this read does not see: maybe a batch's that
+                # are not synced yet (:meth:`FileStore._batched`), which no reader may see.
+                raise _Unsettled
             chosen = pick(index)
+        affordable(sum(item.at.size for item in chosen))
         found: list[tuple[str, bytes]] = []
         for item in chosen:
             try:
@@ -870,7 +1014,7 @@ class _ItemIndex:
         if clear:
             self._clear()
         for key, at, damaged, read in steps:
-            if key == _ITEMS_MADE:
+            if key == _ITEMS_MADE:  # damaged or not: a count never above the true one
                 if isinstance(read, int):
                     self.made = max(self.made, read)
             elif key <= _FIRST_ITEM:
@@ -1526,6 +1670,11 @@ class FileStore(ExpiryCleanup):
     Expired items are found by ``purge_expired`` walking the index: O(t) for a run whose items
     are due.
 
+    Group commit: ``append``, ``append_with_items``, ``append_next`` and ``put_owned_items``
+    of one run that threads of this process start while one of them holds the run's lock are
+    made by that thread, each its own commit, with one sync for them all (see
+    :meth:`_batched`).
+
     Thread hops: one per operation, except for ``get``, ``latest``, ``read_with_items`` and
     ``get_run`` of a run this store used in the last 30 seconds, which are first tried on the
     event loop's thread from the page cache only (``RWF_NOWAIT``), and handed to a worker
@@ -1550,6 +1699,7 @@ class FileStore(ExpiryCleanup):
         self._trash = os.path.join(self._root, "trash")
         self._cached_reads = cached_reads_supported()
         self._recent = _Recent(_RECENT_RUNS, _RECENT_SECONDS)
+        self._batches = _Batches(_BATCH_PATIENCE)
         try:
             os.makedirs(self._root, mode=0o700, exist_ok=True)
             for directory in (self._runs, self._locks, self._index, self._tmp, self._trash):
@@ -1578,15 +1728,96 @@ class FileStore(ExpiryCleanup):
         call = functools.partial(self._translated, func, *args, **kwargs)
         return await anyio.to_thread.run_sync(call)
 
+    async def _write(
+        self, run_key: str, func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """Run a write of ``run_key`` in a worker thread, in a batch (:meth:`_batched`)."""
+        coming = self._batches.coming(run_key)
+        try:
+            return await self._call(
+                self._batched, coming, functools.partial(func, *args, **kwargs))
+        finally:
+            self._batches.gone(coming)
+
+    def _batched(self, coming: _Coming, call: Callable[[], _T]) -> _T:
+        """Make a write of a run (``call``: an operation that takes the run lock) in a
+        batch with the writes of the run that other threads of this process start meanwhile
+        (group commit): the first holds the lock and makes them all in turn, each its own
+        commit as if alone, then syncs the log once, before any of them returns. A write
+        that fails fails alone; a sync that fails fails them all, their commits cut off."""
+        queued = _Queued(call)
+        batch = self._batches.join(coming, queued)
+        if batch is not None:
+            self._lead(coming.run_key, batch)
+        return cast(_T, queued.outcome())
+
+    def _lead(self, run_key: str, batch: _Batch) -> None:
+        """Make the writes of ``batch`` (see :meth:`_batched`); every one of them has its
+        outcome when this returns, handed out once the log is synced (before the lock is
+        released and the log compacted, if due)."""
+        taken: list[_Queued] = []
+        try:
+            with self._locked(run_key):
+                held = _HELD.by_path[self._run_dir(run_key)]
+                held.batch = True
+                try:
+                    while queued := self._batches.take(run_key, batch):
+                        taken += queued
+                        for write in queued:
+                            write.make()
+                            # Made before any commit waits for the sync (none, or the log's
+                            # first, synced at once): its outcome stands whatever follows.
+                            write.settled = held.unsynced_from is None
+                            held.forget()
+                    held.batch = False
+                    self._sync_batch(run_key, held)
+                except BaseException:
+                    held.batch = False
+                    self._cut_batch(run_key, held)
+                    raise
+                for write in taken:
+                    write.done.set()
+        except BaseException as exc:
+            taken += self._batches.close(run_key, batch)
+            for write in taken:
+                if not write.done.is_set():
+                    write.fail(exc)
+                    write.done.set()
+            if not isinstance(exc, Exception):
+                raise
+
+    def _sync_batch(self, run_key: str, held: _HeldLog) -> None:
+        """Sync the commits of a batch and put them in ``idx`` (raises if the sync fails)."""
+        if held.unsynced_from is None:
+            return
+        self._log_writer(run_key).flush()
+        held.unsynced_from = None
+
+    def _cut_batch(self, run_key: str, held: _HeldLog) -> None:
+        """Cut the unsynced commits of a failed batch off the log again, and forget what this
+        process's item index read of them."""
+        start, held.unsynced_from = held.unsynced_from, None
+        if start is None:
+            return
+        _INDEXES.forget(self._run_dir(run_key))
+        self._log_writer(run_key).cut(start)
+
+    def _log_writer(self, run_key: str) -> LogWriter:
+        return LogWriter(self._run_dir(run_key), functools.partial(self._temp_path, run_key),
+                         fsync=self._fsync)
+
     async def _read(
         self, run_key: str, func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
     ) -> _T:
         """Run a read-only operation of ``run_key``: on this thread when this process used
         the run lately and the operation can be done from the page cache, without waiting for
-        the disk, a lock or much reading (a worker-thread hop costs more than such a read);
-        else, or when it would wait, in a worker thread. Either way the call is a checkpoint
+        the disk, a lock or much reading (a worker-thread hop costs more than such a read),
+        and no worker thread is busy (each of the read's system calls gives up the GIL, and
+        taking it back from a busy thread can take milliseconds); else, or when it would
+        wait, in a worker thread. Either way the call is a checkpoint
         of the event loop: other tasks run, and a cancellation is taken, before it reads."""
-        if self._cached_reads and run_key in self._recent:
+        if self._cached_reads and run_key in self._recent and \
+                not anyio.to_thread.current_default_thread_limiter().borrowed_tokens:
             await anyio.lowlevel.checkpoint()
             try:
                 with cached_only():
@@ -1626,8 +1857,13 @@ class FileStore(ExpiryCleanup):
 
     @contextlib.contextmanager
     def _locked(self, run_key: str, *, blocking: bool = True) -> Iterator[bool]:
-        """Hold the run's lock; yields ``False`` if not ``blocking`` and it is busy."""
+        """Hold the run's lock; yields ``False`` if not ``blocking`` and it is busy. Within a
+        batch of writes this thread makes for the run, the batch's hold is the operation's."""
         no_waiting()
+        outer = _HELD.by_path.get(self._run_dir(run_key))
+        if outer is not None and outer.batch:
+            yield True
+            return
         path = os.path.join(self._locks, run_key)
         fd = self._acquire(path, blocking)
         if fd is None:
@@ -1654,8 +1890,7 @@ class FileStore(ExpiryCleanup):
         """Compact the run's log once a commit left it due: most of the copy without the run
         lock, so writers wait only for the commits made meanwhile to be copied. The commit
         stands whatever happens here; a failure is logged and the next commit tries again."""
-        writer = LogWriter(self._run_dir(run_key), functools.partial(self._temp_path, run_key),
-                           fsync=self._fsync)
+        writer = self._log_writer(run_key)
         try:
             writer.compact(locked=functools.partial(self._locked, run_key))
         except (OSError, CheckpointError) as exc:
@@ -1711,7 +1946,7 @@ class FileStore(ExpiryCleanup):
         records of ``erase``, and the item entries of ``items``) to the run's log: one write
         and one sync."""
         run_dir = self._run_dir(run_key)
-        writer = LogWriter(run_dir, functools.partial(self._temp_path, run_key), fsync=self._fsync)
+        writer = self._log_writer(run_key)
         puts = [] if checkpoint is None else [checkpoint]
         removes = list(erase)
         if items is not None:
@@ -1720,8 +1955,14 @@ class FileStore(ExpiryCleanup):
         if state is not None:
             puts.append((RUN, _run_bytes(state)))
         held = _HELD.by_path[run_dir]  # every commit is made under the run lock
+        view = held.view()
         try:
-            due = writer.commit(puts, removes, view=held.view())
+            # A batch's commits are synced at its end; the log's first commit is at once.
+            deferred = held.batch and view is not None
+            due = writer.commit(puts, removes, view=view, sync=not deferred)
+            if deferred and held.unsynced_from is None:
+                assert view is not None
+                held.unsynced_from = view.end
         finally:
             held.forget()  # the log moved on: read it anew
         held.compact_due = held.compact_due or due
@@ -1757,8 +1998,8 @@ class FileStore(ExpiryCleanup):
         _check_append(run_key, record, run, keep_latest)
         check_shared_items(record, items)
         appended = _appended_items(record, items)
-        status, _ = await self._call(
-            self._append, run_key, record, run, keep_latest, now, appended)
+        status, _ = await self._write(
+            run_key, self._append, run_key, record, run, keep_latest, now, appended)
         return status
 
     async def append_next(
@@ -1774,8 +2015,9 @@ class FileStore(ExpiryCleanup):
         _check_append(run_key, record, run, keep_latest)
         if record.refs:
             raise ValidationError("append_next takes checkpoints that name no items")
-        return await self._call(
-            self._append, run_key, record, run, keep_latest, now, [], renumber=renumber)
+        return await self._write(
+            run_key, self._append, run_key, record, run, keep_latest, now, [],
+            renumber=renumber)
 
     def _append(
         self,
@@ -2034,6 +2276,7 @@ class FileStore(ExpiryCleanup):
             try:
                 head = files.head(sequence, 0.0, include_expired=True)
             except CorruptCheckpointError as exc:
+                no_waiting()  # on the event loop: warn once, from the worker thread
                 logger.warning("file store: skipping corrupt checkpoint %s: %s", exc.key, exc)
                 continue
             place = None if head is None else _place_of(head)
@@ -2130,6 +2373,7 @@ class FileStore(ExpiryCleanup):
         try:
             found = files.head(sequence, 0.0, include_expired=True)
         except CorruptCheckpointError as exc:
+            no_waiting()  # on the event loop: warn once, from the worker thread
             logger.warning("file store: skipping corrupt checkpoint %s: %s", exc.key, exc)
             return True
         return False if found is None else found
@@ -2160,9 +2404,7 @@ class FileStore(ExpiryCleanup):
     def _settle(self, run_key: str, files: _Dir) -> None:
         """Under the run lock: bring ``idx`` up to date with the log when a crash (or a
         reboot) left it behind, so later readers need not wait; then read the log anew."""
-        writer = LogWriter(
-            self._run_dir(run_key), functools.partial(self._temp_path, run_key),
-            fsync=self._fsync)
+        writer = self._log_writer(run_key)
         try:
             writer.reindex()
         except OSError as exc:  # reads still go by the log; the next writer tries again
@@ -2321,9 +2563,9 @@ class FileStore(ExpiryCleanup):
         all."""
         _check_run_key(run_key)
         owned = _owned_items(items, owner)
-        return await self._call(
-            self._put_owned_items, run_key, owned, owner, checkpoint_id, if_absent, now
-        )
+        return await self._write(
+            run_key, self._put_owned_items, run_key, owned, owner, checkpoint_id, if_absent,
+            now)
 
     def _live_owner(
         self, run_key: str, owner: int, checkpoint_id: str, now: float

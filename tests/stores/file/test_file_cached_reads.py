@@ -16,9 +16,10 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import pytest
 
-from fastcheckpoint.stores import RunRecord, StoredCheckpoint
+from fastcheckpoint.stores import StoredCheckpoint
 from fastcheckpoint.stores import _file_log as file_log
 from fastcheckpoint.stores import file as file_store
 from fastcheckpoint.stores.file import FileStore
@@ -30,7 +31,7 @@ from fastcheckpoint.testing import (
     make_item,
     make_run,
 )
-from tests._file_records import Process, append_with_refs, item_record, new_boot
+from tests._file_records import Process, append_plain, append_with_refs, item_record, new_boot
 from tests._helpers import count_hops
 
 pytestmark = [
@@ -72,11 +73,6 @@ def _cache_misses_after(monkeypatch: pytest.MonkeyPatch, hits: int) -> list[int]
     return _cache(monkeypatch, lambda n: _not_cached() if n > hits else None)
 
 
-async def _append(store: FileStore, run: RunRecord, sequence: int, **options: Any) -> None:
-    record = make_checkpoint(run, sequence, **options)
-    await store.append(key_of(run), record, run=run, keep_latest=None, now=T0)
-
-
 def _id(found: tuple[StoredCheckpoint, str] | tuple[StoredCheckpoint, str, Any] | None) -> str:
     assert found is not None
     return found[0].checkpoint_id
@@ -90,7 +86,7 @@ async def test_a_run_used_lately_is_read_without_a_hop(
     with anyio.fail_after(30):
         await append_with_refs(store, run, 0, refs=["s"], items=[make_item("s"),
                                                                  make_item("w", owner=0)])
-        await _append(store, run, 1)
+        await append_plain(store, run, 1)
         hops = count_hops(monkeypatch)
         assert _id(await store.latest(key, now=T0)) == checkpoint_id_of(run, 1)
         assert _id(await store.get(key, 0, now=T0)) == checkpoint_id_of(run, 0)
@@ -118,7 +114,7 @@ async def test_a_run_not_used_lately_is_read_in_a_worker_thread(
     runs = [make_run(f"recent-{n}") for n in range(3)]
     with anyio.fail_after(30):
         for run in runs:
-            await _append(store, run, 0)
+            await append_plain(store, run, 0)
         hops = count_hops(monkeypatch)
         assert _id(await store.latest(key_of(runs[0]), now=T0)) == checkpoint_id_of(runs[0], 0)
         assert len(hops) == 1  # out of the last two runs used
@@ -127,7 +123,7 @@ async def test_a_run_not_used_lately_is_read_in_a_worker_thread(
     monkeypatch.setattr(file_store, "_RECENT_SECONDS", 0.0)
     store = FileStore(root)
     with anyio.fail_after(30):
-        await _append(store, runs[1], 1)
+        await append_plain(store, runs[1], 1)
         assert _id(await store.latest(key_of(runs[1]), now=T0)) == checkpoint_id_of(runs[1], 1)
         assert len(hops) == 3  # the append, and the read: used too long ago
 
@@ -141,7 +137,7 @@ async def test_a_read_whose_data_is_not_cached_runs_in_a_worker_thread(
     with anyio.fail_after(30):
         await append_with_refs(store, run, 0, refs=["s"], items=[make_item("s"),
                                                                  make_item("w", owner=0)])
-        await _append(store, run, 1)
+        await append_plain(store, run, 1)
         tried = _cache_misses_after(monkeypatch, hits)
         hops = count_hops(monkeypatch)
         found = await store.read_with_items(key, sequence=0, now=T0)
@@ -162,7 +158,7 @@ async def test_a_platform_that_cannot_read_the_cache_only_is_not_asked_again(
     run = make_run("unsupported")
     key = key_of(run)
     with anyio.fail_after(30):
-        await _append(store, run, 0)
+        await append_plain(store, run, 0)
         tried = _cache(monkeypatch, lambda n: OSError(errno.EOPNOTSUPP, "Not supported"))
         hops = count_hops(monkeypatch)
         for _ in range(3):
@@ -177,7 +173,7 @@ async def test_a_cached_read_never_waits_for_the_run_lock(
     run = make_run("lock")
     key = key_of(run)
     with anyio.fail_after(30):
-        await _append(store, run, 0)
+        await append_plain(store, run, 0)
         hops = count_hops(monkeypatch)
         # Another process holds the run's lock (a writer mid-commit): a settled run is read
         # all the same, at once.
@@ -214,8 +210,8 @@ async def test_a_large_read_runs_in_a_worker_thread(
     key = key_of(run)
     small, large = os.urandom(64 << 10), os.urandom(file_log._CACHED_BUDGET + 1)
     with anyio.fail_after(30):
-        await _append(store, run, 0, payload=small)
-        await _append(store, run, 1, payload=large)
+        await append_plain(store, run, 0, payload=small)
+        await append_plain(store, run, 1, payload=large)
         hops = count_hops(monkeypatch)
         found = await store.get(key, 0, now=T0)
         assert found is not None
@@ -263,16 +259,19 @@ async def test_a_damaged_item_read_on_the_loop_warns_once(
     key = key_of(run)
     with anyio.fail_after(30):
         await append_with_refs(store, run, 0, refs=["s"], items=[make_item("s")])
-        await store.put_items(key, [make_item("loose")], now=T0)
+        # One commit: the damaged entry, then another the catch-up reads after it.
+        await store.put_items(key, [make_item("loose"), make_item("zz")], now=T0)
         record = item_record(root, key, "loose")
         record.flip(file_store._FIXED.size)  # its metadata fails its checksum
         damage_read: list[int] = []
         real_meta = file_store._entry_meta
 
         def entry_meta(view: Any, entry: int, at: Any, where: str) -> Any:
-            if where == str(record):
-                damage_read.append(1)
-            return real_meta(view, entry, at, where)
+            try:
+                return real_meta(view, entry, at, where)
+            finally:  # the cache misses from right after the damaged entry was read
+                if where == str(record):
+                    damage_read.append(1)
 
         def missing() -> bool:
             if handed_off == "while indexing":
@@ -317,7 +316,7 @@ async def test_a_cached_read_lets_other_tasks_run(
             await anyio.lowlevel.checkpoint()
 
     with anyio.fail_after(30):
-        await _append(store, run, 0)
+        await append_plain(store, run, 0)
         hops = count_hops(monkeypatch)
         async with anyio.create_task_group() as group:
             group.start_soon(ticker)
@@ -332,3 +331,25 @@ async def test_a_cached_read_lets_other_tasks_run(
             await store.latest(key, now=T0)
             raise AssertionError("a cancelled read went on")
     assert hops == []
+
+
+async def test_a_read_while_a_worker_thread_is_busy_runs_in_a_worker_thread(
+    store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each system call of a read on the loop's thread would have to take the GIL back from
+    the busy thread; the read goes to a thread of its own instead."""
+    run = make_run("busy-thread")
+    key = key_of(run)
+    release = threading.Event()
+    with anyio.fail_after(30):
+        await append_plain(store, run, 0)
+        async with anyio.create_task_group() as group:
+            group.start_soon(anyio.to_thread.run_sync, release.wait)
+            while not anyio.to_thread.current_default_thread_limiter().borrowed_tokens:  # noqa: ASYNC110
+                await anyio.sleep(0.005)
+            hops = count_hops(monkeypatch)
+            assert _id(await store.latest(key, now=T0)) == checkpoint_id_of(run, 0)
+            assert len(hops) == 1
+            release.set()
+        assert _id(await store.latest(key, now=T0)) == checkpoint_id_of(run, 0)
+    assert len(hops) == 1
