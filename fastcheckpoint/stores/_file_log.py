@@ -899,9 +899,7 @@ class LogWriter:
                 live -= _ENTRY + old.size
         live += sum(_ENTRY + len(data) for _, data in puts)
         # What the view read past idx (everything, without one) gets its slots too.
-        located: dict[int, Located | None] = {
-            key: None if found is _REMOVED else found for key, found in view.tail.found.items()}
-        located.update(_marked_damaged(view.tail.damaged))
+        located = _tail_places(view)
         start = view.end
         pieces, placed = _commit_entries(operations, start, view.seed)
         located.update(placed)
@@ -963,11 +961,7 @@ class LogWriter:
                 return  # nothing past idx
             self._sync(view.fd)
             live = view.live  # first: it may read the whole log anew (a slot that fails)
-            located: dict[int, Located | None] = {
-                key: None if found is _REMOVED else found
-                for key, found in view.tail.found.items()}
-            located.update(_marked_damaged(view.tail.damaged))
-            self._index(view, view.end, live, located)
+            self._index(view, view.end, live, _tail_places(view))
         finally:
             view.close()
 
@@ -1016,11 +1010,7 @@ class LogWriter:
             # disk before idx calls them committed (readers would otherwise return what a
             # power loss could still take away).
             self._sync(view.fd)
-            found = view.tail
-            entries: dict[int, Located | None] = {
-                key: at for key, at in found.found.items() if at is not _REMOVED}
-            entries.update(_marked_damaged(found.damaged))
-            self._install_index(view.log_id, found.end, found.live, entries)
+            self._install_index(view.log_id, view.tail.end, view.tail.live, _tail_places(view))
         finally:
             view.close()
 
@@ -1281,6 +1271,15 @@ def _marked_damaged(damaged: dict[int, Located]) -> dict[int, Located | None]:
 class CommitLeftInLog(OSError):
     """A commit failed and its bytes could not be cut off the log again: readers may find
     it, so what it names (items written for it) must stay."""
+
+
+def _tail_places(view: LogView) -> dict[int, Located | None]:
+    """Where the keys of the commits the view read past ``idx`` (all, without one) are now,
+    ``None`` for a key removed: the slots those commits need in ``idx``."""
+    places: dict[int, Located | None] = {
+        key: None if found is _REMOVED else found for key, found in view.tail.found.items()}
+    places.update(_marked_damaged(view.tail.damaged))
+    return places
 
 
 def _resealed(raw: bytes, seed: int, new_seed: int, *, whole_commit: bool = True) -> bytes:

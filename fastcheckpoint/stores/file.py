@@ -555,8 +555,9 @@ class _Recent:
             if len(self._at) > self._limit:
                 self._at.popitem(last=False)
 
-    def __contains__(self, key: object) -> bool:
-        at = self._at.get(key) if isinstance(key, str) else None
+    def lately(self, key: str) -> bool:
+        """Whether ``key`` was touched within the time this keeps keys for."""
+        at = self._at.get(key)
         return at is not None and time.monotonic() - at < self._seconds
 
 
@@ -632,7 +633,7 @@ class _Batches:
         self._coming: collections.Counter[str] = collections.Counter()
 
     def coming(self, run_key: str) -> _Coming:
-        """A write of ``run_key`` is on its way (call :meth:`arrive` or :meth:`gone`)."""
+        """A write of ``run_key`` is on its way (then :meth:`join`, or :meth:`gone`)."""
         with self._changed:
             self._coming[run_key] += 1
         return _Coming(run_key)
@@ -1814,9 +1815,9 @@ class FileStore(ExpiryCleanup):
         the disk, a lock or much reading (a worker-thread hop costs more than such a read),
         and no worker thread is busy (each of the read's system calls gives up the GIL, and
         taking it back from a busy thread can take milliseconds); else, or when it would
-        wait, in a worker thread. Either way the call is a checkpoint
-        of the event loop: other tasks run, and a cancellation is taken, before it reads."""
-        if self._cached_reads and run_key in self._recent and \
+        wait, in a worker thread. Either way the call is a checkpoint of the event loop:
+        other tasks run, and a cancellation is taken, before it reads."""
+        if self._cached_reads and self._recent.lately(run_key) and \
                 not anyio.to_thread.current_default_thread_limiter().borrowed_tokens:
             await anyio.lowlevel.checkpoint()
             try:

@@ -436,3 +436,31 @@ async def test_an_aborted_batch_hands_every_write_an_outcome_and_cuts_its_commit
     latest = await other.latest(key, now=T0)
     assert latest is not None
     assert latest[0].sequence == 0
+
+
+async def test_a_batch_makes_its_writes_as_one_by_one(
+    root: Path, store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each write of a batch sees the ones before it: a sequence taken by an earlier write of
+    the batch is stamped at the next (``append_next``), and an append that keeps one
+    checkpoint prunes the one the batch appended just before."""
+    run = make_run("in-turn")
+    key = key_of(run)
+
+    def next_of(sequence: int, keep: int | None) -> Callable[[], Awaitable[Any]]:
+        return lambda: store.append_next(
+            key, make_checkpoint(run, sequence), run=run, keep_latest=keep, now=T0,
+            renumber=lambda at: make_checkpoint(run, at))
+
+    with anyio.fail_after(30):
+        await append_plain(store, run, 0)
+        synced = _count_syncs(monkeypatch)
+        outcomes = await _together(store, root, key, next_of(1, None), next_of(1, 1))
+    assert [(status, record.sequence) for status, record in outcomes] == [
+        ("active", 1), ("active", 2)]
+    assert len(synced) == 1
+    other = FileStore(root)
+    assert await other.get(key, 1, now=T0) is None  # pruned by the batch's second write
+    latest = await other.latest(key, now=T0)
+    assert latest is not None
+    assert latest[0].sequence == 2
