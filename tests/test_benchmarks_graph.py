@@ -53,8 +53,7 @@ def test_the_graph_runs_on_our_saver_and_langgraphs_with_counts_and_bytes(
     assert ours["store_calls"] == ours["saver_calls"]  # one store call per saver call
     assert ours["requests"] == 0
     files = by_subject["file (no fsync)"].footprint["per_step"]
-    # At most one hop per store call: a step's writes that meet share their batch's one.
-    assert 0 < files["thread_hops"] <= files["store_calls"]
+    assert files["thread_hops"] == files["store_calls"]  # one hop per store call
     assert files["fsyncs"] == 0
     markdown = to_markdown(report, _machine())
     assert "| FastCheckpointSaver on memory |" in markdown

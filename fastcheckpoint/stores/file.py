@@ -192,6 +192,10 @@ _RECENT_SECONDS = 30.0
 """Reads of a run this process used within this many seconds (one of the last
 ``_RECENT_RUNS``) are tried on the event loop's thread: its directory entries and inodes are
 then most likely in the kernel's caches, so opening its files does not wait for the disk."""
+_BATCH_PATIENCE = 0.002
+"""How long the leader of a batch of writes waits for a write of its run that this process
+started and that has not reached its worker thread yet (a thread hop takes 0.1-0.7 ms here),
+before it syncs without it."""
 _INDEXED_ITEMS = 1 << 18
 """How many items this process keeps indexed for the runs it read lately (beyond it, the least
 recently used runs' indexes are dropped; the last one used is always kept)."""
@@ -558,14 +562,11 @@ class _Recent:
 
 
 class _Queued:
-    """A write waiting in a batch (:meth:`FileStore._write`) and, once made, its outcome."""
+    """A write waiting in a batch (:meth:`FileStore._batched`) and, once made, its outcome."""
 
     def __init__(self, call: Callable[[], object]) -> None:
         self._call = call
         self.done = threading.Event()
-        self.ready: anyio.Event | None = None
-        """Set on the event loop once :attr:`done`, for a write that waits on the loop of its
-        batch's leader (without a worker thread of its own)."""
         self.settled = False
         """Whether its outcome stands even if the batch's sync fails."""
         self._result: object = None
@@ -609,43 +610,72 @@ class _BatchFailed(OSError):
 class _Batch:
     def __init__(self) -> None:
         self.queued: list[_Queued] = []
-        self.thread = threading.get_ident()
-        """The thread whose event loop leads the batch (its leader's task waits there)."""
-        self.riders: list[_Queued] = []
-        """Writes started on that loop, which its leader's task tells when they are done."""
-        self.started = False
-        """Whether the leader began (from then on every queued write gets an outcome)."""
+
+
+class _Coming:
+    """A write of a run started on its way to a worker thread (:meth:`_Batches.coming`)."""
+
+    def __init__(self, run_key: str) -> None:
+        self.run_key = run_key
+        self.arrived = False
 
 
 class _Batches:
-    """The batches of writes of this process, one open per run at most. A write joins the
-    open batch of its run as it starts, on its caller's thread, else it opens one and leads
-    it: so a write started while another of its run is on its way to a worker thread, or
-    being made, is made with it."""
+    """The batches of writes of this process's threads, one open per run at most: a write
+    that finds one joins it, else it opens one and leads it. A leader whose batch is empty
+    waits a little for the writes of its run that are on their way to a worker thread
+    (started, not arrived), rather than sync without them and have them sync again."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, patience: float) -> None:
+        self._patience = patience
+        self._changed = threading.Condition(threading.Lock())
         self._open: dict[str, _Batch] = {}
+        self._coming: collections.Counter[str] = collections.Counter()
 
-    def join(self, run_key: str, queued: _Queued) -> tuple[_Batch, bool]:
-        """Queue a write (on its event loop's thread); the batch, and whether it leads it. A
-        write that joins a batch led from its own loop waits on :attr:`_Queued.ready`."""
-        with self._lock:
+    def coming(self, run_key: str) -> _Coming:
+        """A write of ``run_key`` is on its way (then :meth:`join`, or :meth:`gone`)."""
+        with self._changed:
+            self._coming[run_key] += 1
+        return _Coming(run_key)
+
+    def gone(self, coming: _Coming) -> None:
+        """The write will not arrive (it failed or was cancelled before its thread ran)."""
+        with self._changed:
+            if not coming.arrived:
+                self._arrived(coming)
+                self._changed.notify_all()
+
+    def _arrived(self, coming: _Coming) -> None:
+        coming.arrived = True
+        self._coming[coming.run_key] -= 1
+        if not self._coming[coming.run_key]:
+            del self._coming[coming.run_key]
+
+    def join(self, coming: _Coming, queued: _Queued) -> _Batch | None:
+        """Queue a write; the batch when the caller leads it (else it waits for its outcome)."""
+        run_key = coming.run_key
+        with self._changed:
+            self._arrived(coming)
             batch = self._open.get(run_key)
-            if batch is None:
-                batch = self._open[run_key] = _Batch()
+            if batch is not None:
                 batch.queued.append(queued)
-                return batch, True
+                self._changed.notify_all()
+                return None
+            batch = self._open[run_key] = _Batch()
             batch.queued.append(queued)
-            if batch.thread == threading.get_ident():
-                queued.ready = anyio.Event()
-                batch.riders.append(queued)
-            return batch, False
+            return batch
 
     def take(self, run_key: str, batch: _Batch) -> list[_Queued]:
-        """The writes queued since the last call; none closes the batch (a later write opens
+        """The writes queued since the last call, after waiting up to the patience for one
+        while writes of the run are on their way; none closes the batch (a later write opens
         the next one)."""
-        with self._lock:
+        with self._changed:
+            deadline = time.monotonic() + self._patience
+            while not batch.queued and self._coming[run_key]:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
             queued, batch.queued = batch.queued, []
             if not queued and self._open.get(run_key) is batch:
                 del self._open[run_key]
@@ -653,7 +683,7 @@ class _Batches:
 
     def close(self, run_key: str, batch: _Batch) -> list[_Queued]:
         """Close the batch at once; returns the writes still queued in it."""
-        with self._lock:
+        with self._changed:
             queued, batch.queued = batch.queued, []
             if self._open.get(run_key) is batch:
                 del self._open[run_key]
@@ -672,7 +702,7 @@ class _HeldLog:
         """Whether a commit of the operation left the log due for compaction (done once the
         operation has released the lock)."""
         self.batch = False
-        """Whether the hold makes a batch of writes (:meth:`FileStore._write`): their
+        """Whether the hold makes a batch of writes (:meth:`FileStore._batched`): their
         commits are synced once, at its end."""
         self.unsynced_from: int | None = None
         """Where the first commit the batch has not synced yet starts."""
@@ -903,7 +933,7 @@ class _Dir:
         with take(index.lock):
             if self.fd is not None and index.end is not None and index.end > view.end:
                 # The index took in commits this read does not see: maybe a batch's that
-                # are not synced yet (:meth:`FileStore._write`), which no reader may see.
+                # are not synced yet (:meth:`FileStore._batched`), which no reader may see.
                 raise _Unsettled
             chosen = pick(index)
         affordable(sum(item.at.size for item in chosen))
@@ -1642,15 +1672,14 @@ class FileStore(ExpiryCleanup):
     are due.
 
     Group commit: ``append``, ``append_with_items``, ``append_next`` and ``put_owned_items``
-    of one run that this process starts while another of them is on its way to its worker
-    thread or being made are made by that thread, each its own commit, with one sync for them
-    all (see :meth:`_write`).
+    of one run that threads of this process start while one of them holds the run's lock are
+    made by that thread, each its own commit, with one sync for them all (see
+    :meth:`_batched`).
 
-    Thread hops: one per operation, except for writes that join a batch led from their own
-    event loop (none), and ``get``, ``latest``, ``read_with_items`` and ``get_run`` of a run
-    this store used in the last 30 seconds, which are first tried on the event loop's thread
-    from the page cache only (``RWF_NOWAIT``), and handed to a worker thread as soon as they
-    would wait for the disk, a lock or more than 1 MiB of reading.
+    Thread hops: one per operation, except for ``get``, ``latest``, ``read_with_items`` and
+    ``get_run`` of a run this store used in the last 30 seconds, which are first tried on the
+    event loop's thread from the page cache only (``RWF_NOWAIT``), and handed to a worker
+    thread as soon as they would wait for the disk, a lock or more than 1 MiB of reading.
 
     Limits: item keys up to :data:`MAX_ITEM_KEY_BYTES` UTF-8 bytes, statuses up to 64. A
     write of items is one commit, so the log holds a batch whole or not at all; an append's
@@ -1671,7 +1700,7 @@ class FileStore(ExpiryCleanup):
         self._trash = os.path.join(self._root, "trash")
         self._cached_reads = cached_reads_supported()
         self._recent = _Recent(_RECENT_RUNS, _RECENT_SECONDS)
-        self._batches = _Batches()
+        self._batches = _Batches(_BATCH_PATIENCE)
         try:
             os.makedirs(self._root, mode=0o700, exist_ok=True)
             for directory in (self._runs, self._locks, self._index, self._tmp, self._trash):
@@ -1703,48 +1732,30 @@ class FileStore(ExpiryCleanup):
     async def _write(
         self, run_key: str, func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
     ) -> _T:
-        """Make a write of ``run_key`` (an operation that takes the run lock) in a batch with
-        the other writes of the run this process starts while it is on its way or being made
-        (group commit): the first leads the batch in a worker thread, holds the lock and
-        makes them all in turn, each its own commit as if alone, then syncs the log once,
-        before any of them returns. A write that fails fails alone; a sync that fails fails
-        them all, their commits cut off. The writes of the leader's own event loop wait on
-        it without a worker thread of their own; those of other threads wait in one.
+        """Run a write of ``run_key`` in a worker thread, in a batch (:meth:`_batched`)."""
+        coming = self._batches.coming(run_key)
+        try:
+            return await self._call(
+                self._batched, coming, functools.partial(func, *args, **kwargs))
+        finally:
+            self._batches.gone(coming)
 
-        Like a worker thread that has begun, the wait is not cut short by a cancellation
-        (taken once the write is made): a batch's writes depend on its leader."""
-        queued = _Queued(functools.partial(func, *args, **kwargs))
-        batch, leads = self._batches.join(run_key, queued)
-        if leads:
-            try:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self._lead, run_key, batch)
-            except BaseException as exc:
-                if not batch.started:  # the hop itself failed: no write may wait forever
-                    self._abandon(run_key, batch, exc)
-                raise
-            finally:
-                for rider in batch.riders:
-                    cast(anyio.Event, rider.ready).set()
-        elif queued.ready is not None:
-            with anyio.CancelScope(shield=True):
-                await queued.ready.wait()
-        else:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(queued.done.wait)
-        return cast(_T, self._translated(queued.outcome))
-
-    def _abandon(self, run_key: str, batch: _Batch, exc: BaseException) -> None:
-        """The leader of ``batch`` could not begin (``exc``): its writes fail, unmade."""
-        for write in self._batches.close(run_key, batch):
-            write.fail(exc)
-            write.done.set()
+    def _batched(self, coming: _Coming, call: Callable[[], _T]) -> _T:
+        """Make a write of a run (``call``: an operation that takes the run lock) in a
+        batch with the writes of the run that other threads of this process start meanwhile
+        (group commit): the first holds the lock and makes them all in turn, each its own
+        commit as if alone, then syncs the log once, before any of them returns. A write
+        that fails fails alone; a sync that fails fails them all, their commits cut off."""
+        queued = _Queued(call)
+        batch = self._batches.join(coming, queued)
+        if batch is not None:
+            self._lead(coming.run_key, batch)
+        return cast(_T, queued.outcome())
 
     def _lead(self, run_key: str, batch: _Batch) -> None:
-        """Make the writes of ``batch`` (see :meth:`_write`); every one of them has its
+        """Make the writes of ``batch`` (see :meth:`_batched`); every one of them has its
         outcome when this returns, handed out once the log is synced (before the lock is
         released and the log compacted, if due)."""
-        batch.started = True
         taken: list[_Queued] = []
         try:
             with self._locked(run_key):

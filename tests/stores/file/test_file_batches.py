@@ -261,161 +261,77 @@ def _lock_held_elsewhere(root: Path, run_key: str) -> Iterator[Callable[[], None
         release()
 
 
-def _counted_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the functions handed to worker threads from now on."""
-    hops: list[str] = []
-    real = anyio.to_thread.run_sync
-
-    async def counted(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        hops.append(getattr(func, "__name__", repr(func)))
-        return await real(func, *args, **kwargs)
-
-    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
-    return hops
+def _coming(store: FileStore, run_key: str) -> int:
+    return store._batches._coming[run_key]
 
 
-async def test_a_write_started_while_another_is_on_its_way_joins_it_without_a_hop(
+async def test_a_leader_waits_for_a_write_on_its_way(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A write started while another of the run has not reached its worker thread yet is made
-    with it, and waits on the event loop: one hop and one sync for both."""
+    """A write started while another of the run is being made joins its batch even when its
+    worker thread starts late: one sync for both."""
+    monkeypatch.setattr(file_store, "_BATCH_PATIENCE", 5.0)
     store = FileStore(root)
     run = make_run("on-its-way")
     key = key_of(run)
-    with anyio.fail_after(30):
-        await append_plain(store, run, 0)
-        synced = _count_syncs(monkeypatch)
-        _late_hops(monkeypatch, 0.2, skip=0)  # the leader's hop starts 0.2 s late
-        hops = _counted_hops(monkeypatch)
-        outcomes: list[object] = [None, None]
-
-        async def write(position: int, call: Callable[[], Awaitable[object]]) -> None:
-            outcomes[position] = await call()
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(write, 0, lambda: append_plain(store, run, 1))
-            await anyio.sleep(0.01)
-            group.start_soon(write, 1, _own(store, run, 0, "w/0/a"))
-    assert outcomes == ["active", True]
-    assert hops == ["_lead"]
-    assert len(synced) == 1
-    assert store._batches._open == {}
-    assert await FileStore(root).get_items(key, ["w/0/a"], now=T0) == {"w/0/a": b"value-w/0/a"}
-
-
-async def test_a_cancelled_leader_still_makes_its_batch(
-    root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The writes that joined a batch depend on its leader: cancelling the leader's task
-    before its worker thread starts does not abandon them (nor its own write, which is made;
-    the cancellation is taken after)."""
-    store = FileStore(root)
-    run = make_run("cancelled-leader")
-    key = key_of(run)
     outcomes: list[object] = []
 
-    async def join() -> None:
-        outcomes.append(await _own(store, run, 0, "w/0/a")())
-
-    with anyio.fail_after(30):
-        await append_plain(store, run, 0)
-        _late_hops(monkeypatch, 0.3, skip=0)  # the leader's hop starts 0.3 s late
-        leader = anyio.CancelScope()
-        async with anyio.create_task_group() as group:
-            group.start_soon(_cancelled_write, leader, store, run)
-            while not _queued(store, key):  # noqa: ASYNC110 (a worker thread's state)
-                await anyio.sleep(0.005)
-            group.start_soon(join)
-            while len(_queued(store, key)) < 2:  # noqa: ASYNC110 (as above)
-                await anyio.sleep(0.005)
-            leader.cancel()  # while its hop waits to start
-    assert outcomes == [True]
-    assert store._batches._open == {}
-    latest = await store.latest(key, now=T0)
-    assert latest is not None
-    assert latest[0].checkpoint_id == checkpoint_id_of(run, 1)
-    assert await store.get_items(key, ["w/0/a"], now=T0) == {"w/0/a": b"value-w/0/a"}
-
-
-async def _cancelled_write(scope: anyio.CancelScope, store: FileStore, run: RunRecord) -> None:
-    with scope:
-        await append_plain(store, run, 1)
-        await anyio.lowlevel.checkpoint()
-        raise AssertionError("the cancellation was not taken once the write was made")
-
-
-async def test_writes_of_two_event_loops_share_a_batch(
-    root: Path, store: FileStore, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
-) -> None:
-    """A write started on another thread's event loop joins the batch too, and waits for it
-    in a worker thread of its own loop."""
-    run = make_run("two-loops")
-    key = key_of(run)
-    outcomes: list[object] = []
-
-    def other_loop() -> None:
-        async def write() -> None:
-            outcomes.append(await _own(store, run, 0, "w/0/a")())
-
-        anyio.run(write, backend=anyio_backend)
+    async def write(call: Callable[[], Awaitable[object]]) -> None:
+        outcomes.append(await call())
 
     with anyio.fail_after(30):
         await append_plain(store, run, 0)
         synced = _count_syncs(monkeypatch)
         with _lock_held_elsewhere(root, key) as release:
             async with anyio.create_task_group() as group:
-                group.start_soon(lambda: _append_into(outcomes, store, run, 1))
+                group.start_soon(write, lambda: append_plain(store, run, 1))
                 while not _queued(store, key):  # noqa: ASYNC110 (a worker thread's state)
                     await anyio.sleep(0.005)
-                group.start_soon(anyio.to_thread.run_sync, other_loop)
-                while len(_queued(store, key)) < 2:  # noqa: ASYNC110 (as above)
+                _late_hops(monkeypatch, 0.2, skip=0)
+                group.start_soon(write, _own(store, run, 0, "w/0/a"))
+                while not _coming(store, key):  # noqa: ASYNC110 (a worker thread's state)
                     await anyio.sleep(0.005)
-                release()
+                release()  # the leader makes its write, then waits for the one on its way
     assert sorted(map(str, outcomes)) == ["True", "active"]
     assert len(synced) == 1
 
 
-async def _append_into(
-    outcomes: list[object], store: FileStore, run: RunRecord, sequence: int
-) -> None:
-    outcomes.append(await append_plain(store, run, sequence))
-
-
-async def test_a_leader_whose_thread_never_starts_fails_the_writes_that_joined(
+async def test_a_leader_stops_waiting_for_a_write_that_will_not_come(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A write that joined a batch gets an error, not a wait forever, when the leader's hop to
-    its worker thread fails; the next write opens a batch of its own."""
+    monkeypatch.setattr(file_store, "_BATCH_PATIENCE", 5.0)
     store = FileStore(root)
-    run = make_run("no-thread")
+    run = make_run("cancelled")
     key = key_of(run)
-    outcomes: list[object] = [None, None]
-    real = anyio.to_thread.run_sync
+    done: list[float] = []
 
-    async def failing(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        await anyio.sleep(0.05)  # long enough for the second write to join
-        raise RuntimeError("no worker thread")
-
-    async def write(position: int, call: Callable[[], Awaitable[object]]) -> None:
-        try:
-            outcomes[position] = await call()
-        except (CheckpointError, RuntimeError) as exc:
-            outcomes[position] = exc
+    async def lead() -> None:
+        assert await _own(store, run, 0, "w/0/a")() is True
+        done.append(anyio.current_time())
 
     with anyio.fail_after(30):
         await append_plain(store, run, 0)
-        monkeypatch.setattr(anyio.to_thread, "run_sync", failing)
-        async with anyio.create_task_group() as group:
-            group.start_soon(write, 0, lambda: append_plain(store, run, 1))
-            await anyio.sleep(0.01)
-            group.start_soon(write, 1, _own(store, run, 0, "w/0/a"))
-        monkeypatch.setattr(anyio.to_thread, "run_sync", real)
-        assert isinstance(outcomes[0], RuntimeError)
-        assert isinstance(outcomes[1], StoreError)
-        assert "no worker thread" in str(outcomes[1])
-        assert store._batches._open == {}
-        assert await store.get_items(key, ["w/0/a"], now=T0) == {}  # not made
-        assert await append_plain(store, run, 1) == "active"
+        with _lock_held_elsewhere(root, key) as release:
+            async with anyio.create_task_group() as group:
+                group.start_soon(lead)
+                while not _queued(store, key):  # noqa: ASYNC110 (a worker thread's state)
+                    await anyio.sleep(0.005)
+                _late_hops(monkeypatch, 10.0, skip=0)
+                with anyio.CancelScope() as late:
+                    group.start_soon(_cancel_after, late, 0.2)
+                    released = anyio.current_time()
+                    release()  # the leader makes its write, then waits for the one on its way
+                    await append_plain(store, run, 1)  # its hop 10 s late: cancelled at 0.2 s
+    assert done[0] - released < 4.0  # not the 5 s of patience: the write went
+    assert dict(store._batches._coming) == {}
+    assert store._batches._open == {}
+    monkeypatch.undo()
+    assert await store.get_items(key, ["w/0/a"], now=T0) == {"w/0/a": b"value-w/0/a"}
+
+
+async def _cancel_after(scope: anyio.CancelScope, delay: float) -> None:
+    await anyio.sleep(delay)
+    scope.cancel()
 
 
 def _fail_first_flush(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> list[int]:
