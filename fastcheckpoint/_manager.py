@@ -40,6 +40,7 @@ from fastcheckpoint._model import (
     RunInfo,
     StatusChange,
 )
+from fastcheckpoint._threads import in_worker_thread
 from fastcheckpoint._urls import store_url_from_env, ttl_seconds_from_days
 from fastcheckpoint._validate import (
     list_arg,
@@ -596,14 +597,14 @@ class CheckpointManager:
         size = _estimated_size(body) if hint is None else max(
             hint.payload_size, self._histories.kept_bytes(key))
         if size >= self.config.offload_min_bytes:
-            return await anyio.to_thread.run_sync(write)
+            return await in_worker_thread(write)
         return write()
 
     async def _encode_payload(self, body: Payload, hint: _Hint | None) -> bytes:
         args = (body.state, body.messages, body.tool_calls, body.context)
         size = _estimated_size(body) if hint is None else hint.payload_size
         if size >= self.config.offload_min_bytes:
-            return await anyio.to_thread.run_sync(lambda: self._codec.encode_payload(*args))
+            return await in_worker_thread(self._codec.encode_payload, *args)
         return self._codec.encode_payload(*args)
 
     # -- read -----------------------------------------------------------------------------
@@ -672,7 +673,7 @@ class CheckpointManager:
         async def decoded(items: dict[str, bytes]) -> Payload:
             size = len(stored.payload) + sum(map(len, items.values()))
             if size >= self.config.offload_min_bytes:
-                return await anyio.to_thread.run_sync(decode, items)
+                return await in_worker_thread(decode, items)
             return decode(items)
 
         try:

@@ -45,6 +45,7 @@ from fastcheckpoint._config import CheckpointConfig, RetryPolicy
 from fastcheckpoint._logs import LogGap
 from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import CheckpointStatus
+from fastcheckpoint._threads import in_worker_thread
 from fastcheckpoint.errors import (
     CheckpointError,
     ConfigurationError,
@@ -281,7 +282,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         try:
             await self._shared.manager.aclose()
         finally:
-            await anyio.to_thread.run_sync(self._shared.bridge.stop)
+            await in_worker_thread(self._shared.bridge.stop)
 
     def close(self) -> None:
         """:meth:`aclose` for programs without an event loop (blocking)."""
@@ -652,7 +653,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
     ) -> CheckpointTuple:
         size = len(stored.payload) + sum(map(len, items.values()))
         if size >= self._shared.manager.config.offload_min_bytes:
-            return await anyio.to_thread.run_sync(self._decoded, where, stored, items, head)
+            return await in_worker_thread(self._decoded, where, stored, items, head)
         return self._decoded(where, stored, items, head)
 
     def _decoded(
@@ -884,7 +885,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         hint = self._state.runs.get(where.key)
         encode = self._encoder(where, checkpoint, metadata, new_versions, parent_id, inherited)
         if hint is not None and hint.payload_size >= self._shared.manager.config.offload_min_bytes:
-            return await anyio.to_thread.run_sync(encode)
+            return await in_worker_thread(encode)
         return encode()
 
     def _encoder(
@@ -1505,7 +1506,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         size += sum(len(typed[1]) for typed in seeds.values())
         build = functools.partial(self._history_of, where, wanted, chain, writes, seeds)
         if size >= self._shared.manager.config.offload_min_bytes:
-            return await anyio.to_thread.run_sync(build)
+            return await in_worker_thread(build)
         return build()
 
     async def _delta_chain_of(

@@ -98,6 +98,7 @@ import anyio.to_thread
 import msgspec
 
 from fastcheckpoint import _ids
+from fastcheckpoint._threads import in_worker_thread
 from fastcheckpoint.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -1727,7 +1728,7 @@ class FileStore(ExpiryCleanup):
     async def _call(self, func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """Run one whole operation in a worker thread: the only thread hop of a method."""
         call = functools.partial(self._translated, func, *args, **kwargs)
-        return await anyio.to_thread.run_sync(call)
+        return await in_worker_thread(call)
 
     async def _write(
         self, run_key: str, func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs

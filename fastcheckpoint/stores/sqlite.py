@@ -44,11 +44,10 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeGuard, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-import anyio
-import anyio.to_thread
 import msgspec
 
 from fastcheckpoint import _ids
+from fastcheckpoint._threads import in_worker_thread
 from fastcheckpoint.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -502,7 +501,7 @@ class SQLiteStore(ExpiryCleanup):
     async def _call(self, func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """Run one whole operation in a worker thread: the only thread hop of a method."""
         call = functools.partial(self._translated, func, *args, **kwargs)
-        return await anyio.to_thread.run_sync(call)
+        return await in_worker_thread(call)
 
     def _translated(self, func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
