@@ -656,7 +656,8 @@ class _Batches:
         """Queue a write; the batch when the caller leads it (else it waits for its outcome)."""
         run_key = coming.run_key
         with self._changed:
-            self._arrived(coming)
+            if not coming.arrived:  # else its task gave it up (:meth:`gone`) as it started
+                self._arrived(coming)
             batch = self._open.get(run_key)
             if batch is not None:
                 batch.queued.append(queued)

@@ -464,3 +464,20 @@ async def test_a_batch_makes_its_writes_as_one_by_one(
     latest = await other.latest(key, now=T0)
     assert latest is not None
     assert latest[0].sequence == 2
+
+
+def test_a_write_given_up_as_its_thread_starts_is_counted_once() -> None:
+    """asyncio's own cancellation of a task waiting for its worker thread (``task.cancel()``,
+    ``asyncio.wait_for``) returns at once, even if the thread has just begun the write: the
+    task marks it gone, then the thread joins. Counted twice, the run would stay "a write on
+    its way" for good, and every batch of it would wait out the patience."""
+    batches = file_store._Batches(5.0)
+    coming = batches.coming("run")
+    batches.gone(coming)  # the task, cancelled as the thread began
+    queued = file_store._Queued(lambda: "made")
+    batch = batches.join(coming, queued)  # the thread
+    assert batch is not None
+    assert dict(batches._coming) == {}
+    assert batches.take("run", batch) == [queued]
+    assert batches.take("run", batch) == []  # at once: nothing is on its way
+    assert batches._open == {}
