@@ -17,7 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
-from fastcheckpoint.errors import ConfigurationError
+from fastcheckpoint.errors import ConfigurationError, StoreError
 
 _T = TypeVar("_T")
 
@@ -109,7 +109,12 @@ class LoopBridge:
             thread = threading.Thread(
                 target=_run_forever, args=(loop, ready), name="fastcheckpoint-loop",
                 daemon=True)
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError as exc:  # a process at its thread limit
+                loop.close()
+                raise StoreError(
+                    f"could not start {self._owner}'s event loop thread: {exc}") from exc
             ready.wait()
             self._own, self._own_thread = loop, thread
             return loop

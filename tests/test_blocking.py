@@ -14,7 +14,12 @@ import pytest
 
 from fastcheckpoint import CheckpointConfig, CheckpointManager, CheckpointStatus, FileStore
 from fastcheckpoint.blocking import BlockingManager
-from fastcheckpoint.errors import CheckpointError, ConfigurationError, ValidationError
+from fastcheckpoint.errors import (
+    CheckpointError,
+    ConfigurationError,
+    StoreError,
+    ValidationError,
+)
 from tests._helpers import FakeClock
 
 _NOT_MIRRORED = {"start", "stop", "aclose"}  # lifecycle: start() and close() instead
@@ -125,3 +130,27 @@ def test_own_loop_serves_calls_made_on_a_running_loops_thread(tmp_path: Path) ->
             manager.close()
 
     asyncio.run(main())
+
+
+def test_a_loop_thread_that_cannot_start_is_a_store_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process at its thread limit: the blocking call raises ``StoreError`` (not the
+    ``RuntimeError`` of ``Thread.start``), and works once a thread can start again."""
+    manager = BlockingManager(FileStore(tmp_path))
+    real = threading.Thread.start
+
+    def refused(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    with pytest.raises(StoreError, match=r"could not start .* event loop thread: can't start"):
+        manager.create("run", {"a": 1})
+    monkeypatch.setattr(threading.Thread, "start", real)
+    try:
+        assert manager.create("run", {"a": 1}) is not None
+        restored = manager.restore("run")
+        assert restored is not None
+        assert restored.state == {"a": 1}
+    finally:
+        manager.close()
