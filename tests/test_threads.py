@@ -4,7 +4,9 @@ decodes); what the function itself raises passes through; the package hops one w
 
 from __future__ import annotations
 
+import asyncio
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,3 +98,52 @@ def test_the_package_hops_one_way() -> None:
         if re.search(r"to_thread\.run_sync\(|run_in_executor\(", line)
     ]
     assert found == []
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_asyncios_own_cancellation_waits_for_a_thread_that_began(
+    anyio_backend: str,
+) -> None:
+    """``task.cancel()`` reaches the caller once the function has finished, not while it
+    goes on in its thread (anyio's shield does not hold asyncio's own cancellations)."""
+    began, go, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def work() -> None:
+        began.set()
+        go.wait(10)
+        ended.set()
+
+    task = asyncio.create_task(in_worker_thread(work))
+    while not began.is_set():  # noqa: ASYNC110 (set by a worker thread)
+        await asyncio.sleep(0.001)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    task.cancel()  # cancelled again while it waits: still waits
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ended.is_set()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_function_cancelled_before_its_thread_began_never_runs(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[int] = []
+    real = anyio.to_thread.run_sync
+    held = asyncio.Event()
+
+    async def late(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        await held.wait()  # the hop has not begun
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", late)
+    task = asyncio.create_task(in_worker_thread(lambda: ran.append(1)))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.05)
+    assert ran == []

@@ -356,18 +356,17 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         saved = _config_of(where, checkpoint_id)
         slot = (where.key, checkpoint_id)
         state = self._state
+        while (running := state.saving.get(slot)) is not None:
+            await running.wait()  # the same save, running: its outcome, unless it failed
         if self._saved_here(slot):
-            return saved
-        running = state.saving.get(slot)
-        if running is not None:
-            await running.wait()
             return saved
         signal = state.saving[slot] = Signal()
         try:
             await self._save(where, config, checkpoint, metadata, new_versions)
-        except Exception:
-            # LangGraph makes no save of the thread after one that failed (each waits for
-            # the previous): writes parked for later checkpoints would wait for nothing.
+        except BaseException:
+            # LangGraph makes no save of the thread after one that failed or was cancelled
+            # (each waits for the previous): writes parked for later checkpoints would wait
+            # for nothing. (A cancelled save may have landed: the writes look it up.)
             state.failed_save(where.key, checkpoint_id)
             raise
         finally:
@@ -1164,11 +1163,14 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             # The lookup awaited the store: the checkpoint's save may have started (and
             # taken what was parked for it) or ended meanwhile, so look again before parking.
         # No await from the checks above to parking: a save that starts later takes the writes.
+        parked = False
         if located is None and self._may_still_come(where.key, checkpoint_id):
             if await self._park(slot, writes):
                 return True
-            located = state.located.get(slot)
-        if located is None and not asked:
+            located, parked = state.located.get(slot), True
+        if located is None and (parked or not asked):
+            # Parked writes released unstored: their checkpoint's save failed, was cancelled
+            # (it may have landed all the same) or never came. The store tells.
             located = await self._lookup(where, checkpoint_id, self._now())
         if located is None:
             logger.info("pending writes for checkpoint %s of thread %r were dropped: that "

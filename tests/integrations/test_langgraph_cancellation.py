@@ -1,0 +1,175 @@
+"""The LangGraph saver under asyncio's own cancellations (``task.cancel()``, ``asyncio.wait_for``:
+how LangGraph and its callers cancel), which anyio's shields do not hold back: a cancelled
+save never makes a later call wait out a timeout, drop writes it acknowledged, or report a
+checkpoint saved that is not. asyncio only: anyio's and trio's cancellations wait for a
+worker thread that has begun."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastcheckpoint import CheckpointStatus, FileStore, MemoryStore
+from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
+from tests._helpers import FakeClock, make_config
+from tests.integrations._langgraph_support import checkpoint, config, metadata
+
+pytestmark = pytest.mark.anyio
+
+DEADLINE = 10.0
+"""Far below the 30 s a parked write waits for its checkpoint's save."""
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _saver(store: Any) -> FastCheckpointSaver:
+    return FastCheckpointSaver(store, config=make_config(FakeClock()))
+
+
+def _held_appends(store: FileStore) -> tuple[threading.Event, threading.Event]:
+    """The file store's appends wait, in their worker thread, until the second event is set;
+    the first is set when one is waiting."""
+    waiting, go = threading.Event(), threading.Event()
+    real: Callable[..., Any] = store._append  # type: ignore[attr-defined]
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        waiting.set()
+        go.wait(DEADLINE)
+        return real(*args, **kwargs)
+
+    store._append = held  # type: ignore[method-assign]
+    return waiting, go
+
+
+def _held_saves(store: MemoryStore) -> None:
+    """The store's appends wait for good (until their task is cancelled)."""
+    real = store.append_with_items
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.Event().wait()
+        return await real(*args, **kwargs)
+
+    store.append_with_items = held  # type: ignore[method-assign]
+
+
+async def _until(event: threading.Event) -> None:
+    while not event.is_set():  # noqa: ASYNC110 (set by a worker thread)
+        await asyncio.sleep(0.001)
+
+
+@pytest.mark.parametrize("known", [False, True], ids=["new-thread", "known-thread"])
+async def test_writes_sent_while_a_cancelled_save_lands_are_kept(
+    tmp_path: Path, known: bool
+) -> None:
+    """The save's worker thread goes on after its task is cancelled and stores the
+    checkpoint; the writes sent for it meanwhile are stored with it, at once."""
+    store = FileStore(tmp_path, fsync=False)
+    saver = _saver(store)
+    parent_config = config("t")
+    if known:
+        first = checkpoint()
+        parent_config = await saver.aput(config("t"), first, metadata(-1), {})
+    saved = checkpoint()
+    waiting, go = _held_appends(store)
+    save = asyncio.create_task(saver.aput(parent_config, saved, metadata(0), {}))
+    await asyncio.wait_for(_until(waiting), DEADLINE)
+    writes = asyncio.create_task(
+        saver.aput_writes(config("t", saved["id"]), [("messages", "w")], "task"))
+    await asyncio.sleep(0.01)
+    save.cancel()
+    await asyncio.sleep(0.05)
+    assert not save.done()  # its cancellation waits for its worker thread
+    go.set()
+    started = time.monotonic()
+    with pytest.raises(asyncio.CancelledError):
+        await save
+    await asyncio.wait_for(writes, DEADLINE)
+    assert time.monotonic() - started < DEADLINE / 2
+    found = await saver.aget_tuple(config("t", saved["id"]))
+    assert found is not None
+    assert found.pending_writes == [("task", "messages", "w")]
+    again = await _saver(FileStore(tmp_path, fsync=False)).aget_tuple(
+        config("t", saved["id"]))
+    assert again is not None
+    assert again.pending_writes == [("task", "messages", "w")]
+
+
+async def test_writes_parked_behind_a_cancelled_save_are_released_at_once() -> None:
+    """LangGraph makes no save after one that was cancelled (each waits for the one before):
+    writes parked for the next checkpoint are released at once, as after a failed save,
+    instead of waiting 30 s for a save that will not come."""
+    store = MemoryStore()
+    saver = _saver(store)
+    first, second, third = checkpoint(), checkpoint(), checkpoint()
+    first_config = await saver.aput(config("t"), first, metadata(-1), {})
+    _held_saves(store)
+    save = asyncio.create_task(saver.aput(first_config, second, metadata(0), {}))
+    await asyncio.sleep(0.01)
+    writes = asyncio.create_task(
+        saver.aput_writes(config("t", third["id"]), [("messages", "w")], "task"))
+    await asyncio.sleep(0.01)
+    save.cancel()
+    started = time.monotonic()
+    await asyncio.wait_for(writes, DEADLINE)
+    assert time.monotonic() - started < DEADLINE / 2
+    assert save.cancelled()
+
+
+async def test_a_save_racing_a_cancelled_one_of_the_same_checkpoint_saves_it() -> None:
+    """Two saves of one checkpoint: the second waits for the first; the first is cancelled
+    before it stored anything, so the second saves the checkpoint rather than reporting it
+    saved."""
+    store = MemoryStore()
+    saver = _saver(store)
+    first, second = checkpoint(), checkpoint()
+    first_config = await saver.aput(config("t"), first, metadata(-1), {})
+    real = store.append_with_items
+    _held_saves(store)
+    one = asyncio.create_task(saver.aput(first_config, second, metadata(0), {}))
+    await asyncio.sleep(0.01)
+    store.append_with_items = real  # type: ignore[method-assign]
+    other = asyncio.create_task(saver.aput(first_config, second, metadata(0), {}))
+    await asyncio.sleep(0.01)
+    one.cancel()
+    saved = await asyncio.wait_for(other, DEADLINE)
+    assert one.cancelled()
+    found = await saver.aget_tuple(saved)
+    assert found is not None
+    assert found.checkpoint["id"] == second["id"]
+
+
+async def test_an_interrupt_parked_for_a_cancelled_save_that_landed_pauses_the_thread(
+    tmp_path: Path,
+) -> None:
+    """An interrupt written for a checkpoint whose save has not begun waits for it; the save
+    takes it, lands, and its task is cancelled meanwhile. The writes were stored, so the
+    thread is paused with its approval request, as if the save had returned."""
+    store = FileStore(tmp_path, fsync=False)
+    saver = _saver(store)
+    saved = checkpoint()
+    writes = asyncio.create_task(saver.aput_writes(
+        config("t", saved["id"]), [("__interrupt__", {"q": 1})], "task"))
+    await asyncio.sleep(0.05)  # parked: the run is new, the checkpoint not saved yet
+    waiting, go = _held_appends(store)
+    save = asyncio.create_task(saver.aput(config("t"), saved, metadata(0), {}))
+    await asyncio.wait_for(_until(waiting), DEADLINE)
+    save.cancel()
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await save
+    await asyncio.wait_for(writes, DEADLINE)
+    found = await saver.aget_tuple(config("t", saved["id"]))
+    assert found is not None
+    assert found.pending_writes == [("task", "__interrupt__", {"q": 1})]
+    run = await saver.manager.get_run("t")
+    assert run is not None
+    assert run.status is CheckpointStatus.PAUSED
