@@ -103,6 +103,8 @@ class Parked:
     writes: dict[tuple[str, int], StoredWrite] = field(default_factory=dict)
     done: Signal = field(default_factory=Signal)
     stored: bool = False
+    waiting: int = 0
+    """How many ``aput_writes`` calls wait for them."""
 
     def add(self, writes: list[StoredWrite]) -> None:
         for write in writes:

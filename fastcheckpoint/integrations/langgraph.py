@@ -1202,11 +1202,23 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         although their checkpoint is saved right after (a delta channel then reads back
         short for good)."""
         state = self._state
-        key = slot[0]
         parked = state.parked.get(slot)
         if parked is None:
             parked = state.parked[slot] = Parked()
         parked.add(writes)
+        parked.waiting += 1
+        try:
+            return await self._parked(slot, parked)
+        finally:
+            parked.waiting -= 1
+            if not parked.waiting and not parked.done.is_set and \
+                    state.parked.get(slot) is parked:
+                # Every call that parked them was cancelled: no one looks for them again.
+                del state.parked[slot]
+
+    async def _parked(self, slot: tuple[str, str], parked: Parked) -> bool:
+        state = self._state
+        key = slot[0]
         since = anyio.current_time()
         while True:
             budget = _PARKED_SECONDS if state.runs.get(key) is not None else _FIRST_SAVE_SECONDS
@@ -1221,6 +1233,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 break  # stored, failed, or taken by a save that is still running
             if left <= 0 and saving is None:
                 del state.parked[slot]  # no save came
+                parked.done.set()  # other calls that parked writes with these: neither
                 return False
             # Look again: the run may be known now, or another save on its way.
         if not parked.done.is_set:

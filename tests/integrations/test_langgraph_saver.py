@@ -935,3 +935,41 @@ def test_item_values_are_the_records_the_codec_writes(compress_min_bytes: int | 
         damaged = blob[:-1] + bytes([blob[-1] ^ 1])
         with pytest.raises(CorruptCheckpointError):
             items.decode(damaged, type(value), "here")
+
+
+async def test_writes_parked_together_all_return_when_no_save_comes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two calls park writes for one checkpoint that never comes; the first to give up does
+    not leave the other waiting for good."""
+    monkeypatch.setattr(saver_module, "_PARKED_SECONDS", 0.2)
+    saver = _saver(MemoryStore())
+    first = await put(saver, "t")
+    coming = checkpoint()  # newer than any saved: it may still come
+    with anyio.fail_after(DEADLINE):
+        async with anyio.create_task_group() as group:
+            group.start_soon(saver.aput_writes, config("t", coming["id"]), [("x", 1)], "a")
+            await anyio.sleep(0.05)
+            group.start_soon(saver.aput_writes, config("t", coming["id"]), [("x", 2)], "b")
+    assert saver._state.parked.get((run_key("t"), coming["id"])) is None
+    assert await saver.aget_tuple(config("t", first)) is not None
+
+
+async def test_writes_whose_calls_were_all_cancelled_are_not_kept_parked() -> None:
+    """Parked writes are held for the calls that wait for them: once every one of them is
+    cancelled, nothing is kept (it was kept until a save of that checkpoint came, maybe
+    never); while one still waits, they stay."""
+    saver = _saver(MemoryStore())
+    await put(saver, "t")
+    coming = checkpoint()
+    slot = (run_key("t"), coming["id"])
+    with anyio.fail_after(DEADLINE):
+        async with anyio.create_task_group() as group:
+            group.start_soon(saver.aput_writes, config("t", coming["id"]), [("x", 1)], "a")
+            group.start_soon(saver.aput_writes, config("t", coming["id"]), [("x", 2)], "b")
+            await anyio.sleep(0.05)
+            parked = saver._state.parked.get(slot)
+            assert parked is not None
+            assert parked.waiting == 2
+            group.cancel_scope.cancel()
+    assert saver._state.parked.get(slot) is None
