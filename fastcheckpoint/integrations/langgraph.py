@@ -1163,12 +1163,12 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             # The lookup awaited the store: the checkpoint's save may have started (and
             # taken what was parked for it) or ended meanwhile, so look again before parking.
         # No await from the checks above to parking: a save that starts later takes the writes.
-        parked = False
+        released = False
         if located is None and self._may_still_come(where.key, checkpoint_id):
             if await self._park(slot, writes):
                 return True
-            located, parked = state.located.get(slot), True
-        if located is None and (parked or not asked):
+            located, released = state.located.get(slot), True
+        if located is None and (released or not asked):
             # Parked writes released unstored: their checkpoint's save failed, was cancelled
             # (it may have landed all the same) or never came. The store tells.
             located = await self._lookup(where, checkpoint_id, self._now())
