@@ -8,7 +8,7 @@ name, so checkpoints appear in ``fastcheckpoint runs``, ``show``, ``history`` an
 ``export``; one waiting for responses to ``request_info`` requests is PAUSED. TTL applies.
 No pickle: see ``fastcheckpoint.integrations._agent_framework_codec`` for what is stored.
 
-Costs in store calls: ``save`` 1 (3 when it replaces a checkpoint of the same id),
+Costs in store calls: ``save`` 1 (4 when it replaces a checkpoint of the same id),
 ``load`` 1, ``delete`` 2, ``list_checkpoint_ids`` 1 per 100 checkpoints of the workflow,
 ``get_latest`` that plus 1, ``list_checkpoints`` that plus 1 per checkpoint.
 
@@ -19,6 +19,7 @@ bundled store).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import logging
 import time
@@ -27,11 +28,10 @@ from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol, cast
 
-import anyio
-
 from fastcheckpoint import _ids
 from fastcheckpoint._codec import Header, RunData
 from fastcheckpoint._config import CheckpointConfig
+from fastcheckpoint._gather import gather
 from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint.errors import (
@@ -93,6 +93,7 @@ class _Listed(NamedTuple):
     created_at: float
     key: str
     run_id: str
+    previous: str | None
 
 
 class _Labelled(CheckpointStore, SupportsLabels, Protocol):
@@ -189,7 +190,8 @@ class FastCheckpointStorage:
 
     async def save(self, checkpoint: WorkflowCheckpoint) -> str:
         """Store a snapshot of ``checkpoint`` (one store call); returns its id. An existing
-        checkpoint of that id is replaced (two more calls)."""
+        checkpoint of that id is replaced (three more calls): the old one or the new one is
+        stored at every moment, also for a reader in another process or after a crash."""
         if not isinstance(checkpoint, WorkflowCheckpoint):
             raise ValidationError(
                 f"save takes a WorkflowCheckpoint, got {type(checkpoint).__name__}")
@@ -205,22 +207,32 @@ class FastCheckpointStorage:
             run_id, f"iteration {checkpoint.iteration_count}"[:200], None, [],
             self._ttl_seconds))
         status, data = self._run_details(checkpoint, workflow, moment, now)
-        for _ in range(_SAVE_ATTEMPTS):
-            incarnation = _ids.new_incarnation()
+        label = workflow_label(workflow)
+        for attempt in range(_SAVE_ATTEMPTS):
+            existing = await self._store.get_run(key, now=now) if attempt else None
+            incarnation = _ids.new_incarnation() if existing is None else existing.incarnation
+            sequence = 0 if existing is None else existing.latest_sequence + 1
             record = StoredCheckpoint(
-                sequence=0, checkpoint_id=_ids.checkpoint_id(key, incarnation, 0),
+                sequence=sequence, checkpoint_id=_ids.checkpoint_id(key, incarnation, sequence),
                 created_at=now, expires_at=expires_at, header=header, payload=payload)
             seed = RunRecord(
                 run_id=run_id, incarnation=incarnation, status=status, created_at=now,
-                updated_at=now, latest_sequence=0, checkpoint_count=1, expires_at=expires_at,
-                data=data, labels=(workflow_label(workflow),))
-            try:
-                await self._store.append(key, record, run=seed, keep_latest=1, now=now)
-            except SequenceConflict:
-                # The id is taken: the framework's storages overwrite it. A new run, not a
-                # new checkpoint in the old one, as the workflow (its label) may differ.
+                updated_at=now, latest_sequence=sequence, checkpoint_count=1,
+                expires_at=expires_at, data=data, labels=(label,))
+            if existing is not None and label not in existing.labels:
+                # Another workflow's checkpoint had the id: a run's labels never change, so
+                # it goes whole and the new one takes its place.
                 await self._store.delete_run(key)
                 continue
+            try:
+                # A replacement (the id is taken: the framework's storages overwrite it) is
+                # the run's next checkpoint, and keep_latest=1 removes the one it replaces
+                # in the same atomic append: one of the two is stored whatever happens.
+                await self._store.append(key, record, run=seed, keep_latest=1, now=now)
+            except SequenceConflict:
+                continue  # the id is taken, or was replaced meanwhile: look again
+            if existing is not None:
+                await self._replace_details(key, existing, status, data, now)
             self._remember(checkpoint_id, status)
             await self._answered(checkpoint.previous_checkpoint_id, checkpoint_id)
             return checkpoint_id
@@ -242,16 +254,8 @@ class FastCheckpointStorage:
     async def list_checkpoints(self, *, workflow_name: str) -> list[WorkflowCheckpoint]:
         """The workflow's checkpoints, oldest first by ``timestamp``."""
         listed = await self._listed(workflow_name)
-        found: list[WorkflowCheckpoint | None] = [None] * len(listed)
-        limiter = anyio.CapacityLimiter(_READERS)
-
-        async def read(index: int, entry: _Listed) -> None:
-            async with limiter:
-                found[index] = await self._read(entry)
-
-        async with anyio.create_task_group() as group:
-            for index, entry in enumerate(listed):
-                group.start_soon(read, index, entry)
+        found = await gather([functools.partial(self._read, entry) for entry in listed],
+                             parallel=_READERS)
         return [checkpoint for checkpoint in found if checkpoint is not None]
 
     async def delete(self, checkpoint_id: str) -> bool:
@@ -264,8 +268,11 @@ class FastCheckpointStorage:
         return existed
 
     async def get_latest(self, *, workflow_name: str) -> WorkflowCheckpoint | None:
-        """The workflow's checkpoint with the newest ``timestamp``, ``None`` if it has none."""
-        for entry in reversed(await self._listed(workflow_name)):
+        """The workflow's checkpoint with the newest ``timestamp``, ``None`` if it has none.
+        Among several with that ``timestamp`` (saved at one superstep), the framework's
+        rule: one no other of them names as its ``previous_checkpoint_id``, then the
+        greatest ``checkpoint_id``."""
+        for entry in _newest_first(await self._listed(workflow_name)):
             found = await self._read(entry)
             if found is not None:
                 return found
@@ -296,6 +303,28 @@ class FastCheckpointStorage:
             details.history.append((status.value, now, FRAMEWORK,
                                     f"waiting for responses to {len(requests)} request(s)"))
         return status.value, self._codec.codec.encode_run_data(details)
+
+    async def _replace_details(
+        self, key: str, run: RunRecord, status: str, data: bytes, now: float
+    ) -> None:
+        """The replaced checkpoint's run takes the new one's status and details (listing
+        order, lineage, pending requests), whatever changed them meanwhile (an approval)."""
+        for _ in range(_SAVE_ATTEMPTS):
+            try:
+                await self._store.update_run(
+                    key, incarnation=run.incarnation, version=run.version, status=status,
+                    data=data, now=now)
+                return
+            except CheckpointNotFound:
+                return  # deleted since: nothing to describe
+            except ConflictError:
+                found = await self._store.get_run(key, now=now)
+                if found is None or found.incarnation != run.incarnation:
+                    return  # deleted or replaced whole since: its details are not ours
+                run = found
+        raise ConflictError(
+            f"could not record the details of checkpoint {run.run_id[len(RUN_PREFIX):][:80]!r}: "
+            f"they changed concurrently {_SAVE_ATTEMPTS} times in a row")
 
     def _remember(self, checkpoint_id: str, status: str) -> None:
         if status != CheckpointStatus.PAUSED.value:
@@ -350,8 +379,10 @@ class FastCheckpointStorage:
         moment = metadata.get("timestamp")
         if metadata.get("workflow") != workflow or not isinstance(moment, (int, float)):
             return None  # another workflow whose name hashes alike, or not one of ours
+        previous = metadata.get("previous_checkpoint_id")
         return _Listed(record.run_id[len(RUN_PREFIX):], float(moment), record.created_at,
-                       _ids.run_key(record.run_id), record.run_id)
+                       _ids.run_key(record.run_id), record.run_id,
+                       previous if isinstance(previous, str) else None)
 
     async def _read(self, entry: _Listed) -> WorkflowCheckpoint | None:
         found = await self._store.latest(entry.key, now=self._clock())
@@ -368,6 +399,19 @@ class FastCheckpointStorage:
             raise CorruptCheckpointError(
                 f"the checkpoint stored here is {checkpoint.checkpoint_id[:80]!r}", key=place)
         return checkpoint
+
+
+def _newest_first(listed: list[_Listed]) -> list[_Listed]:
+    """``listed`` (oldest first by timestamp) in the order ``get_latest`` prefers them: by
+    timestamp, newest first; among equal ones, first those no other of them names as its
+    parent (the lineage's leaves), each group by ``checkpoint_id``, greatest first."""
+    parents: dict[float, set[str]] = {}
+    for entry in listed:
+        if entry.previous is not None:
+            parents.setdefault(entry.moment, set()).add(entry.previous)
+    return sorted(listed, reverse=True, key=lambda entry: (
+        entry.moment, entry.checkpoint_id not in parents.get(entry.moment, ()),
+        entry.checkpoint_id))
 
 
 def workflow_label(workflow_name: str) -> str:

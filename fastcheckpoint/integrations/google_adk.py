@@ -34,6 +34,8 @@ import anyio
 import msgspec
 
 from fastcheckpoint._config import CheckpointConfig
+from fastcheckpoint._gather import gather
+from fastcheckpoint._settle import settled
 from fastcheckpoint.errors import (
     ConfigurationError,
     ConflictError,
@@ -314,7 +316,12 @@ class FastSessionService(BaseSessionService):
     async def append_event(self, session: Session, event: Event) -> Event:
         """Store ``event`` after the session's last one and apply its state change (to the
         session, and to the app's or the user's state for ``app:`` and ``user:`` keys;
-        ``temp:`` keys only to this ``session`` object). Partial events are not stored.
+        ``temp:`` keys only to this ``session`` object). Partial events are not stored, nor
+        is an event equal to one ``session`` holds (the same id and fields: a call made
+        again), as with ADK's in-memory service.
+
+        A cancelled call raises its cancellation before anything is stored or once the
+        event, its state changes and ``session`` are all updated: never in between.
 
         Raises ``google.adk.errors.StaleSessionError`` when the session changed in the
         store since ``session`` was read or last appended to (by another process or
@@ -327,26 +334,35 @@ class FastSessionService(BaseSessionService):
             return event
         self._apply_temp_state(session, event)
         event = self._trim_temp_delta_state(event)
-        deltas = _split(event.actions.state_delta)
-        entry = _encode_event(event)
         tracked = self._session_log(session.app_name, session.user_id, session.id)
         async with self._serialized(tracked.log.run_id):
-            head = await self._append_entry(session, tracked, entry, deltas.session)
-            if deltas.app:
-                await self._shared_state(self._app_log(session.app_name), deltas.app)
-            if deltas.user:
-                await self._shared_state(self._user_log(session.app_name, session.user_id),
-                                         deltas.user)
-            session.last_update_time = head.updated_at
-            _mark(session, _head(head))
-        return self._commit_event_to_session(session, event)
+            return await settled(self._append(session, event, tracked))
 
     # -- the session's log ------------------------------------------------------------------
 
+    async def _append(self, session: Session, event: Event, tracked: _Tracked) -> Event:
+        deltas = _split(event.actions.state_delta)
+        head = await self._append_entry(session, event, tracked, deltas.session)
+        if head is None:
+            return event
+        if deltas.app:
+            await self._shared_state(self._app_log(session.app_name), deltas.app)
+        if deltas.user:
+            await self._shared_state(self._user_log(session.app_name, session.user_id),
+                                     deltas.user)
+        session.last_update_time = head.updated_at
+        _mark(session, _head(head))
+        return self._commit_event_to_session(session, event)
+
     async def _append_entry(
-        self, session: Session, tracked: _Tracked, entry: bytes, delta: dict[str, Any]
-    ) -> LogHead:
+        self, session: Session, event: Event, tracked: _Tracked, delta: dict[str, Any]
+    ) -> LogHead | None:
+        """The session's head after storing ``event`` with ``delta`` applied to the
+        session's state; ``None`` when ``session`` holds that event already."""
         expected, stored_state = await self._expected_head(session, tracked)
+        if any(held.id == event.id and held == event for held in session.events):
+            return None
+        entry = _encode_event(event)
         state: bytes | None = None
         if delta:
             current = _decode_state(stored_state, tracked.log.run_id)
@@ -483,22 +499,8 @@ def _page_size(page_size: object) -> int:
 
 
 async def _read_all(*logs: EntryLog) -> list[LogView | None]:
-    """Read logs concurrently; the first failure is raised as it is (not in a group)."""
-    views: list[LogView | None] = [None] * len(logs)
-    failures: list[Exception] = []
-
-    async def read(index: int, log: EntryLog) -> None:
-        try:
-            views[index] = await log.read()
-        except Exception as exc:
-            failures.append(exc)
-
-    async with anyio.create_task_group() as group:
-        for index, log in enumerate(logs):
-            group.start_soon(read, index, log)
-    if failures:
-        raise failures[0]
-    return views
+    """Read logs concurrently; a failure is raised alone (not in a group)."""
+    return await gather([log.read for log in logs])
 
 
 def _selected(entries: list[bytes], config: GetSessionConfig | None) -> list[bytes]:

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import msgspec
 
@@ -35,6 +35,7 @@ from fastcheckpoint._codec import RunData
 from fastcheckpoint._config import CheckpointConfig
 from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import CheckpointStatus, RunInfo
+from fastcheckpoint._settle import settled
 from fastcheckpoint._validate import request_arg, text_arg
 from fastcheckpoint.errors import (
     CheckpointNotFound,
@@ -65,7 +66,6 @@ logger = logging.getLogger("fastcheckpoint.openai_agents")
 FRAMEWORK = "openai-agents"
 """``framework`` in a session's run metadata and in every approval request."""
 _SESSION_LABEL = "openai-agents:session"
-_T = TypeVar("_T")
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
 
@@ -158,7 +158,7 @@ class FastSession:
             return
         entries = [self._encode(item, index) for index, item in enumerate(items)]
         async with self._turn:
-            await _settled(self._log.append(entries))
+            await settled(self._log.append(entries))
 
     async def pop_item(self) -> TResponseInputItem | None:
         """Remove and return the newest item; ``None`` when the session is empty. A call
@@ -166,7 +166,7 @@ class FastSession:
         so that item is gone (as with the SDK's own sessions)."""
         while True:
             async with self._turn:
-                entry = await _settled(self._log.pop())
+                entry = await settled(self._log.pop())
             if entry is None:
                 return None
             item = self._decode(entry)
@@ -176,7 +176,7 @@ class FastSession:
     async def clear_session(self) -> None:
         """Remove the session and all its items."""
         async with self._turn:
-            await _settled(self._log.clear())
+            await settled(self._log.clear())
 
     async def aclose(self) -> None:
         """Close the store if this session opened it (a URL, or :meth:`from_env`)."""
@@ -442,24 +442,6 @@ class RunStateStore:
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-async def _settled(mutation: Awaitable[_T]) -> _T:
-    """Await a store mutation to its end even if the caller is cancelled meanwhile, so a
-    cancelled ``add_items`` or ``clear_session`` happened or did not, never "maybe"; the
-    cancellation is raised afterwards."""
-    task = asyncio.ensure_future(mutation)
-    cancelled: asyncio.CancelledError | None = None
-    while not task.done():
-        try:
-            await asyncio.wait((task,))
-        except asyncio.CancelledError as exc:
-            cancelled = cancelled or exc
-    if cancelled is not None:
-        if not task.cancelled():
-            task.exception()  # retrieved: the caller gets its cancellation instead
-        raise cancelled
-    return task.result()
 
 
 def _ttl(ttl_seconds: object, config: CheckpointConfig, store: CheckpointStore) -> float | None:

@@ -62,6 +62,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from fastcheckpoint import _ids
 from fastcheckpoint._config import RetryPolicy
+from fastcheckpoint._gather import gather, pair
 from fastcheckpoint.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -114,7 +115,7 @@ from fastcheckpoint.stores._dynamodb_provision import (
     provision_table,
 )
 from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop
-from fastcheckpoint.stores._s3_io import Bucket, gather, pair
+from fastcheckpoint.stores._s3_io import Bucket
 
 if TYPE_CHECKING:
     from aiobotocore.session import AioSession

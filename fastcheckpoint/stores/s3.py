@@ -68,6 +68,7 @@ from urllib.parse import parse_qsl, urlsplit
 import msgspec
 
 from fastcheckpoint._config import RetryPolicy
+from fastcheckpoint._gather import gather, pair
 from fastcheckpoint.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -105,8 +106,6 @@ from fastcheckpoint.stores._s3_io import (
     Bucket,
     Listed,
     Unchanged,
-    gather,
-    pair,
 )
 from fastcheckpoint.stores._s3_layout import (
     ItemBody,

@@ -53,7 +53,7 @@ from fastcheckpoint.integrations.agent_framework import (
 from fastcheckpoint.stores import MAX_LABEL_BYTES
 from tests._helpers import T0, FakeClock
 from tests.integrations import agent_framework_worker as worker
-from tests.integrations._langgraph_support import CountingStore
+from tests.integrations._langgraph_support import METHODS, CountingStore
 from tests.integrations.conftest import FreshStore
 
 pytestmark = pytest.mark.anyio
@@ -413,6 +413,116 @@ async def test_closes_only_the_store_it_opened(tmp_path: Path) -> None:
 # -- request budgets --------------------------------------------------------------------------
 
 
+class _Watched(CountingStore):
+    """A store whose every call first awaits ``before(method)`` (a reader in between, or
+    the process dying there)."""
+
+    def __init__(self, inner: Any, before: Callable[[str], Any]) -> None:
+        super().__init__(inner)
+        self.before = before
+
+
+def _watching(name: str) -> Callable[..., Any]:
+    async def watched(self: _Watched, *args: Any, **kwargs: Any) -> Any:
+        await self.before(name)
+        return await getattr(CountingStore, name)(self, *args, **kwargs)
+
+    return watched
+
+
+for _method in METHODS:
+    setattr(_Watched, _method, _watching(_method))
+
+
+class _Died(Exception):
+    """The saving process died before this store call."""
+
+
+async def test_replacing_a_checkpoint_leaves_the_old_or_the_new_one_at_every_moment(
+    fresh_store: FreshStore, clock: FakeClock
+) -> None:
+    """Between any two store calls of a save over an existing id, a reader finds the old
+    checkpoint or the new one (never none), and so does one after the saving process died
+    there; the details follow the checkpoint once the save returns."""
+    with anyio.fail_after(STORE_DEADLINE):
+        async with fresh_store() as store:
+            reader = FastCheckpointStorage(store, clock=clock)
+            seen: list[Any] = []
+            old = _checkpoint(timestamp=_at(1), state={"n": "old"})
+            await reader.save(old)
+
+            async def read_between(name: str) -> None:
+                seen.append((await reader.load(old.checkpoint_id)).state["n"])
+
+            writer = FastCheckpointStorage(_Watched(store, read_between), clock=clock)
+            new = _checkpoint(checkpoint_id=old.checkpoint_id, timestamp=_at(5),
+                              state={"n": "new"}, previous_checkpoint_id="parent")
+            await writer.save(new)
+            assert seen == ["old", "old", "old", "new"]  # before each of its 4 calls
+            _same(await reader.load(old.checkpoint_id), new)
+            assert await reader.list_checkpoint_ids(workflow_name="orders") == [
+                old.checkpoint_id]
+            latest = await reader.get_latest(workflow_name="orders")
+            assert latest is not None
+            assert latest.state == {"n": "new"}
+
+            for dies_at in range(4):
+                calls = 0
+
+                async def die(name: str, dies_at: int = dies_at) -> None:
+                    nonlocal calls
+                    calls += 1
+                    if calls > dies_at:
+                        raise _Died(name)
+
+                clock.advance(1)
+                dying = FastCheckpointStorage(_Watched(store, die), clock=clock)
+                again = _checkpoint(checkpoint_id=old.checkpoint_id, timestamp=_at(10),
+                                    state={"n": f"died at {dies_at}"})
+                with pytest.raises(_Died):
+                    await dying.save(again)
+                found = (await reader.load(old.checkpoint_id)).state["n"]
+                assert found in ("new", f"died at {dies_at - 1}", f"died at {dies_at}")
+                await reader.save(new)  # the next round replaces "new" again
+
+
+async def test_a_checkpoint_that_cannot_be_read_fails_a_listing_alone(clock: FakeClock) -> None:
+    """A listing raises the error of a checkpoint it cannot read (a type this process did
+    not declare) as it is, never in an ``ExceptionGroup``."""
+    with anyio.fail_after(DEADLINE):
+        store = MemoryStore()
+        await FastCheckpointStorage(store, checkpoint_types=TYPES, clock=clock).save(
+            _checkpoint(state={"order": Order("tea", 1, dt.datetime(2026, 1, 1))}))
+        await FastCheckpointStorage(store, clock=clock).save(_checkpoint(state={"n": 1}))
+        storage = FastCheckpointStorage(store, clock=clock)
+        with pytest.raises(SerializationError):
+            await storage.list_checkpoints(workflow_name="orders")
+
+
+async def test_latest_among_equal_timestamps_is_the_frameworks_choice(either: Made) -> None:
+    """Checkpoints of one superstep share a timestamp: the latest is the lineage's leaf,
+    then the greatest id, whatever order they were saved in."""
+    with anyio.fail_after(DEADLINE):
+        for order in ((0, 1, 2), (2, 1, 0), (1, 2, 0)):
+            storage = either()
+            parent = _checkpoint(timestamp=_at(5), checkpoint_id="m-parent")
+            child = _checkpoint(timestamp=_at(5), checkpoint_id="a-child",
+                                previous_checkpoint_id="m-parent")
+            sibling = _checkpoint(timestamp=_at(5), checkpoint_id="b-sibling",
+                                  previous_checkpoint_id="m-parent")
+            older = _checkpoint(timestamp=_at(1), checkpoint_id="z-older")
+            for index in order:
+                await storage.save((parent, child, sibling)[index])
+            await storage.save(older)
+            latest = await storage.get_latest(workflow_name="orders")
+            assert latest is not None
+            assert latest.checkpoint_id == "b-sibling"
+            await storage.delete("b-sibling")
+            latest = await storage.get_latest(workflow_name="orders")
+            assert latest is not None
+            assert latest.checkpoint_id == "a-child"
+
+
 async def test_request_budgets(clock: FakeClock) -> None:
     with anyio.fail_after(DEADLINE):
         store = CountingStore(MemoryStore())
@@ -432,7 +542,7 @@ async def test_request_budgets(clock: FakeClock) -> None:
         await storage.get_latest(workflow_name="orders")
         assert store.take() == {"runs_with_label": 1, "latest": 1}
         await storage.save(_checkpoint(checkpoint_id=rich.checkpoint_id))
-        assert store.take() == {"append": 2, "delete_run": 1}
+        assert store.take() == {"append": 2, "get_run": 1, "update_run": 1}
         await storage.delete(rich.checkpoint_id)
         assert store.take() == {"get_run": 1, "delete_run": 1}
 

@@ -4,6 +4,7 @@ stale sessions, shared state under concurrency, TTL, paging, costs in store call
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -27,6 +28,7 @@ from google.genai import types
 
 from fastcheckpoint.errors import ConfigurationError, SerializationError
 from fastcheckpoint.integrations import _google_adk_names as names
+from fastcheckpoint.integrations._entrylog import EntryLog
 from fastcheckpoint.integrations.google_adk import FastSessionService
 from fastcheckpoint.stores import MAX_LABEL_BYTES
 from fastcheckpoint.stores.memory import MemoryStore
@@ -113,6 +115,9 @@ async def _scenario(service: BaseSessionService, clock: FakeClock, seen: list[An
         clock.advance(1)
         made = event(delta, author="user" if number % 2 else "agent", text=f"message {number}")
         seen.append((await service.append_event(first, made)).model_dump(mode="json"))
+    # The same event once more (a call made again): neither stored nor applied twice.
+    again = first.events[-1].model_copy(deep=True)
+    seen.append((await service.append_event(first, again)).model_dump(mode="json"))
     partial = event({"count": 99}, text="typing")
     partial.partial = True
     await service.append_event(first, partial)
@@ -253,6 +258,66 @@ async def test_user_state_changes_from_two_sessions_all_land(
             assert {key for key in got.state if key.startswith("user:")} == {
                 f"user:{key}" for key in state}
             assert len(got.events) == 3
+
+
+@pytest.mark.parametrize("kind", ["memory", "file"])
+async def test_a_cancelled_append_stores_the_event_and_its_state_changes_or_nothing(
+    fresh_store: FreshStore, adk_clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncio's own cancellation (how ADK's runner cancels) at every point of an append
+    that changes the session's, the app's and the user's state: the event lands with all
+    three changes or with none, and the session object says which (so calling again stores
+    it once)."""
+    real_append = EntryLog.append
+
+    async def yielding(self: EntryLog, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0)  # room for a cancellation between the store calls
+        head = await real_append(self, *args, **kwargs)
+        await asyncio.sleep(0)
+        return head
+
+    monkeypatch.setattr(EntryLog, "append", yielding)
+    outcomes = set()
+    with anyio.fail_after(DEADLINE):
+        async with fresh_store() as store:
+            # Step by step through the append, then longer waits until one is not cut
+            # short (the file store's worker threads take a varying number of steps).
+            for delay in itertools.chain(range(40), (60 * 2 ** power for power in range(12))):
+                if ("returned", True) in outcomes:
+                    break
+                service = FastSessionService(store, clock=adk_clock)
+                session_id = f"s{delay}"
+                session = await service.create_session(
+                    app_name="app", user_id=f"u{delay}", session_id=session_id)
+                made = event({"n": delay, "app:last": delay, f"user:seen{delay}": True})
+                call = asyncio.ensure_future(service.append_event(session, made))
+                for _ in range(delay):
+                    await asyncio.sleep(0)
+                call.cancel()
+                try:
+                    await call
+                    outcome = "returned"
+                except asyncio.CancelledError:
+                    outcome = "cancelled"
+                stored = await FastSessionService(store, clock=adk_clock).get_session(
+                    app_name="app", user_id=f"u{delay}", session_id=session_id)
+                assert stored is not None
+                landed = bool(stored.events)
+                outcomes.add((outcome, landed))
+                # The app's state is shared by every session of the loop: only its value
+                # tells whether this event's change landed.
+                changes = (stored.state.get("n"), stored.state.get("app:last"),
+                           stored.state.get(f"user:seen{delay}"))
+                assert changes == ((delay, delay, True) if landed else
+                                   (None, changes[1], None))
+                assert landed or changes[1] != delay
+                assert len(session.events) == len(stored.events)
+                await service.append_event(session, made)  # again: stored once
+                stored = await service.get_session(
+                    app_name="app", user_id=f"u{delay}", session_id=session_id)
+                assert stored is not None
+                assert len(stored.events) == 1
+    assert outcomes == {("cancelled", False), ("cancelled", True), ("returned", True)}
 
 
 # -- TTL -----------------------------------------------------------------------------------------

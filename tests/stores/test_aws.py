@@ -16,9 +16,10 @@ import anyio
 import pytest
 
 from fastcheckpoint._config import RetryPolicy
+from fastcheckpoint._gather import gather, pair
 from fastcheckpoint.errors import ConfigurationError, StoreError, StoreUnavailableError
 from fastcheckpoint.stores._aws import AwsEndpoint, RequestCounter, open_client
-from fastcheckpoint.stores._s3_io import UNCHANGED, Bucket, gather, pair
+from fastcheckpoint.stores._s3_io import UNCHANGED, Bucket
 from tests.stores._moto import REGION, moto_endpoint, unique_name
 
 __all__ = ["moto_endpoint"]

@@ -1,0 +1,50 @@
+"""Changes awaited to their end whatever cancels the caller meanwhile.
+
+A change that several store calls make (an event and the state it changes, a clean-up after a
+failed write) must not be cut short between two of them by the caller's cancellation. anyio's
+shield (``CancelScope(shield=True)``) holds back anyio's and trio's cancellations, but not
+asyncio's own (``task.cancel()``, ``asyncio.wait_for``, ``asyncio.timeout``; LangGraph, the
+OpenAI Agents SDK and ADK cancel that way): those interrupt whatever the task awaits, shield
+or not. :func:`settled` runs the change as a task of its own on asyncio and waits for it
+through both kinds; the caller's cancellation is raised once the change has ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import anyio
+import anyio.lowlevel
+
+from fastcheckpoint.stores._loops import running_library
+
+__all__ = ["settled"]
+
+_T = TypeVar("_T")
+
+
+async def settled(change: Awaitable[_T]) -> _T:
+    """Await ``change`` to its end even if the caller is cancelled meanwhile, then raise the
+    cancellation (what ``change`` returned or raised is dropped for it); otherwise return
+    what ``change`` returns, or raise what it raises."""
+    if running_library() != "asyncio":
+        with anyio.CancelScope(shield=True):
+            result = await change
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        return result
+    task = asyncio.ensure_future(change)
+    cancelled: asyncio.CancelledError | None = None
+    with anyio.CancelScope(shield=True):  # anyio's own cancellations wait outside
+        while not task.done():
+            try:
+                await asyncio.wait((task,))
+            except asyncio.CancelledError as exc:  # asyncio's own: once each
+                cancelled = cancelled or exc
+    if cancelled is not None:
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller gets its cancellation instead
+        raise cancelled
+    await anyio.lowlevel.checkpoint_if_cancelled()  # anyio's, held back meanwhile
+    return task.result()

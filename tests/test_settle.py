@@ -1,0 +1,89 @@
+"""Changes awaited to their end: a cancellation that arrives while one runs (asyncio's own,
+anyio's, trio's) is raised once it has ended, never in between; results and errors pass
+through when nothing cancels."""
+
+from __future__ import annotations
+
+import asyncio
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from fastcheckpoint._settle import settled
+
+pytestmark = pytest.mark.anyio
+
+
+class _Change:
+    """Two steps with a wait between them, recording how far it got."""
+
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+        self.between = anyio.Event()
+        self.go_on = anyio.Event()
+
+    async def run(self) -> str:
+        self.steps.append("first")
+        self.between.set()
+        await self.go_on.wait()
+        await anyio.lowlevel.checkpoint()
+        self.steps.append("second")
+        return "done"
+
+
+async def test_what_the_change_returns_or_raises_passes_through() -> None:
+    async def fails() -> None:
+        raise KeyError("the change's own")
+
+    async def returns() -> int:
+        await anyio.lowlevel.checkpoint()
+        return 7
+
+    assert await settled(returns()) == 7
+    with pytest.raises(KeyError, match="the change's own"):
+        await settled(fails())
+
+
+async def test_an_anyio_cancellation_is_raised_once_the_change_has_ended() -> None:
+    change = _Change()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            scope = anyio.CancelScope()
+
+            async def caller() -> None:
+                with scope:
+                    await settled(change.run())
+
+            group.start_soon(caller)
+            await change.between.wait()
+            scope.cancel()
+            await anyio.sleep(0.01)
+            assert change.steps == ["first"]  # still running, not cut short
+            change.go_on.set()
+    assert change.steps == ["first", "second"]
+    assert scope.cancelled_caught
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("how", ["task.cancel", "wait_for", "twice"])
+async def test_asyncios_own_cancellations_wait_for_the_change(anyio_backend: str, how: str) -> None:
+    change = _Change()
+    with anyio.fail_after(10):
+        if how == "wait_for":
+            waiting = asyncio.ensure_future(asyncio.wait_for(settled(change.run()), 0.001))
+        else:
+            waiting = asyncio.ensure_future(settled(change.run()))
+            await change.between.wait()
+            waiting.cancel()
+            await asyncio.sleep(0.01)
+            if how == "twice":
+                waiting.cancel()  # a second cancellation is absorbed too
+        await change.between.wait()
+        await asyncio.sleep(0.01)
+        assert change.steps == ["first"]
+        assert not waiting.done()
+        change.go_on.set()
+        with pytest.raises((asyncio.CancelledError, TimeoutError)):
+            await waiting
+    assert change.steps == ["first", "second"]
