@@ -40,6 +40,7 @@ from fastcheckpoint._model import (
     RunInfo,
     StatusChange,
 )
+from fastcheckpoint._settle import settled
 from fastcheckpoint._threads import in_worker_thread
 from fastcheckpoint._urls import store_url_from_env, ttl_seconds_from_days
 from fastcheckpoint._validate import (
@@ -245,14 +246,18 @@ class CheckpointManager:
             return
         scope, finished = cleanup
         scope.cancel()
-        with anyio.CancelScope(shield=True):
-            await finished.wait()
-        self._cleanup_task = None
+        try:
+            await settled(finished.wait())
+        finally:
+            self._cleanup_task = None
 
     async def aclose(self) -> None:
-        """Stop the cleanup loop and close the store (which closes only what it created)."""
-        await self.stop()
-        await self._store.aclose()
+        """Stop the cleanup loop and close the store (which closes only what it created),
+        also when the call is cancelled meanwhile."""
+        try:
+            await self.stop()
+        finally:
+            await settled(self._store.aclose())
 
     async def __aenter__(self) -> CheckpointManager:
         await self.start()

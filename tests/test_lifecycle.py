@@ -6,6 +6,7 @@ its effect by polling under a deadline, and expiry comes from moving a fake cloc
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -230,3 +231,42 @@ async def test_aclose_stops_the_loop_and_closes_the_store(
 
     assert task_ids() == before
     assert counting.closed is True
+
+
+class _SlowToStop(CountingStore):
+    """A cleanup pass that, cancelled, finishes what it does first (a batch in flight)."""
+
+    def __init__(self, inner: CheckpointStore) -> None:
+        super().__init__(inner)
+        self.purging = anyio.Event()
+
+    async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
+        self.purging.set()
+        try:
+            await anyio.sleep(10)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.05)
+        return 0, True
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_aclose_cancelled_by_asyncio_still_ends_the_loop_and_closes_the_store(
+    anyio_backend: str, store: CheckpointStore, clock: FakeClock
+) -> None:
+    """asyncio's own cancellation (``task.cancel()``, ``wait_for``), which anyio's shields
+    do not hold back, arriving while ``aclose`` waits for the loop: the loop has ended and
+    the store is closed when the cancellation is raised."""
+    slow = _SlowToStop(store)
+    manager = CheckpointManager(slow, config=make_config(clock, cleanup_interval=FAST_LOOP))
+    with anyio.fail_after(10):
+        before = task_ids()
+        await manager.start()
+        await slow.purging.wait()
+        closing = asyncio.ensure_future(manager.aclose())
+        await asyncio.sleep(0.01)  # aclose is waiting for the loop to end
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert slow.closed is True
+        assert task_ids() == before

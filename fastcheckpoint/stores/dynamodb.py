@@ -63,6 +63,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from fastcheckpoint import _ids
 from fastcheckpoint._config import RetryPolicy
 from fastcheckpoint._gather import gather, pair
+from fastcheckpoint._settle import settled
 from fastcheckpoint.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -966,13 +967,12 @@ class DynamoDBStore(ExpiryCleanup):
             return
         lowering = [items_layout.counter_change(run_key, key, -count)
                     for key, count in additions.pinned.items()]
-        with anyio.CancelScope(shield=True):
-            try:
-                await self._guarded_deletes(lowering)
-            except Exception:
-                logger.warning("run %s: could not lower %d counts an append raised before it "
-                               "failed; their shared items stay until the run goes", run_key,
-                               len(lowering), exc_info=True)
+        try:
+            await settled(self._guarded_deletes(lowering))
+        except Exception:
+            logger.warning("run %s: could not lower %d counts an append raised before it "
+                           "failed; their shared items stay until the run goes", run_key,
+                           len(lowering), exc_info=True)
 
     def _checkpoint_item(
         self, run_key: str, record: StoredCheckpoint, token: str
@@ -1607,14 +1607,16 @@ class DynamoDBStore(ExpiryCleanup):
     async def _discard_blobs(self, keys: Sequence[str]) -> None:
         if not keys:
             return
-        with anyio.CancelScope(shield=True):
-            try:
-                await (await self._bucket()).delete(list(keys))
-            except Exception:
-                logger.warning(
-                    "could not delete %d S3 blobs (first %s); purge_expired removes orphans "
-                    "when it next visits the run", len(keys), keys[0], exc_info=True,
-                )
+        try:
+            await settled(self._delete_blobs(keys))
+        except Exception:
+            logger.warning(
+                "could not delete %d S3 blobs (first %s); purge_expired removes orphans "
+                "when it next visits the run", len(keys), keys[0], exc_info=True,
+            )
+
+    async def _delete_blobs(self, keys: Sequence[str]) -> None:
+        await (await self._bucket()).delete(list(keys))
 
     async def _guarded_deletes(self, deletes: list[dict[str, Any]]) -> None:
         """Deletes in transactions of up to 100, dropping those whose condition fails (a
@@ -1947,6 +1949,12 @@ class DynamoDBStore(ExpiryCleanup):
         return [held for held in found if held is not None]
 
     async def delete_run(self, run_key: str) -> int:
+        # Many requests: a cancellation waits for them all (settled), so a cancelled call
+        # leaves the run whole or gone, never partly deleted; a crash midway leaves it
+        # visible, and delete_run again finishes it.
+        return await settled(self._delete_run(run_key))
+
+    async def _delete_run(self, run_key: str) -> int:
         pk = layout.partition(run_key)
         found = await self._partition(run_key, "inc", "cid", *_RECORD_ATTRIBUTES)
         self._cache.pop(run_key, None)

@@ -131,6 +131,10 @@ _TRANSIENT = (
     OSError,
     asyncio.TimeoutError,
 )
+_STUCK = "cannot switch to state"
+"""asyncpg's InternalClientError for a pooled connection whose server process was killed
+while the connection was being made: the pool hands it out once more and it refuses the
+statement before sending it (the pool then replaces it), so trying again is safe."""
 # InternalClientError: asyncpg's protocol errors and its stale type cache after a schema
 # change under a running application (OutdatedSchemaCacheError).
 _DRIVER_ERRORS = (pg_errors.PostgresError, pg_errors.InterfaceError,
@@ -233,6 +237,12 @@ def _page_size(limit: object) -> int:
         raise ValidationError(f"limit must be an int, got {type(limit).__name__}")
     return max(0, min(limit, 2**31 - 2))
 
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether trying ``exc``'s statement again may succeed (see :data:`_TRANSIENT`)."""
+    return isinstance(exc, _TRANSIENT) or (
+        isinstance(exc, pg_errors.InternalClientError) and str(exc).startswith(_STUCK))
 
 class PostgresStore(ExpiryCleanup):
     """Checkpoints in PostgreSQL 13+ (tested on 15), through asyncpg.
@@ -403,14 +413,12 @@ class PostgresStore(ExpiryCleanup):
                 return rows
             except ConfigurationError:
                 raise
-            except _TRANSIENT as exc:
-                if attempt >= self._retry.max_retries:
+            except _DRIVER_ERRORS as exc:
+                if not _transient(exc) or attempt >= self._retry.max_retries:
                     self._raise(exc, what)
                 _log.info("%s: %s failed (%s); retrying", self._where, what, exc)
                 await anyio.sleep(self._retry.delay(attempt))
                 attempt += 1
-            except _DRIVER_ERRORS as exc:
-                self._raise(exc, what)
 
     async def _row(self, what: str, sql: str, *args: Any) -> asyncpg.Record | None:
         rows = await self._fetch(what, sql, *args)
@@ -452,7 +460,7 @@ class PostgresStore(ExpiryCleanup):
                 f"{_REMEDY}", key=f"{self._names['checkpoints']}") from exc
         if isinstance(exc, pg_errors.ProgramLimitExceededError):
             raise ValidationError(f"{where} refused {what}: {exc}") from exc
-        if isinstance(exc, _TRANSIENT):
+        if _transient(exc):
             raise StoreUnavailableError(
                 f"{where} is unavailable during {what} after {self._retry.max_retries} "
                 f"retries ({type(exc).__name__}: {exc}); check that the server is running and "
@@ -951,13 +959,11 @@ class PostgresStore(ExpiryCleanup):
                 return await self._provision_once()
             except ConfigurationError:
                 raise
-            except _TRANSIENT as exc:
-                if attempt >= self._retry.max_retries:
+            except _DRIVER_ERRORS as exc:
+                if not _transient(exc) or attempt >= self._retry.max_retries:
                     self._raise(exc, "provision")
                 await anyio.sleep(self._retry.delay(attempt))
                 attempt += 1
-            except _DRIVER_ERRORS as exc:
-                self._raise(exc, "provision")
 
     async def _provision_once(self) -> list[str]:
         """One connection of its own (the pools check the schema this creates)."""

@@ -944,24 +944,22 @@ class S3Store(ExpiryCleanup):
         assert state is not None
         assert log is not None
         assert etag is not None
+        # The shared items first, in a round trip of their own: a checkpoint is committed
+        # only once every value it writes is in place, so a writer stopped between the two
+        # (cancelled, killed) never leaves a committed checkpoint that reads as damaged.
+        # Each is named by its key, so one written by an append that then loses the
+        # sequence is the value the winner names too (and one named by no checkpoint goes
+        # with the next sweep).
+        written = _SharedWrite() if not shared else await self._put_shared(
+            io, run_key, slot, shared, now)
         # The commit (create-only at the sequence: the check against other writers) and, in
         # the same round trip, the check against the run: is its object still the one this
-        # process knows? An unchanged one costs a 304 without a body. The shared items go
-        # with them: each is named by its key, so one written by an append that then loses
-        # the sequence is the value the winner names too.
-        slot_etag, (seen, written) = await pair(
+        # process knows? An unchanged one costs a 304 without a body.
+        slot_etag, seen = await pair(
             functools.partial(self._commit, io, run_key, slot, keep_latest, now),
-            functools.partial(
-                pair,
-                functools.partial(_error_as_value, io.get_if_changed,
-                                  layout.run_object(run_key), etag),
-                functools.partial(_error_as_value, self._put_shared, io, run_key, slot,
-                                  shared, now),
-            ),
+            functools.partial(_error_as_value, io.get_if_changed,
+                              layout.run_object(run_key), etag),
         )
-        if isinstance(written, CheckpointError):
-            await self._withdraw(io, run_key, slot, slot_etag)
-            raise written
         status = await self._confirm(io, run_key, slot, slot_etag, seen, state, keep_latest, now)
         prune = functools.partial(self._prune, io, run_key, cached, log, slot, keep_latest, now)
         if slot.refs or owned:

@@ -4,6 +4,7 @@ duplicated or misattributed, and every failure is one of our errors."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 from typing import Any
@@ -114,6 +115,39 @@ async def test_purge_racing_a_restart_leaves_the_new_incarnation_alone(
                 "new-free": b"value-new-free", "new-owned": b"value-new-owned"}
             assert await _raw_item(store, key, layout.owned_sk(0, "new-owned")) is not None
             await other.delete_run(key)
+
+
+async def test_a_cancelled_delete_run_leaves_the_run_whole_or_gone(
+    store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``delete_run`` takes several requests (a batch per 25 records, then the run item): an
+    asyncio cancellation between two of them is raised once the run is gone, never with it
+    partly deleted (its newest checkpoints gone, its record still counting them)."""
+    run = make_run("cancelled-delete")
+    key = key_of(run)
+    written = store._batch_write
+    batch_done = asyncio.Event()
+
+    async def slow_batches(requests: list[dict[str, Any]]) -> None:
+        await written(requests)
+        batch_done.set()
+        await asyncio.sleep(0.05)  # room for the caller's cancellation before the next one
+
+    with anyio.fail_after(DEADLINE):
+        for sequence in range(30):
+            await store.append(key, make_checkpoint(run, sequence), run=run, keep_latest=None,
+                               now=T0)
+        monkeypatch.setattr(store, "_batch_write", slow_batches)
+        deleting = asyncio.ensure_future(store.delete_run(key))
+        await batch_done.wait()
+        deleting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await deleting
+        assert await store.get_run(key, now=T0) is None
+        assert await store.latest(key, now=T0) is None
+        following = make_run("cancelled-delete", created_at=T0 + 1)
+        assert await store.append(key, make_checkpoint(following, 0), run=following,
+                                  keep_latest=None, now=T0 + 1) == "active"
 
 
 async def test_delete_run_leaves_the_blobs_of_a_run_started_after_it_alone(

@@ -333,3 +333,62 @@ async def test_a_terminated_connection_without_retries_is_a_typed_error_and_writ
     assert again.metadata.sequence == 2  # the failed create consumed no number
     assert restored is not None
     assert restored.state == state_for("again")
+
+
+async def test_connections_killed_over_and_over_are_retried_and_lose_nothing(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    """Every server process of the store's pool terminated every 20 milliseconds while it
+    creates and restores: calls are retried (asyncpg hands out a connection whose process
+    died while it was being made, which refuses the statement before sending it), so each
+    returns or raises ``StoreUnavailableError``, never another error; every acknowledged
+    create restores; once the terminations stop, every call succeeds."""
+    tag = f"fc-storm-{os.getpid()}-{random.randrange(1 << 30)}"
+    store = PostgresStore.from_url(
+        f"{postgres.url()}?schema={schema}&application_name={tag}",
+        retry=RetryPolicy(base_delay=0.001, max_delay=0.005, max_retries=30))
+    manager = CheckpointManager(store)
+    admin = await asyncpg.connect(postgres.url())
+    unexpected: list[BaseException] = []
+    acknowledged: dict[int, Checkpoint] = {}
+    terminations = 0
+
+    async def terminate(stop: anyio.Event) -> None:
+        nonlocal terminations
+        while not stop.is_set():
+            terminations += await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = $1", tag)
+            await anyio.sleep(0.02)
+
+    async def calls(worker: int) -> None:
+        for number in range(8):
+            try:
+                made = await manager.create(f"storm-{worker}", state_for(f"{number}"))
+                acknowledged[worker * 100 + number] = made
+                await manager.restore(f"storm-{worker}")
+            except StoreUnavailableError:
+                pass  # retries ran out: allowed, and nothing acknowledged
+            except Exception as exc:  # what is under test: no other error
+                unexpected.append(exc)
+
+    try:
+        with anyio.fail_after(120):
+            stop = anyio.Event()
+            async with anyio.create_task_group() as killer:
+                killer.start_soon(terminate, stop)
+                async with anyio.create_task_group() as group:
+                    for worker in range(3):
+                        group.start_soon(calls, worker)
+                stop.set()
+            for made in acknowledged.values():
+                restored = await manager.restore_from(made.checkpoint_id)
+                assert restored.state == made.state
+            for worker in range(3):
+                await manager.create(f"storm-{worker}", state_for("after"))
+    finally:
+        await admin.close()
+        await store.aclose()
+    assert terminations > 10
+    assert unexpected == []
+    assert acknowledged  # the storm let some calls through: their restores were checked

@@ -262,7 +262,8 @@ async def test_request_counts_per_operation(s3_store: S3Store) -> None:
 
 async def test_request_counts_of_checkpoints_with_items(s3_store: S3Store) -> None:
     """The budget of ``SupportsSharedItems``: an append with items takes two round trips
-    like any append, a read with items three (the head, the slot, then every item it names
+    like any append, three when it writes shared items (they land before the commit), a
+    read with items three (the head, the slot, then every item it names
     or owns at once), a write of owned items two. Nothing is nested under the names (as with
     the LangGraph saver's): no listing of what is nested under them."""
     run = make_run("items-budget")
@@ -292,9 +293,9 @@ async def test_request_counts_of_checkpoints_with_items(s3_store: S3Store) -> No
         stored = await s3_store.get_items(key, ["b/a", "b/b", "b/c", "b/d", "w/0", "w/1"],
                                           now=T0)
 
-    # Round trip 1: the slot (create-only), the run object (304) and each new shared item
-    # (create-only). Round trip 2: the marker, each owned item with its marker, and the
-    # sweep lease (GET: is a cleanup deleting what the checkpoint names?).
+    # Round trip 1: each new shared item (create-only). Round trip 2: the slot (create-only)
+    # and the run object (304). Round trip 3: the marker, each owned item with its marker,
+    # and the sweep lease (GET: is a cleanup deleting what the checkpoint names?).
     assert appended.counts == {"PutObject": 5, "GetObject": 2}
     # Then pruning, once the append stands: the floor (1 PUT) and one DeleteObjects.
     assert pruning.counts == {"PutObject": 6, "GetObject": 2, "DeleteObjects": 1}

@@ -4,6 +4,7 @@ of concurrent requests."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import secrets
@@ -326,6 +327,43 @@ async def test_a_create_whose_check_fails_leaves_no_checkpoint(
     assert sum(1 for key in keys if re.fullmatch(r"runs/[a-z2-7]+/c/\d{19}", key)) == 1
     assert following is not None
     assert following.metadata.sequence == 1
+
+
+_ITEM_PUT = re.compile(r"^PUT \S*/items/[a-z2-7]+/[0-9a-f]+(\?|$)")
+
+
+async def test_a_create_stopped_before_its_log_part_landed_leaves_no_checkpoint(
+    faulty_proxy: type[_FaultyProxy], proxied: S3Store, direct: S3Store
+) -> None:
+    """A create whose ``messages`` log part has not landed when its writer stops (killed, or
+    cancelled by asyncio) has not committed: the run reads as it was, never as a newest
+    checkpoint naming a part that is not there."""
+    with anyio.fail_after(DEADLINE):
+        manager = _manager(proxied, history_min_entries=2)
+        messages = [{"role": "user", "content": f"m{number}"} for number in range(3)]
+        await manager.create("stopped", {"n": 0}, messages=messages)
+        gate = faulty_proxy.hold(_ITEM_PUT)
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as group:
+                group.start_soon(functools.partial(
+                    manager.create, "stopped", {"n": 1},
+                    messages=[*messages, {"role": "assistant", "content": "m3"}]))
+                await gate.reached()
+                await anyio.sleep(0.3)  # what was sent alongside the part has landed
+                # Another process now (the writer is as good as dead: its part never lands).
+                fresh = await _manager(direct).restore("stopped")
+                scope.cancel()
+        gate.release.set()
+        assert fresh is not None
+        assert fresh.state == {"n": 0}
+        assert fresh.messages == messages
+        assert fresh.metadata.sequence == 0
+        following = await manager.create(
+            "stopped", {"n": 2}, messages=[*messages, {"role": "user", "content": "m4"}])
+        assert following.metadata.sequence == 1
+        again = await _manager(direct).restore("stopped")
+        assert again is not None
+        assert again.state == {"n": 2}
 
 
 async def test_a_failed_create_keeps_its_slot_once_another_writer_appended_after_it(
