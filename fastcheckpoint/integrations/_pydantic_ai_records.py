@@ -19,6 +19,7 @@ Layout (every address is a run key, a hash, so no id reaches a path or key as it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import OrderedDict
@@ -51,12 +52,25 @@ _V = TypeVar("_V")
 
 class Known(msgspec.Struct, frozen=True):
     """Where a conversation's record with ``revision`` was seen: what a write or delete
-    expecting that revision proposes, without reading it again."""
+    expecting that revision proposes, without reading it again; and its title and metadata
+    there, which a save of the conversation keeps."""
 
     revision: str
     incarnation: str
     sequence: int
     family: str
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
+    """The record's :data:`DETAILS` fields as stored."""
+
+
+DETAILS = frozenset(field.name for field in dataclasses.fields(ConversationRecord)) & {
+    "title", "metadata"}
+"""The fields of a record that ``update`` changes and a save keeps (none in Pydantic AI
+releases from before titles)."""
+
+
+def details_of(record: ConversationRecord) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in DETAILS}
 
 
 class Lru(Generic[_K, _V]):

@@ -14,7 +14,8 @@ read when the revision it expects is not the one this process last read or wrote
 conversation adds 1 (its family), a fork 2 (its anchor entry, the release check);
 ``delete_record`` 2 (the conditional delete, the family's members), or, for the family's last
 conversation, 2 more (a release marker, the members again) and the family's entries;
-``read_records`` 1 per 100 conversations listed, then 1 per record returned.
+``read_records`` 1 per 100 conversations listed, then 1 per record returned;
+``write_details`` (``update``: a title, metadata) 2.
 
 Needs ``pip install 'fastcheckpoint[pydantic-ai]'`` and a store with labels (every bundled
 store).
@@ -22,10 +23,11 @@ store).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from fastcheckpoint import _ids
 from fastcheckpoint._codec import Codec, Header, RunData
@@ -74,6 +76,9 @@ _FAMILY_GRACE_SECONDS = 3600.0
 """``cleanup_expired`` leaves families younger than this: their first conversation may be
 between registering the family and writing its record."""
 _KNOWN = 10_000
+_SAVE_ATTEMPTS = 16
+"""Saves of one revision that a change of the conversation's title or metadata (which
+keeps the revision) may overtake in a row before the save is refused."""
 _ENTRIES = 4_096
 _CACHED_ENTRY_BYTES = 256 * 1024
 """Larger entries (a message with an image, say) are read from the store each time."""
@@ -198,10 +203,14 @@ class FastConversationStore(ConversationStore):
         new_entries: Sequence[ConversationEntry] = (),
         expected_revision: str | None,
     ) -> None:
+        """Store ``record`` in place of the one with ``expected_revision`` (``None``: a new
+        conversation), keeping the stored record's title and metadata (:meth:`write_details`
+        changes those, and a save that read the record before does not undo them)."""
         conversation_id = record.conversation_id
         key = _ids.key_of(records.run_id_of(conversation_id))
         now = self._now()
         joined = False
+        known: Known | None = None
         if expected_revision is None:
             family, joined = await self._family_of_new(record, new_entries, now)
             incarnation, sequence = _ids.new_incarnation(), 0
@@ -210,22 +219,80 @@ class FastConversationStore(ConversationStore):
             family, incarnation, sequence = known.family, known.incarnation, known.sequence + 1
         if new_entries:
             await self._put_entries(family, new_entries, now)
-        checkpoint = self._checkpoint(key, record, family, incarnation, sequence, now)
-        seed = self._seed(conversation_id, record, family, incarnation, checkpoint)
-        try:
-            await self._store.append(key, checkpoint, run=seed, keep_latest=1, now=now)
-        except SequenceConflict as exc:
-            self._known.pop(conversation_id)
-            await self._discard(family, new_entries)
-            if expected_revision is None and not joined:  # the family this write registered
-                await self._store.delete_items(records.FAMILIES_KEY, [family])
-            raise ConversationConflict(conversation_id) from exc
-        known = Known(record.revision, incarnation, sequence, family)
+        for attempt in range(_SAVE_ATTEMPTS):
+            if known is not None:
+                record = dataclasses.replace(record, **known.details)
+            checkpoint = self._checkpoint(key, record, family, incarnation, sequence, now)
+            seed = self._seed(conversation_id, record, family, incarnation, checkpoint)
+            try:
+                await self._store.append(key, checkpoint, run=seed, keep_latest=1, now=now)
+                break
+            except SequenceConflict as exc:
+                self._known.pop(conversation_id)
+                if known is not None and attempt + 1 < _SAVE_ATTEMPTS:
+                    # A change of the title or metadata keeps the revision and moves the
+                    # record on: look again, and save over it with what it holds now.
+                    await self.read_record(conversation_id)
+                    fresh = self._known.get(conversation_id)
+                    if fresh is not None and (fresh.revision, fresh.incarnation,
+                                              fresh.family) == (expected_revision,
+                                                                incarnation, family):
+                        known, sequence = fresh, fresh.sequence + 1
+                        continue
+                await self._discard(family, new_entries)
+                if expected_revision is None and not joined:  # the family this write registered
+                    await self._store.delete_items(records.FAMILIES_KEY, [family])
+                raise ConversationConflict(conversation_id) from exc
+        known = Known(record.revision, incarnation, sequence, family, records.details_of(record))
         self._known.put(conversation_id, known)
         if joined and await self._releasing(family, now):
             self._known.pop(conversation_id)
             await self._delete_checkpoint(key, known)
             raise ConversationConflict(conversation_id)
+
+    async def write_details(
+        self,
+        conversation_id: str,
+        details: Mapping[str, Any],
+        *,
+        expected_revision: str,
+        expected: Mapping[str, Any] | None = None,
+    ) -> ConversationRecord:
+        """Replace the record's ``title`` or ``metadata`` (the keys of ``details``), keeping
+        its revision and ``updated_at``, if it still has ``expected_revision`` and the values
+        of ``expected``; else ``ConversationConflict``. One read and one compare-and-set
+        append: a save or another change landing in between refuses it (Pydantic AI's
+        ``update`` then reads and tries again). A change counts for the TTL as a save."""
+        unknown = sorted((set(details) | set(expected or ())) - records.DETAILS)
+        if unknown:
+            raise ValidationError(
+                f"a conversation record has no {unknown[0]!r} that an update can change")
+        key = _ids.key_of(records.run_id_of(conversation_id))
+        now = self._now()
+        found = await self._store.latest(key, now=now)
+        if found is None:
+            self._known.pop(conversation_id)
+            raise ConversationConflict(conversation_id)
+        record, known = self._decoded(found[0], conversation_id)
+        self._known.put(conversation_id, known)
+        if record.revision != expected_revision or any(
+                getattr(record, name) != value for name, value in (expected or {}).items()):
+            raise ConversationConflict(conversation_id)
+        changed = dataclasses.replace(record, **details)
+        sequence = known.sequence + 1
+        checkpoint = self._checkpoint(key, changed, known.family, known.incarnation, sequence,
+                                      now)
+        seed = self._seed(conversation_id, changed, known.family, known.incarnation, checkpoint)
+        try:
+            await self._store.append(key, checkpoint, run=seed, keep_latest=1, now=now)
+        except SequenceConflict as exc:
+            self._known.pop(conversation_id)
+            raise ConversationConflict(conversation_id) from exc
+        stored, _ = self._decoded(checkpoint, conversation_id)  # a copy, as stored
+        self._known.put(conversation_id, Known(
+            stored.revision, known.incarnation, sequence, known.family,
+            records.details_of(stored)))
+        return stored
 
     async def delete_record(self, conversation_id: str, *, expected_revision: str) -> None:
         """Delete the conversation; its entries stay while another conversation of its family
@@ -266,7 +333,8 @@ class FastConversationStore(ConversationStore):
         if parsed is None or record.conversation_id != conversation_id:
             raise CorruptCheckpointError(
                 f"this is not the record of conversation {conversation_id[:80]!r}", key=where)
-        return record, Known(record.revision, parsed[1], parsed[2], family)
+        return record, Known(record.revision, parsed[1], parsed[2], family,
+                             records.details_of(record))
 
     async def _expecting(self, conversation_id: str, revision: str) -> Known:
         """Where the record with ``revision`` is; ``ConversationConflict`` if it is not the

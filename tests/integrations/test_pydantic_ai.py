@@ -187,10 +187,60 @@ async def _primitives_hold(store: ConversationStore) -> None:
     assert await store.read_records(limit=0) == []
 
 
+async def _titles_and_metadata_are_kept(store: ConversationStore) -> None:
+    """``update`` as Pydantic AI documents it: a title set only where there is none
+    (``expected_title=None``), metadata replaced and cleared, the revision unchanged, and
+    neither undone by a save, also one that read the record before the update."""
+    chat = Conversation(conversation_id="titled", messages=_turns("hi"))
+    await store.save(chat)
+    before = await store.load("titled")  # read before the update: saved after it
+    assert before is not None
+    titled = await store.update("titled", title="Greeting", expected_title=None)
+    assert (titled.title, titled.revision) == ("Greeting", chat.revision)
+    with pytest.raises(ConversationConflict):
+        await store.update("titled", title="Another", expected_title=None)
+    tagged = await store.update("titled", metadata={"tags": ["a"], "n": 1})
+    assert (tagged.title, tagged.metadata) == ("Greeting", {"tags": ["a"], "n": 1})
+    before.messages += _turns("more")
+    await store.save(before)
+    after = await store.read_record("titled")
+    assert after is not None
+    assert (after.title, after.metadata, after.revision) == (
+        "Greeting", {"tags": ["a"], "n": 1}, before.revision)
+    assert _texts(await store.load("titled")) == ["hi", "re: hi", "more", "re: more"]
+    cleared = await store.update("titled", title=None, metadata=None, expected_title="Greeting")
+    assert (cleared.title, cleared.metadata) == (None, None)
+    assert await store.update("titled") == cleared  # nothing to change: the record as it is
+    with pytest.raises(UserError):
+        await store.update("nobody", title="x")
+    with pytest.raises(UserError):
+        await store.update("titled", title="x", scope="elsewhere")
+    await store.delete("titled")
+
+
+async def _a_save_after_another_process_changed_the_title_keeps_it(
+    store: CheckpointStore,
+) -> None:
+    """A process that saved a conversation saves it again after another process changed its
+    title (its record moved on, at the same revision): the save lands and keeps the title."""
+    async with FastConversationStore(store) as first, FastConversationStore(store) as second:
+        chat = Conversation(conversation_id="two-titles", messages=_turns("hi"))
+        await first.save(chat)
+        await second.update("two-titles", title="From the other process")
+        chat.messages += _turns("again")
+        await first.save(chat)
+        record = await second.read_record("two-titles")
+        assert record is not None
+        assert (record.title, record.revision) == ("From the other process", chat.revision)
+        assert _texts(await second.load("two-titles")) == ["hi", "re: hi", "again", "re: again"]
+        await second.delete("two-titles")
+
+
 async def test_the_contract_checks_hold_for_pydantic_ai_own_store() -> None:
     with anyio.fail_after(10):
         await _behaves_like_a_conversation_store(InMemoryConversationStore())
         await _primitives_hold(InMemoryConversationStore())
+        await _titles_and_metadata_are_kept(InMemoryConversationStore())
 
 
 async def test_conversations_behave_as_pydantic_ai_documents_on_every_store(
@@ -202,6 +252,8 @@ async def test_conversations_behave_as_pydantic_ai_documents_on_every_store(
         with anyio.fail_after(60):
             await _behaves_like_a_conversation_store(conversations)
             await _primitives_hold(conversations)
+            await _titles_and_metadata_are_kept(conversations)
+            await _a_save_after_another_process_changed_the_title_keeps_it(store)
             await _two_writers_expecting_one_revision_one_wins(store)
             await _a_fork_landing_during_a_release_withdraws(store)
             await _conversations_show_in_the_cli_views(conversations)
@@ -425,6 +477,10 @@ async def test_store_calls_per_primitive() -> None:
         await stale.write_record(dataclasses.replace(changed, revision="after"),
                                  expected_revision="next")  # not seen here: read first
         assert _counted(counting) == {"latest": 1, "append": 1}
+        await stale.update("c", title="titled")
+        # Pydantic AI's read of the record, write_details' own (it stores the whole record
+        # anew), then the compare-and-set append
+        assert _counted(counting) == {"latest": 2, "append": 1}
         await stale.fork("c", new_conversation_id="f")
         # fork: read_record and history (4 entries), the anchor, the record, the release check
         assert _counted(counting) == {"latest": 1, "get_items": 5, "append": 1, "scan_items": 1}
