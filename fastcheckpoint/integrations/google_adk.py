@@ -221,9 +221,10 @@ class FastSessionService(BaseSessionService):
         of ``state`` go to the app's and the user's state, ``temp:`` keys are dropped.
 
         Raises ``google.adk.errors.already_exists_error.AlreadyExistsError`` when a live
-        session has that id.
+        session has that id. Spaces around an id are dropped (here and in ``get_session``
+        and ``delete_session``), as ADK's in-memory service does.
         """
-        session_id = session_id or platform_uuid.new_uuid()
+        session_id = _session_id(session_id) or platform_uuid.new_uuid()
         deltas = _split(state or {})
         tracked = self._session_log(app_name, user_id, session_id)
         encoded = _encode_state(deltas.session)
@@ -253,6 +254,7 @@ class FastSessionService(BaseSessionService):
         """The session with its events (``config`` keeps the ``num_recent_events`` newest,
         then those at or after ``after_timestamp``) and its state merged with the app's and
         the user's; ``None`` when there is no live session."""
+        session_id = _session_id(session_id)
         tracked = self._session_log(app_name, user_id, session_id)
         app_log, user_log = self._app_log(app_name), self._user_log(app_name, user_id)
         view, app_view, user_view = await _read_all(tracked.log, app_log.log, user_log.log)
@@ -303,6 +305,7 @@ class FastSessionService(BaseSessionService):
 
     async def delete_session(self, *, app_name: str, user_id: str, session_id: str) -> None:
         """Remove the session with its events (nothing happens when there is none)."""
+        session_id = _session_id(session_id)
         run_id = names.session_run_id(app_name, user_id, session_id)
         tracked = self._session_log(app_name, user_id, session_id)
         await tracked.log.clear()
@@ -487,6 +490,12 @@ class FastSessionService(BaseSessionService):
 
 
 # -- construction -------------------------------------------------------------------------------
+
+
+def _session_id(session_id: Any) -> Any:
+    """A session id as ADK's in-memory service keys it: without spaces around it (what is
+    not a ``str`` goes on to the names' own checks)."""
+    return session_id.strip() if isinstance(session_id, str) else session_id
 
 
 def _page_size(page_size: object) -> int:

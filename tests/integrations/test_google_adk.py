@@ -137,6 +137,14 @@ async def _scenario(service: BaseSessionService, clock: FakeClock, seen: list[An
     seen.append(await service.get_user_state(app_name="app", user_id="u1"))
     seen.append(await service.get_user_state(app_name="app", user_id="nobody"))
     seen.append(await listed(service))
+    # Spaces around an id are not part of it.
+    padded = await service.create_session(app_name="app", user_id="u3", session_id=" pad ")
+    seen.append(view(padded))
+    seen.append(view(await service.get_session(app_name="app", user_id="u3", session_id="pad")))
+    seen.append(await error_of(service.create_session(app_name="app", user_id="u3",
+                                                      session_id="pad")))
+    await service.delete_session(app_name="app", user_id="u3", session_id="pad  ")
+    seen.append(view(await service.get_session(app_name="app", user_id="u3", session_id="pad")))
     clock.advance(1)
     await service.delete_session(app_name="app", user_id="u1", session_id=generated.id)
     await service.delete_session(app_name="app", user_id="u1", session_id=generated.id)
