@@ -51,6 +51,8 @@ class CountingStore:
         since."""
         self.item_count = 0
         self.item_sizes: dict[tuple[Any, str], int] = {}
+        self.item_bytes_written = 0
+        """Keys and values of every item handed to the store, removed since or not."""
 
     @classmethod
     def wrap(cls, inner: Any) -> CountingStore:
@@ -83,6 +85,7 @@ def _forwarder(name: str, asynchronous: bool) -> Callable[..., Any]:
                 size = len(item.key.encode()) + len(item.value)
                 self.item_sizes[(args[0], item.key)] = size
                 self.item_bytes += size
+                self.item_bytes_written += size
             self.item_count += len(items)
         if name == "delete_items":  # what the run still stores (merged log parts go)
             keys = kwargs["keys"] if "keys" in kwargs else args[1]

@@ -153,3 +153,14 @@ def test_the_delta_history_benchmark_compares_ours_with_the_default_walk(
     for url in ("memory://", f"file://{tmp_path / 'files'}?fsync=false"):
         ours, default = int(calls[f"ours, {url}"]), int(calls[f"default walk, {url}"])
         assert 0 < ours < default
+
+
+def test_the_log_threshold_benchmark_counts_bytes_and_items_read() -> None:
+    import anyio
+
+    from benchmarks.log_threshold import _thread
+
+    early = anyio.run(_thread, 2, 12, backend="asyncio")
+    late = anyio.run(_thread, 32, 12, backend="asyncio")
+    assert early[0] < late[0]  # a log from 2 entries writes each message once
+    assert early[1] > late[1] > 0  # and a read fetches its pieces
