@@ -225,7 +225,8 @@ class CheckpointManager:
         loop that ended with its event loop (an ``asyncio.run()`` that returned without
         :meth:`stop`) is started again in the current one.
         """
-        if self._cleanup is not None and not self._cleanup[1].is_set():
+        if self._cleanup is not None and not self._cleanup[1].is_set() and \
+                not _loop_closed(self._cleanup_task):
             return
         scope, finished = anyio.CancelScope(), anyio.Event()
 
@@ -245,6 +246,9 @@ class CheckpointManager:
         if cleanup is None:
             return
         scope, finished = cleanup
+        if _loop_closed(self._cleanup_task):
+            self._cleanup_task = None  # its event loop was closed with it: nothing runs it
+            return
         scope.cancel()
         try:
             await settled(finished.wait())
@@ -1357,6 +1361,14 @@ def _spawn(run: Callable[[], Coroutine[Any, Any, None]]) -> object:
     import asyncio
 
     return asyncio.get_running_loop().create_task(run())
+
+
+def _loop_closed(task: object) -> bool:
+    """Whether ``task`` (what :func:`_spawn` returned) belongs to an asyncio event loop that
+    was closed without ending it (``loop.close()`` with tasks pending)."""
+    import asyncio
+
+    return isinstance(task, asyncio.Task) and task.get_loop().is_closed()
 
 
 def _status(value: str, key: str) -> CheckpointStatus:

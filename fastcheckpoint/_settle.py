@@ -12,6 +12,7 @@ through both kinds; the caller's cancellation is raised once the change has ende
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -23,6 +24,8 @@ from fastcheckpoint.stores._loops import running_library
 __all__ = ["settled"]
 
 _T = TypeVar("_T")
+
+logger = logging.getLogger("fastcheckpoint")
 
 
 async def settled(change: Awaitable[_T]) -> _T:
@@ -42,9 +45,14 @@ async def settled(change: Awaitable[_T]) -> _T:
                 await asyncio.wait((task,))
             except asyncio.CancelledError as exc:  # asyncio's own: once each
                 cancelled = cancelled or exc
-    if cancelled is not None:
-        if not task.cancelled():
-            task.exception()  # retrieved: the caller gets its cancellation instead
-        raise cancelled
-    await anyio.lowlevel.checkpoint_if_cancelled()  # anyio's, held back meanwhile
+    failure = None if task.cancelled() else task.exception()  # retrieved either way
+    try:
+        if cancelled is not None:
+            raise cancelled
+        await anyio.lowlevel.checkpoint_if_cancelled()  # anyio's, held back meanwhile
+    except BaseException:
+        if failure is not None:  # the caller gets its cancellation: say what it hides
+            logger.warning("a change failed while its caller was being cancelled: %s",
+                           failure, exc_info=failure)
+        raise
     return task.result()

@@ -270,3 +270,34 @@ async def test_aclose_cancelled_by_asyncio_still_ends_the_loop_and_closes_the_st
             await closing
         assert slow.closed is True
         assert task_ids() == before
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+def test_a_loop_closed_with_the_cleanup_running_neither_stops_nor_blocks_the_manager(
+    kind: str, tmp_path: Path, clock: FakeClock
+) -> None:
+    """An event loop closed with the cleanup loop still pending (``loop.close()`` without
+    cancelling its tasks, not ``asyncio.run``): in the next loop the manager starts the
+    cleanup loop again, and ``aclose`` ends it and closes the store, raising nothing."""
+    counting = CountingStore(make_store(kind, tmp_path / "store"))
+    manager = CheckpointManager(counting, config=make_config(clock, cleanup_interval=FAST_LOOP))
+    first = asyncio.new_event_loop()
+    try:
+        first.run_until_complete(manager.start())
+    finally:
+        first.close()
+
+    async def next_loop() -> int:
+        with anyio.fail_after(10):
+            passes = counting.purges
+            await manager.start()
+
+            async def looped() -> bool:
+                return counting.purges > passes
+
+            await wait_until(looped)
+            await manager.aclose()
+        return counting.purges
+
+    assert asyncio.run(next_loop()) > 0
+    assert counting.closed is True

@@ -87,3 +87,30 @@ async def test_asyncios_own_cancellations_wait_for_the_change(anyio_backend: str
         with pytest.raises((asyncio.CancelledError, TimeoutError)):
             await waiting
     assert change.steps == ["first", "second"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_change_that_fails_while_its_caller_is_cancelled_is_logged(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller gets its cancellation; the change's own error is not lost without a
+    word (nor left for asyncio's "exception was never retrieved")."""
+    release = anyio.Event()
+
+    async def fails() -> None:
+        await release.wait()
+        raise KeyError("the change's own")
+
+    with anyio.fail_after(10), anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as group:
+
+            async def caller() -> None:
+                await settled(fails())
+
+            group.start_soon(caller)
+            await anyio.sleep(0.01)
+            scope.cancel()
+            release.set()
+    assert scope.cancelled_caught
+    assert "failed while its caller was being cancelled" in caplog.text
+    assert "the change's own" in caplog.text

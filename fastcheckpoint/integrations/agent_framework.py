@@ -232,7 +232,7 @@ class FastCheckpointStorage:
             except SequenceConflict:
                 continue  # the id is taken, or was replaced meanwhile: look again
             if existing is not None:
-                await self._replace_details(key, existing, status, data, now)
+                await self._replace_details(key, existing, sequence, status, data, now)
             self._remember(checkpoint_id, status)
             await self._answered(checkpoint.previous_checkpoint_id, checkpoint_id)
             return checkpoint_id
@@ -305,10 +305,11 @@ class FastCheckpointStorage:
         return status.value, self._codec.codec.encode_run_data(details)
 
     async def _replace_details(
-        self, key: str, run: RunRecord, status: str, data: bytes, now: float
+        self, key: str, run: RunRecord, sequence: int, status: str, data: bytes, now: float
     ) -> None:
-        """The replaced checkpoint's run takes the new one's status and details (listing
-        order, lineage, pending requests), whatever changed them meanwhile (an approval)."""
+        """The run whose checkpoint ``sequence`` replaced the one before takes its status and
+        details (listing order, lineage, pending requests), whatever changed them meanwhile
+        (an approval); not once another save replaced it in turn (they are that one's)."""
         for _ in range(_SAVE_ATTEMPTS):
             try:
                 await self._store.update_run(
@@ -319,8 +320,9 @@ class FastCheckpointStorage:
                 return  # deleted since: nothing to describe
             except ConflictError:
                 found = await self._store.get_run(key, now=now)
-                if found is None or found.incarnation != run.incarnation:
-                    return  # deleted or replaced whole since: its details are not ours
+                if found is None or found.incarnation != run.incarnation or \
+                        found.latest_sequence != sequence:
+                    return  # deleted or replaced since: its details are not ours
                 run = found
         raise ConflictError(
             f"could not record the details of checkpoint {run.run_id[len(RUN_PREFIX):][:80]!r}: "

@@ -962,13 +962,16 @@ class DynamoDBStore(ExpiryCleanup):
                     "blobs no record points to)", len(additions.blobs), len(additions.pinned),
                 )
             return
-        await self._discard_blobs(additions.blobs)
+        await settled(self._undo_additions(run_key, additions))  # both, whatever cancels
+
+    async def _undo_additions(self, run_key: str, additions: _Additions) -> None:
+        await self._delete_blobs(additions.blobs)
         if not additions.pinned:
             return
         lowering = [items_layout.counter_change(run_key, key, -count)
                     for key, count in additions.pinned.items()]
         try:
-            await settled(self._guarded_deletes(lowering))
+            await self._guarded_deletes(lowering)
         except Exception:
             logger.warning("run %s: could not lower %d counts an append raised before it "
                            "failed; their shared items stay until the run goes", run_key,
@@ -1120,6 +1123,9 @@ class DynamoDBStore(ExpiryCleanup):
                 outcome.unknown = False  # nothing of ours landed, or we know it did
                 if ours is not None:
                     plan.state = ours
+                    # Landed: what it wrote before (its payload blob, its counts) is its own
+                    # now, whatever stops the clean-up of what it replaced.
+                    outcome.committed = True
                     return await self._committed(run_key, plan)
                 gone = _gone(cancelled)
                 if gone:  # whatever else failed too: nothing was written, and the values
@@ -1132,6 +1138,7 @@ class DynamoDBStore(ExpiryCleanup):
                 state = self._state_after(run_key, cancelled)
                 known = fresh = True
                 continue
+            outcome.committed = True
             return await self._committed(run_key, plan)
         head_record = None if state is None else state.record
         raise SequenceConflict(
@@ -1605,18 +1612,21 @@ class DynamoDBStore(ExpiryCleanup):
         await self._discard_blobs(plan.removed_blobs)
 
     async def _discard_blobs(self, keys: Sequence[str]) -> None:
+        """:meth:`_delete_blobs`, to its end whatever cancels the caller."""
+        if keys:
+            await settled(self._delete_blobs(keys))
+
+    async def _delete_blobs(self, keys: Sequence[str]) -> None:
+        """Delete S3 blobs, best effort: a failure is logged, orphans go with the cleanup."""
         if not keys:
             return
         try:
-            await settled(self._delete_blobs(keys))
+            await (await self._bucket()).delete(list(keys))
         except Exception:
             logger.warning(
                 "could not delete %d S3 blobs (first %s); purge_expired removes orphans "
                 "when it next visits the run", len(keys), keys[0], exc_info=True,
             )
-
-    async def _delete_blobs(self, keys: Sequence[str]) -> None:
-        await (await self._bucket()).delete(list(keys))
 
     async def _guarded_deletes(self, deletes: list[dict[str, Any]]) -> None:
         """Deletes in transactions of up to 100, dropping those whose condition fails (a

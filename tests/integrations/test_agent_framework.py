@@ -486,6 +486,47 @@ async def test_replacing_a_checkpoint_leaves_the_old_or_the_new_one_at_every_mom
                 await reader.save(new)  # the next round replaces "new" again
 
 
+class _SlowDetails(MemoryStore):
+    """The first ``update_run`` after ``arm`` waits until released (a slow process)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.waiting = anyio.Event()
+        self.release = anyio.Event()
+
+    async def update_run(self, run_key: str, **options: Any) -> Any:  # type: ignore[override]
+        if self.armed:
+            self.armed = False
+            self.waiting.set()
+            await self.release.wait()
+        return await super().update_run(run_key, **options)
+
+
+async def test_two_saves_replacing_one_id_end_as_one_of_them(clock: FakeClock) -> None:
+    """A save that replaced a checkpoint and is slow to record its details, overtaken by a
+    second save of the id: the id ends as the second save, details included (its listing
+    order is its own timestamp's)."""
+    store = _SlowDetails()
+    slow, quick = (FastCheckpointStorage(store, clock=clock) for _ in range(2))
+    with anyio.fail_after(DEADLINE):
+        await slow.save(_checkpoint(checkpoint_id="X", timestamp=_at(0), state={"by": "first"}))
+        await slow.save(_checkpoint(checkpoint_id="Y", timestamp=_at(5)))
+        store.armed = True
+        async with anyio.create_task_group() as group:
+            group.start_soon(slow.save, _checkpoint(checkpoint_id="X", timestamp=_at(10),
+                                                    state={"by": "slow"}))
+            await store.waiting.wait()  # its checkpoint is in, its details not yet
+            await quick.save(_checkpoint(checkpoint_id="X", timestamp=_at(1),
+                                         state={"by": "quick"}))
+            store.release.set()
+        assert (await quick.load("X")).state == {"by": "quick"}
+        assert await quick.list_checkpoint_ids(workflow_name="orders") == ["X", "Y"]
+        latest = await quick.get_latest(workflow_name="orders")
+        assert latest is not None
+        assert latest.checkpoint_id == "Y"
+
+
 async def test_a_checkpoint_that_cannot_be_read_fails_a_listing_alone(clock: FakeClock) -> None:
     """A listing raises the error of a checkpoint it cannot read (a type this process did
     not declare) as it is, never in an ``ExceptionGroup``."""

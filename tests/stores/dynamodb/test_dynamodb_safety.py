@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import Counter
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from botocore.exceptions import ClientError, ConnectionClosedError
 
@@ -590,3 +593,96 @@ async def test_concurrent_requests_fail_with_one_of_our_errors(provisioned: str)
                 raise AssertionError(f"{name} did not fail")
     finally:
         await missing.aclose()
+
+
+# -- clean-ups that a cancellation must not cut short (the requests are fakes) -----------------
+
+
+class _Blobs:
+    """An S3 bucket that records deletes and can cancel its caller during one."""
+
+    def __init__(self, cancel_during: str | None = None,
+                 cancel: Callable[[], object] | None = None) -> None:
+        self.deleted: list[str] = []
+        self._cancel_during, self._cancel = cancel_during, cancel
+
+    async def put(self, key: str, body: bytes) -> None:
+        pass
+
+    async def delete(self, keys: list[str]) -> None:
+        self.deleted.extend(keys)
+        if self._cancel is not None and self._cancel_during in keys:
+            self._cancel()
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("how", ["asyncio", "anyio"])
+async def test_a_landed_append_keeps_its_blob_when_cancelled_while_it_tidies_up(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append whose transaction landed (its reply lost: the resend finds it) goes on to
+    delete what it pruned; a cancellation then must not take it for a failed append and
+    delete its own payload blob (its checkpoint would read as damaged)."""
+    store = DynamoDBStore("table", bucket="bucket", region=REGION, threshold=1024)
+    caller = asyncio.current_task()
+    scope = anyio.CancelScope()
+    assert caller is not None
+    blobs = _Blobs("pruned-blob", caller.cancel if how == "asyncio" else scope.cancel)
+    state = SimpleNamespace(record=SimpleNamespace(status="active"))
+
+    async def bucket() -> _Blobs:
+        return blobs
+
+    async def no_state(run_key: str) -> None:
+        return None
+
+    async def first_plan(*args: Any) -> Any:
+        return dynamodb._Plan(operations=[{"Put": {}}], state=state,
+                              removed_blobs=["pruned-blob"])
+
+    async def resent(operations: Any, *, keep: int) -> None:
+        raise dynamodb._Cancelled([{"Code": "ConditionalCheckFailed"}], retried=True)
+
+    async def landed(*args: Any) -> Any:
+        return state  # the first send was applied: the checkpoint is committed
+
+    for name, fake in (("_bucket", bucket), ("_read_state", no_state),
+                       ("_plan_first", first_plan), ("_commit", resent),
+                       ("_own_commit", landed)):
+        monkeypatch.setattr(store, name, fake)
+    monkeypatch.setattr(store, "_remember", lambda run_key, state: None)
+    run = make_run("tidy")
+    record = make_checkpoint(run, 0, payload=b"x" * 5000)
+    cancelled = False
+    try:
+        with scope:
+            await store.append(key_of(run), record, run=run, keep_latest=1, now=T0)
+    except asyncio.CancelledError:
+        cancelled = caller.uncancel() == 0  # asyncio's own, delivered to this test's task
+    assert cancelled if how == "asyncio" else scope.cancelled_caught
+    assert blobs.deleted == ["pruned-blob"]  # what it pruned, not its own payload blob
+
+
+async def test_a_failed_append_cancelled_by_anyio_undoes_its_blobs_and_its_counts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The clean-up of an append that failed before any transaction landed deletes its
+    blobs and lowers the counts it raised, both, when the caller's scope is cancelled."""
+    store = DynamoDBStore("table", bucket="bucket", region=REGION)
+    blobs = _Blobs()
+    lowered: list[int] = []
+
+    async def bucket() -> _Blobs:
+        return blobs
+
+    async def lower(deletes: list[Any]) -> None:
+        await anyio.lowlevel.checkpoint()
+        lowered.append(len(deletes))
+
+    monkeypatch.setattr(store, "_bucket", bucket)
+    monkeypatch.setattr(store, "_guarded_deletes", lower)
+    additions = dynamodb._Additions(blobs=["blob"], pinned=Counter({"a": 1, "b": 1}))
+    with anyio.fail_after(DEADLINE), anyio.CancelScope() as scope:
+        scope.cancel()
+        await store._forget_append("run", additions, dynamodb._Outcome())
+    assert (blobs.deleted, lowered) == (["blob"], [2])
