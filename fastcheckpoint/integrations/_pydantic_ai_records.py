@@ -28,12 +28,13 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 import pydantic
+import pydantic_core
 from pydantic_ai.conversation_store import ConversationEntry, ConversationRecord
 from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
 
 from fastcheckpoint import _ids
 from fastcheckpoint._codec import Codec
-from fastcheckpoint.errors import CorruptCheckpointError, ValidationError
+from fastcheckpoint.errors import CorruptCheckpointError, SerializationError, ValidationError
 
 FRAMEWORK = "pydantic-ai"
 CONVERSATION_LABEL = "pydantic-ai conversation"
@@ -146,8 +147,13 @@ def labels_of(scope: str | None, family: str) -> tuple[str, ...]:
 def encode_record(codec: Codec, record: ConversationRecord, family: str) -> bytes:
     """The checkpoint body: the record as Pydantic's JSON, parsed, so ``fastcheckpoint show``
     prints it as it is."""
-    state = {"format": FORMAT, "family": family,
-             "record": json.loads(_RECORDS.dump_json(record))}
+    try:
+        fields = json.loads(_RECORDS.dump_json(record))
+    except (pydantic_core.PydanticSerializationError, ValueError) as exc:
+        raise SerializationError(
+            f"conversation {record.conversation_id[:80]!r}: its record cannot be stored as "
+            f"JSON: {exc}") from exc
+    state = {"format": FORMAT, "family": family, "record": fields}
     return codec.encode_payload(state, [], [], {})
 
 

@@ -262,17 +262,18 @@ class FastConversationStore(ConversationStore):
         its revision and ``updated_at``, if it still has ``expected_revision`` and the values
         of ``expected``; else ``ConversationConflict``. One read and one compare-and-set
         append: a save or another change landing in between refuses it (Pydantic AI's
-        ``update`` then reads and tries again). A change counts for the TTL as a save."""
+        ``update`` then reads and tries again). The append is made at the time of the
+        record's last save: listings (newest save first) and the TTL go by saves."""
         unknown = sorted((set(details) | set(expected or ())) - records.DETAILS)
         if unknown:
             raise ValidationError(
                 f"a conversation record has no {unknown[0]!r} that an update can change")
         key = _ids.key_of(records.run_id_of(conversation_id))
-        now = self._now()
-        found = await self._store.latest(key, now=now)
+        found = await self._store.latest(key, now=self._now())
         if found is None:
             self._known.pop(conversation_id)
             raise ConversationConflict(conversation_id)
+        now = found[0].created_at  # the last save's: the run's last change stays that save
         record, known = self._decoded(found[0], conversation_id)
         self._known.put(conversation_id, known)
         if record.revision != expected_revision or any(
@@ -306,7 +307,10 @@ class FastConversationStore(ConversationStore):
 
     async def read_entry(self, entry_id: str) -> ConversationEntry:
         """The entry; ``KeyError`` if the store does not have it."""
-        item_key = records.entry_key(entry_id)
+        try:
+            item_key = records.entry_key(entry_id)
+        except ValidationError:
+            raise KeyError(entry_id) from None  # no entry can have that id
         blob = self._entries.get(item_key)
         if blob is None:
             found = await self._entry_blob(entry_id)

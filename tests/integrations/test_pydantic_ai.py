@@ -38,7 +38,7 @@ from pydantic_ai.models.test import TestModel
 from pydantic_ai.ui.vercel_ai import VercelAIAdapter
 
 from fastcheckpoint import CheckpointManager, _ids
-from fastcheckpoint.errors import ConfigurationError, CorruptCheckpointError
+from fastcheckpoint.errors import ConfigurationError, CorruptCheckpointError, SerializationError
 from fastcheckpoint.integrations import _pydantic_ai_records as records
 from fastcheckpoint.integrations.pydantic_ai import FastConversationStore
 from fastcheckpoint.stores import CheckpointStore, Item
@@ -171,6 +171,9 @@ async def _primitives_hold(store: ConversationStore) -> None:
     assert await store.read_entry(entry.id) == entry
     with pytest.raises(LookupError):
         await store.read_entry("no such entry")
+    for impossible in ("", "x" * 5000, "\ud800"):  # ids no entry can have: not there
+        with pytest.raises(LookupError):
+            await store.read_entry(impossible)
     dangling = ConversationRecord(conversation_id="q", head_id="no such entry")
     with pytest.raises(ConversationConflict):
         await store.write_record(dangling, expected_revision=None)
@@ -215,7 +218,15 @@ async def _titles_and_metadata_are_kept(store: ConversationStore) -> None:
         await store.update("nobody", title="x")
     with pytest.raises(UserError):
         await store.update("titled", title="x", scope="elsewhere")
+    # Listings go by the last save: an update does not bring a conversation forward.
+    await store.save(Conversation(conversation_id="saved-last", messages=_turns("new")))
+    await store.update("titled", title="Updated after")
+    assert [record.conversation_id for record in await store.list_conversations(limit=1)] == [
+        "saved-last"]
+    assert [record.conversation_id for record in await store.list_conversations()][:2] == [
+        "saved-last", "titled"]
     await store.delete("titled")
+    await store.delete("saved-last")
 
 
 async def _a_save_after_another_process_changed_the_title_keeps_it(
@@ -439,6 +450,18 @@ def _counted(store: CountingStore) -> dict[str, int]:
 def _entry_runs(entries: list[ConversationEntry]) -> int:
     """How many entries runs hold these (ids minted in one millisecond share one)."""
     return len({records.entries_run_key(entry.id) for entry in entries})
+
+
+async def test_metadata_json_cannot_hold_is_refused_before_anything_is_written() -> None:
+    with anyio.fail_after(10):
+        conversations = FastConversationStore(MemoryStore())
+        await conversations.save(Conversation(conversation_id="c", messages=_turns("hi")))
+        for value in (b"\xff", object(), "\ud800"):
+            with pytest.raises(SerializationError):
+                await conversations.update("c", metadata={"x": value})
+        record = await conversations.read_record("c")
+        assert record is not None
+        assert record.metadata is None
 
 
 async def test_store_calls_per_primitive() -> None:
