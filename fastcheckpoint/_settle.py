@@ -30,8 +30,8 @@ logger = logging.getLogger("fastcheckpoint")
 
 async def settled(change: Awaitable[_T]) -> _T:
     """Await ``change`` to its end even if the caller is cancelled meanwhile, then raise the
-    cancellation (what ``change`` returned or raised is dropped for it); otherwise return
-    what ``change`` returns, or raise what it raises."""
+    cancellation (what ``change`` returned is dropped for it, what it raised is logged);
+    otherwise return what ``change`` returns, or raise what it raises."""
     if running_library() != "asyncio":
         with anyio.CancelScope(shield=True):
             result = await change
