@@ -12,6 +12,7 @@ through both kinds; the caller's cancellation is raised once the change has ende
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -37,12 +38,17 @@ async def settled(change: Awaitable[_T]) -> _T:
             result = await change
         await anyio.lowlevel.checkpoint_if_cancelled()
         return result
-    task = asyncio.ensure_future(change)
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(change, loop=loop)
     cancelled: asyncio.CancelledError | None = None
     with anyio.CancelScope(shield=True):  # anyio's own cancellations wait outside
         while not task.done():
+            # A future of its own to wait on: a cancellation of the caller cancels it, not
+            # the task (cheaper than asyncio.wait, which the hot paths of the savers pay).
+            waiter = loop.create_future()
+            task.add_done_callback(functools.partial(_wake, waiter))
             try:
-                await asyncio.wait((task,))
+                await waiter
             except asyncio.CancelledError as exc:  # asyncio's own: once each
                 cancelled = cancelled or exc
     failure = None if task.cancelled() else task.exception()  # retrieved either way
@@ -56,3 +62,8 @@ async def settled(change: Awaitable[_T]) -> _T:
                            failure, exc_info=failure)
         raise
     return task.result()
+
+
+def _wake(waiter: asyncio.Future[None], _task: object) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -31,7 +31,15 @@ import logging
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol, cast
 
@@ -45,6 +53,7 @@ from fastcheckpoint._config import CheckpointConfig, RetryPolicy
 from fastcheckpoint._logs import LogGap
 from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import CheckpointStatus
+from fastcheckpoint._settle import settled
 from fastcheckpoint._threads import in_worker_thread
 from fastcheckpoint.errors import (
     CheckpointError,
@@ -397,11 +406,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         pending = self._pending_writes(writes, task_id, task_path)
         if not pending:
             return
-        stored = await self._store_writes(where, checkpoint_id, pending)
-        if stored and not where.checkpoint_ns and any(
-            write.channel == records.INTERRUPT for write in pending
-        ):
-            await self._pause(where, checkpoint_id, writes)
+        await self._store_writes(where, checkpoint_id, pending)
 
     # -- thread operations ----------------------------------------------------------------
 
@@ -1002,9 +1007,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 located = Located(incarnation, sequence, expires_at)
                 record, items = self._record(where, encoded, parent_id, located, parked, now)
                 try:
-                    status = await self._store.append_with_items(
-                        where.key, record, run=self._seed(where, located, now),
-                        keep_latest=self._shared.keep_latest, now=now, items=items)
+                    await settled(self._commit(where, encoded, record, items, located, parked,
+                                               now))
                 except SharedItemGone:
                     if resent:
                         raise
@@ -1022,12 +1026,6 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                                 max_delay=settings.retry.max_delay)
                         await anyio.sleep(contention.delay(attempt - _FREE_RETRIES))
                     continue
-                self._saved(where, encoded, located)
-                await self._discard_merged(where, encoded)
-                if parked is not None:
-                    parked.stored = True
-                if status in _REACTIVATED and not where.checkpoint_ns:
-                    await self._reactivate(where, status, encoded.checkpoint_id)
                 return
         finally:
             if parked is not None:
@@ -1035,6 +1033,31 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         raise ConflictError(
             f"could not save to thread {where.thread_id[:80]!r}: lost the sequence race "
             f"{settings.max_sequence_retries} times in a row")
+
+    async def _commit(
+        self,
+        where: _Where,
+        encoded: _Encoded,
+        record: StoredCheckpoint,
+        items: list[Item],
+        located: Located,
+        parked: Parked | None,
+        now: float,
+    ) -> None:
+        """The append and what follows it once it landed (what this process remembers, the
+        log parts it merged away, the thread's status: PAUSED for an interrupt among the
+        writes parked for it, ACTIVE again after one), all of it whatever cancels the caller
+        once it is under way (:meth:`_append` calls it through ``settled``)."""
+        status = await self._store.append_with_items(
+            where.key, record, run=self._seed(where, located, now),
+            keep_latest=self._shared.keep_latest, now=now, items=items)
+        self._saved(where, encoded, located)
+        await self._discard_merged(where, encoded)
+        if parked is not None:
+            parked.stored = True
+            await self._pause_for(where, encoded.checkpoint_id, parked.writes.values())
+        if status in _REACTIVATED and not where.checkpoint_ns:
+            await self._reactivate(where, status, encoded.checkpoint_id)
 
     async def _head(self, where: _Where, parent_id: str | None, now: float) -> Any:
         """The run's ``(latest sequence, incarnation)`` as this process knows it, read when a
@@ -1243,6 +1266,17 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
     async def _put_owned(
         self, where: _Where, checkpoint_id: str, located: Located, writes: list[StoredWrite]
     ) -> bool:
+        """Store ``writes`` on their checkpoint and pause the thread for the interrupts among
+        them: both, whatever cancels the caller once they are under way (writes without an
+        interrupt in the root namespace leave nothing to follow: they skip that cost)."""
+        stored = self._put_owned_now(where, checkpoint_id, located, writes)
+        if where.checkpoint_ns or all(write.channel != records.INTERRUPT for write in writes):
+            return await stored
+        return await settled(stored)
+
+    async def _put_owned_now(
+        self, where: _Where, checkpoint_id: str, located: Located, writes: list[StoredWrite]
+    ) -> bool:
         owner = _ids.checkpoint_id(where.key, located.incarnation, located.sequence)
         regular = [write for write in writes if write.idx >= 0]
         special = [write for write in writes if write.idx < 0]
@@ -1255,7 +1289,25 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 logger.info("pending writes for checkpoint %s of thread %r were dropped: "
                             "the checkpoint is gone", checkpoint_id, where.thread_id[:80])
                 return False
+        await self._pause_for(where, checkpoint_id, writes)
         return True
+
+    async def _pause_for(
+        self, where: _Where, checkpoint_id: str, writes: Iterable[StoredWrite]
+    ) -> None:
+        """:meth:`_pause` for the interrupts among stored ``writes`` (root namespace only)."""
+        interrupts = [write for write in writes if write.channel == records.INTERRUPT]
+        if not interrupts or where.checkpoint_ns:
+            return
+        place = f"thread {where.thread_id[:80]!r} checkpoint {checkpoint_id[:80]}"
+        try:
+            values = [(write.channel, self._loads(write.value, place)) for write in interrupts]
+        except CheckpointError:
+            logger.warning("thread %r was interrupted at %s, but its interrupts could not be "
+                           "read for the approval request", where.thread_id[:80],
+                           checkpoint_id, exc_info=True)
+            return
+        await self._pause(where, checkpoint_id, values)
 
     def _write_items(self, located: Located, writes: list[StoredWrite]) -> list[Item]:
         prefixes: dict[str, str] = {}  # task id -> its writes' key prefix: one digest each

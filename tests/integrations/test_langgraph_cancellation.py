@@ -50,15 +50,18 @@ def _held_appends(store: FileStore) -> tuple[threading.Event, threading.Event]:
     return waiting, go
 
 
-def _held_saves(store: MemoryStore) -> None:
-    """The store's appends wait for good (until their task is cancelled)."""
-    real = store.append_with_items
+def _held_saves(saver: FastCheckpointSaver) -> Callable[[], None]:
+    """The saver's saves wait for good before they reach the store (until their task is
+    cancelled; once an append is under way, a cancellation waits for it); the function
+    returned lets later saves through."""
+    real = saver._encode
 
     async def held(*args: Any, **kwargs: Any) -> Any:
         await asyncio.Event().wait()
         return await real(*args, **kwargs)
 
-    store.append_with_items = held  # type: ignore[method-assign]
+    saver._encode = held  # type: ignore[method-assign]
+    return lambda: setattr(saver, "_encode", real)
 
 
 async def _until(event: threading.Event) -> None:
@@ -111,7 +114,7 @@ async def test_writes_parked_behind_a_cancelled_save_are_released_at_once() -> N
     saver = _saver(store)
     first, second, third = checkpoint(), checkpoint(), checkpoint()
     first_config = await saver.aput(config("t"), first, metadata(-1), {})
-    _held_saves(store)
+    _held_saves(saver)
     save = asyncio.create_task(saver.aput(first_config, second, metadata(0), {}))
     await asyncio.sleep(0.01)
     writes = asyncio.create_task(
@@ -132,11 +135,10 @@ async def test_a_save_racing_a_cancelled_one_of_the_same_checkpoint_saves_it() -
     saver = _saver(store)
     first, second = checkpoint(), checkpoint()
     first_config = await saver.aput(config("t"), first, metadata(-1), {})
-    real = store.append_with_items
-    _held_saves(store)
+    release = _held_saves(saver)
     one = asyncio.create_task(saver.aput(first_config, second, metadata(0), {}))
     await asyncio.sleep(0.01)
-    store.append_with_items = real  # type: ignore[method-assign]
+    release()
     other = asyncio.create_task(saver.aput(first_config, second, metadata(0), {}))
     await asyncio.sleep(0.01)
     one.cancel()
@@ -173,3 +175,64 @@ async def test_an_interrupt_parked_for_a_cancelled_save_that_landed_pauses_the_t
     run = await saver.manager.get_run("t")
     assert run is not None
     assert run.status is CheckpointStatus.PAUSED
+
+
+def _held(store: FileStore, method: str) -> tuple[threading.Event, threading.Event]:
+    """The file store's ``method`` (run in its worker thread) waits until the second event is
+    set; the first is set when it is waiting."""
+    waiting, go = threading.Event(), threading.Event()
+    real: Callable[..., Any] = getattr(store, method)
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        waiting.set()
+        go.wait(DEADLINE)
+        return real(*args, **kwargs)
+
+    setattr(store, method, held)
+    return waiting, go
+
+
+async def test_an_interrupt_stored_by_a_cancelled_call_has_paused_the_thread(
+    tmp_path: Path,
+) -> None:
+    """An interrupt whose ``aput_writes`` is cancelled while the store writes it: when the
+    cancellation is raised, the interrupt is stored and the thread PAUSED with it (the
+    approval queue lists it; ``approve`` works)."""
+    store = FileStore(tmp_path, fsync=False)
+    saver = _saver(store)
+    saved = await saver.aput(config("t"), checkpoint(), metadata(0), {})
+    waiting, go = _held(store, "_put_owned_items")
+    writes = asyncio.create_task(saver.aput_writes(saved, [("__interrupt__", {"q": 1})], "task"))
+    await asyncio.wait_for(_until(waiting), DEADLINE)
+    writes.cancel()
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await writes
+    run = await saver.manager.get_run("t")
+    assert run is not None
+    assert run.status is CheckpointStatus.PAUSED
+    await saver.manager.approve("t", approver="ops")
+
+
+async def test_a_save_cancelled_once_it_landed_after_an_interrupt_has_resumed_the_thread(
+    tmp_path: Path,
+) -> None:
+    """The save after an interrupt (the graph went on) cancelled while the store writes it:
+    when the cancellation is raised, the thread is ACTIVE again, not left in the queue."""
+    store = FileStore(tmp_path, fsync=False)
+    saver = _saver(store)
+    first = await saver.aput(config("t"), checkpoint(), metadata(0), {})
+    await saver.aput_writes(first, [("__interrupt__", {"q": 1})], "task")
+    paused = await saver.manager.get_run("t")
+    assert paused is not None
+    assert paused.status is CheckpointStatus.PAUSED
+    waiting, go = _held_appends(store)
+    save = asyncio.create_task(saver.aput(first, checkpoint(), metadata(1), {}))
+    await asyncio.wait_for(_until(waiting), DEADLINE)
+    save.cancel()
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await save
+    run = await saver.manager.get_run("t")
+    assert run is not None
+    assert run.status is CheckpointStatus.ACTIVE
