@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +192,19 @@ def _held(store: FileStore, method: str) -> tuple[threading.Event, threading.Eve
     return waiting, go
 
 
+async def _cancelled_under_way(
+    call: Coroutine[Any, Any, Any], waiting: threading.Event, go: threading.Event
+) -> None:
+    """Run ``call``, cancel it once its held store call is waiting, then let that go on:
+    the call ends with its cancellation."""
+    task = asyncio.create_task(call)
+    await asyncio.wait_for(_until(waiting), DEADLINE)
+    task.cancel()
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_an_interrupt_stored_by_a_cancelled_call_has_paused_the_thread(
     tmp_path: Path,
 ) -> None:
@@ -202,12 +215,8 @@ async def test_an_interrupt_stored_by_a_cancelled_call_has_paused_the_thread(
     saver = _saver(store)
     saved = await saver.aput(config("t"), checkpoint(), metadata(0), {})
     waiting, go = _held(store, "_put_owned_items")
-    writes = asyncio.create_task(saver.aput_writes(saved, [("__interrupt__", {"q": 1})], "task"))
-    await asyncio.wait_for(_until(waiting), DEADLINE)
-    writes.cancel()
-    go.set()
-    with pytest.raises(asyncio.CancelledError):
-        await writes
+    await _cancelled_under_way(
+        saver.aput_writes(saved, [("__interrupt__", {"q": 1})], "task"), waiting, go)
     run = await saver.manager.get_run("t")
     assert run is not None
     assert run.status is CheckpointStatus.PAUSED
@@ -227,12 +236,7 @@ async def test_a_save_cancelled_once_it_landed_after_an_interrupt_has_resumed_th
     assert paused is not None
     assert paused.status is CheckpointStatus.PAUSED
     waiting, go = _held_appends(store)
-    save = asyncio.create_task(saver.aput(first, checkpoint(), metadata(1), {}))
-    await asyncio.wait_for(_until(waiting), DEADLINE)
-    save.cancel()
-    go.set()
-    with pytest.raises(asyncio.CancelledError):
-        await save
+    await _cancelled_under_way(saver.aput(first, checkpoint(), metadata(1), {}), waiting, go)
     run = await saver.manager.get_run("t")
     assert run is not None
     assert run.status is CheckpointStatus.ACTIVE
