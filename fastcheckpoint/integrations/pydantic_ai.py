@@ -289,10 +289,8 @@ class FastConversationStore(ConversationStore):
         except SequenceConflict as exc:
             self._known.pop(conversation_id)
             raise ConversationConflict(conversation_id) from exc
-        stored, _ = self._decoded(checkpoint, conversation_id)  # a copy, as stored
-        self._known.put(conversation_id, Known(
-            stored.revision, known.incarnation, sequence, known.family,
-            records.details_of(stored)))
+        stored, seen = self._decoded(checkpoint, conversation_id)  # a copy, as stored
+        self._known.put(conversation_id, seen)
         return stored
 
     async def delete_record(self, conversation_id: str, *, expected_revision: str) -> None:

@@ -935,7 +935,6 @@ class DynamoDBStore(ExpiryCleanup):
                     items_layout.guard_record(run_key, record.sequence, token, record.refs)))
             status = await self._append(
                 run_key, record, item, blob, run, keep_latest, now, token, outcome, additions)
-            outcome.committed = True
             self._remember_expiry(record.checkpoint_id, record.expires_at)
             owned = tuple(layout.owned_key(sort_key) for op in additions.owned
                           if layout.is_owned_sk(sort_key := op["Put"]["Item"]["SK"]["S"]))
@@ -1123,10 +1122,7 @@ class DynamoDBStore(ExpiryCleanup):
                 outcome.unknown = False  # nothing of ours landed, or we know it did
                 if ours is not None:
                     plan.state = ours
-                    # Landed: what it wrote before (its payload blob, its counts) is its own
-                    # now, whatever stops the clean-up of what it replaced.
-                    outcome.committed = True
-                    return await self._committed(run_key, plan)
+                    return await self._landed(run_key, plan, outcome)
                 gone = _gone(cancelled)
                 if gone:  # whatever else failed too: nothing was written, and the values
                     # must be sent again in any case
@@ -1138,8 +1134,7 @@ class DynamoDBStore(ExpiryCleanup):
                 state = self._state_after(run_key, cancelled)
                 known = fresh = True
                 continue
-            outcome.committed = True
-            return await self._committed(run_key, plan)
+            return await self._landed(run_key, plan, outcome)
         head_record = None if state is None else state.record
         raise SequenceConflict(
             latest_sequence=None if head_record is None else head_record.latest_sequence,
@@ -1173,6 +1168,12 @@ class DynamoDBStore(ExpiryCleanup):
                     additions.pinned[entry.key] += entry.raising
                 if entry.writes:
                     additions.pinned_shared.add(entry.key)
+
+    async def _landed(self, run_key: str, plan: _Plan, outcome: _Outcome) -> str:
+        """An append's transaction landed: what it wrote before (its payload blob, its
+        counts) is its own now, whatever stops the clean-up of what it replaced."""
+        outcome.committed = True
+        return await self._committed(run_key, plan)
 
     async def _committed(self, run_key: str, plan: _Plan) -> str:
         self._remember(run_key, plan.state)

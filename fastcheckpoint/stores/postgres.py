@@ -238,11 +238,11 @@ def _page_size(limit: object) -> int:
     return max(0, min(limit, 2**31 - 2))
 
 
-
 def _transient(exc: BaseException) -> bool:
     """Whether trying ``exc``'s statement again may succeed (see :data:`_TRANSIENT`)."""
     return isinstance(exc, _TRANSIENT) or (
         isinstance(exc, pg_errors.InternalClientError) and str(exc).startswith(_STUCK))
+
 
 class PostgresStore(ExpiryCleanup):
     """Checkpoints in PostgreSQL 13+ (tested on 15), through asyncpg.
