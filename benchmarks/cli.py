@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.report import machine_info, ratios, render, targets, to_markdown, write_outputs
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--w5-levels", metavar="N,N,...",
                         help="W5's run lengths, ascending (default 10,1000,10000; "
                              "--quick 10,100,1000), e.g. 10,1000,10000,100000")
+    parser.add_argument("--graph-steps", type=int, metavar="N",
+                        help="G1's steps per thread (default 50; --quick 50 too)")
     parser.add_argument("--quick", action="store_true",
                         help="smaller sizes (what make bench runs)")
     parser.add_argument("--repetitions", type=int, metavar="N",
@@ -111,6 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: --w5-levels: {exc}", file=sys.stderr)
         return 2
+    if args.graph_steps is not None:
+        if args.graph_steps < 1:
+            print("error: --graph-steps: at least 1", file=sys.stderr)
+            return 2
+        sizes = replace(sizes, graph_steps=args.graph_steps)
     if sizes.repetitions < 3:
         print(f"note: {sizes.repetitions} repetition(s); published numbers use at least 3",
               file=sys.stderr)

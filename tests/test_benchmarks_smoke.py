@@ -141,6 +141,16 @@ def test_command_line_writes_results(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "wrote" in capsys.readouterr().out
 
 
+def test_graph_steps_sets_g1s_thread_length(tmp_path: Path) -> None:
+    code = main(["--quick", "--store", "memory://", "--workload", "G1", "--repetitions", "1",
+                 "--graph-steps", "4", "--no-progress", "--out", str(tmp_path), "--name", "g1"])
+
+    assert code == 0
+    # the input's message and one per step; the input's checkpoint and one per step
+    assert "messages=5, all_messages=True, checkpoints=6" in (tmp_path / "g1.md").read_text()
+    assert main(["--graph-steps", "0", "--no-progress"]) == 2
+
+
 def test_unknown_workload_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown workloads"):
         run_suite(["memory://"], ["W9"], TINY)

@@ -111,6 +111,8 @@ try:
         writes_sort_key,
     )
     from langgraph.checkpoint.serde.base import SerializerProtocol
+
+    from fastcheckpoint.integrations._langgraph_lists import ListMemo  # LangGraph's serde
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ConfigurationError(
         "fastcheckpoint.integrations.langgraph needs LangGraph's checkpoint package: "
@@ -184,6 +186,7 @@ class _Shared:
     bridge: LoopBridge
     state: SaverState
     logs: ChannelLogs
+    lists: ListMemo
 
 
 class FastCheckpointSaver(BaseCheckpointSaver[str]):
@@ -225,7 +228,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             items=ItemCodec(codec),
             ttl_seconds=ttl, keep_latest=keep_latest, bridge=LoopBridge("the saver"),
             state=SaverState(), logs=ChannelLogs(
-                settings.history_min_entries if offers_nested_items(capable) else None))
+                settings.history_min_entries if offers_nested_items(capable) else None),
+            lists=ListMemo())
         self._shared.bridge.bind()
 
     @classmethod
@@ -419,6 +423,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         for key in keys:
             self._state.forget_run(key)
             self._shared.logs.forget(key)
+            self._shared.lists.forget(key)
             await self._store.delete_run(key)
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
@@ -569,6 +574,14 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 "someone can write to must not be able to run code on load): register the "
                 "type with the serializer instead", path=what)
         return kind, bytes(data)
+
+    def _dumps_value(self, where: _Where, channel: str, value: object) -> Typed:
+        """A channel's value serialized, a list's unchanged leading entries not again
+        (:mod:`~fastcheckpoint.integrations._langgraph_lists`)."""
+        what = f"channel_values[{channel!r}]"
+        return self._shared.lists.dumps(
+            self.serde, where.key, channel, value,
+            lambda entries: self._dumps(entries, what)) or self._dumps(value, what)
 
     def _loads(self, typed: Typed, where: str) -> Any:
         if _is_pickle(typed[0]):
@@ -912,7 +925,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             for channel, version in _mapping("new_versions", new_versions).items():
                 if channel not in values:
                     continue
-                typed = self._dumps(values[channel], f"channel_values[{channel!r}]")
+                typed = self._dumps_value(where, channel, values[channel])
                 plan = self._shared.logs.plan(where.key, channel, version, typed)
                 if plan is None:
                     key = records.blob_key(channel, version)

@@ -1,0 +1,317 @@
+"""The LangGraph saver's list memo: a list channel's unchanged leading entries are not
+serialized again, and what the memo returns is always, byte for byte, what the serde writes
+for the whole list: through appends, edits in place (also of nested dicts, and an ``int``
+swapped for an equal ``float``), truncation, insertion, entries it cannot fingerprint and
+models whose dump is not a function of their fields."""
+
+from __future__ import annotations
+
+import array
+import copy
+import datetime as dt
+import threading
+from typing import Annotated, Any, TypedDict
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+from pydantic import BaseModel, Field, computed_field, field_serializer
+
+from fastcheckpoint import MemoryStore
+from fastcheckpoint.integrations._langgraph_lists import ListMemo, fingerprint
+from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
+from tests.integrations._langgraph_support import config
+
+SERDE = JsonPlusSerializer()
+
+
+class Plain(BaseModel):
+    text: str
+    count: int = 0
+
+
+class Computed(BaseModel):
+    text: str
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def length(self) -> int:
+        return len(self.text)
+
+
+class Clocked(BaseModel):
+    text: str
+
+    @field_serializer("text")
+    def _stamp(self, text: str) -> str:
+        return f"{text}@{dt.datetime.now().isoformat()}"
+
+
+class Nesting(BaseModel):
+    inner: Plain
+
+
+def _serialized(memo: ListMemo, value: list[Any], channel: str = "messages") -> tuple[str, bytes]:
+    calls: list[int] = []
+
+    def dumps(entries: list[Any]) -> tuple[str, bytes]:
+        calls.append(len(entries))
+        return SERDE.dumps_typed(entries)
+
+    found = memo.dumps(SERDE, "run", channel, value, dumps)
+    return SERDE.dumps_typed(value) if found is None else found  # as the saver does
+
+
+def test_only_new_entries_are_serialized() -> None:
+    memo = ListMemo()
+    value: list[Any] = [HumanMessage(content="hi", id="h0")]
+    sizes: list[int] = []
+
+    def dumps(entries: list[Any]) -> tuple[str, bytes]:
+        sizes.append(len(entries))
+        return SERDE.dumps_typed(entries)
+
+    for step in range(20):
+        value = [*value, AIMessage(content=f"answer {step}", id=f"a{step}")]
+        assert memo.dumps(SERDE, "run", "messages", value, dumps) == SERDE.dumps_typed(value)
+    assert sizes == [2] + [1] * 19
+
+
+def test_edits_in_place_are_serialized_again() -> None:
+    memo = ListMemo()
+    value: list[Any] = [AIMessage(content=f"m{i}", id=f"a{i}") for i in range(5)]
+    value.append({"score": 1, "tags": ["a"]})
+    assert _serialized(memo, value) == SERDE.dumps_typed(value)
+    value[2].content = "edited"
+    assert _serialized(memo, value) == SERDE.dumps_typed(value)
+    value[3].additional_kwargs["note"] = {"nested": True}
+    assert _serialized(memo, value) == SERDE.dumps_typed(value)
+    value[5]["score"] = 1.0  # equal, another type: serialized differently
+    assert _serialized(memo, value) == SERDE.dumps_typed(value)
+    value[5]["score"] = True
+    assert _serialized(memo, value) == SERDE.dumps_typed(value)
+    value[5]["tags"].append("b")
+    assert _serialized(memo, value) == SERDE.dumps_typed(value)
+
+
+def _answer(**metadata: Any) -> AIMessage:
+    return AIMessage(content="x", id="a", response_metadata=metadata)
+
+
+def test_fingerprints_are_exact() -> None:
+    assert fingerprint(_answer(n=1)) == fingerprint(_answer(n=1))
+    assert fingerprint(_answer(n=1)) != fingerprint(_answer(n=1.0)) != fingerprint(_answer(n=True))
+    assert fingerprint(_answer(a=1, b=2)) != fingerprint(_answer(b=2, a=1))  # order is encoded
+    assert fingerprint(_answer(n=0.0)) != fingerprint(_answer(n=-0.0))
+    assert fingerprint(Plain(text="x")) == fingerprint(Plain(text="x"))
+    bent = Plain(text="x", count=1)
+    bent.count = True  # no validation on assignment: another value for the serde
+    assert fingerprint(bent) != fingerprint(Plain(text="x", count=1))
+    for opaque in (Computed(text="x"), Clocked(text="x"), Nesting(inner=Plain(text="x")),
+                   _answer(when=dt.date(2026, 1, 1)), dt.datetime(2026, 1, 1), {"n": 1},
+                   "text", 1, object()):
+        assert fingerprint(opaque) is None
+
+
+def test_buffers_and_other_objects_have_no_fingerprint() -> None:
+    """Anything but exact data is refused, though marshal-like encoders would write a
+    buffer's bytes alone (a numpy array's dtype and shape are not in them)."""
+    import numpy as np
+
+    for held in (np.zeros(2), array.array("d", [0.0]), (1, 2), {1, 2}, dt.timedelta(1),
+                 "lone \udc80 surrogate", 2**70):
+        assert fingerprint(_answer(held=held)) is None
+    memo = ListMemo()
+    value: list[Any] = [_answer(n=0), AIMessage(content="b", id="b",
+                                                 response_metadata={"v": np.zeros(4, np.float32)})]
+    for change in range(3):
+        if change == 1:
+            value[1].response_metadata["v"].shape = (2, 2)  # in place: same bytes, new shape
+        if change == 2:
+            value = [value[0], AIMessage(content="b", id="b",
+                                         response_metadata={"v": np.zeros(2)})]
+        value = [*value, _answer(n=change + 1)]
+        assert _serialized(memo, value) == SERDE.dumps_typed(value)
+
+
+def test_an_entry_edited_while_serialized_is_serialized_again() -> None:
+    """A node may edit a message while a worker thread encodes a large save: the memo keeps
+    the fingerprint taken before the serde read it, so the next save serializes it again."""
+    memo = ListMemo()
+    value: list[Any] = [AIMessage(content="draft", id="a")]
+
+    def edit_while_dumping(entries: list[Any]) -> tuple[str, bytes]:
+        typed = SERDE.dumps_typed(entries)
+        value[0].content = "final"  # after the serde read it
+        return typed
+
+    memo.dumps(SERDE, "run", "messages", value, edit_while_dumping)
+    value = [*value, AIMessage(content="next", id="b")]
+    assert _serialized(memo, value) == SERDE.dumps_typed(value)
+    assert b"final" in _serialized(memo, value)[1]
+
+
+def test_a_model_whose_schema_holds_a_cycle_is_judged_in_bounded_time() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+
+    class Cached(BaseModel):
+        text: str
+        cache: Any = Field(default=loop, exclude=True)
+
+    result: list[Any] = []
+    judge = threading.Thread(target=lambda: result.append(fingerprint(Cached(text="x"))),
+                             daemon=True)
+    judge.start()
+    judge.join(30)
+    assert result == [None]  # judged; its default is not exact data: no fingerprint
+
+
+def test_other_serializers_and_values_are_not_memoized() -> None:
+    memo = ListMemo()
+
+    class Other(JsonPlusSerializer):
+        pass
+
+    value = [AIMessage(content="x", id="a")]
+    assert memo.dumps(Other(), "run", "messages", value, SERDE.dumps_typed) is None
+    for other in ((1, 2), [], {"a": 1}, "text", [{"a": 1}], ["text", value[0]]):
+        assert memo.dumps(SERDE, "run", "messages", other, SERDE.dumps_typed) is None
+
+
+def _entry(kind: int, seed: int) -> Any:
+    if kind == 0:
+        return AIMessage(content=f"answer {seed}", id=f"a{seed}",
+                         response_metadata={"tokens": seed, "score": seed / 7})
+    if kind == 1:
+        return HumanMessage(content=[{"type": "text", "text": f"q{seed}"}], id=f"h{seed}")
+    if kind == 2:
+        return {"step": seed, "items": [seed, str(seed)], "ok": seed % 2 == 0}
+    if kind == 3:
+        return Computed(text=f"c{seed}")
+    if kind == 4:
+        return Nesting(inner=Plain(text=f"n{seed}"))
+    if kind == 5:
+        return dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(seconds=seed)
+    return f"text {seed}"
+
+
+def _mutate(value: list[Any], op: int, at: int, seed: int) -> list[Any]:
+    if op == 0:  # LangGraph's way: a new list with one more entry
+        return [*value, _entry(seed % 7, seed)]
+    if not value:
+        return value
+    target = value[at % len(value)]
+    if op == 1:
+        if isinstance(target, AIMessage):
+            target.content = f"edited {seed}"
+        elif isinstance(target, HumanMessage) and isinstance(target.content, list):
+            target.content.append({"type": "text", "text": "more"})
+        elif isinstance(target, dict):
+            target["step"] = float(target["step"])
+        elif isinstance(target, Nesting):
+            target.inner.text = f"deep edit {seed}"
+        return value
+    if op == 2:  # an equal copy in its place
+        return [*value[: at % len(value)], copy.deepcopy(target), *value[at % len(value) + 1:]]
+    if op == 3:  # truncated
+        return value[: at % len(value)]
+    if op == 4:  # inserted at the front
+        return [_entry(seed % 7, seed), *value]
+    if op == 5 and isinstance(target, AIMessage):
+        target.response_metadata["tokens"] = True if seed % 2 else target.response_metadata.get(
+            "tokens", 0)
+    return value
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 50), st.integers(0, 10_000)),
+                max_size=40))
+def test_memo_equals_the_serde_on_the_whole_list(ops: list[tuple[int, int, int]]) -> None:
+    memo = ListMemo()
+    value: list[Any] = []
+    for op, at, seed in ops:
+        value = _mutate(value, op, at, seed)
+        if value:
+            assert _serialized(memo, value) == SERDE.dumps_typed(value)
+
+
+class Chat(TypedDict):
+    messages: Annotated[list[AnyMessage], add_messages]
+    turns: int
+
+
+def _graph(saver: Any) -> Any:
+    """Each turn edits the first answer in place (an anti-pattern LangGraph tolerates: the
+    edit is saved with the next version of the list) and adds a new one."""
+
+    def talk(state: Chat) -> dict[str, Any]:
+        turn = state.get("turns", 0)
+        answers = [m for m in state["messages"] if isinstance(m, AIMessage)]
+        if answers:
+            answers[0].content = f"first answer, seen at turn {turn}"
+        return {"messages": [AIMessage(content=f"answer {turn}", id=f"a{turn}")],
+                "turns": turn + 1}
+
+    def more(state: Chat) -> str:
+        return "talk" if state.get("turns", 0) < 40 else END
+
+    graph = StateGraph(Chat)
+    graph.add_node("talk", talk)
+    graph.add_edge(START, "talk")
+    graph.add_conditional_edges("talk", more, ["talk", END])
+    return graph.compile(checkpointer=saver)
+
+
+@pytest.mark.anyio
+async def test_a_graph_editing_messages_in_place_saves_what_langgraph_saves() -> None:
+    ours, theirs = FastCheckpointSaver(MemoryStore()), InMemorySaver()
+    for saver in (ours, theirs):
+        await _graph(saver).ainvoke({"messages": [HumanMessage(content="go", id="q")]},
+                                    config("t"))
+    mine = [(found.metadata.get("step"), found.checkpoint["channel_values"])
+            async for found in ours.alist(config("t"))]
+    reference = [(found.metadata.get("step"), found.checkpoint["channel_values"])
+                 async for found in theirs.alist(config("t"))]
+    assert len(mine) == 42
+    assert mine == reference
+
+
+@pytest.mark.anyio
+async def test_a_graph_serializes_each_message_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cost: after the input's save, each save serializes the one message its step added
+    (and the step's write carries it once more), not the whole list."""
+    sizes: list[int] = []
+    dumps = JsonPlusSerializer.dumps_typed
+
+    def counted(self: JsonPlusSerializer, value: Any) -> tuple[str, bytes]:
+        if isinstance(value, list) and value and isinstance(value[0], (AIMessage, HumanMessage)):
+            sizes.append(len(value))
+        return dumps(self, value)
+
+    monkeypatch.setattr(JsonPlusSerializer, "dumps_typed", counted)
+
+    def talk(state: Chat) -> dict[str, Any]:
+        turn = state.get("turns", 0)
+        return {"messages": [AIMessage(content=f"answer {turn}", id=f"a{turn}")],
+                "turns": turn + 1}
+
+    graph = StateGraph(Chat)
+    graph.add_node("talk", talk)
+    graph.add_edge(START, "talk")
+    graph.add_conditional_edges("talk", lambda state: "talk" if state["turns"] < 40 else END,
+                                ["talk", END])
+    saver = FastCheckpointSaver(MemoryStore())
+    final = await graph.compile(checkpointer=saver).ainvoke(
+        {"messages": [HumanMessage(content="go", id="q")]}, config("t"))
+    assert len(final["messages"]) == 41
+    assert set(sizes) == {1}  # 40 saves of a growing list, 40 writes, the input
+    assert len(sizes) >= 81
+    latest = await saver.aget_tuple(config("t"))
+    assert latest is not None
+    assert latest.checkpoint["channel_values"]["messages"] == final["messages"]
