@@ -21,14 +21,16 @@ lists and dicts, and refuses everything else (subclasses, tuples, dates, UUIDs, 
 dataclasses, numpy arrays, other models, strings with lone surrogates, cycles), so two
 entries of one class with equal fingerprints hold the same exact data and the serde writes
 the same bytes for them. A model is kept only when its dump is a function of that data
-alone: ``model_dump`` not overridden, no computed fields, no serialization functions anywhere
+alone: ``model_dump`` not overridden, no computed fields, nothing about serialization
+(serializers, ``exclude_if``, serialization aliases) and no discriminator function anywhere
 in its core schema; a class is judged once, the first time the memo meets it (a class whose
 serialization is changed afterwards, by ``model_rebuild`` or by assigning methods, is not
 judged again). An entry changed in place (a message's content edited, a key added to a dict
 it holds) has another fingerprint and is serialized again, with every entry after it; so is
-an entry without one, at every save. An entry's fingerprint is taken before the serde reads
-it: one changed in between (a node editing it while a worker thread encodes a large save) is
-serialized again at the next save.
+an entry without one, at every save. What the serde serializes of a new entry is a copy made
+from its fingerprint, and the list is copied first: a node that edits an entry or appends to
+the list while a worker thread encodes a large save changes neither what is stored nor what
+is kept.
 
 The leading entries are checked together, as one msgpack array compared with the kept
 fingerprints (about 0.5 µs a message), and one by one only where that finds a difference.
@@ -81,14 +83,17 @@ _NOT_SCHEMA = frozenset({"default", "metadata"})
 def fingerprint(entry: object) -> bytes | None:
     """What the serde reads of ``entry`` as exact-typed bytes; ``None`` when the memo does
     not keep it (the entry is then serialized at every save)."""
-    kind = type(entry)
-    if not (_PURE_MODELS.get(kind) or _pure_model(kind)):
+    if not _is_pure(type(entry)):
         return None
-    return _strict(_state(entry))
+    state = _state(entry)
+    return None if state is None else _strict(state)
 
 
-def _state(entry: Any) -> list[Any]:
-    return [entry.__dict__, entry.__pydantic_extra__]
+def _state(entry: Any) -> list[Any] | None:
+    try:
+        return [entry.__dict__, entry.__pydantic_extra__]
+    except AttributeError:  # a model whose __init__ skipped pydantic's
+        return None
 
 
 def _strict(states: list[Any]) -> bytes | None:
@@ -101,29 +106,59 @@ def _strict(states: list[Any]) -> bytes | None:
         return None
 
 
+def _rebuilt(entry: Any, mark: bytes) -> Any:
+    """A copy of ``entry`` made from its fingerprint alone, for the serde to read: the bytes
+    kept with a fingerprint are then the serde's for exactly that state, even if another
+    thread changes ``entry`` meanwhile (and back again before a later save)."""
+    fields, extra = ormsgpack.unpackb(mark, ext_hook=ormsgpack.Ext)
+    kind: Any = type(entry)
+    copy = kind.__new__(kind)
+    object.__setattr__(copy, "__dict__", fields)
+    object.__setattr__(copy, "__pydantic_extra__", extra)
+    object.__setattr__(copy, "__pydantic_fields_set__",
+                       set(getattr(entry, "__pydantic_fields_set__", ())))
+    object.__setattr__(copy, "__pydantic_private__", getattr(entry, "__pydantic_private__", None))
+    return copy
+
+
+def _is_pure(kind: type) -> bool:
+    try:
+        return _PURE_MODELS.get(kind) or _pure_model(kind)
+    except TypeError:  # a class that cannot be hashed (its metaclass defines __eq__ only)
+        return False
+
+
 def _pure_model(kind: type) -> bool:
     known = _PURE_MODELS.get(kind)
     if known is not None:
         return known
-    pure = False
-    pydantic = sys.modules.get("pydantic")
-    base = None if pydantic is None else getattr(pydantic, "BaseModel", None)
-    if base is not None and isinstance(kind, type) and issubclass(kind, base):
-        decorators = getattr(kind, "__pydantic_decorators__", None)
-        schema = getattr(kind, "__pydantic_core_schema__", None)
-        pure = (getattr(kind, "model_dump", None) is base.model_dump
-                and decorators is not None and isinstance(schema, Mapping)
-                and not decorators.field_serializers and not decorators.model_serializers
-                and not decorators.computed_fields and _plain_schema(schema))
+    try:
+        pure = _judged_pure(kind)
+    except Exception:  # a class pydantic cannot describe yet (not fully defined, ...)
+        pure = False
     if len(_PURE_MODELS) >= _MODELS_KNOWN:
         _PURE_MODELS.clear()
     _PURE_MODELS[kind] = pure
     return pure
 
 
+def _judged_pure(kind: type) -> bool:
+    pydantic = sys.modules.get("pydantic")
+    base = None if pydantic is None else getattr(pydantic, "BaseModel", None)
+    if base is None or not isinstance(kind, type) or not issubclass(kind, base):
+        return False
+    decorators = getattr(kind, "__pydantic_decorators__", None)
+    schema = getattr(kind, "__pydantic_core_schema__", None)
+    return (getattr(kind, "model_dump", None) is base.model_dump
+            and decorators is not None and isinstance(schema, Mapping)
+            and not decorators.field_serializers and not decorators.model_serializers
+            and not decorators.computed_fields and _plain_schema(schema))
+
+
 def _plain_schema(schema: Mapping[str, Any]) -> bool:
-    """Whether a pydantic core schema says nowhere how to serialize something (no
-    serialization functions, no computed fields), read within :data:`_SCHEMA_NODES`."""
+    """Whether a pydantic core schema says nowhere how to serialize something (nothing
+    about serialization, no computed fields, no discriminator function), read within
+    :data:`_SCHEMA_NODES`."""
     stack: list[object] = [schema]
     seen: set[int] = set()
     while stack:
@@ -134,7 +169,8 @@ def _plain_schema(schema: Mapping[str, Any]) -> bool:
         if len(seen) > _SCHEMA_NODES:
             return False
         if isinstance(node, Mapping):
-            if node.get("serialization") or node.get("computed_fields"):
+            if node.get("computed_fields") or callable(node.get("discriminator")) or any(
+                    "serializ" in str(key) and value for key, value in node.items()):
                 return False
             stack.extend(value for key, value in node.items() if key not in _NOT_SCHEMA)
         elif isinstance(node, (list, tuple)):
@@ -176,8 +212,9 @@ class _Serialized:
         if not count:
             return 0
         leading = value[:count]
-        if tuple(map(type, leading)) == self.kinds[:count]:
-            found = _strict([_state(entry) for entry in leading])
+        if all(map(operator.is_, map(type, leading), self.kinds)):
+            states = [_state(entry) for entry in leading]
+            found = None if None in states else _strict(states)
             end = self.ends[count - 1]
             if found is not None and len(found) == len(array_header(count)) + end and \
                     found.endswith(self.prints if end == len(self.prints) else self.prints[:end]):
@@ -206,10 +243,13 @@ class ListMemo:
         serde). ``None``: not a list this memo serializes (the caller serializes it whole)."""
         if type(serde) is not JsonPlusSerializer or type(value) is not list or not value:
             return None
+        # A snapshot (one C-level copy): LangGraph hands over the channel's own list, which a
+        # node of the next step may append to while a worker thread encodes this save.
+        value = list(value)
         slot = (run_key, channel)
         with self._lock:
             last = self._kept.get(slot)
-        if last is None and not _pure_model(type(value[0])):
+        if last is None and not _is_pure(type(value[0])):
             return None  # plain data: the serde's C code is faster than any check
         reused = 0 if last is None else last.unchanged(value)
         kinds = [] if last is None else list(last.kinds[:reused])
@@ -218,13 +258,14 @@ class ListMemo:
         parts = [] if last is None else list(last.parts[:reused])
         if reused < len(value):
             rest = value[reused:]
-            # Fingerprints before the serde reads the entries: one changed in between (a
-            # node editing it while a worker thread encodes) is serialized again next time.
+            # The serde reads copies made from the fingerprints, so the bytes kept with each
+            # are the serde's for that state, whatever changes the entry meanwhile.
             end = ends[-1] if ends else 0
-            for entry in rest:
+            for position, entry in enumerate(rest):
                 mark = fingerprint(entry)
                 if mark is None:
                     break
+                rest[position] = _rebuilt(entry, mark)
                 kinds.append(type(entry))
                 marks.append(mark)
                 end += len(mark)

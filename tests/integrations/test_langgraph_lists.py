@@ -12,6 +12,7 @@ import datetime as dt
 import threading
 from typing import Annotated, Any, TypedDict
 
+import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,6 +29,7 @@ from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
 from tests.integrations._langgraph_support import config
 
 SERDE = JsonPlusSerializer()
+DEADLINE = 30
 
 
 class Plain(BaseModel):
@@ -156,6 +158,76 @@ def test_an_entry_edited_while_serialized_is_serialized_again() -> None:
     assert b"final" in _serialized(memo, value)[1]
 
 
+def test_an_entry_edited_and_restored_while_serialized_keeps_the_right_bytes() -> None:
+    """Edited to another state while the serde works, and back before the next save: what is
+    kept is the serde's output for the state the fingerprint saw, not the passing one."""
+    memo = ListMemo()
+    value: list[Any] = [AIMessage(content="draft", id="a")]
+    before = SERDE.dumps_typed(copy.deepcopy(value))
+
+    def edit_while_dumping(entries: list[Any]) -> tuple[str, bytes]:
+        value[0].content = "streaming..."
+        typed = SERDE.dumps_typed(entries)
+        value[0].content = "draft"
+        return typed
+
+    assert memo.dumps(SERDE, "run", "messages", value, edit_while_dumping) == before
+    value = [*value, AIMessage(content="next", id="b")]
+    assert _serialized(memo, value) == SERDE.dumps_typed(value)
+
+
+def test_a_list_appended_to_while_serialized_is_saved_as_it_was() -> None:
+    """LangGraph hands over the channel's own list; a node may append to it while a worker
+    thread encodes the save: the save is of the list as it was when the save began."""
+    memo = ListMemo()
+    value: list[Any] = [AIMessage(content=f"m{i}", id=f"a{i}") for i in range(3)]
+    _serialized(memo, value)
+    value.append(AIMessage(content="m3", id="a3"))
+    snapshot = list(value)
+
+    def append_while_dumping(entries: list[Any]) -> tuple[str, bytes]:
+        value.append(AIMessage(content="late", id="late"))
+        return SERDE.dumps_typed(entries)
+
+    found = memo.dumps(SERDE, "run", "messages", value, append_while_dumping)
+    assert found == SERDE.dumps_typed(snapshot)
+    assert found is not None
+    assert SERDE.loads_typed(found) == snapshot
+
+
+def test_models_memo_cannot_judge_are_serialized_whole() -> None:
+    class Flagged(BaseModel):
+        text: str
+        debug: str = Field(default="", exclude_if=lambda value: not DEBUG)
+
+    class Skipped(BaseModel):
+        text: str = "x"
+
+        def __init__(self) -> None:  # pydantic's __init__ never runs
+            object.__setattr__(self, "__dict__", {"text": "x"})
+
+    class Meta(type(BaseModel)):  # type: ignore[misc]
+        def __eq__(cls, other: object) -> bool:
+            return cls is other
+
+        __hash__ = None  # type: ignore[assignment]
+
+    class Unhashable(BaseModel, metaclass=Meta):
+        text: str
+
+    assert fingerprint(Flagged(text="x")) is None
+    assert fingerprint(Skipped()) is None
+    assert fingerprint(Unhashable(text="x")) is None
+    memo = ListMemo()
+    for entries in ([Flagged(text="x", debug="d")], [AIMessage(content="a", id="a"), Skipped()],
+                    [Unhashable(text="x")]):
+        assert memo.dumps(SERDE, "run", "other", entries, SERDE.dumps_typed) in (
+            None, SERDE.dumps_typed(entries))
+
+
+DEBUG = False
+
+
 def test_a_model_whose_schema_holds_a_cycle_is_judged_in_bounded_time() -> None:
     loop: list[Any] = []
     loop.append(loop)
@@ -271,13 +343,14 @@ def _graph(saver: Any) -> Any:
 @pytest.mark.anyio
 async def test_a_graph_editing_messages_in_place_saves_what_langgraph_saves() -> None:
     ours, theirs = FastCheckpointSaver(MemoryStore()), InMemorySaver()
-    for saver in (ours, theirs):
-        await _graph(saver).ainvoke({"messages": [HumanMessage(content="go", id="q")]},
-                                    config("t"))
-    mine = [(found.metadata.get("step"), found.checkpoint["channel_values"])
-            async for found in ours.alist(config("t"))]
-    reference = [(found.metadata.get("step"), found.checkpoint["channel_values"])
-                 async for found in theirs.alist(config("t"))]
+    with anyio.fail_after(DEADLINE):
+        for saver in (ours, theirs):
+            await _graph(saver).ainvoke({"messages": [HumanMessage(content="go", id="q")]},
+                                        config("t"))
+        mine = [(found.metadata.get("step"), found.checkpoint["channel_values"])
+                async for found in ours.alist(config("t"))]
+        reference = [(found.metadata.get("step"), found.checkpoint["channel_values"])
+                     async for found in theirs.alist(config("t"))]
     assert len(mine) == 42
     assert mine == reference
 
@@ -307,11 +380,12 @@ async def test_a_graph_serializes_each_message_once(monkeypatch: pytest.MonkeyPa
     graph.add_conditional_edges("talk", lambda state: "talk" if state["turns"] < 40 else END,
                                 ["talk", END])
     saver = FastCheckpointSaver(MemoryStore())
-    final = await graph.compile(checkpointer=saver).ainvoke(
-        {"messages": [HumanMessage(content="go", id="q")]}, config("t"))
+    with anyio.fail_after(DEADLINE):
+        final = await graph.compile(checkpointer=saver).ainvoke(
+            {"messages": [HumanMessage(content="go", id="q")]}, config("t"))
+        latest = await saver.aget_tuple(config("t"))
     assert len(final["messages"]) == 41
     assert set(sizes) == {1}  # 40 saves of a growing list, 40 writes, the input
     assert len(sizes) >= 81
-    latest = await saver.aget_tuple(config("t"))
     assert latest is not None
     assert latest.checkpoint["channel_values"]["messages"] == final["messages"]

@@ -174,10 +174,27 @@ def _kill_writers(url: str, run_id: str, names: list[str], kill_at: list[int],
     return writers
 
 
+async def _server_processes_gone(postgres: PostgresTarget, tag: str) -> None:
+    """Wait for the server processes of killed clients to end: one may still be running the
+    statement its client sent last, and commit it after the client died (a create that lands
+    unacknowledged, which the audit must see)."""
+    admin = await asyncpg.connect(postgres.url())
+    try:
+        for _ in range(2_400):  # the caller's deadline ends the wait first
+            if not await admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", tag):
+                return
+            await anyio.sleep(0.05)
+    finally:
+        await admin.close()
+    pytest.fail(f"the server processes of the killed writers ({tag}) did not end")
+
+
 async def test_acknowledged_creates_survive_kill_9_of_writers(
     postgres: PostgresTarget, schema: str, tmp_path: Path
 ) -> None:
-    url = f"{postgres.url()}?schema={schema}&max_size=2"
+    tag = f"fc-killed-{os.getpid()}-{random.randrange(1 << 30)}"
+    url = f"{postgres.url()}?schema={schema}&max_size=2&application_name={tag}"
     rng = random.Random(15)
     run_id = "killed"
     writers: list[Writer] = []
@@ -187,6 +204,7 @@ async def test_acknowledged_creates_survive_kill_9_of_writers(
             kill_at = [rng.randint(1, 60) for _ in names]
             writers += await anyio.to_thread.run_sync(
                 _kill_writers, url, run_id, names, kill_at, tmp_path)
+        await _server_processes_gone(postgres, tag)
         acks = [ack for writer in writers for ack in writer.acks()]
         in_flight = {f"{writer.name}/{len(writer.lines)}" for writer in writers}
         store = PostgresStore.from_url(url)
