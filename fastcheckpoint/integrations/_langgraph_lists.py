@@ -28,9 +28,9 @@ serialization is changed afterwards, by ``model_rebuild`` or by assigning method
 judged again). An entry changed in place (a message's content edited, a key added to a dict
 it holds) has another fingerprint and is serialized again, with every entry after it; so is
 an entry without one, at every save. What the serde serializes of a new entry is a copy made
-from its fingerprint, and the list is copied first: a node that edits an entry or appends to
-the list while a worker thread encodes a large save changes neither what is stored nor what
-is kept.
+from its fingerprint (and the saver hands over a copy of the list): a node that edits an
+entry or appends to the list while a worker thread encodes a large save changes neither what
+is stored nor what is kept.
 
 The leading entries are checked together, as one msgpack array compared with the kept
 fingerprints (about 0.5 µs a message), and one by one only where that finds a difference.
@@ -240,12 +240,11 @@ class ListMemo:
               dumps: Callable[[list[Any]], Typed]) -> Typed | None:
         """``value`` serialized as ``serde`` would, reusing the bytes of its unchanged leading
         entries; ``dumps(entries)`` serializes the others (the saver's checked call of the
-        serde). ``None``: not a list this memo serializes (the caller serializes it whole)."""
+        serde). ``None``: not a list this memo serializes (the caller serializes it whole).
+        ``value`` is a list no one changes meanwhile (the saver passes a copy of LangGraph's:
+        a header counting entries the bytes lack would make the value unloadable)."""
         if type(serde) is not JsonPlusSerializer or type(value) is not list or not value:
             return None
-        # A snapshot (one C-level copy): LangGraph hands over the channel's own list, which a
-        # node of the next step may append to while a worker thread encodes this save.
-        value = list(value)
         slot = (run_key, channel)
         with self._lock:
             last = self._kept.get(slot)

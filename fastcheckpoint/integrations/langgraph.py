@@ -914,18 +914,22 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         parent_id: str | None,
         inherited: _Logs,
     ) -> Callable[[], _Encoded]:
+        values = _mapping("checkpoint['channel_values']", checkpoint.get("channel_values"))
+        # Taken here, on the caller's thread, before anything is encoded: a save stores what
+        # the changed channels held when it began (see _snapshot).
+        changed = {channel: (version, _snapshot(values[channel]))
+                   for channel, version in _mapping("new_versions", new_versions).items()
+                   if channel in values}
+
         def encode() -> _Encoded:
-            values = _mapping("checkpoint['channel_values']", checkpoint.get("channel_values"))
             versions = _mapping("checkpoint['channel_versions']",
                                 checkpoint.get("channel_versions"))
             bare = {name: part for name, part in checkpoint.items() if name != "channel_values"}
             blobs: list[Item] = []
             planned: list[Planned] = []
             written: dict[str, str] = {}  # channel -> its blob's key, when it is versions'
-            for channel, version in _mapping("new_versions", new_versions).items():
-                if channel not in values:
-                    continue
-                typed = self._dumps_value(where, channel, values[channel])
+            for channel, (version, value) in changed.items():
+                typed = self._dumps_value(where, channel, value)
                 plan = self._shared.logs.plan(where.key, channel, version, typed)
                 if plan is None:
                     key = records.blob_key(channel, version)
@@ -1870,6 +1874,19 @@ def _write_pair(write: object) -> tuple[str, Any]:
     if not isinstance(write, (tuple, list)) or len(write) != 2:
         raise ValidationError(f"each write must be a (channel, value) pair, got {write!r:.60}")
     return _text("a write's channel", write[0]), write[1]
+
+
+def _snapshot(value: object) -> object:
+    """A channel value as it is now: a list or dict copied (one C-level call, atomic under
+    the GIL). LangGraph hands over the channel's own object, which a node of the next step
+    may change while a worker thread encodes a large save; the serde's encoder must not
+    iterate a container that changes under it (ormsgpack crashes when items are removed
+    while its ``default`` hook runs Python code). Containers inside are not copied."""
+    if type(value) is list:
+        return list(value)
+    if type(value) is dict:
+        return dict(value)
+    return value
 
 
 def _mapping(name: str, value: object) -> Mapping[str, Any]:

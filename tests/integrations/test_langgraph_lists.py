@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field, computed_field, field_serializer
 from fastcheckpoint import MemoryStore
 from fastcheckpoint.integrations._langgraph_lists import ListMemo, fingerprint
 from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
-from tests.integrations._langgraph_support import config
+from tests.integrations._langgraph_support import config, put
 
 SERDE = JsonPlusSerializer()
 DEADLINE = 30
@@ -176,23 +176,37 @@ def test_an_entry_edited_and_restored_while_serialized_keeps_the_right_bytes() -
     assert _serialized(memo, value) == SERDE.dumps_typed(value)
 
 
-def test_a_list_appended_to_while_serialized_is_saved_as_it_was() -> None:
-    """LangGraph hands over the channel's own list; a node may append to it while a worker
-    thread encodes the save: the save is of the list as it was when the save began."""
-    memo = ListMemo()
-    value: list[Any] = [AIMessage(content=f"m{i}", id=f"a{i}") for i in range(3)]
-    _serialized(memo, value)
-    value.append(AIMessage(content="m3", id="a3"))
-    snapshot = list(value)
+@pytest.mark.anyio
+async def test_channel_values_changed_while_serialized_are_saved_as_they_were(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LangGraph hands over the channels' own lists and dicts; a node of the next step may
+    change them while a worker thread encodes a large save. The save is of the values as
+    they were when it began (the serde's encoder never iterates a container that changes
+    under it), through the memo (a list of messages) and without it (plain lists, dicts)."""
+    messages: list[Any] = [AIMessage(content=f"m{i}", id=f"a{i}") for i in range(3)]
+    plain: list[Any] = [1, 2, 3]
+    table: dict[str, Any] = {"a": 1, "b": 2}
+    values = {"messages": messages, "plain": plain, "table": table}
+    expected = copy.deepcopy(values)
+    dumps = JsonPlusSerializer.dumps_typed
 
-    def append_while_dumping(entries: list[Any]) -> tuple[str, bytes]:
-        value.append(AIMessage(content="late", id="late"))
-        return SERDE.dumps_typed(entries)
+    def meddling(self: JsonPlusSerializer, value: Any) -> tuple[str, bytes]:
+        messages.append(AIMessage(content="late", id="late"))
+        del messages[0]
+        plain.append(4)
+        del plain[0]
+        table["c"] = 3
+        table.pop("a", None)
+        return dumps(self, value)
 
-    found = memo.dumps(SERDE, "run", "messages", value, append_while_dumping)
-    assert found == SERDE.dumps_typed(snapshot)
+    saver = FastCheckpointSaver(MemoryStore())
+    monkeypatch.setattr(JsonPlusSerializer, "dumps_typed", meddling)
+    with anyio.fail_after(DEADLINE):
+        saved = await put(saver, "t", values=values, versions=dict.fromkeys(values, "1"))
+        found = await saver.aget_tuple(config("t", saved))
     assert found is not None
-    assert SERDE.loads_typed(found) == snapshot
+    assert found.checkpoint["channel_values"] == expected
 
 
 def test_models_memo_cannot_judge_are_serialized_whole() -> None:
