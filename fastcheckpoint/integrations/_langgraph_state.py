@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -135,6 +135,34 @@ class SaverState:
         self.saving: dict[tuple[str, str], Signal] = {}
         self.parked: dict[tuple[str, str], Parked] = {}
         self._last_turn: dict[str, Signal] = {}
+        self._under_way: dict[str, set[Signal]] = {}
+        """Run key -> the ends of the saves and stored writes of the run under way here."""
+
+    @contextlib.contextmanager
+    def under_way(self, key: str) -> Iterator[None]:
+        """A save or write of run ``key`` under way (:meth:`settle` waits for it)."""
+        signal = Signal()
+        self._under_way.setdefault(key, set()).add(signal)
+        try:
+            yield
+        finally:
+            signal.set()
+            calls = self._under_way.get(key)
+            if calls is not None:
+                calls.discard(signal)
+                if not calls:
+                    del self._under_way[key]
+
+    async def settle(self, key: str | None = None) -> None:
+        """Wait for the saves and stored writes of run ``key`` (``None``: of every run) under
+        way in this process, those started meanwhile too."""
+        while True:
+            calls = [signal for run, signals in list(self._under_way.items())
+                     if key is None or run == key for signal in list(signals)]
+            if not calls:
+                return
+            for signal in calls:
+                await signal.wait()
 
     def remember(self, key: str, checkpoint_id: str, where: Located, *, head: bool,
                  payload_size: int | None = None) -> None:

@@ -290,12 +290,21 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop the cleanup loop, close the store and the saver's own loop thread (if the
-        blocking methods started one). Copies share all three."""
+        """Wait for the saves and writes under way (a graph run cut short by a timeout leaves
+        them running), then stop the cleanup loop, close the store and the saver's own loop
+        thread (if the blocking methods started one). Copies share all three."""
         try:
+            await self._state.settle()
             await self._shared.manager.aclose()
         finally:
             await in_worker_thread(self._shared.bridge.stop)
+
+    async def drain(self) -> None:
+        """Wait for the saves and writes under way in this process (and those they start):
+        a graph run cut short by ``asyncio.timeout`` or ``asyncio.wait_for`` can return
+        before LangGraph's calls to the saver end (LangGraph does not wait for them). Reads
+        of a namespace and :meth:`aclose` wait for them by themselves."""
+        await self._state.settle()
 
     def close(self) -> None:
         """:meth:`aclose` for programs without an event loop (blocking)."""
@@ -311,6 +320,9 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         latest), with its channel values and pending writes; ``None`` if there is none."""
         where = _where(config)
         checkpoint_id = _checkpoint_id(config)
+        # A read sees what this process's saves and writes of the namespace under way store
+        # (a graph run cut short by a timeout leaves them running: LangGraph does not wait).
+        await self._state.settle(where.key)
         now = self._now()
         self._state.failed.pop(where.key)  # a graph run starts here: its saves may come
         if checkpoint_id is None:
@@ -375,7 +387,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             return saved
         signal = state.saving[slot] = Signal()
         try:
-            await self._save(where, config, checkpoint, metadata, new_versions)
+            with state.under_way(where.key):
+                await self._save(where, config, checkpoint, metadata, new_versions)
         except BaseException:
             # LangGraph makes no save of the thread after one that failed or was cancelled
             # (each waits for the previous): writes parked for later checkpoints would wait
@@ -1257,6 +1270,16 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 del state.parked[slot]
 
     async def _parked(self, slot: tuple[str, str], parked: Parked) -> bool:
+        try:
+            return await self._parked_until_stored(slot, parked)
+        except anyio.get_cancelled_exc_class():
+            if self._state.parked.get(slot) is not parked and not parked.done.is_set:
+                # A save took them and is storing them: the call ends once they landed (or
+                # not), as a write stored by the call itself does.
+                await settled(parked.done.wait())
+            raise
+
+    async def _parked_until_stored(self, slot: tuple[str, str], parked: Parked) -> bool:
         state = self._state
         key = slot[0]
         since = anyio.current_time()
@@ -1284,12 +1307,16 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         self, where: _Where, checkpoint_id: str, located: Located, writes: list[StoredWrite]
     ) -> bool:
         """Store ``writes`` on their checkpoint and pause the thread for the interrupts among
-        them: both, whatever cancels the caller once they are under way (writes without an
-        interrupt in the root namespace leave nothing to follow: they skip that cost)."""
-        stored = self._put_owned_now(where, checkpoint_id, located, writes)
-        if where.checkpoint_ns or all(write.channel != records.INTERRUPT for write in writes):
-            return await stored
-        return await settled(stored)
+        them: all of it, whatever cancels the caller once it is under way (regular and
+        special writes are two store calls; a single call without an interrupt in the root
+        namespace leaves nothing to follow, and skips that cost)."""
+        with self._state.under_way(where.key):
+            stored = self._put_owned_now(where, checkpoint_id, located, writes)
+            groups = {write.idx >= 0 for write in writes}
+            if len(groups) == 1 and (where.checkpoint_ns or all(
+                    write.channel != records.INTERRUPT for write in writes)):
+                return await stored
+            return await settled(stored)
 
     async def _put_owned_now(
         self, where: _Where, checkpoint_id: str, located: Located, writes: list[StoredWrite]

@@ -240,3 +240,81 @@ async def test_a_save_cancelled_once_it_landed_after_an_interrupt_has_resumed_th
     run = await saver.manager.get_run("t")
     assert run is not None
     assert run.status is CheckpointStatus.ACTIVE
+
+
+async def test_regular_and_special_writes_cancelled_under_way_land_together(
+    tmp_path: Path,
+) -> None:
+    """A failing task's writes (LangGraph's ``__error_source_node__``, a regular write, and
+    ``__error__``, a special one) are two store calls: cancelled while the first runs, the
+    call ends with both stored (LangGraph takes a task with writes but no error as done)."""
+    store = FileStore(tmp_path, fsync=False)
+    saver = _saver(store)
+    saved = await saver.aput(config("t"), checkpoint(), metadata(0), {})
+    waiting, go = _held(store, "_put_owned_items")
+    await _cancelled_under_way(saver.aput_writes(
+        saved, [("__error_source_node__", "node"), ("__error__", "boom")], "task"), waiting, go)
+    found = await _saver(store).aget_tuple(saved)
+    assert found is not None
+    assert sorted(channel for _, channel, _ in found.pending_writes) == [
+        "__error__", "__error_source_node__"]
+
+
+async def test_parked_writes_a_save_took_land_before_their_cancelled_call_ends() -> None:
+    """Writes parked for a checkpoint whose save is running: cancelled once that save took
+    them, the call ends when the save stored them, with the thread PAUSED for an interrupt
+    among them (not after the caller was told the call ended)."""
+    saver = _saver(MemoryStore())
+    first, second = checkpoint(), checkpoint()
+    first_config = await saver.aput(config("t"), first, metadata(-1), {})
+    real = saver._store.append_with_items
+    taken, go = asyncio.Event(), asyncio.Event()
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        taken.set()
+        await go.wait()
+        return await real(*args, **kwargs)
+
+    saver._store.append_with_items = held  # type: ignore[method-assign]
+    writes = asyncio.create_task(
+        saver.aput_writes(config("t", second["id"]), [("__interrupt__", {"q": 1})], "task"))
+    await asyncio.sleep(0.01)  # parked: the checkpoint is not saved yet
+    save = asyncio.create_task(saver.aput(first_config, second, metadata(0), {}))
+    await asyncio.wait_for(taken.wait(), DEADLINE)  # the save took them and is storing them
+    writes.cancel()
+    await asyncio.sleep(0.01)
+    assert not writes.done()  # waits for the save that carries its writes
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(writes, DEADLINE)
+    run = await saver.manager.get_run("t")
+    assert run is not None
+    assert run.status is CheckpointStatus.PAUSED
+    await asyncio.wait_for(save, DEADLINE)
+
+
+async def test_a_read_drain_and_aclose_wait_for_the_saves_under_way(tmp_path: Path) -> None:
+    """A graph run cut short by a timeout returns while LangGraph's calls to the saver go on
+    (LangGraph does not wait for them): a read of the namespace in this process waits for
+    them, and so do ``drain`` and ``aclose``."""
+    store = FileStore(tmp_path, fsync=False)
+    saver = _saver(store)
+    first = await saver.aput(config("t"), checkpoint(), metadata(-1), {})
+    waiting, go = _held(store, "_append")
+    second = checkpoint()
+    save = asyncio.create_task(saver.aput(first, second, metadata(0), {}))
+    await asyncio.wait_for(_until(waiting), DEADLINE)
+    read = asyncio.create_task(saver.aget_tuple(config("t")))
+    drained = asyncio.create_task(saver.drain())
+    closing = asyncio.create_task(saver.aclose())
+    await asyncio.sleep(0.05)
+    assert not read.done()
+    assert not drained.done()
+    assert not closing.done()
+    go.set()
+    await asyncio.wait_for(drained, DEADLINE)
+    found = await asyncio.wait_for(read, DEADLINE)
+    assert found is not None
+    assert found.checkpoint["id"] == second["id"]
+    await asyncio.wait_for(closing, DEADLINE)
+    await asyncio.wait_for(save, DEADLINE)
