@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 from fastcheckpoint.integrations._langgraph_records import ChannelLog, Located, StoredWrite
 
@@ -25,6 +26,8 @@ _RUNS = 10_000
 _IDS = 50_000
 _SEEDS = 1_000
 _SIGNAL_POLL = 0.05
+_QUIET_TURNS = 3
+"""Event-loop turns :meth:`SaverState.settle` finds nothing under way before it returns."""
 
 
 class Lru(Generic[_K, _V]):
@@ -135,32 +138,45 @@ class SaverState:
         self.saving: dict[tuple[str, str], Signal] = {}
         self.parked: dict[tuple[str, str], Parked] = {}
         self._last_turn: dict[str, Signal] = {}
-        self._under_way: dict[str, set[Signal]] = {}
-        """Run key -> the ends of the saves and stored writes of the run under way here."""
+        self._under_way: dict[str, tuple[str, set[Signal]]] = {}
+        """Run key -> its thread id and the ends of the run's saves and writes under way here."""
+        self._under_way_lock = threading.Lock()  # blocking calls run on another loop thread
 
     @contextlib.contextmanager
-    def under_way(self, key: str) -> Iterator[None]:
-        """A save or write of run ``key`` under way (:meth:`settle` waits for it)."""
+    def under_way(self, key: str, thread_id: str) -> Iterator[None]:
+        """A save or write of run ``key`` (of thread ``thread_id``) under way: :meth:`settle`
+        waits for it."""
         signal = Signal()
-        self._under_way.setdefault(key, set()).add(signal)
+        with self._under_way_lock:
+            self._under_way.setdefault(key, (thread_id, set()))[1].add(signal)
         try:
             yield
         finally:
             signal.set()
-            calls = self._under_way.get(key)
-            if calls is not None:
-                calls.discard(signal)
-                if not calls:
-                    del self._under_way[key]
+            with self._under_way_lock:
+                found = self._under_way.get(key)
+                if found is not None:
+                    found[1].discard(signal)
+                    if not found[1]:
+                        del self._under_way[key]
 
-    async def settle(self, key: str | None = None) -> None:
-        """Wait for the saves and stored writes of run ``key`` (``None``: of every run) under
-        way in this process, those started meanwhile too."""
-        while True:
-            calls = [signal for run, signals in list(self._under_way.items())
-                     if key is None or run == key for signal in list(signals)]
+    async def settle(self, *, key: str | None = None, thread_id: str | None = None) -> None:
+        """Wait for the saves and writes under way in this process of run ``key``, of every
+        run of thread ``thread_id``, or (neither) of every run: those started meanwhile too,
+        until none is left after a few turns of the event loop (LangGraph starts a queued
+        save once the one before it ended)."""
+        quiet = 0
+        while quiet < _QUIET_TURNS:
+            with self._under_way_lock:
+                calls = [signal for run, (thread, signals) in self._under_way.items()
+                         if (key is None or run == key)
+                         and (thread_id is None or thread == thread_id)
+                         for signal in signals]
             if not calls:
-                return
+                quiet += 1
+                await anyio.lowlevel.checkpoint()
+                continue
+            quiet = 0
             for signal in calls:
                 await signal.wait()
 

@@ -294,24 +294,30 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         them running), then stop the cleanup loop, close the store and the saver's own loop
         thread (if the blocking methods started one). Copies share all three."""
         try:
-            await self._state.settle()
-            await self._shared.manager.aclose()
+            await self._settled_close()
         finally:
             await in_worker_thread(self._shared.bridge.stop)
 
-    async def drain(self) -> None:
-        """Wait for the saves and writes under way in this process (and those they start):
-        a graph run cut short by ``asyncio.timeout`` or ``asyncio.wait_for`` can return
-        before LangGraph's calls to the saver end (LangGraph does not wait for them). Reads
-        of a namespace and :meth:`aclose` wait for them by themselves."""
-        await self._state.settle()
+    async def drain(self, thread_id: str | None = None) -> None:
+        """Wait for the saves and writes under way in this process, of one thread or (no
+        ``thread_id``) of all, and those they lead LangGraph to start: a graph run cut short
+        by ``asyncio.timeout`` or ``asyncio.wait_for`` can return before LangGraph's calls to
+        the saver end (LangGraph does not wait for them). Reads of a namespace and
+        :meth:`aclose` wait for them by themselves. Without a thread, on a process that
+        keeps saving, it returns once nothing is under way."""
+        thread = None if thread_id is None else records.checked_thread_id(thread_id)
+        await self._state.settle(thread_id=thread)
 
     def close(self) -> None:
         """:meth:`aclose` for programs without an event loop (blocking)."""
         try:
-            self._shared.bridge.call(self._shared.manager.aclose, "close")
+            self._shared.bridge.call(self._settled_close, "close")
         finally:
             self._shared.bridge.stop()
+
+    async def _settled_close(self) -> None:
+        await self._state.settle()
+        await self._shared.manager.aclose()
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -322,7 +328,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         checkpoint_id = _checkpoint_id(config)
         # A read sees what this process's saves and writes of the namespace under way store
         # (a graph run cut short by a timeout leaves them running: LangGraph does not wait).
-        await self._state.settle(where.key)
+        await self._state.settle(key=where.key)
         now = self._now()
         self._state.failed.pop(where.key)  # a graph run starts here: its saves may come
         if checkpoint_id is None:
@@ -387,7 +393,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             return saved
         signal = state.saving[slot] = Signal()
         try:
-            with state.under_way(where.key):
+            with state.under_way(where.key, where.thread_id):
                 await self._save(where, config, checkpoint, metadata, new_versions)
         except BaseException:
             # LangGraph makes no save of the thread after one that failed or was cancelled
@@ -423,7 +429,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         pending = self._pending_writes(writes, task_id, task_path)
         if not pending:
             return
-        await self._store_writes(where, checkpoint_id, pending)
+        with self._state.under_way(where.key, where.thread_id):  # also while it waits
+            await self._store_writes(where, checkpoint_id, pending)
 
     # -- thread operations ----------------------------------------------------------------
 
@@ -1310,13 +1317,12 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         them: all of it, whatever cancels the caller once it is under way (regular and
         special writes are two store calls; a single call without an interrupt in the root
         namespace leaves nothing to follow, and skips that cost)."""
-        with self._state.under_way(where.key):
-            stored = self._put_owned_now(where, checkpoint_id, located, writes)
-            groups = {write.idx >= 0 for write in writes}
-            if len(groups) == 1 and (where.checkpoint_ns or all(
-                    write.channel != records.INTERRUPT for write in writes)):
-                return await stored
-            return await settled(stored)
+        stored = self._put_owned_now(where, checkpoint_id, located, writes)
+        groups = {write.idx >= 0 for write in writes}
+        if len(groups) == 1 and (where.checkpoint_ns or all(
+                write.channel != records.INTERRUPT for write in writes)):
+            return await stored
+        return await settled(stored)
 
     async def _put_owned_now(
         self, where: _Where, checkpoint_id: str, located: Located, writes: list[StoredWrite]

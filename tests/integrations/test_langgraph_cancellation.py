@@ -318,3 +318,33 @@ async def test_a_read_drain_and_aclose_wait_for_the_saves_under_way(tmp_path: Pa
     assert found.checkpoint["id"] == second["id"]
     await asyncio.wait_for(closing, DEADLINE)
     await asyncio.wait_for(save, DEADLINE)
+
+
+async def test_drain_waits_for_writes_waiting_on_their_save(tmp_path: Path) -> None:
+    """An interrupt write whose checkpoint's save is still running waits for it: ``drain``
+    (and a read) return only once the write landed and paused the thread."""
+    store = FileStore(tmp_path, fsync=False)
+    saver = _saver(store)
+    first = await saver.aput(config("t"), checkpoint(), metadata(-1), {})
+    waiting, go = _held(store, "_append")
+    second = checkpoint()
+    save = asyncio.create_task(saver.aput(first, second, metadata(0), {}))
+    await asyncio.wait_for(_until(waiting), DEADLINE)
+    writes = asyncio.create_task(saver.aput_writes(
+        config("t", second["id"]), [("__interrupt__", {"q": 1})], "task"))
+    await asyncio.sleep(0.01)
+    drained = asyncio.create_task(saver.drain("t"))
+    other = asyncio.create_task(saver.drain("another thread"))
+    await asyncio.wait_for(other, DEADLINE)  # nothing of its own under way
+    await asyncio.sleep(0.05)
+    assert not drained.done()
+    go.set()
+    await asyncio.wait_for(drained, DEADLINE)
+    assert writes.done()
+    run = await saver.manager.get_run("t")
+    assert run is not None
+    assert run.status is CheckpointStatus.PAUSED
+    found = await saver.aget_tuple(config("t"))
+    assert found is not None
+    assert [channel for _, channel, _ in found.pending_writes] == ["__interrupt__"]
+    await asyncio.wait_for(save, DEADLINE)
