@@ -106,18 +106,23 @@ def _strict(states: list[Any]) -> bytes | None:
         return None
 
 
-def _rebuilt(entry: Any, mark: bytes) -> Any:
+def _rebuilt(entry: Any, mark: bytes) -> Any | None:
     """A copy of ``entry`` made from its fingerprint alone, for the serde to read: the bytes
     kept with a fingerprint are then the serde's for exactly that state, even if another
-    thread changes ``entry`` meanwhile (and back again before a later save)."""
-    fields, extra = ormsgpack.unpackb(mark, ext_hook=ormsgpack.Ext)
-    kind: Any = type(entry)
-    copy = kind.__new__(kind)
-    object.__setattr__(copy, "__dict__", fields)
-    object.__setattr__(copy, "__pydantic_extra__", extra)
-    object.__setattr__(copy, "__pydantic_fields_set__",
-                       set(getattr(entry, "__pydantic_fields_set__", ())))
-    object.__setattr__(copy, "__pydantic_private__", getattr(entry, "__pydantic_private__", None))
+    thread changes ``entry`` meanwhile (and back again before a later save). ``None``: the
+    class cannot be copied that way (its ``__new__`` wants arguments, ...)."""
+    try:
+        fields, extra = ormsgpack.unpackb(mark, ext_hook=ormsgpack.Ext)
+        kind: Any = type(entry)
+        copy = kind.__new__(kind)
+        object.__setattr__(copy, "__dict__", fields)
+        object.__setattr__(copy, "__pydantic_extra__", extra)
+        object.__setattr__(copy, "__pydantic_fields_set__",
+                           set(getattr(entry, "__pydantic_fields_set__", ())))
+        object.__setattr__(copy, "__pydantic_private__",
+                           getattr(entry, "__pydantic_private__", None))
+    except Exception:
+        return None
     return copy
 
 
@@ -262,9 +267,10 @@ class ListMemo:
             end = ends[-1] if ends else 0
             for position, entry in enumerate(rest):
                 mark = fingerprint(entry)
-                if mark is None:
+                copy = None if mark is None else _rebuilt(entry, mark)
+                if mark is None or copy is None:
                     break
-                rest[position] = _rebuilt(entry, mark)
+                rest[position] = copy
                 kinds.append(type(entry))
                 marks.append(mark)
                 end += len(mark)

@@ -229,6 +229,17 @@ def test_models_memo_cannot_judge_are_serialized_whole() -> None:
     class Unhashable(BaseModel, metaclass=Meta):
         text: str
 
+    class Picky(BaseModel):
+        text: str
+
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+            if not kwargs:
+                raise TypeError("Picky needs its fields")
+            return super().__new__(cls)
+
+    memo = ListMemo()
+    picky = [Picky(text="a"), Picky(text="b")]
+    assert _serialized(memo, picky) == SERDE.dumps_typed(picky)  # serialized whole
     assert fingerprint(Flagged(text="x")) is None
     assert fingerprint(Skipped()) is None
     assert fingerprint(Unhashable(text="x")) is None
