@@ -128,7 +128,7 @@ def _rebuilt(entry: Any, mark: bytes) -> Any | None:
 
 def _is_pure(kind: type) -> bool:
     try:
-        return _PURE_MODELS.get(kind) or _pure_model(kind)
+        return _pure_model(kind)
     except TypeError:  # a class that cannot be hashed (its metaclass defines __eq__ only)
         return False
 
@@ -231,6 +231,10 @@ class _Serialized:
         return count
 
 
+_NOTHING = _Serialized((), b"", (), (), 0)
+"""What is kept of a list never serialized before."""
+
+
 class ListMemo:
     """The entries' bytes of each run's and channel's list as last serialized in this process
     (bounded, least recently used first out). Thread-safe: large saves encode in worker
@@ -255,11 +259,12 @@ class ListMemo:
             last = self._kept.get(slot)
         if last is None and not _is_pure(type(value[0])):
             return None  # plain data: the serde's C code is faster than any check
-        reused = 0 if last is None else last.unchanged(value)
-        kinds = [] if last is None else list(last.kinds[:reused])
-        ends = [] if last is None else list(last.ends[:reused])
-        marks = [] if last is None or not reused else [last.prints[:ends[-1]]]
-        parts = [] if last is None else list(last.parts[:reused])
+        base = _NOTHING if last is None else last
+        reused = base.unchanged(value)
+        kinds = list(base.kinds[:reused])
+        ends = list(base.ends[:reused])
+        marks = [base.prints[:ends[-1]]] if reused else []
+        parts = list(base.parts[:reused])
         if reused < len(value):
             rest = value[reused:]
             # The serde reads copies made from the fingerprints, so the bytes kept with each
@@ -281,13 +286,10 @@ class ListMemo:
                 self._keep(slot, None)
                 return typed if reused == 0 else None
             parts += elements
-        kept = len(kinds)
-        if kept:
-            prints = b"".join(marks)
-            self._keep(slot, _Serialized(tuple(kinds), prints, tuple(ends), tuple(parts[:kept]),
-                                         len(prints) + sum(map(len, parts[:kept]))))
-        else:
-            self._keep(slot, None)
+        kept, prints = len(kinds), b"".join(marks)
+        self._keep(slot, _Serialized(tuple(kinds), prints, tuple(ends), tuple(parts[:kept]),
+                                     len(prints) + sum(map(len, parts[:kept])))
+                   if kept else None)
         return _MSGPACK, array_header(len(value)) + b"".join(parts)
 
     def forget(self, run_key: str) -> None:

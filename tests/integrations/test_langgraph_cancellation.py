@@ -293,10 +293,11 @@ async def test_parked_writes_a_save_took_land_before_their_cancelled_call_ends()
     await asyncio.wait_for(save, DEADLINE)
 
 
-async def test_a_read_drain_and_aclose_wait_for_the_saves_under_way(tmp_path: Path) -> None:
-    """A graph run cut short by a timeout returns while LangGraph's calls to the saver go on
-    (LangGraph does not wait for them): a read of the namespace in this process waits for
-    them, and so do ``drain`` and ``aclose``."""
+async def _save_held_in_the_store(
+    tmp_path: Path,
+) -> tuple[FastCheckpointSaver, Any, asyncio.Task[Any], threading.Event]:
+    """A file store saver whose second save of thread ``t`` is under way, its append held
+    until the event returned is set: (saver, that checkpoint, its save's task, the event)."""
     store = FileStore(tmp_path, fsync=False)
     saver = _saver(store)
     first = await saver.aput(config("t"), checkpoint(), metadata(-1), {})
@@ -304,6 +305,14 @@ async def test_a_read_drain_and_aclose_wait_for_the_saves_under_way(tmp_path: Pa
     second = checkpoint()
     save = asyncio.create_task(saver.aput(first, second, metadata(0), {}))
     await asyncio.wait_for(_until(waiting), DEADLINE)
+    return saver, second, save, go
+
+
+async def test_a_read_drain_and_aclose_wait_for_the_saves_under_way(tmp_path: Path) -> None:
+    """A graph run cut short by a timeout returns while LangGraph's calls to the saver go on
+    (LangGraph does not wait for them): a read of the namespace in this process waits for
+    them, and so do ``drain`` and ``aclose``."""
+    saver, second, save, go = await _save_held_in_the_store(tmp_path)
     read = asyncio.create_task(saver.aget_tuple(config("t")))
     drained = asyncio.create_task(saver.drain())
     closing = asyncio.create_task(saver.aclose())
@@ -323,13 +332,7 @@ async def test_a_read_drain_and_aclose_wait_for_the_saves_under_way(tmp_path: Pa
 async def test_drain_waits_for_writes_waiting_on_their_save(tmp_path: Path) -> None:
     """An interrupt write whose checkpoint's save is still running waits for it: ``drain``
     (and a read) return only once the write landed and paused the thread."""
-    store = FileStore(tmp_path, fsync=False)
-    saver = _saver(store)
-    first = await saver.aput(config("t"), checkpoint(), metadata(-1), {})
-    waiting, go = _held(store, "_append")
-    second = checkpoint()
-    save = asyncio.create_task(saver.aput(first, second, metadata(0), {}))
-    await asyncio.wait_for(_until(waiting), DEADLINE)
+    saver, second, save, go = await _save_held_in_the_store(tmp_path)
     writes = asyncio.create_task(saver.aput_writes(
         config("t", second["id"]), [("__interrupt__", {"q": 1})], "task"))
     await asyncio.sleep(0.01)
