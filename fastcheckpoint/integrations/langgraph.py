@@ -156,6 +156,22 @@ class _Where(NamedTuple):
     key: str
 
 
+class _Taken(NamedTuple):
+    """What a save stores of LangGraph's objects, serialized when it begins."""
+
+    checkpoint_id: str
+    versions: dict[str, Any]
+    """The checkpoint's ``channel_versions`` (a copy)."""
+    changed: dict[str, tuple[Any, Typed]]
+    """Channel -> (its new version, its value serialized) for the values the save writes."""
+    bare: Typed
+    """The checkpoint without its channel values, serialized."""
+    metadata: Typed
+    step_name: str
+    stored: tuple[str, ...]
+    """The channels with a value at this checkpoint."""
+
+
 class _Encoded(NamedTuple):
     """A checkpoint ready to append, whatever sequence it gets."""
 
@@ -890,12 +906,11 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         now = self._now()
         parent_id = _checkpoint_id(config)
         full = get_checkpoint_metadata(config, _metadata(metadata))
+        taken = self._take(where, checkpoint, full, new_versions)
         inherited = await self._inherited_logs(where, checkpoint, new_versions, parent_id, now)
         if inherited is None:  # which unchanged values are logs is unknown: send them all
-            new_versions = dict(_mapping("checkpoint['channel_versions']",
-                                         checkpoint.get("channel_versions")))
-        encoded = await self._encode(where, checkpoint, full, new_versions, parent_id,
-                                     inherited or _NO_LOGS)
+            taken = self._take(where, checkpoint, full, _every_version(checkpoint), taken)
+        encoded = await self._encode(where, taken, parent_id, inherited or _NO_LOGS)
         langgraph_run = full.get("run_id")
         if isinstance(langgraph_run, str) and langgraph_run:
             await self._register(where, langgraph_run, now)
@@ -903,53 +918,67 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         async def with_every_value() -> _Encoded:
             # A value this save named is gone: every value is sent, logs begin anew.
             self._shared.logs.forget(where.key)
-            versions = dict(_mapping("checkpoint['channel_versions']",
-                                     checkpoint.get("channel_versions")))
-            return await self._encode(where, checkpoint, full, versions, parent_id, _NO_LOGS)
+            every = self._take(where, checkpoint, full, _every_version(checkpoint), taken)
+            return await self._encode(where, every, parent_id, _NO_LOGS)
 
         async with self._state.turn(where.key):
             await self._append(where, encoded, parent_id, now, with_every_value)
 
-    async def _encode(
+    def _take(
         self,
         where: _Where,
         checkpoint: Checkpoint,
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
-        parent_id: str | None,
-        inherited: _Logs,
+        taken: _Taken | None = None,
+    ) -> _Taken:
+        """What the save stores of LangGraph's objects, serialized now, on the caller's
+        thread, as the save begins (``taken``: what it serialized already).
+
+        With durability="async" the next step's nodes run while the save is written: they
+        must change nothing it stores, and what may run in a worker thread (:meth:`_encode`)
+        handles bytes and strings only (the serde's C encoder crashes the process when a
+        container it reads, a list inside a channel's dict say, changes under it)."""
+        values = _mapping("checkpoint['channel_values']", checkpoint.get("channel_values"))
+        done = {} if taken is None else taken.changed
+        snapshots = [(channel, version, _snapshot(values[channel]))  # all, then serialized
+                     for channel, version in _mapping("new_versions", new_versions).items()
+                     if channel in values and channel not in done]
+        changed = {**done, **{channel: (version, self._dumps_value(where, channel, value))
+                              for channel, version, value in snapshots}}
+        if taken is not None:
+            return taken._replace(changed=changed)
+        versions = dict(_mapping("checkpoint['channel_versions']",
+                                 checkpoint.get("channel_versions")))
+        return _Taken(
+            checkpoint_id=checkpoint["id"], versions=versions, changed=changed,
+            bare=self._dumps({name: part for name, part in checkpoint.items()
+                              if name != "channel_values"}, "checkpoint"),
+            metadata=self._dumps(metadata, "metadata"), step_name=_step_name(metadata),
+            # A channel without a value (empty at this checkpoint, or a delta channel between
+            # its snapshots) has no blob to name: stores refuse refs to items they do not hold.
+            stored=tuple(channel for channel in versions if channel in values))
+
+    async def _encode(
+        self, where: _Where, taken: _Taken, parent_id: str | None, inherited: _Logs
     ) -> _Encoded:
+        """The save's records: in a worker thread when the run's saves are large."""
         hint = self._state.runs.get(where.key)
-        encode = self._encoder(where, checkpoint, metadata, new_versions, parent_id, inherited)
+        encode = self._encoder(where, taken, parent_id, inherited)
         if hint is not None and hint.payload_size >= self._shared.manager.config.offload_min_bytes:
             return await in_worker_thread(encode)
         return encode()
 
     def _encoder(
-        self,
-        where: _Where,
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-        parent_id: str | None,
-        inherited: _Logs,
+        self, where: _Where, taken: _Taken, parent_id: str | None, inherited: _Logs
     ) -> Callable[[], _Encoded]:
-        values = _mapping("checkpoint['channel_values']", checkpoint.get("channel_values"))
-        # Taken here, on the caller's thread, before anything is encoded: a save stores what
-        # the changed channels held when it began (see _snapshot).
-        changed = {channel: (version, _snapshot(values[channel]))
-                   for channel, version in _mapping("new_versions", new_versions).items()
-                   if channel in values}
+        versions, stored = taken.versions, taken.stored
 
         def encode() -> _Encoded:
-            versions = _mapping("checkpoint['channel_versions']",
-                                checkpoint.get("channel_versions"))
-            bare = {name: part for name, part in checkpoint.items() if name != "channel_values"}
             blobs: list[Item] = []
             planned: list[Planned] = []
             written: dict[str, str] = {}  # channel -> its blob's key, when it is versions'
-            for channel, (version, value) in changed.items():
-                typed = self._dumps_value(where, channel, value)
+            for channel, (version, typed) in taken.changed.items():
                 plan = self._shared.logs.plan(where.key, channel, version, typed)
                 if plan is None:
                     key = records.blob_key(channel, version)
@@ -962,11 +991,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                     blobs.append(Item(key=plan.write.key, value=plan.write.value))
             # The ids are there for people (``fastcheckpoint show``); the saver reads the rest.
             payload = self._shared.codec.encode_flat(
-                {"checkpoint": list(self._dumps(bare, "checkpoint")),
-                 "checkpoint_id": checkpoint["id"], "checkpoint_ns": where.checkpoint_ns})
-            # A channel without a value (empty at this checkpoint, or a delta channel between
-            # its snapshots) has no blob to name: stores refuse refs to items they do not hold.
-            stored = tuple(channel for channel in versions if channel in values)
+                {"checkpoint": list(taken.bare),
+                 "checkpoint_id": taken.checkpoint_id, "checkpoint_ns": where.checkpoint_ns})
             # Logged values: the new ones, and the unchanged ones the parent recorded.
             logs = {channel: log for channel, log in inherited[1].items()
                     if channel in stored and versions[channel] == log.version}
@@ -974,12 +1000,12 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             lives.update(plan.extends for plan in planned if plan.extends is not None)
             logs.update((plan.channel, plan.log) for plan in planned)
             extra = LangGraphHeader(
-                checkpoint_id=checkpoint["id"], parent_checkpoint_id=parent_id,
+                checkpoint_id=taken.checkpoint_id, parent_checkpoint_id=parent_id,
                 thread_id=where.thread_id, checkpoint_ns=where.checkpoint_ns,
-                metadata=self._dumps(metadata, "metadata"), values=stored, logs=logs or None)
+                metadata=taken.metadata, values=stored, logs=logs or None)
             return _Encoded(
-                checkpoint_id=checkpoint["id"], payload=payload, extra=extra,
-                step_name=_step_name(metadata), blobs=blobs,
+                checkpoint_id=taken.checkpoint_id, payload=payload, extra=extra,
+                step_name=taken.step_name, blobs=blobs,
                 refs=tuple(dict.fromkeys(
                     logs[channel].anchor if channel in logs
                     else written.get(channel) or records.blob_key(channel, versions[channel])
@@ -1909,12 +1935,17 @@ def _write_pair(write: object) -> tuple[str, Any]:
     return _text("a write's channel", write[0]), write[1]
 
 
+def _every_version(checkpoint: Checkpoint) -> dict[str, Any]:
+    return dict(_mapping("checkpoint['channel_versions']", checkpoint.get("channel_versions")))
+
+
 def _snapshot(value: object) -> object:
     """A channel value as it is now: a list or dict copied (one C-level call, atomic under
-    the GIL). LangGraph hands over the channel's own object, which a node of the next step
-    may change while a worker thread encodes a large save; the serde's encoder must not
-    iterate a container that changes under it (ormsgpack crashes when items are removed
-    while its ``default`` hook runs Python code). Containers inside are not copied."""
+    the GIL). LangGraph hands over the channel's own object, which a node running in a
+    thread of its own (a plain ``def`` node) may change while the save serializes it; the
+    list memo must not see a list change under it, and ormsgpack crashes when a list's items
+    are removed while its ``default`` hook runs Python code. Containers inside are not
+    copied: the save serializes them on the caller's thread (see ``_encoder``)."""
     if type(value) is list:
         return list(value)
     if type(value) is dict:

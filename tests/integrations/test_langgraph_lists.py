@@ -23,7 +23,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from pydantic import BaseModel, Field, computed_field, field_serializer
 
-from fastcheckpoint import MemoryStore
+from fastcheckpoint import CheckpointConfig, MemoryStore
 from fastcheckpoint.integrations._langgraph_lists import ListMemo, fingerprint
 from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
 from tests.integrations._langgraph_support import config, put
@@ -207,6 +207,76 @@ async def test_channel_values_changed_while_serialized_are_saved_as_they_were(
         found = await saver.aget_tuple(config("t", saved))
     assert found is not None
     assert found.checkpoint["channel_values"] == expected
+
+
+@pytest.mark.anyio
+async def test_a_large_save_serializes_on_the_callers_thread_and_encodes_off_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A large save's bytes are encoded in a worker thread, but LangGraph's objects are read
+    (serialized) on the caller's thread when the save begins: with durability="async" a node
+    of the next step may edit a list inside a channel's dict meanwhile, and the serde's C
+    encoder crashes the process when a container it reads changes under it."""
+    loop_thread = threading.get_ident()
+    serialized_on: set[int] = set()
+    encoded_off_loop: list[bool] = []
+    dumps = JsonPlusSerializer.dumps_typed
+
+    def recording(self: JsonPlusSerializer, value: Any) -> tuple[str, bytes]:
+        serialized_on.add(threading.get_ident())
+        return dumps(self, value)
+
+    import fastcheckpoint.integrations.langgraph as module
+
+    in_worker_thread = module.in_worker_thread
+
+    async def counted(func: Any, *args: Any) -> Any:
+        encoded_off_loop.append(True)
+        return await in_worker_thread(func, *args)
+
+    saver = FastCheckpointSaver(MemoryStore(), config=CheckpointConfig(offload_min_bytes=1))
+    nested = {"found": [AIMessage(content=f"d{i}", id=f"d{i}") for i in range(3)]}
+    values: dict[str, Any] = {"docs": nested, "messages": [HumanMessage(content="hi", id="h")]}
+    with anyio.fail_after(DEADLINE):
+        first = await put(saver, "t", values=values, versions=dict.fromkeys(values, "1"))
+        monkeypatch.setattr(JsonPlusSerializer, "dumps_typed", recording)
+        monkeypatch.setattr(module, "in_worker_thread", counted)
+        nested["found"].append(AIMessage(content="d3", id="d3"))
+        second = await put(saver, "t", parent=first, values=values,
+                           versions=dict.fromkeys(values, "2"))
+        found = await saver.aget_tuple(config("t", second))
+    assert encoded_off_loop  # the large save's bytes: in a worker thread
+    assert serialized_on == {loop_thread}  # LangGraph's objects: on the caller's thread
+    assert found is not None
+    assert [m.content for m in found.checkpoint["channel_values"]["docs"]["found"]] == [
+        "d0", "d1", "d2", "d3"]
+
+
+@pytest.mark.anyio
+async def test_a_save_stores_the_values_as_they_were_when_it_began(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A save that first reads its parent's header (a process that did not save the parent)
+    lets other tasks run meanwhile; a node editing a nested list in place then changes
+    nothing that save stores."""
+    store = MemoryStore()
+    nested: dict[str, Any] = {"found": ["a", "b"]}
+    values: dict[str, Any] = {"docs": nested, "context": {"k": "v"}}
+    with anyio.fail_after(DEADLINE):
+        first = await put(FastCheckpointSaver(store), "t", values=values,
+                          versions=dict.fromkeys(values, "1"))
+        headers = MemoryStore.headers
+
+        async def edited_meanwhile(self: MemoryStore, *args: Any, **kwargs: Any) -> Any:
+            nested["found"].append("late")  # a node of the next step, in place
+            return await headers(self, *args, **kwargs)
+
+        monkeypatch.setattr(MemoryStore, "headers", edited_meanwhile)
+        second = await put(FastCheckpointSaver(store), "t", parent=first, values=values,
+                           versions={"docs": "2", "context": "1"}, new_versions={"docs": "2"})
+        found = await FastCheckpointSaver(store).aget_tuple(config("t", second))
+    assert found is not None
+    assert found.checkpoint["channel_values"]["docs"] == {"found": ["a", "b"]}
 
 
 def test_models_memo_cannot_judge_are_serialized_whole() -> None:
