@@ -208,6 +208,17 @@ def _ttl_ms(expires_at: float, now: float) -> int:
     return max(1, math.ceil((expires_at - now) * 1000))
 
 
+def _cancellations() -> int:
+    """Cancellations requested of the running asyncio task and not yet handled (0 where
+    Python does not count them: before 3.11)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no asyncio loop running
+        return 0
+    cancelling = getattr(task, "cancelling", None)
+    return 0 if cancelling is None else int(cancelling())
+
+
 def _token() -> str:
     """A write token: how a script recognises a redis-py retry of the call that carried it."""
     return os.urandom(8).hex()
@@ -476,16 +487,25 @@ class RedisStore(ExpiryCleanup):
 
     async def _call(self, client: Any, script: Any, keys: Sequence[str], args: Sequence[Any],
                     *, what: str) -> Any:
-        try:
-            return await script(keys=keys, args=args, client=client)
-        except _DRIVER_ERRORS as exc:
-            self._raise(exc, what)
+        return await self._driver(what, script(keys=keys, args=args, client=client))
 
     async def _driver(self, what: str, awaitable: Any) -> Any:
+        """``awaitable``, a call of the driver: its errors made ours, and a cancellation of
+        the caller that it dropped raised once it returned.
+
+        redis-py sends each command through ``asyncio.wait_for`` (when ``socket_timeout`` is
+        set, as it is here), which before Python 3.12 returns the command's reply and drops
+        the cancellation that came as the send ended: the caller's ``asyncio.timeout`` or
+        task group would then wait for a cancellation that never comes. The command has
+        run; its caller is cancelled after it, as one cancelled after a store call is."""
+        pending = _cancellations()
         try:
-            return await awaitable
+            result = await awaitable
         except _DRIVER_ERRORS as exc:
             self._raise(exc, what)
+        if _cancellations() > pending:
+            raise asyncio.CancelledError
+        return result
 
     def _describe(self) -> str:
         try:

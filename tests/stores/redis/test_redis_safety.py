@@ -4,6 +4,8 @@ happened."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -664,3 +666,44 @@ async def test_a_run_record_field_that_is_not_text_is_damage_the_repair_can_fix(
     assert [report.repaired for report in reports] == [True]
     assert later is not None
     assert later.metadata.sequence == 1
+
+
+# -- a cancellation the driver drops --------------------------------------------------------
+
+
+class _DroppingCancellation:
+    """A run script whose call drops a cancellation of its caller that comes as it ends, as
+    redis-py's ``asyncio.wait_for`` around a command's send does before Python 3.12."""
+
+    def __init__(self, script: Any) -> None:
+        self.script = script
+        self.sha = script.sha
+
+    async def __call__(self, **kwargs: Any) -> Any:
+        reply = await self.script(**kwargs)
+        current = asyncio.current_task()
+        assert current is not None
+        current.cancel()  # the caller is cancelled just as the reply comes
+        with contextlib.suppress(asyncio.CancelledError):  # the driver drops it
+            await asyncio.sleep(0)
+        return reply
+
+
+async def test_a_cancellation_the_driver_drops_is_raised_after_the_call(
+    prefixed: tuple[RedisTarget, str],
+) -> None:
+    """A store call whose driver dropped the cancellation of its task raises it once the
+    call has returned (the write has landed), rather than returning as if never cancelled:
+    an ``asyncio.timeout`` or task group around it would wait for it for good."""
+    target, prefix = prefixed
+    store = make_store(target, prefix)
+    run_key = key_of(make_run("dropped"))
+    store._scripts["put_items"] = _DroppingCancellation(store._scripts["put_items"])
+    with anyio.fail_after(_DEADLINE):
+        call = asyncio.ensure_future(store.put_items(run_key, [make_item("k", b"v")], now=T0))
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        found = await store.get_items(run_key, ["k"], now=T0)
+        await store.aclose()
+    assert call.cancelled()
+    assert found == {"k": b"v"}
