@@ -762,19 +762,17 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         blob = items.get(records.blob_key(channel, version))
         return None if blob is None else self._shared.items.typed(blob, place)
 
-    async def _inherited_logs(
+    def _known_logs(
         self,
         where: _Where,
         checkpoint: Checkpoint,
         new_versions: ChannelVersions,
         parent_id: str | None,
-        now: float,
     ) -> _Logs | None:
         """The logs among the parent's values this save keeps unchanged, with the life of the
-        run they belong to; ``None`` when that cannot be known (the parent is gone): the save
-        then sends every value. Known when this process saved or read the parent (LangGraph
-        reads what it continues from); otherwise read from the parent's header (1 or 2 store
-        calls). Also with logs off here: another process may have written them."""
+        run they belong to, when known without a read (``None``: :meth:`_read_logs`). Known
+        when this process saved or read the parent (LangGraph reads what it continues from),
+        or when the save changes every value."""
         if parent_id is None:
             return _NO_LOGS
         known = self._state.logs.get((where.key, parent_id))
@@ -784,6 +782,12 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         changed = new_versions if isinstance(new_versions, Mapping) else {}
         if not isinstance(values, Mapping) or all(name in changed for name in values):
             return _NO_LOGS
+        return None
+
+    async def _read_logs(self, where: _Where, parent_id: str, now: float) -> _Logs | None:
+        """:meth:`_known_logs` read from the parent's header (1 or 2 store calls, also with
+        logs off here: another process may have written them); ``None`` when the parent is
+        gone: the save then sends every value."""
         located = self._state.located.get((where.key, parent_id))
         if located is None:
             located = await self._lookup(where, parent_id, now)
@@ -907,9 +911,14 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         parent_id = _checkpoint_id(config)
         full = get_checkpoint_metadata(config, _metadata(metadata))
         taken = self._take(where, checkpoint, full, new_versions)
-        inherited = await self._inherited_logs(where, checkpoint, new_versions, parent_id, now)
-        if inherited is None:  # which unchanged values are logs is unknown: send them all
-            taken = self._take(where, checkpoint, full, _every_version(checkpoint), taken)
+        inherited = self._known_logs(where, checkpoint, new_versions, parent_id)
+        if inherited is None and parent_id is not None:
+            # The parent's header is read first, and if the parent is gone every value is
+            # sent: serialized now, before that read, as the changed ones were.
+            every = self._take(where, checkpoint, full, _every_version(checkpoint), taken)
+            inherited = await self._read_logs(where, parent_id, now)
+            if inherited is None:  # which unchanged values are logs is unknown: send all
+                taken = every
         encoded = await self._encode(where, taken, parent_id, inherited or _NO_LOGS)
         langgraph_run = full.get("run_id")
         if isinstance(langgraph_run, str) and langgraph_run:

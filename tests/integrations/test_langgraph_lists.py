@@ -279,6 +279,39 @@ async def test_a_save_stores_the_values_as_they_were_when_it_began(
     assert found.checkpoint["channel_values"]["docs"] == {"found": ["a", "b"]}
 
 
+@pytest.mark.anyio
+async def test_a_save_that_must_send_every_value_sends_them_as_they_were_when_it_began(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A save forked from a pruned parent sends the values it did not change as well (which
+    of them the parent held as logs is unknown): those too are as they were when the save
+    began, not as a node left them during the save's reads."""
+    store = MemoryStore()
+    nested: dict[str, Any] = {"found": ["a", "b"]}
+    pruning = FastCheckpointSaver(store, keep_latest=2)
+    with anyio.fail_after(DEADLINE):
+        first = await put(pruning, "t", values={"docs": nested, "x": 1},
+                          versions={"docs": "1", "x": "1"})
+        second = await put(pruning, "t", parent=first, values={"docs": {"found": []}, "x": 2},
+                           versions={"docs": "2", "x": "2"})
+        await put(pruning, "t", parent=second, values={"docs": {"found": []}, "x": 3},
+                  versions={"docs": "2", "x": "3"}, new_versions={"x": "3"})
+        get_items = MemoryStore.get_items
+
+        async def edited_meanwhile(self: MemoryStore, *args: Any, **kwargs: Any) -> Any:
+            nested["found"].append("late")  # a node of the next step, in place
+            return await get_items(self, *args, **kwargs)
+
+        monkeypatch.setattr(MemoryStore, "get_items", edited_meanwhile)
+        forked = await put(FastCheckpointSaver(store), "t", parent=first,
+                           values={"docs": nested, "x": 10}, versions={"docs": "1", "x": "4"},
+                           new_versions={"x": "4"})
+        monkeypatch.undo()
+        found = await FastCheckpointSaver(store).aget_tuple(config("t", forked))
+    assert found is not None
+    assert found.checkpoint["channel_values"] == {"docs": {"found": ["a", "b"]}, "x": 10}
+
+
 def test_models_memo_cannot_judge_are_serialized_whole() -> None:
     class Flagged(BaseModel):
         text: str
