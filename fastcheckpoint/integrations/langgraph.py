@@ -450,23 +450,20 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
 
     # -- thread operations ----------------------------------------------------------------
 
+    # Each is several store calls (a namespace, a checkpoint at a time): a cancellation of
+    # the caller waits for them all (settled), so it never leaves a thread half deleted,
+    # half copied or half pruned (a thread that lists but cannot be read, a paused root
+    # whose subgraph checkpoint is gone, a copy that is neither there nor paused).
+
     async def adelete_thread(self, thread_id: str) -> None:
         """Delete every namespace of the thread, with all checkpoints, writes and values."""
-        thread = records.checked_thread_id(thread_id)
-        keys = {_ids.run_key(thread)}
-        async for record in self._thread_runs(thread):
-            keys.add(_ids.run_key(record.run_id))
-        for key in keys:
-            self._state.forget_run(key)
-            self._shared.logs.forget(key)
-            self._shared.lists.forget(key)
-            await self._store.delete_run(key)
+        await settled(self._delete_thread(records.checked_thread_id(thread_id)))
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         """Delete the checkpoints (with their writes) whose metadata ``run_id`` is one of
         ``run_ids``, in every thread and namespace; values other checkpoints use stay."""
         for run_id in _texts("run_ids", run_ids):
-            await self._delete_langgraph_run(run_id)
+            await settled(self._delete_langgraph_run(run_id))
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """Copy every namespace of a thread, oldest checkpoint first, with the same
@@ -474,11 +471,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         (else :class:`ConflictError`). A paused source leaves the copy paused too."""
         source = records.checked_thread_id(source_thread_id)
         target = records.checked_thread_id(target_thread_id)
-        async for _ in self._thread_runs(target):
-            raise ConflictError(
-                f"cannot copy into thread {target[:80]!r}: it has checkpoints already")
-        async for record in self._thread_runs(source):
-            await self._copy_run(record, target)
+        await settled(self._copy_thread(source, target))
 
     async def aprune(
         self, thread_ids: Sequence[str], *, strategy: str = "keep_latest"
@@ -489,11 +482,9 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             raise ValidationError(
                 f"strategy must be 'keep_latest' or 'delete', got {strategy!r:.40}")
         for thread_id in _texts("thread_ids", thread_ids):
-            if strategy == "delete":
-                await self.adelete_thread(thread_id)
-                continue
-            async for record in self._thread_runs(records.checked_thread_id(thread_id)):
-                await self._keep_latest(record)
+            thread = records.checked_thread_id(thread_id)
+            await settled(self._delete_thread(thread) if strategy == "delete"
+                          else self._keep_latest_of(thread))
 
     async def aget_delta_channel_history(
         self, *, config: RunnableConfig, channels: Sequence[str]
@@ -1456,6 +1447,27 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                            "active again", where.thread_id[:80], status, exc_info=True)
 
     # -- internals: delete_for_runs, copy, prune ------------------------------------------------
+
+    async def _delete_thread(self, thread: str) -> None:
+        keys = {_ids.run_key(thread)}
+        async for record in self._thread_runs(thread):
+            keys.add(_ids.run_key(record.run_id))
+        for key in keys:
+            self._state.forget_run(key)
+            self._shared.logs.forget(key)
+            self._shared.lists.forget(key)
+            await self._store.delete_run(key)
+
+    async def _copy_thread(self, source: str, target: str) -> None:
+        async for _ in self._thread_runs(target):
+            raise ConflictError(
+                f"cannot copy into thread {target[:80]!r}: it has checkpoints already")
+        async for record in self._thread_runs(source):
+            await self._copy_run(record, target)
+
+    async def _keep_latest_of(self, thread: str) -> None:
+        async for record in self._thread_runs(thread):
+            await self._keep_latest(record)
 
     async def _delete_langgraph_run(self, langgraph_run: str) -> None:
         now = self._now()

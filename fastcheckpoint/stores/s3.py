@@ -69,6 +69,7 @@ import msgspec
 
 from fastcheckpoint._config import RetryPolicy
 from fastcheckpoint._gather import gather, pair
+from fastcheckpoint._settle import settled
 from fastcheckpoint.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -1867,11 +1868,13 @@ class S3Store(ExpiryCleanup):
             return False
         record = accepted[0]
         token = secrets.token_bytes(_TOKEN_BYTES)
-        markers = await gather([
+        # A request per item and marker: a cancellation waits for them all (settled), so a
+        # cancelled call never stores some of the items and not the others.
+        markers = await settled(gather([
             functools.partial(self._put_owned_item, io, run_key, hex_key, item, record, token,
                               if_absent, current, now)
             for (hex_key, item), current in zip(given.items(), stored, strict=True)
-        ])
+        ]))
         known = self._cached(run_key).owned.setdefault(owner, {})
         known.update({hex_key: marker for hex_key, marker in zip(given, markers, strict=True)
                       if marker is not None})
@@ -2350,6 +2353,19 @@ class S3Store(ExpiryCleanup):
                 if stored is not None and _live_item(stored, io.where(
                         layout.item_object(run_key, hex_key)), now):
                     raise ConflictError(f"item {latest[hex_key].key!r} already exists")
+        # A request per item, then per marker: a cancellation waits for them all (settled),
+        # so a cancelled call never stores some of the items and not the others.
+        await settled(self._put_latest(io, run_key, latest, found, create_only, now))
+
+    async def _put_latest(
+        self,
+        io: Bucket,
+        run_key: str,
+        latest: dict[str, Item],
+        found: dict[str, tuple[bytes, str] | None],
+        create_only: bool,
+        now: float,
+    ) -> None:
         token = secrets.token_bytes(_TOKEN_BYTES)
         await gather([
             functools.partial(self._put_given, io, run_key, hex_key, item, token, create_only,

@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from fastcheckpoint import CheckpointStatus, FileStore, MemoryStore
@@ -351,3 +352,82 @@ async def test_drain_waits_for_writes_waiting_on_their_save(tmp_path: Path) -> N
     assert found is not None
     assert [channel for _, channel, _ in found.pending_writes] == ["__interrupt__"]
     await asyncio.wait_for(save, DEADLINE)
+
+
+# -- thread operations: several store calls each ----------------------------------------------
+
+
+class _CancelledMidway:
+    """The store's ``method`` cancels ``caller`` once its first call has returned, then lets
+    the event loop turn (as a store whose calls wait on I/O would): the operation's next
+    store call is where the cancellation lands, unless the operation holds it back."""
+
+    def __init__(self, store: MemoryStore, method: str) -> None:
+        self.caller: asyncio.Task[Any] | None = None
+        self.calls = 0
+        original = getattr(store, method)
+
+        async def cancelling(*args: Any, **kwargs: Any) -> Any:
+            result = await original(*args, **kwargs)
+            self.calls += 1
+            if self.calls == 1 and self.caller is not None:
+                self.caller.cancel()
+            await asyncio.sleep(0)
+            return result
+
+        setattr(store, method, cancelling)
+
+    async def run(self, operation: Coroutine[Any, Any, Any]) -> None:
+        self.caller = asyncio.ensure_future(operation)
+        with pytest.raises(asyncio.CancelledError):
+            await self.caller
+        self.caller = None
+
+
+async def _two_namespaces(saver: FastCheckpointSaver, thread: str) -> None:
+    """A thread with a root and a subgraph namespace, two checkpoints each."""
+    for ns in ("", "child:1"):
+        parent = None
+        for step in range(2):
+            made = checkpoint({"n": step}, {"n": str(step + 1)})
+            saved = await saver.aput(config(thread, parent, ns), made, metadata(step),
+                                     {"n": str(step + 1)})
+            parent = saved["configurable"]["checkpoint_id"]
+
+
+async def _listed(saver: FastCheckpointSaver, thread: str) -> list[tuple[str, str]]:
+    return sorted([(found.config["configurable"]["checkpoint_ns"],
+                    found.config["configurable"]["checkpoint_id"])
+                   async for found in saver.alist({"configurable": {"thread_id": thread}})])
+
+
+@pytest.mark.parametrize("operation", ["delete", "prune-delete", "prune-latest", "copy"])
+async def test_a_thread_operation_cancelled_midway_ends_whole(operation: str) -> None:
+    """Deleting, pruning or copying a thread takes a store call per namespace or checkpoint;
+    cancelled after the first, it ends whole before the caller gets the cancellation: never
+    a thread that lists without its root, a root without its subgraph, or half a copy."""
+    store = MemoryStore()
+    saver = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        await _two_namespaces(saver, "t")
+        source = await _listed(saver, "t")
+        method = "append_with_items" if operation == "copy" else (
+            "delete" if operation == "prune-latest" else "delete_run")
+        cut = _CancelledMidway(store, method)
+        if operation == "delete":
+            await cut.run(saver.adelete_thread("t"))
+        elif operation == "prune-delete":
+            await cut.run(saver.aprune(["t"], strategy="delete"))
+        elif operation == "prune-latest":
+            await cut.run(saver.aprune(["t"]))
+        else:
+            await cut.run(saver.acopy_thread("t", "copy"))
+        left = await _listed(saver, "t")
+        copied = await _listed(saver, "copy")
+    assert cut.calls > 1  # the operation went on after the cancellation
+    if operation in ("delete", "prune-delete"):
+        assert left == []
+    elif operation == "prune-latest":
+        assert sorted(ns for ns, _ in left) == ["", "child:1"]  # the newest of each
+    else:
+        assert copied == source

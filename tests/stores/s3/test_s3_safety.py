@@ -4,6 +4,7 @@ of concurrent requests."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import re
@@ -24,11 +25,12 @@ from fastcheckpoint.errors import (
     CorruptCheckpointError,
     StoreUnavailableError,
 )
-from fastcheckpoint.stores import RunRecord
+from fastcheckpoint.stores import RunRecord, _s3_io
 from fastcheckpoint.stores import _s3_layout as layout
 from fastcheckpoint.stores._aws import RequestCounter
 from fastcheckpoint.stores.s3 import S3Store
-from fastcheckpoint.testing import T0, make_item
+from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_item, make_run
+from fastcheckpoint.testing._adapter import _append_items
 from tests.stores._moto import REGION, moto_endpoint
 from tests.stores.s3.test_s3 import (
     DEADLINE,
@@ -1042,3 +1044,45 @@ async def test_failures_of_concurrent_requests_are_one_checkpoint_error(
                 assert not isinstance(caught.value, BaseExceptionGroup)
     finally:
         await store.aclose()
+
+
+# -- a cancelled write of several items --------------------------------------------------------
+
+
+@pytest.mark.parametrize("if_absent", [True, False], ids=["put_owned_items", "put_items"])
+async def test_a_cancelled_write_of_several_items_stores_them_all(
+    s3_store: S3Store, monkeypatch: pytest.MonkeyPatch, if_absent: bool
+) -> None:
+    """A write of items is a request per item and marker (more than the connection pool
+    sends at once): cancelled once the first has landed, it stores every item before its
+    caller gets the cancellation, never some of them (a LangGraph task with part of its
+    writes stored counts as done, and the rest would be lost)."""
+    run = make_run("cancelled-items")
+    key = key_of(run)
+    items = [make_item(f"w/{n}", owner=0 if if_absent else None) for n in range(12)]
+    landed = 0
+    put = _s3_io.Bucket.put
+
+    async def cancelling_after_the_first(self: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal landed
+        result = await put(self, *args, **kwargs)
+        landed += 1
+        if landed == 1:
+            call.cancel()
+        return result
+
+    with anyio.fail_after(DEADLINE):
+        await _append_items(s3_store, run, 0, refs=[], items=[])
+        monkeypatch.setattr(_s3_io.Bucket, "put", cancelling_after_the_first)
+        if if_absent:
+            write = s3_store.put_owned_items(key, items, owner=0, if_absent=True, now=T0,
+                                             checkpoint_id=checkpoint_id_of(run, 0))
+        else:
+            write = s3_store.put_items(key, items, now=T0)
+        call = asyncio.ensure_future(write)
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        monkeypatch.undo()
+        stored = await s3_store.get_items(key, [item.key for item in items], now=T0)
+    assert landed > 1
+    assert sorted(stored) == sorted(item.key for item in items)
