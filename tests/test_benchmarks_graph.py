@@ -164,3 +164,18 @@ def test_the_log_threshold_benchmark_counts_bytes_and_items_read() -> None:
     late = anyio.run(_thread, 32, 12, backend="asyncio")
     assert early[0] < late[0]  # a log from 2 entries writes each message once
     assert early[1] > late[1] > 0  # and a read fetches its pieces
+
+
+def test_the_saver_cost_benchmark_times_each_saver_against_a_null_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks.saver_cost import SAVERS, main
+
+    main(["--steps", "3", "--threads", "1", "--rounds", "1"])
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].startswith("G1, 3 steps, 1 threads x 1 rounds")
+    timed = {row.split(" | ")[0].lstrip("| "): row.split(" | ") for row in rows[3:]}
+    assert list(timed) == list(SAVERS)
+    assert all(float(row[1].replace(",", "")) > 0 for row in timed.values())
+    assert timed["null"][2] == "+0"
+    assert timed["InMemorySaver"][3] == "1.00x |"
