@@ -2422,7 +2422,9 @@ class DynamoDBStore(ExpiryCleanup):
             await self._release_item(pk, key, old)
             return 1
 
-        return sum(await gather([functools.partial(delete_one, key) for key in unique]))
+        # Two requests per item (its record, then its owned value): a cancellation waits for
+        # them all (settled), never leaving an owned value that reads return without its item.
+        return sum(await settled(gather([functools.partial(delete_one, key) for key in unique])))
 
     async def _release_item(self, pk: str, key: str, old: Mapping[str, Any]) -> None:
         """After an item's record was deleted: its owned value (written with the same token)

@@ -919,13 +919,19 @@ class S3Store(ExpiryCleanup):
                     refs=tuple(record.refs), nests=nests)
         if not all(cached.state.may_nest(key) for key in nests):
             cached = await self._note_nesting(io, run_key, slot, now)
+        # Several requests (shared items, the commit, owned items and marker, pruning): a
+        # cancellation waits for them all (settled), never leaving a checkpoint committed
+        # without its owned items, shared items named by nothing, or pruning half done.
+        write = self._write(io, run_key, cached, slot, shared, owned, keep_latest, now)
+        return await settled(self._swept_if_failed(io, run_key, write) if shared else write)
+
+    async def _swept_if_failed(self, io: Bucket, run_key: str, write: Awaitable[str]) -> str:
         try:
-            return await self._write(io, run_key, cached, slot, shared, owned, keep_latest, now)
+            return await write
         except CheckpointError:
-            if shared:
-                # Its shared items may be in place, named by nothing: the next sweep removes
-                # them (best effort: when this fails too, they wait for the run's deletion).
-                await self._ask_for_sweep(io, run_key)
+            # Its shared items may be in place, named by nothing: the next sweep removes
+            # them (best effort: when this fails too, they wait for the run's deletion).
+            await self._ask_for_sweep(io, run_key)
             raise
 
     async def _write(
@@ -2022,14 +2028,31 @@ class S3Store(ExpiryCleanup):
         if view is None or _listing(view).checkpoint_id != checkpoint_id:
             return False
         assert view.slot_etag is not None
-        key = layout.slot_key(run_key, sequence)
         listing = msgspec.structs.replace(_listing(view), header=None, token=b"")
-        if await self._bury(io, run_key, view, listing) is None:
+        # Several requests (the tombstone, its marker, the checkpoint's marker and owned
+        # items): a cancellation waits for them all (settled), never leaving owned items
+        # that outlive their checkpoint.
+        tombstone_keys = await settled(self._buried(io, run_key, view, listing, current))
+        if tombstone_keys is None:
             return False
+        cached = self._cache.get(run_key)
+        if cached is not None and cached.log is not None:
+            cached.log.garbage[sequence] = tombstone_keys
+        return True
+
+    async def _buried(
+        self, io: Bucket, run_key: str, view: _SlotView, listing: Listing, current: _Run
+    ) -> list[str] | None:
+        """The checkpoint replaced by a tombstone (:meth:`_bury`), and what it owned or
+        marked removed; the tombstone's keys, or None when another delete won."""
+        sequence = view.sequence
+        if await self._bury(io, run_key, view, listing) is None:
+            return None
         # The tombstone keeps the slot's key taken: a writer whose knowledge of the run is
         # older than this delete proposes this sequence at most, and must collide. Pruning
         # removes it later, once the run's floor is above it.
-        tombstone_keys = [key, await self._put_marker(io, run_key, sequence, "t", listing)]
+        tombstone_keys = [layout.slot_key(run_key, sequence),
+                          await self._put_marker(io, run_key, sequence, "t", listing)]
         markers = [view.marker] if view.marker is not None else []
         await pair(
             functools.partial(io.delete, [*markers, *view.extra,
@@ -2037,10 +2060,7 @@ class S3Store(ExpiryCleanup):
             functools.partial(self._ask_for_sweep, io, run_key, view.names_items),
         )
         self._discard(run_key, [sequence])
-        cached = self._cache.get(run_key)
-        if cached is not None and cached.log is not None:
-            cached.log.garbage[sequence] = tombstone_keys
-        return True
+        return tombstone_keys
 
     async def _bury(
         self, io: Bucket, run_key: str, view: _SlotView, listing: Listing
@@ -2128,13 +2148,23 @@ class S3Store(ExpiryCleanup):
             )
         new = msgspec.structs.replace(old, status=status, data=bytes(data), version=version + 1,
                                       updated_at=now)
-        new = await self._change_run(io, run_key, old, current.etag, new)
-        if new.status != old.status:
-            # The by-status index follows the run object; readers check entries against it.
-            await io.put(layout.status_entry(run_key, new), b"")
-            await io.delete([layout.status_entry(run_key, old)])
+        # Several requests: a cancellation waits for them all (settled).
+        new = await settled(self._change_status(io, run_key, old, current.etag, new))
         current.state = new
         return current.record()
+
+    async def _change_status(
+        self, io: Bucket, run_key: str, old: RunState, etag: str, new: RunState
+    ) -> RunState:
+        """:meth:`_change_run`, then the by-status index follows the run object (readers
+        check entries against it). The new status's entry is written even when the status
+        is unchanged: a call that failed, or a process killed, once the run object changed
+        left it missing, and the call made again (same status by then) puts it back."""
+        new = await self._change_run(io, run_key, old, etag, new)
+        await io.put(layout.status_entry(run_key, new), b"")
+        if new.status != old.status:
+            await io.delete([layout.status_entry(run_key, old)])
+        return new
 
     async def _change_run(
         self, io: Bucket, run_key: str, old: RunState, etag: str, new: RunState

@@ -153,6 +153,42 @@ async def test_a_cancelled_delete_run_leaves_the_run_whole_or_gone(
                                   keep_latest=None, now=T0 + 1) == "active"
 
 
+async def test_a_cancelled_delete_of_owned_items_leaves_none_for_reads(
+    store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleting an owned item takes two requests (its record, then its owned value): a
+    cancellation after the first is raised once both are gone, never leaving an owned value
+    that ``read_with_items`` returns for an item ``get_items`` says is gone (which a
+    second delete, finding no record, would never remove)."""
+    run = make_run("cancelled-items")
+    key = key_of(run)
+    call = store._call
+    deletes = 0
+
+    async def cancelling_after_the_first_delete(operation: str, **kwargs: Any) -> Any:
+        nonlocal deletes
+        result = await call(operation, **kwargs)
+        if operation == "DeleteItem":
+            deletes += 1
+            if deletes == 1:
+                deleting.cancel()
+        return result
+
+    with anyio.fail_after(DEADLINE):
+        await store.append_with_items(
+            key, make_checkpoint(run, 0), run=run, keep_latest=None, now=T0,
+            items=[make_item("o/0", owner=0), make_item("o/1", owner=0)])
+        monkeypatch.setattr(store, "_call", cancelling_after_the_first_delete)
+        deleting = asyncio.ensure_future(store.delete_items(key, ["o/0", "o/1"]))
+        with pytest.raises(asyncio.CancelledError):
+            await deleting
+        monkeypatch.undo()
+        found = await store.read_with_items(key, sequence=0, now=T0)
+    assert deletes == 2  # both items' records (their owned values are conditional deletes)
+    assert found is not None
+    assert found[2] == {}
+
+
 async def test_delete_run_leaves_the_blobs_of_a_run_started_after_it_alone(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
     monkeypatch: pytest.MonkeyPatch,

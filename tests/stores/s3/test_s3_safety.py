@@ -11,7 +11,7 @@ import re
 import secrets
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import anyio
@@ -337,9 +337,10 @@ _ITEM_PUT = re.compile(r"^PUT \S*/items/[a-z2-7]+/[0-9a-f]+(\?|$)")
 async def test_a_create_stopped_before_its_log_part_landed_leaves_no_checkpoint(
     faulty_proxy: type[_FaultyProxy], proxied: S3Store, direct: S3Store
 ) -> None:
-    """A create whose ``messages`` log part has not landed when its writer stops (killed, or
-    cancelled by asyncio) has not committed: the run reads as it was, never as a newest
-    checkpoint naming a part that is not there."""
+    """A create whose ``messages`` log part has not landed has not committed: another
+    process reads the run as it was (as it would were the writer killed then), never as a
+    newest checkpoint naming a part that is not there. Cancelled meanwhile, the create
+    finishes once its part lands, before its caller gets the cancellation."""
     with anyio.fail_after(DEADLINE):
         manager = _manager(proxied, history_min_entries=2)
         messages = [{"role": "user", "content": f"m{number}"} for number in range(3)]
@@ -360,9 +361,15 @@ async def test_a_create_stopped_before_its_log_part_landed_leaves_no_checkpoint(
         assert fresh.state == {"n": 0}
         assert fresh.messages == messages
         assert fresh.metadata.sequence == 0
+        parsed = _ids.parse_checkpoint_id(fresh.metadata.checkpoint_id)
+        assert parsed is not None
+        cancelled = await _manager(direct).restore_from(
+            _ids.checkpoint_id(parsed[0], parsed[1], 1))
         following = await manager.create(
             "stopped", {"n": 2}, messages=[*messages, {"role": "user", "content": "m4"}])
-        assert following.metadata.sequence == 1
+        assert cancelled is not None
+        assert cancelled.state == {"n": 1}
+        assert following.metadata.sequence == 2
         again = await _manager(direct).restore("stopped")
         assert again is not None
         assert again.state == {"n": 2}
@@ -1046,6 +1053,37 @@ async def test_failures_of_concurrent_requests_are_one_checkpoint_error(
         await store.aclose()
 
 
+# -- calls cancelled between two of their requests ------------------------------------------
+
+
+class _CancelledAfterWrites:
+    """Runs a store call as a task that is cancelled once ``cut`` of its object writes have
+    landed (``Bucket.put`` patched meanwhile); the call raises the cancellation."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.monkeypatch = monkeypatch
+        self.landed = 0
+
+    async def run(self, call: Coroutine[Any, Any, Any], cut: int = 1) -> None:
+        put = _s3_io.Bucket.put
+        self.landed = 0
+
+        async def cancelling(bucket: Any, *args: Any, **kwargs: Any) -> Any:
+            result = await put(bucket, *args, **kwargs)
+            self.landed += 1
+            if self.landed == cut:
+                task.cancel()
+            return result
+
+        self.monkeypatch.setattr(_s3_io.Bucket, "put", cancelling)
+        task = asyncio.ensure_future(call)
+        try:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            self.monkeypatch.setattr(_s3_io.Bucket, "put", put)
+
+
 # -- a cancelled write of several items --------------------------------------------------------
 
 
@@ -1060,29 +1098,79 @@ async def test_a_cancelled_write_of_several_items_stores_them_all(
     run = make_run("cancelled-items")
     key = key_of(run)
     items = [make_item(f"w/{n}", owner=0 if if_absent else None) for n in range(12)]
-    landed = 0
-    put = _s3_io.Bucket.put
-
-    async def cancelling_after_the_first(self: Any, *args: Any, **kwargs: Any) -> Any:
-        nonlocal landed
-        result = await put(self, *args, **kwargs)
-        landed += 1
-        if landed == 1:
-            call.cancel()
-        return result
-
+    cut = _CancelledAfterWrites(monkeypatch)
     with anyio.fail_after(DEADLINE):
         await _append_items(s3_store, run, 0, refs=[], items=[])
-        monkeypatch.setattr(_s3_io.Bucket, "put", cancelling_after_the_first)
-        if if_absent:
-            write = s3_store.put_owned_items(key, items, owner=0, if_absent=True, now=T0,
-                                             checkpoint_id=checkpoint_id_of(run, 0))
-        else:
-            write = s3_store.put_items(key, items, now=T0)
-        call = asyncio.ensure_future(write)
-        with pytest.raises(asyncio.CancelledError):
-            await call
-        monkeypatch.undo()
+        await cut.run(s3_store.put_owned_items(key, items, owner=0, if_absent=True, now=T0,
+                                               checkpoint_id=checkpoint_id_of(run, 0))
+                      if if_absent else s3_store.put_items(key, items, now=T0))
         stored = await s3_store.get_items(key, [item.key for item in items], now=T0)
-    assert landed > 1
+    assert cut.landed > 1
     assert sorted(stored) == sorted(item.key for item in items)
+
+
+async def test_a_status_change_cancelled_or_cut_short_keeps_the_run_in_its_listing(
+    s3_store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A status change is the run object's compare-and-set, then the by-status entry:
+    cancelled once the first landed, it writes the entry before its caller gets the
+    cancellation; and when the entry is missing all the same (a process killed between
+    the two), the change made again with the same status puts it back. A paused run waiting
+    for a human never drops out of ``list_runs(status=PAUSED)``."""
+    manager = _manager(s3_store)
+    cut = _CancelledAfterWrites(monkeypatch)
+
+    async def paused() -> list[str]:
+        runs, _ = await s3_store.list_runs(status="paused", limit=10, cursor=None, now=T0)
+        return [run.run_id for run in runs]
+
+    with anyio.fail_after(DEADLINE):
+        await manager.create("waiting", {"n": 0})
+        key = _ids.key_of("waiting")
+        run = await s3_store.get_run(key, now=T0)
+        assert run is not None
+        await cut.run(s3_store.update_run(
+            key, incarnation=run.incarnation, version=run.version, status="paused",
+            data=run.data, now=T0))
+        listed_after_the_cancellation = await paused()
+        # A process killed between the two requests: the entry is missing.
+        entries = [name for name in await _keys(s3_store) if name.startswith("index/status/")]
+        client = await s3_store.client()
+        await client.delete_objects(Bucket=s3_store.bucket, Delete={"Objects": [
+            {"Key": s3_store.prefix + name} for name in entries]})
+        listed_without_the_entry = await paused()
+        run = await s3_store.get_run(key, now=T0)
+        assert run is not None
+        await s3_store.update_run(key, incarnation=run.incarnation, version=run.version,
+                                  status="paused", data=run.data, now=T0)
+        listed_after_the_change_again = await paused()
+    assert listed_after_the_cancellation == ["waiting"]
+    assert listed_without_the_entry == []
+    assert listed_after_the_change_again == ["waiting"]
+
+
+@pytest.mark.parametrize("cut", [1, 2])
+async def test_a_cancelled_append_or_delete_keeps_a_checkpoint_and_its_items_together(
+    s3_store: S3Store, monkeypatch: pytest.MonkeyPatch, cut: int
+) -> None:
+    """An append with owned items is several requests (the commit, then the items and the
+    marker), and so is a delete (the tombstone, then the markers and the owned items):
+    cancelled after the ``cut``-th write, each finishes before its caller gets the
+    cancellation. Never a checkpoint without its owned items, nor owned items without
+    their checkpoint."""
+    run = make_run("cancelled-append")
+    key = key_of(run)
+    owned = [make_item(f"o/{n}", owner=1) for n in range(2)]
+    cancelled = _CancelledAfterWrites(monkeypatch)
+    with anyio.fail_after(DEADLINE):
+        await _append_items(s3_store, run, 0, refs=[], items=[])
+        await cancelled.run(_append_items(s3_store, run, 1, refs=[], items=owned), cut)
+        appended = await s3_store.read_with_items(key, sequence=1, now=T0)
+        await cancelled.run(s3_store.delete(key, 1, checkpoint_id=checkpoint_id_of(run, 1)),
+                            cut)
+        deleted = await s3_store.get(key, 1, now=T0)
+        left = await s3_store.get_items(key, [item.key for item in owned], now=T0)
+    assert appended is not None
+    assert sorted(appended[2]) == ["o/0", "o/1"]
+    assert deleted is None
+    assert left == {}
