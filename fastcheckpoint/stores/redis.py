@@ -66,6 +66,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import anyio.lowlevel
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
@@ -504,6 +505,8 @@ class RedisStore(ExpiryCleanup):
         except _DRIVER_ERRORS as exc:
             self._raise(exc, what)
         if _cancellations() > pending:
+            # anyio's own first (a cancel scope recognises only the cancellation it sends).
+            await anyio.lowlevel.checkpoint_if_cancelled()
             raise asyncio.CancelledError
         return result
 

@@ -919,11 +919,15 @@ class S3Store(ExpiryCleanup):
                     refs=tuple(record.refs), nests=nests)
         if not all(cached.state.may_nest(key) for key in nests):
             cached = await self._note_nesting(io, run_key, slot, now)
-        # Several requests (shared items, the commit, owned items and marker, pruning): a
-        # cancellation waits for them all (settled), never leaving a checkpoint committed
-        # without its owned items, shared items named by nothing, or pruning half done.
         write = self._write(io, run_key, cached, slot, shared, owned, keep_latest, now)
-        return await settled(self._swept_if_failed(io, run_key, write) if shared else write)
+        if shared:
+            write = self._swept_if_failed(io, run_key, write)
+        # With owned items a cancellation waits for every request (settled): the commit
+        # lands before them, and a checkpoint must never stand without them. Otherwise it
+        # cuts the call short where it is, as the caller's deadline asks: stopped before the
+        # commit the run is as it was (shared items written by then wait for a sweep),
+        # after it the checkpoint stands and its pruning is finished by the next append.
+        return await (settled(write) if owned else write)
 
     async def _swept_if_failed(self, io: Bucket, run_key: str, write: Awaitable[str]) -> str:
         try:
@@ -2029,10 +2033,7 @@ class S3Store(ExpiryCleanup):
             return False
         assert view.slot_etag is not None
         listing = msgspec.structs.replace(_listing(view), header=None, token=b"")
-        # Several requests (the tombstone, its marker, the checkpoint's marker and owned
-        # items): a cancellation waits for them all (settled), never leaving owned items
-        # that outlive their checkpoint.
-        tombstone_keys = await settled(self._buried(io, run_key, view, listing, current))
+        tombstone_keys = await self._buried(io, run_key, view, listing, current)
         if tombstone_keys is None:
             return False
         cached = self._cache.get(run_key)
@@ -2044,7 +2045,9 @@ class S3Store(ExpiryCleanup):
         self, io: Bucket, run_key: str, view: _SlotView, listing: Listing, current: _Run
     ) -> list[str] | None:
         """The checkpoint replaced by a tombstone (:meth:`_bury`), and what it owned or
-        marked removed; the tombstone's keys, or None when another delete won."""
+        marked removed; the tombstone's keys, or None when another delete won. Cut short
+        (cancelled, killed) after the tombstone, its owned items outlive it until the delete
+        is made again, the cleanup loop runs or an append prunes."""
         sequence = view.sequence
         if await self._bury(io, run_key, view, listing) is None:
             return None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -675,17 +675,20 @@ class _DroppingCancellation:
     """A run script whose call drops a cancellation of its caller that comes as it ends, as
     redis-py's ``asyncio.wait_for`` around a command's send does before Python 3.12."""
 
-    def __init__(self, script: Any) -> None:
+    def __init__(self, script: Any, cancel: Callable[[], Any] | None = None) -> None:
         self.script = script
         self.sha = script.sha
+        self.cancel = cancel
 
     async def __call__(self, **kwargs: Any) -> Any:
         reply = await self.script(**kwargs)
         current = asyncio.current_task()
         assert current is not None
-        current.cancel()  # the caller is cancelled just as the reply comes
+        # The caller is cancelled just as the reply comes: by asyncio, or by a scope.
+        (self.cancel or current.cancel)()
         with contextlib.suppress(asyncio.CancelledError):  # the driver drops it
-            await asyncio.sleep(0)
+            for _ in range(3):
+                await asyncio.sleep(0)
         return reply
 
 
@@ -706,4 +709,24 @@ async def test_a_cancellation_the_driver_drops_is_raised_after_the_call(
         found = await store.get_items(run_key, ["k"], now=T0)
         await store.aclose()
     assert call.cancelled()
+    assert found == {"k": b"v"}
+
+
+async def test_a_cancellation_of_an_anyio_scope_the_driver_drops_ends_the_scope(
+    prefixed: tuple[RedisTarget, str],
+) -> None:
+    """The same, the cancellation an anyio scope's (``move_on_after`` whose deadline fires):
+    it reaches the scope as anyio's own, so the scope ends there and its caller goes on."""
+    target, prefix = prefixed
+    store = make_store(target, prefix)
+    run_key = key_of(make_run("dropped-scope"))
+    scope = anyio.CancelScope()
+    store._scripts["put_items"] = _DroppingCancellation(store._scripts["put_items"],
+                                                        scope.cancel)
+    with anyio.fail_after(_DEADLINE):
+        with scope:
+            await store.put_items(run_key, [make_item("k", b"v")], now=T0)
+        found = await store.get_items(run_key, ["k"], now=T0)
+        await store.aclose()
+    assert scope.cancelled_caught
     assert found == {"k": b"v"}
