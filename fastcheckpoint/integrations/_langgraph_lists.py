@@ -28,9 +28,9 @@ serialization is changed afterwards, by ``model_rebuild`` or by assigning method
 judged again). An entry changed in place (a message's content edited, a key added to a dict
 it holds) has another fingerprint and is serialized again, with every entry after it; so is
 an entry without one, at every save. What the serde serializes of a new entry is a copy made
-from its fingerprint (and the saver hands over a copy of the list): a node that edits an
-entry or appends to the list while a worker thread encodes a large save changes neither what
-is stored nor what is kept.
+from its fingerprint (and the saver hands over a copy of the list): a node running in a
+thread of its own that edits an entry or appends to the list while the save serializes it
+changes neither what is stored nor what is kept.
 
 The leading entries are checked together, as one msgpack array compared with the kept
 fingerprints (about 0.5 µs a message), and one by one only where that finds a difference.
@@ -237,8 +237,8 @@ _NOTHING = _Serialized((), b"", (), (), 0)
 
 class ListMemo:
     """The entries' bytes of each run's and channel's list as last serialized in this process
-    (bounded, least recently used first out). Thread-safe: large saves encode in worker
-    threads."""
+    (bounded, least recently used first out). Thread-safe: the blocking methods save on
+    another event loop's thread than the async ones."""
 
     def __init__(self) -> None:
         self._kept: OrderedDict[tuple[str, str], _Serialized] = OrderedDict()

@@ -948,8 +948,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                               for channel, version, value in snapshots}}
         if taken is not None:
             return taken._replace(changed=changed)
-        versions = dict(_mapping("checkpoint['channel_versions']",
-                                 checkpoint.get("channel_versions")))
+        versions = _every_version(checkpoint)
         return _Taken(
             checkpoint_id=checkpoint["id"], versions=versions, changed=changed,
             bare=self._dumps({name: part for name, part in checkpoint.items()
@@ -1957,6 +1956,7 @@ def _write_pair(write: object) -> tuple[str, Any]:
 
 
 def _every_version(checkpoint: Checkpoint) -> dict[str, Any]:
+    """A copy of the checkpoint's ``channel_versions``."""
     return dict(_mapping("checkpoint['channel_versions']", checkpoint.get("channel_versions")))
 
 
@@ -1966,7 +1966,7 @@ def _snapshot(value: object) -> object:
     thread of its own (a plain ``def`` node) may change while the save serializes it; the
     list memo must not see a list change under it, and ormsgpack crashes when a list's items
     are removed while its ``default`` hook runs Python code. Containers inside are not
-    copied: the save serializes them on the caller's thread (see ``_encoder``)."""
+    copied: the save serializes them on the caller's thread (see ``_take``)."""
     if type(value) is list:
         return list(value)
     if type(value) is dict:
