@@ -7,6 +7,11 @@ asyncio's own (``task.cancel()``, ``asyncio.wait_for``, ``asyncio.timeout``; Lan
 OpenAI Agents SDK and ADK cancel that way): those interrupt whatever the task awaits, shield
 or not. :func:`settled` runs the change as a task of its own on asyncio and waits for it
 through both kinds; the caller's cancellation is raised once the change has ended.
+
+A change known to complete without suspending (calls to a store whose calls never suspend,
+:func:`~fastcheckpoint.stores.never_suspends`) cannot be cut: nothing can deliver a
+cancellation before it ends. ``settled(change, instant=True)`` runs it at once in the caller's
+task, without the task and the two event-loop turns that waiting for one costs.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable
-from typing import TypeVar
+import types
+from collections.abc import Awaitable, Coroutine, Generator
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -29,10 +35,16 @@ _T = TypeVar("_T")
 logger = logging.getLogger("fastcheckpoint")
 
 
-async def settled(change: Awaitable[_T]) -> _T:
+async def settled(change: Awaitable[_T], *, instant: bool = False) -> _T:
     """Await ``change`` to its end even if the caller is cancelled meanwhile, then raise the
     cancellation (what ``change`` returned is dropped for it, what it raised is logged);
-    otherwise return what ``change`` returns, or raise what it raises."""
+    otherwise return what ``change`` returns, or raise what it raises.
+
+    ``instant``: ``change`` is a coroutine that completes without suspending; it runs at once.
+    Should it suspend after all (a store that claims it never does, wrongly), it is awaited
+    from there like any coroutine, unshielded, and a warning says so."""
+    if instant and isinstance(change, types.CoroutineType):
+        return await _at_once(change)
     if running_library() != "asyncio":
         with anyio.CancelScope(shield=True):
             result = await change
@@ -62,6 +74,41 @@ async def settled(change: Awaitable[_T]) -> _T:
                            failure, exc_info=failure)
         raise
     return task.result()
+
+
+async def _at_once(change: Coroutine[Any, Any, _T]) -> _T:
+    try:
+        suspended = change.send(None)
+    except StopIteration as done:
+        result: _T = done.value
+        return result
+    logger.warning("a change expected to complete at once suspended (%s); a cancellation can "
+                   "cut it short from there", getattr(change, "__qualname__", change))
+    return await _resumed(change, suspended)
+
+
+@types.coroutine
+def _resumed(change: Coroutine[Any, Any, _T], suspended: Any) -> Generator[Any, Any, _T]:
+    """``change``, suspended once (its first step yielded ``suspended``), awaited from there:
+    what the event loop sends or throws goes to it, what it yields goes to the event loop."""
+    while True:
+        try:
+            sent = yield suspended
+        except GeneratorExit:
+            change.close()
+            raise
+        except BaseException as exc:  # delivered to the change, as an await does
+            try:
+                suspended = change.throw(exc)
+            except StopIteration as done:
+                result: _T = done.value
+                return result
+        else:
+            try:
+                suspended = change.send(sent)
+            except StopIteration as done:
+                result = done.value
+                return result
 
 
 def _wake(waiter: asyncio.Future[None], _task: object) -> None:

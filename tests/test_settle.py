@@ -5,6 +5,8 @@ through when nothing cancels."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Generator
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -114,3 +116,80 @@ async def test_a_change_that_fails_while_its_caller_is_cancelled_is_logged(
     assert scope.cancelled_caught
     assert "failed while its caller was being cancelled" in caplog.text
     assert "the change's own" in caplog.text
+
+
+# -- instant changes: calls to a store whose calls never suspend ------------------------------
+
+
+async def test_an_instant_change_runs_at_once_in_the_callers_task() -> None:
+    """No task of its own and no turn of the event loop: what was scheduled before it has
+    not run when it returns."""
+    ran: list[str] = []
+    caller = anyio.get_current_task()
+
+    async def change() -> str:
+        ran.append("change")
+        assert anyio.get_current_task() == caller
+        return "done"
+
+    async def other() -> None:
+        ran.append("other")
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(other)
+        assert await settled(change(), instant=True) == "done"
+        assert ran == ["change"]
+    assert ran == ["change", "other"]
+
+    async def fails() -> None:
+        raise KeyError("the change's own")
+
+    with pytest.raises(KeyError, match="the change's own"):
+        await settled(fails(), instant=True)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_instant_change_that_suspends_is_awaited_from_there(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that claims wrongly that its calls never suspend: the change still ends with
+    its result, with a warning, and a cancellation reaches it as it reaches any await."""
+    steps: list[str] = []
+
+    async def suspends(release: asyncio.Event) -> str:
+        steps.append("first")
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            steps.append("cancelled")
+            raise
+        steps.append("second")
+        return "done"
+
+    release = asyncio.Event()
+    waiting = asyncio.ensure_future(settled(suspends(release), instant=True))
+    await asyncio.sleep(0.01)
+    assert steps == ["first"]
+    release.set()
+    assert await asyncio.wait_for(waiting, 10) == "done"
+    assert steps == ["first", "second"]
+    assert "expected to complete at once suspended" in caplog.text
+
+    steps.clear()
+    waiting = asyncio.ensure_future(settled(suspends(asyncio.Event()), instant=True))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, 10)
+    assert steps == ["first", "cancelled"]
+
+
+async def test_instant_applies_to_coroutines_only() -> None:
+    """Any other awaitable is awaited the usual way, shielded."""
+
+    class Later:
+        def __await__(self) -> Generator[Any, None, int]:
+            yield from anyio.lowlevel.checkpoint().__await__()
+            return 3
+
+    assert await settled(Later(), instant=True) == 3

@@ -93,6 +93,7 @@ from fastcheckpoint.stores import (
     SupportsLabels,
     SupportsSharedItems,
     nested_prefix,
+    never_suspends,
     offers_nested_items,
 )
 
@@ -203,6 +204,8 @@ class _Shared:
     state: SaverState
     logs: ChannelLogs
     lists: ListMemo
+    instant: bool
+    """The store's calls never suspend: a change of several is never cut (no task needed)."""
 
 
 class FastCheckpointSaver(BaseCheckpointSaver[str]):
@@ -245,7 +248,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             ttl_seconds=ttl, keep_latest=keep_latest, bridge=LoopBridge("the saver"),
             state=SaverState(), logs=ChannelLogs(
                 settings.history_min_entries if offers_nested_items(capable) else None),
-            lists=ListMemo())
+            lists=ListMemo(), instant=never_suspends(capable))
         self._shared.bridge.bind()
 
     @classmethod
@@ -1070,7 +1073,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 record, items = self._record(where, encoded, parent_id, located, parked, now)
                 try:
                     await settled(self._commit(where, encoded, record, items, located, parked,
-                                               now))
+                                               now), instant=self._shared.instant)
                 except SharedItemGone:
                     if resent:
                         raise
@@ -1347,7 +1350,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         if len(groups) == 1 and (where.checkpoint_ns or all(
                 write.channel != records.INTERRUPT for write in writes)):
             return await stored
-        return await settled(stored)
+        return await settled(stored, instant=self._shared.instant)
 
     async def _put_owned_now(
         self, where: _Where, checkpoint_id: str, located: Located, writes: list[StoredWrite]

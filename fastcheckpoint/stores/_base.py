@@ -64,6 +64,7 @@ __all__ = [
     "latest_expiry",
     "nested_prefix",
     "nesting_under",
+    "never_suspends",
     "offers_nested_items",
     "purge_all",
 ]
@@ -651,6 +652,15 @@ def offers_nested_items(store: object) -> TypeGuard[SupportsNestedItems]:
     """Whether ``store`` keeps nested items with their shared item
     (:class:`SupportsNestedItems`)."""
     return isinstance(store, SupportsNestedItems) and store.nested_items is True
+
+
+def never_suspends(store: object) -> bool:
+    """Whether every call of ``store`` completes without suspending (it awaits nothing that
+    yields to the event loop, so no cancellation can cut it short): its class attribute
+    ``never_suspends`` is ``True`` (the memory store's; a subclass whose methods await must
+    set it ``False``). Callers then make a change of several calls without a task of its own
+    to shield it (``settled(..., instant=True)``)."""
+    return getattr(store, "never_suspends", False) is True
 
 
 def check_labels(labels: object) -> tuple[str, ...]:

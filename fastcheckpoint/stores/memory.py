@@ -113,6 +113,8 @@ class MemoryStore(ExpiryCleanup):
     """Keeps everything in this process; for tests, notebooks and single-process agents."""
 
     nested_items = True
+    never_suspends = True
+    """Its calls await nothing (see :func:`~fastcheckpoint.stores.never_suspends`)."""
 
     def __init__(self) -> None:
         self._runs: dict[str, _Run] = {}

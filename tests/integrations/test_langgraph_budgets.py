@@ -9,6 +9,7 @@ its connections open). A save changes one channel of two; the writes are regular
 from __future__ import annotations
 
 import contextlib
+import inspect
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -250,3 +251,36 @@ async def _dynamodb(server: tuple[str, str, str]) -> AsyncIterator[tuple[Any, Co
         return {**tables.counts, **blobs.counts}
 
     yield store, requests
+
+
+async def test_on_the_memory_store_a_step_takes_no_turn_of_the_event_loop() -> None:
+    """The memory store's calls never suspend, so the saver's saves and writes (an interrupt
+    among them, which pauses the thread) on it complete in the caller's task at once: no
+    task to shield them from a cancellation, no turn of the event loop to pay. (A load
+    takes a few turns on purpose: it first lets the saves under way in the process end.)"""
+    from fastcheckpoint.stores.memory import MemoryStore
+
+    def at_once(call: Awaitable[Any]) -> Any:
+        assert inspect.iscoroutine(call)
+        try:
+            call.send(None)
+        except StopIteration as done:
+            return done.value
+        call.close()
+        raise AssertionError("the call suspended")
+
+    saver = FastCheckpointSaver(MemoryStore())
+    first = at_once(put(saver, "t", values={"a": "a0"}, versions={"a": 1}, run_id="r"))
+    at_once(saver.aput_writes(config("t", first), [("a", "w0")], "task-0"))
+    second = at_once(put(saver, "t", parent=first, values={"a": "a1"}, versions={"a": 2},
+                         new_versions={"a": 2}, run_id="r"))
+    at_once(saver.aput_writes(config("t", second), [("a", "w1"), ("__interrupt__", {"q": 1})],
+                              "task-1"))
+    latest = await saver.aget_tuple(config("t"))
+    assert latest is not None
+    assert latest.checkpoint["id"] == second
+    assert ("task-1", "a", "w1") in latest.pending_writes
+    run = await saver.manager.get_run("t")
+    assert run is not None
+    assert run.status.value == "paused"
+    await saver.aclose()

@@ -265,7 +265,9 @@ async def test_parked_writes_a_save_took_land_before_their_cancelled_call_ends()
     """Writes parked for a checkpoint whose save is running: cancelled once that save took
     them, the call ends when the save stored them, with the thread PAUSED for an interrupt
     among them (not after the caller was told the call ended)."""
-    saver = _saver(MemoryStore())
+    store = MemoryStore()
+    store.never_suspends = False  # its append waits below
+    saver = _saver(store)
     first, second = checkpoint(), checkpoint()
     first_config = await saver.aput(config("t"), first, metadata(-1), {})
     real = saver._store.append_with_items

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import anyio
 import pytest
 
-from fastcheckpoint.stores import CheckpointStore
+from fastcheckpoint.stores import CheckpointStore, never_suspends
+from fastcheckpoint.stores.memory import MemoryStore
 from fastcheckpoint.testing import (
     LabelsContract,
     NestedItemsContract,
@@ -24,8 +28,40 @@ async def _close(store: CheckpointStore) -> None:
 class TestMemoryStore(StoreContract, LabelsContract, SharedItemsContract, NestedItemsContract):
     @pytest.fixture
     async def store(self) -> AsyncIterator[CheckpointStore]:
-        from fastcheckpoint.stores.memory import MemoryStore
-
         store = MemoryStore()
+        yield store
+        await _close(store)
+
+
+def _at_once(method: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        running = method(*args, **kwargs)
+        try:
+            running.send(None)
+        except StopIteration as done:
+            return done.value
+        running.close()
+        raise AssertionError(f"MemoryStore.{method.__name__} suspended")
+
+    return call
+
+
+class _AtOnce(MemoryStore):
+    """Fails any call that suspends: what ``never_suspends`` promises."""
+
+
+for _name, _method in inspect.getmembers(MemoryStore, inspect.iscoroutinefunction):
+    setattr(_AtOnce, _name, _at_once(_method))
+
+
+class TestMemoryStoreCallsNeverSuspend(TestMemoryStore):
+    """The whole contract again, every call completing without suspending (callers then
+    make a change of several calls without a task to shield it)."""
+
+    @pytest.fixture
+    async def store(self) -> AsyncIterator[CheckpointStore]:
+        store = _AtOnce()
+        assert never_suspends(store)
         yield store
         await _close(store)
