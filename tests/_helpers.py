@@ -7,7 +7,8 @@ override one method to inject a fault.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,3 +225,17 @@ async def acks_of_workers(
     }
     assert sum(len(out.split()) for out in outputs.values()) == len(acknowledged)
     return acknowledged
+
+
+async def cancelled_after(call: Awaitable[Any], turns: int) -> str:
+    """Start ``call``, let the event loop turn ``turns`` times, cancel it (asyncio's own
+    cancellation), and say how it ended: ``"returned"`` or ``"cancelled"``."""
+    running = asyncio.ensure_future(call)
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    running.cancel()
+    try:
+        await running
+    except asyncio.CancelledError:
+        return "cancelled"
+    return "returned"

@@ -169,9 +169,23 @@ def decode_record(codec: Codec, blob: bytes, where: str) -> tuple[ConversationRe
         raise CorruptCheckpointError(f"undecodable conversation record: {exc}", key=where) from exc
 
 
-def encode_entry(codec: Codec, entry: ConversationEntry, family: str) -> bytes:
+def message_json(entry: ConversationEntry) -> bytes:
+    """The entry's message as Pydantic AI writes it (JSON); :class:`SerializationError` when
+    it cannot (a value JSON cannot hold, nesting deeper than the encoder goes)."""
+    try:
+        return ModelMessagesTypeAdapter.dump_json([entry.message])
+    except (pydantic_core.PydanticSerializationError, RecursionError, ValueError,
+            TypeError) as exc:
+        raise SerializationError(
+            f"conversation entry {entry.id!r:.80} cannot be stored: its message is not JSON "
+            f"Pydantic AI can write ({type(exc).__name__}: {str(exc)[:200]})",
+            path="message") from exc
+
+
+def encode_entry(codec: Codec, entry: ConversationEntry, family: str, message: bytes) -> bytes:
+    """The stored entry; ``message``: :func:`message_json` of it."""
     state = {"format": FORMAT, "family": family, "id": entry.id, "parent_id": entry.parent_id,
-             "kind": entry.kind, "message": ModelMessagesTypeAdapter.dump_json([entry.message])}
+             "kind": entry.kind, "message": message}
     return codec.encode_payload(state, [], [], {})
 
 

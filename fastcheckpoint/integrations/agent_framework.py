@@ -34,6 +34,7 @@ from fastcheckpoint._config import CheckpointConfig
 from fastcheckpoint._gather import gather
 from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import CheckpointStatus
+from fastcheckpoint._settle import settled
 from fastcheckpoint.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -224,18 +225,13 @@ class FastCheckpointStorage:
                 # it goes whole and the new one takes its place.
                 await self._store.delete_run(key)
                 continue
-            try:
-                # A replacement (the id is taken: the framework's storages overwrite it) is
-                # the run's next checkpoint, and keep_latest=1 removes the one it replaces
-                # in the same atomic append: one of the two is stored whatever happens.
-                await self._store.append(key, record, run=seed, keep_latest=1, now=now)
-            except SequenceConflict:
-                continue  # the id is taken, or was replaced meanwhile: look again
-            if existing is not None:
-                await self._replace_details(key, existing, sequence, status, data, now)
-            self._remember(checkpoint_id, status)
-            await self._answered(checkpoint.previous_checkpoint_id, checkpoint_id)
-            return checkpoint_id
+            # Once the append landed, the details and the approval follow whatever cancels
+            # the caller meanwhile (settled): never a replaced checkpoint whose run still
+            # says what the old one did (its status, order, requests).
+            if await settled(self._stored(key, record, seed, existing, checkpoint, status,
+                                          data, now)):
+                return checkpoint_id
+            # The id is taken, or was replaced meanwhile: look again.
         raise ConflictError(
             f"could not save checkpoint {checkpoint_id[:80]!r}: it was saved concurrently "
             f"{_SAVE_ATTEMPTS} times in a row")
@@ -252,9 +248,10 @@ class FastCheckpointStorage:
         return checkpoint
 
     async def list_checkpoints(self, *, workflow_name: str) -> list[WorkflowCheckpoint]:
-        """The workflow's checkpoints, oldest first by ``timestamp``."""
+        """The workflow's checkpoints, oldest first by ``timestamp``. A damaged one is left
+        out with a warning (as the framework's file storage does): the others still list."""
         listed = await self._listed(workflow_name)
-        found = await gather([functools.partial(self._read, entry) for entry in listed],
+        found = await gather([functools.partial(self._listed_read, entry) for entry in listed],
                              parallel=_READERS)
         return [checkpoint for checkpoint in found if checkpoint is not None]
 
@@ -303,6 +300,24 @@ class FastCheckpointStorage:
             details.history.append((status.value, now, FRAMEWORK,
                                     f"waiting for responses to {len(requests)} request(s)"))
         return status.value, self._codec.codec.encode_run_data(details)
+
+    async def _stored(
+        self, key: str, record: StoredCheckpoint, seed: RunRecord, existing: RunRecord | None,
+        checkpoint: WorkflowCheckpoint, status: str, data: bytes, now: float,
+    ) -> bool:
+        """Append ``record`` and describe it; ``False`` when its sequence is taken."""
+        # A replacement (the id is taken: the framework's storages overwrite it) is the
+        # run's next checkpoint, and keep_latest=1 removes the one it replaces in the same
+        # atomic append: one of the two is stored whatever happens.
+        try:
+            await self._store.append(key, record, run=seed, keep_latest=1, now=now)
+        except SequenceConflict:
+            return False
+        if existing is not None:
+            await self._replace_details(key, existing, record.sequence, status, data, now)
+        self._remember(checkpoint.checkpoint_id, status)
+        await self._answered(checkpoint.previous_checkpoint_id, checkpoint.checkpoint_id)
+        return True
 
     async def _replace_details(
         self, key: str, run: RunRecord, sequence: int, status: str, data: bytes, now: float
@@ -385,6 +400,14 @@ class FastCheckpointStorage:
         return _Listed(record.run_id[len(RUN_PREFIX):], float(moment), record.created_at,
                        _ids.run_key(record.run_id), record.run_id,
                        previous if isinstance(previous, str) else None)
+
+    async def _listed_read(self, entry: _Listed) -> WorkflowCheckpoint | None:
+        try:
+            return await self._read(entry)
+        except CorruptCheckpointError as exc:
+            logger.warning("skipping damaged checkpoint %r of the workflow: %s",
+                           entry.checkpoint_id[:80], exc)
+            return None
 
     async def _read(self, entry: _Listed) -> WorkflowCheckpoint | None:
         found = await self._store.latest(entry.key, now=self._clock())

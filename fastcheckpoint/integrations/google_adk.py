@@ -228,20 +228,33 @@ class FastSessionService(BaseSessionService):
         deltas = _split(state or {})
         tracked = self._session_log(app_name, user_id, session_id)
         encoded = _encode_state(deltas.session)
-        try:
-            head = await tracked.log.append((), state=encoded, expect=-1)
-        except StaleLog:
-            tracked.forget()
-            raise AlreadyExistsError(f"Session with id {session_id} already exists.") from None
-        tracked.saw(_head(head), encoded)
-        app_state, user_state = await self._shared_states(
-            self._app_log(app_name), deltas.app, self._user_log(app_name, user_id), deltas.user)
+        # The session, then the app's and the user's state: all of it whatever cancels the
+        # caller once it is under way (settled), never a session without its shared state.
+        created = await settled(self._created(tracked, encoded, deltas, app_name, user_id))
+        if created is None:
+            raise AlreadyExistsError(f"Session with id {session_id} already exists.")
+        head, app_state, user_state = created
         session = Session(
             id=session_id, app_name=app_name, user_id=user_id,
             state=_merged(_decode_state(encoded, tracked.log.run_id), app_state, user_state),
             last_update_time=head.updated_at)
         _mark(session, _head(head))
         return session
+
+    async def _created(
+        self, tracked: _Tracked, encoded: bytes, deltas: _Deltas, app_name: str, user_id: str
+    ) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
+        """The new session's log head and the app's and user's states it wrote; ``None``
+        when a live session has the id."""
+        try:
+            head = await tracked.log.append((), state=encoded, expect=-1)
+        except StaleLog:
+            tracked.forget()
+            return None
+        tracked.saw(_head(head), encoded)
+        app_state, user_state = await self._shared_states(
+            self._app_log(app_name), deltas.app, self._user_log(app_name, user_id), deltas.user)
+        return head, app_state, user_state
 
     async def get_session(
         self,
@@ -263,7 +276,8 @@ class FastSessionService(BaseSessionService):
         if view is None:
             return None
         where = tracked.log.run_id
-        events = [_decode_event(entry, where) for entry in _selected(view.entries, config)]
+        events = [_decode_event(entry, where)
+                  for entry in _selected(view.entries, config, where)]
         session = Session(
             id=session_id, app_name=app_name, user_id=user_id,
             state=_merged(_decode_state(view.state, where), app_state, user_state),
@@ -400,7 +414,8 @@ class FastSessionService(BaseSessionService):
         if marked is not None:
             if head != marked:
                 raise StaleSessionError(_STALE_MESSAGE)
-        elif view.updated_at > session.last_update_time and not _has_seen(session, view):
+        elif view.updated_at > session.last_update_time and not _has_seen(
+                session, view, tracked.log.run_id):
             raise StaleSessionError(_STALE_MESSAGE)
         return head, state
 
@@ -512,7 +527,9 @@ async def _read_all(*logs: EntryLog) -> list[LogView | None]:
     return await gather([log.read for log in logs])
 
 
-def _selected(entries: list[bytes], config: GetSessionConfig | None) -> list[bytes]:
+def _selected(
+    entries: list[bytes], config: GetSessionConfig | None, where: str
+) -> list[bytes]:
     """The stored events ``config`` keeps: the ``num_recent_events`` newest, then the newest
     run of those at or after ``after_timestamp`` (ADK's in-memory service's order)."""
     if config is None:
@@ -522,19 +539,25 @@ def _selected(entries: list[bytes], config: GetSessionConfig | None) -> list[byt
         picked = picked[max(0, len(picked) - config.num_recent_events):]
     if config.after_timestamp is not None:
         start = len(picked)
-        while start and _stamp_decoder.decode(picked[start - 1]).timestamp \
-                >= config.after_timestamp:
+        while start and _stamp(picked[start - 1], where).timestamp >= config.after_timestamp:
             start -= 1
         picked = picked[start:]
     return picked
 
 
-def _has_seen(session: Session, view: LogView) -> bool:
+def _has_seen(session: Session, view: LogView, where: str) -> bool:
     """Whether ``session`` holds the stored session's newest event (or both hold none)."""
     if not view.entries:
         return not session.events
-    return bool(session.events) and \
-        _stamp_decoder.decode(view.entries[-1]).id == session.events[-1].id
+    return bool(session.events) and _stamp(view.entries[-1], where).id == session.events[-1].id
+
+
+def _stamp(entry: bytes, where: str) -> _Stamp:
+    """A stored event's id and timestamp, read without decoding the rest of it."""
+    try:
+        return _stamp_decoder.decode(entry)
+    except msgspec.DecodeError as exc:
+        raise CorruptCheckpointError(f"undecodable ADK event: {exc}", key=where) from exc
 
 
 def _state_of(view: LogView | None, tracked: _Tracked) -> dict[str, Any]:

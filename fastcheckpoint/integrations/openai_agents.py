@@ -213,10 +213,12 @@ class FastSession:
                 f"session item {index} must be a dict, got {type(item).__name__}")
         try:
             data = _encoder.encode(item)
-        except (TypeError, ValueError, OverflowError) as exc:
+            same = _decoder.decode(data) == item
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise SerializationError(
-                f"session item {index} is not JSON ({exc}); nothing was added") from exc
-        if _decoder.decode(data) != item:
+                f"session item {index} is not JSON ({type(exc).__name__}: {exc}); nothing "
+                "was added") from exc
+        if not same:
             raise SerializationError(
                 f"session item {index} would not come back as it is (JSON has no tuples, NaN, "
                 f"infinities or non-str keys); nothing was added")

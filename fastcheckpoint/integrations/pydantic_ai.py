@@ -34,6 +34,7 @@ from fastcheckpoint._codec import Codec, Header, RunData
 from fastcheckpoint._config import CheckpointConfig
 from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import CheckpointStatus
+from fastcheckpoint._settle import settled
 from fastcheckpoint.errors import (
     ConfigurationError,
     CorruptCheckpointError,
@@ -211,6 +212,9 @@ class FastConversationStore(ConversationStore):
         now = self._now()
         joined = False
         known: Known | None = None
+        # Every message is written as JSON before anything is stored: one that cannot be
+        # leaves no trace (not even a family registered for it).
+        messages = [records.message_json(entry) for entry in new_entries]
         if expected_revision is None:
             family, joined = await self._family_of_new(record, new_entries, now)
             incarnation, sequence = _ids.new_incarnation(), 0
@@ -218,15 +222,21 @@ class FastConversationStore(ConversationStore):
             known = await self._expecting(conversation_id, expected_revision)
             family, incarnation, sequence = known.family, known.incarnation, known.sequence + 1
         if new_entries:
-            await self._put_entries(family, new_entries, now)
+            await self._put_entries(family, new_entries, messages, now)
         for attempt in range(_SAVE_ATTEMPTS):
             if known is not None:
                 record = dataclasses.replace(record, **known.details)
             checkpoint = self._checkpoint(key, record, family, incarnation, sequence, now)
             seed = self._seed(conversation_id, record, family, incarnation, checkpoint)
+            stored = Known(record.revision, incarnation, sequence, family,
+                           records.details_of(record))
             try:
-                await self._store.append(key, checkpoint, run=seed, keep_latest=1, now=now)
-                break
+                # The record, then (a fork) the check that its family is not being released:
+                # both, whatever cancels the caller meanwhile (settled), so a fork that a
+                # delete of its family overtook never stays behind without its history.
+                await settled(self._committed(conversation_id, key, checkpoint, seed, stored,
+                                              joined, now))
+                return
             except SequenceConflict as exc:
                 self._known.pop(conversation_id)
                 if known is not None and attempt + 1 < _SAVE_ATTEMPTS:
@@ -243,11 +253,16 @@ class FastConversationStore(ConversationStore):
                 if expected_revision is None and not joined:  # the family this write registered
                     await self._store.delete_items(records.FAMILIES_KEY, [family])
                 raise ConversationConflict(conversation_id) from exc
-        known = Known(record.revision, incarnation, sequence, family, records.details_of(record))
-        self._known.put(conversation_id, known)
-        if joined and await self._releasing(family, now):
+
+    async def _committed(
+        self, conversation_id: str, key: str, checkpoint: StoredCheckpoint, seed: RunRecord,
+        stored: Known, joined: bool, now: float,
+    ) -> None:
+        await self._store.append(key, checkpoint, run=seed, keep_latest=1, now=now)
+        self._known.put(conversation_id, stored)
+        if joined and await self._releasing(stored.family, now):
             self._known.pop(conversation_id)
-            await self._delete_checkpoint(key, known)
+            await self._delete_checkpoint(key, stored)
             raise ConversationConflict(conversation_id)
 
     async def write_details(
@@ -368,14 +383,16 @@ class FastConversationStore(ConversationStore):
         return family, False
 
     async def _put_entries(
-        self, family: str, entries: Sequence[ConversationEntry], now: float
+        self, family: str, entries: Sequence[ConversationEntry], messages: Sequence[bytes],
+        now: float,
     ) -> None:
-        """Index the entries in their family first, so a crash leaves nothing untracked."""
+        """Index the entries in their family first, so a crash leaves nothing untracked
+        (``messages``: each entry's :func:`~._pydantic_ai_records.message_json`)."""
         by_run: dict[str, list[Item]] = {}
         owned: list[Item] = []
-        for entry in entries:
+        for entry, message in zip(entries, messages, strict=True):
             run_key, item_key = records.entries_run_key(entry.id), records.entry_key(entry.id)
-            blob = records.encode_entry(self._codec, entry, family)
+            blob = records.encode_entry(self._codec, entry, family, message)
             by_run.setdefault(run_key, []).append(Item(key=item_key, value=blob))
             owned.append(Item(key=records.OWNED_PREFIX + item_key, value=run_key.encode("ascii")))
         await self._store.put_items(records.family_key(family), owned, now=now)

@@ -656,11 +656,13 @@ def offers_nested_items(store: object) -> TypeGuard[SupportsNestedItems]:
 
 def never_suspends(store: object) -> bool:
     """Whether every call of ``store`` completes without suspending (it awaits nothing that
-    yields to the event loop, so no cancellation can cut it short): its class attribute
-    ``never_suspends`` is ``True`` (the memory store's; a subclass whose methods await must
-    set it ``False``). Callers then make a change of several calls without a task of its own
-    to shield it (``settled(..., instant=True)``)."""
-    return getattr(store, "never_suspends", False) is True
+    yields to the event loop, so no cancellation can cut it short): the store's own class
+    sets ``never_suspends = True`` (the memory store does). A subclass does not inherit the
+    claim (its methods may await): it makes it again if they do not. An instance attribute
+    ``never_suspends = False`` withdraws it. Callers then make a change of several calls
+    without a task of its own to shield it (``settled(..., instant=True)``)."""
+    return vars(type(store)).get("never_suspends") is True and getattr(
+        store, "never_suspends", False) is True
 
 
 def check_labels(labels: object) -> tuple[str, ...]:

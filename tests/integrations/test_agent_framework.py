@@ -5,6 +5,7 @@ a new process."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import enum
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pydantic
 import pytest
 from agent_framework import (
@@ -38,10 +40,11 @@ from agent_framework import (
 )
 from agent_framework._workflows._runner_context import WorkflowMessage
 
-from fastcheckpoint import CheckpointManager, CheckpointStatus, MemoryStore
+from fastcheckpoint import CheckpointManager, CheckpointStatus, MemoryStore, _ids
 from fastcheckpoint.errors import (
     CheckpointNotFound,
     ConfigurationError,
+    CorruptCheckpointError,
     SerializationError,
     ValidationError,
 )
@@ -51,7 +54,7 @@ from fastcheckpoint.integrations.agent_framework import (
     WorkflowCheckpointNotFound,
 )
 from fastcheckpoint.stores import MAX_LABEL_BYTES
-from tests._helpers import T0, FakeClock
+from tests._helpers import T0, FakeClock, cancelled_after
 from tests.integrations import agent_framework_worker as worker
 from tests.integrations._langgraph_support import METHODS, CountingStore
 from tests.integrations.conftest import FreshStore
@@ -486,6 +489,53 @@ async def test_replacing_a_checkpoint_leaves_the_old_or_the_new_one_at_every_mom
                 await reader.save(new)  # the next round replaces "new" again
 
 
+class _Yielding(MemoryStore):
+    """Every write suspends before and after it: room for a cancellation between calls."""
+
+    async def append(self, run_key: str, record: Any, **options: Any) -> Any:
+        await asyncio.sleep(0)
+        found = await super().append(run_key, record, **options)
+        await asyncio.sleep(0)
+        return found
+
+    async def update_run(self, run_key: str, **options: Any) -> Any:  # type: ignore[override]
+        await asyncio.sleep(0)
+        found = await super().update_run(run_key, **options)
+        await asyncio.sleep(0)
+        return found
+
+
+async def test_a_cancelled_replacement_leaves_the_old_checkpoint_or_the_new_one_described(
+    clock: FakeClock,
+) -> None:
+    """Saving over an id, cancelled at every point: the stored checkpoint is the old one
+    with the old details, or the new one with its own (its place in the listing, PAUSED for
+    its pending request), never the new one described as the old."""
+    outcomes = set()
+    with anyio.fail_after(DEADLINE):
+        for delay in range(60):
+            if ("returned", True) in outcomes:
+                break
+            store = _Yielding()
+            storage = FastCheckpointStorage(store, clock=clock)
+            await storage.save(_checkpoint(checkpoint_id="X", timestamp=_at(0), state={"n": 0}))
+            await storage.save(_checkpoint(checkpoint_id="Y", timestamp=_at(5)))
+            request = WorkflowEvent.request_info("req-1", "approver", "ok?", str)
+            outcome = await cancelled_after(storage.save(_checkpoint(
+                checkpoint_id="X", timestamp=_at(10), state={"n": 10},
+                pending_request_info_events={"req-1": request})), delay)
+            reader = FastCheckpointStorage(store, clock=clock)
+            replaced = (await reader.load("X")).state == {"n": 10}
+            outcomes.add((outcome, replaced))
+            latest = await reader.get_latest(workflow_name="orders")
+            run = await CheckpointManager(store).get_run(adapter.RUN_PREFIX + "X")
+            assert latest is not None
+            assert run is not None
+            assert (latest.checkpoint_id, run.status) == (
+                ("X", CheckpointStatus.PAUSED) if replaced else ("Y", CheckpointStatus.ACTIVE))
+    assert outcomes == {("cancelled", False), ("cancelled", True), ("returned", True)}
+
+
 class _SlowDetails(MemoryStore):
     """The first ``update_run`` after ``arm`` waits until released (a slow process)."""
 
@@ -538,6 +588,40 @@ async def test_a_checkpoint_that_cannot_be_read_fails_a_listing_alone(clock: Fak
         storage = FastCheckpointStorage(store, clock=clock)
         with pytest.raises(SerializationError):
             await storage.list_checkpoints(workflow_name="orders")
+
+
+class _DamagedLatest(MemoryStore):
+    """Reads of the runs in :attr:`damaged` return their record with a scrambled payload."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.damaged: set[str] = set()
+
+    async def latest(self, run_key: str, *, now: float) -> Any:
+        found = await super().latest(run_key, now=now)
+        if found is None or run_key not in self.damaged:
+            return found
+        record, status = found
+        return msgspec.structs.replace(record, payload=b"\x00" * len(record.payload)), status
+
+
+async def test_a_damaged_checkpoint_is_left_out_of_a_listing_with_a_warning(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the framework's file storage does: the other checkpoints still list; reading the
+    damaged one itself raises ``CorruptCheckpointError``."""
+    with anyio.fail_after(DEADLINE):
+        store = _DamagedLatest()
+        storage = FastCheckpointStorage(store, clock=clock)
+        saved = [_checkpoint(timestamp=_at(step), state={"n": step}) for step in range(3)]
+        for checkpoint in saved:
+            await storage.save(checkpoint)
+        store.damaged.add(_ids.key_of(adapter.RUN_PREFIX + saved[0].checkpoint_id))
+        listed = await storage.list_checkpoints(workflow_name="orders")
+        assert [found.state for found in listed] == [{"n": 1}, {"n": 2}]
+        assert "skipping damaged checkpoint" in caplog.text
+        with pytest.raises(CorruptCheckpointError):
+            await storage.load(saved[0].checkpoint_id)
 
 
 async def test_latest_among_equal_timestamps_is_the_frameworks_choice(either: Made) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from google.adk.errors import StaleSessionError
 from google.adk.errors.already_exists_error import AlreadyExistsError
@@ -26,13 +27,17 @@ from google.adk.sessions import BaseSessionService, InMemorySessionService, Sess
 from google.adk.sessions.base_session_service import GetSessionConfig
 from google.genai import types
 
-from fastcheckpoint.errors import ConfigurationError, SerializationError
+from fastcheckpoint.errors import (
+    ConfigurationError,
+    CorruptCheckpointError,
+    SerializationError,
+)
 from fastcheckpoint.integrations import _google_adk_names as names
 from fastcheckpoint.integrations._entrylog import EntryLog
 from fastcheckpoint.integrations.google_adk import FastSessionService
 from fastcheckpoint.stores import MAX_LABEL_BYTES
 from fastcheckpoint.stores.memory import MemoryStore
-from tests._helpers import FakeClock
+from tests._helpers import FakeClock, cancelled_after
 from tests.integrations._langgraph_support import CountingStore
 from tests.integrations.conftest import FreshStore
 from tests.integrations.google_adk_worker import APP, USER, build_runner, turn
@@ -268,6 +273,20 @@ async def test_user_state_changes_from_two_sessions_all_land(
             assert len(got.events) == 3
 
 
+def _appends_yield(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every log append waits a turn of the event loop before and after it: room for a
+    cancellation between the store calls of one service call."""
+    real_append = EntryLog.append
+
+    async def yielding(self: EntryLog, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0)
+        head = await real_append(self, *args, **kwargs)
+        await asyncio.sleep(0)
+        return head
+
+    monkeypatch.setattr(EntryLog, "append", yielding)
+
+
 @pytest.mark.parametrize("kind", ["memory", "file"])
 async def test_a_cancelled_append_stores_the_event_and_its_state_changes_or_nothing(
     fresh_store: FreshStore, adk_clock: FakeClock, monkeypatch: pytest.MonkeyPatch
@@ -276,15 +295,7 @@ async def test_a_cancelled_append_stores_the_event_and_its_state_changes_or_noth
     that changes the session's, the app's and the user's state: the event lands with all
     three changes or with none, and the session object says which (so calling again stores
     it once)."""
-    real_append = EntryLog.append
-
-    async def yielding(self: EntryLog, *args: Any, **kwargs: Any) -> Any:
-        await asyncio.sleep(0)  # room for a cancellation between the store calls
-        head = await real_append(self, *args, **kwargs)
-        await asyncio.sleep(0)
-        return head
-
-    monkeypatch.setattr(EntryLog, "append", yielding)
+    _appends_yield(monkeypatch)
     outcomes = set()
     with anyio.fail_after(DEADLINE):
         async with fresh_store() as store:
@@ -298,15 +309,7 @@ async def test_a_cancelled_append_stores_the_event_and_its_state_changes_or_noth
                 session = await service.create_session(
                     app_name="app", user_id=f"u{delay}", session_id=session_id)
                 made = event({"n": delay, "app:last": delay, f"user:seen{delay}": True})
-                call = asyncio.ensure_future(service.append_event(session, made))
-                for _ in range(delay):
-                    await asyncio.sleep(0)
-                call.cancel()
-                try:
-                    await call
-                    outcome = "returned"
-                except asyncio.CancelledError:
-                    outcome = "cancelled"
+                outcome = await cancelled_after(service.append_event(session, made), delay)
                 stored = await FastSessionService(store, clock=adk_clock).get_session(
                     app_name="app", user_id=f"u{delay}", session_id=session_id)
                 assert stored is not None
@@ -328,7 +331,62 @@ async def test_a_cancelled_append_stores_the_event_and_its_state_changes_or_noth
     assert outcomes == {("cancelled", False), ("cancelled", True), ("returned", True)}
 
 
+async def test_a_cancelled_create_makes_the_session_with_all_its_state_or_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cancellation at every point of a ``create_session`` whose state has session, app
+    and user keys: the session is there with the three, or not there at all."""
+    _appends_yield(monkeypatch)
+    store = MemoryStore()
+    outcomes = set()
+    with anyio.fail_after(DEADLINE):
+        for delay in range(16):
+            outcome = await cancelled_after(FastSessionService(store).create_session(
+                app_name="app", user_id=f"u{delay}", session_id=f"s{delay}",
+                state={"topic": delay, "app:plan": delay, f"user:name{delay}": delay}), delay)
+            stored = await FastSessionService(store).get_session(
+                app_name="app", user_id=f"u{delay}", session_id=f"s{delay}")
+            outcomes.add((outcome, stored is not None))
+            if stored is not None:
+                assert (stored.state["topic"], stored.state["app:plan"],
+                        stored.state[f"user:name{delay}"]) == (delay, delay, delay)
+    assert outcomes == {("cancelled", False), ("cancelled", True), ("returned", True)}
+
+
 # -- TTL -----------------------------------------------------------------------------------------
+
+
+async def test_a_damaged_event_is_a_corrupt_checkpoint_for_every_read_that_meets_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reads that look only at an event's id or timestamp (``after_timestamp``, the stale
+    check of a session object) raise ``CorruptCheckpointError`` on a damaged one, as a whole
+    read does: never the decoder's own error."""
+    service = FastSessionService(MemoryStore())
+    session = await service.create_session(app_name="a", user_id="u", session_id="s")
+    for text in ("one", "two"):
+        await service.append_event(session, event(text=text))
+    real = EntryLog.read
+
+    async def damaged(log: EntryLog) -> Any:
+        found = await real(log)
+        if found is None or not found.entries:
+            return found
+        newest = found.entries[-1]
+        return msgspec.structs.replace(found, entries=[*found.entries[:-1], b"X" + newest[1:]])
+
+    monkeypatch.setattr(EntryLog, "read", damaged)
+    stale = Session(id="s", app_name="a", user_id="u", last_update_time=0, events=[event()])
+    for call in (
+        lambda: service.get_session(app_name="a", user_id="u", session_id="s"),
+        lambda: service.get_session(app_name="a", user_id="u", session_id="s",
+                                    config=GetSessionConfig(after_timestamp=0)),
+        lambda: service.get_session(app_name="a", user_id="u", session_id="s",
+                                    config=GetSessionConfig(num_recent_events=1)),
+        lambda: service.append_event(stale, event(text="three")),
+    ):
+        with pytest.raises(CorruptCheckpointError, match="undecodable ADK event"):
+            await call()
 
 
 async def test_sessions_expire_after_ttl_seconds_without_a_change(

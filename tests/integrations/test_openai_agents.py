@@ -266,6 +266,11 @@ async def test_session_arguments() -> None:
     for changed in ({"t": (1, 2)}, {"x": float("nan")}, {"x": float("inf")}, {1: "a"}):
         with pytest.raises(SerializationError, match="would not come back"):
             await session.add_items([{"ok": 1}, changed])  # type: ignore[list-item]
+    deep: dict[str, Any] = {"x": 1}
+    for _ in range(5000):  # deeper than the encoder (or the comparison) recurses
+        deep = {"x": deep}
+    with pytest.raises(SerializationError, match="RecursionError"):
+        await session.add_items([{"ok": 1}, deep])  # type: ignore[list-item]
     assert await session.get_items() == []  # nothing of a refused batch was added
 
 

@@ -3,6 +3,7 @@ continued in another process, compare-and-set races, store call counts, TTL and 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import subprocess
@@ -32,6 +33,7 @@ from pydantic_ai.messages import (
     ModelRequest,
     ModelResponse,
     TextPart,
+    ToolReturnPart,
     UserPromptPart,
 )
 from pydantic_ai.models.test import TestModel
@@ -462,6 +464,79 @@ async def test_metadata_json_cannot_hold_is_refused_before_anything_is_written()
         record = await conversations.read_record("c")
         assert record is not None
         assert record.metadata is None
+
+
+class _ForkOvertaken(MemoryStore):
+    """A fork of ``orig`` whose record lands just after a delete of ``orig`` made its last
+    check for other members of the family, the fork's caller cancelled right then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fork_key = _ids.key_of(records.run_id_of("fork"))
+        self.checks = 0
+        self.fork_waiting = asyncio.Event()
+        self.fork_go = asyncio.Event()
+        self.delete_go = asyncio.Event()
+        self.fork_task: asyncio.Future[Any] | None = None
+
+    async def runs_with_label(self, label: str, **options: Any) -> Any:
+        found = await super().runs_with_label(label, **options)
+        if self.fork_task is not None and label.startswith(records.family_label("")):
+            self.checks += 1
+            if self.checks == 2:  # the delete's last check: no other member yet
+                self.fork_go.set()
+                await self.delete_go.wait()
+        return found
+
+    async def append(self, run_key: str, record: Any, **options: Any) -> Any:
+        if run_key == self.fork_key:
+            self.fork_waiting.set()
+            await self.fork_go.wait()
+        found = await super().append(run_key, record, **options)
+        if run_key == self.fork_key and self.fork_task is not None:
+            self.fork_task.cancel()
+            self.delete_go.set()
+            await asyncio.sleep(0)
+        return found
+
+
+async def test_a_fork_cancelled_as_a_delete_overtakes_it_leaves_no_fork_without_history(
+) -> None:
+    """The fork's record landed after the delete's last look at the family: the fork takes
+    itself back even when its caller is cancelled right after the record landed, so no
+    conversation stays listed whose history the delete removed."""
+    store = _ForkOvertaken()
+    with anyio.fail_after(10):
+        await FastConversationStore(store).save(
+            Conversation(conversation_id="orig", messages=_turns("one", "two")))
+        forking = asyncio.ensure_future(FastConversationStore(store).fork(
+            "orig", new_conversation_id="fork"))
+        store.fork_task = forking
+        await store.fork_waiting.wait()  # the fork read the original, about to append
+        await FastConversationStore(store).delete("orig")
+        with pytest.raises(asyncio.CancelledError):
+            await forking
+        fresh = FastConversationStore(store)
+        assert [record.conversation_id for record in await fresh.read_records()] == []
+        assert await fresh.load("fork") is None
+
+
+async def test_a_message_json_cannot_hold_is_refused_before_anything_is_written() -> None:
+    """Nested deeper than Pydantic's serializer goes: SerializationError, and neither the
+    conversation, its entries nor a family for it is stored."""
+    deep: dict[str, Any] = {"x": 1}
+    for _ in range(5000):
+        deep = {"x": deep}
+    message = ModelRequest(parts=[ToolReturnPart(tool_name="t", content=deep, tool_call_id="c")])
+    store = MemoryStore()
+    conversations = FastConversationStore(store)
+    with anyio.fail_after(10):
+        with pytest.raises(SerializationError, match="cannot be stored"):
+            await conversations.save(Conversation(conversation_id="c", messages=[message]))
+        assert await conversations.load("c") is None
+        assert await store.scan_items(records.FAMILIES_KEY, now=0) == []
+        await conversations.save(Conversation(conversation_id="c", messages=_turns("hi")))
+        assert _texts(await conversations.load("c")) == ["hi", "re: hi"]
 
 
 async def test_store_calls_per_primitive() -> None:

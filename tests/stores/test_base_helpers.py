@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from fastcheckpoint.stores import Item, nested_prefix, nesting_under, offers_nested_items
+from fastcheckpoint.stores import (
+    Item,
+    nested_prefix,
+    nesting_under,
+    never_suspends,
+    offers_nested_items,
+)
 from fastcheckpoint.stores.memory import MemoryStore
 
 
@@ -27,3 +33,21 @@ def test_nested_prefix_and_the_capability_check() -> None:
 
     assert not offers_nested_items(Wrapped())
     assert not offers_nested_items(object())
+
+
+def test_the_claim_that_calls_never_suspend_is_not_inherited() -> None:
+    """A subclass may await in its methods: it makes the claim again if they do not."""
+    assert never_suspends(MemoryStore())
+    assert not never_suspends(object())
+
+    class Awaits(MemoryStore):
+        pass
+
+    class AwaitsNot(MemoryStore):
+        never_suspends = True
+
+    assert not never_suspends(Awaits())
+    assert never_suspends(AwaitsNot())
+    withdrawn = MemoryStore()
+    withdrawn.never_suspends = False  # e.g. a method replaced on the instance
+    assert not never_suspends(withdrawn)

@@ -48,7 +48,10 @@ def _at_once(method: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., A
 
 
 class _AtOnce(MemoryStore):
-    """Fails any call that suspends: what ``never_suspends`` promises."""
+    """Fails any call that suspends: what ``never_suspends`` promises (claimed again: a
+    subclass does not inherit it)."""
+
+    never_suspends = True
 
 
 for _name, _method in inspect.getmembers(MemoryStore, inspect.iscoroutinefunction):
