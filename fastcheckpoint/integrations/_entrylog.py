@@ -22,6 +22,7 @@ segments and everything else expire together when no change came for that long.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -34,11 +35,13 @@ from fastcheckpoint._codec import Codec, Header, RunData
 from fastcheckpoint._config import RetryPolicy
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint.errors import (
+    CheckpointError,
     ConfigurationError,
     ConflictError,
     CorruptCheckpointError,
     SequenceConflict,
     SharedItemGone,
+    StoreError,
     ValidationError,
 )
 from fastcheckpoint.stores import (
@@ -63,6 +66,7 @@ _MAX_ATTEMPTS = 64
 _FREE_ATTEMPTS = 3
 _CONTENTION = RetryPolicy(base_delay=0.001, max_delay=0.05)
 _STATE_KEY = "entry_log"
+_TOKEN_BYTES = 8
 
 
 class StaleLog(ConflictError):
@@ -311,9 +315,12 @@ class EntryLog:
         record = StoredCheckpoint(
             sequence=sequence, checkpoint_id=checkpoint_id, created_at=now,
             expires_at=expires_at, header=_codec.encode_header(header),
+            # The token makes the change's record its own: after a failed store call,
+            # finding it stored says the change was applied (:meth:`_landed`).
             payload=_codec.encode_payload(
                 {_STATE_KEY: _layout_encoder.encode(layout),
-                 "entries": sum(segment.used for segment in segments)}, [], [], {}),
+                 "entries": sum(segment.used for segment in segments),
+                 "token": secrets.token_bytes(_TOKEN_BYTES)}, [], [], {}),
             refs=tuple(segment.key for segment in segments))
         items = [] if written is None else [
             Item(key=new_key, value=_layout_encoder.encode(written))]
@@ -327,8 +334,25 @@ class EntryLog:
         except (SequenceConflict, SharedItemGone):
             self._known, self._seen = None, False
             return None
+        except StoreError:
+            # The store may have applied the change and lost its reply (its own retries ran
+            # out): a retry of the caller's would then make it twice. One read tells.
+            if not await self._landed(record):
+                self._known, self._seen = None, False
+                raise
         self._known, self._seen = _Known(sequence, incarnation, layout, values, now), True
         return LogHead(revision=sequence, created_at=created_at, updated_at=now)
+
+    async def _landed(self, record: StoredCheckpoint) -> bool:
+        """Whether ``record`` (its payload unique by its token) is stored: a change whose
+        store call failed was applied all the same. ``False`` also when that cannot be read
+        now (the caller then raises the call's own error; the rare change applied anyway
+        and followed by another writer's before this read is not recognised)."""
+        try:
+            found = await self._store.get(self._key, record.sequence, now=self._clock())
+        except CheckpointError:
+            return False
+        return found is not None and found[0].payload == record.payload
 
 
 def _revision(known: _Known | None) -> int:

@@ -4,6 +4,7 @@ writers with stale views, sliding TTL, costs and the segments it leaves behind."
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import anyio
 import pytest
@@ -11,7 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastcheckpoint import _ids
-from fastcheckpoint.errors import ConfigurationError, CorruptCheckpointError, ValidationError
+from fastcheckpoint.errors import (
+    ConfigurationError,
+    CorruptCheckpointError,
+    StoreUnavailableError,
+    ValidationError,
+)
 from fastcheckpoint.integrations._entrylog import SEAL_BYTES, EntryLog, StaleLog
 from fastcheckpoint.stores import CheckpointStore, SupportsSharedItems
 from fastcheckpoint.stores.memory import MemoryStore
@@ -141,6 +147,48 @@ async def test_concurrent_pops_never_share_an_entry(
         assert sorted(taken) == sorted(_entries(12))
         assert popped.count(None) == 4
         assert await EntryLog(store, "stack", clock=clock).read() is not None
+
+
+class _Failing(MemoryStore):
+    """The next ``append_with_items`` fails with a store error, after applying the change
+    (``applied``: a reply lost once the store's own retries ran out) or without it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail: str | None = None  # "applied" or "not applied", once
+
+    async def append_with_items(self, *args: Any, **kwargs: Any) -> str:
+        how, self.fail = self.fail, None
+        if how == "not applied":
+            raise StoreUnavailableError("the store did not answer")
+        status = await super().append_with_items(*args, **kwargs)
+        if how == "applied":
+            raise StoreUnavailableError("the reply was lost")
+        return status
+
+
+async def test_a_change_whose_reply_was_lost_is_made_once(clock: FakeClock) -> None:
+    """The store applied a change and then failed: the call finds its change stored and
+    returns (a retry of the caller's would make it twice); a change the store did not apply
+    raises, and made again is stored once."""
+    store = _Failing()
+    log = EntryLog(store, "session-1", clock=clock)
+    await log.append(_entries(1))
+    store.fail = "applied"
+    head = await log.append(_entries(2, 1))
+    assert head.revision == 1
+    store.fail = "applied"
+    assert await log.pop() == b"entry-2"
+    store.fail = "not applied"
+    with pytest.raises(StoreUnavailableError):
+        await log.append(_entries(1, 3))
+    await log.append(_entries(1, 3))
+    store.fail = "not applied"
+    with pytest.raises(StoreUnavailableError):
+        await log.pop()
+    view = await EntryLog(store, "session-1", clock=clock).read()
+    assert view is not None
+    assert view.entries == [b"entry-0", b"entry-1", b"entry-3"]
 
 
 async def test_ttl_slides_and_expiry_leaves_nothing(
