@@ -252,13 +252,15 @@ class FastFlowPersistence(FlowPersistence):  # type: ignore[misc, unused-ignore]
         """A reviewer's decision on the flow's pending request, as the text to pass to
         ``Flow.resume``: ``"approved"`` or ``"rejected"``, followed by ``": "`` and the
         comment or reason when one was given. ``None`` while the request waits for a
-        decision, or when the flow has no pending request."""
+        decision, or when the flow has no pending request. This adapter's own approval (the
+        flow was resumed with its feedback, and clearing the request did not finish) is no
+        reviewer's decision: ``None`` too."""
         run = self._opened().get_run(flow_uuid)
         if run is None or _pending_request(run) is None:
             return None
         approval = run.approval or {}
         decision = approval.get("decision")
-        if decision not in ("approved", "rejected"):
+        if decision not in ("approved", "rejected") or approval.get("decided_by") == FRAMEWORK:
             return None
         note = approval.get("comment" if decision == "approved" else "reason") or ""
         return f"{decision}: {note}" if note else str(decision)
@@ -345,9 +347,12 @@ def _state_dict(state_data: object) -> dict[str, Any]:
     """The state as CrewAI's backends store it: a model as its JSON dump, a dict as is."""
     if isinstance(state_data, BaseModel):
         try:
-            return state_data.model_dump(mode="json")
-        except PydanticSerializationError:
-            return state_data.model_dump()
+            try:
+                return state_data.model_dump(mode="json")
+            except PydanticSerializationError:
+                return state_data.model_dump()
+        except (PydanticSerializationError, ValueError, RecursionError) as exc:
+            raise SerializationError(f"the flow state cannot be stored: {exc}") from exc
     if isinstance(state_data, dict):
         return state_data
     raise ValidationError(
@@ -357,7 +362,11 @@ def _state_dict(state_data: object) -> dict[str, Any]:
 def _request_of(context: PendingFeedbackContext) -> dict[str, Any]:
     """The feedback context as an approval request. Its trace ids are 128-bit integers,
     which JSON readers cannot all hold: they are kept as decimal text."""
-    request = _json_value(context.to_dict(), "the feedback context")
+    try:
+        context_dict = context.to_dict()
+    except (PydanticSerializationError, ValueError, TypeError, RecursionError) as exc:
+        raise SerializationError(f"the feedback context cannot be stored: {exc}") from exc
+    request = _json_value(context_dict, "the feedback context")
     trace = request.get("trace_context")
     if isinstance(trace, list):
         request["trace_context"] = [str(part) for part in trace]
@@ -378,7 +387,7 @@ def _json_value(value: dict[str, Any], what: str) -> dict[str, Any]:
     try:
         decoded: dict[str, Any] = _json_decoder.decode(msgspec.json.encode(value,
                                                                            enc_hook=_jsonable))
-    except (msgspec.EncodeError, TypeError, ValueError, OverflowError) as exc:
+    except (msgspec.EncodeError, TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise SerializationError(f"{what} cannot be written as JSON: {exc}") from exc
     return decoded
 

@@ -22,7 +22,7 @@ from crewai.flow.async_feedback.types import HumanFeedbackPending, PendingFeedba
 from crewai.flow.flow import Flow, start
 from crewai.flow.persistence import FlowPersistence, persist
 from crewai.flow.persistence.base import _persistence_registry
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from fastcheckpoint import (
     CheckpointConfig,
@@ -32,6 +32,7 @@ from fastcheckpoint import (
     ConflictError,
     MemoryStore,
     SerializationError,
+    StoreUnavailableError,
     ValidationError,
 )
 from fastcheckpoint.integrations.crewai import (
@@ -395,6 +396,65 @@ def test_errors_are_checkpoint_errors(persistence: FastFlowPersistence) -> None:
                  persistence.clear_pending_feedback, persistence.feedback):
         with pytest.raises(CheckpointError):
             call(17)  # type: ignore[arg-type]
+
+
+class _Holder(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    id: str = ""
+    held: object = None
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def test_values_that_cannot_be_stored_are_serialization_errors(
+    persistence: FastFlowPersistence,
+) -> None:
+    """A model state nested deeper than pydantic goes, a feedback context whose output holds
+    an object or nests too deep, or refers to itself: ``SerializationError``, nothing
+    stored."""
+    flow = flow_id()
+    with pytest.raises(SerializationError, match="flow state"):
+        persistence.save_state(flow, "plan", _Holder(held=_nested(100_000)))
+    looped: dict[str, Any] = {}
+    looped["self"] = looped
+    for output in (_Holder(held=object()), _nested(100_000), looped):
+        context = feedback_context(flow)
+        context.method_output = output
+        with pytest.raises(SerializationError, match="feedback context"):
+            persistence.save_pending_feedback(flow, context, {"id": flow})
+    assert persistence.manager.get_run(flow) is None
+
+
+def test_a_clear_that_failed_midway_is_no_reviewers_decision(
+    persistence: FastFlowPersistence, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flow was resumed with its feedback and clearing the request approved the run as
+    ``crewai``, then failed: ``feedback`` does not report that approval as a reviewer's (a
+    worker would resume the flow with it); clearing again finishes."""
+    flow = flow_id()
+    persistence.save_pending_feedback(flow, feedback_context(flow), {"id": flow, "n": 1})
+    blocking = persistence._opened()
+    real_create = blocking.create
+
+    def fails(*args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailableError("the store did not answer")
+
+    monkeypatch.setattr(blocking, "create", fails)
+    with pytest.raises(StoreUnavailableError):
+        persistence.clear_pending_feedback(flow)
+    run = persistence.manager.get_run(flow)
+    assert run is not None
+    assert (run.status, (run.approval or {}).get("decided_by")) == (
+        CheckpointStatus.ACTIVE, FRAMEWORK)
+    assert persistence.feedback(flow) is None
+    monkeypatch.setattr(blocking, "create", real_create)
+    persistence.clear_pending_feedback(flow)
+    assert persistence.load_pending_feedback(flow) is None
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
