@@ -1185,7 +1185,9 @@ class CheckpointManager:
         ``comment``; the status history names the approver. Pass the ``requested_at`` of the
         request the approver saw to make sure that is the one approved (else
         :class:`ConflictError`). :class:`CheckpointNotFound` if there is no such run;
-        :class:`ConflictError` if the run is not PAUSED.
+        :class:`ConflictError` if the run is not PAUSED, unless this very approval (same
+        approver, comment and request) is the one recorded: a call made again after its
+        reply was lost returns the run as it is.
         """
         return await self._decide(run_id, CheckpointStatus.ACTIVE, "approved", approver,
                                   "comment", text_arg("comment", comment), requested_at)
@@ -1232,6 +1234,14 @@ class CheckpointManager:
                     f"run {run_id!r} holds the request made at {pending}, not the one made "
                     f"at {requested_at}; read the run again before deciding")
 
+        def made_before(data: RunData) -> bool:
+            # This very decision is recorded (same approver, note and request): a call made
+            # again after its reply was lost, answered as it would have been.
+            approval = data.approval or {}
+            return (approval.get("decision"), approval.get("decided_by"),
+                    approval.get(note_name)) == (decision, who, note) and (
+                requested_at is None or approval.get("requested_at") == requested_at)
+
         def record_decision(data: RunData, now: float) -> None:
             approval = dict(data.approval or {})
             approval.update(
@@ -1241,7 +1251,7 @@ class CheckpointManager:
         return _found(await self._transition(
             run_id, target, allowed={CheckpointStatus.PAUSED}, actor=who, note=note,
             update=record_decision, guard=None if requested_at is None else same_request,
-            must_exist=True, refusal="is not awaiting approval (it is {status})",
+            made=made_before, must_exist=True, refusal="is not awaiting approval (it is {status})",
         ))
 
     async def _transition(
@@ -1254,6 +1264,7 @@ class CheckpointManager:
         note: str = "",
         update: Callable[[RunData, float], None] | None = None,
         guard: Callable[[RunData], None] | None = None,
+        made: Callable[[RunData], bool] | None = None,
         refusal: str = "",
         must_exist: bool = False,
     ) -> RunInfo | None:
@@ -1262,7 +1273,9 @@ class CheckpointManager:
         The change goes into the status history with ``actor`` and ``note``; ``update`` records
         the rest (error, approval) in the run details, at the time of the change. ``guard``
         sees the run details first, before even a repeated final status returns the run
-        unchanged, and raises to refuse. ``refusal`` continues "run 'r' " to explain a status
+        unchanged, and raises to refuse. ``made`` says from them that this very change is
+        recorded already (a call made again after its reply was lost): the run is returned
+        as it is. ``refusal`` continues "run 'r' " to explain a status
         not in ``allowed`` (``{status}`` is replaced by the run's status). A missing run gives
         ``None``, or :class:`CheckpointNotFound` with ``must_exist``.
         """
@@ -1277,7 +1290,8 @@ class CheckpointManager:
             data = self._codec.decode_run_data(record.data, key)
             if guard is not None:
                 guard(data)
-            if current == target and target in _TERMINAL:
+            if (current == target and target in _TERMINAL) or (
+                    made is not None and made(data)):
                 return self._run_info(record)
             if current not in allowed:
                 why = refusal or "is {status}; it cannot become " + target.value

@@ -45,6 +45,7 @@ from fastcheckpoint import (
     RunInfo,
     SequenceConflict,
     SerializationError,
+    StoreUnavailableError,
     ValidationError,
     _export,
     _ids,
@@ -1526,6 +1527,47 @@ async def test_reject_ends_the_run_and_a_retried_reject_returns_it_unchanged(
     assert again == rejected
     assert latest is not None
     assert latest.metadata.status is CheckpointStatus.REJECTED
+
+
+class _LosesAnUpdateReply(ForwardingStore):
+    """The next ``update_run`` is applied, then fails as if its reply was lost."""
+
+    lose = False
+
+    async def update_run(self, run_key: str, **options: Any) -> RunRecord:
+        updated: RunRecord = await self.inner.update_run(run_key, **options)
+        if self.lose:
+            self.lose = False
+            raise StoreUnavailableError("the reply was lost")
+        return updated
+
+
+@pytest.mark.parametrize("with_request", [False, True])
+async def test_a_decision_made_again_after_its_reply_was_lost_returns_the_run(
+    clock: FakeClock, with_request: bool
+) -> None:
+    """The approval landed but its caller saw an error: the same call again (same approver,
+    comment and request) returns the run as decided, once in its history; another
+    approver's approval is refused."""
+    store = _LosesAnUpdateReply(MemoryStore())
+    manager = CheckpointManager(store, config=make_config(clock))  # type: ignore[arg-type]
+    with anyio.fail_after(10):
+        await create(manager)
+        paused = await manager.pause(RUN, request={"amount": 5})
+        assert paused is not None
+        assert paused.approval is not None
+        seen = paused.approval["requested_at"] if with_request else None
+        store.lose = True
+        with pytest.raises(StoreUnavailableError):
+            await manager.approve(RUN, approver="ana", comment="ok", requested_at=seen)
+        again = await manager.approve(RUN, approver="ana", comment="ok", requested_at=seen)
+        with pytest.raises(ConflictError, match="not awaiting approval"):
+            await manager.approve(RUN, approver="bo", comment="ok", requested_at=seen)
+    assert again.status is CheckpointStatus.ACTIVE
+    assert again.approval is not None
+    assert (again.approval["decided_by"], again.approval["comment"]) == ("ana", "ok")
+    assert [entry.status for entry in again.history] == [
+        CheckpointStatus.PAUSED, CheckpointStatus.ACTIVE]
 
 
 async def test_every_request_stays_in_the_history_and_a_decision_can_name_its_request(
