@@ -91,24 +91,20 @@ async def _at_once(change: Coroutine[Any, Any, _T]) -> _T:
 def _resumed(change: Coroutine[Any, Any, _T], suspended: Any) -> Generator[Any, Any, _T]:
     """``change``, suspended once (its first step yielded ``suspended``), awaited from there:
     what the event loop sends or throws goes to it, what it yields goes to the event loop."""
-    while True:
-        try:
-            sent = yield suspended
-        except GeneratorExit:
-            change.close()
-            raise
-        except BaseException as exc:  # delivered to the change, as an await does
+    try:
+        while True:
             try:
+                sent = yield suspended
+            except GeneratorExit:
+                change.close()
+                raise
+            except BaseException as exc:  # delivered to the change, as an await does
                 suspended = change.throw(exc)
-            except StopIteration as done:
-                result: _T = done.value
-                return result
-        else:
-            try:
+            else:
                 suspended = change.send(sent)
-            except StopIteration as done:
-                result = done.value
-                return result
+    except StopIteration as done:
+        result: _T = done.value
+        return result
 
 
 def _wake(waiter: asyncio.Future[None], _task: object) -> None:

@@ -8,7 +8,7 @@ override one method to inject a fault.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +239,14 @@ async def cancelled_after(call: Awaitable[Any], turns: int) -> str:
     except asyncio.CancelledError:
         return "cancelled"
     return "returned"
+
+
+def completed_at_once(call: Coroutine[Any, Any, Any], what: str = "the call") -> Any:
+    """What ``call`` returns when its first step ends it (it never suspends); else it is
+    closed and ``AssertionError`` names ``what``."""
+    try:
+        call.send(None)
+    except StopIteration as done:
+        return done.value
+    call.close()
+    raise AssertionError(f"{what} suspended")

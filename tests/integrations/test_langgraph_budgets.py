@@ -9,7 +9,6 @@ its connections open). A save changes one channel of two; the writes are regular
 from __future__ import annotations
 
 import contextlib
-import inspect
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ import anyio
 import pytest
 
 from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
+from tests._helpers import completed_at_once
 from tests.integrations._langgraph_support import CountingStore, config, put
 from tests.stores._moto import REGION
 
@@ -260,15 +260,7 @@ async def test_on_the_memory_store_a_step_takes_no_turn_of_the_event_loop() -> N
     takes a few turns on purpose: it first lets the saves under way in the process end.)"""
     from fastcheckpoint.stores.memory import MemoryStore
 
-    def at_once(call: Awaitable[Any]) -> Any:
-        assert inspect.iscoroutine(call)
-        try:
-            call.send(None)
-        except StopIteration as done:
-            return done.value
-        call.close()
-        raise AssertionError("the call suspended")
-
+    at_once = completed_at_once
     saver = FastCheckpointSaver(MemoryStore())
     first = at_once(put(saver, "t", values={"a": "a0"}, versions={"a": 1}, run_id="r"))
     at_once(saver.aput_writes(config("t", first), [("a", "w0")], "task-0"))

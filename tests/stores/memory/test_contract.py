@@ -18,6 +18,7 @@ from fastcheckpoint.testing import (
     SharedItemsContract,
     StoreContract,
 )
+from tests._helpers import completed_at_once
 
 
 async def _close(store: CheckpointStore) -> None:
@@ -36,13 +37,7 @@ class TestMemoryStore(StoreContract, LabelsContract, SharedItemsContract, Nested
 def _at_once(method: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
     @functools.wraps(method)
     async def call(*args: Any, **kwargs: Any) -> Any:
-        running = method(*args, **kwargs)
-        try:
-            running.send(None)
-        except StopIteration as done:
-            return done.value
-        running.close()
-        raise AssertionError(f"MemoryStore.{method.__name__} suspended")
+        return completed_at_once(method(*args, **kwargs), f"MemoryStore.{method.__name__}")
 
     return call
 
