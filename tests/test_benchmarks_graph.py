@@ -179,3 +179,24 @@ def test_the_saver_cost_benchmark_times_each_saver_against_a_null_one(
     assert all(float(row[1].replace(",", "")) > 0 for row in timed.values())
     assert timed["null"][2] == "+0"
     assert timed["InMemorySaver"][3] == "1.00x |"
+
+
+def test_the_saver_cost_benchmark_times_the_disk_savers_against_sqlite_and_the_floor(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path,
+) -> None:
+    from benchmarks.saver_cost import DISK_SAVERS, main
+
+    main(["--steps", "3", "--threads", "1", "--rounds", "1", "--disk", str(tmp_path)])
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].endswith("ratio to AsyncSqliteSaver |")
+    timed = {row.split(" | ")[0].lstrip("| "): row.split(" | ") for row in rows[3:-1]}
+    assert list(timed) == list(DISK_SAVERS)
+    assert timed["AsyncSqliteSaver"][3] == "1.00x |"
+    assert rows[-1].startswith("2x AsyncSqliteSaver is ")
+    # Each saver kept its thread in a directory of its own: the floor's log grew by one
+    # record per call, ours made a run directory.
+    made = {entry.name.split("-")[0]: entry for entry in tmp_path.iterdir()}
+    assert set(made) == {"floor", "sqlite", "file"}
+    assert (made["floor"] / "log").stat().st_size % 512 == 0
+    assert (made["floor"] / "log").stat().st_size >= 2 * 512 * 3
+    assert any((made["file"] / "runs").iterdir())
