@@ -250,6 +250,20 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, *names: str) -> list[str]:
     return calls
 
 
+def count_pread_bytes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets the length of what each ``os.pread`` returns from now on."""
+    read: list[int] = []
+    real = os.pread
+
+    def pread(fd: int, size: int, offset: int) -> bytes:
+        data = real(fd, size, offset)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(os, "pread", pread)
+    return read
+
+
 def count_item_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """A list that gets the key of each item whose value the store reads from now on."""
     read: list[str] = []

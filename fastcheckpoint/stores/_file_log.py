@@ -571,6 +571,11 @@ class LogView:
         self.index = index
         self.tail = tail
         """Entries after what ``index`` covers (all of them without an index)."""
+        self._own: list[tuple[int, int, dict[int, Located | None]]] = []
+        """The commits its writer appended through the view: start, end, where each key's
+        entry went (``None``: removed)."""
+        self._written: dict[int, bytes] = {}
+        """The data of their entries, by where each entry is: read from here, not the file."""
 
     @property
     def end(self) -> int:
@@ -697,6 +702,9 @@ class LogView:
             if at is None and (key in self.tail.damaged or found.size == _DAMAGED):
                 problem = "the log holds unreadable bytes after this record's newest entry"
             data = b""
+            own = self._written.get(found.offset) if problem is None else None
+            if own is not None and len(own) == found.size:
+                return Record(own if limit is None else own[:limit], found.size, found)
             if problem is None:
                 want = found.size if limit is None else min(limit, found.size)
                 raw = pread(self.fd, _ENTRY + want, found.offset)
@@ -714,6 +722,33 @@ class LogView:
             if at is not None or not self.indexed:
                 raise CorruptCheckpointError(f"{problem} (key {key})", key=self.path)
             self._rescan()
+
+    def committed(
+        self, end: int, placed: dict[int, Located | None], written: Mapping[int, bytes],
+    ) -> None:
+        """Take in the commit its writer (holding the run lock) just appended through this
+        view at :attr:`end`, ending at ``end`` (``placed``: where its keys' entries are,
+        ``None`` for a removed key; ``written``: the data of its entries, by where each is):
+        the view then reads as one opened after the commit would, and reads the commit's
+        entries (:meth:`changes`, :meth:`read_sized`) from memory."""
+        self._own.append((self.tail.end, end, placed))
+        self._written.update(written)
+        found = dict(self.tail.found)
+        damaged = dict(self.tail.damaged)
+        for key, at in placed.items():
+            found[key] = _REMOVED if at is None else at
+            damaged.pop(key, None)  # a newer entry than the one damage may hide
+        # Counted as a scan counts it (the writer's own count can differ on a damaged log).
+        tail_live = sum(_ENTRY + at.size for at in found.values() if at is not _REMOVED)
+        self.tail = self.tail._replace(found=found, end=end, damaged=damaged, live=tail_live)
+        self.size = end
+
+    def indexed_to(self, end: int, live: int) -> None:
+        """``idx`` now covers every commit up to ``end`` (its writer updated it in place,
+        through the file this view reads), with ``live`` bytes live."""
+        assert self.index is not None
+        self.index = self.index._replace(end=end, live=live)
+        self.tail = _Scan({}, end, {}, 0, False)
 
     def _rescan(self) -> None:
         self._drop_index()
@@ -734,10 +769,28 @@ class LogView:
         with its neighbours'), and checks no data: O(entries in the range)."""
         if end > self.end:
             raise ValueError(f"changes up to {end}, past the view's end {self.end}")
+        own = self._own_changes(start, end)
+        if own is not None:
+            return own
         first = _LOG_HEADER.size if start is None else start
         scan = _scan(self.fd, first, end, self.seed, read=True, chunk=_CHANGES_CHUNK)
         found = {key: None if at is _REMOVED else at for key, at in scan.found.items()}
         return Changes(found, scan.damaged, scan.end, scan.gaps)
+
+    def _own_changes(self, start: int | None, end: int) -> Changes | None:
+        """:meth:`changes` of a range that is exactly commits made through this view."""
+        found: dict[int, Located | None] = {}
+        at = start
+        for first, last, placed in self._own:
+            if at is None or first < at:
+                continue
+            if first > at:
+                return None
+            found.update(placed)
+            at = last
+            if at == end:
+                return Changes(found, {}, end, False)
+        return None
 
     def held_keys(self) -> list[int]:
         """Every key the log holds, damaged ones included (a scan of the whole log)."""
@@ -929,6 +982,9 @@ class LogWriter:
         finally:
             if fd != view.fd:
                 os.close(fd)
+        view.committed(end, placed, {
+            at.offset: data for key, data in operations
+            if data is not None and (at := placed[key]) is not None and at.size == len(data)})
         if sync:
             self._index(view, end, live, located)
         return end, live
@@ -943,17 +999,22 @@ class LogWriter:
                 self._install_index(view.log_id, end, live, located)
             else:
                 self._update_index(view, end, live, located)
+                view.indexed_to(end, live)
         except OSError as exc:
             # The commit stands: readers find it past what idx covers; the next writer
             # updates idx (or makes a new one).
             logger.warning("file store: updating %s failed after a commit: %s",
                            os.path.join(self.directory, INDEX), exc.strerror or exc)
 
-    def flush(self) -> None:
+    def flush(self, view: LogView | None = None) -> None:
         """Sync the commits made without a sync (under the same hold of the run lock), then
         put them in ``idx``: one ``fdatasync`` for them all. Raises if the sync fails (then
-        :meth:`cut` them off)."""
-        view = open_view(self.directory, writable=True)
+        :meth:`cut` them off). ``view``: the log as the writer that made them holds it
+        (opened for writing, and taken in each commit), used while it reads through ``idx``;
+        else the log is opened here."""
+        own = view is None or not view.writable or not view.indexed
+        if own:
+            view = open_view(self.directory, writable=True)
         if view is None:
             return
         try:
@@ -963,7 +1024,8 @@ class LogWriter:
             live = view.live  # first: it may read the whole log anew (a slot that fails)
             self._index(view, view.end, live, _tail_places(view))
         finally:
-            view.close()
+            if own:
+                view.close()
 
     def cut(self, start: int) -> None:
         """Cut the log off at ``start`` again: the commits made from there without a sync

@@ -1138,6 +1138,11 @@ class _ItemIndexes:
                 self._by_log.move_to_end((path, log_id))
             return index
 
+    def known(self, path: str, log_id: bytes) -> _ItemIndex | None:
+        """The index of the log, if this process made one."""
+        with self._lock:
+            return self._by_log.get((path, log_id))
+
     def forget(self, path: str) -> None:
         with self._lock:
             for key in [key for key in self._by_log if key[0] == path]:
@@ -1658,7 +1663,8 @@ class FileStore(ExpiryCleanup):
     items the run's held checkpoints name, ``t`` = items of the run): every operation on items
     goes by this process's item index of the run (see the module docstring), which costs one
     scan of the log (O(log bytes)) the first time a process reads the run's items and after a
-    compaction, and otherwise a read of the commits appended since it last looked.
+    compaction, and otherwise a read of the commits other processes appended since it last
+    looked (its own are taken in as it makes them, with nothing read back).
     ``append_with_items`` looks up each of its ``i`` items in the index (a live one is kept) and
     commits the new ones' entries with the checkpoint (still one write and one sync); the refs
     of the checkpoints it prunes and their shared items' counts are the index's, so the items a
@@ -1771,7 +1777,6 @@ class FileStore(ExpiryCleanup):
                             # Made before any commit waits for the sync (none, or the log's
                             # first, synced at once): its outcome stands whatever follows.
                             write.settled = held.unsynced_from is None
-                            held.forget()
                     held.batch = False
                     self._sync_batch(run_key, held)
                 except BaseException:
@@ -1793,7 +1798,7 @@ class FileStore(ExpiryCleanup):
         """Sync the commits of a batch and put them in ``idx`` (raises if the sync fails)."""
         if held.unsynced_from is None:
             return
-        self._log_writer(run_key).flush()
+        self._log_writer(run_key).flush(held.view())
         held.unsynced_from = None
 
     def _cut_batch(self, run_key: str, held: _HeldLog) -> None:
@@ -1962,12 +1967,26 @@ class FileStore(ExpiryCleanup):
         try:
             # A batch's commits are synced at its end; the log's first commit is at once.
             deferred = held.batch and view is not None
+            start = None if view is None else view.end
             due = writer.commit(puts, removes, view=view, sync=not deferred)
             if deferred and held.unsynced_from is None:
-                assert view is not None
-                held.unsynced_from = view.end
-        finally:
-            held.forget()  # the log moved on: read it anew
+                held.unsynced_from = start
+        except BaseException:
+            held.forget()  # what the commit left is read anew
+            raise
+        if view is not None:
+            # The view took the commit in (LogView.committed): it reads as the log is, and
+            # the item index takes the commit from its memory, not the file.
+            index = _INDEXES.known(run_dir, view.log_id)
+            if index is not None:
+                # A catch-up that fails changes nothing: the next read of the items does it.
+                with take(index.lock), contextlib.suppress(OSError, CheckpointError):
+                    if index.end == start:
+                        index.catch_up(view, view.end, _Dir(run_dir).record_key)
+        if view is None or not view.indexed:
+            # The commit made the log, or the view reads a log without a usable idx (or met
+            # damage): opened anew when next read, through idx where there is one.
+            held.forget()
         held.compact_due = held.compact_due or due
 
     def _read_state(self, run_key: str) -> _RunState | None:

@@ -208,13 +208,13 @@ async def test_no_reader_sees_a_batch_commit_before_its_sync(
         assert early is not None
         assert early.settled()  # its view opened before the batch
 
-        def flush(writer: file_log.LogWriter) -> None:
+        def flush(writer: file_log.LogWriter, view: file_log.LogView | None = None) -> None:
             # Both writes are committed, unsynced, and the item index holds them.
             try:
                 seen.append(early.read_items(pick))
             except file_store._Unsettled:
                 seen.append("read again under the lock")
-            real_flush(writer)
+            real_flush(writer, view)
 
         monkeypatch.setattr(file_log.LogWriter, "flush", flush)
         with anyio.fail_after(30):
@@ -339,11 +339,11 @@ def _fail_first_flush(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> 
     failed: list[int] = []
     real = file_log.LogWriter.flush
 
-    def flush(writer: file_log.LogWriter) -> None:
+    def flush(writer: file_log.LogWriter, view: file_log.LogView | None = None) -> None:
         if not failed:
             failed.append(1)
             raise error
-        real(writer)
+        real(writer, view)
 
     monkeypatch.setattr(file_log.LogWriter, "flush", flush)
     return failed

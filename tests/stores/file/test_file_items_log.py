@@ -26,6 +26,7 @@ from tests._file_records import (
     Process,
     all_items,
     count_calls,
+    count_pread_bytes,
     fail_first_sync_while,
     forget_items,
     item_record,
@@ -94,6 +95,41 @@ async def test_every_item_write_and_removal_costs_one_sync(
         assert await one_sync(store.purge_expired(now=T0 + 5, limit=100)) == (1, True)
         assert await snapshot(store, key, now=T0 + 5) == (
             _values("h/b", "h/b/0"), {2: _values("h/b", "h/b/0")})
+
+
+async def test_a_write_never_reads_back_what_it_commits(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log view and the item index of the writer that made a commit take it in from
+    memory: neither the write (its sync and ``idx`` update) nor the next one reads its
+    entries back from the file, and a new process reads the same items."""
+    store = FileStore(root)
+    run = make_run("no-read-back")
+    key = key_of(run)
+    big = 256 * 1024
+    values = {"h/a": os.urandom(big), "w/1": b"one", "w/1/x": os.urandom(big)}
+    with anyio.fail_after(30):
+        first = await _append(store, run, 0)
+        assert await all_items(store, key) == {}  # this process indexes the run's items
+        read = count_pread_bytes(monkeypatch)
+        await _append(store, run, 1, refs=["h/a"], items=[
+            make_item("h/a", values["h/a"]), make_item("w/1", values["w/1"], owner=1)])
+        assert sum(read) < big // 8, read
+        read.clear()
+        assert await store.put_owned_items(
+            key, [make_item("w/1/x", values["w/1/x"], owner=1)], owner=1,
+            checkpoint_id=checkpoint_id_of(run, 1), if_absent=False, now=T0)
+        assert sum(read) < big // 8, read
+        read.clear()
+        await _append(store, run, 2, refs=["h/a"])
+        assert sum(read) < big // 8, read
+        monkeypatch.undo()
+        assert first.sequence == 0
+        assert await all_items(store, key) == values
+        forget_items(root, key)  # a new process scans the log
+        assert await all_items(store, key) == values
+        assert await snapshot(store, key) == (
+            values, {2: {"h/a": values["h/a"]}, 1: values, 0: {}})
 
 
 async def test_items_read_the_same_after_a_restart(

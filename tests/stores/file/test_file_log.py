@@ -24,6 +24,7 @@ import pytest
 from fastcheckpoint.errors import CorruptCheckpointError
 from fastcheckpoint.stores import _file_log as log
 from fastcheckpoint.stores._file_log import INDEX, LOG, RUN, LogWriter, open_view
+from tests._file_records import count_pread_bytes
 
 
 class _Run:
@@ -125,6 +126,108 @@ def test_commits_read_back_through_the_index_and_by_a_scan(run: _Run) -> None:
     run.check()
     run.commit({2: b"two"})  # the writer makes a whole idx again
     run.check_indexed()
+
+
+def test_a_view_takes_in_the_commits_made_through_it(
+    run: _Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that commits through its view (synced, or unsynced until a flush) leaves the
+    view reading as a view opened after the commit: the same end, live bytes, records and
+    changes, with no byte of the commit read back from the file."""
+    run.commit({0: _data(0, 0), RUN: b"run-0"})
+    view = open_view(str(run.dir), writable=True)
+    assert view is not None
+    read: list[int] = []
+
+    def same_as_fresh(start: int) -> None:
+        fresh = open_view(str(run.dir))
+        assert fresh is not None
+        with fresh:
+            assert (view.end, view.size, view.live, view.settled) == (
+                fresh.end, fresh.size, fresh.live, fresh.settled)
+            for key in [*run.model, 99]:
+                assert view.read(key, check=True) == fresh.read(key, check=True)
+            read.clear()
+            mine = view.changes(start, view.end)
+            assert read == []  # from memory
+            assert mine == fresh.changes(start, fresh.end)
+
+    with view:
+        for version, sync in enumerate((True, False, False, True), start=1):
+            start = view.end
+            puts = {1: _data(1, version, 3000), RUN: b"run-%d" % version}
+            removes = (0,) if version == 2 else ()
+            read = count_pread_bytes(monkeypatch)
+            run.writer.commit(list(puts.items()), removes, view=view, sync=sync)
+            # Only idx slots (where the keys' older entries were, if any): nothing of the log.
+            assert set(read) <= {0, 16}, read
+            run.model.update(puts)
+            for key in removes:
+                run.model.pop(key)
+            same_as_fresh(start)
+            monkeypatch.undo()
+            if not sync:
+                assert not view.settled
+        run.writer.flush(view)
+        assert view.settled
+        same_as_fresh(start)
+    run.check_indexed()
+
+
+def test_a_batch_on_a_damaged_log_is_synced_and_indexed_as_a_scan_reads_it(run: _Run) -> None:
+    """A log with unreadable bytes and no usable ``idx``: a batch's commit that rewrites a
+    key the scan reads as damaged is synced and indexed with the live bytes a scan counts,
+    and so is the writer's view (the writer's own count takes the damaged entry off, which
+    the scan never counted: taken from the view, it went negative and failed the flush
+    after its sync)."""
+    run.commit({1: b"x" * 1000})
+    second = run.log_path.stat().st_size
+    run.commit({2: b"y" * 10})
+    run.commit({3: b"z" * 10})
+    with run.log_path.open("r+b") as handle:  # commit 2's envelope: a gap in the log
+        handle.seek(second + 2)
+        handle.write(b"\xff\xff")
+    run.index_path.unlink()
+    view = open_view(str(run.dir), writable=True)
+    assert view is not None
+    with view:
+        assert not view.indexed
+        assert 1 in view.tail.damaged
+        run.writer.commit([(1, b"n" * 10)], view=view, sync=False)
+        scanned = open_view(str(run.dir))
+        assert scanned is not None
+        with scanned:
+            assert view.live == scanned.live
+        run.writer.flush(view)
+    fresh = open_view(str(run.dir))
+    assert fresh is not None
+    with fresh:
+        assert fresh.indexed
+        assert fresh.read(1, check=True) == b"n" * 10
+        assert fresh.live == fresh.scan().live
+
+
+def test_a_batch_whose_view_met_damage_keeps_the_index_of_the_rest(run: _Run) -> None:
+    """A read within a batch meets a damaged entry, so the writer's view drops ``idx`` and
+    scans the whole log (where the entry's commit, missing one, counts for nothing): the
+    batch's flush still goes by ``idx``, and the damaged commit's other key keeps reading
+    as it did (a new ``idx`` made from that scan lost it)."""
+    run.commit({4: b"four", 7: b"seven" * 20})
+    run.commit({9: b"nine"})
+    with run.log_path.open("r+b") as handle:  # key 7's envelope, the commit's second entry
+        handle.seek(log._LOG_HEADER.size + log._ENTRY + len(b"four") + 2)
+        handle.write(b"\xff")
+    view = open_view(str(run.dir), writable=True)
+    assert view is not None
+    with view:
+        assert view.read(7) is None  # its entry fails: the view scans the whole log
+        assert not view.indexed
+        run.writer.commit([(2, b"two")], view=view, sync=False)
+        run.writer.flush(view)
+    fresh = open_view(str(run.dir))
+    assert fresh is not None
+    with fresh:
+        assert (fresh.read(4), fresh.read(2), fresh.read(9)) == (b"four", b"two", b"nine")
 
 
 def test_an_index_behind_the_log_is_completed_by_reading_the_tail(run: _Run) -> None:

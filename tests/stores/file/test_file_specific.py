@@ -50,6 +50,7 @@ from tests._file_records import (
     checkpoint_record,
     checkpoint_sequences,
     count_calls,
+    count_pread_bytes,
     fail_first_sync_while,
     forget_items,
 )
@@ -787,15 +788,7 @@ async def test_headers_read_no_payload(store: FileStore, monkeypatch: pytest.Mon
     with anyio.fail_after(30):
         for sequence in range(3):
             await _append(store, seed, sequence, payload=os.urandom(1 << 20))
-        read: list[int] = []
-        real_pread = os.pread
-
-        def counting_pread(fd: int, size: int, offset: int) -> bytes:
-            data = real_pread(fd, size, offset)
-            read.append(len(data))
-            return data
-
-        monkeypatch.setattr(os, "pread", counting_pread)
+        read = count_pread_bytes(monkeypatch)
         found, _ = await store.headers(key_of(seed), before=None, limit=10, now=T0)
         assert [header.sequence for header in found] == [2, 1, 0]
         assert sum(read) < 3 * 4096 + 1024, read
