@@ -184,6 +184,8 @@ def test_the_saver_cost_benchmark_times_each_saver_against_a_null_one(
 def test_the_saver_cost_benchmark_times_the_disk_savers_against_sqlite_and_the_floor(
     capsys: pytest.CaptureFixture[str], tmp_path: Path,
 ) -> None:
+    pytest.importorskip("aiosqlite")
+    pytest.importorskip("langgraph.checkpoint.sqlite.aio")  # the benchmark extra
     from benchmarks.saver_cost import DISK_SAVERS, main
 
     main(["--steps", "3", "--threads", "1", "--rounds", "1", "--disk", str(tmp_path)])
