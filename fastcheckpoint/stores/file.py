@@ -87,7 +87,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec, TypeVar, cast
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -256,6 +256,9 @@ class _Entries(NamedTuple):
 
     puts: list[tuple[int, bytes]]
     removes: list[int]
+    made: dict[int, _Change]
+    """What the item index takes from the puts (:func:`_read_change`), known as they are
+    made: each item's metadata and the count of entries handed out."""
 
 
 
@@ -485,10 +488,9 @@ def _run_bytes(state: _RunState) -> bytes:
     return _frame(_RUN_MAGIC, _ENCODER.encode(state))
 
 
-def _item_bytes(item: Item, entry: int) -> bytes:
-    """An item as its log entry ``entry`` and its file hold it."""
-    meta = _ENCODER.encode(_ItemMeta(item.key, item.owner, item.expires_at, entry))
-    return _frame(_ITEM_MAGIC, meta, b"", item.value)
+def _item_bytes(meta: _ItemMeta, value: bytes) -> bytes:
+    """An item (``meta``, ``value``) as its log entry holds it."""
+    return _frame(_ITEM_MAGIC, _ENCODER.encode(meta), b"", value)
 
 
 def _parse_frame(
@@ -998,8 +1000,13 @@ class _ItemIndex:
         removes it, so these are the held checkpoints')."""
         self._by_entry: dict[int, str] = {}
 
-    def catch_up(self, view: LogView, end: int, name: Callable[[int], str]) -> None:
-        """Cover the commits of ``view`` up to ``end`` (``name`` names a log key in logs)."""
+    def catch_up(
+        self, view: LogView, end: int, name: Callable[[int], str],
+        known: Mapping[int, _Change] | None = None,
+    ) -> None:
+        """Cover the commits of ``view`` up to ``end`` (``name`` names a log key in logs;
+        ``known``: what :func:`_read_change` would read of the entries of a commit this
+        process just made, by key, taken as it is)."""
         if self.end is not None and self.end >= end:
             return
         changes = view.changes(self.end, end)
@@ -1008,9 +1015,12 @@ class _ItemIndex:
             # Unreadable bytes: whose entries they held cannot be known, so the whole log is
             # read as a first scan reads it (entries before them read as damaged).
             changes = view.changes(None, end)
+            known = None
+        known = known or {}
         # Every entry is read before the index changes: a read that fails (or would wait for
         # the disk) leaves it as it was, and the next catch-up reads (and warns) again.
-        steps = [(key, at, False, _read_change(view, key, at, name))
+        steps = [(key, at, False, known[key] if at is not None and key in known
+                  else _read_change(view, key, at, name))
                  for key, at in changes.found.items()]
         steps += [(key, at, True, _read_change(view, key, at, name))
                   for key, at in changes.damaged.items()]
@@ -1258,22 +1268,26 @@ class _Plan:
         is too large."""
         made = 0 if self.index is None else self.index.made
         puts: list[tuple[int, bytes]] = []
+        known: dict[int, _Change] = {}
         for item in self.writes.values():
             entry = _FIRST_ITEM - made
             if entry < MIN_KEY:
                 raise StoreError(f"run {run_key} has used up its item entries")
             made += 1
-            data = _item_bytes(item, entry)
+            meta = _ItemMeta(item.key, item.owner, item.expires_at, entry)
+            data = _item_bytes(meta, item.value)
             if len(data) > MAX_DATA:
                 raise ValidationError(
                     f"item {item.key!r:.80} is {len(data)} bytes framed; the file store holds "
                     f"items up to {MAX_DATA} bytes")
             puts.append((entry, data))
+            known[entry] = meta
         if puts:
             puts.append((_ITEMS_MADE, _COUNT.pack(made)))
+            known[_ITEMS_MADE] = made
         removes = [self._items[key].meta.entry
                    for key in (*self.removed, *self.writes) if key in self._items]
-        return _Entries(puts, removes)
+        return _Entries(puts, removes, known)
 
 
 _INDEXES = _ItemIndexes(_INDEXED_ITEMS)
@@ -1949,10 +1963,11 @@ class FileStore(ExpiryCleanup):
         checkpoint: tuple[int, bytes] | None = None,
         erase: Iterable[int] = (),
         items: _Entries | None = None,
+        refs: Sequence[str] = (),
     ) -> None:
-        """Commit ``run.rec`` (unless ``None``; with a new checkpoint, the removal of the
-        records of ``erase``, and the item entries of ``items``) to the run's log: one write
-        and one sync."""
+        """Commit ``run.rec`` (unless ``None``; with a new checkpoint, naming ``refs``, the
+        removal of the records of ``erase``, and the item entries of ``items``) to the run's
+        log: one write and one sync."""
         run_dir = self._run_dir(run_key)
         writer = self._log_writer(run_key)
         puts = [] if checkpoint is None else [checkpoint]
@@ -1980,9 +1995,14 @@ class FileStore(ExpiryCleanup):
             index = _INDEXES.known(run_dir, view.log_id)
             if index is not None:
                 # A catch-up that fails changes nothing: the next read of the items does it.
+                known: dict[int, _Change] = {} if items is None else dict(items.made)
+                known[RUN] = None  # not an item nor a checkpoint
+                if checkpoint is not None:
+                    known[checkpoint[0]] = _CheckpointRefs(
+                        checkpoint[0], tuple(dict.fromkeys(refs)))
                 with take(index.lock), contextlib.suppress(OSError, CheckpointError):
                     if index.end == start:
-                        index.catch_up(view, view.end, _Dir(run_dir).record_key)
+                        index.catch_up(view, view.end, _Dir(run_dir).record_key, known)
         if view is None or not view.indexed:
             # The commit made the log, or the view reads a log without a usable idx (or met
             # damage): opened anew when next read, through idx where there is one.
@@ -2114,7 +2134,7 @@ class FileStore(ExpiryCleanup):
         self._commit(
             run_key, committed,
             checkpoint=(record.sequence, _checkpoint_bytes(record, ledger.run.labels)),
-            erase=[*ledger.erase, *ledger.removed], items=entries)
+            erase=[*ledger.erase, *ledger.removed], items=entries, refs=record.refs)
         return committed
 
     def _plan(self, run_key: str) -> _Plan:

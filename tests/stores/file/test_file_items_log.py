@@ -19,6 +19,7 @@ import pytest
 from fastcheckpoint.errors import ConflictError, CorruptCheckpointError, StoreError
 from fastcheckpoint.stores import RunRecord
 from fastcheckpoint.stores import file as file_store
+from fastcheckpoint.stores._file_log import RUN
 from fastcheckpoint.stores.file import FileStore
 from fastcheckpoint.stores.memory import MemoryStore
 from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_item, make_run
@@ -130,6 +131,50 @@ async def test_a_write_never_reads_back_what_it_commits(
         assert await all_items(store, key) == values
         assert await snapshot(store, key) == (
             values, {2: {"h/a": values["h/a"]}, 1: values, 0: {}})
+
+
+async def test_the_writers_item_index_takes_its_commits_as_made(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The item index of the process that commits takes in what it wrote (each item's
+    metadata, the checkpoint's refs, the count of entries) without parsing the entries back,
+    and holds what an index made by scanning the log holds."""
+    store = FileStore(root)
+    run = make_run("taken-as-made")
+    key = key_of(run)
+    parsed: list[int] = []
+    real = file_store._read_change
+
+    def read_change(view: Any, entry: int, at: Any, name: Any) -> Any:
+        if at is not None and entry != RUN:  # an entry that holds an item or checkpoint
+            parsed.append(entry)
+        return real(view, entry, at, name)
+
+    with anyio.fail_after(30):
+        await _append(store, run, 0)
+        await store.put_items(key, [make_item("seed")], now=T0)
+        assert await all_items(store, key) == _values("seed")  # the process indexes them
+        monkeypatch.setattr(file_store, "_read_change", read_change)
+        await _append(store, run, 1, refs=["h/a"], items=[
+            make_item("h/a"), make_item("h/a/0"), make_item("w/1", owner=1)])
+        assert await store.put_owned_items(
+            key, [make_item("w/1/x", owner=1)], owner=1,
+            checkpoint_id=checkpoint_id_of(run, 1), if_absent=False, now=T0)
+        await _append(store, run, 2, refs=["h/a"], keep_latest=1)  # prunes 0 and 1
+        assert parsed == []
+        monkeypatch.undo()
+        seen = await snapshot(store, key)
+        path = store._run_dir(key)
+        made = next(index for (at, _), index in file_store._INDEXES._by_log.items()
+                    if at == path)
+        forget_items(root, key)  # a new process scans the log
+        assert await snapshot(store, key) == seen == (
+            _values("h/a", "h/a/0", "seed"), {2: _values("h/a", "h/a/0")})
+        scanned = next(index for (at, _), index in file_store._INDEXES._by_log.items()
+                       if at == path)
+        assert (made.end, made.made, made.items, made.keys, made.owned, made.refs,
+                made.counts) == (scanned.end, scanned.made, scanned.items, scanned.keys,
+                                 scanned.owned, scanned.refs, scanned.counts)
 
 
 async def test_items_read_the_same_after_a_restart(
