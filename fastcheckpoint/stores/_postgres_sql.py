@@ -1338,6 +1338,49 @@ END
 $fn$
 """.replace("<items>", _READ_ITEMS).replace("<head>", _HEAD).replace("<status>", _INTACT_STATUS)
 
+# Migration 4: a call whose connection dropped may still be running on the server when the
+# client retries it (same token) on another connection. Its first reads would not see the
+# original's uncommitted writes, and it would then wait on their locks and report a conflict
+# with its own write (a new run's first append) or a no-op (a delete): the retry now waits
+# for the call it repeats, on a transaction-scoped advisory lock of its token, and reads
+# what that call committed. Two 32-bit keys: the first one this store's (``fc`` in ASCII).
+_TOKEN_LOCK = """
+    -- A retry of this call (same token) waits here for the call it repeats to end.
+    PERFORM pg_advisory_xact_lock(26211, hashtext(p_token));
+"""
+
+
+def _function(text: str, name: str) -> str:
+    """The definition of function ``{name}`` in a block of ``text`` that holds several."""
+    start = text.index(f"FUNCTION {{{name}}}(")
+    start = text.rindex("CREATE ", 0, start)
+    return text[start : text.index("\n$fn$", start) + len("\n$fn$")]
+
+
+def _token_locked(text: str, name: str) -> str:
+    """Function ``{name}`` (its definition in ``text``) taking its token's lock first."""
+    return _patched(
+        _function(text, name),
+        *([] if text.startswith("\nCREATE OR REPLACE") else
+          [(f"CREATE FUNCTION {{{name}}}(", f"CREATE OR REPLACE FUNCTION {{{name}}}(")]),
+        ("\nBEGIN\n", "\nBEGIN" + _TOKEN_LOCK),
+    )
+
+
+_TOKEN_LOCKED_V4 = ";\n\n".join([
+    _token_locked(_APPEND_V3, "append"),
+    _token_locked(_DELETES_V1, "delete"),
+    _token_locked(_DELETES_V1, "delete_run"),
+    _token_locked(_READS_V1, "delete_items"),
+    _patched(
+        _function(_ITEMS_V1, "put_items"),
+        ("CREATE FUNCTION {put_items}(", "CREATE OR REPLACE FUNCTION {put_items}("),
+        ("    IF p_create_only THEN\n        -- The retry of a create-only write",
+         "    IF p_create_only THEN" + _TOKEN_LOCK.replace("\n    ", "\n        ")
+         + "        -- The retry of a create-only write"),
+    ),
+])
+
 MIGRATIONS = (
     Migration(
         1,
@@ -1359,6 +1402,11 @@ MIGRATIONS = (
         3,
         "items nested under a shared item are read and removed with it",
         ";\n\n".join([_REMOVE_V3.strip(), _APPEND_V3.strip(), _READ_WITH_ITEMS_V3.strip()]),
+    ),
+    Migration(
+        4,
+        "a retry whose first try is still running waits for it",
+        _TOKEN_LOCKED_V4.strip(),
     ),
 )
 """Every schema version, oldest first. A released migration is never edited: changes come

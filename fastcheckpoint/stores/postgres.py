@@ -869,7 +869,13 @@ class PostgresStore(ExpiryCleanup):
             return []
         rows = await self._fetch("scan_items", self._sql.scan_items, run_key, low, high, size,
                                  bool(reverse), now)
-        return [(row[0].decode("utf-8"), bytes(row[1])) for row in rows]
+        found: list[tuple[str, bytes]] = []
+        for key, value in rows:
+            try:
+                found.append((_decoded(key, "an item key", f"run {run_key}"), bytes(value)))
+            except CorruptCheckpointError as exc:  # written behind the store's back
+                _log.warning("postgres store: skipping an item of %s: %s", exc.key, exc)
+        return found
 
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
         _checked_run_key(run_key)

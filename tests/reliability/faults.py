@@ -18,6 +18,11 @@ script calls, HTTP requests, PostgreSQL queries) and gives each one a fate drawn
     cannot tell whether the request happened.
 ``delay``
     forwarded after a pause.
+``abandon``
+    the request is forwarded whole and the client's connection closed at once, while the
+    server's is kept (its replies drained) until the proxy stops: the server runs, and
+    commits, what the client already takes for failed and may be retrying on another
+    connection. Scripted only (not among :data:`INJECTED`).
 
 Threads carry the bytes, not the test's event loop: the proxy serves clients of any event
 loop library and in other processes, and a test that blocks its loop cannot stall it.
@@ -52,6 +57,7 @@ class Fault(str, enum.Enum):
     CUT = "cut"
     LOSE_REPLY = "lose-reply"
     DELAY = "delay"
+    ABANDON = "abandon"
 
 
 INJECTED = (Fault.CUT, Fault.LOSE_REPLY, Fault.DELAY)
@@ -292,7 +298,7 @@ class FaultProxy:
         with self._lock:
             links = list(self._links)
         for link in links:
-            link.close()
+            link.close(stopping=True)
         for thread in self._threads[1:]:
             thread.join(_JOIN_TIMEOUT)
 
@@ -355,6 +361,7 @@ class _Link:
             sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.dropping_reply = threading.Event()
+        self.abandoned = threading.Event()
         framing = proxy.wire.framing
         self._begins: Callable[[bytes], bool] = (
             proxy.wire.starts_request if framing is None else framing())
@@ -388,12 +395,20 @@ class _Link:
             time.sleep(self.proxy.delay_seconds)
         if fault is Fault.LOSE_REPLY:
             self.dropping_reply.set()  # before forwarding: the reply cannot outrun the flag
+        if fault is Fault.ABANDON:
+            self.abandoned.set()
+            self.upstream.sendall(data)
+            with contextlib.suppress(OSError):
+                self.client.shutdown(socket.SHUT_RDWR)
+            return False
         self.upstream.sendall(data)
         return True
 
     def server_to_client(self) -> None:
         try:
             while data := self.upstream.recv(_CHUNK):
+                if self.abandoned.is_set():
+                    continue  # nobody to answer: the server's connection is kept, drained
                 if self.dropping_reply.is_set() and not self.proxy.wire.is_interim(data):
                     return  # the server has answered, so it applied the request: drop it
                 self.client.sendall(data)
@@ -402,13 +417,15 @@ class _Link:
         finally:
             self._pump_done()
 
-    def close(self) -> None:
-        """Shut both connections down; the pumps wake up, and the last one frees the sockets."""
+    def close(self, *, stopping: bool = False) -> None:
+        """Shut both connections down; the pumps wake up, and the last one frees the sockets.
+        An abandoned request's server connection stays until the proxy stops."""
+        keep = self.abandoned.is_set() and not stopping
         with self._lock:
-            if self._shut:
+            if self._shut and not stopping:
                 return
             self._shut = True
-        for sock in (self.client, self.upstream):
+        for sock in (self.client,) if keep else (self.client, self.upstream):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 

@@ -218,6 +218,23 @@ def test_postgres_a_lost_reply_was_committed(pg_table: tuple[PostgresTarget, str
     assert _pg(target.url(), f"SELECT n, v FROM {schema}.t") == [(1, "x")]
 
 
+def test_postgres_an_abandoned_statement_commits_after_the_client_is_gone(
+    pg_table: tuple[PostgresTarget, str],
+) -> None:
+    """The client's connection dies before any reply; the server, its connection kept, runs
+    and commits the statement all the same."""
+    target, schema = pg_table
+    with FaultProxy(address(target.url()), POSTGRES_EXECUTIONS,
+                    FaultPlan(script=[Fault.ABANDON])) as proxy:
+        assert _pg_insert(_through(proxy, target), schema) is not None
+        deadline = time.monotonic() + 10
+        while not _pg(target.url(), f"SELECT n, v FROM {schema}.t"):
+            assert time.monotonic() < deadline, "the abandoned statement never committed"
+            time.sleep(0.01)
+    assert proxy.counts == {Fault.ABANDON: 1}
+    assert _pg(target.url(), f"SELECT n, v FROM {schema}.t") == [(1, "x")]
+
+
 def test_postgres_handshakes_pass_and_prepares_and_runs_are_requests(
     pg_table: tuple[PostgresTarget, str],
 ) -> None:

@@ -15,21 +15,24 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
 import asyncpg
+import msgspec
 import pytest
 
 from fastcheckpoint import Checkpoint, CheckpointConfig, CheckpointManager, RetryPolicy
-from fastcheckpoint.errors import StoreUnavailableError
+from fastcheckpoint.errors import CheckpointError, StoreUnavailableError
+from fastcheckpoint.stores import Item
 from fastcheckpoint.stores._postgres_sql import Names
 from fastcheckpoint.stores.postgres import PostgresStore
-from fastcheckpoint.testing import key_of, make_run
+from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_checkpoint, make_run
 from tests.reliability._audit import Ack, audit_run, state_for
+from tests.reliability.faults import Fault, FaultPlan, FaultProxy, postgres_running
 from tests.stores._postgres_server import (
     PostgresTarget,
     drop_schema,
@@ -305,6 +308,121 @@ async def test_a_terminated_connection_mid_create_leaves_nothing_and_the_retry_w
     assert first[1] is not None
     assert held[1][0] is not None
     assert held[1][0].checkpoint_id == first[1].checkpoint_id
+
+
+async def _overtaken(
+    postgres: PostgresTarget, schema: str, function: str, blocker: str, args: tuple[object, ...],
+    call: Callable[[PostgresStore], Awaitable[object]],
+) -> object:
+    """``call``'s outcome when its first try of store function ``function`` is still running
+    on the server (it waits on a lock another session holds: ``blocker`` with ``args``) as
+    its connection dies: the store's retry, with the same token on a new connection,
+    overtakes it. The lock goes once both wait."""
+    names = Names(schema, "fc_")
+    marker = f'"fc_{function}"('.encode()
+    admin = await asyncpg.connect(postgres.url())
+    locker = await asyncpg.connect(postgres.url())
+    with FaultProxy((postgres.host, postgres.port), postgres_running(marker),
+                    FaultPlan(script=[Fault.ABANDON])) as proxy:
+        url = f"postgresql://postgres@127.0.0.1:{proxy.port}/{postgres.database}"
+        store = PostgresStore.from_url(f"{url}?schema={schema}", retry=FAST_RETRY)
+        try:
+            with anyio.fail_after(60):
+                await locker.execute("BEGIN")
+                await locker.execute(blocker.format(**{name: names[name] for name in (
+                    "runs", "checkpoints", "items")}), *args)
+                async with anyio.create_task_group() as group:
+                    outcome: list[object] = []
+
+                    async def make() -> None:
+                        try:
+                            outcome.append(await call(store))
+                        except CheckpointError as exc:
+                            outcome.append(exc)
+
+                    group.start_soon(make)
+                    first = await _waiting(admin, postgres.database, function, 0)
+                    await _waiting(admin, postgres.database, function, first)  # the retry
+                    await locker.execute("ROLLBACK")
+        finally:
+            await store.aclose()
+            await locker.close()
+            await admin.close()
+    assert proxy.counts[Fault.ABANDON] == 1
+    return outcome[0]
+
+
+async def _waiting(admin: asyncpg.Connection, database: str, function: str,
+                   other_than: int) -> int:
+    """The pid of a server process whose call of ``function`` waits on a lock (polled)."""
+    while True:
+        pid = await admin.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'"
+            " AND query LIKE $2 AND pid <> $3", database, f'%"fc_{function}"(%', other_than)
+        if pid is not None:
+            return int(pid)
+        await anyio.sleep(0.005)
+
+
+async def test_a_first_append_overtaken_by_its_retry_is_acknowledged_once(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    """A new run's first append waits on a lock when its connection dies; the retry (same
+    token) ran its reads before the first try committed and took the run it made for
+    another writer's: a conflict with its own checkpoint, which the manager would have
+    written again. It waits for the first try now, and acknowledges it."""
+    run = make_run("overtaken")
+    key = key_of(run)
+    record = msgspec.structs.replace(make_checkpoint(run, 0), refs=("shared",))
+
+    async def append(store: PostgresStore) -> object:
+        return await store.append_with_items(
+            key, record, run=run, keep_latest=None, now=T0,
+            items=[Item(key="shared", value=b"ours")])
+
+    outcome = await _overtaken(
+        postgres, schema, "append",
+        "INSERT INTO {items} (run_key, key, value) VALUES ($1, $2, $3)",
+        (key, b"shared", b"another's"), append)
+    assert outcome == "active"
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    try:
+        headers, _ = await store.headers(key, before=None, limit=10, now=T0)
+        got = await store.get_items(key, ["shared"], now=T0)
+    finally:
+        await store.aclose()
+    assert [header.checkpoint_id for header in headers] == [record.checkpoint_id]
+    assert got == {"shared": b"ours"}
+
+
+async def test_a_delete_overtaken_by_its_retry_reports_what_it_removed(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    """The same race for a delete: the retry read the memo of its token before the first try
+    committed, then waited for it and found nothing left: it said it removed nothing."""
+    run = make_run("overtaken-delete")
+    key = key_of(run)
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    try:
+        for sequence in (0, 1):
+            await store.append(key, make_checkpoint(run, sequence), run=run, keep_latest=None,
+                               now=T0)
+    finally:
+        await store.aclose()
+
+    async def delete(store: PostgresStore) -> object:
+        return await store.delete(key, 1, checkpoint_id=checkpoint_id_of(run, 1))
+
+    outcome = await _overtaken(
+        postgres, schema, "delete", "SELECT 1 FROM {runs} WHERE run_key = $1 FOR UPDATE",
+        (key,), delete)
+    assert outcome is True
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    try:
+        headers, _ = await store.headers(key, before=None, limit=10, now=T0)
+    finally:
+        await store.aclose()
+    assert [header.sequence for header in headers] == [0]
 
 
 async def test_a_terminated_connection_without_retries_is_a_typed_error_and_writes_nothing(

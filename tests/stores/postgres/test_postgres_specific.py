@@ -4,6 +4,7 @@ faults, processes, migrations, event loops, URL options and errors."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 import shutil
@@ -29,7 +30,7 @@ from fastcheckpoint.errors import (
     StoreUnavailableError,
     ValidationError,
 )
-from fastcheckpoint.stores import RunRecord, open_store
+from fastcheckpoint.stores import Item, RunRecord, open_store
 from fastcheckpoint.stores._postgres_sql import FUNCTIONS, MIGRATIONS, Names, Statements
 from fastcheckpoint.stores.postgres import PostgresStore
 from fastcheckpoint.testing import (
@@ -999,6 +1000,33 @@ async def test_a_run_row_with_a_foreign_run_id_hides_no_other_run(
     assert cursor is not None
     assert end is None
     assert counted == 2
+
+
+async def test_an_item_key_that_is_not_utf8_is_left_out_of_scans(
+    postgres: PostgresTarget, schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An item whose key is not UTF-8 (written behind the store's back) is left out of a
+    scan, logged; the items around it are listed (it failed the scan with a
+    UnicodeDecodeError)."""
+    names = Names(schema, "fc_")
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    run = make_run("scanned")
+    key = key_of(run)
+    try:
+        with anyio.fail_after(30):
+            await store.put_items(key, [Item(key="k1", value=b"1"), Item(key="k3", value=b"3")],
+                                  now=T0)
+            connection = await asyncpg.connect(postgres.url())
+            await connection.execute(
+                f"INSERT INTO {names['items']} (run_key, key, value) VALUES ($1, $2, $3)",
+                key, b"k2\xff", b"2")
+            await connection.close()
+            with caplog.at_level(logging.WARNING, logger="fastcheckpoint.stores.postgres"):
+                page = await store.scan_items(key, prefix="k", limit=10, now=T0)
+    finally:
+        await store.aclose()
+    assert page == [("k1", b"1"), ("k3", b"3")]
+    assert "not UTF-8" in caplog.text
 
 
 async def test_a_rebuilt_row_keeps_labels_and_recounts_shared_items(
