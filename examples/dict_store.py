@@ -32,6 +32,7 @@ from fastcheckpoint.stores import (
     Item,
     RunRecord,
     StoredCheckpoint,
+    check_append,
     check_keep_latest,
     check_options,
     header_of,
@@ -69,6 +70,7 @@ class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as ever
         keep_latest: int | None, now: float,
     ) -> str:
         check_keep_latest(keep_latest)  # every check before the first change
+        check_append(record, run)  # the types of what it is given
         current = self._live_run(run_key, now)
         if current is None:  # only sequence 0 creates a run, over what an expired one left
             if record.sequence != 0:

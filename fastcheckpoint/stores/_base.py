@@ -25,6 +25,7 @@ Errors. Stores raise only :mod:`fastcheckpoint.errors` types; driver exceptions 
 from __future__ import annotations
 
 import difflib
+import math
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Protocol, TypeGuard, runtime_checkable
@@ -676,6 +677,99 @@ def check_labels(labels: object) -> tuple[str, ...]:
             raise ValidationError(f"a label must be a non-empty str, got {label!r:.40}")
         item_key_bytes(label, MAX_LABEL_BYTES, "a label")
     return labels
+
+
+INT64 = 2**63 - 1
+"""The largest sequence, owner or time a store takes (what every backend can hold)."""
+
+
+def check_int(name: str, value: object) -> int:
+    """``value``, checked to be a 64-bit ``int`` (not a ``bool``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > INT64:
+        raise ValidationError(f"{name} must be a 64-bit int, got {value!r:.40}")
+    return value
+
+
+def check_time(name: str, value: object, *, optional: bool = False) -> None:
+    """``value`` is a finite number of epoch seconds (or ``None`` when ``optional``)."""
+    if value is None and optional:
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or abs(value) > INT64
+    ):
+        raise ValidationError(f"{name} must be a finite number of epoch seconds, got {value!r:.40}")
+
+
+def check_bytes(name: str, value: object) -> None:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise ValidationError(f"{name} must be bytes, got {type(value).__name__}")
+
+
+def check_text(name: str, value: object) -> None:
+    """``value`` is a non-empty ``str`` that UTF-8 can encode (no lone surrogates)."""
+    if not isinstance(value, str) or not value:
+        raise ValidationError(f"{name} must be a non-empty str, got {value!r:.40}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(f"{name} is not valid unicode: {value!r:.40}") from None
+
+
+def check_record(record: StoredCheckpoint) -> None:
+    """The one check of the fields of a checkpoint a store is given to append (before
+    anything is written): their types and ranges; refs as :func:`check_shared_items`."""
+    if not isinstance(record, StoredCheckpoint):
+        raise ValidationError(f"record must be a StoredCheckpoint, got {type(record).__name__}")
+    check_int("sequence", record.sequence)
+    check_text("checkpoint_id", record.checkpoint_id)
+    check_time("created_at", record.created_at)
+    check_time("expires_at", record.expires_at, optional=True)
+    check_bytes("header", record.header)
+    check_bytes("payload", record.payload)
+    if not isinstance(record.refs, (tuple, list)):
+        raise ValidationError(
+            f"refs must be a tuple of item keys, got {type(record.refs).__name__}")
+
+
+def check_seed(seed: RunRecord) -> None:
+    """The one check of the run record an append is given (what a new run takes from it)."""
+    if not isinstance(seed, RunRecord):
+        raise ValidationError(f"run must be a RunRecord, got {type(seed).__name__}")
+    check_text("run_id", seed.run_id)
+    check_text("incarnation", seed.incarnation)
+    check_text("status", seed.status)
+    check_time("created_at", seed.created_at)
+    check_int("version", seed.version)
+    check_bytes("data", seed.data)
+    check_labels(seed.labels)
+
+
+def check_items(items: object) -> None:
+    """The one check of the items a store is given to write: a sequence of :class:`Item`
+    with valid keys, bytes values, int owners and finite expiries."""
+    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
+        raise ValidationError(f"items must be a sequence of Item values, got {items!r:.40}")
+    for item in items:
+        if not isinstance(item, Item):
+            raise ValidationError(f"items must be Item values, got {type(item).__name__}")
+        item_key_bytes(item.key, MAX_ITEM_KEY_BYTES, "an item key")
+        check_bytes("item value", item.value)
+        if item.owner is not None:
+            check_int("item owner", item.owner)
+        check_time("item expires_at", item.expires_at, optional=True)
+
+
+def check_append(record: StoredCheckpoint, seed: RunRecord, items: Sequence[Item] = ()) -> None:
+    """The one check of what an append is given (``append``, ``append_with_items``,
+    ``append_next``), before anything is written: the checkpoint, the run record, the items
+    and the refs."""
+    check_record(record)
+    check_seed(seed)
+    check_items(items)
+    check_shared_items(record, items)
 
 
 def check_shared_items(record: StoredCheckpoint, items: Sequence[Item]) -> None:

@@ -88,10 +88,10 @@ from fastcheckpoint.stores._base import (
     RunDamage,
     RunRecord,
     StoredCheckpoint,
+    check_append,
     check_keep_latest,
     check_labels,
     check_options,
-    check_shared_items,
     is_live,
     item_key_bytes,
     key_successor,
@@ -877,6 +877,7 @@ class DynamoDBStore(ExpiryCleanup):
         keep_latest: int | None,
         now: float,
     ) -> str:
+        check_append(record, run)
         return await self._append_checked(run_key, record, run, keep_latest, now, None)
 
     async def append_with_items(
@@ -889,7 +890,7 @@ class DynamoDBStore(ExpiryCleanup):
         now: float,
         items: Sequence[Item],
     ) -> str:
-        check_shared_items(record, items)
+        check_append(record, run, items)
         for item in items:
             _check_item(item)
         return await self._append_checked(run_key, record, run, keep_latest, now, items)
@@ -904,7 +905,6 @@ class DynamoDBStore(ExpiryCleanup):
         items: Sequence[Item] | None,
     ) -> str:
         check_keep_latest(keep_latest)
-        check_labels(run.labels)
         token = secrets.token_hex(8)
         item = self._checkpoint_item(run_key, record, token)
         blob: str | None = None

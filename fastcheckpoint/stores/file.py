@@ -79,7 +79,6 @@ import fcntl
 import functools
 import hashlib
 import logging
-import math
 import os
 import re
 import secrets
@@ -118,10 +117,10 @@ from fastcheckpoint.stores._base import (
     RunDamage,
     RunRecord,
     StoredCheckpoint,
+    check_append,
     check_keep_latest,
     check_labels,
     check_options,
-    check_shared_items,
     header_of,
     is_live,
     item_key_bytes,
@@ -2037,8 +2036,7 @@ class FileStore(ExpiryCleanup):
         now: float,
         items: Sequence[Item],
     ) -> str:
-        _check_append(run_key, record, run, keep_latest)
-        check_shared_items(record, items)
+        _check_append(run_key, record, run, keep_latest, items)
         appended = _appended_items(record, items)
         status, _ = await self._write(
             run_key, self._append, run_key, record, run, keep_latest, now, appended)
@@ -3292,15 +3290,14 @@ class FileStore(ExpiryCleanup):
 
 
 def _check_append(
-    run_key: str, record: StoredCheckpoint, seed: RunRecord, keep_latest: int | None
+    run_key: str, record: StoredCheckpoint, seed: RunRecord, keep_latest: int | None,
+    items: Sequence[Item] = (),
 ) -> None:
     """What every append checks before it takes the run's lock."""
     _check_run_key(run_key)
+    check_append(record, seed, items)
     _check_status(seed.status)
-    if not math.isfinite(seed.created_at):
-        raise ValidationError(f"run created_at must be finite, got {seed.created_at}")
     check_keep_latest(keep_latest)
-    check_labels(seed.labels)
     _check_record_size(record, seed)
 
 

@@ -41,10 +41,10 @@ from fastcheckpoint.stores._base import (
     RunDamage,
     RunRecord,
     StoredCheckpoint,
+    check_append,
     check_keep_latest,
     check_labels,
     check_options,
-    check_shared_items,
     header_of,
     is_live,
     item_key_bytes,
@@ -312,8 +312,7 @@ class MemoryStore(ExpiryCleanup):
         items: Sequence[Item],
     ) -> str:
         check_keep_latest(keep_latest)
-        check_labels(run.labels)
-        check_shared_items(record, items)
+        check_append(record, run, items)
         current = self._live_run(run_key, now)
         if current is None:
             if record.sequence != 0:

@@ -68,10 +68,11 @@ from fastcheckpoint.stores._base import (
     RunDamage,
     RunRecord,
     StoredCheckpoint,
+    check_append,
+    check_int,
     check_keep_latest,
     check_labels,
     check_options,
-    check_shared_items,
     item_key_bytes,
     unheld_refs,
 )
@@ -180,7 +181,9 @@ def _text_arg(value: object, what: str) -> str:
     return value
 
 
-def _utf8(value: str, what: str) -> bytes:
+def _utf8(value: object, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise ValidationError(f"{what} must be a str, got {type(value).__name__}")
     try:
         return value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -540,7 +543,6 @@ class PostgresStore(ExpiryCleanup):
         now: float,
         items: Sequence[Item],
     ) -> str:
-        check_shared_items(record, items)
         return await self._append(run_key, record, run, keep_latest, now, items)
 
     async def _append(
@@ -554,7 +556,8 @@ class PostgresStore(ExpiryCleanup):
     ) -> str:
         _checked_run_key(run_key)
         check_keep_latest(keep_latest)
-        labels = [_utf8(label, "a label") for label in check_labels(run.labels)]
+        check_append(record, run, items)
+        labels = [_utf8(label, "a label") for label in run.labels]
         self._check_size("checkpoint header plus payload",
                          len(record.header) + len(record.payload))
         refs = [_key_bytes(ref) for ref in record.refs]
@@ -688,7 +691,8 @@ class PostgresStore(ExpiryCleanup):
         include_expired: bool = False,
     ) -> tuple[list[CheckpointHeader], str | None]:
         _checked_run_key(run_key)
-        upper = _MAX_BIGINT if before is None else max(min(before, _MAX_BIGINT), -1)
+        upper = _MAX_BIGINT if before is None else max(
+            min(check_int("before", before), _MAX_BIGINT), -1)
         rows = await self._fetch("headers", self._sql.headers, run_key, upper,
                                  _page_size(limit), now, bool(include_expired))
         if not rows:

@@ -101,10 +101,10 @@ from fastcheckpoint.stores._base import (
     RunDamage,
     RunRecord,
     StoredCheckpoint,
+    check_append,
     check_keep_latest,
     check_labels,
     check_options,
-    check_shared_items,
     item_key_bytes,
     unheld_refs,
 )
@@ -698,10 +698,9 @@ class RedisStore(ExpiryCleanup):
         items: Sequence[Item],
     ) -> str:
         check_keep_latest(keep_latest)
-        check_labels(run.labels)
+        check_append(record, run, items)
         for item in items:
             self._check_item(item)
-        check_shared_items(record, items)
         self._check_size("checkpoint header plus payload", len(record.header) + len(record.payload))
         expires_at = record.expires_at
         member = f"{_sortable(run.created_at)}{run_key}.{run.incarnation}"

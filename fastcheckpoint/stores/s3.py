@@ -91,6 +91,7 @@ from fastcheckpoint.stores._base import (
     RunDamage,
     RunRecord,
     StoredCheckpoint,
+    check_append,
     check_keep_latest,
     check_labels,
     check_options,
@@ -905,7 +906,7 @@ class S3Store(ExpiryCleanup):
         items: Sequence[Item],
     ) -> str:
         check_keep_latest(keep_latest)
-        check_labels(run.labels)
+        check_append(record, run, items)
         shared, owned = _appended_items(record, items)
         nests = nesting_under(record.refs, items)
         io = await self._objects()

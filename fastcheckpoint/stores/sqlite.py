@@ -69,10 +69,15 @@ from fastcheckpoint.stores._base import (
     RunDamage,
     RunRecord,
     StoredCheckpoint,
+    check_append,
+    check_bytes,
+    check_int,
+    check_items,
     check_keep_latest,
-    check_labels,
     check_options,
-    check_shared_items,
+    check_seed,
+    check_text,
+    check_time,
     is_live,
     item_key_bytes,
     latest_expiry,
@@ -176,76 +181,6 @@ def _check_run_key(run_key: object) -> str:
     if not isinstance(run_key, str) or not _RUN_KEY.fullmatch(run_key):
         raise ValidationError(f"not a run key (24 characters of [a-z2-7]): {run_key!r:.80}")
     return run_key
-
-
-def _check_int(name: str, value: object) -> int:
-    if not _is_sequence(value):
-        raise ValidationError(f"{name} must be a 64-bit int, got {value!r:.40}")
-    return value
-
-
-def _check_time(name: str, value: object, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    # Beyond 64 bits an int cannot be bound to a statement; no real epoch time is that large.
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or abs(value) > steps.INT64
-    ):
-        raise ValidationError(f"{name} must be a finite number of epoch seconds, got {value!r:.40}")
-
-
-def _check_bytes(name: str, value: object) -> None:
-    if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise ValidationError(f"{name} must be bytes, got {type(value).__name__}")
-
-
-def _check_text(name: str, value: object) -> None:
-    if not isinstance(value, str) or not value or not _encodable(value):
-        raise ValidationError(f"{name} must be a non-empty str of valid unicode, got {value!r:.40}")
-
-
-def _check_record(record: StoredCheckpoint) -> None:
-    if not isinstance(record, StoredCheckpoint):
-        raise ValidationError(f"record must be a StoredCheckpoint, got {type(record).__name__}")
-    _check_int("sequence", record.sequence)
-    _check_text("checkpoint_id", record.checkpoint_id)
-    _check_time("created_at", record.created_at)
-    _check_time("expires_at", record.expires_at, optional=True)
-    _check_bytes("header", record.header)
-    _check_bytes("payload", record.payload)
-    if not isinstance(record.refs, tuple):
-        raise ValidationError(
-            f"refs must be a tuple of item keys, got {type(record.refs).__name__}")
-    check_shared_items(record, ())
-
-
-def _check_seed(seed: RunRecord) -> None:
-    """What a new run row takes from the seed (checked when a run is created)."""
-    if not isinstance(seed, RunRecord):
-        raise ValidationError(f"run must be a RunRecord, got {type(seed).__name__}")
-    _check_text("run_id", seed.run_id)
-    _check_text("incarnation", seed.incarnation)
-    _check_text("status", seed.status)
-    _check_time("created_at", seed.created_at)
-    _check_int("version", seed.version)
-    _check_bytes("data", seed.data)
-    check_labels(seed.labels)
-
-
-def _check_items(items: object) -> None:
-    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
-        raise ValidationError(f"items must be a sequence of Item values, got {items!r:.40}")
-    for item in items:
-        if not isinstance(item, Item):
-            raise ValidationError(f"items must be Item values, got {type(item).__name__}")
-        item_key_bytes(item.key, MAX_ITEM_KEY_BYTES, "an item key")
-        _check_bytes("item value", item.value)
-        if item.owner is not None:
-            _check_int("item owner", item.owner)
-        _check_time("item expires_at", item.expires_at, optional=True)
 
 
 def _check_keys(keys: Sequence[str]) -> list[str]:
@@ -715,15 +650,11 @@ class SQLiteStore(ExpiryCleanup):
         items: Sequence[Item],
     ) -> str:
         _check_run_key(run_key)
-        _check_record(record)
-        if not isinstance(run, RunRecord):
-            raise ValidationError(f"run must be a RunRecord, got {type(run).__name__}")
+        check_append(record, run, items)
         if keep_latest is not None and not _is_sequence(keep_latest):
             raise ValidationError(f"keep_latest must be an int or None, got {keep_latest!r:.40}")
         check_keep_latest(keep_latest)
-        _check_time("now", now)
-        _check_items(items)
-        check_shared_items(record, items)
+        check_time("now", now)
         return await self._call(self._append, run_key, record, run, keep_latest, now, items)
 
     def _append(
@@ -798,7 +729,7 @@ class SQLiteStore(ExpiryCleanup):
                 f"run {run_key} has no live record: only sequence 0 can start it",
                 latest_sequence=None, incarnation=None,
             )
-        _check_seed(seed)
+        check_seed(seed)
         if head is not None:
             steps.drop_leftovers(db, run_key)
         return steps.Head(seed.incarnation, seed.status, -1, 0, 0, record.expires_at, None,
@@ -857,7 +788,7 @@ class SQLiteStore(ExpiryCleanup):
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
         _check_run_key(run_key)
-        _check_time("now", now)
+        check_time("now", now)
         if not _is_sequence(sequence):
             return None
         return await self._call(self._get, run_key, sequence, now)
@@ -869,7 +800,7 @@ class SQLiteStore(ExpiryCleanup):
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
         _check_run_key(run_key)
-        _check_time("now", now)
+        check_time("now", now)
         return await self._call(self._latest, run_key, now)
 
     def _latest(self, run_key: str, now: float) -> tuple[StoredCheckpoint, str] | None:
@@ -921,8 +852,8 @@ class SQLiteStore(ExpiryCleanup):
         include_expired: bool = False,
     ) -> tuple[list[CheckpointHeader], str | None]:
         _check_run_key(run_key)
-        _check_time("now", now)
-        end = steps.INT64 if before is None else max(-1, _check_int("before", before))
+        check_time("now", now)
+        end = steps.INT64 if before is None else max(-1, check_int("before", before))
         limit = _check_limit(limit)
         return await self._call(self._headers, run_key, end, limit, now, include_expired)
 
@@ -1009,7 +940,7 @@ class SQLiteStore(ExpiryCleanup):
 
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
         _check_run_key(run_key)
-        _check_time("now", now)
+        check_time("now", now)
         return await self._call(self._get_run, run_key, now)
 
     def _get_run(self, run_key: str, now: float) -> RunRecord | None:
@@ -1037,9 +968,9 @@ class SQLiteStore(ExpiryCleanup):
         now: float,
     ) -> RunRecord:
         _check_run_key(run_key)
-        _check_text("status", status)
-        _check_bytes("data", data)
-        _check_time("now", now)
+        check_text("status", status)
+        check_bytes("data", data)
+        check_time("now", now)
         return await self._call(self._update_run, run_key, incarnation, version, status,
                                 data, now)
 
@@ -1073,7 +1004,7 @@ class SQLiteStore(ExpiryCleanup):
             raise ValidationError(f"status must be a str or None, got {status!r:.40}")
         after = _parse_cursor(cursor)
         limit = _check_limit(limit)
-        _check_time("now", now)
+        check_time("now", now)
         if status is not None and not _encodable(status):
             return [], None  # no run has a status that is not valid unicode
         if status is None:
@@ -1089,7 +1020,7 @@ class SQLiteStore(ExpiryCleanup):
             raise ValidationError(f"label must be a str, got {type(label).__name__}")
         after = _parse_cursor(cursor)
         limit = _check_limit(limit)
-        _check_time("now", now)
+        check_time("now", now)
         if not _encodable(label):
             return [], None  # no run has a label that is not valid unicode
         return await self._call(
@@ -1120,7 +1051,7 @@ class SQLiteStore(ExpiryCleanup):
     async def count_runs(self, *, status: str | None, now: float) -> int:
         if status is not None and not isinstance(status, str):
             raise ValidationError(f"status must be a str or None, got {status!r:.40}")
-        _check_time("now", now)
+        check_time("now", now)
         if status is not None and not _encodable(status):
             return 0
         return await self._call(self._count_runs, status, now)
@@ -1137,8 +1068,8 @@ class SQLiteStore(ExpiryCleanup):
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
         _check_run_key(run_key)
-        _check_items(items)
-        _check_time("now", now)
+        check_items(items)
+        check_time("now", now)
         if items:
             await self._call(self._put_items, run_key, list(items), create_only, now)
 
@@ -1165,9 +1096,9 @@ class SQLiteStore(ExpiryCleanup):
         now: float,
     ) -> bool:
         _check_run_key(run_key)
-        _check_int("owner", owner)
-        _check_time("now", now)
-        _check_items(items)
+        check_int("owner", owner)
+        check_time("now", now)
+        check_items(items)
         for item in items:
             if item.owner != owner:
                 raise ValidationError(
@@ -1200,7 +1131,7 @@ class SQLiteStore(ExpiryCleanup):
     ) -> dict[str, bytes]:
         _check_run_key(run_key)
         wanted = _check_keys(keys)
-        _check_time("now", now)
+        check_time("now", now)
         if not wanted:
             return {}
         return await self._call(self._get_items, run_key, wanted, now)
@@ -1213,7 +1144,7 @@ class SQLiteStore(ExpiryCleanup):
         self, run_key: str, *, sequence: int | None, now: float
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
         _check_run_key(run_key)
-        _check_time("now", now)
+        check_time("now", now)
         if sequence is not None and not _is_sequence(sequence):
             return None
         return await self._call(self._read_with_items, run_key, sequence, now)
@@ -1251,7 +1182,7 @@ class SQLiteStore(ExpiryCleanup):
         if start_after is not None and not _encodable(start_after):
             raise ValidationError(f"start_after {start_after[:40]!r} is not valid unicode")
         limit = _check_limit(limit)
-        _check_time("now", now)
+        check_time("now", now)
         if limit == 0 or not _encodable(prefix):
             return []  # no key holds a lone surrogate
         return await self._call(self._scan_items, run_key, prefix, start_after, limit,
@@ -1298,7 +1229,7 @@ class SQLiteStore(ExpiryCleanup):
     # -- maintenance --------------------------------------------------------------------------
 
     async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
-        _check_time("now", now)
+        check_time("now", now)
         limit = max(1, _check_limit(limit))
         return await self._call(self._purge_expired, now, limit)
 
@@ -1363,7 +1294,7 @@ class SQLiteStore(ExpiryCleanup):
         each, and a count of the checkpoints of a damaged one)."""
         if run_key is not None:
             _check_run_key(run_key)
-        _check_time("now", now)
+        check_time("now", now)
         return await self._call(self._damaged_runs, run_key)
 
     def _damaged_runs(self, run_key: str | None) -> list[RunDamage]:
@@ -1399,7 +1330,7 @@ class SQLiteStore(ExpiryCleanup):
 
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
         _check_run_key(run_key)
-        _check_time("now", now)
+        check_time("now", now)
         if not isinstance(seed, RunRecord):
             raise ValidationError(f"seed must be a RunRecord, got {type(seed).__name__}")
         return await self._call(self._rebuild_run, run_key, seed, now)
@@ -1430,7 +1361,7 @@ class SQLiteStore(ExpiryCleanup):
                 expires_at=None if immortal else latest, version=0, data=bytes(seed.data),
                 labels=seed.labels or kept,
             )
-            _check_seed(rebuilt)
+            check_seed(rebuilt)
             db.execute(steps.DELETE_LABELS, (run_key,))
             steps.insert_run(db, run_key, rebuilt, immortal, first)
         logger.info("sqlite store: rebuilt the run record %s#fc_runs/%s from %d checkpoints",

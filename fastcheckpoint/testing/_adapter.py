@@ -8,6 +8,7 @@ A backend's test class subclasses the mixin of each capability it offers, with t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -389,8 +390,13 @@ class SharedItemsContract(ContractBase):
             ((), [Item(key="w/x", value=b"v", owner=3)]),
             (("x" * (MAX_ITEM_KEY_BYTES + 1),), []),
             ((), [Item(key="y" * (MAX_ITEM_KEY_BYTES + 1), value=b"v")]),
+            ((), [Item(key="w/x", value="text")]),  # type: ignore[arg-type]
+            ((), [Item(key="w/x", value=b"v", expires_at=math.nan)]),
+            ((), ["w/x"]),
+            ((), [Item(key=7, value=b"v")]),  # type: ignore[arg-type]
         ],
-        ids=["foreign-owner", "long-ref", "long-key"],
+        ids=["foreign-owner", "long-ref", "long-key", "text-value", "nan-expiry", "not-an-item",
+             "int-key"],
     )
     async def test_invalid_items_are_refused_and_nothing_is_written(
         self, store: CheckpointStore, refs: tuple[str, ...], items: list[Item]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import anyio
@@ -256,6 +257,39 @@ class AppendContract(ContractBase):
             await _append(store, seed, 1, keep_latest=keep_latest)  # type: ignore[arg-type]
 
         assert await _sequences(store, seed, now=T0, include_expired=True) == [0]
+
+    @pytest.mark.parametrize(
+        ("part", "field", "value"),
+        [
+            ("record", "payload", None), ("record", "header", "text"), ("record", "refs", None),
+            ("record", "refs", (7,)), ("record", "refs", "abc"), ("record", "created_at", "now"),
+            ("record", "expires_at", math.nan), ("record", "sequence", "1"),
+            ("record", "checkpoint_id", 7), ("run", "run_id", 5), ("run", "incarnation", None),
+            ("run", "status", 3), ("run", "data", "text"), ("run", "version", 1.5),
+            ("run", "created_at", math.inf), ("run", "labels", "abc"),
+        ],
+    )
+    async def test_fields_of_the_wrong_type_are_refused_before_any_change(
+        self, store: CheckpointStore, part: str, field: str, value: object
+    ) -> None:
+        """What a caller other than the manager may pass: refused with ``ValidationError``,
+        for a new run (none is made) and an existing one (its log unchanged), never stored
+        for a later read to trip over."""
+        run = make_run("typed")
+        await _append_many(store, run, range(1))
+        before = await _snapshot(store, run, now=T0)
+        fresh = make_run("typed-new")
+        for target, sequence in ((run, 1), (fresh, 0)):
+            record = make_checkpoint(target, sequence)
+            seed = target
+            if part == "record":
+                record = msgspec.structs.replace(record, **{field: value})
+            else:
+                seed = msgspec.structs.replace(target, **{field: value})
+            with pytest.raises(ValidationError):
+                await store.append(key_of(target), record, run=seed, keep_latest=None, now=T0)
+        assert await _snapshot(store, run, now=T0) == before
+        assert await store.get_run(key_of(fresh), now=T0) is None
 
     async def test_keep_latest_removes_expired_first(self, store: CheckpointStore) -> None:
         seed = make_run("expired-first")
