@@ -945,10 +945,12 @@ class LogWriter:
     ) -> tuple[int, int]:
         """Append the commit; returns the log's end and live bytes after it."""
         operations: list[tuple[int, bytes | None]] = [*puts, *((key, None) for key in removed)]
+        # Each find may turn the view into a scan of the whole log: the live bytes after.
+        olds = [(key, view.find(key)) for key, _ in operations]
         live = view.live
-        for key, _ in operations:
-            old = view.find(key)  # may turn the view into a scan of the whole log
-            if old is not None and old.size != _DAMAGED:
+        for key, old in olds:
+            # A damaged key's entry counts in no live bytes (unreadable bytes follow it).
+            if old is not None and old.size != _DAMAGED and key not in view.tail.damaged:
                 live -= _ENTRY + old.size
         live += sum(_ENTRY + len(data) for _, data in puts)
         # What the view read past idx (everything, without one) gets its slots too.

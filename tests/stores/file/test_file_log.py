@@ -180,14 +180,7 @@ def test_a_batch_on_a_damaged_log_is_synced_and_indexed_as_a_scan_reads_it(run: 
     and so is the writer's view (the writer's own count takes the damaged entry off, which
     the scan never counted: taken from the view, it went negative and failed the flush
     after its sync)."""
-    run.commit({1: b"x" * 1000})
-    second = run.log_path.stat().st_size
-    run.commit({2: b"y" * 10})
-    run.commit({3: b"z" * 10})
-    with run.log_path.open("r+b") as handle:  # commit 2's envelope: a gap in the log
-        handle.seek(second + 2)
-        handle.write(b"\xff\xff")
-    run.index_path.unlink()
+    _damaged_without_index(run)
     view = open_view(str(run.dir), writable=True)
     assert view is not None
     with view:
@@ -199,12 +192,39 @@ def test_a_batch_on_a_damaged_log_is_synced_and_indexed_as_a_scan_reads_it(run: 
         with scanned:
             assert view.live == scanned.live
         run.writer.flush(view)
+    _rewritten_as_a_scan_counts(run)
+
+
+def _damaged_without_index(run: _Run) -> None:
+    """Key 1 reads as damaged (the next commit's envelope is unreadable); no ``idx``."""
+    run.commit({1: b"x" * 1000})
+    second = run.log_path.stat().st_size
+    run.commit({2: b"y" * 10})
+    run.commit({3: b"z" * 10})
+    with run.log_path.open("r+b") as handle:  # commit 2's envelope: a gap in the log
+        handle.seek(second + 2)
+        handle.write(b"\xff\xff")
+    run.index_path.unlink()
+
+
+def _rewritten_as_a_scan_counts(run: _Run) -> None:
+    """Key 1 was written anew, and ``idx`` counts the live bytes a scan counts."""
     fresh = open_view(str(run.dir))
     assert fresh is not None
     with fresh:
         assert fresh.indexed
         assert fresh.read(1, check=True) == b"n" * 10
         assert fresh.live == fresh.scan().live
+
+
+def test_a_commit_over_a_damaged_key_counts_live_bytes_as_a_scan_does(run: _Run) -> None:
+    """A log with unreadable bytes and no usable ``idx``: a synced commit that rewrites a key
+    the scan reads as damaged writes ``idx`` with the live bytes a scan counts. It took the
+    damaged entry off, which the scan never counted, and failed with ``struct.error``
+    after the commit was written and synced."""
+    _damaged_without_index(run)
+    run.writer.commit([(1, b"n" * 10)])
+    _rewritten_as_a_scan_counts(run)
 
 
 def test_a_batch_whose_view_met_damage_keeps_the_index_of_the_rest(run: _Run) -> None:
