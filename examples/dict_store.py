@@ -26,18 +26,17 @@ from fastcheckpoint import (
 )
 from fastcheckpoint.stores import (
     EMPTY_RUN,
-    MAX_ITEM_KEY_BYTES,
     CheckpointHeader,
     ExpiryCleanup,
     Item,
     RunRecord,
     StoredCheckpoint,
     check_append,
+    check_items,
     check_keep_latest,
     check_options,
     header_of,
     is_live,
-    item_key_bytes,
     latest_expiry,
     open_store,
     register_store,
@@ -170,8 +169,7 @@ class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as ever
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
-        for item in items:
-            item_key_bytes(item.key, MAX_ITEM_KEY_BYTES, "every store")
+        check_items(items)  # keys, values, owners and expiries of the right types
         space = self._items.get(run_key, {})
         for item in items:
             if create_only and item.key in space and is_live(space[item.key].expires_at, now):

@@ -89,6 +89,7 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_append,
+    check_items,
     check_keep_latest,
     check_labels,
     check_options,
@@ -2171,6 +2172,7 @@ class DynamoDBStore(ExpiryCleanup):
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
+        check_items(items)
         for item in items:
             _check_item(item)
         if not items:
@@ -2455,6 +2457,7 @@ class DynamoDBStore(ExpiryCleanup):
         if_absent: bool,
         now: float,
     ) -> bool:
+        check_items(items)
         for item in items:
             _check_item(item)
             if item.owner != owner:

@@ -118,6 +118,7 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_append,
+    check_items,
     check_keep_latest,
     check_labels,
     check_options,
@@ -2601,6 +2602,7 @@ class FileStore(ExpiryCleanup):
     ) -> bool:
         """One commit, with the check of the owner: the batch is written whole or not at
         all."""
+        check_items(items)
         _check_run_key(run_key)
         owned = _owned_items(items, owner)
         return await self._write(
@@ -2933,6 +2935,7 @@ class FileStore(ExpiryCleanup):
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
+        check_items(items)
         _check_run_key(run_key)
         for item in items:
             _check_item_key(item.key)

@@ -42,6 +42,7 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_append,
+    check_items,
     check_keep_latest,
     check_labels,
     check_options,
@@ -446,6 +447,7 @@ class MemoryStore(ExpiryCleanup):
         if_absent: bool,
         now: float,
     ) -> bool:
+        check_items(items)
         _check_owned_items(items, owner)
         run = self._live_run(run_key, now)
         record = None if run is None else _live_checkpoint(run, owner, now)
@@ -577,6 +579,7 @@ class MemoryStore(ExpiryCleanup):
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
+        check_items(items)
         for item in items:
             item_key_bytes(item.key, MAX_ITEM_KEY_BYTES, "every store")
         space = self._space(run_key)

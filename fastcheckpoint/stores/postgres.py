@@ -70,6 +70,7 @@ from fastcheckpoint.stores._base import (
     StoredCheckpoint,
     check_append,
     check_int,
+    check_items,
     check_keep_latest,
     check_labels,
     check_options,
@@ -808,6 +809,7 @@ class PostgresStore(ExpiryCleanup):
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
+        check_items(items)
         _checked_run_key(run_key)
         keys, values, owners, expiries = self._item_columns(items, first_wins=False)
         if not keys:
@@ -833,6 +835,7 @@ class PostgresStore(ExpiryCleanup):
         if_absent: bool,
         now: float,
     ) -> bool:
+        check_items(items)
         _checked_run_key(run_key)
         _bigint(owner, "owner")
         for item in items:

@@ -102,6 +102,7 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_append,
+    check_items,
     check_keep_latest,
     check_labels,
     check_options,
@@ -1032,6 +1033,7 @@ class RedisStore(ExpiryCleanup):
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
+        check_items(items)
         # Only a create-only write answers a retry of itself differently: remember its reply.
         args: list[Any] = ["1" if create_only else "0", _token() if create_only else ""]
         for item in items:
@@ -1058,6 +1060,7 @@ class RedisStore(ExpiryCleanup):
         if_absent: bool,
         now: float,
     ) -> bool:
+        check_items(items)
         if isinstance(owner, bool) or not isinstance(owner, int) or owner < 0:
             raise ValidationError(f"owner must be a checkpoint sequence, got {owner!r:.40}")
         if not isinstance(checkpoint_id, str):

@@ -92,6 +92,7 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_append,
+    check_items,
     check_keep_latest,
     check_labels,
     check_options,
@@ -1859,6 +1860,7 @@ class S3Store(ExpiryCleanup):
         if_absent: bool,
         now: float,
     ) -> bool:
+        check_items(items)
         given = _owned_batch(items, owner, if_absent)
         if not layout.valid_sequence(owner):
             return False
@@ -2371,6 +2373,7 @@ class S3Store(ExpiryCleanup):
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
+        check_items(items)
         latest: dict[str, Item] = {}
         for item in items:
             _check_item(item)

@@ -407,6 +407,21 @@ class SharedItemsContract(ContractBase):
             await _append_items(store, run, 0, refs=refs, items=items)
         assert await store.get_run(key_of(run), now=T0) is None
 
+    async def test_owned_items_of_the_wrong_type_are_refused_and_nothing_is_written(
+        self, store: CheckpointStore
+    ) -> None:
+        assert isinstance(store, SupportsSharedItems)
+        run = make_run("owned-typed")
+        await _append_items(store, run, 0)
+        key = key_of(run)
+        for bad in (Item(key="w/b", value="text", owner=0),  # type: ignore[arg-type]
+                    Item(key="w/b", value=b"v", owner=0, expires_at=math.inf)):
+            with pytest.raises(ValidationError):
+                await store.put_owned_items(
+                    key, [make_item("w/a", owner=0), bad], owner=0,
+                    checkpoint_id=checkpoint_id_of(run, 0), if_absent=False, now=T0)
+        assert await store.get_items(key, ["w/a", "w/b"], now=T0) == {}
+
     async def test_owned_items_are_written_only_to_a_live_checkpoint(
         self, store: CheckpointStore
     ) -> None:

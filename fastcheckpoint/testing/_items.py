@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from fastcheckpoint.errors import ConflictError
-from fastcheckpoint.stores._base import CheckpointStore
+from fastcheckpoint.errors import ConflictError, ValidationError
+from fastcheckpoint.stores._base import CheckpointStore, Item
 from fastcheckpoint.testing._builders import T0, key_of, make_item, make_run
 from fastcheckpoint.testing._contract import ContractBase, _append, _append_many
 
@@ -142,6 +144,22 @@ class ItemsContract(ContractBase):
         assert await store.get_items(key, ["fresh", "taken"], now=T0) == {"taken": b"original"}
         await store.put_items(key, [make_item("fresh", b"new")], create_only=True, now=T0)
         assert await store.get_items(key, ["fresh"], now=T0) == {"fresh": b"new"}
+
+    @pytest.mark.parametrize(
+        "bad",
+        [Item(key="k", value="text"), Item(key="k", value=b"v", expires_at=math.nan),  # type: ignore[arg-type]
+         Item(key=7, value=b"v"), "k"],  # type: ignore[arg-type]
+        ids=["text-value", "nan-expiry", "int-key", "not-an-item"],
+    )
+    async def test_items_of_the_wrong_type_are_refused_and_nothing_is_written(
+        self, store: CheckpointStore, bad: object
+    ) -> None:
+        seed = make_run("typed-items")
+        key = key_of(seed)
+        await _append(store, seed, 0)
+        with pytest.raises(ValidationError):
+            await store.put_items(key, [make_item("good"), bad], now=T0)  # type: ignore[list-item]
+        assert await store.get_items(key, ["good", "k"], now=T0) == {}
 
     async def test_put_items_create_only_replaces_expired_item(
         self, store: CheckpointStore
