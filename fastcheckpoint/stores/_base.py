@@ -720,7 +720,8 @@ def check_text(name: str, value: object) -> None:
 
 def check_record(record: StoredCheckpoint) -> None:
     """The one check of the fields of a checkpoint a store is given to append (before
-    anything is written): their types and ranges; refs as :func:`check_shared_items`."""
+    anything is written): their types and ranges; the keys its refs name are checked by
+    :func:`check_shared_items`."""
     if not isinstance(record, StoredCheckpoint):
         raise ValidationError(f"record must be a StoredCheckpoint, got {type(record).__name__}")
     check_int("sequence", record.sequence)
@@ -731,7 +732,7 @@ def check_record(record: StoredCheckpoint) -> None:
     check_bytes("payload", record.payload)
     if not isinstance(record.refs, (tuple, list)):
         raise ValidationError(
-            f"refs must be a tuple of item keys, got {type(record.refs).__name__}")
+            f"refs must be a tuple or list of item keys, got {type(record.refs).__name__}")
 
 
 def check_seed(seed: RunRecord) -> None:

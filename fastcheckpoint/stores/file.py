@@ -2937,8 +2937,6 @@ class FileStore(ExpiryCleanup):
     ) -> None:
         check_items(items)
         _check_run_key(run_key)
-        for item in items:
-            _check_item_key(item.key)
         if items:
             await self._call(self._put_items, run_key, list(items), create_only, now)
 

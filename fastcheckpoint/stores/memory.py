@@ -580,8 +580,6 @@ class MemoryStore(ExpiryCleanup):
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
         check_items(items)
-        for item in items:
-            item_key_bytes(item.key, MAX_ITEM_KEY_BYTES, "every store")
         space = self._space(run_key)
         if create_only:
             for item in items:
