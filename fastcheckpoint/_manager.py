@@ -1265,6 +1265,7 @@ class CheckpointManager:
         update: Callable[[RunData, float], None] | None = None,
         guard: Callable[[RunData], None] | None = None,
         made: Callable[[RunData], bool] | None = None,
+        still: Callable[[RunRecord], bool] | None = None,
         refusal: str = "",
         must_exist: bool = False,
     ) -> RunInfo | None:
@@ -1275,7 +1276,9 @@ class CheckpointManager:
         sees the run details first, before even a repeated final status returns the run
         unchanged, and raises to refuse. ``made`` says from them that this very change is
         recorded already (a call made again after its reply was lost): the run is returned
-        as it is. ``refusal`` continues "run 'r' " to explain a status
+        as it is, and so does ``still`` saying from the run as read that the change no longer
+        applies (the run went on since the caller decided it). ``refusal`` continues "run 'r' "
+        to explain a status
         not in ``allowed`` (``{status}`` is replaced by the run's status). A missing run gives
         ``None``, or :class:`CheckpointNotFound` with ``must_exist``.
         """
@@ -1291,7 +1294,7 @@ class CheckpointManager:
             if guard is not None:
                 guard(data)
             if (current == target and target in _TERMINAL) or (
-                    made is not None and made(data)):
+                    made is not None and made(data)) or (still is not None and not still(record)):
                 return self._run_info(record)
             if current not in allowed:
                 why = refusal or "is {status}; it cannot become " + target.value

@@ -249,6 +249,15 @@ def merged_request(pending: Mapping[str, Any] | None, asked: dict[str, Any]) -> 
     return {"interrupts": known + fresh, "checkpoint_id": asked["checkpoint_id"]}
 
 
+def asks_about(approval: Mapping[str, Any] | None, asked: dict[str, Any]) -> bool:
+    """Whether the run's approval record (pending or decided) asks about every interrupt of
+    ``asked`` (:func:`approval_request`), at the same checkpoint."""
+    request = (approval or {}).get("request") or {}
+    known = request.get("interrupts") or []
+    return request.get("checkpoint_id") == asked["checkpoint_id"] and all(
+        entry in known for entry in asked["interrupts"])
+
+
 def _interrupts(value: object) -> list[dict[str, Any]]:
     entries = value if isinstance(value, (list, tuple)) else [value]
     found: list[dict[str, Any]] = []

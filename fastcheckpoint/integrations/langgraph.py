@@ -142,6 +142,8 @@ a save of the run is on its way here (a graph run's first save, which LangGraph'
 queue behind): the writes wait for it, then as for a run this process knows."""
 _REGISTRY_KEY = _ids.run_key(records.REGISTRY_RUN_ID)
 _NO_RUN = object()
+_QUEUEABLE = frozenset({CheckpointStatus.ACTIVE.value, CheckpointStatus.PAUSED.value})
+"""Statuses of a thread whose latest checkpoint's interrupts a read queues for approval."""
 _REACTIVATED = frozenset({CheckpointStatus.PAUSED.value, CheckpointStatus.FAILED.value,
                           CheckpointStatus.REJECTED.value})
 """Statuses a root-namespace save ends: the graph went on after the interrupt or error (a
@@ -691,9 +693,30 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             if again is None or again[0].checkpoint_id != stored.checkpoint_id:
                 raise
             found = await self._decode_read(where, stored, again[2], head)
-        self._state.remember(where.key, found.checkpoint["id"], _located_of(where, stored),
-                             head=head)
+        located = _located_of(where, stored)
+        self._state.remember(where.key, found.checkpoint["id"], located, head=head)
+        if head and not where.checkpoint_ns and status in _QUEUEABLE:
+            await self._queue_interrupts(where, found, located)
         return found
+
+    async def _queue_interrupts(
+        self, where: _Where, found: CheckpointTuple, located: Located
+    ) -> None:
+        """Queue for approval the interrupts of a thread's latest checkpoint that its run does
+        not ask about: storing them and pausing the run are two store calls, and a process
+        that died between them (or a status change that failed) left the thread out of the
+        approval queue. Once per checkpoint and interrupt in this process (one read of the
+        run); a run that went on meanwhile is left as it is."""
+        interrupts = [(channel, value) for _, channel, value in found.pending_writes or ()
+                      if channel == records.INTERRUPT]
+        if not interrupts:
+            return
+        checkpoint_id = found.checkpoint["id"]
+        known = self._state.queued.get((where.key, checkpoint_id)) or []
+        asked = records.approval_request(checkpoint_id, interrupts)
+        if all(entry in known for entry in asked["interrupts"]):
+            return
+        await self._pause(where, checkpoint_id, interrupts, at=located)
 
     async def _decode_read(
         self, where: _Where, stored: StoredCheckpoint, items: dict[str, bytes], head: bool
@@ -1402,11 +1425,25 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
     # -- internals: status ---------------------------------------------------------------------
 
     async def _pause(
-        self, where: _Where, checkpoint_id: str, writes: Sequence[tuple[str, Any]]
+        self, where: _Where, checkpoint_id: str, writes: Sequence[tuple[str, Any]],
+        *, at: Located | None = None,
     ) -> None:
         """PAUSED, with the interrupts as the approval request (merged with those of the
-        same checkpoint already pending). Never fails the write: it is stored already."""
+        same checkpoint already pending). Never fails the write: it is stored already.
+
+        ``at``: the run's latest checkpoint, holding ``writes``, as a read found it; the run
+        then changes only if its approval record does not ask about them already (pending or
+        decided) and it has not gone on since."""
         asked = records.approval_request(checkpoint_id, writes)
+        made: Callable[[RunData], bool] | None = None
+        still: Callable[[RunRecord], bool] | None = None
+        if at is not None:
+            def made(data: RunData) -> bool:
+                return records.asks_about(data.approval, asked)
+
+            def still(record: RunRecord) -> bool:
+                return (record.incarnation, record.latest_sequence) == (
+                    at.incarnation, at.sequence)
 
         def record_request(data: RunData, now: float) -> None:
             pending = data.approval or {}
@@ -1421,7 +1458,11 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 where.run_id, CheckpointStatus.PAUSED,
                 allowed={CheckpointStatus.ACTIVE, CheckpointStatus.PAUSED},
                 note=f"interrupted at LangGraph checkpoint {checkpoint_id}",
-                update=record_request)
+                update=record_request, made=made, still=still)
+            slot = (where.key, checkpoint_id)
+            known = self._state.queued.get(slot) or []
+            self._state.queued.put(slot, known + [
+                entry for entry in asked["interrupts"] if entry not in known])
         except ConflictError as exc:
             logger.info("thread %r was interrupted but is not queued for approval: %s",
                         where.thread_id[:80], exc)

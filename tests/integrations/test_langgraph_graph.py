@@ -173,6 +173,34 @@ def test_a_thread_paused_in_one_process_is_approved_with_the_cli_and_resumed_in_
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+def test_a_thread_whose_process_died_before_pausing_it_is_queued_once_read(
+    tmp_path: Path,
+) -> None:
+    url = f"file://{tmp_path / 'store'}"
+    env = _environment(url)
+
+    died = _run(env, str(WORKER), url, "ticket-9", "die-before-pausing")
+    left = _cli(env, "runs", "--status", "paused", "--json")
+    read = _run(env, str(WORKER), url, "ticket-9", "read")
+    queue = _cli(env, "runs", "--status", "paused", "--json")
+    approved = _cli(env, "approve", "ticket-9", "--approver", "alice")
+    resumed = _run(env, str(EXAMPLE), "resume", "ticket-9")
+
+    assert died.returncode == -signal.SIGKILL, died.stdout + died.stderr
+    assert left.returncode == 0, left.stderr
+    assert json.loads(left.stdout)["runs"] == []  # the interrupt is stored, the run ACTIVE
+    assert read.returncode == 0, read.stderr
+    assert json.loads(read.stdout) == ["__interrupt__"]
+    assert queue.returncode == 0, queue.stderr
+    [run] = json.loads(queue.stdout)["runs"]
+    assert run["run_id"] == "ticket-9"
+    assert run["approval"]["request"]["interrupts"][0]["value"]["tool"] == "add"
+    assert approved.returncode == 0, approved.stderr
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip() == "thread ticket-9 (approved): The sum is 5."
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 @pytest.mark.parametrize("scheme", ["file", "sqlite"])
 def test_a_run_killed_mid_step_resumes_with_no_step_lost_or_repeated(
     tmp_path: Path, scheme: str

@@ -29,6 +29,7 @@ from fastcheckpoint.errors import (
     CorruptCheckpointError,
     SerializationError,
     SharedItemGone,
+    StoreError,
     ValidationError,
 )
 from fastcheckpoint.integrations import _langgraph_records as records
@@ -761,6 +762,111 @@ async def test_an_interrupt_pauses_the_thread_until_the_graph_goes_on() -> None:
     assert child_run.status is CheckpointStatus.ACTIVE
     assert resumed is not None
     assert resumed.status is CheckpointStatus.ACTIVE
+
+
+class _StatusChangeFails(CountingStore):
+    """Fails ``update_run`` while ``failing``, as a process killed between a stored interrupt
+    and its status change leaves the thread (the interrupt stored, the run not PAUSED)."""
+
+    failing = False
+
+    async def update_run(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failing:
+            raise StoreError("the status change did not happen")
+        return await super().update_run(*args, **kwargs)
+
+    async def interrupted(self, saver: FastCheckpointSaver) -> str:
+        """Thread ``t``'s first checkpoint, with an interrupt stored and the run not paused."""
+        first = await put(saver, "t")
+        self.failing = True
+        await saver.aput_writes(config("t", first), [(INTERRUPT, {"q": 1})], "task")
+        self.failing = False
+        return first
+
+
+async def test_an_interrupt_left_without_its_pause_is_queued_by_the_next_read() -> None:
+    store = _StatusChangeFails(MemoryStore())
+    writer = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        first = await store.interrupted(writer)
+        left = await writer.manager.get_run("t")
+        reader = _saver(store)  # another process, after the first one died
+        store.take()
+        found = await reader.aget_tuple(config("t"))
+        calls = store.take()
+        await reader.aget_tuple(config("t"))
+        again = store.take()
+        queued = await reader.manager.get_run("t")
+    assert left is not None
+    assert left.status is CheckpointStatus.ACTIVE
+    assert found is not None
+    assert found.pending_writes == [("task", INTERRUPT, {"q": 1})]
+    assert queued is not None
+    assert queued.status is CheckpointStatus.PAUSED
+    assert queued.approval is not None
+    assert queued.approval["request"] == {"interrupts": [{"value": {"q": 1}}],
+                                          "checkpoint_id": first}
+    assert calls == {"read_with_items": 1, "get_run": 1, "update_run": 1}
+    assert again == {"read_with_items": 1}
+
+
+async def test_a_read_after_the_approval_does_not_queue_the_thread_again() -> None:
+    store = CountingStore(MemoryStore())
+    saver = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        first = await put(saver, "t")
+        await saver.aput_writes(config("t", first), [(INTERRUPT, "run it?")], "task")
+        await saver.manager.approve("t", approver="alice")
+        store.take()
+        here = await saver.aget_tuple(config("t"))
+        calls_here = store.take()  # the process that paused the thread knows
+        reader = _saver(store)  # another process reads the approval record once
+        found = await reader.aget_tuple(config("t"))
+        calls = store.take()
+        await reader.aget_tuple(config("t"))
+        again = store.take()
+        after = await saver.manager.get_run("t")
+    assert here is not None
+    assert calls_here == {"read_with_items": 1}
+    assert found is not None
+    assert found.pending_writes == [("task", INTERRUPT, "run it?")]
+    assert calls == {"read_with_items": 1, "get_run": 1}  # the approval names it
+    assert again == {"read_with_items": 1}
+    assert after is not None
+    assert after.status is CheckpointStatus.ACTIVE
+    assert [change.status for change in after.history] == [
+        CheckpointStatus.PAUSED, CheckpointStatus.ACTIVE]
+
+
+async def test_a_stale_read_of_an_interrupt_does_not_pause_a_thread_that_went_on() -> None:
+    class SavedMeanwhile(_StatusChangeFails):
+        """Another process saves the next checkpoint just before the read's status check."""
+
+        then: Any = None
+
+        async def get_run(self, *args: Any, **kwargs: Any) -> Any:
+            if self.then is not None:
+                then, self.then = self.then, None
+                await then()
+            return await super().get_run(*args, **kwargs)
+
+    store = SavedMeanwhile(MemoryStore())
+    writer = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        first = await store.interrupted(writer)
+        other = _saver(store)
+
+        async def went_on() -> None:
+            await put(other, "t", parent=first)
+
+        store.then = went_on
+        found = await _saver(store).aget_tuple(config("t"))
+        run = await writer.manager.get_run("t")
+    assert found is not None
+    assert found.checkpoint["id"] == first
+    assert run is not None
+    assert run.status is CheckpointStatus.ACTIVE
+    assert run.approval is None
 
 
 async def test_a_rejected_thread_is_active_again_once_the_graph_goes_on() -> None:
