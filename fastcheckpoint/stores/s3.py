@@ -1262,13 +1262,37 @@ class S3Store(ExpiryCleanup):
 
         The seal stays: an append's upload may land long after it was sent. The new run's
         writers replace it when they reach its sequence; the cleanup loop removes it once it
-        is below the new run's head, or a while after the run was purged."""
+        is below the new run's head, or a while after the run was purged. So the key may
+        hold a leftover of an earlier life of the run (its seal, when it ended before the
+        cleanup loop came by): no writer of the dead run can land there, and the seal
+        replaces it (``IfMatch``). A seal of the dead run itself (another process sealing it
+        at the same moment) seals it too."""
         assert current.state is not None
+        dead = current.state.incarnation
         sequence = current.latest_sequence + 1
-        seal = Slot(current.state.incarnation, sequence, "", now, None, now, b"", b"",
+        seal = Slot(dead, sequence, "", now, None, now, b"", b"",
                     tombstone=True, token=secrets.token_bytes(_TOKEN_BYTES), run_key=run_key)
-        if await io.put(layout.slot_key(run_key, sequence), layout.encode(seal),
-                        if_none_match=True) is None:
+        key, body = layout.slot_key(run_key, sequence), layout.encode(seal)
+        etag = await io.put(key, body, if_none_match=True)
+        for _ in range(_FLOOR_RACES):
+            if etag is not None:
+                break
+            found = await io.get(key)
+            if found is None:  # removed meanwhile (by the cleanup loop): claim it again
+                etag = await io.put(key, body, if_none_match=True)
+                continue
+            try:
+                occupant: Slot | None = layout.decode_slot(
+                    found[0], io.where(key), run_key=run_key, sequence=sequence)
+            except CorruptCheckpointError:
+                occupant = None  # nothing of the dead run: a damaged leftover
+            if occupant is not None and occupant.token == seal.token:
+                etag = found[1]  # this very seal, applied although its reply was lost
+            elif occupant is not None and occupant.incarnation == dead:
+                return occupant.tombstone and not occupant.checkpoint_id
+            else:
+                etag = await io.put(key, body, if_match=found[1])
+        if etag is None:
             return False
         await self._put_marker(io, run_key, sequence, "t", _listing_of(seal))
         return True

@@ -193,6 +193,22 @@ class AppendContract(ContractBase):
         assert await _sequences(store, new, now=T0, include_expired=True) == [0]
         assert await store.get_items(key, ["old-owned"], now=T0) == {}
 
+    async def test_a_run_that_ends_again_and_again_starts_over_each_time(
+        self, store: CheckpointStore
+    ) -> None:
+        # Lives of 1, 1, 3, 1 and 2 checkpoints, each expired before the next starts, and no
+        # cleanup between them: what one life leaves must never stop the next.
+        now = T0
+        for life, length in enumerate((1, 1, 3, 1, 2)):
+            run = make_run("again", created_at=now, data=f"life {life}".encode())
+            await _append_many(store, run, range(length), now=now, expires_at=now + 10)
+            found = await store.get_run(key_of(run), now=now)
+            assert found is not None
+            assert (found.incarnation, found.latest_sequence) == (
+                run.incarnation, length - 1)
+            now += 20
+        assert await store.get_run(key_of(run), now=now) is None
+
     async def test_append_nonzero_on_expired_run_conflicts(self, store: CheckpointStore) -> None:
         seed = make_run("stale")
         await _append_many(store, seed, [0, 1], expires_at=T0 + 10)
