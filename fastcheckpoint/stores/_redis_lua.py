@@ -300,10 +300,14 @@ local function item_keys()
 end
 
 -- One more held checkpoint names each of `keys` (distinct); a key named for the first time
--- loses any expiry of its own.
+-- loses any expiry of its own. An item whose own expiry passed is absent: it goes first (the
+-- append writes the key anew, or was refused for naming what the run does not hold).
 local function reference(keys)
   for _, key in ipairs(keys) do
-    if redis.call('HINCRBY', KEYS[9], key, 1) == 1 then redis.call('ZREM', KEYS[8], key) end
+    if redis.call('HINCRBY', KEYS[9], key, 1) == 1 then
+      if not item_live(key) then drop_item(key) end
+      redis.call('ZREM', KEYS[8], key)
+    end
   end
 end
 

@@ -220,6 +220,25 @@ class SharedItemsContract(ContractBase):
         assert found is not None
         assert found[2] == {"b/a": b"first"}
 
+    async def test_an_item_past_its_own_expiry_is_written_anew_when_named(
+        self, store: CheckpointStore
+    ) -> None:
+        run = make_run("expired-loose")
+        await _append_items(store, run, 0)
+        await store.put_items(key_of(run), [make_item("b/a", b"old", expires_at=T0 + 10)],
+                              now=T0)
+        later = T0 + 20  # expired, not purged: absent
+        if self.refs_checked_when_appended:
+            with pytest.raises(SharedItemGone):
+                await _append_items(store, run, 1, refs=["b/a"], now=later)
+        await _append_items(store, run, 1, refs=["b/a"], items=[make_item("b/a", b"new")],
+                            now=later)
+
+        found = await _read(store, run, 1, now=later)
+        assert found is not None
+        assert found[2] == {"b/a": b"new"}
+        assert await _stored(store, run, ["b/a"], now=later + 1000) == {"b/a": b"new"}
+
     async def test_later_checkpoints_share_items_of_earlier_ones(
         self, store: CheckpointStore
     ) -> None:
