@@ -449,6 +449,8 @@ class _Removal:
     refs: Counter[str] = field(default_factory=Counter)
     """Shared items the removed checkpoints named: each count drops by this much."""
     blobs: list[str] = field(default_factory=list)
+    anchors: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    """Owned items whose anchors ``deletes`` removes: key -> (owner, the delete)."""
 
 
 @dataclass
@@ -1398,6 +1400,11 @@ class DynamoDBStore(ExpiryCleanup):
         update = {"Update": _run_update(run_key, state, new_state, sequences, token,
                                         () if additions is None else additions.nesting)}
         removal = await self._removal(run_key, state, sequences, checkpoint_ids or {})
+        if additions is not None and removal.anchors:
+            dropped = _one_change_per_anchor(
+                removal, additions, {held.sequence: held.expires_at for held in removed}, now)
+            operations = [operation for operation in operations
+                          if operation.get("_group") not in dropped]
         refreshes = []
         if new_state.label_ttl != state.label_ttl:
             refreshes = items_layout.label_refreshes(run_key, state.record, new_state.label_ttl)
@@ -1585,10 +1592,10 @@ class DynamoDBStore(ExpiryCleanup):
                 # Its refs count when native TTL removed the checkpoint first.
                 named.setdefault(owner, _text_list(entry, "rf"))
             elif layout.is_owned_sk(sort_key):
-                removal.deletes += [
-                    _delete(pk, sort_key),
-                    _owned_delete(pk, layout.owned_key(sort_key), owner),
-                ]
+                key = layout.owned_key(sort_key)
+                anchor = _owned_delete(pk, key, owner)
+                removal.deletes += [_delete(pk, sort_key), anchor]
+                removal.anchors[key] = (owner, anchor)
                 if "vb" in entry:
                     removal.blobs.append(_text(entry, "vb"))
         removal.deletes += [items_layout.guard_check(pk, owner) for owner in owning
@@ -3716,6 +3723,30 @@ def _delete_if(
     )
     operation["Delete"].update(names.params())
     return operation
+
+
+def _one_change_per_anchor(
+    removal: _Removal, additions: _Additions, expiries: Mapping[int, float | None], now: float
+) -> set[str]:
+    """An append that writes an owned item at the key of one that a checkpoint it removes
+    owns (a transaction takes one operation per record). Owned by a live checkpoint (pruned
+    by ``keep_latest``), that item is held: the append's is not written (its condition keeps
+    a live one) and the removal takes it, as on every store. Owned by an expired checkpoint,
+    it is absent: the append's replaces it, and the removal leaves the key alone. Returns
+    the groups of the append's operations left out."""
+    dropped: set[str] = set()
+    for key, (owner, anchor) in removal.anchors.items():
+        group = f"owned:{key}"
+        if not any(operation.get("_group") == group for operation in additions.owned):
+            continue
+        if owner not in expiries or is_live(expiries[owner], now):
+            dropped.add(group)
+        else:
+            removal.deletes = [operation for operation in removal.deletes
+                               if operation is not anchor]
+    additions.owned = [operation for operation in additions.owned
+                       if operation.get("_group") not in dropped]
+    return dropped
 
 
 def _owned_delete(pk: str, key: str, owner: int) -> dict[str, Any]:

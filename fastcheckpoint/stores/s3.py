@@ -489,12 +489,19 @@ def _marker_of(
     return layout.marker_key(run_key, sequence, "l", short), listing.header or b""
 
 
-def _owned_of(run_key: str, cached: _Cached, owners: Iterable[int]) -> list[str]:
-    """Keys of the items this process knows to be owned by ``owners``."""
+def _owned_of(
+    run_key: str, cached: _Cached, owners: Iterable[int], newest: int | None = None
+) -> list[str]:
+    """Keys of the items this process knows to be owned by ``owners`` (their objects and
+    markers), except the objects of the keys checkpoint ``newest`` owns now: it took them
+    over (an owner that expired left them absent)."""
+    taken = cached.owned.get(newest, {}) if newest is not None else {}
     keys: list[str] = []
     for owner in owners:
         for hex_key, marker in cached.owned.get(owner, {}).items():
-            keys += [marker, layout.item_object(run_key, hex_key)]
+            keys.append(marker)
+            if hex_key not in taken:
+                keys.append(layout.item_object(run_key, hex_key))
     return keys
 
 
@@ -1583,12 +1590,13 @@ class S3Store(ExpiryCleanup):
         garbage = [sequence for sequence in log.garbage if sequence < newest]
         keys = [key for sequence in doomed for key in log.held[sequence].keys]
         keys += [key for sequence in garbage for key in log.garbage[sequence]]
-        keys += _owned_of(run_key, cached, doomed)
+        keys += _owned_of(run_key, cached, doomed, newest)
         opened = max((*doomed, *garbage), default=-1)  # the highest slot key deleted
         additions: dict[int, _Entry] = {}
         try:
             if keep_latest is not None and log.known_from > 0:
-                older, additions = await self._older(io, run_key, cached, log, need, now)
+                older, additions = await self._older(io, run_key, cached, log, need, newest,
+                                                     now)
                 keys += older
                 opened = max(opened, log.known_from - 1 if older else -1)
             if keys and not await self._raise_floor(io, run_key, cached, opened, newest + 1):
@@ -1638,7 +1646,8 @@ class S3Store(ExpiryCleanup):
         return True
 
     async def _older(
-        self, io: Bucket, run_key: str, cached: _Cached, log: _Log, need: int, now: float
+        self, io: Bucket, run_key: str, cached: _Cached, log: _Log, need: int, newest: int,
+        now: float,
     ) -> tuple[list[str], dict[int, _Entry]]:
         """Pruning below what this process knows (it joined a run written by others, or
         forgot): list the slots older than ``known_from``; the newest ``need`` live ones
@@ -1663,7 +1672,7 @@ class S3Store(ExpiryCleanup):
         for view in (*current.tombstones, *current.orphans):
             keys += _prunable_keys(run_key, view)
         keys += listed.stray
-        return keys + _owned_of(run_key, cached, gone), kept
+        return keys + _owned_of(run_key, cached, gone, newest), kept
 
     async def get(
         self, run_key: str, sequence: int, *, now: float

@@ -239,6 +239,30 @@ class SharedItemsContract(ContractBase):
         assert found[2] == {"b/a": b"new"}
         assert await _stored(store, run, ["b/a"], now=later + 1000) == {"b/a": b"new"}
 
+    async def test_an_owned_key_of_a_checkpoint_the_append_removes(
+        self, store: CheckpointStore
+    ) -> None:
+        # Owned by a live checkpoint that keep_latest prunes: the item is held when the
+        # append writes (a live value is never replaced), then goes with its owner.
+        run = make_run("owned-pruned")
+        await _append_items(store, run, 0, items=[make_item("o", b"of 0", owner=0)])
+        await _append_items(store, run, 1)
+        await _append_items(store, run, 2, items=[make_item("o", b"of 2", owner=2)],
+                            keep_latest=2)
+        found = await _read(store, run, 2)
+        assert found is not None
+        assert found[2] == {}
+        # Owned by a checkpoint that expired: absent, so the append's item takes the key.
+        run = make_run("owned-expired")
+        await _append_items(store, run, 0, items=[make_item("o", b"of 0", owner=0)],
+                            expires_at=T0 + 10)
+        await _append_items(store, run, 1, now=T0 + 1)
+        await _append_items(store, run, 2, items=[make_item("o", b"of 2", owner=2)],
+                            now=T0 + 20)
+        found = await _read(store, run, 2, now=T0 + 20)
+        assert found is not None
+        assert found[2] == {"o": b"of 2"}
+
     async def test_later_checkpoints_share_items_of_earlier_ones(
         self, store: CheckpointStore
     ) -> None:
