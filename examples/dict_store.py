@@ -75,14 +75,16 @@ class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as ever
             if record.sequence != 0:
                 raise SequenceConflict(latest_sequence=None, incarnation=None)
             self._remove_run(run_key, keep_unowned_items=True)
-            current = run  # the seed: its counters and expiry are set below
+            current = replace(run, data=bytes(run.data))  # the seed; counters set below
         elif record.sequence != current.latest_sequence + 1 or (
             run.incarnation != current.incarnation
         ):
             raise SequenceConflict(
                 latest_sequence=current.latest_sequence, incarnation=current.incarnation)
         log = self._logs.setdefault(run_key, {})
-        log[record.sequence] = record
+        # A copy: a bytearray or a list the caller passed may change after the call.
+        log[record.sequence] = replace(record, header=bytes(record.header),
+                                       payload=bytes(record.payload), refs=tuple(record.refs))
         self._runs[run_key] = replace(
             current, latest_sequence=record.sequence, checkpoint_count=len(log),
             updated_at=now, expires_at=_held_expiry(log))
@@ -145,7 +147,7 @@ class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as ever
         if (run.incarnation, run.version) != (incarnation, version):
             raise ConflictError(f"run {run_key} changed since {incarnation}/{version}")
         run = self._runs[run_key] = replace(
-            run, status=status, data=data, version=version + 1, updated_at=now)
+            run, status=status, data=bytes(data), version=version + 1, updated_at=now)
         return run
 
     async def list_runs(

@@ -704,8 +704,18 @@ def check_time(name: str, value: object, *, optional: bool = False) -> None:
 
 
 def check_bytes(name: str, value: object) -> None:
-    if not isinstance(value, (bytes, bytearray, memoryview)):
+    """``value`` is ``bytes``, a ``bytearray`` or a contiguous, unreleased ``memoryview``
+    (what every backend can store as it is)."""
+    if isinstance(value, (bytes, bytearray)):
+        return
+    if not isinstance(value, memoryview):
         raise ValidationError(f"{name} must be bytes, got {type(value).__name__}")
+    try:
+        contiguous = value.c_contiguous
+    except ValueError:  # released
+        raise ValidationError(f"{name} is a released memoryview") from None
+    if not contiguous:
+        raise ValidationError(f"{name} must be contiguous bytes, got a strided memoryview")
 
 
 def check_text(name: str, value: object) -> None:
@@ -750,14 +760,16 @@ def check_seed(seed: RunRecord) -> None:
 
 def check_items(items: object) -> None:
     """The one check of the items a store is given to write: a sequence of :class:`Item`
-    with valid keys, bytes values, int owners and finite expiries."""
+    with valid keys, ``bytes`` values (not a ``bytearray`` or ``memoryview``, which a caller
+    could change after the call), int owners and finite expiries."""
     if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
         raise ValidationError(f"items must be a sequence of Item values, got {items!r:.40}")
     for item in items:
         if not isinstance(item, Item):
             raise ValidationError(f"items must be Item values, got {type(item).__name__}")
         item_key_bytes(item.key, MAX_ITEM_KEY_BYTES, "an item key")
-        check_bytes("item value", item.value)
+        if not isinstance(item.value, bytes):
+            raise ValidationError(f"item value must be bytes, got {type(item.value).__name__}")
         if item.owner is not None:
             check_int("item owner", item.owner)
         check_time("item expires_at", item.expires_at, optional=True)

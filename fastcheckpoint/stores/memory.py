@@ -321,7 +321,7 @@ class MemoryStore(ExpiryCleanup):
             self._check_refs_held(run_key, record, items, now, new_life=True)
             self._drop_run(run_key, keep_items=True)
             seed = msgspec.structs.replace(run, latest_sequence=-1, checkpoint_count=0,
-                                           expires_at=record.expires_at)
+                                           expires_at=record.expires_at, data=bytes(run.data))
             current = self._runs[run_key] = _Run(record=seed)
             self._index(seed, run_key)
             self._index_labels(seed, run_key)
@@ -335,9 +335,13 @@ class MemoryStore(ExpiryCleanup):
         else:
             self._check_refs_held(run_key, record, items, now)
         head = current.record
-        # A tuple of its own: a list of refs the caller keeps would change what is stored.
-        stored = record if record.key == "" and type(record.refs) is tuple else (
-            msgspec.structs.replace(record, key="", refs=tuple(record.refs)))
+        # Of its own: a list of refs or a bytearray the caller keeps would change what is
+        # stored.
+        stored = record if record.key == "" and type(record.refs) is tuple and \
+            type(record.header) is bytes and type(record.payload) is bytes else (
+                msgspec.structs.replace(record, key="", refs=tuple(record.refs),
+                                        header=bytes(record.header),
+                                        payload=bytes(record.payload)))
         current.checkpoints[record.sequence] = stored
         current.sequences.append(record.sequence)
         current.record = msgspec.structs.replace(
@@ -520,7 +524,7 @@ class MemoryStore(ExpiryCleanup):
             )
         self._unindex(run.record, run_key)
         run.record = msgspec.structs.replace(
-            run.record, status=status, data=data, version=version + 1, updated_at=now
+            run.record, status=status, data=bytes(data), version=version + 1, updated_at=now
         )
         self._index(run.record, run_key)
         return run.record

@@ -17,6 +17,7 @@ from fastcheckpoint.stores._base import (
     SupportsAppendNext,
 )
 from fastcheckpoint.testing._builders import (
+    RELEASED,
     T0,
     key_of,
     make_checkpoint,
@@ -283,6 +284,8 @@ class AppendContract(ContractBase):
             ("record", "checkpoint_id", 7), ("run", "run_id", 5), ("run", "incarnation", None),
             ("run", "status", 3), ("run", "data", "text"), ("run", "version", 1.5),
             ("run", "created_at", math.inf), ("run", "labels", "abc"),
+            ("record", "payload", memoryview(b"abcdefgh")[::2]),
+            ("record", "header", RELEASED), ("run", "data", memoryview(b"abcdefgh")[::2]),
         ],
     )
     async def test_fields_of_the_wrong_type_are_refused_before_any_change(
@@ -306,6 +309,27 @@ class AppendContract(ContractBase):
                 await store.append(key_of(target), record, run=seed, keep_latest=None, now=T0)
         assert await _snapshot(store, run, now=T0) == before
         assert await store.get_run(key_of(fresh), now=T0) is None
+
+    async def test_bytes_given_as_a_bytearray_are_stored_as_they_were(
+        self, store: CheckpointStore
+    ) -> None:
+        header, payload, data = bytearray(b"header"), bytearray(b"payload"), bytearray(b"d0")
+        run = make_run("copied")
+        key = key_of(run)
+        record = msgspec.structs.replace(make_checkpoint(run, 0), header=header, payload=payload)
+        await store.append(key, record, run=msgspec.structs.replace(run, data=data),
+                           keep_latest=None, now=T0)
+        header[:], payload[:], data[:] = b"XXXXXX", b"XXXXXXX", b"XX"
+        changed = bytearray(b"d1")
+        await _update(store, run, version=0, status="paused", data=changed)  # type: ignore[arg-type]
+        changed[:] = b"XX"
+
+        found = await store.get(key, 0, now=T0)
+        assert found is not None
+        assert (found[0].header, found[0].payload) == (b"header", b"payload")
+        stored = await store.get_run(key, now=T0)
+        assert stored is not None
+        assert (stored.status, stored.data) == ("paused", b"d1")
 
     async def test_keep_latest_removes_expired_first(self, store: CheckpointStore) -> None:
         seed = make_run("expired-first")

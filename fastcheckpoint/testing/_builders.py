@@ -22,6 +22,16 @@ T0 = 1_700_000_000.0
 """The epoch second every contract test starts at; tests move time by passing ``now``."""
 
 
+def _released() -> memoryview:
+    view = memoryview(b"released")
+    view.release()
+    return view
+
+
+RELEASED = _released()
+"""A ``memoryview`` no store can read (released): bad input for a bytes field."""
+
+
 def make_run(
     run_id: str = "run",
     *,

@@ -148,8 +148,11 @@ class ItemsContract(ContractBase):
     @pytest.mark.parametrize(
         "bad",
         [Item(key="k", value="text"), Item(key="k", value=b"v", expires_at=math.nan),  # type: ignore[arg-type]
-         Item(key=7, value=b"v"), "k"],  # type: ignore[arg-type]
-        ids=["text-value", "nan-expiry", "int-key", "not-an-item"],
+         Item(key=7, value=b"v"), "k",  # type: ignore[arg-type]
+         Item(key="k", value=bytearray(b"v")),  # type: ignore[arg-type]
+         Item(key="k", value=memoryview(b"v"))],  # type: ignore[arg-type]
+        ids=["text-value", "nan-expiry", "int-key", "not-an-item", "bytearray-value",
+             "memoryview-value"],
     )
     async def test_items_of_the_wrong_type_are_refused_and_nothing_is_written(
         self, store: CheckpointStore, bad: object
