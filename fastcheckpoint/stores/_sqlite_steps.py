@@ -493,13 +493,13 @@ def put_appended_items(
     db: sqlite3.Connection, run_key: str, record: StoredCheckpoint, items: Sequence[Item],
     now: float,
 ) -> None:
-    """Items written with their checkpoint, each only where no live item is; owned ones
-    expire with it."""
+    """Items written with their checkpoint, each only where no live item is: owned ones
+    expire with it, shared ones have no expiry of their own (whatever the caller gave: the
+    checkpoints naming them decide their life)."""
     if not items:
         return
     db.executemany(INSERT_ITEM_IF_ABSENT, [
-        (run_key, item.key, item.owner,
-         item.expires_at if item.owner is None else earliest(item.expires_at, record.expires_at),
+        (run_key, item.key, item.owner, None if item.owner is None else record.expires_at,
          item.value, now)
         for item in items
     ])

@@ -239,6 +239,23 @@ class SharedItemsContract(ContractBase):
         assert found[2] == {"b/a": b"new"}
         assert await _stored(store, run, ["b/a"], now=later + 1000) == {"b/a": b"new"}
 
+    async def test_a_shared_item_written_with_an_expiry_lives_while_named(
+        self, store: CheckpointStore
+    ) -> None:
+        # Written unowned with its checkpoint, an expiry given with it: shared items have
+        # none of their own, the checkpoints naming them decide their life.
+        run = make_run("named-given-expiry")
+        await _append_items(store, run, 0, refs=["b/a"],
+                            items=[make_item("b/a", b"a", expires_at=T0 + 10),
+                                   make_item("b/a/1", b"n", expires_at=T0 + 10)])
+        assert isinstance(store, SupportsSharedItems)
+        await store.purge_expired(now=T0 + 20, limit=100)
+        found = await _read(store, run, 0, now=T0 + 20)
+        assert found is not None
+        assert found[2]["b/a"] == b"a"
+        assert await _stored(store, run, ["b/a", "b/a/1"], now=T0 + 20) == {
+            "b/a": b"a", "b/a/1": b"n"}
+
     async def test_an_owned_key_of_a_checkpoint_the_append_removes(
         self, store: CheckpointStore
     ) -> None:
