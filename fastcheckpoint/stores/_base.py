@@ -24,6 +24,7 @@ Errors. Stores raise only :mod:`fastcheckpoint.errors` types; driver exceptions 
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import math
 import time
@@ -175,12 +176,29 @@ def item_key_bytes(key: object, limit: int, why: str) -> bytes:
 
 def key_successor(prefix: str) -> str:
     """The smallest string greater than every string that starts with ``prefix`` (code point
-    order): the exclusive upper bound of a prefix scan over item keys."""
+    order): the exclusive upper bound of a prefix scan over item keys. A prefix made of
+    U+10FFFF only has none (every longer run of it sorts higher): ``"\U0010ffff" * 2`` is
+    returned, a bound only for keys that do not start with two such characters; use
+    :func:`prefix_end` for a bound of any prefix."""
     while prefix and prefix[-1] == "\U0010ffff":
         prefix = prefix[:-1]
     if not prefix:
         return "\U0010ffff" * 2
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def prefix_end(prefix: str) -> str | None:
+    """The exclusive upper bound of the keys that start with ``prefix`` (code point order);
+    ``None`` when no string bounds them (``prefix`` empty, or U+10FFFF only)."""
+    return key_successor(prefix) if prefix.strip("\U0010ffff") else None
+
+
+def prefix_range(keys: Sequence[str], prefix: str) -> tuple[int, int]:
+    """``(low, high)``: the keys of the sorted ``keys`` that start with ``prefix`` are
+    ``keys[low:high]``."""
+    low = bisect.bisect_left(keys, prefix)
+    end = prefix_end(prefix)
+    return low, len(keys) if end is None else bisect.bisect_left(keys, end, lo=low)
 
 
 def header_of(record: CheckpointHeader) -> CheckpointHeader:

@@ -95,9 +95,9 @@ from fastcheckpoint.stores._base import (
     check_options,
     is_live,
     item_key_bytes,
-    key_successor,
     nested_prefix,
     nesting_under,
+    prefix_end,
 )
 from fastcheckpoint.stores._dynamodb_attrs import Names as _Names
 from fastcheckpoint.stores._dynamodb_attrs import b as _b
@@ -2379,7 +2379,8 @@ class DynamoDBStore(ExpiryCleanup):
         if limit < 1:
             return []
         low = layout.item_sk(prefix)
-        high = layout.item_sk(key_successor(prefix)) if prefix else layout.ITEM_END
+        end = prefix_end(prefix)
+        high = layout.ITEM_END if end is None else layout.item_sk(end)
         if start_after is not None and not reverse:
             low = max(low, layout.item_sk(start_after + "\x00"))  # smallest key after it
         elif start_after is not None:

@@ -125,8 +125,8 @@ from fastcheckpoint.stores._base import (
     header_of,
     is_live,
     item_key_bytes,
-    key_successor,
     nested_prefix,
+    prefix_range,
     refs_to_find,
     unheld_refs,
 )
@@ -1101,17 +1101,15 @@ class _ItemIndex:
 
     def nested(self, key: str) -> list[str]:
         """Keys of the items nested under ``key``, ascending."""
-        prefix = nested_prefix(key)
-        low = bisect.bisect_left(self.keys, prefix)
-        return self.keys[low : bisect.bisect_left(self.keys, key_successor(prefix), lo=low)]
+        low, high = prefix_range(self.keys, nested_prefix(key))
+        return self.keys[low:high]
 
     def page(
         self, prefix: str, start_after: str | None, limit: int, reverse: bool, now: float
     ) -> list[_Indexed]:
         """Up to ``limit`` live items of ``scan_items``'s page."""
         keys = self.keys
-        low = bisect.bisect_left(keys, prefix)
-        high = bisect.bisect_left(keys, key_successor(prefix), lo=low) if prefix else len(keys)
+        low, high = prefix_range(keys, prefix)
         if start_after is not None and reverse:
             high = min(high, bisect.bisect_left(keys, start_after, lo=low))
         elif start_after is not None:

@@ -49,9 +49,9 @@ from fastcheckpoint.stores._base import (
     header_of,
     is_live,
     item_key_bytes,
-    key_successor,
     latest_expiry,
     nested_prefix,
+    prefix_range,
     refs_to_find,
     unheld_refs,
 )
@@ -637,8 +637,7 @@ class MemoryStore(ExpiryCleanup):
         if space is None:
             return []
         keys = space.keys
-        low = bisect_left(keys, prefix)
-        high = bisect_left(keys, key_successor(prefix), lo=low) if prefix else len(keys)
+        low, high = prefix_range(keys, prefix)
         if start_after is not None and reverse:
             high = min(high, bisect_left(keys, start_after, lo=low))
         elif start_after is not None:
@@ -756,9 +755,8 @@ def _release(space: _Items, record: StoredCheckpoint) -> None:
 
 def _nested_keys(space: _Items, key: str) -> list[str]:
     """Keys of the items nested under ``key``, ascending."""
-    prefix = nested_prefix(key)
-    low = bisect_left(space.keys, prefix)
-    return space.keys[low:bisect_left(space.keys, key_successor(prefix), lo=low)]
+    low, high = prefix_range(space.keys, nested_prefix(key))
+    return space.keys[low:high]
 
 
 def _drop_item(space: _Items, key: str) -> bool:

@@ -71,6 +71,24 @@ class ItemsContract(ContractBase):
         assert await scanned("y") == []
         assert await scanned("") == sorted(keys)
 
+    async def test_scan_items_by_a_prefix_of_the_highest_code_point(
+        self, store: CheckpointStore
+    ) -> None:
+        seed = make_run("highest")
+        key = key_of(seed)
+        await _append(store, seed, 0)
+        top = "\U0010ffff"
+        keys = [top, top * 2, top * 3, top * 2 + "a", "z" + top]
+        await store.put_items(key, [make_item(item_key) for item_key in keys], now=T0)
+
+        async def scanned(prefix: str) -> list[str]:
+            return [item_key for item_key, _ in
+                    await store.scan_items(key, prefix=prefix, now=T0)]
+
+        assert await scanned(top) == [top, top * 2, top * 2 + "a", top * 3]
+        assert await scanned(top * 2) == [top * 2, top * 2 + "a", top * 3]
+        assert await scanned("z") == ["z" + top]
+
     async def test_scan_items_after_a_key_with_limit(self, store: CheckpointStore) -> None:
         seed = make_run("paged-items")
         key = key_of(seed)

@@ -1,4 +1,5 @@
-"""The shared helpers of fastcheckpoint.stores that stores use for nested items."""
+"""The shared helpers of fastcheckpoint.stores that stores use for nested items and prefix
+scans."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from fastcheckpoint.stores import (
     nesting_under,
     never_suspends,
     offers_nested_items,
+    prefix_end,
+    prefix_range,
 )
 from fastcheckpoint.stores.memory import MemoryStore
 
@@ -51,3 +54,15 @@ def test_the_claim_that_calls_never_suspend_is_not_inherited() -> None:
     withdrawn = MemoryStore()
     withdrawn.never_suspends = False  # e.g. a method replaced on the instance
     assert not never_suspends(withdrawn)
+
+
+def test_the_end_of_a_prefix_bounds_every_key_that_starts_with_it() -> None:
+    top = "\U0010ffff"
+    assert prefix_end("w/1") == "w/2"
+    assert prefix_end("a" + top) == "b"
+    assert prefix_end("") is None
+    assert prefix_end(top * 2) is None  # no string sorts above every run of U+10FFFF
+    keys = sorted(["a", "a" + top, "b", top, top * 2, top * 3 + "x"])
+    assert keys[slice(*prefix_range(keys, "a"))] == ["a", "a" + top]
+    assert keys[slice(*prefix_range(keys, top * 2))] == [top * 2, top * 3 + "x"]
+    assert keys[slice(*prefix_range(keys, ""))] == keys
