@@ -1200,7 +1200,14 @@ class SQLiteStore(ExpiryCleanup):
         parameters += [start_after] if start_after is not None else []
         with self._readers.connection() as db:
             rows = db.execute(steps.scan_statement(bounds, reverse), (*parameters, limit))
-            return self._checked_items(run_key, rows)
+            found = []
+            for key, value in rows:
+                if _undecodable(key):  # a damaged row never stops the listing
+                    logger.warning("sqlite store: skipping an item of run key %s whose key is "
+                                   "not UTF-8: %r", run_key, key[:80])
+                    continue
+                found.append((key, value))
+            return found
 
     def _checked_items(
         self, run_key: str, rows: Iterable[tuple[str, bytes]]
