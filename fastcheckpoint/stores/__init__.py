@@ -48,6 +48,7 @@ from fastcheckpoint.stores._base import (
     prefix_range,
     purge_all,
     refs_to_find,
+    renumbered,
     unheld_refs,
 )
 from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop, require_asyncio
@@ -96,6 +97,7 @@ __all__ = [
     "purge_all",
     "refs_to_find",
     "register_store",
+    "renumbered",
     "require_asyncio",
     "unheld_refs",
 ]

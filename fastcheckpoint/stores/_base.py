@@ -793,6 +793,19 @@ def check_items(items: object) -> None:
         check_time("item expires_at", item.expires_at, optional=True)
 
 
+def renumbered(renumber: Callable[[int], StoredCheckpoint], sequence: int) -> StoredCheckpoint:
+    """The checkpoint ``append_next``'s ``renumber`` makes for ``sequence``
+    (:class:`SupportsAppendNext`), checked as an append's is: at that sequence, naming no
+    items."""
+    record = renumber(sequence)
+    if not isinstance(record, StoredCheckpoint) or record.sequence != sequence or record.refs:
+        raise ValidationError(
+            f"renumber({sequence}) must return a checkpoint at sequence {sequence} that names "
+            "no items")
+    check_record(record)
+    return record
+
+
 def check_append(record: StoredCheckpoint, seed: RunRecord, items: Sequence[Item] = ()) -> None:
     """The one check of what an append is given (``append``, ``append_with_items``,
     ``append_next``), before anything is written: the checkpoint, the run record, the items

@@ -128,6 +128,7 @@ from fastcheckpoint.stores._base import (
     nested_prefix,
     prefix_range,
     refs_to_find,
+    renumbered,
     unheld_refs,
 )
 from fastcheckpoint.stores._file_log import (
@@ -3313,11 +3314,7 @@ def _renumbered(
     renumber: Callable[[int], StoredCheckpoint], sequence: int, seed: RunRecord
 ) -> StoredCheckpoint:
     """The checkpoint ``renumber`` makes for ``sequence``, checked as an append's is."""
-    record = renumber(sequence)
-    if not isinstance(record, StoredCheckpoint) or record.sequence != sequence or record.refs:
-        raise ValidationError(
-            f"renumber({sequence}) must return a checkpoint at sequence {sequence} that names "
-            "no items")
+    record = renumbered(renumber, sequence)
     _check_record_size(record, seed)
     return record
 

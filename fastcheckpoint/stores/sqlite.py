@@ -82,6 +82,7 @@ from fastcheckpoint.stores._base import (
     item_key_bytes,
     latest_expiry,
     refs_to_find,
+    renumbered,
     unheld_refs,
 )
 
@@ -181,6 +182,19 @@ def _check_run_key(run_key: object) -> str:
     if not isinstance(run_key, str) or not _RUN_KEY.fullmatch(run_key):
         raise ValidationError(f"not a run key (24 characters of [a-z2-7]): {run_key!r:.80}")
     return run_key
+
+
+def _check_append(
+    run_key: str, record: StoredCheckpoint, seed: RunRecord, keep_latest: int | None,
+    now: float, items: Sequence[Item] = (),
+) -> None:
+    """What an append is given, checked before anything is written."""
+    _check_run_key(run_key)
+    check_append(record, seed, items)
+    if keep_latest is not None and not _is_sequence(keep_latest):
+        raise ValidationError(f"keep_latest must be an int or None, got {keep_latest!r:.40}")
+    check_keep_latest(keep_latest)
+    check_time("now", now)
 
 
 def _check_keys(keys: Sequence[str]) -> list[str]:
@@ -649,13 +663,29 @@ class SQLiteStore(ExpiryCleanup):
         now: float,
         items: Sequence[Item],
     ) -> str:
-        _check_run_key(run_key)
-        check_append(record, run, items)
-        if keep_latest is not None and not _is_sequence(keep_latest):
-            raise ValidationError(f"keep_latest must be an int or None, got {keep_latest!r:.40}")
-        check_keep_latest(keep_latest)
-        check_time("now", now)
-        return await self._call(self._append, run_key, record, run, keep_latest, now, items)
+        _check_append(run_key, record, run, keep_latest, now, items)
+        status, _ = await self._call(self._append, run_key, record, run, keep_latest, now,
+                                     items)
+        return status
+
+    async def append_next(
+        self,
+        run_key: str,
+        record: StoredCheckpoint,
+        *,
+        run: RunRecord,
+        keep_latest: int | None,
+        now: float,
+        renumber: Callable[[int], StoredCheckpoint],
+    ) -> tuple[str, StoredCheckpoint]:
+        """``append``, at the run's next sequence when other writers took the one proposed
+        (``renumber`` makes the checkpoint for it), in the same transaction: writers of one
+        run take turns instead of racing for sequences."""
+        _check_append(run_key, record, run, keep_latest, now)
+        if record.refs:
+            raise ValidationError("append_next takes checkpoints that name no items")
+        return await self._call(self._append, run_key, record, run, keep_latest, now, (),
+                                renumber)
 
     def _append(
         self,
@@ -665,13 +695,17 @@ class SQLiteStore(ExpiryCleanup):
         keep_latest: int | None,
         now: float,
         items: Sequence[Item],
-    ) -> str:
+        renumber: Callable[[int], StoredCheckpoint] | None = None,
+    ) -> tuple[str, StoredCheckpoint]:
         with self._transaction() as db:
             row = db.execute(steps.HEAD, (run_key,)).fetchone()
             head = None if row is None else self._check_head(run_key, steps.Head(*row))
             if head is None or not is_live(head.expires_at, now):
                 head = self._start_run(db, run_key, record, seed, head)
             else:
+                if renumber is not None and seed.incarnation == head.incarnation and \
+                        record.sequence != head.latest_sequence + 1:
+                    record = renumbered(renumber, head.latest_sequence + 1)
                 self._check_next(db, run_key, head, record, seed)
             # After the leftovers of an expired run went: a ref to one of them is refused too.
             # Raising rolls back, so a refused append leaves even a new run's row unwritten.
@@ -681,7 +715,7 @@ class SQLiteStore(ExpiryCleanup):
             self._insert_checkpoint(db, run_key, record)
             steps.put_appended_items(db, run_key, record, items, now)
             self._update_head(db, run_key, head, record, seed, keep_latest, now)
-            return head.status
+            return head.status, record
 
     def _check_next(
         self,

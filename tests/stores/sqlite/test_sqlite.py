@@ -14,6 +14,7 @@ import pytest
 from fastcheckpoint.stores import CheckpointStore
 from fastcheckpoint.stores.sqlite import SQLiteStore
 from fastcheckpoint.testing import (
+    AppendNextContract,
     DamageRunRecord,
     LabelsContract,
     NestedItemsContract,
@@ -38,7 +39,8 @@ def _delete_run_row_and_labels(store: CheckpointStore, run_key: str) -> None:
 
 
 class TestSQLiteStore(
-    StoreContract, LabelsContract, SharedItemsContract, NestedItemsContract, RepairContract
+    StoreContract, AppendNextContract, LabelsContract, SharedItemsContract, NestedItemsContract,
+    RepairContract,
 ):
     @pytest.fixture
     async def store(self, tmp_path: Path) -> AsyncIterator[CheckpointStore]:
