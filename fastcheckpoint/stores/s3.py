@@ -1612,11 +1612,13 @@ class S3Store(ExpiryCleanup):
             for entry in popped:
                 heapq.heappush(log.expiring, entry)
             return
+        # A removal by this process meanwhile (the cleanup loop, a delete) may have taken
+        # some of them out of the log already.
         for sequence in doomed:
-            del log.held[sequence]
+            log.held.pop(sequence, None)
             cached.owned.pop(sequence, None)
         for sequence in garbage:
-            del log.garbage[sequence]
+            log.garbage.pop(sequence, None)
         if keep_latest is not None and log.known_from > 0:
             log.merge_older(additions)
 

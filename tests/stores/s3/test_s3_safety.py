@@ -227,6 +227,51 @@ async def test_pruning_writers_racing_on_the_floor_hand_out_each_sequence_once(
     assert [item.sequence for item in listed] == [18, 17]
 
 
+async def test_a_cleanup_removing_what_a_create_prunes_meanwhile_fails_nothing(
+    s3_store: S3Store, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A create's prune of expired checkpoints awaits (the floor, the deletes) after it chose
+    them; the cleanup loop of the same process removed the same ones meanwhile. The create
+    is acknowledged once (it raised KeyError after its commit, and a retry wrote it twice)."""
+    now = [T0]
+    manager = _manager(s3_store, clock=lambda: now[0], max_checkpoints_per_run=None)
+    pruning, resume = anyio.Event(), anyio.Event()
+    raise_floor = s3_store._raise_floor
+
+    async def slow_raise_floor(*args: Any, **kwargs: Any) -> bool:
+        raised = await raise_floor(*args, **kwargs)
+        pruning.set()
+        await resume.wait()
+        return raised
+
+    created: list[Any] = []
+
+    async def create() -> None:
+        created.append(await manager.create("pruned", {"n": 2}, ttl_seconds=30))
+
+    with anyio.fail_after(DEADLINE):
+        await manager.create("pruned", {"n": 0}, ttl_seconds=1)
+        now[0] += 0.5
+        await manager.create("pruned", {"n": 1}, ttl_seconds=30)
+        now[0] += 2  # the first one expired
+        monkeypatch.setattr(s3_store, "_raise_floor", slow_raise_floor)
+        async with anyio.create_task_group() as group:
+            group.start_soon(create)
+            await pruning.wait()
+            assert await manager.cleanup_expired() == 1
+            resume.set()
+        monkeypatch.undo()
+        listed = await manager.list_checkpoints("pruned")
+        after = await manager.create("pruned", {"n": 3})
+
+    [made] = created
+    assert made is not None
+    assert made.metadata.sequence == 2
+    assert [item.sequence for item in listed] == [2, 1]
+    assert after is not None
+    assert after.metadata.sequence == 3
+
+
 async def test_a_status_change_by_another_process_is_reported_by_the_next_create(
     s3_store: S3Store, other_store: S3Store
 ) -> None:
