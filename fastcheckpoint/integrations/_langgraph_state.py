@@ -135,9 +135,9 @@ class SaverState:
         self.failed: Lru[str, str] = Lru(_RUNS)
         """Run key -> the oldest checkpoint id whose save failed since the run was last saved
         or read: LangGraph saves nothing after it in that graph run."""
-        self.queued: Lru[tuple[str, str], list[dict[str, Any]]] = Lru(_IDS)
-        """(run key, LangGraph checkpoint id) -> the interrupts of the checkpoint this process
-        knows the run's approval request holds (it paused the run with them, or read it)."""
+        self.queued: Lru[tuple[str, str], dict[str, Any]] = Lru(_IDS)
+        """(run key, LangGraph checkpoint id) -> the run's approval record as this process
+        last wrote or read it, when it asked about that checkpoint's interrupts."""
         self.saving: dict[tuple[str, str], Signal] = {}
         self.parked: dict[tuple[str, str], Parked] = {}
         self._last_turn: dict[str, Signal] = {}

@@ -712,9 +712,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         if not interrupts:
             return
         checkpoint_id = found.checkpoint["id"]
-        known = self._state.queued.get((where.key, checkpoint_id)) or []
         asked = records.approval_request(checkpoint_id, interrupts)
-        if all(entry in known for entry in asked["interrupts"]):
+        if records.asks_about(self._state.queued.get((where.key, checkpoint_id)), asked):
             return
         await self._pause(where, checkpoint_id, interrupts, at=located)
 
@@ -1435,10 +1434,12 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         then changes only if its approval record does not ask about them already (pending or
         decided) and it has not gone on since."""
         asked = records.approval_request(checkpoint_id, writes)
+        approval: dict[str, Any] = {}  # the run's approval record once this is done
         made: Callable[[RunData], bool] | None = None
         still: Callable[[RunRecord], bool] | None = None
         if at is not None:
             def made(data: RunData) -> bool:
+                approval.update(data.approval or {})
                 return records.asks_about(data.approval, asked)
 
             def still(record: RunRecord) -> bool:
@@ -1452,6 +1453,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             same = request is not asked
             data.approval = {"request": request,
                              "requested_at": undecided.get("requested_at", now) if same else now}
+            approval.clear()
+            approval.update(data.approval)
 
         try:
             await self._shared.manager._transition(
@@ -1459,10 +1462,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 allowed={CheckpointStatus.ACTIVE, CheckpointStatus.PAUSED},
                 note=f"interrupted at LangGraph checkpoint {checkpoint_id}",
                 update=record_request, made=made, still=still)
-            slot = (where.key, checkpoint_id)
-            known = self._state.queued.get(slot) or []
-            self._state.queued.put(slot, known + [
-                entry for entry in asked["interrupts"] if entry not in known])
+            if records.asks_about(approval, asked):
+                self._state.queued.put((where.key, checkpoint_id), approval)
         except ConflictError as exc:
             logger.info("thread %r was interrupted but is not queued for approval: %s",
                         where.thread_id[:80], exc)
@@ -1566,8 +1567,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 await self._copy_checkpoint(
                     origin, target, found[0], found[2],
                     Located(incarnation, len(copied), self._expiry()), copied)
-        if copied and source.status == CheckpointStatus.PAUSED.value and \
-                not origin.checkpoint_ns:
+        if copied and not origin.checkpoint_ns:
             await self._copy_request(source, target)
 
     async def _copy_checkpoint(
@@ -1619,16 +1619,27 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         self._state.remember(target.key, extra.checkpoint_id, located, head=True)
 
     async def _copy_request(self, source: RunRecord, target: _Where) -> None:
+        """The copy of a thread awaiting approval awaits it too, with the same request; that
+        of one whose request was decided (and the graph not gone on yet) keeps the decision,
+        so that a read of the copy does not ask about its interrupts again."""
         details = self._shared.codec.decode_run_data(source.data, f"run {source.run_id!r}")
         approval = dict(details.approval or {})
+        if source.status == CheckpointStatus.PAUSED.value:
+            def record_request(data: RunData, now: float) -> None:
+                data.approval = {"request": approval.get("request", {}), "requested_at": now}
 
-        def record_request(data: RunData, now: float) -> None:
-            data.approval = {"request": approval.get("request", {}), "requested_at": now}
+            await self._shared.manager._transition(
+                target.run_id, CheckpointStatus.PAUSED, allowed={CheckpointStatus.ACTIVE},
+                note=f"copied from thread {source.run_id[:80]!r} while awaiting approval",
+                update=record_request)
+        elif "decision" in approval:
+            def record_decision(data: RunData, now: float) -> None:
+                data.approval = approval
 
-        await self._shared.manager._transition(
-            target.run_id, CheckpointStatus.PAUSED, allowed={CheckpointStatus.ACTIVE},
-            note=f"copied from thread {source.run_id[:80]!r} while awaiting approval",
-            update=record_request)
+            await self._shared.manager._transition(
+                target.run_id, CheckpointStatus.ACTIVE, allowed={CheckpointStatus.ACTIVE},
+                note=f"copied from thread {source.run_id[:80]!r} with its decided request",
+                update=record_decision)
 
     async def _keep_latest(self, record: RunRecord) -> None:
         where = _where_of_run(record.run_id)

@@ -738,6 +738,24 @@ async def test_copy_thread_copies_a_paused_threads_request() -> None:
     assert found.pending_writes == [("task", INTERRUPT, {"ask": "ok?"})]
 
 
+async def test_a_copy_of_a_thread_whose_request_was_decided_keeps_the_decision() -> None:
+    saver = _saver(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        first = await put(saver, "src")
+        await saver.aput_writes(config("src", first), [(INTERRUPT, "go?")], "task")
+        await saver.manager.reject("src", approver="bob", reason="no")
+        await saver.acopy_thread("src", "dst")
+        reader = _saver(saver.store)  # another process reads the copy
+        found = await reader.aget_tuple(config("dst"))
+        copied = await reader.manager.get_run("dst")
+    assert found is not None
+    assert found.pending_writes == [("task", INTERRUPT, "go?")]
+    assert copied is not None
+    assert copied.status is CheckpointStatus.ACTIVE  # not asked again
+    assert copied.approval is not None
+    assert copied.approval["decision"] == "rejected"
+
+
 # -- status: interrupts and approvals ------------------------------------------------------------
 
 
@@ -836,6 +854,36 @@ async def test_a_read_after_the_approval_does_not_queue_the_thread_again() -> No
     assert after.status is CheckpointStatus.ACTIVE
     assert [change.status for change in after.history] == [
         CheckpointStatus.PAUSED, CheckpointStatus.ACTIVE]
+
+
+async def test_a_read_showing_interrupts_otherwise_neither_reopens_nor_repeats_a_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """How an interrupt's value is shown may differ between processes (a set's order, a
+    repr): a decided request stays decided, a pending one is not asked again."""
+    store = CountingStore(MemoryStore())
+    writer = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        decided = await put(writer, "decided")
+        await writer.aput_writes(config("decided", decided), [(INTERRUPT, {"q": 1})], "task")
+        await writer.manager.approve("decided", approver="alice")
+        pending = await put(writer, "pending")
+        await writer.aput_writes(config("pending", pending), [(INTERRUPT, {"q": 2})], "task")
+        monkeypatch.setattr(records, "json_value", lambda value: f"shown otherwise: {value!r}")
+        reader = _saver(store)
+        for thread in ("decided", "pending"):
+            assert await reader.aget_tuple(config(thread)) is not None
+        approved = await reader.manager.get_run("decided")
+        waiting = await reader.manager.get_run("pending")
+    assert approved is not None
+    assert approved.status is CheckpointStatus.ACTIVE
+    assert approved.approval is not None
+    assert approved.approval["decision"] == "approved"
+    assert waiting is not None
+    assert waiting.status is CheckpointStatus.PAUSED
+    assert waiting.approval is not None
+    assert waiting.approval["request"]["interrupts"] == [{"value": {"q": 2}}]
+    assert [change.status for change in waiting.history] == [CheckpointStatus.PAUSED]
 
 
 async def test_a_stale_read_of_an_interrupt_does_not_pause_a_thread_that_went_on() -> None:
