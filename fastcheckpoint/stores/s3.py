@@ -1270,10 +1270,12 @@ class S3Store(ExpiryCleanup):
         The seal stays: an append's upload may land long after it was sent. The new run's
         writers replace it when they reach its sequence; the cleanup loop removes it once it
         is below the new run's head, or a while after the run was purged. So the key may
-        hold a leftover of an earlier life of the run (its seal, when it ended before the
-        cleanup loop came by): no writer of the dead run can land there, and the seal
-        replaces it (``IfMatch``). A seal of the dead run itself (another process sealing it
-        at the same moment) seals it too."""
+        hold the seal of an earlier life of the run (one that ended before the cleanup loop
+        came by): no writer of the dead run can land there, and the seal replaces it
+        (``IfMatch``). A seal of the dead run itself (another process sealing it at the same
+        moment) seals it too. A checkpoint there (of the dead run, or of a life another
+        process started since this one judged the run dead), or anything unreadable, is
+        left alone: the run lives."""
         assert current.state is not None
         dead = current.state.incarnation
         sequence = current.latest_sequence + 1
@@ -1289,14 +1291,16 @@ class S3Store(ExpiryCleanup):
                 etag = await io.put(key, body, if_none_match=True)
                 continue
             try:
-                occupant: Slot | None = layout.decode_slot(
+                occupant = layout.decode_slot(
                     found[0], io.where(key), run_key=run_key, sequence=sequence)
             except CorruptCheckpointError:
-                occupant = None  # nothing of the dead run: a damaged leftover
-            if occupant is not None and occupant.token == seal.token:
+                return False
+            if occupant.token == seal.token:
                 etag = found[1]  # this very seal, applied although its reply was lost
-            elif occupant is not None and occupant.incarnation == dead:
-                return occupant.tombstone and not occupant.checkpoint_id
+            elif not occupant.tombstone or occupant.checkpoint_id:
+                return False  # a checkpoint: of the dead run, or of a newer life
+            elif occupant.incarnation == dead:
+                return True  # sealed by another process
             else:
                 etag = await io.put(key, body, if_match=found[1])
         if etag is None:

@@ -227,6 +227,42 @@ async def test_pruning_writers_racing_on_the_floor_hand_out_each_sequence_once(
     assert [item.sequence for item in listed] == [18, 17]
 
 
+async def test_a_late_seal_never_replaces_a_checkpoint_of_a_newer_life(
+    s3_store: S3Store, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cleanup loop found the run dead; before its seal landed another process started
+    the run over and appended twice (the second over the dead life's seal). The seal takes
+    no acknowledged checkpoint's place: it finds one there, and leaves the run alone."""
+    now = [T0]
+    stores = [S3Store(s3_store.bucket, s3_store.prefix, client=await s3_store.client())
+              for _ in range(3)]
+    old, new, cleaner = (_manager(store, clock=lambda: now[0], max_checkpoints_per_run=None)
+                         for store in stores)
+    acknowledged: list[Any] = []
+    seal = stores[2]._seal
+
+    async def late_seal(*args: Any) -> bool:
+        for n in range(2):
+            acknowledged.append(await new.create("reborn", {"life": 2, "n": n}))
+        return await seal(*args)
+
+    with anyio.fail_after(DEADLINE):
+        await old.create("reborn", {"life": 1}, ttl_seconds=1)
+        now[0] += 2  # life 1 ended
+        monkeypatch.setattr(stores[2], "_seal", late_seal)
+        await cleaner.cleanup_expired()
+        monkeypatch.undo()
+        fresh = _manager(s3_store, clock=lambda: now[0])
+        found = [await fresh.restore_from(made.checkpoint_id) for made in acknowledged]
+        latest = await fresh.restore("reborn")
+
+    assert [made.metadata.sequence for made in acknowledged] == [0, 1]
+    assert [None if got is None else got.state for got in found] == [
+        {"life": 2, "n": 0}, {"life": 2, "n": 1}]
+    assert latest is not None
+    assert latest.metadata.sequence == 1
+
+
 async def test_a_cleanup_removing_what_a_create_prunes_meanwhile_fails_nothing(
     s3_store: S3Store, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
