@@ -1232,16 +1232,22 @@ class SQLiteStore(ExpiryCleanup):
         parameters += [prefix] if prefix else []
         parameters += [upper] if upper is not None else []
         parameters += [start_after] if start_after is not None else []
+        statement = steps.scan_statement(bounds, reverse)
+        size = limit
         with self._readers.connection() as db:
-            rows = db.execute(steps.scan_statement(bounds, reverse), (*parameters, limit))
-            found = []
-            for key, value in rows:
-                if _undecodable(key):  # a damaged row never stops the listing
-                    logger.warning("sqlite store: skipping an item of run key %s whose key is "
-                                   "not UTF-8: %r", run_key, key[:80])
-                    continue
-                found.append((key, value))
-            return found
+            while True:
+                rows = db.execute(statement, (*parameters, size)).fetchall()
+                found = [(key, value) for key, value in rows if not _undecodable(key)]
+                if len(found) >= limit or len(rows) < size:
+                    break
+                # A damaged row (its key not UTF-8) is left out, never counted in the page:
+                # a short page would read as the end of the listing.
+                size += len(rows) - len(found)
+        for key, _ in rows:
+            if _undecodable(key):
+                logger.warning("sqlite store: skipping an item of run key %s whose key is not "
+                               "UTF-8: %r", run_key, key[:80])
+        return found[:limit]
 
     def _checked_items(
         self, run_key: str, rows: Iterable[tuple[str, bytes]]

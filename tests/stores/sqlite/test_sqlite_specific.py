@@ -867,8 +867,13 @@ async def test_ids_and_item_keys_that_are_not_utf8_are_corrupt_naming_them(
         assert caught.value.key == f"{store.path}#fc_checkpoints/{key}/1"
         listed, _ = await store.headers(key, before=None, limit=5, now=T0)
         assert [header.sequence for header in listed] == [2, 0]
-        # A listing of items leaves the damaged one out (logged), as listings of runs do.
+        # A listing of items leaves the damaged one out (logged), as listings of runs do,
+        # and fills a page it falls in from past it (a short page reads as the end).
         assert await store.scan_items(key, now=T0) == [("fine", b"value-fine")]
+        await store.put_items(key, [make_item("é1"), make_item("é2")], now=T0)  # after it
+        first = await store.scan_items(key, limit=1, now=T0)
+        second = await store.scan_items(key, start_after="fine", limit=2, now=T0)
+        assert [found for found, _ in first + second] == ["fine", "é1", "é2"]
         assert "whose key is not UTF-8" in caplog.text
         assert await store.get_items(key, ["fine"], now=T0) == {"fine": b"value-fine"}
 
