@@ -573,7 +573,12 @@ class SupportsSharedItems(Protocol):
     owned. Keys follow the item rules (at most
     :data:`MAX_ITEM_KEY_BYTES`). Shared items carry no expiry of their own (``expires_at``
     ``None``): the checkpoints naming them decide their life; owned items are given their
-    checkpoint's ``expires_at``, so everything of a checkpoint expires together.
+    checkpoint's ``expires_at``, so everything of a checkpoint expires together. An owned
+    item's key is its owner's: write owned items at keys no other checkpoint's owned item
+    holds (the manager and the bundled adapters put the owner's sequence in the key). One
+    written at a key a live checkpoint owns is not written (that item is kept, and goes with
+    its owner); at a key an expired checkpoint owned, the store may remove it with that
+    checkpoint.
 
     ``read_with_items(run_key, sequence=s, now=t)`` returns what ``get`` (``sequence`` given)
     or ``latest`` (``None``) would, plus, in one atomic read, the live items the checkpoint
