@@ -250,22 +250,22 @@ def merged_request(pending: Mapping[str, Any] | None, asked: dict[str, Any]) -> 
 
 
 def asks_about(approval: Mapping[str, Any] | None, asked: dict[str, Any]) -> bool:
-    """Whether the run's approval record asks about the interrupts of ``asked``
-    (:func:`approval_request`) at the same checkpoint: a decision taken on that checkpoint
-    settles them all; a pending request holds each of LangGraph's interrupts by its id, and
-    as many others. (The text a value is shown as may differ from one process to another: a
-    set's order, a ``repr``.)"""
-    request = (approval or {}).get("request") or {}
+    """Whether the run's approval record (pending or decided) asks about the interrupts of
+    ``asked`` (:func:`approval_request`) at the same checkpoint: each of LangGraph's
+    interrupts by its id (a resumed node's next interrupt at the same checkpoint has a new
+    one), and the others (written without an id) when it holds any such. Their values are
+    not compared: how a value is shown may differ from one process to another (a set's
+    order, a ``repr``)."""
+    request = (approval or {}).get("request")
     if not isinstance(request, Mapping) or request.get("checkpoint_id") != asked["checkpoint_id"]:
         return False
-    if "decision" in (approval or {}):
-        return True
     known = request.get("interrupts")
-    known = known if isinstance(known, list) else []
-    ids = {entry.get("id") for entry in known if isinstance(entry, Mapping)} - {None, ""}
-    wanted = [entry.get("id") for entry in asked["interrupts"]]
+    entries = [entry for entry in known if isinstance(entry, Mapping)] if isinstance(
+        known, list) else []
+    ids = {entry.get("id") for entry in entries if isinstance(entry.get("id"), str)} - {""}
+    wanted = [entry.get("id") or "" for entry in asked["interrupts"]]
     return all(found in ids for found in wanted if found) and (
-        sum(1 for found in wanted if not found) <= len(known) - len(ids))
+        all(wanted) or any(not entry.get("id") for entry in entries))
 
 
 def _interrupts(value: object) -> list[dict[str, Any]]:

@@ -886,6 +886,53 @@ async def test_a_read_showing_interrupts_otherwise_neither_reopens_nor_repeats_a
     assert [change.status for change in waiting.history] == [CheckpointStatus.PAUSED]
 
 
+async def test_a_read_queues_a_new_interrupt_at_a_checkpoint_whose_first_was_decided() -> None:
+    """A resumed node's next interrupt is written on the same checkpoint, with a new id: the
+    decision on the first does not answer it."""
+    from langgraph.types import Interrupt
+
+    store = _StatusChangeFails(MemoryStore())
+    writer = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        first = await put(writer, "t")
+        await writer.aput_writes(config("t", first), [(INTERRUPT, [Interrupt("q1", "id-1")])],
+                                 "task")
+        await writer.manager.approve("t", approver="alice")
+        store.failing = True
+        await writer.aput_writes(config("t", first), [(INTERRUPT, [Interrupt("q2", "id-2")])],
+                                 "task")
+        store.failing = False
+        await _saver(store).aget_tuple(config("t"))
+        run = await writer.manager.get_run("t")
+    assert run is not None
+    assert run.status is CheckpointStatus.PAUSED
+    assert run.approval is not None
+    assert run.approval["request"]["interrupts"] == [{"value": "q2", "id": "id-2"}]
+
+
+async def test_reads_of_interrupts_never_fail_and_ask_once() -> None:
+    """Two tasks asking the same thing without ids are one request, asked once; a request
+    recorded by hand in an unexpected shape never fails a read."""
+    store = CountingStore(MemoryStore())
+    saver = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        twice = await put(saver, "twice")
+        for task in ("one", "two"):
+            await saver.aput_writes(config("twice", twice), [(INTERRUPT, "go?")], task)
+        for _ in range(3):
+            await _saver(store).aget_tuple(config("twice"))
+        asked = await saver.manager.get_run("twice")
+        odd = await put(saver, "odd")
+        await saver.manager.pause("odd", request={
+            "checkpoint_id": odd, "interrupts": [{"value": "go?", "id": ["not", "text"]}, 7]})
+        await saver.aput_writes(config("odd", odd), [(INTERRUPT, "go?")], "task")
+        found = await _saver(store).aget_tuple(config("odd"))
+    assert asked is not None
+    assert [change.status for change in asked.history] == [
+        CheckpointStatus.PAUSED, CheckpointStatus.PAUSED]
+    assert found is not None
+
+
 async def test_a_stale_read_of_an_interrupt_does_not_pause_a_thread_that_went_on() -> None:
     class SavedMeanwhile(_StatusChangeFails):
         """Another process saves the next checkpoint just before the read's status check."""
