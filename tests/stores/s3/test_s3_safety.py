@@ -23,9 +23,10 @@ from fastcheckpoint.errors import (
     CheckpointError,
     ConflictError,
     CorruptCheckpointError,
+    StoreError,
     StoreUnavailableError,
 )
-from fastcheckpoint.stores import RunRecord, _s3_io
+from fastcheckpoint.stores import RunRecord, _s3_io, s3
 from fastcheckpoint.stores import _s3_layout as layout
 from fastcheckpoint.stores._aws import RequestCounter
 from fastcheckpoint.stores.s3 import S3Store
@@ -261,6 +262,42 @@ async def test_a_late_seal_never_replaces_a_checkpoint_of_a_newer_life(
         {"life": 2, "n": 0}, {"life": 2, "n": 1}]
     assert latest is not None
     assert latest.metadata.sequence == 1
+
+
+async def test_a_run_whose_new_life_began_in_a_process_that_died_is_sealed_and_purged(
+    s3_store: S3Store, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process took a dead run for a new life and died before it removed the earlier
+    life's checkpoints; another went on with the new life, which ended too. What the earlier
+    life left at the seal's key is replaced: the run is purged and starts over."""
+    now = [T0]
+
+    def manager() -> CheckpointManager:
+        store = S3Store(s3_store.bucket, s3_store.prefix, client=s3_client)
+        return _manager(store, clock=lambda: now[0], max_checkpoints_per_run=None)
+
+    async def died(*_: Any) -> None:
+        raise StoreError("killed before it removed the earlier life's checkpoints")
+
+    s3_client = await s3_store.client()
+    with anyio.fail_after(DEADLINE):
+        for n in range(4):
+            await manager().create("relived", {"life": "A", "n": n}, ttl_seconds=5)
+        now[0] += 10
+        monkeypatch.setattr(s3, "_delete_leftovers", died)
+        with pytest.raises(StoreError):
+            await manager().create("relived", {"life": "B"}, ttl_seconds=5)
+        monkeypatch.undo()
+        joined = manager()
+        for n in range(2):
+            await joined.create("relived", {"life": "B", "n": n}, ttl_seconds=5)
+        now[0] += 10  # life B ended too, at sequence 1: life A's 2 and 3 are still there
+        removed = await manager().cleanup_expired()
+        again = await manager().create("relived", {"life": "C"})
+
+    assert removed == 2
+    assert again is not None
+    assert again.metadata.sequence == 0
 
 
 async def test_a_cleanup_removing_what_a_create_prunes_meanwhile_fails_nothing(
