@@ -1270,14 +1270,15 @@ class S3Store(ExpiryCleanup):
         The seal stays: an append's upload may land long after it was sent. The new run's
         writers replace it when they reach its sequence; the cleanup loop removes it once it
         is below the new run's head, or a while after the run was purged. So the key may
-        hold what an earlier life of the run left: its seal (it ended before the cleanup
-        loop came by), or a checkpoint appended before the dead life began (a process that
-        started the dead life died before it removed them). No writer of the dead run can
-        land there, and the seal replaces it (``IfMatch``). A seal of the dead run itself
+        hold what another life of the run left: its seal (it ended before the cleanup loop
+        came by), or its checkpoint (a process that began the dead life died before it
+        removed them). While the run object is still the dead life's (the ETag this process
+        read), no newer life has begun (one begins by replacing it), so that is an earlier
+        life's leftover, which no writer of the dead run can land on: the seal replaces it
+        (``IfMatch``; one more GET of the run object). A seal of the dead run itself
         (another process sealing it at the same moment) seals it too. A checkpoint of the
-        dead run, one appended since it began by another life (started by another process
-        since this one judged the run dead), or anything unreadable, is left alone: the run
-        lives."""
+        dead run, anything there once the run object changed, or anything unreadable, is
+        left alone: the run lives (or lives again)."""
         assert current.state is not None
         dead = current.state.incarnation
         sequence = current.latest_sequence + 1
@@ -1297,15 +1298,16 @@ class S3Store(ExpiryCleanup):
                     found[0], io.where(key), run_key=run_key, sequence=sequence)
             except CorruptCheckpointError:
                 return False
-            sealed = occupant.tombstone and not occupant.checkpoint_id
             if occupant.token == seal.token:
                 etag = found[1]  # this very seal, applied although its reply was lost
             elif occupant.incarnation == dead:
-                return sealed  # by another process; else the dead run appended: it lives
-            elif sealed or occupant.appended_at < current.state.created_at:
-                etag = await io.put(key, body, if_match=found[1])  # an earlier life's
+                # Sealed by another process; else the dead run appended: it lives.
+                return occupant.tombstone and not occupant.checkpoint_id
             else:
-                return False  # a life begun since the dead one ended
+                run = await io.get(layout.run_object(run_key))
+                if run is None or run[1] != current.etag:
+                    return False  # a newer life began (or the run went): not this seal's
+                etag = await io.put(key, body, if_match=found[1])  # an earlier life's
         if etag is None:
             return False
         await self._put_marker(io, run_key, sequence, "t", _listing_of(seal))

@@ -232,19 +232,22 @@ async def test_a_late_seal_never_replaces_a_checkpoint_of_a_newer_life(
     s3_store: S3Store, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The cleanup loop found the run dead; before its seal landed another process started
-    the run over and appended twice (the second over the dead life's seal). The seal takes
-    no acknowledged checkpoint's place: it finds one there, and leaves the run alone."""
+    the run over and a third, its clock a minute behind, appended twice (the second over the
+    dead life's seal). The seal takes no acknowledged checkpoint's place: the run object
+    changed, so what is there is a newer life's, and the run is left alone."""
     now = [T0]
     stores = [S3Store(s3_store.bucket, s3_store.prefix, client=await s3_store.client())
-              for _ in range(3)]
+              for _ in range(4)]
     old, new, cleaner = (_manager(store, clock=lambda: now[0], max_checkpoints_per_run=None)
-                         for store in stores)
+                         for store in stores[:3])
+    behind = _manager(stores[3], clock=lambda: now[0] - 60, max_checkpoints_per_run=None)
     acknowledged: list[Any] = []
     seal = stores[2]._seal
 
     async def late_seal(*args: Any) -> bool:
-        for n in range(2):
-            acknowledged.append(await new.create("reborn", {"life": 2, "n": n}))
+        acknowledged.append(await new.create("reborn", {"life": 2, "n": 0}))
+        for n in (1, 2):
+            acknowledged.append(await behind.create("reborn", {"life": 2, "n": n}))
         return await seal(*args)
 
     with anyio.fail_after(DEADLINE):
@@ -257,11 +260,11 @@ async def test_a_late_seal_never_replaces_a_checkpoint_of_a_newer_life(
         found = [await fresh.restore_from(made.checkpoint_id) for made in acknowledged]
         latest = await fresh.restore("reborn")
 
-    assert [made.metadata.sequence for made in acknowledged] == [0, 1]
+    assert [made.metadata.sequence for made in acknowledged] == [0, 1, 2]
     assert [None if got is None else got.state for got in found] == [
-        {"life": 2, "n": 0}, {"life": 2, "n": 1}]
+        {"life": 2, "n": n} for n in range(3)]
     assert latest is not None
-    assert latest.metadata.sequence == 1
+    assert latest.metadata.sequence == 2
 
 
 async def test_a_run_whose_new_life_began_in_a_process_that_died_is_sealed_and_purged(
