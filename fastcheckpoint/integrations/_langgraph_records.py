@@ -244,28 +244,20 @@ def merged_request(pending: Mapping[str, Any] | None, asked: dict[str, Any]) -> 
     interrupts already pending and the new ones, once each."""
     if not pending or pending.get("checkpoint_id") != asked["checkpoint_id"]:
         return asked
-    known = list(pending.get("interrupts") or [])
+    recorded = pending.get("interrupts")
+    known = list(recorded) if isinstance(recorded, list) else []  # as recorded by hand
     fresh = [entry for entry in asked["interrupts"] if entry not in known]
     return {"interrupts": known + fresh, "checkpoint_id": asked["checkpoint_id"]}
 
 
 def asks_about(approval: Mapping[str, Any] | None, asked: dict[str, Any]) -> bool:
-    """Whether the run's approval record (pending or decided) asks about the interrupts of
-    ``asked`` (:func:`approval_request`) at the same checkpoint: each of LangGraph's
-    interrupts by its id (a resumed node's next interrupt at the same checkpoint has a new
-    one), and the others (written without an id) when it holds any such. Their values are
-    not compared: how a value is shown may differ from one process to another (a set's
-    order, a ``repr``)."""
+    """Whether the run's approval record (pending or decided) is about the checkpoint of
+    ``asked`` (:func:`approval_request`). The interrupts themselves are not compared: which
+    of them a request answered, and how a value is shown (a set's order, a ``repr``, in
+    another process), is not the saver's to tell."""
     request = (approval or {}).get("request")
-    if not isinstance(request, Mapping) or request.get("checkpoint_id") != asked["checkpoint_id"]:
-        return False
-    known = request.get("interrupts")
-    entries = [entry for entry in known if isinstance(entry, Mapping)] if isinstance(
-        known, list) else []
-    ids = {entry.get("id") for entry in entries if isinstance(entry.get("id"), str)} - {""}
-    wanted = [entry.get("id") or "" for entry in asked["interrupts"]]
-    return all(found in ids for found in wanted if found) and (
-        all(wanted) or any(not entry.get("id") for entry in entries))
+    return isinstance(request, Mapping) and (
+        request.get("checkpoint_id") == asked["checkpoint_id"])
 
 
 def _interrupts(value: object) -> list[dict[str, Any]]:

@@ -886,28 +886,31 @@ async def test_a_read_showing_interrupts_otherwise_neither_reopens_nor_repeats_a
     assert [change.status for change in waiting.history] == [CheckpointStatus.PAUSED]
 
 
-async def test_a_read_queues_a_new_interrupt_at_a_checkpoint_whose_first_was_decided() -> None:
-    """A resumed node's next interrupt is written on the same checkpoint, with a new id: the
-    decision on the first does not answer it."""
+async def test_a_read_never_reopens_a_request_of_its_checkpoint() -> None:
+    """Two branches interrupt at one checkpoint; both are approved, the graph answers one,
+    the other asks again (a new request at the same checkpoint), approved too. A read in
+    another process sees every interrupt still written there, and leaves the decision."""
     from langgraph.types import Interrupt
 
-    store = _StatusChangeFails(MemoryStore())
+    store = CountingStore(MemoryStore())
     writer = _saver(store)
     with anyio.fail_after(DEADLINE):
         first = await put(writer, "t")
-        await writer.aput_writes(config("t", first), [(INTERRUPT, [Interrupt("q1", "id-1")])],
-                                 "task")
+        for task, asked in (("b1", Interrupt("q1", "id-1")), ("b2", Interrupt("q2", "id-2"))):
+            await writer.aput_writes(config("t", first), [(INTERRUPT, [asked])], task)
         await writer.manager.approve("t", approver="alice")
-        store.failing = True
-        await writer.aput_writes(config("t", first), [(INTERRUPT, [Interrupt("q2", "id-2")])],
-                                 "task")
-        store.failing = False
-        await _saver(store).aget_tuple(config("t"))
+        await writer.aput_writes(config("t", first), [(INTERRUPT, [Interrupt("q2", "id-3")])],
+                                 "b2")
+        await writer.manager.approve("t", approver="alice")
+        found = await _saver(store).aget_tuple(config("t"))
         run = await writer.manager.get_run("t")
+    assert found is not None
+    assert len(found.pending_writes or []) == 2  # b1's first and b2's last
     assert run is not None
-    assert run.status is CheckpointStatus.PAUSED
+    assert run.status is CheckpointStatus.ACTIVE
     assert run.approval is not None
-    assert run.approval["request"]["interrupts"] == [{"value": "q2", "id": "id-2"}]
+    assert run.approval["decision"] == "approved"
+    assert run.approval["request"]["interrupts"] == [{"value": "q2", "id": "id-3"}]
 
 
 async def test_reads_of_interrupts_never_fail_and_ask_once() -> None:
@@ -927,10 +930,15 @@ async def test_reads_of_interrupts_never_fail_and_ask_once() -> None:
             "checkpoint_id": odd, "interrupts": [{"value": "go?", "id": ["not", "text"]}, 7]})
         await saver.aput_writes(config("odd", odd), [(INTERRUPT, "go?")], "task")
         found = await _saver(store).aget_tuple(config("odd"))
+        odder = await put(saver, "odder")
+        await saver.manager.pause("odder", request={"checkpoint_id": odder, "interrupts": 5})
+        await saver.aput_writes(config("odder", odder), [(INTERRUPT, "go?")], "task")
+        found_too = await _saver(store).aget_tuple(config("odder"))
     assert asked is not None
     assert [change.status for change in asked.history] == [
         CheckpointStatus.PAUSED, CheckpointStatus.PAUSED]
     assert found is not None
+    assert found_too is not None
 
 
 async def test_a_stale_read_of_an_interrupt_does_not_pause_a_thread_that_went_on() -> None:
