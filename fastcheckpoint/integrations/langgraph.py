@@ -142,8 +142,9 @@ a save of the run is on its way here (a graph run's first save, which LangGraph'
 queue behind): the writes wait for it, then as for a run this process knows."""
 _REGISTRY_KEY = _ids.run_key(records.REGISTRY_RUN_ID)
 _NO_RUN = object()
-_QUEUEABLE = frozenset({CheckpointStatus.ACTIVE.value, CheckpointStatus.PAUSED.value})
-"""Statuses of a thread whose latest checkpoint's interrupts a read queues for approval."""
+_QUEUEABLE = frozenset({CheckpointStatus.ACTIVE.value})
+"""Statuses of a thread whose latest checkpoint's interrupts a read queues for approval: a
+PAUSED thread is in the queue already, with a request a read must not replace."""
 _REACTIVATED = frozenset({CheckpointStatus.PAUSED.value, CheckpointStatus.FAILED.value,
                           CheckpointStatus.REJECTED.value})
 """Statuses a root-namespace save ends: the graph went on after the interrupt or error (a

@@ -913,6 +913,20 @@ async def test_a_read_never_reopens_a_request_of_its_checkpoint() -> None:
     assert run.approval["request"]["interrupts"] == [{"value": "q2", "id": "id-3"}]
 
 
+async def test_a_read_leaves_a_thread_paused_by_hand_as_it_is() -> None:
+    store = _StatusChangeFails(MemoryStore())
+    writer = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        await store.interrupted(writer)  # left unpaused, then paused by an operator
+        await writer.manager.pause("t", request={"reason": "hold: legal review"})
+        await _saver(store).aget_tuple(config("t"))
+        run = await writer.manager.get_run("t")
+    assert run is not None
+    assert run.status is CheckpointStatus.PAUSED
+    assert run.approval is not None
+    assert run.approval["request"] == {"reason": "hold: legal review"}
+
+
 async def test_reads_of_interrupts_never_fail_and_ask_once() -> None:
     """Two tasks asking the same thing without ids are one request, asked once; a request
     recorded by hand in an unexpected shape never fails a read."""
