@@ -1307,7 +1307,12 @@ class S3Store(ExpiryCleanup):
                 run = await io.get(layout.run_object(run_key))
                 if run is None or run[1] != current.etag:
                     return False  # a newer life began (or the run went): not this seal's
-                etag = await io.put(key, body, if_match=found[1])  # an earlier life's
+                # An earlier life's: its marker goes first, so that no listing takes the
+                # key for that life's once the seal is there.
+                kind = "t" if occupant.tombstone else "m"
+                await io.delete([_marker_of(io.prefix, run_key, sequence, kind,
+                                            _listing_of(occupant))[0]])
+                etag = await io.put(key, body, if_match=found[1])
         if etag is None:
             return False
         await self._put_marker(io, run_key, sequence, "t", _listing_of(seal))

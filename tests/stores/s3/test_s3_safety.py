@@ -303,6 +303,26 @@ async def test_a_run_whose_new_life_began_in_a_process_that_died_is_sealed_and_p
     assert again.metadata.sequence == 0
 
 
+async def test_a_seal_over_an_earlier_lifes_seal_leaves_one_marker(s3_store: S3Store) -> None:
+    """A run that ended twice with no cleanup between: the second seal replaces the first
+    at the same key, and its marker goes with it (two markers of one slot made a listing
+    take the key for the earlier life's, and a stalled writer append over the seal)."""
+    now = [T0]
+    manager = _manager(s3_store, clock=lambda: now[0], max_checkpoints_per_run=None)
+    key = _ids.run_key("twice")
+    with anyio.fail_after(DEADLINE):
+        await manager.create("twice", {"life": 1}, ttl_seconds=1)
+        now[0] += 2
+        await manager.create("twice", {"life": 2}, ttl_seconds=1)  # seals life 1 at 1
+        now[0] += 2
+        await manager.create("twice", {"life": 3})  # seals life 2 at 1, over life 1's
+        keys = await _keys(s3_store)
+
+    markers = [found for found in keys
+               if found.startswith(layout.slot_key(key, 1) + "/")]
+    assert len(markers) == 1
+
+
 async def test_a_cleanup_removing_what_a_create_prunes_meanwhile_fails_nothing(
     s3_store: S3Store, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
