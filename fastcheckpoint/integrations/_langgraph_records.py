@@ -260,6 +260,13 @@ def asks_about(approval: Mapping[str, Any] | None, asked: dict[str, Any]) -> boo
         request.get("checkpoint_id") == asked["checkpoint_id"])
 
 
+def by_hand(approval: Mapping[str, Any] | None) -> bool:
+    """Whether the run's approval record holds a request that names no checkpoint: one made
+    by hand (``manager.pause``), not by the saver."""
+    request = (approval or {}).get("request")
+    return isinstance(request, Mapping) and "checkpoint_id" not in request
+
+
 def _interrupts(value: object) -> list[dict[str, Any]]:
     entries = value if isinstance(value, (list, tuple)) else [value]
     found: list[dict[str, Any]] = []

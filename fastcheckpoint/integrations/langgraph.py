@@ -142,9 +142,9 @@ a save of the run is on its way here (a graph run's first save, which LangGraph'
 queue behind): the writes wait for it, then as for a run this process knows."""
 _REGISTRY_KEY = _ids.run_key(records.REGISTRY_RUN_ID)
 _NO_RUN = object()
-_QUEUEABLE = frozenset({CheckpointStatus.ACTIVE.value})
-"""Statuses of a thread whose latest checkpoint's interrupts a read queues for approval: a
-PAUSED thread is in the queue already, with a request a read must not replace."""
+_QUEUEABLE = frozenset({CheckpointStatus.ACTIVE.value, CheckpointStatus.PAUSED.value})
+"""Statuses of a thread whose latest checkpoint's interrupts a read queues for approval (a
+PAUSED one only when its request is the graph's, about another checkpoint)."""
 _REACTIVATED = frozenset({CheckpointStatus.PAUSED.value, CheckpointStatus.FAILED.value,
                           CheckpointStatus.REJECTED.value})
 """Statuses a root-namespace save ends: the graph went on after the interrupt or error (a
@@ -697,11 +697,12 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         located = _located_of(where, stored)
         self._state.remember(where.key, found.checkpoint["id"], located, head=head)
         if head and not where.checkpoint_ns and status in _QUEUEABLE:
-            await self._queue_interrupts(where, found, located)
+            await self._queue_interrupts(where, found, located,
+                                         paused=status == CheckpointStatus.PAUSED.value)
         return found
 
     async def _queue_interrupts(
-        self, where: _Where, found: CheckpointTuple, located: Located
+        self, where: _Where, found: CheckpointTuple, located: Located, *, paused: bool
     ) -> None:
         """Queue for approval the interrupts of a thread's latest checkpoint that its run does
         not ask about: storing them and pausing the run are two store calls, and a process
@@ -716,7 +717,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         asked = records.approval_request(checkpoint_id, interrupts)
         if records.asks_about(self._state.queued.get((where.key, checkpoint_id)), asked):
             return
-        await self._pause(where, checkpoint_id, interrupts, at=located)
+        await self._pause(where, checkpoint_id, interrupts, at=located, paused=paused)
 
     async def _decode_read(
         self, where: _Where, stored: StoredCheckpoint, items: dict[str, bytes], head: bool
@@ -1426,14 +1427,15 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
 
     async def _pause(
         self, where: _Where, checkpoint_id: str, writes: Sequence[tuple[str, Any]],
-        *, at: Located | None = None,
+        *, at: Located | None = None, paused: bool = False,
     ) -> None:
         """PAUSED, with the interrupts as the approval request (merged with those of the
         same checkpoint already pending). Never fails the write: it is stored already.
 
         ``at``: the run's latest checkpoint, holding ``writes``, as a read found it; the run
         then changes only if its approval record does not ask about them already (pending or
-        decided) and it has not gone on since."""
+        decided) and it has not gone on since. ``paused``: the read found the run PAUSED, so
+        a request that names no checkpoint (made by hand) is one to leave as it is."""
         asked = records.approval_request(checkpoint_id, writes)
         approval: dict[str, Any] = {}  # the run's approval record once this is done
         made: Callable[[RunData], bool] | None = None
@@ -1441,7 +1443,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         if at is not None:
             def made(data: RunData) -> bool:
                 approval.update(data.approval or {})
-                return records.asks_about(data.approval, asked)
+                return records.asks_about(data.approval, asked) or (
+                    paused and records.by_hand(data.approval))
 
             def still(record: RunRecord) -> bool:
                 return (record.incarnation, record.latest_sequence) == (

@@ -927,6 +927,30 @@ async def test_a_read_leaves_a_thread_paused_by_hand_as_it_is() -> None:
     assert run.approval["request"] == {"reason": "hold: legal review"}
 
 
+async def test_a_read_replaces_a_request_the_graph_went_past() -> None:
+    """Paused at one checkpoint, the graph went on (its status change failed) and asked
+    again at the next (that pause failed too): a read asks the current question."""
+    store = _StatusChangeFails(MemoryStore())
+    writer = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        first = await put(writer, "t")
+        await writer.aput_writes(config("t", first), [(INTERRUPT, "q1")], "task")
+        store.failing = True
+        second = await put(writer, "t", parent=first)
+        await writer.aput_writes(config("t", second), [(INTERRUPT, "q2")], "task")
+        store.failing = False
+        stale = await writer.manager.get_run("t")
+        await _saver(store).aget_tuple(config("t"))
+        run = await writer.manager.get_run("t")
+    assert stale is not None
+    assert stale.approval is not None
+    assert stale.approval["request"]["checkpoint_id"] == first
+    assert run is not None
+    assert run.status is CheckpointStatus.PAUSED
+    assert run.approval is not None
+    assert run.approval["request"] == {"interrupts": [{"value": "q2"}], "checkpoint_id": second}
+
+
 async def test_reads_of_interrupts_never_fail_and_ask_once() -> None:
     """Two tasks asking the same thing without ids are one request, asked once; a request
     recorded by hand in an unexpected shape never fails a read."""
