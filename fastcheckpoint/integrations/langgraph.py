@@ -707,8 +707,9 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         """Queue for approval the interrupts of a thread's latest checkpoint that its run does
         not ask about: storing them and pausing the run are two store calls, and a process
         that died between them (or a status change that failed) left the thread out of the
-        approval queue. Once per checkpoint and interrupt in this process (one read of the
-        run); a run that went on meanwhile is left as it is."""
+        approval queue. One read of the run, once per checkpoint in this process (while the
+        record asks about it); a run that went on meanwhile is left as it is, and so is a
+        request of the checkpoint (pending or decided) or one made by hand."""
         interrupts = [(channel, value) for _, channel, value in found.pending_writes or ()
                       if channel == records.INTERRUPT]
         if not interrupts:
