@@ -3888,13 +3888,8 @@ def _value_size(value: Mapping[str, Any]) -> int:
 
 
 def _check_item(item: Item) -> None:
-    item_key_bytes(item.key, MAX_ITEM_KEY_BYTES, "an item key")
-    if not isinstance(item.value, bytes):
-        raise ValidationError(f"item value must be bytes, got {type(item.value).__name__}")
-    if item.owner is not None and (
-        isinstance(item.owner, bool) or not isinstance(item.owner, int)
-        or not 0 <= item.owner <= layout.MAX_SEQUENCE
-    ):
+    """What this store takes of an item beyond ``check_items``: an owner it can key."""
+    if item.owner is not None and not 0 <= item.owner <= layout.MAX_SEQUENCE:
         raise ValidationError(f"item owner must be a checkpoint sequence, got {item.owner!r:.40}")
 
 

@@ -93,7 +93,6 @@ from fastcheckpoint.errors import (
     ValidationError,
 )
 from fastcheckpoint.stores._base import (
-    MAX_ITEM_KEY_BYTES,
     MAX_LABEL_BYTES,
     CheckpointHeader,
     ExpiryCleanup,
@@ -1075,13 +1074,9 @@ class RedisStore(ExpiryCleanup):
         reply = await self._run("put_owned_items", run_key, now, args, checkpoint=owner)
         return bool(reply[0])
 
-    def _check_item(self, item: object) -> None:
-        """What every item write checks before anything is sent."""
-        if not isinstance(item, Item):
-            raise ValidationError(f"items are Item values, got {type(item).__name__}")
-        if not isinstance(item.value, bytes):
-            raise ValidationError(f"an item's value must be bytes, got {type(item.value).__name__}")
-        item_key_bytes(item.key, MAX_ITEM_KEY_BYTES, "an item key")
+    def _check_item(self, item: Item) -> None:
+        """What this store takes of an item beyond ``check_items``: a value within its size
+        limit."""
         self._check_size(f"item {item.key[:80]!r}", len(item.value))
 
     async def get_items(

@@ -96,7 +96,6 @@ from fastcheckpoint.stores._base import (
     check_keep_latest,
     check_labels,
     check_options,
-    check_shared_items,
     is_live,
     latest_expiry,
     nesting_under,
@@ -2425,7 +2424,6 @@ class S3Store(ExpiryCleanup):
         check_items(items)
         latest: dict[str, Item] = {}
         for item in items:
-            _check_item(item)
             latest[layout.hex_item_key(item.key)] = item
         if not latest:
             return
@@ -3178,21 +3176,11 @@ def _by_run(entries: Sequence[Listed]) -> Iterable[tuple[str, list[Listed]]]:
 
 
 
-def _check_item(item: object) -> None:
-    if not isinstance(item, Item):
-        raise ValidationError(f"items must be Item records, got {type(item).__name__}")
-    if not isinstance(item.value, bytes):
-        raise ValidationError(f"item {item.key!r:.60} value must be bytes")
-
-
 def _appended_items(
     record: StoredCheckpoint, items: Sequence[Item]
 ) -> tuple[dict[str, Item], dict[str, Item]]:
-    """Validate what ``append_with_items`` is given; its shared and its owned items by hex
-    key (of one key given twice, the first: the second would find it in place)."""
-    for item in items:
-        _check_item(item)
-    check_shared_items(record, items)
+    """The shared and the owned items of an append (checked by ``check_append``) by hex key
+    (of one key given twice, the first: the second would find it in place)."""
     shared: dict[str, Item] = {}
     owned: dict[str, Item] = {}
     for item in items:
@@ -3203,12 +3191,11 @@ def _appended_items(
 
 
 def _owned_batch(items: Sequence[Item], owner: int, if_absent: bool) -> dict[str, Item]:
-    """Validate what ``put_owned_items`` is given; the items by hex key (of one key given
-    twice: with ``if_absent`` the first, which the second would find in place; else the
-    last, which overwrites it)."""
+    """Check the owners of what ``put_owned_items`` is given (``check_items`` checked the
+    rest); the items by hex key (of one key given twice: with ``if_absent`` the first, which
+    the second would find in place; else the last, which overwrites it)."""
     batch: dict[str, Item] = {}
     for item in items:
-        _check_item(item)
         hex_key = layout.hex_item_key(item.key)
         if item.owner != owner or isinstance(item.owner, bool):
             raise ValidationError(
