@@ -578,7 +578,8 @@ class SupportsSharedItems(Protocol):
     holds (the manager and the bundled adapters put the owner's sequence in the key). One
     written at a key a live checkpoint owns is not written (that item is kept, and goes with
     its owner); at a key an expired checkpoint owned, the store may remove it with that
-    checkpoint.
+    checkpoint. An owned item goes with its owner also while other checkpoints name it in
+    their ``refs`` (their reads then lack it): name shared items.
 
     ``read_with_items(run_key, sequence=s, now=t)`` returns what ``get`` (``sequence`` given)
     or ``latest`` (``None``) would, plus, in one atomic read, the live items the checkpoint
@@ -639,11 +640,15 @@ class SupportsNestedItems(SupportsSharedItems, Protocol):
     :func:`nested_prefix` ``(K)`` (``K + "/"``). Nested items are written by
     ``append_with_items`` like any item (each only where no live item has its key; loose, owner
     ``None``, no expiry of their own), normally in an append whose record names ``K``. They
-    live exactly as long as ``K``'s item: every removal of ``K`` (its last holder pruned,
-    deleted or expired, the run deleted or started over) removes the items nested under it in
-    the same step or, at the latest, in the ``purge_expired`` that completes ``K``'s removal;
-    never before. So checkpoints that all name only ``K`` share every item nested under it,
-    however many there are, at the cost of one ref each.
+    live exactly as long as a held checkpoint names ``K`` (for a shared ``K``, as long as its
+    item): the removal of the last one (pruned, deleted or expired, the run deleted or started
+    over) removes the items nested under ``K`` in the same step or, at the latest, in the
+    ``purge_expired`` that completes it; never before. That holds whoever holds ``K``'s own
+    item: one owned by a checkpoint goes with its owner (also while named), and
+    ``delete_items`` removes only the keys it is given; what is nested under ``K`` stays while
+    ``K`` is named either way, and is never left behind. So checkpoints that all name only
+    ``K`` share every item nested under it, however many there are, at the cost of one ref
+    each.
 
     ``read_with_items`` returns, with the item of each ref ``K``, every live item nested under
     ``K``, in the same atomic read. An append naming a ``K`` that a removal took is refused

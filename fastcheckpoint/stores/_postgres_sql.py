@@ -1381,6 +1381,61 @@ _TOKEN_LOCKED_V4 = ";\n\n".join([
     ),
 ])
 
+# Migration 5: what is nested under a key K goes when the last checkpoint naming K does,
+# whatever became of K's own item (owned by a checkpoint that went first, removed by
+# delete_items, or still held by its owner): migration 3 removed it only with a loose item at
+# K, so it stayed until the run went. {remove} takes the keys no checkpoint names any more
+# (v_zeroed), the start of a new life every key the old life named (released).
+_REMOVE_V5 = _patched(
+    _REMOVE_V3,
+    ("    v_dropped bytea[];\n", ""),
+    ("""
+            WITH dropped AS (
+                DELETE FROM {items} i
+                 WHERE i.run_key = p_run_key AND i.key = ANY (v_zeroed) AND i.owner IS NULL
+                RETURNING i.key
+            )
+            SELECT array_agg(key) INTO v_dropped FROM dropped;
+            IF v_dropped IS NOT NULL THEN
+                DELETE FROM {items} i USING unnest(v_dropped) n(k)
+                 WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
+                   AND i.key < n.k || '0'::bytea;
+            END IF;""",
+     """
+            DELETE FROM {items} i
+             WHERE i.run_key = p_run_key AND i.key = ANY (v_zeroed) AND i.owner IS NULL;
+            DELETE FROM {items} i USING unnest(v_zeroed) n(k)
+             WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
+               AND i.key < n.k || '0'::bytea;"""),
+)
+
+_APPEND_V5 = _patched(
+    _token_locked(_APPEND_V3, "append"),
+    ("    v_dropped bytea[];\n", "    v_released bytea[];\n"),
+    ("""
+            WITH released AS (
+                DELETE FROM {refs} f WHERE f.run_key = p_run_key RETURNING f.key
+            ), dropped AS (
+                DELETE FROM {items} i
+                 WHERE i.run_key = p_run_key AND i.owner IS NULL
+                   AND i.key IN (SELECT key FROM released)
+                RETURNING i.key
+            )
+            SELECT array_agg(key) INTO v_dropped FROM dropped;
+            IF v_dropped IS NOT NULL THEN
+                DELETE FROM {items} i USING unnest(v_dropped) n(k)""",
+     """
+            WITH released AS (
+                DELETE FROM {refs} f WHERE f.run_key = p_run_key RETURNING f.key
+            )
+            SELECT array_agg(key) INTO v_released FROM released;
+            IF v_released IS NOT NULL THEN
+                DELETE FROM {items} i
+                 WHERE i.run_key = p_run_key AND i.owner IS NULL
+                   AND i.key = ANY (v_released);
+                DELETE FROM {items} i USING unnest(v_released) n(k)"""),
+)
+
 MIGRATIONS = (
     Migration(
         1,
@@ -1407,6 +1462,12 @@ MIGRATIONS = (
         4,
         "a retry whose first try is still running waits for it",
         _TOKEN_LOCKED_V4.strip(),
+    ),
+    Migration(
+        5,
+        "items nested under a key go with the last checkpoint naming it, whoever holds its "
+        "item",
+        ";\n\n".join([_REMOVE_V5.strip(), _APPEND_V5.strip()]),
     ),
 )
 """Every schema version, oldest first. A released migration is never edited: changes come

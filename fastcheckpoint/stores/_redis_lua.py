@@ -50,11 +50,9 @@ holder of an item this writer still believes held.
 Nested items. An item whose key starts with ``K .. '/'`` is nested under the shared item ``K``
 (the bounds come from :func:`~fastcheckpoint.stores.nested_prefix`; see ``nested_range``).
 ``read_with_items`` returns them with each ref's item (one ``ZRANGEBYLEX`` of ``ik`` per
-distinct ref); ``unreference`` and ``drop_run(true)`` remove them whenever they remove ``K``
-(``drop_nested``), and ``drop_run(false)`` removes every item key anyway. An anchor that a held
-checkpoint still owns when its last ref goes stays, and so does what is nested under it; when
-its owner goes it is an owned item like any other (``drop_owned_items``), and what was nested
-under it stays a loose item until the run goes, as in the memory store.
+distinct ref); ``unreference`` and ``drop_run(true)`` remove them when they release the last
+ref to ``K`` (``drop_nested``), whoever holds ``K``'s item (an owned one goes with its owner,
+``drop_owned_items``, even while named), and ``drop_run(false)`` removes every item key anyway.
 
 Lost replies. redis-py retries a call whose reply was lost, with the same arguments. Appends
 recognise their own write token in the checkpoint they wrote; run updates, the counting deletes,
@@ -312,8 +310,8 @@ local function reference(keys)
 end
 
 -- Checkpoint `sequence` no longer names its refs: an item no held checkpoint names any more
--- is removed with the items nested under it, unless a held checkpoint owns it (its owner then
--- decides, and what is nested under it stays as long as it does).
+-- is removed, unless a held checkpoint owns it (it goes with its owner), and so is what is
+-- nested under its key, whoever holds the item.
 local function unreference(sequence)
   local refs = redis.call('HGET', KEYS[10], sequence)
   if not refs then return end
@@ -324,10 +322,8 @@ local function unreference(sequence)
       seen[key] = true
       if redis.call('HINCRBY', KEYS[9], key, -1) <= 0 then
         redis.call('HDEL', KEYS[9], key)
-        if not redis.call('ZSCORE', KEYS[7], key) then
-          drop_item(key)
-          drop_nested(key)
-        end
+        if not redis.call('ZSCORE', KEYS[7], key) then drop_item(key) end
+        drop_nested(key)
       end
     end
   end
@@ -336,12 +332,7 @@ end
 -- Owned items go with their owner; one a held checkpoint names outlives it, unowned.
 local function drop_owned_items(sequence)
   for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], sequence, sequence)) do
-    if redis.call('HEXISTS', KEYS[9], key) == 1 then
-      redis.call('ZREM', KEYS[7], key)
-      redis.call('ZREM', KEYS[8], key)
-    else
-      drop_item(key)
-    end
+    drop_item(key)
   end
 end
 

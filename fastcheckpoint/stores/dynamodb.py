@@ -3018,23 +3018,25 @@ class DynamoDBStore(ExpiryCleanup):
     async def _remove_shared(
         self, run_key: str, key: str, item: Mapping[str, Any] | None, now: float
     ) -> None:
-        """Remove a shared item whose count is zero, and the items nested under it: the
-        item and the count's mark in one transaction (which a raise of the count cancels),
-        then, if a Query found nested items, those (see :meth:`_remove_nested`)."""
+        """Remove a shared item whose count is zero, and the items nested under its key
+        (also when the item is owned, it goes with its owner, or gone): the item and the
+        count's mark in one transaction (which a raise of the count cancels), then, if a
+        Query found nested items, those (see :meth:`_remove_nested`)."""
         pk = layout.partition(run_key)
         nesting: str | None = None
         until = now + layout.CONDEMNED_SECONDS
-        if item is not None and "o" not in item:
-            # Nested items found now are removed after the item; any written later by an
-            # append naming the item raise its count, which cancels the removal.
-            if (await self._nested_page(run_key, key, limit=1))[0]:
-                nesting = secrets.token_hex(8)
-            # The item and the mark together, only while the item is the one read (else the
-            # count stays in the expiry index and the next pass reads it again).
-            operations = [
-                items_layout.condemn(run_key, key, now, until, nesting),
-                items_layout.delete_when(pk, layout.item_sk(key), "wt", item.get("wt", _s(""))),
-            ]
+        shared = item is not None and "o" not in item
+        # Nested items found now are removed after the mark; any written later by an append
+        # naming the key raise its count, which cancels the removal.
+        if (await self._nested_page(run_key, key, limit=1))[0]:
+            nesting = secrets.token_hex(8)
+        if shared or nesting is not None:
+            operations = [items_layout.condemn(run_key, key, now, until, nesting)]
+            if item is not None and shared:
+                # The item and the mark together, only while the item is the one read (else
+                # the count stays in the expiry index and the next pass reads it again).
+                operations.append(items_layout.delete_when(
+                    pk, layout.item_sk(key), "wt", item.get("wt", _s(""))))
         else:  # no item, or one owned by a checkpoint (it goes with it): only the count
             names = _Names()
             operations = [{"Delete": {
@@ -3047,7 +3049,7 @@ class DynamoDBStore(ExpiryCleanup):
             await self._commit(operations, keep=len(operations))
         except _Cancelled:
             return  # named again meanwhile: it stays
-        if item is not None and "vb" in item and "o" not in item:
+        if item is not None and shared and "vb" in item:
             await self._discard_blobs([_text(item, "vb")])
         if nesting is not None:
             await self._remove_nested(run_key, key, nesting, until)

@@ -42,12 +42,12 @@ too (each checkpoint's refs read from its head as the index takes in the commit 
 so nothing stores them and an append costs the same however many shared items the run holds.
 An append commits its items' entries with the checkpoint, so a checkpoint that can be seen has
 its items in place. A removed checkpoint's refs are released in the same commit, and the items
-none names any more, the items it owned and the items nested under the dropped ones are
-removed by it too.
+none names any more, the items it owned and the items nested under the keys none names any
+more are removed by it too.
 
 Nested items (``SupportsNestedItems``): the items whose keys start with ``K + "/"`` are one
 range of the item index's sorted keys, so ``read_with_items`` finds those nested under each ref
-with one bisection, and the removal of a shared item ``K`` removes them in its commit.
+with one bisection, and the commit that releases the last ref to ``K`` removes them.
 
 The checkpoint records are the run's log and ``run.rec`` summarises it. Commits keep the two
 in step, so a record behind its log, or a damaged one, comes from damage or tampering, not
@@ -1216,7 +1216,8 @@ class _Plan:
 
     def release(self, owners: Iterable[int], dropped: Iterable[str]) -> None:
         """What removed checkpoints take with them: the items owned by ``owners``, and each
-        shared item of ``dropped`` (unless owned) with the items nested under it."""
+        shared item of ``dropped`` (an owned one stays with its owner) with the items nested
+        under its key (also when an owner or ``delete_items`` took the item)."""
         index_owned = {} if self.index is None else self.index.owned
         wanted = set(owners)
         if wanted:
@@ -1228,9 +1229,8 @@ class _Plan:
                     self.remove(key)
         for key in dropped:
             present, owner = self._owner(key)
-            if not present or owner is not None:
-                continue  # an owned item stays with its owner, and what is nested under it
-            self.remove(key)
+            if present and owner is None:
+                self.remove(key)
             prefix = nested_prefix(key)
             nested = [] if self.index is None else self.index.nested(key)
             nested += [written for written in self.writes if written.startswith(prefix)]

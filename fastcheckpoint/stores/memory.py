@@ -737,7 +737,9 @@ def _check_owned_items(items: Sequence[Item], owner: int) -> None:
 
 
 def _release(space: _Items, record: StoredCheckpoint) -> None:
-    """A checkpoint leaves: its owned items go, and the shared items it was the last to name."""
+    """A checkpoint leaves: its owned items go, and the shared items it was the last to name
+    with what is nested under them (also under a key whose item an owner or ``delete_items``
+    took)."""
     for key in list(space.owned.pop(record.sequence, ())):
         _drop_item(space, key)
     for key in dict.fromkeys(record.refs):
@@ -749,8 +751,8 @@ def _release(space: _Items, record: StoredCheckpoint) -> None:
         item = space.items.get(key)
         if item is not None and item.owner is None:
             _drop_item(space, key)
-            for nested in _nested_keys(space, key):
-                _drop_item(space, nested)
+        for nested in _nested_keys(space, key):
+            _drop_item(space, nested)
 
 
 def _nested_keys(space: _Items, key: str) -> list[str]:

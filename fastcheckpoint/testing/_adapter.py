@@ -690,6 +690,55 @@ class NestedItemsContract(ContractBase):
         assert found[2] == {"h/b": b"value-h/b", "h/b/0": b"value-h/b/0"}
         assert await _nested(store, run, "h/a", now=later) == []
 
+    async def test_nested_items_live_while_their_key_is_named_whoever_holds_its_item(
+        self, store: CheckpointStore
+    ) -> None:
+        """An item at ``K`` owned by a checkpoint goes with its owner, and one removed with
+        ``delete_items`` goes at once; what is nested under ``K`` stays while a held checkpoint
+        names ``K`` (read with it), and goes with the last one: never left behind."""
+        run = make_run("nested-owned-anchor")
+        await _append_items(store, run, 0, items=[make_item("h/a", owner=0)])
+        await _append_items(store, run, 1, refs=["h/a"], items=[make_item("h/a/0")])
+        await _delete(store, run, 0)
+        await store.purge_expired(now=T0, limit=1000)
+        found = await _read(store, run, 1)
+        assert found is not None
+        assert found[2] == {"h/a/0": b"value-h/a/0"}
+        assert await _nested(store, run, "h/a") == ["h/a/0"]
+        await _append_items(store, run, 2, refs=["h/b"], keep_latest=1,
+                            items=[make_item("h/b"), make_item("h/b/0")])
+        await store.delete_items(key_of(run), ["h/b"])
+        await store.purge_expired(now=T0, limit=1000)
+        assert await _nested(store, run, "h/a") == []
+        assert await _nested(store, run, "h/b") == ["h/b/0"]
+
+        await _append_items(store, run, 3, keep_latest=1)
+        await store.purge_expired(now=T0, limit=1000)
+        assert await _nested(store, run, "h/b") == []
+
+    async def test_nested_items_go_with_the_last_name_when_the_owner_goes_with_it(
+        self, store: CheckpointStore
+    ) -> None:
+        """The owner of ``K``'s item and the last checkpoint naming ``K`` removed in one
+        step (pruned together, or the run starting over): nothing nested under ``K`` stays."""
+        run = make_run("nested-owned-together")
+        await _append_items(store, run, 0, items=[make_item("h/a", owner=0)])
+        await _append_items(store, run, 1, refs=["h/a"], items=[make_item("h/a/0")])
+        await _append_items(store, run, 2, keep_latest=1)
+        await store.purge_expired(now=T0, limit=1000)
+        assert await _nested(store, run, "h/a") == []
+
+        run = make_run("nested-owned-reborn")
+        await _append_items(store, run, 0, expires_at=T0 + 10,
+                            items=[make_item("h/a", owner=0)])
+        await _append_items(store, run, 1, refs=["h/a"], expires_at=T0 + 10,
+                            items=[make_item("h/a/0")])
+        later = T0 + 20
+        new = msgspec.structs.replace(make_run("nested-owned-reborn"), created_at=later)
+        await _append_items(store, new, 0, now=later, items=[make_item("h/b")])
+        await store.purge_expired(now=later, limit=1000)
+        assert await _nested(store, run, "h/a", now=later) == []
+
     async def test_an_append_naming_a_removed_item_writes_nothing_under_it(
         self, store: CheckpointStore
     ) -> None:

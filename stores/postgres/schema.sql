@@ -1,4 +1,4 @@
--- fastcheckpoint PostgreSQL store: every table, index and function at schema version 4.
+-- fastcheckpoint PostgreSQL store: every table, index and function at schema version 5.
 -- Generated from the code (a test keeps it equal); `fastcheckpoint init URL` applies the same.
 -- Run it as the role that will own the tables: psql -v ON_ERROR_STOP=1 -f schema.sql
 
@@ -1955,5 +1955,281 @@ END
 $fn$;
 
 INSERT INTO "public"."fc_migrations" (version, description) VALUES (4, 'a retry whose first try is still running waits for it');
+
+CREATE OR REPLACE FUNCTION "public"."fc_remove"(p_run_key text, p_sequences bigint[], p_count_run boolean)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_gone bigint[];
+    v_forever bigint;
+    v_refs bytea[];
+    v_zeroed bytea[];
+BEGIN
+    IF p_sequences IS NULL OR cardinality(p_sequences) = 0 THEN
+        RETURN 0;
+    END IF;
+    WITH gone AS (
+        DELETE FROM "public"."fc_checkpoints"
+         WHERE run_key = p_run_key AND sequence = ANY (p_sequences)
+        RETURNING sequence, expires_at, refs
+    )
+    SELECT array_agg(sequence), count(*) FILTER (WHERE expires_at IS NULL),
+           (SELECT array_agg(ref ORDER BY ref)
+              FROM gone g, LATERAL (SELECT DISTINCT unnest(g.refs)) named(ref))
+      INTO v_gone, v_forever, v_refs
+      FROM gone;
+    IF v_gone IS NULL THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM "public"."fc_items" WHERE run_key = p_run_key AND owner = ANY (v_gone);
+    IF v_refs IS NOT NULL THEN
+        WITH released AS (
+            SELECT ref, count(*) AS times FROM unnest(v_refs) ref GROUP BY ref
+        ), counted AS (
+            UPDATE "public"."fc_refs" r SET holders = r.holders - released.times
+              FROM released
+             WHERE r.run_key = p_run_key AND r.key = released.ref
+            RETURNING r.key, r.holders
+        )
+        SELECT array_agg(key) FILTER (WHERE holders <= 0) INTO v_zeroed FROM counted;
+        IF v_zeroed IS NOT NULL THEN
+            DELETE FROM "public"."fc_refs" WHERE run_key = p_run_key AND key = ANY (v_zeroed);
+            DELETE FROM "public"."fc_items" i
+             WHERE i.run_key = p_run_key AND i.key = ANY (v_zeroed) AND i.owner IS NULL;
+            DELETE FROM "public"."fc_items" i USING unnest(v_zeroed) n(k)
+             WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
+               AND i.key < n.k || '0'::bytea;
+        END IF;
+    END IF;
+    IF NOT p_count_run THEN
+        RETURN cardinality(v_gone);
+    END IF;
+    UPDATE "public"."fc_runs" r
+       SET checkpoint_count = r.checkpoint_count - cardinality(v_gone),
+           forever_count = r.forever_count - v_forever,
+           expires_at = CASE
+               WHEN r.checkpoint_count = cardinality(v_gone) THEN 0
+               WHEN r.forever_count > v_forever THEN NULL
+               ELSE (SELECT max(c.expires_at) FROM "public"."fc_checkpoints" c
+                      WHERE c.run_key = p_run_key AND c.expires_at IS NOT NULL)
+           END,
+           purge_at = CASE WHEN r.checkpoint_count = cardinality(v_gone) THEN 0 END
+     WHERE r.run_key = p_run_key;
+    RETURN cardinality(v_gone);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION "public"."fc_append"(
+    p_run_key text, p_sequence bigint, p_checkpoint_id text, p_created_at double precision,
+    p_expires_at double precision, p_header bytea, p_payload bytea, p_refs bytea[],
+    p_token text, p_run_id bytea, p_incarnation text, p_status text,
+    p_run_created_at double precision, p_version bigint, p_data bytea, p_labels bytea[],
+    p_keep_latest bigint, p_now double precision,
+    p_item_keys bytea[], p_item_values bytea[], p_item_owners bigint[],
+    p_item_expiries double precision[],
+    OUT outcome text, OUT status text, OUT latest_sequence bigint, OUT incarnation text)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    r "public"."fc_runs"%ROWTYPE;
+    v_drop bigint[];
+    v_live bigint;
+    v_next boolean;
+    v_found boolean;
+    v_problem text;
+    v_unheld bytea[];
+    v_released bytea[];
+BEGIN
+    -- A retry of this call (same token) waits here for the call it repeats to end.
+    PERFORM pg_advisory_xact_lock(26211, hashtext(p_token));
+    -- The compare-and-set: only the next sequence of the live run of this incarnation.
+    UPDATE "public"."fc_runs" AS x
+       SET latest_sequence = p_sequence,
+           checkpoint_count = x.checkpoint_count + 1,
+           forever_count = x.forever_count + (p_expires_at IS NULL)::int,
+           updated_at = p_now,
+           expires_at = CASE WHEN x.expires_at IS NULL OR p_expires_at IS NULL THEN NULL
+                             ELSE greatest(x.expires_at, p_expires_at) END
+     WHERE x.run_key = p_run_key AND x.incarnation = p_incarnation
+       AND x.latest_sequence = p_sequence - 1
+       AND (x.expires_at IS NULL OR x.expires_at > p_now)
+    RETURNING x.* INTO r;
+    v_next := FOUND;
+    IF v_next THEN
+        -- Never write after a row that the log contradicts (the exception undoes the update).
+        -- The row is locked now: no other writer changes the run's log until this commits.
+        v_problem := "public"."fc_damage"(p_run_key, r.run_id, r.incarnation, p_sequence - 1,
+                              r.checkpoint_count - 1, r.expires_at);
+    ELSE
+        SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+        v_found := FOUND;
+        IF v_found THEN
+            -- Judged in one statement: the row and the log of one snapshot (another writer
+            -- may have committed since the row above was read).
+            SELECT "public"."fc_damage"(x.run_key, x.run_id, x.incarnation, x.latest_sequence,
+                            x.checkpoint_count, x.expires_at)
+              INTO v_problem FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+        END IF;
+        IF v_found AND (r.expires_at IS NULL OR r.expires_at > p_now
+                        OR v_problem IS NOT NULL) THEN
+            -- A live run: this call may be the retry of one whose reply was lost.
+            PERFORM 1 FROM "public"."fc_checkpoints" c
+             WHERE c.run_key = p_run_key AND c.sequence = p_sequence AND c.token = p_token;
+            IF FOUND THEN
+                outcome := 'ok'; status := r.status;
+                RETURN;
+            END IF;
+            IF v_problem IS NULL THEN
+                outcome := 'conflict'; latest_sequence := r.latest_sequence;
+                incarnation := r.incarnation;
+                RETURN;
+            END IF;
+        END IF;
+    END IF;
+    IF v_problem IS NOT NULL THEN
+        -- A damaged row (run id not UTF-8, contradicted by the log): refused, nothing written,
+        -- nothing of an expired run dropped that its row does not know.
+        RAISE EXCEPTION USING ERRCODE = 'FC003', DETAIL = p_run_key,
+            MESSAGE = format('the run row of run key %s %s', p_run_key,
+                             v_problem);
+    END IF;
+    IF NOT v_next THEN
+        IF p_sequence <> 0 THEN
+            outcome := 'conflict';
+            RETURN;
+        END IF;
+        IF v_found THEN
+            -- Start over on an expired (or emptied) run: replace its row if nobody did.
+            UPDATE "public"."fc_runs" AS x
+               SET run_id = p_run_id, incarnation = p_incarnation, status = p_status,
+                   created_at = p_run_created_at, updated_at = p_now, latest_sequence = 0,
+                   checkpoint_count = 1, forever_count = (p_expires_at IS NULL)::int,
+                   expires_at = p_expires_at, purge_at = NULL, version = p_version,
+                   data = p_data, labels = p_labels, update_token = NULL
+             WHERE x.run_key = p_run_key AND x.incarnation = r.incarnation
+               AND x.version = r.version AND x.latest_sequence = r.latest_sequence
+               AND x.expires_at IS NOT DISTINCT FROM r.expires_at
+            RETURNING x.* INTO r;
+            IF NOT FOUND THEN
+                SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+                outcome := 'conflict';
+                IF FOUND AND (r.expires_at IS NULL OR r.expires_at > p_now) THEN
+                    latest_sequence := r.latest_sequence; incarnation := r.incarnation;
+                END IF;
+                RETURN;
+            END IF;
+            -- Leftovers of the old run: checkpoints with their owned items, the shared
+            -- items they named, its labels. Unowned items stay.
+            WITH gone AS (
+                DELETE FROM "public"."fc_checkpoints" c WHERE c.run_key = p_run_key RETURNING c.sequence
+            )
+            DELETE FROM "public"."fc_items" i
+             WHERE i.run_key = p_run_key AND i.owner IN (SELECT sequence FROM gone);
+            WITH released AS (
+                DELETE FROM "public"."fc_refs" f WHERE f.run_key = p_run_key RETURNING f.key
+            )
+            SELECT array_agg(key) INTO v_released FROM released;
+            IF v_released IS NOT NULL THEN
+                DELETE FROM "public"."fc_items" i
+                 WHERE i.run_key = p_run_key AND i.owner IS NULL
+                   AND i.key = ANY (v_released);
+                DELETE FROM "public"."fc_items" i USING unnest(v_released) n(k)
+                 WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
+                   AND i.key < n.k || '0'::bytea;
+            END IF;
+            DELETE FROM "public"."fc_labels" l WHERE l.run_key = p_run_key;
+        ELSE
+            INSERT INTO "public"."fc_runs" AS x (run_key, run_id, incarnation, status, created_at,
+                                     updated_at, latest_sequence, checkpoint_count,
+                                     forever_count, expires_at, version, data, labels)
+            VALUES (p_run_key, p_run_id, p_incarnation, p_status, p_run_created_at, p_now, 0,
+                    1, (p_expires_at IS NULL)::int, p_expires_at, p_version, p_data, p_labels)
+            ON CONFLICT (run_key) DO NOTHING
+            RETURNING x.* INTO r;
+            IF NOT FOUND THEN
+                -- Another writer created the run first (its transaction has committed).
+                SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+                outcome := 'conflict';
+                IF FOUND AND (r.expires_at IS NULL OR r.expires_at > p_now) THEN
+                    latest_sequence := r.latest_sequence; incarnation := r.incarnation;
+                END IF;
+                RETURN;
+            END IF;
+        END IF;
+        IF cardinality(p_labels) > 0 THEN
+            INSERT INTO "public"."fc_labels" (label, created_at, run_key)
+            SELECT DISTINCT label, p_run_created_at, p_run_key FROM unnest(p_labels) label;
+        END IF;
+    END IF;
+
+    IF cardinality(p_refs) > 0 THEN
+        -- The run row is locked by now: a removal of the run's checkpoints (which releases
+        -- their shared items) waits for this transaction.
+        SELECT array_agg(wanted.k ORDER BY wanted.n) INTO v_unheld
+          FROM (SELECT t.k, min(t.n) AS n
+                  FROM unnest(p_refs) WITH ORDINALITY AS t(k, n)
+                 WHERE NOT (t.k = ANY (coalesce(p_item_keys, '{}')))
+                 GROUP BY t.k) wanted
+         WHERE NOT EXISTS (SELECT 1 FROM "public"."fc_items" i
+                            WHERE i.run_key = p_run_key AND i.key = wanted.k
+                              AND (i.expires_at IS NULL OR i.expires_at > p_now));
+        IF v_unheld IS NOT NULL THEN
+            RAISE EXCEPTION USING ERRCODE = 'FC004',
+                MESSAGE = format('run key %s: checkpoint %s names shared items the run does '
+                                 'not hold', p_run_key, p_sequence),
+                DETAIL = array_to_string(ARRAY(
+                    SELECT encode(u.k, 'hex') FROM unnest(v_unheld) WITH ORDINALITY AS u(k, n)
+                     ORDER BY u.n), ',');
+        END IF;
+    END IF;
+
+    INSERT INTO "public"."fc_checkpoints" (run_key, sequence, checkpoint_id, created_at, expires_at,
+                               header, payload, refs, token)
+    VALUES (p_run_key, p_sequence, p_checkpoint_id, p_created_at, p_expires_at, p_header,
+            p_payload, p_refs, p_token)
+    ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'FC001',
+            MESSAGE = format('run key %s already holds a checkpoint at sequence %s, which '
+                             'its run row says is the next one', p_run_key, p_sequence);
+    END IF;
+
+    IF p_item_keys IS NOT NULL AND cardinality(p_item_keys) > 0 THEN
+        -- Each item only where no live item has its key: a live one is kept as it is.
+        INSERT INTO "public"."fc_items" AS i (run_key, key, value, owner, expires_at)
+        SELECT p_run_key, k, v, o, e
+          FROM unnest(p_item_keys, p_item_values, p_item_owners, p_item_expiries) AS t(k, v, o, e)
+        ON CONFLICT (run_key, key) DO UPDATE
+           SET value = excluded.value, owner = excluded.owner, expires_at = excluded.expires_at
+         WHERE i.expires_at IS NOT NULL AND i.expires_at <= p_now;
+    END IF;
+    IF p_refs IS NOT NULL AND cardinality(p_refs) > 0 THEN
+        INSERT INTO "public"."fc_refs" AS f (run_key, key, holders)
+        SELECT DISTINCT p_run_key, k, 1 FROM unnest(p_refs) k
+        ON CONFLICT (run_key, key) DO UPDATE SET holders = f.holders + 1;
+    END IF;
+
+    -- Pruning: expired checkpoints, then the oldest beyond keep_latest.
+    v_live := r.checkpoint_count;
+    IF r.checkpoint_count > r.forever_count THEN
+        v_drop := ARRAY(SELECT c.sequence FROM "public"."fc_checkpoints" c
+                         WHERE c.run_key = p_run_key AND c.expires_at <= p_now);
+        v_live := v_live - cardinality(v_drop);
+    END IF;
+    IF p_keep_latest IS NOT NULL AND v_live > p_keep_latest THEN
+        v_drop := coalesce(v_drop, '{}') || ARRAY(
+            SELECT c.sequence FROM "public"."fc_checkpoints" c
+             WHERE c.run_key = p_run_key
+               AND (c.expires_at IS NULL OR c.expires_at > p_now)
+             ORDER BY c.sequence LIMIT v_live - p_keep_latest);
+    END IF;
+    IF cardinality(v_drop) > 0 THEN
+        PERFORM "public"."fc_remove"(p_run_key, v_drop, true);
+    END IF;
+    outcome := 'ok'; status := r.status;
+END
+$fn$;
+
+INSERT INTO "public"."fc_migrations" (version, description) VALUES (5, 'items nested under a key go with the last checkpoint naming it, whoever holds its item');
 
 COMMIT;

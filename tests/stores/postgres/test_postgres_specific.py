@@ -1238,7 +1238,7 @@ async def test_nested_items_are_read_and_removed_by_key_range(
                         r"\(\(run_key = .*\) AND \(key >= .*'\\x2f'::bytea\)\) AND "
                         r"\(key < .*'\\x30'::bytea\)\)\)")
     reads = [plan for plan in plans if names["items"] in plan and "w(keys, vals)" in plan]
-    removals = [plan for plan in plans if "USING unnest(v_dropped)" in plan]
+    removals = [plan for plan in plans if "USING unnest(v_zeroed)" in plan]
     assert len(reads) == 2
     assert len(removals) == 1
     assert all(ranged.search(plan) for plan in reads + removals), "\n\n".join(reads + removals)
