@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
+import json
 import os
 import re
 import secrets
@@ -23,7 +25,7 @@ import shlex
 import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TextIO, cast
 from urllib.parse import urlsplit
 
@@ -115,17 +117,75 @@ def _run_init(args: argparse.Namespace) -> int:
 
 
 def _print_json(value: Any) -> None:
-    print(msgspec.json.format(json_text(value), indent=2))
+    print(_json_for(sys.stdout, msgspec.json.format(json_text(value), indent=2)))
+
+
+_NOT_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+def _json_for(stream: TextIO, text: str) -> str:
+    """``text``, JSON, with each character ``stream`` cannot encode written as a ``\\u``
+    escape: the same document, exact and valid, on a terminal or pipe of any encoding.
+
+    Outside strings JSON is ASCII, so only characters inside strings are escaped."""
+    encoding = stream.encoding or "utf-8"
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return _NOT_ASCII.sub(lambda found: _json_escaped(found[0], encoding), text)
+    return text
+
+
+def _json_escaped(char: str, encoding: str) -> str:
+    try:
+        char.encode(encoding)
+    except UnicodeEncodeError:
+        return json.dumps(char)[1:-1]  # \u00e9, or a surrogate pair beyond U+FFFF
+    return char
+
+
+@contextlib.contextmanager
+def _tolerant_output() -> Iterator[None]:
+    """stdout and stderr that write what their encoding cannot say as backslash escapes
+    (``caf\\xe9``) instead of failing, while the command runs; as they were afterwards.
+
+    Text for people stays readable this way; JSON escapes such characters itself
+    (:func:`_json_for`), since a backslash escape would make it invalid."""
+    changed: list[tuple[io.TextIOWrapper, str]] = []
+    for stream in (sys.stdout, sys.stderr):
+        # surrogateescape (the C locale without UTF-8 mode) fails on any other character
+        if isinstance(stream, io.TextIOWrapper) and stream.errors in ("strict",
+                                                                      "surrogateescape"):
+            changed.append((stream, stream.errors))
+            stream.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        for stream, errors in changed:
+            # Flushing may fail (a closed pipe, a full disk): the command has said its outcome.
+            with contextlib.suppress(OSError):
+                stream.reconfigure(errors=errors)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO) -> None:
-    """Left-aligned columns, two spaces apart; line breaks in cells shown as spaces."""
-    cells = [[_flat(str(value)) for value in row] for row in rows]
+    """Left-aligned columns, two spaces apart; line breaks in cells shown as spaces, and
+    characters ``out`` cannot encode as backslash escapes (counted in the widths)."""
+    cells = [[_encodable(_flat(str(value)), out) for value in row] for row in rows]
     widths = [max([len(header)] + [len(row[i]) for row in cells]) for i, header in
               enumerate(headers)]
     for row in [list(headers), *cells]:
         line = "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True))
         out.write(line.rstrip() + "\n")
+
+
+def _encodable(text: str, out: TextIO) -> str:
+    """``text`` as ``out`` writes it: what its encoding cannot say as backslash escapes."""
+    encoding = out.encoding or "utf-8"
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return text.encode(encoding, "backslashreplace").decode(encoding)
+    return text
 
 
 def _flat(text: str) -> str:
@@ -405,7 +465,7 @@ async def _export_to_stdout(
     ok = False
     try:
         async for chunk in exporter.export_run(run_id, format, include_state=include_state):
-            sys.stdout.write(chunk)
+            sys.stdout.write(_json_for(sys.stdout, chunk) if format == "json" else chunk)
         ok = True
     finally:
         progress.close(ok=ok)
@@ -898,8 +958,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["bench"]:
         return _run_bench(arguments[1:])
-    args = _parser().parse_args(arguments)
-    code: int = args.handler(args)
+    with _tolerant_output():
+        args = _parser().parse_args(arguments)
+        code: int = args.handler(args)
     return code
 
 

@@ -887,3 +887,95 @@ def test_init_reports_what_it_created_and_found(
                                    "actions": ["created bucket b", "found table t"]}
     assert json.loads(nothing) == {"store": "memory://", "provisioned": False,
                                    "actions": None}
+
+
+class AsciiTerminal(io.TextIOWrapper):
+    """A stream that can encode only ASCII and fails on anything else, as stdout does under
+    ``PYTHONIOENCODING=ascii`` (or in the C locale without UTF-8 mode)."""
+
+    def __init__(self) -> None:
+        super().__init__(io.BytesIO(), encoding="ascii", errors="strict", write_through=True)
+
+    def text(self) -> str:
+        self.flush()
+        raw = self.buffer
+        assert isinstance(raw, io.BytesIO)
+        return raw.getvalue().decode("ascii")  # fails if a byte is not ASCII
+
+
+@pytest.fixture
+def cafe(url: str) -> str:
+    """The store of ``url`` with the run ``café-🚀`` added."""
+    async def seed() -> None:
+        manager = CheckpointManager(open_store(url))
+        await manager.create("café-🚀", {"note": "naïve ✓"}, step_name="étape")
+        await manager.aclose()
+
+    anyio.run(seed)
+    return url
+
+
+def ascii_terminals(monkeypatch: pytest.MonkeyPatch) -> tuple[AsciiTerminal, AsciiTerminal]:
+    """stdout and stderr that cannot encode ``é`` or ``🚀`` (set in the test itself: pytest
+    puts its own capture back after the fixtures)."""
+    out, err = AsciiTerminal(), AsciiTerminal()
+    monkeypatch.setattr("sys.stdout", out)
+    monkeypatch.setattr("sys.stderr", err)
+    return out, err
+
+
+@pytest.mark.parametrize("argv", [["runs"], ["show", "café-🚀"], ["history", "café-🚀"],
+                                  ["export", "café-🚀", "--format", "csv", "--state"],
+                                  ["export", "café-🚀", "--format", "markdown"]])
+def test_text_output_escapes_what_the_terminal_cannot_encode(
+    cafe: str, monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    out, err = ascii_terminals(monkeypatch)
+
+    code = main([*argv, "--url", cafe])
+
+    assert (code, err.text()) == (EXIT_OK, "")
+    assert "caf\\xe9-\\U0001f680" in out.text()
+    if argv == ["runs"]:  # the columns stay aligned
+        lines = out.text().splitlines()
+        assert lines[1].index("active") == lines[2].index("active") == lines[0].index("STATUS")
+    assert (out.errors, err.errors) == ("strict", "strict")  # as they were before the command
+
+
+@pytest.mark.parametrize("argv", [["runs", "--json"], ["show", "café-🚀", "--json"],
+                                  ["history", "café-🚀", "--json"],
+                                  ["export", "café-🚀", "--state"]])
+def test_json_output_stays_exact_json_on_a_terminal_that_cannot_encode_it(
+    cafe: str, monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    out, err = ascii_terminals(monkeypatch)
+
+    code = main([*argv, "--url", cafe])
+
+    assert (code, err.text()) == (EXIT_OK, "")
+    text = out.text()
+    assert "\\u00e9" in text
+    assert "café-🚀" in json.dumps(json.loads(text), ensure_ascii=False)
+    if argv[0] == "show":
+        assert json.loads(text)["state"] == {"note": "naïve ✓"}
+
+
+def test_json_output_is_unchanged_where_the_terminal_can_encode_it(
+    cafe: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(capsys, "runs", "--url", cafe, "--json")
+
+    assert code == EXIT_OK
+    assert '"run_id": "café-🚀"' in out
+
+
+def test_an_error_about_a_run_the_terminal_cannot_encode_is_one_line(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, err = ascii_terminals(monkeypatch)
+
+    code = main(["approve", "thé", "--approver", "zoë", "--url", url])
+
+    assert (code, out.text()) == (EXIT_NOT_FOUND, "")
+    assert err.text().startswith("error: ")
+    assert "th\\xe9" in err.text()
