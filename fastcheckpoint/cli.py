@@ -727,21 +727,36 @@ def _file_store_path(url: str) -> str | None:
     return parse_file_url(url)[0]
 
 
-def _missing_file_store(url: str) -> str | None:
-    """Why a ``file://`` URL (or plain path) names no store, else None.
+def _sqlite_database_path(url: str) -> str | None:
+    """The database file of a ``sqlite://`` URL, as the store resolves it; None for other
+    stores. :class:`ConfigurationError` for a URL that names no file (``:memory:``...)."""
+    if "://" not in url or urlsplit(url).scheme.lower() != "sqlite":
+        return None
+    try:
+        from fastcheckpoint.stores.sqlite import parse_sqlite_url
+    except ImportError:  # a Python without sqlite3: opening the store says so
+        return None
+    return os.path.abspath(parse_sqlite_url(url)[0])
+
+
+def _missing_store(url: str) -> str | None:
+    """Why a ``file://`` URL (or plain path) or a ``sqlite://`` URL names no store, else None.
 
     Only a path that is not there counts: one this process may not look into is left to the
     store, which reports the permission problem."""
     path = _file_store_path(url)
+    if path == "":
+        return _NO_DIRECTORY.format(url=url)
+    what = "file store"
+    if path is None:
+        path, what = _sqlite_database_path(url), "SQLite database"
     if path is None:
         return None
-    if not path:
-        return _NO_DIRECTORY.format(url=url)
     try:
         os.stat(path)
     except FileNotFoundError:
-        return (f"no file store at {path!r} (a mistyped path? fastcheckpoint doctor {url} "
-                "creates it and checks it)")
+        return (f"no {what} at {path!r} (a mistyped path? fastcheckpoint doctor "
+                f"{shlex.quote(url)} creates it and checks it)")
     except OSError:
         return None
     return None
@@ -782,7 +797,7 @@ def _open(args: argparse.Namespace) -> tuple[CheckpointStore, CheckpointConfig]:
     args.store_url = url
     try:
         creates_store = args.command == "doctor" and not args.repair
-        missing = None if creates_store else _missing_file_store(url)
+        missing = None if creates_store else _missing_store(url)
         if missing is not None:
             raise _UsageError(missing)
         config = CheckpointConfig.from_env()

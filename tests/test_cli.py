@@ -410,6 +410,60 @@ def test_a_file_store_path_that_does_not_exist_is_a_usage_error(
     assert not (tmp_path / "typo").exists()
 
 
+@pytest.mark.parametrize("argv", [["runs"], ["show", "order-17"], ["history", "order-17"],
+                                  ["export", "order-17"], ["cleanup"], ["doctor", "--repair"],
+                                  ["approve", "order-17", "--approver", "ana"]])
+@pytest.mark.parametrize("where", ["sqlite:///{cwd}/typo-dir/runs.db",
+                                   "sqlite:///typo-dir/runs.db?timeout=5",
+                                   "SQLITE:///typo%2Ddir/runs.db"])
+def test_a_sqlite_database_that_does_not_exist_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    argv: list[str], where: str
+) -> None:
+    monkeypatch.chdir(tmp_path)  # relative database paths are taken from here
+    url = where.format(cwd=tmp_path)
+
+    code, out, err = run_cli(capsys, *argv, "--url", url)
+
+    assert (code, out) == (EXIT_USAGE, "")
+    assert err == (f"error: no SQLite database at {str(tmp_path / 'typo-dir/runs.db')!r} (a "
+                   f"mistyped path? fastcheckpoint doctor {shlex.quote(url)} creates it and "
+                   "checks it)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sqlite_database_that_exists_is_used_whatever_its_url_says(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    created, _, _ = run_cli(capsys, "doctor", "sqlite:///a%20b/runs.db")  # creates, as documented
+
+    code, out, _ = run_cli(capsys, "runs", "--json", "--url",
+                           f"sqlite:///{tmp_path}/a b/runs.db?synchronous=normal&timeout=5")
+
+    assert (created, code) == (EXIT_OK, EXIT_OK)
+    assert json.loads(out)["runs"] == []  # the probe run is gone
+    assert (tmp_path / "a b" / "runs.db").is_file()
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("sqlite:///:memory:", "use memory://"),
+    ("sqlite://host/runs.db", "names a file, not a host"),
+    ("sqlite:///", "without a database path"),
+])
+def test_a_sqlite_url_naming_no_database_file_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    url: str, says: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    code, _, err = run_cli(capsys, "runs", "--url", url)
+
+    assert code == EXIT_USAGE
+    assert says in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_times_no_calendar_can_show_do_not_break_the_output(
     url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
