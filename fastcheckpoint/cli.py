@@ -2,8 +2,9 @@
 
 ``fastcheckpoint runs | show | history | export | fork | approve | reject | cleanup | prune |
 doctor`` work on the store of ``--url`` (default: ``FASTCHECKPOINT_URL``, or
-``CHECKPOINT_MODE`` as :meth:`CheckpointManager.from_env` reads it), with the rest of the
-configuration from ``FASTCHECKPOINT_*``. They print tables for people and JSON with ``--json``.
+``CHECKPOINT_MODE`` as :meth:`CheckpointManager.from_env` reads it), configured by that method
+(``FASTCHECKPOINT_*``, ``CHECKPOINT_TTL_DAYS``). They print tables for people and JSON with
+``--json``.
 ``fastcheckpoint init URL`` creates what a store needs (idempotent). ``fastcheckpoint bench``
 runs the benchmark suite, which ships in the source distribution, not in the installed package.
 
@@ -33,7 +34,6 @@ import anyio
 import msgspec
 
 from fastcheckpoint import __version__, _ids
-from fastcheckpoint._config import CheckpointConfig
 from fastcheckpoint._export import FORMATS, json_text, when
 from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import Checkpoint, CheckpointStatus, RepairReport, RunInfo
@@ -45,7 +45,7 @@ from fastcheckpoint.errors import (
     ConflictError,
     ValidationError,
 )
-from fastcheckpoint.stores import CheckpointStore, SupportsProvision, open_store
+from fastcheckpoint.stores import CheckpointStore, SupportsProvision
 from fastcheckpoint.stores.file import parse_file_url
 
 __all__ = ["main"]
@@ -74,9 +74,10 @@ Action = Callable[[CheckpointManager, argparse.Namespace], Awaitable[int]]
 
 async def _init(url: str) -> tuple[bool, list[str] | None]:
     """Whether the store has anything to provision, and what ``provision()`` reports it did
-    (``None`` from a store that reports nothing). The retry policy comes from
-    ``FASTCHECKPOINT_RETRY_*``, as for every other command."""
-    store = open_store(url, retry=CheckpointConfig.from_env().retry)
+    (``None`` from a store that reports nothing). The store is opened with the configuration
+    every other command reads (:func:`_manager_from_env`)."""
+    manager = _manager_from_env(url)
+    store = manager.store
     try:
         if not isinstance(store, SupportsProvision):
             return False, None
@@ -84,7 +85,7 @@ async def _init(url: str) -> tuple[bool, list[str] | None]:
         provision = cast(Callable[[], Awaitable[object]], store.provision)
         done = await provision()
     finally:
-        await store.aclose()
+        await manager.aclose()
     if done is None:
         return True, None
     return True, [str(line) for line in cast(Sequence[object], done)]
@@ -790,9 +791,16 @@ class _UsageError(Exception):
     """A mistake in the command line that argparse cannot see."""
 
 
-def _open(args: argparse.Namespace) -> tuple[CheckpointStore, CheckpointConfig]:
-    """The store and the configuration, or :class:`ConfigurationError` / :class:`_UsageError`
-    saying what is wrong with them."""
+def _manager_from_env(url: str) -> CheckpointManager:
+    """A manager on the store of ``url``, configured as :meth:`CheckpointManager.from_env`
+    configures one (``FASTCHECKPOINT_*``, ``CHECKPOINT_TTL_DAYS``): by that method itself,
+    so the command line and applications read the environment alike."""
+    return CheckpointManager.from_env({**os.environ, "FASTCHECKPOINT_URL": url})
+
+
+def _open(args: argparse.Namespace) -> CheckpointManager:
+    """A manager on the store, or :class:`ConfigurationError` / :class:`_UsageError` saying
+    what is wrong with the store or the configuration."""
     url = _store_of(args)
     args.store_url = url
     try:
@@ -800,8 +808,7 @@ def _open(args: argparse.Namespace) -> tuple[CheckpointStore, CheckpointConfig]:
         missing = None if creates_store else _missing_store(url)
         if missing is not None:
             raise _UsageError(missing)
-        config = CheckpointConfig.from_env()
-        return open_store(url, retry=config.retry), config
+        return _manager_from_env(url)
     except ValueError as exc:  # a URL too malformed to take apart
         raise _UsageError(f"bad store URL {redacted(url)!r}: {exc}") from exc
 
@@ -812,14 +819,13 @@ def _on_store(action: Action) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         args.store_url = ""
         try:
-            store, config = _open(args)
+            manager = _open(args)
         except _UsageError as exc:
             return _fail(str(exc), EXIT_USAGE)
         except ConfigurationError as exc:
             return _fail(without_password(str(exc), args.store_url), EXIT_USAGE)
 
         async def go() -> int:
-            manager = CheckpointManager(store, config=config)
             try:
                 return await action(manager, args)
             finally:

@@ -681,6 +681,42 @@ def test_an_unknown_setting_is_one_line_and_exit_2(
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize(("env", "ttl"), [
+    ({"CHECKPOINT_TTL_DAYS": "2"}, 2 * 86_400.0),
+    ({"CHECKPOINT_TTL_DAYS": "2", "FASTCHECKPOINT_DEFAULT_TTL_SECONDS": "60"}, 60.0),
+])
+def test_the_default_ttl_comes_from_the_environment_as_from_env_reads_it(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str], ttl: float
+) -> None:
+    _, shown, _ = run_cli(capsys, "show", "order-18", "--url", url, "--json")
+    source = json.loads(shown)["metadata"]["checkpoint_id"]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    code, out, _ = run_cli(capsys, "fork", source, "--url", url, "--json")
+
+    assert code == EXIT_OK
+    forked = json.loads(out)
+    assert forked["expires_at"] - forked["created_at"] == pytest.approx(ttl)
+
+
+@pytest.mark.parametrize("command", ["runs", "init"])
+@pytest.mark.parametrize(("days", "says"), [("abc", "CHECKPOINT_TTL_DAYS='abc' is not a number"),
+                                            ("0", "CHECKPOINT_TTL_DAYS must be > 0, got '0'")])
+def test_a_malformed_ttl_in_days_is_one_line_and_exit_2(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    command: str, days: str, says: str
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_TTL_DAYS", days)
+    argv = [command, url] if command == "init" else [command, "--url", url]
+
+    code, out, err = run_cli(capsys, *argv)
+
+    assert (code, out) == (EXIT_USAGE, "")
+    assert err == f"error: {says}\n"
+
+
 def test_a_missing_extra_names_the_install_command(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
