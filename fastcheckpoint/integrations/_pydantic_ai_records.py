@@ -144,17 +144,42 @@ def labels_of(scope: str | None, family: str) -> tuple[str, ...]:
 # -- encoding ----------------------------------------------------------------------------------
 
 
+def check_record(record: ConversationRecord) -> None:
+    """Raise, before anything is written, what writing ``record`` would: :class:`ValidationError`
+    for a record that would not read back (a title that is not a str, say),
+    :class:`SerializationError` for a value JSON cannot hold."""
+    _record_fields(record)
+
+
 def encode_record(codec: Codec, record: ConversationRecord, family: str) -> bytes:
     """The checkpoint body: the record as Pydantic's JSON, parsed, so ``fastcheckpoint show``
     prints it as it is."""
-    try:
-        fields = json.loads(_RECORDS.dump_json(record))
-    except (pydantic_core.PydanticSerializationError, ValueError) as exc:
-        raise SerializationError(
-            f"conversation {record.conversation_id[:80]!r}: its record cannot be stored as "
-            f"JSON: {exc}") from exc
-    state = {"format": FORMAT, "family": family, "record": fields}
+    state = {"format": FORMAT, "family": family, "record": _record_fields(record)}
     return codec.encode_payload(state, [], [], {})
+
+
+def _record_fields(record: ConversationRecord) -> dict[str, Any]:
+    """The record's JSON, checked to read back as a record: Pydantic's serializer writes a
+    value of the wrong type as it is (with a warning only), and :func:`decode_record` would
+    then refuse it on every read."""
+    where = f"conversation {record.conversation_id!r:.80}"
+    try:
+        dumped = _RECORDS.dump_json(record, warnings="none")
+    except (pydantic_core.PydanticSerializationError, ValueError) as exc:
+        raise SerializationError(f"{where}: its record cannot be stored as JSON: {exc}") from exc
+    try:
+        _RECORDS.validate_json(dumped)
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        if not error["loc"]:  # the JSON itself: nested deeper than the parser goes
+            raise SerializationError(
+                f"{where}: its record cannot be stored as JSON: {error['msg']}") from exc
+        field = ".".join(str(part) for part in error["loc"])
+        raise ValidationError(
+            f"{where}: its record's {field} is not acceptable: {error['msg']} "
+            f"(got {error['input']!r:.80})") from exc
+    fields: dict[str, Any] = json.loads(dumped)
+    return fields
 
 
 def decode_record(codec: Codec, blob: bytes, where: str) -> tuple[ConversationRecord, str]:

@@ -208,13 +208,14 @@ class FastConversationStore(ConversationStore):
         conversation), keeping the stored record's title and metadata (:meth:`write_details`
         changes those, and a save that read the record before does not undo them)."""
         conversation_id = record.conversation_id
+        # The record and every message are written as JSON before anything is stored: one
+        # that cannot be leaves no trace (not even a family registered for it).
+        records.check_record(record)
+        messages = [records.message_json(entry) for entry in new_entries]
         key = _ids.key_of(records.run_id_of(conversation_id))
         now = self._now()
         joined = False
         known: Known | None = None
-        # Every message is written as JSON before anything is stored: one that cannot be
-        # leaves no trace (not even a family registered for it).
-        messages = [records.message_json(entry) for entry in new_entries]
         if expected_revision is None:
             family, joined = await self._family_of_new(record, new_entries, now)
             incarnation, sequence = _ids.new_incarnation(), 0

@@ -40,7 +40,12 @@ from pydantic_ai.models.test import TestModel
 from pydantic_ai.ui.vercel_ai import VercelAIAdapter
 
 from fastcheckpoint import CheckpointManager, _ids
-from fastcheckpoint.errors import ConfigurationError, CorruptCheckpointError, SerializationError
+from fastcheckpoint.errors import (
+    ConfigurationError,
+    CorruptCheckpointError,
+    SerializationError,
+    ValidationError,
+)
 from fastcheckpoint.integrations import _pydantic_ai_records as records
 from fastcheckpoint.integrations.pydantic_ai import FastConversationStore
 from fastcheckpoint.stores import CheckpointStore, Item
@@ -458,12 +463,56 @@ async def test_metadata_json_cannot_hold_is_refused_before_anything_is_written()
     with anyio.fail_after(10):
         conversations = FastConversationStore(MemoryStore())
         await conversations.save(Conversation(conversation_id="c", messages=_turns("hi")))
-        for value in (b"\xff", object(), "\ud800"):
+        deep: dict[str, Any] = {"x": 1}
+        for _ in range(200):  # deeper than the record's JSON is read back
+            deep = {"x": deep}
+        for value in (b"\xff", object(), "\ud800", deep):
             with pytest.raises(SerializationError):
                 await conversations.update("c", metadata={"x": value})
         record = await conversations.read_record("c")
         assert record is not None
         assert record.metadata is None
+
+
+async def test_an_update_of_the_wrong_type_is_refused_and_changes_nothing() -> None:
+    """A title that is not a str, metadata that is not a dict: ValidationError and nothing
+    written, so the conversation still loads, lists, saves and deletes."""
+    store = MemoryStore()
+    conversations = FastConversationStore(store)
+    key = _ids.key_of(records.run_id_of("c"))
+    wrong: list[dict[str, Any]] = [{"title": 42}, {"title": ["a"]}, {"metadata": ["a", "b"]},
+                                   {"metadata": "text"}]
+    with anyio.fail_after(10):
+        await conversations.save(Conversation(conversation_id="c", messages=_turns("hi")))
+        before = await store.latest(key, now=_time.time())
+        for details in wrong:
+            with pytest.raises(ValidationError, match="conversation 'c'"):
+                await conversations.update("c", **details)
+        assert await store.latest(key, now=_time.time()) == before
+        loaded = await conversations.load("c")
+        assert loaded is not None
+        assert [record.conversation_id for record in
+                await conversations.list_conversations()] == ["c"]
+        loaded.messages += _turns("more")
+        await conversations.save(loaded)
+        assert _texts(await conversations.load("c")) == ["hi", "re: hi", "more", "re: more"]
+        await conversations.delete("c")
+        assert await conversations.load("c") is None
+
+
+async def test_a_record_of_the_wrong_type_is_refused_before_anything_is_written() -> None:
+    """``write_record`` checks the record as ``update`` does: before its family or entries."""
+    counting = CountingStore(MemoryStore())
+    inner: Any = counting
+    conversations = FastConversationStore(inner)
+    entry = ConversationEntry(parent_id=None, message=_request("hi"))
+    title: Any = 42
+    record = ConversationRecord(conversation_id="c", head_id=entry.id, title=title)
+    with anyio.fail_after(10):
+        with pytest.raises(ValidationError, match="title"):
+            await conversations.write_record(record, new_entries=[entry], expected_revision=None)
+        assert _counted(counting) == {}
+        assert await counting.inner.scan_items(records.FAMILIES_KEY, now=0) == []
 
 
 class _ForkOvertaken(MemoryStore):
