@@ -34,6 +34,7 @@ from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
 
 from fastcheckpoint import _ids
 from fastcheckpoint._codec import Codec
+from fastcheckpoint._validate import text_arg
 from fastcheckpoint.errors import CorruptCheckpointError, SerializationError, ValidationError
 
 FRAMEWORK = "pydantic-ai"
@@ -101,7 +102,7 @@ class Lru(Generic[_K, _V]):
 
 
 def run_id_of(conversation_id: str) -> str:
-    return RUN_PREFIX + conversation_id
+    return RUN_PREFIX + text_arg("conversation_id", conversation_id)
 
 
 def conversation_id_of(run_id: str) -> str | None:
@@ -109,10 +110,7 @@ def conversation_id_of(run_id: str) -> str | None:
 
 
 def scope_label(scope: str) -> str:
-    try:
-        return "pydantic-ai scope " + _ids.run_key(scope)
-    except UnicodeEncodeError as exc:
-        raise ValidationError("scope must be valid unicode (it has a lone surrogate)") from exc
+    return "pydantic-ai scope " + _ids.run_key(text_arg("scope", scope))
 
 
 def family_label(family: str) -> str:
@@ -146,8 +144,11 @@ def labels_of(scope: str | None, family: str) -> tuple[str, ...]:
 
 def check_record(record: ConversationRecord) -> None:
     """Raise, before anything is written, what writing ``record`` would: :class:`ValidationError`
-    for a record that would not read back (a title that is not a str, say),
-    :class:`SerializationError` for a value JSON cannot hold."""
+    for a conversation id or scope that is not a str or a record that would not read back (a
+    title that is not a str, say), :class:`SerializationError` for a value JSON cannot hold."""
+    run_id_of(record.conversation_id)
+    if record.scope is not None:
+        scope_label(record.scope)
     _record_fields(record)
 
 

@@ -515,6 +515,32 @@ async def test_a_record_of_the_wrong_type_is_refused_before_anything_is_written(
         assert await counting.inner.scan_items(records.FAMILIES_KEY, now=0) == []
 
 
+async def test_a_conversation_id_or_scope_that_is_not_a_str_is_refused_before_writing() -> None:
+    counting = CountingStore(MemoryStore())
+    inner: Any = counting
+    conversations = FastConversationStore(inner)
+    with anyio.fail_after(10):
+        for conversation_id in (5, None):
+            wrong: Any = conversation_id
+            with pytest.raises(ValidationError, match="conversation_id must be a str"):
+                await conversations.load(wrong)
+            with pytest.raises(ValidationError, match="conversation_id must be a str"):
+                await conversations.save(Conversation(conversation_id=wrong, messages=_turns("a")))
+            with pytest.raises(ValidationError, match="conversation_id must be a str"):
+                await conversations.delete(wrong)
+        assert _counted(counting) == {}
+        scope: Any = 5
+        with pytest.raises(ValidationError, match="scope must be a str"):
+            await conversations.save(Conversation(conversation_id="s", messages=_turns("a")),
+                                     scope=scope)
+        assert _counted(counting) == {"latest": 1}  # the save's read of the record only
+        with pytest.raises(ValidationError, match="scope must be a str"):
+            await conversations.list_conversations(scope=scope)
+        assert _counted(counting) == {}
+        assert await conversations.load("s") is None
+        assert await counting.inner.scan_items(records.FAMILIES_KEY, now=0) == []
+
+
 class _ForkOvertaken(MemoryStore):
     """A fork of ``orig`` whose record lands just after a delete of ``orig`` made its last
     check for other members of the family, the fork's caller cancelled right then."""
