@@ -24,6 +24,7 @@ store).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -67,6 +68,8 @@ from fastcheckpoint.integrations import _pydantic_ai_records as records
 from fastcheckpoint.integrations._pydantic_ai_records import Known, Lru
 
 __all__ = ["FastConversationStore"]
+
+logger = logging.getLogger("fastcheckpoint.pydantic_ai")
 
 _PAGE = 100
 """Runs or items read per store call by listings and releases."""
@@ -191,11 +194,21 @@ class FastConversationStore(ConversationStore):
             if limit is not None and len(found) >= limit:
                 break
             conversation_id = records.conversation_id_of(run.run_id)
-            record = None if conversation_id is None else await self.read_record(conversation_id)
+            record = None if conversation_id is None else await self._listed(conversation_id)
             if record is not None and (scope is None or record.scope == scope):
                 found.append(record)
         found.sort(key=lambda record: record.updated_at, reverse=True)
         return found
+
+    async def _listed(self, conversation_id: str) -> ConversationRecord | None:
+        """The record, or ``None`` if it is damaged: one damaged record never hides the
+        others from a listing (``read_record`` of it raises ``CorruptCheckpointError``)."""
+        try:
+            return await self.read_record(conversation_id)
+        except CorruptCheckpointError as exc:
+            logger.warning("skipping the damaged record of conversation %r: %s",
+                           conversation_id[:80], exc)
+            return None
 
     async def write_record(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import subprocess
 import sys
 import time as _time
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 pytest.importorskip("pydantic_ai")
@@ -539,6 +541,51 @@ async def test_a_conversation_id_or_scope_that_is_not_a_str_is_refused_before_wr
         assert _counted(counting) == {}
         assert await conversations.load("s") is None
         assert await counting.inner.scan_items(records.FAMILIES_KEY, now=0) == []
+
+
+class _Damaged(MemoryStore):
+    """Returns damaged bytes for the records of the runs in ``damaged``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.damaged: set[str] = set()
+
+    async def latest(self, run_key: str, **options: Any) -> Any:
+        found = await super().latest(run_key, **options)
+        if found is None or run_key not in self.damaged:
+            return found
+        checkpoint, *rest = found
+        return (msgspec.structs.replace(checkpoint, payload=b"damaged"), *rest)
+
+
+async def test_a_damaged_record_is_left_out_of_listings_with_a_warning(
+    caplog: pytest.LogCaptureFixture, clock: FakeClock,
+) -> None:
+    """One record that cannot be read never makes every listing fail: it is left out, the
+    others list; its own load still says it is damaged."""
+    store = _Damaged()
+    conversations = FastConversationStore(store, clock=clock)
+    with anyio.fail_after(10):
+        for conversation_id in ("old", "bad", "new"):
+            await conversations.save(Conversation(conversation_id=conversation_id,
+                                                  messages=_turns(conversation_id)),
+                                     scope="alice")
+            clock.advance(1)
+        store.damaged.add(_ids.key_of(records.run_id_of("bad")))
+        with caplog.at_level(logging.WARNING, logger="fastcheckpoint.pydantic_ai"):
+            listed = await conversations.list_conversations()
+        assert [record.conversation_id for record in listed] == ["new", "old"]
+        assert "'bad'" in caplog.text
+        assert [record.conversation_id for record in await conversations.list_conversations(
+            scope="alice", limit=2)] == ["new", "old"]
+        with pytest.raises(CorruptCheckpointError):
+            await conversations.load("bad")
+        # the way out: delete its run, then its entries go with its family
+        await CheckpointManager(store).delete_run(records.run_id_of("bad"))
+        assert await conversations.load("bad") is None
+        clock.advance(3600)
+        assert await conversations.cleanup_expired() == 2
+        assert len(await conversations.list_conversations()) == 2
 
 
 class _ForkOvertaken(MemoryStore):
