@@ -319,9 +319,10 @@ class RunStateStore:
 
         ``context_serializer`` goes to ``RunState.to_json`` (for a context that is not a
         mapping). :class:`ConflictError` if the run already waits for a decision or is
-        finished.
+        finished. :class:`ValidationError` if ``result`` is none of the SDK's results or
+        states.
         """
-        state = result if isinstance(result, RunState) else result.to_state()
+        state = _state_of(result)
         pending = state.get_interruptions()
         body: dict[str, Any] = {"framework": FRAMEWORK,
                                 "run_state": _state_json(state, context_serializer)}
@@ -464,6 +465,16 @@ def _session_settings(value: object) -> SessionSettings:
             raise ConfigurationError(f"invalid session_settings: {exc}") from exc
     raise ConfigurationError(
         f"session_settings must be a SessionSettings or a dict, got {type(value).__name__}")
+
+
+def _state_of(result: object) -> RunState[Any, Any]:
+    if isinstance(result, RunState):
+        return result
+    if isinstance(result, (RunResult, RunResultStreaming)):
+        return result.to_state()
+    raise ValidationError(
+        f"result must be a RunResult, RunResultStreaming or RunState, got "
+        f"{type(result).__name__}")
 
 
 def _state_json(state: RunState[Any, Any], context_serializer: Any) -> dict[str, Any]:

@@ -499,6 +499,14 @@ async def test_approval_refusals() -> None:
         RunStateStore(CheckpointManager(MemoryStore()), config=make_config(FakeClock()))
 
 
+async def test_record_takes_only_results_and_states() -> None:
+    approvals = RunStateStore(MemoryStore())
+    for result in (None, "done", {"run_state": {}}):
+        with pytest.raises(ValidationError, match="RunResult"):
+            await approvals.record("r", result)  # type: ignore[arg-type]
+    assert await approvals.manager.get_run("r") is None
+
+
 async def test_approvals_share_a_manager_and_from_env(tmp_path: Path) -> None:
     manager = CheckpointManager(MemoryStore())
     async with RunStateStore(manager) as approvals:
