@@ -13,8 +13,8 @@ pending tool call, ready for ``Runner.run(agent, state)``.
 
 Costs in store calls: ``get_items`` 1; ``add_items`` and ``pop_item`` 1 when this session
 object made the last change or read, else 3 (a refused change, a read, the change; a pop by
-an object that never looked: 2); ``clear_session`` 1. ``RunStateStore.record`` 3 (a
-checkpoint, then the status change: read and update; 4 when its manager has not written the
+an object that never looked: 2); ``clear_session`` 1. ``RunStateStore.record`` 4 (the run, a
+checkpoint, then the status change: read and update; 5 when its manager has not written the
 run before), ``resume`` 4 (the run, the checkpoint, then the claim of the decision: read and
 update).
 
@@ -31,13 +31,14 @@ from typing import Any, cast
 
 import msgspec
 
-from fastcheckpoint._codec import RunData
+from fastcheckpoint._codec import RunData, to_json_text
 from fastcheckpoint._config import CheckpointConfig
 from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import CheckpointStatus, RunInfo
 from fastcheckpoint._settle import settled
 from fastcheckpoint._validate import request_arg, text_arg
 from fastcheckpoint.errors import (
+    CheckpointError,
     CheckpointNotFound,
     ConfigurationError,
     ConflictError,
@@ -317,9 +318,12 @@ class RunStateStore:
         request if it was interrupted, else COMPLETED (with ``final_output`` in the
         checkpoint).
 
-        ``context_serializer`` goes to ``RunState.to_json`` (for a context that is not a
-        mapping). :class:`ConflictError` if the run already waits for a decision or is
-        finished. :class:`ValidationError` if ``result`` is none of the SDK's results or
+        A new run, an ACTIVE one (after :meth:`resume`) and a FAILED one may be recorded.
+        :class:`ConflictError`, with nothing written, if the run waits for a decision or is
+        finished (COMPLETED, or REJECTED and not resumed), unless this very state is the
+        one recorded last: a call made again after its reply was lost returns the run as it
+        is. ``context_serializer`` goes to ``RunState.to_json`` (for a context that is not a
+        mapping). :class:`ValidationError` if ``result`` is none of the SDK's results or
         states.
         """
         state = _state_of(result)
@@ -328,22 +332,23 @@ class RunStateStore:
                                 "run_state": _state_json(state, context_serializer)}
         if not pending and not isinstance(result, RunState):
             body["final_output"] = _output_text(result.final_output)
+        run = await self._manager.get_run(run_id)
+        if run is not None and await self._recorded_already(run, body):
+            return run
         checkpoint = await self._manager.create(
             run_id, body, step_name="interrupted" if pending else "finished",
             ttl_seconds=self._ttl, force=True)
         assert checkpoint is not None  # forced: never throttled
-        if not pending:
-            finished = await self._manager.mark_completed(run_id)
-            if finished is None:  # expired the moment it was written
-                raise CheckpointNotFound(f"run {run_id!r} is gone")
-            return finished
-        # The tool calls first: the queue (``fastcheckpoint runs --status paused``) shows the
-        # request's beginning.
-        return await self._manager.pause(run_id, request={
-            "tool_calls": [_described(item) for item in pending],
-            "checkpoint_id": checkpoint.checkpoint_id,
-            "framework": FRAMEWORK,
-        })
+        checkpoint_id = checkpoint.checkpoint_id
+        try:
+            if pending:
+                return await self._pause(run_id, checkpoint_id, pending)
+            return await self._complete(run_id, checkpoint_id)
+        except CheckpointError:
+            # Refused (the run changed status since it was read) or failed: the checkpoint
+            # must not stay as the run's latest state, unless the change was stored after all.
+            await self._withdraw(run_id, checkpoint_id)
+            raise
 
     async def resume(
         self,
@@ -393,6 +398,68 @@ class RunStateStore:
             run_id, CheckpointStatus.FAILED,
             allowed={CheckpointStatus.ACTIVE, CheckpointStatus.PAUSED},
             note=error, update=release)
+
+    async def _recorded_already(self, run: RunInfo, body: dict[str, Any]) -> bool:
+        """Whether ``run`` holds ``body`` as recorded last (a retried record); ConflictError
+        if it may not be recorded now."""
+        if run.status in (CheckpointStatus.ACTIVE, CheckpointStatus.FAILED):
+            return False
+        if run.status is CheckpointStatus.PAUSED:
+            named = ((run.approval or {}).get("request") or {}).get("checkpoint_id")
+            recorded = (await self._manager.restore_from(named)
+                        if isinstance(named, str) else None)
+            why = "waits for a decision (approve or reject it, then resume it)"
+        elif run.status is CheckpointStatus.COMPLETED:
+            recorded = await self._manager.restore(run.run_id)
+            why = "is completed; record another run under a new run id"
+        else:
+            recorded = None
+            why = f"is {run.status.value}; resume its decision before recording it"
+        if recorded is not None and _same_json(recorded.state, body):
+            return True
+        raise ConflictError(f"run {run.run_id!r} {why}; nothing was recorded")
+
+    async def _pause(
+        self, run_id: str, checkpoint_id: str, pending: list[ToolApprovalItem]
+    ) -> RunInfo:
+        # The tool calls first: the queue (``fastcheckpoint runs --status paused``) shows the
+        # request's beginning.
+        asked = request_arg({"tool_calls": [_described(item) for item in pending],
+                             "checkpoint_id": checkpoint_id, "framework": FRAMEWORK})
+
+        def ask(data: RunData, now: float) -> None:
+            data.approval = {"request": asked, "requested_at": now}
+
+        return _found(await self._manager._transition(
+            run_id, CheckpointStatus.PAUSED, allowed={CheckpointStatus.ACTIVE},
+            note=to_json_text(asked), update=ask, must_exist=True,
+            made=lambda data: _requested(data.approval, checkpoint_id),
+            refusal="is {status} since it was read; nothing was recorded"))
+
+    async def _complete(self, run_id: str, checkpoint_id: str) -> RunInfo:
+        note = _finished_note(checkpoint_id)
+        run = _found(await self._manager._transition(
+            run_id, CheckpointStatus.COMPLETED, allowed={CheckpointStatus.ACTIVE},
+            note=note, must_exist=True,
+            refusal="is {status} since it was read; nothing was recorded"))
+        if not _finished_by(run, checkpoint_id):
+            raise ConflictError(
+                f"run {run_id!r} was completed by another record meanwhile; nothing was "
+                f"recorded")
+        return run
+
+    async def _withdraw(self, run_id: str, checkpoint_id: str) -> None:
+        """Delete the checkpoint of a record whose status change failed, unless the run names
+        it (the change was stored and its reply lost: a retry of the record returns the run)."""
+        try:
+            run = await self._manager.get_run(run_id)
+            if run is not None and (_requested(run.approval, checkpoint_id)
+                                    or _finished_by(run, checkpoint_id)):
+                return
+            await self._manager.delete(checkpoint_id)
+        except CheckpointError:
+            logger.warning("run %r: the failed record left its checkpoint %s", run_id[:80],
+                           checkpoint_id, exc_info=True)
 
     async def _load(
         self,
@@ -505,6 +572,38 @@ def _arguments(text: str | None) -> Any:
         return request_arg({"arguments": _decoder.decode(text)})["arguments"]
     except (msgspec.DecodeError, ValidationError):
         return text  # not JSON: the reviewer sees the text
+
+
+def _same_json(stored: Mapping[str, Any], body: dict[str, Any]) -> bool:
+    """Whether ``body`` is what ``stored`` holds, compared as JSON (tuples are lists)."""
+    try:
+        return bool(_decoder.decode(_encoder.encode(body))
+                    == _decoder.decode(_encoder.encode(stored)))
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        return False
+
+
+def _requested(approval: Mapping[str, Any] | None, checkpoint_id: str) -> bool:
+    """Whether ``approval`` is the request a record made for ``checkpoint_id``."""
+    request = (approval or {}).get("request")
+    return isinstance(request, Mapping) and request.get("checkpoint_id") == checkpoint_id
+
+
+def _finished_note(checkpoint_id: str) -> str:
+    return f"finished: checkpoint {checkpoint_id}"
+
+
+def _finished_by(run: RunInfo, checkpoint_id: str) -> bool:
+    """Whether the record of ``checkpoint_id`` completed ``run``."""
+    note = _finished_note(checkpoint_id)
+    return any(change.status is CheckpointStatus.COMPLETED and change.note == note
+               for change in run.history)
+
+
+def _found(run: RunInfo | None) -> RunInfo:
+    # A status change that must find the run raises CheckpointNotFound instead of None.
+    assert run is not None
+    return run
 
 
 def _decided(run: RunInfo) -> dict[str, Any]:

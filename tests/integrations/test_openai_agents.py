@@ -28,6 +28,7 @@ from fastcheckpoint.errors import (
     ConfigurationError,
     ConflictError,
     SerializationError,
+    StoreError,
     ValidationError,
 )
 from fastcheckpoint.integrations.openai_agents import (
@@ -36,7 +37,7 @@ from fastcheckpoint.integrations.openai_agents import (
     RunStateStore,
     session_run_id,
 )
-from tests._helpers import FakeClock, make_config
+from tests._helpers import FakeClock, ForwardingStore, make_config
 from tests.integrations.conftest import FreshStore
 
 pytestmark = pytest.mark.anyio
@@ -454,8 +455,10 @@ async def test_approval_store_calls() -> None:
     with anyio.fail_after(DEADLINE):
         result = await Runner.run(agent, "Refund", run_config=QUIET)
         await RunStateStore(store).record("r", result)
-        # the checkpoint, then the status change (a read and an update)
-        assert store.take() == {"append": 1, "get_run": 1, "update_run": 1}
+        # the run, the checkpoint, then the status change (a read and an update)
+        assert store.take() == {"append": 1, "get_run": 2, "update_run": 1}
+        await RunStateStore(store).record("r", result)  # a retry: the run, the state it names
+        assert store.take() == {"get_run": 1, "get": 1}
         await CheckpointManager(store).approve("r", approver="ana")
         store.take()
         approvals = RunStateStore(store)
@@ -466,7 +469,7 @@ async def test_approval_store_calls() -> None:
         result = await Runner.run(agent, state, run_config=QUIET)
         store.take()
         await approvals.record("r", result)  # not written by this manager yet: 1 more
-        assert store.take() == {"append": 2, "get_run": 1, "update_run": 1}
+        assert store.take() == {"append": 2, "get_run": 2, "update_run": 1}
 
 
 async def test_approval_refusals() -> None:
@@ -479,8 +482,9 @@ async def test_approval_refusals() -> None:
         result = await Runner.run(agent, "Refund", run_config=QUIET)
         run = await approvals.record("r", result)
         assert run.expires_at is not None
-        with pytest.raises(ConflictError):  # already waiting for a decision
-            await approvals.record("r", result)
+        again = await approvals.record("r", result)  # a retried call: the run as it is
+        assert again.approval == run.approval
+        assert again.checkpoint_count == 1
         other = Agent(name="someone-else", model=ScriptedModel([]))
         await approvals.manager.approve("r", approver="ana")
         with pytest.raises(SerializationError, match="someone-else"):
@@ -497,6 +501,177 @@ async def test_approval_refusals() -> None:
         RunStateStore(MemoryStore(), ttl_seconds=-1)
     with pytest.raises(ConfigurationError):
         RunStateStore(CheckpointManager(MemoryStore()), config=make_config(FakeClock()))
+
+
+async def test_refused_record_writes_nothing() -> None:
+    refunds: list[str] = []
+    agent, _ = _refund_agent(refunds, "Refunded.")
+
+    def other() -> Agent[Any]:  # asks for another refund
+        return agent.clone(model=ScriptedModel([
+            [function_call("refund", {"order": "B-2", "amount": 99}, call_id="call-9")]]))
+
+    # One checkpoint kept per run: a refused record that wrote one would prune the state
+    # the pending request names.
+    approvals = RunStateStore(MemoryStore(),
+                              config=make_config(FakeClock(), max_checkpoints_per_run=1))
+    with anyio.fail_after(DEADLINE):
+        run = await approvals.record("r", await Runner.run(agent, "Refund", run_config=QUIET))
+        for _ in range(2):  # a worker retrying after a timeout
+            with pytest.raises(ConflictError, match="waits for a decision"):
+                await approvals.record("r", await Runner.run(other(), "Refund",
+                                                             run_config=QUIET))
+        after = await approvals.manager.get_run("r")
+        assert after is not None
+        assert (after.approval, after.checkpoint_count, after.latest_sequence) == (
+            run.approval, 1, run.latest_sequence)
+        await approvals.manager.approve("r", approver="ana")
+        state = await approvals.resume("r", agent)
+        assert state is not None
+        done = await approvals.record("r", await Runner.run(agent, state, run_config=QUIET))
+        assert done.status is CheckpointStatus.COMPLETED
+        assert refunds == ["A-17"]
+
+
+async def test_finished_run_is_not_recorded_again() -> None:
+    def chat(answer: str) -> Agent[Any]:
+        return Agent(name="a", model=ScriptedModel([[assistant_message(answer)]]))
+
+    refunds: list[str] = []
+    agent, _ = _refund_agent(refunds, "Sorry.")
+    approvals = RunStateStore(MemoryStore(), config=make_config(FakeClock()))
+    with anyio.fail_after(DEADLINE):
+        first = await Runner.run(chat("one"), "hi", run_config=QUIET)
+        run = await approvals.record("t", first)
+        assert run.status is CheckpointStatus.COMPLETED
+        assert await approvals.record("t", first) == run  # a retried call: the run as it is
+        with pytest.raises(ConflictError, match="is completed"):
+            await approvals.record("t", await Runner.run(chat("two"), "hi", run_config=QUIET))
+        checkpoint = await approvals.manager.restore("t")
+        assert checkpoint is not None
+        assert checkpoint.state["final_output"] == "one"
+        assert await approvals.manager.get_run("t") == run
+
+        asked = await Runner.run(agent, "Refund", run_config=QUIET)
+        await approvals.record("r", asked)
+        rejected = await approvals.manager.reject("r", approver="bo", reason="no")
+        for result in (asked, first):  # rejected and not resumed: finished
+            with pytest.raises(ConflictError, match="is rejected"):
+                await approvals.record("r", result)
+        assert await approvals.manager.get_run("r") == rejected
+
+
+class _LostReply(ForwardingStore):
+    """Applies the next status change, then raises ``lose`` as if its reply were lost; or
+    fails it with ``fail`` before applying it."""
+
+    lose: Exception | None = None
+    fail: Exception | None = None
+
+    async def update_run(self, run_key: str, **change: Any) -> Any:
+        failed, self.fail = self.fail, None
+        if failed is not None:
+            raise failed
+        updated = await self.inner.update_run(run_key, **change)
+        lost, self.lose = self.lose, None
+        if lost is not None:
+            raise lost
+        return updated
+
+
+# StoreError: the worker sees the failure and calls again. ConflictError: what the store's own
+# retry of the update sees (the version moved on), so the status change is read again.
+@pytest.mark.parametrize("lost", [StoreError("no reply"), ConflictError("version moved on")])
+async def test_record_retried_after_a_lost_reply(lost: Exception) -> None:
+    store = _LostReply(MemoryStore())
+    agent, _ = _refund_agent([], "Refunded.")
+    approvals = RunStateStore(store, config=make_config(FakeClock()))
+
+    async def record(result: Any) -> Any:
+        store.lose = lost
+        if isinstance(lost, StoreError):
+            with pytest.raises(StoreError):
+                await approvals.record("r", result)
+        return await approvals.record("r", result)
+
+    with anyio.fail_after(DEADLINE):
+        result = await Runner.run(agent, "Refund", run_config=QUIET)
+        run = await record(result)
+        assert run.status is CheckpointStatus.PAUSED
+        assert run.checkpoint_count == 1
+        await approvals.manager.approve("r", approver="ana")
+        state = await approvals.resume("r", agent)
+        assert state is not None
+        run = await record(await Runner.run(agent, state, run_config=QUIET))
+        assert run.status is CheckpointStatus.COMPLETED
+        assert run.checkpoint_count == 2
+
+
+async def test_record_whose_status_change_fails_writes_nothing() -> None:
+    store = _LostReply(MemoryStore())
+    agent, _ = _refund_agent([], "Refunded.")
+    approvals = RunStateStore(store, config=make_config(FakeClock()))
+    with anyio.fail_after(DEADLINE):
+        result = await Runner.run(agent, "Refund", run_config=QUIET)
+        store.fail = StoreError("down")
+        with pytest.raises(StoreError):
+            await approvals.record("r", result)
+        assert await approvals.manager.get_run("r") is None  # its only checkpoint withdrawn
+        await approvals.record("r", result)
+        await approvals.manager.approve("r", approver="ana")
+        state = await approvals.resume("r", agent)
+        assert state is not None
+        before = await approvals.manager.get_run("r")
+        assert before is not None
+        result = await Runner.run(agent, state, run_config=QUIET)
+        store.fail = StoreError("down")
+        with pytest.raises(StoreError):
+            await approvals.record("r", result)
+        after = await approvals.manager.get_run("r")
+        assert after is not None
+        assert (after.status, after.checkpoint_count) == (before.status, 1)
+        run = await approvals.record("r", result)
+        assert (run.status, run.checkpoint_count) == (CheckpointStatus.COMPLETED, 2)
+
+
+class _ChangedMeanwhile(ForwardingStore):
+    """Runs ``change`` once, just before the next checkpoint is appended."""
+
+    change: Any = None
+
+    async def append(self, run_key: str, record: Any, **options: Any) -> str:
+        change, self.change = self.change, None
+        if change is not None:
+            await change()
+        return await self.inner.append(run_key, record, **options)
+
+
+@pytest.mark.parametrize("change", ["pause", "complete"])
+async def test_record_refused_when_the_run_changes_meanwhile(change: str) -> None:
+    store = _ChangedMeanwhile(MemoryStore())
+    agent, _ = _refund_agent([], "Refunded.")
+    approvals = RunStateStore(store, config=make_config(FakeClock()))
+    other = CheckpointManager(store, make_config(FakeClock()))
+    with anyio.fail_after(DEADLINE):
+        await approvals.record("r", await Runner.run(agent, "Refund", run_config=QUIET))
+        await approvals.manager.approve("r", approver="ana")
+        state = await approvals.resume("r", agent)
+        assert state is not None
+        before = await approvals.manager.restore("r")
+        assert before is not None
+        result = await Runner.run(agent, state, run_config=QUIET)
+        if change == "pause":
+            store.change = lambda: other.pause("r", request={"why": "by hand"})
+        else:
+            store.change = lambda: other.mark_completed("r")
+        with pytest.raises(ConflictError, match="nothing was recorded"):
+            await approvals.record("r", result)
+        run = await approvals.manager.get_run("r")
+        assert run is not None
+        assert run.checkpoint_count == 1
+        latest = await approvals.manager.restore("r")
+        assert latest is not None
+        assert latest.checkpoint_id == before.checkpoint_id
 
 
 async def test_record_takes_only_results_and_states() -> None:
