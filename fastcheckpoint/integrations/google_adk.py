@@ -228,6 +228,7 @@ class FastSessionService(BaseSessionService):
         deltas = _split(state or {})
         tracked = self._session_log(app_name, user_id, session_id)
         encoded = _encode_state(deltas.session)
+        _check_shared(deltas)
         # The session, then the app's and the user's state: all of it whatever cancels the
         # caller once it is under way (settled), never a session without its shared state.
         created = await settled(self._created(tracked, encoded, deltas, app_name, user_id))
@@ -359,6 +360,7 @@ class FastSessionService(BaseSessionService):
 
     async def _append(self, session: Session, event: Event, tracked: _Tracked) -> Event:
         deltas = _split(event.actions.state_delta)
+        _check_shared(deltas)
         head = await self._append_entry(session, event, tracked, deltas.session)
         if head is None:
             return event
@@ -579,6 +581,13 @@ def _split(state: Mapping[str, Any]) -> _Deltas:
         elif not key.startswith(State.TEMP_PREFIX):
             deltas.session[key] = value
     return deltas
+
+
+def _check_shared(deltas: _Deltas) -> None:
+    """Raise :class:`SerializationError` for an ``app:`` or ``user:`` value JSON cannot hold:
+    that state is written after the session's log, so it must be refused before."""
+    _encode_state({**{State.APP_PREFIX + key: value for key, value in deltas.app.items()},
+                   **{State.USER_PREFIX + key: value for key, value in deltas.user.items()}})
 
 
 def _merged(

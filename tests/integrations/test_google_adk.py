@@ -512,6 +512,33 @@ async def test_values_json_cannot_hold_are_refused_before_anything_is_written() 
         assert stored.events == []
 
 
+async def test_app_and_user_values_json_cannot_hold_are_refused_before_anything_is_written(
+) -> None:
+    """The app's and the user's state are written after the session: a value they cannot
+    hold must be refused before the session, or the event, is."""
+    with anyio.fail_after(DEADLINE):
+        service = FastSessionService(MemoryStore())
+        for key in ("app:bad", "user:bad"):
+            with pytest.raises(SerializationError) as refused:
+                await service.create_session(app_name="a", user_id="u", session_id="s",
+                                             state={"k": 1, key: object()})
+            assert refused.value.path == f"state[{key!r}]"
+            assert await service.get_session(app_name="a", user_id="u", session_id="s") is None
+        session = await service.create_session(app_name="a", user_id="u", session_id="s",
+                                               state={"k": 1})  # the retry: not "exists"
+        for key in ("app:bad", "user:bad"):
+            with pytest.raises(SerializationError):
+                await service.append_event(session, event({"k": 2, key: print}))
+            assert (session.events, session.state) == ([], {"k": 1})
+            stored = await service.get_session(app_name="a", user_id="u", session_id="s")
+            assert stored is not None
+            assert (stored.events, stored.state) == ([], {"k": 1})
+        await service.append_event(session, event({"k": 3, "user:fine": True}))
+        stored = await service.get_session(app_name="a", user_id="u", session_id="s")
+        assert stored is not None
+        assert (len(stored.events), stored.state) == (1, {"k": 3, "user:fine": True})
+
+
 def test_configuration_errors_name_what_is_wrong() -> None:
     with pytest.raises(ConfigurationError, match="ttl_seconds"):
         FastSessionService(MemoryStore(), ttl_seconds=0)
