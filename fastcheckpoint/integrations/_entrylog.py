@@ -85,6 +85,9 @@ class LogHead(msgspec.Struct, frozen=True):
     """Bumped by every change; ``expect=`` takes it for a compare-and-set."""
     created_at: float
     updated_at: float
+    incarnation: str
+    """The log's life, unique per store: a log cleared and written again starts a new one
+    (and its revisions start again at 0), whatever the clock says."""
 
 
 class LogView(msgspec.Struct, frozen=True):
@@ -97,6 +100,8 @@ class LogView(msgspec.Struct, frozen=True):
     revision: int
     created_at: float
     updated_at: float
+    incarnation: str
+    """As in :class:`LogHead`."""
 
 
 class _Segment(msgspec.Struct, array_like=True, frozen=True):
@@ -179,7 +184,8 @@ class EntryLog:
                                                      strict=True)
                    for entry in values[:segment.used]]
         return LogView(entries=entries, state=known.layout.state, revision=known.sequence,
-                       created_at=known.layout.created_at, updated_at=known.updated_at)
+                       created_at=known.layout.created_at, updated_at=known.updated_at,
+                       incarnation=known.incarnation)
 
     async def _read(self) -> _Known | None:
         found = await self._store.read_with_items(self._key, sequence=None, now=self._clock())
@@ -341,7 +347,8 @@ class EntryLog:
                 self._known, self._seen = None, False
                 raise
         self._known, self._seen = _Known(sequence, incarnation, layout, values, now), True
-        return LogHead(revision=sequence, created_at=created_at, updated_at=now)
+        return LogHead(revision=sequence, created_at=created_at, updated_at=now,
+                       incarnation=incarnation)
 
     async def _landed(self, record: StoredCheckpoint) -> bool:
         """Whether ``record`` (its payload unique by its token) is stored: a change whose

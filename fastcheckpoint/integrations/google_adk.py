@@ -99,13 +99,22 @@ class _Deltas(NamedTuple):
 
 
 class _Head(NamedTuple):
-    """A log's head as this process saw it: ``created_at`` tells incarnations apart."""
+    """A log's head as this process saw it: the revision within the log's life (a deleted
+    session created again under its id is a new life, its revisions starting at 0)."""
+
+    revision: int
+    incarnation: str
+
+
+class _OldMark(NamedTuple):
+    """A head as the previous release marked it, by the time its life began: two lives
+    begun at one clock reading look the same."""
 
     revision: int
     created_at: float
 
 
-_ABSENT = _Head(-1, 0.0)
+_ABSENT = _Head(-1, "")
 
 
 @dataclasses.dataclass(eq=False)
@@ -122,7 +131,7 @@ class _Tracked:
         self.head, self.state = head, state
 
     def saw_view(self, view: LogView | None) -> tuple[_Head, bytes]:
-        head = _ABSENT if view is None else _Head(view.revision, view.created_at)
+        head = _ABSENT if view is None else _Head(view.revision, view.incarnation)
         state = _EMPTY_STATE if view is None else view.state or _EMPTY_STATE
         self.head, self.state = head, state
         return head, state
@@ -283,7 +292,7 @@ class FastSessionService(BaseSessionService):
             id=session_id, app_name=app_name, user_id=user_id,
             state=_merged(_decode_state(view.state, where), app_state, user_state),
             events=events, last_update_time=view.updated_at)
-        _mark(session, _Head(view.revision, view.created_at))
+        _mark(session, _Head(view.revision, view.incarnation))
         return session
 
     async def list_sessions(
@@ -403,21 +412,19 @@ class FastSessionService(BaseSessionService):
         last, nothing is read (the append's compare-and-set catches a later change). Else the
         log is read: it must be at that head; for a session without one (built by hand, or
         by another service) the stored events must end with the session's last event, as
-        ADK's database service checks.
+        ADK's database service checks. A head marked by the previous release (which cannot
+        tell apart two lives begun at one clock reading) must match, and the session must
+        hold the stored newest event too: event ids are unique where clock readings are not.
         """
         marked = _marked_head(session)
         known = tracked.known()
-        if marked is not None and known is not None and known[0] == marked:
+        if isinstance(marked, _Head) and known is not None and known[0] == marked:
             return known
         view = await tracked.log.read()
         head, state = tracked.saw_view(view)
         if view is None:
             raise _not_found(session)
-        if marked is not None:
-            if head != marked:
-                raise StaleSessionError(_STALE_MESSAGE)
-        elif view.updated_at > session.last_update_time and not _has_seen(
-                session, view, tracked.log.run_id):
+        if not _reflects(session, marked, view, tracked.log.run_id):
             raise StaleSessionError(_STALE_MESSAGE)
         return head, state
 
@@ -547,6 +554,18 @@ def _selected(
     return picked
 
 
+def _reflects(
+    session: Session, marked: _Head | _OldMark | None, view: LogView, where: str
+) -> bool:
+    """Whether ``session``, marked ``marked``, reflects the stored session ``view``."""
+    if isinstance(marked, _Head):
+        return marked == (view.revision, view.incarnation)
+    if isinstance(marked, _OldMark):
+        return (marked == (view.revision, view.created_at) and bool(view.entries)
+                and _has_seen(session, view, where))
+    return view.updated_at <= session.last_update_time or _has_seen(session, view, where)
+
+
 def _has_seen(session: Session, view: LogView, where: str) -> bool:
     """Whether ``session`` holds the stored session's newest event (or both hold none)."""
     if not view.entries:
@@ -648,21 +667,28 @@ def _decode_event(entry: bytes, where: str) -> Event:
 
 
 def _head(head: LogHead) -> _Head:
-    return _Head(head.revision, head.created_at)
+    return _Head(head.revision, head.incarnation)
 
 
 def _mark(session: Session, head: _Head) -> None:
     """Record on ``session`` the head it reflects, in the field ADK keeps for it."""
-    session._storage_update_marker = f"{_MARKER}{head.revision}@{head.created_at!r}"
+    session._storage_update_marker = f"{_MARKER}{head.revision}/{head.incarnation}"
 
 
-def _marked_head(session: Session) -> _Head | None:
+def _marked_head(session: Session) -> _Head | _OldMark | None:
+    """The head ``session`` is marked with: ``<revision>/<incarnation>``, or the previous
+    release's ``<revision>@<created_at>``; ``None`` when unmarked (or marked by another
+    service)."""
     marker = session._storage_update_marker
     if not marker or not marker.startswith(_MARKER):
         return None
-    revision, _, created_at = marker[len(_MARKER):].partition("@")
+    body = marker[len(_MARKER):]
+    revision, slash, incarnation = body.partition("/")
     try:
-        return _Head(int(revision), float(created_at))
+        if slash:
+            return _Head(int(revision), incarnation)
+        revision, _, created_at = body.partition("@")
+        return _OldMark(int(revision), float(created_at))
     except ValueError:
         return None
 

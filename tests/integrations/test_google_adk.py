@@ -238,6 +238,70 @@ async def test_a_stale_session_is_refused_and_left_unchanged(
             assert [item.actions.state_delta["n"] for item in again.events] == [8]
 
 
+async def test_a_session_of_an_earlier_life_is_refused_when_both_began_at_one_instant(
+    fresh_store: FreshStore, clock: FakeClock
+) -> None:
+    """The clock never moves: a session deleted and created again under its id is a new
+    session all the same, for the service that made the old one and for any other."""
+    ids = {"app_name": "a", "user_id": "u", "session_id": "s"}
+    with anyio.fail_after(DEADLINE):
+        async with fresh_store() as store:
+            maker, deleter, other = (FastSessionService(store, clock=clock) for _ in range(3))
+            old = await maker.create_session(**ids)
+            await deleter.delete_session(**ids)
+            new = await deleter.create_session(**ids, state={"owner": "new"})
+            for service in (other, maker):
+                with pytest.raises(StaleSessionError):
+                    await service.append_event(old, event({"owner": "old"}, author="old"))
+            stored = await other.get_session(**ids)
+            assert stored is not None
+            assert (stored.events, stored.state) == ([], {"owner": "new"})
+            await other.append_event(new, event(author="new"))
+            stored = await maker.get_session(**ids)
+            assert stored is not None
+            assert [item.author for item in stored.events] == ["new"]
+
+
+async def test_a_session_marked_by_the_previous_release_is_checked_by_its_events(
+    fresh_store: FreshStore, clock: FakeClock
+) -> None:
+    """The previous release marked a session ``<revision>@<created_at>``, which a session of
+    an earlier life created at the same instant shares. Such a session appends while it is
+    at that revision and holds the stored session's newest event; else it is stale."""
+    ids = {"app_name": "a", "user_id": "u", "session_id": "s"}
+
+    async def old_marked(service: FastSessionService, revision: int) -> Session:
+        session = await service.get_session(**ids)
+        assert session is not None
+        session._storage_update_marker = f"fastcheckpoint:{revision}@{clock()!r}"
+        return session
+
+    with anyio.fail_after(DEADLINE):
+        async with fresh_store() as store:
+            first, second = (FastSessionService(store, clock=clock) for _ in range(2))
+            made = await first.create_session(**ids)
+            with pytest.raises(StaleSessionError):  # no event: its life cannot be told
+                await second.append_event(await old_marked(first, 0), event(author="early"))
+            with pytest.raises(StaleSessionError):  # not at that revision
+                await second.append_event(await old_marked(first, 1), event(author="early"))
+            await first.append_event(made, event(author="first"))
+            mine = await old_marked(second, 1)
+            await second.append_event(mine, event(author="second"))
+            await second.append_event(mine, event(author="second"))  # marked anew
+
+            earlier = await old_marked(first, 3)
+            await first.delete_session(**ids)
+            reborn = await first.create_session(**ids)
+            for _ in range(3):
+                await first.append_event(reborn, event(author="reborn"))
+            for service in (first, second):
+                with pytest.raises(StaleSessionError):
+                    await service.append_event(earlier, event(author="earlier"))
+            stored = await second.get_session(**ids)
+            assert stored is not None
+            assert [item.author for item in stored.events] == ["reborn"] * 3
+
+
 async def test_user_state_changes_from_two_sessions_all_land(
     fresh_store: FreshStore, adk_clock: FakeClock
 ) -> None:
