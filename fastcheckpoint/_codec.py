@@ -888,8 +888,15 @@ def to_json_text(value: Any) -> str:
 
 
 def from_json_text(data: str | bytes) -> Any:
+    if not isinstance(data, (str, bytes, bytearray, memoryview)):
+        raise SerializationError(
+            f"invalid checkpoint JSON: expected str or bytes, got {type(data).__name__}")
     try:
         return _json_decoder.decode(data)
+    except UnicodeEncodeError as exc:
+        raise SerializationError(
+            "invalid checkpoint JSON: the text is not valid unicode (it has a lone surrogate)"
+        ) from exc
     except RecursionError as exc:
         raise SerializationError("invalid checkpoint JSON: nested too deep") from exc
     except msgspec.DecodeError as exc:

@@ -90,8 +90,7 @@ class CheckpointConfig:
         _check_number("cleanup_interval", self.cleanup_interval, minimum=0.0, strict=True)
         if self.max_checkpoints_per_run is not None:
             _check_int("max_checkpoints_per_run", self.max_checkpoints_per_run, minimum=0)
-        if self.default_ttl_seconds is not None:
-            _check_number("default_ttl_seconds", self.default_ttl_seconds, minimum=0.0, strict=True)
+        check_default_ttl(self.default_ttl_seconds)
         if self.compress_min_bytes is not None:
             _check_int("compress_min_bytes", self.compress_min_bytes, minimum=0)
         _check_int("offload_min_bytes", self.offload_min_bytes, minimum=0)
@@ -192,16 +191,32 @@ def _parse(name: str, raw: str, kind: str) -> Any:
         raise ConfigurationError(f"{name}={raw!r} is not a valid {kind}") from exc
 
 
+def check_default_ttl(value: object) -> None:
+    """A default TTL (the config's or a store's): ``None`` or a finite, positive number of
+    seconds, else :class:`ConfigurationError`."""
+    if value is not None:
+        _check_number("default_ttl_seconds", value, minimum=0.0, strict=True)
+
+
+def _finite(value: float) -> bool:
+    """Whether ``value`` is a finite number, also an int too large for a float (not one)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _check_number(
     name: str, value: object, *, minimum: float, strict: bool = False
 ) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok and math.isfinite(float(value)):  # type: ignore[arg-type]
+    if ok and _finite(value):  # type: ignore[arg-type]
         below = value <= minimum if strict else value < minimum  # type: ignore[operator]
         if not below:
             return
     relation = ">" if strict else ">="
-    raise ConfigurationError(f"{name} must be a finite number {relation} {minimum}, got {value!r}")
+    shown = repr(value) if len(repr(value)) <= 80 else f"{repr(value)[:40]}..."
+    raise ConfigurationError(f"{name} must be a finite number {relation} {minimum}, got {shown}")
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:

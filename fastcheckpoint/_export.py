@@ -103,7 +103,7 @@ def json_text(value: Any) -> str:
     try:
         return to_json_text(value)
     except SerializationError:
-        return to_json_text(_jsonable(value))
+        return _fallback_text(value)
 
 
 def _key_text(key: Any) -> str:
@@ -115,16 +115,21 @@ def _key_text(key: Any) -> str:
     return str(text)
 
 
-def _jsonable(value: Any) -> Any:
+def _fallback_text(value: Any) -> str:
+    """The JSON text of content :func:`to_json_text` refuses, written piece by piece so that
+    each dict keeps every entry in order, as the JSON path does (``1`` and ``"1"`` both come
+    out as ``"1"``: a dict built again would keep one)."""
     if isinstance(value, dict):
-        return {_key_text(key): _jsonable(item) for key, item in value.items()}
+        entries = (f"{to_json_text(_key_text(key))}:{_fallback_text(item)}"
+                   for key, item in value.items())
+        return "{" + ",".join(entries) + "}"
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [_jsonable(item) for item in value]
+        return "[" + ",".join(_fallback_text(item) for item in value) + "]"
     try:
-        to_json_text(value)
+        return to_json_text(value)
     except SerializationError:
-        return {"repr": repr(value), "type": f"{type(value).__module__}.{type(value).__qualname__}"}
-    return value
+        return to_json_text({"repr": repr(value),
+                             "type": f"{type(value).__module__}.{type(value).__qualname__}"})
 
 
 def _content(checkpoint: Checkpoint | str | None) -> dict[str, Any] | None:

@@ -23,6 +23,9 @@ MAX_RUN_ID_BYTES = 4096
 _RUN_KEY_BYTES = 15  # 120 bits: 24 base32 characters, no padding
 _INCARNATION_BYTES = 5  # 40 bits: 8 base32 characters
 _CHECKPOINT_ID = re.compile(r"ck-([a-z2-7]{24})-([a-z2-7]{8})-(0|[1-9][0-9]{0,18})")
+MAX_SEQUENCE = 2**63 - 2
+"""The largest sequence an id can name: every store keeps sequences, and the one after them,
+in 64-bit integers. An id naming a larger one was never made: it names no checkpoint."""
 
 
 def _b32(raw: bytes) -> str:
@@ -42,6 +45,14 @@ def validate_run_id(run_id: object) -> str:
     if size > MAX_RUN_ID_BYTES:
         raise ValidationError(f"run_id is {size} bytes of UTF-8; the limit is {MAX_RUN_ID_BYTES}")
     return run_id
+
+
+def derived_run_id(run_id: str, suffix: str) -> str:
+    """``run_id + suffix``, with ``run_id`` cut (at a character) so that the result is a valid
+    run id: a run id at the size limit still gets one."""
+    room = MAX_RUN_ID_BYTES - len(suffix.encode("utf-8"))
+    base = run_id.encode("utf-8")[:room].decode("utf-8", errors="ignore")
+    return base + suffix
 
 
 def run_key(run_id: str) -> str:
@@ -80,7 +91,7 @@ def parse_checkpoint_id(value: object) -> tuple[str, str, int] | None:
     if not isinstance(value, str):
         return None
     match = _CHECKPOINT_ID.fullmatch(value)
-    if match is None:
+    if match is None or int(match[3]) > MAX_SEQUENCE:
         return None
     return match[1], match[2], int(match[3])
 

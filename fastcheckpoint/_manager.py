@@ -29,7 +29,7 @@ import msgspec
 
 from fastcheckpoint import _export, _ids
 from fastcheckpoint._codec import Codec, Header, Payload, RunData, to_json_text
-from fastcheckpoint._config import CheckpointConfig, RetryPolicy
+from fastcheckpoint._config import CheckpointConfig, RetryPolicy, check_default_ttl
 from fastcheckpoint._history import Histories, Written
 from fastcheckpoint._logs import LogGap
 from fastcheckpoint._model import (
@@ -179,9 +179,9 @@ class CheckpointManager:
             dec_hook=self.config.dec_hook,
             compress_min_bytes=self.config.compress_min_bytes,
         )
-        self._default_ttl = self.config.default_ttl_seconds
-        if self._default_ttl is None and isinstance(store, SupportsDefaultTTL):
-            self._default_ttl = store.default_ttl_seconds
+        # FastAgentic's store-level TTL, applied when the config sets none.
+        self._store_ttl = store.default_ttl_seconds if isinstance(
+            store, SupportsDefaultTTL) else None
         cap = self.config.retry.max_delay
         self._contention = RetryPolicy(base_delay=min(_CONTENTION_BASE, cap), max_delay=cap)
         self._hints: OrderedDict[str, _Hint] = OrderedDict()
@@ -561,7 +561,7 @@ class CheckpointManager:
 
     def _ttl(self, ttl_seconds: object, now: float) -> float | None:
         if ttl_seconds is None:
-            return self._default_ttl
+            return self._default_ttl(now)
         if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)):
             raise ValidationError(f"ttl_seconds must be a number, got {ttl_seconds!r}")
         try:
@@ -573,6 +573,22 @@ class CheckpointManager:
                 "ttl_seconds must be a finite, positive number of seconds (or None for the "
                 f"configured default_ttl_seconds), got {ttl_seconds!r}"
             )
+        return ttl
+
+    def _default_ttl(self, now: float) -> float | None:
+        """The config's ``default_ttl_seconds`` as it is now (FastAgentic reads its config at
+        every create), else the store's; checked again, as the config may have changed."""
+        default = self.config.default_ttl_seconds
+        if default is None:
+            default = self._store_ttl
+            if default is None:
+                return None
+        check_default_ttl(default)
+        ttl = float(default)
+        if now + ttl <= now:
+            raise ConfigurationError(
+                f"default_ttl_seconds={default!r} is below the clock's resolution: every "
+                "checkpoint would expire as it is written")
         return ttl
 
     async def _require_parent(self, key: str, parent_id: str) -> None:
@@ -998,7 +1014,7 @@ class CheckpointManager:
         # Read before anything is written: a source that cannot be restored is not copied.
         body = await self._decode_body(key, source, items)
         if new_run_id is None:
-            new_run_id = f"{header.run_id}-fork-{_ids.new_incarnation()}"
+            new_run_id = _ids.derived_run_id(header.run_id, f"-fork-{_ids.new_incarnation()}")
         new_key = _ids.key_of(new_run_id)
         ttl = self._ttl(ttl_seconds, now)
         expires_at = None if ttl is None else now + ttl

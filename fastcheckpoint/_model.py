@@ -89,6 +89,10 @@ class CheckpointMetadata(msgspec.Struct, frozen=True):
             metadata = msgspec.convert(fields, cls)
         except msgspec.ValidationError as exc:
             raise ValidationError(f"invalid checkpoint metadata: {exc}") from exc
+        except UnicodeEncodeError as exc:  # msgspec quoting a lone surrogate in its message
+            raise ValidationError(
+                "invalid checkpoint metadata: a value is not valid unicode (it has a lone "
+                "surrogate)") from exc
         if metadata.expires_at is None and metadata.ttl_seconds is not None:
             expires_at = metadata.created_at + metadata.ttl_seconds
             metadata = msgspec.structs.replace(metadata, expires_at=expires_at)

@@ -36,6 +36,7 @@ from fastcheckpoint import (
     CheckpointNotFound,
     CheckpointStatus,
     CheckpointStore,
+    ConfigurationError,
     ConflictError,
     CorruptCheckpointError,
     FileCheckpointStore,
@@ -49,6 +50,7 @@ from fastcheckpoint import (
     ValidationError,
     _export,
     _ids,
+    open_store,
 )
 from fastcheckpoint.stores import RunRecord, StoredCheckpoint
 from tests._helpers import STORE_KINDS, FakeClock, ForwardingStore, make_config, make_store
@@ -674,6 +676,42 @@ async def test_default_ttl_comes_from_config_and_per_create_ttl_overrides_it(
     assert defaulted.metadata.expires_at == clock.now + 60
     assert explicit.metadata.ttl_seconds == 5
     assert explicit.metadata.expires_at == clock.now + 5
+
+
+async def test_a_default_ttl_changed_on_the_config_applies_to_the_next_create(
+    manager: CheckpointManager, clock: FakeClock
+) -> None:
+    """FastAgentic reads its config at every create; so does the manager (and checks it
+    again: a value set after the config was built was never checked)."""
+    with anyio.fail_after(10):
+        before = await create(manager)
+        manager.config.default_ttl_seconds = 60.0
+        after = await create(manager)
+        manager.config.default_ttl_seconds = -1.0
+        with pytest.raises(ConfigurationError, match="default_ttl_seconds"):
+            await create(manager)
+
+    assert before.metadata.ttl_seconds is None
+    assert after.metadata.expires_at == clock.now + 60
+    assert [c.sequence for c in await manager.list_checkpoints(RUN)] == [1, 0]
+
+
+async def test_a_default_ttl_below_the_clocks_resolution_refuses_every_create(
+    store: CheckpointStore, clock: FakeClock
+) -> None:
+    """A default that a timestamp cannot hold (``now + ttl == now``) would expire every
+    checkpoint as it is written: the create is refused instead, nothing written, as an
+    explicit ``ttl_seconds`` that small is."""
+    manager = manager_with(store, clock, default_ttl_seconds=1e-7)
+    with anyio.fail_after(10):
+        with pytest.raises(ConfigurationError, match="resolution"):
+            await create(manager)
+        with pytest.raises(ValidationError):
+            await create(manager, ttl_seconds=1e-7)
+        assert await manager.get_run(RUN) is None
+        kept = await create(manager, ttl_seconds=60)
+
+    assert await manager.restore(RUN) == kept
 
 
 async def test_a_store_level_default_ttl_applies_unless_the_config_sets_one(
@@ -1883,6 +1921,21 @@ async def test_export_goes_on_past_a_corrupt_checkpoint_and_content_json_cannot_
         "(1, 2)": "tuple key", "n": 0, "00000000-0000-0000-0000-000000000007": "uuid key"}
 
 
+async def test_export_keeps_every_entry_of_a_dict_whose_keys_read_alike(
+    manager: CheckpointManager,
+) -> None:
+    """``1`` and ``"1"`` both come out as ``"1"``, also when other content (a tuple key)
+    makes the export write JSON piece by piece."""
+    with anyio.fail_after(10):
+        await manager.create(RUN, {"k": {1: "int", "1": "str"}, "other": {(1, 2): "tuple"}})
+        text = "".join(await export(manager, include_state=True))
+
+    pairs: list[list[tuple[str, Any]]] = []
+    json.loads(text, object_pairs_hook=lambda found: pairs.append(found) or dict(found))
+    assert [("1", "int"), ("1", "str")] in pairs
+    assert [("(1, 2)", "tuple")] in pairs
+
+
 async def test_export_of_an_unknown_run_raises_checkpoint_not_found(
     manager: CheckpointManager,
 ) -> None:
@@ -2073,6 +2126,23 @@ async def test_fork_without_a_run_id_makes_a_fresh_run(manager: CheckpointManage
     assert run.latest_sequence == 0
 
 
+async def test_fork_without_a_run_id_of_a_run_at_the_size_limit(
+    manager: CheckpointManager,
+) -> None:
+    """The made-up run id keeps within the limit: the source's id is cut (at a character)."""
+    long_id = "é" * 2047 + "x" * 2  # 4,096 bytes of UTF-8, the limit
+    with anyio.fail_after(10):
+        source = await manager.create(long_id, {"n": 0})
+        forked = await manager.fork(source.checkpoint_id)
+        restored = await manager.restore(forked.run_id)
+
+    assert len(forked.run_id.encode()) <= 4096
+    assert forked.run_id.startswith("é" * 2040)
+    assert "-fork-" in forked.run_id
+    assert restored is not None
+    assert restored.state == {"n": 0}
+
+
 async def test_fork_into_an_existing_run_raises_conflict_error(
     manager: CheckpointManager,
 ) -> None:
@@ -2108,6 +2178,29 @@ async def test_lineage_stops_at_pruned_ancestors(store: CheckpointStore, clock: 
         created[3].checkpoint_id,
         created[2].checkpoint_id,
     ]
+
+
+@pytest.mark.parametrize("sequence", [2**63 - 1, 2**63, 10**19 - 1])
+async def test_an_id_naming_a_sequence_no_store_holds_names_no_checkpoint(
+    manager: CheckpointManager, tmp_path: Path, sequence: int
+) -> None:
+    """Well-formed but beyond 64 bits (or its successor): never made, so not found, as any
+    unknown id, on every store (SQLite refused the sequence after it as out of range)."""
+    sqlite = CheckpointManager(open_store(f"sqlite:///{tmp_path}/runs.db"))
+    for each in (manager, sqlite):
+        await _unknown_beyond(each, sequence)
+    await sqlite.aclose()
+
+
+async def _unknown_beyond(manager: CheckpointManager, sequence: int) -> None:
+    with anyio.fail_after(10):
+        made = await create(manager)
+        stem = made.checkpoint_id.rsplit("-", 1)[0]
+        unknown = f"{stem}-{sequence}"
+        assert await manager.lineage(unknown) == []
+        assert await manager.restore_from(unknown) is None
+        with pytest.raises(CheckpointNotFound):
+            await manager.create(RUN, {"n": 1}, parent_id=unknown)
 
 
 # -- listing filters and paging -----------------------------------------------------------------

@@ -186,3 +186,17 @@ def test_metadata_from_dict_validates_types() -> None:
     assert metadata.expires_at == 15.0
     assert metadata.is_expired_at(15.0)
     assert not metadata.is_expired_at(14.9)
+
+
+def test_a_lone_surrogate_or_no_text_is_a_typed_error_from_the_model() -> None:
+    """msgspec fails while quoting a lone surrogate in its own message, and refuses ``None``
+    with ``TypeError``: both reach the caller as the library's errors."""
+    with pytest.raises(ValidationError, match="unicode"):
+        CheckpointMetadata.from_dict({"run_id": "r", "sequence": "\udcff"})
+    with pytest.raises(ValidationError, match="unicode"):
+        Checkpoint.from_dict({"metadata": {"run_id": "r", "status": "\udcff"}})
+    with pytest.raises(SerializationError, match="unicode"):
+        Checkpoint.from_json("\udcff")
+    bad: Any = None
+    with pytest.raises(SerializationError, match="NoneType"):
+        Checkpoint.from_json(bad)

@@ -48,7 +48,7 @@ import anyio
 import asyncpg
 import asyncpg.exceptions as pg_errors
 
-from fastcheckpoint._config import RetryPolicy
+from fastcheckpoint._config import RetryPolicy, check_default_ttl
 from fastcheckpoint._urls import redacted
 from fastcheckpoint.errors import (
     CheckpointNotFound,
@@ -300,7 +300,7 @@ class PostgresStore(ExpiryCleanup):
                 "table_prefix takes at most 24 characters and schema 63 (PostgreSQL names are "
                 f"63 bytes long at most), got {table_prefix!r} and {schema!r}")
         _check_positive_int("max_payload_bytes", max_payload_bytes)
-        _check_default_ttl(default_ttl_seconds)
+        check_default_ttl(default_ttl_seconds)
         self._sql = Statements(self._names)
         self._retry = retry if retry is not None else RetryPolicy()
         self.max_payload_bytes = max_payload_bytes
@@ -1089,15 +1089,3 @@ def _float_value(name: str, value: Any) -> float:
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_default_ttl(default_ttl_seconds: Any) -> None:
-    if default_ttl_seconds is not None and (
-        isinstance(default_ttl_seconds, bool)
-        or not isinstance(default_ttl_seconds, (int, float))
-        or not math.isfinite(default_ttl_seconds)
-        or default_ttl_seconds <= 0
-    ):
-        raise ConfigurationError(
-            "default_ttl_seconds must be None or a finite, positive number of seconds, "
-            f"got {default_ttl_seconds!r}")

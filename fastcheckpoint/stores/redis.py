@@ -80,7 +80,7 @@ from redis.asyncio.connection import (
 from redis.asyncio.retry import Retry
 from redis.backoff import FullJitterBackoff
 
-from fastcheckpoint._config import RetryPolicy
+from fastcheckpoint._config import RetryPolicy, check_default_ttl
 from fastcheckpoint._urls import redacted
 from fastcheckpoint.errors import (
     CheckpointNotFound,
@@ -299,7 +299,7 @@ class RedisStore(ExpiryCleanup):
         ):
             raise ConfigurationError(
                 f"max_payload_bytes must be a positive int, got {max_payload_bytes!r}")
-        _check_default_ttl(default_ttl_seconds)
+        check_default_ttl(default_ttl_seconds)
         if retry is not None:
             client.set_retry(redis_retry(retry))
         self._seed = client
@@ -1272,19 +1272,6 @@ def _check_prefix(prefix: Any) -> None:
         raise ConfigurationError(
             f"Redis key prefix must be a string without '{{' or '}}' (they would break "
             f"the hash tags that keep a run's keys in one cluster slot), got {prefix!r}"
-        )
-
-
-def _check_default_ttl(default_ttl_seconds: Any) -> None:
-    if default_ttl_seconds is not None and (
-        isinstance(default_ttl_seconds, bool)
-        or not isinstance(default_ttl_seconds, (int, float))
-        or not math.isfinite(default_ttl_seconds)
-        or default_ttl_seconds <= 0
-    ):
-        raise ConfigurationError(
-            "default_ttl_seconds must be None or a finite, positive number of seconds, "
-            f"got {default_ttl_seconds!r}"
         )
 
 
