@@ -570,7 +570,9 @@ class SupportsSharedItems(Protocol):
     and DynamoDB check refs against the removals they remember, so callers name only items
     they wrote. A new life of a run (sequence 0 after it expired or was deleted) holds only the
     loose items of its key (``put_items``), not what the earlier life's checkpoints named or
-    owned. Keys follow the item rules (at most
+    owned; on S3 and DynamoDB only once the cleanup loop has removed those, so a new life that
+    writes a key its earlier life named may find the earlier value kept (the manager and the
+    bundled adapters put the incarnation or a random part in such keys). Keys follow the item rules (at most
     :data:`MAX_ITEM_KEY_BYTES`). Shared items carry no expiry of their own (``expires_at``
     ``None``): the checkpoints naming them decide their life; owned items are given their
     checkpoint's ``expires_at``, so everything of a checkpoint expires together. An owned

@@ -240,8 +240,10 @@ def counter_raise(run_key: str, key: str, change: int, *, writing: bool) -> dict
     """The raise of shared item ``key``'s count by an append naming it.
 
     Not ``writing`` it (the append names an item written before): only while the count is
-    not *condemned* (``gn``: the cleanup loop removed the item), else the append's whole
-    transaction is cancelled (``_fatal``; ``_gone`` names the key): the item it names is gone.
+    not *condemned* (``gn``: the cleanup loop removed the item) and no removal is taking the
+    items nested under the key (``np``), else the append's whole transaction is cancelled
+    (``_fatal``; ``_gone`` names the key): the item it names is gone, or what the append
+    writes under it could be taken.
     ``writing`` it (its put, ``shared_group(key)``, is in the same transaction): the put
     brings the item back, so the raise clears the mark, unless the removal is still taking
     the items nested under the old one (``np``): then it fails like a put dropped because a
@@ -260,7 +262,8 @@ def counter_raise(run_key: str, key: str, change: int, *, writing: bool) -> dict
         return {"Update": update, "_group": shared_group(key),
                 "_instead": counter_raise(run_key, key, change, writing=False)}
     update["UpdateExpression"] = f"ADD {names('rc')} {names.value(n(change))}"
-    update["ConditionExpression"] = f"attribute_not_exists({names('gn')})"
+    update["ConditionExpression"] = (
+        f"attribute_not_exists({names('gn')}) AND attribute_not_exists({names('np')})")
     update.update(names.params())
     return {"Update": update, "_fatal": True, "_gone": key}
 
@@ -271,20 +274,24 @@ def shared_group(key: str) -> str:
 
 
 def condemn(run_key: str, key: str, now: float, until: float,
-            nesting: str | None = None) -> dict[str, Any]:
+            nesting: str | None = None, *, gone: bool = True) -> dict[str, Any]:
     """The cleanup loop's mark on the count of a shared item it removes (in the same
     transaction), only while the count is zero: ``gn`` (when), the count at 0, and an
     expiry-index entry at ``until``, when the mark itself goes. Until then an append naming
     the item without writing it is refused (see :func:`counter_raise`). With ``nesting`` (a
     token: items are nested under it) also ``np``, and the entry at ``now``: the next pass
-    completes the removal of the nested items if this one does not (see :func:`nesting_done`)."""
+    completes the removal of the nested items if this one does not (see :func:`nesting_done`).
+    Without ``gone`` (the item at the key is owned by a checkpoint, or absent: this removal
+    does not take it), no ``gn``: only ``np``, which refuses appends naming the key while the
+    nested items go."""
     names = Names()
     zero = names.value(n(0))
     nested = "" if nesting is None else f", {names('np')} = {names.value(s(nesting))}"
+    mark = f"{names('gn')} = {names.value(n(now))}, " if gone else ""
     return {"Update": {
         "Key": {"PK": s(layout.partition(run_key)), "SK": s(layout.counter_sk(key))},
         "UpdateExpression": (
-            f"SET {names('gn')} = {names.value(n(now))}, {names('rc')} = {zero}, "
+            f"SET {mark}{names('rc')} = {zero}, "
             f"{names('xpk')} = {names.value(s(f'x#{layout.shard_of(run_key)}'))}, "
             f"{names('xat')} = {names.value(n(until if nesting is None else now))}{nested}"),
         "ConditionExpression": (

@@ -277,14 +277,14 @@ local function item_live(key)
   return not expires_at or is_live(expires_at)
 end
 
--- Writes (replaces) one item. A key a held checkpoint names gets no expiry: the checkpoints
--- naming it decide its life.
+-- Writes (replaces) one item. A loose key a held checkpoint names gets no expiry: the
+-- checkpoints naming it decide its life. An owned one keeps its owner's, named or not.
 local function write_item(key, value, owner, expires_at)
   drop_item(key)
   redis.call('HSET', KEYS[6], key, value)
   redis.call('ZADD', KEYS[5], 0, key)
   if owner ~= '' then redis.call('ZADD', KEYS[7], owner, key) end
-  if expires_at ~= '' and redis.call('HEXISTS', KEYS[9], key) == 0 then
+  if expires_at ~= '' and (owner ~= '' or redis.call('HEXISTS', KEYS[9], key) == 0) then
     redis.call('ZADD', KEYS[8], expires_at, key)
   end
 end
@@ -297,14 +297,15 @@ local function item_keys()
   return found
 end
 
--- One more held checkpoint names each of `keys` (distinct); a key named for the first time
--- loses any expiry of its own. An item whose own expiry passed is absent: it goes first (the
--- append writes the key anew, or was refused for naming what the run does not hold).
+-- One more held checkpoint names each of `keys` (distinct); a loose key named for the first
+-- time loses any expiry of its own (an owned one keeps its owner's: it goes with it). An item
+-- whose own expiry passed is absent: it goes first (the append writes the key anew, or was
+-- refused for naming what the run does not hold).
 local function reference(keys)
   for _, key in ipairs(keys) do
     if redis.call('HINCRBY', KEYS[9], key, 1) == 1 then
       if not item_live(key) then drop_item(key) end
-      redis.call('ZREM', KEYS[8], key)
+      if not redis.call('ZSCORE', KEYS[7], key) then redis.call('ZREM', KEYS[8], key) end
     end
   end
 end

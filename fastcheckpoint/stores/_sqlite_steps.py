@@ -114,14 +114,13 @@ _DELETE_UNREFERENCED = (
     "DELETE FROM fc_items WHERE run_key = ?1 AND key = ?2 AND owner IS NULL AND EXISTS "
     "(SELECT 1 FROM fc_item_refs WHERE run_key = ?1 AND key = ?2 AND holders <= 0)"
 )
-# What is nested under a key goes when its last reference does, unless an item owned by a
-# checkpoint holds the key (it goes with its owner). The reference row is the outer loop, so a
-# key still named costs one primary-key probe, never a walk over what is nested under it.
+# What is nested under a key goes when its last reference does, whoever holds the key's own
+# item (one owned by a checkpoint stays with its owner). The reference row is the outer loop,
+# so a key still named costs one primary-key probe, never a walk over what is nested under it.
 _DELETE_NESTED_UNREFERENCED = (
     "DELETE FROM fc_items WHERE rowid IN (SELECT i.rowid FROM fc_item_refs f CROSS JOIN "
     f"fc_items i ON i.run_key = f.run_key AND {_nested_range('f.key')} WHERE f.run_key = ?1 "
-    "AND f.key = ?2 AND f.holders <= 0 "
-    "AND NOT EXISTS (SELECT 1 FROM fc_items WHERE run_key = ?1 AND key = ?2))"
+    "AND f.key = ?2 AND f.holders <= 0)"
 )
 _DELETE_ZERO_REF = "DELETE FROM fc_item_refs WHERE run_key = ? AND key = ? AND holders <= 0"
 UPSERT_ITEM = (

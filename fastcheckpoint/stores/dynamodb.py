@@ -3031,7 +3031,7 @@ class DynamoDBStore(ExpiryCleanup):
         if (await self._nested_page(run_key, key, limit=1))[0]:
             nesting = secrets.token_hex(8)
         if shared or nesting is not None:
-            operations = [items_layout.condemn(run_key, key, now, until, nesting)]
+            operations = [items_layout.condemn(run_key, key, now, until, nesting, gone=shared)]
             if item is not None and shared:
                 # The item and the mark together, only while the item is the one read (else
                 # the count stays in the expiry index and the next pass reads it again).

@@ -716,6 +716,39 @@ class NestedItemsContract(ContractBase):
         await store.purge_expired(now=T0, limit=1000)
         assert await _nested(store, run, "h/b") == []
 
+    async def test_nested_items_go_with_the_last_name_while_an_owner_holds_the_key(
+        self, store: CheckpointStore
+    ) -> None:
+        """The item at ``K`` owned by a live checkpoint stays with it, what is nested under
+        ``K`` goes with the last checkpoint naming ``K``, and a later append may name ``K``
+        again (its owner is live)."""
+        run = make_run("nested-owner-live")
+        await _append_items(store, run, 0, items=[make_item("h/a", owner=0)])
+        await _append_items(store, run, 1, refs=["h/a"], items=[make_item("h/a/0")])
+        await _delete(store, run, 1)
+        await store.purge_expired(now=T0, limit=1000)
+        assert await _nested(store, run, "h/a") == []
+        assert await _stored(store, run, ["h/a"]) == {"h/a": b"value-h/a"}
+
+        await _append_items(store, run, 2, refs=["h/a"], items=[make_item("h/a/1")])
+        found = await _read(store, run, 2)
+        assert found is not None
+        assert found[2] == {"h/a": b"value-h/a", "h/a/1": b"value-h/a/1"}
+
+    async def test_an_owned_item_expires_with_its_owner_while_named(
+        self, store: CheckpointStore
+    ) -> None:
+        """Named by a checkpoint that lives on, an owned item still expires with its owner
+        (what is nested under its key stays while the key is named)."""
+        run = make_run("nested-owner-expired")
+        await _append_items(store, run, 0, expires_at=T0 + 10,
+                            items=[make_item("h/a", owner=0)])
+        await _append_items(store, run, 1, refs=["h/a"], items=[make_item("h/a/0")])
+        found = await _read(store, run, 1, now=T0 + 15)
+        assert found is not None
+        assert found[2] == {"h/a/0": b"value-h/a/0"}
+        assert await _stored(store, run, ["h/a"], now=T0 + 15) == {}
+
     async def test_nested_items_go_with_the_last_name_when_the_owner_goes_with_it(
         self, store: CheckpointStore
     ) -> None:
