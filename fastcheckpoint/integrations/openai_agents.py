@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, cast
 
@@ -402,13 +402,16 @@ class RunStateStore:
     async def _recorded_already(self, run: RunInfo, body: dict[str, Any]) -> bool:
         """Whether ``run`` holds ``body`` as recorded last (a retried record); ConflictError
         if it may not be recorded now."""
-        if run.status in (CheckpointStatus.ACTIVE, CheckpointStatus.FAILED):
+        taking = run.status in (CheckpointStatus.ACTIVE, CheckpointStatus.FAILED)
+        if taking and not _untaken(run.approval):
             return False
-        if run.status is CheckpointStatus.PAUSED:
+        if run.status is CheckpointStatus.PAUSED or taking:
             named = ((run.approval or {}).get("request") or {}).get("checkpoint_id")
             recorded = (await self._manager.restore_from(named)
                         if isinstance(named, str) else None)
-            why = "waits for a decision (approve or reject it, then resume it)"
+            why = ("waits for a decision (approve or reject it, then resume it)" if not taking
+                   else f"has a decision ({(run.approval or {}).get('decision')}) not yet "
+                   f"resumed; resume it before recording it")
         elif run.status is CheckpointStatus.COMPLETED:
             recorded = await self._manager.restore(run.run_id)
             why = "is completed; record another run under a new run id"
@@ -432,15 +435,15 @@ class RunStateStore:
 
         return _found(await self._manager._transition(
             run_id, CheckpointStatus.PAUSED, allowed={CheckpointStatus.ACTIVE},
-            note=to_json_text(asked), update=ask, must_exist=True,
-            made=lambda data: _requested(data.approval, checkpoint_id),
+            note=to_json_text(asked), update=ask, guard=_no_untaken_decision(run_id),
+            must_exist=True, made=lambda data: _requested(data.approval, checkpoint_id),
             refusal="is {status} since it was read; nothing was recorded"))
 
     async def _complete(self, run_id: str, checkpoint_id: str) -> RunInfo:
         note = _finished_note(checkpoint_id)
         run = _found(await self._manager._transition(
             run_id, CheckpointStatus.COMPLETED, allowed={CheckpointStatus.ACTIVE},
-            note=note, must_exist=True,
+            note=note, guard=_no_untaken_decision(run_id), must_exist=True,
             refusal="is {status} since it was read; nothing was recorded"))
         if not _finished_by(run, checkpoint_id):
             raise ConflictError(
@@ -581,6 +584,25 @@ def _same_json(stored: Mapping[str, Any], body: dict[str, Any]) -> bool:
                     == _decoder.decode(_encoder.encode(stored)))
     except (TypeError, ValueError, OverflowError, RecursionError):
         return False
+
+
+def _untaken(approval: Mapping[str, Any] | None) -> bool:
+    """Whether ``approval`` holds a decision that no :meth:`RunStateStore.resume` took."""
+    approval = approval or {}
+    return approval.get("decision") in ("approved", "rejected") and "resumed_at" not in approval
+
+
+def _no_untaken_decision(run_id: str) -> Callable[[RunData], None]:
+    """A status change's guard: a decision made since the run was read is never replaced
+    (the record is refused, and withdraws its checkpoint)."""
+
+    def guard(data: RunData) -> None:
+        if _untaken(data.approval):
+            raise ConflictError(
+                f"run {run_id!r} was decided since it was read; resume its decision before "
+                f"recording it; nothing was recorded")
+
+    return guard
 
 
 def _requested(approval: Mapping[str, Any] | None, checkpoint_id: str) -> bool:

@@ -674,6 +674,57 @@ async def test_record_refused_when_the_run_changes_meanwhile(change: str) -> Non
         assert latest.checkpoint_id == before.checkpoint_id
 
 
+@pytest.mark.parametrize("decision", ["approve", "approve-then-fail"])
+async def test_record_keeps_a_decision_not_yet_resumed(decision: str) -> None:
+    """Approved (the run is ACTIVE again), then maybe failed, but not resumed: a retried
+    record of the state the request names returns the run as it is, another state is
+    refused; the decision stays, nothing is written. Also when the decision lands between
+    the record's read and its status change (the guard)."""
+    store = _ChangedMeanwhile(MemoryStore())
+    refunds: list[str] = []
+    agent, _ = _refund_agent(refunds, "Refunded.")
+    approvals = RunStateStore(store, config=make_config(FakeClock()))
+    other = CheckpointManager(store, make_config(FakeClock()))
+    with anyio.fail_after(DEADLINE):
+        asked = await Runner.run(agent, "Refund", run_config=QUIET)
+        await approvals.record("r", asked)
+        decided = await approvals.manager.approve("r", approver="ana")
+        if decision != "approve":
+            decided = await approvals.manager.mark_failed("r", "crashed before resuming")
+        assert decided is not None
+        assert await approvals.record("r", asked) == decided  # a retry: the run as it is
+        later = await Runner.run(agent.clone(model=ScriptedModel([[function_call(
+            "refund", {"order": "B-2", "amount": 5}, call_id="call-2")]])), "Refund",
+            run_config=QUIET)
+        with pytest.raises(ConflictError, match="not yet resumed"):
+            await approvals.record("r", later)
+        assert await approvals.manager.get_run("r") == decided
+
+    if decision != "approve":
+        return
+    # A decision made after the record read the run, before its status change (paused and
+    # approved by another manager): the record is refused and withdraws its checkpoint.
+
+    async def paused_and_approved() -> None:
+        await other.pause("r", request={"why": "by hand"})
+        await other.approve("r", approver="cy")
+
+    with anyio.fail_after(DEADLINE):
+        state = await approvals.resume("r", agent)
+        assert state is not None
+        resumed = await approvals.manager.get_run("r")
+        assert resumed is not None
+        store.change = paused_and_approved
+        with pytest.raises(ConflictError, match="decided since it was read"):
+            await approvals.record("r", later)
+        run = await approvals.manager.get_run("r")
+        assert run is not None
+        assert run.approval is not None
+        assert (run.approval["decision"], run.approval["request"]) == (
+            "approved", {"why": "by hand"})
+        assert run.checkpoint_count == resumed.checkpoint_count
+
+
 async def test_record_takes_only_results_and_states() -> None:
     approvals = RunStateStore(MemoryStore())
     for result in (None, "done", {"run_state": {}}):
