@@ -191,11 +191,20 @@ def _parse(name: str, raw: str, kind: str) -> Any:
         raise ConfigurationError(f"{name}={raw!r} is not a valid {kind}") from exc
 
 
-def check_default_ttl(value: object) -> None:
+MAX_TTL_SECONDS = 2.0**62
+"""The longest TTL (about 146 billion years): stores keep times in 64-bit integers of
+seconds, so a later expiry could not be stored."""
+
+
+def check_default_ttl(value: object, name: str = "default_ttl_seconds") -> None:
     """A default TTL (the config's or a store's): ``None`` or a finite, positive number of
-    seconds, else :class:`ConfigurationError`."""
+    seconds up to :data:`MAX_TTL_SECONDS`, else :class:`ConfigurationError`."""
     if value is not None:
-        _check_number("default_ttl_seconds", value, minimum=0.0, strict=True)
+        _check_number(name, value, minimum=0.0, strict=True)
+        if value > MAX_TTL_SECONDS:  # type: ignore[operator]
+            raise ConfigurationError(
+                f"{name} must be at most {MAX_TTL_SECONDS:.0f} seconds (about 146 billion "
+                f"years), got {value!r:.40}")
 
 
 def _finite(value: float) -> bool:

@@ -29,7 +29,12 @@ import msgspec
 
 from fastcheckpoint import _export, _ids
 from fastcheckpoint._codec import Codec, Header, Payload, RunData, to_json_text
-from fastcheckpoint._config import CheckpointConfig, RetryPolicy, check_default_ttl
+from fastcheckpoint._config import (
+    MAX_TTL_SECONDS,
+    CheckpointConfig,
+    RetryPolicy,
+    check_default_ttl,
+)
 from fastcheckpoint._history import Histories, Written
 from fastcheckpoint._logs import LogGap
 from fastcheckpoint._model import (
@@ -568,10 +573,11 @@ class CheckpointManager:
             ttl = float(ttl_seconds)
         except OverflowError:
             ttl = math.inf
-        if not math.isfinite(ttl) or ttl <= 0 or now + ttl <= now:
+        if not math.isfinite(ttl) or ttl <= 0 or now + ttl <= now or ttl > MAX_TTL_SECONDS:
             raise ValidationError(
-                "ttl_seconds must be a finite, positive number of seconds (or None for the "
-                f"configured default_ttl_seconds), got {ttl_seconds!r}"
+                "ttl_seconds must be a finite, positive number of seconds up to "
+                f"{MAX_TTL_SECONDS:.0f} (or None for the configured default_ttl_seconds), "
+                f"got {ttl_seconds!r:.40}"
             )
         return ttl
 

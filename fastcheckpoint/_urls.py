@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from urllib.parse import quote, urlencode, urlsplit
 
+from fastcheckpoint._config import check_default_ttl
 from fastcheckpoint.errors import ConfigurationError
 
 __all__ = ["redacted", "store_url_from_env", "ttl_seconds_from_days", "without_password"]
@@ -49,6 +50,7 @@ def ttl_seconds_from_days(raw: str) -> float:
         raise ConfigurationError(f"CHECKPOINT_TTL_DAYS={raw!r} is not a number") from exc
     if not math.isfinite(days) or days <= 0:
         raise ConfigurationError(f"CHECKPOINT_TTL_DAYS must be > 0, got {raw!r}")
+    check_default_ttl(days * 86400.0, f"CHECKPOINT_TTL_DAYS={raw!r} in seconds")
     return days * 86400.0
 
 

@@ -976,13 +976,26 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = list(sys.argv[1:] if argv is None else argv)
+    arguments = [_as_typed(argument) for argument in (sys.argv[1:] if argv is None else argv)]
     if arguments[:1] == ["bench"]:
         return _run_bench(arguments[1:])
     with _tolerant_output():
         args = _parser().parse_args(arguments)
         code: int = args.handler(args)
     return code
+
+
+def _as_typed(argument: str) -> str:
+    """An argument as it was typed. Where the locale is not UTF-8 (the C locale without UTF-8
+    mode), Python turns each byte of a non-ASCII argument into a lone surrogate; bytes that
+    are UTF-8 are read again as UTF-8, as UTF-8 mode would (so ``café`` names the run
+    ``café``). Others stay as they are (and are refused as invalid unicode)."""
+    if argument.isascii() or not any("\udc80" <= char <= "\udcff" for char in argument):
+        return argument
+    try:
+        return os.fsencode(argument).decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return argument
 
 
 if __name__ == "__main__":  # pragma: no cover

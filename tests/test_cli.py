@@ -1032,6 +1032,20 @@ def test_text_output_escapes_what_the_terminal_cannot_encode(
     assert (out.errors, err.errors) == ("strict", "strict")  # as they were before the command
 
 
+def test_an_argument_the_locale_could_not_decode_names_the_run_typed(
+    cafe: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the C locale without UTF-8 mode, ``café`` arrives as ``caf`` and two lone
+    surrogates (one per byte): it still names the run ``café``."""
+    out, err = ascii_terminals(monkeypatch)
+    typed = "café-🚀".encode().decode("ascii", "surrogateescape")
+
+    code = main(["show", typed, "--url", cafe, "--json"])
+
+    assert (code, err.text()) == (EXIT_OK, "")
+    assert json.loads(out.text())["state"] == {"note": "naïve ✓"}
+
+
 @pytest.mark.parametrize("argv", [["runs", "--json"], ["show", "café-🚀", "--json"],
                                   ["history", "café-🚀", "--json"],
                                   ["export", "café-🚀", "--state"]])

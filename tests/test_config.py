@@ -152,6 +152,7 @@ def test_zero_retries_is_allowed() -> None:
         pytest.param({"default_ttl_seconds": math.inf}, id="ttl-inf"),
         pytest.param({"default_ttl_seconds": True}, id="ttl-bool"),
         pytest.param({"default_ttl_seconds": 10**400}, id="ttl-int-beyond-float"),
+        pytest.param({"default_ttl_seconds": 1e300}, id="ttl-beyond-a-store"),
         pytest.param({"checkpoint_interval": 10**400}, id="interval-int-beyond-float"),
         pytest.param({"cleanup_interval": -(10**400)}, id="cleanup-int-beyond-float"),
         pytest.param({"compress_min_bytes": -1}, id="compress-negative"),
@@ -490,6 +491,14 @@ def test_manager_from_env_production_builds_the_dynamodb_store() -> None:
 
     assert isinstance(manager.store, DynamoDBStore)
     assert manager.config.default_ttl_seconds == 90 * 86400
+
+
+@pytest.mark.parametrize("days", ["1e300", "1e306"])
+def test_a_ttl_in_days_too_long_to_store_is_a_configuration_error_naming_it(days: str) -> None:
+    """Finite days, but seconds beyond what a store can hold (or beyond a float)."""
+    with pytest.raises(ConfigurationError, match="CHECKPOINT_TTL_DAYS"):
+        CheckpointManager.from_env({"FASTCHECKPOINT_URL": "memory://",
+                                    "CHECKPOINT_TTL_DAYS": days})
 
 
 @pytest.mark.parametrize("missing", ["CHECKPOINT_TABLE_NAME", "CHECKPOINT_S3_BUCKET"])

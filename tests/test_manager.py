@@ -736,7 +736,8 @@ async def test_a_store_level_default_ttl_applies_unless_the_config_sets_one(
     assert configured.metadata.ttl_seconds == 90
 
 
-@pytest.mark.parametrize("bad_ttl", [0, 0.0, -1, -0.5, math.nan, math.inf, True, False, "10"])
+@pytest.mark.parametrize("bad_ttl", [0, 0.0, -1, -0.5, math.nan, math.inf, True, False, "10",
+                                     1e300, 10**400])
 async def test_invalid_ttl_raises_validation_error_and_writes_nothing(
     manager: CheckpointManager, bad_ttl: Any
 ) -> None:
