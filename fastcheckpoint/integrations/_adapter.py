@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import anyio
+
 from fastcheckpoint._config import CheckpointConfig, RetryPolicy
 from fastcheckpoint.errors import ConfigurationError
 from fastcheckpoint.stores import (
@@ -16,8 +18,22 @@ from fastcheckpoint.stores import (
     open_store,
 )
 
-__all__ = ["adapter_config", "adapter_ttl", "capable_store", "checked_keep_latest",
-           "checked_ttl"]
+__all__ = ["RACE_ATTEMPTS", "adapter_config", "adapter_ttl", "after_lost_race",
+           "capable_store", "checked_keep_latest", "checked_ttl"]
+
+RACE_ATTEMPTS = 64
+"""How many times an adapter's change of one run (a log's, a checkpoint saved under the
+framework's id) is tried while other writers of that run win the race."""
+_FREE_ATTEMPTS = 3
+_CONTENTION = RetryPolicy(base_delay=0.001, max_delay=0.05)
+
+
+async def after_lost_race(attempt: int) -> None:
+    """Wait before trying again a change that lost attempt ``attempt`` (from 0) to another
+    writer: the first few go again at once, then with full jitter up to 50 ms, so writers
+    in step spread out and each gets its turn."""
+    if attempt >= _FREE_ATTEMPTS:
+        await anyio.sleep(_CONTENTION.delay(attempt - _FREE_ATTEMPTS))
 
 
 def adapter_config(config: object, default: CheckpointConfig | None = None) -> CheckpointConfig:

@@ -27,12 +27,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import anyio
 import msgspec
 
 from fastcheckpoint import _ids
 from fastcheckpoint._codec import Codec, Header, RunData
-from fastcheckpoint._config import RetryPolicy
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint.errors import (
     CheckpointError,
@@ -44,6 +42,7 @@ from fastcheckpoint.errors import (
     StoreError,
     ValidationError,
 )
+from fastcheckpoint.integrations._adapter import RACE_ATTEMPTS, after_lost_race
 from fastcheckpoint.stores import (
     CheckpointStore,
     Item,
@@ -62,9 +61,6 @@ SEAL_BYTES = 256 * 1024
 ones are sealed, never rewritten. So an append writes its entries plus at most this much, and
 a log has one segment per ``SEAL_BYTES`` of entries plus about log2(``SEAL_BYTES``) smaller
 ones (their sizes at least halve from one to the next)."""
-_MAX_ATTEMPTS = 64
-_FREE_ATTEMPTS = 3
-_CONTENTION = RetryPolicy(base_delay=0.001, max_delay=0.05)
 _STATE_KEY = "entry_log"
 _TOKEN_BYTES = 8
 
@@ -236,7 +232,7 @@ class EntryLog:
         # at 0): an expectation met by the head this object saw holds for that life only.
         pinned = (known.incarnation if expect is not None and known is not None
                   and known.sequence == expect else None)
-        for attempt in range(_MAX_ATTEMPTS):
+        for attempt in range(RACE_ATTEMPTS):
             if expect is not None and not _meets(known, expect, pinned):
                 if not fresh:
                     known, fresh = await self._read(), True
@@ -248,17 +244,17 @@ class EntryLog:
             head = await self._try_change(known, batch, state)
             if head is not None:
                 return head
-            await self._pause(attempt)
+            await after_lost_race(attempt)
             known, fresh = await self._read(), True
         raise ConflictError(f"could not change log {self._run_id!r:.80}: lost the race to "
-                            f"other writers {_MAX_ATTEMPTS} times in a row")
+                            f"other writers {RACE_ATTEMPTS} times in a row")
 
     async def pop(self) -> bytes | None:
         """Remove and return the newest entry (``None`` when there is none). Atomic: no two
         callers, in any processes, get the same entry."""
         fresh = not self._seen
         known = self._known if self._seen else await self._read()
-        for attempt in range(_MAX_ATTEMPTS):
+        for attempt in range(RACE_ATTEMPTS):
             if known is None or not known.layout.segments:
                 if fresh:
                     return None
@@ -268,19 +264,15 @@ class EntryLog:
             entry = known.values[-1][last.used - 1]
             if await self._try_change(known, [], None, pop=True) is not None:
                 return entry
-            await self._pause(attempt)
+            await after_lost_race(attempt)
             known, fresh = await self._read(), True
         raise ConflictError(f"could not pop from log {self._run_id!r:.80}: lost the race to "
-                            f"other writers {_MAX_ATTEMPTS} times in a row")
+                            f"other writers {RACE_ATTEMPTS} times in a row")
 
     async def clear(self) -> bool:
         """Remove the log, its entries and its state; whether there was one."""
         self._known, self._seen = None, False
         return await self._store.delete_run(self._key) > 0
-
-    async def _pause(self, attempt: int) -> None:
-        if attempt >= _FREE_ATTEMPTS:
-            await anyio.sleep(_CONTENTION.delay(attempt - _FREE_ATTEMPTS))
 
     async def _try_change(
         self, known: _Known | None, batch: list[bytes], state: bytes | None, *, pop: bool = False

@@ -44,7 +44,12 @@ from fastcheckpoint.errors import (
     SequenceConflict,
     ValidationError,
 )
-from fastcheckpoint.integrations._adapter import adapter_ttl, capable_store
+from fastcheckpoint.integrations._adapter import (
+    RACE_ATTEMPTS,
+    adapter_ttl,
+    after_lost_race,
+    capable_store,
+)
 from fastcheckpoint.stores import (
     MAX_LABEL_BYTES,
     CheckpointStore,
@@ -74,7 +79,6 @@ WORKFLOW_LABEL = "agent-framework:workflow:"
 """A run's label is this plus its workflow's name (hashed when the label would be too long)."""
 _HASHED_LABEL = "agent-framework:workflow-sha256:"
 _PAGE = 100
-_SAVE_ATTEMPTS = 5
 _PAUSED_KEPT = 1024
 _READERS = 16
 """Checkpoints ``list_checkpoints`` reads at once."""
@@ -209,7 +213,9 @@ class FastCheckpointStorage:
             self._ttl_seconds))
         status, data = self._run_details(checkpoint, workflow, moment, now)
         label = workflow_label(workflow)
-        for attempt in range(_SAVE_ATTEMPTS):
+        for attempt in range(RACE_ATTEMPTS):
+            if attempt:
+                await after_lost_race(attempt - 1)
             existing = await self._store.get_run(key, now=now) if attempt else None
             incarnation = _ids.new_incarnation() if existing is None else existing.incarnation
             sequence = 0 if existing is None else existing.latest_sequence + 1
@@ -234,7 +240,7 @@ class FastCheckpointStorage:
             # The id is taken, or was replaced meanwhile: look again.
         raise ConflictError(
             f"could not save checkpoint {checkpoint_id[:80]!r}: it was saved concurrently "
-            f"{_SAVE_ATTEMPTS} times in a row")
+            f"{RACE_ATTEMPTS} times in a row")
 
     async def load(self, checkpoint_id: str) -> WorkflowCheckpoint:
         """The checkpoint of that id (one store call); :class:`WorkflowCheckpointNotFound`
@@ -325,7 +331,9 @@ class FastCheckpointStorage:
         """The run whose checkpoint ``sequence`` replaced the one before takes its status and
         details (listing order, lineage, pending requests), whatever changed them meanwhile
         (an approval); not once another save replaced it in turn (they are that one's)."""
-        for _ in range(_SAVE_ATTEMPTS):
+        for attempt in range(RACE_ATTEMPTS):
+            if attempt:
+                await after_lost_race(attempt - 1)
             try:
                 await self._store.update_run(
                     key, incarnation=run.incarnation, version=run.version, status=status,
@@ -341,7 +349,7 @@ class FastCheckpointStorage:
                 run = found
         raise ConflictError(
             f"could not record the details of checkpoint {run.run_id[len(RUN_PREFIX):][:80]!r}: "
-            f"they changed concurrently {_SAVE_ATTEMPTS} times in a row")
+            f"they changed concurrently {RACE_ATTEMPTS} times in a row")
 
     def _remember(self, checkpoint_id: str, status: str) -> None:
         if status != CheckpointStatus.PAUSED.value:

@@ -337,6 +337,32 @@ async def test_framework_objects_round_trip(storage: FastCheckpointStorage) -> N
 # -- errors, refusals and configuration -------------------------------------------------------
 
 
+async def test_saves_of_one_id_from_many_storages_all_land(clock: FakeClock) -> None:
+    """Four storages saving one checkpoint id eight times each, at once: every save lands
+    (each replaces the one before, as the framework's own storages overwrite); the last one
+    is what loads. Losing writers back off instead of giving up after a few tries."""
+    store = MemoryStore()
+    storages = [FastCheckpointStorage(store, clock=clock) for _ in range(4)]
+
+    async def saver(index: int) -> None:
+        for round_ in range(8):
+            await storages[index].save(_checkpoint(checkpoint_id="same",
+                                                   state={"by": index, "round": round_}))
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            for index in range(4):
+                group.start_soon(saver, index)
+        loaded = await storages[0].load("same")
+        ids = await storages[1].list_checkpoint_ids(workflow_name="orders")
+
+    assert ids == ["same"]
+    assert loaded.state["round"] == 7
+    run = await CheckpointManager(store).get_run(adapter.RUN_PREFIX + "same")
+    assert run is not None
+    assert run.checkpoint_count == 1
+
+
 async def test_unknown_id_is_both_exception_types(storage: FastCheckpointStorage) -> None:
     with anyio.fail_after(DEADLINE):
         with pytest.raises(WorkflowCheckpointException) as caught:
