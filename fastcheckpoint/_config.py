@@ -191,9 +191,9 @@ def _parse(name: str, raw: str, kind: str) -> Any:
         raise ConfigurationError(f"{name}={raw!r} is not a valid {kind}") from exc
 
 
-MAX_TTL_SECONDS = 2.0**62
-"""The longest TTL (about 146 billion years): stores keep times in 64-bit integers of
-seconds, so a later expiry could not be stored."""
+MAX_TTL_SECONDS = 1e13
+"""The longest TTL (about 317,000 years): every store can keep an expiry that far ahead (Redis
+counts it in milliseconds, and its scripts write numbers exactly only below 10^17)."""
 
 
 def check_default_ttl(value: object, name: str = "default_ttl_seconds") -> None:
@@ -203,8 +203,8 @@ def check_default_ttl(value: object, name: str = "default_ttl_seconds") -> None:
         _check_number(name, value, minimum=0.0, strict=True)
         if value > MAX_TTL_SECONDS:  # type: ignore[operator]
             raise ConfigurationError(
-                f"{name} must be at most {MAX_TTL_SECONDS:.0f} seconds (about 146 billion "
-                f"years), got {value!r:.40}")
+                f"{name} must be at most {MAX_TTL_SECONDS:.0f} seconds (about 317,000 years; "
+                f"None never expires), got {value!r:.40}")
 
 
 def _finite(value: float) -> bool:

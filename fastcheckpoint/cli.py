@@ -919,7 +919,7 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, parents=[on_store], help=helptext,
                                       epilog=_EXIT_CODES)
         for argument in positional:
-            command.add_argument(argument.lower(), metavar=argument)
+            command.add_argument(argument.lower(), metavar=argument, type=_as_typed)
         command.set_defaults(handler=_on_store(action))
         return command
 
@@ -932,7 +932,7 @@ def _parser() -> argparse.ArgumentParser:
     runs.add_argument("--cursor", help="the next page, as the previous page printed it")
     show = store_command("show", _show, "a checkpoint with its content: a run's latest (or "
                                         "--seq N), or the one a checkpoint id names")
-    show.add_argument("target", metavar="RUN|CHECKPOINT_ID")
+    show.add_argument("target", metavar="RUN|CHECKPOINT_ID", type=_as_typed)
     show.add_argument("--seq", type=_sequence, help="the run's checkpoint at this sequence")
     store_command("history", _history, "a run's status changes and checkpoints", "RUN")
     export = store_command("export", _export_command, "audit export of a run (streamed)", "RUN")
@@ -941,11 +941,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--state", action="store_true", help="include checkpoint content")
     export.add_argument("--output", "-o", help="write to this file (default: stdout)")
     fork = store_command("fork", _fork, "start a new run from a checkpoint", "CHECKPOINT_ID")
-    fork.add_argument("--run", help="the new run's id (default: a fresh one)")
+    fork.add_argument("--run", type=_as_typed, help="the new run's id (default: a fresh one)")
     for name, note in (("approve", "comment"), ("reject", "reason")):
         decide = store_command(name, _decide, f"{name} a paused run", "RUN")
-        decide.add_argument("--approver", required=True, help="who decides")
-        decide.add_argument(f"--{note}", default="")
+        decide.add_argument("--approver", required=True, type=_as_typed, help="who decides")
+        decide.add_argument(f"--{note}", default="", type=_as_typed)
     store_command("cleanup", _cleanup, "remove expired checkpoints, runs and items now")
     prune = store_command("prune", _prune, "keep only a run's newest checkpoints", "RUN")
     prune.add_argument("--keep", type=_positive, required=True,
@@ -954,7 +954,7 @@ def _parser() -> argparse.ArgumentParser:
         "doctor", _doctor, "check connectivity, permissions and provisioning with a probe "
                            "run; with --repair, rebuild damaged run records")
     doctor.add_argument("target", nargs="?", metavar="URL", help="store URL (or --url)")
-    doctor.add_argument("run", nargs="?", metavar="RUN",
+    doctor.add_argument("run", nargs="?", metavar="RUN", type=_as_typed,
                         help="with --repair: only this run (default: every run)")
     doctor.add_argument("--repair", action="store_true",
                         help="find run records that cannot be read and rebuild them from the "
@@ -976,7 +976,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = [_as_typed(argument) for argument in (sys.argv[1:] if argv is None else argv)]
+    arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["bench"]:
         return _run_bench(arguments[1:])
     with _tolerant_output():
@@ -986,10 +986,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _as_typed(argument: str) -> str:
-    """An argument as it was typed. Where the locale is not UTF-8 (the C locale without UTF-8
-    mode), Python turns each byte of a non-ASCII argument into a lone surrogate; bytes that
-    are UTF-8 are read again as UTF-8, as UTF-8 mode would (so ``café`` names the run
-    ``café``). Others stay as they are (and are refused as invalid unicode)."""
+    """A text argument (a run or checkpoint id, a name, a note) as it was typed. Where the
+    locale is not UTF-8 (the C locale without UTF-8 mode), Python turns each byte of a
+    non-ASCII argument into a lone surrogate; bytes that are UTF-8 are read again as UTF-8,
+    as UTF-8 mode would (so ``café`` names the run ``café``). Others stay as they are (and are
+    refused as invalid unicode). Paths and URLs are left as the system gave them: the system
+    takes them back in its own encoding."""
     if argument.isascii() or not any("\udc80" <= char <= "\udcff" for char in argument):
         return argument
     try:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -1030,6 +1031,32 @@ def test_text_output_escapes_what_the_terminal_cannot_encode(
         lines = out.text().splitlines()
         assert lines[1].index("active") == lines[2].index("active") == lines[0].index("STATUS")
     assert (out.errors, err.errors) == ("strict", "strict")  # as they were before the command
+
+
+def test_paths_and_urls_reach_the_system_as_given_in_a_locale_that_is_not_utf8(
+    tmp_path: Path,
+) -> None:
+    """In the C locale without UTF-8 mode a run id is read as UTF-8, while a non-ASCII store
+    URL and ``--output`` path go back to the system in its own encoding (the bytes typed)."""
+    store = tmp_path / "störe"
+
+    async def seed() -> None:
+        manager = CheckpointManager(open_store(f"file://{store}"))
+        await manager.create("café", {"note": "naïve"})
+        await manager.aclose()
+
+    anyio.run(seed)
+    output = tmp_path / "café.json"
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0",
+           "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "fastcheckpoint.cli", "export", "café", "--state",
+         "--url", f"file://{store}", "--output", str(output)],
+        env=env, capture_output=True, timeout=120, check=False)
+
+    assert (done.returncode, done.stderr) == (EXIT_OK, b"")
+    document = json.loads(output.read_text(encoding="utf-8"))
+    assert document["run"]["run_id"] == "café"
 
 
 def test_an_argument_the_locale_could_not_decode_names_the_run_typed(

@@ -3,12 +3,11 @@ store has the capabilities adapters need, and read a TTL argument."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import anyio
 
-from fastcheckpoint._config import CheckpointConfig, RetryPolicy
+from fastcheckpoint._config import CheckpointConfig, RetryPolicy, check_default_ttl
 from fastcheckpoint.errors import ConfigurationError
 from fastcheckpoint.stores import (
     CheckpointStore,
@@ -79,16 +78,12 @@ def adapter_ttl(ttl_seconds: object, store: CheckpointStore) -> float | None:
 
 
 def checked_ttl(ttl_seconds: object) -> float | None:
-    """A ``ttl_seconds`` argument: ``None`` or a finite number > 0, else
-    :class:`ConfigurationError`."""
+    """A ``ttl_seconds`` argument: ``None`` or a number of seconds the config would take as
+    its ``default_ttl_seconds``, else :class:`ConfigurationError`."""
     if ttl_seconds is None:
         return None
-    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)) or not (
-        math.isfinite(ttl_seconds) and ttl_seconds > 0
-    ):
-        raise ConfigurationError(
-            f"ttl_seconds must be None or a finite number > 0, got {ttl_seconds!r:.40}")
-    return float(ttl_seconds)
+    check_default_ttl(ttl_seconds, "ttl_seconds")
+    return float(ttl_seconds)  # type: ignore[arg-type]
 
 
 def checked_keep_latest(keep_latest: object) -> int | None:

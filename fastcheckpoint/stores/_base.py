@@ -572,10 +572,11 @@ class SupportsSharedItems(Protocol):
     loose items of its key (``put_items``), not what the earlier life's checkpoints named or
     owned; on S3 and DynamoDB only once the cleanup loop has removed those, so a new life that
     writes a key its earlier life named may find the earlier value kept (the manager and the
-    bundled adapters put the incarnation or a random part in such keys). Keys follow the item rules (at most
-    :data:`MAX_ITEM_KEY_BYTES`). Shared items carry no expiry of their own (``expires_at``
-    ``None``): the checkpoints naming them decide their life; owned items are given their
-    checkpoint's ``expires_at``, so everything of a checkpoint expires together. An owned
+    bundled adapters put the incarnation or a random part in such keys). Keys follow the item
+    rules (at most :data:`MAX_ITEM_KEY_BYTES`). Shared items carry no expiry of their own
+    (``expires_at`` ``None``): the checkpoints naming them decide their life; owned items are
+    given their checkpoint's ``expires_at``, so everything of a checkpoint expires
+    together. An owned
     item's key is its owner's: write owned items at keys no other checkpoint's owned item
     holds (the manager and the bundled adapters put the owner's sequence in the key). One
     written at a key a live checkpoint owns is not written (that item is kept, and goes with

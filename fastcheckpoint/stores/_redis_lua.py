@@ -39,11 +39,12 @@ Shared items. A checkpoint's refs (item keys) are kept in ``cr`` rather than in 
 hash, because that hash may expire natively before its log entry is dropped: every removal of a
 checkpoint (pruning, ``delete``, purging, a log entry whose key vanished) reads its refs there
 and lowers the counts in ``ir``; an item no held checkpoint names any more is removed at once,
-unless a held checkpoint owns it. A referenced item carries no expiry of its own, and the item
-keys live as long as the run (plus the grace), so it never expires while a held checkpoint names
-it. An append with items counts its refs before anything it replaces is pruned, and first checks,
-after the sequence check and before its first write, that every ref it does not write itself
-names a live item of the run (for a new run, one that outlives the old incarnation): otherwise it
+unless a held checkpoint owns it. A referenced loose item carries no expiry of its own, and the
+item keys live as long as the run (plus the grace), so it never expires while a held checkpoint
+names it; an owned one keeps its owner's expiry and goes with its owner. An append with items
+counts its refs before anything it replaces is pruned, and first checks, after the sequence
+check and before its first write, that every ref it does not write itself names a live item of
+the run (for a new run, one that outlives the old incarnation): otherwise it
 answers ``{'gone', keys...}`` and writes nothing, since another process may have removed the last
 holder of an item this writer still believes held.
 
@@ -330,7 +331,7 @@ local function unreference(sequence)
   end
 end
 
--- Owned items go with their owner; one a held checkpoint names outlives it, unowned.
+-- Owned items go with their owner, also those a held checkpoint names.
 local function drop_owned_items(sequence)
   for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], sequence, sequence)) do
     drop_item(key)

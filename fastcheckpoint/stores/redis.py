@@ -80,7 +80,7 @@ from redis.asyncio.connection import (
 from redis.asyncio.retry import Retry
 from redis.backoff import FullJitterBackoff
 
-from fastcheckpoint._config import RetryPolicy, check_default_ttl
+from fastcheckpoint._config import MAX_TTL_SECONDS, RetryPolicy, check_default_ttl
 from fastcheckpoint._urls import redacted
 from fastcheckpoint.errors import (
     CheckpointNotFound,
@@ -205,6 +205,13 @@ def _expiry_arg(value: float | None) -> str:
 
 
 def _ttl_ms(expires_at: float, now: float) -> int:
+    """The native lifetime of a run's keys, checked before the script runs: an expiry more
+    than :data:`MAX_TTL_SECONDS` ahead is refused (Redis counts milliseconds, and its scripts
+    write numbers exactly only below 10^17), so no append is refused halfway."""
+    if expires_at - now > MAX_TTL_SECONDS:
+        raise ValidationError(
+            f"expires_at is {expires_at - now:.3g} seconds ahead; the Redis store keeps an "
+            f"expiry at most {MAX_TTL_SECONDS:.0f} seconds (about 317,000 years) ahead")
     # Never 0 or below: PEXPIRE would delete at once, before the log entry is written.
     return max(1, math.ceil((expires_at - now) * 1000))
 

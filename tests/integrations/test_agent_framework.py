@@ -410,8 +410,9 @@ async def test_long_workflow_names_are_hashed(storage: FastCheckpointStorage) ->
 
 
 def test_configuration_is_checked() -> None:
-    with pytest.raises(ConfigurationError, match="ttl_seconds"):
-        FastCheckpointStorage(MemoryStore(), ttl_seconds=0)
+    for bad in (0, 10**400, 1e300):  # the last two: beyond a float, beyond what stores keep
+        with pytest.raises(ConfigurationError, match="ttl_seconds"):
+            FastCheckpointStorage(MemoryStore(), ttl_seconds=bad)
     with pytest.raises(ConfigurationError, match="CheckpointStore"):
         FastCheckpointStorage(object())  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="not a dataclass"):

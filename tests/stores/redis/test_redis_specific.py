@@ -185,6 +185,28 @@ async def test_steady_state_appends_cost_one_round_trip_each(
     assert [header.sequence for header in headers] == list(range(50, 40, -1))
 
 
+async def test_an_expiry_too_far_ahead_is_refused_before_anything_is_written(
+    prefixed: tuple[RedisTarget, str]
+) -> None:
+    """Redis counts a key's lifetime in milliseconds and its scripts write numbers exactly
+    only below 10^17: an expiry beyond what every store keeps is refused before the script,
+    so the run is not left half-written (a later create of it works)."""
+    target, prefix = prefixed
+    store = make_store(target, prefix)
+    run = make_run("far-ahead")
+    try:
+        with anyio.fail_after(30):
+            with pytest.raises(ValidationError, match="expiry at most"):
+                await append(store, run, 0, expires_at=T0 + 1e16)
+            assert await store.get_run(key_of(run), now=T0) is None
+            assert await keys_under(store._client, prefix) == []
+            await append(store, run, 0, expires_at=T0 + 1e13)
+            found = await store.get(key_of(run), 0, now=T0)
+    finally:
+        await store.aclose()
+    assert found is not None
+
+
 async def test_scripts_fall_back_to_loading_after_noscript(private_redis: PrivateRedis) -> None:
     """EVALSHA first; a server without the script answers NOSCRIPT, redis-py loads it and
     retries. SCRIPT FLUSH is global, so only on a server of our own."""
