@@ -155,6 +155,11 @@ class RunPage(msgspec.Struct, frozen=True):
         return len(self.runs)
 
 
+def resumed_note(checkpoint_id: str) -> str:
+    """The note of the status change by which a create resumed a FAILED run."""
+    return f"resumed: checkpoint {checkpoint_id} created"
+
+
 def _parent(key: str, header: Header, incarnation: str, sequence: int) -> str | None:
     """A checkpoint's parent: the one the caller named, else the run's previous one."""
     if header.parent_id is not None or sequence == 0:
@@ -560,7 +565,7 @@ class CheckpointManager:
         try:
             return await self._transition(
                 run_id, CheckpointStatus.ACTIVE, allowed={CheckpointStatus.FAILED},
-                note=f"resumed: checkpoint {checkpoint_id} created", update=clear_error)
+                note=resumed_note(checkpoint_id), update=clear_error)
         except ConflictError:
             return await self.get_run(run_id)  # another worker changed the status meanwhile
 

@@ -33,7 +33,7 @@ import msgspec
 
 from fastcheckpoint._codec import RunData, to_json_text
 from fastcheckpoint._config import CheckpointConfig
-from fastcheckpoint._manager import CheckpointManager
+from fastcheckpoint._manager import CheckpointManager, resumed_note
 from fastcheckpoint._model import CheckpointStatus, RunInfo
 from fastcheckpoint._settle import settled
 from fastcheckpoint._validate import request_arg, text_arg
@@ -422,6 +422,24 @@ class RunStateStore:
             return True
         raise ConflictError(f"run {run.run_id!r} {why}; nothing was recorded")
 
+    async def _fail_again(self, run: RunInfo, checkpoint_id: str) -> None:
+        """Undo the resume of a FAILED run by the create of a withdrawn checkpoint."""
+        history = run.history
+        if run.status is not CheckpointStatus.ACTIVE or not history or (
+                history[-1].note != resumed_note(checkpoint_id)):
+            return
+        failed = next((change for change in reversed(history[:-1])
+                       if change.status is CheckpointStatus.FAILED), None)
+        error = "" if failed is None else failed.note
+
+        def restore(data: RunData, now: float) -> None:
+            data.error = error
+
+        await self._manager._transition(
+            run.run_id, CheckpointStatus.FAILED, allowed={CheckpointStatus.ACTIVE},
+            note=error, update=restore,
+            still=lambda record: record.latest_sequence == run.latest_sequence)
+
     async def _pause(
         self, run_id: str, checkpoint_id: str, pending: list[ToolApprovalItem]
     ) -> RunInfo:
@@ -453,13 +471,17 @@ class RunStateStore:
 
     async def _withdraw(self, run_id: str, checkpoint_id: str) -> None:
         """Delete the checkpoint of a record whose status change failed, unless the run names
-        it (the change was stored and its reply lost: a retry of the record returns the run)."""
+        it (the change was stored and its reply lost: a retry of the record returns the run).
+        A run the checkpoint's create resumed from FAILED (another worker failed it after the
+        record read it) is FAILED again, with its error."""
         try:
             run = await self._manager.get_run(run_id)
             if run is not None and (_requested(run.approval, checkpoint_id)
                                     or _finished_by(run, checkpoint_id)):
                 return
             await self._manager.delete(checkpoint_id)
+            if run is not None:
+                await self._fail_again(run, checkpoint_id)
         except CheckpointError:
             logger.warning("run %r: the failed record left its checkpoint %s", run_id[:80],
                            checkpoint_id, exc_info=True)

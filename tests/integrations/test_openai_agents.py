@@ -725,6 +725,36 @@ async def test_record_keeps_a_decision_not_yet_resumed(decision: str) -> None:
         assert run.checkpoint_count == resumed.checkpoint_count
 
 
+async def test_record_refused_after_a_failure_meanwhile_leaves_the_run_failed() -> None:
+    """A worker fails the resumed run (handing its decision back) after record read it: the
+    record's create resumes the FAILED run, its status change is refused, and withdrawing the
+    checkpoint makes the run FAILED again, with its error (helper-105's race)."""
+    store = _ChangedMeanwhile(MemoryStore())
+    agent, _ = _refund_agent([], "Refunded.")
+    approvals = RunStateStore(store, config=make_config(FakeClock()))
+    watchdog = RunStateStore(store, config=make_config(FakeClock()))
+    with anyio.fail_after(DEADLINE):
+        await approvals.record("r", await Runner.run(agent, "Refund", run_config=QUIET))
+        await approvals.manager.approve("r", approver="ana")
+        state = await approvals.resume("r", agent)
+        assert state is not None
+        result = await Runner.run(agent, state, run_config=QUIET)
+        failed: list[Any] = []
+
+        async def fail_meanwhile() -> None:
+            failed.append(await watchdog.fail("r", "worker timed out"))
+
+        store.change = fail_meanwhile
+        with pytest.raises(ConflictError, match="nothing was recorded"):
+            await approvals.record("r", result)
+        run = await approvals.manager.get_run("r")
+
+    assert run is not None
+    assert (run.status, run.error) == (CheckpointStatus.FAILED, "worker timed out")
+    assert run.approval == failed[0].approval  # the decision handed back, still to resume
+    assert run.checkpoint_count == failed[0].checkpoint_count
+
+
 async def test_record_takes_only_results_and_states() -> None:
     approvals = RunStateStore(MemoryStore())
     for result in (None, "done", {"run_state": {}}):
