@@ -92,7 +92,7 @@ async def _init(url: str) -> tuple[bool, list[str] | None]:
 
 
 def _run_init(args: argparse.Namespace) -> int:
-    shown = redacted(args.url)
+    shown = _shown(args.url)
     try:
         if _file_store_path(args.url) == "":
             return _fail(_NO_DIRECTORY.format(url=args.url), EXIT_USAGE)
@@ -334,7 +334,7 @@ def _next_page(args: argparse.Namespace, cursor: str) -> str:
     """The command for the next page: the same store, status and page size."""
     words = ["fastcheckpoint", "runs"]
     if args.url:
-        words += ["--url", redacted(args.url)]
+        words += ["--url", _shown(args.url)]
     if args.status:
         words += ["--status", args.status]
     words += ["--limit", str(args.limit), "--cursor", cursor]
@@ -662,7 +662,7 @@ async def _doctor(manager: CheckpointManager, args: argparse.Namespace) -> int:
             with anyio.CancelScope(shield=True), contextlib.suppress(CheckpointError):
                 await manager.delete_run(probe)
     failed = not all(check["ok"] for check in checks)
-    shown = redacted(args.store_url)
+    shown = _shown(args.store_url)
     if args.json:
         _print_json({"store": shown, "ok": not failed, "checks": checks})
     else:
@@ -677,7 +677,7 @@ async def _repair(manager: CheckpointManager, args: argparse.Namespace) -> int:
     reports = await manager.repair(args.run)
     rebuilt = sum(report.outcome == "rebuilt" for report in reports)
     unrecoverable = sum(not report.repaired for report in reports)
-    shown = redacted(args.store_url)
+    shown = _shown(args.store_url)
     if args.json:
         _print_json({"store": shown, "run_id": args.run, "damaged": len(reports),
                      "rebuilt": rebuilt, "reports": [report.to_dict() for report in reports]})
@@ -772,12 +772,13 @@ def _store_of(args: argparse.Namespace) -> str:
     if target and args.url:
         if not args.repair or args.run:
             raise _UsageError("name the store once: a URL argument or --url")
-        args.run, target = target, None  # doctor --repair --url URL RUN
+        args.run, target = _as_typed(target), None  # doctor --repair --url URL RUN
     if target and args.repair and not args.run and _names_a_run(target):
-        args.run, target = target, None  # doctor --repair RUN, the store from the environment
+        # doctor --repair RUN, the store from the environment
+        args.run, target = _as_typed(target), None
     if args.command == "doctor" and args.run and not args.repair:
         raise _UsageError("a RUN goes with --repair (doctor --repair URL RUN)")
-    return str(target or args.url or store_url_from_env(os.environ))
+    return _url_argument(str(target or args.url or store_url_from_env(os.environ)))
 
 
 def _names_a_run(target: str) -> bool:
@@ -810,7 +811,7 @@ def _open(args: argparse.Namespace) -> CheckpointManager:
             raise _UsageError(missing)
         return _manager_from_env(url)
     except ValueError as exc:  # a URL too malformed to take apart
-        raise _UsageError(f"bad store URL {redacted(url)!r}: {exc}") from exc
+        raise _UsageError(f"bad store URL {_shown(url)!r}: {exc}") from exc
 
 
 def _on_store(action: Action) -> Callable[[argparse.Namespace], int]:
@@ -911,7 +912,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastcheckpoint {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     on_store = argparse.ArgumentParser(add_help=False)
-    on_store.add_argument("--url", help="store URL (default: FASTCHECKPOINT_URL)")
+    on_store.add_argument("--url", type=_url_argument,
+                          help="store URL (default: FASTCHECKPOINT_URL)")
     on_store.add_argument("--json", action="store_true", help="JSON output, for scripts")
 
     def store_command(name: str, action: Action, helptext: str,
@@ -953,7 +955,8 @@ def _parser() -> argparse.ArgumentParser:
     doctor = store_command(
         "doctor", _doctor, "check connectivity, permissions and provisioning with a probe "
                            "run; with --repair, rebuild damaged run records")
-    doctor.add_argument("target", nargs="?", metavar="URL", help="store URL (or --url)")
+    doctor.add_argument("target", nargs="?", metavar="URL", type=_url_argument,
+                        help="store URL (or --url)")
     doctor.add_argument("run", nargs="?", metavar="RUN", type=_as_typed,
                         help="with --repair: only this run (default: every run)")
     doctor.add_argument("--repair", action="store_true",
@@ -965,7 +968,8 @@ def _parser() -> argparse.ArgumentParser:
                      "tables...) or upgrade it; idempotent",
         epilog=_EXIT_CODES,
     )
-    init.add_argument("url", metavar="URL", help="store URL, e.g. dynamodb://Table?bucket=b")
+    init.add_argument("url", metavar="URL", type=_url_argument,
+                      help="store URL, e.g. dynamodb://Table?bucket=b")
     init.add_argument("--json", action="store_true", help="JSON output, for scripts")
     init.set_defaults(handler=_run_init)
     # Listed for --help only: main() hands everything after "bench" to the suite's own parser.
@@ -998,6 +1002,19 @@ def _as_typed(argument: str) -> str:
         return os.fsencode(argument).decode("utf-8")
     except (UnicodeEncodeError, UnicodeDecodeError):
         return argument
+
+
+def _url_argument(url: str) -> str:
+    """A store URL as typed. A network store's URL (host, names, options) is text, read as
+    UTF-8 like the other text arguments; a ``file://`` or ``sqlite://`` URL or a plain path
+    names a path, which goes back to the system as it came."""
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    return url if scheme in ("", "file", "sqlite") else _as_typed(url)
+
+
+def _shown(url: str) -> str:
+    """A store URL for people: without its password, a path's bytes read as UTF-8."""
+    return redacted(_as_typed(url))
 
 
 if __name__ == "__main__":  # pragma: no cover

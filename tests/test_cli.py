@@ -1059,6 +1059,38 @@ def test_paths_and_urls_reach_the_system_as_given_in_a_locale_that_is_not_utf8(
     assert document["run"]["run_id"] == "café"
 
 
+def test_a_repair_run_and_a_network_url_the_locale_could_not_decode_are_read_typed(
+    cafe: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``doctor --repair --url URL RUN`` takes the run from the URL's place: it is read as
+    UTF-8 too. A network store's URL is text (its names and options), read as UTF-8; a
+    ``file://`` URL is a path and stays as the system gave it."""
+    out, err = ascii_terminals(monkeypatch)
+    typed = "café-🚀".encode().decode("ascii", "surrogateescape")
+
+    repaired = main(["doctor", "--repair", "--url", cafe, typed])
+    listed = main(["runs", "--url", "memory://" + "é".encode().decode("ascii", "surrogateescape"),
+                   "--json"])
+
+    assert (repaired, listed, err.text()) == (EXIT_OK, EXIT_OK, "")
+    assert "nothing damaged" in out.text()
+
+
+def test_a_path_the_locale_could_not_decode_is_shown_as_text_in_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store ``init --json`` names is a string (the path's bytes read as UTF-8), not
+    the export's stand-in for a value JSON cannot hold; the path itself is used as given."""
+    out, err = ascii_terminals(monkeypatch)
+    path = str(tmp_path / "störe").encode().decode("ascii", "surrogateescape")
+
+    code = main(["init", f"file://{path}", "--json"])
+
+    assert (code, err.text()) == (EXIT_OK, "")
+    assert json.loads(out.text())["store"] == f"file://{tmp_path / 'störe'}"
+    assert (tmp_path / "störe").is_dir()
+
+
 def test_an_argument_the_locale_could_not_decode_names_the_run_typed(
     cafe: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

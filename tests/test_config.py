@@ -393,6 +393,34 @@ def test_open_store_malformed_url_raises_configuration_error() -> None:
         open_store("redis://[::1")
 
 
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1:6379/0?prefix=fc\udcc3",
+    "redis://us\udcc3:pw@127.0.0.1:6379/0",
+    "postgresql://fc@127.0.0.1:5432/d\udcc3",
+    "s3://bucket/pr\udcc3fix",
+    "dynamodb://Table\udcc3?bucket=b",
+])
+def test_a_network_store_url_that_is_not_valid_unicode_is_refused(url: str) -> None:
+    """Its driver would fail at the first call with UnicodeEncodeError (or worse); a
+    ``file://`` path may hold any bytes the system gave and is not checked."""
+    with pytest.raises(ConfigurationError, match="not valid unicode"):
+        open_store(url)
+
+
+def test_store_options_beyond_a_float_or_not_unicode_are_configuration_errors() -> None:
+    from fastcheckpoint.stores.postgres import PostgresStore
+    from fastcheckpoint.stores.redis import RedisStore
+    from fastcheckpoint.stores.s3 import S3Store
+
+    with pytest.raises(ConfigurationError, match="default_ttl_seconds"):
+        PostgresStore.from_url("postgresql://fc@127.0.0.1:5432/fc",
+                               default_ttl_seconds=10**400)
+    with pytest.raises(ConfigurationError, match="not valid unicode"):
+        RedisStore.from_url("redis://127.0.0.1:6379/0", prefix="fc\udcc3")
+    with pytest.raises(ConfigurationError, match="not valid unicode"):
+        S3Store("bucket", "pr\udcc3fix")
+
+
 def test_unknown_setting_suggests_the_nearest_one() -> None:
     with pytest.raises(ConfigurationError, match="did you mean FASTCHECKPOINT_DEFAULT_TTL_SECONDS"):
         CheckpointConfig.from_env({"FASTCHECKPOINT_DEFAULT_TTL_SECOND": "5"})

@@ -213,6 +213,15 @@ def open_store(url: str, *, retry: RetryPolicy | None = None, **options: Any) ->
     if scheme not in _REGISTRY:
         known = ", ".join(f"{name}://" for name in sorted(_REGISTRY))
         raise ConfigurationError(f"unknown store URL scheme {scheme!r} in {url!r}; known: {known}")
+    if scheme not in ("file", "sqlite") and not url.isascii():
+        # A path may hold any bytes the system gave (lone surrogates); a network store's
+        # names, host and options are text its driver sends as UTF-8.
+        try:
+            url.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ConfigurationError(
+                f"store URL {url[:80]!r} is not valid unicode (it has a lone surrogate)"
+            ) from exc
     backend = _REGISTRY[scheme]
     module_name, _, class_name = backend.target.partition(":")
     try:

@@ -711,7 +711,9 @@ def check_labels(labels: object) -> tuple[str, ...]:
 
 
 INT64 = 2**63 - 1
-"""The largest sequence, owner or time a store takes (what every backend can hold)."""
+"""The largest sequence, owner or time a store takes (what every backend can hold). The Redis
+store takes a checkpoint's or item's expiry at most ``MAX_TTL_SECONDS`` (10^13 s) ahead:
+it counts lifetimes in milliseconds."""
 
 
 def check_int(name: str, value: object) -> int:

@@ -1079,8 +1079,9 @@ def _int_value(name: str, value: Any) -> int:
 def _float_value(name: str, value: Any) -> float:
     try:
         number = float(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"{name} must be a number of seconds, got {value!r}") from exc
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ConfigurationError(
+            f"{name} must be a number of seconds, got {value!r:.40}") from exc
     if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
         raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
     return number

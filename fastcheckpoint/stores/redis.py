@@ -204,14 +204,19 @@ def _expiry_arg(value: float | None) -> str:
     return "" if value is None else _float_arg(value)
 
 
-def _ttl_ms(expires_at: float, now: float) -> int:
-    """The native lifetime of a run's keys, checked before the script runs: an expiry more
-    than :data:`MAX_TTL_SECONDS` ahead is refused (Redis counts milliseconds, and its scripts
-    write numbers exactly only below 10^17), so no append is refused halfway."""
-    if expires_at - now > MAX_TTL_SECONDS:
+def _check_ahead(expires_at: float | None, now: float) -> None:
+    """Refuse, before a script runs, an expiry more than :data:`MAX_TTL_SECONDS` ahead: the
+    run's keys live in milliseconds until then, and the scripts write numbers exactly only
+    below 10^17 (beyond, a ``PEXPIRE`` fails halfway, or deletes the keys at once)."""
+    if expires_at is not None and expires_at - now > MAX_TTL_SECONDS:
         raise ValidationError(
             f"expires_at is {expires_at - now:.3g} seconds ahead; the Redis store keeps an "
             f"expiry at most {MAX_TTL_SECONDS:.0f} seconds (about 317,000 years) ahead")
+
+
+def _ttl_ms(expires_at: float, now: float) -> int:
+    """The native lifetime of a run's keys (checked: :func:`_check_ahead`)."""
+    _check_ahead(expires_at, now)
     # Never 0 or below: PEXPIRE would delete at once, before the log entry is written.
     return max(1, math.ceil((expires_at - now) * 1000))
 
@@ -1044,6 +1049,7 @@ class RedisStore(ExpiryCleanup):
         args: list[Any] = ["1" if create_only else "0", _token() if create_only else ""]
         for item in items:
             self._check_item(item)
+            _check_ahead(item.expires_at, now)
             args += [
                 item.key,
                 item.value,
@@ -1275,6 +1281,13 @@ def _check_client(client: Any) -> None:
 
 
 def _check_prefix(prefix: Any) -> None:
+    if isinstance(prefix, str) and not prefix.isascii():
+        try:
+            prefix.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ConfigurationError(
+                f"Redis key prefix {prefix[:60]!r} is not valid unicode (it has a lone "
+                "surrogate)") from exc
     if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
         raise ConfigurationError(
             f"Redis key prefix must be a string without '{{' or '}}' (they would break "

@@ -3052,7 +3052,12 @@ def _normalized_prefix(prefix: object) -> str:
     prefix = prefix.strip("/")
     if not prefix:
         return ""
-    if "//" in prefix or len(prefix.encode("utf-8")) > layout.MAX_PREFIX_BYTES:
+    try:
+        size = len(prefix.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ConfigurationError(
+            f"S3 prefix {prefix[:60]!r} is not valid unicode (it has a lone surrogate)") from exc
+    if "//" in prefix or size > layout.MAX_PREFIX_BYTES:
         raise ConfigurationError(
             f"S3 prefix {prefix[:60]!r} must be at most {layout.MAX_PREFIX_BYTES} bytes "
             "without empty segments ('//')"

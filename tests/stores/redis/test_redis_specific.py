@@ -202,9 +202,18 @@ async def test_an_expiry_too_far_ahead_is_refused_before_anything_is_written(
             assert await keys_under(store._client, prefix) == []
             await append(store, run, 0, expires_at=T0 + 1e13)
             found = await store.get(key_of(run), 0, now=T0)
+            # An item: its run's keys are not deleted, nor is the item written.
+            other = make_run("far-ahead-items")
+            await store.put_items(key_of(other), [make_item("a", expires_at=T0 + 3600)],
+                                  now=T0)
+            with pytest.raises(ValidationError, match="expiry at most"):
+                await store.put_items(key_of(other), [make_item("b", expires_at=T0 + 1e16)],
+                                      now=T0)
+            items = await store.get_items(key_of(other), ["a", "b"], now=T0)
     finally:
         await store.aclose()
     assert found is not None
+    assert items == {"a": b"value-a"}
 
 
 async def test_scripts_fall_back_to_loading_after_noscript(private_redis: PrivateRedis) -> None:
