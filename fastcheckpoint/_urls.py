@@ -34,7 +34,12 @@ def store_url_from_env(env: Mapping[str, str]) -> str:
                 "CHECKPOINT_MODE=production needs CHECKPOINT_TABLE_NAME and CHECKPOINT_S3_BUCKET "
                 "(create both with: fastcheckpoint init 'dynamodb://TABLE?bucket=BUCKET')"
             )
-        return f"dynamodb://{quote(table, safe='')}?{urlencode({'bucket': bucket})}"
+        try:
+            return f"dynamodb://{quote(table, safe='')}?{urlencode({'bucket': bucket})}"
+        except UnicodeEncodeError as exc:
+            raise ConfigurationError(
+                "CHECKPOINT_TABLE_NAME and CHECKPOINT_S3_BUCKET must be valid unicode (one has "
+                "a lone surrogate)") from exc
     if mode:
         raise ConfigurationError(
             f"CHECKPOINT_MODE={mode!r} is not valid; use development or production")

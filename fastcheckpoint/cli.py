@@ -45,7 +45,7 @@ from fastcheckpoint.errors import (
     ConflictError,
     ValidationError,
 )
-from fastcheckpoint.stores import CheckpointStore, SupportsProvision
+from fastcheckpoint.stores import CheckpointStore, SupportsProvision, names_a_network_store
 from fastcheckpoint.stores.file import parse_file_url
 
 __all__ = ["main"]
@@ -1006,10 +1006,9 @@ def _as_typed(argument: str) -> str:
 
 def _url_argument(url: str) -> str:
     """A store URL as typed. A network store's URL (host, names, options) is text, read as
-    UTF-8 like the other text arguments; a ``file://`` or ``sqlite://`` URL or a plain path
-    names a path, which goes back to the system as it came."""
-    scheme = url.partition("://")[0].lower() if "://" in url else ""
-    return url if scheme in ("", "file", "sqlite") else _as_typed(url)
+    UTF-8 like the other text arguments; any other (``file://``, ``sqlite://``, a plain path,
+    a third-party store's) may name a path, which goes back to the system as it came."""
+    return _as_typed(url) if names_a_network_store(url) else url
 
 
 def _shown(url: str) -> str:

@@ -407,6 +407,18 @@ def test_a_network_store_url_that_is_not_valid_unicode_is_refused(url: str) -> N
         open_store(url)
 
 
+def test_a_path_store_url_may_hold_what_the_system_gave(tmp_path: Path) -> None:
+    """A store whose URL names a path (``file://``, or a third-party one) takes the bytes of
+    a name that is not UTF-8 (lone surrogates), as the system gave them."""
+    name = str(tmp_path / "caf").encode() + b"\xe9"
+    store = open_store("file://" + os.fsdecode(name))
+    assert isinstance(store, FileStore)
+    with pytest.raises(ConfigurationError, match="CHECKPOINT_TABLE_NAME"):
+        CheckpointManager.from_env({"CHECKPOINT_MODE": "production",
+                                    "CHECKPOINT_TABLE_NAME": "t\udcc3x",
+                                    "CHECKPOINT_S3_BUCKET": "b"})
+
+
 def test_store_options_beyond_a_float_or_not_unicode_are_configuration_errors() -> None:
     from fastcheckpoint.stores.postgres import PostgresStore
     from fastcheckpoint.stores.redis import RedisStore
@@ -415,6 +427,8 @@ def test_store_options_beyond_a_float_or_not_unicode_are_configuration_errors() 
     with pytest.raises(ConfigurationError, match="default_ttl_seconds"):
         PostgresStore.from_url("postgresql://fc@127.0.0.1:5432/fc",
                                default_ttl_seconds=10**400)
+    with pytest.raises(ConfigurationError, match="max_size"):
+        PostgresStore.from_url("postgresql://fc@127.0.0.1:5432/fc", max_size=math.inf)
     with pytest.raises(ConfigurationError, match="not valid unicode"):
         RedisStore.from_url("redis://127.0.0.1:6379/0", prefix="fc\udcc3")
     with pytest.raises(ConfigurationError, match="not valid unicode"):

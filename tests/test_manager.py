@@ -699,13 +699,11 @@ async def test_a_default_ttl_changed_on_the_config_applies_to_the_next_create(
 async def test_a_default_ttl_below_the_clocks_resolution_refuses_every_create(
     store: CheckpointStore, clock: FakeClock
 ) -> None:
-    """A default that a timestamp cannot hold (``now + ttl == now``) would expire every
-    checkpoint as it is written: the config refuses it, and a create when it is set later,
-    nothing written, as an explicit ``ttl_seconds`` that small is refused."""
-    with pytest.raises(ConfigurationError, match="resolution"):
-        manager_with(store, clock, default_ttl_seconds=1e-7)
-    manager = manager_with(store, clock)
-    manager.config.default_ttl_seconds = 1e-7
+    """A default that a timestamp of the manager's clock cannot hold (``now + ttl == now``)
+    would expire every checkpoint as it is written: each create is refused instead, nothing
+    written, as an explicit ``ttl_seconds`` that small is refused. (The config cannot tell:
+    a clock at 0 holds it.)"""
+    manager = manager_with(store, clock, default_ttl_seconds=1e-7)
     with anyio.fail_after(10):
         with pytest.raises(ConfigurationError, match="resolution"):
             await create(manager)

@@ -3,6 +3,7 @@ store has the capabilities adapters need, and read a TTL argument."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import anyio
@@ -83,7 +84,13 @@ def checked_ttl(ttl_seconds: object) -> float | None:
     if ttl_seconds is None:
         return None
     check_default_ttl(ttl_seconds, "ttl_seconds")
-    return float(ttl_seconds)  # type: ignore[arg-type]
+    ttl = float(ttl_seconds)  # type: ignore[arg-type]
+    now = time.time()
+    if now + ttl <= now:  # a TTL no timestamp of today can hold: saved, then never found
+        raise ConfigurationError(
+            f"ttl_seconds={ttl_seconds!r:.40} is below the clock's resolution: every "
+            "checkpoint would expire as it is written")
+    return ttl
 
 
 def checked_keep_latest(keep_latest: object) -> int | None:

@@ -24,6 +24,7 @@ Needs ``pip install 'fastcheckpoint[openai-agents]'``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -31,6 +32,7 @@ from typing import Any, cast
 
 import msgspec
 
+from fastcheckpoint import _ids
 from fastcheckpoint._codec import RunData, to_json_text
 from fastcheckpoint._config import CheckpointConfig
 from fastcheckpoint._manager import CheckpointManager, resumed_note
@@ -423,22 +425,29 @@ class RunStateStore:
         raise ConflictError(f"run {run.run_id!r} {why}; nothing was recorded")
 
     async def _fail_again(self, run: RunInfo, checkpoint_id: str) -> None:
-        """Undo the resume of a FAILED run by the create of a withdrawn checkpoint."""
+        """Undo the resume of a FAILED run by the create of a withdrawn checkpoint, only while
+        nothing else happened to the run since it was read: the withdrawn checkpoint was its
+        latest, no status change followed the resume, no checkpoint was added."""
         history = run.history
-        if run.status is not CheckpointStatus.ACTIVE or not history or (
-                history[-1].note != resumed_note(checkpoint_id)):
+        parsed = _ids.parse_checkpoint_id(checkpoint_id)
+        if run.status is not CheckpointStatus.ACTIVE or not history or parsed is None or (
+                history[-1].note != resumed_note(checkpoint_id)
+                or parsed[2] != run.latest_sequence):
             return
         failed = next((change for change in reversed(history[:-1])
                        if change.status is CheckpointStatus.FAILED), None)
         error = "" if failed is None else failed.note
+        changes = len(history)
 
         def restore(data: RunData, now: float) -> None:
             data.error = error
 
-        await self._manager._transition(
-            run.run_id, CheckpointStatus.FAILED, allowed={CheckpointStatus.ACTIVE},
-            note=error, update=restore,
-            still=lambda record: record.latest_sequence == run.latest_sequence)
+        # A run that moved on meanwhile (paused, completed) is not ours to fail.
+        with contextlib.suppress(ConflictError):
+            await self._manager._transition(
+                run.run_id, CheckpointStatus.FAILED, allowed={CheckpointStatus.ACTIVE},
+                note=error, update=restore, made=lambda data: len(data.history) != changes,
+                still=lambda record: record.latest_sequence == run.latest_sequence)
 
     async def _pause(
         self, run_id: str, checkpoint_id: str, pending: list[ToolApprovalItem]

@@ -172,6 +172,15 @@ def register_store(
     _REGISTRY[key] = backend
 
 
+def names_a_network_store(url: str) -> bool:
+    """Whether ``url``'s scheme is one of a network store registered as such (its URL is
+    text: names, host, options), not of a store whose URL names a path."""
+    if "://" not in url:
+        return False
+    backend = _REGISTRY.get(url.partition("://")[0].lower())
+    return backend is not None and backend.remote
+
+
 def available_schemes() -> list[str]:
     """URL schemes ``open_store`` knows (entry points included), whether or not their
     extras are installed."""
@@ -213,15 +222,6 @@ def open_store(url: str, *, retry: RetryPolicy | None = None, **options: Any) ->
     if scheme not in _REGISTRY:
         known = ", ".join(f"{name}://" for name in sorted(_REGISTRY))
         raise ConfigurationError(f"unknown store URL scheme {scheme!r} in {url!r}; known: {known}")
-    if scheme not in ("file", "sqlite") and not url.isascii():
-        # A path may hold any bytes the system gave (lone surrogates); a network store's
-        # names, host and options are text its driver sends as UTF-8.
-        try:
-            url.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ConfigurationError(
-                f"store URL {url[:80]!r} is not valid unicode (it has a lone surrogate)"
-            ) from exc
     backend = _REGISTRY[scheme]
     module_name, _, class_name = backend.target.partition(":")
     try:
@@ -238,6 +238,15 @@ def open_store(url: str, *, retry: RetryPolicy | None = None, **options: Any) ->
         raise ConfigurationError(
             f"the {scheme}:// store {backend.target} does not exist or has no from_url(url)")
     remote = backend.remote or (scheme in _ENTRY_POINTS and getattr(store_class, "remote", False))
+    if remote and not url.isascii():
+        # A path may hold any bytes the system gave (lone surrogates); a network store's
+        # names, host and options are text its driver sends as UTF-8.
+        try:
+            url.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ConfigurationError(
+                f"store URL {url[:80]!r} is not valid unicode (it has a lone surrogate)"
+            ) from exc
     if remote:
         options["retry"] = retry if retry is not None else RetryPolicy()
     store: CheckpointStore = store_class.from_url(url, **options)

@@ -1069,7 +1069,7 @@ def _pool_options(query: dict[str, str], options: dict[str, Any]) -> dict[str, A
 def _int_value(name: str, value: Any) -> int:
     try:
         number = int(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ConfigurationError(f"{name} must be an integer, got {value!r}") from exc
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise ConfigurationError(f"{name} must be an integer, got {value!r}")

@@ -755,6 +755,85 @@ async def test_record_refused_after_a_failure_meanwhile_leaves_the_run_failed() 
     assert run.checkpoint_count == failed[0].checkpoint_count
 
 
+class _Hooks(ForwardingStore):
+    """Runs ``on_append`` before the next append, ``on_delete`` before the next delete, and
+    ``on_update(status)`` before each status change until it returns true (it may raise)."""
+
+    on_append: Any = None
+    on_delete: Any = None
+    on_update: Any = None
+
+    async def append(self, run_key: str, record: Any, **options: Any) -> str:
+        change, self.on_append = self.on_append, None
+        if change is not None:
+            await change()
+        return await self.inner.append(run_key, record, **options)
+
+    async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
+        change, self.on_delete = self.on_delete, None
+        if change is not None:
+            await change()
+        return await self.inner.delete(run_key, sequence, checkpoint_id=checkpoint_id)
+
+    async def update_run(self, run_key: str, **change: Any) -> Any:
+        if self.on_update is not None and await self.on_update(change["status"]):
+            self.on_update = None
+        return await self.inner.update_run(run_key, **change)
+
+
+async def test_a_withdrawn_record_leaves_a_run_others_moved_on_as_it_is() -> None:
+    """The run is failed again only while nothing else happened to it (helper-107): not when
+    another worker resumed the handed-back decision before the withdrawal, nor when another
+    worker checkpointed the run meanwhile."""
+    store = _Hooks(MemoryStore())
+    agent, _ = _refund_agent([], "Refunded.", "Refunded again.")
+    a = RunStateStore(store, config=make_config(FakeClock()))
+    b = RunStateStore(store, config=make_config(FakeClock()))
+    other = CheckpointManager(store, make_config(FakeClock()))
+    with anyio.fail_after(DEADLINE):
+        await a.record("r", await Runner.run(agent, "Refund", run_config=QUIET))
+        await a.manager.approve("r", approver="ana")
+        state = await a.resume("r", agent)
+        assert state is not None
+        result = await Runner.run(agent, state, run_config=QUIET)
+        store.on_append = lambda: b.fail("r", "worker timed out")
+        claimed: list[Any] = []
+
+        async def b_resumes() -> None:
+            claimed.append(await b.resume("r", agent))
+
+        store.on_delete = b_resumes
+        with pytest.raises(ConflictError):
+            await a.record("r", result)
+        resumed = await a.manager.get_run("r")
+
+        await other.create("q", {"step": 0})
+        await other.mark_failed("q", "boom")
+        asking, _ = _refund_agent([], "Refunded.")
+        interrupted = await Runner.run(asking, "Refund", run_config=QUIET)
+
+        async def newer_then_fail(status: str) -> bool:
+            if status != CheckpointStatus.PAUSED.value:
+                return False
+            await other.create("q", {"step": "newer"}, force=True)
+            raise StoreError("transient")
+
+        store.on_update = newer_then_fail
+        with pytest.raises(StoreError):
+            await a.record("q", interrupted)
+        store.on_update = None
+        newer = await other.get_run("q")
+        latest = await other.restore("q")
+
+    assert claimed[0] is not None
+    assert resumed is not None
+    assert resumed.status is CheckpointStatus.ACTIVE
+    assert newer is not None
+    assert newer.status is CheckpointStatus.ACTIVE
+    assert latest is not None
+    assert latest.state == {"step": "newer"}
+
+
 async def test_record_takes_only_results_and_states() -> None:
     approvals = RunStateStore(MemoryStore())
     for result in (None, "done", {"run_state": {}}):
