@@ -634,21 +634,35 @@ async def test_record_whose_status_change_fails_writes_nothing() -> None:
         assert (run.status, run.checkpoint_count) == (CheckpointStatus.COMPLETED, 2)
 
 
-class _ChangedMeanwhile(ForwardingStore):
-    """Runs ``change`` once, just before the next checkpoint is appended."""
+class _Hooks(ForwardingStore):
+    """Runs ``on_append`` before the next append, ``on_delete`` before the next delete, and
+    ``on_update(status)`` before each status change until it returns true (it may raise)."""
 
-    change: Any = None
+    on_append: Any = None
+    on_delete: Any = None
+    on_update: Any = None
 
     async def append(self, run_key: str, record: Any, **options: Any) -> str:
-        change, self.change = self.change, None
+        change, self.on_append = self.on_append, None
         if change is not None:
             await change()
         return await self.inner.append(run_key, record, **options)
 
+    async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
+        change, self.on_delete = self.on_delete, None
+        if change is not None:
+            await change()
+        return await self.inner.delete(run_key, sequence, checkpoint_id=checkpoint_id)
+
+    async def update_run(self, run_key: str, **change: Any) -> Any:
+        if self.on_update is not None and await self.on_update(change["status"]):
+            self.on_update = None
+        return await self.inner.update_run(run_key, **change)
+
 
 @pytest.mark.parametrize("change", ["pause", "complete"])
 async def test_record_refused_when_the_run_changes_meanwhile(change: str) -> None:
-    store = _ChangedMeanwhile(MemoryStore())
+    store = _Hooks(MemoryStore())
     agent, _ = _refund_agent([], "Refunded.")
     approvals = RunStateStore(store, config=make_config(FakeClock()))
     other = CheckpointManager(store, make_config(FakeClock()))
@@ -661,9 +675,9 @@ async def test_record_refused_when_the_run_changes_meanwhile(change: str) -> Non
         assert before is not None
         result = await Runner.run(agent, state, run_config=QUIET)
         if change == "pause":
-            store.change = lambda: other.pause("r", request={"why": "by hand"})
+            store.on_append = lambda: other.pause("r", request={"why": "by hand"})
         else:
-            store.change = lambda: other.mark_completed("r")
+            store.on_append = lambda: other.mark_completed("r")
         with pytest.raises(ConflictError, match="nothing was recorded"):
             await approvals.record("r", result)
         run = await approvals.manager.get_run("r")
@@ -680,7 +694,7 @@ async def test_record_keeps_a_decision_not_yet_resumed(decision: str) -> None:
     record of the state the request names returns the run as it is, another state is
     refused; the decision stays, nothing is written. Also when the decision lands between
     the record's read and its status change (the guard)."""
-    store = _ChangedMeanwhile(MemoryStore())
+    store = _Hooks(MemoryStore())
     refunds: list[str] = []
     agent, _ = _refund_agent(refunds, "Refunded.")
     approvals = RunStateStore(store, config=make_config(FakeClock()))
@@ -714,7 +728,7 @@ async def test_record_keeps_a_decision_not_yet_resumed(decision: str) -> None:
         assert state is not None
         resumed = await approvals.manager.get_run("r")
         assert resumed is not None
-        store.change = paused_and_approved
+        store.on_append = paused_and_approved
         with pytest.raises(ConflictError, match="decided since it was read"):
             await approvals.record("r", later)
         run = await approvals.manager.get_run("r")
@@ -729,7 +743,7 @@ async def test_record_refused_after_a_failure_meanwhile_leaves_the_run_failed() 
     """A worker fails the resumed run (handing its decision back) after record read it: the
     record's create resumes the FAILED run, its status change is refused, and withdrawing the
     checkpoint makes the run FAILED again, with its error (helper-105's race)."""
-    store = _ChangedMeanwhile(MemoryStore())
+    store = _Hooks(MemoryStore())
     agent, _ = _refund_agent([], "Refunded.")
     approvals = RunStateStore(store, config=make_config(FakeClock()))
     watchdog = RunStateStore(store, config=make_config(FakeClock()))
@@ -744,7 +758,7 @@ async def test_record_refused_after_a_failure_meanwhile_leaves_the_run_failed() 
         async def fail_meanwhile() -> None:
             failed.append(await watchdog.fail("r", "worker timed out"))
 
-        store.change = fail_meanwhile
+        store.on_append = fail_meanwhile
         with pytest.raises(ConflictError, match="nothing was recorded"):
             await approvals.record("r", result)
         run = await approvals.manager.get_run("r")
@@ -753,32 +767,6 @@ async def test_record_refused_after_a_failure_meanwhile_leaves_the_run_failed() 
     assert (run.status, run.error) == (CheckpointStatus.FAILED, "worker timed out")
     assert run.approval == failed[0].approval  # the decision handed back, still to resume
     assert run.checkpoint_count == failed[0].checkpoint_count
-
-
-class _Hooks(ForwardingStore):
-    """Runs ``on_append`` before the next append, ``on_delete`` before the next delete, and
-    ``on_update(status)`` before each status change until it returns true (it may raise)."""
-
-    on_append: Any = None
-    on_delete: Any = None
-    on_update: Any = None
-
-    async def append(self, run_key: str, record: Any, **options: Any) -> str:
-        change, self.on_append = self.on_append, None
-        if change is not None:
-            await change()
-        return await self.inner.append(run_key, record, **options)
-
-    async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
-        change, self.on_delete = self.on_delete, None
-        if change is not None:
-            await change()
-        return await self.inner.delete(run_key, sequence, checkpoint_id=checkpoint_id)
-
-    async def update_run(self, run_key: str, **change: Any) -> Any:
-        if self.on_update is not None and await self.on_update(change["status"]):
-            self.on_update = None
-        return await self.inner.update_run(run_key, **change)
 
 
 async def test_a_withdrawn_record_leaves_a_run_others_moved_on_as_it_is() -> None:
