@@ -207,6 +207,26 @@ def check_default_ttl(value: object, name: str = "default_ttl_seconds") -> None:
                 f"None never expires), got {value!r:.40}")
 
 
+def check_ttl_resolution(name: str, ttl: float, now: float) -> None:
+    """:class:`ConfigurationError` when a timestamp near ``now`` cannot hold ``ttl`` (``now +
+    ttl == now``): every checkpoint would expire as it is written."""
+    if now + ttl <= now:
+        raise ConfigurationError(
+            f"{name}={ttl!r:.40} is below the clock's resolution: every checkpoint would "
+            "expire as it is written")
+
+
+def check_setting_text(what: str, text: str) -> None:
+    """:class:`ConfigurationError` when ``text`` (a URL, a name, a prefix) is not valid
+    unicode: a driver sending it as UTF-8 would fail at its first call."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigurationError(
+            f"{what} {text[:80]!r} is not valid unicode (it has a lone surrogate)") from exc
+
 
 def _finite(value: float) -> bool:
     """Whether ``value`` is a finite number, also an int too large for a float (not one)."""

@@ -34,6 +34,7 @@ from fastcheckpoint._config import (
     CheckpointConfig,
     RetryPolicy,
     check_default_ttl,
+    check_ttl_resolution,
 )
 from fastcheckpoint._history import Histories, Written
 from fastcheckpoint._logs import LogGap
@@ -596,10 +597,7 @@ class CheckpointManager:
                 return None
         check_default_ttl(default)
         ttl = float(default)
-        if now + ttl <= now:
-            raise ConfigurationError(
-                f"default_ttl_seconds={default!r} is below the clock's resolution: every "
-                "checkpoint would expire as it is written")
+        check_ttl_resolution("default_ttl_seconds", ttl, now)
         return ttl
 
     async def _require_parent(self, key: str, parent_id: str) -> None:

@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from urllib.parse import quote, urlencode, urlsplit
 
-from fastcheckpoint._config import check_default_ttl
+from fastcheckpoint._config import check_default_ttl, check_setting_text
 from fastcheckpoint.errors import ConfigurationError
 
 __all__ = ["redacted", "store_url_from_env", "ttl_seconds_from_days", "without_password"]
@@ -34,12 +34,9 @@ def store_url_from_env(env: Mapping[str, str]) -> str:
                 "CHECKPOINT_MODE=production needs CHECKPOINT_TABLE_NAME and CHECKPOINT_S3_BUCKET "
                 "(create both with: fastcheckpoint init 'dynamodb://TABLE?bucket=BUCKET')"
             )
-        try:
-            return f"dynamodb://{quote(table, safe='')}?{urlencode({'bucket': bucket})}"
-        except UnicodeEncodeError as exc:
-            raise ConfigurationError(
-                "CHECKPOINT_TABLE_NAME and CHECKPOINT_S3_BUCKET must be valid unicode (one has "
-                "a lone surrogate)") from exc
+        check_setting_text("CHECKPOINT_TABLE_NAME", table)
+        check_setting_text("CHECKPOINT_S3_BUCKET", bucket)
+        return f"dynamodb://{quote(table, safe='')}?{urlencode({'bucket': bucket})}"
     if mode:
         raise ConfigurationError(
             f"CHECKPOINT_MODE={mode!r} is not valid; use development or production")

@@ -8,7 +8,12 @@ from collections.abc import Sequence
 
 import anyio
 
-from fastcheckpoint._config import CheckpointConfig, RetryPolicy, check_default_ttl
+from fastcheckpoint._config import (
+    CheckpointConfig,
+    RetryPolicy,
+    check_default_ttl,
+    check_ttl_resolution,
+)
 from fastcheckpoint.errors import ConfigurationError
 from fastcheckpoint.stores import (
     CheckpointStore,
@@ -85,11 +90,7 @@ def checked_ttl(ttl_seconds: object) -> float | None:
         return None
     check_default_ttl(ttl_seconds, "ttl_seconds")
     ttl = float(ttl_seconds)  # type: ignore[arg-type]
-    now = time.time()
-    if now + ttl <= now:  # a TTL no timestamp of today can hold: saved, then never found
-        raise ConfigurationError(
-            f"ttl_seconds={ttl_seconds!r:.40} is below the clock's resolution: every "
-            "checkpoint would expire as it is written")
+    check_ttl_resolution("ttl_seconds", ttl, time.time())  # saved, then never found
     return ttl
 
 

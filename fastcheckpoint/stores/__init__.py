@@ -8,7 +8,7 @@ import importlib.metadata
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastcheckpoint._config import RetryPolicy
+from fastcheckpoint._config import RetryPolicy, check_setting_text
 from fastcheckpoint.errors import ConfigurationError
 from fastcheckpoint.stores._base import (
     EMPTY_RUN,
@@ -238,16 +238,10 @@ def open_store(url: str, *, retry: RetryPolicy | None = None, **options: Any) ->
         raise ConfigurationError(
             f"the {scheme}:// store {backend.target} does not exist or has no from_url(url)")
     remote = backend.remote or (scheme in _ENTRY_POINTS and getattr(store_class, "remote", False))
-    if remote and not url.isascii():
+    if remote:
         # A path may hold any bytes the system gave (lone surrogates); a network store's
         # names, host and options are text its driver sends as UTF-8.
-        try:
-            url.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ConfigurationError(
-                f"store URL {url[:80]!r} is not valid unicode (it has a lone surrogate)"
-            ) from exc
-    if remote:
+        check_setting_text("store URL", url)
         options["retry"] = retry if retry is not None else RetryPolicy()
     store: CheckpointStore = store_class.from_url(url, **options)
     return store

@@ -80,7 +80,12 @@ from redis.asyncio.connection import (
 from redis.asyncio.retry import Retry
 from redis.backoff import FullJitterBackoff
 
-from fastcheckpoint._config import MAX_TTL_SECONDS, RetryPolicy, check_default_ttl
+from fastcheckpoint._config import (
+    MAX_TTL_SECONDS,
+    RetryPolicy,
+    check_default_ttl,
+    check_setting_text,
+)
 from fastcheckpoint._urls import redacted
 from fastcheckpoint.errors import (
     CheckpointNotFound,
@@ -1281,13 +1286,8 @@ def _check_client(client: Any) -> None:
 
 
 def _check_prefix(prefix: Any) -> None:
-    if isinstance(prefix, str) and not prefix.isascii():
-        try:
-            prefix.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ConfigurationError(
-                f"Redis key prefix {prefix[:60]!r} is not valid unicode (it has a lone "
-                "surrogate)") from exc
+    if isinstance(prefix, str):
+        check_setting_text("Redis key prefix", prefix)
     if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
         raise ConfigurationError(
             f"Redis key prefix must be a string without '{{' or '}}' (they would break "

@@ -67,7 +67,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 
-from fastcheckpoint._config import RetryPolicy
+from fastcheckpoint._config import RetryPolicy, check_setting_text
 from fastcheckpoint._gather import gather, pair
 from fastcheckpoint._settle import settled
 from fastcheckpoint.errors import (
@@ -3052,12 +3052,8 @@ def _normalized_prefix(prefix: object) -> str:
     prefix = prefix.strip("/")
     if not prefix:
         return ""
-    try:
-        size = len(prefix.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise ConfigurationError(
-            f"S3 prefix {prefix[:60]!r} is not valid unicode (it has a lone surrogate)") from exc
-    if "//" in prefix or size > layout.MAX_PREFIX_BYTES:
+    check_setting_text("S3 prefix", prefix)
+    if "//" in prefix or len(prefix.encode("utf-8")) > layout.MAX_PREFIX_BYTES:
         raise ConfigurationError(
             f"S3 prefix {prefix[:60]!r} must be at most {layout.MAX_PREFIX_BYTES} bytes "
             "without empty segments ('//')"
