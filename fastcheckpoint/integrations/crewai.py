@@ -33,6 +33,7 @@ from typing import Any
 
 import msgspec
 
+from fastcheckpoint._codec import json_copy
 from fastcheckpoint._config import CheckpointConfig
 from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import CheckpointStatus, RunInfo
@@ -359,18 +360,25 @@ def _state_dict(state_data: object) -> dict[str, Any]:
         f"state_data must be a pydantic BaseModel or a dict, got {type(state_data).__name__}")
 
 
-def _request_of(context: PendingFeedbackContext) -> dict[str, Any]:
-    """The feedback context as an approval request. Its trace ids are 128-bit integers,
-    which JSON readers cannot all hold: they are kept as decimal text."""
+def _request_of(context: object) -> dict[str, Any]:
+    """The feedback context as an approval request, checked as the run's details will check
+    it (so a context that cannot be stored fails before anything is written). Its trace ids
+    are 128-bit integers, which JSON readers cannot all hold: they are kept as decimal
+    text."""
+    if not isinstance(context, PendingFeedbackContext):
+        raise ValidationError(
+            f"context must be a CrewAI PendingFeedbackContext, got {type(context).__name__}")
     try:
         context_dict = context.to_dict()
-    except (PydanticSerializationError, ValueError, TypeError, RecursionError) as exc:
+    except (PydanticSerializationError, ValueError, TypeError, AttributeError,
+            RecursionError) as exc:
         raise SerializationError(f"the feedback context cannot be stored: {exc}") from exc
     request = _json_value(context_dict, "the feedback context")
     trace = request.get("trace_context")
     if isinstance(trace, list):
         request["trace_context"] = [str(part) for part in trace]
-    return request
+    checked: dict[str, Any] = json_copy(request, "the feedback context")
+    return checked
 
 
 def _context_dict(request: dict[str, Any]) -> dict[str, Any]:

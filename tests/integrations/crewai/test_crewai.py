@@ -430,6 +430,35 @@ def test_values_that_cannot_be_stored_are_serialization_errors(
     assert persistence.manager.get_run(flow) is None
 
 
+def test_a_context_the_run_details_cannot_hold_fails_before_anything_is_written(
+    persistence: FastFlowPersistence,
+) -> None:
+    """An output JSON can write but the run's details cannot hold (an integer out of the
+    64-bit range, nesting below their depth limit) was found only when pausing, after the
+    state was checkpointed (and a pruning limit had dropped an older checkpoint)."""
+    flow = flow_id()
+    for output in ({"amount": 2**70}, _nested(150)):
+        context = feedback_context(flow)
+        context.method_output = output
+        with pytest.raises(SerializationError, match="feedback context"):
+            persistence.save_pending_feedback(flow, context, {"id": flow})
+    assert persistence.manager.get_run(flow) is None
+
+
+def test_a_context_that_is_not_one_is_a_validation_error(
+    persistence: FastFlowPersistence,
+) -> None:
+    flow = flow_id()
+    for context in (None, feedback_context(flow).to_dict()):
+        with pytest.raises(ValidationError, match="PendingFeedbackContext"):
+            persistence.save_pending_feedback(flow, context, {"id": flow})  # type: ignore[arg-type]
+    broken = feedback_context(flow)
+    broken.requested_at = "yesterday"  # type: ignore[assignment]
+    with pytest.raises(SerializationError, match="feedback context"):
+        persistence.save_pending_feedback(flow, broken, {"id": flow})
+    assert persistence.manager.get_run(flow) is None
+
+
 def test_a_clear_that_failed_midway_is_no_reviewers_decision(
     persistence: FastFlowPersistence, monkeypatch: pytest.MonkeyPatch
 ) -> None:
