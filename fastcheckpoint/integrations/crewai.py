@@ -17,9 +17,10 @@ reviewer (``flow.resume(text)`` from your own handler) leaves the queue approved
 
 Every call blocks on :class:`fastcheckpoint.blocking.BlockingManager`. Costs in store calls:
 ``save_state`` 1 (2 the first time this object writes a flow, or after another process
-did), ``load_state`` 1, ``save_pending_feedback`` 3 (the checkpoint, then the status change:
-read and update), ``load_pending_feedback`` 2, ``clear_pending_feedback`` 1, plus 2 when the
-run is still PAUSED and 2 when the resumed method saved no checkpoint of its own.
+did), ``load_state`` 1, ``save_pending_feedback`` 4 (the run read, the checkpoint, then the
+status change: read and update), ``load_pending_feedback`` 2, ``clear_pending_feedback`` 1,
+plus 2 when the run is still PAUSED and 2 when the resumed method saved no checkpoint of its
+own.
 
 Needs ``pip install 'fastcheckpoint[crewai]'``.
 """
@@ -29,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 
@@ -196,13 +197,15 @@ class FastFlowPersistence(FlowPersistence):  # type: ignore[misc, unused-ignore]
 
         A request still waiting is superseded (approved by ``crewai``, then paused again).
         :class:`ConflictError` if the run was rejected: a rejection ends the run in the
-        approval queue, so the flow cannot wait there again.
+        approval queue, so the flow cannot wait there again. The run is read first, so such
+        a refusal comes before anything is written.
         """
         blocking = self._opened()
         request = _request_of(context)
-        checkpoint = blocking.create(flow_uuid, _state_dict(state_data),
-                                     step_name=context.method_name, tags=[REQUESTED_TAG],
-                                     force=True)
+        state = _state_dict(state_data)
+        _check_pausable(flow_uuid, blocking.get_run(flow_uuid))
+        checkpoint = blocking.create(flow_uuid, state, step_name=context.method_name,
+                                     tags=[REQUESTED_TAG], force=True)
         assert checkpoint is not None  # forced: never throttled
         request.update(framework=FRAMEWORK, checkpoint_id=checkpoint.checkpoint_id,
                        sequence=checkpoint.metadata.sequence)
@@ -297,15 +300,9 @@ class FastFlowPersistence(FlowPersistence):  # type: ignore[misc, unused-ignore]
             return
         except ConflictError as exc:
             waiting = blocking.get_run(flow_uuid)
-            if waiting is None or waiting.status is not CheckpointStatus.PAUSED or (
-                _crewai_request(waiting) is None
-            ):
-                status = "gone" if waiting is None else waiting.status.value
-                raise ConflictError(
-                    f"flow {flow_uuid!r} cannot wait for feedback in the approval queue: its "
-                    f"run is {status}, and only an active run (or one waiting for an earlier "
-                    "request of the flow) can be paused; a rejected run is finished there"
-                ) from exc
+            if waiting is None or waiting.status is not CheckpointStatus.PAUSED:
+                _refuse(flow_uuid, "gone" if waiting is None else waiting.status.value, exc)
+            _check_pausable(flow_uuid, waiting, exc)
         blocking.approve(flow_uuid, approver=FRAMEWORK, comment=_SUPERSEDED_COMMENT,
                          requested_at=(waiting.approval or {}).get("requested_at"))
         blocking.pause(flow_uuid, request)
@@ -322,6 +319,27 @@ class FastFlowPersistence(FlowPersistence):  # type: ignore[misc, unused-ignore]
             if now is None or now.status is CheckpointStatus.PAUSED:
                 raise
             return now
+
+
+_PAUSABLE = frozenset({CheckpointStatus.ACTIVE, CheckpointStatus.FAILED})
+"""Statuses a run can be paused from after a checkpoint (which makes a FAILED run active)."""
+
+
+def _check_pausable(flow_uuid: str, run: RunInfo | None, cause: Exception | None = None) -> None:
+    """:class:`ConflictError` unless the flow's run (``None``: not started) can wait for a
+    new feedback request: it is active, or it waits for an earlier request of the flow."""
+    if run is None or run.status in _PAUSABLE:
+        return
+    if run.status is CheckpointStatus.PAUSED and _crewai_request(run) is not None:
+        return
+    _refuse(flow_uuid, run.status.value, cause)
+
+
+def _refuse(flow_uuid: str, status: str, cause: Exception | None) -> NoReturn:
+    raise ConflictError(
+        f"flow {flow_uuid!r} cannot wait for feedback in the approval queue: its run is "
+        f"{status}, and only an active run (or one waiting for an earlier request of the "
+        "flow) can be paused; a rejected run is finished there") from cause
 
 
 def _crewai_request(run: RunInfo | None) -> dict[str, Any] | None:

@@ -225,6 +225,29 @@ def test_a_rejection_is_feedback_and_ends_the_run_in_the_queue(
         persistence.save_pending_feedback(flow, feedback_context(flow), {"id": flow})
 
 
+def test_a_request_the_run_cannot_take_writes_nothing(tmp_path: Path) -> None:
+    """A run rejected, completed or waiting for another adapter's request cannot wait for
+    feedback: ``ConflictError`` before the state is checkpointed (which pruned the oldest
+    checkpoint under ``keep_latest``)."""
+    persistence = FastFlowPersistence(f"sqlite:///{tmp_path / 'refused.db'}", keep_latest=2)
+    try:
+        rejected, completed, other = flow_id(), flow_id(), flow_id()
+        for flow in (rejected, completed, other):
+            persistence.save_state(flow, "write", {"id": flow})
+        persistence.save_pending_feedback(rejected, feedback_context(rejected), {"id": rejected})
+        persistence.manager.reject(rejected, approver="ana")
+        persistence.manager.mark_completed(completed)
+        persistence.manager.pause(other, request={"framework": "openai-agents"})
+        for flow, status in ((rejected, "rejected"), (completed, "completed"), (other, "paused")):
+            before = persistence.manager.list_checkpoints(flow)
+            with pytest.raises(ConflictError, match=status):
+                persistence.save_pending_feedback(flow, feedback_context(flow),
+                                                  {"id": flow, "n": 2})
+            assert persistence.manager.list_checkpoints(flow) == before
+    finally:
+        persistence.close()
+
+
 def test_a_decision_without_a_note_is_the_decision_word(persistence: FastFlowPersistence) -> None:
     flow = flow_id()
     persistence.save_pending_feedback(flow, feedback_context(flow), {"id": flow})
@@ -263,7 +286,7 @@ def test_copies_of_a_flow_share_the_persistence_and_close_ends_it(store_url: str
 
 def test_store_calls_per_operation() -> None:
     """What the module docstring states: one store call per save and per load in steady
-    state, three for a request, two to load it, and what ending it costs."""
+    state, four for a request, two to load it, and what ending it costs."""
     store = CountingStore(MemoryStore())
     persistence = FastFlowPersistence(store)  # type: ignore[arg-type]
     try:
@@ -275,7 +298,7 @@ def test_store_calls_per_operation() -> None:
         persistence.load_state(flow)
         assert store.take() == {"latest": 1}
         persistence.save_pending_feedback(flow, feedback_context(flow), {"id": flow})
-        assert store.take() == {"append": 1, "get_run": 1, "update_run": 1}
+        assert store.take() == {"append": 1, "get_run": 2, "update_run": 1}
         persistence.load_pending_feedback(flow)
         assert sum(store.take().values()) == 2
         persistence.feedback(flow)
