@@ -303,6 +303,7 @@ class FastFlowPersistence(FlowPersistence):  # type: ignore[misc, unused-ignore]
             if waiting is None or waiting.status is not CheckpointStatus.PAUSED:
                 _refuse(flow_uuid, "gone" if waiting is None else waiting.status.value, exc)
             _check_pausable(flow_uuid, waiting, exc)
+            _check_not_newer(flow_uuid, waiting, request, exc)
         blocking.approve(flow_uuid, approver=FRAMEWORK, comment=_SUPERSEDED_COMMENT,
                          requested_at=(waiting.approval or {}).get("requested_at"))
         blocking.pause(flow_uuid, request)
@@ -340,6 +341,21 @@ def _refuse(flow_uuid: str, status: str, cause: Exception | None) -> NoReturn:
         f"flow {flow_uuid!r} cannot wait for feedback in the approval queue: its run is "
         f"{status}, and only an active run (or one waiting for an earlier request of the "
         "flow) can be paused; a rejected run is finished there") from cause
+
+
+def _check_not_newer(
+    flow_uuid: str, waiting: RunInfo, request: dict[str, Any], cause: Exception
+) -> None:
+    """:class:`ConflictError` if the request waiting was saved after ``request`` (another
+    worker of the flow paused it meanwhile): superseding it would queue a request the flow
+    has gone past, and drop the newer one."""
+    queued = (_crewai_request(waiting) or {}).get("sequence")
+    ours = request["sequence"]
+    if isinstance(queued, int) and queued > ours:
+        raise ConflictError(
+            f"flow {flow_uuid!r}: a newer feedback request of the flow (saved with checkpoint "
+            f"{queued}) waits in the approval queue; this one (checkpoint {ours}) was not "
+            "queued") from cause
 
 
 def _crewai_request(run: RunInfo | None) -> dict[str, Any] | None:

@@ -207,6 +207,39 @@ def test_a_newer_request_supersedes_one_still_waiting(persistence: FastFlowPersi
         (CheckpointStatus.PAUSED, None)]
 
 
+def test_an_older_request_does_not_supersede_a_newer_one(store_url: str) -> None:
+    """Two workers of one flow ask for feedback at once: A checkpoints, B checkpoints and
+    pauses, then A pauses. A superseded B's request with its own, older one: B's
+    acknowledged request left the queue, and A's named a checkpoint the flow had gone past,
+    so nothing was pending. A's call is refused now, and B's request waits."""
+    shared: MemoryStore | str = MemoryStore() if store_url == "memory://" else store_url
+    first, second = FastFlowPersistence(shared), FastFlowPersistence(shared)
+    try:
+        flow = flow_id()
+        blocking = first._opened()
+        real_pause = blocking.pause
+
+        def second_worker_first(*args: Any, **kwargs: Any) -> Any:
+            blocking.pause = real_pause  # type: ignore[method-assign]
+            second.save_pending_feedback(flow, feedback_context(flow, method="second"),
+                                         {"id": flow, "by": "second"})
+            return real_pause(*args, **kwargs)
+
+        blocking.pause = second_worker_first  # type: ignore[method-assign]
+        with pytest.raises(ConflictError, match="newer feedback request"):
+            first.save_pending_feedback(flow, feedback_context(flow, method="first"),
+                                        {"id": flow, "by": "first"})
+        loaded = first.load_pending_feedback(flow)
+        assert loaded is not None
+        assert (loaded[0], loaded[1].method_name) == ({"id": flow, "by": "second"}, "second")
+        run = first.manager.get_run(flow)
+        assert run is not None
+        assert run.status is CheckpointStatus.PAUSED
+    finally:
+        first.close()
+        second.close()
+
+
 def test_a_rejection_is_feedback_and_ends_the_run_in_the_queue(
     persistence: FastFlowPersistence,
 ) -> None:
