@@ -241,11 +241,13 @@ class FastFlowPersistence(FlowPersistence):  # type: ignore[misc, unused-ignore]
         request = _crewai_request(run)
         if run is None or request is None:
             return
+        _pending_request(run)  # one naming no checkpoint is corrupt: refused before a change
         if run.status is CheckpointStatus.PAUSED:
             run = self._answered(flow_uuid, run)
-        if run.latest_sequence != request.get("sequence"):
+        pending = _pending_request(run)
+        if pending is None:
             return
-        checkpoint = blocking.restore_from(request["checkpoint_id"])
+        checkpoint = blocking.restore_from(pending["checkpoint_id"])
         if checkpoint is not None:
             blocking.create(flow_uuid, checkpoint.state, step_name=checkpoint.metadata.step_name,
                             tags=[ANSWERED_TAG], force=True)

@@ -30,6 +30,7 @@ from fastcheckpoint import (
     CheckpointStatus,
     ConfigurationError,
     ConflictError,
+    CorruptCheckpointError,
     MemoryStore,
     SerializationError,
     StoreUnavailableError,
@@ -540,6 +541,28 @@ def test_a_clear_that_failed_midway_is_no_reviewers_decision(
     monkeypatch.setattr(blocking, "create", real_create)
     persistence.clear_pending_feedback(flow)
     assert persistence.load_pending_feedback(flow) is None
+
+
+def test_a_request_naming_no_checkpoint_is_corrupt_and_clearing_it_changes_nothing(
+    persistence: FastFlowPersistence,
+) -> None:
+    """A request of this adapter's framework without a checkpoint id (written by hand, or
+    damaged): clearing it raised ``KeyError`` or ``ValidationError`` after approving the run
+    as ``crewai``."""
+    for checkpoint_id in (None, 5):
+        flow = flow_id()
+        persistence.save_state(flow, "write", {"id": flow})
+        request: dict[str, Any] = {"framework": FRAMEWORK, "sequence": 0}
+        if checkpoint_id is not None:
+            request["checkpoint_id"] = checkpoint_id
+        persistence.manager.pause(flow, request=request)
+        for call in (persistence.load_pending_feedback, persistence.feedback,
+                     persistence.clear_pending_feedback):
+            with pytest.raises(CorruptCheckpointError, match="checkpoint id"):
+                call(flow)
+        run = persistence.manager.get_run(flow)
+        assert run is not None
+        assert (run.status, run.latest_sequence) == (CheckpointStatus.PAUSED, 0)
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
