@@ -565,6 +565,39 @@ def test_a_request_naming_no_checkpoint_is_corrupt_and_clearing_it_changes_nothi
         assert (run.status, run.latest_sequence) == (CheckpointStatus.PAUSED, 0)
 
 
+def test_a_request_cut_between_its_checkpoint_and_the_pause_is_not_pending(
+    persistence: FastFlowPersistence, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state is checkpointed, then the store fails before the run is paused (a crash
+    there leaves the same): the newer state is the flow's latest, nothing is pending, and a
+    decision on the request still in the queue (which the flow went past) is not taken as
+    feedback for this one. Calling again pauses the flow with it."""
+    flow = flow_id()
+    persistence.save_pending_feedback(flow, feedback_context(flow, method="first"),
+                                      {"id": flow, "n": 1})
+    blocking = persistence._opened()
+    real_pause = blocking.pause
+
+    def fails(*args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailableError("the store did not answer")
+
+    monkeypatch.setattr(blocking, "pause", fails)
+    with pytest.raises(StoreUnavailableError):
+        persistence.save_pending_feedback(flow, feedback_context(flow, method="second"),
+                                          {"id": flow, "n": 2})
+    monkeypatch.setattr(blocking, "pause", real_pause)
+    assert persistence.load_state(flow) == {"id": flow, "n": 2}
+    assert persistence.load_pending_feedback(flow) is None
+    persistence.manager.approve(flow, approver="ana", comment="the first one")
+    assert persistence.feedback(flow) is None
+
+    persistence.save_pending_feedback(flow, feedback_context(flow, method="second"),
+                                      {"id": flow, "n": 2})
+    loaded = persistence.load_pending_feedback(flow)
+    assert loaded is not None
+    assert (loaded[0], loaded[1].method_name) == ({"id": flow, "n": 2}, "second")
+
+
 @pytest.mark.parametrize(("arguments", "message"), [
     ({"ttl_seconds": 0}, "ttl_seconds"),
     ({"ttl_seconds": float("nan")}, "ttl_seconds"),
