@@ -78,6 +78,7 @@ from fastcheckpoint.stores import (
     SupportsAppendNext,
     SupportsDefaultTTL,
     SupportsRepair,
+    never_suspends,
     offers_nested_items,
     open_store,
     purge_all,
@@ -849,26 +850,84 @@ class CheckpointManager:
 
         For a one-off change of retention (after lowering ``max_checkpoints_per_run``, or for
         a run written without a limit); creates prune as they go. It lists the run a page at
-        a time and deletes each surplus checkpoint with one store call, so it costs in
-        proportion to what it removes. Checkpoints created meanwhile are newer and kept;
-        expired ones are left to :meth:`cleanup_expired`.
+        a time (twice: to find the surplus, then a page of it at a time to delete it) and
+        deletes each surplus checkpoint with one store call, so it costs in proportion to what
+        it removes. It deletes oldest first, and each delete runs to its end even if the call
+        is cancelled meanwhile: a prune cut short has removed the oldest part of the surplus
+        and left the rest (a contiguous stretch below the ``keep`` newest), never a gap, and
+        running it again finishes the work. Checkpoints created meanwhile are newer and kept;
+        expired ones are left to :meth:`cleanup_expired`; a checkpoint whose header cannot be
+        read is skipped and not counted.
         """
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValidationError(
                 f"keep must be a positive integer (delete_run removes a whole run), "
                 f"got {keep!r:.40}")
+        key = _ids.key_of(run_id)
+        bounds = await self._surplus_bounds(key, keep)
+        lowers: list[str | None] = [*bounds[1:], None] if bounds else []
         removed = 0
+        for upper, lower in reversed(list(zip(bounds, lowers, strict=True))):
+            removed += await self._prune_slice(key, upper, lower)
+        return removed
+
+    async def _surplus_bounds(self, key: str, keep: int) -> list[str]:
+        """Ids cutting the run's surplus below its ``keep`` newest live checkpoints into
+        slices of at most a page, newest first: slice ``i`` is what lies below ``bounds[i]``
+        down to ``bounds[i + 1]`` included, the last one down to the oldest. Empty when
+        nothing is surplus. Holds one id per page of surplus, not the surplus itself."""
+        bounds: list[str] = []
         seen = 0
-        before: str | None = None
+        cursor: int | None = None
+        incarnation: str | None = None
         while True:
-            page = await self.list_checkpoints(run_id, _PRUNE_PAGE, before=before)
-            for metadata in page:
+            page, cursor, incarnation = await self._prunable_page(key, cursor, incarnation)
+            for _, checkpoint_id in page:
                 seen += 1
-                if seen > keep and await self.delete(metadata.checkpoint_id):
-                    removed += 1
-            if len(page) < _PRUNE_PAGE:
-                return removed
-            before = page[-1].checkpoint_id
+                if seen >= keep and (seen - keep) % _PRUNE_PAGE == 0:
+                    bounds.append(checkpoint_id)
+            if cursor is None:
+                return bounds if seen > keep else []
+
+    async def _prune_slice(self, key: str, upper: str, lower: str | None) -> int:
+        """Delete the live checkpoints below ``upper`` down to ``lower`` included (down to
+        the oldest when ``None``), oldest first, each delete settled; returns how many."""
+        _, incarnation, top = _ids.require_checkpoint_id(upper, "upper")
+        floor = -1 if lower is None else _ids.require_checkpoint_id(lower, "lower")[2]
+        doomed: list[tuple[int, str]] = []
+        cursor: int | None = top
+        while cursor is not None and cursor > floor:
+            page, cursor, _ = await self._prunable_page(key, cursor, incarnation)
+            doomed.extend(entry for entry in page if entry[0] >= floor)
+        instant = never_suspends(self._store)
+        removed = 0
+        for sequence, checkpoint_id in reversed(doomed):
+            change = self._store.delete(key, sequence, checkpoint_id=checkpoint_id)
+            if await settled(change, instant=instant):
+                removed += 1
+        return removed
+
+    async def _prunable_page(
+        self, key: str, before: int | None, incarnation: str | None
+    ) -> tuple[list[tuple[int, str]], int | None, str | None]:
+        """One store page of the run's live checkpoints below ``before``, newest first, as
+        (sequence, id) pairs, without those whose header cannot be read; with the ``before``
+        of the next page (``None`` at the end) and the incarnation read. A checkpoint of
+        another incarnation than ``incarnation`` (the run was deleted and started again
+        meanwhile) ends the listing: what prune found surplus is gone already."""
+        now = self.config.clock()
+        page, _ = await self._store.headers(key, before=before, limit=_PRUNE_PAGE, now=now)
+        found: list[tuple[int, str]] = []
+        for stored in page:
+            if self._listed(key, stored, CheckpointStatus.ACTIVE, now) is None:
+                continue
+            if incarnation is None:
+                incarnation = _incarnation(stored)
+            elif _incarnation(stored) != incarnation:
+                return found, None, incarnation
+            found.append((stored.sequence, stored.checkpoint_id))
+        more = len(page) == _PRUNE_PAGE
+        return found, page[-1].sequence if more else None, incarnation
 
     async def cleanup_expired(self) -> int:
         """Remove expired checkpoints, items and runs in bounded batches; returns checkpoints."""

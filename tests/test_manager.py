@@ -7,6 +7,7 @@ moved by hand; nothing sleeps to wait for expiry.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
 import datetime as dt
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 
@@ -52,7 +54,7 @@ from fastcheckpoint import (
     _ids,
     open_store,
 )
-from fastcheckpoint.stores import RunRecord, StoredCheckpoint
+from fastcheckpoint.stores import CheckpointHeader, RunRecord, StoredCheckpoint
 from tests._helpers import STORE_KINDS, FakeClock, ForwardingStore, make_config, make_store
 
 pytestmark = pytest.mark.anyio
@@ -922,6 +924,86 @@ async def test_prune_refuses_a_keep_that_is_not_a_positive_integer(
         with pytest.raises(ValidationError, match="keep"):
             await manager.prune(RUN, keep)
         assert await sequences(manager) == [0]
+
+
+class _CutPrune(ForwardingStore):
+    """Suspends before and after each listing and delete it forwards; the ``at``-th of those
+    suspensions (counted from 0) runs ``cut`` first. Counts deletes begun and ended."""
+
+    def __init__(self, inner: CheckpointStore, at: int, cut: Callable[[], object]) -> None:
+        super().__init__(inner)
+        self.at, self.cut = at, cut
+        self.points = self.begun = self.ended = 0
+
+    async def _point(self) -> None:
+        if self.points == self.at:
+            self.cut()
+        self.points += 1
+        await anyio.lowlevel.checkpoint()
+
+    async def headers(
+        self, run_key: str, *, before: int | None, limit: int, now: float,
+        include_expired: bool = False,
+    ) -> tuple[list[CheckpointHeader], str | None]:
+        await self._point()
+        page = await super().headers(run_key, before=before, limit=limit, now=now,
+                                     include_expired=include_expired)
+        await self._point()
+        return page
+
+    async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
+        self.begun += 1
+        await self._point()
+        deleted = await super().delete(run_key, sequence, checkpoint_id=checkpoint_id)
+        await self._point()
+        self.ended += 1
+        return deleted
+
+
+async def _cut_prune(store: _CutPrune, manager: CheckpointManager, how: str) -> bool:
+    """Prune ``RUN`` to 3 with ``store`` cutting it by ``how``; whether it was cut."""
+    if how == "task.cancel":
+        task = asyncio.ensure_future(manager.prune(RUN, 3))
+        store.cut = task.cancel
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return task.cancelled()
+    with anyio.CancelScope() as scope:
+        store.cut = scope.cancel
+        await manager.prune(RUN, 3)
+    return scope.cancelled_caught
+
+
+@pytest.mark.parametrize("how", ["cancel scope", "task.cancel"])
+async def test_a_prune_cut_short_anywhere_removed_the_oldest_surplus_and_no_half_delete(
+    store: CheckpointStore, clock: FakeClock, monkeypatch: pytest.MonkeyPatch,
+    anyio_backend: str, how: str,
+) -> None:
+    """Whatever point a cancellation reaches, the checkpoints left are the newest ones in an
+    unbroken stretch (the surplus goes oldest first), every delete begun has ended, and a
+    second prune finishes the work."""
+    if how == "task.cancel" and anyio_backend != "asyncio":
+        pytest.skip("asyncio's own cancellation")
+    monkeypatch.setattr("fastcheckpoint._manager._PRUNE_PAGE", 4)  # several slices
+    with anyio.fail_after(60):
+        at = 0
+        while True:
+            await manager_with(store, clock).delete_run(RUN)
+            for i in range(12):
+                await create(manager_with(store, clock, max_checkpoints_per_run=None),
+                             state={"i": i})
+            cutting = _CutPrune(store, at, lambda: None)
+            cut = await _cut_prune(cutting, manager_with(cutting, clock), how)
+            left = await sequences(manager_with(store, clock))
+            assert cutting.begun == cutting.ended, f"cut at point {at}: a delete was cut short"
+            assert left == list(range(11, 11 - len(left), -1)), f"cut at point {at}: {left}"
+            assert len(left) >= 3
+            assert await manager_with(store, clock).prune(RUN, 3) == len(left) - 3
+            assert await sequences(manager_with(store, clock)) == [11, 10, 9]
+            if not cut:
+                break
+            at += 1
+    assert at > 9 * 2  # every delete's two points were reached
 
 
 # -- throttling ---------------------------------------------------------------------------------
@@ -2357,3 +2439,25 @@ async def test_error_texts_say_what_to_do(manager: CheckpointManager) -> None:
             await manager.create(RUN, {"n": 1}, ttl_seconds=0)
         with pytest.raises(ValidationError, match=r"got Msg; convert it first .*asdict"):
             await manager.create(RUN, Msg("hi"))  # type: ignore[arg-type]
+
+
+async def test_prune_reads_past_a_corrupt_header_to_the_oldest_surplus(
+    store: CheckpointStore, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A header prune cannot read is neither counted nor deleted, and a store page it
+    shortened is not taken for the last one."""
+    monkeypatch.setattr("fastcheckpoint._manager._PRUNE_PAGE", 4)
+    manager = manager_with(store, clock, max_checkpoints_per_run=None)
+    with anyio.fail_after(20):
+        for i in range(6):
+            await create(manager, state={"i": i})
+        junk = await append_raw(store, clock, RUN, header=b"\x00junk header", payload=b"junk")
+        for i in range(7, 10):
+            await create(manager, state={"i": i})
+        removed = await manager.prune(RUN, 2)
+        with pytest.raises(CorruptCheckpointError):
+            await manager.restore_from(junk)  # still there
+        left = await sequences(manager)
+
+    assert removed == 7
+    assert left == [9, 8]
