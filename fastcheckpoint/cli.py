@@ -27,7 +27,7 @@ import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, TextIO, cast
 from urllib.parse import urlsplit
 
 import anyio
@@ -48,6 +48,9 @@ from fastcheckpoint.errors import (
 from fastcheckpoint.stores import CheckpointStore, SupportsProvision, names_a_network_store
 from fastcheckpoint.stores.file import parse_file_url
 
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
 __all__ = ["main"]
 
 EXIT_OK = 0
@@ -58,10 +61,14 @@ EXIT_CONFLICT = 4
 EXIT_DAMAGED = 5
 """``doctor --repair`` found a damaged run record it could not rebuild: the store answered,
 so retrying will not help; a person has to look (the report says why)."""
+EXIT_OUTPUT_CLOSED = 141
+"""The reader of stdout went away (``| head``) before the output was written: what shells
+report for a tool that SIGPIPE ended (128 + 13), so ``set -o pipefail`` treats ours alike."""
 
 _EXIT_CODES = ("Exit codes: 0 done, 1 the store failed, 2 bad usage or configuration, 3 no such "
                "run or checkpoint, 4 the run's status does not allow the change, 5 doctor "
-               "--repair found damage it could not repair.")
+               "--repair found damage it could not repair, 141 the reader of the output went "
+               "away (| head).")
 _RUNS_PAGE = 50
 _REQUEST_WIDTH = 60
 """Characters of a pending request shown in the approval queue (``show`` prints it whole)."""
@@ -845,9 +852,8 @@ def _on_store(action: Action) -> Callable[[argparse.Namespace], int]:
             return fail(exc, EXIT_CONFLICT)
         except CheckpointError as exc:
             return fail(exc, EXIT_STORE)
-        except BrokenPipeError:  # the reader went away (| head): not an error of ours
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return EXIT_OK
+        except BrokenPipeError:  # the reader went away (| head): main() says so
+            raise
         except OSError as exc:  # the output could not be written (disk full...)
             return _fail(f"cannot write the output: {exc}", EXIT_USAGE)
 
@@ -903,15 +909,23 @@ def _sequence(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, except that help written to a reader gone away (``--help | head``)
+    is not ignored: argparse drops the write's error and exits 0 as if it was read."""
+
+    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
+        (file or sys.stdout).write(self.format_help())
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fastcheckpoint",
         description="fastcheckpoint: inspect and act on runs, provision stores, benchmark.",
         epilog=_EXIT_CODES,
     )
     parser.add_argument("--version", action="version", version=f"fastcheckpoint {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    on_store = argparse.ArgumentParser(add_help=False)
+    on_store = _Parser(add_help=False)
     on_store.add_argument("--url", type=_url_argument,
                           help="store URL (default: FASTCHECKPOINT_URL)")
     on_store.add_argument("--json", action="store_true", help="JSON output, for scripts")
@@ -981,12 +995,38 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if arguments[:1] == ["bench"]:
-        return _run_bench(arguments[1:])
-    with _tolerant_output():
-        args = _parser().parse_args(arguments)
-        code: int = args.handler(args)
-    return code
+    try:
+        return _command(arguments)
+    except BrokenPipeError:
+        return _output_closed()
+
+
+def _command(arguments: list[str]) -> int:
+    """Run the command; stdout flushed at the end (also after ``--help`` or a usage error),
+    so that a reader gone away shows here rather than at the interpreter's exit."""
+    try:
+        if arguments[:1] == ["bench"]:
+            return _run_bench(arguments[1:])
+        with _tolerant_output():
+            args = _parser().parse_args(arguments)
+            code: int = args.handler(args)
+        return code
+    finally:
+        if sys.stdout is not None:  # None when started with stdout closed
+            sys.stdout.flush()
+
+
+def _output_closed() -> int:
+    """The reader of stdout went away (``| head``): the command stops quietly, as Unix tools
+    do. What is still buffered goes to /dev/null, or the interpreter's closing flush of
+    stdout would fail again and print "Exception ignored" on stderr."""
+    with contextlib.suppress(OSError, ValueError):  # no descriptor (stdout replaced)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    return EXIT_OUTPUT_CLOSED
 
 
 def _as_typed(argument: str) -> str:

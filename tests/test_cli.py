@@ -1142,3 +1142,78 @@ def test_an_error_about_a_run_the_terminal_cannot_encode_is_one_line(
     assert (code, out.text()) == (EXIT_NOT_FOUND, "")
     assert err.text().startswith("error: ")
     assert "th\\xe9" in err.text()
+
+
+# -- a reader that went away ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A file store URL with run ``long``, whose export is far more than a pipe holds."""
+    url = f"file://{tmp_path_factory.mktemp('closed-output') / 'store'}"
+
+    async def seed() -> None:
+        manager = CheckpointManager(open_store(url),
+                                    config=CheckpointConfig(max_checkpoints_per_run=None))
+        for i in range(150):
+            await manager.create("long", {"i": i, "text": "x" * 1000}, force=True)
+        await manager.aclose()
+
+    anyio.run(seed)
+    return url
+
+
+_WRITERS = [
+    ["init", "{url}", "--json"],
+    ["runs", "--url", "{url}"],
+    ["runs", "--url", "{url}", "--json"],
+    ["history", "long", "--url", "{url}"],
+    ["show", "long", "--url", "{url}", "--json"],
+    ["export", "long", "--state", "--url", "{url}"],
+    ["export", "long", "--url", "{url}", "--format", "csv"],
+    ["export", "long", "--url", "{url}", "--format", "markdown"],
+    ["doctor", "{url}", "--json"],
+    ["--help"],
+]
+
+
+def _cli(argv: list[str], url: str) -> list[str]:
+    return [sys.executable, "-m", "fastcheckpoint.cli", *(arg.format(url=url) for arg in argv)]
+
+
+@pytest.mark.parametrize("argv", _WRITERS, ids=" ".join)
+def test_a_closed_stdout_ends_a_command_quietly_with_exit_code_141(
+    long_run: str, argv: list[str]
+) -> None:
+    """Nobody reads the pipe the command writes to: no traceback, no "Exception ignored"
+    when the interpreter exits, the exit code a shell reports for a tool SIGPIPE ended."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # before the command starts: every write it makes fails
+    try:
+        done = subprocess.run(_cli(argv, long_run), stdout=write_end, stderr=subprocess.PIPE,
+                              timeout=120, check=False)
+    finally:
+        os.close(write_end)
+
+    assert (done.returncode, done.stderr.decode()) == (141, "")
+
+
+@pytest.mark.parametrize("argv", [["export", "long", "--state", "--url", "{url}"],
+                                  ["history", "long", "--url", "{url}"]], ids=" ".join)
+def test_a_reader_that_stops_early_ends_a_command_quietly(long_run: str, argv: list[str]) -> None:
+    """``fastcheckpoint export ... | head -c 10``: the reader takes a little, then closes."""
+    command = subprocess.Popen(_cli(argv, long_run), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert command.stdout is not None
+    assert command.stderr is not None
+    first = command.stdout.read(10)
+    command.stdout.close()
+    try:
+        code = command.wait(timeout=120)
+    finally:
+        command.kill()
+    errors = command.stderr.read().decode()
+    command.stderr.close()
+
+    assert len(first) == 10
+    assert (code, errors) == (141, "")
