@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -123,6 +124,13 @@ _DELETE_NESTED_UNREFERENCED = (
     "AND f.key = ?2 AND f.holders <= 0)"
 )
 _DELETE_ZERO_REF = "DELETE FROM fc_item_refs WHERE run_key = ? AND key = ? AND holders <= 0"
+_CLAMP_REF = "UPDATE fc_item_refs SET holders = 0 WHERE run_key = ? AND key = ? AND holders < 0"
+_RUN_REFS = "SELECT refs FROM fc_checkpoints WHERE run_key = ? AND refs IS NOT NULL"
+_RUN_REF_COUNTS = "SELECT key, holders FROM fc_item_refs WHERE run_key = ?"
+_SET_REF = (
+    "INSERT INTO fc_item_refs (run_key, key, holders) VALUES (?, ?, ?) "
+    "ON CONFLICT (run_key, key) DO UPDATE SET holders = excluded.holders"
+)
 UPSERT_ITEM = (
     "INSERT INTO fc_items (run_key, key, owner, expires_at, value) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (run_key, key) DO UPDATE SET owner = excluded.owner, "
@@ -317,6 +325,8 @@ class Removed(NamedTuple):
         return self.checkpoints > self.immortal
 
 
+logger = logging.getLogger("fastcheckpoint")
+
 _ESCAPED = re.compile(r"\\(.)", re.DOTALL)
 
 
@@ -479,13 +489,51 @@ def add_refs(db: sqlite3.Connection, run_key: str, refs: Iterable[str]) -> None:
 
 def _drop_refs(db: sqlite3.Connection, run_key: str, encoded: Iterable[str]) -> None:
     """Count down the references of removed checkpoints; remove items no checkpoint names,
-    with the items nested under them."""
-    counts = collections.Counter(key for text in encoded for key in dict.fromkeys(split(text)))
-    db.executemany(_DROP_REF, [(count, run_key, key) for key, count in counts.items()])
+    with the items nested under them.
+
+    A removed checkpoint's ``refs`` that the counts contradict (a key with no count, a count
+    going below zero, text that was not UTF-8) were damaged after they were counted: what
+    they named then is unknown, so the run's counts are taken again from the refs of the
+    checkpoints it still holds (:func:`_recount`) instead of trusting them."""
+    texts = list(encoded)
+    counts = collections.Counter(key for text in texts for key in dict.fromkeys(split(text)))
+    counted = db.executemany(
+        _DROP_REF, [(count, run_key, key) for key, count in counts.items()]).rowcount
     keys = [(run_key, key) for key in counts]
+    below_zero = db.executemany(_CLAMP_REF, keys).rowcount
+    if counted != len(counts) or below_zero or any("\ufffd" in text for text in texts):
+        _recount(db, run_key)
+        return
+    _free_unnamed(db, keys)
+
+
+def _free_unnamed(db: sqlite3.Connection, keys: Sequence[tuple[str, str]]) -> None:
+    """Remove the items of ``keys`` whose count is down to zero, with what is nested under
+    them, and those counts."""
     db.executemany(_DELETE_UNREFERENCED, keys)
     db.executemany(_DELETE_NESTED_UNREFERENCED, keys)
     db.executemany(_DELETE_ZERO_REF, keys)
+
+
+def _recount(db: sqlite3.Connection, run_key: str) -> None:
+    """Set the run's reference counts to what the checkpoints it holds name, and remove the
+    items no held checkpoint names any more. Reads the refs of every checkpoint of the run
+    (O(n)): only after damage was found. A key still named keeps its item, whatever the
+    counts said; a count that only damaged refs held goes, with its item."""
+    named = collections.Counter(
+        key for text, in db.execute(_RUN_REFS, (run_key,)) for key in dict.fromkeys(split(text)))
+    counted = dict(db.execute(_RUN_REF_COUNTS, (run_key,)).fetchall())
+    logger.warning(
+        "the refs of a checkpoint removed from run key %s contradict the run's reference "
+        "counts (damaged after they were written); counts taken again from the %d key(s) its "
+        "checkpoints name", run_key, len(named))
+    unnamed = [key for key in counted if key not in named]
+    db.executemany(_SET_REF, [
+        *((run_key, key, holders) for key, holders in named.items()
+          if counted.get(key) != holders),
+        *((run_key, key, 0) for key in unnamed),
+    ])
+    _free_unnamed(db, [(run_key, key) for key in unnamed])
 
 
 def put_appended_items(

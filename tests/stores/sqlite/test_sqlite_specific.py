@@ -1344,3 +1344,44 @@ async def _check_survivors(database: Path, run_id: str, acknowledged: list[int],
     assert without_key(found_latest[0]) == make_checkpoint(run, newest + 1)
     assert await store.purge_expired(now=T0, limit=1000) == (0, True)
     await store.aclose()
+
+
+# -- damaged refs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty text", "not UTF-8"])
+async def test_removing_a_checkpoint_whose_refs_were_damaged_frees_what_no_checkpoint_names(
+    store: SQLiteStore, caplog: pytest.LogCaptureFixture, damage: str,
+) -> None:
+    """Checkpoint 0 named A; its refs are then overwritten. Removing it, then checkpoint 1
+    (A and B), frees A (it leaked until the run went), keeps B and what is nested under it for
+    checkpoint 2, and the read of the damaged checkpoint raises where it trips."""
+    run = make_run("damaged refs")
+    key = key_of(run)
+    shared = [make_item("A"), make_item("A/1"), make_item("B"), make_item("B/1")]
+    named = {0: ("A",), 1: ("A", "B"), 2: ("B",)}
+    with anyio.fail_after(30):
+        for sequence, refs in named.items():
+            record = msgspec.structs.replace(make_checkpoint(run, sequence), refs=refs)
+            await store.append_with_items(key, record, run=run, keep_latest=None, now=T0,
+                                          items=shared if sequence == 0 else [])
+        if damage == "not UTF-8":
+            await anyio.to_thread.run_sync(
+                _not_utf8, store.path, "UPDATE fc_checkpoints SET refs = CAST(? AS TEXT) "
+                "WHERE run_key = ? AND sequence = 0", key)
+            with pytest.raises(CorruptCheckpointError):
+                await store.read_with_items(key, sequence=0, now=T0)
+        else:
+            refs = "no such key" if damage == "garbage" else ""  # "": one key, the empty one
+            await anyio.to_thread.run_sync(
+                _query, store.path, "UPDATE fc_checkpoints SET refs = ? "
+                "WHERE run_key = ? AND sequence = 0", refs, key)
+        await store.delete(key, 0, checkpoint_id=checkpoint_id_of(run, 0))
+        await store.delete(key, 1, checkpoint_id=checkpoint_id_of(run, 1))
+        found = await store.read_with_items(key, sequence=2, now=T0)
+        left = await store.scan_items(key, now=T0)
+
+    assert found is not None
+    assert found[2] == {"B": b"value-B", "B/1": b"value-B/1"}
+    assert [item for item, _ in left] == ["B", "B/1"]
+    assert "contradict the run's reference counts" in caplog.text
