@@ -1198,10 +1198,12 @@ def test_a_closed_stdout_ends_a_command_quietly_with_exit_code_141(
     assert (done.returncode, done.stderr.decode()) == (141, "")
 
 
-@pytest.mark.parametrize("argv", [["export", "long", "--state", "--url", "{url}"],
-                                  ["history", "long", "--url", "{url}"]], ids=" ".join)
+@pytest.mark.parametrize("argv", [["export", "long", "--state", "--url", "{url}"]],
+                         ids=" ".join)
 def test_a_reader_that_stops_early_ends_a_command_quietly(long_run: str, argv: list[str]) -> None:
-    """``fastcheckpoint export ... | head -c 10``: the reader takes a little, then closes."""
+    """``fastcheckpoint export ... | head -c 10``: the reader takes a little, then closes.
+    (Only output far larger than a pipe holds: a shorter one, ``history`` say, may be
+    written whole before the reader closes, and then the command rightly exits 0.)"""
     command = subprocess.Popen(_cli(argv, long_run), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
     assert command.stdout is not None
