@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import math
 import time
+import uuid
 from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
 import msgspec
 
-from fastcheckpoint.errors import ValidationError
+from fastcheckpoint.errors import SerializationError, ValidationError
 
 __all__ = [
     "Checkpoint",
@@ -147,16 +150,87 @@ class Checkpoint(msgspec.Struct):
         return checkpoint
 
     def to_json(self) -> str:
-        """JSON text (``bytes`` as base64, ``datetime`` as RFC 3339, UUID as text)."""
+        """JSON text (``bytes`` as base64, ``datetime`` as RFC 3339, UUID as text).
+
+        NaN and infinite floats are written ``NaN``, ``Infinity`` and ``-Infinity``, as
+        Python's ``json`` module (and FastAgentic) writes them, so :meth:`from_json` gives them
+        back; strict JSON parsers refuse those tokens.
+        """
         from fastcheckpoint._codec import to_json_text
 
-        return to_json_text(self.to_dict())
+        try:
+            data = _mark_non_finite(self.to_dict())
+        except RecursionError as exc:
+            raise SerializationError("cannot encode checkpoint as JSON: nested too deep") from exc
+        text = to_json_text(data)
+        if _NON_FINITE_MARK in text:
+            for token in _NON_FINITE_TOKENS:
+                text = text.replace(f'"{_NON_FINITE_MARK}{token}"', token)
+        return text
 
     @classmethod
     def from_json(cls, data: str | bytes) -> Checkpoint:
+        """Reads what :meth:`to_json` writes, and FastAgentic's checkpoint JSON (which writes
+        NaN and infinite floats as ``NaN``/``Infinity`` tokens too)."""
         from fastcheckpoint._codec import from_json_text
 
-        return cls.from_dict(from_json_text(data))
+        try:
+            decoded = from_json_text(data)
+        except SerializationError:
+            decoded = _with_non_finite_tokens(data)
+            if decoded is _NOT_DECODED:
+                raise
+        return cls.from_dict(decoded)
+
+
+# JSON has no NaN or infinity: to_json writes the tokens Python's json module writes. Such floats
+# are first replaced by this marker (random, so no caller's string can equal it) plus the token.
+_NON_FINITE_MARK = f"fastcheckpoint-non-finite-{uuid.uuid4().hex}:"
+_NON_FINITE_TOKENS = ("NaN", "Infinity", "-Infinity")
+
+
+def _mark_non_finite(value: Any) -> Any:
+    """``value`` with NaN and infinite floats replaced by marker strings; containers without
+    any are returned as they are (no copy)."""
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        token = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        return _NON_FINITE_MARK + token
+    if isinstance(value, dict):
+        items = {key: _mark_non_finite(item) for key, item in value.items()}
+        changed = any(items[key] is not item for key, item in value.items())
+        return items if changed else value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        entries = [_mark_non_finite(entry) for entry in value]
+        changed = any(new is not old for new, old in zip(entries, value, strict=True))
+        return entries if changed else value
+    return value
+
+
+_NOT_DECODED = object()
+
+
+def _with_non_finite_tokens(data: object) -> Any:
+    """JSON text the strict decoder refused, decoded when ``NaN``/``Infinity``/``-Infinity``
+    tokens were the reason; :data:`_NOT_DECODED` when it is malformed for another reason."""
+    tokens: list[str] = []
+
+    def constant(token: str) -> float:
+        tokens.append(token)
+        return float(token)
+
+    if isinstance(data, memoryview):
+        data = data.tobytes()
+    if not isinstance(data, (str, bytes, bytearray)):
+        return _NOT_DECODED
+    try:
+        if isinstance(data, str):
+            data.encode("utf-8")  # refused like the strict decoder does: a lone surrogate
+        decoded = json.loads(data, parse_constant=constant)
+    except (ValueError, RecursionError):
+        return _NOT_DECODED
+    return decoded if tokens else _NOT_DECODED
 
 
 class StatusChange(msgspec.Struct, frozen=True, kw_only=True):
