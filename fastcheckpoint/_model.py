@@ -192,18 +192,26 @@ _NON_FINITE_TOKENS = ("NaN", "Infinity", "-Infinity")
 def _mark_non_finite(value: Any) -> Any:
     """``value`` with NaN and infinite floats replaced by marker strings; containers without
     any are returned as they are (no copy)."""
+    if isinstance(value, (str, int)):
+        return value
     if isinstance(value, float):
         if math.isfinite(value):
             return value
         token = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
         return _NON_FINITE_MARK + token
     if isinstance(value, dict):
-        items = {key: _mark_non_finite(item) for key, item in value.items()}
-        changed = any(items[key] is not item for key, item in value.items())
+        changed = False
+        items = {}
+        for key, item in value.items():
+            items[key] = marked = _mark_non_finite(item)
+            changed = changed or marked is not item
         return items if changed else value
     if isinstance(value, (list, tuple, set, frozenset)):
-        entries = [_mark_non_finite(entry) for entry in value]
-        changed = any(new is not old for new, old in zip(entries, value, strict=True))
+        changed = False
+        entries = []
+        for entry in value:
+            entries.append(marked := _mark_non_finite(entry))
+            changed = changed or marked is not entry
         return entries if changed else value
     return value
 
