@@ -843,7 +843,9 @@ class CheckpointManager:
         """Delete the run with all its checkpoints and records; returns checkpoints deleted."""
         key = _ids.key_of(run_id)
         self._hints.pop(key, None)
-        return await self._store.delete_run(key)
+        deleted = await self._store.delete_run(key)
+        self._last_create.pop(key, None)  # a run started again under this id is a new run
+        return deleted
 
     async def prune(self, run_id: str, keep: int) -> int:
         """Delete all but the newest ``keep`` live checkpoints of the run; returns how many.

@@ -1029,6 +1029,19 @@ async def test_checkpoint_interval_throttles_and_force_bypasses_it(
         assert later.metadata.sequence == 2
 
 
+async def test_a_run_deleted_and_started_again_is_not_throttled_by_the_deleted_one(
+    store: CheckpointStore, clock: FakeClock
+) -> None:
+    manager = manager_with(store, clock, checkpoint_interval=60.0)
+    with anyio.fail_after(10):
+        await create(manager)
+        assert await manager.create(RUN, {"n": 1}) is None
+        assert await manager.delete_run(RUN) == 1
+        again = await manager.create(RUN, {"n": 2})
+    assert again is not None
+    assert again.metadata.sequence == 0
+
+
 # -- ids of deleted runs -----------------------------------------------------------------------
 
 
