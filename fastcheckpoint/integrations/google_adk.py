@@ -5,7 +5,20 @@
 ``fastcheckpoint.integrations._entrylog``): its events are the entries, each ADK ``Event`` as
 its own JSON, and its state (without ``app:``, ``user:`` and ``temp:`` keys) is the log's
 state. App state and user state are one log each, holding only a state, changed by
-compare-and-set. Sessions appear in ``fastcheckpoint runs`` and ``show`` under the run id
+compare-and-set.
+
+An event's changes of app and user state cannot be written in the event's store call (they
+live in other logs): the session's state carries them as *pending*, written atomically with
+the event, and they are applied to the app's and the user's state after it. Each key of
+those states keeps the order of the change that set it (the service's clock, or just above
+the highest order its process saw for the key), and a change sets only keys whose order is
+lower than its own: applying a change again, or after a later one, changes nothing. So
+whoever finds a change pending (the next ``get_session`` or ``append_event`` of the session,
+in any process, also when a process failed or died in between) applies it, exactly once in
+effect, concurrently with others doing the same. An append drops from the session what it
+knows to have been applied.
+
+Sessions appear in ``fastcheckpoint runs`` and ``show`` under the run id
 ``google-adk:<app>/<user>/<session>`` (names percent-encoded; see
 ``fastcheckpoint.integrations._google_adk_names``).
 
@@ -14,7 +27,9 @@ appended to before): ``append_event`` 1, whatever the session's length (the even
 session state when the event changes it), plus 1 for app state and 1 for user state when the
 event changes them; ``get_session`` 3 (session, app state, user state, read concurrently);
 ``create_session`` 3 (the same); ``list_sessions`` 1 per page of ``page_size`` sessions, and
-never reads events or state; ``delete_session`` 1; ``get_user_state`` 1.
+never reads events or state; ``delete_session`` 1; ``get_user_state`` 1. Applying a change
+found pending costs 1 write of the app's or the user's state (and a read first in
+``append_event`` when this process has not seen that state); one found applied costs nothing.
 
 Needs ``pip install 'fastcheckpoint[google-adk]'`` and a store with labels and shared items
 (every bundled store).
@@ -24,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -96,6 +112,32 @@ class _Deltas(NamedTuple):
     app: dict[str, Any]
     user: dict[str, Any]
     session: dict[str, Any]
+
+
+class _Pending(NamedTuple):
+    """A change of app and user state that a stored session carries: written with its
+    event, atomically, and applied to the app's and the user's state after it."""
+
+    order: float
+    """Where the change falls among all changes of those keys (per key, the highest order
+    wins): the service's clock, or just above the latest order its process saw."""
+    app: dict[str, Any]
+    user: dict[str, Any]
+
+
+class _Session(NamedTuple):
+    """A session's stored state: its own keys, and changes of shared state it carries."""
+
+    state: dict[str, Any]
+    pending: list[_Pending]
+
+
+class _Shared(NamedTuple):
+    """An app's or a user's stored state, with the order of the change that set each key
+    (keys written before orders were kept have none: any change orders after them)."""
+
+    state: dict[str, Any]
+    orders: dict[str, float]
 
 
 class _Head(NamedTuple):
@@ -183,6 +225,7 @@ class FastSessionService(BaseSessionService):
         self._clock = clock
         self._tracked: OrderedDict[str, _Tracked] = OrderedDict()
         self._locks: dict[str, _Lock] = {}
+        self._last_order = -math.inf
 
     @property
     def store(self) -> CheckpointStore:
@@ -236,34 +279,37 @@ class FastSessionService(BaseSessionService):
         session_id = _session_id(session_id) or platform_uuid.new_uuid()
         deltas = _split(state or {})
         tracked = self._session_log(app_name, user_id, session_id)
-        encoded = _encode_state(deltas.session)
+        app, user = self._app_log(app_name), self._user_log(app_name, user_id)
         _check_shared(deltas)
-        # The session, then the app's and the user's state: all of it whatever cancels the
-        # caller once it is under way (settled), never a session without its shared state.
-        created = await settled(self._created(tracked, encoded, deltas, app_name, user_id))
+        pending = self._pending(app, user, deltas)
+        encoded = _encode_session(deltas.session, pending)
+        # The session (with its app: and user: changes as pending), then the app's and the
+        # user's state: all of it whatever cancels the caller once it is under way (settled).
+        created = await settled(self._created(tracked, encoded, app, user, pending))
         if created is None:
             raise AlreadyExistsError(f"Session with id {session_id} already exists.")
         head, app_state, user_state = created
         session = Session(
             id=session_id, app_name=app_name, user_id=user_id,
-            state=_merged(_decode_state(encoded, tracked.log.run_id), app_state, user_state),
+            state=_merged(_decode_session(encoded, tracked.log.run_id).state, app_state,
+                          user_state),
             last_update_time=head.updated_at)
         _mark(session, _head(head))
         return session
 
     async def _created(
-        self, tracked: _Tracked, encoded: bytes, deltas: _Deltas, app_name: str, user_id: str
+        self, tracked: _Tracked, encoded: bytes, app: _Tracked, user: _Tracked,
+        pending: list[_Pending],
     ) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
-        """The new session's log head and the app's and user's states it wrote; ``None``
-        when a live session has the id."""
+        """The new session's log head and the app's and user's states after its pending
+        changes; ``None`` when a live session has the id."""
         try:
             head = await tracked.log.append((), state=encoded, expect=-1)
         except StaleLog:
             tracked.forget()
             return None
         tracked.saw(_head(head), encoded)
-        app_state, user_state = await self._shared_states(
-            self._app_log(app_name), deltas.app, self._user_log(app_name, user_id), deltas.user)
+        app_state, user_state = await self._shared_states(app, user, pending)
         return head, app_state, user_state
 
     async def get_session(
@@ -276,21 +322,30 @@ class FastSessionService(BaseSessionService):
     ) -> Session | None:
         """The session with its events (``config`` keeps the ``num_recent_events`` newest,
         then those at or after ``after_timestamp``) and its state merged with the app's and
-        the user's; ``None`` when there is no live session."""
+        the user's; ``None`` when there is no live session. A change of app or user state
+        that the session's events carry and that has not reached that state (its writer
+        failed or died in between) is applied first: one write, only then."""
         session_id = _session_id(session_id)
         tracked = self._session_log(app_name, user_id, session_id)
         app_log, user_log = self._app_log(app_name), self._user_log(app_name, user_id)
         view, app_view, user_view = await _read_all(tracked.log, app_log.log, user_log.log)
         tracked.saw_view(view)
-        app_state, user_state = _state_of(app_view, app_log), _state_of(user_view, user_log)
+        app_log.saw_view(app_view)
+        user_log.saw_view(user_view)
         if view is None:
             return None
         where = tracked.log.run_id
+        stored = _decode_session(view.state, where)
+        # Changes of app and user state this session's events carry but that may not have
+        # reached them (a process that failed or died in between) are applied now: to
+        # the views just read, without a store call, when they hold them already.
+        app_state, user_state = await self._shared_states(
+            app_log, user_log, stored.pending, known=True)
         events = [_decode_event(entry, where)
                   for entry in _selected(view.entries, config, where)]
         session = Session(
             id=session_id, app_name=app_name, user_id=user_id,
-            state=_merged(_decode_state(view.state, where), app_state, user_state),
+            state=_merged(stored.state, app_state, user_state),
             events=events, last_update_time=view.updated_at)
         _mark(session, _Head(view.revision, view.incarnation))
         return session
@@ -338,7 +393,8 @@ class FastSessionService(BaseSessionService):
     async def get_user_state(self, *, app_name: str, user_id: str) -> dict[str, Any]:
         """The user's state, keys without the ``user:`` prefix (``{}`` when none)."""
         tracked = self._user_log(app_name, user_id)
-        return _state_of(await tracked.log.read(), tracked)
+        tracked.saw_view(await tracked.log.read())
+        return _shared_of(tracked).state
 
     async def append_event(self, session: Session, event: Event) -> Event:
         """Store ``event`` after the session's last one and apply its state change (to the
@@ -356,6 +412,11 @@ class FastSessionService(BaseSessionService):
         ``google.adk.errors.session_not_found_error.SessionNotFoundError`` when it is gone.
         Then nothing is stored, and neither the event nor its state change reaches
         ``session`` (its ``temp:`` keys do, as with ADK's database service).
+
+        A failure to change the app's or the user's state once the event is stored is
+        raised, and ``session`` is left as it was; the event stays stored with that change
+        pending, which the session's next read or append applies (read it again: appending
+        the same event to it then stores nothing).
         """
         if event.partial:
             return event
@@ -370,31 +431,41 @@ class FastSessionService(BaseSessionService):
     async def _append(self, session: Session, event: Event, tracked: _Tracked) -> Event:
         deltas = _split(event.actions.state_delta)
         _check_shared(deltas)
-        head = await self._append_entry(session, event, tracked, deltas.session)
-        if head is None:
+        app, user = self._app_log(session.app_name), self._user_log(session.app_name,
+                                                                    session.user_id)
+        appended = await self._append_entry(session, event, tracked, deltas, app, user)
+        if appended is None:
             return event
-        if deltas.app:
-            await self._shared_state(self._app_log(session.app_name), deltas.app)
-        if deltas.user:
-            await self._shared_state(self._user_log(session.app_name, session.user_id),
-                                     deltas.user)
+        head, pending = appended
+        # The event is stored with its app: and user: changes as pending: from here a
+        # failure or a dead process leaves them for the session's next read or append.
+        for tracked_shared, changes in _changes(app, user, pending):
+            if changes:
+                await self._shared_state(tracked_shared, changes)
         session.last_update_time = head.updated_at
         _mark(session, _head(head))
         return self._commit_event_to_session(session, event)
 
     async def _append_entry(
-        self, session: Session, event: Event, tracked: _Tracked, delta: dict[str, Any]
-    ) -> LogHead | None:
-        """The session's head after storing ``event`` with ``delta`` applied to the
-        session's state; ``None`` when ``session`` holds that event already."""
+        self, session: Session, event: Event, tracked: _Tracked, deltas: _Deltas,
+        app: _Tracked, user: _Tracked,
+    ) -> tuple[LogHead, list[_Pending]] | None:
+        """The session's head after storing ``event`` with its session delta applied to the
+        session's state, and the changes of app and user state the stored session now
+        carries as pending: the event's, and those of earlier events this process does not
+        know to have landed. ``None`` when ``session`` holds that event already."""
         expected, stored_state = await self._expected_head(session, tracked)
         if any(held.id == event.id and held == event for held in session.events):
             return None
         entry = _encode_event(event)
+        stored = _decode_session(stored_state, tracked.log.run_id)
+        carried = [change for change in stored.pending
+                   if not (_landed(app, change.order, change.app)
+                           and _landed(user, change.order, change.user))]
+        pending = carried + self._pending(app, user, deltas)
         state: bytes | None = None
-        if delta:
-            current = _decode_state(stored_state, tracked.log.run_id)
-            state = _encode_state({**current, **delta})
+        if deltas.session or pending != stored.pending:
+            state = _encode_session({**stored.state, **deltas.session}, pending)
         try:
             head = await tracked.log.append((entry,), state=state, expect=expected.revision)
         except StaleLog as stale:
@@ -403,7 +474,7 @@ class FastSessionService(BaseSessionService):
                 raise _not_found(session) from None
             raise StaleSessionError(_STALE_MESSAGE) from None
         tracked.saw(_head(head), stored_state if state is None else state)
-        return head
+        return head, pending
 
     async def _expected_head(self, session: Session, tracked: _Tracked) -> tuple[_Head, bytes]:
         """The stored head ``session`` reflects, with the stored state there.
@@ -444,35 +515,60 @@ class FastSessionService(BaseSessionService):
 
     # -- app and user state -----------------------------------------------------------------
 
-    async def _shared_states(
-        self, app: _Tracked, app_delta: dict[str, Any], user: _Tracked,
-        user_delta: dict[str, Any],
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The app's and the user's state after merging the deltas (read concurrently when
-        neither changes)."""
-        if not app_delta and not user_delta:
-            app_view, user_view = await _read_all(app.log, user.log)
-            return _state_of(app_view, app), _state_of(user_view, user)
-        return await self._shared_state(app, app_delta), await self._shared_state(user, user_delta)
+    def _pending(self, app: _Tracked, user: _Tracked, deltas: _Deltas) -> list[_Pending]:
+        """The change of app and user state in ``deltas`` as a pending change (none when
+        there is none), ordered after every change of those keys this process has seen and
+        after the last change it made."""
+        if not deltas.app and not deltas.user:
+            return []
+        order = max(self._clock(), math.nextafter(self._last_order, math.inf))
+        for tracked, delta in ((app, deltas.app), (user, deltas.user)):
+            orders = _shared_of(tracked).orders if delta and tracked.known() else {}
+            seen = max((orders.get(key, -math.inf) for key in delta), default=-math.inf)
+            order = max(order, math.nextafter(seen, math.inf))
+        self._last_order = order
+        return [_Pending(order, deltas.app, deltas.user)]
 
-    async def _shared_state(self, tracked: _Tracked, delta: dict[str, Any]) -> dict[str, Any]:
-        """The app's or the user's state after merging ``delta`` into it (only read when
-        ``delta`` is empty). A compare-and-set on the state, retried on the new state when
-        another session changed it first: concurrent changes all land, the later one
-        winning per key."""
-        if not delta:
-            return _state_of(await tracked.log.read(), tracked)
+    async def _shared_states(
+        self, app: _Tracked, user: _Tracked, pending: list[_Pending], *, known: bool = False
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The app's and the user's state with ``pending`` applied (read concurrently when
+        neither changes, unless ``known``: then the views last seen are taken as current)."""
+        if not known and not pending:
+            app_view, user_view = await _read_all(app.log, user.log)
+            app.saw_view(app_view)
+            user.saw_view(user_view)
+            return _shared_of(app).state, _shared_of(user).state
+        (_, app_changes), (_, user_changes) = _changes(app, user, pending)
+        return (await self._shared_state(app, app_changes, known=known),
+                await self._shared_state(user, user_changes, known=known))
+
+    async def _shared_state(
+        self, tracked: _Tracked, changes: list[tuple[float, dict[str, Any]]], *,
+        known: bool = False,
+    ) -> dict[str, Any]:
+        """The app's or the user's state after applying ``changes`` (order, delta) to it:
+        each key takes the value of the change with the highest order, so applying a change
+        again, or after a later one, changes nothing. Only read when nothing changes (and
+        not even then when ``known``). A compare-and-set on the state, retried on the new
+        state when another session changed it first: concurrent changes all land."""
+        if not changes and not known:
+            tracked.saw_view(await tracked.log.read())
         where = tracked.log.run_id
         for _ in range(_SHARED_ATTEMPTS):
-            known = tracked.known() or tracked.saw_view(await tracked.log.read())
-            encoded = _encode_state({**_decode_state(known[1], where), **delta})
+            seen = tracked.known() or tracked.saw_view(await tracked.log.read())
+            shared = _decode_shared(seen[1], where)
+            changed = _applied(shared, changes)
+            if changed is None:
+                return shared.state
+            encoded = _encode_shared(changed)
             try:
-                head = await tracked.log.append((), state=encoded, expect=known[0].revision)
+                head = await tracked.log.append((), state=encoded, expect=seen[0].revision)
             except StaleLog:
                 tracked.forget()
                 continue
             tracked.saw(_head(head), encoded)
-            return _decode_state(encoded, where)
+            return changed.state
         raise ConflictError(f"could not change {where!r:.80}: other sessions changed it "
                             f"first {_SHARED_ATTEMPTS} times in a row")
 
@@ -581,10 +677,29 @@ def _stamp(entry: bytes, where: str) -> _Stamp:
         raise CorruptCheckpointError(f"undecodable ADK event: {exc}", key=where) from exc
 
 
-def _state_of(view: LogView | None, tracked: _Tracked) -> dict[str, Any]:
-    """The state ``view`` holds, noted as ``tracked``'s last sight."""
-    _, state = tracked.saw_view(view)
-    return _decode_state(state, tracked.log.run_id)
+def _shared_of(tracked: _Tracked) -> _Shared:
+    """The app's or the user's state as ``tracked`` last saw it (empty when unknown)."""
+    known = tracked.known()
+    return _decode_shared(_EMPTY_STATE if known is None else known[1], tracked.log.run_id)
+
+
+def _changes(
+    app: _Tracked, user: _Tracked, pending: list[_Pending]
+) -> tuple[tuple[_Tracked, list[tuple[float, dict[str, Any]]]], ...]:
+    """``pending`` split into the changes (order, delta) of the app's and the user's state."""
+    return ((app, [(change.order, change.app) for change in pending if change.app]),
+            (user, [(change.order, change.user) for change in pending if change.user]))
+
+
+def _landed(tracked: _Tracked, order: float, delta: Mapping[str, Any]) -> bool:
+    """Whether the change ``order``, ``delta`` is in the app's or the user's state as this
+    process last saw it (then it is in the store too: a key's order never goes down)."""
+    if not delta:
+        return True
+    if tracked.known() is None:
+        return False
+    orders = _shared_of(tracked).orders
+    return all(orders.get(key, -math.inf) >= order for key in delta)
 
 
 # -- state and events ---------------------------------------------------------------------------
@@ -603,8 +718,8 @@ def _split(state: Mapping[str, Any]) -> _Deltas:
 
 
 def _check_shared(deltas: _Deltas) -> None:
-    """Raise :class:`SerializationError` for an ``app:`` or ``user:`` value JSON cannot hold:
-    that state is written after the session's log, so it must be refused before."""
+    """Raise :class:`SerializationError` for an ``app:`` or ``user:`` value JSON cannot hold,
+    naming it, before the session's log (which carries the change as pending) is written."""
     _encode_state({**{State.APP_PREFIX + key: value for key, value in deltas.app.items()},
                    **{State.USER_PREFIX + key: value for key, value in deltas.user.items()}})
 
@@ -635,17 +750,77 @@ def _encodable(value: object) -> bool:
     return True
 
 
-def _decode_state(data: bytes, where: str) -> dict[str, Any]:
-    if not data:
-        return {}
+def _decode_json(data: bytes, where: str) -> Any:
     try:
-        state = pydantic_core.from_json(data)
+        return pydantic_core.from_json(data)
     except ValueError as exc:
         raise CorruptCheckpointError(f"undecodable ADK state: {exc}", key=where) from exc
-    if not isinstance(state, dict):
-        raise CorruptCheckpointError(
-            f"ADK state is a {type(state).__name__}, not an object", key=where)
-    return state
+
+
+def _not_state(found: object, where: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"ADK state is a {type(found).__name__}, not an object", key=where)
+
+
+def _encode_session(state: Mapping[str, Any], pending: list[_Pending]) -> bytes:
+    """A session's stored state: the JSON object of its keys, as before pending changes
+    were kept, or ``[state, [[order, app delta, user delta], ...]]`` while it carries some
+    (an array, so neither reads as the other)."""
+    if not pending:
+        return _encode_state(state)
+    return pydantic_core.to_json(
+        [state, [[change.order, change.app, change.user] for change in pending]])
+
+
+def _decode_session(data: bytes, where: str) -> _Session:
+    found = _decode_json(data, where) if data else {}
+    if isinstance(found, dict):
+        return _Session(found, [])
+    if not (isinstance(found, list) and len(found) == 2 and isinstance(found[0], dict)
+            and isinstance(found[1], list)):
+        raise _not_state(found, where)
+    return _Session(found[0], [_decoded_pending(change, where) for change in found[1]])
+
+
+def _decoded_pending(change: object, where: str) -> _Pending:
+    if (isinstance(change, list) and len(change) == 3 and _is_order(change[0])
+            and isinstance(change[1], dict) and isinstance(change[2], dict)):
+        return _Pending(float(change[0]), change[1], change[2])
+    raise CorruptCheckpointError(f"ADK session holds a malformed pending change "
+                                 f"{change!r:.60}", key=where)
+
+
+def _encode_shared(shared: _Shared) -> bytes:
+    """An app's or a user's stored state: ``[state, {key: order}]`` (the JSON object of the
+    state alone, as written before orders were kept, reads as a state without orders)."""
+    return pydantic_core.to_json([shared.state, shared.orders])
+
+
+def _decode_shared(data: bytes, where: str) -> _Shared:
+    found = _decode_json(data, where) if data else {}
+    if isinstance(found, dict):
+        return _Shared(found, {})
+    if not (isinstance(found, list) and len(found) == 2 and isinstance(found[0], dict)
+            and isinstance(found[1], dict) and all(map(_is_order, found[1].values()))):
+        raise _not_state(found, where)
+    return _Shared(found[0], found[1])
+
+
+def _is_order(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _applied(shared: _Shared, changes: list[tuple[float, dict[str, Any]]]) -> _Shared | None:
+    """``shared`` with ``changes`` (order, delta) applied, each key taking the value of the
+    highest order (the first of equal ones); ``None`` when that changes nothing."""
+    state, orders = dict(shared.state), dict(shared.orders)
+    for order, delta in changes:
+        for key, value in delta.items():
+            if orders.get(key, -math.inf) < order:
+                state[key], orders[key] = value, order
+    if orders == shared.orders:
+        return None
+    return _Shared(state, orders)
 
 
 def _encode_event(event: Event) -> bytes:

@@ -8,8 +8,9 @@ import asyncio
 import itertools
 import json
 import os
+import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from fastcheckpoint.errors import (
     ConfigurationError,
     CorruptCheckpointError,
     SerializationError,
+    StoreUnavailableError,
 )
 from fastcheckpoint.integrations import _google_adk_names as names
 from fastcheckpoint.integrations._entrylog import EntryLog
@@ -312,8 +314,10 @@ async def test_user_state_changes_from_two_sessions_all_land(
             one = await first.create_session(app_name="a", user_id="u", session_id="one")
             two = await second.create_session(app_name="a", user_id="u", session_id="two")
             # Both services saw the user's state empty; the second writes first, so the
-            # first one's compare-and-set fails and is retried on the new state.
+            # first one's compare-and-set fails and is retried on the new state. Per key, the
+            # change the clock puts later wins (the first service has not seen the second's).
             await second.append_event(two, event({"user:from_two": 1, "app:seen": "two"}))
+            adk_clock.advance(1)
             await first.append_event(one, event({"user:from_one": 1, "app:seen": "one"}))
             assert await first.get_user_state(app_name="a", user_id="u") == {
                 "from_two": 1, "from_one": 1}
@@ -335,6 +339,206 @@ async def test_user_state_changes_from_two_sessions_all_land(
             assert {key for key in got.state if key.startswith("user:")} == {
                 f"user:{key}" for key in state}
             assert len(got.events) == 3
+
+
+# -- a change of app or user state cut off from its event --------------------------------------
+
+
+def _before_shared_writes(
+    monkeypatch: pytest.MonkeyPatch, before: Callable[[str], Awaitable[None]]
+) -> None:
+    """Every write of an app's or a user's state awaits ``before(run_id)`` first."""
+    real_append = EntryLog.append
+
+    async def hooked(self: EntryLog, entries: Any, **kwargs: Any) -> Any:
+        if not entries and self.run_id.startswith((names.APP_STATE_PREFIX,
+                                                   names.USER_STATE_PREFIX)):
+            await before(self.run_id)
+        return await real_append(self, entries, **kwargs)
+
+    monkeypatch.setattr(EntryLog, "append", hooked)
+
+
+async def _revision(store: Any, run_id: str) -> int:
+    found = await EntryLog(store, run_id).read()
+    return -1 if found is None else found.revision
+
+
+async def test_a_shared_change_cut_off_from_its_event_is_applied_by_the_next_read_once(
+    fresh_store: FreshStore, adk_clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure between the event's store call and the user state's: the next read of the
+    session, in any process, applies the change, once; later changes of the key are not
+    undone by reading or appending to the session again."""
+    failed: list[str] = []
+
+    async def fail_first_user_write(run_id: str) -> None:
+        if run_id.startswith(names.USER_STATE_PREFIX) and len(failed) < 2:
+            failed.append(run_id)
+            raise StoreUnavailableError("injected: the store went away")
+
+    user_log = names.user_state_run_id("a", "u")
+    with anyio.fail_after(DEADLINE):
+        async with fresh_store() as store:
+            writer = FastSessionService(store, clock=adk_clock)
+            session = await writer.create_session(app_name="a", user_id="u", session_id="s")
+            _before_shared_writes(monkeypatch, fail_first_user_write)
+            with pytest.raises(StoreUnavailableError):
+                await writer.append_event(session, event({"n": 1, "app:m": 1, "user:k": 1}))
+            with pytest.raises(StoreUnavailableError):  # create_session: the same
+                await writer.create_session(app_name="a", user_id="u", session_id="c",
+                                            state={"user:c": 1})
+            assert len(failed) == 2
+            assert await writer.get_user_state(app_name="a", user_id="u") == {}
+
+            counting: Any = CountingStore(store)
+            reader = FastSessionService(counting, clock=adk_clock)  # another process
+            got = await reader.get_session(app_name="a", user_id="u", session_id="s")
+            assert counting.take() == {"read_with_items": 3, "append_with_items": 1}
+            assert got is not None
+            assert (len(got.events), got.state) == (1, {"n": 1, "app:m": 1, "user:k": 1})
+            created = await reader.get_session(app_name="a", user_id="u", session_id="c")
+            assert created is not None
+            assert created.state == {"app:m": 1, "user:k": 1, "user:c": 1}
+            assert await writer.get_user_state(app_name="a", user_id="u") == {"k": 1, "c": 1}
+            applied = await _revision(store, user_log)
+
+            # Another session changes the key later: reading the session again, or
+            # appending its event again, applies nothing (once, not twice).
+            adk_clock.advance(1)
+            other = await reader.create_session(app_name="a", user_id="u", session_id="t")
+            await reader.append_event(other, event({"user:k": 2}))
+            counting.take()
+            again = await FastSessionService(counting, clock=adk_clock).get_session(
+                app_name="a", user_id="u", session_id="s")
+            assert counting.take() == {"read_with_items": 3}
+            assert again is not None
+            assert again.state["user:k"] == 2
+            await reader.append_event(again, again.events[-1].model_copy(deep=True))
+            assert counting.take() == {}
+            assert len(again.events) == 1
+            # The writer's own next append (on the session read again) writes no user state.
+            mine = await writer.get_session(app_name="a", user_id="u", session_id="s")
+            assert mine is not None
+            await writer.append_event(mine, event({"n": 2}))
+            assert await _revision(store, user_log) == applied + 1  # t's change only
+            assert await writer.get_user_state(app_name="a", user_id="u") == {"k": 2, "c": 1}
+            # That append dropped what the session carried: its stored state is its own.
+            stored = await EntryLog(store, names.session_run_id("a", "u", "s")).read()
+            assert stored is not None
+            assert json.loads(stored.state) == {"n": 2}
+
+
+async def test_a_pending_change_is_applied_once_by_readers_and_its_slow_writer_at_once(
+    fresh_store: FreshStore, adk_clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The event is stored and its writer is slow to change the user's state: two other
+    processes read the session at the same time and apply the change, once between them;
+    another session then changes the key, and the writer's own write, when it comes,
+    neither applies the change again nor undoes the later one."""
+    writer_held, release_writer, both_ready = anyio.Event(), anyio.Event(), anyio.Event()
+    arrivals: list[str] = []
+
+    async def hold(run_id: str) -> None:
+        if not run_id.startswith(names.USER_STATE_PREFIX):
+            return
+        if not writer_held.is_set():  # the writer's write: wait for the readers
+            writer_held.set()
+            await release_writer.wait()
+            return
+        arrivals.append(run_id)  # the readers' writes: both have read before either writes
+        if len(arrivals) == 2:
+            both_ready.set()
+        await both_ready.wait()
+
+    user_log = names.user_state_run_id("a", "u")
+    with anyio.fail_after(DEADLINE):
+        async with fresh_store() as store:
+            writer = FastSessionService(store, clock=adk_clock)
+            session = await writer.create_session(app_name="a", user_id="u", session_id="s")
+            await writer.create_session(app_name="a", user_id="u", session_id="t")
+            _before_shared_writes(monkeypatch, hold)
+            readers = [FastSessionService(store, clock=adk_clock) for _ in range(2)]
+            seen: list[Any] = []
+
+            async def read(service: FastSessionService) -> None:
+                seen.append(await service.get_session(app_name="a", user_id="u",
+                                                      session_id="s"))
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(writer.append_event, session, event({"user:k": 1}))
+                await writer_held.wait()
+                try:  # the held writer cannot be cancelled: release it whatever fails
+                    before = await _revision(store, user_log)
+                    with anyio.fail_after(DEADLINE / 4):
+                        async with anyio.create_task_group() as both:
+                            for reader in readers:
+                                both.start_soon(read, reader)
+                    assert [got.state for got in seen] == [{"user:k": 1}] * 2
+                    assert await _revision(store, user_log) == before + 1
+
+                    adk_clock.advance(1)
+                    other = await readers[0].get_session(app_name="a", user_id="u",
+                                                         session_id="t")
+                    assert other is not None
+                    await readers[0].append_event(other, event({"user:k": 2}))
+                finally:
+                    release_writer.set()
+                    both_ready.set()
+            assert session.state == {"user:k": 1}  # the writer's object: its own change
+            assert await _revision(store, user_log) == before + 2
+            assert await writer.get_user_state(app_name="a", user_id="u") == {"k": 2}
+
+
+_KILLED_WRITER = """
+import asyncio, os, signal, sys
+from google.adk.events.event import Event
+from google.adk.events.event_actions import EventActions
+from fastcheckpoint.integrations._entrylog import EntryLog
+from fastcheckpoint.integrations.google_adk import FastSessionService
+
+real_append = EntryLog.append
+
+async def killed_first(self, entries, **kwargs):
+    if not entries and self.run_id.startswith("google-adk-user:"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await real_append(self, entries, **kwargs)
+
+async def main(url):
+    service = FastSessionService(url)
+    session = await service.create_session(app_name="a", user_id="u", session_id="s")
+    EntryLog.append = killed_first
+    await service.append_event(session, Event(author="agent", invocation_id="inv",
+        actions=EventActions(state_delta={"n": 1, "app:m": 1, "user:k": 1})))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("scheme", ["file", "sqlite"])
+async def test_a_process_killed_between_event_and_user_state_loses_no_change(
+    tmp_path: Path, scheme: str
+) -> None:
+    """SIGKILL of a process after it stored the event, before it changed the user's state:
+    the next process to read the session applies the change, once."""
+    url = (f"file://{tmp_path / 'files'}" if scheme == "file"
+           else f"sqlite:///{tmp_path / 'sessions.db'}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with anyio.fail_after(DEADLINE):
+        done = await anyio.run_process([sys.executable, "-c", _KILLED_WRITER, url],
+                                       env=env, check=False)
+        assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+        async with FastSessionService(url) as service:
+            assert await service.get_user_state(app_name="a", user_id="u") == {}
+            got = await service.get_session(app_name="a", user_id="u", session_id="s")
+            assert got is not None
+            assert (len(got.events), got.state) == (1, {"n": 1, "app:m": 1, "user:k": 1})
+            user_log = names.user_state_run_id("a", "u")
+            applied = await _revision(service.store, user_log)
+            await service.append_event(got, got.events[-1].model_copy(deep=True))
+            assert await service.get_session(app_name="a", user_id="u", session_id="s")
+            assert await _revision(service.store, user_log) == applied
+            assert await service.get_user_state(app_name="a", user_id="u") == {"k": 1}
 
 
 def _appends_yield(monkeypatch: pytest.MonkeyPatch) -> None:
