@@ -54,6 +54,7 @@ from fastcheckpoint._validate import (
     lookup_id,
     mapping_arg,
     request_arg,
+    sequence_arg,
     status_arg,
     tags_arg,
     text_arg,
@@ -314,12 +315,19 @@ class CheckpointManager:
         tags: Sequence[str] | None = None,
         ttl_seconds: float | None = None,
         force: bool = False,
+        expected_sequence: int | None = None,
     ) -> Checkpoint | None:
         """Append a checkpoint to the run; ``None`` only when throttled by the interval.
 
         The sequence is the run's next one as the store sees it (unique and gap-free across
         processes); ``parent_id`` defaults to the run's latest checkpoint and, when given,
         must name a live checkpoint of the same run.
+
+        ``expected_sequence``: the sequence this checkpoint must take, that is the
+        ``latest_sequence + 1`` of the run as the caller read it (``get_run``), or 0 for a
+        run that must not exist yet. Should another create have taken it first (or the run
+        be gone), :class:`ConflictError`, with nothing written: for writers that must not
+        put their state over a state they have not seen.
         """
         key = _ids.key_of(run_id)
         body = Payload(
@@ -330,6 +338,8 @@ class CheckpointManager:
         )
         step = text_arg("step_name", step_name)
         tag_list = tags_arg(tags)
+        expected = None if expected_sequence is None else sequence_arg(
+            "expected_sequence", expected_sequence)
         now = self.config.clock()
         ttl = self._ttl(ttl_seconds, now)
         hint = self._hints.get(key)
@@ -344,8 +354,7 @@ class CheckpointManager:
             expires_at = None if ttl is None else now + ttl
             header = Header(run_id, step, parent_id, tag_list, ttl)
             record, parent, status = await self._append(
-                key, header, content, now=now, expires_at=expires_at
-            )
+                key, header, content, now=now, expires_at=expires_at, expected=expected)
         if status == CheckpointStatus.FAILED.value:
             status = await self._resume(run_id, record.checkpoint_id)
         metadata = CheckpointMetadata(
@@ -371,6 +380,7 @@ class CheckpointManager:
         now: float,
         expires_at: float | None,
         new_run: bool = False,
+        expected: int | None = None,
     ) -> tuple[StoredCheckpoint, str | None, str]:
         """Propose the next sequence, retrying on conflicts; the store decides who wins.
 
@@ -380,11 +390,17 @@ class CheckpointManager:
         take turns: racing each other would only burn retries, and a log is extended only by
         the create after the one that wrote it. With ``new_run`` the checkpoint must start
         the run (sequence 0 of a new incarnation): an existing run is a
-        :class:`ConflictError`, not a race to retry.
+        :class:`ConflictError`, not a race to retry. With ``expected`` the checkpoint must
+        take that sequence: 0 is ``new_run``; otherwise a run whose head is not the sequence
+        before it (or no run) is a :class:`ConflictError`, and so is losing it to another
+        writer.
         """
         async with self._writer(key):
+            if expected == 0:
+                new_run, expected = True, None
             return await self._append_turn(
-                key, header, content, now=now, expires_at=expires_at, new_run=new_run)
+                key, header, content, now=now, expires_at=expires_at, new_run=new_run,
+                expected=expected)
 
     @contextlib.asynccontextmanager
     async def _writer(self, key: str) -> AsyncIterator[None]:
@@ -409,9 +425,14 @@ class CheckpointManager:
         now: float,
         expires_at: float | None,
         new_run: bool,
+        expected: int | None,
     ) -> tuple[StoredCheckpoint, str | None, str]:
         hint = None if new_run else self._hints.get(key)
         guess = None if hint is None else (hint.latest_sequence, hint.incarnation)
+        if expected is not None and (guess is None or guess[0] + 1 != expected):
+            run = await self._store.get_run(key, now=now)
+            guess = None if run is None else (run.latest_sequence, run.incarnation)
+            _check_expected(header.run_id, expected, guess)
         extend = not new_run
         for attempt in range(self.config.max_sequence_retries):
             sequence, incarnation = (0, _ids.new_incarnation()) if guess is None else (
@@ -436,7 +457,8 @@ class CheckpointManager:
                     status = await self._nested.append_with_items(
                         key, record, run=seed, keep_latest=self.config.keep_latest, now=now,
                         items=written.items)
-                elif self._next is not None and not new_run and not written.parts:
+                elif (self._next is not None and not new_run and not written.parts
+                      and expected is None):
                     # The payload holds no log: the same at any sequence. Should other
                     # writers have moved the run on, the store stamps it at the next one.
                     status, record = await self._next.append_next(
@@ -457,6 +479,8 @@ class CheckpointManager:
                 if new_run:
                     raise ConflictError(f"run {header.run_id!r} exists already") from conflict
                 guess = await self._observed_head(key, conflict, now)
+                if expected is not None:
+                    _check_expected(header.run_id, expected, guess)
                 last = attempt + 1 == self.config.max_sequence_retries
                 if attempt >= _FREE_RETRIES and not last:
                     await anyio.sleep(self._contention.delay(attempt - _FREE_RETRIES))
@@ -1421,6 +1445,17 @@ class CheckpointManager:
                 for status, at, actor, note in data.history
             ],
         )
+
+
+def _check_expected(run_id: str, expected: int, head: tuple[int, str] | None) -> None:
+    """:class:`ConflictError` unless the run's head (``None``: no run) is the sequence just
+    before ``expected``. (The same head in another incarnation, after this process's memory
+    of the run went stale, passes: the next attempt proposes it there.)"""
+    if head is None or head[0] + 1 != expected:
+        now = "does not exist" if head is None else f"is at sequence {head[0]}"
+        raise ConflictError(
+            f"run {run_id!r} {now}: checkpoint {expected} was expected to be its next; "
+            "another create came first, or the run is gone (read the run again)")
 
 
 def _estimated_size(body: Payload) -> int:

@@ -89,6 +89,16 @@ def tags_arg(tags: object) -> list[str]:
     return result
 
 
+def sequence_arg(name: str, value: object) -> int:
+    """A checkpoint sequence: an int from 0 to the largest a run can reach."""
+    if isinstance(value, bool) or not isinstance(value, int) or not (
+        0 <= value <= _ids.MAX_SEQUENCE
+    ):
+        raise ValidationError(
+            f"{name} must be an int from 0 to {_ids.MAX_SEQUENCE}, got {value!r:.40}")
+    return value
+
+
 def lookup_id(value: object, what: str = "checkpoint_id") -> tuple[str, str, int] | None:
     """Where a checkpoint id points, or ``None`` for a string that is not one of our ids
     (not found, as FastAgentic's docs expect); anything but a ``str`` is a mistake."""

@@ -128,11 +128,12 @@ class BlockingManager:
         tags: Sequence[str] | None = None,
         ttl_seconds: float | None = None,
         force: bool = False,
+        expected_sequence: int | None = None,
     ) -> Checkpoint | None:
         return self._call(
             self._manager.create, run_id, state, messages=messages, tool_calls=tool_calls,
             context=context, step_name=step_name, parent_id=parent_id, tags=tags,
-            ttl_seconds=ttl_seconds, force=force)
+            ttl_seconds=ttl_seconds, force=force, expected_sequence=expected_sequence)
 
     def restore(self, run_id: str) -> Checkpoint | None:
         return self._call(self._manager.restore, run_id)

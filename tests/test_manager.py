@@ -1006,6 +1006,60 @@ async def test_a_prune_cut_short_anywhere_removed_the_oldest_surplus_and_no_half
     assert at > 9 * 2  # every delete's two points were reached
 
 
+# -- expected sequence ------------------------------------------------------------------------
+
+
+async def test_expected_sequence_takes_the_next_or_writes_nothing(
+    manager: CheckpointManager, reopen: Callable[[], CheckpointStore], clock: FakeClock
+) -> None:
+    """Two writers that read the run at sequence 0: the first create expecting 1 lands, the
+    second is refused with nothing written, also from another process whose memory of the
+    run went stale (the file store would otherwise stamp it at the next sequence)."""
+    other = manager_with(reopen(), clock)
+    with anyio.fail_after(10):
+        first = await create(other, expected_sequence=0)  # it remembers the run at 0
+        landed = await create(manager, state={"n": 1}, expected_sequence=1)
+        with pytest.raises(ConflictError, match="is at sequence 1"):
+            await other.create(RUN, {"n": 2}, expected_sequence=1)
+        with pytest.raises(ConflictError, match="is at sequence 1"):
+            await manager.create(RUN, {"n": 2}, expected_sequence=1)  # its own, in memory
+        assert await sequences(manager) == [1, 0]
+        restored = await other.restore(RUN)
+        again = await create(other, state={"n": 3}, expected_sequence=2)
+    assert first.metadata.sequence == 0
+    assert restored is not None
+    assert restored.checkpoint_id == landed.checkpoint_id
+    assert restored.state == {"n": 1}
+    assert again.metadata.sequence == 2
+    assert again.metadata.parent_id == landed.checkpoint_id
+
+
+async def test_expected_sequence_zero_needs_a_new_run_and_others_a_live_one(
+    manager: CheckpointManager,
+) -> None:
+    with anyio.fail_after(10):
+        with pytest.raises(ConflictError, match="does not exist"):
+            await manager.create(RUN, {"n": 0}, expected_sequence=3)
+        await create(manager, expected_sequence=0)
+        with pytest.raises(ConflictError, match="exists already"):
+            await manager.create(RUN, {"n": 1}, expected_sequence=0)
+        assert await manager.delete_run(RUN) == 1
+        with pytest.raises(ConflictError, match="does not exist"):
+            await manager.create(RUN, {"n": 1}, expected_sequence=1)  # it was deleted
+        assert await manager.get_run(RUN) is None
+        restarted = await create(manager, expected_sequence=0)
+    assert restarted.metadata.sequence == 0
+
+
+@pytest.mark.parametrize("value", [True, -1, 1.0, "1", 2**63])
+async def test_expected_sequence_must_be_a_sequence(
+    manager: CheckpointManager, value: object
+) -> None:
+    with anyio.fail_after(10), pytest.raises(ValidationError, match="expected_sequence"):
+        await manager.create(RUN, {"n": 0}, expected_sequence=value)  # type: ignore[arg-type]
+    assert await manager.get_run(RUN) is None
+
+
 # -- throttling ---------------------------------------------------------------------------------
 
 

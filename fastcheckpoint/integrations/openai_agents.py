@@ -337,9 +337,18 @@ class RunStateStore:
         run = await self._manager.get_run(run_id)
         if run is not None and await self._recorded_already(run, body):
             return run
-        checkpoint = await self._manager.create(
-            run_id, body, step_name="interrupted" if pending else "finished",
-            ttl_seconds=self._ttl, force=True)
+        try:
+            # Only over the state read: a record that lost the run to another one writes
+            # nothing (its write could prune the state the winner's request names).
+            checkpoint = await self._manager.create(
+                run_id, body, step_name="interrupted" if pending else "finished",
+                ttl_seconds=self._ttl, force=True,
+                expected_sequence=0 if run is None else run.latest_sequence + 1)
+        except ConflictError:
+            now = await self._manager.get_run(run_id)
+            if now is not None and await self._recorded_already(now, body):
+                return now  # this very state, recorded by a call whose reply was lost
+            raise
         assert checkpoint is not None  # forced: never throttled
         checkpoint_id = checkpoint.checkpoint_id
         try:

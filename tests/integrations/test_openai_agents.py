@@ -468,8 +468,10 @@ async def test_approval_store_calls() -> None:
         assert state is not None
         result = await Runner.run(agent, state, run_config=QUIET)
         store.take()
-        await approvals.record("r", result)  # not written by this manager yet: 1 more
-        assert store.take() == {"append": 2, "get_run": 2, "update_run": 1}
+        # Not written by this manager yet: 1 more, a read of the run's head (the checkpoint
+        # must take the sequence after the one record read).
+        await approvals.record("r", result)
+        assert store.take() == {"append": 1, "get_run": 3, "update_run": 1}
 
 
 async def test_approval_refusals() -> None:
@@ -531,6 +533,50 @@ async def test_refused_record_writes_nothing() -> None:
         done = await approvals.record("r", await Runner.run(agent, state, run_config=QUIET))
         assert done.status is CheckpointStatus.COMPLETED
         assert refunds == ["A-17"]
+
+
+@pytest.mark.parametrize("started", [False, True])
+async def test_two_records_at_once_keep_the_winners_state(started: bool) -> None:
+    """Two workers record one run at the same moment, one checkpoint kept per run: the one
+    whose create comes second writes nothing (it would prune the state the winner's request
+    names) and raises ConflictError; the winner's request is resumed with its state. Both on
+    a new run and on one a finished resume made ACTIVE again."""
+    refunds: list[str] = []
+    agent, _ = _refund_agent(refunds, "Refunded.")
+    store = _Hooks(MemoryStore())
+    first = RunStateStore(store, config=make_config(FakeClock(), max_checkpoints_per_run=1))
+    second = RunStateStore(store, config=make_config(FakeClock(), max_checkpoints_per_run=1))
+
+    def other() -> Agent[Any]:  # asks for another refund
+        return agent.clone(model=ScriptedModel([
+            [function_call("refund", {"order": "B-2", "amount": 5}, call_id="call-2")]]))
+
+    with anyio.fail_after(DEADLINE):
+        if started:
+            await first.record("r", await Runner.run(agent, "Refund", run_config=QUIET))
+            await first.manager.approve("r", approver="ana")
+            state = await first.resume("r", agent)
+            assert state is not None
+            await Runner.run(agent, state, run_config=QUIET)  # refunds A-17
+            await first.manager.mark_failed("r", "the worker went away")
+        losing = await Runner.run(agent.clone(model=ScriptedModel([[function_call(
+            "refund", {"order": "C-3", "amount": 7}, call_id="call-3")]])), "Refund",
+            run_config=QUIET)
+        winning = await Runner.run(other(), "Refund", run_config=QUIET)
+        store.on_append = lambda: second.record("r", winning)
+        with pytest.raises(ConflictError):
+            await first.record("r", losing)
+        run = await first.manager.get_run("r")
+        assert run is not None
+        assert run.status is CheckpointStatus.PAUSED
+        assert run.checkpoint_count == 1
+        await first.manager.approve("r", approver="ana")
+        finisher = agent.clone(model=ScriptedModel([[assistant_message("Refunded.")]]))
+        state = await first.resume("r", finisher)
+        assert state is not None
+        done = await first.record("r", await Runner.run(finisher, state, run_config=QUIET))
+    assert done.status is CheckpointStatus.COMPLETED
+    assert refunds == (["A-17", "B-2"] if started else ["B-2"])
 
 
 async def test_finished_run_is_not_recorded_again() -> None:
