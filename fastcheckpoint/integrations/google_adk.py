@@ -766,10 +766,12 @@ def _encode_session(state: Mapping[str, Any], pending: list[_Pending]) -> bytes:
     """A session's stored state: the JSON object of its keys, as before pending changes
     were kept, or ``[state, [[order, app delta, user delta], ...]]`` while it carries some
     (an array, so neither reads as the other)."""
+    encoded = _encode_state(state)  # a value JSON cannot hold: SerializationError
     if not pending:
-        return _encode_state(state)
-    return pydantic_core.to_json(
-        [state, [[change.order, change.app, change.user] for change in pending]])
+        return encoded
+    changes = pydantic_core.to_json([[change.order, change.app, change.user]
+                                     for change in pending])  # checked: _check_shared
+    return b"[" + encoded + b"," + changes + b"]"
 
 
 def _decode_session(data: bytes, where: str) -> _Session:

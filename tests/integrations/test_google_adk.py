@@ -807,6 +807,26 @@ async def test_app_and_user_values_json_cannot_hold_are_refused_before_anything_
         assert (len(stored.events), stored.state) == (1, {"k": 3, "user:fine": True})
 
 
+async def test_a_session_value_json_cannot_hold_beside_a_shared_change_is_refused() -> None:
+    """The session's state carries the app: and user: change as pending: a session value
+    JSON cannot hold is refused as such (not as a pydantic error), before anything is
+    written."""
+    with anyio.fail_after(DEADLINE):
+        service = FastSessionService(MemoryStore())
+        with pytest.raises(SerializationError) as refused:
+            await service.create_session(app_name="a", user_id="u", session_id="s",
+                                         state={"bad": object(), "user:k": 1})
+        assert refused.value.path == "state['bad']"
+        assert await service.get_session(app_name="a", user_id="u", session_id="s") is None
+        session = await service.create_session(app_name="a", user_id="u", session_id="s")
+        for key in ("app:k", "user:k"):
+            with pytest.raises(SerializationError):
+                await service.append_event(session, event({"bad": object(), key: 1}))
+        stored = await service.get_session(app_name="a", user_id="u", session_id="s")
+        assert stored is not None
+        assert (stored.events, stored.state) == ([], {})
+
+
 def test_configuration_errors_name_what_is_wrong() -> None:
     with pytest.raises(ConfigurationError, match="ttl_seconds"):
         FastSessionService(MemoryStore(), ttl_seconds=0)
