@@ -805,11 +805,18 @@ def _decode_shared(data: bytes, where: str) -> _Shared:
     if not (isinstance(found, list) and len(found) == 2 and isinstance(found[0], dict)
             and isinstance(found[1], dict) and all(map(_is_order, found[1].values()))):
         raise _not_state(found, where)
-    return _Shared(found[0], found[1])
+    return _Shared(found[0], {key: float(order) for key, order in found[1].items()})
 
 
 def _is_order(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """Whether a stored order is one: a finite number (an infinite one would hold its key
+    forever; an integer too large for a float cannot be compared as one)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _applied(shared: _Shared, changes: list[tuple[float, dict[str, Any]]]) -> _Shared | None:

@@ -657,6 +657,27 @@ async def test_a_damaged_event_is_a_corrupt_checkpoint_for_every_read_that_meets
             await call()
 
 
+@pytest.mark.parametrize("order", [b"1" * 400, b"Infinity", b"NaN", b"true"])
+async def test_a_damaged_order_of_shared_state_is_a_corrupt_checkpoint(order: bytes) -> None:
+    """An order in a session's pending change or in app or user state that is not a finite
+    number raises ``CorruptCheckpointError`` (never ``OverflowError``), and an infinite one
+    is not taken as one that no change could pass."""
+    with anyio.fail_after(DEADLINE):
+        store = MemoryStore()
+        service = FastSessionService(store)
+        session = await service.create_session(app_name="a", user_id="u", session_id="s")
+        await EntryLog(store, names.user_state_run_id("a", "u")).append(
+            (), state=b'[{"k":1},{"k":' + order + b"}]", expect=-1)
+        await EntryLog(store, names.session_run_id("a", "v", "p")).append(
+            (), state=b'[{},[[' + order + b',{},{"k":1}]]]', expect=-1)
+        with pytest.raises(CorruptCheckpointError):
+            await service.get_session(app_name="a", user_id="u", session_id="s")
+        with pytest.raises(CorruptCheckpointError):
+            await service.append_event(session, event({"user:k": 2}))
+        with pytest.raises(CorruptCheckpointError, match="malformed pending change"):
+            await service.get_session(app_name="a", user_id="v", session_id="p")
+
+
 async def test_sessions_expire_after_ttl_seconds_without_a_change(
     fresh_store: FreshStore, adk_clock: FakeClock
 ) -> None:
