@@ -35,6 +35,7 @@ from fastcheckpoint.stores import (
     check_items,
     check_keep_latest,
     check_options,
+    check_run_key,
     header_of,
     is_live,
     latest_expiry,
@@ -68,7 +69,8 @@ class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as ever
         self, run_key: str, record: StoredCheckpoint, *, run: RunRecord,
         keep_latest: int | None, now: float,
     ) -> str:
-        check_keep_latest(keep_latest)  # every check before the first change
+        check_run_key(run_key)  # every check before the first change: a run id is refused
+        check_keep_latest(keep_latest)
         check_append(record, run)  # the types of what it is given
         current = self._live_run(run_key, now)
         if current is None:  # only sequence 0 creates a run, over what an expired one left
@@ -98,6 +100,7 @@ class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as ever
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
+        check_run_key(run_key)
         run = self._live_run(run_key, now)
         record = self._logs.get(run_key, {}).get(sequence)
         if run is None or record is None or not is_live(record.expires_at, now):
@@ -105,6 +108,7 @@ class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as ever
         return replace(record, key=f"dict://{run_key}/{sequence}"), run.status  # for messages
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
+        check_run_key(run_key)
         log = self._logs.get(run_key, {})
         live = [sequence for sequence, record in log.items() if is_live(record.expires_at, now)]
         return await self.get(run_key, max(live), now=now) if live else None
@@ -113,6 +117,7 @@ class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as ever
         self, run_key: str, *, before: int | None, limit: int, now: float,
         include_expired: bool = False,
     ) -> tuple[list[CheckpointHeader], str | None]:
+        check_run_key(run_key)
         run = self._runs.get(run_key) if include_expired else self._live_run(run_key, now)
         if run is None:
             return [], None
@@ -123,6 +128,7 @@ class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as ever
         return found[:limit], run.status
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
+        check_run_key(run_key)
         record = self._logs.get(run_key, {}).get(sequence)
         if record is None or record.checkpoint_id != checkpoint_id:
             return False  # an id of a deleted run never deletes a checkpoint of a later one
@@ -130,17 +136,20 @@ class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as ever
         return True
 
     async def delete_run(self, run_key: str) -> int:
+        check_run_key(run_key)
         return self._remove_run(run_key, keep_unowned_items=False)
 
     # -- runs ---------------------------------------------------------------------------------
 
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
+        check_run_key(run_key)
         return self._live_run(run_key, now)
 
     async def update_run(
         self, run_key: str, *, incarnation: str, version: int, status: str, data: bytes,
         now: float,
     ) -> RunRecord:
+        check_run_key(run_key)
         run = self._live_run(run_key, now)
         if run is None:
             raise CheckpointNotFound(f"no live run with key {run_key}")
@@ -171,6 +180,7 @@ class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as ever
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
+        check_run_key(run_key)
         check_items(items)  # keys, values, owners and expiries of the right types
         space = self._items.get(run_key, {})
         for item in items:
@@ -179,6 +189,7 @@ class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as ever
         self._items.setdefault(run_key, {}).update((item.key, item) for item in items)
 
     async def get_items(self, run_key: str, keys: Sequence[str], *, now: float) -> dict[str, bytes]:
+        check_run_key(run_key)
         space = self._items.get(run_key, {})
         return {key: space[key].value for key in keys
                 if key in space and is_live(space[key].expires_at, now)}
@@ -187,6 +198,7 @@ class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as ever
         self, run_key: str, *, prefix: str = "", start_after: str | None = None,
         limit: int = 100, reverse: bool = False, now: float,
     ) -> list[tuple[str, bytes]]:
+        check_run_key(run_key)
         space = self._items.get(run_key, {})
         keys = sorted((key for key, item in space.items()  # str order is code point order
                        if key.startswith(prefix) and is_live(item.expires_at, now)),
@@ -196,6 +208,7 @@ class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as ever
         return [(key, space[key].value) for key in keys[:limit]]
 
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
+        check_run_key(run_key)
         space = self._items.get(run_key, {})
         return sum(1 for key in keys if space.pop(key, None) is not None)
 

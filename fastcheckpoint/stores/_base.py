@@ -14,6 +14,11 @@ status transitions, serialization). A store persists opaque bytes it is handed a
 Addressing. Runs are addressed by ``run_key``: a short string of ``[a-z2-7]`` that the manager
 derives from the run id (a hash, so hostile or 1 KB run ids never reach a path or key). The
 real ``run_id`` travels inside the records. A checkpoint lives at ``(run_key, sequence)``.
+A run key is 1-64 characters of ``[a-z2-7]`` (the manager's are 24): every method that takes
+one raises :class:`ValidationError` for anything else (a run id, ``""``, a key with ``/``, a
+non-``str``) and changes nothing; :func:`check_run_key` is that check. A store never answers
+such a value as if it named a run it does not hold (``None``, ``0``, ``[]``: that would hide a
+caller passing run ids) and never builds a path or key from it.
 
 Time. Every method that must decide whether something has expired takes ``now`` (epoch
 seconds, from the manager's clock). A record with ``expires_at <= now`` is absent for every
@@ -27,6 +32,7 @@ from __future__ import annotations
 import bisect
 import difflib
 import math
+import re
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Protocol, TypeGuard, runtime_checkable
@@ -58,9 +64,11 @@ __all__ = [
     "check_keep_latest",
     "check_labels",
     "check_options",
+    "check_run_key",
     "check_shared_items",
     "header_of",
     "is_live",
+    "is_run_key",
     "item_key_bytes",
     "key_successor",
     "latest_expiry",
@@ -138,6 +146,29 @@ MAX_LABEL_BYTES = 256
 
 EMPTY_RUN = 0.0
 """``RunRecord.expires_at`` of a run whose last checkpoint was removed: expired since 1970."""
+
+
+_RUN_KEY = re.compile(r"[a-z2-7]{1,64}")
+
+
+def is_run_key(value: object) -> bool:
+    """Whether ``value`` is a run key: a ``str`` of 1-64 characters of ``[a-z2-7]``. For
+    reading back what a store wrote (a listing, a cursor); a method given a run key calls
+    :func:`check_run_key`."""
+    return isinstance(value, str) and _RUN_KEY.fullmatch(value) is not None
+
+
+def check_run_key(run_key: object) -> str:
+    """``run_key``, or :class:`ValidationError` when it is not a run key (1-64 characters of
+    ``[a-z2-7]``): the one check every store method taking a run key makes before anything
+    else. A run id is refused: the manager's methods take run ids, a store's take the keys
+    it derives from them."""
+    if isinstance(run_key, str) and _RUN_KEY.fullmatch(run_key) is not None:
+        return run_key
+    shown = repr(run_key)[:80] if isinstance(run_key, str) else type(run_key).__name__
+    raise ValidationError(
+        f"not a run key: {shown} (a run key is 1-64 characters of [a-z2-7], which the manager "
+        "derives from the run id; store methods take run keys, not run ids)")
 
 
 def is_live(expires_at: float | None, now: float) -> bool:

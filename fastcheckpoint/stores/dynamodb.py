@@ -93,6 +93,7 @@ from fastcheckpoint.stores._base import (
     check_keep_latest,
     check_labels,
     check_options,
+    check_run_key,
     is_live,
     item_key_bytes,
     nested_prefix,
@@ -907,6 +908,7 @@ class DynamoDBStore(ExpiryCleanup):
         now: float,
         items: Sequence[Item] | None,
     ) -> str:
+        check_run_key(run_key)
         check_keep_latest(keep_latest)
         token = secrets.token_hex(8)
         item = self._checkpoint_item(run_key, record, token)
@@ -1670,6 +1672,7 @@ class DynamoDBStore(ExpiryCleanup):
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
+        check_run_key(run_key)
         if sequence < 0 or sequence > layout.MAX_SEQUENCE:
             return None
         run_item, item = await self._snapshot(run_key, sequence)
@@ -1755,6 +1758,7 @@ class DynamoDBStore(ExpiryCleanup):
         )
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
+        check_run_key(run_key)
         # The run item and the newest checkpoint, one Query: all a restore needs.
         found = await self._read_newest(run_key, None, now, family=False)
         if found is None:
@@ -1783,6 +1787,7 @@ class DynamoDBStore(ExpiryCleanup):
         now: float,
         include_expired: bool = False,
     ) -> tuple[list[CheckpointHeader], str | None]:
+        check_run_key(run_key)
         pk = layout.partition(run_key)
         top = None if before is None or before > layout.MAX_SEQUENCE else before
         if top is not None and top <= 0:
@@ -1883,6 +1888,7 @@ class DynamoDBStore(ExpiryCleanup):
     # -- checkpoint log: removal ------------------------------------------------------------
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
+        check_run_key(run_key)
         parsed = _ids.parse_checkpoint_id(checkpoint_id)
         if parsed is None or parsed[0] != run_key or parsed[2] != sequence:
             return False
@@ -1968,6 +1974,7 @@ class DynamoDBStore(ExpiryCleanup):
         return [held for held in found if held is not None]
 
     async def delete_run(self, run_key: str) -> int:
+        check_run_key(run_key)
         # Many requests: a cancellation waits for them all (settled), so a cancelled call
         # leaves the run whole or gone, never partly deleted; a crash midway leaves it
         # visible, and delete_run again finishes it.
@@ -2029,6 +2036,7 @@ class DynamoDBStore(ExpiryCleanup):
     # -- runs -----------------------------------------------------------------------------
 
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
+        check_run_key(run_key)
         state = await self._read_state(run_key)
         return state.record if state is not None and state.live(now) else None
 
@@ -2042,6 +2050,7 @@ class DynamoDBStore(ExpiryCleanup):
         data: bytes,
         now: float,
     ) -> RunRecord:
+        check_run_key(run_key)
         if not isinstance(status, str) or not status or "#" in status:
             raise ValidationError(f"run status must be a non-empty string without '#': {status!r}")
         names = _Names()
@@ -2179,6 +2188,7 @@ class DynamoDBStore(ExpiryCleanup):
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
+        check_run_key(run_key)
         check_items(items)
         for item in items:
             _check_item(item)
@@ -2289,6 +2299,7 @@ class DynamoDBStore(ExpiryCleanup):
     async def get_items(
         self, run_key: str, keys: Sequence[str], *, now: float
     ) -> dict[str, bytes]:
+        check_run_key(run_key)
         found = await self._live_items(run_key, [key for key in dict.fromkeys(keys)
                                                  if _may_be_item_key(key)], now)
         return await self._values_of(run_key, found)
@@ -2376,6 +2387,7 @@ class DynamoDBStore(ExpiryCleanup):
         reverse: bool = False,
         now: float,
     ) -> list[tuple[str, bytes]]:
+        check_run_key(run_key)
         if limit < 1:
             return []
         low = layout.item_sk(prefix)
@@ -2416,6 +2428,7 @@ class DynamoDBStore(ExpiryCleanup):
         return list(values.items())
 
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
+        check_run_key(run_key)
         pk = layout.partition(run_key)
         self._unsure(run_key)
         unique = [key for key in dict.fromkeys(keys) if _may_be_item_key(key)]
@@ -2465,6 +2478,7 @@ class DynamoDBStore(ExpiryCleanup):
         if_absent: bool,
         now: float,
     ) -> bool:
+        check_run_key(run_key)
         check_items(items)
         for item in items:
             _check_item(item)
@@ -2572,6 +2586,7 @@ class DynamoDBStore(ExpiryCleanup):
     async def read_with_items(
         self, run_key: str, *, sequence: int | None, now: float
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        check_run_key(run_key)
         if sequence is not None and not 0 <= sequence <= layout.MAX_SEQUENCE:
             return None
         known = self._families.get(run_key)
@@ -3351,6 +3366,8 @@ class DynamoDBStore(ExpiryCleanup):
         self, *, run_key: str | None = None, now: float
     ) -> list[RunDamage]:
         if run_key is not None:
+            check_run_key(run_key)
+        if run_key is not None:
             found = await self._damage_of(run_key, await self._raw_run_item(run_key))
             return [] if found is None else [found]
         items = await self._run_items()
@@ -3450,6 +3467,7 @@ class DynamoDBStore(ExpiryCleanup):
         return [item for incarnation, item in intact if incarnation == newest]
 
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
+        check_run_key(run_key)
         run_item = await self._raw_run_item(run_key)
         if await self._damage_of(run_key, run_item) is None:
             raise ConflictError(

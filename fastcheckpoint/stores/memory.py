@@ -46,6 +46,7 @@ from fastcheckpoint.stores._base import (
     check_keep_latest,
     check_labels,
     check_options,
+    check_run_key,
     header_of,
     is_live,
     item_key_bytes,
@@ -312,6 +313,7 @@ class MemoryStore(ExpiryCleanup):
         now: float,
         items: Sequence[Item],
     ) -> str:
+        check_run_key(run_key)
         check_keep_latest(keep_latest)
         check_append(record, run, items)
         current = self._live_run(run_key, now)
@@ -395,6 +397,7 @@ class MemoryStore(ExpiryCleanup):
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
+        check_run_key(run_key)
         return self._get(run_key, sequence, now)
 
     def _get(self, run_key: str, sequence: int, now: float) -> tuple[StoredCheckpoint, str] | None:
@@ -405,6 +408,7 @@ class MemoryStore(ExpiryCleanup):
         return self._located(run_key, record), run.record.status
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
+        check_run_key(run_key)
         return self._latest(run_key, now)
 
     def _latest(self, run_key: str, now: float) -> tuple[StoredCheckpoint, str] | None:
@@ -420,6 +424,7 @@ class MemoryStore(ExpiryCleanup):
     async def read_with_items(
         self, run_key: str, *, sequence: int | None, now: float
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        check_run_key(run_key)
         if sequence is None:
             found = self._latest(run_key, now)
         else:
@@ -451,6 +456,7 @@ class MemoryStore(ExpiryCleanup):
         if_absent: bool,
         now: float,
     ) -> bool:
+        check_run_key(run_key)
         check_items(items)
         _check_owned_items(items, owner)
         run = self._live_run(run_key, now)
@@ -473,6 +479,7 @@ class MemoryStore(ExpiryCleanup):
         now: float,
         include_expired: bool = False,
     ) -> tuple[list[CheckpointHeader], str | None]:
+        check_run_key(run_key)
         run = self._runs.get(run_key) if include_expired else self._live_run(run_key, now)
         if run is None:
             return [], None
@@ -487,6 +494,7 @@ class MemoryStore(ExpiryCleanup):
         return result, run.record.status
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
+        check_run_key(run_key)
         run = self._runs.get(run_key)
         if run is None:
             return False
@@ -496,11 +504,13 @@ class MemoryStore(ExpiryCleanup):
         return self._drop_checkpoint(run_key, run, sequence)
 
     async def delete_run(self, run_key: str) -> int:
+        check_run_key(run_key)
         return self._drop_run(run_key, keep_items=False)
 
     # -- runs -----------------------------------------------------------------------------
 
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
+        check_run_key(run_key)
         run = self._live_run(run_key, now)
         return None if run is None else run.record
 
@@ -514,6 +524,7 @@ class MemoryStore(ExpiryCleanup):
         data: bytes,
         now: float,
     ) -> RunRecord:
+        check_run_key(run_key)
         run = self._live_run(run_key, now)
         if run is None:
             raise CheckpointNotFound(f"no live run with key {run_key}")
@@ -583,6 +594,7 @@ class MemoryStore(ExpiryCleanup):
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
+        check_run_key(run_key)
         check_items(items)
         space = self._space(run_key)
         if create_only:
@@ -613,6 +625,7 @@ class MemoryStore(ExpiryCleanup):
     async def get_items(
         self, run_key: str, keys: Sequence[str], *, now: float
     ) -> dict[str, bytes]:
+        check_run_key(run_key)
         space = self._items.get(run_key)
         if space is None:
             return {}
@@ -633,6 +646,7 @@ class MemoryStore(ExpiryCleanup):
         reverse: bool = False,
         now: float,
     ) -> list[tuple[str, bytes]]:
+        check_run_key(run_key)
         space = self._items.get(run_key)
         if space is None:
             return []
@@ -653,6 +667,7 @@ class MemoryStore(ExpiryCleanup):
         return result
 
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
+        check_run_key(run_key)
         space = self._items.get(run_key)
         if space is None:
             return 0
@@ -699,9 +714,12 @@ class MemoryStore(ExpiryCleanup):
     async def damaged_runs(self, *, run_key: str | None = None, now: float) -> list[RunDamage]:
         """Always ``[]``: run records live as Python objects that no write leaves half done,
         so ``CheckpointManager.repair()`` works here (and finds nothing) as on durable stores."""
+        if run_key is not None:
+            check_run_key(run_key)
         return []
 
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
+        check_run_key(run_key)
         if run_key in self._runs:
             raise ConflictError(f"the run record of run key {run_key} is not damaged")
         raise CheckpointNotFound(f"run key {run_key} holds no checkpoint to rebuild a record from")

@@ -39,7 +39,6 @@ import asyncio
 import logging
 import math
 import os
-import re
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -74,6 +73,8 @@ from fastcheckpoint.stores._base import (
     check_keep_latest,
     check_labels,
     check_options,
+    check_run_key,
+    is_run_key,
     item_key_bytes,
     unheld_refs,
 )
@@ -92,7 +93,6 @@ DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024
 1 GB; one this large already takes seconds to write and to read."""
 
 _URL_SCHEMES = {"postgresql", "postgres"}
-_RUN_KEY = re.compile(r"[a-z2-7]{1,64}")
 _MAX_BIGINT = 2**63 - 1
 _LATEST = MIGRATIONS[-1].version
 
@@ -156,14 +156,6 @@ _REMEDY = ("`fastcheckpoint doctor --repair URL` rebuilds it from the run's chec
 def _token() -> str:
     """A write token: how a store function recognises a retry of the call that carried it."""
     return os.urandom(8).hex()
-
-
-def _checked_run_key(run_key: object) -> str:
-    if not isinstance(run_key, str) or _RUN_KEY.fullmatch(run_key) is None:
-        raise ValidationError(
-            f"run key must be 1-64 characters of [a-z2-7] (the manager derives it from the run "
-            f"id), got {run_key!r:.80}")
-    return run_key
 
 
 def _bigint(value: object, what: str) -> int:
@@ -231,7 +223,7 @@ def _parse_cursor(cursor: str | None) -> tuple[float, str]:
         value = float.fromhex(created)
     except ValueError:
         value = math.nan
-    if math.isnan(value) or _RUN_KEY.fullmatch(run_key) is None:
+    if math.isnan(value) or not is_run_key(run_key):
         raise ValidationError(f"malformed run listing cursor {cursor!r:.80}")
     return value, run_key
 
@@ -555,7 +547,7 @@ class PostgresStore(ExpiryCleanup):
         now: float,
         items: Sequence[Item],
     ) -> str:
-        _checked_run_key(run_key)
+        check_run_key(run_key)
         check_keep_latest(keep_latest)
         check_append(record, run, items)
         labels = [_utf8(label, "a label") for label in run.labels]
@@ -640,7 +632,7 @@ class PostgresStore(ExpiryCleanup):
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
-        _checked_run_key(run_key)
+        check_run_key(run_key)
         if isinstance(sequence, bool) or not isinstance(sequence, int) or not (
             0 <= sequence <= _MAX_BIGINT
         ):
@@ -650,7 +642,7 @@ class PostgresStore(ExpiryCleanup):
                                          self._status(run_key, row[7]))
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
-        row = await self._row("latest", self._sql.latest, _checked_run_key(run_key), now)
+        row = await self._row("latest", self._sql.latest, check_run_key(run_key), now)
         return None if row is None else (self._checkpoint(run_key, row),
                                          self._status(run_key, row[7]))
 
@@ -667,7 +659,7 @@ class PostgresStore(ExpiryCleanup):
     async def read_with_items(
         self, run_key: str, *, sequence: int | None, now: float
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
-        _checked_run_key(run_key)
+        check_run_key(run_key)
         if sequence is not None and (
             isinstance(sequence, bool) or not isinstance(sequence, int)
             or not 0 <= sequence <= _MAX_BIGINT
@@ -691,7 +683,7 @@ class PostgresStore(ExpiryCleanup):
         now: float,
         include_expired: bool = False,
     ) -> tuple[list[CheckpointHeader], str | None]:
-        _checked_run_key(run_key)
+        check_run_key(run_key)
         upper = _MAX_BIGINT if before is None else max(
             min(check_int("before", before), _MAX_BIGINT), -1)
         rows = await self._fetch("headers", self._sql.headers, run_key, upper,
@@ -706,7 +698,7 @@ class PostgresStore(ExpiryCleanup):
         return found, self._status(run_key, rows[0][0])
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
-        _checked_run_key(run_key)
+        check_run_key(run_key)
         if isinstance(sequence, bool) or not isinstance(sequence, int) or not (
             0 <= sequence <= _MAX_BIGINT
         ) or not isinstance(checkpoint_id, str) or "\x00" in checkpoint_id:
@@ -717,13 +709,13 @@ class PostgresStore(ExpiryCleanup):
 
     async def delete_run(self, run_key: str) -> int:
         removed = await self._value("delete_run", self._sql.delete_run,
-                                    _checked_run_key(run_key), _token())
+                                    check_run_key(run_key), _token())
         return int(removed)
 
     # -- runs ------------------------------------------------------------------------------
 
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
-        row = await self._row("get_run", self._sql.get_run, _checked_run_key(run_key), now)
+        row = await self._row("get_run", self._sql.get_run, check_run_key(run_key), now)
         if row is None:
             return None
         if row[12] is not None:
@@ -743,7 +735,7 @@ class PostgresStore(ExpiryCleanup):
         now: float,
     ) -> RunRecord:
         row = await self._row(
-            "update_run", self._sql.update_run, _checked_run_key(run_key),
+            "update_run", self._sql.update_run, check_run_key(run_key),
             _text_arg(incarnation, "incarnation"), _bigint(version, "version"),
             _text_arg(status, "status"), data, now, _token())
         assert row is not None
@@ -810,7 +802,7 @@ class PostgresStore(ExpiryCleanup):
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
         check_items(items)
-        _checked_run_key(run_key)
+        check_run_key(run_key)
         keys, values, owners, expiries = self._item_columns(items, first_wins=False)
         if not keys:
             return
@@ -836,7 +828,7 @@ class PostgresStore(ExpiryCleanup):
         now: float,
     ) -> bool:
         check_items(items)
-        _checked_run_key(run_key)
+        check_run_key(run_key)
         _bigint(owner, "owner")
         for item in items:
             if isinstance(item, Item) and item.owner != owner:
@@ -852,7 +844,7 @@ class PostgresStore(ExpiryCleanup):
     async def get_items(
         self, run_key: str, keys: Sequence[str], *, now: float
     ) -> dict[str, bytes]:
-        _checked_run_key(run_key)
+        check_run_key(run_key)
         wanted = sorted({_key_bytes(key) for key in keys})
         if not wanted:
             return {}
@@ -869,7 +861,7 @@ class PostgresStore(ExpiryCleanup):
         reverse: bool = False,
         now: float,
     ) -> list[tuple[str, bytes]]:
-        _checked_run_key(run_key)
+        check_run_key(run_key)
         size = _page_size(limit)
         low, high = _scan_bounds(prefix, start_after, bool(reverse))
         if size == 0 or low >= high:
@@ -890,7 +882,7 @@ class PostgresStore(ExpiryCleanup):
             size += len(rows) - len(found)
 
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
-        _checked_run_key(run_key)
+        check_run_key(run_key)
         wanted = sorted({_key_bytes(key) for key in keys})
         if not wanted:
             return 0
@@ -913,7 +905,7 @@ class PostgresStore(ExpiryCleanup):
         of the store, in pages of 500 (one call each, reading the checkpoint table's rows but
         never a payload): an operator's tool, not for hot paths."""
         if run_key is not None:
-            _checked_run_key(run_key)
+            check_run_key(run_key)
         found: list[RunDamage] = []
         after = ""
         while True:
@@ -937,7 +929,7 @@ class PostgresStore(ExpiryCleanup):
         :class:`SupportsRepair`): incarnation, latest sequence, counts, expiry and creation
         time from the checkpoints in place; labels from the seed, else the run's label rows;
         shared-item reference counts recounted; run id, status and data from ``seed``."""
-        _checked_run_key(run_key)
+        check_run_key(run_key)
         if not isinstance(seed, RunRecord):
             raise ValidationError(f"seed must be a RunRecord, got {type(seed).__name__}")
         labels = [_utf8(label, "a label") for label in check_labels(seed.labels)]

@@ -110,6 +110,8 @@ from fastcheckpoint.stores._base import (
     check_keep_latest,
     check_labels,
     check_options,
+    check_run_key,
+    is_run_key,
     item_key_bytes,
     unheld_refs,
 )
@@ -148,7 +150,6 @@ _DRIVER_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException, R
 # Run scripts of the cleanup loop (see RedisStore._complete_index).
 _MAINTENANCE = frozenset({"purge_run", "reindex"})
 
-_RUN_KEY = re.compile(r"[a-z2-7]{1,64}")
 # The fixed keys of a run, in the order the scripts take them (KEYS[1..10]).
 _RUN_KEYS = ("run", "seq", "exp", "due", "ik", "iv", "io", "ie", "ir", "cr")
 _MEMBER = re.compile(rb"([0-9a-f]{16})([a-z2-7]{1,64})\.([a-z2-7]{1,64})")
@@ -430,13 +431,13 @@ class RedisStore(ExpiryCleanup):
 
     # -- plumbing --------------------------------------------------------------------------
 
+    def _base(self, run_key: str) -> str:
+        """The key base of a run whose key ``_run_keys`` checked (for replies and messages:
+        one check per call)."""
+        return f"{self._ns}{{{run_key}}}:"
+
     def _run_keys(self, run_key: str) -> tuple[list[str], str]:
-        if not isinstance(run_key, str) or _RUN_KEY.fullmatch(run_key) is None:
-            raise ValidationError(
-                f"run key must be 1-64 characters of [a-z2-7] (the manager derives it from "
-                f"the run id), got {run_key!r}"
-            )
-        base = f"{self._ns}{{{run_key}}}:"
+        base = self._base(check_run_key(run_key))
         return [base + name for name in _RUN_KEYS], base
 
     async def _run(
@@ -625,18 +626,18 @@ class RedisStore(ExpiryCleanup):
         return CorruptCheckpointError(
             f"the run record {_text(problem)}; the run's checkpoints are still readable, and "
             "CheckpointManager.repair(run_id) (fastcheckpoint doctor --repair) rebuilds the "
-            "record from them", key=self._run_keys(run_key)[0][0])
+            "record from them", key=self._base(run_key) + "run")
 
     def _warn_damaged(self, run_key: str, problem: Any) -> None:
         if problem:
             _log.warning("run record %s %s; reporting its checkpoints with status 'active' "
-                         "until it is repaired", self._run_keys(run_key)[0][0], _text(problem))
+                         "until it is repaired", self._base(run_key) + "run", _text(problem))
 
     def _checkpoint(self, run_key: str, fields: Sequence[Any]) -> tuple[StoredCheckpoint, str]:
         """``fields`` = status, sequence, id, created, expires, header, payload, stored
         sequence, problem of the run record, refs (the scripts' checkpoint_reply())."""
         self._warn_damaged(run_key, fields[8])
-        _, base = self._run_keys(run_key)
+        base = self._base(run_key)
         key = f"{base}c:{_text(fields[1])}"
         _check_stored_sequence(fields[1], fields[7], key)
         try:
@@ -672,7 +673,7 @@ class RedisStore(ExpiryCleanup):
     def _run_record(self, run_key: str, fields: Sequence[Any]) -> RunRecord:
         """``fields`` = rid inc st ct ut latest exp v d count labels (the scripts'
         run_fields())."""
-        key = self._run_keys(run_key)[0][0]
+        key = self._base(run_key) + "run"
         try:
             return RunRecord(
                 run_id=_text(fields[0]),
@@ -813,7 +814,7 @@ class RedisStore(ExpiryCleanup):
         if reply[0] != 1:
             return [], None
         self._warn_damaged(run_key, reply[2])
-        _, base = self._run_keys(run_key)
+        base = self._base(run_key)
         found: list[CheckpointHeader] = []
         for index in range(3, len(reply), 6):
             try:
@@ -1062,6 +1063,7 @@ class RedisStore(ExpiryCleanup):
                 _expiry_arg(item.expires_at),
             ]
         if not items:
+            check_run_key(run_key)  # what _run checks on every other path
             return
         reply = await self._run("put_items", run_key, now, args)
         if reply[0] == b"conflict":
@@ -1101,6 +1103,7 @@ class RedisStore(ExpiryCleanup):
         self, run_key: str, keys: Sequence[str], *, now: float
     ) -> dict[str, bytes]:
         if not keys:
+            check_run_key(run_key)
             return {}
         reply = await self._run("get_items", run_key, now, list(keys))
         found: dict[str, bytes] = {}
@@ -1120,6 +1123,7 @@ class RedisStore(ExpiryCleanup):
         now: float,
     ) -> list[tuple[str, bytes]]:
         if limit < 1:
+            check_run_key(run_key)
             return []
         # Redis orders members by bytes; UTF-8 byte order is code point order.
         low_key, after = prefix.encode(), None if start_after is None else start_after.encode()
@@ -1139,6 +1143,7 @@ class RedisStore(ExpiryCleanup):
 
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
         if not keys:
+            check_run_key(run_key)
             return 0
         reply = await self._run("delete_items", run_key, None, [_token(), *keys])
         return int(reply[0])
@@ -1324,7 +1329,7 @@ def _parse_member(member: bytes) -> str | None:
 def _run_key_of(member: bytes) -> str | None:
     if member.startswith(b"~"):
         run_key = member[1:].decode("ascii", "replace")
-        return run_key if _RUN_KEY.fullmatch(run_key) else None
+        return run_key if is_run_key(run_key) else None
     match = _MEMBER.fullmatch(member)
     return None if match is None else match[2].decode()
 

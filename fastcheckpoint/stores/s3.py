@@ -96,6 +96,7 @@ from fastcheckpoint.stores._base import (
     check_keep_latest,
     check_labels,
     check_options,
+    check_run_key,
     is_live,
     latest_expiry,
     nesting_under,
@@ -912,6 +913,7 @@ class S3Store(ExpiryCleanup):
         now: float,
         items: Sequence[Item],
     ) -> str:
+        check_run_key(run_key)
         check_keep_latest(keep_latest)
         check_append(record, run, items)
         shared, owned = _appended_items(record, items)
@@ -1692,6 +1694,7 @@ class S3Store(ExpiryCleanup):
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
+        check_run_key(run_key)
         if not layout.valid_sequence(sequence):
             return None
         io = await self._objects()
@@ -1727,6 +1730,7 @@ class S3Store(ExpiryCleanup):
         return self._accept(io, run_key, sequence, found, state[0], now)
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
+        check_run_key(run_key)
         io = await self._objects()
         found = await self._latest(io, run_key, now, first=_page_for(2))
         return None if found is None else found[:2]
@@ -1814,6 +1818,7 @@ class S3Store(ExpiryCleanup):
     async def read_with_items(
         self, run_key: str, *, sequence: int | None, now: float
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        check_run_key(run_key)
         io = await self._objects()
         if sequence is None:
             latest = await self._latest(io, run_key, now, first=_READ_PAGE)
@@ -1908,6 +1913,7 @@ class S3Store(ExpiryCleanup):
         if_absent: bool,
         now: float,
     ) -> bool:
+        check_run_key(run_key)
         check_items(items)
         given = _owned_batch(items, owner, if_absent)
         if not layout.valid_sequence(owner):
@@ -1991,6 +1997,7 @@ class S3Store(ExpiryCleanup):
         now: float,
         include_expired: bool = False,
     ) -> tuple[list[CheckpointHeader], str | None]:
+        check_run_key(run_key)
         io = await self._objects()
         if before is not None and before >= layout.SEQUENCE_SPAN:
             before = None
@@ -2072,6 +2079,7 @@ class S3Store(ExpiryCleanup):
         )
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
+        check_run_key(run_key)
         if not layout.valid_sequence(sequence):
             return False
         io = await self._objects()
@@ -2140,6 +2148,7 @@ class S3Store(ExpiryCleanup):
         return found[1] if slot.tombstone and slot.token == token else None
 
     async def delete_run(self, run_key: str) -> int:
+        check_run_key(run_key)
         io = await self._objects()
         current = await self._load(io, run_key)
         items = await io.list(layout.items_prefix(run_key))
@@ -2167,6 +2176,7 @@ class S3Store(ExpiryCleanup):
     # -- runs ---------------------------------------------------------------------------------
 
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
+        check_run_key(run_key)
         io = await self._objects()
         current = await self._load(io, run_key)
         if current.damage is not None:
@@ -2184,6 +2194,7 @@ class S3Store(ExpiryCleanup):
         data: bytes,
         now: float,
     ) -> RunRecord:
+        check_run_key(run_key)
         layout.check_status(status)
         io = await self._objects()
         current = await self._load(io, run_key)
@@ -2353,6 +2364,8 @@ class S3Store(ExpiryCleanup):
     async def damaged_runs(
         self, *, run_key: str | None = None, now: float
     ) -> list[RunDamage]:
+        if run_key is not None:
+            check_run_key(run_key)
         io = await self._objects()
         if run_key is not None:
             groups = [(run_key, await io.list(layout.run_prefix(run_key)))]
@@ -2382,6 +2395,7 @@ class S3Store(ExpiryCleanup):
         )
 
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
+        check_run_key(run_key)
         status = layout.check_status(seed.status)
         labels = check_labels(seed.labels)
         io = await self._objects()
@@ -2421,6 +2435,7 @@ class S3Store(ExpiryCleanup):
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
+        check_run_key(run_key)
         check_items(items)
         latest: dict[str, Item] = {}
         for item in items:
@@ -2514,6 +2529,7 @@ class S3Store(ExpiryCleanup):
     async def get_items(
         self, run_key: str, keys: Sequence[str], *, now: float
     ) -> dict[str, bytes]:
+        check_run_key(run_key)
         wanted = list(dict.fromkeys(keys))
         if not wanted:
             return {}
@@ -2545,6 +2561,7 @@ class S3Store(ExpiryCleanup):
         reverse: bool = False,
         now: float,
     ) -> list[tuple[str, bytes]]:
+        check_run_key(run_key)
         if limit <= 0:
             return []
         io = await self._objects()
@@ -2577,6 +2594,7 @@ class S3Store(ExpiryCleanup):
         return result
 
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
+        check_run_key(run_key)
         wanted = list({layout.hex_item_key(key): None for key in keys})
         if not wanted:
             return 0

@@ -36,7 +36,6 @@ import functools
 import logging
 import math
 import os
-import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -75,10 +74,12 @@ from fastcheckpoint.stores._base import (
     check_items,
     check_keep_latest,
     check_options,
+    check_run_key,
     check_seed,
     check_text,
     check_time,
     is_live,
+    is_run_key,
     item_key_bytes,
     latest_expiry,
     refs_to_find,
@@ -93,7 +94,6 @@ logger = logging.getLogger("fastcheckpoint.stores.sqlite")
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
-_RUN_KEY = re.compile(r"[a-z2-7]{24}")
 _SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
 _OPTIONS = ("synchronous", "timeout")
 _DEFAULT_TIMEOUT = 5.0
@@ -178,18 +178,12 @@ def _is_sequence(value: object) -> TypeGuard[int]:
 # -- validation -------------------------------------------------------------------------------
 
 
-def _check_run_key(run_key: object) -> str:
-    if not isinstance(run_key, str) or not _RUN_KEY.fullmatch(run_key):
-        raise ValidationError(f"not a run key (24 characters of [a-z2-7]): {run_key!r:.80}")
-    return run_key
-
-
 def _check_append(
     run_key: str, record: StoredCheckpoint, seed: RunRecord, keep_latest: int | None,
     now: float, items: Sequence[Item] = (),
 ) -> None:
     """What an append is given, checked before anything is written."""
-    _check_run_key(run_key)
+    check_run_key(run_key)
     check_append(record, seed, items)
     if keep_latest is not None and not _is_sequence(keep_latest):
         raise ValidationError(f"keep_latest must be an int or None, got {keep_latest!r:.40}")
@@ -244,7 +238,7 @@ def _parse_cursor(cursor: str | None) -> tuple[float, str]:
     if isinstance(cursor, str):
         created, _, run_key = cursor.rpartition("/")
         with contextlib.suppress(ValueError):
-            if _RUN_KEY.fullmatch(run_key) and math.isfinite(float(created)):
+            if is_run_key(run_key) and math.isfinite(float(created)):
                 return float(created), run_key
     raise ValidationError(f"malformed run listing cursor {cursor!r:.80}")
 
@@ -821,7 +815,7 @@ class SQLiteStore(ExpiryCleanup):
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
-        _check_run_key(run_key)
+        check_run_key(run_key)
         check_time("now", now)
         if not _is_sequence(sequence):
             return None
@@ -833,7 +827,7 @@ class SQLiteStore(ExpiryCleanup):
         return self._found(run_key, row, now)
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
-        _check_run_key(run_key)
+        check_run_key(run_key)
         check_time("now", now)
         return await self._call(self._latest, run_key, now)
 
@@ -885,7 +879,7 @@ class SQLiteStore(ExpiryCleanup):
         now: float,
         include_expired: bool = False,
     ) -> tuple[list[CheckpointHeader], str | None]:
-        _check_run_key(run_key)
+        check_run_key(run_key)
         check_time("now", now)
         end = steps.INT64 if before is None else max(-1, check_int("before", before))
         limit = _check_limit(limit)
@@ -940,7 +934,7 @@ class SQLiteStore(ExpiryCleanup):
         return True
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
-        _check_run_key(run_key)
+        check_run_key(run_key)
         if not _is_sequence(sequence):
             return False
         return await self._call(self._delete, run_key, sequence, checkpoint_id)
@@ -963,7 +957,7 @@ class SQLiteStore(ExpiryCleanup):
             return True
 
     async def delete_run(self, run_key: str) -> int:
-        _check_run_key(run_key)
+        check_run_key(run_key)
         return await self._call(self._delete_run, run_key)
 
     def _delete_run(self, run_key: str) -> int:
@@ -973,7 +967,7 @@ class SQLiteStore(ExpiryCleanup):
     # -- runs ---------------------------------------------------------------------------------
 
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
-        _check_run_key(run_key)
+        check_run_key(run_key)
         check_time("now", now)
         return await self._call(self._get_run, run_key, now)
 
@@ -1001,7 +995,7 @@ class SQLiteStore(ExpiryCleanup):
         data: bytes,
         now: float,
     ) -> RunRecord:
-        _check_run_key(run_key)
+        check_run_key(run_key)
         check_text("status", status)
         check_bytes("data", data)
         check_time("now", now)
@@ -1101,7 +1095,7 @@ class SQLiteStore(ExpiryCleanup):
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
-        _check_run_key(run_key)
+        check_run_key(run_key)
         check_items(items)
         check_time("now", now)
         if items:
@@ -1129,7 +1123,7 @@ class SQLiteStore(ExpiryCleanup):
         if_absent: bool,
         now: float,
     ) -> bool:
-        _check_run_key(run_key)
+        check_run_key(run_key)
         check_int("owner", owner)
         check_time("now", now)
         check_items(items)
@@ -1163,7 +1157,7 @@ class SQLiteStore(ExpiryCleanup):
     async def get_items(
         self, run_key: str, keys: Sequence[str], *, now: float
     ) -> dict[str, bytes]:
-        _check_run_key(run_key)
+        check_run_key(run_key)
         wanted = _check_keys(keys)
         check_time("now", now)
         if not wanted:
@@ -1177,7 +1171,7 @@ class SQLiteStore(ExpiryCleanup):
     async def read_with_items(
         self, run_key: str, *, sequence: int | None, now: float
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
-        _check_run_key(run_key)
+        check_run_key(run_key)
         check_time("now", now)
         if sequence is not None and not _is_sequence(sequence):
             return None
@@ -1209,7 +1203,7 @@ class SQLiteStore(ExpiryCleanup):
         reverse: bool = False,
         now: float,
     ) -> list[tuple[str, bytes]]:
-        _check_run_key(run_key)
+        check_run_key(run_key)
         if not isinstance(prefix, str) or (start_after is not None and not isinstance(
                 start_after, str)):
             raise ValidationError("prefix and start_after must be str")
@@ -1262,7 +1256,7 @@ class SQLiteStore(ExpiryCleanup):
         return found
 
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
-        _check_run_key(run_key)
+        check_run_key(run_key)
         doomed = _check_keys(keys)
         if not doomed:
             return 0
@@ -1340,7 +1334,7 @@ class SQLiteStore(ExpiryCleanup):
         ``run_key`` this visits every run key of the checkpoint table (a few primary-key probes
         each, and a count of the checkpoints of a damaged one)."""
         if run_key is not None:
-            _check_run_key(run_key)
+            check_run_key(run_key)
         check_time("now", now)
         return await self._call(self._damaged_runs, run_key)
 
@@ -1376,7 +1370,7 @@ class SQLiteStore(ExpiryCleanup):
         )
 
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
-        _check_run_key(run_key)
+        check_run_key(run_key)
         check_time("now", now)
         if not isinstance(seed, RunRecord):
             raise ValidationError(f"seed must be a RunRecord, got {type(seed).__name__}")

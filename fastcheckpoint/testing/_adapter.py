@@ -8,6 +8,7 @@ A backend's test class subclasses the mixin of each capability it offers, with t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import ClassVar
@@ -38,7 +39,13 @@ from fastcheckpoint.testing._builders import (
     make_run,
     without_key,
 )
-from fastcheckpoint.testing._contract import ContractBase, _append, _delete, _sequences
+from fastcheckpoint.testing._contract import (
+    ContractBase,
+    _append,
+    _delete,
+    _refuses_not_run_keys,
+    _sequences,
+)
 
 __all__ = ["LabelsContract", "NestedItemsContract", "SharedItemsContract"]
 
@@ -566,6 +573,24 @@ class SharedItemsContract(ContractBase):
         found = await _read(store, run, 1)
         assert found is not None
         assert found[2] == {"b/a": b"value-b/a"}
+
+    async def test_shared_item_calls_refuse_what_is_not_a_run_key(
+        self, store: CheckpointStore
+    ) -> None:
+        assert isinstance(store, SupportsSharedItems)
+        seed, new = make_run("addressed"), make_run("never-created")
+        await _append_items(store, seed, 0, refs=["shared"],
+                             items=[make_item("shared"), make_item("mine", owner=0)])
+
+        await _refuses_not_run_keys(store, seed, lambda value: store.append_with_items(
+            value, make_checkpoint(new, 0), run=new, keep_latest=None, now=T0,
+            items=[make_item("new")]))
+        for sequence in (None, 0):
+            await _refuses_not_run_keys(
+                store, seed, functools.partial(store.read_with_items, sequence=sequence, now=T0))
+        await _refuses_not_run_keys(store, seed, lambda value: store.put_owned_items(
+            value, [make_item("owned", owner=0)], owner=0,
+            checkpoint_id=checkpoint_id_of(seed, 0), if_absent=False, now=T0))
 
 
 async def _nested(store: CheckpointStore, run: RunRecord, anchor: str, *, now: float = T0

@@ -30,6 +30,7 @@ from fastcheckpoint.testing._contract import (
     _append,
     _append_many,
     _expected_run,
+    _refuses_not_run_keys,
     _sequences,
     _snapshot,
     _update,
@@ -484,6 +485,15 @@ class AppendContract(ContractBase):
         assert second_run is not None
         assert (second_run.latest_sequence, second_run.checkpoint_count) == (1, 1)
 
+    async def test_append_refuses_what_is_not_a_run_key(self, store: CheckpointStore) -> None:
+        seed, new = make_run("addressed"), make_run("never-created")
+        await _append_many(store, seed, range(2))
+
+        await _refuses_not_run_keys(store, seed, lambda value: store.append(
+            value, make_checkpoint(new, 0), run=new, keep_latest=None, now=T0))
+        await _refuses_not_run_keys(store, seed, lambda value: store.append(
+            value, make_checkpoint(seed, 2), run=seed, keep_latest=1, now=T0))
+
 
 
 class AppendNextContract(ContractBase):
@@ -584,6 +594,22 @@ class AppendNextContract(ContractBase):
                 key_of(run), make_checkpoint(run, 0), run=run, keep_latest=None, now=T0,
                 renumber=elsewhere)
         assert await _snapshot(store, run, now=T0) == before
+
+    async def test_append_next_refuses_what_is_not_a_run_key(
+        self, store: CheckpointStore
+    ) -> None:
+        assert isinstance(store, SupportsAppendNext)
+        seed, new = make_run("addressed"), make_run("never-created")
+        await _append_many(store, seed, range(2))
+        calls: list[int] = []
+
+        await _refuses_not_run_keys(store, seed, lambda value: store.append_next(
+            value, make_checkpoint(new, 0), run=new, keep_latest=None, now=T0,
+            renumber=self._renumber(new, calls)))
+        await _refuses_not_run_keys(store, seed, lambda value: store.append_next(
+            value, make_checkpoint(seed, 1), run=seed, keep_latest=None, now=T0,
+            renumber=self._renumber(seed, calls)))
+        assert calls == []
 
     async def test_concurrent_writers_all_land_once_in_order(
         self, store: CheckpointStore

@@ -19,6 +19,7 @@ import anyio
 import msgspec
 import pytest
 
+from fastcheckpoint.errors import ValidationError
 from fastcheckpoint.stores._base import (
     CheckpointHeader,
     CheckpointStore,
@@ -116,6 +117,45 @@ async def _snapshot(store: CheckpointStore, run: RunRecord, *, now: float) -> _S
         await store.latest(key, now=now),
         await store.scan_items(key, limit=10_000, now=now),
     )
+
+
+def _not_run_keys(key: str) -> list[Any]:
+    """Values that are not run keys: a run id, keys with ``/``, empty, too long, other
+    characters, values that are not ``str``; several are made from the live run's ``key``,
+    so a store that built paths or prefixes from them would reach that run's records."""
+    return [
+        "run-abc123", "abc/c/0000", f"{key}/c/0000", f"{key}/", f"../{key}", "", "a" * 65,
+        key.upper(), f"{key}\n", f" {key}", None, 42, key.encode(),
+    ]
+
+
+async def _refuses_not_run_keys(
+    store: CheckpointStore,
+    seed: RunRecord,
+    call: Callable[[Any], Awaitable[object]],
+    *,
+    values: Sequence[Any] | None = None,
+) -> None:
+    """``await call(value)`` raises ``ValidationError`` for every value that is not a run key
+    (:func:`_not_run_keys` of ``seed``'s key, unless ``values`` are given), and nothing
+    changes: ``seed``'s run, the run listing and the count read as before."""
+    async def everything() -> tuple[object, ...]:
+        return (
+            await _snapshot(store, seed, now=T0),
+            await store.list_runs(status=None, limit=100, cursor=None, now=T0),
+            await store.count_runs(status=None, now=T0),
+        )
+
+    values = _not_run_keys(key_of(seed)) if values is None else values
+    before = await everything()
+    refused: list[Any] = []
+    for value in values:
+        try:
+            await call(value)
+        except ValidationError:
+            refused.append(value)
+    assert refused == list(values)  # what is missing was taken as a run key
+    assert await everything() == before
 
 
 def _expected_run(

@@ -20,6 +20,7 @@ from fastcheckpoint.testing._contract import (
     _append_many,
     _delete,
     _expected_run,
+    _refuses_not_run_keys,
     _sequences,
     _snapshot,
 )
@@ -329,3 +330,15 @@ class DeleteContract(ContractBase):
         assert await listed(T0 + 29) == (both, 2)
         assert await listed(T0 + 30) == (["lowered-by-delete"], 1)
 
+    async def test_delete_and_delete_run_refuse_what_is_not_a_run_key(
+        self, store: CheckpointStore
+    ) -> None:
+        """A run id given for a run key (FastAgentic code calls ``store.delete_run(run_id)``)
+        is an error, never a silent 0."""
+        seed = make_run("addressed")
+        await _append_many(store, seed, range(2))
+        await store.put_items(key_of(seed), [make_item("k")], now=T0)
+
+        await _refuses_not_run_keys(store, seed, lambda value: store.delete(
+            value, 0, checkpoint_id=checkpoint_id_of(seed, 0)))
+        await _refuses_not_run_keys(store, seed, store.delete_run)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -9,7 +10,12 @@ import pytest
 from fastcheckpoint.errors import ConflictError, ValidationError
 from fastcheckpoint.stores._base import CheckpointStore, Item
 from fastcheckpoint.testing._builders import T0, key_of, make_item, make_run
-from fastcheckpoint.testing._contract import ContractBase, _append, _append_many
+from fastcheckpoint.testing._contract import (
+    ContractBase,
+    _append,
+    _append_many,
+    _refuses_not_run_keys,
+)
 
 __all__ = ["ItemsContract"]
 
@@ -264,3 +270,23 @@ class ItemsContract(ContractBase):
         assert await store.get_items(key_of(first), ["k"], now=T0) == {}
         assert await store.scan_items(key_of(second), now=T0) == [("k", b"second")]
 
+    async def test_items_refuse_what_is_not_a_run_key(self, store: CheckpointStore) -> None:
+        """Also with nothing to write, read or delete: the key is checked first."""
+        seed = make_run("addressed")
+        await _append(store, seed, 0)
+        await store.put_items(key_of(seed), [make_item("k"), make_item("k/nested")], now=T0)
+
+        for items in ([make_item("k", b"other")], []):
+            for create_only in (False, True):
+                await _refuses_not_run_keys(store, seed, functools.partial(
+                    store.put_items, items=items, create_only=create_only, now=T0))
+        for keys in (["k"], []):
+            await _refuses_not_run_keys(
+                store, seed, functools.partial(store.get_items, keys=keys, now=T0))
+            await _refuses_not_run_keys(
+                store, seed, functools.partial(store.delete_items, keys=keys))
+        for limit in (100, 0):
+            await _refuses_not_run_keys(
+                store, seed, functools.partial(store.scan_items, limit=limit, now=T0))
+        await _refuses_not_run_keys(store, seed, lambda value: store.scan_items(
+            value, prefix="k/", start_after="k", limit=5, reverse=True, now=T0))

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import random
 
 from fastcheckpoint.stores._base import CheckpointStore, StoredCheckpoint
 from fastcheckpoint.testing._builders import T0, header_of, key_of, make_item, make_run, without_key
-from fastcheckpoint.testing._contract import ContractBase, _append, _append_many, _update
+from fastcheckpoint.testing._contract import (
+    ContractBase,
+    _append,
+    _append_many,
+    _refuses_not_run_keys,
+    _update,
+)
 
 __all__ = ["ReadContract"]
 
@@ -212,3 +219,12 @@ class ReadContract(ContractBase):
             "binary": every_byte,
         }
 
+    async def test_reads_refuse_what_is_not_a_run_key(self, store: CheckpointStore) -> None:
+        seed = make_run("addressed")
+        await _append_many(store, seed, range(2))
+
+        await _refuses_not_run_keys(store, seed, lambda value: store.get(value, 0, now=T0))
+        await _refuses_not_run_keys(store, seed, lambda value: store.latest(value, now=T0))
+        for limit, include_expired in ((10, False), (10, True), (0, False)):
+            await _refuses_not_run_keys(store, seed, functools.partial(
+                store.headers, before=None, limit=limit, now=T0, include_expired=include_expired))

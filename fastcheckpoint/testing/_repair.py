@@ -17,7 +17,14 @@ import pytest
 from fastcheckpoint.errors import CheckpointNotFound, ConflictError, CorruptCheckpointError
 from fastcheckpoint.stores._base import CheckpointStore, RunRecord, SupportsRepair
 from fastcheckpoint.testing._builders import T0, checkpoint_id_of, key_of, make_checkpoint, make_run
-from fastcheckpoint.testing._contract import ContractBase, _append, _append_many, _sequences
+from fastcheckpoint.testing._contract import (
+    ContractBase,
+    _append,
+    _append_many,
+    _not_run_keys,
+    _refuses_not_run_keys,
+    _sequences,
+)
 
 __all__ = ["DamageRunRecord", "RepairContract"]
 
@@ -229,3 +236,15 @@ class RepairContract(ContractBase):
         assert await store.damaged_runs(run_key=key, now=T0) == []
         await _append(store, make_run("deleted"), 0)
         assert await store.latest(key, now=T0) is not None
+
+    async def test_repair_refuses_what_is_not_a_run_key(self, store: CheckpointStore) -> None:
+        """``run_key=None`` asks for every run; any other value must be a run key."""
+        assert isinstance(store, SupportsRepair)
+        seed = make_run("addressed")
+        await _append_many(store, seed, range(2))
+        values = [value for value in _not_run_keys(key_of(seed)) if value is not None]
+
+        await _refuses_not_run_keys(store, seed, lambda value: store.damaged_runs(
+            run_key=value, now=T0), values=values)
+        await _refuses_not_run_keys(store, seed, lambda value: store.rebuild_run(
+            value, _seed_for(seed), now=_LATER))

@@ -8,7 +8,14 @@ import pytest
 from fastcheckpoint.errors import CheckpointNotFound, ConflictError
 from fastcheckpoint.stores._base import CheckpointStore
 from fastcheckpoint.testing._builders import T0, key_of, make_run
-from fastcheckpoint.testing._contract import ContractBase, _append, _append_many, _snapshot, _update
+from fastcheckpoint.testing._contract import (
+    ContractBase,
+    _append,
+    _append_many,
+    _refuses_not_run_keys,
+    _snapshot,
+    _update,
+)
 
 __all__ = ["RunsContract"]
 
@@ -256,3 +263,11 @@ class RunsContract(ContractBase):
         assert await store.count_runs(status="active", now=T0) == 2
         assert await store.count_runs(status=None, now=T0) == 6
 
+    async def test_run_records_refuse_what_is_not_a_run_key(self, store: CheckpointStore) -> None:
+        seed = make_run("addressed")
+        await _append(store, seed, 0)
+
+        await _refuses_not_run_keys(store, seed, lambda value: store.get_run(value, now=T0))
+        await _refuses_not_run_keys(store, seed, lambda value: store.update_run(
+            value, incarnation=seed.incarnation, version=0, status="completed", data=b"x",
+            now=T0))

@@ -106,6 +106,17 @@ async def test_repair_finds_nothing_to_rebuild() -> None:
             await store.rebuild_run(key_of(make_run("none")), make_run("none"), now=clock())
 
 
+@pytest.mark.parametrize("value", ["run-abc123", "abc/c/0000", "", "a" * 65, 42])
+async def test_repair_refuses_what_is_not_a_run_key(value: Any) -> None:
+    """What ``RepairContract`` checks on the stores that can be damaged."""
+    store = MemoryStore()
+    with anyio.fail_after(10):
+        with pytest.raises(ValidationError):
+            await store.damaged_runs(run_key=value, now=T0)
+        with pytest.raises(ValidationError):
+            await store.rebuild_run(value, make_run("run"), now=T0)
+
+
 # -- adapter capabilities ---------------------------------------------------------------------
 
 
