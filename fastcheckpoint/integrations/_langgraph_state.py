@@ -123,6 +123,10 @@ class SaverState:
     def __init__(self) -> None:
         self.runs: Lru[str, RunHint] = Lru(_RUNS)
         self.located: Lru[tuple[str, str], Located] = Lru(_IDS)
+        self.lives: Lru[tuple[str, str], str] = Lru(_IDS)
+        """(run key, LangGraph checkpoint id) -> the incarnation (life) of the run this process
+        last saw it in; kept when the checkpoint is gone, unlike ``located``: a save naming it
+        as its parent must not land in a later life of the run."""
         self.registered: Lru[tuple[str, str], float] = Lru(_RUNS)
         """(LangGraph run id, run key) -> until when its registry entry is known to last."""
         self.deleted: Lru[str, bool] = Lru(_RUNS)
@@ -189,6 +193,7 @@ class SaverState:
         saved, or read as the latest), so the next save goes after it; ``payload_size``: the
         bytes its save wrote."""
         self.located.put((key, checkpoint_id), where)
+        self.lives.put((key, checkpoint_id), where.incarnation)
         hint = self.runs.get(key)
         if hint is None and not head:
             return

@@ -672,6 +672,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             return None
         located = self._shared.items.decode(found, Located, f"run {where.run_id[:80]!r} item {key}")
         self._state.located.put((where.key, checkpoint_id), located)
+        self._state.lives.put((where.key, checkpoint_id), located.incarnation)
         return located
 
     async def _tuple(
@@ -1090,6 +1091,10 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             for attempt in range(settings.max_sequence_retries):
                 sequence, incarnation = ((0, _ids.new_incarnation()) if guess is None
                                          else (guess[0] + 1, guess[1]))
+                if guess is not None and parent_id is not None and not await self._in_life(
+                        where, parent_id, incarnation, now):
+                    self._dropped(where, encoded.checkpoint_id)
+                    return
                 if encoded.log_life is not None and encoded.log_life != incarnation:
                     # Its logs are of another life of the run (deleted or expired since):
                     # a store may not tell that their anchors are gone. Write them anew.
@@ -1148,6 +1153,20 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             await self._pause_for(where, encoded.checkpoint_id, parked.writes.values())
         if status in _REACTIVATED and not where.checkpoint_ns:
             await self._reactivate(where, status, encoded.checkpoint_id)
+
+    async def _in_life(
+        self, where: _Where, parent_id: str, incarnation: str, now: float
+    ) -> bool:
+        """Whether a save's parent may be in life ``incarnation`` of the run: not when this
+        process saw it in another life (the thread was deleted, and started again or copied
+        into since), unless the store finds it in this one (a copy keeps LangGraph's ids).
+        A save continuing an earlier life must not mix its state into the new one. Costs a
+        store call only then."""
+        life = self._state.lives.get((where.key, parent_id))
+        if life is None or life == incarnation:
+            return True
+        found = await self._lookup(where, parent_id, now)
+        return found is not None and found.incarnation == incarnation
 
     async def _head(self, where: _Where, parent_id: str | None, now: float) -> Any:
         """The run's ``(latest sequence, incarnation)`` as this process knows it, read when a
@@ -1249,10 +1268,12 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
 
     def _dropped(self, where: _Where, checkpoint_id: str) -> None:
         self._state.forget_run(where.key)
+        # In no life of the run: the saves LangGraph makes after it are dropped too.
+        self._state.lives.put((where.key, checkpoint_id), _NO_LIFE)
         self._shared.logs.forget(where.key)
         logger.info("checkpoint %s of thread %r was not saved: its thread namespace no longer "
-                    "exists (deleted while the save was on its way)", checkpoint_id,
-                    where.thread_id[:80])
+                    "exists, or holds another life of it (deleted while the save was on its "
+                    "way)", checkpoint_id, where.thread_id[:80])
 
     # -- internals: pending writes -------------------------------------------------------------
 
@@ -1893,6 +1914,8 @@ class _DeltaChain:
 _Logs = tuple[str, Mapping[str, ChannelLog]]
 """Logged values with the life (incarnation) of the run they belong to."""
 _NO_LOGS: _Logs = ("", {})
+_NO_LIFE = ""
+"""The life of a checkpoint whose save was dropped: no incarnation of a run is empty."""
 _MIXED = "\x00"
 """A save naming logs of different lives: never a life of the run (it is written anew)."""
 

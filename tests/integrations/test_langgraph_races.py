@@ -1,0 +1,118 @@
+"""Two savers on one store (two processes, or two savers in one): thread operations of one
+(delete, copy, prune, delete_for_runs) racing the saves, writes and reads of the other, and
+what a saver remembers of a thread after the other deleted, copied into, pruned or started it
+again."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, TypedDict
+
+import anyio
+import pytest
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+
+from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
+from tests._helpers import FakeClock, make_config
+from tests.integrations._langgraph_support import config, put
+from tests.integrations.conftest import FreshStore
+
+pytestmark = pytest.mark.anyio
+
+DEADLINE = 60
+"""Per test: S3 and DynamoDB on moto are slow."""
+
+
+def _saver(store: Any, **options: Any) -> FastCheckpointSaver:
+    return FastCheckpointSaver(store, config=make_config(FakeClock()), **options)
+
+
+async def _ids(saver: FastCheckpointSaver, thread_id: str) -> list[str]:
+    return [found.checkpoint["id"] async for found in saver.alist(config(thread_id))]
+
+
+# -- a save continuing a life of the thread that another saver ended ------------------------------
+
+
+async def test_a_save_continuing_a_deleted_life_never_lands_in_the_next_one(
+    fresh_store: FreshStore,
+) -> None:
+    async with fresh_store() as store:
+        saver, other = _saver(store), _saver(store)
+        with anyio.fail_after(DEADLINE):
+            # Started again by the other saver.
+            old = await put(saver, "t", values={"x": "old"}, versions={"x": "1.a"})
+            await other.adelete_thread("t")
+            new = await put(other, "t", values={"x": "new"}, versions={"x": "1.b"})
+            late = await put(saver, "t", parent=old, values={"x": "late", "y": "late"},
+                             versions={"x": "2.a", "y": "1.a"})
+            await put(saver, "t", parent=late, values={"x": "later", "y": "late"},
+                      versions={"x": "3.a", "y": "1.a"}, new_versions={"x": "3.a"})
+            restarted = await _ids(other, "t")
+            latest = await other.aget_tuple(config("t"))
+            # Copied into by the other saver (a copy keeps the source's checkpoint ids).
+            gone = await put(saver, "c", values={"x": "old"}, versions={"x": "1.a"})
+            source = await put(other, "s", values={"x": "source"}, versions={"x": "1.s"})
+            await other.adelete_thread("c")
+            await other.acopy_thread("s", "c")
+            await put(saver, "c", parent=gone, values={"x": "late"}, versions={"x": "2.a"})
+            copied = await _ids(other, "c")
+            # Put back by the other saver (copied away and back): the same life goes on.
+            kept = await put(saver, "k", values={"x": "1"}, versions={"x": "1.a"})
+            await other.acopy_thread("k", "backup")
+            await other.adelete_thread("k")
+            await other.acopy_thread("backup", "k")
+            after = await put(saver, "k", parent=kept, values={"x": "2"}, versions={"x": "2.a"})
+            restored = await _ids(other, "k")
+    assert restarted == [new]
+    assert latest is not None
+    assert latest.checkpoint["channel_values"] == {"x": "new"}
+    assert copied == [source]
+    assert restored == [after, kept]
+
+
+class _Chat(TypedDict):
+    messages: Annotated[list[AnyMessage], add_messages]
+
+
+def _chat(saver: FastCheckpointSaver, gate: tuple[asyncio.Event, asyncio.Event] | None = None
+          ) -> Any:
+    async def answer(state: _Chat) -> dict[str, Any]:
+        if gate is not None:
+            gate[0].set()
+            await gate[1].wait()
+        return {"messages": [AIMessage(f"answer to {state['messages'][-1].content}")]}
+
+    async def close(state: _Chat) -> dict[str, Any]:
+        return {"messages": [AIMessage("done")]}
+
+    graph = StateGraph(_Chat)
+    graph.add_node("answer", answer)
+    graph.add_node("close", close)
+    graph.add_edge(START, "answer")
+    graph.add_edge("answer", "close")
+    graph.add_edge("close", END)
+    return graph.compile(checkpointer=saver)
+
+
+async def test_a_graph_run_outliving_a_delete_leaves_the_new_conversation_alone(
+    fresh_store: FreshStore,
+) -> None:
+    async with fresh_store() as store:
+        saver, other = _saver(store), _saver(store)
+        thread = {"configurable": {"thread_id": "chat"}}
+        with anyio.fail_after(DEADLINE):
+            await _chat(saver).ainvoke({"messages": [HumanMessage("old 1")]}, thread)
+            gate = (asyncio.Event(), asyncio.Event())
+            running = asyncio.create_task(_chat(saver, gate).ainvoke(
+                {"messages": [HumanMessage("old 2")]}, thread, durability="sync"))
+            await gate[0].wait()  # mid-step: its next saves are on their way
+            await other.adelete_thread("chat")
+            await _chat(other).ainvoke({"messages": [HumanMessage("new 1")]}, thread)
+            gate[1].set()
+            await running
+            state = await _chat(other).aget_state(thread)
+    assert [message.content for message in state.values["messages"]] == [
+        "new 1", "answer to new 1", "done"]
