@@ -127,8 +127,11 @@ class SaverState:
         """(run key, LangGraph checkpoint id) -> the incarnation (life) of the run this process
         last saw it in; kept when the checkpoint is gone, unlike ``located``: a save naming it
         as its parent must not land in a later life of the run."""
-        self.registered: Lru[tuple[str, str], float] = Lru(_RUNS)
-        """(LangGraph run id, run key) -> until when its registry entry is known to last."""
+        self.registered: Lru[tuple[str, str], tuple[float, str | None]] = Lru(_RUNS)
+        """(LangGraph run id, run key) -> until when its registry entry is known to last, and
+        the life (incarnation) of the run it was written for (``None``: the run was unknown
+        here; its next save's life is the one). ``delete_for_runs`` removes the entries of
+        runs it finds gone: a save in a later life writes its entry again."""
         self.deleted: Lru[str, bool] = Lru(_RUNS)
         """Runs this process deleted: late writes to them are dropped without a read."""
         self.seeds: Lru[str, tuple[str, bytes, tuple[str, ...]]] = Lru(_SEEDS)

@@ -941,8 +941,9 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 taken = every
         encoded = await self._encode(where, taken, parent_id, inherited or _NO_LOGS)
         langgraph_run = full.get("run_id")
-        if isinstance(langgraph_run, str) and langgraph_run:
-            await self._register(where, langgraph_run, now)
+        indexed = isinstance(langgraph_run, str) and bool(langgraph_run)
+        if indexed:
+            await self._register(where, cast(str, langgraph_run), now)
 
         async def with_every_value() -> _Encoded:
             # A value this save named is gone: every value is sent, logs begin anew.
@@ -952,6 +953,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
 
         async with self._state.turn(where.key):
             await self._append(where, encoded, parent_id, now, with_every_value)
+        if indexed:
+            await self._registered_in_life(where, cast(str, langgraph_run), now)
 
     def _take(
         self,
@@ -1051,9 +1054,29 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         """Index the run under the LangGraph run id, for ``delete_for_runs`` (once per
         process, LangGraph run and namespace; again before an expiring entry runs out)."""
         slot = (langgraph_run, where.key)
-        until = self._state.registered.get(slot)
-        if until is not None and now < until:
+        known = self._state.registered.get(slot)
+        if known is not None and now < known[0]:
             return
+        hint = self._state.runs.get(where.key)
+        await self._write_registry_entry(where, langgraph_run, now,
+                                         None if hint is None else hint.incarnation)
+
+    async def _registered_in_life(self, where: _Where, langgraph_run: str, now: float) -> None:
+        """Index the run again when the save landed in another life of it than the one its
+        entry was written for: ``delete_for_runs`` removed the entry with the run's last
+        checkpoints meanwhile (in another process), and a later one must find this save."""
+        hint = self._state.runs.get(where.key)
+        known = self._state.registered.get((langgraph_run, where.key))
+        if hint is None or known is None or known[1] == hint.incarnation:
+            return
+        if known[1] is None:  # written before the run's first save here: for this life
+            self._state.registered.put((langgraph_run, where.key), (known[0], hint.incarnation))
+            return
+        await self._write_registry_entry(where, langgraph_run, now, hint.incarnation)
+
+    async def _write_registry_entry(
+        self, where: _Where, langgraph_run: str, now: float, life: str | None
+    ) -> None:
         ttl = self._shared.ttl_seconds
         entry = Item(
             key=records.registry_key(langgraph_run, where.key),
@@ -1062,7 +1085,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             expires_at=None if ttl is None else now + 2 * ttl,
         )
         await self._store.put_items(_REGISTRY_KEY, [entry], now=now)
-        self._state.registered.put(slot, math.inf if ttl is None else now + ttl)
+        self._state.registered.put((langgraph_run, where.key),
+                                   (math.inf if ttl is None else now + ttl, life))
 
     async def _append(
         self,
@@ -1543,14 +1567,25 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         now = self._now()
         prefix = records.registry_prefix(langgraph_run)
         entries = await self._registry_entries(prefix, now)
+        gone: list[tuple[str, _Where | None]] = []
         for item_key, value in entries:
             entry = self._shared.items.decode(value, RegistryEntry, item_key)
             where = _where_of_run(entry.run_id)
             if where is not None:
                 await self._delete_matching(where, langgraph_run)
-        await self._store.delete_items(_REGISTRY_KEY, [item_key for item_key, _ in entries])
-        for item_key, _ in entries:
+                # A namespace still there may get more of the run's checkpoints from a saver
+                # that indexed it already (and does not write its entry again): keep it.
+                if await self._store.get_run(where.key, now=self._now()) is not None:
+                    continue
+            gone.append((item_key, where))
+        await self._store.delete_items(_REGISTRY_KEY, [item_key for item_key, _ in gone])
+        for item_key, where in gone:
             self._state.registered.pop((langgraph_run, item_key[len(prefix):]))
+            if where is not None and await self._store.get_run(
+                    where.key, now=self._now()) is not None:
+                # Started again meanwhile: the save that did it may have indexed the run
+                # before the removal above.
+                await self._write_registry_entry(where, langgraph_run, self._now(), None)
 
     async def _registry_entries(self, prefix: str, now: float) -> list[tuple[str, bytes]]:
         entries: list[tuple[str, bytes]] = []

@@ -116,3 +116,48 @@ async def test_a_graph_run_outliving_a_delete_leaves_the_new_conversation_alone(
             state = await _chat(other).aget_state(thread)
     assert [message.content for message in state.values["messages"]] == [
         "new 1", "answer to new 1", "done"]
+
+
+# -- delete_for_runs while the LangGraph run goes on in another saver -----------------------------
+
+
+async def test_a_run_deleted_while_it_goes_on_elsewhere_is_found_by_the_next_delete(
+    fresh_store: FreshStore,
+) -> None:
+    async with fresh_store() as store:
+        saver, other = _saver(store), _saver(store)
+        with anyio.fail_after(DEADLINE):
+            # The thread keeps another run's checkpoint: it stays while the run's go.
+            kept = await put(saver, "t", run_id="earlier")
+            await put(saver, "t", parent=kept, run_id="r")
+            await other.adelete_for_runs(["r"])
+            await put(saver, "t", parent=kept, run_id="r")  # the run goes on
+            # A thread holding only the run's checkpoints goes, and is started again.
+            await put(saver, "u", run_id="r")
+            await other.adelete_for_runs(["r"])
+            await put(saver, "u", run_id="r")
+            await _saver(store).adelete_for_runs(["r"])
+            left = {thread: await _ids(other, thread) for thread in ("t", "u")}
+    assert left == {"t": [kept], "u": []}
+
+
+async def test_a_graph_run_deleted_midway_leaves_nothing_once_deleted_again(
+    fresh_store: FreshStore,
+) -> None:
+    async with fresh_store() as store:
+        saver, other = _saver(store), _saver(store)
+        thread: Any = {"configurable": {"thread_id": "chat"}}
+        with anyio.fail_after(DEADLINE):
+            await _chat(saver).ainvoke({"messages": [HumanMessage("first")]},
+                                       {**thread, "metadata": {"run_id": "first"}})
+            gate = (asyncio.Event(), asyncio.Event())
+            running = asyncio.create_task(_chat(saver, gate).ainvoke(
+                {"messages": [HumanMessage("second")]},
+                {**thread, "metadata": {"run_id": "second"}}, durability="sync"))
+            await gate[0].wait()
+            await other.adelete_for_runs(["second"])
+            gate[1].set()
+            await running
+            await other.adelete_for_runs(["second"])
+            left = [found.metadata["run_id"] async for found in other.alist(thread)]
+    assert left == ["first"] * 4
