@@ -1543,9 +1543,11 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
     # -- internals: delete_for_runs, copy, prune ------------------------------------------------
 
     async def _delete_thread(self, thread: str) -> None:
-        keys = {_ids.run_key(thread)}
+        # The root first: a reader (another process's graph run, a copy) that finds it finds
+        # every namespace still there, and one that does not sees no thread.
+        keys = {_ids.run_key(thread): None}
         async for record in self._thread_runs(thread):
-            keys.add(_ids.run_key(record.run_id))
+            keys[_ids.run_key(record.run_id)] = None
         for key in keys:
             self._state.forget_run(key)
             self._shared.logs.forget(key)
@@ -1553,11 +1555,56 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             await self._store.delete_run(key)
 
     async def _copy_thread(self, source: str, target: str) -> None:
+        """Every namespace of ``source``, then a check that none of them was deleted or started
+        again meanwhile, and that no other writer wrote into the copy; else (or when a store
+        call fails) the checkpoints copied are removed again and the call raises. A thread
+        without its root namespace (being deleted: the root goes first) copies as none."""
         async for _ in self._thread_runs(target):
             raise ConflictError(
                 f"cannot copy into thread {target[:80]!r}: it has checkpoints already")
-        async for record in self._thread_runs(source):
-            await self._copy_run(record, target)
+        runs = [record async for record in self._thread_runs(source)]
+        root = next((record for record in runs if record.run_id == source), None)
+        if root is None:
+            return
+        made: list[tuple[str, int, str]] = []  # (run key, sequence, record id) of each copy
+        try:
+            for record in runs:
+                await self._copy_run(record, target, made)
+            await self._check_copy(source, target, runs, made)
+            root_copy = _where_from(target, "")
+            if any(key == root_copy.key for key, _, _ in made):
+                await self._copy_request(root, root_copy)
+        except CheckpointError:
+            await self._undo_copy(target, made)
+            raise
+
+    async def _check_copy(
+        self, source: str, target: str, runs: list[RunRecord], made: list[tuple[str, int, str]]
+    ) -> None:
+        now = self._now()
+        for record in runs:
+            found = await self._store.get_run(_ids.run_key(record.run_id), now=now)
+            if found is None or found.incarnation != record.incarnation:
+                raise ConflictError(
+                    f"thread {source[:80]!r} was deleted or started again while being copied")
+        last = {key: (sequence, record_id) for key, sequence, record_id in made}
+        for key, (sequence, record_id) in last.items():
+            found = await self._store.get_run(key, now=now)
+            if found is None or found.latest_sequence != sequence or \
+                    _ids.checkpoint_id(key, found.incarnation, sequence) != record_id:
+                raise ConflictError(
+                    f"thread {target[:80]!r} was written to while being copied into")
+
+    async def _undo_copy(self, target: str, made: list[tuple[str, int, str]]) -> None:
+        """Remove the checkpoints a failed copy made (only those: another writer's stay)."""
+        try:
+            for key, sequence, record_id in reversed(made):
+                await self._store.delete(key, sequence, checkpoint_id=record_id)
+        except CheckpointError:
+            logger.warning("a failed copy into thread %r could not remove what it copied",
+                           target[:80], exc_info=True)
+        for key in dict.fromkeys(key for key, _, _ in made):
+            self._state.forget_run(key)
 
     async def _keep_latest_of(self, thread: str) -> None:
         async for record in self._thread_runs(thread):
@@ -1613,7 +1660,9 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 await self._store.delete(where.key, stored.sequence,
                                          checkpoint_id=stored.checkpoint_id)
 
-    async def _copy_run(self, source: RunRecord, target_thread: str) -> None:
+    async def _copy_run(
+        self, source: RunRecord, target_thread: str, made: list[tuple[str, int, str]]
+    ) -> None:
         origin = _where_of_run(source.run_id)
         if origin is None:
             return
@@ -1625,11 +1674,9 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             found = await self._store.read_with_items(
                 origin.key, sequence=stored.sequence, now=self._now())
             if found is not None:
-                await self._copy_checkpoint(
-                    origin, target, found[0], found[2],
-                    Located(incarnation, len(copied), self._expiry()), copied)
-        if copied and not origin.checkpoint_ns:
-            await self._copy_request(source, target)
+                located = Located(incarnation, len(copied), self._expiry())
+                await self._copy_checkpoint(origin, target, found[0], found[2], located, copied)
+                made.append((target.key, located.sequence, copied[found[0].checkpoint_id]))
 
     async def _copy_checkpoint(
         self,

@@ -6,6 +6,7 @@ again."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypedDict
 
 import anyio
@@ -14,9 +15,10 @@ from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 
+from fastcheckpoint.errors import ConflictError
 from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
 from tests._helpers import FakeClock, make_config
-from tests.integrations._langgraph_support import config, put
+from tests.integrations._langgraph_support import CountingStore, config, put
 from tests.integrations.conftest import FreshStore
 
 pytestmark = pytest.mark.anyio
@@ -161,3 +163,101 @@ async def test_a_graph_run_deleted_midway_leaves_nothing_once_deleted_again(
             await other.adelete_for_runs(["second"])
             left = [found.metadata["run_id"] async for found in other.alist(thread)]
     assert left == ["first"] * 4
+
+
+# -- copy_thread while another saver writes into the copy or deletes the source ------------------
+
+
+class _BeforeRead(CountingStore):
+    """Runs ``hook`` before the ``at``-th read of a checkpoint by sequence (a copy reads each
+    checkpoint of the source so), and the same for ``delete_run`` (``at_delete``)."""
+
+    def __init__(self, inner: Any, hook: Callable[[], Awaitable[Any]], *, at: int = 0,
+                 at_delete: int = 0) -> None:
+        super().__init__(inner)
+        self.hook, self.at, self.at_delete = hook, at, at_delete
+        self.reads = self.deletes = 0
+
+    async def read_with_items(self, run_key: str, *, sequence: int | None, now: float) -> Any:
+        if sequence is not None:
+            self.reads += 1
+            if self.reads == self.at:
+                await self.hook()
+        return await self.inner.read_with_items(run_key, sequence=sequence, now=now)
+
+    async def delete_run(self, run_key: str) -> int:
+        removed: int = await self.inner.delete_run(run_key)
+        self.deletes += 1
+        if self.deletes == self.at_delete:
+            await self.hook()
+        return removed
+
+
+async def _with_subgraph(saver: FastCheckpointSaver, thread: str) -> list[tuple[str, str]]:
+    """A thread with a root (two checkpoints) and a subgraph namespace; its (ns, id) pairs."""
+    first = await put(saver, thread, values={"x": 1}, versions={"x": "1.a"})
+    second = await put(saver, thread, parent=first, values={"x": 2}, versions={"x": "2.a"})
+    child = await put(saver, thread, ns="child:1", values={"y": 1}, versions={"y": "1.a"})
+    return sorted([("", first), ("", second), ("child:1", child)])
+
+
+async def _listed(saver: FastCheckpointSaver, thread: str) -> list[tuple[str, str]]:
+    return sorted([(found.config["configurable"]["checkpoint_ns"],
+                    found.config["configurable"]["checkpoint_id"])
+                   async for found in saver.alist(config(thread))])
+
+
+async def test_a_copy_into_a_thread_written_meanwhile_fails_with_nothing_copied(
+    fresh_store: FreshStore,
+) -> None:
+    async with fresh_store() as store:
+        other = _saver(store)
+        mine: list[str] = []
+
+        async def write_into_the_copy() -> None:
+            mine.append(await put(other, "copy", values={"x": "mine"}, versions={"x": "1.m"}))
+
+        copier = _saver(_BeforeRead(store, write_into_the_copy, at=2))
+        with anyio.fail_after(DEADLINE):
+            await _with_subgraph(other, "s")
+            with pytest.raises(ConflictError):
+                await copier.acopy_thread("s", "copy")
+            left = await _listed(other, "copy")
+    assert left == [("", mine[0])]  # the other's checkpoint, nothing of the copy
+
+
+async def test_a_copy_of_a_thread_deleted_meanwhile_fails_with_nothing_copied(
+    fresh_store: FreshStore,
+) -> None:
+    async with fresh_store() as store:
+        other = _saver(store)
+        copier = _saver(_BeforeRead(store, lambda: other.adelete_thread("s"), at=2))
+        with anyio.fail_after(DEADLINE):
+            await _with_subgraph(other, "s")
+            with pytest.raises(ConflictError):
+                await copier.acopy_thread("s", "copy")
+            left = await _listed(other, "copy")
+    assert left == []
+
+
+async def test_a_thread_being_deleted_is_seen_whole_or_not_at_all(fresh_store: FreshStore) -> None:
+    """The root namespace goes first: a copy (or a graph run reading the root) made while
+    the other namespaces are still being deleted copies nothing, never a root without the
+    subgraph checkpoint it resumes from."""
+    async with fresh_store() as store:
+        copier = _saver(store)
+        copies: list[str] = []
+
+        async def copy_meanwhile() -> None:
+            copies.append(f"copy-{len(copies)}")
+            await copier.acopy_thread(thread, copies[-1])
+
+        deleter = _saver(_BeforeRead(store, copy_meanwhile, at_delete=1))
+        with anyio.fail_after(DEADLINE):
+            for number in range(6):  # the order of a thread's namespaces is the hash's
+                thread = f"t{number}"
+                await _with_subgraph(copier, thread)
+                deleter.store.deletes = 0  # type: ignore[attr-defined]
+                await deleter.adelete_thread(thread)
+            left = [await _listed(copier, copy) for copy in copies]
+    assert left == [[]] * 6
