@@ -719,7 +719,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         asked = records.approval_request(checkpoint_id, interrupts)
         if records.asks_about(self._state.queued.get((where.key, checkpoint_id)), asked):
             return
-        await self._pause(where, checkpoint_id, interrupts, at=located, paused=paused)
+        await self._pause(where, checkpoint_id, interrupts, life=located.incarnation,
+                          at=located, paused=paused)
 
     async def _decode_read(
         self, where: _Where, stored: StoredCheckpoint, items: dict[str, bytes], head: bool
@@ -1174,9 +1175,10 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         await self._discard_merged(where, encoded)
         if parked is not None:
             parked.stored = True
-            await self._pause_for(where, encoded.checkpoint_id, parked.writes.values())
+            await self._pause_for(where, encoded.checkpoint_id, located,
+                                  parked.writes.values())
         if status in _REACTIVATED and not where.checkpoint_ns:
-            await self._reactivate(where, status, encoded.checkpoint_id)
+            await self._reactivate(where, status, encoded.checkpoint_id, located)
 
     async def _in_life(
         self, where: _Where, parent_id: str, incarnation: str, now: float
@@ -1437,11 +1439,12 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 logger.info("pending writes for checkpoint %s of thread %r were dropped: "
                             "the checkpoint is gone", checkpoint_id, where.thread_id[:80])
                 return False
-        await self._pause_for(where, checkpoint_id, writes)
+        await self._pause_for(where, checkpoint_id, located, writes)
         return True
 
     async def _pause_for(
-        self, where: _Where, checkpoint_id: str, writes: Iterable[StoredWrite]
+        self, where: _Where, checkpoint_id: str, located: Located,
+        writes: Iterable[StoredWrite],
     ) -> None:
         """:meth:`_pause` for the interrupts among stored ``writes`` (root namespace only)."""
         interrupts = [write for write in writes if write.channel == records.INTERRUPT]
@@ -1455,7 +1458,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                            "read for the approval request", where.thread_id[:80],
                            checkpoint_id, exc_info=True)
             return
-        await self._pause(where, checkpoint_id, values)
+        await self._pause(where, checkpoint_id, values, life=located.incarnation)
 
     def _write_items(self, located: Located, writes: list[StoredWrite]) -> list[Item]:
         prefixes: dict[str, str] = {}  # task id -> its writes' key prefix: one digest each
@@ -1473,10 +1476,12 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
 
     async def _pause(
         self, where: _Where, checkpoint_id: str, writes: Sequence[tuple[str, Any]],
-        *, at: Located | None = None, paused: bool = False,
+        *, life: str, at: Located | None = None, paused: bool = False,
     ) -> None:
         """PAUSED, with the interrupts as the approval request (merged with those of the
         same checkpoint already pending). Never fails the write: it is stored already.
+        ``life``: the incarnation of the run the checkpoint is in; a later life of the run
+        (another process deleted the thread and started it again meanwhile) is left as it is.
 
         ``at``: the run's latest checkpoint, holding ``writes``, as a read found it; the run
         then changes only if its approval record does not ask about them already (pending or
@@ -1485,16 +1490,18 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         asked = records.approval_request(checkpoint_id, writes)
         approval: dict[str, Any] = {}  # the run's approval record once this is done
         made: Callable[[RunData], bool] | None = None
-        still: Callable[[RunRecord], bool] | None = None
+
+        def still(record: RunRecord) -> bool:
+            if at is not None:
+                return (record.incarnation, record.latest_sequence) == (
+                    at.incarnation, at.sequence)
+            return record.incarnation == life
+
         if at is not None:
             def made(data: RunData) -> bool:
                 approval.update(data.approval or {})
                 return records.asks_about(data.approval, asked) or (
                     paused and records.by_hand(data.approval))
-
-            def still(record: RunRecord) -> bool:
-                return (record.incarnation, record.latest_sequence) == (
-                    at.incarnation, at.sequence)
 
         def record_request(data: RunData, now: float) -> None:
             pending = data.approval or {}
@@ -1521,9 +1528,13 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             logger.warning("thread %r was interrupted at %s, but its run could not be set "
                            "PAUSED", where.thread_id[:80], checkpoint_id, exc_info=True)
 
-    async def _reactivate(self, where: _Where, status: str, checkpoint_id: str) -> None:
-        """ACTIVE again once the graph goes on after an interrupt, an error or a decision.
-        Never fails the save: the checkpoint is written."""
+    async def _reactivate(
+        self, where: _Where, status: str, checkpoint_id: str, located: Located
+    ) -> None:
+        """ACTIVE again once the graph goes on after an interrupt, an error or a decision,
+        in the life of the run the checkpoint landed in (a later one, started by another
+        process meanwhile, keeps its status). Never fails the save: the checkpoint is
+        written."""
 
         def clear_error(data: RunData, now: float) -> None:
             data.error = None
@@ -1533,7 +1544,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 where.run_id, CheckpointStatus.ACTIVE,
                 allowed={CheckpointStatus(value) for value in _REACTIVATED},
                 note=f"resumed: LangGraph checkpoint {checkpoint_id} saved after {status}",
-                update=clear_error)
+                update=clear_error,
+                still=lambda record: record.incarnation == located.incarnation)
         except ConflictError:
             pass  # another worker changed the status meanwhile: it stands
         except CheckpointError:

@@ -15,6 +15,7 @@ from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 
+from fastcheckpoint import CheckpointStatus
 from fastcheckpoint.errors import ConflictError
 from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
 from tests._helpers import FakeClock, make_config
@@ -261,3 +262,74 @@ async def test_a_thread_being_deleted_is_seen_whole_or_not_at_all(fresh_store: F
                 await deleter.adelete_thread(thread)
             left = [await _listed(copier, copy) for copy in copies]
     assert left == [[]] * 6
+
+
+# -- status changes that follow a store call, with the thread started again in between -----------
+
+
+class _Then(CountingStore):
+    """Runs ``hook`` once the next call of ``method`` returned (armed with :meth:`arm`)."""
+
+    def __init__(self, inner: Any, method: str) -> None:
+        super().__init__(inner)
+        self.hook: Callable[[], Awaitable[Any]] | None = None
+        original = getattr(self, method)
+
+        async def then(*args: Any, **kwargs: Any) -> Any:
+            result = await original(*args, **kwargs)
+            hook, self.hook = self.hook, None
+            if hook is not None:
+                await hook()
+            return result
+
+        setattr(self, method, then)
+
+    def arm(self, hook: Callable[[], Awaitable[Any]]) -> None:
+        self.hook = hook
+
+
+async def test_an_interrupt_of_a_deleted_life_does_not_pause_the_next_one(
+    fresh_store: FreshStore,
+) -> None:
+    async with fresh_store() as store:
+        other = _saver(store)
+        writes = _Then(store, "put_owned_items")
+        saver = _saver(writes)
+        with anyio.fail_after(DEADLINE):
+            old = await put(saver, "t")
+
+            async def start_again() -> None:
+                await other.adelete_thread("t")
+                await put(other, "t")
+
+            writes.arm(start_again)  # between storing the interrupt and pausing the thread
+            await saver.aput_writes(config("t", old), [("__interrupt__", "old?")], "task")
+            run = await other.manager.get_run("t")
+    assert run is not None
+    assert run.status is CheckpointStatus.ACTIVE
+    assert run.approval is None
+
+
+async def test_a_save_after_an_interrupt_does_not_resume_the_next_life(
+    fresh_store: FreshStore,
+) -> None:
+    async with fresh_store() as store:
+        other = _saver(store)
+        appends = _Then(store, "append_with_items")
+        saver = _saver(appends)
+        with anyio.fail_after(DEADLINE):
+            old = await put(saver, "t")
+            await saver.aput_writes(config("t", old), [("__interrupt__", "old?")], "task")
+
+            async def start_again_and_ask() -> None:
+                await other.adelete_thread("t")
+                new = await put(other, "t")
+                await other.aput_writes(config("t", new), [("__interrupt__", "new?")], "task")
+
+            appends.arm(start_again_and_ask)  # between the save and the thread's resumption
+            await put(saver, "t", parent=old)
+            run = await other.manager.get_run("t")
+    assert run is not None
+    assert run.status is CheckpointStatus.PAUSED
+    assert run.approval is not None
+    assert run.approval["request"]["interrupts"] == [{"value": "new?"}]
