@@ -866,11 +866,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         before_id: str | None,
         only_id: str | None,
     ) -> AsyncIterator[CheckpointTuple]:
-        start = None
-        if before_id is not None:
-            located = self._state.located.get((where.key, before_id))
-            start = None if located is None else located.sequence
-        async for stored in self._headers(where.key, before=start):
+        async for stored in self._headers_from(where, before_id):
             place = f"run {where.run_id[:80]!r} sequence {stored.sequence} (header)"
             try:
                 _, extra = self._headers_of(where, stored, place)
@@ -887,6 +883,27 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 where.key, sequence=stored.sequence, now=self._now())
             if found is not None:  # else pruned since the header was read
                 yield await self._tuple(where, *found)
+
+    async def _headers_from(
+        self, where: _Where, before_id: str | None
+    ) -> AsyncIterator[CheckpointHeader]:
+        """The run's headers from ``before_id``'s own, when this process knows where it is
+        and it is still there (else all): the older ones are those before it. Known from
+        another life of the run (deleted and started again or copied into since), its
+        sequence says nothing."""
+        located = None if before_id is None else self._state.located.get((where.key, before_id))
+        if located is not None:
+            expected = _ids.checkpoint_id(where.key, located.incarnation, located.sequence)
+            confirmed = False
+            async for stored in self._headers(where.key, before=located.sequence + 1):
+                if not confirmed and stored.checkpoint_id != expected:
+                    break
+                confirmed = True
+                yield stored
+            if confirmed:
+                return
+        async for stored in self._headers(where.key):
+            yield stored
 
     async def _headers(
         self, key: str, *, before: int | None = None

@@ -333,3 +333,25 @@ async def test_a_save_after_an_interrupt_does_not_resume_the_next_life(
     assert run.status is CheckpointStatus.PAUSED
     assert run.approval is not None
     assert run.approval["request"]["interrupts"] == [{"value": "new?"}]
+
+
+# -- listings with what a saver remembers of an earlier life --------------------------------------
+
+
+async def test_before_known_from_an_earlier_life_lists_everything_before_it(
+    fresh_store: FreshStore,
+) -> None:
+    async with fresh_store() as store:
+        saver, other = _saver(store), _saver(store)
+        with anyio.fail_after(DEADLINE):
+            source: list[str] = []
+            for _ in range(5):  # older ids than the thread's, more checkpoints
+                source.insert(0, await put(other, "s", parent=source[0] if source else None))
+            known = None
+            for _ in range(2):
+                known = await put(saver, "t", parent=known)
+            await other.adelete_thread("t")
+            await other.acopy_thread("s", "t")
+            listed = [found.checkpoint["id"]
+                      async for found in saver.alist(config("t"), before=config("t", known))]
+    assert listed == source
