@@ -140,6 +140,8 @@ _FIRST_SAVE_SECONDS = 2.0
 save (a blocking ``put`` and ``put_writes`` may reach the loop in either order). Not while
 a save of the run is on its way here (a graph run's first save, which LangGraph's next saves
 queue behind): the writes wait for it, then as for a run this process knows."""
+_RELISTS = 3
+"""How many times a thread's delete lists its namespaces again, for those started meanwhile."""
 _REGISTRY_KEY = _ids.run_key(records.REGISTRY_RUN_ID)
 _NO_RUN = object()
 _QUEUEABLE = frozenset({CheckpointStatus.ACTIVE.value, CheckpointStatus.PAUSED.value})
@@ -1137,6 +1139,9 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                         where, parent_id, incarnation, now):
                     self._dropped(where, encoded.checkpoint_id)
                     return
+                if guess is None and await self._root_gone(where, ended=attempt > 0, now=now):
+                    self._dropped(where, encoded.checkpoint_id)
+                    return
                 if encoded.log_life is not None and encoded.log_life != incarnation:
                     # Its logs are of another life of the run (deleted or expired since):
                     # a store may not tell that their anchors are gone. Write them anew.
@@ -1210,6 +1215,23 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             return True
         found = await self._lookup(where, parent_id, now)
         return found is not None and found.incarnation == incarnation
+
+    async def _root_gone(self, where: _Where, *, ended: bool, now: float) -> bool:
+        """Whether a save that would start a subgraph namespace belongs to a thread deleted
+        meanwhile (a graph run that outlives the delete starts its subgraphs' namespaces
+        afresh): its root's save was dropped here, or (``ended``: the namespace's life this
+        process knew is gone) the store holds no root. A store call only then, once the
+        root's saves under way here have ended."""
+        if not where.checkpoint_ns:
+            return False
+        root = _where_from(where.thread_id, "")
+        if self._state.runs.get(root.key) is None and self._state.deleted.get(root.key):
+            return True
+        if not ended:
+            return False
+        while (saving := self._state.saving_in(root.key)) is not None:
+            await saving.wait()
+        return await self._store.get_run(root.key, now=now) is None
 
     async def _head(self, where: _Where, parent_id: str | None, now: float) -> Any:
         """The run's ``(latest sequence, incarnation)`` as this process knows it, read when a
@@ -1577,6 +1599,16 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         keys = {_ids.run_key(thread): None}
         async for record in self._thread_runs(thread):
             keys[_ids.run_key(record.run_id)] = None
+        await self._delete_runs(list(keys))
+        # A subgraph namespace started meanwhile (by a graph run in another process that
+        # did not know yet) is found by the listing again.
+        for _ in range(_RELISTS):
+            again = [_ids.run_key(record.run_id) async for record in self._thread_runs(thread)]
+            if not again:
+                return
+            await self._delete_runs(again)
+
+    async def _delete_runs(self, keys: list[str]) -> None:
         for key in keys:
             self._state.forget_run(key)
             self._shared.logs.forget(key)

@@ -203,9 +203,10 @@ async def _with_subgraph(saver: FastCheckpointSaver, thread: str) -> list[tuple[
 
 
 async def _listed(saver: FastCheckpointSaver, thread: str) -> list[tuple[str, str]]:
+    """Every namespace's checkpoints, as (namespace, id)."""
     return sorted([(found.config["configurable"]["checkpoint_ns"],
                     found.config["configurable"]["checkpoint_id"])
-                   async for found in saver.alist(config(thread))])
+                   async for found in saver.alist({"configurable": {"thread_id": thread}})])
 
 
 async def test_a_copy_into_a_thread_written_meanwhile_fails_with_nothing_copied(
@@ -355,3 +356,74 @@ async def test_before_known_from_an_earlier_life_lists_everything_before_it(
             listed = [found.checkpoint["id"]
                       async for found in saver.alist(config("t"), before=config("t", known))]
     assert listed == source
+
+
+# -- subgraph namespaces of a deleted thread ------------------------------------------------------
+
+
+def _with_subgraph_node(saver: FastCheckpointSaver, *, own_history: bool,
+                        gate: tuple[asyncio.Event, asyncio.Event] | None = None) -> Any:
+    """first -> sub (a subgraph: its own namespace, kept across runs with ``own_history``)."""
+
+    async def inner(state: _Chat) -> dict[str, Any]:
+        return {"messages": [AIMessage("from the subgraph")]}
+
+    sub = StateGraph(_Chat)
+    sub.add_node("inner", inner)
+    sub.add_edge(START, "inner")
+    sub.add_edge("inner", END)
+
+    async def first(state: _Chat) -> dict[str, Any]:
+        if gate is not None:
+            gate[0].set()
+            await gate[1].wait()
+        return {"messages": [AIMessage("first")]}
+
+    graph = StateGraph(_Chat)
+    graph.add_node("first", first)
+    graph.add_node("sub", sub.compile(checkpointer=True if own_history else None))
+    graph.add_edge(START, "first")
+    graph.add_edge("first", "sub")
+    graph.add_edge("sub", END)
+    return graph.compile(checkpointer=saver)
+
+
+@pytest.mark.parametrize("own_history", [True, False])
+async def test_a_graph_run_outliving_a_delete_starts_no_subgraph_namespace(
+    fresh_store: FreshStore, own_history: bool
+) -> None:
+    async with fresh_store() as store:
+        saver, other = _saver(store), _saver(store)
+        thread: Any = {"configurable": {"thread_id": "t"}}
+        with anyio.fail_after(DEADLINE):
+            await _with_subgraph_node(saver, own_history=own_history).ainvoke(
+                {"messages": [HumanMessage("1")]}, thread)
+            gate = (asyncio.Event(), asyncio.Event())
+            running = asyncio.create_task(
+                _with_subgraph_node(saver, own_history=own_history, gate=gate).ainvoke(
+                    {"messages": [HumanMessage("2")]}, thread, durability="sync"))
+            await gate[0].wait()
+            await other.adelete_thread("t")
+            gate[1].set()
+            await running
+            left = await _listed(other, "t")
+            runs = await other.manager.list_runs()
+    assert left == []
+    assert list(runs) == []
+
+
+async def test_a_namespace_started_while_its_thread_is_deleted_goes_too(
+    fresh_store: FreshStore,
+) -> None:
+    async with fresh_store() as store:
+        saver = _saver(store)
+
+        async def start_a_namespace() -> None:  # by a saver that knows nothing of the delete
+            await put(_saver(store), "t", ns="child:2", values={"z": 1}, versions={"z": "1.a"})
+
+        deleter = _saver(_BeforeRead(store, start_a_namespace, at_delete=1))
+        with anyio.fail_after(DEADLINE):
+            await _with_subgraph(saver, "t")
+            await deleter.adelete_thread("t")
+            left = await _listed(saver, "t")
+    assert left == []
