@@ -1616,8 +1616,9 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             await self._store.delete_run(key)
 
     async def _copy_thread(self, source: str, target: str) -> None:
-        """Every namespace of ``source``, then a check that none of them was deleted or started
-        again meanwhile, and that no other writer wrote into the copy; else (or when a store
+        """Every namespace of ``source`` (also those started while it copies), then a check
+        that none was deleted or started again meanwhile, and that no other writer wrote
+        into the copy; else (or when a store
         call fails) the checkpoints copied are removed again and the call raises. A thread
         without its root namespace (being deleted: the root goes first) copies as none."""
         async for _ in self._thread_runs(target):
@@ -1631,6 +1632,17 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         try:
             for record in runs:
                 await self._copy_run(record, target, made)
+            # Namespaces the source's graph run started meanwhile (a subgraph the root's
+            # newest checkpoint copied may wait in) are copied too.
+            for _ in range(_RELISTS):
+                copied = {record.run_id for record in runs}
+                more = [record async for record in self._thread_runs(source)
+                        if record.run_id not in copied]
+                if not more:
+                    break
+                for record in more:
+                    await self._copy_run(record, target, made)
+                runs += more
             await self._check_copy(source, target, runs, made)
             root_copy = _where_from(target, "")
             if any(key == root_copy.key for key, _, _ in made):

@@ -427,3 +427,22 @@ async def test_a_namespace_started_while_its_thread_is_deleted_goes_too(
             await deleter.adelete_thread("t")
             left = await _listed(saver, "t")
     assert left == []
+
+
+async def test_a_copy_takes_the_namespaces_started_while_it_copies(
+    fresh_store: FreshStore,
+) -> None:
+    async with fresh_store() as store:
+        other = _saver(store)
+        started: list[tuple[str, str]] = []
+
+        async def start_a_subgraph() -> None:
+            started.append(("child:2", await put(other, "s", ns="child:2", values={"z": 1},
+                                                  versions={"z": "1.a"})))
+
+        copier = _saver(_BeforeRead(store, start_a_subgraph, at=3))
+        with anyio.fail_after(DEADLINE):
+            source = await _with_subgraph(other, "s")
+            await copier.acopy_thread("s", "copy")
+            copied = await _listed(other, "copy")
+    assert copied == sorted([*source, *started])
