@@ -1466,6 +1466,23 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
     async def _put_owned_now(
         self, where: _Where, checkpoint_id: str, located: Located, writes: list[StoredWrite]
     ) -> bool:
+        if not await self._put_owned_at(where, located, writes):
+            # Gone from where this process saw it; another process may have put the thread
+            # back meanwhile (copied away and back): the checkpoint is there again.
+            found = await self._lookup(where, checkpoint_id, self._now())
+            if found is None or found == located or not await self._put_owned_at(
+                    where, found, writes):
+                self._state.located.pop((where.key, checkpoint_id))
+                logger.info("pending writes for checkpoint %s of thread %r were dropped: "
+                            "the checkpoint is gone", checkpoint_id, where.thread_id[:80])
+                return False
+            located = found
+        await self._pause_for(where, checkpoint_id, located, writes)
+        return True
+
+    async def _put_owned_at(
+        self, where: _Where, located: Located, writes: list[StoredWrite]
+    ) -> bool:
         owner = _ids.checkpoint_id(where.key, located.incarnation, located.sequence)
         regular = [write for write in writes if write.idx >= 0]
         special = [write for write in writes if write.idx < 0]
@@ -1474,11 +1491,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 where.key, self._write_items(located, group), owner=located.sequence,
                 checkpoint_id=owner, if_absent=if_absent, now=self._now()
             ):
-                self._state.located.pop((where.key, checkpoint_id))
-                logger.info("pending writes for checkpoint %s of thread %r were dropped: "
-                            "the checkpoint is gone", checkpoint_id, where.thread_id[:80])
                 return False
-        await self._pause_for(where, checkpoint_id, located, writes)
         return True
 
     async def _pause_for(

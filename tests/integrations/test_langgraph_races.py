@@ -446,3 +446,20 @@ async def test_a_copy_takes_the_namespaces_started_while_it_copies(
             await copier.acopy_thread("s", "copy")
             copied = await _listed(other, "copy")
     assert copied == sorted([*source, *started])
+
+
+async def test_writes_to_a_checkpoint_put_back_elsewhere_are_stored_with_it(
+    fresh_store: FreshStore,
+) -> None:
+    async with fresh_store() as store:
+        saver, other = _saver(store), _saver(store)
+        with anyio.fail_after(DEADLINE):
+            first = await put(saver, "t", values={"x": 1}, versions={"x": "1.a"})
+            await put(other, "t", parent=first, values={"x": 2}, versions={"x": "2.a"})
+            await other.acopy_thread("t", "backup")  # the thread is put back: another life
+            await other.adelete_thread("t")
+            await other.acopy_thread("backup", "t")
+            await saver.aput_writes(config("t", first), [("x", 3)], "task")
+            found = await other.aget_tuple(config("t", first))
+    assert found is not None
+    assert found.pending_writes == [("task", "x", 3)]
