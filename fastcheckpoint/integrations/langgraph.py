@@ -972,7 +972,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             return await self._encode(where, every, parent_id, _NO_LOGS)
 
         async with self._state.turn(where.key):
-            await self._append(where, encoded, parent_id, now, with_every_value)
+            await self._append(where, encoded, parent_id, now, with_every_value,
+                               root_id=_root_checkpoint_id(full))
         if indexed:
             await self._registered_in_life(where, cast(str, langgraph_run), now)
 
@@ -1115,6 +1116,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         parent_id: str | None,
         now: float,
         with_every_value: Callable[[], Awaitable[_Encoded]],
+        *,
+        root_id: str | None = None,
     ) -> None:
         """Append at the run's next sequence as this process knows it; on a conflict the
         store names the head and the next attempt proposes what follows it. A store that
@@ -1139,7 +1142,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                         where, parent_id, incarnation, now):
                     self._dropped(where, encoded.checkpoint_id)
                     return
-                if guess is None and await self._root_gone(where, ended=attempt > 0, now=now):
+                if guess is None and await self._root_gone(
+                        where, root_id, ended=attempt > 0, now=now):
                     self._dropped(where, encoded.checkpoint_id)
                     return
                 if encoded.log_life is not None and encoded.log_life != incarnation:
@@ -1216,22 +1220,29 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         found = await self._lookup(where, parent_id, now)
         return found is not None and found.incarnation == incarnation
 
-    async def _root_gone(self, where: _Where, *, ended: bool, now: float) -> bool:
+    async def _root_gone(
+        self, where: _Where, root_id: str | None, *, ended: bool, now: float
+    ) -> bool:
         """Whether a save that would start a subgraph namespace belongs to a thread deleted
         meanwhile (a graph run that outlives the delete starts its subgraphs' namespaces
-        afresh): its root's save was dropped here, or (``ended``: the namespace's life this
-        process knew is gone) the store holds no root. A store call only then, once the
-        root's saves under way here have ended."""
-        if not where.checkpoint_ns:
+        afresh), from the root checkpoint it runs under (``root_id``, from its metadata):
+        that checkpoint's save was dropped here, or (``ended``: the namespace's life this
+        process knew is gone) the root's life it was saved in is over (one store call).
+        A root checkpoint this process has not saved is a new graph run's (with
+        ``durability="exit"`` the root saves after its subgraphs)."""
+        if not where.checkpoint_ns or root_id is None:
             return False
         root = _where_from(where.thread_id, "")
-        if self._state.runs.get(root.key) is None and self._state.deleted.get(root.key):
-            return True
-        if not ended:
-            return False
+        # Its save may be on its way here (durability="async" does not wait for it).
         while (saving := self._state.saving_in(root.key)) is not None:
             await saving.wait()
-        return await self._store.get_run(root.key, now=now) is None
+        life = self._state.lives.get((root.key, root_id))
+        if life == _NO_LIFE:
+            return True
+        if life is None or not ended:
+            return False
+        record = await self._store.get_run(root.key, now=now)
+        return record is None or record.incarnation != life
 
     async def _head(self, where: _Where, parent_id: str | None, now: float) -> Any:
         """The run's ``(latest sequence, incarnation)`` as this process knows it, read when a
@@ -2254,6 +2265,14 @@ def _matches(metadata: object, wanted: dict[str, Any]) -> bool:
     if not isinstance(metadata, dict):
         return False
     return all(metadata.get(name) == value for name, value in wanted.items())
+
+
+def _root_checkpoint_id(metadata: Mapping[str, Any]) -> str | None:
+    """The root namespace's checkpoint a subgraph's checkpoint runs under (LangGraph's
+    ``parents`` metadata)."""
+    parents = metadata.get("parents")
+    found = parents.get("") if isinstance(parents, Mapping) else None
+    return found if isinstance(found, str) and found else None
 
 
 def _step_name(metadata: Mapping[str, Any]) -> str:

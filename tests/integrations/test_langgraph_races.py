@@ -17,6 +17,7 @@ from langgraph.graph.message import add_messages
 
 from fastcheckpoint import CheckpointStatus
 from fastcheckpoint.errors import ConflictError
+from fastcheckpoint.integrations import _langgraph_records as records
 from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
 from tests._helpers import FakeClock, make_config
 from tests.integrations._langgraph_support import CountingStore, config, put
@@ -463,3 +464,36 @@ async def test_writes_to_a_checkpoint_put_back_elsewhere_are_stored_with_it(
             found = await other.aget_tuple(config("t", first))
     assert found is not None
     assert found.pending_writes == [("task", "x", 3)]
+
+
+class _SlowRoot(CountingStore):
+    """Appends to a thread's root namespace take a while (subgraph namespaces' do not)."""
+
+    async def append_with_items(self, run_key: str, record: Any, **options: Any) -> Any:
+        if records.SEPARATOR not in options["run"].run_id:
+            await asyncio.sleep(0.05)
+        return await self.inner.append_with_items(run_key, record, **options)
+
+
+@pytest.mark.parametrize("own_history", [True, False])
+@pytest.mark.parametrize("durability", ["sync", "async", "exit"])
+async def test_a_new_graph_run_after_a_delete_keeps_its_subgraph_checkpoints(
+    fresh_store: FreshStore, durability: str, own_history: bool
+) -> None:
+    async with fresh_store() as store:
+        saver = _saver(_SlowRoot(store))
+        thread: Any = {"configurable": {"thread_id": "t"}}
+        with anyio.fail_after(DEADLINE):
+            graph = _with_subgraph_node(saver, own_history=own_history)
+            await graph.ainvoke({"messages": [HumanMessage("1")]}, thread)
+            await saver.adelete_thread("t")
+            for thread_id in ("t", "never deleted"):
+                await graph.ainvoke({"messages": [HumanMessage("1")]},
+                                    {"configurable": {"thread_id": thread_id}},
+                                    durability=durability)
+            await saver.drain()
+            after = await _listed(saver, "t")
+            expected = await _listed(saver, "never deleted")
+    assert after
+    assert [ns.partition(":")[0] for ns, _ in after] == [
+        ns.partition(":")[0] for ns, _ in expected]
