@@ -8,15 +8,21 @@ state. App state and user state are one log each, holding only a state, changed 
 compare-and-set.
 
 An event's changes of app and user state cannot be written in the event's store call (they
-live in other logs): the session's state carries them as *pending*, written atomically with
-the event, and they are applied to the app's and the user's state after it. Each key of
-those states keeps the order of the change that set it (the service's clock, or just above
-the highest order its process saw for the key), and a change sets only keys whose order is
-lower than its own: applying a change again, or after a later one, changes nothing. So
-whoever finds a change pending (the next ``get_session`` or ``append_event`` of the session,
-in any process, also when a process failed or died in between) applies it, exactly once in
-effect, concurrently with others doing the same. An append drops from the session what it
-knows to have been applied.
+live in other logs): the session's state carries them as *pending*, each with a random id,
+written atomically with the event, and they are applied to the app's and the user's state
+after it. Those states keep the ids of the last ``_APPLIED_KEPT`` changes applied to them,
+and per key the order of the change that set it (the service's clock, or just above the
+highest order its process saw for the key). The writer applies its own change at once, as
+the last compare-and-set wins: every key, ordered above the key's order, unless the id
+shows the change applied already. Whoever else finds a change pending (the next
+``get_session`` or ``append_event`` of the session, in any process, also when a process
+failed or died in between) applies it unless its id is there, and then only to keys whose
+order is lower than the change's: a late change never undoes one ordered after it. A key's
+order never goes down, so a change applied once changes nothing when applied again by that
+rule, also after its id has left the list. A slow writer whose change a reader applied
+applies it again only when ``_APPLIED_KEPT`` other changes of that state came in between
+(see the guide).
+An append drops from the session what it knows to have been applied.
 
 Sessions appear in ``fastcheckpoint runs`` and ``show`` under the run id
 ``google-adk:<app>/<user>/<session>`` (names percent-encoded; see
@@ -40,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -94,6 +101,10 @@ _STALE_MESSAGE = ("The session has been modified in storage since it was loaded.
 _MARKER = "fastcheckpoint:"
 _FRAMEWORK = "google-adk"
 _EMPTY_STATE = b"{}"
+_APPLIED_KEPT = 128
+"""Ids of the changes last applied to an app's or a user's state that it keeps: a writer
+whose change a reader applied, slower than this many other changes of that state, applies
+its change again."""
 
 
 class _Stamp(msgspec.Struct):
@@ -119,10 +130,21 @@ class _Pending(NamedTuple):
     event, atomically, and applied to the app's and the user's state after it."""
 
     order: float
-    """Where the change falls among all changes of those keys (per key, the highest order
-    wins): the service's clock, or just above the latest order its process saw."""
+    """Where the change falls among all changes of those keys for whoever applies it late
+    (per key, the highest order wins): the service's clock, or just above the latest order
+    its process saw."""
     app: dict[str, Any]
     user: dict[str, Any]
+    id: str
+    """Random; ``""`` for a change recorded before changes had ids."""
+
+
+class _Change(NamedTuple):
+    """A pending change of one app's or one user's state."""
+
+    id: str
+    order: float
+    delta: dict[str, Any]
 
 
 class _Session(NamedTuple):
@@ -134,10 +156,12 @@ class _Session(NamedTuple):
 
 class _Shared(NamedTuple):
     """An app's or a user's stored state, with the order of the change that set each key
-    (keys written before orders were kept have none: any change orders after them)."""
+    (keys written before orders were kept have none: any change orders after them) and the
+    ids of the changes last applied to it, oldest first."""
 
     state: dict[str, Any]
     orders: dict[str, float]
+    applied: list[str]
 
 
 class _Head(NamedTuple):
@@ -309,7 +333,8 @@ class FastSessionService(BaseSessionService):
             tracked.forget()
             return None
         tracked.saw(_head(head), encoded)
-        app_state, user_state = await self._shared_states(app, user, pending)
+        own = pending[0].id if pending else None
+        app_state, user_state = await self._shared_states(app, user, pending, own=own)
         return head, app_state, user_state
 
     async def get_session(
@@ -436,12 +461,12 @@ class FastSessionService(BaseSessionService):
         appended = await self._append_entry(session, event, tracked, deltas, app, user)
         if appended is None:
             return event
-        head, pending = appended
+        head, pending, own = appended
         # The event is stored with its app: and user: changes as pending: from here a
         # failure or a dead process leaves them for the session's next read or append.
         for tracked_shared, changes in _changes(app, user, pending):
             if changes:
-                await self._shared_state(tracked_shared, changes)
+                await self._shared_state(tracked_shared, changes, own=own)
         session.last_update_time = head.updated_at
         _mark(session, _head(head))
         return self._commit_event_to_session(session, event)
@@ -449,20 +474,22 @@ class FastSessionService(BaseSessionService):
     async def _append_entry(
         self, session: Session, event: Event, tracked: _Tracked, deltas: _Deltas,
         app: _Tracked, user: _Tracked,
-    ) -> tuple[LogHead, list[_Pending]] | None:
+    ) -> tuple[LogHead, list[_Pending], str | None] | None:
         """The session's head after storing ``event`` with its session delta applied to the
-        session's state, and the changes of app and user state the stored session now
-        carries as pending: the event's, and those of earlier events this process does not
-        know to have landed. ``None`` when ``session`` holds that event already."""
+        session's state, the changes of app and user state the stored session now carries
+        as pending (the event's, and those of earlier events this process does not know to
+        have landed), and the id of the event's (``None``: it has none). ``None`` when
+        ``session`` holds that event already."""
         expected, stored_state = await self._expected_head(session, tracked)
         if any(held.id == event.id and held == event for held in session.events):
             return None
         entry = _encode_event(event)
         stored = _decode_session(stored_state, tracked.log.run_id)
         carried = [change for change in stored.pending
-                   if not (_landed(app, change.order, change.app)
-                           and _landed(user, change.order, change.user))]
-        pending = carried + self._pending(app, user, deltas)
+                   if not (_landed(app, change.id, change.order, change.app)
+                           and _landed(user, change.id, change.order, change.user))]
+        own = self._pending(app, user, deltas)
+        pending = carried + own
         state: bytes | None = None
         if deltas.session or pending != stored.pending:
             state = _encode_session({**stored.state, **deltas.session}, pending)
@@ -474,7 +501,7 @@ class FastSessionService(BaseSessionService):
                 raise _not_found(session) from None
             raise StaleSessionError(_STALE_MESSAGE) from None
         tracked.saw(_head(head), stored_state if state is None else state)
-        return head, pending
+        return head, pending, own[0].id if own else None
 
     async def _expected_head(self, session: Session, tracked: _Tracked) -> tuple[_Head, bytes]:
         """The stored head ``session`` reflects, with the stored state there.
@@ -527,38 +554,40 @@ class FastSessionService(BaseSessionService):
             seen = max((orders.get(key, -math.inf) for key in delta), default=-math.inf)
             order = max(order, math.nextafter(seen, math.inf))
         self._last_order = order
-        return [_Pending(order, deltas.app, deltas.user)]
+        return [_Pending(order, deltas.app, deltas.user, secrets.token_urlsafe(12))]
 
     async def _shared_states(
-        self, app: _Tracked, user: _Tracked, pending: list[_Pending], *, known: bool = False
+        self, app: _Tracked, user: _Tracked, pending: list[_Pending], *,
+        own: str | None = None, known: bool = False,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The app's and the user's state with ``pending`` applied (read concurrently when
-        neither changes, unless ``known``: then the views last seen are taken as current)."""
+        """The app's and the user's state with ``pending`` applied, the change ``own`` as its
+        writer applies it (read concurrently when neither changes, unless ``known``: then
+        the views last seen are taken as current)."""
         if not known and not pending:
             app_view, user_view = await _read_all(app.log, user.log)
             app.saw_view(app_view)
             user.saw_view(user_view)
             return _shared_of(app).state, _shared_of(user).state
         (_, app_changes), (_, user_changes) = _changes(app, user, pending)
-        return (await self._shared_state(app, app_changes, known=known),
-                await self._shared_state(user, user_changes, known=known))
+        return (await self._shared_state(app, app_changes, own=own, known=known),
+                await self._shared_state(user, user_changes, own=own, known=known))
 
     async def _shared_state(
-        self, tracked: _Tracked, changes: list[tuple[float, dict[str, Any]]], *,
+        self, tracked: _Tracked, changes: list[_Change], *, own: str | None = None,
         known: bool = False,
     ) -> dict[str, Any]:
-        """The app's or the user's state after applying ``changes`` (order, delta) to it:
-        each key takes the value of the change with the highest order, so applying a change
-        again, or after a later one, changes nothing. Only read when nothing changes (and
-        not even then when ``known``). A compare-and-set on the state, retried on the new
-        state when another session changed it first: concurrent changes all land."""
+        """The app's or the user's state after applying ``changes`` to it (see
+        :func:`_applied`; ``own``: the id of the change its writer applies now). Only read
+        when nothing changes (and not even then when ``known``). A compare-and-set on the
+        state, retried on the new state when another session changed it first: concurrent
+        changes all land, and a change found applied there is not applied again."""
         if not changes and not known:
             tracked.saw_view(await tracked.log.read())
         where = tracked.log.run_id
         for _ in range(_SHARED_ATTEMPTS):
             seen = tracked.known() or tracked.saw_view(await tracked.log.read())
             shared = _decode_shared(seen[1], where)
-            changed = _applied(shared, changes)
+            changed = _applied(shared, changes, own)
             if changed is None:
                 return shared.state
             encoded = _encode_shared(changed)
@@ -685,21 +714,26 @@ def _shared_of(tracked: _Tracked) -> _Shared:
 
 def _changes(
     app: _Tracked, user: _Tracked, pending: list[_Pending]
-) -> tuple[tuple[_Tracked, list[tuple[float, dict[str, Any]]]], ...]:
-    """``pending`` split into the changes (order, delta) of the app's and the user's state."""
-    return ((app, [(change.order, change.app) for change in pending if change.app]),
-            (user, [(change.order, change.user) for change in pending if change.user]))
+) -> tuple[tuple[_Tracked, list[_Change]], ...]:
+    """``pending`` split into the changes of the app's and the user's state."""
+    return ((app, [_Change(change.id, change.order, change.app)
+                   for change in pending if change.app]),
+            (user, [_Change(change.id, change.order, change.user)
+                    for change in pending if change.user]))
 
 
-def _landed(tracked: _Tracked, order: float, delta: Mapping[str, Any]) -> bool:
-    """Whether the change ``order``, ``delta`` is in the app's or the user's state as this
-    process last saw it (then it is in the store too: a key's order never goes down)."""
+def _landed(tracked: _Tracked, change_id: str, order: float, delta: Mapping[str, Any]) -> bool:
+    """Whether applying the change ``change_id``, ``order``, ``delta`` late would leave the
+    app's or the user's state as this process last saw it unchanged (then it does so in the
+    store too: a key's order never goes down, and a listed change's keys are all ordered at
+    or after it)."""
     if not delta:
         return True
     if tracked.known() is None:
         return False
-    orders = _shared_of(tracked).orders
-    return all(orders.get(key, -math.inf) >= order for key in delta)
+    shared = _shared_of(tracked)
+    return _was_applied(shared, change_id) or all(
+        shared.orders.get(key, -math.inf) >= order for key in delta)
 
 
 # -- state and events ---------------------------------------------------------------------------
@@ -764,12 +798,13 @@ def _not_state(found: object, where: str) -> CorruptCheckpointError:
 
 def _encode_session(state: Mapping[str, Any], pending: list[_Pending]) -> bytes:
     """A session's stored state: the JSON object of its keys, as before pending changes
-    were kept, or ``[state, [[order, app delta, user delta], ...]]`` while it carries some
-    (an array, so neither reads as the other)."""
+    were kept, or ``[state, [[order, app delta, user delta, id], ...]]`` while it carries
+    some (an array, so neither reads as the other; a change without its id was written
+    before changes had ids)."""
     encoded = _encode_state(state)  # a value JSON cannot hold: SerializationError
     if not pending:
         return encoded
-    changes = pydantic_core.to_json([[change.order, change.app, change.user]
+    changes = pydantic_core.to_json([[change.order, change.app, change.user, change.id]
                                      for change in pending])  # checked: _check_shared
     return b"[" + encoded + b"," + changes + b"]"
 
@@ -785,27 +820,33 @@ def _decode_session(data: bytes, where: str) -> _Session:
 
 
 def _decoded_pending(change: object, where: str) -> _Pending:
-    if (isinstance(change, list) and len(change) == 3 and _is_order(change[0])
-            and isinstance(change[1], dict) and isinstance(change[2], dict)):
-        return _Pending(float(change[0]), change[1], change[2])
+    if (isinstance(change, list) and len(change) in (3, 4) and _is_order(change[0])
+            and isinstance(change[1], dict) and isinstance(change[2], dict)
+            and isinstance(change_id := change[3] if len(change) == 4 else "", str)):
+        return _Pending(float(change[0]), change[1], change[2], change_id)
     raise CorruptCheckpointError(f"ADK session holds a malformed pending change "
                                  f"{change!r:.60}", key=where)
 
 
 def _encode_shared(shared: _Shared) -> bytes:
-    """An app's or a user's stored state: ``[state, {key: order}]`` (the JSON object of the
-    state alone, as written before orders were kept, reads as a state without orders)."""
-    return pydantic_core.to_json([shared.state, shared.orders])
+    """An app's or a user's stored state: ``[state, {key: order}, [applied id, ...]]`` (the
+    JSON object of the state alone, as written before orders were kept, reads as a state
+    without orders; ``[state, {key: order}]``, as written before ids were kept, as one
+    without ids)."""
+    return pydantic_core.to_json([shared.state, shared.orders, shared.applied])
 
 
 def _decode_shared(data: bytes, where: str) -> _Shared:
     found = _decode_json(data, where) if data else {}
     if isinstance(found, dict):
-        return _Shared(found, {})
-    if not (isinstance(found, list) and len(found) == 2 and isinstance(found[0], dict)
+        return _Shared(found, {}, [])
+    if not (isinstance(found, list) and len(found) in (2, 3) and isinstance(found[0], dict)
             and isinstance(found[1], dict) and all(map(_is_order, found[1].values()))):
         raise _not_state(found, where)
-    return _Shared(found[0], {key: float(order) for key, order in found[1].items()})
+    applied = found[2] if len(found) == 3 else []
+    if not (isinstance(applied, list) and all(isinstance(item, str) for item in applied)):
+        raise _not_state(found, where)
+    return _Shared(found[0], {key: float(order) for key, order in found[1].items()}, applied)
 
 
 def _is_order(value: object) -> bool:
@@ -819,17 +860,34 @@ def _is_order(value: object) -> bool:
         return False
 
 
-def _applied(shared: _Shared, changes: list[tuple[float, dict[str, Any]]]) -> _Shared | None:
-    """``shared`` with ``changes`` (order, delta) applied, each key taking the value of the
-    highest order (the first of equal ones); ``None`` when that changes nothing."""
-    state, orders = dict(shared.state), dict(shared.orders)
-    for order, delta in changes:
-        for key, value in delta.items():
-            if orders.get(key, -math.inf) < order:
-                state[key], orders[key] = value, order
+def _applied(shared: _Shared, changes: list[_Change], own: str | None) -> _Shared | None:
+    """``shared`` with ``changes`` applied; ``None`` when that changes nothing. A change
+    whose id ``shared`` lists is applied already and changes nothing. The change ``own``
+    is its writer's, made now: it sets every key, as the last compare-and-set. Any other
+    is applied late (its writer failed or died, or has not come to it yet): it sets a key
+    only when it is ordered after the change that set it (the first of equal ones wins),
+    so it never undoes a change ordered after it. Either way a key's order never goes
+    down, and the id of a change that sets any key is listed."""
+    state, orders, applied = dict(shared.state), dict(shared.orders), list(shared.applied)
+    for change in changes:
+        if change.id and change.id in applied:
+            continue
+        mine = own is not None and change.id == own
+        setting = [key for key in change.delta
+                   if mine or orders.get(key, -math.inf) < change.order]
+        for key in setting:
+            state[key] = change.delta[key]
+            orders[key] = max(change.order, math.nextafter(orders.get(key, -math.inf),
+                                                           math.inf))
+        if setting and change.id:
+            applied.append(change.id)
     if orders == shared.orders:
         return None
-    return _Shared(state, orders)
+    return _Shared(state, orders, applied[-_APPLIED_KEPT:])
+
+
+def _was_applied(shared: _Shared, change_id: str) -> bool:
+    return bool(change_id) and change_id in shared.applied
 
 
 def _encode_event(event: Event) -> bytes:

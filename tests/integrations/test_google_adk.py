@@ -490,6 +490,115 @@ async def test_a_pending_change_is_applied_once_by_readers_and_its_slow_writer_a
             assert await writer.get_user_state(app_name="a", user_id="u") == {"k": 2}
 
 
+@pytest.mark.parametrize("read_first", [False, True], ids=["unread", "read"])
+async def test_a_later_change_from_a_process_whose_clock_lags_is_kept(
+    fresh_store: FreshStore, adk_clock: FakeClock, read_first: bool
+) -> None:
+    """Process B's clock runs 5 s behind A's. A changes ``user:k``, then B changes it a
+    second later (B having read the session before A's change, or not): B's change is the
+    last compare-and-set of the user's state and is kept, as B's session object says. A
+    later read anywhere, even by a process whose clock runs ahead, applies nothing again."""
+    ids = {"app_name": "a", "user_id": "u"}
+    with anyio.fail_after(DEADLINE):
+        async with fresh_store() as store:
+            ahead = FastSessionService(store, clock=adk_clock)
+            behind = FastSessionService(store, clock=lambda: adk_clock() - 5)
+            mine = await ahead.create_session(**ids, session_id="a")
+            theirs: Session | None = await behind.create_session(**ids, session_id="b")
+            await ahead.append_event(mine, event({"user:k": "old"}))
+            adk_clock.advance(10)
+            if read_first:
+                theirs = await behind.get_session(**ids, session_id="b")
+                assert theirs is not None
+                assert theirs.state == {"user:k": "old"}
+            adk_clock.advance(1)
+            await ahead.append_event(mine, event({"user:k": "earlier"}))
+            adk_clock.advance(1)
+            assert theirs is not None
+            await behind.append_event(theirs, event({"user:k": "later"}))
+            assert theirs.state == {"user:k": "later"}
+            for service in (ahead, behind):
+                assert await service.get_user_state(**ids) == {"k": "later"}
+
+            # Session a still carries A's change as pending: found applied, it is skipped.
+            counting: Any = CountingStore(store)
+            third = FastSessionService(counting, clock=lambda: adk_clock() + 5)
+            got = await third.get_session(**ids, session_id="a")
+            assert counting.take() == {"read_with_items": 3}
+            assert got is not None
+            assert got.state == {"user:k": "later"}
+
+
+async def test_a_slow_writer_whose_change_a_reader_applied_writes_nothing(
+    fresh_store: FreshStore, adk_clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer stored its event and is slow to change the user's state; a reader applies
+    the change, then a process whose clock runs 5 s behind (and has not seen the user's
+    state) changes the key. The writer's compare-and-set, when it comes, finds its change
+    applied and writes nothing: the later change stays, and nothing is applied twice."""
+    writer_held, release_writer = anyio.Event(), anyio.Event()
+
+    async def hold(run_id: str) -> None:
+        if run_id.startswith(names.USER_STATE_PREFIX) and not writer_held.is_set():
+            writer_held.set()
+            await release_writer.wait()
+
+    ids = {"app_name": "a", "user_id": "u"}
+    user_log = names.user_state_run_id("a", "u")
+    with anyio.fail_after(DEADLINE):
+        async with fresh_store() as store:
+            writer = FastSessionService(store, clock=adk_clock)
+            session = await writer.create_session(**ids, session_id="s")
+            other = await writer.create_session(**ids, session_id="t")
+            _before_shared_writes(monkeypatch, hold)
+            reader = FastSessionService(store, clock=adk_clock)
+            lagging = FastSessionService(store, clock=lambda: adk_clock() - 5)
+            async with anyio.create_task_group() as group:
+                group.start_soon(writer.append_event, session, event({"user:k": 1}))
+                await writer_held.wait()
+                try:  # the held writer cannot be cancelled: release it whatever fails
+                    before = await _revision(store, user_log)
+                    got = await reader.get_session(**ids, session_id="s")
+                    assert got is not None
+                    assert got.state == {"user:k": 1}
+                    adk_clock.advance(1)
+                    await lagging.append_event(other, event({"user:k": 2}))
+                    assert await _revision(store, user_log) == before + 2
+                finally:
+                    release_writer.set()
+            assert session.state == {"user:k": 1}  # the writer's object: its own change
+            assert await _revision(store, user_log) == before + 2
+            assert await writer.get_user_state(**ids) == {"k": 2}
+
+
+async def test_shared_state_keeps_the_last_applied_ids_and_reads_the_earlier_format() -> None:
+    """App and user state written without applied ids, and pending changes without an id,
+    are read and applied by order; the state then keeps the ids of the last 128 changes
+    applied to it, newest last."""
+    ids = {"app_name": "a", "user_id": "u"}
+    with anyio.fail_after(DEADLINE):
+        store = MemoryStore()
+        user_log = EntryLog(store, names.user_state_run_id("a", "u"))
+        await user_log.append((), state=b'[{"k":1,"j":1},{"k":5,"j":5}]', expect=-1)
+        await EntryLog(store, names.session_run_id("a", "u", "s")).append(
+            (), state=b'[{"n":1},[[6,{},{"k":2}],[4,{},{"j":2}]]]', expect=-1)
+        service = FastSessionService(store, clock=lambda: 10.0)
+        got = await service.get_session(**ids, session_id="s")
+        assert got is not None
+        assert got.state == {"n": 1, "user:k": 2, "user:j": 1}
+        for number in range(130):
+            await service.append_event(got, event({"user:k": number}))
+        stored = await user_log.read()
+        session = await EntryLog(store, names.session_run_id("a", "u", "s")).read()
+        assert stored is not None
+        assert session is not None
+        state, orders, applied = json.loads(stored.state)
+        assert (state, set(orders)) == ({"k": 129, "j": 1}, {"k", "j"})
+        own_state, pending = json.loads(session.state)
+        assert len(applied) == len(set(applied)) == 128
+        assert (own_state, [change[3] for change in pending]) == ({"n": 1}, applied[-1:])
+
+
 _KILLED_WRITER = """
 import asyncio, os, signal, sys
 from google.adk.events.event import Event
