@@ -389,8 +389,9 @@ class CheckpointManager:
         record written, its parent id and the run status. Creates of one run in this process
         take turns: racing each other would only burn retries, and a log is extended only by
         the create after the one that wrote it. With ``new_run`` the checkpoint must start
-        the run (sequence 0 of a new incarnation): an existing run is a
-        :class:`ConflictError`, not a race to retry. With ``expected`` the checkpoint must
+        the run (sequence 0 of a new incarnation, or of a run the store holds without any
+        checkpoint yet): an existing run is a :class:`ConflictError`, not a race to retry.
+        With ``expected`` the checkpoint must
         take that sequence: 0 is ``new_run``; otherwise a run whose head is not the sequence
         before it (or no run) is a :class:`ConflictError`, and so is losing it to another
         writer.
@@ -476,6 +477,13 @@ class CheckpointManager:
                 extend = False
                 continue
             except SequenceConflict as conflict:
+                joined = _being_created(conflict) if new_run else None
+                if joined is not None:
+                    # A run without a checkpoint yet (its creator may have died before
+                    # its first one): sequence 0 there is still the run's start, and the
+                    # store's create-only write of it decides against a live creator.
+                    guess = (-1, joined)
+                    continue
                 if new_run:
                     raise ConflictError(f"run {header.run_id!r} exists already") from conflict
                 guess = await self._observed_head(key, conflict, now)
@@ -1445,6 +1453,12 @@ class CheckpointManager:
                 for status, at, actor, note in data.history
             ],
         )
+
+
+def _being_created(conflict: SequenceConflict) -> str | None:
+    """The incarnation of a run the store holds without any checkpoint yet, if that is
+    what refused the append."""
+    return conflict.incarnation if conflict.latest_sequence == -1 else None
 
 
 def _check_expected(run_id: str, expected: int, head: tuple[int, str] | None) -> None:

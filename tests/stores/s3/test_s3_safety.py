@@ -964,6 +964,31 @@ async def test_a_crashed_first_create_is_taken_over_at_once(s3_store: S3Store) -
     assert restored.checkpoint_id == following.checkpoint_id
 
 
+async def test_a_crashed_first_create_is_taken_over_by_creates_that_need_a_new_run(
+    s3_store: S3Store,
+) -> None:
+    """A run whose creator died before its first checkpoint does not exist (get_run says
+    so): create(expected_sequence=0) and fork into it take it over at sequence 0 like any
+    create, and a second create expecting 0 is refused."""
+    with anyio.fail_after(DEADLINE):
+        incarnation = await _crashed_creation(s3_store, "crashed", at=T0)
+        forked_into = await _crashed_creation(s3_store, "forked", at=T0)
+        manager = _manager(s3_store, clock=lambda: T0 + 1.0, max_sequence_retries=3)
+        absent = await manager.get_run("crashed")
+        created = await manager.create("crashed", {"n": 0}, expected_sequence=0)
+        assert created is not None
+        with pytest.raises(ConflictError, match="exists already"):
+            await manager.create("crashed", {"n": 1}, expected_sequence=0)
+        forked = await manager.fork(created.checkpoint_id, new_run_id="forked")
+        restored = await manager.restore("crashed")
+
+    assert absent is None
+    assert created.checkpoint_id == _ids.checkpoint_id(_ids.key_of("crashed"), incarnation, 0)
+    assert forked.checkpoint_id == _ids.checkpoint_id(_ids.key_of("forked"), forked_into, 0)
+    assert restored is not None
+    assert restored.state == {"n": 0}
+
+
 async def test_first_creates_racing_with_a_slow_creator_all_land(s3_store: S3Store) -> None:
     """Writers join a run being created instead of waiting for its creator: every create
     is acknowledged once, at its own sequence, and restorable."""
