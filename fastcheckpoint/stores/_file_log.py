@@ -613,8 +613,10 @@ class LogView:
         return self.index is not None and not self.tail.found and not self.tail.damaged
 
     def close(self) -> None:
-        os.close(self.fd)
-        self._drop_index()
+        try:
+            os.close(self.fd)
+        finally:
+            self._drop_index()
 
     def _drop_index(self) -> None:
         if self.index is not None:

@@ -1592,6 +1592,16 @@ def _after_commit(path: str) -> Iterator[None]:
         _log_leftover(path, exc)
 
 
+@contextlib.contextmanager
+def _close_logged(path: str) -> Iterator[None]:
+    """Closing what an operation opened, once it is done: a failure is logged (the descriptor
+    is released all the same), never reported as the operation's."""
+    try:
+        yield
+    except OSError as exc:
+        logger.warning("file store: closing %s failed: %s", path, exc.strerror or exc)
+
+
 def _remove_empty_dir(path: str) -> None:
     try:
         os.rmdir(path)
@@ -1899,11 +1909,16 @@ class FileStore(ExpiryCleanup):
             # A run without a directory needs no lock file. Removed while held: whoever
             # waits on it finds its inode gone from the path and locks a new file.
             if not os.path.lexists(run_dir):
-                _discard(path)
+                with _after_commit(path):
+                    _discard(path)
         finally:
-            held.forget()
+            # The operation is done either way: a close that fails is logged, and never
+            # keeps the lock's descriptor open (the run would stay locked for good).
             del _HELD.by_path[run_dir]
-            os.close(fd)
+            with _close_logged(run_dir):
+                held.forget()
+            with _close_logged(path):
+                os.close(fd)
         if held.compact_due:  # the operation succeeded: compact, holding the lock briefly
             self._compact(run_key)
 

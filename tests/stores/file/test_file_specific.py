@@ -530,6 +530,74 @@ async def test_failed_marker_move_after_commit_does_not_fail_update_run(
     assert len(_marker_names(root)) == 1
 
 
+def _lock_is_free(root: Path, key: str) -> bool:
+    """Whether nothing holds the run's lock (any open description of the lock file would)."""
+    fd = os.open(root / "locks" / key, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+async def test_a_close_that_fails_after_a_write_neither_fails_it_nor_keeps_the_lock(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``close`` failing (EIO, the descriptor released all the same) once a write's commit is
+    synced: the write stands and reports success, and the run's lock is released (a close
+    that raised used to skip closing the lock's descriptor: the run stayed locked for good)."""
+    store = FileStore(root)
+    seed = make_run("close-fails")
+    key = key_of(seed)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    with anyio.fail_after(30):
+        await _append(store, seed, 0)
+        synced: list[int] = []
+        real_sync, real_close = os.fdatasync, os.close
+
+        def fdatasync(fd: int) -> None:
+            real_sync(fd)
+            synced.append(fd)
+
+        def close(fd: int) -> None:
+            real_close(fd)
+            if synced:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        monkeypatch.setattr(os, "close", close)
+        await store.put_items(key, [make_item("a")], now=T0)
+        await store.delete_items(key, ["a"])
+        monkeypatch.undo()
+        assert synced
+        assert "closing" in _warnings(caplog)
+        assert _lock_is_free(root, key)
+        await store.put_items(key, [make_item("b")], now=T0)
+        assert await store.get_items(key, ["a", "b"], now=T0) == {"b": b"value-b"}
+
+
+async def test_delete_run_whose_lock_file_cannot_be_removed_still_succeeds(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lock file is removed after the run left ``runs/``: a failure there is cleanup,
+    logged, never the deletion's error (it raised though the run was gone)."""
+    store = FileStore(root)
+    seed = make_run("lock-file-stays")
+    key = key_of(seed)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    with anyio.fail_after(30):
+        await _append(store, seed, 0)
+        refused = _failing_unlink(monkeypatch, lambda path: f"{os.sep}locks{os.sep}" in path)
+        assert await store.delete_run(key) == 1
+        monkeypatch.undo()
+        assert refused
+        assert f"cleanup of {refused[0]} failed after the commit" in _warnings(caplog)
+        assert await store.get_run(key, now=T0) is None
+        assert await store.latest(key, now=T0) is None
+
+
 # -- costs ------------------------------------------------------------------------------------
 
 
