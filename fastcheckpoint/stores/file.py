@@ -2745,7 +2745,16 @@ class FileStore(ExpiryCleanup):
         except FileNotFoundError:
             return None  # no such run
         _INDEXES.forget(self._run_dir(run_key))
-        self._sync_dir(self._runs)
+        try:
+            self._sync_dir(self._runs)
+        except OSError:
+            # Not known to be durable: put back, so that the failure leaves the run as it was.
+            try:
+                os.rename(trash, self._run_dir(run_key))
+            except OSError as back:
+                _log_leftover(trash, back)
+                return trash  # out of runs/ for good: the removal stands
+            raise
         return trash
 
     # -- runs ---------------------------------------------------------------------------------

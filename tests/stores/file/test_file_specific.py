@@ -598,6 +598,36 @@ async def test_delete_run_whose_lock_file_cannot_be_removed_still_succeeds(
         assert await store.latest(key, now=T0) is None
 
 
+async def test_delete_run_whose_directory_sync_fails_leaves_the_run(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename that takes a run out of ``runs/`` is durable only once the directory is
+    synced: when that sync fails, ``delete_run`` raises and the run is put back, whole (it
+    raised with the run gone)."""
+    store = FileStore(root)
+    seed = make_run("sync-fails")
+    key = key_of(seed)
+    with anyio.fail_after(30):
+        for sequence in range(2):
+            await _append(store, seed, sequence)
+        before = await store.get_run(key, now=T0)
+
+        def fsync(fd: int) -> None:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        with pytest.raises(StoreError):
+            await store.delete_run(key)
+        monkeypatch.undo()
+        assert await store.get_run(key, now=T0) == before
+        latest = await store.latest(key, now=T0)
+        assert latest is not None
+        assert latest[0].sequence == 1
+        assert await store.delete_run(key) == 2
+        assert await store.get_run(key, now=T0) is None
+        assert os.listdir(root / "trash") == []
+
+
 # -- costs ------------------------------------------------------------------------------------
 
 
