@@ -5,18 +5,18 @@ the run) live in ``log``, the run's only file that a create writes to::
 
     log   header (magic, format version, a random log id), then entries, appended in commits
     idx   where the newest entry of each key is: a header (the log id it indexes, the boot it
-          was written in, how far it covers the log, how many bytes are live) and one 16-byte
-          slot per key, at a fixed place (keys 0 and up at odd slots, negative keys at even
-          ones: the run record's key, -1, first)
+          was written in, how far it covers the log, how many bytes are live, how long it is)
+          and one 16-byte slot per key, at a fixed place (keys 0 and up at odd slots,
+          negative keys at even ones: the run record's key, -1, first)
 
 An entry is an envelope (magic, operation, flags "first" and "last of its commit", key, data
 length, CRC-32 of the data, CRC-32 of the envelope) and the data. A commit appends its
 entries with one ``pwrite`` and makes them durable with one ``fdatasync``; it then updates
 ``idx`` without syncing it. ``idx`` is a cache: a reader checks every slot it uses (its CRC,
 the entry's envelope and key) and reads the commits appended after what ``idx`` covers; an
-``idx`` that is missing, damaged, of another log or of an earlier boot (unsynced, its pages
-may have reached the disk in any order) is replaced by a scan of the log, and a new one is
-written under the run's lock (:meth:`LogWriter.reindex`, or the next commit). So a reader
+``idx`` that is missing, damaged, cut short, of another log or of an earlier boot (unsynced,
+its pages may have reached the disk in any order) is replaced by a scan of the log, and a new
+one is written under the run's lock (:meth:`LogWriter.reindex`, or the next commit). So a reader
 reads a record in O(1) of the run's length, and a create costs one write and one sync.
 
 Torn tails and damage: a commit counts once all its entries, first to last, are in place with
@@ -92,8 +92,11 @@ _LOG_MAGIC = b"FClg"
 _INDEX_MAGIC = b"FCix"
 _ENTRY_MAGIC = b"FCle"
 _VERSION = 3
-"""Of the log and ``idx`` formats (2: envelope CRCs seeded with the log id; 3: negative keys
-below the run record's, and slots laid out for them)."""
+"""Of the log format (2: envelope CRCs seeded with the log id; 3: negative keys below the run
+record's)."""
+_INDEX_VERSION = 4
+"""Of the ``idx`` format (3: slots laid out for negative keys; 4: its length in its header). An
+``idx`` of another version is rebuilt from the log, as a damaged one is."""
 _PUT = 1
 _REMOVE = 2
 _FIRST = 1
@@ -106,9 +109,11 @@ _LOG_HEADER = struct.Struct("<4sHH16sI4x")
 _ENVELOPE = struct.Struct("<4sBB2xqII")
 _ENVELOPE_CRC = struct.Struct("<I")
 _ENTRY = _ENVELOPE.size + _ENVELOPE_CRC.size
-# Index header: magic, version, reserved, log id, boot, end, live bytes, CRC | padding to 64.
-_INDEX_HEADER = struct.Struct("<4sHH16s16sQQI")
-_INDEX_START = 64
+# Index header: magic, version, reserved, log id, boot, end, live bytes, length, CRC | padding
+# to 80. The length is how long its writers made it: a slot within it that cannot be read is
+# of an idx cut short (damage), not a key without an entry.
+_INDEX_HEADER = struct.Struct("<4sHH16s16sQQQI")
+_INDEX_START = 80
 # Slot: entry offset + 1 (0: none), data length, CRC of (key, offset, length).
 _SLOT = struct.Struct("<QII")
 _SLOT_CRC = struct.Struct("<qQI")
@@ -235,11 +240,17 @@ def _log_header(log_id: bytes) -> bytes:
     return _LOG_HEADER.pack(_LOG_MAGIC, _VERSION, 0, log_id, zlib.crc32(fields))
 
 
-def _index_header(log_id: bytes, end: int, live: int) -> bytes:
-    fields = _INDEX_HEADER.pack(_INDEX_MAGIC, _VERSION, 0, log_id, _boot(), end, live, 0)[:-4]
+def _index_header(log_id: bytes, end: int, live: int, length: int) -> bytes:
+    fields = _INDEX_HEADER.pack(
+        _INDEX_MAGIC, _INDEX_VERSION, 0, log_id, _boot(), end, live, length, 0)[:-4]
     crc = zlib.crc32(fields)
-    return _INDEX_HEADER.pack(
-        _INDEX_MAGIC, _VERSION, 0, log_id, _boot(), end, live, crc).ljust(_INDEX_START, b"\0")
+    return _INDEX_HEADER.pack(_INDEX_MAGIC, _INDEX_VERSION, 0, log_id, _boot(), end, live, length,
+                              crc).ljust(_INDEX_START, b"\0")
+
+
+def _index_length(keys: Iterable[int], length: int = _INDEX_START) -> int:
+    """How long ``idx`` is once the slots of ``keys`` are written (``length``: before)."""
+    return max([length, *(_slot_offset(key) + _SLOT.size for key in keys)])
 
 
 class WouldWait(Exception):
@@ -514,6 +525,8 @@ class _Index(NamedTuple):
     log_id: bytes
     end: int
     live: int
+    length: int
+    """How long its writers made it (a shorter ``idx`` was cut short)."""
 
 
 def _read_index(fd: int, log_id: bytes) -> _Index | None:
@@ -521,12 +534,13 @@ def _read_index(fd: int, log_id: bytes) -> _Index | None:
     raw = pread(fd, _INDEX_START, 0)
     if len(raw) < _INDEX_HEADER.size:
         return None
-    magic, version, _, found_id, boot, end, live, crc = _INDEX_HEADER.unpack_from(raw)
-    if magic != _INDEX_MAGIC or version != _VERSION or found_id != log_id or boot != _boot():
+    magic, version, _, found_id, boot, end, live, length, crc = _INDEX_HEADER.unpack_from(raw)
+    if magic != _INDEX_MAGIC or version != _INDEX_VERSION or found_id != log_id or \
+            boot != _boot():
         return None
     if zlib.crc32(raw[: _INDEX_HEADER.size - 4]) != crc or end < _LOG_HEADER.size:
         return None
-    return _Index(fd, found_id, end, live)
+    return _Index(fd, found_id, end, live, length)
 
 
 def _read_log_id(fd: int, path: str) -> bytes:
@@ -633,8 +647,12 @@ class LogView:
         """``key``'s slot in ``idx`` (``_BEYOND``: a commit made since the view opened,
         ``_BAD``: a slot that does not check)."""
         assert self.index is not None
-        raw = pread(self.index.fd, _SLOT.size, _slot_offset(key))
-        if len(raw) < _SLOT.size or raw == bytes(_SLOT.size):
+        offset = _slot_offset(key)
+        raw = pread(self.index.fd, _SLOT.size, offset)
+        if len(raw) < _SLOT.size:
+            # Past the end of idx: no entry, unless idx was cut short (its header tells).
+            return _BAD if offset + _SLOT.size <= self.index.length else None
+        if raw == bytes(_SLOT.size):
             return None
         stored, size, crc = _SLOT.unpack(raw)
         if zlib.crc32(_SLOT_CRC.pack(key, stored, size)) != crc or stored == 0:
@@ -745,11 +763,11 @@ class LogView:
         self.tail = self.tail._replace(found=found, end=end, damaged=damaged, live=tail_live)
         self.size = end
 
-    def indexed_to(self, end: int, live: int) -> None:
+    def indexed_to(self, end: int, live: int, length: int) -> None:
         """``idx`` now covers every commit up to ``end`` (its writer updated it in place,
-        through the file this view reads), with ``live`` bytes live."""
+        through the file this view reads), with ``live`` bytes live, and is ``length`` long."""
         assert self.index is not None
-        self.index = self.index._replace(end=end, live=live)
+        self.index = self.index._replace(end=end, live=live, length=length)
         self.tail = _Scan({}, end, {}, 0, False)
 
     def _rescan(self) -> None:
@@ -1002,8 +1020,8 @@ class LogWriter:
                 # No usable idx: every key's place comes from the view's scan of the whole log.
                 self._install_index(view.log_id, end, live, located)
             else:
-                self._update_index(view, end, live, located)
-                view.indexed_to(end, live)
+                length = self._update_index(view, end, live, located)
+                view.indexed_to(end, live, length)
         except OSError as exc:
             # The commit stands: readers find it past what idx covers; the next writer
             # updates idx (or makes a new one).
@@ -1043,14 +1061,15 @@ class LogWriter:
 
     def _update_index(
         self, view: LogView, end: int, live: int, located: dict[int, Located | None]
-    ) -> None:
+    ) -> int:
         """Write the slots of a commit's keys, then ``idx``'s header (with ``run.rec``'s slot,
-        right after it, in the same write)."""
+        right after it, in the same write); returns ``idx``'s length."""
         assert view.index is not None
         fd = view.index.fd if view.index_writable else os.open(
             os.path.join(self.directory, INDEX), _WRITE_FLAGS)
+        length = _index_length(located, view.index.length)
         try:
-            header = _index_header(view.log_id, end, live)
+            header = _index_header(view.log_id, end, live, length)
             if RUN in located:
                 header += _slot_bytes(RUN, located[RUN])
             for key, found in located.items():
@@ -1060,6 +1079,7 @@ class LogWriter:
         finally:
             if fd != view.index.fd:
                 os.close(fd)
+        return length
 
     def reindex(self) -> None:
         """Write a whole new ``idx`` when it is missing, stale or behind the log (under the run
@@ -1101,7 +1121,8 @@ class LogWriter:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             try:
-                _write_at(fd, _index_header(log_id, end, live), 0)
+                length = _index_length(key for key, at in entries.items() if at is not None)
+                _write_at(fd, _index_header(log_id, end, live, length), 0)
                 for key, found in entries.items():
                     if found is not None:
                         _write_at(fd, _slot_bytes(key, found), _slot_offset(key))

@@ -286,6 +286,20 @@ def test_a_damaged_or_foreign_index_is_not_trusted(run: _Run, damage: str) -> No
     run.check()
 
 
+def test_an_index_cut_short_is_not_trusted(run: _Run, tmp_path: Path) -> None:
+    """``idx`` cut at any length past its header: a slot it no longer holds is damage, never
+    a key without an entry (its records read as absent, the run record included)."""
+    for version in range(3):
+        run.commit({key: _data(key, version) for key in (RUN, 0, 1, 2, -5)})
+    intact = run.index_path.read_bytes()
+    for length in range(log._INDEX_START, len(intact)):
+        run.index_path.write_bytes(intact[:length])
+        run.check()
+    run.commit({3: b"three"})
+    run.model[3] = b"three"
+    run.check_indexed()
+
+
 def test_a_torn_tail_is_ignored_and_cut_by_the_next_writer(
     run: _Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -628,6 +628,40 @@ async def test_delete_run_whose_directory_sync_fails_leaves_the_run(
         assert os.listdir(root / "trash") == []
 
 
+async def test_a_run_whose_idx_was_cut_short_is_neither_absent_nor_started_again(
+    root: Path,
+) -> None:
+    """``idx`` cut short past its header (its slots, ``run.rec``'s first): every reader still
+    finds the run and its checkpoints, so a create that would start the run again at 0 is a
+    conflict (the run read as absent, and such a create buried checkpoint 0 under another
+    incarnation's), and the next create continues the run."""
+    store = FileStore(root)
+    seed = make_run("idx-cut")
+    key = key_of(seed)
+    with anyio.fail_after(30):
+        for sequence in range(3):
+            await _append(store, seed, sequence)
+        run = await store.get_run(key, now=T0)
+        index = root / "runs" / key / "idx"
+        intact = index.read_bytes()
+        for length in range(file_log._INDEX_START, len(intact), 8):
+            index.write_bytes(intact[:length])
+            assert await store.get_run(key, now=T0) == run, length
+            latest = await store.latest(key, now=T0)
+            assert latest is not None
+            assert latest[0].sequence == 2
+        again = make_run("idx-cut")
+        with pytest.raises(SequenceConflict):
+            await store.append(key, make_checkpoint(again, 0), run=again, keep_latest=None,
+                               now=T0)
+        assert run is not None
+        await store.append(key, make_checkpoint(run, 3), run=run, keep_latest=None, now=T0)
+        for sequence in range(4):
+            got = await store.get(key, sequence, now=T0)
+            assert got is not None
+            assert got[0].checkpoint_id == checkpoint_id_of(seed, sequence)
+
+
 # -- costs ------------------------------------------------------------------------------------
 
 
