@@ -1144,11 +1144,16 @@ class LogWriter:
         except BaseException:
             new.abandon()
             raise
-        self._put_in_place(new, located)
+        self._put_in_place(new, located, first=True)
 
-    def _put_in_place(self, new: _NewLog, located: dict[int, Located | None]) -> None:
+    def _put_in_place(
+        self, new: _NewLog, located: dict[int, Located | None], *, first: bool = False
+    ) -> None:
         """Sync the new log, rename it over ``log``, sync the directory, and write its ``idx``
-        (``located``: where each key's newest entry is, ``None`` for a removed key)."""
+        (``located``: where each key's newest entry is, ``None`` for a removed key). ``first``:
+        the run's first log, taken away again if the directory sync fails (the commit it
+        holds fails). Once the log stands, a failure to write ``idx`` is logged: readers scan
+        the log until a writer makes a new one."""
         try:
             self._sync(new.fd, data_only=False)
         except BaseException:
@@ -1160,10 +1165,35 @@ class LogWriter:
         except BaseException:
             new.abandon()
             raise
-        self._sync_directory()
+        try:
+            self._sync_directory()
+        except OSError:
+            # Not known to be durable. No reader used the first log: without its idx, a
+            # reader waits for the run lock, held here.
+            if first and self._taken_away():
+                raise
+            if first:
+                logger.warning("file store: %s stands, though its directory sync failed",
+                               self.path)
+            else:
+                raise
         kept = {key: at for key, at in located.items() if at is not None}
         live = sum(_ENTRY + at.size for at in kept.values())
-        self._install_index(new.log_id, new.size, live, kept)
+        try:
+            self._install_index(new.log_id, new.size, live, kept)
+        except OSError as exc:
+            logger.warning("file store: writing %s failed after a commit: %s",
+                           os.path.join(self.directory, INDEX), exc.strerror or exc)
+
+    def _taken_away(self) -> bool:
+        """Remove the run's first log again; whether it is gone."""
+        try:
+            os.unlink(self.path)
+        except OSError as exc:
+            logger.warning("file store: %s could not be removed after its directory sync "
+                           "failed: %s", self.path, exc.strerror or exc)
+            return False
+        return True
 
     # -- compaction ----------------------------------------------------------------------------
 

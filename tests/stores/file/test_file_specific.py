@@ -662,6 +662,66 @@ async def test_a_run_whose_idx_was_cut_short_is_neither_absent_nor_started_again
             assert got[0].checkpoint_id == checkpoint_id_of(seed, sequence)
 
 
+async def test_a_first_commit_whose_idx_cannot_be_written_stands_and_reports_success(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run's first log is in place (renamed, directory synced) before its ``idx`` is
+    written: an ``idx`` that cannot be written is logged, and the create succeeds (it raised
+    with checkpoint 0 in place: a retry then took sequence 1 for the same state)."""
+    store = FileStore(root)
+    seed = make_run("first-idx-fails")
+    key = key_of(seed)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    real = os.replace
+
+    def replace(source: Any, target: Any, *args: Any, **kwargs: Any) -> None:
+        if os.path.basename(os.fsdecode(target)) == "idx":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), target)
+        real(source, target, *args, **kwargs)
+
+    with anyio.fail_after(30):
+        monkeypatch.setattr(os, "replace", replace)
+        await _append(store, seed, 0)
+        await store.put_items(key_of(make_run("items-only")), [make_item("a")], now=T0)
+        monkeypatch.undo()
+        assert "idx failed after a commit" in _warnings(caplog)
+        run = await store.get_run(key, now=T0)
+        assert run is not None
+        assert run.latest_sequence == 0
+        assert await store.get_items(key_of(make_run("items-only")), ["a"], now=T0) == {
+            "a": b"value-a"}
+        await store.append(key, make_checkpoint(run, 1), run=run, keep_latest=None, now=T0)
+        assert [h.sequence for h in (await store.headers(
+            key, before=None, limit=10, now=T0))[0]] == [1, 0]
+
+
+async def test_a_first_commit_whose_directory_sync_fails_leaves_nothing(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename that puts a run's first log in place is durable once the run directory is
+    synced: when that sync fails, the write raises and the log is taken away again, so the
+    run holds nothing (it raised with the items in place), and the write can be made again."""
+    store = FileStore(root)
+    key = key_of(make_run("first-sync-fails"))
+    run_dir = root / "runs" / key
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if run_dir.is_dir() and os.path.samestat(os.fstat(fd), run_dir.stat()):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    with anyio.fail_after(30):
+        monkeypatch.setattr(os, "fsync", fsync)
+        with pytest.raises(StoreError):
+            await store.put_items(key, [make_item("a")], now=T0)
+        monkeypatch.undo()
+        assert await store.get_items(key, ["a"], now=T0) == {}
+        assert await store.scan_items(key, limit=10, now=T0) == []
+        await store.put_items(key, [make_item("a")], now=T0)
+        assert await store.get_items(key, ["a"], now=T0) == {"a": b"value-a"}
+
+
 # -- costs ------------------------------------------------------------------------------------
 
 
