@@ -426,7 +426,8 @@ _Entry = tuple[int, Located, int]
 
 
 def _scan(
-    fd: int, start: int, size: int, seed: int, *, read: bool = False, chunk: int = _SCAN_CHUNK
+    fd: int, start: int, size: int, seed: int, *, read: bool = False, chunk: int = _SCAN_CHUNK,
+    committed: int = 0,
 ) -> _Scan:
     """Read the commits in ``[start, size)``.
 
@@ -437,10 +438,15 @@ def _scan(
     (a damaged envelope) before a complete commit are damage: every key found before them
     reads as damaged (the bytes may have held a newer entry of it), never as its older entry.
     ``read``: the range holds only commits a scan found whole before (their data is not
-    checked again). ``chunk``: how much one ``pread`` reads ahead.
+    checked again). ``chunk``: how much one ``pread`` reads ahead. ``committed``: where
+    commits known to be whole end (what ``idx`` covered): bytes before it that do not read as
+    whole commits are damage, never a torn tail, and the entries of a commit cut short by
+    unreadable bytes read as damaged, never as absent or as their older entries.
     """
-    commits: list[tuple[list[_Entry], bool, int]] = []
+    commits: list[tuple[list[_Entry], bool, int, list[_Entry]]] = []
     pending: list[_Entry] | None = None
+    orphans: list[_Entry] = []
+    """Entries of commits whose other entries are unreadable (since the last whole commit)."""
     gap = False
     offset = start
     buffer = b""
@@ -456,6 +462,7 @@ def _scan(
     while offset + _ENTRY <= size:
         envelope = _envelope(window(offset, _ENTRY), seed)
         if envelope is None:
+            orphans += pending or ()
             pending, gap = None, True  # a commit missing an entry never counts
             offset = _resync(fd, offset + 1, size, seed)
             continue
@@ -464,33 +471,58 @@ def _scan(
             break  # incomplete: a torn tail, or a commit still being written
         if envelope.first:
             if pending is not None:
+                orphans += pending
                 gap = True  # a commit that never got its last entry
             pending = []
         elif pending is None:
             gap = True  # an entry of a commit whose start is unreadable
+            located = Located(offset, envelope.size) if envelope.operation == _PUT else _REMOVED
+            orphans.append((envelope.key, located, envelope.crc))
             offset = stop
             continue
         located = Located(offset, envelope.size) if envelope.operation == _PUT else _REMOVED
         pending.append((envelope.key, located, envelope.crc))
         offset = stop
         if envelope.last:
-            commits.append((pending, gap, stop))
-            pending, gap = None, False
-    if commits and not read and not _intact(fd, commits[-1][0]):
+            commits.append((pending, gap, stop, orphans))
+            pending, gap, orphans = None, False, []
+    if commits and not read and commits[-1][2] > committed and \
+            not _intact(fd, commits[-1][0]):
         commits.pop()  # torn: the newest commit's bytes never all reached the disk
+    lost = [*orphans, *(pending or ())]
+    return _scanned(commits, lost, commits[-1][2] if commits else start, min(committed, size))
+
+
+def _scanned(
+    commits: Sequence[tuple[list[_Entry], bool, int, list[_Entry]]], lost: Sequence[_Entry],
+    end: int, committed: int,
+) -> _Scan:
+    """What :func:`_scan` found: the commits read whole, each with the entries of the
+    commits cut short before it (``lost``: those after the last), ending at ``end``, of a
+    range whose commits are known whole up to ``committed``."""
     found: dict[int, Located] = {}
     damaged: dict[int, Located] = {}
     gaps = False
-    for entries, gap, _ in commits:
+
+    def unreadable(entries: Sequence[_Entry]) -> None:
+        nonlocal found, gaps
+        gaps = True
+        damaged.update((key, at) for key, at in found.items() if at is not _REMOVED)
+        damaged.update((key, at) for key, at, _ in entries if at is not _REMOVED)
+        found = {key: at for key, at in found.items() if at is _REMOVED}
+
+    for entries, gap, _, orphans in commits:
         if gap:
-            gaps = True
-            damaged.update((key, at) for key, at in found.items() if at is not _REMOVED)
-            found = {key: at for key, at in found.items() if at is _REMOVED}
+            unreadable(orphans)
         for key, located, _ in entries:
             found[key] = located
             damaged.pop(key, None)
+    if end < committed:
+        # Whole commits end there: what is between was committed, and is unreadable.
+        unreadable(lost)
+        end = committed
     live = sum(_ENTRY + at.size for at in found.values() if at is not _REMOVED)
-    return _Scan(found, commits[-1][2] if commits else start, damaged, live, gaps)
+    return _Scan(found, end, damaged, live, gaps)
 
 
 def _intact(fd: int, entries: Sequence[_Entry]) -> bool:
@@ -583,6 +615,8 @@ class LogView:
         since this boot (so what its writers wrote unsynced since is in place)."""
         self.size = size
         self.index = index
+        self.known_whole = 0
+        """Where commits known whole end, once ``idx`` is dropped (what it covered)."""
         self.tail = tail
         """Entries after what ``index`` covers (all of them without an index)."""
         self._own: list[tuple[int, int, dict[int, Located | None]]] = []
@@ -741,7 +775,14 @@ class LogView:
                 return Record(data, found.size, found)
             if at is not None or not self.indexed:
                 raise CorruptCheckpointError(f"{problem} (key {key})", key=self.path)
+            assert self.index is not None
+            covered = found.offset < self.index.end
             self._rescan()
+            again = self.find(key)
+            if covered and (again is None or again.offset < found.offset):
+                # idx (its slot checked) put the key's newest entry in a commit it covers,
+                # whose envelope is now unreadable: damage, never an older entry or none.
+                raise CorruptCheckpointError(f"{problem} (key {key})", key=self.path)
 
     def committed(
         self, end: int, placed: dict[int, Located | None], written: Mapping[int, bytes],
@@ -771,15 +812,17 @@ class LogView:
         self.tail = _Scan({}, end, {}, 0, False)
 
     def _rescan(self) -> None:
+        committed = self.index.end if self.index is not None else self.known_whole
         self._drop_index()
+        self.known_whole = committed
         self.size = os.fstat(self.fd).st_size
-        self.tail = _scan(self.fd, _LOG_HEADER.size, self.size, self.seed)
+        self.tail = _scan(self.fd, _LOG_HEADER.size, self.size, self.seed, committed=committed)
 
     def scan(self) -> _Scan:
         """Every commit of the log (for repairs, listings and compaction): O(log)."""
         if self.index is None:
             return self.tail  # scanned from the start when the view opened
-        return _scan(self.fd, _LOG_HEADER.size, self.size, self.seed)
+        return _scan(self.fd, _LOG_HEADER.size, self.size, self.seed, committed=self.index.end)
 
     def changes(self, start: int | None, end: int) -> Changes:
         """What the commits in ``[start, end)`` did (from the first commit when ``start`` is
@@ -793,7 +836,8 @@ class LogView:
         if own is not None:
             return own
         first = _LOG_HEADER.size if start is None else start
-        scan = _scan(self.fd, first, end, self.seed, read=True, chunk=_CHANGES_CHUNK)
+        scan = _scan(self.fd, first, end, self.seed, read=True, chunk=_CHANGES_CHUNK,
+                     committed=end)
         found = {key: None if at is _REMOVED else at for key, at in scan.found.items()}
         return Changes(found, scan.damaged, scan.end, scan.gaps)
 

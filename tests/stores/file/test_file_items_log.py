@@ -16,8 +16,14 @@ from typing import Any
 import anyio
 import pytest
 
-from fastcheckpoint.errors import ConflictError, CorruptCheckpointError, StoreError
+from fastcheckpoint.errors import (
+    ConflictError,
+    CorruptCheckpointError,
+    SequenceConflict,
+    StoreError,
+)
 from fastcheckpoint.stores import RunRecord
+from fastcheckpoint.stores import _file_log as file_log
 from fastcheckpoint.stores import file as file_store
 from fastcheckpoint.stores._file_log import RUN
 from fastcheckpoint.stores.file import FileStore
@@ -528,3 +534,61 @@ async def test_an_item_entry_whose_metadata_is_unreadable_is_lost(
         assert await all_items(FileStore(root), key) == _values("a", "c", "d")
         assert await store.get_items(key, ["a", "b"], now=T0) == _values("a")
     assert f"item entry {record} is unreadable; its item is lost" in caplog.text
+
+
+@pytest.mark.parametrize("entry", ["run.rec", "checkpoint"])
+async def test_damage_in_the_newest_commit_idx_covers_is_not_a_torn_tail(
+    root: Path, entry: str
+) -> None:
+    """A damaged envelope in the run's newest commit, which ``idx`` covers (so it was synced
+    and acknowledged), is damage, as it is anywhere else: checkpoint 2 reads as damaged
+    (never as absent), a damaged ``run.rec`` refuses writes until it is repaired, and the
+    commit is never cut off the log. It was taken for a torn tail: checkpoint 2 read as
+    absent, the run as back at sequence 1, and the next append of 2 cut the commit off."""
+    store = FileStore(root)
+    seed = make_run("newest-damaged")
+    key = key_of(seed)
+    with anyio.fail_after(30):
+        for sequence in range(3):
+            await _append(store, seed, sequence, ["shared"], [make_item("shared")])
+        log_path = root / "runs" / key / "log"
+        checkpoint_at, run_at = _entries_of_last_commit(log_path)
+        at = run_at if entry == "run.rec" else checkpoint_at
+        raw = bytearray(log_path.read_bytes())
+        raw[at + 20] ^= 0x01  # the envelope's data length
+        log_path.write_bytes(bytes(raw))
+        with Process():
+            fresh = FileStore(root)
+            with pytest.raises(CorruptCheckpointError):
+                await fresh.get(key, 2, now=T0)
+            if entry == "run.rec":
+                with pytest.raises(CorruptCheckpointError, match="run record is damaged"):
+                    await _append(fresh, seed, 2, ["shared"], [make_item("shared")])
+                assert log_path.read_bytes() == bytes(raw)
+                return
+            with pytest.raises(SequenceConflict):
+                await _append(fresh, seed, 2, ["shared"], [make_item("shared")])
+            await _append(fresh, seed, 3, ["shared"], [make_item("shared")])
+            read = await fresh.read_with_items(key, sequence=3, now=T0)
+        assert read is not None
+        assert read[2] == {"shared": b"value-shared"}
+        assert log_path.read_bytes().startswith(bytes(raw))
+
+
+def _entries_of_last_commit(log_path: Path) -> list[int]:
+    """Where the envelopes of the log's newest commit are."""
+    raw = log_path.read_bytes()
+    view = file_log.open_view(str(log_path.parent))
+    assert view is not None
+    with view:
+        seed = view.seed
+    offset = file_log._LOG_HEADER.size
+    commit: list[int] = []
+    while offset < len(raw):
+        envelope = file_log._envelope(raw[offset:offset + file_log._ENTRY], seed)
+        assert envelope is not None
+        if envelope.first:
+            commit = []
+        commit.append(offset)
+        offset += file_log._ENTRY + envelope.size
+    return commit
