@@ -122,6 +122,7 @@ from fastcheckpoint.stores._base import (
     check_keep_latest,
     check_labels,
     check_options,
+    check_run_key,
     header_of,
     is_live,
     item_key_bytes,
@@ -284,9 +285,14 @@ def parse_file_url(url: str) -> tuple[str, list[tuple[str, str]]]:
 
 
 def _check_run_key(run_key: object) -> str:
-    if not isinstance(run_key, str) or not _RUN_KEY.fullmatch(run_key):
-        raise ValidationError(f"not a run key (24 characters of [a-z2-7]): {run_key!r:.80}")
-    return run_key
+    """The stores' run-key rule, and 24 characters: the file store's names of run files and
+    its listing order are made for the manager's keys, which all have that length."""
+    key = check_run_key(run_key)
+    if len(key) != 24:
+        raise ValidationError(
+            f"not a run key of the file store: {key!r} (it takes the manager's keys, 24 "
+            "characters of [a-z2-7])")
+    return key
 
 
 def _b32hex(raw: bytes) -> str:
