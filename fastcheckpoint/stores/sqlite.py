@@ -38,6 +38,7 @@ import math
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeGuard, TypeVar
@@ -541,8 +542,8 @@ class SQLiteStore(ExpiryCleanup):
         _create_private(self._path)
         db = self._connect()
         try:
-            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
+            mode = self._into_wal(db)
+            if mode.lower() != "wal":
                 raise StoreError(
                     f"the SQLite database {self._path} cannot use WAL mode (journal mode "
                     f"{mode!r}); the sqlite:// store needs a local file system"
@@ -556,6 +557,24 @@ class SQLiteStore(ExpiryCleanup):
             db.close()
             raise
         return db
+
+    def _into_wal(self, db: sqlite3.Connection) -> str:
+        """Switch the connection to WAL mode; returns the journal mode it ends in.
+
+        While another connection switches a new database to WAL or writes it in rollback mode,
+        SQLite refuses the switch at once instead of waiting for the busy timeout (several
+        processes opening a new database together met this): such a refusal is tried again,
+        until the busy timeout has passed."""
+        deadline = time.monotonic() + self._timeout
+        pause = 0.001
+        while True:
+            try:
+                return str(db.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                if _error_code(exc) != _BUSY or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
 
     def _ensure_ready(self) -> None:
         if self._writer is None:

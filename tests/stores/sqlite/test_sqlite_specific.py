@@ -17,7 +17,7 @@ import sqlite3
 import stat
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -439,6 +439,50 @@ async def test_a_writer_holding_the_lock_past_the_timeout_is_unavailable_but_rea
             other.close()
         await _append(store, run, 1)
         await store.aclose()
+
+
+@contextlib.contextmanager
+def _held_new_database(database: Path) -> Iterator[sqlite3.Connection]:
+    """A new, empty database file whose write lock another connection holds (rollback mode,
+    as while another process switches it to WAL); the caller commits to release it."""
+    database.parent.mkdir()
+    other = sqlite3.connect(database, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        yield other
+    finally:
+        other.close()
+
+
+async def test_opening_a_new_database_waits_for_a_connection_writing_it_in_rollback_mode(
+    database: Path
+) -> None:
+    # Another process opening the new database at the same moment holds its write lock while
+    # it switches the file to WAL: SQLite refuses our switch at once rather than waiting (three
+    # processes opening one new database together failed so), so the store waits for it.
+    store = SQLiteStore(database, timeout=30)
+    with _held_new_database(database) as other, anyio.fail_after(30):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(functools.partial(store.get_run, key_of(make_run("new")), now=T0))
+            await anyio.sleep(0.3)
+            other.execute("COMMIT")
+        with contextlib.closing(sqlite3.connect(database)) as reader:
+            assert reader.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        await _append(store, make_run("new"), 0)
+    await store.aclose()
+
+
+async def test_opening_a_new_database_held_past_the_timeout_is_unavailable(
+    database: Path
+) -> None:
+    store = SQLiteStore(database, timeout=0.2)
+    with _held_new_database(database) as other, anyio.fail_after(30):
+        with pytest.raises(StoreUnavailableError, match="busy timeout"):
+            await store.get_run(key_of(make_run("held")), now=T0)
+        other.execute("COMMIT")
+        await _append(store, make_run("held"), 0)
+        assert await store.get_run(key_of(make_run("held")), now=T0) is not None
+    await store.aclose()
 
 
 async def test_a_full_disk_fails_the_append_and_changes_nothing(store: SQLiteStore) -> None:
