@@ -32,6 +32,7 @@ from fastcheckpoint.stores import (
     RunRecord,
     StoredCheckpoint,
     check_append,
+    check_head,
     check_items,
     check_keep_latest,
     check_options,
@@ -50,6 +51,8 @@ _Expiring = RunRecord | StoredCheckpoint | Item
 
 class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as every store has
     """Runs, checkpoints and items in dicts of this process."""
+
+    sequence_guard = True  # update_run takes latest_sequence= (SupportsSequenceGuard)
 
     def __init__(self) -> None:
         self._runs: dict[str, RunRecord] = {}  # run key -> run record
@@ -147,14 +150,18 @@ class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as ever
 
     async def update_run(
         self, run_key: str, *, incarnation: str, version: int, status: str, data: bytes,
-        now: float,
+        now: float, latest_sequence: int | None = None,
     ) -> RunRecord:
         check_run_key(run_key)
+        if latest_sequence is not None and (
+                isinstance(latest_sequence, bool) or not isinstance(latest_sequence, int)):
+            raise ValidationError(f"latest_sequence must be an int, got {latest_sequence!r:.40}")
         run = self._live_run(run_key, now)
         if run is None:
             raise CheckpointNotFound(f"no live run with key {run_key}")
         if (run.incarnation, run.version) != (incarnation, version):
             raise ConflictError(f"run {run_key} changed since {incarnation}/{version}")
+        check_head(run_key, run.latest_sequence, latest_sequence)  # SupportsSequenceGuard
         run = self._runs[run_key] = replace(
             run, status=status, data=bytes(data), version=version + 1, updated_at=now)
         return run

@@ -81,6 +81,7 @@ from fastcheckpoint.stores import (
     SupportsRepair,
     never_suspends,
     offers_nested_items,
+    offers_sequence_guard,
     open_store,
     purge_all,
 )
@@ -1269,7 +1270,11 @@ class CheckpointManager:
     # -- human in the loop ------------------------------------------------------------------
 
     async def pause(
-        self, run_id: str, request: Mapping[str, Any] | None = None
+        self,
+        run_id: str,
+        request: Mapping[str, Any] | None = None,
+        *,
+        latest_sequence: int | None = None,
     ) -> RunInfo:
         """Ask for a human decision: record ``request`` and set the run PAUSED (from ACTIVE).
 
@@ -1277,8 +1282,19 @@ class CheckpointManager:
         "requested_at": ...}``; ``list_runs(status=PAUSED)`` is the queue of pending requests.
         :class:`CheckpointNotFound` if there is no such run; :class:`ConflictError` if it is
         not ACTIVE (a paused run already waits for a decision).
+
+        ``latest_sequence``: pause only while the run's newest checkpoint is still this one
+        (the sequence of the checkpoint the request is about, ``metadata.sequence`` of what
+        ``create`` returned). Should another process have created a checkpoint since,
+        :class:`ConflictError` saying the run has newer checkpoints, and the run is left as
+        it is: the request is about a state the run went past. The store decides it with
+        the status change, atomically; a store that cannot
+        (:class:`~fastcheckpoint.stores.SupportsSequenceGuard`) raises
+        :class:`ConfigurationError`.
         """
         asked = request_arg(request)
+        newest = None if latest_sequence is None else sequence_arg(
+            "latest_sequence", latest_sequence)
 
         def record_request(data: RunData, now: float) -> None:
             data.approval = {"request": asked, "requested_at": now}
@@ -1287,6 +1303,7 @@ class CheckpointManager:
             run_id, CheckpointStatus.PAUSED, allowed={CheckpointStatus.ACTIVE},
             note=to_json_text(asked), update=record_request, must_exist=True,
             refusal="cannot be paused: it is {status}, and only an active run can be",
+            latest_sequence=newest,
         ))
 
     async def approve(
@@ -1386,6 +1403,7 @@ class CheckpointManager:
         still: Callable[[RunRecord], bool] | None = None,
         refusal: str = "",
         must_exist: bool = False,
+        latest_sequence: int | None = None,
     ) -> RunInfo | None:
         """Compare-and-set the run's status; re-read and re-check on a lost race.
 
@@ -1398,9 +1416,12 @@ class CheckpointManager:
         applies (the run went on since the caller decided it). ``refusal`` continues "run 'r' "
         to explain a status
         not in ``allowed`` (``{status}`` is replaced by the run's status). A missing run gives
-        ``None``, or :class:`CheckpointNotFound` with ``must_exist``.
+        ``None``, or :class:`CheckpointNotFound` with ``must_exist``. ``latest_sequence``: the
+        change applies only while the run's newest checkpoint is that one, decided by the
+        store with the compare-and-set (else :class:`ConflictError`).
         """
         key = _ids.key_of(run_id)
+        on_newest = self._sequence_guard(latest_sequence)
         for _ in range(self.config.max_sequence_retries):
             now = self.config.clock()
             record = await self._read_run(key, now)
@@ -1417,6 +1438,7 @@ class CheckpointManager:
             if current not in allowed:
                 why = refusal or "is {status}; it cannot become " + target.value
                 raise ConflictError(f"run {run_id!r} " + why.format(status=current.value))
+            _check_newest(run_id, record, latest_sequence, target)
             data.history.append((target.value, now, actor, note))
             if update is not None:
                 update(data, now)
@@ -1424,7 +1446,7 @@ class CheckpointManager:
                 updated = await self._store.update_run(
                     key, incarnation=record.incarnation, version=record.version,
                     status=target.value,
-                    data=self._codec.encode_run_data(data), now=now,
+                    data=self._codec.encode_run_data(data), now=now, **on_newest,
                 )
             except CheckpointNotFound:
                 _missing_run(run_id, must_exist)
@@ -1433,6 +1455,20 @@ class CheckpointManager:
                 continue
             return self._run_info(updated)
         raise ConflictError(f"run {run_id!r} kept changing; status change to {target} gave up")
+
+    def _sequence_guard(self, latest_sequence: int | None) -> dict[str, int]:
+        """The keyword a guarded status change passes to ``update_run`` (none without a
+        guard, so stores written for the older signature are called as before), or
+        :class:`ConfigurationError` when the store cannot take it."""
+        if latest_sequence is None:
+            return {}
+        if not offers_sequence_guard(self._store):
+            raise ConfigurationError(
+                f"{type(self._store).__name__} cannot change a run's status on the condition "
+                "that its newest checkpoint is unchanged (its update_run takes no "
+                "latest_sequence; see SupportsSequenceGuard): call without latest_sequence, "
+                "or use a store that offers it")
+        return {"latest_sequence": latest_sequence}
 
     def _run_info(self, record: RunRecord) -> RunInfo:
         key = f"run {record.run_id!r}"
@@ -1459,6 +1495,18 @@ def _being_created(conflict: SequenceConflict) -> str | None:
     """The incarnation of a run the store holds without any checkpoint yet, if that is
     what refused the append."""
     return conflict.incarnation if conflict.latest_sequence == -1 else None
+
+
+def _check_newest(
+    run_id: str, record: RunRecord, latest_sequence: int | None, target: CheckpointStatus
+) -> None:
+    """:class:`ConflictError` when a status change must find the run's newest checkpoint at
+    ``latest_sequence`` and the run as read went past it (the store checks it again, with the
+    change)."""
+    if latest_sequence is not None and record.latest_sequence != latest_sequence:
+        raise ConflictError(
+            f"run {run_id!r} has newer checkpoints: its latest is {record.latest_sequence}, not "
+            f"{latest_sequence}; it was not made {target.value} (read the run again)")
 
 
 def _check_expected(run_id: str, expected: int, head: tuple[int, str] | None) -> None:

@@ -205,8 +205,14 @@ class BlockingManager:
     def mark_failed(self, run_id: str, error: str = "") -> RunInfo | None:
         return self._call(self._manager.mark_failed, run_id, error)
 
-    def pause(self, run_id: str, request: Mapping[str, Any] | None = None) -> RunInfo:
-        return self._call(self._manager.pause, run_id, request)
+    def pause(
+        self,
+        run_id: str,
+        request: Mapping[str, Any] | None = None,
+        *,
+        latest_sequence: int | None = None,
+    ) -> RunInfo:
+        return self._call(self._manager.pause, run_id, request, latest_sequence=latest_sequence)
 
     def approve(
         self,

@@ -1826,6 +1826,110 @@ async def test_a_paused_or_finished_run_cannot_be_paused(manager: CheckpointMana
     assert run.approval["request"] == {"n": 1}  # the pending request was not replaced
 
 
+async def test_a_pause_on_the_latest_sequence_pauses_while_no_checkpoint_came_after(
+    manager: CheckpointManager,
+) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        asked = await create(manager, state={"n": 1})
+        paused = await manager.pause(RUN, {"n": 1}, latest_sequence=asked.metadata.sequence)
+
+    assert paused.status is CheckpointStatus.PAUSED
+    assert paused.latest_sequence == asked.metadata.sequence == 1
+
+
+async def test_a_pause_on_the_latest_sequence_is_refused_after_a_newer_checkpoint(
+    manager: CheckpointManager,
+) -> None:
+    with anyio.fail_after(10):
+        asked = await create(manager)
+        await create(manager, state={"n": 1})  # another worker went on
+        before = await manager.get_run(RUN)
+        with pytest.raises(ConflictError, match="newer checkpoints: its latest is 1, not 0"):
+            await manager.pause(RUN, {"n": 0}, latest_sequence=asked.metadata.sequence)
+        after = await manager.get_run(RUN)
+
+    assert after == before
+    assert after is not None
+    assert (after.status, after.approval, after.history) == (CheckpointStatus.ACTIVE, None, [])
+
+
+class _CreatesAfterTheRead(MemoryStore):
+    """A store where another worker's checkpoint lands between the manager's read of a run
+    and its status change: the interleaving only the store can see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.between: Callable[[], Awaitable[object]] | None = None
+
+    async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
+        record = await super().get_run(run_key, now=now)
+        between, self.between = self.between, None
+        if between is not None:
+            await between()
+        return record
+
+
+async def test_a_checkpoint_landing_between_the_read_and_the_pause_is_seen_by_the_store(
+    clock: FakeClock,
+) -> None:
+    store = _CreatesAfterTheRead()
+    manager = CheckpointManager(store, config=make_config(clock))
+    other = CheckpointManager(store, config=make_config(clock))
+    with anyio.fail_after(10):
+        asked = await create(manager)
+        store.between = functools.partial(create, other, state={"n": 1})
+        with pytest.raises(ConflictError, match="newer checkpoints"):
+            await manager.pause(RUN, {"n": 0}, latest_sequence=asked.metadata.sequence)
+        run = await manager.get_run(RUN)
+
+    assert run is not None
+    assert (run.status, run.latest_sequence, run.history) == (CheckpointStatus.ACTIVE, 1, [])
+
+
+class _OlderUpdateRun(MemoryStore):
+    """A store written for the ``update_run`` signature without ``latest_sequence``."""
+
+    async def update_run(  # type: ignore[override]
+        self, run_key: str, *, incarnation: str, version: int, status: str, data: bytes,
+        now: float,
+    ) -> RunRecord:
+        return await super().update_run(run_key, incarnation=incarnation, version=version,
+                                        status=status, data=data, now=now)
+
+
+@pytest.mark.parametrize("older", [_OlderUpdateRun, ForwardingStore])
+async def test_a_store_without_the_guard_refuses_it_with_a_configuration_error(
+    clock: FakeClock, older: Any
+) -> None:
+    store = older() if older is _OlderUpdateRun else older(MemoryStore())
+    manager = CheckpointManager(store, config=make_config(clock))
+    with anyio.fail_after(10):
+        asked = await create(manager)
+        with pytest.raises(ConfigurationError, match="SupportsSequenceGuard"):
+            await manager.pause(RUN, {"n": 0}, latest_sequence=asked.metadata.sequence)
+        unchanged = await manager.get_run(RUN)
+        paused = await manager.pause(RUN, {"n": 0})  # without the guard, as before
+
+    assert unchanged is not None
+    assert unchanged.status is CheckpointStatus.ACTIVE
+    assert paused.status is CheckpointStatus.PAUSED
+
+
+@pytest.mark.parametrize("value", [-1, "0", 1.0, True])
+async def test_a_pause_on_a_latest_sequence_that_is_not_one_is_refused(
+    manager: CheckpointManager, value: Any
+) -> None:
+    with anyio.fail_after(10):
+        await create(manager)
+        with pytest.raises(ValidationError, match="latest_sequence"):
+            await manager.pause(RUN, {"n": 0}, latest_sequence=value)
+        run = await manager.get_run(RUN)
+
+    assert run is not None
+    assert run.status is CheckpointStatus.ACTIVE
+
+
 async def test_human_in_the_loop_calls_on_an_unknown_run_raise_not_found(
     manager: CheckpointManager,
 ) -> None:

@@ -23,6 +23,7 @@ from fastcheckpoint.testing import (
     PurgeContract,
     ReadContract,
     RunsContract,
+    SequenceGuardContract,
     StoreContract,
 )
 
@@ -43,7 +44,7 @@ def _load_example() -> ModuleType:
 dict_store = _load_example()
 
 
-class TestDictStore(StoreContract):
+class TestDictStore(StoreContract, SequenceGuardContract):
     @pytest.fixture
     async def store(self) -> AsyncIterator[CheckpointStore]:
         store: CheckpointStore = dict_store.DictStore()

@@ -40,7 +40,12 @@ from typing import Protocol, TypeGuard, runtime_checkable
 import anyio.lowlevel
 import msgspec
 
-from fastcheckpoint.errors import ConfigurationError, SharedItemGone, ValidationError
+from fastcheckpoint.errors import (
+    ConfigurationError,
+    ConflictError,
+    SharedItemGone,
+    ValidationError,
+)
 
 __all__ = [
     "EMPTY_RUN",
@@ -60,7 +65,9 @@ __all__ = [
     "SupportsNestedItems",
     "SupportsProvision",
     "SupportsRepair",
+    "SupportsSequenceGuard",
     "SupportsSharedItems",
+    "check_head",
     "check_keep_latest",
     "check_labels",
     "check_options",
@@ -76,6 +83,7 @@ __all__ = [
     "nesting_under",
     "never_suspends",
     "offers_nested_items",
+    "offers_sequence_guard",
     "purge_all",
 ]
 
@@ -296,7 +304,10 @@ class CheckpointStore(Protocol):
     ``get_run`` returns the live run record or ``None``. ``update_run`` replaces ``status`` and
     ``data`` only if the record's ``incarnation`` and ``version`` still equal the ones given
     (else :class:`ConflictError`; ``CheckpointNotFound`` when no live run), bumps ``version``, sets
-    ``updated_at = now``, and never touches checkpoints or their expiry. ``list_runs`` pages
+    ``updated_at = now``, and never touches checkpoints or their expiry. Appends leave
+    ``version`` alone, so this compare-and-set does not see checkpoints appended since the
+    caller read the run; a store offering :class:`SupportsSequenceGuard` also takes
+    ``latest_sequence=`` to refuse the update then. ``list_runs`` pages
     live runs newest-created first, filtered by status, with an opaque cursor; ``count_runs``
     counts live runs. Neither reads checkpoints.
 
@@ -550,6 +561,73 @@ class SupportsAppendNext(Protocol):
         now: float,
         renumber: Callable[[int], StoredCheckpoint],
     ) -> tuple[str, StoredCheckpoint]: ...
+
+
+@runtime_checkable
+class SupportsSequenceGuard(Protocol):
+    """Run updates that apply only while the run's newest checkpoint is the one the caller
+    saw: a status change (a pause for a human decision) that another process's append made
+    stale is refused instead of recorded over a run that went on.
+
+    ``update_run(..., latest_sequence=s)`` is ``update_run`` with one more condition, decided
+    in the same atomic step as the compare-and-set on ``incarnation`` and ``version``: the live
+    run's ``latest_sequence`` must be ``s``. When it is not (another append landed since the
+    caller read the run), :class:`ConflictError` saying the run has newer checkpoints, and
+    nothing changes. ``latest_sequence=None`` (the default) is ``update_run`` as it always
+    was. An update whose reply was lost and that is sent again is recognised as before, also
+    when a checkpoint was appended in between (it was applied: its condition held then).
+
+    ``sequence_guard`` is ``True`` on a store that offers this (a class attribute, declared
+    by the class that defines the ``update_run`` taking the keyword: a subclass that
+    overrides ``update_run`` declares it again, see :func:`offers_sequence_guard`). Stores
+    written for the older ``update_run`` signature do not declare it, and the manager refuses
+    a guarded change on them with :class:`ConfigurationError` rather than call them with a
+    keyword they do not take. :func:`check_head` is the check, for stores that read the run
+    and write it under one lock or transaction.
+    """
+
+    sequence_guard: bool
+
+    async def update_run(
+        self,
+        run_key: str,
+        *,
+        incarnation: str,
+        version: int,
+        status: str,
+        data: bytes,
+        now: float,
+        latest_sequence: int | None = None,
+    ) -> RunRecord: ...
+
+
+def offers_sequence_guard(store: object) -> TypeGuard[SupportsSequenceGuard]:
+    """Whether ``store``'s ``update_run`` takes ``latest_sequence=``
+    (:class:`SupportsSequenceGuard`): it says ``sequence_guard = True``, and no subclass below
+    the class saying so defines ``update_run`` again without saying it too (a subclass written
+    for the older signature must not inherit the claim)."""
+    if getattr(store, "sequence_guard", False) is not True:
+        return False
+    classes = type(store).__mro__
+    declared = next((n for n, cls in enumerate(classes) if "sequence_guard" in vars(cls)), None)
+    defined = next((n for n, cls in enumerate(classes) if "update_run" in vars(cls)), None)
+    return declared is None or defined is None or declared <= defined
+
+
+def check_head(run_key: str, latest: int, latest_sequence: int | None) -> None:
+    """The one refusal of ``update_run(..., latest_sequence=s)`` (:class:`SupportsSequenceGuard`)
+    by a run whose newest checkpoint is ``latest``: :class:`ConflictError` unless ``s`` is
+    ``None`` or ``latest``. Also what a store whose backend decides the condition raises,
+    with the sequence its backend reports."""
+    if latest_sequence is not None and latest != latest_sequence:
+        raise ConflictError(
+            f"run {run_key} has newer checkpoints: its latest is {latest}, not "
+            f"{latest_sequence} as the caller saw; nothing was changed (read the run again)")
+
+
+def check_guard_arg(latest_sequence: object) -> int | None:
+    """``update_run``'s ``latest_sequence``, checked: ``None`` or a 64-bit ``int``."""
+    return None if latest_sequence is None else check_int("latest_sequence", latest_sequence)
 
 
 @runtime_checkable

@@ -117,7 +117,7 @@ FUNCTIONS = {
     "remove": "text, bigint[], boolean",
     "delete": "text, bigint, text, text",
     "delete_run": "text, text",
-    "update_run": "text, text, bigint, text, bytea, double precision, text",
+    "update_run": "text, text, bigint, text, bytea, double precision, text, bigint",
     "put_items": "text, bytea[], bytea[], bigint[], double precision[], boolean, double precision, "
                  "text",
     "put_owned_items": "text, bigint, text, bytea[], bytea[], boolean, double precision",
@@ -1436,6 +1436,27 @@ _APPEND_V5 = _patched(
                 DELETE FROM {items} i USING unnest(v_released) n(k)"""),
 )
 
+# Migration 6: a run update that applies only while the run's newest checkpoint is the one
+# the caller saw (``latest_sequence=``, SupportsSequenceGuard). Appends move the row's
+# latest_sequence in the UPDATE that takes the row, so one more condition in this function's
+# UPDATE decides it against them (a concurrent append's update is waited for, and the row
+# re-checked). A new function beside the one of migration 1 (another signature, so another
+# object): processes of the release before keep calling theirs until they are rolled out.
+# Outcome 'newer' with the row: incarnation and version matched, the latest sequence did not.
+_UPDATE_RUN_V6 = _patched(
+    _UPDATE_RUN_V1,
+    ("                             p_token text)\n",
+     "                             p_token text, p_latest_sequence bigint)\n"),
+    ("       AND (x.expires_at IS NULL OR x.expires_at > p_now)\n    RETURNING x.* INTO r;",
+     "       AND (x.expires_at IS NULL OR x.expires_at > p_now)\n"
+     "       AND (p_latest_sequence IS NULL OR x.latest_sequence = p_latest_sequence)\n"
+     "    RETURNING x.* INTO r;"),
+    ("        RETURN QUERY SELECT 'ok'::text, r;\n    ELSE\n",
+     "        RETURN QUERY SELECT 'ok'::text, r;\n"
+     "    ELSIF r.incarnation = p_incarnation AND r.version = p_version THEN\n"
+     "        RETURN QUERY SELECT 'newer'::text, r;\n    ELSE\n"),
+)
+
 MIGRATIONS = (
     Migration(
         1,
@@ -1469,6 +1490,11 @@ MIGRATIONS = (
         "item",
         ";\n\n".join([_REMOVE_V5.strip(), _APPEND_V5.strip()]),
     ),
+    Migration(
+        6,
+        "a run update can require the run's newest checkpoint to be the one the caller saw",
+        _UPDATE_RUN_V6.strip(),
+    ),
 )
 """Every schema version, oldest first. A released migration is never edited: changes come
 as a new one."""
@@ -1491,7 +1517,7 @@ class Statements:
         self.delete = call("delete", 4)
         self.delete_run = call("delete_run", 2)
         self.get_run = call("get_run", 2, RUN_COLUMNS)
-        self.update_run = call("update_run", 7, "outcome, " + ", ".join(
+        self.update_run = call("update_run", 8, "outcome, " + ", ".join(
             f"(run).{column}" for column in RUN_COLUMNS.split(", ")))
         self.list_runs = call("list_runs", 5, RUN_COLUMNS)
         self.count_runs = call("count_runs", 2)

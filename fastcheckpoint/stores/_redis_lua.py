@@ -856,7 +856,8 @@ fields[12], fields[13] = '', run.m
 return {fields, OPS}
 """
 
-# ARGV[5..]: incarnation, version, status, data, write token.
+# ARGV[5..]: incarnation, version, status, data, write token, and the latest sequence the
+# update needs the run at ('' for none; answered {'newer', latest} when the run is past it).
 _UPDATE_RUN = r"""
 local saved = recall(ARGV[9])
 local run = load_run()
@@ -871,6 +872,9 @@ if saved and run.inc == ARGV[5] then
   return {fields, OPS}
 end
 if run.inc ~= ARGV[5] or run.v ~= ARGV[6] then return {{'conflict', run.inc, run.v}, OPS} end
+if ARGV[10] ~= '' and run.latest ~= tonumber(ARGV[10]) then
+  return {{'newer', string.format('%d', run.latest)}, OPS}
+end
 local version = string.format('%d', tonumber(ARGV[6]) + 1)
 redis.call('HSET', KEYS[1], 'st', ARGV[7], 'd', ARGV[8], 'ut', NOW_S, 'v', version)
 if run.st ~= ARGV[7] then op('sync', run.m, ARGV[7], stamp()) end

@@ -89,6 +89,8 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_append,
+    check_guard_arg,
+    check_head,
     check_items,
     check_keep_latest,
     check_labels,
@@ -584,6 +586,7 @@ class DynamoDBStore(ExpiryCleanup):
     """
 
     nested_items = True
+    sequence_guard = True
 
     _book_capacity: int = layout.FRONT_CAPACITY
     """Entries a run item's book details at most (see ``_dynamodb_layout.Book``); tests
@@ -2049,10 +2052,12 @@ class DynamoDBStore(ExpiryCleanup):
         status: str,
         data: bytes,
         now: float,
+        latest_sequence: int | None = None,
     ) -> RunRecord:
         check_run_key(run_key)
         if not isinstance(status, str) or not status or "#" in status:
             raise ValidationError(f"run status must be a non-empty string without '#': {status!r}")
+        guard = check_guard_arg(latest_sequence)
         names = _Names()
         shard = layout.shard_of(run_key)
         condition = (
@@ -2061,6 +2066,10 @@ class DynamoDBStore(ExpiryCleanup):
             f"attribute_not_exists({names('pg')}) AND "
             f"(attribute_not_exists({names('exp')}) OR {names('exp')} > {names.value(_n(now))})"
         )
+        if guard is not None:
+            # Every append moves ``ls`` in its transaction, conditioned on the run item's
+            # revision: the run item is the authority for the newest sequence.
+            condition += f" AND {names('ls')} = {names.value(_n(guard))}"
         token = secrets.token_hex(8)
         update = (
             f"SET {names('st')} = {names.value(_s(status))}, "
@@ -2092,6 +2101,8 @@ class DynamoDBStore(ExpiryCleanup):
                 return state.record  # a resend of this very change: the first was applied
             if state is None or not state.live(now):
                 raise CheckpointNotFound(f"no live run with key {run_key}")
+            if (state.record.incarnation, state.record.version) == (incarnation, version):
+                check_head(run_key, state.record.latest_sequence, guard)
             raise ConflictError(
                 f"run changed concurrently (now {state.record.incarnation}/"
                 f"{state.record.version}, expected {incarnation}/{version})"

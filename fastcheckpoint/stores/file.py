@@ -118,6 +118,8 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_append,
+    check_guard_arg,
+    check_head,
     check_items,
     check_keep_latest,
     check_labels,
@@ -1726,6 +1728,7 @@ class FileStore(ExpiryCleanup):
     """
 
     nested_items = True
+    sequence_guard = True
 
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self._root = os.path.abspath(_directory_of(path))
@@ -2806,15 +2809,21 @@ class FileStore(ExpiryCleanup):
         status: str,
         data: bytes,
         now: float,
+        latest_sequence: int | None = None,
     ) -> RunRecord:
         _check_run_key(run_key)
         _check_status(status)
-        return await self._call(self._update_run, run_key, incarnation, version, status, data, now)
+        check_guard_arg(latest_sequence)
+        return await self._call(self._update_run, run_key, incarnation, version, status, data,
+                                now, latest_sequence)
 
     def _update_run(
-        self, run_key: str, incarnation: str, version: int, status: str, data: bytes, now: float
+        self, run_key: str, incarnation: str, version: int, status: str, data: bytes, now: float,
+        latest_sequence: int | None,
     ) -> RunRecord:
         with self._locked(run_key):
+            # Appends commit under the same lock, with run.rec: its latest_sequence is the
+            # log's (a record behind its log is brought up to date by _current_state).
             state = self._current_state(run_key, None, now)
             run = _live_run(state, now)
             if state is None or run is None:
@@ -2824,6 +2833,7 @@ class FileStore(ExpiryCleanup):
                     f"run {run_key} changed concurrently (now {run.incarnation}/{run.version}, "
                     f"expected {incarnation}/{version})"
                 )
+            check_head(run_key, run.latest_sequence, latest_sequence)
             updated = msgspec.structs.replace(
                 run, status=status, data=data, version=version + 1, updated_at=now
             )

@@ -42,6 +42,8 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_append,
+    check_guard_arg,
+    check_head,
     check_items,
     check_keep_latest,
     check_labels,
@@ -115,6 +117,7 @@ class MemoryStore(ExpiryCleanup):
     """Keeps everything in this process; for tests, notebooks and single-process agents."""
 
     nested_items = True
+    sequence_guard = True
     never_suspends = True
     """Its calls await nothing (see :func:`~fastcheckpoint.stores.never_suspends`)."""
 
@@ -523,8 +526,10 @@ class MemoryStore(ExpiryCleanup):
         status: str,
         data: bytes,
         now: float,
+        latest_sequence: int | None = None,
     ) -> RunRecord:
         check_run_key(run_key)
+        check_guard_arg(latest_sequence)
         run = self._live_run(run_key, now)
         if run is None:
             raise CheckpointNotFound(f"no live run with key {run_key}")
@@ -533,6 +538,7 @@ class MemoryStore(ExpiryCleanup):
                 f"run changed concurrently (now {run.record.incarnation}/{run.record.version}, "
                 f"expected {incarnation}/{version})"
             )
+        check_head(run_key, run.record.latest_sequence, latest_sequence)
         self._unindex(run.record, run_key)
         run.record = msgspec.structs.replace(
             run.record, status=status, data=bytes(data), version=version + 1, updated_at=now

@@ -68,6 +68,8 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_append,
+    check_guard_arg,
+    check_head,
     check_int,
     check_items,
     check_keep_latest,
@@ -268,6 +270,7 @@ class PostgresStore(ExpiryCleanup):
     """
 
     nested_items = True
+    sequence_guard = True
 
     def __init__(
         self,
@@ -733,15 +736,18 @@ class PostgresStore(ExpiryCleanup):
         status: str,
         data: bytes,
         now: float,
+        latest_sequence: int | None = None,
     ) -> RunRecord:
         row = await self._row(
             "update_run", self._sql.update_run, check_run_key(run_key),
             _text_arg(incarnation, "incarnation"), _bigint(version, "version"),
-            _text_arg(status, "status"), data, now, _token())
+            _text_arg(status, "status"), data, now, _token(), check_guard_arg(latest_sequence))
         assert row is not None
         if row[0] == "missing":
             raise CheckpointNotFound(f"no live run with key {run_key}")
         record = self._run_record(row[1:])
+        if row[0] == "newer":
+            check_head(run_key, record.latest_sequence, latest_sequence)
         if row[0] == "conflict":
             raise ConflictError(
                 f"run changed concurrently (now {record.incarnation}/{record.version}, "

@@ -106,6 +106,8 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_append,
+    check_guard_arg,
+    check_head,
     check_items,
     check_keep_latest,
     check_labels,
@@ -297,6 +299,7 @@ class RedisStore(ExpiryCleanup):
     """
 
     nested_items = True
+    sequence_guard = True
 
     def __init__(
         self,
@@ -870,10 +873,12 @@ class RedisStore(ExpiryCleanup):
         status: str,
         data: bytes,
         now: float,
+        latest_sequence: int | None = None,
     ) -> RunRecord:
+        guard = "" if check_guard_arg(latest_sequence) is None else str(latest_sequence)
         reply = await self._run(
-            "update_run", run_key, now, [incarnation, str(version), status, data, _token()],
-            intent=True,
+            "update_run", run_key, now,
+            [incarnation, str(version), status, data, _token(), guard], intent=True,
         )
         if reply[0] == b"damaged":
             raise self._damaged(run_key, reply[1])
@@ -884,6 +889,8 @@ class RedisStore(ExpiryCleanup):
                 f"run changed concurrently (now {_text(reply[1])}/{_text(reply[2])}, "
                 f"expected {incarnation}/{version})"
             )
+        if reply[0] == b"newer":
+            check_head(run_key, int(reply[1]), latest_sequence)
         return self._run_record(run_key, reply[1:])
 
     def _index_key(self, status: str | None) -> str:

@@ -71,6 +71,8 @@ from fastcheckpoint.stores._base import (
     StoredCheckpoint,
     check_append,
     check_bytes,
+    check_guard_arg,
+    check_head,
     check_int,
     check_items,
     check_keep_latest,
@@ -402,6 +404,7 @@ class SQLiteStore(ExpiryCleanup):
     """
 
     nested_items = True
+    sequence_guard = True
 
     def __init__(
         self,
@@ -1013,17 +1016,21 @@ class SQLiteStore(ExpiryCleanup):
         status: str,
         data: bytes,
         now: float,
+        latest_sequence: int | None = None,
     ) -> RunRecord:
         check_run_key(run_key)
         check_text("status", status)
         check_bytes("data", data)
         check_time("now", now)
+        check_guard_arg(latest_sequence)
         return await self._call(self._update_run, run_key, incarnation, version, status,
-                                data, now)
+                                data, now, latest_sequence)
 
     def _update_run(
-        self, run_key: str, incarnation: str, version: int, status: str, data: bytes, now: float
+        self, run_key: str, incarnation: str, version: int, status: str, data: bytes, now: float,
+        latest_sequence: int | None,
     ) -> RunRecord:
+        # One write transaction, as every append's: the row's latest_sequence is the log's.
         with self._transaction() as db:
             row = db.execute(steps.RUN, (run_key,)).fetchone()
             if row is None:
@@ -1039,6 +1046,7 @@ class SQLiteStore(ExpiryCleanup):
                     f"run changed concurrently (now {current.incarnation}/{current.version}, "
                     f"expected {incarnation}/{version})"
                 )
+            check_head(run_key, current.latest_sequence, latest_sequence)
             db.execute(steps.UPDATE_RUN, (status, bytes(data), version + 1, now, run_key))
         return msgspec.structs.replace(
             current, status=status, data=bytes(data), version=version + 1, updated_at=now

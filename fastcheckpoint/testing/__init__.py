@@ -29,7 +29,9 @@ being written (every one of them creates runs with ``append`` and reads them bac
 Stores offering the adapter capabilities (``SupportsLabels``, ``SupportsSharedItems``,
 ``SupportsNestedItems``) also subclass :class:`LabelsContract`, :class:`SharedItemsContract`
 and :class:`NestedItemsContract`; stores whose appends can take the run's next sequence
-(``SupportsAppendNext``) subclass :class:`AppendNextContract`. Stores that rebuild damaged
+(``SupportsAppendNext``) subclass :class:`AppendNextContract`; stores whose run updates
+take ``latest_sequence=`` (``SupportsSequenceGuard``) subclass
+:class:`SequenceGuardContract`. Stores that rebuild damaged
 run records (``SupportsRepair``) also subclass :class:`RepairContract`, adding a
 ``damage_run_record`` fixture that corrupts a run's record in place.
 
@@ -52,6 +54,7 @@ pytest.register_assert_rewrite(
     "fastcheckpoint.testing._items",
     "fastcheckpoint.testing._purge",
     "fastcheckpoint.testing._repair",
+    "fastcheckpoint.testing._guard",
     "fastcheckpoint.testing._adapter",
 )
 
@@ -72,6 +75,7 @@ from fastcheckpoint.testing._builders import (  # noqa: E402
     without_key,
 )
 from fastcheckpoint.testing._delete import DeleteContract  # noqa: E402
+from fastcheckpoint.testing._guard import SequenceGuardContract  # noqa: E402
 from fastcheckpoint.testing._items import ItemsContract  # noqa: E402
 from fastcheckpoint.testing._purge import PurgeContract  # noqa: E402
 from fastcheckpoint.testing._read import ReadContract  # noqa: E402
@@ -92,6 +96,7 @@ __all__ = [
     "ReadContract",
     "RepairContract",
     "RunsContract",
+    "SequenceGuardContract",
     "SharedItemsContract",
     "StoreContract",
     "checkpoint_id_of",

@@ -1,4 +1,4 @@
--- fastcheckpoint PostgreSQL store: every table, index and function at schema version 5.
+-- fastcheckpoint PostgreSQL store: every table, index and function at schema version 6.
 -- Generated from the code (a test keeps it equal); `fastcheckpoint init URL` applies the same.
 -- Run it as the role that will own the tables: psql -v ON_ERROR_STOP=1 -f schema.sql
 
@@ -2231,5 +2231,55 @@ END
 $fn$;
 
 INSERT INTO "public"."fc_migrations" (version, description) VALUES (5, 'items nested under a key go with the last checkpoint naming it, whoever holds its item');
+
+CREATE FUNCTION "public"."fc_update_run"(p_run_key text, p_incarnation text, p_version bigint,
+                             p_status text, p_data bytea, p_now double precision,
+                             p_token text, p_latest_sequence bigint)
+RETURNS TABLE (outcome text, run "public"."fc_runs") LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    r "public"."fc_runs"%ROWTYPE;
+    v_updated boolean;
+    v_problem text;
+BEGIN
+    UPDATE "public"."fc_runs" AS x
+       SET status = p_status, data = p_data, version = x.version + 1, updated_at = p_now,
+           update_token = p_token
+     WHERE x.run_key = p_run_key AND x.incarnation = p_incarnation AND x.version = p_version
+       AND (x.expires_at IS NULL OR x.expires_at > p_now)
+       AND (p_latest_sequence IS NULL OR x.latest_sequence = p_latest_sequence)
+    RETURNING x.* INTO r;
+    v_updated := FOUND;
+    -- The row and the log judged in one statement (one snapshot).
+    SELECT "public"."fc_damage"(x.run_key, x.run_id, x.incarnation, x.latest_sequence,
+                    x.checkpoint_count, x.expires_at)
+      INTO v_problem FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+    IF v_problem IS NOT NULL THEN
+        -- Undoes the update: a damaged row takes no status change until repaired.
+        RAISE EXCEPTION USING ERRCODE = 'FC003', DETAIL = p_run_key,
+            MESSAGE = format('the run row of run key %s %s', p_run_key,
+                             v_problem);
+    END IF;
+    IF NOT v_updated THEN
+        SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+    END IF;
+    IF v_updated THEN
+        RETURN QUERY SELECT 'ok'::text, r;
+        RETURN;
+    END IF;
+    IF r.run_key IS NULL OR NOT (r.expires_at IS NULL OR r.expires_at > p_now) THEN
+        RETURN QUERY SELECT 'missing'::text, NULL::"public"."fc_runs";
+    ELSIF r.incarnation = p_incarnation AND r.version = p_version + 1
+          AND r.update_token = p_token THEN
+        RETURN QUERY SELECT 'ok'::text, r;
+    ELSIF r.incarnation = p_incarnation AND r.version = p_version THEN
+        RETURN QUERY SELECT 'newer'::text, r;
+    ELSE
+        RETURN QUERY SELECT 'conflict'::text, r;
+    END IF;
+END
+$fn$;
+
+INSERT INTO "public"."fc_migrations" (version, description) VALUES (6, 'a run update can require the run''s newest checkpoint to be the one the caller saw');
 
 COMMIT;

@@ -33,6 +33,7 @@ from fastcheckpoint.stores.dynamodb import (
 from fastcheckpoint.testing import (
     LabelsContract,
     NestedItemsContract,
+    SequenceGuardContract,
     SharedItemsContract,
     StoreContract,
 )
@@ -119,7 +120,7 @@ async def opened(endpoint: str, names: tuple[str, str], **options: Any) -> Async
 
 
 class TestDynamoDBStore(StoreContract, LabelsContract, SharedItemsContract,
-                       NestedItemsContract):
+                       NestedItemsContract, SequenceGuardContract):
     deadline_seconds = DEADLINE
     # Refs are checked against the removals the store remembers (a key never written is
     # not looked up: that would cost a read per ref).

@@ -13,6 +13,7 @@ from fastcheckpoint.testing import (
     AppendNextContract,
     LabelsContract,
     NestedItemsContract,
+    SequenceGuardContract,
     SharedItemsContract,
     StoreContract,
 )
@@ -24,7 +25,8 @@ async def _close(store: CheckpointStore) -> None:
 
 
 class TestFileStore(
-    StoreContract, AppendNextContract, LabelsContract, SharedItemsContract, NestedItemsContract
+    StoreContract, AppendNextContract, LabelsContract, SharedItemsContract, NestedItemsContract,
+    SequenceGuardContract,
 ):
     @pytest.fixture
     async def store(self, tmp_path: Path) -> AsyncIterator[CheckpointStore]:

@@ -15,6 +15,7 @@ from fastcheckpoint.stores.memory import MemoryStore
 from fastcheckpoint.testing import (
     LabelsContract,
     NestedItemsContract,
+    SequenceGuardContract,
     SharedItemsContract,
     StoreContract,
 )
@@ -26,7 +27,9 @@ async def _close(store: CheckpointStore) -> None:
         await store.aclose()
 
 
-class TestMemoryStore(StoreContract, LabelsContract, SharedItemsContract, NestedItemsContract):
+class TestMemoryStore(
+    StoreContract, LabelsContract, SharedItemsContract, NestedItemsContract, SequenceGuardContract
+):
     @pytest.fixture
     async def store(self) -> AsyncIterator[CheckpointStore]:
         store = MemoryStore()
@@ -47,6 +50,7 @@ class _AtOnce(MemoryStore):
     subclass does not inherit it)."""
 
     never_suspends = True
+    sequence_guard = True  # its update_run is MemoryStore's, wrapped
 
 
 for _name, _method in inspect.getmembers(MemoryStore, inspect.iscoroutinefunction):

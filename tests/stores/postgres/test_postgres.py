@@ -15,6 +15,7 @@ from fastcheckpoint.testing import (
     LabelsContract,
     NestedItemsContract,
     RepairContract,
+    SequenceGuardContract,
     SharedItemsContract,
     StoreContract,
 )
@@ -40,7 +41,8 @@ def postgres(pytestconfig: pytest.Config) -> PostgresTarget:
 
 
 class TestPostgresStore(
-    StoreContract, LabelsContract, SharedItemsContract, NestedItemsContract, RepairContract
+    StoreContract, LabelsContract, SharedItemsContract, NestedItemsContract, RepairContract,
+    SequenceGuardContract,
 ):
     """Every test in a schema of its own, provisioned by the store; repair against each damage
     a run row can take while its checkpoints stay (an older copy put back, a row of another

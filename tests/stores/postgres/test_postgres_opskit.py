@@ -24,6 +24,7 @@ from fastcheckpoint.testing import (
     LabelsContract,
     NestedItemsContract,
     RepairContract,
+    SequenceGuardContract,
     SharedItemsContract,
     StoreContract,
     checkpoint_id_of,
@@ -172,7 +173,8 @@ def granted_role(postgres: PostgresTarget) -> Iterator[str]:
 
 
 class TestPostgresStoreAsTheGrantedRoleWithoutStatementCache(
-    StoreContract, LabelsContract, SharedItemsContract, NestedItemsContract, RepairContract
+    StoreContract, LabelsContract, SharedItemsContract, NestedItemsContract, RepairContract,
+    SequenceGuardContract,
 ):
     """The whole contract as production runs it: the owner provisions, grants.sql (generated
     for this schema) is all the application's role holds, and the store sends unnamed

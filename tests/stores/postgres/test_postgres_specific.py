@@ -23,6 +23,7 @@ import pytest
 from fastcheckpoint import CheckpointConfig, CheckpointError, CheckpointManager, RetryPolicy
 from fastcheckpoint.errors import (
     ConfigurationError,
+    ConflictError,
     CorruptCheckpointError,
     SequenceConflict,
     SharedItemGone,
@@ -594,6 +595,17 @@ async def test_a_store_without_its_schema_says_to_run_init(postgres: PostgresTar
         await store.aclose()
 
 
+async def _migrate_to(connection: Any, names: Names, version: int) -> None:
+    """A new schema at ``version``, as the release that stopped there left it."""
+    await connection.execute(f'CREATE SCHEMA "{names.schema}"; CREATE TABLE '
+                             f'{names["migrations"]} (version integer PRIMARY KEY, description '
+                             "text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+    for migration in MIGRATIONS[:version]:
+        await connection.execute(names.render(migration.sql))
+        await connection.execute(f"INSERT INTO {names['migrations']} (version, description) "
+                                 "VALUES ($1, $2)", migration.version, migration.description)
+
+
 async def test_an_older_schema_is_upgraded_by_init(postgres: PostgresTarget) -> None:
     """A migrations table with nothing applied stands for a schema older than this code."""
     schema = unique_schema()
@@ -636,12 +648,7 @@ async def test_a_version_1_schema_is_upgraded_and_its_data_kept(postgres: Postgr
 
     connection = await asyncpg.connect(postgres.url())
     try:
-        await connection.execute(f'CREATE SCHEMA "{schema}"; CREATE TABLE {names["migrations"]} '
-                                 "(version integer PRIMARY KEY, description text NOT NULL, "
-                                 "applied_at timestamptz NOT NULL DEFAULT now())")
-        await connection.execute(names.render(MIGRATIONS[0].sql))
-        await connection.execute(f"INSERT INTO {names['migrations']} (version, description) "
-                                 "VALUES (1, $1)", MIGRATIONS[0].description)
+        await _migrate_to(connection, names, 1)
         before = await connection.fetchval("SELECT to_regprocedure($1)::oid", signature)
         written = [await connection.fetchval(v1_append, *v1_call(0, [b"b/a"], [b"b/a"])),
                    await connection.fetchval(v1_append, *v1_call(1, [b"b/nothing"], []))]
@@ -696,13 +703,7 @@ async def test_a_version_2_schema_is_upgraded_and_its_data_kept(postgres: Postgr
 
     connection = await asyncpg.connect(postgres.url())
     try:
-        await connection.execute(f'CREATE SCHEMA "{schema}"; CREATE TABLE {names["migrations"]} '
-                                 "(version integer PRIMARY KEY, description text NOT NULL, "
-                                 "applied_at timestamptz NOT NULL DEFAULT now())")
-        for migration in MIGRATIONS[:2]:
-            await connection.execute(names.render(migration.sql))
-            await connection.execute(f"INSERT INTO {names['migrations']} (version, description) "
-                                     "VALUES ($1, $2)", migration.version, migration.description)
+        await _migrate_to(connection, names, 2)
         before = [await connection.fetchval("SELECT to_regprocedure($1)::oid", signature)
                   for signature in replaced]
         written = [await connection.fetchval(append, *v2_call(0, ["h/a"], ["h/a", "h/a/0"])),
@@ -736,6 +737,61 @@ async def test_a_version_2_schema_is_upgraded_and_its_data_kept(postgres: Postgr
     assert found is not None
     assert found[2] == {"h/a": b"v", "h/a/0": b"v", "h/a/1": b"v"}
     assert left == [("h/b", b"value-h/b")]
+
+
+async def test_a_version_5_schema_is_upgraded_and_the_old_update_kept(
+    postgres: PostgresTarget,
+) -> None:
+    """Migration 6 adds the update taking ``latest_sequence`` beside migration 1's (another
+    signature, so another object): a run written at version 5 takes guarded updates, and a
+    process of the release before, still running, keeps calling its own."""
+    schema = unique_schema()
+    names = Names(schema, "fc_")
+    run = make_run("from-v5")
+    key = key_of(run)
+    append = (f"SELECT outcome FROM {names['append']}"
+              f"({', '.join(f'${n}' for n in range(1, 23))})")
+    v5_update = f"SELECT outcome FROM {names['update_run']}($1, $2, $3, $4, $5, $6, $7)"
+
+    def v5_call(sequence: int) -> list[Any]:
+        return [key, sequence, checkpoint_id_of(run, sequence), T0, None, b"h", b"p", [],
+                f"tok-{sequence}", run.run_id.encode(), run.incarnation, "active", T0, 0, b"",
+                [], None, T0, None, None, None, None]
+
+    connection = await asyncpg.connect(postgres.url())
+    try:
+        await _migrate_to(connection, names, 5)
+        written = [await connection.fetchval(append, *v5_call(sequence)) for sequence in (0, 1)]
+    finally:
+        await connection.close()
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    try:
+        with anyio.fail_after(30):
+            with pytest.raises(ConfigurationError, match=r"version 5.*upgrade it with"):
+                await store.latest(key, now=T0)
+            lines = await store.provision()
+            with pytest.raises(ConflictError, match="newer checkpoints"):
+                await store.update_run(key, incarnation=run.incarnation, version=0,
+                                       status="paused", data=b"", now=T0, latest_sequence=0)
+            paused = await store.update_run(key, incarnation=run.incarnation, version=0,
+                                            status="paused", data=b"", now=T0,
+                                            latest_sequence=1)
+            connection = await asyncpg.connect(postgres.url())
+            try:
+                by_the_old_release = await connection.fetchval(
+                    v5_update, key, run.incarnation, 1, "active", b"", T0, "tok-old")
+            finally:
+                await connection.close()
+            after = await store.get_run(key, now=T0)
+    finally:
+        await store.aclose()
+        await drop_schema(postgres, schema)
+    assert written == ["ok", "ok"]
+    assert lines == [*APPLIED[5:], f"now schema {schema} at version {LATEST} (table prefix 'fc_')"]
+    assert (paused.status, paused.version, paused.latest_sequence) == ("paused", 1, 1)
+    assert by_the_old_release == "ok"
+    assert after is not None
+    assert (after.status, after.version) == ("active", 2)
 
 
 async def test_a_newer_schema_is_never_downgraded(postgres: PostgresTarget, schema: str) -> None:

@@ -14,6 +14,7 @@ from fastcheckpoint.testing import (
     LabelsContract,
     NestedItemsContract,
     RepairContract,
+    SequenceGuardContract,
     SharedItemsContract,
     StoreContract,
 )
@@ -43,7 +44,8 @@ async def _garble_run_hash(store: CheckpointStore, run_key: str) -> None:
 
 
 class TestRedisStore(
-    StoreContract, RepairContract, LabelsContract, SharedItemsContract, NestedItemsContract
+    StoreContract, RepairContract, LabelsContract, SharedItemsContract, NestedItemsContract,
+    SequenceGuardContract,
 ):
     """Plain Redis: every script also updates the global indexes itself."""
 
@@ -62,7 +64,8 @@ class TestRedisStore(
 
 
 class TestRedisStoreClusterCodePath(
-    StoreContract, RepairContract, LabelsContract, SharedItemsContract, NestedItemsContract
+    StoreContract, RepairContract, LabelsContract, SharedItemsContract, NestedItemsContract,
+    SequenceGuardContract,
 ):
     """The Redis Cluster code path on a plain server: run scripts touch only their run's slot
     and return index changes, which the client applies in a second call."""
@@ -82,7 +85,8 @@ class TestRedisStoreClusterCodePath(
 
 
 class TestRedisStoreOnCluster(
-    StoreContract, RepairContract, LabelsContract, SharedItemsContract, NestedItemsContract
+    StoreContract, RepairContract, LabelsContract, SharedItemsContract, NestedItemsContract,
+    SequenceGuardContract,
 ):
     """A real three-primary Redis Cluster: cross-slot scripts would fail here."""
 

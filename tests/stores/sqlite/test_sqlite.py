@@ -19,6 +19,7 @@ from fastcheckpoint.testing import (
     LabelsContract,
     NestedItemsContract,
     RepairContract,
+    SequenceGuardContract,
     SharedItemsContract,
     StoreContract,
 )
@@ -40,7 +41,7 @@ def _delete_run_row_and_labels(store: CheckpointStore, run_key: str) -> None:
 
 class TestSQLiteStore(
     StoreContract, AppendNextContract, LabelsContract, SharedItemsContract, NestedItemsContract,
-    RepairContract,
+    RepairContract, SequenceGuardContract,
 ):
     @pytest.fixture
     async def store(self, tmp_path: Path) -> AsyncIterator[CheckpointStore]:
