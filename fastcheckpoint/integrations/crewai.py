@@ -48,7 +48,7 @@ from fastcheckpoint.errors import (
     ValidationError,
 )
 from fastcheckpoint.integrations._adapter import checked_keep_latest, checked_ttl
-from fastcheckpoint.stores import CheckpointStore
+from fastcheckpoint.stores import CheckpointStore, offers_sequence_guard
 
 try:
     from crewai.flow.async_feedback.types import (  # type: ignore[import-not-found, unused-ignore]
@@ -65,7 +65,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "fastcheckpoint.integrations.crewai needs CrewAI: "
         "pip install 'fastcheckpoint[crewai]'") from exc
 
-__all__ = ["ANSWERED_TAG", "FRAMEWORK", "REQUESTED_TAG", "FastFlowPersistence"]
+__all__ = [
+    "ANSWERED_TAG", "FRAMEWORK", "REQUESTED_TAG", "FastFlowPersistence",
+    "FeedbackRequestOvertaken",
+]
 
 FRAMEWORK = "crewai"
 """``framework`` of the approval requests this module makes, and the approver it records
@@ -77,6 +80,13 @@ ANSWERED_TAG = "crewai:feedback-answered"
 _ANSWERED_COMMENT = "feedback given through Flow.resume"
 _SUPERSEDED_COMMENT = "superseded by a newer feedback request of the flow"
 _json_decoder = msgspec.json.Decoder()
+
+
+class FeedbackRequestOvertaken(ConflictError):
+    """``save_pending_feedback`` found the flow gone past its request: another worker of the
+    flow saved a newer state between the request's checkpoint and the pause. The request was
+    not queued, and the run is as that worker left it (its checkpoint the newest, the run
+    not paused for this request): the flow goes on from the newer state."""
 
 
 class FastFlowPersistence(FlowPersistence):  # type: ignore[misc, unused-ignore]
@@ -199,6 +209,12 @@ class FastFlowPersistence(FlowPersistence):  # type: ignore[misc, unused-ignore]
         :class:`ConflictError` if the run was rejected: a rejection ends the run in the
         approval queue, so the flow cannot wait there again. The run is read first, so such
         a refusal comes before anything is written.
+
+        The pause applies only while the request's checkpoint is the run's newest (decided by
+        the store with the status change, where the store offers it:
+        :class:`~fastcheckpoint.stores.SupportsSequenceGuard`). Should another worker of the
+        flow save a state in between, the flow went past the request:
+        :class:`FeedbackRequestOvertaken`, and the run is left as that worker left it.
         """
         blocking = self._opened()
         request = _request_of(context)
@@ -296,19 +312,40 @@ class FastFlowPersistence(FlowPersistence):  # type: ignore[misc, unused-ignore]
             max_checkpoints_per_run=checked_keep_latest(self.keep_latest))
 
     def _pause(self, flow_uuid: str, request: dict[str, Any]) -> None:
+        """Pause the run with ``request`` while its checkpoint is the run's newest: a request
+        still waiting is superseded first; one the flow went past is never queued."""
         blocking = self._opened()
         try:
-            blocking.pause(flow_uuid, request)
+            self._pause_on_newest(flow_uuid, request)
             return
         except ConflictError as exc:
             waiting = blocking.get_run(flow_uuid)
-            if waiting is None or waiting.status is not CheckpointStatus.PAUSED:
-                _refuse(flow_uuid, "gone" if waiting is None else waiting.status.value, exc)
+            if waiting is None:
+                _refuse(flow_uuid, "gone", exc)
             _check_pausable(flow_uuid, waiting, exc)
-            _check_not_newer(flow_uuid, waiting, request, exc)
+            if waiting.status is CheckpointStatus.PAUSED:
+                _check_not_newer(flow_uuid, waiting, request, exc)
+            _check_not_overtaken(flow_uuid, waiting, request, exc)
+            if waiting.status is not CheckpointStatus.PAUSED:
+                raise  # active at our checkpoint: the change kept losing races
+        # The request waiting is older than ours, which the flow has not gone past.
         blocking.approve(flow_uuid, approver=FRAMEWORK, comment=_SUPERSEDED_COMMENT,
                          requested_at=(waiting.approval or {}).get("requested_at"))
-        blocking.pause(flow_uuid, request)
+        try:
+            self._pause_on_newest(flow_uuid, request)
+        except ConflictError as exc:
+            # A state saved between the approval and the pause: the superseded request
+            # stays approved (the flow went past it too), ours is not queued.
+            _check_not_overtaken(flow_uuid, blocking.get_run(flow_uuid), request, exc)
+            raise
+
+    def _pause_on_newest(self, flow_uuid: str, request: dict[str, Any]) -> None:
+        """``pause``, on the condition that the request's checkpoint is still the run's
+        newest where the store can decide that with the pause; elsewhere unconditioned (the
+        run is read just before, which leaves a short window)."""
+        blocking = self._opened()
+        newest = request["sequence"] if offers_sequence_guard(blocking.store) else None
+        blocking.pause(flow_uuid, request, latest_sequence=newest)
 
     def _answered(self, flow_uuid: str, run: RunInfo) -> RunInfo:
         """The run after approving its waiting request for the flow that was resumed; a
@@ -358,6 +395,19 @@ def _check_not_newer(
             f"flow {flow_uuid!r}: a newer feedback request of the flow (saved with checkpoint "
             f"{queued}) waits in the approval queue; this one (checkpoint {ours}) was not "
             "queued") from cause
+
+
+def _check_not_overtaken(
+    flow_uuid: str, run: RunInfo | None, request: dict[str, Any], cause: Exception
+) -> None:
+    """:class:`FeedbackRequestOvertaken` if the run's newest checkpoint is not the one saved
+    with ``request``: another worker of the flow saved a newer state meanwhile."""
+    if run is not None and run.latest_sequence != request["sequence"]:
+        raise FeedbackRequestOvertaken(
+            f"flow {flow_uuid!r} went past its feedback request: the request was saved with "
+            f"checkpoint {request['sequence']}, and another worker of the flow saved a newer "
+            f"state (checkpoint {run.latest_sequence}) before the run was paused; the request "
+            "was not queued, and the flow goes on from the newer state") from cause
 
 
 def _crewai_request(run: RunInfo | None) -> dict[str, Any] | None:

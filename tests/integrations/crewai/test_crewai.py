@@ -41,6 +41,7 @@ from fastcheckpoint.integrations.crewai import (
     FRAMEWORK,
     REQUESTED_TAG,
     FastFlowPersistence,
+    FeedbackRequestOvertaken,
 )
 
 from ._support import CountingStore
@@ -236,6 +237,59 @@ def test_an_older_request_does_not_supersede_a_newer_one(store_url: str) -> None
         run = first.manager.get_run(flow)
         assert run is not None
         assert run.status is CheckpointStatus.PAUSED
+    finally:
+        first.close()
+        second.close()
+
+
+def _with_state_saved_before_the_pause(
+    paused_by: FastFlowPersistence, saver: FastFlowPersistence, flow: str
+) -> None:
+    """The interleaving of two workers of one flow: ``saver``'s ``save_state`` lands after
+    ``paused_by`` checkpointed its feedback request and before it pauses the run (once)."""
+    blocking = paused_by._opened()
+    real_pause = blocking.pause
+
+    def state_saved_first(*args: Any, **kwargs: Any) -> Any:
+        blocking.pause = real_pause  # type: ignore[method-assign]
+        saver.save_state(flow, "went_on", {"id": flow, "by": "other worker"})
+        return real_pause(*args, **kwargs)
+
+    blocking.pause = state_saved_first  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("waiting", [False, True], ids=["active", "earlier-request-waits"])
+def test_a_request_the_flow_went_past_before_the_pause_is_not_queued(
+    store_url: str, waiting: bool
+) -> None:
+    """Worker A checkpoints its feedback request; worker B saves the flow's state; A pauses.
+    The flow went past A's request, so the run must not wait in the queue for it: A's call
+    raises, and the run is as B left it (B's checkpoint the newest, nothing pending)."""
+    shared: MemoryStore | str = MemoryStore() if store_url == "memory://" else store_url
+    first, second = FastFlowPersistence(shared), FastFlowPersistence(shared)
+    try:
+        flow = flow_id()
+        if waiting:
+            first.save_pending_feedback(flow, feedback_context(flow, method="earlier"),
+                                        {"id": flow})
+        before = first.manager.get_run(flow)
+        _with_state_saved_before_the_pause(first, second, flow)
+
+        with pytest.raises(FeedbackRequestOvertaken, match="went past"):
+            first.save_pending_feedback(flow, feedback_context(flow), {"id": flow, "by": "A"})
+
+        run = first.manager.get_run(flow)
+        assert run is not None
+        assert run.latest_sequence == (2 if waiting else 1)
+        assert first.load_state(flow) == {"id": flow, "by": "other worker"}
+        assert first.load_pending_feedback(flow) is None
+        assert first.feedback(flow) is None
+        if waiting:  # the earlier request stays as it was, waiting
+            assert before is not None
+            assert (run.status, run.approval, run.history) == (
+                CheckpointStatus.PAUSED, before.approval, before.history)
+        else:
+            assert (run.status, run.approval, run.history) == (CheckpointStatus.ACTIVE, None, [])
     finally:
         first.close()
         second.close()
