@@ -18,9 +18,10 @@ reviewer (``flow.resume(text)`` from your own handler) leaves the queue approved
 Every call blocks on :class:`fastcheckpoint.blocking.BlockingManager`. Costs in store calls:
 ``save_state`` 1 (2 the first time this object writes a flow, or after another process
 did), ``load_state`` 1, ``save_pending_feedback`` 4 (the run read, the checkpoint, then the
-status change: read and update), ``load_pending_feedback`` 2, ``clear_pending_feedback`` 1,
-plus 2 when the run is still PAUSED and 2 when the resumed method saved no checkpoint of its
-own.
+status change: read and update; 5 on a store without ``SupportsSequenceGuard``, where the run
+is read once more just before the pause), ``load_pending_feedback`` 2,
+``clear_pending_feedback`` 1, plus 2 when the run is still PAUSED and 2 when the resumed
+method saved no checkpoint of its own.
 
 Needs ``pip install 'fastcheckpoint[crewai]'``.
 """
@@ -344,8 +345,11 @@ class FastFlowPersistence(FlowPersistence):  # type: ignore[misc, unused-ignore]
         newest where the store can decide that with the pause; elsewhere unconditioned (the
         run is read just before, which leaves a short window)."""
         blocking = self._opened()
-        newest = request["sequence"] if offers_sequence_guard(blocking.store) else None
-        blocking.pause(flow_uuid, request, latest_sequence=newest)
+        if offers_sequence_guard(blocking.store):
+            blocking.pause(flow_uuid, request, latest_sequence=request["sequence"])
+            return
+        _check_not_overtaken(flow_uuid, blocking.get_run(flow_uuid), request)
+        blocking.pause(flow_uuid, request)
 
     def _answered(self, flow_uuid: str, run: RunInfo) -> RunInfo:
         """The run after approving its waiting request for the flow that was resumed; a
@@ -398,7 +402,7 @@ def _check_not_newer(
 
 
 def _check_not_overtaken(
-    flow_uuid: str, run: RunInfo | None, request: dict[str, Any], cause: Exception
+    flow_uuid: str, run: RunInfo | None, request: dict[str, Any], cause: Exception | None = None
 ) -> None:
     """:class:`FeedbackRequestOvertaken` if the run's newest checkpoint is not the one saved
     with ``request``: another worker of the flow saved a newer state meanwhile."""

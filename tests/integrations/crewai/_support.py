@@ -6,6 +6,8 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from fastcheckpoint.stores import offers_sequence_guard
+
 
 class CountingStore:
     """Forwards every call of the store protocol to ``inner`` and counts them by method."""
@@ -13,6 +15,12 @@ class CountingStore:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.calls: Counter[str] = Counter()
+
+    @property
+    def sequence_guard(self) -> bool:
+        """Whether ``inner`` takes ``update_run(..., latest_sequence=)``, which the
+        forwarding ``update_run`` passes on."""
+        return offers_sequence_guard(self.inner)
 
     def take(self) -> dict[str, int]:
         """The calls counted since the last ``take``."""

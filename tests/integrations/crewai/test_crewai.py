@@ -295,6 +295,47 @@ def test_a_request_the_flow_went_past_before_the_pause_is_not_queued(
         second.close()
 
 
+class _WithoutSequenceGuard(MemoryStore):
+    """A store that cannot pause on the condition that the newest checkpoint is unchanged
+    (as S3, or a third-party store written for the older ``update_run``)."""
+
+    sequence_guard = False
+
+
+def test_on_a_store_without_the_guard_feedback_still_waits_and_a_saved_state_still_wins() -> (
+    None
+):
+    """The pause goes without the condition there (no ``ConfigurationError``); a state saved
+    right after the request's checkpoint is still seen, by the run read just before the
+    pause (only what lands between that read and the pause is not)."""
+    store = _WithoutSequenceGuard()
+    first, second = FastFlowPersistence(store), FastFlowPersistence(store)
+    try:
+        waiting, overtaken = flow_id(), flow_id()
+        first.save_pending_feedback(waiting, feedback_context(waiting), {"id": waiting})
+        blocking = first._opened()
+        real_create = blocking.create
+
+        def state_saved_right_after(*args: Any, **kwargs: Any) -> Any:
+            blocking.create = real_create  # type: ignore[method-assign]
+            created = real_create(*args, **kwargs)
+            second.save_state(overtaken, "went_on", {"id": overtaken, "by": "other worker"})
+            return created
+
+        blocking.create = state_saved_right_after  # type: ignore[method-assign]
+        with pytest.raises(FeedbackRequestOvertaken):
+            first.save_pending_feedback(overtaken, feedback_context(overtaken),
+                                        {"id": overtaken})
+
+        assert first.load_pending_feedback(waiting) is not None
+        run = first.manager.get_run(overtaken)
+        assert run is not None
+        assert (run.status, run.latest_sequence) == (CheckpointStatus.ACTIVE, 1)
+    finally:
+        first.close()
+        second.close()
+
+
 def test_a_rejection_is_feedback_and_ends_the_run_in_the_queue(
     persistence: FastFlowPersistence,
 ) -> None:
