@@ -3,8 +3,9 @@ applies, what a store checks before its first call, and the ops kit's ``schema.s
 
 The ``<prefix>migrations`` table holds one row per applied migration. Provisioning runs in one
 transaction under an advisory transaction lock (no session state, so it works through
-PgBouncer too): concurrent ``init`` runs take turns, and a failed migration leaves nothing
-behind. A database migrated by a newer fastcheckpoint is never downgraded.
+PgBouncer too): concurrent ``init`` runs on one schema take turns, whatever their table
+prefixes, and a failed migration leaves nothing behind. A database migrated by a newer
+fastcheckpoint is never downgraded.
 """
 
 from __future__ import annotations
@@ -37,8 +38,12 @@ class SchemaState:
 
 
 def _lock_key(names: Names) -> int:
-    """The advisory lock of one store's schema: a signed 64-bit hash of its names."""
-    digest = hashlib.blake2b(f"fastcheckpoint:{names.schema}.{names.prefix}".encode(),
+    """The advisory lock of provisioning in one schema: a signed 64-bit hash of its name.
+
+    One lock per schema, not per store: stores with other table prefixes in a new schema all
+    create the schema, and two ``CREATE SCHEMA`` at once fail one of them (a duplicate key in
+    the catalog), ``IF NOT EXISTS`` or not."""
+    digest = hashlib.blake2b(f"fastcheckpoint-schema:{names.schema}".encode(),
                              digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 

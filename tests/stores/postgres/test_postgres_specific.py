@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from fastcheckpoint.errors import (
     StoreUnavailableError,
     ValidationError,
 )
-from fastcheckpoint.stores import Item, RunRecord, open_store
+from fastcheckpoint.stores import Item, RunRecord, _postgres_schema, open_store
 from fastcheckpoint.stores._postgres_sql import FUNCTIONS, MIGRATIONS, Names, Statements
 from fastcheckpoint.stores.postgres import PostgresStore
 from fastcheckpoint.testing import (
@@ -584,6 +584,68 @@ async def test_concurrent_provisioning_takes_turns(postgres: PostgresTarget) -> 
     assert sorted(report[-1] for report in reports) == sorted(
         [f"now schema {schema} at version {LATEST} (table prefix 'fc_')"]
         + [f"found schema {schema} at version {LATEST} (table prefix 'fc_')"] * 2)
+
+
+class _PausedAfterSchemaCheck:
+    """An asyncpg connection that runs ``meanwhile`` once, right after provisioning on it found
+    out whether the schema exists: where another process's provisioning can come in."""
+
+    def __init__(self, connection: asyncpg.Connection,
+                 meanwhile: Callable[[], Awaitable[None]]) -> None:
+        self._connection = connection
+        self._meanwhile: Callable[[], Awaitable[None]] | None = meanwhile
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        value = await self._connection.fetchval(sql, *args)
+        if "pg_namespace" in sql and self._meanwhile is not None:
+            meanwhile, self._meanwhile = self._meanwhile, None
+            await meanwhile()
+        return value
+
+
+async def _waits_for_a_lock(watcher: asyncpg.Connection, pid: int) -> bool:
+    waiting = await watcher.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted)", pid)
+    return bool(waiting)
+
+
+async def test_stores_with_other_prefixes_provision_one_new_schema_at_once(
+    postgres: PostgresTarget,
+) -> None:
+    """The second store's provisioning runs whole (or until it waits) between the first's check
+    that the schema is missing and its CREATE SCHEMA: both end provisioned, neither fails."""
+    schema = unique_schema()
+    first, second = Names(schema, "a_"), Names(schema, "b_")
+    connections = [await asyncpg.connect(postgres.url()) for _ in range(3)]
+    mine, other, watcher = connections
+    later: list[asyncio.Task[list[str]]] = []
+
+    async def meanwhile() -> None:
+        later.append(asyncio.ensure_future(_postgres_schema.provision(other, second)))
+        pid = other.get_server_pid()
+        while not later[0].done() and not await _waits_for_a_lock(watcher, pid):  # noqa: ASYNC110 (the server's locks)
+            await asyncio.sleep(0.01)
+
+    try:
+        with anyio.fail_after(60):
+            paused = _PausedAfterSchemaCheck(mine, meanwhile)
+            report = await _postgres_schema.provision(paused, first)
+            other_report = await later[0]
+            assert await _postgres_schema.missing_objects(watcher, first) == []
+            assert await _postgres_schema.missing_objects(watcher, second) == []
+    finally:
+        for task in later:
+            task.cancel()
+        for connection in connections:
+            await connection.close()
+        await drop_schema(postgres, schema)
+    assert report[0] == f"created schema {schema}"
+    assert f"created schema {schema}" not in other_report
+    assert report[-1] == f"now schema {schema} at version {LATEST} (table prefix 'a_')"
+    assert other_report[-1] == f"now schema {schema} at version {LATEST} (table prefix 'b_')"
 
 
 async def test_a_store_without_its_schema_says_to_run_init(postgres: PostgresTarget) -> None:
