@@ -3,19 +3,29 @@ the store's lifecycle rules, created or completed idempotently, never recreated.
 
 Shared by the S3 store (checkpoints) and the DynamoDB store (large payloads). Each step
 returns one line for people: ``"created ..."``, ``"enabled ..."``, ``"updated ..."``,
-``"removed ..."`` or ``"found ..."`` (in place already).
+``"removed ..."`` or ``"found ..."`` (in place already). Several runs at once all succeed:
+each step is tried again while S3 says another request is changing the bucket.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any, Final, TypeVar
 
+import anyio
 from botocore.exceptions import BotoCoreError, ClientError
 
 from fastcheckpoint.stores._aws import error_code, translate
 
 __all__ = ["provision_bucket"]
+
+_T = TypeVar("_T")
+
+_PATIENCE: Final = 60.0
+"""Seconds a step is tried again while S3 answers that a conflicting operation is under way."""
+_FIRST_PAUSE: Final = 0.1
+_LONGEST_PAUSE: Final = 2.0
 
 
 async def provision_bucket(
@@ -30,13 +40,29 @@ async def provision_bucket(
     lifecycle rules (which are kept); rules whose ids are in ``retired`` are removed."""
     try:
         return [
-            await _bucket(client, bucket),
-            await _versioning(client, bucket),
-            await _encryption(client, bucket),
-            *await _lifecycle(client, bucket, rules, retired),
+            await _in_turn(lambda: _bucket(client, bucket)),
+            await _in_turn(lambda: _versioning(client, bucket)),
+            await _in_turn(lambda: _encryption(client, bucket)),
+            *await _in_turn(lambda: _lifecycle(client, bucket, rules, retired)),
         ]
     except (ClientError, BotoCoreError) as exc:
         raise translate(exc, f"provisioning S3 bucket {bucket}") from exc
+
+
+async def _in_turn(step: Callable[[], Awaitable[_T]]) -> _T:
+    """Run one step (a look, then the change it needs), again from its look while S3 answers
+    ``OperationAborted``: another request is changing the bucket (another provisioning run
+    creating it, say) and S3 says to try again once it is done. Each step is idempotent."""
+    pause = _FIRST_PAUSE
+    deadline = time.monotonic() + _PATIENCE
+    while True:
+        try:
+            return await step()
+        except ClientError as exc:
+            if error_code(exc) != "OperationAborted" or time.monotonic() + pause > deadline:
+                raise
+        await anyio.sleep(pause)
+        pause = min(2 * pause, _LONGEST_PAUSE)
 
 
 async def _bucket(client: Any, bucket: str) -> str:
