@@ -1628,6 +1628,15 @@ def _mkdir(path: str) -> bool:
     return True
 
 
+def _missing_directories(path: str) -> list[str]:
+    """``path`` and those of its ancestors that do not exist (yet)."""
+    missing: list[str] = []
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
 def _directory_of(path: object) -> str:
     """The store's directory as a ``str`` path (``ConfigurationError`` for anything else)."""
     try:
@@ -1742,11 +1751,30 @@ class FileStore(ExpiryCleanup):
         self._recent = _Recent(_RECENT_RUNS, _RECENT_SECONDS)
         self._batches = _Batches(_BATCH_PATIENCE)
         try:
-            os.makedirs(self._root, mode=0o700, exist_ok=True)
-            for directory in (self._runs, self._locks, self._index, self._tmp, self._trash):
-                _mkdir(directory)
+            self._make_directories()
         except OSError as exc:
             raise StoreError(f"cannot create the file store at {self._root}: {exc}") from exc
+
+    def _make_directories(self) -> None:
+        """Create the store's directories, and sync the names of those that may be new.
+
+        A commit syncs its log and the run's directory, and the run's first one ``runs``; the
+        names above that (``runs`` in the root, the root in its parent, and any directory the
+        root was created in) must be on disk before anything is acknowledged, or a power cut
+        could take every run with them. Another process may have just created them and not
+        synced them yet, so the root and its parent are synced whoever made them (a sync of
+        a directory with nothing new to write costs little)."""
+        created = _missing_directories(self._root)
+        os.makedirs(self._root, mode=0o700, exist_ok=True)
+        for directory in (self._runs, self._locks, self._index, self._tmp, self._trash):
+            _mkdir(directory)
+        for directory in sorted({self._root, *map(os.path.dirname, [self._root, *created])},
+                                key=len, reverse=True):
+            try:
+                self._sync_dir(directory)
+            except PermissionError:
+                # A directory one may enter but not read cannot be opened to be synced.
+                logger.debug("file store: cannot sync the directory %s", directory)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> FileStore:

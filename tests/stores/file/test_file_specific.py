@@ -193,6 +193,45 @@ def test_root_that_is_a_file_is_a_store_error(tmp_path: Path) -> None:
         FileStore(tmp_path / "file")
 
 
+def _synced_directories(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The directories ``os.fsync`` is called on from now on (by their path)."""
+    synced: list[Path] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_a_new_store_syncs_the_names_of_the_directories_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run's first commit syncs only up to runs/: without these, a power cut after the first
+    # acknowledged create could take runs/ (or the whole store) with it.
+    synced = _synced_directories(monkeypatch)
+    root = tmp_path / "a" / "b" / "store"
+    FileStore(root)
+    assert {tmp_path, tmp_path / "a", tmp_path / "a" / "b", root} <= set(synced)
+
+
+def test_a_store_another_process_just_made_syncs_its_names_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The other process may not have synced them yet when this one acknowledges a create.
+    root = tmp_path / "store"
+    (root / "runs").mkdir(parents=True)
+    synced = _synced_directories(monkeypatch)
+    FileStore(root)
+    assert {tmp_path, root} <= set(synced)
+    synced.clear()
+    FileStore(root, fsync=False)
+    assert synced == []
+
+
 # -- layout and permissions -------------------------------------------------------------------
 
 
