@@ -364,12 +364,13 @@ class PostgresStore(ExpiryCleanup):
         else:
             pool = await self._factory()
         try:
-            state = await schema_state(pool, self._names)
+            # Refused too (no schema yet, say: processes starting before init has run), the
+            # pool is closed: each call builds a new one, and kept, they held a connection each.
+            self._check_schema(await schema_state(pool, self._names))
         except BaseException:
             if self._factory is not None:
                 pool.terminate()
             raise
-        self._check_schema(state)
         return pool
 
     def _given_pool(self) -> asyncpg.Pool:

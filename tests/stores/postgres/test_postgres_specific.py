@@ -7,6 +7,7 @@ import asyncio
 import logging
 import math
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -666,6 +667,36 @@ async def _migrate_to(connection: Any, names: Names, version: int) -> None:
         await connection.execute(names.render(migration.sql))
         await connection.execute(f"INSERT INTO {names['migrations']} (version, description) "
                                  "VALUES ($1, $2)", migration.version, migration.description)
+
+
+async def _connections_left(watcher: asyncpg.Connection, application: str) -> int:
+    """Server connections of ``application``, once those closed have left (a closed one's
+    server process may take a moment to leave the list)."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+    deadline = time.monotonic() + 5
+    while (left := int(await watcher.fetchval(query, application))) and (  # noqa: ASYNC110
+            time.monotonic() < deadline):
+        await anyio.sleep(0.05)
+    return left
+
+
+async def test_calls_before_init_hold_no_connection(postgres: PostgresTarget) -> None:
+    # Processes that start before init has run: every call is refused, and each refusal left
+    # its pool open (a connection each, until the server ran out of them), aclose or not.
+    application = f"fc-before-init-{secrets.token_hex(4)}"
+    store = PostgresStore.from_url(
+        f"{postgres.url()}?schema={unique_schema()}&application_name={application}")
+    watcher = await asyncpg.connect(postgres.url())
+    try:
+        with anyio.fail_after(30):
+            for _ in range(3):
+                with pytest.raises(ConfigurationError, match="fastcheckpoint init"):
+                    await store.get_run(key_of(make_run("early")), now=T0)
+            held = await _connections_left(watcher, application)
+    finally:
+        await store.aclose()
+        await watcher.close()
+    assert held == 0
 
 
 async def test_an_older_schema_is_upgraded_by_init(postgres: PostgresTarget) -> None:
