@@ -26,6 +26,10 @@ _PATIENCE: Final = 60.0
 """Seconds a step is tried again while S3 answers that a conflicting operation is under way."""
 _FIRST_PAUSE: Final = 0.1
 _LONGEST_PAUSE: Final = 2.0
+_SETTLE: Final = 1.0
+"""Seconds after writing the lifecycle rules before they are read back."""
+_RECHECKS: Final = 3
+"""Read-backs at most (each merging our rules in again if they were dropped)."""
 
 
 async def provision_bucket(
@@ -116,6 +120,27 @@ async def _encryption(client: Any, bucket: str) -> str:
 
 
 async def _lifecycle(
+    client: Any, bucket: str, rules: Sequence[dict[str, Any]], retired: Collection[str]
+) -> list[str]:
+    """Merge ``rules`` into the bucket's lifecycle configuration; after a write, look again.
+
+    S3 has no conditional write of a lifecycle configuration: two runs with other rules (an
+    S3 store and a DynamoDB store's payloads on one bucket) that read it before either wrote
+    each write what it read plus its own, and the later write drops the other's rule. So a
+    run that wrote reads the rules back after :data:`_SETTLE` seconds, by when a run racing
+    it has written too, and merges its own in again if they are gone."""
+    done = await _merge_rules(client, bucket, rules, retired)
+    wrote = not all(line.startswith("found") for line in done)
+    for _ in range(_RECHECKS):
+        if not wrote:
+            break
+        await anyio.sleep(_SETTLE)
+        again = await _merge_rules(client, bucket, rules, retired)
+        wrote = not all(line.startswith("found") for line in again)
+    return done
+
+
+async def _merge_rules(
     client: Any, bucket: str, rules: Sequence[dict[str, Any]], retired: Collection[str]
 ) -> list[str]:
     existing = await _rules_of(client, bucket)

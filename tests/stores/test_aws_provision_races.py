@@ -17,6 +17,7 @@ import anyio
 import pytest
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 
+from fastcheckpoint.stores import _s3_provision as s3_provision
 from fastcheckpoint.stores.dynamodb import DynamoDBStore
 from fastcheckpoint.stores.s3 import S3Store
 from tests.stores._moto import REGION, moto_endpoint, unique_name
@@ -38,6 +39,12 @@ _Store = TypeVar("_Store", DynamoDBStore, S3Store)
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # aiobotocore runs on asyncio only
+
+
+@pytest.fixture(autouse=True)
+def no_settling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lifecycle rules read back at once: the tests order the runs' requests themselves."""
+    monkeypatch.setattr(s3_provision, "_SETTLE", 0.0)
 
 
 @pytest.fixture
@@ -189,3 +196,55 @@ async def test_provisioning_runs_at_once_all_succeed(
         reports = await asyncio.gather(*(store.provision() for store in stores))
     assert sum(report[0].startswith("created table") for report in reports) == 1
     assert all(report[0].startswith(("created table", "found table")) for report in reports)
+
+
+def _when(client: Any, event: str, operation: str, action: Callable[[], Awaitable[None]]) -> None:
+    """Await ``action`` at each ``event`` ("before-call", "after-call") of ``operation``."""
+    async def hook(**_: Any) -> None:
+        await action()
+
+    client.meta.events.register(f"{event}.s3.{operation}", hook)
+
+
+async def test_lifecycle_rules_a_racing_run_dropped_are_put_back(
+    moto_endpoint: str, opened: Callable[[Any], Any]
+) -> None:
+    """Both runs read the new bucket's (empty) lifecycle rules before either writes. The
+    DynamoDB store's write lands first, then the S3 store's, which drops its rule: the
+    DynamoDB store's read-back (held until then) finds its rule gone and merges it in again."""
+    bucket = unique_name("race")
+    first = opened(S3Store(bucket, "checkpoints/", region=REGION, endpoint_url=moto_endpoint))
+    second = opened(_dynamodb(moto_endpoint, unique_name("race"), bucket))
+    first_wrote, second_wrote = anyio.Event(), anyio.Event()
+    second_reads: list[None] = []
+    later: list[asyncio.Task[list[str]]] = []
+
+    async def other_run_until_it_wrote() -> None:
+        later.append(asyncio.ensure_future(second.provision()))
+        await second_wrote.wait()
+
+    async def second_reads_after_first_wrote() -> None:
+        second_reads.append(None)
+        if len(second_reads) > 1:  # its read-back
+            await first_wrote.wait()
+
+    with anyio.fail_after(DEADLINE):
+        client = await first.client()
+        _, other = await second.clients()
+        _when(client, "before-call", "PutBucketLifecycleConfiguration", other_run_until_it_wrote)
+        _when(client, "after-call", "PutBucketLifecycleConfiguration", _setter(first_wrote))
+        _when(other, "after-call", "PutBucketLifecycleConfiguration", _setter(second_wrote))
+        _when(other, "before-call", "GetBucketLifecycleConfiguration",
+              second_reads_after_first_wrote)
+        await first.provision()
+        await later[0]
+        lifecycle = await client.get_bucket_lifecycle_configuration(Bucket=bucket)
+    assert {rule["ID"] for rule in lifecycle["Rules"]} == {
+        "fastcheckpoint-noncurrent", "fastcheckpoint-blobs"}
+
+
+def _setter(event: anyio.Event) -> Callable[[], Awaitable[None]]:
+    async def set_it() -> None:
+        event.set()
+
+    return set_it
