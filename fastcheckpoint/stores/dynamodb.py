@@ -2077,6 +2077,7 @@ class DynamoDBStore(ExpiryCleanup):
             f"{names('ver')} = {names.value(_n(version + 1))}, "
             f"{names('ua')} = {names.value(_n(now))}, "
             f"{names('wt')} = {names.value(_s(token))}, "
+            f"{names('uwt')} = {names.value(_s(token))}, "
             f"{names('gst')} = {names.value(_s(f'{status}#{shard}'))} "
             f"ADD {names('rev')} {names.value(_n(1))}"
         )
@@ -2097,8 +2098,10 @@ class DynamoDBStore(ExpiryCleanup):
                 self._cache.pop(run_key, None)
                 raise
             self._remember(run_key, state)
-            if state is not None and old is not None and old.get("wt") == _s(token):
-                return state.record  # a resend of this very change: the first was applied
+            if state is not None and old is not None and old.get("uwt") == _s(token):
+                # A resend of this very change: the first was applied. ``uwt`` and not
+                # ``wt``, which an append landing in between rewrites.
+                return state.record
             if state is None or not state.live(now):
                 raise CheckpointNotFound(f"no live run with key {run_key}")
             if (state.record.incarnation, state.record.version) == (incarnation, version):

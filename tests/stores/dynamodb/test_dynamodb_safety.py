@@ -408,6 +408,91 @@ async def test_a_delete_or_status_change_whose_reply_was_lost_reports_what_happe
             assert ([header.sequence for header in found], status) == ([1], "completed")
 
 
+@pytest.mark.parametrize("guard", [0, None])
+async def test_a_status_change_whose_reply_was_lost_before_an_append_is_reported_applied(
+    provisioned: str, aws_names: tuple[str, str], guard: int | None
+) -> None:
+    """The update lands, another process appends, then the driver sends the update again:
+    the store must recognise its own change (it was applied while its condition held), not
+    call it a conflict. Appends rewrite the run item's write token, so the resend cannot be
+    told from the token appends share."""
+    seed = make_run(f"lost-update-{guard}")
+    key = key_of(seed)
+    async with opened(provisioned, aws_names, retry=QUICK) as store, opened(
+        provisioned, aws_names, prefix=store.prefix
+    ) as other:
+        with anyio.fail_after(DEADLINE):
+            await store.append(key, make_checkpoint(seed, 0), run=seed, keep_latest=None, now=T0)
+
+            async def another_append() -> None:  # lands between our update and its resend
+                await other.append(key, make_checkpoint(seed, 1), run=seed, keep_latest=None,
+                                   now=T0 + 1)
+
+            ddb, _ = await store.clients()
+            with _LoseFirstReply(ddb, "UpdateItem", another_append) as fault:
+                updated = await store.update_run(
+                    key, incarnation=seed.incarnation, version=0, status="paused",
+                    data=b"ask", now=T0 + 1, latest_sequence=guard)
+            assert fault.lost == 1
+            assert (updated.status, updated.version, updated.data) == ("paused", 1, b"ask")
+            run = await other.get_run(key, now=T0 + 1)
+            assert run is not None
+            assert (run.status, run.version, run.latest_sequence) == ("paused", 1, 1)
+
+
+async def test_a_refused_guarded_update_stays_refused_when_sent_again(
+    provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    """A guarded update refused for a newer checkpoint wrote nothing: its resend (the reply
+    of the refusal lost) is refused again, and the run stays as it was."""
+    seed = make_run("lost-refusal")
+    key = key_of(seed)
+    async with opened(provisioned, aws_names, retry=QUICK) as store:
+        with anyio.fail_after(DEADLINE):
+            for sequence in (0, 1):
+                await store.append(key, make_checkpoint(seed, sequence), run=seed,
+                                   keep_latest=None, now=T0)
+            ddb, _ = await store.clients()
+            with _LoseFirstReply(ddb, "UpdateItem") as fault, pytest.raises(
+                ConflictError, match="newer checkpoints"
+            ):
+                await store.update_run(key, incarnation=seed.incarnation, version=0,
+                                       status="paused", data=b"ask", now=T0,
+                                       latest_sequence=0)
+            assert fault.lost == 1
+            run = await store.get_run(key, now=T0)
+            assert run is not None
+            assert (run.status, run.version, run.latest_sequence) == ("active", 0, 1)
+
+
+async def test_a_guarded_pause_whose_reply_was_lost_before_a_create_returns_the_paused_run(
+    provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    """What a caller sees of the resend above: the pause was applied while the checkpoint
+    was the newest, so ``pause`` returns the paused run rather than a ConflictError saying
+    the run cannot be paused (it is: by this very call)."""
+    clock = [T0]
+    async with opened(provisioned, aws_names, retry=QUICK) as store, opened(
+        provisioned, aws_names, prefix=store.prefix
+    ) as other:
+        manager, another = _manager(store, clock), _manager(other, clock)
+        with anyio.fail_after(DEADLINE):
+            created = await manager.create("lost-pause", state={"n": 0})
+            assert created is not None
+
+            async def another_create() -> None:
+                await another.create("lost-pause", state={"n": 1})
+
+            ddb, _ = await store.clients()
+            with _LoseFirstReply(ddb, "UpdateItem", another_create) as fault:
+                paused = await manager.pause("lost-pause", {"action": "refund"},
+                                             latest_sequence=created.metadata.sequence)
+            assert fault.lost == 1
+            assert paused.status is fastcheckpoint.CheckpointStatus.PAUSED
+            assert paused.approval is not None
+            assert paused.approval["request"] == {"action": "refund"}
+
+
 async def test_a_large_create_whose_outcome_is_unknown_keeps_its_payload(
     provisioned: str, aws_names: tuple[str, str]
 ) -> None:
