@@ -9,7 +9,13 @@ import pytest
 from fastcheckpoint.errors import CheckpointNotFound, ConflictError, ValidationError
 from fastcheckpoint.stores._base import CheckpointStore, RunRecord, offers_sequence_guard
 from fastcheckpoint.testing._builders import T0, key_of, make_run
-from fastcheckpoint.testing._contract import ContractBase, _append, _append_many, _snapshot
+from fastcheckpoint.testing._contract import (
+    ContractBase,
+    _append,
+    _append_many,
+    _delete,
+    _snapshot,
+)
 
 __all__ = ["SequenceGuardContract"]
 
@@ -87,6 +93,24 @@ class SequenceGuardContract(ContractBase):
         updated = await _guarded(store, seed, version=0, latest_sequence=3)
 
         assert (updated.status, updated.version, updated.latest_sequence) == ("paused", 1, 3)
+
+    async def test_the_guard_is_the_newest_sequence_appended_after_deleting_it(
+        self, store: CheckpointStore
+    ) -> None:
+        """Deleting the newest checkpoint leaves the run's ``latest_sequence`` where it was
+        (the next append still takes the sequence after it), and the guard goes by it on
+        every store: a caller comparing with the sequence its append returned gets the
+        same answer whichever store it runs on."""
+        seed = make_run("guard-deleted")
+        await _append_many(store, seed, [0, 1, 2])
+        assert await _delete(store, seed, 2) is True
+
+        with pytest.raises(ConflictError, match="newer checkpoints"):
+            await _guarded(store, seed, version=0, latest_sequence=1)
+        updated = await _guarded(store, seed, version=0, latest_sequence=2)
+
+        assert (updated.status, updated.latest_sequence, updated.checkpoint_count) == (
+            "paused", 2, 2)
 
     async def test_without_a_guard_the_update_is_the_plain_compare_and_set(
         self, store: CheckpointStore
