@@ -349,6 +349,41 @@ async def test_a_retried_append_recognises_its_own_write(
     assert count == 1
 
 
+async def test_a_guarded_update_sent_again_finds_its_token_and_a_refused_one_stays_refused(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    """The server side of a lost reply of ``update_run(..., latest_sequence=)``: applied,
+    then a checkpoint appended, the same call sent again is the update applied (not
+    ``newer``); a call refused as ``newer`` is refused again when sent again."""
+    names = Names(schema, "fc_")
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    run = make_run("guard-token")
+    key = key_of(run)
+    sql = (f"SELECT outcome, (run).version, (run).latest_sequence "
+           f"FROM {names['update_run']}($1, $2, $3, $4, $5, $6, $7, $8)")
+    applied = [key, run.incarnation, 0, "paused", b"ask", T0, "tok-1", 0]
+    refused = [key, run.incarnation, 1, "active", b"", T0, "tok-2", 0]
+    try:
+        with anyio.fail_after(30):
+            await _append(store, run, 0)
+            connection = await asyncpg.connect(postgres.url())
+            try:
+                first = await connection.fetchrow(sql, *applied)
+                await _append(store, run, 1)
+                again = await connection.fetchrow(sql, *applied)
+                outcomes = [await connection.fetchrow(sql, *refused) for _ in range(2)]
+            finally:
+                await connection.close()
+            after = await store.get_run(key, now=T0)
+    finally:
+        await store.aclose()
+    assert tuple(first) == ("ok", 1, 0)
+    assert tuple(again) == ("ok", 1, 1)
+    assert [tuple(outcome) for outcome in outcomes] == [("newer", 1, 1)] * 2
+    assert after is not None
+    assert (after.status, after.version, after.latest_sequence) == ("paused", 1, 1)
+
+
 async def test_unheld_refs_are_named_and_a_retry_still_finds_its_write(
     postgres: PostgresTarget, schema: str
 ) -> None:

@@ -194,6 +194,44 @@ async def test_a_retry_after_a_lost_reply_keeps_the_index_on_the_cluster_code_pa
     assert [run.run_id for run in listed] == ["lossy"]
 
 
+async def test_a_guarded_pause_whose_reply_was_lost_before_a_create_returns_the_paused_run(
+    prefixed: tuple[RedisTarget, str]
+) -> None:
+    """The pause was applied while its checkpoint was the newest; another process creates a
+    checkpoint before redis-py retries. The retry must report the pause applied (the saved
+    answer of its token), not refuse it for the newer checkpoint or call it a conflict."""
+    target, prefix = prefixed
+    real_server(target)
+    direct = make_store(target, prefix)
+    clock = Clock()
+    created = await _manager(direct, clock).create("lossy", {"n": 0})
+    assert created is not None
+    await load_scripts(direct._client)
+
+    async def another_create() -> None:
+        await _manager(direct, clock).create("lossy", {"n": 1})
+
+    proxy = CuttingProxy(*host_and_port(target), ["pass", "lose-reply"],
+                         on_lost_reply=another_create)  # the run read, then the pause
+    await proxy.start()
+    store = RedisStore.from_url(
+        f"redis://127.0.0.1:{proxy.port}/0?prefix={prefix}",
+        retry=RetryPolicy(base_delay=0.001, max_delay=0.01, max_retries=3))
+    try:
+        with anyio.fail_after(_DEADLINE):
+            paused = await _manager(store, clock).pause(
+                "lossy", {"question": "ok?"}, latest_sequence=created.metadata.sequence)
+            run = await _manager(direct, clock).get_run("lossy")
+    finally:
+        await store.aclose()
+        await direct.aclose()
+        await proxy.stop()
+    assert proxy.cuts == 1
+    assert paused.status is CheckpointStatus.PAUSED
+    assert run is not None
+    assert (run.status, run.latest_sequence) == (CheckpointStatus.PAUSED, 1)
+
+
 # -- records swapped in from another run -------------------------------------------------------
 
 
