@@ -605,9 +605,14 @@ def offers_sequence_guard(store: object) -> TypeGuard[SupportsSequenceGuard]:
     """Whether ``store``'s ``update_run`` takes ``latest_sequence=``
     (:class:`SupportsSequenceGuard`): it says ``sequence_guard = True``, and no subclass below
     the class saying so defines ``update_run`` again without saying it too (a subclass written
-    for the older signature must not inherit the claim)."""
+    for the older signature must not inherit the claim). A wrapper that passes attributes
+    through (``__getattr__``) hands out the wrapped store's ``update_run``: that store is the
+    one judged."""
     if getattr(store, "sequence_guard", False) is not True:
         return False
+    provider = getattr(getattr(store, "update_run", None), "__self__", store)
+    if provider is not store:
+        return offers_sequence_guard(provider)
     classes = type(store).__mro__
     declared = next((n for n, cls in enumerate(classes) if "sequence_guard" in vars(cls)), None)
     defined = next((n for n, cls in enumerate(classes) if "update_run" in vars(cls)), None)
