@@ -1442,7 +1442,9 @@ _APPEND_V5 = _patched(
 # UPDATE decides it against them (a concurrent append's update is waited for, and the row
 # re-checked). A new function beside the one of migration 1 (another signature, so another
 # object): processes of the release before keep calling theirs until they are rolled out.
-# Outcome 'newer' with the row: incarnation and version matched, the latest sequence did not.
+# Outcome 'newer' with the row: incarnation and version matched, the latest sequence did not
+# (or did too, without a guard: a row deleted and put back while the update waited for
+# it; the store takes any outcome but 'ok' and 'missing' as nothing changed).
 _UPDATE_RUN_V6 = _patched(
     _UPDATE_RUN_V1,
     ("                             p_token text)\n",

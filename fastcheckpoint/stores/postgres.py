@@ -749,7 +749,9 @@ class PostgresStore(ExpiryCleanup):
         record = self._run_record(row[1:])
         if row[0] == "newer":
             check_head(run_key, record.latest_sequence, latest_sequence)
-        if row[0] == "conflict":
+        if row[0] != "ok":
+            # 'conflict', or 'newer' from a row that matches after all: the row was deleted
+            # and put back while this update waited for it, and nothing was changed.
             raise ConflictError(
                 f"run changed concurrently (now {record.incarnation}/{record.version}, "
                 f"expected {incarnation}/{version})")

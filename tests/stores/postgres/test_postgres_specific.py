@@ -384,6 +384,61 @@ async def test_a_guarded_update_sent_again_finds_its_token_and_a_refused_one_sta
     assert (after.status, after.version, after.latest_sequence) == ("paused", 1, 1)
 
 
+async def test_an_update_whose_row_was_put_back_meanwhile_is_a_conflict_not_a_success(
+    postgres: PostgresTarget, schema: str
+) -> None:
+    """Another transaction deletes the run row and puts the same row back (an operator's
+    copy put back, with its checkpoints) while an update waits for the row's lock: the
+    update finds no row to change, and the row it then reads has the incarnation and
+    version it expected. Nothing was changed, so the call must not return as if it was
+    (a lost ``complete``); it is a conflict, which the manager reads again and retries."""
+    names = Names(schema, "fc_")
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    run = make_run("put-back")
+    key = key_of(run)
+    where = f"WHERE run_key = '{key}'"  # a checked run key: letters and digits only
+    put_back = ";\n".join([
+        f"CREATE TEMP TABLE kept_run ON COMMIT DROP AS SELECT * FROM {names['runs']} {where}",
+        f"CREATE TEMP TABLE kept_log ON COMMIT DROP AS SELECT * FROM {names['checkpoints']} "
+        f"{where}",
+        f"DELETE FROM {names['runs']} {where}",
+        f"INSERT INTO {names['runs']} SELECT * FROM kept_run",
+        f"INSERT INTO {names['checkpoints']} SELECT * FROM kept_log",
+    ])
+    outcome: list[Any] = []
+
+    async def update() -> None:
+        try:
+            outcome.append(await store.update_run(
+                key, incarnation=run.incarnation, version=0, status="completed", data=b"",
+                now=T0))
+        except ConflictError as exc:
+            outcome.append(exc)
+
+    try:
+        with anyio.fail_after(30):
+            await _append(store, run, 0)
+            await store.get_run(key, now=T0)  # the pool is open: the update only waits
+            operator = await asyncpg.connect(postgres.url())
+            try:
+                transaction = operator.transaction()
+                await transaction.start()
+                await operator.execute(put_back)
+                async with anyio.create_task_group() as group:
+                    group.start_soon(update)
+                    await anyio.sleep(0.5)  # the update waits for the row's lock
+                    assert not outcome
+                    await transaction.commit()
+            finally:
+                await operator.close()
+            after = await store.get_run(key, now=T0)
+    finally:
+        await store.aclose()
+    assert after is not None
+    assert (after.status, after.version) == ("active", 0)
+    assert isinstance(outcome[0], ConflictError), f"reported {outcome[0]!r} as applied"
+
+
 async def test_unheld_refs_are_named_and_a_retry_still_finds_its_write(
     postgres: PostgresTarget, schema: str
 ) -> None:
