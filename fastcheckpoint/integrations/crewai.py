@@ -87,7 +87,9 @@ class FeedbackRequestOvertaken(ConflictError):
     """``save_pending_feedback`` found the flow gone past its request: another worker of the
     flow saved a newer state between the request's checkpoint and the pause. The request was
     not queued, and the run is as that worker left it (its checkpoint the newest, the run
-    not paused for this request): the flow goes on from the newer state."""
+    not paused for this request): the flow goes on from the newer state. An older request
+    that was waiting stays waiting, unless the newer state was saved after this call had
+    superseded it: then it stays approved as superseded (the flow went past it too)."""
 
 
 class FastFlowPersistence(FlowPersistence):  # type: ignore[misc, unused-ignore]
