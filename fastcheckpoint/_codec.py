@@ -190,6 +190,21 @@ def _frame(body: bytes, compression: int, version: int = FORMAT_VERSION) -> byte
     return b"".join((_FRAME_HEADS[version, compression], crc, body))
 
 
+_FLAT_HEAD = b"\x94\x81"
+"""A :class:`Payload` (an array of 4) whose ``state`` holds one key, as msgspec writes it."""
+_FLAT_TAIL = b"\x90\x90\x80"
+"""The rest of such a payload: empty ``messages`` and ``tool_calls``, empty ``context``."""
+
+
+def _bin_header(size: int) -> bytes:
+    """A msgpack bin header for ``size`` bytes (the smallest form, as msgspec writes)."""
+    if size < 1 << 8:
+        return bytes((0xC4, size))
+    if size < 1 << 16:
+        return b"\xc5" + size.to_bytes(2, "big")
+    return b"\xc6" + size.to_bytes(4, "big")
+
+
 def array_header(count: int) -> bytes:
     """A msgpack array header for ``count`` items."""
     if count < 16:
@@ -467,6 +482,17 @@ class Codec:
             body = self._encoder.encode(Payload(state, [], [], {}))
         except ValueError:
             return self.encode_payload(state, [], [], {})
+        return self._framed(body, FORMAT_VERSION)
+
+    def encode_flat_bytes(self, name: str, value: bytes) -> bytes:
+        """``encode_flat({name: value})`` for a single ``bytes`` value: the same bytes,
+        written out directly (an adapter's items, several per save, pay neither the type
+        checks nor the record's own encoding). ``name`` is ASCII, shorter than 32
+        characters; any other takes :meth:`encode_flat`'s way."""
+        if type(value) is not bytes or len(name) >= 32 or not name.isascii():
+            return self.encode_flat({name: value})
+        body = b"".join((_FLAT_HEAD, bytes((0xA0 | len(name),)), name.encode("ascii"),
+                         _bin_header(len(value)), value, _FLAT_TAIL))
         return self._framed(body, FORMAT_VERSION)
 
     def entries_bytes(self, part: str, entries: list[Any], first: int = 0) -> bytes:

@@ -628,6 +628,27 @@ def test_a_lone_surrogate_in_a_flat_state_raises_serialization_error() -> None:
     assert caught.value.path == "state['checkpoint_ns']"
 
 
+@pytest.mark.parametrize("compress_min_bytes", [None, 100])
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 65_535, 65_536, 70_000])
+@pytest.mark.parametrize("name", ["v", "x" * 31, "x" * 32, "\u00e9", "\udc80"])
+def test_encode_flat_bytes_writes_what_encode_flat_writes(
+    compress_min_bytes: int | None, size: int, name: str,
+) -> None:
+    codec = Codec(compress_min_bytes=compress_min_bytes)
+    value = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    try:
+        expected: bytes | type[Exception] = codec.encode_flat({name: value})
+    except SerializationError:
+        expected = SerializationError
+    if expected is SerializationError:
+        with pytest.raises(SerializationError):
+            codec.encode_flat_bytes(name, value)
+        return
+    assert codec.encode_flat_bytes(name, value) == expected
+    assert codec.encode_flat_bytes(name, bytearray(value)) == codec.encode_flat(
+        {name: bytearray(value)})
+
+
 def test_split_array_gives_the_elements_as_bytes() -> None:
     from fastcheckpoint._codec import split_array
 

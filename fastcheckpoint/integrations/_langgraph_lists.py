@@ -96,6 +96,15 @@ def _state(entry: Any) -> list[Any] | None:
         return None
 
 
+def _states(entries: list[Any]) -> list[Any] | None:
+    """:func:`_state` of each entry (one comprehension: a call per entry costs as much as the
+    entry's own state); ``None`` if any has none."""
+    try:
+        return [[entry.__dict__, entry.__pydantic_extra__] for entry in entries]
+    except AttributeError:
+        return None
+
+
 def _strict(states: list[Any]) -> bytes | None:
     """``states`` as msgpack, or ``None`` if anything in them is not exact data."""
     if _STRICT is None:
@@ -218,8 +227,7 @@ class _Serialized:
             return 0
         leading = value[:count]
         if all(map(operator.is_, map(type, leading), self.kinds)):
-            states = [_state(entry) for entry in leading]
-            found = None if None in states else _strict(states)
+            found = _strict(states) if (states := _states(leading)) is not None else None
             end = self.ends[count - 1]
             if found is not None and len(found) == len(array_header(count)) + end and \
                     found.endswith(self.prints if end == len(self.prints) else self.prints[:end]):

@@ -211,7 +211,7 @@ class ItemCodec:
 
     def encode(self, value: object) -> bytes:
         """``value``: one of this module's structs, or a :data:`Typed` value."""
-        return self._codec.encode_flat({"v": _encoder.encode(value)})
+        return self._codec.encode_flat_bytes("v", _encoder.encode(value))
 
     def decode(self, blob: bytes, kind: type[_T], where: str) -> _T:
         body = self._codec.decode_payload(blob, where).state.get("v")

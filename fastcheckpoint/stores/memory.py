@@ -34,7 +34,6 @@ from fastcheckpoint.errors import (
 )
 from fastcheckpoint.stores._base import (
     EMPTY_RUN,
-    MAX_ITEM_KEY_BYTES,
     CheckpointHeader,
     ExpiryCleanup,
     Item,
@@ -51,7 +50,6 @@ from fastcheckpoint.stores._base import (
     check_run_key,
     header_of,
     is_live,
-    item_key_bytes,
     latest_expiry,
     nested_prefix,
     prefix_range,
@@ -135,6 +133,12 @@ class MemoryStore(ExpiryCleanup):
         query = parse_qsl(urlsplit(url).query, keep_blank_values=True)
         check_options("the memory:// store", [*(name for name, _ in query), *options], ())
         return cls()
+
+    def _checked_key(self, run_key: object) -> None:
+        """:func:`check_run_key`, skipped for a key the store holds (it passed the check
+        when its run or items were written): every call checks its key, most name a run."""
+        if type(run_key) is not str or (run_key not in self._runs and run_key not in self._items):
+            check_run_key(run_key)
 
     # -- expiry bookkeeping ---------------------------------------------------------------
 
@@ -316,7 +320,7 @@ class MemoryStore(ExpiryCleanup):
         now: float,
         items: Sequence[Item],
     ) -> str:
-        check_run_key(run_key)
+        self._checked_key(run_key)
         check_keep_latest(keep_latest)
         check_append(record, run, items)
         current = self._live_run(run_key, now)
@@ -400,7 +404,7 @@ class MemoryStore(ExpiryCleanup):
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
-        check_run_key(run_key)
+        self._checked_key(run_key)
         return self._get(run_key, sequence, now)
 
     def _get(self, run_key: str, sequence: int, now: float) -> tuple[StoredCheckpoint, str] | None:
@@ -411,7 +415,7 @@ class MemoryStore(ExpiryCleanup):
         return self._located(run_key, record), run.record.status
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
-        check_run_key(run_key)
+        self._checked_key(run_key)
         return self._latest(run_key, now)
 
     def _latest(self, run_key: str, now: float) -> tuple[StoredCheckpoint, str] | None:
@@ -427,7 +431,7 @@ class MemoryStore(ExpiryCleanup):
     async def read_with_items(
         self, run_key: str, *, sequence: int | None, now: float
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
-        check_run_key(run_key)
+        self._checked_key(run_key)
         if sequence is None:
             found = self._latest(run_key, now)
         else:
@@ -459,7 +463,7 @@ class MemoryStore(ExpiryCleanup):
         if_absent: bool,
         now: float,
     ) -> bool:
-        check_run_key(run_key)
+        self._checked_key(run_key)
         check_items(items)
         _check_owned_items(items, owner)
         run = self._live_run(run_key, now)
@@ -482,7 +486,7 @@ class MemoryStore(ExpiryCleanup):
         now: float,
         include_expired: bool = False,
     ) -> tuple[list[CheckpointHeader], str | None]:
-        check_run_key(run_key)
+        self._checked_key(run_key)
         run = self._runs.get(run_key) if include_expired else self._live_run(run_key, now)
         if run is None:
             return [], None
@@ -497,7 +501,7 @@ class MemoryStore(ExpiryCleanup):
         return result, run.record.status
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
-        check_run_key(run_key)
+        self._checked_key(run_key)
         run = self._runs.get(run_key)
         if run is None:
             return False
@@ -507,13 +511,13 @@ class MemoryStore(ExpiryCleanup):
         return self._drop_checkpoint(run_key, run, sequence)
 
     async def delete_run(self, run_key: str) -> int:
-        check_run_key(run_key)
+        self._checked_key(run_key)
         return self._drop_run(run_key, keep_items=False)
 
     # -- runs -----------------------------------------------------------------------------
 
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
-        check_run_key(run_key)
+        self._checked_key(run_key)
         run = self._live_run(run_key, now)
         return None if run is None else run.record
 
@@ -528,7 +532,7 @@ class MemoryStore(ExpiryCleanup):
         now: float,
         latest_sequence: int | None = None,
     ) -> RunRecord:
-        check_run_key(run_key)
+        self._checked_key(run_key)
         check_guard_arg(latest_sequence)
         run = self._live_run(run_key, now)
         if run is None:
@@ -600,7 +604,7 @@ class MemoryStore(ExpiryCleanup):
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
-        check_run_key(run_key)
+        self._checked_key(run_key)
         check_items(items)
         space = self._space(run_key)
         if create_only:
@@ -631,7 +635,7 @@ class MemoryStore(ExpiryCleanup):
     async def get_items(
         self, run_key: str, keys: Sequence[str], *, now: float
     ) -> dict[str, bytes]:
-        check_run_key(run_key)
+        self._checked_key(run_key)
         space = self._items.get(run_key)
         if space is None:
             return {}
@@ -652,7 +656,7 @@ class MemoryStore(ExpiryCleanup):
         reverse: bool = False,
         now: float,
     ) -> list[tuple[str, bytes]]:
-        check_run_key(run_key)
+        self._checked_key(run_key)
         space = self._items.get(run_key)
         if space is None:
             return []
@@ -673,7 +677,7 @@ class MemoryStore(ExpiryCleanup):
         return result
 
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
-        check_run_key(run_key)
+        self._checked_key(run_key)
         space = self._items.get(run_key)
         if space is None:
             return 0
@@ -721,11 +725,11 @@ class MemoryStore(ExpiryCleanup):
         """Always ``[]``: run records live as Python objects that no write leaves half done,
         so ``CheckpointManager.repair()`` works here (and finds nothing) as on durable stores."""
         if run_key is not None:
-            check_run_key(run_key)
+            self._checked_key(run_key)
         return []
 
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
-        check_run_key(run_key)
+        self._checked_key(run_key)
         if run_key in self._runs:
             raise ConflictError(f"the run record of run key {run_key} is not damaged")
         raise CheckpointNotFound(f"run key {run_key} holds no checkpoint to rebuild a record from")
@@ -753,8 +757,8 @@ def _remove_sorted(bucket: list[tuple[float, str]], order: tuple[float, str]) ->
 
 
 def _check_owned_items(items: Sequence[Item], owner: int) -> None:
+    """Every item is owned by ``owner`` (their keys are checked by ``check_items``)."""
     for item in items:
-        item_key_bytes(item.key, MAX_ITEM_KEY_BYTES, "every store")
         if item.owner != owner:
             raise ValidationError(
                 f"item {item.key[:40]!r} is owned by {item.owner}, not by checkpoint {owner}")
