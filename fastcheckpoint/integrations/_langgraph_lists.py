@@ -298,7 +298,7 @@ class ListMemo:
         self._keep(slot, _Serialized(tuple(kinds), prints, tuple(ends), tuple(parts[:kept]),
                                      len(prints) + sum(map(len, parts[:kept])))
                    if kept else None)
-        return _MSGPACK, array_header(len(value)) + b"".join(parts)
+        return _MSGPACK, b"".join((array_header(len(value)), *parts))  # one copy
 
     def forget(self, run_key: str) -> None:
         """The run is gone: drop what is kept of its lists."""

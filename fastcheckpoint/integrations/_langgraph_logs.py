@@ -105,8 +105,8 @@ class ChannelLogs:
         with self._lock:
             kept = self._kept.get((run_key, channel))
         # msgpack is prefix-free: bytes equal to whole entries end where an entry ends.
-        if kept is not None and kept.log.count <= count and \
-                body[:len(kept.entries)] == kept.entries:
+        # (startswith compares in place; a slice would copy the list's bytes first.)
+        if kept is not None and kept.log.count <= count and body.startswith(kept.entries):
             if kept.log.count == count:
                 log = msgspec.structs.replace(kept.log, version=version)
                 return Planned(channel, log, None, kept.tail, body, kept.incarnation)
