@@ -181,6 +181,25 @@ def test_the_saver_cost_benchmark_times_each_saver_against_a_null_one(
     assert timed["InMemorySaver"][3] == "1.00x |"
 
 
+def test_the_saver_cost_replay_times_one_threads_calls_on_each_memory_saver(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import anyio
+
+    from benchmarks.saver_cost import _captured, main
+
+    calls = anyio.run(_captured, Sizes(graph_steps=3), backend="asyncio")
+    # The input's checkpoint and one per step, each step's writes before its checkpoint.
+    assert [name for name, _ in calls] == ["aput", *["aput_writes", "aput"] * 4]
+    main(["--replay", "--steps", "3", "--threads", "2", "--rounds", "1"])
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].startswith("G1's saver calls replayed, 3 steps, 2 threads x 1 rounds")
+    timed = {row.split(" | ")[0].lstrip("| "): row.split(" | ") for row in rows[3:]}
+    assert list(timed) == ["InMemorySaver", "ours"]
+    assert all(float(row[1].replace(",", "")) > 0 for row in timed.values())
+    assert timed["InMemorySaver"][3] == "1.00x |"
+
+
 def test_the_saver_cost_benchmark_times_the_disk_savers_against_sqlite_and_the_floor(
     capsys: pytest.CaptureFixture[str], tmp_path: Path,
 ) -> None:
