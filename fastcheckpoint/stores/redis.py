@@ -56,13 +56,15 @@ See ``docs/stores/redis.md`` for URL options, memory per checkpoint and the ACL 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import math
 import os
 import re
 import struct
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -275,6 +277,50 @@ class _Stale:
 _STALE = _Stale()
 
 
+class _InFlight:
+    """The commands running on each client the store built, so that closing a client waits
+    for them.
+
+    redis-py reconnects a client closed under a running command (its retry), and those
+    connections stayed open until the garbage collector found the client. A command that
+    starts on a client closed already (its call got the client just before) closes it again
+    as it ends.
+    """
+
+    def __init__(self) -> None:
+        self._running: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._idle: weakref.WeakKeyDictionary[Any, asyncio.Event] = weakref.WeakKeyDictionary()
+        self._closed: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    @contextlib.asynccontextmanager
+    async def command(self, client: Any) -> AsyncIterator[None]:
+        self._running[client] = self._running.get(client, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._running.pop(client) - 1
+            if left:
+                self._running[client] = left
+            else:
+                idle = self._idle.pop(client, None)
+                if idle is not None:
+                    idle.set()
+                if client in self._closed:
+                    # Shielded: a cancelled caller must not leave the reconnected client open.
+                    await asyncio.shield(asyncio.ensure_future(client.aclose()))
+
+    def opened(self, client: Any) -> None:
+        """``client`` serves calls again (a client handed in, used after :meth:`close`)."""
+        self._closed.discard(client)
+
+    async def close(self, client: Any) -> None:
+        """Close ``client`` once the commands running on it have ended."""
+        self._closed.add(client)
+        while self._running.get(client):
+            await self._idle.setdefault(client, asyncio.Event()).wait()
+        await client.aclose()
+
+
 class RedisStore(ExpiryCleanup):
     """Checkpoints in Redis 7+ (or Redis Cluster, or any server that speaks it, e.g. Valkey).
 
@@ -331,6 +377,7 @@ class RedisStore(ExpiryCleanup):
             "own store")
         self._factory: Callable[[], Any] | None = None
         self._owns_client = owns_client
+        self._in_flight = _InFlight()
         self._clients: PerLoop[Any] = PerLoop(
             self._build_client, self._close_client, store="RedisStore",
             driver="redis-py (redis.asyncio)")
@@ -419,6 +466,7 @@ class RedisStore(ExpiryCleanup):
         else:
             self._seed_loop.check()
             client = self._seed
+        self._in_flight.opened(client)
         if isinstance(client, RedisCluster):
             # redis-py (8.1) races when concurrent first commands discover the slots, tearing
             # down connections other tasks use: discover once, before anyone sends.
@@ -430,7 +478,7 @@ class RedisStore(ExpiryCleanup):
 
     async def _close_client(self, client: Any) -> None:
         if self._owns_client:
-            await client.aclose()
+            await self._in_flight.close(client)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -509,11 +557,12 @@ class RedisStore(ExpiryCleanup):
 
     async def _call(self, client: Any, script: Any, keys: Sequence[str], args: Sequence[Any],
                     *, what: str) -> Any:
-        return await self._driver(what, script(keys=keys, args=args, client=client))
+        return await self._driver(what, script(keys=keys, args=args, client=client), client)
 
-    async def _driver(self, what: str, awaitable: Any) -> Any:
-        """``awaitable``, a call of the driver: its errors made ours, and a cancellation of
-        the caller that it dropped raised once it returned.
+    async def _driver(self, what: str, awaitable: Any, client: Any) -> Any:
+        """``awaitable``, a call of the driver on ``client``: its errors made ours, and a
+        cancellation of the caller that it dropped raised once it returned. Closing the
+        client waits for it.
 
         redis-py sends each command through ``asyncio.wait_for`` (when ``socket_timeout`` is
         set, as it is here), which before Python 3.12 returns the command's reply and drops
@@ -522,7 +571,8 @@ class RedisStore(ExpiryCleanup):
         run; its caller is cancelled after it, as one cancelled after a store call is."""
         pending = _cancellations()
         try:
-            result = await awaitable
+            async with self._in_flight.command(client):
+                result = await awaitable
         except _DRIVER_ERRORS as exc:
             self._raise(exc, what)
         if _cancellations() > pending:
@@ -925,8 +975,8 @@ class RedisStore(ExpiryCleanup):
         while len(found) < limit:
             want = limit - len(found)
             members: list[bytes] = await self._driver(
-                "list_runs", client.zrevrangebylex(index, upper, b"-", start=0, num=want + 1)
-            )
+                "list_runs", client.zrevrangebylex(index, upper, b"-", start=0, num=want + 1),
+                client)
             page = members[:want]
             records = await self._records_of(client, page, now)
             stale: list[bytes] = []
@@ -992,7 +1042,8 @@ class RedisStore(ExpiryCleanup):
                 for run_key in run_keys)))
         replies = await self._pipelined(client, script.sha, run_keys, now)
         if any(isinstance(reply, redis_errors.NoScriptError) for reply in replies):
-            script.sha = await self._driver("list_runs", client.script_load(script.script))
+            script.sha = await self._driver(
+                "list_runs", client.script_load(script.script), client)
             replies = await self._pipelined(client, script.sha, run_keys, now)
         for reply in replies:
             if isinstance(reply, redis_errors.RedisError):
@@ -1010,7 +1061,7 @@ class RedisStore(ExpiryCleanup):
         for run_key in run_keys:
             keys, args = self._get_run_call(run_key, now)
             pipe.evalsha(sha, len(keys), *keys, *args)
-        return list(await self._driver("list_runs", pipe.execute(raise_on_error=False)))
+        return list(await self._driver("list_runs", pipe.execute(raise_on_error=False), client))
 
     async def _tidy(
         self, client: Any, stale: Sequence[bytes], damaged: Sequence[bytes] = ()
@@ -1034,7 +1085,7 @@ class RedisStore(ExpiryCleanup):
         pipe.zcard(index)
         pipe.zrangebyscore(self._global + "due", "-inf", _float_arg(now))
         pipe.zintercard(2, [index, damaged])
-        total, due, known_damaged = await self._driver("count_runs", pipe.execute())
+        total, due, known_damaged = await self._driver("count_runs", pipe.execute(), client)
         candidates = [member for member in due if not member.startswith(b"~")]
         if not candidates:
             return int(total) - int(known_damaged)
@@ -1043,7 +1094,7 @@ class RedisStore(ExpiryCleanup):
         for member in candidates:
             pipe.zscore(index, member)
             pipe.zscore(damaged, member)
-        scores = await self._driver("count_runs", pipe.execute())
+        scores = await self._driver("count_runs", pipe.execute(), client)
         members = [member for member, indexed, marked
                    in zip(candidates, scores[0::2], scores[1::2], strict=True)
                    if indexed is not None and marked is None]
@@ -1186,7 +1237,7 @@ class RedisStore(ExpiryCleanup):
         pipe.zrangebyscore(self._global + "due", "-inf", upto, start=0, num=limit)
         if self._cluster:
             pipe.zrangebyscore(self._global + "fix", "-inf", upto, start=0, num=limit)
-        replies = await self._driver("purge_expired", pipe.execute())
+        replies = await self._driver("purge_expired", pipe.execute(), client)
         return list(replies[0]), list(replies[1]) if self._cluster else []
 
     async def _reindex(self, client: Any, intent: bytes, now: float) -> None:
@@ -1207,7 +1258,7 @@ class RedisStore(ExpiryCleanup):
         pipe.zcount(self._global + "due", "-inf", upto)
         if self._cluster:
             pipe.zcount(self._global + "fix", "-inf", upto)
-        counts = await self._driver("purge_expired", pipe.execute())
+        counts = await self._driver("purge_expired", pipe.execute(), client)
         return sum(int(count) for count in counts) == 0
 
     # -- repair ----------------------------------------------------------------------------
@@ -1230,10 +1281,11 @@ class RedisStore(ExpiryCleanup):
         pattern = f"{_glob_escape(self._ns)}{{*}}:[rs][ue][nq]"
         found: set[str] = set()
         try:
-            async for key in client.scan_iter(match=pattern, count=1000):
-                match = re.fullmatch(rb".*\{([a-z2-7]{1,64})\}:(?:run|seq)", key)
-                if match is not None:
-                    found.add(match[1].decode())
+            async with self._in_flight.command(client):
+                async for key in client.scan_iter(match=pattern, count=1000):
+                    match = re.fullmatch(rb".*\{([a-z2-7]{1,64})\}:(?:run|seq)", key)
+                    if match is not None:
+                        found.add(match[1].decode())
         except _DRIVER_ERRORS as exc:
             self._raise(exc, "damaged_runs")
         return sorted(found)
