@@ -1920,8 +1920,12 @@ class FileStore(ExpiryCleanup):
         try:
             yield files
         finally:
-            files.close()
-            os.close(fd)
+            # As after a hold of the run's lock: a close that fails is logged, and never keeps
+            # the directory's descriptor open.
+            with _close_logged(files.path):
+                files.close()
+            with _close_logged(files.path):
+                os.close(fd)
 
     @contextlib.contextmanager
     def _locked(self, run_key: str, *, blocking: bool = True) -> Iterator[bool]:

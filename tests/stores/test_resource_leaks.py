@@ -7,16 +7,22 @@ store was given (Redis ``CLIENT LIST``), or the process's open descriptors.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from fastcheckpoint import CheckpointManager
+from fastcheckpoint import Checkpoint, CheckpointManager
+from fastcheckpoint.errors import StoreError
+from fastcheckpoint.stores import file as file_store
+from fastcheckpoint.stores.file import FileStore
 from fastcheckpoint.stores.redis import RedisStore
 from tests.stores.conftest import RedisTarget
 
@@ -76,3 +82,46 @@ async def test_redis_aclose_while_calls_run_leaves_no_connection(
     assert running
     assert all(checkpoint is not None for checkpoint in restored)
     assert left == 0
+
+
+# -- file store -----------------------------------------------------------------------------------
+
+
+def _descriptors() -> dict[str, str]:
+    """The process's open descriptors and what each names (not the listing's own)."""
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the descriptor of the listing itself, closed since
+            continue
+    return found
+
+
+async def test_file_reads_whose_close_fails_leave_no_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A read holds the run directory open and its log through it; when closing the log failed,
+    # the directory's descriptor stayed open (one per read) and the read failed, although a
+    # failed close is logged, never reported as the operation's.
+    manager = CheckpointManager(FileStore(tmp_path / "store"))
+    await manager.create("run", state={"step": 1}, messages=[])
+    assert (await manager.restore("run")) is not None  # the worker threads exist from here on
+    close = file_store._Dir.close
+
+    def failing_close(self: file_store._Dir) -> None:
+        close(self)  # the descriptor is released: Linux frees it even when close fails
+        raise OSError(errno.EIO, "injected: closing the log failed")
+
+    monkeypatch.setattr(file_store._Dir, "close", failing_close)
+    before = _descriptors()
+    outcomes: list[object] = []
+    for _ in range(3):
+        try:
+            outcomes.append(await manager.restore("run"))
+        except StoreError as exc:
+            outcomes.append(exc)
+    after = _descriptors()
+    assert [after[fd] for fd in after.keys() - before.keys()] == []
+    assert all(isinstance(outcome, Checkpoint) for outcome in outcomes), outcomes
+    assert len(await manager.list_checkpoints("run")) == 1
