@@ -20,6 +20,7 @@ import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from aiobotocore.retries.standard import AioStandardRetryConditions
 from aiobotocore.session import AioSession, get_session
@@ -38,6 +39,7 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 from botocore.retries.standard import RetryEventAdapter
+from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
 
 from fastcheckpoint._config import RetryPolicy
 from fastcheckpoint.errors import (
@@ -95,20 +97,39 @@ _MISSING = frozenset({"NoSuchBucket", "ResourceNotFoundException"})
 
 @dataclass(frozen=True)
 class AwsEndpoint:
-    """Where a client connects. ``endpoint_url`` is for emulators and S3-compatible services."""
+    """Where a client connects. ``endpoint_url`` is for emulators and S3-compatible services.
+
+    A malformed ``endpoint_url`` is refused here, when the store is built: the client is built
+    on first use, and botocore refuses it only then (or as it signs the first request) with a
+    ``ValueError``.
+    """
 
     region: str | None = None
     endpoint_url: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.endpoint_url:
+            _check_endpoint_url(self.endpoint_url)
+
     @classmethod
     def from_query(cls, query: Mapping[str, str]) -> AwsEndpoint:
         """``region`` and ``endpoint_url`` from a store URL's query (other keys are the store's)."""
-        endpoint_url = query.get("endpoint_url") or None
-        if endpoint_url is not None and not endpoint_url.startswith(("http://", "https://")):
-            raise ConfigurationError(
-                f"endpoint_url must start with http:// or https://, got {endpoint_url!r}"
-            )
-        return cls(region=query.get("region") or None, endpoint_url=endpoint_url)
+        return cls(region=query.get("region") or None,
+                   endpoint_url=query.get("endpoint_url") or None)
+
+
+def _check_endpoint_url(url: str) -> None:
+    """What botocore checks when it builds a client, and a port it can sign requests for."""
+    if not url.startswith(("http://", "https://")):
+        raise ConfigurationError(f"endpoint_url must start with http:// or https://, got {url!r}")
+    try:
+        urlsplit(url).port  # noqa: B018 - raises ValueError on a port out of range or not a number
+        valid = bool(is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url))
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ConfigurationError(
+            f"endpoint_url is not a valid URL (http://host:port), got {url!r}")
 
 
 def client_config(*, path_style: bool = False, pool_size: int = 50) -> Config:

@@ -1,7 +1,8 @@
-"""Connections and descriptors a store leaves open when its backend fails or it is closed.
+"""Connections and descriptors a store leaves open when its backend fails or it is closed, and
+what a store raises when it cannot build its client.
 
-Each test counts what it can see from outside: the server's connections of a client name the
-store was given (Redis ``CLIENT LIST``), or the process's open descriptors.
+The leak tests count what they can see from outside: the server's connections of a client
+name the store was given (Redis ``CLIENT LIST``), or the process's open descriptors.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from fastcheckpoint import Checkpoint, CheckpointManager
-from fastcheckpoint.errors import StoreError
+from fastcheckpoint.errors import ConfigurationError, StoreError
 from fastcheckpoint.stores import file as file_store
+from fastcheckpoint.stores.dynamodb import DynamoDBStore
 from fastcheckpoint.stores.file import FileStore
 from fastcheckpoint.stores.redis import RedisStore
+from fastcheckpoint.stores.s3 import S3Store
 from tests.stores.conftest import RedisTarget
 
 pytestmark = pytest.mark.anyio
@@ -125,3 +128,25 @@ async def test_file_reads_whose_close_fails_leave_no_descriptor(
     assert [after[fd] for fd in after.keys() - before.keys()] == []
     assert all(isinstance(outcome, Checkpoint) for outcome in outcomes), outcomes
     assert len(await manager.list_checkpoints("run")) == 1
+
+
+# -- S3 and DynamoDB ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoint", [
+    "http://exa mple.com:9000", "http://127.0.0.1:99999", "http://[::1", "http://:9000",
+    "http://127.0.0.1:port",
+])
+def test_a_malformed_endpoint_url_is_refused_when_the_store_is_built(endpoint: str) -> None:
+    # The client is built on first use: botocore refused such an endpoint with a ValueError
+    # there (or while signing the first request), out of every call instead of a
+    # ConfigurationError, and the DynamoDB store's constructor did not look at it at all.
+    builds: list[Callable[[], object]] = [
+        lambda: S3Store("bucket", endpoint_url=endpoint, region="us-east-1"),
+        lambda: DynamoDBStore("table", endpoint_url=endpoint, region="us-east-1"),
+        lambda: S3Store.from_url(f"s3://bucket/p?region=us-east-1&endpoint_url={endpoint}"),
+        lambda: DynamoDBStore.from_url(f"dynamodb://table?region=us-east-1&endpoint_url={endpoint}"),
+    ]
+    for build in builds:
+        with pytest.raises(ConfigurationError, match="endpoint_url"):
+            build()
