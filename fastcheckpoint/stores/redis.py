@@ -277,6 +277,11 @@ class _Stale:
 _STALE = _Stale()
 
 
+_CLOSE_WAIT_S = 10.0
+"""How long closing a client waits for the commands running on it (a reply at most
+:data:`DEFAULT_SOCKET_TIMEOUT` away, for a store built from a URL)."""
+
+
 class _InFlight:
     """The commands running on each client the store built, so that closing a client waits
     for them.
@@ -314,10 +319,13 @@ class _InFlight:
         self._closed.discard(client)
 
     async def close(self, client: Any) -> None:
-        """Close ``client`` once the commands running on it have ended."""
+        """Close ``client`` once the commands running on it have ended, or after
+        :data:`_CLOSE_WAIT_S` (a command hanging on a client without timeouts must not hang
+        the close): those still running then close it again as they end."""
         self._closed.add(client)
-        while self._running.get(client):
-            await self._idle.setdefault(client, asyncio.Event()).wait()
+        with anyio.move_on_after(_CLOSE_WAIT_S):
+            while self._running.get(client):
+                await self._idle.setdefault(client, asyncio.Event()).wait()
         await client.aclose()
 
 

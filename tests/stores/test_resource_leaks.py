@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from fastcheckpoint import Checkpoint, CheckpointManager
 from fastcheckpoint.errors import ConfigurationError, StoreError
 from fastcheckpoint.stores import file as file_store
+from fastcheckpoint.stores import redis as redis_store
 from fastcheckpoint.stores.dynamodb import DynamoDBStore
 from fastcheckpoint.stores.file import FileStore
 from fastcheckpoint.stores.redis import RedisStore
@@ -85,6 +86,39 @@ async def test_redis_aclose_while_calls_run_leaves_no_connection(
     assert running
     assert all(checkpoint is not None for checkpoint in restored)
     assert left == 0
+
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_redis_aclose_waits_for_a_hung_command_only_so_long(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A server that accepts and never answers, and a client of the store's own without
+    # timeouts: the close gives up waiting for the hung command, and closes the client.
+    monkeypatch.setattr(redis_store, "_CLOSE_WAIT_S", 0.2)
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisStore(aioredis.Redis(host="127.0.0.1", port=port), owns_client=True)
+    hung = asyncio.ensure_future(CheckpointManager(store).restore("run"))
+    try:
+        with anyio.fail_after(10):
+            while not accepted:  # noqa: ASYNC110 - until the command is sent
+                await asyncio.sleep(0.01)
+            await store.aclose()
+            assert not hung.done()
+            hung.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await hung
+    finally:
+        server.close()
+        for writer in accepted:
+            writer.close()
+        await server.wait_closed()
 
 
 # -- file store -----------------------------------------------------------------------------------
