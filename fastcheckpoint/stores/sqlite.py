@@ -1439,6 +1439,9 @@ class SQLiteStore(ExpiryCleanup):
     async def aclose(self) -> None:
         """Close the store's connections (a later call opens new ones)."""
         if self._writer is None and not self._readers.open:
+            # Nothing to close here and now, but readers lent out to running reads (after
+            # provision() closed the writer, say) are closed when given back, not kept.
+            self._readers.close()
             return
         await self._call(self._close)
 

@@ -8,15 +8,19 @@ name the store was given (Redis ``CLIENT LIST``), or the process's open descript
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import os
 import secrets
+import sqlite3
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import pytest
 import redis.asyncio as aioredis
 
@@ -28,6 +32,7 @@ from fastcheckpoint.stores.dynamodb import DynamoDBStore
 from fastcheckpoint.stores.file import FileStore
 from fastcheckpoint.stores.redis import RedisStore
 from fastcheckpoint.stores.s3 import S3Store
+from fastcheckpoint.stores.sqlite import SQLiteStore
 from tests.stores.conftest import RedisTarget
 
 pytestmark = pytest.mark.anyio
@@ -184,3 +189,37 @@ def test_a_malformed_endpoint_url_is_refused_when_the_store_is_built(endpoint: s
     for build in builds:
         with pytest.raises(ConfigurationError, match="endpoint_url"):
             build()
+
+
+# -- SQLite ---------------------------------------------------------------------------------------
+
+
+async def test_sqlite_aclose_closes_a_reader_lent_out_while_the_writer_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With its writer closed (provision() reopens it on next use; so does a failed rollback)
+    # and no reader idle, aclose() returned at once: a reader lent out to a running read went
+    # back to the idle ones after it, and stayed open.
+    path = tmp_path / "store.db"
+    store = SQLiteStore(path)
+    manager = CheckpointManager(store)
+    await manager.create("run", state={"step": 1}, messages=[])
+    lent, give_back = threading.Event(), threading.Event()
+    connection = store._readers.connection
+
+    @contextlib.contextmanager
+    def held() -> Iterator[sqlite3.Connection]:
+        with connection() as db:
+            yield db
+            lent.set()
+            give_back.wait(10)
+
+    monkeypatch.setattr(store._readers, "connection", held)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            group.start_soon(manager.restore, "run")
+            await anyio.to_thread.run_sync(lent.wait)
+            await store.provision()
+            await store.aclose()
+            give_back.set()
+    assert [name for name in _descriptors().values() if name.startswith(str(path))] == []
