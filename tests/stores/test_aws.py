@@ -253,7 +253,10 @@ async def test_forbidden_names_the_iam_policy(throttling_server: str) -> None:
         _SlowDownHandler.body = _SlowDownHandler.__dict__["body"]
 
 
-async def test_unreachable_endpoint_is_unavailable() -> None:
+async def test_unreachable_endpoint_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Credentials of its own: without any, the call is refused before it tries to connect.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed again before use: connection refused
