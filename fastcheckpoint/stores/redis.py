@@ -262,6 +262,23 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+_CREDENTIAL_REFUSALS = ("invalid username-password pair", "wrongpass", "noauth",
+                        "authentication required", "already authenticated")
+
+
+def _refused_credentials(exc: BaseException) -> bool:
+    """Whether a cluster's failed discovery was the nodes refusing the credentials (its error
+    carries only the last node's answer as text, possibly chained)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, redis_errors.AuthenticationError):
+            return True
+        if any(words in str(seen).lower() for words in _CREDENTIAL_REFUSALS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _lex_successor(prefix: bytes) -> bytes | None:
     """The smallest byte string above every string that starts with ``prefix``."""
     stripped = prefix.rstrip(b"\xff")
@@ -594,8 +611,11 @@ class RedisStore(ExpiryCleanup):
             kwargs = self._seed.get_connection_kwargs()
         except Exception:  # pragma: no cover - a foreign client without connection kwargs
             return "the Redis server"
-        host = kwargs.get("host") or kwargs.get("path") or "?"
+        host = kwargs.get("host") or kwargs.get("path")
         port = kwargs.get("port")
+        if host is None:  # a cluster client: its connection settings name no node
+            nodes = getattr(getattr(self._seed, "nodes_manager", None), "startup_nodes", {})
+            return f"Redis Cluster at {', '.join(nodes) or '?'}"
         return f"Redis at {host}:{port}" if port else f"Redis at {host}"
 
     def _raise(self, exc: Exception, what: str) -> NoReturn:
@@ -667,6 +687,11 @@ class RedisStore(ExpiryCleanup):
             raise ConfigurationError(
                 f"{where} is not a Redis Cluster (cluster support is disabled there); use a "
                 "redis:// or rediss:// URL without +cluster or cluster=true"
+            ) from exc
+        if "cannot be connected" in message and _refused_credentials(exc):
+            raise ConfigurationError(
+                f"{where} refused the credentials ({message}); put the right user and password "
+                "in the URL (redis+cluster://user:password@host:6379/0)"
             ) from exc
         if "cannot be connected" in message:
             raise StoreUnavailableError(

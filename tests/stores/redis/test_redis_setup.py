@@ -19,7 +19,7 @@ from fastcheckpoint.stores.redis import (
     RedisStore,
 )
 from fastcheckpoint.testing import T0, key_of, make_run
-from tests.stores._redis_servers import free_port
+from tests.stores._redis_servers import PrivateRedis, free_cluster_port, free_port, redis_binary
 from tests.stores._redis_support import (
     counting_connection_class,
     delete_prefix,
@@ -213,6 +213,33 @@ async def test_a_cluster_url_for_a_plain_server_or_no_server_is_a_typed_error(
         await nothing.aclose()
     assert "redis://" in str(wrong.value)
     assert "127.0.0.1" in str(unreachable.value)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_cluster_refusing_the_credentials_is_a_configuration_error() -> None:
+    """redis-py reports the nodes' refusal as a failed discovery, in words only; it was
+    reported as the cluster being unreachable, at "Redis at ?"."""
+    if redis_binary() is None:
+        pytest.skip("no redis-server binary here to start a cluster node with a password")
+    node = PrivateRedis(free_cluster_port(), extra=(
+        "--cluster-enabled", "yes", "--cluster-config-file", "nodes-auth.conf"))
+    node.start()
+    try:
+        admin = aioredis.Redis(host="127.0.0.1", port=node.port)
+        await admin.config_set("requirepass", "secret")
+        await admin.aclose()
+        with anyio.fail_after(_DEADLINE):
+            for credentials in (":wrong@", ""):
+                store = RedisStore.from_url(
+                    f"redis+cluster://{credentials}127.0.0.1:{node.port}/0?prefix=p",
+                    retry=RetryPolicy(max_retries=0))
+                with pytest.raises(ConfigurationError, match="refused the credentials") as caught:
+                    await store.count_runs(status=None, now=T0)
+                await store.aclose()
+                assert f"Redis Cluster at 127.0.0.1:{node.port}" in str(caught.value)
+    finally:
+        node.stop()
 
 
 def test_a_passed_client_that_served_another_event_loop_gives_a_typed_error(
