@@ -318,29 +318,38 @@ class FastFlowPersistence(FlowPersistence):  # type: ignore[misc, unused-ignore]
         """Pause the run with ``request`` while its checkpoint is the run's newest: a request
         still waiting is superseded first; one the flow went past is never queued."""
         blocking = self._opened()
-        try:
-            self._pause_on_newest(flow_uuid, request)
+        for _ in range(_SUPERSEDE_ATTEMPTS):
+            try:
+                self._pause_on_newest(flow_uuid, request)
+                return
+            except ConflictError as exc:
+                waiting = blocking.get_run(flow_uuid)
+                if waiting is None:
+                    _refuse(flow_uuid, "gone", exc)
+                _check_pausable(flow_uuid, waiting, exc)
+                if waiting.status is CheckpointStatus.PAUSED:
+                    _check_not_newer(flow_uuid, waiting, request, exc)
+                _check_not_overtaken(flow_uuid, waiting, request, exc)
+                if waiting.status is not CheckpointStatus.PAUSED:
+                    raise  # active at our checkpoint: the change kept losing races
+            # The request waiting is older than ours, which the flow has not gone past.
+            try:
+                blocking.approve(flow_uuid, approver=FRAMEWORK, comment=_SUPERSEDED_COMMENT,
+                                 requested_at=(waiting.approval or {}).get("requested_at"))
+            except ConflictError:
+                continue  # a reviewer decided it meanwhile: look at the run again
+            try:
+                self._pause_on_newest(flow_uuid, request)
+            except ConflictError as exc:
+                # A state saved between the approval and the pause: the superseded request
+                # stays approved (the flow went past it too), ours is not queued.
+                _check_not_overtaken(flow_uuid, blocking.get_run(flow_uuid), request, exc)
+                raise
             return
-        except ConflictError as exc:
-            waiting = blocking.get_run(flow_uuid)
-            if waiting is None:
-                _refuse(flow_uuid, "gone", exc)
-            _check_pausable(flow_uuid, waiting, exc)
-            if waiting.status is CheckpointStatus.PAUSED:
-                _check_not_newer(flow_uuid, waiting, request, exc)
-            _check_not_overtaken(flow_uuid, waiting, request, exc)
-            if waiting.status is not CheckpointStatus.PAUSED:
-                raise  # active at our checkpoint: the change kept losing races
-        # The request waiting is older than ours, which the flow has not gone past.
-        blocking.approve(flow_uuid, approver=FRAMEWORK, comment=_SUPERSEDED_COMMENT,
-                         requested_at=(waiting.approval or {}).get("requested_at"))
-        try:
-            self._pause_on_newest(flow_uuid, request)
-        except ConflictError as exc:
-            # A state saved between the approval and the pause: the superseded request
-            # stays approved (the flow went past it too), ours is not queued.
-            _check_not_overtaken(flow_uuid, blocking.get_run(flow_uuid), request, exc)
-            raise
+        raise ConflictError(
+            f"flow {flow_uuid!r}: its waiting feedback requests kept being decided or "
+            f"replaced while this one superseded them ({_SUPERSEDE_ATTEMPTS} tries); nothing "
+            "of this request is pending (ask again)")
 
     def _pause_on_newest(self, flow_uuid: str, request: dict[str, Any]) -> None:
         """``pause``, on the condition that the request's checkpoint is still the run's
@@ -366,6 +375,10 @@ class FastFlowPersistence(FlowPersistence):  # type: ignore[misc, unused-ignore]
                 raise
             return now
 
+
+_SUPERSEDE_ATTEMPTS = 8
+"""How often a feedback request looks at the run again when the waiting request it was
+superseding was decided (or replaced) meanwhile."""
 
 _PAUSABLE = frozenset({CheckpointStatus.ACTIVE, CheckpointStatus.FAILED})
 """Statuses a run can be paused from after a checkpoint (which makes a FAILED run active)."""

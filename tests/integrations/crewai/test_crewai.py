@@ -192,12 +192,11 @@ def test_clear_without_a_reviewer_approves_as_crewai(persistence: FastFlowPersis
     assert persistence.manager.get_run(flow).latest_sequence == 1  # type: ignore[union-attr]
 
 
-def test_a_newer_request_supersedes_one_still_waiting(persistence: FastFlowPersistence) -> None:
-    flow = flow_id()
-    persistence.save_pending_feedback(flow, feedback_context(flow, method="first"), {"id": flow})
-    persistence.save_pending_feedback(flow, feedback_context(flow, method="second"),
-                                      {"id": flow, "n": 2})
-
+def _assert_second_request_waits(
+    persistence: FastFlowPersistence, flow: str, *, approved_by: str
+) -> None:
+    """The flow's second request (``{"id": flow, "n": 2}``) waits, the first having been
+    approved by ``approved_by``."""
     loaded = persistence.load_pending_feedback(flow)
     assert loaded is not None
     assert (loaded[0], loaded[1].method_name) == ({"id": flow, "n": 2}, "second")
@@ -205,8 +204,17 @@ def test_a_newer_request_supersedes_one_still_waiting(persistence: FastFlowPersi
     assert run is not None
     assert run.status is CheckpointStatus.PAUSED
     assert [(change.status, change.actor) for change in run.history] == [
-        (CheckpointStatus.PAUSED, None), (CheckpointStatus.ACTIVE, FRAMEWORK),
+        (CheckpointStatus.PAUSED, None), (CheckpointStatus.ACTIVE, approved_by),
         (CheckpointStatus.PAUSED, None)]
+
+
+def test_a_newer_request_supersedes_one_still_waiting(persistence: FastFlowPersistence) -> None:
+    flow = flow_id()
+    persistence.save_pending_feedback(flow, feedback_context(flow, method="first"), {"id": flow})
+    persistence.save_pending_feedback(flow, feedback_context(flow, method="second"),
+                                      {"id": flow, "n": 2})
+
+    _assert_second_request_waits(persistence, flow, approved_by=FRAMEWORK)
 
 
 def test_an_older_request_does_not_supersede_a_newer_one(store_url: str) -> None:
@@ -240,6 +248,30 @@ def test_an_older_request_does_not_supersede_a_newer_one(store_url: str) -> None
     finally:
         first.close()
         second.close()
+
+
+def test_a_request_a_reviewer_decided_while_it_was_being_superseded_lets_the_newer_wait(
+    persistence: FastFlowPersistence,
+) -> None:
+    """A request waits; the flow asks again, and a reviewer approves the waiting request just
+    before the call supersedes it. The call's approval is refused (decided already): the
+    newer request was not queued and the call raised, with the run active at its checkpoint
+    and nothing pending for the flow to wait on. It is queued now."""
+    flow = flow_id()
+    persistence.save_pending_feedback(flow, feedback_context(flow, method="first"), {"id": flow})
+    blocking = persistence._opened()
+    real_approve = blocking.approve
+
+    def reviewer_first(*args: Any, **kwargs: Any) -> Any:
+        blocking.approve = real_approve  # type: ignore[method-assign]
+        real_approve(flow, approver="alice")
+        return real_approve(*args, **kwargs)
+
+    blocking.approve = reviewer_first  # type: ignore[method-assign]
+    persistence.save_pending_feedback(flow, feedback_context(flow, method="second"),
+                                      {"id": flow, "n": 2})
+
+    _assert_second_request_waits(persistence, flow, approved_by="alice")
 
 
 def _with_state_saved_before_the_pause(
