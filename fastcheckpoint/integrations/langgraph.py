@@ -133,6 +133,11 @@ _PARKED_SECONDS = 30.0
 waits behind the previous save); then the store is asked, and writes to a checkpoint that
 never came are dropped. The save releases them as soon as it ends, stored or not; only a
 save that never starts (LangGraph skips the saves after one that failed) costs the wait."""
+_UNSEEN_SECONDS = 0.05
+"""How long writes parked for a checkpoint of a run this process knows wait, with no save of
+the run on its way here, before the store is asked whether another process saved it (they
+are stored at once then). LangGraph starts a queued save within moments of the one before
+it ending, so writes of this process's own graph run are rarely asked about."""
 _FREE_RETRIES = 3
 _CONTENTION_BASE = 0.001
 _FIRST_SAVE_SECONDS = 2.0
@@ -1375,7 +1380,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         # No await from the checks above to parking: a save that starts later takes the writes.
         released = False
         if located is None and self._may_still_come(where.key, checkpoint_id):
-            if await self._park(slot, writes):
+            if await self._park(where, slot, writes, asked=asked):
                 return True
             located, released = state.located.get(slot), True
         if located is None and (released or not asked):
@@ -1401,7 +1406,9 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             return self._state.deleted.get(key) is None
         return hint.newest_id is not None and checkpoint_id > hint.newest_id
 
-    async def _park(self, slot: tuple[str, str], writes: list[StoredWrite]) -> bool:
+    async def _park(
+        self, where: _Where, slot: tuple[str, str], writes: list[StoredWrite], *, asked: bool
+    ) -> bool:
         """Hand ``writes`` to the coming save of their checkpoint; whether it stored them.
 
         They wait :data:`_PARKED_SECONDS` from now, or :data:`_FIRST_SAVE_SECONDS` while this
@@ -1410,7 +1417,10 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         step's writes at once, so a slow first save (a new store client, a new run) holds
         back the checkpoints those writes belong to. Given up on, they would be dropped
         although their checkpoint is saved right after (a delta channel then reads back
-        short for good)."""
+        short for good). Unless the store was ``asked`` already, it is asked once no save of
+        the run has been on its way here for :data:`_UNSEEN_SECONDS`: a checkpoint another
+        process saved (its writes sent from here) is not kept waiting for a save that never
+        comes here."""
         state = self._state
         parked = state.parked.get(slot)
         if parked is None:
@@ -1418,7 +1428,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         parked.add(writes)
         parked.waiting += 1
         try:
-            return await self._parked(slot, parked)
+            return await self._parked(where, slot, parked, asked=asked)
         finally:
             parked.waiting -= 1
             if not parked.waiting and not parked.done.is_set and \
@@ -1426,9 +1436,11 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 # Every call that parked them was cancelled: no one looks for them again.
                 del state.parked[slot]
 
-    async def _parked(self, slot: tuple[str, str], parked: Parked) -> bool:
+    async def _parked(
+        self, where: _Where, slot: tuple[str, str], parked: Parked, *, asked: bool
+    ) -> bool:
         try:
-            return await self._parked_until_stored(slot, parked)
+            return await self._parked_until_stored(where, slot, parked, asked=asked)
         except anyio.get_cancelled_exc_class():
             if self._state.parked.get(slot) is not parked and not parked.done.is_set:
                 # A save took them and is storing them: the call ends once they landed (or
@@ -1436,7 +1448,9 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 await settled(parked.done.wait())
             raise
 
-    async def _parked_until_stored(self, slot: tuple[str, str], parked: Parked) -> bool:
+    async def _parked_until_stored(
+        self, where: _Where, slot: tuple[str, str], parked: Parked, *, asked: bool
+    ) -> bool:
         state = self._state
         key = slot[0]
         since = anyio.current_time()
@@ -1445,12 +1459,17 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             left = since + budget - anyio.current_time()
             saving = None if left > 0 else state.saving_in(key)
             if left > 0:
-                with anyio.move_on_after(left):
+                with anyio.move_on_after(left if asked else min(left, _UNSEEN_SECONDS)):
                     await parked.done.wait()
             elif saving is not None:
                 await saving.wait()  # the checkpoint's save may come behind it
             if parked.done.is_set or state.parked.get(slot) is not parked:
                 break  # stored, failed, or taken by a save that is still running
+            if left > 0 and not asked and state.saving_in(key) is None:
+                asked = True
+                if await self._saved_elsewhere(where, slot, parked):
+                    return False  # each call stores its own writes where the lookup found
+                continue
             if left <= 0 and saving is None:
                 del state.parked[slot]  # no save came
                 parked.done.set()  # other calls that parked writes with these: neither
@@ -1459,6 +1478,24 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         if not parked.done.is_set:
             await parked.done.wait()
         return parked.stored
+
+    async def _saved_elsewhere(
+        self, where: _Where, slot: tuple[str, str], parked: Parked
+    ) -> bool:
+        """Whether the store holds the checkpoint writes are parked for (saved by another
+        process); if so, and no save here took them meanwhile, they are released."""
+        try:
+            found = await self._lookup(where, slot[1], self._now())
+        except CheckpointError as exc:
+            logger.warning("could not look up checkpoint %s of thread %r for the writes "
+                           "waiting for it (%s); they wait for its save", slot[1],
+                           where.thread_id[:80], exc)
+            return False
+        if found is None or parked.done.is_set or self._state.parked.get(slot) is not parked:
+            return False
+        del self._state.parked[slot]
+        parked.done.set()  # other calls that parked writes with these store theirs too
+        return True
 
     async def _put_owned(
         self, where: _Where, checkpoint_id: str, located: Located, writes: list[StoredWrite]

@@ -15,12 +15,19 @@ from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 
-from fastcheckpoint import CheckpointStatus
+from fastcheckpoint import CheckpointStatus, MemoryStore
 from fastcheckpoint.errors import ConflictError
 from fastcheckpoint.integrations import _langgraph_records as records
+from fastcheckpoint.integrations import langgraph as saver_module
 from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
 from tests._helpers import FakeClock, make_config
-from tests.integrations._langgraph_support import CountingStore, config, put
+from tests.integrations._langgraph_support import (
+    CountingStore,
+    checkpoint,
+    config,
+    metadata,
+    put,
+)
 from tests.integrations.conftest import FreshStore
 
 pytestmark = pytest.mark.anyio
@@ -497,3 +504,67 @@ async def test_a_new_graph_run_after_a_delete_keeps_its_subgraph_checkpoints(
     assert after
     assert [ns.partition(":")[0] for ns, _ in after] == [
         ns.partition(":")[0] for ns, _ in expected]
+
+
+# -- writes sent from one saver for a checkpoint the other saved ----------------------------------
+
+
+async def test_writes_for_a_checkpoint_saved_elsewhere_are_stored_without_waiting(
+    fresh_store: FreshStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A saver that knows the thread gets writes for a newer checkpoint another saver saved
+    (a task run in another process than the graph's): with no save of the thread on its way
+    here, it asks the store, and stores them on that checkpoint, instead of waiting for a
+    save of its own that never comes."""
+    monkeypatch.setattr(saver_module, "_PARKED_SECONDS", 3600.0)  # a wait would outlast DEADLINE
+    async with fresh_store() as store:
+        saver, other = _saver(store), _saver(store)
+        with anyio.fail_after(DEADLINE):
+            first = await put(saver, "t", values={"x": 1}, versions={"x": "1.a"})
+            newer = await put(other, "t", parent=first, values={"x": 2}, versions={"x": "2.a"})
+            await saver.aput_writes(config("t", newer), [("x", 3)], "task")
+            found = await other.aget_tuple(config("t", newer))
+            parent = await other.aget_tuple(config("t", first))
+    assert found is not None
+    assert found.pending_writes == [("task", "x", 3)]
+    assert parent is not None
+    assert parent.pending_writes == []
+
+
+class _Looked(CountingStore):
+    """Tells when the saver first looked an item up."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.looked = anyio.Event()
+
+    async def get_items(self, *args: Any, **kwargs: Any) -> Any:
+        found = await super().get_items(*args, **kwargs)  # type: ignore[misc]
+        self.looked.set()
+        return found
+
+
+async def test_writes_asked_about_and_not_found_still_go_with_their_save(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Writes for a checkpoint not saved yet, with no save of the thread on its way (a
+    blocking ``put_writes`` can reach the loop before its ``put``): the store, asked, does
+    not have it; they wait for its save, which takes them along."""
+    monkeypatch.setattr(saver_module, "_PARKED_SECONDS", 3600.0)
+    store = _Looked(MemoryStore())
+    saver = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        first = await put(saver, "t")
+        coming = checkpoint()
+        store.take()
+        async with anyio.create_task_group() as group:
+            group.start_soon(saver.aput_writes, config("t", coming["id"]), [("x", 1)], "task")
+            await store.looked.wait()
+            asked = store.take()
+            await saver.aput(config("t", first), coming, metadata(1), {})
+        saved = store.take()
+        found = await saver.aget_tuple(config("t", coming["id"]))
+    assert asked == {"get_items": 1}
+    assert saved == {"append_with_items": 1}  # the writes went with their checkpoint
+    assert found is not None
+    assert found.pending_writes == [("task", "x", 1)]
