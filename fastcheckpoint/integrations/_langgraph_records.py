@@ -49,6 +49,8 @@ REGISTRY_RUN_ID = SEPARATOR + "langgraph run index"
 ids to the fastcheckpoint runs holding their checkpoints, for ``delete_for_runs``."""
 INTERRUPT = "__interrupt__"
 """LangGraph's channel for interrupt writes (``langgraph.checkpoint.serde.types.INTERRUPT``)."""
+RESUME = "__resume__"
+"""LangGraph's channel for the answers to interrupts (``Command(resume=...)``)."""
 
 WRITES = "w/"
 """The prefix of every pending write's key."""

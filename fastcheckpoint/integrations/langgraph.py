@@ -474,7 +474,9 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         """Delete the checkpoints (with their writes) whose metadata ``run_id`` is one of
-        ``run_ids``, in every thread and namespace; values other checkpoints use stay."""
+        ``run_ids``, in every thread and namespace; values other checkpoints use stay. A
+        thread then waits for approval exactly when its latest checkpoint left holds
+        interrupts that no resume answered and no decision was made about."""
         for run_id in _texts("run_ids", run_ids):
             await settled(self._delete_langgraph_run(run_id))
 
@@ -1544,7 +1546,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
 
     async def _pause_for(
         self, where: _Where, checkpoint_id: str, located: Located,
-        writes: Iterable[StoredWrite],
+        writes: Iterable[StoredWrite], *, still: Callable[[RunRecord], bool] | None = None,
     ) -> None:
         """:meth:`_pause` for the interrupts among stored ``writes`` (root namespace only)."""
         interrupts = [write for write in writes if write.channel == records.INTERRUPT]
@@ -1558,7 +1560,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                            "read for the approval request", where.thread_id[:80],
                            checkpoint_id, exc_info=True)
             return
-        await self._pause(where, checkpoint_id, values, life=located.incarnation)
+        await self._pause(where, checkpoint_id, values, life=located.incarnation, still=still)
 
     def _write_items(self, located: Located, writes: list[StoredWrite]) -> list[Item]:
         prefixes: dict[str, str] = {}  # task id -> its writes' key prefix: one digest each
@@ -1577,6 +1579,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
     async def _pause(
         self, where: _Where, checkpoint_id: str, writes: Sequence[tuple[str, Any]],
         *, life: str, at: Located | None = None, paused: bool = False,
+        still: Callable[[RunRecord], bool] | None = None,
     ) -> None:
         """PAUSED, with the interrupts as the approval request (merged with those of the
         same checkpoint already pending). Never fails the write: it is stored already.
@@ -1586,12 +1589,16 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         ``at``: the run's latest checkpoint, holding ``writes``, as a read found it; the run
         then changes only if its approval record does not ask about them already (pending or
         decided) and it has not gone on since. ``paused``: the read found the run PAUSED, so
-        a request that names no checkpoint (made by hand) is one to leave as it is."""
+        a request that names no checkpoint (made by hand) is one to leave as it is.
+        ``still``: whether the run as read is still one to pause (else: as ``at`` or
+        ``life`` say)."""
         asked = records.approval_request(checkpoint_id, writes)
         approval: dict[str, Any] = {}  # the run's approval record once this is done
         made: Callable[[RunData], bool] | None = None
 
-        def still(record: RunRecord) -> bool:
+        def applies(record: RunRecord) -> bool:
+            if still is not None:
+                return still(record)
             if at is not None:
                 return (record.incarnation, record.latest_sequence) == (
                     at.incarnation, at.sequence)
@@ -1618,7 +1625,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 where.run_id, CheckpointStatus.PAUSED,
                 allowed={CheckpointStatus.ACTIVE, CheckpointStatus.PAUSED},
                 note=f"interrupted at LangGraph checkpoint {checkpoint_id}",
-                update=record_request, made=made, still=still)
+                update=record_request, made=made, still=applies)
             if records.asks_about(approval, asked):
                 self._state.queued.put((where.key, checkpoint_id), approval)
         except ConflictError as exc:
@@ -1627,6 +1634,25 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         except CheckpointError:
             logger.warning("thread %r was interrupted at %s, but its run could not be set "
                            "PAUSED", where.thread_id[:80], checkpoint_id, exc_info=True)
+
+    async def _unpause(
+        self, where: _Where, checkpoint_id: str, unchanged: Callable[[RunRecord], bool]
+    ) -> None:
+        """ACTIVE again: the checkpoint the thread was paused about was deleted. Left as it is
+        when its request changed meanwhile (or the run went on)."""
+
+        def other_request(data: RunData) -> bool:
+            found = (data.approval or {}).get("request")
+            return not isinstance(found, Mapping) or found.get("checkpoint_id") != checkpoint_id
+
+        try:
+            await self._shared.manager._transition(
+                where.run_id, CheckpointStatus.ACTIVE, allowed={CheckpointStatus.PAUSED},
+                note=f"LangGraph checkpoint {checkpoint_id} it was paused at was deleted "
+                     "(delete_for_runs)",
+                made=other_request, still=unchanged)
+        except ConflictError as exc:
+            logger.info("thread %r stays as it is: %s", where.thread_id[:80], exc)
 
     async def _reactivate(
         self, where: _Where, status: str, checkpoint_id: str, located: Located
@@ -1754,6 +1780,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             where = _where_of_run(entry.run_id)
             if where is not None:
                 await self._delete_matching(where, langgraph_run)
+                if not where.checkpoint_ns:
+                    await self._requeue(where)
                 # A namespace still there may get more of the run's checkpoints from a saver
                 # that indexed it already (and does not write its entry again): keep it.
                 if await self._store.get_run(where.key, now=self._now()) is not None:
@@ -1793,6 +1821,47 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 self._state.located.pop((where.key, extra.checkpoint_id))
                 await self._store.delete(where.key, stored.sequence,
                                          checkpoint_id=stored.checkpoint_id)
+
+    async def _requeue(self, where: _Where) -> None:
+        """The thread's place in the approval queue once ``delete_for_runs`` removed some of
+        its root checkpoints: it waits for approval when its latest checkpoint left holds
+        interrupts that no resume answered and no decision was made about; a pause about a
+        deleted checkpoint goes (the thread is ACTIVE again, or paused about the latest
+        checkpoint's interrupts). A request made by hand stays, and so does a thread that
+        went on meanwhile. (Not from what this call deleted: a call made again after one
+        that failed midway puts the thread right.)"""
+        now = self._now()
+        record = await self._store.get_run(where.key, now=now)
+        latest = None if record is None else await self._store.read_with_items(
+            where.key, sequence=None, now=now)
+        if record is None or latest is None or record.status not in _QUEUEABLE:
+            return  # no checkpoint left: the thread is listed nowhere
+        stored, _, items = latest
+        place = stored.key or f"run {where.run_id[:80]!r} sequence {stored.sequence}"
+        checkpoint_id = self._headers_of(where, stored, place)[1].checkpoint_id
+        writes = self._stored_writes(stored.sequence, items, place)
+        approval = self._shared.codec.decode_run_data(record.data, place).approval or {}
+        paused = record.status == CheckpointStatus.PAUSED.value
+
+        seen = (record.incarnation, record.latest_sequence)
+
+        def unchanged(run: RunRecord) -> bool:
+            return (run.incarnation, run.latest_sequence) == seen
+
+        if any(write.channel == records.INTERRUPT for write in writes) and all(
+                write.channel != records.RESUME for write in writes):
+            asked = records.approval_request(checkpoint_id, [])
+            if (records.asks_about(approval, asked) and (paused or "decision" in approval)) or (
+                    paused and records.by_hand(approval)):
+                return
+            located = _located_of(where, stored)
+            await self._pause_for(where, checkpoint_id, located, writes, still=unchanged)
+            return
+        request = approval.get("request")
+        about = request.get("checkpoint_id") if paused and isinstance(request, Mapping) else None
+        if isinstance(about, str) and about != checkpoint_id and (
+                await self._lookup(where, about, now) is None):
+            await self._unpause(where, about, unchanged)
 
     async def _copy_run(
         self, source: RunRecord, target_thread: str, made: list[tuple[str, int, str]]

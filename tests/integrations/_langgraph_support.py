@@ -16,6 +16,7 @@ from langgraph.checkpoint.conformance.test_utils import (
 )
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import interrupt
 
 from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
 
@@ -121,4 +122,22 @@ def step_loop(
     graph.add_node("step", step)
     graph.add_edge(START, "step")
     graph.add_conditional_edges("step", more, ["step", END])
+    return graph.compile(checkpointer=saver)
+
+
+def asking(saver: FastCheckpointSaver) -> CompiledStateGraph[Any, Any, Any, Any]:
+    """A graph that works a step, then asks (``interrupt``) and records the answer."""
+
+    def work(state: Steps) -> dict[str, Any]:
+        return {"done": [len(state["done"])]}
+
+    def ask(state: Steps) -> dict[str, Any]:
+        return {"done": [interrupt({"step": len(state["done"])})]}
+
+    graph = StateGraph(Steps)
+    graph.add_node("work", work)
+    graph.add_node("ask", ask)
+    graph.add_edge(START, "work")
+    graph.add_edge("work", "ask")
+    graph.add_edge("ask", END)
     return graph.compile(checkpointer=saver)

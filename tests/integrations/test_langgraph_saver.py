@@ -18,6 +18,7 @@ import anyio
 import msgspec
 import pytest
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+from langgraph.types import Command
 
 from fastcheckpoint import CheckpointStatus, FileStore, MemoryStore
 from fastcheckpoint._codec import Codec
@@ -39,6 +40,7 @@ from fastcheckpoint.stores import Item
 from tests._helpers import T0, FakeClock, ForwardingStore, make_config
 from tests.integrations._langgraph_support import (
     CountingStore,
+    asking,
     checkpoint,
     config,
     metadata,
@@ -1023,6 +1025,103 @@ async def test_a_rejected_thread_is_active_again_once_the_graph_goes_on() -> Non
     assert after.status is CheckpointStatus.ACTIVE
     assert [change.status for change in after.history] == [
         CheckpointStatus.PAUSED, CheckpointStatus.REJECTED, CheckpointStatus.ACTIVE]
+
+
+def _run(thread_id: str, langgraph_run: str) -> Any:
+    return {"configurable": {"thread_id": thread_id, "run_id": langgraph_run}}
+
+
+async def _interrupted_at(saver: FastCheckpointSaver, thread_id: str) -> str:
+    found = await saver.aget_tuple(config(thread_id))
+    assert found is not None
+    assert [channel for _, channel, _ in found.pending_writes or ()] == [INTERRUPT]
+    checkpoint_id: str = found.checkpoint["id"]
+    return checkpoint_id
+
+
+async def _queue(saver: FastCheckpointSaver) -> list[str]:
+    return [run.run_id for run in await saver.manager.list_runs(CheckpointStatus.PAUSED)]
+
+
+async def test_deleting_the_run_that_asked_takes_the_thread_out_of_the_queue() -> None:
+    """A thread paused by a LangGraph run whose checkpoints ``delete_for_runs`` removes is
+    ACTIVE again when no interrupt is left unanswered; paused about the latest checkpoint's
+    interrupts when those are (a later run that went past them, deleted)."""
+    saver = _saver(MemoryStore())
+    graph = asking(saver)
+    with anyio.fail_after(DEADLINE):
+        await graph.ainvoke({"done": []}, _run("t", "first"))
+        await graph.ainvoke(Command(resume="yes"), _run("t", "first"))  # answered, ended
+        await graph.ainvoke({"done": []}, _run("t", "second"))
+        before = await _queue(saver)
+        await saver.adelete_for_runs(["second"])
+        after = await _queue(saver)
+        active = await saver.manager.get_run("t")
+        await graph.ainvoke({"done": []}, _run("t", "third"))
+        asked = await _interrupted_at(saver, "t")
+        await graph.ainvoke({"done": []}, _run("t", "fourth"))  # went past the question
+        await saver.adelete_for_runs(["fourth"])
+        again = await saver.manager.get_run("t")
+    assert before == ["t"]
+    assert after == []
+    assert active is not None
+    assert active.status is CheckpointStatus.ACTIVE
+    assert again is not None
+    assert again.status is CheckpointStatus.PAUSED
+    assert again.approval is not None
+    assert again.approval["request"]["checkpoint_id"] == asked
+    assert again.approval["request"]["interrupts"][0]["value"] == {"step": 3}
+
+
+async def test_deleting_runs_leaves_answered_decided_and_hand_made_requests() -> None:
+    """The run that answered an interrupt deleted: the answer (a resume written on the
+    interrupted checkpoint) and a decision stand, the thread stays ACTIVE. A thread paused
+    by hand stays paused. A thread still asking, whose older run is deleted, stays queued."""
+    saver = _saver(MemoryStore())
+    graph = asking(saver)
+    with anyio.fail_after(DEADLINE):
+        for thread in ("answered", "decided"):
+            await graph.ainvoke({"done": []}, _run(thread, f"{thread}-ask"))
+        await saver.manager.approve("decided", approver="alice")
+        for thread in ("answered", "decided"):
+            await graph.ainvoke(Command(resume="yes"), _run(thread, f"{thread}-resume"))
+        for langgraph_run in ("by hand-0", "by hand-1"):
+            await graph.ainvoke({"done": []}, _run("by hand", langgraph_run))
+            await graph.ainvoke(Command(resume="yes"), _run("by hand", langgraph_run))
+        await saver.manager.pause("by hand", request={"reason": "legal review"})
+        await graph.ainvoke({"done": []}, _run("asking", "asking-1"))
+        await graph.ainvoke(Command(resume="yes"), _run("asking", "asking-1"))
+        await graph.ainvoke({"done": []}, _run("asking", "asking-2"))
+        await saver.adelete_for_runs(["answered-resume", "decided-resume", "by hand-1",
+                                      "asking-1"])
+        runs = {thread: await saver.manager.get_run(thread)
+                for thread in ("answered", "decided", "by hand", "asking")}
+    assert {thread: run.status if run else None for thread, run in runs.items()} == {
+        "answered": CheckpointStatus.ACTIVE, "decided": CheckpointStatus.ACTIVE,
+        "by hand": CheckpointStatus.PAUSED, "asking": CheckpointStatus.PAUSED}
+    assert runs["decided"] is not None
+    assert runs["decided"].approval is not None
+    assert runs["decided"].approval["decision"] == "approved"
+
+
+async def test_deleting_runs_again_after_a_failed_status_change_puts_the_thread_right(
+) -> None:
+    store = _StatusChangeFails(MemoryStore())
+    saver = _saver(store)
+    graph = asking(saver)
+    with anyio.fail_after(DEADLINE):
+        await graph.ainvoke({"done": []}, _run("t", "first"))
+        await graph.ainvoke(Command(resume="yes"), _run("t", "first"))
+        await graph.ainvoke({"done": []}, _run("t", "second"))
+        store.failing = True
+        with pytest.raises(StoreError):
+            await saver.adelete_for_runs(["second"])
+        store.failing = False
+        left = await _queue(saver)
+        await saver.adelete_for_runs(["second"])
+        after = await _queue(saver)
+    assert left == ["t"]
+    assert after == []
 
 
 # -- configuration and arguments -----------------------------------------------------------------
