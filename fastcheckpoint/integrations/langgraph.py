@@ -1953,21 +1953,37 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 update=record_decision)
 
     async def _keep_latest(self, record: RunRecord) -> None:
+        """Keep the newest checkpoint with the ancestors its delta channels rebuild from, and
+        those of every checkpoint saved while this runs (a fork from an older checkpoint
+        needs its own): before each removal, the newest header says whether one came."""
         where = _where_of_run(record.run_id)
         if where is None:
             return
         headers = [stored async for stored in self._headers(where.key)]
         if not headers:
             return
-        kept = self._delta_chain(where, headers)
+        newest = headers[0].sequence
+        kept = self._delta_chains(where, headers, since=newest)
         for stored in headers:
-            if stored.sequence not in kept:
-                await self._store.delete(where.key, stored.sequence,
-                                         checkpoint_id=stored.checkpoint_id)
+            if stored.sequence in kept:
+                continue
+            page, _ = await self._store.headers(where.key, before=None, limit=1,
+                                                now=self._now())
+            if page and page[0].sequence > newest:
+                again = [header async for header in self._headers(where.key)]
+                kept |= self._delta_chains(where, again, since=newest + 1)
+                newest = again[0].sequence if again else newest
+                if stored.sequence in kept:
+                    continue
+            await self._store.delete(where.key, stored.sequence,
+                                     checkpoint_id=stored.checkpoint_id)
 
-    def _delta_chain(self, where: _Where, newest_first: list[CheckpointHeader]) -> set[int]:
-        """The newest checkpoint and the ancestors its delta channels rebuild from (the
-        supersteps since their last snapshot, from its metadata)."""
+    def _delta_chains(
+        self, where: _Where, newest_first: list[CheckpointHeader], *, since: int
+    ) -> set[int]:
+        """The checkpoints from sequence ``since`` on, each with the ancestors its delta
+        channels rebuild from (the supersteps since their last snapshot, from its
+        metadata)."""
         parsed: dict[str, tuple[int, LangGraphHeader]] = {}
         for stored in newest_first:
             place = f"run {where.run_id[:80]!r} sequence {stored.sequence} (header)"
@@ -1978,20 +1994,21 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 continue
         by_id = {extra.checkpoint_id: sequence for sequence, extra in parsed.values()}
         extras = dict(parsed.values())
-        newest = newest_first[0].sequence
-        kept = {newest}
-        newest_extra = extras.get(newest)
-        if newest_extra is None:
-            return kept
-        depth = _supersteps(self._loads(newest_extra.metadata, where.run_id))
-        current = newest_extra
-        for _ in range(depth):
-            parent = current.parent_checkpoint_id
-            sequence = None if parent is None else by_id.get(parent)
-            if sequence is None:
+        kept: set[int] = set()
+        for stored in newest_first:
+            if stored.sequence < since:
                 break
-            kept.add(sequence)
-            current = extras[sequence]
+            kept.add(stored.sequence)
+            current = extras.get(stored.sequence)
+            if current is None:
+                continue
+            for _ in range(_supersteps(self._loads(current.metadata, where.run_id))):
+                parent = current.parent_checkpoint_id
+                sequence = None if parent is None else by_id.get(parent)
+                if sequence is None:
+                    break
+                kept.add(sequence)
+                current = extras[sequence]
         return kept
 
     # -- internals: delta channel history ---------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Annotated, Any, TypedDict
 
 import anyio
@@ -415,3 +415,50 @@ async def test_a_seed_log_part_missing_during_the_read_gives_the_default_answer(
         assert store.lose is None  # the fast path met the gap and let the walk answer
         assert fast == await _default(saver, saved[-1], ["x"]) == {
             "x": {"writes": [("task", "x", ["b"])], "seed": [*seed, "a3"]}}
+
+
+class _ForkDuringPrune(CountingStore):
+    """Runs ``fork`` (another process forking the thread) before the first removal."""
+
+    fork: Callable[[], Awaitable[None]] | None = None
+
+    async def delete(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fork is not None:
+            fork, self.fork = self.fork, None
+            await fork()
+        return await super().delete(*args, **kwargs)  # type: ignore[misc]
+
+
+async def _fork_at_step(graph: CompiledStateGraph[Any, Any, Any, Any],
+                        saver: FastCheckpointSaver, step: int) -> Any:
+    """Time travel: an edit of the checkpoint at ``step``, run on; the fork's state."""
+    history = [found async for found in saver.alist(config("t"))]
+    at = next(found for found in history if found.metadata.get("step") == step)
+    forked = await graph.aupdate_state(at.config, {"messages": ["edited"]}, as_node="talk")
+    await graph.ainvoke(None, forked)
+    return (await graph.aget_state(config("t"))).values
+
+
+async def test_a_fork_saved_while_pruning_keeps_the_ancestors_it_rebuilds_from() -> None:
+    """``aprune`` keeps the newest checkpoint's delta ancestors; a fork from an older
+    checkpoint saved (by another process) while it runs needs its own, and they stay: the
+    fork's state reads back whole, as on a thread never pruned."""
+    with anyio.fail_after(DEADLINE):
+        unpruned = _saver(MemoryStore())
+        await _run(_graph(unpruned), "t", 3)
+        expected = await _fork_at_step(_graph(unpruned), unpruned, 7)
+        store = _ForkDuringPrune(MemoryStore())
+        other = _saver(store.inner)
+        await _run(_graph(other), "t", 3)
+        forked: list[Any] = []
+
+        async def fork() -> None:
+            forked.append(await _fork_at_step(_graph(other), other, 7))
+
+        store.fork = fork
+        await _saver(store).aprune(["t"])
+        reader = _saver(store.inner)
+        state = await _graph(reader).aget_state(config("t"))
+        assert await _assert_every_checkpoint_matches(reader, "t") > 1
+    assert forked == [expected]
+    assert state.values == expected
