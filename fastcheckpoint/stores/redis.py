@@ -1,7 +1,8 @@
 """Redis store: one server-side Lua script per operation, native expiry, Redis Cluster ready.
 
-Layout (``<ns>`` is the prefix plus ``:``; every key of a run carries the hash tag
-``{<run key>}``, so each script touches a single slot)::
+Layout (``<ns>`` is the prefix ending in one more ``:`` unless it ends in one already, so
+prefixes ``p`` and ``p:`` are one store; ``<name>`` is ``<ns>`` without that ``:``; every key
+of a run carries the hash tag ``{<run key>}``, so each script touches a single slot)::
 
     <ns>{<rk>}:run        hash   the run record
     <ns>{<rk>}:seq        zset   the checkpoint log (sequence -> sequence)
@@ -12,7 +13,7 @@ Layout (``<ns>`` is the prefix plus ``:``; every key of a run carries the hash t
     <ns>{<rk>}:cr         hash   sequence -> that checkpoint's refs
     <ns>{<rk>}:due        hash   what the global due index holds for this run
     <ns>{<rk>}:op:<token> string a retried operation's remembered reply (5 minutes)
-    <ns>{idx:<prefix>}:all / :s:<status> / :l:<label> / :lab / :due / :statuses / :damaged /
+    <ns>{idx:<name>}:all / :s:<status> / :l:<label> / :lab / :due / :statuses / :damaged /
                        :fix / :ver    the global indexes (:fix and :ver on Redis Cluster only)
 
 Costs in round trips: append (also with items), get, latest, read_with_items, a page of
@@ -409,7 +410,9 @@ class RedisStore(ExpiryCleanup):
         self._cluster = isinstance(client, RedisCluster) if cluster is None else cluster
         self._prefix = prefix
         self._ns = prefix if not prefix or prefix.endswith(":") else prefix + ":"
-        self._global = f"{self._ns}{{idx:{prefix}}}:"
+        # Named after the namespace, not the prefix as given: "p" and "p:" are one namespace,
+        # so they must be one store (its run keys and its indexes), never half of one.
+        self._global = f"{self._ns}{{idx:{self._ns.removesuffix(':')}}}:"
         self.max_payload_bytes = max_payload_bytes
         self.default_ttl_seconds = default_ttl_seconds
         shape = (lambda text: text) if script_flags else without_flags
