@@ -1459,6 +1459,37 @@ _UPDATE_RUN_V6 = _patched(
      "        RETURN QUERY SELECT 'newer'::text, r;\n    ELSE\n"),
 )
 
+# Migration 7: an item key nested under another (``K/x`` under ``K``) is an item of its own
+# when a held checkpoint names it: the release of the last checkpoint naming ``K`` keeps what
+# a held checkpoint still names or is nested under a key one names (the {refs} rows left after
+# the release, looked up by the item key and each of its prefixes ending before a '/'). Only
+# {remove} releases keys others may still name; a new life releases every key at once.
+_UNNAMED = """
+               AND NOT EXISTS (
+                   SELECT 1 FROM {refs} f
+                    WHERE f.run_key = p_run_key
+                      AND f.key IN (SELECT i.key UNION ALL
+                                    SELECT substring(i.key FROM 1 FOR c.n - 1)
+                                      FROM generate_series(1, length(i.key)) c(n)
+                                     WHERE get_byte(i.key, c.n - 1) = 47))"""
+
+_REMOVE_V7 = _patched(
+    _REMOVE_V5,
+    ("""
+            DELETE FROM {items} i
+             WHERE i.run_key = p_run_key AND i.key = ANY (v_zeroed) AND i.owner IS NULL;
+            DELETE FROM {items} i USING unnest(v_zeroed) n(k)
+             WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
+               AND i.key < n.k || '0'::bytea;""",
+     """
+            DELETE FROM {items} i
+             WHERE i.run_key = p_run_key AND i.key = ANY (v_zeroed) AND i.owner IS NULL""" +
+     _UNNAMED + """;
+            DELETE FROM {items} i USING unnest(v_zeroed) n(k)
+             WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
+               AND i.key < n.k || '0'::bytea""" + _UNNAMED + ";"),
+)
+
 MIGRATIONS = (
     Migration(
         1,
@@ -1496,6 +1527,11 @@ MIGRATIONS = (
         6,
         "a run update can require the run's newest checkpoint to be the one the caller saw",
         _UPDATE_RUN_V6.strip(),
+    ),
+    Migration(
+        7,
+        "an item a checkpoint names stays when a key it is nested under is released",
+        _REMOVE_V7.strip(),
     ),
 )
 """Every schema version, oldest first. A released migration is never edited: changes come

@@ -272,6 +272,34 @@ local function drop_nested(key)
   end
 end
 
+-- Whether a held checkpoint names `key`, or a key `key` is nested under, from byte `from` on
+-- (the keys ending before it are known not to be named).
+local function named(key, from)
+  if redis.call('HEXISTS', KEYS[9], key) == 1 then return true end
+  local cut = string.find(key, NESTED_FROM, from, true)
+  while cut do
+    if redis.call('HEXISTS', KEYS[9], string.sub(key, 1, cut - 1)) == 1 then return true end
+    cut = string.find(key, NESTED_FROM, cut + 1, true)
+  end
+  return false
+end
+
+-- drop_nested(key) keeping what a held checkpoint names or is nested under a key one names
+-- (an item key nested under another one's is that checkpoint's item all the same): one
+-- HEXISTS per '/' of each key more.
+local function drop_unnamed_nested(key)
+  local low, high = nested_range(key)
+  local from = #key + 2
+  while true do
+    local page = redis.call('ZRANGEBYLEX', KEYS[5], low, high, 'LIMIT', 0, 256)
+    if #page == 0 then return end
+    low = '(' .. page[#page]
+    for _, nested in ipairs(page) do
+      if not named(nested, from) then drop_item(nested) end
+    end
+  end
+end
+
 local function item_live(key)
   if redis.call('HEXISTS', KEYS[6], key) == 0 then return false end
   local expires_at = redis.call('ZSCORE', KEYS[8], key)
@@ -313,7 +341,8 @@ end
 
 -- Checkpoint `sequence` no longer names its refs: an item no held checkpoint names any more
 -- is removed, unless a held checkpoint owns it (it goes with its owner), and so is what is
--- nested under its key, whoever holds the item.
+-- nested under its key, whoever holds the item; but not what a held checkpoint names, or is
+-- nested under a key one names.
 local function unreference(sequence)
   local refs = redis.call('HGET', KEYS[10], sequence)
   if not refs then return end
@@ -324,8 +353,11 @@ local function unreference(sequence)
       seen[key] = true
       if redis.call('HINCRBY', KEYS[9], key, -1) <= 0 then
         redis.call('HDEL', KEYS[9], key)
-        if not redis.call('ZSCORE', KEYS[7], key) then drop_item(key) end
-        drop_nested(key)
+        -- Nested under a key still named: it stays, with what is nested under it.
+        if not named(key, 1) then
+          if not redis.call('ZSCORE', KEYS[7], key) then drop_item(key) end
+          drop_unnamed_nested(key)
+        end
       end
     end
   end

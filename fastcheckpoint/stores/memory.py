@@ -34,6 +34,7 @@ from fastcheckpoint.errors import (
 )
 from fastcheckpoint.stores._base import (
     EMPTY_RUN,
+    NESTING,
     CheckpointHeader,
     ExpiryCleanup,
     Item,
@@ -767,7 +768,7 @@ def _check_owned_items(items: Sequence[Item], owner: int) -> None:
 def _release(space: _Items, record: StoredCheckpoint) -> None:
     """A checkpoint leaves: its owned items go, and the shared items it was the last to name
     with what is nested under them (also under a key whose item an owner or ``delete_items``
-    took)."""
+    took), except what a held checkpoint still names or is nested under a key one names."""
     for key in list(space.owned.pop(record.sequence, ())):
         _drop_item(space, key)
     for key in dict.fromkeys(record.refs):
@@ -776,11 +777,26 @@ def _release(space: _Items, record: StoredCheckpoint) -> None:
             space.refs[key] = count
             continue
         space.refs.pop(key, None)
+        if _named(space, key):
+            continue  # nested under a key still named: it stays, with what is nested under it
         item = space.items.get(key)
         if item is not None and item.owner is None:
             _drop_item(space, key)
         for nested in _nested_keys(space, key):
-            _drop_item(space, nested)
+            if not _named(space, nested):
+                _drop_item(space, nested)
+
+
+def _named(space: _Items, key: str) -> bool:
+    """Whether a held checkpoint names ``key`` or a key it is nested under."""
+    if key in space.refs:
+        return True
+    cut = key.find(NESTING)
+    while cut != -1:
+        if key[:cut] in space.refs:
+            return True
+        cut = key.find(NESTING, cut + 1)
+    return False
 
 
 def _nested_keys(space: _Items, key: str) -> list[str]:

@@ -1,4 +1,4 @@
--- fastcheckpoint PostgreSQL store: every table, index and function at schema version 6.
+-- fastcheckpoint PostgreSQL store: every table, index and function at schema version 7.
 -- Generated from the code (a test keeps it equal); `fastcheckpoint init URL` applies the same.
 -- Run it as the role that will own the tables: psql -v ON_ERROR_STOP=1 -f schema.sql
 
@@ -2281,5 +2281,84 @@ END
 $fn$;
 
 INSERT INTO "public"."fc_migrations" (version, description) VALUES (6, 'a run update can require the run''s newest checkpoint to be the one the caller saw');
+
+CREATE OR REPLACE FUNCTION "public"."fc_remove"(p_run_key text, p_sequences bigint[], p_count_run boolean)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_gone bigint[];
+    v_forever bigint;
+    v_refs bytea[];
+    v_zeroed bytea[];
+BEGIN
+    IF p_sequences IS NULL OR cardinality(p_sequences) = 0 THEN
+        RETURN 0;
+    END IF;
+    WITH gone AS (
+        DELETE FROM "public"."fc_checkpoints"
+         WHERE run_key = p_run_key AND sequence = ANY (p_sequences)
+        RETURNING sequence, expires_at, refs
+    )
+    SELECT array_agg(sequence), count(*) FILTER (WHERE expires_at IS NULL),
+           (SELECT array_agg(ref ORDER BY ref)
+              FROM gone g, LATERAL (SELECT DISTINCT unnest(g.refs)) named(ref))
+      INTO v_gone, v_forever, v_refs
+      FROM gone;
+    IF v_gone IS NULL THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM "public"."fc_items" WHERE run_key = p_run_key AND owner = ANY (v_gone);
+    IF v_refs IS NOT NULL THEN
+        WITH released AS (
+            SELECT ref, count(*) AS times FROM unnest(v_refs) ref GROUP BY ref
+        ), counted AS (
+            UPDATE "public"."fc_refs" r SET holders = r.holders - released.times
+              FROM released
+             WHERE r.run_key = p_run_key AND r.key = released.ref
+            RETURNING r.key, r.holders
+        )
+        SELECT array_agg(key) FILTER (WHERE holders <= 0) INTO v_zeroed FROM counted;
+        IF v_zeroed IS NOT NULL THEN
+            DELETE FROM "public"."fc_refs" WHERE run_key = p_run_key AND key = ANY (v_zeroed);
+            DELETE FROM "public"."fc_items" i
+             WHERE i.run_key = p_run_key AND i.key = ANY (v_zeroed) AND i.owner IS NULL
+               AND NOT EXISTS (
+                   SELECT 1 FROM "public"."fc_refs" f
+                    WHERE f.run_key = p_run_key
+                      AND f.key IN (SELECT i.key UNION ALL
+                                    SELECT substring(i.key FROM 1 FOR c.n - 1)
+                                      FROM generate_series(1, length(i.key)) c(n)
+                                     WHERE get_byte(i.key, c.n - 1) = 47));
+            DELETE FROM "public"."fc_items" i USING unnest(v_zeroed) n(k)
+             WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
+               AND i.key < n.k || '0'::bytea
+               AND NOT EXISTS (
+                   SELECT 1 FROM "public"."fc_refs" f
+                    WHERE f.run_key = p_run_key
+                      AND f.key IN (SELECT i.key UNION ALL
+                                    SELECT substring(i.key FROM 1 FOR c.n - 1)
+                                      FROM generate_series(1, length(i.key)) c(n)
+                                     WHERE get_byte(i.key, c.n - 1) = 47));
+        END IF;
+    END IF;
+    IF NOT p_count_run THEN
+        RETURN cardinality(v_gone);
+    END IF;
+    UPDATE "public"."fc_runs" r
+       SET checkpoint_count = r.checkpoint_count - cardinality(v_gone),
+           forever_count = r.forever_count - v_forever,
+           expires_at = CASE
+               WHEN r.checkpoint_count = cardinality(v_gone) THEN 0
+               WHEN r.forever_count > v_forever THEN NULL
+               ELSE (SELECT max(c.expires_at) FROM "public"."fc_checkpoints" c
+                      WHERE c.run_key = p_run_key AND c.expires_at IS NOT NULL)
+           END,
+           purge_at = CASE WHEN r.checkpoint_count = cardinality(v_gone) THEN 0 END
+     WHERE r.run_key = p_run_key;
+    RETURN cardinality(v_gone);
+END
+$fn$;
+
+INSERT INTO "public"."fc_migrations" (version, description) VALUES (7, 'an item a checkpoint names stays when a key it is nested under is released');
 
 COMMIT;
