@@ -37,7 +37,7 @@ class StorePlace:
         self._tmp_path = tmp_path
         self._stack = contextlib.AsyncExitStack()
         self._token = secrets.token_hex(4)
-        self._memory: CheckpointStore | None = None
+        self._first: CheckpointStore | None = None
 
     async def store(self, prefix: str = "") -> CheckpointStore:
         """A store of this place under ``prefix`` (a Redis key prefix, a PostgreSQL table
@@ -48,6 +48,13 @@ class StorePlace:
             with anyio.fail_after(_DEADLINE):
                 await store.provision()
         return store
+
+    async def first(self) -> CheckpointStore:
+        """The place's own store, built at the first call (for a test that calls this once
+        per example)."""
+        if self._first is None:
+            self._first = await self.store()
+        return self._first
 
     async def _built(self, prefix: str) -> Any:
         if self.kind == "memory":

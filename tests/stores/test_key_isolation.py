@@ -18,6 +18,8 @@ from pathlib import Path
 import anyio
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fastcheckpoint import CheckpointManager
 from fastcheckpoint.stores import (
@@ -271,6 +273,38 @@ async def test_item_keys_that_look_alike_are_scanned_apart(place: StorePlace) ->
         await store.delete_run(ours)
         assert await _scan(store, ours) == []
         assert await _scan(store, theirs) == [(key, _value(theirs, key)) for key in ordered]
+
+
+
+_TRICKY = "ab/:%_*?[]\\^\x00\x1f\u00e9\u0301A\uffff\U0010ffff"
+"""Characters that patterns, ranges and byte orders may treat specially."""
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(keys=st.lists(st.text(_TRICKY, min_size=1, max_size=5), min_size=1, max_size=10,
+                     unique=True),
+       prefix=st.text(_TRICKY, max_size=3), after=st.text(_TRICKY, max_size=3))
+async def test_item_scans_return_exactly_the_keys_a_prefix_and_bound_select(
+    place: StorePlace, keys: list[str], prefix: str, after: str
+) -> None:
+    if place.kind in SLOW_KINDS:
+        pytest.skip("the examples above cover the moto stores")
+    store = await place.first()
+    run_key = key_of(make_run(f"scan {keys!r} {prefix!r} {after!r}"))
+    with anyio.fail_after(DEADLINE):
+        await store.put_items(run_key, [make_item(key, _value(run_key, key)) for key in keys],
+                              now=T0)
+        under = sorted(key for key in keys if key.startswith(prefix))
+        expected = [(key, _value(run_key, key)) for key in under if key > after]
+        found = await store.scan_items(run_key, prefix=prefix, start_after=after, limit=100,
+                                       now=T0)
+        assert found == expected
+        backwards = [(key, _value(run_key, key)) for key in reversed(under) if key < after]
+        found = await store.scan_items(run_key, prefix=prefix, start_after=after or None,
+                                       limit=100, reverse=True, now=T0)
+        assert found == (backwards if after else expected[::-1])
+        await store.delete_run(run_key)
 
 
 PREFIX_PAIRS = (("p", "pp"), ("p", "p_"), ("p:", "p::"), ("", "p"), ("", ":p"), ("", "/runs"))
