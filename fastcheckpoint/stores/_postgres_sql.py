@@ -1460,10 +1460,12 @@ _UPDATE_RUN_V6 = _patched(
 )
 
 # Migration 7: an item key nested under another (``K/x`` under ``K``) is an item of its own
-# when a held checkpoint names it: the release of the last checkpoint naming ``K`` keeps what
-# a held checkpoint still names or is nested under a key one names (the {refs} rows left after
-# the release, looked up by the item key and each of its prefixes ending before a '/'). Only
-# {remove} releases keys others may still name; a new life releases every key at once.
+# when a held checkpoint names or owns it: the release of the last checkpoint naming ``K``
+# keeps what a held checkpoint still names or is nested under a key one names (the {refs} rows
+# left after the release, looked up by the item key and each of its prefixes ending before a
+# '/'), and owned items (they go with their owner); {read_with_items} leaves out the owned
+# items of other checkpoints. Only {remove} releases keys others may still name; a new life
+# releases every key at once.
 _UNNAMED = """
                AND NOT EXISTS (
                    SELECT 1 FROM {refs} f
@@ -1487,8 +1489,14 @@ _REMOVE_V7 = _patched(
      _UNNAMED + """;
             DELETE FROM {items} i USING unnest(v_zeroed) n(k)
              WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
-               AND i.key < n.k || '0'::bytea""" + _UNNAMED + ";"),
+               AND i.key < n.k || '0'::bytea AND i.owner IS NULL""" + _UNNAMED + ";"),
 )
+
+# And reads: another checkpoint's owned item nested under a ref is not the reader's.
+_READ_WITH_ITEMS_V7 = _READ_WITH_ITEMS_V3.replace(
+    "AND i.owner IS DISTINCT FROM c.sequence", "AND i.owner IS NULL")
+if _READ_WITH_ITEMS_V7.count("AND i.owner IS NULL") != 2:
+    raise ValueError("read_with_items of migration 3 changed: migration 7 no longer applies")
 
 MIGRATIONS = (
     Migration(
@@ -1530,8 +1538,8 @@ MIGRATIONS = (
     ),
     Migration(
         7,
-        "an item a checkpoint names stays when a key it is nested under is released",
-        _REMOVE_V7.strip(),
+        "an item a checkpoint names or owns stays when a key it is nested under is released",
+        ";\n\n".join([_REMOVE_V7.strip(), _READ_WITH_ITEMS_V7.strip()]),
     ),
 )
 """Every schema version, oldest first. A released migration is never edited: changes come

@@ -285,8 +285,8 @@ local function named(key, from)
 end
 
 -- drop_nested(key) keeping what a held checkpoint names or is nested under a key one names
--- (an item key nested under another one's is that checkpoint's item all the same): one
--- HEXISTS per '/' of each key more.
+-- (an item key nested under another one's is that checkpoint's item all the same), and owned
+-- items (they go with their owner): one HEXISTS per '/' of each key more.
 local function drop_unnamed_nested(key)
   local low, high = nested_range(key)
   local from = #key + 2
@@ -295,7 +295,9 @@ local function drop_unnamed_nested(key)
     if #page == 0 then return end
     low = '(' .. page[#page]
     for _, nested in ipairs(page) do
-      if not named(nested, from) then drop_item(nested) end
+      if not redis.call('ZSCORE', KEYS[7], nested) and not named(nested, from) then
+        drop_item(nested)
+      end
     end
   end
 end
@@ -800,7 +802,11 @@ for _, key in ipairs(refs) do
   if not ranged[key] then
     ranged[key] = true
     local low, high = nested_range(key)
-    for _, nested in ipairs(redis.call('ZRANGEBYLEX', KEYS[5], low, high)) do want(nested) end
+    for _, nested in ipairs(redis.call('ZRANGEBYLEX', KEYS[5], low, high)) do
+      -- Another checkpoint's owned item is not this one's, whatever its key.
+      local owner = redis.call('ZSCORE', KEYS[7], nested)
+      if not owner or tonumber(owner) == tonumber(found[3]) then want(nested) end
+    end
   end
 end
 for first = 1, #keys, 256 do

@@ -450,7 +450,7 @@ class MemoryStore(ExpiryCleanup):
             for key in dict.fromkeys(record.refs):
                 for nested in _nested_keys(space, key):
                     item = space.live(nested, now)
-                    if item is not None:
+                    if item is not None and item.owner in (None, record.sequence):
                         items[nested] = item.value
         return record, status, items
 
@@ -768,7 +768,8 @@ def _check_owned_items(items: Sequence[Item], owner: int) -> None:
 def _release(space: _Items, record: StoredCheckpoint) -> None:
     """A checkpoint leaves: its owned items go, and the shared items it was the last to name
     with what is nested under them (also under a key whose item an owner or ``delete_items``
-    took), except what a held checkpoint still names or is nested under a key one names."""
+    took), except what a held checkpoint still names or is nested under a key one names, and
+    what another checkpoint owns (it goes with its owner)."""
     for key in list(space.owned.pop(record.sequence, ())):
         _drop_item(space, key)
     for key in dict.fromkeys(record.refs):
@@ -783,7 +784,7 @@ def _release(space: _Items, record: StoredCheckpoint) -> None:
         if item is not None and item.owner is None:
             _drop_item(space, key)
         for nested in _nested_keys(space, key):
-            if not _named(space, nested):
+            if space.items[nested].owner is None and not _named(space, nested):
                 _drop_item(space, nested)
 
 

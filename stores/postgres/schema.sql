@@ -2331,7 +2331,7 @@ BEGIN
                                      WHERE get_byte(i.key, c.n - 1) = 47));
             DELETE FROM "public"."fc_items" i USING unnest(v_zeroed) n(k)
              WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
-               AND i.key < n.k || '0'::bytea
+               AND i.key < n.k || '0'::bytea AND i.owner IS NULL
                AND NOT EXISTS (
                    SELECT 1 FROM "public"."fc_refs" f
                     WHERE f.run_key = p_run_key
@@ -2359,6 +2359,85 @@ BEGIN
 END
 $fn$;
 
-INSERT INTO "public"."fc_migrations" (version, description) VALUES (7, 'an item a checkpoint names stays when a key it is nested under is released');
+CREATE OR REPLACE FUNCTION "public"."fc_read_with_items"(p_run_key text, p_sequence bigint,
+                                             p_now double precision)
+RETURNS TABLE (sequence bigint, checkpoint_id text, created_at double precision,
+               expires_at double precision, header bytea, payload bytea, refs bytea[],
+               status text, item_keys bytea[], item_values bytea[])
+LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    IF p_sequence IS NULL THEN
+        RETURN QUERY
+        SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
+               c.refs, CASE WHEN encode(x.run_id, 'hex') ~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$'
+           AND (h.sequence IS NULL
+                OR (h.sequence <= x.latest_sequence AND x.checkpoint_count > 0
+                    AND (h.checkpoint_id !~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$'
+                         OR split_part(h.checkpoint_id, '-', 3) = x.incarnation)
+                    AND (x.expires_at IS NULL
+                         OR (h.expires_at IS NOT NULL AND h.expires_at <= x.expires_at))))
+          THEN x.status END, w.keys, w.vals
+          FROM (SELECT * FROM "public"."fc_checkpoints" n
+                 WHERE n.run_key = p_run_key AND (n.expires_at IS NULL OR n.expires_at > p_now)
+                 ORDER BY n.sequence DESC LIMIT 1) c
+          JOIN "public"."fc_runs" x ON x.run_key = c.run_key
+        LEFT JOIN LATERAL (SELECT h.sequence, h.checkpoint_id, h.expires_at
+                             FROM "public"."fc_checkpoints" h WHERE h.run_key = x.run_key
+                            ORDER BY h.sequence DESC LIMIT 1) h ON true
+         CROSS JOIN LATERAL (
+               SELECT array_agg(w.key), array_agg(w.value) FROM (
+                   SELECT i.key, i.value FROM "public"."fc_items" i
+                    WHERE i.run_key = p_run_key
+                      AND (i.expires_at IS NULL OR i.expires_at > p_now)
+                      AND (i.owner = c.sequence OR i.key = ANY (c.refs))
+                   UNION ALL
+                   SELECT r.key, r.value
+                     FROM (SELECT DISTINCT unnest(c.refs)) n(k)
+                    CROSS JOIN LATERAL (
+                          SELECT i.key, i.value FROM "public"."fc_items" i
+                           WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
+                             AND i.key < n.k || '0'::bytea
+                             AND (i.expires_at IS NULL OR i.expires_at > p_now)
+                             AND i.owner IS NULL
+                          OFFSET 0) r) w) w(keys, vals);
+    ELSE
+        RETURN QUERY
+        SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
+               c.refs, CASE WHEN encode(x.run_id, 'hex') ~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$'
+           AND (h.sequence IS NULL
+                OR (h.sequence <= x.latest_sequence AND x.checkpoint_count > 0
+                    AND (h.checkpoint_id !~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$'
+                         OR split_part(h.checkpoint_id, '-', 3) = x.incarnation)
+                    AND (x.expires_at IS NULL
+                         OR (h.expires_at IS NOT NULL AND h.expires_at <= x.expires_at))))
+          THEN x.status END, w.keys, w.vals
+          FROM "public"."fc_checkpoints" c JOIN "public"."fc_runs" x ON x.run_key = c.run_key
+        LEFT JOIN LATERAL (SELECT h.sequence, h.checkpoint_id, h.expires_at
+                             FROM "public"."fc_checkpoints" h WHERE h.run_key = x.run_key
+                            ORDER BY h.sequence DESC LIMIT 1) h ON true
+         CROSS JOIN LATERAL (
+               SELECT array_agg(w.key), array_agg(w.value) FROM (
+                   SELECT i.key, i.value FROM "public"."fc_items" i
+                    WHERE i.run_key = p_run_key
+                      AND (i.expires_at IS NULL OR i.expires_at > p_now)
+                      AND (i.owner = c.sequence OR i.key = ANY (c.refs))
+                   UNION ALL
+                   SELECT r.key, r.value
+                     FROM (SELECT DISTINCT unnest(c.refs)) n(k)
+                    CROSS JOIN LATERAL (
+                          SELECT i.key, i.value FROM "public"."fc_items" i
+                           WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
+                             AND i.key < n.k || '0'::bytea
+                             AND (i.expires_at IS NULL OR i.expires_at > p_now)
+                             AND i.owner IS NULL
+                          OFFSET 0) r) w) w(keys, vals)
+         WHERE c.run_key = p_run_key AND c.sequence = p_sequence
+           AND (c.expires_at IS NULL OR c.expires_at > p_now);
+    END IF;
+END
+$fn$;
+
+INSERT INTO "public"."fc_migrations" (version, description) VALUES (7, 'an item a checkpoint names or owns stays when a key it is nested under is released');
 
 COMMIT;
