@@ -765,10 +765,12 @@ class SupportsNestedItems(SupportsSharedItems, Protocol):
     ``delete_items`` removes only the keys it is given; what is nested under ``K`` stays while
     ``K`` is named either way, and is never left behind. So checkpoints that all name only
     ``K`` share every item nested under it, however many there are, at the cost of one ref
-    each.
+    each. The removal of ``K``'s last holder leaves alone what another held checkpoint still
+    names (a key ``K/b`` it names itself, and what is nested under such a key) or owns: the
+    rules of that key decide, as if ``K`` were not there.
 
     ``read_with_items`` returns, with the item of each ref ``K``, every live item nested under
-    ``K``, in the same atomic read. An append naming a ``K`` that a removal took is refused
+    ``K`` but the items that other checkpoints own, in the same atomic read. An append naming a ``K`` that a removal took is refused
     (:class:`~fastcheckpoint.errors.SharedItemGone`) like any stale ref, and writes none of its
     nested items. ``scan_items(prefix=nested_prefix(K))`` pages them in key order.
 
