@@ -975,6 +975,15 @@ class _Indexed(NamedTuple):
         return is_live(self.meta.expires_at, now)
 
 
+class _Unknown(NamedTuple):
+    """An item entry whose metadata is damaged, as the item index keeps it."""
+
+    claim: _ItemMeta | None
+    """What its metadata says anyway (:class:`_DamagedItem`)."""
+    bound: int | None
+    """The latest checkpoint the log held when it was indexed (``None``: being indexed)."""
+
+
 class _ItemIndex:
     """The items of one log of a run (its log id), as of its commits up to :attr:`end`.
 
@@ -1008,6 +1017,10 @@ class _ItemIndex:
         counts (a checkpoint is in the log from the commit that adds it to the one that
         removes it, so these are the held checkpoints')."""
         self._by_entry: dict[int, str] = {}
+        self.held: set[int] = set()
+        """Sequence of each checkpoint in the log."""
+        self.unknown: dict[int, _Unknown] = {}
+        """Item entry -> an item entry whose metadata is damaged (its key and owner unknown)."""
 
     def catch_up(
         self, view: LogView, end: int, name: Callable[[int], str],
@@ -1048,11 +1061,16 @@ class _ItemIndex:
             elif key >= 0:
                 self._release(key)
                 if at is not None:
-                    self._hold(read)
+                    self._hold(key, read)
+        latest = max(self.held, default=-1)
+        for entry, unknown in self.unknown.items():
+            if unknown.bound is None:
+                self.unknown[entry] = unknown._replace(bound=latest)
         self.end = changes.end
 
-    def _hold(self, read: _Change) -> None:
+    def _hold(self, sequence: int, read: _Change) -> None:
         """Count the refs of a checkpoint record (as :func:`_read_change` read them)."""
+        self.held.add(sequence)
         if isinstance(read, CorruptCheckpointError):
             logger.warning("file store: checkpoint %s is unreadable; the shared items it names "
                            "are not counted for it: %s", read.key, _problem(read))
@@ -1065,6 +1083,7 @@ class _ItemIndex:
                 self.counts[key] = self.counts.get(key, 0) + 1
 
     def _release(self, sequence: int) -> None:
+        self.held.discard(sequence)
         for key in self.refs.pop(sequence, ()):
             count = self.counts[key] - 1
             if count:
@@ -1075,11 +1094,14 @@ class _ItemIndex:
     def _add(self, entry: int, at: Located, read: _Change, *, damaged: bool) -> None:
         """Index an item entry (its metadata as :func:`_read_change` read it)."""
         self.made = max(self.made, _FIRST_ITEM - entry + 1)
-        if isinstance(read, CorruptCheckpointError):
+        if isinstance(read, _DamagedItem):
             # Metadata that fails its checksum may name another key or owner than its own:
-            # trusted, it could shadow an intact item, so the entry is left out.
+            # trusted, it could shadow an intact item, so the entry is not indexed as one.
+            # It is kept as unknown: reads of the checkpoints it may belong to raise, and it
+            # goes once they are all gone.
             logger.warning("file store: item entry %s is unreadable; its item is lost: %s",
-                           read.key, _problem(read))
+                           read.error.key, _problem(read.error))
+            self.unknown[entry] = _Unknown(read.claim, None)
             return
         assert isinstance(read, _ItemMeta)
         meta = read
@@ -1096,6 +1118,7 @@ class _ItemIndex:
             self.owned.setdefault(meta.owner, set()).add(meta.key)
 
     def _drop(self, entry: int) -> None:
+        self.unknown.pop(entry, None)
         key = self._by_entry.pop(entry, None)
         found = None if key is None else self.items.get(key)
         if key is None or found is None or found.meta.entry != entry:
@@ -1107,6 +1130,40 @@ class _ItemIndex:
             owned.discard(key)
             if not owned:
                 del self.owned[found.meta.owner]
+
+    def _suspects(self, unknown: _Unknown) -> set[int]:
+        """The held checkpoints an unknown item entry may belong to (as an owned item, or a
+        shared one they name): those held when it was indexed (``bound``; its owner, or the
+        checkpoint that brought it, came before it), narrowed by what its metadata claims.
+        A claimed owner is taken as it reads (damage that makes it name another held
+        checkpoint goes unseen); a claimed shared item may be one of their refs not indexed,
+        or nested under one."""
+        bound = -1 if unknown.bound is None else unknown.bound
+        candidates = {sequence for sequence in self.held if sequence <= bound}
+        claim = unknown.claim
+        if claim is None:
+            return candidates
+        if claim.owner is not None:
+            return {claim.owner} if claim.owner in candidates else candidates
+
+        def may_name(ref: str) -> bool:
+            return ref not in self.items or claim.key == ref or \
+                claim.key.startswith(nested_prefix(ref))
+
+        return {sequence for sequence in candidates
+                if any(may_name(ref) for ref in self.refs.get(sequence, ()))}
+
+    def suspected(self, sequence: int) -> int | None:
+        """An unknown item entry that checkpoint ``sequence`` may hold (``None``: none)."""
+        for entry, unknown in self.unknown.items():
+            if sequence in self._suspects(unknown):
+                return entry
+        return None
+
+    def unneeded(self, removed: Collection[int]) -> list[int]:
+        """The unknown item entries that only checkpoints of ``removed`` may hold."""
+        return [entry for entry, unknown in self.unknown.items()
+                if (suspects := self._suspects(unknown)) and suspects <= set(removed)]
 
     def nested(self, key: str) -> list[str]:
         """Keys of the items nested under ``key``, ascending."""
@@ -1185,6 +1242,8 @@ class _Plan:
         self.writes: dict[str, Item] = {}
         self.removed: set[str] = set()
         """Keys of indexed items this commit removes (or replaces)."""
+        self.released: set[int] = set()
+        """Checkpoints this commit removes."""
 
     def named(self) -> list[str]:
         """The keys the checkpoints in the log name (before this commit)."""
@@ -1228,6 +1287,7 @@ class _Plan:
         under its key (also when an owner or ``delete_items`` took the item)."""
         index_owned = {} if self.index is None else self.index.owned
         wanted = set(owners)
+        self.released |= wanted
         if wanted:
             candidates = [key for owner in wanted for key in index_owned.get(owner, ())]
             candidates += [key for key, item in self.writes.items() if item.owner in wanted]
@@ -1294,6 +1354,8 @@ class _Plan:
             known[_ITEMS_MADE] = made
         removes = [self._items[key].meta.entry
                    for key in (*self.removed, *self.writes) if key in self._items]
+        if self.index is not None and self.released:
+            removes += self.index.unneeded(self.released)
         return _Entries(puts, removes, known)
 
 
@@ -1340,7 +1402,29 @@ class _CheckpointRefs(NamedTuple):
     refs: tuple[str, ...]
 
 
-_Change = int | _ItemMeta | _CheckpointRefs | CorruptCheckpointError | None
+class _DamagedItem(NamedTuple):
+    """An item entry whose metadata fails its checks."""
+
+    error: CorruptCheckpointError
+    claim: _ItemMeta | None
+    """What its metadata says anyway, when it decodes and names the entry itself (``None``
+    otherwise): a hint of whose it is, never trusted for a read."""
+
+
+def _claimed_meta(view: LogView, entry: int, at: Located) -> _ItemMeta | None:
+    """The metadata of a damaged item entry, read without its checksum."""
+    try:
+        found = view.read_sized(entry, _PEEK_BYTES, at=at)
+        if found is None or len(found.data) < _PREFIX:
+            return None
+        meta_len = _FIXED.unpack_from(found.data)[3]
+        meta = _ITEM_DECODER.decode(found.data[_PREFIX:_PREFIX + meta_len])
+    except (CorruptCheckpointError, msgspec.DecodeError):
+        return None
+    return meta if meta.entry == entry else None
+
+
+_Change = int | _ItemMeta | _CheckpointRefs | _DamagedItem | CorruptCheckpointError | None
 """What :func:`_read_change` read of a log entry for the item index."""
 
 
@@ -1354,9 +1438,12 @@ def _read_change(
         return None
     if key == _ITEMS_MADE:
         return _items_made(view, at)
-    try:
-        if key <= _FIRST_ITEM:
+    if key <= _FIRST_ITEM:
+        try:
             return _entry_meta(view, key, at, name(key))
+        except CorruptCheckpointError as exc:
+            return _DamagedItem(exc, _claimed_meta(view, key, at))
+    try:
         if key >= 0:
             return _CheckpointRefs(key, _checkpoint_refs(view, key, at, name(key)))
     except CorruptCheckpointError as exc:
@@ -3468,6 +3555,11 @@ def _items_of(files: _Dir, record: StoredCheckpoint, now: float) -> dict[str, by
     """The live items ``record`` owns, those its refs name and those nested under them: one
     bisection per ref in the item index, and one read per item."""
     def pick(index: _ItemIndex) -> list[_Indexed]:
+        unknown = index.suspected(record.sequence)
+        if unknown is not None:
+            raise CorruptCheckpointError(
+                "an item entry whose metadata is damaged may be one of this checkpoint's "
+                "items (its key and owner cannot be trusted)", key=files.record_key(unknown))
         keys = [*sorted(index.owned.get(record.sequence, ())), *record.refs]
         for ref in dict.fromkeys(record.refs):
             keys += index.nested(ref)

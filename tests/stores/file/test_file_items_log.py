@@ -536,6 +536,82 @@ async def test_an_item_entry_whose_metadata_is_unreadable_is_lost(
     assert f"item entry {record} is unreadable; its item is lost" in caplog.text
 
 
+async def _three_checkpoints_with_owned_items(store: FileStore, run: RunRecord) -> None:
+    """Checkpoints 0 and 1 (expiring at ``T0 + 10``) own items, 1 also an item written after
+    it; 2 names the shared item ``shared/a``, which 1 brought."""
+    key = key_of(run)
+    await _append(store, run, 0, items=[make_item("pending/0/a", owner=0)], expires_at=T0 + 10)
+    await _append(store, run, 1, refs=["shared/a"], expires_at=T0 + 10,
+                  items=[make_item("pending/1/a", owner=1), make_item("shared/a")])
+    await store.put_owned_items(key, [make_item("pending/1/b", owner=1)], owner=1,
+                                checkpoint_id=checkpoint_id_of(run, 1), if_absent=False, now=T0)
+    await _append(store, run, 2, refs=["shared/a"])
+
+
+async def _remove_checkpoint_1(store: FileStore, run: RunRecord, how: str) -> None:
+    if how == "prune":  # with 0; 2 keeps the shared item
+        await _append(store, run, 3, refs=["shared/a"], keep_latest=2)
+    elif how == "delete":
+        assert await store.delete(key_of(run), 1, checkpoint_id=checkpoint_id_of(run, 1))
+    else:  # with 0, both expired
+        assert (await store.purge_expired(now=T0 + 20, limit=100))[0] == 2
+
+
+@pytest.mark.parametrize("how", ["prune", "delete", "expire"])
+async def test_an_owned_item_whose_metadata_is_damaged_fails_its_owners_reads_and_goes_with_it(
+    root: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A pending write of checkpoint 1 whose key is damaged, seen by a process that indexes
+    the log after the damage: reading 1 with its items raises naming the entry (it returned
+    checkpoint 1 without it, as if complete), the other checkpoints read as before, and the
+    entry goes with its owner (it stayed in the log for good)."""
+    run = make_run("owned-meta")
+    key = key_of(run)
+    with anyio.fail_after(30):
+        await _three_checkpoints_with_owned_items(FileStore(root), run)
+        record = item_record(root, key, "pending/1/b")
+        record.flip(file_store._PREFIX + 10)  # inside its key: "pending/1/b" -> "pending/q/b"
+        _restart(monkeypatch, root, key)
+        store = FileStore(root)
+        with pytest.raises(CorruptCheckpointError, match="metadata is damaged") as caught:
+            await store.read_with_items(key, sequence=1, now=T0)
+        assert caught.value.key == str(record)
+        for sequence, items in ((0, _values("pending/0/a")), (2, _values("shared/a"))):
+            found = await store.read_with_items(key, sequence=sequence, now=T0)
+            assert found is not None
+            assert found[2] == items
+        await _remove_checkpoint_1(store, run, how)
+        assert not record.exists()
+        assert await store.get_items(key, ["shared/a"], now=T0 + 20) == _values("shared/a")
+
+
+async def test_an_item_entry_whose_metadata_is_unreadable_fails_the_reads_that_may_hold_it(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Metadata that does not decode says nothing of whose the item is: every checkpoint
+    held when the entry was indexed may own or name it, so their reads with items raise;
+    a checkpoint appended after reads; the entry goes once they have all gone."""
+    run = make_run("undecodable-meta")
+    key = key_of(run)
+    with anyio.fail_after(30):
+        await _three_checkpoints_with_owned_items(FileStore(root), run)
+        record = item_record(root, key, "shared/a")
+        record.flip(file_store._PREFIX)  # the first byte of its metadata
+        _restart(monkeypatch, root, key)
+        store = FileStore(root)
+        for sequence in range(3):
+            with pytest.raises(CorruptCheckpointError) as caught:
+                await store.read_with_items(key, sequence=sequence, now=T0)
+            assert caught.value.key == str(record)
+        await _append(store, run, 3, items=[make_item("pending/3/a", owner=3)], keep_latest=2)
+        found = await store.read_with_items(key, sequence=3, now=T0)
+        assert found is not None
+        assert found[2] == _values("pending/3/a")
+        assert record.exists()  # checkpoint 2 may still name it
+        await _append(store, run, 4, keep_latest=2)
+        assert not record.exists()
+
+
 @pytest.mark.parametrize("entry", ["run.rec", "checkpoint"])
 async def test_damage_in_the_newest_commit_idx_covers_is_not_a_torn_tail(
     root: Path, entry: str

@@ -259,7 +259,8 @@ async def test_an_item_whose_head_fails_its_checksum(
 ) -> None:
     """A process that indexed it before the damage reads it as damaged; one that indexes the
     log after it leaves it out with a warning (its key cannot be trusted) and never takes it
-    for another key's item; both read the other items, and its key is free for writers."""
+    for another key's item, but reads of the checkpoint that owns it raise; both read the
+    other items, and its key is free for writers."""
     run = make_run("damaged-head")
     key = key_of(run)
     caplog.set_level(logging.WARNING, logger=LOGGER)
@@ -284,9 +285,9 @@ async def test_an_item_whose_head_fails_its_checksum(
             assert await store.get_items(key, ["b", "w/0/a", "w/p/a"], now=T0) == \
                 _values("b", "w/p/a")
             assert f"item entry {record} is unreadable; its item is lost" in caplog.text
-            found = await store.read_with_items(key, sequence=0, now=T0)
-            assert found is not None
-            assert found[2] == {}
+            with pytest.raises(CorruptCheckpointError) as caught:  # its owner, as it claims
+                await store.read_with_items(key, sequence=0, now=T0)
+            assert caught.value.key == str(record)
             assert await store.scan_items(key, now=T0) == list(_values("b", "w/p/a").items())
             await store.put_items(key, [make_item("w/0/a", b"new")], create_only=True, now=T0)
             assert await store.get_items(key, ["w/0/a"], now=T0) == {"w/0/a": b"new"}
