@@ -127,6 +127,8 @@ _DELETE_ZERO_REF = "DELETE FROM fc_item_refs WHERE run_key = ? AND key = ? AND h
 _CLAMP_REF = "UPDATE fc_item_refs SET holders = 0 WHERE run_key = ? AND key = ? AND holders < 0"
 _RUN_REFS = "SELECT refs FROM fc_checkpoints WHERE run_key = ? AND refs IS NOT NULL"
 _RUN_REF_COUNTS = "SELECT key, holders FROM fc_item_refs WHERE run_key = ?"
+_COUNTS_REFS = "SELECT 1 FROM fc_item_refs WHERE run_key = ? LIMIT 1"
+_IMMORTAL = "SELECT count(*) FROM fc_checkpoints WHERE run_key = ? AND expires_at IS NULL"
 _SET_REF = (
     "INSERT INTO fc_item_refs (run_key, key, holders) VALUES (?, ?, ?) "
     "ON CONFLICT (run_key, key) DO UPDATE SET holders = excluded.holders"
@@ -502,7 +504,7 @@ def _drop_refs(db: sqlite3.Connection, run_key: str, encoded: Iterable[str]) -> 
     keys = [(run_key, key) for key in counts]
     below_zero = db.executemany(_CLAMP_REF, keys).rowcount
     if counted != len(counts) or below_zero or any("\ufffd" in text for text in texts):
-        _recount(db, run_key)
+        _recount(db, run_key, damaged=True)
         return
     _free_unnamed(db, keys)
 
@@ -515,24 +517,24 @@ def _free_unnamed(db: sqlite3.Connection, keys: Sequence[tuple[str, str]]) -> No
     db.executemany(_DELETE_ZERO_REF, keys)
 
 
-def _recount(db: sqlite3.Connection, run_key: str) -> None:
+def _recount(db: sqlite3.Connection, run_key: str, *, damaged: bool) -> None:
     """Set the run's reference counts to what the checkpoints it holds name, and remove the
     items no held checkpoint names any more. Reads the refs of every checkpoint of the run
-    (O(n)): only after damage was found. A key still named keeps its item, whatever the
+    (O(n)): only after damage was found, or may have been (``damaged``: it was; else it is
+    logged only if the counts were wrong). A key still named keeps its item, whatever the
     counts said; a count that only damaged refs held goes, with its item."""
     named = collections.Counter(
         key for text, in db.execute(_RUN_REFS, (run_key,)) for key in dict.fromkeys(split(text)))
     counted = dict(db.execute(_RUN_REF_COUNTS, (run_key,)).fetchall())
-    logger.warning(
-        "the refs of a checkpoint removed from run key %s contradict the run's reference "
-        "counts (damaged after they were written); counts taken again from the %d key(s) its "
-        "checkpoints name", run_key, len(named))
     unnamed = [key for key in counted if key not in named]
-    db.executemany(_SET_REF, [
-        *((run_key, key, holders) for key, holders in named.items()
-          if counted.get(key) != holders),
-        *((run_key, key, 0) for key in unnamed),
-    ])
+    wrong = [(run_key, key, holders) for key, holders in named.items()
+             if counted.get(key) != holders]
+    if damaged or wrong or unnamed:
+        logger.warning(
+            "the refs of a checkpoint removed from run key %s contradict the run's reference "
+            "counts (damaged after they were written); counts taken again from the %d key(s) "
+            "its checkpoints name", run_key, len(named))
+    db.executemany(_SET_REF, [*wrong, *((run_key, key, 0) for key in unnamed)])
     _free_unnamed(db, [(run_key, key) for key in unnamed])
 
 
@@ -564,9 +566,24 @@ def remove(
     else:
         db.executemany(_DELETE_CHECKPOINT, [(run_key, row[0]) for row in rows])
     encoded = [row[2] for row in rows if row[2] is not None]
-    if encoded:
+    if len(encoded) < len(rows) and db.execute(_COUNTS_REFS, (run_key,)).fetchone():
+        # A checkpoint without refs in a run that counts some: its refs may have been
+        # overwritten with NULL, so what it named is unknown (its counts would never go).
+        _recount(db, run_key, damaged=False)
+    elif encoded:
         _drop_refs(db, run_key, encoded)
     return Removed(len(rows), sum(1 for row in rows if row[1] is None))
+
+
+def immortal_left(db: sqlite3.Connection, run_key: str, immortal: int) -> int:
+    """The run's count of never-expiring checkpoints, ``immortal`` as the run row and the
+    removed rows make it; counted again when it goes below zero (a removed checkpoint's
+    ``expires_at`` was overwritten with NULL: it was counted as expiring)."""
+    if immortal >= 0:
+        return immortal
+    logger.warning("a checkpoint removed from run key %s had lost its expiry (damaged after "
+                   "it was written); its never-expiring checkpoints are counted again", run_key)
+    return int(db.execute(_IMMORTAL, (run_key,)).fetchone()[0])
 
 
 def prune(

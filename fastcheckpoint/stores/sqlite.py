@@ -821,7 +821,7 @@ class SQLiteStore(ExpiryCleanup):
         due = steps.earliest(head.due, record.expires_at)
         removed = steps.prune(db, run_key, held=held, due=due, keep_latest=keep_latest, now=now)
         held -= removed.checkpoints
-        immortal -= removed.immortal
+        immortal = steps.immortal_left(db, run_key, immortal - removed.immortal)
         if removed.mortal or (removed.checkpoints and not immortal):
             expires_at, due = steps.holdings(db, run_key, immortal)
         if head.new:
@@ -972,7 +972,7 @@ class SQLiteStore(ExpiryCleanup):
             if found is None or found[3] != checkpoint_id:
                 return False
             removed = steps.remove(db, run_key, [found])
-            immortal = head.immortal - removed.immortal
+            immortal = steps.immortal_left(db, run_key, head.immortal - removed.immortal)
             expires_at, due = steps.holdings(db, run_key, immortal)
             db.execute(steps.UPDATE_HOLDINGS,
                        (head.held - 1, immortal, expires_at, due, run_key))

@@ -1393,7 +1393,7 @@ async def _check_survivors(database: Path, run_id: str, acknowledged: list[int],
 # -- damaged refs -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("damage", ["garbage", "empty text", "not UTF-8"])
+@pytest.mark.parametrize("damage", ["garbage", "empty text", "not UTF-8", "NULL"])
 async def test_removing_a_checkpoint_whose_refs_were_damaged_frees_what_no_checkpoint_names(
     store: SQLiteStore, caplog: pytest.LogCaptureFixture, damage: str,
 ) -> None:
@@ -1416,7 +1416,8 @@ async def test_removing_a_checkpoint_whose_refs_were_damaged_frees_what_no_check
             with pytest.raises(CorruptCheckpointError):
                 await store.read_with_items(key, sequence=0, now=T0)
         else:
-            refs = "no such key" if damage == "garbage" else ""  # "": one key, the empty one
+            # "": one key, the empty one; NULL: no refs, as a checkpoint that names none
+            refs = {"garbage": "no such key", "empty text": "", "NULL": None}[damage]
             await anyio.to_thread.run_sync(
                 _query, store.path, "UPDATE fc_checkpoints SET refs = ? "
                 "WHERE run_key = ? AND sequence = 0", refs, key)
@@ -1429,3 +1430,32 @@ async def test_removing_a_checkpoint_whose_refs_were_damaged_frees_what_no_check
     assert found[2] == {"B": b"value-B", "B/1": b"value-B/1"}
     assert [item for item, _ in left] == ["B", "B/1"]
     assert "contradict the run's reference counts" in caplog.text
+
+
+async def test_removing_a_checkpoint_whose_expiry_was_erased_leaves_the_run_writable(
+    store: SQLiteStore, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Checkpoint 0 expires, then its ``expires_at`` is overwritten with NULL: pruning it
+    counted it as a never-expiring checkpoint the run row did not count, so the count went
+    below zero and every append that pruned it failed (the row's CHECK); now it is counted
+    again, and the run expires with its checkpoints."""
+    run = make_run("erased expiry", expires_at=T0 + 10)
+    key = key_of(run)
+    with anyio.fail_after(30):
+        for sequence in range(3):
+            await store.append(key, make_checkpoint(run, sequence, expires_at=T0 + 10),
+                               run=run, keep_latest=None, now=T0)
+        await anyio.to_thread.run_sync(
+            _query, store.path, "UPDATE fc_checkpoints SET expires_at = NULL "
+            "WHERE run_key = ? AND sequence = 0", key)
+        await store.append(key, make_checkpoint(run, 3, expires_at=T0 + 10), run=run,
+                           keep_latest=2, now=T0)
+        held = await store.get_run(key, now=T0)
+        assert await store.delete(key, 2, checkpoint_id=checkpoint_id_of(run, 2))
+        assert await store.purge_expired(now=T0 + 20, limit=100) == (1, True)
+        rows = await anyio.to_thread.run_sync(
+            _query, store.path, "SELECT count(*) FROM fc_checkpoints WHERE run_key = ?", key)
+    assert held is not None
+    assert (held.latest_sequence, held.checkpoint_count, held.expires_at) == (3, 2, T0 + 10)
+    assert rows == [(0,)]
+    assert "had lost its expiry" in caplog.text
