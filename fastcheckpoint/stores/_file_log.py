@@ -624,6 +624,10 @@ class LogView:
         entry went (``None``: removed)."""
         self._written: dict[int, bytes] = {}
         """The data of their entries, by where each entry is: read from here, not the file."""
+        self.expected: Callable[[int], bool] | None = None
+        """Whether the log holds a key, as far as what the reader read from it so far (its
+        run record) tells: a zeroed slot of such a key is damage to ``idx`` (a page of it
+        zeroed), not a key without an entry. Forgotten once the view moves on."""
 
     @property
     def end(self) -> int:
@@ -687,7 +691,7 @@ class LogView:
             # Past the end of idx: no entry, unless idx was cut short (its header tells).
             return _BAD if offset + _SLOT.size <= self.index.length else None
         if raw == bytes(_SLOT.size):
-            return None
+            return _BAD if self.expected is not None and self.expected(key) else None
         stored, size, crc = _SLOT.unpack(raw)
         if zlib.crc32(_SLOT_CRC.pack(key, stored, size)) != crc or stored == 0:
             return _BAD
@@ -704,6 +708,7 @@ class LogView:
         size = os.fstat(self.fd).st_size  # after idx: a commit idx covers is in the log
         if index is None or index.end > size:
             return False
+        self.expected = None
         self.index, self.size = index, size
         self.tail = _scan(self.fd, index.end, size, self.seed)
         return True
@@ -808,6 +813,7 @@ class LogView:
         """``idx`` now covers every commit up to ``end`` (its writer updated it in place,
         through the file this view reads), with ``live`` bytes live, and is ``length`` long."""
         assert self.index is not None
+        self.expected = None
         self.index = self.index._replace(end=end, live=live, length=length)
         self.tail = _Scan({}, end, {}, 0, False)
 

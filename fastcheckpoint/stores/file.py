@@ -464,6 +464,18 @@ class _Ledger:
         )
 
 
+def _known_held(state: _RunState, sequence: int) -> bool:
+    """Whether ``run.rec`` (``state``) tells that the log holds checkpoint ``sequence``: one
+    it lists as expiring, or any of its range when the count of held checkpoints fills it
+    (none was deleted inside it). Asked only of a slot of ``idx`` found zeroed: O(held)."""
+    run = state.run
+    if run is None or not state.low <= sequence <= run.latest_sequence:
+        return False
+    if state.immortal + len(state.expiring) == run.latest_sequence - state.low + 1:
+        return True
+    return any(held == sequence for _, held in state.expiring)
+
+
 def _held_expiry(immortal: int, expiring: Sequence[tuple[float, int]]) -> float | None:
     """A run's expiry from what it holds: never while one never expires, else the latest."""
     if immortal:
@@ -843,11 +855,17 @@ class _Dir:
                 view.close()
 
     def state(self) -> _RunState | None:
-        """``run.rec``."""
+        """``run.rec``; the log read through this directory from then on takes the
+        checkpoints it knows to be held for present (:attr:`LogView.expected`)."""
         frame = self.record(RUN, _RUN_MAGIC, whole=False)
         if frame is None:
             return None
-        return _decode(_STATE_DECODER, frame.meta, self.record_key(RUN))
+        state = _decode(_STATE_DECODER, frame.meta, self.record_key(RUN))
+        held = _HELD.by_path.get(self.path) if self.fd is None else None
+        view = self._view if held is None else held.view()
+        if view is not None:
+            view.expected = functools.partial(_known_held, state)
+        return state
 
     def _checkpoint_frame(
         self, sequence: int, now: float, *, whole: bool, include_expired: bool

@@ -36,7 +36,7 @@ from fastcheckpoint.testing import (
     make_run,
     without_key,
 )
-from tests._file_records import LogRecord, checkpoint_record, run_record
+from tests._file_records import LogRecord, checkpoint_record, new_boot, run_record
 from tests._helpers import FakeClock, make_config
 
 pytestmark = pytest.mark.anyio
@@ -725,3 +725,49 @@ async def test_an_old_expired_record_whose_successor_was_pruned_discards_nothing
         await _append(store, seed, 6, now=T0 + 20, keep_latest=3)
         found, _ = await store.headers(key, before=None, limit=10, now=T0 + 20)
         assert [header.sequence for header in found] == [6, 5, 4]
+
+
+def _zero_page(path: Path, page: int) -> None:
+    with open(path, "r+b") as file:
+        file.seek(page * 4096)
+        file.write(bytes(4096))
+
+
+@pytest.mark.parametrize("held", ["never expire", "expire, one deleted"])
+@pytest.mark.parametrize("reboot", [False, True])
+async def test_a_zeroed_page_of_idx_hides_no_checkpoint(
+    root: Path, store: FileStore, monkeypatch: pytest.MonkeyPatch, held: str, reboot: bool
+) -> None:
+    """The second 4 KiB page of ``idx`` (the slots of checkpoints 126 to 253) filled with
+    zeros, as a power loss leaves pages on some file systems (``idx`` of an earlier boot is
+    not used), or damage in this boot: a zeroed slot of a checkpoint ``run.rec`` knows to be
+    held is damage to ``idx``, never a deleted checkpoint. Every checkpoint reads, the newest
+    is restored, listings hold them all, and the next create continues after them; repair
+    and cleanup find nothing to do. In this boot they read as absent (``latest`` gave 125)."""
+    seed = make_run("zeroed-idx")
+    key = key_of(seed)
+    expires_at = None if held == "never expire" else T0 + 100
+    with anyio.fail_after(60):
+        for sequence in range(200):
+            await _append(store, seed, sequence, expires_at=expires_at)
+        kept = set(range(200))
+        if expires_at is not None:
+            assert await store.delete(key, 150, checkpoint_id=checkpoint_id_of(seed, 150))
+            kept.remove(150)
+        _zero_page(root / "runs" / key / "idx", 1)
+        if reboot:
+            new_boot(monkeypatch)
+        fresh = FileStore(root)
+        read = {sequence for sequence in range(200)
+                if await fresh.get(key, sequence, now=T0) is not None}
+        latest = await fresh.latest(key, now=T0)
+        listed, _ = await fresh.headers(key, before=None, limit=300, now=T0)
+        assert await fresh.damaged_runs(now=T0) == []
+        assert await fresh.purge_expired(now=T0, limit=100) == (0, True)
+        await _append(fresh, seed, 200, expires_at=expires_at)
+        found = await fresh.get(key, 199, now=T0)
+    assert read == kept
+    assert latest is not None
+    assert latest[0].sequence == 199
+    assert {header.sequence for header in listed} == kept
+    assert found is not None
