@@ -3419,7 +3419,11 @@ class FileStore(ExpiryCleanup):
             if keep is not None and keep.run is not None:
                 return None
             problem = "run.rec is missing" if keep is None else "run.rec holds no run record"
-        heads = self._log_heads(run_key, files, keep)
+        try:
+            heads = self._log_heads(run_key, files, keep)
+        except CorruptCheckpointError as exc:  # the log itself (its header) is unreadable
+            return RunDamage(run_key=run_key, key=exc.key, problem=_problem(exc), checkpoints=0,
+                             newest=None)
         if not heads and (keep is not None or not files.has_record(RUN)):
             return None  # a run of items only, or no run at all
         return RunDamage(

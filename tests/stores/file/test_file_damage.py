@@ -316,6 +316,36 @@ async def test_manager_restores_all_ten_and_repairs(root: Path) -> None:
         assert (info.latest_sequence, info.checkpoint_count) == (10, 11)
 
 
+async def test_a_log_whose_header_is_damaged_stops_no_repair_of_the_other_runs(
+    root: Path,
+) -> None:
+    """One run's log header fails its checksum (its records cannot be read at all): the store
+    wide repair reports it, unrecoverable, and rebuilds another run's damaged record. The
+    listing of damaged runs raised ``CorruptCheckpointError`` for that one run, so no run of
+    the store could be repaired."""
+    clock = FakeClock()
+    manager = CheckpointManager(FileStore(root), make_config(clock))
+    with anyio.fail_after(30):
+        for run_id in ("unreadable", "repairable"):
+            await manager.create(run_id, {"step": 0})
+        log = root / "runs" / key_of(make_run("unreadable")) / "log"
+        _flip_byte(log, 20)  # inside the log id
+        _damage(run_record(root, key_of(make_run("repairable"))))
+        reports = {report.outcome: report for report in await manager.repair()}
+    assert set(reports) == {"rebuilt", "unrecoverable"}
+    assert reports["rebuilt"].run_id == "repairable"
+    assert (reports["unrecoverable"].key, reports["unrecoverable"].checkpoints) == (str(log), 0)
+    assert "header checksum mismatch" in reports["unrecoverable"].problem
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)[0]
+        file.seek(offset)
+        file.write(bytes([byte ^ 0x40]))
+
+
 async def test_missing_run_record_is_damage_not_an_empty_run(
     root: Path, store: FileStore, caplog: pytest.LogCaptureFixture
 ) -> None:
