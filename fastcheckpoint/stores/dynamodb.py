@@ -119,7 +119,7 @@ from fastcheckpoint.stores._dynamodb_provision import (
     provision_blob_bucket,
     provision_table,
 )
-from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop
+from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop, holds_clients
 from fastcheckpoint.stores._s3_io import Bucket
 
 if TYPE_CHECKING:
@@ -714,6 +714,7 @@ class DynamoDBStore(ExpiryCleanup):
 
     # -- provisioning ---------------------------------------------------------------------
 
+    @holds_clients
     async def provision(self) -> list[str]:
         """Create what this store needs, idempotently (``fastcheckpoint init URL``): the table
         (on-demand, the three indexes, TTL on ``ttl``) and, with a bucket, the bucket
@@ -875,6 +876,7 @@ class DynamoDBStore(ExpiryCleanup):
 
     # -- checkpoint log: append -------------------------------------------------------------
 
+    @holds_clients
     async def append(
         self,
         run_key: str,
@@ -887,6 +889,7 @@ class DynamoDBStore(ExpiryCleanup):
         check_append(record, run)
         return await self._append_checked(run_key, record, run, keep_latest, now, None)
 
+    @holds_clients
     async def append_with_items(
         self,
         run_key: str,
@@ -1672,6 +1675,7 @@ class DynamoDBStore(ExpiryCleanup):
             return _Reading.of(state)
         return None
 
+    @holds_clients
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
@@ -1760,6 +1764,7 @@ class DynamoDBStore(ExpiryCleanup):
             refs=refs,
         )
 
+    @holds_clients
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
         check_run_key(run_key)
         # The run item and the newest checkpoint, one Query: all a restore needs.
@@ -1781,6 +1786,7 @@ class DynamoDBStore(ExpiryCleanup):
             )
         return reading.status_of(sequence)
 
+    @holds_clients
     async def headers(
         self,
         run_key: str,
@@ -1890,6 +1896,7 @@ class DynamoDBStore(ExpiryCleanup):
 
     # -- checkpoint log: removal ------------------------------------------------------------
 
+    @holds_clients
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
         check_run_key(run_key)
         parsed = _ids.parse_checkpoint_id(checkpoint_id)
@@ -1976,6 +1983,7 @@ class DynamoDBStore(ExpiryCleanup):
         found = await gather([functools.partial(entry, sequence) for sequence in sequences])
         return [held for held in found if held is not None]
 
+    @holds_clients
     async def delete_run(self, run_key: str) -> int:
         check_run_key(run_key)
         # Many requests: a cancellation waits for them all (settled), so a cancelled call
@@ -2038,11 +2046,13 @@ class DynamoDBStore(ExpiryCleanup):
 
     # -- runs -----------------------------------------------------------------------------
 
+    @holds_clients
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
         check_run_key(run_key)
         state = await self._read_state(run_key)
         return state.record if state is not None and state.live(now) else None
 
+    @holds_clients
     async def update_run(
         self,
         run_key: str,
@@ -2119,6 +2129,7 @@ class DynamoDBStore(ExpiryCleanup):
         self._remember(run_key, state)
         return state.record
 
+    @holds_clients
     async def list_runs(
         self, *, status: str | None, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
@@ -2175,6 +2186,7 @@ class DynamoDBStore(ExpiryCleanup):
             return layout.BY_CREATED, "gall", f"runs#{shard}"
         return layout.BY_STATUS, "gst", f"{status}#{shard}"
 
+    @holds_clients
     async def count_runs(self, *, status: str | None, now: float) -> int:
         async def shard_count(shard: int) -> int:
             names = _Names()
@@ -2199,6 +2211,7 @@ class DynamoDBStore(ExpiryCleanup):
 
     # -- items ----------------------------------------------------------------------------
 
+    @holds_clients
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
@@ -2310,6 +2323,7 @@ class DynamoDBStore(ExpiryCleanup):
             for operations in done for operation in operations if "Put" in operation
         ])
 
+    @holds_clients
     async def get_items(
         self, run_key: str, keys: Sequence[str], *, now: float
     ) -> dict[str, bytes]:
@@ -2391,6 +2405,7 @@ class DynamoDBStore(ExpiryCleanup):
             result[key] = got[0]
         return {key: result[key] for key in records}
 
+    @holds_clients
     async def scan_items(
         self,
         run_key: str,
@@ -2441,6 +2456,7 @@ class DynamoDBStore(ExpiryCleanup):
         values = await self._values_of(run_key, await self._follow_anchors(run_key, found, now))
         return list(values.items())
 
+    @holds_clients
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
         check_run_key(run_key)
         pk = layout.partition(run_key)
@@ -2482,6 +2498,7 @@ class DynamoDBStore(ExpiryCleanup):
 
     # -- shared items (SupportsSharedItems) --------------------------------------------------
 
+    @holds_clients
     async def put_owned_items(
         self,
         run_key: str,
@@ -2597,6 +2614,7 @@ class DynamoDBStore(ExpiryCleanup):
         while len(self._families) > _CACHE_SIZE:
             self._families.popitem(last=False)
 
+    @holds_clients
     async def read_with_items(
         self, run_key: str, *, sequence: int | None, now: float
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
@@ -2859,6 +2877,7 @@ class DynamoDBStore(ExpiryCleanup):
 
     # -- labels (SupportsLabels) ----------------------------------------------------------------
 
+    @holds_clients
     async def runs_with_label(
         self, label: str, *, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
@@ -2935,6 +2954,7 @@ class DynamoDBStore(ExpiryCleanup):
 
     # -- maintenance ----------------------------------------------------------------------
 
+    @holds_clients
     async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
         limit = max(1, limit)
         pages = await gather(
@@ -3376,6 +3396,7 @@ class DynamoDBStore(ExpiryCleanup):
 
     # -- repair -----------------------------------------------------------------------------
 
+    @holds_clients
     async def damaged_runs(
         self, *, run_key: str | None = None, now: float
     ) -> list[RunDamage]:
@@ -3480,6 +3501,7 @@ class DynamoDBStore(ExpiryCleanup):
         newest = intact[-1][0]
         return [item for incarnation, item in intact if incarnation == newest]
 
+    @holds_clients
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
         check_run_key(run_key)
         run_item = await self._raw_run_item(run_key)

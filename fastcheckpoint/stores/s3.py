@@ -101,7 +101,7 @@ from fastcheckpoint.stores._base import (
     latest_expiry,
     nesting_under,
 )
-from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop
+from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop, holds_clients
 from fastcheckpoint.stores._s3_io import (
     PAGE,
     UNCHANGED,
@@ -686,6 +686,7 @@ class S3Store(ExpiryCleanup):
 
     # -- provisioning -----------------------------------------------------------------------
 
+    @holds_clients
     async def provision(self, *, backstop_days: int | None = None) -> list[str]:
         """Create what is missing: the bucket, versioning, AES256 default encryption (a
         bucket's own default encryption is kept) and the lifecycle rules of
@@ -881,6 +882,7 @@ class S3Store(ExpiryCleanup):
 
     # -- checkpoint log -------------------------------------------------------------------------
 
+    @holds_clients
     async def append(
         self,
         run_key: str,
@@ -892,6 +894,7 @@ class S3Store(ExpiryCleanup):
     ) -> str:
         return await self._append(run_key, record, run, keep_latest, now, ())
 
+    @holds_clients
     async def append_with_items(
         self,
         run_key: str,
@@ -1691,6 +1694,7 @@ class S3Store(ExpiryCleanup):
         keys += listed.stray
         return keys + _owned_of(run_key, cached, gone, newest), kept
 
+    @holds_clients
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
@@ -1729,6 +1733,7 @@ class S3Store(ExpiryCleanup):
             return self._accept(io, run_key, sequence, found, head, now)
         return self._accept(io, run_key, sequence, found, state[0], now)
 
+    @holds_clients
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
         check_run_key(run_key)
         io = await self._objects()
@@ -1815,6 +1820,7 @@ class S3Store(ExpiryCleanup):
 
     # -- checkpoints with their items ------------------------------------------------------------
 
+    @holds_clients
     async def read_with_items(
         self, run_key: str, *, sequence: int | None, now: float
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
@@ -1903,6 +1909,7 @@ class S3Store(ExpiryCleanup):
                 values[key] = stored[0].value
         return values
 
+    @holds_clients
     async def put_owned_items(
         self,
         run_key: str,
@@ -1988,6 +1995,7 @@ class S3Store(ExpiryCleanup):
             return None
         return marker
 
+    @holds_clients
     async def headers(
         self,
         run_key: str,
@@ -2078,6 +2086,7 @@ class S3Store(ExpiryCleanup):
             header=header,
         )
 
+    @holds_clients
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
         check_run_key(run_key)
         if not layout.valid_sequence(sequence):
@@ -2147,6 +2156,7 @@ class S3Store(ExpiryCleanup):
                                   sequence=view.sequence)
         return found[1] if slot.tombstone and slot.token == token else None
 
+    @holds_clients
     async def delete_run(self, run_key: str) -> int:
         check_run_key(run_key)
         io = await self._objects()
@@ -2175,6 +2185,7 @@ class S3Store(ExpiryCleanup):
 
     # -- runs ---------------------------------------------------------------------------------
 
+    @holds_clients
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
         check_run_key(run_key)
         io = await self._objects()
@@ -2184,6 +2195,7 @@ class S3Store(ExpiryCleanup):
         self._adopt(run_key, current, 0)
         return current.record() if current.live(now) else None
 
+    @holds_clients
     async def update_run(
         self,
         run_key: str,
@@ -2266,6 +2278,7 @@ class S3Store(ExpiryCleanup):
             return found[1]
         return None
 
+    @holds_clients
     async def list_runs(
         self, *, status: str | None, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
@@ -2275,6 +2288,7 @@ class S3Store(ExpiryCleanup):
         return await self._page_index(io, layout.index_prefix(status), status, limit, cursor,
                                       now)
 
+    @holds_clients
     async def runs_with_label(
         self, label: str, *, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
@@ -2350,6 +2364,7 @@ class S3Store(ExpiryCleanup):
                                len(stale), io.where(prefix), exc_info=True)
         return records
 
+    @holds_clients
     async def count_runs(self, *, status: str | None, now: float) -> int:
         if status is not None:
             layout.check_status(status)
@@ -2361,6 +2376,7 @@ class S3Store(ExpiryCleanup):
 
     # -- repair ---------------------------------------------------------------------------------
 
+    @holds_clients
     async def damaged_runs(
         self, *, run_key: str | None = None, now: float
     ) -> list[RunDamage]:
@@ -2394,6 +2410,7 @@ class S3Store(ExpiryCleanup):
             newest=newest,
         )
 
+    @holds_clients
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
         check_run_key(run_key)
         status = layout.check_status(seed.status)
@@ -2432,6 +2449,7 @@ class S3Store(ExpiryCleanup):
 
     # -- items ----------------------------------------------------------------------------------
 
+    @holds_clients
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
@@ -2526,6 +2544,7 @@ class S3Store(ExpiryCleanup):
         return await gather([functools.partial(io.get, layout.item_object(run_key, hex_key))
                              for hex_key in hex_keys])
 
+    @holds_clients
     async def get_items(
         self, run_key: str, keys: Sequence[str], *, now: float
     ) -> dict[str, bytes]:
@@ -2551,6 +2570,7 @@ class S3Store(ExpiryCleanup):
 
         return await gather([functools.partial(read, hex_key) for hex_key in hex_keys])
 
+    @holds_clients
     async def scan_items(
         self,
         run_key: str,
@@ -2593,6 +2613,7 @@ class S3Store(ExpiryCleanup):
                 break
         return result
 
+    @holds_clients
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
         check_run_key(run_key)
         wanted = list({layout.hex_item_key(key): None for key in keys})
@@ -2617,6 +2638,7 @@ class S3Store(ExpiryCleanup):
 
     # -- maintenance ----------------------------------------------------------------------------
 
+    @holds_clients
     async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
         io = await self._objects()
         removed = 0

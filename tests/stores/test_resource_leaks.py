@@ -26,8 +26,10 @@ import redis.asyncio as aioredis
 
 from fastcheckpoint import Checkpoint, CheckpointManager
 from fastcheckpoint.errors import ConfigurationError, StoreError
+from fastcheckpoint.stores import _loops
 from fastcheckpoint.stores import file as file_store
 from fastcheckpoint.stores import redis as redis_store
+from fastcheckpoint.stores._loops import PerLoop, holds_clients
 from fastcheckpoint.stores.dynamodb import DynamoDBStore
 from fastcheckpoint.stores.file import FileStore
 from fastcheckpoint.stores.redis import RedisStore
@@ -189,6 +191,37 @@ def test_a_malformed_endpoint_url_is_refused_when_the_store_is_built(endpoint: s
     for build in builds:
         with pytest.raises(ConfigurationError, match="endpoint_url"):
             build()
+
+
+def test_a_call_whose_tasks_get_the_client_at_once_holds_it_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Tasks of one call (gather) that each got the client first took it once each, but the
+    # call let go of it once: aclose() then waited for a call long returned.
+    monkeypatch.setattr(_loops, "CLOSE_WAIT_S", 0.01)
+    closed: list[str] = []
+
+    async def build() -> str:
+        await asyncio.sleep(0)
+        return "client"
+
+    async def close(resource: str) -> None:
+        closed.append(resource)
+
+    clients: PerLoop[str] = PerLoop(build, close, store="TestStore", driver="a driver")
+
+    @holds_clients
+    async def call() -> list[str]:
+        return list(await asyncio.gather(clients.get(), clients.get(), clients.get()))
+
+    async def main() -> list[str]:
+        got = await call()
+        await clients.aclose()
+        return got
+
+    assert asyncio.run(main()) == ["client"] * 3
+    assert closed == ["client"]
+    assert "calls still use" not in caplog.text
 
 
 # -- SQLite ---------------------------------------------------------------------------------------
