@@ -2081,12 +2081,13 @@ class DynamoDBStore(ExpiryCleanup):
             # revision: the run item is the authority for the newest sequence.
             condition += f" AND {names('ls')} = {names.value(_n(guard))}"
         token = secrets.token_hex(8)
+        # ``wt`` is left to the creates, appends and deletes: a delete whose reply was lost
+        # recognises its resend by it (it has no other), also after this change.
         update = (
             f"SET {names('st')} = {names.value(_s(status))}, "
             f"{names('dat')} = {names.value(_b(data))}, "
             f"{names('ver')} = {names.value(_n(version + 1))}, "
             f"{names('ua')} = {names.value(_n(now))}, "
-            f"{names('wt')} = {names.value(_s(token))}, "
             f"{names('uwt')} = {names.value(_s(token))}, "
             f"{names('gst')} = {names.value(_s(f'{status}#{shard}'))} "
             f"ADD {names('rev')} {names.value(_n(1))}"

@@ -807,3 +807,35 @@ async def test_a_failed_append_cancelled_by_anyio_undoes_its_blobs_and_its_count
         scope.cancel()
         await store._forget_append("run", additions, dynamodb._Outcome())
     assert (blobs.deleted, lowered) == (["blob"], [2])
+
+
+async def test_a_delete_whose_reply_was_lost_before_a_status_change_is_reported_applied(
+    provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    """The delete lands, another process changes the run's status, then the driver sends the
+    delete again: refused (the run item changed, the checkpoint is gone), it must still be
+    recognised as this delete's, applied."""
+    seed = make_run("lost-delete-then-status")
+    key = key_of(seed)
+    async with opened(provisioned, aws_names, retry=QUICK) as store, opened(
+        provisioned, aws_names, prefix=store.prefix
+    ) as other:
+        with anyio.fail_after(DEADLINE):
+            for sequence in range(2):
+                await store.append(key, make_checkpoint(seed, sequence), run=seed,
+                                   keep_latest=None, now=T0)
+
+            async def a_status_change() -> None:  # lands between our delete and its resend
+                await other.update_run(key, incarnation=seed.incarnation, version=0,
+                                       status="paused", data=b"ask", now=T0)
+
+            ddb, _ = await store.clients()
+            with _LoseFirstReply(ddb, "TransactWriteItems", a_status_change) as fault:
+                deleted = await store.delete(key, 0, checkpoint_id=checkpoint_id_of(seed, 0))
+            assert fault.lost == 1
+            assert deleted
+            found, status = await store.headers(key, before=None, limit=10, now=T0)
+            assert ([header.sequence for header in found], status) == ([1], "paused")
+            run = await other.get_run(key, now=T0)
+            assert run is not None
+            assert (run.status, run.version, run.checkpoint_count) == ("paused", 1, 1)
