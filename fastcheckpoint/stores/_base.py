@@ -770,9 +770,10 @@ class SupportsNestedItems(SupportsSharedItems, Protocol):
     rules of that key decide, as if ``K`` were not there.
 
     ``read_with_items`` returns, with the item of each ref ``K``, every live item nested under
-    ``K`` but the items that other checkpoints own, in the same atomic read. An append naming a ``K`` that a removal took is refused
-    (:class:`~fastcheckpoint.errors.SharedItemGone`) like any stale ref, and writes none of its
-    nested items. ``scan_items(prefix=nested_prefix(K))`` pages them in key order.
+    ``K`` but the items that other checkpoints own, in the same atomic read. An append naming
+    a ``K`` that a removal took is refused (:class:`~fastcheckpoint.errors.SharedItemGone`)
+    like any stale ref, and writes none of its nested items.
+    ``scan_items(prefix=nested_prefix(K))`` pages them in key order.
 
     ``nested_items`` is ``True`` on a store that offers this (a class attribute; a wrapper
     that forwards attributes may expose ``False``).
