@@ -93,6 +93,11 @@ class LangGraphHeader(msgspec.Struct, array_like=True, frozen=True):
     logs: dict[str, ChannelLog] | None = None
     """The channels whose value is stored as a log (``fastcheckpoint.integrations.
     _langgraph_logs``), and where."""
+    delta: dict[str, int] | None = None
+    """The delta channels this checkpoint rebuilds from its ancestors' writes, each with the
+    lowest sequence that rebuild reads (0: unknown, so all); empty when it stores them all.
+    ``None`` in a thread without delta channels, or a header written before this was
+    recorded. ``keep_latest`` keeps what the newest checkpoints name here."""
 
 
 class Located(msgspec.Struct, array_like=True, frozen=True):
@@ -178,6 +183,8 @@ def registry_key(langgraph_run_id: str, run_key: str) -> str:
 
 
 def encode_header(header: LangGraphHeader) -> bytes:
+    if header.delta is None:  # the form of earlier releases, byte for byte
+        return _encoder.encode(msgspec.structs.astuple(header)[:-1])
     return _encoder.encode(header)
 
 

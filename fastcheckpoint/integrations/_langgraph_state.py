@@ -24,6 +24,7 @@ _V = TypeVar("_V")
 _RUNS = 10_000
 _IDS = 50_000
 _SEEDS = 1_000
+_WINDOWS = 1_000
 _SIGNAL_POLL = 0.05
 _QUIET_TURNS = 3
 """Event-loop turns :meth:`SaverState.settle` finds nothing under way before it returns."""
@@ -67,6 +68,41 @@ class RunHint:
     """The newest LangGraph checkpoint id this process wrote or read in the run."""
     payload_size: int = 0
     """Bytes written by the last save: large saves encode in a worker thread."""
+
+
+@dataclass
+class Window:
+    """The lowest sequence each of a run's newest checkpoints rebuilds its delta channels
+    from (its own when it needs no ancestor), as far as this process knows: every live
+    checkpoint from ``known_from`` to ``newest`` is in ``lowest``."""
+
+    incarnation: str
+    known_from: int
+    newest: int = -1
+    lowest: dict[int, int] = field(default_factory=dict)
+
+    def covers(self, incarnation: str, start: int, newest: int) -> bool:
+        return (incarnation == self.incarnation and self.known_from <= start
+                and self.newest == newest)
+
+    def lowest_from(self, start: int) -> int | None:
+        """The lowest sequence the checkpoints from ``start`` on need."""
+        return min((low for sequence, low in self.lowest.items() if sequence >= start),
+                   default=None)
+
+    def add(self, sequence: int, lowest: int, keep: int) -> None:
+        """Checkpoint ``sequence`` saved (the run's newest); only the newest ``keep`` are
+        remembered."""
+        if sequence != self.newest + 1:  # saved after others this process did not see
+            self.lowest.clear()
+            self.known_from = sequence
+        self.newest = sequence
+        self.lowest[sequence] = lowest
+        start = sequence - keep + 1
+        if start > self.known_from:
+            self.known_from = start
+            for old in [old for old in self.lowest if old < start]:
+                del self.lowest[old]
 
 
 class Signal:
@@ -138,6 +174,12 @@ class SaverState:
         self.logs: Lru[tuple[str, str], tuple[str, Mapping[str, ChannelLog]]] = Lru(_IDS)
         """(run key, LangGraph checkpoint id) -> the incarnation it was seen in and the logged
         values its header records: what a save with that parent keeps of them."""
+        self.floors: Lru[tuple[str, str], tuple[str, int, dict[str, int] | None]] = Lru(_IDS)
+        """(run key, LangGraph checkpoint id) -> the incarnation and sequence it was seen at,
+        and its header's delta channel floors (``LangGraphHeader.delta``)."""
+        self.windows: Lru[str, Window] = Lru(_WINDOWS)
+        """Run key -> what its newest checkpoints rebuild from, for runs with delta channels
+        under ``keep_latest``: a save keeps those ancestors without a read."""
         self.failed: Lru[str, str] = Lru(_RUNS)
         """Run key -> the oldest checkpoint id whose save failed since the run was last saved
         or read: LangGraph saves nothing after it in that graph run."""

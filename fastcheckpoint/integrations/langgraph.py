@@ -18,6 +18,9 @@ namespace adds 1 call, to index it for ``delete_for_runs``. ``aget_delta_channel
 (delta channels): 2 per 100 headers (read again after the writes), 1 per ancestor holding a
 seed, 1 per 1,000 writes after it. A save whose parent this process has not seen and which
 keeps values unchanged adds 1 or 2 (the parent's header: which of those values are logs).
+Under ``keep_latest``, a save of a thread with delta channels adds 1 per 100 headers when
+this process does not know its newest checkpoints (its first save of the thread, or one
+after another process saved to it), and 1 or 2 for a parent it has not seen or read.
 
 Needs ``pip install 'fastcheckpoint[langgraph]'`` and a store with labels and shared items
 (every bundled store).
@@ -83,7 +86,7 @@ from fastcheckpoint.integrations._langgraph_records import (
     StoredWrite,
     Typed,
 )
-from fastcheckpoint.integrations._langgraph_state import Parked, SaverState, Signal
+from fastcheckpoint.integrations._langgraph_state import Parked, SaverState, Signal, Window
 from fastcheckpoint.stores import (
     CheckpointHeader,
     CheckpointStore,
@@ -112,6 +115,7 @@ try:
         writes_sort_key,
     )
     from langgraph.checkpoint.serde.base import SerializerProtocol
+    from langgraph.checkpoint.serde.types import _DeltaSnapshot
 
     from fastcheckpoint.integrations._langgraph_lists import ListMemo  # LangGraph's serde
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -746,6 +750,9 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         _, extra = self._headers_of(where, stored, place)
         life = _located_of(where, stored).incarnation
         self._state.logs.put((where.key, extra.checkpoint_id), (life, extra.logs or {}))
+        if extra.delta is not None:  # a save continuing from it need not read its header
+            self._state.floors.put((where.key, extra.checkpoint_id),
+                                   (life, stored.sequence, extra.delta))
         checkpoint = self._bare_checkpoint(stored, place)
         values: dict[str, Any] = {}
         for channel, version in checkpoint["channel_versions"].items():
@@ -978,9 +985,11 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             every = self._take(where, checkpoint, full, _every_version(checkpoint), taken)
             return await self._encode(where, every, parent_id, _NO_LOGS)
 
+        needs = (None if self._shared.keep_latest is None
+                 else _delta_needs(full, taken, checkpoint))
         async with self._state.turn(where.key):
             await self._append(where, encoded, parent_id, now, with_every_value,
-                               root_id=_root_checkpoint_id(full))
+                               root_id=_root_checkpoint_id(full), needs=needs)
         if indexed:
             await self._registered_in_life(where, cast(str, langgraph_run), now)
 
@@ -1125,16 +1134,23 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         with_every_value: Callable[[], Awaitable[_Encoded]],
         *,
         root_id: str | None = None,
+        needs: frozenset[str] | None = None,
     ) -> None:
         """Append at the run's next sequence as this process knows it; on a conflict the
         store names the head and the next attempt proposes what follows it. A store that
         finds a shared value this save names (and did not send, as unchanged) removed
-        meanwhile refuses it; the save is then sent once more with every value."""
+        meanwhile refuses it; the save is then sent once more with every value. ``needs``:
+        the delta channels the checkpoint rebuilds from ancestors (``None``: it shows no
+        delta channel)."""
         state = self._state
         guess = await self._head(where, parent_id, now)
         if guess is _NO_RUN:
             self._dropped(where, encoded.checkpoint_id)
             return
+        delta = None
+        if self._shared.keep_latest is not None and (
+                needs is not None or state.windows.get(where.key) is not None):
+            delta = await self._delta_floors(where, guess, parent_id, needs or frozenset(), now)
         slot = (where.key, encoded.checkpoint_id)
         parked = state.parked.pop(slot, None)
         expires_at = None if self._shared.ttl_seconds is None else now + self._shared.ttl_seconds
@@ -1157,6 +1173,9 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                     # Its logs are of another life of the run (deleted or expired since):
                     # a store may not tell that their anchors are gone. Write them anew.
                     encoded = await with_every_value()
+                if delta is not None and encoded.extra.delta is None:
+                    encoded = encoded._replace(
+                        extra=msgspec.structs.replace(encoded.extra, delta=delta))
                 located = Located(incarnation, sequence, expires_at)
                 record, items = self._record(where, encoded, parent_id, located, parked, now)
                 try:
@@ -1203,7 +1222,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         once it is under way (:meth:`_append` calls it through ``settled``)."""
         status = await self._store.append_with_items(
             where.key, record, run=self._seed(where, located, now),
-            keep_latest=self._shared.keep_latest, now=now, items=items)
+            keep_latest=self._kept(where, located, encoded.extra.delta), now=now, items=items)
         self._saved(where, encoded, located)
         await self._discard_merged(where, encoded)
         if parked is not None:
@@ -1212,6 +1231,111 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                                   parked.writes.values())
         if status in _REACTIVATED and not where.checkpoint_ns:
             await self._reactivate(where, status, encoded.checkpoint_id, located)
+
+    # A delta channel rebuilds from the writes of ancestors back to its snapshot: under
+    # keep_latest each save records how far back its channels reach (``delta`` in its header),
+    # and keeps what the newest checkpoints name. The floors come from the parent's (memo,
+    # else its header) and the window of newest ones from this process's saves, else from one
+    # read of the newest headers.
+
+    async def _delta_floors(
+        self, where: _Where, guess: Any, parent_id: str | None, needs: frozenset[str],
+        now: float,
+    ) -> dict[str, int]:
+        """The checkpoint's ``delta``: per channel it rebuilds from ancestors, the lowest
+        sequence read (the parent's floor, else the parent itself); learns the window of
+        newest checkpoints first when this process does not know it."""
+        if guess is None:
+            return {}  # the run's first checkpoint: no ancestors
+        life = guess[1]
+        await self._learn_window(where, guess, now)
+        if not needs or parent_id is None:
+            return {}
+        known = self._state.floors.get((where.key, parent_id))
+        if known is None or known[0] != life:
+            known = await self._read_floors(where, parent_id, now)
+        if known is None or known[0] != life:
+            return {}  # the parent is gone: the rebuild ends there whatever is kept
+        _, sequence, floors = known
+        if floors is None:  # an older release's header, or no delta channel: keep them all
+            return dict.fromkeys(needs, 0)
+        return {channel: floors.get(channel, sequence) for channel in needs}
+
+    async def _learn_window(self, where: _Where, guess: tuple[int, str], now: float) -> None:
+        """Read the lowest sequence each of the newest ``keep_latest - 1`` checkpoints needs
+        (a store call per 100), unless this process knows it."""
+        newest, life = guess
+        keep = cast(int, self._shared.keep_latest)
+        start = max(0, newest + 2 - keep)
+        window = self._state.windows.get(where.key)
+        if window is not None and window.covers(life, start, newest):
+            return
+        learned = Window(life, known_from=start, newest=newest)
+        if start > newest:  # keep_latest=1: the save keeps no older one of its own accord
+            self._state.windows.put(where.key, learned)
+            return
+        learned.newest = -1
+        before: int | None = None
+        while True:
+            limit = min(_PAGE, max(1, (newest if before is None else before - 1) - start + 1))
+            page, _ = await self._store.headers(where.key, before=before, limit=limit, now=now)
+            for stored in page:
+                if learned.newest < 0:
+                    learned.newest = stored.sequence
+                if stored.sequence >= start:
+                    learned.lowest[stored.sequence] = self._lowest_of(where, stored, life)
+            if len(page) < limit or not page or page[-1].sequence <= start:
+                break
+            before = page[-1].sequence
+        self._state.windows.put(where.key, learned)
+
+    def _lowest_of(self, where: _Where, stored: CheckpointHeader, life: str) -> int:
+        """The lowest sequence a checkpoint's delta channels rebuild from (0: unknown)."""
+        place = f"run {where.run_id[:80]!r} sequence {stored.sequence} (header)"
+        try:
+            extra = self._headers_of(where, stored, place)[1]
+        except CorruptCheckpointError:
+            return 0
+        self._state.floors.put((where.key, extra.checkpoint_id),
+                               (life, stored.sequence, extra.delta))
+        if extra.delta is None:
+            return 0
+        return _lowest(stored.sequence, extra.delta)
+
+    async def _read_floors(
+        self, where: _Where, checkpoint_id: str, now: float
+    ) -> tuple[str, int, dict[str, int] | None] | None:
+        """A checkpoint's ``delta`` from its header (1 or 2 store calls); ``None`` if gone."""
+        located = self._state.located.get((where.key, checkpoint_id))
+        if located is None:
+            located = await self._lookup(where, checkpoint_id, now)
+        if located is None:
+            return None
+        page, _ = await self._store.headers(where.key, before=located.sequence + 1, limit=1,
+                                            now=now)
+        expected = _ids.checkpoint_id(where.key, located.incarnation, located.sequence)
+        if not page or page[0].checkpoint_id != expected:
+            return None
+        self._lowest_of(where, page[0], located.incarnation)
+        return self._state.floors.get((where.key, checkpoint_id))
+
+    def _kept(self, where: _Where, located: Located, delta: dict[str, int] | None) -> int | None:
+        """How many checkpoints the save keeps: ``keep_latest``, and with delta channels as
+        many more as the oldest thing the newest ``keep_latest`` need (``None``, all, when
+        what some of them need is unknown here)."""
+        keep = self._shared.keep_latest
+        if keep is None or delta is None:
+            return keep
+        sequence = located.sequence
+        lowest = _lowest(sequence, delta)
+        if sequence > 0:
+            window = self._state.windows.get(where.key)
+            start = max(0, sequence + 1 - keep)
+            if window is None or not window.covers(located.incarnation, start, sequence - 1):
+                return None  # others saved meanwhile: what they need is unknown here
+            older = window.lowest_from(start)
+            lowest = lowest if older is None else min(lowest, older)
+        return max(keep, sequence - lowest + 1)
 
     async def _in_life(
         self, where: _Where, parent_id: str, incarnation: str, now: float
@@ -1330,6 +1454,16 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                        payload_size=encoded.size)
         state.logs.put((where.key, encoded.checkpoint_id),
                        (located.incarnation, encoded.extra.logs or {}))
+        delta = encoded.extra.delta
+        if delta is not None:
+            state.floors.put((where.key, encoded.checkpoint_id),
+                             (located.incarnation, located.sequence, delta))
+            window = state.windows.get(where.key)
+            if window is None or window.incarnation != located.incarnation:
+                window = Window(located.incarnation, known_from=located.sequence)
+                state.windows.put(where.key, window)
+            window.add(located.sequence, _lowest(located.sequence, delta),
+                       cast(int, self._shared.keep_latest))
         for plan in encoded.planned:
             self._shared.logs.remember(where.key, plan, located.incarnation)
 
@@ -1892,7 +2026,10 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
     ) -> None:
         place = stored.key or f"run {origin.run_id[:80]!r} sequence {stored.sequence}"
         header, extra = self._headers_of(origin, stored, place)
-        extra = msgspec.structs.replace(extra, thread_id=target.thread_id)
+        # The copy's sequences are not the source's: what its delta channels rebuild from is
+        # unknown there (all kept, until each channel's next snapshot).
+        delta = None if extra.delta is None else dict.fromkeys(extra.delta, 0)
+        extra = msgspec.structs.replace(extra, thread_id=target.thread_id, delta=delta)
         record_id = _ids.checkpoint_id(target.key, located.incarnation, located.sequence)
         parent = None if header.parent_id is None else copied.get(header.parent_id)
         header = msgspec.structs.replace(
@@ -1920,8 +2057,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         try:
             await self._store.append_with_items(
                 target.key, record, run=self._seed(target, located, record.created_at),
-                keep_latest=self._shared.keep_latest, now=record.created_at,
-                items=[*shared, *owned])
+                keep_latest=self._shared.keep_latest if delta is None else None,
+                now=record.created_at, items=[*shared, *owned])
         except SequenceConflict as exc:
             raise ConflictError(
                 f"thread {target.thread_id[:80]!r} was written to while being copied into"
@@ -2414,6 +2551,27 @@ def _supersteps(metadata: object) -> int:
              if isinstance(value, (list, tuple)) and len(value) == 2
              and isinstance(value[1], int)]
     return max(steps, default=0)
+
+
+def _delta_needs(
+    metadata: Mapping[str, Any], taken: _Taken, checkpoint: Checkpoint
+) -> frozenset[str] | None:
+    """The delta channels a checkpoint rebuilds from its ancestors (those LangGraph counts
+    since their snapshot, with a version and no value here); ``None`` when it shows no delta
+    channel (no counter, no snapshot)."""
+    counters = metadata.get("counters_since_delta_snapshot")
+    named = counters if isinstance(counters, dict) else {}
+    if not named:
+        values = checkpoint.get("channel_values")
+        if not isinstance(values, Mapping) or not any(
+                isinstance(value, _DeltaSnapshot) for value in values.values()):
+            return None
+    return frozenset(channel for channel in named
+                     if channel in taken.versions and channel not in taken.stored)
+
+
+def _lowest(sequence: int, delta: Mapping[str, int]) -> int:
+    return min(sequence, min(delta.values(), default=sequence))
 
 
 def _version_counter(current: str) -> int:

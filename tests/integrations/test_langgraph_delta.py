@@ -462,3 +462,125 @@ async def test_a_fork_saved_while_pruning_keeps_the_ancestors_it_rebuilds_from()
         assert await _assert_every_checkpoint_matches(reader, "t") > 1
     assert forked == [expected]
     assert state.values == expected
+
+
+# -- keep_latest with delta channels ------------------------------------------------------
+
+RARE = {"messages_every": 20, "notes_every": 7}
+"""Snapshots rarer than the checkpoints kept: messages every 20 updates (about 20
+checkpoints), notes every 7 (every 14 turns)."""
+SNAPSHOT_SPAN = 22
+"""How many checkpoints beyond the newest N the rarest snapshot lies back, at most."""
+
+
+async def _newest_states(saver: FastCheckpointSaver, count: int, thread: str = "t") -> list[Any]:
+    graph = _graph(saver, **RARE)
+    newest = [found.config async for found in saver.alist(config(thread), limit=count)]
+    return [(await graph.aget_state(at)).values for at in newest]
+
+
+async def _held(store: Any, thread: str = "t") -> int:
+    headers, _ = await store.headers(run_key(thread), before=None, limit=1000,
+                                     now=FakeClock()())
+    return len(headers)
+
+
+@pytest.mark.parametrize("keep", [1, 3, 5, 10, 20])
+async def test_keep_latest_keeps_what_the_newest_rebuild_from(keep: int) -> None:
+    """Each save keeps the newest N and the ancestors back to their delta channels' snapshots:
+    the newest N read back as on a thread never pruned (they read short before), and the
+    thread holds N plus at most a snapshot's span of checkpoints."""
+    store = MemoryStore()
+    saver, unpruned = _saver(store, keep_latest=keep), _saver(MemoryStore())
+    graph, reference = _graph(saver, **RARE), _graph(unpruned, **RARE)
+    held = []
+    with anyio.fail_after(DEADLINE):
+        for number in range(12):  # 84 checkpoints
+            for made in (graph, reference):
+                await made.ainvoke({"messages": [f"user{number}"]}, config("t"))
+            held.append(await _held(store))
+            assert await _newest_states(saver, keep) == await _newest_states(unpruned, keep)
+        # Another process reads them back the same (from the headers alone).
+        assert await _newest_states(_saver(store), keep) == await _newest_states(unpruned, keep)
+        # A copy keeps them all (its sequences are new), until the next snapshots.
+        await saver.acopy_thread("t", "copy")
+        assert await _held(store, "copy") == held[-1]
+        assert await _newest_states(saver, keep, "copy") == await _newest_states(unpruned, keep)
+    assert max(held) <= keep + SNAPSHOT_SPAN
+    assert held[-1] < 84
+
+
+async def test_a_fork_from_a_kept_checkpoint_reads_back_whole() -> None:
+    """Time travel to the fourth newest of five kept, and on: the fork and the checkpoints
+    kept after it read back as on a thread never pruned."""
+    store = MemoryStore()
+    saver, unpruned = _saver(store, keep_latest=5), _saver(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        for made in (saver, unpruned):
+            graph = _graph(made, **RARE)
+            await _run(graph, "t", 8)
+            at = [found.config async for found in made.alist(config("t"), limit=5)][3]
+            forked = await graph.aupdate_state(at, {"messages": ["edited"]}, as_node="talk")
+            await graph.ainvoke(None, forked)
+            await graph.ainvoke({"messages": ["after"]}, config("t"))
+        assert await _newest_states(saver, 5) == await _newest_states(unpruned, 5)
+        state = (await _graph(_saver(store), **RARE).aget_state(config("t"))).values
+        held = await _held(store)
+    assert "edited" in state["messages"]
+    assert state["messages"][-1] == "m44"
+    assert held <= 5 + SNAPSHOT_SPAN
+
+
+async def _calls_of_an_invoke(keep: int | None, *, new_process: bool) -> dict[str, int]:
+    store = CountingStore(MemoryStore())
+    saver = _saver(store, keep_latest=keep)
+    await _run(_graph(saver, **RARE), "t", 6)
+    if new_process:
+        saver = _saver(store, keep_latest=keep)
+    graph = _graph(saver, **RARE)
+    store.take()
+    await graph.ainvoke({"messages": ["one more"]}, config("t"))
+    return store.take()
+
+
+async def test_keeping_the_delta_ancestors_costs_no_store_call_in_steady_state() -> None:
+    """A graph run saving every step pays what it pays without keep_latest; in a new process
+    the first save reads the newest headers once (what they rebuild from)."""
+    with anyio.fail_after(DEADLINE):
+        steady = await _calls_of_an_invoke(5, new_process=False)
+        assert steady == await _calls_of_an_invoke(None, new_process=False)
+        assert steady["append_with_items"] == 7  # a save per step: the input, 5 turns, the end
+        first = await _calls_of_an_invoke(5, new_process=True)
+        unpruned = await _calls_of_an_invoke(None, new_process=True)
+    assert first == {**unpruned, "headers": unpruned["headers"] + 1}
+
+
+async def test_headers_that_do_not_say_keep_all_until_every_channel_snapshots() -> None:
+    """Checkpoints whose headers do not say how far back their delta channels reach (saved
+    without keep_latest, as by an earlier release): nothing is pruned that they might need,
+    and the thread is bounded again once every delta channel has snapshotted since."""
+    store = MemoryStore()
+    unpruned = _saver(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        await _run(_graph(_saver(store), **RARE), "t", 6)
+        await _run(_graph(unpruned, **RARE), "t", 6)
+        saver = _saver(store, keep_latest=5)
+        graph = _graph(saver, **RARE)
+        held = []
+        for number in range(6, 14):
+            for made in (graph, _graph(unpruned, **RARE)):
+                await made.ainvoke({"messages": [f"user{number}"]}, config("t"))
+            held.append(await _held(store))
+            assert await _newest_states(saver, 5) == await _newest_states(unpruned, 5)
+    assert held[0] == 7 * 7  # nothing pruned while the older headers are needed
+    assert held[-1] <= 5 + SNAPSHOT_SPAN
+
+
+def test_a_header_without_delta_channels_keeps_its_stored_form() -> None:
+    extra = records.LangGraphHeader(
+        checkpoint_id="c", parent_checkpoint_id=None, thread_id="t", checkpoint_ns="",
+        metadata=("msgpack", b"\x80"), values=("a",))
+    assert records.encode_header(extra) == msgspec.msgpack.encode(
+        ["c", None, "t", "", ["msgpack", b"\x80"], ["a"], None])
+    with_delta = msgspec.structs.replace(extra, delta={"a": 3})
+    assert records.decode_header(records.encode_header(with_delta), "here") == with_delta
