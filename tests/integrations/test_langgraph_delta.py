@@ -32,6 +32,7 @@ from tests.integrations._langgraph_support import (
     config,
     metadata,
     put,
+    step_loop,
 )
 from tests.integrations.conftest import FreshStore
 
@@ -584,3 +585,18 @@ def test_a_header_without_delta_channels_keeps_its_stored_form() -> None:
         ["c", None, "t", "", ["msgpack", b"\x80"], ["a"], None])
     with_delta = msgspec.structs.replace(extra, delta={"a": 3})
     assert records.decode_header(records.encode_header(with_delta), "here") == with_delta
+
+
+async def test_a_thread_without_delta_channels_is_pruned_as_before() -> None:
+    store = CountingStore(MemoryStore())
+    saver = _saver(store, keep_latest=2)
+    with anyio.fail_after(DEADLINE):
+        for _ in range(2):
+            await step_loop(saver, 6).ainvoke({"done": []}, config("t"))
+            assert store.last["append_with_items"][1]["keep_latest"] == 2
+        assert "headers" not in store.take()
+        assert await _held(store.inner) == 2
+        headers, _ = await store.inner.headers(run_key("t"), before=None, limit=2, now=0.0)
+    for stored in headers:
+        extra = Codec().decode_header(stored.header, "here").extra
+        assert records.decode_header(extra, "here").delta is None
