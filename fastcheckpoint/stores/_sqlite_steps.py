@@ -110,18 +110,15 @@ _ADD_REF = (
     "ON CONFLICT (run_key, key) DO UPDATE SET holders = holders + 1"
 )
 _DROP_REF = "UPDATE fc_item_refs SET holders = holders - ? WHERE run_key = ? AND key = ?"
-# Owned items go with their owner, never with their last reference.
-_DELETE_UNREFERENCED = (
-    "DELETE FROM fc_items WHERE run_key = ?1 AND key = ?2 AND owner IS NULL AND EXISTS "
-    "(SELECT 1 FROM fc_item_refs WHERE run_key = ?1 AND key = ?2 AND holders <= 0)"
+# Owned items go with their owner, never with a reference: only loose items are removed when
+# a key's last reference goes.
+_DELETE_LOOSE = "DELETE FROM fc_items WHERE run_key = ? AND key = ? AND owner IS NULL"
+_DELETE_LOOSE_RANGE = (
+    "DELETE FROM fc_items WHERE run_key = ? AND key >= ? AND key < ? AND owner IS NULL"
 )
-# What is nested under a key goes when its last reference does, whoever holds the key's own
-# item (one owned by a checkpoint stays with its owner). The reference row is the outer loop,
-# so a key still named costs one primary-key probe, never a walk over what is nested under it.
-_DELETE_NESTED_UNREFERENCED = (
-    "DELETE FROM fc_items WHERE rowid IN (SELECT i.rowid FROM fc_item_refs f CROSS JOIN "
-    f"fc_items i ON i.run_key = f.run_key AND {_nested_range('f.key')} WHERE f.run_key = ?1 "
-    "AND f.key = ?2 AND f.holders <= 0)"
+_NAMED_UNDER = (
+    f"SELECT key FROM fc_item_refs WHERE run_key = ?1 AND key >= ?2 || '{_NESTING}' "
+    f"AND key < ?2 || '{_BEYOND}' AND holders > 0"
 )
 _DELETE_ZERO_REF = "DELETE FROM fc_item_refs WHERE run_key = ? AND key = ? AND holders <= 0"
 _CLAMP_REF = "UPDATE fc_item_refs SET holders = 0 WHERE run_key = ? AND key = ? AND holders < 0"
@@ -270,9 +267,18 @@ def _items_in(size: int, columns: str = "key, value") -> str:
 
 
 @functools.lru_cache(maxsize=16)
+def _counts_in(size: int, holders: str) -> str:
+    """The keys among ``size`` keys whose reference count meets ``holders``."""
+    marks = ", ".join("?" * size)
+    return (f"SELECT key FROM fc_item_refs WHERE run_key = ? AND holders {holders} "
+            f"AND key IN ({marks})")
+
+
+@functools.lru_cache(maxsize=16)
 def _refs_in(size: int) -> str:
-    """The items ``size`` keys name and the items nested under them: one probe and one range
-    of the item key index per key (``?3``...; ``NULL`` pads, matching nothing)."""
+    """The items ``size`` keys name and the loose items nested under them (another
+    checkpoint's owned items are its own): one probe and one range of the item key index per
+    key (``?3``...; ``NULL`` pads, matching nothing)."""
     keys = ", ".join(f"(?{number})" for number in range(3, size + 3))
     live = "(i.expires_at IS NULL OR i.expires_at > ?2)"
     return (
@@ -280,7 +286,7 @@ def _refs_in(size: int) -> str:
         "SELECT i.key, i.value FROM r CROSS JOIN fc_items i ON i.run_key = ?1 "
         f"AND i.key = r.key WHERE {live} UNION ALL "
         "SELECT i.key, i.value FROM r CROSS JOIN fc_items i ON i.run_key = ?1 "
-        f"AND {_nested_range('r.key')} WHERE {live}"
+        f"AND {_nested_range('r.key')} WHERE {live} AND i.owner IS NULL"
     )
 
 
@@ -506,15 +512,54 @@ def _drop_refs(db: sqlite3.Connection, run_key: str, encoded: Iterable[str]) -> 
     if counted != len(counts) or below_zero or any("\ufffd" in text for text in texts):
         _recount(db, run_key, damaged=True)
         return
-    _free_unnamed(db, keys)
+    _free_unnamed(db, run_key, list(counts))
 
 
-def _free_unnamed(db: sqlite3.Connection, keys: Sequence[tuple[str, str]]) -> None:
+def _free_unnamed(db: sqlite3.Connection, run_key: str, keys: Sequence[str]) -> None:
     """Remove the items of ``keys`` whose count is down to zero, with what is nested under
-    them, and those counts."""
-    db.executemany(_DELETE_UNREFERENCED, keys)
-    db.executemany(_DELETE_NESTED_UNREFERENCED, keys)
-    db.executemany(_DELETE_ZERO_REF, keys)
+    them, and those counts; but not what a held checkpoint still names or is nested under a
+    key one names, nor owned items (they go with their owner). Per key whose count is down:
+    a probe of the keys it is nested under, one range of the counts under it, and a range
+    delete per gap between the keys still named there, never a statement per item."""
+    for key in _counted(db, run_key, keys, "<= 0"):
+        if _counted(db, run_key, _enclosing(key), "> 0"):
+            continue  # nested under a key still named: it stays, with what is nested under it
+        db.execute(_DELETE_LOOSE, (run_key, key))
+        named = [name for name, in db.execute(_NAMED_UNDER, (run_key, key))]
+        prefix = nested_prefix(key)
+        for low, high in _gaps(prefix, key_successor(prefix), named):
+            db.execute(_DELETE_LOOSE_RANGE, (run_key, low, high))
+    db.executemany(_DELETE_ZERO_REF, [(run_key, key) for key in keys])
+
+
+def _counted(
+    db: sqlite3.Connection, run_key: str, keys: Sequence[str], holders: str
+) -> list[str]:
+    """The ``keys`` (distinct) whose reference count meets ``holders``, in their order."""
+    found: set[str] = set()
+    for chunk in _padded(keys):
+        found.update(key for key, in db.execute(_counts_in(len(chunk), holders),
+                                                (run_key, *chunk)))
+    return [key for key in dict.fromkeys(keys) if key in found]
+
+
+def _enclosing(key: str) -> list[str]:
+    """The keys ``key`` is nested under: its prefixes ending before a ``/``."""
+    cuts = [at for at, character in enumerate(key) if character == _NESTING]
+    return [key[:at] for at in cuts]
+
+
+def _gaps(low: str, high: str, named: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """The ranges ``[a, b)`` of ``[low, high)`` that hold neither a key of ``named`` nor a
+    key nested under one (``key + "\\0"`` is the least key after ``key``)."""
+    taken = sorted([(key, key + "\0") for key in named]
+                   + [(nested_prefix(key), key_successor(nested_prefix(key))) for key in named])
+    for start, end in taken:
+        if low < start:
+            yield low, start
+        low = max(low, end)
+    if low < high:
+        yield low, high
 
 
 def _recount(db: sqlite3.Connection, run_key: str, *, damaged: bool) -> None:
@@ -535,7 +580,7 @@ def _recount(db: sqlite3.Connection, run_key: str, *, damaged: bool) -> None:
             "counts (damaged after they were written); counts taken again from the %d key(s) "
             "its checkpoints name", run_key, len(named))
     db.executemany(_SET_REF, [*wrong, *((run_key, key, 0) for key in unnamed)])
-    _free_unnamed(db, [(run_key, key) for key in unnamed])
+    _free_unnamed(db, run_key, unnamed)
 
 
 def put_appended_items(

@@ -396,11 +396,12 @@ class SQLiteStore(ExpiryCleanup):
     due; ``purge_expired`` visits only runs and items whose expiry passed.
 
     ``read_with_items`` is one snapshot: the checkpoint, one statement per 500 refs that reads,
-    for each ref ``K``, its item (a primary-key probe) and every item nested under it (one range
-    of the primary key, ``m`` rows), and one for the owned items: ``O(r + m)`` rows, never a
-    statement per nested item. When pruning, deletion or cleanup drops the last reference to
+    for each ref ``K``, its item (a primary-key probe) and every loose item nested under it (one
+    range of the primary key, ``m`` rows), and one for the owned items: ``O(r + m)`` rows, never
+    a statement per nested item. When pruning, deletion or cleanup drops the last reference to
     ``K``, the same transaction removes what is nested under it with one range delete (its
-    ``m`` rows); a removal that leaves ``K`` named costs one more primary-key probe per ref.
+    ``m`` rows) per gap between the keys under ``K`` that held checkpoints still name; a
+    removal that leaves ``K`` named costs one more primary-key probe per ref.
     """
 
     nested_items = True

@@ -44,6 +44,7 @@ from fastcheckpoint.errors import (
 from fastcheckpoint.stores import Item, RunRecord, open_store
 from fastcheckpoint.stores import _sqlite_schema as schema
 from fastcheckpoint.stores import sqlite as sqlite_store
+from fastcheckpoint.stores.memory import MemoryStore
 from fastcheckpoint.stores.sqlite import SQLiteStore
 from fastcheckpoint.testing import (
     T0,
@@ -642,7 +643,7 @@ async def test_a_database_this_user_may_only_read_is_a_store_error(
         lambda s: s.delete_items(key_of(make_run("k")), "abc"),
         lambda s: s.list_runs(status=None, limit=10, cursor="nonsense", now=T0),
         lambda s: s.scan_items(key_of(make_run("k")), start_after="\udfff", now=T0),
-        lambda s: s.put_items(key_of(make_run("k")), [Item(key="k", value="s")],  # type: ignore[arg-type]
+        lambda s: s.put_items(key_of(make_run("k")), [Item(key="k", value="s")],
                               now=T0),
         lambda s: s.put_items(key_of(make_run("k")), [Item(key="k", value=b"", owner=2**64)],
                               now=T0),
@@ -1031,11 +1032,12 @@ async def test_a_ref_to_an_expired_owned_item_is_refused(store: SQLiteStore) -> 
 
 
 async def _append_under(
-    store: SQLiteStore, run: RunRecord, sequence: int, anchor: str, items: list[Item], *,
-    keep_latest: int | None = None,
+    store: SQLiteStore | MemoryStore, run: RunRecord, sequence: int, anchor: str,
+    items: list[Item], *,
+    keep_latest: int | None = None, also: tuple[str, ...] = (),
 ) -> None:
-    """Checkpoint ``sequence`` naming only ``anchor``, written with ``items``."""
-    record = msgspec.structs.replace(make_checkpoint(run, sequence), refs=(anchor,))
+    """Checkpoint ``sequence`` naming only ``anchor`` (and ``also``), written with ``items``."""
+    record = msgspec.structs.replace(make_checkpoint(run, sequence), refs=(anchor, *also))
     await store.append_with_items(key_of(run), record, run=run, keep_latest=keep_latest,
                                   now=T0, items=items)
 
@@ -1061,6 +1063,37 @@ async def test_nested_items_are_the_range_of_their_prefix_in_code_point_order(
     assert found is not None
     assert found[2] == {k: f"value-{k}".encode() for k in [anchor, *nested]}
     assert [k for k, _ in left] == sorted([*siblings, "~other"])
+
+
+@pytest.mark.parametrize("anchor", ["k", "", "k\0", "k\U0010ffff"])
+async def test_what_goes_with_an_anchor_spares_the_keys_others_name_and_nothing_else(
+    store: SQLiteStore, anchor: str
+) -> None:
+    """The removal of the last checkpoint naming ``K`` keeps ``K/b`` (another checkpoint names
+    it), what is nested under it and an item another checkpoint owns under ``K/``, and takes
+    every other item under ``K/``, also those that sort between ``K/b`` and ``K/b/`` or next
+    after what is nested under it: as the memory store does."""
+    run = make_run("spared keys")
+    key = key_of(run)
+    named = anchor + "/b"
+    around = [named + "\0", named + "!", named + ".", named + "0", named + "\U0010ffff",
+              anchor + "/", anchor + "/a", anchor + "/c"]
+    kept = [named, named + "/", named + "/\0", named + "/y", anchor + "/w"]
+    memory = MemoryStore()
+    with anyio.fail_after(30):
+        for each in (store, memory):
+            await _append_under(each, run, 0, anchor, [make_item(anchor)])
+            await _append_under(each, run, 1, named, [
+                make_item(k) for k in [named, *kept[1:-1], *around]])
+            await _append_under(each, run, 2, "~other", [
+                make_item("~other"), make_item(anchor + "/w", owner=2)])
+            assert await each.delete(key, 0, checkpoint_id=checkpoint_id_of(run, 0))
+        left = await store.scan_items(key, limit=100, now=T0)
+        assert left == await memory.scan_items(key, limit=100, now=T0)
+        found = await store.read_with_items(key, sequence=1, now=T0)
+    assert [k for k, _ in left] == sorted([*kept, "~other"])
+    assert found is not None
+    assert sorted(found[2]) == sorted(kept[:-1])
 
 
 # -- costs ------------------------------------------------------------------------------------
@@ -1222,12 +1255,13 @@ class _Statements:
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("spared", [(), ("h/log/0003",)])
 async def test_a_thousand_nested_items_are_read_and_removed_by_as_many_statements_as_one(
-    database: Path, monkeypatch: pytest.MonkeyPatch
+    database: Path, monkeypatch: pytest.MonkeyPatch, spared: tuple[str, ...]
 ) -> None:
     """A history of 1,000 items of 1 KB under one anchor: ``read_with_items`` reads it with the
     statements that read 10, and the removal of the anchor's last reference deletes it with the
-    statements that delete 10."""
+    statements that delete 10, also around an item under it that a held checkpoint names."""
     statements = _Statements(monkeypatch)
     store = SQLiteStore(database)
     reads: dict[int, list[str]] = {}
@@ -1250,8 +1284,10 @@ async def test_a_thousand_nested_items_are_read_and_removed_by_as_many_statement
             assert found is not None
             assert len(found[2]) == count + 1
             removals[count] = await statements.of(functools.partial(
-                _append_under, store, run, 11, "h/next", [make_item("h/next")], keep_latest=1))
-            assert await store.scan_items(key, prefix="h/log", now=T0) == []
+                _append_under, store, run, 11, "h/next", [make_item("h/next")], keep_latest=1,
+                also=spared))
+            left = await store.scan_items(key, prefix="h/log", now=T0)
+            assert [item for item, _ in left] == list(spared)
         await store.aclose()
     assert len(reads[1000]) == len(reads[10]) == 5, reads[10]  # BEGIN, LATEST, refs, owned, COMMIT
     assert len(removals[1000]) == len(removals[10]), removals[10]
