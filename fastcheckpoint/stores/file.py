@@ -43,7 +43,7 @@ so nothing stores them and an append costs the same however many shared items th
 An append commits its items' entries with the checkpoint, so a checkpoint that can be seen has
 its items in place. A removed checkpoint's refs are released in the same commit, and the items
 none names any more, the items it owned and the items nested under the keys none names any
-more are removed by it too.
+more (but those a held checkpoint names or owns) are removed by it too.
 
 Nested items (``SupportsNestedItems``): the items whose keys start with ``K + "/"`` are one
 range of the item index's sorted keys, so ``read_with_items`` finds those nested under each ref
@@ -111,6 +111,7 @@ from fastcheckpoint.errors import (
 from fastcheckpoint.stores._base import (
     EMPTY_RUN,
     MAX_ITEM_KEY_BYTES,
+    NESTING,
     CheckpointHeader,
     ExpiryCleanup,
     Item,
@@ -413,14 +414,23 @@ class _Ledger:
         for key in dict.fromkeys(refs):
             self._changed[key] = self._changed.get(key, 0) + 1
 
-    def dropped_keys(self) -> list[str]:
-        """The shared items the removed checkpoints named and no held checkpoint names any
-        more (the new one's refs counted first): they go in the same commit."""
+    def _released(self) -> dict[str, int]:
+        """Per key the removed checkpoints name: how many of them name it."""
         released: dict[str, int] = {}
         for sequence in dict.fromkeys(self.removed):
             for key in self._refs.get(sequence, ()):
                 released[key] = released.get(key, 0) + 1
-        return [key for key, count in released.items() if self._count(key) - count <= 0]
+        return released
+
+    def dropped_keys(self) -> list[str]:
+        """The shared items the removed checkpoints named and no held checkpoint names any
+        more (the new one's refs counted first): they go in the same commit."""
+        return [key for key, count in self._released().items() if self._count(key) - count <= 0]
+
+    def names(self) -> Callable[[str], bool]:
+        """Whether a checkpoint held once the operation is done names a key."""
+        released = self._released()
+        return lambda key: self._count(key) - released.get(key, 0) > 0
 
     def remove(self, sequence: int, expires_at: float | None) -> None:
         if expires_at is None:
@@ -1208,6 +1218,18 @@ class _ItemIndex:
         return found
 
 
+def _named(key: str, names: Callable[[str], bool]) -> bool:
+    """Whether ``names`` names ``key`` or a key it is nested under."""
+    if names(key):
+        return True
+    cut = key.find(NESTING)
+    while cut != -1:
+        if names(key[:cut]):
+            return True
+        cut = key.find(NESTING, cut + 1)
+    return False
+
+
 class _ItemIndexes:
     """This process's item indexes, one per log of a run directory (a compaction, or the run
     deleted and written again, makes a new log: readers still on the old one keep theirs); the
@@ -1299,10 +1321,15 @@ class _Plan:
         found = self.found(key)
         return found is not None, None if found is None else found.meta.owner
 
-    def release(self, owners: Iterable[int], dropped: Iterable[str]) -> None:
+    def release(
+        self, owners: Iterable[int], dropped: Iterable[str],
+        names: Callable[[str], bool],
+    ) -> None:
         """What removed checkpoints take with them: the items owned by ``owners``, and each
-        shared item of ``dropped`` (an owned one stays with its owner) with the items nested
-        under its key (also when an owner or ``delete_items`` took the item)."""
+        shared item of ``dropped`` (an owned one stays with its owner) with the loose items
+        nested under its key (also when an owner or ``delete_items`` took the item), except
+        what a checkpoint held afterwards ``names`` or is nested under a key it names (one
+        check per item of its key and of each of its prefixes ending before a ``/``)."""
         index_owned = {} if self.index is None else self.index.owned
         wanted = set(owners)
         self.released |= wanted
@@ -1314,6 +1341,8 @@ class _Plan:
                 if present and owner in wanted:
                     self.remove(key)
         for key in dropped:
+            if _named(key, names):
+                continue  # nested under a key still named: it stays, with what is under it
             present, owner = self._owner(key)
             if present and owner is None:
                 self.remove(key)
@@ -1321,7 +1350,9 @@ class _Plan:
             nested = [] if self.index is None else self.index.nested(key)
             nested += [written for written in self.writes if written.startswith(prefix)]
             for inner in nested:
-                self.remove(inner)
+                present, owner = self._owner(inner)
+                if present and owner is None and not _named(inner, names):
+                    self.remove(inner)
 
     def remove_expired(self, now: float, budget: _Budget) -> float | None:
         """Remove expired items (up to the budget); returns the new lower bound of item
@@ -2286,7 +2317,7 @@ class FileStore(ExpiryCleanup):
             self._remove_oldest(run_key, ledger, keep_latest)
         committed = ledger.state()
         assert committed.run is not None
-        plan.release(ledger.removed, ledger.dropped_keys())
+        plan.release(ledger.removed, ledger.dropped_keys(), ledger.names())
         entries = plan.entries(run_key)
         if new_run:
             self._add_markers(_marker_paths(run_key, committed.run))
@@ -2312,7 +2343,7 @@ class FileStore(ExpiryCleanup):
         earlier: list[int] = []
         if state is not None and state.run is not None:
             earlier = _Dir(self._run_dir(run_key)).sequences()
-            plan.release(earlier, plan.named())
+            plan.release(earlier, plan.named(), names=lambda key: False)
         fresh = _RunState(items_next_expiry=state.items_next_expiry if state is not None else None)
         ledger = _Ledger(fresh, seed, None)
         ledger.erase = earlier
@@ -2860,7 +2891,7 @@ class FileStore(ExpiryCleanup):
             ledger = _Ledger(state, state.run, plan.index)
             ledger.remove(sequence, found.expires_at)
             committed = ledger.state()
-            plan.release(ledger.removed, ledger.dropped_keys())
+            plan.release(ledger.removed, ledger.dropped_keys(), ledger.names())
             self._commit(run_key, committed, erase=ledger.removed, items=plan.entries(run_key))
             return True
 
@@ -3338,7 +3369,7 @@ class FileStore(ExpiryCleanup):
             budget.spend(len(ledger.removed))
             removed = ledger.removed
             committed = ledger.state()
-            plan.release(removed, ledger.dropped_keys())
+            plan.release(removed, ledger.dropped_keys(), ledger.names())
         if _due(committed.items_next_expiry, now) and not budget.exhausted:
             hint = plan.remove_expired(now, budget)
             committed = msgspec.structs.replace(committed, items_next_expiry=hint)
@@ -3584,7 +3615,7 @@ def _items_of(files: _Dir, record: StoredCheckpoint, now: float) -> dict[str, by
                 "items (its key and owner cannot be trusted)", key=files.record_key(unknown))
         keys = [*sorted(index.owned.get(record.sequence, ())), *record.refs]
         for ref in dict.fromkeys(record.refs):
-            keys += index.nested(ref)
+            keys += [key for key in index.nested(ref) if index.items[key].meta.owner is None]
         found = (index.items.get(key) for key in dict.fromkeys(keys))
         return [item for item in found if item is not None and item.live(now)]
 

@@ -375,7 +375,7 @@ NESTED_REFS_TAKEN_BY = {
     kind: (f"the {kind} store removes every item nested under a key with the last checkpoint "
            "naming that key, also items other held checkpoints name (or nested under them) "
            "or own")
-    for kind in ("file", "dynamodb")
+    for kind in ("dynamodb",)
 }
 """Stores that take an item a held checkpoint names when a key it is nested under loses its
 last holder: the test below fails on them (strict xfail)."""
@@ -429,7 +429,7 @@ async def test_an_item_a_checkpoint_names_stays_when_a_key_it_is_nested_under_go
 OWNED_NESTED_READ_BY = {
     kind: (f"the {kind} store's read_with_items returns, with the items nested under a ref, "
            "items other checkpoints own")
-    for kind in ("file", "s3", "dynamodb")
+    for kind in ("s3", "dynamodb")
 }
 
 

@@ -154,6 +154,46 @@ async def test_every_removal_of_an_anchor_takes_its_nested_items_in_its_commit(
         assert await snapshot(store, key, now=when) == found
 
 
+@pytest.mark.parametrize("path", ["prune", "delete", "expiry"])
+async def test_the_removal_of_an_anchor_spares_what_others_name_or_own_under_it(
+    root: Path, store: FileStore, path: str
+) -> None:
+    """The last checkpoint naming ``h/a`` goes: ``h/a/b`` (named by checkpoint 1) with what is
+    nested under it, and ``h/a/w`` (owned by 1) stay, in this process and once the item index
+    is made again from the log; the rest under ``h/a/`` goes (``h/a/b!`` sorts between
+    ``h/a/b`` and ``h/a/b/``). A read of checkpoint 0 never returns ``h/a/w``. As the memory
+    store does."""
+    run = make_run("spared")
+    key = key_of(run)
+    memory = MemoryStore()
+    when = T0 + 3 if path == "expiry" else T0
+    removal = {
+        "prune": lambda each: _append(each, run, 3, ["h/a/b"], keep_latest=3),
+        "delete": lambda each: each.delete(key, 0, checkpoint_id=checkpoint_id_of(run, 0)),
+        "expiry": lambda each: each.purge_expired(now=when, limit=100),
+    }[path]
+    with anyio.fail_after(30):
+        for each in (store, memory):
+            await each.put_items(key, [make_item("h/a/early")], now=T0)
+            await _append(each, run, 0, ["h/a"], expires_at=T0 + 3, items=[
+                make_item("h/a"), make_item("h/a/0"), make_item("h/a/b!")])
+            await _append(each, run, 1, ["h/a/b"], items=[
+                make_item("h/a/b"), make_item("h/a/b/0"), make_item("h/a/w", owner=1)])
+            await _append(each, run, 2, ["h/a/b/0"])
+        before = await snapshot(store, key)
+        assert before == await snapshot(memory, key)
+        for each in (store, memory):
+            await removal(each)
+        found = await snapshot(store, key, now=when)
+        assert found == await snapshot(memory, key, now=when)
+        forget_items(root, key)
+        assert await snapshot(store, key, now=when) == found
+    assert before[1][0] == _values("h/a", "h/a/0", "h/a/b", "h/a/b!", "h/a/b/0", "h/a/early")
+    assert list(found[0]) == ["h/a/b", "h/a/b/0", "h/a/w"]
+    assert found[1][1] == _values("h/a/b", "h/a/b/0", "h/a/w")
+    assert found[1][2] == _values("h/a/b/0")
+
+
 async def test_a_read_reads_each_item_of_its_checkpoint_once(
     store: FileStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
