@@ -1875,7 +1875,8 @@ class S3Store(ExpiryCleanup):
         markers), read concurrently with a listing of what is nested under each of
         ``nesting`` (the names that may have nested items); then the nested items,
         concurrently (a round trip only when there are any). An item at an owned key that
-        another checkpoint (or another life of this one) owns now is not this checkpoint's."""
+        another checkpoint (or another life of this one) owns now is not this checkpoint's,
+        nor is one nested under a ref that another checkpoint owns."""
         named = {layout.hex_item_key(key): key for key in record.refs}
         wanted = list(dict.fromkeys([*named, *owned]))
         found, listings = await pair(
@@ -1888,13 +1889,10 @@ class S3Store(ExpiryCleanup):
         for hex_key, stored in zip(wanted, found, strict=True):
             if stored is None or not is_live(stored[0].expires_at, now):
                 continue
-            body = stored[0]
-            mine = body.owner == record.sequence and body.checkpoint_id in (
-                "", record.checkpoint_id)
             key = named.get(hex_key) if hex_key in named else (
-                layout.item_key_of(hex_key) if mine else None)
+                layout.item_key_of(hex_key) if _owned_by(stored[0], record) else None)
             if key is not None:
-                values[key] = body.value
+                values[key] = stored[0].value
         read = dict(zip(wanted, found, strict=True))
         base = len(layout.items_prefix(run_key))
         nested = list(dict.fromkeys(entry.key[base:] for listed in listings for entry in listed))
@@ -1905,7 +1903,9 @@ class S3Store(ExpiryCleanup):
         for hex_key in nested:
             stored = read[hex_key]
             key = layout.item_key_of(hex_key)
-            if stored is not None and key is not None and is_live(stored[0].expires_at, now):
+            if stored is None or key is None or not is_live(stored[0].expires_at, now):
+                continue
+            if stored[0].owner is None or _owned_by(stored[0], record):
                 values[key] = stored[0].value
         return values
 
@@ -3292,6 +3292,12 @@ def _spared(doomed: dict[str, str], spared: set[str]) -> dict[str, str]:
 def _held(hex_key: str, named: set[str] | frozenset[str]) -> bool:
     """Whether the item ``hex_key`` is named, or nested under an item that is."""
     return hex_key in named or layout.nested_under(hex_key, named)
+
+
+def _owned_by(body: layout.ItemBody, record: StoredCheckpoint) -> bool:
+    """Whether the item ``body`` is owned by ``record`` (not by another checkpoint, nor by
+    another life of this one)."""
+    return body.owner == record.sequence and body.checkpoint_id in ("", record.checkpoint_id)
 
 
 def _created_under(refs: Sequence[str], shared: _SharedWrite) -> dict[str, str]:

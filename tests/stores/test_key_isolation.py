@@ -430,6 +430,7 @@ OWNED_NESTED_READ_BY = {
     kind: (f"the {kind} store's read_with_items returns, with the items nested under a ref, "
            "items other checkpoints own")
     for kind in ("s3", "dynamodb")
+    for kind in ("file", "sqlite", "dynamodb")
 }
 
 
