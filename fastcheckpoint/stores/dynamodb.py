@@ -82,6 +82,7 @@ from fastcheckpoint.stores._aws import AwsEndpoint, error_code, open_client, tra
 from fastcheckpoint.stores._base import (
     MAX_ITEM_KEY_BYTES,
     MAX_LABEL_BYTES,
+    NESTING,
     CheckpointHeader,
     ExpiryCleanup,
     Item,
@@ -2661,9 +2662,11 @@ class DynamoDBStore(ExpiryCleanup):
     async def _nested_records(
         self, run_key: str, refs: Sequence[str], now: float
     ) -> dict[str, dict[str, Any]]:
-        """The live records holding the values of the items nested under each of ``refs``:
-        one Query per ref (``begins_with`` on ``i#<ref>/``, paged by the MB), all at once.
-        Callers pass only the refs the run item lists as having nested items (``nk``)."""
+        """The live records holding the values of the unowned items nested under each of
+        ``refs``: one Query per ref (``begins_with`` on ``i#<ref>/``, paged by the MB), all at
+        once. Owned items are left out (an anchor): a checkpoint's own are read with it, and
+        other checkpoints' are not returned. Callers pass only the refs the run item lists as
+        having nested items (``nk``)."""
         prefixes = [layout.item_sk(nested_prefix(key)) for key in dict.fromkeys(refs)
                     if _may_be_item_key(nested_prefix(key))]
         if not prefixes:
@@ -2681,9 +2684,8 @@ class DynamoDBStore(ExpiryCleanup):
             )
 
         pages = await gather([functools.partial(under, prefix) for prefix in prefixes])
-        found = {_text(record, "SK")[2:]: record for page in pages for record in page
-                 if is_live(_number(record, "x"), now)}
-        return await self._follow_anchors(run_key, found, now)
+        return {_text(record, "SK")[2:]: record for page in pages for record in page
+                if "o" not in record and is_live(_number(record, "x"), now)}
 
     async def _read_known(
         self, run_key: str, known: _Family, now: float
@@ -3029,12 +3031,21 @@ class DynamoDBStore(ExpiryCleanup):
         pk = layout.partition(run_key)
         records = await self._batch_get(
             run_key, [sort_key for key in keys
-                      for sort_key in (layout.counter_sk(key), layout.item_sk(key))])
+                      for sort_key in (layout.counter_sk(key), layout.item_sk(key),
+                                       *map(layout.counter_sk, _parents(key)))])
         for key in keys:
             count = records.get(layout.counter_sk(key))
             if count is None:
                 continue
             names = _Names()
+            if "np" not in count and "gn" not in count and _int(count, "rc") <= 0 and any(
+                _int(records.get(layout.counter_sk(parent), {}), "rc") > 0
+                for parent in _parents(key)
+            ):
+                # Nested under a key a held checkpoint names: it stays, with what is nested
+                # under it, for that key's rules to decide; only the count goes.
+                await self._drop_count(run_key, key)
+                continue
             if "np" in count:  # a removal interrupted before its nested items were all gone
                 await self._remove_nested(run_key, key, _text(count, "np"),
                                           (_number(count, "gn") or now) + layout.CONDEMNED_SECONDS)
@@ -3088,13 +3099,7 @@ class DynamoDBStore(ExpiryCleanup):
                 operations.append(items_layout.delete_when(
                     pk, layout.item_sk(key), "wt", item.get("wt", _s(""))))
         else:  # no item, or one owned by a checkpoint (it goes with it): only the count
-            names = _Names()
-            operations = [{"Delete": {
-                "Key": {"PK": _s(pk), "SK": _s(layout.counter_sk(key))},
-                "ConditionExpression": (f"attribute_not_exists({names('rc')}) OR "
-                                        f"{names('rc')} <= {names.value(_n(0))}"),
-                **names.params(),
-            }}]
+            operations = [_count_delete(run_key, key)]
         try:
             await self._commit(operations, keep=len(operations))
         except _Cancelled:
@@ -3103,6 +3108,10 @@ class DynamoDBStore(ExpiryCleanup):
             await self._discard_blobs([_text(item, "vb")])
         if nesting is not None:
             await self._remove_nested(run_key, key, nesting, until)
+
+    async def _drop_count(self, run_key: str, key: str) -> None:
+        """Delete a shared item's count, only while it is still zero."""
+        await self._conditional("DeleteItem", **_count_delete(run_key, key)["Delete"])
 
     async def _nested_page(
         self, run_key: str, key: str, *, limit: int | None = None,
@@ -3128,30 +3137,30 @@ class DynamoDBStore(ExpiryCleanup):
         return response.get("Items", []), response.get("LastEvaluatedKey")
 
     async def _remove_nested(self, run_key: str, key: str, token: str, until: float) -> None:
-        """Delete the items nested under the removed shared item ``key`` (a Query page per
-        MB, a transaction per 99 records, each checking that the removal marked ``token`` is
-        still under way), then end the removal. Interrupted, the mark stays in the expiry
-        index, due: the next cleanup pass calls this again. A transaction cancelled by the
-        check means another worker finished it; a delete refused because its record was
-        rewritten since the page was read spares it (written after the removal)."""
+        """Delete the loose items nested under the removed shared item ``key`` (a Query page
+        per MB, a transaction per 99 records, each checking that the removal marked ``token``
+        is still under way), then end the removal. Spared: owned items (they go with their
+        owner) and what a held checkpoint names or is nested under a key one names (a Query
+        of the counts under ``key`` and a read of its parents', with the first page).
+        Interrupted, the mark stays in the expiry index, due: the next cleanup pass calls
+        this again. A transaction cancelled by the check means another worker finished it; a
+        delete refused because its record was rewritten since the page was read spares it
+        (written after the removal)."""
         pk = layout.partition(run_key)
         check = items_layout.nesting_check(run_key, key, token)
-        start: dict[str, Any] | None = None
+        named, (records, start) = await pair(lambda: self._named_around(run_key, key),
+                                             lambda: self._nested_page(run_key, key))
         while True:
-            records, start = await self._nested_page(run_key, key, start=start)
             groups: list[list[dict[str, Any]]] = []
             blobs: list[str] = []
             for record in records:
                 sort_key = _text(record, "SK")
-                group = [items_layout.delete_when(pk, sort_key, "wt", record.get("wt", _s("")),
-                                                  _group=sort_key)]
-                if "o" in record:  # an owned item: its value too, next to its owner
-                    group.append(items_layout.delete_when(
-                        pk, layout.owned_sk(_int(record, "o"), sort_key[2:]), "wt",
-                        record.get("wt", _s("")), _group=sort_key))
-                groups.append(group)
+                if "o" in record or _named_or_under(sort_key[2:], named):
+                    continue
+                groups.append([items_layout.delete_when(pk, sort_key, "wt",
+                                                        record.get("wt", _s("")))])
                 blobs += [_text(record, "vb")] if "vb" in record else []
-            for chunk in _chunks(groups, _TRANSACTION_LIMIT - 1):
+            for chunk in _chunks(groups, _TRANSACTION_LIMIT - 1) if groups else []:
                 try:
                     await self._commit([check, *(op for group in chunk for op in group)], keep=1)
                 except _Cancelled:
@@ -3159,7 +3168,29 @@ class DynamoDBStore(ExpiryCleanup):
             await self._discard_blobs(blobs)
             if start is None:
                 break
+            records, start = await self._nested_page(run_key, key, start=start)
         await self._end_nesting(run_key, key, token, until)
+
+    async def _named_around(self, run_key: str, key: str) -> set[str]:
+        """The keys held checkpoints name (count above zero) among those nested under ``key``
+        (a Query of their counts, ``begins_with`` on ``c#<key>/``) and the keys ``key`` is
+        nested under (a BatchGetItem, only if there are any)."""
+        names = _Names()
+        counts, parents = await pair(
+            lambda: self._query_all(
+                KeyConditionExpression=(
+                    f"{names('PK')} = {names.value(_s(layout.partition(run_key)))} AND "
+                    f"begins_with({names('SK')}, "
+                    f"{names.value(_s(layout.counter_sk(nested_prefix(key))))})"),
+                ProjectionExpression=f"{names('SK')}, {names('rc')}",
+                ConsistentRead=True,
+                **names.params(),
+            ),
+            lambda: self._batch_get(run_key, [layout.counter_sk(parent)
+                                              for parent in _parents(key)]),
+        )
+        return {_text(count, "SK")[len(layout.COUNTER_PREFIX):]
+                for count in [*counts, *parents.values()] if _int(count, "rc") > 0}
 
     async def _end_nesting(self, run_key: str, key: str, token: str, until: float) -> None:
         """End a removal whose nested items are all gone: the count loses its mark and the
@@ -4098,6 +4129,27 @@ def _checkpoint_live(run_key: str, sequence: int, checkpoint_id: str, now: float
         ),
         **names.params(),
     }}
+
+
+def _count_delete(run_key: str, key: str) -> dict[str, Any]:
+    """The delete of shared item ``key``'s count, only while it is zero."""
+    names = _Names()
+    return {"Delete": {
+        "Key": {"PK": _s(layout.partition(run_key)), "SK": _s(layout.counter_sk(key))},
+        "ConditionExpression": (f"attribute_not_exists({names('rc')}) OR "
+                                f"{names('rc')} <= {names.value(_n(0))}"),
+        **names.params(),
+    }}
+
+
+def _parents(key: str) -> list[str]:
+    """The keys ``key`` is nested under (each key before a ``/``), shortest first."""
+    return [key[:cut] for cut, char in enumerate(key) if char == NESTING]
+
+
+def _named_or_under(key: str, named: set[str]) -> bool:
+    """Whether ``key`` is in ``named`` or nested under a key in it."""
+    return bool(named) and (key in named or any(parent in named for parent in _parents(key)))
 
 
 def _chunks(groups: Sequence[list[dict[str, Any]]], size: int) -> list[list[list[dict[str, Any]]]]:

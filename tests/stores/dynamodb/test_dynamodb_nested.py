@@ -20,7 +20,7 @@ from fastcheckpoint.stores import dynamodb as dynamodb_module
 from fastcheckpoint.stores._dynamodb_items import Value
 from fastcheckpoint.stores.dynamodb import DynamoDBStore
 from fastcheckpoint.testing._adapter import _append_items
-from fastcheckpoint.testing._builders import T0, key_of, make_item, make_run
+from fastcheckpoint.testing._builders import T0, checkpoint_id_of, key_of, make_item, make_run
 from tests.stores._moto import moto_endpoint
 from tests.stores.dynamodb.test_dynamodb import (
     DEADLINE,
@@ -256,8 +256,12 @@ async def test_removing_nested_items_costs_a_transaction_per_99(store: DynamoDBS
         await store.delete_run(key)
 
     assert dynamo.counts == {
-        "BatchGetItem": 1,  # the count and the item
-        "Query": 1 + 2,  # is anything nested; then the nested records, per MB
+        # The count and the item (and the count of "h", the key it is nested under); then,
+        # with the first page of nested records, the count of "h" again.
+        "BatchGetItem": 1 + 1,
+        # Is anything nested; then the nested records, per MB, and (with the first page)
+        # the counts of keys nested under the anchor: which of them are named.
+        "Query": 1 + 2 + 1,
         # The anchor; the nested items; the end of the removal (the count's mark and the
         # run item's listing of the anchor).
         "TransactWriteItems": 1 + math.ceil((REMOVED + 1) / 99) + 1,
@@ -267,6 +271,32 @@ async def test_removing_nested_items_costs_a_transaction_per_99(store: DynamoDBS
     assert count is not None
     assert "np" not in count
     assert float(count["xat"]["N"]) == float(count["gn"]["N"]) + layout.CONDEMNED_SECONDS
+
+
+async def test_a_key_nested_under_a_named_one_stays_with_what_is_nested_under_it(
+    store: DynamoDBStore,
+) -> None:
+    """The shared item ``h/a`` that its last checkpoint left stays, with what is nested under
+    it, while a held checkpoint names ``h`` (the key it is nested under): ``h``'s rules
+    decide. Once nothing names ``h``, they all go with it."""
+    run = make_run("nested-under-named")
+    key = key_of(run)
+    with anyio.fail_after(DEADLINE):
+        await store.clients()
+        kept = [make_item("h"), make_item("h/a"), make_item("h/a/x")]
+        await _append_items(store, run, 0, refs=["h", "h/a"], items=kept)
+        await _append_items(store, run, 1, refs=["h"])
+        assert await store.delete(key, 0, checkpoint_id=checkpoint_id_of(run, 0))
+        await _purge_until_done(store, T0)
+        found = await store.read_with_items(key, sequence=1, now=T0)
+        assert found is not None
+        assert found[2] == {item.key: item.value for item in kept}
+        assert await _raw_item(store, key, layout.counter_sk("h/a")) is None
+
+        assert await store.delete(key, 1, checkpoint_id=checkpoint_id_of(run, 1))
+        await _purge_until_done(store, T0)
+        assert await store.scan_items(key, prefix="", start_after=None, limit=10,
+                                      reverse=False, now=T0) == []
 
 
 async def test_an_interrupted_removal_is_completed_by_the_next_purge(
