@@ -370,28 +370,13 @@ async def test_prefixes_that_name_one_namespace_are_one_store(shared_place: Stor
             await _holds_exactly(manager, ["made by the second"], ["made by the first"])
 
 
-
-NESTED_REFS_TAKEN_BY = {
-    kind: (f"the {kind} store removes every item nested under a key with the last checkpoint "
-           "naming that key, also items other held checkpoints name (or nested under them) "
-           "or own")
-    for kind in ("dynamodb",)
-    for kind in ("file", "sqlite")
-}
-"""Stores that take an item a held checkpoint names when a key it is nested under loses its
-last holder: the test below fails on them (strict xfail)."""
-
-
 async def test_an_item_a_checkpoint_names_stays_when_a_key_it_is_nested_under_goes(
-    place: StorePlace, request: pytest.FixtureRequest
+    place: StorePlace,
 ) -> None:
     """Item keys nest by prefix (``a/b`` is nested under ``a``), but a key one checkpoint names
     or owns is that checkpoint's, whatever other key it looks nested under: the removal of the
     last checkpoint naming ``a`` never takes ``a/b`` (nor ``a/`` and what is nested under it)
     while other checkpoints name them, nor ``a/w`` while its owner is held."""
-    if place.kind in NESTED_REFS_TAKEN_BY:
-        request.applymarker(pytest.mark.xfail(strict=True,
-                                              reason=NESTED_REFS_TAKEN_BY[place.kind]))
     store = await place.store()
     if not offers_nested_items(store):
         pytest.skip(f"{type(store).__name__} does not nest items")
@@ -426,22 +411,9 @@ async def test_an_item_a_checkpoint_names_stays_when_a_key_it_is_nested_under_go
         assert await _scan(store, run_key) == []
 
 
-
-OWNED_NESTED_READ_BY = {
-    kind: (f"the {kind} store's read_with_items returns, with the items nested under a ref, "
-           "items other checkpoints own")
-    for kind in ("s3", "dynamodb")
-    for kind in ("file", "sqlite", "dynamodb")
-    for kind in ("file", "sqlite")
-}
-
-
 async def test_a_read_never_returns_another_checkpoints_owned_item_nested_under_a_ref(
-    place: StorePlace, request: pytest.FixtureRequest
+    place: StorePlace,
 ) -> None:
-    if place.kind in OWNED_NESTED_READ_BY:
-        request.applymarker(pytest.mark.xfail(strict=True,
-                                              reason=OWNED_NESTED_READ_BY[place.kind]))
     store = await place.store()
     if not offers_nested_items(store):
         pytest.skip(f"{type(store).__name__} does not nest items")
