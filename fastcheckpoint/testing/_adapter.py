@@ -607,6 +607,14 @@ async def _nested(store: CheckpointStore, run: RunRecord, anchor: str, *, now: f
         after = page[-1][0]
 
 
+async def _purged(store: CheckpointStore) -> None:
+    """``purge_expired`` at ``T0`` until it says it is done."""
+    for _ in range(20):
+        if (await store.purge_expired(now=T0, limit=1000))[1]:
+            return
+    raise AssertionError("purge_expired never said it was done")
+
+
 class NestedItemsContract(ContractBase):
     """``SupportsNestedItems``: items nested under a shared item live and are read with it."""
 
@@ -796,6 +804,58 @@ class NestedItemsContract(ContractBase):
         await _append_items(store, new, 0, now=later, items=[make_item("h/b")])
         await store.purge_expired(now=later, limit=1000)
         assert await _nested(store, run, "h/a", now=later) == []
+
+    async def test_what_others_name_or_own_under_a_key_stays_when_its_last_holder_goes(
+        self, store: CheckpointStore
+    ) -> None:
+        """Keys nest by prefix (``a/b`` is nested under ``a``), but a key a held checkpoint
+        names or owns is that checkpoint's: the removal of the last checkpoint naming ``a``
+        takes neither ``a/b`` nor ``a/`` (and what is nested under them) while others name
+        them, nor ``a/w`` while its owner is held; they go once nothing names or owns them."""
+        assert isinstance(store, SupportsSharedItems)
+        run = make_run("nested-named-under")
+        key = key_of(run)
+        await _append_items(store, run, 0, refs=["a"], items=[make_item("a"), make_item("a/x")])
+        await _append_items(store, run, 1, refs=["a/b"], items=[make_item("a/b")])
+        await _append_items(store, run, 2, refs=["a/"],
+                            items=[make_item("a/"), make_item("a//z")])
+        await _append_items(store, run, 3, refs=["a/c/d"],
+                            items=[make_item("a/c/d"), make_item("a/c/d/e")])
+        await _append_items(store, run, 4, items=[make_item("a/w", owner=4)])
+        assert await store.put_owned_items(key, [make_item("a/v", owner=4)], owner=4,
+                                           checkpoint_id=checkpoint_id_of(run, 4),
+                                           if_absent=False, now=T0)
+        await _delete(store, run, 0)
+        await _purged(store)
+        for sequence, keys in ((1, ["a/b"]), (2, ["a/", "a//z"]), (3, ["a/c/d", "a/c/d/e"]),
+                               (4, ["a/v", "a/w"])):
+            found = await _read(store, run, sequence)
+            assert found is not None
+            assert found[2] == {name: f"value-{name}".encode() for name in keys}, sequence
+        assert await _nested(store, run, "a") == [
+            "a/", "a//z", "a/b", "a/c/d", "a/c/d/e", "a/v", "a/w"]
+
+        for sequence in (1, 2, 3, 4):
+            await _delete(store, run, sequence)
+        await _purged(store)
+        assert await _nested(store, run, "a") == []
+
+    async def test_a_read_leaves_out_what_other_checkpoints_own_under_a_ref(
+        self, store: CheckpointStore
+    ) -> None:
+        assert isinstance(store, SupportsSharedItems)
+        run = make_run("nested-owned-by-others")
+        await _append_items(store, run, 0, refs=["a"], items=[make_item("a"), make_item("a/x")])
+        await _append_items(store, run, 1, refs=["a"], items=[make_item("a/w", owner=1)])
+        assert await store.put_owned_items(key_of(run), [make_item("a/v", owner=1)], owner=1,
+                                           checkpoint_id=checkpoint_id_of(run, 1),
+                                           if_absent=False, now=T0)
+        found = await _read(store, run, 0)
+        assert found is not None
+        assert sorted(found[2]) == ["a", "a/x"]
+        found = await _read(store, run, 1)
+        assert found is not None
+        assert sorted(found[2]) == ["a", "a/v", "a/w", "a/x"]
 
     async def test_an_append_naming_a_removed_item_writes_nothing_under_it(
         self, store: CheckpointStore

@@ -26,17 +26,14 @@ from fastcheckpoint.stores import (
     CheckpointStore,
     SupportsLabels,
     SupportsRepair,
-    offers_nested_items,
 )
 from fastcheckpoint.testing import (
     T0,
-    checkpoint_id_of,
     key_of,
     make_checkpoint,
     make_item,
     make_run,
 )
-from fastcheckpoint.testing._adapter import _append_items
 from tests._helpers import FakeClock, make_config
 from tests.stores._every_store import KINDS, PREFIXED_KINDS, StorePlace
 from tests.stores._moto import moto_endpoint
@@ -368,77 +365,6 @@ async def test_prefixes_that_name_one_namespace_are_one_store(shared_place: Stor
         assert await managers[1].delete_run("made by the first") == 1
         for manager in managers:
             await _holds_exactly(manager, ["made by the second"], ["made by the first"])
-
-
-async def test_an_item_a_checkpoint_names_stays_when_a_key_it_is_nested_under_goes(
-    place: StorePlace,
-) -> None:
-    """Item keys nest by prefix (``a/b`` is nested under ``a``), but a key one checkpoint names
-    or owns is that checkpoint's, whatever other key it looks nested under: the removal of the
-    last checkpoint naming ``a`` never takes ``a/b`` (nor ``a/`` and what is nested under it)
-    while other checkpoints name them, nor ``a/w`` while its owner is held."""
-    store = await place.store()
-    if not offers_nested_items(store):
-        pytest.skip(f"{type(store).__name__} does not nest items")
-    run = make_run("nested keys")
-    run_key = key_of(run)
-    with anyio.fail_after(DEADLINE):
-        await _append_items(store, run, 0, refs=["a"], items=[make_item("a"),
-                                                              make_item("a/x")])
-        await _append_items(store, run, 1, refs=["a/b"], items=[make_item("a/b")])
-        await _append_items(store, run, 2, refs=["a/"], items=[make_item("a/"),
-                                                               make_item("a//z")])
-        await _append_items(store, run, 3, refs=["a/c/d"], items=[make_item("a/c/d"),
-                                                                  make_item("a/c/d/e")])
-        await _append_items(store, run, 4, items=[make_item("a/w", owner=4)])
-        assert await store.put_owned_items(run_key, [make_item("a/v", owner=4)], owner=4,
-                                           checkpoint_id=checkpoint_id_of(run, 4),
-                                           if_absent=False, now=T0)
-        assert await store.delete(run_key, 0, checkpoint_id=checkpoint_id_of(run, 0))
-        await _purged(store)
-        for sequence, keys in ((1, ["a/b"]), (2, ["a/", "a//z"]), (3, ["a/c/d", "a/c/d/e"]),
-                               (4, ["a/v", "a/w"])):
-            found = await store.read_with_items(run_key, sequence=sequence, now=T0)
-            assert found is not None
-            assert found[2] == {key: make_item(key).value for key in keys}, sequence
-        assert [key for key, _ in await _scan(store, run_key)] == [
-            "a/", "a//z", "a/b", "a/c/d", "a/c/d/e", "a/v", "a/w"]
-        # Once nothing names or owns them, they go.
-        for sequence in (1, 2, 3, 4):
-            assert await store.delete(run_key, sequence,
-                                      checkpoint_id=checkpoint_id_of(run, sequence))
-        await _purged(store)
-        assert await _scan(store, run_key) == []
-
-
-async def test_a_read_never_returns_another_checkpoints_owned_item_nested_under_a_ref(
-    place: StorePlace,
-) -> None:
-    store = await place.store()
-    if not offers_nested_items(store):
-        pytest.skip(f"{type(store).__name__} does not nest items")
-    run = make_run("owned under a ref")
-    run_key = key_of(run)
-    with anyio.fail_after(DEADLINE):
-        await _append_items(store, run, 0, refs=["a"], items=[make_item("a"),
-                                                              make_item("a/x")])
-        await _append_items(store, run, 1, refs=["a"], items=[make_item("a/w", owner=1)])
-        assert await store.put_owned_items(run_key, [make_item("a/v", owner=1)], owner=1,
-                                           checkpoint_id=checkpoint_id_of(run, 1),
-                                           if_absent=False, now=T0)
-        found = await store.read_with_items(run_key, sequence=0, now=T0)
-        assert found is not None
-        assert sorted(found[2]) == ["a", "a/x"]
-        found = await store.read_with_items(run_key, sequence=1, now=T0)
-        assert found is not None
-        assert sorted(found[2]) == ["a", "a/v", "a/w", "a/x"]
-
-
-async def _purged(store: CheckpointStore) -> None:
-    for _ in range(20):
-        if (await store.purge_expired(now=T0, limit=1000))[1]:
-            return
-    raise AssertionError("purge_expired never reported done")
 
 
 THREAD_IDS = (
