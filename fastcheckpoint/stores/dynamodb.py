@@ -81,7 +81,6 @@ from fastcheckpoint.stores import _dynamodb_layout as layout
 from fastcheckpoint.stores._aws import AwsEndpoint, error_code, open_client, translate
 from fastcheckpoint.stores._base import (
     MAX_ITEM_KEY_BYTES,
-    MAX_LABEL_BYTES,
     NESTING,
     CheckpointHeader,
     ExpiryCleanup,
@@ -2884,7 +2883,7 @@ class DynamoDBStore(ExpiryCleanup):
     async def runs_with_label(
         self, label: str, *, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
-        item_key_bytes(label, MAX_LABEL_BYTES, "a label")
+        check_labels((label,))
         if cursor is not None and not _CURSOR.fullmatch(cursor):
             raise ValidationError(f"malformed label listing cursor {cursor!r}")
         if limit < 1:

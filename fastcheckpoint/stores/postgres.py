@@ -773,9 +773,7 @@ class PostgresStore(ExpiryCleanup):
     ) -> tuple[list[RunRecord], str | None]:
         created_at, after = _parse_cursor(cursor)
         size = _page_size(limit)
-        if not isinstance(label, str):
-            raise ValidationError(f"label must be a str, got {type(label).__name__}")
-        raw = _utf8(label, "label")
+        raw = _utf8(check_labels((label,))[0], "label")
         rows = await self._fetch("runs_with_label", self._sql.runs_with_label, raw,
                                  size + 1, created_at, after, now)
         return self._page(rows, size)

@@ -101,7 +101,6 @@ from fastcheckpoint.errors import (
     ValidationError,
 )
 from fastcheckpoint.stores._base import (
-    MAX_LABEL_BYTES,
     CheckpointHeader,
     ExpiryCleanup,
     Item,
@@ -117,7 +116,6 @@ from fastcheckpoint.stores._base import (
     check_options,
     check_run_key,
     is_run_key,
-    item_key_bytes,
     unheld_refs,
 )
 from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop
@@ -990,9 +988,7 @@ class RedisStore(ExpiryCleanup):
     async def runs_with_label(
         self, label: str, *, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
-        if not isinstance(label, str) or not label:
-            raise ValidationError(f"a label is a non-empty str, got {label!r:.40}")
-        item_key_bytes(label, MAX_LABEL_BYTES, "a label")
+        check_labels((label,))
         return await self._page_runs(self._global + "l:" + label, None, limit, cursor, now)
 
     async def _page_runs(

@@ -76,6 +76,7 @@ from fastcheckpoint.stores._base import (
     check_int,
     check_items,
     check_keep_latest,
+    check_labels,
     check_options,
     check_run_key,
     check_seed,
@@ -1072,13 +1073,10 @@ class SQLiteStore(ExpiryCleanup):
     async def runs_with_label(
         self, label: str, *, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
-        if not isinstance(label, str):
-            raise ValidationError(f"label must be a str, got {type(label).__name__}")
+        check_labels((label,))
         after = _parse_cursor(cursor)
         limit = _check_limit(limit)
         check_time("now", now)
-        if not _encodable(label):
-            return [], None  # no run has a label that is not valid unicode
         return await self._call(
             self._page, steps.RUNS_WITH_LABEL, (*after, now, limit + 1, label), limit
         )

@@ -20,6 +20,7 @@ import pytest
 from fastcheckpoint.errors import SequenceConflict, SharedItemGone, ValidationError
 from fastcheckpoint.stores._base import (
     MAX_ITEM_KEY_BYTES,
+    MAX_LABEL_BYTES,
     CheckpointStore,
     Item,
     RunRecord,
@@ -100,6 +101,17 @@ class LabelsContract(ContractBase):
             f"run-{index}" for index in (4, 3, 2, 1, 0)
         ]
         assert await _all_with(store, "nobody", now=T0 + 10) == []
+
+    async def test_a_listing_by_a_label_no_run_can_carry_is_refused(
+        self, store: CheckpointStore
+    ) -> None:
+        """What a seed's labels may not be, a listing may not ask for: an empty label, one
+        that is not a ``str`` or not valid unicode, one over the byte limit."""
+        assert isinstance(store, SupportsLabels)
+        for label in ("", 7, "lone \ud800", "x" * (MAX_LABEL_BYTES + 1)):
+            with pytest.raises(ValidationError):
+                await store.runs_with_label(label, limit=5, cursor=None,  # type: ignore[arg-type]
+                                            now=T0)
 
     async def test_appends_do_not_change_labels(self, store: CheckpointStore) -> None:
         assert isinstance(store, SupportsLabels)
