@@ -4,6 +4,7 @@ lines (tests/_summary.py) are gathered here, from pytest-xdist's workers too."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -43,3 +44,18 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     backend: str = request.param
     return backend
+
+
+@pytest.fixture(autouse=True, scope="session")
+def lifecycle_rules_read_back_at_once() -> Iterator[None]:
+    """S3 provisioning reads the lifecycle rules it wrote back at once, not a second later
+    (most tests provision a new prefix, so each would wait): moto serves one request at a
+    time, and the tests of provisioning runs racing order their requests themselves."""
+    try:
+        from fastcheckpoint.stores import _s3_provision
+    except ImportError:  # installed without the AWS extras
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_s3_provision, "_SETTLE", 0.0)
+        yield

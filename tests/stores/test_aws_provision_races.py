@@ -17,7 +17,6 @@ import anyio
 import pytest
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 
-from fastcheckpoint.stores import _s3_provision as s3_provision
 from fastcheckpoint.stores.dynamodb import DynamoDBStore
 from fastcheckpoint.stores.s3 import S3Store
 from tests.stores._moto import REGION, moto_endpoint, unique_name
@@ -39,12 +38,6 @@ _Store = TypeVar("_Store", DynamoDBStore, S3Store)
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # aiobotocore runs on asyncio only
-
-
-@pytest.fixture(autouse=True)
-def no_settling(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Lifecycle rules read back at once: the tests order the runs' requests themselves."""
-    monkeypatch.setattr(s3_provision, "_SETTLE", 0.0)
 
 
 @pytest.fixture
