@@ -15,7 +15,7 @@ import functools
 import logging
 import sys
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Generic, ParamSpec, TypeVar, cast
 
 from fastcheckpoint.errors import ConfigurationError
@@ -80,12 +80,16 @@ class _Held(Generic[_T]):
         self.loop = loop
         self.calls = 0
         self.closing = False
+        self.closed_under_calls = False
         self._idle: asyncio.Event | None = None
 
-    def release(self) -> None:
+    def release(self) -> bool:
+        """Let go of the resource; True if this was the last call holding it and it was
+        closed under such calls (they may have reconnected it): close it again."""
         self.calls -= 1
         if not self.calls and self._idle is not None:
             self._idle.set()
+        return not self.calls and self.closed_under_calls
 
     async def idle(self) -> None:
         """Return once no call holds the resource."""
@@ -106,8 +110,8 @@ _CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
     "fastcheckpoint_store_call", default=None)
 
 
-@contextlib.contextmanager
-def _holding() -> Iterator[None]:
+@contextlib.asynccontextmanager
+async def _holding() -> AsyncIterator[None]:
     if (outer := _CALL.get()) is not None and not outer.ended:
         yield  # a call inside another: the outer one holds what both use
         return
@@ -118,8 +122,11 @@ def _holding() -> Iterator[None]:
     finally:
         _CALL.reset(token)
         call.ended = True  # a task the call started and left running holds nothing
-        for held in call.held.values():
-            held.release()
+        again = [owner._close_again(held)
+                 for (owner, _), held in call.held.items() if held.release()]
+        if again:
+            # Shielded: a cancelled call must not leave what it reconnected open.
+            await asyncio.shield(asyncio.gather(*again))
 
 
 def holds_clients(
@@ -131,7 +138,7 @@ def holds_clients(
 
     @functools.wraps(method)
     async def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with _holding():
+        async with _holding():
             return await method(*args, **kwargs)
 
     return call
@@ -150,7 +157,9 @@ class PerLoop(Generic[_T]):
 
     Closing a resource waits for the calls holding it (methods marked :func:`holds_clients`),
     at most :data:`CLOSE_WAIT_S`; a resource being closed is never handed out again: the next
-    :meth:`get` builds a new one.
+    :meth:`get` builds a new one. One closed while calls still held it is closed again as the
+    last of them returns (redis-py reconnects a client closed under a running command), unless
+    it was built again meanwhile (a client handed to the store is built again as itself).
     """
 
     def __init__(
@@ -223,12 +232,24 @@ class PerLoop(Generic[_T]):
             except asyncio.TimeoutError:
                 logger.warning("%s: closing a %s client %d calls still use after %g s",
                                self._store, self._driver, held.calls, CLOSE_WAIT_S)
+                held.closed_under_calls = True
             finally:
-                try:
-                    await self._close(held.resource)
-                except Exception:
-                    logger.warning("%s: closing a %s client failed", self._store,
-                                   self._driver, exc_info=True)
+                await self._close_logged(held.resource)
+
+    async def _close_again(self, held: _Held[_T]) -> None:
+        pending = self._by_loop.get(held.loop)
+        if pending is not None:
+            await asyncio.wait([pending])
+            if not _failed(pending) and pending.result().resource is held.resource:
+                return  # built again as itself, and in use: its own close comes later
+        await self._close_logged(held.resource)
+
+    async def _close_logged(self, resource: _T) -> None:
+        try:
+            await self._close(resource)
+        except Exception:
+            logger.warning("%s: closing a %s client failed", self._store, self._driver,
+                           exc_info=True)
 
     def _forget(self, held: _Held[_T]) -> None:
         pending = self._by_loop.get(held.loop)

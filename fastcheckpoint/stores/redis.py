@@ -57,15 +57,13 @@ See ``docs/stores/redis.md`` for URL options, memory per checkpoint and the ACL 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import math
 import os
 import re
 import struct
-import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -118,7 +116,7 @@ from fastcheckpoint.stores._base import (
     is_run_key,
     unheld_refs,
 )
-from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop
+from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop, holds_clients
 from fastcheckpoint.stores._redis_lua import INDEX, INTENT, SCRIPTS, without_flags
 
 __all__ = ["RedisCheckpointStore", "RedisStore", "redis_retry"]
@@ -293,58 +291,6 @@ class _Stale:
 _STALE = _Stale()
 
 
-_CLOSE_WAIT_S = 10.0
-"""How long closing a client waits for the commands running on it (a reply at most
-:data:`DEFAULT_SOCKET_TIMEOUT` away, for a store built from a URL)."""
-
-
-class _InFlight:
-    """The commands running on each client the store built, so that closing a client waits
-    for them.
-
-    redis-py reconnects a client closed under a running command (its retry), and those
-    connections stayed open until the garbage collector found the client. A command that
-    starts on a client closed already (its call got the client just before) closes it again
-    as it ends.
-    """
-
-    def __init__(self) -> None:
-        self._running: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-        self._idle: weakref.WeakKeyDictionary[Any, asyncio.Event] = weakref.WeakKeyDictionary()
-        self._closed: weakref.WeakSet[Any] = weakref.WeakSet()
-
-    @contextlib.asynccontextmanager
-    async def command(self, client: Any) -> AsyncIterator[None]:
-        self._running[client] = self._running.get(client, 0) + 1
-        try:
-            yield
-        finally:
-            left = self._running.pop(client) - 1
-            if left:
-                self._running[client] = left
-            else:
-                idle = self._idle.pop(client, None)
-                if idle is not None:
-                    idle.set()
-                if client in self._closed:
-                    # Shielded: a cancelled caller must not leave the reconnected client open.
-                    await asyncio.shield(asyncio.ensure_future(client.aclose()))
-
-    def opened(self, client: Any) -> None:
-        """``client`` serves calls again (a client handed in, used after :meth:`close`)."""
-        self._closed.discard(client)
-
-    async def close(self, client: Any) -> None:
-        """Close ``client`` once the commands running on it have ended, or after
-        :data:`_CLOSE_WAIT_S` (a command hanging on a client without timeouts must not hang
-        the close): those still running then close it again as they end."""
-        self._closed.add(client)
-        with anyio.move_on_after(_CLOSE_WAIT_S):
-            while self._running.get(client):
-                await self._idle.setdefault(client, asyncio.Event()).wait()
-        await client.aclose()
-
-
 class RedisStore(ExpiryCleanup):
     """Checkpoints in Redis 7+ (or Redis Cluster, or any server that speaks it, e.g. Valkey).
 
@@ -401,7 +347,6 @@ class RedisStore(ExpiryCleanup):
             "own store")
         self._factory: Callable[[], Any] | None = None
         self._owns_client = owns_client
-        self._in_flight = _InFlight()
         self._clients: PerLoop[Any] = PerLoop(
             self._build_client, self._close_client, store="RedisStore",
             driver="redis-py (redis.asyncio)")
@@ -492,7 +437,6 @@ class RedisStore(ExpiryCleanup):
         else:
             self._seed_loop.check()
             client = self._seed
-        self._in_flight.opened(client)
         if isinstance(client, RedisCluster):
             # redis-py (8.1) races when concurrent first commands discover the slots, tearing
             # down connections other tasks use: discover once, before anyone sends.
@@ -504,7 +448,7 @@ class RedisStore(ExpiryCleanup):
 
     async def _close_client(self, client: Any) -> None:
         if self._owns_client:
-            await self._in_flight.close(client)
+            await client.aclose()
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -587,8 +531,7 @@ class RedisStore(ExpiryCleanup):
 
     async def _driver(self, what: str, awaitable: Any, client: Any) -> Any:
         """``awaitable``, a call of the driver on ``client``: its errors made ours, and a
-        cancellation of the caller that it dropped raised once it returned. Closing the
-        client waits for it.
+        cancellation of the caller that it dropped raised once it returned.
 
         redis-py sends each command through ``asyncio.wait_for`` (when ``socket_timeout`` is
         set, as it is here), which before Python 3.12 returns the command's reply and drops
@@ -597,8 +540,7 @@ class RedisStore(ExpiryCleanup):
         run; its caller is cancelled after it, as one cancelled after a store call is."""
         pending = _cancellations()
         try:
-            async with self._in_flight.command(client):
-                result = await awaitable
+            result = await awaitable
         except _DRIVER_ERRORS as exc:
             self._raise(exc, what)
         if _cancellations() > pending:
@@ -780,6 +722,7 @@ class RedisStore(ExpiryCleanup):
 
     # -- checkpoint log --------------------------------------------------------------------
 
+    @holds_clients
     async def append(
         self,
         run_key: str,
@@ -792,6 +735,7 @@ class RedisStore(ExpiryCleanup):
         return await self.append_with_items(
             run_key, record, run=run, keep_latest=keep_latest, now=now, items=())
 
+    @holds_clients
     async def append_with_items(
         self,
         run_key: str,
@@ -858,16 +802,19 @@ class RedisStore(ExpiryCleanup):
             raise unheld_refs(run_key, record.sequence, [_text(key) for key in reply[1:]])
         return _text(reply[1])
 
+    @holds_clients
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
         reply = await self._run("get", run_key, now, [str(sequence)], checkpoint=sequence)
         return self._checkpoint(run_key, reply[1:]) if reply[0] == 1 else None
 
+    @holds_clients
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
         reply = await self._run("latest", run_key, now, [])
         return self._checkpoint(run_key, reply[1:]) if reply[0] == 1 else None
 
+    @holds_clients
     async def read_with_items(
         self, run_key: str, *, sequence: int | None, now: float
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
@@ -881,6 +828,7 @@ class RedisStore(ExpiryCleanup):
                  for index in range(11, len(reply), 2)}
         return record, status, items
 
+    @holds_clients
     async def headers(
         self,
         run_key: str,
@@ -924,6 +872,7 @@ class RedisStore(ExpiryCleanup):
             return None
         return record.status
 
+    @holds_clients
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
         reply = await self._run(
             "delete", run_key, None, [str(sequence), checkpoint_id, _token()],
@@ -933,12 +882,14 @@ class RedisStore(ExpiryCleanup):
             raise self._damaged(run_key, reply[1])
         return bool(reply[0])
 
+    @holds_clients
     async def delete_run(self, run_key: str) -> int:
         reply = await self._run("delete_run", run_key, None, [_token()])
         return int(reply[0])
 
     # -- runs ------------------------------------------------------------------------------
 
+    @holds_clients
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
         fields = await self._run("get_run", run_key, now, [])
         if fields[0] is None:
@@ -948,6 +899,7 @@ class RedisStore(ExpiryCleanup):
         record = self._run_record(run_key, fields)
         return record if _live(record.expires_at, now) else None
 
+    @holds_clients
     async def update_run(
         self,
         run_key: str,
@@ -980,11 +932,13 @@ class RedisStore(ExpiryCleanup):
     def _index_key(self, status: str | None) -> str:
         return self._global + ("all" if status is None else f"s:{status}")
 
+    @holds_clients
     async def list_runs(
         self, *, status: str | None, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
         return await self._page_runs(self._index_key(status), status, limit, cursor, now)
 
+    @holds_clients
     async def runs_with_label(
         self, label: str, *, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
@@ -1109,6 +1063,7 @@ class RedisStore(ExpiryCleanup):
         if ops:
             await self._apply_index_ops(client, ops)
 
+    @holds_clients
     async def count_runs(self, *, status: str | None, now: float) -> int:
         client = await self._clients.get()
         index = self._index_key(status)
@@ -1137,6 +1092,7 @@ class RedisStore(ExpiryCleanup):
 
     # -- items -----------------------------------------------------------------------------
 
+    @holds_clients
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
@@ -1159,6 +1115,7 @@ class RedisStore(ExpiryCleanup):
         if reply[0] == b"conflict":
             raise ConflictError(f"item {_text(reply[1])!r} already exists")
 
+    @holds_clients
     async def put_owned_items(
         self,
         run_key: str,
@@ -1189,6 +1146,7 @@ class RedisStore(ExpiryCleanup):
         limit."""
         self._check_size(f"item {item.key[:80]!r}", len(item.value))
 
+    @holds_clients
     async def get_items(
         self, run_key: str, keys: Sequence[str], *, now: float
     ) -> dict[str, bytes]:
@@ -1202,6 +1160,7 @@ class RedisStore(ExpiryCleanup):
                 found[key] = bytes(value)
         return found
 
+    @holds_clients
     async def scan_items(
         self,
         run_key: str,
@@ -1231,6 +1190,7 @@ class RedisStore(ExpiryCleanup):
         return [(_text(reply[index]), bytes(reply[index + 1] or b""))
                 for index in range(0, len(reply), 2)]
 
+    @holds_clients
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
         if not keys:
             check_run_key(run_key)
@@ -1240,6 +1200,7 @@ class RedisStore(ExpiryCleanup):
 
     # -- maintenance -----------------------------------------------------------------------
 
+    @holds_clients
     async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
         client = await self._clients.get()
         due, intents = await self._due(client, now, max(limit, 1))
@@ -1295,6 +1256,7 @@ class RedisStore(ExpiryCleanup):
 
     # -- repair ----------------------------------------------------------------------------
 
+    @holds_clients
     async def damaged_runs(
         self, *, run_key: str | None = None, now: float
     ) -> list[RunDamage]:
@@ -1313,11 +1275,10 @@ class RedisStore(ExpiryCleanup):
         pattern = f"{_glob_escape(self._ns)}{{*}}:[rs][ue][nq]"
         found: set[str] = set()
         try:
-            async with self._in_flight.command(client):
-                async for key in client.scan_iter(match=pattern, count=1000):
-                    match = re.fullmatch(rb".*\{([a-z2-7]{1,64})\}:(?:run|seq)", key)
-                    if match is not None:
-                        found.add(match[1].decode())
+            async for key in client.scan_iter(match=pattern, count=1000):
+                match = re.fullmatch(rb".*\{([a-z2-7]{1,64})\}:(?:run|seq)", key)
+                if match is not None:
+                    found.add(match[1].decode())
         except _DRIVER_ERRORS as exc:
             self._raise(exc, "damaged_runs")
         return sorted(found)
@@ -1333,6 +1294,7 @@ class RedisStore(ExpiryCleanup):
         return RunDamage(run_key=run_key, key=key, problem=f"the run record {_text(reply[0])}",
                          checkpoints=int(reply[1]), newest=newest)
 
+    @holds_clients
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
         for _ in range(8):
             reply = await self._run("inspect", run_key, now, [])

@@ -28,7 +28,6 @@ from fastcheckpoint import Checkpoint, CheckpointManager
 from fastcheckpoint.errors import ConfigurationError, StoreError
 from fastcheckpoint.stores import _loops
 from fastcheckpoint.stores import file as file_store
-from fastcheckpoint.stores import redis as redis_store
 from fastcheckpoint.stores._loops import PerLoop, holds_clients
 from fastcheckpoint.stores.dynamodb import DynamoDBStore
 from fastcheckpoint.stores.file import FileStore
@@ -102,7 +101,7 @@ async def test_redis_aclose_waits_for_a_hung_command_only_so_long(
 ) -> None:
     # A server that accepts and never answers, and a client of the store's own without
     # timeouts: the close gives up waiting for the hung command, and closes the client.
-    monkeypatch.setattr(redis_store, "_CLOSE_WAIT_S", 0.2)
+    monkeypatch.setattr(_loops, "CLOSE_WAIT_S", 0.2)
     accepted: list[asyncio.StreamWriter] = []
 
     async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
