@@ -66,6 +66,7 @@ __all__ = [
     "put_op",
     "shared_group",
     "strip_tags",
+    "unnamed_check",
     "wants_blob",
 ]
 
@@ -325,6 +326,21 @@ def nesting_done(run_key: str, key: str, token: str, until: float) -> dict[str, 
         "ConditionExpression": f"{names('np')} = {names.value(s(token))}",
         **names.params(),
     }
+
+
+def unnamed_check(run_key: str, key: str) -> dict[str, Any]:
+    """A check that no held checkpoint names ``key`` (its count is zero, or there is none),
+    sent with the deletes of the items nested under a removed shared item that it concerns
+    (the item's own key, a key between it and the removed one, a key the removed one is
+    nested under): an append that starts naming it after the removal read the counts raises
+    the count, so the transaction is cancelled rather than deleting what the append names."""
+    names = Names()
+    return {"ConditionCheck": {
+        "Key": {"PK": s(layout.partition(run_key)), "SK": s(layout.counter_sk(key))},
+        "ConditionExpression": (f"attribute_not_exists({names('rc')}) OR "
+                                f"{names('rc')} <= {names.value(n(0))}"),
+        **names.params(),
+    }}
 
 
 # -- labels ------------------------------------------------------------------------------------

@@ -3097,6 +3097,10 @@ class DynamoDBStore(ExpiryCleanup):
                 # the count stays in the expiry index and the next pass reads it again).
                 operations.append(items_layout.delete_when(
                     pk, layout.item_sk(key), "wt", item.get("wt", _s(""))))
+            # Only while no key it is nested under is named (an append may have started
+            # naming one since the counts were read): else it stays, and the next pass
+            # drops the count alone.
+            operations += [items_layout.unnamed_check(run_key, parent) for parent in _parents(key)]
         else:  # no item, or one owned by a checkpoint (it goes with it): only the count
             operations = [_count_delete(run_key, key)]
         try:
@@ -3137,38 +3141,58 @@ class DynamoDBStore(ExpiryCleanup):
 
     async def _remove_nested(self, run_key: str, key: str, token: str, until: float) -> None:
         """Delete the loose items nested under the removed shared item ``key`` (a Query page
-        per MB, a transaction per 99 records, each checking that the removal marked ``token``
-        is still under way), then end the removal. Spared: owned items (they go with their
-        owner) and what a held checkpoint names or is nested under a key one names (a Query
-        of the counts under ``key`` and a read of its parents', with the first page).
-        Interrupted, the mark stays in the expiry index, due: the next cleanup pass calls
-        this again. A transaction cancelled by the check means another worker finished it; a
-        delete refused because its record was rewritten since the page was read spares it
-        (written after the removal)."""
-        pk = layout.partition(run_key)
-        check = items_layout.nesting_check(run_key, key, token)
+        per MB), then end the removal. Spared: owned items (they go with their owner) and
+        what a held checkpoint names or is nested under a key one names (a Query of the
+        counts under ``key`` and a read of its parents', with the first page; see
+        :meth:`_delete_nested` for a naming after that read). Interrupted, the mark stays in
+        the expiry index, due: the next cleanup pass calls this again."""
         named, (records, start) = await pair(lambda: self._named_around(run_key, key),
                                              lambda: self._nested_page(run_key, key))
         while True:
-            groups: list[list[dict[str, Any]]] = []
-            blobs: list[str] = []
-            for record in records:
-                sort_key = _text(record, "SK")
-                if "o" in record or _named_or_under(sort_key[2:], named):
-                    continue
-                groups.append([items_layout.delete_when(pk, sort_key, "wt",
-                                                        record.get("wt", _s("")))])
-                blobs += [_text(record, "vb")] if "vb" in record else []
-            for chunk in _chunks(groups, _TRANSACTION_LIMIT - 1) if groups else []:
-                try:
-                    await self._commit([check, *(op for group in chunk for op in group)], keep=1)
-                except _Cancelled:
-                    return  # done by another worker: the item may be written anew since
-            await self._discard_blobs(blobs)
+            if not await self._delete_nested(run_key, key, token, records, named):
+                return  # done by another worker: the item may be written anew since
             if start is None:
                 break
             records, start = await self._nested_page(run_key, key, start=start)
         await self._end_nesting(run_key, key, token, until)
+
+    async def _delete_nested(
+        self, run_key: str, key: str, token: str, records: Sequence[Mapping[str, Any]],
+        named: set[str],
+    ) -> bool:
+        """Delete one page of nested ``records`` in transactions of up to 100 operations,
+        each checking that the removal marked ``token`` is still under way, and, for each
+        record, that the counts of its key, of the keys between it and ``key`` and of the
+        keys ``key`` is nested under are still zero: an append that started naming one
+        after ``named`` was read raises its count, which cancels the transaction; the keys
+        whose checks failed join ``named`` and the rest is sent again. A record rewritten
+        since the page was read (written after the removal) is spared. ``False`` when the
+        removal is no longer this one's (another worker finished it)."""
+        pending = [record for record in records if "o" not in record]
+        while True:
+            pending = [record for record in pending
+                       if not _named_or_under(_text(record, "SK")[2:], named)]
+            if not pending:
+                break
+            operations, taken = _nested_deletes(run_key, key, token, pending)
+            try:
+                await self._transact(operations)
+            except _Cancelled as cancelled:
+                if cancelled.failed(0):
+                    return False
+                failed = {_target(op)[1] for index, op in enumerate(operations)
+                          if cancelled.failed(index)}
+                named.update(sort_key[len(layout.COUNTER_PREFIX):] for sort_key in failed
+                             if sort_key.startswith(layout.COUNTER_PREFIX))
+                pending = [record for record in pending if _text(record, "SK") not in failed]
+                continue
+            pending = pending[taken:]
+        # The blobs of spared records stay with them (a rewritten one points elsewhere now).
+        await self._discard_blobs([
+            _text(record, "vb") for record in records
+            if "vb" in record and "o" not in record
+            and not _named_or_under(_text(record, "SK")[2:], named)])
+        return True
 
     async def _named_around(self, run_key: str, key: str) -> set[str]:
         """The keys held checkpoints name (count above zero) among those nested under ``key``
@@ -4139,6 +4163,33 @@ def _count_delete(run_key: str, key: str) -> dict[str, Any]:
                                 f"{names('rc')} <= {names.value(_n(0))}"),
         **names.params(),
     }}
+
+
+def _nested_deletes(
+    run_key: str, key: str, token: str, records: Sequence[Mapping[str, Any]]
+) -> tuple[list[dict[str, Any]], int]:
+    """The transaction deleting the first of ``records`` (loose items nested under ``key``,
+    whose removal marked ``token``) that fit in one, and how many: the check of the mark
+    first, then a check that the count of each key it deletes, of each key between such a
+    key and ``key``, and of each key ``key`` is nested under is zero (each once), then the
+    deletes, each only while its record is the one read."""
+    pk = layout.partition(run_key)
+    operations = [items_layout.nesting_check(run_key, key, token),
+                  *(items_layout.unnamed_check(run_key, parent) for parent in _parents(key))]
+    checked: set[str] = set()
+    deletes: list[dict[str, Any]] = []
+    for record in records:
+        sort_key = _text(record, "SK")
+        item_key = sort_key[len(layout.ITEM_PREFIX):]
+        under = nested_prefix(key)
+        new = [k for k in (*_parents(item_key), item_key) if k.startswith(under)
+               and k not in checked]
+        if deletes and len(operations) + len(new) + len(deletes) + 1 > _TRANSACTION_LIMIT:
+            break
+        checked.update(new)
+        operations += [items_layout.unnamed_check(run_key, k) for k in new]
+        deletes.append(items_layout.delete_when(pk, sort_key, "wt", record.get("wt", _s(""))))
+    return operations + deletes, len(deletes)
 
 
 def _parents(key: str) -> list[str]:

@@ -233,10 +233,13 @@ async def test_many_anchors_with_nested_items_make_reads_look_under_every_item(
     assert reads.counts == {"Query": 1 + 4, "GetItem": 1, "BatchGetItem": 1}
 
 
-async def test_removing_nested_items_costs_a_transaction_per_99(store: DynamoDBStore) -> None:
+async def test_removing_nested_items_costs_a_transaction_per_49(
+    store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The removal of an anchor with 300 nested items of 4 KB: one Query to find that there
-    are some, the transaction taking the anchor, then per MB a Query and per 99 items a
-    transaction, and one update ending the removal; the large value's object goes too."""
+    are some, the transaction taking the anchor, then per MB a Query and per 49 items of a
+    page a transaction (each delete goes with the check of its key's count), and one update
+    ending the removal; the large value's object goes too."""
     run = make_run("nested-removal-costs")
     key = key_of(run)
     with anyio.fail_after(SLOW_DEADLINE):
@@ -247,6 +250,16 @@ async def test_removing_nested_items_costs_a_transaction_per_99(store: DynamoDBS
                               now=T0)
         await _release(store, run, "h/log")
         assert len(await _blob_keys(store, key)) == 1
+        real_page = store._nested_page
+        pages: list[int] = []
+
+        async def counted_page(*args: Any, **kwargs: Any) -> Any:
+            found = await real_page(*args, **kwargs)
+            if kwargs.get("limit") is None:
+                pages.append(len(found[0]))
+            return found
+
+        monkeypatch.setattr(store, "_nested_page", counted_page)
         with counting(store) as (dynamo, s3):
             await store._sweep_shared(key, ["h/log"], T0)
         assert await _nested_keys(store, key, "h/log") == []
@@ -262,10 +275,14 @@ async def test_removing_nested_items_costs_a_transaction_per_99(store: DynamoDBS
         # Is anything nested; then the nested records, per MB, and (with the first page)
         # the counts of keys nested under the anchor: which of them are named.
         "Query": 1 + 2 + 1,
-        # The anchor; the nested items; the end of the removal (the count's mark and the
-        # run item's listing of the anchor).
-        "TransactWriteItems": 1 + math.ceil((REMOVED + 1) / 99) + 1,
+        # The anchor; the nested items: a transaction holds the check of the removal's
+        # mark, the check of the count of "h" and 49 deletes with the checks of their
+        # counts; the end of the removal (the count's mark and the run item's listing of
+        # the anchor).
+        "TransactWriteItems": 1 + sum(math.ceil(page / 49) for page in pages) + 1,
     }
+    assert sum(pages) == REMOVED + 1
+    assert len(pages) == 2
     assert s3.counts == {"DeleteObjects": 1}
     assert listed == (set(), False)
     assert count is not None
@@ -314,21 +331,21 @@ async def test_an_interrupted_removal_is_completed_by_the_next_purge(
         await _nest(store, key, "h/a", 150)
         await _release(store, run, "h/a")
 
-        real_commit = store._commit
+        real_transact = store._transact
         chunks = 0
 
-        async def dying_commit(operations: list[dict[str, Any]], *, keep: int) -> None:
+        async def dying_transact(operations: list[dict[str, Any]]) -> None:
             nonlocal chunks
             if "ConditionCheck" in operations[0]:  # a chunk of nested deletes
                 chunks += 1
                 if chunks == 2:
                     raise RuntimeError("the process died")
-            await real_commit(operations, keep=keep)
+            await real_transact(operations)
 
-        monkeypatch.setattr(store, "_commit", dying_commit)
+        monkeypatch.setattr(store, "_transact", dying_transact)
         with pytest.raises(RuntimeError, match="died"):
             await store._sweep_shared(key, ["h/a"], T0)
-        monkeypatch.setattr(store, "_commit", real_commit)
+        monkeypatch.setattr(store, "_transact", real_transact)
 
         left = await _nested_keys(store, key, "h/a")
         assert 0 < len(left) < 150
