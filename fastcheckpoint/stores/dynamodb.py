@@ -208,6 +208,9 @@ class _RunState:
     nesting_all: bool = False
     """Any shared item may have nested items (``nka``: ``nesting`` outgrew its capacity, or
     the run item was rebuilt): a read looks under every item it names."""
+    delete_tokens: tuple[str, ...] = ()
+    """The write tokens of the run's latest deletes, newest first (``dwt``, at most
+    ``_DELETE_TOKENS``): a delete's resend finds its own there after other writes."""
 
     def live(self, now: float) -> bool:
         return not self.purging and is_live(self.record.expires_at, now)
@@ -278,14 +281,20 @@ def _state_of(item: Mapping[str, Any], where: str) -> _RunState:
         label_ttl = _number(item, "lttl")
         nesting = frozenset(item.get("nk", {}).get("SS", ()))
         nesting_all = bool(item.get("nka", {}).get("BOOL", False))
+        delete_tokens = _text_list(item, "dwt")
     except (KeyError, TypeError, ValueError, AttributeError, msgspec.DecodeError) as exc:
         raise _DamagedRun(f"it is unreadable ({type(exc).__name__}: {exc})", key=where) from exc
     problem = book.problem(record.checkpoint_count, record.latest_sequence)
     if problem is not None:
         raise _DamagedRun(problem, key=where)
     return _RunState(record, rev, book, owners, owner_floor, purging, items_floor, label_ttl,
-                     nesting, nesting_all)
+                     nesting, nesting_all, delete_tokens)
 
+
+_DELETE_TOKENS: Final = 8
+"""Tokens of the latest deletes a run item keeps (``dwt``, about 20 bytes each): a delete whose
+reply was lost is recognised when its resend comes after fewer other deletes of the run (any
+number of creates and status changes)."""
 
 _NESTING_CAPACITY: Final = 32
 """Shared items a run item lists as having nested items (``nk``, at most 4 KB of keys);
@@ -369,6 +378,8 @@ def _run_item(
         item["nk"] = {"SS": sorted(state.nesting)}
     if state.nesting_all:
         item["nka"] = {"BOOL": True}
+    if state.delete_tokens:
+        item["dwt"] = _strings(state.delete_tokens)
     return item
 
 
@@ -1191,11 +1202,18 @@ class DynamoDBStore(ExpiryCleanup):
         await self._finish(run_key, plan)
         return plan.state.record.status
 
-    def _applied(self, run_key: str, cancelled: _Cancelled, token: str) -> _RunState | None:
+    def _applied(
+        self, run_key: str, cancelled: _Cancelled, token: str, *, deleted: bool = False
+    ) -> _RunState | None:
         """The run item after a transaction that changed it with ``token``, if the cancelled
-        one is its resend, refused because the first send was applied (its reply lost)."""
+        one is its resend, refused because the first send was applied (its reply lost).
+        ``deleted``: a ``delete``, whose token the run item also keeps among the latest
+        deletes' (``dwt``), so it is recognised after other writes landed in between."""
         old = cancelled.item(0)
-        if old is None or not cancelled.failed(0) or old.get("wt") != _s(token):
+        if old is None or not cancelled.failed(0):
+            return None
+        if old.get("wt") != _s(token) and not (deleted and _s(token) in old.get(
+                "dwt", {}).get("L", ())):
             return None
         return _state_of(old, self._where(run_key, layout.RUN_SK))
 
@@ -1390,13 +1408,16 @@ class DynamoDBStore(ExpiryCleanup):
         additions: _Additions | None = None,
         items_floor: int | None = None,
         checkpoint_ids: Mapping[int, str] | None = None,
+        deleting: bool = False,
         **record_changes: Any,
     ) -> _Plan:
         """The transaction taking the run from ``state`` to ``book`` (already without
         ``removed``): run update first, then ``operations``, then what must land with them
         (label entries' expiry, shared items and raised counts), then the removals' deletes
         and lowered counts. ``added``: expiries of the checkpoints this change puts in the
-        back of ``book``. ``checkpoint_ids``: removals conditioned on the checkpoint's id."""
+        back of ``book``. ``checkpoint_ids``: removals conditioned on the checkpoint's id.
+        ``deleting``: a ``delete``, whose token the run item also keeps among those of the
+        latest deletes (``dwt``)."""
         if book.lowers_latest([held.expires_at for held in removed], now):
             excluded = {held.sequence for held in removed}
             await self._rescan_latest(run_key, state, book, excluded, added)
@@ -1405,6 +1426,9 @@ class DynamoDBStore(ExpiryCleanup):
         new_state = _changed(state, book, sequences, floor, **record_changes)
         if additions is not None:
             new_state = _nesting_after(new_state, additions.nesting)
+        if deleting:
+            tokens = (token, *state.delete_tokens)[:_DELETE_TOKENS]
+            new_state = dataclasses.replace(new_state, delete_tokens=tokens)
         update = {"Update": _run_update(run_key, state, new_state, sequences, token,
                                         () if additions is None else additions.nesting)}
         removal = await self._removal(run_key, state, sequences, checkpoint_ids or {})
@@ -1918,7 +1942,7 @@ class DynamoDBStore(ExpiryCleanup):
             try:
                 await self._commit(plan.operations, keep=2)
             except _Cancelled as cancelled:
-                applied = self._applied(run_key, cancelled, token)
+                applied = self._applied(run_key, cancelled, token, deleted=True)
                 if applied is not None:  # our first send did it; its reply was lost
                     plan.state = applied
                     await self._committed(run_key, plan)
@@ -1957,7 +1981,7 @@ class DynamoDBStore(ExpiryCleanup):
             book.remove_back(removed.expires_at)
         return await self._plan_change(
             run_key, state, book, [removed], [], now=float("-inf"), token=token,
-            checkpoint_ids={sequence: checkpoint_id})
+            checkpoint_ids={sequence: checkpoint_id}, deleting=True)
 
     async def _back_entries(
         self, run_key: str, state: _RunState, sequences: Sequence[int]
@@ -3799,7 +3823,8 @@ def _changed(
         owners = frozenset(owner for owner in owners if owner >= floor)
     return _RunState(head, state.rev + 1, book, owners, floor, items_floor=items_floor,
                      label_ttl=_label_ttl(state.label_ttl, book, head.labels),
-                     nesting=state.nesting, nesting_all=state.nesting_all)
+                     nesting=state.nesting, nesting_all=state.nesting_all,
+                     delete_tokens=state.delete_tokens)
 
 
 def _shards() -> range:
@@ -3923,6 +3948,8 @@ def _run_update(
         assignments["lttl"] = _n(new.label_ttl)
     if new.nesting_all and not old.nesting_all:
         assignments["nka"] = {"BOOL": True}
+    if new.delete_tokens != old.delete_tokens:
+        assignments["dwt"] = _strings(new.delete_tokens)
     sets = ", ".join(f"{names(k)} = {names.value(v)}" for k, v in assignments.items())
     gone = [name for name in (*_EXPIRY_ATTRIBUTES, "lttl") if name not in assignments]
     if "nka" in assignments:

@@ -408,6 +408,45 @@ async def test_a_delete_or_status_change_whose_reply_was_lost_reports_what_happe
             assert ([header.sequence for header in found], status) == ([1], "completed")
 
 
+@pytest.mark.parametrize("meanwhile", ["create", "delete"])
+async def test_a_delete_whose_reply_was_lost_before_another_write_is_reported_applied(
+    provisioned: str, aws_names: tuple[str, str], meanwhile: str
+) -> None:
+    """The delete lands, another process creates or deletes a checkpoint of the run, then
+    the driver sends the delete again: refused (moto ignores the idempotency token), it must
+    still be reported applied, not ``False``. Either write replaces the run item's write
+    token, and a delete the last delete's: the run item keeps the tokens of its latest
+    deletes, which tell."""
+    seed = make_run(f"lost-delete-{meanwhile}")
+    key = key_of(seed)
+    others = {"create": 0, "delete": 1}[meanwhile]
+    async with opened(provisioned, aws_names, retry=QUICK) as store, opened(
+        provisioned, aws_names, prefix=store.prefix
+    ) as other:
+        with anyio.fail_after(DEADLINE):
+            for sequence in range(others + 2):
+                await store.append(key, make_checkpoint(seed, sequence), run=seed,
+                                   keep_latest=None, now=T0)
+
+            async def another_write() -> None:  # lands between our delete and its resend
+                if not others:
+                    await other.append(key, make_checkpoint(seed, 2), run=seed,
+                                       keep_latest=None, now=T0)
+                for sequence in range(2, others + 2):
+                    assert await other.delete(key, sequence,
+                                              checkpoint_id=checkpoint_id_of(seed, sequence))
+
+            ddb, _ = await store.clients()
+            with _LoseFirstReply(ddb, "TransactWriteItems", another_write) as fault:
+                deleted = await store.delete(key, 0, checkpoint_id=checkpoint_id_of(seed, 0))
+            assert fault.lost == 1
+            assert deleted is True
+            found, _ = await store.headers(key, before=None, limit=20, now=T0)
+            assert [header.sequence for header in found] == ([1] if others else [2, 1])
+            # Reported once: sent again now, it finds nothing to delete.
+            assert not await store.delete(key, 0, checkpoint_id=checkpoint_id_of(seed, 0))
+
+
 @pytest.mark.parametrize("guard", [0, None])
 async def test_a_status_change_whose_reply_was_lost_before_an_append_is_reported_applied(
     provisioned: str, aws_names: tuple[str, str], guard: int | None
