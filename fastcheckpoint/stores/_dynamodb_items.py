@@ -18,8 +18,9 @@ The mark goes after ``CONDEMNED_SECONDS``.
 
 Items nested under a shared item (keys starting with ``<key>/``) go with it. When there are
 any, its removal marks the count *nesting* too (``np``, a token) and enters it in the expiry
-index at once: the nested items are then deleted in transactions that each check the mark,
-and the mark goes last, with the item's key in the run item's list of items with nested
+index at once: the nested items are then deleted in transactions that each check the mark
+and that no key they concern is named meanwhile (see :func:`unnamed_check`), and the mark
+goes last, with the item's key in the run item's list of items with nested
 items (which reads consult; see ``DynamoDBStore._end_nesting``). A removal interrupted in
 between is completed by the next cleanup pass, and while the mark stands no append can bring
 the item back (see :func:`counter_raise`), so nested items of the old item never show under a

@@ -4203,12 +4203,12 @@ def _nested_deletes(
     pk = layout.partition(run_key)
     operations = [items_layout.nesting_check(run_key, key, token),
                   *(items_layout.unnamed_check(run_key, parent) for parent in _parents(key))]
+    under = nested_prefix(key)
     checked: set[str] = set()
     deletes: list[dict[str, Any]] = []
     for record in records:
         sort_key = _text(record, "SK")
         item_key = sort_key[len(layout.ITEM_PREFIX):]
-        under = nested_prefix(key)
         new = [k for k in (*_parents(item_key), item_key) if k.startswith(under)
                and k not in checked]
         if deletes and len(operations) + len(new) + len(deletes) + 1 > _TRANSACTION_LIMIT:
