@@ -1006,7 +1006,7 @@ class _Indexed(NamedTuple):
 class _Unknown(NamedTuple):
     """An item entry whose metadata is damaged, as the item index keeps it."""
 
-    claim: _ItemMeta | None
+    claim: _Claim | None
     """What its metadata says anyway (:class:`_DamagedItem`)."""
     bound: int | None
     """The latest checkpoint the log held when it was indexed (``None``: being indexed)."""
@@ -1093,7 +1093,10 @@ class _ItemIndex:
         latest = max(self.held, default=-1)
         for entry, unknown in self.unknown.items():
             if unknown.bound is None:
-                self.unknown[entry] = unknown._replace(bound=latest)
+                claim = unknown.claim
+                if claim is not None:
+                    claim = claim.owned_by(sorted(self.held))
+                self.unknown[entry] = _Unknown(claim, latest)
         self.end = changes.end
 
     def _hold(self, sequence: int, read: _Change) -> None:
@@ -1162,15 +1165,15 @@ class _ItemIndex:
     def _suspects(self, unknown: _Unknown) -> set[int]:
         """The held checkpoints an unknown item entry may belong to (as an owned item, or a
         shared one they name): those held when it was indexed (``bound``; its owner, or the
-        checkpoint that brought it, came before it), narrowed by what its metadata claims.
-        A claimed owner is taken as it reads (damage that makes it name another held
-        checkpoint goes unseen); a claimed shared item may be one of their refs not indexed,
-        or nested under one."""
+        checkpoint that brought it, came before it), narrowed by what its metadata claims
+        (:meth:`_Claim.owned_by`). A claimed owner is taken as it reads; all of them when it is
+        not one of them. A claimed shared item may be one of their refs not indexed, or nested
+        under one."""
         bound = -1 if unknown.bound is None else unknown.bound
         candidates = {sequence for sequence in self.held if sequence <= bound}
-        claim = unknown.claim
-        if claim is None:
+        if unknown.claim is None:
             return candidates
+        claim = unknown.claim.meta
         if claim.owner is not None:
             return {claim.owner} if claim.owner in candidates else candidates
 
@@ -1451,16 +1454,40 @@ class _CheckpointRefs(NamedTuple):
     refs: tuple[str, ...]
 
 
+class _Claim(NamedTuple):
+    """What the metadata of a damaged item entry says, with what its checksum covers."""
+
+    meta: _ItemMeta
+    covered: bytes
+    """The bytes its checksum covers before the metadata (the framing's fixed part)."""
+    checksum: int
+    """The checksum of the framing and metadata, as the entry holds it."""
+
+    def owned_by(self, owners: Iterable[int]) -> _Claim:
+        """The claim with the owner that makes its metadata pass its checksum: the first of
+        ``owners`` or a shared item's (none), when the owner is all the damage changed; the
+        claim as it is otherwise. Damage to the owner and to other bytes goes unseen."""
+        meta = self.meta
+        size = _FIXED.unpack(self.covered)[3]
+        for owner in (*owners, None):
+            if owner == meta.owner:
+                continue
+            raw = _ENCODER.encode(msgspec.structs.replace(meta, owner=owner))
+            if len(raw) == size and zlib.crc32(raw, zlib.crc32(self.covered)) == self.checksum:
+                return self._replace(meta=msgspec.structs.replace(meta, owner=owner))
+        return self
+
+
 class _DamagedItem(NamedTuple):
     """An item entry whose metadata fails its checks."""
 
     error: CorruptCheckpointError
-    claim: _ItemMeta | None
+    claim: _Claim | None
     """What its metadata says anyway, when it decodes and names the entry itself (``None``
     otherwise): a hint of whose it is, never trusted for a read."""
 
 
-def _claimed_meta(view: LogView, entry: int, at: Located) -> _ItemMeta | None:
+def _claimed_meta(view: LogView, entry: int, at: Located) -> _Claim | None:
     """The metadata of a damaged item entry, read without its checksum."""
     try:
         found = view.read_sized(entry, _PEEK_BYTES, at=at)
@@ -1470,7 +1497,9 @@ def _claimed_meta(view: LogView, entry: int, at: Located) -> _ItemMeta | None:
         meta = _ITEM_DECODER.decode(found.data[_PREFIX:_PREFIX + meta_len])
     except (CorruptCheckpointError, msgspec.DecodeError):
         return None
-    return meta if meta.entry == entry else None
+    if meta.entry != entry:
+        return None
+    return _Claim(meta, found.data[:_FIXED.size], _CRCS.unpack_from(found.data, _FIXED.size)[0])
 
 
 _Change = int | _ItemMeta | _CheckpointRefs | _DamagedItem | CorruptCheckpointError | None

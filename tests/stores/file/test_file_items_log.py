@@ -30,6 +30,7 @@ from fastcheckpoint.stores.file import FileStore
 from fastcheckpoint.stores.memory import MemoryStore
 from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_item, make_run
 from tests._file_records import (
+    LogRecord,
     Process,
     all_items,
     count_calls,
@@ -609,6 +610,51 @@ async def test_an_item_entry_whose_metadata_is_unreadable_fails_the_reads_that_m
         assert found[2] == _values("pending/3/a")
         assert record.exists()  # checkpoint 2 may still name it
         await _append(store, run, 4, keep_latest=2)
+        assert not record.exists()
+
+
+def _put_byte(record: LogRecord, index: int, value: int) -> None:
+    """Write ``value`` over byte ``index`` of the record's data in place in the log (its
+    checksums left as they were: damage, not a write)."""
+    view = file_log.open_view(str(record.run_dir))
+    assert view is not None
+    with view:
+        at = view.find(record.key)
+    assert at is not None, f"{record} is not in the log"
+    with open(record.run_dir / "log", "r+b") as log:
+        log.seek(at.offset + file_log._ENTRY + index)
+        log.write(bytes([value]))
+
+
+_OWNER_BYTE = file_store._PREFIX + 2 + len("pending/1/a")
+"""Where the owner of the item ``pending/1/a`` is in its entry's data (after the array and
+string markers and its key)."""
+
+
+async def test_damage_that_makes_an_owned_item_name_another_held_owner_fails_its_real_owners_read(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner of checkpoint 1's item turned into 0, another held checkpoint's number: the
+    metadata fails its checksum, and as it reads it names 0, which read fine without it while
+    1 read without it as if complete. Only the owner is wrong when the metadata with another
+    held owner passes the checksum: 1 is the owner, its read raises naming the entry, 0 reads
+    its own items, and the entry goes with 1."""
+    run = make_run("owner-damaged")
+    key = key_of(run)
+    with anyio.fail_after(30):
+        await _three_checkpoints_with_owned_items(FileStore(root), run)
+        record = item_record(root, key, "pending/1/a")
+        assert record.read_bytes()[_OWNER_BYTE] == 1
+        _put_byte(record, _OWNER_BYTE, 0)
+        _restart(monkeypatch, root, key)
+        store = FileStore(root)
+        with pytest.raises(CorruptCheckpointError, match="metadata is damaged") as caught:
+            await store.read_with_items(key, sequence=1, now=T0)
+        assert caught.value.key == str(record)
+        found = await store.read_with_items(key, sequence=0, now=T0)
+        assert found is not None
+        assert found[2] == _values("pending/0/a")
+        assert await store.delete(key, 1, checkpoint_id=checkpoint_id_of(run, 1))
         assert not record.exists()
 
 
