@@ -1166,16 +1166,19 @@ class _ItemIndex:
         """The held checkpoints an unknown item entry may belong to (as an owned item, or a
         shared one they name): those held when it was indexed (``bound``; its owner, or the
         checkpoint that brought it, came before it), narrowed by what its metadata claims
-        (:meth:`_Claim.owned_by`). A claimed owner is taken as it reads; all of them when it is
-        not one of them. A claimed shared item may be one of their refs not indexed, or nested
-        under one."""
+        (:meth:`_Claim.owned_by`). A claimed owner is taken as it reads: none when it is no
+        longer held (:meth:`orphaned`); all of them when it came after them (no owner comes
+        after its items, so the claim is wrong). A claimed shared item may be one of their
+        refs not indexed, or nested under one."""
         bound = -1 if unknown.bound is None else unknown.bound
         candidates = {sequence for sequence in self.held if sequence <= bound}
         if unknown.claim is None:
             return candidates
         claim = unknown.claim.meta
         if claim.owner is not None:
-            return {claim.owner} if claim.owner in candidates else candidates
+            if claim.owner in candidates:
+                return {claim.owner}
+            return set() if self.orphaned(unknown) else candidates
 
         def may_name(ref: str) -> bool:
             return ref not in self.items or claim.key == ref or \
@@ -1191,10 +1194,25 @@ class _ItemIndex:
                 return entry
         return None
 
+    def orphaned(self, unknown: _Unknown) -> bool:
+        """Whether an unknown item entry claims an owner that the log held once but no longer
+        holds (it was removed since, the entry left behind): no held checkpoint's."""
+        if unknown.claim is None or unknown.bound is None:
+            return False
+        owner = unknown.claim.meta.owner
+        return owner is not None and owner <= unknown.bound and owner not in self.held
+
+    def orphans(self) -> list[int]:
+        """The unknown item entries no held checkpoint owns (:meth:`orphaned`)."""
+        return [entry for entry, unknown in self.unknown.items() if self.orphaned(unknown)]
+
     def unneeded(self, removed: Collection[int]) -> list[int]:
-        """The unknown item entries that only checkpoints of ``removed`` may hold."""
+        """The unknown item entries that only checkpoints of ``removed`` may hold, and those
+        no held checkpoint owns."""
+        wanted = set(removed)
         return [entry for entry, unknown in self.unknown.items()
-                if (suspects := self._suspects(unknown)) and suspects <= set(removed)]
+                if self.orphaned(unknown) or (
+                    (suspects := self._suspects(unknown)) and suspects <= wanted)]
 
     def nested(self, key: str) -> list[str]:
         """Keys of the items nested under ``key``, ascending."""
@@ -1406,7 +1424,7 @@ class _Plan:
             known[_ITEMS_MADE] = made
         removes = [self._items[key].meta.entry
                    for key in (*self.removed, *self.writes) if key in self._items]
-        if self.index is not None and self.released:
+        if self.index is not None and self.index.unknown:
             removes += self.index.unneeded(self.released)
         return _Entries(puts, removes, known)
 
@@ -3449,7 +3467,8 @@ class FileStore(ExpiryCleanup):
         """Runs whose ``run.rec`` cannot be decoded, is missing (or holds no run) while
         checkpoints are in place, or belongs to another incarnation than they do. A record
         behind its log is not damaged: the run's next writer brings it up to date. Reads every
-        ``run.rec``, every checkpoint head of a damaged or expired run."""
+        ``run.rec``, every checkpoint head of a damaged or expired run, and the items of every
+        run, whose item entries no held checkpoint owns it removes (:meth:`_remove_orphans`)."""
         if run_key is not None:
             _check_run_key(run_key)
         return await self._call(self._damaged_runs, run_key, now)
@@ -3461,6 +3480,7 @@ class FileStore(ExpiryCleanup):
             keys = sorted(name for name in os.listdir(self._runs) if _RUN_KEY.fullmatch(name))
         found: list[RunDamage] = []
         for key in keys:
+            self._remove_orphans(key)
             if self._damage(key, now) is None:
                 continue  # the common case, decided without waiting for the run's writer
             with self._locked(key):
@@ -3468,6 +3488,39 @@ class FileStore(ExpiryCleanup):
             if damage is not None:
                 found.append(damage)
         return found
+
+    def _remove_orphans(self, run_key: str) -> None:
+        """Remove the item entries of the run whose metadata is damaged and names an owner
+        the log no longer holds (:meth:`_ItemIndex.orphaned`): no checkpoint can read them.
+        Looked for without the run lock; removed in one commit holding it."""
+        with self._reader(run_key) as files:
+            if files is None:
+                return
+            try:
+                got = files.items()
+            except _Unsettled:
+                pass  # looked for under the lock
+            except CorruptCheckpointError:
+                return  # the log itself is unreadable (:meth:`_damage` reports it)
+            else:
+                if got is None:
+                    return
+                with take(got[1].lock):
+                    if not got[1].orphans():
+                        return
+        with self._locked(run_key):
+            try:
+                plan = self._plan(run_key)
+            except CorruptCheckpointError:
+                return
+            orphans = [] if plan.index is None else plan.index.orphans()
+            if not orphans:
+                return
+            self._commit(run_key, None, items=plan.entries(run_key))
+        files = _Dir(self._run_dir(run_key))
+        for entry in orphans:
+            logger.warning("file store: removed item entry %s: its metadata is damaged and "
+                           "names a checkpoint the run no longer holds", files.record_key(entry))
 
     def _damage(self, run_key: str, now: float) -> RunDamage | None:
         files = _Dir(self._run_dir(run_key))

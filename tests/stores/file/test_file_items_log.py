@@ -658,6 +658,43 @@ async def test_damage_that_makes_an_owned_item_name_another_held_owner_fails_its
         assert not record.exists()
 
 
+@pytest.mark.parametrize("how", ["repair", "write"])
+async def test_a_damaged_owned_item_whose_owner_is_gone_blames_no_checkpoint_and_goes(
+    root: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Checkpoint 1's item, its key damaged, left in the log when 1 was removed (a writer
+    that did not know the entry, as before damaged entries were kept): its metadata names 1,
+    no longer held. Reads of 0 and 2 raised for it until both were gone, and nothing removed
+    it; they read as before, and the store's repair scan or the run's next write removes the
+    entry (it is no held checkpoint's)."""
+    run = make_run("owner-gone")
+    key = key_of(run)
+    with anyio.fail_after(30):
+        await _three_checkpoints_with_owned_items(FileStore(root), run)
+        record = item_record(root, key, "pending/1/a")
+        record.flip(file_store._PREFIX + 10)  # inside its key: "pending/1/a" -> "pending/q/a"
+        _restart(monkeypatch, root, key)
+        with monkeypatch.context() as patched:
+            patched.setattr(file_store._ItemIndex, "unneeded", lambda *_: [])
+            store = FileStore(root)
+            assert await store.delete(key, 1, checkpoint_id=checkpoint_id_of(run, 1))
+        assert record.exists()
+        _restart(monkeypatch, root, key)
+        store = FileStore(root)
+        for sequence, items in ((0, _values("pending/0/a")), (2, _values("shared/a"))):
+            found = await store.read_with_items(key, sequence=sequence, now=T0)
+            assert found is not None
+            assert found[2] == items
+        if how == "repair":
+            assert await store.damaged_runs(now=T0) == []
+        else:
+            await _append(store, run, 3)
+        assert not record.exists()
+        found = await store.read_with_items(key, sequence=0, now=T0)
+        assert found is not None
+        assert found[2] == _values("pending/0/a")
+
+
 @pytest.mark.parametrize("entry", ["run.rec", "checkpoint"])
 async def test_damage_in_the_newest_commit_idx_covers_is_not_a_torn_tail(
     root: Path, entry: str
