@@ -221,6 +221,14 @@ class _RunState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     expire first, the latest expiry last. ``checkpoint_count == immortal + len(expiring)``."""
     items_next_expiry: float | None = None
     """No item expires before this (a lower bound; ``None``: none expires)."""
+    gaps: tuple[int, ...] = ()
+    """Sequences from ``low`` to the latest whose checkpoints were removed, ascending, when
+    they are all listed (``immortal + len(expiring) + len(gaps)`` fills the range; a record
+    of an earlier version, or one with more than :data:`_MAX_GAPS` of them, lists none): with
+    them, ``run.rec`` tells which never-expiring checkpoints are held."""
+
+
+_MAX_GAPS = 1024
 
 
 class _CheckpointMeta(msgspec.Struct, frozen=True, array_like=True):
@@ -452,7 +460,7 @@ class _Ledger:
         del self.expiring[:count]
 
     def state(self) -> _RunState:
-        gone = set(self.removed)
+        gone = set(self.removed).union(self.base.gaps)
         low = self.low
         while low in gone:
             low += 1
@@ -460,6 +468,10 @@ class _Ledger:
             # Only checkpoints that expire are held, and the index knows all of them.
             lowest = min((sequence for _, sequence in self.expiring), default=None)
             low = max(low, self.run.latest_sequence + 1 if lowest is None else lowest)
+        latest = self.run.latest_sequence
+        gaps = tuple(sorted(sequence for sequence in gone if low <= sequence <= latest))
+        if self.held + len(gaps) != latest - low + 1 or len(gaps) > _MAX_GAPS:
+            gaps = ()  # not all known (a record of an earlier version left them out)
         run = msgspec.structs.replace(
             self.run,
             checkpoint_count=self.held,
@@ -471,19 +483,25 @@ class _Ledger:
             low=low,
             immortal=self.immortal,
             expiring=tuple(self.expiring),
+            gaps=gaps,
         )
 
 
 def _known_held(state: _RunState, sequence: int) -> bool:
     """Whether ``run.rec`` (``state``) tells that the log holds checkpoint ``sequence``: one
     it lists as expiring, or any of its range when the count of held checkpoints fills it
-    (none was deleted inside it). Asked only of a slot of ``idx`` found zeroed: O(held)."""
+    (none was deleted inside it) or fills it with the gaps it lists, but those. Asked only of
+    a slot of ``idx`` found zeroed: O(held)."""
     run = state.run
     if run is None or not state.low <= sequence <= run.latest_sequence:
         return False
-    if state.immortal + len(state.expiring) == run.latest_sequence - state.low + 1:
+    held = state.immortal + len(state.expiring)
+    size = run.latest_sequence - state.low + 1
+    if held == size:
         return True
-    return any(held == sequence for _, held in state.expiring)
+    if any(expiring == sequence for _, expiring in state.expiring):
+        return True
+    return held + len(state.gaps) == size and sequence not in state.gaps
 
 
 def _held_expiry(immortal: int, expiring: Sequence[tuple[float, int]]) -> float | None:
