@@ -822,12 +822,25 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         return None
 
     async def _read_logs(self, where: _Where, parent_id: str, now: float) -> _Logs | None:
-        """:meth:`_known_logs` read from the parent's header (1 or 2 store calls, also with
-        logs off here: another process may have written them); ``None`` when the parent is
-        gone: the save then sends every value."""
-        located = self._state.located.get((where.key, parent_id))
+        """:meth:`_known_logs` read from the parent's header (also with logs off here:
+        another process may have written them); ``None`` when the parent is gone: the save
+        then sends every value."""
+        found = await self._read_header(where, parent_id, now)
+        if found is None:
+            return None
+        located, header = found
+        place = f"run {where.run_id[:80]!r} sequence {located.sequence} (header)"
+        logs = (located.incarnation, self._headers_of(where, header, place)[1].logs or {})
+        self._state.logs.put((where.key, parent_id), logs)
+        return logs
+
+    async def _read_header(
+        self, where: _Where, checkpoint_id: str, now: float
+    ) -> tuple[Located, CheckpointHeader] | None:
+        """A checkpoint's header, found by its id (1 or 2 store calls); ``None`` if gone."""
+        located = self._state.located.get((where.key, checkpoint_id))
         if located is None:
-            located = await self._lookup(where, parent_id, now)
+            located = await self._lookup(where, checkpoint_id, now)
         if located is None:
             return None
         page, _ = await self._store.headers(where.key, before=located.sequence + 1, limit=1,
@@ -835,10 +848,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         expected = _ids.checkpoint_id(where.key, located.incarnation, located.sequence)
         if not page or page[0].checkpoint_id != expected:
             return None
-        place = f"run {where.run_id[:80]!r} sequence {located.sequence} (header)"
-        found = (located.incarnation, self._headers_of(where, page[0], place)[1].logs or {})
-        self._state.logs.put((where.key, parent_id), found)
-        return found
+        return located, page[0]
 
     def _writes_of(
         self, sequence: int, items: dict[str, bytes], place: str
@@ -1305,18 +1315,12 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
     async def _read_floors(
         self, where: _Where, checkpoint_id: str, now: float
     ) -> tuple[str, int, dict[str, int] | None] | None:
-        """A checkpoint's ``delta`` from its header (1 or 2 store calls); ``None`` if gone."""
-        located = self._state.located.get((where.key, checkpoint_id))
-        if located is None:
-            located = await self._lookup(where, checkpoint_id, now)
-        if located is None:
+        """A checkpoint's ``delta`` from its header; ``None`` if gone."""
+        found = await self._read_header(where, checkpoint_id, now)
+        if found is None:
             return None
-        page, _ = await self._store.headers(where.key, before=located.sequence + 1, limit=1,
-                                            now=now)
-        expected = _ids.checkpoint_id(where.key, located.incarnation, located.sequence)
-        if not page or page[0].checkpoint_id != expected:
-            return None
-        self._lowest_of(where, page[0], located.incarnation)
+        located, header = found
+        self._lowest_of(where, header, located.incarnation)
         return self._state.floors.get((where.key, checkpoint_id))
 
     def _kept(self, where: _Where, located: Located, delta: dict[str, int] | None) -> int | None:
