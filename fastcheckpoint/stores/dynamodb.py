@@ -296,6 +296,15 @@ _DELETE_TOKENS: Final = 8
 reply was lost is recognised when its resend comes after fewer other deletes of the run (any
 number of creates and status changes)."""
 
+def _surviving_tokens(item: Mapping[str, Any]) -> tuple[str, ...]:
+    """The latest deletes' tokens (``dwt``) of a damaged run item, if they are readable: the
+    rebuilt item keeps them, so a delete resent after the rebuild is still recognised."""
+    try:
+        return _text_list(item, "dwt")[:_DELETE_TOKENS]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return ()
+
+
 _NESTING_CAPACITY: Final = 32
 """Shared items a run item lists as having nested items (``nk``, at most 4 KB of keys);
 beyond it the run item says any may (``nka``) and reads look under every item they name."""
@@ -3594,9 +3603,9 @@ class DynamoDBStore(ExpiryCleanup):
             raise CheckpointNotFound(
                 f"no intact checkpoint of run key {run_key} is left to rebuild its record from"
             )
-        state = await self._rebuilt_state(run_key, log, seed, now)
-        names = _Names()
         previous = run_item or {}
+        state = await self._rebuilt_state(run_key, log, seed, now, _surviving_tokens(previous))
+        names = _Names()
         unchanged = " AND ".join(
             f"{names(name)} = {names.value(previous[name])}" if name in previous
             else f"attribute_not_exists({names(name)})"
@@ -3617,7 +3626,8 @@ class DynamoDBStore(ExpiryCleanup):
         return state.record
 
     async def _rebuilt_state(
-        self, run_key: str, log: list[dict[str, Any]], seed: RunRecord, now: float
+        self, run_key: str, log: list[dict[str, Any]], seed: RunRecord, now: float,
+        delete_tokens: tuple[str, ...],
     ) -> _RunState:
         book = Book()
         for item in log:
@@ -3650,7 +3660,8 @@ class DynamoDBStore(ExpiryCleanup):
         rev = secrets.randbits(48)
         # Which items have nested items is not in the log: reads look under every one.
         return _RunState(record, rev, book, frozenset(owners), floor,
-                         items_floor=min(naming, default=None), nesting_all=True)
+                         items_floor=min(naming, default=None), nesting_all=True,
+                         delete_tokens=delete_tokens)
 
     async def _owners(self, run_key: str) -> set[int]:
         """The sequences that own items (or have a guard), from the records next to them."""

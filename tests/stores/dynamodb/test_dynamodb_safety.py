@@ -50,6 +50,7 @@ from tests.stores.dynamodb.test_dynamodb import (
     provisioned,
     store,
 )
+from tests.stores.dynamodb.test_dynamodb_repair import _garble
 
 __all__ = ["atomic_moto", "aws_names", "moto_endpoint", "provisioned", "store"]
 
@@ -445,6 +446,35 @@ async def test_a_delete_whose_reply_was_lost_before_another_write_is_reported_ap
             assert [header.sequence for header in found] == ([1] if others else [2, 1])
             # Reported once: sent again now, it finds nothing to delete.
             assert not await store.delete(key, 0, checkpoint_id=checkpoint_id_of(seed, 0))
+
+
+async def test_a_delete_whose_reply_was_lost_before_a_rebuild_is_reported_applied(
+    provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    """The delete lands, the run item is damaged and rebuilt (``doctor --repair``), then the
+    driver sends the delete again: the rebuilt item has a new write token, so only the
+    latest deletes' tokens, carried over by the rebuild, tell that the delete was applied."""
+    seed = make_run("lost-delete-rebuild")
+    key = key_of(seed)
+    async with opened(provisioned, aws_names, retry=QUICK) as store, opened(
+        provisioned, aws_names, prefix=store.prefix
+    ) as other:
+        with anyio.fail_after(DEADLINE):
+            for sequence in range(2):
+                await store.append(key, make_checkpoint(seed, sequence), run=seed,
+                                   keep_latest=None, now=T0)
+
+            async def damage_and_rebuild() -> None:  # between our delete and its resend
+                await _garble(other, key, ("bk",))
+                await other.rebuild_run(key, seed, now=T0 + 1)
+
+            ddb, _ = await store.clients()
+            with _LoseFirstReply(ddb, "TransactWriteItems", damage_and_rebuild) as fault:
+                deleted = await store.delete(key, 0, checkpoint_id=checkpoint_id_of(seed, 0))
+            assert fault.lost == 1
+            assert deleted is True
+            found, _ = await store.headers(key, before=None, limit=20, now=T0 + 1)
+            assert [header.sequence for header in found] == [1]
 
 
 @pytest.mark.parametrize("guard", [0, None])
