@@ -19,7 +19,8 @@ The mark goes after ``CONDEMNED_SECONDS``.
 Items nested under a shared item (keys starting with ``<key>/``) go with it. When there are
 any, its removal marks the count *nesting* too (``np``, a token) and enters it in the expiry
 index at once: the nested items are then deleted in transactions that each check the mark
-and that no key they concern is named meanwhile (see :func:`unnamed_check`), and the mark
+and that no key they concern is named meanwhile (see :func:`unnamed_check`), condemning the
+counts of the keys they delete (see :func:`condemn_unnamed`), and the mark
 goes last, with the item's key in the run item's list of items with nested
 items (which reads consult; see ``DynamoDBStore._end_nesting``). A removal interrupted in
 between is completed by the next cleanup pass, and while the mark stands no append can bring
@@ -48,6 +49,7 @@ __all__ = [
     "Value",
     "anchor_record",
     "condemn",
+    "condemn_unnamed",
     "counter_change",
     "counter_raise",
     "delete_op",
@@ -327,6 +329,29 @@ def nesting_done(run_key: str, key: str, token: str, until: float) -> dict[str, 
         "ConditionExpression": f"{names('np')} = {names.value(s(token))}",
         **names.params(),
     }
+
+
+def condemn_unnamed(run_key: str, key: str, since: float, until: float) -> dict[str, Any]:
+    """The mark of a removal deleting items nested under a removed shared item on the count
+    of a key it deletes (or of a key between such a key and the removed one), only while no
+    held checkpoint names it (count zero, or none) and no removal of its own is under way
+    (``np``): :func:`unnamed_check`'s condition, and the key is *condemned* as in
+    :func:`condemn`, until ``until``. An append that names the key without writing it after
+    the delete (its writer saw the item before) is refused then, not acknowledged without
+    it; one that names it before the delete raises the count, which cancels the delete."""
+    names = Names()
+    zero = names.value(n(0))
+    return {"Update": {
+        "Key": {"PK": s(layout.partition(run_key)), "SK": s(layout.counter_sk(key))},
+        "UpdateExpression": (
+            f"SET {names('gn')} = {names.value(n(since))}, {names('rc')} = {zero}, "
+            f"{names('xpk')} = {names.value(s(f'x#{layout.shard_of(run_key)}'))}, "
+            f"{names('xat')} = {names.value(n(until))}"),
+        "ConditionExpression": (
+            f"(attribute_not_exists({names('rc')}) OR {names('rc')} <= {zero}) AND "
+            f"attribute_not_exists({names('np')})"),
+        **names.params(),
+    }}
 
 
 def unnamed_check(run_key: str, key: str) -> dict[str, Any]:

@@ -3182,7 +3182,7 @@ class DynamoDBStore(ExpiryCleanup):
         named, (records, start) = await pair(lambda: self._named_around(run_key, key),
                                              lambda: self._nested_page(run_key, key))
         while True:
-            if not await self._delete_nested(run_key, key, token, records, named):
+            if not await self._delete_nested(run_key, key, token, records, named, until):
                 return  # done by another worker: the item may be written anew since
             if start is None:
                 break
@@ -3191,23 +3191,25 @@ class DynamoDBStore(ExpiryCleanup):
 
     async def _delete_nested(
         self, run_key: str, key: str, token: str, records: Sequence[Mapping[str, Any]],
-        named: set[str],
+        named: set[str], until: float,
     ) -> bool:
         """Delete one page of nested ``records`` in transactions of up to 100 operations,
         each checking that the removal marked ``token`` is still under way, and, for each
         record, that the counts of its key, of the keys between it and ``key`` and of the
         keys ``key`` is nested under are still zero: an append that started naming one
         after ``named`` was read raises its count, which cancels the transaction; the keys
-        whose checks failed join ``named`` and the rest is sent again. A record rewritten
-        since the page was read (written after the removal) is spared. ``False`` when the
-        removal is no longer this one's (another worker finished it)."""
+        whose checks failed join ``named`` and the rest is sent again. The counts of the
+        keys under ``key`` are condemned with the check, until ``until``: an append naming
+        one after the delete is refused. A record rewritten since the page was read (written
+        after the removal) is spared. ``False`` when the removal is no longer this one's
+        (another worker finished it)."""
         pending = [record for record in records if "o" not in record]
         while True:
             pending = [record for record in pending
                        if not _named_or_under(_text(record, "SK")[2:], named)]
             if not pending:
                 break
-            operations, taken = _nested_deletes(run_key, key, token, pending)
+            operations, taken = _nested_deletes(run_key, key, token, pending, until)
             try:
                 await self._transact(operations)
             except _Cancelled as cancelled:
@@ -4204,17 +4206,19 @@ def _count_delete(run_key: str, key: str) -> dict[str, Any]:
 
 
 def _nested_deletes(
-    run_key: str, key: str, token: str, records: Sequence[Mapping[str, Any]]
+    run_key: str, key: str, token: str, records: Sequence[Mapping[str, Any]], until: float
 ) -> tuple[list[dict[str, Any]], int]:
     """The transaction deleting the first of ``records`` (loose items nested under ``key``,
     whose removal marked ``token``) that fit in one, and how many: the check of the mark
     first, then a check that the count of each key it deletes, of each key between such a
-    key and ``key``, and of each key ``key`` is nested under is zero (each once), then the
-    deletes, each only while its record is the one read."""
+    key and ``key``, and of each key ``key`` is nested under is zero (each once; the counts
+    under ``key`` condemned with it until ``until``), then the deletes, each only while its
+    record is the one read."""
     pk = layout.partition(run_key)
     operations = [items_layout.nesting_check(run_key, key, token),
                   *(items_layout.unnamed_check(run_key, parent) for parent in _parents(key))]
     under = nested_prefix(key)
+    since = until - layout.CONDEMNED_SECONDS  # when the removal began
     checked: set[str] = set()
     deletes: list[dict[str, Any]] = []
     for record in records:
@@ -4225,7 +4229,7 @@ def _nested_deletes(
         if deletes and len(operations) + len(new) + len(deletes) + 1 > _TRANSACTION_LIMIT:
             break
         checked.update(new)
-        operations += [items_layout.unnamed_check(run_key, k) for k in new]
+        operations += [items_layout.condemn_unnamed(run_key, k, since, until) for k in new]
         deletes.append(items_layout.delete_when(pk, sort_key, "wt", record.get("wt", _s(""))))
     return operations + deletes, len(deletes)
 

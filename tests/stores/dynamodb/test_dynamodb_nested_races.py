@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import pytest
 
+from fastcheckpoint.errors import SharedItemGone
 from fastcheckpoint.stores import Item
 from fastcheckpoint.stores import _dynamodb_layout as layout
 from fastcheckpoint.stores.dynamodb import DynamoDBStore
@@ -143,3 +144,59 @@ async def test_an_append_naming_the_key_above_before_the_removal_commits_keeps_t
         await store._sweep_shared(key, ["h/a"], T0)  # the next pass: the count alone goes
         assert await _raw_item(store, key, layout.counter_sk("h/a")) is None
         assert await _scan(store, key, "h") == ["h/a", "h/a/0"]
+
+
+@pytest.mark.parametrize(("named", "ended"), [
+    ("h/a/2", False),  # while the removal's mark on h/a still stands
+    ("h/a/2", True),
+    ("h/a/1/x", True),  # nested under a nested key
+])
+async def test_an_append_naming_a_nested_key_the_removal_took_is_refused(
+    store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch, named: str, ended: bool,
+) -> None:
+    """The removal of ``h/a`` has deleted ``named`` (unnamed then) when an append whose writer
+    saw it before names it without writing it: the append must be refused, nothing written,
+    not acknowledged without the item; written again with its value, it is taken."""
+    run = make_run(f"nested-named-after-{named}-{ended}")
+    key = key_of(run)
+    with anyio.fail_after(DEADLINE):
+        await store.clients()
+        await _append_items(store, run, 0, refs=["h/a"], items=[make_item("h/a")])
+        await store.put_items(key, [Item(key=k, value=k.encode()) for k in NESTED], now=T0)
+        await _list(store, key, "h/a")
+        await _release(store, run, "h/a")
+
+        real_end = store._end_nesting
+        refused: list[SharedItemGone] = []
+
+        async def append_then_end(*args: Any) -> None:
+            if not ended:  # the nested items are gone, the removal not yet over
+                refused.extend(await _refused(store, run, named))
+            await real_end(*args)
+
+        monkeypatch.setattr(store, "_end_nesting", append_then_end)
+        await store._sweep_shared(key, ["h/a"], T0)
+        monkeypatch.setattr(store, "_end_nesting", real_end)
+        assert await _scan(store, key, "h/") == []
+        if ended:
+            refused.extend(await _refused(store, run, named))
+        assert [error.keys for error in refused] == [(named,)]
+        assert await store.read_with_items(key, sequence=2, now=T0) is None
+
+        await _append_items(store, run, 2, refs=[named], items=[make_item(named)])
+        found = await store.read_with_items(key, sequence=2, now=T0)
+        assert found is not None
+        assert found[2] == {named: f"value-{named}".encode()}
+        # The marks go with the cleanup pass after they lapse; the named key's count stays.
+        while not (await store.purge_expired(now=T0 + layout.CONDEMNED_SECONDS, limit=100))[1]:
+            pass
+        assert [k for k in NESTED
+                if await _raw_item(store, key, layout.counter_sk(k)) is not None] == [named]
+
+
+async def _refused(store: DynamoDBStore, run: Any, named: str) -> list[SharedItemGone]:
+    try:
+        await _append_items(store, run, 2, refs=[named])
+    except SharedItemGone as error:
+        return [error]
+    return []
