@@ -10,7 +10,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from fastcheckpoint.errors import ConfigurationError, StoreError
 from fastcheckpoint.stores import _dynamodb_layout as layout
 from fastcheckpoint.stores._aws import error_code, translate
-from fastcheckpoint.stores._s3_provision import provision_bucket
+from fastcheckpoint.stores._s3_provision import own_rules, provision_bucket, rule_id
 
 __all__ = ["LIFECYCLE_RULE", "provision_blob_bucket", "provision_table"]
 
@@ -105,6 +105,8 @@ LIFECYCLE_RULE: Final[dict[str, Any]] = {
 
 
 async def provision_blob_bucket(client: Any, bucket: str, prefix: str) -> list[str]:
-    """The bucket of large payloads, with :data:`LIFECYCLE_RULE` under ``prefix``."""
-    rule = {**LIFECYCLE_RULE, "Filter": {"Prefix": prefix}}
-    return await provision_bucket(client, bucket, [rule])
+    """The bucket of large payloads, with :data:`LIFECYCLE_RULE` under ``prefix``, by the
+    prefix's id (:func:`rule_id`); the rule set under the old fixed id on this prefix goes."""
+    name = LIFECYCLE_RULE["ID"]
+    rule = {**LIFECYCLE_RULE, "ID": rule_id(name, prefix), "Filter": {"Prefix": prefix}}
+    return await provision_bucket(client, bucket, [rule], retired=own_rules([name], prefix))

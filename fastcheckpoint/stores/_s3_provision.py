@@ -4,13 +4,17 @@ the store's lifecycle rules, created or completed idempotently, never recreated.
 Shared by the S3 store (checkpoints) and the DynamoDB store (large payloads). Each step
 returns one line for people: ``"created ..."``, ``"enabled ..."``, ``"updated ..."``,
 ``"removed ..."`` or ``"found ..."`` (in place already). Several runs at once all succeed:
-each step is tried again while S3 says another request is changing the bucket.
+each step is tried again while S3 says another request is changing the bucket. Several
+stores share a bucket under prefixes of their own: each rule's id names its prefix
+(:func:`rule_id`), so a store's rules never replace another's.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import Any, Final, TypeVar
 
 import anyio
@@ -18,7 +22,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from fastcheckpoint.stores._aws import error_code, translate
 
-__all__ = ["provision_bucket"]
+__all__ = ["own_rules", "provision_bucket", "rule_id"]
 
 _T = TypeVar("_T")
 
@@ -30,6 +34,31 @@ _SETTLE: Final = 1.0
 """Seconds after writing the lifecycle rules before they are read back."""
 _RECHECKS: Final = 3
 """Read-backs at most (each merging our rules in again if they were dropped)."""
+_ID_HEAD: Final = 64
+"""Characters of the prefix a rule id shows; its digest tells prefixes apart."""
+_ID_DIGEST: Final = 16
+"""Hex digits of the prefix's SHA-256 in a rule id."""
+
+
+def rule_id(name: str, prefix: str) -> str:
+    """The id of the lifecycle rule ``name`` of the store under ``prefix``.
+
+    ``name`` itself for the empty prefix (the id all stores used before, so those rules stay
+    as they are); else ``name``, the prefix's first 64 characters with each run of characters
+    other than ``A-Z a-z 0-9 . _ -`` as one ``-``, and 16 hex digits of the SHA-256 of the
+    whole prefix: one id per (rule, prefix), readable, well under S3's 255 characters."""
+    if not prefix:
+        return name
+    head = re.sub(r"[^A-Za-z0-9._-]+", "-", prefix).strip("-")[:_ID_HEAD]
+    digest = hashlib.sha256(prefix.encode("utf-8")).hexdigest()[:_ID_DIGEST]
+    return "-".join(part for part in (name, head, digest) if part)
+
+
+def own_rules(names: Iterable[str], prefix: str) -> set[tuple[str, str]]:
+    """Each ``(id, prefix)`` under which a rule of ``names`` of the store under ``prefix`` may
+    be on a bucket: its :func:`rule_id`, and its name, the id before ids named the prefix. A
+    rule of that old id filtered on another prefix is another store's, so it is not ours."""
+    return {(ident, prefix) for name in names for ident in (name, rule_id(name, prefix))}
 
 
 async def provision_bucket(
@@ -37,11 +66,12 @@ async def provision_bucket(
     bucket: str,
     rules: Sequence[dict[str, Any]],
     *,
-    retired: Collection[str] = (),
+    retired: Collection[tuple[str, str]] = (),
 ) -> list[str]:
     """Make ``bucket`` ready: it exists, keeps versions, encrypts by default (an existing
     default encryption, e.g. KMS, is kept) and holds ``rules`` beside the bucket's other
-    lifecycle rules (which are kept); rules whose ids are in ``retired`` are removed."""
+    lifecycle rules (which are kept). A rule whose ``(id, filter prefix)`` is in ``retired``
+    (see :func:`own_rules`) and whose id is not one of ``rules`` is removed."""
     try:
         return [
             await _in_turn(lambda: _bucket(client, bucket)),
@@ -120,7 +150,8 @@ async def _encryption(client: Any, bucket: str) -> str:
 
 
 async def _lifecycle(
-    client: Any, bucket: str, rules: Sequence[dict[str, Any]], retired: Collection[str]
+    client: Any, bucket: str, rules: Sequence[dict[str, Any]],
+    retired: Collection[tuple[str, str]],
 ) -> list[str]:
     """Merge ``rules`` into the bucket's lifecycle configuration; after a write, look again.
 
@@ -141,7 +172,8 @@ async def _lifecycle(
 
 
 async def _merge_rules(
-    client: Any, bucket: str, rules: Sequence[dict[str, Any]], retired: Collection[str]
+    client: Any, bucket: str, rules: Sequence[dict[str, Any]],
+    retired: Collection[tuple[str, str]],
 ) -> list[str]:
     existing = await _rules_of(client, bucket)
     by_id = {rule.get("ID"): rule for rule in existing}
@@ -151,11 +183,12 @@ async def _merge_rules(
         verb = "created" if found is None else "found" if _echoes(found, rule) else "updated"
         done.append(f"{verb} lifecycle rule {rule['ID']}")
     wanted = {rule["ID"] for rule in rules}
-    done += [f"removed lifecycle rule {name}" for name in sorted(retired)
-             if name in by_id and name not in wanted]
+    gone = {name for name, prefix in retired
+            if name in by_id and name not in wanted and _prefix_of(by_id[name]) == prefix}
+    done += [f"removed lifecycle rule {name}" for name in sorted(gone)]
     if all(line.startswith("found") for line in done):
         return done
-    kept = [rule for rule in existing if rule.get("ID") not in wanted | set(retired)]
+    kept = [rule for rule in existing if rule.get("ID") not in wanted | gone]
     await client.put_bucket_lifecycle_configuration(
         Bucket=bucket, LifecycleConfiguration={"Rules": [*kept, *rules]}
     )
@@ -170,6 +203,12 @@ async def _rules_of(client: Any, bucket: str) -> list[dict[str, Any]]:
             return []
         raise
     return [dict(rule) for rule in response.get("Rules", [])]
+
+
+def _prefix_of(rule: dict[str, Any]) -> str | None:
+    """The prefix a rule filters on alone (ours never filter on tags or sizes), else None."""
+    scope = rule.get("Filter")
+    return scope.get("Prefix") if isinstance(scope, dict) and set(scope) == {"Prefix"} else None
 
 
 def _echoes(found: Any, wanted: Any) -> bool:

@@ -119,7 +119,7 @@ from fastcheckpoint.stores._s3_layout import (
     Slot,
     SweepLease,
 )
-from fastcheckpoint.stores._s3_provision import provision_bucket
+from fastcheckpoint.stores._s3_provision import own_rules, provision_bucket, rule_id
 
 if TYPE_CHECKING:
     from aiobotocore.session import AioSession
@@ -168,11 +168,14 @@ def lifecycle_rules(prefix: str = "", *, backstop_days: int | None = None) -> li
     * ``fastcheckpoint-backstop`` (with ``backstop_days``): delete any current object that
       many days after it was written, in case no cleanup loop ever runs. S3 counts whole days
       (rounded up to midnight UTC), so choose more than your longest TTL in days, plus one.
+
+    Under a prefix other than ``""`` each id carries the prefix (``rule_id``), so stores under
+    other prefixes of one bucket keep each their own rules.
     """
     scope = {"Prefix": prefix}
     rules: list[dict[str, Any]] = [
         {
-            "ID": "fastcheckpoint-noncurrent",
+            "ID": rule_id("fastcheckpoint-noncurrent", prefix),
             "Status": "Enabled",
             "Filter": dict(scope),
             "NoncurrentVersionExpiration": {"NoncurrentDays": 1},
@@ -187,7 +190,7 @@ def lifecycle_rules(prefix: str = "", *, backstop_days: int | None = None) -> li
             raise ValidationError(f"backstop_days must be a positive int, got {backstop_days!r}")
         rules.append(
             {
-                "ID": "fastcheckpoint-backstop",
+                "ID": rule_id("fastcheckpoint-backstop", prefix),
                 "Status": "Enabled",
                 "Filter": dict(scope),
                 "Expiration": {"Days": backstop_days},
@@ -694,13 +697,14 @@ class S3Store(ExpiryCleanup):
 
         Returns one line per thing checked, saying what was done: ``"created ..."``,
         ``"enabled ..."``, ``"updated ..."`` (a rule of ours with other settings),
-        ``"removed ..."`` (the backstop rule, when ``backstop_days`` is no longer given) or
-        ``"found ..."`` (in place already).
+        ``"removed ..."`` (the backstop rule, when ``backstop_days`` is no longer given, or a
+        rule of this prefix under the fixed id of earlier versions) or ``"found ..."`` (in
+        place already).
         """
         io = await self._objects()
         rules = lifecycle_rules(self._prefix, backstop_days=backstop_days)
-        return await provision_bucket(
-            io.client, self._bucket_name, rules, retired={"fastcheckpoint-backstop"})
+        ours = own_rules(("fastcheckpoint-noncurrent", "fastcheckpoint-backstop"), self._prefix)
+        return await provision_bucket(io.client, self._bucket_name, rules, retired=ours)
 
     # -- what this process knows of runs -------------------------------------------------------
 

@@ -17,6 +17,7 @@ import anyio
 import pytest
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 
+from fastcheckpoint.stores._s3_provision import rule_id
 from fastcheckpoint.stores.dynamodb import DynamoDBStore
 from fastcheckpoint.stores.s3 import S3Store
 from tests.stores._moto import REGION, moto_endpoint, unique_name
@@ -26,6 +27,9 @@ __all__ = ["moto_endpoint"]
 pytestmark = pytest.mark.anyio
 
 DEADLINE = 60.0
+NONCURRENT = rule_id("fastcheckpoint-noncurrent", "checkpoints/")
+"""The rule of the S3 store under ``checkpoints/`` (the DynamoDB stores' is
+``fastcheckpoint-blobs``: their payloads are under the empty prefix)."""
 
 Meanwhile = Callable[[], Awaitable["tuple[int, str, str] | None"]]
 """What happens before a request is sent; an ``(HTTP status, code, message)`` it returns is
@@ -149,13 +153,13 @@ async def test_a_bucket_being_created_meanwhile_is_waited_for(
     assert reports[0][0] == f"created bucket s3://{bucket}"
     assert done == [f"found bucket s3://{bucket}", "found versioning",
                     "found default encryption AES256",
-                    "found lifecycle rule fastcheckpoint-noncurrent"]
+                    f"found lifecycle rule {rule_id('fastcheckpoint-noncurrent', 'p/')}"]
 
 
 @pytest.mark.parametrize(("operation", "step", "line"), [
     ("PutBucketVersioning", 1, "found versioning"),
     ("PutBucketEncryption", 2, "found default encryption AES256"),
-    ("PutBucketLifecycleConfiguration", 3, "created lifecycle rule fastcheckpoint-noncurrent"),
+    ("PutBucketLifecycleConfiguration", 3, f"created lifecycle rule {NONCURRENT}"),
 ])
 async def test_a_bucket_change_aborted_by_another_is_tried_again(
     moto_endpoint: str, opened: Callable[[Any], Any], operation: str, step: int, line: str
@@ -174,8 +178,7 @@ async def test_a_bucket_change_aborted_by_another_is_tried_again(
     done = await _provision_while(first, operation, other_run)
     lifecycle = await (await first.client()).get_bucket_lifecycle_configuration(Bucket=bucket)
     assert done[step] == line
-    assert {rule["ID"] for rule in lifecycle["Rules"]} == {
-        "fastcheckpoint-noncurrent", "fastcheckpoint-blobs"}
+    assert {rule["ID"] for rule in lifecycle["Rules"]} == {NONCURRENT, "fastcheckpoint-blobs"}
 
 
 async def test_provisioning_runs_at_once_all_succeed(
@@ -199,17 +202,21 @@ def _when(client: Any, event: str, operation: str, action: Callable[[], Awaitabl
     client.meta.events.register(f"{event}.s3.{operation}", hook)
 
 
+@pytest.mark.parametrize("other", ["dynamodb", "s3"])
 async def test_lifecycle_rules_a_racing_run_dropped_are_put_back(
-    moto_endpoint: str, opened: Callable[[Any], Any]
+    moto_endpoint: str, opened: Callable[[Any], Any], other: str
 ) -> None:
     """Both runs read the new bucket's (empty) lifecycle rules before either writes. The
-    DynamoDB store's write lands first, then the S3 store's, which drops its rule: the
-    DynamoDB store's read-back (held until then) finds its rule gone and merges it in again."""
+    other store's write lands first (a DynamoDB store's payloads, or an S3 store under
+    another prefix), then the S3 store's, which drops its rule: the other store's read-back
+    (held until then) finds its rule gone and merges it in again."""
     bucket = unique_name("race")
     first = opened(S3Store(bucket, "checkpoints/", region=REGION, endpoint_url=moto_endpoint))
-    second = opened(_dynamodb(moto_endpoint, unique_name("race"), bucket))
+    second = opened(_dynamodb(moto_endpoint, unique_name("race"), bucket) if other == "dynamodb"
+                    else S3Store(bucket, "other/", region=REGION, endpoint_url=moto_endpoint))
     first_wrote, second_wrote = anyio.Event(), anyio.Event()
     second_reads: list[None] = []
+    second_writes: list[None] = []
     later: list[asyncio.Task[list[str]]] = []
 
     async def other_run_until_it_wrote() -> None:
@@ -221,19 +228,27 @@ async def test_lifecycle_rules_a_racing_run_dropped_are_put_back(
         if len(second_reads) > 1:  # its read-back
             await first_wrote.wait()
 
+    async def second_writes_counted() -> None:
+        second_writes.append(None)
+        second_wrote.set()
+
     with anyio.fail_after(DEADLINE):
         client = await first.client()
-        _, other = await second.clients()
+        theirs = (await second.clients())[1] if other == "dynamodb" else await second.client()
         _when(client, "before-call", "PutBucketLifecycleConfiguration", other_run_until_it_wrote)
         _when(client, "after-call", "PutBucketLifecycleConfiguration", _setter(first_wrote))
-        _when(other, "after-call", "PutBucketLifecycleConfiguration", _setter(second_wrote))
-        _when(other, "before-call", "GetBucketLifecycleConfiguration",
+        _when(theirs, "after-call", "PutBucketLifecycleConfiguration", second_writes_counted)
+        _when(theirs, "before-call", "GetBucketLifecycleConfiguration",
               second_reads_after_first_wrote)
         await first.provision()
         await later[0]
         lifecycle = await client.get_bucket_lifecycle_configuration(Bucket=bucket)
-    assert {rule["ID"] for rule in lifecycle["Rules"]} == {
-        "fastcheckpoint-noncurrent", "fastcheckpoint-blobs"}
+    other_rule = ("fastcheckpoint-blobs" if other == "dynamodb"
+                  else rule_id("fastcheckpoint-noncurrent", "other/"))
+    assert len(second_writes) == 2  # its rules, then its rule again after the read-back
+    assert {rule["ID"] for rule in lifecycle["Rules"]} == {NONCURRENT, other_rule}
+    assert {rule["Filter"]["Prefix"] for rule in lifecycle["Rules"]} == {
+        "checkpoints/", "" if other == "dynamodb" else "other/"}
 
 
 def _setter(event: anyio.Event) -> Callable[[], Awaitable[None]]:

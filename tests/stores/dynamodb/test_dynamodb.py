@@ -24,6 +24,7 @@ from fastcheckpoint.errors import ConfigurationError, ConflictError, SequenceCon
 from fastcheckpoint.stores import CheckpointStore, RunRecord
 from fastcheckpoint.stores import _dynamodb_layout as layout
 from fastcheckpoint.stores._aws import RequestCounter
+from fastcheckpoint.stores._s3_provision import rule_id
 from fastcheckpoint.stores.dynamodb import (
     DEFAULT_THRESHOLD,
     TRANSACTION_ACTIONS,
@@ -889,6 +890,7 @@ async def test_provision_is_idempotent_and_sets_everything(
     atomic_moto: str, moto_endpoint: str
 ) -> None:
     names = (unique_name("prov"), unique_name("prov"))
+    rule_name = rule_id("fastcheckpoint-blobs", "blobs/")
     async with opened(atomic_moto, names, prefix="blobs/") as store:
         with anyio.fail_after(DEADLINE):
             first = await store.provision()
@@ -900,7 +902,7 @@ async def test_provision_is_idempotent_and_sets_everything(
                 f"created bucket s3://{names[1]}",
                 "enabled versioning",
                 "enabled default encryption AES256",
-                "created lifecycle rule fastcheckpoint-blobs",
+                f"created lifecycle rule {rule_name}",
             ]
             assert again == [
                 f"found table {names[0]} with the indexes {indexes}",
@@ -908,7 +910,7 @@ async def test_provision_is_idempotent_and_sets_everything(
                 f"found bucket s3://{names[1]}",
                 "found versioning",
                 "found default encryption AES256",
-                "found lifecycle rule fastcheckpoint-blobs",
+                f"found lifecycle rule {rule_name}",
             ]
             ddb, s3 = await store.clients()
             table = (await ddb.describe_table(TableName=names[0]))["Table"]
@@ -925,7 +927,7 @@ async def test_provision_is_idempotent_and_sets_everything(
             assert rule["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
             lifecycle = await s3.get_bucket_lifecycle_configuration(Bucket=names[1])
             (rule,) = lifecycle["Rules"]
-            assert rule["ID"] == "fastcheckpoint-blobs"
+            assert rule["ID"] == rule_name
             assert rule["Status"] == "Enabled"
             assert rule["NoncurrentVersionExpiration"]["NoncurrentDays"] == 30
             assert rule["Filter"]["Prefix"] == "blobs/"

@@ -884,17 +884,18 @@ async def test_provision_reports_what_it_created_and_what_it_found(moto_endpoint
     finally:
         await store.aclose()
 
+    noncurrent, backstop_rule = (rule["ID"] for rule in lifecycle_rules("p/", backstop_days=30))
     assert first == [f"created bucket s3://{bucket}", "enabled versioning",
                      "enabled default encryption AES256",
-                     "created lifecycle rule fastcheckpoint-noncurrent"]
+                     f"created lifecycle rule {noncurrent}"]
     assert again == [f"found bucket s3://{bucket}", "found versioning",
                      "found default encryption AES256",
-                     "found lifecycle rule fastcheckpoint-noncurrent"]
+                     f"found lifecycle rule {noncurrent}"]
     assert not any(name.startswith(("Put", "Create")) for name in checking.counts)
-    assert backstop[3:] == ["found lifecycle rule fastcheckpoint-noncurrent",
-                            "created lifecycle rule fastcheckpoint-backstop"]
-    assert dropped[3:] == ["found lifecycle rule fastcheckpoint-noncurrent",
-                           "removed lifecycle rule fastcheckpoint-backstop"]
+    assert backstop[3:] == [f"found lifecycle rule {noncurrent}",
+                            f"created lifecycle rule {backstop_rule}"]
+    assert dropped[3:] == [f"found lifecycle rule {noncurrent}",
+                           f"removed lifecycle rule {backstop_rule}"]
 
 
 async def test_provision_keeps_a_default_encryption_of_the_bucket(moto_endpoint: str) -> None:
