@@ -20,7 +20,9 @@ seed, 1 per 1,000 writes after it. A save whose parent this process has not seen
 keeps values unchanged adds 1 or 2 (the parent's header: which of those values are logs).
 Under ``keep_latest``, a save of a thread with delta channels adds 1 per 100 headers when
 this process does not know its newest checkpoints (its first save of the thread, or one
-after another process saved to it), and 1 or 2 for a parent it has not seen or read.
+after another process saved to it), and 1 or 2 for a parent it has not seen or read;
+``aget_tuple`` by id of such a thread adds 1 per 100 headers back to where its delta
+channels reach (it returns ``None`` for one whose ancestors there were pruned).
 
 Needs ``pip install 'fastcheckpoint[langgraph]'`` and a store with labels and shared items
 (every bundled store).
@@ -28,6 +30,8 @@ Needs ``pip install 'fastcheckpoint[langgraph]'`` and a store with labels and sh
 
 from __future__ import annotations
 
+import collections
+import contextvars
 import dataclasses
 import functools
 import logging
@@ -368,7 +372,9 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             latest = await self._store.read_with_items(where.key, sequence=None, now=now)
             return None if latest is None else await self._tuple(where, *latest, head=True)
         found = await self._read_by_id(where, checkpoint_id, now)
-        return None if found is None else await self._tuple(where, *found)
+        if found is None or not await self._rebuilds_whole(where, found[0]):
+            return None
+        return await self._tuple(where, *found)
 
     async def alist(
         self,
@@ -527,7 +533,11 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             return {}
         found = await self._delta_history(_where(config), _checkpoint_id(config), wanted)
         if found is None:
-            return await super().aget_delta_channel_history(config=config, channels=channels)
+            walking = _WALKING_ANCESTORS.set(True)
+            try:
+                return await super().aget_delta_channel_history(config=config, channels=channels)
+            finally:
+                _WALKING_ANCESTORS.reset(walking)
         return found
 
     def get_next_version(self, current: str | None, channel: None) -> str:
@@ -667,6 +677,21 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             self._state.located.pop(slot)  # gone, or another life of the run: ask the store
         located = await self._lookup(where, checkpoint_id, now)
         return None if located is None else await self._read_at(where, located, now)
+
+    async def _rebuilds_whole(self, where: _Where, stored: StoredCheckpoint) -> bool:
+        """Whether a checkpoint read by id rebuilds its delta channels whole: not one kept
+        only for what newer ones rebuild from, whose own channels reach into what was pruned
+        (one headers read, for a checkpoint whose channels reach back; none otherwise).
+        LangGraph's own walk of the ancestors reads such ones too."""
+        if _WALKING_ANCESTORS.get():
+            return True
+        place = stored.key or f"run {where.run_id[:80]!r} sequence {stored.sequence}"
+        extra = self._headers_of(where, stored, place)[1]
+        if not extra.delta:
+            return True
+        ahead = _Ahead(self._decoded_headers(where, self._headers(where.key,
+                                                                   before=stored.sequence)))
+        return await ahead.rebuilds_whole(stored.sequence, extra)
 
     async def _read_at(
         self, where: _Where, located: Located, now: float
@@ -892,23 +917,34 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         before_id: str | None,
         only_id: str | None,
     ) -> AsyncIterator[CheckpointTuple]:
-        async for stored in self._headers_from(where, before_id):
+        ahead = _Ahead(self._decoded_headers(where, self._headers_from(where, before_id)))
+        while (listed := await ahead.next()) is not None:
+            stored, extra = listed
             place = f"run {where.run_id[:80]!r} sequence {stored.sequence} (header)"
-            try:
-                _, extra = self._headers_of(where, stored, place)
-            except CorruptCheckpointError:
-                logger.warning("skipping an unreadable checkpoint header", exc_info=True)
-                continue
             if (before_id is not None and extra.checkpoint_id >= before_id) or (
                 only_id is not None and extra.checkpoint_id != only_id
             ):
                 continue
             if wanted and not _matches(self._loads(extra.metadata, place), wanted):
                 continue
+            if not await ahead.rebuilds_whole(stored.sequence, extra):
+                continue  # kept only for what newer checkpoints rebuild from: it reads short
             found = await self._store.read_with_items(
                 where.key, sequence=stored.sequence, now=self._now())
             if found is not None:  # else pruned since the header was read
                 yield await self._tuple(where, *found)
+
+    async def _decoded_headers(
+        self, where: _Where, headers: AsyncIterator[CheckpointHeader]
+    ) -> AsyncIterator[tuple[CheckpointHeader, LangGraphHeader]]:
+        async for stored in headers:
+            place = f"run {where.run_id[:80]!r} sequence {stored.sequence} (header)"
+            try:
+                _, extra = self._headers_of(where, stored, place)
+            except CorruptCheckpointError:
+                logger.warning("skipping an unreadable checkpoint header", exc_info=True)
+                continue
+            yield stored, extra
 
     async def _headers_from(
         self, where: _Where, before_id: str | None
@@ -2334,6 +2370,62 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
     ) -> Iterator[CheckpointTuple]:
         return self._shared.bridge.iterate(
             self.alist(config, filter=filter, before=before, limit=limit), "list")
+
+
+_WALKING_ANCESTORS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "_WALKING_ANCESTORS", default=False)
+"""Set while LangGraph's default walk reads a checkpoint's ancestors through ``aget_tuple``:
+it reads those kept only for what newer checkpoints rebuild from as well."""
+
+
+class _Ahead:
+    """A run's headers newest first, read ahead as far as needed to tell whether a
+    checkpoint's delta channels rebuild whole: every ancestor back to the lowest sequence its
+    header names (``LangGraphHeader.delta``) is still there. ``keep_latest`` and ``aprune``
+    keep older checkpoints only for what newer ones rebuild from; such a checkpoint's own
+    channels may reach further back, into what was pruned."""
+
+    def __init__(self, headers: AsyncIterator[tuple[CheckpointHeader, LangGraphHeader]]):
+        self._headers = headers
+        self._pending: collections.deque[tuple[CheckpointHeader, LangGraphHeader]] = (
+            collections.deque())
+        self._seen: dict[str, tuple[int, str | None]] = {}
+        self._lowest: int | None = None
+        self._done = False
+
+    async def next(self) -> tuple[CheckpointHeader, LangGraphHeader] | None:
+        if not self._pending and not await self._read():
+            return None
+        return self._pending.popleft()
+
+    async def rebuilds_whole(self, sequence: int, extra: LangGraphHeader) -> bool:
+        if not extra.delta:
+            return True  # stores its delta channels, or shows none (nothing to check)
+        floor = _lowest(sequence, extra.delta)
+        while not self._done and (self._lowest is None or self._lowest > floor):
+            await self._read()
+        parent = extra.parent_checkpoint_id
+        while parent is not None:
+            found = self._seen.get(parent)
+            if found is None:
+                return False
+            if found[0] <= floor:
+                return True
+            parent = found[1]
+        return True  # reached the run's first checkpoint
+
+    async def _read(self) -> bool:
+        if self._done:
+            return False
+        try:
+            stored, extra = await anext(self._headers)
+        except StopAsyncIteration:
+            self._done = True
+            return False
+        self._pending.append((stored, extra))
+        self._seen[extra.checkpoint_id] = (stored.sequence, extra.parent_checkpoint_id)
+        self._lowest = stored.sequence
+        return True
 
 
 @dataclasses.dataclass

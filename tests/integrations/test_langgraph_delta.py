@@ -600,3 +600,58 @@ async def test_a_thread_without_delta_channels_is_pruned_as_before() -> None:
     for stored in headers:
         extra = Codec().decode_header(stored.header, "here").extra
         assert records.decode_header(extra, "here").delta is None
+
+
+async def _states_by_step(saver: FastCheckpointSaver, thread: str = "t") -> dict[int, Any]:
+    """The state every checkpoint ``alist`` returns reads back as, by its step."""
+    graph = _graph(saver, **RARE)
+    return {found.metadata["step"]: (await graph.aget_state(found.config)).values
+            async for found in saver.alist(config(thread))}
+
+
+async def test_every_checkpoint_returned_under_keep_latest_reads_back_whole() -> None:
+    """Snapshots at different frequencies: a checkpoint kept only for what the newest N
+    rebuild from may need older ones for its own channels (pruned). alist leaves such
+    checkpoints out and aget_tuple by id returns None for them (they read short, no error,
+    before): what is returned reads back as on a thread never pruned, the newest N always."""
+    store = MemoryStore()
+    saver, unpruned = _saver(store, keep_latest=5), _saver(MemoryStore())
+    graph = _graph(saver, **RARE)
+    seen: dict[int, Any] = {}
+    with anyio.fail_after(DEADLINE):
+        for number in range(8):
+            await graph.ainvoke({"messages": [f"user{number}"]}, config("t"))
+            seen |= {found.metadata["step"]: found.config
+                     async for found in saver.alist(config("t"))}
+        await _run(_graph(unpruned, **RARE), "t", 8)
+        everything = await _states_by_step(unpruned)
+        listed = await _states_by_step(saver)
+        by_id = {step: (await graph.aget_state(at)).values for step, at in seen.items()
+                 if await saver.aget_tuple(at) is not None}
+        held = await _held(store)
+    assert {step: everything[step] for step in listed} == listed
+    assert sorted(listed)[-5:] == sorted(everything)[-5:]
+    assert by_id == listed
+    assert len(listed) < held
+
+
+async def test_the_default_walk_still_reads_the_checkpoints_kept_for_newer_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the saver walks a chain LangGraph's way (through ``aget_tuple``), the
+    checkpoints it no longer returns are read all the same: the newest rebuild whole."""
+    saver = _saver(MemoryStore(), keep_latest=5)
+    with anyio.fail_after(DEADLINE):
+        await _run(_graph(saver, **RARE), "t", 8)
+        newest = [found.config async for found in saver.alist(config("t"), limit=5)]
+        fast = [await saver.aget_delta_channel_history(config=at, channels=CHANNELS)
+                for at in newest]
+
+        async def walk_the_default_way(*_: Any) -> None:
+            return None
+
+        monkeypatch.setattr(saver, "_delta_history", walk_the_default_way)
+        walked = [await saver.aget_delta_channel_history(config=at, channels=CHANNELS)
+                  for at in newest]
+    assert walked == fast
+
