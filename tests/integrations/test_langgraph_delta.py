@@ -655,3 +655,28 @@ async def test_the_default_walk_still_reads_the_checkpoints_kept_for_newer_ones(
                   for at in newest]
     assert walked == fast
 
+
+async def test_two_savers_saving_a_thread_in_turns_keep_it_whole() -> None:
+    """Two processes (two savers on one store) continue one thread in turns under
+    keep_latest: neither knows what the other's saves rebuild from, so each reads the newest
+    headers again; the newest checkpoints, and whatever alist lists, read back whole."""
+    store = CountingStore(MemoryStore())
+    savers = [_saver(store, keep_latest=5), _saver(store, keep_latest=5)]
+    unpruned = _graph(_saver(MemoryStore()), **RARE)
+    with anyio.fail_after(DEADLINE):
+        for number in range(8):
+            store.take()
+            for graph in (_graph(savers[number % 2], **RARE), unpruned):
+                await graph.ainvoke({"messages": [f"user{number}"]}, config("t"))
+            calls = store.take()
+            if number:  # the other process saved last: what it kept is read again
+                assert calls["headers"] >= 1
+            for saver in savers:
+                assert await _newest_states(saver, 5) == await _newest_states(
+                    unpruned.checkpointer, 5)  # type: ignore[arg-type]
+        everything = await _states_by_step(unpruned.checkpointer)  # type: ignore[arg-type]
+        for saver in savers:
+            listed = await _states_by_step(saver)
+            assert {step: everything[step] for step in listed} == listed
+        held = await _held(store.inner)
+    assert held <= 5 + SNAPSHOT_SPAN
