@@ -1,4 +1,5 @@
-"""Configuration: the manager's settings and the one retry policy."""
+"""Configuration: the manager's settings, the one retry policy, and the pauses of a step
+tried again until a deadline."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 from fastcheckpoint._codec import DecHook, EncHook
 from fastcheckpoint.errors import ConfigurationError
 
-__all__ = ["CheckpointConfig", "RetryPolicy"]
+__all__ = ["CheckpointConfig", "RetryPolicy", "pauses_within"]
 
 ENV_PREFIX = "FASTCHECKPOINT_"
 # Read by CheckpointManager.from_env and the benchmark harness rather than by CheckpointConfig.
@@ -47,6 +48,20 @@ class RetryPolicy:
 
     def delays(self) -> Iterator[float]:
         return (self.delay(attempt) for attempt in range(self.max_retries))
+
+
+def pauses_within(patience: float, *, first: float, longest: float) -> Iterator[float]:
+    """The pauses between tries of a step refused for a while (another writer busy): doubling
+    from ``first`` up to ``longest``, as long as the next one ends within ``patience`` seconds
+    of this call. ``next(pauses, None)`` is ``None`` once the step should give up."""
+    deadline = time.monotonic() + patience
+    return _doubling(deadline, first, longest)
+
+
+def _doubling(deadline: float, pause: float, longest: float) -> Iterator[float]:
+    while time.monotonic() + pause <= deadline:
+        yield pause
+        pause = min(2 * pause, longest)
 
 
 @dataclass

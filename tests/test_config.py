@@ -22,6 +22,8 @@ from fastcheckpoint import (
     RetryPolicy,
     open_store,
 )
+from fastcheckpoint import _config as config_module
+from fastcheckpoint._config import pauses_within
 from fastcheckpoint.stores import register_store
 from tests._helpers import FakeClock
 
@@ -92,6 +94,19 @@ def test_delay_is_full_jitter_over_the_whole_range() -> None:
     assert all(0.0 <= sample <= 2.0 for sample in samples)
     assert min(samples) < 0.1
     assert max(samples) > 1.9
+
+
+def test_pauses_within_double_up_to_the_longest_and_end_within_the_patience(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock(0.0)
+    monkeypatch.setattr(config_module.time, "monotonic", clock)
+    pauses = []
+    for pause in pauses_within(1.0, first=0.1, longest=0.3):
+        pauses.append(pause)
+        clock.advance(pause + 0.01)  # the try between two pauses takes a while too
+    assert pauses == pytest.approx([0.1, 0.2, 0.3, 0.3])  # a fifth (0.3) would end at 1.24
+    assert list(pauses_within(0.05, first=0.1, longest=0.3)) == []
 
 
 def test_delays_yields_one_delay_per_retry_within_bounds() -> None:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import Any, Final, TypeVar
 
 import anyio
 from botocore.exceptions import BotoCoreError, ClientError
 
+from fastcheckpoint._config import pauses_within
 from fastcheckpoint.stores._aws import error_code, translate
 
 __all__ = ["own_rules", "provision_bucket", "rule_id"]
@@ -87,16 +87,15 @@ async def _in_turn(step: Callable[[], Awaitable[_T]]) -> _T:
     """Run one step (a look, then the change it needs), again from its look while S3 answers
     ``OperationAborted``: another request is changing the bucket (another provisioning run
     creating it, say) and S3 says to try again once it is done. Each step is idempotent."""
-    pause = _FIRST_PAUSE
-    deadline = time.monotonic() + _PATIENCE
+    pauses = pauses_within(_PATIENCE, first=_FIRST_PAUSE, longest=_LONGEST_PAUSE)
     while True:
         try:
             return await step()
         except ClientError as exc:
-            if error_code(exc) != "OperationAborted" or time.monotonic() + pause > deadline:
+            pause = next(pauses, None)
+            if error_code(exc) != "OperationAborted" or pause is None:
                 raise
-        await anyio.sleep(pause)
-        pause = min(2 * pause, _LONGEST_PAUSE)
+            await anyio.sleep(pause)
 
 
 async def _bucket(client: Any, bucket: str) -> str:

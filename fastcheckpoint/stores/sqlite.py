@@ -47,6 +47,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import msgspec
 
 from fastcheckpoint import _ids
+from fastcheckpoint._config import pauses_within
 from fastcheckpoint._threads import in_worker_thread
 from fastcheckpoint.errors import (
     CheckpointError,
@@ -570,16 +571,15 @@ class SQLiteStore(ExpiryCleanup):
         SQLite refuses the switch at once instead of waiting for the busy timeout (several
         processes opening a new database together met this): such a refusal is tried again,
         until the busy timeout has passed."""
-        deadline = time.monotonic() + self._timeout
-        pause = 0.001
+        pauses = pauses_within(self._timeout, first=0.001, longest=0.05)
         while True:
             try:
                 return str(db.execute("PRAGMA journal_mode = WAL").fetchone()[0])
             except sqlite3.OperationalError as exc:
-                if _error_code(exc) != _BUSY or time.monotonic() + pause > deadline:
+                pause = next(pauses, None)
+                if _error_code(exc) != _BUSY or pause is None:
                     raise
-            time.sleep(pause)
-            pause = min(2 * pause, 0.05)
+                time.sleep(pause)
 
     def _ensure_ready(self) -> None:
         if self._writer is None:
