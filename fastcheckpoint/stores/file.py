@@ -1184,10 +1184,11 @@ class _ItemIndex:
         """The held checkpoints an unknown item entry may belong to (as an owned item, or a
         shared one they name): those held when it was indexed (``bound``; its owner, or the
         checkpoint that brought it, came before it), narrowed by what its metadata claims
-        (:meth:`_Claim.owned_by`). A claimed owner is taken as it reads: none when it is no
-        longer held (:meth:`orphaned`); all of them when it came after them (no owner comes
-        after its items, so the claim is wrong). A claimed shared item may be one of their
-        refs not indexed, or nested under one."""
+        (:meth:`_Claim.owned_by`). A claimed owner is taken as it reads when it is one of
+        them; none when its checksum proves it is no longer held (:meth:`orphaned`); all of
+        them otherwise (it came after them, and no owner comes after its items; or it is
+        gone, and damage may have made a held owner's number into it). A claimed shared item
+        may be one of their refs not indexed, or nested under one."""
         bound = -1 if unknown.bound is None else unknown.bound
         candidates = {sequence for sequence in self.held if sequence <= bound}
         if unknown.claim is None:
@@ -1213,9 +1214,12 @@ class _ItemIndex:
         return None
 
     def orphaned(self, unknown: _Unknown) -> bool:
-        """Whether an unknown item entry claims an owner that the log held once but no longer
-        holds (it was removed since, the entry left behind): no held checkpoint's."""
-        if unknown.claim is None or unknown.bound is None:
+        """Whether an unknown item entry's owner, as its checksum proves it
+        (:attr:`_Claim.checked`), is one the log held once but no longer holds (it was
+        removed since, the entry left behind): no held checkpoint's. An unchecked claim of a
+        removed owner is no proof: damage to the owner and to other bytes may have turned a
+        held owner's number into it."""
+        if unknown.claim is None or unknown.bound is None or not unknown.claim.checked:
             return False
         owner = unknown.claim.meta.owner
         return owner is not None and owner <= unknown.bound and owner not in self.held
@@ -1498,19 +1502,30 @@ class _Claim(NamedTuple):
     """The bytes its checksum covers before the metadata (the framing's fixed part)."""
     checksum: int
     """The checksum of the framing and metadata, as the entry holds it."""
+    checked: bool = False
+    """Its metadata passes that checksum (as read, or with the owner :meth:`owned_by` found):
+    its owner is the one the entry was written with."""
+
+    def passes(self, meta: _ItemMeta) -> bool:
+        """Whether ``meta`` is the metadata the entry's checksum was made of."""
+        raw = _ENCODER.encode(meta)
+        return len(raw) == _FIXED.unpack(self.covered)[3] and \
+            zlib.crc32(raw, zlib.crc32(self.covered)) == self.checksum
 
     def owned_by(self, owners: Iterable[int]) -> _Claim:
         """The claim with the owner that makes its metadata pass its checksum: the first of
-        ``owners`` or a shared item's (none), when the owner is all the damage changed; the
-        claim as it is otherwise. Damage to the owner and to other bytes goes unseen."""
+        ``owners`` or a shared item's (none), when the owner is all the damage changed
+        (:attr:`checked`); the claim as it is otherwise. Damage to the owner and to other
+        bytes leaves its owner unchecked."""
+        if self.checked:
+            return self
         meta = self.meta
-        size = _FIXED.unpack(self.covered)[3]
         for owner in (*owners, None):
             if owner == meta.owner:
                 continue
-            raw = _ENCODER.encode(msgspec.structs.replace(meta, owner=owner))
-            if len(raw) == size and zlib.crc32(raw, zlib.crc32(self.covered)) == self.checksum:
-                return self._replace(meta=msgspec.structs.replace(meta, owner=owner))
+            owned = msgspec.structs.replace(meta, owner=owner)
+            if self.passes(owned):
+                return self._replace(meta=owned, checked=True)
         return self
 
 
@@ -1535,7 +1550,8 @@ def _claimed_meta(view: LogView, entry: int, at: Located) -> _Claim | None:
         return None
     if meta.entry != entry:
         return None
-    return _Claim(meta, found.data[:_FIXED.size], _CRCS.unpack_from(found.data, _FIXED.size)[0])
+    claim = _Claim(meta, found.data[:_FIXED.size], _CRCS.unpack_from(found.data, _FIXED.size)[0])
+    return claim._replace(checked=claim.passes(meta))
 
 
 _Change = int | _ItemMeta | _CheckpointRefs | _DamagedItem | CorruptCheckpointError | None

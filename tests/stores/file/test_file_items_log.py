@@ -664,11 +664,14 @@ async def test_a_damaged_owned_item_whose_owner_is_gone_blames_no_checkpoint_and
 ) -> None:
     """Checkpoint 1's item, its key damaged, left in the log when 1 was removed (a writer
     that did not know the entry, as before damaged entries were kept): its metadata names 1,
-    no longer held. Reads of 0 and 2 raised for it until both were gone, and nothing removed
-    it; they read as before, and the store's repair scan or the run's next write removes the
-    entry (it is no held checkpoint's)."""
+    no longer held, and its checksum proves that owner (standing in for damage the owner
+    check sees through: the key's damage alone would leave the owner unproven, next test).
+    Reads of 0 and 2 raised for it until both were gone, and nothing removed it; they read as
+    before, and the store's repair scan or the run's next write removes the entry (it is no
+    held checkpoint's)."""
     run = make_run("owner-gone")
     key = key_of(run)
+    monkeypatch.setattr(file_store._Claim, "passes", lambda _, meta: meta.owner == 1)
     with anyio.fail_after(30):
         await _three_checkpoints_with_owned_items(FileStore(root), run)
         record = item_record(root, key, "pending/1/a")
@@ -693,6 +696,43 @@ async def test_a_damaged_owned_item_whose_owner_is_gone_blames_no_checkpoint_and
         found = await store.read_with_items(key, sequence=0, now=T0)
         assert found is not None
         assert found[2] == _values("pending/0/a")
+
+
+@pytest.mark.parametrize("how", ["repair", "write"])
+async def test_damage_that_makes_an_owned_item_name_a_removed_owner_still_fails_its_owners_read(
+    root: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The owner of checkpoint 0's item turned into 1, removed, and a byte of its key
+    damaged too: no owner makes the metadata pass its checksum, so the removed owner it
+    names proves nothing. It was taken as no held checkpoint's: 0 read without it as if
+    complete, and the next write (or repair) removed it. 0 and 2, held when it was indexed,
+    may own it: their reads raise naming it, through writes and repairs, and the entry goes
+    with the last of them."""
+    run = make_run("owner-and-key")
+    key = key_of(run)
+    with anyio.fail_after(30):
+        store = FileStore(root)
+        await _three_checkpoints_with_owned_items(store, run)
+        assert await store.delete(key, 1, checkpoint_id=checkpoint_id_of(run, 1))
+        record = item_record(root, key, "pending/0/a")
+        assert record.read_bytes()[_OWNER_BYTE] == 0
+        _put_byte(record, _OWNER_BYTE, 1)
+        record.flip(file_store._PREFIX + 10)  # inside its key: "pending/0/a" -> "pending/p/a"
+        _restart(monkeypatch, root, key)
+        store = FileStore(root)
+        if how == "repair":
+            assert await store.damaged_runs(now=T0) == []
+        else:
+            await _append(store, run, 3)
+        assert record.exists()
+        for sequence in (0, 2):
+            with pytest.raises(CorruptCheckpointError, match="metadata is damaged") as caught:
+                await store.read_with_items(key, sequence=sequence, now=T0)
+            assert caught.value.key == str(record)
+        assert await store.delete(key, 0, checkpoint_id=checkpoint_id_of(run, 0))
+        assert record.exists()
+        assert await store.delete(key, 2, checkpoint_id=checkpoint_id_of(run, 2))
+        assert not record.exists()
 
 
 @pytest.mark.parametrize("entry", ["run.rec", "checkpoint"])
