@@ -20,9 +20,10 @@ seed, 1 per 1,000 writes after it. A save whose parent this process has not seen
 keeps values unchanged adds 1 or 2 (the parent's header: which of those values are logs).
 Under ``keep_latest``, a save of a thread with delta channels adds 1 per 100 headers when
 this process does not know its newest checkpoints (its first save of the thread, or one
-after another process saved to it), and 1 or 2 for a parent it has not seen or read;
-``aget_tuple`` by id of such a thread adds 1 per 100 headers back to where its delta
-channels reach (it returns ``None`` for one whose ancestors there were pruned).
+after another process saved to it), and 1 or 2 for a parent it has not seen or read.
+``aget_tuple`` by id of a thread with delta channels adds 1 per 100 headers back to where
+the checkpoint's delta channels reach (it returns ``None`` for one whose ancestors there
+were pruned), and 1 for an ancestor not among them.
 
 Needs ``pip install 'fastcheckpoint[langgraph]'`` and a store with labels and shared items
 (every bundled store).
@@ -372,7 +373,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             latest = await self._store.read_with_items(where.key, sequence=None, now=now)
             return None if latest is None else await self._tuple(where, *latest, head=True)
         found = await self._read_by_id(where, checkpoint_id, now)
-        if found is None or not await self._rebuilds_whole(where, found[0]):
+        if found is None or not await self._rebuilds_whole(where, found[0], now):
             return None
         return await self._tuple(where, *found)
 
@@ -678,20 +679,37 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         located = await self._lookup(where, checkpoint_id, now)
         return None if located is None else await self._read_at(where, located, now)
 
-    async def _rebuilds_whole(self, where: _Where, stored: StoredCheckpoint) -> bool:
+    async def _rebuilds_whole(
+        self, where: _Where, stored: StoredCheckpoint, now: float
+    ) -> bool:
         """Whether a checkpoint read by id rebuilds its delta channels whole: not one kept
         only for what newer ones rebuild from, whose own channels reach into what was pruned
-        (one headers read, for a checkpoint whose channels reach back; none otherwise).
-        LangGraph's own walk of the ancestors reads such ones too."""
+        (a headers read per 100 back to where its channels reach, for a checkpoint with delta
+        channels; none otherwise). LangGraph's own walk of the ancestors reads such ones too."""
         if _WALKING_ANCESTORS.get():
             return True
         place = stored.key or f"run {where.run_id[:80]!r} sequence {stored.sequence}"
         extra = self._headers_of(where, stored, place)[1]
-        if not extra.delta:
+        reach = (stored.sequence - _lowest(stored.sequence, extra.delta) if extra.delta
+                 else self._supersteps_of(where, extra) if extra.delta is None else 0)
+        if reach <= 0:
             return True
-        ahead = _Ahead(self._decoded_headers(where, self._headers(where.key,
-                                                                   before=stored.sequence)))
+
+        async def held(checkpoint_id: str) -> bool:
+            # Only the headers below were read: a parent saved after its child is there.
+            return await self._lookup(where, checkpoint_id, now) is not None
+
+        below = self._headers(where.key, before=stored.sequence, limit=min(_PAGE, reach))
+        ahead = _Ahead(self._decoded_headers(where, below),
+                       functools.partial(self._supersteps_of, where), held=held)
         return await ahead.rebuilds_whole(stored.sequence, extra)
+
+    def _supersteps_of(self, where: _Where, extra: LangGraphHeader) -> int:
+        """How many ancestors a checkpoint whose header records no ``delta`` rebuilds its
+        delta channels from (0 in a thread without delta channels)."""
+        if extra.delta is not None:
+            return 0
+        return _supersteps(self._loads(extra.metadata, f"run {where.run_id[:80]!r}"))
 
     async def _read_at(
         self, where: _Where, located: Located, now: float
@@ -917,7 +935,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         before_id: str | None,
         only_id: str | None,
     ) -> AsyncIterator[CheckpointTuple]:
-        ahead = _Ahead(self._decoded_headers(where, self._headers_from(where, before_id)))
+        ahead = _Ahead(self._decoded_headers(where, self._headers_from(where, before_id)),
+                       functools.partial(self._supersteps_of, where))
         while (listed := await ahead.next()) is not None:
             stored, extra = listed
             place = f"run {where.run_id[:80]!r} sequence {stored.sequence} (header)"
@@ -968,17 +987,18 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             yield stored
 
     async def _headers(
-        self, key: str, *, before: int | None = None
+        self, key: str, *, before: int | None = None, limit: int = _PAGE
     ) -> AsyncIterator[CheckpointHeader]:
-        """The run's live checkpoint headers, newest first, a page per store call."""
+        """The run's live checkpoint headers, newest first, a page per store call (the first
+        of ``limit``)."""
         cursor = before
         while True:
-            page, _ = await self._store.headers(key, before=cursor, limit=_PAGE, now=self._now())
+            page, _ = await self._store.headers(key, before=cursor, limit=limit, now=self._now())
             for header in page:
                 yield header
-            if len(page) < _PAGE:
+            if len(page) < limit:
                 return
-            cursor = page[-1].sequence
+            cursor, limit = page[-1].sequence, _PAGE
 
     async def _labelled(self, label: str) -> AsyncIterator[RunRecord]:
         cursor: str | None = None
@@ -2046,13 +2066,15 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         target = _where_from(target_thread, origin.checkpoint_ns)
         oldest_first = [stored async for stored in self._headers(origin.key)][::-1]
         copied: dict[str, str] = {}  # source record id -> copy's record id
+        numbered: dict[int, int] = {}  # source sequence -> copy's sequence
         incarnation = _ids.new_incarnation()
         for stored in oldest_first:
             found = await self._store.read_with_items(
                 origin.key, sequence=stored.sequence, now=self._now())
             if found is not None:
                 located = Located(incarnation, len(copied), self._expiry())
-                await self._copy_checkpoint(origin, target, found[0], found[2], located, copied)
+                await self._copy_checkpoint(origin, target, found[0], found[2], located,
+                                            copied, numbered)
                 made.append((target.key, located.sequence, copied[found[0].checkpoint_id]))
 
     async def _copy_checkpoint(
@@ -2063,12 +2085,15 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         items: dict[str, bytes],
         located: Located,
         copied: dict[str, str],
+        numbered: dict[int, int],
     ) -> None:
         place = stored.key or f"run {origin.run_id[:80]!r} sequence {stored.sequence}"
         header, extra = self._headers_of(origin, stored, place)
-        # The copy's sequences are not the source's: what its delta channels rebuild from is
-        # unknown there (all kept, until each channel's next snapshot).
-        delta = None if extra.delta is None else dict.fromkeys(extra.delta, 0)
+        # The copy's sequences are not the source's: each floor becomes the copy of the
+        # checkpoint there; one not copied (pruned) becomes a floor below every sequence, so
+        # the copy's walk ends at the missing ancestor as the source's did.
+        delta = None if extra.delta is None else {
+            channel: numbered.get(floor, -1) for channel, floor in extra.delta.items()}
         extra = msgspec.structs.replace(extra, thread_id=target.thread_id, delta=delta)
         record_id = _ids.checkpoint_id(target.key, located.incarnation, located.sequence)
         parent = None if header.parent_id is None else copied.get(header.parent_id)
@@ -2104,6 +2129,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 f"thread {target.thread_id[:80]!r} was written to while being copied into"
             ) from exc
         copied[stored.checkpoint_id] = record_id
+        numbered[stored.sequence] = located.sequence
         self._state.remember(target.key, extra.checkpoint_id, located, head=True)
 
     async def _copy_request(self, source: RunRecord, target: _Where) -> None:
@@ -2380,16 +2406,29 @@ it reads those kept only for what newer checkpoints rebuild from as well."""
 
 class _Ahead:
     """A run's headers newest first, read ahead as far as needed to tell whether a
-    checkpoint's delta channels rebuild whole: every ancestor back to the lowest sequence its
-    header names (``LangGraphHeader.delta``) is still there. ``keep_latest`` and ``aprune``
-    keep older checkpoints only for what newer ones rebuild from; such a checkpoint's own
-    channels may reach further back, into what was pruned."""
+    checkpoint's delta channels rebuild whole: every ancestor they rebuild from is still
+    there. Under ``keep_latest`` that is each ancestor back to the lowest sequence its header
+    names (``LangGraphHeader.delta``); in a header without it (saved without
+    ``keep_latest``), the supersteps its metadata counts since the channels' snapshots, the
+    ancestors ``aprune`` and ``adelete_for_runs`` keep. Both keep older checkpoints only for
+    what newer ones rebuild from; such a checkpoint's own channels may reach further back,
+    into what was pruned."""
 
-    def __init__(self, headers: AsyncIterator[tuple[CheckpointHeader, LangGraphHeader]]):
+    def __init__(
+        self,
+        headers: AsyncIterator[tuple[CheckpointHeader, LangGraphHeader]],
+        supersteps: Callable[[LangGraphHeader], int],
+        *,
+        held: Callable[[str], Awaitable[bool]] | None = None,
+    ):
         self._headers = headers
+        self._supersteps = supersteps
+        self._held = held  # whether an ancestor not among the headers read is there after all
         self._pending: collections.deque[tuple[CheckpointHeader, LangGraphHeader]] = (
             collections.deque())
-        self._seen: dict[str, tuple[int, str | None]] = {}
+        # The headers read that may still be a parent: none until a checkpoint needs its
+        # ancestors, none above the one checked last (a parent is saved before its child).
+        self._seen: collections.OrderedDict[str, tuple[int, str | None]] | None = None
         self._lowest: int | None = None
         self._done = False
 
@@ -2399,20 +2438,36 @@ class _Ahead:
         return self._pending.popleft()
 
     async def rebuilds_whole(self, sequence: int, extra: LangGraphHeader) -> bool:
-        if not extra.delta:
-            return True  # stores its delta channels, or shows none (nothing to check)
-        floor = _lowest(sequence, extra.delta)
-        while not self._done and (self._lowest is None or self._lowest > floor):
-            await self._read()
-        parent = extra.parent_checkpoint_id
-        while parent is not None:
-            found = self._seen.get(parent)
+        if extra.delta is not None:
+            if not extra.delta:
+                return True  # stores its delta channels
+            floor, hops = _lowest(sequence, extra.delta), None
+        else:
+            floor, hops = -1, self._supersteps(extra)
+            if hops <= 0:
+                return True  # no delta channel, or each snapshotted here
+        seen = self._recording(sequence)
+        parent, walked = extra.parent_checkpoint_id, 0
+        while parent is not None and (hops is None or walked < hops):
+            while parent not in seen and not self._done and (
+                    self._lowest is None or self._lowest > floor):
+                await self._read()
+            found = seen.get(parent)
             if found is None:
-                return False
-            if found[0] <= floor:
+                return self._held is not None and await self._held(parent)
+            if hops is None and found[0] <= floor:
                 return True
-            parent = found[1]
-        return True  # reached the run's first checkpoint
+            parent, walked = found[1], walked + 1
+        return True  # reached the run's first checkpoint, or as far as the channels reach
+
+    def _recording(self, sequence: int) -> collections.OrderedDict[str, tuple[int, str | None]]:
+        if self._seen is None:
+            self._seen = collections.OrderedDict(
+                (extra.checkpoint_id, (stored.sequence, extra.parent_checkpoint_id))
+                for stored, extra in self._pending)
+        while self._seen and next(iter(self._seen.values()))[0] > sequence:
+            self._seen.popitem(last=False)
+        return self._seen
 
     async def _read(self) -> bool:
         if self._done:
@@ -2423,7 +2478,8 @@ class _Ahead:
             self._done = True
             return False
         self._pending.append((stored, extra))
-        self._seen[extra.checkpoint_id] = (stored.sequence, extra.parent_checkpoint_id)
+        if self._seen is not None:
+            self._seen[extra.checkpoint_id] = (stored.sequence, extra.parent_checkpoint_id)
         self._lowest = stored.sequence
         return True
 

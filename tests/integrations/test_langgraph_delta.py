@@ -106,9 +106,14 @@ def _expected_messages(invokes: int) -> list[str]:
 
 async def _default(saver: FastCheckpointSaver, cfg: Any,
                    channels: list[str] = CHANNELS) -> Any:
-    """LangGraph's own walk: every ancestor read whole through ``aget_tuple``."""
-    return await BaseCheckpointSaver.aget_delta_channel_history(
-        saver, config=cfg, channels=channels)
+    """LangGraph's own walk: every ancestor read whole through ``aget_tuple``, as the saver
+    runs it (reading the ancestors it hides from ``aget_tuple`` by id too)."""
+    walking = saver_module._WALKING_ANCESTORS.set(True)
+    try:
+        return await BaseCheckpointSaver.aget_delta_channel_history(
+            saver, config=cfg, channels=channels)
+    finally:
+        saver_module._WALKING_ANCESTORS.reset(walking)
 
 
 async def _assert_every_checkpoint_matches(
@@ -680,3 +685,73 @@ async def test_two_savers_saving_a_thread_in_turns_keep_it_whole() -> None:
             assert {step: everything[step] for step in listed} == listed
         held = await _held(store.inner)
     assert held <= 5 + SNAPSHOT_SPAN
+
+
+async def test_a_copy_of_a_thread_pruned_under_keep_latest_hides_what_the_source_hides() -> None:
+    """The copy's floors name the copies of the checkpoints the source's name (they were
+    all 0 before, so the walk stopped at the copy's oldest: alist listed checkpoints of the
+    copy that read short)."""
+    store = MemoryStore()
+    saver, unpruned = _saver(store, keep_latest=5), _saver(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        await _run(_graph(saver, **RARE), "t", 8)
+        await _run(_graph(unpruned, **RARE), "t", 8)
+        await saver.acopy_thread("t", "c")
+        everything = await _states_by_step(unpruned)
+        source = await _states_by_step(saver)
+        copy = await _states_by_step(saver, "c")
+        held = await _held(store, "c")
+    assert {step: everything[step] for step in copy} == copy == source
+    assert len(copy) < held
+
+
+async def test_aprune_without_keep_latest_hides_the_ancestors_it_keeps_for_newer_ones() -> None:
+    """A thread saved without keep_latest records no floors: the supersteps in each
+    checkpoint's metadata tell which ancestors it needs, as aprune keeps them."""
+    store = MemoryStore()
+    saver, unpruned = _saver(store), _saver(MemoryStore())
+    graph = _graph(saver, **RARE)
+    with anyio.fail_after(DEADLINE):
+        await _run(graph, "t", 8)
+        await _run(_graph(unpruned, **RARE), "t", 8)
+        before = {found.metadata["step"]: found.config async for found in saver.alist(config("t"))}
+        await saver.aprune(["t"])
+        everything = await _states_by_step(unpruned)
+        listed = await _states_by_step(saver)
+        by_id = {step: (await graph.aget_state(at)).values for step, at in before.items()
+                 if await saver.aget_tuple(at) is not None}
+        held = await _held(store)
+    assert {step: everything[step] for step in listed} == listed == by_id
+    assert len(listed) < held
+
+
+async def test_a_checkpoint_whose_parent_was_saved_after_it_is_returned_by_id() -> None:
+    """aget_tuple reads the headers below the checkpoint: a parent saved after it is not
+    among them but is there (looked up), so the checkpoint is not taken for one whose
+    ancestors were pruned."""
+    saver = _saver(MemoryStore())
+    counted = {"counters_since_delta_snapshot": {"x": [1, 2]}}
+    with anyio.fail_after(DEADLINE):
+        root = await put(saver, "t", values={"x": ["a"]}, versions={"x": 1})
+        parent, child = checkpoint(versions={"x": 2}), checkpoint(versions={"x": 3})
+        await saver.aput(config("t", parent["id"]), child, metadata(2, **counted), {})
+        await saver.aput(config("t", root), parent, metadata(1, **counted), {})
+        found = await saver.aget_tuple(config("t", child["id"]))
+    assert found is not None
+    assert found.checkpoint["id"] == child["id"]
+
+
+async def test_aget_tuple_by_id_reads_only_the_headers_back_to_where_its_channels_reach() -> None:
+    store = CountingStore(MemoryStore())
+    saver = _saver(store)
+    with anyio.fail_after(DEADLINE):
+        await _run(_graph(saver, **RARE), "t", 2)
+        newest = await saver.aget_tuple(config("t"))
+        assert newest is not None
+        store.take()
+        assert await saver.aget_tuple(newest.config) is not None
+    counters = newest.metadata["counters_since_delta_snapshot"]
+    reach = max(steps for _, steps in counters.values())
+    assert 0 < reach < 100
+    assert store.take()["headers"] == 1
+    assert store.last["headers"][1]["limit"] == reach
