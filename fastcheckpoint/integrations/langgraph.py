@@ -2427,7 +2427,8 @@ class _Ahead:
         self._pending: collections.deque[tuple[CheckpointHeader, LangGraphHeader]] = (
             collections.deque())
         # The headers read that may still be a parent: none until a checkpoint needs its
-        # ancestors, none above the one checked last (a parent is saved before its child).
+        # ancestors, none more than a page above the one checked last (a parent is saved
+        # before its child, or soon after it when saves race).
         self._seen: collections.OrderedDict[str, tuple[int, str | None]] | None = None
         self._lowest: int | None = None
         self._done = False
@@ -2446,7 +2447,7 @@ class _Ahead:
             floor, hops = -1, self._supersteps(extra)
             if hops <= 0:
                 return True  # no delta channel, or each snapshotted here
-        seen = self._recording(sequence)
+        seen = self._recording(sequence, extra)
         parent, walked = extra.parent_checkpoint_id, 0
         while parent is not None and (hops is None or walked < hops):
             while parent not in seen and not self._done and (
@@ -2460,12 +2461,15 @@ class _Ahead:
             parent, walked = found[1], walked + 1
         return True  # reached the run's first checkpoint, or as far as the channels reach
 
-    def _recording(self, sequence: int) -> collections.OrderedDict[str, tuple[int, str | None]]:
+    def _recording(
+        self, sequence: int, checked: LangGraphHeader
+    ) -> collections.OrderedDict[str, tuple[int, str | None]]:
         if self._seen is None:
             self._seen = collections.OrderedDict(
-                (extra.checkpoint_id, (stored.sequence, extra.parent_checkpoint_id))
-                for stored, extra in self._pending)
-        while self._seen and next(iter(self._seen.values()))[0] > sequence:
+                [(checked.checkpoint_id, (sequence, checked.parent_checkpoint_id))])
+            self._seen.update((extra.checkpoint_id, (stored.sequence, extra.parent_checkpoint_id))
+                              for stored, extra in self._pending)
+        while self._seen and next(iter(self._seen.values()))[0] > sequence + _PAGE:
             self._seen.popitem(last=False)
         return self._seen
 
