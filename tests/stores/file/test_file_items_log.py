@@ -662,20 +662,19 @@ async def test_damage_that_makes_an_owned_item_name_another_held_owner_fails_its
 async def test_a_damaged_owned_item_whose_owner_is_gone_blames_no_checkpoint_and_goes(
     root: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    """Checkpoint 1's item, its key damaged, left in the log when 1 was removed (a writer
-    that did not know the entry, as before damaged entries were kept): its metadata names 1,
-    no longer held, and its checksum proves that owner (standing in for damage the owner
-    check sees through: the key's damage alone would leave the owner unproven, next test).
-    Reads of 0 and 2 raised for it until both were gone, and nothing removed it; they read as
-    before, and the store's repair scan or the run's next write removes the entry (it is no
-    held checkpoint's)."""
+    """Checkpoint 1's item, its owner damaged into 0, left in the log when 1 was removed (a
+    writer that did not know the entry, as before damaged entries were kept). Only held
+    owners (and none) were tried against its checksum, so its owner was not found: 0's read
+    raised for it, and 0 held it in the log. With 1, removed, the metadata passes: the entry
+    is no held checkpoint's. 0 and 2 read as before, and the store's repair scan or the
+    run's next write removes the entry."""
     run = make_run("owner-gone")
     key = key_of(run)
-    monkeypatch.setattr(file_store._Claim, "passes", lambda _, meta: meta.owner == 1)
     with anyio.fail_after(30):
         await _three_checkpoints_with_owned_items(FileStore(root), run)
         record = item_record(root, key, "pending/1/a")
-        record.flip(file_store._PREFIX + 10)  # inside its key: "pending/1/a" -> "pending/q/a"
+        assert record.read_bytes()[_OWNER_BYTE] == 1
+        _put_byte(record, _OWNER_BYTE, 0)
         _restart(monkeypatch, root, key)
         with monkeypatch.context() as patched:
             patched.setattr(file_store._ItemIndex, "unneeded", lambda *_: [])
