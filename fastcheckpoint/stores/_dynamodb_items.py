@@ -19,9 +19,8 @@ The mark goes after ``CONDEMNED_SECONDS``.
 Items nested under a shared item (keys starting with ``<key>/``) go with it. When there are
 any, its removal marks the count *nesting* too (``np``, a token) and enters it in the expiry
 index at once: the nested items are then deleted in transactions that each check the mark
-and condemn the counts of the keys they concern, only while no checkpoint names them meanwhile
-(see :func:`condemn_unnamed`, and :func:`condemn_parent` for the keys the removed item is
-nested under, whose counts its own removal condemns too), and the mark
+and that no key they concern is named meanwhile (see :func:`unnamed_check`), condemning the
+counts of the keys they delete (see :func:`condemn_unnamed`), and the mark
 goes last, with the item's key in the run item's list of items with nested
 items (which reads consult; see ``DynamoDBStore._end_nesting``). A removal interrupted in
 between is completed by the next cleanup pass, and while the mark stands no append can bring
@@ -50,7 +49,6 @@ __all__ = [
     "Value",
     "anchor_record",
     "condemn",
-    "condemn_parent",
     "condemn_unnamed",
     "counter_change",
     "counter_raise",
@@ -71,6 +69,7 @@ __all__ = [
     "put_op",
     "shared_group",
     "strip_tags",
+    "unnamed_check",
     "wants_blob",
 ]
 
@@ -336,7 +335,7 @@ def condemn_unnamed(run_key: str, key: str, since: float, until: float) -> dict[
     """The mark of a removal deleting items nested under a removed shared item on the count
     of a key it deletes (or of a key between such a key and the removed one), only while no
     held checkpoint names it (count zero, or none) and no removal of its own is under way
-    (``np``), and the key is *condemned* as in
+    (``np``): :func:`unnamed_check`'s condition, and the key is *condemned* as in
     :func:`condemn`, until ``until``. An append that names the key without writing it after
     the delete (its writer saw the item before) is refused then, not acknowledged without
     it; one that names it before the delete raises the count, which cancels the delete."""
@@ -355,26 +354,17 @@ def condemn_unnamed(run_key: str, key: str, since: float, until: float) -> dict[
     }}
 
 
-def condemn_parent(run_key: str, key: str, since: float, until: float) -> dict[str, Any]:
-    """The mark of a removal of a shared item on the count of a key that item is nested
-    under, as :func:`condemn_unnamed`'s, only while that count is absent (no checkpoint ever
-    named the key, or its count went) or condemned already: an append naming the key without
-    writing it after the delete (a read of it returns what is nested under it, so its writer
-    may have seen the removed item) is refused rather than acknowledged without it. A count
-    at zero that is not condemned cancels the transaction: that key's own removal is due and
-    takes what is nested under it (see ``DynamoDBStore._sweep_shared``)."""
+def unnamed_check(run_key: str, key: str) -> dict[str, Any]:
+    """A check that no held checkpoint names ``key`` (its count is zero, or there is none),
+    sent with the deletes of the items nested under a removed shared item that it concerns
+    (the item's own key, a key between it and the removed one, a key the removed one is
+    nested under): an append that starts naming it after the removal read the counts raises
+    the count, so the transaction is cancelled rather than deleting what the append names."""
     names = Names()
-    zero = names.value(n(0))
-    return {"Update": {
+    return {"ConditionCheck": {
         "Key": {"PK": s(layout.partition(run_key)), "SK": s(layout.counter_sk(key))},
-        "UpdateExpression": (
-            f"SET {names('gn')} = {names.value(n(since))}, {names('rc')} = {zero}, "
-            f"{names('xpk')} = {names.value(s(f'x#{layout.shard_of(run_key)}'))}, "
-            f"{names('xat')} = {names.value(n(until))}"),
-        "ConditionExpression": (
-            f"(attribute_not_exists({names('rc')}) OR "
-            f"(attribute_exists({names('gn')}) AND {names('rc')} <= {zero})) AND "
-            f"attribute_not_exists({names('np')})"),
+        "ConditionExpression": (f"attribute_not_exists({names('rc')}) OR "
+                                f"{names('rc')} <= {names.value(n(0))}"),
         **names.params(),
     }}
 

@@ -3078,13 +3078,6 @@ class DynamoDBStore(ExpiryCleanup):
                 # under it, for that key's rules to decide; only the count goes.
                 await self._drop_count(run_key, key)
                 continue
-            if "np" not in count and "gn" not in count and _int(count, "rc") <= 0 and any(
-                _due_itself(records.get(layout.counter_sk(parent))) for parent in _parents(key)
-            ):
-                # Nested under a key whose own removal is due or under way, which takes it
-                # (its removal would be cancelled: see ``condemn_parent``); the count stays
-                # due until then.
-                continue
             if "np" in count:  # a removal interrupted before its nested items were all gone
                 await self._remove_nested(run_key, key, _text(count, "np"),
                                           (_number(count, "gn") or now) + layout.CONDEMNED_SECONDS)
@@ -3138,19 +3131,12 @@ class DynamoDBStore(ExpiryCleanup):
                 operations.append(items_layout.delete_when(
                     pk, layout.item_sk(key), "wt", item.get("wt", _s(""))))
             # Only while no key it is nested under is named (an append may have started
-            # naming one since the counts were read; else it stays, and the next pass drops
-            # the count alone) or due for its own removal, condemning their counts: an
-            # append naming one without writing it after this is refused, as a read of it
-            # would lack this item. Those beyond one transaction go first, in their own.
-            parents = [items_layout.condemn_parent(run_key, parent, now, until)
-                       for parent in _parents(key)]
-            cut = max(0, len(parents) + len(operations) - _TRANSACTION_LIMIT)
-            ahead, operations = parents[:cut], operations + parents[cut:]
+            # naming one since the counts were read): else it stays, and the next pass
+            # drops the count alone.
+            operations += [items_layout.unnamed_check(run_key, parent) for parent in _parents(key)]
         else:  # no item, or one owned by a checkpoint (it goes with it): only the count
-            ahead, operations = [], [_count_delete(run_key, key)]
+            operations = [_count_delete(run_key, key)]
         try:
-            for chunk in _slices(ahead, _TRANSACTION_LIMIT):
-                await self._commit(chunk, keep=len(chunk))
             await self._commit(operations, keep=len(operations))
         except _Cancelled:
             return  # named again meanwhile: it stays
@@ -3223,10 +3209,9 @@ class DynamoDBStore(ExpiryCleanup):
                        if not _named_or_under(_text(record, "SK")[2:], named)]
             if not pending:
                 break
-            transactions, taken = _nested_deletes(run_key, key, token, pending, until)
+            operations, taken = _nested_deletes(run_key, key, token, pending, until)
             try:
-                for operations in transactions:
-                    await self._transact(operations)
+                await self._transact(operations)
             except _Cancelled as cancelled:
                 if cancelled.failed(0):
                     return False
@@ -4222,20 +4207,18 @@ def _count_delete(run_key: str, key: str) -> dict[str, Any]:
 
 def _nested_deletes(
     run_key: str, key: str, token: str, records: Sequence[Mapping[str, Any]], until: float
-) -> tuple[list[list[dict[str, Any]]], int]:
-    """The transactions deleting the first of ``records`` (loose items nested under ``key``,
-    whose removal marked ``token``) that fit in one, and how many: each checks the mark
-    first; the last one condemns the count of each key it deletes and of each key between
-    such a key and ``key`` (each once) and of each key ``key`` is nested under (see
-    ``condemn_parent``), then deletes, each only while its record is the one read. Marks
-    beyond one transaction (keys nested that deep) go first, in their own, outermost
-    first: a condemned count refuses an append naming its key without writing it."""
+) -> tuple[list[dict[str, Any]], int]:
+    """The transaction deleting the first of ``records`` (loose items nested under ``key``,
+    whose removal marked ``token``) that fit in one, and how many: the check of the mark
+    first, then a check that the count of each key it deletes, of each key between such a
+    key and ``key``, and of each key ``key`` is nested under is zero (each once; the counts
+    under ``key`` condemned with it until ``until``), then the deletes, each only while its
+    record is the one read."""
     pk = layout.partition(run_key)
-    check = items_layout.nesting_check(run_key, key, token)
-    since = until - layout.CONDEMNED_SECONDS  # when the removal began
-    marks = [items_layout.condemn_parent(run_key, parent, since, until)
-             for parent in _parents(key)]
+    operations = [items_layout.nesting_check(run_key, key, token),
+                  *(items_layout.unnamed_check(run_key, parent) for parent in _parents(key))]
     under = nested_prefix(key)
+    since = until - layout.CONDEMNED_SECONDS  # when the removal began
     checked: set[str] = set()
     deletes: list[dict[str, Any]] = []
     for record in records:
@@ -4243,30 +4226,17 @@ def _nested_deletes(
         item_key = sort_key[len(layout.ITEM_PREFIX):]
         new = [k for k in (*_parents(item_key), item_key) if k.startswith(under)
                and k not in checked]
-        if deletes and len(marks) + len(new) + len(deletes) + 2 > _TRANSACTION_LIMIT:
+        if deletes and len(operations) + len(new) + len(deletes) + 1 > _TRANSACTION_LIMIT:
             break
         checked.update(new)
-        marks += [items_layout.condemn_unnamed(run_key, k, since, until) for k in new]
+        operations += [items_layout.condemn_unnamed(run_key, k, since, until) for k in new]
         deletes.append(items_layout.delete_when(pk, sort_key, "wt", record.get("wt", _s(""))))
-    cut = max(0, len(marks) + len(deletes) + 1 - _TRANSACTION_LIMIT)
-    ahead = [[check, *chunk] for chunk in _slices(marks[:cut], _TRANSACTION_LIMIT - 1)]
-    return [*ahead, [check, *marks[cut:], *deletes]], len(deletes)
+    return operations + deletes, len(deletes)
 
 
 def _parents(key: str) -> list[str]:
-    """The keys ``key`` is nested under (each key before a ``/``, none empty), shortest
-    first."""
-    return [key[:cut] for cut, char in enumerate(key) if char == NESTING and cut]
-
-
-def _due_itself(count: Mapping[str, Any] | None) -> bool:
-    """Whether a count says its key's own removal is due (zero, not condemned) or under way."""
-    return count is not None and ("np" in count or ("gn" not in count and _int(count, "rc") <= 0))
-
-
-def _slices(operations: Sequence[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
-    """``operations`` in consecutive lists of at most ``size``."""
-    return [list(operations[start:start + size]) for start in range(0, len(operations), size)]
+    """The keys ``key`` is nested under (each key before a ``/``), shortest first."""
+    return [key[:cut] for cut, char in enumerate(key) if char == NESTING]
 
 
 def _named_or_under(key: str, named: set[str]) -> bool:

@@ -59,12 +59,10 @@ async def test_an_append_naming_a_nested_key_during_the_removal_keeps_it(
     monkeypatch: pytest.MonkeyPatch, named: str, kept: list[str], transactions: int,
 ) -> None:
     """The removal of ``h/a`` has read the counts of the keys nested under it (and of ``h``)
-    when an append naming and writing ``named``, unnamed until then, is acknowledged (not
-    writing ``h``, it would be refused: the removal took ``h/a`` and condemned ``h``'s count
-    first; see the tests below); then the removal deletes. Its delete of each nested item
-    holds only while that item's count (and the counts of the keys it is nested under) are
-    still zero, so the named items stay; the transaction refused, it goes on without them.
-    The others go."""
+    when an append naming ``named``, unnamed until then, is acknowledged; then the removal
+    deletes. Its delete of each nested item holds only while that item's count (and the
+    counts of the keys it is nested under) are still zero, so the named items stay; the
+    transaction refused, it goes on without them. The others go."""
     run = make_run(f"nested-named-meanwhile-{named}")
     key = key_of(run)
     with anyio.fail_after(DEADLINE):
@@ -82,7 +80,7 @@ async def test_an_append_naming_a_nested_key_during_the_removal_keeps_it(
             found = await real_named(*args)
             if not raced:  # the other process's append lands after the read
                 raced += 1
-                await _append_items(other, run, 2, refs=[named], items=[make_item(named)])
+                await _append_items(other, run, 2, refs=[named])
             return found
 
         monkeypatch.setattr(store, "_named_around", named_then_raced)
@@ -202,72 +200,3 @@ async def _refused(store: DynamoDBStore, run: Any, named: str) -> list[SharedIte
     except SharedItemGone as error:
         return [error]
     return []
-
-
-@pytest.mark.parametrize("counted", [False, True])
-async def test_an_append_naming_a_key_above_the_removed_one_after_the_removal(
-    store: DynamoDBStore, counted: bool,
-) -> None:
-    """Checkpoint 0 named ``h/a`` (and, ``counted``, ``h``), both unnamed now; a read of a
-    checkpoint naming ``h`` returns what is nested under it. With ``h``'s count at zero,
-    ``h``'s own removal is due and takes ``h/a``: the removal of ``h/a`` waits for it, so an
-    append naming ``h`` meanwhile keeps all. With no count for ``h``, the removal of ``h/a``
-    condemns one: an append naming ``h`` without writing it afterwards (its writer saw
-    ``h/a``) is refused, nothing written, not acknowledged without ``h/a``."""
-    run = make_run(f"nested-parent-after-{counted}")
-    key = key_of(run)
-    with anyio.fail_after(DEADLINE):
-        await store.clients()
-        above = ["h"] if counted else []
-        await _append_items(store, run, 0, refs=["h/a", *above],
-                            items=[make_item(k) for k in [*above, "h/a", "h/a/0"]])
-        await _release(store, run, "h/a")
-        await store._sweep_shared(key, ["h/a"], T0)
-        assert await _scan(store, key, "h") == (["h", "h/a", "h/a/0"] if counted else [])
-
-        refused = await _refused(store, run, "h")
-        found = await store.read_with_items(key, sequence=2, now=T0)
-        if counted:
-            assert refused == []
-            assert found is not None
-            assert sorted(found[2]) == ["h", "h/a", "h/a/0"]
-        else:
-            assert [error.keys for error in refused] == [("h",)]
-            assert found is None
-
-
-async def test_a_removal_of_a_key_nested_deeper_than_a_transaction_holds(
-    store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A key under 110 others (``k``, ``k/``, ``k//``...: 112 bytes), with an item nested
-    under it: the removal's marks on the counts of those keys do not fit in the transaction
-    taking the item (nor in the one taking the nested item), so they go first, in their
-    own; every transaction holds at most 100 operations, the removal completes, and the
-    keys above are condemned."""
-    deep = "k" + "/" * 110 + "x"
-    run = make_run("nested-deep")
-    key = key_of(run)
-    sizes: list[int] = []
-    real_transact = store._transact
-
-    async def measured(operations: list[dict[str, Any]], *args: Any, **kwargs: Any) -> Any:
-        sizes.append(len(operations))
-        return await real_transact(operations, *args, **kwargs)
-
-    with anyio.fail_after(DEADLINE):
-        await store.clients()
-        await _append_items(store, run, 0, refs=[deep],
-                            items=[make_item(deep), make_item(f"{deep}/0")])
-        await _release(store, run, deep)
-        monkeypatch.setattr(store, "_transact", measured)
-        await store._sweep_shared(key, [deep], T0)
-        monkeypatch.setattr(store, "_transact", real_transact)
-
-        assert sizes
-        assert max(sizes) <= 100
-        assert await _scan(store, key, "k") == []
-        count = await _raw_item(store, key, layout.counter_sk(deep))
-        assert count is not None
-        assert "np" not in count  # the removal ended
-        assert "gn" in count
-        assert [error.keys for error in await _refused(store, run, "k")] == [("k",)]
