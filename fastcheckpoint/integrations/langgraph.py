@@ -2426,17 +2426,20 @@ class _Ahead:
         self._held = held  # whether an ancestor not among the headers read is there after all
         self._pending: collections.deque[tuple[CheckpointHeader, LangGraphHeader]] = (
             collections.deque())
-        # The headers read that may still be a parent: none until a checkpoint needs its
-        # ancestors, none more than a page above the one checked last (a parent is saved
-        # before its child, or soon after it when saves race).
-        self._seen: collections.OrderedDict[str, tuple[int, str | None]] | None = None
+        # The headers read that may still be a parent, newest first: none more than a page
+        # above the one handed out or checked last (a parent is saved before its child, or
+        # soon after it when saves race).
+        self._seen: collections.OrderedDict[str, tuple[int, str | None]] = (
+            collections.OrderedDict())
         self._lowest: int | None = None
         self._done = False
 
     async def next(self) -> tuple[CheckpointHeader, LangGraphHeader] | None:
         if not self._pending and not await self._read():
             return None
-        return self._pending.popleft()
+        stored, extra = self._pending.popleft()
+        self._forget_above(stored.sequence + _PAGE)  # what is checked from now on is older
+        return stored, extra
 
     async def rebuilds_whole(self, sequence: int, extra: LangGraphHeader) -> bool:
         if extra.delta is not None:
@@ -2464,14 +2467,15 @@ class _Ahead:
     def _recording(
         self, sequence: int, checked: LangGraphHeader
     ) -> collections.OrderedDict[str, tuple[int, str | None]]:
-        if self._seen is None:
-            self._seen = collections.OrderedDict(
-                [(checked.checkpoint_id, (sequence, checked.parent_checkpoint_id))])
-            self._seen.update((extra.checkpoint_id, (stored.sequence, extra.parent_checkpoint_id))
-                              for stored, extra in self._pending)
-        while self._seen and next(iter(self._seen.values()))[0] > sequence + _PAGE:
-            self._seen.popitem(last=False)
+        if checked.checkpoint_id not in self._seen:  # read by id, not among the headers
+            self._seen[checked.checkpoint_id] = (sequence, checked.parent_checkpoint_id)
+            self._seen.move_to_end(checked.checkpoint_id, last=False)
+        self._forget_above(sequence + _PAGE)
         return self._seen
+
+    def _forget_above(self, sequence: int) -> None:
+        while self._seen and next(iter(self._seen.values()))[0] > sequence:
+            self._seen.popitem(last=False)
 
     async def _read(self) -> bool:
         if self._done:
@@ -2482,8 +2486,7 @@ class _Ahead:
             self._done = True
             return False
         self._pending.append((stored, extra))
-        if self._seen is not None:
-            self._seen[extra.checkpoint_id] = (stored.sequence, extra.parent_checkpoint_id)
+        self._seen[extra.checkpoint_id] = (stored.sequence, extra.parent_checkpoint_id)
         self._lowest = stored.sequence
         return True
 

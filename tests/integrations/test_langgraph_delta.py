@@ -757,13 +757,19 @@ async def test_aget_tuple_by_id_reads_only_the_headers_back_to_where_its_channel
     assert store.last["headers"][1]["limit"] == reach
 
 
-async def test_alist_lists_a_checkpoint_whose_parent_was_saved_after_it() -> None:
+@pytest.mark.parametrize("parent_steps", [2, 0])  # 0: the parent needs no check itself
+async def test_alist_lists_a_checkpoint_whose_parent_was_saved_after_it(
+    parent_steps: int,
+) -> None:
     saver = _saver(MemoryStore())
-    counted = {"counters_since_delta_snapshot": {"x": [1, 2]}}
     with anyio.fail_after(DEADLINE):
         root = await put(saver, "t", values={"x": ["a"]}, versions={"x": 1})
         parent, child = checkpoint(versions={"x": 2}), checkpoint(versions={"x": 3})
-        await saver.aput(config("t", parent["id"]), child, metadata(2, **counted), {})
-        await saver.aput(config("t", root), parent, metadata(1, **counted), {})
+        await saver.aput(config("t", parent["id"]), child,
+                         metadata(2, counters_since_delta_snapshot={"x": [1, 2]}), {})
+        await saver.aput(config("t", root), parent, metadata(
+            1, counters_since_delta_snapshot={"x": [1, parent_steps]}), {})
         listed = [found.checkpoint["id"] async for found in saver.alist(config("t"))]
+        by_id = await saver.aget_tuple(config("t", child["id"]))
     assert listed == [parent["id"], child["id"], root]
+    assert by_id is not None
