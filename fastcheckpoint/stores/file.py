@@ -78,7 +78,6 @@ import errno
 import fcntl
 import functools
 import hashlib
-import itertools
 import logging
 import os
 import re
@@ -1499,6 +1498,8 @@ class _Claim(NamedTuple):
     """What the metadata of a damaged item entry says, with what its checksum covers."""
 
     meta: _ItemMeta
+    raw: bytes
+    """The metadata's bytes as the entry holds them."""
     covered: bytes
     """The bytes its checksum covers before the metadata (the framing's fixed part)."""
     checksum: int
@@ -1516,21 +1517,43 @@ class _Claim(NamedTuple):
     def owned_by(self, held: Collection[int], bound: int) -> _Claim:
         """The claim with the owner that makes its metadata pass its checksum, when the owner
         is all the damage changed (:attr:`checked`): one of the ``held`` checkpoints, a shared
-        item's (none), or a checkpoint removed since (any other number up to ``bound``, the
-        latest held: an entry left behind by its owner's removal); the claim as it is
-        otherwise. Damage to the owner and to other bytes leaves its owner unchecked. Costs
-        one encoding and CRC of the metadata per number up to ``bound``, once per damaged
-        entry (2-5 ms for 10,000)."""
+        item's (none), or a checkpoint removed since (a number up to ``bound``, the latest
+        held: an entry left behind by its owner's removal) whose metadata differs from the
+        bytes the entry holds in one bit; the claim as it is otherwise. Damage to the owner
+        and to other bytes leaves its owner unchecked.
+
+        A removed owner makes the entry an orphan that writes delete, so only those few are
+        tried: every number up to ``bound`` (a million in a long run) gave doubly damaged
+        metadata as many chances to pass with one by accident, deleting a held checkpoint's
+        item, and cost an encoding and CRC each. Costs an encoding and CRC per held
+        checkpoint, plus at most 64 (one per bit of the owner)."""
         if self.checked:
             return self
-        removed = (owner for owner in range(bound + 1) if owner not in held)
-        for owner in itertools.chain(sorted(held), (None,), removed):
+        for owner in (*sorted(held), None):
             if owner == self.meta.owner:
                 continue
             owned = msgspec.structs.replace(self.meta, owner=owner)
             if self.passes(owned):
                 return self._replace(meta=owned, checked=True)
+        for owner in self._removed_near(held, bound):
+            owned = msgspec.structs.replace(self.meta, owner=owner)
+            if _one_bit_apart(_ENCODER.encode(owned), self.raw) and self.passes(owned):
+                return self._replace(meta=owned, checked=True)
         return self
+
+    def _removed_near(self, held: Collection[int], bound: int) -> list[int]:
+        """The numbers up to ``bound`` not ``held`` that one bit flipped in the owner the
+        metadata names makes (none when it names none, or a negative number)."""
+        owner = self.meta.owner
+        if owner is None or owner < 0:
+            return []
+        return [near for bit in range(max(owner, bound).bit_length())
+                if (near := owner ^ (1 << bit)) <= bound and near not in held]
+
+
+def _one_bit_apart(one: bytes, other: bytes) -> bool:
+    return len(one) == len(other) and \
+        (int.from_bytes(one, "big") ^ int.from_bytes(other, "big")).bit_count() == 1
 
 
 class _DamagedItem(NamedTuple):
@@ -1554,7 +1577,8 @@ def _claimed_meta(view: LogView, entry: int, at: Located) -> _Claim | None:
         return None
     if meta.entry != entry:
         return None
-    claim = _Claim(meta, found.data[:_FIXED.size], _CRCS.unpack_from(found.data, _FIXED.size)[0])
+    claim = _Claim(meta, bytes(found.data[_PREFIX:_PREFIX + meta_len]), found.data[:_FIXED.size],
+                   _CRCS.unpack_from(found.data, _FIXED.size)[0])
     return claim._replace(checked=claim.passes(meta))
 
 
