@@ -23,7 +23,10 @@ this process does not know its newest checkpoints (its first save of the thread,
 after another process saved to it), and 1 or 2 for a parent it has not seen or read.
 ``aget_tuple`` by id of a thread with delta channels adds 1 per 100 headers back to where
 the checkpoint's delta channels reach (it returns ``None`` for one whose ancestors there
-were pruned), and 1 for an ancestor not among them.
+were pruned), and 1 or 2 for an ancestor not among them (a fork's parent further back, one
+removed, or a parent saved after its child: its index item, then its header and those
+below it). ``alist`` reads its header pages that far ahead, and adds as much for such an
+ancestor of a checkpoint it checks.
 
 Needs ``pip install 'fastcheckpoint[langgraph]'`` and a store with labels and shared items
 (every bundled store).
@@ -133,6 +136,9 @@ __all__ = ["FastCheckpointSaver"]
 logger = logging.getLogger("fastcheckpoint.langgraph")
 
 _PAGE = 100
+_CLEAR_KINDS = frozenset({"msgpack", "json"})
+"""The kinds of LangGraph's serde output that hold a metadata key's name as it is."""
+_COUNTERS_KEY = b"counters_since_delta_snapshot"
 _WRITES_PAGE = 1000
 """Writes per scan of a delta channel's history (they are all read: pages only bound one
 reply)."""
@@ -373,7 +379,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             latest = await self._store.read_with_items(where.key, sequence=None, now=now)
             return None if latest is None else await self._tuple(where, *latest, head=True)
         found = await self._read_by_id(where, checkpoint_id, now)
-        if found is None or not await self._rebuilds_whole(where, found[0], now):
+        if found is None or not await self._rebuilds_whole(where, found[0]):
             return None
         return await self._tuple(where, *found)
 
@@ -679,13 +685,12 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         located = await self._lookup(where, checkpoint_id, now)
         return None if located is None else await self._read_at(where, located, now)
 
-    async def _rebuilds_whole(
-        self, where: _Where, stored: StoredCheckpoint, now: float
-    ) -> bool:
+    async def _rebuilds_whole(self, where: _Where, stored: StoredCheckpoint) -> bool:
         """Whether a checkpoint read by id rebuilds its delta channels whole: not one kept
         only for what newer ones rebuild from, whose own channels reach into what was pruned
-        (a headers read per 100 back to where its channels reach, for a checkpoint with delta
-        channels; none otherwise). LangGraph's own walk of the ancestors reads such ones too."""
+        (for a checkpoint with delta channels, a headers read per 100 back to where its
+        channels reach, and 1 or 2 for an ancestor not among them: a fork's parent, one
+        removed; none otherwise). LangGraph's own walk of the ancestors reads such ones too."""
         if _WALKING_ANCESTORS.get():
             return True
         place = stored.key or f"run {where.run_id[:80]!r} sequence {stored.sequence}"
@@ -694,20 +699,51 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                  else self._supersteps_of(where, extra) if extra.delta is None else 0)
         if reach <= 0:
             return True
-
-        async def held(checkpoint_id: str) -> bool:
-            # Only the headers below were read: a parent saved after its child is there.
-            return await self._lookup(where, checkpoint_id, now) is not None
-
         below = self._headers(where.key, before=stored.sequence, limit=min(_PAGE, reach))
+        # Only the headers below are read: a parent saved after its child is looked up too.
         ahead = _Ahead(self._decoded_headers(where, below),
-                       functools.partial(self._supersteps_of, where), held=held)
+                       functools.partial(self._supersteps_of, where),
+                       functools.partial(self._headers_at, where), below_only=True)
         return await ahead.rebuilds_whole(stored.sequence, extra)
+
+    async def _headers_at(
+        self, where: _Where, checkpoint_id: str, count: int
+    ) -> list[tuple[CheckpointHeader, LangGraphHeader]]:
+        """The headers from a LangGraph checkpoint's own down, ``count`` at most (a page);
+        none when it is not there. One store call where this process knows where it is, else
+        two (its index item first)."""
+        now = self._now()
+        slot = (where.key, checkpoint_id)
+        known = self._state.located.get(slot)
+        if known is not None:
+            found = await self._headers_below(where, known, count, now)
+            if found:
+                return found
+            self._state.located.pop(slot)  # gone, or another life of the run: ask the store
+        located = await self._lookup(where, checkpoint_id, now)
+        return [] if located is None else await self._headers_below(where, located, count, now)
+
+    async def _headers_below(
+        self, where: _Where, located: Located, count: int, now: float
+    ) -> list[tuple[CheckpointHeader, LangGraphHeader]]:
+        """The headers from ``located`` down, ``count`` at most (a page); none when the
+        checkpoint there is not the one ``located`` names."""
+        page, _ = await self._store.headers(where.key, before=located.sequence + 1,
+                                            limit=max(1, min(_PAGE, count)), now=now)
+        expected = _ids.checkpoint_id(where.key, located.incarnation, located.sequence)
+        if not page or page[0].checkpoint_id != expected:
+            return []
+        return [found async for found in self._decoded_headers(where, _each(page))]
 
     def _supersteps_of(self, where: _Where, extra: LangGraphHeader) -> int:
         """How many ancestors a checkpoint whose header records no ``delta`` rebuilds its
-        delta channels from (0 in a thread without delta channels)."""
+        delta channels from (0 in a thread without delta channels). Metadata LangGraph's
+        serde wrote in the clear without the counters is not decoded (the key would be
+        there as it is)."""
         if extra.delta is not None:
+            return 0
+        kind, data = extra.metadata
+        if kind in _CLEAR_KINDS and _COUNTERS_KEY not in data:
             return 0
         return _supersteps(self._loads(extra.metadata, f"run {where.run_id[:80]!r}"))
 
@@ -936,7 +972,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         only_id: str | None,
     ) -> AsyncIterator[CheckpointTuple]:
         ahead = _Ahead(self._decoded_headers(where, self._headers_from(where, before_id)),
-                       functools.partial(self._supersteps_of, where))
+                       functools.partial(self._supersteps_of, where),
+                       functools.partial(self._headers_at, where))
         while (listed := await ahead.next()) is not None:
             stored, extra = listed
             place = f"run {where.run_id[:80]!r} sequence {stored.sequence} (header)"
@@ -2412,18 +2449,27 @@ class _Ahead:
     ``keep_latest``), the supersteps its metadata counts since the channels' snapshots, the
     ancestors ``aprune`` and ``adelete_for_runs`` keep. Both keep older checkpoints only for
     what newer ones rebuild from; such a checkpoint's own channels may reach further back,
-    into what was pruned."""
+    into what was pruned.
+
+    The headers are read no further than those channels reach (a chain saved in a row: as
+    many as the supersteps); an ancestor not among them (a fork's parent, further back, or
+    one gone) is looked up by id with ``at``: the headers from its own down (as many as the
+    supersteps left), none when it is gone. ``below_only``: the headers start below the
+    checkpoint checked, so an ancestor not among them all is looked up too (a parent saved
+    after its child)."""
 
     def __init__(
         self,
         headers: AsyncIterator[tuple[CheckpointHeader, LangGraphHeader]],
         supersteps: Callable[[LangGraphHeader], int],
+        at: Callable[[str, int], Awaitable[list[tuple[CheckpointHeader, LangGraphHeader]]]],
         *,
-        held: Callable[[str], Awaitable[bool]] | None = None,
+        below_only: bool = False,
     ):
         self._headers = headers
         self._supersteps = supersteps
-        self._held = held  # whether an ancestor not among the headers read is there after all
+        self._at = at
+        self._below_only = below_only
         self._pending: collections.deque[tuple[CheckpointHeader, LangGraphHeader]] = (
             collections.deque())
         # The headers read that may still be a parent, newest first: none more than a page
@@ -2431,6 +2477,9 @@ class _Ahead:
         # soon after it when saves race).
         self._seen: collections.OrderedDict[str, tuple[int, str | None]] = (
             collections.OrderedDict())
+        # Ancestors looked up by id (None: gone), for the next checks (a fork's children
+        # share them); a few pages at most.
+        self._looked_up: dict[str, tuple[int, str | None] | None] = {}
         self._lowest: int | None = None
         self._done = False
 
@@ -2446,23 +2495,42 @@ class _Ahead:
             if not extra.delta:
                 return True  # stores its delta channels
             floor, hops = _lowest(sequence, extra.delta), None
+            bound = floor
         else:
             floor, hops = -1, self._supersteps(extra)
             if hops <= 0:
                 return True  # no delta channel, or each snapshotted here
+            bound = sequence - hops  # as far as a chain saved in a row reaches
         seen = self._recording(sequence, extra)
         parent, walked = extra.parent_checkpoint_id, 0
         while parent is not None and (hops is None or walked < hops):
             while parent not in seen and not self._done and (
-                    self._lowest is None or self._lowest > floor):
+                    self._lowest is None or self._lowest > bound):
                 await self._read()
             found = seen.get(parent)
             if found is None:
-                return self._held is not None and await self._held(parent)
+                # Further back than the headers read (a fork's parent), gone, or (only the
+                # headers below were read) saved after its child.
+                if not (self._below_only or (hops is not None and not self._done)):
+                    return False  # read every header it could be among: gone
+                found = await self._look_up(parent, _PAGE if hops is None else hops - walked)
+                if found is None:
+                    return False
             if hops is None and found[0] <= floor:
                 return True
             parent, walked = found[1], walked + 1
         return True  # reached the run's first checkpoint, or as far as the channels reach
+
+    async def _look_up(self, checkpoint_id: str, count: int) -> tuple[int, str | None] | None:
+        if checkpoint_id not in self._looked_up:
+            if len(self._looked_up) > 4 * _PAGE:
+                self._looked_up.clear()
+            found = await self._at(checkpoint_id, count)
+            self._looked_up[checkpoint_id] = None  # gone, unless among those found
+            self._looked_up.update((extra.checkpoint_id, (stored.sequence,
+                                                          extra.parent_checkpoint_id))
+                                   for stored, extra in found)
+        return self._looked_up[checkpoint_id]
 
     def _recording(
         self, sequence: int, checked: LangGraphHeader
@@ -2731,6 +2799,11 @@ def _delta_needs(
 
 def _lowest(sequence: int, delta: Mapping[str, int]) -> int:
     return min(sequence, min(delta.values(), default=sequence))
+
+
+async def _each(values: Iterable[CheckpointHeader]) -> AsyncIterator[CheckpointHeader]:
+    for value in values:
+        yield value
 
 
 def _version_counter(current: str) -> int:
