@@ -100,6 +100,12 @@ _OLDEST_CHECKPOINTS = (
     "SELECT sequence, expires_at, refs FROM fc_checkpoints WHERE run_key = ? "
     "ORDER BY sequence LIMIT ?"
 )
+# Pruning never reaches the ``keep_latest`` newest sequences, whatever the run row counts (a
+# count raised by hand, or a row put back from an older copy, would otherwise take them).
+_PRUNABLE_CHECKPOINTS = (
+    "SELECT sequence, expires_at, refs FROM fc_checkpoints WHERE run_key = ? AND sequence <= ? "
+    "ORDER BY sequence LIMIT ?"
+)
 CHECKPOINT = "SELECT sequence, expires_at, refs, checkpoint_id FROM fc_checkpoints " \
     "WHERE run_key = ? AND sequence = ?"
 # Deleting a checkpoint row removes its owned items (the trigger of the schema).
@@ -126,6 +132,7 @@ _RUN_REFS = "SELECT refs FROM fc_checkpoints WHERE run_key = ? AND refs IS NOT N
 _RUN_REF_COUNTS = "SELECT key, holders FROM fc_item_refs WHERE run_key = ?"
 _COUNTS_REFS = "SELECT 1 FROM fc_item_refs WHERE run_key = ? LIMIT 1"
 _IMMORTAL = "SELECT count(*) FROM fc_checkpoints WHERE run_key = ? AND expires_at IS NULL"
+_HELD = "SELECT count(*), count(*) - count(expires_at) FROM fc_checkpoints WHERE run_key = ?"
 _SET_REF = (
     "INSERT INTO fc_item_refs (run_key, key, holders) VALUES (?, ?, ?) "
     "ON CONFLICT (run_key, key) DO UPDATE SET holders = excluded.holders"
@@ -251,7 +258,7 @@ NEWEST_HEADER = (
     "WHERE run_key = ? ORDER BY sequence DESC LIMIT 1"
 )
 NEWEST_ID = (
-    "SELECT sequence, checkpoint_id FROM fc_checkpoints WHERE run_key = ? "
+    "SELECT sequence, checkpoint_id, expires_at FROM fc_checkpoints WHERE run_key = ? "
     "ORDER BY sequence DESC LIMIT 1"
 )
 CREATED_AT = "SELECT created_at FROM fc_checkpoints WHERE run_key = ? AND sequence = ?"
@@ -346,6 +353,22 @@ def join(values: Sequence[str]) -> str | None:
     if not values:
         return None
     return "\n".join(value.replace("\\", "\\\\").replace("\n", "\\n") for value in values)
+
+
+NO_REFS = "\\"
+"""The ``refs`` of a checkpoint that names no items: a lone backslash, which :func:`join`
+never writes (it escapes every backslash). ``NULL`` refs are what schema version 1 stores of
+an earlier release wrote for such a checkpoint, and what refs overwritten with ``NULL`` look
+like: what the checkpoint named is unknown (see :func:`remove`)."""
+
+
+def join_refs(refs: Sequence[str]) -> str:
+    text = join(refs)
+    return NO_REFS if text is None else text  # never '' for none: that is the key ''
+
+
+def split_refs(text: str | None) -> tuple[str, ...]:
+    return () if text == NO_REFS else split(text)
 
 
 def split(text: str | None) -> tuple[str, ...]:
@@ -504,7 +527,8 @@ def _drop_refs(db: sqlite3.Connection, run_key: str, encoded: Iterable[str]) -> 
     they named then is unknown, so the run's counts are taken again from the refs of the
     checkpoints it still holds (:func:`_recount`) instead of trusting them."""
     texts = list(encoded)
-    counts = collections.Counter(key for text in texts for key in dict.fromkeys(split(text)))
+    counts = collections.Counter(
+        key for text in texts for key in dict.fromkeys(split_refs(text)))
     counted = db.executemany(
         _DROP_REF, [(count, run_key, key) for key, count in counts.items()]).rowcount
     keys = [(run_key, key) for key in counts]
@@ -569,7 +593,8 @@ def _recount(db: sqlite3.Connection, run_key: str, *, damaged: bool) -> None:
     logged only if the counts were wrong). A key still named keeps its item, whatever the
     counts said; a count that only damaged refs held goes, with its item."""
     named = collections.Counter(
-        key for text, in db.execute(_RUN_REFS, (run_key,)) for key in dict.fromkeys(split(text)))
+        key for text, in db.execute(_RUN_REFS, (run_key,))
+        for key in dict.fromkeys(split_refs(text)))
     counted = dict(db.execute(_RUN_REF_COUNTS, (run_key,)).fetchall())
     unnamed = [key for key in counted if key not in named]
     wrong = [(run_key, key, holders) for key, holders in named.items()
@@ -610,10 +635,12 @@ def remove(
         db.execute(_DELETE_UP_TO, (run_key, rows[-1][0]))
     else:
         db.executemany(_DELETE_CHECKPOINT, [(run_key, row[0]) for row in rows])
-    encoded = [row[2] for row in rows if row[2] is not None]
-    if len(encoded) < len(rows) and db.execute(_COUNTS_REFS, (run_key,)).fetchone():
-        # A checkpoint without refs in a run that counts some: its refs may have been
-        # overwritten with NULL, so what it named is unknown (its counts would never go).
+    unknown = any(row[2] is None for row in rows)
+    encoded = [row[2] for row in rows if row[2] is not None and row[2] != NO_REFS]
+    if unknown and db.execute(_COUNTS_REFS, (run_key,)).fetchone():
+        # NULL refs in a run that counts some: written by an earlier release for a checkpoint
+        # that names none, or overwritten with NULL; what it named is unknown (its counts
+        # would never go). A checkpoint written as naming none (NO_REFS) costs nothing here.
         _recount(db, run_key, damaged=False)
     elif encoded:
         _drop_refs(db, run_key, encoded)
@@ -633,19 +660,31 @@ def immortal_left(db: sqlite3.Connection, run_key: str, immortal: int) -> int:
 
 def prune(
     db: sqlite3.Connection, run_key: str, *, held: int, due: float | None,
-    keep_latest: int | None, now: float,
+    keep_latest: int | None, newest: int, now: float,
 ) -> Removed:
-    """Remove the run's expired checkpoints, then the oldest beyond ``keep_latest``."""
+    """Remove the run's expired checkpoints, then the oldest beyond ``keep_latest``, never one
+    of the ``keep_latest`` sequences up to ``newest`` (the one just written): ``held``, the
+    run row's count, may be too high (raised by hand, or the row put back from an older copy),
+    and is then found too high (fewer checkpoints to prune than it says)."""
     removed = Removed()
     if due is not None and due <= now:
         removed = remove(db, run_key, db.execute(
             _EXPIRED_CHECKPOINTS, (run_key, now, INT64)).fetchall())
     excess = 0 if keep_latest is None else held - removed.checkpoints - keep_latest
-    if excess <= 0:
+    if keep_latest is None or excess <= 0:
         return removed
     oldest = remove(db, run_key, db.execute(
-        _OLDEST_CHECKPOINTS, (run_key, excess)).fetchall(), oldest=True)
+        _PRUNABLE_CHECKPOINTS, (run_key, newest - keep_latest, excess)).fetchall(), oldest=True)
     return Removed(removed.checkpoints + oldest.checkpoints, removed.immortal + oldest.immortal)
+
+
+def held_again(db: sqlite3.Connection, run_key: str) -> tuple[int, int]:
+    """``(checkpoints, never-expiring checkpoints)`` the run holds, counted (``O(n)``): only
+    after pruning found its row counting more than it holds."""
+    logger.warning("the run row of run key %s counts more checkpoints than it holds (raised "
+                   "by hand, or put back from an older copy); they are counted again", run_key)
+    held, immortal = db.execute(_HELD, (run_key,)).fetchone()
+    return int(held), int(immortal)
 
 
 def holdings(

@@ -24,8 +24,10 @@ operation is one ``anyio.to_thread`` hop, so the store runs on asyncio and trio.
 The run row is the authority for its checkpoints (both change in one transaction). The damage
 a run can show comes from outside: its row missing while checkpoint rows of the run are in place
 (an operator's ``DELETE``, a partial restore), or a row that contradicts them (an older copy put
-back: it knows fewer sequences, or another incarnation). Reads still return the checkpoints,
-appends refuse, and :meth:`SQLiteStore.rebuild_run` derives a new row from them.
+back: it knows fewer sequences, another incarnation, or an expiry before the newest
+checkpoint's). Reads still return the checkpoints, appends refuse, the cleanup leaves the run,
+and :meth:`SQLiteStore.rebuild_run` derives a new row from them. A row's count of checkpoints
+is never trusted to prune: pruning stops short of the ``keep_latest`` newest sequences.
 """
 
 from __future__ import annotations
@@ -211,13 +213,14 @@ def _check_limit(limit: object) -> int:
 
 
 def _contradiction(head: steps.Head, newest: Sequence[Any] | None) -> str | None:
-    """How a run row contradicts the ``(sequence, checkpoint_id)`` of the newest checkpoint in
-    place (a row put back from an older copy, or edited by hand); ``None`` when it does not.
-    The leftovers of an expired run agree with its row, so an expired row put back over newer
+    """How a run row contradicts the ``(sequence, checkpoint_id, expires_at)`` of the newest
+    checkpoint in place (a row put back from an older copy, or edited by hand); ``None`` when
+    it does not. The leftovers of an expired run agree with its row (it expires with the last
+    of its checkpoints), so a row that says the run expired over newer or longer-lived
     checkpoints shows too."""
     if newest is None:
         return None
-    newest_sequence, newest_id = newest[0], newest[1]
+    newest_sequence, newest_id, newest_expires_at = newest[0], newest[1], newest[2]
     parsed = _ids.parse_checkpoint_id(newest_id)
     if newest_sequence > head.latest_sequence:
         return (
@@ -229,6 +232,13 @@ def _contradiction(head: steps.Head, newest: Sequence[Any] | None) -> str | None
             f"the run record is of incarnation {head.incarnation!r:.40}, but the newest "
             f"checkpoint in place is of incarnation {parsed[1]!r} (a record of another "
             "incarnation was put back)"
+        )
+    if head.expires_at is not None and (
+            newest_expires_at is None or newest_expires_at > head.expires_at):
+        return (
+            f"the run record says the run expires at {head.expires_at!r}, before checkpoint "
+            f"{newest_sequence} in place does (an older copy of the record was put back, or "
+            "it was edited)"
         )
     return None
 
@@ -793,7 +803,7 @@ class SQLiteStore(ExpiryCleanup):
         try:
             db.execute(steps.INSERT_CHECKPOINT, (
                 run_key, record.sequence, record.checkpoint_id, record.created_at,
-                record.expires_at, steps.join(record.refs), record.header, record.payload,
+                record.expires_at, steps.join_refs(record.refs), record.header, record.payload,
             ))
         except sqlite3.IntegrityError as exc:
             # Only a row edited by hand puts a checkpoint beyond the run's latest sequence.
@@ -821,10 +831,15 @@ class SQLiteStore(ExpiryCleanup):
         immortal = head.immortal + (record.expires_at is None)
         expires_at = latest_expiry(head.expires_at, record.expires_at)
         due = steps.earliest(head.due, record.expires_at)
-        removed = steps.prune(db, run_key, held=held, due=due, keep_latest=keep_latest, now=now)
+        removed = steps.prune(db, run_key, held=held, due=due, keep_latest=keep_latest,
+                              newest=record.sequence, now=now)
         held -= removed.checkpoints
-        immortal = steps.immortal_left(db, run_key, immortal - removed.immortal)
-        if removed.mortal or (removed.checkpoints and not immortal):
+        immortal -= removed.immortal
+        recounted = keep_latest is not None and held > keep_latest
+        if recounted:
+            held, immortal = steps.held_again(db, run_key)
+        immortal = steps.immortal_left(db, run_key, immortal)
+        if recounted or removed.mortal or (removed.checkpoints and not immortal):
             expires_at, due = steps.holdings(db, run_key, immortal)
         if head.new:
             steps.insert_first(db, run_key, seed, record, held=held, immortal=immortal,
@@ -890,7 +905,7 @@ class SQLiteStore(ExpiryCleanup):
         record = StoredCheckpoint(
             sequence=sequence, checkpoint_id=checkpoint_id, created_at=created_at,
             expires_at=expires_at, header=header, payload=payload,
-            key=self._key(run_key, sequence), refs=steps.split(refs),
+            key=self._key(run_key, sequence), refs=steps.split_refs(refs),
         )
         return record, status
 
@@ -1355,10 +1370,10 @@ class SQLiteStore(ExpiryCleanup):
     # -- repair -------------------------------------------------------------------------------
 
     async def damaged_runs(self, *, run_key: str | None = None, now: float) -> list[RunDamage]:
-        """Runs whose row is missing while checkpoint rows are in place, or whose live row
-        contradicts the newest of them (fewer sequences, another incarnation). Without
-        ``run_key`` this visits every run key of the checkpoint table (a few primary-key probes
-        each, and a count of the checkpoints of a damaged one)."""
+        """Runs whose row is missing while checkpoint rows are in place, or whose row
+        contradicts the newest of them (fewer sequences, another incarnation, an earlier
+        expiry). Without ``run_key`` this visits every run key of the checkpoint table (a few
+        primary-key probes each, and a count of the checkpoints of a damaged one)."""
         if run_key is not None:
             check_run_key(run_key)
         check_time("now", now)
@@ -1381,7 +1396,7 @@ class SQLiteStore(ExpiryCleanup):
         elif _bad_run_text(steps.run_of(db.execute(steps.RUN, (run_key,)).fetchone())):
             problem = "the run record holds text that is not UTF-8"
         else:
-            problem = _contradiction(steps.Head(*head), newest[:2])
+            problem = _contradiction(steps.Head(*head), (newest[0], newest[1], newest[3]))
             if problem is None:
                 return None
         count = db.execute(steps.COUNT_CHECKPOINTS, (run_key,)).fetchone()[0]
