@@ -19,8 +19,9 @@ The mark goes after ``CONDEMNED_SECONDS``.
 Items nested under a shared item (keys starting with ``<key>/``) go with it. When there are
 any, its removal marks the count *nesting* too (``np``, a token) and enters it in the expiry
 index at once: the nested items are then deleted in transactions that each check the mark
-and that no key they concern is named meanwhile (see :func:`unnamed_check`), condemning the
-counts of the keys they delete (see :func:`condemn_unnamed`), and the mark
+and that no key they concern is named meanwhile (see :func:`parent_check` for the keys the
+removed item is nested under), condemning the counts of the keys they delete (see
+:func:`condemn_unnamed`), and the mark
 goes last, with the item's key in the run item's list of items with nested
 items (which reads consult; see ``DynamoDBStore._end_nesting``). A removal interrupted in
 between is completed by the next cleanup pass, and while the mark stands no append can bring
@@ -55,6 +56,7 @@ __all__ = [
     "delete_op",
     "delete_when",
     "expiry_attributes",
+    "fence",
     "guard_check",
     "guard_delete",
     "guard_record",
@@ -65,11 +67,11 @@ __all__ = [
     "nesting_check",
     "nesting_done",
     "owned_record",
+    "parent_check",
     "plain_record",
     "put_op",
     "shared_group",
     "strip_tags",
-    "unnamed_check",
     "wants_blob",
 ]
 
@@ -250,8 +252,9 @@ def counter_raise(run_key: str, key: str, change: int, *, writing: bool) -> dict
     writes under it could be taken.
     ``writing`` it (its put, ``shared_group(key)``, is in the same transaction): the put
     brings the item back, so the raise clears the mark, unless the removal is still taking
-    the items nested under the old one (``np``): then it fails like a put dropped because a
-    live item is there, and either way the raise is replaced by the checked one
+    the items nested under the old one (``np``) or the count is fenced (``nf``, see
+    :func:`fence`): then it fails like a put dropped because a live item is there, and
+    either way the raise is replaced by the checked one
     (``_instead``), since that item may be condemned by the time the transaction is sent
     again."""
     names = Names()
@@ -261,7 +264,8 @@ def counter_raise(run_key: str, key: str, change: int, *, writing: bool) -> dict
     if writing:
         update["UpdateExpression"] = (
             f"ADD {names('rc')} {names.value(n(change))} REMOVE {names('gn')}")
-        update["ConditionExpression"] = f"attribute_not_exists({names('np')})"
+        update["ConditionExpression"] = (
+            f"attribute_not_exists({names('np')}) AND attribute_not_exists({names('nf')})")
         update.update(names.params())
         return {"Update": update, "_group": shared_group(key),
                 "_instead": counter_raise(run_key, key, change, writing=False)}
@@ -289,18 +293,31 @@ def condemn(run_key: str, key: str, now: float, until: float,
     does not take it), no ``gn``: only ``np``, which refuses appends naming the key while the
     nested items go."""
     names = Names()
-    zero = names.value(n(0))
     nested = "" if nesting is None else f", {names('np')} = {names.value(s(nesting))}"
-    mark = f"{names('gn')} = {names.value(n(now))}, " if gone else ""
+    at = until if nesting is None else now
+    return _zero_count(names, run_key, key, _zeroed(names, run_key, at, now if gone else None)
+                       + nested, f"attribute_not_exists({names('gn')})")
+
+
+def _zeroed(names: Names, run_key: str, at: float, gone: float | None) -> str:
+    """The SET clauses of a count put at zero and in the expiry index at ``at``, condemned
+    since ``gone`` (if given)."""
+    mark = "" if gone is None else f"{names('gn')} = {names.value(n(gone))}, "
+    return (f"{mark}{names('rc')} = {names.value(n(0))}, "
+            f"{names('xpk')} = {names.value(s(f'x#{layout.shard_of(run_key)}'))}, "
+            f"{names('xat')} = {names.value(n(at))}")
+
+
+def _zero_count(names: Names, run_key: str, key: str, assignments: str, condition: str
+                ) -> dict[str, Any]:
+    """The update of ``key``'s count by ``assignments``, only while it is zero (or absent)
+    and ``condition`` holds."""
     return {"Update": {
         "Key": {"PK": s(layout.partition(run_key)), "SK": s(layout.counter_sk(key))},
-        "UpdateExpression": (
-            f"SET {mark}{names('rc')} = {zero}, "
-            f"{names('xpk')} = {names.value(s(f'x#{layout.shard_of(run_key)}'))}, "
-            f"{names('xat')} = {names.value(n(until if nesting is None else now))}{nested}"),
+        "UpdateExpression": f"SET {assignments}",
         "ConditionExpression": (
-            f"(attribute_not_exists({names('rc')}) OR {names('rc')} <= {zero}) AND "
-            f"attribute_not_exists({names('gn')})"),
+            f"(attribute_not_exists({names('rc')}) OR {names('rc')} <= {names.value(n(0))}) "
+            f"AND {condition}"),
         **names.params(),
     }}
 
@@ -335,36 +352,61 @@ def condemn_unnamed(run_key: str, key: str, since: float, until: float) -> dict[
     """The mark of a removal deleting items nested under a removed shared item on the count
     of a key it deletes (or of a key between such a key and the removed one), only while no
     held checkpoint names it (count zero, or none) and no removal of its own is under way
-    (``np``): :func:`unnamed_check`'s condition, and the key is *condemned* as in
-    :func:`condemn`, until ``until``. An append that names the key without writing it after
-    the delete (its writer saw the item before) is refused then, not acknowledged without
-    it; one that names it before the delete raises the count, which cancels the delete."""
+    (``np``), and the key is *condemned* as in :func:`condemn`, until ``until``. An append
+    that names the key without writing it after the delete (its writer saw the item before)
+    is refused then, not acknowledged without it; one that names it before the delete raises
+    the count, which cancels the delete."""
     names = Names()
+    return _zero_count(names, run_key, key, _zeroed(names, run_key, until, since),
+                       f"attribute_not_exists({names('np')})")
+
+
+def _unnamed_not_due(names: Names) -> str:
+    """The condition of :func:`parent_check` and :func:`fence`."""
     zero = names.value(n(0))
-    return {"Update": {
+    return (f"attribute_not_exists({names('rc')}) OR ({names('rc')} <= {zero} AND ("
+            f"attribute_exists({names('gn')}) OR attribute_exists({names('np')}) OR "
+            f"{names('xat')} > {zero}))")
+
+
+def parent_check(run_key: str, key: str) -> dict[str, Any]:
+    """A check sent with the removal of a shared item (and with each delete of what is
+    nested under it) on the count of each key it is nested under: no held checkpoint names
+    that key (an append that started naming it since the counts were read raised its
+    count), and its own removal is not due, that is: the count is absent, condemned
+    (``gn``), its removal under way (``np``), or at zero since its last removal (lowering a
+    count puts it in the expiry index at 0, every other mark at a later time). A read of a
+    checkpoint naming that key returns what is nested under it, so while its removal is
+    due, an append that names it (its writer may have seen the item) could still be
+    acknowledged after the item went: that key's removal goes first instead, taking the
+    item with the rest and condemning the key if it holds an item of its own (see
+    ``DynamoDBStore._sweep_shared``)."""
+    names = Names()
+    return {"ConditionCheck": {
         "Key": {"PK": s(layout.partition(run_key)), "SK": s(layout.counter_sk(key))},
-        "UpdateExpression": (
-            f"SET {names('gn')} = {names.value(n(since))}, {names('rc')} = {zero}, "
-            f"{names('xpk')} = {names.value(s(f'x#{layout.shard_of(run_key)}'))}, "
-            f"{names('xat')} = {names.value(n(until))}"),
-        "ConditionExpression": (
-            f"(attribute_not_exists({names('rc')}) OR {names('rc')} <= {zero}) AND "
-            f"attribute_not_exists({names('np')})"),
+        "ConditionExpression": _unnamed_not_due(names),
         **names.params(),
     }}
 
 
-def unnamed_check(run_key: str, key: str) -> dict[str, Any]:
-    """A check that no held checkpoint names ``key`` (its count is zero, or there is none),
-    sent with the deletes of the items nested under a removed shared item that it concerns
-    (the item's own key, a key between it and the removed one, a key the removed one is
-    nested under): an append that starts naming it after the removal read the counts raises
-    the count, so the transaction is cancelled rather than deleting what the append names."""
+def fence(run_key: str, key: str, since: float, until: float) -> dict[str, Any]:
+    """:func:`parent_check` made to last, for a key beyond what one transaction can check
+    (a key nested under 98 others or more): sent before the transaction it stands for, it
+    condemns the count (``gn``, kept if there; absent, it is created, in the expiry index
+    at ``until``, when it goes) and fences it (``nf``): every raise of it is refused
+    then, also one writing the key (see :func:`counter_raise`), so the key stays unnamed
+    until the count goes."""
     names = Names()
-    return {"ConditionCheck": {
+    gone, at = names.value(n(since)), names.value(n(until))
+    shard = names.value(s(f"x#{layout.shard_of(run_key)}"))
+    return {"Update": {
         "Key": {"PK": s(layout.partition(run_key)), "SK": s(layout.counter_sk(key))},
-        "ConditionExpression": (f"attribute_not_exists({names('rc')}) OR "
-                                f"{names('rc')} <= {names.value(n(0))}"),
+        "UpdateExpression": (
+            f"SET {names('gn')} = if_not_exists({names('gn')}, {gone}), "
+            f"{names('rc')} = {names.value(n(0))}, {names('nf')} = {names.value(n(since))}, "
+            f"{names('xpk')} = if_not_exists({names('xpk')}, {shard}), "
+            f"{names('xat')} = if_not_exists({names('xat')}, {at})"),
+        "ConditionExpression": _unnamed_not_due(names),
         **names.params(),
     }}
 

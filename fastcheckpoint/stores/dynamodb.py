@@ -3059,24 +3059,37 @@ class DynamoDBStore(ExpiryCleanup):
         ``CONDEMNED_SECONDS``: an append that names the item without writing it (its writer
         saw it before the removal) is refused rather than acknowledged without it; then the
         mark goes. Counts above zero leave the expiry index (only while as read: a removal
-        lowering one again puts it back)."""
+        lowering one again puts it back). A key nested under one whose own removal is due
+        is left to that removal, which goes first (see ``parent_check``)."""
         pk = layout.partition(run_key)
         records = await self._batch_get(
             run_key, [sort_key for key in keys
                       for sort_key in (layout.counter_sk(key), layout.item_sk(key),
                                        *map(layout.counter_sk, _parents(key)))])
+        swept: set[str] = set()
         for key in keys:
+            swept.add(key)
             count = records.get(layout.counter_sk(key))
             if count is None:
                 continue
             names = _Names()
-            if "np" not in count and "gn" not in count and _int(count, "rc") <= 0 and any(
-                _int(records.get(layout.counter_sk(parent), {}), "rc") > 0
-                for parent in _parents(key)
-            ):
+            zero = "np" not in count and "gn" not in count and _int(count, "rc") <= 0
+            if zero and any(_int(records.get(layout.counter_sk(parent), {}), "rc") > 0
+                            for parent in _parents(key)):
                 # Nested under a key a held checkpoint names: it stays, with what is nested
                 # under it, for that key's rules to decide; only the count goes.
                 await self._drop_count(run_key, key)
+                continue
+            due = next((parent for parent in _parents(key)
+                        if _removal_due(records.get(layout.counter_sk(parent)))), None)
+            if zero and due is not None:
+                # Removed alone, it could leave an append naming that key acknowledged
+                # without it (see ``parent_check``): the outermost such key's removal goes
+                # first and takes it with the rest, condemning its count (a day on in the
+                # expiry index), or, named meanwhile, makes the next pass drop the count.
+                if due not in swept:
+                    swept.add(due)
+                    await self._sweep_shared(run_key, [due], now)
                 continue
             if "np" in count:  # a removal interrupted before its nested items were all gone
                 await self._remove_nested(run_key, key, _text(count, "np"),
@@ -3114,7 +3127,8 @@ class DynamoDBStore(ExpiryCleanup):
         """Remove a shared item whose count is zero, and the items nested under its key
         (also when the item is owned, it goes with its owner, or gone): the item and the
         count's mark in one transaction (which a raise of the count cancels), then, if a
-        Query found nested items, those (see :meth:`_remove_nested`)."""
+        Query found nested items, those (see :meth:`_remove_nested`). The checks of the keys
+        it is nested under that do not fit in that transaction are fences sent before it."""
         pk = layout.partition(run_key)
         nesting: str | None = None
         until = now + layout.CONDEMNED_SECONDS
@@ -3131,12 +3145,18 @@ class DynamoDBStore(ExpiryCleanup):
                 operations.append(items_layout.delete_when(
                     pk, layout.item_sk(key), "wt", item.get("wt", _s(""))))
             # Only while no key it is nested under is named (an append may have started
-            # naming one since the counts were read): else it stays, and the next pass
-            # drops the count alone.
-            operations += [items_layout.unnamed_check(run_key, parent) for parent in _parents(key)]
+            # naming one since the counts were read: else it stays, and the next pass
+            # drops the count alone) or due for its own removal (the next pass leaves it
+            # to that one).
+            parents = _parents(key)
+            cut = max(0, len(operations) + len(parents) - _TRANSACTION_LIMIT)
+            fences = [items_layout.fence(run_key, parent, now, until) for parent in parents[:cut]]
+            operations += [items_layout.parent_check(run_key, parent) for parent in parents[cut:]]
         else:  # no item, or one owned by a checkpoint (it goes with it): only the count
-            operations = [_count_delete(run_key, key)]
+            fences, operations = [], [_count_delete(run_key, key)]
         try:
+            for chunk in _slices(fences, _TRANSACTION_LIMIT):
+                await self._transact(chunk)
             await self._commit(operations, keep=len(operations))
         except _Cancelled:
             return  # named again meanwhile: it stays
@@ -3196,8 +3216,9 @@ class DynamoDBStore(ExpiryCleanup):
         """Delete one page of nested ``records`` in transactions of up to 100 operations,
         each checking that the removal marked ``token`` is still under way, and, for each
         record, that the counts of its key, of the keys between it and ``key`` and of the
-        keys ``key`` is nested under are still zero: an append that started naming one
-        after ``named`` was read raises its count, which cancels the transaction; the keys
+        keys ``key`` is nested under are still zero (for the latter, and not due for their
+        own removal, see ``parent_check``): an append that started naming one after
+        ``named`` was read raises its count, which cancels the transaction; the keys
         whose checks failed join ``named`` and the rest is sent again. The counts of the
         keys under ``key`` are condemned with the check, until ``until``: an append naming
         one after the delete is refused. A record rewritten since the page was read (written
@@ -3209,13 +3230,14 @@ class DynamoDBStore(ExpiryCleanup):
                        if not _named_or_under(_text(record, "SK")[2:], named)]
             if not pending:
                 break
-            operations, taken = _nested_deletes(run_key, key, token, pending, until)
+            transactions, taken = _nested_deletes(run_key, key, token, pending, until)
             try:
-                await self._transact(operations)
+                for operations in transactions:
+                    await self._transact(operations)
             except _Cancelled as cancelled:
                 if cancelled.failed(0):
                     return False
-                failed = {_target(op)[1] for index, op in enumerate(operations)
+                failed = {_target(op)[1] for index, op in enumerate(cancelled.operations)
                           if cancelled.failed(index)}
                 named.update(sort_key[len(layout.COUNTER_PREFIX):] for sort_key in failed
                              if sort_key.startswith(layout.COUNTER_PREFIX))
@@ -3232,7 +3254,8 @@ class DynamoDBStore(ExpiryCleanup):
     async def _named_around(self, run_key: str, key: str) -> set[str]:
         """The keys held checkpoints name (count above zero) among those nested under ``key``
         (a Query of their counts, ``begins_with`` on ``c#<key>/``) and the keys ``key`` is
-        nested under (a BatchGetItem, only if there are any)."""
+        nested under (a BatchGetItem, only if there are any), with the latter whose own
+        removal is due (it takes what is nested under them)."""
         names = _Names()
         counts, parents = await pair(
             lambda: self._query_all(
@@ -3247,8 +3270,10 @@ class DynamoDBStore(ExpiryCleanup):
             lambda: self._batch_get(run_key, [layout.counter_sk(parent)
                                               for parent in _parents(key)]),
         )
-        return {_text(count, "SK")[len(layout.COUNTER_PREFIX):]
-                for count in [*counts, *parents.values()] if _int(count, "rc") > 0}
+        found = [count for count in counts if _int(count, "rc") > 0]
+        found += [count for count in parents.values()
+                  if _int(count, "rc") > 0 or _removal_due(count)]
+        return {_text(count, "SK")[len(layout.COUNTER_PREFIX):] for count in found}
 
     async def _end_nesting(self, run_key: str, key: str, token: str, until: float) -> None:
         """End a removal whose nested items are all gone: the count loses its mark and the
@@ -4207,36 +4232,60 @@ def _count_delete(run_key: str, key: str) -> dict[str, Any]:
 
 def _nested_deletes(
     run_key: str, key: str, token: str, records: Sequence[Mapping[str, Any]], until: float
-) -> tuple[list[dict[str, Any]], int]:
-    """The transaction deleting the first of ``records`` (loose items nested under ``key``,
-    whose removal marked ``token``) that fit in one, and how many: the check of the mark
-    first, then a check that the count of each key it deletes, of each key between such a
-    key and ``key``, and of each key ``key`` is nested under is zero (each once; the counts
-    under ``key`` condemned with it until ``until``), then the deletes, each only while its
-    record is the one read."""
+) -> tuple[list[list[dict[str, Any]]], int]:
+    """The transactions deleting the first of ``records`` (loose items nested under ``key``,
+    whose removal marked ``token``) that fit in one, and how many: each checks the mark
+    first; the last one then checks that the count of each key ``key`` is nested under is
+    zero and not due (see ``parent_check``) and condemns the count of each key it deletes
+    and of each key between such a key and ``key`` (each once), only while zero, until
+    ``until``, then deletes, each only while its record is the one read. The checks and
+    marks beyond one transaction (keys nested that deep), outermost first, are fences
+    (see ``fence``) sent before it, in their own."""
     pk = layout.partition(run_key)
-    operations = [items_layout.nesting_check(run_key, key, token),
-                  *(items_layout.unnamed_check(run_key, parent) for parent in _parents(key))]
-    under = nested_prefix(key)
+    check = items_layout.nesting_check(run_key, key, token)
     since = until - layout.CONDEMNED_SECONDS  # when the removal began
-    checked: set[str] = set()
+    above = _parents(key)
+    under = nested_prefix(key)
+    between: dict[str, None] = {}  # in order, outermost first
     deletes: list[dict[str, Any]] = []
     for record in records:
         sort_key = _text(record, "SK")
         item_key = sort_key[len(layout.ITEM_PREFIX):]
         new = [k for k in (*_parents(item_key), item_key) if k.startswith(under)
-               and k not in checked]
-        if deletes and len(operations) + len(new) + len(deletes) + 1 > _TRANSACTION_LIMIT:
+               and k not in between]
+        if deletes and 1 + len(above) + len(between) + len(new) + len(deletes) + 1 > (
+                _TRANSACTION_LIMIT):
             break
-        checked.update(new)
-        operations += [items_layout.condemn_unnamed(run_key, k, since, until) for k in new]
+        between.update(dict.fromkeys(new))
         deletes.append(items_layout.delete_when(pk, sort_key, "wt", record.get("wt", _s(""))))
-    return operations + deletes, len(deletes)
+    cut = max(0, 1 + len(above) + len(between) + len(deletes) - _TRANSACTION_LIMIT)
+    guarded = [*above, *between]
+    fences = [items_layout.fence(run_key, k, since, until) for k in guarded[:cut]]
+    last = [check,
+            *(items_layout.parent_check(run_key, k) for k in above[cut:]),
+            *(items_layout.condemn_unnamed(run_key, k, since, until)
+              for k in list(between)[max(0, cut - len(above)):]),
+            *deletes]
+    return [*([check, *chunk] for chunk in _slices(fences, _TRANSACTION_LIMIT - 1)), last], len(
+        deletes)
 
 
 def _parents(key: str) -> list[str]:
-    """The keys ``key`` is nested under (each key before a ``/``), shortest first."""
-    return [key[:cut] for cut, char in enumerate(key) if char == NESTING]
+    """The keys ``key`` is nested under (each key before a ``/``, none empty), shortest
+    first."""
+    return [key[:cut] for cut, char in enumerate(key) if char == NESTING and cut]
+
+
+def _removal_due(count: Mapping[str, Any] | None) -> bool:
+    """Whether a count says its key's own removal is due: at zero, lowered since the key was
+    last removed (the count's expiry-index entry at 0), no removal under way or done."""
+    return (count is not None and "gn" not in count and "np" not in count
+            and _int(count, "rc") <= 0 and not (_number(count, "xat") or 0.0) > 0)
+
+
+def _slices(operations: Sequence[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
+    """``operations`` in consecutive lists of at most ``size``."""
+    return [list(operations[start:start + size]) for start in range(0, len(operations), size)]
 
 
 def _named_or_under(key: str, named: set[str]) -> bool:

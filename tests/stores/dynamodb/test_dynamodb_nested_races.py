@@ -200,3 +200,76 @@ async def _refused(store: DynamoDBStore, run: Any, named: str) -> list[SharedIte
     except SharedItemGone as error:
         return [error]
     return []
+
+
+async def test_an_append_naming_a_key_above_the_removed_one_after_the_removal_is_refused(
+    store: DynamoDBStore,
+) -> None:
+    """Checkpoint 0 named ``h`` (an item of its own) and ``h/a``, both unnamed now; a read of
+    a checkpoint naming ``h`` returns what is nested under it. The cleanup loop reaches the
+    count of ``h/a`` first: with ``h``'s own removal due, that removal goes first and takes
+    ``h/a`` with the rest, condemning ``h``, so an append naming ``h`` without writing it
+    afterwards (its writer saw ``h/a``) is refused, nothing written, not acknowledged
+    reading back without ``h/a``."""
+    run = make_run("nested-parent-after")
+    key = key_of(run)
+    with anyio.fail_after(DEADLINE):
+        await store.clients()
+        await _append_items(store, run, 0, refs=["h/a", "h"],
+                            items=[make_item(k) for k in ["h", "h/a", "h/a/0"]])
+        found = await store.read_with_items(key, sequence=0, now=T0)
+        assert found is not None
+        assert sorted(found[2]) == ["h", "h/a", "h/a/0"]
+        await _release(store, run, "h/a")
+        await store._sweep_shared(key, ["h/a"], T0)
+
+        assert await _scan(store, key, "h") == []
+        assert [error.keys for error in await _refused(store, run, "h")] == [("h",)]
+        assert await store.read_with_items(key, sequence=2, now=T0) is None
+        count = await _raw_item(store, key, layout.counter_sk("h/a"))
+        assert count is not None
+        assert "gn" in count  # condemned by h's removal: its entry moved a day on
+
+
+@pytest.mark.parametrize(("removed", "nested", "fenced"), [
+    # A key under 110 others (``k``, ``k/``, ``k//``...: 112 bytes), an item nested under it.
+    ("k" + "/" * 110 + "x", "k" + "/" * 110 + "x/0", "k"),
+    # ``k``, an item nested under it 110 keys deep: the marks of the keys between.
+    ("k", "k" + "/" * 110 + "x", "k/"),
+])
+async def test_a_removal_of_a_key_nested_deeper_than_a_transaction_holds(
+    store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch, removed: str, nested: str,
+    fenced: str,
+) -> None:
+    """The checks of the keys above the removed item (or the marks of the keys between it
+    and an item nested under it) do not fit in the transaction taking the item (nor in the
+    one taking the nested item), so those that do not fit are fences sent first, in their
+    own; every transaction holds at most 100 operations, the removal completes, and the
+    outermost keys are fenced (an append naming ``fenced`` is refused)."""
+    deep = removed
+    run = make_run(f"nested-deep-{len(removed)}")
+    key = key_of(run)
+    sizes: list[int] = []
+    real_transact = store._transact
+
+    async def measured(operations: list[dict[str, Any]], *args: Any, **kwargs: Any) -> Any:
+        sizes.append(len(operations))
+        return await real_transact(operations, *args, **kwargs)
+
+    with anyio.fail_after(DEADLINE):
+        await store.clients()
+        await _append_items(store, run, 0, refs=[deep],
+                            items=[make_item(deep), make_item(nested)])
+        await _release(store, run, deep)
+        monkeypatch.setattr(store, "_transact", measured)
+        await store._sweep_shared(key, [deep], T0)
+        monkeypatch.setattr(store, "_transact", real_transact)
+
+        assert sizes
+        assert max(sizes) <= 100
+        assert await _scan(store, key, "k") == []
+        count = await _raw_item(store, key, layout.counter_sk(deep))
+        assert count is not None
+        assert "np" not in count  # the removal ended
+        assert "gn" in count
+        assert [error.keys for error in await _refused(store, run, fenced)] == [(fenced,)]
