@@ -9,8 +9,8 @@ Layout (``<p>`` is the table prefix)::
     <p>items        (run_key, key) primary key: side records, optionally owned by a checkpoint
     <p>refs         (run_key, key) -> how many held checkpoints name the item in their refs
     <p>labels       (label, created_at, run_key): runs by label, newest first
-    <p>ops          token -> result of a delete, items delete or create-only items write
-                    whose reply may have been lost (5 minutes)
+    <p>ops          token -> result of an append, delete, items delete or create-only items
+                    write whose reply may have been lost (5 minutes)
 
 Locks. Every function that changes a run's checkpoints takes the run row first (the append's
 compare-and-set ``UPDATE``, or the row lock of a delete or purge), then its checkpoints, then
@@ -1498,6 +1498,69 @@ _READ_WITH_ITEMS_V7 = _READ_WITH_ITEMS_V3.replace(
 if _READ_WITH_ITEMS_V7.count("AND i.owner IS NULL") != 2:
     raise ValueError("read_with_items of migration 3 changed: migration 7 no longer applies")
 
+# Migration 8, the append. (1) A retry of an append whose reply was lost found its own write
+# only by the checkpoint's token: once that checkpoint was gone (deleted, pruned by another
+# writer's create, its run deleted or expired) the retry was a conflict, and the manager wrote
+# the same create again at the next sequence (a deleted checkpoint came back; a stale one
+# pruned a newer one). Every append now remembers its token in {ops}, like the deletes, for
+# five minutes of the server's clock; a retry that loses the compare-and-set finds it there
+# and is acknowledged. Each append also takes out the memos right after its own in token
+# order (two), if they expired: tokens are random, so this keeps the table near twice the
+# memos of the last five minutes whatever the cleanup loop does (each append adds one, and
+# removes two while half the memos it meets have expired), and appends of different runs
+# seldom meet on a memo. (2) Pruning never takes a sequence above p_sequence - p_keep_latest:
+# the count comes from the run row, and a row whose count is too high (a copy put back after
+# deletes, an operator's UPDATE) made the append prune the checkpoint it had just written.
+_APPEND_MEMO = """
+    -- Remembered for a retry whose reply is lost (see migration 8), and two memos after it in
+    -- token order taken out if they expired.
+    INSERT INTO {ops} (token, result, expires_at)
+    VALUES (p_token, p_sequence, extract(epoch FROM clock_timestamp()) + 300);
+    DELETE FROM {ops} o
+     WHERE o.token IN (SELECT n.token FROM {ops} n WHERE n.token > p_token
+                        ORDER BY n.token LIMIT 2)
+       AND o.expires_at <= extract(epoch FROM clock_timestamp());
+    outcome := 'ok'; status := r.status;
+END
+$fn$"""
+
+_APPEND_V8 = _patched(
+    _APPEND_V5,
+    ("""        v_found := FOUND;
+        IF v_found THEN""",
+     """        v_found := FOUND;
+        -- A retry of an append whose reply was lost: it was written, whatever became of its
+        -- checkpoint since (deleted, pruned, its run deleted or expired).
+        PERFORM 1 FROM {ops} o WHERE o.token = p_token;
+        IF FOUND THEN
+            outcome := 'ok';
+            status := CASE WHEN v_found AND r.incarnation = p_incarnation THEN r.status
+                           ELSE p_status END;
+            RETURN;
+        END IF;
+        IF v_found THEN"""),
+    ("""             WHERE c.run_key = p_run_key
+               AND (c.expires_at IS NULL OR c.expires_at > p_now)
+             ORDER BY c.sequence LIMIT v_live - p_keep_latest);""",
+     """             WHERE c.run_key = p_run_key
+               AND (c.expires_at IS NULL OR c.expires_at > p_now)
+               AND c.sequence <= p_sequence - p_keep_latest
+             ORDER BY c.sequence LIMIT v_live - p_keep_latest);"""),
+    ("\n    outcome := 'ok'; status := r.status;\nEND\n$fn$", _APPEND_MEMO),
+)
+
+# Migration 8, repair: a NULL element in a run row's labels (an operator's UPDATE) is damage
+# damaged_runs reports; the store's reads raise CorruptCheckpointError for it, and listings
+# skip the row, as for a label that is not UTF-8.
+_DAMAGED_RUNS_V8 = _patched(
+    _function(_REPAIR_V1, "damaged_runs"),
+    ("CREATE FUNCTION {damaged_runs}(", "CREATE OR REPLACE FUNCTION {damaged_runs}("),
+    ("                   WHEN EXISTS (SELECT 1 FROM unnest(x.labels) label\n",
+     "                   WHEN array_position(x.labels, NULL) IS NOT NULL\n"
+     "                       THEN 'holds a NULL label'\n"
+     "                   WHEN EXISTS (SELECT 1 FROM unnest(x.labels) label\n"),
+)
+
 MIGRATIONS = (
     Migration(
         1,
@@ -1540,6 +1603,12 @@ MIGRATIONS = (
         7,
         "an item a checkpoint names or owns stays when a key it is nested under is released",
         ";\n\n".join([_REMOVE_V7.strip(), _READ_WITH_ITEMS_V7.strip()]),
+    ),
+    Migration(
+        8,
+        "a create sent again after a lost reply is acknowledged also when its checkpoint went "
+        "meanwhile; pruning never takes the new checkpoint; damaged_runs reports NULL labels",
+        ";\n\n".join([_APPEND_V8.strip(), _DAMAGED_RUNS_V8.strip()]),
     ),
 )
 """Every schema version, oldest first. A released migration is never edited: changes come

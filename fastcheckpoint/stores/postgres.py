@@ -26,8 +26,9 @@ the same function): reads return intact checkpoints with status ``active``, writ
 Lost replies. A connection that breaks after the server committed leaves the client unsure:
 the call is retried with the same write token, and the server recognises its own earlier
 write (the checkpoint's token, the run's last update token, or a five-minute memo of the
-result of a delete, an items delete or a create-only items write) and reports what happened
-instead of failing or writing twice.
+result of an append, a delete, an items delete or a create-only items write) and reports what
+happened instead of failing or writing twice: an append whose checkpoint was deleted or
+pruned before its retry arrived is acknowledged, not written again.
 
 Runs on asyncio only (asyncpg); one connection pool per event loop for pools it builds.
 See ``docs/stores/postgres.md`` for URL options, schema, migrations, PgBouncer and grants.
@@ -189,7 +190,9 @@ def _key_bytes(key: object) -> bytes:
     return item_key_bytes(key, MAX_ITEM_KEY_BYTES, "the item-key limit of every store")
 
 
-def _decoded(raw: bytes, what: str, where: str) -> str:
+def _decoded(raw: bytes | None, what: str, where: str) -> str:
+    if not isinstance(raw, bytes):  # a NULL in an array, written behind the store's back
+        raise CorruptCheckpointError(f"{what} is NULL", key=where)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
