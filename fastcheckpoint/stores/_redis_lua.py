@@ -55,11 +55,14 @@ distinct ref); ``unreference`` and ``drop_run(true)`` remove them when they rele
 ref to ``K`` (``drop_nested``), whoever holds ``K``'s item (an owned one goes with its owner,
 ``drop_owned_items``, even while named), and ``drop_run(false)`` removes every item key anyway.
 
-Lost replies. redis-py retries a call whose reply was lost, with the same arguments. Appends
-recognise their own write token in the checkpoint they wrote; run updates, the counting deletes,
-owned-item writes, create-only item writes and the purge remember their reply (and the index
-operations it carried) for five minutes under ``<base>op:<token>`` and answer a retry with it
-(a run update with the record as it is then: another change may have followed).
+Lost replies. redis-py retries a call whose reply was lost, with the same arguments. Appends,
+run updates, the counting deletes, owned-item writes, create-only item writes and the purge
+remember their reply (and the index operations it carried) for five minutes under
+``<base>op:<token>`` and answer a retry with it (a run update with the record as it is then:
+another change may have followed). An append's retry is acknowledged so also when its
+checkpoint or its run went in between (a conflict would make the manager write it again at
+the next sequence), with its index operations only while the run is still its incarnation; the
+token is also in the checkpoint the append wrote, for a retry that finds no memo.
 
 Floats travel as the decimal strings Python wrote (``repr``) or Redis formats (scores); the
 scripts compare them with ``tonumber`` and store the strings unchanged, so no precision is lost
@@ -666,9 +669,17 @@ _APPEND = r"""
 local sequence, expires_at, token = ARGV[5], ARGV[8], ARGV[13]
 local incarnation = ARGV[15]
 local saved = recall(token)
-if saved then return saved end
+if saved then
+  -- A redis-py retry of this very append after a lost reply: it was applied, whatever became
+  -- of its checkpoint since (deleted, pruned, its run deleted or started again). Its index
+  -- changes go again only while the run is the incarnation it wrote to: those of a run that
+  -- went would put it back in the index.
+  if field(KEYS[1], 'inc') ~= incarnation then saved[2] = {} end
+  return saved
+end
 local run = load_run()
--- A redis-py retry of this very append after a lost reply: it was applied.
+-- The same, when the memo is gone (written by an earlier release, evicted) but the checkpoint
+-- is not: it holds the token.
 if field(KEYS[11], 'w') == token then return {{'ok', status_of(run)}, OPS} end
 if run.damaged then return {{'damaged', run.problem}, OPS} end
 local slot = redis.call('HMGET', KEYS[11], 'i', 'e')
@@ -762,7 +773,8 @@ if created or held_expiry() ~= run.expiry or item_keys() ~= keys_before then
   touch_run_keys()
 end
 schedule(false)
-return answer(token, {'ok', status}, false)
+-- Remembered for a retry (see above): its checkpoint may be gone by then.
+return answer(token, {'ok', status}, true)
 """
 
 # ARGV[5]: sequence (KEYS[11] is its key). Returns checkpoint_reply() or {0}.

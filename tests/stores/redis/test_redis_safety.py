@@ -16,7 +16,12 @@ import redis.asyncio as aioredis
 
 from fastcheckpoint import CheckpointConfig, CheckpointManager, CheckpointStatus
 from fastcheckpoint._config import RetryPolicy
-from fastcheckpoint.errors import CorruptCheckpointError, StoreError, StoreUnavailableError
+from fastcheckpoint.errors import (
+    CorruptCheckpointError,
+    SequenceConflict,
+    StoreError,
+    StoreUnavailableError,
+)
 from fastcheckpoint.stores import redis as redis_store
 from fastcheckpoint.stores.redis import RedisStore, redis_retry
 from fastcheckpoint.testing import T0, key_of, make_item, make_run
@@ -26,6 +31,7 @@ from tests.stores._redis_support import (
     append,
     delete_prefix,
     host_and_port,
+    keys_under,
     load_scripts,
     make_store,
     real_server,
@@ -230,6 +236,140 @@ async def test_a_guarded_pause_whose_reply_was_lost_before_a_create_returns_the_
     assert paused.status is CheckpointStatus.PAUSED
     assert run is not None
     assert (run.status, run.latest_sequence) == (CheckpointStatus.PAUSED, 1)
+
+
+# -- a create sent again after its checkpoint or its run went ---------------------------------
+
+# What another process does between the applied create and redis-py's resend of it.
+# "memo_gone": the resend's memo is gone (evicted, or written by an earlier release), the
+# checkpoint is not: the token in the checkpoint recognises it.
+_MEANWHILE = ["delete", "prune", "delete_run", "restart", "delete_new_run", "memo_gone"]
+
+
+@pytest.mark.parametrize("cluster_path", [False, True], ids=["plain", "cluster-code-path"])
+@pytest.mark.parametrize("meanwhile", _MEANWHILE)
+async def test_a_create_sent_again_after_its_checkpoint_went_is_not_written_again(
+    prefixed: tuple[RedisTarget, str],
+    monkeypatch: pytest.MonkeyPatch,
+    meanwhile: str,
+    cluster_path: bool,
+) -> None:
+    """A create is applied and its reply lost. Before redis-py sends it again, another process
+    (a store of its own) deletes that checkpoint, prunes it by a create of its own
+    (max_checkpoints_per_run=1), deletes the run, or deletes it and starts it again; or the
+    create was the run's first and the run is deleted. The resend is acknowledged at the
+    sequence written, once: the manager does not write the create again at the next sequence
+    (a deleted checkpoint or run came back; a stale state pruned the newer one and restore
+    returned it), and on Redis Cluster the resend puts no gone run back into the index."""
+    target, prefix = prefixed
+    real_server(target)
+    clock = Clock()
+
+    def config() -> CheckpointConfig:
+        kept = 1 if meanwhile == "prune" else None
+        return CheckpointConfig(max_checkpoints_per_run=kept, history_min_entries=None, clock=clock)
+
+    direct = make_store(target, prefix, cluster=cluster_path)
+    other = CheckpointManager(direct, config=config())
+    await load_scripts(direct._client)  # so that the cut hits the call itself, not NOSCRIPT
+    first = meanwhile == "delete_new_run"
+    if first:  # the lost one is the run's first create: (intent,) run script
+        plan = ["pass", "lose-reply"] if cluster_path else ["lose-reply"]
+    else:  # the writer's first create, (intent, run script, index,) then the lost one
+        plan = ["pass"] * (3 if cluster_path else 1) + ["lose-reply"]
+
+    async def another_process() -> None:
+        if meanwhile == "delete":
+            listed = await other.list_checkpoints("r")
+            assert await other.delete(listed[0].checkpoint_id)
+        elif meanwhile == "prune":
+            newer = await other.create("r", {"by": "B", "step": 2})
+            assert newer is not None
+            assert newer.metadata.sequence == 2
+        elif meanwhile == "memo_gone":
+            memos = [key for key in await keys_under(direct._client, prefix) if b":op:" in key]
+            assert memos
+            await direct._client.unlink(*memos)
+        else:
+            assert await other.delete_run("r") > 0
+            if meanwhile == "restart":
+                await other.create("r", {"by": "B", "step": 0})
+
+    proxy = CuttingProxy(*host_and_port(target), plan, on_lost_reply=another_process)
+    await proxy.start()
+    client = aioredis.Redis.from_url(
+        f"redis://127.0.0.1:{proxy.port}/0",
+        retry=redis_retry(RetryPolicy(base_delay=0.001, max_delay=0.01, max_retries=3)),
+    )
+    store = RedisStore(client, prefix=prefix, cluster=cluster_path, owns_client=True)
+    writer = CheckpointManager(store, config=config())
+    try:
+        with anyio.fail_after(_DEADLINE):
+            if not first:
+                await writer.create("r", {"by": "A", "step": 0})
+            appends: list[int] = []
+            sent = store.append
+
+            async def counted(*args: Any, **kwargs: Any) -> str:
+                appends.append(args[1].sequence)
+                return await sent(*args, **kwargs)
+
+            monkeypatch.setattr(store, "append", counted)
+            created = await writer.create("r", {"by": "A", "step": 1})
+            monkeypatch.undo()
+            held = [(c.sequence, c.checkpoint_id) for c in await other.list_checkpoints("r")]
+            latest = await other.restore("r")
+            counted_runs = await other.count_runs()
+    finally:
+        await store.aclose()
+        await direct.aclose()
+        await proxy.stop()
+    written = 0 if first else 1
+    assert proxy.cuts == 1
+    assert appends == [written]  # the store was asked once, and redis-py sent it again
+    assert created is not None
+    assert created.metadata.sequence == written
+    if meanwhile == "memo_gone":
+        assert [sequence for sequence, _ in held] == [1, 0]
+        assert latest is not None
+        assert latest.state == {"by": "A", "step": 1}
+    elif meanwhile == "delete":
+        assert [sequence for sequence, _ in held] == [0]
+        assert latest is not None
+        assert latest.state == {"by": "A", "step": 0}
+    elif meanwhile in ("prune", "restart"):
+        assert [sequence for sequence, _ in held] == [2 if meanwhile == "prune" else 0]
+        assert latest is not None
+        assert latest.state == {"by": "B", "step": held[0][0]}
+    else:
+        assert (held, latest) == ([], None)
+    assert counted_runs == (0 if meanwhile.startswith("delete_") else 1)
+
+
+async def test_a_create_leaves_a_memo_of_its_reply_for_five_minutes(
+    prefixed: tuple[RedisTarget, str],
+) -> None:
+    """What lets a resend recognise its create once the checkpoint is gone: one memo per
+    create, under the run's hash tag, expiring natively after five minutes (bounded
+    storage: about 150 bytes per create of the last five minutes). A refused create leaves
+    none."""
+    target, prefix = prefixed
+    real_server(target)
+    store = make_store(target, prefix)
+    run = make_run("memo")
+    try:
+        with anyio.fail_after(_DEADLINE):
+            await append(store, run, 0)
+            await append(store, run, 1)
+            with pytest.raises(SequenceConflict):
+                await append(store, run, 1)
+            memos = [key for key in await keys_under(store._client, prefix) if b":op:" in key]
+            lives = [await store._client.pttl(key) for key in memos]
+    finally:
+        await store.aclose()
+    assert len(memos) == 2
+    assert all(key.startswith(_key(prefix, "memo", "op:").encode()) for key in memos)
+    assert all(0 < life <= 300_000 for life in lives), lives
 
 
 # -- records swapped in from another run -------------------------------------------------------
