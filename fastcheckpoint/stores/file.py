@@ -1519,14 +1519,17 @@ class _Claim(NamedTuple):
         is all the damage changed (:attr:`checked`): one of the ``held`` checkpoints, a shared
         item's (none), or a checkpoint removed since (a number up to ``bound``, the latest
         held: an entry left behind by its owner's removal) whose metadata differs from the
-        bytes the entry holds in one bit; the claim as it is otherwise. Damage to the owner
-        and to other bytes leaves its owner unchecked.
+        bytes the entry holds in one byte of the owner's encoding (:meth:`_removed_near`); the
+        claim as it is otherwise. Damage to the owner and to other bytes leaves its owner
+        unchecked.
 
         A removed owner makes the entry an orphan that writes delete, so only those few are
         tried: every number up to ``bound`` (a million in a long run) gave doubly damaged
         metadata as many chances to pass with one by accident, deleting a held checkpoint's
         item, and cost an encoding and CRC each. Costs an encoding and CRC per held
-        checkpoint, plus at most 64 (one per bit of the owner)."""
+        checkpoint, plus at most 255 per byte of the owner's encoding (about 530 when the
+        latest held is a million, 1,786 at most below 2**32: a chance pass of metadata
+        damaged further below 1 in 2.4 million), whatever the run's length."""
         if self.checked:
             return self
         for owner in (*sorted(held), None):
@@ -1535,25 +1538,59 @@ class _Claim(NamedTuple):
             owned = msgspec.structs.replace(self.meta, owner=owner)
             if self.passes(owned):
                 return self._replace(meta=owned, checked=True)
-        for owner in self._removed_near(held, bound):
-            owned = msgspec.structs.replace(self.meta, owner=owner)
-            if _one_bit_apart(_ENCODER.encode(owned), self.raw) and self.passes(owned):
+        for owned in self._removed_near(held, bound):
+            if self.passes(owned):
                 return self._replace(meta=owned, checked=True)
         return self
 
-    def _removed_near(self, held: Collection[int], bound: int) -> list[int]:
-        """The numbers up to ``bound`` not ``held`` that one bit flipped in the owner the
-        metadata names makes (none when it names none, or a negative number)."""
-        owner = self.meta.owner
-        if owner is None or owner < 0:
-            return []
-        return [near for bit in range(max(owner, bound).bit_length())
-                if (near := owner ^ (1 << bit)) <= bound and near not in held]
+    def _removed_near(self, held: Collection[int], bound: int) -> Iterator[_ItemMeta]:
+        """The metadata the entry may have been written with, owned by a number up to
+        ``bound`` not ``held``, that differs from the bytes it holds (:attr:`raw`) in one byte
+        of the owner's encoding alone: a byte of it overwritten or zeroed. The type byte is
+        one of them, and its damage can change how many bytes the owner takes (``05`` made
+        ``cf`` reads the expiry's first 8 bytes as the owner): each width is tried whose
+        rest of the metadata (expiry, entry) reads as the entry's."""
+        start = 1 + len(_ENCODER.encode(self.meta.key))  # the array's header, the key
+        head = self.raw[:start]
+        for width, kind, least in _NUMBER_ENCODINGS:
+            sample = head + _ENCODER.encode(least) + self.raw[start + width:]
+            try:
+                rest = _ITEM_DECODER.decode(sample)
+            except msgspec.DecodeError:
+                continue
+            if rest.key != self.meta.key or rest.entry != self.meta.entry or \
+                    _ENCODER.encode(rest) != sample:  # not as the entry was written
+                continue
+            for owner in _one_byte_from(self.raw[start:start + width], kind, least, bound):
+                if owner not in held:
+                    yield msgspec.structs.replace(rest, owner=owner)
 
 
-def _one_bit_apart(one: bytes, other: bytes) -> bool:
-    return len(one) == len(other) and \
-        (int.from_bytes(one, "big") ^ int.from_bytes(other, "big")).bit_count() == 1
+_NUMBER_ENCODINGS = ((1, -1, 0), (2, 0xCC, 1 << 7), (3, 0xCD, 1 << 8), (5, 0xCE, 1 << 16),
+                     (9, 0xCF, 1 << 32))
+"""How the encoder writes a number at least 0, by size: the encoding's width, its type byte
+(none for the smallest, whose one byte is the number) and the least number written so."""
+
+
+def _one_byte_from(found: bytes, kind: int, least: int, bound: int) -> Iterator[int]:
+    """The numbers from ``least`` up to ``bound`` whose encoding (of ``found``'s width, type
+    byte ``kind``) differs from ``found`` in one byte."""
+    if kind < 0:
+        yield from (owner for owner in range(min(bound, 0x7F) + 1) if owner != found[0])
+        return
+    value = int.from_bytes(found[1:], "big")
+    if found[0] != kind:  # the type byte is the damaged one
+        if least <= value <= bound:
+            yield value
+        return
+    for shift in range(0, 8 * (len(found) - 1), 8):
+        base = value & ~(0xFF << shift)
+        if base > bound:
+            continue
+        for byte in range(min(0xFF, (bound - base) >> shift) + 1):
+            owner = base | byte << shift
+            if owner != value and owner >= least:
+                yield owner
 
 
 class _DamagedItem(NamedTuple):
