@@ -16,6 +16,11 @@ sorted by the run's creation), written in the transaction that creates the run.
 Checkpoints, items and run items that expire also carry ``xpk``/``xat``, which put them in
 the ``by_expiry`` index the cleanup loop reads (a run item at its expiry, at 0 once it holds
 nothing; a reference count at 0 once it may have dropped to zero).
+
+Every append also writes a memo of itself in a partition of its own (``PK = memo#<write
+token>``, ``SK = run#<run key>``), which native TTL removes after ``MEMO_SECONDS``: a resend of
+the append's transaction after its reply was lost is refused by the memo, which tells that the
+first send landed, whatever was removed meanwhile. No index or listing sees memos.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ __all__ = [
     "FRONT_CAPACITY",
     "INDEX_SHARDS",
     "MAX_ITEM_KEY_BYTES",
+    "MEMO_SECONDS",
     "OWNERS_CAPACITY",
     "REFILL",
     "TABLE_DEFINITION",
@@ -59,6 +65,7 @@ __all__ = [
     "item_blob_sort_key",
     "item_sk",
     "label_partition",
+    "memo_partition",
     "owned_key",
     "owned_sk",
     "partition",
@@ -206,6 +213,15 @@ def counter_sk(key: str) -> str:
 
 def label_partition(label: str) -> str:
     return f"label#{label}"
+
+
+MEMO_SECONDS: Final = 300.0
+"""How long an append's memo lives (native TTL, wall clock; TTL removes it some time after)."""
+
+
+def memo_partition(token: str) -> str:
+    """The partition of the memo of the append that wrote ``token``."""
+    return f"memo#{token}"
 
 
 def shard_of(run_key: str) -> int:

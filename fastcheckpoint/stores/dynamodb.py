@@ -11,12 +11,18 @@ a stale entry only costs one failed transaction, whose cancellation returns the 
 item (``ReturnValuesOnConditionCheckFailure``).
 
 Commits are idempotent: each append writes a random token into the run item and the
-checkpoint item, so a transaction retried after its reply was lost, and refused because it
-had been applied, is recognised as this append's own. A checkpoint put never replaces a
-checkpoint of the same incarnation, whatever the run item says: a run item put back from an
-older copy makes appends fail as a damaged record instead of overwriting acknowledged data.
+checkpoint item, and a memo of itself keyed by that token (``memo#<token>``, create-only,
+removed by native TTL after five minutes), so a transaction sent again after its reply was
+lost, and refused because it had been applied, is recognised as this append's own by the
+memo's refusal, also when the checkpoint was deleted or pruned, or the run deleted or started
+over, in between. (DynamoDB itself answers such a resend from the ``ClientRequestToken``
+botocore puts in every TransactWriteItems; services without idempotency tokens refuse it.)
+A checkpoint put never replaces a checkpoint of the same incarnation, whatever the run item
+says: a run item put back from an older copy makes appends fail as a damaged record instead
+of overwriting acknowledged data.
 
-Costs in requests (steady state, one writer per run): append 1 (+1 S3 PUT when large, +1 S3
+Costs in requests (steady state, one writer per run): append 1, whose transaction also puts
+the append's memo (a ~100-byte item: 2 write units more) (+1 S3 PUT when large, +1 S3
 DeleteObjects when a large checkpoint is pruned, +1 Query when a pruned checkpoint owns
 items, +1 Query per ``REFILL`` appends in a run holding more than the book details); latest
 1 Query (+1 GET when large); get 1 TransactGetItems (+1 GET); headers 1 Query for the first
@@ -1147,9 +1153,13 @@ class DynamoDBStore(ExpiryCleanup):
                 continue  # planned again without what the pins wrote
             outcome.unknown = True
             try:
-                await self._commit(plan.operations, keep=2)
+                # The run item, the checkpoint and the memo (indexes 0 to 2) decide.
+                await self._commit(plan.operations, keep=3)
             except _Cancelled as cancelled:
-                ours = await self._own_commit(run_key, cancelled, record.sequence, token)
+                if _memoed(cancelled):
+                    outcome.unknown = False
+                    return await self._landed_before(run_key, plan, cancelled, outcome)
+                ours = self._applied(run_key, cancelled, token)
                 outcome.unknown = False  # nothing of ours landed, or we know it did
                 if ours is not None:
                     plan.state = ours
@@ -1226,32 +1236,27 @@ class DynamoDBStore(ExpiryCleanup):
             return None
         return _state_of(old, self._where(run_key, layout.RUN_SK))
 
-    async def _own_commit(
-        self, run_key: str, cancelled: _Cancelled, sequence: int, token: str
-    ) -> _RunState | None:
-        """The run item after this append, if the cancelled transaction is a resend of one
-        that was applied (its reply was lost): the token it wrote tells."""
-        applied = self._applied(run_key, cancelled, token)
-        old = cancelled.item(0)
-        if applied is not None or old is None or not cancelled.retried:
-            return applied
-        # Another writer may have appended after our first attempt landed: our checkpoint
-        # item still carries the token.
-        try:
-            state = _state_of(old, self._where(run_key, layout.RUN_SK))
-        except _DamagedRun:
-            return None
-        if state.record.latest_sequence < sequence:
-            return None
-        names = _Names()
-        response = await self._call(
-            "GetItem",
-            Key={"PK": _s(layout.partition(run_key)), "SK": _s(layout.checkpoint_sk(sequence))},
-            ProjectionExpression=names("wt"),
-            ConsistentRead=True,
-            **names.params(),
-        )
-        return state if response.get("Item", {}).get("wt") == _s(token) else None
+    async def _landed_before(
+        self, run_key: str, plan: _Plan, cancelled: _Cancelled, outcome: _Outcome
+    ) -> str:
+        """The append's transaction was refused by its own memo: an earlier send of it landed
+        (its reply was lost), and the run may have changed since (other appends, deletes,
+        pruning, the run deleted or started over). The append is acknowledged as that send
+        would have been; the cache takes the run item the refusal returned. Deletes that did
+        not fit in the transaction are done only while the run is still the incarnation it
+        pruned (they name sequences, which a new incarnation uses again)."""
+        outcome.committed = True
+        current: _RunState | None = None
+        if cancelled.failed(0):
+            with contextlib.suppress(_DamagedRun):  # it is dropped from the cache
+                current = self._state_after(run_key, cancelled)
+        else:
+            self._cache.pop(run_key, None)
+        planned = plan.state.record
+        if current is None or current.record.incarnation != planned.incarnation:
+            plan = dataclasses.replace(plan, overflow=[])
+        await self._finish(run_key, plan)
+        return planned.status
 
     def _state_after(self, run_key: str, cancelled: _Cancelled) -> _RunState | None:
         """The run item after a transaction cancelled by the run item's condition: the
@@ -1311,8 +1316,8 @@ class DynamoDBStore(ExpiryCleanup):
         run_put["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
         run_put.update(names.params())
         labels = items_layout.label_puts(run_key, head, label_ttl)
-        must = [{"Put": run_put}, _checkpoint_put(run_key, item, head.incarnation), *labels,
-                *additions.owned]
+        must = [{"Put": run_put}, _checkpoint_put(run_key, item, head.incarnation),
+                _append_memo(run_key, token, 0, head.incarnation), *labels, *additions.owned]
         removal = _Removal()
         if previous is not None:
             removal = await self._leftovers(run_key, previous)
@@ -1393,12 +1398,13 @@ class DynamoDBStore(ExpiryCleanup):
         before = book.copy()
         removed = [_held_in(run_key, state, before, s) for s in book.prune(now, keep_latest)]
         put = _checkpoint_put(run_key, item, state.record.incarnation)
+        memo = _append_memo(run_key, token, record.sequence, state.record.incarnation)
         in_back = book.back is not None and record.sequence >= book.back.start
         floor = state.items_floor
         if additions.with_items and (floor is None or floor > record.sequence):
             floor = record.sequence
         return await self._plan_change(
-            run_key, state, book, removed, [put, *additions.owned], now=now, token=token,
+            run_key, state, book, removed, [put, memo, *additions.owned], now=now, token=token,
             added=[record.expires_at] if in_back else [], additions=additions,
             items_floor=floor, latest_sequence=record.sequence, updated_at=now,
         )
@@ -1469,11 +1475,11 @@ class DynamoDBStore(ExpiryCleanup):
         blobs: list[str],
     ) -> _Plan:
         """One change as a transaction of at most 100 operations: ``must`` (the run item,
-        the checkpoint, its owned items) always in it; shared items and raised counts in it
-        if they fit, else written before it (pins; an item's put and its count's raise stay
-        together); deletes and lowered counts in it if they fit, else right after it
-        (overflow). A raised count is checked not to be condemned unless the change writes
-        the item (see ``counter_raise``)."""
+        the checkpoint, the append's memo, its owned items) always in it; shared items and
+        raised counts in it if they fit, else written before it (pins; an item's put and its
+        count's raise stay together); deletes and lowered counts in it if they fit, else
+        right after it (overflow). A raised count is checked not to be condemned unless the
+        change writes the item (see ``counter_raise``)."""
         delta: Counter[str] = Counter()
         if additions is not None:
             delta = additions.refs - additions.pinned
@@ -1493,7 +1499,7 @@ class DynamoDBStore(ExpiryCleanup):
                 lowered.append(key)
         if len(must) > _TRANSACTION_LIMIT:
             raise ValidationError(
-                f"a checkpoint with {len(must) - 2} records of its own (owned items count "
+                f"a checkpoint with {len(must) - 3} records of its own (owned items count "
                 f"two) does not fit in one DynamoDB transaction ({_TRANSACTION_LIMIT} "
                 "operations): append fewer items with it and write the rest with "
                 "put_owned_items")
@@ -3945,6 +3951,36 @@ def _checkpoint_put(run_key: str, item: dict[str, Any], incarnation: str) -> dic
         ),
         **names.params(),
     }}
+
+
+def _append_memo(run_key: str, token: str, sequence: int, incarnation: str) -> dict[str, Any]:
+    """Put the memo of the append writing ``token`` (create-only): a resend of its transaction
+    is refused by it, and the refusal returns it (see :func:`_memoed`)."""
+    names = _Names()
+    return {"_memo": True, "Put": {
+        "Item": {
+            "PK": _s(layout.memo_partition(token)),
+            "SK": _s(layout.partition(run_key)),
+            "wt": _s(token),
+            "seq": _n(sequence),
+            "inc": _s(incarnation),
+            layout.TTL_ATTRIBUTE: _n(layout.ttl_of(time.time() + layout.MEMO_SECONDS)),
+        },
+        "ConditionExpression": f"attribute_not_exists({names('PK')})",
+        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+        **names.params(),
+    }}
+
+
+def _memoed(cancelled: _Cancelled) -> bool:
+    """Whether an append's transaction was refused by its own memo: an earlier send of it
+    landed. The memo found must be the one it puts (same token, run, sequence, incarnation)."""
+    for index, operation in enumerate(cancelled.operations):
+        if operation.get("_memo") and cancelled.failed(index):
+            found = cancelled.item(index) or {}
+            ours = operation["Put"]["Item"]
+            return all(found.get(name) == ours[name] for name in ("SK", "wt", "seq", "inc"))
+    return False
 
 
 def _purge_guard(run_key: str, incarnation: str) -> dict[str, Any]:

@@ -833,13 +833,11 @@ async def test_a_landed_append_keeps_its_blob_when_cancelled_while_it_tidies_up(
     async def resent(operations: Any, *, keep: int) -> None:
         raise dynamodb._Cancelled([{"Code": "ConditionalCheckFailed"}], retried=True)
 
-    async def landed(*args: Any) -> Any:
-        return state  # the first send was applied: the checkpoint is committed
-
     for name, fake in (("_bucket", bucket), ("_read_state", no_state),
-                       ("_plan_first", first_plan), ("_commit", resent),
-                       ("_own_commit", landed)):
+                       ("_plan_first", first_plan), ("_commit", resent)):
         monkeypatch.setattr(store, name, fake)
+    # The first send was applied (the resend was refused by its memo): it is committed.
+    monkeypatch.setattr(dynamodb, "_memoed", lambda cancelled: True)
     monkeypatch.setattr(store, "_remember", lambda run_key, state: None)
     run = make_run("tidy")
     record = make_checkpoint(run, 0, payload=b"x" * 5000)
