@@ -703,7 +703,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         # Only the headers below are read: a parent saved after its child is looked up too.
         ahead = _Ahead(self._decoded_headers(where, below),
                        functools.partial(self._supersteps_of, where),
-                       functools.partial(self._headers_at, where), below_only=True)
+                       functools.partial(self._headers_at, where), from_newest=False)
         return await ahead.rebuilds_whole(stored.sequence, extra)
 
     async def _headers_at(
@@ -971,9 +971,12 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         before_id: str | None,
         only_id: str | None,
     ) -> AsyncIterator[CheckpointTuple]:
+        # From ``before``'s own header when this process knows where it is: a parent saved
+        # after its child may lie above.
         ahead = _Ahead(self._decoded_headers(where, self._headers_from(where, before_id)),
                        functools.partial(self._supersteps_of, where),
-                       functools.partial(self._headers_at, where))
+                       functools.partial(self._headers_at, where),
+                       from_newest=before_id is None)
         while (listed := await ahead.next()) is not None:
             stored, extra = listed
             place = f"run {where.run_id[:80]!r} sequence {stored.sequence} (header)"
@@ -2454,9 +2457,10 @@ class _Ahead:
     The headers are read no further than those channels reach (a chain saved in a row: as
     many as the supersteps); an ancestor not among them (a fork's parent, further back, or
     one gone) is looked up by id with ``at``: the headers from its own down (as many as the
-    supersteps left), none when it is gone. ``below_only``: the headers start below the
-    checkpoint checked, so an ancestor not among them all is looked up too (a parent saved
-    after its child)."""
+    supersteps left), none when it is gone. A parent may be saved after its child (saves
+    race): unless ``from_newest`` (the headers start at the run's newest, not at ``alist``'s
+    ``before`` nor below a checkpoint read by id) and none read above was forgotten since, one
+    missing from the headers read is looked up too (a gone one costs the look-up)."""
 
     def __init__(
         self,
@@ -2464,12 +2468,12 @@ class _Ahead:
         supersteps: Callable[[LangGraphHeader], int],
         at: Callable[[str, int], Awaitable[list[tuple[CheckpointHeader, LangGraphHeader]]]],
         *,
-        below_only: bool = False,
+        from_newest: bool,
     ):
         self._headers = headers
         self._supersteps = supersteps
         self._at = at
-        self._below_only = below_only
+        self._whole_above = from_newest  # every header above those read is among them
         self._pending: collections.deque[tuple[CheckpointHeader, LangGraphHeader]] = (
             collections.deque())
         # The headers read that may still be a parent, newest first: none more than a page
@@ -2509,10 +2513,10 @@ class _Ahead:
                 await self._read()
             found = seen.get(parent)
             if found is None:
-                # Further back than the headers read (a fork's parent), gone, or (only the
-                # headers below were read) saved after its child.
-                if not (self._below_only or (hops is not None and not self._done)):
-                    return False  # read every header it could be among: gone
+                # Further back than the headers read (a fork's parent), gone, or saved after
+                # its child, above the headers read.
+                if self._read_all_it_could_be_among(hops):
+                    return False  # gone
                 found = await self._look_up(parent, _PAGE if hops is None else hops - walked)
                 if found is None:
                     return False
@@ -2541,9 +2545,16 @@ class _Ahead:
         self._forget_above(sequence + _PAGE)
         return self._seen
 
+    def _read_all_it_could_be_among(self, hops: int | None) -> bool:
+        """Whether a parent missing from the headers read is gone: every header above them
+        is among them, and those read reach the bottom, or (under ``keep_latest``) the
+        floor: no ancestor a header's floors lead to lies below it."""
+        return self._whole_above and (hops is None or self._done)
+
     def _forget_above(self, sequence: int) -> None:
         while self._seen and next(iter(self._seen.values()))[0] > sequence:
             self._seen.popitem(last=False)
+            self._whole_above = False  # a parent saved that much later is looked up
 
     async def _read(self) -> bool:
         if self._done:
