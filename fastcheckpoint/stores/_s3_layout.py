@@ -125,6 +125,9 @@ class Slot(msgspec.Struct, array_like=True, frozen=True):
     """Keys of the shared items the checkpoint names."""
     nests: tuple[str, ...] = ()
     """Those of ``refs`` its append wrote nested items under (see ``RunState.nesting``)."""
+    replaced: bytes = b""
+    """A tombstone's: the write token of the checkpoint it replaced. A create whose reply was
+    lost, its checkpoint deleted before the PUT was sent again, finds it was applied."""
 
 
 class Listing(msgspec.Struct, array_like=True, frozen=True):

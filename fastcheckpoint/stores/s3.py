@@ -405,6 +405,14 @@ class _SharedWrite:
     created: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Deleted:
+    """A create's own slot, applied although its reply was lost, then deleted by another
+    process (its tombstone names the slot's token) before the PUT was sent again."""
+
+    status: str | None  # the run's, when the head listed shows the run still of its incarnation
+
+
 @dataclass
 class _Cached:
     """One run as this process knows it: the run object as last read (valid while listings
@@ -983,11 +991,19 @@ class S3Store(ExpiryCleanup):
         # The commit (create-only at the sequence: the check against other writers) and, in
         # the same round trip, the check against the run: is its object still the one this
         # process knows? An unchanged one costs a 304 without a body.
-        slot_etag, seen = await pair(
-            functools.partial(self._commit, io, run_key, slot, keep_latest, now),
+        written_etag, seen = await pair(
+            functools.partial(self._commit, io, run_key, slot),
             functools.partial(_error_as_value, io.get_if_changed,
                               layout.run_object(run_key), etag),
         )
+        slot_etag = written_etag if written_etag is not None else await self._taken(
+            io, run_key, slot, keep_latest, now)
+        if isinstance(slot_etag, _Deleted):
+            # Acknowledged, never written again: another process deleted it, as it may
+            # delete any checkpoint once written. Its shared items are named by nothing.
+            if shared:
+                await self._ask_for_sweep(io, run_key)
+            return slot_etag.status or state.status
         status = await self._confirm(io, run_key, slot, slot_etag, seen, state, keep_latest, now)
         prune = functools.partial(self._prune, io, run_key, cached, log, slot, keep_latest, now)
         if slot.refs or owned:
@@ -1057,10 +1073,9 @@ class S3Store(ExpiryCleanup):
             ])
         raise failure
 
-    async def _commit(
-        self, io: Bucket, run_key: str, slot: Slot, keep_latest: int | None, now: float
-    ) -> str:
-        """Write the slot create-only; its ETag, or ``SequenceConflict`` (see :meth:`_taken`)."""
+    async def _commit(self, io: Bucket, run_key: str, slot: Slot) -> str | None:
+        """Write the slot create-only; its ETag, or None when the key is taken (see
+        :meth:`_taken`)."""
         key = layout.slot_key(run_key, slot.sequence)
         try:
             written = await io.put(key, layout.encode(slot), if_none_match=True)
@@ -1069,13 +1084,17 @@ class S3Store(ExpiryCleanup):
             # create fails, so it must not leave a checkpoint a retrying caller would repeat.
             await self._withdraw(io, run_key, slot)
             raise
-        if written is not None:
-            return written
-        return await self._taken(io, run_key, slot, keep_latest, now)
+        return written
 
     async def _ours(self, io: Bucket, run_key: str, slot: Slot) -> str | None:
         """The ETag of ``slot``'s key if it holds this very write (its token): a write that
         was applied although its reply was lost, found by the retry's 412."""
+        found = await self._own_write(io, run_key, slot)
+        return found if isinstance(found, str) else None
+
+    async def _own_write(self, io: Bucket, run_key: str, slot: Slot) -> str | bool | None:
+        """What ``slot``'s key holds of this very write: its ETag when it holds the slot
+        (its token), True when it holds the tombstone of a delete that replaced it."""
         key = layout.slot_key(run_key, slot.sequence)
         found = await io.get(key)
         if found is None:
@@ -1085,7 +1104,11 @@ class S3Store(ExpiryCleanup):
                                         sequence=slot.sequence)
         except CorruptCheckpointError:
             return None  # not ours: ours decodes
-        return found[1] if stored.token == slot.token else None
+        if stored.token == slot.token:
+            return found[1]
+        if stored.tombstone and stored.replaced == slot.token:
+            return True
+        return None
 
     async def _withdraw(
         self, io: Bucket, run_key: str, slot: Slot, etag: str | None = None
@@ -1327,24 +1350,43 @@ class S3Store(ExpiryCleanup):
         return True
 
     async def _taken(
-        self, io: Bucket, run_key: str, slot: Slot, keep_latest: int | None, now: float
-    ) -> str:
+        self,
+        io: Bucket,
+        run_key: str,
+        slot: Slot,
+        keep_latest: int | None,
+        now: float,
+    ) -> str | _Deleted:
         """The slot's key is taken. By this very write (its reply was lost, the retry got
-        412): the slot carries our token, so it is ours. By a leftover of another
-        incarnation (a writer of a run that ended): replaced with ``IfMatch``. Otherwise
-        another writer got the sequence: raise the conflict, after writing any marker a
-        writer left out (safe: a marker is a function of its slot) and learning the run's
-        head for the retry. Returns the ETag of our slot."""
+        412): the slot carries our token, so it is ours; or a tombstone names our token
+        (another process deleted it before the retry): ``_Deleted``, never written again.
+        By a leftover of another incarnation (a writer of a run that ended): replaced with
+        ``IfMatch``. Otherwise another writer got the sequence: raise the conflict, after
+        writing any marker a writer left out (safe: a marker is a function of its slot) and
+        learning the run's head for the retry. Returns the ETag of our slot."""
         current, known_from = await self._head(io, run_key, live_wanted=keep_latest or 1, now=now)
         await self._heal(io, run_key, current)
         occupant = current.listed.slots.get(slot.sequence)
+        ours: str | bool | None = None
         if occupant is None or occupant.slot_etag is None:
             # Not in the head: others appended above it meanwhile, so read it to tell.
-            ours = await self._ours(io, run_key, slot)
-            if ours is not None:
-                return ours
+            ours = await self._own_write(io, run_key, slot)
         elif occupant.listing is not None and occupant.listing.token == slot.token:
             return occupant.slot_etag
+        elif (
+            occupant.kind == "t"
+            and occupant.listing is not None
+            and occupant.listing.checkpoint_id == slot.checkpoint_id
+        ):
+            # The tombstone of a checkpoint at our sequence: its slot may have been ours.
+            ours = await self._own_write(io, run_key, slot)
+        if isinstance(ours, str):
+            return ours
+        if ours:
+            self._adopt(run_key, current, known_from)
+            state = current.state
+            return _Deleted(state.status if state is not None
+                            and state.incarnation == slot.incarnation else None)
         if (
             (current.live(now) or current.being_created())
             and current.damage is None
@@ -2149,7 +2191,8 @@ class S3Store(ExpiryCleanup):
         token = secrets.token_bytes(_TOKEN_BYTES)
         tombstone = Slot(listing.incarnation, view.sequence, listing.checkpoint_id,
                          listing.created_at, listing.expires_at, listing.appended_at, b"", b"",
-                         tombstone=True, token=token, run_key=run_key)
+                         tombstone=True, token=token, run_key=run_key,
+                         replaced=_listing(view).token)
         etag = await io.put(key, layout.encode(tombstone), if_match=view.slot_etag)
         if etag is not None:
             return etag
