@@ -20,6 +20,9 @@ later create at the same place writes items of its own, never ones it might find
 other entries (items are written only where no item has the key). When a create merges parts,
 the manager removes the merged ones once the store acknowledged it (one more store call every
 :data:`~fastcheckpoint._logs.FANOUT` creates); a read that finds one gone uses the merged part.
+They stay recorded as the log's leftovers until that removal succeeds, so one that failed or was
+cut short is made again with the log's next merge (a process that dies in between leaves them
+until the log dies).
 
 The store keeps the anchor while a checkpoint names it and the parts with it, and returns them
 all with the checkpoint in one read, so pruning and expiry never take an entry a held checkpoint
@@ -216,9 +219,6 @@ class Histories:
         """The create of ``written`` at ``sequence`` succeeded: it is the log to extend."""
         if self._min_entries is None:
             return
-        old = self._runs.pop(key, None)
-        if old is not None:
-            self._kept_bytes -= old.stored_bytes
         logs = _RunLogs(sequence, incarnation)
         for planned in written.parts:
             kept = planned.base
@@ -228,8 +228,18 @@ class Histories:
                     kept = _Kept(tail, bytearray())
                 kept.tail = tail
             assert kept is not None, "a new log always writes its anchor"
+            if planned.write is not None and planned.write.discard:
+                # Still to remove until :meth:`discarded` says they are: a removal that
+                # fails, is cut short or never runs leaves them to the log's next merge.
+                kept.tail.leftovers = planned.write.discard
             kept.encoded += planned.encoded  # the old value is no one else's: it is replaced
             logs.parts[planned.part] = kept
+        self._keep(key, logs)
+
+    def _keep(self, key: str, logs: _RunLogs) -> None:
+        old = self._runs.pop(key, None)
+        if old is not None:
+            self._kept_bytes -= old.stored_bytes
         if not logs.parts:
             return
         self._runs[key] = logs
@@ -247,14 +257,15 @@ class Histories:
             return False
         return self._codec.same_entries(part, entries[:kept.count], kept.encoded)
 
-    def undiscarded(self, key: str, written: Written) -> None:
-        """Removing the parts ``written`` merged failed: the run's next merge tries again."""
+    def discarded(self, key: str, written: Written) -> None:
+        """The parts ``written`` merged were removed: no longer left for the next merge."""
         logs = self._runs.get(key)
         for planned in written.parts:
             kept = None if logs is None else logs.parts.get(planned.part)
             if planned.write is not None and kept is not None and \
-                    kept.anchor == planned.anchor:
-                kept.tail.leftovers = planned.write.discard
+                    kept.anchor == planned.anchor and \
+                    kept.tail.leftovers == planned.write.discard:
+                kept.tail.leftovers = ()
 
     def kept_bytes(self, key: str) -> int:
         """Bytes of entries a create of the run compares before extending its logs."""

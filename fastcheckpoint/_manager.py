@@ -100,6 +100,9 @@ _HINT_CAPACITY = 10_000
 # for a whole round), and the growth keeps a writer that loses again and again from running
 # out of attempts while the others are still busy.
 _FREE_RETRIES = 3
+_DISCARD_SECONDS = 5.0
+"""How long a create waits for the removal of the log parts its merge replaced, which no
+cancellation of the caller cuts short (a removal given up is tried again at the next merge)."""
 _CONTENTION_BASE = 0.001
 _ESTIMATE_NODES = 256
 _ESTIMATE_DEPTH = 6
@@ -521,17 +524,34 @@ class CheckpointManager:
 
     async def _discard_merged(self, key: str, written: Written) -> None:
         """Remove the log parts an acknowledged create merged into its own (readers that
-        still look for them use the merged part). A failure costs only space: the run's next
-        merge tries again."""
+        still look for them use the merged part). The create is stored already, so this
+        never makes it fail: the removal runs to its end (at most
+        :data:`_DISCARD_SECONDS`) whatever cancels the caller meanwhile, and the parts stay
+        recorded for the run's next merge until it succeeded (a failure, a removal cut short
+        or a process that died here costs only space). anyio's and trio's cancellations
+        wait for the caller's next checkpoint; asyncio's own (``task.cancel()``,
+        ``wait_for``) cannot be held back and are raised once the removal ended."""
         discard = written.discard
         if not discard:
             return
-        try:
-            await self._store.delete_items(key, discard)
-        except CheckpointError as exc:
-            self._histories.undiscarded(key, written)
-            logger.warning("could not remove %d merged log parts of run key %s (%s); the "
-                           "run's next merge tries again", len(discard), key, exc)
+        with anyio.CancelScope(shield=True):
+            removed = await settled(self._removed(key, discard),
+                                    instant=never_suspends(self._store))
+        if removed:
+            self._histories.discarded(key, written)
+
+    async def _removed(self, key: str, discard: list[str]) -> bool:
+        with anyio.move_on_after(_DISCARD_SECONDS):
+            try:
+                await self._store.delete_items(key, discard)
+            except CheckpointError as exc:
+                logger.warning("could not remove %d merged log parts of run key %s (%s); the "
+                               "run's next merge tries again", len(discard), key, exc)
+                return False
+            return True
+        logger.warning("removing %d merged log parts of run key %s took over %ss; the run's "
+                       "next merge tries again", len(discard), key, _DISCARD_SECONDS)
+        return False
 
     async def _observed_head(
         self, key: str, conflict: SequenceConflict, now: float
