@@ -29,12 +29,15 @@ all with the checkpoint in one read, so pruning and expiry never take an entry a
 uses, and a log dies with the last checkpoint naming it.
 
 A create extends the log only when that is certainly right: its sequence is the one after the
-checkpoint this process stored last for the run (the store refuses it if any other process wrote
-in between), and the new list starts with exactly the entries that checkpoint stored (compared by
-value with copies decoded from the stored bytes, so an entry changed in place counts as a change).
-Anything else (the first create of a run in this process, a lost sequence race, a list edited,
-shortened or reordered, an anchor another process's removal took) begins a new log with the
-whole list: never wrong, at the cost of one full copy.
+checkpoint this process stored last for the run, or read last as the run's latest (writers that
+take turns on a run, each restoring it first; the store refuses the create if any other process
+wrote in between), and the new list starts with exactly the entries that checkpoint stored
+(compared by their encodings, so an entry changed in place counts as a change). Anything else
+(the first create of a run in this process that did not restore it, a lost sequence race, a
+list edited, shortened or reordered, an anchor another process's removal took) begins a new log
+with the whole list: never wrong, at the cost of one full copy. Extending a log another process
+wrote is as safe as extending one's own: a merge removes only parts its merged part holds
+whole, and a reader that misses one takes the merged part, which lives as long as the anchor.
 """
 
 from __future__ import annotations
@@ -236,6 +239,29 @@ class Histories:
             logs.parts[planned.part] = kept
         self._keep(key, logs)
 
+    def adopt(self, key: str, found: Mapping[str, _logs.Read], *, sequence: int,
+              incarnation: str) -> None:
+        """The run's latest checkpoint, ``sequence``, was read whole with its logs ``found``
+        (by part): the log to extend, as if this process had stored it, unless it remembers
+        that checkpoint or a later one of the same life of the run already. A create at the
+        next sequence extends it; the store refuses that create if another process wrote in
+        between (it then begins new logs)."""
+        if self._min_entries is None or not found:
+            return
+        old = self._runs.get(key)
+        if old is not None and old.incarnation == incarnation and old.sequence >= sequence:
+            return
+        logs = _RunLogs(sequence, incarnation)
+        for part, read in found.items():
+            tail = read.tail
+            before = None if old is None else old.parts.get(part)
+            if before is not None and before.anchor == tail.anchor:
+                # Parts this process merged away and could not remove yet: the merged part
+                # holding them lives as long as the anchor, so the next merge may remove them.
+                tail.leftovers = before.tail.leftovers
+            logs.parts[part] = _Kept(tail, bytearray(read.entries))
+        self._keep(key, logs)
+
     def _keep(self, key: str, logs: _RunLogs) -> None:
         old = self._runs.pop(key, None)
         if old is not None:
@@ -278,22 +304,26 @@ class Histories:
         if old is not None:
             self._kept_bytes -= old.stored_bytes
 
-    def resolve(self, payload: Payload, items: Mapping[str, bytes], where: str) -> Payload:
-        """The body with its logged parts rebuilt from the items read with the checkpoint."""
+    def resolve(self, payload: Payload, items: Mapping[str, bytes], where: str
+                ) -> tuple[Payload, dict[str, _logs.Read]]:
+        """The body with its logged parts rebuilt from the items read with the checkpoint,
+        and those logs as read (by part: what :meth:`adopt` takes)."""
+        found: dict[str, _logs.Read] = {}
         if not isinstance(payload, LoggedPayload):
-            return payload
+            return payload, found
         if payload.messages_log is not None:
-            payload.messages = self._entries("messages", payload.messages_log, items, where)
+            found["messages"] = self._read("messages", payload.messages_log, items, where)
+            payload.messages = self._codec.decode_entries(found["messages"].data, where)
         if payload.tool_calls_log is not None:
-            payload.tool_calls = self._entries(
+            found["tool_calls"] = self._read(
                 "tool_calls", payload.tool_calls_log, items, where)
-        return payload
+            payload.tool_calls = self._codec.decode_entries(found["tool_calls"].data, where)
+        return payload, found
 
-    def _entries(self, part: str, log: LogRef, items: Mapping[str, bytes], where: str
-                 ) -> list[Any]:
-        """The list ``log`` records; :class:`~fastcheckpoint._logs.LogGap` when a part is
+    def _read(self, part: str, log: LogRef, items: Mapping[str, bytes], where: str
+              ) -> _logs.Read:
+        """The log ``log`` records; :class:`~fastcheckpoint._logs.LogGap` when a part is
         missing (reading again may find it merged)."""
-        found = _logs.read(log.anchor, log.last, log.length, log.crc, items,
-                           what=f"the {part} log {log.anchor!r}", where=where,
-                           unpack=self._codec.unpack_entries, header=array_header(log.length))
-        return self._codec.decode_entries(found.data, where)
+        return _logs.read(log.anchor, log.last, log.length, log.crc, items,
+                          what=f"the {part} log {log.anchor!r}", where=where,
+                          unpack=self._codec.unpack_entries, header=array_header(log.length))

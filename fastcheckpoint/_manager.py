@@ -37,7 +37,7 @@ from fastcheckpoint._config import (
     check_ttl_resolution,
 )
 from fastcheckpoint._history import Histories, Written
-from fastcheckpoint._logs import LogGap
+from fastcheckpoint._logs import LogGap, Read
 from fastcheckpoint._model import (
     Checkpoint,
     CheckpointMetadata,
@@ -701,7 +701,7 @@ class CheckpointManager:
         """The run's newest live checkpoint, or ``None``."""
         key = _ids.key_of(run_id)
         found = await self._read(key, None, self.config.clock())
-        return None if found is None else await self._decode(key, *found)
+        return None if found is None else await self._decode(key, *found, latest=True)
 
     async def restore_from(self, checkpoint_id: str) -> Checkpoint | None:
         """The checkpoint with this id if it is live, else ``None``. One direct store read.
@@ -739,26 +739,38 @@ class CheckpointManager:
         return key, found
 
     async def _decode(
-        self, key: str, stored: StoredCheckpoint, status: str, items: dict[str, bytes]
+        self, key: str, stored: StoredCheckpoint, status: str, items: dict[str, bytes], *,
+        latest: bool = False,
     ) -> Checkpoint:
+        """The checkpoint read; ``latest``: it is the run's latest, which the next create may
+        extend the logs of (a create at the sequence after it, checked by the store)."""
         header = self._codec.decode_header(stored.header, stored.key)
         _check_located(key, stored)
         _check_owner(key, stored, header)
         metadata = self._metadata(stored, header, _reported_status(status, stored.key))
-        body = await self._decode_body(key, stored, items)
+        body, logs = await self._decode_body(key, stored, items)
+        incarnation = _incarnation(stored)
+        if latest and incarnation is not None:
+            self._histories.adopt(key, logs, sequence=stored.sequence, incarnation=incarnation)
+            hint = self._hints.get(key)
+            if hint is None or hint.incarnation != incarnation or \
+                    hint.latest_sequence < stored.sequence:
+                size = len(stored.payload) + sum(map(len, items.values()))
+                self._remember(key, _Hint(stored.sequence, incarnation, size))
         return Checkpoint(metadata, body.state, body.messages, body.tool_calls, body.context)
 
     async def _decode_body(
         self, key: str, stored: StoredCheckpoint, items: dict[str, bytes]
-    ) -> Payload:
-        """The body, its logged lists rebuilt from ``items`` (in a worker thread when large).
-        A log part missing is read once more: on a store whose reads are not atomic, another
-        process may have merged it away between the listing and the reading of the parts."""
-        def decode(items: dict[str, bytes]) -> Payload:
+    ) -> tuple[Payload, dict[str, Read]]:
+        """The body, its logged lists rebuilt from ``items`` (in a worker thread when large),
+        and those logs as read. A log part missing is read once more: on a store whose reads
+        are not atomic, another process may have merged it away between the listing and the
+        reading of the parts."""
+        def decode(items: dict[str, bytes]) -> tuple[Payload, dict[str, Read]]:
             payload = self._codec.decode_payload(stored.payload, stored.key)
             return self._histories.resolve(payload, items, stored.key)
 
-        async def decoded(items: dict[str, bytes]) -> Payload:
+        async def decoded(items: dict[str, bytes]) -> tuple[Payload, dict[str, Read]]:
             size = len(stored.payload) + sum(map(len, items.values()))
             if size >= self.config.offload_min_bytes:
                 return await in_worker_thread(decode, items)
@@ -1135,7 +1147,7 @@ class CheckpointManager:
         header = self._codec.decode_header(source.header, source.key)
         _check_owner(key, source, header)
         # Read before anything is written: a source that cannot be restored is not copied.
-        body = await self._decode_body(key, source, items)
+        body, _ = await self._decode_body(key, source, items)
         if new_run_id is None:
             new_run_id = _ids.derived_run_id(header.run_id, f"-fork-{_ids.new_incarnation()}")
         new_key = _ids.key_of(new_run_id)
