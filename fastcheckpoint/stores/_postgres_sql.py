@@ -1561,6 +1561,24 @@ _DAMAGED_RUNS_V8 = _patched(
      "                   WHEN EXISTS (SELECT 1 FROM unnest(x.labels) label\n"),
 )
 
+# Migration 9, the append: pruning stops below the p_keep_latest-th newest live checkpoint in
+# place, not at p_sequence - p_keep_latest. Sequences a delete took are gaps, so a run row put
+# back from a copy taken before a delete still agrees with the newest checkpoint (nothing
+# tells it apart), counts one too many, and the bound by sequence numbers let the append prune
+# one of the p_keep_latest newest the run held. The bound walks p_keep_latest entries of the
+# primary key backwards (with their heap rows, for the expiry), once per pruning append.
+_APPEND_V9 = _patched(
+    _APPEND_V8,
+    ("""               AND c.sequence <= p_sequence - p_keep_latest
+             ORDER BY c.sequence LIMIT v_live - p_keep_latest);""",
+     """               AND c.sequence < (
+                   SELECT n.sequence FROM {checkpoints} n
+                    WHERE n.run_key = p_run_key
+                      AND (n.expires_at IS NULL OR n.expires_at > p_now)
+                    ORDER BY n.sequence DESC OFFSET p_keep_latest - 1 LIMIT 1)
+             ORDER BY c.sequence LIMIT v_live - p_keep_latest);"""),
+)
+
 MIGRATIONS = (
     Migration(
         1,
@@ -1609,6 +1627,12 @@ MIGRATIONS = (
         "a create sent again after a lost reply is acknowledged also when its checkpoint went "
         "meanwhile; pruning never takes the new checkpoint; damaged_runs reports NULL labels",
         ";\n\n".join([_APPEND_V8.strip(), _DAMAGED_RUNS_V8.strip()]),
+    ),
+    Migration(
+        9,
+        "pruning never takes one of the newest checkpoints a run holds, also after a run row "
+        "was put back from before a delete",
+        _APPEND_V9.strip(),
     ),
 )
 """Every schema version, oldest first. A released migration is never edited: changes come

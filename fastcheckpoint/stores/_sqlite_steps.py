@@ -100,11 +100,16 @@ _OLDEST_CHECKPOINTS = (
     "SELECT sequence, expires_at, refs FROM fc_checkpoints WHERE run_key = ? "
     "ORDER BY sequence LIMIT ?"
 )
-# Pruning never reaches the ``keep_latest`` newest sequences, whatever the run row counts (a
-# count raised by hand, or a row put back from an older copy, would otherwise take them).
+# Pruning never reaches the ``keep_latest`` newest checkpoints held, whatever the run row
+# counts (a count raised by hand, or a row put back from an older copy, would otherwise take
+# them): only sequences below the ``keep_latest``-th newest one in place. A bound by sequence
+# numbers (``newest - keep_latest``) let a row put back from before a delete take one of them
+# (deleted sequences are gaps). The subquery walks ``keep_latest`` entries of the primary key
+# index, once per pruning create.
 _PRUNABLE_CHECKPOINTS = (
-    "SELECT sequence, expires_at, refs FROM fc_checkpoints WHERE run_key = ? AND sequence <= ? "
-    "ORDER BY sequence LIMIT ?"
+    "SELECT sequence, expires_at, refs FROM fc_checkpoints WHERE run_key = ?1 AND sequence < ("
+    "SELECT sequence FROM fc_checkpoints WHERE run_key = ?1 ORDER BY sequence DESC "
+    "LIMIT 1 OFFSET ?2) ORDER BY sequence LIMIT ?3"
 )
 CHECKPOINT = "SELECT sequence, expires_at, refs, checkpoint_id FROM fc_checkpoints " \
     "WHERE run_key = ? AND sequence = ?"
@@ -660,12 +665,13 @@ def immortal_left(db: sqlite3.Connection, run_key: str, immortal: int) -> int:
 
 def prune(
     db: sqlite3.Connection, run_key: str, *, held: int, due: float | None,
-    keep_latest: int | None, newest: int, now: float,
+    keep_latest: int | None, now: float,
 ) -> Removed:
     """Remove the run's expired checkpoints, then the oldest beyond ``keep_latest``, never one
-    of the ``keep_latest`` sequences up to ``newest`` (the one just written): ``held``, the
-    run row's count, may be too high (raised by hand, or the row put back from an older copy),
-    and is then found too high (fewer checkpoints to prune than it says)."""
+    of the ``keep_latest`` newest the run holds (the one just written included): ``held``, the
+    run row's count, may be too high (raised by hand, or the row put back from an older copy,
+    also from before a delete), and is then found too high (fewer checkpoints to prune than it
+    says)."""
     removed = Removed()
     if due is not None and due <= now:
         removed = remove(db, run_key, db.execute(
@@ -674,7 +680,7 @@ def prune(
     if keep_latest is None or excess <= 0:
         return removed
     oldest = remove(db, run_key, db.execute(
-        _PRUNABLE_CHECKPOINTS, (run_key, newest - keep_latest, excess)).fetchall(), oldest=True)
+        _PRUNABLE_CHECKPOINTS, (run_key, keep_latest - 1, excess)).fetchall(), oldest=True)
     return Removed(removed.checkpoints + oldest.checkpoints, removed.immortal + oldest.immortal)
 
 

@@ -27,7 +27,7 @@ a run can show comes from outside: its row missing while checkpoint rows of the 
 back: it knows fewer sequences, another incarnation, or an expiry before the newest
 checkpoint's). Reads still return the checkpoints, appends refuse, the cleanup leaves the run,
 and :meth:`SQLiteStore.rebuild_run` derives a new row from them. A row's count of checkpoints
-is never trusted to prune: pruning stops short of the ``keep_latest`` newest sequences.
+is never trusted to prune: pruning stops short of the ``keep_latest`` newest checkpoints held.
 """
 
 from __future__ import annotations
@@ -831,8 +831,7 @@ class SQLiteStore(ExpiryCleanup):
         immortal = head.immortal + (record.expires_at is None)
         expires_at = latest_expiry(head.expires_at, record.expires_at)
         due = steps.earliest(head.due, record.expires_at)
-        removed = steps.prune(db, run_key, held=held, due=due, keep_latest=keep_latest,
-                              newest=record.sequence, now=now)
+        removed = steps.prune(db, run_key, held=held, due=due, keep_latest=keep_latest, now=now)
         held -= removed.checkpoints
         immortal -= removed.immortal
         recounted = keep_latest is not None and held > keep_latest

@@ -1,4 +1,4 @@
--- fastcheckpoint PostgreSQL store: every table, index and function at schema version 8.
+-- fastcheckpoint PostgreSQL store: every table, index and function at schema version 9.
 -- Generated from the code (a test keeps it equal); `fastcheckpoint init URL` applies the same.
 -- Run it as the role that will own the tables: psql -v ON_ERROR_STOP=1 -f schema.sql
 
@@ -2720,5 +2720,240 @@ END
 $fn$;
 
 INSERT INTO "public"."fc_migrations" (version, description) VALUES (8, 'a create sent again after a lost reply is acknowledged also when its checkpoint went meanwhile; pruning never takes the new checkpoint; damaged_runs reports NULL labels');
+
+CREATE OR REPLACE FUNCTION "public"."fc_append"(
+    p_run_key text, p_sequence bigint, p_checkpoint_id text, p_created_at double precision,
+    p_expires_at double precision, p_header bytea, p_payload bytea, p_refs bytea[],
+    p_token text, p_run_id bytea, p_incarnation text, p_status text,
+    p_run_created_at double precision, p_version bigint, p_data bytea, p_labels bytea[],
+    p_keep_latest bigint, p_now double precision,
+    p_item_keys bytea[], p_item_values bytea[], p_item_owners bigint[],
+    p_item_expiries double precision[],
+    OUT outcome text, OUT status text, OUT latest_sequence bigint, OUT incarnation text)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    r "public"."fc_runs"%ROWTYPE;
+    v_drop bigint[];
+    v_live bigint;
+    v_next boolean;
+    v_found boolean;
+    v_problem text;
+    v_unheld bytea[];
+    v_released bytea[];
+BEGIN
+    -- A retry of this call (same token) waits here for the call it repeats to end.
+    PERFORM pg_advisory_xact_lock(26211, hashtext(p_token));
+    -- The compare-and-set: only the next sequence of the live run of this incarnation.
+    UPDATE "public"."fc_runs" AS x
+       SET latest_sequence = p_sequence,
+           checkpoint_count = x.checkpoint_count + 1,
+           forever_count = x.forever_count + (p_expires_at IS NULL)::int,
+           updated_at = p_now,
+           expires_at = CASE WHEN x.expires_at IS NULL OR p_expires_at IS NULL THEN NULL
+                             ELSE greatest(x.expires_at, p_expires_at) END
+     WHERE x.run_key = p_run_key AND x.incarnation = p_incarnation
+       AND x.latest_sequence = p_sequence - 1
+       AND (x.expires_at IS NULL OR x.expires_at > p_now)
+    RETURNING x.* INTO r;
+    v_next := FOUND;
+    IF v_next THEN
+        -- Never write after a row that the log contradicts (the exception undoes the update).
+        -- The row is locked now: no other writer changes the run's log until this commits.
+        v_problem := "public"."fc_damage"(p_run_key, r.run_id, r.incarnation, p_sequence - 1,
+                              r.checkpoint_count - 1, r.expires_at);
+    ELSE
+        SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+        v_found := FOUND;
+        -- A retry of an append whose reply was lost: it was written, whatever became of its
+        -- checkpoint since (deleted, pruned, its run deleted or expired).
+        PERFORM 1 FROM "public"."fc_ops" o WHERE o.token = p_token;
+        IF FOUND THEN
+            outcome := 'ok';
+            status := CASE WHEN v_found AND r.incarnation = p_incarnation THEN r.status
+                           ELSE p_status END;
+            RETURN;
+        END IF;
+        IF v_found THEN
+            -- Judged in one statement: the row and the log of one snapshot (another writer
+            -- may have committed since the row above was read).
+            SELECT "public"."fc_damage"(x.run_key, x.run_id, x.incarnation, x.latest_sequence,
+                            x.checkpoint_count, x.expires_at)
+              INTO v_problem FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+        END IF;
+        IF v_found AND (r.expires_at IS NULL OR r.expires_at > p_now
+                        OR v_problem IS NOT NULL) THEN
+            -- A live run: this call may be the retry of one whose reply was lost.
+            PERFORM 1 FROM "public"."fc_checkpoints" c
+             WHERE c.run_key = p_run_key AND c.sequence = p_sequence AND c.token = p_token;
+            IF FOUND THEN
+                outcome := 'ok'; status := r.status;
+                RETURN;
+            END IF;
+            IF v_problem IS NULL THEN
+                outcome := 'conflict'; latest_sequence := r.latest_sequence;
+                incarnation := r.incarnation;
+                RETURN;
+            END IF;
+        END IF;
+    END IF;
+    IF v_problem IS NOT NULL THEN
+        -- A damaged row (run id not UTF-8, contradicted by the log): refused, nothing written,
+        -- nothing of an expired run dropped that its row does not know.
+        RAISE EXCEPTION USING ERRCODE = 'FC003', DETAIL = p_run_key,
+            MESSAGE = format('the run row of run key %s %s', p_run_key,
+                             v_problem);
+    END IF;
+    IF NOT v_next THEN
+        IF p_sequence <> 0 THEN
+            outcome := 'conflict';
+            RETURN;
+        END IF;
+        IF v_found THEN
+            -- Start over on an expired (or emptied) run: replace its row if nobody did.
+            UPDATE "public"."fc_runs" AS x
+               SET run_id = p_run_id, incarnation = p_incarnation, status = p_status,
+                   created_at = p_run_created_at, updated_at = p_now, latest_sequence = 0,
+                   checkpoint_count = 1, forever_count = (p_expires_at IS NULL)::int,
+                   expires_at = p_expires_at, purge_at = NULL, version = p_version,
+                   data = p_data, labels = p_labels, update_token = NULL
+             WHERE x.run_key = p_run_key AND x.incarnation = r.incarnation
+               AND x.version = r.version AND x.latest_sequence = r.latest_sequence
+               AND x.expires_at IS NOT DISTINCT FROM r.expires_at
+            RETURNING x.* INTO r;
+            IF NOT FOUND THEN
+                SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+                outcome := 'conflict';
+                IF FOUND AND (r.expires_at IS NULL OR r.expires_at > p_now) THEN
+                    latest_sequence := r.latest_sequence; incarnation := r.incarnation;
+                END IF;
+                RETURN;
+            END IF;
+            -- Leftovers of the old run: checkpoints with their owned items, the shared
+            -- items they named, its labels. Unowned items stay.
+            WITH gone AS (
+                DELETE FROM "public"."fc_checkpoints" c WHERE c.run_key = p_run_key RETURNING c.sequence
+            )
+            DELETE FROM "public"."fc_items" i
+             WHERE i.run_key = p_run_key AND i.owner IN (SELECT sequence FROM gone);
+            WITH released AS (
+                DELETE FROM "public"."fc_refs" f WHERE f.run_key = p_run_key RETURNING f.key
+            )
+            SELECT array_agg(key) INTO v_released FROM released;
+            IF v_released IS NOT NULL THEN
+                DELETE FROM "public"."fc_items" i
+                 WHERE i.run_key = p_run_key AND i.owner IS NULL
+                   AND i.key = ANY (v_released);
+                DELETE FROM "public"."fc_items" i USING unnest(v_released) n(k)
+                 WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
+                   AND i.key < n.k || '0'::bytea;
+            END IF;
+            DELETE FROM "public"."fc_labels" l WHERE l.run_key = p_run_key;
+        ELSE
+            INSERT INTO "public"."fc_runs" AS x (run_key, run_id, incarnation, status, created_at,
+                                     updated_at, latest_sequence, checkpoint_count,
+                                     forever_count, expires_at, version, data, labels)
+            VALUES (p_run_key, p_run_id, p_incarnation, p_status, p_run_created_at, p_now, 0,
+                    1, (p_expires_at IS NULL)::int, p_expires_at, p_version, p_data, p_labels)
+            ON CONFLICT (run_key) DO NOTHING
+            RETURNING x.* INTO r;
+            IF NOT FOUND THEN
+                -- Another writer created the run first (its transaction has committed).
+                SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+                outcome := 'conflict';
+                IF FOUND AND (r.expires_at IS NULL OR r.expires_at > p_now) THEN
+                    latest_sequence := r.latest_sequence; incarnation := r.incarnation;
+                END IF;
+                RETURN;
+            END IF;
+        END IF;
+        IF cardinality(p_labels) > 0 THEN
+            INSERT INTO "public"."fc_labels" (label, created_at, run_key)
+            SELECT DISTINCT label, p_run_created_at, p_run_key FROM unnest(p_labels) label;
+        END IF;
+    END IF;
+
+    IF cardinality(p_refs) > 0 THEN
+        -- The run row is locked by now: a removal of the run's checkpoints (which releases
+        -- their shared items) waits for this transaction.
+        SELECT array_agg(wanted.k ORDER BY wanted.n) INTO v_unheld
+          FROM (SELECT t.k, min(t.n) AS n
+                  FROM unnest(p_refs) WITH ORDINALITY AS t(k, n)
+                 WHERE NOT (t.k = ANY (coalesce(p_item_keys, '{}')))
+                 GROUP BY t.k) wanted
+         WHERE NOT EXISTS (SELECT 1 FROM "public"."fc_items" i
+                            WHERE i.run_key = p_run_key AND i.key = wanted.k
+                              AND (i.expires_at IS NULL OR i.expires_at > p_now));
+        IF v_unheld IS NOT NULL THEN
+            RAISE EXCEPTION USING ERRCODE = 'FC004',
+                MESSAGE = format('run key %s: checkpoint %s names shared items the run does '
+                                 'not hold', p_run_key, p_sequence),
+                DETAIL = array_to_string(ARRAY(
+                    SELECT encode(u.k, 'hex') FROM unnest(v_unheld) WITH ORDINALITY AS u(k, n)
+                     ORDER BY u.n), ',');
+        END IF;
+    END IF;
+
+    INSERT INTO "public"."fc_checkpoints" (run_key, sequence, checkpoint_id, created_at, expires_at,
+                               header, payload, refs, token)
+    VALUES (p_run_key, p_sequence, p_checkpoint_id, p_created_at, p_expires_at, p_header,
+            p_payload, p_refs, p_token)
+    ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'FC001',
+            MESSAGE = format('run key %s already holds a checkpoint at sequence %s, which '
+                             'its run row says is the next one', p_run_key, p_sequence);
+    END IF;
+
+    IF p_item_keys IS NOT NULL AND cardinality(p_item_keys) > 0 THEN
+        -- Each item only where no live item has its key: a live one is kept as it is.
+        INSERT INTO "public"."fc_items" AS i (run_key, key, value, owner, expires_at)
+        SELECT p_run_key, k, v, o, e
+          FROM unnest(p_item_keys, p_item_values, p_item_owners, p_item_expiries) AS t(k, v, o, e)
+        ON CONFLICT (run_key, key) DO UPDATE
+           SET value = excluded.value, owner = excluded.owner, expires_at = excluded.expires_at
+         WHERE i.expires_at IS NOT NULL AND i.expires_at <= p_now;
+    END IF;
+    IF p_refs IS NOT NULL AND cardinality(p_refs) > 0 THEN
+        INSERT INTO "public"."fc_refs" AS f (run_key, key, holders)
+        SELECT DISTINCT p_run_key, k, 1 FROM unnest(p_refs) k
+        ON CONFLICT (run_key, key) DO UPDATE SET holders = f.holders + 1;
+    END IF;
+
+    -- Pruning: expired checkpoints, then the oldest beyond keep_latest.
+    v_live := r.checkpoint_count;
+    IF r.checkpoint_count > r.forever_count THEN
+        v_drop := ARRAY(SELECT c.sequence FROM "public"."fc_checkpoints" c
+                         WHERE c.run_key = p_run_key AND c.expires_at <= p_now);
+        v_live := v_live - cardinality(v_drop);
+    END IF;
+    IF p_keep_latest IS NOT NULL AND v_live > p_keep_latest THEN
+        v_drop := coalesce(v_drop, '{}') || ARRAY(
+            SELECT c.sequence FROM "public"."fc_checkpoints" c
+             WHERE c.run_key = p_run_key
+               AND (c.expires_at IS NULL OR c.expires_at > p_now)
+               AND c.sequence < (
+                   SELECT n.sequence FROM "public"."fc_checkpoints" n
+                    WHERE n.run_key = p_run_key
+                      AND (n.expires_at IS NULL OR n.expires_at > p_now)
+                    ORDER BY n.sequence DESC OFFSET p_keep_latest - 1 LIMIT 1)
+             ORDER BY c.sequence LIMIT v_live - p_keep_latest);
+    END IF;
+    IF cardinality(v_drop) > 0 THEN
+        PERFORM "public"."fc_remove"(p_run_key, v_drop, true);
+    END IF;
+    -- Remembered for a retry whose reply is lost (see migration 8), and two memos after it in
+    -- token order taken out if they expired.
+    INSERT INTO "public"."fc_ops" (token, result, expires_at)
+    VALUES (p_token, p_sequence, extract(epoch FROM clock_timestamp()) + 300);
+    DELETE FROM "public"."fc_ops" o
+     WHERE o.token IN (SELECT n.token FROM "public"."fc_ops" n WHERE n.token > p_token
+                        ORDER BY n.token LIMIT 2)
+       AND o.expires_at <= extract(epoch FROM clock_timestamp());
+    outcome := 'ok'; status := r.status;
+END
+$fn$;
+
+INSERT INTO "public"."fc_migrations" (version, description) VALUES (9, 'pruning never takes one of the newest checkpoints a run holds, also after a run row was put back from before a delete');
 
 COMMIT;

@@ -323,6 +323,42 @@ async def test_a_row_put_back_after_every_checkpoint_was_deleted_keeps_the_next_
     assert latest.state == {"step": "new"}
 
 
+@pytest.mark.parametrize("deleted", [2, 1])
+async def test_a_row_put_back_from_before_a_delete_never_prunes_one_of_the_newest_held(
+    postgres: PostgresTarget, schema: str, deleted: int
+) -> None:
+    """Three checkpoints (keep 3), a copy of the run row taken, checkpoint ``deleted``
+    deleted, the copy put back (it counts 3 and knows every sequence in place, so nothing
+    tells it apart). The next create pruned by sequence numbers (at most ``3 - 3``) and took
+    checkpoint 0, one of the three newest the run held, without a word (schema version 8);
+    pruning stops below the third newest live checkpoint in place now."""
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    manager = CheckpointManager(store, config=CheckpointConfig(max_checkpoints_per_run=3))
+    names = Names(schema, "fc_")
+    runs, kept = names["runs"], f'"{schema}"."kept"'
+    try:
+        with anyio.fail_after(30):
+            for step in range(3):
+                await manager.create("r", {"step": step})
+            await _sql(postgres, f"CREATE TABLE {kept} AS SELECT * FROM {runs}")
+            [gone] = [c for c in await manager.list_checkpoints("r") if c.sequence == deleted]
+            assert await manager.delete(gone.checkpoint_id)
+            await _sql(
+                postgres,
+                f"UPDATE {runs} r SET checkpoint_count = b.checkpoint_count, "
+                f"forever_count = b.forever_count FROM {kept} b WHERE b.run_key = r.run_key",
+            )
+            await manager.create("r", {"step": "new"})
+            held = [c.sequence for c in await manager.list_checkpoints("r")]
+            await manager.create("r", {"step": "newer"})
+            then = [c.sequence for c in await manager.list_checkpoints("r")]
+    finally:
+        await store.aclose()
+    kept_sequences = [sequence for sequence in (2, 1, 0) if sequence != deleted]
+    assert held == [3, *kept_sequences]
+    assert then == [4, 3, kept_sequences[0]]
+
+
 # -- NULL elements in byte arrays ------------------------------------------------------------
 
 

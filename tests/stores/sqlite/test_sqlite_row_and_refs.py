@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -192,6 +193,37 @@ async def test_pruning_after_a_row_that_counts_too_many_keeps_what_it_just_wrote
     assert "counts more checkpoints than it holds" in caplog.text
 
 
+@pytest.mark.parametrize("deleted", [2, 1])
+async def test_a_row_put_back_from_before_a_delete_never_prunes_one_of_the_newest_held(
+    store: SQLiteStore, caplog: pytest.LogCaptureFixture, deleted: int
+) -> None:
+    """Checkpoints 0, 1 and 2 (``keep_latest=3``), a copy of the row taken, checkpoint
+    ``deleted`` deleted, the copy put back (it counts 3, and agrees with the newest in place).
+    Pruning bounded by sequence numbers (at most ``3 - keep_latest``) took checkpoint 0, one of
+    the three newest the run held, without a word; it is bounded by the third newest held
+    now, and the row counted again."""
+    run = make_run("put back over a gap")
+    key = key_of(run)
+    with anyio.fail_after(30):
+        for sequence in range(3):
+            await _append(store, run, sequence, keep_latest=3)
+        [saved] = await _sql(store, "SELECT * FROM fc_runs WHERE run_key = ?", key)
+        assert await store.delete(key, deleted, checkpoint_id=checkpoint_id_of(run, deleted))
+        marks = ", ".join("?" * len(saved))
+        await _sql(store, f"INSERT OR REPLACE INTO fc_runs VALUES ({marks})", *saved)
+        await _append(store, run, 3, keep_latest=3)
+        warned = "counts more checkpoints than it holds" in caplog.text
+        held = await _held(store, run)
+        counts = await _sql(store, "SELECT checkpoint_count, immortal FROM fc_runs")
+        await _append(store, run, 4, keep_latest=3)
+        then = await _held(store, run)
+    kept = [sequence for sequence in (2, 1, 0) if sequence != deleted]
+    assert held == [3, *kept]
+    assert counts == [(3, 3)]
+    assert then == [4, 3, kept[0]]
+    assert warned
+
+
 async def test_pruning_with_gaps_in_the_sequences_keeps_the_newest(store: SQLiteStore) -> None:
     """The bound on pruned sequences leaves ordinary pruning as it was."""
     run = make_run("gaps")
@@ -213,17 +245,19 @@ async def test_pruning_with_gaps_in_the_sequences_keeps_the_newest(store: SQLite
 
 
 class _Statements:
-    """Counts the SQLite virtual machine steps of the store's statements, and records them."""
+    """Counts the SQLite virtual machine steps of the store's statements, each statement's
+    apart (the steps from its start to the next one's), and records them (as run: parameters
+    expanded)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.steps = 0
-        self.run: list[str] = []
+        self.run: list[tuple[int, str]] = []
         real = SQLiteStore._connect
 
         def traced(store: SQLiteStore) -> sqlite3.Connection:
             db = real(store)
             db.set_progress_handler(self._step, 1)
-            db.set_trace_callback(self.run.append)
+            db.set_trace_callback(lambda sql: self.run.append((self.steps, sql)))
             return db
 
         monkeypatch.setattr(SQLiteStore, "_connect", traced)
@@ -232,10 +266,19 @@ class _Statements:
         self.steps += 1
         return 0
 
-    async def of(self, call: Callable[[], Awaitable[object]]) -> tuple[int, list[str]]:
-        steps_before, run_before = self.steps, len(self.run)
+    async def of(self, call: Callable[[], Awaitable[object]]) -> list[tuple[int, str]]:
+        """``(steps, statement)`` of each statement ``call`` ran."""
+        run_before = len(self.run)
         await call()
-        return self.steps - steps_before, self.run[run_before:]
+        ran = self.run[run_before:]
+        ends = [start for start, _ in ran[1:]] + [self.steps]
+        return [(end - start, sql) for (start, sql), end in zip(ran, ends, strict=True)]
+
+
+def _is(sql: str, statement: str) -> bool:
+    """Whether ``sql``, as run (parameters expanded), is ``statement``."""
+    pattern = re.sub(r"\\\?\d*", ".+?", re.escape(statement))
+    return re.fullmatch(pattern, sql, re.DOTALL) is not None
 
 
 async def _append_mixed(store: SQLiteStore, run: RunRecord, sequence: int, keep: int) -> None:
@@ -258,7 +301,8 @@ async def test_pruning_a_checkpoint_that_names_none_costs_the_same_in_a_long_run
 ) -> None:
     """Pruning a checkpoint that names no items, in a run whose other checkpoints name a
     shared item, read the refs of every checkpoint of the run (``O(keep_latest)`` rows) to
-    take the run's counts again; it now costs what pruning one in a run of 10 does."""
+    take the run's counts again; it now costs what pruning one in a run of 10 does, but for
+    the walk of the bound on what pruning may take (``keep_latest`` index entries)."""
     statements = _Statements(monkeypatch)
     store = SQLiteStore(tmp_path / "checkpoints.db")
     costs: dict[int, int] = {}
@@ -268,10 +312,12 @@ async def test_pruning_a_checkpoint_that_names_none_costs_the_same_in_a_long_run
             for sequence in range(keep):
                 await _append_mixed(store, run, sequence, keep)
             # keep is even: this create prunes checkpoint 0, which names none
-            costs[keep], run_statements = await statements.of(
-                functools.partial(_append_mixed, store, run, keep, keep)
-            )
-            assert steps._RUN_REFS not in run_statements
+            ran = await statements.of(functools.partial(_append_mixed, store, run, keep, keep))
+            assert not [sql for _, sql in ran if _is(sql, steps._RUN_REFS)]
+            # The bound on pruning walks keep_latest entries of the primary key (3 steps each)
+            [bound] = [n for n, sql in ran if _is(sql, steps._PRUNABLE_CHECKPOINTS)]
+            assert bound <= 3 * keep + 100, bound
+            costs[keep] = sum(n for n, _ in ran) - bound
             assert await _held(store, run) == list(range(keep, 0, -1))[:100]
             found = await store.read_with_items(key_of(run), sequence=keep - 1, now=T0)
             assert found is not None
