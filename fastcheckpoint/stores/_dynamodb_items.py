@@ -395,7 +395,8 @@ def fence(run_key: str, key: str, since: float, until: float) -> dict[str, Any]:
     condemns the count (``gn``, kept if there; absent, it is created, in the expiry index
     at ``until``, when it goes) and fences it (``nf``): every raise of it is refused
     then, also one writing the key (see :func:`counter_raise`), so the key stays unnamed
-    until the count goes."""
+    until the count goes. The cleanup loop keeps a fenced count until ``since`` plus
+    ``CONDEMNED_SECONDS`` (``until``) at least, also one already due when it was fenced."""
     names = Names()
     gone, at = names.value(n(since)), names.value(n(until))
     shard = names.value(s(f"x#{layout.shard_of(run_key)}"))

@@ -3073,7 +3073,9 @@ class DynamoDBStore(ExpiryCleanup):
                       for sort_key in (layout.counter_sk(key), layout.item_sk(key),
                                        *map(layout.counter_sk, _parents(key)))])
         swept: set[str] = set()
-        for key in keys:
+        # A key above others in ``keys`` first: when its removal is due, it takes them (they
+        # are left to it then), and is not taken a second time from counts read before.
+        for key in sorted(keys, key=lambda key: len(_parents(key))):
             swept.add(key)
             count = records.get(layout.counter_sk(key))
             if count is None:
@@ -3102,17 +3104,34 @@ class DynamoDBStore(ExpiryCleanup):
                                           (_number(count, "gn") or now) + layout.CONDEMNED_SECONDS)
                 continue
             if "gn" in count:
-                if (_number(count, "xat") or 0.0) <= now:
+                if (_number(count, "xat") or 0.0) > now:
+                    continue
+                fenced = _number(count, "nf")
+                if fenced is not None and fenced + layout.CONDEMNED_SECONDS > now:
+                    # A fence (it may have landed on a count already due) lasts its day:
+                    # the count stays in the expiry index until then, not deleted with it.
                     await self._conditional(
-                        "DeleteItem",
+                        "UpdateItem",
                         Key={"PK": _s(pk), "SK": _s(layout.counter_sk(key))},
-                        ConditionExpression=(
-                            f"{names('gn')} = {names.value(count['gn'])} AND "
-                            f"attribute_not_exists({names('np')}) AND "
-                            f"(attribute_not_exists({names('rc')}) OR "
-                            f"{names('rc')} <= {names.value(_n(0))})"),
+                        UpdateExpression=(f"SET {names('xat')} = "
+                                          f"{names.value(_n(fenced + layout.CONDEMNED_SECONDS))}"),
+                        ConditionExpression=f"{names('nf')} = {names.value(count['nf'])}",
                         **names.params(),
                     )
+                    continue
+                # Only while no fence landed since the read (a later one keeps it).
+                fence = (f"attribute_not_exists({names('nf')})" if fenced is None
+                         else f"{names('nf')} = {names.value(count['nf'])}")
+                await self._conditional(
+                    "DeleteItem",
+                    Key={"PK": _s(pk), "SK": _s(layout.counter_sk(key))},
+                    ConditionExpression=(
+                        f"{names('gn')} = {names.value(count['gn'])} AND "
+                        f"attribute_not_exists({names('np')}) AND {fence} AND "
+                        f"(attribute_not_exists({names('rc')}) OR "
+                        f"{names('rc')} <= {names.value(_n(0))})"),
+                    **names.params(),
+                )
                 continue
             if _int(count, "rc") > 0:
                 await self._conditional(
@@ -3172,7 +3191,7 @@ class DynamoDBStore(ExpiryCleanup):
             await self._remove_nested(run_key, key, nesting, until)
 
     async def _drop_count(self, run_key: str, key: str) -> None:
-        """Delete a shared item's count, only while it is still zero."""
+        """Delete a shared item's count, only while it is still zero and not fenced."""
         await self._conditional("DeleteItem", **_count_delete(run_key, key)["Delete"])
 
     async def _nested_page(
@@ -4256,12 +4275,14 @@ def _checkpoint_live(run_key: str, sequence: int, checkpoint_id: str, now: float
 
 
 def _count_delete(run_key: str, key: str) -> dict[str, Any]:
-    """The delete of shared item ``key``'s count, only while it is zero."""
+    """The delete of shared item ``key``'s count, only while it is zero and not fenced (a
+    fenced count, condemned too, goes when its fence's day is up: see ``_sweep_shared``)."""
     names = _Names()
     return {"Delete": {
         "Key": {"PK": _s(layout.partition(run_key)), "SK": _s(layout.counter_sk(key))},
-        "ConditionExpression": (f"attribute_not_exists({names('rc')}) OR "
-                                f"{names('rc')} <= {names.value(_n(0))}"),
+        "ConditionExpression": (f"attribute_not_exists({names('nf')}) AND "
+                                f"(attribute_not_exists({names('rc')}) OR "
+                                f"{names('rc')} <= {names.value(_n(0))})"),
         **names.params(),
     }}
 

@@ -11,6 +11,7 @@ import anyio
 import pytest
 
 from fastcheckpoint.errors import SharedItemGone
+from fastcheckpoint.stores import _dynamodb_items as items_layout
 from fastcheckpoint.stores import _dynamodb_layout as layout
 from fastcheckpoint.stores.dynamodb import DynamoDBStore
 from fastcheckpoint.testing._adapter import _append_items
@@ -285,3 +286,134 @@ async def test_a_key_above_named_and_unnamed_during_the_nested_deletes_takes_the
         await store._sweep_shared(key, ["h"], T0)  # the next pass
         assert await _scan(store, key, "h") == []
         assert [error.keys for error in await _refused(store, run, "h")] == [("h",)]
+
+
+@pytest.mark.parametrize("stale", [False, True])
+@pytest.mark.parametrize("own_item", [True, False])
+async def test_a_fence_on_a_count_already_due_outlives_another_workers_pass(
+    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch, own_item: bool, stale: bool,
+) -> None:
+    """``k`` was removed a day and a minute ago (``own_item``: it held an item, its count
+    is condemned; else it is at zero since): its count is due in the expiry index, no pass
+    has reached it yet. A key under ``k`` and 110 others is removed now; ``k``'s check is a
+    fence. Between the fences and the removal's own transaction, another process's cleanup
+    pass reaches ``k``'s entry (``stale``: it read the count before the fences): it keeps
+    the count, fenced, a day on in the expiry index (``stale``: as it was), where it deleted
+    it, fence and all, so an append writing ``k`` then is refused, not acknowledged reading
+    back without the item nested under ``k``. A day on the count goes."""
+    deep = "k" + "/" * 110 + "x"
+    run = make_run(f"nested-fence-outlives-{own_item}-{stale}")
+    key = key_of(run)
+    later = T0 + layout.CONDEMNED_SECONDS + 60
+    refused: list[SharedItemGone] = []
+    kept: list[dict[str, Any] | None] = []
+    with anyio.fail_after(DEADLINE * 2):
+        await store.clients()
+        await _append_items(store, run, 0, refs=["k"],
+                            items=[make_item("k" if own_item else "k/y")])
+        await _append_items(store, run, 1, refs=["o1"], items=[make_item("o1")],
+                            keep_latest=1)
+        await store._sweep_shared(key, ["k"], T0)
+        removed = await _raw_item(store, key, layout.counter_sk("k"))
+        assert removed is not None
+        assert ("gn" in removed) is own_item
+        assert float(removed["xat"]["N"]) == T0 + layout.CONDEMNED_SECONDS
+        await _append_items(store, run, 2, refs=[deep], items=[make_item(deep)])
+        await _append_items(store, run, 3, refs=["o3"], items=[make_item("o3")],
+                            keep_latest=1)
+        real = store._transact
+        sent = 0
+
+        async def fenced_then_raced(operations: list[dict[str, Any]]) -> None:
+            nonlocal sent
+            sent += 1
+            if sent == 1 and stale:  # the fences land once the other pass read the counts
+                real_get = other._batch_get
+
+                async def read_then_fenced(*args: Any) -> dict[str, dict[str, Any]]:
+                    records = await real_get(*args)
+                    await real(operations)
+                    return records
+
+                monkeypatch.setattr(other, "_batch_get", read_then_fenced)
+                await other._sweep_shared(key, ["k"], later)
+                monkeypatch.setattr(other, "_batch_get", real_get)
+            else:
+                await real(operations)
+            if sent == 1:  # the fences landed; the removal's own transaction is next
+                if not stale:
+                    await other._sweep_shared(key, ["k"], later)
+                kept.append(await _raw_item(store, key, layout.counter_sk("k")))
+                try:
+                    await _append_items(other, run, 4, refs=["k"], items=[make_item("k")],
+                                        now=later)
+                except SharedItemGone as error:
+                    refused.append(error)
+
+        monkeypatch.setattr(store, "_transact", fenced_then_raced)
+        async with opened(provisioned, aws_names, prefix=store.prefix) as other:
+            await store._sweep_shared(key, [deep], later)
+        monkeypatch.setattr(store, "_transact", real)
+        assert sent == 2
+        [count] = kept
+        assert count is not None
+        assert float(count["nf"]["N"]) == later
+        assert float(count["xat"]["N"]) == (
+            T0 + layout.CONDEMNED_SECONDS if stale else later + layout.CONDEMNED_SECONDS)
+        assert [error.keys for error in refused] == [("k",)]
+        assert await store.read_with_items(key, sequence=4, now=later) is None
+        assert await _scan(store, key, "k") == []
+
+        await store._sweep_shared(key, ["k"], later + layout.CONDEMNED_SECONDS)
+        assert await _raw_item(store, key, layout.counter_sk("k")) is None
+
+
+async def test_a_fenced_count_is_not_dropped_on_a_stale_read(store: DynamoDBStore) -> None:
+    """A worker that read ``k``'s count at zero before a fence landed on it and drops it
+    (its read said a key above was named) leaves it: only the cleanup loop's pass over a
+    fenced count deletes it, once the fence's day is up."""
+    run = make_run("nested-fenced-not-dropped")
+    key = key_of(run)
+    with anyio.fail_after(DEADLINE):
+        await store.clients()
+        await store._transact([items_layout.fence(key, "k", T0, T0 + layout.CONDEMNED_SECONDS)])
+        await store._drop_count(key, "k")
+        count = await _raw_item(store, key, layout.counter_sk("k"))
+        assert count is not None
+        assert "nf" in count
+
+
+@pytest.mark.parametrize("parent_item", [True, False])
+async def test_a_key_before_the_key_above_it_costs_what_the_other_order_does(
+    store: DynamoDBStore, parent_item: bool,
+) -> None:
+    """``p/k`` (with ``p/k/z`` under it) and ``p`` both due, ``p/k`` first: ``p``'s
+    removal goes first and takes ``p/k``; ``p`` is not handled a second time from the
+    counts read before (no second read, Query or cancelled transaction): one BatchGetItem,
+    three Query, three transactions, as in the order ``p``, ``p/k``, and the same counts
+    left."""
+    left: dict[str, list[dict[str, Any] | None]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for order in (["p/k", "p"], ["p", "p/k"]):
+        run = make_run(f"nested-order-{order[0]}-{parent_item}")
+        key = key_of(run)
+        with anyio.fail_after(DEADLINE):
+            await store.clients()
+            items = [make_item("p/k"), make_item("p/k/z"),
+                     *([make_item("p")] if parent_item else [])]
+            await _append_items(store, run, 0, refs=["p/k", "p"], items=items)
+            await _append_items(store, run, 1, refs=["o1"], items=[make_item("o1")],
+                                keep_latest=1)
+            with counting(store) as (dynamo, _):
+                await store._sweep_shared(key, order, T0)
+            assert await _scan(store, key, "p") == []
+            counts[order[0]] = dict(dynamo.counts)
+            left[order[0]] = [
+                None if raw is None else {k: v for k, v in raw.items() if k not in ("PK", "xpk")}
+                for raw in [await _raw_item(store, key, layout.counter_sk(k))
+                            for k in ("p", "p/k")]]
+    assert counts["p/k"] == {"BatchGetItem": 1, "Query": 3, "TransactWriteItems": 3}
+    assert counts["p/k"] == counts["p"]
+    assert left["p/k"] == left["p"]
+    assert all(count is not None for count in left["p/k"])
