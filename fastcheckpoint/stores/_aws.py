@@ -11,17 +11,27 @@ as ``SlowDown`` and ``ProvisionedThroughputExceededException``, 5xx, connection 
 timeouts); its backoff, however, is hard-wired (base 1 s for throttling, cap 20 s). We keep
 botocore's decision and replace only the delay with :meth:`RetryPolicy.delay`, by swapping the
 client's ``needs-retry`` handler for one that asks botocore's retry conditions and our policy.
+
+Sends. A request may go on the wire more than once without botocore counting an attempt:
+aiohttp sends an idempotent request (a PUT) again when a reused keep-alive connection drops.
+Clients built here count every send (:func:`counting_sends`), so that a conditional write can
+tell whether its answer may be to a second copy of itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.httpsession import AIOHTTPSession
 from aiobotocore.retries.standard import AioStandardRetryConditions
 from aiobotocore.session import AioSession, get_session
 from botocore.config import Config
@@ -55,7 +65,9 @@ if TYPE_CHECKING:
 __all__ = [
     "AwsEndpoint",
     "RequestCounter",
+    "Sends",
     "client_config",
+    "counting_sends",
     "error_code",
     "install_retry_policy",
     "open_client",
@@ -133,14 +145,107 @@ def _check_endpoint_url(url: str) -> None:
 
 
 def client_config(*, path_style: bool = False, pool_size: int = 50) -> Config:
-    """The botocore config every client gets; retries are then set by the policy handler."""
-    return Config(
+    """The botocore config every client gets; retries are then set by the policy handler.
+    Its sends are counted (see :func:`counting_sends`) where aiobotocore lets the HTTP
+    session be chosen."""
+    options: dict[str, Any] = {}
+    if _SESSION_CLASS_CHOSEN:
+        options["http_session_cls"] = _CountingSession
+    config: Config = AioConfig(
         retries={"mode": "standard"},
         connect_timeout=5,
         read_timeout=30,
         max_pool_connections=pool_size,
         s3={"addressing_style": "path"} if path_style else None,
+        **options,
     )
+    return config
+
+
+@dataclass
+class Sends:
+    """The sends of the requests made inside :func:`counting_sends`: every attempt botocore
+    makes and every resend aiohttp makes on a dropped connection. Stays 0 with a client this
+    module did not build (a client given to a store): unknown."""
+
+    count: int = 0
+    """Sends."""
+    answered: int = 0
+    """Sends whose answer was heard: any status but 500, 502 and 504 (a service or a gateway
+    may give those for a request that was applied)."""
+
+    @property
+    def resent(self) -> bool:
+        """Whether a request was sent again after a send that may have been applied without
+        its answer being heard (a lost reply). A retry after ``SlowDown`` is not: heard."""
+        return self.count > 1 and self.answered < self.count
+
+
+_SENDS: ContextVar[Sends | None] = ContextVar("fastcheckpoint_aws_sends", default=None)
+
+
+@contextlib.contextmanager
+def counting_sends() -> Iterator[Sends]:
+    """Count the sends of the requests this task makes inside the ``with`` block (a task
+    started meanwhile counts into it too; other tasks do not)."""
+    sends = Sends()
+    token = _SENDS.set(sends)
+    try:
+        yield sends
+    finally:
+        _SENDS.reset(token)
+
+
+async def _on_headers_sent(
+    session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestHeadersSentParams
+) -> None:
+    sends = _SENDS.get()
+    if sends is not None:
+        sends.count += 1
+
+
+_MAYBE_APPLIED = frozenset({500, 502, 504})
+
+
+async def _on_answer(
+    session: aiohttp.ClientSession,
+    context: Any,
+    params: aiohttp.TraceRequestEndParams | aiohttp.TraceRequestRedirectParams,
+) -> None:
+    sends = _SENDS.get()
+    if sends is not None and params.response.status not in _MAYBE_APPLIED:
+        sends.answered += 1
+
+
+def _send_trace() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig()
+    # Once per send: a request's headers go out again with each resend, and each retry.
+    trace.on_request_headers_sent.append(_on_headers_sent)
+    # Once per answer heard: a resend on a dropped connection is answered once, for two sends.
+    trace.on_request_end.append(_on_answer)
+    trace.on_request_redirect.append(_on_answer)  # a redirect followed: answered, not applied
+    trace.freeze()
+    return trace
+
+
+_SEND_TRACE = _send_trace()
+
+
+class _CountingSession(AIOHTTPSession):
+    """aiobotocore's HTTP session, its aiohttp sessions traced to count sends."""
+
+    async def _get_session(self, proxy_url: Any) -> aiohttp.ClientSession:
+        # Not in aiobotocore's type stubs: a release without it never calls this override.
+        session: aiohttp.ClientSession = await super()._get_session(proxy_url)  # type: ignore[misc]
+        if _SEND_TRACE not in session.trace_configs:
+            session.trace_configs.append(_SEND_TRACE)
+        return session
+
+
+# Older aiobotocore releases build their own HTTP session: sends are then not counted.
+_SESSION_CLASS_CHOSEN = "http_session_cls" in inspect.signature(AioConfig).parameters and (
+    callable(getattr(AIOHTTPSession, "_get_session", None))
+)
 
 
 class _PolicyRetryHandler:

@@ -79,10 +79,11 @@ from fastcheckpoint.errors import (
     SequenceConflict,
     SharedItemGone,
     StoreError,
+    StoreUnavailableError,
     ValidationError,
 )
 from fastcheckpoint.stores import _s3_layout as layout
-from fastcheckpoint.stores._aws import AwsEndpoint, open_client
+from fastcheckpoint.stores._aws import AwsEndpoint, counting_sends, open_client
 from fastcheckpoint.stores._base import (
     EMPTY_RUN,
     CheckpointHeader,
@@ -991,20 +992,23 @@ class S3Store(ExpiryCleanup):
         # The commit (create-only at the sequence: the check against other writers) and, in
         # the same round trip, the check against the run: is its object still the one this
         # process knows? An unchanged one costs a 304 without a body.
-        written_etag, seen = await pair(
+        (written_etag, resent), seen = await pair(
             functools.partial(self._commit, io, run_key, slot),
             functools.partial(_error_as_value, io.get_if_changed,
                               layout.run_object(run_key), etag),
         )
         slot_etag = written_etag if written_etag is not None else await self._taken(
-            io, run_key, slot, keep_latest, now)
+            io, run_key, slot, keep_latest, now, resent=resent)
         if isinstance(slot_etag, _Deleted):
             # Acknowledged, never written again: another process deleted it, as it may
             # delete any checkpoint once written. Its shared items are named by nothing.
             if shared:
                 await self._ask_for_sweep(io, run_key)
             return slot_etag.status or state.status
-        status = await self._confirm(io, run_key, slot, slot_etag, seen, state, keep_latest, now)
+        status = await self._confirm(io, run_key, slot, slot_etag, seen, state, keep_latest, now,
+                                     resent=resent)
+        if resent and written_etag is not None and keep_latest is not None:
+            await self._not_recreated(io, run_key, slot, slot_etag, keep_latest)
         prune = functools.partial(self._prune, io, run_key, cached, log, slot, keep_latest, now)
         if slot.refs or owned:
             entry = await self._complete(io, run_key, cached, slot, slot_etag, owned, written,
@@ -1073,18 +1077,41 @@ class S3Store(ExpiryCleanup):
             ])
         raise failure
 
-    async def _commit(self, io: Bucket, run_key: str, slot: Slot) -> str | None:
+    async def _commit(self, io: Bucket, run_key: str, slot: Slot) -> tuple[str | None, bool]:
         """Write the slot create-only; its ETag, or None when the key is taken (see
-        :meth:`_taken`)."""
+        :meth:`_taken`), and whether the PUT was sent again after a send whose answer was not
+        heard (a botocore retry or an aiohttp resend): the answer may then be to a copy sent
+        after the first was applied."""
         key = layout.slot_key(run_key, slot.sequence)
-        try:
-            written = await io.put(key, layout.encode(slot), if_none_match=True)
-        except StoreError:
-            # Applied or not: a reply lost and every retry refused leaves it unknown. The
-            # create fails, so it must not leave a checkpoint a retrying caller would repeat.
-            await self._withdraw(io, run_key, slot)
-            raise
-        return written
+        with counting_sends() as sends:
+            try:
+                written = await io.put(key, layout.encode(slot), if_none_match=True)
+            except StoreError:
+                # Applied or not: a reply lost and every retry refused leaves it unknown. The
+                # create fails, so it must not leave a checkpoint a retrying caller would
+                # repeat.
+                await self._withdraw(io, run_key, slot)
+                raise
+        return written, sends.resent
+
+    async def _not_recreated(
+        self, io: Bucket, run_key: str, slot: Slot, etag: str, keep_latest: int
+    ) -> None:
+        """A slot written by a PUT sent again after an unheard send, in a run whose creates
+        prune: if ``keep_latest`` slots or more stand above it, its key may have been taken
+        before (by this create's first send, or by another writer's) and freed by a pruning
+        since, and the write recreated a pruned checkpoint. Taken back (a pruning would
+        remove it now anyway), and the outcome reported unknown: the manager must not write
+        the create again. One LIST, on this rare path only."""
+        prefix = layout.slots_prefix(run_key)
+        newest = await io.list(prefix, limit=1)  # inverted sequences: the newest key first
+        sequences = [layout.parse_sequence(entry.key[len(prefix):].partition("/")[0])
+                     for entry in newest]
+        if not any(sequence is not None and sequence - slot.sequence >= keep_latest
+                   for sequence in sequences):
+            return
+        await _take_back(io, run_key, slot, etag)
+        raise _outcome_unknown(run_key, slot, "pruned it")
 
     async def _ours(self, io: Bucket, run_key: str, slot: Slot) -> str | None:
         """The ETag of ``slot``'s key if it holds this very write (its token): a write that
@@ -1141,6 +1168,8 @@ class S3Store(ExpiryCleanup):
         state: RunState,
         keep_latest: int | None,
         now: float,
+        *,
+        resent: bool = False,
     ) -> str:
         """Accept the committed slot if the run object (``seen`` in the commit's round trip)
         is still of the slot's incarnation, with the slot at or above its floor, and return
@@ -1169,6 +1198,9 @@ class S3Store(ExpiryCleanup):
         # Deleted, or deleted and started over, since this process last read it; or another
         # process pruned past what this one knew, and the slot's key had been freed.
         await _take_back(io, run_key, slot, slot_etag)
+        if resent:
+            # The PUT was sent again: the first may have been applied, to the run as it was.
+            raise _outcome_unknown(run_key, slot, "deleted the run or pruned it")
         run, known_from = await self._head(io, run_key, live_wanted=keep_latest or 1, now=now)
         self._adopt(run_key, run, known_from)
         raise run.conflict(now)
@@ -1356,6 +1388,8 @@ class S3Store(ExpiryCleanup):
         slot: Slot,
         keep_latest: int | None,
         now: float,
+        *,
+        resent: bool = False,
     ) -> str | _Deleted:
         """The slot's key is taken. By this very write (its reply was lost, the retry got
         412): the slot carries our token, so it is ours; or a tombstone names our token
@@ -1411,6 +1445,10 @@ class S3Store(ExpiryCleanup):
                 io, run_key, live_wanted=keep_latest or 1, now=now
             )
         self._adopt(run_key, current, known_from)
+        if resent and (current.state is None or current.state.incarnation != slot.incarnation):
+            # Sent more than once, refused by a run started since: the first send may have
+            # been applied to the run as it was, before it was deleted.
+            raise _outcome_unknown(run_key, slot, "deleted the run and started it over")
         raise current.conflict(now)
 
     async def _heal(self, io: Bucket, run_key: str, current: _Run) -> None:
@@ -3121,6 +3159,14 @@ async def _damage_as_value(
         return await read(*args)
     except CorruptCheckpointError as exc:
         return exc
+
+
+def _outcome_unknown(run_key: str, slot: Slot, how: str) -> StoreUnavailableError:
+    return StoreUnavailableError(
+        f"outcome unknown: the create of checkpoint {slot.checkpoint_id} (run {run_key}, "
+        f"sequence {slot.sequence}) was sent again after a lost reply, and another process "
+        f"{how} meanwhile: it may have been applied before that. It was not written again: "
+        "read the run before creating it again")
 
 
 async def _take_back(io: Bucket, run_key: str, slot: Slot, etag: str) -> None:

@@ -7,7 +7,9 @@ above a newer one.
 What S3 can tell: a tombstone (delete, purge of a run's newest expired checkpoint) keeps the
 key taken and names the token of the slot it replaced, so the resend's 412 is recognised. A
 key freed meanwhile (pruning, ``delete_run``) lets the resend recreate the slot, and nothing
-in the bucket tells that write from a first one: the tests marked ``xfail`` show what is left.
+in the bucket tells that write from a first one; the store counts the sends of its commit PUT
+(aiohttp resends it on a dropped connection without botocore counting an attempt), and a
+resent commit it cannot prove is reported as an unknown outcome, never written again.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import anyio
 import pytest
 
 from fastcheckpoint import _ids
+from fastcheckpoint.errors import SequenceConflict, StoreUnavailableError
+from fastcheckpoint.stores._aws import counting_sends
 from fastcheckpoint.stores.s3 import S3Store
 from fastcheckpoint.testing import T0
 from tests.stores._moto import moto_endpoint
@@ -138,7 +142,6 @@ async def test_a_resent_create_whose_checkpoint_was_purged_meanwhile_is_not_writ
     assert outcome[0].metadata.sequence == 1
 
 
-@pytest.mark.xfail(strict=True, reason="a pruned slot frees its key: the resend recreates it")
 async def test_a_resent_create_whose_checkpoint_was_pruned_meanwhile_is_not_written_again(
     faulty_proxy: type[_FaultyProxy], proxied: S3Store, direct: S3Store
 ) -> None:
@@ -162,7 +165,10 @@ async def test_a_resent_create_whose_checkpoint_was_pruned_meanwhile_is_not_writ
     assert [item.sequence for item in listed] == [2]
     assert len(slots) == 1
     assert len(outcome) == 1
-    assert isinstance(outcome[0], Exception) or outcome[0].metadata.sequence == 1
+    # The resend recreated the pruned slot: taken back, and the outcome unknown (the create
+    # may have been applied, or may have lost the sequence to a checkpoint pruned since).
+    assert isinstance(outcome[0], StoreUnavailableError)
+    assert "outcome unknown" in str(outcome[0])
 
 
 async def test_a_resent_create_whose_run_was_deleted_meanwhile_stays_deleted(
@@ -197,7 +203,6 @@ async def test_a_resent_create_whose_run_was_deleted_meanwhile_stays_deleted(
     assert len(slots) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="412 on the new run's slot: indistinguishable from a race")
 async def test_a_resent_create_whose_run_was_started_over_meanwhile_is_not_written_again(
     faulty_proxy: type[_FaultyProxy], proxied: S3Store, direct: S3Store
 ) -> None:
@@ -222,8 +227,80 @@ async def test_a_resent_create_whose_run_was_started_over_meanwhile_is_not_writt
     assert latest is not None
     assert latest.state == {"by": "other", "n": 1}
     assert len(outcome) == 1
-    if not isinstance(outcome[0], Exception):
-        assert outcome[0].metadata.sequence == 1
-        assert _ids.parse_checkpoint_id(outcome[0].checkpoint_id) != _ids.parse_checkpoint_id(
-            restarted[1].checkpoint_id
-        )
+    # The resend's 412 is on the new run's slot: applied to the old run or not, unknown.
+    assert isinstance(outcome[0], StoreUnavailableError)
+    assert "outcome unknown" in str(outcome[0])
+    assert _ids.parse_checkpoint_id(listed[0].checkpoint_id) == _ids.parse_checkpoint_id(
+        restarted[1].checkpoint_id
+    )
+
+
+async def test_the_store_counts_a_put_aiohttp_sends_again_on_a_dropped_connection(
+    faulty_proxy: type[_FaultyProxy], proxied: S3Store
+) -> None:
+    """The reply of a PUT is dropped after S3 applied it, on a reused keep-alive connection:
+    aiohttp sends it again on its own (botocore counts no retry); the store's count of sends
+    sees both."""
+    key = f"{proxied.prefix}probe"
+    with anyio.fail_after(DEADLINE):
+        client = await proxied.client()
+        await client.head_bucket(Bucket=proxied.bucket)  # a connection to reuse
+        faulty_proxy.drop_reply_to = re.compile(rf"^PUT \S*/{re.escape(key)}(\?|$)")
+        with counting_sends() as resent:
+            answer = await client.put_object(Bucket=proxied.bucket, Key=key, Body=b"x")
+        with counting_sends() as once:
+            await client.put_object(Bucket=proxied.bucket, Key=key, Body=b"y")
+
+    assert faulty_proxy.dropped == 1
+    assert answer["ResponseMetadata"]["RetryAttempts"] == 0  # unseen by botocore
+    assert (resent.count, resent.answered, resent.resent) == (2, 1, True)
+    assert (once.count, once.answered, once.resent) == (1, 1, False)
+
+
+async def test_a_put_retried_after_slow_down_is_not_taken_for_a_resend(
+    faulty_proxy: type[_FaultyProxy], proxied: S3Store
+) -> None:
+    """A 503 ``SlowDown`` answers a send S3 did not apply: botocore's retry is a second send,
+    but no earlier send may have been applied unheard."""
+    key = f"{proxied.prefix}probe"
+    with anyio.fail_after(DEADLINE):
+        client = await proxied.client()
+        faulty_proxy.faults = ["slowdown"]
+        with counting_sends() as sends:
+            answer = await client.put_object(Bucket=proxied.bucket, Key=key, Body=b"x")
+
+    assert answer["ResponseMetadata"]["RetryAttempts"] == 1
+    assert (sends.count, sends.answered, sends.resent) == (2, 2, False)
+
+
+async def test_a_create_refused_on_its_first_send_is_still_a_conflict(
+    proxied: S3Store, direct: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No resend: a 412 on another writer's slot is the race it always was (a
+    ``SequenceConflict``, the manager writes the create at the next sequence), not an
+    unknown outcome."""
+    refused: list[Any] = []
+    taken = S3Store._taken
+
+    async def spy(self: S3Store, *args: Any, resent: bool = False) -> Any:
+        try:
+            return await taken(self, *args, resent=resent)
+        except SequenceConflict as exc:
+            refused.append((resent, exc))
+            raise
+
+    monkeypatch.setattr(S3Store, "_taken", spy)
+    writer = _manager(proxied)
+    other = _manager(direct)
+    with anyio.fail_after(DEADLINE):
+        await writer.create("r", {"n": 0})
+        assert (await other.create("r", {"by": "other"})).metadata.sequence == 1
+        created = await writer.create("r", {"n": 1})
+        listed = await other.list_checkpoints("r")
+        latest = await other.restore("r")
+
+    assert [resent for resent, _ in refused] == [False]
+    assert created.metadata.sequence == 2
+    assert [item.sequence for item in listed] == [2, 1, 0]
+    assert latest is not None
+    assert latest.state == {"n": 1}
