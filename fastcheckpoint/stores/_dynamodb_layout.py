@@ -17,10 +17,12 @@ Checkpoints, items and run items that expire also carry ``xpk``/``xat``, which p
 the ``by_expiry`` index the cleanup loop reads (a run item at its expiry, at 0 once it holds
 nothing; a reference count at 0 once it may have dropped to zero).
 
-Every append also writes a memo of itself in a partition of its own (``PK = memo#<write
-token>``, ``SK = run#<run key>``), which native TTL removes after ``MEMO_SECONDS``: a resend of
-the append's transaction after its reply was lost is refused by the memo, which tells that the
-first send landed, whatever was removed meanwhile. No index or listing sees memos.
+On services that ignore ``ClientRequestToken`` (emulators), every append also writes a memo
+of itself in a partition of its own (``PK = memo#<write token>``, ``SK = run#<run key>``): a
+resend of the append's transaction after its reply was lost is refused by the memo, which
+tells that the first send landed, whatever was removed meanwhile. A memo is in the
+``by_expiry`` index (``xpk``/``xat``, due ``MEMO_SECONDS`` after the append), which is how the
+cleanup loop removes it; native TTL removes it too where it runs. No listing sees memos.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = [
     "FRONT_CAPACITY",
     "INDEX_SHARDS",
     "MAX_ITEM_KEY_BYTES",
+    "MEMO_PREFIX",
     "MEMO_SECONDS",
     "OWNERS_CAPACITY",
     "REFILL",
@@ -216,12 +219,15 @@ def label_partition(label: str) -> str:
 
 
 MEMO_SECONDS: Final = 300.0
-"""How long an append's memo lives (native TTL, wall clock; TTL removes it some time after)."""
+"""How long an append's memo lives: the cleanup loop removes it once this is past (on the
+store's clock), native TTL some time after (wall clock), whichever comes first."""
+
+MEMO_PREFIX: Final = "memo#"
 
 
 def memo_partition(token: str) -> str:
     """The partition of the memo of the append that wrote ``token``."""
-    return f"memo#{token}"
+    return f"{MEMO_PREFIX}{token}"
 
 
 def shard_of(run_key: str) -> int:

@@ -10,19 +10,21 @@ the run item's revision. The book has a fixed upper size, so no run ever outgrow
 a stale entry only costs one failed transaction, whose cancellation returns the current run
 item (``ReturnValuesOnConditionCheckFailure``).
 
-Commits are idempotent: each append writes a random token into the run item and the
-checkpoint item, and a memo of itself keyed by that token (``memo#<token>``, create-only,
-removed by native TTL after five minutes), so a transaction sent again after its reply was
-lost, and refused because it had been applied, is recognised as this append's own by the
-memo's refusal, also when the checkpoint was deleted or pruned, or the run deleted or started
-over, in between. (DynamoDB itself answers such a resend from the ``ClientRequestToken``
-botocore puts in every TransactWriteItems; services without idempotency tokens refuse it.)
+Commits are idempotent: every TransactWriteItems carries a ``ClientRequestToken`` the store
+sets (the same on botocore's resends), from which DynamoDB answers a resend of a transaction
+that landed. Each append also writes a random token into the run item and the checkpoint
+item, and, on services that ignore ``ClientRequestToken`` (``resend_memos``: by default any
+endpoint but AWS's own), a memo of itself keyed by that token (``memo#<token>``, create-only,
+in the expiry index five minutes on, which is how the cleanup loop removes it), so a
+transaction sent again after its reply was lost, and refused because it had been applied, is
+recognised as this append's own by the memo's refusal, also when the checkpoint was deleted
+or pruned, or the run deleted or started over, in between.
 A checkpoint put never replaces a checkpoint of the same incarnation, whatever the run item
 says: a run item put back from an older copy makes appends fail as a damaged record instead
 of overwriting acknowledged data.
 
 Costs in requests (steady state, one writer per run): append 1, whose transaction also puts
-the append's memo (a ~100-byte item: 2 write units more) (+1 S3 PUT when large, +1 S3
+the append's memo, if any (~100 bytes: 2 write units more) (+1 S3 PUT when large, +1 S3
 DeleteObjects when a large checkpoint is pruned, +1 Query when a pruned checkpoint owns
 items, +1 Query per ``REFILL`` appends in a run holding more than the book details); latest
 1 Query (+1 GET when large); get 1 TransactGetItems (+1 GET); headers 1 Query for the first
@@ -181,11 +183,17 @@ _UNITS: Final = {"": 1, "B": 1, "KB": 1024, "KIB": 1024, "MB": 1024 * 1024, "MIB
 _SIZE = re.compile(r"\s*([0-9]+)\s*([A-Za-z]*)\s*")
 _CURSOR = re.compile(r"[0-9a-f]{16}#[a-z2-7]{1,64}")
 _INCARNATION = re.compile(r"[a-z2-7]{8}")
-_URL_OPTIONS: Final = frozenset({"bucket", "prefix", "threshold", "region", "endpoint_url"})
+_URL_OPTIONS: Final = frozenset(
+    {"bucket", "prefix", "threshold", "region", "endpoint_url", "resend_memos"}
+)
 _KEYWORD_OPTIONS: Final = frozenset(
     {"bucket", "prefix", "threshold", "region", "endpoint_url", "retry", "dynamodb_client",
-     "s3_client", "session"}
+     "s3_client", "session", "resend_memos"}
 )
+_AWS_HOSTS: Final = ("amazonaws.com", "amazonaws.com.cn", "api.aws")
+"""Host suffixes of AWS's own DynamoDB endpoints, which honour ``ClientRequestToken``."""
+_FLAGS: Final = {"1": True, "true": True, "yes": True, "on": True,
+                 "0": False, "false": False, "no": False, "off": False}
 
 
 # -- the run item --------------------------------------------------------------------------
@@ -556,6 +564,8 @@ class _Clients:
     s3: Any
     stack: contextlib.AsyncExitStack
     blobs: Bucket | None
+    memos: bool = False
+    """Whether appends write memos of themselves (see ``DynamoDBStore``'s ``resend_memos``)."""
 
 
 async def _close_clients(clients: _Clients) -> None:
@@ -609,6 +619,13 @@ class DynamoDBStore(ExpiryCleanup):
     pass ``dynamodb_client`` (and ``s3_client``), which it uses and never closes, in the event
     loop they were first used in. Create the table and bucket with :meth:`provision`
     (``fastcheckpoint init URL``). Runs on asyncio only.
+
+    ``resend_memos``: whether each append also writes a memo of itself, which recognises a
+    resend of its transaction after a lost reply on services that ignore
+    ``ClientRequestToken`` (emulators such as moto). ``None`` (the default) decides by the
+    DynamoDB client's endpoint: none on AWS's own endpoints (``*.amazonaws.com``,
+    ``*.amazonaws.com.cn``, ``*.api.aws``), which answer such a resend from the token; memos
+    on any other ``endpoint_url``.
     """
 
     nested_items = True
@@ -631,6 +648,7 @@ class DynamoDBStore(ExpiryCleanup):
         dynamodb_client: DynamoDBClient | None = None,
         s3_client: S3Client | None = None,
         session: AioSession | None = None,
+        resend_memos: bool | None = None,
     ) -> None:
         if not isinstance(table, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{3,255}", table):
             raise ConfigurationError(
@@ -645,6 +663,10 @@ class DynamoDBStore(ExpiryCleanup):
             )
         if bucket is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
             raise ConfigurationError(f"not a valid S3 bucket name: {bucket!r}")
+        if resend_memos is not None and not isinstance(resend_memos, bool):
+            raise ConfigurationError(
+                f"resend_memos must be True, False or None (by endpoint), got {resend_memos!r}")
+        self._resend_memos = resend_memos
         self.table = table
         self.bucket = bucket
         self.prefix = prefix
@@ -685,6 +707,8 @@ class DynamoDBStore(ExpiryCleanup):
         endpoint = AwsEndpoint.from_query(query)
         if "threshold" in query:
             options.setdefault("threshold", parse_size(query["threshold"]))
+        if "resend_memos" in query:
+            options.setdefault("resend_memos", _flag("resend_memos", query["resend_memos"]))
         options.setdefault("bucket", query.get("bucket") or None)
         options.setdefault("prefix", query.get("prefix", ""))
         options.setdefault("region", endpoint.region)
@@ -716,7 +740,15 @@ class DynamoDBStore(ExpiryCleanup):
             await stack.aclose()
             raise
         blobs = None if s3 is None or self.bucket is None else Bucket(s3, self.bucket, self.prefix)
-        return _Clients(dynamodb, s3, stack, blobs)
+        memos = self._resend_memos
+        if memos is None:
+            # Judged by where the client sends its requests (botocore also takes an endpoint
+            # from AWS_ENDPOINT_URL or the config file, and a given client has its own).
+            url = getattr(getattr(dynamodb, "meta", None), "endpoint_url", None)
+            if not isinstance(url, str):
+                url = self._endpoint.endpoint_url
+            memos = not _on_aws(url)
+        return _Clients(dynamodb, s3, stack, blobs, memos)
 
     async def clients(self) -> tuple[Any, Any]:
         """The DynamoDB and S3 clients of this event loop (S3 is ``None`` without a bucket)."""
@@ -800,8 +832,12 @@ class DynamoDBStore(ExpiryCleanup):
             next(iter(operation.values()))["TableName"] = self.table
         action = f"DynamoDB TransactWriteItems on table {self.table}"
         for attempt in range(self._retry.max_retries + 1):
+            # Set here rather than left to botocore: the same on botocore's resends of this
+            # request (AWS answers a resend of a transaction that landed from it, for ten
+            # minutes), new for each attempt of ours, whose operations may differ.
             try:
-                await client.transact_write_items(TransactItems=request)
+                await client.transact_write_items(
+                    TransactItems=request, ClientRequestToken=secrets.token_hex(16))
                 return
             except ClientError as exc:
                 if error_code(exc) != "TransactionCanceledException":
@@ -1153,8 +1189,8 @@ class DynamoDBStore(ExpiryCleanup):
                 continue  # planned again without what the pins wrote
             outcome.unknown = True
             try:
-                # The run item, the checkpoint and the memo (indexes 0 to 2) decide.
-                await self._commit(plan.operations, keep=3)
+                # The run item, the checkpoint and the memo if any (indexes 0 to 2) decide.
+                await self._commit(plan.operations, keep=2 + _memo_slots(plan.operations[:3]))
             except _Cancelled as cancelled:
                 if _memoed(cancelled):
                     outcome.unknown = False
@@ -1316,8 +1352,9 @@ class DynamoDBStore(ExpiryCleanup):
         run_put["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
         run_put.update(names.params())
         labels = items_layout.label_puts(run_key, head, label_ttl)
-        must = [{"Put": run_put}, _checkpoint_put(run_key, item, head.incarnation),
-                _append_memo(run_key, token, 0, head.incarnation), *labels, *additions.owned]
+        memo = await self._memo(run_key, token, 0, head.incarnation, now)
+        must = [{"Put": run_put}, _checkpoint_put(run_key, item, head.incarnation), *memo,
+                *labels, *additions.owned]
         removal = _Removal()
         if previous is not None:
             removal = await self._leftovers(run_key, previous)
@@ -1398,16 +1435,24 @@ class DynamoDBStore(ExpiryCleanup):
         before = book.copy()
         removed = [_held_in(run_key, state, before, s) for s in book.prune(now, keep_latest)]
         put = _checkpoint_put(run_key, item, state.record.incarnation)
-        memo = _append_memo(run_key, token, record.sequence, state.record.incarnation)
+        memo = await self._memo(run_key, token, record.sequence, state.record.incarnation, now)
         in_back = book.back is not None and record.sequence >= book.back.start
         floor = state.items_floor
         if additions.with_items and (floor is None or floor > record.sequence):
             floor = record.sequence
         return await self._plan_change(
-            run_key, state, book, removed, [put, memo, *additions.owned], now=now, token=token,
+            run_key, state, book, removed, [put, *memo, *additions.owned], now=now, token=token,
             added=[record.expires_at] if in_back else [], additions=additions,
             items_floor=floor, latest_sequence=record.sequence, updated_at=now,
         )
+
+    async def _memo(
+        self, run_key: str, token: str, sequence: int, incarnation: str, now: float
+    ) -> list[dict[str, Any]]:
+        """The put of an append's memo, where appends write them (see ``resend_memos``)."""
+        if not (await self._current()).memos:
+            return []
+        return [_append_memo(run_key, token, sequence, incarnation, now)]
 
     async def _plan_change(
         self,
@@ -1499,7 +1544,8 @@ class DynamoDBStore(ExpiryCleanup):
                 lowered.append(key)
         if len(must) > _TRANSACTION_LIMIT:
             raise ValidationError(
-                f"a checkpoint with {len(must) - 3} records of its own (owned items count "
+                f"a checkpoint with {len(must) - 2 - _memo_slots(must)} records of its own "
+                "(owned items count "
                 f"two) does not fit in one DynamoDB transaction ({_TRANSACTION_LIMIT} "
                 "operations): append fewer items with it and write the rest with "
                 "put_owned_items")
@@ -3008,9 +3054,12 @@ class DynamoDBStore(ExpiryCleanup):
         more = len(due) > limit or any(truncated for _, truncated in pages)
         by_run: dict[str, list[str]] = {}
         counts: dict[str, list[str]] = {}
+        memos: list[dict[str, Any]] = []
         for entry in due[:limit]:
             pk, sort_key = _text(entry, "PK"), _text(entry, "SK")
-            if sort_key.startswith(layout.ITEM_PREFIX):
+            if pk.startswith(layout.MEMO_PREFIX):  # an append's memo, past its use
+                memos.append({"DeleteRequest": {"Key": {"PK": _s(pk), "SK": _s(sort_key)}}})
+            elif sort_key.startswith(layout.ITEM_PREFIX):
                 await self._purge_item(pk, sort_key, now)
             elif sort_key.startswith(layout.COUNTER_PREFIX):
                 counts.setdefault(pk.removeprefix("run#"), []).append(sort_key[2:])
@@ -3025,6 +3074,7 @@ class DynamoDBStore(ExpiryCleanup):
                 counts.setdefault(run_key, []).extend(lowered)
         for run_key, keys in counts.items():
             await self._sweep_shared(run_key, list(dict.fromkeys(keys)), now)
+        await self._batch_write(memos)
         return removed, not more
 
     async def _due_in_shard(
@@ -3972,9 +4022,12 @@ def _checkpoint_put(run_key: str, item: dict[str, Any], incarnation: str) -> dic
     }}
 
 
-def _append_memo(run_key: str, token: str, sequence: int, incarnation: str) -> dict[str, Any]:
+def _append_memo(
+    run_key: str, token: str, sequence: int, incarnation: str, now: float
+) -> dict[str, Any]:
     """Put the memo of the append writing ``token`` (create-only): a resend of its transaction
-    is refused by it, and the refusal returns it (see :func:`_memoed`)."""
+    is refused by it, and the refusal returns it (see :func:`_memoed`). It is in the expiry
+    index, due ``MEMO_SECONDS`` after ``now``: the cleanup loop removes it, native TTL or not."""
     names = _Names()
     return {"_memo": True, "Put": {
         "Item": {
@@ -3983,12 +4036,37 @@ def _append_memo(run_key: str, token: str, sequence: int, incarnation: str) -> d
             "wt": _s(token),
             "seq": _n(sequence),
             "inc": _s(incarnation),
+            "xpk": _s(f"x#{layout.shard_of(run_key)}"),
+            "xat": _n(now + layout.MEMO_SECONDS),
             layout.TTL_ATTRIBUTE: _n(layout.ttl_of(time.time() + layout.MEMO_SECONDS)),
         },
         "ConditionExpression": f"attribute_not_exists({names('PK')})",
         "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
         **names.params(),
     }}
+
+
+def _memo_slots(operations: Sequence[Mapping[str, Any]]) -> int:
+    """How many of ``operations`` are memo puts (0 or 1)."""
+    return sum(1 for operation in operations if operation.get("_memo"))
+
+
+def _on_aws(endpoint_url: str | None) -> bool:
+    """Whether a client with this ``endpoint_url`` (``None``: its region's) talks to AWS."""
+    if not endpoint_url:
+        return True
+    host = (urlsplit(endpoint_url).hostname or "").lower().rstrip(".")
+    return any(host == suffix or host.endswith(f".{suffix}") for suffix in _AWS_HOSTS)
+
+
+def _flag(name: str, value: str) -> bool:
+    """A boolean store URL option."""
+    try:
+        return _FLAGS[value.lower()]
+    except KeyError:
+        raise ConfigurationError(
+            f"dynamodb:// URL option {name}={value!r} is not a boolean (true or false)"
+        ) from None
 
 
 def _memoed(cancelled: _Cancelled) -> bool:

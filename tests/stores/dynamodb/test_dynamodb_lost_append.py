@@ -12,6 +12,7 @@ tells."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -19,9 +20,13 @@ import anyio
 import pytest
 
 from fastcheckpoint import _ids
-from tests.stores._moto import moto_endpoint
+from fastcheckpoint.errors import ConfigurationError
+from fastcheckpoint.stores import _dynamodb_layout as layout
+from fastcheckpoint.stores.dynamodb import DynamoDBStore
+from tests.stores._moto import REGION, moto_endpoint
 from tests.stores.dynamodb.test_dynamodb import (
     DEADLINE,
+    SESSION,
     _manager,
     atomic_moto,
     aws_names,
@@ -143,6 +148,8 @@ async def test_a_lost_create_reply_then_a_removal_is_acknowledged_once(
             assert dynamo.counts == {"TransactWriteItems": 2, **pruning}
             assert len(tokens.seen) == 2
             assert len(set(tokens.seen)) == 1
+            # Set by the store (botocore fills in a UUID when none is given).
+            assert re.fullmatch(r"[0-9a-f]{32}", tokens.seen[0])
 
             listed = [(m.sequence, m.run_id) for m in await another.list_checkpoints(run_id)]
             restored = await another.restore(run_id)
@@ -200,3 +207,135 @@ async def test_a_lost_reply_on_a_runs_first_create_then_a_run_delete_leaves_it_d
             assert created.metadata.sequence == 0
             assert await another.restore(run_id) is None
             assert await other.get_run(_ids.key_of(run_id), now=clock[0]) is None
+
+
+class _Sizes:
+    """How many operations each TransactWriteItems request the client sends holds."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.seen: list[int] = []
+
+    def __call__(self, request: Any, **_: Any) -> None:
+        self.seen.append(len(json.loads(request.body)["TransactItems"]))
+
+    def __enter__(self) -> _Sizes:
+        self.client.meta.events.register("before-send.dynamodb.TransactWriteItems", self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.meta.events.unregister("before-send.dynamodb.TransactWriteItems", self)
+
+
+async def _memos_of(store: DynamoDBStore, run_keys: set[str]) -> int:
+    """The memos in the table of appends to these runs."""
+    ddb, _ = await store.clients()
+    params: dict[str, Any] = {"TableName": store.table, "ConsistentRead": True}
+    found = 0
+    while True:
+        response = await ddb.scan(**params)
+        found += sum(
+            1
+            for item in response["Items"]
+            if item["PK"]["S"].startswith(layout.MEMO_PREFIX)
+            and item["SK"]["S"] in {layout.partition(key) for key in run_keys}
+        )
+        if "LastEvaluatedKey" not in response:
+            return found
+        params["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+
+
+async def test_memos_are_removed_by_the_cleanup_without_native_ttl(
+    provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    """Memos were removed only by native TTL, which moto (and a table whose TTL is not
+    enabled) does not run: every create left one in the table for good, through delete_run
+    and purge_expired. They are in the expiry index now, due five minutes after the append,
+    and purge_expired removes them then (not before: a resend may still come)."""
+    clock = [1_000.0]
+    async with opened(provisioned, aws_names) as store:
+        manager = _manager(store, clock, history_min_entries=None)
+        with anyio.fail_after(DEADLINE):
+            for number in range(50):
+                await manager.create("memos", {"n": number}, ttl_seconds=10)
+            run_keys = {_ids.key_of("memos")}
+            assert await _memos_of(store, run_keys) == 50  # an endpoint_url: memos on
+            assert await manager.delete_run("memos") == 50
+
+            async def purge(now: float) -> None:
+                while not (await store.purge_expired(now=now, limit=1_000))[1]:
+                    pass
+
+            await purge(clock[0] + layout.MEMO_SECONDS - 1)
+            assert await _memos_of(store, run_keys) == 50
+            await purge(clock[0] + layout.MEMO_SECONDS + 1)
+            assert await _memos_of(store, run_keys) == 0
+
+
+async def test_resend_memos_false_writes_no_memo_at_the_same_request_count(
+    provisioned: str, aws_names: tuple[str, str]
+) -> None:
+    clock = [1_000.0]
+    async with (
+        opened(provisioned, aws_names) as with_memos,
+        opened(provisioned, aws_names, resend_memos=False) as without,
+    ):
+        with anyio.fail_after(DEADLINE):
+            seen: dict[bool, tuple[dict[str, int], list[int]]] = {}
+            for memos, store in ((True, with_memos), (False, without)):
+                manager = _manager(store, clock, history_min_entries=None)
+                ddb, _ = await store.clients()
+                with counting(store) as (dynamo, _), _Sizes(ddb) as sizes:
+                    for number in range(3):
+                        await manager.create(f"quiet-{memos}", {"n": number})
+                seen[memos] = dict(dynamo.counts), sizes.seen
+                expected = 3 if memos else 0
+                assert await _memos_of(store, {_ids.key_of(f"quiet-{memos}")}) == expected
+            assert seen[True][0] == seen[False][0] == {"TransactWriteItems": 3}
+            # One operation fewer per transaction: the memo's put.
+            assert [size - 1 for size in seen[True][1]] == seen[False][1]
+
+
+@pytest.mark.parametrize(
+    ("endpoint_url", "memos"),
+    [
+        (None, False),
+        ("https://dynamodb.us-east-1.amazonaws.com", False),
+        ("https://dynamodb-fips.us-gov-west-1.amazonaws.com", False),
+        ("https://dynamodb.cn-north-1.amazonaws.com.cn", False),
+        ("https://dynamodb.us-east-1.api.aws", False),
+        ("http://localhost:8000", True),
+        ("http://amazonaws.com.example:4566", True),
+    ],
+)
+async def test_resend_memos_by_default_follow_the_endpoint(
+    endpoint_url: str | None, memos: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS answers a resend from ``ClientRequestToken``: no memo there; any other endpoint
+    (an emulator) gets them. The option overrides that, as a keyword or in the URL."""
+    for option, expected in ((None, memos), (True, True), (False, False)):
+        store = DynamoDBStore(
+            "memo-table",
+            region=REGION,
+            endpoint_url=endpoint_url,
+            session=SESSION,
+            resend_memos=option,
+        )
+        try:
+            assert (await store._current()).memos is expected
+        finally:
+            await store.aclose()
+    url = f"dynamodb://memo-table?region={REGION}&resend_memos=false"
+    # The endpoint the client resolves counts, also one botocore takes from the environment.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", "http://localhost:9")
+    store = DynamoDBStore("memo-table", region=REGION, session=SESSION)
+    try:
+        assert (await store._current()).memos is True
+    finally:
+        await store.aclose()
+    assert DynamoDBStore.from_url(url)._resend_memos is False
+    assert DynamoDBStore.from_url(url.replace("false", "on"))._resend_memos is True
+    with pytest.raises(ConfigurationError, match="resend_memos"):
+        DynamoDBStore.from_url(url.replace("false", "maybe"))
+    with pytest.raises(ConfigurationError, match="resend_memos"):
+        DynamoDBStore("memo-table", resend_memos="yes")  # type: ignore[arg-type]
