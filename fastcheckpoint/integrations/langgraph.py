@@ -62,7 +62,7 @@ from fastcheckpoint._bridge import LoopBridge
 from fastcheckpoint._codec import Codec, Header, RunData
 from fastcheckpoint._config import CheckpointConfig, RetryPolicy
 from fastcheckpoint._logs import LogGap
-from fastcheckpoint._manager import CheckpointManager
+from fastcheckpoint._manager import _DISCARD_SECONDS, CheckpointManager
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint._settle import settled
 from fastcheckpoint._threads import in_worker_thread
@@ -1569,19 +1569,40 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
 
     async def _discard_merged(self, where: _Where, encoded: _Encoded) -> None:
         """Remove the log parts an acknowledged save merged into its own (loads that still
-        look for them read the merged part). A failure costs only space: the log's next
-        merge tries again."""
+        look for them read the merged part). The save is stored already, so this never makes
+        it fail: it runs under :meth:`_commit`'s ``settled``, whatever cancels the caller, for
+        at most :data:`~fastcheckpoint._manager._DISCARD_SECONDS`, and the parts stay
+        recorded for the log's next merge until the removal succeeded (a failure, a removal
+        given up or a process that died here costs only space)."""
         merging = [plan for plan in encoded.planned if plan.write and plan.write.discard]
         if not merging:
             return
+        for plan in merging:
+            # Recorded before the removal, as the manager's histories do: whatever cuts it
+            # short leaves them to the log's next merge.
+            self._shared.logs.undiscarded(where.key, plan)
         discard = [key for plan in merging if plan.write for key in plan.write.discard]
-        try:
-            await self._store.delete_items(where.key, discard)
-        except CheckpointError as exc:
-            for plan in merging:
-                self._shared.logs.undiscarded(where.key, plan)
-            logger.warning("could not remove %d merged log parts of thread %r (%s); the log's "
-                           "next merge tries again", len(discard), where.thread_id[:80], exc)
+        if not await self._removed(where, discard):
+            return
+        for plan in merging:
+            assert plan.write is not None
+            if plan.tail.leftovers == plan.write.discard:  # still those recorded above
+                plan.tail.leftovers = ()
+
+    async def _removed(self, where: _Where, discard: list[str]) -> bool:
+        with anyio.move_on_after(_DISCARD_SECONDS):
+            try:
+                await self._store.delete_items(where.key, discard)
+            except CheckpointError as exc:
+                logger.warning("could not remove %d merged log parts of thread %r (%s); the "
+                               "log's next merge tries again", len(discard),
+                               where.thread_id[:80], exc)
+                return False
+            return True
+        logger.warning("removing %d merged log parts of thread %r took over %ss; the log's "
+                       "next merge tries again", len(discard), where.thread_id[:80],
+                       _DISCARD_SECONDS)
+        return False
 
     def _dropped(self, where: _Where, checkpoint_id: str) -> None:
         self._state.forget_run(where.key)
