@@ -103,6 +103,10 @@ _FREE_RETRIES = 3
 _DISCARD_SECONDS = 5.0
 """How long a create waits for the removal of the log parts its merge replaced, which no
 cancellation of the caller cuts short (a removal given up is tried again at the next merge)."""
+_RESUME_SECONDS = 5.0
+"""How long a create on a FAILED run waits for the run to be made ACTIVE again, which no
+cancellation of the caller cuts short (a change given up leaves the run FAILED; its next create
+tries again)."""
 _CONTENTION_BASE = 0.001
 _ESTIMATE_NODES = 256
 _ESTIMATE_DEPTH = 6
@@ -602,16 +606,30 @@ class CheckpointManager:
         The checkpoint is already written, so this never fails the create (a caller retrying
         a create that raised would write it twice): if another worker changed the status
         meanwhile, the run's status as it is now is reported; if the store failed, the run
-        stays FAILED, the failure is logged, and the run's next create tries again.
-        """
-        try:
-            info = await self._make_active(run_id, checkpoint_id)
-        except CheckpointError:
-            logger.warning("run %r: checkpoint %s was created, but the failed run could not be "
-                           "made active again; its next create tries again", run_id,
-                           checkpoint_id, exc_info=True)
-            return CheckpointStatus.FAILED.value
-        return CheckpointStatus.FAILED.value if info is None else info.status.value
+        stays FAILED, the failure is logged, and the run's next create tries again. Nor does
+        a cancellation of the caller cut it short: the change runs to its end (at most
+        :data:`_RESUME_SECONDS`, then it is given up as a failure is); anyio's and trio's
+        cancellations wait for the caller's next checkpoint, asyncio's own are raised once
+        the change ended (as :meth:`_discard_merged`)."""
+        with anyio.CancelScope(shield=True):
+            status = await settled(self._resumed(run_id, checkpoint_id),
+                                   instant=never_suspends(self._store))
+        return status
+
+    async def _resumed(self, run_id: str, checkpoint_id: str) -> str:
+        with anyio.move_on_after(_RESUME_SECONDS):
+            try:
+                info = await self._make_active(run_id, checkpoint_id)
+            except CheckpointError:
+                logger.warning("run %r: checkpoint %s was created, but the failed run could "
+                               "not be made active again; its next create tries again",
+                               run_id, checkpoint_id, exc_info=True)
+                return CheckpointStatus.FAILED.value
+            return CheckpointStatus.FAILED.value if info is None else info.status.value
+        logger.warning("run %r: checkpoint %s was created, but making the failed run active "
+                       "again took over %ss; its next create tries again", run_id,
+                       checkpoint_id, _RESUME_SECONDS)
+        return CheckpointStatus.FAILED.value
 
     async def _make_active(self, run_id: str, checkpoint_id: str) -> RunInfo | None:
         def clear_error(data: RunData, now: float) -> None:
