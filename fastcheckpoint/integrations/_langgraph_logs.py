@@ -122,16 +122,24 @@ class ChannelLogs:
 
     def remember(self, run_key: str, planned: Planned, incarnation: str) -> None:
         """A save with ``planned`` was acknowledged in life ``incarnation`` of the run: the
-        next version may extend it."""
+        next version may extend it. The parts it merged away stay recorded as the log's
+        leftovers until :meth:`discarded` says they were removed: a removal that fails, is cut
+        short or never runs leaves them to the log's next merge."""
+        if planned.write is not None and planned.write.discard:
+            planned.tail.leftovers = planned.write.discard
         self._keep(run_key, planned.channel,
                    _Kept(planned.log, planned.entries, incarnation, planned.tail))
 
-    def undiscarded(self, run_key: str, planned: Planned) -> None:
-        """Removing the parts ``planned`` merged failed: the log's next merge tries again."""
+    def discarded(self, run_key: str, planned: Planned) -> None:
+        """The parts ``planned`` merged away were removed: no longer left for the next merge
+        (unless the log remembered since is another one, or has other parts left)."""
+        if planned.write is None or not planned.write.discard:
+            return
         with self._lock:
             kept = self._kept.get((run_key, planned.channel))
-            if kept is not None and planned.write is not None and kept.tail is planned.tail:
-                kept.tail.leftovers = planned.write.discard
+            if kept is not None and kept.log.anchor == planned.log.anchor and \
+                    kept.tail.leftovers == planned.write.discard:
+                kept.tail.leftovers = ()
 
     def forget(self, run_key: str) -> None:
         """The run's logs may be gone (deleted, refused): its next versions begin new ones."""
@@ -148,15 +156,22 @@ class ChannelLogs:
                            what=f"channel {channel!r:.80}: its log", where=where,
                            header=array_header(log.count))
         if keep is not None:
-            self._keep(run_key, channel, _Kept(log, found.entries, keep, found.tail))
+            self._keep(run_key, channel, _Kept(log, found.entries, keep, found.tail),
+                       read=True)
         return _MSGPACK, found.data
 
-    def _keep(self, run_key: str, channel: str, kept: _Kept) -> None:
+    def _keep(self, run_key: str, channel: str, kept: _Kept, *, read: bool = False) -> None:
+        """Remember ``kept`` as the channel's log; ``read``: as a load found it, which knows
+        nothing of the parts this process merged away and could not remove yet."""
         slot = (run_key, channel)
         with self._lock:
             old = self._kept.pop(slot, None)
             if old is not None:
                 self._kept_bytes -= len(old.entries)
+                if read and old.log.anchor == kept.log.anchor:
+                    # As the manager's histories adopt a log: the merged part holding those
+                    # parts lives as long as the anchor, so the next merge may remove them.
+                    kept.tail.leftovers = old.tail.leftovers
             self._kept[slot] = kept
             self._kept_bytes += len(kept.entries)
             while self._kept and (self._kept_bytes > KEPT_BYTES or

@@ -1577,17 +1577,13 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         merging = [plan for plan in encoded.planned if plan.write and plan.write.discard]
         if not merging:
             return
-        for plan in merging:
-            # Recorded before the removal, as the manager's histories do: whatever cuts it
-            # short leaves them to the log's next merge.
-            self._shared.logs.undiscarded(where.key, plan)
+        # :meth:`_saved` recorded them already (``ChannelLogs.remember``), as the manager's
+        # histories do: whatever cuts the removal short leaves them to the log's next merge.
         discard = [key for plan in merging if plan.write for key in plan.write.discard]
         if not await self._removed(where, discard):
             return
         for plan in merging:
-            assert plan.write is not None
-            if plan.tail.leftovers == plan.write.discard:  # still those recorded above
-                plan.tail.leftovers = ()
+            self._shared.logs.discarded(where.key, plan)
 
     async def _removed(self, where: _Where, discard: list[str]) -> bool:
         with anyio.move_on_after(_DISCARD_SECONDS):

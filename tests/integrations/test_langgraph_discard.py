@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import msgspec
 import pytest
 
 from fastcheckpoint import MemoryStore
@@ -202,10 +203,9 @@ async def test_a_quick_removal_under_a_cancellation_removes_the_parts_at_once() 
         await _merged_again(thread, left=0)
 
 
-@pytest.mark.xfail(strict=True, reason="a load of the thread's latest checkpoint replaces the "
-                   "log this process remembers with the one read, without the parts left to "
-                   "remove (ChannelLogs.read, unlike the manager's Histories.adopt)")
 async def test_a_load_between_keeps_the_parts_left_to_the_next_merge() -> None:
+    """A load of the thread's latest checkpoint by the same saver (a graph makes one at the
+    start of every ``ainvoke``) keeps the parts a failed removal left to the next merge."""
     with anyio.fail_after(10):
         thread = _Thread(_Store())
         await _merged_once(thread)
@@ -213,3 +213,35 @@ async def test_a_load_between_keeps_the_parts_left_to_the_next_merge() -> None:
         await thread.next_save()
         assert await thread.saver.aget_tuple(config("t")) is not None  # what a graph does
         await _merged_again(thread)
+
+
+def test_a_removal_that_succeeded_after_a_load_forgets_the_parts() -> None:
+    """``ChannelLogs.discarded`` clears the parts in the log remembered when the removal
+    ended, which a load in between (keeping them) may have replaced: the next merge then
+    removes only its own. (The saver's own loads of a thread wait for its saves under way,
+    so this is the guard, tested on ``ChannelLogs`` directly.)"""
+    channel_logs = logs.ChannelLogs(MIN)
+    items: dict[str, bytes] = {}
+    entries = [f"entry {index}" for index in range(MIN - 1)]
+
+    def save() -> logs.Planned:
+        entries.append(f"entry {len(entries)}")
+        typed = ("msgpack", msgspec.msgpack.encode(entries))
+        planned = channel_logs.plan("run", "log", len(entries), typed)
+        assert planned is not None
+        assert planned.write is not None
+        items[planned.write.key] = planned.write.value
+        channel_logs.remember("run", planned, "life")
+        return planned
+
+    for _ in range(FANOUT + 1):  # the anchor, FANOUT - 1 parts, then a merge
+        merging = save()
+    assert merging.write is not None
+    assert len(merging.write.discard) == FANOUT - 1
+    read = channel_logs.read("run", "log", merging.log, items, "here", keep="life")
+    assert msgspec.msgpack.decode(read[1]) == entries
+    channel_logs.discarded("run", merging)  # the removal ended after the load
+    for _ in range(FANOUT):  # the next merge
+        merging = save()
+    assert merging.write is not None
+    assert len(merging.write.discard) == FANOUT - 1
