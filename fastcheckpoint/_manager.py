@@ -614,7 +614,7 @@ class CheckpointManager:
         with anyio.CancelScope(shield=True):
             status = await settled(self._resumed(run_id, checkpoint_id),
                                    instant=never_suspends(self._store))
-        return status
+        return status  # noqa: RET504 (a cancel scope may swallow what its body raised)
 
     async def _resumed(self, run_id: str, checkpoint_id: str) -> str:
         with anyio.move_on_after(_RESUME_SECONDS):
