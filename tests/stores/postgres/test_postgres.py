@@ -24,20 +24,8 @@ from tests.stores._postgres_server import (
     PostgresTarget,
     drop_schema,
     run_row_damage,
-    session_target,
     unique_schema,
 )
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    # asyncpg runs on asyncio only.
-    return "asyncio"
-
-
-@pytest.fixture(scope="session")
-def postgres(pytestconfig: pytest.Config) -> PostgresTarget:
-    return session_target(pytestconfig)
 
 
 class TestPostgresStore(

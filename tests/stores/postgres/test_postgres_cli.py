@@ -22,18 +22,12 @@ from tests.stores._postgres_server import (
     PostgresTarget,
     drop_schema,
     free_port,
-    session_target,
     unique_schema,
 )
 
 LATEST = MIGRATIONS[-1].version
 APPLIED = [f"  applied migration {migration.version}: {migration.description}"
            for migration in MIGRATIONS]
-
-
-@pytest.fixture(scope="session")
-def postgres(pytestconfig: pytest.Config) -> PostgresTarget:
-    return session_target(pytestconfig)
 
 
 @pytest.fixture

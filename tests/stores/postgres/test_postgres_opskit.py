@@ -37,7 +37,6 @@ from tests.stores._postgres_server import (
     PostgresTarget,
     drop_schema,
     run_row_damage,
-    session_target,
     unique_schema,
 )
 from tests.stores._postgres_server import append_checkpoint as _append
@@ -46,16 +45,6 @@ KIT = Path(__file__).resolve().parents[3] / "stores" / "postgres"
 DEFAULT = Names("public", "fc_")
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="session")
-def postgres(pytestconfig: pytest.Config) -> PostgresTarget:
-    return session_target(pytestconfig)
 
 
 def test_schema_sql_is_what_provision_creates() -> None:

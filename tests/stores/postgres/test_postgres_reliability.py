@@ -8,14 +8,13 @@ written or written twice, sequences stay gap-free, and only typed errors leave t
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +34,6 @@ from tests.reliability._audit import Ack, audit_run, state_for
 from tests.reliability.faults import Fault, FaultPlan, FaultProxy, postgres_running
 from tests.stores._postgres_server import (
     PostgresTarget,
-    drop_schema,
-    session_target,
-    unique_schema,
 )
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -46,31 +42,6 @@ FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01, max_retries=5)
 NO_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01, max_retries=0)
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="session")
-def postgres(pytestconfig: pytest.Config) -> PostgresTarget:
-    return session_target(pytestconfig)
-
-
-@pytest.fixture
-def schema(postgres: PostgresTarget) -> Iterator[str]:
-    name = unique_schema()
-
-    async def provision() -> None:
-        store = PostgresStore.from_url(f"{postgres.url()}?schema={name}")
-        with anyio.fail_after(30):
-            await store.provision()
-            await store.aclose()
-
-    asyncio.run(provision())
-    yield name
-    asyncio.run(drop_schema(postgres, name))
 
 
 # -- kill -9 ------------------------------------------------------------------------------

@@ -9,9 +9,8 @@ same write token, as it does after a real lost reply.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -27,39 +26,11 @@ from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_run
 from tests.stores._postgres_server import (
     PostgresTarget,
     append_checkpoint,
-    drop_schema,
-    session_target,
-    unique_schema,
 )
 
 FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.01, max_retries=5)
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="session")
-def postgres(pytestconfig: pytest.Config) -> PostgresTarget:
-    return session_target(pytestconfig)
-
-
-@pytest.fixture
-def schema(postgres: PostgresTarget) -> Iterator[str]:
-    name = unique_schema()
-
-    async def provision() -> None:
-        store = PostgresStore.from_url(f"{postgres.url()}?schema={name}")
-        with anyio.fail_after(30):
-            await store.provision()
-            await store.aclose()
-
-    asyncio.run(provision())
-    yield name
-    asyncio.run(drop_schema(postgres, name))
 
 
 @pytest.fixture

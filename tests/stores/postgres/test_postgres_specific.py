@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ from tests.stores._postgres_server import (
     append_checkpoint,
     drop_schema,
     free_port,
-    session_target,
     unique_schema,
 )
 
@@ -68,33 +67,6 @@ APPLIED = [f"applied migration {migration.version}: {migration.description}"
 POSTGRES_WIRE = Wire("postgres", lambda chunk: chunk[:1] in (b"Q", b"P", b"B"))
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="session")
-def postgres(pytestconfig: pytest.Config) -> PostgresTarget:
-    return session_target(pytestconfig)
-
-
-@pytest.fixture
-def schema(postgres: PostgresTarget) -> Iterator[str]:
-    """A provisioned schema of this test's own, dropped afterwards (sync, for sync tests too:
-    it runs its own event loop outside the test's)."""
-    name = unique_schema()
-
-    async def provision() -> None:
-        store = PostgresStore.from_url(f"{postgres.url()}?schema={name}")
-        with anyio.fail_after(30):
-            await store.provision()
-            await store.aclose()
-
-    asyncio.run(provision())
-    yield name
-    asyncio.run(drop_schema(postgres, name))
 
 
 _append = append_checkpoint
