@@ -70,9 +70,10 @@ class Wire:
     name: str
     starts_request: Callable[[bytes], bool]
     """Whether a chunk from the client begins a request that the plan decides about."""
-    is_interim: Callable[[bytes], bool] = lambda chunk: False
-    """Whether a chunk from the server is an interim answer (HTTP ``100 Continue``), which
-    comes before the server applies the request and so is never the reply to drop."""
+    interim: Callable[[bytes], int] = lambda chunk: 0
+    """How many bytes at the start of a chunk from the server are interim answers (HTTP
+    ``100 Continue``), which come before the server applies the request and so are never the
+    reply to drop (the reply may follow in the same chunk)."""
     cut_at: Callable[[bytes], int] = lambda chunk: len(chunk) // 2
     """How many bytes of a request's first chunk a cut forwards (fewer than the chunk)."""
     framing: Callable[[], Callable[[bytes], bool]] | None = None
@@ -89,12 +90,20 @@ def _redis_operation(chunk: bytes) -> bool:
 
 _HTTP_METHODS = (b"GET ", b"PUT ", b"POST ", b"DELETE ", b"HEAD ")
 
+def _http_interim(chunk: bytes) -> int:
+    """The length of the ``1xx`` answers a chunk from the server starts with (all of a chunk
+    that ends inside one)."""
+    at = 0
+    while chunk.startswith(b"HTTP/1.1 1", at):
+        end = chunk.find(b"\r\n\r\n", at)
+        if end < 0:
+            return len(chunk)
+        at = end + 4
+    return at
+
+
 REDIS = Wire("redis", _redis_operation)
-HTTP = Wire(
-    "http",
-    lambda chunk: chunk.startswith(_HTTP_METHODS),
-    lambda chunk: chunk.startswith(b"HTTP/1.1 100 "),
-)
+HTTP = Wire("http", lambda chunk: chunk.startswith(_HTTP_METHODS), _http_interim)
 
 _PG_SYNC = b"S\x00\x00\x00\x04"
 _PG_UNTYPED_REQUESTS = (80877103, 80877104, 80877102)
@@ -409,8 +418,13 @@ class _Link:
             while data := self.upstream.recv(_CHUNK):
                 if self.abandoned.is_set():
                     continue  # nobody to answer: the server's connection is kept, drained
-                if self.dropping_reply.is_set() and not self.proxy.wire.is_interim(data):
-                    return  # the server has answered, so it applied the request: drop it
+                if self.dropping_reply.is_set():
+                    interim = self.proxy.wire.interim(data)
+                    if interim < len(data):
+                        # The server has answered, so it applied the request: drop the
+                        # answer (an interim one before it in the chunk still goes).
+                        self.client.sendall(data[:interim])
+                        return
                 self.client.sendall(data)
         except OSError:
             pass

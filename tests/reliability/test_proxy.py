@@ -151,6 +151,37 @@ def test_http_requests_meet_their_fate(
     assert len(listed) == (1 if applied else 0)
 
 
+def test_a_lost_http_reply_sent_with_its_interim_answer_is_dropped() -> None:
+    # A server that is slow to say "100 Continue" may send it in one chunk with the reply
+    # (botocore sends the body after a second without it): the proxy forwarded the whole
+    # chunk as interim, and the "lost" reply reached the client (a flaky CI run).
+    import socket
+    import threading
+
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def answer() -> None:
+            connection, _ = server.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(interim + reply)
+                connection.recv(65536)  # until the proxy lets go
+
+        answering = threading.Thread(target=answer, daemon=True)
+        answering.start()
+        plan = FaultPlan(script=[Fault.LOSE_REPLY])
+        with FaultProxy(server.getsockname(), HTTP, plan) as proxy, \
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as client:
+            client.sendall(b"PUT /k HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx")
+            heard = b""
+            while chunk := client.recv(65536):
+                heard += chunk
+        answering.join(10)
+    assert heard == interim
+    assert proxy.counts == {Fault.LOSE_REPLY: 1}
+
+
 # -- PostgreSQL --------------------------------------------------------------------------
 
 
