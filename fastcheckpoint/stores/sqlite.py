@@ -940,17 +940,23 @@ class SQLiteStore(ExpiryCleanup):
             elif _undecodable(run[0]):
                 self._warn_damaged(run_key, "holds text that is not UTF-8")
                 run = ("active", run[1])
-            if include_expired:
-                rows = db.execute(steps.HEADERS, (run_key, before, limit)).fetchall()
-            else:
-                rows = db.execute(steps.LIVE_HEADERS, (run_key, before, limit, now)).fetchall()
-        found = [
-            CheckpointHeader(sequence=sequence, checkpoint_id=checkpoint_id,
-                             created_at=created_at, expires_at=expires_at, header=header)
-            for sequence, checkpoint_id, created_at, expires_at, header in rows
-            if not self._skipped(run_key, sequence, checkpoint_id)
-        ]
-        return found, run[0]
+            statement, live = (steps.HEADERS, ()) if include_expired else (
+                steps.LIVE_HEADERS, (now,))
+            found: list[CheckpointHeader] = []
+            while True:
+                # A page a left-out checkpoint falls in is filled from past it: a short page
+                # reads as the end of the run.
+                wanted = limit - len(found)
+                rows = db.execute(statement, (run_key, before, wanted, *live)).fetchall()
+                found += [
+                    CheckpointHeader(sequence=sequence, checkpoint_id=checkpoint_id,
+                                     created_at=created_at, expires_at=expires_at, header=header)
+                    for sequence, checkpoint_id, created_at, expires_at, header in rows
+                    if not self._skipped(run_key, sequence, checkpoint_id)
+                ]
+                if len(rows) < wanted or len(found) == limit:
+                    return found, run[0]
+                before = rows[-1][0]
 
     def _expired_status(
         self, db: sqlite3.Connection, run_key: str, now: float

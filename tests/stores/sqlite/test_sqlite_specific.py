@@ -923,6 +923,30 @@ async def test_ids_and_item_keys_that_are_not_utf8_are_corrupt_naming_them(
         assert await store.get_items(key, ["fine"], now=T0) == {"fine": b"value-fine"}
 
 
+async def test_a_page_of_headers_a_left_out_checkpoint_falls_in_is_filled_from_past_it(
+    store: SQLiteStore,
+) -> None:
+    # It came back short, and a short page reads as the end of the run: the manager's
+    # listings stopped there and left out every checkpoint older than the damaged one.
+    run = make_run("short page")
+    key = key_of(run)
+    with anyio.fail_after(30):
+        for sequence in range(5):
+            await _append(store, run, sequence)
+        await anyio.to_thread.run_sync(
+            _not_utf8, store.path, "UPDATE fc_checkpoints SET checkpoint_id = CAST(? AS TEXT) "
+            "WHERE run_key = ? AND sequence = 3", key)
+        first, _ = await store.headers(key, before=None, limit=2, now=T0)
+        second, _ = await store.headers(key, before=first[-1].sequence, limit=2, now=T0)
+        expired_too, _ = await store.headers(key, before=None, limit=2, now=T0,
+                                             include_expired=True)
+        last, _ = await store.headers(key, before=1, limit=2, now=T0)
+    assert [header.sequence for header in first] == [4, 2]
+    assert [header.sequence for header in second] == [1, 0]
+    assert [header.sequence for header in expired_too] == [4, 2]
+    assert [header.sequence for header in last] == [0]
+
+
 # -- hostile keys and labels ------------------------------------------------------------------
 
 
