@@ -830,9 +830,10 @@ class CheckpointManager:
     ) -> list[CheckpointMetadata]:
         """Metadata of the run's checkpoints, newest first; never reads payloads.
 
-        Page with ``before=<checkpoint_id of the last item>``. ``tags`` keeps checkpoints that
-        carry all of them; ``step_name`` keeps exact matches. A corrupt header is logged and
-        skipped so it never hides the others.
+        Page with ``before=<checkpoint_id of the last item>``; a page shorter than ``limit``
+        is the last. ``tags`` keeps checkpoints that carry all of them; ``step_name`` keeps
+        exact matches. A corrupt header is logged and skipped so it never hides the others:
+        the store is read on until the page is full or the run's checkpoints end.
         """
         key = _ids.key_of(run_id)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
@@ -847,7 +848,7 @@ class CheckpointManager:
                 key, before=cursor, limit=limit, now=now, include_expired=include_expired
             )
             if page and incarnation is not None and _incarnation(page[0]) != incarnation:
-                return []  # ``before`` came from a deleted incarnation of this run id
+                break  # the run was deleted (and started again) since ``before`` was read
             run_status = _listed_status(status, run_id)
             for stored in page:
                 metadata = self._listed(key, stored, run_status, now)
@@ -855,9 +856,9 @@ class CheckpointManager:
                     step is None or metadata.step_name == step
                 ):
                     result.append(metadata)
-            if len(page) < limit or (not wanted and step is None):
-                break
-            cursor = page[-1].sequence
+            if len(page) < limit:
+                break  # the run's checkpoints end here
+            cursor, incarnation = page[-1].sequence, _incarnation(page[0])
         return result[:limit]
 
     def _before(self, key: str, before: str) -> tuple[int, str]:

@@ -1,0 +1,147 @@
+"""The manager and its command line against what a review found.
+
+* A corrupt checkpoint header shortens the store's page it sits in: the listing reads on, so
+  that audit export, ``history`` and ``show --seq`` (which take a short page as the end) do
+  not drop the intact checkpoints behind it; with nothing skipped no extra read is made.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from fastcheckpoint import CheckpointConfig, CheckpointManager, FileStore, MemoryStore, _ids
+from fastcheckpoint.cli import EXIT_OK, main
+from fastcheckpoint.stores import CheckpointHeader, CheckpointStore, StoredCheckpoint
+from tests._helpers import ForwardingStore
+
+pytestmark = pytest.mark.anyio
+
+
+class _Counted(ForwardingStore):
+    """Counts the header pages read."""
+
+    def __init__(self, inner: CheckpointStore) -> None:
+        super().__init__(inner)
+        self.calls: Counter[str] = Counter()
+
+    async def headers(self, run_key: str, **options: Any) -> tuple[list[CheckpointHeader],
+                                                                    str | None]:
+        self.calls["headers"] += 1
+        return await super().headers(run_key, **options)
+
+
+async def _append_corrupt(store: CheckpointStore, run_id: str, now: float) -> None:
+    """The run's next checkpoint, written past the manager with a header that is not ours."""
+    key = _ids.run_key(run_id)
+    run = await store.get_run(key, now=now)
+    assert run is not None
+    sequence = run.latest_sequence + 1
+    record = StoredCheckpoint(
+        sequence=sequence, checkpoint_id=_ids.checkpoint_id(key, run.incarnation, sequence),
+        created_at=now, expires_at=None, header=b"\x00junk", payload=b"junk")
+    await store.append(key, record, run=run, keep_latest=None, now=now)
+
+
+async def _run_with_corrupt(store: CheckpointStore, corrupt_at: int, total: int) -> None:
+    """Run ``r`` with checkpoints 0 .. total-1, the one at ``corrupt_at`` corrupt."""
+    manager = CheckpointManager(store, config=CheckpointConfig(max_checkpoints_per_run=None))
+    for sequence in range(total):
+        if sequence == corrupt_at:
+            await _append_corrupt(store, "r", manager.config.clock())
+        else:
+            await manager.create("r", {"i": sequence}, force=True)
+
+
+# -- a corrupt header does not end a listing ---------------------------------------------------
+
+
+async def test_list_checkpoints_fills_a_page_past_a_corrupt_header() -> None:
+    store = _Counted(MemoryStore())
+    await _run_with_corrupt(store, corrupt_at=2, total=5)
+    manager = CheckpointManager(store)
+
+    first = await manager.list_checkpoints("r", 2)
+    store.calls.clear()
+    second = await manager.list_checkpoints("r", 2, before=first[-1].checkpoint_id)
+
+    assert [m.sequence for m in first] == [4, 3]
+    assert [m.sequence for m in second] == [1, 0]  # 2 is skipped, the page still full
+    assert store.calls["headers"] == 2
+
+
+async def test_list_checkpoints_reads_one_page_when_nothing_is_skipped() -> None:
+    store = _Counted(MemoryStore())
+    manager = CheckpointManager(store)
+    for step in range(5):
+        await manager.create("r", {"i": step}, force=True)
+    store.calls.clear()
+
+    listed = await manager.list_checkpoints("r", 2)
+
+    assert [m.sequence for m in listed] == [4, 3]
+    assert store.calls["headers"] == 1
+
+
+async def test_list_checkpoints_stops_at_a_run_started_again_between_its_reads() -> None:
+    inner = MemoryStore()
+    await _run_with_corrupt(inner, corrupt_at=4, total=5)
+    other = CheckpointManager(inner)
+
+    class Restarted(ForwardingStore):
+        """The run is deleted and started again after the first page is read."""
+
+        async def headers(self, run_key: str, **options: Any) -> Any:
+            page = await super().headers(run_key, **options)
+            if options["before"] is None:
+                await other.delete_run("r")
+                for step in range(5):
+                    await other.create("r", {"new": step}, force=True)
+            return page
+
+    listed = await CheckpointManager(Restarted(inner)).list_checkpoints("r", 2)
+
+    assert [m.sequence for m in listed] == [3]  # none of the new run's checkpoints
+
+
+async def test_export_goes_past_a_page_shortened_by_a_corrupt_header() -> None:
+    store = MemoryStore()
+    await _run_with_corrupt(store, corrupt_at=2, total=5)
+    manager = CheckpointManager(store)
+
+    text = "".join([chunk async for chunk in manager.export_run("r", page_size=2)])
+
+    assert [c["sequence"] for c in json.loads(text)["checkpoints"]] == [4, 3, 1, 0]
+
+
+def _file_run_with_corrupt(path: Path, corrupt_at: int, total: int) -> str:
+    anyio.run(_run_with_corrupt, FileStore(path, fsync=False), corrupt_at, total)
+    return f"file://{path}?fsync=false"
+
+
+def test_show_seq_finds_a_checkpoint_behind_a_corrupt_newest_header(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = _file_run_with_corrupt(tmp_path / "store", corrupt_at=1, total=2)
+
+    assert main(["show", "--url", url, "r", "--seq", "0", "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["state"] == {"i": 0}
+
+
+def test_history_lists_the_checkpoints_behind_a_page_with_a_corrupt_header(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # history reads 500 headers at a time: the corrupt one shortens the first page
+    url = _file_run_with_corrupt(tmp_path / "store", corrupt_at=300, total=502)
+
+    assert main(["history", "--url", url, "r"]) == EXIT_OK
+    out = capsys.readouterr().out
+    table = out.splitlines()
+    rows = table[next(i for i, line in enumerate(table) if line.startswith("SEQ")) + 1:]
+    listed = [int(line.split()[0]) for line in rows]
+    assert listed == [s for s in range(501, -1, -1) if s != 300]
