@@ -632,13 +632,21 @@ class CheckpointManager:
         return CheckpointStatus.FAILED.value
 
     async def _make_active(self, run_id: str, checkpoint_id: str) -> RunInfo | None:
+        """Resume the run the checkpoint was created in. Should another process have deleted
+        it meanwhile and started the run id again, that new run is not this one to resume:
+        its status, and the error it failed with, stay as they are."""
+        _, incarnation, _ = _ids.require_checkpoint_id(checkpoint_id)
+
         def clear_error(data: RunData, now: float) -> None:
             data.error = None
+
+        def same_run(record: RunRecord) -> bool:
+            return record.incarnation == incarnation
 
         try:
             return await self._transition(
                 run_id, CheckpointStatus.ACTIVE, allowed={CheckpointStatus.FAILED},
-                note=resumed_note(checkpoint_id), update=clear_error)
+                note=resumed_note(checkpoint_id), update=clear_error, still=same_run)
         except ConflictError:
             return await self.get_run(run_id)  # another worker changed the status meanwhile
 

@@ -3,6 +3,8 @@
 * A corrupt checkpoint header shortens the store's page it sits in: the listing reads on, so
   that audit export, ``history`` and ``show --seq`` (which take a short page as the end) do
   not drop the intact checkpoints behind it; with nothing skipped no extra read is made.
+* A create on a FAILED run resumes the run it wrote its checkpoint in, never a new run
+  another process started under the same id meanwhile (after a ``delete_run``).
 """
 
 from __future__ import annotations
@@ -15,10 +17,17 @@ from typing import Any
 import anyio
 import pytest
 
-from fastcheckpoint import CheckpointConfig, CheckpointManager, FileStore, MemoryStore, _ids
+from fastcheckpoint import (
+    CheckpointConfig,
+    CheckpointManager,
+    CheckpointStatus,
+    FileStore,
+    MemoryStore,
+    _ids,
+)
 from fastcheckpoint.cli import EXIT_OK, main
 from fastcheckpoint.stores import CheckpointHeader, CheckpointStore, StoredCheckpoint
-from tests._helpers import ForwardingStore
+from tests._helpers import ForwardingStore, make_store
 
 pytestmark = pytest.mark.anyio
 
@@ -145,3 +154,52 @@ def test_history_lists_the_checkpoints_behind_a_page_with_a_corrupt_header(
     rows = table[next(i for i, line in enumerate(table) if line.startswith("SEQ")) + 1:]
     listed = [int(line.split()[0]) for line in rows]
     assert listed == [s for s in range(501, -1, -1) if s != 300]
+
+
+# -- a late resume leaves a new run of the same id alone ----------------------------------------
+
+
+async def _start_again_and_fail(manager: CheckpointManager) -> None:
+    await manager.delete_run("r")
+    await manager.create("r", {"new": 1})
+    await manager.mark_failed("r", "the new run's own failure")
+
+
+@pytest.mark.parametrize("kind", ["memory", "file"])
+@pytest.mark.parametrize("when", ["after the append", "before the status change"])
+async def test_a_late_resume_leaves_a_new_run_of_the_same_id_failed(
+    tmp_path: Path, kind: str, when: str
+) -> None:
+    inner = make_store(kind, tmp_path / "store", fsync=False)
+    other = CheckpointManager(inner)  # another process
+    acted: list[str] = []
+
+    class Slow(ForwardingStore):
+        """Another process deletes the run and starts it again at ``when``."""
+
+        async def append(self, run_key: str, record: StoredCheckpoint, **options: Any) -> str:
+            status = await self.inner.append(run_key, record, **options)
+            if when == "after the append":
+                acted.append(when)
+                await _start_again_and_fail(other)
+            return status
+
+        async def update_run(self, run_key: str, **options: Any) -> Any:
+            if when == "before the status change" and not acted:
+                acted.append(when)
+                await _start_again_and_fail(other)
+            return await self.inner.update_run(run_key, **options)
+
+    await other.create("r", {"old": 0})
+    await other.mark_failed("r", "the old run's failure")
+
+    created = await CheckpointManager(Slow(inner)).create("r", {"old": 1})
+
+    run = await other.get_run("r")
+    assert acted == [when]
+    assert created is not None
+    assert created.metadata.status is CheckpointStatus.FAILED  # the run's status as it is
+    assert run is not None
+    assert run.status is CheckpointStatus.FAILED
+    assert run.error == "the new run's own failure"
+    assert [change.status for change in run.history] == [CheckpointStatus.FAILED]
