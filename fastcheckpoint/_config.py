@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fastcheckpoint._codec import DecHook, EncHook
+from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import ConfigurationError
 
 __all__ = ["CheckpointConfig", "RetryPolicy", "pauses_within"]
@@ -96,11 +97,11 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.auto_checkpoint, bool):
             raise ConfigurationError(
-                f"auto_checkpoint must be True or False, got {self.auto_checkpoint!r}")
+                f"auto_checkpoint must be True or False, got {shown(self.auto_checkpoint)}")
         for name in ("clock", "enc_hook", "dec_hook"):
             value = getattr(self, name)
             if value is not None and not callable(value):
-                raise ConfigurationError(f"{name} must be callable, got {value!r}")
+                raise ConfigurationError(f"{name} must be callable, got {shown(value)}")
         _check_number("checkpoint_interval", self.checkpoint_interval, minimum=0.0)
         _check_number("cleanup_interval", self.cleanup_interval, minimum=0.0, strict=True)
         if self.max_checkpoints_per_run is not None:
@@ -219,7 +220,7 @@ def check_default_ttl(value: object, name: str = "default_ttl_seconds") -> None:
         if value > MAX_TTL_SECONDS:  # type: ignore[operator]
             raise ConfigurationError(
                 f"{name} must be at most {MAX_TTL_SECONDS:.0f} seconds (about 317,000 years; "
-                f"None never expires), got {value!r:.40}")
+                f"None never expires), got {shown(value)}")
 
 
 def check_ttl_resolution(name: str, ttl: float, now: float) -> None:
@@ -260,11 +261,11 @@ def _check_number(
         if not below:
             return
     relation = ">" if strict else ">="
-    shown = repr(value) if len(repr(value)) <= 80 else f"{repr(value)[:40]}..."
-    raise ConfigurationError(f"{name} must be a finite number {relation} {minimum}, got {shown}")
+    raise ConfigurationError(
+        f"{name} must be a finite number {relation} {minimum}, got {shown(value)}")
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
         return
-    raise ConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    raise ConfigurationError(f"{name} must be an integer >= {minimum}, got {shown(value)}")

@@ -22,6 +22,7 @@ import msgspec
 
 from fastcheckpoint._codec import from_json_text, to_json_text
 from fastcheckpoint._model import Checkpoint, CheckpointMetadata, RunInfo
+from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import SerializationError, ValidationError
 
 __all__ = ["FORMATS", "Entry", "Renderer", "json_text", "renderer", "when"]
@@ -291,4 +292,4 @@ def renderer(format: str) -> Renderer:
         return _RENDERERS[format]
     except (KeyError, TypeError):
         raise ValidationError(
-            f"format must be one of {', '.join(FORMATS)}; got {format!r:.40}") from None
+            f"format must be one of {', '.join(FORMATS)}; got {shown(format)}") from None

@@ -55,6 +55,7 @@ from fastcheckpoint._validate import (
     mapping_arg,
     request_arg,
     sequence_arg,
+    shown,
     status_arg,
     tags_arg,
     text_arg,
@@ -654,7 +655,7 @@ class CheckpointManager:
         if ttl_seconds is None:
             return self._default_ttl(now)
         if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)):
-            raise ValidationError(f"ttl_seconds must be a number, got {ttl_seconds!r}")
+            raise ValidationError(f"ttl_seconds must be a number, got {shown(ttl_seconds)}")
         try:
             ttl = float(ttl_seconds)
         except OverflowError:
@@ -663,7 +664,7 @@ class CheckpointManager:
             raise ValidationError(
                 "ttl_seconds must be a finite, positive number of seconds up to "
                 f"{MAX_TTL_SECONDS:.0f} (or None for the configured default_ttl_seconds), "
-                f"got {ttl_seconds!r:.40}"
+                f"got {shown(ttl_seconds)}"
             )
         return ttl
 
@@ -845,7 +846,7 @@ class CheckpointManager:
         """
         key = _ids.key_of(run_id)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ValidationError(f"limit must be a non-negative integer, got {limit!r}")
+            raise ValidationError(f"limit must be a non-negative integer, got {shown(limit)}")
         cursor, incarnation = (None, None) if before is None else self._before(key, before)
         wanted = set(tags_arg(tags))
         step = None if step_name is None else text_arg("step_name", step_name)
@@ -956,7 +957,7 @@ class CheckpointManager:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValidationError(
                 f"keep must be a positive integer (delete_run removes a whole run), "
-                f"got {keep!r:.40}")
+                f"got {shown(keep)}")
         key = _ids.key_of(run_id)
         bounds = await self._surplus_bounds(key, keep)
         lowers: list[str | None] = [*bounds[1:], None] if bounds else []
@@ -1217,9 +1218,9 @@ class CheckpointManager:
     ) -> RunPage:
         """Live runs, newest created first, optionally of one status; page with the cursor."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValidationError(f"limit must be a positive integer, got {limit!r}")
+            raise ValidationError(f"limit must be a positive integer, got {shown(limit)}")
         if cursor is not None and not isinstance(cursor, str):
-            raise ValidationError(f"cursor must be a str from a previous page, got {cursor!r}")
+            raise ValidationError(f"cursor must be a str from a previous page, got {shown(cursor)}")
         wanted = None if status is None else status_arg(status).value
         records, next_cursor = await self._store.list_runs(
             status=wanted, limit=limit, cursor=cursor, now=self.config.clock()
@@ -1267,9 +1268,9 @@ class CheckpointManager:
         render = _export.renderer(format)
         _ids.key_of(run_id)
         if not isinstance(include_state, bool):
-            raise ValidationError(f"include_state must be a bool, got {include_state!r:.40}")
+            raise ValidationError(f"include_state must be a bool, got {shown(include_state)}")
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-            raise ValidationError(f"page_size must be a positive integer, got {page_size!r:.40}")
+            raise ValidationError(f"page_size must be a positive integer, got {shown(page_size)}")
         return self._export(run_id, render, include_state, page_size)
 
     async def _export(
@@ -1416,17 +1417,17 @@ class CheckpointManager:
         who = text_arg("approver", approver)
         if not who:
             raise ValidationError("approver must name who decides, got an empty string")
-        if requested_at is not None and (
-            isinstance(requested_at, bool) or not isinstance(requested_at, (int, float))
-        ):
-            raise ValidationError(f"requested_at must be a number, got {requested_at!r:.40}")
+        if requested_at is not None and not _is_time(requested_at):
+            raise ValidationError(
+                f"requested_at must be a time in epoch seconds (the request's "
+                f"approval['requested_at']), got {shown(requested_at)}")
 
         def same_request(data: RunData) -> None:
             pending = (data.approval or {}).get("requested_at")
             if pending != requested_at:
                 raise ConflictError(
                     f"run {run_id!r} holds the request made at {pending}, not the one made "
-                    f"at {requested_at}; read the run again before deciding")
+                    f"at {shown(requested_at)}; read the run again before deciding")
 
         def made_before(data: RunData) -> bool:
             # This very decision is recorded (same approver, note and request): a call made
@@ -1600,6 +1601,16 @@ def _estimated_size(body: Payload) -> int:
                 children = value.values() if isinstance(value, dict) else value
                 stack.extend((child, depth + 1) for child in itertools.islice(children, 64))
     return total
+
+
+def _is_time(value: object) -> bool:
+    """Whether ``value`` is a number of epoch seconds a float holds (as every time here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _incarnation(stored: CheckpointHeader) -> str | None:

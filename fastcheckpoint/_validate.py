@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,18 +17,38 @@ __all__ = [
     "lookup_id",
     "mapping_arg",
     "request_arg",
+    "shown",
     "status_arg",
     "tags_arg",
     "text_arg",
 ]
 
 
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel = 3
+_SHOWN.maxstring = 60
+_SHOWN.maxother = 60
+_SHOWN.maxlong = 40
+
+
+def shown(value: object) -> str:
+    """A bad argument as an error message shows it: a ``repr`` cut short, and never failing,
+    so the message cannot replace the error it explains (a list nested deeper than ``repr``
+    recurses, an int too long to print, a ``__repr__`` that raises)."""
+    try:
+        return _SHOWN.repr(value)
+    except Exception:  # only the value's display is lost, not the error it explains
+        return f"a value of type {type(value).__name__}"
+
+
 def status_arg(value: CheckpointStatus | str) -> CheckpointStatus:
+    names = ", ".join(status.value for status in CheckpointStatus)
+    if not isinstance(value, str):
+        raise ValidationError(f"status must be a str, got {shown(value)}; use one of {names}")
     try:
         return CheckpointStatus(value)
     except ValueError as exc:
-        names = ", ".join(status.value for status in CheckpointStatus)
-        raise ValidationError(f"unknown status {value!r}; use one of {names}") from exc
+        raise ValidationError(f"unknown status {shown(value)}; use one of {names}") from exc
 
 
 def mapping_arg(name: str, value: object) -> dict[Any, Any]:
@@ -95,7 +116,7 @@ def sequence_arg(name: str, value: object) -> int:
         0 <= value <= _ids.MAX_SEQUENCE
     ):
         raise ValidationError(
-            f"{name} must be an int from 0 to {_ids.MAX_SEQUENCE}, got {value!r:.40}")
+            f"{name} must be an int from 0 to {_ids.MAX_SEQUENCE}, got {shown(value)}")
     return value
 
 

@@ -5,12 +5,16 @@
   not drop the intact checkpoints behind it; with nothing skipped no extra read is made.
 * A create on a FAILED run resumes the run it wrote its checkpoint in, never a new run
   another process started under the same id meanwhile (after a ``delete_run``).
+* A bad argument is a ``ValidationError`` (a bad setting a ``ConfigurationError``) however it
+  is built: the message shows it cut short, never failing on a list nested deeper than
+  ``repr`` recurses or an int too long to print.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +25,11 @@ from fastcheckpoint import (
     CheckpointConfig,
     CheckpointManager,
     CheckpointStatus,
+    ConfigurationError,
     FileStore,
     MemoryStore,
+    RetryPolicy,
+    ValidationError,
     _ids,
 )
 from fastcheckpoint.cli import EXIT_OK, main
@@ -203,3 +210,82 @@ async def test_a_late_resume_leaves_a_new_run_of_the_same_id_failed(
     assert run.status is CheckpointStatus.FAILED
     assert run.error == "the new run's own failure"
     assert [change.status for change in run.history] == [CheckpointStatus.FAILED]
+
+
+# -- a bad argument of any shape is a ValidationError --------------------------------------------
+
+
+def _nested(depth: int = 3000) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+_TOO_LONG_TO_PRINT = -(10**5000)
+"""An int ``repr`` refuses (more digits than ``sys.get_int_max_str_digits()``)."""
+
+_Call = Callable[[CheckpointManager, str, object], Awaitable[object]]
+
+
+async def _exported(manager: CheckpointManager, **arguments: Any) -> None:
+    async for _ in manager.export_run("r", **arguments):
+        pass
+
+
+_CALLS: dict[str, _Call] = {
+    "list_runs status": lambda m, c, bad: m.list_runs(bad),  # type: ignore[arg-type]
+    "list_runs limit": lambda m, c, bad: m.list_runs(limit=bad),  # type: ignore[arg-type]
+    "list_runs cursor": lambda m, c, bad: m.list_runs(cursor=bad),  # type: ignore[arg-type]
+    "count_runs status": lambda m, c, bad: m.count_runs(bad),  # type: ignore[arg-type]
+    "create ttl_seconds": lambda m, c, bad: m.create("r", {}, ttl_seconds=bad),  # type: ignore[arg-type]
+    "create expected_sequence": lambda m, c, bad: m.create(
+        "r", {}, expected_sequence=bad),  # type: ignore[arg-type]
+    "prune keep": lambda m, c, bad: m.prune("r", bad),  # type: ignore[arg-type]
+    "list_checkpoints limit": lambda m, c, bad: m.list_checkpoints("r", bad),  # type: ignore[arg-type]
+    "pause latest_sequence": lambda m, c, bad: m.pause(
+        "r", {}, latest_sequence=bad),  # type: ignore[arg-type]
+    "approve requested_at": lambda m, c, bad: m.approve(
+        "r", approver="ana", requested_at=bad),  # type: ignore[arg-type]
+    "reject requested_at": lambda m, c, bad: m.reject(
+        "r", approver="ana", requested_at=bad),  # type: ignore[arg-type]
+    "fork ttl_seconds": lambda m, c, bad: m.fork(c, ttl_seconds=bad),  # type: ignore[arg-type]
+    "export_run format": lambda m, c, bad: _exported(m, format=bad),
+    "export_run include_state": lambda m, c, bad: _exported(m, include_state=bad),
+    "export_run page_size": lambda m, c, bad: _exported(m, page_size=bad),
+}
+
+
+@pytest.mark.parametrize("bad", [_nested(), _TOO_LONG_TO_PRINT], ids=["nested", "long int"])
+@pytest.mark.parametrize("call", list(_CALLS))
+async def test_a_bad_argument_of_any_shape_is_a_validation_error(call: str, bad: object) -> None:
+    manager = CheckpointManager(MemoryStore())
+    created = await manager.create("r", {})
+    assert created is not None
+
+    with pytest.raises(ValidationError) as raised:
+        await _CALLS[call](manager, created.checkpoint_id, bad)
+
+    assert len(str(raised.value)) < 400  # the value shown cut short
+
+
+_SETTINGS = ["auto_checkpoint", "checkpoint_interval", "max_checkpoints_per_run",
+             "default_ttl_seconds", "cleanup_interval", "compress_min_bytes",
+             "offload_min_bytes", "cleanup_batch_size", "max_sequence_retries",
+             "history_min_entries", "enc_hook", "dec_hook", "clock"]
+
+
+@pytest.mark.parametrize("bad", [_nested(), _TOO_LONG_TO_PRINT], ids=["nested", "long int"])
+@pytest.mark.parametrize("name", _SETTINGS)
+def test_a_bad_setting_of_any_shape_is_a_configuration_error(name: str, bad: object) -> None:
+    settings: dict[str, Any] = {name: bad}
+    with pytest.raises(ConfigurationError, match=name) as raised:
+        CheckpointConfig(**settings)
+    assert len(str(raised.value)) < 400
+
+
+@pytest.mark.parametrize("name", ["base_delay", "max_delay", "max_retries"])
+def test_a_bad_retry_setting_of_any_shape_is_a_configuration_error(name: str) -> None:
+    settings: dict[str, Any] = {name: _nested()}
+    with pytest.raises(ConfigurationError, match=name):
+        RetryPolicy(**settings)
