@@ -62,7 +62,10 @@ class BlockingManager:
                 raise ConfigurationError("config applies to a store or URL, not to a manager")
             self._manager = target
         else:
-            settings = config or CheckpointConfig()
+            settings = CheckpointConfig() if config is None else config
+            if not isinstance(settings, CheckpointConfig):  # before a URL opens a store
+                raise ConfigurationError(
+                    f"config must be a CheckpointConfig, got {type(settings).__name__}")
             store = open_store(target, retry=settings.retry) if isinstance(target, str) else target
             self._manager = CheckpointManager(store, config=settings)
         self._bridge = LoopBridge("the blocking manager")

@@ -8,6 +8,7 @@
 * A bad argument is a ``ValidationError`` (a bad setting a ``ConfigurationError``) however it
   is built: the message shows it cut short, never failing on a list nested deeper than
   ``repr`` recurses or an int too long to print.
+* ``BlockingManager`` given a config that is not a ``CheckpointConfig`` says so.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from fastcheckpoint import (
     ValidationError,
     _ids,
 )
+from fastcheckpoint.blocking import BlockingManager
 from fastcheckpoint.cli import EXIT_OK, main
 from fastcheckpoint.stores import CheckpointHeader, CheckpointStore, StoredCheckpoint
 from tests._helpers import ForwardingStore, make_store
@@ -289,3 +291,16 @@ def test_a_bad_retry_setting_of_any_shape_is_a_configuration_error(name: str) ->
     settings: dict[str, Any] = {name: _nested()}
     with pytest.raises(ConfigurationError, match=name):
         RetryPolicy(**settings)
+
+
+# -- BlockingManager's config ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["memory://", "store"])
+@pytest.mark.parametrize("config", [{"max_checkpoints_per_run": 5}, {}])
+def test_blocking_manager_refuses_a_config_that_is_not_a_checkpoint_config(
+    target: str, config: dict[str, Any]
+) -> None:
+    store_or_url = MemoryStore() if target == "store" else target
+    with pytest.raises(ConfigurationError, match="config must be a CheckpointConfig, got dict"):
+        BlockingManager(store_or_url, config=config)  # type: ignore[arg-type]
