@@ -10,15 +10,18 @@ runs the benchmark suite, which ships in the source distribution, not in the ins
 
 Exit codes: 0 done, 1 the store failed, 2 bad usage or configuration, 3 no such run or
 checkpoint, 4 the run's status does not allow the change (e.g. approving a run that is not
-paused), 5 ``doctor --repair`` found damage it could not repair.
+paused, or whose pending request is not the one ``--requested-at`` names), 5 ``doctor
+--repair`` found damage it could not repair.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as _dt
 import io
 import json
+import math
 import os
 import re
 import secrets
@@ -66,9 +69,9 @@ EXIT_OUTPUT_CLOSED = 141
 report for a tool that SIGPIPE ended (128 + 13), so ``set -o pipefail`` treats ours alike."""
 
 _EXIT_CODES = ("Exit codes: 0 done, 1 the store failed, 2 bad usage or configuration, 3 no such "
-               "run or checkpoint, 4 the run's status does not allow the change, 5 doctor "
-               "--repair found damage it could not repair, 141 the reader of the output went "
-               "away (| head).")
+               "run or checkpoint, 4 the run's status (or its pending request) does not allow "
+               "the change, 5 doctor --repair found damage it could not repair, 141 the "
+               "reader of the output went away (| head).")
 _RUNS_PAGE = 50
 _REQUEST_WIDTH = 60
 """Characters of a pending request shown in the approval queue (``show`` prints it whole)."""
@@ -550,10 +553,13 @@ async def _fork(manager: CheckpointManager, args: argparse.Namespace) -> int:
 
 
 async def _decide(manager: CheckpointManager, args: argparse.Namespace) -> int:
+    requested_at = await _requested_at(manager, args.run, args.requested_at)
     if args.command == "approve":
-        run = await manager.approve(args.run, approver=args.approver, comment=args.comment)
+        run = await manager.approve(args.run, approver=args.approver, comment=args.comment,
+                                    requested_at=requested_at)
     else:
-        run = await manager.reject(args.run, approver=args.approver, reason=args.reason)
+        run = await manager.reject(args.run, approver=args.approver, reason=args.reason,
+                                   requested_at=requested_at)
     if args.json:
         _print_json(run.to_dict())
     else:
@@ -561,6 +567,24 @@ async def _decide(manager: CheckpointManager, args: argparse.Namespace) -> int:
         print(f"run {run.run_id}: {run.status.value} ({decision.get('decision', '?')} by "
               f"{decision.get('decided_by', '?')} at {when(decision.get('decided_at'))})")
     return EXIT_OK
+
+
+async def _requested_at(
+    manager: CheckpointManager, run_id: str, given: float | _dt.datetime | None
+) -> float | None:
+    """The ``requested_at`` a decision is pinned to. Epoch seconds (``runs --json``) are the
+    request's own; an ISO time (``runs``, ``show``) is shown to the microsecond, so it names
+    the pending request when that request's time shows as it: then that request's exact
+    time is passed, else the time given, which the manager refuses as another request."""
+    if given is None or isinstance(given, float):
+        return given
+    run = await manager.get_run(run_id)
+    pending = None if run is None else (run.approval or {}).get("requested_at")
+    if isinstance(pending, (int, float)) and not isinstance(pending, bool) and (
+        when(pending) == when(given.timestamp())
+    ):
+        return float(pending)
+    return given.timestamp()
 
 
 async def _prune(manager: CheckpointManager, args: argparse.Namespace) -> int:
@@ -909,6 +933,29 @@ def _sequence(text: str) -> int:
     return value
 
 
+def _request_time(text: str) -> float | _dt.datetime:
+    """An argparse type: when a request was made, in epoch seconds (``runs --json``) or as
+    the ISO 8601 time ``runs`` prints (UTC unless it names a zone)."""
+    try:
+        epoch = float(text)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(epoch):
+            return epoch
+        raise argparse.ArgumentTypeError(f"must be a time, got {text!r}")
+    iso = text.strip()
+    if iso[-1:] in ("Z", "z"):
+        iso = iso[:-1] + "+00:00"  # Python 3.10's fromisoformat takes no Z
+    try:
+        moment = _dt.datetime.fromisoformat(iso)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "must be the request's requested_at: epoch seconds as `runs --json` prints them, "
+            f"or the ISO time `runs --status paused` prints; got {text!r}") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=_dt.timezone.utc)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's parser, except that help written to a reader gone away (``--help | head``)
     is not ignored: argparse drops the write's error and exits 0 as if it was read."""
@@ -962,6 +1009,11 @@ def _parser() -> argparse.ArgumentParser:
         decide = store_command(name, _decide, f"{name} a paused run", "RUN")
         decide.add_argument("--approver", required=True, type=_as_typed, help="who decides")
         decide.add_argument(f"--{note}", default="", type=_as_typed)
+        decide.add_argument(
+            "--requested-at", type=_request_time, metavar="TIME",
+            help="decide only if the pending request is the one made at TIME (its "
+                 "requested_at: epoch seconds from runs --json, or the time runs prints); "
+                 "else exit 4")
     store_command("cleanup", _cleanup, "remove expired checkpoints, runs and items now")
     prune = store_command("prune", _prune, "keep only a run's newest checkpoints", "RUN")
     prune.add_argument("--keep", type=_positive, required=True,

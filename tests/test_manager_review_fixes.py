@@ -9,6 +9,8 @@
   is built: the message shows it cut short, never failing on a list nested deeper than
   ``repr`` recurses or an int too long to print.
 * ``BlockingManager`` given a config that is not a ``CheckpointConfig`` says so.
+* ``fastcheckpoint approve/reject --requested-at`` pins the decision to the request the
+  reviewer saw, given as ``runs --json`` or ``runs`` shows its time.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from fastcheckpoint import (
     _ids,
 )
 from fastcheckpoint.blocking import BlockingManager
-from fastcheckpoint.cli import EXIT_OK, main
+from fastcheckpoint.cli import EXIT_CONFLICT, EXIT_OK, EXIT_USAGE, main
 from fastcheckpoint.stores import CheckpointHeader, CheckpointStore, StoredCheckpoint
 from tests._helpers import ForwardingStore, make_store
 
@@ -304,3 +306,92 @@ def test_blocking_manager_refuses_a_config_that_is_not_a_checkpoint_config(
     store_or_url = MemoryStore() if target == "store" else target
     with pytest.raises(ConfigurationError, match="config must be a CheckpointConfig, got dict"):
         BlockingManager(store_or_url, config=config)  # type: ignore[arg-type]
+
+
+# -- approve and reject --requested-at -------------------------------------------------------------
+
+
+def _paused(path: Path, request: dict[str, Any], *, first: bool = True) -> str:
+    """``file://`` store at ``path`` whose run ``r`` waits for a decision on ``request``."""
+
+    async def pause() -> None:
+        manager = CheckpointManager(FileStore(path, fsync=False))
+        if first:
+            await manager.create("r", {"step": 0})
+        await manager.pause("r", request)
+        await manager.aclose()
+
+    anyio.run(pause)
+    return f"file://{path}?fsync=false"
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _requested_at_as_printed(capsys: pytest.CaptureFixture[str], url: str) -> tuple[str, str]:
+    """The pending request's time as ``runs --json`` and as ``runs --status paused`` print it."""
+    _, listed, _ = _cli(capsys, "runs", "--url", url, "--json")
+    epoch = json.loads(listed)["runs"][0]["approval"]["requested_at"]
+    _, table, _ = _cli(capsys, "runs", "--url", url, "--status", "paused")
+    row = next(line for line in table.splitlines() if line.startswith("r "))
+    return repr(epoch), row.split()[1]
+
+
+def _run(url: str) -> Any:
+    path = url.removeprefix("file://").removesuffix("?fsync=false")
+    return anyio.run(CheckpointManager(FileStore(path, fsync=False)).get_run, "r")
+
+
+@pytest.mark.parametrize("form", ["epoch", "iso"])
+@pytest.mark.parametrize("decision", ["approve", "reject"])
+def test_a_decision_pinned_to_a_request_no_longer_pending_exits_4(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], form: str, decision: str
+) -> None:
+    url = _paused(tmp_path / "store", {"action": "refund 10"})
+    seen = _requested_at_as_printed(capsys, url)[form == "iso"]
+    assert _cli(capsys, "approve", "--url", url, "r", "--approver", "bob")[0] == EXIT_OK
+    _paused(tmp_path / "store", {"action": "refund 10000"}, first=False)
+
+    code, _, err = _cli(capsys, decision, "--url", url, "r", "--approver", "alice",
+                        "--requested-at", seen)
+
+    assert code == EXIT_CONFLICT
+    assert "read the run again before deciding" in err
+    run = _run(url)
+    assert run.status is CheckpointStatus.PAUSED
+    assert run.approval["request"] == {"action": "refund 10000"}
+
+
+@pytest.mark.parametrize("form", ["epoch", "iso"])
+@pytest.mark.parametrize("decision", ["approve", "reject"])
+def test_a_decision_pinned_to_the_pending_request_is_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], form: str, decision: str
+) -> None:
+    url = _paused(tmp_path / "store", {"action": "refund 10"})
+    seen = _requested_at_as_printed(capsys, url)[form == "iso"]
+
+    code, out, _ = _cli(capsys, decision, "--url", url, "r", "--approver", "alice",
+                        "--requested-at", seen, "--json")
+
+    assert code == EXIT_OK
+    decided = json.loads(out)
+    assert decided["status"] == ("active" if decision == "approve" else "rejected")
+    assert decided["approval"]["decided_by"] == "alice"
+    assert decided["approval"]["request"] == {"action": "refund 10"}
+
+
+@pytest.mark.parametrize("text", ["soon", "nan", "inf", "2026-13-01T00:00:00Z", ""])
+def test_a_requested_at_that_is_not_a_time_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    url = _paused(tmp_path / "store", {"action": "refund 10"})
+
+    with pytest.raises(SystemExit) as caught:  # argparse's own exit
+        main(["approve", "--url", url, "r", "--approver", "alice", "--requested-at", text])
+
+    assert caught.value.code == EXIT_USAGE
+    assert "--requested-at: must be" in capsys.readouterr().err
+    assert _run(url).status is CheckpointStatus.PAUSED
