@@ -10,8 +10,9 @@ share. The layout is described in ``fastcheckpoint.integrations._pydantic_ai_rec
 Costs in store calls: ``read_record`` 1; ``read_entry`` 1, or 0 for an entry this process
 wrote or read before (entries never change); ``write_record`` 1 (the compare-and-set append),
 plus 1 for the family's index and 1 per entries run (usually 1) when it adds entries, plus 1
-read when the revision it expects is not the one this process last read or wrote; a new
-conversation adds 1 (its family), a fork 2 (its anchor entry, the release check);
+read when the revision it expects is not the one this process last read or wrote, and 1
+read when its append fails or is refused; a new conversation adds 1 (its family), a fork 2
+(its anchor entry, the release check);
 ``delete_record`` 2 (the conditional delete, the family's members), or, for the family's last
 conversation, 2 more (a release marker, the members again) and the family's entries;
 ``read_records`` 1 per 100 conversations listed, then 1 per record returned;
@@ -37,9 +38,11 @@ from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint._settle import settled
 from fastcheckpoint.errors import (
+    CheckpointError,
     ConfigurationError,
     CorruptCheckpointError,
     SequenceConflict,
+    StoreError,
     ValidationError,
 )
 from fastcheckpoint.integrations._adapter import adapter_ttl, capable_store
@@ -122,6 +125,9 @@ class FastConversationStore(ConversationStore):
         self._codec = Codec()
         self._known: Lru[str, Known] = Lru(_KNOWN)
         self._entries: Lru[str, bytes] = Lru(_ENTRIES)
+        self._uncertain: Lru[str, tuple[str | None]] = Lru(_KNOWN)
+        """The records (by revision) whose write failed without telling whether it was
+        stored, with the revision each write expected."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> FastConversationStore:
@@ -235,6 +241,7 @@ class FastConversationStore(ConversationStore):
         else:
             known = await self._expecting(conversation_id, expected_revision)
             family, incarnation, sequence = known.family, known.incarnation, known.sequence + 1
+        registered = expected_revision is None and not joined  # the family is this write's
         if new_entries:
             await self._put_entries(family, new_entries, messages, now)
         for attempt in range(_SAVE_ATTEMPTS):
@@ -251,29 +258,80 @@ class FastConversationStore(ConversationStore):
                 await settled(self._committed(conversation_id, key, checkpoint, seed, stored,
                                               joined, now))
                 return
+            except StoreError:
+                # Stored or not, nobody knows: a retry of this write must neither take its
+                # record for another writer's nor remove entries that record may use.
+                self._uncertain.put(record.revision, (expected_revision,))
+                raise
             except SequenceConflict as exc:
                 self._known.pop(conversation_id)
-                if known is not None and attempt + 1 < _SAVE_ATTEMPTS:
+                await self.read_record(conversation_id)
+                fresh = self._known.get(conversation_id)
+                ours = fresh is not None and fresh.revision == record.revision
+                if fresh is not None and ours and self._retrying(record, expected_revision):
+                    # An earlier call of this write stored it and lost its reply.
+                    await settled(self._adopted(conversation_id, key, fresh, family, joined,
+                                                registered, new_entries, messages, now))
+                    return
+                if known is not None and attempt + 1 < _SAVE_ATTEMPTS and fresh is not None and (
+                        fresh.revision, fresh.incarnation, fresh.family) == (
+                        expected_revision, incarnation, family):
                     # A change of the title or metadata keeps the revision and moves the
-                    # record on: look again, and save over it with what it holds now.
-                    await self.read_record(conversation_id)
-                    fresh = self._known.get(conversation_id)
-                    if fresh is not None and (fresh.revision, fresh.incarnation,
-                                              fresh.family) == (expected_revision,
-                                                                incarnation, family):
-                        known, sequence = fresh, fresh.sequence + 1
-                        continue
-                await self._discard(family, new_entries)
-                if expected_revision is None and not joined:  # the family this write registered
-                    await self._store.delete_items(records.FAMILIES_KEY, [family])
+                    # record on: save over it with what it holds now.
+                    known, sequence = fresh, fresh.sequence + 1
+                    continue
+                await self._lost(record.revision, family, fresh, registered, ours, new_entries,
+                                 messages, now)
                 raise ConversationConflict(conversation_id) from exc
+
+    def _retrying(self, record: ConversationRecord, expected_revision: str | None) -> bool:
+        """Whether a call of this write (the same record, expecting the same revision) failed
+        in this process without telling whether it was stored."""
+        return self._uncertain.get(record.revision) == (expected_revision,)
 
     async def _committed(
         self, conversation_id: str, key: str, checkpoint: StoredCheckpoint, seed: RunRecord,
         stored: Known, joined: bool, now: float,
     ) -> None:
-        await self._store.append(key, checkpoint, run=seed, keep_latest=1, now=now)
+        try:
+            await self._store.append(key, checkpoint, run=seed, keep_latest=1, now=now)
+        except StoreError:
+            # The store may have applied the append and lost its reply (its own retries ran
+            # out): one read tells.
+            if not await self._landed(key, checkpoint):
+                raise
+        await self._kept(conversation_id, key, stored, joined, now)
+
+    async def _landed(self, key: str, checkpoint: StoredCheckpoint) -> bool:
+        """Whether ``checkpoint`` (its payload unique by the record's revision) is stored.
+        ``False`` also when that cannot be read now (the caller raises the call's own error),
+        or when a later change replaced it already (a retry then finds its revision)."""
+        try:
+            found = await self._store.get(key, checkpoint.sequence, now=self._now())
+        except CheckpointError:
+            return False
+        return found is not None and found[0].payload == checkpoint.payload
+
+    async def _adopted(
+        self, conversation_id: str, key: str, stored: Known, family: str, joined: bool,
+        registered: bool, entries: Sequence[ConversationEntry], messages: Sequence[bytes],
+        now: float,
+    ) -> None:
+        """Finish a write whose record an earlier call stored: its entries belong to the
+        stored record's family (a retry of a new conversation registered a family of its own
+        and wrote them into it; the family goes, the entries stay)."""
+        if stored.family != family:
+            await self._put_entries(stored.family, entries, messages, now)
+            await self._unregister(family, entries, registered)
+        await self._kept(conversation_id, key, stored, joined, now)
+
+    async def _kept(
+        self, conversation_id: str, key: str, stored: Known, joined: bool, now: float
+    ) -> None:
+        """The record is stored: remember it; a fork withdraws it if its family is being
+        released meanwhile."""
         self._known.put(conversation_id, stored)
+        self._uncertain.pop(stored.revision)
         if joined and await self._releasing(stored.family, now):
             self._known.pop(conversation_id)
             await self._delete_checkpoint(key, stored)
@@ -347,6 +405,21 @@ class FastConversationStore(ConversationStore):
             self._remember(item_key, blob)
         return records.decode_entry(self._codec, blob, f"entry {entry_id[:80]!r}")[0]
 
+    async def read_history(
+        self, head_id: str | None, *, limit: int | None = None
+    ) -> list[ConversationEntry]:
+        """The entries up to ``head_id`` (Pydantic AI's walk). An entry of the chain that the
+        store does not have is :class:`~fastcheckpoint.errors.CorruptCheckpointError` (also a
+        ``LookupError``, which Pydantic AI takes for a record replaced meanwhile and reads
+        again): ``load``, ``save``, ``branch`` and ``fork`` raise it for a stored record whose
+        history is gone."""
+        try:
+            return await super().read_history(head_id, limit=limit)
+        except KeyError as exc:
+            where = f"entry {str(exc.args[0] if exc.args else head_id)[:80]!r}"
+            raise _MissingEntry("a conversation's history reaches an entry that is not stored",
+                                key=where) from exc
+
     # -- internals ------------------------------------------------------------------------------
 
     def _now(self) -> float:
@@ -415,6 +488,33 @@ class FastConversationStore(ConversationStore):
         for items in by_run.values():
             for item in items:
                 self._remember(item.key, item.value)
+
+    async def _lost(
+        self, revision: str, family: str, stored: Known | None, registered: bool, ours: bool,
+        entries: Sequence[ConversationEntry], messages: Sequence[bytes], now: float,
+    ) -> None:
+        """Clean up after a write that lost. Its entries are removed, unless a stored record
+        may use them: its own record is the stored one (``ours``: a write repeated), or an
+        earlier call of it may have stored it before another writer's replaced it. They then
+        stay, in the stored record's family."""
+        if not ours and self._uncertain.get(revision) is None:
+            await self._discard(family, entries)
+            if registered:
+                await self._store.delete_items(records.FAMILIES_KEY, [family])
+            return
+        if stored is not None and stored.family != family:
+            await self._put_entries(stored.family, entries, messages, now)
+            await self._unregister(family, entries, registered)
+
+    async def _unregister(
+        self, family: str, entries: Sequence[ConversationEntry], registered: bool
+    ) -> None:
+        """Take ``entries`` out of ``family``'s index, leaving them stored, and the family
+        out of the registry if this write registered it."""
+        await self._store.delete_items(records.family_key(family), [
+            records.OWNED_PREFIX + records.entry_key(entry.id) for entry in entries])
+        if registered:
+            await self._store.delete_items(records.FAMILIES_KEY, [family])
 
     async def _discard(self, family: str, entries: Sequence[ConversationEntry]) -> None:
         """Remove the entries of a write that lost (its record was not stored)."""
@@ -554,6 +654,10 @@ class FastConversationStore(ConversationStore):
             runs += page
             if cursor is None:
                 return runs
+
+
+class _MissingEntry(CorruptCheckpointError, LookupError):
+    """An entry that a stored record's history reaches is not stored."""
 
 
 def _registered_at(value: bytes) -> float:
