@@ -27,7 +27,9 @@ depth, in a worker thread too. A record nested deeper was not written by us: dec
 value is the user's own and may nest as deep as it likes.
 
 Decoding builds only those types and what ``dec_hook`` returns, so a tampered store cannot make
-a restore run code.
+a restore run code. A ``dec_hook`` that raises a :class:`~fastcheckpoint.errors.CheckpointError`
+(``CorruptCheckpointError`` for a stored value it finds damaged) has it raised as it is; any
+other exception of the hook is a :class:`SerializationError`.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from typing import Any
 
 import msgspec
 
-from fastcheckpoint.errors import CorruptCheckpointError, SerializationError
+from fastcheckpoint.errors import CheckpointError, CorruptCheckpointError, SerializationError
 
 __all__ = [
     "MAX_DEPTH",
@@ -790,7 +792,7 @@ class Codec:
                 value = bytearray(data)
             else:
                 raise _Malformed(f"unknown extension type {code}")
-        except (_HookFailed, _Malformed):
+        except (_HookFailed, _Malformed, CheckpointError):
             raise
         except (ValueError, TypeError, OverflowError, decimal.InvalidOperation,
                 msgspec.DecodeError) as exc:
@@ -813,7 +815,9 @@ class Codec:
         assert self._user_dec_hook is not None
         try:
             return self._user_dec_hook(name, value)
-        except RecursionError:  # a record nested too deep, not the hook's fault
+        except (RecursionError, CheckpointError):
+            # A record nested too deep is not the hook's fault; one of our errors is the
+            # hook's own verdict (a stored value it finds damaged: CorruptCheckpointError).
             raise
         except Exception as exc:
             raise _HookFailed(name) from exc

@@ -41,6 +41,17 @@ __all__ = ["CheckpointCodec"]
 _FRAMEWORK_MODULES = ("agent_framework.", "agent_framework_")
 _CHECKPOINT_FIELDS = frozenset(field.name for field in dataclasses.fields(WorkflowCheckpoint))
 _EVENT_FIELDS = ("executor_id", "iteration")
+_TEXT_FIELDS = ("checkpoint_id", "workflow_name", "timestamp")
+"""The fields a save requires to be str: a stored checkpoint without them is damaged."""
+
+
+class _Damaged(CorruptCheckpointError):
+    """A stored value a hook cannot rebuild; the codec raises it as it is, and
+    :meth:`CheckpointCodec.decode` names the record it came from."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, key="a stored value")
+        self.reason = reason
 
 
 def _name(cls: type[Any]) -> str:
@@ -71,9 +82,20 @@ class CheckpointCodec:
         return self._codec.encode_payload(checkpoint.to_dict(), [], [], {})
 
     def decode(self, payload: bytes, place: str) -> WorkflowCheckpoint:
-        fields = self._codec.decode_payload(payload, place).state
+        """The checkpoint; :class:`CorruptCheckpointError` if the payload is not one (or a
+        value in it cannot be rebuilt from what is stored), :class:`SerializationError` for a
+        value of a type this process does not restore."""
+        try:
+            fields = self._codec.decode_payload(payload, place).state
+        except _Damaged as exc:
+            raise CorruptCheckpointError(exc.reason, key=place) from exc
         if set(fields) != _CHECKPOINT_FIELDS:
             raise CorruptCheckpointError("not an Agent Framework checkpoint payload", key=place)
+        for name in _TEXT_FIELDS:
+            if not isinstance(fields[name], str):
+                raise CorruptCheckpointError(
+                    f"the checkpoint's {name} is a {type(fields[name]).__name__}, not a str",
+                    key=place)
         return WorkflowCheckpoint(**fields)
 
     # -- the hooks ------------------------------------------------------------------------
@@ -97,11 +119,18 @@ class CheckpointCodec:
             raise TypeError(
                 f"{name} is not a type this storage restores: name it in checkpoint_types "
                 "(and import its module before loading)")
-        if cls is WorkflowMessage:
-            return WorkflowMessage.from_dict(value)
-        if cls is WorkflowEvent:
-            return self._event(value)
-        return _built(cls, value)
+        try:
+            if cls is WorkflowMessage:
+                return WorkflowMessage.from_dict(value)
+            if cls is WorkflowEvent:
+                return self._event(value)
+            return _built(cls, value)
+        except (KeyError, TypeError, ValueError) as exc:
+            # What is stored does not build one (a field missing or of another type): damage,
+            # or a class changed since. A module not imported (ImportError, AttributeError
+            # from the framework's type lookup) stays a SerializationError, as above.
+            raise _Damaged(f"a stored {name} cannot be rebuilt: {type(exc).__name__}: "
+                           f"{str(exc)[:200]}") from exc
 
     def _event(self, fields: dict[str, Any]) -> WorkflowEvent[Any]:
         if fields["type"] == "request_info":

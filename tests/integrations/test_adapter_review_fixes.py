@@ -4,14 +4,22 @@ the ADK and OpenAI Agents adapters. Each test failed before its fix."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 pytest.importorskip("pydantic_ai")
+pytest.importorskip("agent_framework")
 
+from agent_framework import WorkflowCheckpoint, WorkflowEvent
+from agent_framework._workflows._runner_context import WorkflowMessage
 from pydantic_ai.conversation_store import (
     ConversationConflict,
     ConversationEntry,
@@ -19,8 +27,17 @@ from pydantic_ai.conversation_store import (
 )
 from pydantic_ai.messages import ModelRequest, UserPromptPart
 
-from fastcheckpoint.errors import CorruptCheckpointError, StoreError
+from fastcheckpoint import _ids
+from fastcheckpoint._codec import Codec
+from fastcheckpoint.errors import (
+    CorruptCheckpointError,
+    SerializationError,
+    StoreError,
+    ValidationError,
+)
 from fastcheckpoint.integrations import _pydantic_ai_records as records
+from fastcheckpoint.integrations import agent_framework as af
+from fastcheckpoint.integrations.agent_framework import FastCheckpointStorage
 from fastcheckpoint.integrations.pydantic_ai import FastConversationStore
 from fastcheckpoint.stores.memory import MemoryStore
 from tests._helpers import FakeClock
@@ -216,3 +233,116 @@ async def test_a_record_whose_history_is_gone_is_a_corrupt_checkpoint() -> None:
             with pytest.raises(CorruptCheckpointError):
                 await fresh.fork("c", at=1, new_conversation_id="f")
             assert await fresh.read_record("f") is None
+
+
+# -- Agent Framework: damaged checkpoints ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Ticket:
+    item: str
+    count: int
+
+
+class Level(enum.Enum):
+    LOW = 1
+
+
+class DamagedLatest(MemoryStore):
+    """Reads of the runs in ``damaged`` return the payload given there instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.damaged: dict[str, bytes] = {}
+
+    async def latest(self, run_key: str, *, now: float) -> Any:
+        found = await super().latest(run_key, now=now)
+        if found is None or run_key not in self.damaged:
+            return found
+        return msgspec.structs.replace(found[0], payload=self.damaged[run_key]), found[1]
+
+
+def _planted(fields: dict[str, Any], stored_as: Any = None) -> bytes:
+    """A payload of ``fields`` as another writer could have stored it: each value of the
+    framework's or the application's classes stored as ``stored_as`` (its fields, damaged)."""
+    return Codec(enc_hook=lambda value: stored_as).encode_payload(fields, [], [], {})
+
+
+_DAMAGE: dict[str, Callable[[WorkflowCheckpoint], bytes]] = {
+    "checkpoint_id not a str": lambda cp: _planted({**cp.to_dict(), "checkpoint_id": 7}),
+    "workflow_name not a str": lambda cp: _planted({**cp.to_dict(), "workflow_name": None}),
+    "an event without data": lambda cp: _planted(
+        {**cp.to_dict(), "pending_request_info_events": {"r": WorkflowEvent("data", 1)}},
+        {"type": "data"}),
+    "an event of an unknown origin": lambda cp: _planted(
+        {**cp.to_dict(), "pending_request_info_events": {"r": WorkflowEvent("data", 1)}},
+        {"type": "data", "data": 1, "origin": "elsewhere"}),
+    "an event that is not a mapping": lambda cp: _planted(
+        {**cp.to_dict(), "pending_request_info_events": {"r": WorkflowEvent("data", 1)}}, [1]),
+    "a message without source_id": lambda cp: _planted(
+        {**cp.to_dict(), "messages": {"a": [WorkflowMessage(data=1, source_id="a")]}},
+        {"data": 1}),
+    "a declared dataclass without a field": lambda cp: _planted(
+        {**cp.to_dict(), "state": {"t": Ticket("tea", 1)}}, {"item": "tea"}),
+    "a declared Enum of an unknown value": lambda cp: _planted(
+        {**cp.to_dict(), "state": {"l": Level.LOW}}, 99),
+}
+
+
+@pytest.mark.parametrize("damage", list(_DAMAGE))
+async def test_a_damaged_agent_framework_checkpoint_is_corrupt_and_left_out_of_listings(
+    damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = DamagedLatest()
+    storage = FastCheckpointStorage(store, checkpoint_types=[Ticket, Level])
+    saved = [WorkflowCheckpoint("wf", "h", timestamp=f"2026-01-0{day}T00:00:00+00:00")
+             for day in (1, 2)]
+    with anyio.fail_after(DEADLINE):
+        for checkpoint in saved:
+            await storage.save(checkpoint)
+        newest = _ids.key_of(af.RUN_PREFIX + saved[1].checkpoint_id)
+        store.damaged[newest] = _DAMAGE[damage](saved[1])
+        with caplog.at_level(logging.WARNING, logger="fastcheckpoint"):
+            listed = await storage.list_checkpoints(workflow_name="wf")
+        assert [cp.checkpoint_id for cp in listed] == [saved[0].checkpoint_id]
+        assert "skipping damaged checkpoint" in caplog.text
+        with pytest.raises(CorruptCheckpointError):
+            await storage.load(saved[1].checkpoint_id)
+        with pytest.raises(CorruptCheckpointError):
+            await storage.get_latest(workflow_name="wf")
+
+
+async def test_a_checkpoint_of_an_undeclared_type_is_still_a_serialization_error() -> None:
+    store = MemoryStore()
+    saved = WorkflowCheckpoint("wf", "h", state={"t": Ticket("tea", 1)})
+    with anyio.fail_after(DEADLINE):
+        await FastCheckpointStorage(store, checkpoint_types=[Ticket]).save(saved)
+        with pytest.raises(SerializationError, match="checkpoint_types"):
+            await FastCheckpointStorage(store).load(saved.checkpoint_id)
+
+
+# -- the codec: what a dec_hook raises ----------------------------------------------------------
+
+
+class _Opaque:
+    pass
+
+
+@pytest.mark.parametrize(("raised", "expected"), [
+    (CorruptCheckpointError("a damaged value", key="k"), CorruptCheckpointError),
+    (ValidationError("a value out of range"), ValidationError),
+    (KeyError("field"), SerializationError),
+    (ValueError("bad"), SerializationError),
+])
+def test_a_dec_hook_raises_checkpoint_errors_as_they_are(
+    raised: Exception, expected: type[Exception]
+) -> None:
+    def dec_hook(type_name: str, value: Any) -> Any:
+        raise raised
+
+    codec = Codec(enc_hook=lambda value: {"x": 1}, dec_hook=dec_hook)
+    blob = codec.encode_payload({"o": _Opaque()}, [], [], {})
+    with pytest.raises(expected) as caught:
+        codec.decode_payload(blob, "key")
+    if expected is not SerializationError:
+        assert caught.value is raised
