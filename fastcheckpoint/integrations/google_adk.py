@@ -82,6 +82,7 @@ try:
     from google.adk.errors.already_exists_error import AlreadyExistsError
     from google.adk.errors.session_not_found_error import SessionNotFoundError
     from google.adk.events.event import Event
+    from google.adk.events.event_actions import EventActions
     from google.adk.platform import uuid as platform_uuid
     from google.adk.sessions import BaseSessionService, Session, State
     from google.adk.sessions.base_session_service import GetSessionConfig, ListSessionsResponse
@@ -301,7 +302,7 @@ class FastSessionService(BaseSessionService):
         and ``delete_session``), as ADK's in-memory service does.
         """
         session_id = _session_id(session_id) or platform_uuid.new_uuid()
-        deltas = _split(state or {})
+        deltas = _split(_state_arg("state", state))
         tracked = self._session_log(app_name, user_id, session_id)
         app, user = self._app_log(app_name), self._user_log(app_name, user_id)
         _check_shared(deltas)
@@ -351,6 +352,9 @@ class FastSessionService(BaseSessionService):
         that the session's events carry and that has not reached that state (its writer
         failed or died in between) is applied first: one write, only then."""
         session_id = _session_id(session_id)
+        if config is not None and not isinstance(config, GetSessionConfig):
+            raise ValidationError(
+                f"config must be a GetSessionConfig or None, got {type(config).__name__}")
         tracked = self._session_log(app_name, user_id, session_id)
         app_log, user_log = self._app_log(app_name), self._user_log(app_name, user_id)
         view, app_view, user_view = await _read_all(tracked.log, app_log.log, user_log.log)
@@ -443,6 +447,7 @@ class FastSessionService(BaseSessionService):
         pending, which the session's next read or append applies (read it again: appending
         the same event to it then stores nothing).
         """
+        _check_append(session, event)
         if event.partial:
             return event
         self._apply_temp_state(session, event)
@@ -737,6 +742,32 @@ def _landed(tracked: _Tracked, change_id: str, order: float, delta: Mapping[str,
 
 
 # -- state and events ---------------------------------------------------------------------------
+
+
+def _state_arg(name: str, state: object) -> Mapping[str, Any]:
+    """``state`` (``None``: empty) if it is a mapping with str keys, else
+    :class:`ValidationError` naming ``name``."""
+    if state is None:
+        return {}
+    if not isinstance(state, Mapping):
+        raise ValidationError(f"{name} must be a mapping or None, got {type(state).__name__}")
+    for key in state:
+        if not isinstance(key, str):
+            raise ValidationError(f"{name} keys must be str, got {key!r:.40}")
+    return state
+
+
+def _check_append(session: object, event: object) -> None:
+    if not isinstance(session, Session):
+        raise ValidationError(f"session must be an ADK Session, got {type(session).__name__}")
+    if not isinstance(event, Event):
+        raise ValidationError(f"event must be an ADK Event, got {type(event).__name__}")
+    if not isinstance(event.actions, EventActions):
+        raise ValidationError(
+            f"event.actions must be EventActions, got {type(event.actions).__name__}")
+    if event.actions.state_delta is None:
+        raise ValidationError("event.actions.state_delta must be a mapping, got None")
+    _state_arg("event.actions.state_delta", event.actions.state_delta)
 
 
 def _split(state: Mapping[str, Any]) -> _Deltas:

@@ -56,7 +56,7 @@ try:
     from agents import Agent, RunResult, RunResultStreaming, RunState, ToolApprovalItem
     from agents.items import TResponseInputItem
     from agents.memory import SessionSettings
-    from agents.memory.session_settings import coerce_session_settings, resolve_session_limit
+    from agents.memory.session_settings import coerce_session_settings
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ConfigurationError(
         "fastcheckpoint.integrations.openai_agents needs the OpenAI Agents SDK: "
@@ -148,7 +148,11 @@ class FastSession:
     async def get_items(self, limit: int | None = None) -> list[TResponseInputItem]:
         """The latest ``limit`` items (``None``: ``session_settings.limit``, else all), oldest
         first. One store call."""
-        wanted = resolve_session_limit(limit, self.session_settings)
+        wanted = _limit("limit", limit)
+        if wanted is None:  # the SDK's rule, with its session_settings checked again:
+            # it is a public attribute, which may have been set to anything since
+            wanted = _limit("session_settings.limit",
+                            _session_settings(self.session_settings).limit)
         view = await self._log.read()
         if view is None or (wanted is not None and wanted <= 0):
             return []
@@ -157,6 +161,8 @@ class FastSession:
     async def add_items(self, items: list[TResponseInputItem]) -> None:
         """Append ``items`` in order, atomically. A cancelled call has added all of them or
         none when the cancellation is raised."""
+        if not isinstance(items, (list, tuple)):
+            raise ValidationError(f"items must be a list, got {type(items).__name__}")
         if not items:
             return
         entries = [self._encode(item, index) for index, item in enumerate(items)]
@@ -561,6 +567,12 @@ def _ttl(ttl_seconds: object, config: CheckpointConfig, store: CheckpointStore) 
     if ttl_seconds is None and config.default_ttl_seconds is not None:
         return config.default_ttl_seconds
     return adapter_ttl(ttl_seconds, store)
+
+
+def _limit(name: str, limit: object) -> int | None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+        raise ValidationError(f"{name} must be an int or None, got {type(limit).__name__}")
+    return limit
 
 
 def _session_settings(value: object) -> SessionSettings:

@@ -17,9 +17,15 @@ import pytest
 
 pytest.importorskip("pydantic_ai")
 pytest.importorskip("agent_framework")
+pytest.importorskip("google.adk")
+pytest.importorskip("agents")
 
 from agent_framework import WorkflowCheckpoint, WorkflowEvent
 from agent_framework._workflows._runner_context import WorkflowMessage
+from agents.memory import SessionSettings
+from google.adk.events.event import Event
+from google.adk.events.event_actions import EventActions
+from google.adk.sessions.base_session_service import GetSessionConfig
 from pydantic_ai.conversation_store import (
     ConversationConflict,
     ConversationEntry,
@@ -30,6 +36,7 @@ from pydantic_ai.messages import ModelRequest, UserPromptPart
 from fastcheckpoint import _ids
 from fastcheckpoint._codec import Codec
 from fastcheckpoint.errors import (
+    CheckpointError,
     CorruptCheckpointError,
     SerializationError,
     StoreError,
@@ -38,6 +45,8 @@ from fastcheckpoint.errors import (
 from fastcheckpoint.integrations import _pydantic_ai_records as records
 from fastcheckpoint.integrations import agent_framework as af
 from fastcheckpoint.integrations.agent_framework import FastCheckpointStorage
+from fastcheckpoint.integrations.google_adk import FastSessionService
+from fastcheckpoint.integrations.openai_agents import FastSession
 from fastcheckpoint.integrations.pydantic_ai import FastConversationStore
 from fastcheckpoint.stores.memory import MemoryStore
 from tests._helpers import FakeClock
@@ -346,3 +355,98 @@ def test_a_dec_hook_raises_checkpoint_errors_as_they_are(
         codec.decode_payload(blob, "key")
     if expected is not SerializationError:
         assert caught.value is raised
+
+
+# -- ADK and OpenAI Agents: arguments of the wrong type -------------------------------------------
+
+
+@pytest.mark.parametrize("state", [{1: "x"}, {"k": 1, ("t",): 2}, [1], "x", 3])
+async def test_adk_create_session_takes_a_mapping_with_str_keys(state: Any) -> None:
+    service = FastSessionService(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        with pytest.raises(ValidationError, match="state"):
+            await service.create_session(app_name="a", user_id="u", state=state)
+        assert (await service.list_sessions(app_name="a")).sessions == []
+
+
+@pytest.mark.parametrize("config", ["x", {"num_recent_events": 1}, 3])
+async def test_adk_get_session_takes_a_get_session_config(config: Any) -> None:
+    service = FastSessionService(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        await service.create_session(app_name="a", user_id="u", session_id="s")
+        with pytest.raises(ValidationError, match="config"):
+            await service.get_session(app_name="a", user_id="u", session_id="s", config=config)
+        found = await service.get_session(app_name="a", user_id="u", session_id="s",
+                                          config=GetSessionConfig(num_recent_events=1))
+        assert found is not None
+
+
+def _bad_delta_key(event: Event) -> None:
+    event.actions.state_delta[1] = "x"  # type: ignore[index]
+
+
+def _no_delta(event: Event) -> None:
+    event.actions.state_delta = None  # type: ignore[assignment]
+
+
+def _no_actions(event: Event) -> None:
+    event.actions = None  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("spoil", [_bad_delta_key, _no_delta, _no_actions])
+async def test_adk_append_event_refuses_an_event_spoiled_after_it_was_built(
+    spoil: Callable[[Event], None]
+) -> None:
+    service = FastSessionService(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        session = await service.create_session(app_name="a", user_id="u", session_id="s")
+        event = Event(author="x", actions=EventActions(state_delta={"k": 1}))
+        spoil(event)
+        with pytest.raises(ValidationError, match="actions"):
+            await service.append_event(session, event)
+        stored = await service.get_session(app_name="a", user_id="u", session_id="s")
+        assert stored is not None
+        assert (stored.events, stored.state) == ([], {})
+
+
+async def test_adk_append_event_takes_a_session_and_an_event() -> None:
+    service = FastSessionService(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        session = await service.create_session(app_name="a", user_id="u", session_id="s")
+        with pytest.raises(ValidationError, match="session"):
+            await service.append_event({"id": "s"}, Event(author="x"))  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match="event"):
+            await service.append_event(session, {"author": "x"})  # type: ignore[arg-type]
+        stored = await service.get_session(app_name="a", user_id="u", session_id="s")
+        assert stored is not None
+        assert stored.events == []
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the SDK's sessions run on asyncio
+@pytest.mark.parametrize("limit", ["3", 1.5, True])
+async def test_openai_get_items_takes_an_int_limit(limit: Any) -> None:
+    session = FastSession("s", MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        await session.add_items([{"role": "user", "content": "hi"}])
+        with pytest.raises(ValidationError, match="limit"):
+            await session.get_items(limit=limit)
+        assert session.session_settings is not None
+        session.session_settings.limit = limit  # the SDK's settings take it unchecked
+        with pytest.raises(ValidationError, match="session_settings"):
+            await session.get_items()
+        for spoiled in ({"limit": "many"}, "3"):
+            session.session_settings = spoiled  # type: ignore[assignment]
+            with pytest.raises(CheckpointError, match="session_settings"):
+                await session.get_items()
+        session.session_settings = SessionSettings(limit=1)
+        assert await session.get_items() == [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("items", [None, 1, "hi", {"role": "user", "content": "hi"}])
+async def test_openai_add_items_takes_a_list(items: Any) -> None:
+    session = FastSession("s", MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        with pytest.raises(ValidationError, match="items"):
+            await session.add_items(items)
+        assert await session.get_items() == []
