@@ -760,6 +760,11 @@ def _state_arg(name: str, state: object) -> Mapping[str, Any]:
 def _check_append(session: object, event: object) -> None:
     if not isinstance(session, Session):
         raise ValidationError(f"session must be an ADK Session, got {type(session).__name__}")
+    if not isinstance(session.state, dict):
+        raise ValidationError(f"session.state must be a dict, got {type(session.state).__name__}")
+    if not isinstance(session.events, list) or not all(
+            isinstance(held, Event) for held in session.events):
+        raise ValidationError("session.events must be a list of ADK Events")
     if not isinstance(event, Event):
         raise ValidationError(f"event must be an ADK Event, got {type(event).__name__}")
     if not isinstance(event.actions, EventActions):
@@ -923,10 +928,19 @@ def _was_applied(shared: _Shared, change_id: str) -> bool:
 
 def _encode_event(event: Event) -> bytes:
     try:
-        return event.model_dump_json(exclude_none=True).encode()
+        data = event.model_dump_json(exclude_none=True, warnings=False).encode()
     except pydantic_core.PydanticSerializationError as exc:
         raise SerializationError(f"ADK event {event.id!r} cannot be stored as JSON: {exc}",
                                  path="event") from exc
+    # A field set to a value of another type after the event was built (pydantic does not
+    # check assignments) is written as it is: every later read of the session would fail.
+    try:
+        Event.model_validate_json(data)
+    except pydantic.ValidationError as exc:
+        raise ValidationError(
+            f"ADK event {event.id!r:.80} would not read back (a field of the wrong type): "
+            f"{str(exc)[:300]}") from exc
+    return data
 
 
 def _decode_event(entry: bytes, where: str) -> Event:

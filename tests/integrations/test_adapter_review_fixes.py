@@ -422,6 +422,41 @@ async def test_adk_append_event_takes_a_session_and_an_event() -> None:
         assert stored.events == []
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("timestamp", "noon"), ("id", 7), ("invocation_id", 5)])
+async def test_adk_append_event_refuses_an_event_that_would_not_read_back(
+    field: str, value: Any
+) -> None:
+    """Pydantic does not check assignments: an event given a field of the wrong type was
+    stored as it was, and every later read of its session raised CorruptCheckpointError."""
+    service = FastSessionService(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        session = await service.create_session(app_name="a", user_id="u", session_id="s")
+        event = Event(author="x")
+        setattr(event, field, value)
+        with pytest.raises(ValidationError, match="read back"):
+            await service.append_event(session, event)
+        stored = await service.get_session(app_name="a", user_id="u", session_id="s")
+        assert stored is not None
+        assert stored.events == []
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("state", [1]), ("events", None), ("events", [1])])
+async def test_adk_append_event_refuses_a_session_spoiled_after_it_was_built(
+    field: str, value: Any
+) -> None:
+    service = FastSessionService(MemoryStore())
+    with anyio.fail_after(DEADLINE):
+        session = await service.create_session(app_name="a", user_id="u", session_id="s")
+        setattr(session, field, value)
+        with pytest.raises(ValidationError, match=f"session.{field}"):
+            await service.append_event(session, Event(author="x"))
+        stored = await service.get_session(app_name="a", user_id="u", session_id="s")
+        assert stored is not None
+        assert stored.events == []
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the SDK's sessions run on asyncio
 @pytest.mark.parametrize("limit", ["3", 1.5, True])
 async def test_openai_get_items_takes_an_int_limit(limit: Any) -> None:
