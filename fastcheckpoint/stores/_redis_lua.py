@@ -229,6 +229,27 @@ local function field(key, name)
   return value
 end
 
+-- The types of KEYS[2..10] (see the layout above); an absent key is fine.
+local KEY_TYPES = {'zset', 'zset', 'hash', 'zset', 'hash', 'zset', 'zset', 'hash', 'hash'}
+
+-- {key, type expected} for the first run-level key that holds a value of another type, or
+-- nil. Redis does not undo a script's writes when a later command fails (WRONGTYPE), so a
+-- script that writes checks this before its first write. (A read of the expected type that
+-- fails tells: TYPE is not among the commands the store's ACL grants.)
+local function foreign_key()
+  for index = 2, 10 do
+    local expected = KEY_TYPES[index - 1]
+    local probe
+    if expected == 'zset' then
+      probe = redis.pcall('ZCARD', KEYS[index])
+    else
+      probe = redis.pcall('HEXISTS', KEYS[index], '')
+    end
+    if type(probe) == 'table' and probe.err then return {KEYS[index], expected} end
+  end
+  return nil
+end
+
 -- The reply a retried call (same token) gets again, or nil.
 local function recall(token)
   if token == '' then return nil end
@@ -331,13 +352,40 @@ local function item_keys()
   return found
 end
 
--- One more held checkpoint names each of `keys` (distinct); a loose key named for the first
--- time loses any expiry of its own (an owned one keeps its owner's: it goes with it). An item
--- whose own expiry passed is absent: it goes first (the append writes the key anew, or was
--- refused for naming what the run does not hold).
+-- How many held checkpoints name `key`, counted from their refs in cr: what ir says when its
+-- count was edited into something that is not a number (O(held checkpoints): only then).
+local function recount(key)
+  local count = 0
+  for _, sequence in ipairs(redis.call('HKEYS', KEYS[10])) do
+    for _, named in ipairs(decode_list(redis.call('HGET', KEYS[10], sequence))) do
+      if named == key then
+        count = count + 1
+        break
+      end
+    end
+  end
+  return count
+end
+
+-- ir's count of `key` changed by `step`, or, when it is not a number, counted again from cr
+-- (which the caller has already changed): never a failing HINCRBY after a script's first write.
+local function recounted(key, step)
+  local count = redis.call('HGET', KEYS[9], key)
+  if not count or (#count < 16 and string.match(count, '^%-?%d+$')) then
+    return redis.call('HINCRBY', KEYS[9], key, step)
+  end
+  count = recount(key)
+  redis.call('HSET', KEYS[9], key, string.format('%d', count))
+  return count
+end
+
+-- One more held checkpoint names each of `keys` (distinct; the checkpoint's refs are in cr
+-- already); a loose key named for the first time loses any expiry of its own (an owned one
+-- keeps its owner's: it goes with it). An item whose own expiry passed is absent: it goes first
+-- (the append writes the key anew, or was refused for naming what the run does not hold).
 local function reference(keys)
   for _, key in ipairs(keys) do
-    if redis.call('HINCRBY', KEYS[9], key, 1) == 1 then
+    if recounted(key, 1) == 1 then
       if not item_live(key) then drop_item(key) end
       if not redis.call('ZSCORE', KEYS[7], key) then redis.call('ZREM', KEYS[8], key) end
     end
@@ -356,7 +404,7 @@ local function unreference(sequence)
   for _, key in ipairs(decode_list(refs)) do
     if not seen[key] then
       seen[key] = true
-      if redis.call('HINCRBY', KEYS[9], key, -1) <= 0 then
+      if recounted(key, -1) <= 0 then
         redis.call('HDEL', KEYS[9], key)
         -- Nested under a key still named: it stays, with what is nested under it.
         if not named(key, 1) then
@@ -682,6 +730,8 @@ local run = load_run()
 -- is not: it holds the token.
 if field(KEYS[11], 'w') == token then return {{'ok', status_of(run)}, OPS} end
 if run.damaged then return {{'damaged', run.problem}, OPS} end
+local foreign = foreign_key()
+if foreign then return {{'corrupt', unpack(foreign)}, OPS} end
 local slot = redis.call('HMGET', KEYS[11], 'i', 'e')
 local taken = slot[1] and is_live(slot[2])
 local status, created = run.st, false

@@ -790,6 +790,8 @@ class RedisStore(ExpiryCleanup):
         )
         if reply[0] == b"damaged":
             raise self._damaged(run_key, reply[1])
+        if reply[0] == b"corrupt":
+            raise _foreign_key(reply[1:])
         if reply[0] == b"conflict":
             latest = int(reply[1]) if reply[1] else None
             incarnation = _text(reply[2]) if reply[2] else None
@@ -1360,6 +1362,17 @@ def _check_stored_sequence(sequence: Any, stored: Any, key: str) -> None:
         raise CorruptCheckpointError(
             f"the record found here was written at sequence {_text(stored)[:20]}, not at "
             f"{_text(sequence)}", key=key)
+
+
+def _foreign_key(reply: Sequence[Any]) -> CorruptCheckpointError:
+    """A script's answer that a run-level key holds another type (key, type expected): it
+    wrote nothing."""
+    key = bytes(reply[0]).decode("utf-8", "replace")
+    return CorruptCheckpointError(
+        f"a key of the run holds a value of another type than the {_text(reply[1])} the store "
+        "keeps there; nothing was written. Another application shares the prefix (give the "
+        "store a prefix of its own), or the key was edited: delete_run removes the run",
+        key=key)
 
 
 def _glob_escape(text: str) -> str:
