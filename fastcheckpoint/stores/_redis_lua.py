@@ -484,14 +484,39 @@ local function is_utf8(s)
   return true
 end
 
--- Why the record r cannot be used, or nil. `top` is the newest logged sequence.
+-- Whether s is a decimal number as Python writes one (repr of a float: 1700000000.5, 1.7e+09).
+-- The rule the client's float() is sure to read, where Lua's tonumber also takes 0x10 or ' 5'.
+local function is_decimal(s)
+  if not s then return false end
+  local mantissa = string.match(s, '^%-?%d+%.?%d*$')
+    or string.match(s, '^%-?%d+%.?%d*[eE][-+]?%d+$')
+  return mantissa ~= nil
+end
+
+-- Whether blob is labels as the client reads them: '' (none) or a JSON list of UTF-8 strings.
+local function is_label_list(blob)
+  if not blob or blob == '' then return true end
+  if not is_utf8(blob) then return false end
+  local ok, list = pcall(cjson.decode, blob)
+  if not ok or type(list) ~= 'table' or string.sub(blob, 1, 1) ~= '[' then return false end
+  local count = 0
+  for index, label in pairs(list) do
+    if type(index) ~= 'number' or type(label) ~= 'string' then return false end
+    count = count + 1
+  end
+  return count == #list
+end
+
+-- Why the record r cannot be used, or nil. `top` is the newest logged sequence. What it
+-- accepts, RedisStore._run_record reads: the two judge a record by one rule.
 local function record_problem(r, top)
   if not r.rid or r.rid == '' then return 'has no run id' end
   if not is_utf8(r.rid) then return 'has a run id that is not UTF-8 text' end
   if not r.inc or not string.match(r.inc, '^[a-z2-7]+$') then return 'has no valid incarnation' end
   if not r.st or r.st == '' then return 'has no status' end
   if not is_utf8(r.st) then return 'has a status that is not UTF-8 text' end
-  if not tonumber(r.ct) or not tonumber(r.ut) then return 'has unreadable times' end
+  if not is_decimal(r.ct) or not is_decimal(r.ut) then return 'has unreadable times' end
+  if not is_label_list(r.lb) then return 'has unreadable labels' end
   if not r.ls or not string.match(r.ls, '^%d+$') then return 'has no valid latest sequence' end
   if not r.v or not string.match(r.v, '^%d+$') then return 'has no valid version' end
   if not r.m or not string.match(r.m, MEMBER) or string.sub(r.m, -#r.inc - 1) ~= '.' .. r.inc then

@@ -110,3 +110,46 @@ async def test_a_create_meeting_a_run_key_of_another_type_writes_nothing(
     assert log == [b"0"]
     assert latest == b"0"
     assert written == 0
+
+
+# -- one rule for a readable run record ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("lb", b'["thread-a","us'),
+    ("lb", b'[1]'),
+    ("lb", b'{"a": "b"}'),
+    ("ct", b"0x10"),
+    ("ut", b"0x10"),
+], ids=["truncated-labels", "labels-not-text", "labels-not-a-list", "hex-created", "hex-updated"])
+async def test_a_run_record_the_client_cannot_read_is_damage_nothing_writes_half(
+    prefixed: tuple[RedisTarget, str], field: str, value: bytes,
+) -> None:
+    """The scripts took such a record as usable while the client could not read it: a status
+    change was written and then raised, get_run raised for good, the run left the listings
+    and damaged_runs reported nothing. Now it is damage: refused before writing, reported,
+    and rebuilt by repair."""
+    store, prefix = _store(prefixed)
+    run = make_run("unreadable-" + field)
+    rk = key_of(run)
+    run_hash = _key(prefix, rk, "run")
+    with anyio.fail_after(_DEADLINE):
+        await append_with_items(store, run, 0, labels=("thread-a", "user-b"))
+        await store._client.hset(run_hash, field, value)
+        with pytest.raises(CorruptCheckpointError) as caught:
+            await store.update_run(rk, incarnation=run.incarnation, version=run.version,
+                                   status="completed", data=b"", now=T0 + 1)
+        status = await store._client.hget(run_hash, "st")
+        with pytest.raises(CorruptCheckpointError):
+            await store.get_run(rk, now=T0 + 1)
+        damage = await store.damaged_runs(run_key=rk, now=T0 + 1)
+        rebuilt = await store.rebuild_run(rk, run, now=T0 + 1)
+        listed, _ = await store.list_runs(status=None, limit=10, cursor=None, now=T0 + 1)
+        counted = await store.count_runs(status=None, now=T0 + 1)
+        await store.aclose()
+    assert caught.value.key == run_hash
+    assert status == b"active"
+    assert [d.run_key for d in damage] == [rk]
+    assert rebuilt.run_id == run.run_id
+    assert [r.run_id for r in listed] == [run.run_id]
+    assert counted == 1
