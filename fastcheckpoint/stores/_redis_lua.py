@@ -1064,6 +1064,7 @@ return {out, OPS}
 """
 
 # ARGV[5..]: lower bound, upper bound (ZRANGEBYLEX syntax), limit, reverse ('1'/'0').
+# Returns (key, value) pairs: limit of them with a value, and damaged entries with none.
 _SCAN_ITEMS = r"""
 local low, high, limit, reverse = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8] == '1'
 local out, count = {}, 0
@@ -1079,8 +1080,13 @@ while count < limit do
   for index, key in ipairs(keys) do
     if not expiries[index] or NOW < tonumber(expiries[index]) then
       out[#out + 1] = key
-      out[#out + 1] = redis.call('HGET', KEYS[6], key)
-      count = count + 1
+      if is_utf8(key) then
+        out[#out + 1] = redis.call('HGET', KEYS[6], key)
+        count = count + 1
+      else
+        -- Damaged (no client writes such a key): flagged with no value, not counted.
+        out[#out + 1] = false
+      end
     end
   end
   if reverse then high = '(' .. keys[#keys] else low = '(' .. keys[#keys] end

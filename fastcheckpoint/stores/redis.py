@@ -259,6 +259,13 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _shown(value: Any) -> str:
+    """A stored value for a message or a key name: never fails, whatever an editor left."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
+
+
 _CREDENTIAL_REFUSALS = ("invalid username-password pair", "wrongpass", "noauth",
                         "authentication required", "already authenticated")
 
@@ -667,7 +674,7 @@ class RedisStore(ExpiryCleanup):
         sequence, problem of the run record, refs (the scripts' checkpoint_reply())."""
         self._warn_damaged(run_key, fields[8])
         base = self._base(run_key)
-        key = f"{base}c:{_text(fields[1])}"
+        key = f"{base}c:{_shown(fields[1])}"
         _check_stored_sequence(fields[1], fields[7], key)
         try:
             record = StoredCheckpoint(
@@ -686,7 +693,7 @@ class RedisStore(ExpiryCleanup):
 
     def _header(self, base: str, fields: Sequence[Any]) -> CheckpointHeader:
         """``fields`` = sequence, id, created, expires, header, stored sequence."""
-        key = f"{base}c:{_text(fields[0])}"
+        key = f"{base}c:{_shown(fields[0])}"
         _check_stored_sequence(fields[0], fields[5], key)
         try:
             return CheckpointHeader(
@@ -826,8 +833,11 @@ class RedisStore(ExpiryCleanup):
         if reply[0] != 1:
             return None
         record, status = self._checkpoint(run_key, reply[1:11])
-        items = {_text(reply[index]): bytes(reply[index + 1])
-                 for index in range(11, len(reply), 2)}
+        items: dict[str, bytes] = {}
+        for index in range(11, len(reply), 2):
+            key = self._item_key(run_key, reply[index], "read_with_items")
+            if key is not None:
+                items[key] = bytes(reply[index + 1])
         return record, status, items
 
     @holds_clients
@@ -1189,8 +1199,28 @@ class RedisStore(ExpiryCleanup):
         reply = await self._run(
             "scan_items", run_key, now, [low, high, str(limit), "1" if reverse else "0"]
         )
-        return [(_text(reply[index]), bytes(reply[index + 1] or b""))
-                for index in range(0, len(reply), 2)]
+        found: list[tuple[str, bytes]] = []
+        for index in range(0, len(reply), 2):
+            # The script flags a damaged entry with no value (and fills the page past it).
+            key = self._item_key(run_key, reply[index], "scan_items")
+            if key is None:
+                continue
+            if reply[index + 1] is None:
+                _log.warning("scan_items skips the item %r of %s: its value is gone", key,
+                             self._base(run_key) + "iv")
+                continue
+            found.append((key, bytes(reply[index + 1])))
+        return found
+
+    def _item_key(self, run_key: str, key: bytes, what: str) -> str | None:
+        """An item key as text, or ``None`` (logged) for a key that is not UTF-8: no call
+        could have written it, an editor did."""
+        try:
+            return key.decode("utf-8")
+        except UnicodeDecodeError:
+            _log.warning("%s skips the item key %r of %s: it is not UTF-8 text", what, key,
+                         self._base(run_key) + "ik")
+            return None
 
     @holds_clients
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
@@ -1310,7 +1340,7 @@ class RedisStore(ExpiryCleanup):
             if incarnation is None:
                 raise CorruptCheckpointError(
                     f"the newest checkpoint's id {newest_id[:80]!r} names no incarnation",
-                    key=f"{self._run_keys(run_key)[1]}c:{_text(reply[2])}")
+                    key=f"{self._run_keys(run_key)[1]}c:{_shown(reply[2])}")
             oldest = reply[8]
             member = f"{_sortable(float(oldest))}{run_key}.{incarnation[1]}"
             result = await self._run(
@@ -1360,8 +1390,8 @@ def _check_stored_sequence(sequence: Any, stored: Any, key: str) -> None:
     to another slot is corrupt. Records written before the field existed have none."""
     if stored is not None and stored != sequence:
         raise CorruptCheckpointError(
-            f"the record found here was written at sequence {_text(stored)[:20]}, not at "
-            f"{_text(sequence)}", key=key)
+            f"the record found here was written at sequence {_shown(stored)[:20]}, not at "
+            f"{_shown(sequence)}", key=key)
 
 
 def _foreign_key(reply: Sequence[Any]) -> CorruptCheckpointError:

@@ -4,9 +4,12 @@ raises only our errors, and a listing or count is not cut short by one damaged e
 
 from __future__ import annotations
 
+import logging
+
 import anyio
 import pytest
 
+from fastcheckpoint import CheckpointConfig, CheckpointManager
 from fastcheckpoint.errors import CorruptCheckpointError
 from fastcheckpoint.stores.redis import RedisStore
 from fastcheckpoint.testing import T0, key_of, make_item, make_run
@@ -153,3 +156,52 @@ async def test_a_run_record_the_client_cannot_read_is_damage_nothing_writes_half
     assert rebuilt.run_id == run.run_id
     assert [r.run_id for r in listed] == [run.run_id]
     assert counted == 1
+
+
+# -- bytes that are not UTF-8 ----------------------------------------------------------------
+
+
+async def test_a_checkpoint_field_that_is_not_utf8_is_corrupt_not_a_decode_error(
+    prefixed: tuple[RedisTarget, str],
+) -> None:
+    """A checkpoint's stored sequence edited into bytes that are not UTF-8: the message naming
+    it raised UnicodeDecodeError from list_checkpoints, restore_from and prune."""
+    store, prefix = _store(prefixed)
+    manager = CheckpointManager(store, config=CheckpointConfig(max_checkpoints_per_run=None))
+    rk = key_of(make_run("not-utf8"))
+    with anyio.fail_after(_DEADLINE):
+        made = [await manager.create("not-utf8", {"n": n}) for n in range(3)]
+        await store._client.hset(_key(prefix, rk, "c:1"), "q", b"\xff")
+        listed = await manager.list_checkpoints("not-utf8")
+        second = made[1]
+        assert second is not None
+        with pytest.raises(CorruptCheckpointError) as caught:
+            await manager.restore_from(second.checkpoint_id)
+        await store.aclose()
+    assert [c.sequence for c in listed] == [2, 0]
+    assert caught.value.key == _key(prefix, rk, "c:1")
+
+
+async def test_item_keys_that_are_not_utf8_are_skipped_and_logged(
+    prefixed: tuple[RedisTarget, str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An item key no client could write (not UTF-8) made scan_items and read_with_items
+    raise UnicodeDecodeError. They skip it (logged), and a page of scan_items is still full."""
+    store, prefix = _store(prefixed)
+    run = make_run("item-not-utf8")
+    rk = key_of(run)
+    with anyio.fail_after(_DEADLINE):
+        await append_with_items(store, run, 0, refs=["K"], items=[make_item("K")])
+        await store.put_items(rk, [make_item("a"), make_item("b")], now=T0)
+        for bad in (b"a\xff", b"K/\xff"):
+            await store._client.zadd(_key(prefix, rk, "ik"), {bad: 0})
+            await store._client.hset(_key(prefix, rk, "iv"), bad, b"v")
+        with caplog.at_level(logging.WARNING, logger="fastcheckpoint.stores.redis"):
+            page = await store.scan_items(rk, prefix="", start_after="K", limit=2, now=T0)
+            read = await store.read_with_items(rk, sequence=None, now=T0)
+        await store.aclose()
+    assert page == [("a", b"value-a"), ("b", b"value-b")]
+    assert read is not None
+    assert read[2] == {"K": b"value-K"}
+    # The scan met both (K/\xff sorts after K), the read the nested one.
+    assert sum("not UTF-8" in r.getMessage() for r in caplog.records) == 3
