@@ -267,12 +267,14 @@ local function answer(token, result, keep)
   return {result, OPS}
 end
 
+-- Removes one item; 1 if it was there. Its index entries go also when its value is gone (an
+-- edited hash): a stale owner or expiry would otherwise pass to the next write of the key.
 local function drop_item(key)
-  if redis.call('HDEL', KEYS[6], key) == 0 then return 0 end
-  redis.call('ZREM', KEYS[5], key)
+  local removed = redis.call('HDEL', KEYS[6], key) + redis.call('ZREM', KEYS[5], key)
   redis.call('ZREM', KEYS[7], key)
   redis.call('ZREM', KEYS[8], key)
-  return 1
+  if removed > 0 then return 1 end
+  return 0
 end
 
 -- The bounds (ZRANGEBYLEX syntax) of the keys of the items nested under `key`: those that
@@ -1079,14 +1081,11 @@ while count < limit do
   local expiries = redis.call('ZMSCORE', KEYS[8], unpack(keys))
   for index, key in ipairs(keys) do
     if not expiries[index] or NOW < tonumber(expiries[index]) then
+      -- Damaged (a key no client writes, a value gone): flagged with no value, not counted.
+      local value = is_utf8(key) and redis.call('HGET', KEYS[6], key)
       out[#out + 1] = key
-      if is_utf8(key) then
-        out[#out + 1] = redis.call('HGET', KEYS[6], key)
-        count = count + 1
-      else
-        -- Damaged (no client writes such a key): flagged with no value, not counted.
-        out[#out + 1] = false
-      end
+      out[#out + 1] = value
+      if value then count = count + 1 end
     end
   end
   if reverse then high = '(' .. keys[#keys] else low = '(' .. keys[#keys] end

@@ -205,3 +205,46 @@ async def test_item_keys_that_are_not_utf8_are_skipped_and_logged(
     assert read[2] == {"K": b"value-K"}
     # The scan met both (K/\xff sorts after K), the read the nested one.
     assert sum("not UTF-8" in r.getMessage() for r in caplog.records) == 3
+
+
+# -- an item whose value is gone -------------------------------------------------------------
+
+
+async def test_an_item_whose_value_is_gone_is_not_listed_and_deletes_whole(
+    prefixed: tuple[RedisTarget, str],
+) -> None:
+    """Its value removed by hand, an item was listed with b'' (filling a page slot), and
+    delete_items removed nothing, leaving its key, owner and expiry entries behind."""
+    store, prefix = _store(prefixed)
+    rk = key_of(make_run("value-gone"))
+    with anyio.fail_after(_DEADLINE):
+        await store.put_items(rk, [make_item(key, expires_at=T0 + 100) for key in "abc"],
+                              now=T0)
+        await store._client.hdel(_key(prefix, rk, "iv"), "a")
+        page = await store.scan_items(rk, limit=2, now=T0)
+        removed = await store.delete_items(rk, ["a"])
+        left = [await store._client.zscore(_key(prefix, rk, name), "a") for name in ("ik", "ie")]
+        await store.aclose()
+    assert page == [("b", b"value-b"), ("c", b"value-c")]
+    assert removed == 1
+    assert left == [None, None]
+
+
+async def test_a_stale_owner_entry_does_not_pass_to_the_next_write_of_the_key(
+    prefixed: tuple[RedisTarget, str],
+) -> None:
+    """An owned item whose value was removed by hand kept its owner entry: a later loose write
+    of the key became the old checkpoint's, and went when that checkpoint was deleted."""
+    store, prefix = _store(prefixed)
+    run = make_run("stale-owner")
+    rk = key_of(run)
+    with anyio.fail_after(_DEADLINE):
+        await append_with_items(store, run, 0, items=[make_item("o", owner=0)])
+        await store._client.hdel(_key(prefix, rk, "iv"), "o")
+        await store.put_items(rk, [make_item("o", b"loose")], now=T0)
+        latest = await store.latest(rk, now=T0)
+        assert latest is not None
+        await store.delete(rk, 0, checkpoint_id=latest[0].checkpoint_id)
+        found = await store.get_items(rk, ["o"], now=T0)
+        await store.aclose()
+    assert found == {"o": b"loose"}
