@@ -852,25 +852,42 @@ class RedisStore(ExpiryCleanup):
     ) -> tuple[list[CheckpointHeader], str | None]:
         if limit < 1:
             return [], (await self._status_of(run_key, now, include_expired))
-        reply = await self._run(
-            "headers",
-            run_key,
-            now,
-            ["" if before is None else str(before), str(limit), "1" if include_expired else "0"],
-        )
-        if reply[0] != 1:
-            return [], None
-        self._warn_damaged(run_key, reply[2])
+        found: list[CheckpointHeader] = []
+        status: str | None = None
+        # A page short of `limit` ends the listing for the caller: a corrupt record skipped
+        # here is made up for by reading on (one more call per page that had one).
+        while len(found) < limit:
+            want = limit - len(found)
+            reply = await self._run(
+                "headers", run_key, now,
+                ["" if before is None else str(before), str(want),
+                 "1" if include_expired else "0"],
+            )
+            if reply[0] != 1:
+                break
+            if status is None:
+                self._warn_damaged(run_key, reply[2])
+                status = _text(reply[1])
+            entries = [reply[index:index + 6] for index in range(3, len(reply), 6)]
+            found += self._readable_headers(run_key, entries)
+            before = _sequence_of(entries[-1][0]) if len(entries) == want else None
+            if before is None:
+                break
+        return found, status
+
+    def _readable_headers(
+        self, run_key: str, entries: Sequence[Sequence[Any]]
+    ) -> list[CheckpointHeader]:
         base = self._base(run_key)
         found: list[CheckpointHeader] = []
-        for index in range(3, len(reply), 6):
+        for fields in entries:
             try:
-                found.append(self._header(base, reply[index:index + 6]))
+                found.append(self._header(base, fields))
             except CorruptCheckpointError:
                 # One bad record must not hide the others: reading it names the key.
                 _log.warning("skipping a corrupt checkpoint in the listing of %s", base,
                              exc_info=True)
-        return found, _text(reply[1])
+        return found
 
     async def _status_of(self, run_key: str, now: float, include_expired: bool) -> str | None:
         fields = await self._run("get_run", run_key, now, [])
@@ -1403,6 +1420,14 @@ def _foreign_key(reply: Sequence[Any]) -> CorruptCheckpointError:
         "keeps there; nothing was written. Another application shares the prefix (give the "
         "store a prefix of its own), or the key was edited: delete_run removes the run",
         key=key)
+
+
+def _sequence_of(member: Any) -> int | None:
+    """A log entry's sequence, or ``None`` for one an editor made unreadable."""
+    try:
+        return int(member)
+    except (TypeError, ValueError):
+        return None
 
 
 def _glob_escape(text: str) -> str:

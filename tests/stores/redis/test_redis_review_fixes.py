@@ -248,3 +248,28 @@ async def test_a_stale_owner_entry_does_not_pass_to_the_next_write_of_the_key(
         found = await store.get_items(rk, ["o"], now=T0)
         await store.aclose()
     assert found == {"o": b"loose"}
+
+
+# -- a listing reads past a corrupt checkpoint -----------------------------------------------
+
+
+async def test_a_filtered_listing_reads_past_a_corrupt_checkpoint(
+    prefixed: tuple[RedisTarget, str],
+) -> None:
+    """headers skipped a corrupt record and returned a short page, which the manager takes for
+    the end of the log: a filtered listing stopped at the damaged checkpoint."""
+    store, prefix = _store(prefixed)
+    manager = CheckpointManager(store, config=CheckpointConfig(max_checkpoints_per_run=None))
+    rk = key_of(make_run("listing"))
+    with anyio.fail_after(_DEADLINE):
+        for n in range(5):
+            await manager.create("listing", {"n": n}, step_name="s", tags=["t"], force=True)
+        await store._client.hset(_key(prefix, rk, "c:3"), "t", "not-a-time")
+        tagged = await manager.list_checkpoints("listing", limit=2, tags=["t"])
+        stepped = await manager.list_checkpoints("listing", limit=2, step_name="s")
+        page, status = await store.headers(rk, before=None, limit=2, now=T0)
+        await store.aclose()
+    assert [c.sequence for c in tagged] == [4, 2]
+    assert [c.sequence for c in stepped] == [4, 2]
+    assert [h.sequence for h in page] == [4, 2]
+    assert status == "active"
