@@ -100,7 +100,9 @@ _APPLY_OP = r"""
 -- Index operations on the global keys (all under one hash tag of their own).
 --   add    member status stamp   a new run
 --   sync   member status stamp   make the indexes say what the run record says
---   forget member                a run that is gone: out of every index (its labels too)
+--   forget member '' stamp       a run that is gone: out of every index (its labels too);
+--                                with a stamp (a deleted run, on Redis Cluster) for good
+--   bury   member                the cleanup loop: a tombstone's time is up
 --   label  member labels         a new run's labels (a JSON list): into each label's index
 --   damaged member               a run whose record is damaged: counts skip it until repaired
 --   due    old new score         (re)schedule the run for purging; new '' = unschedule
@@ -110,10 +112,23 @@ _APPLY_OP = r"""
 -- cleanup loop's repair, can land out of order. `stamp` is when the run script read the
 -- record (the run slot's server clock, in microseconds); `ver` keeps the newest stamp applied
 -- per member, and older ones are ignored. '' (plain Redis, where a script updates record and
--- indexes at once) skips the check.
+-- indexes at once) skips the check. A member names one incarnation: once its run is deleted,
+-- `ver` keeps a tombstone ('-' .. stamp) that refuses every later call for it, such as a
+-- status change's index call landing after the delete's. It is due for the cleanup loop
+-- (member '-' .. member in `due`) TOMBSTONE_S after the delete, long after any call of that
+-- incarnation could land.
+local TOMBSTONE_S = 3600
+
+local function tombstoned(g, member)
+  local known = redis.call('HGET', g .. 'ver', member)
+  return known and string.sub(known, 1, 1) == '-'
+end
+
 local function newer(g, member, stamp)
   if stamp == '' then return true end
-  local known = tonumber(redis.call('HGET', g .. 'ver', member))
+  local known = redis.call('HGET', g .. 'ver', member)
+  if known and string.sub(known, 1, 1) == '-' then return false end
+  known = tonumber(known)
   if known and known > tonumber(stamp) then return false end
   redis.call('HSET', g .. 'ver', member, stamp)
   return true
@@ -158,11 +173,20 @@ local function apply_op(g, kind, a, b, c)
     redis.call('ZREM', g .. 'all', a)
     redis.call('ZREM', g .. 'due', a)
     redis.call('ZREM', g .. 'damaged', a)
-    redis.call('HDEL', g .. 'ver', a)
+    if c ~= '' then
+      redis.call('HSET', g .. 'ver', a, '-' .. c)
+      redis.call('ZADD', g .. 'due', string.format('%.6f', tonumber(c) / 1e6 + TOMBSTONE_S),
+        '-' .. a)
+    elseif not tombstoned(g, a) then
+      redis.call('HDEL', g .. 'ver', a)
+    end
     for _, status in ipairs(redis.call('SMEMBERS', g .. 'statuses')) do
       redis.call('ZREM', g .. 's:' .. status, a)
     end
     unlabel(g, a)
+  elseif kind == 'bury' then
+    if tombstoned(g, a) then redis.call('HDEL', g .. 'ver', a) end
+    redis.call('ZREM', g .. 'due', '-' .. a)
   elseif kind == 'label' then
     -- A member names one incarnation, whose labels never change: no stamp needed.
     redis.call('HSET', g .. 'lab', a, b)
@@ -676,7 +700,8 @@ local function drop_run(keep_unowned_items)
     redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8],
       KEYS[9], KEYS[10])
   end
-  if member then op('forget', member) end
+  -- The record's member names this incarnation, gone for good: forgotten with a tombstone.
+  if member then op('forget', member, '', stamp()) end
   if scheduled and scheduled ~= member then op('forget', scheduled) end
   return #sequences
 end

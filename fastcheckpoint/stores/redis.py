@@ -1102,7 +1102,7 @@ class RedisStore(ExpiryCleanup):
         pipe.zrangebyscore(self._global + "due", "-inf", _float_arg(now))
         pipe.zintercard(2, [index, damaged])
         total, due, known_damaged = await self._driver("count_runs", pipe.execute(), client)
-        candidates = [member for member in due if not member.startswith(b"~")]
+        candidates = [member for member in due if not member.startswith((b"~", b"-"))]
         if not candidates:
             return int(total) - int(known_damaged)
         # Only runs due by now can be indexed yet expired: O(expired), not O(runs).
@@ -1257,6 +1257,11 @@ class RedisStore(ExpiryCleanup):
         for member in due:
             if budget <= 0:
                 break
+            if member.startswith(b"-"):
+                # Redis Cluster: a deleted run's tombstone whose time is up (see _redis_lua).
+                await self._apply_index_ops(client, ["bury", member[1:], "", ""])
+                budget -= 1
+                continue
             run_key = _run_key_of(member)
             if run_key is None:
                 _log.warning("dropping a malformed entry %r from the due index %s",

@@ -5,6 +5,7 @@ raises only our errors, and a listing or count is not cut short by one damaged e
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import anyio
 import pytest
@@ -273,3 +274,74 @@ async def test_a_filtered_listing_reads_past_a_corrupt_checkpoint(
     assert [c.sequence for c in stepped] == [4, 2]
     assert [h.sequence for h in page] == [4, 2]
     assert status == "active"
+
+
+# -- Redis Cluster: a deleted run stays out of the indexes -----------------------------------
+
+
+async def test_a_status_index_call_landing_after_a_delete_does_not_bring_the_run_back(
+    prefixed: tuple[RedisTarget, str],
+) -> None:
+    """Cluster code path: process A's status change ran, its index call was slow; process B
+    deleted the run and its index call landed first. `forget` dropped the member's stamp, so
+    A's late `sync` put the deleted run back into count_runs, where cleanup left it."""
+    target, prefix = prefixed
+    real_server(target)
+    first = make_store(target, prefix, cluster=True)
+    second = make_store(target, prefix, cluster=True)
+    config = CheckpointConfig(max_checkpoints_per_run=None)
+    writer, deleter = CheckpointManager(first, config=config), CheckpointManager(second,
+                                                                                config=config)
+    held: list[tuple[object, ...]] = []
+    apply = first._complete_index
+
+    async def slow(client: object, ops: Sequence[object], name: str, run_key: str) -> None:
+        if name == "update_run":
+            held.append((client, ops, name, run_key))
+            return
+        await apply(client, ops, name, run_key)
+
+    with anyio.fail_after(_DEADLINE):
+        await writer.create("late", {"n": 0})
+        first._complete_index = slow  # type: ignore[method-assign]
+        await writer.mark_completed("late")
+        await deleter.delete_run("late")
+        await apply(*held[0])  # type: ignore[arg-type]
+        counted = (await deleter.count_runs(), await deleter.count_runs("completed"))
+        await deleter.cleanup_expired()
+        after_cleanup = await deleter.count_runs()
+        await first.aclose()
+        await second.aclose()
+    assert len(held) == 1
+    assert counted == (0, 0)
+    assert after_cleanup == 0
+
+
+async def test_tombstones_of_deleted_runs_are_pruned_after_their_time(
+    prefixed: tuple[RedisTarget, str],
+) -> None:
+    """A deleted run's tombstone keeps its member out of the indexes for an hour (by the
+    server's clock), then the cleanup loop removes it: one planted with an old time goes,
+    a fresh one stays."""
+    target, prefix = prefixed
+    real_server(target)
+    store = make_store(target, prefix, cluster=True)
+    manager = CheckpointManager(store, config=CheckpointConfig(max_checkpoints_per_run=None))
+    index = f"{prefix}:{{idx:{prefix}}}:"
+    with anyio.fail_after(_DEADLINE):
+        await manager.create("doomed", {"n": 0})
+        await manager.delete_run("doomed")
+        [fresh] = await store._client.hkeys(index + "ver")
+        tombstone = await store._client.hget(index + "ver", fresh)
+        await store._client.hset(index + "ver", "planted", "-1000000000000000")
+        await store._client.zadd(index + "due", {"-planted": 1000})
+        server_now, _ = await store._client.time()
+        purged = await store.purge_expired(now=float(server_now), limit=10)
+        kept = await store._client.hgetall(index + "ver")
+        due = await store._client.zrange(index + "due", 0, -1)
+        await store.aclose()
+    assert tombstone is not None
+    assert tombstone.startswith(b"-")
+    assert purged == (0, True)
+    assert kept == {fresh: tombstone}
+    assert due == [b"-" + fresh]
