@@ -654,9 +654,13 @@ local function schedule(exact)
   if current[2] == member and current[1] == due and not exact then return end
   redis.call('HSET', KEYS[4], 's', due, 'm', member)
   if not current[2] then
-    -- A new key: it lives as long as the run record, like every run-level key.
-    local ttl = redis.call('PTTL', KEYS[1])
-    if ttl > 0 then redis.call('PEXPIRE', KEYS[4], ttl) end
+    -- A new key: it lives as long as the other run-level keys (touch_run_keys gave them one
+    -- lifetime): the record's, or for a run of items only, the item keys'.
+    for _, index in ipairs({1, 2, 5}) do
+      local ttl = redis.call('PTTL', KEYS[index])
+      if ttl > 0 then redis.call('PEXPIRE', KEYS[4], ttl) end
+      if ttl ~= -2 then break end
+    end
   end
   op('due', current[2] or '', member, due)
 end

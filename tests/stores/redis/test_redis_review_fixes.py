@@ -345,3 +345,25 @@ async def test_tombstones_of_deleted_runs_are_pruned_after_their_time(
     assert purged == (0, True)
     assert kept == {fresh: tombstone}
     assert due == [b"-" + fresh]
+
+
+# -- lifetimes -------------------------------------------------------------------------------
+
+
+async def test_the_due_hash_of_a_run_of_items_only_expires_with_its_other_keys(
+    prefixed: tuple[RedisTarget, str],
+) -> None:
+    """The per-run due hash copied the run record's TTL, and a run of items only has no
+    record: it stayed until purge_expired removed it."""
+    store, prefix = _store(prefixed)
+    rk = key_of(make_run("items-only"))
+    with anyio.fail_after(_DEADLINE):
+        server_now, _ = await store._client.time()
+        await store.put_items(rk, [make_item("a", expires_at=server_now + 100)],
+                              now=float(server_now))
+        ttls = {name: await store._client.pttl(_key(prefix, rk, name))
+                for name in ("ik", "iv", "ie", "due")}
+        await store.aclose()
+    assert all(ttl > 0 for ttl in ttls.values()), ttls
+    # One lifetime for all of them (set in one script, read a moment apart).
+    assert ttls["ik"] - 1000 <= ttls["due"] <= ttls["ik"], ttls
