@@ -69,7 +69,12 @@ scripts compare them with ``tonumber`` and store the strings unchanged, so no pr
 to Lua's ``tostring``. ``''`` stands for "never expires".
 
 Every script reads and checks before its first write, so an error it raises leaves nothing
-half-done. Flags: reads carry ``no-writes``; scripts whose writes only remove or re-index
+half-done: Redis does not undo the writes of a script that fails later. So the creates,
+deletes and item writes first check that the run-level keys hold the types the layout says
+(``foreign_key``; else ``{'corrupt', key, type}``, nothing written), and a ref count in ``ir``
+edited into something that is not a number is counted again from ``cr`` (``recounted``).
+
+Flags: reads carry ``no-writes``; scripts whose writes only remove or re-index
 (deletes, purging, :data:`INDEX`, reads that drop dangling log entries) carry ``allow-oom``, so
 they keep working, and keep freeing memory, when Redis is at ``maxmemory``; the scripts that add
 data, and :data:`INTENT` that precedes them on Redis Cluster, carry none, so a full server
@@ -979,6 +984,8 @@ if saved then return saved end
 if field(KEYS[11], 'i') ~= ARGV[6] then return {{0}, OPS} end
 local run = load_run()
 if run.damaged then return {{'damaged', run.problem}, OPS} end
+local foreign = foreign_key()
+if foreign then return {{'corrupt', unpack(foreign)}, OPS} end
 local removed = drop_checkpoint(ARGV[5])
 if removed == 0 then
   -- A checkpoint key the log does not hold (left over by a crashed client): remove it.
@@ -1046,6 +1053,8 @@ return {fields, OPS}
 _PUT_ITEMS = r"""
 local saved = recall(ARGV[6])
 if saved then return saved end
+local foreign = foreign_key()
+if foreign then return {{'corrupt', unpack(foreign)}, OPS} end
 if ARGV[5] == '1' then
   for index = 7, #ARGV, 4 do
     if item_live(ARGV[index]) then return {{'conflict', ARGV[index]}, OPS} end
@@ -1069,6 +1078,8 @@ local f = redis.call('HMGET', KEYS[11], 'i', 'e')
 if f[1] ~= ARGV[6] or not is_live(f[2] or '') or not redis.call('ZSCORE', KEYS[2], ARGV[5]) then
   return {{0}, OPS}
 end
+local foreign = foreign_key()
+if foreign then return {{'corrupt', unpack(foreign)}, OPS} end
 local keys_before = item_keys()
 for index = 9, #ARGV, 2 do
   if ARGV[7] ~= '1' or not item_live(ARGV[index]) then
@@ -1126,6 +1137,8 @@ return {out, OPS}
 _DELETE_ITEMS = r"""
 local saved = recall(ARGV[5])
 if saved then return saved end
+local foreign = foreign_key()
+if foreign then return {{'corrupt', unpack(foreign)}, OPS} end
 local removed = 0
 for index = 6, #ARGV do removed = removed + drop_item(ARGV[index]) end
 return answer(ARGV[5], {removed}, removed > 0)

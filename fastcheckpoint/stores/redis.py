@@ -909,6 +909,8 @@ class RedisStore(ExpiryCleanup):
         )
         if reply[0] == b"damaged":
             raise self._damaged(run_key, reply[1])
+        if reply[0] == b"corrupt":
+            raise _foreign_key(reply[1:])
         return bool(reply[0])
 
     @holds_clients
@@ -1141,6 +1143,8 @@ class RedisStore(ExpiryCleanup):
             check_run_key(run_key)  # what _run checks on every other path
             return
         reply = await self._run("put_items", run_key, now, args)
+        if reply[0] == b"corrupt":
+            raise _foreign_key(reply[1:])
         if reply[0] == b"conflict":
             raise ConflictError(f"item {_text(reply[1])!r} already exists")
 
@@ -1168,6 +1172,8 @@ class RedisStore(ExpiryCleanup):
                     f"item {item.key[:40]!r} is owned by {item.owner}, not by checkpoint {owner}")
             args += [item.key, item.value]
         reply = await self._run("put_owned_items", run_key, now, args, checkpoint=owner)
+        if reply[0] == b"corrupt":
+            raise _foreign_key(reply[1:])
         return bool(reply[0])
 
     def _check_item(self, item: Item) -> None:
@@ -1245,6 +1251,8 @@ class RedisStore(ExpiryCleanup):
             check_run_key(run_key)
             return 0
         reply = await self._run("delete_items", run_key, None, [_token(), *keys])
+        if reply[0] == b"corrupt":
+            raise _foreign_key(reply[1:])
         return int(reply[0])
 
     # -- maintenance -----------------------------------------------------------------------

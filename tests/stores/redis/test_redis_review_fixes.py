@@ -5,7 +5,7 @@ raises only our errors, and a listing or count is not cut short by one damaged e
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import pytest
@@ -367,3 +367,46 @@ async def test_the_due_hash_of_a_run_of_items_only_expires_with_its_other_keys(
     assert all(ttl > 0 for ttl in ttls.values()), ttls
     # One lifetime for all of them (set in one script, read a moment apart).
     assert ttls["ik"] - 1000 <= ttls["due"] <= ttls["ik"], ttls
+
+
+async def _delete_checkpoint(store: RedisStore, rk: str) -> object:
+    latest = await store.latest(rk, now=T0)
+    assert latest is not None
+    return await store.delete(rk, 0, checkpoint_id=latest[0].checkpoint_id)
+
+
+async def _put_owned(store: RedisStore, rk: str) -> object:
+    latest = await store.latest(rk, now=T0)
+    assert latest is not None
+    return await store.put_owned_items(rk, [make_item("n", owner=0)], owner=0,
+                                       checkpoint_id=latest[0].checkpoint_id, if_absent=False,
+                                       now=T0)
+
+
+@pytest.mark.parametrize("operation", ["delete", "put_items", "put_owned_items", "delete_items"])
+async def test_deletes_and_item_writes_meeting_a_key_of_another_type_write_nothing(
+    prefixed: tuple[RedisTarget, str], operation: str,
+) -> None:
+    """The item owners' key (io) replaced by a string: these calls failed with WRONGTYPE
+    halfway (a delete after the log entry went, an item write after its value was written)."""
+    store, prefix = _store(prefixed)
+    run = make_run("foreign-" + operation)
+    rk = key_of(run)
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "delete": lambda: _delete_checkpoint(store, rk),
+        "put_items": lambda: store.put_items(rk, [make_item("n")], now=T0),
+        "put_owned_items": lambda: _put_owned(store, rk),
+        "delete_items": lambda: store.delete_items(rk, ["a"]),
+    }
+    with anyio.fail_after(_DEADLINE):
+        await append_with_items(store, run, 0, items=[make_item("a")])
+        before = [await store._client.dump(_key(prefix, rk, name))
+                  for name in ("seq", "iv", "ik", "c:0")]
+        await store._client.set(_key(prefix, rk, "io"), "foreign")
+        with pytest.raises(CorruptCheckpointError) as caught:
+            await calls[operation]()
+        after = [await store._client.dump(_key(prefix, rk, name))
+                 for name in ("seq", "iv", "ik", "c:0")]
+        await store.aclose()
+    assert caught.value.key == _key(prefix, rk, "io")
+    assert after == before
