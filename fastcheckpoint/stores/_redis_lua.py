@@ -716,9 +716,10 @@ local function drop_run(keep_unowned_items)
 end
 
 -- Checkpoints of the log whose keys still hold an id, newest first: {count, newest sequence,
--- oldest created_at}. Log entries whose key is gone are collected in `stale`.
+-- oldest created_at ('' when none is readable)}. Log entries whose key is gone are collected
+-- in `stale`. An edited created_at is passed over: a rebuilt record must be readable.
 local function intact(stale)
-  local count, newest, oldest = 0, nil, nil
+  local count, newest, oldest = 0, nil, ''
   for _, sequence in ipairs(redis.call('ZREVRANGE', KEYS[2], 0, -1)) do
     local f = redis.call('HMGET', ckey(sequence), 'i', 't')
     if not f[1] then
@@ -726,7 +727,7 @@ local function intact(stale)
     else
       count = count + 1
       newest = newest or sequence
-      oldest = f[2]
+      if is_decimal(f[2]) then oldest = f[2] end
     end
   end
   return count, newest, oldest

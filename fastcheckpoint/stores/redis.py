@@ -1372,6 +1372,10 @@ class RedisStore(ExpiryCleanup):
                     f"the newest checkpoint's id {newest_id[:80]!r} names no incarnation",
                     key=f"{self._run_keys(run_key)[1]}c:{_shown(reply[2])}")
             oldest = reply[8]
+            if not oldest:
+                raise CorruptCheckpointError(
+                    f"no intact checkpoint of run key {run_key} has a readable creation time "
+                    "to rebuild its record from", key=self._run_keys(run_key)[0][0])
             member = f"{_sortable(float(oldest))}{run_key}.{incarnation[1]}"
             result = await self._run(
                 "rebuild", run_key, now,

@@ -410,3 +410,32 @@ async def test_deletes_and_item_writes_meeting_a_key_of_another_type_write_nothi
         await store.aclose()
     assert caught.value.key == _key(prefix, rk, "io")
     assert after == before
+
+
+# -- repair ----------------------------------------------------------------------------------
+
+
+async def test_a_rebuild_passes_over_an_unreadable_creation_time(
+    prefixed: tuple[RedisTarget, str],
+) -> None:
+    """The rebuilt record's created_at comes from the oldest intact checkpoint; an edited one
+    there made rebuild_run (and repair) raise ValueError. The oldest readable one is taken,
+    and with none, CorruptCheckpointError."""
+    store, prefix = _store(prefixed)
+    run = make_run("rebuild-times")
+    rk = key_of(run)
+    with anyio.fail_after(_DEADLINE):
+        for n in range(3):
+            await append_with_items(store, run, n, now=T0 + n)
+        await store._client.hset(_key(prefix, rk, "run"), "lb", b'["x')
+        await store._client.hset(_key(prefix, rk, "c:0"), "t", b"bad")
+        rebuilt = await store.rebuild_run(rk, run, now=T0 + 5)
+        await store._client.hset(_key(prefix, rk, "run"), "lb", b'["x')
+        for n in (1, 2):
+            await store._client.hset(_key(prefix, rk, f"c:{n}"), "t", b"0x10")
+        with pytest.raises(CorruptCheckpointError) as caught:
+            await store.rebuild_run(rk, run, now=T0 + 6)
+        await store.aclose()
+    assert rebuilt.created_at == T0 + 1
+    assert rebuilt.latest_sequence == 2
+    assert caught.value.key == _key(prefix, rk, "run")
