@@ -279,6 +279,17 @@ local function foreign_key()
   return nil
 end
 
+-- HMGET of a checkpoint hash. A value of another type at its key (an editor, a foreign
+-- writer) reads as a checkpoint whose id is '' and whose other fields are absent: reads report
+-- it as corrupt, never take it for a vanished key whose log entry they drop.
+local function checkpoint_fields(key, ...)
+  local f = redis.pcall('HMGET', key, ...)
+  if not f.err then return f end
+  local marker = {''}
+  for index = 2, select('#', ...) do marker[index] = false end
+  return marker
+end
+
 -- The reply a retried call (same token) gets again, or nil.
 local function recall(token)
   if token == '' then return nil end
@@ -721,8 +732,10 @@ end
 local function intact(stale)
   local count, newest, oldest = 0, nil, ''
   for _, sequence in ipairs(redis.call('ZREVRANGE', KEYS[2], 0, -1)) do
-    local f = redis.call('HMGET', ckey(sequence), 'i', 't')
-    if not f[1] then
+    local f = checkpoint_fields(ckey(sequence), 'i', 't')
+    if f[1] == '' then
+      -- Another type at its key: neither intact nor vanished.
+    elseif not f[1] then
       stale[#stale + 1] = sequence
     else
       count = count + 1
@@ -742,7 +755,7 @@ end
 
 -- The live checkpoint at KEYS[11], or nil.
 local function find_one(run, sequence)
-  local f = redis.call('HMGET', KEYS[11], 'i', 't', 'e', 'h', 'p', 'q')
+  local f = checkpoint_fields(KEYS[11], 'i', 't', 'e', 'h', 'p', 'q')
   if not f[1] or not is_live(f[3]) then return nil end
   return checkpoint_reply(run, sequence, f)
 end
@@ -754,7 +767,7 @@ local function find_latest(run)
     local page = redis.call('ZREVRANGEBYSCORE', KEYS[2], upper, '-inf', 'LIMIT', 0, 16)
     if #page == 0 then break end
     for _, sequence in ipairs(page) do
-      local f = redis.call('HMGET', ckey(sequence), 'i', 't', 'e', 'h', 'p', 'q')
+      local f = checkpoint_fields(ckey(sequence), 'i', 't', 'e', 'h', 'p', 'q')
       if not f[1] then
         stale[#stale + 1] = sequence
       elseif is_live(f[3]) then
@@ -794,7 +807,8 @@ if field(KEYS[11], 'w') == token then return {{'ok', status_of(run)}, OPS} end
 if run.damaged then return {{'damaged', run.problem}, OPS} end
 local foreign = foreign_key()
 if foreign then return {{'corrupt', unpack(foreign)}, OPS} end
-local slot = redis.call('HMGET', KEYS[11], 'i', 'e')
+local slot = checkpoint_fields(KEYS[11], 'i', 'e')
+if slot[1] == '' then return {{'corrupt', KEYS[11], 'hash'}, OPS} end
 local taken = slot[1] and is_live(slot[2])
 local status, created = run.st, false
 local continues, replaced = run.present and run.live, false
@@ -962,7 +976,7 @@ while count < limit do
   local page = redis.call('ZREVRANGEBYSCORE', KEYS[2], upper, '-inf', 'LIMIT', 0, limit - count)
   if #page == 0 then break end
   for _, sequence in ipairs(page) do
-    local f = redis.call('HMGET', ckey(sequence), 'i', 't', 'e', 'h', 'q')
+    local f = checkpoint_fields(ckey(sequence), 'i', 't', 'e', 'h', 'q')
     if not f[1] then
       stale[#stale + 1] = sequence
     elseif include_expired or is_live(f[3]) then
@@ -1075,7 +1089,7 @@ return answer(ARGV[6], {'ok'}, true)
 _PUT_OWNED_ITEMS = r"""
 local saved = recall(ARGV[8])
 if saved then return saved end
-local f = redis.call('HMGET', KEYS[11], 'i', 'e')
+local f = checkpoint_fields(KEYS[11], 'i', 'e')
 if f[1] ~= ARGV[6] or not is_live(f[2] or '') or not redis.call('ZSCORE', KEYS[2], ARGV[5]) then
   return {{0}, OPS}
 end

@@ -675,6 +675,7 @@ class RedisStore(ExpiryCleanup):
         self._warn_damaged(run_key, fields[8])
         base = self._base(run_key)
         key = f"{base}c:{_shown(fields[1])}"
+        _check_checkpoint_hash(fields[2], key)
         _check_stored_sequence(fields[1], fields[7], key)
         try:
             record = StoredCheckpoint(
@@ -694,6 +695,7 @@ class RedisStore(ExpiryCleanup):
     def _header(self, base: str, fields: Sequence[Any]) -> CheckpointHeader:
         """``fields`` = sequence, id, created, expires, header, stored sequence."""
         key = f"{base}c:{_shown(fields[0])}"
+        _check_checkpoint_hash(fields[1], key)
         _check_stored_sequence(fields[0], fields[5], key)
         try:
             return CheckpointHeader(
@@ -1417,6 +1419,14 @@ def _check_prefix(prefix: Any) -> None:
             f"Redis key prefix must be a string without '{{' or '}}' (they would break "
             f"the hash tags that keep a run's keys in one cluster slot), got {prefix!r}"
         )
+
+
+def _check_checkpoint_hash(checkpoint_id: Any, key: str) -> None:
+    """The scripts read a value of another type at a checkpoint's key as id ``''``."""
+    if checkpoint_id == b"":
+        raise CorruptCheckpointError(
+            "the key holds a value of another type than a checkpoint (a hash); another "
+            "application shares the prefix, or the key was edited", key=key)
 
 
 def _check_stored_sequence(sequence: Any, stored: Any, key: str) -> None:

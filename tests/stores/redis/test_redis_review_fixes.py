@@ -439,3 +439,31 @@ async def test_a_rebuild_passes_over_an_unreadable_creation_time(
     assert rebuilt.created_at == T0 + 1
     assert rebuilt.latest_sequence == 2
     assert caught.value.key == _key(prefix, rk, "run")
+
+
+async def test_a_checkpoint_key_of_another_type_is_a_corrupt_checkpoint(
+    prefixed: tuple[RedisTarget, str],
+) -> None:
+    """A checkpoint's key replaced by a string made every read of the run's log (restore,
+    list_checkpoints, prune) fail with WRONGTYPE. Reads now report that checkpoint as corrupt
+    and a listing skips it; a create at a slot holding one writes nothing."""
+    store, prefix = _store(prefixed)
+    manager = CheckpointManager(store, config=CheckpointConfig(max_checkpoints_per_run=None))
+    rk = key_of(make_run("foreign-checkpoint"))
+    with anyio.fail_after(_DEADLINE):
+        for n in range(3):
+            await manager.create("foreign-checkpoint", {"n": n})
+        await store._client.delete(_key(prefix, rk, "c:2"))
+        await store._client.set(_key(prefix, rk, "c:2"), b"\x00damaged")
+        with pytest.raises(CorruptCheckpointError) as newest:
+            await manager.restore("foreign-checkpoint")
+        listed = await manager.list_checkpoints("foreign-checkpoint")
+        await store._client.set(_key(prefix, rk, "c:3"), b"\x00damaged")
+        with pytest.raises(CorruptCheckpointError) as slot:
+            await manager.create("foreign-checkpoint", {"n": 3})
+        log = await store._client.zrange(_key(prefix, rk, "seq"), 0, -1)
+        await store.aclose()
+    assert newest.value.key == _key(prefix, rk, "c:2")
+    assert [c.sequence for c in listed] == [1, 0]
+    assert slot.value.key == _key(prefix, rk, "c:3")
+    assert log == [b"0", b"1", b"2"]
