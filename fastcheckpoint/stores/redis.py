@@ -17,7 +17,8 @@ of a run carries the hash tag ``{<run key>}``, so each script touches a single s
                        :fix / :ver    the global indexes (:fix and :ver on Redis Cluster only)
 
 Costs in round trips: append (also with items), get, latest, read_with_items, a page of
-headers, get_run, update_run, delete, delete_run and each items call are one script call
+headers (one more per call whose page held a corrupt checkpoint, skipped), get_run,
+update_run, delete, delete_run and each items call are one script call
 (``EVALSHA``; a server that lost its scripts answers ``NOSCRIPT`` and redis-py loads the script
 and retries once). On Redis Cluster the global indexes live in another slot: a call that
 creates or re-statuses a run first records its intent in the index slot, then runs, then
