@@ -220,6 +220,7 @@ class _SlotView:
     extra: list[str] = field(default_factory=list)  # duplicate markers (crash leftovers)
     missing: bool = False  # a slot without its marker: ``marker`` is the key it should have
     owned: list[_ItemMarker] = field(default_factory=list)  # markers of the items it owns
+    damage: CorruptCheckpointError | None = None  # a slot without marker that cannot be read
 
     @property
     def names_items(self) -> bool:
@@ -862,8 +863,15 @@ class S3Store(ExpiryCleanup):
                            "and it refuses changes until it is rebuilt (rebuild_run)",
                            state.key, state)
             return _Run.damaged(listed, state)
+        unreadable = next((view.damage for view in bare if view.damage is not None), None)
+        if unreadable is not None:
+            # Its listing is unknown, so the run's head is: writing could reuse its sequence
+            # or hide it. The other checkpoints stay readable.
+            logger.warning("checkpoint %s has no marker and cannot be read (%s): the run "
+                           "refuses changes until it is repaired (rebuild_run)",
+                           unreadable.key, unreadable)
         return _Run(None if state is None else state[0], None if state is None else state[1],
-                    listed)
+                    listed, unreadable)
 
     async def _read_bare(self, io: Bucket, run_key: str, view: _SlotView) -> None:
         """A slot without a marker (its writer stopped between the two PUTs, or is between
@@ -873,8 +881,12 @@ class S3Store(ExpiryCleanup):
         if found is None:
             view.slot_etag = None
             return
-        slot = layout.decode_slot(found[0], io.where(key), run_key=run_key,
-                                  sequence=view.sequence)
+        try:
+            slot = layout.decode_slot(found[0], io.where(key), run_key=run_key,
+                                      sequence=view.sequence)
+        except CorruptCheckpointError as exc:
+            view.damage = exc
+            return
         self._remember_refs(run_key, view.sequence, found[1], slot)
         view.kind = "t" if slot.tombstone else "m"
         view.listing = _listing_of(slot)
@@ -2510,12 +2522,19 @@ class S3Store(ExpiryCleanup):
                 f"the run record {where} is damaged and its log holds no intact checkpoint "
                 "to rebuild it from; delete the run"
             )
-        oldest = _listing(current.held[0])
+        unreadable = [view for view in current.orphans if view.damage is not None]
         # Which keys were freed before is lost with the damaged object: none at or above the
-        # next sequence was.
-        state = RunState(seed.run_id, current.state.incarnation, status, oldest.created_at, now,
-                         0, bytes(seed.data), floor=current.latest_sequence + 1, labels=labels,
-                         nesting_all=True)
+        # next sequence was. An unreadable slot's sequence is never handed out again.
+        floor = max([current.latest_sequence, *(view.sequence for view in unreadable)]) + 1
+        if any(view.damage is current.damage for view in unreadable):
+            # Only a slot is damaged: the run object is intact and keeps what it holds.
+            old = current.state
+            state = msgspec.structs.replace(old, floor=max(old.floor, floor))
+        else:
+            oldest = _listing(current.held[0])
+            state = RunState(seed.run_id, current.state.incarnation, status, oldest.created_at,
+                             now, 0, bytes(seed.data), floor=floor, labels=labels,
+                             nesting_all=True)
         # Compare-and-set over the damaged bytes: a concurrent repair or writer wins alone.
         etag = await io.put(layout.run_object(run_key), layout.encode(state),
                             if_match=current.etag)
@@ -2526,10 +2545,17 @@ class S3Store(ExpiryCleanup):
         self._remember(run_key, etag, state)
         wanted = layout.index_keys(run_key, state)
         stale = [key for key in await self._index_entries_of(io, run_key) if key not in wanted]
+        # An unreadable slot is kept (as evidence) and marked deleted: its sequence is taken.
+        dead = Listing(state.incarnation, "", now, None, now)
+        buried = [_marker_of(io.prefix, run_key, view.sequence, "t", dead)[0]
+                  for view in unreadable]
         await pair(
-            functools.partial(gather, [functools.partial(io.put, key, b"") for key in wanted]),
+            functools.partial(gather, [functools.partial(io.put, key, b"")
+                                       for key in (*wanted, *buried)]),
             functools.partial(io.delete, stale),
         )
+        for view in unreadable:
+            view.kind, view.listing, view.damage = "t", dead, None
         return _Run(state, etag, current.listed).record()
 
     # -- items ----------------------------------------------------------------------------------
