@@ -37,6 +37,7 @@ from typing import TypeVar
 
 import msgspec
 
+from fastcheckpoint import _ids
 from fastcheckpoint.errors import CorruptCheckpointError, ValidationError
 from fastcheckpoint.stores._base import MAX_ITEM_KEY_BYTES, item_key_bytes
 
@@ -220,6 +221,19 @@ def encode(record: msgspec.Struct) -> bytes:
 
 def decode_run(blob: bytes, where: str) -> RunState:
     return _decode(_run_decoder, blob, where, "run object")
+
+
+def decode_run_of(blob: bytes, where: str, *, run_key: str) -> RunState:
+    """The run object read from ``run_key``'s key; one of a run whose id has another key (a
+    run object copied over this one) is corrupt."""
+    state = decode_run(blob, where)
+    if _ids.run_key(state.run_id) != run_key:
+        raise CorruptCheckpointError(
+            f"run object of run {state.run_id[:80]!r} (run key {_ids.run_key(state.run_id)}) "
+            f"found where run key {run_key!r} belongs",
+            key=where,
+        )
+    return state
 
 
 def decode_slot(blob: bytes, where: str, *, run_key: str, sequence: int) -> Slot:

@@ -778,7 +778,7 @@ class S3Store(ExpiryCleanup):
         if found is None:
             self._forget(run_key)
             return None
-        state = layout.decode_run(found[0], io.where(key))
+        state = layout.decode_run_of(found[0], io.where(key), run_key=run_key)
         self._remember(run_key, found[1], state)
         return state, found[1]
 
@@ -1196,7 +1196,8 @@ class S3Store(ExpiryCleanup):
             current = None
         elif seen is not UNCHANGED:
             try:
-                current = layout.decode_run(seen[0], io.where(layout.run_object(run_key)))
+                current = layout.decode_run_of(seen[0], io.where(layout.run_object(run_key)),
+                                               run_key=run_key)
             except CorruptCheckpointError:
                 await self._withdraw(io, run_key, slot, slot_etag)
                 raise

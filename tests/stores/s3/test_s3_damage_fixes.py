@@ -122,3 +122,46 @@ async def test_unreadable_old_bare_slot_keeps_the_newer_checkpoints_readable(
         [report] = await fresh.repair("old")
         assert report.outcome == "rebuilt"
         assert (await _create(fresh, "old", 3)).metadata.sequence == 3
+
+
+# -- a run object copied from another run -------------------------------------------------------
+
+
+async def test_run_object_copied_from_another_run_is_damage_and_repaired(
+    s3_store: S3Store,
+) -> None:
+    with anyio.fail_after(DEADLINE):
+        manager = CheckpointManager(s3_store)
+        first = await _create(manager, "victim", 0)
+        await _create(manager, "foreign", 0)
+        victim, foreign = _ids.key_of("victim"), _ids.key_of("foreign")
+        await _copy(s3_store, layout.run_object(foreign), layout.run_object(victim))
+        fresh = CheckpointManager(S3Store(s3_store.bucket, s3_store.prefix,
+                                          client=await s3_store.client()))
+
+        [damage] = await s3_store.damaged_runs(now=LATER)
+        assert (damage.run_key, damage.checkpoints) == (victim, 1)
+        assert "foreign" in damage.problem
+        restored = await fresh.restore("victim")
+        assert restored is not None
+        assert restored.metadata.checkpoint_id == first.metadata.checkpoint_id
+        assert await fresh.restore_from(first.metadata.checkpoint_id) is not None
+        assert [run.run_id for run in (await fresh.list_runs()).runs] == ["foreign"]
+        before = await _keys(s3_store)
+        with pytest.raises(CorruptCheckpointError):
+            await fresh.create("victim", {"n": 1})
+        assert await _keys(s3_store) == before  # refused: nothing written
+
+        [report] = await fresh.repair()
+        assert (report.run_id, report.outcome) == ("victim", "rebuilt")
+        assert await s3_store.damaged_runs(now=LATER) == []
+        run = await fresh.get_run("victim")
+        assert run is not None
+        assert (run.run_id, run.latest_sequence, run.checkpoint_count) == ("victim", 0, 1)
+        assert (await _create(fresh, "victim", 1)).metadata.sequence == 1
+        assert await fresh.restore_from(first.metadata.checkpoint_id) is not None
+        foreign_run = await fresh.get_run("foreign")
+        assert foreign_run is not None
+        assert foreign_run.checkpoint_count == 1
+        assert sorted(run.run_id for run in (await fresh.list_runs()).runs) == [
+            "foreign", "victim"]
