@@ -2392,7 +2392,8 @@ class S3Store(ExpiryCleanup):
     ) -> tuple[list[RunRecord], str | None]:
         check_labels((label,))
         io = await self._objects()
-        return await self._page_index(io, layout.label_prefix(label), None, limit, cursor, now)
+        return await self._page_index(io, layout.label_prefix(label), None, limit, cursor, now,
+                                      label=label)
 
     async def _page_index(
         self,
@@ -2402,6 +2403,7 @@ class S3Store(ExpiryCleanup):
         limit: int,
         cursor: str | None,
         now: float,
+        label: str | None = None,
     ) -> tuple[list[RunRecord], str | None]:
         """A page of the live runs indexed under ``prefix`` (newest created first)."""
         start_after = None if cursor is None else _decode_cursor(cursor, prefix)
@@ -2411,7 +2413,7 @@ class S3Store(ExpiryCleanup):
             return [], cursor
         while True:
             page = await io.list(prefix, start_after=start_after, limit=page_size)
-            records = await self._indexed(io, page, prefix, status, now)
+            records = await self._indexed(io, page, prefix, status, now, label)
             for entry, record in zip(page, records, strict=True):
                 if record is None:
                     continue
@@ -2428,11 +2430,17 @@ class S3Store(ExpiryCleanup):
             start_after = page[-1].key
 
     async def _indexed(
-        self, io: Bucket, page: Sequence[Listed], prefix: str, status: str | None, now: float
+        self,
+        io: Bucket,
+        page: Sequence[Listed],
+        prefix: str,
+        status: str | None,
+        now: float,
+        label: str | None = None,
     ) -> list[RunRecord | None]:
-        """The live run of each index entry (None for an entry of no live run). Entries of
-        runs that were deleted or started over are removed on the way: their incarnation
-        never lives again."""
+        """The live run of each index entry (None for an entry of no live run, or of a run
+        without ``status`` or ``label``). Entries of runs that were deleted or started over
+        are removed on the way: their incarnation never lives again."""
         stale: list[str] = []
 
         async def record(entry: Listed) -> RunRecord | None:
@@ -2451,6 +2459,8 @@ class S3Store(ExpiryCleanup):
                 return None  # expired: the cleanup loop removes its entries with it
             if status is not None and state.status != status:
                 return None  # a stale entry: the status moved on
+            if label is not None and label not in state.labels:
+                return None  # an entry copied from another label's: not the run's own
             return current.record()
 
         records = await gather([functools.partial(record, entry) for entry in page])

@@ -4,13 +4,15 @@ read, a run object copied from another run, a label index entry copied from anot
 from __future__ import annotations
 
 import anyio
+import msgspec
 import pytest
 
 from fastcheckpoint import Checkpoint, CheckpointManager, _ids
 from fastcheckpoint.errors import CorruptCheckpointError
 from fastcheckpoint.stores import _s3_layout as layout
+from fastcheckpoint.stores._aws import RequestCounter
 from fastcheckpoint.stores.s3 import S3Store
-from fastcheckpoint.testing import T0
+from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_run
 from tests.stores._moto import moto_endpoint
 from tests.stores.s3.test_s3 import DEADLINE, s3_bucket, s3_store
 
@@ -165,3 +167,28 @@ async def test_run_object_copied_from_another_run_is_damage_and_repaired(
         assert foreign_run.checkpoint_count == 1
         assert sorted(run.run_id for run in (await fresh.list_runs()).runs) == [
             "foreign", "victim"]
+
+
+# -- a label index entry copied from another label ----------------------------------------------
+
+
+async def test_label_entry_copied_from_another_label_lists_nothing(s3_store: S3Store) -> None:
+    with anyio.fail_after(DEADLINE):
+        labelled_x = msgspec.structs.replace(make_run("la"), labels=("x",))
+        labelled_y = msgspec.structs.replace(make_run("lb", created_at=T0 + 1), labels=("y",))
+        for run in (labelled_x, labelled_y):
+            await s3_store.append(key_of(run), make_checkpoint(run, 0), run=run,
+                                  keep_latest=None, now=T0)
+        [entry] = await _keys(s3_store, layout.label_prefix("x"))
+        copied = layout.label_prefix("y") + entry[len(layout.label_prefix("x")):]
+        await _copy(s3_store, entry, copied)
+
+        client = await s3_store.client()
+        with RequestCounter.attached(client) as counted:
+            runs, cursor = await s3_store.runs_with_label("y", limit=10, cursor=None, now=T0)
+        assert ([run.run_id for run in runs], cursor) == (["lb"], None)
+        with RequestCounter.attached(client) as uncounted:
+            await s3_store.runs_with_label("x", limit=10, cursor=None, now=T0)
+        assert counted.total == uncounted.total + 1  # the copied entry's run read, nothing more
+        runs, _ = await s3_store.runs_with_label("x", limit=10, cursor=None, now=T0)
+        assert [run.run_id for run in runs] == ["la"]
