@@ -882,13 +882,17 @@ class _Dir:
             if temporary:
                 view.close()
 
-    def state(self) -> _RunState | None:
+    def state(self, *, foreign: bool = False) -> _RunState | None:
         """``run.rec``; the log read through this directory from then on takes the
-        checkpoints it knows to be held for present (:attr:`LogView.expected`)."""
+        checkpoints it knows to be held for present (:attr:`LogView.expected`). A record
+        whose run id is not of this directory's run key (another run's log or directory
+        copied in) is damage, unless ``foreign``."""
         frame = self.record(RUN, _RUN_MAGIC, whole=False)
         if frame is None:
             return None
         state = _decode(_STATE_DECODER, frame.meta, self.record_key(RUN))
+        if not foreign and state.run is not None:
+            _check_own_run(state.run, os.path.basename(self.path), self.record_key(RUN))
         held = _HELD.by_path.get(self.path) if self.fd is None else None
         view = self._view if held is None else held.view()
         if view is not None:
@@ -1704,6 +1708,17 @@ def _record_name(key: int) -> str:
     return f"{_CHECKPOINTS}/{_sequence_name(key)}" if key >= 0 else f"#{key}"
 
 
+def _check_own_run(run: RunRecord, run_key: str, where: str) -> None:
+    """Raise :class:`CorruptCheckpointError` naming ``where`` unless ``run`` is of
+    ``run_key``: a record of another run read as this one's would hand out checkpoint ids of
+    this key in the other run's incarnation, and list the other run in its place."""
+    found = _ids.run_key(run.run_id)
+    if found != run_key:
+        raise CorruptCheckpointError(
+            f"run.rec is the record of another run (run key {found}), not of run key "
+            f"{run_key}: another run's log or directory copied in", key=where)
+
+
 def _problem(exc: CorruptCheckpointError) -> str:
     """The message of a corrupt-record error without the key it names."""
     return str(exc).removesuffix(f" (store key: {exc.key})")
@@ -2411,6 +2426,10 @@ class FileStore(ExpiryCleanup):
             state = self._current_state(run_key, seed, now)
             stored = state.run if state is not None else None
             current = stored if stored is not None and is_live(stored.expires_at, now) else None
+            if current is not None and current.run_id != seed.run_id:
+                raise self._damaged(CorruptCheckpointError(
+                    "run.rec is the record of another run id than the one appended to",
+                    key=_Dir(self._run_dir(run_key)).record_key(RUN)))
             if renumber is not None and current is not None and \
                     seed.incarnation == current.incarnation and \
                     record.sequence != current.latest_sequence + 1:
@@ -3661,7 +3680,8 @@ class FileStore(ExpiryCleanup):
                 keep = self._checked_state(run_key, now)
             except CorruptCheckpointError:  # damaged: the log alone decides
                 with contextlib.suppress(CorruptCheckpointError):
-                    damaged = files.state()  # readable: another life's, whose marker goes
+                    # Readable: another life's or run's, whose marker goes.
+                    damaged = files.state(foreign=True)
                     old = damaged.run if damaged is not None else None
             if keep is not None and keep.run is not None:
                 raise ConflictError(f"the run record of run key {run_key} is not damaged")
