@@ -1157,7 +1157,7 @@ class LogWriter:
     def _sync_directory(self) -> None:
         if not self.fsync:
             return
-        fd = os.open(self.directory, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY)
+        fd = os.open(self.directory, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             os.fsync(fd)
         finally:

@@ -191,7 +191,12 @@ _FIRST_ITEM = -3
 _COUNT = struct.Struct("<Q")
 
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
-_DIR_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY
+_DIR_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK
+"""A directory inside the store (a run's, or one in ``trash/``): a symbolic link in its place
+fails to open (``ENOTDIR`` or ``ELOOP``), never followed."""
+_STORE_DIR_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY
+"""The root, the directories above it and those it holds: an operator may link them."""
+_LINK_ERRORS = (errno.ENOTDIR, errno.ELOOP)
 _MARKER_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
 _RECENT_RUNS = 4096
 _RECENT_SECONDS = 30.0
@@ -1850,10 +1855,14 @@ def _newest_live(files: _Dir, view: _View, now: float) -> tuple[StoredCheckpoint
 # -- small file-system helpers ----------------------------------------------------------------
 
 
-def _discard(path: str) -> bool:
-    """Unlink a file; ``False`` if it was already gone. A directory in its place is logged."""
+def _discard(path: str, *, at: tuple[int, str] | None = None) -> bool:
+    """Unlink a file (``at``: by its name in an open directory, ``path`` naming it in logs);
+    ``False`` if it was already gone. A directory in its place is logged."""
     try:
-        os.unlink(path)
+        if at is None:
+            os.unlink(path)
+        else:
+            os.unlink(at[1], dir_fd=at[0])
     except FileNotFoundError:
         return False  # removed by an earlier, interrupted cleanup or a concurrent one
     except IsADirectoryError:
@@ -1862,22 +1871,46 @@ def _discard(path: str) -> bool:
     return True
 
 
-def _remove_tree(path: str) -> None:
-    """Remove a directory tree without following links; concurrent removers are fine."""
+def _remove_tree(path: str, *, at: tuple[int, str] | None = None) -> None:
+    """Remove a directory tree (``at``: by its name in an open directory); concurrent removers
+    are fine. A symbolic link, anywhere in it or in its place, is unlinked itself: what it
+    points to is never touched. Each directory is opened without following a link and read
+    through its descriptor, so one swapped for a link meanwhile is not entered either."""
     try:
-        entries = list(os.scandir(path))
+        fd = os.open(path, _DIR_FLAGS) if at is None else \
+            os.open(at[1], _DIR_FLAGS, dir_fd=at[0])
     except FileNotFoundError:
         return  # another remover got here first
-    except NotADirectoryError:
-        _discard(path)
+    except OSError as exc:
+        if exc.errno not in _LINK_ERRORS:
+            raise
+        _discard(path, at=at)  # a link or a file: itself, not what it names
         return
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            _remove_tree(entry.path)
-        else:
-            _discard(entry.path)
+    try:
+        with os.scandir(fd) as listing:
+            names = [entry.name for entry in listing]
+        for name in names:
+            _remove_tree(os.path.join(path, name), at=(fd, name))
+    finally:
+        os.close(fd)
     with contextlib.suppress(FileNotFoundError):  # another remover got here first
-        os.rmdir(path)
+        if at is None:
+            os.rmdir(path)
+        else:
+            os.rmdir(at[1], dir_fd=at[0])
+
+
+def _symbolic_link(path: str) -> CorruptCheckpointError:
+    """The error of an operation on a run whose directory is a symbolic link."""
+    return CorruptCheckpointError(
+        "the run directory is a symbolic link; the store never follows one (delete_run "
+        "removes the link, never what it points to)", key=path)
+
+
+def _refuse_link(path: str) -> None:
+    """Raise :func:`_symbolic_link` if ``path`` is a symbolic link."""
+    if os.path.islink(path):
+        raise _symbolic_link(path)
 
 
 def _log_leftover(path: str, exc: OSError) -> None:
@@ -2123,7 +2156,7 @@ class FileStore(ExpiryCleanup):
         released and the log compacted, if due)."""
         taken: list[_Queued] = []
         try:
-            with self._locked(run_key):
+            with self._locked(run_key, links=True):  # each write refuses a link alone
                 held = _HELD.by_path[self._run_dir(run_key)]
                 held.batch = True
                 try:
@@ -2209,6 +2242,10 @@ class FileStore(ExpiryCleanup):
             fd = os.open(self._run_dir(run_key), _DIR_FLAGS)
         except FileNotFoundError:
             fd = None  # no such run
+        except OSError as exc:
+            if exc.errno in _LINK_ERRORS and os.path.islink(self._run_dir(run_key)):
+                raise _symbolic_link(self._run_dir(run_key)) from exc
+            raise
         if fd is None:
             yield None
             return
@@ -2225,12 +2262,18 @@ class FileStore(ExpiryCleanup):
                 os.close(fd)
 
     @contextlib.contextmanager
-    def _locked(self, run_key: str, *, blocking: bool = True) -> Iterator[bool]:
+    def _locked(
+        self, run_key: str, *, blocking: bool = True, links: bool = False
+    ) -> Iterator[bool]:
         """Hold the run's lock; yields ``False`` if not ``blocking`` and it is busy. Within a
-        batch of writes this thread makes for the run, the batch's hold is the operation's."""
+        batch of writes this thread makes for the run, the batch's hold is the operation's.
+        A run directory that is a symbolic link is refused (:func:`_symbolic_link`), unless
+        ``links``: the caller then neither reads nor writes through it."""
         no_waiting()
         outer = _HELD.by_path.get(self._run_dir(run_key))
         if outer is not None and outer.batch:
+            if not links:
+                _refuse_link(self._run_dir(run_key))
             yield True
             return
         path = os.path.join(self._locks, run_key)
@@ -2243,6 +2286,8 @@ class FileStore(ExpiryCleanup):
         # A thread never holds a run's lock twice (flock would wait on itself).
         held = _HELD.by_path[run_dir] = _HeldLog(run_dir)
         try:
+            if not links:
+                _refuse_link(run_dir)
             yield True
             # A run without a directory needs no lock file. Removed while held: whoever
             # waits on it finds its inode gone from the path and locks a new file.
@@ -2294,7 +2339,7 @@ class FileStore(ExpiryCleanup):
     def _sync_dir(self, path: str) -> None:
         if not self._fsync:
             return
-        fd = os.open(path, _DIR_FLAGS)
+        fd = os.open(path, _STORE_DIR_FLAGS)
         try:
             os.fsync(fd)
         finally:
@@ -3065,7 +3110,10 @@ class FileStore(ExpiryCleanup):
         return await self._call(self._delete_run, run_key)
 
     def _delete_run(self, run_key: str) -> int:
-        with self._locked(run_key):
+        with self._locked(run_key, links=True):
+            if os.path.islink(self._run_dir(run_key)):
+                self._remove_link(self._run_dir(run_key))
+                return 0
             try:
                 state = self._read_state(run_key)
             except CorruptCheckpointError as exc:
@@ -3078,6 +3126,13 @@ class FileStore(ExpiryCleanup):
             with _after_commit(trash):
                 _remove_tree(trash)
         return _held(state)
+
+    def _remove_link(self, path: str) -> None:
+        """Remove a symbolic link in place of a run directory, never what it points to."""
+        logger.warning("file store: removing %s, a symbolic link in place of a run directory "
+                       "(what it points to is left alone)", path)
+        os.unlink(path)
+        self._sync_dir(self._runs)
 
     def _move_to_trash(self, run_key: str) -> str | None:
         """Take the run directory out of ``runs/`` in one rename: the commit of a removal."""
@@ -3450,7 +3505,12 @@ class FileStore(ExpiryCleanup):
         for name in os.listdir(self._trash):
             if budget.exhausted:
                 return
-            _remove_tree(os.path.join(self._trash, name))
+            path = os.path.join(self._trash, name)
+            try:
+                _remove_tree(path)
+            except OSError as exc:  # one entry never stops the others, nor the purge
+                logger.warning("file store: removing %s failed, left for a later sweep: %s",
+                               exc.filename or path, exc.strerror or exc)
             budget.spend(1)
 
     def _sweep_temp(self, budget: _Budget) -> None:
@@ -3463,7 +3523,7 @@ class FileStore(ExpiryCleanup):
             if match is None:
                 logger.warning("file store: skipping foreign file %s", path)
                 continue
-            with self._locked(match[1], blocking=False) as locked:
+            with self._locked(match[1], blocking=False, links=True) as locked:
                 if not locked or in_use(path):
                     continue  # a writer of that run is at work (a compaction copies unlocked)
                 if _discard(path):
@@ -3474,6 +3534,11 @@ class FileStore(ExpiryCleanup):
         self, run_key: str, now: float, budget: _Budget, indexed: dict[str, set[str]]
     ) -> int:
         """Purge one run; returns checkpoints removed. Records the markers of a live run."""
+        if os.path.islink(self._run_dir(run_key)):
+            logger.warning("file store: skipping %s, a symbolic link in place of a run "
+                           "directory (never followed; delete_run removes it)",
+                           self._run_dir(run_key))
+            return 0
         try:
             state = self._read_state(run_key)
         except CorruptCheckpointError as exc:
@@ -3566,12 +3631,14 @@ class FileStore(ExpiryCleanup):
                 return
             if os.path.join(directory, marker) in indexed.get(run_key, ()):
                 continue
-            with self._locked(run_key):
+            with self._locked(run_key, links=True):
                 if self._marker_is_stale(run_key, marker, directory):
                     _discard(os.path.join(self._index, directory, marker))
                     budget.spend(1)
 
     def _marker_is_stale(self, run_key: str, marker: str, directory: str) -> bool:
+        if os.path.islink(self._run_dir(run_key)):
+            return False  # logged by the run pass; its marker stays until it is removed
         try:
             state = self._read_state(run_key)
         except CorruptCheckpointError:
@@ -3598,6 +3665,11 @@ class FileStore(ExpiryCleanup):
             keys = sorted(name for name in os.listdir(self._runs) if _RUN_KEY.fullmatch(name))
         found: list[RunDamage] = []
         for key in keys:
+            if os.path.islink(self._run_dir(key)):
+                found.append(RunDamage(
+                    run_key=key, key=self._run_dir(key), problem=_problem(
+                        _symbolic_link(self._run_dir(key))), checkpoints=0, newest=None))
+                continue
             self._remove_orphans(key)
             if self._damage(key, now) is None:
                 continue  # the common case, decided without waiting for the run's writer

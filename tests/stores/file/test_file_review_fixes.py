@@ -4,9 +4,11 @@ not be cut off the log again."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -14,8 +16,10 @@ import pytest
 from fastcheckpoint import CheckpointManager
 from fastcheckpoint._ids import run_key
 from fastcheckpoint.errors import CorruptCheckpointError
+from fastcheckpoint.stores import file as file_store
 from fastcheckpoint.stores.file import FileStore
-from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_run
+from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_item, make_run
+from tests._helpers import FakeClock, make_config
 
 pytestmark = pytest.mark.anyio
 
@@ -110,3 +114,129 @@ async def test_an_append_whose_seed_names_another_run_id_than_the_record_writes_
         got = await store.get_run(key, now=T0)
         assert got is not None
         assert (got.run_id, got.latest_sequence) == ("A", 0)
+
+
+# -- symbolic links in runs/ and trash/ ---------------------------------------------------------
+
+
+async def test_a_link_in_runs_to_a_directory_outside_is_skipped_by_cleanup(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("x")
+    root = tmp_path / "store"
+    clock = FakeClock()
+    store = FileStore(root)
+    manager = CheckpointManager(store, config=make_config(clock))
+    link = _run_dir(root, "A")
+    link.symlink_to(outside)  # a link where a run directory would be
+    with anyio.fail_after(30):
+        await manager.create("D", state={}, ttl_seconds=10)
+        clock.advance(20)
+        caplog.set_level(logging.WARNING, logger=LOGGER)
+        await manager.cleanup_expired()
+        await manager.cleanup_expired()  # again: nothing in trash/ stops it
+        assert (outside / "precious.txt").read_text() == "x"
+        assert not _run_dir(root, "D").exists()  # expiry went on for the rest of the store
+        assert link.is_symlink()
+        assert list((root / "trash").iterdir()) == []
+        assert "symbolic link" in caplog.text
+        damage = await store.damaged_runs(now=clock())
+        assert [(found.run_key, found.checkpoints) for found in damage] == [(run_key("A"), 0)]
+        assert [report.outcome for report in await manager.repair()] == ["unrecoverable"]
+        with pytest.raises(CorruptCheckpointError, match="symbolic link"):
+            await manager.restore("A")
+        assert await manager.delete_run("A") == 0  # the link goes, not what it names
+        assert not link.is_symlink()
+        assert (outside / "precious.txt").read_text() == "x"
+
+
+async def test_a_run_directory_linked_to_another_runs_is_never_written_through(
+    root: Path, store: FileStore
+) -> None:
+    manager = CheckpointManager(store)
+    with anyio.fail_after(30):
+        await manager.create("B", state={"r": "B"})
+        b = _run_dir(root, "B")
+        before = (b / "log").read_bytes()
+        _run_dir(root, "A").symlink_to(b)
+        with pytest.raises(CorruptCheckpointError, match="symbolic link"):
+            await manager.create("A", state={"r": "A"})
+        with pytest.raises(CorruptCheckpointError, match="symbolic link"):
+            await store.put_items(run_key("A"), [make_item("k")], now=T0)
+        assert (b / "log").read_bytes() == before
+        assert await manager.count_runs() == 1
+
+
+async def test_delete_run_of_a_run_directory_linked_to_another_runs_removes_the_link_alone(
+    root: Path, store: FileStore
+) -> None:
+    manager = CheckpointManager(store)
+    with anyio.fail_after(30):
+        await manager.create("B", state={"r": "B"})
+        b = _run_dir(root, "B")
+        before = (b / "log").read_bytes()
+        _run_dir(root, "A").symlink_to(b)
+        assert await manager.delete_run("A") == 0
+        assert (b / "log").read_bytes() == before  # not removed through the link
+        assert not _run_dir(root, "A").is_symlink()
+        assert list((root / "trash").iterdir()) == []
+        got = await manager.restore("B")
+        assert got is not None
+        assert got.state == {"r": "B"}
+        created = await manager.create("A", state={"r": "A"})  # a run of its own now
+        assert created is not None
+        assert (b / "log").read_bytes() == before
+
+
+async def test_links_in_trash_are_removed_never_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "precious.txt").write_text("x")
+    (outside / "sub" / "deep.txt").write_text("y")
+    root = tmp_path / "store"
+    store = FileStore(root)
+    trash = root / "trash"
+    (trash / f"{'q' * 24}.0123456789abcdef").symlink_to(outside)  # an entry that is a link
+    held = trash / f"{'r' * 24}.0123456789abcdef"  # a run directory holding links
+    (held / "nested").mkdir(parents=True)
+    (held / "log").write_bytes(b"log")
+    (held / "to-outside").symlink_to(outside)
+    (held / "nested" / "to-sub").symlink_to(outside / "sub")
+    (trash / "stray-file").write_text("z")
+    with anyio.fail_after(30):
+        assert await store.purge_expired(now=T0, limit=1000) == (0, True)
+    assert list(trash.iterdir()) == []
+    assert (outside / "precious.txt").read_text() == "x"
+    assert (outside / "sub" / "deep.txt").read_text() == "y"
+
+
+async def test_an_entry_of_trash_that_cannot_be_removed_stops_no_purge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "store"
+    clock = FakeClock()
+    manager = CheckpointManager(FileStore(root), config=make_config(clock))
+    stuck = root / "trash" / f"{'q' * 24}.0123456789abcdef"
+    (stuck / "c").mkdir(parents=True)
+    other = root / "trash" / f"{'r' * 24}.0123456789abcdef"
+    other.mkdir()
+    removing = file_store._remove_tree
+
+    def remove(path: str, **kwargs: Any) -> None:
+        if path == str(stuck):
+            raise PermissionError(errno.EACCES, "injected", path)
+        removing(path, **kwargs)
+
+    monkeypatch.setattr(file_store, "_remove_tree", remove)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    with anyio.fail_after(30):
+        await manager.create("D", state={}, ttl_seconds=10)
+        clock.advance(20)
+        assert await manager.cleanup_expired() == 1
+        assert await manager.cleanup_expired() == 0
+    assert not _run_dir(root, "D").exists()
+    assert not other.exists()
+    assert stuck.exists()
+    assert f"removing {stuck} failed" in caplog.text
