@@ -141,6 +141,7 @@ from fastcheckpoint.stores._file_log import (
     MIN_KEY,
     RUN,
     CachedReadsUnsupported,
+    CommitLeftInLog,
     Located,
     LogView,
     LogWriter,
@@ -643,7 +644,9 @@ class _Queued:
             return
         own: BaseException
         if isinstance(exc, OSError):
-            own = _BatchFailed(*exc.args)
+            # Commits the batch could not cut off again keep saying so: their outcome is unknown.
+            own = (CommitLeftInLog if isinstance(exc, CommitLeftInLog) else _BatchFailed)(
+                *exc.args)
             if exc.filename is not None:
                 own.filename = exc.filename
         else:
@@ -2229,6 +2232,13 @@ class FileStore(ExpiryCleanup):
     def _translated(self, func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
             return func(*args, **kwargs)
+        except CommitLeftInLog as exc:
+            raise StoreError(
+                f"outcome unknown: the write failed and its commit could not be cut off "
+                f"{exc.filename or 'the log'} again ({exc.strerror or exc}): it may have "
+                "landed (readers "
+                "may find it). Read the run before writing it again: a create made again "
+                "without looking may be stored twice") from exc
         except OSError as exc:
             where = exc.filename or self._root
             raise StoreError(f"file store I/O failed on {where}: {exc.strerror or exc}") from exc

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,9 @@ from typing import Any
 import anyio
 import pytest
 
-from fastcheckpoint import CheckpointManager
+from fastcheckpoint import CheckpointManager, CheckpointStatus
 from fastcheckpoint._ids import run_key
-from fastcheckpoint.errors import CorruptCheckpointError
+from fastcheckpoint.errors import CorruptCheckpointError, StoreError
 from fastcheckpoint.stores import file as file_store
 from fastcheckpoint.stores.file import FileStore
 from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_item, make_run
@@ -240,3 +241,60 @@ async def test_an_entry_of_trash_that_cannot_be_removed_stops_no_purge(
     assert not other.exists()
     assert stuck.exists()
     assert f"removing {stuck} failed" in caplog.text
+
+
+# -- a failed write whose commit could not be cut off -------------------------------------------
+
+
+def _fail(*args: object) -> None:
+    raise OSError(errno.EIO, "injected")
+
+
+async def test_a_create_whose_sync_and_cut_fail_is_an_outcome_unknown(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = CheckpointManager(FileStore(root))
+    with anyio.fail_after(30):
+        await manager.create("r", state={"i": 0})
+        monkeypatch.setattr(os, "fdatasync", _fail)  # the batch's sync fails ...
+        monkeypatch.setattr(os, "truncate", _fail)  # ... and so does cutting it off again
+        with pytest.raises(StoreError, match=r"^outcome unknown: ") as raised:
+            await manager.create("r", state={"i": 1})
+        assert "before writing it again" in str(raised.value)
+        monkeypatch.undo()
+        # Why it is not called a failure: its commit stayed in the log, and is found.
+        latest = await CheckpointManager(FileStore(root)).restore("r")
+        assert latest is not None
+        assert latest.state == {"i": 1}
+
+
+async def test_a_status_change_whose_sync_and_cut_fail_is_an_outcome_unknown(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = CheckpointManager(FileStore(root))
+    with anyio.fail_after(30):
+        await manager.create("r", state={"i": 0})
+        monkeypatch.setattr(os, "fdatasync", _fail)
+        monkeypatch.setattr(os, "ftruncate", _fail)  # a lone commit is cut through its fd
+        with pytest.raises(StoreError, match=r"^outcome unknown: "):
+            await manager.mark_completed("r")
+        monkeypatch.undo()
+        run = await CheckpointManager(FileStore(root)).get_run("r")
+        assert run is not None
+        assert run.status == CheckpointStatus.COMPLETED
+
+
+async def test_a_create_whose_sync_fails_but_is_cut_off_is_a_plain_failure(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = CheckpointManager(FileStore(root))
+    with anyio.fail_after(30):
+        await manager.create("r", state={"i": 0})
+        monkeypatch.setattr(os, "fdatasync", _fail)
+        with pytest.raises(StoreError) as raised:
+            await manager.create("r", state={"i": 1})
+        assert "outcome unknown" not in str(raised.value)
+        monkeypatch.undo()
+        latest = await CheckpointManager(FileStore(root)).restore("r")
+        assert latest is not None
+        assert latest.state == {"i": 0}
