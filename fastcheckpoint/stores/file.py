@@ -194,7 +194,7 @@ _COUNT = struct.Struct("<Q")
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 _DIR_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK
 """A directory inside the store (a run's, or one in ``trash/``): a symbolic link in its place
-fails to open (``ENOTDIR`` or ``ELOOP``), never followed."""
+fails to open (``ENOTDIR`` or ``ELOOP``), never followed, and a FIFO never blocks the open."""
 _STORE_DIR_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY
 """The root, the directories above it and those it holds: an operator may link them."""
 _LINK_ERRORS = (errno.ENOTDIR, errno.ELOOP)
@@ -2236,9 +2236,8 @@ class FileStore(ExpiryCleanup):
             raise StoreError(
                 f"outcome unknown: the write failed and its commit could not be cut off "
                 f"{exc.filename or 'the log'} again ({exc.strerror or exc}): it may have "
-                "landed (readers "
-                "may find it). Read the run before writing it again: a create made again "
-                "without looking may be stored twice") from exc
+                "landed (readers may find it). Read the run before writing it again: a create "
+                "made again without looking may be stored twice") from exc
         except OSError as exc:
             where = exc.filename or self._root
             raise StoreError(f"file store I/O failed on {where}: {exc.strerror or exc}") from exc
