@@ -549,6 +549,11 @@ local function is_label_list(blob)
   return count == #list
 end
 
+-- The incarnation a checkpoint id names, or nil (an edited id names none).
+local function id_incarnation(id)
+  return id and string.match(id, '^ck%-[a-z2-7]+%-([a-z2-7]+)%-%d+$')
+end
+
 -- Why the record r cannot be used, or nil. `top` is the newest logged sequence. What it
 -- accepts, RedisStore._run_record reads: the two judge a record by one rule.
 local function record_problem(r, top)
@@ -565,8 +570,7 @@ local function record_problem(r, top)
     return 'has no valid index member'
   end
   if not top then return nil end
-  local id = field(ckey(top), 'i')
-  local logged = id and string.match(id, '^ck%-[a-z2-7]+%-([a-z2-7]+)%-%d+$')
+  local logged = id_incarnation(field(ckey(top), 'i'))
   if logged and logged ~= r.inc then
     return 'names incarnation ' .. r.inc .. ' but its newest checkpoint belongs to ' .. logged
   end
@@ -726,13 +730,24 @@ local function drop_run(keep_unowned_items)
   return #sequences
 end
 
--- Checkpoints of the log whose keys still hold an id, newest first: {count, newest sequence,
--- oldest created_at ('' when none is readable)}. Log entries whose key is gone are collected
--- in `stale`. An edited created_at is passed over: a rebuilt record must be readable.
+-- Whether the header fields f = {id, created, expires, stored sequence} of checkpoint
+-- `sequence` are what RedisStore._header reads (by a rule no looser than the client's): a
+-- rebuilt record is seeded from such a checkpoint.
+local function readable_header(sequence, f)
+  return string.match(sequence, '^%d+$') ~= nil and id_incarnation(f[1]) ~= nil
+    and is_decimal(f[2]) and (not f[3] or f[3] == '' or is_decimal(f[3]))
+    and (not f[4] or f[4] == sequence)
+end
+
+-- Checkpoints of the log whose keys still hold an id, newest first: count, newest sequence,
+-- oldest created_at ('' when none is readable), the incarnation the newest id naming one
+-- names, and the newest sequence whose header fields are readable (readable_header). Log
+-- entries whose key is gone are collected in `stale`. An edited created_at is passed over: a
+-- rebuilt record must be readable.
 local function intact(stale)
-  local count, newest, oldest = 0, nil, ''
+  local count, newest, oldest, incarnation, readable = 0, nil, '', nil, nil
   for _, sequence in ipairs(redis.call('ZREVRANGE', KEYS[2], 0, -1)) do
-    local f = checkpoint_fields(ckey(sequence), 'i', 't')
+    local f = checkpoint_fields(ckey(sequence), 'i', 't', 'e', 'q')
     if f[1] == '' then
       -- Another type at its key: neither intact nor vanished.
     elseif not f[1] then
@@ -740,10 +755,12 @@ local function intact(stale)
     else
       count = count + 1
       newest = newest or sequence
+      incarnation = incarnation or id_incarnation(f[1])
+      if not readable and readable_header(sequence, f) then readable = sequence end
       if is_decimal(f[2]) then oldest = f[2] end
     end
   end
-  return count, newest, oldest
+  return count, newest, oldest, incarnation, readable
 end
 
 -- What a read returns for one checkpoint: {1, status, sequence, id, created, expires, header,
@@ -1211,14 +1228,24 @@ return {{1}, OPS}
 
 # What repairing the run needs to know, read only. Returns {problem ('' = not damaged),
 # intact count, newest sequence, its id, created, expires, header, stored sequence, oldest
-# created_at}.
+# created_at, the incarnation to rebuild ('' when no id names one), then the newest readable
+# checkpoint (intact's readable; '' when none): its sequence, id, created, expires, header,
+# stored sequence}. The client reads the newest checkpoint's header, and falls back to the
+# newest readable one when that one is corrupt.
 _INSPECT = r"""
 local run = load_run()
 if not run.damaged then return {{''}, OPS} end
-local count, newest, oldest = intact({})
+local count, newest, oldest, incarnation, readable = intact({})
 if not newest then return {{run.problem, 0}, OPS} end
 local f = redis.call('HMGET', ckey(newest), 'i', 't', 'e', 'h', 'q')
-return {{run.problem, count, newest, f[1], f[2], f[3], f[4], f[5], oldest}, OPS}
+local reply = {run.problem, count, newest, f[1], f[2], f[3], f[4], f[5], oldest,
+  incarnation or '', readable or ''}
+if readable and readable ~= newest then
+  for _, value in ipairs(redis.call('HMGET', ckey(readable), 'i', 't', 'e', 'h', 'q')) do
+    reply[#reply + 1] = value
+  end
+end
+return {reply, OPS}
 """
 
 # Replace a damaged record by one derived from the log. ARGV[5..]: run id, status, data,
@@ -1230,11 +1257,9 @@ _REBUILD = r"""
 local run = load_run()
 if not run.damaged then return {{'fine'}, OPS} end
 local stale = {}
-local count, newest, oldest = intact(stale)
+local count, newest, oldest, incarnation, readable = intact(stale)
 if not newest then return {{'empty'}, OPS} end
-local id = redis.call('HGET', ckey(newest), 'i')
-local incarnation = string.match(id, '^ck%-[a-z2-7]+%-([a-z2-7]+)%-%d+$')
-if incarnation ~= ARGV[8] or newest ~= ARGV[9] or oldest ~= ARGV[10] then
+if not readable or incarnation ~= ARGV[8] or newest ~= ARGV[9] or oldest ~= ARGV[10] then
   return {{'changed'}, OPS}
 end
 for _, sequence in ipairs(stale) do drop_checkpoint(sequence) end

@@ -156,7 +156,6 @@ _MAINTENANCE = frozenset({"purge_run", "reindex"})
 _RUN_KEYS = ("run", "seq", "exp", "due", "ik", "iv", "io", "ie", "ir", "cr")
 _MEMBER = re.compile(rb"([0-9a-f]{16})([a-z2-7]{1,64})\.([a-z2-7]{1,64})")
 _INTENT = re.compile(rb"([a-z2-7]{1,64})\.[0-9a-f]{16}")
-_CHECKPOINT_ID_INCARNATION = re.compile(r"ck-[a-z2-7]+-([a-z2-7]+)-\d+")
 _URL_SCHEMES = {"redis", "rediss", "redis+cluster", "rediss+cluster"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -1349,15 +1348,34 @@ class RedisStore(ExpiryCleanup):
         return sorted(found)
 
     async def _inspect(self, run_key: str, now: float) -> RunDamage | None:
+        """The run's damage, if any. A corrupt newest checkpoint is named in the problem, and
+        the newest readable one is reported instead (``None`` when none is): one run's
+        damage never fails the search for the others."""
         reply = await self._run("inspect", run_key, now, [])
         if not reply[0]:
             return None
-        key = self._run_keys(run_key)[0][0]
+        keys, base = self._run_keys(run_key)
+        problem = f"the run record {_text(reply[0])}"
         newest = None
         if int(reply[1]) > 0:
-            newest = self._header(self._run_keys(run_key)[1], [reply[2], *reply[3:8]])
-        return RunDamage(run_key=run_key, key=key, problem=f"the run record {_text(reply[0])}",
+            try:
+                newest = self._header(base, [reply[2], *reply[3:8]])
+            except CorruptCheckpointError as exc:
+                problem += f"; its newest checkpoint is corrupt too: {exc}"
+                newest = self._readable_newest(base, reply)
+        return RunDamage(run_key=run_key, key=keys[0], problem=problem,
                          checkpoints=int(reply[1]), newest=newest)
+
+    def _readable_newest(self, base: str, reply: Sequence[Any]) -> CheckpointHeader | None:
+        """The newest checkpoint whose header the inspect script found readable, after the
+        newest one proved corrupt, or ``None`` when no checkpoint is readable."""
+        if not reply[10] or reply[10] == reply[2]:
+            return None
+        try:
+            return self._header(base, [reply[10], *reply[11:16]])
+        except CorruptCheckpointError:  # the script's rule is the stricter; never expected
+            _log.warning("no readable checkpoint to rebuild %s from", base, exc_info=True)
+            return None
 
     @holds_clients
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
@@ -1368,21 +1386,22 @@ class RedisStore(ExpiryCleanup):
             if int(reply[1]) == 0:
                 raise CheckpointNotFound(
                     f"run key {run_key} holds no intact checkpoint to rebuild its record from")
-            newest_id = bytes(reply[3]).decode("utf-8", "replace")  # may be tampered with too
-            incarnation = _CHECKPOINT_ID_INCARNATION.fullmatch(newest_id)
-            if incarnation is None:
+            keys, base = self._run_keys(run_key)
+            incarnation, oldest = _text(reply[9]), reply[8]
+            if not incarnation:
+                newest_id = bytes(reply[3]).decode("utf-8", "replace")
                 raise CorruptCheckpointError(
-                    f"the newest checkpoint's id {newest_id[:80]!r} names no incarnation",
-                    key=f"{self._run_keys(run_key)[1]}c:{_shown(reply[2])}")
-            oldest = reply[8]
-            if not oldest:
+                    f"no checkpoint id of run key {run_key} names an incarnation (the newest "
+                    f"is {newest_id[:80]!r}) to rebuild its record from",
+                    key=f"{base}c:{_shown(reply[2])}")
+            if not oldest or not reply[10]:
                 raise CorruptCheckpointError(
                     f"no intact checkpoint of run key {run_key} has a readable creation time "
-                    "to rebuild its record from", key=self._run_keys(run_key)[0][0])
-            member = f"{_sortable(float(oldest))}{run_key}.{incarnation[1]}"
+                    "and header fields to rebuild its record from", key=keys[0])
+            member = f"{_sortable(float(oldest))}{run_key}.{incarnation}"
             result = await self._run(
                 "rebuild", run_key, now,
-                [seed.run_id, seed.status, seed.data, incarnation[1], reply[2], oldest, member,
+                [seed.run_id, seed.status, seed.data, incarnation, reply[2], oldest, member,
                  _json_list(check_labels(seed.labels))],
                 intent=True,
             )

@@ -467,3 +467,46 @@ async def test_a_checkpoint_key_of_another_type_is_a_corrupt_checkpoint(
     assert [c.sequence for c in listed] == [1, 0]
     assert slot.value.key == _key(prefix, rk, "c:3")
     assert log == [b"0", b"1", b"2"]
+
+
+# -- repair past a corrupt newest checkpoint -------------------------------------------------
+
+
+async def test_a_damaged_run_whose_newest_checkpoint_is_corrupt_fails_no_other_run(
+    prefixed: tuple[RedisTarget, str],
+) -> None:
+    """One damaged run whose newest checkpoint was corrupt too made damaged_runs raise
+    CorruptCheckpointError for the whole store, so repair found no damaged run at all. That
+    run is reported (its problem naming both) and rebuilt from its newest readable checkpoint;
+    a run with none readable is reported unrecoverable; the others are rebuilt."""
+    store, prefix = _store(prefixed)
+    manager = CheckpointManager(store, config=CheckpointConfig(max_checkpoints_per_run=None))
+    runs = ("corrupt-newest", "all-corrupt", "plain-damage")
+    with anyio.fail_after(_DEADLINE):
+        for run_id in runs:
+            for n in range(2):
+                await manager.create(run_id, {"n": n})
+            await store._client.hset(_key(prefix, key_of(make_run(run_id)), "run"), "lb",
+                                     b'["x')
+        first = key_of(make_run("corrupt-newest"))
+        await store._client.hset(_key(prefix, first, "c:1"), "t", b"not-a-time")
+        both = key_of(make_run("all-corrupt"))
+        for n in range(2):
+            await store._client.hset(_key(prefix, both, f"c:{n}"), "q", b"7")
+        found = {damage.run_key: damage for damage in await store.damaged_runs(now=T0)}
+        reports = {report.key: report for report in await manager.repair()}
+        created = await manager.create("corrupt-newest", {"n": 2})
+        await store.aclose()
+    assert set(found) == {key_of(make_run(run_id)) for run_id in runs}
+    assert found[first].problem.startswith("the run record has unreadable labels")
+    assert _key(prefix, first, "c:1") in found[first].problem
+    newest = found[first].newest
+    assert newest is not None
+    assert newest.sequence == 0
+    assert found[both].newest is None
+    outcomes = {key.rsplit("{", 1)[1].split("}")[0]: report.outcome
+                for key, report in reports.items()}
+    assert outcomes == {first: "rebuilt", both: "unrecoverable",
+                        key_of(make_run("plain-damage")): "rebuilt"}
+    assert created is not None
+    assert created.checkpoint_id.endswith("-2")
