@@ -690,12 +690,16 @@ local function settle_run(old_expiry)
   if held_expiry() ~= old_expiry then touch_run_keys() end
 end
 
--- Drops log entries of checkpoints whose key Redis expired (or evicted).
+-- Drops log entries of checkpoints whose key Redis expired (or evicted). Returns
+-- foreign_key()'s answer, and drops nothing, when a run-level key holds another type.
 local function drop_stale(stale, old_expiry)
-  if #stale == 0 then return end
+  if #stale == 0 then return nil end
+  local foreign = foreign_key()
+  if foreign then return foreign end
   for _, sequence in ipairs(stale) do drop_checkpoint(sequence) end
   settle_run(old_expiry)
   schedule(false)
+  return nil
 end
 
 -- rid inc st ct ut ls exp v d count labels, as RedisStore._run_record reads them.
@@ -777,7 +781,8 @@ local function find_one(run, sequence)
   return checkpoint_reply(run, sequence, f)
 end
 
--- The newest live checkpoint, or nil; drops log entries whose key vanished on the way.
+-- The newest live checkpoint, or nil; drops log entries whose key vanished on the way. Its
+-- second result is drop_stale's.
 local function find_latest(run)
   local upper, stale, found = '+inf', {}, nil
   while not found do
@@ -794,8 +799,7 @@ local function find_latest(run)
     end
     upper = '(' .. page[#page]
   end
-  drop_stale(stale, run.expiry)
-  return found
+  return found, drop_stale(stale, run.expiry)
 end
 """
 
@@ -927,21 +931,26 @@ if not run.live then return {{0}, OPS} end
 return {find_one(run, ARGV[5]) or {0}, OPS}
 """
 
-# Returns like _GET.
+# Returns like _GET, or {'corrupt', key, type} (nothing written) when a log entry whose key
+# vanished was to be dropped and a run-level key holds another type.
 _LATEST = r"""
 local run = load_run()
 if not run.live then return {{0}, OPS} end
-return {find_latest(run) or {0}, OPS}
+local found, foreign = find_latest(run)
+if foreign then return {{'corrupt', unpack(foreign)}, OPS} end
+return {found or {0}, OPS}
 """
 
 # ARGV[5]: sequence ('' = the newest live one; KEYS[11] is its key when given). Returns
 # checkpoint_reply() followed by (key, value) of the live items it owns, its refs name and
-# are nested under what its refs name (a range of the key index per ref), or {0}.
+# are nested under what its refs name (a range of the key index per ref), or {0}, or
+# {'corrupt', key, type} like _LATEST.
 _READ_WITH_ITEMS = r"""
 local run = load_run()
 if not run.live then return {{0}, OPS} end
-local found
-if ARGV[5] == '' then found = find_latest(run) else found = find_one(run, ARGV[5]) end
+local found, foreign
+if ARGV[5] == '' then found, foreign = find_latest(run) else found = find_one(run, ARGV[5]) end
+if foreign then return {{'corrupt', unpack(foreign)}, OPS} end
 if not found then return {{0}, OPS} end
 local keys, seen = {}, {}
 local function want(key)
@@ -980,7 +989,7 @@ return {found, OPS}
 
 # ARGV[5..]: before ('' = from the newest), limit, include_expired ('1'/'0').
 # Returns {1, status, problem, then (sequence, id, created, expires, header, stored sequence)
-# per checkpoint}.
+# per checkpoint}, or {'corrupt', key, type} like _LATEST.
 _HEADERS = r"""
 local run = load_run()
 local include_expired = ARGV[7] == '1'
@@ -1005,7 +1014,8 @@ while count < limit do
   end
   upper = '(' .. page[#page]
 end
-drop_stale(stale, run.expiry)
+local foreign = drop_stale(stale, run.expiry)
+if foreign then return {{'corrupt', unpack(foreign)}, OPS} end
 return {out, OPS}
 """
 
@@ -1177,7 +1187,9 @@ return answer(ARGV[5], {removed}, removed > 0)
 """
 
 # ARGV[5..]: budget, the member the global due index listed, token.
-# Returns {checkpoints removed, things removed}.
+# Returns {checkpoints removed, things removed}, or {'corrupt', key, type} (nothing written)
+# when a run-level key holds another type and the run is not removed whole (an expired run
+# is: its keys are unlinked whatever their type).
 _PURGE_RUN = r"""
 local budget, listed, token = tonumber(ARGV[5]), ARGV[6], ARGV[7]
 local saved = recall(token)
@@ -1185,12 +1197,16 @@ if saved then return saved end
 local run = load_run()
 local member = field(KEYS[1], 'm')
 local scheduled = field(KEYS[4], 'm')
+local logged = redis.call('EXISTS', KEYS[2]) == 1
+if not ((run.present or logged) and not run.live) then
+  local foreign = foreign_key()
+  if foreign then return {{'corrupt', unpack(foreign)}, OPS} end
+end
 if listed ~= scheduled and listed ~= member then
   -- The due index names a run incarnation this slot no longer holds (its keys expired
   -- natively, or a client died before updating the index): forget it everywhere.
   op('forget', listed)
 end
-local logged = redis.call('EXISTS', KEYS[2]) == 1
 if (run.present or logged) and not run.live then
   local removed = drop_run(false)
   return answer(token, {removed, removed + 1}, true)
@@ -1231,10 +1247,15 @@ return {{1}, OPS}
 # created_at, the incarnation to rebuild ('' when no id names one), then the newest readable
 # checkpoint (intact's readable; '' when none): its sequence, id, created, expires, header,
 # stored sequence}. The client reads the newest checkpoint's header, and falls back to the
-# newest readable one when that one is corrupt.
+# newest readable one when that one is corrupt. A run-level key of another type leaves
+# nothing to rebuild: {problem, 0, nine '', key, type}.
 _INSPECT = r"""
 local run = load_run()
 if not run.damaged then return {{''}, OPS} end
+local foreign = foreign_key()
+if foreign then
+  return {{run.problem, 0, '', '', '', '', '', '', '', '', '', unpack(foreign)}, OPS}
+end
 local count, newest, oldest, incarnation, readable = intact({})
 if not newest then return {{run.problem, 0}, OPS} end
 local f = redis.call('HMGET', ckey(newest), 'i', 't', 'e', 'h', 'q')
@@ -1252,10 +1273,12 @@ return {reply, OPS}
 # incarnation, newest sequence, oldest created_at and index member the client derived from
 # _INSPECT's answer (the script checks they still hold), the seed's labels (JSON or '').
 # Returns {'ok', fields...}, {'fine'} when the record is not damaged, {'changed'} when the log
-# moved on, {'empty'}.
+# moved on, {'empty'}, {'corrupt', key, type} (nothing written).
 _REBUILD = r"""
 local run = load_run()
 if not run.damaged then return {{'fine'}, OPS} end
+local foreign = foreign_key()
+if foreign then return {{'corrupt', unpack(foreign)}, OPS} end
 local stale = {}
 local count, newest, oldest, incarnation, readable = intact(stale)
 if not newest then return {{'empty'}, OPS} end

@@ -823,6 +823,8 @@ class RedisStore(ExpiryCleanup):
     @holds_clients
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
         reply = await self._run("latest", run_key, now, [])
+        if reply[0] == b"corrupt":
+            raise _foreign_key(reply[1:])
         return self._checkpoint(run_key, reply[1:]) if reply[0] == 1 else None
 
     @holds_clients
@@ -832,6 +834,8 @@ class RedisStore(ExpiryCleanup):
         reply = await self._run(
             "read_with_items", run_key, now, ["" if sequence is None else str(sequence)],
             checkpoint=sequence)
+        if reply[0] == b"corrupt":
+            raise _foreign_key(reply[1:])
         if reply[0] != 1:
             return None
         record, status = self._checkpoint(run_key, reply[1:11])
@@ -865,6 +869,8 @@ class RedisStore(ExpiryCleanup):
                 ["" if before is None else str(before), str(want),
                  "1" if include_expired else "0"],
             )
+            if reply[0] == b"corrupt":
+                raise _foreign_key(reply[1:])
             if reply[0] != 1:
                 break
             if status is None:
@@ -1278,9 +1284,12 @@ class RedisStore(ExpiryCleanup):
                              member, self._global + "due")
                 await self._tidy(client, [member])
                 continue
-            checkpoints, work = await self._run(
+            reply = await self._run(
                 "purge_run", run_key, now, [str(budget), member, _token()]
             )
+            if reply[0] == b"corrupt":
+                raise _foreign_key(reply[1:])
+            checkpoints, work = reply
             removed += int(checkpoints)
             budget -= max(int(work), 1)
         for intent in intents[:max(budget, 0)]:
@@ -1357,7 +1366,9 @@ class RedisStore(ExpiryCleanup):
         keys, base = self._run_keys(run_key)
         problem = f"the run record {_text(reply[0])}"
         newest = None
-        if int(reply[1]) > 0:
+        if len(reply) > 11 and not reply[10]:
+            problem += f"; nothing can be rebuilt from the run's log: {_foreign_key(reply[11:])}"
+        elif int(reply[1]) > 0:
             try:
                 newest = self._header(base, [reply[2], *reply[3:8]])
             except CorruptCheckpointError as exc:
@@ -1383,6 +1394,8 @@ class RedisStore(ExpiryCleanup):
             reply = await self._run("inspect", run_key, now, [])
             if not reply[0]:
                 raise ConflictError(f"the run record of run key {run_key} is not damaged")
+            if len(reply) > 11 and not reply[10]:
+                raise _foreign_key(reply[11:])
             if int(reply[1]) == 0:
                 raise CheckpointNotFound(
                     f"run key {run_key} holds no intact checkpoint to rebuild its record from")
@@ -1407,6 +1420,8 @@ class RedisStore(ExpiryCleanup):
             )
             if result[0] == b"ok":
                 return self._run_record(run_key, result[1:])
+            if result[0] == b"corrupt":
+                raise _foreign_key(result[1:])
             if result[0] == b"fine":
                 raise ConflictError(f"the run record of run key {run_key} is not damaged")
             if result[0] == b"empty":

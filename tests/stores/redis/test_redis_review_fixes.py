@@ -510,3 +510,53 @@ async def test_a_damaged_run_whose_newest_checkpoint_is_corrupt_fails_no_other_r
                         key_of(make_run("plain-damage")): "rebuilt"}
     assert created is not None
     assert created.checkpoint_id.endswith("-2")
+
+
+# -- maintenance and tidying reads meeting a key of another type -----------------------------
+
+
+
+@pytest.mark.parametrize("operation", ["purge", "rebuild", "latest", "read_with_items",
+                                       "headers"])
+async def test_purge_rebuild_and_tidying_reads_meeting_a_key_of_another_type_write_nothing(
+    prefixed: tuple[RedisTarget, str], operation: str,
+) -> None:
+    """The item expiries' key (ie) replaced by a string: purging a live run, rebuilding a
+    damaged record and the reads that drop a log entry whose key vanished failed with
+    WRONGTYPE after their first write (a log entry dropped, the record rewritten). They now
+    raise CorruptCheckpointError naming the key, nothing written."""
+    store, prefix = _store(prefixed)
+    run = make_run("foreign-" + operation)
+    rk = key_of(run)
+    index = f"{prefix}:{{idx:{prefix}}}:"
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "purge": lambda: store.purge_expired(now=T0 + 20, limit=10),
+        "rebuild": lambda: store.rebuild_run(rk, run, now=T0 + 1),
+        "latest": lambda: store.latest(rk, now=T0 + 1),
+        "read_with_items": lambda: store.read_with_items(rk, sequence=None, now=T0 + 1),
+        "headers": lambda: store.headers(rk, before=None, limit=10, now=T0 + 1),
+    }
+    names = ("run", "seq", "exp", "due", "c:0", "c:1")
+    with anyio.fail_after(_DEADLINE):
+        await append_with_items(store, run, 0, expires_at=T0 + 10)
+        await append_with_items(store, run, 1)
+        await append_with_items(store, run, 2)
+        await store._client.delete(_key(prefix, rk, "c:2"))  # a vanished checkpoint key
+        await store._client.set(_key(prefix, rk, "ie"), "foreign")
+        if operation == "rebuild":
+            await store._client.hset(_key(prefix, rk, "run"), "lb", b'["x')
+        before = [await store._client.dump(_key(prefix, rk, name)) for name in names]
+        indexes = [await store._client.dump(index + name) for name in ("all", "due")]
+        with pytest.raises(CorruptCheckpointError) as caught:
+            await calls[operation]()
+        after = [await store._client.dump(_key(prefix, rk, name)) for name in names]
+        indexes_after = [await store._client.dump(index + name) for name in ("all", "due")]
+        damage = await store.damaged_runs(run_key=rk, now=T0 + 1)
+        await store.aclose()
+    assert caught.value.key == _key(prefix, rk, "ie")
+    assert after == before
+    assert indexes_after == indexes
+    if operation == "rebuild":
+        [found] = damage
+        assert _key(prefix, rk, "ie") in found.problem
+        assert found.newest is None
