@@ -106,7 +106,8 @@ _APPLY_OP = r"""
 --   add    member status stamp   a new run
 --   sync   member status stamp   make the indexes say what the run record says
 --   forget member '' stamp       a run that is gone: out of every index (its labels too);
---                                with a stamp (a deleted run, on Redis Cluster) for good
+--                                with a stamp (on Redis Cluster) for good; stamp 'now': the
+--                                index server's clock (a listing dropping a stale entry)
 --   bury   member                the cleanup loop: a tombstone's time is up
 --   label  member labels         a new run's labels (a JSON list): into each label's index
 --   damaged member               a run whose record is damaged: counts skip it until repaired
@@ -123,6 +124,12 @@ _APPLY_OP = r"""
 -- (member '-' .. member in `due`) TOMBSTONE_S after the delete, long after any call of that
 -- incarnation could land.
 local TOMBSTONE_S = 3600
+
+-- This server's clock in microseconds: the stamp of an index operation.
+local function server_stamp()
+  local now = redis.call('TIME')
+  return now[1] .. string.format('%06d', tonumber(now[2]))
+end
 
 local function tombstoned(g, member)
   local known = redis.call('HGET', g .. 'ver', member)
@@ -178,6 +185,7 @@ local function apply_op(g, kind, a, b, c)
     redis.call('ZREM', g .. 'all', a)
     redis.call('ZREM', g .. 'due', a)
     redis.call('ZREM', g .. 'damaged', a)
+    if c == 'now' then c = server_stamp() end
     if c ~= '' then
       redis.call('HSET', g .. 'ver', a, '-' .. c)
       redis.call('ZADD', g .. 'due', string.format('%.6f', tonumber(c) / 1e6 + TOMBSTONE_S),
@@ -231,8 +239,7 @@ end
 -- the client applies it later (see apply_op).
 local function stamp()
   if GLOBAL ~= '' then return '' end
-  local now = redis.call('TIME')
-  return now[1] .. string.format('%06d', tonumber(now[2]))
+  return server_stamp()
 end
 
 local function ckey(sequence)

@@ -1092,11 +1092,17 @@ class RedisStore(ExpiryCleanup):
         self, client: Any, stale: Sequence[bytes], damaged: Sequence[bytes] = ()
     ) -> None:
         """Drops index entries whose run incarnation no longer exists, and records runs whose
-        record is damaged, so that counts skip them until they are repaired or removed."""
+        record is damaged, so that counts skip them until they are repaired or removed.
+
+        A member names one incarnation, so one that is gone is gone for good: on Redis
+        Cluster its forget leaves a tombstone, as delete_run's does (stamped with the index
+        server's clock), so that a late index call of that incarnation cannot bring it back.
+        Plain Redis has no late index calls: the run scripts update the indexes themselves.
+        """
         ops: list[Any] = []
         for member in stale:
             _log.info("dropping the stale entry %r from the run index", member)
-            ops += ["forget", member, "", ""]
+            ops += ["forget", member, "", "now" if self._cluster else ""]
         for member in damaged:
             ops += ["damaged", member, "", ""]
         if ops:

@@ -560,3 +560,46 @@ async def test_purge_rebuild_and_tidying_reads_meeting_a_key_of_another_type_wri
         [found] = damage
         assert _key(prefix, rk, "ie") in found.problem
         assert found.newest is None
+
+
+async def test_a_listing_that_drops_a_stale_run_leaves_a_tombstone_on_a_cluster(
+    prefixed: tuple[RedisTarget, str],
+) -> None:
+    """Cluster code path: a run's keys vanished (expired natively, say) while a status
+    change's index call was slow; a listing dropped the stale index entry without a tombstone,
+    so the late call put the run back into count_runs until the next listing. The listing's
+    forget follows delete_run's rule: a tombstone that refuses the late call."""
+    target, prefix = prefixed
+    real_server(target)
+    store = make_store(target, prefix, cluster=True)
+    manager = CheckpointManager(store, config=CheckpointConfig(max_checkpoints_per_run=None))
+    index = f"{prefix}:{{idx:{prefix}}}:"
+    rk = key_of(make_run("vanished"))
+    held: list[tuple[object, ...]] = []
+    apply = store._complete_index
+
+    async def slow(client: object, ops: Sequence[object], name: str, run_key: str) -> None:
+        if name == "update_run":
+            held.append((client, ops, name, run_key))
+            return
+        await apply(client, ops, name, run_key)
+
+    with anyio.fail_after(_DEADLINE):
+        await manager.create("vanished", {"n": 0})
+        [member] = await store._client.zrange(index + "all", 0, -1)
+        store._complete_index = slow  # type: ignore[method-assign]
+        await manager.mark_completed("vanished")
+        await store._client.delete(
+            *[key async for key in store._client.scan_iter(match=f"{prefix}:{{{rk}}}:*")])
+        listed = await manager.list_runs()
+        await apply(*held[0])  # type: ignore[arg-type]
+        counted = (await manager.count_runs(), await manager.count_runs("completed"))
+        tombstone = await store._client.hget(index + "ver", member)
+        due = await store._client.zscore(index + "due", b"-" + member)
+        await store.aclose()
+    assert len(held) == 1
+    assert listed.runs == []
+    assert counted == (0, 0)
+    assert tombstone is not None
+    assert tombstone.startswith(b"-")
+    assert due is not None
