@@ -70,7 +70,8 @@ to Lua's ``tostring``. ``''`` stands for "never expires".
 
 Every script reads and checks before its first write, so an error it raises leaves nothing
 half-done: Redis does not undo the writes of a script that fails later. So the creates,
-deletes and item writes first check that the run-level keys hold the types the layout says
+deletes, item writes, the purge of a live run, the rebuild and the reads that drop a vanished
+checkpoint's log entry first check that the run-level keys hold the types the layout says
 (``foreign_key``; else ``{'corrupt', key, type}``, nothing written), and a ref count in ``ir``
 edited into something that is not a number is counted again from ``cr`` (``recounted``).
 
