@@ -422,7 +422,8 @@ async def test_runs_whose_keys_vanished_leave_the_indexes(
     assert [run.run_id for run in runs] == ["kept"]
     assert indexed == 1
     assert purged == (0, True)
-    assert due == 0
+    # On Redis Cluster the listing's forget leaves the run's tombstone, due an hour later.
+    assert due == (1 if cluster_path else 0)
 
 
 async def test_purge_walks_only_what_is_due(prefixed: tuple[RedisTarget, str]) -> None:
