@@ -72,7 +72,8 @@ Every script reads and checks before its first write, so an error it raises leav
 half-done: Redis does not undo the writes of a script that fails later. So the creates,
 deletes, item writes, the purge of a live run, the rebuild and the reads that drop a vanished
 checkpoint's log entry first check that the run-level keys hold the types the layout says
-(``foreign_key``; else ``{'corrupt', key, type}``, nothing written), and a ref count in ``ir``
+(``foreign_key``; else ``{'corrupt', key, type}``, nothing written, except that the purge
+moves the run's entry in the global due index later), and a ref count in ``ir``
 edited into something that is not a number is counted again from ``cr`` (``recounted``).
 
 Flags: reads carry ``no-writes``; scripts whose writes only remove or re-index
@@ -113,6 +114,8 @@ _APPLY_OP = r"""
 --   label  member labels         a new run's labels (a JSON list): into each label's index
 --   damaged member               a run whose record is damaged: counts skip it until repaired
 --   due    old new score         (re)schedule the run for purging; new '' = unschedule
+--   defer  member '' score       the cleanup loop could not purge the run (a damaged key):
+--                                due again at score; only moves an entry still there later
 --   intend intent score          Redis Cluster: a run script is about to change the indexes
 --   done   intent                ... and its index operations were applied
 -- On Redis Cluster the index calls of two status changes, or of a status change and the
@@ -208,6 +211,8 @@ local function apply_op(g, kind, a, b, c)
   elseif kind == 'due' then
     if a ~= '' and a ~= b then redis.call('ZREM', g .. 'due', a) end
     if b ~= '' then redis.call('ZADD', g .. 'due', c, b) end
+  elseif kind == 'defer' then
+    redis.call('ZADD', g .. 'due', 'XX', 'GT', c, a)
   elseif kind == 'damaged' then
     redis.call('ZADD', g .. 'damaged', 0, a)
   elseif kind == 'intend' then
@@ -1194,12 +1199,16 @@ for index = 6, #ARGV do removed = removed + drop_item(ARGV[index]) end
 return answer(ARGV[5], {removed}, removed > 0)
 """
 
-# ARGV[5..]: budget, the member the global due index listed, token.
-# Returns {checkpoints removed, things removed}, or {'corrupt', key, type} (nothing written)
-# when a run-level key holds another type and the run is not removed whole (an expired run
-# is: its keys are unlinked whatever their type).
+# ARGV[5..]: budget, the member the global due index listed, token, seconds until a damaged
+# run is tried again.
+# Returns {checkpoints removed, things removed}, or {'corrupt', key, type} when a run-level key
+# holds another type and the run is not removed whole (an expired run is: its keys are unlinked
+# whatever their type). Then nothing of the run is written; only its entry in the global due
+# index moves later, so the cleanup loop goes on with the other runs and meets this one again
+# after the back-off (from the later of the server's clock and the manager's, so the pass that
+# skipped it never meets it again), not at every pass and not never.
 _PURGE_RUN = r"""
-local budget, listed, token = tonumber(ARGV[5]), ARGV[6], ARGV[7]
+local budget, listed, token, retry = tonumber(ARGV[5]), ARGV[6], ARGV[7], tonumber(ARGV[8])
 local saved = recall(token)
 if saved then return saved end
 local run = load_run()
@@ -1208,7 +1217,11 @@ local scheduled = field(KEYS[4], 'm')
 local logged = redis.call('EXISTS', KEYS[2]) == 1
 if not ((run.present or logged) and not run.live) then
   local foreign = foreign_key()
-  if foreign then return {{'corrupt', unpack(foreign)}, OPS} end
+  if foreign then
+    local at = math.max(NOW, tonumber(server_stamp()) / 1e6) + retry
+    op('defer', listed, '', string.format('%.6f', at))
+    return {{'corrupt', unpack(foreign)}, OPS}
+  end
 end
 if listed ~= scheduled and listed ~= member then
   -- The due index names a run incarnation this slot no longer holds (its keys expired
@@ -1256,14 +1269,15 @@ return {{1}, OPS}
 # checkpoint (intact's readable; '' when none): its sequence, id, created, expires, header,
 # stored sequence}. The client reads the newest checkpoint's header, and falls back to the
 # newest readable one when that one is corrupt. A run-level key of another type leaves
-# nothing to rebuild: {problem, 0, nine '', key, type}.
+# nothing to rebuild: {problem, 0, nine '', key, type}, also for a live run whose record is
+# fine (problem '': the cleanup loop skips such a run, so it must be reported here).
 _INSPECT = r"""
 local run = load_run()
-if not run.damaged then return {{''}, OPS} end
-local foreign = foreign_key()
+local foreign = run.live and foreign_key()
 if foreign then
-  return {{run.problem, 0, '', '', '', '', '', '', '', '', '', unpack(foreign)}, OPS}
+  return {{run.problem or '', 0, '', '', '', '', '', '', '', '', '', unpack(foreign)}, OPS}
 end
+if not run.damaged then return {{''}, OPS} end
 local count, newest, oldest, incarnation, readable = intact({})
 if not newest then return {{run.problem, 0}, OPS} end
 local f = redis.call('HMGET', ckey(newest), 'i', 't', 'e', 'h', 'q')

@@ -516,21 +516,20 @@ async def test_a_damaged_run_whose_newest_checkpoint_is_corrupt_fails_no_other_r
 
 
 
-@pytest.mark.parametrize("operation", ["purge", "rebuild", "latest", "read_with_items",
-                                       "headers"])
+@pytest.mark.parametrize("operation", ["rebuild", "latest", "read_with_items", "headers"])
 async def test_purge_rebuild_and_tidying_reads_meeting_a_key_of_another_type_write_nothing(
     prefixed: tuple[RedisTarget, str], operation: str,
 ) -> None:
     """The item expiries' key (ie) replaced by a string: purging a live run, rebuilding a
     damaged record and the reads that drop a log entry whose key vanished failed with
     WRONGTYPE after their first write (a log entry dropped, the record rewritten). They now
-    raise CorruptCheckpointError naming the key, nothing written."""
+    raise CorruptCheckpointError naming the key, nothing written. (Purging skips such a run
+    instead: see test_cleanup_skips_a_live_run_with_a_key_of_another_type_and_purges_the_rest.)"""
     store, prefix = _store(prefixed)
     run = make_run("foreign-" + operation)
     rk = key_of(run)
     index = f"{prefix}:{{idx:{prefix}}}:"
     calls: dict[str, Callable[[], Awaitable[object]]] = {
-        "purge": lambda: store.purge_expired(now=T0 + 20, limit=10),
         "rebuild": lambda: store.rebuild_run(rk, run, now=T0 + 1),
         "latest": lambda: store.latest(rk, now=T0 + 1),
         "read_with_items": lambda: store.read_with_items(rk, sequence=None, now=T0 + 1),
@@ -603,3 +602,68 @@ async def test_a_listing_that_drops_a_stale_run_leaves_a_tombstone_on_a_cluster(
     assert tombstone is not None
     assert tombstone.startswith(b"-")
     assert due is not None
+
+
+@pytest.mark.parametrize("cluster_path", [False, True], ids=["plain", "cluster-code-path"])
+async def test_cleanup_skips_a_live_run_with_a_key_of_another_type_and_purges_the_rest(
+    prefixed: tuple[RedisTarget, str], cluster_path: bool, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A live run due for purging whose item expiries' key (ie) holds a string made every
+    cleanup pass raise CorruptCheckpointError when it reached that run, so expiry stopped for
+    every other run of the store. The pass now logs the run naming the key, moves its due
+    entry an hour later by the server's clock (so it neither blocks the pass nor is met at
+    every pass) and purges the others; nothing else of the run is written, and it is tried
+    again once the hour has passed."""
+    store, prefix = _store(prefixed, cluster=cluster_path)
+    index = f"{prefix}:{{idx:{prefix}}}:"
+    damaged = make_run("damaged-due")
+    rk = key_of(damaged)
+    expired = [make_run(f"expired-{number}") for number in range(2)]
+    names = ("run", "seq", "exp", "due", "ik", "iv", "io", "ie", "ir", "cr", "c:0", "c:1")
+
+    async def dumps() -> list[object]:
+        return [await store._client.dump(_key(prefix, rk, name)) for name in names]
+
+    async def due_at() -> float | None:
+        entries = await store._client.zrange(index + "due", 0, -1, withscores=True)
+        return next((score for member, score in entries if rk.encode() in member), None)
+
+    def skipped() -> int:
+        return sum(_key(prefix, rk, "ie") in record.getMessage() for record in caplog.records)
+
+    caplog.set_level(logging.WARNING, logger="fastcheckpoint")
+    with anyio.fail_after(_DEADLINE):
+        # Due first, so an error there would stop the pass before the others.
+        await append_with_items(store, damaged, 0, expires_at=T0 + 5)
+        await append_with_items(store, damaged, 1, refs=["K"], items=[make_item("K")])
+        for run in expired:
+            await append_with_items(store, run, 0, expires_at=T0 + 10)
+        await store._client.set(_key(prefix, rk, "ie"), "foreign")
+        before = await dumps()
+        seconds, _ = await store._client.time()
+        first = await store.purge_expired(now=T0 + 20, limit=10)
+        backoff = await due_at()
+        skipped_once = skipped()
+        early = await store.purge_expired(now=T0 + 20, limit=10)
+        skipped_early = skipped()
+        gone = [await store.get_run(key_of(run), now=T0) for run in expired]
+        assert backoff is not None
+        later = await store.purge_expired(now=backoff + 1, limit=10)
+        backoff_again = await due_at()
+        after = await dumps()
+        damage = await store.damaged_runs(run_key=rk, now=T0 + 20)
+        await store.aclose()
+    assert first == (2, True)
+    assert gone == [None, None]
+    assert skipped_once == 1
+    assert seconds + 3600 <= backoff < seconds + 3600 + _DEADLINE
+    assert early == (0, True)
+    assert skipped_early == 1
+    assert later == (0, True)
+    assert skipped() == 2
+    assert backoff_again is not None
+    assert backoff_again >= backoff + 1 + 3600
+    assert after == before
+    [found] = damage
+    assert found.key == _key(prefix, rk, "ie")
+    assert found.newest is None
