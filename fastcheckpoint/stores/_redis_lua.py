@@ -1203,26 +1203,28 @@ return answer(ARGV[5], {removed}, removed > 0)
 # run is tried again.
 # Returns {checkpoints removed, things removed}, or {'corrupt', key, type} when a run-level key
 # holds another type and the run is not removed whole (an expired run is: its keys are unlinked
-# whatever their type). Then nothing of the run is written; only its entry in the global due
-# index moves later, so the cleanup loop goes on with the other runs and meets this one again
-# after the back-off (from the later of the server's clock and the manager's, so the pass that
-# skipped it never meets it again), not at every pass and not never.
+# whatever their type; a log, seq or exp, of another type cannot tell that it expired). Then
+# nothing of the run is written; only its entry in the global due index moves later, so the
+# cleanup loop goes on with the other runs and meets this one again after the back-off (from
+# the later of the server's clock and the manager's, so the pass that skipped it never meets
+# it again), not at every pass and not never.
 _PURGE_RUN = r"""
 local budget, listed, token, retry = tonumber(ARGV[5]), ARGV[6], ARGV[7], tonumber(ARGV[8])
 local saved = recall(token)
 if saved then return saved end
+local foreign = foreign_key()
+local function skip()
+  local at = math.max(NOW, tonumber(server_stamp()) / 1e6) + retry
+  op('defer', listed, '', string.format('%.6f', at))
+  return {{'corrupt', unpack(foreign)}, OPS}
+end
+-- A log (seq, exp) of another type: load_run cannot read it, nor tell whether the run expired.
+if foreign and (foreign[1] == KEYS[2] or foreign[1] == KEYS[3]) then return skip() end
 local run = load_run()
 local member = field(KEYS[1], 'm')
 local scheduled = field(KEYS[4], 'm')
 local logged = redis.call('EXISTS', KEYS[2]) == 1
-if not ((run.present or logged) and not run.live) then
-  local foreign = foreign_key()
-  if foreign then
-    local at = math.max(NOW, tonumber(server_stamp()) / 1e6) + retry
-    op('defer', listed, '', string.format('%.6f', at))
-    return {{'corrupt', unpack(foreign)}, OPS}
-  end
-end
+if foreign and not ((run.present or logged) and not run.live) then return skip() end
 if listed ~= scheduled and listed ~= member then
   -- The due index names a run incarnation this slot no longer holds (its keys expired
   -- natively, or a client died before updating the index): forget it everywhere.
@@ -1270,11 +1272,13 @@ return {{1}, OPS}
 # stored sequence}. The client reads the newest checkpoint's header, and falls back to the
 # newest readable one when that one is corrupt. A run-level key of another type leaves
 # nothing to rebuild: {problem, 0, nine '', key, type}, also for a live run whose record is
-# fine (problem '': the cleanup loop skips such a run, so it must be reported here).
+# fine and for a log (seq, exp) of another type, which load_run cannot read (problem '': the
+# cleanup loop skips such a run, so it must be reported here).
 _INSPECT = r"""
-local run = load_run()
-local foreign = run.live and foreign_key()
-if foreign then
+local foreign = foreign_key()
+local unreadable = foreign and (foreign[1] == KEYS[2] or foreign[1] == KEYS[3])
+local run = unreadable and {live = true, damaged = false} or load_run()
+if foreign and run.live then
   return {{run.problem or '', 0, '', '', '', '', '', '', '', '', '', unpack(foreign)}, OPS}
 end
 if not run.damaged then return {{''}, OPS} end

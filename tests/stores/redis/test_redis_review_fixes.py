@@ -605,15 +605,18 @@ async def test_a_listing_that_drops_a_stale_run_leaves_a_tombstone_on_a_cluster(
 
 
 @pytest.mark.parametrize("cluster_path", [False, True], ids=["plain", "cluster-code-path"])
+@pytest.mark.parametrize("name", ["ie", "seq", "exp"])
 async def test_cleanup_skips_a_live_run_with_a_key_of_another_type_and_purges_the_rest(
-    prefixed: tuple[RedisTarget, str], cluster_path: bool, caplog: pytest.LogCaptureFixture,
+    prefixed: tuple[RedisTarget, str], cluster_path: bool, name: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A live run due for purging whose item expiries' key (ie) holds a string made every
-    cleanup pass raise CorruptCheckpointError when it reached that run, so expiry stopped for
-    every other run of the store. The pass now logs the run naming the key, moves its due
-    entry an hour later by the server's clock (so it neither blocks the pass nor is met at
-    every pass) and purges the others; nothing else of the run is written, and it is tried
-    again once the hour has passed."""
+    cleanup pass raise CorruptCheckpointError when it reached that run (WRONGTYPE as a
+    StoreError for its log, seq or exp, which also failed damaged_runs for the whole store),
+    so expiry stopped for every other run of the store. The pass now logs the run naming the
+    key, moves its due entry an hour later by the server's clock (so it neither blocks the
+    pass nor is met at every pass) and purges the others; nothing else of the run is written,
+    it is tried again once the hour has passed, and damaged_runs reports it."""
     store, prefix = _store(prefixed, cluster=cluster_path)
     index = f"{prefix}:{{idx:{prefix}}}:"
     damaged = make_run("damaged-due")
@@ -629,7 +632,7 @@ async def test_cleanup_skips_a_live_run_with_a_key_of_another_type_and_purges_th
         return next((score for member, score in entries if rk.encode() in member), None)
 
     def skipped() -> int:
-        return sum(_key(prefix, rk, "ie") in record.getMessage() for record in caplog.records)
+        return sum(_key(prefix, rk, name) in record.getMessage() for record in caplog.records)
 
     caplog.set_level(logging.WARNING, logger="fastcheckpoint")
     with anyio.fail_after(_DEADLINE):
@@ -638,7 +641,7 @@ async def test_cleanup_skips_a_live_run_with_a_key_of_another_type_and_purges_th
         await append_with_items(store, damaged, 1, refs=["K"], items=[make_item("K")])
         for run in expired:
             await append_with_items(store, run, 0, expires_at=T0 + 10)
-        await store._client.set(_key(prefix, rk, "ie"), "foreign")
+        await store._client.set(_key(prefix, rk, name), "foreign")
         before = await dumps()
         seconds, _ = await store._client.time()
         first = await store.purge_expired(now=T0 + 20, limit=10)
@@ -651,7 +654,7 @@ async def test_cleanup_skips_a_live_run_with_a_key_of_another_type_and_purges_th
         later = await store.purge_expired(now=backoff + 1, limit=10)
         backoff_again = await due_at()
         after = await dumps()
-        damage = await store.damaged_runs(run_key=rk, now=T0 + 20)
+        damage = await store.damaged_runs(now=T0 + 20)
         await store.aclose()
     assert first == (2, True)
     assert gone == [None, None]
@@ -665,5 +668,5 @@ async def test_cleanup_skips_a_live_run_with_a_key_of_another_type_and_purges_th
     assert backoff_again >= backoff + 1 + 3600
     assert after == before
     [found] = damage
-    assert found.key == _key(prefix, rk, "ie")
+    assert found.key == _key(prefix, rk, name)
     assert found.newest is None
