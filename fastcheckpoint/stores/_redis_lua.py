@@ -1254,7 +1254,14 @@ return answer(token, {removed, removed + items}, removed + items > 0)
 
 # Redis Cluster: make the global indexes say what the run says, after a client may have died
 # between a run script and its index call. ARGV[5]: the intent the client recorded first.
+# A run-level key of another type: {'corrupt', key, type}, nothing of the run written and the
+# intent dropped (else every cleanup pass would fail at it; damaged_runs reports the run).
 _REINDEX = r"""
+local foreign = foreign_key()
+if foreign then
+  op('done', ARGV[5])
+  return {{'corrupt', unpack(foreign)}, OPS}
+end
 local run = load_run()
 if run.present and run.live and not run.problem then
   op('sync', run.m, run.st, stamp())

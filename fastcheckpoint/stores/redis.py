@@ -1330,7 +1330,9 @@ class RedisStore(ExpiryCleanup):
             return
         _log.info("re-deriving the index entries of run key %s (a client stopped between "
                   "its run update and its index update)", match[1].decode())
-        await self._run("reindex", match[1].decode(), now, [intent])
+        reply = await self._run("reindex", match[1].decode(), now, [intent])
+        if reply[0] == b"corrupt":
+            _log.warning("dropped the index intent %r: %s", intent, _foreign_key(reply[1:]))
 
     async def _nothing_due(self, client: Any, now: float) -> bool:
         upto = _float_arg(now)

@@ -670,3 +670,44 @@ async def test_cleanup_skips_a_live_run_with_a_key_of_another_type_and_purges_th
     [found] = damage
     assert found.key == _key(prefix, rk, name)
     assert found.newest is None
+
+
+@pytest.mark.parametrize("foreign", ["ie", "due", "seq"])
+async def test_cleanup_drops_the_index_intent_of_a_run_with_a_key_of_another_type(
+    prefixed: tuple[RedisTarget, str], foreign: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Cluster code path: a client died between a new run's script and its index call, and a
+    key of that run was then replaced by a string. Re-deriving the run's index entries failed
+    with WRONGTYPE at every cleanup pass, so expiry stopped for every run of the store. The
+    pass now drops the intent, logs the key and writes nothing of the run."""
+    store, prefix = _store(prefixed, cluster=True)
+    index = f"{prefix}:{{idx:{prefix}}}:"
+    damaged, expired = make_run("intent-damaged"), make_run("intent-expired")
+    rk = key_of(damaged)
+    names = ("run", "seq", "exp", "due", "ie", "c:0")
+    apply = store._complete_index
+
+    async def dies(client: object, ops: Sequence[object], name: str, run_key: str) -> None:
+        if run_key != rk:
+            await apply(client, ops, name, run_key)
+
+    caplog.set_level(logging.WARNING, logger="fastcheckpoint")
+    with anyio.fail_after(_DEADLINE):
+        await append_with_items(store, expired, 0, expires_at=T0 + 10)
+        store._complete_index = dies  # type: ignore[method-assign]
+        await append_with_items(store, damaged, 0)
+        store._complete_index = apply  # type: ignore[method-assign]
+        intents = await store._client.zcard(index + "fix")
+        await store._client.set(_key(prefix, rk, foreign), "foreign")
+        before = [await store._client.dump(_key(prefix, rk, key)) for key in names]
+        purged = await store.purge_expired(now=T0 + 120, limit=10)
+        after = [await store._client.dump(_key(prefix, rk, key)) for key in names]
+        left = await store._client.zcard(index + "fix")
+        gone = await store.get_run(key_of(expired), now=T0)
+        await store.aclose()
+    assert intents == 1
+    assert purged == (1, True)
+    assert left == 0
+    assert gone is None
+    assert after == before
+    assert any(_key(prefix, rk, foreign) in record.getMessage() for record in caplog.records)
