@@ -2427,21 +2427,45 @@ class DynamoDBStore(ExpiryCleanup):
         return await self._follow_anchors(run_key, {
             key: record for key in keys
             if (record := found.get(layout.item_sk(key))) is not None
-            and is_live(_number(record, "x"), now)
+            and self._item_live(run_key, record, now)
         }, now)
 
+    def _item_live(
+        self, run_key: str, record: Mapping[str, Any], now: float, *, skip: bool = False
+    ) -> bool:
+        """Whether an item's record is live. A malformed expiry is a damaged record:
+        :class:`CorruptCheckpointError` naming it, or (``skip``: a listing) logged and
+        passed over."""
+        try:
+            with _malformed(self._where(run_key, _text(record, "SK"))):
+                return is_live(_number(record, "x"), now)
+        except CorruptCheckpointError as exc:
+            _skip_damaged(exc, skip)
+            return False
+
     async def _follow_anchors(
-        self, run_key: str, records: dict[str, dict[str, Any]], now: float
+        self, run_key: str, records: dict[str, dict[str, Any]], now: float, *,
+        skip: bool = False,
     ) -> dict[str, dict[str, Any]]:
-        anchors = {layout.owned_sk(_int(record, "o"), key): key
-                   for key, record in records.items() if "o" in record}
+        """The records holding the values: an anchor's owned value in its place (a second
+        BatchGetItem); one whose owner is malformed raises, or with ``skip`` is left out."""
+        anchors: dict[str, str] = {}
+        result: dict[str, dict[str, Any]] = {}
+        for key, record in records.items():
+            if "o" not in record:
+                result[key] = record
+                continue
+            try:
+                with _malformed(self._where(run_key, _text(record, "SK"))):
+                    anchors[layout.owned_sk(_int(record, "o"), key)] = key
+            except CorruptCheckpointError as exc:
+                _skip_damaged(exc, skip)
         if not anchors:
-            return records
+            return {key: result[key] for key in records if key in result}
         values = await self._batch_get(run_key, list(anchors))
-        result = {key: record for key, record in records.items() if "o" not in record}
         for sort_key, key in anchors.items():
             value = values.get(sort_key)
-            if value is not None and is_live(_number(value, "x"), now):
+            if value is not None and self._item_live(run_key, value, now, skip=skip):
                 result[key] = value
         return {key: result[key] for key in records if key in result}
 
@@ -2471,25 +2495,40 @@ class DynamoDBStore(ExpiryCleanup):
         return {_text(record, "SK"): record for page in pages for record in page}
 
     async def _values_of(
-        self, run_key: str, records: Mapping[str, Mapping[str, Any]]
+        self, run_key: str, records: Mapping[str, Mapping[str, Any]], *, skip: bool = False
     ) -> dict[str, bytes]:
-        """The values records hold, by key: inline, or read from S3 (together)."""
-        result = {key: _bytes(record, "v") for key, record in records.items()
-                  if "vb" not in record}
-        blobbed = [(key, _text(record, "vb"), _text(record, "SK"))
-                   for key, record in records.items() if "vb" in record]
-        if not blobbed:
-            return result
-        bucket = await self._bucket()
-        fetched = await gather([functools.partial(bucket.get, blob) for _, blob, _ in blobbed])
-        for (key, blob, sort_key), got in zip(blobbed, fetched, strict=True):
-            if got is None:
-                raise CorruptCheckpointError(
+        """The values records hold, by key: inline, or read from S3 (together). A record
+        holding no readable value (an attribute of another type, none at all, a missing
+        object) raises :class:`CorruptCheckpointError` naming it, or with ``skip`` (a listing)
+        is logged and left out."""
+        result: dict[str, bytes] = {}
+        blobbed: list[tuple[str, str, str]] = []
+        for key, record in records.items():
+            sort_key = _text(record, "SK")
+            where = self._where(run_key, sort_key)
+            try:
+                with _malformed(where):
+                    if "vb" in record:
+                        blobbed.append((key, _text(record, "vb"), sort_key))
+                    elif "v" in record:
+                        result[key] = _bytes(record, "v")
+                    else:
+                        raise CorruptCheckpointError("the item holds no value", key=where)
+            except CorruptCheckpointError as exc:
+                _skip_damaged(exc, skip)
+        if blobbed:
+            bucket = await self._bucket()
+            fetched = await gather([functools.partial(bucket.get, blob)
+                                    for _, blob, _ in blobbed])
+            for (key, blob, sort_key), got in zip(blobbed, fetched, strict=True):
+                if got is not None:
+                    result[key] = got[0]
+                    continue
+                _skip_damaged(CorruptCheckpointError(
                     f"the value object s3://{self.bucket}/{self.prefix}{blob} is missing",
                     key=self._where(run_key, sort_key),
-                )
-            result[key] = got[0]
-        return {key: result[key] for key in records}
+                ), skip)
+        return {key: result[key] for key in records if key in result}
 
     @holds_clients
     async def scan_items(
@@ -2531,7 +2570,7 @@ class DynamoDBStore(ExpiryCleanup):
             for item in response.get("Items", []):
                 sort_key = _text(item, "SK")
                 # BETWEEN includes ``high``, which is exclusive here.
-                if sort_key != high and is_live(_number(item, "x"), now):
+                if sort_key != high and self._item_live(run_key, item, now, skip=True):
                     found[sort_key[2:]] = item
                     if len(found) >= limit:
                         break
@@ -2539,7 +2578,8 @@ class DynamoDBStore(ExpiryCleanup):
             if not last:
                 break
             params["ExclusiveStartKey"] = last
-        values = await self._values_of(run_key, await self._follow_anchors(run_key, found, now))
+        values = await self._values_of(
+            run_key, await self._follow_anchors(run_key, found, now, skip=True), skip=True)
         return list(values.items())
 
     @holds_clients
@@ -2549,37 +2589,68 @@ class DynamoDBStore(ExpiryCleanup):
         self._unsure(run_key)
         unique = [key for key in dict.fromkeys(keys) if _may_be_item_key(key)]
 
-        async def delete_one(key: str) -> int:
-            response = await self._call(
-                "DeleteItem",
-                Key={"PK": _s(pk), "SK": _s(layout.item_sk(key))},
-                ReturnValues="ALL_OLD",
-            )
+        async def delete_one(key: str) -> int | CorruptCheckpointError:
+            # The record goes only if what its removal decodes (its owner, its blob's
+            # name) has the right type: a damaged one stays as it is, reported.
+            names = _Names()
+            where = self._where(run_key, layout.item_sk(key))
+            try:
+                response = await self._call(
+                    "DeleteItem",
+                    Key={"PK": _s(pk), "SK": _s(layout.item_sk(key))},
+                    ConditionExpression=(
+                        f"(attribute_not_exists({names('o')}) OR "
+                        f"attribute_type({names('o')}, {names.value(_s('N'))})) AND "
+                        f"(attribute_not_exists({names('vb')}) OR "
+                        f"attribute_type({names('vb')}, {names.value(_s('S'))}))"),
+                    ReturnValues="ALL_OLD",
+                    **names.params(),
+                )
+            except StoreError as exc:
+                if exc.__cause__ is None or (
+                        error_code(exc.__cause__) != "ConditionalCheckFailedException"):
+                    raise
+                return CorruptCheckpointError(
+                    "the item has a malformed attribute (its owner or the name of its value "
+                    "object has another type); it was left as it is", key=where)
             old = response.get("Attributes")
             if not old:
                 return 0
-            await self._release_item(pk, key, old)
+            try:
+                await self._release_item(pk, key, old, where)
+            except CorruptCheckpointError as exc:
+                return exc
             return 1
 
         # Two requests per item (its record, then its owned value): a cancellation waits for
         # them all (settled), never leaving an owned value that reads return without its item.
-        return sum(await settled(gather([functools.partial(delete_one, key) for key in unique])))
+        # A damaged item fails its own delete only, reported once all have ended.
+        outcomes = await settled(gather([functools.partial(delete_one, key) for key in unique]))
+        for outcome in outcomes:
+            if isinstance(outcome, CorruptCheckpointError):
+                raise outcome
+        return sum(cast(list[int], outcomes))
 
-    async def _release_item(self, pk: str, key: str, old: Mapping[str, Any]) -> None:
+    async def _release_item(
+        self, pk: str, key: str, old: Mapping[str, Any], where: str
+    ) -> None:
         """After an item's record was deleted: its owned value (written with the same token)
         and its blob."""
         blobs = [_text(old, "vb")] if "vb" in old else []
         if "o" in old:
+            with _malformed(where):  # an owner of the right type that is no integer
+                owner = _int(old, "o")
             names = _Names()
             response, _ = await self._conditional(
                 "DeleteItem",
-                Key={"PK": _s(pk), "SK": _s(layout.owned_sk(_int(old, "o"), key))},
+                Key={"PK": _s(pk), "SK": _s(layout.owned_sk(owner, key))},
                 ConditionExpression=f"{names('wt')} = {names.value(old.get('wt', _s('')))}",
                 ReturnValues="ALL_OLD",
                 **names.params(),
             )
             value = {} if response is None else response.get("Attributes") or {}
-            blobs += [_text(value, "vb")] if "vb" in value else []
+            blob = value.get("vb", {}).get("S")
+            blobs += [blob] if isinstance(blob, str) and blob else []
         await self._discard_blobs(blobs)
 
     # -- shared items (SupportsSharedItems) --------------------------------------------------
@@ -2722,7 +2793,8 @@ class DynamoDBStore(ExpiryCleanup):
         item, family, reading = found
         sequence = layout.sequence_of(_text(item, "SK"))
         owned = {layout.owned_key(_text(record, "SK")): record for record in family
-                 if layout.is_owned_sk(_text(record, "SK")) and is_live(_number(record, "x"), now)}
+                 if layout.is_owned_sk(_text(record, "SK"))
+                 and self._item_live(run_key, record, now)}
         named = _text_list(item, "rf")
         refs = [key for key in dict.fromkeys(named) if key not in owned]
         checkpoint, (shared, nested) = await pair(
@@ -2769,7 +2841,7 @@ class DynamoDBStore(ExpiryCleanup):
 
         pages = await gather([functools.partial(under, prefix) for prefix in prefixes])
         return {_text(record, "SK")[2:]: record for page in pages for record in page
-                if "o" not in record and is_live(_number(record, "x"), now)}
+                if "o" not in record and self._item_live(run_key, record, now)}
 
     async def _read_known(
         self, run_key: str, known: _Family, now: float
@@ -2824,11 +2896,12 @@ class DynamoDBStore(ExpiryCleanup):
             return None
         values = {layout.owned_key(sort_key): got
                   for sort_key, got in zip(owned, found[3 : 3 + len(owned)], strict=True)
-                  if got is not None and is_live(_number(got, "x"), now)}
+                  if got is not None and self._item_live(run_key, got, now)}
         shared = {key: got
                   for key, got in zip(dict.fromkeys(known.refs), found[3 + len(owned):],
                                       strict=True)
-                  if got is not None and is_live(_number(got, "x"), now) and key not in values}
+                  if got is not None and self._item_live(run_key, got, now)
+                  and key not in values}
         late = [key for key in dict.fromkeys(known.refs)
                 if state.may_nest(key) and key not in eager]
         shared, more = await pair(lambda: self._follow_anchors(run_key, shared, now),
@@ -3008,8 +3081,15 @@ class DynamoDBStore(ExpiryCleanup):
         """The live runs label entries name (their run items, one BatchGetItem per 100), by
         the entry's sort key; an entry of another incarnation, of an expired, purging or
         damaged run is left out."""
-        wanted = {layout.partition(_text(entry, "rk")): entry for entry in entries
-                  if _text(entry, "rk")}
+        wanted: dict[str, Mapping[str, Any]] = {}
+        for entry in entries:
+            run_key = entry.get("rk", {}).get("S")
+            if isinstance(run_key, str) and run_key:
+                wanted[layout.partition(run_key)] = entry
+            else:
+                logger.warning("skipping the label entry dynamodb://%s/%s/%s in a listing: "
+                               "its run key is malformed", self.table, _text(entry, "PK"),
+                               _text(entry, "SK"))
         names = _Names()
         projection = ", ".join(names(a) for a in (*_COUNTED_ATTRIBUTES, "dat", "pg", "lb"))
         keys = [{"PK": _s(pk), "SK": _s(layout.RUN_SK)} for pk in wanted]
@@ -3031,12 +3111,13 @@ class DynamoDBStore(ExpiryCleanup):
                     "retries; the table is throttling, raise its capacity")
         records: dict[str, RunRecord] = {}
         for item in items:
-            entry = wanted.get(_text(item, "PK"))
+            named = wanted.get(_text(item, "PK"))
             record = self._listed(item)
-            if entry is None or record is None or "pg" in item:
+            if named is None or record is None or "pg" in item:
                 continue
-            if record.incarnation == _text(entry, "inc") and is_live(record.expires_at, now):
-                records[_text(entry, "SK")] = record
+            if record.incarnation == named.get("inc", {}).get("S") and is_live(
+                    record.expires_at, now):
+                records[_text(named, "SK")] = record
         return records
 
     # -- maintenance ----------------------------------------------------------------------
@@ -3106,7 +3187,11 @@ class DynamoDBStore(ExpiryCleanup):
         # No response: rewritten with a later expiry, or already removed by another worker.
         old = {} if response is None else response.get("Attributes") or {}
         if old:
-            await self._release_item(pk, sort_key[2:], old)
+            try:
+                await self._release_item(
+                    pk, sort_key[2:], old, f"dynamodb://{self.table}/{pk}/{sort_key}")
+            except CorruptCheckpointError as exc:
+                logger.warning("purged an item whose owned value cannot be found: %s", exc)
 
     async def _sweep_shared(self, run_key: str, keys: Sequence[str], now: float) -> None:
         """Remove the shared items whose counts reached zero, each in one transaction that
@@ -3861,6 +3946,13 @@ def _checkpoint_header(run_key: str, item: Mapping[str, Any], where: str) -> Che
             f"the checkpoint item names another checkpoint ({checkpoint_id[:80]!r})", key=where
         )
     return header
+
+
+def _skip_damaged(error: CorruptCheckpointError, skip: bool) -> None:
+    """A damaged record met by a read: raised, or (``skip``: a listing) logged."""
+    if not skip:
+        raise error
+    logger.warning("skipping a damaged item in a listing: %s", error)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,129 @@
+"""The DynamoDB store meeting records edited or copied by hand: an attribute of another type,
+a record copied from another run or label. Reads of the damaged record raise
+``CorruptCheckpointError`` naming it, listings pass over it (logged) and still fill their
+pages, and a write never half-happens on it."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import msgspec
+import pytest
+
+from fastcheckpoint import _ids
+from fastcheckpoint.errors import CorruptCheckpointError
+from fastcheckpoint.stores import _dynamodb_layout as layout
+from fastcheckpoint.stores.dynamodb import DynamoDBStore
+from fastcheckpoint.testing._adapter import _append_items, _read
+from fastcheckpoint.testing._builders import T0, key_of, make_item, make_run
+from tests.stores._moto import moto_endpoint
+from tests.stores.dynamodb.test_dynamodb import (
+    _raw_item,
+    atomic_moto,
+    aws_names,
+    provisioned,
+    store,
+)
+
+__all__ = ["atomic_moto", "aws_names", "moto_endpoint", "provisioned", "store"]
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # aiobotocore runs on asyncio only
+
+
+def _unique(name: str) -> str:
+    return f"{name}-{secrets.token_hex(4)}"
+
+
+async def _edit(store: DynamoDBStore, pk: str, sort_key: str, expression: str,
+                values: dict[str, Any] | None = None) -> None:
+    """Change a record by hand, as an operator (or a bug elsewhere) might."""
+    ddb, _ = await store.clients()
+    await ddb.update_item(
+        TableName=store.table, Key={"PK": {"S": pk}, "SK": {"S": sort_key}},
+        UpdateExpression=expression,
+        **({"ExpressionAttributeValues": values} if values else {}))
+
+
+# -- item attributes of another type ------------------------------------------------------
+
+
+async def _damaged_items(store: DynamoDBStore) -> str:
+    """Items a..e of a run, a..d damaged: a's expiry is a string, b's value a number, c has
+    no value, d's owner is a string."""
+    key = _ids.key_of(_unique("items"))
+    await store.put_items(key, [make_item(name, name.encode()) for name in "abcde"], now=T0)
+    pk = layout.partition(key)
+    await _edit(store, pk, layout.item_sk("a"), "SET x = :v", {":v": {"S": "soon"}})
+    await _edit(store, pk, layout.item_sk("b"), "SET v = :v", {":v": {"N": "3"}})
+    await _edit(store, pk, layout.item_sk("c"), "REMOVE v")
+    await _edit(store, pk, layout.item_sk("d"), "SET o = :v", {":v": {"S": "x"}})
+    return key
+
+
+async def test_item_reads_report_a_damaged_item_and_scans_pass_over_it(
+    store: DynamoDBStore,
+) -> None:
+    key = await _damaged_items(store)
+    for name in "abcd":
+        with pytest.raises(CorruptCheckpointError) as raised:
+            await store.get_items(key, [name, "e"], now=T0)
+        assert (raised.value.key or "").endswith(f"/i#{name}")
+    assert await store.get_items(key, ["e"], now=T0) == {"e": b"e"}
+    assert await store.scan_items(key, now=T0) == [("e", b"e")]
+    assert await store.scan_items(key, start_after="b", now=T0) == [("e", b"e")]
+    assert await store.scan_items(key, reverse=True, now=T0) == [("e", b"e")]
+
+
+async def test_deleting_a_damaged_item_writes_nothing_for_it(store: DynamoDBStore) -> None:
+    run = make_run(_unique("del"))
+    key = key_of(run)
+    await _append_items(store, run, 0, items=[make_item("w", b"W", owner=0)])
+    await store.put_items(key, [make_item("b", b"B")], now=T0)
+    pk = layout.partition(key)
+    await _edit(store, pk, layout.item_sk("w"), "SET o = :v", {":v": {"S": "0"}})
+    with pytest.raises(CorruptCheckpointError) as raised:
+        await store.delete_items(key, ["b", "w"])
+    assert (raised.value.key or "").endswith("/i#w")
+    # The damaged anchor and the value it owns are left as they were; the sound item went.
+    assert await _raw_item(store, key, layout.item_sk("w")) is not None
+    assert await _raw_item(store, key, layout.owned_sk(0, "w")) is not None
+    assert await _raw_item(store, key, layout.item_sk("b")) is None
+
+
+async def test_restore_reports_an_owned_value_of_another_type(store: DynamoDBStore) -> None:
+    run = make_run(_unique("rwi"))
+    key = key_of(run)
+    await _append_items(store, run, 0, refs=["s"],
+                        items=[make_item("s", b"S"), make_item("w", b"W", owner=0)])
+    await _edit(store, layout.partition(key), layout.owned_sk(0, "w"), "SET v = :v",
+                {":v": {"N": "1"}})
+    for sequence in (None, 0):
+        with pytest.raises(CorruptCheckpointError) as raised:
+            await _read(store, run, sequence)
+        assert (raised.value.key or "").endswith(layout.owned_sk(0, "w"))
+
+
+async def test_a_label_entry_with_a_run_key_of_another_type_hides_only_itself(
+    store: DynamoDBStore,
+) -> None:
+    label = _unique("y")
+    runs = [msgspec.structs.replace(make_run(_unique(name), created_at=T0 + step),
+                                    labels=(label,))
+            for step, name in enumerate(("lb", "lc"))]
+    for run in runs:
+        await _append_items(store, run, 0)
+    ddb, _ = await store.clients()
+    found = await ddb.query(
+        TableName=store.table, KeyConditionExpression="PK = :p",
+        ExpressionAttributeValues={":p": {"S": layout.label_partition(label)}})
+    entry = next(item for item in found["Items"] if item["rk"]["S"] == key_of(runs[1]))
+    await ddb.put_item(TableName=store.table, Item={**entry, "rk": {"N": "5"}})
+    listed, cursor = await store.runs_with_label(label, limit=10, cursor=None, now=T0)
+    assert ([record.run_id for record in listed], cursor) == ([runs[0].run_id], None)
+
