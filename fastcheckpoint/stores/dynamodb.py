@@ -274,16 +274,28 @@ def _record_of(item: Mapping[str, Any]) -> RunRecord:
 
 
 def _record_problem(item: Mapping[str, Any]) -> str | None:
-    """Why a run item or index entry does not hold a usable run record, or ``None``."""
+    """Why a run item or index entry does not hold a usable run record, or ``None``: also
+    when it sits in another run's partition than its run id's (a record copied over)."""
     try:
-        _record_of(item)
+        record = _record_of(item)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         return f"its record attributes are malformed ({type(exc).__name__}: {exc})"
+    pk = item.get("PK", {}).get("S")
+    if isinstance(pk, str):
+        return _foreign(pk.removeprefix("run#"), record)
     return None
 
 
-def _state_of(item: Mapping[str, Any], where: str) -> _RunState:
-    """The run item as a :class:`_RunState`; :class:`_DamagedRun` if it cannot be used."""
+def _foreign(run_key: str, record: RunRecord) -> str | None:
+    """Why a run record does not belong at ``run_key`` (copied from another run), or ``None``."""
+    if _ids.run_key(record.run_id) == run_key:
+        return None
+    return f"it names another run ({record.run_id[:80]!r}), copied over from it"
+
+
+def _state_of(item: Mapping[str, Any], where: str, run_key: str) -> _RunState:
+    """The run item of ``run_key`` as a :class:`_RunState`; :class:`_DamagedRun` if it
+    cannot be used (also when it names another run)."""
     try:
         record = _record_of(item)
         book = layout.BOOK_DECODER.decode(_bytes(item, "bk"))
@@ -298,7 +310,8 @@ def _state_of(item: Mapping[str, Any], where: str) -> _RunState:
         delete_tokens = _text_list(item, "dwt")
     except (KeyError, TypeError, ValueError, AttributeError, msgspec.DecodeError) as exc:
         raise _DamagedRun(f"it is unreadable ({type(exc).__name__}: {exc})", key=where) from exc
-    problem = book.problem(record.checkpoint_count, record.latest_sequence)
+    problem = _foreign(run_key, record) or book.problem(
+        record.checkpoint_count, record.latest_sequence)
     if problem is not None:
         raise _DamagedRun(problem, key=where)
     return _RunState(record, rev, book, owners, owner_floor, purging, items_floor, label_ttl,
@@ -929,7 +942,7 @@ class DynamoDBStore(ExpiryCleanup):
             self._remember(run_key, None)
             return None
         try:
-            state = _state_of(item, self._where(run_key, layout.RUN_SK))
+            state = _state_of(item, self._where(run_key, layout.RUN_SK), run_key)
         except _DamagedRun:
             self._cache.pop(run_key, None)
             raise
@@ -1270,7 +1283,7 @@ class DynamoDBStore(ExpiryCleanup):
         if old.get("wt") != _s(token) and not (deleted and _s(token) in old.get(
                 "dwt", {}).get("L", ())):
             return None
-        return _state_of(old, self._where(run_key, layout.RUN_SK))
+        return _state_of(old, self._where(run_key, layout.RUN_SK), run_key)
 
     async def _landed_before(
         self, run_key: str, plan: _Plan, cancelled: _Cancelled, outcome: _Outcome
@@ -1299,7 +1312,8 @@ class DynamoDBStore(ExpiryCleanup):
         cancellation carries it (none when there is no run item)."""
         old = cancelled.item(0)
         try:
-            state = None if old is None else _state_of(old, self._where(run_key, layout.RUN_SK))
+            state = None if old is None else _state_of(
+                old, self._where(run_key, layout.RUN_SK), run_key)
         except _DamagedRun:
             self._cache.pop(run_key, None)
             raise
@@ -1750,7 +1764,7 @@ class DynamoDBStore(ExpiryCleanup):
         if run_item is None:
             return None
         try:
-            state = _state_of(run_item, self._where(run_key, layout.RUN_SK))
+            state = _state_of(run_item, self._where(run_key, layout.RUN_SK), run_key)
         except _DamagedRun as damage:
             self._cache.pop(run_key, None)
             logger.warning("%s; reading its checkpoints from their own items", damage)
@@ -2189,7 +2203,7 @@ class DynamoDBStore(ExpiryCleanup):
         )
         if response is None:
             try:
-                state = None if not old else _state_of(old, where)
+                state = None if not old else _state_of(old, where, run_key)
             except _DamagedRun:
                 self._cache.pop(run_key, None)
                 raise
@@ -2207,7 +2221,7 @@ class DynamoDBStore(ExpiryCleanup):
                 f"{state.record.version}, expected {incarnation}/{version})"
             )
         try:
-            state = _state_of(response["Attributes"], where)
+            state = _state_of(response["Attributes"], where, run_key)
         except _DamagedRun:
             # Only the bookkeeping is damaged (the record matched): the status change stands.
             self._cache.pop(run_key, None)
@@ -2870,7 +2884,7 @@ class DynamoDBStore(ExpiryCleanup):
             self._unsure(run_key)
             return None
         try:
-            state = _state_of(run_item, self._where(run_key, layout.RUN_SK))
+            state = _state_of(run_item, self._where(run_key, layout.RUN_SK), run_key)
         except _DamagedRun:
             self._unsure(run_key)
             return None  # the usual read reports it
@@ -3711,7 +3725,7 @@ class DynamoDBStore(ExpiryCleanup):
             return None
         where = self._where(run_key, layout.RUN_SK)
         try:
-            state = _state_of(run_item, where)
+            state = _state_of(run_item, where, run_key)
         except _DamagedRun as damage:
             problem = damage.problem
         else:
@@ -4189,9 +4203,10 @@ def _run_update(
     run_key: str, old: _RunState, new: _RunState, removed: Sequence[int], token: str,
     nesting: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The run item's update in an append or removal: conditioned on its revision, and on
-    no removed checkpoint having gained owned items we do not know about. ``nesting``: the
-    items the append writes nested items under, added to ``nk`` (unless ``nka``)."""
+    """The run item's update in an append or removal: conditioned on its revision and run id,
+    and on no removed checkpoint having gained owned items we do not know about.
+    ``nesting``: the items the append writes nested items under, added to ``nk`` (unless
+    ``nka``)."""
     names = _Names()
     head = new.record
     assignments = {
@@ -4228,7 +4243,9 @@ def _run_update(
     dropped = sorted(old.owners - new.owners)
     if dropped:
         expression += f" DELETE {names('own')} {names.value({'NS': [str(s) for s in dropped]})}"
-    condition = f"{names('rev')} = {names.value(_n(old.rev))}"
+    # And on its run id: a run item copied over from another run may carry the same revision.
+    condition = (f"{names('rev')} = {names.value(_n(old.rev))} AND "
+                 f"{names('rid')} = {names.value(_s(old.record.run_id))}")
     for sequence in sorted(set(removed)):
         if not old.may_own(sequence):
             condition += f" AND NOT contains({names('own')}, {names.value(_n(sequence))})"

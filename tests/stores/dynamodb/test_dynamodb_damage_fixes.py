@@ -19,6 +19,7 @@ from fastcheckpoint.testing._adapter import _append_items, _read
 from fastcheckpoint.testing._builders import T0, key_of, make_item, make_run
 from tests.stores._moto import moto_endpoint
 from tests.stores.dynamodb.test_dynamodb import (
+    _manager,
     _raw_item,
     atomic_moto,
     aws_names,
@@ -127,3 +128,39 @@ async def test_a_label_entry_with_a_run_key_of_another_type_hides_only_itself(
     listed, cursor = await store.runs_with_label(label, limit=10, cursor=None, now=T0)
     assert ([record.run_id for record in listed], cursor) == ([runs[0].run_id], None)
 
+
+# -- a run item copied from another run ---------------------------------------------------
+
+
+async def test_a_run_item_copied_from_another_run_is_damage_and_repair_heals_it(
+    store: DynamoDBStore,
+) -> None:
+    clock = [T0]
+    manager = _manager(store, clock)
+    victim, intruder = _unique("victim"), _unique("intruder")
+    await manager.create(victim, state={"n": 0})
+    await manager.create(intruder, state={"s": 1})
+    victim_key = _ids.run_key(victim)
+    copied = await _raw_item(store, _ids.run_key(intruder), layout.RUN_SK)
+    assert copied is not None
+    ddb, _ = await store.clients()
+    await ddb.put_item(TableName=store.table,
+                       Item={**copied, "PK": {"S": layout.partition(victim_key)}})
+    listed = [run.run_id for run in (await manager.list_runs(limit=100)).runs]
+    assert intruder in listed
+    assert victim not in listed
+    assert listed.count(intruder) == 1
+    [damage] = await store.damaged_runs(run_key=victim_key, now=T0)
+    assert "names another run" in damage.problem
+    # Writes refuse; the intruder's record is untouched.
+    with pytest.raises(CorruptCheckpointError):
+        await manager.create(victim, state={"n": 1})
+    assert await _raw_item(store, victim_key, layout.RUN_SK) == {
+        **copied, "PK": {"S": layout.partition(victim_key)}}
+    [report] = await manager.repair(victim)
+    assert report.run_id == victim
+    assert await store.damaged_runs(run_key=victim_key, now=T0) == []
+    created = await manager.create(victim, state={"n": 1})
+    assert created.metadata.sequence == 1
+    assert (await manager.get_run(victim)).latest_sequence == 1
+    assert (await manager.get_run(intruder)).latest_sequence == 0
