@@ -1916,25 +1916,37 @@ class DynamoDBStore(ExpiryCleanup):
         }
         if top is None:
             # The payload is left out; the run item comes whole (it is small).
-            run_item, found = await self._header_pages(params, limit, now, include_expired)
+            run_item, found, last = await self._header_pages(params, limit, now,
+                                                             include_expired)
         else:
             # The run item sorts above every checkpoint, out of reach of a page below
             # ``before``: it is read beside the Query.
-            (_, found), run_item = await pair(
+            (_, found, last), run_item = await pair(
                 lambda: self._header_pages(params, limit, now, include_expired),
                 lambda: self._raw_run_item(run_key),
             )
         reading = self._reading(run_key, run_item, now, include_expired=include_expired)
         if reading is None:
             return [], None
-        page = self._filter_headers(run_key, found, reading, now, include_expired, limit)
+        page, pinned = self._filter_headers(run_key, found, reading, now, include_expired,
+                                            limit)
+        # A page is short only at the end of the run (callers read it so): candidates left
+        # out (damaged, of another incarnation) are made up for from further down.
+        while len(page) < limit and last:
+            params["ExclusiveStartKey"] = last
+            _, found, last = await self._header_pages(params, limit - len(page), now,
+                                                      include_expired)
+            more, pinned = self._filter_headers(run_key, found, pinned, now, include_expired,
+                                                limit - len(page))
+            page += more
         return page, reading.status
 
     async def _header_pages(
         self, params: dict[str, Any], limit: int, now: float, include_expired: bool
-    ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    ) -> tuple[dict[str, Any] | None, list[dict[str, Any]], dict[str, Any] | None]:
         """Query pages until ``limit`` candidate headers (or the end): the run item (when
-        the range reaches it) and the checkpoint items, without their payloads."""
+        the range reaches it), the checkpoint items, without their payloads, and the key
+        to read on from (``None`` at the end)."""
         names = params.setdefault("ExpressionAttributeNames", {})
         wanted = ("SK", "cid", "ca", "x", "hdr", *_RUN_ATTRIBUTES)
         projection: list[str] = []
@@ -1959,7 +1971,7 @@ class DynamoDBStore(ExpiryCleanup):
                     candidates += 1
             last = response.get("LastEvaluatedKey")
             if not last or candidates >= limit:
-                return run_item, found
+                return run_item, found, last or None
             params["ExclusiveStartKey"] = last
 
     def _filter_headers(
@@ -1970,7 +1982,8 @@ class DynamoDBStore(ExpiryCleanup):
         now: float,
         include_expired: bool,
         limit: int,
-    ) -> list[CheckpointHeader]:
+    ) -> tuple[list[CheckpointHeader], _Reading]:
+        """Up to ``limit`` headers of ``found``, and the reading as the items pinned it."""
         result: list[CheckpointHeader] = []
         for item in found:
             sort_key = _text(item, "SK")
@@ -1991,7 +2004,7 @@ class DynamoDBStore(ExpiryCleanup):
             result.append(header)
             if len(result) >= limit:
                 break
-        return result
+        return result, reading
 
     # -- checkpoint log: removal ------------------------------------------------------------
 
@@ -2237,7 +2250,11 @@ class DynamoDBStore(ExpiryCleanup):
             raise ValidationError(f"malformed run listing cursor {cursor!r}")
         if limit < 1:
             return [], cursor
+        return await self._list_runs(status, limit, cursor, now)
 
+    async def _list_runs(
+        self, status: str | None, limit: int, cursor: str | None, now: float
+    ) -> tuple[list[RunRecord], str | None]:
         async def shard_page(shard: int) -> tuple[list[dict[str, Any]], bool]:
             names = _Names()
             index, key, value = self._run_index(status, shard)
@@ -2270,6 +2287,12 @@ class DynamoDBStore(ExpiryCleanup):
         chosen = merged[:limit]
         records = [record for item in chosen if (record := self._listed(item)) is not None]
         next_cursor = _text(chosen[-1], "gord") if chosen and more else None
+        if next_cursor is not None and len(records) < limit:
+            # A page is short only at the end (callers read it so): damaged records left
+            # out are made up for from past the last one read.
+            rest, next_cursor = await self._list_runs(
+                status, limit - len(records), next_cursor, now)
+            records += rest
         return records, next_cursor
 
     def _listed(self, entry: Mapping[str, Any]) -> RunRecord | None:
@@ -2578,22 +2601,38 @@ class DynamoDBStore(ExpiryCleanup):
             "Limit": limit + 1,
             **names.params(),
         }
-        found: dict[str, dict[str, Any]] = {}
-        while len(found) < limit:
-            response = await self._call("Query", **params)
-            for item in response.get("Items", []):
-                sort_key = _text(item, "SK")
-                # BETWEEN includes ``high``, which is exclusive here.
-                if sort_key != high and self._item_live(run_key, item, now, skip=True):
-                    found[sort_key[2:]] = item
-                    if len(found) >= limit:
+        pk = _s(layout.partition(run_key))
+        values: dict[str, bytes] = {}
+        ended = False
+        # A page is short only at the end (callers read it so): records left out once read
+        # (a dangling anchor, a damaged value) are made up for from past the last one read.
+        while not ended and len(values) < limit:
+            wanted = limit - len(values)
+            params["Limit"] = wanted + 1
+            found: dict[str, dict[str, Any]] = {}
+            while len(found) < wanted:
+                response = await self._call("Query", **params)
+                items = response.get("Items", [])
+                last = response.get("LastEvaluatedKey")
+                for index, item in enumerate(items):
+                    sort_key = _text(item, "SK")
+                    params["ExclusiveStartKey"] = {"PK": pk, "SK": _s(sort_key)}
+                    # BETWEEN includes ``high``, which is exclusive here.
+                    if sort_key != high and self._item_live(run_key, item, now, skip=True):
+                        found[sort_key[2:]] = item
+                        if len(found) >= wanted:
+                            ended = index + 1 == len(items) and not last
+                            break
+                else:
+                    if not last:
+                        ended = True
                         break
-            last = response.get("LastEvaluatedKey")
-            if not last:
+                    params["ExclusiveStartKey"] = last
+            if not found:
                 break
-            params["ExclusiveStartKey"] = last
-        values = await self._values_of(
-            run_key, await self._follow_anchors(run_key, found, now, skip=True), skip=True)
+            values.update(await self._values_of(
+                run_key, await self._follow_anchors(run_key, found, now, skip=True),
+                skip=True))
         return list(values.items())
 
     @holds_clients

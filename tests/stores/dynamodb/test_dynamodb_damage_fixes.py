@@ -23,6 +23,7 @@ from tests.stores.dynamodb.test_dynamodb import (
     _raw_item,
     atomic_moto,
     aws_names,
+    counting,
     provisioned,
     store,
 )
@@ -164,3 +165,80 @@ async def test_a_run_item_copied_from_another_run_is_damage_and_repair_heals_it(
     assert created.metadata.sequence == 1
     assert (await manager.get_run(victim)).latest_sequence == 1
     assert (await manager.get_run(intruder)).latest_sequence == 0
+
+
+# -- pages are short only at the end ------------------------------------------------------
+
+
+async def test_headers_fill_the_page_past_damaged_checkpoint_items(
+    store: DynamoDBStore,
+) -> None:
+    clock = [T0]
+    manager = _manager(store, clock)
+    victim, intruder = _unique("victim"), _unique("intruder")
+    for step in range(5):
+        await manager.create(victim, state={"n": step})
+    await manager.create(intruder, state={"s": 1})
+    key = _ids.run_key(victim)
+    with counting(store) as (dynamo, _):
+        page, status = await store.headers(key, before=None, limit=2, now=T0)
+    assert ([header.sequence for header in page], status) == ([4, 3], "active")
+    assert dynamo.counts == {"Query": 1}  # what a sound page costs, unchanged
+    copied = await _raw_item(store, _ids.run_key(intruder), layout.checkpoint_sk(0))
+    assert copied is not None
+    ddb, _ = await store.clients()
+    for sequence in (4, 3):
+        await ddb.put_item(TableName=store.table, Item={
+            **copied, "PK": {"S": layout.partition(key)},
+            "SK": {"S": layout.checkpoint_sk(sequence)}})
+    page, status = await store.headers(key, before=None, limit=2, now=T0)
+    assert ([header.sequence for header in page], status) == ([2, 1], "active")
+    page, _ = await store.headers(key, before=5, limit=2, now=T0)
+    assert [header.sequence for header in page] == [2, 1]
+    listed = await manager.list_checkpoints(victim, limit=2)
+    assert [metadata.sequence for metadata in listed] == [2, 1]
+
+
+async def test_scan_items_fills_the_page_past_dangling_anchors(store: DynamoDBStore) -> None:
+    clock = [T0]
+    manager = _manager(store, clock)
+    run_id = _unique("own")
+    created = await manager.create(run_id, state={"n": 0})
+    key = _ids.run_key(run_id)
+    assert await store.put_owned_items(
+        key, [make_item(name, name.encode(), owner=0) for name in "abc"], owner=0,
+        checkpoint_id=created.metadata.checkpoint_id, if_absent=True, now=T0)
+    await store.put_items(key, [make_item(name, name.encode()) for name in "de"], now=T0)
+    with counting(store) as (dynamo, _):
+        assert await store.scan_items(key, limit=2, now=T0) == [("a", b"a"), ("b", b"b")]
+    assert dynamo.counts == {"Query": 1, "BatchGetItem": 1}  # unchanged when sound
+    ddb, _ = await store.clients()
+    for name in "ab":  # their owned values go; the anchors dangle
+        await ddb.delete_item(TableName=store.table, Key={
+            "PK": {"S": layout.partition(key)}, "SK": {"S": layout.owned_sk(0, name)}})
+    assert await store.scan_items(key, limit=2, now=T0) == [("c", b"c"), ("d", b"d")]
+    assert await store.scan_items(key, limit=1, now=T0) == [("c", b"c")]
+    assert await store.scan_items(key, limit=2, reverse=True, now=T0) == [
+        ("e", b"e"), ("d", b"d")]
+    assert await store.scan_items(key, now=T0) == [("c", b"c"), ("d", b"d"), ("e", b"e")]
+
+
+async def test_list_runs_fills_the_page_past_damaged_run_items(store: DynamoDBStore) -> None:
+    # Created after every other test's runs: they lead the listing of the shared table.
+    clock = [T0 + 10**8]
+    manager = _manager(store, clock)
+    names = [_unique(f"r{step}") for step in range(4)]
+    for name in names:
+        clock[0] += 1
+        await manager.create(name, state={"n": 0})
+    for name in names[2:]:
+        await _edit(store, layout.partition(_ids.run_key(name)), layout.RUN_SK,
+                    "SET ver = :v", {":v": {"S": "x"}})
+    records, cursor = await store.list_runs(status=None, limit=2, cursor=None, now=clock[0])
+    assert [record.run_id for record in records] == [names[1], names[0]]
+    assert cursor is not None
+    records, _ = await store.list_runs(status=None, limit=1, cursor=None, now=clock[0])
+    assert [record.run_id for record in records] == [names[1]]
+    records, _ = await store.list_runs(status="active", limit=2, cursor=None, now=clock[0])
+    assert [record.run_id for record in records] == [names[1], names[0]]
+
