@@ -3114,7 +3114,7 @@ class DynamoDBStore(ExpiryCleanup):
         while True:
             response = await self._call("Query", **params)
             entries = response.get("Items", [])
-            records = await self._labelled_runs(entries, now)
+            records = await self._labelled_runs(label, entries, now)
             for index, entry in enumerate(entries):
                 record = records.get(_text(entry, "SK"))
                 if record is None:
@@ -3129,11 +3129,12 @@ class DynamoDBStore(ExpiryCleanup):
             params["ExclusiveStartKey"] = last
 
     async def _labelled_runs(
-        self, entries: Sequence[Mapping[str, Any]], now: float
+        self, label: str, entries: Sequence[Mapping[str, Any]], now: float
     ) -> dict[str, RunRecord]:
-        """The live runs label entries name (their run items, one BatchGetItem per 100), by
-        the entry's sort key; an entry of another incarnation, of an expired, purging or
-        damaged run is left out."""
+        """The live runs ``label``'s entries name (their run items, one BatchGetItem per
+        100), by the entry's sort key; an entry of another incarnation, of a run without the
+        label (an entry copied from another label), of an expired, purging or damaged run is
+        left out."""
         wanted: dict[str, Mapping[str, Any]] = {}
         for entry in entries:
             run_key = entry.get("rk", {}).get("S")
@@ -3168,8 +3169,8 @@ class DynamoDBStore(ExpiryCleanup):
             record = self._listed(item)
             if named is None or record is None or "pg" in item:
                 continue
-            if record.incarnation == named.get("inc", {}).get("S") and is_live(
-                    record.expires_at, now):
+            if (record.incarnation == named.get("inc", {}).get("S")
+                    and label in record.labels and is_live(record.expires_at, now)):
                 records[_text(named, "SK")] = record
         return records
 

@@ -242,3 +242,28 @@ async def test_list_runs_fills_the_page_past_damaged_run_items(store: DynamoDBSt
     records, _ = await store.list_runs(status="active", limit=2, cursor=None, now=clock[0])
     assert [record.run_id for record in records] == [names[1], names[0]]
 
+
+# -- a label entry copied from another label ----------------------------------------------
+
+
+async def test_a_label_entry_copied_from_another_label_lists_nothing(
+    store: DynamoDBStore,
+) -> None:
+    x, y = _unique("x"), _unique("y")
+    other = msgspec.structs.replace(make_run(_unique("la")), labels=(x,))
+    labelled = msgspec.structs.replace(make_run(_unique("lb"), created_at=T0 + 1), labels=(y,))
+    for run in (other, labelled):
+        await _append_items(store, run, 0)
+    ddb, _ = await store.clients()
+    found = await ddb.query(
+        TableName=store.table, KeyConditionExpression="PK = :p",
+        ExpressionAttributeValues={":p": {"S": layout.label_partition(x)}})
+    [entry] = found["Items"]
+    await ddb.put_item(TableName=store.table,
+                       Item={**entry, "PK": {"S": layout.label_partition(y)}})
+    with counting(store) as (dynamo, _):
+        listed, cursor = await store.runs_with_label(y, limit=10, cursor=None, now=T0)
+    assert ([record.run_id for record in listed], cursor) == ([labelled.run_id], None)
+    assert dynamo.counts == {"Query": 1, "BatchGetItem": 1}
+    listed, _ = await store.runs_with_label(x, limit=10, cursor=None, now=T0)
+    assert [record.run_id for record in listed] == [other.run_id]
