@@ -2848,7 +2848,8 @@ class DynamoDBStore(ExpiryCleanup):
         owned = {layout.owned_key(_text(record, "SK")): record for record in family
                  if layout.is_owned_sk(_text(record, "SK"))
                  and self._item_live(run_key, record, now)}
-        named = _text_list(item, "rf")
+        with _malformed(self._where(run_key, _text(item, "SK"))):
+            named = _text_list(item, "rf")
         refs = [key for key in dict.fromkeys(named) if key not in owned]
         checkpoint, (shared, nested) = await pair(
             lambda: self._checkpoint(run_key, item, reading, now),
@@ -2859,7 +2860,9 @@ class DynamoDBStore(ExpiryCleanup):
         if checkpoint is None:
             return None
         if sequence >= reading.latest_sequence:
-            guard = next((_text(record, "wt") for record in family
+            # A guard's token of another type is remembered as none: the fast read then
+            # finds it stale and reads as usual.
+            guard = next((record.get("wt", {}).get("S") for record in family
                           if layout.is_guard_sk(_text(record, "SK"))), None)
             self._remember_family(run_key, _Family(
                 sequence, len(family), checkpoint.checkpoint_id, checkpoint.refs,
@@ -2928,17 +2931,21 @@ class DynamoDBStore(ExpiryCleanup):
             self._unsure(run_key)
             return None  # the usual read reports it
         record = state.record
-        if (
-            not state.live(now)
-            or record.latest_sequence != known.sequence
-            or known.sequence in state.owners
-            or known.sequence < state.owner_floor
-            or _text(item, "cid") != known.checkpoint_id
-            or _text_list(item, "rf") != known.refs
-            or (None if guard is None else _text(guard, "wt")) != known.guard
-            or (guard is not None and known.guard_before is not None
-                and _text(guard, "pw") != known.guard_before)
-        ):
+        try:
+            stale = (
+                not state.live(now)
+                or record.latest_sequence != known.sequence
+                or known.sequence in state.owners
+                or known.sequence < state.owner_floor
+                or _text(item, "cid") != known.checkpoint_id
+                or _text_list(item, "rf") != known.refs
+                or (None if guard is None else _text(guard, "wt")) != known.guard
+                or (guard is not None and known.guard_before is not None
+                    and _text(guard, "pw") != known.guard_before)
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            stale = True  # a record edited by hand: the usual read reports it
+        if stale:
             self._unsure(run_key)
             return None
         self._remember(run_key, state)

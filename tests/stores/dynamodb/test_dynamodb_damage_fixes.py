@@ -267,3 +267,32 @@ async def test_a_label_entry_copied_from_another_label_lists_nothing(
     assert dynamo.counts == {"Query": 1, "BatchGetItem": 1}
     listed, _ = await store.runs_with_label(x, limit=10, cursor=None, now=T0)
     assert [record.run_id for record in listed] == [other.run_id]
+
+
+# -- a checkpoint's refs or guard of another type -----------------------------------------
+
+
+async def test_restore_reports_refs_of_another_type(store: DynamoDBStore) -> None:
+    run = make_run(_unique("rf"))
+    key = key_of(run)
+    await _append_items(store, run, 0, refs=["s"], items=[make_item("s", b"S")])
+    await _edit(store, layout.partition(key), layout.checkpoint_sk(0), "SET rf = :v",
+                {":v": {"S": "s"}})
+    for sequence in (None, 0, None):  # the first read is this process's fast one
+        with pytest.raises(CorruptCheckpointError) as raised:
+            await _read(store, run, sequence)
+        assert (raised.value.key or "").endswith(layout.checkpoint_sk(0))
+
+
+async def test_a_guard_token_of_another_type_does_not_stop_restores(
+    store: DynamoDBStore,
+) -> None:
+    run = make_run(_unique("guard"))
+    key = key_of(run)
+    await _append_items(store, run, 0, refs=["s"], items=[make_item("s", b"S")])
+    await _edit(store, layout.partition(key), layout.guard_sk(0), "SET wt = :v",
+                {":v": {"N": "1"}})
+    for sequence in (None, None, 0):
+        found = await _read(store, run, sequence)
+        assert found is not None
+        assert (found[0].sequence, found[2]) == (0, {"s": b"S"})
