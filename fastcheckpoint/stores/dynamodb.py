@@ -1407,17 +1407,19 @@ class DynamoDBStore(ExpiryCleanup):
         named: dict[int, tuple[str, ...]] = {}
         for entry in found:
             sort_key = _text(entry, "SK")
-            for attribute in ("bl", "vb"):
-                if attribute in entry:
-                    removal.blobs.append(_text(entry, attribute))
-            if layout.is_checkpoint_sk(sort_key):
-                ours_too = _text(entry, "cid").startswith(ours)
-                named[layout.sequence_of(sort_key)] = _text_list(entry, "rf") if ours_too else ()
-                if sort_key != layout.checkpoint_sk(0):  # overwritten by the new run's first
-                    checkpoints.append(_delete_if(pk, sort_key, "cid", _text(entry, "cid")))
-                continue
-            if layout.is_guard_sk(sort_key):  # the refs of a checkpoint native TTL removed
-                named.setdefault(layout.sequence_of(sort_key), _text_list(entry, "rf"))
+            with _malformed(self._where(run_key, sort_key)):  # before anything is written
+                for attribute in ("bl", "vb"):
+                    if attribute in entry:
+                        removal.blobs.append(_text(entry, attribute))
+                if layout.is_checkpoint_sk(sort_key):
+                    cid = _text(entry, "cid")
+                    named[layout.sequence_of(sort_key)] = (
+                        _text_list(entry, "rf") if cid.startswith(ours) else ())
+                    if sort_key != layout.checkpoint_sk(0):  # overwritten by the new run's first
+                        checkpoints.append(_delete_if(pk, sort_key, "cid", cid))
+                    continue
+                if layout.is_guard_sk(sort_key):  # the refs of a checkpoint native TTL removed
+                    named.setdefault(layout.sequence_of(sort_key), _text_list(entry, "rf"))
             token = entry.get("wt", _s(""))
             removal.deletes.append(items_layout.delete_when(pk, sort_key, "wt", token))
             if layout.is_owned_sk(sort_key):
@@ -1690,21 +1692,24 @@ class DynamoDBStore(ExpiryCleanup):
             owner = layout.sequence_of(sort_key)
             if owner not in chosen:
                 continue
-            if layout.is_checkpoint_sk(sort_key):
-                ours_too = _text(entry, "cid").startswith(ours)
-                named[owner] = _text_list(entry, "rf") if ours_too else ()
-            elif layout.is_guard_sk(sort_key):
-                removal.deletes.append(items_layout.guard_delete(pk, owner, _text(entry, "wt")))
-                guarded.add(owner)
-                # Its refs count when native TTL removed the checkpoint first.
-                named.setdefault(owner, _text_list(entry, "rf"))
-            elif layout.is_owned_sk(sort_key):
-                key = layout.owned_key(sort_key)
-                anchor = _owned_delete(pk, key, owner)
-                removal.deletes += [_delete(pk, sort_key), anchor]
-                removal.anchors[key] = (owner, anchor)
-                if "vb" in entry:
-                    removal.blobs.append(_text(entry, "vb"))
+            # A record of the wrong type fails the call before anything is written.
+            with _malformed(self._where(run_key, sort_key)):
+                if layout.is_checkpoint_sk(sort_key):
+                    ours_too = _text(entry, "cid").startswith(ours)
+                    named[owner] = _text_list(entry, "rf") if ours_too else ()
+                elif layout.is_guard_sk(sort_key):
+                    removal.deletes.append(
+                        items_layout.guard_delete(pk, owner, _text(entry, "wt")))
+                    guarded.add(owner)
+                    # Its refs count when native TTL removed the checkpoint first.
+                    named.setdefault(owner, _text_list(entry, "rf"))
+                elif layout.is_owned_sk(sort_key):
+                    key = layout.owned_key(sort_key)
+                    anchor = _owned_delete(pk, key, owner)
+                    removal.deletes += [_delete(pk, sort_key), anchor]
+                    removal.anchors[key] = (owner, anchor)
+                    if "vb" in entry:
+                        removal.blobs.append(_text(entry, "vb"))
         removal.deletes += [items_layout.guard_check(pk, owner) for owner in owning
                             if owner not in guarded]
         for refs in named.values():

@@ -16,7 +16,7 @@ from fastcheckpoint.errors import CorruptCheckpointError
 from fastcheckpoint.stores import _dynamodb_layout as layout
 from fastcheckpoint.stores.dynamodb import DynamoDBStore
 from fastcheckpoint.testing._adapter import _append_items, _read
-from fastcheckpoint.testing._builders import T0, key_of, make_item, make_run
+from fastcheckpoint.testing._builders import T0, checkpoint_id_of, key_of, make_item, make_run
 from tests.stores._moto import moto_endpoint
 from tests.stores.dynamodb.test_dynamodb import (
     _manager,
@@ -296,3 +296,72 @@ async def test_a_guard_token_of_another_type_does_not_stop_restores(
         found = await _read(store, run, sequence)
         assert found is not None
         assert (found[0].sequence, found[2]) == (0, {"s": b"S"})
+
+
+# -- removals meeting a checkpoint's refs of another type ---------------------------------
+
+
+async def _refs_damaged(store: DynamoDBStore, name: str, sort_key: str) -> Any:
+    """A run whose checkpoint 0 names shared item ``s`` and owns ``w``, the ``rf`` of its
+    record at ``sort_key`` (the checkpoint or its guard) edited to a string."""
+    run = make_run(_unique(name))
+    await _append_items(store, run, 0, refs=["s"],
+                        items=[make_item("s", b"S"), make_item("w", b"W", owner=0)])
+    await _edit(store, layout.partition(key_of(run)), sort_key, "SET rf = :v",
+                {":v": {"S": "s"}})
+    return run
+
+
+@pytest.mark.parametrize("damaged", [layout.checkpoint_sk(0), layout.guard_sk(0)],
+                         ids=["checkpoint", "guard"])
+async def test_an_append_pruning_a_checkpoint_with_damaged_refs_writes_nothing(
+    store: DynamoDBStore, damaged: str,
+) -> None:
+    run = await _refs_damaged(store, "prune", damaged)
+    key = key_of(run)
+    counter = await _raw_item(store, key, layout.counter_sk("s"))
+    with pytest.raises(CorruptCheckpointError) as raised:
+        await _append_items(store, run, 1, refs=["t"], keep_latest=1,
+                            items=[make_item("t", b"T"), make_item("v", b"V", owner=1)])
+    assert (raised.value.key or "").endswith(damaged)
+    for sort_key in (layout.checkpoint_sk(1), layout.guard_sk(1), layout.item_sk("t"),
+                     layout.owned_sk(1, "v"), layout.counter_sk("t")):
+        assert await _raw_item(store, key, sort_key) is None
+    assert await _raw_item(store, key, layout.counter_sk("s")) == counter
+    assert await _raw_item(store, key, layout.owned_sk(0, "w")) is not None
+    assert await store.get_items(key, ["s"], now=T0) == {"s": b"S"}
+
+
+@pytest.mark.parametrize("damaged", [layout.checkpoint_sk(0), layout.guard_sk(0)],
+                         ids=["checkpoint", "guard"])
+async def test_deleting_a_checkpoint_with_damaged_refs_writes_nothing(
+    store: DynamoDBStore, damaged: str,
+) -> None:
+    run = await _refs_damaged(store, "delrf", damaged)
+    key = key_of(run)
+    before = {sort_key: await _raw_item(store, key, sort_key) for sort_key in (
+        layout.RUN_SK, layout.checkpoint_sk(0), layout.guard_sk(0), layout.owned_sk(0, "w"),
+        layout.item_sk("w"), layout.counter_sk("s"))}
+    with pytest.raises(CorruptCheckpointError) as raised:
+        await store.delete(key, 0, checkpoint_id=checkpoint_id_of(run, 0))
+    assert (raised.value.key or "").endswith(damaged)
+    for sort_key, item in before.items():
+        assert await _raw_item(store, key, sort_key) == item
+
+
+async def test_a_new_run_over_an_expired_one_with_damaged_refs_writes_nothing(
+    store: DynamoDBStore,
+) -> None:
+    run = make_run(_unique("over"))
+    key = key_of(run)
+    for sequence in (0, 1):
+        await _append_items(store, run, sequence, refs=["s"], expires_at=T0 + 10,
+                            items=[make_item("s", b"S")])
+    await _edit(store, layout.partition(key), layout.checkpoint_sk(1), "SET rf = :v",
+                {":v": {"S": "s"}})
+    before = await _raw_item(store, key, layout.checkpoint_sk(0))
+    again = msgspec.structs.replace(run, incarnation=_unique("inc"))
+    with pytest.raises(CorruptCheckpointError) as raised:
+        await _append_items(store, again, 0, now=T0 + 20)
+    assert (raised.value.key or "").endswith(layout.checkpoint_sk(1))
+    assert await _raw_item(store, key, layout.checkpoint_sk(0)) == before
