@@ -2675,6 +2675,12 @@ class DynamoDBStore(ExpiryCleanup):
             if not old:
                 return 0
             try:
+                with _malformed(where):  # a number that is no integer passes the condition
+                    _int(old, "o")
+            except CorruptCheckpointError as exc:
+                await self._put_back(old, where)
+                return exc
+            try:
                 await self._release_item(pk, key, old, where)
             except CorruptCheckpointError as exc:
                 return exc
@@ -2689,6 +2695,19 @@ class DynamoDBStore(ExpiryCleanup):
                 raise outcome
         return sum(cast(list[int], outcomes))
 
+    async def _put_back(self, old: dict[str, Any], where: str) -> None:
+        """Write back an item record deleted before its owner was found damaged (no condition
+        can tell a number that is no integer), unless the key was written again meanwhile:
+        the record and its owned value are left as they were."""
+        names = _Names()
+        _, refused = await self._conditional(
+            "PutItem", Item=old, ConditionExpression=f"attribute_not_exists({names('PK')})",
+            **names.params())
+        if refused is not None:
+            logger.warning("%s: a damaged item record was written over while its delete was "
+                           "undone; the value its owner holds stays until that owner goes",
+                           where)
+
     async def _release_item(
         self, pk: str, key: str, old: Mapping[str, Any], where: str
     ) -> None:
@@ -2696,7 +2715,7 @@ class DynamoDBStore(ExpiryCleanup):
         and its blob."""
         blobs = [_text(old, "vb")] if "vb" in old else []
         if "o" in old:
-            with _malformed(where):  # an owner of the right type that is no integer
+            with _malformed(where):  # checked by the caller already
                 owner = _int(old, "o")
             names = _Names()
             response, _ = await self._conditional(

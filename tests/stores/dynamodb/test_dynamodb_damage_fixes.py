@@ -365,3 +365,27 @@ async def test_a_new_run_over_an_expired_one_with_damaged_refs_writes_nothing(
         await _append_items(store, again, 0, now=T0 + 20)
     assert (raised.value.key or "").endswith(layout.checkpoint_sk(1))
     assert await _raw_item(store, key, layout.checkpoint_sk(0)) == before
+
+
+@pytest.mark.parametrize(("owner", "put_back"), [({"N": "0.5"}, 1), ({"S": "0"}, 0)],
+                         ids=["fraction", "string"])
+async def test_deleting_an_item_whose_owner_is_no_integer_leaves_it_whole(
+    store: DynamoDBStore, owner: dict[str, str], put_back: int,
+) -> None:
+    run = make_run(_unique("half"))
+    key = key_of(run)
+    await _append_items(store, run, 0, items=[make_item("w", b"W", owner=0),
+                                              make_item("u", b"U", owner=0)])
+    await store.put_items(key, [make_item("b", b"B")], now=T0)
+    await _edit(store, layout.partition(key), layout.item_sk("w"), "SET o = :v", {":v": owner})
+    anchor = await _raw_item(store, key, layout.item_sk("w"))
+    with counting(store) as (dynamo, _), pytest.raises(CorruptCheckpointError) as raised:
+        await store.delete_items(key, ["b", "w", "u"])
+    assert (raised.value.key or "").endswith("/i#w")
+    assert await _raw_item(store, key, layout.item_sk("w")) == anchor
+    assert await _raw_item(store, key, layout.owned_sk(0, "w")) is not None
+    for sort_key in (layout.item_sk("b"), layout.item_sk("u"), layout.owned_sk(0, "u")):
+        assert await _raw_item(store, key, sort_key) is None
+    # One DeleteItem per record (and u's owned value); a number that is no integer passes
+    # the DeleteItem's condition, so that record is written back.
+    assert dynamo.counts == {"DeleteItem": 4, **({"PutItem": put_back} if put_back else {})}
