@@ -237,6 +237,10 @@ class _RunState:
             self.items_floor is not None and sequence >= self.items_floor)
 
 
+class _DamagedCounter(CorruptCheckpointError):
+    """A transaction refused because a count it updates is damaged: nothing was written."""
+
+
 class _DamagedRun(CorruptCheckpointError):
     """A run item that cannot be used: undecodable, or contradicting the run's log."""
 
@@ -854,11 +858,19 @@ class DynamoDBStore(ExpiryCleanup):
                 return
             except ClientError as exc:
                 if error_code(exc) != "TransactionCanceledException":
+                    if error_code(exc) == "ValidationException":  # of the whole request
+                        await self._damaged_counter(
+                            request, range(len(request)), str(exc), exc)
                     raise translate(exc, action) from exc
                 reasons = cast(
                     list[dict[str, Any]], list(exc.response.get("CancellationReasons") or [])
                 )
                 codes = {str(reason.get("Code", "None")) for reason in reasons}
+                invalid = [index for index, reason in enumerate(reasons)
+                           if reason.get("Code") == "ValidationError"]
+                if invalid:  # of an operation: AWS names it
+                    await self._damaged_counter(request, invalid, " ".join(
+                        str(reasons[index].get("Message", "")) for index in invalid), exc)
                 if _CONDITION_FAILED in codes:
                     retried = int(exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0))
                     cancelled = _Cancelled(reasons, retried=retried > 0)
@@ -869,6 +881,32 @@ class DynamoDBStore(ExpiryCleanup):
             except BotoCoreError as exc:
                 raise translate(exc, action) from exc
             await anyio.sleep(self._retry.delay(attempt))
+
+    async def _damaged_counter(
+        self, request: Sequence[Mapping[str, Any]], suspects: Sequence[int], detail: str,
+        exc: ClientError,
+    ) -> None:
+        """A transaction DynamoDB refused as invalid (so it wrote nothing): a count whose
+        ``rc`` has another type (edited by hand) makes its ``ADD`` invalid. Those updated are
+        read (only now, after the refusal) and the first one damaged raised as
+        :class:`_DamagedCounter`; nothing is raised when none is."""
+        keys = [update["Key"] for index in suspects if index < len(request)
+                and (update := request[index].get("Update")) is not None
+                and str(update["Key"]["SK"].get("S", "")).startswith(layout.COUNTER_PREFIX)]
+        if not keys or "data type" not in detail:
+            return
+        try:
+            response = await self._send("BatchGetItem", RequestItems={
+                self.table: {"Keys": keys[:100], "ConsistentRead": True}})
+        except CheckpointError:
+            return  # the refusal is reported as it is
+        for count in response.get("Responses", {}).get(self.table, []):
+            if "rc" in count and "N" not in count["rc"]:
+                pk, sort_key = _text(count, "PK"), _text(count, "SK")
+                raise _DamagedCounter(
+                    "the count of a shared item has an attribute of another type (rc); "
+                    "nothing was written", key=f"dynamodb://{self.table}/{pk}/{sort_key}",
+                ) from exc
 
     async def _commit(self, operations: list[dict[str, Any]], *, keep: int) -> None:
         """TransactWriteItems; conditional operations from index ``keep`` on whose condition
@@ -1204,6 +1242,9 @@ class DynamoDBStore(ExpiryCleanup):
             try:
                 # The run item, the checkpoint and the memo if any (indexes 0 to 2) decide.
                 await self._commit(plan.operations, keep=2 + _memo_slots(plan.operations[:3]))
+            except _DamagedCounter:
+                outcome.unknown = False  # refused as invalid: none of it landed
+                raise
             except _Cancelled as cancelled:
                 if _memoed(cancelled):
                     outcome.unknown = False

@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from botocore.exceptions import ClientError
 
 from fastcheckpoint import _ids
 from fastcheckpoint.errors import CorruptCheckpointError
@@ -389,3 +390,56 @@ async def test_deleting_an_item_whose_owner_is_no_integer_leaves_it_whole(
     # One DeleteItem per record (and u's owned value); a number that is no integer passes
     # the DeleteItem's condition, so that record is written back.
     assert dynamo.counts == {"DeleteItem": 4, **({"PutItem": put_back} if put_back else {})}
+
+
+# -- a count of another type --------------------------------------------------------------
+
+
+async def test_a_count_of_another_type_fails_appends_and_deletes_naming_it(
+    store: DynamoDBStore,
+) -> None:
+    run = make_run(_unique("rc"))
+    key = key_of(run)
+    await _append_items(store, run, 0, refs=["s"], items=[make_item("s", b"S")])
+    counter = layout.counter_sk("s")
+    await _edit(store, layout.partition(key), counter, "SET rc = :v", {":v": {"S": "x"}})
+    before = {sort_key: await _raw_item(store, key, sort_key)
+              for sort_key in (layout.RUN_SK, layout.checkpoint_sk(0), counter)}
+    with pytest.raises(CorruptCheckpointError) as raised:
+        await _append_items(store, run, 1, refs=["s", "t"], items=[make_item("t", b"T")])
+    assert (raised.value.key or "").endswith(f"/{counter}")
+    with pytest.raises(CorruptCheckpointError) as raised:
+        await store.delete(key, 0, checkpoint_id=checkpoint_id_of(run, 0))
+    assert (raised.value.key or "").endswith(f"/{counter}")
+    for sort_key, item in before.items():
+        assert await _raw_item(store, key, sort_key) == item
+    for sort_key in (layout.checkpoint_sk(1), layout.item_sk("t"), layout.counter_sk("t")):
+        assert await _raw_item(store, key, sort_key) is None
+
+
+async def test_a_count_of_another_type_named_by_a_cancellation_reason(
+    store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """AWS reports an invalid update in a transaction as the cancellation reason of that
+    operation (moto refuses the whole request): the count is named either way."""
+    run = make_run(_unique("rcaws"))
+    key = key_of(run)
+    await _append_items(store, run, 0, refs=["s"], items=[make_item("s", b"S")])
+    counter = layout.counter_sk("s")
+    await _edit(store, layout.partition(key), counter, "SET rc = :v", {":v": {"S": "x"}})
+    ddb, _ = await store.clients()
+
+    async def as_aws_answers(**request: Any) -> Any:
+        reasons = [{"Code": "ValidationError", "Message": "An operand in the update "
+                    "expression has an incorrect data type"}
+                   if operation.get("Update", {}).get("Key", {}).get("SK") == {"S": counter}
+                   else {"Code": "None"} for operation in request["TransactItems"]]
+        response: Any = {"Error": {"Code": "TransactionCanceledException",
+                                   "Message": "Transaction cancelled"},
+                         "CancellationReasons": reasons}
+        raise ClientError(response, "TransactWriteItems")
+
+    monkeypatch.setattr(ddb, "transact_write_items", as_aws_answers)
+    with pytest.raises(CorruptCheckpointError) as raised:
+        await store.delete(key, 0, checkpoint_id=checkpoint_id_of(run, 0))
+    assert (raised.value.key or "").endswith(f"/{counter}")
