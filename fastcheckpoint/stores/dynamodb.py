@@ -622,6 +622,9 @@ class _Reading:
 
 
 _DAMAGED_READING: Final = _Reading("active", None, None, -1)
+_DAMAGED_RETRY_SECONDS: Final = 3600.0
+"""How long the cleanup loop leaves a run whose records it cannot read before it tries it
+again (its expiry index entries move on; repair or ``delete_run`` ends it)."""
 """Reads of a run whose record is damaged: ``status_of`` is always ``\"active\"``."""
 
 
@@ -2134,9 +2137,12 @@ class DynamoDBStore(ExpiryCleanup):
                 **names.params(),
             )
             item = response.get("Item")
-            if not item or not _text(item, "cid").startswith(ours):
+            if not item:
                 return None
-            return _Held(sequence, _number(item, "x"), _text(item, "bl") or None)
+            with _malformed(self._where(run_key, layout.checkpoint_sk(sequence))):
+                checkpoint_id, expires_at = _text(item, "cid"), _number(item, "x")
+                blob = _text(item, "bl") or None
+            return _Held(sequence, expires_at, blob) if checkpoint_id.startswith(ours) else None
 
         found = await gather([functools.partial(entry, sequence) for sequence in sequences])
         return [held for held in found if held is not None]
@@ -3274,7 +3280,16 @@ class DynamoDBStore(ExpiryCleanup):
                 by_run.setdefault(pk.removeprefix("run#"), []).append(sort_key)
         removed = 0
         for run_key, sort_keys in by_run.items():
-            count, finished, lowered = await self._purge_run(run_key, sort_keys, now, limit)
+            try:
+                count, finished, lowered = await self._purge_run(run_key, sort_keys, now, limit)
+            except CorruptCheckpointError as exc:
+                # One damaged record must not stop the cleanup of every other run: its due
+                # entries come back later (repair, or a delete of the run, ends it).
+                logger.warning("cleanup: run %s holds a damaged record (%s); its expired "
+                               "checkpoints wait for repair, tried again in %g s",
+                               self._where(run_key, layout.RUN_SK), exc, _DAMAGED_RETRY_SECONDS)
+                await self._defer(run_key, sort_keys, now)
+                continue
             removed += count
             more = more or not finished
             if lowered:  # swept now: this purge completes after the removal that lowered them
@@ -3283,6 +3298,22 @@ class DynamoDBStore(ExpiryCleanup):
             await self._sweep_shared(run_key, list(dict.fromkeys(keys)), now)
         await self._batch_write(memos)
         return removed, not more
+
+    async def _defer(self, run_key: str, sort_keys: Sequence[str], now: float) -> None:
+        """Move a run's due expiry index entries :data:`_DAMAGED_RETRY_SECONDS` on, each only
+        while it is still due (a writer that set it since keeps its own)."""
+        async def defer(sort_key: str) -> None:
+            names = _Names()
+            await self._conditional(
+                "UpdateItem",
+                Key={"PK": _s(layout.partition(run_key)), "SK": _s(sort_key)},
+                UpdateExpression=(f"SET {names('xat')} = "
+                                  f"{names.value(_n(now + _DAMAGED_RETRY_SECONDS))}"),
+                ConditionExpression=f"{names('xat')} <= {names.value(_n(now))}",
+                **names.params(),
+            )
+
+        await gather([functools.partial(defer, sort_key) for sort_key in sort_keys])
 
     async def _due_in_shard(
         self, shard: int, now: float, limit: int

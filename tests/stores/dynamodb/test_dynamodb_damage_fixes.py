@@ -443,3 +443,64 @@ async def test_a_count_of_another_type_named_by_a_cancellation_reason(
     with pytest.raises(CorruptCheckpointError) as raised:
         await store.delete(key, 0, checkpoint_id=checkpoint_id_of(run, 0))
     assert (raised.value.key or "").endswith(f"/{counter}")
+
+
+# -- the cleanup meeting a damaged run ----------------------------------------------------
+
+
+async def test_the_cleanup_passes_over_a_run_it_cannot_read_and_purges_the_others(
+    store: DynamoDBStore, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The damaged run's CorruptCheckpointError (before: KeyError) escaped purge_expired, so
+    # every pass of the cleanup loop failed there and no other run of the table expired.
+    # Live runs whose checkpoint 0 expired; the damaged one's names its items wrongly.
+    damaged, healthy = make_run(_unique("stuck")), make_run(_unique("expires"))
+    for run in (damaged, healthy):
+        await _append_items(store, run, 0, refs=["s"], expires_at=T0 + 10,
+                            items=[make_item("s", b"S")])
+        await _append_items(store, run, 1, refs=["s"])
+    key = key_of(damaged)
+    await _edit(store, layout.partition(key), layout.checkpoint_sk(0), "SET rf = :v",
+                {":v": {"S": "s"}})
+    sort_keys = (layout.RUN_SK, layout.checkpoint_sk(0), layout.checkpoint_sk(1))
+    before = {sort_key: await _raw_item(store, key, sort_key) for sort_key in sort_keys}
+    while not (await store.purge_expired(now=T0 + 20, limit=100))[1]:
+        pass
+    assert await _raw_item(store, key_of(healthy), layout.checkpoint_sk(0)) is None
+    assert await _raw_item(store, key_of(healthy), layout.checkpoint_sk(1)) is not None
+    assert key in caplog.text
+    after = {sort_key: await _raw_item(store, key, sort_key) for sort_key in sort_keys}
+    for sort_key, item in before.items():  # only their places in the expiry index moved on
+        moved = after[sort_key]
+        assert moved is not None
+        assert item is not None
+        if "xat" in item:
+            assert float(moved.pop("xat")["N"]) >= T0 + 20 + 3600
+            item.pop("xat")
+        assert moved == item
+    caplog.clear()
+    assert (await store.purge_expired(now=T0 + 30, limit=100))[1]
+    assert key not in caplog.text  # not tried again before its time
+    assert (await store.purge_expired(now=T0 + 20 + 3601, limit=100))[1]
+    assert key in caplog.text  # then tried again, and passed over again
+
+
+async def test_deleting_a_checkpoint_behind_the_front_of_the_book_reports_its_damage(
+    store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A checkpoint the run item's book keeps only a count of is read from its own item
+    # (its expiry): an attribute of another type there leaked KeyError from delete.
+    monkeypatch.setattr(store, "_book_capacity", 2)
+    run = make_run(_unique("back"))
+    key = key_of(run)
+    for sequence in range(6):
+        await _append_items(store, run, sequence, expires_at=T0 + 1_000 + sequence)
+    raw: Any = await _raw_item(store, key, layout.RUN_SK)
+    back = layout.BOOK_DECODER.decode(raw["bk"]["B"]).back
+    assert back is not None
+    sequence = back.start
+    await _edit(store, layout.partition(key), layout.checkpoint_sk(sequence), "SET x = :v",
+                {":v": {"S": "later"}})
+    with pytest.raises(CorruptCheckpointError) as raised:
+        await store.delete(key, sequence, checkpoint_id=checkpoint_id_of(run, sequence))
+    assert (raised.value.key or "").endswith(layout.checkpoint_sk(sequence))
