@@ -856,7 +856,11 @@ class CheckpointManager:
             page, status = await self._store.headers(
                 key, before=cursor, limit=limit, now=now, include_expired=include_expired
             )
-            if page and incarnation is not None and _incarnation(page[0]) != incarnation:
+            # The incarnation of the first header whose id is readable (a damaged one says
+            # nothing about the run).
+            seen = next((found for stored in page
+                         if (found := _incarnation(stored)) is not None), None)
+            if incarnation is not None and seen is not None and seen != incarnation:
                 break  # the run was deleted (and started again) since ``before`` was read
             run_status = _listed_status(status, run_id)
             for stored in page:
@@ -867,7 +871,7 @@ class CheckpointManager:
                     result.append(metadata)
             if len(page) < limit:
                 break  # the run's checkpoints end here
-            cursor, incarnation = page[-1].sequence, _incarnation(page[0])
+            cursor, incarnation = page[-1].sequence, seen or incarnation
         return result[:limit]
 
     def _before(self, key: str, before: str) -> tuple[int, str]:

@@ -129,6 +129,29 @@ async def test_list_checkpoints_stops_at_a_run_started_again_between_its_reads()
     assert [m.sequence for m in listed] == [3]  # none of the new run's checkpoints
 
 
+async def test_list_checkpoints_reads_on_past_a_page_led_by_an_unreadable_id() -> None:
+    # The next page's first header stood for the run's incarnation: one whose id is not an
+    # id of ours made the listing end there, as if the run had been started again.
+    import msgspec
+
+    class Damaged(ForwardingStore):
+        """Checkpoint 7's header and checkpoint 6's id are damaged."""
+
+        async def headers(self, run_key: str, **options: Any) -> Any:
+            page, status = await super().headers(run_key, **options)
+            damaged = {7: {"header": b"\xc1garbage"}, 6: {"checkpoint_id": "garbage"}}
+            return [msgspec.structs.replace(h, **damaged.get(h.sequence, {})) for h in page], \
+                status
+
+    manager = CheckpointManager(Damaged(MemoryStore()))
+    for step in range(10):
+        await manager.create("r", {"i": step}, force=True)
+
+    listed = await manager.list_checkpoints("r", 3)
+
+    assert [m.sequence for m in listed] == [9, 8, 5]
+
+
 async def test_export_goes_past_a_page_shortened_by_a_corrupt_header() -> None:
     store = MemoryStore()
     await _run_with_corrupt(store, corrupt_at=2, total=5)

@@ -622,10 +622,10 @@ class _Reading:
 
 
 _DAMAGED_READING: Final = _Reading("active", None, None, -1)
+"""Reads of a run whose record is damaged: ``status_of`` is always ``\"active\"``."""
 _DAMAGED_RETRY_SECONDS: Final = 3600.0
 """How long the cleanup loop leaves a run whose records it cannot read before it tries it
 again (its expiry index entries move on; repair or ``delete_run`` ends it)."""
-"""Reads of a run whose record is damaged: ``status_of`` is always ``\"active\"``."""
 
 
 # -- the store -----------------------------------------------------------------------------
@@ -2307,6 +2307,20 @@ class DynamoDBStore(ExpiryCleanup):
     async def _list_runs(
         self, status: str | None, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
+        """A page of runs. A page is short only at the end (callers read it so): damaged
+        records left out are made up for from past the last one read."""
+        records: list[RunRecord] = []
+        while True:
+            found, cursor = await self._run_page(status, limit - len(records), cursor, now)
+            records += found
+            if cursor is None or len(records) >= limit:
+                return records, cursor
+
+    async def _run_page(
+        self, status: str | None, limit: int, cursor: str | None, now: float
+    ) -> tuple[list[RunRecord], str | None]:
+        """One round of the shards' queries: the runs listed (damaged ones left out) and the
+        cursor past the last entry read."""
         async def shard_page(shard: int) -> tuple[list[dict[str, Any]], bool]:
             names = _Names()
             index, key, value = self._run_index(status, shard)
@@ -2338,14 +2352,7 @@ class DynamoDBStore(ExpiryCleanup):
         more = len(merged) > limit or any(truncated for _, truncated in pages)
         chosen = merged[:limit]
         records = [record for item in chosen if (record := self._listed(item)) is not None]
-        next_cursor = _text(chosen[-1], "gord") if chosen and more else None
-        if next_cursor is not None and len(records) < limit:
-            # A page is short only at the end (callers read it so): damaged records left
-            # out are made up for from past the last one read.
-            rest, next_cursor = await self._list_runs(
-                status, limit - len(records), next_cursor, now)
-            records += rest
-        return records, next_cursor
+        return records, _text(chosen[-1], "gord") if chosen and more else None
 
     def _listed(self, entry: Mapping[str, Any]) -> RunRecord | None:
         """The run record an index entry shows, or ``None`` (logged) for a damaged one."""

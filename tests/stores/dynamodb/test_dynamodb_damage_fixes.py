@@ -228,6 +228,7 @@ async def test_list_runs_fills_the_page_past_damaged_run_items(store: DynamoDBSt
     # Created after every other test's runs: they lead the listing of the shared table.
     clock = [T0 + 10**8]
     manager = _manager(store, clock)
+    await manager.create(_unique("older"), state={"n": 0})  # so that a page follows
     names = [_unique(f"r{step}") for step in range(4)]
     for name in names:
         clock[0] += 1
@@ -504,3 +505,25 @@ async def test_deleting_a_checkpoint_behind_the_front_of_the_book_reports_its_da
     with pytest.raises(CorruptCheckpointError) as raised:
         await store.delete(key, sequence, checkpoint_id=checkpoint_id_of(run, sequence))
     assert (raised.value.key or "").endswith(layout.checkpoint_sk(sequence))
+
+
+async def test_a_run_listing_reads_on_past_any_number_of_damaged_pages(
+    store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The listing made up for damaged records by calling itself once per round of the
+    # shards' queries: some thousand damaged run items in a row raised RecursionError.
+    rounds: list[str | None] = []
+    listed = await store.list_runs(status=None, limit=1, cursor=None, now=T0)
+
+    async def damaged_round(
+        status: str | None, limit: int, cursor: str | None, now: float,
+    ) -> tuple[list[Any], str | None]:
+        rounds.append(cursor)
+        if len(rounds) < 3_000:
+            return [], f"cursor-{len(rounds)}"  # a whole round of damaged records
+        return listed[0][:limit], None
+
+    monkeypatch.setattr(store, "_run_page", damaged_round)
+    runs, cursor = await store.list_runs(status=None, limit=1, cursor=None, now=T0)
+    assert (len(rounds), runs, cursor) == (3_000, listed[0][:1], None)
+    assert rounds[:3] == [None, "cursor-1", "cursor-2"]
