@@ -167,10 +167,6 @@ class SaverState:
         the life (incarnation) of the run it was written for (``None``: the run was unknown
         here; its next save's life is the one). ``delete_for_runs`` removes the entries of
         runs it finds gone: a save in a later life writes its entry again."""
-        self.newest: Lru[str, int] = Lru(_RUNS)
-        """Run key -> the sequence of its newest checkpoint as a listing here last saw it
-        (its first header, or its run's record; in any life of the run): how far above a
-        checkpoint a listing before it reads."""
         self.deleted: Lru[str, bool] = Lru(_RUNS)
         """Runs this process deleted: late writes to them are dropped without a read."""
         self.seeds: Lru[str, tuple[str, bytes, tuple[str, ...]]] = Lru(_SEEDS)

@@ -26,9 +26,7 @@ the checkpoint's delta channels reach (it returns ``None`` for one whose ancesto
 were pruned), and 1 or 2 for an ancestor not among them (a fork's parent further back, one
 removed, or a parent saved after its child: its index item, then its header and those
 below it). ``alist`` reads its header pages that far ahead, and adds as much for such an
-ancestor of a checkpoint it checks. ``alist(before=...)`` reads the headers above
-``before``'s too (a checkpoint with a lower id may have been saved after it): in its first
-call, one more when others saved since this process last saw the namespace's newest.
+ancestor of a checkpoint it checks.
 
 Needs ``pip install 'fastcheckpoint[langgraph]'`` and a store with labels and shared items
 (every bundled store).
@@ -398,9 +396,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
 
         ``filter`` keeps checkpoints whose metadata has all those values (a missing key
         matches ``None``), ``before`` those whose id sorts before its ``checkpoint_id``
-        (LangGraph's ids sort by time; also one saved after it), ``limit`` counts what is
-        returned. Metadata is read from the headers: only matching checkpoints are read
-        whole, one store call each.
+        (LangGraph's ids sort by time), ``limit`` counts what is returned. Metadata is read
+        from the headers: only matching checkpoints are read whole, one store call each.
         """
         wanted = _filter(filter)
         before_id = None if before is None else _checkpoint_id(before)
@@ -956,7 +953,6 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             async for record in self._labelled(LANGGRAPH_LABEL):
                 where = _where_of_run(record.run_id)
                 if where is not None:
-                    self._state.newest.put(where.key, record.latest_sequence)
                     yield where
             return
         where = _where(config)
@@ -966,7 +962,6 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         async for record in self._thread_runs(where.thread_id):
             found = _where_of_run(record.run_id)
             if found is not None:
-                self._state.newest.put(found.key, record.latest_sequence)
                 yield found
 
     async def _listed(
@@ -976,9 +971,12 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         before_id: str | None,
         only_id: str | None,
     ) -> AsyncIterator[CheckpointTuple]:
+        # From ``before``'s own header when this process knows where it is: a parent saved
+        # after its child may lie above.
         ahead = _Ahead(self._decoded_headers(where, self._headers_from(where, before_id)),
                        functools.partial(self._supersteps_of, where),
-                       functools.partial(self._headers_at, where), from_newest=True)
+                       functools.partial(self._headers_at, where),
+                       from_newest=before_id is None)
         while (listed := await ahead.next()) is not None:
             stored, extra = listed
             place = f"run {where.run_id[:80]!r} sequence {stored.sequence} (header)"
@@ -1010,36 +1008,23 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
     async def _headers_from(
         self, where: _Where, before_id: str | None
     ) -> AsyncIterator[CheckpointHeader]:
-        """The run's headers from its newest down, even before a checkpoint this process
-        knows where it is: one with a lower id may have been saved after it (by another
-        process, or a fork given an older id), above it. Where that checkpoint is and what
-        this process knows of the run's newest size the first page to reach as far below
-        it as a page read from its own header: the same one store call, two when others
-        saved since this process last saw the run's newest (the second page reaches it)."""
+        """The run's headers from ``before_id``'s own, when this process knows where it is
+        and it is still there (else all): the older ones are those before it. Known from
+        another life of the run (deleted and started again or copied into since), its
+        sequence says nothing."""
         located = None if before_id is None else self._state.located.get((where.key, before_id))
-        cursor: int | None = None
-        # Those above it (at most), its own and the page's others below it.
-        limit = _PAGE if located is None else (
-            self._newest_known(where, located) - located.sequence + _PAGE)
-        while True:
-            page, _ = await self._store.headers(where.key, before=cursor, limit=limit,
-                                                now=self._now())
-            if page and cursor is None:
-                self._state.newest.put(where.key, page[0].sequence)
-            for stored in page:
+        if located is not None:
+            expected = _ids.checkpoint_id(where.key, located.incarnation, located.sequence)
+            confirmed = False
+            async for stored in self._headers(where.key, before=located.sequence + 1):
+                if not confirmed and stored.checkpoint_id != expected:
+                    break
+                confirmed = True
                 yield stored
-            if len(page) < limit:
+            if confirmed:
                 return
-            cursor = page[-1].sequence
-            limit = _PAGE if located is None or cursor <= located.sequence else (
-                cursor - 1 - located.sequence + _PAGE)
-
-    def _newest_known(self, where: _Where, located: Located) -> int:
-        """The run's newest sequence as far as this process knows (it saved or read it, or
-        a listing saw it), at least ``located``'s."""
-        hint = self._state.runs.get(where.key)
-        return max(located.sequence, self._state.newest.get(where.key) or 0,
-                   0 if hint is None else hint.latest_sequence)
+        async for stored in self._headers(where.key):
+            yield stored
 
     async def _headers(
         self, key: str, *, before: int | None = None, limit: int = _PAGE
@@ -2490,9 +2475,9 @@ class _Ahead:
     many as the supersteps); an ancestor not among them (a fork's parent, further back, or
     one gone) is looked up by id with ``at``: the headers from its own down (as many as the
     supersteps left), none when it is gone. A parent may be saved after its child (saves
-    race): unless ``from_newest`` (the headers start at the run's newest, as a listing's do,
-    not below a checkpoint read by id) and none read above was forgotten since, one missing
-    from the headers read is looked up too (a gone one costs the look-up)."""
+    race): unless ``from_newest`` (the headers start at the run's newest, not at ``alist``'s
+    ``before`` nor below a checkpoint read by id) and none read above was forgotten since, one
+    missing from the headers read is looked up too (a gone one costs the look-up)."""
 
     def __init__(
         self,
