@@ -14,9 +14,10 @@ from fastcheckpoint._config import (
     check_default_ttl,
     check_ttl_resolution,
 )
-from fastcheckpoint.errors import ConfigurationError
+from fastcheckpoint.errors import CheckpointError, ConfigurationError
 from fastcheckpoint.stores import (
     CheckpointStore,
+    StoredCheckpoint,
     SupportsDefaultTTL,
     SupportsLabels,
     SupportsSharedItems,
@@ -24,7 +25,7 @@ from fastcheckpoint.stores import (
 )
 
 __all__ = ["RACE_ATTEMPTS", "adapter_config", "adapter_ttl", "after_lost_race",
-           "capable_store", "checked_keep_latest", "checked_ttl"]
+           "capable_store", "checked_keep_latest", "checked_ttl", "landed"]
 
 RACE_ATTEMPTS = 64
 """How many times an adapter's change of one run (a log's, a checkpoint saved under the
@@ -39,6 +40,20 @@ async def after_lost_race(attempt: int) -> None:
     in step spread out and each gets its turn."""
     if attempt >= _FREE_ATTEMPTS:
         await anyio.sleep(_CONTENTION.delay(attempt - _FREE_ATTEMPTS))
+
+
+async def landed(
+    store: CheckpointStore, run_key: str, record: StoredCheckpoint, now: float
+) -> bool:
+    """Whether ``record`` (its payload unique: a token, a revision) is stored: a change whose
+    store call failed, its reply lost after the store applied it, landed all the same. One
+    read. ``False`` also when that cannot be read now (the caller then raises the call's own
+    error) or when another writer's change replaced it already."""
+    try:
+        found = await store.get(run_key, record.sequence, now=now)
+    except CheckpointError:
+        return False
+    return found is not None and found[0].payload == record.payload
 
 
 def adapter_config(config: object, default: CheckpointConfig | None = None) -> CheckpointConfig:

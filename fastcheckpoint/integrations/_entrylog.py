@@ -33,7 +33,6 @@ from fastcheckpoint import _ids
 from fastcheckpoint._codec import Codec, Header, RunData
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint.errors import (
-    CheckpointError,
     ConfigurationError,
     ConflictError,
     CorruptCheckpointError,
@@ -42,7 +41,7 @@ from fastcheckpoint.errors import (
     StoreError,
     ValidationError,
 )
-from fastcheckpoint.integrations._adapter import RACE_ATTEMPTS, after_lost_race
+from fastcheckpoint.integrations._adapter import RACE_ATTEMPTS, after_lost_race, landed
 from fastcheckpoint.stores import (
     CheckpointStore,
     Item,
@@ -314,7 +313,7 @@ class EntryLog:
             sequence=sequence, checkpoint_id=checkpoint_id, created_at=now,
             expires_at=expires_at, header=_codec.encode_header(header),
             # The token makes the change's record its own: after a failed store call,
-            # finding it stored says the change was applied (:meth:`_landed`).
+            # finding it stored says the change was applied (:func:`landed`).
             payload=_codec.encode_payload(
                 {_STATE_KEY: _layout_encoder.encode(layout),
                  "entries": sum(segment.used for segment in segments),
@@ -335,24 +334,12 @@ class EntryLog:
         except StoreError:
             # The store may have applied the change and lost its reply (its own retries ran
             # out): a retry of the caller's would then make it twice. One read tells.
-            if not await self._landed(record):
+            if not await landed(self._store, self._key, record, self._clock()):
                 self._known, self._seen = None, False
                 raise
         self._known, self._seen = _Known(sequence, incarnation, layout, values, now), True
         return LogHead(revision=sequence, created_at=created_at, updated_at=now,
                        incarnation=incarnation)
-
-    async def _landed(self, record: StoredCheckpoint) -> bool:
-        """Whether ``record`` (its payload unique by its token) is stored: a change whose
-        store call failed was applied all the same. ``False`` also when that cannot be read
-        now (the caller then raises the call's own error; the rare change applied anyway
-        and followed by another writer's before this read is not recognised)."""
-        try:
-            found = await self._store.get(self._key, record.sequence, now=self._clock())
-        except CheckpointError:
-            return False
-        return found is not None and found[0].payload == record.payload
-
 
 def _revision(known: _Known | None) -> int:
     return -1 if known is None else known.sequence

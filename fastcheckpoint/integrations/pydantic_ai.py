@@ -38,14 +38,13 @@ from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint._settle import settled
 from fastcheckpoint.errors import (
-    CheckpointError,
     ConfigurationError,
     CorruptCheckpointError,
     SequenceConflict,
     StoreError,
     ValidationError,
 )
-from fastcheckpoint.integrations._adapter import adapter_ttl, capable_store
+from fastcheckpoint.integrations._adapter import adapter_ttl, capable_store, landed
 from fastcheckpoint.stores import (
     CheckpointStore,
     Item,
@@ -298,19 +297,9 @@ class FastConversationStore(ConversationStore):
         except StoreError:
             # The store may have applied the append and lost its reply (its own retries ran
             # out): one read tells.
-            if not await self._landed(key, checkpoint):
+            if not await landed(self._store, key, checkpoint, self._now()):
                 raise
         await self._kept(conversation_id, key, stored, joined, now)
-
-    async def _landed(self, key: str, checkpoint: StoredCheckpoint) -> bool:
-        """Whether ``checkpoint`` (its payload unique by the record's revision) is stored.
-        ``False`` also when that cannot be read now (the caller raises the call's own error),
-        or when a later change replaced it already (a retry then finds its revision)."""
-        try:
-            found = await self._store.get(key, checkpoint.sequence, now=self._now())
-        except CheckpointError:
-            return False
-        return found is not None and found[0].payload == checkpoint.payload
 
     async def _adopted(
         self, conversation_id: str, key: str, stored: Known, family: str, joined: bool,
