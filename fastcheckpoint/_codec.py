@@ -174,6 +174,10 @@ class RunData(msgspec.Struct, array_like=True):
     approval: dict[str, Any] | None = None
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     history: list[tuple[str, float, str | None, str]] = msgspec.field(default_factory=list)
+    failed_after: int | None = None
+    """The run's latest sequence as read by the status change that made it FAILED: what tells
+    that FAILED episode from a later one (``None`` in details written without it, such as
+    those ``repair`` rebuilds). Last, so that readers without it read these details."""
 
 
 MAX_INFLATED_BYTES = 1 << 30

@@ -633,21 +633,29 @@ class CheckpointManager:
         return CheckpointStatus.FAILED.value
 
     async def _make_active(self, run_id: str, checkpoint_id: str) -> RunInfo | None:
-        """Resume the run the checkpoint was created in. Should another process have deleted
-        it meanwhile and started the run id again, that new run is not this one to resume:
-        its status, and the error it failed with, stay as they are."""
-        _, incarnation, _ = _ids.require_checkpoint_id(checkpoint_id)
+        """Resume the FAILED episode the checkpoint's append saw, in the run it was created
+        in. Should other workers have resumed the run and failed it again meanwhile, or
+        another process have deleted it and started the run id again, that failure is not
+        this one to resume: the status, and the error the run failed with, stay as they are."""
+        _, incarnation, sequence = _ids.require_checkpoint_id(checkpoint_id)
 
         def clear_error(data: RunData, now: float) -> None:
             data.error = None
 
-        def same_run(record: RunRecord) -> bool:
-            return record.incarnation == incarnation
+        def same_episode(record: RunRecord) -> bool:
+            if record.incarnation != incarnation:
+                return False
+            # The change that failed the run as the append saw it read the run before the
+            # append: below this checkpoint. A later failure comes after a change that ended
+            # that episode (each compare-and-sets the version the one before bumped), so after
+            # the append: it read this checkpoint or a newer one.
+            failed_after = self._codec.decode_run_data(record.data, run_id).failed_after
+            return failed_after is None or failed_after < sequence
 
         try:
             return await self._transition(
                 run_id, CheckpointStatus.ACTIVE, allowed={CheckpointStatus.FAILED},
-                note=resumed_note(checkpoint_id), update=clear_error, still=same_run)
+                note=resumed_note(checkpoint_id), update=clear_error, still=same_episode)
         except ConflictError:
             return await self.get_run(run_id)  # another worker changed the status meanwhile
 
@@ -1504,6 +1512,8 @@ class CheckpointManager:
                 raise ConflictError(f"run {run_id!r} " + why.format(status=current.value))
             _check_newest(run_id, record, latest_sequence, target)
             data.history.append((target.value, now, actor, note))
+            if target is CheckpointStatus.FAILED:
+                data.failed_after = record.latest_sequence  # tells this episode from later ones
             if update is not None:
                 update(data, now)
             try:

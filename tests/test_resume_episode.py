@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
-from fastcheckpoint import CheckpointManager, CheckpointStatus, StoreError
+from fastcheckpoint import CheckpointManager, CheckpointStatus, StoreError, _ids
+from fastcheckpoint._codec import Codec, RunData, _unframe
 from fastcheckpoint._manager import resumed_note
 from fastcheckpoint.stores import CheckpointStore, StoredCheckpoint
 from fastcheckpoint.stores.sqlite import SQLiteStore
-from tests._helpers import FakeClock, ForwardingStore, make_config, make_store
+from tests._helpers import T0, FakeClock, ForwardingStore, make_config, make_store
 
 pytestmark = pytest.mark.anyio
 
@@ -78,7 +80,6 @@ class _NoStatusChange(ForwardingStore):
         raise StoreError("status changes are down")
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: a late resume erases a newer failure")
 @pytest.mark.parametrize("when", ["after the append", "before the status change"])
 async def test_a_late_resume_leaves_a_failure_it_never_saw(
     inner: CheckpointStore, when: str
@@ -187,3 +188,46 @@ async def test_checkpoints_appended_meanwhile_do_not_stop_the_resume(
     assert [change.note for change in run.history] == [
         "E1", resumed_note(resumed.checkpoint_id)]
 
+
+class _UnmarkedRunData(msgspec.Struct, array_like=True):
+    """Run details as written and read without ``failed_after``."""
+
+    error: str | None = None
+    approval: dict[str, Any] | None = None
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    history: list[tuple[str, float, str | None, str]] = msgspec.field(default_factory=list)
+
+
+async def test_a_failure_recorded_without_its_mark_is_resumed(inner: CheckpointStore) -> None:
+    """Details of a FAILED run without the episode's mark (as ``repair`` rebuilds them, or as
+    written before the mark was kept) resume the run as before."""
+    manager = CheckpointManager(inner, config=make_config(FakeClock()))
+    key = _ids.key_of(RUN)
+    unmarked = _UnmarkedRunData(error="E1", history=[(FAILED.value, T0, None, "E1")])
+    with anyio.fail_after(10):
+        await manager.create(RUN, {"step": 0})
+        run = await inner.get_run(key, now=T0)
+        assert run is not None
+        await inner.update_run(
+            key, incarnation=run.incarnation, version=run.version, status=FAILED.value,
+            data=Codec().encode_run_data(unmarked), now=T0)  # type: ignore[arg-type]
+        resumed = await manager.create(RUN, {"step": 1})
+        after = await manager.get_run(RUN)
+
+    assert resumed is not None
+    assert resumed.metadata.status is ACTIVE
+    assert after is not None
+    assert after.status is ACTIVE
+    assert [change.note for change in after.history] == [
+        "E1", resumed_note(resumed.checkpoint_id)]
+
+
+def test_readers_without_the_mark_read_the_details_of_a_failed_run() -> None:
+    codec = Codec()
+    written = codec.encode_run_data(
+        RunData(error="E1", history=[(FAILED.value, T0, None, "E1")], failed_after=3))
+
+    read = msgspec.msgpack.decode(_unframe(written, "run"), type=_UnmarkedRunData)
+
+    assert codec.decode_run_data(written, "run").failed_after == 3
+    assert read == _UnmarkedRunData(error="E1", history=[(FAILED.value, T0, None, "E1")])
