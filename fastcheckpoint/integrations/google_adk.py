@@ -36,6 +36,8 @@ event changes them; ``get_session`` 3 (session, app state, user state, read conc
 never reads events or state; ``delete_session`` 1; ``get_user_state`` 1. Applying a change
 found pending costs 1 write of the app's or the user's state (and a read first in
 ``append_event`` when this process has not seen that state); one found applied costs nothing.
+In processor time too an append costs the new event, not the session's history: the events a
+session object holds are indexed by id once (see ``_HeldEvents``).
 
 Needs ``pip install 'fastcheckpoint[google-adk]'`` and a store with labels and shared items
 (every bundled store).
@@ -45,9 +47,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import secrets
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
@@ -212,6 +216,60 @@ class _Tracked:
         self.head, self.state = None, None
 
 
+class _HeldEvents:
+    """Where each event a session object holds sits in its ``events``, by id: what an
+    append reads to find an event held already (a call made again), so that it does not walk
+    the session's history. Built once per session object (walking its events, each checked to
+    be an ``Event``); it describes ``events`` while that is the same list with as many items
+    as the index has seen (appends through the service keep it so). A list replaced or
+    changed in length by its caller is indexed again; an item replaced or changed in place
+    (pydantic checks no assignment) is not, and is checked when an append reads it."""
+
+    def __init__(self, events: list[Any]) -> None:
+        self._events = events
+        self._count = 0
+        self._positions: dict[str, list[int]] = {}
+        for held in events:
+            self._add(_checked_held(held))
+
+    def describes(self, events: list[Any]) -> bool:
+        return events is self._events and len(events) == self._count
+
+    def holds(self, event: Event) -> bool:
+        """Whether an event equal to ``event`` (its id and fields) is held."""
+        positions = self._positions.get(event.id, ()) if isinstance(event.id, str) else ()
+        return any(_checked_held(self._events[position]) == event for position in positions)
+
+    def added(self, events: list[Any], event: Event) -> None:
+        """Record ``event``, just appended to ``events``; an index that no longer describes
+        them (the caller changed them meanwhile) is left to be built again."""
+        if events is self._events and len(events) == self._count + 1:
+            self._add(event)
+        else:
+            self._count = -1
+
+    def _add(self, event: Event) -> None:
+        if isinstance(event.id, str):  # one of another type cannot equal a valid event
+            self._positions.setdefault(event.id, []).append(self._count)
+        self._count += 1
+
+
+def _checked_held(held: object) -> Event:
+    if not isinstance(held, Event):
+        raise ValidationError("session.events must be a list of ADK Events")
+    return held
+
+
+def _forget_held(
+    table: dict[int, tuple[weakref.ref[Session], _HeldEvents]], key: int,
+    ref: weakref.ref[Session],
+) -> None:
+    """Drop the index of a session object that is gone (unless one of a newer object that
+    took its ``id`` replaced it)."""
+    if (entry := table.get(key)) is not None and entry[0] is ref:
+        del table[key]
+
+
 @dataclasses.dataclass(eq=False)
 class _Lock:
     lock: anyio.Lock
@@ -250,6 +308,9 @@ class FastSessionService(BaseSessionService):
         self._clock = clock
         self._tracked: OrderedDict[str, _Tracked] = OrderedDict()
         self._locks: dict[str, _Lock] = {}
+        self._held: dict[int, tuple[weakref.ref[Session], _HeldEvents]] = {}
+        """The index of each live session object's events, by the object's ``id`` (a
+        ``Session`` is not hashable); an object's entry goes with it."""
         self._last_order = -math.inf
 
     @property
@@ -320,6 +381,7 @@ class FastSessionService(BaseSessionService):
                           user_state),
             last_update_time=head.updated_at)
         _mark(session, _head(head))
+        self._held_events(session)
         return session
 
     async def _created(
@@ -377,6 +439,7 @@ class FastSessionService(BaseSessionService):
             state=_merged(stored.state, app_state, user_state),
             events=events, last_update_time=view.updated_at)
         _mark(session, _Head(view.revision, view.incarnation))
+        self._held_events(session)  # the events are walked here anyway (decoded)
         return session
 
     async def list_sessions(
@@ -448,6 +511,7 @@ class FastSessionService(BaseSessionService):
         the same event to it then stores nothing).
         """
         _check_append(session, event)
+        self._held_events(session)  # a non-Event held: ValidationError, before any store call
         if event.partial:
             return event
         self._apply_temp_state(session, event)
@@ -474,7 +538,9 @@ class FastSessionService(BaseSessionService):
                 await self._shared_state(tracked_shared, changes, own=own)
         session.last_update_time = head.updated_at
         _mark(session, _head(head))
-        return self._commit_event_to_session(session, event)
+        committed = self._commit_event_to_session(session, event)
+        self._held_added(session, committed)
+        return committed
 
     async def _append_entry(
         self, session: Session, event: Event, tracked: _Tracked, deltas: _Deltas,
@@ -486,7 +552,7 @@ class FastSessionService(BaseSessionService):
         have landed), and the id of the event's (``None``: it has none). ``None`` when
         ``session`` holds that event already."""
         expected, stored_state = await self._expected_head(session, tracked)
-        if any(held.id == event.id and held == event for held in session.events):
+        if self._held_events(session).holds(event):
             return None
         entry = _encode_event(event)
         stored = _decode_session(stored_state, tracked.log.run_id)
@@ -530,6 +596,25 @@ class FastSessionService(BaseSessionService):
         if not _reflects(session, marked, view, tracked.log.run_id):
             raise StaleSessionError(_STALE_MESSAGE)
         return head, state
+
+    def _held_events(self, session: Session) -> _HeldEvents:
+        """The index of ``session``'s events: the one kept while it describes them, else a
+        new one (walking them once; :class:`ValidationError` for an item not an ``Event``)."""
+        key = id(session)
+        entry = self._held.get(key)
+        if entry is not None and entry[0]() is session and entry[1].describes(session.events):
+            return entry[1]
+        held = _HeldEvents(session.events)
+        self._held[key] = (weakref.ref(session, functools.partial(_forget_held, self._held,
+                                                                    key)), held)
+        return held
+
+    def _held_added(self, session: Session, event: Event) -> None:
+        """Record ``event``, just appended to ``session.events``, in their index (stored
+        already: nothing here raises)."""
+        entry = self._held.get(id(session))
+        if entry is not None and entry[0]() is session:
+            entry[1].added(session.events, event)
 
     @contextlib.asynccontextmanager
     async def _serialized(self, run_id: str) -> AsyncIterator[None]:
@@ -700,7 +785,8 @@ def _has_seen(session: Session, view: LogView, where: str) -> bool:
     """Whether ``session`` holds the stored session's newest event (or both hold none)."""
     if not view.entries:
         return not session.events
-    return bool(session.events) and _stamp(view.entries[-1], where).id == session.events[-1].id
+    return (bool(session.events)
+            and _stamp(view.entries[-1], where).id == _checked_held(session.events[-1]).id)
 
 
 def _stamp(entry: bytes, where: str) -> _Stamp:
@@ -762,8 +848,8 @@ def _check_append(session: object, event: object) -> None:
         raise ValidationError(f"session must be an ADK Session, got {type(session).__name__}")
     if not isinstance(session.state, dict):
         raise ValidationError(f"session.state must be a dict, got {type(session.state).__name__}")
-    if not isinstance(session.events, list) or not all(
-            isinstance(held, Event) for held in session.events):
+    # Its items are checked where they are read (see _HeldEvents): not all on every append.
+    if not isinstance(session.events, list):
         raise ValidationError("session.events must be a list of ADK Events")
     if not isinstance(event, Event):
         raise ValidationError(f"event must be an ADK Event, got {type(event).__name__}")
