@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, cast
 
@@ -158,14 +158,19 @@ class FastSession:
             return []
         return self._latest(view.entries, wanted)
 
-    async def add_items(self, items: list[TResponseInputItem]) -> None:
+    async def add_items(self, items: Iterable[TResponseInputItem]) -> None:
         """Append ``items`` in order, atomically. A cancelled call has added all of them or
-        none when the cancellation is raised."""
-        if not isinstance(items, (list, tuple)):
-            raise ValidationError(f"items must be a list, got {type(items).__name__}")
-        if not items:
+        none when the cancellation is raised.
+
+        As with the SDK's own sessions, ``items`` may be any iterable of items (a tuple, a
+        generator): it is read once, and every item is checked before anything is stored.
+        A ``str``, ``bytes`` or a mapping (one item where a list belongs) is a
+        :class:`ValidationError`; an error raised by a generator itself propagates as it is,
+        with nothing stored."""
+        batch = _items_arg(items)
+        if not batch:
             return
-        entries = [self._encode(item, index) for index, item in enumerate(items)]
+        entries = [self._encode(item, index) for index, item in enumerate(batch)]
         async with self._turn:
             await settled(self._log.append(entries))
 
@@ -567,6 +572,20 @@ def _ttl(ttl_seconds: object, config: CheckpointConfig, store: CheckpointStore) 
     if ttl_seconds is None and config.default_ttl_seconds is not None:
         return config.default_ttl_seconds
     return adapter_ttl(ttl_seconds, store)
+
+
+def _items_arg(items: object) -> list[object]:
+    """``items`` read into a list, once (a generator cannot be read twice)."""
+    if isinstance(items, (str, bytes, bytearray, Mapping)):
+        raise ValidationError(f"items must be a list of items, got one {type(items).__name__}: "
+                              "pass [item]")
+    try:
+        iterator = iter(items)  # type: ignore[call-overload]
+    except TypeError:
+        raise ValidationError(
+            f"items must be a list (or another iterable) of items, got {type(items).__name__}"
+        ) from None
+    return list(iterator)
 
 
 def _limit(name: str, limit: object) -> int | None:
