@@ -1148,6 +1148,12 @@ class CheckpointManager:
         except CheckpointNotFound:
             return report(outcome="unrecoverable",
                           detail="no intact checkpoint is left to rebuild from")
+        except (CorruptCheckpointError, ValidationError) as exc:
+            # What the store found damaged beyond rebuilding is this run's report: it must
+            # not end the repair of the runs after it (nor lose the reports before it).
+            logger.warning("run %r (%s): the record could not be rebuilt", run_id, damage.key,
+                           exc_info=True)
+            return report(outcome="unrecoverable", detail=f"the store could not rebuild it: {exc}")
         return report(outcome="rebuilt", lost=list(_LOST_IN_REPAIR))
 
     def _run_id_of(self, damage: RunDamage) -> str | None:

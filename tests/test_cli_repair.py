@@ -13,7 +13,12 @@ import fastcheckpoint.stores as stores_module
 from fastcheckpoint import CheckpointManager, open_store
 from fastcheckpoint._ids import run_key
 from fastcheckpoint.cli import EXIT_DAMAGED, EXIT_OK, EXIT_USAGE, main
-from fastcheckpoint.errors import CheckpointNotFound, ConflictError
+from fastcheckpoint.errors import (
+    CheckpointNotFound,
+    ConflictError,
+    CorruptCheckpointError,
+    ValidationError,
+)
 from fastcheckpoint.stores import RunDamage, RunRecord, register_store
 from fastcheckpoint.stores.memory import MemoryStore
 from tests._file_records import run_record
@@ -146,6 +151,41 @@ def test_a_record_repaired_meanwhile_by_another_process_is_not_a_failure(
     [entry] = json.loads(out)["reports"]
     assert (entry["run_id"], entry["outcome"]) == ("order-1", "not damaged")
     assert "another process" in entry["detail"]
+
+
+@pytest.mark.parametrize("refusal", [
+    CorruptCheckpointError("a label is not text", key="runs/x/run.rec"),
+    ValidationError("a label must be a non-empty str, got b'beta'"),
+])
+def test_a_run_the_store_cannot_rebuild_is_reported_and_the_others_are_repaired(
+    store: RepairableStore, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    refusal: Exception,
+) -> None:
+    # One run damaged beyond what the store can rebuild ended the whole repair with its
+    # error: the runs after it stayed damaged and the reports of those before were lost.
+    rebuild = RepairableStore.rebuild_run
+    order_3 = run_key("order-3")
+    anyio.run(CheckpointManager(store).create, "order-3", {"step": 0})
+    store.damage = {order_3: "fails its checksum", run_key("order-2"): "unreadable",
+                    run_key("order-1"): "fails its checksum"}
+
+    async def refuse_order_2(
+        self: RepairableStore, run_key_: str, seed: RunRecord, *, now: float
+    ) -> RunRecord:
+        if run_key_ == run_key("order-2"):
+            raise refusal
+        return await rebuild(self, run_key_, seed, now=now)
+
+    monkeypatch.setattr(RepairableStore, "rebuild_run", refuse_order_2)
+    code, out, _ = run_cli(capsys, "doctor", "--repair", "repairable://x", "--json")
+
+    assert code == EXIT_DAMAGED
+    outcomes = {entry["run_id"]: (entry["outcome"], entry["detail"])
+                for entry in json.loads(out)["reports"]}
+    assert {run: outcome for run, (outcome, _) in outcomes.items()} == {
+        "order-1": "rebuilt", "order-2": "unrecoverable", "order-3": "rebuilt"}
+    assert str(refusal) in outcomes["order-2"][1]
+    assert list(store.damage) == [run_key("order-2")]
 
 
 def test_repair_of_one_run_leaves_the_others(
