@@ -156,6 +156,10 @@ class ItemBody(msgspec.Struct, array_like=True, frozen=True):
     checkpoint_id: str = ""
     """The owner checkpoint's id, for items written for a checkpoint (``append_with_items``,
     ``put_owned_items``): a read of that checkpoint skips an item another life of it owns."""
+    run_key: str = ""
+    key: str | None = None
+    """The run and the item key it was written for: an item copied from another key or run
+    reads as damaged. ``""`` and ``None`` in items written before they were recorded."""
 
 
 class ItemMeta(msgspec.Struct, array_like=True, frozen=True):
@@ -249,8 +253,19 @@ def decode_slot(blob: bytes, where: str, *, run_key: str, sequence: int) -> Slot
     return slot
 
 
-def decode_item(blob: bytes, where: str) -> ItemBody:
-    return _decode(_item_decoder, blob, where, "item")
+def decode_item(blob: bytes, where: str, *, run_key: str, hex_key: str) -> ItemBody:
+    """The item read from ``run_key``'s object for ``hex_key``; one that says it was written
+    for another run or key (an object copied over this one) is corrupt."""
+    item = _decode(_item_decoder, blob, where, "item")
+    if item.run_key not in ("", run_key) or (
+        item.key is not None and item.key.encode("utf-8").hex() != hex_key
+    ):
+        raise CorruptCheckpointError(
+            f"item {item.key!r:.80} of run key {item.run_key!r} found where item "
+            f"{item_key_of(hex_key)!r:.80} of run key {run_key!r} belongs",
+            key=where,
+        )
+    return item
 
 
 def decode_lease(blob: bytes, where: str) -> SweepLease:

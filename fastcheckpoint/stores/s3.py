@@ -1500,7 +1500,8 @@ class S3Store(ExpiryCleanup):
     ) -> _SharedWrite:
         """Write the shared items where no live item is: the ETag of the object now at each
         key (this write's, or the live item's kept), and which of them this write created."""
-        bodies = {hex_key: ItemBody(item.value, None, None, slot.token, shared=True)
+        bodies = {hex_key: ItemBody(item.value, None, None, slot.token, shared=True,
+                                    run_key=run_key, key=item.key)
                   for hex_key, item in shared.items()}
         results = await gather([functools.partial(self._put_item, io, run_key, hex_key, body,
                                                   now) for hex_key, body in bodies.items()])
@@ -1521,7 +1522,7 @@ class S3Store(ExpiryCleanup):
 
         async def put(hex_key: str, item: Item) -> str | None:
             body = ItemBody(item.value, slot.sequence, slot.expires_at, slot.token,
-                            checkpoint_id=slot.checkpoint_id)
+                            checkpoint_id=slot.checkpoint_id, run_key=run_key, key=item.key)
             marker = layout.item_marker_key(run_key, hex_key, meta)
             (_, kept), _ = await pair(
                 functools.partial(self._put_item, io, run_key, hex_key, body, now),
@@ -1561,7 +1562,8 @@ class S3Store(ExpiryCleanup):
                 existing = await io.get(key)
                 if existing is None:
                     continue  # deleted in between: create it again
-            stored = layout.decode_item(existing[0], io.where(key))
+            stored = layout.decode_item(existing[0], io.where(key), run_key=run_key,
+                                        hex_key=hex_key)
             if stored.token == body.token:
                 return existing[1], None
             if is_live(stored.expires_at, now):
@@ -1665,7 +1667,8 @@ class S3Store(ExpiryCleanup):
             found = await io.get(key)
             if found is None:
                 return None
-            return layout.decode_item(found[0], io.where(key)), found[1]
+            item = layout.decode_item(found[0], io.where(key), run_key=run_key, hex_key=hex_key)
+            return item, found[1]
 
         calls = [functools.partial(read, hex_key) for hex_key in hex_keys]
         return await (gather(calls, parallel=WIDE) if wide else gather(calls))
@@ -2066,7 +2069,7 @@ class S3Store(ExpiryCleanup):
         """Write one item owned by ``record`` and its marker; the marker when the item is
         owned by ``record`` afterwards (None: a live item of another owner was kept)."""
         body = ItemBody(item.value, record.sequence, record.expires_at, token,
-                        checkpoint_id=record.checkpoint_id)
+                        checkpoint_id=record.checkpoint_id, run_key=run_key, key=item.key)
         marker = layout.item_marker_key(run_key, hex_key,
                                         ItemMeta(record.sequence, record.expires_at))
         old = None if stored is None else _marker_of_stored(run_key, hex_key, stored)
@@ -2589,7 +2592,7 @@ class S3Store(ExpiryCleanup):
                          strict=True))
         if create_only:
             for hex_key, stored in found.items():
-                if stored is not None and _live_item(stored, io.where(
+                if stored is not None and _live_item(run_key, hex_key, stored, io.where(
                         layout.item_object(run_key, hex_key)), now):
                     raise ConflictError(f"item {latest[hex_key].key!r} already exists")
         # A request per item, then per marker: a cancellation waits for them all (settled),
@@ -2635,7 +2638,8 @@ class S3Store(ExpiryCleanup):
         stored: tuple[bytes, str] | None,
         now: float,
     ) -> None:
-        body = ItemBody(item.value, item.owner, item.expires_at, token)
+        body = ItemBody(item.value, item.owner, item.expires_at, token, run_key=run_key,
+                        key=item.key)
         if not create_only:
             await io.put(layout.item_object(run_key, hex_key), layout.encode(body))
             return
@@ -2680,14 +2684,26 @@ class S3Store(ExpiryCleanup):
         return {key: body for key, body in zip(wanted, bodies, strict=True) if body is not None}
 
     async def _read_items(
-        self, io: Bucket, run_key: str, hex_keys: Sequence[str], now: float
+        self, io: Bucket, run_key: str, hex_keys: Sequence[str], now: float, *,
+        skip_damaged: bool = False,
     ) -> list[bytes | None]:
+        """The live values at ``hex_keys`` (None where there is none). A damaged item raises
+        :class:`CorruptCheckpointError` naming it, or with ``skip_damaged`` (a scan) is
+        logged and read as absent."""
+
         async def read(hex_key: str) -> bytes | None:
             key = layout.item_object(run_key, hex_key)
             found = await io.get(key)
             if found is None:
                 return None
-            item = layout.decode_item(found[0], io.where(key))
+            try:
+                item = layout.decode_item(found[0], io.where(key), run_key=run_key,
+                                          hex_key=hex_key)
+            except CorruptCheckpointError as exc:
+                if not skip_damaged:
+                    raise
+                logger.warning("skipping a damaged item in a scan: %s", exc)
+                return None
             return item.value if is_live(item.expires_at, now) else None
 
         return await gather([functools.partial(read, hex_key) for hex_key in hex_keys])
@@ -2724,9 +2740,11 @@ class S3Store(ExpiryCleanup):
         named = {hex_key: layout.item_key_of(hex_key) for hex_key in candidates}
         candidates = [hex_key for hex_key in candidates if named[hex_key] is not None]
         result: list[tuple[str, bytes]] = []
+        # A page is short only at the end (callers read it so): what a chunk left out
+        # (expired or damaged items) is made up for from the next chunk.
         for start in range(0, len(candidates), limit):
             chunk = candidates[start : start + limit]
-            values = await self._read_items(io, run_key, chunk, now)
+            values = await self._read_items(io, run_key, chunk, now, skip_damaged=True)
             for hex_key, value in zip(chunk, values, strict=True):
                 item_key = named[hex_key]
                 if value is not None and item_key is not None and len(result) < limit:
@@ -3016,7 +3034,7 @@ class S3Store(ExpiryCleanup):
         found = await self._stored_items(io, run_key, unknown)
         for hex_key, stored in zip(unknown, found, strict=True):
             if stored is not None and stored[1] == candidates[hex_key]:
-                self._verdicts[(run_key, hex_key, stored[1])] = _kind(stored)
+                self._verdicts[(run_key, hex_key, stored[1])] = _kind(run_key, hex_key, stored)
         while len(self._verdicts) > _REFS_CACHE:
             self._verdicts.popitem(last=False)
         kinds = {hex_key: self._verdicts.get((run_key, hex_key, etag), "")
@@ -3474,18 +3492,18 @@ def _marker_for(
 def _marker_of_stored(run_key: str, hex_key: str, stored: tuple[bytes, str]) -> str | None:
     """The marker of the item in an object as read (None for one that is not an item)."""
     try:
-        body = layout.decode_item(stored[0], "")
+        body = layout.decode_item(stored[0], "", run_key=run_key, hex_key=hex_key)
     except CorruptCheckpointError:
         return None
     return _marker_for(run_key, hex_key, body.owner, body.expires_at)
 
 
-def _kind(stored: tuple[bytes, str]) -> str:
+def _kind(run_key: str, hex_key: str, stored: tuple[bytes, str]) -> str:
     """What the sweep makes of an object: ``"shared"`` (a shared item, which it removes once
     nothing names it), ``"loose"`` (a ``put_items`` item without owner or expiry, removed
     only nested under a shared item it removes), or ``""`` (neither)."""
     try:
-        body = layout.decode_item(stored[0], "")
+        body = layout.decode_item(stored[0], "", run_key=run_key, hex_key=hex_key)
     except CorruptCheckpointError:
         return ""
     if body.owner is not None or body.expires_at is not None:
@@ -3493,8 +3511,10 @@ def _kind(stored: tuple[bytes, str]) -> str:
     return "shared" if body.shared else "loose"
 
 
-def _live_item(stored: tuple[bytes, str], where: str, now: float) -> bool:
-    return is_live(layout.decode_item(stored[0], where).expires_at, now)
+def _live_item(run_key: str, hex_key: str, stored: tuple[bytes, str], where: str,
+               now: float) -> bool:
+    item = layout.decode_item(stored[0], where, run_key=run_key, hex_key=hex_key)
+    return is_live(item.expires_at, now)
 
 
 def _encode_cursor(key: str) -> str:
