@@ -1910,16 +1910,25 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
     ) -> None:
         """ACTIVE again once the graph goes on after an interrupt, an error or a decision,
         in the life of the run the checkpoint landed in (a later one, started by another
-        process meanwhile, keeps its status). Never fails the save: the checkpoint is
-        written."""
+        process meanwhile, keeps its status). A FAILED thread is resumed as a create resumes
+        a run: only the failure the append saw, so one made after it (by ``mark_failed``,
+        after another save resumed the thread) keeps its status and error. Never fails the
+        save: the checkpoint is written."""
 
         def clear_error(data: RunData, now: float) -> None:
             data.error = None
 
         try:
+            if status == CheckpointStatus.FAILED.value:
+                await self._shared.manager._make_active(
+                    where.run_id,
+                    _ids.checkpoint_id(where.key, located.incarnation, located.sequence))
+                return
+            # Not from FAILED: the append did not see that failure, so it came after the
+            # append and stands (as a create resumes no failure its append did not see).
             await self._shared.manager._transition(
                 where.run_id, CheckpointStatus.ACTIVE,
-                allowed={CheckpointStatus(value) for value in _REACTIVATED},
+                allowed={CheckpointStatus.PAUSED, CheckpointStatus.REJECTED},
                 note=f"resumed: LangGraph checkpoint {checkpoint_id} saved after {status}",
                 update=clear_error,
                 still=lambda record: record.incarnation == located.incarnation)
