@@ -632,11 +632,14 @@ class CheckpointManager:
                        checkpoint_id, _RESUME_SECONDS)
         return CheckpointStatus.FAILED.value
 
-    async def _make_active(self, run_id: str, checkpoint_id: str) -> RunInfo | None:
+    async def _make_active(
+        self, run_id: str, checkpoint_id: str, *, note: str | None = None
+    ) -> RunInfo | None:
         """Resume the FAILED episode the checkpoint's append saw, in the run it was created
         in. Should other workers have resumed the run and failed it again meanwhile, or
         another process have deleted it and started the run id again, that failure is not
-        this one to resume: the status, and the error the run failed with, stay as they are."""
+        this one to resume: the status, and the error the run failed with, stay as they are.
+        ``note`` is the history entry's (default: which checkpoint resumed the run)."""
         _, incarnation, sequence = _ids.require_checkpoint_id(checkpoint_id)
 
         def clear_error(data: RunData, now: float) -> None:
@@ -655,7 +658,8 @@ class CheckpointManager:
         try:
             return await self._transition(
                 run_id, CheckpointStatus.ACTIVE, allowed={CheckpointStatus.FAILED},
-                note=resumed_note(checkpoint_id), update=clear_error, still=same_episode)
+                note=note or resumed_note(checkpoint_id), update=clear_error,
+                still=same_episode)
         except ConflictError:
             return await self.get_run(run_id)  # another worker changed the status meanwhile
 

@@ -1922,7 +1922,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             if status == CheckpointStatus.FAILED.value:
                 await self._shared.manager._make_active(
                     where.run_id,
-                    _ids.checkpoint_id(where.key, located.incarnation, located.sequence))
+                    _ids.checkpoint_id(where.key, located.incarnation, located.sequence),
+                    note=f"resumed: LangGraph checkpoint {checkpoint_id} saved after {status}")
                 return
             # Not from FAILED: the append did not see that failure, so it came after the
             # append and stands (as a create resumes no failure its append did not see).
