@@ -1579,6 +1579,137 @@ _APPEND_V9 = _patched(
              ORDER BY c.sequence LIMIT v_live - p_keep_latest);"""),
 )
 
+# Migration 10: damage judged by the run's own checkpoints and run id.
+# (1) A checkpoint whose id names another run key (a row of another run swapped in) is not the
+# run's: {damage} and the reads' inlined copy judge the row against the newest checkpoint in
+# place that is not another run's, so the run goes on from its own checkpoints instead of
+# being refused for good; {damaged_runs} offers, and {rebuild_run} takes its incarnation and
+# creation time from, the newest and oldest of the run's own checkpoints (the latest sequence
+# stays the highest in place, so the next append never meets a primary key in use).
+# (2) A run row copied over from another run names another run id: the append, which carries
+# the run's own id, refuses to write after it (FC003), and {rebuild_run}, whose caller's run
+# id is the run's, rebuilds it. Whether a run id belongs to a run key is a hash the server
+# cannot compute: the store judges the other reads in Python.
+# (3) {damaged_runs} also reports a creation time that is not a finite number (the row sorts
+# past every page of a listing), a latest sequence above what a checkpoint id can name (every
+# create fails) and a version no status change can raise.
+_ANOTHER_RUNS = ("({c}.checkpoint_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$' "
+                 "AND split_part({c}.checkpoint_id, '-', 2) <> {k})")
+"""Whether checkpoint row ``{c}`` has an id naming another run key than ``{k}``."""
+
+
+def _another_runs(row: str, key: str) -> str:
+    return _ANOTHER_RUNS.replace("{c}", row).replace("{k}", key)
+
+
+def _own_id(row: str, key: str) -> str:
+    """Whether checkpoint row ``row`` has an id of run key ``key``."""
+    return (f"({row}.checkpoint_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$' "
+            f"AND split_part({row}.checkpoint_id, '-', 2) = {key})")
+
+
+_DAMAGE_V10 = _patched(
+    _DAMAGE_V1,
+    ("CREATE FUNCTION {damage}(", "CREATE OR REPLACE FUNCTION {damage}("),
+    ("      FROM {checkpoints} n WHERE n.run_key = p_run_key ORDER BY n.sequence DESC LIMIT 1;",
+     "      FROM {checkpoints} n WHERE n.run_key = p_run_key AND NOT "
+     + _another_runs("n", "p_run_key") + "\n     ORDER BY n.sequence DESC LIMIT 1;"),
+)
+
+_HEAD_V10 = _patched(
+    _HEAD,
+    ("WHERE h.run_key = x.run_key\n",
+     "WHERE h.run_key = x.run_key\n                              AND NOT "
+     + _another_runs("h", "x.run_key") + "\n"),
+)
+
+
+def _reads_v10(text: str, name: str) -> str:
+    """Function ``{name}`` of ``text`` judging its run row by the head of migration 10."""
+    function = _function(text, name)
+    if not function.startswith("CREATE OR REPLACE"):
+        function = _patched(function, (f"CREATE FUNCTION {{{name}}}(",
+                                       f"CREATE OR REPLACE FUNCTION {{{name}}}("))
+    if _HEAD not in function:
+        raise ValueError(f"{name} judges no run row by the head of migration 1")
+    return function.replace(_HEAD, _HEAD_V10)
+
+
+_READS_V10 = ";\n\n".join([
+    _reads_v10(_READS_V1, "get"), _reads_v10(_READS_V1, "latest"),
+    _reads_v10(_READS_V1, "count_runs"), _reads_v10(_READ_WITH_ITEMS_V7, "read_with_items"),
+])
+
+_FOREIGN_ROW = """
+        IF v_problem IS NULL AND r.run_id <> p_run_id THEN
+            -- Copied over from another run: the run key derives from the caller's run id.
+            v_problem := 'names another run (it was copied over from it)';
+        END IF;"""
+
+_APPEND_V10 = _patched(
+    _APPEND_V9,
+    ("""                              r.checkpoint_count - 1, r.expires_at);
+""", """                              r.checkpoint_count - 1, r.expires_at);"""
+     + _FOREIGN_ROW + "\n"),
+    ("""              INTO v_problem FROM {runs} x WHERE x.run_key = p_run_key;
+""", """              INTO v_problem FROM {runs} x WHERE x.run_key = p_run_key;"""
+     + _FOREIGN_ROW.replace("\n        ", "\n            ") + "\n"),
+)
+
+_DAMAGED_RUNS_V10 = _patched(
+    _DAMAGED_RUNS_V8,
+    ("                   WHEN l.held <> x.checkpoint_count THEN format(\n",
+     """                   WHEN x.created_at IN ('NaN', 'Infinity', '-Infinity') THEN format(
+                       'says the run was created at %s', x.created_at)
+                   WHEN x.latest_sequence > 9223372036854775806 THEN format(
+                       'knows sequences up to %s, more than a checkpoint id can name',
+                       x.latest_sequence)
+                   WHEN x.version = 9223372036854775807 THEN format(
+                       'is at version %s, which no status change can raise', x.version)
+                   WHEN l.held <> x.checkpoint_count THEN format(
+"""),
+    ("            WHERE c.run_key = j.run_key AND j.problem IS NOT NULL\n",
+     "            WHERE c.run_key = j.run_key AND j.problem IS NOT NULL\n"
+     "              AND " + _own_id("c", "j.run_key") + "\n"),
+)
+
+_REBUILD_RUN_V10 = _patched(
+    _function(_REPAIR_V1, "rebuild_run"),
+    ("CREATE FUNCTION {rebuild_run}(", "CREATE OR REPLACE FUNCTION {rebuild_run}("),
+    ("""    SELECT d.problem INTO v_problem FROM {damaged_runs}(p_run_key, '', 1) d;
+""", """    SELECT d.problem INTO v_problem FROM {damaged_runs}(p_run_key, '', 1) d;
+    IF v_problem IS NULL AND r.run_id IS DISTINCT FROM p_run_id THEN
+        -- Copied over from another run: the caller's run id is the one of this run key.
+        v_problem := 'names another run';
+    END IF;
+"""),
+    ("""    SELECT count(*), count(*) FILTER (WHERE c.expires_at IS NULL), max(c.expires_at)
+      INTO v_held, v_forever, v_latest
+""", """    SELECT count(*), count(*) FILTER (WHERE c.expires_at IS NULL), max(c.expires_at),
+           max(c.sequence)
+      INTO v_held, v_forever, v_latest, v_sequence
+"""),
+    ("""    SELECT c.sequence, c.checkpoint_id INTO v_sequence, v_id
+      FROM {checkpoints} c WHERE c.run_key = p_run_key ORDER BY c.sequence DESC LIMIT 1;
+    IF v_id !~ ('^ck-' || p_run_key || '-[a-z2-7]+-[0-9]+$') THEN
+""", """    -- The incarnation from the newest of the run's own checkpoints; the latest sequence is
+    -- the highest in place, whoever's, so the next append finds its primary key free.
+    SELECT c.checkpoint_id INTO v_id
+      FROM {checkpoints} c WHERE c.run_key = p_run_key AND <own>
+     ORDER BY c.sequence DESC LIMIT 1;
+    IF NOT FOUND THEN
+"""),
+    ("""    SELECT c.created_at INTO v_created
+      FROM {checkpoints} c WHERE c.run_key = p_run_key ORDER BY c.sequence LIMIT 1;
+""", """    v_created := coalesce((
+        SELECT c.created_at FROM {checkpoints} c
+         WHERE c.run_key = p_run_key AND <own>
+           AND c.created_at > '-Infinity' AND c.created_at < 'Infinity'
+         ORDER BY c.sequence LIMIT 1), p_now);
+"""),
+).replace("<own>", _own_id("c", "p_run_key"))
+
+
 MIGRATIONS = (
     Migration(
         1,
@@ -1634,6 +1765,14 @@ MIGRATIONS = (
         "was put back from before a delete",
         _APPEND_V9.strip(),
     ),
+    Migration(
+        10,
+        "damage is judged by a run's own checkpoints and run id: a checkpoint of another run "
+        "swapped in no longer blocks its run, a run row copied from another run is refused and "
+        "rebuilt; damaged_runs reports times, sequences and versions out of range",
+        ";\n\n".join([_DAMAGE_V10.strip(), _READS_V10.strip(), _APPEND_V10.strip(),
+                       _DAMAGED_RUNS_V10.strip(), _REBUILD_RUN_V10.strip()]),
+    ),
 )
 """Every schema version, oldest first. A released migration is never edited: changes come
 as a new one."""
@@ -1667,7 +1806,10 @@ class Statements:
         self.scan_items = call("scan_items", 6)
         self.delete_items = call("delete_items", 3)
         self.purge = call("purge", 2)
-        self.damaged_runs = call("damaged_runs", 3)
+        # With the row's run id: whether it is the run's is a hash the store checks.
+        self.damaged_runs = names.render(
+            "SELECT d.*, x.run_id FROM {damaged_runs}($1, $2, $3) d\n"
+            " LEFT JOIN {runs} x ON x.run_key = d.run_key ORDER BY d.run_key")
         self.rebuild_run = call("rebuild_run", 6, "outcome, " + ", ".join(
             f"(run).{column}" for column in RUN_COLUMNS.split(", ")))
         problem = names.render(
@@ -1678,7 +1820,7 @@ class Statements:
         self.get_run = call("get_run", 2, f"{RUN_COLUMNS}, {problem}")
         columns = ", ".join(f"x.{column}" for column in RUN_COLUMNS.split(", "))
         damaged = names.render(f"{columns}, {_INTACT_STATUS} IS NULL")
-        newest_first = names.render(f" x{_HEAD}\n ORDER BY x.created_at DESC, x.run_key DESC")
+        newest_first = names.render(f" x{_HEAD_V10}\n ORDER BY x.created_at DESC, x.run_key DESC")
         self.list_runs = call("list_runs", 5, damaged) + newest_first
         self.runs_with_label = call("runs_with_label", 5, damaged) + newest_first
 

@@ -37,6 +37,7 @@ See ``docs/stores/postgres.md`` for URL options, schema, migrations, PgBouncer a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ import anyio
 import asyncpg
 import asyncpg.exceptions as pg_errors
 
+from fastcheckpoint import _ids
 from fastcheckpoint._config import RetryPolicy, check_default_ttl
 from fastcheckpoint._urls import redacted
 from fastcheckpoint.errors import (
@@ -197,6 +199,21 @@ def _decoded(raw: bytes | None, what: str, where: str) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CorruptCheckpointError(f"{what} is not UTF-8 text", key=where) from exc
+
+
+def _foreign(run_key: str, run_id: str) -> str | None:
+    """Why a run row does not belong at ``run_key`` (copied over from another run), or
+    ``None``. The run key is a hash of the run id, which the server cannot compute: the store
+    checks it on every row it reads for a run."""
+    if _ids.run_key(run_id) == run_key:
+        return None
+    return f"names another run ({run_id[:80]!r}), copied over from it"
+
+
+def _out_of_range(exc: StoreError) -> bool:
+    """Whether ``exc`` is a bigint counter of a run row that cannot go up (a version or
+    count written behind the store's back: no create or status change reaches the limit)."""
+    return isinstance(exc.__cause__, pg_errors.NumericValueOutOfRangeError)
 
 
 def _scan_bounds(prefix: str, start_after: str | None, reverse: bool) -> tuple[bytes, bytes]:
@@ -520,6 +537,23 @@ class PostgresStore(ExpiryCleanup):
             labels=tuple(_decoded(label, "a label", where) for label in row[10]),
         )
 
+    def _owned_run(self, row: asyncpg.Record) -> RunRecord:
+        """The run record of ``row`` (run columns), :class:`CorruptCheckpointError` when the
+        row names another run than its run key's."""
+        record = self._run_record(row)
+        problem = _foreign(row[11], record.run_id)
+        if problem is not None:
+            raise CorruptCheckpointError(
+                f"the run row of run key {row[11]} {problem}; {_REMEDY}",
+                key=f"{self._names['runs']} ({row[11]})")
+        return record
+
+    def _counter_overflow(self, run_key: str, what: str, exc: StoreError) -> NoReturn:
+        raise CorruptCheckpointError(
+            f"the run row of run key {run_key} holds a counter that {what} cannot raise "
+            f"({exc.__cause__}); {_REMEDY}", key=f"{self._names['runs']} ({run_key})",
+        ) from exc.__cause__
+
     # -- checkpoint log --------------------------------------------------------------------
 
     async def append(
@@ -595,6 +629,8 @@ class PostgresStore(ExpiryCleanup):
                 detail = getattr(cause, "detail", None) or ""
                 keys = [bytes.fromhex(key).decode("utf-8") for key in detail.split(",") if key]
                 raise unheld_refs(run_key, sequence, keys) from cause
+            if _out_of_range(exc):
+                self._counter_overflow(run_key, "a create", exc)
             raise
         except CorruptCheckpointError as exc:
             where = f"{self._names['runs']} ({run_key})"
@@ -729,7 +765,7 @@ class PostgresStore(ExpiryCleanup):
             raise CorruptCheckpointError(
                 f"the run row of run key {run_key} {row[12]}; {_REMEDY}",
                 key=f"{self._names['runs']} ({run_key})")
-        return self._run_record(row)
+        return self._owned_run(row)
 
     async def update_run(
         self,
@@ -742,10 +778,16 @@ class PostgresStore(ExpiryCleanup):
         now: float,
         latest_sequence: int | None = None,
     ) -> RunRecord:
-        row = await self._row(
-            "update_run", self._sql.update_run, check_run_key(run_key),
-            _text_arg(incarnation, "incarnation"), _bigint(version, "version"),
-            _text_arg(status, "status"), data, now, _token(), check_guard_arg(latest_sequence))
+        try:
+            row = await self._row(
+                "update_run", self._sql.update_run, check_run_key(run_key),
+                _text_arg(incarnation, "incarnation"), _bigint(version, "version"),
+                _text_arg(status, "status"), data, now, _token(),
+                check_guard_arg(latest_sequence))
+        except StoreError as exc:
+            if _out_of_range(exc):
+                self._counter_overflow(run_key, "a status change", exc)
+            raise
         assert row is not None
         if row[0] == "missing":
             raise CheckpointNotFound(f"no live run with key {run_key}")
@@ -792,7 +834,7 @@ class PostgresStore(ExpiryCleanup):
                              self._names["runs"], row[11])
                 continue
             try:
-                page.append(self._run_record(row))
+                page.append(self._owned_run(row))
             except CorruptCheckpointError as exc:
                 _log.warning("%s: run listing skips a damaged run row: %s (%s)", self._where,
                              exc.key, exc)
@@ -909,11 +951,14 @@ class PostgresStore(ExpiryCleanup):
     # -- repair (SupportsRepair) -------------------------------------------------------------
 
     async def damaged_runs(self, *, run_key: str | None = None, now: float) -> list[RunDamage]:
-        """Run rows that cannot be used: a run id or label that is not UTF-8, or a row that
-        contradicts its log (fewer sequences or another incarnation than the newest checkpoint
-        in place, other counts, another expiry). Without ``run_key`` this judges every run row
-        of the store, in pages of 500 (one call each, reading the checkpoint table's rows but
-        never a payload): an operator's tool, not for hot paths."""
+        """Run rows that cannot be used: a run id or label that is not UTF-8, a row copied
+        over from another run, a row that contradicts its log (fewer sequences or another
+        incarnation than the newest of the run's own checkpoints in place, other counts,
+        another expiry), or a creation time, latest sequence or version out of range.
+        ``newest`` is the newest checkpoint whose id is the run's. Without ``run_key`` this
+        judges every run row of the store, in pages of 500 (one call each, reading the
+        checkpoint table's rows but never a payload): an operator's tool, not for hot
+        paths."""
         if run_key is not None:
             check_run_key(run_key)
         found: list[RunDamage] = []
@@ -921,18 +966,27 @@ class PostgresStore(ExpiryCleanup):
         while True:
             rows = await self._fetch("damaged_runs", self._sql.damaged_runs, run_key, after,
                                      _REPAIR_PAGE)
-            for row in rows:
-                if row[1] is None:
-                    continue
-                newest = None if row[3] is None else CheckpointHeader(
-                    sequence=row[3], checkpoint_id=row[4], created_at=row[5],
-                    expires_at=row[6], header=bytes(row[7]))
-                found.append(RunDamage(
-                    run_key=row[0], key=f"{self._names['runs']} ({row[0]})",
-                    problem=f"the run row {row[1]}", checkpoints=int(row[2]), newest=newest))
+            found.extend(damage for damage in map(self._damage, rows) if damage is not None)
             if run_key is not None or len(rows) < _REPAIR_PAGE:
                 return found
             after = rows[-1][0]
+
+    def _damage(self, row: asyncpg.Record) -> RunDamage | None:
+        """``row`` of ``damaged_runs`` as a :class:`RunDamage`, ``None`` when intact. A row
+        copied over from another run says so first (the server cannot tell; its incarnation
+        differs from the run's checkpoints, when it holds any, and then the newest comes)."""
+        problem = row[1]
+        if isinstance(row[8], bytes):
+            with contextlib.suppress(UnicodeDecodeError):  # the server reports that
+                problem = _foreign(row[0], row[8].decode("utf-8")) or problem
+        if problem is None:
+            return None
+        newest = None if row[3] is None else CheckpointHeader(
+            sequence=row[3], checkpoint_id=row[4], created_at=row[5],
+            expires_at=row[6], header=bytes(row[7]))
+        return RunDamage(
+            run_key=row[0], key=f"{self._names['runs']} ({row[0]})",
+            problem=f"the run row {problem}", checkpoints=int(row[2]), newest=newest)
 
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
         """Replace a damaged run row by one derived from the log, in one transaction (see
@@ -945,6 +999,11 @@ class PostgresStore(ExpiryCleanup):
         labels = [_utf8(label, "a label") for label in check_labels(seed.labels)]
         if not isinstance(seed.run_id, str) or not isinstance(seed.data, bytes):
             raise ValidationError("the seed needs a str run_id and bytes data")
+        if _foreign(run_key, seed.run_id) is not None:
+            # The function takes the seed's run id for the run's own (a row naming another
+            # is damage it rebuilds).
+            raise ValidationError(
+                f"the seed names run {seed.run_id[:80]!r}, not one of run key {run_key}")
         row = await self._row(
             "rebuild_run", self._sql.rebuild_run, run_key, _utf8(seed.run_id, "run_id"),
             _text_arg(seed.status, "status"), seed.data, labels, now)
@@ -956,10 +1015,11 @@ class PostgresStore(ExpiryCleanup):
         if row[0] == "intact":
             raise ConflictError(f"the run row {where} is not damaged")
         if row[0] == "foreign":
-            raise CorruptCheckpointError(
-                f"the newest checkpoint of run key {run_key} has an id that is not "
-                "fastcheckpoint's: nothing to rebuild the run row from",
-                key=where)
+            # Not a failure of the store: the run has nothing to rebuild from, like a run
+            # without checkpoints, and a repair reports it and goes on with the others.
+            raise CheckpointNotFound(
+                f"no checkpoint of run key {run_key} has an id of that run: nothing to "
+                "rebuild the run row from")
         rebuilt = self._run_record(row[1:])
         _log.info("%s: rebuilt the run row %s from %d checkpoints", self._where, where,
                   rebuilt.checkpoint_count)

@@ -1,4 +1,4 @@
--- fastcheckpoint PostgreSQL store: every table, index and function at schema version 9.
+-- fastcheckpoint PostgreSQL store: every table, index and function at schema version 10.
 -- Generated from the code (a test keeps it equal); `fastcheckpoint init URL` applies the same.
 -- Run it as the role that will own the tables: psql -v ON_ERROR_STOP=1 -f schema.sql
 
@@ -2955,5 +2955,604 @@ END
 $fn$;
 
 INSERT INTO "public"."fc_migrations" (version, description) VALUES (9, 'pruning never takes one of the newest checkpoints a run holds, also after a run row was put back from before a delete');
+
+CREATE OR REPLACE FUNCTION "public"."fc_damage"(p_run_key text, p_run_id bytea, p_incarnation text, p_latest bigint,
+                         p_held bigint, p_expires_at double precision)
+RETURNS text LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_sequence bigint;
+    v_id text;
+    v_expires_at double precision;
+BEGIN
+    IF encode(p_run_id, 'hex') !~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$' THEN
+        RETURN 'holds a run id that is not UTF-8 text';
+    END IF;
+    SELECT n.sequence, n.checkpoint_id, n.expires_at INTO v_sequence, v_id, v_expires_at
+      FROM "public"."fc_checkpoints" n WHERE n.run_key = p_run_key AND NOT (n.checkpoint_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$' AND split_part(n.checkpoint_id, '-', 2) <> p_run_key)
+     ORDER BY n.sequence DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF v_sequence > p_latest THEN
+        RETURN format('knows sequences up to %s, but checkpoint %s is in place (an older '
+                      'copy of the row was put back)', p_latest, v_sequence);
+    END IF;
+    IF v_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$'
+       AND split_part(v_id, '-', 3) <> p_incarnation THEN
+        RETURN format('is of incarnation %s, but the newest checkpoint in place is of '
+                      'incarnation %s (a row of another incarnation was put back)',
+                      p_incarnation, split_part(v_id, '-', 3));
+    END IF;
+    IF p_held = 0 THEN
+        RETURN format('says the run holds no checkpoint, but checkpoint %s is in place',
+                      v_sequence);
+    END IF;
+    IF p_expires_at IS NOT NULL AND (v_expires_at IS NULL OR v_expires_at > p_expires_at) THEN
+        RETURN format('says the run expires at %s, before checkpoint %s in place does',
+                      p_expires_at, v_sequence);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION "public"."fc_get"(p_run_key text, p_sequence bigint, p_now double precision)
+RETURNS TABLE (sequence bigint, checkpoint_id text, created_at double precision,
+               expires_at double precision, header bytea, payload bytea, refs bytea[],
+               status text)
+LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
+           c.refs, CASE WHEN encode(x.run_id, 'hex') ~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$'
+           AND (h.sequence IS NULL
+                OR (h.sequence <= x.latest_sequence AND x.checkpoint_count > 0
+                    AND (h.checkpoint_id !~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$'
+                         OR split_part(h.checkpoint_id, '-', 3) = x.incarnation)
+                    AND (x.expires_at IS NULL
+                         OR (h.expires_at IS NOT NULL AND h.expires_at <= x.expires_at))))
+          THEN x.status END
+      FROM "public"."fc_checkpoints" c JOIN "public"."fc_runs" x ON x.run_key = c.run_key
+        LEFT JOIN LATERAL (SELECT h.sequence, h.checkpoint_id, h.expires_at
+                             FROM "public"."fc_checkpoints" h WHERE h.run_key = x.run_key
+                              AND NOT (h.checkpoint_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$' AND split_part(h.checkpoint_id, '-', 2) <> x.run_key)
+                            ORDER BY h.sequence DESC LIMIT 1) h ON true
+     WHERE c.run_key = p_run_key AND c.sequence = p_sequence
+       AND (c.expires_at IS NULL OR c.expires_at > p_now);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION "public"."fc_latest"(p_run_key text, p_now double precision)
+RETURNS TABLE (sequence bigint, checkpoint_id text, created_at double precision,
+               expires_at double precision, header bytea, payload bytea, refs bytea[],
+               status text)
+LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
+           c.refs, CASE WHEN encode(x.run_id, 'hex') ~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$'
+           AND (h.sequence IS NULL
+                OR (h.sequence <= x.latest_sequence AND x.checkpoint_count > 0
+                    AND (h.checkpoint_id !~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$'
+                         OR split_part(h.checkpoint_id, '-', 3) = x.incarnation)
+                    AND (x.expires_at IS NULL
+                         OR (h.expires_at IS NOT NULL AND h.expires_at <= x.expires_at))))
+          THEN x.status END
+      FROM (SELECT * FROM "public"."fc_checkpoints" n
+             WHERE n.run_key = p_run_key AND (n.expires_at IS NULL OR n.expires_at > p_now)
+             ORDER BY n.sequence DESC LIMIT 1) c
+      JOIN "public"."fc_runs" x ON x.run_key = c.run_key
+        LEFT JOIN LATERAL (SELECT h.sequence, h.checkpoint_id, h.expires_at
+                             FROM "public"."fc_checkpoints" h WHERE h.run_key = x.run_key
+                              AND NOT (h.checkpoint_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$' AND split_part(h.checkpoint_id, '-', 2) <> x.run_key)
+                            ORDER BY h.sequence DESC LIMIT 1) h ON true;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION "public"."fc_count_runs"(p_status text, p_now double precision)
+RETURNS bigint LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    IF p_status IS NULL THEN
+        RETURN (SELECT count(*) FROM "public"."fc_runs" x
+        LEFT JOIN LATERAL (SELECT h.sequence, h.checkpoint_id, h.expires_at
+                             FROM "public"."fc_checkpoints" h WHERE h.run_key = x.run_key
+                              AND NOT (h.checkpoint_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$' AND split_part(h.checkpoint_id, '-', 2) <> x.run_key)
+                            ORDER BY h.sequence DESC LIMIT 1) h ON true
+                 WHERE (x.expires_at IS NULL OR x.expires_at > p_now)
+                   AND CASE WHEN encode(x.run_id, 'hex') ~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$'
+           AND (h.sequence IS NULL
+                OR (h.sequence <= x.latest_sequence AND x.checkpoint_count > 0
+                    AND (h.checkpoint_id !~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$'
+                         OR split_part(h.checkpoint_id, '-', 3) = x.incarnation)
+                    AND (x.expires_at IS NULL
+                         OR (h.expires_at IS NOT NULL AND h.expires_at <= x.expires_at))))
+          THEN x.status END IS NOT NULL);
+    END IF;
+    RETURN (SELECT count(*) FROM "public"."fc_runs" x
+        LEFT JOIN LATERAL (SELECT h.sequence, h.checkpoint_id, h.expires_at
+                             FROM "public"."fc_checkpoints" h WHERE h.run_key = x.run_key
+                              AND NOT (h.checkpoint_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$' AND split_part(h.checkpoint_id, '-', 2) <> x.run_key)
+                            ORDER BY h.sequence DESC LIMIT 1) h ON true
+             WHERE x.status = p_status AND (x.expires_at IS NULL OR x.expires_at > p_now)
+               AND CASE WHEN encode(x.run_id, 'hex') ~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$'
+           AND (h.sequence IS NULL
+                OR (h.sequence <= x.latest_sequence AND x.checkpoint_count > 0
+                    AND (h.checkpoint_id !~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$'
+                         OR split_part(h.checkpoint_id, '-', 3) = x.incarnation)
+                    AND (x.expires_at IS NULL
+                         OR (h.expires_at IS NOT NULL AND h.expires_at <= x.expires_at))))
+          THEN x.status END IS NOT NULL);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION "public"."fc_read_with_items"(p_run_key text, p_sequence bigint,
+                                             p_now double precision)
+RETURNS TABLE (sequence bigint, checkpoint_id text, created_at double precision,
+               expires_at double precision, header bytea, payload bytea, refs bytea[],
+               status text, item_keys bytea[], item_values bytea[])
+LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    IF p_sequence IS NULL THEN
+        RETURN QUERY
+        SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
+               c.refs, CASE WHEN encode(x.run_id, 'hex') ~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$'
+           AND (h.sequence IS NULL
+                OR (h.sequence <= x.latest_sequence AND x.checkpoint_count > 0
+                    AND (h.checkpoint_id !~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$'
+                         OR split_part(h.checkpoint_id, '-', 3) = x.incarnation)
+                    AND (x.expires_at IS NULL
+                         OR (h.expires_at IS NOT NULL AND h.expires_at <= x.expires_at))))
+          THEN x.status END, w.keys, w.vals
+          FROM (SELECT * FROM "public"."fc_checkpoints" n
+                 WHERE n.run_key = p_run_key AND (n.expires_at IS NULL OR n.expires_at > p_now)
+                 ORDER BY n.sequence DESC LIMIT 1) c
+          JOIN "public"."fc_runs" x ON x.run_key = c.run_key
+        LEFT JOIN LATERAL (SELECT h.sequence, h.checkpoint_id, h.expires_at
+                             FROM "public"."fc_checkpoints" h WHERE h.run_key = x.run_key
+                              AND NOT (h.checkpoint_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$' AND split_part(h.checkpoint_id, '-', 2) <> x.run_key)
+                            ORDER BY h.sequence DESC LIMIT 1) h ON true
+         CROSS JOIN LATERAL (
+               SELECT array_agg(w.key), array_agg(w.value) FROM (
+                   SELECT i.key, i.value FROM "public"."fc_items" i
+                    WHERE i.run_key = p_run_key
+                      AND (i.expires_at IS NULL OR i.expires_at > p_now)
+                      AND (i.owner = c.sequence OR i.key = ANY (c.refs))
+                   UNION ALL
+                   SELECT r.key, r.value
+                     FROM (SELECT DISTINCT unnest(c.refs)) n(k)
+                    CROSS JOIN LATERAL (
+                          SELECT i.key, i.value FROM "public"."fc_items" i
+                           WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
+                             AND i.key < n.k || '0'::bytea
+                             AND (i.expires_at IS NULL OR i.expires_at > p_now)
+                             AND i.owner IS NULL
+                          OFFSET 0) r) w) w(keys, vals);
+    ELSE
+        RETURN QUERY
+        SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header, c.payload,
+               c.refs, CASE WHEN encode(x.run_id, 'hex') ~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$'
+           AND (h.sequence IS NULL
+                OR (h.sequence <= x.latest_sequence AND x.checkpoint_count > 0
+                    AND (h.checkpoint_id !~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$'
+                         OR split_part(h.checkpoint_id, '-', 3) = x.incarnation)
+                    AND (x.expires_at IS NULL
+                         OR (h.expires_at IS NOT NULL AND h.expires_at <= x.expires_at))))
+          THEN x.status END, w.keys, w.vals
+          FROM "public"."fc_checkpoints" c JOIN "public"."fc_runs" x ON x.run_key = c.run_key
+        LEFT JOIN LATERAL (SELECT h.sequence, h.checkpoint_id, h.expires_at
+                             FROM "public"."fc_checkpoints" h WHERE h.run_key = x.run_key
+                              AND NOT (h.checkpoint_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$' AND split_part(h.checkpoint_id, '-', 2) <> x.run_key)
+                            ORDER BY h.sequence DESC LIMIT 1) h ON true
+         CROSS JOIN LATERAL (
+               SELECT array_agg(w.key), array_agg(w.value) FROM (
+                   SELECT i.key, i.value FROM "public"."fc_items" i
+                    WHERE i.run_key = p_run_key
+                      AND (i.expires_at IS NULL OR i.expires_at > p_now)
+                      AND (i.owner = c.sequence OR i.key = ANY (c.refs))
+                   UNION ALL
+                   SELECT r.key, r.value
+                     FROM (SELECT DISTINCT unnest(c.refs)) n(k)
+                    CROSS JOIN LATERAL (
+                          SELECT i.key, i.value FROM "public"."fc_items" i
+                           WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
+                             AND i.key < n.k || '0'::bytea
+                             AND (i.expires_at IS NULL OR i.expires_at > p_now)
+                             AND i.owner IS NULL
+                          OFFSET 0) r) w) w(keys, vals)
+         WHERE c.run_key = p_run_key AND c.sequence = p_sequence
+           AND (c.expires_at IS NULL OR c.expires_at > p_now);
+    END IF;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION "public"."fc_append"(
+    p_run_key text, p_sequence bigint, p_checkpoint_id text, p_created_at double precision,
+    p_expires_at double precision, p_header bytea, p_payload bytea, p_refs bytea[],
+    p_token text, p_run_id bytea, p_incarnation text, p_status text,
+    p_run_created_at double precision, p_version bigint, p_data bytea, p_labels bytea[],
+    p_keep_latest bigint, p_now double precision,
+    p_item_keys bytea[], p_item_values bytea[], p_item_owners bigint[],
+    p_item_expiries double precision[],
+    OUT outcome text, OUT status text, OUT latest_sequence bigint, OUT incarnation text)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    r "public"."fc_runs"%ROWTYPE;
+    v_drop bigint[];
+    v_live bigint;
+    v_next boolean;
+    v_found boolean;
+    v_problem text;
+    v_unheld bytea[];
+    v_released bytea[];
+BEGIN
+    -- A retry of this call (same token) waits here for the call it repeats to end.
+    PERFORM pg_advisory_xact_lock(26211, hashtext(p_token));
+    -- The compare-and-set: only the next sequence of the live run of this incarnation.
+    UPDATE "public"."fc_runs" AS x
+       SET latest_sequence = p_sequence,
+           checkpoint_count = x.checkpoint_count + 1,
+           forever_count = x.forever_count + (p_expires_at IS NULL)::int,
+           updated_at = p_now,
+           expires_at = CASE WHEN x.expires_at IS NULL OR p_expires_at IS NULL THEN NULL
+                             ELSE greatest(x.expires_at, p_expires_at) END
+     WHERE x.run_key = p_run_key AND x.incarnation = p_incarnation
+       AND x.latest_sequence = p_sequence - 1
+       AND (x.expires_at IS NULL OR x.expires_at > p_now)
+    RETURNING x.* INTO r;
+    v_next := FOUND;
+    IF v_next THEN
+        -- Never write after a row that the log contradicts (the exception undoes the update).
+        -- The row is locked now: no other writer changes the run's log until this commits.
+        v_problem := "public"."fc_damage"(p_run_key, r.run_id, r.incarnation, p_sequence - 1,
+                              r.checkpoint_count - 1, r.expires_at);
+        IF v_problem IS NULL AND r.run_id <> p_run_id THEN
+            -- Copied over from another run: the run key derives from the caller's run id.
+            v_problem := 'names another run (it was copied over from it)';
+        END IF;
+    ELSE
+        SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+        v_found := FOUND;
+        -- A retry of an append whose reply was lost: it was written, whatever became of its
+        -- checkpoint since (deleted, pruned, its run deleted or expired).
+        PERFORM 1 FROM "public"."fc_ops" o WHERE o.token = p_token;
+        IF FOUND THEN
+            outcome := 'ok';
+            status := CASE WHEN v_found AND r.incarnation = p_incarnation THEN r.status
+                           ELSE p_status END;
+            RETURN;
+        END IF;
+        IF v_found THEN
+            -- Judged in one statement: the row and the log of one snapshot (another writer
+            -- may have committed since the row above was read).
+            SELECT "public"."fc_damage"(x.run_key, x.run_id, x.incarnation, x.latest_sequence,
+                            x.checkpoint_count, x.expires_at)
+              INTO v_problem FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+            IF v_problem IS NULL AND r.run_id <> p_run_id THEN
+                -- Copied over from another run: the run key derives from the caller's run id.
+                v_problem := 'names another run (it was copied over from it)';
+            END IF;
+        END IF;
+        IF v_found AND (r.expires_at IS NULL OR r.expires_at > p_now
+                        OR v_problem IS NOT NULL) THEN
+            -- A live run: this call may be the retry of one whose reply was lost.
+            PERFORM 1 FROM "public"."fc_checkpoints" c
+             WHERE c.run_key = p_run_key AND c.sequence = p_sequence AND c.token = p_token;
+            IF FOUND THEN
+                outcome := 'ok'; status := r.status;
+                RETURN;
+            END IF;
+            IF v_problem IS NULL THEN
+                outcome := 'conflict'; latest_sequence := r.latest_sequence;
+                incarnation := r.incarnation;
+                RETURN;
+            END IF;
+        END IF;
+    END IF;
+    IF v_problem IS NOT NULL THEN
+        -- A damaged row (run id not UTF-8, contradicted by the log): refused, nothing written,
+        -- nothing of an expired run dropped that its row does not know.
+        RAISE EXCEPTION USING ERRCODE = 'FC003', DETAIL = p_run_key,
+            MESSAGE = format('the run row of run key %s %s', p_run_key,
+                             v_problem);
+    END IF;
+    IF NOT v_next THEN
+        IF p_sequence <> 0 THEN
+            outcome := 'conflict';
+            RETURN;
+        END IF;
+        IF v_found THEN
+            -- Start over on an expired (or emptied) run: replace its row if nobody did.
+            UPDATE "public"."fc_runs" AS x
+               SET run_id = p_run_id, incarnation = p_incarnation, status = p_status,
+                   created_at = p_run_created_at, updated_at = p_now, latest_sequence = 0,
+                   checkpoint_count = 1, forever_count = (p_expires_at IS NULL)::int,
+                   expires_at = p_expires_at, purge_at = NULL, version = p_version,
+                   data = p_data, labels = p_labels, update_token = NULL
+             WHERE x.run_key = p_run_key AND x.incarnation = r.incarnation
+               AND x.version = r.version AND x.latest_sequence = r.latest_sequence
+               AND x.expires_at IS NOT DISTINCT FROM r.expires_at
+            RETURNING x.* INTO r;
+            IF NOT FOUND THEN
+                SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+                outcome := 'conflict';
+                IF FOUND AND (r.expires_at IS NULL OR r.expires_at > p_now) THEN
+                    latest_sequence := r.latest_sequence; incarnation := r.incarnation;
+                END IF;
+                RETURN;
+            END IF;
+            -- Leftovers of the old run: checkpoints with their owned items, the shared
+            -- items they named, its labels. Unowned items stay.
+            WITH gone AS (
+                DELETE FROM "public"."fc_checkpoints" c WHERE c.run_key = p_run_key RETURNING c.sequence
+            )
+            DELETE FROM "public"."fc_items" i
+             WHERE i.run_key = p_run_key AND i.owner IN (SELECT sequence FROM gone);
+            WITH released AS (
+                DELETE FROM "public"."fc_refs" f WHERE f.run_key = p_run_key RETURNING f.key
+            )
+            SELECT array_agg(key) INTO v_released FROM released;
+            IF v_released IS NOT NULL THEN
+                DELETE FROM "public"."fc_items" i
+                 WHERE i.run_key = p_run_key AND i.owner IS NULL
+                   AND i.key = ANY (v_released);
+                DELETE FROM "public"."fc_items" i USING unnest(v_released) n(k)
+                 WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
+                   AND i.key < n.k || '0'::bytea;
+            END IF;
+            DELETE FROM "public"."fc_labels" l WHERE l.run_key = p_run_key;
+        ELSE
+            INSERT INTO "public"."fc_runs" AS x (run_key, run_id, incarnation, status, created_at,
+                                     updated_at, latest_sequence, checkpoint_count,
+                                     forever_count, expires_at, version, data, labels)
+            VALUES (p_run_key, p_run_id, p_incarnation, p_status, p_run_created_at, p_now, 0,
+                    1, (p_expires_at IS NULL)::int, p_expires_at, p_version, p_data, p_labels)
+            ON CONFLICT (run_key) DO NOTHING
+            RETURNING x.* INTO r;
+            IF NOT FOUND THEN
+                -- Another writer created the run first (its transaction has committed).
+                SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+                outcome := 'conflict';
+                IF FOUND AND (r.expires_at IS NULL OR r.expires_at > p_now) THEN
+                    latest_sequence := r.latest_sequence; incarnation := r.incarnation;
+                END IF;
+                RETURN;
+            END IF;
+        END IF;
+        IF cardinality(p_labels) > 0 THEN
+            INSERT INTO "public"."fc_labels" (label, created_at, run_key)
+            SELECT DISTINCT label, p_run_created_at, p_run_key FROM unnest(p_labels) label;
+        END IF;
+    END IF;
+
+    IF cardinality(p_refs) > 0 THEN
+        -- The run row is locked by now: a removal of the run's checkpoints (which releases
+        -- their shared items) waits for this transaction.
+        SELECT array_agg(wanted.k ORDER BY wanted.n) INTO v_unheld
+          FROM (SELECT t.k, min(t.n) AS n
+                  FROM unnest(p_refs) WITH ORDINALITY AS t(k, n)
+                 WHERE NOT (t.k = ANY (coalesce(p_item_keys, '{}')))
+                 GROUP BY t.k) wanted
+         WHERE NOT EXISTS (SELECT 1 FROM "public"."fc_items" i
+                            WHERE i.run_key = p_run_key AND i.key = wanted.k
+                              AND (i.expires_at IS NULL OR i.expires_at > p_now));
+        IF v_unheld IS NOT NULL THEN
+            RAISE EXCEPTION USING ERRCODE = 'FC004',
+                MESSAGE = format('run key %s: checkpoint %s names shared items the run does '
+                                 'not hold', p_run_key, p_sequence),
+                DETAIL = array_to_string(ARRAY(
+                    SELECT encode(u.k, 'hex') FROM unnest(v_unheld) WITH ORDINALITY AS u(k, n)
+                     ORDER BY u.n), ',');
+        END IF;
+    END IF;
+
+    INSERT INTO "public"."fc_checkpoints" (run_key, sequence, checkpoint_id, created_at, expires_at,
+                               header, payload, refs, token)
+    VALUES (p_run_key, p_sequence, p_checkpoint_id, p_created_at, p_expires_at, p_header,
+            p_payload, p_refs, p_token)
+    ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'FC001',
+            MESSAGE = format('run key %s already holds a checkpoint at sequence %s, which '
+                             'its run row says is the next one', p_run_key, p_sequence);
+    END IF;
+
+    IF p_item_keys IS NOT NULL AND cardinality(p_item_keys) > 0 THEN
+        -- Each item only where no live item has its key: a live one is kept as it is.
+        INSERT INTO "public"."fc_items" AS i (run_key, key, value, owner, expires_at)
+        SELECT p_run_key, k, v, o, e
+          FROM unnest(p_item_keys, p_item_values, p_item_owners, p_item_expiries) AS t(k, v, o, e)
+        ON CONFLICT (run_key, key) DO UPDATE
+           SET value = excluded.value, owner = excluded.owner, expires_at = excluded.expires_at
+         WHERE i.expires_at IS NOT NULL AND i.expires_at <= p_now;
+    END IF;
+    IF p_refs IS NOT NULL AND cardinality(p_refs) > 0 THEN
+        INSERT INTO "public"."fc_refs" AS f (run_key, key, holders)
+        SELECT DISTINCT p_run_key, k, 1 FROM unnest(p_refs) k
+        ON CONFLICT (run_key, key) DO UPDATE SET holders = f.holders + 1;
+    END IF;
+
+    -- Pruning: expired checkpoints, then the oldest beyond keep_latest.
+    v_live := r.checkpoint_count;
+    IF r.checkpoint_count > r.forever_count THEN
+        v_drop := ARRAY(SELECT c.sequence FROM "public"."fc_checkpoints" c
+                         WHERE c.run_key = p_run_key AND c.expires_at <= p_now);
+        v_live := v_live - cardinality(v_drop);
+    END IF;
+    IF p_keep_latest IS NOT NULL AND v_live > p_keep_latest THEN
+        v_drop := coalesce(v_drop, '{}') || ARRAY(
+            SELECT c.sequence FROM "public"."fc_checkpoints" c
+             WHERE c.run_key = p_run_key
+               AND (c.expires_at IS NULL OR c.expires_at > p_now)
+               AND c.sequence < (
+                   SELECT n.sequence FROM "public"."fc_checkpoints" n
+                    WHERE n.run_key = p_run_key
+                      AND (n.expires_at IS NULL OR n.expires_at > p_now)
+                    ORDER BY n.sequence DESC OFFSET p_keep_latest - 1 LIMIT 1)
+             ORDER BY c.sequence LIMIT v_live - p_keep_latest);
+    END IF;
+    IF cardinality(v_drop) > 0 THEN
+        PERFORM "public"."fc_remove"(p_run_key, v_drop, true);
+    END IF;
+    -- Remembered for a retry whose reply is lost (see migration 8), and two memos after it in
+    -- token order taken out if they expired.
+    INSERT INTO "public"."fc_ops" (token, result, expires_at)
+    VALUES (p_token, p_sequence, extract(epoch FROM clock_timestamp()) + 300);
+    DELETE FROM "public"."fc_ops" o
+     WHERE o.token IN (SELECT n.token FROM "public"."fc_ops" n WHERE n.token > p_token
+                        ORDER BY n.token LIMIT 2)
+       AND o.expires_at <= extract(epoch FROM clock_timestamp());
+    outcome := 'ok'; status := r.status;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION "public"."fc_damaged_runs"(p_run_key text, p_after text, p_limit integer)
+RETURNS TABLE (run_key text, problem text, checkpoints bigint, sequence bigint,
+               checkpoint_id text, created_at double precision, expires_at double precision,
+               header bytea)
+LANGUAGE plpgsql STABLE AS $fn$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH judged AS (
+        SELECT x.run_key, coalesce(
+                   "public"."fc_damage"(x.run_key, x.run_id, x.incarnation, x.latest_sequence,
+                            x.checkpoint_count, x.expires_at),
+                   CASE
+                   WHEN array_position(x.labels, NULL) IS NOT NULL
+                       THEN 'holds a NULL label'
+                   WHEN EXISTS (SELECT 1 FROM unnest(x.labels) label
+                                 WHERE encode(label, 'hex') !~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$')
+                       THEN 'holds a label that is not UTF-8 text'
+                   WHEN x.created_at IN ('NaN', 'Infinity', '-Infinity') THEN format(
+                       'says the run was created at %s', x.created_at)
+                   WHEN x.latest_sequence > 9223372036854775806 THEN format(
+                       'knows sequences up to %s, more than a checkpoint id can name',
+                       x.latest_sequence)
+                   WHEN x.version = 9223372036854775807 THEN format(
+                       'is at version %s, which no status change can raise', x.version)
+                   WHEN l.held <> x.checkpoint_count THEN format(
+                       'counts %s checkpoints, but %s are in place', x.checkpoint_count,
+                       l.held)
+                   WHEN l.held > 0 AND l.forever <> x.forever_count THEN format(
+                       'counts %s checkpoints that never expire, but %s are in place',
+                       x.forever_count, l.forever)
+                   WHEN l.held > 0 AND x.expires_at IS DISTINCT FROM
+                        (CASE WHEN l.forever > 0 THEN NULL ELSE l.latest END) THEN format(
+                       'says the run expires at %s, its checkpoints at %s',
+                       coalesce(x.expires_at::text, 'never'),
+                       CASE WHEN l.forever > 0 THEN 'never' ELSE l.latest::text END)
+                   END) AS problem, l.held
+          FROM "public"."fc_runs" x
+         CROSS JOIN LATERAL (
+               SELECT count(*) AS held, count(*) FILTER (WHERE c.expires_at IS NULL) AS forever,
+                      max(c.expires_at) AS latest
+                 FROM "public"."fc_checkpoints" c WHERE c.run_key = x.run_key) l
+         WHERE x.run_key > p_after AND (p_run_key IS NULL OR x.run_key = p_run_key)
+         ORDER BY x.run_key LIMIT p_limit
+    )
+    SELECT j.run_key, j.problem, j.held, n.sequence, n.checkpoint_id, n.created_at,
+           n.expires_at, n.header
+      FROM judged j
+      LEFT JOIN LATERAL (
+           SELECT c.sequence, c.checkpoint_id, c.created_at, c.expires_at, c.header
+             FROM "public"."fc_checkpoints" c
+            WHERE c.run_key = j.run_key AND j.problem IS NOT NULL
+              AND (c.checkpoint_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$' AND split_part(c.checkpoint_id, '-', 2) = j.run_key)
+            ORDER BY c.sequence DESC LIMIT 1) n ON true
+     ORDER BY j.run_key;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION "public"."fc_rebuild_run"(p_run_key text, p_run_id bytea, p_status text, p_data bytea,
+                              p_labels bytea[], p_now double precision)
+RETURNS TABLE (outcome text, run "public"."fc_runs") LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    r "public"."fc_runs"%ROWTYPE;
+    v_problem text;
+    v_held bigint;
+    v_forever bigint;
+    v_latest double precision;
+    v_sequence bigint;
+    v_id text;
+    v_created double precision;
+    v_labels bytea[];
+BEGIN
+    SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'missing'::text, NULL::"public"."fc_runs";
+        RETURN;
+    END IF;
+    SELECT d.problem INTO v_problem FROM "public"."fc_damaged_runs"(p_run_key, '', 1) d;
+    IF v_problem IS NULL AND r.run_id IS DISTINCT FROM p_run_id THEN
+        -- Copied over from another run: the caller's run id is the one of this run key.
+        v_problem := 'names another run';
+    END IF;
+    IF v_problem IS NULL THEN
+        RETURN QUERY SELECT 'intact'::text, r;
+        RETURN;
+    END IF;
+    SELECT count(*), count(*) FILTER (WHERE c.expires_at IS NULL), max(c.expires_at),
+           max(c.sequence)
+      INTO v_held, v_forever, v_latest, v_sequence
+      FROM "public"."fc_checkpoints" c WHERE c.run_key = p_run_key;
+    IF v_held = 0 THEN
+        RETURN QUERY SELECT 'empty'::text, NULL::"public"."fc_runs";
+        RETURN;
+    END IF;
+    -- The incarnation from the newest of the run's own checkpoints; the latest sequence is
+    -- the highest in place, whoever's, so the next append finds its primary key free.
+    SELECT c.checkpoint_id INTO v_id
+      FROM "public"."fc_checkpoints" c WHERE c.run_key = p_run_key AND (c.checkpoint_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$' AND split_part(c.checkpoint_id, '-', 2) = p_run_key)
+     ORDER BY c.sequence DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'foreign'::text, NULL::"public"."fc_runs";
+        RETURN;
+    END IF;
+    v_created := coalesce((
+        SELECT c.created_at FROM "public"."fc_checkpoints" c
+         WHERE c.run_key = p_run_key AND (c.checkpoint_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$' AND split_part(c.checkpoint_id, '-', 2) = p_run_key)
+           AND c.created_at > '-Infinity' AND c.created_at < 'Infinity'
+         ORDER BY c.sequence LIMIT 1), p_now);
+    IF cardinality(p_labels) > 0 THEN
+        v_labels := p_labels;
+    ELSE
+        -- The label rows are written with the run's creation and follow its incarnation;
+        -- the row's own list (in the order given) when it names the same labels.
+        v_labels := ARRAY(SELECT DISTINCT l.label FROM "public"."fc_labels" l
+                           WHERE l.run_key = p_run_key ORDER BY l.label);
+        IF (SELECT array_agg(DISTINCT label ORDER BY label) FROM unnest(r.labels) label)
+           IS NOT DISTINCT FROM (CASE WHEN cardinality(v_labels) > 0 THEN v_labels END) THEN
+            v_labels := r.labels;
+        END IF;
+    END IF;
+    UPDATE "public"."fc_runs" x
+       SET run_id = p_run_id, incarnation = split_part(v_id, '-', 3), status = p_status,
+           created_at = v_created, updated_at = p_now, latest_sequence = v_sequence,
+           checkpoint_count = v_held, forever_count = v_forever,
+           expires_at = CASE WHEN v_forever > 0 THEN NULL ELSE v_latest END, purge_at = NULL,
+           version = 0, data = p_data, labels = v_labels, update_token = NULL
+     WHERE x.run_key = p_run_key
+    RETURNING x.* INTO r;
+    DELETE FROM "public"."fc_labels" l WHERE l.run_key = p_run_key;
+    INSERT INTO "public"."fc_labels" (label, created_at, run_key)
+    SELECT DISTINCT label, v_created, p_run_key FROM unnest(v_labels) label;
+    -- Shared items: each key counted once per checkpoint in place that names it.
+    DELETE FROM "public"."fc_refs" f WHERE f.run_key = p_run_key;
+    INSERT INTO "public"."fc_refs" (run_key, key, holders)
+    SELECT p_run_key, named.key, count(*)
+      FROM "public"."fc_checkpoints" c, LATERAL (SELECT DISTINCT unnest(c.refs)) named(key)
+     WHERE c.run_key = p_run_key
+     GROUP BY named.key;
+    RETURN QUERY SELECT 'ok'::text, r;
+END
+$fn$;
+
+INSERT INTO "public"."fc_migrations" (version, description) VALUES (10, 'damage is judged by a run''s own checkpoints and run id: a checkpoint of another run swapped in no longer blocks its run, a run row copied from another run is refused and rebuilt; damaged_runs reports times, sequences and versions out of range');
 
 COMMIT;
