@@ -298,9 +298,18 @@ class CheckpointManager:
         await self.stop()
 
     async def _cleanup_loop(self) -> None:
+        refused = None  # the configuration error last logged
         while True:
             try:
                 removed = await self.cleanup_expired()
+            except ConfigurationError as exc:
+                # A store that cannot run here (a driver needing asyncio under trio, missing
+                # permissions) fails each pass the same way: said once, without a traceback
+                # the caller's own calls already show, until the reason changes.
+                if str(exc) != refused:
+                    logger.error("checkpoint cleanup cannot run: %s; trying again every %ss",
+                                 exc, self.config.cleanup_interval)
+                refused = str(exc)
             except Exception:
                 logger.exception("checkpoint cleanup failed; trying again in %ss",
                                  self.config.cleanup_interval)

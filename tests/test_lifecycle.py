@@ -14,7 +14,12 @@ from pathlib import Path
 import anyio
 import pytest
 
-from fastcheckpoint import CheckpointManager, CheckpointStore, StoreError
+from fastcheckpoint import (
+    CheckpointManager,
+    CheckpointStore,
+    ConfigurationError,
+    StoreError,
+)
 from tests._helpers import STORE_KINDS, FakeClock, ForwardingStore, make_config, make_store
 
 pytestmark = pytest.mark.anyio
@@ -150,6 +155,52 @@ async def test_cleanup_loop_logs_each_failure_and_keeps_going(
     assert all(record.exc_info is not None for record in failures)
     raised = [type(record.exc_info[1]) for record in failures if record.exc_info]
     assert raised == [StoreError, RuntimeError]
+
+
+class RefusingStore(ForwardingStore):
+    """Cleanup passes refused as a store that cannot run here refuses them: the first
+    ``same`` with one reason, then one with another, then the inner store's."""
+
+    def __init__(self, inner: CheckpointStore, same: int) -> None:
+        super().__init__(inner)
+        self.same = same
+        self.purges = 0
+
+    async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
+        self.purges += 1
+        if self.purges <= self.same:
+            raise ConfigurationError("RedisStore runs on asyncio only")
+        if self.purges == self.same + 1:
+            raise ConfigurationError("access denied to the bucket")
+        return await super().purge_expired(now=now, limit=limit)
+
+
+async def test_a_cleanup_the_configuration_refuses_is_logged_once_per_reason(
+    store: CheckpointStore, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every pass of a store that cannot run here failed the same way, and each logged a full
+    # traceback of an error the caller's own calls already showed.
+    refusing = RefusingStore(store, same=4)
+    manager = CheckpointManager(refusing, config=make_config(clock, cleanup_interval=FAST_LOOP))
+    caplog.set_level(logging.INFO, logger="fastcheckpoint")
+    with anyio.fail_after(10):
+        await manager.create(RUN, {"i": 0}, ttl_seconds=5)
+        await manager.create(RUN, {"i": 1})
+        clock.advance(5)
+
+        async with manager:
+
+            async def recovered() -> bool:
+                return refusing.purges >= 6 and await held_sequences(manager) == [1]
+
+            await wait_until(recovered)
+
+    logged = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert [record.getMessage().split(";")[0] for record in logged] == [
+        "checkpoint cleanup cannot run: RedisStore runs on asyncio only",
+        "checkpoint cleanup cannot run: access denied to the bucket",
+    ]
+    assert all(record.exc_info is None for record in logged)
 
 
 async def test_start_twice_is_harmless(store: CheckpointStore, clock: FakeClock) -> None:

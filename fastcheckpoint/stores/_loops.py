@@ -65,8 +65,8 @@ def require_asyncio(store: str, driver: str) -> asyncio.AbstractEventLoop:
         where = f"under {library}" if library else "outside an event loop"
         raise ConfigurationError(
             f"{store} runs on asyncio only ({driver} needs an asyncio event loop), but it was "
-            f"called {where}; on trio use MemoryStore or FileStore, or run this store under "
-            "asyncio (anyio.run(main, backend='asyncio'))"
+            f"called {where}; on trio use MemoryStore, FileStore or SQLiteStore, or run this store "
+            "under asyncio (anyio.run(main, backend='asyncio'))"
         )
     return asyncio.get_running_loop()
 
