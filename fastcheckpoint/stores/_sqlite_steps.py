@@ -54,8 +54,8 @@ _CHECKPOINT_COLUMNS = (
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
 
 HEAD = (
-    "SELECT incarnation, status, latest_sequence, checkpoint_count, immortal, expires_at, due "
-    "FROM fc_runs WHERE run_key = ?"
+    "SELECT incarnation, status, latest_sequence, checkpoint_count, immortal, expires_at, due, "
+    "run_id FROM fc_runs WHERE run_key = ?"
 )
 HAS_CHECKPOINTS = "SELECT EXISTS (SELECT 1 FROM fc_checkpoints WHERE run_key = ?)"
 HAS_LIVE_CHECKPOINT = (
@@ -198,6 +198,11 @@ GET_RUN = (
     "FROM (SELECT 1) LEFT JOIN fc_runs r ON r.run_key = ?1"
 )
 RUN = f"SELECT {RUN_COLUMNS} FROM fc_runs r WHERE r.run_key = ?"
+# Every run row, its details left out (an empty blob in their place): only by repair.
+RUN_SUMMARIES = (
+    "SELECT r.run_id, r.incarnation, r.status, r.created_at, r.updated_at, r.latest_sequence, "
+    "r.checkpoint_count, r.expires_at, r.version, x'', r.labels, r.run_key FROM fc_runs r"
+)
 UPDATE_RUN = (
     "UPDATE fc_runs SET status = ?, data = ?, version = ?, updated_at = ? WHERE run_key = ?"
 )
@@ -258,13 +263,15 @@ LOG_SUMMARY = (
     "SELECT count(*), min(sequence), count(*) - count(expires_at), max(expires_at), "
     "min(expires_at) FROM fc_checkpoints WHERE run_key = ?"
 )
-NEWEST_HEADER = (
-    "SELECT sequence, checkpoint_id, created_at, expires_at, header FROM fc_checkpoints "
-    "WHERE run_key = ? ORDER BY sequence DESC LIMIT 1"
-)
 NEWEST_ID = (
     "SELECT sequence, checkpoint_id, expires_at FROM fc_checkpoints WHERE run_key = ? "
     "ORDER BY sequence DESC LIMIT 1"
+)
+# Read lazily, newest first, until a checkpoint whose id is the run's own (the first one,
+# unless one of another run was swapped in): only by repair.
+NEWEST_FIRST = (
+    "SELECT sequence, checkpoint_id, created_at, expires_at, header FROM fc_checkpoints "
+    "WHERE run_key = ? ORDER BY sequence DESC"
 )
 CREATED_AT = "SELECT created_at FROM fc_checkpoints WHERE run_key = ? AND sequence = ?"
 COUNT_CHECKPOINTS = "SELECT count(*) FROM fc_checkpoints WHERE run_key = ?"
@@ -330,6 +337,7 @@ class Head(NamedTuple):
     expires_at: float | None
     due: float | None
     """The earliest expiry among held checkpoints (``EMPTY_RUN`` when none is held)."""
+    run_id: str
     new: bool = False
 
 

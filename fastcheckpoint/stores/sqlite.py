@@ -23,11 +23,12 @@ operation is one ``anyio.to_thread`` hop, so the store runs on asyncio and trio.
 
 The run row is the authority for its checkpoints (both change in one transaction). The damage
 a run can show comes from outside: its row missing while checkpoint rows of the run are in place
-(an operator's ``DELETE``, a partial restore), or a row that contradicts them (an older copy put
-back: it knows fewer sequences, another incarnation, or an expiry before the newest
-checkpoint's). Reads still return the checkpoints, appends refuse, the cleanup leaves the run,
-and :meth:`SQLiteStore.rebuild_run` derives a new row from them. A row's count of checkpoints
-is never trusted to prune: pruning stops short of the ``keep_latest`` newest checkpoints held.
+(an operator's ``DELETE``, a partial restore), a row copied over from another run (its run id
+maps to another key), or a row that contradicts them (an older copy put back: it knows fewer
+sequences, another incarnation, or an expiry before the newest checkpoint's). Reads still
+return the checkpoints, appends refuse, the cleanup leaves the run, and
+:meth:`SQLiteStore.rebuild_run` derives a new row from them. A row's count of checkpoints is
+never trusted to prune: pruning stops short of the ``keep_latest`` newest checkpoints held.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import itertools
 import logging
 import math
 import os
@@ -170,6 +172,34 @@ def _bad_run_text(run: RunRecord) -> bool:
     return _undecodable(run.run_id, run.incarnation, run.status, *run.labels)
 
 
+def _foreign(run_key: str, run_id: str) -> str | None:
+    """Why a run row does not belong at ``run_key`` (every store's rule: a run record's run id
+    maps to the key it sits at; one copied over from another run does not), or ``None``."""
+    if _ids.run_key(run_id) == run_key:
+        return None
+    return f"the run record names another run ({run_id!r:.80}): it was copied over from it"
+
+
+def _unusable(run_key: str, run: RunRecord) -> str | None:
+    """Why a run row cannot be used at all (reads and writes refuse it, listings skip it), or
+    ``None``."""
+    if _bad_run_text(run):
+        return "the run record holds text that is not UTF-8"
+    return _foreign(run_key, run.run_id)
+
+
+def _own(run_key: str, row: Sequence[Any]) -> bool:
+    """Whether a ``(sequence, checkpoint_id, ...)`` row holds an id of this run key and
+    sequence: not one of another run swapped in, nor one edited by hand."""
+    parsed = _ids.parse_checkpoint_id(row[1])
+    return parsed is not None and parsed[0] == run_key and parsed[2] == row[0]
+
+
+def _newest_own(run_key: str, rows: Iterable[Sequence[Any]]) -> Sequence[Any] | None:
+    """The first row of ``rows`` (newest first) whose id is the run's own."""
+    return next((row for row in rows if _own(run_key, row)), None)
+
+
 def _error_code(exc: sqlite3.Error) -> int | None:
     code = getattr(exc, "sqlite_errorcode", None)
     if isinstance(code, int):
@@ -212,21 +242,27 @@ def _check_limit(limit: object) -> int:
     return max(0, min(limit, steps.INT64 - 1))  # a page asks for one more row than limit
 
 
-def _contradiction(head: steps.Head, newest: Sequence[Any] | None) -> str | None:
+def _contradiction(
+    run_key: str, head: steps.Head | RunRecord, newest: Sequence[Any] | None
+) -> str | None:
     """How a run row contradicts the ``(sequence, checkpoint_id, expires_at)`` of the newest
     checkpoint in place (a row put back from an older copy, or edited by hand); ``None`` when
     it does not. The leftovers of an expired run agree with its row (it expires with the last
     of its checkpoints), so a row that says the run expired over newer or longer-lived
-    checkpoints shows too."""
+    checkpoints shows too. A newest checkpoint whose id is not the run's own (one of another
+    run swapped in) says nothing of the run's incarnation or expiry: it is damage of its own,
+    which reads refuse, and creates go on past it."""
     if newest is None:
         return None
     newest_sequence, newest_id, newest_expires_at = newest[0], newest[1], newest[2]
-    parsed = _ids.parse_checkpoint_id(newest_id)
     if newest_sequence > head.latest_sequence:
         return (
             f"the run record knows sequences up to {head.latest_sequence}, but checkpoint "
             f"{newest_sequence} is in place (an older copy of the record was put back)"
         )
+    if not _own(run_key, newest):
+        return None
+    parsed = _ids.parse_checkpoint_id(newest_id)
     if parsed is not None and parsed[1] != head.incarnation:
         return (
             f"the run record is of incarnation {head.incarnation!r:.40}, but the newest "
@@ -241,6 +277,17 @@ def _contradiction(head: steps.Head, newest: Sequence[Any] | None) -> str | None
             "it was edited)"
         )
     return None
+
+
+def _problem(run_key: str, row: Sequence[Any] | None, newest: Sequence[Any] | None) -> str | None:
+    """Why the run row (selected with ``RUN_COLUMNS``) is damaged, given the newest checkpoint
+    row in place (``sequence, checkpoint_id, created_at, expires_at, ...``), or ``None``."""
+    if row is None:
+        return None if newest is None else (
+            "the run record is missing while checkpoints are in place")
+    run = steps.run_of(row)
+    return _unusable(run_key, run) or _contradiction(
+        run_key, run, None if newest is None else (newest[0], newest[1], newest[3]))
 
 
 def _make_cursor(created_at: float, run_key: str) -> str:
@@ -641,16 +688,20 @@ class SQLiteStore(ExpiryCleanup):
             key=f"{self._path}#fc_runs/{run_key}",
         )
 
-    def _undecodable_record(self, run_key: str) -> CorruptCheckpointError:
+    def _damaged_record(self, run_key: str, problem: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(
-            f"the run record of run key {run_key} holds text that is not UTF-8; `fastcheckpoint "
-            "doctor --repair URL` rebuilds it from the run's checkpoints",
+            f"run key {run_key}: {problem}; `fastcheckpoint doctor --repair URL` rebuilds the "
+            "run record from the run's checkpoints (delete_run removes the run)",
             key=f"{self._path}#fc_runs/{run_key}",
         )
 
     def _check_head(self, run_key: str, head: steps.Head) -> steps.Head:
-        if _undecodable(head.incarnation, head.status):
-            raise self._undecodable_record(run_key)
+        """The row an append or a delete writes after, refused when it is not the run's."""
+        if _undecodable(head.run_id, head.incarnation, head.status):
+            raise self._damaged_record(run_key, "the run record holds text that is not UTF-8")
+        problem = _foreign(run_key, head.run_id)
+        if problem is not None:
+            raise self._damaged_record(run_key, problem)
         return head
 
     def _check_damage(self, db: sqlite3.Connection, run_key: str) -> None:
@@ -765,13 +816,10 @@ class SQLiteStore(ExpiryCleanup):
     def _check_log(self, db: sqlite3.Connection, run_key: str, head: steps.Head) -> None:
         """Refuse to write after a run row that the newest checkpoint in place contradicts
         (one more primary-key probe)."""
-        problem = _contradiction(head, db.execute(steps.NEWEST_ID, (run_key,)).fetchone())
+        problem = _contradiction(run_key, head,
+                                 db.execute(steps.NEWEST_ID, (run_key,)).fetchone())
         if problem is not None:
-            raise CorruptCheckpointError(
-                f"run key {run_key}: {problem}; `fastcheckpoint doctor --repair URL` rebuilds "
-                "the run record from the checkpoints",
-                key=f"{self._path}#fc_runs/{run_key}",
-            )
+            raise self._damaged_record(run_key, problem)
 
     def _start_run(
         self,
@@ -795,7 +843,7 @@ class SQLiteStore(ExpiryCleanup):
         if head is not None:
             steps.drop_leftovers(db, run_key)
         return steps.Head(seed.incarnation, seed.status, -1, 0, 0, record.expires_at, None,
-                          new=True)
+                          seed.run_id, new=True)
 
     def _insert_checkpoint(
         self, db: sqlite3.Connection, run_key: str, record: StoredCheckpoint
@@ -1025,8 +1073,9 @@ class SQLiteStore(ExpiryCleanup):
         record = steps.run_of(row)
         if not is_live(record.expires_at, now):
             return None
-        if _bad_run_text(record):
-            raise self._undecodable_record(run_key)
+        problem = _unusable(run_key, record)
+        if problem is not None:
+            raise self._damaged_record(run_key, problem)
         return record
 
     async def update_run(
@@ -1061,8 +1110,9 @@ class SQLiteStore(ExpiryCleanup):
             current = steps.run_of(row)
             if not is_live(current.expires_at, now):
                 raise CheckpointNotFound(f"no live run with key {run_key}")
-            if _bad_run_text(current):
-                raise self._undecodable_record(run_key)
+            problem = _unusable(run_key, current)
+            if problem is not None:
+                raise self._damaged_record(run_key, problem)
             if (current.incarnation, current.version) != (incarnation, version):
                 raise ConflictError(
                     f"run changed concurrently (now {current.incarnation}/{current.version}, "
@@ -1111,10 +1161,11 @@ class SQLiteStore(ExpiryCleanup):
         runs = []
         for row in rows[:limit]:
             run = steps.run_of(row)
-            if _bad_run_text(run):
-                logger.warning("sqlite store: the run record %s#fc_runs/%s holds text that is "
-                               "not UTF-8; left out of the listing (fastcheckpoint doctor "
-                               "--repair rebuilds it)", self._path, row[-1])
+            problem = _unusable(row[-1], run)
+            if problem is not None:
+                logger.warning("sqlite store: the run record %s#fc_runs/%s is left out of the "
+                               "listing: %s (fastcheckpoint doctor --repair rebuilds it)",
+                               self._path, row[-1], problem)
                 continue
             runs.append(run)
         if len(rows) <= limit:
@@ -1347,7 +1398,9 @@ class SQLiteStore(ExpiryCleanup):
         """Whether an expired run's row contradicts its newest checkpoint: then the run is not
         removed, and not visited again (``due`` cleared) until a repair rebuilds its row."""
         head = steps.Head(*db.execute(steps.HEAD, (run_key,)).fetchone())
-        problem = _contradiction(head, db.execute(steps.NEWEST_ID, (run_key,)).fetchone())
+        # A row copied over from another run carries that run's expiry, not this one's.
+        problem = _foreign(run_key, head.run_id) or _contradiction(
+            run_key, head, db.execute(steps.NEWEST_ID, (run_key,)).fetchone())
         if problem is None:
             return False
         logger.warning("sqlite store: cleanup leaves run key %s alone in %s: %s (fastcheckpoint "
@@ -1375,10 +1428,12 @@ class SQLiteStore(ExpiryCleanup):
     # -- repair -------------------------------------------------------------------------------
 
     async def damaged_runs(self, *, run_key: str | None = None, now: float) -> list[RunDamage]:
-        """Runs whose row is missing while checkpoint rows are in place, or whose row
-        contradicts the newest of them (fewer sequences, another incarnation, an earlier
-        expiry). Without ``run_key`` this visits every run key of the checkpoint table (a few
-        primary-key probes each, and a count of the checkpoints of a damaged one)."""
+        """Runs whose row is missing while checkpoint rows are in place, is damaged in itself
+        (copied over from another run, text that is not UTF-8), or contradicts the newest of
+        them (fewer sequences, another incarnation, an earlier expiry). Without ``run_key``
+        this reads every run row (not its details) and visits every run key of the
+        checkpoint table (a few primary-key probes each, and a count of the checkpoints of a
+        damaged one)."""
         if run_key is not None:
             check_run_key(run_key)
         check_time("now", now)
@@ -1386,33 +1441,37 @@ class SQLiteStore(ExpiryCleanup):
 
     def _damaged_runs(self, run_key: str | None) -> list[RunDamage]:
         with self._snapshot() as db:
-            keys = [run_key] if run_key is not None else steps.logged_runs(db)
+            keys = [run_key] if run_key is not None else sorted(
+                {*steps.logged_runs(db), *self._suspect_rows(db)})
             damages = [self._damage(db, key) for key in keys]
         return [damage for damage in damages if damage is not None]
 
+    def _suspect_rows(self, db: sqlite3.Connection) -> list[str]:
+        """The run keys of rows damaged in themselves, also of runs that hold no checkpoint
+        (a row copied over one, say): one read of every run row, without its details."""
+        return [row[-1] for row in db.execute(steps.RUN_SUMMARIES)
+                if _unusable(row[-1], steps.run_of(row)) is not None]
+
     def _damage(self, db: sqlite3.Connection, run_key: str) -> RunDamage | None:
-        newest = db.execute(steps.NEWEST_HEADER, (run_key,)).fetchone()
-        if newest is None:
+        row = db.execute(steps.RUN, (run_key,)).fetchone()
+        checkpoints = db.execute(steps.NEWEST_FIRST, (run_key,))
+        newest = checkpoints.fetchone()
+        problem = _problem(run_key, row, newest)
+        if problem is None:
+            checkpoints.close()
             return None
-        head = db.execute(steps.HEAD, (run_key,)).fetchone()
-        problem: str | None
-        if head is None:
-            problem = "the run record is missing while checkpoints are in place"
-        elif _bad_run_text(steps.run_of(db.execute(steps.RUN, (run_key,)).fetchone())):
-            problem = "the run record holds text that is not UTF-8"
-        else:
-            problem = _contradiction(steps.Head(*head), (newest[0], newest[1], newest[3]))
-            if problem is None:
-                return None
+        # The run id is read from the newest checkpoint that is the run's own.
+        own = _newest_own(run_key, itertools.chain([newest] if newest else [], checkpoints))
+        checkpoints.close()
         count = db.execute(steps.COUNT_CHECKPOINTS, (run_key,)).fetchone()[0]
         return RunDamage(
             run_key=run_key,
             key=f"{self._path}#fc_runs/{run_key}",
             problem=problem,
             checkpoints=count,
-            newest=CheckpointHeader(sequence=newest[0], checkpoint_id=newest[1],
-                                    created_at=newest[2], expires_at=newest[3],
-                                    header=newest[4]),
+            newest=None if own is None else CheckpointHeader(
+                sequence=own[0], checkpoint_id=own[1], created_at=own[2], expires_at=own[3],
+                header=own[4]),
         )
 
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
@@ -1430,15 +1489,18 @@ class SQLiteStore(ExpiryCleanup):
                 db.execute(steps.DELETE_RUN_ROW, (run_key,))
             count, oldest, immortal, latest, first = db.execute(
                 steps.LOG_SUMMARY, (run_key,)).fetchone()
-            newest = db.execute(steps.NEWEST_HEADER, (run_key,)).fetchone()
-            if not count or newest is None:
+            checkpoints = db.execute(steps.NEWEST_FIRST, (run_key,))
+            newest = checkpoints.fetchone()
+            own = _newest_own(run_key, itertools.chain([newest] if newest else [], checkpoints))
+            checkpoints.close()
+            if not count or newest is None or own is None:
                 raise CheckpointNotFound(
-                    f"run key {run_key} holds no checkpoint to rebuild a record from")
-            parsed = _ids.parse_checkpoint_id(newest[1])
-            if parsed is None:
-                raise CorruptCheckpointError(
-                    f"the newest checkpoint of run key {run_key} has a foreign id "
-                    f"{newest[1]!r:.80}", key=self._key(run_key, newest[0]))
+                    f"run key {run_key} holds no checkpoint of its own to rebuild a record from")
+            # The incarnation is the newest own checkpoint's, never that of one of another
+            # run swapped in; the latest sequence is the newest in place, whoever's it is, so
+            # that the next append takes a free one.
+            parsed = _ids.parse_checkpoint_id(own[1])
+            assert parsed is not None  # _own parsed it
             # The label rows outlive a run row deleted by hand: the run keeps its labels.
             kept = tuple(label for (label,) in db.execute(steps.LABELS, (run_key,)))
             rebuilt = RunRecord(

@@ -1,0 +1,214 @@
+"""SQLite rows damaged or copied behind the store's back, with plain sqlite3: a run row copied
+over from another run, a checkpoint of another run swapped in, ids edited by hand, rows of the
+wrong type. Such a row is damage: writers refuse it, listings skip it, ``damaged_runs``
+reports it and a repair rebuilds the run from its own checkpoints; it never attributes one
+run's data to another, nor stops the repair or the cleanup of the other runs."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from fastcheckpoint import CheckpointConfig, CheckpointManager, CheckpointMetadata, _ids
+from fastcheckpoint.errors import CorruptCheckpointError
+from fastcheckpoint.stores.sqlite import SQLiteStore
+from fastcheckpoint.testing import T0
+
+pytestmark = pytest.mark.anyio
+
+DEADLINE = 30.0
+_RUN_COLUMNS = (
+    "run_id, incarnation, status, created_at, updated_at, latest_sequence, checkpoint_count, "
+    "immortal, expires_at, due, version, labels, data"
+)
+_CHECKPOINT_COLUMNS = "checkpoint_id, created_at, expires_at, refs, header, payload"
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Path:
+    return tmp_path / "store" / "checkpoints.db"
+
+
+@pytest.fixture
+async def store(database: Path) -> AsyncIterator[SQLiteStore]:
+    store = SQLiteStore(database)
+    yield store
+    with anyio.fail_after(10):
+        await store.aclose()
+
+
+@pytest.fixture
+def manager(store: SQLiteStore) -> CheckpointManager:
+    return CheckpointManager(store, CheckpointConfig(clock=lambda: T0))
+
+
+def _key(run_id: str) -> str:
+    return _ids.run_key(run_id)
+
+
+async def _sql(database: Path, sql: str, *parameters: Any) -> list[tuple[Any, ...]]:
+    """A statement on a connection of its own, as an operator's tool would run it."""
+
+    def run() -> list[tuple[Any, ...]]:
+        with contextlib.closing(sqlite3.connect(database)) as db, db:
+            return db.execute(sql, parameters).fetchall()
+
+    return await anyio.to_thread.run_sync(run)
+
+
+async def _copy_run_row(database: Path, source: str, target: str) -> None:
+    await _sql(database, f"UPDATE fc_runs SET ({_RUN_COLUMNS}) = (SELECT {_RUN_COLUMNS} FROM "
+               "fc_runs WHERE run_key = ?) WHERE run_key = ?", _key(source), _key(target))
+
+
+async def _incarnation(database: Path, run_id: str) -> str:
+    [(incarnation,)] = await _sql(
+        database, "SELECT incarnation FROM fc_runs WHERE run_key = ?", _key(run_id))
+    return str(incarnation)
+
+
+async def _create(manager: CheckpointManager, run_id: str, state: Any) -> CheckpointMetadata:
+    created = await manager.create(run_id, state)
+    assert created is not None
+    return created.metadata
+
+
+# -- a run row copied over from another run ---------------------------------------------------
+
+
+async def test_a_run_row_copied_over_from_another_run_is_damage_that_repair_rebuilds(
+    store: SQLiteStore, manager: CheckpointManager, database: Path,
+) -> None:
+    """B's row copied over A (which holds checkpoints) and over C (which holds none): neither
+    is listed as B, no create of A or C lands under B's incarnation, both are reported, A is
+    rebuilt with its own incarnation; C, with nothing to rebuild from, is reported
+    unrecoverable and starts afresh once deleted."""
+    with anyio.fail_after(DEADLINE):
+        for step in range(2):
+            await _create(manager, "A", {"a": step})
+        for step in range(3):
+            await _create(manager, "B", {"b": step})
+        only = await _create(manager, "C", {"c": 0})
+        await manager.delete(only.checkpoint_id)
+        own = await _incarnation(database, "A")
+        for target in ("A", "C"):
+            await _copy_run_row(database, "B", target)
+
+        listed = await manager.list_runs()
+        damages = await store.damaged_runs(now=T0)
+        for run_id in ("A", "C"):
+            with pytest.raises(CorruptCheckpointError, match="names another run") as caught:
+                await _create(manager, run_id, {"late": True})
+            assert caught.value.key == f"{database}#fc_runs/{_key(run_id)}"
+            with pytest.raises(CorruptCheckpointError, match="names another run"):
+                await store.update_run(_key(run_id), incarnation=await _incarnation(
+                    database, "B"), version=0, status="completed", data=b"", now=T0)
+        reports = {report.run_id: report for report in await manager.repair()}
+        rebuilt = await _incarnation(database, "A")
+        created = await _create(manager, "A", {"a": 2})
+        await manager.delete_run("C")
+        started = await _create(manager, "C", {"c": 1})
+        after = await manager.list_runs()
+
+    assert [run.run_id for run in listed.runs] == ["B"]
+    assert {(damage.run_key, damage.checkpoints) for damage in damages} == {
+        (_key("A"), 2), (_key("C"), 0)}
+    assert all("names another run ('B')" in damage.problem for damage in damages)
+    assert reports["A"].outcome == "rebuilt"
+    assert reports[None].outcome == "unrecoverable"
+    assert reports[None].key == f"{database}#fc_runs/{_key('C')}"
+    assert rebuilt == own
+    assert created.checkpoint_id == _ids.checkpoint_id(_key("A"), own, 2)
+    assert started.sequence == 0
+    assert sorted(run.run_id for run in after.runs) == ["A", "B", "C"]
+    assert await store.damaged_runs(now=T0) == []
+
+
+# -- checkpoint ids of another run ------------------------------------------------------------
+
+
+async def test_a_rebuild_takes_the_incarnation_of_the_runs_own_newest_checkpoint(
+    store: SQLiteStore, manager: CheckpointManager, database: Path,
+) -> None:
+    """A's newest checkpoint id edited to B's, and A's row lost: the rebuilt row is of A's
+    incarnation, not B's, and the next create follows the newest sequence in place."""
+    with anyio.fail_after(DEADLINE):
+        for step in range(2):
+            await _create(manager, "A", {"a": step})
+            await _create(manager, "B", {"b": step})
+        own = await _incarnation(database, "A")
+        [(b_id,)] = await _sql(database, "SELECT checkpoint_id FROM fc_checkpoints "
+                               "WHERE run_key = ? AND sequence = 1", _key("B"))
+        await _sql(database, "UPDATE fc_checkpoints SET checkpoint_id = ? WHERE run_key = ? "
+                   "AND sequence = 1", b_id, _key("A"))
+        await _sql(database, "DELETE FROM fc_runs WHERE run_key = ?", _key("A"))
+
+        [damage] = await store.damaged_runs(now=T0)
+        [report] = await manager.repair()
+        rebuilt = await _incarnation(database, "A")
+        created = await _create(manager, "A", {"a": 2})
+
+    assert damage.newest is not None
+    assert damage.newest.checkpoint_id == _ids.checkpoint_id(_key("A"), own, 0)
+    assert (report.run_id, report.outcome) == ("A", "rebuilt")
+    assert rebuilt == own
+    assert created.checkpoint_id == _ids.checkpoint_id(_key("A"), own, 2)
+
+
+_SWAP = (
+    f"UPDATE fc_checkpoints SET ({_CHECKPOINT_COLUMNS}) = (SELECT {_CHECKPOINT_COLUMNS} FROM "
+    "fc_checkpoints WHERE run_key = ?1 AND sequence = 1) WHERE run_key = ?2 AND sequence = 1"
+)
+
+
+async def test_a_checkpoint_of_another_run_swapped_in_leaves_the_run_writable(
+    store: SQLiteStore, manager: CheckpointManager, database: Path,
+) -> None:
+    """B's newest checkpoint swapped in over A's: it is damage of its own (reads of it
+    refuse), never a contradiction of A's row, so creates go on from A's own checkpoints."""
+    with anyio.fail_after(DEADLINE):
+        for step in range(2):
+            await _create(manager, "A", {"a": step})
+            await _create(manager, "B", {"b": step})
+        own = await _incarnation(database, "A")
+        await _sql(database, _SWAP, _key("B"), _key("A"))
+
+        damages = await store.damaged_runs(now=T0)
+        created = await _create(manager, "A", {"a": 2})
+        await manager.mark_completed("A")
+        first = await manager.restore_from(_ids.checkpoint_id(_key("A"), own, 0))
+
+    assert damages == []
+    assert created.checkpoint_id == _ids.checkpoint_id(_key("A"), own, 2)
+    assert first is not None
+    assert first.state == {"a": 0}
+
+
+async def test_a_run_whose_newest_checkpoint_is_another_runs_is_rebuilt_from_its_own(
+    store: SQLiteStore, manager: CheckpointManager, database: Path,
+) -> None:
+    """The swap of the test above and A's row lost: the damage names A's own newest
+    checkpoint (the manager reads the run id from it), and the repair lets A go on."""
+    with anyio.fail_after(DEADLINE):
+        for step in range(2):
+            await _create(manager, "A", {"a": step})
+            await _create(manager, "B", {"b": step})
+        own = await _incarnation(database, "A")
+        await _sql(database, _SWAP, _key("B"), _key("A"))
+        await _sql(database, "DELETE FROM fc_runs WHERE run_key = ?", _key("A"))
+
+        [damage] = await store.damaged_runs(now=T0)
+        [report] = await manager.repair()
+        created = await _create(manager, "A", {"a": 2})
+
+    assert damage.newest is not None
+    assert damage.newest.sequence == 0
+    assert (report.run_id, report.outcome, report.checkpoints) == ("A", "rebuilt", 2)
+    assert created.checkpoint_id == _ids.checkpoint_id(_key("A"), own, 2)
