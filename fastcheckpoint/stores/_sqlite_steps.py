@@ -132,6 +132,7 @@ _NAMED_UNDER = (
     f"AND key < ?2 || '{_BEYOND}' AND holders > 0"
 )
 _DELETE_ZERO_REF = "DELETE FROM fc_item_refs WHERE run_key = ? AND key = ? AND holders <= 0"
+_DELETE_REF = "DELETE FROM fc_item_refs WHERE run_key = ? AND key = ?"
 _CLAMP_REF = "UPDATE fc_item_refs SET holders = 0 WHERE run_key = ? AND key = ? AND holders < 0"
 _RUN_REFS = "SELECT refs FROM fc_checkpoints WHERE run_key = ? AND refs IS NOT NULL"
 _RUN_REF_COUNTS = "SELECT key, holders FROM fc_item_refs WHERE run_key = ?"
@@ -608,7 +609,7 @@ def _recount(db: sqlite3.Connection, run_key: str, *, damaged: bool) -> None:
     named = collections.Counter(
         key for text, in db.execute(_RUN_REFS, (run_key,))
         for key in dict.fromkeys(split_refs(text)))
-    counted = dict(db.execute(_RUN_REF_COUNTS, (run_key,)).fetchall())
+    counted = _text_keyed(db, run_key, db.execute(_RUN_REF_COUNTS, (run_key,)).fetchall())
     unnamed = [key for key in counted if key not in named]
     wrong = [(run_key, key, holders) for key, holders in named.items()
              if counted.get(key) != holders]
@@ -619,6 +620,22 @@ def _recount(db: sqlite3.Connection, run_key: str, *, damaged: bool) -> None:
             "its checkpoints name", run_key, len(named))
     db.executemany(_SET_REF, [*wrong, *((run_key, key, 0) for key in unnamed)])
     _free_unnamed(db, run_key, unnamed)
+
+
+def _text_keyed(
+    db: sqlite3.Connection, run_key: str, counts: Iterable[tuple[Any, int]]
+) -> dict[str, int]:
+    """The reference counts whose key is text; the others are removed: written by hand (the
+    table does not check the key's type), they name no item, and what is nested under a key
+    cannot be found for them."""
+    found = dict(counts)
+    untyped = [key for key in found if not isinstance(key, str)]
+    if untyped:
+        logger.warning("run key %s counts references of %d key(s) that are not text (written "
+                       "by hand); those counts are removed: %r", run_key, len(untyped),
+                       untyped[:3])
+        db.executemany(_DELETE_REF, [(run_key, key) for key in untyped])
+    return {key: holders for key, holders in found.items() if isinstance(key, str)}
 
 
 def put_appended_items(

@@ -74,8 +74,10 @@ async def _incarnation(database: Path, run_id: str) -> str:
     return str(incarnation)
 
 
-async def _create(manager: CheckpointManager, run_id: str, state: Any) -> CheckpointMetadata:
-    created = await manager.create(run_id, state)
+async def _create(
+    manager: CheckpointManager, run_id: str, state: Any, **options: Any
+) -> CheckpointMetadata:
+    created = await manager.create(run_id, state, **options)
     assert created is not None
     return created.metadata
 
@@ -212,3 +214,37 @@ async def test_a_run_whose_newest_checkpoint_is_another_runs_is_rebuilt_from_its
     assert damage.newest.sequence == 0
     assert (report.run_id, report.outcome, report.checkpoints) == ("A", "rebuilt", 2)
     assert created.checkpoint_id == _ids.checkpoint_id(_key("A"), own, 2)
+
+
+# -- rows of types the tables do not check ----------------------------------------------------
+
+
+async def test_a_reference_count_whose_key_is_not_text_blocks_no_cleanup_and_no_delete(
+    database: Path,
+) -> None:
+    """``fc_item_refs`` does not check its key's type: a BLOB key written by hand, met when a
+    removal counts the run's references again, is removed with a warning instead of raising
+    ``TypeError`` (which rolled back every cleanup batch: no run of the store expired)."""
+    clock = [T0]
+    store = SQLiteStore(database)
+    manager = CheckpointManager(store, CheckpointConfig(clock=lambda: clock[0]))
+    with anyio.fail_after(DEADLINE):
+        kept = await _create(manager, "bad", {"x": 0})
+        await _create(manager, "bad", {"x": 1}, ttl_seconds=10)
+        for run_id in ("ok1", "ok2"):
+            await _create(manager, run_id, {"x": 0}, ttl_seconds=10)
+        await _sql(database, "INSERT INTO fc_item_refs VALUES (?, CAST('k' AS BLOB), 1)",
+                   _key("bad"))
+        # Refs unknown (NULL): removing such a checkpoint counts the run's references again.
+        await _sql(database, "UPDATE fc_checkpoints SET refs = NULL WHERE run_key = ?",
+                   _key("bad"))
+        clock[0] += 100
+        purged = await manager.cleanup_expired()
+        left = await _sql(database, "SELECT run_key, sequence FROM fc_checkpoints")
+        counts = await _sql(database, "SELECT key FROM fc_item_refs")
+        deleted = await manager.delete(kept.checkpoint_id)
+        await store.aclose()
+    assert purged == 3
+    assert left == [(_key("bad"), 0)]
+    assert counts == []
+    assert deleted
