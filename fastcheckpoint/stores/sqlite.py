@@ -290,6 +290,27 @@ def _problem(run_key: str, row: Sequence[Any] | None, newest: Sequence[Any] | No
         run_key, run, None if newest is None else (newest[0], newest[1], newest[3]))
 
 
+def _usable_labels(run_key: str, rows: Iterable[Sequence[Any]]) -> tuple[str, ...]:
+    """The labels of a run's label rows that a run can take, in order: a row written by hand
+    (``fc_labels`` does not check its types) whose label is not text, not UTF-8 or too long is
+    left out, logged, so that it never fails the rebuild of the run (and the repair of the
+    other runs with it)."""
+    kept: list[str] = []
+    for (label,) in rows:
+        try:
+            check_labels((*kept, label))
+        except ValidationError as exc:
+            logger.warning("sqlite store: a label row of run key %s is left out: %s",
+                           run_key, exc)
+            continue
+        if _undecodable(label):
+            logger.warning("sqlite store: a label row of run key %s is not UTF-8; left out",
+                           run_key)
+            continue
+        kept.append(label)
+    return tuple(kept)
+
+
 def _make_cursor(created_at: float, run_key: str) -> str:
     return f"{created_at!r}/{run_key}"
 
@@ -1502,7 +1523,7 @@ class SQLiteStore(ExpiryCleanup):
             parsed = _ids.parse_checkpoint_id(own[1])
             assert parsed is not None  # _own parsed it
             # The label rows outlive a run row deleted by hand: the run keeps its labels.
-            kept = tuple(label for (label,) in db.execute(steps.LABELS, (run_key,)))
+            kept = _usable_labels(run_key, db.execute(steps.LABELS, (run_key,)))
             rebuilt = RunRecord(
                 run_id=seed.run_id, incarnation=parsed[1], status=seed.status,
                 created_at=db.execute(steps.CREATED_AT, (run_key, oldest)).fetchone()[0],

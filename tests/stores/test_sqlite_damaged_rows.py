@@ -248,3 +248,26 @@ async def test_a_reference_count_whose_key_is_not_text_blocks_no_cleanup_and_no_
     assert left == [(_key("bad"), 0)]
     assert counts == []
     assert deleted
+
+
+async def test_a_label_row_that_is_not_text_fails_neither_the_rebuild_nor_the_other_repairs(
+    store: SQLiteStore, manager: CheckpointManager, database: Path,
+) -> None:
+    """``fc_labels`` does not check its types: a BLOB label written by hand is left out of
+    the rebuilt row (logged) instead of failing the rebuild with ``ValidationError``, which
+    stopped the repair of every run of the store."""
+    with anyio.fail_after(DEADLINE):
+        for run_id in ("labelled", "other"):
+            await _create(manager, run_id, {"x": 0})
+        key = _key("labelled")
+        await _sql(database, "INSERT INTO fc_labels VALUES (?, 'alpha', ?, 0)", key, T0)
+        await _sql(database, "INSERT INTO fc_labels VALUES (?, CAST('beta' AS BLOB), ?, 1)",
+                   key, T0)
+        for run_id in ("labelled", "other"):
+            await _sql(database, "DELETE FROM fc_runs WHERE run_key = ?", _key(run_id))
+        reports = await manager.repair()
+        rebuilt = await store.get_run(key, now=T0)
+    assert sorted((report.run_id, report.outcome) for report in reports) == [
+        ("labelled", "rebuilt"), ("other", "rebuilt")]
+    assert rebuilt is not None
+    assert rebuilt.labels == ("alpha",)
