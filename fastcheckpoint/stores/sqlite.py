@@ -188,6 +188,25 @@ def _unusable(run_key: str, run: RunRecord) -> str | None:
     return _foreign(run_key, run.run_id)
 
 
+def _implausible(run: RunRecord) -> str | None:
+    """Why a run row holds values no run reaches (edited by hand), or ``None``: they stop the
+    run (no next sequence or version can be written) or hide it from listings (a creation
+    time beyond every page's bound, or one no cursor can name)."""
+    if not math.isfinite(run.created_at):
+        return f"the run record's creation time {run.created_at!r} is not finite"
+    if not 0 <= run.latest_sequence < _ids.MAX_SEQUENCE:
+        return (f"the run record's latest sequence {run.latest_sequence} leaves no sequence "
+                "for a next checkpoint")
+    if not 0 <= run.version < steps.INT64:
+        return f"the run record's version {run.version} leaves no version for a status change"
+    return None
+
+
+def _row_problem(run_key: str, run: RunRecord) -> str | None:
+    """Why a run row is damaged in itself, whatever its checkpoints say, or ``None``."""
+    return _unusable(run_key, run) or _implausible(run)
+
+
 def _own(run_key: str, row: Sequence[Any]) -> bool:
     """Whether a ``(sequence, checkpoint_id, ...)`` row holds an id of this run key and
     sequence: not one of another run swapped in, nor one edited by hand."""
@@ -286,7 +305,7 @@ def _problem(run_key: str, row: Sequence[Any] | None, newest: Sequence[Any] | No
         return None if newest is None else (
             "the run record is missing while checkpoints are in place")
     run = steps.run_of(row)
-    return _unusable(run_key, run) or _contradiction(
+    return _row_problem(run_key, run) or _contradiction(
         run_key, run, None if newest is None else (newest[0], newest[1], newest[3]))
 
 
@@ -1132,6 +1151,8 @@ class SQLiteStore(ExpiryCleanup):
             if not is_live(current.expires_at, now):
                 raise CheckpointNotFound(f"no live run with key {run_key}")
             problem = _unusable(run_key, current)
+            if problem is None and current.version >= steps.INT64:
+                problem = _implausible(current)  # no version is left for the change
             if problem is not None:
                 raise self._damaged_record(run_key, problem)
             if (current.incarnation, current.version) != (incarnation, version):
@@ -1469,9 +1490,11 @@ class SQLiteStore(ExpiryCleanup):
 
     def _suspect_rows(self, db: sqlite3.Connection) -> list[str]:
         """The run keys of rows damaged in themselves, also of runs that hold no checkpoint
-        (a row copied over one, say): one read of every run row, without its details."""
+        (a row copied over one, say): one read of every run row, without its details. A
+        latest sequence raised by hand below the limit is not found: it cannot be told from
+        the newest checkpoints deleted (sequences are never taken again)."""
         return [row[-1] for row in db.execute(steps.RUN_SUMMARIES)
-                if _unusable(row[-1], steps.run_of(row)) is not None]
+                if _row_problem(row[-1], steps.run_of(row)) is not None]
 
     def _damage(self, db: sqlite3.Connection, run_key: str) -> RunDamage | None:
         row = db.execute(steps.RUN, (run_key,)).fetchone()
@@ -1524,9 +1547,10 @@ class SQLiteStore(ExpiryCleanup):
             assert parsed is not None  # _own parsed it
             # The label rows outlive a run row deleted by hand: the run keeps its labels.
             kept = _usable_labels(run_key, db.execute(steps.LABELS, (run_key,)))
+            created_at = db.execute(steps.CREATED_AT, (run_key, oldest)).fetchone()[0]
             rebuilt = RunRecord(
                 run_id=seed.run_id, incarnation=parsed[1], status=seed.status,
-                created_at=db.execute(steps.CREATED_AT, (run_key, oldest)).fetchone()[0],
+                created_at=created_at if math.isfinite(created_at) else now,
                 updated_at=now, latest_sequence=newest[0], checkpoint_count=count,
                 expires_at=None if immortal else latest, version=0, data=bytes(seed.data),
                 labels=seed.labels or kept,

@@ -271,3 +271,38 @@ async def test_a_label_row_that_is_not_text_fails_neither_the_rebuild_nor_the_ot
         ("labelled", "rebuilt"), ("other", "rebuilt")]
     assert rebuilt is not None
     assert rebuilt.labels == ("alpha",)
+
+
+# -- values no run reaches --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("column", "value", "problem"), [
+    ("latest_sequence", 2**63 - 1, "leaves no sequence"),
+    ("created_at", float("inf"), "is not finite"),
+    ("created_at", float("-inf"), "is not finite"),
+    ("version", 2**63 - 1, "leaves no version"),
+])
+async def test_a_run_row_edited_beyond_what_a_run_reaches_is_damage_that_repair_rebuilds(
+    store: SQLiteStore, manager: CheckpointManager, database: Path, column: str, value: object,
+    problem: str,
+) -> None:
+    """A latest sequence or a version at the 64-bit limit stops the run (no create or status
+    change can follow); an infinite creation time hides it from listings. ``damaged_runs``
+    reports them, and the repair rebuilds the row from the checkpoints."""
+    with anyio.fail_after(DEADLINE):
+        for step in range(2):
+            await _create(manager, "edited", {"x": step})
+        await _create(manager, "other", {"x": 0})
+        await _sql(database, f"UPDATE fc_runs SET {column} = ? WHERE run_key = ?", value,
+                   _key("edited"))
+        [damage] = await store.damaged_runs(now=T0)
+        [report] = await manager.repair()
+        created = await _create(manager, "edited", {"x": 2})
+        completed = await manager.mark_completed("edited")
+        listed = await manager.list_runs()
+    assert damage.run_key == _key("edited")
+    assert problem in damage.problem
+    assert (report.run_id, report.outcome) == ("edited", "rebuilt")
+    assert created.sequence == 2
+    assert completed is not None
+    assert sorted(run.run_id for run in listed.runs) == ["edited", "other"]
