@@ -397,8 +397,47 @@ def _unescape(match: re.Match[str]) -> str:
     return "\n" if match[1] == "n" else match[1]
 
 
+_OPTIONAL_REAL = (float, type(None))
+_OPTIONAL_TEXT = (str, type(None))
+RUN_TYPES = (
+    ("run_id", str), ("incarnation", str), ("status", str), ("created_at", float),
+    ("updated_at", float), ("latest_sequence", int), ("checkpoint_count", int),
+    ("expires_at", _OPTIONAL_REAL), ("version", int), ("data", bytes), ("labels", _OPTIONAL_TEXT),
+)
+"""The Python types of the columns of :data:`RUN_COLUMNS`, in order."""
+HEAD_TYPES = (
+    ("incarnation", str), ("status", str), ("latest_sequence", int), ("checkpoint_count", int),
+    ("immortal", int), ("expires_at", _OPTIONAL_REAL), ("due", _OPTIONAL_REAL),
+    ("run_id", str),
+)
+"""Those of :data:`HEAD`."""
+CHECKPOINT_TYPES = (
+    ("sequence", int), ("checkpoint_id", str), ("created_at", float),
+    ("expires_at", _OPTIONAL_REAL), ("refs", _OPTIONAL_TEXT), ("header", bytes),
+    ("payload", bytes),
+)
+"""Those of a checkpoint row as :data:`GET` and :data:`LATEST` select it (the run's columns
+follow); the headers of a listing are its first five, and ``header``."""
+HEADER_TYPES = (*CHECKPOINT_TYPES[:4], ("header", bytes))
+"""Those of :data:`HEADERS` and :data:`LIVE_HEADERS`."""
+JOINED_RUN_TYPES = (("status", _OPTIONAL_TEXT), ("expires_at", _OPTIONAL_REAL))
+"""Those of the run's columns of :data:`GET` and :data:`LATEST`, and of :data:`RUN_STATUS`."""
+
+
+def wrong_type(row: Sequence[Any], types: Sequence[tuple[str, Any]]) -> str | None:
+    """What a column of ``row`` holds that its type in ``types`` is not, or ``None``. Every
+    column is typed by a ``CHECK``: only a row written with the checks off (``PRAGMA
+    ignore_check_constraints``) fails this; the store then takes it for damage, never
+    failing with ``TypeError`` somewhere later."""
+    for value, (name, kind) in zip(row, types, strict=False):  # other columns may follow
+        if not isinstance(value, kind):
+            return f"its column {name} holds {type(value).__name__} {value!r:.40}"
+    return None
+
+
 def run_of(row: Sequence[Any]) -> RunRecord:
-    """The record of a row selected with :data:`RUN_COLUMNS`."""
+    """The record of a row selected with :data:`RUN_COLUMNS`; call :func:`wrong_type` with
+    :data:`RUN_TYPES` first."""
     return RunRecord(
         run_id=row[0], incarnation=row[1], status=row[2], created_at=row[3], updated_at=row[4],
         latest_sequence=row[5], checkpoint_count=row[6], expires_at=row[7], version=row[8],
@@ -607,7 +646,7 @@ def _recount(db: sqlite3.Connection, run_key: str, *, damaged: bool) -> None:
     logged only if the counts were wrong). A key still named keeps its item, whatever the
     counts said; a count that only damaged refs held goes, with its item."""
     named = collections.Counter(
-        key for text, in db.execute(_RUN_REFS, (run_key,))
+        key for text, in db.execute(_RUN_REFS, (run_key,)) if isinstance(text, str)
         for key in dict.fromkeys(split_refs(text)))
     counted = _text_keyed(db, run_key, db.execute(_RUN_REF_COUNTS, (run_key,)).fetchall())
     unnamed = [key for key in counted if key not in named]
@@ -665,8 +704,10 @@ def remove(
         db.execute(_DELETE_UP_TO, (run_key, rows[-1][0]))
     else:
         db.executemany(_DELETE_CHECKPOINT, [(run_key, row[0]) for row in rows])
-    unknown = any(row[2] is None for row in rows)
-    encoded = [row[2] for row in rows if row[2] is not None and row[2] != NO_REFS]
+    # Refs that are not text can only be written with the schema's checks off: as unknown
+    # as NULL ones.
+    unknown = any(not isinstance(row[2], str) for row in rows)
+    encoded = [row[2] for row in rows if isinstance(row[2], str) and row[2] != NO_REFS]
     if unknown and db.execute(_COUNTS_REFS, (run_key,)).fetchone():
         # NULL refs in a run that counts some: written by an earlier release for a checkpoint
         # that names none, or overwritten with NULL; what it named is unknown (its counts

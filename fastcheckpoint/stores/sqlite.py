@@ -202,6 +202,22 @@ def _implausible(run: RunRecord) -> str | None:
     return None
 
 
+def _wrong_type(row: Sequence[Any], types: Sequence[tuple[str, Any]]) -> str | None:
+    """Why a row cannot be decoded (a column of another type), or ``None``."""
+    wrong = steps.wrong_type(row, types)
+    return None if wrong is None else f"the row holds a value of another type: {wrong}"
+
+
+def _head_problem(run_key: str, head: steps.Head) -> str | None:
+    """Why the run row an append, a delete or the cleanup reads cannot be used, or ``None``."""
+    wrong = _wrong_type(head, steps.HEAD_TYPES)
+    if wrong is not None:
+        return wrong
+    if _undecodable(head.run_id, head.incarnation, head.status):
+        return "the run record holds text that is not UTF-8"
+    return _foreign(run_key, head.run_id)
+
+
 def _row_problem(run_key: str, run: RunRecord) -> str | None:
     """Why a run row is damaged in itself, whatever its checkpoints say, or ``None``."""
     return _unusable(run_key, run) or _implausible(run)
@@ -225,6 +241,10 @@ def _error_code(exc: sqlite3.Error) -> int | None:
         return code & 0xFF
     text = str(exc).lower()
     return next((code for words, code in _CODES_BY_TEXT if words in text), None)
+
+
+def _finite(value: object) -> TypeGuard[float]:
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _is_sequence(value: object) -> TypeGuard[int]:
@@ -304,6 +324,9 @@ def _problem(run_key: str, row: Sequence[Any] | None, newest: Sequence[Any] | No
     if row is None:
         return None if newest is None else (
             "the run record is missing while checkpoints are in place")
+    wrong = _wrong_type(row, steps.RUN_TYPES)
+    if wrong is not None:
+        return wrong
     run = steps.run_of(row)
     return _row_problem(run_key, run) or _contradiction(
         run_key, run, None if newest is None else (newest[0], newest[1], newest[3]))
@@ -737,9 +760,7 @@ class SQLiteStore(ExpiryCleanup):
 
     def _check_head(self, run_key: str, head: steps.Head) -> steps.Head:
         """The row an append or a delete writes after, refused when it is not the run's."""
-        if _undecodable(head.run_id, head.incarnation, head.status):
-            raise self._damaged_record(run_key, "the run record holds text that is not UTF-8")
-        problem = _foreign(run_key, head.run_id)
+        problem = _head_problem(run_key, head)
         if problem is not None:
             raise self._damaged_record(run_key, problem)
         return head
@@ -970,8 +991,15 @@ class SQLiteStore(ExpiryCleanup):
             return None
         sequence, checkpoint_id, created_at, expires_at, refs, header, payload = row[:7]
         status, run_expires_at, has_run = row[7:]
+        wrong = _wrong_type(row, steps.CHECKPOINT_TYPES)
+        if wrong is not None:
+            raise CorruptCheckpointError(f"checkpoint {sequence!r:.40} of run key {run_key}: "
+                                         f"{wrong}", key=self._key(run_key, sequence))
         if not has_run:
             self._warn_damaged(run_key)
+            status = "active"
+        elif _wrong_type(row[7:], steps.JOINED_RUN_TYPES) is not None:
+            self._warn_damaged(run_key, "holds a value of another type")
             status = "active"
         elif not is_live(run_expires_at, now):
             if not is_live(expires_at, now):
@@ -1021,6 +1049,9 @@ class SQLiteStore(ExpiryCleanup):
                     return [], None
                 self._warn_damaged(run_key)
                 run = ("active", None)
+            elif _wrong_type(run, steps.JOINED_RUN_TYPES) is not None:
+                self._warn_damaged(run_key, "holds a value of another type")
+                run = ("active", None)
             elif not include_expired and not is_live(run[1], now):
                 run = self._expired_status(db, run_key, now)
                 if run is None:
@@ -1040,7 +1071,8 @@ class SQLiteStore(ExpiryCleanup):
                     CheckpointHeader(sequence=sequence, checkpoint_id=checkpoint_id,
                                      created_at=created_at, expires_at=expires_at, header=header)
                     for sequence, checkpoint_id, created_at, expires_at, header in rows
-                    if not self._skipped(run_key, sequence, checkpoint_id)
+                    if not self._skipped(run_key, (sequence, checkpoint_id, created_at,
+                                                   expires_at, header))
                 ]
                 if len(rows) < wanted or len(found) == limit:
                     return found, run[0]
@@ -1057,12 +1089,15 @@ class SQLiteStore(ExpiryCleanup):
             return "active", None
         return None
 
-    def _skipped(self, run_key: str, sequence: int, checkpoint_id: str) -> bool:
-        """Whether a listing leaves out a checkpoint whose id is not UTF-8 (logged)."""
-        if not _undecodable(checkpoint_id):
+    def _skipped(self, run_key: str, row: Sequence[Any]) -> bool:
+        """Whether a listing leaves out a checkpoint's header row (logged): its id is not
+        UTF-8, or a column holds a value of another type."""
+        problem = _wrong_type(row, steps.HEADER_TYPES) or (
+            "it holds an id that is not UTF-8" if _undecodable(row[1]) else None)
+        if problem is None:
             return False
-        logger.warning("sqlite store: %s holds an id that is not UTF-8; left out of the listing",
-                       self._key(run_key, sequence))
+        logger.warning("sqlite store: %s is left out of the listing: %s",
+                       self._key(run_key, row[0]), problem)
         return True
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
@@ -1110,6 +1145,9 @@ class SQLiteStore(ExpiryCleanup):
             if row[-1]:
                 raise self._missing_record(run_key)
             return None
+        wrong = _wrong_type(row, steps.RUN_TYPES)
+        if wrong is not None:
+            raise self._damaged_record(run_key, wrong)
         record = steps.run_of(row)
         if not is_live(record.expires_at, now):
             return None
@@ -1147,6 +1185,9 @@ class SQLiteStore(ExpiryCleanup):
             if row is None:
                 self._check_damage(db, run_key)
                 raise CheckpointNotFound(f"no live run with key {run_key}")
+            wrong = _wrong_type(row, steps.RUN_TYPES)
+            if wrong is not None:
+                raise self._damaged_record(run_key, wrong)
             current = steps.run_of(row)
             if not is_live(current.expires_at, now):
                 raise CheckpointNotFound(f"no live run with key {run_key}")
@@ -1200,20 +1241,24 @@ class SQLiteStore(ExpiryCleanup):
             return [], None
         with self._readers.connection() as db:
             rows = db.execute(query, parameters).fetchall()
-        runs = []
-        for row in rows[:limit]:
-            run = steps.run_of(row)
-            problem = _unusable(row[-1], run)
-            if problem is not None:
-                logger.warning("sqlite store: the run record %s#fc_runs/%s is left out of the "
-                               "listing: %s (fastcheckpoint doctor --repair rebuilds it)",
-                               self._path, row[-1], problem)
-                continue
-            runs.append(run)
+        runs = [run for run in map(self._listed, rows[:limit]) if run is not None]
         if len(rows) <= limit:
             return runs, None
         last = rows[limit - 1]
         return runs, _make_cursor(last[3], last[-1])
+
+    def _listed(self, row: Sequence[Any]) -> RunRecord | None:
+        """The record of a listing's row; ``None`` (logged) for a damaged one."""
+        problem = _wrong_type(row, steps.RUN_TYPES)
+        if problem is None:
+            run = steps.run_of(row)
+            problem = _unusable(row[-1], run)
+            if problem is None:
+                return run
+        logger.warning("sqlite store: the run record %s#fc_runs/%s is left out of the listing: "
+                       "%s (fastcheckpoint doctor --repair rebuilds it)", self._path, row[-1],
+                       problem)
+        return None
 
     async def count_runs(self, *, status: str | None, now: float) -> int:
         if status is not None and not isinstance(status, str):
@@ -1441,7 +1486,7 @@ class SQLiteStore(ExpiryCleanup):
         removed, and not visited again (``due`` cleared) until a repair rebuilds its row."""
         head = steps.Head(*db.execute(steps.HEAD, (run_key,)).fetchone())
         # A row copied over from another run carries that run's expiry, not this one's.
-        problem = _foreign(run_key, head.run_id) or _contradiction(
+        problem = _head_problem(run_key, head) or _contradiction(
             run_key, head, db.execute(steps.NEWEST_ID, (run_key,)).fetchone())
         if problem is None:
             return False
@@ -1494,13 +1539,17 @@ class SQLiteStore(ExpiryCleanup):
         latest sequence raised by hand below the limit is not found: it cannot be told from
         the newest checkpoints deleted (sequences are never taken again)."""
         return [row[-1] for row in db.execute(steps.RUN_SUMMARIES)
-                if _row_problem(row[-1], steps.run_of(row)) is not None]
+                if _problem(row[-1], row, None) is not None]
 
     def _damage(self, db: sqlite3.Connection, run_key: str) -> RunDamage | None:
         row = db.execute(steps.RUN, (run_key,)).fetchone()
         checkpoints = db.execute(steps.NEWEST_FIRST, (run_key,))
         newest = checkpoints.fetchone()
         problem = _problem(run_key, row, newest)
+        if problem is None and row is not None:
+            # The columns only writers read (``immortal``, ``due``) are damage too.
+            problem = _head_problem(
+                run_key, steps.Head(*db.execute(steps.HEAD, (run_key,)).fetchone()))
         if problem is None:
             checkpoints.close()
             return None
@@ -1550,7 +1599,7 @@ class SQLiteStore(ExpiryCleanup):
             created_at = db.execute(steps.CREATED_AT, (run_key, oldest)).fetchone()[0]
             rebuilt = RunRecord(
                 run_id=seed.run_id, incarnation=parsed[1], status=seed.status,
-                created_at=created_at if math.isfinite(created_at) else now,
+                created_at=created_at if _finite(created_at) else now,
                 updated_at=now, latest_sequence=newest[0], checkpoint_count=count,
                 expires_at=None if immortal else latest, version=0, data=bytes(seed.data),
                 labels=seed.labels or kept,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import anyio.to_thread
 import pytest
 
 from fastcheckpoint import CheckpointConfig, CheckpointManager, CheckpointMetadata, _ids
-from fastcheckpoint.errors import CorruptCheckpointError
+from fastcheckpoint.errors import CheckpointError, CorruptCheckpointError
 from fastcheckpoint.stores.sqlite import SQLiteStore
 from fastcheckpoint.testing import T0
 
@@ -306,3 +306,60 @@ async def test_a_run_row_edited_beyond_what_a_run_reaches_is_damage_that_repair_
     assert created.sequence == 2
     assert completed is not None
     assert sorted(run.run_id for run in listed.runs) == ["edited", "other"]
+
+
+_WRONG_TYPES = [
+    ("fc_runs", "latest_sequence", "'x'"), ("fc_runs", "checkpoint_count", "'x'"),
+    ("fc_runs", "immortal", "'x'"), ("fc_runs", "expires_at", "'x'"),
+    ("fc_runs", "created_at", "'x'"), ("fc_runs", "version", "'x'"),
+    ("fc_runs", "data", "'text'"), ("fc_runs", "status", "X'ff'"),
+    ("fc_runs", "run_id", "X'41'"), ("fc_runs", "incarnation", "42"),
+    ("fc_runs", "labels", "X'00'"), ("fc_runs", "due", "'x'"),
+    ("fc_checkpoints", "checkpoint_id", "X'41'"), ("fc_checkpoints", "created_at", "'x'"),
+    ("fc_checkpoints", "expires_at", "'x'"), ("fc_checkpoints", "refs", "X'41'"),
+    ("fc_checkpoints", "header", "'text'"), ("fc_checkpoints", "payload", "'text'"),
+]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # rows of SQLite, not of the loop
+@pytest.mark.parametrize(("table", "column", "value"), _WRONG_TYPES)
+async def test_a_row_of_the_wrong_type_raises_only_checkpoint_errors_and_is_reported(
+    store: SQLiteStore, manager: CheckpointManager, database: Path, table: str, column: str,
+    value: str,
+) -> None:
+    """Every column is typed by a ``CHECK``; a row written with the checks off (``PRAGMA
+    ignore_check_constraints``) is damage: the run's calls raise ``CorruptCheckpointError``
+    or work, never ``TypeError``; listings skip the row and keep the other runs; a damaged
+    run row is reported."""
+    with anyio.fail_after(DEADLINE):
+        for step in range(2):
+            await _create(manager, "A", {"a": step})
+        await _create(manager, "B", {"b": 0})
+
+        def damage() -> None:
+            with contextlib.closing(sqlite3.connect(database)) as db, db:
+                db.execute("PRAGMA ignore_check_constraints = ON")
+                where = " AND sequence = 1" if table == "fc_checkpoints" else ""
+                db.execute(f"UPDATE {table} SET {column} = {value} WHERE run_key = ?{where}",
+                           (_key("A"),))
+
+        await anyio.to_thread.run_sync(damage)
+        damages = await store.damaged_runs(now=T0)
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "restore": lambda: manager.restore("A"),
+            "list_checkpoints": lambda: manager.list_checkpoints("A"),
+            "get_run": lambda: manager.get_run("A"),
+            "create": lambda: manager.create("A", {"a": 9}),
+            "mark_completed": lambda: manager.mark_completed("A"),
+            "count_runs": manager.count_runs,
+            "repair": manager.repair,
+            "prune": lambda: manager.prune("A", 1),
+            "cleanup": manager.cleanup_expired,
+        }
+        for name, call in calls.items():
+            with contextlib.suppress(CheckpointError):
+                await call()
+            listed = await manager.list_runs()
+            assert "B" in [run.run_id for run in listed.runs], name
+    if table == "fc_runs":
+        assert [damage.run_key for damage in damages] == [_key("A")]
