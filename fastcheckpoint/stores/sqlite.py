@@ -363,7 +363,9 @@ def _parse_cursor(cursor: str | None) -> tuple[float, str]:
     if isinstance(cursor, str):
         created, _, run_key = cursor.rpartition("/")
         with contextlib.suppress(ValueError):
-            if is_run_key(run_key) and math.isfinite(float(created)):
+            # -inf: a page that ends on a row whose creation time was edited to it (damage,
+            # which damaged_runs reports) must not break the listing of the rows after it.
+            if is_run_key(run_key) and float(created) < math.inf:
                 return float(created), run_key
     raise ValidationError(f"malformed run listing cursor {cursor!r:.80}")
 

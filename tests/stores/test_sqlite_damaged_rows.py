@@ -363,3 +363,27 @@ async def test_a_row_of_the_wrong_type_raises_only_checkpoint_errors_and_is_repo
             assert "B" in [run.run_id for run in listed.runs], name
     if table == "fc_runs":
         assert [damage.run_key for damage in damages] == [_key("A")]
+
+
+async def test_a_listing_pages_past_rows_whose_creation_time_was_edited_to_minus_infinity(
+    store: SQLiteStore, manager: CheckpointManager, database: Path,
+) -> None:
+    """A page that ends on such a row hands out a cursor naming -inf: the next page must be
+    read from it, not refused as malformed."""
+    with anyio.fail_after(DEADLINE):
+        for run_id in ("a", "b", "c"):
+            await _create(manager, run_id, {"x": 0})
+        for run_id in ("a", "b"):
+            await _sql(database, "UPDATE fc_runs SET created_at = ? WHERE run_key = ?",
+                       float("-inf"), _key(run_id))
+        listed: list[str] = []
+        cursor: str | None = None
+        for _ in range(5):
+            page = await manager.list_runs(limit=1, cursor=cursor)
+            listed += [run.run_id for run in page.runs]
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        damages = await store.damaged_runs(now=T0)
+    assert sorted(listed) == ["a", "b", "c"]
+    assert sorted(damage.run_key for damage in damages) == sorted([_key("a"), _key("b")])
