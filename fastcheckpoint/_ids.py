@@ -61,6 +61,22 @@ def run_key(run_id: str) -> str:
     return _b32(digest)
 
 
+def foreign_run(key: str, run_id: str) -> str | None:
+    """Why a run record naming ``run_id`` does not belong at run key ``key``, or ``None``.
+
+    Every store's rule for a record it reads at a run's key: the run id it names maps to that
+    key. One copied over from another run names that run, and used as this one's it would
+    hand out this key's checkpoint ids in the other run's incarnation and list the other run
+    twice: it is damage (writers refuse it, listings skip it, repair rebuilds it). The phrase
+    follows the store's name for the record ("the run row names another run ...")."""
+    try:
+        if run_key(run_id) == key:
+            return None
+    except UnicodeEncodeError:
+        return "names a run id that is not UTF-8 text"
+    return f"names another run ({run_id[:80]!r}), copied over from it"
+
+
 def key_of(run_id: object) -> str:
     """Validate ``run_id`` and return its run key (:class:`ValidationError` if unacceptable).
 

@@ -231,12 +231,10 @@ def decode_run_of(blob: bytes, where: str, *, run_key: str) -> RunState:
     """The run object read from ``run_key``'s key; one of a run whose id has another key (a
     run object copied over this one) is corrupt."""
     state = decode_run(blob, where)
-    if _ids.run_key(state.run_id) != run_key:
-        raise CorruptCheckpointError(
-            f"run object of run {state.run_id[:80]!r} (run key {_ids.run_key(state.run_id)}) "
-            f"found where run key {run_key!r} belongs",
-            key=where,
-        )
+    problem = _ids.foreign_run(run_key, state.run_id)
+    if problem is not None:
+        raise CorruptCheckpointError(f"the run object of run key {run_key} {problem}",
+                                     key=where)
     return state
 
 

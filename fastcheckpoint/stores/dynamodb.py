@@ -291,10 +291,9 @@ def _record_problem(item: Mapping[str, Any]) -> str | None:
 
 
 def _foreign(run_key: str, record: RunRecord) -> str | None:
-    """Why a run record does not belong at ``run_key`` (copied from another run), or ``None``."""
-    if _ids.run_key(record.run_id) == run_key:
-        return None
-    return f"it names another run ({record.run_id[:80]!r}), copied over from it"
+    """Why a run item does not belong at ``run_key`` (copied from another run), or ``None``."""
+    problem = _ids.foreign_run(run_key, record.run_id)
+    return None if problem is None else f"the run item {problem}"
 
 
 def _state_of(item: Mapping[str, Any], where: str, run_key: str) -> _RunState:

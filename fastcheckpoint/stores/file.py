@@ -1720,11 +1720,11 @@ def _check_own_run(run: RunRecord, run_key: str, where: str) -> None:
     """Raise :class:`CorruptCheckpointError` naming ``where`` unless ``run`` is of
     ``run_key``: a record of another run read as this one's would hand out checkpoint ids of
     this key in the other run's incarnation, and list the other run in its place."""
-    found = _ids.run_key(run.run_id)
-    if found != run_key:
+    problem = _ids.foreign_run(run_key, run.run_id)
+    if problem is not None:
         raise CorruptCheckpointError(
-            f"run.rec is the record of another run (run key {found}), not of run key "
-            f"{run_key}: another run's log or directory copied in", key=where)
+            f"run.rec of run key {run_key} {problem} (another run's log or directory copied "
+            "in)", key=where)
 
 
 def _problem(exc: CorruptCheckpointError) -> str:

@@ -201,15 +201,6 @@ def _decoded(raw: bytes | None, what: str, where: str) -> str:
         raise CorruptCheckpointError(f"{what} is not UTF-8 text", key=where) from exc
 
 
-def _foreign(run_key: str, run_id: str) -> str | None:
-    """Why a run row does not belong at ``run_key`` (copied over from another run), or
-    ``None``. The run key is a hash of the run id, which the server cannot compute: the store
-    checks it on every row it reads for a run."""
-    if _ids.run_key(run_id) == run_key:
-        return None
-    return f"names another run ({run_id[:80]!r}), copied over from it"
-
-
 def _out_of_range(exc: StoreError) -> bool:
     """Whether ``exc`` is a bigint counter of a run row that cannot go up (a version or
     count written behind the store's back: no create or status change reaches the limit)."""
@@ -539,9 +530,10 @@ class PostgresStore(ExpiryCleanup):
 
     def _owned_run(self, row: asyncpg.Record) -> RunRecord:
         """The run record of ``row`` (run columns), :class:`CorruptCheckpointError` when the
-        row names another run than its run key's."""
+        row names another run than its run key's (the run key is a hash of the run id, which
+        the server cannot compute: the store checks it on every row it reads for a run)."""
         record = self._run_record(row)
-        problem = _foreign(row[11], record.run_id)
+        problem = _ids.foreign_run(row[11], record.run_id)
         if problem is not None:
             raise CorruptCheckpointError(
                 f"the run row of run key {row[11]} {problem}; {_REMEDY}",
@@ -978,7 +970,7 @@ class PostgresStore(ExpiryCleanup):
         problem = row[1]
         if isinstance(row[8], bytes):
             with contextlib.suppress(UnicodeDecodeError):  # the server reports that
-                problem = _foreign(row[0], row[8].decode("utf-8")) or problem
+                problem = _ids.foreign_run(row[0], row[8].decode("utf-8")) or problem
         if problem is None:
             return None
         newest = None if row[3] is None else CheckpointHeader(
@@ -999,7 +991,7 @@ class PostgresStore(ExpiryCleanup):
         labels = [_utf8(label, "a label") for label in check_labels(seed.labels)]
         if not isinstance(seed.run_id, str) or not isinstance(seed.data, bytes):
             raise ValidationError("the seed needs a str run_id and bytes data")
-        if _foreign(run_key, seed.run_id) is not None:
+        if _ids.foreign_run(run_key, seed.run_id) is not None:
             # The function takes the seed's run id for the run's own (a row naming another
             # is damage it rebuilds).
             raise ValidationError(

@@ -173,11 +173,10 @@ def _bad_run_text(run: RunRecord) -> bool:
 
 
 def _foreign(run_key: str, run_id: str) -> str | None:
-    """Why a run row does not belong at ``run_key`` (every store's rule: a run record's run id
-    maps to the key it sits at; one copied over from another run does not), or ``None``."""
-    if _ids.run_key(run_id) == run_key:
-        return None
-    return f"the run record names another run ({run_id!r:.80}): it was copied over from it"
+    """Why a run row does not belong at ``run_key`` (copied over from another run), or
+    ``None``."""
+    problem = _ids.foreign_run(run_key, run_id)
+    return None if problem is None else f"the run record {problem}"
 
 
 def _unusable(run_key: str, run: RunRecord) -> str | None:
