@@ -94,8 +94,13 @@ class BlockingManager:
 
     def start(self) -> None:
         """Start the manager's cleanup loop (removes expired checkpoints) on the facade's
-        loop; :meth:`close` stops it."""
+        loop; :meth:`stop` or :meth:`close` stops it."""
         self._call(self._manager.start)
+
+    def stop(self) -> None:
+        """Stop the cleanup loop and wait until it has ended; the store stays open (unlike
+        :meth:`close`), so the facade goes on working and may :meth:`start` again."""
+        self._call(self._manager.stop)
 
     def close(self) -> None:
         """Stop the cleanup loop, close the manager's store, stop the facade's own loop

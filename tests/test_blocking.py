@@ -8,11 +8,20 @@ import asyncio
 import inspect
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+import anyio
 import pytest
 
-from fastcheckpoint import CheckpointConfig, CheckpointManager, CheckpointStatus, FileStore
+from fastcheckpoint import (
+    CheckpointConfig,
+    CheckpointManager,
+    CheckpointStatus,
+    CheckpointStore,
+    FileStore,
+)
 from fastcheckpoint.blocking import BlockingManager
 from fastcheckpoint.errors import (
     CheckpointError,
@@ -20,9 +29,19 @@ from fastcheckpoint.errors import (
     StoreError,
     ValidationError,
 )
-from tests._helpers import FakeClock
+from tests._helpers import FakeClock, ForwardingStore
 
-_NOT_MIRRORED = {"start", "stop", "aclose"}  # lifecycle: start() and close() instead
+_T = TypeVar("_T")
+
+_NOT_MIRRORED = {"aclose"}  # close() instead: see _RENAMED
+_RENAMED = {
+    # A blocking close(), as synchronous resources name it; it also stops the facade's own
+    # loop thread. (Likewise `with` stands for `async with`, but leaving it closes the store.)
+    "aclose": "close",
+}
+_BLOCKING_ONLY = {
+    "manager": "the async manager underneath, for async code beside the facade",
+}
 
 
 def _coroutine_methods() -> list[str]:
@@ -154,3 +173,75 @@ def test_a_loop_thread_that_cannot_start_is_a_store_error(
         assert restored.state == {"a": 1}
     finally:
         manager.close()
+
+
+def _public_names(cls: type) -> set[str]:
+    return {name for name in dir(cls) if not name.startswith("_")}
+
+
+def test_every_public_name_of_the_manager_has_a_blocking_counterpart() -> None:
+    """Methods, properties and class methods alike; the exceptions are listed above, each
+    with its reason, so a new manager method cannot be left out unnoticed."""
+    expected = {_RENAMED.get(name, name) for name in _public_names(CheckpointManager)}
+    assert _public_names(BlockingManager) - set(_BLOCKING_ONLY) == expected
+
+
+class _HeldCleanup(ForwardingStore):
+    """A cleanup pass that waits until it is cancelled, and says when it started and ended."""
+
+    def __init__(self, inner: CheckpointStore) -> None:
+        super().__init__(inner)
+        self.passes = 0
+        self.started = threading.Event()
+        self.ended = threading.Event()
+
+    async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
+        self.passes += 1
+        self.ended.clear()
+        self.started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self.ended.set()
+        raise AssertionError("not reached")
+
+
+def _within(seconds: float, call: Callable[[], _T]) -> _T:
+    """``call()`` on a thread of its own, failing the test if it has not returned in time."""
+    results: list[_T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(call())
+        except BaseException as exc:  # re-raised below, on the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{call} did not return within {seconds}s"
+    if errors:
+        raise errors[0]
+    return results[0]
+
+
+def test_stop_ends_the_cleanup_loop_and_leaves_the_store_open(tmp_path: Path) -> None:
+    """``start()`` runs the cleanup loop; ``stop()`` cancels it and returns once it has
+    ended, without closing the store: the facade goes on working and can start again."""
+    store = _HeldCleanup(FileStore(tmp_path))
+    manager = BlockingManager(CheckpointManager(store))
+    try:
+        _within(5, manager.start)
+        assert store.started.wait(5)
+        _within(5, manager.stop)
+        assert store.ended.is_set()  # the pass was cancelled before stop() returned
+        _within(5, manager.stop)  # stopping a stopped loop is harmless
+        assert _within(5, lambda: manager.create("run", {"a": 1})) is not None
+        store.started.clear()
+        _within(5, manager.start)
+        assert store.started.wait(5)
+        assert store.passes == 2
+    finally:
+        _within(10, manager.close)
+    assert store.ended.is_set()
