@@ -113,6 +113,7 @@ def _run_init(args: argparse.Namespace) -> int:
         return _fail(without_password(str(exc), args.url), EXIT_STORE)
     except ValueError as exc:  # a URL too malformed to take apart
         return _fail(f"bad store URL {shown!r}: {exc}", EXIT_USAGE)
+    _note_if_private(args.url)
     if args.json:
         _print_json({"store": shown, "provisioned": provisioned, "actions": done})
     elif not provisioned:
@@ -228,6 +229,21 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _note_if_private(url: str) -> None:
+    """Say on stderr that a ``memory://`` store is empty: each command opens its own, so
+    what it lists, finds or removes there is nothing an application or another command
+    wrote. A note, not an error: the command does what it says, on that empty store."""
+    if "://" not in url or urlsplit(url).scheme.lower() != "memory":
+        return
+    shown = _shown(url)
+    mode = os.environ.get("CHECKPOINT_MODE", "").strip().lower()
+    if not os.environ.get("FASTCHECKPOINT_URL") and mode == "development":
+        shown += " (what CHECKPOINT_MODE=development means)"
+    print(f"note: {shown} is a store in this command's own memory: it starts empty and is "
+          "gone when the command ends, so it holds no run of an application or of another "
+          "command. Use a store they share: file://, sqlite:// or redis://", file=sys.stderr)
+
+
 class _Progress:
     """A one-line count on stderr while a long command runs, only when a person watches.
 
@@ -332,11 +348,10 @@ async def _runs(manager: CheckpointManager, args: argparse.Namespace) -> int:
 
 def _pending(run: RunInfo, now: float, width: int = _REQUEST_WIDTH) -> tuple[str, str, str]:
     """When the run's approval request was made, how long it has waited, the request."""
-    approval = run.approval or {}
-    requested_at = approval.get("requested_at")
-    if not isinstance(requested_at, (int, float)):
+    requested_at = _asked_at(run)
+    if requested_at is None:
         return "-", "-", "-"
-    request = _flat(json_text(approval.get("request")))
+    request = _flat(json_text((run.approval or {}).get("request")))
     return when(requested_at), _duration(now - requested_at), _clipped(request, width)
 
 
@@ -431,10 +446,14 @@ async def _history(manager: CheckpointManager, args: argparse.Namespace) -> int:
     if run.error:
         print(f"error: {run.error}")
     print()
-    _table(("AT", "STATUS", "BY", "NOTE"),
-           [(when(run.created_at), CheckpointStatus.ACTIVE.value, "", "run started")]
-           + [(when(c.at), c.status.value, c.actor or "", c.note) for c in run.history],
-           sys.stdout)
+    # Only the recorded status changes, as every export holds them: a row made up for the
+    # run's start would be one the JSON export and RunInfo.history do not have.
+    if run.history:
+        _table(("AT", "STATUS", "BY", "NOTE"),
+               [(when(c.at), c.status.value, c.actor or "", c.note) for c in run.history],
+               sys.stdout)
+    else:
+        print("no status change since the run was created")
     print()
     # Streamed a page at a time, so a run of any length prints in constant memory: the
     # columns before the free text have widths known in advance.
@@ -554,12 +573,15 @@ async def _fork(manager: CheckpointManager, args: argparse.Namespace) -> int:
 
 async def _decide(manager: CheckpointManager, args: argparse.Namespace) -> int:
     requested_at = await _requested_at(manager, args.run, args.requested_at)
-    if args.command == "approve":
-        run = await manager.approve(args.run, approver=args.approver, comment=args.comment,
-                                    requested_at=requested_at)
-    else:
-        run = await manager.reject(args.run, approver=args.approver, reason=args.reason,
-                                   requested_at=requested_at)
+    try:
+        if args.command == "approve":
+            run = await manager.approve(args.run, approver=args.approver,
+                                        comment=args.comment, requested_at=requested_at)
+        else:
+            run = await manager.reject(args.run, approver=args.approver, reason=args.reason,
+                                       requested_at=requested_at)
+    except ConflictError as refused:
+        return _fail(await _refusal(manager, args, requested_at, refused), EXIT_CONFLICT)
     if args.json:
         _print_json(run.to_dict())
     else:
@@ -578,13 +600,54 @@ async def _requested_at(
     time is passed, else the time given, which the manager refuses as another request."""
     if given is None or isinstance(given, float):
         return given
-    run = await manager.get_run(run_id)
-    pending = None if run is None else (run.approval or {}).get("requested_at")
-    if isinstance(pending, (int, float)) and not isinstance(pending, bool) and (
-        when(pending) == when(given.timestamp())
-    ):
-        return float(pending)
+    pending = _asked_at(await manager.get_run(run_id))
+    if pending is not None and when(pending) == when(given.timestamp()):
+        return pending
     return given.timestamp()
+
+
+async def _refusal(
+    manager: CheckpointManager, args: argparse.Namespace, requested_at: float | None,
+    refused: ConflictError,
+) -> str:
+    """What to say of a refused decision: the manager's reason, unless the run awaits
+    another request than the one ``requested_at`` names (then :func:`_other_request`)."""
+    try:
+        other = await _other_request(manager, args.run, requested_at)
+    except CheckpointError:  # the refusal stands, and its own message says why
+        other = None
+    return without_password(str(refused), args.store_url) if other is None else other
+
+
+async def _other_request(
+    manager: CheckpointManager, run_id: str, requested_at: float | None
+) -> str | None:
+    """Why a decision pinned to ``requested_at`` was refused, when the run awaits another
+    request: both times as ``runs`` and ``show`` print them, with the epoch seconds of
+    ``runs --json`` beside them (two requests may show alike to the microsecond). None when
+    the refusal was about something else (the run is not paused)."""
+    if requested_at is None:
+        return None
+    run = await manager.get_run(run_id)
+    pending = _asked_at(run)
+    paused = run is not None and run.status is CheckpointStatus.PAUSED
+    if not paused or pending is None or pending == requested_at:
+        return None
+    return (f"run {run_id!r} awaits the request made at {_time_both_ways(pending)}, not the "
+            f"one made at {_time_both_ways(requested_at)}; read the run again before deciding "
+            "(fastcheckpoint runs --status paused)")
+
+
+def _asked_at(run: RunInfo | None) -> float | None:
+    """When the run's latest approval request was made (its ``requested_at``), if any."""
+    asked = None if run is None else (run.approval or {}).get("requested_at")
+    if isinstance(asked, (int, float)) and not isinstance(asked, bool):
+        return float(asked)
+    return None
+
+
+def _time_both_ways(epoch: float) -> str:
+    return f"{when(epoch)} ({epoch!r})"
 
 
 async def _prune(manager: CheckpointManager, args: argparse.Namespace) -> int:
@@ -809,14 +872,28 @@ def _store_of(args: argparse.Namespace) -> str:
         args.run, target = _as_typed(target), None
     if args.command == "doctor" and args.run and not args.repair:
         raise _UsageError("a RUN goes with --repair (doctor --repair URL RUN)")
+    if not (target or args.url or _environment_names_a_store()):
+        raise _UsageError(_NO_STORE.format(
+            argument="the URL (doctor URL), " if args.command == "doctor" else ""))
     return _url_argument(str(target or args.url or store_url_from_env(os.environ)))
+
+
+# Examples a shell can use: a memory:// store would be empty in every command.
+_NO_STORE = ("no store given: pass {argument}--url URL or set FASTCHECKPOINT_URL, e.g. "
+             "file:///var/lib/ckpt, sqlite:///runs.db or redis://localhost:6379/0")
+
+
+def _environment_names_a_store() -> bool:
+    """Whether ``FASTCHECKPOINT_URL`` or ``CHECKPOINT_MODE`` is set: the environment then
+    names the store, or :func:`store_url_from_env` says what is wrong with it."""
+    return bool(os.environ.get("FASTCHECKPOINT_URL")
+                or os.environ.get("CHECKPOINT_MODE", "").strip())
 
 
 def _names_a_run(target: str) -> bool:
     """Whether ``doctor --repair TARGET`` names a run of the environment's store rather than
     a store: the environment names one, and TARGET is no URL and no path that exists."""
-    env_store = os.environ.get("FASTCHECKPOINT_URL") or os.environ.get("CHECKPOINT_MODE")
-    return bool(env_store) and "://" not in target and not os.path.lexists(target)
+    return _environment_names_a_store() and "://" not in target and not os.path.lexists(target)
 
 
 class _UsageError(Exception):
@@ -856,6 +933,9 @@ def _on_store(action: Action) -> Callable[[argparse.Namespace], int]:
             return _fail(str(exc), EXIT_USAGE)
         except ConfigurationError as exc:
             return _fail(without_password(str(exc), args.store_url), EXIT_USAGE)
+        # doctor's probe is written and read back in this process: it means what it says.
+        if args.command != "doctor" or args.repair:
+            _note_if_private(args.store_url)
 
         async def go() -> int:
             try:
