@@ -33,7 +33,9 @@ the larger of ``ls`` and the newest logged sequence), so a replayed or damaged r
 neither hide live checkpoints nor make an append overwrite one; appends are also create-only
 at their slot. A run hash that cannot be used while its log holds live checkpoints is
 *damaged* (see ``load_run``): reads still return the checkpoints (status ``active``), writes
-answer ``{'damaged', problem}`` and change nothing.
+answer ``{'damaged', problem}`` and change nothing. A checkpoint whose id names another run (its
+hash swapped in from that run) is damage of that checkpoint alone: the record is judged by the
+run's own newest checkpoint, and a rebuild takes its incarnation from it.
 
 Shared items. A checkpoint's refs (item keys) are kept in ``cr`` rather than in the checkpoint
 hash, because that hash may expire natively before its log entry is dropped: every removal of a
@@ -562,9 +564,29 @@ local function is_label_list(blob)
   return count == #list
 end
 
--- The incarnation a checkpoint id names, or nil (an edited id names none).
-local function id_incarnation(id)
-  return id and string.match(id, '^ck%-[a-z2-7]+%-([a-z2-7]+)%-%d+$')
+-- The incarnation a checkpoint id of this run names, or nil: an edited id names none, and one
+-- of another run (its hash swapped in from that run) says nothing of this run. Such a
+-- checkpoint is damage of its own, which reads refuse; the run goes on from its own ones.
+local function own_incarnation(id)
+  return id and string.match(id, '^ck%-' .. RUN_KEY .. '%-([a-z2-7]+)%-%d+$')
+end
+
+-- How many of the newest logged checkpoints load_run looks through for the run's own newest
+-- one. Beyond the first only when the newest is not the run's own (another run's swapped in,
+-- an edited id, a vanished key): a fixed bound keeps every call O(1). A run whose newest
+-- checkpoints are all not its own within the bound is not judged by its log, as when its
+-- log names no incarnation; its record is still judged by everything else.
+local OWN_PROBE = 16
+
+-- The incarnation of the run's newest own checkpoint among the OWN_PROBE newest, or nil.
+local function newest_own_incarnation(top)
+  local incarnation = own_incarnation(field(ckey(top), 'i'))
+  if incarnation then return incarnation end
+  for _, sequence in ipairs(redis.call('ZREVRANGE', KEYS[2], 1, OWN_PROBE - 1)) do
+    incarnation = own_incarnation(field(ckey(sequence), 'i'))
+    if incarnation then return incarnation end
+  end
+  return nil
 end
 
 -- Why the record r cannot be used, or nil. `top` is the newest logged sequence. What it
@@ -583,7 +605,7 @@ local function record_problem(r, top)
     return 'has no valid index member'
   end
   if not top then return nil end
-  local logged = id_incarnation(field(ckey(top), 'i'))
+  local logged = newest_own_incarnation(top)
   if logged and logged ~= r.inc then
     return 'names incarnation ' .. r.inc .. ' but its newest checkpoint belongs to ' .. logged
   end
@@ -748,19 +770,21 @@ local function drop_run(keep_unowned_items)
 end
 
 -- Whether the header fields f = {id, created, expires, stored sequence} of checkpoint
--- `sequence` are what RedisStore._header reads (by a rule no looser than the client's): a
--- rebuilt record is seeded from such a checkpoint.
+-- `sequence` are what RedisStore._header reads (by a rule no looser than the client's), and
+-- its id is the run's own: a rebuilt record is seeded from such a checkpoint.
 local function readable_header(sequence, f)
-  return string.match(sequence, '^%d+$') ~= nil and id_incarnation(f[1]) ~= nil
+  return string.match(sequence, '^%d+$') ~= nil and own_incarnation(f[1]) ~= nil
     and is_decimal(f[2]) and (not f[3] or f[3] == '' or is_decimal(f[3]))
     and (not f[4] or f[4] == sequence)
 end
 
--- Checkpoints of the log whose keys still hold an id, newest first: count, newest sequence,
--- oldest created_at ('' when none is readable), the incarnation the newest id naming one
--- names, and the newest sequence whose header fields are readable (readable_header). Log
--- entries whose key is gone are collected in `stale`. An edited created_at is passed over: a
--- rebuilt record must be readable.
+-- Checkpoints of the log whose keys still hold an id, newest first: count, newest sequence
+-- (whoever's: the next append takes the one after it), oldest created_at of the run's own
+-- ('' when none is readable), the incarnation of the newest of the run's own, and the newest
+-- sequence whose header fields are readable (readable_header). A checkpoint of another run
+-- swapped in is counted (it is held) but names neither. Log entries whose key is gone are
+-- collected in `stale`. An edited created_at is passed over: a rebuilt record must be
+-- readable.
 local function intact(stale)
   local count, newest, oldest, incarnation, readable = 0, nil, '', nil, nil
   for _, sequence in ipairs(redis.call('ZREVRANGE', KEYS[2], 0, -1)) do
@@ -772,9 +796,10 @@ local function intact(stale)
     else
       count = count + 1
       newest = newest or sequence
-      incarnation = incarnation or id_incarnation(f[1])
+      local own = own_incarnation(f[1])
+      incarnation = incarnation or own
       if not readable and readable_header(sequence, f) then readable = sequence end
-      if is_decimal(f[2]) then oldest = f[2] end
+      if own and is_decimal(f[2]) then oldest = f[2] end
     end
   end
   return count, newest, oldest, incarnation, readable

@@ -1373,9 +1373,10 @@ class RedisStore(ExpiryCleanup):
         return sorted(found)
 
     async def _inspect(self, run_key: str, now: float) -> RunDamage | None:
-        """The run's damage, if any. A corrupt newest checkpoint is named in the problem, and
-        the newest readable one is reported instead (``None`` when none is): one run's
-        damage never fails the search for the others."""
+        """The run's damage, if any. A newest checkpoint that is corrupt, or one of another
+        run swapped in, is named in the problem, and the newest readable one of the run's own
+        is reported instead (``None`` when none is): one run's damage never fails the search
+        for the others."""
         reply = await self._run("inspect", run_key, now, [])
         if not reply[0] and len(reply) > 11:
             # The record is fine, but the cleanup loop skips the run while a key holds another
@@ -1391,21 +1392,34 @@ class RedisStore(ExpiryCleanup):
         if len(reply) > 11 and not reply[10]:
             problem += f"; nothing can be rebuilt from the run's log: {_foreign_key(reply[11:])}"
         elif int(reply[1]) > 0:
-            try:
-                newest = self._header(base, [reply[2], *reply[3:8]])
-            except CorruptCheckpointError as exc:
-                problem += f"; its newest checkpoint is corrupt too: {exc}"
-                newest = self._readable_newest(base, reply)
+            problem += self._passed_over(run_key, base, reply)
+            newest = self._readable_newest(base, reply)
         return RunDamage(run_key=run_key, key=keys[0], problem=problem,
                          checkpoints=int(reply[1]), newest=newest)
 
-    def _readable_newest(self, base: str, reply: Sequence[Any]) -> CheckpointHeader | None:
-        """The newest checkpoint whose header the inspect script found readable, after the
-        newest one proved corrupt, or ``None`` when no checkpoint is readable."""
-        if not reply[10] or reply[10] == reply[2]:
-            return None
+    def _passed_over(self, run_key: str, base: str, reply: Sequence[Any]) -> str:
+        """Why the inspect script passed over the newest checkpoint in the log for the
+        newest readable one of the run's own (``''`` when it did not)."""
+        if reply[10] == reply[2]:
+            return ""
         try:
-            return self._header(base, [reply[10], *reply[11:16]])
+            header = self._header(base, [reply[2], *reply[3:8]])
+        except CorruptCheckpointError as exc:
+            return f"; its newest checkpoint is corrupt too: {exc}"
+        where = f"{base}c:{_shown(reply[2])}"
+        if not header.checkpoint_id.startswith(f"ck-{run_key}-"):
+            return (f"; its newest checkpoint {where} has an id of another run "
+                    f"({header.checkpoint_id[:80]!r}: swapped in from it), passed over")
+        return f"; its newest checkpoint {where} has fields a rebuild cannot read, passed over"
+
+    def _readable_newest(self, base: str, reply: Sequence[Any]) -> CheckpointHeader | None:
+        """The newest checkpoint of the run's own whose header the inspect script found
+        readable, or ``None`` when none is."""
+        if not reply[10]:
+            return None
+        fields = reply[2:8] if reply[10] == reply[2] else [reply[10], *reply[11:16]]
+        try:
+            return self._header(base, fields)
         except CorruptCheckpointError:  # the script's rule is the stricter; never expected
             _log.warning("no readable checkpoint to rebuild %s from", base, exc_info=True)
             return None
@@ -1421,14 +1435,15 @@ class RedisStore(ExpiryCleanup):
             if int(reply[1]) == 0:
                 raise CheckpointNotFound(
                     f"run key {run_key} holds no intact checkpoint to rebuild its record from")
-            keys, base = self._run_keys(run_key)
+            keys, _ = self._run_keys(run_key)
             incarnation, oldest = _text(reply[9]), reply[8]
             if not incarnation:
+                # Not a failure of the store: like a run without checkpoints, nothing is left
+                # to rebuild from, and a repair reports the run and goes on with the others.
                 newest_id = bytes(reply[3]).decode("utf-8", "replace")
-                raise CorruptCheckpointError(
-                    f"no checkpoint id of run key {run_key} names an incarnation (the newest "
-                    f"is {newest_id[:80]!r}) to rebuild its record from",
-                    key=f"{base}c:{_shown(reply[2])}")
+                raise CheckpointNotFound(
+                    f"no checkpoint of run key {run_key} has an id of that run (the newest "
+                    f"is {newest_id[:80]!r}) to rebuild its record from")
             if not oldest or not reply[10]:
                 raise CorruptCheckpointError(
                     f"no intact checkpoint of run key {run_key} has a readable creation time "
