@@ -398,6 +398,9 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         matches ``None``), ``before`` those whose id sorts before its ``checkpoint_id``
         (LangGraph's ids sort by time), ``limit`` counts what is returned. Metadata is read
         from the headers: only matching checkpoints are read whole, one store call each.
+        A checkpoint that cannot be read (a damaged record, value or write) is logged and
+        skipped, and the listing goes on: the older ones are what a user resumes from then
+        (``aget_tuple`` of it still raises ``CorruptCheckpointError``).
         """
         wanted = _filter(filter)
         before_id = None if before is None else _checkpoint_id(before)
@@ -988,10 +991,26 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
                 continue
             if not await ahead.rebuilds_whole(stored.sequence, extra):
                 continue  # kept only for what newer checkpoints rebuild from: it reads short
+            found = await self._listed_tuple(where, stored, extra)
+            if found is not None:
+                yield found
+
+    async def _listed_tuple(
+        self, where: _Where, stored: CheckpointHeader, extra: LangGraphHeader
+    ) -> CheckpointTuple | None:
+        """A listed checkpoint read whole; ``None`` when it was pruned since its header was
+        read, or is damaged (its payload, a value or write it holds): logged, as one
+        checkpoint (a value several share: each of them) must not hide the others from
+        ``aget_state_history``, which a user reads precisely then. Only this read is
+        guarded: an error of the header pages read ahead would end them, and with them the
+        listing, as if the run's checkpoints ended there."""
+        try:
             found = await self._store.read_with_items(
                 where.key, sequence=stored.sequence, now=self._now())
-            if found is not None:  # else pruned since the header was read
-                yield await self._tuple(where, *found)
+            return None if found is None else await self._tuple(where, *found)
+        except CorruptCheckpointError as exc:
+            _skipped(where, stored, exc, extra.checkpoint_id)
+            return None
 
     async def _decoded_headers(
         self, where: _Where, headers: AsyncIterator[CheckpointHeader]
@@ -1000,8 +1019,8 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             place = f"run {where.run_id[:80]!r} sequence {stored.sequence} (header)"
             try:
                 _, extra = self._headers_of(where, stored, place)
-            except CorruptCheckpointError:
-                logger.warning("skipping an unreadable checkpoint header", exc_info=True)
+            except CorruptCheckpointError as exc:
+                _skipped(where, stored, exc)
                 continue
             yield stored, extra
 
@@ -2637,6 +2656,17 @@ class _Capable(CheckpointStore, SupportsLabels, SupportsSharedItems, Protocol):
 
 
 # -- configs and arguments -------------------------------------------------------------------
+
+
+def _skipped(
+    where: _Where, stored: CheckpointHeader, error: CorruptCheckpointError,
+    langgraph_id: str | None = None,
+) -> None:
+    """Log a checkpoint a read of several passes over, as the manager's listings do."""
+    logger.warning(
+        "skipping damaged checkpoint %s (LangGraph checkpoint %s, thread %r, namespace "
+        "%r): %s", stored.checkpoint_id[:120], langgraph_id or "unknown",
+        where.thread_id[:80], where.checkpoint_ns[:80], error)
 
 
 def _where(config: object) -> _Where:
