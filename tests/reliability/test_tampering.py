@@ -146,10 +146,17 @@ async def test_a_record_swapped_in_from_another_run_is_never_returned(
         foreign = _only_run(run_a, await manager.list_checkpoints(run_a))
         others = await _intact(manager, a[:newest] + b)
         await _listing_and_cleanup_work(manager, [run_b])
+        # The swapped record stops nothing but itself: the run goes on after it (SQLite and
+        # Redis refused every create for good, judging the run by the other run's checkpoint).
+        after = await manager.create(run_a, state_for("a/after"), force=True)
+        resumed = await manager.restore(run_a)
     assert by_id is None, f"restore_from of the swapped record: {by_id}"
     assert latest is None, f"restore of the run: {latest}"
     assert not foreign, f"run {run_a!r} lists another run's checkpoints: {foreign}"
     assert not others, others
+    assert after.metadata.sequence == CHECKPOINTS
+    assert resumed is not None
+    assert (resumed.checkpoint_id, resumed.state) == (after.checkpoint_id, state_for("a/after"))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random bytes"])
