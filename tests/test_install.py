@@ -179,6 +179,32 @@ async def read_back(directory: Path, run_id: str) -> tuple[list[str], Checkpoint
     return [meta.step_name for meta in reversed(history)], run.status if run else None
 
 
+PUBLIC_NAMES = """
+    import fastcheckpoint
+    from fastcheckpoint import *
+    from fastcheckpoint import MAX_TTL_SECONDS, SQLiteStore
+    print(hasattr(fastcheckpoint, "RedisStore"), hasattr(fastcheckpoint, "SQLiteStore"))
+    print(*sorted(name for name in dir(fastcheckpoint) if name.endswith("Store")))
+    try:
+        from fastcheckpoint import PostgresStore
+    except fastcheckpoint.ConfigurationError as exc:
+        print(exc)
+"""
+
+
+def test_no_extras_star_import_and_hasattr_skip_the_stores_of_extras(
+    venvs: dict[str, Venv]
+) -> None:
+    result = venvs["none"].script(PUBLIC_NAMES)
+
+    assert result.returncode == 0, result.stderr
+    found, listed, refused = result.stdout.splitlines()
+    assert found == "False True"
+    assert listed.split() == ["CheckpointStore", "FileCheckpointStore", "FileStore",
+                              "InMemoryCheckpointStore", "MemoryStore", "SQLiteStore"]
+    assert "pip install 'fastcheckpoint[postgres]'" in refused
+
+
 def test_no_extras_cli_help(venvs: dict[str, Venv]) -> None:
     venv = venvs["none"]
     result = venv.command([str(venv.path / "bin" / "fastcheckpoint"), "--help"])
