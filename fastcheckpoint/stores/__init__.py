@@ -5,10 +5,13 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import os
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
 from fastcheckpoint._config import RetryPolicy, check_setting_text
+from fastcheckpoint._urls import without_password
 from fastcheckpoint.errors import ConfigurationError
 from fastcheckpoint.stores._base import (
     EMPTY_RUN,
@@ -214,21 +217,63 @@ _ENTRY_POINTS: set[str] = set()
 """Schemes found through entry points: whether they are remote is read from their class."""
 
 
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def checked_store_url(url: str) -> str:
+    """The URL ``open_store`` opens for ``url``: a plain path (anything without ``://``) with
+    a leading ``~`` expanded as the shell would. A known scheme followed by ``:`` but not
+    ``//`` (``sqlite:runs.db``, ``file:checkpoints``) is a :class:`ConfigurationError`
+    suggesting the URL meant, rather than a directory of that name."""
+    if not isinstance(url, str) or not url:
+        raise ConfigurationError(f"store URL must be a non-empty string, got {url!r}")
+    _discover()
+    typed = _SCHEME.match(url)
+    scheme = typed.group(1).lower() if typed else ""
+    if typed and scheme in _REGISTRY and not url[typed.end():].startswith("//"):
+        meant = _meant_url(scheme, url[typed.end():])
+        raise ConfigurationError(without_password(
+            f"{url!r} is not a store URL: did you mean {meant!r}? (for a directory of that "
+            f"name, write ./{url})", meant))
+    return url if "://" in url else _home_expanded(url)
+
+
+def _meant_url(scheme: str, rest: str) -> str:
+    if scheme == "sqlite":  # sqlite:///relative.db, sqlite:////absolute.db
+        return f"sqlite:///{rest}"
+    if scheme == "file":  # a file:// URL names an absolute path
+        return f"file://{os.path.abspath(os.path.expanduser(rest))}"
+    return f"{scheme}://{rest.lstrip('/')}"
+
+
+def _home_expanded(path: str) -> str:
+    """``~/x`` and ``~user/x`` as the shell expands them: a path from an environment variable
+    or a quoted argument would otherwise make a directory named ``~``."""
+    if not path.startswith("~"):
+        return path
+    expanded = os.path.expanduser(path)
+    if expanded.startswith("~"):
+        home = path.split("/", 1)[0]
+        raise ConfigurationError(
+            f"cannot expand {home!r} in the store path {path!r}: no such user, or HOME unset")
+    return expanded
+
+
 def open_store(url: str, *, retry: RetryPolicy | None = None, **options: Any) -> CheckpointStore:
     """Build a store from a URL (``memory://``, ``file:///path`` or a plain path, ...).
 
-    ``retry`` (default :class:`RetryPolicy()`) configures the driver's own retries of a
-    remote store (Redis, S3, DynamoDB); local stores have no transient failures and ignore it.
-    Raises :class:`ConfigurationError` for an unknown scheme, a malformed URL, or a backend
-    whose optional dependencies are not installed (naming the ``pip install`` to run).
+    A plain path (no ``://``) is a file store; a leading ``~`` is expanded
+    (:func:`checked_store_url`). ``retry`` (default :class:`RetryPolicy()`) configures the
+    driver's own retries of a remote store (Redis, S3, DynamoDB); local stores have no
+    transient failures and ignore it. Raises :class:`ConfigurationError` for an unknown
+    scheme, a malformed URL, a known scheme without its ``//`` (``sqlite:runs.db``), or a
+    backend whose optional dependencies are not installed (naming the ``pip install`` to run).
     """
-    if not isinstance(url, str) or not url:
-        raise ConfigurationError(f"store URL must be a non-empty string, got {url!r}")
+    url = checked_store_url(url)
     try:
         scheme = urlsplit(url).scheme.lower() if "://" in url else "file"
     except ValueError as exc:  # e.g. an unclosed IPv6 bracket: redis://[::1
         raise ConfigurationError(f"malformed store URL {url!r}: {exc}") from exc
-    _discover()
     if scheme not in _REGISTRY:
         known = ", ".join(f"{name}://" for name in sorted(_REGISTRY))
         raise ConfigurationError(f"unknown store URL scheme {scheme!r} in {url!r}; known: {known}")
