@@ -48,7 +48,12 @@ from fastcheckpoint.errors import (
     ConflictError,
     ValidationError,
 )
-from fastcheckpoint.stores import CheckpointStore, SupportsProvision, names_a_network_store
+from fastcheckpoint.stores import (
+    CheckpointStore,
+    SupportsProvision,
+    checked_store_url,
+    names_a_network_store,
+)
 from fastcheckpoint.stores.file import parse_file_url
 
 if TYPE_CHECKING:
@@ -910,7 +915,9 @@ def _manager_from_env(url: str) -> CheckpointManager:
 def _open(args: argparse.Namespace) -> CheckpointManager:
     """A manager on the store, or :class:`ConfigurationError` / :class:`_UsageError` saying
     what is wrong with the store or the configuration."""
-    url = _store_of(args)
+    # The URL open_store would open (a plain path's ~ expanded, a scheme missing its //
+    # refused): the checks below look where the store will be.
+    url = checked_store_url(_store_of(args))
     args.store_url = url
     try:
         creates_store = args.command == "doctor" and not args.repair

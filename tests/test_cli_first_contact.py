@@ -226,3 +226,33 @@ def test_history_lists_the_status_changes_the_exports_hold_and_no_other(
     assert json.loads(new_exported)["run"]["history"] == []
     assert _status_rows(new_out) == ["no status change since the run was created"]
     assert "run started" not in out + new_out
+
+
+# -- the URL the store will be opened at -----------------------------------------------------------
+
+
+def test_a_home_relative_path_names_the_store_there(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The check that a file store is there looked for a literal "~/ckpt" and reported no store
+    # at all, while open_store expands the ~ (init made the store, runs could not find it).
+    monkeypatch.setenv("HOME", str(tmp_path))
+    anyio.run(CheckpointManager(FileStore(tmp_path / "ckpt")).create, "order-17", {"step": 1})
+
+    code, out, err = run_cli(capsys, "runs", "--url", "~/ckpt", "--json")
+
+    assert (code, err) == (EXIT_OK, "")
+    assert [run["run_id"] for run in json.loads(out)["runs"]] == ["order-17"]
+
+
+def test_a_scheme_without_its_slashes_is_refused_with_the_url_meant(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    code, _, err = run_cli(capsys, "runs", "--url", "sqlite:runs.db")
+
+    assert code == EXIT_USAGE
+    assert "did you mean 'sqlite:///runs.db'" in err
+    assert "doctor" not in err  # doctor refuses that URL too: no advice to run it
+    assert list(tmp_path.iterdir()) == []
