@@ -1013,6 +1013,8 @@ class _Dir:
             try:
                 found.append((item.meta.key, self.value(view, item)))
             except CorruptCheckpointError as exc:
+                with take(index.lock):
+                    index.damaged(item)
                 if not skip_corrupt:
                     raise
                 logger.warning("file store: skipping corrupt item %s: %s", exc.key, exc)
@@ -1026,8 +1028,9 @@ class _Indexed(NamedTuple):
     at: Located
     """Where its entry is in the log."""
     damaged: bool
-    """The log holds unreadable bytes after its entry (a newer one may be lost there): a read
-    of it raises."""
+    """The log holds unreadable bytes after its entry (a newer one may be lost there), or a
+    read of its entry in this process found it damaged: a read of it raises, and it is not
+    live for writers (:meth:`_Plan.live`)."""
 
     def live(self, now: float) -> bool:
         return is_live(self.meta.expires_at, now)
@@ -1177,6 +1180,14 @@ class _ItemIndex:
         self.items[meta.key] = _Indexed(meta, at, damaged)
         if meta.owner is not None:
             self.owned.setdefault(meta.owner, set()).add(meta.key)
+
+    def damaged(self, found: _Indexed) -> None:
+        """Take in that a read of the entry of ``found`` failed its checks (unless the key
+        has a newer entry since): a damaged item is not live, so writers treat its key as
+        free and appends naming it are refused, without reading it again."""
+        current = self.items.get(found.meta.key)
+        if current is not None and current.meta.entry == found.meta.entry:
+            self.items[found.meta.key] = current._replace(damaged=True)
 
     def _drop(self, entry: int) -> None:
         self.unknown.pop(entry, None)
@@ -1330,9 +1341,13 @@ class _Plan:
     seeing the earlier ones done, as the memory store would apply them one by one. Used
     before the commit only: once it is made, readers may bring the index forward."""
 
-    def __init__(self, index: _ItemIndex | None) -> None:
+    def __init__(
+        self, index: _ItemIndex | None, read: Callable[[_Indexed], bytes] | None = None
+    ) -> None:
         self.index = index
         """The run's item index (``None``: the run holds no item)."""
+        self._read = read
+        """Reads and checks an indexed item's value (:meth:`_Dir.value`)."""
         self._items: dict[str, _Indexed] = {} if index is None else index.items
         self.writes: dict[str, Item] = {}
         self.removed: set[str] = set()
@@ -1356,6 +1371,27 @@ class _Plan:
             return is_live(written.expires_at, now)
         found = self.found(key)
         return found is not None and not found.damaged and found.live(now)
+
+    def kept(self, key: str, now: float) -> bool:
+        """Whether a write that brings a value for ``key`` (an append's item, a create-only
+        or if-absent one) finds a live item it must leave there: :meth:`live`, with the value
+        of an indexed item read and checked (only such a write pays that read). A damaged
+        one is not live: the index takes it in, and the write replaces it."""
+        if not self.live(key, now):
+            return False
+        found = self.found(key)
+        if key in self.writes or found is None:
+            return True
+        assert self.index is not None  # found: indexed, so read with the index
+        assert self._read is not None
+        try:
+            self._read(found)
+        except CorruptCheckpointError as exc:
+            logger.warning("file store: item %r is damaged; it is written anew: %s", key, exc)
+            with take(self.index.lock):
+                self.index.damaged(found)
+            return False
+        return True
 
     def write(self, item: Item) -> None:
         self.writes.pop(item.key, None)  # the last of a key counts, in batch order
@@ -2504,7 +2540,7 @@ class FileStore(ExpiryCleanup):
                 ledger.run, latest_sequence=record.sequence, updated_at=now
             )
             for item in items:
-                if not plan.live(item.key, now):  # a live value is never replaced
+                if not plan.kept(item.key, now):  # a live value is never replaced
                     plan.write(item)
             # Counted before pruning: an item the new checkpoint names is never released by
             # the checkpoints it replaces.
@@ -2548,8 +2584,12 @@ class FileStore(ExpiryCleanup):
 
     def _plan(self, run_key: str) -> _Plan:
         """A plan of what the operation does to the run's items; under the run lock."""
-        got = _Dir(self._run_dir(run_key)).items()
-        return _Plan(None if got is None else got[1])
+        files = _Dir(self._run_dir(run_key))
+        got = files.items()
+        if got is None:
+            return _Plan(None)
+        view, index = got
+        return _Plan(index, functools.partial(files.value, view))
 
     def _start_run(
         self, run_key: str, state: _RunState | None, seed: RunRecord, plan: _Plan
@@ -3046,7 +3086,7 @@ class FileStore(ExpiryCleanup):
                 return False
             plan = self._plan(run_key)
             for item in items:
-                if if_absent and plan.live(item.key, now):
+                if if_absent and plan.kept(item.key, now):
                     continue
                 # Everything of a checkpoint expires together.
                 plan.write(msgspec.structs.replace(item, expires_at=head.expires_at))
@@ -3383,7 +3423,7 @@ class FileStore(ExpiryCleanup):
             state = self._state_for_write(run_key)
             plan = self._plan(run_key)
             if create_only:
-                taken = [item.key for item in items if plan.live(item.key, now)]
+                taken = [item.key for item in items if plan.kept(item.key, now)]
                 if taken:
                     raise ConflictError(f"item {taken[0]!r:.80} already exists in run {run_key}")
             for item in items:
