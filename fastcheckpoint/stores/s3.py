@@ -1525,7 +1525,8 @@ class S3Store(ExpiryCleanup):
                             checkpoint_id=slot.checkpoint_id, run_key=run_key, key=item.key)
             marker = layout.item_marker_key(run_key, hex_key, meta)
             (_, kept), _ = await pair(
-                functools.partial(self._put_item, io, run_key, hex_key, body, now),
+                functools.partial(self._put_item, io, run_key, hex_key, body, now,
+                                  marker=marker),
                 functools.partial(io.put, marker, b""),
             )
             if kept is not None and (kept.owner, kept.expires_at) != (meta.owner,
@@ -1547,11 +1548,15 @@ class S3Store(ExpiryCleanup):
         body: ItemBody,
         now: float,
         existing: tuple[bytes, str] | None = None,
+        *,
+        marker: str | None = None,
     ) -> tuple[str | None, ItemBody | None]:
         """Write ``body`` unless a live item has the key (``existing``: the object as just
         read, if it was): ``(its ETag, None)``, or ``(the ETag of the live item kept, that
         item)``. A key taken by this very write (its token: a retry after a lost reply)
-        counts as written."""
+        counts as written. A damaged item is not live: it is replaced like an expired one,
+        ``IfMatch`` its ETag (a good value written meanwhile is kept), and then the markers
+        it left go, but ``marker`` (the one the caller writes for ``body``)."""
         key = layout.item_object(run_key, hex_key)
         encoded = layout.encode(body)
         for _ in range(_FLOOR_RACES):
@@ -1562,17 +1567,47 @@ class S3Store(ExpiryCleanup):
                 existing = await io.get(key)
                 if existing is None:
                     continue  # deleted in between: create it again
-            stored = layout.decode_item(existing[0], io.where(key), run_key=run_key,
-                                        hex_key=hex_key)
-            if stored.token == body.token:
+            stored = _intact_item(run_key, hex_key, existing)
+            if stored is not None and stored.token == body.token:
                 return existing[1], None
-            if is_live(stored.expires_at, now):
+            if stored is not None and is_live(stored.expires_at, now):
                 return existing[1], stored
             etag = await io.put(key, encoded, if_match=existing[1])
             if etag is not None:
+                if stored is None:
+                    await self._forget_damaged(io, run_key, hex_key, marker)
                 return etag, None
             existing = await io.get(key)
         raise ConflictError(f"item {io.where(key)} kept changing while it was written")
+
+    async def _forget_damaged(
+        self, io: Bucket, run_key: str, hex_key: str, marker: str | None
+    ) -> None:
+        """After a damaged item at ``hex_key`` was replaced: delete the markers it left
+        (its owner cannot be read from its bytes, and pruning that owner would delete the
+        new item by them), but ``marker``, the new item's; and forget what this process
+        knew of its owner, for the same reason. One LIST of the run: damage is rare."""
+        logger.warning("replaced a damaged item at %s",
+                       io.where(layout.item_object(run_key, hex_key)))
+        listed = _parse_run_listing(run_key, await io.list(layout.run_prefix(run_key)))
+        cached = self._cache.get(run_key)
+        for owned in [] if cached is None else cached.owned.values():
+            owned.pop(hex_key, None)
+        await io.delete([found.key for found in listed.item_markers
+                         if found.hex_key == hex_key and found.key != marker])
+
+    async def _replaced(
+        self,
+        io: Bucket,
+        run_key: str,
+        hex_key: str,
+        stored: tuple[bytes, str] | None,
+        marker: str | None,
+    ) -> None:
+        """After an unconditional write over ``stored``: what replacing it leaves to do if
+        it was damaged (see :meth:`_forget_damaged`)."""
+        if stored is not None and _intact_item(run_key, hex_key, stored) is None:
+            await self._forget_damaged(io, run_key, hex_key, marker)
 
     async def _sweep_allows(
         self, io: Bucket, run_key: str, refs: Sequence[str], shared: Mapping[str, str]
@@ -2081,9 +2116,11 @@ class S3Store(ExpiryCleanup):
                                            functools.partial(io.put, marker, b"")]),
                 functools.partial(io.delete, stale),
             )
+            await self._replaced(io, run_key, hex_key, stored, marker)
             return marker
         (_, kept), _ = await pair(
-            functools.partial(self._put_item, io, run_key, hex_key, body, now, stored),
+            functools.partial(self._put_item, io, run_key, hex_key, body, now, stored,
+                              marker=marker),
             functools.partial(io.put, marker, b""),
         )
         if kept is None:
@@ -2592,8 +2629,7 @@ class S3Store(ExpiryCleanup):
                          strict=True))
         if create_only:
             for hex_key, stored in found.items():
-                if stored is not None and _live_item(run_key, hex_key, stored, io.where(
-                        layout.item_object(run_key, hex_key)), now):
+                if stored is not None and _live_item(run_key, hex_key, stored, now):
                     raise ConflictError(f"item {latest[hex_key].key!r} already exists")
         # A request per item, then per marker: a cancellation waits for them all (settled),
         # so a cancelled call never stores some of the items and not the others.
@@ -2640,10 +2676,12 @@ class S3Store(ExpiryCleanup):
     ) -> None:
         body = ItemBody(item.value, item.owner, item.expires_at, token, run_key=run_key,
                         key=item.key)
+        marker = _marker_for(run_key, hex_key, item.owner, item.expires_at)
         if not create_only:
             await io.put(layout.item_object(run_key, hex_key), layout.encode(body))
+            await self._replaced(io, run_key, hex_key, stored, marker)
             return
-        _, kept = await self._put_item(io, run_key, hex_key, body, now, stored)
+        _, kept = await self._put_item(io, run_key, hex_key, body, now, stored, marker=marker)
         if kept is not None:
             raise ConflictError(f"item {item.key!r} was created concurrently")
 
@@ -3489,32 +3527,36 @@ def _marker_for(
     return layout.item_marker_key(run_key, hex_key, ItemMeta(owner, expires_at))
 
 
-def _marker_of_stored(run_key: str, hex_key: str, stored: tuple[bytes, str]) -> str | None:
-    """The marker of the item in an object as read (None for one that is not an item)."""
+def _intact_item(run_key: str, hex_key: str, stored: tuple[bytes, str]) -> ItemBody | None:
+    """The item in an object as read; None for a damaged one, which no writer counts as
+    live (see "Damaged items" in ``docs/stores/s3.md``)."""
     try:
-        body = layout.decode_item(stored[0], "", run_key=run_key, hex_key=hex_key)
+        return layout.decode_item(stored[0], "", run_key=run_key, hex_key=hex_key)
     except CorruptCheckpointError:
         return None
-    return _marker_for(run_key, hex_key, body.owner, body.expires_at)
+
+
+def _marker_of_stored(run_key: str, hex_key: str, stored: tuple[bytes, str]) -> str | None:
+    """The marker of the item in an object as read (None for one that is not an item)."""
+    body = _intact_item(run_key, hex_key, stored)
+    return None if body is None else _marker_for(run_key, hex_key, body.owner, body.expires_at)
 
 
 def _kind(run_key: str, hex_key: str, stored: tuple[bytes, str]) -> str:
     """What the sweep makes of an object: ``"shared"`` (a shared item, which it removes once
     nothing names it), ``"loose"`` (a ``put_items`` item without owner or expiry, removed
     only nested under a shared item it removes), or ``""`` (neither)."""
-    try:
-        body = layout.decode_item(stored[0], "", run_key=run_key, hex_key=hex_key)
-    except CorruptCheckpointError:
+    body = _intact_item(run_key, hex_key, stored)
+    if body is None:
         return ""
     if body.owner is not None or body.expires_at is not None:
         return ""
     return "shared" if body.shared else "loose"
 
 
-def _live_item(run_key: str, hex_key: str, stored: tuple[bytes, str], where: str,
-               now: float) -> bool:
-    item = layout.decode_item(stored[0], where, run_key=run_key, hex_key=hex_key)
-    return is_live(item.expires_at, now)
+def _live_item(run_key: str, hex_key: str, stored: tuple[bytes, str], now: float) -> bool:
+    item = _intact_item(run_key, hex_key, stored)
+    return item is not None and is_live(item.expires_at, now)
 
 
 def _encode_cursor(key: str) -> str:
