@@ -383,6 +383,13 @@ local function drop_unnamed_nested(key)
   end
 end
 
+-- A live item the key index lists whose value is gone (the hash field was edited away; no
+-- script removes one without the other): damaged, never read as absent. Asked only of keys
+-- HMGET found no value for, so an intact read pays nothing for it.
+local function value_lost(key, expires_at)
+  return is_live(expires_at or '') and redis.call('ZSCORE', KEYS[5], key) ~= false
+end
+
 local function item_live(key)
   if redis.call('HEXISTS', KEYS[6], key) == 0 then return false end
   local expires_at = redis.call('ZSCORE', KEYS[8], key)
@@ -1011,6 +1018,7 @@ for _, key in ipairs(refs) do
     end
   end
 end
+local lost = {'lost'}
 for first = 1, #keys, 256 do
   local chunk = {unpack(keys, first, math.min(first + 255, #keys))}
   local values = redis.call('HMGET', KEYS[6], unpack(chunk))
@@ -1019,9 +1027,13 @@ for first = 1, #keys, 256 do
     if values[index] and is_live(expiries[index] or '') then
       found[#found + 1] = key
       found[#found + 1] = values[index]
+    elseif not values[index] and value_lost(key, expiries[index]) then
+      lost[#lost + 1] = key
     end
   end
 end
+-- Never a checkpoint without an item it is read with: that would be wrong state, silently.
+if #lost > 1 then return {lost, OPS} end
 return {found, OPS}
 """
 
@@ -1170,8 +1182,8 @@ if item_keys() ~= keys_before then touch_run_keys() end
 return answer(ARGV[8], {1}, true)
 """
 
-# ARGV[5..]: item keys. Returns values then expiries, in key order; liveness is decided by
-# the caller.
+# ARGV[5..]: item keys. Returns (value, expiry, lost) per key, in key order: lost is 1 for a
+# live key whose value is gone (value_lost), else 0; liveness is decided by the caller.
 _GET_ITEMS = r"""
 local keys = {}
 for index = 5, #ARGV do keys[#keys + 1] = ARGV[index] end
@@ -1181,6 +1193,7 @@ local out = {}
 for index = 1, #keys do
   out[#out + 1] = values[index]
   out[#out + 1] = expiries[index]
+  out[#out + 1] = (not values[index] and value_lost(keys[index], expiries[index])) and 1 or 0
 end
 return {out, OPS}
 """

@@ -840,6 +840,8 @@ class RedisStore(ExpiryCleanup):
             checkpoint=sequence)
         if reply[0] == b"corrupt":
             raise _foreign_key(reply[1:])
+        if reply[0] == b"lost":
+            raise self._values_lost(run_key, reply[1:])
         if reply[0] != 1:
             return None
         record, status = self._checkpoint(run_key, reply[1:11])
@@ -1208,10 +1210,27 @@ class RedisStore(ExpiryCleanup):
             return {}
         reply = await self._run("get_items", run_key, now, list(keys))
         found: dict[str, bytes] = {}
-        for key, value, expires in zip(keys, reply[0::2], reply[1::2], strict=True):
-            if value is not None and _live(float(expires) if expires else None, now):
+        lost: list[str] = []
+        for key, value, expires, gone in zip(
+                keys, reply[0::3], reply[1::3], reply[2::3], strict=True):
+            if gone:
+                lost.append(key)
+            elif value is not None and _live(float(expires) if expires else None, now):
                 found[key] = bytes(value)
+        if lost:
+            raise self._values_lost(run_key, lost)
         return found
+
+    def _values_lost(self, run_key: str, keys: Sequence[Any]) -> CorruptCheckpointError:
+        """Items the run lists whose values are gone: damaged, so a read that asks for them
+        raises rather than answer without them (writers replace them, ``delete_items``
+        removes them)."""
+        named = ", ".join(repr(_shown(key)) for key in keys[:5])
+        more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+        return CorruptCheckpointError(
+            f"damaged item {named}{more} of run key {run_key}: its key is listed but its value "
+            "is gone; write the item again (or delete_items it)",
+            key=self._base(run_key) + "iv")
 
     @holds_clients
     async def scan_items(
