@@ -314,6 +314,7 @@ class CheckpointManager:
                 logger.exception("checkpoint cleanup failed; trying again in %ss",
                                  self.config.cleanup_interval)
             else:
+                refused = None  # the store ran: the same refusal later is news again
                 if removed:
                     logger.info("checkpoint cleanup removed %d expired checkpoints", removed)
             await anyio.sleep(self.config.cleanup_interval)
