@@ -203,6 +203,35 @@ async def test_a_cleanup_the_configuration_refuses_is_logged_once_per_reason(
     assert all(record.exc_info is None for record in logged)
 
 
+async def test_a_refusal_after_a_round_that_ran_is_logged_again(
+    store: CheckpointStore, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A refusal is said once while it lasts; once a round ran, the same refusal is news.
+    outcomes = ["refuse", "run", "refuse"]
+
+    class Flapping(ForwardingStore):
+        async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
+            outcome = outcomes.pop(0) if outcomes else "run"
+            if outcome == "refuse":
+                raise ConfigurationError("RedisStore runs on asyncio only")
+            return await super().purge_expired(now=now, limit=limit)
+
+    manager = CheckpointManager(Flapping(store),
+                                config=make_config(clock, cleanup_interval=FAST_LOOP))
+    caplog.set_level(logging.INFO, logger="fastcheckpoint")
+    with anyio.fail_after(10):
+        async with manager:
+
+            async def drained() -> bool:
+                return not outcomes
+
+            await wait_until(drained)
+            await anyio.sleep(FAST_LOOP * 3)  # the round after the last refusal has run
+
+    logged = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert len(logged) == 2
+
+
 async def test_start_twice_is_harmless(store: CheckpointStore, clock: FakeClock) -> None:
     manager = CheckpointManager(store, config=make_config(clock, cleanup_interval=FAST_LOOP))
     with anyio.fail_after(10):
