@@ -31,8 +31,9 @@ new one.
 Operations carry private tags (keys starting with ``_``), stripped before sending:
 ``_group`` (a failed condition drops every operation of the group: an item's value and its
 anchor), ``_instead`` (what replaces an operation so dropped), ``_fatal`` (a failed
-condition cancels the whole change: a guard) and ``_gone`` (the shared item whose condemned
-count cancelled it).
+condition cancels the whole change: a guard), ``_gone`` (the shared item whose condemned
+count cancelled it) and ``_over_damage`` (a put sent again to replace the damaged record that
+refused it).
 """
 
 from __future__ import annotations

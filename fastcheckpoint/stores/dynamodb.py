@@ -914,7 +914,9 @@ class DynamoDBStore(ExpiryCleanup):
         """TransactWriteItems; conditional operations from index ``keep`` on whose condition
         fails (an owned item rewritten meanwhile, an item that exists already) are dropped,
         with the others of their ``_group``, and the rest retried. A failed condition before
-        ``keep``, or of a ``_fatal`` operation, raises :class:`_Cancelled`."""
+        ``keep``, or of a ``_fatal`` operation, raises :class:`_Cancelled`. An item put
+        refused by a damaged record (see :func:`_damaged_item`) is not: it is sent again to
+        replace that record (:func:`_over_damaged`), since a damaged item is not live."""
         operations = list(operations)
         while operations:
             try:
@@ -922,6 +924,13 @@ class DynamoDBStore(ExpiryCleanup):
                 return
             except _Cancelled as cancelled:
                 failed = {index for index in range(len(operations)) if cancelled.failed(index)}
+                damaged = {index for index in failed if index >= keep
+                           and _refused_by_damage(operations[index], cancelled.item(index))}
+                for index in damaged:
+                    operations[index] = _over_damaged(operations[index], cancelled.item(index))
+                failed -= damaged
+                if damaged and not failed:
+                    continue
                 if not failed or min(failed) < keep or any(
                     operations[index].get("_fatal") for index in failed
                 ):
@@ -4564,7 +4573,12 @@ def _moved_from_other_owners(run_key: str, cancelled: _Cancelled) -> list[dict[s
     operations = list(cancelled.operations)
     for index, operation in enumerate(cancelled.operations):
         old = cancelled.item(index)
-        if not cancelled.failed(index) or "Put" not in operation or not old or "o" not in old:
+        if not cancelled.failed(index) or "Put" not in operation or not old:
+            continue
+        if _refused_by_damage(operation, old):
+            operations[index] = _over_damaged(operation, old)
+            continue
+        if "o" not in old:
             continue
         key = _text(old, "SK")[2:]
         token = old.get("wt", _s(""))
@@ -4578,6 +4592,52 @@ def _moved_from_other_owners(run_key: str, cancelled: _Cancelled) -> list[dict[s
         operations.append(items_layout.delete_when(
             pk, layout.owned_sk(_int(old, "o"), key), "wt", token))
     return operations
+
+
+def _damaged_item(record: Mapping[str, Any]) -> bool:
+    """Whether an item record (at ``i#<key>``) is one that reads report as damaged (see
+    ``DynamoDBStore._item_live``, ``_follow_anchors``, ``_values_of``): an expiry, owner or
+    value of another type, or no value at all."""
+    try:
+        with _malformed(_text(record, "SK")):
+            _number(record, "x")
+            if "o" in record:
+                _int(record, "o")
+            elif "vb" in record:
+                _text(record, "vb")
+            elif "v" in record:
+                _bytes(record, "v")
+            else:
+                return True
+    except CorruptCheckpointError:
+        return True
+    return False
+
+
+def _refused_by_damage(operation: Mapping[str, Any], old: Mapping[str, Any] | None) -> bool:
+    """Whether an item put was refused by a damaged record at its key (and was not already
+    sent again over it: the record changed meanwhile, which the caller handles as usual)."""
+    put = operation.get("Put")
+    return (put is not None and not operation.get("_over_damage") and bool(old)
+            and _text(put["Item"], "SK").startswith(layout.ITEM_PREFIX)
+            and _damaged_item(old or {}))
+
+
+def _over_damaged(operation: dict[str, Any], old: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A put refused by a damaged record, again, now replacing that record: only while it is
+    still the record read (its write token: every write of the store brings a new one, so a
+    concurrent write is never overwritten) or gone. What the record pointed to (an owned
+    value, a blob) stays: an owned value goes with its checkpoint, a blob with the sweep of
+    those no item names."""
+    names = _Names()
+    put = {name: value for name, value in operation["Put"].items()
+           if name not in ("ExpressionAttributeNames", "ExpressionAttributeValues")}
+    token = (old or {}).get("wt")
+    read = (f"attribute_not_exists({names('wt')})" if token is None
+            else f"{names('wt')} = {names.value(token)}")
+    put["ConditionExpression"] = f"attribute_not_exists({names('PK')}) OR {read}"
+    put.update(names.params())
+    return {**operation, "Put": put, "_over_damage": True}
 
 
 def _owner_covered(run_key: str, owner: int) -> dict[str, Any]:
