@@ -32,8 +32,9 @@ Operations carry private tags (keys starting with ``_``), stripped before sendin
 ``_group`` (a failed condition drops every operation of the group: an item's value and its
 anchor), ``_instead`` (what replaces an operation so dropped), ``_fatal`` (a failed
 condition cancels the whole change: a guard), ``_gone`` (the shared item whose condemned
-count cancelled it) and ``_over_damage`` (a put sent again to replace the damaged record that
-refused it).
+count cancelled it), ``_absent`` (a put that keeps a live item: refused by an anchor, it
+checks the value the anchor points to) and ``_over_damage`` (a put sent again to replace the
+damaged item that refused it).
 """
 
 from __future__ import annotations

@@ -915,8 +915,8 @@ class DynamoDBStore(ExpiryCleanup):
         fails (an owned item rewritten meanwhile, an item that exists already) are dropped,
         with the others of their ``_group``, and the rest retried. A failed condition before
         ``keep``, or of a ``_fatal`` operation, raises :class:`_Cancelled`. An item put
-        refused by a damaged record (see :func:`_damaged_item`) is not: it is sent again to
-        replace that record (:func:`_over_damaged`), since a damaged item is not live."""
+        refused by a damaged item (see :meth:`_refused_by_damage`) is not: it is sent again
+        to replace its record (:func:`_over_damaged`), since a damaged item is not live."""
         operations = list(operations)
         while operations:
             try:
@@ -924,16 +924,15 @@ class DynamoDBStore(ExpiryCleanup):
                 return
             except _Cancelled as cancelled:
                 failed = {index for index in range(len(operations)) if cancelled.failed(index)}
-                damaged = {index for index in failed if index >= keep
-                           and _refused_by_damage(operations[index], cancelled.item(index))}
+                if not failed or min(failed) < keep:
+                    raise
+                damaged = await self._refused_by_damage(operations, cancelled, keep)
                 for index in damaged:
                     operations[index] = _over_damaged(operations[index], cancelled.item(index))
                 failed -= damaged
-                if damaged and not failed:
+                if not failed:
                     continue
-                if not failed or min(failed) < keep or any(
-                    operations[index].get("_fatal") for index in failed
-                ):
+                if any(operations[index].get("_fatal") for index in failed):
                     raise
                 groups = {operations[index].get("_group") for index in failed} - {None}
                 dropped = [index in failed or op.get("_group") in groups for index, op
@@ -943,6 +942,29 @@ class DynamoDBStore(ExpiryCleanup):
                               if not drop] + [op["_instead"] for op, drop
                                               in zip(operations, dropped, strict=True)
                                               if drop and "_instead" in op]
+
+    async def _refused_by_damage(
+        self, operations: Sequence[Mapping[str, Any]], cancelled: _Cancelled, keep: int
+    ) -> set[int]:
+        """The item puts (from index ``keep`` on) of a cancelled transaction refused by a
+        damaged item: its record, as the refusal returned it (see :func:`_damaged_item`), or
+        for a put that keeps a live item (``_absent``) refused by a sound anchor, the value
+        that anchor points to, damaged or missing, read now: only on this path, where a
+        write met an item already there."""
+        refused = {index: old for index in range(keep, len(operations))
+                   if cancelled.failed(index) and (old := cancelled.item(index))
+                   and _replaceable(operations[index])}
+        damaged = {index for index, old in refused.items() if _damaged_item(old)}
+        anchors = {index: old for index, old in refused.items() if index not in damaged
+                   and "o" in old and operations[index].get("_absent")}
+        if not anchors:
+            return damaged
+        values = {index: layout.owned_sk(_int(old, "o"), _text(old, "SK")[2:])
+                  for index, old in anchors.items()}
+        pk = _text(next(iter(anchors.values())), "PK")
+        found = await self._batch_get_in(pk, list(values.values()))
+        return damaged | {index for index, sort_key in values.items()
+                          if sort_key not in found or _damaged_item(found[sort_key])}
 
     async def _query_all(self, **params: Any) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
@@ -1157,12 +1179,12 @@ class DynamoDBStore(ExpiryCleanup):
             value = values[sort_key]
             names = _Names()
             # Only where no live item is: a live one is kept as it is.
-            absent = (f"attribute_not_exists({names('PK')}) OR "
-                      f"{names('x')} <= {names.value(_n(now))}")
+            absent = _no_live_item(names, now)
             if item.owner is None:
                 record_item = items_layout.plain_record(run_key, item.key, value, None, token)
                 additions.shared[item.key] = items_layout.put_op(
-                    record_item, absent, names, _group=items_layout.shared_group(item.key))
+                    record_item, absent, names, _group=items_layout.shared_group(item.key),
+                    _absent=True)
                 continue
             group = f"owned:{item.key}"
             additions.owned += [
@@ -1171,7 +1193,7 @@ class DynamoDBStore(ExpiryCleanup):
                     _group=group),
                 items_layout.put_op(items_layout.anchor_record(
                     run_key, item.key, record.sequence, record.expires_at, token,
-                    indexed=False), absent, names, _group=group),
+                    indexed=False), absent, names, _group=group, _absent=True),
             ]
 
     async def _store_values(
@@ -2575,7 +2597,12 @@ class DynamoDBStore(ExpiryCleanup):
 
     async def _batch_get(self, run_key: str, sort_keys: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Records of the run's partition by sort key: one BatchGetItem per 100, together."""
-        pk = _s(layout.partition(run_key))
+        return await self._batch_get_in(layout.partition(run_key), sort_keys)
+
+    async def _batch_get_in(
+        self, partition: str, sort_keys: Sequence[str]
+    ) -> dict[str, dict[str, Any]]:
+        pk = _s(partition)
 
         async def chunk(keys: Sequence[str]) -> list[dict[str, Any]]:
             request: dict[str, Any] = {self.table: {
@@ -4520,20 +4547,20 @@ def _put_group(
     checkpoint (whose value, next to that checkpoint, must go with the write)."""
     names = _Names()
     if create_only:
-        condition = f"attribute_not_exists({names('PK')}) OR {names('x')} <= {names.value(_n(now))}"
+        condition = _no_live_item(names, now)
     elif item.owner is None:
         condition = f"attribute_not_exists({names('o')}) OR {names('x')} <= {names.value(_n(now))}"
     else:
         condition = _same_owner(names, item.owner, now)
     if item.owner is None:
         record = items_layout.plain_record(run_key, item.key, value, item.expires_at, token)
-        return [items_layout.put_op(record, condition, names, _fatal=True)]
+        return [items_layout.put_op(record, condition, names, _fatal=True, _absent=create_only)]
     anchor = items_layout.anchor_record(run_key, item.key, item.owner, item.expires_at, token,
                                         indexed=item.expires_at is not None)
     return [
         items_layout.put_op(items_layout.owned_record(
             run_key, item.key, item.owner, value, item.expires_at, token)),
-        items_layout.put_op(anchor, condition, names, _fatal=True),
+        items_layout.put_op(anchor, condition, names, _fatal=True, _absent=create_only),
     ]
 
 
@@ -4551,12 +4578,18 @@ def _owned_group(
         run_key, item.key, item.owner, value, expires_at, token))
     if if_absent:
         group = f"owned:{item.key}"
-        condition = (f"attribute_not_exists({names('PK')}) OR "
-                     f"{names('x')} <= {names.value(_n(now))}")
         return [{**value_put, "_group": group},
-                items_layout.put_op(anchor, condition, names, _group=group)]
+                items_layout.put_op(anchor, _no_live_item(names, now), names, _group=group,
+                                    _absent=True)]
     return [value_put, items_layout.put_op(anchor, _same_owner(names, item.owner, now), names,
                                            _fatal=True)]
+
+
+def _no_live_item(names: _Names, now: float) -> str:
+    """No item at the key, or an expired one: the condition of the puts that keep a live
+    item (create-only, insert-if-absent), tagged ``_absent``: refused by an anchor, such a put
+    also replaces it when the value it points to is damaged (see ``DynamoDBStore._commit``)."""
+    return f"attribute_not_exists({names('PK')}) OR {names('x')} <= {names.value(_n(now))}"
 
 
 def _same_owner(names: _Names, owner: int, now: float) -> str:
@@ -4575,7 +4608,7 @@ def _moved_from_other_owners(run_key: str, cancelled: _Cancelled) -> list[dict[s
         old = cancelled.item(index)
         if not cancelled.failed(index) or "Put" not in operation or not old:
             continue
-        if _refused_by_damage(operation, old):
+        if _replaceable(operation) and _damaged_item(old):
             operations[index] = _over_damaged(operation, old)
             continue
         if "o" not in old:
@@ -4614,13 +4647,12 @@ def _damaged_item(record: Mapping[str, Any]) -> bool:
     return False
 
 
-def _refused_by_damage(operation: Mapping[str, Any], old: Mapping[str, Any] | None) -> bool:
-    """Whether an item put was refused by a damaged record at its key (and was not already
-    sent again over it: the record changed meanwhile, which the caller handles as usual)."""
+def _replaceable(operation: Mapping[str, Any]) -> bool:
+    """Whether an operation is an item put that may replace a damaged record (one not sent
+    again over one already: that record changed meanwhile, handled as usual)."""
     put = operation.get("Put")
-    return (put is not None and not operation.get("_over_damage") and bool(old)
-            and _text(put["Item"], "SK").startswith(layout.ITEM_PREFIX)
-            and _damaged_item(old or {}))
+    return (put is not None and not operation.get("_over_damage")
+            and _text(put["Item"], "SK").startswith(layout.ITEM_PREFIX))
 
 
 def _over_damaged(operation: dict[str, Any], old: Mapping[str, Any] | None) -> dict[str, Any]:
