@@ -704,18 +704,19 @@ class SupportsSharedItems(Protocol):
     live checkpoint. The record comes back with its ``refs``.
 
     Damaged items. An item whose stored record the store finds unreadable (a checksum that
-    fails, the record of another key or run, a value gone while its key is listed) is not
-    live. Reads that ask for it (``get_items``, ``read_with_items``) raise
-    :class:`CorruptCheckpointError` naming it, never a result without it; ``scan_items``
-    skips it (logged) and fills its page past it. Writers treat its key as free: ``put_items``
-    (``create_only`` too), an append bringing a value for the key and ``put_owned_items``
-    (``if_absent`` too) write the new value over it, guarded so that a good value another
-    writer put there meanwhile is kept; ``delete_items`` removes it. An append that only names
-    it in ``refs`` is refused with :class:`~fastcheckpoint.errors.SharedItemGone` where the
-    store knows of the damage, so the caller sends the value again. What a store can see
-    differs: one that keeps no checksum of item values cannot tell changed value bytes, and
-    one that cannot tell a record deleted behind its back from its own removals reads it as
-    absent (each store's page says which).
+    fails, the record of another key or run, a value gone while its key is listed) is not live.
+    Reads that ask for it (``get_items``, ``read_with_items``) raise
+    :class:`~fastcheckpoint.errors.CorruptCheckpointError` naming it, never a result without
+    it; ``scan_items`` skips it (logged) and fills its page past it. Writers treat its key as
+    free: ``put_items`` (``create_only`` too), an append bringing a value for the key and
+    ``put_owned_items`` (``if_absent`` too) write the new value over it, guarded so that a good
+    value another writer put there meanwhile is kept; ``delete_items`` removes it (the DynamoDB
+    store refuses to delete a record whose owner it cannot read, until a write has replaced
+    it). An append that only names it in ``refs`` is refused with
+    :class:`~fastcheckpoint.errors.SharedItemGone` where the store knows of the damage, so the
+    caller sends the value again. What a store can see differs: one that keeps no checksum of
+    item values cannot tell changed value bytes, and one that cannot tell a record deleted
+    behind its back from its own removals reads it as absent (each store's page says which).
 
     ``put_owned_items(run_key, items, owner=s, checkpoint_id=c, if_absent=b, now=t)`` writes
     items that belong to checkpoint ``s`` (every ``item.owner`` must be ``s``, else
