@@ -1554,11 +1554,13 @@ class S3Store(ExpiryCleanup):
         """Write ``body`` unless a live item has the key (``existing``: the object as just
         read, if it was): ``(its ETag, None)``, or ``(the ETag of the live item kept, that
         item)``. A key taken by this very write (its token: a retry after a lost reply)
-        counts as written. A damaged item is not live: it is replaced like an expired one,
-        ``IfMatch`` its ETag (a good value written meanwhile is kept), and then the markers
-        it left go, but ``marker`` (the one the caller writes for ``body``)."""
+        counts as written. A damaged item is not live: the markers it left go first (but
+        ``marker``, the one the caller writes for ``body``), then it is replaced like an
+        expired one, ``IfMatch`` its ETag: a good value written meanwhile is kept, and its
+        marker put back if this call had deleted it."""
         key = layout.item_object(run_key, hex_key)
         encoded = layout.encode(body)
+        cleared: list[str] = []
         for _ in range(_FLOOR_RACES):
             if existing is None:
                 etag = await io.put(key, encoded, if_none_match=True)
@@ -1571,32 +1573,38 @@ class S3Store(ExpiryCleanup):
             if stored is not None and stored.token == body.token:
                 return existing[1], None
             if stored is not None and is_live(stored.expires_at, now):
+                await _restore_marker(io, run_key, hex_key, stored, cleared)
                 return existing[1], stored
+            if stored is None:
+                cleared += await self._clear_damaged(io, run_key, hex_key, marker)
             etag = await io.put(key, encoded, if_match=existing[1])
             if etag is not None:
-                if stored is None:
-                    await self._forget_damaged(io, run_key, hex_key, marker)
                 return etag, None
             existing = await io.get(key)
         raise ConflictError(f"item {io.where(key)} kept changing while it was written")
 
-    async def _forget_damaged(
+    async def _clear_damaged(
         self, io: Bucket, run_key: str, hex_key: str, marker: str | None
-    ) -> None:
-        """After a damaged item at ``hex_key`` was replaced: delete the markers it left
+    ) -> list[str]:
+        """Before a damaged item at ``hex_key`` is replaced: delete the markers it left
         (its owner cannot be read from its bytes, and pruning that owner would delete the
-        new item by them), but ``marker``, the new item's; and forget what this process
-        knew of its owner, for the same reason. One LIST of the run: damage is rare."""
-        logger.warning("replaced a damaged item at %s",
+        new item by them), but ``marker``, the new item's, and forget what this process
+        knew of its owner, for the same reason; the markers deleted. Done before the
+        replacing write, so a failure here leaves the damaged item to a retry and a marker
+        a concurrent writer puts after the LIST is never touched. One LIST of the run:
+        damage is rare."""
+        logger.warning("replacing a damaged item at %s",
                        io.where(layout.item_object(run_key, hex_key)))
         listed = _parse_run_listing(run_key, await io.list(layout.run_prefix(run_key)))
         cached = self._cache.get(run_key)
         for owned in [] if cached is None else cached.owned.values():
             owned.pop(hex_key, None)
-        await io.delete([found.key for found in listed.item_markers
-                         if found.hex_key == hex_key and found.key != marker])
+        stale = [found.key for found in listed.item_markers
+                 if found.hex_key == hex_key and found.key != marker]
+        await io.delete(stale)
+        return stale
 
-    async def _replaced(
+    async def _clear_if_damaged(
         self,
         io: Bucket,
         run_key: str,
@@ -1604,10 +1612,10 @@ class S3Store(ExpiryCleanup):
         stored: tuple[bytes, str] | None,
         marker: str | None,
     ) -> None:
-        """After an unconditional write over ``stored``: what replacing it leaves to do if
-        it was damaged (see :meth:`_forget_damaged`)."""
+        """Before an unconditional write over ``stored``: what replacing it needs first if
+        it is damaged (see :meth:`_clear_damaged`)."""
         if stored is not None and _intact_item(run_key, hex_key, stored) is None:
-            await self._forget_damaged(io, run_key, hex_key, marker)
+            await self._clear_damaged(io, run_key, hex_key, marker)
 
     async def _sweep_allows(
         self, io: Bucket, run_key: str, refs: Sequence[str], shared: Mapping[str, str]
@@ -2111,12 +2119,12 @@ class S3Store(ExpiryCleanup):
         if not if_absent:
             key = layout.item_object(run_key, hex_key)
             stale = [old] if old is not None and old != marker else []
+            await self._clear_if_damaged(io, run_key, hex_key, stored, marker)
             await pair(
                 functools.partial(gather, [functools.partial(io.put, key, layout.encode(body)),
                                            functools.partial(io.put, marker, b"")]),
                 functools.partial(io.delete, stale),
             )
-            await self._replaced(io, run_key, hex_key, stored, marker)
             return marker
         (_, kept), _ = await pair(
             functools.partial(self._put_item, io, run_key, hex_key, body, now, stored,
@@ -2678,8 +2686,8 @@ class S3Store(ExpiryCleanup):
                         key=item.key)
         marker = _marker_for(run_key, hex_key, item.owner, item.expires_at)
         if not create_only:
+            await self._clear_if_damaged(io, run_key, hex_key, stored, marker)
             await io.put(layout.item_object(run_key, hex_key), layout.encode(body))
-            await self._replaced(io, run_key, hex_key, stored, marker)
             return
         _, kept = await self._put_item(io, run_key, hex_key, body, now, stored, marker=marker)
         if kept is not None:
@@ -3534,6 +3542,17 @@ def _intact_item(run_key: str, hex_key: str, stored: tuple[bytes, str]) -> ItemB
         return layout.decode_item(stored[0], "", run_key=run_key, hex_key=hex_key)
     except CorruptCheckpointError:
         return None
+
+
+async def _restore_marker(
+    io: Bucket, run_key: str, hex_key: str, kept: ItemBody, cleared: list[str]
+) -> None:
+    """A live item another writer put while this one replaced a damaged item is kept: put
+    back its marker if this writer's clearing had deleted it (it was listed before that
+    writer's object landed)."""
+    marker = _marker_for(run_key, hex_key, kept.owner, kept.expires_at)
+    if marker is not None and marker in cleared:
+        await io.put(marker, b"")
 
 
 def _marker_of_stored(run_key: str, hex_key: str, stored: tuple[bytes, str]) -> str | None:
