@@ -716,7 +716,9 @@ class SupportsSharedItems(Protocol):
     :class:`~fastcheckpoint.errors.SharedItemGone` where the store knows of the damage, so the
     caller sends the value again. What a store can see differs: one that keeps no checksum of
     item values cannot tell changed value bytes, and one that cannot tell a record deleted
-    behind its back from its own removals reads it as absent (each store's page says which).
+    behind its back from its own removals reads it as absent (each store's page says which). A
+    record of a format version the store does not know counts as damaged: during a rolling
+    upgrade an older release writes its own value over a newer release's item of the same key.
 
     ``put_owned_items(run_key, items, owner=s, checkpoint_id=c, if_absent=b, now=t)`` writes
     items that belong to checkpoint ``s`` (every ``item.owner`` must be ``s``, else
