@@ -1155,7 +1155,7 @@ class CheckpointManager:
             expires_at=None, data=self._codec.encode_run_data(data),
         )
         try:
-            await store.rebuild_run(damage.run_key, seed, now=now)
+            rebuilt = await store.rebuild_run(damage.run_key, seed, now=now)
         except ConflictError:
             return report(outcome="not damaged", detail="the record is readable again "
                           "(another process repaired, rewrote or deleted it)")
@@ -1168,6 +1168,10 @@ class CheckpointManager:
             logger.warning("run %r (%s): the record could not be rebuilt", run_id, damage.key,
                            exc_info=True)
             return report(outcome="unrecoverable", detail=f"the store could not rebuild it: {exc}")
+        if rebuilt.data != seed.data:
+            # The store kept the record's own details (the run record was intact; what was
+            # damaged lay beside it, as an S3 slot without its marker): nothing was lost.
+            return report(outcome="rebuilt")
         return report(outcome="rebuilt", lost=list(_LOST_IN_REPAIR))
 
     def _run_id_of(self, damage: RunDamage) -> str | None:

@@ -71,6 +71,7 @@ async def test_unreadable_bare_slot_is_reported_and_repaired_and_spares_other_ru
         await _create(manager, "good", 0)
         first = await _create(manager, "broken", 0)
         await _create(manager, "broken", 1)
+        await manager.pause("broken", request={"amount": 12})
         key = _ids.key_of("broken")
         bad = await _unreadable_bare_slot(s3_store, key, 1)
 
@@ -93,6 +94,14 @@ async def test_unreadable_bare_slot_is_reported_and_repaired_and_spares_other_ru
 
         [report] = await manager.repair()
         assert (report.run_id, report.outcome) == ("broken", "rebuilt")
+        # The run object was intact and kept: its status and approval request are not lost
+        # (the report said they were, as for a rebuilt record).
+        assert report.lost == []
+        kept_run = await manager.get_run("broken")
+        assert kept_run is not None
+        assert kept_run.status.value == "paused"
+        assert kept_run.approval is not None
+        assert kept_run.approval["request"] == {"amount": 12}
         assert await s3_store.damaged_runs(now=LATER) == []
         kept = await _keys(s3_store, bad)  # the slot stays, marked deleted
         assert kept[0] == bad
