@@ -551,8 +551,13 @@ class FastSessionService(BaseSessionService):
         as pending (the event's, and those of earlier events this process does not know to
         have landed), and the id of the event's (``None``: it has none). ``None`` when
         ``session`` holds that event already."""
-        expected, stored_state = await self._expected_head(session, tracked)
-        if self._held_events(session).holds(event):
+        # An event held already stores nothing, but only once the store shows the session
+        # there at the head the object reflects: the head this process remembers may have
+        # been deleted or overtaken by another process since (a retry must not report a
+        # success on a session that is gone, nor hide that the object is stale).
+        again = self._held_events(session).holds(event)
+        expected, stored_state = await self._expected_head(session, tracked, read=again)
+        if again:
             return None
         entry = _encode_event(event)
         stored = _decode_session(stored_state, tracked.log.run_id)
@@ -574,20 +579,23 @@ class FastSessionService(BaseSessionService):
         tracked.saw(_head(head), stored_state if state is None else state)
         return head, pending, own[0].id if own else None
 
-    async def _expected_head(self, session: Session, tracked: _Tracked) -> tuple[_Head, bytes]:
+    async def _expected_head(
+        self, session: Session, tracked: _Tracked, *, read: bool = False
+    ) -> tuple[_Head, bytes]:
         """The stored head ``session`` reflects, with the stored state there.
 
         A session this service handed out carries its head: when this process saw that head
-        last, nothing is read (the append's compare-and-set catches a later change). Else the
-        log is read: it must be at that head; for a session without one (built by hand, or
-        by another service) the stored events must end with the session's last event, as
-        ADK's database service checks. A head marked by the previous release (which cannot
+        last, nothing is read (the append's compare-and-set catches a later change), unless
+        ``read`` (no compare-and-set follows: an event held already). Else the log is read:
+        it must be at that head; for a session without one (built by hand, or by another
+        service) the stored events must end with the session's last event, as ADK's
+        database service checks. A head marked by the previous release (which cannot
         tell apart two lives begun at one clock reading) must match, and the session must
         hold the stored newest event too: event ids are unique where clock readings are not.
         """
         marked = _marked_head(session)
         known = tracked.known()
-        if isinstance(marked, _Head) and known is not None and known[0] == marked:
+        if not read and isinstance(marked, _Head) and known is not None and known[0] == marked:
             return known
         view = await tracked.log.read()
         head, state = tracked.saw_view(view)

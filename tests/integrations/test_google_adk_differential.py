@@ -1,0 +1,472 @@
+"""Differential model checking: ``FastSessionService`` against ADK's ``InMemorySessionService``.
+
+A hypothesis ``RuleBasedStateMachine`` applies the same random sequences of
+``create_session`` (with or without an id, with ``app:``, ``user:``, ``temp:`` and plain state
+keys), ``get_session`` (with ``GetSessionConfig`` ``num_recent_events`` and
+``after_timestamp``), ``list_sessions`` (one user, all users), ``append_event`` (state deltas
+of every scope, partial events, events sent again), ``delete_session``, ``get_user_state``
+and clock moves to a ``FastSessionService`` (over MemoryStore, or a FileStore in a fresh
+directory) and to ADK's reference in-memory service, and compares what a caller sees: the
+sessions returned (ids, state merged with app and user state, events, field by field), the
+session objects after an append, the events returned, the errors raised, the listings and
+the user state.
+
+Both services run on one clock (ADK's ``platform.time`` and the service's ``clock``) and one
+id source for generated session ids.
+
+Normalizations, each a documented difference (docs/integrations/google-adk.md):
+
+- ``last_update_time`` is "the store's time of the session's last change (the service's
+  clock)"; the in-memory service takes the appended event's own timestamp. Events here carry
+  timestamps a little off the clock (to exercise ``after_timestamp``), so ours is checked
+  against the clock reading of the session's last change, and listings against the order
+  that time gives ("Sessions come oldest update first"; ties by user id, then session id,
+  as the in-memory service sorts).
+- Listed sessions "carry no events and no state" here (the in-memory service fills in the
+  state): the listing is compared by ids and times only.
+- An append to a session deleted meanwhile raises ``SessionNotFoundError`` in both, but the
+  event's ``temp:`` keys reach our object ("as with ADK's database service"), not the
+  in-memory service's: that object is dropped.
+- "Stale session objects refused": an append on a session object another append overtook
+  (or whose session was deleted and created again) raises ``StaleSessionError`` here, where
+  the in-memory service appends. Such calls are checked against that rule alone (and the
+  object, which then holds the event's ``temp:`` keys, is dropped).
+- An event sent again is looked for among the events the session object holds, where the
+  in-memory service looks among the stored ones (which differ for an object read with a
+  ``GetSessionConfig``), and compared without its ``temp:`` keys: so it is sent again here
+  only to objects holding it, and with extra ``temp:`` keys it is checked alone.
+- Values that are not JSON (a tuple, a datetime) "are stored as their JSON form and read
+  back as such, as with ADK's database service": state and events are compared in JSON form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+pytest.importorskip("google.adk")
+
+import pydantic_core
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from google.adk.errors import StaleSessionError
+from google.adk.errors.already_exists_error import AlreadyExistsError
+from google.adk.errors.session_not_found_error import SessionNotFoundError
+from google.adk.events.event import Event
+from google.adk.events.event_actions import EventActions
+from google.adk.platform import time as platform_time
+from google.adk.platform import uuid as platform_uuid
+from google.adk.sessions import InMemorySessionService, Session
+from google.adk.sessions.base_session_service import GetSessionConfig
+from google.genai import types
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from fastcheckpoint.integrations.google_adk import FastSessionService
+from tests._helpers import FakeClock, make_store
+
+T = TypeVar("T")
+
+APPS = ("calc", "a/b:ü")
+USERS = ("ada", "bo/%")
+SESSION_IDS = ("s1", "s2", "ü 3")
+Key = tuple[str, str, str]
+
+texts = st.text(max_size=6) | st.sampled_from(["", "Héllo ✓", "\u0000", "😀", "x" * 200])
+json_scalars = (st.none() | st.booleans() | texts | st.integers(-(2 ** 70), 2 ** 70)
+                | st.floats(allow_nan=False, allow_infinity=False))
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=2),
+    max_leaves=6)
+# Values JSON cannot hold as they are: stored as their JSON form (documented).
+values = json_values | st.sampled_from(
+    [(1, "two"), datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.timezone.utc)])
+state_keys = st.sampled_from(
+    ["k", "n", "ü", "app:k", "app:n", "user:k", "user:n", "temp:k", "temp:n", "app:", "user:"])
+states = st.dictionaries(state_keys, values, max_size=4)
+offsets = st.sampled_from([0.0, 0.0, 0.0, -2.0, -0.5, 1.0])
+
+
+def jsonish(value: Any) -> Any:
+    """``value`` as its JSON form, types spelled out (``1`` is not ``1.0`` nor ``True``)."""
+    return typed(pydantic_core.from_json(pydantic_core.to_json(value)))
+
+
+def typed(value: Any) -> Any:
+    if isinstance(value, dict):
+        return ("object", sorted((key, typed(item)) for key, item in value.items()))
+    if isinstance(value, list):
+        return ("array", [typed(item) for item in value])
+    if isinstance(value, float):
+        return ("float", value.hex())
+    return (type(value).__name__, value)
+
+
+def events_of(session: Session) -> Any:
+    return jsonish([event.model_dump(mode="json") for event in session.events])
+
+
+def contents(session: Session) -> dict[str, Any]:
+    """What a caller sees of a session, but its ``last_update_time`` (checked apart)."""
+    return {"id": session.id, "app": session.app_name, "user": session.user_id,
+            "state": jsonish(session.state), "events": events_of(session)}
+
+
+@dataclasses.dataclass
+class Life:
+    """What the model knows of a stored session: which life it is in (a session deleted
+    and created again is a new one), how many events it stored in it, when it changed."""
+
+    life: int
+    revision: int
+    changed_at: float
+    events: list[Event] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(eq=False)
+class Handle:
+    """A session object of each service, got together, and the life and revision it
+    reflects."""
+
+    key: Key
+    ours: Session
+    reference: Session
+    life: int
+    revision: int
+
+
+class ServiceMachine(RuleBasedStateMachine):
+    """Subclasses pick the store."""
+
+    STORE_KIND = "memory"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._exit = ExitStack()
+        self.portal: BlockingPortal = self._exit.enter_context(
+            start_blocking_portal(backend="asyncio"))
+        self.directory = Path(tempfile.mkdtemp(prefix="fastcheckpoint-adk-diff-"))
+        self._exit.callback(shutil.rmtree, self.directory, ignore_errors=True)
+        self.clock = FakeClock()
+        self.store = make_store(self.STORE_KIND, self.directory, fsync=False)
+        # Two services on one store: two processes, each knowing only what it saw.
+        self.services = (FastSessionService(self.store, clock=self.clock),
+                         FastSessionService(self.store, clock=self.clock))
+        self.ours = self.services[0]
+        self.reference = InMemorySessionService()
+        self.lives: dict[Key, Life] = {}
+        self.handles: list[Handle] = []
+        self.lives_begun = 0
+        self.generated = itertools.count()
+        self.next_id = "gen"
+        """The id both services generate for a session created without one."""
+        self.event_ids = itertools.count()
+
+    def call(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """``func`` in the portal, with ADK's clock (event timestamps, the in-memory
+        service's times) on the machine's clock."""
+
+        async def on_clock() -> T:
+            platform_time.set_time_provider(self.clock)
+            platform_uuid.set_id_provider(lambda: self.next_id)
+            return await func(*args, **kwargs)
+
+        return self.portal.call(on_clock)
+
+    def both(self, name: str, *args: Any, via: int = 0, **kwargs: Any) -> tuple[Any, Any]:
+        """``name`` called on both services (``via``: which of ours): (ours, reference),
+        each a result or the exception it raised."""
+        outcomes = []
+        for service in (self.services[via], self.reference):
+            try:
+                outcomes.append(self.call(getattr(service, name), *args, **kwargs))
+            except Exception as exc:  # compared below
+                outcomes.append(exc)
+        return outcomes[0], outcomes[1]
+
+    def teardown(self) -> None:
+        try:
+            self.call(self.store.aclose)
+        finally:
+            self._exit.close()
+
+    def live(self, key: Key) -> Life | None:
+        return self.lives.get(key)
+
+    def check_session(self, ours: Session, reference: Session, key: Key) -> None:
+        assert contents(ours) == contents(reference)
+        life = self.lives[key]
+        assert ours.last_update_time == life.changed_at
+
+    def check_read(self, ours: object, reference: object, key: Key) -> Life | None:
+        """Both reads agree with each other and with the model: ``None`` for a session
+        that is not (or no longer) live."""
+        life = self.live(key)
+        if life is None:
+            assert (ours, reference) == (None, None)
+            return None
+        assert isinstance(ours, Session), ours
+        assert isinstance(reference, Session), reference
+        self.check_session(ours, reference, key)
+        return life
+
+    # -- rules ------------------------------------------------------------------------------
+
+    @rule(via=st.sampled_from([0, 1]), app=st.sampled_from(APPS), user=st.sampled_from(USERS),
+          session_id=st.none() | st.sampled_from([*SESSION_IDS, "", "  ", " s1 "]),
+          state=states)
+    def create_session(self, via: int, app: str, user: str, session_id: str | None,
+                       state: dict[str, Any]) -> None:
+        generated = self.next_id = f"gen-{next(self.generated)}"
+        ours, reference = self.both("create_session", via=via, app_name=app, user_id=user,
+                                    state=dict(state), session_id=session_id)
+        key = (app, user, (session_id or "").strip() or generated)
+        if key in self.lives:
+            assert isinstance(ours, AlreadyExistsError), ours
+            assert isinstance(reference, AlreadyExistsError), reference
+            return
+        assert isinstance(ours, Session), ours
+        assert isinstance(reference, Session), reference
+        self.lives_begun += 1
+        self.lives[key] = Life(self.lives_begun, 0, self.clock.now)
+        self.check_session(ours, reference, key)
+        self.handles.append(Handle(key, ours, reference, self.lives_begun, 0))
+
+    def known_keys(self) -> list[Key]:
+        return sorted({*self.lives, *(handle.key for handle in self.handles)})
+
+    @precondition(lambda self: self.lives or self.handles)
+    @rule(via=st.sampled_from([0, 1]), data=st.data(),
+          num_recent=st.none() | st.integers(0, 4),
+          after=st.none() | st.sampled_from([-3.0, -1.0, -0.5, 0.0, 0.5]),
+          spaces=st.booleans())
+    def get_session(self, via: int, data: st.DataObject, num_recent: int | None,
+                    after: float | None, spaces: bool) -> None:
+        key = data.draw(st.sampled_from(self.known_keys()))
+        app, user, session_id = key
+        config = None
+        if num_recent is not None or after is not None:
+            config = GetSessionConfig(
+                num_recent_events=num_recent,
+                after_timestamp=None if after is None else self.clock.now + after)
+        ours, reference = self.both("get_session", via=via, app_name=app, user_id=user,
+                                    session_id=f" {session_id} " if spaces else session_id,
+                                    config=config)
+        life = self.check_read(ours, reference, key)
+        if life is not None:
+            assert isinstance(ours, Session)
+            assert isinstance(reference, Session)
+            self.handles.append(Handle(key, ours, reference, life.life, life.revision))
+
+    @rule(app=st.sampled_from(APPS), user=st.sampled_from([*USERS, ""]),
+          session_id=st.sampled_from([*SESSION_IDS, "", "  "]))
+    def get_missing_or_not(self, app: str, user: str, session_id: str) -> None:
+        ours, reference = self.both("get_session", app_name=app, user_id=user,
+                                    session_id=session_id)
+        self.check_read(ours, reference, (app, user, session_id.strip()))
+
+    @precondition(lambda self: self.handles)
+    @rule(via=st.sampled_from([0, 1]), data=st.data(), delta=states, offset=offsets,
+          partial=st.booleans(),
+          author=st.sampled_from(["user", "agent"]), text=texts,
+          again=st.sampled_from(["no", "no", "no", "held", "held-with-temp", "id-only"]))
+    def append_event(self, via: int, data: st.DataObject, delta: dict[str, Any], offset: float,
+                     partial: bool, author: str, text: str, again: str) -> None:
+        handle = data.draw(st.sampled_from(self.handles))
+        life = self.live(handle.key)
+        held = handle.ours.events
+        if again != "no" and held:
+            sent = data.draw(st.sampled_from(held)).model_copy(deep=True)
+            if again == "held-with-temp":
+                sent.actions.state_delta = {**sent.actions.state_delta, "temp:again": 1}
+            elif again == "id-only":  # another event that happens to share an id
+                sent = sent.model_copy(update={"author": "other", "partial": None})
+        else:
+            content = types.Content(role="user" if author == "user" else "model",
+                                    parts=[types.Part(text=text)])
+            sent = Event(id=f"e{next(self.event_ids)}", author=author, invocation_id="inv",
+                         content=content, timestamp=self.clock.now + offset,
+                         partial=partial or None,
+                         actions=EventActions(state_delta=dict(delta)))
+        stale = not sent.partial and life is not None and (
+            (handle.life, handle.revision) != (life.life, life.revision))
+        if stale:
+            # Documented: refused here; the in-memory service would append.
+            with pytest.raises(StaleSessionError):
+                self.call(self.services[via].append_event, handle.ours, sent)
+            self.handles.remove(handle)
+            return
+        if again == "held-with-temp" and held and life is not None and not stale:
+            # Documented: an event equal to a held one but for its temp: keys (never
+            # stored) is sent again, so stores nothing; the in-memory service compares
+            # them too, and stores it a second time. Its temp: keys reach the object.
+            returned = self.call(self.services[via].append_event, handle.ours, sent)
+            assert returned.actions.state_delta.get("temp:again") is None
+            handle.reference.state["temp:again"] = 1
+            assert contents(handle.ours) == contents(handle.reference)
+            return
+        before = len(handle.reference.events)
+        ours = self.call_append(self.services[via], handle.ours, sent.model_copy(deep=True))
+        reference = self.call_append(self.reference, handle.reference,
+                                     sent.model_copy(deep=True))
+        if life is None:
+            assert isinstance(ours, SessionNotFoundError) or sent.partial, ours
+            assert isinstance(reference, SessionNotFoundError) or sent.partial, reference
+            if not sent.partial:
+                # Documented: the event's temp: keys reach our object (as with ADK's
+                # database service); the in-memory service checks the session first.
+                self.handles.remove(handle)
+            return
+        assert isinstance(ours, Event), ours
+        assert isinstance(reference, Event), reference
+        assert jsonish(ours.model_dump(mode="json")) == jsonish(
+            reference.model_dump(mode="json"))
+        assert contents(handle.ours) == contents(handle.reference)
+        if len(handle.reference.events) > before:  # stored
+            life.revision += 1
+            life.changed_at = self.clock.now
+            life.events.append(ours)
+            handle.revision = life.revision
+            assert handle.ours.last_update_time == life.changed_at
+
+    def call_append(self, service: Any, session: Session, event: Event) -> Any:
+        try:
+            return self.call(service.append_event, session, event)
+        except Exception as exc:  # compared by the caller
+            return exc
+
+    @precondition(lambda self: self.lives or self.handles)
+    @rule(via=st.sampled_from([0, 1]), data=st.data(), spaces=st.booleans())
+    def delete_session(self, via: int, data: st.DataObject, spaces: bool) -> None:
+        app, user, session_id = key = data.draw(st.sampled_from(self.known_keys()))
+        ours, reference = self.both("delete_session", via=via, app_name=app, user_id=user,
+                                    session_id=f" {session_id}" if spaces else session_id)
+        assert (ours, reference) == (None, None)
+        self.lives.pop(key, None)
+
+    @rule(via=st.sampled_from([0, 1]), app=st.sampled_from(APPS),
+          user=st.none() | st.sampled_from(USERS))
+    def list_sessions(self, via: int, app: str, user: str | None) -> None:
+        ours, reference = self.both("list_sessions", via=via, app_name=app, user_id=user)
+        assert all(session.events == [] and session.state == {} for session in ours.sessions)
+        assert all(session.events == [] for session in reference.sessions)
+        expected = sorted(
+            (self.lives[app, session.user_id, session.id].changed_at, session.user_id,
+             session.id) for session in reference.sessions)
+        assert [(session.last_update_time, session.user_id, session.id)
+                for session in ours.sessions] == expected
+        assert all(session.app_name == app for session in ours.sessions)
+
+    @rule(via=st.sampled_from([0, 1]), app=st.sampled_from(APPS), user=st.sampled_from(USERS))
+    def get_user_state(self, via: int, app: str, user: str) -> None:
+        ours, reference = self.both("get_user_state", via=via, app_name=app, user_id=user)
+        assert jsonish(ours) == jsonish(reference)
+
+    @rule(seconds=st.sampled_from([0.0, 0.25, 1.0, 3.0]))
+    def advance_clock(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+
+    @invariant()
+    def every_session_reads_the_same(self) -> None:
+        for key in self.known_keys():
+            ours, reference = self.both("get_session", via=len(key[2]) % 2, app_name=key[0],
+                                        user_id=key[1], session_id=key[2])
+            self.check_read(ours, reference, key)
+
+
+MACHINE_SETTINGS = settings(
+    max_examples=10,
+    stateful_step_count=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+class MemoryServiceMachine(ServiceMachine):
+    STORE_KIND = "memory"
+
+
+class FileServiceMachine(ServiceMachine):
+    STORE_KIND = "file"
+
+
+TestFastSessionServiceOnMemoryStore = MemoryServiceMachine.TestCase
+TestFastSessionServiceOnMemoryStore.settings = MACHINE_SETTINGS
+TestFastSessionServiceOnFileStore = FileServiceMachine.TestCase
+TestFastSessionServiceOnFileStore.settings = MACHINE_SETTINGS
+
+
+# -- regressions found by the machines above --------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["memory", "file"])
+async def test_an_event_sent_again_checks_the_session_is_still_there(
+    kind: str, tmp_path: Path
+) -> None:
+    """An event held already was taken as stored on the head this process remembered, with
+    no read: after another process deleted the session, the call "succeeded" (the in-memory
+    service raises SessionNotFoundError), and on an object another process overtook it did
+    not raise StaleSessionError as documented."""
+    store = make_store(kind, tmp_path, fsync=False)
+    mine, other = FastSessionService(store), FastSessionService(store)  # two processes
+    sent = Event(id="e0", author="user", invocation_id="inv")
+    try:
+        gone = await mine.create_session(app_name="a", user_id="u", session_id="gone")
+        await mine.append_event(gone, sent.model_copy(deep=True))
+        await other.delete_session(app_name="a", user_id="u", session_id="gone")
+        with pytest.raises(SessionNotFoundError):
+            await mine.append_event(gone, sent.model_copy(deep=True))
+
+        overtaken = await mine.create_session(app_name="a", user_id="u", session_id="moved")
+        await mine.append_event(overtaken, sent.model_copy(deep=True))
+        theirs = await other.get_session(app_name="a", user_id="u", session_id="moved")
+        assert theirs is not None
+        await other.append_event(theirs, Event(id="e1", author="user", invocation_id="inv"))
+        with pytest.raises(StaleSessionError):
+            await mine.append_event(overtaken, sent.model_copy(deep=True))
+
+        # Still current: sent again, it stores nothing.
+        current = await mine.get_session(app_name="a", user_id="u", session_id="moved")
+        assert current is not None
+        await mine.append_event(current, current.events[0].model_copy(deep=True))
+        stored = await other.get_session(app_name="a", user_id="u", session_id="moved")
+        assert stored is not None
+        assert [event.id for event in stored.events] == ["e0", "e1"]
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_an_event_sent_again_is_looked_for_among_the_events_the_object_holds(
+    tmp_path: Path,
+) -> None:
+    """Documented difference: the in-memory service finds an event sent again among the
+    stored events, this service among those the session object holds. An object read with
+    a GetSessionConfig that left the event out stores it a second time."""
+    for service in (InMemorySessionService(), FastSessionService(make_store("memory",
+                                                                            tmp_path))):
+        session = await service.create_session(app_name="a", user_id="u", session_id="s")
+        first = Event(id="e0", author="user", invocation_id="inv", timestamp=1.0)
+        await service.append_event(session, first.model_copy(deep=True))
+        await service.append_event(
+            session, Event(id="e1", author="user", invocation_id="inv", timestamp=2.0))
+        recent = await service.get_session(app_name="a", user_id="u", session_id="s",
+                                           config=GetSessionConfig(num_recent_events=1))
+        assert recent is not None
+        await service.append_event(recent, first.model_copy(deep=True))
+        stored = await service.get_session(app_name="a", user_id="u", session_id="s")
+        assert stored is not None
+        expected = (["e0", "e1"] if isinstance(service, InMemorySessionService)
+                    else ["e0", "e1", "e0"])
+        assert [event.id for event in stored.events] == expected
