@@ -51,6 +51,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio
 import pytest
 
 pytest.importorskip("google.adk")
@@ -77,7 +78,7 @@ from tests._helpers import FakeClock, make_store
 T = TypeVar("T")
 
 APPS = ("calc", "a/b:ü")
-USERS = ("ada", "bo/%")
+USERS = ("ada", "bo/%", "ü" * 150)  # the last one's labels are hashes (over 256 bytes)
 SESSION_IDS = ("s1", "s2", "ü 3")
 Key = tuple[str, str, str]
 
@@ -338,6 +339,75 @@ class ServiceMachine(RuleBasedStateMachine):
             life.events.append(ours)
             handle.revision = life.revision
             assert handle.ours.last_update_time == life.changed_at
+
+    def current(self) -> list[Handle]:
+        """Handles an append may go through: live sessions, objects at their revision."""
+        return [handle for handle in self.handles
+                if (life := self.live(handle.key)) is not None
+                and (handle.life, handle.revision) == (life.life, life.revision)]
+
+    @precondition(lambda self: len({handle.key for handle in self.current()}) >= 2)
+    @rule(data=st.data(), deltas=st.lists(st.dictionaries(
+        st.sampled_from(["k", "app:k", "app:n", "user:k", "user:n"]), json_scalars,
+        min_size=1, max_size=3), min_size=2, max_size=2))
+    def concurrent_appends(self, data: st.DataObject, deltas: list[dict[str, Any]]) -> None:
+        """Two processes append to two sessions at the same time: both land, and app and
+        user state are the reference's for one order of the two appends."""
+        first = data.draw(st.sampled_from(self.current()))
+        second = data.draw(st.sampled_from(
+            [handle for handle in self.current() if handle.key != first.key]))
+        events = [Event(id=f"e{next(self.event_ids)}", author="agent", invocation_id="inv",
+                        timestamp=self.clock.now, actions=EventActions(state_delta=delta))
+                  for delta in deltas]
+
+        async def together() -> None:
+            platform_time.set_time_provider(self.clock)
+            async with anyio.create_task_group() as group:
+                for via, (handle, sent) in enumerate(zip((first, second), events, strict=True)):
+                    group.start_soon(self.services[via].append_event, handle.ours,
+                                     sent.model_copy(deep=True))
+
+        self.portal.call(together)
+        apps_users = {(handle.key[0], handle.key[1]) for handle in (first, second)}
+        seen = {(app, user): jsonish(self.call(self.ours.get_user_state, app_name=app,
+                                               user_id=user))
+                for app, user in apps_users}
+        app_states = {app: jsonish(self.app_state(app)) for app, _ in apps_users}
+        for order in ((0, 1), (1, 0)):
+            users = {pair: dict(self.call(self.reference.get_user_state, app_name=pair[0],
+                                          user_id=pair[1])) for pair in apps_users}
+            apps = {app: dict(self.reference.app_state.get(app, {})) for app, _ in apps_users}
+            for index in order:
+                handle = (first, second)[index]
+                for key, value in deltas[index].items():
+                    if key.startswith("user:"):
+                        users[handle.key[:2]][key.removeprefix("user:")] = value
+                    elif key.startswith("app:"):
+                        apps[handle.key[0]][key.removeprefix("app:")] = value
+            if ({pair: jsonish(state) for pair, state in users.items()} == seen
+                    and {app: jsonish(state) for app, state in apps.items()} == app_states):
+                for index in order:
+                    handle, sent = (first, second)[index], events[index]
+                    self.call(self.reference.append_event, handle.reference,
+                              sent.model_copy(deep=True))
+                    life = self.lives[handle.key]
+                    life.revision += 1
+                    life.changed_at = self.clock.now
+                    life.events.append(sent)
+                    handle.revision = life.revision
+                assert contents(first.ours) == contents(first.reference)
+                assert contents(second.ours) == contents(second.reference)
+                return
+        raise AssertionError(f"no order of the appends gives {seen!r:.300}, {app_states!r:.300}")
+
+    def app_state(self, app: str) -> dict[str, Any]:
+        """The app's state as our service reads it (through any of its sessions)."""
+        key = next(key for key in self.lives if key[0] == app)
+        session = self.call(self.ours.get_session, app_name=key[0], user_id=key[1],
+                            session_id=key[2])
+        assert session is not None
+        return {key.removeprefix("app:"): value for key, value in session.state.items()
+                if key.startswith("app:")}
 
     def call_append(self, service: Any, session: Session, event: Event) -> Any:
         try:

@@ -29,6 +29,7 @@ Normalizations, each a documented difference (docs/integrations/openai-agents.md
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import shutil
@@ -38,6 +39,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio
 import pytest
 
 pytest.importorskip("agents")
@@ -178,6 +180,51 @@ class SessionMachine(RuleBasedStateMachine):
         self.call(self.session(session_id, handle).add_items, feed(kind, batch))
         self.call(self.reference[session_id].add_items, feed(kind, batch))
 
+    @rule(session_id=st.sampled_from(SESSION_IDS), first=batches, second=batches,
+          pops=st.integers(0, 2))
+    def concurrent_changes(
+        self, session_id: str, first: list[Any], second: list[Any], pops: int
+    ) -> None:
+        """Two objects (two processes) add a batch each, and pop, at the same time: the
+        outcome is the reference's for one order of the calls (each one atomic)."""
+        before = self.call(self.reference[session_id].get_items, None)
+        popped: list[Any] = []
+
+        async def together() -> None:
+            async def pop(handle: int) -> None:
+                popped.append(await self.ours[session_id, handle].pop_item())
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(self.ours[session_id, 0].add_items, list(first))
+                group.start_soon(self.ours[session_id, 1].add_items, list(second))
+                for index in range(pops):
+                    group.start_soon(pop, index % 2)
+
+        self.portal.call(together)
+        after = typed(self.call(self.ours[session_id, 0].get_items, 1_000_000))
+        # Every item of the two batches and the session before, in a serial order: each batch
+        # kept together, pops taking from the end. Replay the order that matches.
+        for order in ((first, second), (second, first)):
+            for pops_before in itertools.product(range(pops + 1), repeat=3):
+                if sum(pops_before) != pops:
+                    continue
+                model = list(before)
+                taken: list[Any] = []
+                for index, batch in enumerate(order):
+                    taken += [model.pop() if model else None
+                              for _ in range(pops_before[index])]
+                    model += batch
+                taken += [model.pop() if model else None for _ in range(pops_before[2])]
+                if typed(model) == after and sorted(map(repr, map(typed, taken))) == sorted(
+                        map(repr, map(typed, popped))):
+                    self.replace_reference(session_id, model)
+                    return
+        raise AssertionError(f"no serial order gives {after!r:.300} and pops {popped!r:.300}")
+
+    def replace_reference(self, session_id: str, items: list[Any]) -> None:
+        self.call(self.reference[session_id].clear_session)
+        self.call(self.reference[session_id].add_items, items)
+
     @rule(session_id=st.sampled_from(SESSION_IDS), handle=ANY_HANDLE,
           good=batches, bad=refused_items, at=st.integers(0, 4))
     def add_refused_items(
@@ -249,8 +296,23 @@ class SessionMachine(RuleBasedStateMachine):
                                        1_000_000)) == expected
 
 
+@pytest.mark.parametrize("given", [None, {"limit": 2}, SessionSettings(limit=0), {}])
+def test_session_settings_are_the_sdks(given: Any, tmp_path: Path) -> None:
+    """The Session protocol's attributes: ``session_id``, and ``session_settings`` built
+    from what the SDK's sessions take."""
+    ours = FastSession("s", make_store("memory", tmp_path))
+    built = FastSession("s", make_store("memory", tmp_path), session_settings=given)
+    reference = SQLiteSession("s", session_settings=given)
+    try:
+        assert (ours.session_id, built.session_settings) == (
+            reference.session_id, reference.session_settings)
+        assert ours.session_settings == SQLiteSession("s").session_settings
+    finally:
+        reference.close()
+
+
 MACHINE_SETTINGS = settings(
-    max_examples=12,
+    max_examples=10,
     stateful_step_count=20,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
