@@ -72,6 +72,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from fastcheckpoint.errors import SerializationError
 from fastcheckpoint.integrations.google_adk import FastSessionService
 from tests._helpers import FakeClock, make_store
 
@@ -540,3 +541,26 @@ async def test_an_event_sent_again_is_looked_for_among_the_events_the_object_hol
         expected = (["e0", "e1"] if isinstance(service, InMemorySessionService)
                     else ["e0", "e1", "e0"])
         assert [event.id for event in stored.events] == expected
+
+
+@pytest.mark.anyio
+async def test_a_lone_surrogate_is_refused_before_anything_is_stored(tmp_path: Path) -> None:
+    """Documented difference: a string holding a lone surrogate (not Unicode text) raises
+    SerializationError, in state or in an event, with nothing stored; the in-memory service
+    keeps it."""
+    service = FastSessionService(make_store("memory", tmp_path))
+    with pytest.raises(SerializationError):
+        await service.create_session(app_name="a", user_id="u", session_id="s",
+                                     state={"user:k": "half a pair: \ud83d"})
+    assert await service.get_session(app_name="a", user_id="u", session_id="s") is None
+    assert await service.get_user_state(app_name="a", user_id="u") == {}
+    session = await service.create_session(app_name="a", user_id="u", session_id="s")
+    text = types.Content(role="user", parts=[types.Part(text="\udc00")])
+    for sent in (Event(author="user", actions=EventActions(state_delta={"k": "\ud800"})),
+                 Event(author="user", content=text)):
+        with pytest.raises(SerializationError):
+            await service.append_event(session, sent)
+    await service.append_event(session, Event(author="user"))  # the object goes on
+    stored = await service.get_session(app_name="a", user_id="u", session_id="s")
+    assert stored is not None
+    assert (len(stored.events), stored.state) == (1, {})
