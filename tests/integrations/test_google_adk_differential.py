@@ -11,6 +11,8 @@ sessions returned (ids, state merged with app and user state, events, field by f
 session objects after an append, the events returned, the errors raised, the listings and
 the user state.
 
+Sessions have a TTL, and the clock moves: an expired session is deleted from the
+reference (the documented "expired means absent"; the in-memory service has no TTL).
 Both services run on one clock (ADK's ``platform.time`` and the service's ``clock``) and one
 id source for generated session ids.
 
@@ -82,6 +84,7 @@ APPS = ("calc", "a/b:ü")
 USERS = ("ada", "bo/%", "ü" * 150)  # the last one's labels are hashes (over 256 bytes)
 SESSION_IDS = ("s1", "s2", "ü 3")
 Key = tuple[str, str, str]
+TTL = 10.1
 
 texts = st.text(max_size=6) | st.sampled_from(["", "Héllo ✓", "\u0000", "😀", "x" * 200])
 json_scalars = (st.none() | st.booleans() | texts | st.integers(-(2 ** 70), 2 ** 70)
@@ -162,8 +165,9 @@ class ServiceMachine(RuleBasedStateMachine):
         self.clock = FakeClock()
         self.store = make_store(self.STORE_KIND, self.directory, fsync=False)
         # Two services on one store: two processes, each knowing only what it saw.
-        self.services = (FastSessionService(self.store, clock=self.clock),
-                         FastSessionService(self.store, clock=self.clock))
+        self.services = (
+            FastSessionService(self.store, ttl_seconds=TTL, clock=self.clock),
+            FastSessionService(self.store, ttl_seconds=TTL, clock=self.clock))
         self.ours = self.services[0]
         self.reference = InMemorySessionService()
         self.lives: dict[Key, Life] = {}
@@ -443,9 +447,17 @@ class ServiceMachine(RuleBasedStateMachine):
         ours, reference = self.both("get_user_state", via=via, app_name=app, user_id=user)
         assert jsonish(ours) == jsonish(reference)
 
-    @rule(seconds=st.sampled_from([0.0, 0.25, 1.0, 3.0]))
+    @rule(seconds=st.sampled_from([0.0, 0.25, 1.0, 3.0, 12.0]))
     def advance_clock(self, seconds: float) -> None:
+        """Time passes: a session unchanged for ``TTL`` seconds expires ("expired means
+        absent": the reference deletes it). Steps are multiples of 0.25 and ``TTL`` is
+        not, so no expiry falls on a boundary."""
         self.clock.advance(seconds)
+        for key, life in list(self.lives.items()):
+            if self.clock.now >= life.changed_at + TTL:
+                self.call(self.reference.delete_session, app_name=key[0], user_id=key[1],
+                          session_id=key[2])
+                del self.lives[key]
 
     @invariant()
     def every_session_reads_the_same(self) -> None:

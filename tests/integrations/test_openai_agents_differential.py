@@ -8,8 +8,10 @@ compares everything a caller sees after every step: the items returned, their ex
 types (``1`` is not ``1.0`` nor ``True``), their key order, and what each session holds.
 
 Each session id has two ``FastSession`` objects on the one store (another process, in
-effect: each object knows only the changes it made or read), and one reference session
-(``SQLiteSession``'s behaviour does not depend on the object used).
+effect: each object knows only the changes it made or read), steps may use a new object, and
+one reference session (``SQLiteSession``'s behaviour does not depend on the object used).
+Sessions have a TTL and the clock moves: an expired session is cleared in the reference
+(the documented "expired means absent"; ``SQLiteSession`` has no TTL).
 
 Normalizations, each a documented difference (docs/integrations/openai-agents.md, "Limits"):
 
@@ -53,12 +55,13 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from fastcheckpoint.errors import SerializationError, ValidationError
 from fastcheckpoint.integrations.openai_agents import FastSession
-from tests._helpers import make_store
+from tests._helpers import FakeClock, make_config, make_store
 
 T = TypeVar("T")
 
 SESSION_IDS = ("s1", "s2", "ü/é:3 ")
 HANDLES = (0, 1)
+TTL = 10.0
 ANY_HANDLE = st.sampled_from([*HANDLES, None])
 """Which object a step uses: one of each session's two, or (``None``) a new one that never
 looked at the session."""
@@ -145,17 +148,27 @@ class SessionMachine(RuleBasedStateMachine):
         self.directory = Path(tempfile.mkdtemp(prefix="fastcheckpoint-openai-diff-"))
         self._exit.callback(shutil.rmtree, self.directory, ignore_errors=True)
         self.store = make_store(self.STORE_KIND, self.directory, fsync=False)
-        self.ours = {(session_id, handle): FastSession(session_id, self.store)
+        self.clock = FakeClock()
+        self.config = make_config(self.clock)
+        self.ours = {(session_id, handle): self.new_session(session_id)
                      for session_id in SESSION_IDS for handle in HANDLES}
+        self.renewed: dict[str, float | None] = dict.fromkeys(SESSION_IDS)
+        """When each session last changed (its TTL counts from there); ``None``: empty."""
         self.reference = {session_id: SQLiteSession(session_id)
                           for session_id in SESSION_IDS}
         for session in self.reference.values():
             self._exit.callback(session.close)
 
+    def new_session(self, session_id: str) -> FastSession:
+        return FastSession(session_id, self.store, ttl_seconds=TTL, config=self.config)
+
     def session(self, session_id: str, handle: int | None) -> FastSession:
         if handle is None:
-            return FastSession(session_id, self.store)
+            return self.new_session(session_id)
         return self.ours[session_id, handle]
+
+    def renew(self, session_id: str) -> None:
+        self.renewed[session_id] = self.clock.now
 
     def call(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         return self.portal.call(functools.partial(func, *args, **kwargs))
@@ -179,6 +192,8 @@ class SessionMachine(RuleBasedStateMachine):
     def add_items(self, session_id: str, handle: int | None, batch: list[Any], kind: str) -> None:
         self.call(self.session(session_id, handle).add_items, feed(kind, batch))
         self.call(self.reference[session_id].add_items, feed(kind, batch))
+        if batch:
+            self.renew(session_id)
 
     @rule(session_id=st.sampled_from(SESSION_IDS), first=batches, second=batches,
           pops=st.integers(0, 2))
@@ -218,6 +233,8 @@ class SessionMachine(RuleBasedStateMachine):
                 if typed(model) == after and sorted(map(repr, map(typed, taken))) == sorted(
                         map(repr, map(typed, popped))):
                     self.replace_reference(session_id, model)
+                    if first or second or any(item is not None for item in popped):
+                        self.renew(session_id)
                     return
         raise AssertionError(f"no serial order gives {after!r:.300} and pops {popped!r:.300}")
 
@@ -276,11 +293,25 @@ class SessionMachine(RuleBasedStateMachine):
     def pop_item(self, session_id: str, handle: int | None) -> None:
         expected = self.call(self.reference[session_id].pop_item)
         assert typed(self.call(self.session(session_id, handle).pop_item)) == typed(expected)
+        if expected is not None:
+            self.renew(session_id)
 
     @rule(session_id=st.sampled_from(SESSION_IDS), handle=ANY_HANDLE)
     def clear_session(self, session_id: str, handle: int | None) -> None:
         self.call(self.session(session_id, handle).clear_session)
         self.call(self.reference[session_id].clear_session)
+        self.renewed[session_id] = None
+
+    @rule(seconds=st.sampled_from([0.75, 4.5, 12.0]))
+    def advance_clock(self, seconds: float) -> None:
+        """Time passes: a session unchanged for ``TTL`` seconds expires, all its items
+        together ("expired means absent"; the reference is cleared then). The steps never
+        sum to a TTL exactly, so no expiry falls on a boundary."""
+        self.clock.advance(seconds)
+        for session_id, renewed in self.renewed.items():
+            if renewed is not None and self.clock.now >= renewed + TTL:
+                self.call(self.reference[session_id].clear_session)
+                self.renewed[session_id] = None
 
     @rule(session_id=st.sampled_from(SESSION_IDS), handle=st.sampled_from(HANDLES),
           limit=settings_limits)
