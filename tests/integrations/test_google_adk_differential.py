@@ -11,6 +11,9 @@ sessions returned (ids, state merged with app and user state, events, field by f
 session objects after an append, the events returned, the errors raised, the listings and
 the user state.
 
+Two ``FastSessionService`` instances share the store (two processes, each knowing only what
+it saw); steps go through either, and two appends to two sessions may run at once (the
+outcome must then be the reference's for one order of them).
 Sessions have a TTL, and the clock moves: an expired session is deleted from the
 reference (the documented "expired means absent"; the in-memory service has no TTL).
 Both services run on one clock (ADK's ``platform.time`` and the service's ``clock``) and one
