@@ -32,6 +32,7 @@ from agent_framework import WorkflowCheckpoint, WorkflowEvent
 from agent_framework._serialization import SerializationMixin
 from agent_framework._workflows._events import WorkflowEventSource, WorkflowRunState
 from agent_framework._workflows._runner_context import WorkflowMessage
+from agent_framework._workflows._typing_utils import deserialize_type
 
 from fastcheckpoint._codec import Codec
 from fastcheckpoint.errors import ConfigurationError, CorruptCheckpointError
@@ -105,13 +106,34 @@ class CheckpointCodec:
         if cls is WorkflowMessage:
             return value.to_dict()
         if cls is WorkflowEvent:
-            return _event_fields(value)
+            fields = _event_fields(value)
+            if value.type == "request_info":
+                self._check_request_types(value, fields)
+            return fields
         if self._types.get(_name(cls)) is cls or _is_framework(cls):
             return _fields_of(value)
         raise TypeError(
             f"{_name(cls)} is not stored by this checkpoint storage (it stores no pickles); "
             "pass the class in FastCheckpointStorage(checkpoint_types=[...]) if it is a "
             "dataclass, a pydantic model or an Enum, or keep plain data in workflow state")
+
+    def _check_request_types(self, event: WorkflowEvent[Any], fields: dict[str, Any]) -> None:
+        """Refuse a request or response type its stored name does not give back: a generic
+        (``list[str]`` loads as ``list``) or ``typing.Optional[int]`` (names no type: the
+        checkpoint would not load). The framework's file storage refuses them too."""
+        for name in ("request_type", "response_type"):
+            given = getattr(event, f"_{name}", None)
+            if given is None:
+                continue
+            try:
+                found = deserialize_type(fields[name], allowed_types=self._types)
+            except (ImportError, AttributeError, TypeError, ValueError):
+                found = None
+            if found is not given:
+                raise TypeError(
+                    f"the request's {name} {given!r:.80} is stored by its name, "
+                    f"{fields[name]!r:.80}, which does not give it back: use a class (not a "
+                    "generic or an Optional) or name the class in checkpoint_types")
 
     def _decode_value(self, name: str, value: Any) -> Any:
         cls = self._types.get(name) or _framework_class(name)

@@ -22,6 +22,7 @@ import datetime as _dt
 import functools
 import hashlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -81,6 +82,8 @@ _HASHED_LABEL = "agent-framework:workflow-sha256:"
 _PAGE = 100
 _PAUSED_KEPT = 1024
 _READERS = 16
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+_MICROSECOND = _dt.timedelta(microseconds=1)
 """Checkpoints ``list_checkpoints`` reads at once."""
 
 
@@ -94,7 +97,9 @@ class _Listed(NamedTuple):
     """A checkpoint as a workflow listing sees it, from its run record alone."""
 
     checkpoint_id: str
-    moment: float
+    moment: int
+    """The ``timestamp`` in microseconds since the epoch: exact, as the framework compares
+    them (epoch seconds as a float merge microseconds after the year 2242)."""
     created_at: float
     key: str
     run_id: str
@@ -204,14 +209,14 @@ class FastCheckpointStorage:
         run_id = RUN_PREFIX + checkpoint_id
         key = _ids.key_of(run_id)
         workflow = _text("workflow_name", checkpoint.workflow_name)
-        moment = _moment(checkpoint.timestamp)
+        moment, micros = _moment(checkpoint.timestamp)
         payload = self._codec.encode(checkpoint)
         now = self._clock()
         expires_at = None if self._ttl_seconds is None else now + self._ttl_seconds
         header = self._codec.codec.encode_header(Header(
             run_id, f"iteration {checkpoint.iteration_count}"[:200], None, [],
             self._ttl_seconds))
-        status, data = self._run_details(checkpoint, workflow, moment, now)
+        status, data = self._run_details(checkpoint, workflow, moment, micros, now)
         label = workflow_label(workflow)
         for attempt in range(RACE_ATTEMPTS):
             if attempt:
@@ -289,13 +294,15 @@ class FastCheckpointStorage:
     # -- internals ------------------------------------------------------------------------
 
     def _run_details(
-        self, checkpoint: WorkflowCheckpoint, workflow: str, moment: float, now: float
+        self, checkpoint: WorkflowCheckpoint, workflow: str, moment: float, micros: int,
+        now: float,
     ) -> tuple[str, bytes]:
         """The new run's status and encoded details: PAUSED, with the requests as its
         approval request, while the workflow waits for responses."""
         details = RunData(metadata={
             "framework": FRAMEWORK, "workflow": workflow,
             "checkpoint_id": checkpoint.checkpoint_id, "timestamp": moment,
+            "timestamp_us": micros,
             "previous_checkpoint_id": checkpoint.previous_checkpoint_id,
             "iteration": checkpoint.iteration_count})
         requests = _requests(checkpoint.pending_request_info_events)
@@ -378,8 +385,16 @@ class FastCheckpointStorage:
                            exc_info=True)
 
     async def _listed(self, workflow_name: str) -> list[_Listed]:
-        workflow = _text("workflow_name", workflow_name)
-        label = workflow_label(workflow)
+        if not isinstance(workflow_name, str):
+            raise ValidationError(
+                f"workflow_name must be a str, got {type(workflow_name).__name__}")
+        workflow = workflow_name
+        try:
+            label = workflow_label(workflow)
+        except UnicodeEncodeError:
+            # A lone surrogate: no save could store that name (as no save stores an id
+            # ``load`` cannot encode), so the workflow has no checkpoints, as elsewhere.
+            return []
         listed: list[_Listed] = []
         cursor: str | None = None
         while True:
@@ -401,11 +416,11 @@ class FastCheckpointStorage:
         except CorruptCheckpointError:
             logger.warning("skipping a run with unreadable details", exc_info=True)
             return None
-        moment = metadata.get("timestamp")
-        if metadata.get("workflow") != workflow or not isinstance(moment, (int, float)):
+        moment = _listed_moment(metadata)
+        if metadata.get("workflow") != workflow or moment is None:
             return None  # another workflow whose name hashes alike, or not one of ours
         previous = metadata.get("previous_checkpoint_id")
-        return _Listed(record.run_id[len(RUN_PREFIX):], float(moment), record.created_at,
+        return _Listed(record.run_id[len(RUN_PREFIX):], moment, record.created_at,
                        _ids.run_key(record.run_id), record.run_id,
                        previous if isinstance(previous, str) else None)
 
@@ -438,7 +453,7 @@ def _newest_first(listed: list[_Listed]) -> list[_Listed]:
     """``listed`` (oldest first by timestamp) in the order ``get_latest`` prefers them: by
     timestamp, newest first; among equal ones, first those no other of them names as its
     parent (the lineage's leaves), each group by ``checkpoint_id``, greatest first."""
-    parents: dict[float, set[str]] = {}
+    parents: dict[int, set[str]] = {}
     for entry in listed:
         if entry.previous is not None:
             parents.setdefault(entry.moment, set()).add(entry.previous)
@@ -491,8 +506,10 @@ def _text(name: str, value: object) -> str:
     return value
 
 
-def _moment(timestamp: object) -> float:
-    """A checkpoint's ``timestamp`` in epoch seconds (an ISO 8601 text; naive means UTC)."""
+def _moment(timestamp: object) -> tuple[float, int]:
+    """A checkpoint's ``timestamp`` (an ISO 8601 text; naive means UTC) in epoch seconds,
+    for people (the run details), and in microseconds since the epoch, exactly, for
+    ordering."""
     if not isinstance(timestamp, str):
         raise ValidationError(f"timestamp must be an ISO 8601 str, got {type(timestamp).__name__}")
     try:
@@ -501,7 +518,20 @@ def _moment(timestamp: object) -> float:
         raise ValidationError(f"timestamp {timestamp[:60]!r} is not ISO 8601") from exc
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=_dt.timezone.utc)
-    return moment.timestamp()
+    return moment.timestamp(), (moment - _EPOCH) // _MICROSECOND
+
+
+def _listed_moment(metadata: Mapping[str, Any]) -> int | None:
+    """The ``timestamp`` a run's details hold, in microseconds; from the epoch seconds alone
+    for a run saved before the details held the exact value (exact until the year 2242)."""
+    micros = metadata.get("timestamp_us")
+    if isinstance(micros, int) and not isinstance(micros, bool):
+        return micros
+    seconds = metadata.get("timestamp")
+    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and \
+            math.isfinite(seconds):
+        return round(seconds * 1_000_000)
+    return None
 
 
 def _checked_clock(clock: object) -> Callable[[], float]:
