@@ -48,13 +48,17 @@ from typing import Any, TypeVar
 import pydantic
 import pytest
 from agent_framework import (
+    Content,
     InMemoryCheckpointStorage,
+    Message,
     WorkflowCheckpoint,
     WorkflowCheckpointException,
     WorkflowErrorDetails,
     WorkflowEvent,
     WorkflowRunState,
 )
+from agent_framework._serialization import SerializationMixin
+from agent_framework._workflows._events import WorkflowEventSource
 from agent_framework._workflows._runner_context import WorkflowMessage
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import HealthCheck, settings
@@ -146,11 +150,14 @@ leaves = hashable_leaves | st.decimals(allow_nan=True) | st.builds(
 ) | st.builds(Address, street=texts, lines=st.lists(texts, max_size=2)) | st.builds(
     WorkflowErrorDetails, texts, texts, st.none() | texts)
 keys = texts | st.integers(-5, 5) | st.tuples(st.integers(0, 2), texts)
-values = st.recursive(leaves, lambda inner: st.one_of(
+framework_objects = st.builds(
+    lambda role, text: Message(role=role, contents=[Content.from_text(text)]),
+    st.sampled_from(["user", "assistant"]), texts)
+values = st.recursive(leaves | framework_objects, lambda inner: st.one_of(
     st.lists(inner, max_size=3), st.tuples(inner, inner),
     st.frozensets(hashable_leaves, max_size=3), st.sets(hashable_leaves, max_size=3),
     st.dictionaries(keys, inner, max_size=3)), max_leaves=6)
-states = st.dictionaries(texts, values, max_size=3)
+states = st.dictionaries(texts, values | st.deferred(lambda: events() | messages), max_size=3)
 
 
 UNNAMED = (list[str], typing.Optional[int], int | None)  # noqa: UP045 - the typing form
@@ -160,16 +167,21 @@ storage), which the page says (requests' types are classes)."""
 
 @st.composite
 def events(draw: st.DrawFn) -> WorkflowEvent[Any]:
-    kind = draw(st.sampled_from(["request", "request", "custom", "failed", "superstep"]))
+    kind = draw(st.sampled_from(["request", "request", "custom", "failed", "superstep",
+                                 "status"]))
     if kind == "request":
-        data = draw(st.sampled_from(["ok?", 3, ("t", 1), None]) | st.builds(
-            Parcel, texts, st.floats(allow_nan=False)))
+        data = draw(st.sampled_from(["ok?", 3, ("t", 1), None, b"raw", frozenset({1})])
+                    | st.sampled_from(list(Lane)) | st.datetimes(timezones=zones) | st.builds(
+            Parcel, texts, st.floats(allow_nan=False)) | st.builds(Address, street=texts))
         answer = draw(st.sampled_from([bool, str, int, Parcel, Lane, type(None)])
                       | st.sampled_from(UNNAMED))
         return WorkflowEvent.request_info(draw(texts), draw(texts), data, answer)
     if kind == "custom":
         return WorkflowEvent(draw(st.sampled_from(["output", "data"])), draw(values),  # type: ignore[arg-type]
                              executor_id=draw(st.none() | texts))
+    if kind == "status":
+        return WorkflowEvent("status", state=draw(st.sampled_from(list(WorkflowRunState))),
+                             origin=draw(st.none() | st.sampled_from(list(WorkflowEventSource))))
     if kind == "failed":
         details = WorkflowErrorDetails(draw(texts), draw(texts), executor_id=draw(texts))
         return WorkflowEvent.executor_failed(draw(texts), details)
@@ -214,6 +226,8 @@ def observed(value: Any) -> Any:
     if isinstance(value, WorkflowEvent):
         return ("WorkflowEvent", tuple(sorted(
             (name, observed(item)) for name, item in vars(value).items())))
+    if isinstance(value, SerializationMixin):  # no __eq__: compared by their fields
+        return (type(value).__qualname__, observed(value.to_dict()))
     if isinstance(value, type):
         return ("type", value.__module__, value.__qualname__, id(value))
     if isinstance(value, enum.Enum):
@@ -239,12 +253,21 @@ def observed(value: Any) -> Any:
     return (kind, value)
 
 
-def _unnamed(checkpoint: WorkflowCheckpoint) -> bool:
-    found = list(checkpoint.pending_request_info_events.values()) + [
-        message.original_request_info_event for messages in checkpoint.messages.values()
-        for message in messages if message.original_request_info_event is not None]
-    return any(event.type == "request_info" and any(
-        event.response_type is unnamed for unnamed in UNNAMED) for event in found)
+def _unnamed(value: Any) -> bool:
+    """Whether a request event anywhere in ``value`` has a response type of ``UNNAMED``."""
+    if isinstance(value, WorkflowCheckpoint):
+        return _unnamed(value.to_dict())
+    if isinstance(value, WorkflowMessage):
+        return _unnamed(value.to_dict())
+    if isinstance(value, WorkflowEvent):
+        unnamed = value.type == "request_info" and any(
+            value.response_type is answer for answer in UNNAMED)
+        return unnamed or _unnamed(value.data)
+    if isinstance(value, dict):
+        return any(_unnamed(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_unnamed(item) for item in value)
+    return False
 
 
 def _moment(timestamp: str) -> dt.datetime:
@@ -376,10 +399,10 @@ class StorageMachine(RuleBasedStateMachine):
             assert observed(latest) == observed(expected), workflow[:20]
 
 
-EXAMPLES = int(os.environ.get("AF_DIFF_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("AF_DIFF_EXAMPLES", "8"))
 MACHINE_SETTINGS = settings(
     max_examples=EXAMPLES,
-    stateful_step_count=20,
+    stateful_step_count=15,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
