@@ -65,11 +65,11 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from fastcheckpoint import FileStore, MemoryStore, _ids
+from fastcheckpoint import CheckpointManager, CheckpointStatus, FileStore, MemoryStore, _ids
 from fastcheckpoint.errors import SerializationError
 from fastcheckpoint.integrations.agent_framework import RUN_PREFIX, FastCheckpointStorage
 from fastcheckpoint.stores import CheckpointStore
-from tests._helpers import FakeClock
+from tests._helpers import FakeClock, make_config
 
 T = TypeVar("T")
 
@@ -270,6 +270,9 @@ def _unnamed(value: Any) -> bool:
     return False
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=_UTC)
+
+
 def _moment(timestamp: str) -> dt.datetime:
     moment = dt.datetime.fromisoformat(timestamp)
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=_UTC)
@@ -279,6 +282,10 @@ class StorageMachine(RuleBasedStateMachine):
     """``ours`` and ``reference`` get the same calls; every answer must agree."""
 
     STORE_KIND = "memory"
+    TTL: float | None = None
+    """With a TTL, the reference forgets a checkpoint that long after its save: the page's
+    "expired means absent" (load raises, listings leave it out, delete returns False, the id
+    may be saved again)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -293,6 +300,7 @@ class StorageMachine(RuleBasedStateMachine):
         self.reference = InMemoryCheckpointStorage()
         self.saved: list[WorkflowCheckpoint] = []
         """Checkpoints given to ``save``, which the machine later changes in place."""
+        self.saved_at: dict[str, float] = {}
 
     def _open(self) -> FastCheckpointStorage:
         store: CheckpointStore
@@ -304,13 +312,15 @@ class StorageMachine(RuleBasedStateMachine):
             store = MemoryStore()
         if store not in self.stores:
             self.stores.append(store)
-        return FastCheckpointStorage(store, checkpoint_types=TYPES, clock=self.clock)
+        return FastCheckpointStorage(store, checkpoint_types=TYPES, clock=self.clock,
+                                     ttl_seconds=self.TTL)
 
     def call(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         return self.portal.call(functools.partial(func, *args, **kwargs))
 
     def both(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         """``(ours, reference)``: each side's result, or the exception it raised."""
+        self._expire()
         answers: list[Any] = []
         for storage in (self.ours, self.reference):
             try:
@@ -318,6 +328,14 @@ class StorageMachine(RuleBasedStateMachine):
             except Exception as exc:  # each side's exception is compared
                 answers.append(exc)
         return answers[0], answers[1]
+
+    def _expire(self) -> None:
+        if self.TTL is None:
+            return
+        for checkpoint_id, saved_at in list(self.saved_at.items()):
+            if saved_at + self.TTL <= self.clock.now:
+                del self.saved_at[checkpoint_id]
+                self.call(self.reference.delete, checkpoint_id)
 
     def teardown(self) -> None:
         try:
@@ -338,6 +356,7 @@ class StorageMachine(RuleBasedStateMachine):
         assert not isinstance(ours, Exception), f"ours raised {ours!r}"
         assert ours == reference == checkpoint.checkpoint_id
         self.saved.append(checkpoint)
+        self.saved_at[checkpoint.checkpoint_id] = self.clock.now
 
     @precondition(lambda self: bool(self.saved))
     @rule(index=st.integers(0, 50), state=states)
@@ -380,6 +399,11 @@ class StorageMachine(RuleBasedStateMachine):
         if change and ours:
             ours[0].state["changed"] = True
 
+    @precondition(lambda self: self.TTL is not None)
+    @rule(seconds=st.sampled_from([1.0, 4.0, 10.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+
     @rule()
     def reopen(self) -> None:
         """A new storage object (over a new FileStore on the directory): what another process
@@ -398,6 +422,30 @@ class StorageMachine(RuleBasedStateMachine):
             assert not isinstance(latest, Exception), f"ours raised {latest!r}"
             assert observed(latest) == observed(expected), workflow[:20]
 
+    @invariant()
+    def runs_agree(self) -> None:
+        """What ``fastcheckpoint runs`` and ``show`` see: one run per checkpoint the reference
+        holds, naming its workflow, lineage and exact timestamp; PAUSED only while it has
+        requests."""
+        self._expire()
+        manager = CheckpointManager(self.ours.store, config=make_config(self.clock))
+        expected: dict[str, WorkflowCheckpoint] = self.reference._checkpoints
+        assert self.call(manager.count_runs) == len(expected)
+        for checkpoint_id in CHECKPOINT_IDS:
+            run = self.call(manager.get_run, RUN_PREFIX + checkpoint_id)
+            checkpoint = expected.get(checkpoint_id)
+            if checkpoint is None:
+                assert run is None, checkpoint_id[:20]
+                continue
+            assert run is not None, checkpoint_id[:20]
+            assert run.checkpoint_count == 1
+            assert run.metadata["workflow"] == checkpoint.workflow_name
+            assert run.metadata["previous_checkpoint_id"] == checkpoint.previous_checkpoint_id
+            assert run.metadata["timestamp_us"] == (
+                _moment(checkpoint.timestamp) - _EPOCH) // dt.timedelta(microseconds=1)
+            if not checkpoint.pending_request_info_events:
+                assert run.status is not CheckpointStatus.PAUSED, checkpoint_id[:20]
+
 
 EXAMPLES = int(os.environ.get("AF_DIFF_EXAMPLES", "8"))
 MACHINE_SETTINGS = settings(
@@ -412,10 +460,16 @@ class FileStorageMachine(StorageMachine):
     STORE_KIND = "file"
 
 
+class ExpiringStorageMachine(StorageMachine):
+    TTL = 10.0
+
+
 TestAgainstTheFrameworkOnMemoryStore = StorageMachine.TestCase
 TestAgainstTheFrameworkOnMemoryStore.settings = MACHINE_SETTINGS
 TestAgainstTheFrameworkOnFileStore = FileStorageMachine.TestCase
 TestAgainstTheFrameworkOnFileStore.settings = MACHINE_SETTINGS
+TestAgainstTheFrameworkWithExpiry = ExpiringStorageMachine.TestCase
+TestAgainstTheFrameworkWithExpiry.settings = MACHINE_SETTINGS
 
 
 # -- what the machine found, each pinned by a deterministic test ---------------------------------
