@@ -549,3 +549,35 @@ async def test_a_workflow_name_no_save_can_store_has_no_checkpoints() -> None:
         assert await storage.list_checkpoint_ids(workflow_name="\ud800") == []
         assert await storage.list_checkpoints(workflow_name="\ud800") == []
         assert await storage.get_latest(workflow_name="\ud800") is None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["memory", "file"])
+async def test_listings_over_many_pages_agree(kind: str, tmp_path: Path) -> None:
+    """Listings read a workflow's runs 100 at a time: 101 checkpoints of a workflow (ties on
+    timestamps across pages, replaced ids, another workflow's in between) list as the
+    reference does."""
+    store = MemoryStore() if kind == "memory" else FileStore(tmp_path, fsync=False)
+    ours = FastCheckpointStorage(store)
+    reference = InMemoryCheckpointStorage()
+    try:
+        for index in range(106):
+            saved = _at(f"2026-05-01T12:{index % 7:02d}:00+00:00", f"c{index % 104}",
+                        "other" if index in (3, 50, 77) else "orders")
+            saved.previous_checkpoint_id = f"c{(index * 7) % 104}"
+            for storage in (ours, reference):
+                await storage.save(saved)
+        assert len(await ours.list_checkpoint_ids(workflow_name="orders")) == 101
+        for workflow in ("orders", "other"):
+            ids = await ours.list_checkpoint_ids(workflow_name=workflow)
+            assert sorted(ids) == sorted(
+                await reference.list_checkpoint_ids(workflow_name=workflow))
+            listed = await ours.list_checkpoints(workflow_name=workflow)
+            assert [checkpoint.checkpoint_id for checkpoint in listed] == ids
+            moments = [_moment(checkpoint.timestamp) for checkpoint in listed]
+            assert moments == sorted(moments)
+            latest = await ours.get_latest(workflow_name=workflow)
+            expected = await reference.get_latest(workflow_name=workflow)
+            assert observed(latest) == observed(expected)
+    finally:
+        await store.aclose()
