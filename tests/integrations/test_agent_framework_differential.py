@@ -8,7 +8,11 @@ caller can observe after every step: returned ids, the checkpoints' values (type
 so a tuple that comes back a list is a difference), exceptions, and what each workflow
 lists. It also mutates what it saved and what it loaded (both storages promise copies) and
 reopens the storage (a new storage object, over a new FileStore on the same directory: what
-another process would find).
+another process would find). After every step the runs view (``fastcheckpoint runs`` and
+``show``) must hold one run per checkpoint the reference holds. A third machine saves with a
+TTL and moves the clock; its reference forgets a checkpoint once the TTL has passed (the
+page: expired means absent). Ids ``save`` refuses (over 4,080 bytes, a lone surrogate) are
+only looked up, where both storages find nothing.
 
 Normalizations, each a difference the Agent Framework page (docs/integrations/agent-framework.md)
 documents, so not a finding:
@@ -20,7 +24,10 @@ documents, so not a finding:
   ``ValidationError`` at ``save`` (the framework's storage accepts it and then fails in
   ``get_latest``);
 * values are the ones the page lists as stored exactly (plus the application's classes named
-  in ``checkpoint_types``): anything else is refused by design (no pickle);
+  in ``checkpoint_types``): anything else is refused by design (no pickle), and so are
+  integers outside 64 bits, lone surrogates and nesting over 100 levels (the page's limits);
+* request events' response types of ``UNNAMED`` are refused (the page: they must be
+  classes): such a save is checked to raise ``SerializationError`` and write nothing;
 * a ``load`` of an unknown id raises ``WorkflowCheckpointNotFound``, which is the framework's
   ``WorkflowCheckpointException``: compared as that.
 
@@ -149,7 +156,8 @@ leaves = hashable_leaves | st.decimals(allow_nan=True) | st.builds(
     Parcel, texts, st.floats(allow_nan=False), st.none() | st.datetimes(timezones=zones)
 ) | st.builds(Address, street=texts, lines=st.lists(texts, max_size=2)) | st.builds(
     WorkflowErrorDetails, texts, texts, st.none() | texts)
-keys = texts | st.integers(-5, 5) | st.tuples(st.integers(0, 2), texts)
+keys = texts | st.integers(-5, 5) | st.tuples(st.integers(0, 2), texts) | hashable_leaves | \
+    st.frozensets(st.integers(0, 3), max_size=2)
 framework_objects = st.builds(
     lambda role, text: Message(role=role, contents=[Content.from_text(text)]),
     st.sampled_from(["user", "assistant"]), texts)
