@@ -309,6 +309,11 @@ class StorageMachine(RuleBasedStateMachine):
         self.saved: list[WorkflowCheckpoint] = []
         """Checkpoints given to ``save``, which the machine later changes in place."""
         self.saved_at: dict[str, float] = {}
+        self.paused: dict[str, bool | None] = {}
+        """Whether each checkpoint's run should be PAUSED (``None``: not checked), as the page
+        says: while it waits for responses, until a save naming it as the previous checkpoint,
+        by a storage object that saved or loaded it while paused (``remembered``)."""
+        self.remembered: set[str] = set()
 
     def _open(self) -> FastCheckpointStorage:
         store: CheckpointStore
@@ -343,6 +348,7 @@ class StorageMachine(RuleBasedStateMachine):
         for checkpoint_id, saved_at in list(self.saved_at.items()):
             if saved_at + self.TTL <= self.clock.now:
                 del self.saved_at[checkpoint_id]
+                self.paused.pop(checkpoint_id, None)
                 self.call(self.reference.delete, checkpoint_id)
 
     def teardown(self) -> None:
@@ -365,6 +371,15 @@ class StorageMachine(RuleBasedStateMachine):
         assert ours == reference == checkpoint.checkpoint_id
         self.saved.append(checkpoint)
         self.saved_at[checkpoint.checkpoint_id] = self.clock.now
+        saved_id, previous = checkpoint.checkpoint_id, checkpoint.previous_checkpoint_id
+        waiting = bool(checkpoint.pending_request_info_events)
+        self.paused[saved_id] = waiting if previous != saved_id else None
+        if waiting:
+            self.remembered.add(saved_id)
+        if previous in self.remembered and previous != saved_id:
+            self.remembered.discard(previous)
+            if previous in self.paused:
+                self.paused[previous] = False  # approved: the workflow went on from it
 
     @precondition(lambda self: bool(self.saved))
     @rule(index=st.integers(0, 50), state=states)
@@ -385,6 +400,8 @@ class StorageMachine(RuleBasedStateMachine):
             return
         assert not isinstance(ours, Exception), f"ours raised {ours!r}"
         assert observed(ours) == observed(reference)
+        if self.paused.get(checkpoint_id):
+            self.remembered.add(checkpoint_id)
         if change:  # a copy: the next load does not see it
             ours.state["changed"] = True
             ours.metadata.clear()
@@ -393,6 +410,7 @@ class StorageMachine(RuleBasedStateMachine):
     def delete(self, checkpoint_id: str) -> None:
         ours, reference = self.both("delete", checkpoint_id)
         assert ours is reference, f"ours {ours!r}, reference {reference!r}"
+        self.paused.pop(checkpoint_id, None)
 
     @rule(workflow=st.sampled_from(LISTED_WORKFLOWS), change=st.booleans())
     def list_checkpoints(self, workflow: str, change: bool) -> None:
@@ -417,6 +435,7 @@ class StorageMachine(RuleBasedStateMachine):
         """A new storage object (over a new FileStore on the directory): what another process
         finds."""
         self.ours = self._open()
+        self.remembered = set()
 
     # -- after every step -----------------------------------------------------------------------
 
@@ -433,8 +452,9 @@ class StorageMachine(RuleBasedStateMachine):
     @invariant()
     def runs_agree(self) -> None:
         """What ``fastcheckpoint runs`` and ``show`` see: one run per checkpoint the reference
-        holds, naming its workflow, lineage and exact timestamp; PAUSED only while it has
-        requests."""
+        holds, naming its workflow, lineage and exact timestamp; PAUSED while it waits for
+        responses, until this storage object saves one naming it as the previous checkpoint
+        (the page's "Waiting for responses")."""
         self._expire()
         manager = CheckpointManager(self.ours.store, config=make_config(self.clock))
         expected: dict[str, WorkflowCheckpoint] = self.reference._checkpoints
@@ -451,8 +471,10 @@ class StorageMachine(RuleBasedStateMachine):
             assert run.metadata["previous_checkpoint_id"] == checkpoint.previous_checkpoint_id
             assert run.metadata["timestamp_us"] == (
                 _moment(checkpoint.timestamp) - _EPOCH) // dt.timedelta(microseconds=1)
-            if not checkpoint.pending_request_info_events:
-                assert run.status is not CheckpointStatus.PAUSED, checkpoint_id[:20]
+            paused = self.paused[checkpoint_id]
+            if paused is not None:
+                assert (run.status is CheckpointStatus.PAUSED) is paused, (
+                    checkpoint_id[:20], run.status)
 
 
 EXAMPLES = int(os.environ.get("AF_DIFF_EXAMPLES", "8"))
