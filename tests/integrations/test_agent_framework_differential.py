@@ -477,13 +477,15 @@ class StorageMachine(RuleBasedStateMachine):
                     checkpoint_id[:20], run.status)
 
 
-EXAMPLES = int(os.environ.get("AF_DIFF_EXAMPLES", "8"))
-MACHINE_SETTINGS = settings(
-    max_examples=EXAMPLES,
-    stateful_step_count=15,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+def _settings(examples: int) -> settings:
+    """``examples`` per machine in CI (each machine about a second on an idle machine), or
+    ``AF_DIFF_EXAMPLES``."""
+    return settings(
+        max_examples=int(os.environ.get("AF_DIFF_EXAMPLES", examples)),
+        stateful_step_count=15,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 class FileStorageMachine(StorageMachine):
@@ -495,11 +497,11 @@ class ExpiringStorageMachine(StorageMachine):
 
 
 TestAgainstTheFrameworkOnMemoryStore = StorageMachine.TestCase
-TestAgainstTheFrameworkOnMemoryStore.settings = MACHINE_SETTINGS
+TestAgainstTheFrameworkOnMemoryStore.settings = _settings(6)
 TestAgainstTheFrameworkOnFileStore = FileStorageMachine.TestCase
-TestAgainstTheFrameworkOnFileStore.settings = MACHINE_SETTINGS
+TestAgainstTheFrameworkOnFileStore.settings = _settings(4)
 TestAgainstTheFrameworkWithExpiry = ExpiringStorageMachine.TestCase
-TestAgainstTheFrameworkWithExpiry.settings = MACHINE_SETTINGS
+TestAgainstTheFrameworkWithExpiry.settings = _settings(6)
 
 
 # -- what the machine found, each pinned by a deterministic test ---------------------------------
