@@ -82,9 +82,9 @@ _HASHED_LABEL = "agent-framework:workflow-sha256:"
 _PAGE = 100
 _PAUSED_KEPT = 1024
 _READERS = 16
+"""Checkpoints ``list_checkpoints`` reads at once."""
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _MICROSECOND = _dt.timedelta(microseconds=1)
-"""Checkpoints ``list_checkpoints`` reads at once."""
 
 
 class WorkflowCheckpointNotFound(WorkflowCheckpointException, CheckpointNotFound):
@@ -388,12 +388,11 @@ class FastCheckpointStorage:
         if not isinstance(workflow_name, str):
             raise ValidationError(
                 f"workflow_name must be a str, got {type(workflow_name).__name__}")
-        workflow = workflow_name
         try:
-            label = workflow_label(workflow)
+            label = workflow_label(workflow_name)
         except UnicodeEncodeError:
-            # A lone surrogate: no save could store that name (as no save stores an id
-            # ``load`` cannot encode), so the workflow has no checkpoints, as elsewhere.
+            # A lone surrogate: no save can store that name (as none stores an id ``load``
+            # cannot encode), so the workflow has no checkpoints, as in the framework's.
             return []
         listed: list[_Listed] = []
         cursor: str | None = None
@@ -401,7 +400,7 @@ class FastCheckpointStorage:
             page, cursor = await self._store.runs_with_label(
                 label, limit=_PAGE, cursor=cursor, now=self._clock())
             listed.extend(entry for record in page
-                          if (entry := self._entry(record, workflow)) is not None)
+                          if (entry := self._entry(record, workflow_name)) is not None)
             if cursor is None:
                 break
         listed.sort(key=lambda entry: (entry.moment, entry.created_at))
