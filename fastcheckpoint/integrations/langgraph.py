@@ -2153,6 +2153,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         oldest_first = [stored async for stored in self._headers(origin.key)][::-1]
         copied: dict[str, str] = {}  # source record id -> copy's record id
         numbered: dict[int, int] = {}  # source sequence -> copy's sequence
+        indexed: set[str] = set()  # the LangGraph runs indexed for the copy
         incarnation = _ids.new_incarnation()
         for stored in oldest_first:
             found = await self._store.read_with_items(
@@ -2160,7 +2161,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
             if found is not None:
                 located = Located(incarnation, len(copied), self._expiry())
                 await self._copy_checkpoint(origin, target, found[0], found[2], located,
-                                            copied, numbered)
+                                            copied, numbered, indexed)
                 made.append((target.key, located.sequence, copied[found[0].checkpoint_id]))
 
     async def _copy_checkpoint(
@@ -2172,9 +2173,18 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         located: Located,
         copied: dict[str, str],
         numbered: dict[int, int],
+        indexed: set[str],
     ) -> None:
         place = stored.key or f"run {origin.run_id[:80]!r} sequence {stored.sequence}"
         header, extra = self._headers_of(origin, stored, place)
+        # The copy is indexed under its LangGraph run, as the save it copies was, before it
+        # lands: ``delete_for_runs`` deletes a run's checkpoints in every thread, copies too.
+        metadata = self._loads(extra.metadata, place)
+        langgraph_run = metadata.get("run_id") if isinstance(metadata, dict) else None
+        if isinstance(langgraph_run, str) and langgraph_run and langgraph_run not in indexed:
+            await self._write_registry_entry(target, langgraph_run, self._now(),
+                                             located.incarnation)
+            indexed.add(langgraph_run)
         # The copy's sequences are not the source's: each floor becomes the copy of the
         # checkpoint there; one not copied (pruned) becomes a floor below every sequence, so
         # the copy's walk ends at the missing ancestor as the source's did.
