@@ -37,7 +37,7 @@ import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from langchain_core.messages import (
     AIMessage,
     BaseMessage,
@@ -260,8 +260,19 @@ in_place_edits = st.one_of(
 that gains or loses its value, which LangGraph always versions."""
 
 
+@dataclass
+class Knowledge:
+    """What one saver (a process) knows of the threads."""
+
+    lives: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    """The life of its namespace each checkpoint was saved or read in, or DROPPED."""
+    hinted: set[tuple[str, str]] = field(default_factory=set)
+    """The namespaces it saved in or read the latest of."""
+
+
 class DifferentialMachine(RuleBasedStateMachine):
     STORE_KIND = "memory"
+    PROCESSES = 1
     FANOUT: int | None = None
     """Parts of a log merged at once (fewer than the saver's: merges within a few saves)."""
 
@@ -273,12 +284,14 @@ class DifferentialMachine(RuleBasedStateMachine):
         self.directory = Path(tempfile.mkdtemp(prefix="fastcheckpoint-lgdiff-"))
         self._exit.callback(shutil.rmtree, self.directory, ignore_errors=True)
         self.ref = ReferenceSaver()
-        self.ours: FastCheckpointSaver | None = None
+        self.savers: list[FastCheckpointSaver] = []
+        self.knowledge: list[Knowledge] = []
+        self.by = 0  # the saver ("process") making the calls
+        self.store: Any = None
         self.saved: dict[str, Saved] = {}
         self.known: dict[tuple[str, str], list[str]] = {}  # every id saved per namespace
         self.branches: dict[tuple[str, str], Branch] = {}
         self.life: dict[tuple[str, str], int] = {}  # a namespace's current life
-        self.lives: dict[tuple[str, str, str], int] = {}  # a checkpoint's life, or DROPPED
         self.last_id = ""
         self.keep_latest: int | None = None
         self.eager = True
@@ -286,26 +299,42 @@ class DifferentialMachine(RuleBasedStateMachine):
         if self.FANOUT is not None:
             self._exit.callback(setattr, _logs, "FANOUT", _logs.FANOUT)
             _logs.FANOUT = self.FANOUT
-        self.hinted: set[tuple[str, str]] = set()  # namespaces the saver knows it saved in
 
     def call(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         return self.portal.call(functools.partial(func, *args, **kwargs))
 
     @property
+    def ours(self) -> FastCheckpointSaver | None:
+        return self.savers[self.by] if self.savers else None
+
+    @property
     def saver(self) -> FastCheckpointSaver:
-        assert self.ours is not None
-        return self.ours
+        return self.savers[self.by]
+
+    @property
+    def lives(self) -> dict[tuple[str, str, str], int]:
+        return self.knowledge[self.by].lives
+
+    @property
+    def hinted(self) -> set[tuple[str, str]]:
+        return self.knowledge[self.by].hinted
+
+    @hinted.setter
+    def hinted(self, value: set[tuple[str, str]]) -> None:
+        self.knowledge[self.by].hinted = value
 
     def close(self) -> None:
         try:
-            if self.ours is not None:
-                self.call(self.ours.aclose)
+            for saver in self.savers:
+                self.call(saver.aclose)
         finally:
             self._exit.close()
 
     def _store(self) -> Any:
-        if self.STORE_KIND == "memory":
-            return MemoryStore()
+        if self.STORE_KIND == "memory":  # a process's store object: the same memory
+            if self.store is None:
+                self.store = MemoryStore()
+            return self.store
         if self.STORE_KIND == "file":
             return FileStore(self.directory / "store", fsync=False)
         return SQLiteStore(self.directory / "store.db", synchronous="normal")
@@ -323,7 +352,29 @@ class DifferentialMachine(RuleBasedStateMachine):
             return FastCheckpointSaver(self._store(), keep_latest=keep_latest, config=make_config(
                 FakeClock(), history_min_entries=history_min_entries))
 
-        self.ours = self.call(built)
+        for _ in range(self.PROCESSES):
+            self.savers.append(self.call(built))
+            self.knowledge.append(Knowledge())
+
+    @precondition(lambda self: self.PROCESSES > 1)
+    @rule(by=st.integers(0, 1))
+    def switch_process(self, by: int) -> None:
+        """The calls that follow come from another saver on the same store (another
+        process): it knows only what it saved or read."""
+        self.by = by
+
+    def landed(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str) -> bool:
+        """Whether the store holds the checkpoint: asked by a saver that knows nothing."""
+        async def probe() -> bool:
+            fresh = FastCheckpointSaver(self._store(), config=make_config(FakeClock()))
+            found = await fresh.aget_tuple({"configurable": {
+                "thread_id": thread_id, "checkpoint_ns": checkpoint_ns,
+                "checkpoint_id": checkpoint_id}})
+            if self.STORE_KIND != "memory":
+                await fresh.aclose()
+            return found is not None
+
+        return self.call(probe)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -437,7 +488,7 @@ class DifferentialMachine(RuleBasedStateMachine):
         raise AssertionError(name)
 
     def expect_dropped(self, thread_id: str, checkpoint_ns: str, parent: str | None,
-                       root_id: str | None) -> bool:
+                       root_id: str | None) -> bool | None:
         """Documented: a save is dropped when it names a parent in a namespace that does not
         exist, or one this process saw in an earlier life of the namespace (not found in the
         current one), or when it starts a subgraph namespace under a root checkpoint whose
@@ -455,9 +506,12 @@ class DifferentialMachine(RuleBasedStateMachine):
         if root_life == DROPPED:
             return True
         # Or the namespace this process knew is gone (``adelete_for_runs`` emptied it) and
-        # the root checkpoint's life is over.
-        return (thread_id, checkpoint_ns) in self.hinted and root_life is not None and (
-            not self.held(thread_id, "") or root_life != self.life.get((thread_id, "")))
+        # the root checkpoint's life is over: whether the saver still knew the namespace
+        # (not the machine's business) decides, so the store is asked (``None``).
+        if root_life is None or (
+                self.held(thread_id, "") and root_life == self.life.get((thread_id, ""))):
+            return False
+        return None if (thread_id, checkpoint_ns) in self.hinted else False
 
     def record_life(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str,
                     was_held: bool) -> None:
@@ -558,6 +612,8 @@ class DifferentialMachine(RuleBasedStateMachine):
         expected_config = {"thread_id": thread_id, "checkpoint_ns": checkpoint_ns,
                            "checkpoint_id": checkpoint_id}
         assert ours["configurable"] == expected_config
+        if dropped is None:
+            dropped = not self.landed(thread_id, checkpoint_ns, checkpoint_id)
         if dropped:
             self.lives[(thread_id, checkpoint_ns, checkpoint_id)] = DROPPED
             self.hinted.discard(slot)
@@ -638,6 +694,11 @@ class DifferentialMachine(RuleBasedStateMachine):
             checkpoint_id = known[pick % len(known)]
         else:
             return
+        if checkpoint_id not in held and \
+                (thread_id, checkpoint_ns, checkpoint_id) not in self.lives:
+            # A process that never saw a checkpoint the store lacks waits 30 s for its save
+            # (documented): a write LangGraph sends before the save it follows.
+            return
         config = {"configurable": {"thread_id": thread_id, "checkpoint_ns": checkpoint_ns,
                                    "checkpoint_id": checkpoint_id}}
         sent = [(channel, self.write_value(channel, value)) for channel, value in writes]
@@ -668,6 +729,18 @@ class DifferentialMachine(RuleBasedStateMachine):
         ours = observed_tuple(self.call(self.saver.aget_tuple, copy.deepcopy(config)))
         ref = observed_tuple(self.call(self.ref.aget_tuple, copy.deepcopy(config)))
         assert ours == ref
+        if ours is not None:
+            self.learn([ours], head=checkpoint_id is None)
+
+    def learn(self, read: list[Any], *, head: bool = False) -> None:
+        """What a read teaches the saver: the life each checkpoint is in; the latest read
+        tells it the namespace too."""
+        for found in read:
+            thread_id, checkpoint_ns, checkpoint_id = found["at"]
+            self.lives[(thread_id, checkpoint_ns, checkpoint_id)] = \
+                self.life[(thread_id, checkpoint_ns)]
+            if head:
+                self.hinted.add((thread_id, checkpoint_ns))
 
     @rule(
         thread_id=st.sampled_from(THREADS),
@@ -690,6 +763,7 @@ class DifferentialMachine(RuleBasedStateMachine):
 
     def compare_list(self, config: Any, **options: Any) -> None:
         ours = self.listed(self.saver, config, **options)
+        self.learn(ours)
         limit = options.pop("limit", None)
         ref = self.listed(self.ref, config, **options)  # all, to judge a limited listing
         single = config is not None and "checkpoint_ns" in config["configurable"]
@@ -830,6 +904,11 @@ class MergingMachine(DifferentialMachine):
     FANOUT = 2
 
 
+class TwoProcessMachine(DifferentialMachine):
+    STORE_KIND = "memory"
+    PROCESSES = 2
+
+
 class FileMachine(DifferentialMachine):
     STORE_KIND = "file"
 
@@ -842,6 +921,8 @@ TestDifferentialOnMemoryStore = MemoryMachine.TestCase
 TestDifferentialOnMemoryStore.settings = machine_settings(10)
 TestDifferentialWithLogMerges = MergingMachine.TestCase
 TestDifferentialWithLogMerges.settings = machine_settings(8)
+TestDifferentialWithTwoProcesses = TwoProcessMachine.TestCase
+TestDifferentialWithTwoProcesses.settings = machine_settings(8)
 TestDifferentialOnFileStore = FileMachine.TestCase
 TestDifferentialOnFileStore.settings = machine_settings(6)
 TestDifferentialOnSQLiteStore = SQLiteMachine.TestCase
