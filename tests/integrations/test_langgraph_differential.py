@@ -49,6 +49,7 @@ from langgraph._internal._constants import ERROR, INTERRUPT, RESUME
 from langgraph.checkpoint.base import Checkpoint, CheckpointTuple
 from langgraph.checkpoint.base.id import uuid6
 from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.checkpoint.serde.types import _DeltaSnapshot
 from langgraph.types import Interrupt
 
 from fastcheckpoint import FileStore, MemoryStore, _logs
@@ -149,6 +150,8 @@ def observed(value: Any) -> Any:
         return ("exception", type(value).__name__, observed(list(value.args)))
     if isinstance(value, dict):
         return {key: observed(item) for key, item in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # _DeltaSnapshot
+        return (type(value).__name__, [observed(item) for item in value])
     if isinstance(value, (list, tuple)):
         return type(value)(observed(item) for item in value)
     return value
@@ -197,6 +200,7 @@ class Saved:
     ref_versions: dict[str, str]
     our_versions: dict[str, str]
     step: int
+    counters: dict[str, tuple[int, int]]
 
 
 @dataclass
@@ -208,6 +212,8 @@ class Branch:
     our_versions: dict[str, str] = field(default_factory=dict)
     parent: str | None = None
     step: int = -1
+    counters: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """LangGraph's (updates, supersteps) since each delta channel's snapshot."""
 
 
 _message_counter = iter(range(10**9))
@@ -260,6 +266,21 @@ in_place_edits = st.one_of(
 that gains or loses its value, which LangGraph always versions."""
 
 
+GRAPH_RUN: dict[str, Any] = {
+    "thread_id": st.sampled_from(THREADS),
+    "checkpoint_ns": st.sampled_from(NAMESPACES),
+    "steps": st.lists(st.tuples(
+        st.lists(edits, min_size=1, max_size=3),
+        st.lists(in_place_edits, max_size=1),
+        st.sampled_from(["messages", "count", INTERRUPT, ERROR, None, None])),
+        min_size=1, max_size=8),
+    "run_id": st.sampled_from(RUN_IDS),
+    "config_extra": st.sampled_from([{}, {"user_id": "u1"}, {"run_in_config": True}]),
+    "delta": st.integers(0, 5) | st.integers(0, 5) | st.none(),
+}
+"""A graph run's saves: each step's edits, in-place edits, and a write after it."""
+
+
 @dataclass
 class Knowledge:
     """What one saver (a process) knows of the threads."""
@@ -273,6 +294,8 @@ class Knowledge:
 class DifferentialMachine(RuleBasedStateMachine):
     STORE_KIND = "memory"
     PROCESSES = 1
+    DELTA = False
+    """A delta channel (LangGraph's ``DeltaChannel``, beta): snapshots, updates, histories."""
     FANOUT: int | None = None
     """Parts of a log merged at once (fewer than the saver's: merges within a few saves)."""
 
@@ -345,6 +368,7 @@ class DifferentialMachine(RuleBasedStateMachine):
               eager: bool) -> None:
         # Not eager: no reads but those the rules make, so saves follow saves (as in a graph
         # run) with nothing read between them to refresh what the saver remembers.
+        keep_latest = None if self.DELTA else keep_latest  # as aprune: see prune
         self.keep_latest = keep_latest
         self.eager = eager
 
@@ -400,7 +424,7 @@ class DifferentialMachine(RuleBasedStateMachine):
             assert found is not None
             values = found.checkpoint["channel_values"]
         return Branch(values, dict(saved.ref_versions), dict(saved.our_versions),
-                      checkpoint_id, saved.step)
+                      checkpoint_id, saved.step, dict(saved.counters))
 
     def edit(self, branch: Branch, edit: tuple[Any, ...]) -> set[str]:
         """Apply one edit to the branch's live values; the channels it changed."""
@@ -443,6 +467,22 @@ class DifferentialMachine(RuleBasedStateMachine):
             other = edit[2] % len(messages)
             messages[index], messages[other] = messages[other], messages[index]
         return {"messages"}
+
+    def delta_step(self, branch: Branch, delta: int | None) -> set[str]:
+        """A delta channel's step, as LangGraph's loop counts it: updated (no value stored),
+        a snapshot (its value stored), or not updated (``None``)."""
+        updates, supersteps = branch.counters.get("delta", (0, 0))
+        if delta is None:
+            if "delta" in branch.counters:
+                branch.counters["delta"] = (updates, supersteps + 1)
+            return set()
+        if delta % 3 == 0:
+            branch.values["delta"] = _DeltaSnapshot([delta, supersteps])
+            branch.counters["delta"] = (0, 0)
+        else:
+            branch.values.pop("delta", None)
+            branch.counters["delta"] = (updates + 1, supersteps + 1)
+        return {"delta"}
 
     def replay(self, values: dict[str, Any], pick: int, more: int) -> set[str]:
         """A replay from an older checkpoint that makes again the messages a later one of the
@@ -532,6 +572,7 @@ class DifferentialMachine(RuleBasedStateMachine):
         run_id=st.sampled_from(RUN_IDS),
         source=st.sampled_from(["input", "loop", "loop", "fork"]),
         config_extra=st.sampled_from([{}, {"user_id": "u1"}, {"run_in_config": True}]),
+        delta=st.integers(0, 5) | st.integers(0, 5) | st.none(),
     )
     def put(
         self,
@@ -544,6 +585,7 @@ class DifferentialMachine(RuleBasedStateMachine):
         run_id: str,
         source: str,
         config_extra: dict[str, Any],
+        delta: int | None = None,
     ) -> None:
         slot = self.slot = (thread_id, checkpoint_ns)
         branch = self.branches.get(slot)
@@ -565,6 +607,8 @@ class DifferentialMachine(RuleBasedStateMachine):
             if branch.values.get("messages") and "messages" not in changed and \
                     branch.parent in self.ref.ids(thread_id, checkpoint_ns):
                 self.edit(branch, change)
+        if self.DELTA:
+            changed |= self.delta_step(branch, delta)
         for channel in [name[1:] for name in changed if name.startswith("-")]:
             changed.discard("-" + channel)
             changed.discard(channel)
@@ -594,6 +638,8 @@ class DifferentialMachine(RuleBasedStateMachine):
             root_id = None if root is None else root.parent
         metadata: dict[str, Any] = {"source": source, "step": step,
                                     "parents": {} if root_id is None else {"": root_id}}
+        if self.DELTA:
+            metadata["counters_since_delta_snapshot"] = dict(branch.counters)
         configurable: dict[str, Any] = {"thread_id": thread_id, "checkpoint_ns": checkpoint_ns}
         if branch.parent is not None:
             configurable["checkpoint_id"] = branch.parent
@@ -629,24 +675,19 @@ class DifferentialMachine(RuleBasedStateMachine):
                     self.ref.drop(thread_id, checkpoint_ns, older)
         self.saved[checkpoint_id] = Saved(copy.deepcopy(branch.values),
                                           dict(branch.ref_versions), dict(branch.our_versions),
-                                          step)
+                                          step, dict(branch.counters))
         self.known.setdefault(slot, []).append(checkpoint_id)
         branch.parent = checkpoint_id
         branch.step = step
         if self.eager:
             self.compare_get(thread_id, checkpoint_ns, None)
 
-    @rule(
-        thread_id=st.sampled_from(THREADS),
-        checkpoint_ns=st.sampled_from(NAMESPACES),
-        steps=st.lists(st.tuples(
-            st.lists(edits, min_size=1, max_size=3),
-            st.lists(in_place_edits, max_size=1),
-            st.sampled_from(["messages", "count", INTERRUPT, ERROR, None, None])),
-            min_size=1, max_size=6),
-        run_id=st.sampled_from(RUN_IDS),
-        config_extra=st.sampled_from([{}, {"user_id": "u1"}, {"run_in_config": True}]),
-    )
+    @rule(**GRAPH_RUN)
+    def another_graph_run(self, **drawn: Any) -> None:
+        """Graph runs twice as often as the other rules: namespaces grow deep."""
+        self.graph_run(**drawn)
+
+    @rule(**GRAPH_RUN)
     def graph_run(
         self,
         thread_id: str,
@@ -654,14 +695,17 @@ class DifferentialMachine(RuleBasedStateMachine):
         steps: list[tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], str | None]],
         run_id: str,
         config_extra: dict[str, Any],
+        delta: int | None,
     ) -> None:
         """Saves as a graph run makes them, each continuing the last, a task's writes between."""
         for number, (changes, unversioned, written) in enumerate(steps):
             self.put(thread_id, checkpoint_ns, "continue", 0, changes, unversioned, run_id,
-                     "input" if number == 0 else "loop", config_extra)
-            if written is not None:
+                     "input" if number == 0 else "loop", config_extra,
+                     None if delta is None else delta + number)
+            channel = "delta" if self.DELTA and written in (None, "count") else written
+            if channel is not None:
                 self.put_writes(thread_id, checkpoint_ns, 0, True, TASKS[number % 2],
-                                PATHS[number % 3], [(written, number)])
+                                PATHS[number % 3], [(channel, number)])
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -673,7 +717,7 @@ class DifferentialMachine(RuleBasedStateMachine):
         task_id=st.sampled_from(TASKS),
         task_path=st.sampled_from(PATHS),
         writes=st.lists(st.tuples(
-            st.sampled_from(["messages", "count", "note", ERROR, INTERRUPT, RESUME]),
+            st.sampled_from(["messages", "count", "note", "delta", ERROR, INTERRUPT, RESUME]),
             st.integers(0, 9)), min_size=1, max_size=3),
     )
     def put_writes(
@@ -754,6 +798,28 @@ class DifferentialMachine(RuleBasedStateMachine):
         checkpoint_id = None if pick is None or not known else known[pick % len(known)]
         self.compare_get(thread_id, checkpoint_ns, checkpoint_id)
 
+    @precondition(lambda self: self.DELTA)
+    @rule(
+        thread_id=st.sampled_from(THREADS),
+        checkpoint_ns=st.sampled_from(NAMESPACES),
+        pick=st.none() | st.integers(0, 50),
+        channels=st.lists(st.sampled_from(["delta", "messages", "count", "absent"]),
+                          max_size=3, unique=True),
+    )
+    def delta_history(self, thread_id: str, checkpoint_ns: str, pick: int | None,
+                      channels: list[str]) -> None:
+        known = self.known.get((thread_id, checkpoint_ns), [])
+        channels = ["delta", *(channel for channel in channels if channel != "delta")]
+        configurable = {"thread_id": thread_id, "checkpoint_ns": checkpoint_ns}
+        if pick is not None and known:
+            configurable["checkpoint_id"] = known[pick % len(known)]
+        config = {"configurable": configurable}
+        ours = self.call(self.saver.aget_delta_channel_history, config=copy.deepcopy(config),
+                         channels=channels)
+        ref = self.call(self.ref.aget_delta_channel_history, config=copy.deepcopy(config),
+                        channels=channels)
+        assert observed(dict(ours)) == observed(dict(ref))
+
     def listed(self, saver: Any, config: Any, **options: Any) -> list[Any]:
         async def collect() -> list[Any]:
             return [observed_tuple(found)
@@ -831,6 +897,10 @@ class DifferentialMachine(RuleBasedStateMachine):
 
     @rule(run_ids=st.lists(st.sampled_from(RUN_IDS), max_size=2, unique=True))
     def delete_for_runs(self, run_ids: list[str]) -> None:
+        if self.DELTA:
+            # Documented: a checkpoint whose delta channels reach an ancestor removed is
+            # gone too (read or listed); InMemorySaver returns it unrebuildable.
+            return
         self.call(self.saver.adelete_for_runs, run_ids)
         self.call(self.ref.adelete_for_runs, run_ids)
 
@@ -860,6 +930,8 @@ class DifferentialMachine(RuleBasedStateMachine):
     @rule(thread_ids=st.lists(st.sampled_from(THREADS), max_size=2, unique=True),
           strategy=st.sampled_from(["keep_latest", "delete"]))
     def prune(self, thread_ids: list[str], strategy: str) -> None:
+        if self.DELTA and strategy == "keep_latest":
+            return  # documented: it keeps the ancestors delta channels rebuild from
         held = {slot for thread_id in thread_ids for slot in self.forget(thread_id)}
         self.call(self.saver.aprune, thread_ids, strategy=strategy)
         self.call(self.ref.aprune, thread_ids, strategy=strategy)
@@ -909,6 +981,11 @@ class TwoProcessMachine(DifferentialMachine):
     PROCESSES = 2
 
 
+class DeltaMachine(DifferentialMachine):
+    STORE_KIND = "memory"
+    DELTA = True
+
+
 class FileMachine(DifferentialMachine):
     STORE_KIND = "file"
 
@@ -923,6 +1000,8 @@ TestDifferentialWithLogMerges = MergingMachine.TestCase
 TestDifferentialWithLogMerges.settings = machine_settings(8)
 TestDifferentialWithTwoProcesses = TwoProcessMachine.TestCase
 TestDifferentialWithTwoProcesses.settings = machine_settings(8)
+TestDifferentialWithDeltaChannels = DeltaMachine.TestCase
+TestDifferentialWithDeltaChannels.settings = machine_settings(8)
 TestDifferentialOnFileStore = FileMachine.TestCase
 TestDifferentialOnFileStore.settings = machine_settings(6)
 TestDifferentialOnSQLiteStore = SQLiteMachine.TestCase
