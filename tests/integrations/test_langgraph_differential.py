@@ -995,14 +995,14 @@ class SQLiteMachine(DifferentialMachine):
 
 
 TestDifferentialOnMemoryStore = MemoryMachine.TestCase
-TestDifferentialOnMemoryStore.settings = machine_settings(10)
+TestDifferentialOnMemoryStore.settings = machine_settings(18)
 TestDifferentialWithLogMerges = MergingMachine.TestCase
-TestDifferentialWithLogMerges.settings = machine_settings(8)
+TestDifferentialWithLogMerges.settings = machine_settings(20)
 TestDifferentialWithTwoProcesses = TwoProcessMachine.TestCase
-TestDifferentialWithTwoProcesses.settings = machine_settings(8)
+TestDifferentialWithTwoProcesses.settings = machine_settings(20)
 TestDifferentialWithDeltaChannels = DeltaMachine.TestCase
-TestDifferentialWithDeltaChannels.settings = machine_settings(8)
+TestDifferentialWithDeltaChannels.settings = machine_settings(20)
 TestDifferentialOnFileStore = FileMachine.TestCase
-TestDifferentialOnFileStore.settings = machine_settings(6)
+TestDifferentialOnFileStore.settings = machine_settings(12)
 TestDifferentialOnSQLiteStore = SQLiteMachine.TestCase
-TestDifferentialOnSQLiteStore.settings = machine_settings(5)
+TestDifferentialOnSQLiteStore.settings = machine_settings(12)
