@@ -6,9 +6,9 @@ prunes, status changes and approvals, clock moves and cleanups on a real manager
 MemoryStore or a FileStore in a fresh directory) and on a small pure-Python model of the
 semantics docs/concepts.md states (sequencing, ids, expiry, pruning, parents, status, logs),
 and checks after every step that both agree on what ``restore``, ``restore_from``,
-``list_checkpoints``, ``lineage``, ``list_runs``, ``count_runs`` and ``get_run`` report. Two
-rules run two calls at once (creates of one run, a completion racing a failure) and check
-the outcome against the model in the order the store decided.
+``list_checkpoints``, ``lineage``, ``list_runs``, ``count_runs`` and ``get_run`` report. Three
+rules run two calls at once (creates of one run, a create and a ``delete_run``, a completion
+racing a failure) and check the outcome against the model in the order the store decided.
 Each machine keeps one blocking portal (an event loop in a thread) for its
 lifetime; every step is one call through it.
 
@@ -799,6 +799,45 @@ class ManagerMachine(RuleBasedStateMachine):
                 self.limit(process),
             )
         return multiple(*(checkpoint.checkpoint_id for checkpoint in created))
+
+    @rule(target=ids, run_id=st.sampled_from(RUN_IDS), state=states)
+    def race_create_and_delete_run(self, run_id: str, state: dict[str, Any]) -> str:
+        """A create and a ``delete_run`` of one run at once, through the two managers: the
+        run left over says which came first (none: the create; a run at sequence 0: the
+        delete), and both answers must be that order's."""
+        created, deleted = self.call_both(
+            functools.partial(self.manager(0).create, run_id, state),
+            functools.partial(self.manager(1).delete_run, run_id),
+        )
+        assert isinstance(created, Checkpoint), created
+        assert isinstance(deleted, int), deleted
+        delete_first = self.call(self.manager(0).get_run, run_id) is not None
+        if delete_first:
+            run = self.model.runs.pop(run_id, None)
+            assert deleted == (0 if run is None else len(run.held))
+        sequence, parent, status = self.model.next_append(run_id)
+        metadata = created.metadata
+        assert (metadata.sequence, metadata.parent_id) == (sequence, parent), created
+        failed = (run := self.model.live_run(run_id)) is not None and run.status is FAILED
+        # A create that resumes a failed run makes it active after its append: when the
+        # delete comes in between, there is no run to resume, and it reports the failure its
+        # append saw (docs/concepts.md, "A failed run is resumable").
+        assert metadata.status is status or (failed and not delete_first), created
+        self.model.append(
+            ModelCheckpoint(
+                checkpoint_id=created.checkpoint_id,
+                run_id=run_id,
+                sequence=sequence,
+                state=state,
+                tags=[],
+                parent_id=parent,
+                expires_at=None,
+            ),
+            self.limit(0),
+        )
+        if not delete_first:
+            assert deleted == len(self.model.runs.pop(run_id).held)
+        return created.checkpoint_id
 
     @rule(run_id=st.sampled_from(RUN_IDS))
     def race_status(self, run_id: str) -> None:
