@@ -214,6 +214,8 @@ class Branch:
     step: int = -1
     counters: dict[str, tuple[int, int]] = field(default_factory=dict)
     """LangGraph's (updates, supersteps) since each delta channel's snapshot."""
+    stored_messages: list[BaseMessage] | None = None
+    """The list as stored at its version, once edited in place without a new version."""
 
 
 _message_counter = iter(range(10**9))
@@ -602,10 +604,16 @@ class DifferentialMachine(RuleBasedStateMachine):
             changed |= self.edit(branch, change)
         # LangGraph stores no change its version does not show. (Unless the value is gone
         # from the store: documented, the save then sends every value as it is now; so only
-        # on a parent still there, whose values are then too.)
+        # on a parent still there, whose values are then too.) Checkpoints record the list
+        # as stored at its version: a fork from one once it is pruned sends what LangGraph
+        # would have loaded, not an edit no store took.
+        if "messages" in changed:
+            branch.stored_messages = None
         for change in unversioned:
             if branch.values.get("messages") and "messages" not in changed and \
                     branch.parent in self.ref.ids(thread_id, checkpoint_ns):
+                if branch.stored_messages is None:
+                    branch.stored_messages = copy.deepcopy(branch.values["messages"])
                 self.edit(branch, change)
         if self.DELTA:
             changed |= self.delta_step(branch, delta)
@@ -673,7 +681,10 @@ class DifferentialMachine(RuleBasedStateMachine):
             if self.keep_latest is not None:  # every save prunes its namespace
                 for older in self.ref.ids(thread_id, checkpoint_ns)[:-self.keep_latest]:
                     self.ref.drop(thread_id, checkpoint_ns, older)
-        self.saved[checkpoint_id] = Saved(copy.deepcopy(branch.values),
+        values = copy.deepcopy(branch.values)
+        if branch.stored_messages is not None:
+            values["messages"] = copy.deepcopy(branch.stored_messages)
+        self.saved[checkpoint_id] = Saved(values,
                                           dict(branch.ref_versions), dict(branch.our_versions),
                                           step, dict(branch.counters))
         self.known.setdefault(slot, []).append(checkpoint_id)
