@@ -3,20 +3,25 @@
 A small ``StateGraph`` (a node that appends one message with ``add_messages`` and bumps a step
 counter, looping ``STEPS`` times; a variant asks with ``interrupt()`` halfway and is resumed
 with ``Command(resume=...)``) runs on ``FastCheckpointSaver`` over a store whose connection
-goes through a :class:`~tests.reliability.faults.FaultProxy`. A graph run that fails raises a
-``CheckpointError`` (nothing else); the thread is then resumed with ``ainvoke(None)``, faults
-continuing, until the graph ends. Then, without faults:
+goes through a :class:`~tests.reliability.faults.FaultProxy` at ``test_faults``'s rate. The
+step loop keeps the suite's driver retries; the interrupt variant's drivers never retry, so
+faults reach the saver and LangGraph. A graph run that fails raises a ``CheckpointError``
+(nothing else); the thread is then resumed with ``ainvoke(None)``, faults continuing, until
+the graph ends. Then, without faults:
 
-* the final state holds steps 1..N once each, in order: no step lost or run twice;
+* the final state holds steps 1..N once each, in order (no step lost or run twice), and the
+  thread's run is ACTIVE;
 * ``aget_tuple`` is the newest of ``alist``, whose parent chain is whole, and every
   checkpoint's messages are the steps up to its counter;
 * no checkpoint holds a pending write twice.
 
 Below that, the store calls the saver makes (``append_with_items``, ``put_owned_items``,
-``put_items(create_only=True)``) with the reply of each of their requests lost in turn
-(a sweep: deterministic, every request of the call meets the fault once): the store's own retry
-or the caller's must recognise its own applied write, never report it as taken by another
-(``ConflictError``, ``SharedItemGone``), and never store it twice.
+``put_items(create_only=True)``) with the reply of each of their writing requests lost in
+turn (a sweep: deterministic, every such request of the call meets the fault once): the
+store's own retry recognises its own applied write, never reports it as taken by another
+(``ConflictError``, ``SharedItemGone``), and never stores it twice. A caller that sends the
+call again after a ``CheckpointError`` may find an append taken (the outcome was unknown;
+S3 takes its slot back, the other stores keep it), never stored twice.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, interrupt
 
-from fastcheckpoint import CheckpointError, ConflictError, _ids
+from fastcheckpoint import CheckpointError, CheckpointStatus, ConflictError, _ids
 from fastcheckpoint._config import CheckpointConfig, RetryPolicy
 from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
 from fastcheckpoint.stores import CheckpointStore, Item, RunRecord, StoredCheckpoint, open_store
@@ -110,10 +115,9 @@ def _plan(seed: int) -> FaultPlan:
     return FaultPlan(rate=FAULT_RATE, kinds=INJECTED, seed=rng.randrange(2**32), script=opening)
 
 
-def _store(target: Target, endpoint: str, retry: RetryPolicy | None) -> CheckpointStore:
-    """The target's store through ``endpoint``, with the driver retrying as ``retry`` says
-    (``None``: as the suite's other stores do)."""
-    if retry is None:
+def _store(target: Target, endpoint: str, retry: RetryPolicy) -> CheckpointStore:
+    """The target's store through ``endpoint``, with the driver retrying as ``retry`` says."""
+    if retry is FAST_RETRY:  # as the suite's other stores do
         return target.store(endpoint)
     parts = urlsplit(target.url)
     query = dict(parse_qsl(parts.query))
@@ -136,8 +140,9 @@ def _foreign(exc: BaseException) -> list[BaseException]:
     """What of ``exc`` is not a ``CheckpointError`` (an exception group is looked into)."""
     if isinstance(exc, CheckpointError):
         return []
-    if isinstance(exc, BaseExceptionGroup):  # noqa: F821 (a builtin since Python 3.11)
-        return [inner for part in exc.exceptions for inner in _foreign(part)]
+    parts = getattr(exc, "exceptions", None)  # an exception group (Python 3.10: backported)
+    if isinstance(parts, tuple):
+        return [inner for part in parts for inner in _foreign(part)]
     return [exc]
 
 
@@ -184,6 +189,9 @@ async def _audit(target: Target, thread_id: str, *, asks: bool) -> list[str]:
         if contents != wanted or state.values["step"] != STEPS or state.next:
             problems.append(f"final state: step {state.values['step']}, next {state.next}, "
                             f"messages {contents}")
+        run = await saver.manager.get_run(thread_id)
+        if run is None or run.status is not CheckpointStatus.ACTIVE:
+            problems.append(f"the finished thread's run is {run and run.status}")
         listed = [found async for found in saver.alist(config)]
         latest = await saver.aget_tuple(config)
         ids = [found.config["configurable"]["checkpoint_id"] for found in listed]
@@ -232,7 +240,7 @@ async def test_a_graph_run_through_faults_keeps_every_step_once(
     assert network_target.wire is not None
     thread_id = f"lg-faults-{seed}"
     with FaultProxy(network_target.upstream, network_target.wire, _plan(seed)) as proxy:
-        store = _store(network_target, proxy.endpoint, None if retry is FAST_RETRY else retry)
+        store = _store(network_target, proxy.endpoint, retry)
         saver = FastCheckpointSaver(store, config=CONFIG)
         try:
             with anyio.fail_after(DEADLINE):
@@ -356,7 +364,7 @@ def _wire(target: Target) -> Wire:
     return target.wire
 
 
-async def _tried(target: Target, plan: FaultPlan, retry: RetryPolicy | None, case: Case,
+async def _tried(target: Target, plan: FaultPlan, retry: RetryPolicy, case: Case,
                  run_key: str, run: RunRecord) -> tuple[int, list[BaseException]]:
     """Make the call through a proxy with ``plan`` on a new store, sending it again (same
     store) after each ``CheckpointError`` but a conflict; the requests the proxy saw, and what
