@@ -29,11 +29,11 @@ Needs ``pip install 'fastcheckpoint[crewai]'``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
+from datetime import date
 from typing import Any, NoReturn
-
-import msgspec
 
 from fastcheckpoint._codec import json_copy
 from fastcheckpoint._config import CheckpointConfig
@@ -80,7 +80,6 @@ ANSWERED_TAG = "crewai:feedback-answered"
 """Tag of the checkpoint that ends a request when the resumed method saved none."""
 _ANSWERED_COMMENT = "feedback given through Flow.resume"
 _SUPERSEDED_COMMENT = "superseded by a newer feedback request of the flow"
-_json_decoder = msgspec.json.Decoder()
 
 
 class FeedbackRequestOvertaken(ConflictError):
@@ -455,7 +454,9 @@ def _state_dict(state_data: object) -> dict[str, Any]:
         try:
             try:
                 return state_data.model_dump(mode="json")
-            except PydanticSerializationError:
+            except (PydanticSerializationError, ValueError):
+                # as CrewAI's SQLite backend falls back; ValueError: bytes that are not
+                # UTF-8 (UnicodeDecodeError), which the Python dump keeps as bytes
                 return state_data.model_dump()
         except (PydanticSerializationError, ValueError, RecursionError) as exc:
             raise SerializationError(f"the flow state cannot be stored: {exc}") from exc
@@ -495,19 +496,30 @@ def _context_dict(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def _json_value(value: dict[str, Any], what: str) -> dict[str, Any]:
-    """``value`` as JSON values (approval requests hold nothing else): models as their JSON
-    dump, anything else JSON has no type for as its text, as CrewAI's SQLite backend does."""
+    """``value`` as JSON values (approval requests hold nothing else), written as CrewAI's
+    SQLite backend writes it, so ``load_pending_feedback`` returns what that backend does:
+    keys as JSON text (``True`` as ``"true"``, ``None`` as ``"null"``), models as their JSON
+    dump, tuples and sets as lists, dates as ISO text, anything else as its ``str()``. A
+    float that is not finite has no JSON form and is refused (that backend keeps it as
+    JSON's non-standard ``NaN``, which an approval request cannot hold), never turned into
+    ``null``."""
     try:
-        decoded: dict[str, Any] = _json_decoder.decode(msgspec.json.encode(value,
-                                                                           enc_hook=_jsonable))
-    except (msgspec.EncodeError, TypeError, ValueError, OverflowError, RecursionError) as exc:
+        decoded: dict[str, Any] = json.loads(json.dumps(value, default=_jsonable,
+                                                        allow_nan=False))
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise SerializationError(f"{what} cannot be written as JSON: {exc}") from exc
     return decoded
 
 
 def _jsonable(value: Any) -> Any:
+    """The JSON form of what ``json`` has none for, as CrewAI's SQLite backend makes it."""
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+        try:
+            return value.model_dump(mode="json")
+        except (PydanticSerializationError, ValueError):
+            return value.model_dump()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if isinstance(value, date):  # datetime too
+        return value.isoformat()
     return str(value)
-
-
