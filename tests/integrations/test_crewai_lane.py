@@ -34,9 +34,10 @@ from fastcheckpoint.errors import ConfigurationError
 CREWAI = "crewai==1.15.30"
 """CrewAI's current release, the one the adapter is tested against."""
 CHECKOUT = Path(__file__).resolve().parents[2]
-REQUIREMENTS = (CREWAI, "pytest>=8", "-e", f"{CHECKOUT}[redis]")
+REQUIREMENTS = (CREWAI, "pytest>=8", "hypothesis>=6.100", "-e", f"{CHECKOUT}[redis]")
 """What ``pip install`` gets: the checkout in editable mode (with the redis extra, for the
-Redis store tests), CrewAI, and pytest; the CrewAI tests need nothing else."""
+Redis store tests), CrewAI, pytest, and hypothesis (the differential test against CrewAI's
+SQLite backend); the CrewAI tests need nothing else."""
 BUILD_SECONDS = 1800
 RUN_SECONDS = 900
 COMPLETE = "fastcheckpoint-lane-complete"
