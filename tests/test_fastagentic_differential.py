@@ -2,14 +2,16 @@
 
 A hypothesis ``RuleBasedStateMachine`` applies the same random operations to FastAgentic's
 ``CheckpointManager`` (on its ``InMemoryCheckpointStore``, or in a second machine its
-``FileCheckpointStore`` in a fresh directory) and to fastcheckpoint's (on ``MemoryStore``, or
-``FileStore``): ``create`` (state, messages, tool calls, context, step name, tags, TTL, an
-explicit parent, ``force`` under a throttling interval), ``restore``, ``restore_from``,
-``list_checkpoints`` with limits, ``delete``, ``delete_run``, ``mark_completed``,
-``mark_failed``, clock moves and cleanup of expired checkpoints. After every step it compares
-what a caller sees: the checkpoints returned, their metadata, listing order and length,
-counts, and the ``to_dict``/``to_json``/``from_json`` round trips of each checkpoint
-returned, also read by the other library's ``from_json``.
+``FileCheckpointStore`` in a fresh directory) and to fastcheckpoint's (on the stores it
+offers under those names): ``create`` (state, messages, tool calls, context, step name, tags,
+TTL, an explicit parent, ``force`` under a throttling interval), ``restore``,
+``restore_from`` (also of ids deleted, pruned, or of a run id used again), ``list_checkpoints``
+with limits, ``delete``, ``delete_run``, ``mark_completed``, ``mark_failed``, changes to each
+manager's ``config`` (the pruning limit, the default TTL), clock moves, cleanup of expired
+checkpoints, and a restart of ours (a new manager and store over the same data, as another
+process). After every step it compares what a caller sees: the checkpoints returned, their
+metadata, listing order and length, counts, and the ``to_dict``/``to_json``/``from_json``
+round trips of each checkpoint returned, also read by the other library's ``from_json``.
 
 Both run on one fake clock. FastAgentic reads ``time.time()`` through its module's ``time``
 name, which the machine points at the clock; its ``CheckpointMetadata`` draws ``created_at``
@@ -32,7 +34,8 @@ it is applied:
 - "list_checkpoints" and "restore(run_id) when the newest checkpoint expired": ours omits
   expired checkpoints and restores the newest live one.
 - "Pruning": ours keeps the newest N live checkpoints and removes expired ones first;
-  FastAgentic keeps the newest N, expired or not.
+  FastAgentic keeps the newest N, expired or not, and deletes at most 10 of the surplus per
+  create.
 - "A run whose checkpoints are all gone": ours starts it again at sequence 0 (a new run);
   FastAgentic's counter goes on.
 - "delete return", "mark_completed / mark_failed return", "Checkpoint ids", "to_json text"
@@ -294,13 +297,37 @@ class DifferentialMachine(RuleBasedStateMachine):
         self.fa = FAManager(self.fa_store_used, FAConfig(
             max_checkpoints_per_run=limit, default_ttl_seconds=default_ttl,
             checkpoint_interval=interval))
+        self.ours_config = CheckpointConfig(
+            max_checkpoints_per_run=limit, default_ttl_seconds=default_ttl,
+            checkpoint_interval=interval, clock=self.clock, retry=QUICK_RETRY)
         # FastAgentic's names for our stores, as a ported program builds them.
         store = InMemoryCheckpointStore() if self.STORE_KIND == "memory" else \
             FileCheckpointStore(self.directory / "ours", fsync=False)
-        self.ours = CheckpointManager(
-            store,
-            CheckpointConfig(max_checkpoints_per_run=limit, default_ttl_seconds=default_ttl,
-                             checkpoint_interval=interval, clock=self.clock, retry=QUICK_RETRY))
+        self.ours = CheckpointManager(store, self.ours_config)
+
+    @rule(limit=st.sampled_from([-1, 0, 1, 2, 5, 100]), default_ttl=st.sampled_from(TTLS))
+    def change_config(self, limit: int, default_ttl: float | None) -> None:
+        """Both managers read their config at each call: the same change to each."""
+        for config in (self.fa.config, self.ours.config):
+            config.max_checkpoints_per_run = limit
+            config.default_ttl_seconds = default_ttl
+        # Zero or less keeps everything, in both (assigned after construction, ours takes a
+        # negative one as FastAgentic did).
+        self.limit, self.default_ttl = max(limit, 0), default_ttl
+
+    @rule()
+    def ours_restarts(self) -> None:
+        """Ours goes on in a new process: a new manager (and file store) over the same data.
+        It must go on as FastAgentic's one process does ("Sequence numbers": they come from
+        the store). Not under a throttling interval, which is per process in both."""
+        if self.interval > 0:
+            return
+        if self.STORE_KIND == "memory":
+            store: Any = self.ours.store
+        else:
+            self.call(self.ours.aclose)
+            store = FileCheckpointStore(self.directory / "ours", fsync=False)
+        self.ours = CheckpointManager(store, self.ours.config)
 
     def call(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         return self.portal.call(functools.partial(func, *args, **kwargs))
@@ -476,9 +503,35 @@ class DifferentialMachine(RuleBasedStateMachine):
         self.create(run_id, {"step": step}, [{"role": "user", "content": str(step)}], [], {},
                     f"step-{step}", [], ttl, parent, True, False)
 
-    # Two more names for the quick create: creates are a third of the steps then.
+    @rule(run_id=st.sampled_from(RUN_IDS), added=st.integers(1, 30),
+          edit=st.none() | st.integers(0, 100), ttl=st.sampled_from([None, None, 10.0]),
+          big=st.sampled_from([False, False, False, True]))
+    def create_conversation(self, run_id: str, added: int, edit: int | None,
+                            ttl: float | None, big: bool) -> None:
+        """A create whose messages and tool calls extend those of the run's newest live
+        checkpoint, as an agent's do: past 32 entries ours stores them as logs. ``edit``
+        changes an earlier entry (not an append); ``big`` makes the state large enough to be
+        compressed and encoded in a worker thread."""
+        live = self.runs[run_id].ours_live(self.now)
+        newest = max(live, key=lambda e: e.ours_sequence) if live else None
+        messages = [] if newest is None else list(newest.payload[1])
+        tool_calls = [] if newest is None else list(newest.payload[2])
+        count = len(messages)
+        messages += [{"role": "user", "content": f"message {count + i}"} for i in range(added)]
+        tool_calls += [{"name": "search", "arguments": {"n": count + i}}
+                       for i in range(added // 2)]
+        if edit is not None:
+            messages[edit % len(messages)] = {"role": "system", "content": f"edited {edit}"}
+        state: dict[str, Any] = {"turn": len(messages)}
+        if big:
+            state["blob"] = "x" * 600_000
+        self.create(run_id, state, messages, tool_calls, {}, "turn", [], ttl, None, True,
+                    False)
+
+    # More names for the quick creates: creates are a third of the steps then.
     create_more = create_small
     create_again = create_small
+    continue_conversation = create_conversation
 
     @rule(run_id=st.sampled_from(RUN_IDS), completed=st.booleans())
     def mark_small(self, run_id: str, completed: bool) -> None:
@@ -492,10 +545,10 @@ class DifferentialMachine(RuleBasedStateMachine):
         if self.limit > 0:
             # "Pruning": FastAgentic keeps the newest N it holds, expired or not; ours the
             # newest N live ones.
-            for index, entry in enumerate(sorted(
-                    (e for e in run.entries if e.fa_held), key=lambda e: -e.fa_sequence)):
-                if index >= self.limit:
-                    entry.fa_held = False
+            # FastAgentic lists N + 10 of them, and deletes those beyond N.
+            newest = sorted((e for e in run.entries if e.fa_held), key=lambda e: -e.fa_sequence)
+            for entry in newest[self.limit:self.limit + 10]:
+                entry.fa_held = False
             for index, entry in enumerate(sorted(
                     (e for e in run.entries if e.ours_held), key=lambda e: -e.ours_sequence)):
                 if index >= self.limit:
@@ -788,9 +841,9 @@ class FileDifferentialMachine(DifferentialMachine):
 
 
 TestDifferentialOnMemoryStores = MemoryDifferentialMachine.TestCase
-TestDifferentialOnMemoryStores.settings = machine_settings(15)
+TestDifferentialOnMemoryStores.settings = machine_settings(12)
 TestDifferentialOnFileStores = FileDifferentialMachine.TestCase
-TestDifferentialOnFileStores.settings = machine_settings(5)
+TestDifferentialOnFileStores.settings = machine_settings(6)
 
 
 # -- the differences the machine normalizes, one example each --------------------------------
@@ -919,3 +972,20 @@ def test_a_create_that_fails_consumes_no_sequence(tmp_path: Path) -> None:
         return refused, created.metadata.sequence
 
     assert managers.run(steps) == ((TypeError, 1), (SerializationError, 0))
+
+
+@pytest.mark.parametrize("kind", ["memory", "file"])
+def test_a_lowered_limit_applies_at_the_next_create(kind: str, tmp_path: Path) -> None:
+    """FastAgentic's pruning lists N + 10 checkpoints and deletes those beyond N: after the
+    limit is lowered, each create removes at most 10 of the surplus. Ours keeps the newest N
+    once the next create has finished."""
+    managers = SideBySide(kind, tmp_path, max_checkpoints_per_run=0)
+
+    async def steps(manager: Any) -> int:
+        for n in range(20):
+            await manager.create("run-1", {"n": n})
+        manager.config.max_checkpoints_per_run = 2
+        await manager.create("run-1", {"n": 20})
+        return len(await manager.list_checkpoints("run-1"))
+
+    assert managers.run(steps) == (11, 2)
