@@ -136,12 +136,18 @@ class Checkpoint(msgspec.Struct):
     def from_dict(cls, data: Mapping[str, Any]) -> Checkpoint:
         if not isinstance(data, Mapping) or "metadata" not in data:
             raise ValidationError("a checkpoint dict needs a 'metadata' entry")
+        # A payload missing or null (FastAgentic wrote null for one created as None) is empty;
+        # any other value of the wrong type, empty or not, is refused below.
+        def given(name: str, empty: dict[str, Any] | list[Any]) -> Any:
+            value = data.get(name)
+            return empty if value is None else value
+
         checkpoint = cls(
             metadata=CheckpointMetadata.from_dict(data["metadata"]),
-            state=data.get("state") or {},
-            messages=data.get("messages") or [],
-            tool_calls=data.get("tool_calls") or [],
-            context=data.get("context") or {},
+            state=given("state", {}),
+            messages=given("messages", []),
+            tool_calls=given("tool_calls", []),
+            context=given("context", {}),
         )
         for name, kind in (("state", dict), ("messages", list), ("tool_calls", list),
                            ("context", dict)):

@@ -989,3 +989,32 @@ def test_a_lowered_limit_applies_at_the_next_create(kind: str, tmp_path: Path) -
         return len(await manager.list_checkpoints("run-1"))
 
     assert managers.run(steps) == (11, 2)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("state", []), ("state", 0), ("state", ""), ("state", False), ("messages", {}),
+    ("messages", 0), ("tool_calls", ""), ("context", []), ("context", 0.0),
+])
+def test_from_dict_refuses_a_payload_of_the_wrong_type_even_when_empty(
+    name: str, value: Any
+) -> None:
+    """FastAgentic's ``from_dict`` takes a payload of the wrong type as it is ("Bad input to
+    from_dict / from_json"); ours raises ``ValidationError``, for an empty or zero value as
+    for any other (it used to give ``{}`` or ``[]`` for those, silently)."""
+    data = {"metadata": {"run_id": "r", "checkpoint_id": "ckpt-0123456789ab", "sequence": 0,
+                         "created_at": 1.0, "status": "active"}, name: value}
+    assert getattr(FACheckpoint.from_dict(data), name) == value
+
+    with pytest.raises(ValidationError, match=f"checkpoint {name} must be a"):
+        Checkpoint.from_dict(data)
+    with pytest.raises(ValidationError):
+        Checkpoint.from_json(json.dumps(data))
+
+
+@pytest.mark.parametrize("name", ["state", "messages", "tool_calls", "context"])
+def test_from_dict_reads_a_null_payload_as_empty(name: str) -> None:
+    """FastAgentic wrote ``null`` for a payload created as ``None``, which it accepted: read
+    as empty, so its files import."""
+    data = {"metadata": {"run_id": "r"}, name: None}
+
+    assert getattr(Checkpoint.from_json(json.dumps(data)), name) in ({}, [])
