@@ -459,7 +459,6 @@ class DifferentialMachine(RuleBasedStateMachine):
         ours = self.call(self.ours.create, run_id, state, **kwargs)
         if fa is not None and ours is not None:
             # Both return the caller's own objects in the checkpoint create returns.
-            assert (fa.state, ours.state) == (fa_state, state)
             assert fa.state is fa_state
             assert ours.state is state
             if not omit and messages and context:  # FastAgentic replaces empty ones
@@ -841,9 +840,9 @@ class FileDifferentialMachine(DifferentialMachine):
 
 
 TestDifferentialOnMemoryStores = MemoryDifferentialMachine.TestCase
-TestDifferentialOnMemoryStores.settings = machine_settings(12)
+TestDifferentialOnMemoryStores.settings = machine_settings(10)
 TestDifferentialOnFileStores = FileDifferentialMachine.TestCase
-TestDifferentialOnFileStores.settings = machine_settings(6)
+TestDifferentialOnFileStores.settings = machine_settings(5)
 
 
 # -- the differences the machine normalizes, one example each --------------------------------
