@@ -15,7 +15,8 @@ read when its append fails or is refused; a new conversation adds 1 (its family)
 (its anchor entry, the release check);
 ``delete_record`` 2 (the conditional delete, the family's members), or, for the family's last
 conversation, 2 more (a release marker, the members again) and the family's entries;
-``read_records`` 1 per 100 conversations listed, then 1 per record returned;
+``read_records`` 1 per 100 conversations listed, then 1 per record returned (and 1 per
+other record the store's clock dated like the last one returned);
 ``write_details`` (``update``: a title, metadata) 2.
 
 Needs ``pip install 'fastcheckpoint[pydantic-ai]'`` and a store with labels (every bundled
@@ -195,15 +196,19 @@ class FastConversationStore(ConversationStore):
         runs = await self._runs_with(label)
         runs.sort(key=lambda run: run.updated_at, reverse=True)
         found: list[ConversationRecord] = []
+        last_kept: float | None = None
         for run in runs:
-            if limit is not None and len(found) >= limit:
+            # Saves the store's clock dates alike (a coarse clock, a test's fixed one) are
+            # ordered by their records' updated_at: every one tied with the last kept is read.
+            if limit is not None and len(found) >= limit and run.updated_at != last_kept:
                 break
             conversation_id = records.conversation_id_of(run.run_id)
             record = None if conversation_id is None else await self._listed(conversation_id)
             if record is not None and (scope is None or record.scope == scope):
                 found.append(record)
+                last_kept = run.updated_at
         found.sort(key=lambda record: record.updated_at, reverse=True)
-        return found
+        return found[:limit]
 
     async def _listed(self, conversation_id: str) -> ConversationRecord | None:
         """The record, or ``None`` if it is damaged: one damaged record never hides the
