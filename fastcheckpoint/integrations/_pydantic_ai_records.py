@@ -149,17 +149,23 @@ def check_record(record: ConversationRecord) -> None:
     run_id_of(record.conversation_id)
     if record.scope is not None:
         scope_label(record.scope)
-    _record_fields(record)
+    _record_json(record)
 
 
 def encode_record(codec: Codec, record: ConversationRecord, family: str) -> bytes:
     """The checkpoint body: the record as Pydantic's JSON, parsed, so ``fastcheckpoint show``
-    prints it as it is."""
-    state = {"format": FORMAT, "family": family, "record": _record_fields(record)}
-    return codec.encode_payload(state, [], [], {})
+    prints it as it is; or, for JSON the body cannot hold parsed (an integer beyond 64 bits),
+    as its JSON text."""
+    dumped = _record_json(record)
+    try:
+        return codec.encode_payload(
+            {"format": FORMAT, "family": family, "record": json.loads(dumped)}, [], [], {})
+    except SerializationError:
+        return codec.encode_payload(
+            {"format": FORMAT, "family": family, "record_json": dumped}, [], [], {})
 
 
-def _record_fields(record: ConversationRecord) -> dict[str, Any]:
+def _record_json(record: ConversationRecord) -> bytes:
     """The record's JSON, checked to read back as a record: Pydantic's serializer writes a
     value of the wrong type as it is (with a warning only), and :func:`decode_record` would
     then refuse it on every read."""
@@ -179,18 +185,18 @@ def _record_fields(record: ConversationRecord) -> dict[str, Any]:
         raise ValidationError(
             f"{where}: its record's {field} is not acceptable: {error['msg']} "
             f"(got {error['input']!r:.80})") from exc
-    fields: dict[str, Any] = json.loads(dumped)
-    return fields
+    return dumped
 
 
 def decode_record(codec: Codec, blob: bytes, where: str) -> tuple[ConversationRecord, str]:
     state = codec.decode_payload(blob, where).state
-    family, fields = state.get("family"), state.get("record")
+    family, fields = state.get("family"), state.get("record", state.get("record_json"))
     if state.get("format") != FORMAT or not isinstance(family, str) or not isinstance(
-            fields, dict):
+            fields, dict if "record" in state else bytes):
         raise CorruptCheckpointError("not a Pydantic AI conversation record", key=where)
     try:
-        return _RECORDS.validate_json(json.dumps(fields)), family
+        text = fields if isinstance(fields, bytes) else json.dumps(fields)
+        return _RECORDS.validate_json(text), family
     except (pydantic.ValidationError, TypeError, ValueError) as exc:
         raise CorruptCheckpointError(f"undecodable conversation record: {exc}", key=where) from exc
 

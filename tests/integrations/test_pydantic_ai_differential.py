@@ -48,6 +48,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import functools
 import os
 import shutil
 import tempfile
@@ -383,7 +384,7 @@ class ConversationMachine(RuleBasedStateMachine):
           scope=st.sampled_from(SCOPES), keep=st.booleans())
     def load(self, data: st.DataObject, handle: int | None, limit: int | None,
              scope: str | None, keep: bool) -> None:
-        cid = data.draw(st.sampled_from(self.known))
+        cid = pick(data, self.known)
         reference, ours = self.both(
             "load", handle, {"conversation_id": cid, "limit": limit, "scope": scope},
             {"conversation_id": self.cids.ours(cid), "limit": limit, "scope": scope})
@@ -398,7 +399,7 @@ class ConversationMachine(RuleBasedStateMachine):
           scope=st.sampled_from(SCOPES))
     def load_entries(self, data: st.DataObject, handle: int | None, limit: int | None,
                      scope: str | None) -> None:
-        cid = data.draw(st.sampled_from(self.known))
+        cid = pick(data, self.known)
         reference, ours = self.both(
             "load_entries", handle, {"conversation_id": cid, "limit": limit, "scope": scope},
             {"conversation_id": self.cids.ours(cid), "limit": limit, "scope": scope})
@@ -439,7 +440,7 @@ class ConversationMachine(RuleBasedStateMachine):
                   usage: RunUsage | None) -> None:
         """A conversation loaded, branched, forked or saved before, edited the same way on
         both sides, saved again (perhaps stale: another save or a delete came since)."""
-        held = data.draw(st.sampled_from(self.held))
+        held = pick(data, self.held)
         for conversation in (held.reference, held.ours):
             edited(conversation, edit, added, at)
             if usage is not None:
@@ -452,7 +453,7 @@ class ConversationMachine(RuleBasedStateMachine):
         """Two processes save the same conversation, each with messages of its own, at the
         same time: at most one wins (none if the revision they expect is stale), the other
         gets ``ConversationConflict``; the reference saved in that order agrees."""
-        held = data.draw(st.sampled_from(self.held))
+        held = pick(data, self.held)
         self.steps += 1
         ours = [grown(held.ours, batch) for batch in batches]
         outcomes: list[Any] = [None, None]
@@ -484,12 +485,80 @@ class ConversationMachine(RuleBasedStateMachine):
                 self.written(held.cid)
                 self.hold(held.cid, reference[index], ours[index])
 
+    def race(self, *calls: Callable[[], Awaitable[Any]]) -> list[Any]:
+        """``calls`` run at the same time (each through its own object: processes); their
+        outcomes, each a result or the exception raised."""
+        self.steps += 1
+        outcomes: list[Any] = [None] * len(calls)
+
+        async def together() -> None:
+            async def run(index: int) -> None:
+                try:
+                    outcomes[index] = await calls[index]()
+                except Exception as exc:  # compared by the caller
+                    outcomes[index] = exc
+
+            with override_now_utc(self.now_utc):
+                async with anyio.create_task_group() as group:
+                    for index in range(len(calls)):
+                        group.start_soon(run, index)
+
+        self.portal.call(together)
+        return outcomes
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data(), batch=message_lists)
+    def save_racing_delete(self, data: st.DataObject, batch: list[ModelMessage]) -> None:
+        """One process saves a conversation while another deletes it: the delete always
+        ends it (it reads the record again after a conflict); the save lands before it, or
+        is refused with ``ConversationConflict``, as the reference in that order."""
+        held = pick(data, self.held)
+        ours = grown(held.ours, batch)
+        saved, deleted = self.race(
+            functools.partial(self.ours[0].save, ours),
+            functools.partial(self.ours[1].delete, self.cids.ours(held.cid) or ""))
+        assert deleted is None, deleted
+        reference = grown(held.reference, batch)
+        theirs = self.outcome(self.reference.save, reference)
+        assert outcome_kind(saved) in ("returned", "ConversationConflict"), saved
+        if outcome_kind(saved) == "returned":
+            assert isinstance(theirs, list), theirs
+            self.check_entries(theirs, saved)
+            self.check_conversation(reference, ours)
+        self.call(self.reference.delete, held.cid)
+        self.saved_at.pop(held.cid, None)
+
+    @rule(data=st.data(), at=st.none() | st.integers(0, 3))
+    def fork_racing_delete(self, data: st.DataObject, at: int | None) -> None:
+        """One process forks a conversation while another deletes it. The fork lands before
+        the delete, or fails as after it (``UserError``: not in the store), or (documented)
+        is refused with ``ConversationConflict`` when it lands while the family is being
+        released, leaving no fork."""
+        cid = pick(data, self.known)
+        new_cid = f"race-{self.steps}"
+        forked, deleted = self.race(
+            functools.partial(self.ours[0].fork, self.cids.ours(cid) or "", at=at,
+                              new_conversation_id=new_cid),
+            functools.partial(self.ours[1].delete, self.cids.ours(cid) or ""))
+        assert deleted is None, deleted
+        self.cids.pair(new_cid, new_cid)
+        self.known.append(new_cid)
+        if isinstance(forked, Conversation):
+            theirs = self.outcome(self.reference.fork, cid, at=at, new_conversation_id=new_cid)
+            assert isinstance(theirs, Conversation), theirs
+            self.check_conversation(theirs, forked)
+            self.written(new_cid)
+        else:
+            assert outcome_kind(forked) in ("UserError", "ConversationConflict"), forked
+        self.call(self.reference.delete, cid)
+        self.saved_at.pop(cid, None)
+
     @precondition(lambda self: self.held)
     @rule(data=st.data())
     def serialize_held(self, data: st.DataObject) -> None:
         """A conversation sent through JSON (as between two requests): its index stays, the
         marks of which messages are stored go, so a save compares it with the stored ones."""
-        held = data.draw(st.sampled_from(self.held))
+        held = pick(data, self.held)
         copies = [ConversationTypeAdapter.validate_json(ConversationTypeAdapter.dump_json(
             conversation)) for conversation in (held.reference, held.ours)]
         self.hold(held.cid, *copies)
@@ -501,7 +570,7 @@ class ConversationMachine(RuleBasedStateMachine):
                   save: bool) -> None:
         """An agent run continuing a held conversation, on each side (one model, one clock,
         one run id: the same messages), and its result saved."""
-        held = data.draw(st.sampled_from(self.held))
+        held = pick(data, self.held)
         self.runs += 1
         self.steps += 1
         results = [self.outcome(self.agent.run, prompt, conversation=conversation,
@@ -534,17 +603,17 @@ class ConversationMachine(RuleBasedStateMachine):
             choices.append((record.revision, self.revisions.ours(record.revision)))
         choices += [(held.reference.revision, held.ours.revision) for held in self.held
                     if held.cid == cid]
-        return data.draw(st.sampled_from(choices))
+        return pick(data, choices)
 
     def entry_for(self, data: st.DataObject) -> tuple[str, str]:
         known = sorted(self.entries.to_ours.items())
-        return data.draw(st.sampled_from([*known, ("no-such-entry", "no-such-entry")]))
+        return pick(data, [*known, ("no-such-entry", "no-such-entry")])
 
     @rule(data=st.data(), handle=st.sampled_from(HANDLES), at=st.none() | st.integers(-1, 7),
           by_entry=st.booleans(), scope=st.sampled_from(SCOPES))
     def branch(self, data: st.DataObject, handle: int | None, at: int | None, by_entry: bool,
                scope: str | None) -> None:
-        cid = data.draw(st.sampled_from(self.known))
+        cid = pick(data, self.known)
         expected = self.revision_for(data, cid)
         entry = self.entry_for(data) if by_entry else (None, None)
         reference, ours = self.both(
@@ -563,7 +632,7 @@ class ConversationMachine(RuleBasedStateMachine):
           scope=st.sampled_from(SCOPES), source_scope=st.sampled_from(SCOPES))
     def fork(self, data: st.DataObject, handle: int | None, at: int | None, by_entry: bool,
              new_cid: str | None, scope: str | None, source_scope: str | None) -> None:
-        cid = data.draw(st.sampled_from(self.known))
+        cid = pick(data, self.known)
         entry = self.entry_for(data) if by_entry else (None, None)
         reference, ours = self.both(
             "fork", handle,
@@ -588,7 +657,7 @@ class ConversationMachine(RuleBasedStateMachine):
           scope=st.sampled_from(SCOPES))
     def update(self, data: st.DataObject, handle: int | None, title: Any, metadata: Any,
                expected_title: Any, scope: str | None) -> None:
-        cid = data.draw(st.sampled_from(self.known))
+        cid = pick(data, self.known)
         arguments = {name: value for name, value in (
             ("title", title), ("metadata", metadata), ("expected_title", expected_title))
             if value != "unset"}
@@ -613,13 +682,13 @@ class ConversationMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), handle=st.sampled_from(HANDLES), scope=st.sampled_from(SCOPES))
     def delete(self, data: st.DataObject, handle: int | None, scope: str | None) -> None:
-        cid = data.draw(st.sampled_from(self.known))
+        cid = pick(data, self.known)
         self.both("delete", handle, {"conversation_id": cid, "scope": scope},
                   {"conversation_id": self.cids.ours(cid), "scope": scope})
         if self.call(self.reference.read_record, cid) is None:
             self.saved_at.pop(cid, None)
 
-    @rule(seconds=st.sampled_from([0.25, 1.0, 4.0, 12.0]))
+    @rule(seconds=st.sampled_from([0.25, 1.0, 4.0, 12.0, 12.0, 3700.0]))
     def advance_clock(self, seconds: float) -> None:
         """Time passes: a conversation whose record was last written ``TTL`` ago expires
         ("expired means absent": the reference deletes it). Steps are multiples of 0.25 and
@@ -648,6 +717,12 @@ class ConversationMachine(RuleBasedStateMachine):
             self.check_entries(self.call(self.reference.load_entries, cid),
                                self.call(self.ours[(index + 1) % 2].load_entries,
                                          self.cids.ours(cid)))
+
+
+def pick(data: st.DataObject, choices: list[T]) -> T:
+    """One of ``choices``, drawn by position: races make how many there are vary between a
+    test case and its replay, which a draw bounded by their number would take for flakiness."""
+    return choices[data.draw(st.integers(0, 255), label="position") % len(choices)]
 
 
 def grown(conversation: Conversation, batch: list[ModelMessage]) -> Conversation:
@@ -789,5 +864,37 @@ async def test_messages_come_back_as_pydantic_ais_json_reads_them(tmp_path: Path
         record = await ours.read_record("c")
         assert record is not None
         assert len(record.branches) == 1
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["memory", "file", "sqlite"])
+async def test_a_record_holding_an_integer_beyond_64_bits_is_stored(
+    kind: str, tmp_path: Path
+) -> None:
+    """A record whose JSON holds an integer beyond 64 bits (in metadata, a pending tool
+    call's arguments, usage details) is JSON Pydantic AI writes and reads, and the
+    reference stores it; the record's body refused it (``SerializationError``), after the
+    save had stored its messages."""
+    big = 2 ** 70
+    pending = DeferredToolRequests(calls=[ToolCallPart("lookup", {"q": big}, "call-1")])
+    store = store_of(kind, tmp_path)
+    try:
+        for conversations in (InMemoryConversationStore(), FastConversationStore(store)):
+            conversation = Conversation(
+                conversation_id="c", messages=[ModelRequest.user_text_prompt("hi")],
+                usage=RunUsage(details={"big": big}), deferred_tool_requests=pending)
+            await conversations.save(conversation)
+            record = await conversations.update("c", metadata={"n": -big, "m": [big]})
+            assert record.metadata == {"n": -big, "m": [big]}
+            loaded = await conversations.load("c")
+            assert loaded is not None
+            assert loaded.deferred_tool_requests == pending
+            assert loaded.usage.details == {"big": big}
+            assert loaded.messages == conversation.messages
+            stored = await conversations.read_record("c")
+            assert stored is not None
+            assert stored.metadata == {"n": -big, "m": [big]}
     finally:
         await store.aclose()
