@@ -49,6 +49,7 @@ import copy
 import dataclasses
 import datetime
 import functools
+import math
 import os
 import shutil
 import tempfile
@@ -528,6 +529,34 @@ class ConversationMachine(RuleBasedStateMachine):
         self.call(self.reference.delete, held.cid)
         self.saved_at.pop(held.cid, None)
 
+    @precondition(lambda self: self.held)
+    @rule(data=st.data(), batch=message_lists, title=st.sampled_from([None, "T", "U"]),
+          metadata=st.dictionaries(texts, json_scalars, max_size=2))
+    def save_racing_update(self, data: st.DataObject, batch: list[ModelMessage],
+                           title: str | None, metadata: dict[str, Any]) -> None:
+        """One process saves a conversation while another changes its title and metadata:
+        neither undoes the other, in either order (an update keeps the revision, a save
+        keeps the title), so both outcomes are the reference's."""
+        held = pick(data, self.held)
+        ours = grown(held.ours, batch)
+        saved, updated = self.race(
+            functools.partial(self.ours[0].save, ours),
+            functools.partial(self.ours[1].update, self.cids.ours(held.cid) or "",
+                              title=title, metadata=metadata))
+        reference = grown(held.reference, batch)
+        theirs = self.outcome(self.reference.save, reference)
+        assert outcome_kind(saved) == outcome_kind(theirs), (saved, theirs)
+        if isinstance(theirs, list):
+            self.check_entries(theirs, saved)
+            self.check_conversation(reference, ours)
+            self.written(held.cid)
+            self.hold(held.cid, reference, ours)
+        updated_theirs = self.outcome(self.reference.update, held.cid, title=title,
+                                      metadata=metadata)
+        assert outcome_kind(updated) == outcome_kind(updated_theirs), (updated, updated_theirs)
+        if isinstance(updated, ConversationRecord):
+            assert (updated.title, updated.metadata) == (title, metadata)
+
     @rule(data=st.data(), at=st.none() | st.integers(0, 3))
     def fork_racing_delete(self, data: st.DataObject, at: int | None) -> None:
         """One process forks a conversation while another deletes it. The fork lands before
@@ -583,7 +612,7 @@ class ConversationMachine(RuleBasedStateMachine):
         for mine, theirs in zip(ours.all_messages(), reference.all_messages(), strict=True):
             if isinstance(mine, ModelResponse) and isinstance(theirs, ModelResponse):
                 mine.duration = theirs.duration  # the model call's wall time, not the store's
-        assert typed(ours.all_messages()) == typed(reference.all_messages())
+        same(MESSAGES, ours.all_messages(), reference.all_messages())
         if not save:
             self.hold(held.cid, reference.conversation, ours.conversation)
             return
@@ -837,7 +866,8 @@ async def test_messages_come_back_as_pydantic_ais_json_reads_them(tmp_path: Path
     """Documented difference: messages and usage are stored as Pydantic AI's JSON, so values
     of types JSON lacks come back in their JSON form (the reference keeps Python copies),
     and a save comparing messages takes such a message for an edit."""
-    content = {"pair": (1, 2), 3: b"x", "day": datetime.date(2024, 1, 1)}
+    content = {"pair": (1, 2), 3: b"x", "day": datetime.date(2024, 1, 1), "nan": math.nan,
+               "inf": -math.inf}
     message = ModelRequest(parts=[ToolReturnPart("lookup", content, tool_call_id="call-1")],
                            timestamp=STAMP)
     store = make_store("memory", tmp_path)
@@ -852,7 +882,7 @@ async def test_messages_come_back_as_pydantic_ais_json_reads_them(tmp_path: Path
             part = loaded.messages[0].parts[0]
             assert isinstance(part, ToolReturnPart)
             expected = content if conversations is reference else {
-                "pair": [1, 2], "3": "eA==", "day": "2024-01-01"}
+                "pair": [1, 2], "3": "eA==", "day": "2024-01-01", "nan": None, "inf": None}
             assert typed(part.content) == typed(expected)
             assert typed(loaded.usage.audio_seconds) == typed(
                 0 if conversations is reference else 0.0)
