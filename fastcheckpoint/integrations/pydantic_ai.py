@@ -180,7 +180,14 @@ class FastConversationStore(ConversationStore):
     # -- the primitives ---------------------------------------------------------------------
 
     async def read_record(self, conversation_id: str) -> ConversationRecord | None:
-        key = _ids.key_of(records.run_id_of(conversation_id))
+        """The record, or ``None``; also for a ``str`` no save can store (a lone surrogate,
+        too long for a run id). Anything but a ``str`` is a ``ValidationError``."""
+        try:
+            key = _ids.key_of(records.run_id_of(conversation_id))
+        except ValidationError:
+            if isinstance(conversation_id, str):
+                return None  # no save can store it
+            raise
         found = await self._store.latest(key, now=self._now())
         if found is None:
             self._known.pop(conversation_id)
@@ -192,7 +199,12 @@ class FastConversationStore(ConversationStore):
     async def read_records(
         self, *, scope: str | None = None, limit: int | None = None
     ) -> Sequence[ConversationRecord]:
-        label = records.CONVERSATION_LABEL if scope is None else records.scope_label(scope)
+        try:
+            label = records.CONVERSATION_LABEL if scope is None else records.scope_label(scope)
+        except ValidationError:
+            if isinstance(scope, str):
+                return []  # no save can store a conversation with that scope
+            raise
         runs = await self._runs_with(label)
         runs.sort(key=lambda run: run.updated_at, reverse=True)
         found: list[ConversationRecord] = []

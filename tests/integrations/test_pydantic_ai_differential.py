@@ -94,7 +94,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.tools import DeferredToolRequests
 from pydantic_ai.usage import RequestUsage, RunUsage
 
-from fastcheckpoint.errors import CheckpointError
+from fastcheckpoint.errors import CheckpointError, ValidationError
 from fastcheckpoint.integrations.pydantic_ai import FastConversationStore
 from fastcheckpoint.stores import CheckpointStore
 from fastcheckpoint.stores.sqlite import SQLiteStore
@@ -926,5 +926,38 @@ async def test_a_record_holding_an_integer_beyond_64_bits_is_stored(
             stored = await conversations.read_record("c")
             assert stored is not None
             assert stored.metadata == {"n": -big, "m": [big]}
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_reads_of_an_id_or_scope_no_save_can_store_find_nothing(tmp_path: Path) -> None:
+    """A conversation id or scope holding a lone surrogate (not Unicode text), or an id
+    longer than a run id holds, cannot be stored (documented: the save raises
+    ``ValidationError``, where the reference stores it). Reads of one find nothing, as the
+    reference's reads of an id it does not have: they raised ``ValidationError``."""
+    store = make_store("memory", tmp_path)
+    ours, reference = FastConversationStore(store), InMemoryConversationStore()
+    try:
+        for conversations in (reference, ours):
+            await conversations.save(Conversation(conversation_id="c"), scope="alice")
+            for cid in ("\ud800", "x" * 4085):
+                assert await conversations.load(cid) is None
+                assert await conversations.load_entries(cid) is None
+                assert await conversations.read_record(cid) is None
+                await conversations.delete(cid)
+                with pytest.raises(UserError):
+                    await conversations.update(cid, title="t")
+                with pytest.raises(UserError):
+                    await conversations.branch(cid, at=0, expected_revision=None)
+                with pytest.raises(UserError):
+                    await conversations.fork(cid)
+            assert await conversations.list_conversations(scope="\udc00") == []
+            assert await conversations.load("c", scope="\udc00") is None
+        for cid, scope in (("\ud800", None), ("x" * 4085, None), ("c2", "\udc00")):
+            with pytest.raises(ValidationError):
+                await ours.save(Conversation(conversation_id=cid), scope=scope)
+            await reference.save(Conversation(conversation_id=cid), scope=scope)
+        assert [record.conversation_id for record in await ours.list_conversations()] == ["c"]
     finally:
         await store.aclose()
