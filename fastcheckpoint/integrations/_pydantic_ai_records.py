@@ -3,9 +3,11 @@
 Layout (every address is a run key, a hash, so no id reaches a path or key as it is):
 
 * A conversation is the run ``pydantic-ai:<conversation_id>``. It holds one checkpoint, its
-  current :class:`ConversationRecord` (older ones are pruned by the next save). The record's
-  revision is stored in it; the checkpoint's place, ``(incarnation, sequence)``, is the
-  compare-and-set token the store checks. Labels: every conversation, its scope, its family.
+  current :class:`ConversationRecord` (older ones are pruned by the next save), as parsed
+  JSON (``record``), or as JSON text (``record_json``) when it holds an integer beyond 64
+  bits. The record's revision is stored in it; the checkpoint's place, ``(incarnation,
+  sequence)``, is the compare-and-set token the store checks. Labels: every conversation,
+  its scope, its family.
 * An entry lives in an *entries run* chosen from its id: the millisecond prefix of a UUIDv7
   (the ids Pydantic AI mints), so the entries one save adds share a run and go in one write;
   any other id is hashed whole. Its item key is the hash of the id. ``read_entry`` is one read.
