@@ -584,13 +584,18 @@ class ConversationMachine(RuleBasedStateMachine):
         assert deleted is None, deleted
         if isinstance(forked, Conversation):
             self.cids.pair(new_cid, new_cid)
-            self.known.append(new_cid)
             theirs = self.outcome(self.reference.fork, cid, at=at, new_conversation_id=new_cid)
             assert isinstance(theirs, Conversation), theirs
             self.check_conversation(theirs, forked)
-            self.written(new_cid)
+            self.check_record(*[self.call(conversations.read_record, new_cid)
+                                for conversations in (self.reference, self.ours[1])])
+            # Gone again, whoever won: the machine's state (what later steps draw from) is
+            # then the same for every outcome of the race, as replaying a test case needs.
+            self.call(self.reference.delete, new_cid)
+            self.call(self.ours[1].delete, new_cid)
         else:
             assert outcome_kind(forked) in ("UserError", "ConversationConflict"), forked
+        assert self.call(self.ours[0].read_record, new_cid) is None
         self.call(self.reference.delete, cid)
         self.saved_at.pop(cid, None)
 
@@ -612,6 +617,8 @@ class ConversationMachine(RuleBasedStateMachine):
         """An agent run continuing a held conversation, on each side (one model, one clock,
         one run id: the same messages), and its result saved."""
         held = pick(data, self.held)
+        if self.cids.ours(held.cid) != held.cid:
+            return  # a fork's generated ids differ by design, and a run writes them in messages
         self.runs += 1
         self.steps += 1
         results = [self.outcome(self.agent.run, prompt, conversation=conversation,
