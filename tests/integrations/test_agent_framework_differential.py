@@ -294,6 +294,10 @@ class StorageMachine(RuleBasedStateMachine):
     """With a TTL, the reference forgets a checkpoint that long after its save: the page's
     "expired means absent" (load raises, listings leave it out, delete returns False, the id
     may be saved again)."""
+    TIME_SCALE = 1.0
+    """The TTL and every clock move are multiplied by it: a store whose expiry also runs on
+    another clock (Redis's own) sets it so that clock never gets there while a machine
+    runs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -303,8 +307,13 @@ class StorageMachine(RuleBasedStateMachine):
         self.directory = Path(tempfile.mkdtemp(prefix="fastcheckpoint-afdiff-"))
         self._exit.callback(shutil.rmtree, self.directory, ignore_errors=True)
         self.clock = FakeClock()
+        self.ttl = None if self.TTL is None else self.TTL * self.TIME_SCALE
         self.stores: list[CheckpointStore] = []
-        self.ours = self._open()
+        try:
+            self.ours = self._open()
+        except BaseException:
+            self._exit.close()  # hypothesis calls teardown only on a machine it got
+            raise
         self.reference = InMemoryCheckpointStorage()
         self.saved: list[WorkflowCheckpoint] = []
         """Checkpoints given to ``save``, which the machine later changes in place."""
@@ -315,18 +324,22 @@ class StorageMachine(RuleBasedStateMachine):
         by a storage object that saved or loaded it while paused (``remembered``)."""
         self.remembered: set[str] = set()
 
-    def _open(self) -> FastCheckpointStorage:
-        store: CheckpointStore
+    def open_store(self) -> CheckpointStore:
+        """A new store object over the machine's backing (what another process opens).
+        Callbacks it puts on ``self._exit`` (removing the backing) run after the stores
+        are closed."""
         if self.STORE_KIND == "file":
-            store = FileStore(self.directory, fsync=False)
-        elif self.stores:
-            store = self.stores[0]  # a MemoryStore lives in one process: share it
-        else:
-            store = MemoryStore()
+            return FileStore(self.directory, fsync=False)
+        if self.stores:
+            return self.stores[0]  # a MemoryStore lives in one process: share it
+        return MemoryStore()
+
+    def _open(self) -> FastCheckpointStorage:
+        store = self.open_store()
         if store not in self.stores:
             self.stores.append(store)
         return FastCheckpointStorage(store, checkpoint_types=TYPES, clock=self.clock,
-                                     ttl_seconds=self.TTL)
+                                     ttl_seconds=self.ttl)
 
     def call(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         return self.portal.call(functools.partial(func, *args, **kwargs))
@@ -343,10 +356,10 @@ class StorageMachine(RuleBasedStateMachine):
         return answers[0], answers[1]
 
     def _expire(self) -> None:
-        if self.TTL is None:
+        if self.ttl is None:
             return
         for checkpoint_id, saved_at in list(self.saved_at.items()):
-            if saved_at + self.TTL <= self.clock.now:
+            if saved_at + self.ttl <= self.clock.now:
                 del self.saved_at[checkpoint_id]
                 self.paused.pop(checkpoint_id, None)
                 self.call(self.reference.delete, checkpoint_id)
@@ -428,7 +441,7 @@ class StorageMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.TTL is not None)
     @rule(seconds=st.sampled_from([1.0, 4.0, 10.0]))
     def time_passes(self, seconds: float) -> None:
-        self.clock.advance(seconds)
+        self.clock.advance(seconds * self.TIME_SCALE)
 
     @rule()
     def reopen(self) -> None:

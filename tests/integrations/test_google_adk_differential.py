@@ -79,6 +79,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from fastcheckpoint.errors import SerializationError
 from fastcheckpoint.integrations.google_adk import FastSessionService
+from fastcheckpoint.stores import CheckpointStore
 from tests._helpers import FakeClock, make_store
 
 T = TypeVar("T")
@@ -154,9 +155,13 @@ class Handle:
 
 
 class ServiceMachine(RuleBasedStateMachine):
-    """Subclasses pick the store."""
+    """Subclasses pick the store (:meth:`open_stores`)."""
 
     STORE_KIND = "memory"
+    TIME_SCALE = 1.0
+    """The TTL and every clock move are multiplied by it: a store whose expiry also runs on
+    another clock (Redis's own) sets it so that clock never gets there while a machine
+    runs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -166,11 +171,19 @@ class ServiceMachine(RuleBasedStateMachine):
         self.directory = Path(tempfile.mkdtemp(prefix="fastcheckpoint-adk-diff-"))
         self._exit.callback(shutil.rmtree, self.directory, ignore_errors=True)
         self.clock = FakeClock()
-        self.store = make_store(self.STORE_KIND, self.directory, fsync=False)
+        self.stores: list[CheckpointStore] = []
+        try:
+            self.stores = self.open_stores()
+        except BaseException:
+            self._exit.close()  # hypothesis calls teardown only on a machine it got
+            raise
+        self.store = self.stores[0]
+        self.ttl = TTL * self.TIME_SCALE
         # Two services on one store: two processes, each knowing only what it saw.
-        self.services = (
-            FastSessionService(self.store, ttl_seconds=TTL, clock=self.clock),
-            FastSessionService(self.store, ttl_seconds=TTL, clock=self.clock))
+        self.services = tuple(
+            FastSessionService(self.stores[index % len(self.stores)], ttl_seconds=self.ttl,
+                               clock=self.clock)
+            for index in range(2))
         self.ours = self.services[0]
         self.reference = InMemorySessionService()
         self.lives: dict[Key, Life] = {}
@@ -203,9 +216,16 @@ class ServiceMachine(RuleBasedStateMachine):
                 outcomes.append(exc)
         return outcomes[0], outcomes[1]
 
+    def open_stores(self) -> list[CheckpointStore]:
+        """The stores of the two services, all over one backing (with two, each service
+        has a store object of its own, as another process would). Callbacks it puts on
+        ``self._exit`` (removing the backing) run after the stores are closed."""
+        return [make_store(self.STORE_KIND, self.directory, fsync=False)]
+
     def teardown(self) -> None:
         try:
-            self.call(self.store.aclose)
+            for store in self.stores:
+                self.call(store.aclose)
         finally:
             self._exit.close()
 
@@ -455,9 +475,9 @@ class ServiceMachine(RuleBasedStateMachine):
         """Time passes: a session unchanged for ``TTL`` seconds expires ("expired means
         absent": the reference deletes it). Steps are multiples of 0.25 and ``TTL`` is
         not, so no expiry falls on a boundary."""
-        self.clock.advance(seconds)
+        self.clock.advance(seconds * self.TIME_SCALE)
         for key, life in list(self.lives.items()):
-            if self.clock.now >= life.changed_at + TTL:
+            if self.clock.now >= life.changed_at + self.ttl:
                 self.call(self.reference.delete_session, app_name=key[0], user_id=key[1],
                           session_id=key[2])
                 del self.lives[key]

@@ -55,6 +55,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from fastcheckpoint.errors import SerializationError, ValidationError
 from fastcheckpoint.integrations.openai_agents import FastSession
+from fastcheckpoint.stores import CheckpointStore
 from tests._helpers import FakeClock, make_config, make_store
 
 T = TypeVar("T")
@@ -136,9 +137,13 @@ def feed(kind: str, batch: list[Any]) -> Iterable[Any]:
 
 
 class SessionMachine(RuleBasedStateMachine):
-    """Subclasses pick the store."""
+    """Subclasses pick the store (:meth:`open_stores`)."""
 
     STORE_KIND = "memory"
+    TIME_SCALE = 1.0
+    """The TTL and every clock move are multiplied by it: a store whose expiry also runs on
+    another clock (Redis's own) sets it so that clock never gets there while a machine
+    runs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -147,11 +152,19 @@ class SessionMachine(RuleBasedStateMachine):
             start_blocking_portal(backend="asyncio"))
         self.directory = Path(tempfile.mkdtemp(prefix="fastcheckpoint-openai-diff-"))
         self._exit.callback(shutil.rmtree, self.directory, ignore_errors=True)
-        self.store = make_store(self.STORE_KIND, self.directory, fsync=False)
+        self.stores: list[CheckpointStore] = []
+        try:
+            self.stores = self.open_stores()
+        except BaseException:
+            self._exit.close()  # hypothesis calls teardown only on a machine it got
+            raise
+        self.store = self.stores[0]
+        self.ttl = TTL * self.TIME_SCALE
         self.clock = FakeClock()
         self.config = make_config(self.clock)
-        self.ours = {(session_id, handle): self.new_session(session_id)
+        self.ours = {(session_id, handle): self.new_session(session_id, handle)
                      for session_id in SESSION_IDS for handle in HANDLES}
+        self.opened = itertools.count()
         self.renewed: dict[str, float | None] = dict.fromkeys(SESSION_IDS)
         """When each session last changed (its TTL counts from there); ``None``: empty."""
         self.reference = {session_id: SQLiteSession(session_id)
@@ -159,12 +172,20 @@ class SessionMachine(RuleBasedStateMachine):
         for session in self.reference.values():
             self._exit.callback(session.close)
 
-    def new_session(self, session_id: str) -> FastSession:
-        return FastSession(session_id, self.store, ttl_seconds=TTL, config=self.config)
+    def open_stores(self) -> list[CheckpointStore]:
+        """The stores the sessions use, all over one backing: handle ``n`` uses store ``n``
+        (modulo their number), so with two each object of a session is another process's.
+        Callbacks it puts on ``self._exit`` (removing the backing) run after the stores are
+        closed."""
+        return [make_store(self.STORE_KIND, self.directory, fsync=False)]
+
+    def new_session(self, session_id: str, process: int) -> FastSession:
+        return FastSession(session_id, self.stores[process % len(self.stores)],
+                           ttl_seconds=self.ttl, config=self.config)
 
     def session(self, session_id: str, handle: int | None) -> FastSession:
         if handle is None:
-            return self.new_session(session_id)
+            return self.new_session(session_id, next(self.opened))
         return self.ours[session_id, handle]
 
     def renew(self, session_id: str) -> None:
@@ -175,7 +196,8 @@ class SessionMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
-            self.call(self.store.aclose)
+            for store in self.stores:
+                self.call(store.aclose)
         finally:
             self._exit.close()
 
@@ -307,9 +329,9 @@ class SessionMachine(RuleBasedStateMachine):
         """Time passes: a session unchanged for ``TTL`` seconds expires, all its items
         together ("expired means absent"; the reference is cleared then). The steps never
         sum to a TTL exactly, so no expiry falls on a boundary."""
-        self.clock.advance(seconds)
+        self.clock.advance(seconds * self.TIME_SCALE)
         for session_id, renewed in self.renewed.items():
-            if renewed is not None and self.clock.now >= renewed + TTL:
+            if renewed is not None and self.clock.now >= renewed + self.ttl:
                 self.call(self.reference[session_id].clear_session)
                 self.renewed[session_id] = None
 
