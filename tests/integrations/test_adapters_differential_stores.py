@@ -56,12 +56,12 @@ from tests.test_model_checking_stores import (
 
 KINDS = ("sqlite", "redis", "redis-cluster-path", "postgres", "s3", "dynamodb")
 MOTO_KINDS = ("s3", "dynamodb")
-EXAMPLES = {"openai": 3, "adk": 4, "agent-framework": 2}
+EXAMPLES = {"openai": 2, "adk": 4, "agent-framework": 2}
 """Examples per machine and store in CI, on SQLite, Redis and PostgreSQL; one on moto,
 whose every request is an HTTP round trip served one at a time. Before they were settled,
 every machine ran 300 examples on SQLite, Redis and PostgreSQL and 25 to 60 on moto."""
 STEPS = {"openai": 15, "adk": 15, "agent-framework": 12}
-MOTO_STEPS = {"openai": 10, "adk": 15, "agent-framework": 5}
+MOTO_STEPS = {"openai": 10, "adk": 15, "agent-framework": 4}
 
 
 def _settings(adapter: str, kind: str) -> settings:
