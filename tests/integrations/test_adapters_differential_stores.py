@@ -270,22 +270,24 @@ MACHINES: dict[str, type[Any]] = {
 
 
 @pytest.fixture(scope="module")
-def bucket(moto_endpoint: str) -> tuple[str, str]:  # noqa: F811
+def bucket(request: pytest.FixtureRequest) -> tuple[str, str]:
     """``(endpoint, bucket)``: a bucket on the session's moto server for this module."""
     pytest.importorskip("aiobotocore")
+    pytest.importorskip("moto")
     from fastcheckpoint.stores.s3 import S3Store
 
+    endpoint: str = request.getfixturevalue("moto_endpoint")
     name = unique_name("adsrv")
 
     async def provision() -> None:
-        store = S3Store(name, region=REGION, endpoint_url=moto_endpoint)
+        store = S3Store(name, region=REGION, endpoint_url=endpoint)
         try:
             await store.provision()
         finally:
             await store.aclose()
 
     asyncio.run(provision())
-    return moto_endpoint, name
+    return endpoint, name
 
 
 @pytest.fixture
