@@ -672,9 +672,15 @@ class DifferentialMachine(RuleBasedStateMachine):
             self.lives[(thread_id, checkpoint_ns, checkpoint_id)] = DROPPED
             self.hinted.discard(slot)
         else:
+            # Documented: a save naming values removed meanwhile (its parent gone: another
+            # process deleted the thread this one never saw) sends every value again, as it
+            # is now. The reference gets those it no longer holds.
+            resent = {channel: version for channel, version in branch.ref_versions.items()
+                      if channel in branch.values and channel not in new_ref
+                      and (thread_id, checkpoint_ns, channel, version) not in self.ref.blobs}
             ref = self.call(self.ref.aput, copy.deepcopy(config),
                             made(branch.ref_versions, seen_ref), copy.deepcopy(metadata),
-                            new_ref)
+                            {**new_ref, **resent})
             assert ref["configurable"] == expected_config
             self.record_life(thread_id, checkpoint_ns, checkpoint_id, was_held)
             self.hinted.add(slot)

@@ -1,0 +1,340 @@
+"""The differential machines of test_langgraph_differential.py on the server stores: Redis
+(also through the Redis Cluster code path, on the plain server), PostgreSQL, S3 and
+DynamoDB+S3 (moto in server mode).
+
+Each machine is one of that module's (one saver; log merges; two savers on one store, as two
+processes; delta channels) with its store swapped: every example gets a backing of its own
+(a Redis key prefix, its keys deleted afterwards; the test's PostgreSQL schema, emptied
+afterwards; an S3 prefix; a DynamoDB table of its own with a small size threshold, so large
+checkpoints and items go to the bucket), and every saver, and every probe that asks the
+store whether a save landed, opens a store object of its own over it (another process: its
+connections, caches and hints its own).
+
+No TTLs: the savers' clocks never reach an expiry, so Redis's native expiry (on the server's
+real clock) plays no part.
+
+CI runs a few fixed (derandomized) examples of the one-saver and two-saver machines on each
+store, and of the others on Redis and PostgreSQL: about 12 s of the test process's CPU in
+all, 20 to 30 s on a 2-core machine, more when it is busy (moto serves one request at a
+time). Hunt with random ones, every machine on every store: ``LGDIFF_EXAMPLES=300``
+(examples per machine and store), ``-k redis`` to pick a store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pytest
+from hypothesis.stateful import run_state_machine_as_test
+
+from fastcheckpoint import MemoryStore
+from fastcheckpoint.stores import CheckpointStore
+from tests.integrations.test_langgraph_differential import (
+    HUNT,
+    DeltaMachine,
+    DifferentialMachine,
+    MemoryMachine,
+    MergingMachine,
+    TwoProcessMachine,
+    machine_settings,
+)
+from tests.stores._moto import REGION, unique_name
+from tests.test_model_checking_stores import (
+    _empty_schema,
+    _postgres_target,
+    _postgres_url,
+    _provision,
+    _redis_url,
+)
+
+if TYPE_CHECKING:
+    from fastcheckpoint.stores.dynamodb import DynamoDBStore
+
+DYNAMODB_THRESHOLD = 512
+"""Bytes past which the DynamoDB store puts a checkpoint or an item in the bucket: a few
+messages pass it, so some of each example's checkpoints and values go there and some not."""
+
+
+class Backing(Protocol):
+    """Where one example's checkpoints live; a store object over it per call of ``open``."""
+
+    kind: str
+
+    def open(self) -> CheckpointStore: ...
+
+    async def prepare(self) -> None: ...
+
+    async def clean(self) -> None: ...
+
+
+class StoreMachine(DifferentialMachine):
+    """A machine of test_langgraph_differential.py on ``backing``: first in the bases of a
+    machine there, so its ``_store`` (each saver's store) is this one's."""
+
+    STORE_KIND = "server"
+
+    def __init__(self, backing: Backing) -> None:
+        super().__init__()
+        self.backing = backing
+        # Runs when the machine closes: after the savers, before the portal.
+        self._exit.callback(self.call, backing.clean)
+        self.call(backing.prepare)
+
+    def _store(self) -> Any:
+        return self.backing.open()
+
+
+class OneSaver(StoreMachine, MemoryMachine):
+    pass
+
+
+class Merging(StoreMachine, MergingMachine):
+    pass
+
+
+class TwoSavers(StoreMachine, TwoProcessMachine):
+    pass
+
+
+class Delta(StoreMachine, DeltaMachine):
+    pass
+
+
+MACHINES: dict[str, type[StoreMachine]] = {
+    "one-saver": OneSaver, "merging": Merging, "two-savers": TwoSavers, "delta": Delta}
+
+
+# -- the backings -----------------------------------------------------------------------------
+
+
+class MemoryBacking:
+    """One memory store that every saver shares (the machines' own backing)."""
+
+    def __init__(self) -> None:
+        self.kind = "memory"
+        self.store = MemoryStore()
+
+    def open(self) -> CheckpointStore:
+        return self.store
+
+    async def prepare(self) -> None:
+        pass
+
+    async def clean(self) -> None:
+        pass
+
+
+class RedisBacking:
+    def __init__(self, url: str, *, cluster: bool) -> None:
+        self.kind = "redis"
+        self.url = url
+        self.cluster = cluster
+        self.prefix = f"fclgdiff-{uuid.uuid4().hex[:12]}"
+
+    def open(self) -> CheckpointStore:
+        import redis.asyncio as aioredis
+
+        from fastcheckpoint.stores.redis import RedisStore
+
+        if not self.cluster:
+            return RedisStore.from_url(f"{self.url}?prefix={self.prefix}")
+        # The Redis Cluster code path on a plain server: run scripts return their index
+        # changes and the store applies them in a second call.
+        client = aioredis.Redis.from_url(self.url)
+        return RedisStore(client, prefix=self.prefix, cluster=True, owns_client=True)
+
+    async def prepare(self) -> None:
+        pass
+
+    async def clean(self) -> None:
+        import redis.asyncio as aioredis
+
+        from tests.stores._redis_support import delete_prefix
+
+        client = aioredis.Redis.from_url(self.url)
+        try:
+            await delete_prefix(client, self.prefix)
+        finally:
+            await client.aclose()
+
+
+class PostgresBacking:
+    """The test's schema (provisioned once per test), emptied after each example."""
+
+    def __init__(self, target: Any, schema: str) -> None:
+        self.kind = "postgres"
+        self.target = target
+        self.schema = schema
+
+    def open(self) -> CheckpointStore:
+        from fastcheckpoint.stores.postgres import PostgresStore
+
+        # Commits need not wait for the disk: this is about what is seen, not what survives.
+        return PostgresStore.from_url(_postgres_url(self.target, self.schema),
+                                      server_settings={"synchronous_commit": "off"})
+
+    async def prepare(self) -> None:
+        pass
+
+    async def clean(self) -> None:
+        await _empty_schema(self.target, self.schema)
+
+
+class S3Backing:
+    """A prefix of the session's bucket (moto's data goes with the server)."""
+
+    def __init__(self, bucket: str, endpoint: str) -> None:
+        self.kind = "s3"
+        self.bucket = bucket
+        self.endpoint = endpoint
+        self.prefix = f"lgdiff-{secrets.token_hex(6)}"
+
+    def open(self) -> CheckpointStore:
+        from fastcheckpoint.stores.s3 import S3Store
+
+        return S3Store(self.bucket, self.prefix, region=REGION, endpoint_url=self.endpoint,
+                       session=_aws_session())
+
+    async def prepare(self) -> None:
+        pass
+
+    async def clean(self) -> None:
+        pass
+
+
+class DynamoDBBacking:
+    """A table of its own (listings span the table), the session's bucket for what is
+    past :data:`DYNAMODB_THRESHOLD`."""
+
+    def __init__(self, bucket: str, endpoint: str) -> None:
+        self.kind = "dynamodb"
+        self.table = unique_name("lgdiff")
+        self.bucket = bucket
+        self.endpoint = endpoint
+        self.prefix = f"lgdiff-{secrets.token_hex(6)}/"
+
+    def open(self) -> DynamoDBStore:
+        from fastcheckpoint.stores.dynamodb import DynamoDBStore
+
+        return DynamoDBStore(self.table, bucket=self.bucket, prefix=self.prefix,
+                             threshold=DYNAMODB_THRESHOLD, region=REGION,
+                             endpoint_url=self.endpoint, session=_aws_session())
+
+    async def prepare(self) -> None:
+        store = self.open()
+        try:
+            await store.provision()
+        finally:
+            await store.aclose()
+
+    async def clean(self) -> None:
+        pass
+
+
+def _aws_session() -> Any:
+    from tests.reliability._stores import _aws_session as shared
+
+    return shared()
+
+
+# -- the tests ----------------------------------------------------------------------------------
+
+
+EXAMPLES = {
+    ("redis", "one-saver"): 6, ("redis", "merging"): 3, ("redis", "two-savers"): 6,
+    ("redis", "delta"): 3, ("redis-cluster-path", "two-savers"): 4,
+    ("postgres", "one-saver"): 4, ("postgres", "two-savers"): 4, ("postgres", "delta"): 2,
+    ("s3", "one-saver"): 1, ("s3", "two-savers"): 2,
+    ("dynamodb", "one-saver"): 1, ("dynamodb", "two-savers"): 2,
+}
+"""CI's fixed examples per machine and store."""
+
+KINDS = ("redis", "redis-cluster-path", "postgres", "s3", "dynamodb")
+CASES = list(itertools.product(KINDS, MACHINES)) if HUNT else list(EXAMPLES)
+"""Hunting, every machine on every store."""
+
+
+@pytest.fixture
+def backing(request: pytest.FixtureRequest) -> Iterator[Callable[[], Backing]]:
+    """What builds each example's backing for the store kind of the test."""
+    kind = request.param
+    if kind == "memory":
+        yield MemoryBacking
+    elif kind in ("redis", "redis-cluster-path"):
+        url = _redis_url()
+        yield lambda: RedisBacking(url, cluster=kind != "redis")
+    elif kind == "postgres":
+        from tests.stores._postgres_server import drop_schema, unique_schema
+
+        target = _postgres_target(request.config)
+        schema = unique_schema()
+        asyncio.run(_provision(target, schema))
+        try:
+            yield lambda: PostgresBacking(target, schema)
+        finally:
+            asyncio.run(drop_schema(target, schema))
+    elif kind == "s3":
+        pytest.importorskip("moto")
+        bucket, endpoint = request.getfixturevalue("s3_bucket_for_savers")
+        yield lambda: S3Backing(bucket, endpoint)
+    else:
+        pytest.importorskip("moto")
+        _, bucket, endpoint = request.getfixturevalue("dynamodb_for_savers")
+        yield lambda: DynamoDBBacking(bucket, endpoint)
+
+
+@pytest.mark.parametrize(
+    ("backing", "machine"),
+    CASES,
+    indirect=["backing"],
+    ids=[f"{kind}-{machine}" for kind, machine in CASES],
+)
+def test_the_saver_agrees_with_langgraph(
+    backing: Callable[[], Backing], machine: str, request: pytest.FixtureRequest
+) -> None:
+    kind = request.node.callspec.params["backing"]
+    machine_class = MACHINES[machine]
+    run_state_machine_as_test(lambda: machine_class(backing()),
+                              settings=machine_settings(EXAMPLES.get((kind, machine), 0)))
+
+
+# -- what the hunts found -----------------------------------------------------------------------
+
+
+def _put(machine: DifferentialMachine, thread_id: str, changes: list[tuple[Any, ...]]) -> None:
+    machine.put(thread_id=thread_id, checkpoint_ns="", parent_mode="continue", fork_index=0,
+                changes=changes, unversioned=[], run_id="run-a", source="loop",
+                config_extra={})
+
+
+@pytest.mark.parametrize("backing", ["memory", "redis", "redis-cluster-path", "postgres"],
+                         indirect=True)
+def test_a_save_on_a_parent_another_process_deleted_sends_every_value(
+    backing: Callable[[], Backing],
+) -> None:
+    """One process deletes a thread and copies another into it; a second one, which never
+    saw the deletion, continues a checkpoint of the thread's earlier life. The save lands
+    (that process cannot tell) and, its parent gone, sends every value: ``data``, unchanged
+    since the deleted checkpoint, reads back, where ``InMemorySaver`` (whose delete took
+    the value) has none. The machines give the reference those values again."""
+    machine = TwoSavers(backing())
+    try:
+        machine.build(history_min_entries=None, keep_latest=None, eager=False)
+        _put(machine, "t0", [("append", 1, 0)])
+        _put(machine, "t1", [("data", 1)])
+        machine.delete_thread(thread_id="t1")
+        machine.copy_thread(source="t0", into="t1")
+        machine.switch_process(by=1)
+        _put(machine, "t1", [("count", 1)])
+        latest = machine.call(machine.saver.aget_tuple, {"configurable": {"thread_id": "t1"}})
+        assert latest is not None
+        assert latest.checkpoint["channel_values"] == {
+            "data": {"key": 1, "nested": [1]}, "count": 1}
+        machine.compare_list(None)
+    finally:
+        machine.close()
