@@ -615,6 +615,14 @@ class DifferentialMachine(RuleBasedStateMachine):
                 if branch.stored_messages is None:
                     branch.stored_messages = copy.deepcopy(branch.values["messages"])
                 self.edit(branch, change)
+        if branch.stored_messages is not None and branch.parent is not None and \
+                branch.parent not in self.ref.ids(thread_id, checkpoint_ns):
+            # A list edited in place at an earlier save, its parent gone now (deleted by its
+            # run, say): whether the save finds a value it names removed, and sends every
+            # value as it is now, depends on what else still names them. The node returns
+            # the list this time, which leaves no doubt.
+            changed.add("messages")
+            branch.stored_messages = None
         if self.DELTA:
             changed |= self.delta_step(branch, delta)
         for channel in [name[1:] for name in changed if name.startswith("-")]:

@@ -306,14 +306,19 @@ def test_the_saver_agrees_with_langgraph(
 # -- what the hunts found -----------------------------------------------------------------------
 
 
-def _put(machine: DifferentialMachine, thread_id: str, changes: list[tuple[Any, ...]]) -> None:
+def _put(machine: DifferentialMachine, thread_id: str, changes: list[tuple[Any, ...]],
+         unversioned: list[tuple[Any, ...]] = (), run_id: str = "run-a") -> None:
     machine.put(thread_id=thread_id, checkpoint_ns="", parent_mode="continue", fork_index=0,
-                changes=changes, unversioned=[], run_id="run-a", source="loop",
+                changes=changes, unversioned=list(unversioned), run_id=run_id, source="loop",
                 config_extra={})
 
 
-@pytest.mark.parametrize("backing", ["memory", "redis", "redis-cluster-path", "postgres"],
-                         indirect=True)
+FOUND_ON = ["memory", "redis", "redis-cluster-path", "postgres"]
+"""The stores the hunts' findings are replayed on (S3 and DynamoDB: 5 s each, and the saver
+behaviour they pin is tested on every store in test_langgraph_logs.py)."""
+
+
+@pytest.mark.parametrize("backing", FOUND_ON, indirect=True)
 def test_a_save_on_a_parent_another_process_deleted_sends_every_value(
     backing: Callable[[], Backing],
 ) -> None:
@@ -335,6 +340,32 @@ def test_a_save_on_a_parent_another_process_deleted_sends_every_value(
         assert latest is not None
         assert latest.checkpoint["channel_values"] == {
             "data": {"key": 1, "nested": [1]}, "count": 1}
+        machine.compare_list(None)
+    finally:
+        machine.close()
+
+
+@pytest.mark.parametrize("backing", FOUND_ON, indirect=True)
+def test_a_list_edited_in_place_then_its_parent_deleted_by_its_run(
+    backing: Callable[[], Backing],
+) -> None:
+    """A node edits the list in place (no new version: not stored), then
+    ``adelete_for_runs`` deletes that checkpoint; the next save names a value only it named,
+    finds it removed and sends every value as it is now, the edit included (logs begin
+    anew), where ``InMemorySaver`` keeps the list as stored. The machines version the list
+    at such a save: the node returns it."""
+    machine = OneSaver(backing())
+    try:
+        machine.build(history_min_entries=2, keep_latest=None, eager=False)
+        _put(machine, "t0", [("append", 2, 0)])
+        _put(machine, "t0", [("count", 1)], unversioned=[("swap", 0, 1)], run_id="run-b")
+        machine.delete_for_runs(run_ids=["run-b"])
+        _put(machine, "t0", [], run_id="run-c")
+        first = machine.saved[machine.known[("t0", "")][0]].values["messages"]
+        latest = machine.call(machine.saver.aget_tuple, {"configurable": {"thread_id": "t0"}})
+        assert latest is not None
+        assert [message.id for message in latest.checkpoint["channel_values"]["messages"]] == \
+            [first[1].id, first[0].id]  # swapped
         machine.compare_list(None)
     finally:
         machine.close()
