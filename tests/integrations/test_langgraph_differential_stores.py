@@ -26,7 +26,7 @@ import asyncio
 import itertools
 import secrets
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
@@ -63,8 +63,6 @@ messages pass it, so some of each example's checkpoints and values go there and 
 class Backing(Protocol):
     """Where one example's checkpoints live; a store object over it per call of ``open``."""
 
-    kind: str
-
     def open(self) -> CheckpointStore: ...
 
     async def prepare(self) -> None: ...
@@ -83,7 +81,11 @@ class StoreMachine(DifferentialMachine):
         self.backing = backing
         # Runs when the machine closes: after the savers, before the portal.
         self._exit.callback(self.call, backing.clean)
-        self.call(backing.prepare)
+        try:
+            self.call(backing.prepare)
+        except BaseException:
+            self.close()
+            raise
 
     def _store(self) -> Any:
         return self.backing.open()
@@ -116,7 +118,6 @@ class MemoryBacking:
     """One memory store that every saver shares (the machines' own backing)."""
 
     def __init__(self) -> None:
-        self.kind = "memory"
         self.store = MemoryStore()
 
     def open(self) -> CheckpointStore:
@@ -131,7 +132,6 @@ class MemoryBacking:
 
 class RedisBacking:
     def __init__(self, url: str, *, cluster: bool) -> None:
-        self.kind = "redis"
         self.url = url
         self.cluster = cluster
         self.prefix = f"fclgdiff-{uuid.uuid4().hex[:12]}"
@@ -167,7 +167,6 @@ class PostgresBacking:
     """The test's schema (provisioned once per test), emptied after each example."""
 
     def __init__(self, target: Any, schema: str) -> None:
-        self.kind = "postgres"
         self.target = target
         self.schema = schema
 
@@ -189,7 +188,6 @@ class S3Backing:
     """A prefix of the session's bucket (moto's data goes with the server)."""
 
     def __init__(self, bucket: str, endpoint: str) -> None:
-        self.kind = "s3"
         self.bucket = bucket
         self.endpoint = endpoint
         self.prefix = f"lgdiff-{secrets.token_hex(6)}"
@@ -212,7 +210,6 @@ class DynamoDBBacking:
     past :data:`DYNAMODB_THRESHOLD`."""
 
     def __init__(self, bucket: str, endpoint: str) -> None:
-        self.kind = "dynamodb"
         self.table = unique_name("lgdiff")
         self.bucket = bucket
         self.endpoint = endpoint
@@ -307,7 +304,7 @@ def test_the_saver_agrees_with_langgraph(
 
 
 def _put(machine: DifferentialMachine, thread_id: str, changes: list[tuple[Any, ...]],
-         unversioned: list[tuple[Any, ...]] = (), run_id: str = "run-a") -> None:
+         unversioned: Sequence[tuple[Any, ...]] = (), run_id: str = "run-a") -> None:
     machine.put(thread_id=thread_id, checkpoint_ns="", parent_mode="continue", fork_index=0,
                 changes=changes, unversioned=list(unversioned), run_id=run_id, source="loop",
                 config_extra={})
