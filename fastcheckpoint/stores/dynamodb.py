@@ -59,9 +59,9 @@ import re
 import secrets
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import anyio
@@ -144,6 +144,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("fastcheckpoint.stores.dynamodb")
+_T = TypeVar("_T")
 
 _STORE: Final = "DynamoDBStore"
 _DRIVER: Final = "aiobotocore"
@@ -543,6 +544,12 @@ class _Family:
     guard_before: str | None = None
     """When this process wrote the guard: the token that write replaced ("" for none), which
     the guard keeps (``pw``); another token there means another write came first."""
+
+
+class _Superseded(Exception):
+    """An S3 object a read's record named is gone because the record is: another process
+    removed or replaced it (a newer checkpoint pruned it) between the record's read and the
+    object's. The read is made again; it finds what is there now."""
 
 
 class _Cancelled(Exception):
@@ -1860,6 +1867,11 @@ class DynamoDBStore(ExpiryCleanup):
         check_run_key(run_key)
         if sequence < 0 or sequence > layout.MAX_SEQUENCE:
             return None
+        return await self._afresh(run_key, lambda: self._get(run_key, sequence, now))
+
+    async def _get(
+        self, run_key: str, sequence: int, now: float
+    ) -> tuple[StoredCheckpoint, str] | None:
         run_item, item = await self._snapshot(run_key, sequence)
         if not item:
             return None
@@ -1868,6 +1880,29 @@ class DynamoDBStore(ExpiryCleanup):
             return None
         found = await self._checkpoint(run_key, item, reading, now)
         return None if found is None else (found, reading.status_of(sequence))
+
+    async def _afresh(self, run_key: str, read: Callable[[], Awaitable[_T]]) -> _T:
+        """``read``, made again while a record it read was removed before the S3 object it
+        names was (:class:`_Superseded`): what another process changed meanwhile is read as
+        it is now, never reported as damage."""
+        for _ in range(self._retry.max_retries + 1):
+            try:
+                return await read()
+            except _Superseded:
+                self._unsure(run_key)
+        raise StoreError(
+            f"run {run_key}: its records kept being replaced while read; try again")
+
+    async def _replaced(self, run_key: str, sort_key: str, attribute: str, blob: str) -> bool:
+        """Whether the record at ``sort_key`` no longer names ``blob`` (in ``attribute``): it
+        was removed or written anew after it was read (one consistent GetItem)."""
+        response = await self._call(
+            "GetItem", Key={"PK": _s(layout.partition(run_key)), "SK": _s(sort_key)},
+            ConsistentRead=True, ProjectionExpression="#b",
+            ExpressionAttributeNames={"#b": attribute},
+        )
+        record = response.get("Item")
+        return record is None or record.get(attribute) != _s(blob)
 
     async def _snapshot(
         self, run_key: str, sequence: int
@@ -1926,6 +1961,8 @@ class DynamoDBStore(ExpiryCleanup):
         if blob is not None:
             fetched = await (await self._bucket()).get(blob)
             if fetched is None:
+                if await self._replaced(run_key, _text(item, "SK"), "bl", blob):
+                    raise _Superseded
                 raise CorruptCheckpointError(
                     f"the payload object s3://{self.bucket}/{self.prefix}{blob} is missing",
                     key=where,
@@ -1945,6 +1982,9 @@ class DynamoDBStore(ExpiryCleanup):
     @holds_clients
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
         check_run_key(run_key)
+        return await self._afresh(run_key, lambda: self._latest(run_key, now))
+
+    async def _latest(self, run_key: str, now: float) -> tuple[StoredCheckpoint, str] | None:
         # The run item and the newest checkpoint, one Query: all a restore needs.
         found = await self._read_newest(run_key, None, now, family=False)
         if found is None:
@@ -2540,9 +2580,12 @@ class DynamoDBStore(ExpiryCleanup):
         self, run_key: str, keys: Sequence[str], *, now: float
     ) -> dict[str, bytes]:
         check_run_key(run_key)
-        found = await self._live_items(run_key, [key for key in dict.fromkeys(keys)
-                                                 if _may_be_item_key(key)], now)
-        return await self._values_of(run_key, found)
+        wanted = [key for key in dict.fromkeys(keys) if _may_be_item_key(key)]
+
+        async def read() -> dict[str, bytes]:
+            return await self._values_of(run_key, await self._live_items(run_key, wanted, now))
+
+        return await self._afresh(run_key, read)
 
     async def _live_items(
         self, run_key: str, keys: Sequence[str], now: float
@@ -2655,6 +2698,10 @@ class DynamoDBStore(ExpiryCleanup):
                 if got is not None:
                     result[key] = got[0]
                     continue
+                if await self._replaced(run_key, sort_key, "vb", blob):
+                    if skip:
+                        continue  # gone from the listing too
+                    raise _Superseded
                 _skip_damaged(CorruptCheckpointError(
                     f"the value object s3://{self.bucket}/{self.prefix}{blob} is missing",
                     key=self._where(run_key, sort_key),
@@ -2944,6 +2991,12 @@ class DynamoDBStore(ExpiryCleanup):
         check_run_key(run_key)
         if sequence is not None and not 0 <= sequence <= layout.MAX_SEQUENCE:
             return None
+        return await self._afresh(
+            run_key, lambda: self._read_with_items(run_key, sequence, now))
+
+    async def _read_with_items(
+        self, run_key: str, sequence: int | None, now: float
+    ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
         known = self._families.get(run_key)
         if known is not None and sequence in (None, known.sequence):
             fast = await self._read_known(run_key, known, now)

@@ -80,11 +80,6 @@ def _settings(adapter: str, kind: str) -> settings:
 
 SMALL_THRESHOLD = 200
 """A DynamoDB threshold most checkpoints exceed: their payloads go to the bucket."""
-RACING_BLOBS = os.environ.get("ADSRV_DYNAMODB_BLOBS") == "1"
-"""Whether the machines with concurrent steps (OpenAI Agents, Google ADK) also put payloads
-in the bucket on DynamoDB: not by default while a read racing a change can find its
-checkpoint's payload gone (``test_a_session_read_racing_another_process_change_on_dynamodb``).
-"""
 
 
 # -- backings: where the stores of one example keep their data ---------------------------------
@@ -314,12 +309,8 @@ def place(request: pytest.FixtureRequest) -> Iterator[Place]:
         endpoint, name = request.getfixturevalue("bucket")
         yield Place(lambda machine: S3Backing(endpoint, name))
     else:
-        from fastcheckpoint.stores.dynamodb import DEFAULT_THRESHOLD
-
         endpoint, name = request.getfixturevalue("bucket")
-        concurrent = request.node.callspec.params["adapter"] != "agent-framework"
-        threshold = DEFAULT_THRESHOLD if concurrent and not RACING_BLOBS else SMALL_THRESHOLD
-        yield Place(lambda machine: DynamoDBBacking(endpoint, name, threshold))
+        yield Place(lambda machine: DynamoDBBacking(endpoint, name, SMALL_THRESHOLD))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -332,11 +323,6 @@ def test_adapter_agrees_with_its_framework(adapter: str, kind: str, place: Place
 # -- what the machines found, each pinned by a deterministic test ------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DynamoDBStore.read_with_items reads the run's latest checkpoint item, then fetches its "
-    "payload from S3; a change by another process in between supersedes that checkpoint "
-    "(keep_latest=1) and deletes its payload object, and the read raises "
-    "CorruptCheckpointError instead of reading the run again"))
 def test_a_session_read_racing_another_process_change_on_dynamodb(
     bucket: tuple[str, str],
 ) -> None:
