@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,14 +41,20 @@ pytest.importorskip("google.adk")
 pytest.importorskip("agent_framework")
 
 from fastcheckpoint.stores import CheckpointStore
+from tests._backings import (
+    Backing,
+    DynamoDBBacking,
+    PostgresBacking,
+    RedisBacking,
+    S3Backing,
+    SQLiteBacking,
+)
 from tests.integrations.test_agent_framework_differential import ExpiringStorageMachine
 from tests.integrations.test_google_adk_differential import ServiceMachine
 from tests.integrations.test_openai_agents_differential import SessionMachine
 from tests.stores._moto import REGION, moto_endpoint, unique_name  # noqa: F401
 from tests.test_model_checking_stores import (
-    _empty_schema,
     _postgres_target,
-    _postgres_url,
     _provision,
     _redis_url,
 )
@@ -82,119 +87,6 @@ SMALL_THRESHOLD = 200
 """A DynamoDB threshold most checkpoints exceed: their payloads go to the bucket."""
 
 
-# -- backings: where the stores of one example keep their data ---------------------------------
-
-
-class Backing:
-    """Opens store objects over one example's data; :meth:`remove` deletes it afterwards."""
-
-    def open(self) -> CheckpointStore:
-        raise NotImplementedError
-
-    async def prepare(self) -> None:
-        """Create what the stores need before the first call (a DynamoDB table)."""
-
-    async def remove(self) -> None:
-        """Delete what the example wrote (after its stores are closed)."""
-
-
-class SQLiteBacking(Backing):
-    def __init__(self, directory: Any) -> None:
-        self.directory = directory
-
-    def open(self) -> CheckpointStore:
-        from fastcheckpoint.stores.sqlite import SQLiteStore
-
-        return SQLiteStore(self.directory / "runs.db", synchronous="normal")
-
-
-class RedisBacking(Backing):
-    def __init__(self, url: str, cluster: bool) -> None:
-        self.url = url
-        self.cluster = cluster
-        self.prefix = f"fcadsrv-{secrets.token_hex(6)}"
-
-    def open(self) -> CheckpointStore:
-        import redis.asyncio as aioredis
-
-        from fastcheckpoint.stores.redis import RedisStore
-
-        if not self.cluster:
-            return RedisStore.from_url(f"{self.url}?prefix={self.prefix}")
-        # The Redis Cluster code path on a plain server: run scripts return their index
-        # changes and the store applies them in a second call.
-        client = aioredis.Redis.from_url(self.url)
-        return RedisStore(client, prefix=self.prefix, cluster=True, owns_client=True)
-
-    async def remove(self) -> None:
-        import redis.asyncio as aioredis
-
-        from tests.stores._redis_support import delete_prefix
-
-        client = aioredis.Redis.from_url(self.url)
-        try:
-            await delete_prefix(client, self.prefix)
-        finally:
-            await client.aclose()
-
-
-class PostgresBacking(Backing):
-    """A schema provisioned once per test: each example empties its tables afterwards."""
-
-    def __init__(self, target: Any, schema: str) -> None:
-        self.target = target
-        self.schema = schema
-
-    def open(self) -> CheckpointStore:
-        from fastcheckpoint.stores.postgres import PostgresStore
-
-        # Commits need not wait for the disk: this is about what is seen, not what survives.
-        return PostgresStore.from_url(_postgres_url(self.target, self.schema),
-                                      server_settings={"synchronous_commit": "off"})
-
-    async def remove(self) -> None:
-        await _empty_schema(self.target, self.schema)
-
-
-class S3Backing(Backing):
-    """A key prefix of the example's own in the test's bucket."""
-
-    def __init__(self, endpoint: str, bucket: str) -> None:
-        self.endpoint = endpoint
-        self.bucket = bucket
-        self.prefix = f"ex-{secrets.token_hex(6)}"
-
-    def open(self) -> CheckpointStore:
-        from fastcheckpoint.stores.s3 import S3Store
-
-        return S3Store(self.bucket, self.prefix, region=REGION, endpoint_url=self.endpoint)
-
-
-class DynamoDBBacking(Backing):
-    """A table of the example's own, and the test's bucket for checkpoints over
-    ``threshold`` bytes."""
-
-    def __init__(self, endpoint: str, bucket: str, threshold: int = SMALL_THRESHOLD) -> None:
-        self.endpoint = endpoint
-        self.bucket = bucket
-        self.threshold = threshold
-        self.table = unique_name("adsrv")
-
-    def open(self) -> CheckpointStore:
-        from fastcheckpoint.stores.dynamodb import DynamoDBStore
-
-        return DynamoDBStore(self.table, bucket=self.bucket, prefix=f"{self.table}/",
-                             threshold=self.threshold, region=REGION,
-                             endpoint_url=self.endpoint)
-
-    async def prepare(self) -> None:
-        store = self.open()
-        try:
-            await store.provision()
-        finally:
-            await store.aclose()
-
-
 class Place:
     """Where a test's examples keep their data: each example gets a backing of its own
     there (``backing(machine)``)."""
@@ -208,7 +100,7 @@ def _attached(machine: Any, place: Place) -> Backing:
     """The example's backing, prepared, and removed when ``machine`` ends (after its stores
     are closed: ``_exit`` runs after the machine's ``teardown`` closes them)."""
     backing = place.backing(machine)
-    machine._exit.callback(machine.call, backing.remove)
+    machine._exit.callback(machine.call, backing.clean)
     machine.call(backing.prepare)
     return backing
 
@@ -294,7 +186,8 @@ def place(request: pytest.FixtureRequest) -> Iterator[Place]:
     elif kind in ("redis", "redis-cluster-path"):
         url = _redis_url()
         # Native expiry runs on the server's clock: see the module docstring.
-        yield Place(lambda machine: RedisBacking(url, cluster=kind != "redis"), 1000.0)
+        yield Place(lambda machine: RedisBacking(url, cluster=kind != "redis", tag="fcadsrv"),
+                    1000.0)
     elif kind == "postgres":
         from tests.stores._postgres_server import drop_schema, unique_schema
 
@@ -307,10 +200,11 @@ def place(request: pytest.FixtureRequest) -> Iterator[Place]:
             asyncio.run(drop_schema(target, schema))
     elif kind == "s3":
         endpoint, name = request.getfixturevalue("bucket")
-        yield Place(lambda machine: S3Backing(endpoint, name))
+        yield Place(lambda machine: S3Backing(endpoint, name, tag="adsrv"))
     else:
         endpoint, name = request.getfixturevalue("bucket")
-        yield Place(lambda machine: DynamoDBBacking(endpoint, name, SMALL_THRESHOLD))
+        yield Place(lambda machine: DynamoDBBacking(
+            endpoint, name, threshold=SMALL_THRESHOLD, tag="adsrv"))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -336,7 +230,7 @@ def test_a_session_read_racing_another_process_change_on_dynamodb(
     second = {"role": "assistant", "content": "y" * 300}
 
     async def scenario() -> None:
-        backing = DynamoDBBacking(*bucket)
+        backing = DynamoDBBacking(*bucket, threshold=SMALL_THRESHOLD, tag="adsrv")
         await backing.prepare()
         reading_store, writing_store = backing.open(), backing.open()
         reader = FastSession("s", reading_store)

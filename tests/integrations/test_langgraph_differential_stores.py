@@ -24,16 +24,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import secrets
-import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import pytest
 from hypothesis.stateful import run_state_machine_as_test
 
 from fastcheckpoint import MemoryStore
 from fastcheckpoint.stores import CheckpointStore
+from tests._backings import (
+    Backing,
+    DynamoDBBacking,
+    PostgresBacking,
+    RedisBacking,
+    S3Backing,
+)
 from tests.integrations.test_langgraph_differential import (
     HUNT,
     DeltaMachine,
@@ -43,31 +48,15 @@ from tests.integrations.test_langgraph_differential import (
     TwoProcessMachine,
     machine_settings,
 )
-from tests.stores._moto import REGION, unique_name
 from tests.test_model_checking_stores import (
-    _empty_schema,
     _postgres_target,
-    _postgres_url,
     _provision,
     _redis_url,
 )
 
-if TYPE_CHECKING:
-    from fastcheckpoint.stores.dynamodb import DynamoDBStore
-
 DYNAMODB_THRESHOLD = 512
 """Bytes past which the DynamoDB store puts a checkpoint or an item in the bucket: a few
 messages pass it, so some of each example's checkpoints and values go there and some not."""
-
-
-class Backing(Protocol):
-    """Where one example's checkpoints live; a store object over it per call of ``open``."""
-
-    def open(self) -> CheckpointStore: ...
-
-    async def prepare(self) -> None: ...
-
-    async def clean(self) -> None: ...
 
 
 class StoreMachine(DifferentialMachine):
@@ -114,7 +103,7 @@ MACHINES: dict[str, type[StoreMachine]] = {
 # -- the backings -----------------------------------------------------------------------------
 
 
-class MemoryBacking:
+class MemoryBacking(Backing):
     """One memory store that every saver shares (the machines' own backing)."""
 
     def __init__(self) -> None:
@@ -122,121 +111,6 @@ class MemoryBacking:
 
     def open(self) -> CheckpointStore:
         return self.store
-
-    async def prepare(self) -> None:
-        pass
-
-    async def clean(self) -> None:
-        pass
-
-
-class RedisBacking:
-    def __init__(self, url: str, *, cluster: bool) -> None:
-        self.url = url
-        self.cluster = cluster
-        self.prefix = f"fclgdiff-{uuid.uuid4().hex[:12]}"
-
-    def open(self) -> CheckpointStore:
-        import redis.asyncio as aioredis
-
-        from fastcheckpoint.stores.redis import RedisStore
-
-        if not self.cluster:
-            return RedisStore.from_url(f"{self.url}?prefix={self.prefix}")
-        # The Redis Cluster code path on a plain server: run scripts return their index
-        # changes and the store applies them in a second call.
-        client = aioredis.Redis.from_url(self.url)
-        return RedisStore(client, prefix=self.prefix, cluster=True, owns_client=True)
-
-    async def prepare(self) -> None:
-        pass
-
-    async def clean(self) -> None:
-        import redis.asyncio as aioredis
-
-        from tests.stores._redis_support import delete_prefix
-
-        client = aioredis.Redis.from_url(self.url)
-        try:
-            await delete_prefix(client, self.prefix)
-        finally:
-            await client.aclose()
-
-
-class PostgresBacking:
-    """The test's schema (provisioned once per test), emptied after each example."""
-
-    def __init__(self, target: Any, schema: str) -> None:
-        self.target = target
-        self.schema = schema
-
-    def open(self) -> CheckpointStore:
-        from fastcheckpoint.stores.postgres import PostgresStore
-
-        # Commits need not wait for the disk: this is about what is seen, not what survives.
-        return PostgresStore.from_url(_postgres_url(self.target, self.schema),
-                                      server_settings={"synchronous_commit": "off"})
-
-    async def prepare(self) -> None:
-        pass
-
-    async def clean(self) -> None:
-        await _empty_schema(self.target, self.schema)
-
-
-class S3Backing:
-    """A prefix of the session's bucket (moto's data goes with the server)."""
-
-    def __init__(self, bucket: str, endpoint: str) -> None:
-        self.bucket = bucket
-        self.endpoint = endpoint
-        self.prefix = f"lgdiff-{secrets.token_hex(6)}"
-
-    def open(self) -> CheckpointStore:
-        from fastcheckpoint.stores.s3 import S3Store
-
-        return S3Store(self.bucket, self.prefix, region=REGION, endpoint_url=self.endpoint,
-                       session=_aws_session())
-
-    async def prepare(self) -> None:
-        pass
-
-    async def clean(self) -> None:
-        pass
-
-
-class DynamoDBBacking:
-    """A table of its own (listings span the table), the session's bucket for what is
-    past :data:`DYNAMODB_THRESHOLD`."""
-
-    def __init__(self, bucket: str, endpoint: str) -> None:
-        self.table = unique_name("lgdiff")
-        self.bucket = bucket
-        self.endpoint = endpoint
-        self.prefix = f"lgdiff-{secrets.token_hex(6)}/"
-
-    def open(self) -> DynamoDBStore:
-        from fastcheckpoint.stores.dynamodb import DynamoDBStore
-
-        return DynamoDBStore(self.table, bucket=self.bucket, prefix=self.prefix,
-                             threshold=DYNAMODB_THRESHOLD, region=REGION,
-                             endpoint_url=self.endpoint, session=_aws_session())
-
-    async def prepare(self) -> None:
-        store = self.open()
-        try:
-            await store.provision()
-        finally:
-            await store.aclose()
-
-    async def clean(self) -> None:
-        pass
-
-
-def _aws_session() -> Any:
-    from tests.reliability._stores import _aws_session as shared
-
-    return shared()
 
 
 # -- the tests ----------------------------------------------------------------------------------
@@ -264,7 +138,7 @@ def backing(request: pytest.FixtureRequest) -> Iterator[Callable[[], Backing]]:
         yield MemoryBacking
     elif kind in ("redis", "redis-cluster-path"):
         url = _redis_url()
-        yield lambda: RedisBacking(url, cluster=kind != "redis")
+        yield lambda: RedisBacking(url, cluster=kind != "redis", tag="fclgdiff")
     elif kind == "postgres":
         from tests.stores._postgres_server import drop_schema, unique_schema
 
@@ -278,11 +152,12 @@ def backing(request: pytest.FixtureRequest) -> Iterator[Callable[[], Backing]]:
     elif kind == "s3":
         pytest.importorskip("moto")
         bucket, endpoint = request.getfixturevalue("s3_bucket_for_savers")
-        yield lambda: S3Backing(bucket, endpoint)
+        yield lambda: S3Backing(endpoint, bucket, tag="lgdiff")
     else:
         pytest.importorskip("moto")
         _, bucket, endpoint = request.getfixturevalue("dynamodb_for_savers")
-        yield lambda: DynamoDBBacking(bucket, endpoint)
+        yield lambda: DynamoDBBacking(
+            endpoint, bucket, threshold=DYNAMODB_THRESHOLD, tag="lgdiff")
 
 
 @pytest.mark.parametrize(
