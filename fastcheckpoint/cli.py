@@ -30,7 +30,7 @@ import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 from urllib.parse import urlsplit
 
 import anyio
@@ -122,11 +122,13 @@ def _run_init(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"store": shown, "provisioned": provisioned, "actions": done})
     elif not provisioned:
-        print(f"{shown}: nothing to provision (the store creates what it needs on first use)")
+        print(f"{_said(shown)}: nothing to provision (the store creates what it needs on first "
+              "use)")
     elif done is None:
-        print(f"{shown}: provisioned (tables, buckets, indexes, TTL and lifecycle as needed)")
+        print(f"{_said(shown)}: provisioned (tables, buckets, indexes, TTL and lifecycle as "
+              "needed)")
     else:
-        print(f"{shown}: provisioned" + "".join(f"\n  {line}" for line in done))
+        print(f"{_said(shown)}: provisioned" + "".join(f"\n  {_said(line)}" for line in done))
     return EXIT_OK
 
 
@@ -141,10 +143,12 @@ _NOT_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
 def _json_for(stream: TextIO, text: str) -> str:
-    """``text``, JSON, with each character ``stream`` cannot encode written as a ``\\u``
-    escape: the same document, exact and valid, on a terminal or pipe of any encoding.
+    """``text``, JSON, with each character ``stream`` cannot encode, and each one that would
+    act on a terminal (:data:`_ACTING`), written as a ``\\u`` escape: the same document, exact
+    and valid, on a terminal or pipe of any encoding.
 
     Outside strings JSON is ASCII, so only characters inside strings are escaped."""
+    text = _in_document(text)
     encoding = stream.encoding or "utf-8"
     try:
         text.encode(encoding)
@@ -159,6 +163,79 @@ def _json_escaped(char: str, encoding: str) -> str:
     except UnicodeEncodeError:
         return json.dumps(char)[1:-1]  # \u00e9, or a surrogate pair beyond U+FFFF
     return char
+
+
+# -- untrusted text -------------------------------------------------------------------------------
+# Run ids, step names, tags, notes, comments, requests, store messages: text from agents,
+# users and tools, printed for a person on a terminal. The characters below act instead of
+# showing (move the cursor, clear the screen, set the title, reorder the line), so every
+# output shows each of them as a backslash escape: one rule, in three forms.
+
+_ACTING = (r"\x00-\x1f\x7f-\x9f"  # C0 controls (ESC, BEL, CR, LF, TAB...), DEL, C1 controls
+           # Unicode format characters (Cf): the soft hyphen, prepended marks, bidirectional
+           # marks, embeddings, overrides and isolates, zero-width characters, the BOM,
+           # interlinear annotations, tag characters; and the line and paragraph separators.
+           r"\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f"
+           r"\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd"
+           r"\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001"
+           r"\U000e0020-\U000e007f")
+"""Every character of the Unicode categories Cc, Cf, Zl and Zp (Unicode 15.1), as the inside
+of a regular expression's character class."""
+_IN_VALUE = re.compile(rf"[\\{_ACTING}]")
+"""What a value (an id, a name, a note) shows escaped: also its backslashes, so that the
+escaped form reads back as one value only (``a\\x1bb`` is not ``a<ESC>b``)."""
+_IN_MESSAGE = re.compile(rf"[{_ACTING}]")
+"""What a message shows escaped: it quotes its values already (``run 'a\\x1bb'``)."""
+_IN_DOCUMENT = re.compile(rf"(?!\n)[{_ACTING}]")
+"""What a document (JSON, Markdown) shows escaped: its own line breaks stay (the values in
+it are written without raw line breaks)."""
+_NAMED = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+class _Shown(str):
+    """Text made safe to show (:func:`_visible`, :func:`_said`): :func:`_table` writes it as
+    it is."""
+
+    __slots__ = ()
+
+
+def _escaped(char: str) -> str:
+    """``char`` as a backslash escape that a shell's ``$'...'`` reads back as ``char``:
+    ``\\x1b``, ``\\r``, ``\\u202e``, ``\\U000e0001``; a backslash as ``\\\\``."""
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    if code < 0x80:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def _visible(value: str) -> _Shown:
+    """A value (an id, a name, a note) for people: each character that would act on the
+    terminal, and each backslash, as a backslash escape (``run\\x1b[31m``, ``a\\\\b``)."""
+    return _Shown(_IN_VALUE.sub(lambda found: _escaped(found[0]), value))
+
+
+def _said(message: str) -> _Shown:
+    """A message, or one line of it, for people: each character that would act on the
+    terminal as a backslash escape. Its values are quoted (``repr``) or :func:`_visible`."""
+    return _Shown(_IN_MESSAGE.sub(lambda found: _escaped(found[0]), message))
+
+
+def _in_document(text: str) -> str:
+    """A document's text (JSON, Markdown) with each character that would act on the terminal
+    as a JSON escape (``\\u001b``, ``\\u202e``), its own line breaks kept: JSON stays exact and
+    valid, and so do the JSON blocks of Markdown."""
+    return _IN_DOCUMENT.sub(lambda found: json.dumps(found[0])[1:-1], text)
+
+
+def _shell_word(word: str) -> str:
+    """``word`` quoted for a POSIX shell; one holding a character that would act on the
+    terminal as ``$'...'``, in which bash and zsh read :func:`_visible`'s escapes back."""
+    if not _IN_MESSAGE.search(word):
+        return shlex.quote(word)
+    return "$'" + _visible(word).replace("'", "\\'") + "'"
 
 
 @contextlib.contextmanager
@@ -185,9 +262,11 @@ def _tolerant_output() -> Iterator[None]:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], out: TextIO) -> None:
-    """Left-aligned columns, two spaces apart; line breaks in cells shown as spaces, and
-    characters ``out`` cannot encode as backslash escapes (counted in the widths)."""
-    cells = [[_encodable(_flat(str(value)), out) for value in row] for row in rows]
+    """Left-aligned columns, two spaces apart; each cell :func:`_visible` (unless it is
+    :class:`_Shown` already), and characters ``out`` cannot encode as backslash escapes:
+    the widths count the escapes."""
+    cells = [[_encodable(value if isinstance(value, _Shown) else _visible(str(value)), out)
+              for value in row] for row in rows]
     widths = [max([len(header)] + [len(row[i]) for row in cells]) for i, header in
               enumerate(headers)]
     for row in [list(headers), *cells]:
@@ -203,11 +282,6 @@ def _encodable(text: str, out: TextIO) -> str:
     except UnicodeEncodeError:
         return text.encode(encoding, "backslashreplace").decode(encoding)
     return text
-
-
-def _flat(text: str) -> str:
-    """One line: line breaks and tabs as spaces."""
-    return re.sub(r"[\r\n\t\v\f]", " ", text)
 
 
 def _clipped(text: str, width: int) -> str:
@@ -230,7 +304,9 @@ def _duration(seconds: float) -> str:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    """``message`` on stderr, each line :func:`_said`; ``code``."""
+    said = "\n".join(_said(line) for line in message.split("\n"))
+    print(f"error: {said}", file=sys.stderr)
     return code
 
 
@@ -244,7 +320,7 @@ def _note_if_private(url: str) -> None:
     mode = os.environ.get("CHECKPOINT_MODE", "").strip().lower()
     if not os.environ.get("FASTCHECKPOINT_URL") and mode == "development":
         shown += " (what CHECKPOINT_MODE=development means)"
-    print(f"note: {shown} is a store in this command's own memory: it starts empty and is "
+    print(f"note: {_said(shown)} is a store in this command's own memory: it starts empty and is "
           "gone when the command ends, so it holds no run of an application or of another "
           "command. Use a store they share: file://, sqlite:// or redis://", file=sys.stderr)
 
@@ -352,12 +428,14 @@ async def _runs(manager: CheckpointManager, args: argparse.Namespace) -> int:
 
 
 def _pending(run: RunInfo, now: float, width: int = _REQUEST_WIDTH) -> tuple[str, str, str]:
-    """When the run's approval request was made, how long it has waited, the request."""
+    """When the run's approval request was made, how long it has waited, the request (its
+    JSON, shown with JSON's escapes)."""
     requested_at = _asked_at(run)
     if requested_at is None:
         return "-", "-", "-"
-    request = _flat(json_text((run.approval or {}).get("request")))
-    return when(requested_at), _duration(now - requested_at), _clipped(request, width)
+    request = _in_document(json_text((run.approval or {}).get("request")))
+    return (when(requested_at), _duration(now - requested_at),
+            _Shown(_clipped(request, width)))
 
 
 def _next_page(args: argparse.Namespace, cursor: str) -> str:
@@ -368,7 +446,7 @@ def _next_page(args: argparse.Namespace, cursor: str) -> str:
     if args.status:
         words += ["--status", args.status]
     words += ["--limit", str(args.limit), "--cursor", cursor]
-    return shlex.join(words)
+    return " ".join(_shell_word(word) for word in words)
 
 
 async def _show(manager: CheckpointManager, args: argparse.Namespace) -> int:
@@ -446,10 +524,10 @@ async def _history(manager: CheckpointManager, args: argparse.Namespace) -> int:
     run = await manager.get_run(args.run)
     if run is None:
         return _fail(f"run {args.run!r} does not exist (or expired)", EXIT_NOT_FOUND)
-    print(f"run {run.run_id}: {run.status.value}, created {when(run.created_at)}, "
+    print(f"run {_visible(run.run_id)}: {run.status.value}, created {when(run.created_at)}, "
           f"{run.checkpoint_count} checkpoint(s) held, latest sequence {run.latest_sequence}")
     if run.error:
-        print(f"error: {run.error}")
+        print(f"error: {_visible(run.error)}")
     print()
     # Only the recorded status changes, as every export holds them: a row made up for the
     # run's start would be one the JSON export and RunInfo.history do not have.
@@ -473,8 +551,8 @@ async def _history(manager: CheckpointManager, args: argparse.Namespace) -> int:
                                               include_expired=True)
         for m in page:
             line = (f"{m.sequence:<{width}}  {when(m.created_at):<{stamp}}  "
-                    f"{m.status.value:<9}  {m.checkpoint_id:<{id_width}}  "
-                    f"{_flat(m.step_name) or '-'}  {_flat(', '.join(m.tags))}")
+                    f"{m.status.value:<9}  {_visible(m.checkpoint_id):<{id_width}}  "
+                    f"{_visible(m.step_name) or '-'}  {_visible(', '.join(m.tags))}")
             print(line.rstrip())
         if len(page) < 500:
             return EXIT_OK
@@ -495,16 +573,32 @@ async def _export_progress(
 async def _export_to_stdout(
     manager: CheckpointManager, run_id: str, format: str, *, include_state: bool
 ) -> int:
+    terminal = sys.stdout.isatty()
     exporter, progress = await _export_progress(
-        manager, run_id, f"export {run_id}", output_is_terminal=sys.stdout.isatty())
+        manager, run_id, f"export {_visible(run_id)}", output_is_terminal=terminal)
     ok = False
     try:
         async for chunk in exporter.export_run(run_id, format, include_state=include_state):
-            sys.stdout.write(_json_for(sys.stdout, chunk) if format == "json" else chunk)
+            sys.stdout.write(_exported(chunk, format, terminal=terminal))
         ok = True
     finally:
         progress.close(ok=ok)
     return EXIT_OK
+
+
+def _exported(chunk: str, format: str, *, terminal: bool) -> str:
+    """An export's chunk as the command writes it to stdout: JSON with JSON's escapes for
+    characters that would act on a terminal (the same data), Markdown (a document for people)
+    escaped likewise, CSV exact (data for programs) unless it goes to a terminal: there each
+    record (a chunk) is :func:`_said`, line breaks in values included, ending its line."""
+    if format == "json":
+        return _json_for(sys.stdout, chunk)
+    if format == "markdown":
+        return _in_document(chunk)
+    if not terminal:
+        return chunk
+    record, end = (chunk[:-2], "\r\n") if chunk.endswith("\r\n") else (chunk, "")
+    return _said(record) + end
 
 
 def _export_format(args: argparse.Namespace) -> str | None:
@@ -546,7 +640,8 @@ async def _export_to_file(
     partial = (target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
                if mode is None or stat.S_ISREG(mode) else None)
     exporter, progress = await _export_progress(
-        manager, args.run, f"export {args.run} to {args.output}", output_is_terminal=False)
+        manager, args.run, f"export {_visible(args.run)} to {_said(args.output)}",
+        output_is_terminal=False)
     ok = False
     try:
         async with await anyio.open_file(partial or target, "w", encoding="utf-8",
@@ -555,7 +650,7 @@ async def _export_to_file(
                 os.chmod(out.wrapped.fileno(), stat.S_IMODE(mode))
             async for chunk in exporter.export_run(args.run, format,
                                                    include_state=args.state):
-                await out.write(chunk)
+                await out.write(_in_document(chunk) if format == "markdown" else chunk)
         if partial is not None:
             await partial.replace(target)
         ok = True
@@ -571,8 +666,8 @@ async def _fork(manager: CheckpointManager, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(forked.metadata.to_dict())
     else:
-        print(f"forked {args.checkpoint_id} into run {forked.run_id} "
-              f"as {forked.checkpoint_id}")
+        print(f"forked {_visible(args.checkpoint_id)} into run {_visible(forked.run_id)} "
+              f"as {_visible(forked.checkpoint_id)}")
     return EXIT_OK
 
 
@@ -591,8 +686,10 @@ async def _decide(manager: CheckpointManager, args: argparse.Namespace) -> int:
         _print_json(run.to_dict())
     else:
         decision = run.approval or {}
-        print(f"run {run.run_id}: {run.status.value} ({decision.get('decision', '?')} by "
-              f"{decision.get('decided_by', '?')} at {when(decision.get('decided_at'))})")
+        print(f"run {_visible(run.run_id)}: {run.status.value} "
+              f"({_visible(str(decision.get('decision', '?')))} by "
+              f"{_visible(str(decision.get('decided_by', '?')))} at "
+              f"{when(decision.get('decided_at'))})")
     return EXIT_OK
 
 
@@ -660,7 +757,7 @@ async def _prune(manager: CheckpointManager, args: argparse.Namespace) -> int:
     if run is None:
         return _fail(f"run {args.run!r} does not exist (or expired)", EXIT_NOT_FOUND)
     # The result is one line printed at the end, so the count may share the terminal.
-    progress = _Progress(f"prune {args.run}", "checkpoints removed",
+    progress = _Progress(f"prune {_visible(args.run)}", "checkpoints removed",
                          max(0, run.checkpoint_count - args.keep), shown=sys.stderr.isatty())
     pruner = _watched_manager(manager, _Watched(manager.store, deleted=progress.add))
     ok = False
@@ -672,7 +769,8 @@ async def _prune(manager: CheckpointManager, args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"run_id": args.run, "removed_checkpoints": removed})
     else:
-        print(f"run {args.run}: removed {removed} checkpoint(s), kept the newest {args.keep}")
+        print(f"run {_visible(args.run)}: removed {removed} checkpoint(s), kept the newest "
+              f"{args.keep}")
     return EXIT_OK
 
 
@@ -765,9 +863,10 @@ async def _doctor(manager: CheckpointManager, args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"store": shown, "ok": not failed, "checks": checks})
     else:
-        print(f"store: {shown}")
+        print(f"store: {_said(shown)}")
         _table(("CHECK", "RESULT", "MS", "DETAIL"),
-               [(c["check"], "ok" if c["ok"] else "FAILED", f"{c['ms']:.1f}", c["detail"])
+               [(c["check"], "ok" if c["ok"] else "FAILED", f"{c['ms']:.1f}",
+                 _said(c["detail"]))
                 for c in checks], sys.stdout)
     return EXIT_STORE if failed else EXIT_OK
 
@@ -792,7 +891,7 @@ _RESULTS = {"rebuilt": "rebuilt", "not damaged": "repaired elsewhere",
 def _print_repairs(
     shown: str, run_id: str | None, reports: list[RepairReport], rebuilt: int
 ) -> None:
-    where = shown if run_id is None else f"{shown}, run {run_id}"
+    where = _said(shown) if run_id is None else f"{_said(shown)}, run {_visible(run_id)}"
     if not reports:
         print(f"{where}: nothing damaged")
         return
@@ -800,15 +899,15 @@ def _print_repairs(
           f"{len(reports) - rebuilt} not rebuilt")
     _table(("RUN", "RESULT", "CHECKPOINTS", "PROBLEM", "RECORD"),
            [(report.run_id or "-", _RESULTS[report.outcome],
-             report.checkpoints, report.problem, report.key) for report in reports],
+             report.checkpoints, _said(report.problem), report.key) for report in reports],
            sys.stdout)
     for report in reports:
-        name = report.run_id or f"record {report.key}"
+        name = _visible(report.run_id or "") or f"record {_visible(report.key)}"
         if report.outcome == "rebuilt":
             print(f"{name}: rebuilt, every intact checkpoint restorable; lost with the damaged "
                   f"record: {'; '.join(report.lost) or 'nothing'}")
         else:
-            print(f"{name}: not rebuilt: {report.detail}")
+            print(f"{name}: not rebuilt: {_said(report.detail)}")
 
 
 def _ms(started: float) -> float:
@@ -1045,10 +1144,17 @@ def _request_time(text: str) -> float | _dt.datetime:
 
 class _Parser(argparse.ArgumentParser):
     """argparse's parser, except that help written to a reader gone away (``--help | head``)
-    is not ignored: argparse drops the write's error and exits 0 as if it was read."""
+    is not ignored (argparse drops the write's error and exits 0 as if it was read), and that
+    an error shows the arguments it repeats safely."""
 
     def print_help(self, file: SupportsWrite[str] | None = None) -> None:
         (file or sys.stdout).write(self.format_help())
+
+    def error(self, message: str) -> NoReturn:
+        """argparse's, the message :func:`_said`: it may repeat an argument as typed
+        (``unrecognized arguments: ...``)."""
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {_said(message)}\n")
 
 
 def _parser() -> argparse.ArgumentParser:

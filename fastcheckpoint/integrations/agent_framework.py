@@ -378,10 +378,10 @@ class FastCheckpointStorage:
                 comment=f"responses delivered; the workflow went on in checkpoint "
                         f"{checkpoint_id[:80]}")
         except (CheckpointNotFound, ConflictError):
-            logger.debug("checkpoint %s was no longer paused", paused_id[:80], exc_info=True)
+            logger.debug("checkpoint %r was no longer paused", paused_id[:80], exc_info=True)
         except CheckpointError:
             # The save is done; failing it now would make the runner think it was not.
-            logger.warning("checkpoint %s stays PAUSED: its approval failed", paused_id[:80],
+            logger.warning("checkpoint %r stays PAUSED: its approval failed", paused_id[:80],
                            exc_info=True)
 
     async def _listed(self, workflow_name: str) -> list[_Listed]:
