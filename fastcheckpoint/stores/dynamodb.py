@@ -3314,9 +3314,9 @@ class DynamoDBStore(ExpiryCleanup):
             if isinstance(run_key, str) and run_key:
                 wanted[layout.partition(run_key)] = entry
             else:
-                logger.warning("skipping the label entry dynamodb://%s/%s/%s in a listing: "
-                               "its run key is malformed", self.table, _text(entry, "PK"),
-                               _text(entry, "SK"))
+                logger.warning("skipping the label entry %r %r of dynamodb://%s in a "
+                               "listing: its run key is malformed", _text(entry, "PK"),
+                               _text(entry, "SK"), self.table)
         names = _Names()
         projection = ", ".join(names(a) for a in (*_COUNTED_ATTRIBUTES, "dat", "pg", "lb"))
         keys = [{"PK": _s(pk), "SK": _s(layout.RUN_SK)} for pk in wanted]
