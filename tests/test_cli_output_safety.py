@@ -148,6 +148,37 @@ def test_a_shown_value_reads_back_in_a_shell(word: str) -> None:
     assert quoted.startswith("$'") is (word != "plain-id")
 
 
+# -- every command ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("json_output", [False, True], ids=["people", "json"])
+@pytest.mark.parametrize("argv", [
+    ["runs"], ["runs", "--status", "paused"], ["show", RUN], ["history", RUN],
+    ["history", "order-2"], ["export", RUN, "--state"],
+    ["approve", RUN, "--approver", APPROVER, "--comment", COMMENT],
+    ["reject", RUN, "--approver", APPROVER, "--reason", COMMENT],
+    ["prune", RUN, "--keep", "1"],
+    ["fork", "FIRST", "--run", "copy-" + EVIL], ["cleanup"], ["doctor"],
+    ["show", "nope-" + EVIL], ["prune", "nope-" + EVIL, "--keep", "1"],
+], ids=lambda argv: "-".join(word for word in argv if word.isalpha()))
+def test_no_command_writes_an_acting_character(
+    url: str, capsys: pytest.CaptureFixture[str], argv: list[str], json_output: bool
+) -> None:
+    """``run_cli`` scans stdout and stderr; the text from runs is in each command's output
+    (not in that of ``cleanup`` and ``doctor``, which print counts and their own probe)."""
+    if "FIRST" in argv:
+        _, shown, _ = run_cli(capsys, "show", RUN, "--seq", "0", "--json", "--url", url)
+        argv = [json.loads(shown)["metadata"]["checkpoint_id"], *argv[2:]]
+        argv.insert(0, "fork")
+    code, out, err = run_cli(capsys, *argv, *(["--json"] if json_output else []), "--url", url)
+
+    assert code in (EXIT_OK, EXIT_NOT_FOUND)
+    escaped = ("\\x1b[31mred", "\\u001b[31mred")  # as text shows it, as JSON does
+    assert any(form in out + err for form in escaped) is (argv[0] not in ("cleanup", "doctor"))
+    if json_output and code == EXIT_OK:
+        json.loads(out)
+
+
 # -- tables and text ------------------------------------------------------------------------------
 
 
