@@ -22,6 +22,7 @@ import msgspec
 
 from fastcheckpoint._codec import from_json_text, to_json_text
 from fastcheckpoint._model import Checkpoint, CheckpointMetadata, RunInfo
+from fastcheckpoint._untrusted import json_escaped, visible
 from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import SerializationError, ValidationError
 
@@ -202,26 +203,59 @@ async def _csv(
 # -- Markdown -----------------------------------------------------------------------------------
 
 
-def _cell(text: object) -> str:
-    """Text for a table cell: pipes escaped, line breaks as ``<br>``."""
-    return re.sub(r"\r\n|\r|\n", "<br>", str(text)).replace("|", "\\|")
+_MARKDOWN_SYNTAX = re.compile(r"[!-/:-@\[-`{-~]")
+"""ASCII punctuation: CommonMark lets a backslash escape each of these, and its syntax and
+its extensions' (GFM tables, strikethrough and autolinks, math, emoji, typography) are made
+of them."""
+_ENTITIES = {"<": "&lt;", ">": "&gt;", "&": "&amp;"}
+"""HTML's own: written as entities, which every renderer of HTML reads as text."""
+
+
+_EDGE_SPACE = re.compile(r"^\s+|\s+$")
+"""Spaces a table cell would lose: written as character references, which it keeps."""
+
+
+def _text(value: str) -> str:
+    """Free text (an error, a note, who) as Markdown that renders as :func:`visible` shows it,
+    in a table cell or in a line: each ASCII punctuation character backslash-escaped (HTML's
+    as entities), so no markup, link, image, HTML or line break of its own; spaces at its
+    ends as character references (``&#32;``), which a table cell does not trim."""
+    text = _MARKDOWN_SYNTAX.sub(lambda found: _ENTITIES.get(found[0], "\\" + found[0]),
+                                visible(value))
+    return _EDGE_SPACE.sub(lambda found: "".join(f"&#{ord(char)};" for char in found[0]), text)
 
 
 def _longest_backticks(text: str) -> int:
     return max((len(run) for run in re.findall(r"`+", text)), default=0)
 
 
-def _code(text: str) -> str:
-    """An inline code span that holds ``text`` whatever backticks it contains."""
+def _code(value: str, *, in_table: bool = False) -> str:
+    """A name (an id, a step, a tag) as an inline code span that renders as :func:`visible`
+    shows it, and reads as it is in the file: the renderer takes the content literally. The
+    fence is longer than any backtick run in it; a space (which the renderer takes off) pads
+    content that would begin or end with a backtick, or begin and end with a space. In a
+    table cell a ``|`` is written ``\\|``, which GFM reads as ``|`` there, code spans
+    included; elsewhere it stays as it is."""
+    text = visible(value)
+    if not text:
+        return ""
     fence = "`" * (_longest_backticks(text) + 1)
-    padding = " " if text.startswith("`") or text.endswith("`") else ""
-    flat = re.sub(r"\r\n|\r|\n", " ", text)
-    return f"{fence}{padding}{flat}{padding}{fence}"
+    padded = text[0] == "`" or text[-1] == "`" or (
+        text[0] == " " and text[-1] == " " and text.strip(" ") != "")
+    padding = " " if padded else ""
+    if in_table:
+        text = text.replace("|", "\\|")
+    return f"{fence}{padding}{text}{padding}{fence}"
+
+
+def _tags(tags: list[str], *, in_table: bool = False) -> str:
+    return ", ".join(_code(tag, in_table=in_table) for tag in tags)
 
 
 def _block(value: Any) -> str:
-    """An indented JSON block, its fence longer than any backtick run in the text."""
-    text = msgspec.json.format(json_text(value), indent=2)
+    """An indented JSON block, its fence longer than any backtick run in the text; characters
+    that would act as JSON escapes (the same data)."""
+    text = json_escaped(msgspec.json.format(json_text(value), indent=2))
     fence = "`" * max(3, _longest_backticks(text) + 1)
     return f"{fence}json\n{text}\n{fence}\n"
 
@@ -238,9 +272,9 @@ async def _markdown(
         ("expires", when(run.expires_at) or "never"),
     ]
     if run.error:
-        rows.append(("error", run.error))
+        rows.append(("error", _text(run.error)))
     lines = [f"# Run {_code(run.run_id)}", "", "| | |", "| --- | --- |"]
-    lines += [f"| {name} | {_cell(value)} |" for name, value in rows]
+    lines += [f"| {name} | {value} |" for name, value in rows]
     yield "\n".join(lines) + "\n"
     if run.metadata:
         yield "\n## Run metadata\n\n" + _block(run.metadata)
@@ -249,8 +283,8 @@ async def _markdown(
     if run.history:
         lines = ["", "## Status history", "", "| at | status | by | note |",
                  "| --- | --- | --- | --- |"]
-        lines += [f"| {when(c.at)} | {c.status.value} | {_cell(c.actor or '')} "
-                  f"| {_cell(c.note)} |" for c in run.history]
+        lines += [f"| {when(c.at)} | {c.status.value} | {_text(c.actor or '')} "
+                  f"| {_text(c.note)} |" for c in run.history]
         yield "\n".join(lines) + "\n"
     yield "\n## Checkpoints, newest first\n\n"
     if not with_state:
@@ -259,9 +293,11 @@ async def _markdown(
     async for metadata, checkpoint in entries:
         if not with_state:
             yield (f"| {metadata.sequence} | {when(metadata.created_at)} "
-                   f"| {_cell(metadata.step_name)} | {metadata.status.value} "
-                   f"| {_cell(', '.join(metadata.tags))} | {_cell(metadata.parent_id or '')} "
-                   f"| {when(metadata.expires_at)} | {_cell(metadata.checkpoint_id)} |\n")
+                   f"| {_code(metadata.step_name, in_table=True)} | {metadata.status.value} "
+                   f"| {_tags(metadata.tags, in_table=True)} "
+                   f"| {_code(metadata.parent_id or '', in_table=True)} "
+                   f"| {when(metadata.expires_at)} "
+                   f"| {_code(metadata.checkpoint_id, in_table=True)} |\n")
             continue
         details = [
             f"### Checkpoint {metadata.sequence}", "",
@@ -269,12 +305,12 @@ async def _markdown(
             f"- created: {when(metadata.created_at)}",
             f"- step: {_code(metadata.step_name) if metadata.step_name else '-'}",
             f"- status: {metadata.status.value}",
-            f"- tags: {_cell(', '.join(metadata.tags)) or '-'}",
+            f"- tags: {_tags(metadata.tags) or '-'}",
             f"- parent: {_code(metadata.parent_id) if metadata.parent_id else '-'}",
             f"- expires: {when(metadata.expires_at) or 'never'}", "",
         ]
         if isinstance(checkpoint, str):
-            body = f"(unreadable: {_cell(checkpoint)})\n"
+            body = f"(unreadable: {_text(checkpoint)})\n"
         elif checkpoint is None:
             body = "(expired before it was read)\n"
         else:

@@ -40,6 +40,7 @@ from fastcheckpoint import __version__, _ids
 from fastcheckpoint._export import FORMATS, json_text, when
 from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import Checkpoint, CheckpointStatus, RepairReport, RunInfo
+from fastcheckpoint._untrusted import ACTING, IN_MESSAGE, json_escaped, said, visible
 from fastcheckpoint._urls import redacted, store_url_from_env, without_password
 from fastcheckpoint.errors import (
     CheckpointError,
@@ -148,7 +149,7 @@ def _json_for(stream: TextIO, text: str) -> str:
     and valid, on a terminal or pipe of any encoding.
 
     Outside strings JSON is ASCII, so only characters inside strings are escaped."""
-    text = _in_document(text)
+    text = json_escaped(text)
     encoding = stream.encoding or "utf-8"
     try:
         text.encode(encoding)
@@ -167,29 +168,12 @@ def _json_escaped(char: str, encoding: str) -> str:
 
 # -- untrusted text -------------------------------------------------------------------------------
 # Run ids, step names, tags, notes, comments, requests, store messages: text from agents,
-# users and tools, printed for a person on a terminal. The characters below act instead of
-# showing (move the cursor, clear the screen, set the title, reorder the line), so every
-# output shows each of them as a backslash escape: one rule, in three forms.
+# users and tools, printed for a person on a terminal. The characters that act instead of
+# showing (move the cursor, clear the screen, set the title, reorder the line) are shown as
+# escapes by the rule of fastcheckpoint._untrusted, which the Markdown export follows too.
 
-_ACTING = (r"\x00-\x1f\x7f-\x9f"  # C0 controls (ESC, BEL, CR, LF, TAB...), DEL, C1 controls
-           # Unicode format characters (Cf): the soft hyphen, prepended marks, bidirectional
-           # marks, embeddings, overrides and isolates, zero-width characters, the BOM,
-           # interlinear annotations, tag characters; and the line and paragraph separators.
-           r"\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f"
-           r"\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd"
-           r"\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001"
-           r"\U000e0020-\U000e007f")
-"""Every character of the Unicode categories Cc, Cf, Zl and Zp (Unicode 15.1), as the inside
-of a regular expression's character class."""
-_IN_VALUE = re.compile(rf"[\\{_ACTING}]")
-"""What a value (an id, a name, a note) shows escaped: also its backslashes, so that the
-escaped form reads back as one value only (``a\\x1bb`` is not ``a<ESC>b``)."""
-_IN_MESSAGE = re.compile(rf"[{_ACTING}]")
-"""What a message shows escaped: it quotes its values already (``run 'a\\x1bb'``)."""
-_IN_DOCUMENT = re.compile(rf"(?!\n)[{_ACTING}]")
-"""What a document (JSON, Markdown) shows escaped: its own line breaks stay (the values in
-it are written without raw line breaks)."""
-_NAMED = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_ACTING = ACTING
+"""The characters that act instead of showing (:data:`fastcheckpoint._untrusted.ACTING`)."""
 
 
 class _Shown(str):
@@ -199,41 +183,22 @@ class _Shown(str):
     __slots__ = ()
 
 
-def _escaped(char: str) -> str:
-    """``char`` as a backslash escape that a shell's ``$'...'`` reads back as ``char``:
-    ``\\x1b``, ``\\r``, ``\\u202e``, ``\\U000e0001``; a backslash as ``\\\\``."""
-    named = _NAMED.get(char)
-    if named is not None:
-        return named
-    code = ord(char)
-    if code < 0x80:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
-
-
 def _visible(value: str) -> _Shown:
     """A value (an id, a name, a note) for people: each character that would act on the
     terminal, and each backslash, as a backslash escape (``run\\x1b[31m``, ``a\\\\b``)."""
-    return _Shown(_IN_VALUE.sub(lambda found: _escaped(found[0]), value))
+    return _Shown(visible(value))
 
 
 def _said(message: str) -> _Shown:
     """A message, or one line of it, for people: each character that would act on the
     terminal as a backslash escape. Its values are quoted (``repr``) or :func:`_visible`."""
-    return _Shown(_IN_MESSAGE.sub(lambda found: _escaped(found[0]), message))
-
-
-def _in_document(text: str) -> str:
-    """A document's text (JSON, Markdown) with each character that would act on the terminal
-    as a JSON escape (``\\u001b``, ``\\u202e``), its own line breaks kept: JSON stays exact and
-    valid, and so do the JSON blocks of Markdown."""
-    return _IN_DOCUMENT.sub(lambda found: json.dumps(found[0])[1:-1], text)
+    return _Shown(said(message))
 
 
 def _shell_word(word: str) -> str:
     """``word`` quoted for a POSIX shell; one holding a character that would act on the
     terminal as ``$'...'``, in which bash and zsh read :func:`_visible`'s escapes back."""
-    if not _IN_MESSAGE.search(word):
+    if not IN_MESSAGE.search(word):
         return shlex.quote(word)
     return "$'" + _visible(word).replace("'", "\\'") + "'"
 
@@ -433,7 +398,7 @@ def _pending(run: RunInfo, now: float, width: int = _REQUEST_WIDTH) -> tuple[str
     requested_at = _asked_at(run)
     if requested_at is None:
         return "-", "-", "-"
-    request = _in_document(json_text((run.approval or {}).get("request")))
+    request = json_escaped(json_text((run.approval or {}).get("request")))
     return (when(requested_at), _duration(now - requested_at),
             _Shown(_clipped(request, width)))
 
@@ -588,13 +553,14 @@ async def _export_to_stdout(
 
 def _exported(chunk: str, format: str, *, terminal: bool) -> str:
     """An export's chunk as the command writes it to stdout: JSON with JSON's escapes for
-    characters that would act on a terminal (the same data), Markdown (a document for people)
-    escaped likewise, CSV exact (data for programs) unless it goes to a terminal: there each
-    record (a chunk) is :func:`_said`, line breaks in values included, ending its line."""
+    characters that would act on a terminal (the same data), Markdown as the library writes
+    it (a document for people, which holds no such character), CSV exact (data for programs)
+    unless it goes to a terminal: there each record (a chunk) is :func:`_said`, line breaks in
+    values included, ending its line."""
     if format == "json":
         return _json_for(sys.stdout, chunk)
     if format == "markdown":
-        return _in_document(chunk)
+        return chunk
     if not terminal:
         return chunk
     record, end = (chunk[:-2], "\r\n") if chunk.endswith("\r\n") else (chunk, "")
@@ -650,7 +616,7 @@ async def _export_to_file(
                 os.chmod(out.wrapped.fileno(), stat.S_IMODE(mode))
             async for chunk in exporter.export_run(args.run, format,
                                                    include_state=args.state):
-                await out.write(_in_document(chunk) if format == "markdown" else chunk)
+                await out.write(chunk)
         if partial is not None:
             await partial.replace(target)
         ok = True

@@ -392,9 +392,7 @@ def test_the_markdown_export_is_escaped_and_keeps_its_shape(
     written = target.read_text(encoding="utf-8")
     assert_safe(written)
     assert written == out
-    heading = out.split("\n")[0]
-    assert heading.startswith("# Run `run-\\u001b[31mred\\u001b[0m")  # a line break as a space
-    assert heading.endswith("\\u202eok\\u2066`")
+    assert out.split("\n")[0] == f"# Run `run-{SHOWN}`"  # as tables show it, on its line
     assert IN_JSON in out  # the approval's JSON block
     tables = markdown_tables(out)
     assert len(tables) == (2 if state else 3)

@@ -2130,8 +2130,8 @@ async def test_markdown_export_escapes_table_cells_and_fences_content(
     assert table.startswith(f"# Run `{RUN}`\n")
     assert "| status | failed |" in table
     assert "| error | tool \\| crashed |" in table
-    assert "plan \\| draft<br>next" in table
-    assert "| a\\|b |" in table
+    assert "| `plan \\| draft\\nnext` |" in table  # a code span, the line break escaped
+    assert "| `a\\|b` |" in table
     assert "### Checkpoint 0" in detailed
     assert "````json\n" in detailed  # longer than the ``` inside the state
     assert '"note": "a ``` fence and a | pipe"' in detailed
