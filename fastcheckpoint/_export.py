@@ -6,6 +6,10 @@ long run never has to fit in memory. The manager feeds them page by page.
 
 Every time in every format is ISO 8601 in UTC with microseconds (``when``): an audit file is
 read by people and by tools that parse dates, and epoch floats suit neither.
+
+JSON and CSV are data for programs: every value exact. Markdown is a document for people that
+viewers render: every value from a run renders as literal text, as the command line's tables
+show it (:mod:`fastcheckpoint._untrusted`), and adds no markup, line or table cell.
 """
 
 from __future__ import annotations
