@@ -40,7 +40,7 @@ from fastcheckpoint import __version__, _ids
 from fastcheckpoint._export import FORMATS, json_text, when
 from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import Checkpoint, CheckpointStatus, RepairReport, RunInfo
-from fastcheckpoint._untrusted import ACTING, IN_MESSAGE, json_escaped, said, visible
+from fastcheckpoint._untrusted import IN_MESSAGE, json_escaped, said, visible
 from fastcheckpoint._urls import redacted, store_url_from_env, without_password
 from fastcheckpoint.errors import (
     CheckpointError,
@@ -145,8 +145,8 @@ _NOT_ASCII = re.compile(r"[^\x00-\x7f]")
 
 def _json_for(stream: TextIO, text: str) -> str:
     """``text``, JSON, with each character ``stream`` cannot encode, and each one that would
-    act on a terminal (:data:`_ACTING`), written as a ``\\u`` escape: the same document, exact
-    and valid, on a terminal or pipe of any encoding.
+    act on a terminal (:data:`fastcheckpoint._untrusted.ACTING`), written as a ``\\u``
+    escape: the same document, exact and valid, on a terminal or pipe of any encoding.
 
     Outside strings JSON is ASCII, so only characters inside strings are escaped."""
     text = json_escaped(text)
@@ -171,9 +171,6 @@ def _json_escaped(char: str, encoding: str) -> str:
 # users and tools, printed for a person on a terminal. The characters that act instead of
 # showing (move the cursor, clear the screen, set the title, reorder the line) are shown as
 # escapes by the rule of fastcheckpoint._untrusted, which the Markdown export follows too.
-
-_ACTING = ACTING
-"""The characters that act instead of showing (:data:`fastcheckpoint._untrusted.ACTING`)."""
 
 
 class _Shown(str):

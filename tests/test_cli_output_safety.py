@@ -24,8 +24,8 @@ import pytest
 import fastcheckpoint.stores as stores_module
 from fastcheckpoint import CheckpointManager, open_store
 from fastcheckpoint._ids import run_key
+from fastcheckpoint._untrusted import ACTING
 from fastcheckpoint.cli import (
-    _ACTING,
     EXIT_CONFLICT,
     EXIT_DAMAGED,
     EXIT_NOT_FOUND,
@@ -117,7 +117,7 @@ def column(header: str, name: str) -> int:
 def test_the_rule_covers_every_control_format_and_separator_character() -> None:
     """Judged against the running Python's Unicode database: nothing that acts is missed,
     nothing that shows is escaped."""
-    acting = re.compile(f"[{_ACTING}]")
+    acting = re.compile(f"[{ACTING}]")
     missed = [hex(code) for code in range(sys.maxunicode + 1)
               if unicodedata.category(chr(code)) in ("Cc", "Cf", "Zl", "Zp")
               and not acting.match(chr(code))]
