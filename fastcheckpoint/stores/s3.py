@@ -36,6 +36,12 @@ knowledge older than another process's pruning) is taken back by the check. A de
 *sealed* (its next sequence claimed create-only) before it is started over or purged, so
 an append from a process that does not know it died is refused or keeps it alive.
 
+Reads that race a removal. A read takes several requests (the head, the slot, the items);
+what one found may be removed or written again by another process before the next. A slot
+listed but gone, or of another write than its marker (tokens), and an item missing while
+the slot changed (a conditional GET, only then), make the read start over (``_afresh``): it
+returns the state before the change or after it, never a mix.
+
 Exact removal. Deletes that must be counted (``delete``, purging) are conditional
 (``IfMatch`` on the ETag listed), so concurrent workers never both count one checkpoint.
 
@@ -221,6 +227,7 @@ class _SlotView:
     missing: bool = False  # a slot without its marker: ``marker`` is the key it should have
     owned: list[_ItemMarker] = field(default_factory=list)  # markers of the items it owns
     damage: CorruptCheckpointError | None = None  # a slot without marker that cannot be read
+    gone: bool = False  # a slot without marker listed, removed by the time it was read
 
     @property
     def names_items(self) -> bool:
@@ -426,8 +433,16 @@ class _Cached:
     owned: dict[int, dict[str, str]] = field(default_factory=dict)
 
 
-_Accepted = tuple[StoredCheckpoint, str, tuple[str, ...]]
-"""A checkpoint read, its run's status, and the refs that may have items nested under them."""
+_Accepted = tuple[StoredCheckpoint, str, tuple[str, ...], str]
+"""A checkpoint read, its run's status, the refs that may have items nested under them, and
+the ETag of its slot."""
+
+
+class _Superseded(Exception):
+    """What a read found in one request was removed or replaced by another process before a
+    later request of the read (a newer checkpoint pruned the slot it listed, the run was
+    deleted or started over, the checkpoint whose items it was reading went). The read is
+    made again: it finds what is there now, never a mix of the two."""
 
 
 def _nesting_refs(slot: Slot, state: RunState) -> tuple[str, ...]:
@@ -516,6 +531,32 @@ def _owned_of(
             if hex_key not in taken:
                 keys.append(layout.item_object(run_key, hex_key))
     return keys
+
+
+def _as_listed(current: _Run) -> _Run:
+    """``current`` for a read, unless a slot it listed without its marker was gone when read
+    for its listing: removed since the LIST (pruned, the run deleted), so the listing no
+    longer shows the run, whose newest checkpoint may be one it did not list
+    (:class:`_Superseded`)."""
+    if any(view.gone for view in current.listed.slots.values()):
+        raise _Superseded
+    return current
+
+
+def _written_over(listed: _SlotView, slot: Slot) -> bool:
+    """Whether ``slot`` is another write than those whose markers ``listed`` shows (no
+    marker carries its write token): the key was written again since the listing, and the
+    markers of the items listed under it are another checkpoint's. A marker of an earlier
+    release (no token) proves nothing, nor does a listing read from the slot itself."""
+    if listed.missing or listed.marker is None:
+        return False
+    tokens: set[bytes] = set()
+    for key in (listed.marker, *listed.extra):
+        marker = key.rpartition("/")[2]
+        listing = layout.parse_listing(marker[1:]) if marker[:1] in ("m", "l") else None
+        if listing is not None:
+            tokens.add(listing.token)
+    return bool(tokens) and b"" not in tokens and slot.token not in tokens
 
 
 def _listing_of(slot: Slot) -> Listing:
@@ -787,6 +828,11 @@ class S3Store(ExpiryCleanup):
         listed = _parse_run_listing(run_key, await io.list(layout.run_prefix(run_key)))
         return await self._resolve(io, run_key, listed)
 
+    async def _load_as_listed(self, io: Bucket, run_key: str) -> _Run:
+        """The whole run, for a read: :class:`_Superseded` when a slot listed without its
+        marker was removed before it was read (see :func:`_as_listed`)."""
+        return _as_listed(await self._load(io, run_key))
+
     async def _scan(
         self,
         io: Bucket,
@@ -880,6 +926,7 @@ class S3Store(ExpiryCleanup):
         found = await io.get(key)
         if found is None:
             view.slot_etag = None
+            view.gone = True
             return
         try:
             slot = layout.decode_slot(found[0], io.where(key), run_key=run_key,
@@ -1863,9 +1910,12 @@ class S3Store(ExpiryCleanup):
         found: tuple[bytes, str] | None,
         state: tuple[RunState, str] | CorruptCheckpointError | None,
         now: float,
+        listed: _SlotView | None = None,
+        seen: set[str] | None = None,
     ) -> _Accepted | None:
         """What ``get`` returns, from the slot and the run object read together, with the
-        refs that may have items nested under them (see :func:`_nesting_refs`)."""
+        refs that may have items nested under them (see :func:`_nesting_refs`) and the
+        slot's ETag. ``listed``, ``seen``: see :meth:`_accept`."""
         if found is None or state is None:
             return None
         if isinstance(state, CorruptCheckpointError):
@@ -1873,22 +1923,40 @@ class S3Store(ExpiryCleanup):
             head = (await self._head(io, run_key, live_wanted=1, now=now))[0].state
             if head is None:
                 return None
-            return self._accept(io, run_key, sequence, found, head, now)
-        return self._accept(io, run_key, sequence, found, state[0], now)
+            return self._accept(io, run_key, sequence, found, head, now, listed, seen)
+        return self._accept(io, run_key, sequence, found, state[0], now, listed, seen)
 
     @holds_clients
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
         check_run_key(run_key)
         io = await self._objects()
-        found = await self._latest(io, run_key, now, first=_page_for(2))
+        found = await self._afresh(run_key, functools.partial(
+            self._latest, io, run_key, now, first=_page_for(2), seen=set()))
         return None if found is None else found[:2]
 
+    async def _afresh(self, run_key: str, read: Callable[[], Awaitable[_T]]) -> _T:
+        """``read``, made again while what it found in one request was removed or replaced
+        by another process before a later one (:class:`_Superseded`): the read returns the
+        state before that change or after it, never a mix of the two. Bounded: a run whose
+        checkpoints keep going faster than they are read fails with ``StoreError``."""
+        for _ in range(self._retry.max_retries + 1):
+            try:
+                return await read()
+            except _Superseded:
+                continue
+        raise StoreError(
+            f"run {run_key}: its checkpoints kept being removed or replaced while read; "
+            "try again")
+
     async def _latest(
-        self, io: Bucket, run_key: str, now: float, *, first: int
-    ) -> tuple[StoredCheckpoint, str, tuple[str, ...], _SlotView] | None:
+        self, io: Bucket, run_key: str, now: float, *, first: int, seen: set[str]
+    ) -> tuple[StoredCheckpoint, str, tuple[str, ...], str, _SlotView] | None:
         """The newest live checkpoint, its run's status, the refs that may have items nested
-        under them, and its view in the listing read (with the markers of the items it
-        owns). ``first``: ``MaxKeys`` of the first LIST."""
+        under them, its slot's ETag, and its view in the listing read (with the markers of
+        the items it owns). ``first``: ``MaxKeys`` of the first LIST. :class:`_Superseded`
+        when a slot listed is gone (or written again) by the time it is read: the listing
+        no longer shows the run, whose newest checkpoint may be one it did not list
+        (``seen``: see :meth:`_accept`)."""
 
         def incarnation(listed: _Listed) -> str | None:
             cached = self._cache.get(run_key)
@@ -1918,18 +1986,23 @@ class S3Store(ExpiryCleanup):
             )
             if state is None:
                 return None
-            if not isinstance(state, CorruptCheckpointError) and got is not None:
-                accepted = self._accept(io, run_key, guess.sequence, got, state[0], now)
+            if got is None:
+                raise _Superseded  # pruned, or the run deleted, since it was listed
+            if not isinstance(state, CorruptCheckpointError):
+                accepted = self._accept(io, run_key, guess.sequence, got, state[0], now, guess,
+                                        seen)
                 if accepted is not None:
                     return *accepted, guess
-        result = await self._first_live(io, run_key, await self._resolve(io, run_key, listed), now)
+        result = await self._first_live(
+            io, run_key, _as_listed(await self._resolve(io, run_key, listed)), now, seen)
         if result is None and known_from:
-            result = await self._first_live(io, run_key, await self._load(io, run_key), now)
+            result = await self._first_live(io, run_key, await self._load_as_listed(io, run_key),
+                                            now, seen)
         return result
 
     async def _first_live(
-        self, io: Bucket, run_key: str, current: _Run, now: float
-    ) -> tuple[StoredCheckpoint, str, tuple[str, ...], _SlotView] | None:
+        self, io: Bucket, run_key: str, current: _Run, now: float, seen: set[str]
+    ) -> tuple[StoredCheckpoint, str, tuple[str, ...], str, _SlotView] | None:
         if current.state is None:
             return None
         for view in reversed(current.held):
@@ -1937,8 +2010,11 @@ class S3Store(ExpiryCleanup):
                 continue
             got = await io.get(layout.slot_key(run_key, view.sequence))
             if got is None:
-                continue
-            result = self._accept(io, run_key, view.sequence, got, current.state, now)
+                # Removed since it was listed (pruned, purged, the run deleted): the
+                # listing no longer shows the run, whose newest may be one it did not list.
+                raise _Superseded
+            result = self._accept(io, run_key, view.sequence, got, current.state, now, view,
+                                  seen)
             if result is not None:
                 return *result, view
         return None
@@ -1951,15 +2027,30 @@ class S3Store(ExpiryCleanup):
         found: tuple[bytes, str],
         state: RunState,
         now: float,
+        listed: _SlotView | None = None,
+        seen: set[str] | None = None,
     ) -> _Accepted | None:
-        """The checkpoint in a slot's body, if it is a live one of the run's incarnation."""
+        """The checkpoint in a slot's body, if it is a live one of the run's incarnation.
+        ``listed``: the slot as a listing of the same read showed it; a slot of another
+        write than its marker's (the token differs: the run was started over, the key
+        written again, between the LIST and the GET) makes the read :class:`_Superseded`,
+        as the items listed with the marker are not this checkpoint's. ``seen``: the slots
+        (ETags) an earlier try of the read found so: found so again, the marker is a
+        leftover its writer did not remove (it stopped), not a race, and the read goes on."""
         where = io.where(layout.slot_key(run_key, sequence))
         slot = layout.decode_slot(found[0], where, run_key=run_key, sequence=sequence)
         if slot.tombstone or slot.incarnation != state.incarnation or not is_live(
             slot.expires_at, now
         ):
             return None
-        return self._located(io, run_key, slot), state.status, _nesting_refs(slot, state)
+        if listed is not None and _written_over(listed, slot) and (
+            seen is None or found[1] not in seen
+        ):
+            if seen is not None:
+                seen.add(found[1])
+            raise _Superseded
+        return (self._located(io, run_key, slot), state.status, _nesting_refs(slot, state),
+                found[1])
 
     # -- checkpoints with their items ------------------------------------------------------------
 
@@ -1969,25 +2060,32 @@ class S3Store(ExpiryCleanup):
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
         check_run_key(run_key)
         io = await self._objects()
+        return await self._afresh(run_key, functools.partial(
+            self._read_with_items, io, run_key, sequence, now, set()))
+
+    async def _read_with_items(
+        self, io: Bucket, run_key: str, sequence: int | None, now: float, seen: set[str]
+    ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
         if sequence is None:
-            latest = await self._latest(io, run_key, now, first=_READ_PAGE)
+            latest = await self._latest(io, run_key, now, first=_READ_PAGE, seen=seen)
             if latest is None:
                 return None
-            record, status, nesting, view = latest
+            record, status, nesting, etag, view = latest
             owned = [marker.hex_key for marker in view.owned]
         else:
-            found = await self._read_at(io, run_key, sequence, now)
+            found = await self._read_at(io, run_key, sequence, now, seen)
             if found is None:
                 return None
-            record, status, nesting, owned = found
-        return record, status, await self._items_of(io, run_key, record, owned, nesting, now)
+            record, status, nesting, etag, owned = found
+        return record, status, await self._items_of(io, run_key, record, etag, owned, nesting,
+                                                    now)
 
     async def _read_at(
-        self, io: Bucket, run_key: str, sequence: int, now: float
-    ) -> tuple[StoredCheckpoint, str, tuple[str, ...], list[str]] | None:
-        """What ``get`` returns, with the refs that may have items nested under them and the
-        hex keys of the items the checkpoint owns (their markers are under its slot key:
-        listed in the same round trip)."""
+        self, io: Bucket, run_key: str, sequence: int, now: float, seen: set[str]
+    ) -> tuple[StoredCheckpoint, str, tuple[str, ...], str, list[str]] | None:
+        """What ``get`` returns, with the refs that may have items nested under them, the
+        slot's ETag and the hex keys of the items the checkpoint owns (their markers are
+        under its slot key: listed in the same round trip)."""
         if not layout.valid_sequence(sequence):
             return None
         slot = layout.slot_key(run_key, sequence)
@@ -1999,10 +2097,11 @@ class S3Store(ExpiryCleanup):
             ),
             functools.partial(io.list, f"{slot}/"),
         )
-        accepted = await self._accept_read(io, run_key, sequence, found, state, now)
+        view = _parse_run_listing(run_key, entries).slots.get(sequence)
+        accepted = await self._accept_read(io, run_key, sequence, found, state, now, view,
+                                           seen)
         if accepted is None:
             return None
-        view = _parse_run_listing(run_key, entries).slots.get(sequence)
         return *accepted, [] if view is None else [marker.hex_key for marker in view.owned]
 
     async def _items_of(
@@ -2010,6 +2109,7 @@ class S3Store(ExpiryCleanup):
         io: Bucket,
         run_key: str,
         record: StoredCheckpoint,
+        etag: str,
         owned: Sequence[str],
         nesting: Sequence[str],
         now: float,
@@ -2019,7 +2119,11 @@ class S3Store(ExpiryCleanup):
         ``nesting`` (the names that may have nested items); then the nested items,
         concurrently (a round trip only when there are any). An item at an owned key that
         another checkpoint (or another life of this one) owns now is not this checkpoint's,
-        nor is one nested under a ref that another checkpoint owns."""
+        nor is one nested under a ref that another checkpoint owns.
+
+        An item it names, owns or lists found missing (or owned by another) may have gone
+        with the checkpoint since its slot was read (``etag``): then the read is
+        :class:`_Superseded`. While the slot stands, what is missing is absent."""
         named = {layout.hex_item_key(key): key for key in record.refs}
         wanted = list(dict.fromkeys([*named, *owned]))
         found, listings = await pair(
@@ -2029,13 +2133,19 @@ class S3Store(ExpiryCleanup):
                 for hex_key in dict.fromkeys(map(layout.hex_item_key, nesting))]),
         )
         values: dict[str, bytes] = {}
+        gone = False
         for hex_key, stored in zip(wanted, found, strict=True):
-            if stored is None or not is_live(stored[0].expires_at, now):
+            if stored is None:
+                gone = True
+                continue
+            if not is_live(stored[0].expires_at, now):
                 continue
             key = named.get(hex_key) if hex_key in named else (
                 layout.item_key_of(hex_key) if _owned_by(stored[0], record) else None)
             if key is not None:
                 values[key] = stored[0].value
+            else:
+                gone = True  # owned by another now: taken over, or this one was removed
         read = dict(zip(wanted, found, strict=True))
         base = len(layout.items_prefix(run_key))
         nested = list(dict.fromkeys(entry.key[base:] for listed in listings for entry in listed))
@@ -2046,10 +2156,17 @@ class S3Store(ExpiryCleanup):
         for hex_key in nested:
             stored = read[hex_key]
             key = layout.item_key_of(hex_key)
-            if stored is None or key is None or not is_live(stored[0].expires_at, now):
+            if stored is None:
+                gone = True
+                continue
+            if key is None or not is_live(stored[0].expires_at, now):
                 continue
             if stored[0].owner is None or _owned_by(stored[0], record):
                 values[key] = stored[0].value
+        if gone and await io.get_if_changed(
+            layout.slot_key(run_key, record.sequence), etag
+        ) is not UNCHANGED:
+            raise _Superseded  # the checkpoint went (or was replaced) while read
         return values
 
     @holds_clients
@@ -2154,7 +2271,18 @@ class S3Store(ExpiryCleanup):
         io = await self._objects()
         if before is not None and before >= layout.SEQUENCE_SPAN:
             before = None
+        return await self._afresh(run_key, functools.partial(
+            self._headers, io, run_key, before, limit, now, include_expired))
 
+    async def _headers(
+        self,
+        io: Bucket,
+        run_key: str,
+        before: int | None,
+        limit: int,
+        now: float,
+        include_expired: bool,
+    ) -> tuple[list[CheckpointHeader], str | None]:
         def wanted(view: _SlotView) -> bool:
             listing = view.listing
             return view.slot_etag is not None and (before is None or view.sequence < before) and (
@@ -2166,27 +2294,28 @@ class S3Store(ExpiryCleanup):
             return sum(1 for view in listed.slots.values() if wanted(view)) >= limit
 
         listed, known_from = await self._page(io, run_key, before, _page_for(limit), enough)
-        current = await self._resolve(io, run_key, listed)
+        current = _as_listed(await self._resolve(io, run_key, listed))
         chosen = _chosen(current, before, limit, now, include_expired)
         if len(chosen) < limit and known_from:
             # Leftovers of another incarnation filled the page: take the rest of the run.
             listed, known_from = await self._page(
                 io, run_key, before, layout.SEQUENCE_SPAN, lambda _: False
             )
-            current = await self._resolve(io, run_key, listed)
+            current = _as_listed(await self._resolve(io, run_key, listed))
             chosen = _chosen(current, before, limit, now, include_expired)
         if current.state is None:
             return [], None
         if not include_expired and not chosen:
             # An empty page of a run read to its end from the top: no live checkpoint, so no
             # live run. Otherwise a newer checkpoint may be live: look at the head.
-            alive = (before is not None or known_from > 0) and (
-                await self._head(io, run_key, live_wanted=1, now=now)
-            )[0].live(now)
+            alive = (before is not None or known_from > 0) and _as_listed(
+                (await self._head(io, run_key, live_wanted=1, now=now))[0]).live(now)
             if not alive:
                 return [], None
         headers = await gather([functools.partial(self._header, io, view) for view in chosen])
-        return headers, current.state.status
+        if None in headers:
+            raise _Superseded  # a long header's marker removed since it was listed
+        return [header for header in headers if header is not None], current.state.status
 
     async def _page(
         self,
@@ -2214,14 +2343,16 @@ class S3Store(ExpiryCleanup):
         found = await io.list(key, limit=1)
         return found[0].etag if found and found[0].key == key else None
 
-    async def _header(self, io: Bucket, view: _SlotView) -> CheckpointHeader:
+    async def _header(self, io: Bucket, view: _SlotView) -> CheckpointHeader | None:
+        """The header a listing shows; None when it is a long header (in the marker's body)
+        whose marker was removed since it was listed."""
         listing = _listing(view)
         header = listing.header
         if header is None:  # a long header: in the marker's body
             assert view.marker is not None
             found = await io.get(view.marker)
             if found is None:
-                raise StoreError(f"listing marker {io.where(view.marker)} vanished while read")
+                return None
             header = found[0]
         return CheckpointHeader(
             sequence=view.sequence,
@@ -2335,7 +2466,8 @@ class S3Store(ExpiryCleanup):
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
         check_run_key(run_key)
         io = await self._objects()
-        current = await self._load(io, run_key)
+        current = await self._afresh(run_key,
+                                     functools.partial(self._load_as_listed, io, run_key))
         if current.damage is not None:
             raise current.damage
         self._adopt(run_key, current, 0)
@@ -2496,7 +2628,8 @@ class S3Store(ExpiryCleanup):
             if parsed is None:
                 return None
             run_key, incarnation = parsed
-            current = await self._load(io, run_key)
+            current = await self._afresh(run_key,
+                                         functools.partial(self._load_as_listed, io, run_key))
             if current.damage is not None:
                 return None  # logged by _resolve
             state = current.state
@@ -2558,6 +2691,9 @@ class S3Store(ExpiryCleanup):
         if damage is None:
             return None
         newest = await self._header(io, current.held[-1]) if current.held else None
+        if current.held and newest is None:
+            marker = current.held[-1].marker
+            raise StoreError(f"listing marker {io.where(marker or '')} vanished while read")
         return RunDamage(
             run_key=run_key,
             key=damage.key,
