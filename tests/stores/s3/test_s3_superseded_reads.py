@@ -158,15 +158,20 @@ async def test_read_with_items_racing_a_pruning_append_reads_one_checkpoint_whol
     assert (found[0].sequence, found[2]) == (1, _whole(1))
 
 
-async def test_read_with_items_at_a_sequence_racing_its_pruning_finds_it_gone(
-    s3_store: S3Store, other: S3Store, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("removal", ["pruned", "deleted"])
+async def test_read_with_items_at_a_sequence_racing_its_removal_finds_it_gone(
+    s3_store: S3Store, other: S3Store, monkeypatch: pytest.MonkeyPatch, removal: str
 ) -> None:
-    """``read_with_items(sequence=0)`` has read the slot when another process prunes 0:
-    the read finds it gone (it returned 0 without its items)."""
-    run = make_run("pruned-while-read-at")
+    """``read_with_items(sequence=0)`` has read the slot when another process prunes 0
+    (or deletes it: a tombstone replaces the slot): the read finds it gone (it returned 0
+    without its items)."""
+    run = make_run(f"{removal}-while-read-at")
     key = key_of(run)
 
     async def prune() -> None:
+        if removal == "deleted":
+            assert await other.delete(key, 0, checkpoint_id=checkpoint_id_of(run, 0))
+            return
         await _append(other, run, 1, keep_latest=1)
         await other.purge_expired(now=T0, limit=100)
 
