@@ -38,7 +38,7 @@ an append from a process that does not know it died is refused or keeps it alive
 
 Reads that race a removal. A read takes several requests (the head, the slot, the items);
 what one found may be removed or written again by another process before the next. A slot
-listed but gone, or of another write than its marker (tokens), and an item missing while
+listed but gone, or of another write than listed (ETags, tokens), and an item missing while
 the slot changed (a conditional GET, only then), make the read start over (``_afresh``): it
 returns the state before the change or after it, never a mix.
 
@@ -543,11 +543,14 @@ def _as_listed(current: _Run) -> _Run:
     return current
 
 
-def _written_over(listed: _SlotView, slot: Slot) -> bool:
-    """Whether ``slot`` is another write than those whose markers ``listed`` shows (no
-    marker carries its write token): the key was written again since the listing, and the
-    markers of the items listed under it are another checkpoint's. A marker of an earlier
-    release (no token) proves nothing, nor does a listing read from the slot itself."""
+def _written_over(listed: _SlotView, slot: Slot, etag: str) -> bool:
+    """Whether ``slot`` (read with ``etag``) is another write than the one ``listed`` shows:
+    the key was written again since the listing, and the markers of the items listed under
+    it are another checkpoint's. The listing of the run shows the slot's ETag; that of its
+    markers alone (``_read_at``) does not, and then no marker must carry its write token (a
+    marker of an earlier release, with none, proves nothing)."""
+    if listed.slot_etag is not None:
+        return listed.slot_etag != etag
     if listed.missing or listed.marker is None:
         return False
     tokens: set[bytes] = set()
@@ -2032,18 +2035,19 @@ class S3Store(ExpiryCleanup):
     ) -> _Accepted | None:
         """The checkpoint in a slot's body, if it is a live one of the run's incarnation.
         ``listed``: the slot as a listing of the same read showed it; a slot of another
-        write than its marker's (the token differs: the run was started over, the key
-        written again, between the LIST and the GET) makes the read :class:`_Superseded`,
-        as the items listed with the marker are not this checkpoint's. ``seen``: the slots
-        (ETags) an earlier try of the read found so: found so again, the marker is a
-        leftover its writer did not remove (it stopped), not a race, and the read goes on."""
+        write than the one listed (its ETag, or its marker's token, differs: the run was
+        started over, the key written again, between the LIST and the GET) makes the read
+        :class:`_Superseded`, as the items listed under it are not this checkpoint's.
+        ``seen``: the slots (ETags) an earlier try of the read found so: found so again,
+        the marker is a leftover its writer did not remove (it stopped), not a race, and the
+        read goes on."""
         where = io.where(layout.slot_key(run_key, sequence))
         slot = layout.decode_slot(found[0], where, run_key=run_key, sequence=sequence)
         if slot.tombstone or slot.incarnation != state.incarnation or not is_live(
             slot.expires_at, now
         ):
             return None
-        if listed is not None and _written_over(listed, slot) and (
+        if listed is not None and _written_over(listed, slot, found[1]) and (
             seen is None or found[1] not in seen
         ):
             if seen is not None:

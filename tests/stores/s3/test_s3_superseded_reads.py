@@ -308,10 +308,11 @@ async def test_a_run_started_over_while_read_reads_one_life(
 ) -> None:
     """The head listed shows the first life's checkpoint 0 (owning ``w/0``); before its
     slot and the run object are read the run is deleted and started over, its checkpoint 0
-    owning ``w/new``: the slot's key was written again. The read returns the new life's
-    checkpoint with its items (it returned it without them: the markers listed were the
-    old checkpoint's), or, when the reader knows the old run object (``warm``: no GET of
-    it), nothing (the slot is not of the life it knows: the run was deleted meanwhile)."""
+    owning ``w/new``: the slot's key was written again (its ETag is not the one listed).
+    The read returns the new life's checkpoint with its items (it returned it without them:
+    the markers listed were the old checkpoint's), or, when the reader knows the old run
+    object (``warm``: no GET of it), nothing (the slot is not of the life it knows: the run
+    was deleted meanwhile)."""
     run = make_run(f"started-over-while-read-{warm}")
     key = key_of(run)
     again = msgspec.structs.replace(run, incarnation=f"{run.incarnation}-2")
@@ -336,6 +337,75 @@ async def test_a_run_started_over_while_read_reads_one_life(
         return
     assert found is not None
     assert (found[0].checkpoint_id, found[2]) == new
+
+
+async def test_a_run_started_over_while_a_sequence_is_read(
+    s3_store: S3Store, other: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``read_with_items(sequence=0)`` lists the markers under the slot's key while it
+    GETs the slot and the run object. The run is deleted and started over after that LIST
+    and before those GETs: the slot's write token is not its marker's, so the read is made
+    again and returns the new checkpoint with its items (it returned it without them)."""
+    run = make_run("started-over-at")
+    key = key_of(run)
+    again = msgspec.structs.replace(run, incarnation=f"{run.incarnation}-2")
+    io = await s3_store._objects()
+    listed, changed = anyio.Event(), anyio.Event()
+    scan, get, ran = io.scan, io.get, []
+
+    async def scanned(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await scan(*args, **kwargs)
+        finally:
+            listed.set()
+
+    async def got(name: str) -> Any:
+        if _SLOT_OR_RUN.match(name):
+            await listed.wait()
+            if not ran:
+                ran.append("changed")
+                await other.delete_run(key)
+                await _append(other, again, 0, refs=[],
+                              items=[make_item("w/new", b"new", owner=0)])
+                changed.set()
+            await changed.wait()
+        return await get(name)
+
+    with anyio.fail_after(DEADLINE):
+        await _append(other, run, 0)
+        monkeypatch.setattr(io, "scan", scanned)
+        monkeypatch.setattr(io, "get", got)
+        found = await s3_store.read_with_items(key, sequence=0, now=T0)
+    assert ran == ["changed"]
+    assert found is not None
+    assert (found[0].checkpoint_id, found[2]) == (checkpoint_id_of(again, 0), {"w/new": b"new"})
+
+
+async def test_a_run_started_over_while_its_slot_without_marker_is_read(
+    s3_store: S3Store, other: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the first life's checkpoint 0 lost its marker: the read GETs its slot
+    for its listing, and finds the new life's there (no marker token to compare its own
+    with). The slot's ETag differs from the one listed: the read is made again and returns
+    the new checkpoint with its items (it returned it without them)."""
+    run = make_run("started-over-bare")
+    key = key_of(run)
+    again = msgspec.structs.replace(run, incarnation=f"{run.incarnation}-2")
+
+    async def start_over() -> None:
+        await other.delete_run(key)
+        await _append(other, again, 0, refs=[], items=[make_item("w/new", b"new", owner=0)])
+
+    with anyio.fail_after(DEADLINE):
+        await _append(other, run, 0)
+        for name in await _keys(other):
+            if re.fullmatch(r"runs/[a-z2-7]+/c/\d{19}/m.*", name):
+                await _delete(other, name)
+        ran = await _before_first(s3_store, "get", _SLOT_OR_RUN, start_over, monkeypatch)
+        found = await s3_store.read_with_items(key, sequence=None, now=T0)
+    assert ran == ["changed"]
+    assert found is not None
+    assert (found[0].checkpoint_id, found[2]) == (checkpoint_id_of(again, 0), {"w/new": b"new"})
 
 
 # -- the parts of a log merged away while read ---------------------------------------------------
