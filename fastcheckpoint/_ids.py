@@ -85,7 +85,8 @@ def key_of(run_id: object) -> str:
     """
     if not isinstance(run_id, str):
         raise ValidationError(f"run_id must be a str, got {type(run_id).__name__}")
-    return _valid_key(run_id)
+    # A subclass's own __hash__ and __eq__ must not run in the cache: its plain text does.
+    return _valid_key(run_id if type(run_id) is str else str.__str__(run_id))
 
 
 @functools.lru_cache(maxsize=4096)

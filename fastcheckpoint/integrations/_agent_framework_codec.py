@@ -25,7 +25,7 @@ import dataclasses
 import enum
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import pydantic
 from agent_framework import WorkflowCheckpoint, WorkflowEvent
@@ -35,6 +35,7 @@ from agent_framework._workflows._runner_context import WorkflowMessage
 from agent_framework._workflows._typing_utils import deserialize_type
 
 from fastcheckpoint._codec import Codec
+from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import ConfigurationError, CorruptCheckpointError
 
 __all__ = ["CheckpointCodec"]
@@ -68,7 +69,12 @@ class CheckpointCodec:
     """Encodes and decodes whole checkpoints; ``types`` are the application's own classes."""
 
     def __init__(self, types: Iterable[type[Any]], *, compress_min_bytes: int | None) -> None:
-        self._types = {_name(cls): _checked_type(cls) for cls in types}
+        given = cast(object, types)
+        if isinstance(given, (str, bytes)) or not isinstance(given, Iterable):
+            raise ConfigurationError(
+                f"checkpoint_types takes an iterable of classes, got {type(given).__name__}")
+        checked = [_checked_type(cls) for cls in types]
+        self._types = {_name(cls): cls for cls in checked}
         self._codec = Codec(enc_hook=self._encode_value, dec_hook=self._decode_value,
                             compress_min_bytes=compress_min_bytes)
 
@@ -228,7 +234,7 @@ def _framework_class(name: str) -> type[Any] | None:
 
 def _checked_type(cls: object) -> type[Any]:
     if not isinstance(cls, type):
-        raise ConfigurationError(f"checkpoint_types takes classes, got {cls!r:.60}")
+        raise ConfigurationError(f"checkpoint_types takes classes, got {shown(cls)}")
     storable = (issubclass(cls, (enum.Enum, pydantic.BaseModel))
                 or dataclasses.is_dataclass(cls))
     if not storable:

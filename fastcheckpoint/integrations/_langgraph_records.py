@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from fastcheckpoint._codec import Codec, json_copy
+from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import CorruptCheckpointError, SerializationError, ValidationError
 
 SEPARATOR = "\x1f"
@@ -314,10 +315,16 @@ def checked_thread_id(value: object) -> str:
     """A thread id as the saver keys it: a non-empty ``str`` (an ``int`` or UUID becomes its
     text) without the namespace separator."""
     if isinstance(value, bool) or value is None:
-        raise ValidationError(f"thread_id must be a str, got {value!r:.40}")
-    text = value if isinstance(value, str) else _as_text(value)
+        raise ValidationError(f"thread_id must be a str, got {shown(value)}")
+    text = str.__str__(value) if isinstance(value, str) else _as_text(value)
     if not text:
         raise ValidationError("thread_id must not be empty")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValidationError("thread_id must be valid unicode (it has a lone surrogate)") \
+                from exc
     if SEPARATOR in text:
         raise ValidationError(
             "thread_id must not contain the character \\x1f (the saver uses it between a "

@@ -63,6 +63,7 @@ import msgspec
 from fastcheckpoint._config import CheckpointConfig
 from fastcheckpoint._gather import gather
 from fastcheckpoint._settle import settled
+from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import (
     ConfigurationError,
     ConflictError,
@@ -342,7 +343,7 @@ class FastSessionService(BaseSessionService):
         """Remove what expired (sessions past their TTL) from the store now; returns how many
         checkpoints were removed. Expired sessions are absent whether or not this runs."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValidationError(f"batch_size must be a positive integer, got {batch_size!r:.40}")
+            raise ValidationError(f"batch_size must be a positive integer, got {shown(batch_size)}")
         return await purge_all(self._store, clock=self._clock, batch_size=batch_size)
 
     # -- sessions ---------------------------------------------------------------------------

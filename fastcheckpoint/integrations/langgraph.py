@@ -66,6 +66,7 @@ from fastcheckpoint._manager import _DISCARD_SECONDS, CheckpointManager
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint._settle import settled
 from fastcheckpoint._threads import in_worker_thread
+from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import (
     CheckpointError,
     ConfigurationError,
@@ -79,9 +80,11 @@ from fastcheckpoint.errors import (
 from fastcheckpoint.integrations import _langgraph_records as records
 from fastcheckpoint.integrations._adapter import (
     adapter_config,
+    adapter_environ,
     adapter_ttl,
     capable_store,
     checked_keep_latest,
+    plain_text,
 )
 from fastcheckpoint.integrations._langgraph_logs import ChannelLogs, Planned
 from fastcheckpoint.integrations._langgraph_records import (
@@ -292,7 +295,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         ``FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN`` for ``keep_latest`` (only when set: a
         LangGraph thread keeps its whole history by default).
         """
-        manager = CheckpointManager.from_env(environ)
+        manager = CheckpointManager.from_env(adapter_environ(environ))
         env = os.environ if environ is None else environ
         keep = (manager.config.keep_latest
                 if "FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN" in env else None)
@@ -513,9 +516,10 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
     ) -> None:
         """``"keep_latest"``: keep each namespace's newest checkpoint (and the ancestors a
         delta channel rebuilds from); ``"delete"``: delete the threads."""
+        strategy = plain_text(strategy) if isinstance(strategy, str) else strategy
         if strategy not in ("keep_latest", "delete"):
             raise ValidationError(
-                f"strategy must be 'keep_latest' or 'delete', got {strategy!r:.40}")
+                f"strategy must be 'keep_latest' or 'delete', got {shown(strategy)}")
         for thread_id in _texts("thread_ids", thread_ids):
             thread = records.checked_thread_id(thread_id)
             await settled(self._delete_thread(thread) if strategy == "delete"
@@ -557,9 +561,11 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         if value is None:
             counter = 0
         elif isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ValidationError(f"a channel version must be a str or int, got {value!r:.40}")
+            raise ValidationError(f"a channel version must be a str or int, got {shown(value)}")
         elif isinstance(value, str):
             counter = _version_counter(value)
+        elif not _COUNTABLE[0] <= value < _COUNTABLE[1]:  # also NaN
+            raise ValidationError(f"a channel version must be an integer count, got {shown(value)}")
         else:
             counter = int(value)
         return f"{counter + 1:032}.{random.random():016}"
@@ -666,6 +672,10 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         task = _text("task_id", task_id)
         path = _text("task_path", task_path)
         pending: list[StoredWrite] = []
+        given = cast(object, writes)
+        if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
+            raise ValidationError(
+                f"writes must be a sequence of (channel, value) pairs, got {type(given).__name__}")
         for position, write in enumerate(writes):
             channel, value = _write_pair(write)
             idx = WRITES_IDX_MAP.get(channel, position)
@@ -1136,7 +1146,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         values = _mapping("checkpoint['channel_values']", checkpoint.get("channel_values"))
         done = {} if taken is None else taken.changed
         snapshots = [(channel, version, _snapshot(values[channel]))  # all, then serialized
-                     for channel, version in _mapping("new_versions", new_versions).items()
+                     for channel, version in _versions(new_versions).items()
                      if channel in values and channel not in done]
         changed = {**done, **{channel: (version, self._dumps_value(where, channel, value))
                               for channel, version, value in snapshots}}
@@ -2767,7 +2777,7 @@ def _text(name: str, value: object) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValidationError(f"{name} must be valid unicode (it has a lone surrogate)") from exc
-    return value
+    return plain_text(value)
 
 
 def _texts(name: str, values: object) -> list[str]:
@@ -2778,7 +2788,7 @@ def _texts(name: str, values: object) -> list[str]:
 
 def _write_pair(write: object) -> tuple[str, Any]:
     if not isinstance(write, (tuple, list)) or len(write) != 2:
-        raise ValidationError(f"each write must be a (channel, value) pair, got {write!r:.60}")
+        raise ValidationError(f"each write must be a (channel, value) pair, got {shown(write)}")
     return _text("a write's channel", write[0]), write[1]
 
 
@@ -2807,6 +2817,17 @@ def _mapping(name: str, value: object) -> Mapping[str, Any]:
     return value
 
 
+def _versions(new_versions: object) -> Mapping[str, Any]:
+    """``new_versions`` checked: LangGraph's channel versions are str, int or float."""
+    versions = _mapping("new_versions", new_versions)
+    for version in versions.values():
+        if isinstance(version, bool) or not isinstance(version, (str, int, float)):
+            raise ValidationError(
+                f"new_versions holds a version of type {type(version).__name__}; a channel "
+                "version is a str, int or float")
+    return versions
+
+
 def _metadata(metadata: object) -> CheckpointMetadata:
     # No copy: ``get_checkpoint_metadata`` makes the one the save keeps.
     return cast(CheckpointMetadata, _mapping("metadata", metadata))
@@ -2822,7 +2843,7 @@ def _limit(limit: object) -> int | None:
     if limit is None:
         return None
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise ValidationError(f"limit must be None or an integer >= 0, got {limit!r:.40}")
+        raise ValidationError(f"limit must be None or an integer >= 0, got {shown(limit)}")
     return limit
 
 
@@ -2884,9 +2905,13 @@ async def _each(values: Iterable[CheckpointHeader]) -> AsyncIterator[CheckpointH
         yield value
 
 
+_COUNTABLE = (0, 10**32 - 1)
+"""The counters of the versions this saver makes (32 digits), and LangGraph's own."""
+
+
 def _version_counter(current: str) -> int:
     head = current.split(".", 1)[0]
-    if not head.isdigit():
+    if not (head.isascii() and head.isdigit()) or len(head) > 32:
         raise ValidationError(f"not a channel version this saver made: {current!r:.60}")
     return int(head)
 

@@ -38,7 +38,7 @@ from fastcheckpoint._config import CheckpointConfig
 from fastcheckpoint._manager import CheckpointManager, resumed_note
 from fastcheckpoint._model import CheckpointStatus, RunInfo
 from fastcheckpoint._settle import settled
-from fastcheckpoint._validate import request_arg, text_arg
+from fastcheckpoint._validate import request_arg, shown, text_arg
 from fastcheckpoint.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -48,7 +48,13 @@ from fastcheckpoint.errors import (
     SerializationError,
     ValidationError,
 )
-from fastcheckpoint.integrations._adapter import adapter_config, adapter_ttl, capable_store
+from fastcheckpoint.integrations._adapter import (
+    adapter_config,
+    adapter_environ,
+    adapter_ttl,
+    capable_store,
+    plain_text,
+)
 from fastcheckpoint.integrations._entrylog import EntryLog
 from fastcheckpoint.stores import CheckpointStore
 
@@ -104,7 +110,8 @@ class FastSession:
         config: CheckpointConfig | None = None,
     ) -> None:
         if not isinstance(session_id, str) or not session_id:
-            raise ValidationError(f"session_id must be a non-empty str, got {session_id!r:.40}")
+            raise ValidationError(f"session_id must be a non-empty str, got {shown(session_id)}")
+        session_id = plain_text(session_id)
         settings = adapter_config(config)
         self._store = capable_store(store, settings.retry, "FastSession")
         self._owns_store = isinstance(store, str)
@@ -130,7 +137,7 @@ class FastSession:
         """A session on the store ``CheckpointManager.from_env`` opens (``FASTCHECKPOINT_URL``
         or ``CHECKPOINT_MODE``; ``CHECKPOINT_TTL_DAYS`` or ``FASTCHECKPOINT_DEFAULT_TTL_SECONDS``
         for the TTL). The session owns that store: :meth:`aclose` closes it."""
-        manager = CheckpointManager.from_env(environ)
+        manager = CheckpointManager.from_env(adapter_environ(environ))
         session = cls(session_id, manager.store, ttl_seconds=ttl_seconds,
                       session_settings=session_settings, config=manager.config)
         session._owns_store = True
@@ -294,7 +301,8 @@ class RunStateStore:
         cls, environ: Mapping[str, str] | None = None, *, ttl_seconds: float | None = None
     ) -> RunStateStore:
         """On the store and settings ``CheckpointManager.from_env`` reads; owns the store."""
-        approvals = cls(CheckpointManager.from_env(environ), ttl_seconds=ttl_seconds)
+        approvals = cls(CheckpointManager.from_env(adapter_environ(environ)),
+                        ttl_seconds=ttl_seconds)
         approvals._owns_store = True
         return approvals
 
@@ -339,6 +347,7 @@ class RunStateStore:
         mapping). :class:`ValidationError` if ``result`` is none of the SDK's results or
         states.
         """
+        run_id = _plain(run_id)
         state = _state_of(result)
         pending = state.get_interruptions()
         body: dict[str, Any] = {"framework": FRAMEWORK,
@@ -389,6 +398,7 @@ class RunStateStore:
         may be resumed again). :class:`CheckpointNotFound` if there is no such run.
         ``context_override`` and ``context_deserializer`` go to ``RunState.from_json``.
         """
+        run_id = _plain(run_id)
         run = await self._manager.get_run(run_id)
         if run is None:
             raise CheckpointNotFound(f"no run {run_id!r}")
@@ -409,7 +419,7 @@ class RunStateStore:
         """FAILED with ``error`` (from ACTIVE or PAUSED, like ``mark_failed``): for a resumed
         run that could not finish, whose decision may then be resumed again. ``None`` if
         there is no such run."""
-        error = text_arg("error", error)
+        run_id, error = _plain(run_id), text_arg("error", error)
 
         def release(data: RunData, now: float) -> None:
             data.error = error
@@ -566,6 +576,12 @@ class RunStateStore:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _plain(run_id: object) -> str:
+    """A run id as a plain ``str`` (the manager checks it): a subclass's own methods never
+    run in the library."""
+    return plain_text(run_id) if isinstance(run_id, str) else cast(str, run_id)
 
 
 def _ttl(ttl_seconds: object, config: CheckpointConfig, store: CheckpointStore) -> float | None:

@@ -38,6 +38,7 @@ from fastcheckpoint._config import CheckpointConfig
 from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint._settle import settled
+from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import (
     ConfigurationError,
     CorruptCheckpointError,
@@ -45,7 +46,13 @@ from fastcheckpoint.errors import (
     StoreError,
     ValidationError,
 )
-from fastcheckpoint.integrations._adapter import adapter_ttl, capable_store, landed
+from fastcheckpoint.integrations._adapter import (
+    adapter_environ,
+    adapter_ttl,
+    capable_store,
+    landed,
+    plain_text,
+)
 from fastcheckpoint.stores import (
     CheckpointStore,
     Item,
@@ -134,7 +141,7 @@ class FastConversationStore(ConversationStore):
         """The store and TTL ``CheckpointManager.from_env`` reads (``FASTCHECKPOINT_URL``,
         ``FASTCHECKPOINT_DEFAULT_TTL_SECONDS`` or ``CHECKPOINT_TTL_DAYS``...); the store it
         opens is closed by :meth:`aclose`."""
-        manager = CheckpointManager.from_env(environ)
+        manager = CheckpointManager.from_env(adapter_environ(environ))
         built = cls(manager.store, ttl_seconds=manager.config.default_ttl_seconds)
         built._owns_store = True
         return built
@@ -168,7 +175,7 @@ class FastConversationStore(ConversationStore):
         """Remove the entries of families whose conversations have all expired, then what
         expired in the store (``purge_expired`` in batches). Returns the entries removed."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValidationError(f"batch_size must be a positive integer, got {batch_size!r:.40}")
+            raise ValidationError(f"batch_size must be a positive integer, got {shown(batch_size)}")
         removed = 0
         now = self._now()
         for family, registered_at in await self._families(now):
@@ -182,6 +189,7 @@ class FastConversationStore(ConversationStore):
     async def read_record(self, conversation_id: str) -> ConversationRecord | None:
         """The record, or ``None``; also for a ``str`` no save can store (a lone surrogate,
         too long for a run id). Anything but a ``str`` is a ``ValidationError``."""
+        conversation_id = _plain_id(conversation_id)
         try:
             key = _ids.key_of(records.run_id_of(conversation_id))
         except ValidationError:
@@ -199,6 +207,7 @@ class FastConversationStore(ConversationStore):
     async def read_records(
         self, *, scope: str | None = None, limit: int | None = None
     ) -> Sequence[ConversationRecord]:
+        _check_limit(limit)
         try:
             label = records.CONVERSATION_LABEL if scope is None else records.scope_label(scope)
         except ValidationError:
@@ -242,7 +251,15 @@ class FastConversationStore(ConversationStore):
         """Store ``record`` in place of the one with ``expected_revision`` (``None``: a new
         conversation), keeping the stored record's title and metadata (:meth:`write_details`
         changes those, and a save that read the record before does not undo them)."""
-        conversation_id = record.conversation_id
+        if not isinstance(record, ConversationRecord):
+            raise ValidationError(
+                f"record must be a ConversationRecord, got {type(record).__name__}")
+        entries = cast(object, new_entries)
+        if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence) or \
+                not all(isinstance(entry, ConversationEntry) for entry in entries):
+            raise ValidationError("new_entries must be a sequence of ConversationEntry")
+        conversation_id = _plain_id(record.conversation_id)
+        expected_revision = _plain_revision(expected_revision)
         # The record and every message are written as JSON before anything is stored: one
         # that cannot be leaves no trace (not even a family registered for it).
         records.check_record(record)
@@ -357,10 +374,16 @@ class FastConversationStore(ConversationStore):
         append: a save or another change landing in between refuses it (Pydantic AI's
         ``update`` then reads and tries again). The append is made at the time of the
         record's last save: listings (newest save first) and the TTL go by saves."""
-        unknown = sorted((set(details) | set(expected or ())) - records.DETAILS)
+        conversation_id = _plain_id(conversation_id)
+        expected_revision = _plain_revision(expected_revision)
+        if not isinstance(details, Mapping) or not (expected is None
+                                                    or isinstance(expected, Mapping)):
+            raise ValidationError("details and expected must be mappings of field names")
+        unknown = [name for name in [*details, *(expected or ())]
+                   if not (isinstance(name, str) and plain_text(name) in records.DETAILS)]
         if unknown:
             raise ValidationError(
-                f"a conversation record has no {unknown[0]!r} that an update can change")
+                f"a conversation record has no {shown(unknown[0])} that an update can change")
         key = _ids.key_of(records.run_id_of(conversation_id))
         found = await self._store.latest(key, now=self._now())
         if found is None:
@@ -389,6 +412,8 @@ class FastConversationStore(ConversationStore):
     async def delete_record(self, conversation_id: str, *, expected_revision: str) -> None:
         """Delete the conversation; its entries stay while another conversation of its family
         (a fork of it, or what it was forked from) is stored, and are deleted with the last."""
+        conversation_id = _plain_id(conversation_id)
+        expected_revision = _plain_revision(expected_revision)
         known = await self._expecting(conversation_id, expected_revision)
         key = _ids.key_of(records.run_id_of(conversation_id))
         self._known.pop(conversation_id)
@@ -419,10 +444,11 @@ class FastConversationStore(ConversationStore):
         ``LookupError``, which Pydantic AI takes for a record replaced meanwhile and reads
         again): ``load``, ``save``, ``branch`` and ``fork`` raise it for a stored record whose
         history is gone."""
+        _check_limit(limit)
         try:
             return await super().read_history(head_id, limit=limit)
         except KeyError as exc:
-            where = f"entry {str(exc.args[0] if exc.args else head_id)[:80]!r}"
+            where = f"entry {shown(exc.args[0] if exc.args else head_id)}"
             raise _MissingEntry("a conversation's history reaches an entry that is not stored",
                                 key=where) from exc
 
@@ -660,6 +686,25 @@ class FastConversationStore(ConversationStore):
             runs += page
             if cursor is None:
                 return runs
+
+
+def _plain_id(conversation_id: object) -> str:
+    """A conversation id as a plain ``str`` (a subclass's own ``__eq__`` and ``__hash__``
+    never run in the caches); anything but a ``str`` is a :class:`ValidationError`."""
+    if not isinstance(conversation_id, str):
+        raise ValidationError(
+            f"conversation_id must be a str, got {type(conversation_id).__name__}")
+    return plain_text(conversation_id)
+
+
+def _plain_revision(revision: object) -> Any:
+    return plain_text(revision) if isinstance(revision, str) else revision
+
+
+def _check_limit(limit: object) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                              or limit < 0):
+        raise ValidationError(f"limit must be None or an integer >= 0, got {shown(limit)}")
 
 
 class _MissingEntry(CorruptCheckpointError, LookupError):
