@@ -33,7 +33,7 @@ import json
 import os
 from collections.abc import Mapping
 from datetime import date
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from fastcheckpoint._codec import json_copy
 from fastcheckpoint._config import CheckpointConfig
@@ -48,7 +48,12 @@ from fastcheckpoint.errors import (
     SerializationError,
     ValidationError,
 )
-from fastcheckpoint.integrations._adapter import checked_keep_latest, checked_ttl
+from fastcheckpoint.integrations._adapter import (
+    adapter_environ,
+    checked_keep_latest,
+    checked_ttl,
+    plain_text,
+)
 from fastcheckpoint.stores import CheckpointStore, offers_sequence_guard
 
 try:
@@ -154,7 +159,7 @@ class FastFlowPersistence(FlowPersistence):  # type: ignore[misc, unused-ignore]
         ``FASTCHECKPOINT_DEFAULT_TTL_SECONDS`` for ``ttl_seconds``, and
         ``FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN`` for ``keep_latest`` (only when set: a
         flow keeps its whole history by default)."""
-        env = os.environ if environ is None else environ
+        env = os.environ if environ is None else (adapter_environ(environ) or {})
         manager = CheckpointManager.from_env(env)
         keep = (manager.config.keep_latest
                 if "FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN" in env else None)
@@ -190,8 +195,8 @@ class FastFlowPersistence(FlowPersistence):  # type: ignore[misc, unused-ignore]
         self, flow_uuid: str, method_name: str, state_data: dict[str, Any] | BaseModel
     ) -> None:
         """One checkpoint of the flow's run, named after the method that finished."""
-        self._opened().create(flow_uuid, _state_dict(state_data), step_name=method_name,
-                              force=True)
+        self._opened().create(_plain(flow_uuid), _state_dict(state_data),
+                              step_name=_plain(method_name), force=True)
 
     def load_state(self, flow_uuid: str) -> dict[str, Any] | None:
         """The state of the flow's newest live checkpoint, or ``None``."""
@@ -219,10 +224,11 @@ class FastFlowPersistence(FlowPersistence):  # type: ignore[misc, unused-ignore]
         :class:`FeedbackRequestOvertaken`, and the run is left as that worker left it.
         """
         blocking = self._opened()
+        flow_uuid = _plain(flow_uuid)
         request = _request_of(context)
         state = _state_dict(state_data)
         _check_pausable(flow_uuid, blocking.get_run(flow_uuid))
-        checkpoint = blocking.create(flow_uuid, state, step_name=context.method_name,
+        checkpoint = blocking.create(flow_uuid, state, step_name=_plain(context.method_name),
                                      tags=[REQUESTED_TAG], force=True)
         assert checkpoint is not None  # forced: never throttled
         request.update(framework=FRAMEWORK, checkpoint_id=checkpoint.checkpoint_id,
@@ -446,6 +452,12 @@ def _pending_request(run: RunInfo | None) -> dict[str, Any] | None:
         raise CorruptCheckpointError("a CrewAI feedback request without its checkpoint id",
                                      key=f"run {run.run_id!r}")
     return request
+
+
+def _plain(text: object) -> str:
+    """A ``str`` argument as plain text (the manager checks it): a subclass's own methods
+    never run in the library, and the encoder takes only plain ``str``."""
+    return plain_text(text) if isinstance(text, str) else cast(str, text)
 
 
 def _state_dict(state_data: object) -> dict[str, Any]:

@@ -236,6 +236,9 @@ class Surface:
     build: Callable[[Context], Awaitable[None]]
     valid: dict[str, list[Factory]]
     excluded: dict[str, str]
+    excluded_bases: dict[type, str] = field(default_factory=dict)
+    """Classes (a framework's base) whose own methods are not fuzzed, with the reason; a
+    method the adapter overrides is fuzzed all the same."""
     allowed: tuple[type[BaseException], ...] = ()
     allowed_in: dict[str, tuple[type[BaseException], ...]] = field(default_factory=dict)
     """Errors the framework's interface names for one method (by its name)."""
@@ -263,13 +266,21 @@ def public_methods(cls: type) -> list[str]:
 
 def fuzzed_methods(surface: Surface) -> list[tuple[type, str]]:
     return [(cls, name) for cls in surface.classes for name in public_methods(cls)
-            if f"{cls.__name__}.{name}" not in surface.excluded]
+            if f"{cls.__name__}.{name}" not in surface.excluded
+            and _owner(cls, name) not in surface.excluded_bases]
+
+
+def _owner(cls: type, name: str) -> type:
+    return next(base for base in cls.__mro__ if name in vars(base))
 
 
 def check_exclusions(surface: Surface) -> None:
     every = {f"{cls.__name__}.{name}" for cls in surface.classes for name in public_methods(cls)}
     gone = sorted(set(surface.excluded) - every)
     assert not gone, f"EXCLUDED names methods that no longer exist: {gone}"
+    unused = [base.__name__ for base in surface.excluded_bases
+              if not any(issubclass(cls, base) for cls in surface.classes)]
+    assert not unused, f"the adapter no longer inherits from {unused}"
 
 
 def _ours(error: BaseException) -> bool:
@@ -390,7 +401,10 @@ def fuzz(surface: Surface, kind: str, tmp_path: Path) -> None:
             finally:
                 for target in context.objects.values():
                     with contextlib.suppress(CheckpointError):
-                        await target.aclose()
+                        if hasattr(target, "aclose"):
+                            await target.aclose()
+                        else:  # a blocking adapter
+                            await anyio.to_thread.run_sync(target.close)
                 await context.store.aclose()
 
         anyio.run(run, backend="asyncio")
