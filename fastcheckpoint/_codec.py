@@ -925,6 +925,8 @@ def from_json_text(data: str | bytes) -> Any:
     if not isinstance(data, (str, bytes, bytearray, memoryview)):
         raise SerializationError(
             f"invalid checkpoint JSON: expected str or bytes, got {type(data).__name__}")
+    if isinstance(data, str) and type(data) is not str:
+        data = str.__str__(data)  # the decoder reads a plain str only
     try:
         return _json_decoder.decode(data)
     except UnicodeEncodeError as exc:

@@ -136,7 +136,7 @@ class CheckpointConfig:
         the retry policy; ``none`` clears an optional number. Unknown ``FASTCHECKPOINT_*``
         variables and malformed values raise :class:`ConfigurationError`.
         """
-        env = os.environ if environ is None else environ
+        env = environment(environ)
         simple = {f.name: f for f in fields(cls) if f.name in _ENV_FIELDS}
         values: dict[str, Any] = {}
         retry: dict[str, Any] = {}
@@ -155,6 +155,21 @@ class CheckpointConfig:
             values["retry"] = RetryPolicy(**retry)
         values.update(overrides)
         return cls(**values)
+
+
+def environment(environ: object) -> Mapping[str, str]:
+    """``environ`` (``os.environ`` when ``None``), checked to be a mapping of ``str`` names to
+    ``str`` values as an environment is (:class:`ConfigurationError` otherwise)."""
+    if environ is None:
+        return os.environ
+    if not isinstance(environ, Mapping):
+        raise ConfigurationError(
+            f"environ must be a mapping of variable names to values, got {shown(environ)}")
+    for name, value in environ.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ConfigurationError(
+                f"environ must map str names to str values, got {shown(name)}: {shown(value)}")
+    return environ
 
 
 def _unknown_setting(name: str, known: list[str]) -> str:

@@ -81,12 +81,18 @@ def key_of(run_id: object) -> str:
     """Validate ``run_id`` and return its run key (:class:`ValidationError` if unacceptable).
 
     Cached: an agent names the same few runs on every step. Only valid ids are cached
-    (``lru_cache`` does not keep calls that raise), and only ``str`` reaches the cache.
+    (``lru_cache`` does not keep calls that raise), and only a plain ``str`` reaches the cache
+    (the text of a ``str`` subclass, whose ``__hash__`` or ``__eq__`` may do anything).
     """
     if not isinstance(run_id, str):
         raise ValidationError(f"run_id must be a str, got {type(run_id).__name__}")
-    # A subclass's own __hash__ and __eq__ must not run in the cache: its plain text does.
-    return _valid_key(run_id if type(run_id) is str else str.__str__(run_id))
+    return _valid_key(plain_str(run_id))
+
+
+def plain_str(value: str) -> str:
+    """The text of ``value`` as a plain ``str``: a subclass's own ``__eq__``, ``__hash__``,
+    ``__len__`` or ``__str__`` (which may raise) never runs in the library."""
+    return value if type(value) is str else str.__str__(value)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -8,7 +8,6 @@ import functools
 import itertools
 import logging
 import math
-import os
 from collections import OrderedDict
 from collections.abc import (
     AsyncGenerator,
@@ -35,6 +34,7 @@ from fastcheckpoint._config import (
     RetryPolicy,
     check_default_ttl,
     check_ttl_resolution,
+    environment,
 )
 from fastcheckpoint._history import Histories, Written
 from fastcheckpoint._logs import LogGap, Read
@@ -225,7 +225,7 @@ class CheckpointManager:
         ``FASTCHECKPOINT_URL`` is unset) and ``CHECKPOINT_TTL_DAYS`` (default TTL, unless
         ``FASTCHECKPOINT_DEFAULT_TTL_SECONDS`` is set).
         """
-        env = os.environ if environ is None else environ
+        env = environment(environ)
         config = CheckpointConfig.from_env(env)
         ttl_days = env.get("CHECKPOINT_TTL_DAYS")
         if ttl_days and "FASTCHECKPOINT_DEFAULT_TTL_SECONDS" not in env:
@@ -349,6 +349,7 @@ class CheckpointManager:
         put their state over a state they have not seen.
         """
         key = _ids.key_of(run_id)
+        run_id = _ids.plain_str(run_id)  # what is encoded: a str subclass is not
         body = Payload(
             mapping_arg("state", state),
             list_arg("messages", messages),
@@ -359,6 +360,8 @@ class CheckpointManager:
         tag_list = tags_arg(tags)
         expected = None if expected_sequence is None else sequence_arg(
             "expected_sequence", expected_sequence)
+        if not isinstance(force, bool):
+            raise ValidationError(f"force must be True or False, got {shown(force)}")
         now = self.config.clock()
         ttl = self._ttl(ttl_seconds, now)
         hint = self._hints.get(key)
@@ -1215,6 +1218,7 @@ class CheckpointManager:
         if new_run_id is None:
             new_run_id = _ids.derived_run_id(header.run_id, f"-fork-{_ids.new_incarnation()}")
         new_key = _ids.key_of(new_run_id)
+        new_run_id = _ids.plain_str(new_run_id)
         ttl = self._ttl(ttl_seconds, now)
         expires_at = None if ttl is None else now + ttl
         new_header = Header(new_run_id, header.step_name, checkpoint_id, header.tags, ttl)

@@ -56,6 +56,30 @@ class CheckpointMetadata(msgspec.Struct, frozen=True):
     ttl_seconds: float | None = None
     expires_at: float | None = None
 
+    def __post_init__(self) -> None:
+        # Built by hand as well as read: a field of the wrong type is refused here, not
+        # when to_dict, to_json or is_expired trip over it later.
+        for name in ("run_id", "checkpoint_id", "step_name"):
+            _check_field(name, getattr(self, name), str)
+        _check_field("parent_id", self.parent_id, str, optional=True)
+        _check_field("sequence", self.sequence, int)
+        _check_field("created_at", self.created_at, (int, float))
+        _check_field("ttl_seconds", self.ttl_seconds, (int, float), optional=True)
+        _check_field("expires_at", self.expires_at, (int, float), optional=True)
+        if not isinstance(self.tags, list) or not all(isinstance(tag, str) for tag in self.tags):
+            raise ValidationError(f"metadata tags must be a list of str, got {_kind(self.tags)}")
+        given: object = self.status
+        if isinstance(given, str) and not isinstance(given, CheckpointStatus):
+            given = str.__str__(given)  # looked up by hash: a subclass's own must not run
+        if not isinstance(given, CheckpointStatus):
+            try:
+                status = CheckpointStatus(given)
+            except (ValueError, TypeError) as exc:
+                raise ValidationError(
+                    f"metadata status must be a CheckpointStatus, got {_kind(given)}"
+                ) from exc
+            msgspec.structs.force_setattr(self, "status", status)
+
     @property
     def is_expired(self) -> bool:
         """Whether ``expires_at`` has passed by the wall clock (``time.time()``)."""
@@ -114,6 +138,12 @@ class Checkpoint(msgspec.Struct):
     messages: list[Any] = msgspec.field(default_factory=list)
     tool_calls: list[Any] = msgspec.field(default_factory=list)
     context: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_field("metadata", self.metadata, CheckpointMetadata)
+        for name, kind in (("state", dict), ("messages", list), ("tool_calls", list),
+                           ("context", dict)):
+            _check_field(name, getattr(self, name), kind)
 
     @property
     def checkpoint_id(self) -> str:
@@ -187,6 +217,25 @@ class Checkpoint(msgspec.Struct):
             if decoded is _NOT_DECODED:
                 raise
         return cls.from_dict(decoded)
+
+
+def _kind(value: object) -> str:
+    return type(value).__name__
+
+
+def _check_field(
+    name: str, value: object, kind: type | tuple[type, ...], *, optional: bool = False
+) -> None:
+    """:class:`ValidationError` unless ``value`` is of ``kind`` (``None`` too when
+    ``optional``); a ``bool`` is no number."""
+    if value is None and optional:
+        return
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ValidationError(f"checkpoint {name} must be {_names(kind)}, got {_kind(value)}")
+
+
+def _names(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
 
 
 # JSON has no NaN or infinity: to_json writes the tokens Python's json module writes. Such floats

@@ -46,7 +46,7 @@ def status_arg(value: CheckpointStatus | str) -> CheckpointStatus:
     if not isinstance(value, str):
         raise ValidationError(f"status must be a str, got {shown(value)}; use one of {names}")
     try:
-        return CheckpointStatus(value)
+        return CheckpointStatus(_ids.plain_str(value))
     except ValueError as exc:
         raise ValidationError(f"unknown status {shown(value)}; use one of {names}") from exc
 
@@ -92,6 +92,7 @@ def list_arg(name: str, value: object) -> list[Any]:
 def text_arg(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise ValidationError(f"{name} must be a str, got {type(value).__name__}")
+    value = _ids.plain_str(value)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -104,10 +105,7 @@ def tags_arg(tags: object) -> list[str]:
         return []
     if isinstance(tags, str) or not isinstance(tags, (list, tuple, set, frozenset)):
         raise ValidationError(f"tags must be a list of str, got {type(tags).__name__}")
-    result = list(tags)
-    for tag in result:
-        text_arg("tags[]", tag)
-    return result
+    return [text_arg("tags[]", tag) for tag in tags]
 
 
 def sequence_arg(name: str, value: object) -> int:

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from fastcheckpoint._config import RetryPolicy, check_setting_text
 from fastcheckpoint._urls import without_password
+from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import ConfigurationError
 from fastcheckpoint.stores._base import (
     EMPTY_RUN,
@@ -226,7 +227,7 @@ def checked_store_url(url: str) -> str:
     ``//`` (``sqlite:runs.db``, ``file:checkpoints``) is a :class:`ConfigurationError`
     suggesting the URL meant, rather than a directory of that name."""
     if not isinstance(url, str) or not url:
-        raise ConfigurationError(f"store URL must be a non-empty string, got {url!r}")
+        raise ConfigurationError(f"store URL must be a non-empty string, got {shown(url)}")
     _discover()
     typed = _SCHEME.match(url)
     scheme = typed.group(1).lower() if typed else ""

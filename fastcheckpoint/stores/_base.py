@@ -35,11 +35,12 @@ import math
 import re
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Protocol, TypeGuard, runtime_checkable
+from typing import Protocol, TypeGuard, cast, runtime_checkable
 
 import anyio.lowlevel
 import msgspec
 
+from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import (
     ConfigurationError,
     ConflictError,
@@ -168,14 +169,15 @@ def is_run_key(value: object) -> bool:
 
 def check_run_key(run_key: object) -> str:
     """``run_key``, or :class:`ValidationError` when it is not a run key (1-64 characters of
-    ``[a-z2-7]``): the one check every store method taking a run key makes before anything
-    else. A run id is refused: the manager's methods take run ids, a store's take the keys
-    it derives from them."""
-    if isinstance(run_key, str) and _RUN_KEY.fullmatch(run_key) is not None:
+    ``[a-z2-7]``, a plain ``str``): the one check every store method taking a run key makes
+    before anything else. A run id is refused: the manager's methods take run ids, a store's
+    take the keys it derives from them. So is a ``str`` subclass, whose own ``__eq__`` and
+    ``__hash__`` would run where the store looks the key up."""
+    if type(run_key) is str and _RUN_KEY.fullmatch(run_key) is not None:
         return run_key
-    shown = repr(run_key)[:80] if isinstance(run_key, str) else type(run_key).__name__
+    what = repr(run_key[:80]) if isinstance(run_key, str) else type(run_key).__name__
     raise ValidationError(
-        f"not a run key: {shown} (a run key is 1-64 characters of [a-z2-7], which the manager "
+        f"not a run key: {what} (a run key is 1-64 characters of [a-z2-7], which the manager "
         "derives from the run id; store methods take run keys, not run ids)")
 
 
@@ -196,13 +198,13 @@ def check_keep_latest(keep_latest: int | None) -> None:
     if keep_latest is None:
         return
     if not isinstance(keep_latest, int) or isinstance(keep_latest, bool) or keep_latest < 1:
-        raise ValidationError(f"keep_latest must be None or an int >= 1, got {keep_latest!r}")
+        raise ValidationError(f"keep_latest must be None or an int >= 1, got {shown(keep_latest)}")
 
 
 def item_key_bytes(key: object, limit: int, why: str) -> bytes:
     """The UTF-8 of an item key, or :class:`ValidationError` when it is not a valid ``str`` of
     at most ``limit`` bytes; ``why`` names the backend's reason for the limit."""
-    if not isinstance(key, str):
+    if type(key) is not str:  # a subclass's own __eq__ and __hash__ would run in the store
         raise ValidationError(f"item key must be a str, got {type(key).__name__}")
     try:
         raw = key.encode("utf-8")
@@ -510,7 +512,7 @@ class ExpiryCleanup:
 
     async def cleanup_expired(self: CheckpointStore, *, batch_size: int = 500) -> int:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValidationError(f"batch_size must be a positive integer, got {batch_size!r:.40}")
+            raise ValidationError(f"batch_size must be a positive integer, got {shown(batch_size)}")
         return await purge_all(self, clock=time.time, batch_size=batch_size)
 
 
@@ -838,8 +840,8 @@ def check_labels(labels: object) -> tuple[str, ...]:
     if len(labels) > MAX_LABELS:
         raise ValidationError(f"a run takes at most {MAX_LABELS} labels, got {len(labels)}")
     for label in labels:
-        if not isinstance(label, str) or not label:
-            raise ValidationError(f"a label must be a non-empty str, got {label!r:.40}")
+        if type(label) is not str or not label:
+            raise ValidationError(f"a label must be a non-empty str, got {shown(label)}")
         item_key_bytes(label, MAX_LABEL_BYTES, "a label")
     return labels
 
@@ -853,7 +855,7 @@ it counts lifetimes in milliseconds."""
 def check_int(name: str, value: object) -> int:
     """``value``, checked to be a 64-bit ``int`` (not a ``bool``)."""
     if isinstance(value, bool) or not isinstance(value, int) or abs(value) > INT64:
-        raise ValidationError(f"{name} must be a 64-bit int, got {value!r:.40}")
+        raise ValidationError(f"{name} must be a 64-bit int, got {shown(value)}")
     return value
 
 
@@ -864,10 +866,44 @@ def check_time(name: str, value: object, *, optional: bool = False) -> None:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
+        or abs(value) > INT64  # before isfinite, which cannot take an int this large
         or not math.isfinite(value)
-        or abs(value) > INT64
     ):
-        raise ValidationError(f"{name} must be a finite number of epoch seconds, got {value!r:.40}")
+        raise ValidationError(
+            f"{name} must be a finite number of epoch seconds, got {shown(value)}")
+
+
+def check_flag(name: str, value: object) -> bool:
+    """``value``, checked to be ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise ValidationError(f"{name} must be True or False, got {shown(value)}")
+    return value
+
+
+def check_limit(name: str, value: object, *, minimum: int = 0) -> int:
+    """``value``, checked to be an ``int`` (not a ``bool``) from ``minimum`` to the 64-bit
+    maximum."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= INT64:
+        raise ValidationError(
+            f"{name} must be an int from {minimum} to {INT64}, got {shown(value)}")
+    return value
+
+
+def check_str(name: str, value: object, *, optional: bool = False) -> str | None:
+    """``value`` as a plain ``str`` (the text of a ``str`` subclass, whose own ``__eq__`` and
+    ``__hash__`` then never run in the store), or ``None`` when ``optional``."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(f"{name} must be a str, got {shown(value)}")
+    return value if type(value) is str else str.__str__(value)
+
+
+def check_keys(keys: object) -> list[str]:
+    """The item keys a read or a delete is given: a sequence of ``str``, as plain ``str``."""
+    if not isinstance(keys, Sequence) or isinstance(keys, (str, bytes, bytearray)):
+        raise ValidationError(f"keys must be a sequence of str, got {shown(keys)}")
+    return [cast(str, check_str("item key", key)) for key in keys]
 
 
 def check_bytes(name: str, value: object) -> None:
@@ -887,12 +923,12 @@ def check_bytes(name: str, value: object) -> None:
 
 def check_text(name: str, value: object) -> None:
     """``value`` is a non-empty ``str`` that UTF-8 can encode (no lone surrogates)."""
-    if not isinstance(value, str) or not value:
-        raise ValidationError(f"{name} must be a non-empty str, got {value!r:.40}")
+    if not isinstance(value, str) or not str.__len__(value):
+        raise ValidationError(f"{name} must be a non-empty str, got {shown(value)}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValidationError(f"{name} is not valid unicode: {value!r:.40}") from None
+        raise ValidationError(f"{name} is not valid unicode: {shown(value)}") from None
 
 
 def check_record(record: StoredCheckpoint) -> None:
@@ -930,7 +966,7 @@ def check_items(items: object) -> None:
     with valid keys, ``bytes`` values (not a ``bytearray`` or ``memoryview``, which a caller
     could change after the call), int owners and finite expiries."""
     if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
-        raise ValidationError(f"items must be a sequence of Item values, got {items!r:.40}")
+        raise ValidationError(f"items must be a sequence of Item values, got {shown(items)}")
     for item in items:
         if not isinstance(item, Item):
             raise ValidationError(f"items must be Item values, got {type(item).__name__}")
@@ -974,8 +1010,8 @@ def check_shared_items(record: StoredCheckpoint, items: Sequence[Item]) -> None:
         item_key_bytes(item.key, MAX_ITEM_KEY_BYTES, "an item key")
         if item.owner is not None and item.owner != record.sequence:
             raise ValidationError(
-                f"item {item.key[:40]!r} is owned by checkpoint {item.owner}; items appended "
-                f"with checkpoint {record.sequence} belong to it or to no checkpoint")
+                f"item {item.key[:40]!r} is owned by checkpoint {shown(item.owner)}; items "
+                f"appended with checkpoint {record.sequence} belong to it or to no checkpoint")
 
 
 def refs_to_find(record: StoredCheckpoint, items: Sequence[Item]) -> tuple[str, ...]:
@@ -987,9 +1023,9 @@ def refs_to_find(record: StoredCheckpoint, items: Sequence[Item]) -> tuple[str, 
 
 def unheld_refs(run_key: str, sequence: int, keys: Sequence[str]) -> SharedItemGone:
     """The one refusal of an append whose refs name items the run does not hold."""
-    shown = ", ".join(repr(key[:40]) for key in keys[:5])
+    listed = ", ".join(repr(key[:40]) for key in keys[:5])
     more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
     return SharedItemGone(
         f"run {run_key}: checkpoint {sequence} names shared items the run does not hold "
-        f"({shown}{more}); nothing was written: append it again with their values",
+        f"({listed}{more}); nothing was written: append it again with their values",
         keys=tuple(keys))

@@ -98,6 +98,7 @@ import msgspec
 
 from fastcheckpoint import _ids
 from fastcheckpoint._threads import in_worker_thread
+from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -119,13 +120,20 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_append,
+    check_flag,
     check_guard_arg,
     check_head,
+    check_int,
     check_items,
     check_keep_latest,
+    check_keys,
     check_labels,
+    check_limit,
     check_options,
     check_run_key,
+    check_seed,
+    check_str,
+    check_time,
     header_of,
     is_live,
     item_key_bytes,
@@ -339,8 +347,8 @@ def _label_dir_name(label: str) -> str:
 
 
 def _check_status(status: object) -> str:
-    if not isinstance(status, str):
-        raise ValidationError(f"run status must be a str, got {type(status).__name__}")
+    status = check_str("run status", status)
+    assert status is not None
     try:
         size = len(status.encode("utf-8"))
     except UnicodeEncodeError as exc:
@@ -2011,9 +2019,15 @@ def _directory_of(path: object) -> str:
     try:
         directory = os.fspath(path)  # type: ignore[call-overload]
     except TypeError as exc:
-        raise ConfigurationError(f"file store path must be a str or a path: {path!r:.80}") from exc
+        raise ConfigurationError(f"file store path must be a str or a path: {shown(path)}") from exc
     if not isinstance(directory, str) or "\0" in directory:
         raise ConfigurationError(f"not a usable file store path: {directory!r:.80}")
+    try:
+        os.fsencode(directory)  # what the system is given: undecodable bytes pass, as given
+    except UnicodeEncodeError as exc:
+        raise ConfigurationError(
+            f"file store path {directory[:80]!r} is not valid unicode (it has a lone "
+            "surrogate)") from exc
     return directory
 
 
@@ -2465,6 +2479,7 @@ class FileStore(ExpiryCleanup):
         keep_latest: int | None,
         now: float,
     ) -> str:
+        check_time("now", now)
         return await self.append_with_items(
             run_key, record, run=run, keep_latest=keep_latest, now=now, items=()
         )
@@ -2479,6 +2494,7 @@ class FileStore(ExpiryCleanup):
         now: float,
         items: Sequence[Item],
     ) -> str:
+        check_time("now", now)
         _check_append(run_key, record, run, keep_latest, items)
         appended = _appended_items(record, items)
         status, _ = await self._write(
@@ -2495,6 +2511,7 @@ class FileStore(ExpiryCleanup):
         now: float,
         renumber: Callable[[int], StoredCheckpoint],
     ) -> tuple[str, StoredCheckpoint]:
+        check_time("now", now)
         _check_append(run_key, record, run, keep_latest)
         if record.refs:
             raise ValidationError("append_next takes checkpoints that name no items")
@@ -2872,6 +2889,8 @@ class FileStore(ExpiryCleanup):
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
+        check_int("sequence", sequence)
+        check_time("now", now)
         _check_run_key(run_key)
         return await self._read(run_key, self._get, run_key, sequence, now)
 
@@ -2937,6 +2956,7 @@ class FileStore(ExpiryCleanup):
         return None if view is None else _held_checkpoint(files, view, sequence, now)
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
+        check_time("now", now)
         _check_run_key(run_key)
         return await self._read(run_key, self._latest, run_key, now)
 
@@ -2978,6 +2998,9 @@ class FileStore(ExpiryCleanup):
         its refs name and those nested under them (by the item index), then ``run.rec`` again
         unless nothing was committed meanwhile: a checkpoint still held there had all its
         items in place while they were read."""
+        if sequence is not None:
+            check_int("sequence", sequence)
+        check_time("now", now)
         _check_run_key(run_key)
         return await self._read(run_key, self._read_with_items, run_key, sequence, now)
 
@@ -3052,6 +3075,10 @@ class FileStore(ExpiryCleanup):
     ) -> bool:
         """One commit, with the check of the owner: the batch is written whole or not at
         all."""
+        checkpoint_id = cast(str, check_str("checkpoint_id", checkpoint_id))
+        check_flag("if_absent", if_absent)
+        check_int("owner", owner)
+        check_time("now", now)
         check_items(items)
         _check_run_key(run_key)
         owned = _owned_items(items, owner)
@@ -3102,6 +3129,11 @@ class FileStore(ExpiryCleanup):
         now: float,
         include_expired: bool = False,
     ) -> tuple[list[CheckpointHeader], str | None]:
+        if before is not None:
+            check_int("before", before)
+        check_limit("limit", limit)
+        check_flag("include_expired", include_expired)
+        check_time("now", now)
         _check_run_key(run_key)
         return await self._call(self._headers, run_key, before, limit, now, include_expired)
 
@@ -3132,6 +3164,8 @@ class FileStore(ExpiryCleanup):
                 files, _log_view(files, run_key, now, include_expired=include_expired)))
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
+        check_int("sequence", sequence)
+        checkpoint_id = cast(str, check_str("checkpoint_id", checkpoint_id))
         _check_run_key(run_key)
         return await self._call(self._delete, run_key, sequence, checkpoint_id)
 
@@ -3206,6 +3240,7 @@ class FileStore(ExpiryCleanup):
     # -- runs ---------------------------------------------------------------------------------
 
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
+        check_time("now", now)
         _check_run_key(run_key)
         return await self._read(run_key, self._get_run, run_key, now)
 
@@ -3248,8 +3283,9 @@ class FileStore(ExpiryCleanup):
         now: float,
         latest_sequence: int | None = None,
     ) -> RunRecord:
+        check_time("now", now)
         _check_run_key(run_key)
-        _check_status(status)
+        status = _check_status(status)
         check_guard_arg(latest_sequence)
         return await self._call(self._update_run, run_key, incarnation, version, status, data,
                                 now, latest_sequence)
@@ -3357,8 +3393,9 @@ class FileStore(ExpiryCleanup):
     async def list_runs(
         self, *, status: str | None, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
+        check_time("now", now)
         if status is not None:
-            _check_status(status)
+            status = _check_status(status)
         _check_page(limit, cursor)
         return await self._call(self._list_runs, status, limit, cursor, now)
 
@@ -3372,6 +3409,7 @@ class FileStore(ExpiryCleanup):
     ) -> tuple[list[RunRecord], str | None]:
         """Lists ``index/l<hash of the label>/`` and reads ``run.rec`` of the runs it returns
         (and of the stale markers it passes), like ``list_runs``."""
+        check_time("now", now)
         check_labels((label,))
         _check_page(limit, cursor)
         return await self._call(self._page, [_label_dir_name(label)], limit, cursor, now)
@@ -3398,8 +3436,9 @@ class FileStore(ExpiryCleanup):
         return found, None
 
     async def count_runs(self, *, status: str | None, now: float) -> int:
+        check_time("now", now)
         if status is not None:
-            _check_status(status)
+            status = _check_status(status)
         return await self._call(self._count_runs, status, now)
 
     def _count_runs(self, status: str | None, now: float) -> int:
@@ -3411,6 +3450,8 @@ class FileStore(ExpiryCleanup):
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
+        check_flag("create_only", create_only)
+        check_time("now", now)
         check_items(items)
         _check_run_key(run_key)
         if items:
@@ -3439,6 +3480,8 @@ class FileStore(ExpiryCleanup):
                          items=entries)
 
     async def get_items(self, run_key: str, keys: Sequence[str], *, now: float) -> dict[str, bytes]:
+        keys = check_keys(keys)
+        check_time("now", now)
         _check_run_key(run_key)
         for key in keys:
             _check_item_key(key)
@@ -3480,6 +3523,11 @@ class FileStore(ExpiryCleanup):
         reverse: bool = False,
         now: float,
     ) -> list[tuple[str, bytes]]:
+        check_flag("reverse", reverse)
+        prefix = cast(str, check_str("prefix", prefix))
+        start_after = check_str("start_after", start_after, optional=True)
+        check_limit("limit", limit)
+        check_time("now", now)
         _check_run_key(run_key)
         return await self._call(self._scan_items, run_key, prefix, start_after, limit, reverse, now)
 
@@ -3510,6 +3558,7 @@ class FileStore(ExpiryCleanup):
             after = picked[-1]  # damaged items were skipped: fill the page past them
 
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
+        keys = check_keys(keys)
         _check_run_key(run_key)
         for key in keys:
             _check_item_key(key)
@@ -3527,6 +3576,8 @@ class FileStore(ExpiryCleanup):
     # -- maintenance --------------------------------------------------------------------------
 
     async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
+        check_limit("limit", limit)
+        check_time("now", now)
         if limit < 1:
             raise ValidationError(f"limit must be at least 1, got {limit}")
         return await self._call(self._purge_expired, now, limit)
@@ -3703,6 +3754,7 @@ class FileStore(ExpiryCleanup):
         behind its log is not damaged: the run's next writer brings it up to date. Reads every
         ``run.rec``, every checkpoint head of a damaged or expired run, and the items of every
         run, whose item entries no held checkpoint owns it removes (:meth:`_remove_orphans`)."""
+        check_time("now", now)
         if run_key is not None:
             _check_run_key(run_key)
         return await self._call(self._damaged_runs, run_key, now)
@@ -3788,6 +3840,8 @@ class FileStore(ExpiryCleanup):
 
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
         """Commits a new ``run.rec`` (and adds the index marker); checkpoints are only read."""
+        check_seed(seed)
+        check_time("now", now)
         _check_run_key(run_key)
         _check_status(seed.status)
         return await self._call(self._rebuild_run, run_key, seed, now)
@@ -3873,10 +3927,9 @@ def _check_sequence(
 
 
 def _check_page(limit: int, cursor: str | None) -> None:
-    if cursor is not None and (not isinstance(cursor, str) or not _MARKER.fullmatch(cursor)):
-        raise ValidationError(f"not a run listing cursor of the file store: {cursor!r:.80}")
-    if limit < 1:
-        raise ValidationError(f"limit must be at least 1, got {limit}")
+    if cursor is not None and (type(cursor) is not str or not _MARKER.fullmatch(cursor)):
+        raise ValidationError(f"not a run listing cursor of the file store: {shown(cursor)}")
+    check_limit("limit", limit, minimum=1)
 
 
 def _appended_items(record: StoredCheckpoint, items: Sequence[Item]) -> list[Item]:

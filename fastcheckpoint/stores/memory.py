@@ -21,7 +21,7 @@ import math
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
@@ -42,13 +42,21 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_append,
+    check_bytes,
+    check_flag,
     check_guard_arg,
     check_head,
+    check_int,
     check_items,
     check_keep_latest,
+    check_keys,
     check_labels,
+    check_limit,
     check_options,
     check_run_key,
+    check_seed,
+    check_str,
+    check_time,
     header_of,
     is_live,
     latest_expiry,
@@ -298,6 +306,7 @@ class MemoryStore(ExpiryCleanup):
         keep_latest: int | None,
         now: float,
     ) -> str:
+        check_time("now", now)
         return self._append(run_key, record, run, keep_latest, now, ())
 
     async def append_with_items(
@@ -310,6 +319,7 @@ class MemoryStore(ExpiryCleanup):
         now: float,
         items: Sequence[Item],
     ) -> str:
+        check_time("now", now)
         return self._append(run_key, record, run, keep_latest, now, items)
 
     def _append(
@@ -405,6 +415,8 @@ class MemoryStore(ExpiryCleanup):
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
+        check_int("sequence", sequence)
+        check_time("now", now)
         self._checked_key(run_key)
         return self._get(run_key, sequence, now)
 
@@ -416,6 +428,7 @@ class MemoryStore(ExpiryCleanup):
         return self._located(run_key, record), run.record.status
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
+        check_time("now", now)
         self._checked_key(run_key)
         return self._latest(run_key, now)
 
@@ -432,6 +445,9 @@ class MemoryStore(ExpiryCleanup):
     async def read_with_items(
         self, run_key: str, *, sequence: int | None, now: float
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        if sequence is not None:
+            check_int("sequence", sequence)
+        check_time("now", now)
         self._checked_key(run_key)
         if sequence is None:
             found = self._latest(run_key, now)
@@ -464,9 +480,13 @@ class MemoryStore(ExpiryCleanup):
         if_absent: bool,
         now: float,
     ) -> bool:
+        check_int("owner", owner)
+        checkpoint_id = cast(str, check_str("checkpoint_id", checkpoint_id))
         self._checked_key(run_key)
         check_items(items)
         _check_owned_items(items, owner)
+        check_flag("if_absent", if_absent)
+        check_time("now", now)
         run = self._live_run(run_key, now)
         record = None if run is None else _live_checkpoint(run, owner, now)
         if record is None or record.checkpoint_id != checkpoint_id:
@@ -488,6 +508,11 @@ class MemoryStore(ExpiryCleanup):
         include_expired: bool = False,
     ) -> tuple[list[CheckpointHeader], str | None]:
         self._checked_key(run_key)
+        if before is not None:
+            check_int("before", before)
+        check_limit("limit", limit)
+        check_time("now", now)
+        check_flag("include_expired", include_expired)
         run = self._runs.get(run_key) if include_expired else self._live_run(run_key, now)
         if run is None:
             return [], None
@@ -502,6 +527,8 @@ class MemoryStore(ExpiryCleanup):
         return result, run.record.status
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
+        check_int("sequence", sequence)
+        checkpoint_id = cast(str, check_str("checkpoint_id", checkpoint_id))
         self._checked_key(run_key)
         run = self._runs.get(run_key)
         if run is None:
@@ -518,6 +545,7 @@ class MemoryStore(ExpiryCleanup):
     # -- runs -----------------------------------------------------------------------------
 
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
+        check_time("now", now)
         self._checked_key(run_key)
         run = self._live_run(run_key, now)
         return None if run is None else run.record
@@ -533,8 +561,13 @@ class MemoryStore(ExpiryCleanup):
         now: float,
         latest_sequence: int | None = None,
     ) -> RunRecord:
+        check_time("now", now)
         self._checked_key(run_key)
         check_guard_arg(latest_sequence)
+        incarnation = cast(str, check_str("incarnation", incarnation))
+        check_int("version", version)
+        status = cast(str, check_str("status", status))
+        check_bytes("data", data)
         run = self._live_run(run_key, now)
         if run is None:
             raise CheckpointNotFound(f"no live run with key {run_key}")
@@ -554,11 +587,14 @@ class MemoryStore(ExpiryCleanup):
     async def list_runs(
         self, *, status: str | None, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
+        check_time("now", now)
+        status = check_str("status", status, optional=True)
         return self._page(self._order.get(status, []), limit, cursor, now)
 
     async def runs_with_label(
         self, label: str, *, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
+        check_time("now", now)
         check_labels((label,))
         return self._page(self._labels.get(label, []), limit, cursor, now)
 
@@ -566,6 +602,9 @@ class MemoryStore(ExpiryCleanup):
         self, bucket: list[tuple[float, str]], limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
         """Live runs of an index, newest created first, from ``cursor`` on."""
+        check_limit("limit", limit, minimum=1)
+        cursor = check_str("cursor", cursor, optional=True)
+        check_time("now", now)
         index = len(bucket) if cursor is None else bisect_left(bucket, _parse_cursor(cursor))
         result: list[RunRecord] = []
         while index > 0 and len(result) < limit:
@@ -576,6 +615,8 @@ class MemoryStore(ExpiryCleanup):
         return result, (_make_cursor(bucket[index]) if index > 0 else None)
 
     async def count_runs(self, *, status: str | None, now: float) -> int:
+        status = check_str("status", status, optional=True)
+        check_time("now", now)
         # Indexed runs minus those expired but not purged yet; only runs due by now can be.
         expired = sum(
             1 for run_key in self._due_by(now)
@@ -607,6 +648,8 @@ class MemoryStore(ExpiryCleanup):
     ) -> None:
         self._checked_key(run_key)
         check_items(items)
+        check_flag("create_only", create_only)
+        check_time("now", now)
         space = self._space(run_key)
         if create_only:
             for item in items:
@@ -637,6 +680,8 @@ class MemoryStore(ExpiryCleanup):
         self, run_key: str, keys: Sequence[str], *, now: float
     ) -> dict[str, bytes]:
         self._checked_key(run_key)
+        keys = check_keys(keys)
+        check_time("now", now)
         space = self._items.get(run_key)
         if space is None:
             return {}
@@ -658,6 +703,11 @@ class MemoryStore(ExpiryCleanup):
         now: float,
     ) -> list[tuple[str, bytes]]:
         self._checked_key(run_key)
+        prefix = cast(str, check_str("prefix", prefix))
+        start_after = check_str("start_after", start_after, optional=True)
+        check_limit("limit", limit)
+        check_flag("reverse", reverse)
+        check_time("now", now)
         space = self._items.get(run_key)
         if space is None:
             return []
@@ -679,6 +729,7 @@ class MemoryStore(ExpiryCleanup):
 
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
         self._checked_key(run_key)
+        keys = check_keys(keys)
         space = self._items.get(run_key)
         if space is None:
             return 0
@@ -687,6 +738,8 @@ class MemoryStore(ExpiryCleanup):
     # -- maintenance ----------------------------------------------------------------------
 
     async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
+        check_time("now", now)
+        check_limit("limit", limit)
         removed = 0
         work = 0
         while self._due and self._due[0][0] <= now and work < limit:
@@ -725,11 +778,14 @@ class MemoryStore(ExpiryCleanup):
     async def damaged_runs(self, *, run_key: str | None = None, now: float) -> list[RunDamage]:
         """Always ``[]``: run records live as Python objects that no write leaves half done,
         so ``CheckpointManager.repair()`` works here (and finds nothing) as on durable stores."""
+        check_time("now", now)
         if run_key is not None:
             self._checked_key(run_key)
         return []
 
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
+        check_seed(seed)
+        check_time("now", now)
         self._checked_key(run_key)
         if run_key in self._runs:
             raise ConflictError(f"the run record of run key {run_key} is not damaged")

@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, ParamSpec, TypeGuard, TypeVar
+from typing import Any, ParamSpec, TypeGuard, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import msgspec
@@ -53,6 +53,7 @@ import msgspec
 from fastcheckpoint import _ids
 from fastcheckpoint._config import pauses_within
 from fastcheckpoint._threads import in_worker_thread
+from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -76,6 +77,7 @@ from fastcheckpoint.stores._base import (
     StoredCheckpoint,
     check_append,
     check_bytes,
+    check_flag,
     check_guard_arg,
     check_head,
     check_int,
@@ -85,6 +87,7 @@ from fastcheckpoint.stores._base import (
     check_options,
     check_run_key,
     check_seed,
+    check_str,
     check_text,
     check_time,
     is_live,
@@ -261,14 +264,14 @@ def _check_append(
     check_run_key(run_key)
     check_append(record, seed, items)
     if keep_latest is not None and not _is_sequence(keep_latest):
-        raise ValidationError(f"keep_latest must be an int or None, got {keep_latest!r:.40}")
+        raise ValidationError(f"keep_latest must be an int or None, got {shown(keep_latest)}")
     check_keep_latest(keep_latest)
     check_time("now", now)
 
 
 def _check_keys(keys: Sequence[str]) -> list[str]:
     if not isinstance(keys, Sequence) or isinstance(keys, (str, bytes)):
-        raise ValidationError(f"keys must be a sequence of item keys, got {keys!r:.40}")
+        raise ValidationError(f"keys must be a sequence of item keys, got {shown(keys)}")
     for key in keys:
         item_key_bytes(key, MAX_ITEM_KEY_BYTES, "an item key")
     return list(keys)
@@ -276,7 +279,7 @@ def _check_keys(keys: Sequence[str]) -> list[str]:
 
 def _check_limit(limit: object) -> int:
     if isinstance(limit, bool) or not isinstance(limit, int):
-        raise ValidationError(f"limit must be an int, got {limit!r:.40}")
+        raise ValidationError(f"limit must be an int, got {shown(limit)}")
     return max(0, min(limit, steps.INT64 - 1))  # a page asks for one more row than limit
 
 
@@ -366,7 +369,7 @@ def _parse_cursor(cursor: str | None) -> tuple[float, str]:
             # which damaged_runs reports) must not break the listing of the rows after it.
             if is_run_key(run_key) and float(created) < math.inf:
                 return float(created), run_key
-    raise ValidationError(f"malformed run listing cursor {cursor!r:.80}")
+    raise ValidationError(f"malformed run listing cursor {shown(cursor)}")
 
 
 # -- URLs -------------------------------------------------------------------------------------
@@ -404,7 +407,7 @@ def _synchronous(value: object) -> str:
     mode = _SYNCHRONOUS.get(value.lower()) if isinstance(value, str) else None
     if mode is None:
         raise ConfigurationError(
-            f"sqlite:// store option synchronous={value!r:.40} must be 'full' (the default: "
+            f"sqlite:// store option synchronous={shown(value)} must be 'full' (the default: "
             "every commit survives power loss) or 'normal' (a commit survives a process crash; "
             "power loss may undo the last ones)"
         )
@@ -415,10 +418,10 @@ def _timeout(value: object) -> float:
     try:
         seconds = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"sqlite:// store option timeout={value!r:.40} is not a "
+        raise ConfigurationError(f"sqlite:// store option timeout={shown(value)} is not a "
                                  "number of seconds") from exc
     if isinstance(value, bool) or not math.isfinite(seconds) or seconds < 0:
-        raise ConfigurationError(f"sqlite:// store option timeout={value!r:.40} must be >= 0 s")
+        raise ConfigurationError(f"sqlite:// store option timeout={shown(value)} must be >= 0 s")
     return seconds
 
 
@@ -451,7 +454,7 @@ def _database_path(path: object) -> str:
         text = os.fspath(path)  # type: ignore[call-overload]
     except TypeError as exc:
         raise ConfigurationError(
-            f"sqlite store path must be a str or a path: {path!r:.80}") from exc
+            f"sqlite store path must be a str or a path: {shown(path)}") from exc
     if not isinstance(text, str) or not text or "\0" in text or not _encodable(text):
         raise ConfigurationError(f"not a usable sqlite store path: {text!r:.80}")
     return os.path.abspath(text)
@@ -1034,6 +1037,7 @@ class SQLiteStore(ExpiryCleanup):
         now: float,
         include_expired: bool = False,
     ) -> tuple[list[CheckpointHeader], str | None]:
+        check_flag("include_expired", include_expired)
         check_run_key(run_key)
         check_time("now", now)
         end = steps.INT64 if before is None else max(-1, check_int("before", before))
@@ -1103,6 +1107,7 @@ class SQLiteStore(ExpiryCleanup):
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
         check_run_key(run_key)
+        checkpoint_id = cast(str, check_str("checkpoint_id", checkpoint_id))
         if not _is_sequence(sequence):
             return False
         return await self._call(self._delete, run_key, sequence, checkpoint_id)
@@ -1212,7 +1217,7 @@ class SQLiteStore(ExpiryCleanup):
         self, *, status: str | None, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
         if status is not None and not isinstance(status, str):
-            raise ValidationError(f"status must be a str or None, got {status!r:.40}")
+            raise ValidationError(f"status must be a str or None, got {shown(status)}")
         after = _parse_cursor(cursor)
         limit = _check_limit(limit)
         check_time("now", now)
@@ -1263,7 +1268,7 @@ class SQLiteStore(ExpiryCleanup):
 
     async def count_runs(self, *, status: str | None, now: float) -> int:
         if status is not None and not isinstance(status, str):
-            raise ValidationError(f"status must be a str or None, got {status!r:.40}")
+            raise ValidationError(f"status must be a str or None, got {shown(status)}")
         check_time("now", now)
         if status is not None and not _encodable(status):
             return 0
@@ -1280,6 +1285,7 @@ class SQLiteStore(ExpiryCleanup):
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
+        check_flag("create_only", create_only)
         check_run_key(run_key)
         check_items(items)
         check_time("now", now)
@@ -1308,8 +1314,10 @@ class SQLiteStore(ExpiryCleanup):
         if_absent: bool,
         now: float,
     ) -> bool:
+        check_flag("if_absent", if_absent)
         check_run_key(run_key)
         check_int("owner", owner)
+        checkpoint_id = cast(str, check_str("checkpoint_id", checkpoint_id))
         check_time("now", now)
         check_items(items)
         for item in items:
@@ -1388,10 +1396,13 @@ class SQLiteStore(ExpiryCleanup):
         reverse: bool = False,
         now: float,
     ) -> list[tuple[str, bytes]]:
+        check_flag("reverse", reverse)
         check_run_key(run_key)
         if not isinstance(prefix, str) or (start_after is not None and not isinstance(
                 start_after, str)):
             raise ValidationError("prefix and start_after must be str")
+        prefix = cast(str, check_str("prefix", prefix))
+        start_after = check_str("start_after", start_after, optional=True)
         if start_after is not None and not _encodable(start_after):
             raise ValidationError(f"start_after {start_after[:40]!r} is not valid unicode")
         limit = _check_limit(limit)
