@@ -369,7 +369,7 @@ class CheckpointManager:
             return None
         with self._throttle_slot(key, now):
             if parent_id is not None:
-                await self._require_parent(key, parent_id)
+                parent_id = await self._require_parent(key, parent_id)
             content: Payload | bytes = body
             if not self._histories.enabled:
                 content = await self._encode_payload(body, hint)
@@ -706,17 +706,20 @@ class CheckpointManager:
         check_ttl_resolution("default_ttl_seconds", ttl, now)
         return ttl
 
-    async def _require_parent(self, key: str, parent_id: str) -> None:
+    async def _require_parent(self, key: str, parent_id: str) -> str:
+        """``parent_id`` as a plain ``str``, if it names a live checkpoint of the run."""
         parsed = lookup_id(parent_id, "parent_id")
         if parsed is None:
             raise CheckpointNotFound(
                 f"parent_id {parent_id[:80]!r} does not exist (it is not a checkpoint id "
                 "returned by create)")
+        parent_id = _ids.plain_str(parent_id)
         parent_key, _, sequence = parsed
         if parent_key != key:
             raise CheckpointNotFound(f"parent_id {parent_id!r} belongs to another run")
         if await self._header_at(key, sequence, parent_id) is None:
             raise CheckpointNotFound(f"parent_id {parent_id!r} does not exist (or expired)")
+        return parent_id
 
     async def _written(
         self, key: str, content: Payload | bytes, *, sequence: int, incarnation: str,
@@ -781,6 +784,7 @@ class CheckpointManager:
         parsed = lookup_id(checkpoint_id)
         if parsed is None:
             return None
+        checkpoint_id = _ids.plain_str(checkpoint_id)  # compared: a subclass's own __eq__ not
         key, _, sequence = parsed
         found = await self._read(key, sequence, self.config.clock())
         if found is None:
@@ -938,7 +942,7 @@ class CheckpointManager:
             return []
         chain: list[CheckpointMetadata] = []
         seen: set[str] = set()
-        current: str | None = checkpoint_id
+        current: str | None = _ids.plain_str(checkpoint_id)
         while current is not None and current not in seen:
             seen.add(current)
             parsed = _ids.parse_checkpoint_id(current)
@@ -959,7 +963,8 @@ class CheckpointManager:
         if parsed is None:
             return False
         key, _, sequence = parsed
-        return await self._store.delete(key, sequence, checkpoint_id=checkpoint_id)
+        return await self._store.delete(
+            key, sequence, checkpoint_id=_ids.plain_str(checkpoint_id))
 
     async def delete_run(self, run_id: str) -> int:
         """Delete the run with all its checkpoints and records; returns checkpoints deleted."""
@@ -1210,6 +1215,7 @@ class CheckpointManager:
             raise CheckpointNotFound(
                 f"checkpoint {checkpoint_id[:80]!r} does not exist (or expired)")
         key, (source, _, items) = found
+        checkpoint_id = _ids.plain_str(checkpoint_id)  # the new run's parent, encoded
         now = self.config.clock()
         header = self._codec.decode_header(source.header, source.key)
         _check_owner(key, source, header)

@@ -42,7 +42,7 @@ import shutil
 import sys
 import tempfile
 import types
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -292,47 +292,57 @@ class World:
         self.records = {}
         self.checkpoint_ids = []
         for key in self.run_keys:
-            record = await self.store.get_run(key, now=now)
-            if record is not None:
+            record = await _read(self.store.get_run(key, now=now))
+            if isinstance(record, RunRecord):
                 self.records[key] = record
-            page, _ = await self.store.headers(
-                key, before=None, limit=1000, now=now, include_expired=True)
-            self.checkpoint_ids += [header.checkpoint_id for header in page]
-        _, self.cursor = await self.store.list_runs(status=None, limit=1, cursor=None, now=now)
+            headers = await _read(self.store.headers(
+                key, before=None, limit=1000, now=now, include_expired=True))
+            if isinstance(headers, tuple):
+                self.checkpoint_ids += [header.checkpoint_id for header in headers[0]]
+        listed = await _read(self.store.list_runs(status=None, limit=1, cursor=None, now=now))
+        self.cursor = listed[1] if isinstance(listed, tuple) else None
 
     def snapshot(self) -> str:
         return self.portal.call(self._snapshot)
 
     async def _snapshot(self) -> str:
         """What the store holds, read through the store and through the manager, as text
-        (``repr``, so that a NaN someone stored compares equal to itself)."""
+        (``repr``, so that a NaN someone stored compares equal to itself). A read that
+        raises a CheckpointError (a record the fuzz made damaged, through the store
+        protocol) is recorded as that error."""
         store, manager, now = self.store, self.manager, self.clock()
         seen: list[Any] = []
         records: list[RunRecord] = []
         cursor: str | None = None
         while True:
-            page, cursor = await store.list_runs(status=None, limit=50, cursor=cursor, now=now)
+            listed = await _read(store.list_runs(status=None, limit=50, cursor=cursor, now=now))
+            if not isinstance(listed, tuple) or len(listed) != 2:
+                seen.append(listed)
+                break
+            page, cursor = listed
             records += page
             if cursor is None:
                 break
         keys = dict.fromkeys([*self.run_keys, *(_ids.run_key(r.run_id) for r in records)])
         seen.append(sorted(map(repr, records)))
-        seen.append(await store.count_runs(status=None, now=now))
+        seen.append(await _read(store.count_runs(status=None, now=now)))
         for key in keys:
-            seen.append((key, await store.get_run(key, now=now)))
-            page, status = await store.headers(
-                key, before=None, limit=10_000, now=now, include_expired=True)
-            seen.append((page, status))
-            for header in page:
-                seen.append(await store.get(key, header.sequence, now=now))
-            seen.append(await store.scan_items(key, limit=100_000, now=now))
-        runs = []
-        page_of_runs = await manager.list_runs(limit=1000)
-        for info in page_of_runs:
-            listed = await manager.list_checkpoints(info.run_id, 1000, include_expired=True)
-            restored = [await manager.restore_from(m.checkpoint_id) for m in listed]
-            runs.append((info, listed, restored))
-        seen.append(sorted(runs, key=lambda entry: entry[0].run_id))
+            seen.append((key, await _read(store.get_run(key, now=now))))
+            headers = await _read(store.headers(
+                key, before=None, limit=10_000, now=now, include_expired=True))
+            seen.append(headers)
+            for header in headers[0] if isinstance(headers, tuple) else ():
+                seen.append(await _read(store.get(key, header.sequence, now=now)))
+            seen.append(await _read(store.scan_items(key, limit=100_000, now=now)))
+        runs = await _read(manager.list_runs(limit=1000))
+        if not isinstance(runs, fastcheckpoint.RunPage):
+            seen.append(runs)
+            runs = []
+        for info in sorted(runs, key=lambda info: info.run_id):
+            listed = await _read(manager.list_checkpoints(info.run_id, 1000, include_expired=True))
+            restored = [await _read(manager.restore_from(m.checkpoint_id))
+                        for m in (listed if isinstance(listed, list) else [])]
+            seen.append((info, listed, restored))
         return repr(seen)
 
     def close(self) -> None:
@@ -342,6 +352,14 @@ class World:
         finally:
             if self.kind != "memory":
                 shutil.rmtree(self.directory, ignore_errors=True)
+
+
+async def _read(call: Awaitable[Any]) -> Any:
+    """What a read returns, or the CheckpointError it raises (as text)."""
+    try:
+        return await call
+    except CheckpointError as exc:
+        return f"raised {type(exc).__name__}: {exc}"
 
 
 def _blocking_over(manager: CheckpointManager) -> BlockingManager:
@@ -378,8 +396,8 @@ VALID: dict[str, Callable[[World], list[Any]]] = {
     "run_id": lambda w: [*w.run_ids, NastyStr("alpha")],
     "new_run_id": lambda w: [None, "forked", "alpha"],
     "checkpoint_id": lambda w: [*w.checkpoint_ids, *map(NastyStr, w.checkpoint_ids[:1])],
-    "parent_id": lambda w: [None, *w.checkpoint_ids],
-    "before": lambda w: [None, *w.checkpoint_ids],
+    "parent_id": lambda w: [None, *w.checkpoint_ids, *map(NastyStr, w.checkpoint_ids[-1:])],
+    "before": lambda w: [None, *w.checkpoint_ids, *map(NastyStr, w.checkpoint_ids[-1:])],
     "state": lambda w: [{"a": 1}, {}],
     "context": lambda w: [None, {"c": 1}],
     "request": lambda w: [None, {"q": "why?"}],
@@ -866,6 +884,15 @@ def test_a_str_subclass_is_taken_for_the_text_it_holds(portal: BlockingPortal,
         assert approved.status is CheckpointStatus.ACTIVE
         with pytest.raises(ValidationError, match="force"):
             portal.call(functools.partial(world.manager.create, "alpha", {}, force="yes"))
+        manager, newest = world.manager, NastyStr(created.checkpoint_id)
+        assert portal.call(manager.restore_from, newest) is not None
+        assert portal.call(manager.lineage, newest)[0].checkpoint_id == created.checkpoint_id
+        forked = portal.call(manager.fork, newest, "forked")
+        assert forked.metadata.parent_id == created.checkpoint_id
+        child = portal.call(functools.partial(manager.create, "alpha", {}, parent_id=newest))
+        assert child is not None
+        assert child.metadata.parent_id == created.checkpoint_id
+        assert portal.call(manager.delete, NastyStr(child.checkpoint_id)) is True
     finally:
         world.close()
     text = Checkpoint(CheckpointMetadata("r", "c", created_at=1.0)).to_json()
@@ -925,25 +952,36 @@ STORE_CALLS: list[tuple[str, dict[str, Any]]] = [
     ("scan_items", {"run_key": "RUN", "start_after": 5}),
     ("scan_items", {"run_key": "RUN", "reverse": NastyStr()}),
     ("put_items", {"run_key": "RUN", "items": [Item(key=NastyStr("k"), value=b"v")]}),
-    ("put_items", {"run_key": "RUN", "items": _self_list()}),
     ("put_items", {"run_key": "RUN", "items": [make_item("k")], "create_only": NastyStr()}),
     ("put_owned_items", {"run_key": "RUN", "items": [], "owner": BadRepr(),
                          "checkpoint_id": "c", "if_absent": False}),
     ("runs_with_label", {"label": NastyStr("x"), "limit": 5, "cursor": None}),
     ("runs_with_label", {"label": "x", "limit": 5, "cursor": 7}),
     ("cleanup_expired", {"batch_size": _nested_list(DEEP)}),
-    ("update_run", {"run_key": "RUN", "incarnation": "i", "version": 0, "status": "active",
+    ("update_run", {"run_key": "RUN", "incarnation": "INC", "version": 0, "status": "active",
                     "data": b"", "latest_sequence": RecursiveRepr()}),
     ("damaged_runs", {"now": BadRepr()}),
+    ("update_run", {"run_key": "RUN", "incarnation": NastyStr("INC"), "version": 0,
+                    "status": "active", "data": b""}),
+    ("update_run", {"run_key": "RUN", "incarnation": "INC", "version": 0, "status": ["a"],
+                    "data": b""}),
+    ("update_run", {"run_key": "RUN", "incarnation": "INC", "version": 0, "status": "active",
+                    "data": "text"}),
+    ("get", {"run_key": "RUN", "sequence": "0"}),
+    ("headers", {"run_key": "RUN", "before": "3", "limit": 5}),
+    ("delete", {"run_key": "RUN", "sequence": 0, "checkpoint_id": NastyStr("c")}),
 ]
 """Store calls that leaked a TypeError, AttributeError, IndexError, OverflowError,
 RecursionError or an error of the value itself (``RUN``: a run key the store holds)."""
 
 
 def _run_key_for(value: Any, world: World) -> Any:
-    """``value``, with ``"RUN"`` (plain or a NastyStr) standing for a run key the store holds."""
+    """``value``, with ``"RUN"`` and ``"INC"`` (plain or a NastyStr) standing for a run key
+    the store holds and its incarnation (so that the call gets past the compare-and-set)."""
     if isinstance(value, str) and str.__str__(value) == "RUN":
         return type(value)(world.run_keys[0])
+    if isinstance(value, str) and str.__str__(value) == "INC":
+        return type(value)(world.records[world.run_keys[0]].incarnation)
     return value
 
 

@@ -25,6 +25,10 @@ seconds, from the manager's clock). A record with ``expires_at <= now`` is absen
 operation: reads skip it, create-only writes may replace it, listings omit it (unless asked).
 
 Errors. Stores raise only :mod:`fastcheckpoint.errors` types; driver exceptions are chained.
+An argument of the wrong type (a ``now`` that is no finite number, a ``limit`` or sequence
+that is no ``int``, a flag that is no ``bool``, keys that are no sequence of ``str``) is a
+:class:`ValidationError`, raised before anything changes; a ``str`` subclass is taken for
+its text, or refused as a run key or item key.
 """
 
 from __future__ import annotations

@@ -3287,6 +3287,7 @@ class FileStore(ExpiryCleanup):
         _check_run_key(run_key)
         status = _check_status(status)
         check_guard_arg(latest_sequence)
+        incarnation = cast(str, check_str("incarnation", incarnation))
         return await self._call(self._update_run, run_key, incarnation, version, status, data,
                                 now, latest_sequence)
 

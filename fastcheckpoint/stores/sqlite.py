@@ -1178,6 +1178,7 @@ class SQLiteStore(ExpiryCleanup):
         check_bytes("data", data)
         check_time("now", now)
         check_guard_arg(latest_sequence)
+        incarnation = cast(str, check_str("incarnation", incarnation))
         return await self._call(self._update_run, run_key, incarnation, version, status,
                                 data, now, latest_sequence)
 
