@@ -328,6 +328,8 @@ FORMATS = tuple(_RENDERERS)
 
 def renderer(format: str) -> Renderer:
     """The renderer for ``format``; :class:`ValidationError` names the formats there are."""
+    if isinstance(format, str) and type(format) is not str:
+        format = str.__str__(format)  # looked up by hash: a subclass's own must not run
     try:
         return _RENDERERS[format]
     except (KeyError, TypeError):

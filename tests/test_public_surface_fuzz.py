@@ -418,7 +418,7 @@ VALID: dict[str, Callable[[World], list[Any]]] = {
     "status": lambda w: [None, *CheckpointStatus, "paused", "active", NastyStr("paused")],
     "cursor": lambda w: [None, w.cursor],
     "requested_at": lambda w: [None, w.requested_at],
-    "format": lambda w: ["json", "csv", "markdown"],
+    "format": lambda w: ["json", "csv", "markdown", NastyStr("json")],
     "error": lambda w: ["", "it broke"],
     "approver": lambda w: ["ana", NastyStr("ana")],
     "comment": lambda w: ["", "ok"],
@@ -893,6 +893,8 @@ def test_a_str_subclass_is_taken_for_the_text_it_holds(portal: BlockingPortal,
         assert child is not None
         assert child.metadata.parent_id == created.checkpoint_id
         assert portal.call(manager.delete, NastyStr(child.checkpoint_id)) is True
+        exported = portal.call(_invoke, manager.export_run, ["beta", NastyStr("csv")], {})
+        assert exported
     finally:
         world.close()
     text = Checkpoint(CheckpointMetadata("r", "c", created_at=1.0)).to_json()

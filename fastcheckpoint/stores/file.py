@@ -131,7 +131,6 @@ from fastcheckpoint.stores._base import (
     check_limit,
     check_options,
     check_run_key,
-    check_seed,
     check_str,
     check_time,
     header_of,
@@ -3841,7 +3840,8 @@ class FileStore(ExpiryCleanup):
 
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
         """Commits a new ``run.rec`` (and adds the index marker); checkpoints are only read."""
-        check_seed(seed)
+        if not isinstance(seed, RunRecord):  # its incarnation is the log's, not the seed's
+            raise ValidationError(f"seed must be a RunRecord, got {type(seed).__name__}")
         check_time("now", now)
         _check_run_key(run_key)
         _check_status(seed.status)

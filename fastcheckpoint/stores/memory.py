@@ -54,7 +54,6 @@ from fastcheckpoint.stores._base import (
     check_limit,
     check_options,
     check_run_key,
-    check_seed,
     check_str,
     check_time,
     header_of,
@@ -784,7 +783,8 @@ class MemoryStore(ExpiryCleanup):
         return []
 
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
-        check_seed(seed)
+        if not isinstance(seed, RunRecord):  # its incarnation is the log's, not the seed's
+            raise ValidationError(f"seed must be a RunRecord, got {type(seed).__name__}")
         check_time("now", now)
         self._checked_key(run_key)
         if run_key in self._runs:
