@@ -917,6 +917,19 @@ def test_open_store_refuses_what_cannot_be_a_path(url: Any, tmp_path: Path) -> N
         open_store(url)
 
 
+@pytest.mark.parametrize(("url", "option"), [
+    ("file://{tmp}/f", "fsync"),
+    ("sqlite:///{tmp}/a.db", "synchronous"),
+    ("sqlite:///{tmp}/a.db", "timeout"),
+])
+@pytest.mark.parametrize("value", [_nested_list(DEEP), BadRepr()], ids=["deep", "bad-repr"])
+def test_open_store_refuses_an_option_whose_repr_fails(
+    url: str, option: str, value: Any, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigurationError, match=option):
+        open_store(url.format(tmp=tmp_path), **{option: value})
+
+
 @pytest.mark.parametrize(("fields", "field"), [
     ({"run_id": "r", "tags": None}, "tags"),
     ({"run_id": None}, "run_id"),

@@ -2037,7 +2037,7 @@ def _parse_bool(name: str, value: object) -> bool:
         return True
     if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
         return False
-    raise ConfigurationError(f"file store option {name}={value!r} is not a boolean")
+    raise ConfigurationError(f"file store option {name}={shown(value)} is not a boolean")
 
 
 class _Budget:
