@@ -909,7 +909,8 @@ def test_from_env_refuses_an_environ_that_is_not_one(environ: Any) -> None:
             read(environ)
 
 
-@pytest.mark.parametrize("url", ["{tmp}/\ud800", _nested_list(DEEP), BadRepr()])
+@pytest.mark.parametrize("url", ["{tmp}/\ud800", _nested_list(DEEP), BadRepr(), NastyStr("")],
+                         ids=["lone-surrogate", "deep", "bad-repr", "empty-nasty-str"])
 def test_open_store_refuses_what_cannot_be_a_path(url: Any, tmp_path: Path) -> None:
     if isinstance(url, str):
         url = url.format(tmp=tmp_path)
@@ -928,6 +929,12 @@ def test_open_store_refuses_an_option_whose_repr_fails(
 ) -> None:
     with pytest.raises(ConfigurationError, match=option):
         open_store(url.format(tmp=tmp_path), **{option: value})
+
+
+def test_open_store_takes_a_str_subclass_for_its_text(tmp_path: Path) -> None:
+    store = open_store(NastyStr(f"sqlite:///{tmp_path}/a.db"))
+    assert isinstance(store, SQLiteStore)
+    anyio.run(store.aclose)
 
 
 @pytest.mark.parametrize(("fields", "field"), [

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fastcheckpoint._config import RetryPolicy, check_setting_text
+from fastcheckpoint._ids import plain_str
 from fastcheckpoint._urls import without_password
 from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import ConfigurationError
@@ -226,8 +227,9 @@ def checked_store_url(url: str) -> str:
     a leading ``~`` expanded as the shell would. A known scheme followed by ``:`` but not
     ``//`` (``sqlite:runs.db``, ``file:checkpoints``) is a :class:`ConfigurationError`
     suggesting the URL meant, rather than a directory of that name."""
-    if not isinstance(url, str) or not url:
+    if not isinstance(url, str) or not str.__len__(url):
         raise ConfigurationError(f"store URL must be a non-empty string, got {shown(url)}")
+    url = plain_str(url)  # a subclass's own methods never run on it
     _discover()
     typed = _SCHEME.match(url)
     scheme = typed.group(1).lower() if typed else ""
