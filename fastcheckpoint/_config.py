@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fastcheckpoint._codec import DecHook, EncHook
+from fastcheckpoint._ids import plain_str
 from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import ConfigurationError
 
@@ -159,17 +160,20 @@ class CheckpointConfig:
 
 def environment(environ: object) -> Mapping[str, str]:
     """``environ`` (``os.environ`` when ``None``), checked to be a mapping of ``str`` names to
-    ``str`` values as an environment is (:class:`ConfigurationError` otherwise)."""
+    ``str`` values as an environment is (:class:`ConfigurationError` otherwise), copied with
+    plain ``str`` names and values (a subclass's own methods never run in the library)."""
     if environ is None:
         return os.environ
     if not isinstance(environ, Mapping):
         raise ConfigurationError(
             f"environ must be a mapping of variable names to values, got {shown(environ)}")
+    copied: dict[str, str] = {}
     for name, value in environ.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise ConfigurationError(
                 f"environ must map str names to str values, got {shown(name)}: {shown(value)}")
-    return environ
+        copied[plain_str(name)] = plain_str(value)
+    return copied
 
 
 def _unknown_setting(name: str, known: list[str]) -> str:

@@ -4,7 +4,7 @@ store has the capabilities adapters need, and read a TTL argument."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import anyio
 
@@ -24,9 +24,8 @@ from fastcheckpoint.stores import (
     open_store,
 )
 
-__all__ = ["RACE_ATTEMPTS", "adapter_config", "adapter_environ", "adapter_ttl",
-           "after_lost_race", "capable_store", "checked_keep_latest", "checked_ttl", "landed",
-           "plain_text"]
+__all__ = ["RACE_ATTEMPTS", "adapter_config", "adapter_ttl", "after_lost_race",
+           "capable_store", "checked_keep_latest", "checked_ttl", "landed"]
 
 RACE_ATTEMPTS = 64
 """How many times an adapter's change of one run (a log's, a checkpoint saved under the
@@ -65,31 +64,6 @@ def adapter_config(config: object, default: CheckpointConfig | None = None) -> C
     if not isinstance(config, CheckpointConfig):
         raise ConfigurationError(f"config must be a CheckpointConfig, got {type(config).__name__}")
     return config
-
-
-def adapter_environ(environ: object) -> Mapping[str, str] | None:
-    """A ``from_env`` argument checked: ``None`` (the process's environment) or a mapping of
-    ``str`` to ``str``, copied with plain ``str`` keys and values; else
-    :class:`ConfigurationError`, before any store is opened."""
-    if environ is None:
-        return None
-    if not isinstance(environ, Mapping):
-        raise ConfigurationError(
-            f"environ must be a mapping of str to str, got {type(environ).__name__}")
-    copied: dict[str, str] = {}
-    for name, value in environ.items():
-        if not isinstance(name, str) or not isinstance(value, str):
-            raise ConfigurationError(
-                "environ must be a mapping of str to str, it holds a "
-                f"{type(name).__name__}: {type(value).__name__} entry")
-        copied[plain_text(name)] = plain_text(value)
-    return copied
-
-
-def plain_text(value: str) -> str:
-    """``value`` as a plain ``str``: a subclass's own ``__eq__``, ``__hash__`` or ``__str__``
-    then never runs in the library (in a cache, a comparison, an encoder)."""
-    return value if type(value) is str else str.__str__(value)
 
 
 def capable_store(

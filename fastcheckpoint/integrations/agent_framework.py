@@ -47,7 +47,6 @@ from fastcheckpoint.errors import (
 )
 from fastcheckpoint.integrations._adapter import (
     RACE_ATTEMPTS,
-    adapter_environ,
     adapter_ttl,
     after_lost_race,
     capable_store,
@@ -165,7 +164,7 @@ class FastCheckpointStorage:
         ``CHECKPOINT_TABLE_NAME`` and ``CHECKPOINT_S3_BUCKET`` for DynamoDB+S3), and
         ``CHECKPOINT_TTL_DAYS`` or ``FASTCHECKPOINT_DEFAULT_TTL_SECONDS``. The storage owns
         that store: :meth:`aclose` closes it."""
-        manager = CheckpointManager.from_env(adapter_environ(environ))
+        manager = CheckpointManager.from_env(environ)
         storage = cls(manager.store, ttl_seconds=manager.config.default_ttl_seconds,
                       checkpoint_types=checkpoint_types, clock=manager.config.clock)
         storage._owns_store = True

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Mapping
 from datetime import date
 from typing import Any, NoReturn, cast
 
 from fastcheckpoint._codec import json_copy
-from fastcheckpoint._config import CheckpointConfig
+from fastcheckpoint._config import CheckpointConfig, environment
+from fastcheckpoint._ids import plain_str
 from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import CheckpointStatus, RunInfo
 from fastcheckpoint.blocking import BlockingManager
@@ -49,10 +49,8 @@ from fastcheckpoint.errors import (
     ValidationError,
 )
 from fastcheckpoint.integrations._adapter import (
-    adapter_environ,
     checked_keep_latest,
     checked_ttl,
-    plain_text,
 )
 from fastcheckpoint.stores import CheckpointStore, offers_sequence_guard
 
@@ -159,7 +157,7 @@ class FastFlowPersistence(FlowPersistence):  # type: ignore[misc, unused-ignore]
         ``FASTCHECKPOINT_DEFAULT_TTL_SECONDS`` for ``ttl_seconds``, and
         ``FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN`` for ``keep_latest`` (only when set: a
         flow keeps its whole history by default)."""
-        env = os.environ if environ is None else (adapter_environ(environ) or {})
+        env = environment(environ)
         manager = CheckpointManager.from_env(env)
         keep = (manager.config.keep_latest
                 if "FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN" in env else None)
@@ -457,7 +455,7 @@ def _pending_request(run: RunInfo | None) -> dict[str, Any] | None:
 def _plain(text: object) -> str:
     """A ``str`` argument as plain text (the manager checks it): a subclass's own methods
     never run in the library, and the encoder takes only plain ``str``."""
-    return plain_text(text) if isinstance(text, str) else cast(str, text)
+    return plain_str(text) if isinstance(text, str) else cast(str, text)
 
 
 def _state_dict(state_data: object) -> dict[str, Any]:

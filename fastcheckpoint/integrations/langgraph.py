@@ -61,6 +61,7 @@ from fastcheckpoint import _ids
 from fastcheckpoint._bridge import LoopBridge
 from fastcheckpoint._codec import Codec, Header, RunData
 from fastcheckpoint._config import CheckpointConfig, RetryPolicy
+from fastcheckpoint._ids import plain_str
 from fastcheckpoint._logs import LogGap
 from fastcheckpoint._manager import _DISCARD_SECONDS, CheckpointManager
 from fastcheckpoint._model import CheckpointStatus
@@ -80,11 +81,9 @@ from fastcheckpoint.errors import (
 from fastcheckpoint.integrations import _langgraph_records as records
 from fastcheckpoint.integrations._adapter import (
     adapter_config,
-    adapter_environ,
     adapter_ttl,
     capable_store,
     checked_keep_latest,
-    plain_text,
 )
 from fastcheckpoint.integrations._langgraph_logs import ChannelLogs, Planned
 from fastcheckpoint.integrations._langgraph_records import (
@@ -295,7 +294,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         ``FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN`` for ``keep_latest`` (only when set: a
         LangGraph thread keeps its whole history by default).
         """
-        manager = CheckpointManager.from_env(adapter_environ(environ))
+        manager = CheckpointManager.from_env(environ)
         env = os.environ if environ is None else environ
         keep = (manager.config.keep_latest
                 if "FASTCHECKPOINT_MAX_CHECKPOINTS_PER_RUN" in env else None)
@@ -516,7 +515,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
     ) -> None:
         """``"keep_latest"``: keep each namespace's newest checkpoint (and the ancestors a
         delta channel rebuilds from); ``"delete"``: delete the threads."""
-        strategy = plain_text(strategy) if isinstance(strategy, str) else strategy
+        strategy = plain_str(strategy) if isinstance(strategy, str) else strategy
         if strategy not in ("keep_latest", "delete"):
             raise ValidationError(
                 f"strategy must be 'keep_latest' or 'delete', got {shown(strategy)}")
@@ -2777,7 +2776,7 @@ def _text(name: str, value: object) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValidationError(f"{name} must be valid unicode (it has a lone surrogate)") from exc
-    return plain_text(value)
+    return plain_str(value)
 
 
 def _texts(name: str, values: object) -> list[str]:

@@ -35,6 +35,7 @@ import msgspec
 from fastcheckpoint import _ids
 from fastcheckpoint._codec import RunData, to_json_text
 from fastcheckpoint._config import CheckpointConfig
+from fastcheckpoint._ids import plain_str
 from fastcheckpoint._manager import CheckpointManager, resumed_note
 from fastcheckpoint._model import CheckpointStatus, RunInfo
 from fastcheckpoint._settle import settled
@@ -50,10 +51,8 @@ from fastcheckpoint.errors import (
 )
 from fastcheckpoint.integrations._adapter import (
     adapter_config,
-    adapter_environ,
     adapter_ttl,
     capable_store,
-    plain_text,
 )
 from fastcheckpoint.integrations._entrylog import EntryLog
 from fastcheckpoint.stores import CheckpointStore
@@ -111,7 +110,7 @@ class FastSession:
     ) -> None:
         if not isinstance(session_id, str) or not session_id:
             raise ValidationError(f"session_id must be a non-empty str, got {shown(session_id)}")
-        session_id = plain_text(session_id)
+        session_id = plain_str(session_id)
         settings = adapter_config(config)
         self._store = capable_store(store, settings.retry, "FastSession")
         self._owns_store = isinstance(store, str)
@@ -137,7 +136,7 @@ class FastSession:
         """A session on the store ``CheckpointManager.from_env`` opens (``FASTCHECKPOINT_URL``
         or ``CHECKPOINT_MODE``; ``CHECKPOINT_TTL_DAYS`` or ``FASTCHECKPOINT_DEFAULT_TTL_SECONDS``
         for the TTL). The session owns that store: :meth:`aclose` closes it."""
-        manager = CheckpointManager.from_env(adapter_environ(environ))
+        manager = CheckpointManager.from_env(environ)
         session = cls(session_id, manager.store, ttl_seconds=ttl_seconds,
                       session_settings=session_settings, config=manager.config)
         session._owns_store = True
@@ -301,7 +300,7 @@ class RunStateStore:
         cls, environ: Mapping[str, str] | None = None, *, ttl_seconds: float | None = None
     ) -> RunStateStore:
         """On the store and settings ``CheckpointManager.from_env`` reads; owns the store."""
-        approvals = cls(CheckpointManager.from_env(adapter_environ(environ)),
+        approvals = cls(CheckpointManager.from_env(environ),
                         ttl_seconds=ttl_seconds)
         approvals._owns_store = True
         return approvals
@@ -581,7 +580,7 @@ class RunStateStore:
 def _plain(run_id: object) -> str:
     """A run id as a plain ``str`` (the manager checks it): a subclass's own methods never
     run in the library."""
-    return plain_text(run_id) if isinstance(run_id, str) else cast(str, run_id)
+    return plain_str(run_id) if isinstance(run_id, str) else cast(str, run_id)
 
 
 def _ttl(ttl_seconds: object, config: CheckpointConfig, store: CheckpointStore) -> float | None:

@@ -35,6 +35,7 @@ from typing import Any, Protocol, cast
 from fastcheckpoint import _ids
 from fastcheckpoint._codec import Codec, Header, RunData
 from fastcheckpoint._config import CheckpointConfig
+from fastcheckpoint._ids import plain_str
 from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint._settle import settled
@@ -47,11 +48,9 @@ from fastcheckpoint.errors import (
     ValidationError,
 )
 from fastcheckpoint.integrations._adapter import (
-    adapter_environ,
     adapter_ttl,
     capable_store,
     landed,
-    plain_text,
 )
 from fastcheckpoint.stores import (
     CheckpointStore,
@@ -141,7 +140,7 @@ class FastConversationStore(ConversationStore):
         """The store and TTL ``CheckpointManager.from_env`` reads (``FASTCHECKPOINT_URL``,
         ``FASTCHECKPOINT_DEFAULT_TTL_SECONDS`` or ``CHECKPOINT_TTL_DAYS``...); the store it
         opens is closed by :meth:`aclose`."""
-        manager = CheckpointManager.from_env(adapter_environ(environ))
+        manager = CheckpointManager.from_env(environ)
         built = cls(manager.store, ttl_seconds=manager.config.default_ttl_seconds)
         built._owns_store = True
         return built
@@ -380,7 +379,7 @@ class FastConversationStore(ConversationStore):
                                                     or isinstance(expected, Mapping)):
             raise ValidationError("details and expected must be mappings of field names")
         unknown = [name for name in [*details, *(expected or ())]
-                   if not (isinstance(name, str) and plain_text(name) in records.DETAILS)]
+                   if not (isinstance(name, str) and plain_str(name) in records.DETAILS)]
         if unknown:
             raise ValidationError(
                 f"a conversation record has no {shown(unknown[0])} that an update can change")
@@ -694,11 +693,11 @@ def _plain_id(conversation_id: object) -> str:
     if not isinstance(conversation_id, str):
         raise ValidationError(
             f"conversation_id must be a str, got {type(conversation_id).__name__}")
-    return plain_text(conversation_id)
+    return plain_str(conversation_id)
 
 
 def _plain_revision(revision: object) -> Any:
-    return plain_text(revision) if isinstance(revision, str) else revision
+    return plain_str(revision) if isinstance(revision, str) else revision
 
 
 def _check_limit(limit: object) -> None:

