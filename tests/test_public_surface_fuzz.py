@@ -75,6 +75,7 @@ from fastcheckpoint.stores import Item, RunRecord, StoredCheckpoint
 from fastcheckpoint.stores.sqlite import SQLiteStore
 from fastcheckpoint.testing import make_checkpoint, make_item
 from tests._helpers import T0, FakeClock, make_config
+from tests._hostile import DEEP, Boom, looped_dict, looped_list, nested_dict, nested_list
 
 HUNT = os.environ.get("FUZZ_EXAMPLES")
 """Examples per test when hunting (random); unset, CI's few fixed examples."""
@@ -100,10 +101,6 @@ def fuzz_settings(examples: int) -> settings:
 
 
 # -- hostile values ------------------------------------------------------------------------
-
-
-class Boom(Exception):
-    """What the hostile objects raise: a leak of it is our code calling into them."""
 
 
 class NastyStr(str):
@@ -135,30 +132,8 @@ class RecursiveRepr:
         return repr(self)
 
 
-def _nested_list(depth: int) -> list[Any]:
-    value: list[Any] = []
-    for _ in range(depth):
-        value = [value]
-    return value
 
 
-def _nested_dict(depth: int) -> dict[str, Any]:
-    value: dict[str, Any] = {}
-    for _ in range(depth):
-        value = {"a": value}
-    return value
-
-
-def _self_list() -> list[Any]:
-    value: list[Any] = [1]
-    value.append(value)
-    return value
-
-
-def _self_dict() -> dict[str, Any]:
-    value: dict[str, Any] = {"a": 1}
-    value["self"] = value
-    return value
 
 
 def _generator() -> Iterator[str]:
@@ -166,7 +141,6 @@ def _generator() -> Iterator[str]:
     yield "b"
 
 
-DEEP = 10**5
 MEGABYTE = "x" * 1_000_000
 
 HOSTILE: dict[str, Callable[[], Any]] = {
@@ -209,10 +183,10 @@ HOSTILE: dict[str, Callable[[], Any]] = {
     "{(1, 2): 3}": lambda: {(1, 2): 3},
     "{'a': object()}": lambda: {"a": object()},
     "{'a': {1}}": lambda: {"a": {1}},
-    "deep list": lambda: _nested_list(DEEP),
-    "deep dict": lambda: _nested_dict(DEEP),
-    "self list": _self_list,
-    "self dict": _self_dict,
+    "deep list": lambda: nested_list(DEEP),
+    "deep dict": lambda: nested_dict(DEEP),
+    "self list": looped_list,
+    "self dict": looped_dict,
     "object()": object,
     "class int": lambda: int,
     "class object": lambda: object,
@@ -909,7 +883,7 @@ def test_from_env_refuses_an_environ_that_is_not_one(environ: Any) -> None:
             read(environ)
 
 
-@pytest.mark.parametrize("url", ["{tmp}/\ud800", _nested_list(DEEP), BadRepr(), NastyStr("")],
+@pytest.mark.parametrize("url", ["{tmp}/\ud800", nested_list(DEEP), BadRepr(), NastyStr("")],
                          ids=["lone-surrogate", "deep", "bad-repr", "empty-nasty-str"])
 def test_open_store_refuses_what_cannot_be_a_path(url: Any, tmp_path: Path) -> None:
     if isinstance(url, str):
@@ -923,7 +897,7 @@ def test_open_store_refuses_what_cannot_be_a_path(url: Any, tmp_path: Path) -> N
     ("sqlite:///{tmp}/a.db", "synchronous"),
     ("sqlite:///{tmp}/a.db", "timeout"),
 ])
-@pytest.mark.parametrize("value", [_nested_list(DEEP), BadRepr()], ids=["deep", "bad-repr"])
+@pytest.mark.parametrize("value", [nested_list(DEEP), BadRepr()], ids=["deep", "bad-repr"])
 def test_open_store_refuses_an_option_whose_repr_fails(
     url: str, option: str, value: Any, tmp_path: Path
 ) -> None:
@@ -979,7 +953,7 @@ STORE_CALLS: list[tuple[str, dict[str, Any]]] = [
                          "checkpoint_id": "c", "if_absent": False}),
     ("runs_with_label", {"label": NastyStr("x"), "limit": 5, "cursor": None}),
     ("runs_with_label", {"label": "x", "limit": 5, "cursor": 7}),
-    ("cleanup_expired", {"batch_size": _nested_list(DEEP)}),
+    ("cleanup_expired", {"batch_size": nested_list(DEEP)}),
     ("update_run", {"run_key": "RUN", "incarnation": "INC", "version": 0, "status": "active",
                     "data": b"", "latest_sequence": RecursiveRepr()}),
     ("damaged_runs", {"now": BadRepr()}),

@@ -50,6 +50,7 @@ from fastcheckpoint.stores import CheckpointStore
 from fastcheckpoint.stores.file import _RUN_KEY, FileStore
 from fastcheckpoint.stores.memory import MemoryStore
 from tests._helpers import FakeClock, make_config
+from tests._hostile import DEEP, Boom, looped_dict, looped_list, nested_dict, nested_list
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
@@ -78,10 +79,6 @@ def fuzz_settings() -> settings:
 
 
 # -- the hostile values -------------------------------------------------------------------------
-
-
-class Boom(Exception):
-    """What the hostile objects raise."""
 
 
 class BadStr(str):
@@ -118,30 +115,8 @@ class BadRepr:
     __str__ = __repr__
 
 
-def _nested_list(depth: int) -> list[Any]:
-    value: list[Any] = []
-    for _ in range(depth):
-        value = [value]
-    return value
 
 
-def _nested_dict(depth: int) -> dict[str, Any]:
-    value: dict[str, Any] = {}
-    for _ in range(depth):
-        value = {"a": value}
-    return value
-
-
-def _looped_list() -> list[Any]:
-    value: list[Any] = [1]
-    value.append(value)
-    return value
-
-
-def _looped_dict() -> dict[str, Any]:
-    value: dict[str, Any] = {"a": 1}
-    value["self"] = value
-    return value
 
 
 HOSTILE: dict[str, Callable[[], Any]] = {
@@ -166,10 +141,10 @@ HOSTILE: dict[str, Callable[[], Any]] = {
     "BadRepr": BadRepr,
     "non-str keys": lambda: {1: "a", None: "b", (1, 2): "c"},
     "BadEq key": lambda: {BadEq("k"): 1},
-    "deep list": lambda: _nested_list(10**5),
-    "deep dict": lambda: _nested_dict(10**5),
-    "looped list": _looped_list,
-    "looped dict": _looped_dict,
+    "deep list": lambda: nested_list(DEEP),
+    "deep dict": lambda: nested_dict(DEEP),
+    "looped list": looped_list,
+    "looped dict": looped_dict,
     "list of BadRepr": lambda: [BadRepr()],
     "list of surrogates": lambda: ["\udfff"],
     "list of BadStr": lambda: [BadStr("t1")],
@@ -896,7 +871,7 @@ async def test_langgraph_refuses_arguments_it_raised_python_errors_for() -> None
     checkpoint = empty_checkpoint()
     checkpoint["channel_values"] = {"a": 1}
     checkpoint["channel_versions"] = {"a": saver.get_next_version(None, None)}
-    for versions in ({"a": _nested_dict(10**5)}, {"a": [1]}):  # was RecursionError
+    for versions in ({"a": nested_dict(DEEP)}, {"a": [1]}):  # was RecursionError
         await _raises(lambda versions=versions: saver.aput(config, checkpoint, {}, versions),
                       ValidationError)
     config["configurable"]["checkpoint_id"] = checkpoint["id"]
