@@ -74,7 +74,7 @@ class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as ever
     ) -> str:
         check_run_key(run_key)  # every check before the first change: a run id is refused
         check_keep_latest(keep_latest)
-        check_append(record, run)  # the types of what it is given
+        check_append(run_key, record, run)  # the types of what it is given
         current = self._live_run(run_key, now)
         if current is None:  # only sequence 0 creates a run, over what an expired one left
             if record.sequence != 0:

@@ -44,6 +44,7 @@ from typing import Protocol, TypeGuard, cast, runtime_checkable
 import anyio.lowlevel
 import msgspec
 
+from fastcheckpoint import _ids
 from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import (
     ConfigurationError,
@@ -995,12 +996,18 @@ def renumbered(renumber: Callable[[int], StoredCheckpoint], sequence: int) -> St
     return record
 
 
-def check_append(record: StoredCheckpoint, seed: RunRecord, items: Sequence[Item] = ()) -> None:
+def check_append(run_key: str, record: StoredCheckpoint, seed: RunRecord,
+                 items: Sequence[Item] = ()) -> None:
     """The one check of what an append is given (``append``, ``append_with_items``,
-    ``append_next``), before anything is written: the checkpoint, the run record, the items
-    and the refs."""
+    ``append_next``), before anything is written: the checkpoint, the run record (its run id
+    must be one of ``run_key``: a record naming another run is what every store reads as
+    damage), the items and the refs."""
     check_record(record)
     check_seed(seed)
+    if _ids.foreign_run(run_key, seed.run_id) is not None:
+        raise ValidationError(
+            f"run {run_key}: the run record names run {shown(seed.run_id)}, whose key is "
+            "another (a run's key is derived from its run id: fastcheckpoint.testing.key_of)")
     check_items(items)
     check_shared_items(record, items)
 

@@ -1039,7 +1039,7 @@ class DynamoDBStore(ExpiryCleanup):
         keep_latest: int | None,
         now: float,
     ) -> str:
-        check_append(record, run)
+        check_append(run_key, record, run)
         return await self._append_checked(run_key, record, run, keep_latest, now, None)
 
     @holds_clients
@@ -1053,7 +1053,7 @@ class DynamoDBStore(ExpiryCleanup):
         now: float,
         items: Sequence[Item],
     ) -> str:
-        check_append(record, run, items)
+        check_append(run_key, record, run, items)
         for item in items:
             _check_item(item)
         return await self._append_checked(run_key, record, run, keep_latest, now, items)

@@ -3884,7 +3884,7 @@ def _check_append(
 ) -> None:
     """What every append checks before it takes the run's lock."""
     _check_run_key(run_key)
-    check_append(record, seed, items)
+    check_append(run_key, record, seed, items)
     _check_status(seed.status)
     check_keep_latest(keep_latest)
     _check_record_size(record, seed)

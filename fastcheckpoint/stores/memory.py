@@ -332,7 +332,7 @@ class MemoryStore(ExpiryCleanup):
     ) -> str:
         self._checked_key(run_key)
         check_keep_latest(keep_latest)
-        check_append(record, run, items)
+        check_append(run_key, record, run, items)
         current = self._live_run(run_key, now)
         if current is None:
             if record.sequence != 0:

@@ -582,7 +582,7 @@ class PostgresStore(ExpiryCleanup):
     ) -> str:
         check_run_key(run_key)
         check_keep_latest(keep_latest)
-        check_append(record, run, items)
+        check_append(run_key, record, run, items)
         labels = [_utf8(label, "a label") for label in run.labels]
         self._check_size("checkpoint header plus payload",
                          len(record.header) + len(record.payload))

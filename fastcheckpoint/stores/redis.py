@@ -760,7 +760,7 @@ class RedisStore(ExpiryCleanup):
         items: Sequence[Item],
     ) -> str:
         check_keep_latest(keep_latest)
-        check_append(record, run, items)
+        check_append(run_key, record, run, items)
         for item in items:
             self._check_item(item)
         self._check_size("checkpoint header plus payload", len(record.header) + len(record.payload))

@@ -993,7 +993,7 @@ class S3Store(ExpiryCleanup):
     ) -> str:
         check_run_key(run_key)
         check_keep_latest(keep_latest)
-        check_append(record, run, items)
+        check_append(run_key, record, run, items)
         shared, owned = _appended_items(record, items)
         nests = nesting_under(record.refs, items)
         io = await self._objects()

@@ -262,7 +262,7 @@ def _check_append(
 ) -> None:
     """What an append is given, checked before anything is written."""
     check_run_key(run_key)
-    check_append(record, seed, items)
+    check_append(run_key, record, seed, items)
     if keep_latest is not None and not _is_sequence(keep_latest):
         raise ValidationError(f"keep_latest must be an int or None, got {shown(keep_latest)}")
     check_keep_latest(keep_latest)

@@ -311,6 +311,24 @@ class AppendContract(ContractBase):
         assert await _snapshot(store, run, now=T0) == before
         assert await store.get_run(key_of(fresh), now=T0) is None
 
+    async def test_a_run_record_of_another_run_is_refused_before_any_change(
+        self, store: CheckpointStore
+    ) -> None:
+        """A run record whose run id is not the run key's (a caller's mix-up) is refused with
+        ``ValidationError``: stored, every later read would find a record that names another
+        run, which is damage."""
+        run = make_run("own")
+        await _append_many(store, run, range(1))
+        before = await _snapshot(store, run, now=T0)
+        fresh = make_run("own-new")
+        for target, sequence in ((run, 1), (fresh, 0)):
+            seed = msgspec.structs.replace(target, run_id="another-run")
+            with pytest.raises(ValidationError, match="another"):
+                await store.append(key_of(target), make_checkpoint(target, sequence), run=seed,
+                                   keep_latest=None, now=T0)
+        assert await _snapshot(store, run, now=T0) == before
+        assert await store.get_run(key_of(fresh), now=T0) is None
+
     async def test_bytes_given_as_a_bytearray_are_stored_as_they_were(
         self, store: CheckpointStore
     ) -> None:
