@@ -167,23 +167,18 @@ class Checkpoint(msgspec.Struct):
         if not isinstance(data, Mapping) or "metadata" not in data:
             raise ValidationError("a checkpoint dict needs a 'metadata' entry")
         # A payload missing or null (FastAgentic wrote null for one created as None) is empty;
-        # any other value of the wrong type, empty or not, is refused below.
+        # any other value of the wrong type, empty or not, is refused as the checkpoint is made.
         def given(name: str, empty: dict[str, Any] | list[Any]) -> Any:
             value = data.get(name)
             return empty if value is None else value
 
-        checkpoint = cls(
+        return cls(  # whose fields are checked as it is made
             metadata=CheckpointMetadata.from_dict(data["metadata"]),
             state=given("state", {}),
             messages=given("messages", []),
             tool_calls=given("tool_calls", []),
             context=given("context", {}),
         )
-        for name, kind in (("state", dict), ("messages", list), ("tool_calls", list),
-                           ("context", dict)):
-            if not isinstance(getattr(checkpoint, name), kind):
-                raise ValidationError(f"checkpoint {name} must be a {kind.__name__}")
-        return checkpoint
 
     def to_json(self) -> str:
         """JSON text (``bytes`` as base64, ``datetime`` as RFC 3339, UUID as text).
@@ -235,7 +230,9 @@ def _check_field(
 
 
 def _names(kind: type | tuple[type, ...]) -> str:
-    return " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+    """``kind`` in words: "a dict", "an int or a float"."""
+    return " or ".join(("an " if k.__name__[0] in "aeiouAEIOU" else "a ") + k.__name__
+                       for k in (kind if isinstance(kind, tuple) else (kind,)))
 
 
 # JSON has no NaN or infinity: to_json writes the tokens Python's json module writes. Such floats

@@ -16,7 +16,7 @@ import pytest
 
 from fastcheckpoint import CheckpointManager, CheckpointStatus
 from fastcheckpoint._ids import run_key
-from fastcheckpoint.errors import CorruptCheckpointError, StoreError
+from fastcheckpoint.errors import CorruptCheckpointError, StoreError, ValidationError
 from fastcheckpoint.stores import file as file_store
 from fastcheckpoint.stores.file import FileStore
 from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_item, make_run
@@ -108,7 +108,7 @@ async def test_an_append_whose_seed_names_another_run_id_than_the_record_writes_
         await store.append(key, make_checkpoint(run, 0), run=run, keep_latest=None, now=T0)
         before = (root / "runs" / key / "log").read_bytes()
         other = make_run("not A", incarnation=run.incarnation)  # as if its key were A's
-        with pytest.raises(CorruptCheckpointError, match="another run id"):
+        with pytest.raises(ValidationError, match="names run 'not A', whose key is another"):
             await store.append(key, make_checkpoint(other, 1), run=other, keep_latest=None,
                                now=T0)
         assert (root / "runs" / key / "log").read_bytes() == before
