@@ -70,11 +70,16 @@ def foreign_run(key: str, run_id: str) -> str | None:
     twice: it is damage (writers refuse it, listings skip it, repair rebuilds it). The phrase
     follows the store's name for the record ("the run row names another run ...")."""
     try:
-        if run_key(run_id) == key:
+        if _cached_run_key(plain_str(run_id)) == key:
             return None
     except UnicodeEncodeError:
         return "names a run id that is not UTF-8 text"
     return f"names another run ({run_id[:80]!r}), copied over from it"
+
+
+_cached_run_key = functools.lru_cache(maxsize=4096)(run_key)
+""":func:`run_key` for the check of every append and of every run record read: the same few
+runs on every step (a digest and its encoding take about 6 µs)."""
 
 
 def key_of(run_id: object) -> str:
