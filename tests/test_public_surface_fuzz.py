@@ -72,6 +72,7 @@ from fastcheckpoint import (
 )
 from fastcheckpoint.blocking import BlockingManager
 from fastcheckpoint.stores import Item, RunRecord, StoredCheckpoint
+from fastcheckpoint.stores._loops import holds_clients
 from fastcheckpoint.stores.sqlite import SQLiteStore
 from fastcheckpoint.testing import make_checkpoint, make_item
 from tests._helpers import T0, FakeClock, make_config
@@ -217,15 +218,19 @@ def _raising(*args: Any, **kwargs: Any) -> Any:
 
 class World:
     """A fresh store of ``kind`` with a manager and a blocking facade over it, seeded with a
-    few runs; ``refresh`` reads what it holds now (the valid values the fuzz draws)."""
+    few runs; ``refresh`` reads what it holds now (the valid values the fuzz draws).
+    ``store``: a store opened elsewhere (a server store over an empty backing) instead."""
 
-    def __init__(self, kind: str, portal: BlockingPortal, directory: Path) -> None:
+    def __init__(self, kind: str, portal: BlockingPortal, directory: Path,
+                 store: CheckpointStore | None = None) -> None:
         self.kind = kind
         self.portal = portal
         self.directory = directory
         self.clock = FakeClock(T0 + 100)
-        if kind == "memory":
-            self.store: CheckpointStore = MemoryStore()
+        if store is not None:
+            self.store: CheckpointStore = store
+        elif kind == "memory":
+            self.store = MemoryStore()
         elif kind == "file":
             self.store = FileStore(directory / "store", fsync=False)
         else:
@@ -324,7 +329,7 @@ class World:
             self.portal.call(self.manager.stop)
             self.blocking.close()  # closes the manager's store too
         finally:
-            if self.kind != "memory":
+            if self.kind in ("file", "sqlite"):
                 shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -477,11 +482,20 @@ def draw_call(
 # -- calling -------------------------------------------------------------------------------
 
 
+async def _forwarded() -> None:
+    """Nothing: :func:`holds_clients` wraps it to find the code of its forwarding wrapper."""
+
+
+FORWARDERS = frozenset({holds_clients(_forwarded).__code__})
+"""Code of the library's wrappers that pass their arguments on unchanged (a server store's
+public calls are wrapped): Python refusing the call there refused it for the method."""
+
+
 def _refused_by_python(exc: BaseException, signature: inspect.Signature, drawn: Drawn,
                        caller: types.CodeType) -> bool:
     """Whether a TypeError is Python refusing the call (arity, keywords) before it entered the
     function: the signature refuses the arguments too, and the traceback ends in the frame
-    that made the call."""
+    that made the call (or in a wrapper of :data:`FORWARDERS` that passed them on)."""
     if not isinstance(exc, TypeError):
         return False
     try:
@@ -493,7 +507,8 @@ def _refused_by_python(exc: BaseException, signature: inspect.Signature, drawn: 
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code is caller
+    return tb is not None and (tb.tb_frame.f_code is caller
+                               or tb.tb_frame.f_code in FORWARDERS)
 
 
 async def _invoke(function: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -574,13 +589,13 @@ EXCLUDED: dict[str, str] = {
 STORE_CLASSES = {"memory": MemoryStore, "file": FileStore, "sqlite": SQLiteStore}
 
 
-def public_methods(cls: type) -> list[str]:
-    """The public callables of ``cls`` (methods, class methods), minus :data:`EXCLUDED`."""
+def public_methods(cls: type, excluded: dict[str, str] = EXCLUDED) -> list[str]:
+    """The public callables of ``cls`` (methods, class methods), minus ``excluded``."""
     names = []
     for name, value in inspect.getmembers(cls):
         if name.startswith("_") or isinstance(value, property) or not callable(value):
             continue
-        if f"{cls.__name__}.{name}" in EXCLUDED:
+        if f"{cls.__name__}.{name}" in excluded:
             continue
         names.append(name)
     return names
@@ -627,23 +642,30 @@ def _fuzz_one(kind: str, surface: str, portal: BlockingPortal, scratch: Path,
     directory.mkdir()
     world = World(kind, portal, directory)
     try:
-        for _ in range(CALLS_PER_EXAMPLE):
-            if surface == "manager":
-                target: Any = world.manager
-            elif surface == "blocking":
-                target = world.blocking
-            else:
-                target = world.store
-            name = data.draw(st.sampled_from(public_methods(type(target))), label="method")
-            method = getattr(target, name)
-            signature = inspect.signature(method)
-            drawn = draw_call(data, signature, world)
-            check_call(f"{type(target).__name__}.{name}", method, drawn, world=world,
-                       portal=None if surface == "blocking" else portal,
-                       signature=signature)
-            world.refresh()
+        fuzz_world(world, surface, portal, data)
     finally:
         world.close()
+
+
+def fuzz_world(world: World, surface: str, portal: BlockingPortal, data: st.DataObject,
+               excluded: dict[str, str] = EXCLUDED) -> None:
+    """:data:`CALLS_PER_EXAMPLE` calls of ``surface``'s public methods on ``world``."""
+    for _ in range(CALLS_PER_EXAMPLE):
+        if surface == "manager":
+            target: Any = world.manager
+        elif surface == "blocking":
+            target = world.blocking
+        else:
+            target = world.store
+        name = data.draw(st.sampled_from(public_methods(type(target), excluded)),
+                         label="method")
+        method = getattr(target, name)
+        signature = inspect.signature(method)
+        drawn = draw_call(data, signature, world)
+        check_call(f"{type(target).__name__}.{name}", method, drawn, world=world,
+                   portal=None if surface == "blocking" else portal,
+                   signature=signature)
+        world.refresh()
 
 
 @pytest.mark.parametrize("kind", FUZZ_KINDS)

@@ -52,6 +52,7 @@ import asyncpg.exceptions as pg_errors
 from fastcheckpoint import _ids
 from fastcheckpoint._config import RetryPolicy, check_default_ttl
 from fastcheckpoint._urls import redacted
+from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import (
     CheckpointNotFound,
     ConfigurationError,
@@ -71,14 +72,17 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_append,
+    check_flag,
     check_guard_arg,
     check_head,
     check_int,
     check_items,
     check_keep_latest,
+    check_keys,
     check_labels,
     check_options,
     check_run_key,
+    check_time,
     is_run_key,
     item_key_bytes,
     unheld_refs,
@@ -176,6 +180,7 @@ def _text_arg(value: object, what: str) -> str:
         raise ValidationError(f"{what} must be a str, got {type(value).__name__}")
     if "\x00" in value:
         raise ValidationError(f"{what} must not contain NUL characters: PostgreSQL text cannot")
+    _utf8(value, what)
     return value
 
 
@@ -237,8 +242,20 @@ def _parse_cursor(cursor: str | None) -> tuple[float, str]:
     except ValueError:
         value = math.nan
     if math.isnan(value) or not is_run_key(run_key):
-        raise ValidationError(f"malformed run listing cursor {cursor!r:.80}")
+        raise ValidationError(f"malformed run listing cursor {shown(cursor)}")
     return value, run_key
+
+
+def _storable(text: object) -> bool:
+    """Whether ``text`` is a ``str`` a text column can hold (no NUL, UTF-8): one that is not
+    matches nothing stored."""
+    if not isinstance(text, str) or "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _page_size(limit: object) -> int:
@@ -557,6 +574,7 @@ class PostgresStore(ExpiryCleanup):
         keep_latest: int | None,
         now: float,
     ) -> str:
+        check_time("now", now)
         return await self._append(run_key, record, run, keep_latest, now, ())
 
     async def append_with_items(
@@ -569,6 +587,7 @@ class PostgresStore(ExpiryCleanup):
         now: float,
         items: Sequence[Item],
     ) -> str:
+        check_time("now", now)
         return await self._append(run_key, record, run, keep_latest, now, items)
 
     async def _append(
@@ -667,6 +686,7 @@ class PostgresStore(ExpiryCleanup):
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
+        check_time("now", now)
         check_run_key(run_key)
         if isinstance(sequence, bool) or not isinstance(sequence, int) or not (
             0 <= sequence <= _MAX_BIGINT
@@ -677,6 +697,7 @@ class PostgresStore(ExpiryCleanup):
                                          self._status(run_key, row[7]))
 
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
+        check_time("now", now)
         row = await self._row("latest", self._sql.latest, check_run_key(run_key), now)
         return None if row is None else (self._checkpoint(run_key, row),
                                          self._status(run_key, row[7]))
@@ -694,6 +715,7 @@ class PostgresStore(ExpiryCleanup):
     async def read_with_items(
         self, run_key: str, *, sequence: int | None, now: float
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        check_time("now", now)
         check_run_key(run_key)
         if sequence is not None and (
             isinstance(sequence, bool) or not isinstance(sequence, int)
@@ -718,7 +740,9 @@ class PostgresStore(ExpiryCleanup):
         now: float,
         include_expired: bool = False,
     ) -> tuple[list[CheckpointHeader], str | None]:
+        check_time("now", now)
         check_run_key(run_key)
+        check_flag("include_expired", include_expired)
         upper = _MAX_BIGINT if before is None else max(
             min(check_int("before", before), _MAX_BIGINT), -1)
         rows = await self._fetch("headers", self._sql.headers, run_key, upper,
@@ -736,7 +760,7 @@ class PostgresStore(ExpiryCleanup):
         check_run_key(run_key)
         if isinstance(sequence, bool) or not isinstance(sequence, int) or not (
             0 <= sequence <= _MAX_BIGINT
-        ) or not isinstance(checkpoint_id, str) or "\x00" in checkpoint_id:
+        ) or not _storable(checkpoint_id):
             return False
         removed = await self._value("delete", self._sql.delete, run_key, sequence,
                                     checkpoint_id, _token())
@@ -750,6 +774,7 @@ class PostgresStore(ExpiryCleanup):
     # -- runs ------------------------------------------------------------------------------
 
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
+        check_time("now", now)
         row = await self._row("get_run", self._sql.get_run, check_run_key(run_key), now)
         if row is None:
             return None
@@ -770,6 +795,7 @@ class PostgresStore(ExpiryCleanup):
         now: float,
         latest_sequence: int | None = None,
     ) -> RunRecord:
+        check_time("now", now)
         try:
             row = await self._row(
                 "update_run", self._sql.update_run, check_run_key(run_key),
@@ -797,6 +823,7 @@ class PostgresStore(ExpiryCleanup):
     async def list_runs(
         self, *, status: str | None, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
+        check_time("now", now)
         created_at, after = _parse_cursor(cursor)
         size = _page_size(limit)
         if status is not None:
@@ -808,6 +835,7 @@ class PostgresStore(ExpiryCleanup):
     async def runs_with_label(
         self, label: str, *, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
+        check_time("now", now)
         created_at, after = _parse_cursor(cursor)
         size = _page_size(limit)
         raw = _utf8(check_labels((label,))[0], "label")
@@ -836,6 +864,7 @@ class PostgresStore(ExpiryCleanup):
         return page, _cursor_of(last[3], last[11])
 
     async def count_runs(self, *, status: str | None, now: float) -> int:
+        check_time("now", now)
         if status is not None:
             _text_arg(status, "status")
         return int(await self._value("count_runs", self._sql.count_runs, status, now))
@@ -845,6 +874,7 @@ class PostgresStore(ExpiryCleanup):
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
+        check_time("now", now)
         check_items(items)
         check_run_key(run_key)
         keys, values, owners, expiries = self._item_columns(items, first_wins=False)
@@ -871,15 +901,17 @@ class PostgresStore(ExpiryCleanup):
         if_absent: bool,
         now: float,
     ) -> bool:
+        check_time("now", now)
         check_items(items)
         check_run_key(run_key)
+        check_flag("if_absent", if_absent)
         _bigint(owner, "owner")
         for item in items:
             if isinstance(item, Item) and item.owner != owner:
                 raise ValidationError(
                     f"item {item.key[:40]!r} names owner {item.owner}, not checkpoint {owner}")
         keys, values, _, _ = self._item_columns(items, first_wins=bool(if_absent))
-        if not isinstance(checkpoint_id, str) or "\x00" in checkpoint_id:
+        if not _storable(checkpoint_id):
             return False
         wrote = await self._value("put_owned_items", self._sql.put_owned_items, run_key, owner,
                                   checkpoint_id, keys, values, bool(if_absent), now)
@@ -888,8 +920,9 @@ class PostgresStore(ExpiryCleanup):
     async def get_items(
         self, run_key: str, keys: Sequence[str], *, now: float
     ) -> dict[str, bytes]:
+        check_time("now", now)
         check_run_key(run_key)
-        wanted = sorted({_key_bytes(key) for key in keys})
+        wanted = sorted({_key_bytes(key) for key in check_keys(keys)})
         if not wanted:
             return {}
         rows = await self._fetch("get_items", self._sql.get_items, run_key, wanted, now)
@@ -905,7 +938,9 @@ class PostgresStore(ExpiryCleanup):
         reverse: bool = False,
         now: float,
     ) -> list[tuple[str, bytes]]:
+        check_time("now", now)
         check_run_key(run_key)
+        check_flag("reverse", reverse)
         size = _page_size(limit)
         low, high = _scan_bounds(prefix, start_after, bool(reverse))
         if size == 0 or low >= high:
@@ -927,7 +962,7 @@ class PostgresStore(ExpiryCleanup):
 
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
         check_run_key(run_key)
-        wanted = sorted({_key_bytes(key) for key in keys})
+        wanted = sorted({_key_bytes(key) for key in check_keys(keys)})
         if not wanted:
             return 0
         return int(await self._value("delete_items", self._sql.delete_items, run_key, wanted,
@@ -936,6 +971,7 @@ class PostgresStore(ExpiryCleanup):
     # -- maintenance -----------------------------------------------------------------------
 
     async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
+        check_time("now", now)
         row = await self._row("purge_expired", self._sql.purge, now, max(_page_size(limit), 1))
         assert row is not None
         return int(row[0]), bool(row[1])
@@ -951,6 +987,7 @@ class PostgresStore(ExpiryCleanup):
         judges every run row of the store, in pages of 500 (one call each, reading the
         checkpoint table's rows but never a payload): an operator's tool, not for hot
         paths."""
+        check_time("now", now)
         if run_key is not None:
             check_run_key(run_key)
         found: list[RunDamage] = []
@@ -985,6 +1022,7 @@ class PostgresStore(ExpiryCleanup):
         :class:`SupportsRepair`): incarnation, latest sequence, counts, expiry and creation
         time from the checkpoints in place; labels from the seed, else the run's label rows;
         shared-item reference counts recounted; run id, status and data from ``seed``."""
+        check_time("now", now)
         check_run_key(run_key)
         if not isinstance(seed, RunRecord):
             raise ValidationError(f"seed must be a RunRecord, got {type(seed).__name__}")

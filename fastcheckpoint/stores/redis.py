@@ -65,7 +65,7 @@ import os
 import re
 import struct
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio.lowlevel
@@ -89,6 +89,7 @@ from fastcheckpoint._config import (
     check_setting_text,
 )
 from fastcheckpoint._urls import redacted
+from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import (
     CheckpointNotFound,
     ConfigurationError,
@@ -100,6 +101,7 @@ from fastcheckpoint.errors import (
     ValidationError,
 )
 from fastcheckpoint.stores._base import (
+    INT64,
     CheckpointHeader,
     ExpiryCleanup,
     Item,
@@ -107,13 +109,21 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_append,
+    check_bytes,
+    check_flag,
     check_guard_arg,
     check_head,
+    check_int,
     check_items,
     check_keep_latest,
+    check_keys,
     check_labels,
+    check_limit,
     check_options,
     check_run_key,
+    check_str,
+    check_text,
+    check_time,
     is_run_key,
     unheld_refs,
 )
@@ -209,6 +219,21 @@ def _sortable(value: float) -> str:
 
 def _float_arg(value: float) -> str:
     return repr(float(value))
+
+
+def _utf8(name: str, value: object, *, optional: bool = False) -> str | None:
+    """``value`` as a plain ``str`` the driver can send (UTF-8: no lone surrogate)."""
+    text = check_str(name, value, optional=optional)
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError(f"{name} is not valid unicode: {shown(text)}") from None
+    return text
+
+
+def _sequence(name: str, value: object, *, optional: bool = False) -> int | None:
+    return None if value is None and optional else check_int(name, value)
 
 
 def _expiry_arg(value: float | None) -> str:
@@ -759,6 +784,8 @@ class RedisStore(ExpiryCleanup):
         now: float,
         items: Sequence[Item],
     ) -> str:
+        check_run_key(run_key)
+        check_time("now", now)
         check_keep_latest(keep_latest)
         check_append(run_key, record, run, items)
         for item in items:
@@ -821,11 +848,15 @@ class RedisStore(ExpiryCleanup):
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
+        check_run_key(run_key)
+        check_time("now", now)
+        sequence = check_int("sequence", sequence)
         reply = await self._run("get", run_key, now, [str(sequence)], checkpoint=sequence)
         return self._checkpoint(run_key, reply[1:]) if reply[0] == 1 else None
 
     @holds_clients
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
+        check_time("now", now)
         reply = await self._run("latest", run_key, now, [])
         if reply[0] == b"corrupt":
             raise _foreign_key(reply[1:])
@@ -835,6 +866,9 @@ class RedisStore(ExpiryCleanup):
     async def read_with_items(
         self, run_key: str, *, sequence: int | None, now: float
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        check_run_key(run_key)
+        check_time("now", now)
+        sequence = _sequence("sequence", sequence, optional=True)
         reply = await self._run(
             "read_with_items", run_key, now, ["" if sequence is None else str(sequence)],
             checkpoint=sequence)
@@ -862,7 +896,11 @@ class RedisStore(ExpiryCleanup):
         now: float,
         include_expired: bool = False,
     ) -> tuple[list[CheckpointHeader], str | None]:
-        if limit < 1:
+        check_flag("include_expired", include_expired)
+        check_run_key(run_key)
+        check_time("now", now)
+        before = _sequence("before", before, optional=True)
+        if check_limit("limit", limit) < 1:
             return [], (await self._status_of(run_key, now, include_expired))
         found: list[CheckpointHeader] = []
         status: str | None = None
@@ -917,6 +955,9 @@ class RedisStore(ExpiryCleanup):
 
     @holds_clients
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
+        check_run_key(run_key)
+        sequence = check_int("sequence", sequence)
+        checkpoint_id = cast(str, _utf8("checkpoint_id", checkpoint_id))
         reply = await self._run(
             "delete", run_key, None, [str(sequence), checkpoint_id, _token()],
             checkpoint=sequence,
@@ -936,6 +977,7 @@ class RedisStore(ExpiryCleanup):
 
     @holds_clients
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
+        check_time("now", now)
         fields = await self._run("get_run", run_key, now, [])
         if fields[0] is None:
             if len(fields) > 11 and fields[11]:
@@ -956,6 +998,12 @@ class RedisStore(ExpiryCleanup):
         now: float,
         latest_sequence: int | None = None,
     ) -> RunRecord:
+        check_run_key(run_key)
+        incarnation = cast(str, _utf8("incarnation", incarnation))
+        version = check_int("version", version)
+        check_text("status", status)
+        check_bytes("data", data)
+        check_time("now", now)
         guard = "" if check_guard_arg(latest_sequence) is None else str(latest_sequence)
         reply = await self._run(
             "update_run", run_key, now,
@@ -981,6 +1029,7 @@ class RedisStore(ExpiryCleanup):
     async def list_runs(
         self, *, status: str | None, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
+        status = _utf8("status", status, optional=True)
         return await self._page_runs(self._index_key(status), status, limit, cursor, now)
 
     @holds_clients
@@ -995,11 +1044,13 @@ class RedisStore(ExpiryCleanup):
     ) -> tuple[list[RunRecord], str | None]:
         """A page of live runs from the index sorted set ``index``, newest created first; with
         ``status``, only runs whose record has it (the index may lag behind on a cluster)."""
+        limit = check_limit("limit", limit)
+        check_time("now", now)
         if cursor is not None and (
             not isinstance(cursor, str) or not cursor.isascii()
             or _MEMBER.fullmatch(cursor.encode()) is None
         ):
-            raise ValidationError(f"malformed run listing cursor {cursor!r:.80}")
+            raise ValidationError(f"malformed run listing cursor {shown(cursor)}")
         client = await self._clients.get()
         upper = b"+" if cursor is None else b"(" + cursor.encode()
         found: list[RunRecord] = []
@@ -1116,6 +1167,8 @@ class RedisStore(ExpiryCleanup):
 
     @holds_clients
     async def count_runs(self, *, status: str | None, now: float) -> int:
+        status = _utf8("status", status, optional=True)
+        check_time("now", now)
         client = await self._clients.get()
         index = self._index_key(status)
         damaged = self._global + "damaged"
@@ -1147,6 +1200,9 @@ class RedisStore(ExpiryCleanup):
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
+        check_flag("create_only", create_only)
+        check_run_key(run_key)
+        check_time("now", now)
         check_items(items)
         # Only a create-only write answers a retry of itself differently: remember its reply.
         args: list[Any] = ["1" if create_only else "0", _token() if create_only else ""]
@@ -1179,11 +1235,13 @@ class RedisStore(ExpiryCleanup):
         if_absent: bool,
         now: float,
     ) -> bool:
+        check_flag("if_absent", if_absent)
+        check_run_key(run_key)
+        check_time("now", now)
         check_items(items)
-        if isinstance(owner, bool) or not isinstance(owner, int) or owner < 0:
-            raise ValidationError(f"owner must be a checkpoint sequence, got {owner!r:.40}")
-        if not isinstance(checkpoint_id, str):
-            raise ValidationError(f"checkpoint_id must be a str, got {checkpoint_id!r:.40}")
+        if isinstance(owner, bool) or not isinstance(owner, int) or not 0 <= owner <= INT64:
+            raise ValidationError(f"owner must be a checkpoint sequence, got {shown(owner)}")
+        checkpoint_id = cast(str, _utf8("checkpoint_id", checkpoint_id))
         args: list[Any] = [str(owner), checkpoint_id, "1" if if_absent else "0", _token()]
         for item in items:
             self._check_item(item)
@@ -1205,8 +1263,10 @@ class RedisStore(ExpiryCleanup):
     async def get_items(
         self, run_key: str, keys: Sequence[str], *, now: float
     ) -> dict[str, bytes]:
+        check_run_key(run_key)
+        check_time("now", now)
+        keys = [cast(str, _utf8("item key", key)) for key in check_keys(keys)]
         if not keys:
-            check_run_key(run_key)
             return {}
         reply = await self._run("get_items", run_key, now, list(keys))
         found: dict[str, bytes] = {}
@@ -1243,8 +1303,12 @@ class RedisStore(ExpiryCleanup):
         reverse: bool = False,
         now: float,
     ) -> list[tuple[str, bytes]]:
-        if limit < 1:
-            check_run_key(run_key)
+        check_flag("reverse", reverse)
+        check_run_key(run_key)
+        prefix = cast(str, _utf8("prefix", prefix))
+        start_after = _utf8("start_after", start_after, optional=True)
+        check_time("now", now)
+        if check_limit("limit", limit) < 1:
             return []
         # Redis orders members by bytes; UTF-8 byte order is code point order.
         low_key, after = prefix.encode(), None if start_after is None else start_after.encode()
@@ -1284,8 +1348,9 @@ class RedisStore(ExpiryCleanup):
 
     @holds_clients
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
+        check_run_key(run_key)
+        keys = [cast(str, _utf8("item key", key)) for key in check_keys(keys)]
         if not keys:
-            check_run_key(run_key)
             return 0
         reply = await self._run("delete_items", run_key, None, [_token(), *keys])
         if reply[0] == b"corrupt":
@@ -1296,6 +1361,8 @@ class RedisStore(ExpiryCleanup):
 
     @holds_clients
     async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
+        check_time("now", now)
+        check_limit("limit", limit)
         client = await self._clients.get()
         due, intents = await self._due(client, now, max(limit, 1))
         removed, budget = 0, limit
@@ -1368,6 +1435,9 @@ class RedisStore(ExpiryCleanup):
     async def damaged_runs(
         self, *, run_key: str | None = None, now: float
     ) -> list[RunDamage]:
+        if run_key is not None:
+            check_run_key(run_key)
+        check_time("now", now)
         run_keys = [run_key] if run_key is not None else await self._all_run_keys()
         found: list[RunDamage] = []
         for key in run_keys:
@@ -1445,6 +1515,10 @@ class RedisStore(ExpiryCleanup):
 
     @holds_clients
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
+        check_run_key(run_key)
+        check_time("now", now)
+        if not isinstance(seed, RunRecord):
+            raise ValidationError(f"seed must be a RunRecord, got {type(seed).__name__}")
         for _ in range(8):
             reply = await self._run("inspect", run_key, now, [])
             if len(reply) > 11 and not reply[10]:
