@@ -904,6 +904,18 @@ def check_str(name: str, value: object, *, optional: bool = False) -> str | None
     return value if type(value) is str else str.__str__(value)
 
 
+def check_utf8(name: str, value: object, *, optional: bool = False) -> str | None:
+    """``value`` as by :func:`check_str`, checked to be text a driver can send (UTF-8: no lone
+    surrogate)."""
+    text = check_str(name, value, optional=optional)
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError(f"{name} is not valid unicode: {shown(text)}") from None
+    return text
+
+
 def check_keys(keys: object) -> list[str]:
     """The item keys a read or a delete is given: a sequence of ``str``, as plain ``str``."""
     if not isinstance(keys, Sequence) or isinstance(keys, (str, bytes, bytearray)):

@@ -38,8 +38,9 @@ from typing import TypeVar
 import msgspec
 
 from fastcheckpoint import _ids
+from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import CorruptCheckpointError, ValidationError
-from fastcheckpoint.stores._base import MAX_ITEM_KEY_BYTES, item_key_bytes
+from fastcheckpoint.stores._base import MAX_ITEM_KEY_BYTES, check_str, item_key_bytes
 
 SEQUENCE_SPAN = 10**19
 """Sequences are 0 .. 10**19 - 1: every id the manager can parse (up to 19 digits)."""
@@ -278,7 +279,8 @@ def inverted(sequence: int) -> str:
 
 
 def valid_sequence(sequence: int) -> bool:
-    return not isinstance(sequence, bool) and 0 <= sequence < SEQUENCE_SPAN
+    return (isinstance(sequence, int) and not isinstance(sequence, bool)
+            and 0 <= sequence < SEQUENCE_SPAN)
 
 
 def run_prefix(run_key: str) -> str:
@@ -382,9 +384,10 @@ def _inverted_created(created_at: float) -> str:
 
 
 def check_status(status: object) -> str:
+    status = check_str("status", status)
     if not isinstance(status, str) or not _STATUS.fullmatch(status):
         raise ValidationError(
-            f"run status {status!r} cannot be indexed by the S3 store: use 1-64 characters "
+            f"run status {shown(status)} cannot be indexed by the S3 store: use 1-64 characters "
             "of letters, digits, '_', '.' or '-'"
         )
     return status

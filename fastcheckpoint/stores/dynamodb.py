@@ -72,6 +72,7 @@ from fastcheckpoint import _ids
 from fastcheckpoint._config import RetryPolicy
 from fastcheckpoint._gather import gather, pair
 from fastcheckpoint._settle import settled
+from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -97,13 +98,21 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_append,
+    check_bytes,
+    check_flag,
     check_guard_arg,
     check_head,
+    check_int,
     check_items,
     check_keep_latest,
+    check_keys,
     check_labels,
+    check_limit,
     check_options,
     check_run_key,
+    check_str,
+    check_time,
+    check_utf8,
     is_live,
     item_key_bytes,
     nested_prefix,
@@ -1039,6 +1048,8 @@ class DynamoDBStore(ExpiryCleanup):
         keep_latest: int | None,
         now: float,
     ) -> str:
+        check_time("now", now)
+        check_run_key(run_key)
         check_append(run_key, record, run)
         return await self._append_checked(run_key, record, run, keep_latest, now, None)
 
@@ -1053,6 +1064,8 @@ class DynamoDBStore(ExpiryCleanup):
         now: float,
         items: Sequence[Item],
     ) -> str:
+        check_time("now", now)
+        check_run_key(run_key)
         check_append(run_key, record, run, items)
         for item in items:
             _check_item(item)
@@ -1864,8 +1877,9 @@ class DynamoDBStore(ExpiryCleanup):
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
+        check_time("now", now)
         check_run_key(run_key)
-        if sequence < 0 or sequence > layout.MAX_SEQUENCE:
+        if check_int("sequence", sequence) < 0 or sequence > layout.MAX_SEQUENCE:
             return None
         return await self._afresh(run_key, lambda: self._get(run_key, sequence, now))
 
@@ -1981,6 +1995,7 @@ class DynamoDBStore(ExpiryCleanup):
 
     @holds_clients
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
+        check_time("now", now)
         check_run_key(run_key)
         return await self._afresh(run_key, lambda: self._latest(run_key, now))
 
@@ -2014,7 +2029,12 @@ class DynamoDBStore(ExpiryCleanup):
         now: float,
         include_expired: bool = False,
     ) -> tuple[list[CheckpointHeader], str | None]:
+        check_time("now", now)
         check_run_key(run_key)
+        check_flag("include_expired", include_expired)
+        check_limit("limit", limit)
+        if before is not None:
+            check_int("before", before)
         pk = layout.partition(run_key)
         top = None if before is None or before > layout.MAX_SEQUENCE else before
         if top is not None and top <= 0:
@@ -2130,7 +2150,8 @@ class DynamoDBStore(ExpiryCleanup):
     @holds_clients
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
         check_run_key(run_key)
-        parsed = _ids.parse_checkpoint_id(checkpoint_id)
+        check_int("sequence", sequence)
+        parsed = _ids.parse_checkpoint_id(cast(str, check_str("checkpoint_id", checkpoint_id)))
         if parsed is None or parsed[0] != run_key or parsed[2] != sequence:
             return False
         state = self._cache.get(run_key) if run_key in self._cache else None
@@ -2282,6 +2303,7 @@ class DynamoDBStore(ExpiryCleanup):
 
     @holds_clients
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
+        check_time("now", now)
         check_run_key(run_key)
         state = await self._read_state(run_key)
         return state.record if state is not None and state.live(now) else None
@@ -2298,9 +2320,15 @@ class DynamoDBStore(ExpiryCleanup):
         now: float,
         latest_sequence: int | None = None,
     ) -> RunRecord:
+        check_time("now", now)
         check_run_key(run_key)
+        status = cast(str, check_utf8("status", status))
+        incarnation = cast(str, check_str("incarnation", incarnation))
+        check_int("version", version)
+        check_bytes("data", data)
         if not isinstance(status, str) or not status or "#" in status:
-            raise ValidationError(f"run status must be a non-empty string without '#': {status!r}")
+            raise ValidationError(
+                f"run status must be a non-empty string without '#': {shown(status)}")
         guard = check_guard_arg(latest_sequence)
         names = _Names()
         shard = layout.shard_of(run_key)
@@ -2368,9 +2396,12 @@ class DynamoDBStore(ExpiryCleanup):
     async def list_runs(
         self, *, status: str | None, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
+        check_time("now", now)
+        status = check_utf8("status", status, optional=True)
+        cursor = check_str("cursor", cursor, optional=True)
         if cursor is not None and not _CURSOR.fullmatch(cursor):
-            raise ValidationError(f"malformed run listing cursor {cursor!r}")
-        if limit < 1:
+            raise ValidationError(f"malformed run listing cursor {shown(cursor)}")
+        if check_limit("limit", limit) < 1:
             return [], cursor
         return await self._list_runs(status, limit, cursor, now)
 
@@ -2440,6 +2471,7 @@ class DynamoDBStore(ExpiryCleanup):
 
     @holds_clients
     async def count_runs(self, *, status: str | None, now: float) -> int:
+        check_time("now", now)
         async def shard_count(shard: int) -> int:
             names = _Names()
             index, key, value = self._run_index(status, shard)
@@ -2467,6 +2499,7 @@ class DynamoDBStore(ExpiryCleanup):
     async def put_items(
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
+        check_time("now", now)
         check_run_key(run_key)
         check_items(items)
         for item in items:
@@ -2579,8 +2612,9 @@ class DynamoDBStore(ExpiryCleanup):
     async def get_items(
         self, run_key: str, keys: Sequence[str], *, now: float
     ) -> dict[str, bytes]:
+        check_time("now", now)
         check_run_key(run_key)
-        wanted = [key for key in dict.fromkeys(keys) if _may_be_item_key(key)]
+        wanted = [key for key in dict.fromkeys(check_keys(keys)) if _may_be_item_key(key)]
 
         async def read() -> dict[str, bytes]:
             return await self._values_of(run_key, await self._live_items(run_key, wanted, now))
@@ -2719,8 +2753,12 @@ class DynamoDBStore(ExpiryCleanup):
         reverse: bool = False,
         now: float,
     ) -> list[tuple[str, bytes]]:
+        check_time("now", now)
         check_run_key(run_key)
-        if limit < 1:
+        check_flag("reverse", reverse)
+        prefix = cast(str, check_utf8("prefix", prefix))
+        start_after = check_utf8("start_after", start_after, optional=True)
+        if check_limit("limit", limit) < 1:
             return []
         low = layout.item_sk(prefix)
         end = prefix_end(prefix)
@@ -2781,7 +2819,7 @@ class DynamoDBStore(ExpiryCleanup):
         check_run_key(run_key)
         pk = layout.partition(run_key)
         self._unsure(run_key)
-        unique = [key for key in dict.fromkeys(keys) if _may_be_item_key(key)]
+        unique = [key for key in dict.fromkeys(check_keys(keys)) if _may_be_item_key(key)]
 
         async def delete_one(key: str) -> int | CorruptCheckpointError:
             # The record goes only if what its removal decodes (its owner, its blob's
@@ -2879,7 +2917,11 @@ class DynamoDBStore(ExpiryCleanup):
         if_absent: bool,
         now: float,
     ) -> bool:
+        check_time("now", now)
         check_run_key(run_key)
+        check_flag("if_absent", if_absent)
+        check_int("owner", owner)
+        checkpoint_id = cast(str, check_str("checkpoint_id", checkpoint_id))
         check_items(items)
         for item in items:
             _check_item(item)
@@ -2988,8 +3030,9 @@ class DynamoDBStore(ExpiryCleanup):
     async def read_with_items(
         self, run_key: str, *, sequence: int | None, now: float
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
+        check_time("now", now)
         check_run_key(run_key)
-        if sequence is not None and not 0 <= sequence <= layout.MAX_SEQUENCE:
+        if sequence is not None and not 0 <= check_int("sequence", sequence) <= layout.MAX_SEQUENCE:
             return None
         return await self._afresh(
             run_key, lambda: self._read_with_items(run_key, sequence, now))
@@ -3267,10 +3310,12 @@ class DynamoDBStore(ExpiryCleanup):
     async def runs_with_label(
         self, label: str, *, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
+        check_time("now", now)
         check_labels((label,))
+        cursor = check_str("cursor", cursor, optional=True)
         if cursor is not None and not _CURSOR.fullmatch(cursor):
-            raise ValidationError(f"malformed label listing cursor {cursor!r}")
-        if limit < 1:
+            raise ValidationError(f"malformed label listing cursor {shown(cursor)}")
+        if check_limit("limit", limit) < 1:
             return [], cursor
         names = _Names()
         condition = f"{names('PK')} = {names.value(_s(layout.label_partition(label)))}"
@@ -3351,7 +3396,8 @@ class DynamoDBStore(ExpiryCleanup):
 
     @holds_clients
     async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
-        limit = max(1, limit)
+        check_time("now", now)
+        limit = max(1, check_limit("limit", limit))
         pages = await gather(
             [functools.partial(self._due_in_shard, shard, now, limit) for shard in _shards()]
         )
@@ -3927,6 +3973,7 @@ class DynamoDBStore(ExpiryCleanup):
     async def damaged_runs(
         self, *, run_key: str | None = None, now: float
     ) -> list[RunDamage]:
+        check_time("now", now)
         if run_key is not None:
             check_run_key(run_key)
         if run_key is not None:
@@ -4030,7 +4077,10 @@ class DynamoDBStore(ExpiryCleanup):
 
     @holds_clients
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
+        check_time("now", now)
         check_run_key(run_key)
+        if not isinstance(seed, RunRecord):
+            raise ValidationError(f"seed must be a RunRecord, got {type(seed).__name__}")
         run_item = await self._raw_run_item(run_key)
         if await self._damage_of(run_key, run_item) is None:
             raise ConflictError(

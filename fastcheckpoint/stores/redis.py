@@ -121,9 +121,9 @@ from fastcheckpoint.stores._base import (
     check_limit,
     check_options,
     check_run_key,
-    check_str,
     check_text,
     check_time,
+    check_utf8,
     is_run_key,
     unheld_refs,
 )
@@ -219,17 +219,6 @@ def _sortable(value: float) -> str:
 
 def _float_arg(value: float) -> str:
     return repr(float(value))
-
-
-def _utf8(name: str, value: object, *, optional: bool = False) -> str | None:
-    """``value`` as a plain ``str`` the driver can send (UTF-8: no lone surrogate)."""
-    text = check_str(name, value, optional=optional)
-    if text is not None:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValidationError(f"{name} is not valid unicode: {shown(text)}") from None
-    return text
 
 
 def _sequence(name: str, value: object, *, optional: bool = False) -> int | None:
@@ -957,7 +946,7 @@ class RedisStore(ExpiryCleanup):
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
         check_run_key(run_key)
         sequence = check_int("sequence", sequence)
-        checkpoint_id = cast(str, _utf8("checkpoint_id", checkpoint_id))
+        checkpoint_id = cast(str, check_utf8("checkpoint_id", checkpoint_id))
         reply = await self._run(
             "delete", run_key, None, [str(sequence), checkpoint_id, _token()],
             checkpoint=sequence,
@@ -999,7 +988,7 @@ class RedisStore(ExpiryCleanup):
         latest_sequence: int | None = None,
     ) -> RunRecord:
         check_run_key(run_key)
-        incarnation = cast(str, _utf8("incarnation", incarnation))
+        incarnation = cast(str, check_utf8("incarnation", incarnation))
         version = check_int("version", version)
         check_text("status", status)
         check_bytes("data", data)
@@ -1029,7 +1018,7 @@ class RedisStore(ExpiryCleanup):
     async def list_runs(
         self, *, status: str | None, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
-        status = _utf8("status", status, optional=True)
+        status = check_utf8("status", status, optional=True)
         return await self._page_runs(self._index_key(status), status, limit, cursor, now)
 
     @holds_clients
@@ -1167,7 +1156,7 @@ class RedisStore(ExpiryCleanup):
 
     @holds_clients
     async def count_runs(self, *, status: str | None, now: float) -> int:
-        status = _utf8("status", status, optional=True)
+        status = check_utf8("status", status, optional=True)
         check_time("now", now)
         client = await self._clients.get()
         index = self._index_key(status)
@@ -1241,7 +1230,7 @@ class RedisStore(ExpiryCleanup):
         check_items(items)
         if isinstance(owner, bool) or not isinstance(owner, int) or not 0 <= owner <= INT64:
             raise ValidationError(f"owner must be a checkpoint sequence, got {shown(owner)}")
-        checkpoint_id = cast(str, _utf8("checkpoint_id", checkpoint_id))
+        checkpoint_id = cast(str, check_utf8("checkpoint_id", checkpoint_id))
         args: list[Any] = [str(owner), checkpoint_id, "1" if if_absent else "0", _token()]
         for item in items:
             self._check_item(item)
@@ -1265,7 +1254,7 @@ class RedisStore(ExpiryCleanup):
     ) -> dict[str, bytes]:
         check_run_key(run_key)
         check_time("now", now)
-        keys = [cast(str, _utf8("item key", key)) for key in check_keys(keys)]
+        keys = [cast(str, check_utf8("item key", key)) for key in check_keys(keys)]
         if not keys:
             return {}
         reply = await self._run("get_items", run_key, now, list(keys))
@@ -1305,8 +1294,8 @@ class RedisStore(ExpiryCleanup):
     ) -> list[tuple[str, bytes]]:
         check_flag("reverse", reverse)
         check_run_key(run_key)
-        prefix = cast(str, _utf8("prefix", prefix))
-        start_after = _utf8("start_after", start_after, optional=True)
+        prefix = cast(str, check_utf8("prefix", prefix))
+        start_after = check_utf8("start_after", start_after, optional=True)
         check_time("now", now)
         if check_limit("limit", limit) < 1:
             return []
@@ -1349,7 +1338,7 @@ class RedisStore(ExpiryCleanup):
     @holds_clients
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
         check_run_key(run_key)
-        keys = [cast(str, _utf8("item key", key)) for key in check_keys(keys)]
+        keys = [cast(str, check_utf8("item key", key)) for key in check_keys(keys)]
         if not keys:
             return 0
         reply = await self._run("delete_items", run_key, None, [_token(), *keys])

@@ -68,7 +68,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
@@ -99,11 +99,19 @@ from fastcheckpoint.stores._base import (
     RunRecord,
     StoredCheckpoint,
     check_append,
+    check_bytes,
+    check_flag,
+    check_int,
     check_items,
     check_keep_latest,
+    check_keys,
     check_labels,
+    check_limit,
     check_options,
     check_run_key,
+    check_str,
+    check_time,
+    check_utf8,
     is_live,
     latest_expiry,
     nesting_under,
@@ -967,6 +975,8 @@ class S3Store(ExpiryCleanup):
         keep_latest: int | None,
         now: float,
     ) -> str:
+        check_run_key(run_key)
+        check_time("now", now)
         return await self._append(run_key, record, run, keep_latest, now, ())
 
     @holds_clients
@@ -980,6 +990,8 @@ class S3Store(ExpiryCleanup):
         now: float,
         items: Sequence[Item],
     ) -> str:
+        check_run_key(run_key)
+        check_time("now", now)
         return await self._append(run_key, record, run, keep_latest, now, items)
 
     async def _append(
@@ -1892,6 +1904,8 @@ class S3Store(ExpiryCleanup):
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
         check_run_key(run_key)
+        check_time("now", now)
+        check_int("sequence", sequence)
         if not layout.valid_sequence(sequence):
             return None
         io = await self._objects()
@@ -1932,6 +1946,7 @@ class S3Store(ExpiryCleanup):
     @holds_clients
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
         check_run_key(run_key)
+        check_time("now", now)
         io = await self._objects()
         found = await self._afresh(run_key, functools.partial(
             self._latest, io, run_key, now, first=_page_for(2), seen=set()))
@@ -2063,6 +2078,9 @@ class S3Store(ExpiryCleanup):
         self, run_key: str, *, sequence: int | None, now: float
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
         check_run_key(run_key)
+        check_time("now", now)
+        if sequence is not None:
+            check_int("sequence", sequence)
         io = await self._objects()
         return await self._afresh(run_key, functools.partial(
             self._read_with_items, io, run_key, sequence, now, set()))
@@ -2185,6 +2203,10 @@ class S3Store(ExpiryCleanup):
         now: float,
     ) -> bool:
         check_run_key(run_key)
+        check_flag("if_absent", if_absent)
+        check_int("owner", owner)
+        checkpoint_id = cast(str, check_str("checkpoint_id", checkpoint_id))
+        check_time("now", now)
         check_items(items)
         given = _owned_batch(items, owner, if_absent)
         if not layout.valid_sequence(owner):
@@ -2272,6 +2294,11 @@ class S3Store(ExpiryCleanup):
         include_expired: bool = False,
     ) -> tuple[list[CheckpointHeader], str | None]:
         check_run_key(run_key)
+        check_flag("include_expired", include_expired)
+        check_time("now", now)
+        check_limit("limit", limit)
+        if before is not None:
+            check_int("before", before)
         io = await self._objects()
         if before is not None and before >= layout.SEQUENCE_SPAN:
             before = None
@@ -2369,6 +2396,8 @@ class S3Store(ExpiryCleanup):
     @holds_clients
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
         check_run_key(run_key)
+        check_int("sequence", sequence)
+        checkpoint_id = cast(str, check_str("checkpoint_id", checkpoint_id))
         if not layout.valid_sequence(sequence):
             return False
         io = await self._objects()
@@ -2468,6 +2497,7 @@ class S3Store(ExpiryCleanup):
 
     @holds_clients
     async def get_run(self, run_key: str, *, now: float) -> RunRecord | None:
+        check_time("now", now)
         check_run_key(run_key)
         io = await self._objects()
         current = await self._afresh(run_key,
@@ -2489,7 +2519,11 @@ class S3Store(ExpiryCleanup):
         now: float,
     ) -> RunRecord:
         check_run_key(run_key)
-        layout.check_status(status)
+        status = layout.check_status(status)
+        incarnation = cast(str, check_str("incarnation", incarnation))
+        check_int("version", version)
+        check_bytes("data", data)
+        check_time("now", now)
         io = await self._objects()
         current = await self._load(io, run_key)
         if current.damage is not None:
@@ -2565,7 +2599,7 @@ class S3Store(ExpiryCleanup):
         self, *, status: str | None, limit: int, cursor: str | None, now: float
     ) -> tuple[list[RunRecord], str | None]:
         if status is not None:
-            layout.check_status(status)
+            status = layout.check_status(status)
         io = await self._objects()
         return await self._page_index(io, layout.index_prefix(status), status, limit, cursor,
                                       now)
@@ -2590,6 +2624,9 @@ class S3Store(ExpiryCleanup):
         label: str | None = None,
     ) -> tuple[list[RunRecord], str | None]:
         """A page of the live runs indexed under ``prefix`` (newest created first)."""
+        cursor = check_str("cursor", cursor, optional=True)
+        limit = check_limit("limit", limit)
+        check_time("now", now)
         start_after = None if cursor is None else _decode_cursor(cursor, prefix)
         result: list[RunRecord] = []
         page_size = min(max(limit, 50), 1000)
@@ -2659,8 +2696,9 @@ class S3Store(ExpiryCleanup):
 
     @holds_clients
     async def count_runs(self, *, status: str | None, now: float) -> int:
+        check_time("now", now)
         if status is not None:
-            layout.check_status(status)
+            status = layout.check_status(status)
         io = await self._objects()
         prefix = layout.index_prefix(status)
         entries = await io.list(prefix)
@@ -2675,6 +2713,7 @@ class S3Store(ExpiryCleanup):
     ) -> list[RunDamage]:
         if run_key is not None:
             check_run_key(run_key)
+        check_time("now", now)
         io = await self._objects()
         if run_key is not None:
             groups = [(run_key, await io.list(layout.run_prefix(run_key)))]
@@ -2709,6 +2748,9 @@ class S3Store(ExpiryCleanup):
     @holds_clients
     async def rebuild_run(self, run_key: str, seed: RunRecord, *, now: float) -> RunRecord:
         check_run_key(run_key)
+        check_time("now", now)
+        if not isinstance(seed, RunRecord):
+            raise ValidationError(f"seed must be a RunRecord, got {type(seed).__name__}")
         status = layout.check_status(seed.status)
         labels = check_labels(seed.labels)
         io = await self._objects()
@@ -2764,6 +2806,8 @@ class S3Store(ExpiryCleanup):
         self, run_key: str, items: Sequence[Item], *, create_only: bool = False, now: float
     ) -> None:
         check_run_key(run_key)
+        check_flag("create_only", create_only)
+        check_time("now", now)
         check_items(items)
         latest: dict[str, Item] = {}
         for item in items:
@@ -2861,7 +2905,8 @@ class S3Store(ExpiryCleanup):
         self, run_key: str, keys: Sequence[str], *, now: float
     ) -> dict[str, bytes]:
         check_run_key(run_key)
-        wanted = list(dict.fromkeys(keys))
+        check_time("now", now)
+        wanted = list(dict.fromkeys(check_keys(keys)))
         if not wanted:
             return {}
         io = await self._objects()
@@ -2906,7 +2951,11 @@ class S3Store(ExpiryCleanup):
         now: float,
     ) -> list[tuple[str, bytes]]:
         check_run_key(run_key)
-        if limit <= 0:
+        check_flag("reverse", reverse)
+        prefix = cast(str, check_utf8("prefix", prefix))
+        start_after = check_utf8("start_after", start_after, optional=True)
+        check_time("now", now)
+        if check_limit("limit", limit) <= 0:
             return []
         io = await self._objects()
         base = layout.items_prefix(run_key)
@@ -2942,7 +2991,7 @@ class S3Store(ExpiryCleanup):
     @holds_clients
     async def delete_items(self, run_key: str, keys: Sequence[str]) -> int:
         check_run_key(run_key)
-        wanted = list({layout.hex_item_key(key): None for key in keys})
+        wanted = list({layout.hex_item_key(key): None for key in check_keys(keys)})
         if not wanted:
             return 0
         io = await self._objects()
@@ -2966,6 +3015,8 @@ class S3Store(ExpiryCleanup):
 
     @holds_clients
     async def purge_expired(self, *, now: float, limit: int) -> tuple[int, bool]:
+        check_time("now", now)
+        check_limit("limit", limit)
         io = await self._objects()
         removed = 0
         work = 0
