@@ -1011,9 +1011,10 @@ def renumbered(renumber: Callable[[int], StoredCheckpoint], sequence: int) -> St
 def check_append(run_key: str, record: StoredCheckpoint, seed: RunRecord,
                  items: Sequence[Item] = ()) -> None:
     """The one check of what an append is given (``append``, ``append_with_items``,
-    ``append_next``), before anything is written: the checkpoint, the run record (its run id
-    must be one of ``run_key``: a record naming another run is what every store reads as
-    damage), the items and the refs."""
+    ``append_next``), before anything is written: the run key, the checkpoint, the run record
+    (its run id must be one of ``run_key``: a record naming another run is what every store
+    reads as damage), the items and the refs."""
+    check_run_key(run_key)
     check_record(record)
     check_seed(seed)
     if _ids.foreign_run(run_key, seed.run_id) is not None:
