@@ -22,6 +22,7 @@ import anyio
 import pytest
 
 import fastcheckpoint.stores as stores_module
+import tests.test_cli
 from fastcheckpoint import CheckpointManager, open_store
 from fastcheckpoint._ids import run_key
 from fastcheckpoint._untrusted import ACTING
@@ -97,11 +98,11 @@ def url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    assert_safe(captured.out)
-    assert_safe(captured.err)
-    return code, captured.out, captured.err
+    """The command's exit code, stdout and stderr, each checked to hold no acting character."""
+    code, out, err = tests.test_cli.run_cli(capsys, *argv)
+    assert_safe(out)
+    assert_safe(err)
+    return code, out, err
 
 
 def column(header: str, name: str) -> int:

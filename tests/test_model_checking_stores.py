@@ -22,6 +22,7 @@ still crosses each one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -180,6 +181,21 @@ def _postgres_target(config: pytest.Config) -> Any:
     return session_target(config)
 
 
+@contextlib.contextmanager
+def postgres_schema(config: pytest.Config) -> Iterator[tuple[Any, str]]:
+    """A provisioned schema of its own on the session's PostgreSQL (its target and name),
+    dropped afterwards."""
+    from tests.stores._postgres_server import drop_schema, unique_schema
+
+    target = _postgres_target(config)
+    schema = unique_schema()
+    asyncio.run(_provision(target, schema))
+    try:
+        yield target, schema
+    finally:
+        asyncio.run(drop_schema(target, schema))
+
+
 @pytest.fixture
 def machine(request: pytest.FixtureRequest) -> Iterator[Callable[[], ManagerMachine]]:
     """What builds the machine of ``(kind, processes)``, each example's backing its own."""
@@ -192,15 +208,8 @@ def machine(request: pytest.FixtureRequest) -> Iterator[Callable[[], ManagerMach
         url = _redis_url()
         yield lambda: RedisMachine(processes, url, cluster=kind != "redis")
     else:
-        from tests.stores._postgres_server import drop_schema, unique_schema
-
-        target = _postgres_target(request.config)
-        schema = unique_schema()
-        asyncio.run(_provision(target, schema))
-        try:
+        with postgres_schema(request.config) as (target, schema):
             yield lambda: PostgresMachine(processes, target, schema)
-        finally:
-            asyncio.run(drop_schema(target, schema))
 
 
 @pytest.mark.parametrize(

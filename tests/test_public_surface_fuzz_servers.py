@@ -14,7 +14,6 @@ reads every run back); ``FUZZ_EXAMPLES=200`` hunts (random), ``-k redis`` picks 
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import itertools
 from collections.abc import Callable, Iterator
@@ -37,7 +36,7 @@ from tests._backings import (
 )
 from tests._hostile import DEEP, nested_list
 from tests.stores._moto import REGION, moto_endpoint, unique_name  # noqa: F401
-from tests.test_model_checking_stores import _postgres_target, _provision, _redis_url
+from tests.test_model_checking_stores import _redis_url, postgres_schema
 from tests.test_public_surface_fuzz import (
     EXCLUDED,
     HUNT,
@@ -107,15 +106,8 @@ def backing(request: pytest.FixtureRequest) -> Iterator[Callable[[], Backing]]:
         url = _redis_url()
         yield lambda: RedisBacking(url, cluster=kind != "redis", tag="fcfuzz")
     elif kind == "postgres":
-        from tests.stores._postgres_server import drop_schema, unique_schema
-
-        target = _postgres_target(request.config)
-        schema = unique_schema()
-        asyncio.run(_provision(target, schema))
-        try:
+        with postgres_schema(request.config) as (target, schema):
             yield lambda: PostgresBacking(target, schema)
-        finally:
-            asyncio.run(drop_schema(target, schema))
     elif kind == "s3":
         pytest.importorskip("moto")
         name, endpoint = request.getfixturevalue("bucket"), request.getfixturevalue(

@@ -942,10 +942,7 @@ def check_text(name: str, value: object) -> None:
     """``value`` is a non-empty ``str`` that UTF-8 can encode (no lone surrogates)."""
     if not isinstance(value, str) or not str.__len__(value):
         raise ValidationError(f"{name} must be a non-empty str, got {shown(value)}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValidationError(f"{name} is not valid unicode: {shown(value)}") from None
+    check_utf8(name, value)
 
 
 def check_record(record: StoredCheckpoint) -> None:

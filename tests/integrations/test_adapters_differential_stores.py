@@ -53,11 +53,7 @@ from tests.integrations.test_agent_framework_differential import ExpiringStorage
 from tests.integrations.test_google_adk_differential import ServiceMachine
 from tests.integrations.test_openai_agents_differential import SessionMachine
 from tests.stores._moto import REGION, moto_endpoint, unique_name  # noqa: F401
-from tests.test_model_checking_stores import (
-    _postgres_target,
-    _provision,
-    _redis_url,
-)
+from tests.test_model_checking_stores import _redis_url, postgres_schema
 
 KINDS = ("sqlite", "redis", "redis-cluster-path", "postgres", "s3", "dynamodb")
 MOTO_KINDS = ("s3", "dynamodb")
@@ -189,15 +185,8 @@ def place(request: pytest.FixtureRequest) -> Iterator[Place]:
         yield Place(lambda machine: RedisBacking(url, cluster=kind != "redis", tag="fcadsrv"),
                     1000.0)
     elif kind == "postgres":
-        from tests.stores._postgres_server import drop_schema, unique_schema
-
-        target = _postgres_target(request.config)
-        schema = unique_schema()
-        asyncio.run(_provision(target, schema))
-        try:
+        with postgres_schema(request.config) as (target, schema):
             yield Place(lambda machine: PostgresBacking(target, schema))
-        finally:
-            asyncio.run(drop_schema(target, schema))
     elif kind == "s3":
         endpoint, name = request.getfixturevalue("bucket")
         yield Place(lambda machine: S3Backing(endpoint, name, tag="adsrv"))

@@ -22,7 +22,6 @@ time). Hunt with random ones, every machine on every store: ``LGDIFF_EXAMPLES=30
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -48,11 +47,7 @@ from tests.integrations.test_langgraph_differential import (
     TwoProcessMachine,
     machine_settings,
 )
-from tests.test_model_checking_stores import (
-    _postgres_target,
-    _provision,
-    _redis_url,
-)
+from tests.test_model_checking_stores import _redis_url, postgres_schema
 
 DYNAMODB_THRESHOLD = 512
 """Bytes past which the DynamoDB store puts a checkpoint or an item in the bucket: a few
@@ -140,15 +135,8 @@ def backing(request: pytest.FixtureRequest) -> Iterator[Callable[[], Backing]]:
         url = _redis_url()
         yield lambda: RedisBacking(url, cluster=kind != "redis", tag="fclgdiff")
     elif kind == "postgres":
-        from tests.stores._postgres_server import drop_schema, unique_schema
-
-        target = _postgres_target(request.config)
-        schema = unique_schema()
-        asyncio.run(_provision(target, schema))
-        try:
+        with postgres_schema(request.config) as (target, schema):
             yield lambda: PostgresBacking(target, schema)
-        finally:
-            asyncio.run(drop_schema(target, schema))
     elif kind == "s3":
         pytest.importorskip("moto")
         bucket, endpoint = request.getfixturevalue("s3_bucket_for_savers")
