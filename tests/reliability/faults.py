@@ -240,6 +240,18 @@ class FaultPlan:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
 
+    @classmethod
+    def opening(
+        cls, seed: int, *, rate: float, kinds: tuple[Fault, ...] = INJECTED, passes: int = 6
+    ) -> FaultPlan:
+        """Random faults at ``rate``, after an opening that holds each kind twice, shuffled
+        among ``passes`` passes per kind: even a short run meets every kind of fault, as long
+        as it makes ``2 + passes`` requests per kind."""
+        rng = random.Random(seed)
+        script = [*kinds, *kinds, *[Fault.PASS] * (passes * len(kinds))]
+        rng.shuffle(script)
+        return cls(rate=rate, kinds=kinds, seed=rng.randrange(2**32), script=script)
+
     def next(self) -> Fault:
         with self._lock:
             if self._script:

@@ -14,7 +14,6 @@ delays requests, at random with a fixed rate. Whatever it does:
 
 from __future__ import annotations
 
-import random
 import time
 
 import anyio
@@ -43,15 +42,6 @@ CONFIG = CheckpointConfig(max_checkpoints_per_run=None, retry=FAST_RETRY)
 
 def _deadline(operations: int) -> float:
     return 60.0 + 0.5 * operations
-
-
-def _plan(rate: float, seed: int, kinds: tuple[Fault, ...] = INJECTED) -> FaultPlan:
-    """Random faults at ``rate``, after an opening that holds each kind twice, shuffled among
-    passes: even a short run meets every kind of fault."""
-    rng = random.Random(seed)
-    opening = [*kinds, *kinds, *[Fault.PASS] * (6 * len(kinds))]
-    rng.shuffle(opening)
-    return FaultPlan(rate=rate, kinds=kinds, seed=rng.randrange(2**32), script=opening)
 
 
 def _faulty(target: Target, plan: FaultPlan) -> FaultProxy:
@@ -87,7 +77,7 @@ async def test_acknowledged_creates_survive_faults_exactly_once(
     acks: list[Ack] = []
     unconfirmed: set[str] = set()
     foreign: list[str] = []
-    with _faulty(network_target, _plan(FAULT_RATE, seed)) as proxy:
+    with _faulty(network_target, FaultPlan.opening(seed, rate=FAULT_RATE)) as proxy:
         store = network_target.store(proxy.endpoint)
         manager = CheckpointManager(store, config=CONFIG)
         try:
@@ -131,7 +121,7 @@ async def test_acknowledged_histories_restore_exactly_under_faults(
     conversation: list[str] = []
     sent: dict[str, list[str]] = {}
     foreign: list[str] = []
-    with _faulty(network_target, _plan(FAULT_RATE, seed)) as proxy:
+    with _faulty(network_target, FaultPlan.opening(seed, rate=FAULT_RATE)) as proxy:
         store = network_target.store(proxy.endpoint)
         manager = CheckpointManager(store, config=config)
         try:
@@ -209,7 +199,7 @@ async def _deletes_under_lost_replies(
         ids = await _create_directly(network_target, run_id, count)
     doomed, wrong, raised = ids[: count // 2], [], 0
     confirmed: set[str] = set()
-    plan = _plan(DELETE_FAULT_RATE, seed, (Fault.LOSE_REPLY,))
+    plan = FaultPlan.opening(seed, rate=DELETE_FAULT_RATE, kinds=(Fault.LOSE_REPLY,))
     assert network_target.upstream is not None
     with FaultProxy(network_target.upstream, wire, plan) as proxy:
         store = network_target.store(proxy.endpoint)
@@ -297,7 +287,7 @@ async def test_postgres_commits_once_whatever_the_connection_does(
         finally:
             await store.aclose()
 
-    plan = _plan(PG_FAULT_RATE, seed, (fault,))
+    plan = FaultPlan.opening(seed, rate=PG_FAULT_RATE, kinds=(fault,))
     with FaultProxy(target.upstream, postgres_running(APPEND_FUNCTION), plan) as proxy:
         with anyio.fail_after(_deadline(count)):
             async with anyio.create_task_group() as writers:
