@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fastcheckpoint._codec import DecHook, EncHook
-from fastcheckpoint._ids import plain_str
+from fastcheckpoint._ids import plain_float, plain_int, plain_str
 from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import ConfigurationError
 
@@ -36,6 +36,8 @@ class RetryPolicy:
     max_retries: int = 5
 
     def __post_init__(self) -> None:
+        _plain_numbers(self, {"base_delay": plain_float, "max_retries": plain_int,
+                              "max_delay": plain_float})
         _check_number("retry base_delay", self.base_delay, minimum=0.0, strict=True)
         _check_number("retry max_delay", self.max_delay, minimum=0.0, strict=True)
         if self.max_delay < self.base_delay:
@@ -103,6 +105,7 @@ class CheckpointConfig:
             value = getattr(self, name)
             if value is not None and not callable(value):
                 raise ConfigurationError(f"{name} must be callable, got {shown(value)}")
+        _plain_numbers(self, _PLAIN_NUMBERS)
         _check_number("checkpoint_interval", self.checkpoint_interval, minimum=0.0)
         _check_number("cleanup_interval", self.cleanup_interval, minimum=0.0, strict=True)
         if self.max_checkpoints_per_run is not None:
@@ -204,6 +207,34 @@ _ENV_FIELDS = {
 _RETRY_FIELDS = {"base_delay": "float", "max_delay": "float", "max_retries": "int"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
+
+_PLAIN_NUMBERS: dict[str, Callable[[object], int | float | None]] = {
+    "checkpoint_interval": plain_float,
+    "max_checkpoints_per_run": plain_int,
+    "default_ttl_seconds": plain_float,
+    "cleanup_interval": plain_float,
+    "compress_min_bytes": plain_int,
+    "offload_min_bytes": plain_int,
+    "cleanup_batch_size": plain_int,
+    "max_sequence_retries": plain_int,
+    "history_min_entries": plain_int,
+}
+
+
+def _plain_numbers(
+    settings: object, kinds: Mapping[str, Callable[[object], int | float | None]]
+) -> None:
+    """Numbers of another type that mean the same (an ``IntEnum``, a numpy number read from a
+    settings file) set as plain ``int`` or ``float``: the stores are handed plain numbers.
+    Anything else is left for the checks to refuse."""
+    for name, plain in kinds.items():
+        value = getattr(settings, name)
+        if value is None or type(value) in (int, float):
+            continue
+        number = plain(value)
+        if number is not None:
+            object.__setattr__(settings, name, number)  # RetryPolicy is frozen
 
 
 def _parse(name: str, raw: str, kind: str) -> Any:

@@ -13,6 +13,9 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import math
+import numbers
+import operator
 import os
 import re
 
@@ -98,6 +101,39 @@ def plain_str(value: str) -> str:
     """The text of ``value`` as a plain ``str``: a subclass's own ``__eq__``, ``__hash__``,
     ``__len__`` or ``__str__`` (which may raise) never runs in the library."""
     return value if type(value) is str else str.__str__(value)
+
+
+def plain_int(value: object) -> int | None:
+    """``value`` as a plain ``int`` when it is an integer (an ``int`` or a subclass such as
+    ``IntEnum``, a numpy integer: a :class:`numbers.Integral` that is no ``bool``), else
+    ``None``. Only ``int``'s own conversion runs on an ``int`` subclass."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return int.__int__(value)
+    if not isinstance(value, numbers.Integral):
+        return None
+    try:
+        return operator.index(value)
+    except Exception:  # an __index__ that fails: no integer, refused by the caller
+        return None
+
+
+def plain_float(value: object) -> float | None:
+    """``value`` as a plain ``float`` when it is a real number (an ``int``, a ``float``, a
+    numpy number: a :class:`numbers.Real` that is no ``bool``), else ``None``; an infinity
+    for an integer too large for a float."""
+    if isinstance(value, float):
+        return float.__float__(value)
+    whole = plain_int(value)
+    if whole is None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        return None
+    try:
+        return float(value) if whole is None else float(whole)  # type: ignore[arg-type]
+    except OverflowError:  # an integer too large for a float
+        return math.inf if whole is None or whole > 0 else -math.inf
+    except Exception:  # a __float__ that fails: no number, refused by the caller
+        return None
 
 
 @functools.lru_cache(maxsize=4096)

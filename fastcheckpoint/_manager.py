@@ -50,6 +50,7 @@ from fastcheckpoint._settle import settled
 from fastcheckpoint._threads import in_worker_thread
 from fastcheckpoint._urls import store_url_from_env, ttl_seconds_from_days
 from fastcheckpoint._validate import (
+    count_arg,
     list_arg,
     lookup_id,
     mapping_arg,
@@ -679,12 +680,9 @@ class CheckpointManager:
     def _ttl(self, ttl_seconds: object, now: float) -> float | None:
         if ttl_seconds is None:
             return self._default_ttl(now)
-        if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)):
+        ttl = _ids.plain_float(ttl_seconds)
+        if ttl is None:
             raise ValidationError(f"ttl_seconds must be a number, got {shown(ttl_seconds)}")
-        try:
-            ttl = float(ttl_seconds)
-        except OverflowError:
-            ttl = math.inf
         if not math.isfinite(ttl) or ttl <= 0 or now + ttl <= now or ttl > MAX_TTL_SECONDS:
             raise ValidationError(
                 "ttl_seconds must be a finite, positive number of seconds up to "
@@ -874,8 +872,7 @@ class CheckpointManager:
         the store is read on until the page is full or the run's checkpoints end.
         """
         key = _ids.key_of(run_id)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ValidationError(f"limit must be a non-negative integer, got {shown(limit)}")
+        limit = count_arg("limit", limit, 0)
         cursor, incarnation = (None, None) if before is None else self._before(key, before)
         wanted = set(tags_arg(tags))
         step = None if step_name is None else text_arg("step_name", step_name)
@@ -988,10 +985,7 @@ class CheckpointManager:
         expired ones are left to :meth:`cleanup_expired`; a checkpoint whose header cannot be
         read is skipped and not counted.
         """
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValidationError(
-                f"keep must be a positive integer (delete_run removes a whole run), "
-                f"got {shown(keep)}")
+        keep = count_arg("keep", keep, 1, " (delete_run removes a whole run)")
         key = _ids.key_of(run_id)
         bounds = await self._surplus_bounds(key, keep)
         lowers: list[str | None] = [*bounds[1:], None] if bounds else []
@@ -1263,8 +1257,7 @@ class CheckpointManager:
         cursor: str | None = None,
     ) -> RunPage:
         """Live runs, newest created first, optionally of one status; page with the cursor."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValidationError(f"limit must be a positive integer, got {shown(limit)}")
+        limit = count_arg("limit", limit, 1)
         if cursor is not None and not isinstance(cursor, str):
             raise ValidationError(f"cursor must be a str from a previous page, got {shown(cursor)}")
         wanted = None if status is None else status_arg(status).value
@@ -1315,8 +1308,7 @@ class CheckpointManager:
         _ids.key_of(run_id)
         if not isinstance(include_state, bool):
             raise ValidationError(f"include_state must be a bool, got {shown(include_state)}")
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-            raise ValidationError(f"page_size must be a positive integer, got {shown(page_size)}")
+        page_size = count_arg("page_size", page_size, 1)
         return self._export(run_id, render, include_state, page_size)
 
     async def _export(
@@ -1463,10 +1455,8 @@ class CheckpointManager:
         who = text_arg("approver", approver)
         if not who:
             raise ValidationError("approver must name who decides, got an empty string")
-        if requested_at is not None and not _is_time(requested_at):
-            raise ValidationError(
-                f"requested_at must be a time in epoch seconds (the request's "
-                f"approval['requested_at']), got {shown(requested_at)}")
+        if requested_at is not None:
+            requested_at = _time_arg(requested_at)
 
         def same_request(data: RunData) -> None:
             pending = (data.approval or {}).get("requested_at")
@@ -1651,14 +1641,15 @@ def _estimated_size(body: Payload) -> int:
     return total
 
 
-def _is_time(value: object) -> bool:
-    """Whether ``value`` is a number of epoch seconds a float holds (as every time here)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        return False
+def _time_arg(value: object) -> float:
+    """``requested_at`` as the ``float`` of epoch seconds the run records (an ``int``, or a
+    numpy number read from a table, names the same time), or :class:`ValidationError`."""
+    at = _ids.plain_float(value)
+    if at is None or not math.isfinite(at):
+        raise ValidationError(
+            f"requested_at must be a time in epoch seconds (the request's "
+            f"approval['requested_at']), got {shown(value)}")
+    return at
 
 
 def _incarnation(stored: CheckpointHeader) -> str | None:

@@ -6,12 +6,13 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from typing import Any
 
 import msgspec
 
+from fastcheckpoint import _ids
 from fastcheckpoint.errors import SerializationError, ValidationError
 
 __all__ = [
@@ -59,15 +60,21 @@ class CheckpointMetadata(msgspec.Struct, frozen=True):
     def __post_init__(self) -> None:
         # Built by hand as well as read: a field of the wrong type is refused here, not
         # when to_dict, to_json or is_expired trip over it later.
+        # A value of another form that means the same (a str enum, an IntEnum, a numpy
+        # number, tags as a tuple) is kept as its plain value, which is what to_dict, to_json
+        # and the stores take.
         for name in ("run_id", "checkpoint_id", "step_name"):
             _check_field(name, getattr(self, name), str)
+            self._plain(name, _ids.plain_str(getattr(self, name)))
         _check_field("parent_id", self.parent_id, str, optional=True)
-        _check_field("sequence", self.sequence, int)
-        _check_field("created_at", self.created_at, (int, float))
-        _check_field("ttl_seconds", self.ttl_seconds, (int, float), optional=True)
-        _check_field("expires_at", self.expires_at, (int, float), optional=True)
-        if not isinstance(self.tags, list) or not all(isinstance(tag, str) for tag in self.tags):
-            raise ValidationError(f"metadata tags must be a list of str, got {_kind(self.tags)}")
+        if self.parent_id is not None:
+            self._plain("parent_id", _ids.plain_str(self.parent_id))
+        self._plain("sequence", _plain_number("sequence", self.sequence, _ids.plain_int))
+        self._plain("created_at", _plain_number("created_at", self.created_at, _ids.plain_float))
+        for name in ("ttl_seconds", "expires_at"):
+            if getattr(self, name) is not None:
+                self._plain(name, _plain_number(name, getattr(self, name), _ids.plain_float))
+        self._plain("tags", _plain_tags(self.tags))
         given: object = self.status
         if isinstance(given, str) and not isinstance(given, CheckpointStatus):
             given = str.__str__(given)  # looked up by hash: a subclass's own must not run
@@ -79,6 +86,10 @@ class CheckpointMetadata(msgspec.Struct, frozen=True):
                     f"metadata status must be a CheckpointStatus, got {_kind(given)}"
                 ) from exc
             msgspec.structs.force_setattr(self, "status", status)
+
+    def _plain(self, name: str, value: object) -> None:
+        if value is not getattr(self, name):
+            msgspec.structs.force_setattr(self, name, value)
 
     @property
     def is_expired(self) -> bool:
@@ -216,6 +227,36 @@ class Checkpoint(msgspec.Struct):
 
 def _kind(value: object) -> str:
     return type(value).__name__
+
+
+def _plain_tags(tags: object) -> object:
+    """Tags as a list of plain ``str``: ``tags`` itself when it is one already."""
+    if type(tags) is list and all(type(tag) is str for tag in tags):
+        return tags
+    if isinstance(tags, (str, bytes, bytearray)) or not isinstance(
+            tags, (Sequence, set, frozenset)):
+        raise ValidationError(f"metadata tags must be a list of str, got {_kind(tags)}")
+    try:
+        given = list(tags)
+    except Exception as exc:  # a sequence type of the caller's that cannot be iterated
+        raise ValidationError(f"metadata tags cannot be read: {_kind(tags)}") from exc
+    if not all(isinstance(tag, str) for tag in given):
+        raise ValidationError(f"metadata tags must be a list of str, got {_kind(tags)}")
+    return [_ids.plain_str(tag) for tag in given]
+
+
+def _plain_number(
+    name: str, value: object, plain: Callable[[object], int | float | None]
+) -> int | float:
+    """A number field: an exact ``int`` or ``float`` as it is, another number (an
+    ``IntEnum``, a numpy number) as ``plain`` makes it, else :class:`ValidationError`."""
+    if type(value) is int or (type(value) is float and plain is _ids.plain_float):
+        return value  # type: ignore[return-value]
+    number = plain(value)
+    if number is None:
+        kind = "an int" if plain is _ids.plain_int else "an int or a float"
+        raise ValidationError(f"checkpoint {name} must be {kind}, got {_kind(value)}")
+    return number
 
 
 def _check_field(

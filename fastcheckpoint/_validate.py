@@ -8,11 +8,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastcheckpoint import _ids
-from fastcheckpoint._codec import json_copy
+from fastcheckpoint._codec import MAX_DEPTH, json_copy
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint.errors import SerializationError, ValidationError
 
 __all__ = [
+    "count_arg",
     "list_arg",
     "lookup_id",
     "mapping_arg",
@@ -70,13 +71,78 @@ def request_arg(value: object) -> dict[str, Any]:
         return {}
     if not isinstance(value, Mapping):
         raise ValidationError(f"request must be a dict, got {type(value).__name__}")
+    copied: dict[str, Any]
     try:
-        copied: dict[str, Any] = json_copy(dict(value), "request")
+        copied = json_copy(dict(value), "request")
     except SerializationError as exc:
-        raise ValidationError(
-            f"request must hold JSON values only (dicts with str keys, lists, str, int, float, "
-            f"bool, None): {exc}") from exc
-    return copied
+        refused = exc
+    else:
+        return copied
+    # Values that JSON writes as the same text are taken as that JSON value: a str enum or an
+    # IntEnum (a pydantic model_dump() keeps them), an OrderedDict, a numpy integer.
+    try:
+        copied = json_copy(_plain_json(dict(value), 0), "request")
+    except SerializationError as exc:
+        refused = exc
+    except _NotPlain:
+        pass  # the first refusal says why
+    else:
+        return copied
+    raise ValidationError(
+        f"request must hold JSON values only (dicts with str keys, lists, str, int, float, "
+        f"bool, None): {refused}") from refused
+
+
+class _NotPlain(Exception):
+    """Raised by :func:`_plain_json` for a value it cannot copy as it means: nested deeper
+    than any request :func:`json_copy` takes, or a dict whose keys would merge."""
+
+
+_PLAIN_DEPTH = MAX_DEPTH + 1
+"""Deeper than any request :func:`json_copy` takes: the copy stops there (at once, so a dict
+holding itself twice costs no more than one path down)."""
+
+
+def _plain_json(value: object, depth: int) -> object:
+    """``value`` with what JSON writes as it writes a JSON value replaced by that value:
+    ``str``, ``int``, ``float``, ``dict`` and ``list`` subclasses by their plain types and
+    numpy-style integers by ``int``. Only the base types' own methods run (never a subclass's
+    ``__str__``, ``__iter__`` or ``items``); anything else is left for :func:`json_copy` to
+    refuse."""
+    if depth > _PLAIN_DEPTH:
+        raise _NotPlain
+    if value is None or type(value) is bool:
+        return value
+    if isinstance(value, str):
+        return _ids.plain_str(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, dict):
+        copied = {_plain_json(key, depth + 1): _plain_json(item, depth + 1)
+                  for key, item in dict.items(value)}
+        if len(copied) != dict.__len__(value):  # keys of a str subclass with its own __eq__
+            raise _NotPlain
+        return copied
+    if isinstance(value, list):
+        return [_plain_json(item, depth + 1) for item in list.__iter__(value)]
+    whole = _ids.plain_int(value)
+    return value if whole is None else whole
+
+
+def count_arg(name: str, value: object, minimum: int, why: str = "") -> int:
+    """A count (a ``limit``, a page size): an integer of at least ``minimum``, as a plain
+    ``int``. ``IntEnum`` members and numpy integers are taken for their value; a ``bool`` is
+    no count."""
+    whole = _ids.plain_int(value)
+    if whole is None or whole < minimum:
+        kind = "non-negative" if minimum == 0 else "positive"
+        raise ValidationError(f"{name} must be a {kind} integer{why}, got {shown(value)}")
+    return whole
+
+
+
 
 
 def list_arg(name: str, value: object) -> list[Any]:
@@ -103,19 +169,20 @@ def text_arg(name: str, value: object) -> str:
 def tags_arg(tags: object) -> list[str]:
     if tags is None:
         return []
-    if isinstance(tags, str) or not isinstance(tags, (list, tuple, set, frozenset)):
+    if isinstance(tags, (str, bytes, bytearray)) or not isinstance(
+            tags, (Sequence, set, frozenset)):
         raise ValidationError(f"tags must be a list of str, got {type(tags).__name__}")
     return [text_arg("tags[]", tag) for tag in tags]
 
 
 def sequence_arg(name: str, value: object) -> int:
-    """A checkpoint sequence: an int from 0 to the largest a run can reach."""
-    if isinstance(value, bool) or not isinstance(value, int) or not (
-        0 <= value <= _ids.MAX_SEQUENCE
-    ):
+    """A checkpoint sequence: an int from 0 to the largest a run can reach, as a plain
+    ``int`` (an ``IntEnum`` member or a numpy integer is taken for its value)."""
+    whole = _ids.plain_int(value)
+    if whole is None or not 0 <= whole <= _ids.MAX_SEQUENCE:
         raise ValidationError(
             f"{name} must be an int from 0 to {_ids.MAX_SEQUENCE}, got {shown(value)}")
-    return value
+    return whole
 
 
 def lookup_id(value: object, what: str = "checkpoint_id") -> tuple[str, str, int] | None:
