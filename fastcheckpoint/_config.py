@@ -123,12 +123,11 @@ class CheckpointConfig:
 
     @property
     def keep_latest(self) -> int | None:
-        """The pruning limit as stores take it: ``None`` keeps all (also for a limit <= 0
+        """The pruning limit as stores take it, a plain ``int`` (also for an ``IntEnum`` or a
+        numpy integer assigned after construction): ``None`` keeps all (also for a limit <= 0
         assigned after construction, which FastAgentic treated as unlimited)."""
-        limit = self.max_checkpoints_per_run
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
-            return limit
-        return None
+        limit = plain_int(self.max_checkpoints_per_run)
+        return limit if limit is not None and limit > 0 else None
 
     @classmethod
     def from_env(

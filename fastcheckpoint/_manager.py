@@ -699,8 +699,9 @@ class CheckpointManager:
             default = self._store_ttl
             if default is None:
                 return None
-        check_default_ttl(default)
-        ttl = float(default)
+        number = _ids.plain_float(default)  # a numpy number assigned after construction
+        check_default_ttl(default if number is None else number)
+        ttl = float(default if number is None else number)
         check_ttl_resolution("default_ttl_seconds", ttl, now)
         return ttl
 

@@ -251,7 +251,7 @@ def _plain_number(
     """A number field: an exact ``int`` or ``float`` as it is, another number (an
     ``IntEnum``, a numpy number) as ``plain`` makes it, else :class:`ValidationError`."""
     if type(value) is int or (type(value) is float and plain is _ids.plain_float):
-        return value  # type: ignore[return-value]
+        return value
     number = plain(value)
     if number is None:
         kind = "an int" if plain is _ids.plain_int else "an int or a float"

@@ -36,6 +36,7 @@ from fastcheckpoint import (
     RetryPolicy,
     ValidationError,
 )
+from fastcheckpoint.stores._base import check_int, check_keep_latest, check_limit
 from fastcheckpoint.stores.file import FileStore
 from fastcheckpoint.stores.memory import MemoryStore
 
@@ -288,6 +289,41 @@ async def test_config_numbers_of_numpy_and_enum_types() -> None:
     for bad in ({"max_checkpoints_per_run": True}, {"cleanup_interval": np.bool_(True)}):
         with pytest.raises(Exception, match="must be"):
             CheckpointConfig(**bad)  # type: ignore[arg-type]
+
+
+class Kept(int, enum.Enum):
+    TWO = 2
+
+
+@pytest.mark.anyio
+async def test_config_numbers_assigned_after_construction() -> None:
+    """The manager reads its config at every create (as FastAgentic does): a limit or TTL
+    assigned later as a numpy or enum number is its value, handed to the store as a plain
+    number (an int-mixin enum's text is no number to a Redis script)."""
+    config = CheckpointConfig()
+    manager = CheckpointManager(MemoryStore(), config)
+    config.max_checkpoints_per_run = np.int64(2)  # type: ignore[assignment]
+    config.default_ttl_seconds = np.int64(60)  # type: ignore[assignment]
+    with anyio.fail_after(10):
+        await _made(manager, "r", 4)
+        listed = await manager.list_checkpoints("r")
+        assert [m.sequence for m in listed] == [3, 2]
+        assert listed[0].ttl_seconds == 60.0
+        await manager.aclose()
+    config.max_checkpoints_per_run = Kept.TWO
+    assert config.keep_latest == 2
+    assert type(config.keep_latest) is int
+
+
+def test_store_checks_hand_back_plain_ints() -> None:
+    """What a store's argument checks return is what it hands its driver: a plain ``int``,
+    never an ``int`` subclass whose text is no number (``str(Kept.TWO)`` is
+    ``'Kept.TWO'``)."""
+    for returned in (check_keep_latest(Kept.TWO), check_int("sequence", Kept.TWO),
+                     check_limit("limit", Kept.TWO)):
+        assert returned == 2
+        assert type(returned) is int
+    assert check_keep_latest(None) is None
 
 
 def test_from_env_takes_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:

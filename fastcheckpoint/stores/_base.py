@@ -198,12 +198,14 @@ def latest_expiry(first: float | None, second: float | None) -> float | None:
     return max(first, second)
 
 
-def check_keep_latest(keep_latest: int | None) -> None:
-    """The one validation of ``append``'s ``keep_latest``: ``None`` or an int >= 1."""
+def check_keep_latest(keep_latest: int | None) -> int | None:
+    """The one validation of ``append``'s ``keep_latest``: ``None`` or an int >= 1, returned
+    as a plain ``int`` (what to hand a driver: an ``int`` subclass's text may be no number)."""
     if keep_latest is None:
-        return
+        return None
     if not isinstance(keep_latest, int) or isinstance(keep_latest, bool) or keep_latest < 1:
         raise ValidationError(f"keep_latest must be None or an int >= 1, got {shown(keep_latest)}")
+    return int.__int__(keep_latest)
 
 
 def item_key_bytes(key: object, limit: int, why: str) -> bytes:
@@ -858,10 +860,10 @@ it counts lifetimes in milliseconds."""
 
 
 def check_int(name: str, value: object) -> int:
-    """``value``, checked to be a 64-bit ``int`` (not a ``bool``)."""
+    """``value``, checked to be a 64-bit ``int`` (not a ``bool``), as a plain ``int``."""
     if isinstance(value, bool) or not isinstance(value, int) or abs(value) > INT64:
         raise ValidationError(f"{name} must be a 64-bit int, got {shown(value)}")
-    return value
+    return int.__int__(value)
 
 
 def check_time(name: str, value: object, *, optional: bool = False) -> None:
@@ -887,11 +889,11 @@ def check_flag(name: str, value: object) -> bool:
 
 def check_limit(name: str, value: object, *, minimum: int = 0) -> int:
     """``value``, checked to be an ``int`` (not a ``bool``) from ``minimum`` to the 64-bit
-    maximum."""
+    maximum, as a plain ``int``."""
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= INT64:
         raise ValidationError(
             f"{name} must be an int from {minimum} to {INT64}, got {shown(value)}")
-    return value
+    return int.__int__(value)
 
 
 def check_str(name: str, value: object, *, optional: bool = False) -> str | None:
