@@ -12,7 +12,9 @@ stored exactly), and the framework's objects go through hooks that store their f
 * classes of ``agent_framework`` modules: ``SerializationMixin`` objects (messages, contents,
   responses) by their ``to_dict()``/``from_dict``, dataclasses by their fields, Enums by value;
 * the application's own types named in ``checkpoint_types``: dataclasses by their fields,
-  pydantic models by ``model_dump()``/``model_validate``, Enums by value.
+  pydantic models by ``model_dump()``/``model_validate``, Enums by value;
+* the standard library's ``OrderedDict`` and ``Counter`` (by their items, in order) and
+  ``deque`` (its items and ``maxlen``), which the framework's storages keep too.
 
 Anything else is refused with :class:`SerializationError` naming where it is. Loading only
 builds those types, resolved from modules already imported (never by importing a name found
@@ -21,10 +23,11 @@ in the store), so a record planted in a store cannot run code.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import pydantic
@@ -54,6 +57,17 @@ class _Damaged(CorruptCheckpointError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason, key="a stored value")
         self.reason = reason
+
+
+_CONTAINERS: dict[type[Any], tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
+    collections.OrderedDict: (dict, collections.OrderedDict),
+    collections.Counter: (dict, collections.Counter),
+    collections.deque: (lambda items: [list(items), items.maxlen],
+                        lambda stored: collections.deque(*stored)),
+}
+"""Standard containers a workflow's state may hold: how each is stored (as plain data, whose
+contents the codec encodes in turn) and rebuilt, exactly, not as a subclass."""
+_CONTAINER_NAMES = {f"{cls.__module__}.{cls.__qualname__}": cls for cls in _CONTAINERS}
 
 
 def _name(cls: type[Any]) -> str:
@@ -118,6 +132,8 @@ class CheckpointCodec:
             return fields
         if self._types.get(_name(cls)) is cls or _is_framework(cls):
             return _fields_of(value)
+        if cls in _CONTAINERS:
+            return _CONTAINERS[cls][0](value)
         raise TypeError(
             f"{_name(cls)} is not stored by this checkpoint storage (it stores no pickles); "
             "pass the class in FastCheckpointStorage(checkpoint_types=[...]) if it is a "
@@ -142,6 +158,13 @@ class CheckpointCodec:
                     "generic or an Optional) or name the class in checkpoint_types")
 
     def _decode_value(self, name: str, value: Any) -> Any:
+        container = _CONTAINER_NAMES.get(name)
+        if container is not None:
+            try:
+                return _CONTAINERS[container][1](value)
+            except (TypeError, ValueError) as exc:
+                raise _Damaged(f"a stored {name} cannot be rebuilt: {type(exc).__name__}: "
+                               f"{str(exc)[:200]}") from exc
         cls = self._types.get(name) or _framework_class(name)
         if cls is None:
             raise TypeError(
