@@ -2839,11 +2839,14 @@ def _filter(filter: object) -> dict[str, Any]:
 
 
 def _limit(limit: object) -> int | None:
+    """``None``, or ``limit`` as a plain ``int`` >= 0 (a numpy integer too, which LangGraph's
+    own savers take)."""
     if limit is None:
         return None
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+    whole = _ids.plain_int(limit)
+    if whole is None or whole < 0:
         raise ValidationError(f"limit must be None or an integer >= 0, got {shown(limit)}")
-    return limit
+    return whole
 
 
 def _matches(metadata: object, wanted: dict[str, Any]) -> bool:

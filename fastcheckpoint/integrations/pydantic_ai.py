@@ -206,7 +206,7 @@ class FastConversationStore(ConversationStore):
     async def read_records(
         self, *, scope: str | None = None, limit: int | None = None
     ) -> Sequence[ConversationRecord]:
-        _check_limit(limit)
+        limit = _check_limit(limit)
         try:
             label = records.CONVERSATION_LABEL if scope is None else records.scope_label(scope)
         except ValidationError:
@@ -443,7 +443,7 @@ class FastConversationStore(ConversationStore):
         ``LookupError``, which Pydantic AI takes for a record replaced meanwhile and reads
         again): ``load``, ``save``, ``branch`` and ``fork`` raise it for a stored record whose
         history is gone."""
-        _check_limit(limit)
+        limit = _check_limit(limit)
         try:
             return await super().read_history(head_id, limit=limit)
         except KeyError as exc:
@@ -700,10 +700,15 @@ def _plain_revision(revision: object) -> Any:
     return plain_str(revision) if isinstance(revision, str) else revision
 
 
-def _check_limit(limit: object) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
-                              or limit < 0):
+def _check_limit(limit: object) -> int | None:
+    """``None``, or ``limit`` as a plain ``int`` >= 0 (a numpy integer too, which Pydantic
+    AI's in-memory store takes)."""
+    if limit is None:
+        return None
+    whole = _ids.plain_int(limit)
+    if whole is None or whole < 0:
         raise ValidationError(f"limit must be None or an integer >= 0, got {shown(limit)}")
+    return whole
 
 
 class _MissingEntry(CorruptCheckpointError, LookupError):

@@ -1,19 +1,28 @@
 """Values the frameworks' own storages take are taken by the adapters too, and come back as
-they went in (the counterpart of the adapters' surface fuzz, which checks refusals)."""
+they went in (the counterpart of the adapters' surface fuzz, which checks refusals): each
+test runs the framework's reference storage beside ours."""
 
 from __future__ import annotations
 
 import collections
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import anyio
+import numpy as np
 import pytest
 from agent_framework import InMemoryCheckpointStorage, WorkflowCheckpoint
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import END, START, StateGraph
+from pydantic_ai.conversation import Conversation
+from pydantic_ai.conversation_store import InMemoryConversationStore
+from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, UserPromptPart
 
 from fastcheckpoint.errors import CorruptCheckpointError
 from fastcheckpoint.integrations._agent_framework_codec import CheckpointCodec
 from fastcheckpoint.integrations.agent_framework import FastCheckpointStorage
+from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
+from fastcheckpoint.integrations.pydantic_ai import FastConversationStore
 from fastcheckpoint.stores.file import FileStore
 from fastcheckpoint.stores.memory import MemoryStore
 
@@ -62,3 +71,49 @@ def test_agent_framework_damaged_container_is_corrupt() -> None:
     for stored in ([[1], "not a size"], "abc", [[1], -1]):
         with pytest.raises(CorruptCheckpointError, match="deque"):
             codec._decode_value("collections.deque", stored)
+
+
+class _Count(TypedDict):
+    n: int
+
+
+def _counting_graph() -> StateGraph[_Count]:
+    graph = StateGraph(_Count)
+    graph.add_node("step", lambda state: {"n": state["n"] + 1})
+    graph.add_edge(START, "step")
+    graph.add_edge("step", END)
+    return graph
+
+
+@pytest.mark.parametrize("limit", [np.int64(2), np.uint8(2)], ids=["int64", "uint8"])
+@pytest.mark.anyio
+async def test_langgraph_list_limit_of_numpy_integers(limit: Any) -> None:
+    """``alist(config, limit=...)`` with a numpy integer: LangGraph's own savers take it."""
+    config: Any = {"configurable": {"thread_id": "t-🎉"}}
+    listed = []
+    with anyio.fail_after(10):
+        for saver in (InMemorySaver(), FastCheckpointSaver(MemoryStore())):
+            app = _counting_graph().compile(checkpointer=saver)
+            await app.ainvoke({"n": 0}, config)
+            found = [entry async for entry in saver.alist(config, limit=limit)]
+            listed.append([entry.metadata.get("step") for entry in found])
+    assert listed[0] == listed[1]
+    assert len(listed[1]) == 2
+
+
+@pytest.mark.anyio
+async def test_pydantic_ai_limits_of_numpy_integers() -> None:
+    """``load(..., limit=...)`` and ``list_conversations(limit=...)`` with a numpy integer:
+    Pydantic AI's in-memory store takes it."""
+    seen = []
+    with anyio.fail_after(10):
+        for store in (InMemoryConversationStore(), FastConversationStore(MemoryStore())):
+            for cid in ("c1", "c2"):
+                await store.save(Conversation(conversation_id=cid, messages=[
+                    ModelRequest(parts=[UserPromptPart(content="שלום 🎉")]),
+                    ModelResponse(parts=[TextPart(content="hi")])]))
+            loaded = await store.load("c1", limit=np.int64(1))
+            assert loaded is not None
+            listed = await store.list_conversations(limit=np.int64(1))
+            seen.append((len(loaded.messages), [record.conversation_id for record in listed]))
+    assert seen[0] == seen[1] == (1, ["c2"])
