@@ -372,11 +372,18 @@ def _calls(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
     state = {draw(_text): draw(st.integers(-(2**63), 2**63 - 1))}
     ttl = draw(st.integers(1, 10**6))
     limit = draw(st.integers(1, 5))
+    asked, level = draw(_text), draw(st.integers(0, 2**31))
+    approver, comment = draw(_text), draw(_text)
     plain = {"run_id": run_id, "step_name": step, "tags": tags, "state": state,
-             "ttl_seconds": ttl, "limit": limit}
+             "ttl_seconds": ttl, "limit": limit, "request": {"ask": asked, "level": level},
+             "approver": approver, "comment": comment, "status": "active"}
     forms = {"run_id": draw(_str_forms(run_id)), "step_name": draw(_str_forms(step)),
              "tags": draw(_tags_forms(tags)), "state": draw(_mapping_forms(state)),
-             "ttl_seconds": draw(_int_forms(ttl)), "limit": draw(_int_forms(limit))}
+             "ttl_seconds": draw(_int_forms(ttl)), "limit": draw(_int_forms(limit)),
+             "request": draw(_mapping_forms({"ask": draw(_str_forms(asked)),
+                                             "level": draw(_int_forms(level))})),
+             "approver": draw(_str_forms(approver)), "comment": draw(_str_forms(comment)),
+             "status": draw(st.sampled_from(["active", CheckpointStatus.ACTIVE]))}
     return plain, forms
 
 
@@ -387,10 +394,16 @@ async def _stored(manager: CheckpointManager, call: dict[str, Any]) -> tuple[Any
     restored = await manager.restore(call["run_id"])
     listed = await manager.list_checkpoints(call["run_id"], call["limit"], tags=call["tags"],
                                             step_name=call["step_name"])
-    run = await manager.get_run(call["run_id"])
+    paused = await manager.pause(call["run_id"], call["request"])
+    assert paused.approval is not None
+    run = await manager.approve(call["run_id"], approver=call["approver"],
+                                comment=call["comment"],
+                                requested_at=paused.approval["requested_at"])
+    listed_runs = [info.run_id for info in await manager.list_runs(call["status"])]
     assert restored is not None
-    assert run is not None
     await manager.delete_run(call["run_id"])
+    approval = {key: value for key, value in (run.approval or {}).items()
+                if key not in ("requested_at", "decided_at")}
 
     def shape(metadata: CheckpointMetadata) -> tuple[Any, ...]:
         fields = metadata.to_dict()
@@ -399,7 +412,9 @@ async def _stored(manager: CheckpointManager, call: dict[str, Any]) -> tuple[Any
         return tuple(sorted(fields.items())), _types(fields)
 
     return (shape(made.metadata), shape(restored.metadata), [shape(m) for m in listed],
-            restored.state, _types(restored.state), run.run_id, type(run.run_id))
+            restored.state, _types(restored.state), run.run_id, type(run.run_id), approval,
+            _types(approval), [(change.status, change.actor, change.note)
+                               for change in run.history], listed_runs)
 
 
 def _file_store(tmp: Path) -> FileStore:
