@@ -123,6 +123,12 @@ class CheckpointMetadata(msgspec.Struct, frozen=True):
             raise ValidationError(f"metadata must be a dict, got {type(data).__name__}")
         fields = dict(data)
         fields.setdefault("created_at", time.time())
+        for name, plain in _NUMBER_FIELDS.items():
+            value = fields.get(name)
+            if value is not None and type(value) not in (int, float):
+                # msgspec takes exact numbers: a numpy one (a DataFrame row's) is its value
+                number = plain(value)
+                fields[name] = value if number is None else number
         try:
             metadata = msgspec.convert(fields, cls)
         except msgspec.ValidationError as exc:
@@ -227,6 +233,14 @@ class Checkpoint(msgspec.Struct):
 
 def _kind(value: object) -> str:
     return type(value).__name__
+
+
+_NUMBER_FIELDS: dict[str, Callable[[object], int | float | None]] = {
+    "sequence": _ids.plain_int,
+    "created_at": _ids.plain_float,
+    "ttl_seconds": _ids.plain_float,
+    "expires_at": _ids.plain_float,
+}
 
 
 def _plain_tags(tags: object) -> object:

@@ -257,11 +257,26 @@ def test_metadata_of_equivalent_forms_is_its_plain_form() -> None:
     assert Checkpoint(given).to_json() == Checkpoint(plain).to_json()
 
 
+def test_metadata_from_a_row_of_numpy_numbers() -> None:
+    """``from_dict`` of a row read from a table (a DataFrame's ``to_dict`` gives numpy
+    numbers) is the metadata of the plain row."""
+    row = {"run_id": "r", "sequence": np.int64(3), "created_at": np.float64(2.5),
+           "ttl_seconds": np.int32(60), "status": CheckpointStatus.PAUSED}
+    plain = {"run_id": "r", "sequence": 3, "created_at": 2.5, "ttl_seconds": 60.0,
+             "status": "paused"}
+    given = CheckpointMetadata.from_dict(row)
+    assert given == CheckpointMetadata.from_dict(plain)
+    assert _types(given.to_dict()) == _types(CheckpointMetadata.from_dict(plain).to_dict())
+    assert given.expires_at == 62.5
+
+
 def test_metadata_refusals_stand() -> None:
     for fields in ({"sequence": True}, {"created_at": "1"}, {"tags": "ab"}, {"tags": [1]},
                    {"ttl_seconds": False}, {"sequence": 1.0}):
         with pytest.raises(ValidationError):
             CheckpointMetadata(run_id="r", **fields)
+        with pytest.raises(ValidationError):
+            CheckpointMetadata.from_dict({"run_id": "r", **fields})
 
 
 # -- configuration ---------------------------------------------------------------------------
