@@ -14,6 +14,7 @@ from fastcheckpoint._config import (
     check_default_ttl,
     check_ttl_resolution,
 )
+from fastcheckpoint._ids import plain_float, plain_int
 from fastcheckpoint.errors import CheckpointError, ConfigurationError
 from fastcheckpoint.stores import (
     CheckpointStore,
@@ -103,8 +104,9 @@ def checked_ttl(ttl_seconds: object) -> float | None:
     its ``default_ttl_seconds``, else :class:`ConfigurationError`."""
     if ttl_seconds is None:
         return None
-    check_default_ttl(ttl_seconds, "ttl_seconds")
-    ttl = float(ttl_seconds)  # type: ignore[arg-type]
+    number = plain_float(ttl_seconds)  # a numpy number or an IntEnum too, as its value
+    check_default_ttl(ttl_seconds if number is None else number, "ttl_seconds")
+    ttl = float(ttl_seconds if number is None else number)  # type: ignore[arg-type]
     check_ttl_resolution("ttl_seconds", ttl, time.time())  # saved, then never found
     return ttl
 
@@ -114,7 +116,8 @@ def checked_keep_latest(keep_latest: object) -> int | None:
     :class:`ConfigurationError`."""
     if keep_latest is None:
         return None
-    if isinstance(keep_latest, bool) or not isinstance(keep_latest, int) or keep_latest < 1:
+    whole = plain_int(keep_latest)  # as a plain int: what the stores are handed
+    if whole is None or whole < 1:
         raise ConfigurationError(
             f"keep_latest must be None or an integer >= 1, got {keep_latest!r:.40}")
-    return keep_latest
+    return whole

@@ -265,7 +265,7 @@ class FastCheckpointSaver(BaseCheckpointSaver[str]):
         settings = adapter_config(config, CheckpointConfig(max_checkpoints_per_run=None))
         capable = capable_store(store, settings.retry, "the LangGraph saver")
         ttl = adapter_ttl(ttl_seconds, capable)
-        checked_keep_latest(keep_latest)
+        keep_latest = checked_keep_latest(keep_latest)
         manager = CheckpointManager(capable, config=dataclasses.replace(
             settings, default_ttl_seconds=ttl, max_checkpoints_per_run=keep_latest))
         codec = Codec(compress_min_bytes=settings.compress_min_bytes)

@@ -5,6 +5,7 @@ test runs the framework's reference storage beside ours."""
 from __future__ import annotations
 
 import collections
+import enum
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -117,3 +118,24 @@ async def test_pydantic_ai_limits_of_numpy_integers() -> None:
             listed = await store.list_conversations(limit=np.int64(1))
             seen.append((len(loaded.messages), [record.conversation_id for record in listed]))
     assert seen[0] == seen[1] == (1, ["c2"])
+
+
+class _Kept(int, enum.Enum):
+    TWO = 2
+
+
+@pytest.mark.parametrize("keep", [np.int64(2), _Kept.TWO], ids=["int64", "int-enum"])
+@pytest.mark.anyio
+async def test_langgraph_keep_latest_and_ttl_of_other_number_types(keep: Any) -> None:
+    """``keep_latest`` and ``ttl_seconds`` as a numpy or enum number: their value, handed to
+    the store as a plain number (an int-mixin enum's text, ``'_Kept.TWO'``, is no number to
+    the Redis store's scripts)."""
+    saver = FastCheckpointSaver(MemoryStore(), keep_latest=keep, ttl_seconds=np.float32(60))
+    assert saver.keep_latest == 2
+    assert type(saver.keep_latest) is int
+    config: Any = {"configurable": {"thread_id": "t"}}
+    with anyio.fail_after(10):
+        app = _counting_graph().compile(checkpointer=saver)
+        for _ in range(2):
+            await app.ainvoke({"n": 0}, config)
+        assert len([entry async for entry in saver.alist(config)]) == 2
