@@ -142,9 +142,6 @@ def count_arg(name: str, value: object, minimum: int, why: str = "") -> int:
     return whole
 
 
-
-
-
 def list_arg(name: str, value: object) -> list[Any]:
     if value is None:
         return []
