@@ -58,6 +58,11 @@ def _missing(exc: ClientError) -> bool:
     return code != "NoSuchBucket" and (code in _MISSING_CODES or http_status(exc) == 404)
 
 
+def _identifier(key: str, etag: str) -> dict[str, str]:
+    """An object of a ``DeleteObjects`` request, deleted only if it has ``etag`` if given."""
+    return {"Key": key, "ETag": etag} if etag else {"Key": key}
+
+
 def _taken(exc: ClientError) -> bool:
     # 412: the condition failed. 409: a concurrent conditional write to the key is in flight.
     return http_status(exc) in (409, 412) or error_code(exc) in _TAKEN_CODES
@@ -155,17 +160,24 @@ class Bucket:
 
     async def delete(self, keys: Sequence[str]) -> None:
         """Delete objects, 1,000 per ``DeleteObjects`` request; missing ones are no error."""
-        unique = list(dict.fromkeys(keys))
+        await self.delete_listed([Listed(key, "") for key in keys])
+
+    async def delete_listed(self, listed: Sequence[Listed]) -> None:
+        """Delete objects each only if it still has the ETag listed (an ETag per object in
+        ``DeleteObjects``, 1,000 per request; an empty ETag: unconditionally). One changed
+        or gone since it was listed is left: it is not the object listed."""
+        unique = list({entry.key: entry for entry in listed}.values())
         for start in range(0, len(unique), DELETE_BATCH):
-            chunk = unique[start : start + DELETE_BATCH]
-            objects = [{"Key": self.prefix + key} for key in chunk]
+            objects = [_identifier(self.prefix + entry.key, entry.etag)
+                       for entry in unique[start : start + DELETE_BATCH]]
             try:
                 response = await self.client.delete_objects(
                     Bucket=self.bucket, Delete={"Objects": cast(Any, objects), "Quiet": True}
                 )
             except (ClientError, BotoCoreError) as exc:
                 raise translate(exc, f"S3 DeleteObjects in s3://{self.bucket}") from exc
-            errors = response.get("Errors", [])
+            errors = [error for error in response.get("Errors", [])
+                      if str(error.get("Code")) not in _TAKEN_CODES | _MISSING_CODES]
             if errors:
                 first = errors[0]
                 raise StoreError(

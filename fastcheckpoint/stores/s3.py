@@ -835,9 +835,28 @@ class S3Store(ExpiryCleanup):
         return state, found[1]
 
     async def _load(self, io: Bucket, run_key: str) -> _Run:
-        """The whole run: one LIST per 1,000 objects (+ the run object unless cached)."""
-        listed = _parse_run_listing(run_key, await io.list(layout.run_prefix(run_key)))
-        return await self._resolve(io, run_key, listed)
+        """The whole run: one LIST per 1,000 objects (+ the run object unless cached; + 1
+        LIST confirming it after a listing of several pages, see :meth:`_confirmed`)."""
+        for _ in range(self._retry.max_retries + 1):
+            entries = await io.list(layout.run_prefix(run_key))
+            listed = _parse_run_listing(run_key, entries)
+            if len(entries) <= PAGE or await self._confirmed(io, run_key, listed):
+                return await self._resolve(io, run_key, listed)
+        raise _changing(run_key)
+
+    async def _confirmed(self, io: Bucket, run_key: str, listed: _Listed) -> bool:
+        """Whether a listing of several pages shows the run as it was at one moment: the
+        run object still has the ETag its first page showed. S3 deletes the keys of a
+        ``DeleteObjects`` batch one by one, so a later page may show some of a run's keys
+        gone that an earlier one listed whole; ``delete_run`` removes the run object before
+        anything else, so it is gone by then. Gone now: the listing is taken as the run's
+        leftovers (no run). Changed: False, list again."""
+        if listed.run_etag is None:
+            return True
+        etag = await self._run_etag(io, run_key)
+        if etag is None:
+            listed.run_etag = None
+        return etag is None or etag == listed.run_etag
 
     async def _load_as_listed(self, io: Bucket, run_key: str) -> _Run:
         """The whole run, for a read: :class:`_Superseded` when a slot listed without its
@@ -879,16 +898,28 @@ class S3Store(ExpiryCleanup):
                     entries, known_from = entries[:keep], last + 1
             return _parse_run_listing(run_key, entries), known_from
 
+        pages = [1]
+
         def until(entries: list[Listed]) -> bool:
             last = entries[-1].key
             if last != run_object and not last.startswith(slots):
                 return True  # past the slots: only item markers follow
-            return enough(cut(entries, False)[0])
+            if enough(cut(entries, False)[0]):
+                return True
+            pages[0] += 1
+            return False
 
-        entries, ended = await io.scan(prefix, start_after=start_after, first=first, until=until)
-        if not entries:
-            return _Listed(), 0
-        return cut(entries, ended)
+        for _ in range(self._retry.max_retries + 1):
+            pages[0] = 1
+            entries, ended = await io.scan(prefix, start_after=start_after, first=first,
+                                           until=until)
+            if not entries:
+                return _Listed(), 0
+            listed, known_from = cut(entries, ended)
+            if pages[0] == 1 or before is not None or await self._confirmed(io, run_key,
+                                                                            listed):
+                return listed, known_from
+        raise _changing(run_key)
 
     async def _head(self, io: Bucket, run_key: str, *, live_wanted: int, now: float) -> tuple[
         _Run, int
@@ -2117,9 +2148,13 @@ class S3Store(ExpiryCleanup):
                 functools.partial(io.get, slot),
                 functools.partial(_damage_as_value, self._read_state, io, run_key),
             ),
-            functools.partial(io.list, f"{slot}/"),
+            functools.partial(io.list, slot),
         )
         view = _parse_run_listing(run_key, entries).slots.get(sequence)
+        if found is not None and (view is None or view.slot_etag is None):
+            # Written after the LIST, or removed before it (with its markers, maybe): the
+            # markers listed are not those of the slot read.
+            raise _Superseded
         accepted = await self._accept_read(io, run_key, sequence, found, state, now, view,
                                            seen)
         if accepted is None:
@@ -2357,16 +2392,16 @@ class S3Store(ExpiryCleanup):
         enough: Callable[[_Listed], bool],
     ) -> tuple[_Listed, int]:
         """The slots below ``before`` and the run object's ETag: one LIST from the top, or
-        (below ``before``) a LIST from there and one of the run object, sent together."""
+        (below ``before``) a LIST from there, then one of the run object."""
         if before is None:
             return await self._scan(io, run_key, first=first, enough=enough)
         if before <= 0:
             return _Listed(run_etag=await self._run_etag(io, run_key)), 0
-        (listed, known_from), etag = await pair(
-            functools.partial(self._scan, io, run_key, first=first, enough=enough, before=before),
-            functools.partial(self._run_etag, io, run_key),
-        )
-        listed.run_etag = etag
+        # The run object after the slots, not beside them: a run deleted meanwhile (its run
+        # object goes first) is then found gone, not listed with part of its slots.
+        listed, known_from = await self._scan(io, run_key, first=first, enough=enough,
+                                              before=before)
+        listed.run_etag = await self._run_etag(io, run_key)
         return listed, known_from
 
     async def _run_etag(self, io: Bucket, run_key: str) -> str | None:
@@ -2470,23 +2505,44 @@ class S3Store(ExpiryCleanup):
     async def delete_run(self, run_key: str) -> int:
         check_run_key(run_key)
         io = await self._objects()
-        current = await self._load(io, run_key)
-        items = await io.list(layout.items_prefix(run_key))
-        # The run object first: a crash part way leaves leftovers of a deleted run (which
-        # appends and the cleanup loop remove), never a run that lost some checkpoints.
-        keys = [layout.run_object(run_key)] if current.listed.run_etag is not None else []
-        keys += [key for view in current.listed.slots.values() for key in _keys_of(run_key, view)]
-        keys += [marker.key for marker in current.listed.item_markers]
-        keys += current.listed.stray + [entry.key for entry in items]
-        keys += current.listed.sweep_keys(run_key)
-        if current.damage is not None:
-            keys += await self._index_entries_of(io, run_key)  # the record cannot name them
-        elif current.state is not None:
-            keys += layout.index_keys(run_key, current.state)
-        if keys:
-            await io.delete(keys)
+        current, listed = await self._unlinked(io, run_key)
         self._forget(run_key)
+        slots = [entry for entry in listed if _is_slot(run_key, entry.key)]
+        rest = [entry for entry in listed if not _is_slot(run_key, entry.key)]
+        if current.damage is not None:
+            index = await self._index_entries_of(io, run_key)  # the record cannot name them
+        elif current.state is not None:
+            index = layout.index_keys(run_key, current.state)
+        else:
+            index = []  # an earlier delete_run stopped part way: list_runs drops the entries
+        rest += [Listed(key, "") for key in index]  # an incarnation's own: never reused
+        # Each listed object only if unchanged: once the run object is gone a new life of
+        # the run may begin, and it reuses slot keys. The slots before the rest: a reader
+        # that finds an item or marker gone checks that its checkpoint's slot stands.
+        await io.delete_listed(slots)
+        await io.delete_listed(rest)
         return len(current.held)
+
+    async def _unlinked(self, io: Bucket, run_key: str) -> tuple[_Run, list[Listed]]:
+        """List the run and its items, then delete its run object, alone, on the condition
+        that it is the one listed (else list again): S3 applies a ``DeleteObjects`` batch
+        key by key, in no promised order, and a reader that sees any of the run's keys gone
+        must find no run. Returns the run and what else was listed."""
+        run_object = layout.run_object(run_key)
+        for _ in range(_FLOOR_RACES):
+            entries, items = await pair(
+                functools.partial(io.list, layout.run_prefix(run_key)),
+                functools.partial(io.list, layout.items_prefix(run_key)),
+            )
+            current = await self._resolve(io, run_key, _parse_run_listing(run_key, entries))
+            etag = current.listed.run_etag
+            if etag is None or await io.delete_if(run_object, etag):
+                return current, [entry for entry in [*entries, *items]
+                                 if entry.key != run_object]
+        raise StoreUnavailableError(
+            f"delete_run of run {run_key}: its run object kept changing while it was deleted "
+            "(status changes, or the run deleted and started over); nothing was deleted, "
+            "try again")
 
     async def _index_entries_of(self, io: Bucket, run_key: str) -> list[str]:
         """Every index entry of the run, found by listing the whole index (a repair path)."""
@@ -3453,6 +3509,11 @@ async def _damage_as_value(
         return exc
 
 
+def _changing(run_key: str) -> StoreError:
+    return StoreError(f"run {run_key}: its run object kept changing while the run was "
+                      "listed; try again")
+
+
 def _outcome_unknown(run_key: str, slot: Slot, how: str) -> StoreUnavailableError:
     return StoreUnavailableError(
         f"outcome unknown: the create of checkpoint {slot.checkpoint_id} (run {run_key}, "
@@ -3499,6 +3560,12 @@ async def _delete_leftovers(
                                    for key, etag in slots]),
         functools.partial(io.delete, keys),
     )
+
+
+def _is_slot(run_key: str, key: str) -> bool:
+    """Whether ``key`` (of the run's listing) is a slot: ``c/<inv seq>``, nothing after."""
+    prefix = layout.slots_prefix(run_key)
+    return key.startswith(prefix) and layout.parse_sequence(key[len(prefix):]) is not None
 
 
 def _marker_keys_of(view: _SlotView) -> list[str]:
