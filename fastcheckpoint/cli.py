@@ -186,6 +186,16 @@ def _visible(value: str) -> _Shown:
     return _Shown(visible(value))
 
 
+def _tags(tags: Sequence[str]) -> _Shown:
+    """A checkpoint's tags for people, ``prod, v2``; as a JSON list (``["a, b", ""]``) when
+    a tag would make that ambiguous (it holds a comma, is empty or ``-``, has space at an
+    end, or begins with ``[``), so that two lists of tags never look alike."""
+    if any(not tag or tag == "-" or "," in tag or tag != tag.strip() or tag.startswith("[")
+           for tag in tags):
+        return _Shown(json_escaped(json.dumps(list(tags), ensure_ascii=False)))
+    return _Shown(", ".join(visible(tag) for tag in tags))
+
+
 def _said(message: str) -> _Shown:
     """A message, or one line of it, for people: each character that would act on the
     terminal as a backslash escape. Its values are quoted (``repr``) or :func:`_visible`."""
@@ -435,7 +445,8 @@ async def _show(manager: CheckpointManager, args: argparse.Namespace) -> int:
         ("run", metadata.run_id), ("checkpoint", metadata.checkpoint_id),
         ("sequence", metadata.sequence), ("created", when(metadata.created_at)),
         ("status", metadata.status.value), ("step", metadata.step_name or "-"),
-        ("parent", metadata.parent_id or "-"), ("tags", ", ".join(metadata.tags) or "-"),
+        ("parent", metadata.parent_id or "-"),
+        ("tags", _tags(metadata.tags) if metadata.tags else "-"),
         ("expires", when(metadata.expires_at) or "never"),
     ]
     if metadata.status is CheckpointStatus.PAUSED:
@@ -514,7 +525,7 @@ async def _history(manager: CheckpointManager, args: argparse.Namespace) -> int:
         for m in page:
             line = (f"{m.sequence:<{width}}  {when(m.created_at):<{stamp}}  "
                     f"{m.status.value:<9}  {_visible(m.checkpoint_id):<{id_width}}  "
-                    f"{_visible(m.step_name) or '-'}  {_visible(', '.join(m.tags))}")
+                    f"{_visible(m.step_name) or '-'}  {_tags(m.tags)}")
             print(line.rstrip())
         if len(page) < 500:
             return EXIT_OK

@@ -240,6 +240,36 @@ def test_history_shows_status_changes_and_every_checkpoint(
     assert json.loads(as_json) == json.loads(exported)
 
 
+@pytest.mark.parametrize(("tags", "shown"), [
+    (["prod", "v2"], "prod, v2"),
+    (["a, b"], '["a, b"]'),
+    (["a", "b"], "a, b"),
+    (["a,b"], '["a,b"]'),
+    ([""], '[""]'),
+    (["-"], '["-"]'),
+    ([" padded"], '[" padded"]'),
+    (['["x"]'], '["[\\"x\\"]"]'),
+    (["\u202eevil"], "\\u202eevil"),
+    (["\u202e, x"], '["\\u202e, x"]'),
+])
+def test_tags_read_one_way_in_show_and_history(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tags: list[str], shown: str
+) -> None:
+    """A tag holding ``, `` would read as two tags: such lists are shown as JSON."""
+    store_url = f"file://{tmp_path / 'store'}"
+
+    async def seed() -> None:
+        async with CheckpointManager(open_store(store_url)) as manager:
+            await manager.create("tagged", {"x": 1}, step_name="s", tags=tags)
+
+    anyio.run(seed)
+    _, out, _ = run_cli(capsys, "show", "tagged", "--url", store_url)
+    _, history, _ = run_cli(capsys, "history", "tagged", "--url", store_url)
+
+    assert f"tags        {shown}\n" in out
+    assert history.rstrip("\n").splitlines()[-1].endswith(f"  s  {shown}")
+
+
 def test_export_writes_every_format_to_stdout_or_a_file(
     url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
