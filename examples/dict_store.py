@@ -37,6 +37,7 @@ from fastcheckpoint.stores import (
     check_keep_latest,
     check_options,
     check_run_key,
+    check_sequence,
     header_of,
     is_live,
     latest_expiry,
@@ -104,6 +105,7 @@ class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as ever
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
         check_run_key(run_key)
+        sequence = check_sequence(sequence)  # a str or a float is the caller's mistake
         run = self._live_run(run_key, now)
         record = self._logs.get(run_key, {}).get(sequence)
         if run is None or record is None or not is_live(record.expires_at, now):
@@ -132,6 +134,7 @@ class DictStore(ExpiryCleanup):  # ExpiryCleanup adds cleanup_expired(), as ever
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
         check_run_key(run_key)
+        sequence = check_sequence(sequence)
         record = self._logs.get(run_key, {}).get(sequence)
         if record is None or record.checkpoint_id != checkpoint_id:
             return False  # an id of a deleted run never deletes a checkpoint of a later one

@@ -78,6 +78,7 @@ __all__ = [
     "check_labels",
     "check_options",
     "check_run_key",
+    "check_sequence",
     "check_shared_items",
     "header_of",
     "is_live",
@@ -864,6 +865,14 @@ def check_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or abs(value) > INT64:
         raise ValidationError(f"{name} must be a 64-bit int, got {shown(value)}")
     return int.__int__(value)
+
+
+def check_sequence(sequence: object) -> int:
+    """The sequence a read or a delete is given (``get``, ``delete``, ``read_with_items``): a
+    64-bit ``int`` (not a ``bool``), returned as a plain ``int``; anything else is the
+    caller's mistake, a :class:`ValidationError`. An ``int`` no checkpoint holds (negative,
+    past the newest) is no error: it finds nothing."""
+    return check_int("sequence", sequence)
 
 
 def check_time(name: str, value: object, *, optional: bool = False) -> None:

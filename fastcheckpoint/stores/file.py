@@ -131,6 +131,7 @@ from fastcheckpoint.stores._base import (
     check_limit,
     check_options,
     check_run_key,
+    check_sequence,
     check_str,
     check_time,
     header_of,
@@ -2888,7 +2889,7 @@ class FileStore(ExpiryCleanup):
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
-        check_int("sequence", sequence)
+        sequence = check_sequence(sequence)
         check_time("now", now)
         _check_run_key(run_key)
         return await self._read(run_key, self._get, run_key, sequence, now)
@@ -2998,7 +2999,7 @@ class FileStore(ExpiryCleanup):
         unless nothing was committed meanwhile: a checkpoint still held there had all its
         items in place while they were read."""
         if sequence is not None:
-            check_int("sequence", sequence)
+            sequence = check_sequence(sequence)
         check_time("now", now)
         _check_run_key(run_key)
         return await self._read(run_key, self._read_with_items, run_key, sequence, now)
@@ -3163,7 +3164,7 @@ class FileStore(ExpiryCleanup):
                 files, _log_view(files, run_key, now, include_expired=include_expired)))
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
-        check_int("sequence", sequence)
+        sequence = check_sequence(sequence)
         checkpoint_id = cast(str, check_str("checkpoint_id", checkpoint_id))
         _check_run_key(run_key)
         return await self._call(self._delete, run_key, sequence, checkpoint_id)

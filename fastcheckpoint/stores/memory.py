@@ -54,6 +54,7 @@ from fastcheckpoint.stores._base import (
     check_limit,
     check_options,
     check_run_key,
+    check_sequence,
     check_str,
     check_time,
     header_of,
@@ -414,7 +415,7 @@ class MemoryStore(ExpiryCleanup):
     async def get(
         self, run_key: str, sequence: int, *, now: float
     ) -> tuple[StoredCheckpoint, str] | None:
-        check_int("sequence", sequence)
+        sequence = check_sequence(sequence)
         check_time("now", now)
         self._checked_key(run_key)
         return self._get(run_key, sequence, now)
@@ -445,7 +446,7 @@ class MemoryStore(ExpiryCleanup):
         self, run_key: str, *, sequence: int | None, now: float
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
         if sequence is not None:
-            check_int("sequence", sequence)
+            sequence = check_sequence(sequence)
         check_time("now", now)
         self._checked_key(run_key)
         if sequence is None:
@@ -526,7 +527,7 @@ class MemoryStore(ExpiryCleanup):
         return result, run.record.status
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
-        check_int("sequence", sequence)
+        sequence = check_sequence(sequence)
         checkpoint_id = cast(str, check_str("checkpoint_id", checkpoint_id))
         self._checked_key(run_key)
         run = self._runs.get(run_key)

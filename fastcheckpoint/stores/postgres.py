@@ -82,6 +82,7 @@ from fastcheckpoint.stores._base import (
     check_labels,
     check_options,
     check_run_key,
+    check_sequence,
     check_time,
     is_run_key,
     item_key_bytes,
@@ -688,9 +689,8 @@ class PostgresStore(ExpiryCleanup):
     ) -> tuple[StoredCheckpoint, str] | None:
         check_time("now", now)
         check_run_key(run_key)
-        if isinstance(sequence, bool) or not isinstance(sequence, int) or not (
-            0 <= sequence <= _MAX_BIGINT
-        ):
+        sequence = check_sequence(sequence)
+        if sequence < 0:
             return None
         row = await self._row("get", self._sql.get, run_key, sequence, now)
         return None if row is None else (self._checkpoint(run_key, row),
@@ -717,11 +717,10 @@ class PostgresStore(ExpiryCleanup):
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
         check_time("now", now)
         check_run_key(run_key)
-        if sequence is not None and (
-            isinstance(sequence, bool) or not isinstance(sequence, int)
-            or not 0 <= sequence <= _MAX_BIGINT
-        ):
-            return None
+        if sequence is not None:
+            sequence = check_sequence(sequence)
+            if sequence < 0:
+                return None
         row = await self._row("read_with_items", self._sql.read_with_items, run_key, sequence,
                               now)
         if row is None:
@@ -758,9 +757,8 @@ class PostgresStore(ExpiryCleanup):
 
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
         check_run_key(run_key)
-        if isinstance(sequence, bool) or not isinstance(sequence, int) or not (
-            0 <= sequence <= _MAX_BIGINT
-        ) or not _storable(checkpoint_id):
+        sequence = check_sequence(sequence)
+        if sequence < 0 or not _storable(checkpoint_id):
             return False
         removed = await self._value("delete", self._sql.delete, run_key, sequence,
                                     checkpoint_id, _token())

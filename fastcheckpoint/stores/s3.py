@@ -109,6 +109,7 @@ from fastcheckpoint.stores._base import (
     check_limit,
     check_options,
     check_run_key,
+    check_sequence,
     check_str,
     check_time,
     check_utf8,
@@ -1936,7 +1937,7 @@ class S3Store(ExpiryCleanup):
     ) -> tuple[StoredCheckpoint, str] | None:
         check_run_key(run_key)
         check_time("now", now)
-        check_int("sequence", sequence)
+        sequence = check_sequence(sequence)
         if not layout.valid_sequence(sequence):
             return None
         io = await self._objects()
@@ -2111,7 +2112,7 @@ class S3Store(ExpiryCleanup):
         check_run_key(run_key)
         check_time("now", now)
         if sequence is not None:
-            check_int("sequence", sequence)
+            sequence = check_sequence(sequence)
         io = await self._objects()
         return await self._afresh(run_key, functools.partial(
             self._read_with_items, io, run_key, sequence, now, set()))
@@ -2431,7 +2432,7 @@ class S3Store(ExpiryCleanup):
     @holds_clients
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
         check_run_key(run_key)
-        check_int("sequence", sequence)
+        sequence = check_sequence(sequence)
         checkpoint_id = cast(str, check_str("checkpoint_id", checkpoint_id))
         if not layout.valid_sequence(sequence):
             return False

@@ -87,6 +87,7 @@ from fastcheckpoint.stores._base import (
     check_options,
     check_run_key,
     check_seed,
+    check_sequence,
     check_str,
     check_text,
     check_time,
@@ -249,10 +250,6 @@ def _finite(value: object) -> TypeGuard[float]:
     return isinstance(value, float) and math.isfinite(value)
 
 
-def _is_sequence(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= steps.INT64
-
-
 # -- validation -------------------------------------------------------------------------------
 
 
@@ -263,9 +260,8 @@ def _check_append(
     """What an append is given, checked before anything is written."""
     check_run_key(run_key)
     check_append(run_key, record, seed, items)
-    if keep_latest is not None and not _is_sequence(keep_latest):
-        raise ValidationError(f"keep_latest must be an int or None, got {shown(keep_latest)}")
-    check_keep_latest(keep_latest)
+    if check_keep_latest(keep_latest) is not None:
+        check_int("keep_latest", keep_latest)  # SQLite's integers are 64-bit
     check_time("now", now)
 
 
@@ -968,8 +964,7 @@ class SQLiteStore(ExpiryCleanup):
     ) -> tuple[StoredCheckpoint, str] | None:
         check_run_key(run_key)
         check_time("now", now)
-        if not _is_sequence(sequence):
-            return None
+        sequence = check_sequence(sequence)
         return await self._call(self._get, run_key, sequence, now)
 
     def _get(self, run_key: str, sequence: int, now: float) -> tuple[StoredCheckpoint, str] | None:
@@ -1108,8 +1103,7 @@ class SQLiteStore(ExpiryCleanup):
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
         check_run_key(run_key)
         checkpoint_id = cast(str, check_str("checkpoint_id", checkpoint_id))
-        if not _is_sequence(sequence):
-            return False
+        sequence = check_sequence(sequence)
         return await self._call(self._delete, run_key, sequence, checkpoint_id)
 
     def _delete(self, run_key: str, sequence: int, checkpoint_id: str) -> bool:
@@ -1367,8 +1361,8 @@ class SQLiteStore(ExpiryCleanup):
     ) -> tuple[StoredCheckpoint, str, dict[str, bytes]] | None:
         check_run_key(run_key)
         check_time("now", now)
-        if sequence is not None and not _is_sequence(sequence):
-            return None
+        if sequence is not None:
+            sequence = check_sequence(sequence)
         return await self._call(self._read_with_items, run_key, sequence, now)
 
     def _read_with_items(

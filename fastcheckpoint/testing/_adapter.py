@@ -209,6 +209,17 @@ class SharedItemsContract(ContractBase):
     """Whether the store refuses a ref naming an item that was never written (it reads every
     ref in the append's atomic step); every store refuses a ref to an item a removal took."""
 
+    async def test_a_read_of_a_sequence_that_is_no_int_is_refused(
+        self, store: CheckpointStore
+    ) -> None:
+        seed = make_run("typed-read")
+        await _append_items(store, seed, 0)
+        for wrong in ("0", 0.0, True, 2**64):
+            with pytest.raises(ValidationError):
+                await _read(store, seed, wrong)  # type: ignore[arg-type]
+        assert await _read(store, seed, 2**62) is None
+        assert await _read(store, seed, -1) is None
+
     async def test_store_offers_shared_items(self, store: CheckpointStore) -> None:
         assert isinstance(store, SupportsSharedItems)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastcheckpoint.errors import SequenceConflict
+from fastcheckpoint.errors import SequenceConflict, ValidationError
 from fastcheckpoint.stores._base import CheckpointStore, RunRecord
 from fastcheckpoint.testing._builders import (
     T0,
@@ -59,6 +59,19 @@ class DeleteContract(ContractBase):
         run = await store.get_run(key, now=T0)
         assert run is not None
         assert run.checkpoint_count == 3
+
+    async def test_delete_of_a_sequence_that_is_no_int_is_refused(
+        self, store: CheckpointStore
+    ) -> None:
+        seed = make_run("typed-delete")
+        key = key_of(seed)
+        written = await _append(store, seed, 0)
+        for wrong in ("0", 0.0, True, None, 2**64):
+            with pytest.raises(ValidationError):
+                await store.delete(key, wrong,  # type: ignore[arg-type]
+                                   checkpoint_id=written.checkpoint_id)
+        assert await store.get(key, 0, now=T0) is not None
+        assert await store.delete(key, -1, checkpoint_id=written.checkpoint_id) is False
 
     async def test_delete_with_another_id_removes_nothing(self, store: CheckpointStore) -> None:
         seed = make_run("guarded")

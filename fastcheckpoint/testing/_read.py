@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import random
 
+import pytest
+
+from fastcheckpoint.errors import ValidationError
 from fastcheckpoint.stores._base import CheckpointStore, StoredCheckpoint
 from fastcheckpoint.testing._builders import T0, header_of, key_of, make_item, make_run, without_key
 from fastcheckpoint.testing._contract import (
@@ -56,6 +59,17 @@ class ReadContract(ContractBase):
         assert await store.get(key, 2, now=T0) is None
         assert await store.get(key, -1, now=T0) is None
         assert await store.get(key_of(make_run("other")), 0, now=T0) is None
+
+    async def test_a_sequence_that_is_no_int_is_refused(self, store: CheckpointStore) -> None:
+        """A sequence of another type is the caller's mistake (``ValidationError``, as for every
+        argument); an ``int`` no checkpoint holds, however large, finds none."""
+        seed = make_run("typed")
+        key = key_of(seed)
+        await _append(store, seed, 0)
+        for wrong in ("0", 0.0, True, None, 2**64):
+            with pytest.raises(ValidationError):
+                await store.get(key, wrong, now=T0)  # type: ignore[arg-type]
+        assert await store.get(key, 2**62, now=T0) is None
 
     async def test_get_expired_returns_none(self, store: CheckpointStore) -> None:
         seed = make_run("ageing")
