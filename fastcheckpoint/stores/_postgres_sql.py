@@ -1710,6 +1710,70 @@ _REBUILD_RUN_V10 = _patched(
 ).replace("<own>", _own_id("c", "p_run_key"))
 
 
+# Migration 11: a first try delivered late. When a connection drops, the first send of a call
+# may still reach the server (on the dropped connection, whose end the server has not seen)
+# after the retry committed and the caller went on. The memo under its token makes it a
+# no-op; delete_run and delete_items now remember their result also when they removed nothing
+# (a late delete_run of a run that did not exist would remove the life started after it, a
+# late delete_items an item written after it), and put_items remembers every write, not only
+# a create-only one (a late upsert would overwrite a newer value), taking out two expired
+# memos after its own as an append does (see migration 8), since item writes are as frequent.
+_MEMO_ALWAYS = """    INSERT INTO {ops} (token, result, expires_at)
+    VALUES (p_token, coalesce(v_result, 0), extract(epoch FROM clock_timestamp()) + 300);
+    RETURN coalesce(v_result, 0);
+END
+$fn$"""
+
+_DELETE_RUN_V11 = _patched(
+    _token_locked(_DELETES_V1, "delete_run"),
+    ("""    IF v_result IS NULL THEN
+        RETURN 0;
+    END IF;
+    INSERT INTO {ops} (token, result, expires_at)
+    VALUES (p_token, v_result, extract(epoch FROM clock_timestamp()) + 300);
+    RETURN v_result;
+END
+$fn$""", _MEMO_ALWAYS),
+)
+
+_DELETE_ITEMS_V11 = _patched(
+    _token_locked(_READS_V1, "delete_items"),
+    ("""    IF v_count > 0 THEN
+        INSERT INTO {ops} (token, result, expires_at)
+        VALUES (p_token, v_count, extract(epoch FROM clock_timestamp()) + 300);
+    END IF;""", """    INSERT INTO {ops} (token, result, expires_at)
+    VALUES (p_token, v_count, extract(epoch FROM clock_timestamp()) + 300);"""),
+)
+
+_PUT_ITEMS_MEMO = """    -- A retry of this write whose reply was lost (a create-only one would find
+    -- its own items taken), or its first try delivered late: it wrote, once.
+    PERFORM 1 FROM {ops} o WHERE o.token = p_token;
+    IF FOUND THEN
+        RETURN;
+    END IF;"""
+
+_PUT_ITEMS_V11 = _patched(
+    _function(_ITEMS_V1, "put_items"),
+    ("CREATE FUNCTION {put_items}(", "CREATE OR REPLACE FUNCTION {put_items}("),
+    ("""    IF p_create_only THEN
+        -- The retry of a create-only write whose reply was lost: it wrote, once.
+        PERFORM 1 FROM {ops} o WHERE o.token = p_token;
+        IF FOUND THEN
+            RETURN;
+        END IF;
+    END IF;""", _TOKEN_LOCK.lstrip("\n") + _PUT_ITEMS_MEMO),
+    ("""    IF p_create_only THEN
+        INSERT INTO {ops} (token, result, expires_at)
+        VALUES (p_token, v_written, extract(epoch FROM clock_timestamp()) + 300);
+    END IF;""", """    INSERT INTO {ops} (token, result, expires_at)
+    VALUES (p_token, v_written, extract(epoch FROM clock_timestamp()) + 300);
+    DELETE FROM {ops} o
+     WHERE o.token IN (SELECT n.token FROM {ops} n WHERE n.token > p_token
+                        ORDER BY n.token LIMIT 2)
+       AND o.expires_at <= extract(epoch FROM clock_timestamp());"""),
+)
+
+
 MIGRATIONS = (
     Migration(
         1,
@@ -1772,6 +1836,14 @@ MIGRATIONS = (
         "rebuilt; damaged_runs reports times, sequences and versions out of range",
         ";\n\n".join([_DAMAGE_V10.strip(), _READS_V10.strip(), _APPEND_V10.strip(),
                        _DAMAGED_RUNS_V10.strip(), _REBUILD_RUN_V10.strip()]),
+    ),
+    Migration(
+        11,
+        "a call's first try delivered late, after its retry, is a no-op: delete_run and "
+        "delete_items remember their result also when they removed nothing, put_items every "
+        "write",
+        ";\n\n".join([_DELETE_RUN_V11.strip(), _DELETE_ITEMS_V11.strip(),
+                       _PUT_ITEMS_V11.strip()]),
     ),
 )
 """Every schema version, oldest first. A released migration is never edited: changes come

@@ -58,13 +58,21 @@ ref to ``K`` (``drop_nested``), whoever holds ``K``'s item (an owned one goes wi
 ``drop_owned_items``, even while named), and ``drop_run(false)`` removes every item key anyway.
 
 Lost replies. redis-py retries a call whose reply was lost, with the same arguments. Appends,
-run updates, the counting deletes, owned-item writes, create-only item writes and the purge
+run updates, the counting deletes, owned-item writes, item writes and the purge
 remember their reply (and the index operations it carried) for five minutes under
 ``<base>op:<token>`` and answer a retry with it (a run update with the record as it is then:
 another change may have followed). An append's retry is acknowledged so also when its
 checkpoint or its run went in between (a conflict would make the manager write it again at
 the next sequence), with its index operations only while the run is still its incarnation; the
 token is also in the checkpoint the append wrote, for a retry that finds no memo.
+
+Late first tries. When a connection drops, the first send of a call may still reach the
+server after redis-py's retry was answered and the caller went on. The memo makes it a no-op
+when it comes within the five minutes: ``delete_run``, ``delete_items`` and ``put_items``
+remember their reply also when they removed nothing or wrote an upsert (else a late
+``delete_run`` would remove a life of the run started after it, a late ``delete_items`` an
+item written after it, a late ``put_items`` overwrite a newer value). ``delete`` names the
+checkpoint id and ``update_run`` the incarnation and version, which later changes move on.
 
 Floats travel as the decimal strings Python wrote (``repr``) or Redis formats (scores); the
 scripts compare them with ``tonumber`` and store the strings unchanged, so no precision is lost
@@ -1094,7 +1102,9 @@ _DELETE_RUN = r"""
 local saved = recall(ARGV[5])
 if saved then return saved end
 local removed = drop_run(false)
-return answer(ARGV[5], {removed}, removed > 0)
+-- Remembered also when nothing was removed: a first try delivered late, after its retry
+-- answered and the run started again, must find the memo, not delete the new life.
+return answer(ARGV[5], {removed}, true)
 """
 
 # Returns {rid, inc, st, ct, ut, latest, expiry, v, d, count, labels, problem, index member};
@@ -1140,8 +1150,9 @@ table.insert(fields, 1, 'ok')
 return {fields, OPS}
 """
 
-# ARGV[5..]: create_only ('1'/'0'), token ('' unless create_only), then (key, value, owner,
-# expires_at) per item.
+# ARGV[5..]: create_only ('1'/'0'), token, then (key, value, owner, expires_at) per item. The
+# memo answers a retry of a create-only write (which would find its own items taken), and
+# makes a first try delivered late, after its retry and a newer write of a key, a no-op.
 _PUT_ITEMS = r"""
 local saved = recall(ARGV[6])
 if saved then return saved end
@@ -1234,7 +1245,8 @@ local foreign = foreign_key()
 if foreign then return {{'corrupt', unpack(foreign)}, OPS} end
 local removed = 0
 for index = 6, #ARGV do removed = removed + drop_item(ARGV[index]) end
-return answer(ARGV[5], {removed}, removed > 0)
+-- Remembered also when nothing was removed, for a first try delivered late (see delete_run).
+return answer(ARGV[5], {removed}, true)
 """
 
 # ARGV[5..]: budget, the member the global due index listed, token, seconds until a damaged

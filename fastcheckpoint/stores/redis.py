@@ -1193,8 +1193,10 @@ class RedisStore(ExpiryCleanup):
         check_run_key(run_key)
         check_time("now", now)
         check_items(items)
-        # Only a create-only write answers a retry of itself differently: remember its reply.
-        args: list[Any] = ["1" if create_only else "0", _token() if create_only else ""]
+        # Remembered under its token: a retry of a create-only write is answered as the first
+        # try was, and a first try of any write delivered late (after its retry and a newer
+        # write of a key) writes nothing.
+        args: list[Any] = ["1" if create_only else "0", _token()]
         for item in items:
             self._check_item(item)
             _check_ahead(item.expires_at, now)

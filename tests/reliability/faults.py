@@ -23,6 +23,13 @@ script calls, HTTP requests, PostgreSQL queries) and gives each one a fate drawn
     server's is kept (its replies drained) until the proxy stops: the server runs, and
     commits, what the client already takes for failed and may be retrying on another
     connection. Scripted only (not among :data:`INJECTED`).
+``late``
+    the request is held back whole (the proxy reads it to its end, without forwarding a byte)
+    and the client's connection closed, while the server's is kept: the client takes the
+    request for failed and its driver sends it again on another connection, where it is
+    applied and answered. The held request reaches the server only when the test calls
+    :meth:`FaultProxy.release_late`, after whatever later operations the test made: a request
+    delivered late, as a network or a server's queue can hold one. Scripted only.
 
 Threads carry the bytes, not the test's event loop: the proxy serves clients of any event
 loop library and in other processes, and a test that blocks its loop cannot stall it.
@@ -33,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import random
+import re
 import socket
 import struct
 import threading
@@ -44,7 +52,7 @@ from types import TracebackType
 
 __all__ = [
     "HTTP", "INJECTED", "POSTGRES", "POSTGRES_EXECUTIONS", "REDIS", "Fault", "FaultPlan",
-    "FaultProxy", "Wire", "postgres_running",
+    "FaultProxy", "Wire", "http_calling", "http_line", "postgres_running",
 ]
 
 _CHUNK = 65536
@@ -58,6 +66,7 @@ class Fault(str, enum.Enum):
     LOSE_REPLY = "lose-reply"
     DELAY = "delay"
     ABANDON = "abandon"
+    LATE = "late"
 
 
 INJECTED = (Fault.CUT, Fault.LOSE_REPLY, Fault.DELAY)
@@ -76,6 +85,10 @@ class Wire:
     reply to drop (the reply may follow in the same chunk)."""
     cut_at: Callable[[bytes], int] = lambda chunk: len(chunk) // 2
     """How many bytes of a request's first chunk a cut forwards (fewer than the chunk)."""
+    complete: Callable[[bytes], bool] = lambda request: True
+    """Whether the bytes read of a request so far hold all of it (a late request is held
+    back whole). One chunk is a whole request on Redis and PostgreSQL as the stores' drivers
+    send them; an HTTP request is whole once its body is."""
     framing: Callable[[], Callable[[bytes], bool]] | None = None
     """For a protocol whose requests can only be told apart by following the stream: a
     factory of a per-connection reader that takes each client chunk in order and says whether
@@ -102,8 +115,42 @@ def _http_interim(chunk: bytes) -> int:
     return at
 
 
+def _http_complete(request: bytes) -> bool:
+    head, found, body = request.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    length = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+    return len(body) >= (int(length.group(1)) if length else 0)
+
+
+def _http_starts(chunk: bytes) -> bool:
+    return chunk.startswith(_HTTP_METHODS)
+
+
 REDIS = Wire("redis", _redis_operation)
-HTTP = Wire("http", lambda chunk: chunk.startswith(_HTTP_METHODS), _http_interim)
+HTTP = Wire("http", _http_starts, _http_interim, complete=_http_complete)
+
+
+def http_calling(*operations: str) -> Wire:
+    """HTTP where only requests of these DynamoDB operations (``X-Amz-Target``) meet faults."""
+    targets = tuple(f"DynamoDB_20120810.{name}\r\n".encode() for name in operations)
+
+    def starts(chunk: bytes) -> bool:
+        return _http_starts(chunk) and any(target in chunk for target in targets)
+
+    return Wire(f"http-{'-'.join(operations)}", starts, _http_interim, complete=_http_complete)
+
+
+def http_line(pattern: bytes) -> Wire:
+    """HTTP where only requests whose request line matches ``pattern`` (a regular expression:
+    ``rb"^POST /[^ ]*[?&]delete"`` for S3's DeleteObjects) meet faults."""
+    line = re.compile(pattern)
+
+    def starts(chunk: bytes) -> bool:
+        return _http_starts(chunk) and line.search(chunk.partition(b"\r\n")[0]) is not None
+
+    return Wire(f"http-{pattern.decode(errors='replace')}", starts, _http_interim,
+                complete=_http_complete)
 
 _PG_SYNC = b"S\x00\x00\x00\x04"
 _PG_UNTYPED_REQUESTS = (80877103, 80877104, 80877102)
@@ -334,6 +381,19 @@ class FaultProxy:
     ) -> None:
         self.stop()
 
+    def release_late(self, *, timeout: float = 10.0) -> int:
+        """Send every request held back by a ``late`` fault to the server, on the connection
+        it came on, and wait until the server has answered each (so has applied it). Returns
+        how many were sent."""
+        with self._lock:
+            held = [link for link in self._links if link.late is not None]
+        for link in held:
+            link.deliver_late()
+        for link in held:
+            if not link.answered.wait(timeout):
+                raise TimeoutError("the server did not answer a request delivered late")
+        return len(held)
+
     def decide(self) -> Fault:
         """The next request's fate, counted."""
         fault = self.plan.next()
@@ -383,6 +443,8 @@ class _Link:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.dropping_reply = threading.Event()
         self.abandoned = threading.Event()
+        self.late: bytes | None = None  # a request held back, until release_late
+        self.answered = threading.Event()  # the server answered since the late delivery
         framing = proxy.wire.framing
         self._begins: Callable[[bytes], bool] = (
             proxy.wire.starts_request if framing is None else framing())
@@ -399,12 +461,32 @@ class _Link:
         try:
             while data := self.client.recv(_CHUNK):
                 fault = self.proxy.decide() if self._begins(data) else None
+                if fault is Fault.LATE:
+                    self._hold(data)
+                    return
                 if not self._forward(data, fault):
                     return
         except OSError:
             pass
         finally:
             self._pump_done()
+
+    def _hold(self, data: bytes) -> None:
+        """Read the rest of the request, keep it for :meth:`deliver_late`, and close the
+        client's connection (the server's stays, for the late delivery)."""
+        while not self.proxy.wire.complete(data) and (more := self.client.recv(_CHUNK)):
+            data += more
+        with self._lock:
+            self.late = data
+        self.abandoned.set()
+        with contextlib.suppress(OSError):
+            self.client.shutdown(socket.SHUT_RDWR)
+
+    def deliver_late(self) -> None:
+        with self._lock:
+            late, self.late = self.late, None
+        if late is not None:
+            self.upstream.sendall(late)
 
     def _forward(self, data: bytes, fault: Fault | None) -> bool:
         """Forward a chunk, applying the fate of the request it begins (``None``: it begins
@@ -429,6 +511,7 @@ class _Link:
         try:
             while data := self.upstream.recv(_CHUNK):
                 if self.abandoned.is_set():
+                    self.answered.set()
                     continue  # nobody to answer: the server's connection is kept, drained
                 if self.dropping_reply.is_set():
                     interim = self.proxy.wire.interim(data)
