@@ -2252,16 +2252,28 @@ class DynamoDBStore(ExpiryCleanup):
         self._cache.pop(run_key, None)
         self._families.pop(run_key, None)
         keys = [_text(entry, "SK") for entry in found]
+        run_item = next((entry for entry in found if _text(entry, "SK") == layout.RUN_SK), None)
+        # Every delete is conditioned on the run item this call read: sent again by botocore
+        # after a dropped connection, the first send may reach DynamoDB late, after the run
+        # was started anew (its keys are the same: checkpoint 0 is checkpoint 0), and must
+        # then delete nothing. A transaction takes such a condition; a batch write does not.
+        guard = _run_guard(pk, run_item)
+        records = [_delete(pk, key) for key in keys if key != layout.RUN_SK]
+        chunk = _TRANSACTION_LIMIT - 1
+        for start in range(0, len(records), chunk):
+            try:
+                await self._transact([guard, *records[start : start + chunk]])
+            except _Cancelled:
+                # The run item is no longer the one read: another process deleted the run,
+                # or started it anew over an expired one (which removed these leftovers).
+                logger.info("run key %s was deleted or started anew while delete_run removed "
+                            "it; the rest is not this call's to remove", run_key)
+                return sum(1 for key in keys[:start + chunk] if layout.is_checkpoint_sk(key))
         removed = sum(1 for key in keys if layout.is_checkpoint_sk(key))
-        await self._batch_write([
-            {"DeleteRequest": {"Key": {"PK": _s(pk), "SK": _s(key)}}}
-            for key in keys if key != layout.RUN_SK
-        ])
         # Then the label entries and the blobs of the incarnations listed, then the run item:
         # until it is gone, the run is visible (a retry after a crash finds its incarnation,
         # its labels, its blobs) and no new incarnation can start, whose blobs would share
         # the run key's prefix.
-        run_item = next((entry for entry in found if _text(entry, "SK") == layout.RUN_SK), None)
         if run_item is not None and _record_problem(run_item) is None:
             await self._guarded_deletes(
                 items_layout.label_deletes(run_key, _record_of(run_item)))
@@ -2269,8 +2281,15 @@ class DynamoDBStore(ExpiryCleanup):
             for incarnation in sorted(_incarnations(run_key, found)):
                 await self._discard_prefix(f"{run_key}/{incarnation}/")
             await self._sweep_item_blobs(run_key, grace=0.0)
-        if layout.RUN_SK in keys:
-            await self._call("DeleteItem", Key={"PK": _s(pk), "SK": _s(layout.RUN_SK)})
+        if run_item is not None:
+            # Conditioned like the records: a late first send must spare a newer run item,
+            # and a refused resend of a delete that landed is this call's own.
+            check = guard["ConditionCheck"]
+            await self._conditional(
+                "DeleteItem", Key=check["Key"], ConditionExpression=check["ConditionExpression"],
+                ExpressionAttributeNames=check["ExpressionAttributeNames"],
+                **({"ExpressionAttributeValues": check["ExpressionAttributeValues"]}
+                   if "ExpressionAttributeValues" in check else {}))
         self._cache.pop(run_key, None)
         return removed
 
@@ -2677,13 +2696,20 @@ class DynamoDBStore(ExpiryCleanup):
         return await self._batch_get_in(layout.partition(run_key), sort_keys)
 
     async def _batch_get_in(
-        self, partition: str, sort_keys: Sequence[str]
+        self, partition: str, sort_keys: Sequence[str], attributes: Sequence[str] = ()
     ) -> dict[str, dict[str, Any]]:
+        """``attributes``: only those (with ``PK`` and ``SK``) of each record; all when none."""
         pk = _s(partition)
+        names = _Names()
+        projection = ({"ProjectionExpression": ", ".join(names(a) for a in
+                                                         ("PK", "SK", *attributes)),
+                       "ExpressionAttributeNames": names.params()["ExpressionAttributeNames"]}
+                      if attributes else {})
 
         async def chunk(keys: Sequence[str]) -> list[dict[str, Any]]:
             request: dict[str, Any] = {self.table: {
-                "Keys": [{"PK": pk, "SK": _s(key)} for key in keys], "ConsistentRead": True}}
+                "Keys": [{"PK": pk, "SK": _s(key)} for key in keys], "ConsistentRead": True,
+                **projection}}
             found: list[dict[str, Any]] = []
             for attempt in range(self._retry.max_retries + 2):
                 response = await self._send("BatchGetItem", RequestItems=request)
@@ -2820,28 +2846,44 @@ class DynamoDBStore(ExpiryCleanup):
         pk = layout.partition(run_key)
         self._unsure(run_key)
         unique = [key for key in dict.fromkeys(check_keys(keys)) if _may_be_item_key(key)]
+        if not unique:
+            return 0
+        # Each delete is conditioned on the write it read (its token): sent again by botocore
+        # after a dropped connection, the first send may reach DynamoDB late, after the key
+        # was written anew, and must then spare the new value.
+        held = await self._batch_get_in(pk, [layout.item_sk(key) for key in unique], ("wt",))
 
         async def delete_one(key: str) -> int | CorruptCheckpointError:
             # The record goes only if what its removal decodes (its owner, its blob's
             # name) has the right type: a damaged one stays as it is, reported.
+            record = held.get(layout.item_sk(key))
+            if record is None:
+                return 0
             names = _Names()
+            written = (f"{names('wt')} = {names.value(record['wt'])}" if "wt" in record else
+                       f"attribute_exists({names('PK')}) AND attribute_not_exists({names('wt')})")
             where = self._where(run_key, layout.item_sk(key))
             try:
                 response = await self._call(
                     "DeleteItem",
                     Key={"PK": _s(pk), "SK": _s(layout.item_sk(key))},
                     ConditionExpression=(
+                        f"{written} AND "
                         f"(attribute_not_exists({names('o')}) OR "
                         f"attribute_type({names('o')}, {names.value(_s('N'))})) AND "
                         f"(attribute_not_exists({names('vb')}) OR "
                         f"attribute_type({names('vb')}, {names.value(_s('S'))}))"),
                     ReturnValues="ALL_OLD",
+                    ReturnValuesOnConditionCheckFailure="ALL_OLD",
                     **names.params(),
                 )
             except StoreError as exc:
                 if exc.__cause__ is None or (
                         error_code(exc.__cause__) != "ConditionalCheckFailedException"):
                     raise
+                current = cast(Any, exc.__cause__).response.get("Item") or {}
+                if current.get("wt") != record.get("wt"):
+                    return 0  # removed or written anew since it was read: not this call's
                 return CorruptCheckpointError(
                     "the item has a malformed attribute (its owner or the name of its value "
                     "object has another type); it was left as it is", key=where)
@@ -4351,6 +4393,20 @@ def _live_filter(names: _Names, now: float) -> str:
 
 def _delete(pk: str, sort_key: str) -> dict[str, Any]:
     return {"Delete": {"Key": {"PK": _s(pk), "SK": _s(sort_key)}}}
+
+
+def _run_guard(pk: str, run_item: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A ``ConditionCheck`` that the run item is still the one read (its incarnation, even
+    one of another type; none when it had none), or still absent."""
+    names = _Names()
+    if run_item is None:
+        condition = f"attribute_not_exists({names('PK')})"
+    elif "inc" in run_item:
+        condition = f"{names('inc')} = {names.value(run_item['inc'])}"
+    else:
+        condition = f"attribute_exists({names('PK')}) AND attribute_not_exists({names('inc')})"
+    return {"ConditionCheck": {"Key": {"PK": _s(pk), "SK": _s(layout.RUN_SK)},
+                               "ConditionExpression": condition, **names.params()}}
 
 
 def _delete_if(
