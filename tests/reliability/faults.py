@@ -29,7 +29,9 @@ script calls, HTTP requests, PostgreSQL queries) and gives each one a fate drawn
     request for failed and its driver sends it again on another connection, where it is
     applied and answered. The held request reaches the server only when the test calls
     :meth:`FaultProxy.release_late`, after whatever later operations the test made: a request
-    delivered late, as a network or a server's queue can hold one. Scripted only.
+    delivered late, as a network or a server's queue can hold one. Scripted only. Not for an
+    HTTP request sent with ``Expect: 100-continue`` (S3's PUTs): its client waits for the
+    interim answer before it sends the body, which the proxy waits for.
 
 Threads carry the bytes, not the test's event loop: the proxy serves clients of any event
 loop library and in other processes, and a test that blocks its loop cannot stall it.
