@@ -1081,7 +1081,7 @@ class DynamoDBStore(ExpiryCleanup):
         items: Sequence[Item] | None,
     ) -> str:
         check_run_key(run_key)
-        check_keep_latest(keep_latest)
+        keep_latest = check_keep_latest(keep_latest)
         token = secrets.token_hex(8)
         item = self._checkpoint_item(run_key, record, token)
         blob: str | None = None

@@ -332,7 +332,7 @@ class MemoryStore(ExpiryCleanup):
         items: Sequence[Item],
     ) -> str:
         self._checked_key(run_key)
-        check_keep_latest(keep_latest)
+        keep_latest = check_keep_latest(keep_latest)
         check_append(run_key, record, run, items)
         current = self._live_run(run_key, now)
         if current is None:

@@ -601,7 +601,7 @@ class PostgresStore(ExpiryCleanup):
         items: Sequence[Item],
     ) -> str:
         check_run_key(run_key)
-        check_keep_latest(keep_latest)
+        keep_latest = check_keep_latest(keep_latest)
         check_append(run_key, record, run, items)
         labels = [_utf8(label, "a label") for label in run.labels]
         self._check_size("checkpoint header plus payload",

@@ -775,7 +775,7 @@ class RedisStore(ExpiryCleanup):
     ) -> str:
         check_run_key(run_key)
         check_time("now", now)
-        check_keep_latest(keep_latest)
+        keep_latest = check_keep_latest(keep_latest)
         check_append(run_key, record, run, items)
         for item in items:
             self._check_item(item)

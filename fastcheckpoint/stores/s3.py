@@ -1036,7 +1036,7 @@ class S3Store(ExpiryCleanup):
         items: Sequence[Item],
     ) -> str:
         check_run_key(run_key)
-        check_keep_latest(keep_latest)
+        keep_latest = check_keep_latest(keep_latest)
         check_append(run_key, record, run, items)
         shared, owned = _appended_items(record, items)
         nests = nesting_under(record.refs, items)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable
 
@@ -37,6 +38,12 @@ from fastcheckpoint.testing._contract import (
 )
 
 __all__ = ["AppendContract", "AppendNextContract"]
+
+
+class _Keep(int, enum.Enum):
+    """A limit whose ``str`` is ``_Keep.TWO``, not ``2``."""
+
+    TWO = 2
 
 
 class AppendContract(ContractBase):
@@ -263,6 +270,16 @@ class AppendContract(ContractBase):
         assert await _sequences(store, seed, now=T0, include_expired=True) == [5, 4, 3]
         for sequence in range(3):
             assert await store.get(key, sequence, now=T0) is None
+
+    async def test_keep_latest_of_an_int_subclass_is_its_value(
+        self, store: CheckpointStore
+    ) -> None:
+        """An ``int`` subclass (an ``IntEnum``, an ``int``-mixin enum whose ``str`` is its
+        name) keeps what its value says: the store hands a driver the plain ``int``."""
+        seed = make_run("pruned-enum")
+        for sequence in range(4):
+            await _append(store, seed, sequence, keep_latest=_Keep.TWO)
+        assert await _sequences(store, seed, now=T0, include_expired=True) == [3, 2]
 
     @pytest.mark.parametrize("keep_latest", [0, -1, True, 2.5, "3"])
     async def test_a_bad_keep_latest_is_refused_before_any_change(

@@ -1,4 +1,4 @@
--- fastcheckpoint PostgreSQL store: every table, index and function at schema version 10.
+-- fastcheckpoint PostgreSQL store: every table, index and function at schema version 11.
 -- Generated from the code (a test keeps it equal); `fastcheckpoint init URL` applies the same.
 -- Run it as the role that will own the tables: psql -v ON_ERROR_STOP=1 -f schema.sql
 
@@ -3554,5 +3554,90 @@ END
 $fn$;
 
 INSERT INTO "public"."fc_migrations" (version, description) VALUES (10, 'damage is judged by a run''s own checkpoints and run id: a checkpoint of another run swapped in no longer blocks its run, a run row copied from another run is refused and rebuilt; damaged_runs reports times, sequences and versions out of range');
+
+CREATE OR REPLACE FUNCTION "public"."fc_delete_run"(p_run_key text, p_token text)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_result bigint;
+BEGIN
+    -- A retry of this call (same token) waits here for the call it repeats to end.
+    PERFORM pg_advisory_xact_lock(26211, hashtext(p_token));
+    SELECT o.result INTO v_result FROM "public"."fc_ops" o WHERE o.token = p_token;
+    IF FOUND THEN
+        RETURN v_result;
+    END IF;
+    -- The row first (its checkpoints and labels follow by cascade), then the run's items.
+    DELETE FROM "public"."fc_runs" r WHERE r.run_key = p_run_key RETURNING r.checkpoint_count INTO v_result;
+    DELETE FROM "public"."fc_refs" f WHERE f.run_key = p_run_key;
+    DELETE FROM "public"."fc_items" i WHERE i.run_key = p_run_key;
+    INSERT INTO "public"."fc_ops" (token, result, expires_at)
+    VALUES (p_token, coalesce(v_result, 0), extract(epoch FROM clock_timestamp()) + 300);
+    RETURN coalesce(v_result, 0);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION "public"."fc_delete_items"(p_run_key text, p_keys bytea[], p_token text)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_count bigint;
+BEGIN
+    -- A retry of this call (same token) waits here for the call it repeats to end.
+    PERFORM pg_advisory_xact_lock(26211, hashtext(p_token));
+    SELECT o.result INTO v_count FROM "public"."fc_ops" o WHERE o.token = p_token;
+    IF FOUND THEN
+        RETURN v_count;
+    END IF;
+    DELETE FROM "public"."fc_items" i WHERE i.run_key = p_run_key AND i.key = ANY (p_keys);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    INSERT INTO "public"."fc_ops" (token, result, expires_at)
+    VALUES (p_token, v_count, extract(epoch FROM clock_timestamp()) + 300);
+    RETURN v_count;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION "public"."fc_put_items"(p_run_key text, p_keys bytea[], p_values bytea[],
+                            p_owners bigint[], p_expiries double precision[],
+                            p_create_only boolean, p_now double precision, p_token text)
+RETURNS void LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_taken bytea;
+    v_written bigint;
+BEGIN
+    -- A retry of this call (same token) waits here for the call it repeats to end.
+    PERFORM pg_advisory_xact_lock(26211, hashtext(p_token));
+    -- A retry of this write whose reply was lost (a create-only one would find
+    -- its own items taken), or its first try delivered late: it wrote, once.
+    PERFORM 1 FROM "public"."fc_ops" o WHERE o.token = p_token;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    INSERT INTO "public"."fc_items" AS i (run_key, key, value, owner, expires_at)
+    SELECT p_run_key, k, v, o, e
+      FROM unnest(p_keys, p_values, p_owners, p_expiries) AS t(k, v, o, e)
+    ON CONFLICT (run_key, key) DO UPDATE
+       SET value = excluded.value, owner = excluded.owner, expires_at = excluded.expires_at
+     WHERE NOT p_create_only OR (i.expires_at IS NOT NULL AND i.expires_at <= p_now);
+    GET DIAGNOSTICS v_written = ROW_COUNT;
+    IF v_written < cardinality(p_keys) THEN
+        -- create_only met a live item: the exception undoes the whole batch.
+        SELECT i.key INTO v_taken FROM "public"."fc_items" i
+         WHERE i.run_key = p_run_key AND i.key = ANY (p_keys)
+           AND (i.expires_at IS NULL OR i.expires_at > p_now)
+         ORDER BY i.key LIMIT 1;
+        RAISE EXCEPTION USING ERRCODE = 'FC002', MESSAGE = coalesce(encode(v_taken, 'hex'), '');
+    END IF;
+    INSERT INTO "public"."fc_ops" (token, result, expires_at)
+    VALUES (p_token, v_written, extract(epoch FROM clock_timestamp()) + 300);
+    DELETE FROM "public"."fc_ops" o
+     WHERE o.token IN (SELECT n.token FROM "public"."fc_ops" n WHERE n.token > p_token
+                        ORDER BY n.token LIMIT 2)
+       AND o.expires_at <= extract(epoch FROM clock_timestamp());
+END
+$fn$;
+
+INSERT INTO "public"."fc_migrations" (version, description) VALUES (11, 'a call''s first try delivered late, after its retry, is a no-op: delete_run and delete_items remember their result also when they removed nothing, put_items every write');
 
 COMMIT;

@@ -819,8 +819,9 @@ async def test_purge_removes_orphaned_blobs_and_spares_in_flight_ones(
 
 async def test_item_writes_and_run_deletes_are_chunked(store: DynamoDBStore) -> None:
     """Items are written in transactions of up to 100 records (each write is conditioned
-    so that it never hides an item owned by a checkpoint); a run is deleted in
-    BatchWriteItem chunks of 25."""
+    so that it never hides an item owned by a checkpoint); a run's records are deleted in
+    transactions of up to 99 deletes, each with the check that the run is still the life
+    that was read (a late first send then spares a new life of the run)."""
     seed = make_run("batched")
     key = key_of(seed)
     with anyio.fail_after(DEADLINE):
@@ -832,9 +833,9 @@ async def test_item_writes_and_run_deletes_are_chunked(store: DynamoDBStore) -> 
         assert dynamo.counts == {"TransactWriteItems": 2}
         with counting(store) as (dynamo, _):
             assert await store.delete_run(key) == 1
-        # 120 items and 1 checkpoint: 121 deletes in 5 batches after one Query, then (after
-        # the blobs) the run item.
-        assert dynamo.counts == {"Query": 1, "BatchWriteItem": 5, "DeleteItem": 1}
+        # 120 items and 1 checkpoint: 121 deletes in 2 transactions after one Query, then
+        # (after the blobs) the run item.
+        assert dynamo.counts == {"Query": 1, "TransactWriteItems": 2, "DeleteItem": 1}
 
 
 async def test_given_clients_are_used_and_never_closed(
@@ -1000,7 +1001,10 @@ async def test_iam_policy_grants_exactly_what_the_store_calls(
                                keep_latest=None, now=T0)
             await capability_calls(store, value=os.urandom(DEFAULT_THRESHOLD + 1))
             await store.purge_expired(now=T0 + 5, limit=100)
+            # A day later: the reply memos of the writes above are due too (BatchWriteItem).
+            await store.purge_expired(now=T0 + 86_400, limit=100)
             await store.delete_run(key)
+    assert dynamo.counts["BatchWriteItem"] >= 1
     called = {f"dynamodb:{name}" for name in dynamo.counts}
     if called & {"dynamodb:TransactWriteItems", "dynamodb:TransactGetItems"}:
         called |= {f"dynamodb:{name}" for name in TRANSACTION_ACTIONS}

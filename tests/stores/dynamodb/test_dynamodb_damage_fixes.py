@@ -388,9 +388,11 @@ async def test_deleting_an_item_whose_owner_is_no_integer_leaves_it_whole(
     assert await _raw_item(store, key, layout.owned_sk(0, "w")) is not None
     for sort_key in (layout.item_sk("b"), layout.item_sk("u"), layout.owned_sk(0, "u")):
         assert await _raw_item(store, key, sort_key) is None
-    # One DeleteItem per record (and u's owned value); a number that is no integer passes
-    # the DeleteItem's condition, so that record is written back.
-    assert dynamo.counts == {"DeleteItem": 4, **({"PutItem": put_back} if put_back else {})}
+    # One BatchGetItem of the records' write tokens, then one DeleteItem per record (and u's
+    # owned value); a number that is no integer passes the DeleteItem's condition, so that
+    # record is written back.
+    assert dynamo.counts == {"BatchGetItem": 1, "DeleteItem": 4,
+                             **({"PutItem": put_back} if put_back else {})}
 
 
 # -- a count of another type --------------------------------------------------------------

@@ -124,16 +124,16 @@ async def test_purge_racing_a_restart_leaves_the_new_incarnation_alone(
 async def test_a_cancelled_delete_run_leaves_the_run_whole_or_gone(
     store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``delete_run`` takes several requests (a batch per 25 records, then the run item): an
-    asyncio cancellation between two of them is raised once the run is gone, never with it
-    partly deleted (its newest checkpoints gone, its record still counting them)."""
+    """``delete_run`` takes several requests (a transaction per 99 records, then the run
+    item): an asyncio cancellation between two of them is raised once the run is gone, never
+    with it partly deleted (its newest checkpoints gone, its record still counting them)."""
     run = make_run("cancelled-delete")
     key = key_of(run)
-    written = store._batch_write
+    written = store._transact
     batch_done = asyncio.Event()
 
-    async def slow_batches(requests: list[dict[str, Any]]) -> None:
-        await written(requests)
+    async def slow_batches(operations: list[dict[str, Any]]) -> None:
+        await written(operations)
         batch_done.set()
         await asyncio.sleep(0.05)  # room for the caller's cancellation before the next one
 
@@ -141,7 +141,7 @@ async def test_a_cancelled_delete_run_leaves_the_run_whole_or_gone(
         for sequence in range(30):
             await store.append(key, make_checkpoint(run, sequence), run=run, keep_latest=None,
                                now=T0)
-        monkeypatch.setattr(store, "_batch_write", slow_batches)
+        monkeypatch.setattr(store, "_transact", slow_batches)
         deleting = asyncio.ensure_future(store.delete_run(key))
         await batch_done.wait()
         deleting.cancel()
