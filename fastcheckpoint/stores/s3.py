@@ -2530,16 +2530,24 @@ class S3Store(ExpiryCleanup):
         key by key, in no promised order, and a reader that sees any of the run's keys gone
         must find no run. Returns the run and what else was listed."""
         run_object = layout.run_object(run_key)
+        tried: _Run | None = None
         for _ in range(_FLOOR_RACES):
             entries, items = await pair(
                 functools.partial(io.list, layout.run_prefix(run_key)),
                 functools.partial(io.list, layout.items_prefix(run_key)),
             )
             current = await self._resolve(io, run_key, _parse_run_listing(run_key, entries))
+            rest = [entry for entry in [*entries, *items] if entry.key != run_object]
             etag = current.listed.run_etag
-            if etag is None or await io.delete_if(run_object, etag):
-                return current, [entry for entry in [*entries, *items]
-                                 if entry.key != run_object]
+            if etag is None:
+                if tried is not None and _slots_stand(tried, current):
+                    # The run object went with the delete just tried, its reply lost (the
+                    # driver's resend found it gone): the run listed then is the one removed.
+                    current = tried
+                return current, rest
+            if await io.delete_if(run_object, etag):
+                return current, rest
+            tried = current
         raise StoreUnavailableError(
             f"delete_run of run {run_key}: its run object kept changing while it was deleted "
             "(status changes, or the run deleted and started over); nothing was deleted, "
@@ -3561,6 +3569,13 @@ async def _delete_leftovers(
                                    for key, etag in slots]),
         functools.partial(io.delete, keys),
     )
+
+
+def _slots_stand(before: _Run, after: _Run) -> bool:
+    """Whether every checkpoint ``before`` held is still listed in ``after``, the same
+    object (no delete reached a slot of that life since)."""
+    listed = {(sequence, view.slot_etag) for sequence, view in after.listed.slots.items()}
+    return all((view.sequence, view.slot_etag) in listed for view in before.held)
 
 
 def _is_slot(run_key: str, key: str) -> bool:

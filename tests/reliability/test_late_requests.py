@@ -31,6 +31,7 @@ from tests.reliability.faults import (
     FaultProxy,
     Wire,
     http_calling,
+    http_line,
     postgres_running,
 )
 
@@ -80,11 +81,13 @@ def _wire(target: Target, operation: str, request: str | None = None) -> Wire:
 
 
 @contextlib.asynccontextmanager
-async def _held(target: Target, wire: Wire) -> AsyncIterator[tuple[CheckpointStore, FaultProxy]]:
-    """A store whose first request on ``wire`` is delivered late, and the proxy that holds it
-    (``release_late`` sends it)."""
+async def _held(
+    target: Target, wire: Wire, script: tuple[Fault, ...] = (Fault.LATE,)
+) -> AsyncIterator[tuple[CheckpointStore, FaultProxy]]:
+    """A store whose first request on ``wire`` (or the one ``script`` says) is delivered
+    late, and the proxy that holds it (``release_late`` sends it)."""
     assert target.upstream is not None
-    with FaultProxy(target.upstream, wire, FaultPlan(script=[Fault.LATE])) as proxy:
+    with FaultProxy(target.upstream, wire, FaultPlan(script=script)) as proxy:
         store = target.store(proxy.endpoint)
         try:
             yield store, proxy
@@ -110,12 +113,14 @@ async def _direct(target: Target) -> AsyncIterator[tuple[CheckpointStore, Checkp
 
 
 async def _late_delete_run_then_new_life(
-    target: Target, run_id: str, before: int, request: str | None = None
+    target: Target, run_id: str, before: int, request: str | None = None, *,
+    wire: Wire | None = None, script: tuple[Fault, ...] = (Fault.LATE,),
 ) -> None:
     async with _direct(target) as (_, manager):
         for step in range(before):
             await manager.create(run_id, state_for(f"{run_id}/old/{step}"), force=True)
-        async with _held(target, _wire(target, "delete_run", request)) as (store, proxy):
+        held = wire or _wire(target, "delete_run", request)
+        async with _held(target, held, script) as (store, proxy):
             removed = await CheckpointManager(store, config=CONFIG).delete_run(run_id)
             assert removed == before
             created = await manager.create(run_id, state_for(f"{run_id}/new"), force=True)
@@ -145,6 +150,26 @@ async def test_a_late_delete_run_of_an_absent_run_spares_its_first_life(
     if late_target.name == "dynamodb":
         pytest.skip("DynamoDB's delete_run of an absent run sends no write to deliver late")
     await _late_delete_run_then_new_life(late_target, _unique("late-delete-absent"), 0)
+
+
+_S3_BATCH = rb"^POST /[^ ]*[?&]delete"
+"""An S3 ``DeleteObjects`` request's first line."""
+
+
+@pytest.mark.parametrize(("line", "script"), [
+    (rb"^DELETE ", (Fault.LATE,)),
+    (_S3_BATCH, (Fault.LATE,)),
+    (_S3_BATCH, (Fault.PASS, Fault.LATE)),
+], ids=["run-object", "slots", "the-rest"])
+async def test_a_late_s3_delete_run_request_spares_the_next_life_of_the_run(
+    s3_store_target: Target, line: bytes, script: tuple[Fault, ...]
+) -> None:
+    """S3's delete_run sends the run object's delete, then a batch of the slots, then one of
+    the rest; each of them late: its ETag conditions spare the new life's objects at the
+    same keys. (Its other requests cannot be held back here: their PUTs wait for the
+    server's ``100 Continue``.)"""
+    await _late_delete_run_then_new_life(s3_store_target, _unique("late-s3"), 2,
+                                         wire=http_line(line), script=script)
 
 
 async def test_a_late_run_item_delete_spares_the_next_life_of_the_run(

@@ -292,6 +292,41 @@ async def test_delete_run_request_budget(s3_store: S3Store) -> None:
     assert layout.run_object(_ids.key_of("counted")).endswith("/a")
 
 
+@pytest.mark.parametrize("answer", [404, 412])
+async def test_a_delete_run_whose_run_object_reply_is_lost_counts_what_it_removed(
+    s3_store: S3Store, monkeypatch: pytest.MonkeyPatch, answer: int,
+) -> None:
+    """The conditional delete of the run object lands, its reply is lost, and the driver's
+    resend finds the object gone (404, or 412 for the ETag no object has): the call still
+    removes the whole run and counts its checkpoints."""
+    with anyio.fail_after(DEADLINE):
+        manager = CheckpointManager(s3_store, config=CheckpointConfig())
+        for n in range(3):
+            await manager.create("lost-reply", {"n": n})
+        client = await s3_store.client()
+        real = client.delete_object
+        calls: list[str] = []
+
+        async def reply_lost(**kwargs: Any) -> Any:
+            calls.append(kwargs["Key"])
+            if len(calls) == 1:
+                await real(**kwargs)
+            code = "NoSuchKey" if answer == 404 else "PreconditionFailed"
+            raise ClientError({"Error": {"Code": code, "Message": "resent"},
+                               "ResponseMetadata": {"HTTPStatusCode": answer}}, "DeleteObject")
+
+        monkeypatch.setattr(client, "delete_object", reply_lost)
+        removed = await manager.delete_run("lost-reply")
+        monkeypatch.undo()
+        left = [entry for entry in await _keys(s3_store) if _ids.key_of("lost-reply") in entry]
+        run = await manager.get_run("lost-reply")
+
+    assert removed == 3
+    assert len(calls) == 1
+    assert left == []
+    assert run is None
+
+
 # -- one read's requests on either side of a delete_run -----------------------------------------
 
 
