@@ -2258,7 +2258,8 @@ class DynamoDBStore(ExpiryCleanup):
         # was started anew (its keys are the same: checkpoint 0 is checkpoint 0), and must
         # then delete nothing. A transaction takes such a condition; a batch write does not.
         guard = _run_guard(pk, run_item)
-        records = [_delete(pk, key) for key in keys if key != layout.RUN_SK]
+        doomed = [key for key in keys if key != layout.RUN_SK]
+        records = [_delete(pk, key) for key in doomed]
         chunk = _TRANSACTION_LIMIT - 1
         for start in range(0, len(records), chunk):
             try:
@@ -2268,7 +2269,7 @@ class DynamoDBStore(ExpiryCleanup):
                 # or started it anew over an expired one (which removed these leftovers).
                 logger.info("run key %s was deleted or started anew while delete_run removed "
                             "it; the rest is not this call's to remove", run_key)
-                return sum(1 for key in keys[:start + chunk] if layout.is_checkpoint_sk(key))
+                return sum(1 for key in doomed[:start] if layout.is_checkpoint_sk(key))
         removed = sum(1 for key in keys if layout.is_checkpoint_sk(key))
         # Then the label entries and the blobs of the incarnations listed, then the run item:
         # until it is gone, the run is visible (a retry after a crash finds its incarnation,

@@ -899,13 +899,27 @@ class S3Store(ExpiryCleanup):
                     entries, known_from = entries[:keep], last + 1
             return _parse_run_listing(run_key, entries), known_from
 
-        pages = [1]
-
-        def until(entries: list[Listed]) -> bool:
+        def satisfied(entries: list[Listed]) -> bool:
             last = entries[-1].key
             if last != run_object and not last.startswith(slots):
                 return True  # past the slots: only item markers follow
-            if enough(cut(entries, False)[0]):
+            return enough(cut(entries, False)[0])
+
+        if before is None and first < PAGE:
+            # A small first page for the newest few; when it is not enough, list again from
+            # the start in whole pages rather than go on from it: one page shows the run at
+            # one moment, two pages may not (see _confirmed), and this costs the same LISTs.
+            entries, ended = await io.scan(prefix, first=first, until=lambda _: True)
+            if not entries:
+                return _Listed(), 0
+            if ended or satisfied(entries):
+                return cut(entries, ended)
+            first = PAGE
+
+        pages = [1]
+
+        def until(entries: list[Listed]) -> bool:
+            if satisfied(entries):
                 return True
             pages[0] += 1
             return False
@@ -2530,7 +2544,7 @@ class S3Store(ExpiryCleanup):
         key by key, in no promised order, and a reader that sees any of the run's keys gone
         must find no run. Returns the run and what else was listed."""
         run_object = layout.run_object(run_key)
-        tried: _Run | None = None
+        tried: tuple[_Run, list[Listed]] | None = None
         for _ in range(_FLOOR_RACES):
             entries, items = await pair(
                 functools.partial(io.list, layout.run_prefix(run_key)),
@@ -2538,20 +2552,21 @@ class S3Store(ExpiryCleanup):
             )
             current = await self._resolve(io, run_key, _parse_run_listing(run_key, entries))
             rest = [entry for entry in [*entries, *items] if entry.key != run_object]
+            if tried is not None and _life_ended(tried[0], current):
+                # The life listed before lost its run object: to the delete just tried, its
+                # reply lost (the driver's resend found it gone), or to another process's
+                # delete, maybe followed by a new life. Finish that life as listed then: the
+                # ETags spare a new life's objects at the same keys.
+                return tried
             etag = current.listed.run_etag
             if etag is None:
-                if tried is not None and _slots_stand(tried, current):
-                    # The run object went with the delete just tried, its reply lost (the
-                    # driver's resend found it gone): the run listed then is the one removed.
-                    current = tried
                 return current, rest
             if await io.delete_if(run_object, etag):
                 return current, rest
-            tried = current
+            tried = current, rest
         raise StoreUnavailableError(
             f"delete_run of run {run_key}: its run object kept changing while it was deleted "
-            "(status changes, or the run deleted and started over); nothing was deleted, "
-            "try again")
+            "(status changes); its checkpoints were left as they were, try again")
 
     async def _index_entries_of(self, io: Bucket, run_key: str) -> list[str]:
         """Every index entry of the run, found by listing the whole index (a repair path)."""
@@ -3571,11 +3586,14 @@ async def _delete_leftovers(
     )
 
 
-def _slots_stand(before: _Run, after: _Run) -> bool:
-    """Whether every checkpoint ``before`` held is still listed in ``after``, the same
-    object (no delete reached a slot of that life since)."""
-    listed = {(sequence, view.slot_etag) for sequence, view in after.listed.slots.items()}
-    return all((view.sequence, view.slot_etag) in listed for view in before.held)
+def _life_ended(before: _Run, after: _Run) -> bool:
+    """Whether the life of the run listed in ``before`` has ended by ``after``: its run
+    object is gone, or another incarnation's stands (a status change keeps the incarnation)."""
+    if after.listed.run_etag is None:
+        return True
+    was = None if before.state is None else before.state.incarnation
+    now = None if after.state is None else after.state.incarnation
+    return was is not None and now is not None and was != now
 
 
 def _is_slot(run_key: str, key: str) -> bool:

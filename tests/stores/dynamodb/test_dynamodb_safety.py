@@ -154,6 +154,39 @@ async def test_a_cancelled_delete_run_leaves_the_run_whole_or_gone(
                                   keep_latest=None, now=T0 + 1) == "active"
 
 
+async def test_delete_run_cut_short_by_another_delete_counts_what_it_removed(
+    store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``delete_run`` removes a run's records in transactions conditioned on the run item it
+    read; when another process removes the run item before the second one, that one is
+    refused, and the call counts the checkpoints the first one removed, not those it did not."""
+    run = make_run("cut-short")
+    key = key_of(run)
+    written = store._transact
+    calls: list[int] = []
+
+    async def another_delete_meanwhile(operations: list[dict[str, Any]]) -> None:
+        calls.append(len(operations))
+        if len(calls) == 2:
+            await store._call("DeleteItem", Key={"PK": {"S": layout.partition(key)},
+                                                 "SK": {"S": layout.RUN_SK}})
+        await written(operations)
+
+    with anyio.fail_after(DEADLINE):
+        for sequence in range(3):
+            await store.append(key, make_checkpoint(run, sequence), run=run, keep_latest=None,
+                               now=T0)
+        await store.put_items(key, [make_item(f"k{n:03}") for n in range(120)], now=T0)
+        monkeypatch.setattr(store, "_transact", another_delete_meanwhile)
+        removed = await store.delete_run(key)
+        monkeypatch.undo()
+        left = await store._partition(key, "cid")
+
+    still = sum(1 for entry in left if layout.is_checkpoint_sk(entry["SK"]["S"]))
+    assert len(calls) == 2
+    assert removed == 3 - still
+
+
 async def test_a_cancelled_delete_of_owned_items_leaves_none_for_reads(
     store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -403,6 +403,30 @@ async def test_costs_do_not_grow_with_the_run(s3_store: S3Store) -> None:
     assert (run.latest_sequence, run.checkpoint_count) == (601, 602)
 
 
+@pytest.mark.parametrize("owned", [2, 10, 600])
+async def test_reading_the_newest_checkpoint_costs_at_most_two_lists_whatever_it_owns(
+    s3_store: S3Store, owned: int
+) -> None:
+    """``latest`` and ``read_with_items`` list the newest few keys in a small page; the
+    markers of many owned items make that page too small, and the run is then listed again
+    from its start in a whole page (one page shows the run at one moment, so nothing more
+    is needed to confirm it): two LISTs, not three."""
+    run = make_run(f"owner-{owned}")
+    key = key_of(run)
+    items = [make_item(f"w/{n:04}", owner=0) for n in range(owned)]
+    with anyio.fail_after(DEADLINE):
+        await _append_items(s3_store, run, 0, items=items)
+        client = await s3_store.client()
+        with RequestCounter.attached(client) as newest:
+            assert await s3_store.latest(key, now=T0) is not None
+        with RequestCounter.attached(client) as with_items:
+            found = await s3_store.read_with_items(key, sequence=None, now=T0)
+    assert newest.counts["ListObjectsV2"] <= 2
+    assert with_items.counts["ListObjectsV2"] <= 2
+    assert found is not None
+    assert len(found[2]) == owned
+
+
 async def test_joining_a_long_run_prunes_it_once_then_costs_one_delete(
     moto_endpoint: str, s3_store: S3Store
 ) -> None:

@@ -293,24 +293,33 @@ async def test_delete_run_request_budget(s3_store: S3Store) -> None:
 
 
 @pytest.mark.parametrize("answer", [404, 412])
+@pytest.mark.parametrize("new_life", [False, True], ids=["alone", "new-life-meanwhile"])
 async def test_a_delete_run_whose_run_object_reply_is_lost_counts_what_it_removed(
-    s3_store: S3Store, monkeypatch: pytest.MonkeyPatch, answer: int,
+    s3_store: S3Store, writer: S3Store, monkeypatch: pytest.MonkeyPatch, answer: int,
+    new_life: bool,
 ) -> None:
     """The conditional delete of the run object lands, its reply is lost, and the driver's
     resend finds the object gone (404, or 412 for the ETag no object has): the call still
-    removes the whole run and counts its checkpoints."""
+    removes the whole run it listed and counts its checkpoints; and when another process,
+    finding no run, began the run's next life before the call lists again, that life's
+    acknowledged checkpoint stays (its run object and slot are other objects)."""
     with anyio.fail_after(DEADLINE):
         manager = CheckpointManager(s3_store, config=CheckpointConfig())
+        other = CheckpointManager(writer, config=CheckpointConfig())
         for n in range(3):
             await manager.create("lost-reply", {"n": n})
         client = await s3_store.client()
         real = client.delete_object
         calls: list[str] = []
+        created: list[Any] = []
 
         async def reply_lost(**kwargs: Any) -> Any:
             calls.append(kwargs["Key"])
-            if len(calls) == 1:
-                await real(**kwargs)
+            if len(calls) > 1:
+                return await real(**kwargs)
+            await real(**kwargs)
+            if new_life:
+                created.append(await other.create("lost-reply", {"n": "next life"}))
             code = "NoSuchKey" if answer == 404 else "PreconditionFailed"
             raise ClientError({"Error": {"Code": code, "Message": "resent"},
                                "ResponseMetadata": {"HTTPStatusCode": answer}}, "DeleteObject")
@@ -319,12 +328,18 @@ async def test_a_delete_run_whose_run_object_reply_is_lost_counts_what_it_remove
         removed = await manager.delete_run("lost-reply")
         monkeypatch.undo()
         left = [entry for entry in await _keys(s3_store) if _ids.key_of("lost-reply") in entry]
-        run = await manager.get_run("lost-reply")
+        run = await other.get_run("lost-reply")
+        kept = [await other.restore_from(made.checkpoint_id) for made in created]
 
     assert removed == 3
     assert len(calls) == 1
-    assert left == []
-    assert run is None
+    if new_life:
+        assert run is not None
+        assert [found.state if found else None for found in kept] == [{"n": "next life"}]
+        assert run.checkpoint_count == 1
+    else:
+        assert left == []
+        assert run is None
 
 
 # -- one read's requests on either side of a delete_run -----------------------------------------
