@@ -2495,7 +2495,7 @@ class FileStore(ExpiryCleanup):
         items: Sequence[Item],
     ) -> str:
         check_time("now", now)
-        _check_append(run_key, record, run, keep_latest, items)
+        keep_latest = _check_append(run_key, record, run, keep_latest, items)
         appended = _appended_items(record, items)
         status, _ = await self._write(
             run_key, self._append, run_key, record, run, keep_latest, now, appended)
@@ -2512,7 +2512,7 @@ class FileStore(ExpiryCleanup):
         renumber: Callable[[int], StoredCheckpoint],
     ) -> tuple[str, StoredCheckpoint]:
         check_time("now", now)
-        _check_append(run_key, record, run, keep_latest)
+        keep_latest = _check_append(run_key, record, run, keep_latest)
         if record.refs:
             raise ValidationError("append_next takes checkpoints that name no items")
         return await self._write(
@@ -3882,13 +3882,15 @@ class FileStore(ExpiryCleanup):
 def _check_append(
     run_key: str, record: StoredCheckpoint, seed: RunRecord, keep_latest: int | None,
     items: Sequence[Item] = (),
-) -> None:
-    """What every append checks before it takes the run's lock."""
+) -> int | None:
+    """What every append checks before it takes the run's lock; ``keep_latest`` as a plain
+    ``int``."""
     _check_run_key(run_key)
     check_append(run_key, record, seed, items)
     _check_status(seed.status)
-    check_keep_latest(keep_latest)
+    keep_latest = check_keep_latest(keep_latest)
     _check_record_size(record, seed)
+    return keep_latest
 
 
 def _check_record_size(record: StoredCheckpoint, seed: RunRecord) -> None:

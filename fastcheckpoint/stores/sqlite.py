@@ -256,13 +256,16 @@ def _finite(value: object) -> TypeGuard[float]:
 def _check_append(
     run_key: str, record: StoredCheckpoint, seed: RunRecord, keep_latest: int | None,
     now: float, items: Sequence[Item] = (),
-) -> None:
-    """What an append is given, checked before anything is written."""
+) -> int | None:
+    """What an append is given, checked before anything is written; ``keep_latest`` as a
+    plain ``int``."""
     check_run_key(run_key)
     check_append(run_key, record, seed, items)
-    if check_keep_latest(keep_latest) is not None:
+    keep_latest = check_keep_latest(keep_latest)
+    if keep_latest is not None:
         check_int("keep_latest", keep_latest)  # SQLite's integers are 64-bit
     check_time("now", now)
+    return keep_latest
 
 
 def _check_keys(keys: Sequence[str]) -> list[str]:
@@ -803,7 +806,7 @@ class SQLiteStore(ExpiryCleanup):
         now: float,
         items: Sequence[Item],
     ) -> str:
-        _check_append(run_key, record, run, keep_latest, now, items)
+        keep_latest = _check_append(run_key, record, run, keep_latest, now, items)
         status, _ = await self._call(self._append, run_key, record, run, keep_latest, now,
                                      items)
         return status
@@ -821,7 +824,7 @@ class SQLiteStore(ExpiryCleanup):
         """``append``, at the run's next sequence when other writers took the one proposed
         (``renumber`` makes the checkpoint for it), in the same transaction: writers of one
         run take turns instead of racing for sequences."""
-        _check_append(run_key, record, run, keep_latest, now)
+        keep_latest = _check_append(run_key, record, run, keep_latest, now)
         if record.refs:
             raise ValidationError("append_next takes checkpoints that name no items")
         return await self._call(self._append, run_key, record, run, keep_latest, now, (),
