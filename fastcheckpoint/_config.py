@@ -281,6 +281,17 @@ def check_ttl_resolution(name: str, ttl: float, now: float) -> None:
             "expire as it is written")
 
 
+def ttl_setting(value: object, name: str, now: float) -> float:
+    """A TTL setting read where it is used (the config's default, an adapter's
+    ``ttl_seconds``): checked as :func:`check_default_ttl` checks it, as a plain ``float`` (a
+    numpy number or an ``IntEnum`` for its value), that a timestamp near ``now`` can hold."""
+    number = plain_float(value)
+    check_default_ttl(value if number is None else number, name)
+    ttl = float(value if number is None else number)  # type: ignore[arg-type]
+    check_ttl_resolution(name, ttl, now)
+    return ttl
+
+
 def check_setting_text(what: str, text: str) -> None:
     """:class:`ConfigurationError` when ``text`` (a URL, a name, a prefix) is not valid
     unicode: a driver sending it as UTF-8 would fail at its first call."""

@@ -32,9 +32,8 @@ from fastcheckpoint._config import (
     MAX_TTL_SECONDS,
     CheckpointConfig,
     RetryPolicy,
-    check_default_ttl,
-    check_ttl_resolution,
     environment,
+    ttl_setting,
 )
 from fastcheckpoint._history import Histories, Written
 from fastcheckpoint._logs import LogGap, Read
@@ -699,11 +698,7 @@ class CheckpointManager:
             default = self._store_ttl
             if default is None:
                 return None
-        number = _ids.plain_float(default)  # a numpy number assigned after construction
-        check_default_ttl(default if number is None else number)
-        ttl = float(default if number is None else number)
-        check_ttl_resolution("default_ttl_seconds", ttl, now)
-        return ttl
+        return ttl_setting(default, "default_ttl_seconds", now)  # numpy, IntEnum too
 
     async def _require_parent(self, key: str, parent_id: str) -> str:
         """``parent_id`` as a plain ``str``, if it names a live checkpoint of the run."""

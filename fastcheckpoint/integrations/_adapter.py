@@ -8,13 +8,8 @@ from collections.abc import Sequence
 
 import anyio
 
-from fastcheckpoint._config import (
-    CheckpointConfig,
-    RetryPolicy,
-    check_default_ttl,
-    check_ttl_resolution,
-)
-from fastcheckpoint._ids import plain_float, plain_int
+from fastcheckpoint._config import CheckpointConfig, RetryPolicy, ttl_setting
+from fastcheckpoint._ids import plain_int
 from fastcheckpoint.errors import CheckpointError, ConfigurationError
 from fastcheckpoint.stores import (
     CheckpointStore,
@@ -104,11 +99,7 @@ def checked_ttl(ttl_seconds: object) -> float | None:
     its ``default_ttl_seconds``, else :class:`ConfigurationError`."""
     if ttl_seconds is None:
         return None
-    number = plain_float(ttl_seconds)  # a numpy number or an IntEnum too, as its value
-    check_default_ttl(ttl_seconds if number is None else number, "ttl_seconds")
-    ttl = float(ttl_seconds if number is None else number)  # type: ignore[arg-type]
-    check_ttl_resolution("ttl_seconds", ttl, time.time())  # saved, then never found
-    return ttl
+    return ttl_setting(ttl_seconds, "ttl_seconds", time.time())  # saved, then never found
 
 
 def checked_keep_latest(keep_latest: object) -> int | None:

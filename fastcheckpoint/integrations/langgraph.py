@@ -67,7 +67,7 @@ from fastcheckpoint._manager import _DISCARD_SECONDS, CheckpointManager
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint._settle import settled
 from fastcheckpoint._threads import in_worker_thread
-from fastcheckpoint._validate import shown
+from fastcheckpoint._validate import count_arg, shown
 from fastcheckpoint.errors import (
     CheckpointError,
     ConfigurationError,
@@ -2841,12 +2841,7 @@ def _filter(filter: object) -> dict[str, Any]:
 def _limit(limit: object) -> int | None:
     """``None``, or ``limit`` as a plain ``int`` >= 0 (a numpy integer too, which LangGraph's
     own savers take)."""
-    if limit is None:
-        return None
-    whole = _ids.plain_int(limit)
-    if whole is None or whole < 0:
-        raise ValidationError(f"limit must be None or an integer >= 0, got {shown(limit)}")
-    return whole
+    return None if limit is None else count_arg("limit", limit, 0, " or None")
 
 
 def _matches(metadata: object, wanted: dict[str, Any]) -> bool:

@@ -39,7 +39,7 @@ from fastcheckpoint._ids import plain_str
 from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint._settle import settled
-from fastcheckpoint._validate import shown
+from fastcheckpoint._validate import count_arg, shown
 from fastcheckpoint.errors import (
     ConfigurationError,
     CorruptCheckpointError,
@@ -173,8 +173,7 @@ class FastConversationStore(ConversationStore):
     async def cleanup_expired(self, *, batch_size: int = 500) -> int:
         """Remove the entries of families whose conversations have all expired, then what
         expired in the store (``purge_expired`` in batches). Returns the entries removed."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValidationError(f"batch_size must be a positive integer, got {shown(batch_size)}")
+        batch_size = count_arg("batch_size", batch_size, 1)
         removed = 0
         now = self._now()
         for family, registered_at in await self._families(now):
@@ -703,12 +702,7 @@ def _plain_revision(revision: object) -> Any:
 def _check_limit(limit: object) -> int | None:
     """``None``, or ``limit`` as a plain ``int`` >= 0 (a numpy integer too, which Pydantic
     AI's in-memory store takes)."""
-    if limit is None:
-        return None
-    whole = _ids.plain_int(limit)
-    if whole is None or whole < 0:
-        raise ValidationError(f"limit must be None or an integer >= 0, got {shown(limit)}")
-    return whole
+    return None if limit is None else count_arg("limit", limit, 0, " or None")
 
 
 class _MissingEntry(CorruptCheckpointError, LookupError):

@@ -120,7 +120,7 @@ FUNCTIONS = {
     "update_run": "text, text, bigint, text, bytea, double precision, text, bigint",
     "put_items": "text, bytea[], bytea[], bigint[], double precision[], boolean, double precision, "
                  "text",
-    "put_owned_items": "text, bigint, text, bytea[], bytea[], boolean, double precision",
+    "put_owned_items": "text, bigint, text, bytea[], bytea[], boolean, double precision, text",
     "purge": "double precision, integer",
     "get": "text, bigint, double precision",
     "latest": "text, double precision",
@@ -1773,6 +1773,47 @@ _PUT_ITEMS_V11 = _patched(
        AND o.expires_at <= extract(epoch FROM clock_timestamp());"""),
 )
 
+# Migration 12: put_owned_items remembers its result under a token too. As an upsert
+# (if_absent false: the LangGraph saver's special writes), a first try delivered late would
+# overwrite the value a later call wrote to the same checkpoint's item; with the memo it
+# answers as it did and writes nothing. A new function beside the one of migration 1
+# (another signature, so another object): processes of the release before keep calling theirs
+# until they are rolled out.
+_PUT_OWNED_ITEMS_V12 = _patched(
+    _function(_ITEMS_V1, "put_owned_items"),
+    ("                                  p_now double precision)\n",
+     "                                  p_now double precision, p_token text)\n"),
+    ("    v_expires_at double precision;\nBEGIN\n",
+     "    v_expires_at double precision;\n    v_result bigint;\nBEGIN" + _TOKEN_LOCK
+     + """    -- A retry of this write whose reply was lost, or its first try delivered late: it
+    -- was answered once, and is answered so again without writing.
+    SELECT o.result INTO v_result FROM {ops} o WHERE o.token = p_token;
+    IF FOUND THEN
+        RETURN v_result = 1;
+    END IF;
+"""),
+    ("""    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    INSERT INTO {items} AS i (run_key, key, value, owner, expires_at)""",
+     """    IF NOT FOUND THEN
+        INSERT INTO {ops} (token, result, expires_at)
+        VALUES (p_token, 0, extract(epoch FROM clock_timestamp()) + 300);
+        RETURN false;
+    END IF;
+    INSERT INTO {items} AS i (run_key, key, value, owner, expires_at)"""),
+    ("""     WHERE NOT p_if_absent OR (i.expires_at IS NOT NULL AND i.expires_at <= p_now);
+    RETURN true;""",
+     """     WHERE NOT p_if_absent OR (i.expires_at IS NOT NULL AND i.expires_at <= p_now);
+    INSERT INTO {ops} (token, result, expires_at)
+    VALUES (p_token, 1, extract(epoch FROM clock_timestamp()) + 300);
+    DELETE FROM {ops} o
+     WHERE o.token IN (SELECT n.token FROM {ops} n WHERE n.token > p_token
+                        ORDER BY n.token LIMIT 2)
+       AND o.expires_at <= extract(epoch FROM clock_timestamp());
+    RETURN true;"""),
+)
+
 
 MIGRATIONS = (
     Migration(
@@ -1845,6 +1886,11 @@ MIGRATIONS = (
         ";\n\n".join([_DELETE_RUN_V11.strip(), _DELETE_ITEMS_V11.strip(),
                        _PUT_ITEMS_V11.strip()]),
     ),
+    Migration(
+        12,
+        "an owned-item write's first try delivered late, after its retry, is a no-op",
+        _PUT_OWNED_ITEMS_V12.strip(),
+    ),
 )
 """Every schema version, oldest first. A released migration is never edited: changes come
 as a new one."""
@@ -1873,7 +1919,7 @@ class Statements:
         self.count_runs = call("count_runs", 2)
         self.runs_with_label = call("runs_with_label", 5, RUN_COLUMNS)
         self.put_items = call("put_items", 8)
-        self.put_owned_items = call("put_owned_items", 7)
+        self.put_owned_items = call("put_owned_items", 8)
         self.get_items = call("get_items", 3)
         self.scan_items = call("scan_items", 6)
         self.delete_items = call("delete_items", 3)

@@ -912,7 +912,7 @@ class PostgresStore(ExpiryCleanup):
         if not _storable(checkpoint_id):
             return False
         wrote = await self._value("put_owned_items", self._sql.put_owned_items, run_key, owner,
-                                  checkpoint_id, keys, values, bool(if_absent), now)
+                                  checkpoint_id, keys, values, bool(if_absent), now, _token())
         return bool(wrote)
 
     async def get_items(

@@ -19,7 +19,7 @@ GRANT EXECUTE ON FUNCTION "public"."fc_delete"(text, bigint, text, text) TO fast
 GRANT EXECUTE ON FUNCTION "public"."fc_delete_run"(text, text) TO fastcheckpoint_app;
 GRANT EXECUTE ON FUNCTION "public"."fc_update_run"(text, text, bigint, text, bytea, double precision, text, bigint) TO fastcheckpoint_app;
 GRANT EXECUTE ON FUNCTION "public"."fc_put_items"(text, bytea[], bytea[], bigint[], double precision[], boolean, double precision, text) TO fastcheckpoint_app;
-GRANT EXECUTE ON FUNCTION "public"."fc_put_owned_items"(text, bigint, text, bytea[], bytea[], boolean, double precision) TO fastcheckpoint_app;
+GRANT EXECUTE ON FUNCTION "public"."fc_put_owned_items"(text, bigint, text, bytea[], bytea[], boolean, double precision, text) TO fastcheckpoint_app;
 GRANT EXECUTE ON FUNCTION "public"."fc_purge"(double precision, integer) TO fastcheckpoint_app;
 GRANT EXECUTE ON FUNCTION "public"."fc_get"(text, bigint, double precision) TO fastcheckpoint_app;
 GRANT EXECUTE ON FUNCTION "public"."fc_latest"(text, double precision) TO fastcheckpoint_app;

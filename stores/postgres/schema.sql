@@ -1,4 +1,4 @@
--- fastcheckpoint PostgreSQL store: every table, index and function at schema version 11.
+-- fastcheckpoint PostgreSQL store: every table, index and function at schema version 12.
 -- Generated from the code (a test keeps it equal); `fastcheckpoint init URL` applies the same.
 -- Run it as the role that will own the tables: psql -v ON_ERROR_STOP=1 -f schema.sql
 
@@ -3639,5 +3639,51 @@ END
 $fn$;
 
 INSERT INTO "public"."fc_migrations" (version, description) VALUES (11, 'a call''s first try delivered late, after its retry, is a no-op: delete_run and delete_items remember their result also when they removed nothing, put_items every write');
+
+CREATE FUNCTION "public"."fc_put_owned_items"(p_run_key text, p_owner bigint, p_checkpoint_id text,
+                                  p_keys bytea[], p_values bytea[], p_if_absent boolean,
+                                  p_now double precision, p_token text)
+RETURNS boolean LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_expires_at double precision;
+    v_result bigint;
+BEGIN
+    -- A retry of this call (same token) waits here for the call it repeats to end.
+    PERFORM pg_advisory_xact_lock(26211, hashtext(p_token));
+    -- A retry of this write whose reply was lost, or its first try delivered late: it
+    -- was answered once, and is answered so again without writing.
+    SELECT o.result INTO v_result FROM "public"."fc_ops" o WHERE o.token = p_token;
+    IF FOUND THEN
+        RETURN v_result = 1;
+    END IF;
+    -- Key share on the checkpoint: a concurrent removal waits for this write, and a
+    -- removal that came first leaves nothing to find.
+    SELECT c.expires_at INTO v_expires_at FROM "public"."fc_checkpoints" c
+     WHERE c.run_key = p_run_key AND c.sequence = p_owner
+       AND c.checkpoint_id = p_checkpoint_id
+       AND (c.expires_at IS NULL OR c.expires_at > p_now)
+       FOR KEY SHARE;
+    IF NOT FOUND THEN
+        INSERT INTO "public"."fc_ops" (token, result, expires_at)
+        VALUES (p_token, 0, extract(epoch FROM clock_timestamp()) + 300);
+        RETURN false;
+    END IF;
+    INSERT INTO "public"."fc_items" AS i (run_key, key, value, owner, expires_at)
+    SELECT p_run_key, k, v, p_owner, v_expires_at FROM unnest(p_keys, p_values) AS t(k, v)
+    ON CONFLICT (run_key, key) DO UPDATE
+       SET value = excluded.value, owner = excluded.owner, expires_at = excluded.expires_at
+     WHERE NOT p_if_absent OR (i.expires_at IS NOT NULL AND i.expires_at <= p_now);
+    INSERT INTO "public"."fc_ops" (token, result, expires_at)
+    VALUES (p_token, 1, extract(epoch FROM clock_timestamp()) + 300);
+    DELETE FROM "public"."fc_ops" o
+     WHERE o.token IN (SELECT n.token FROM "public"."fc_ops" n WHERE n.token > p_token
+                        ORDER BY n.token LIMIT 2)
+       AND o.expires_at <= extract(epoch FROM clock_timestamp());
+    RETURN true;
+END
+$fn$;
+
+INSERT INTO "public"."fc_migrations" (version, description) VALUES (12, 'an owned-item write''s first try delivered late, after its retry, is a no-op');
 
 COMMIT;

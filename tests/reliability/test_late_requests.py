@@ -58,6 +58,7 @@ _POSTGRES_FUNCTIONS = {
     "delete_run": b'"fc_delete_run"(',
     "delete": b'"fc_delete"(',
     "put_items": b'"fc_put_items"(',
+    "put_owned_items": b'"fc_put_owned_items"(',
     "delete_items": b'"fc_delete_items"(',
     "update_run": b'"fc_update_run"(',
 }
@@ -65,6 +66,7 @@ _DYNAMODB_REQUESTS: dict[str, tuple[str, ...]] = {
     "delete_run": ("BatchWriteItem", "TransactWriteItems"),  # the records' deletes
     "delete": ("TransactWriteItems",),
     "put_items": ("TransactWriteItems",),
+    "put_owned_items": ("TransactWriteItems",),
     "delete_items": ("DeleteItem",),
     "update_run": ("UpdateItem",),
 }
@@ -238,6 +240,33 @@ async def test_a_late_item_write_does_not_overwrite_a_newer_value(late_target: T
             await _release(proxy)
         assert await direct.get_items(key, ["k"], now=time.time()) == {"k": b"second"}, (
             "a late item write overwrote a newer value")
+
+
+async def test_a_late_owned_item_write_does_not_overwrite_a_newer_value(
+    late_target: Target,
+) -> None:
+    """put_owned_items as an upsert (the LangGraph saver's special writes), late after its
+    retry landed and the same checkpoint's item was written again: the newer value stays."""
+    if late_target.name == "dynamodb":
+        pytest.skip("DynamoDB answers a transaction sent again from its ClientRequestToken, "
+                    "which moto ignores")
+    run_id = _unique("late-owned-put")
+    key = _ids.key_of(run_id)
+    async with _direct(late_target) as (direct, manager):
+        created = await manager.create(run_id, state_for("owned"), force=True)
+        owner, checkpoint_id = created.metadata.sequence, created.checkpoint_id
+
+        async def write(store: CheckpointStore, value: bytes) -> bool:
+            return await store.put_owned_items(
+                key, [Item(key="k", value=value, owner=owner)], owner=owner,
+                checkpoint_id=checkpoint_id, if_absent=False, now=time.time())
+
+        async with _held(late_target, _wire(late_target, "put_owned_items")) as (store, proxy):
+            assert await write(store, b"first")
+            assert await write(direct, b"second")
+            await _release(proxy)
+        assert await direct.get_items(key, ["k"], now=time.time()) == {"k": b"second"}, (
+            "a late owned-item write overwrote a newer value")
 
 
 async def test_a_late_status_change_does_not_undo_a_later_one(late_target: Target) -> None:
