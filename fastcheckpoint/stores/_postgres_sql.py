@@ -1773,23 +1773,27 @@ _PUT_ITEMS_V11 = _patched(
        AND o.expires_at <= extract(epoch FROM clock_timestamp());"""),
 )
 
-# Migration 12: put_owned_items remembers its result under a token too. As an upsert
-# (if_absent false: the LangGraph saver's special writes), a first try delivered late would
-# overwrite the value a later call wrote to the same checkpoint's item; with the memo it
-# answers as it did and writes nothing. A new function beside the one of migration 1
-# (another signature, so another object): processes of the release before keep calling theirs
-# until they are rolled out.
+# Migration 12: put_owned_items remembers its answer under a token when it is an upsert
+# (if_absent false: the LangGraph saver's special writes). A first try of an upsert delivered
+# late would overwrite the value a later call wrote to the same checkpoint's item; with the
+# memo it answers as it did and writes nothing. An insert-if-absent needs none: late, it finds
+# the key written and writes nothing, and it costs no more than before. A new function beside
+# the one of migration 1 (another signature, so another object): processes of the release
+# before keep calling theirs until they are rolled out.
 _PUT_OWNED_ITEMS_V12 = _patched(
     _function(_ITEMS_V1, "put_owned_items"),
     ("                                  p_now double precision)\n",
      "                                  p_now double precision, p_token text)\n"),
     ("    v_expires_at double precision;\nBEGIN\n",
-     "    v_expires_at double precision;\n    v_result bigint;\nBEGIN" + _TOKEN_LOCK
-     + """    -- A retry of this write whose reply was lost, or its first try delivered late: it
-    -- was answered once, and is answered so again without writing.
-    SELECT o.result INTO v_result FROM {ops} o WHERE o.token = p_token;
-    IF FOUND THEN
-        RETURN v_result = 1;
+     "    v_expires_at double precision;\n    v_result bigint;\nBEGIN\n"
+     + """    IF NOT p_if_absent THEN
+        -- A retry of this upsert whose reply was lost, or its first try delivered late: it
+        -- was answered once, and is answered so again without writing.
+        PERFORM pg_advisory_xact_lock(26211, hashtext(p_token));
+        SELECT o.result INTO v_result FROM {ops} o WHERE o.token = p_token;
+        IF FOUND THEN
+            RETURN v_result = 1;
+        END IF;
     END IF;
 """),
     ("""    IF NOT FOUND THEN
@@ -1797,23 +1801,26 @@ _PUT_OWNED_ITEMS_V12 = _patched(
     END IF;
     INSERT INTO {items} AS i (run_key, key, value, owner, expires_at)""",
      """    IF NOT FOUND THEN
-        INSERT INTO {ops} (token, result, expires_at)
-        VALUES (p_token, 0, extract(epoch FROM clock_timestamp()) + 300);
+        IF NOT p_if_absent THEN
+            INSERT INTO {ops} (token, result, expires_at)
+            VALUES (p_token, 0, extract(epoch FROM clock_timestamp()) + 300);
+        END IF;
         RETURN false;
     END IF;
     INSERT INTO {items} AS i (run_key, key, value, owner, expires_at)"""),
     ("""     WHERE NOT p_if_absent OR (i.expires_at IS NOT NULL AND i.expires_at <= p_now);
     RETURN true;""",
      """     WHERE NOT p_if_absent OR (i.expires_at IS NOT NULL AND i.expires_at <= p_now);
-    INSERT INTO {ops} (token, result, expires_at)
-    VALUES (p_token, 1, extract(epoch FROM clock_timestamp()) + 300);
-    DELETE FROM {ops} o
-     WHERE o.token IN (SELECT n.token FROM {ops} n WHERE n.token > p_token
-                        ORDER BY n.token LIMIT 2)
-       AND o.expires_at <= extract(epoch FROM clock_timestamp());
+    IF NOT p_if_absent THEN
+        INSERT INTO {ops} (token, result, expires_at)
+        VALUES (p_token, 1, extract(epoch FROM clock_timestamp()) + 300);
+        DELETE FROM {ops} o
+         WHERE o.token IN (SELECT n.token FROM {ops} n WHERE n.token > p_token
+                            ORDER BY n.token LIMIT 2)
+           AND o.expires_at <= extract(epoch FROM clock_timestamp());
+    END IF;
     RETURN true;"""),
 )
-
 
 MIGRATIONS = (
     Migration(
@@ -1888,7 +1895,7 @@ MIGRATIONS = (
     ),
     Migration(
         12,
-        "an owned-item write's first try delivered late, after its retry, is a no-op",
+        "an owned-item upsert's first try delivered late, after its retry, is a no-op",
         _PUT_OWNED_ITEMS_V12.strip(),
     ),
 )

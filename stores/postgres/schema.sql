@@ -3649,13 +3649,14 @@ DECLARE
     v_expires_at double precision;
     v_result bigint;
 BEGIN
-    -- A retry of this call (same token) waits here for the call it repeats to end.
-    PERFORM pg_advisory_xact_lock(26211, hashtext(p_token));
-    -- A retry of this write whose reply was lost, or its first try delivered late: it
-    -- was answered once, and is answered so again without writing.
-    SELECT o.result INTO v_result FROM "public"."fc_ops" o WHERE o.token = p_token;
-    IF FOUND THEN
-        RETURN v_result = 1;
+    IF NOT p_if_absent THEN
+        -- A retry of this upsert whose reply was lost, or its first try delivered late: it
+        -- was answered once, and is answered so again without writing.
+        PERFORM pg_advisory_xact_lock(26211, hashtext(p_token));
+        SELECT o.result INTO v_result FROM "public"."fc_ops" o WHERE o.token = p_token;
+        IF FOUND THEN
+            RETURN v_result = 1;
+        END IF;
     END IF;
     -- Key share on the checkpoint: a concurrent removal waits for this write, and a
     -- removal that came first leaves nothing to find.
@@ -3665,8 +3666,10 @@ BEGIN
        AND (c.expires_at IS NULL OR c.expires_at > p_now)
        FOR KEY SHARE;
     IF NOT FOUND THEN
-        INSERT INTO "public"."fc_ops" (token, result, expires_at)
-        VALUES (p_token, 0, extract(epoch FROM clock_timestamp()) + 300);
+        IF NOT p_if_absent THEN
+            INSERT INTO "public"."fc_ops" (token, result, expires_at)
+            VALUES (p_token, 0, extract(epoch FROM clock_timestamp()) + 300);
+        END IF;
         RETURN false;
     END IF;
     INSERT INTO "public"."fc_items" AS i (run_key, key, value, owner, expires_at)
@@ -3674,16 +3677,18 @@ BEGIN
     ON CONFLICT (run_key, key) DO UPDATE
        SET value = excluded.value, owner = excluded.owner, expires_at = excluded.expires_at
      WHERE NOT p_if_absent OR (i.expires_at IS NOT NULL AND i.expires_at <= p_now);
-    INSERT INTO "public"."fc_ops" (token, result, expires_at)
-    VALUES (p_token, 1, extract(epoch FROM clock_timestamp()) + 300);
-    DELETE FROM "public"."fc_ops" o
-     WHERE o.token IN (SELECT n.token FROM "public"."fc_ops" n WHERE n.token > p_token
-                        ORDER BY n.token LIMIT 2)
-       AND o.expires_at <= extract(epoch FROM clock_timestamp());
+    IF NOT p_if_absent THEN
+        INSERT INTO "public"."fc_ops" (token, result, expires_at)
+        VALUES (p_token, 1, extract(epoch FROM clock_timestamp()) + 300);
+        DELETE FROM "public"."fc_ops" o
+         WHERE o.token IN (SELECT n.token FROM "public"."fc_ops" n WHERE n.token > p_token
+                            ORDER BY n.token LIMIT 2)
+           AND o.expires_at <= extract(epoch FROM clock_timestamp());
+    END IF;
     RETURN true;
 END
 $fn$;
 
-INSERT INTO "public"."fc_migrations" (version, description) VALUES (12, 'an owned-item write''s first try delivered late, after its retry, is a no-op');
+INSERT INTO "public"."fc_migrations" (version, description) VALUES (12, 'an owned-item upsert''s first try delivered late, after its retry, is a no-op');
 
 COMMIT;
