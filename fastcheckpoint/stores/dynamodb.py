@@ -2622,11 +2622,20 @@ class DynamoDBStore(ExpiryCleanup):
         return True
 
     async def _undo_puts(self, run_key: str, done: Sequence[Sequence[dict[str, Any]]]) -> None:
-        pk = _s(layout.partition(run_key))
-        await self._batch_write([
-            {"DeleteRequest": {"Key": {"PK": pk, "SK": operation["Put"]["Item"]["SK"]}}}
-            for operations in done for operation in operations if "Put" in operation
-        ])
+        """Take back the records a create-only write put before a later chunk was refused:
+        each only while it holds this write's token. A first send delivered late (after its
+        retry was answered and the caller wrote a key again) then leaves the newer record."""
+        pk = layout.partition(run_key)
+        deletes = []
+        for operations in done:
+            for operation in operations:
+                record = operation.get("Put", {}).get("Item")
+                if record is None:
+                    continue
+                sort_key = _text(record, "SK")
+                deletes.append(items_layout.delete_when(pk, sort_key, "wt", record["wt"])
+                               if "wt" in record else items_layout.delete_op(pk, sort_key))
+        await self._guarded_deletes(deletes)
 
     @holds_clients
     async def get_items(

@@ -187,6 +187,40 @@ async def test_delete_run_cut_short_by_another_delete_counts_what_it_removed(
     assert removed == 3 - still
 
 
+async def test_a_late_undo_of_a_refused_create_only_write_spares_a_newer_write(
+    store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create-only write of more items than one transaction takes: the first transaction
+    lands, the second is refused (a key is taken), and the first one's records are taken
+    back. That undo delivered late, after the caller wrote the keys again, spares the newer
+    records: it deletes a record only while it holds the refused write's token."""
+    run = make_run("late-undo")
+    key = key_of(run)
+    held: list[Any] = []
+    undo = store._undo_puts
+
+    async def hold(*args: Any) -> None:
+        held.append(args)  # the network holds the request; the caller goes on
+
+    with anyio.fail_after(DEADLINE):
+        await store.append(key, make_checkpoint(run, 0), run=run, keep_latest=None, now=T0)
+        await store.put_items(key, [make_item("k140", b"taken")], now=T0)
+        monkeypatch.setattr(store, "_undo_puts", hold)
+        with pytest.raises(ConflictError):
+            await store.put_items(key, [make_item(f"k{n:03}", b"first") for n in range(150)],
+                                  create_only=True, now=T0)
+        monkeypatch.undo()
+        await store.put_items(key, [make_item(f"k{n:03}", b"newer") for n in range(100)],
+                              now=T0)
+        assert len(held) == 1
+        await undo(*held[0])  # delivered now
+        found = await store.get_items(key, [f"k{n:03}" for n in range(150)], now=T0)
+
+    assert {name: value for name, value in found.items() if name != "k140"} == {
+        f"k{n:03}": b"newer" for n in range(100)}
+    assert found["k140"] == b"taken"
+
+
 async def test_a_cancelled_delete_of_owned_items_leaves_none_for_reads(
     store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
