@@ -15,6 +15,19 @@ class Boom(Exception):
     """What the hostile objects raise: a leak of it is our code calling into them."""
 
 
+class BadStr(str):
+    """A ``str`` that cannot be compared or hashed."""
+
+    def __eq__(self, other: object) -> bool:
+        raise Boom("__eq__")
+
+    def __ne__(self, other: object) -> bool:
+        raise Boom("__ne__")
+
+    def __hash__(self) -> int:
+        raise Boom("__hash__")
+
+
 def nested_list(depth: int) -> list[Any]:
     value: list[Any] = []
     for _ in range(depth):

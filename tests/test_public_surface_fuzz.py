@@ -76,7 +76,15 @@ from fastcheckpoint.stores._loops import holds_clients
 from fastcheckpoint.stores.sqlite import SQLiteStore
 from fastcheckpoint.testing import make_checkpoint, make_item
 from tests._helpers import T0, FakeClock, make_config
-from tests._hostile import DEEP, Boom, looped_dict, looped_list, nested_dict, nested_list
+from tests._hostile import (
+    DEEP,
+    BadStr,
+    Boom,
+    looped_dict,
+    looped_list,
+    nested_dict,
+    nested_list,
+)
 
 HUNT = os.environ.get("FUZZ_EXAMPLES")
 """Examples per test when hunting (random); unset, CI's few fixed examples."""
@@ -104,17 +112,8 @@ def fuzz_settings(examples: int) -> settings:
 # -- hostile values ------------------------------------------------------------------------
 
 
-class NastyStr(str):
+class NastyStr(BadStr):
     """A ``str`` whose comparison, hash, conversion and length raise."""
-
-    def __eq__(self, other: object) -> bool:
-        raise Boom("__eq__")
-
-    def __ne__(self, other: object) -> bool:
-        raise Boom("__ne__")
-
-    def __hash__(self) -> int:
-        raise Boom("__hash__")
 
     def __str__(self) -> str:
         raise Boom("__str__")
@@ -1003,6 +1002,19 @@ def _run_key_for(value: Any, world: World) -> Any:
     return value
 
 
+def fixed_call(world: World, method: str, kwargs: dict[str, Any]) -> Drawn:
+    """A fixed call of the store's ``method``: ``kwargs`` with the world's run keys put in
+    (see :func:`_run_key_for`) and its clock's ``now`` when the method takes one."""
+    arguments = {name: _run_key_for(value, world) for name, value in kwargs.items()}
+    parameters = inspect.signature(getattr(world.store, method)).parameters
+    if "now" in parameters and "now" not in arguments:
+        arguments["now"] = world.clock()
+    drawn = Drawn()
+    drawn.kwargs = arguments
+    drawn.labels = [f"{name}=..." for name in arguments]
+    return drawn
+
+
 @pytest.mark.parametrize("kind", FUZZ_KINDS)
 @pytest.mark.parametrize(("method", "kwargs"), STORE_CALLS,
                          ids=[f"{m}-{i}" for i, (m, _) in enumerate(STORE_CALLS)])
@@ -1013,15 +1025,8 @@ def test_a_store_refuses_a_bad_argument_and_changes_nothing_or_takes_it(
     directory.mkdir()
     world = World(kind, portal, directory)
     try:
-        arguments = {name: _run_key_for(value, world) for name, value in kwargs.items()}
-        parameters = inspect.signature(getattr(world.store, method)).parameters
-        if "now" in parameters and "now" not in arguments:
-            arguments["now"] = world.clock()
-        drawn = Drawn()
-        drawn.kwargs = arguments
-        drawn.labels = [f"{name}=..." for name in arguments]
-        _, raised = check_call(f"{kind}.{method}", getattr(world.store, method), drawn,
-                               portal=portal, world=world)
+        _, raised = check_call(f"{kind}.{method}", getattr(world.store, method),
+                               fixed_call(world, method, kwargs), portal=portal, world=world)
         # Refused, or taken for what it holds (a str subclass's text; a now a store that
         # decides nothing by it never reads): never another error, never a change.
         assert raised is None or isinstance(raised, ValidationError), raised

@@ -14,7 +14,6 @@ reads every run back); ``FUZZ_EXAMPLES=200`` hunts (random), ``-k redis`` picks 
 
 from __future__ import annotations
 
-import inspect
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,11 +40,10 @@ from tests.test_public_surface_fuzz import (
     EXCLUDED,
     HUNT,
     BadRepr,
-    Drawn,
     NastyStr,
     World,
-    _run_key_for,
     check_call,
+    fixed_call,
     fuzz_settings,
     fuzz_world,
     portal,  # noqa: F401
@@ -242,15 +240,8 @@ def test_a_server_store_refuses_a_bad_argument_and_changes_nothing(
         # snapshot per call costs seconds on moto).
         before = world.snapshot()
         for method, kwargs in SERVER_CALLS:
-            arguments = {name: _run_key_for(value, world) for name, value in kwargs.items()}
-            parameters = inspect.signature(getattr(world.store, method)).parameters
-            if "now" in parameters and "now" not in arguments:
-                arguments["now"] = world.clock()
-            drawn = Drawn()
-            drawn.kwargs = arguments
-            drawn.labels = [f"{name}=..." for name in arguments]
-            _, raised = check_call(f"{kind}.{method}", getattr(world.store, method), drawn,
-                                   portal=portal)
+            _, raised = check_call(f"{kind}.{method}", getattr(world.store, method),
+                                   fixed_call(world, method, kwargs), portal=portal)
             # Refused, or (an incarnation no run has) a conflict: never another error.
             assert raised is None or isinstance(raised, (ValidationError, ConflictError)), (
                 method, raised)

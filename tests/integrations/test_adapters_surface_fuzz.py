@@ -50,7 +50,15 @@ from fastcheckpoint.stores import CheckpointStore
 from fastcheckpoint.stores.file import _RUN_KEY, FileStore
 from fastcheckpoint.stores.memory import MemoryStore
 from tests._helpers import FakeClock, make_config
-from tests._hostile import DEEP, Boom, looped_dict, looped_list, nested_dict, nested_list
+from tests._hostile import (
+    DEEP,
+    BadStr,
+    Boom,
+    looped_dict,
+    looped_list,
+    nested_dict,
+    nested_list,
+)
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
@@ -79,19 +87,6 @@ def fuzz_settings() -> settings:
 
 
 # -- the hostile values -------------------------------------------------------------------------
-
-
-class BadStr(str):
-    """A ``str`` that cannot be compared or hashed."""
-
-    def __eq__(self, other: object) -> bool:
-        raise Boom("__eq__")
-
-    def __ne__(self, other: object) -> bool:
-        raise Boom("__ne__")
-
-    def __hash__(self) -> int:
-        raise Boom("__hash__")
 
 
 class BadEq(str):
