@@ -1635,7 +1635,7 @@ class S3Store(ExpiryCleanup):
             (_, kept), _ = await pair(
                 functools.partial(self._put_item, io, run_key, hex_key, body, now,
                                   marker=marker),
-                functools.partial(io.put, marker, b""),
+                functools.partial(io.put, marker, slot.token),
             )
             if kept is not None and (kept.owner, kept.expires_at) != (meta.owner,
                                                                       meta.expires_at):
@@ -2315,14 +2315,14 @@ class S3Store(ExpiryCleanup):
             await self._clear_if_damaged(io, run_key, hex_key, stored, marker)
             await pair(
                 functools.partial(gather, [functools.partial(io.put, key, layout.encode(body)),
-                                           functools.partial(io.put, marker, b"")]),
+                                           functools.partial(io.put, marker, token)]),
                 functools.partial(io.delete, stale),
             )
             return marker
         (_, kept), _ = await pair(
             functools.partial(self._put_item, io, run_key, hex_key, body, now, stored,
                               marker=marker),
-            functools.partial(io.put, marker, b""),
+            functools.partial(io.put, marker, token),
         )
         if kept is None:
             if old is not None and old != marker:
@@ -2927,9 +2927,8 @@ class S3Store(ExpiryCleanup):
         old = {hex_key: None if stored is None else _marker_of_stored(run_key, hex_key, stored)
                for hex_key, stored in found.items()}
         await pair(
-            functools.partial(gather, [functools.partial(io.put, marker, b"")
-                                       for hex_key, marker in wanted.items()
-                                       if marker is not None and marker != old[hex_key]]),
+            functools.partial(gather, [functools.partial(io.put, marker, token)
+                                       for marker in wanted.values() if marker is not None]),
             functools.partial(io.delete, [marker for hex_key, marker in old.items()
                                           if marker is not None and marker != wanted[hex_key]]),
         )
@@ -3844,7 +3843,7 @@ async def _restore_marker(
     writer's object landed)."""
     marker = _marker_for(run_key, hex_key, kept.owner, kept.expires_at)
     if marker is not None and marker in cleared:
-        await io.put(marker, b"")
+        await io.put(marker, kept.token)
 
 
 def _marker_of_stored(run_key: str, hex_key: str, stored: tuple[bytes, str]) -> str | None:

@@ -517,3 +517,45 @@ async def test_a_listing_of_several_pages_during_a_delete_run_finds_the_run_whol
     assert before == (3 if read == "get_run" else [2, 1, 0])
     assert held
     assert found in (None, [])
+
+
+async def test_a_new_life_writing_item_markers_during_the_last_batch_keeps_them(
+    s3_store: S3Store, reader: S3Store, writer: S3Store, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once the run object and the slots are gone, another process begins a new life of the
+    run whose checkpoint 0 owns an item at the key the old checkpoint 0 owned one, and
+    writes an expiring item the old life also held, with the same expiry: the same marker
+    keys. The delete's last batch names the old life's markers with the ETags it listed;
+    the new life's markers must have ETags of their own, else that batch removes them: the
+    acknowledged checkpoint read without its item, and the expiring item, without its
+    marker, was never found by the cleanup loop (the markers were empty objects, so every
+    life's marker at one key had the same ETag)."""
+    run, again = make_run("relived"), make_run("relived")
+    key = key_of(run)
+    expiring = make_item("loose", b"new", expires_at=T0 + 3600)
+    expiry = layout.item_marker_key(key, layout.hex_item_key("loose"),
+                                    layout.ItemMeta(None, T0 + 3600))
+    with anyio.fail_after(DEADLINE):
+        await _three_checkpoints(s3_store, run)
+
+        async def new_life(done: list[str]) -> None:
+            if len(batches) == 2 and not done:  # the last batch, before its first key
+                await _append(writer, again, 0, refs=[],
+                              items=[make_item("w/0", b"new", owner=0)])
+                await writer.put_items(key, [expiring], now=T0)
+
+        batches = await _piecewise(s3_store, monkeypatch, _shuffled, new_life)
+        assert await s3_store.delete_run(key) == 3
+        found = await reader.read_with_items(key, sequence=None, now=T0)
+        loose = await reader.get_items(key, ["loose"], now=T0)
+        left = await _keys(s3_store)
+        await reader.purge_expired(now=T0 + 7200, limit=100)
+        purged = await reader.get_items(key, ["loose"], now=T0)
+
+    assert len(batches) == 2
+    assert found is not None
+    assert found[0].sequence == 0
+    assert found[2] == {"w/0": b"new"}
+    assert loose == {"loose": b"new"}
+    assert expiry in left
+    assert purged == {}
