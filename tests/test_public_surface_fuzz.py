@@ -54,6 +54,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import fastcheckpoint
+import fastcheckpoint.stores as stores_module
 from fastcheckpoint import (
     Checkpoint,
     CheckpointConfig,
@@ -71,7 +72,7 @@ from fastcheckpoint import (
     open_store,
 )
 from fastcheckpoint.blocking import BlockingManager
-from fastcheckpoint.stores import Item, RunRecord, StoredCheckpoint
+from fastcheckpoint.stores import Item, RunRecord, StoredCheckpoint, register_store
 from fastcheckpoint.stores._loops import holds_clients
 from fastcheckpoint.stores.sqlite import SQLiteStore
 from fastcheckpoint.testing import make_checkpoint, make_item
@@ -805,6 +806,48 @@ def test_open_store(data: st.DataObject, tmp_path: Path, monkeypatch: pytest.Mon
             made.labels += ["store", f"config={label}"]
             check_call(cls.__name__, cls, made)
     finally:
+        anyio.run(store.aclose)
+
+
+REGISTER_VALID: dict[str, list[Any]] = {
+    "scheme": ["fuzzstore", "Fuzz+Store.v2", "memory"],
+    "target": ["fastcheckpoint.stores.memory:MemoryStore", "no_such_module_fuzz.x:Store",
+               "json:JSONDecoder", "fastcheckpoint.stores.memory:NoSuchClass"],
+    "extra": [None, "redis", "my-extra"],
+    "remote": [False, True],
+    "replace": [False, True],
+}
+
+
+@fuzz_settings(60)
+@given(data=st.data())
+def test_register_store(data: st.DataObject, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``register_store(...)`` with each argument valid or hostile: it registers or raises a
+    ``CheckpointError`` with the registry unchanged; ``open_store`` of what it registered
+    returns a store or raises a ``CheckpointError``."""
+    monkeypatch.setattr(stores_module, "_REGISTRY", dict(stores_module._REGISTRY))
+    drawn = Drawn()
+    for name, valid in REGISTER_VALID.items():
+        if data.draw(st.booleans(), label=f"{name} valid?"):
+            value = data.draw(st.sampled_from(valid), label=name)
+            drawn.labels.append(f"{name}={value!r}")
+        else:
+            label, value = draw_value(data, name, None)
+            drawn.labels.append(label)
+        if name in ("scheme", "target"):
+            drawn.args.append(value)
+        else:
+            drawn.kwargs[name] = value
+    before = dict(stores_module._REGISTRY)
+    _, raised = check_call("register_store", register_store, drawn)
+    if raised is not None:
+        assert before == stores_module._REGISTRY, drawn.labels
+        return
+    opened = Drawn()
+    opened.args.append(f"{str.lower(drawn.args[0])}://fuzz")
+    opened.labels.append(f"url={opened.args[0]!r}")
+    store, _ = check_call("open_store", open_store, opened)
+    if store is not None:
         anyio.run(store.aclose)
 
 

@@ -135,3 +135,77 @@ def test_store_contract_is_the_sum_of_its_mixins() -> None:
     assert all(per_mixin)
     assert sum(len(names) for names in per_mixin) == len(every)
     assert set().union(*per_mixin) == every
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """The scheme registry, restored after the test."""
+    copy = dict(stores_module._REGISTRY)
+    monkeypatch.setattr(stores_module, "_REGISTRY", copy)
+    return copy
+
+
+@pytest.mark.parametrize("call", [
+    {"scheme": "my store", "target": "my_package.store:MyStore"},
+    {"scheme": "my:store", "target": "my_package.store:MyStore"},
+    {"scheme": "1store", "target": "my_package.store:MyStore"},
+    {"scheme": "st\ud800re", "target": "my_package.store:MyStore"},
+    {"scheme": 5, "target": "my_package.store:MyStore"},
+    {"scheme": "mystore", "target": ":"},
+    {"scheme": "mystore", "target": "my package.store:MyStore"},
+    {"scheme": "mystore", "target": "my_package.store:"},
+    {"scheme": "mystore", "target": "my_package..store:MyStore"},
+    {"scheme": "mystore", "target": "my_package.store:MyStore", "extra": 5},
+    {"scheme": "mystore", "target": "my_package.store:MyStore", "extra": "a b\n"},
+    {"scheme": "mystore", "target": "my_package.store:MyStore", "remote": "no"},
+    {"scheme": "mystore", "target": "my_package.store:MyStore", "replace": 1},
+], ids=lambda call: repr(call)[:60])
+def test_register_store_refuses_what_no_url_could_open(
+    registry: dict[str, object], call: dict[str, object]
+) -> None:
+    """A scheme no URL can carry, a target that names no class, an extra that is no extra's
+    name or a flag that is no bool is a ``ConfigurationError`` at once, nothing registered
+    (before, most were registered: ``open_store`` then failed with a misleading message or
+    a ``ValueError`` from the import, or never reached the scheme)."""
+    before = dict(registry)
+    with pytest.raises(ConfigurationError):
+        register_store(**call)  # type: ignore[arg-type]
+    assert registry == before
+
+
+def test_register_store_takes_str_subclasses_as_their_text(registry: dict[str, object]) -> None:
+    class Named(str):
+        def lower(self) -> str:
+            raise RuntimeError("a subclass's own methods never run")
+
+    register_store(Named("MyStore"), Named("my_package.store:MyStore"), Named("my-extra"))
+    assert "mystore" in available_schemes()
+    with pytest.raises(ConfigurationError, match=r"fastcheckpoint\[my-extra\]"):
+        open_store("mystore://x")
+
+
+def test_open_store_types_what_a_third_party_store_raises(
+    registry: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store module that fails to import with something else than ``ImportError``, and a
+    ``from_url`` that raises its own error, are ``ConfigurationError`` naming the store (the
+    password of the URL left out): ``open_store`` raises nothing else."""
+    (tmp_path / "fc_broken_import.py").write_text("raise RuntimeError('broken at import')\n")
+    (tmp_path / "fc_broken_open.py").write_text(
+        "class Store:\n"
+        "    @classmethod\n"
+        "    def from_url(cls, url, **options):\n"
+        "        raise ValueError('cannot parse ' + url)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    register_store("brokenimport", "fc_broken_import:Store")
+    register_store("brokenopen", "fc_broken_open:Store")
+    try:
+        with pytest.raises(ConfigurationError, match="could not be imported: RuntimeError"):
+            open_store("brokenimport://x")
+        with pytest.raises(ConfigurationError, match="could not open") as raised:
+            open_store("brokenopen://user:hunter2@host/x")
+    finally:
+        for name in ("fc_broken_import", "fc_broken_open"):
+            sys.modules.pop(name, None)
+    assert "hunter2" not in str(raised.value)
+    assert isinstance(raised.value.__cause__, ValueError)

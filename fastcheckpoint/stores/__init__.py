@@ -14,7 +14,7 @@ from fastcheckpoint._config import RetryPolicy, check_setting_text
 from fastcheckpoint._ids import plain_str
 from fastcheckpoint._urls import without_password
 from fastcheckpoint._validate import shown
-from fastcheckpoint.errors import ConfigurationError
+from fastcheckpoint.errors import CheckpointError, ConfigurationError
 from fastcheckpoint.stores._base import (
     EMPTY_RUN,
     MAX_ITEM_KEY_BYTES,
@@ -173,14 +173,24 @@ def register_store(
     registered to something else is a :class:`ConfigurationError` unless ``replace=True``:
     nobody silently takes over ``redis://``. Registering the same thing twice is harmless.
     """
-    if not isinstance(scheme, str) or not scheme or "://" in scheme:
-        raise ConfigurationError(f"a store scheme is a name like 'mystore', got {scheme!r}")
-    if not isinstance(target, str) or target.count(":") != 1:
+    if not isinstance(scheme, str) or not _SCHEME_NAME.fullmatch(plain_str(scheme)):
         raise ConfigurationError(
-            f"a store target is 'package.module:Class', got {target!r}")
+            "a store scheme is a URL scheme like 'mystore' (a letter, then letters, digits, "
+            f"'+', '-' or '.'), got {shown(scheme)}")
+    if not isinstance(target, str) or not _is_target(plain_str(target)):
+        raise ConfigurationError(
+            f"a store target is 'package.module:Class', got {shown(target)}")
+    if extra is not None and (not isinstance(extra, str)
+                              or not _EXTRA_NAME.fullmatch(plain_str(extra))):
+        raise ConfigurationError(
+            f"a store's extra is the name of a fastcheckpoint extra like 'redis' (letters, "
+            f"digits, '-', '_' and '.'), or None, got {shown(extra)}")
+    for name, flag in (("remote", remote), ("replace", replace)):
+        if not isinstance(flag, bool):
+            raise ConfigurationError(f"{name} must be True or False, got {shown(flag)}")
     _discover()
-    key = scheme.lower()
-    backend = _Backend(target, extra, remote)
+    key = plain_str(scheme).lower()
+    backend = _Backend(plain_str(target), None if extra is None else plain_str(extra), remote)
     current = _REGISTRY.get(key)
     if current is not None and current != backend and not replace:
         raise ConfigurationError(
@@ -211,8 +221,8 @@ def _discover() -> None:
     already registered schemes win (a package cannot take over ``redis://`` by installing)."""
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         key = entry.name.lower()
-        if key in _REGISTRY:
-            continue
+        if key in _REGISTRY or not _SCHEME_NAME.fullmatch(key):
+            continue  # taken, or no URL scheme (no URL could name it)
         _REGISTRY[key] = _Backend(entry.value, None, remote=False)
         _ENTRY_POINTS.add(key)
 
@@ -222,6 +232,15 @@ _ENTRY_POINTS: set[str] = set()
 
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+_SCHEME_NAME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_EXTRA_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
+
+
+def _is_target(target: str) -> bool:
+    """Whether ``target`` reads ``package.module:Class`` (Python identifiers)."""
+    module, colon, name = target.partition(":")
+    return bool(colon) and name.isidentifier() and all(
+        part.isidentifier() for part in module.split("."))
 
 
 def checked_store_url(url: str) -> str:
@@ -283,6 +302,27 @@ def open_store(url: str, *, retry: RetryPolicy | None = None, **options: Any) ->
         known = ", ".join(f"{name}://" for name in sorted(_REGISTRY))
         raise ConfigurationError(f"unknown store URL scheme {scheme!r} in {url!r}; known: {known}")
     backend = _REGISTRY[scheme]
+    store_class = _store_class(scheme, backend)
+    remote = backend.remote or (scheme in _ENTRY_POINTS and getattr(store_class, "remote", False))
+    if remote:
+        # A path may hold any bytes the system gave (lone surrogates); a network store's
+        # names, host and options are text its driver sends as UTF-8.
+        check_setting_text("store URL", url)
+        options["retry"] = retry if retry is not None else RetryPolicy()
+    try:
+        store: CheckpointStore = store_class.from_url(url, **options)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a third-party store's own error: typed here
+        raise ConfigurationError(without_password(
+            f"the {scheme}:// store {backend.target} could not open {url!r}: "
+            f"{type(exc).__name__}: {exc}", url)) from exc
+    return store
+
+
+def _store_class(scheme: str, backend: _Backend) -> Any:
+    """The class ``backend`` names, imported; :class:`ConfigurationError` naming the
+    ``pip install`` to run when its packages are missing, or what else went wrong."""
     module_name, _, class_name = backend.target.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -293,15 +333,12 @@ def open_store(url: str, *, retry: RetryPolicy | None = None, **options: Any) ->
             f"the {scheme}:// store needs packages that are not installed ({exc.name}); "
             f"run: {hint}"
         ) from exc
-    store_class = getattr(module, class_name, None)
+    except Exception as exc:  # an entry point naming no module, a module failing to import
+        raise ConfigurationError(
+            f"the {scheme}:// store {backend.target} could not be imported: "
+            f"{type(exc).__name__}: {exc}") from exc
+    store_class = getattr(module, class_name, None) if class_name.isidentifier() else None
     if store_class is None or not callable(getattr(store_class, "from_url", None)):
         raise ConfigurationError(
             f"the {scheme}:// store {backend.target} does not exist or has no from_url(url)")
-    remote = backend.remote or (scheme in _ENTRY_POINTS and getattr(store_class, "remote", False))
-    if remote:
-        # A path may hold any bytes the system gave (lone surrogates); a network store's
-        # names, host and options are text its driver sends as UTF-8.
-        check_setting_text("store URL", url)
-        options["retry"] = retry if retry is not None else RetryPolicy()
-    store: CheckpointStore = store_class.from_url(url, **options)
-    return store
+    return store_class
