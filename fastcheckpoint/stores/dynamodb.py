@@ -2891,8 +2891,8 @@ class DynamoDBStore(ExpiryCleanup):
                 if exc.__cause__ is None or (
                         error_code(exc.__cause__) != "ConditionalCheckFailedException"):
                     raise
-                current = cast(Any, exc.__cause__).response.get("Item") or {}
-                if current.get("wt") != record.get("wt"):
+                current = cast(Any, exc.__cause__).response.get("Item")
+                if not current or current.get("wt") != record.get("wt"):
                     return 0  # removed or written anew since it was read: not this call's
                 return CorruptCheckpointError(
                     "the item has a malformed attribute (its owner or the name of its value "

@@ -529,3 +529,32 @@ async def test_a_run_listing_reads_on_past_any_number_of_damaged_pages(
     runs, cursor = await store.list_runs(status=None, limit=1, cursor=None, now=T0)
     assert (len(rounds), runs, cursor) == (3_000, listed[0][:1], None)
     assert rounds[:3] == [None, "cursor-1", "cursor-2"]
+
+
+async def test_delete_items_of_a_record_without_a_token_removed_meanwhile_is_no_damage(
+    store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record without a write token (written by hand, or by a release before tokens) that
+    another process deletes between ``delete_items``' read of its token and its conditioned
+    delete: the condition fails on a record that is gone, which is this call's key removed by
+    someone else (0 removed), not damage. Before, the missing token of the gone record
+    equalled the missing token read, and the call raised ``CorruptCheckpointError``."""
+    key = _ids.key_of(_unique("tokenless"))
+    await store.put_items(key, [make_item("a", b"a"), make_item("b", b"b")], now=T0)
+    pk = layout.partition(key)
+    await _edit(store, pk, layout.item_sk("a"), "REMOVE wt")
+    read = store._batch_get_in
+
+    async def read_then_removed(*args: Any, **kwargs: Any) -> Any:
+        found = await read(*args, **kwargs)
+        ddb, _ = await store.clients()
+        await ddb.delete_item(TableName=store.table,
+                              Key={"PK": {"S": pk}, "SK": {"S": layout.item_sk("a")}})
+        return found
+
+    monkeypatch.setattr(store, "_batch_get_in", read_then_removed)
+    removed = await store.delete_items(key, ["a", "b"])
+    monkeypatch.undo()
+
+    assert removed == 1
+    assert await store.get_items(key, ["a", "b"], now=T0) == {}
