@@ -31,6 +31,7 @@ import msgspec
 
 from fastcheckpoint import _ids
 from fastcheckpoint._codec import Codec, Header, RunData
+from fastcheckpoint._manager import _being_created
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint.errors import (
     ConfigurationError,
@@ -121,6 +122,21 @@ class _Known(msgspec.Struct):
     layout: _Layout
     values: list[list[bytes]]
     updated_at: float
+    payload: bytes
+    """The head checkpoint's payload: unique to the change that wrote it (a token)."""
+
+
+class _Unsettled(msgspec.Struct, frozen=True):
+    """A change whose store call failed without telling whether it was stored: its reply
+    lost, and the look that would tell (:func:`landed`) failed too."""
+
+    payload: bytes
+    entries: list[bytes]
+    state: bytes | None
+    expect: int | None
+    popped: bytes | None
+    """The entry a pop removed (``None``: an append)."""
+    head: LogHead
 
 
 _layout_encoder = msgspec.msgpack.Encoder()
@@ -162,6 +178,13 @@ class EntryLog:
         self._known: _Known | None = None
         self._seen = False
         """Whether ``_known`` is this object's last sight of the head (``None``: absent)."""
+        self._unsettled: _Unsettled | None = None
+        """This object's last change, if its outcome is unknown: the same change made again
+        is recognised once the store shows it as the head."""
+        self._joining: str | None = None
+        """The incarnation of the run the store holds without a checkpoint yet (a first
+        change that failed after the store created the run): the next first change joins it,
+        as a new incarnation's sequence 0 would be refused for ever."""
 
     @property
     def run_id(self) -> str:
@@ -172,6 +195,7 @@ class EntryLog:
     async def read(self) -> LogView | None:
         """The whole log, or ``None`` when it does not exist (never written, cleared or
         expired). One store call."""
+        self._unsettled = None  # the caller sees whether a change that failed is there
         known = await self._read()
         if known is None:
             return None
@@ -198,7 +222,8 @@ class EntryLog:
             raise CorruptCheckpointError(
                 f"entry log holds a checkpoint with a malformed id {record.checkpoint_id!r:.60}",
                 key=where)
-        self._known = _Known(record.sequence, parsed[1], layout, values, record.created_at)
+        self._known = _Known(record.sequence, parsed[1], layout, values, record.created_at,
+                             record.payload)
         return self._known
 
     # -- changes ----------------------------------------------------------------------------
@@ -223,6 +248,10 @@ class EntryLog:
         if expect is not None and (isinstance(expect, bool) or not isinstance(expect, int)
                                    or expect < -1):
             raise ValidationError(f"expect must be a revision (an int >= -1), got {expect!r:.40}")
+        again = await self._settled(lambda change: change.popped is None and (
+            change.entries, change.state, change.expect) == (batch, state, expect))
+        if again is not None:
+            return again.head
         # The first try trusts this object's last sight of the head (or, never having looked,
         # guesses that the log is new); a refusal means it was stale, and every later try reads.
         fresh = not (self._seen or expect in (None, -1))
@@ -240,7 +269,7 @@ class EntryLog:
                         f"log {self._run_id!r:.80} is not at revision {expect} any more (now "
                         f"{_revision(known)}{'' if pinned is None else ', maybe recreated'})",
                         revision=_revision(known))
-            head = await self._try_change(known, batch, state)
+            head = await self._try_change(known, batch, state, expect=expect)
             if head is not None:
                 return head
             await after_lost_race(attempt)
@@ -251,6 +280,9 @@ class EntryLog:
     async def pop(self) -> bytes | None:
         """Remove and return the newest entry (``None`` when there is none). Atomic: no two
         callers, in any processes, get the same entry."""
+        again = await self._settled(lambda change: change.popped is not None)
+        if again is not None:
+            return again.popped
         fresh = not self._seen
         known = self._known if self._seen else await self._read()
         for attempt in range(RACE_ATTEMPTS):
@@ -261,7 +293,7 @@ class EntryLog:
                 continue
             last = known.layout.segments[-1]
             entry = known.values[-1][last.used - 1]
-            if await self._try_change(known, [], None, pop=True) is not None:
+            if await self._try_change(known, [], None, popped=entry) is not None:
                 return entry
             await after_lost_race(attempt)
             known, fresh = await self._read(), True
@@ -270,17 +302,32 @@ class EntryLog:
 
     async def clear(self) -> bool:
         """Remove the log, its entries and its state; whether there was one."""
-        self._known, self._seen = None, False
+        self._known, self._seen, self._unsettled = None, False, None
         return await self._store.delete_run(self._key) > 0
 
+    async def _settled(self, same: Callable[[_Unsettled], bool]) -> _Unsettled | None:
+        """This object's change whose outcome was unknown, if the store holds it as the head
+        and ``same`` says the change asked for now is that one made again (a caller's retry:
+        it is not made twice). Forgotten either way: a read tells the outcome (one store
+        call, only after such a failure; one that fails keeps the change for the next try)."""
+        change = self._unsettled
+        if change is None:
+            return None
+        known = await self._read()
+        self._unsettled = None
+        if known is None or known.payload != change.payload or not same(change):
+            return None
+        return change
+
     async def _try_change(
-        self, known: _Known | None, batch: list[bytes], state: bytes | None, *, pop: bool = False
+        self, known: _Known | None, batch: list[bytes], state: bytes | None, *,
+        popped: bytes | None = None, expect: int | None = None,
     ) -> LogHead | None:
         """Propose the next checkpoint after ``known``; ``None`` when another writer got
         there first (this object's head is then unknown)."""
         now = self._clock()
         if known is None:
-            sequence, incarnation = 0, _ids.new_incarnation()
+            sequence, incarnation = 0, self._joining or _ids.new_incarnation()
             segments: list[_Segment] = []
             values: list[list[bytes]] = []
             kept_state, created_at = b"", now
@@ -290,6 +337,7 @@ class EntryLog:
             values = list(known.values)
             kept_state, created_at = known.layout.state, known.layout.created_at
         new_key = f"{_SEGMENT_PREFIX}{incarnation}/{sequence:x}"
+        pop = popped is not None
         if pop:
             last = segments[-1]
             if last.used == 1:
@@ -325,21 +373,27 @@ class EntryLog:
             run_id=self._run_id, incarnation=incarnation, status=CheckpointStatus.ACTIVE.value,
             created_at=now, updated_at=now, latest_sequence=sequence, checkpoint_count=1,
             expires_at=expires_at, data=self._data, labels=self._labels)
+        head = LogHead(revision=sequence, created_at=created_at, updated_at=now,
+                       incarnation=incarnation)
         try:
             await self._store.append_with_items(
                 self._key, record, run=seed, keep_latest=1, now=now, items=items)
-        except (SequenceConflict, SharedItemGone):
+        except (SequenceConflict, SharedItemGone) as conflict:
             self._known, self._seen = None, False
+            if isinstance(conflict, SequenceConflict):
+                self._joining = _being_created(conflict)
             return None
         except StoreError:
             # The store may have applied the change and lost its reply (its own retries ran
-            # out): a retry of the caller's would then make it twice. One read tells.
+            # out): a retry of the caller's would then make it twice. One read tells; when
+            # that fails too, the caller's retry is recognised (:meth:`_settled`).
             if not await landed(self._store, self._key, record, self._clock()):
                 self._known, self._seen = None, False
+                self._unsettled = _Unsettled(record.payload, batch, state, expect, popped, head)
                 raise
-        self._known, self._seen = _Known(sequence, incarnation, layout, values, now), True
-        return LogHead(revision=sequence, created_at=created_at, updated_at=now,
-                       incarnation=incarnation)
+        self._known = _Known(sequence, incarnation, layout, values, now, record.payload)
+        self._seen, self._joining = True, None
+        return head
 
 def _revision(known: _Known | None) -> int:
     return -1 if known is None else known.sequence

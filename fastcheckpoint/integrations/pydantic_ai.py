@@ -36,7 +36,7 @@ from fastcheckpoint import _ids
 from fastcheckpoint._codec import Codec, Header, RunData
 from fastcheckpoint._config import CheckpointConfig
 from fastcheckpoint._ids import plain_str
-from fastcheckpoint._manager import CheckpointManager
+from fastcheckpoint._manager import CheckpointManager, _being_created
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint._settle import settled
 from fastcheckpoint._validate import count_arg, shown
@@ -310,6 +310,15 @@ class FastConversationStore(ConversationStore):
                     # A change of the title or metadata keeps the revision and moves the
                     # record on: save over it with what it holds now.
                     known, sequence = fresh, fresh.sequence + 1
+                    continue
+                creating = _being_created(exc)
+                if known is None and fresh is None and creating is not None and (
+                        attempt + 1 < _SAVE_ATTEMPTS):
+                    # The store holds the run without a record (a first write that failed
+                    # midway): its first record goes there, or a new incarnation's would be
+                    # refused for ever. The store's create-only write decides against a
+                    # live creator.
+                    incarnation = creating
                     continue
                 await self._lost(record.revision, family, fresh, registered, ours, new_entries,
                                  messages, now)
