@@ -33,7 +33,7 @@ from fastcheckpoint import _ids
 from fastcheckpoint._codec import Header, RunData
 from fastcheckpoint._config import CheckpointConfig
 from fastcheckpoint._gather import gather
-from fastcheckpoint._manager import CheckpointManager
+from fastcheckpoint._manager import CheckpointManager, _being_created
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint._settle import settled
 from fastcheckpoint.errors import (
@@ -218,11 +218,13 @@ class FastCheckpointStorage:
             self._ttl_seconds))
         status, data = self._run_details(checkpoint, workflow, moment, micros, now)
         label = workflow_label(workflow)
+        joining: str | None = None  # a run the store holds without a checkpoint yet
         for attempt in range(RACE_ATTEMPTS):
             if attempt:
                 await after_lost_race(attempt - 1)
             existing = await self._store.get_run(key, now=now) if attempt else None
-            incarnation = _ids.new_incarnation() if existing is None else existing.incarnation
+            incarnation = (joining or _ids.new_incarnation() if existing is None
+                           else existing.incarnation)
             sequence = 0 if existing is None else existing.latest_sequence + 1
             record = StoredCheckpoint(
                 sequence=sequence, checkpoint_id=_ids.checkpoint_id(key, incarnation, sequence),
@@ -239,10 +241,15 @@ class FastCheckpointStorage:
             # Once the append landed, the details and the approval follow whatever cancels
             # the caller meanwhile (settled): never a replaced checkpoint whose run still
             # says what the old one did (its status, order, requests).
-            if await settled(self._stored(key, record, seed, existing, checkpoint, status,
-                                          data, now)):
+            refused = await settled(self._stored(key, record, seed, existing, checkpoint,
+                                                 status, data, now))
+            if refused is None:
                 return checkpoint_id
-            # The id is taken, or was replaced meanwhile: look again.
+            # The id is taken, or was replaced meanwhile: look again. A first save that
+            # failed midway on a store that creates a run in several requests (S3) left the
+            # run without a checkpoint: sequence 0 goes there, as the manager's create does
+            # (a new incarnation's would be refused for ever).
+            joining = _being_created(refused)
         raise ConflictError(
             f"could not save checkpoint {checkpoint_id[:80]!r}: it was saved concurrently "
             f"{RACE_ATTEMPTS} times in a row")
@@ -317,20 +324,20 @@ class FastCheckpointStorage:
     async def _stored(
         self, key: str, record: StoredCheckpoint, seed: RunRecord, existing: RunRecord | None,
         checkpoint: WorkflowCheckpoint, status: str, data: bytes, now: float,
-    ) -> bool:
-        """Append ``record`` and describe it; ``False`` when its sequence is taken."""
+    ) -> SequenceConflict | None:
+        """Append ``record`` and describe it; the refusal when its sequence is taken."""
         # A replacement (the id is taken: the framework's storages overwrite it) is the
         # run's next checkpoint, and keep_latest=1 removes the one it replaces in the same
         # atomic append: one of the two is stored whatever happens.
         try:
             await self._store.append(key, record, run=seed, keep_latest=1, now=now)
-        except SequenceConflict:
-            return False
+        except SequenceConflict as refused:
+            return refused
         if existing is not None:
             await self._replace_details(key, existing, record.sequence, status, data, now)
         self._remember(checkpoint.checkpoint_id, status)
         await self._answered(checkpoint.previous_checkpoint_id, checkpoint.checkpoint_id)
-        return True
+        return None
 
     async def _replace_details(
         self, key: str, run: RunRecord, sequence: int, status: str, data: bytes, now: float

@@ -6,9 +6,10 @@ a :class:`~tests.reliability.faults.FaultProxy` (random cuts, lost replies and d
 opening that holds each kind twice) and whose driver never retries, so the faults reach the
 adapter: an OpenAI Agents ``FastSession`` (``add_items``, ``pop_item``, ``get_items``), a
 Google ADK ``FastSessionService`` (``create_session``, ``append_event`` with session, app and
-user state, ``get_session``, ``list_sessions``, ``delete_session``) and a Pydantic AI
-``FastConversationStore`` (``save`` of turns, ``load``, ``list_conversations``), two
-sessions or conversations interleaved on one store. A call that fails must raise a
+user state, ``get_session``, ``list_sessions``, ``delete_session``), a Pydantic AI
+``FastConversationStore`` (``save`` of turns, ``load``, ``list_conversations``) and an Agent
+Framework ``FastCheckpointStorage`` (``save`` of supersteps, ``list_checkpoint_ids``,
+``get_latest``), two of each interleaved on one store. A call that fails must raise a
 ``CheckpointError`` (or the framework's own documented error); the user then does what the
 framework's documentation tells: calls again, or reads again and sends what is missing.
 Afterwards, without faults, the adapter's own view holds every acknowledged item, event or
@@ -41,7 +42,9 @@ import pytest
 pytest.importorskip("agents")
 pytest.importorskip("google.adk")
 pytest.importorskip("pydantic_ai")
+pytest.importorskip("agent_framework")
 
+from agent_framework import WorkflowCheckpoint
 from google.adk.errors import StaleSessionError
 from google.adk.errors.already_exists_error import AlreadyExistsError
 from google.adk.events.event import Event
@@ -53,6 +56,7 @@ from pydantic_ai.conversation_store import ConversationConflict
 from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse, TextPart, UserPromptPart
 
 from fastcheckpoint._config import RetryPolicy
+from fastcheckpoint.integrations.agent_framework import FastCheckpointStorage
 from fastcheckpoint.integrations.google_adk import FastSessionService
 from fastcheckpoint.integrations.openai_agents import FastSession
 from fastcheckpoint.integrations.pydantic_ai import FastConversationStore
@@ -340,6 +344,47 @@ async def _pydantic_audit(store: CheckpointStore, held: dict[str, list[str]]) ->
     return problems
 
 
+# -- Agent Framework checkpoints ------------------------------------------------------------
+
+
+def _workflow_checkpoint(workflow: str, iteration: int,
+                         previous: str | None) -> WorkflowCheckpoint:
+    return WorkflowCheckpoint(workflow_name=workflow, graph_signature_hash="hash",
+                              checkpoint_id=f"{workflow}-{iteration}",
+                              previous_checkpoint_id=previous, iteration_count=iteration,
+                              timestamp=f"2026-01-01T00:00:{iteration:02d}+00:00",
+                              state={"step": iteration})
+
+
+async def _framework_run(store: CheckpointStore, names: list[str],
+                         user: User) -> dict[str, list[str]]:
+    """Supersteps of two workflows, each saving a checkpoint after the one before (a save
+    that failed is made again: a save of an id replaces it)."""
+    storage = FastCheckpointStorage(store)
+    saved: dict[str, list[str]] = {name: [] for name in names}
+    for iteration in range(TURNS):
+        for name in names:
+            previous = saved[name][-1] if saved[name] else None
+            checkpoint = _workflow_checkpoint(name, iteration, previous)
+            await user.tried(functools.partial(storage.save, checkpoint))
+            saved[name].append(checkpoint.checkpoint_id)
+    return saved
+
+
+async def _framework_audit(store: CheckpointStore, saved: dict[str, list[str]]) -> list[str]:
+    problems = []
+    storage = FastCheckpointStorage(store)
+    for name, ids in saved.items():
+        listed = await storage.list_checkpoint_ids(workflow_name=name)
+        if listed != ids:
+            problems.append(f"workflow {name}: lists {listed}, saved {ids}")
+        latest = await storage.get_latest(workflow_name=name)
+        if latest is None or latest.checkpoint_id != ids[-1] or latest.state != {
+                "step": len(ids) - 1}:
+            problems.append(f"workflow {name}: latest {latest and latest.checkpoint_id}")
+    return problems
+
+
 # -- the workloads under random faults ------------------------------------------------------
 
 
@@ -361,6 +406,9 @@ WORKLOADS: dict[str, tuple[Run, Audit]] = {
     "pydantic-ai": (
         lambda store, tag, user: _pydantic_run(store, _names(tag), user),
         lambda store, tag, held: _pydantic_audit(store, held)),
+    "agent-framework": (
+        lambda store, tag, user: _framework_run(store, _names(tag), user),
+        lambda store, tag, saved: _framework_audit(store, saved)),
 }
 
 
@@ -516,7 +564,31 @@ async def _pydantic_check_first(store: CheckpointStore, tag: str) -> list[str]:
     return [] if found == wanted else [f"holds {found}"]
 
 
+async def _framework_prepare(store: CheckpointStore, tag: str) -> None:
+    await FastCheckpointStorage(store).save(_workflow_checkpoint(tag, 0, None))
+
+
+async def _framework_first(store: CheckpointStore, tag: str, user: User) -> None:
+    storage = FastCheckpointStorage(store)
+    await user.tried(functools.partial(storage.save, _workflow_checkpoint(tag, 0, None)))
+
+
+async def _framework_next(store: CheckpointStore, tag: str, user: User) -> None:
+    storage = FastCheckpointStorage(store)
+    await user.tried(functools.partial(storage.save, _workflow_checkpoint(tag, 1, f"{tag}-0")))
+
+
+def _framework_holds(count: int) -> Callable[[CheckpointStore, str], Awaitable[list[str]]]:
+    async def check(store: CheckpointStore, tag: str) -> list[str]:
+        listed = await FastCheckpointStorage(store).list_checkpoint_ids(workflow_name=tag)
+        wanted = [f"{tag}-{n}" for n in range(count)]
+        return [] if listed == wanted else [f"lists {listed}"]
+    return check
+
+
 SWEEPS = {
+    "framework-first": Sweep(_nothing, _framework_first, _framework_holds(1)),
+    "framework-save": Sweep(_framework_prepare, _framework_next, _framework_holds(2)),
     "openai-first": Sweep(_nothing, _openai_first, _openai_check_first),
     "adk-create_session": Sweep(_nothing, _adk_create, _adk_check_created),
     "pydantic-first": Sweep(_nothing, _pydantic_first, _pydantic_check_first),
@@ -527,7 +599,7 @@ SWEEPS = {
 }
 
 
-FIRSTS = ("openai-first", "pydantic-first")
+FIRSTS = ("openai-first", "pydantic-first", "framework-first")
 """The first change of a new session (an entry log's, as ADK's ``create_session``) and of a
 new conversation: S3 creates a run in several requests, and a first change that fails
 between them leaves the run half made."""
