@@ -611,7 +611,7 @@ object's reply lost, the next, its first checkpoint's, cut: the run half made)."
 def _in_ci(store: str, name: str, mode: str) -> bool:
     """Whether the sweep runs without ``FC_HUNT=1``: every sweep on Redis (a second or so
     each), and the first changes on S3 over the PUTs of the run, with the caller's retries.
-    ``FC_HUNT=1``: every sweep, over every request, on every store (about four minutes)."""
+    ``FC_HUNT=1``: every sweep, over every request, on every store (about ten minutes)."""
     return HUNT or store == "redis" or (
         store == "s3" and name in FIRSTS and mode == "caller-retries")
 
