@@ -25,8 +25,8 @@ then from its own writes), proposes from it, and lets the create-only slot PUT c
 writers; a 412 is resolved by listing the head. The same round trip reads the run object
 unless it still has the ETag this process knows (a 304): an append into a run that was
 deleted or started over meanwhile is taken back and refused, never acknowledged. Pruning
-deletes keys the process knows, in one ``DeleteObjects``; below what it knows it lists once,
-and what it lists it deletes.
+deletes keys the process knows, in one ``DeleteObjects`` (two when they own items: the slots
+first); below what it knows it lists once, and what it lists it deletes.
 
 Sequences are never handed out twice. A create-only PUT only collides with a slot that is
 still there, so the run object carries a *floor*: slot keys are deleted only below it
@@ -223,6 +223,7 @@ class _ItemMarker:
     key: str
     hex_key: str
     meta: ItemMeta
+    etag: str = ""  # as listed
 
 
 @dataclass
@@ -596,7 +597,7 @@ def _parse_run_listing(run_key: str, entries: Iterable[Listed]) -> _Listed:
             if meta is None:
                 listed.stray.append(entry.key)
             else:
-                listed.item_markers.append(_ItemMarker(entry.key, hex_key, meta))
+                listed.item_markers.append(_ItemMarker(entry.key, hex_key, meta, entry.etag))
         elif rest == "sweep/due":
             listed.sweep_due = entry.etag
         elif rest == "sweep/lease":
@@ -622,10 +623,22 @@ def _parse_slot_key(listed: _Listed, entry: Listed, rest: str) -> None:
     listing = layout.parse_listing(marker[1:])
     if marker[0] not in "mlt" or listing is None:
         listed.stray.append(entry.key)
-    elif view.marker is not None:
+    elif view.marker is not None and not _buries(view, marker[0], listing):
         view.extra.append(entry.key)
     else:
+        if view.marker is not None:
+            view.extra.append(view.marker)
         view.marker, view.kind, view.listing = entry.key, marker[0], listing
+
+
+def _buries(view: _SlotView, kind: str, listing: Listing) -> bool:
+    """Whether a tombstone marker is the view's, over the marker it has: that of the same
+    checkpoint, a ``delete`` stopped after the tombstone and before the batch removing the
+    old marker (the slot is the tombstone now)."""
+    known = view.listing
+    return (kind == "t" and view.kind in ("m", "l") and known is not None
+            and known.checkpoint_id == listing.checkpoint_id
+            and known.incarnation == listing.incarnation)
 
 
 def _parse_owned(listed: _Listed, view: _SlotView, entry: Listed, rest: str) -> None:
@@ -635,7 +648,7 @@ def _parse_owned(listed: _Listed, view: _SlotView, entry: Listed, rest: str) -> 
     if meta is None or meta.owner != view.sequence or layout.item_key_of(hex_key) is None:
         listed.stray.append(entry.key)
         return
-    marker = _ItemMarker(entry.key, hex_key, meta)
+    marker = _ItemMarker(entry.key, hex_key, meta, entry.etag)
     view.owned.append(marker)
     listed.item_markers.append(marker)
 
@@ -1405,17 +1418,16 @@ class S3Store(ExpiryCleanup):
             raise (await self._load(io, run_key)).conflict(now)
         self._remember(run_key, etag, state)
         views = [view for view in current.listed.slots.values() if not _fresh_seal(view, now)]
-        leftovers = [key for view in views for key in _marker_keys_of(view)]
+        leftovers = [key for view in views for key in _own_markers(view)]
         leftovers += current.listed.stray
         owned = [marker for marker in current.listed.item_markers if marker.meta.owner is not None]
-        leftovers += [marker.key for marker in owned]
-        leftovers += [layout.item_object(run_key, marker.hex_key) for marker in owned]
         if current.state is not None:
             leftovers += layout.index_keys(run_key, current.state)
         # Shared items stay (as unowned items do) until a sweep finds them named by none of
         # the new run's checkpoints.
         await gather([
             functools.partial(_delete_leftovers, io, run_key, views, leftovers),
+            functools.partial(_remove_marked, io, run_key, owned, current.listed),
             functools.partial(_put_empty, io, layout.index_keys(run_key, state)),
             functools.partial(self._ask_for_sweep, io, run_key,
                               any(view.names_items for view in views)),
@@ -1836,7 +1848,8 @@ class S3Store(ExpiryCleanup):
     ) -> None:
         """Remove what the append makes surplus, from what this process knows: expired
         checkpoints (a heap by expiry), live ones beyond ``keep_latest``, tombstones and
-        leftovers below the new slot. Costs one ``DeleteObjects`` when there is anything."""
+        leftovers below the new slot. Costs one ``DeleteObjects`` when there is anything, two
+        (:func:`_slots_first`) when what goes owns items."""
         newest = slot.sequence
         doomed: set[int] = set()
         popped: list[tuple[float, int]] = []
@@ -1872,8 +1885,8 @@ class S3Store(ExpiryCleanup):
                 for entry in popped:
                     heapq.heappush(log.expiring, entry)
                 return  # the run object changed meanwhile: the next append prunes
-            if keys:
-                await io.delete(keys)
+            for batch in _slots_first(run_key, keys):
+                await io.delete(batch)
         except CheckpointError:
             # Committed already, so the append must not fail: the next one prunes what this
             # one could not.
@@ -3079,10 +3092,13 @@ class S3Store(ExpiryCleanup):
                    if stored is not None}
         if not present:
             return 0
-        doomed = [layout.item_object(run_key, hex_key) for hex_key in present]
-        doomed += [marker for hex_key, stored in present.items()
+        # The items, then their markers: cut short in between, a checkpoint that lists an
+        # item whose object is gone reads it absent, as after the call (its marker gone
+        # first, the item would stay, read by get_items and not with its checkpoint).
+        markers = [marker for hex_key, stored in present.items()
                    if (marker := _marker_of_stored(run_key, hex_key, stored)) is not None]
-        await io.delete(doomed)
+        await io.delete([layout.item_object(run_key, hex_key) for hex_key in present])
+        await io.delete(markers)
         cached = self._cache.get(run_key)
         if cached is not None:
             for items in cached.owned.values():
@@ -3163,20 +3179,14 @@ class S3Store(ExpiryCleanup):
         for view in orphans:
             gone.append(view.sequence)
             sweep = sweep or view.names_items  # e.g. the marker a pruned checkpoint left
-            keys += _marker_keys_of(view)
-            keys += _owned_keys(run_key, listed, {view.sequence})
+            keys += _own_markers(view)
         for view in buried:
             gone.append(view.sequence)
             keys += _marker_keys_of(view)
-        held = {view.sequence for view in current.held}
-        for marker in listed.item_markers:
-            owner = marker.meta.owner
-            if not is_live(marker.meta.expires_at, now):
-                things += 1
-                keys += [marker.key, layout.item_object(run_key, marker.hex_key)]
-            elif owner is not None and owner < head and owner not in held:
-                # Its owner was pruned by a process that did not know of the item.
-                keys += [marker.key, layout.item_object(run_key, marker.hex_key)]
+        keys += [key for view in current.tombstones[-1:] if view.sequence == head
+                 for key in view.extra]  # the newest stays; what a delete cut short left goes
+        marked, expired_items = _marked_for_purge(current, orphans, head, now)
+        things += expired_items
         if current.state is None:
             keys += listed.sweep_keys(run_key)  # the run is gone, its items with it
         elif sweep or listed.sweep_due is not None or listed.lease is not None:
@@ -3184,7 +3194,10 @@ class S3Store(ExpiryCleanup):
                                                       max(budget - things, 1))
             things += swept
             more = more or unfinished
-        await _delete_leftovers(io, run_key, [*orphans, *buried], keys)
+        await pair(
+            functools.partial(_delete_leftovers, io, run_key, [*orphans, *buried], keys),
+            functools.partial(_remove_marked, io, run_key, marked, listed),
+        )
         self._discard(run_key, gone)
         return removed, things, more
 
@@ -3479,18 +3492,25 @@ class S3Store(ExpiryCleanup):
         assert current.etag is not None
         if not await self._seal(io, run_key, current, now):
             return 0, 0, False  # an append made it live again since it was listed
+        # Listed while the run object stands: once it is gone, a new life of the run may
+        # write items at the keys this one used, and they must stay.
+        items = await io.list(layout.items_prefix(run_key))
         # The conditional delete of the run object elects one purging worker per run.
         if not await io.delete_if(layout.run_object(run_key), current.etag):
             return 0, 0, False
         self._forget(run_key)
-        items = await io.list(layout.items_prefix(run_key))
         views = list(current.listed.slots.values())
-        keys = [key for view in views for key in _marker_keys_of(view)]
-        keys += [marker.key for marker in current.listed.item_markers]
-        keys += current.listed.stray + [entry.key for entry in items]
-        keys += current.listed.sweep_keys(run_key)
+        markers = current.listed.item_markers
+        keys = [key for view in views for key in _own_markers(view)]
+        keys += current.listed.stray + current.listed.sweep_keys(run_key)
         keys += layout.index_keys(run_key, current.state)
-        await _delete_leftovers(io, run_key, views, keys)
+        marked = {layout.item_object(run_key, marker.hex_key) for marker in markers}
+        await gather([
+            functools.partial(_delete_leftovers, io, run_key, views, keys),
+            functools.partial(io.delete_listed,
+                              [entry for entry in items if entry.key not in marked]),
+            functools.partial(_remove_marked, io, run_key, markers, current.listed),
+        ])
         return len(current.held), len(current.held) + 1, False
 
 
@@ -3585,6 +3605,69 @@ async def _delete_leftovers(
     )
 
 
+async def _remove_marked(
+    io: Bucket, run_key: str, markers: Sequence[_ItemMarker], listed: _Listed
+) -> None:
+    """Remove the items of ``markers`` (expired, or of checkpoints gone) and the markers,
+    each item only while its object is the one its marker describes: its owner and expiry,
+    and its owner's checkpoint id when ``listed`` shows the owner (``IfMatch`` on the ETag
+    read). Since the listing, its key may have been written again: by a new life of the
+    run (begun once the run object went), or by a writer replacing an expired item. That
+    item stays, and so does the marker when it is that item's own (same owner and expiry):
+    a checkpoint acknowledged meanwhile keeps its items. 1 GET per marker."""
+    found = await gather([functools.partial(io.get, layout.item_object(run_key, marker.hex_key))
+                          for marker in markers], parallel=WIDE)
+    objects: list[tuple[str, str]] = []
+    doomed: list[Listed] = []  # each marker only while it has the ETag listed
+    for marker, stored in zip(markers, found, strict=True):
+        body = None if stored is None else _intact_item(run_key, marker.hex_key, stored)
+        if body is not None and not _as_marked(body, marker, listed):
+            if _marker_for(run_key, marker.hex_key, body.owner, body.expires_at) != marker.key:
+                doomed.append(Listed(marker.key, marker.etag))
+            continue
+        doomed.append(Listed(marker.key, marker.etag))
+        if stored is not None:  # as marked, or damaged
+            objects.append((layout.item_object(run_key, marker.hex_key), stored[1]))
+    await pair(
+        functools.partial(gather, [functools.partial(io.delete_if, key, etag)
+                                   for key, etag in objects], parallel=WIDE),
+        functools.partial(io.delete_listed, doomed),
+    )
+
+
+def _marked_for_purge(
+    current: _Run, orphans: Sequence[_SlotView], head: int, now: float
+) -> tuple[list[_ItemMarker], int]:
+    """The item markers a purge removes with their items (:func:`_remove_marked`): those of
+    the orphans and of the newest checkpoint if buried, the expired ones (counted), and
+    those of owners a process pruned without knowing of them."""
+    marked = {marker.key: marker for view in orphans for marker in view.owned}
+    marked.update((marker.key, marker) for view in current.tombstones[-1:]
+                  if view.sequence == head for marker in view.owned)
+    held = {view.sequence for view in current.held}
+    expired = 0
+    for marker in current.listed.item_markers:
+        owner = marker.meta.owner
+        if not is_live(marker.meta.expires_at, now):
+            expired += 1
+            marked[marker.key] = marker
+        elif owner is not None and owner < head and owner not in held:
+            # Its owner was pruned by a process that did not know of the item.
+            marked[marker.key] = marker
+    return list(marked.values()), expired
+
+
+def _as_marked(body: ItemBody, marker: _ItemMarker, listed: _Listed) -> bool:
+    """Whether ``body`` is the item ``marker`` describes (see :func:`_remove_marked`)."""
+    meta = marker.meta
+    if body.owner != meta.owner or body.expires_at != meta.expires_at:
+        return False
+    owner = None if meta.owner is None else listed.slots.get(meta.owner)
+    if owner is None or owner.listing is None:
+        return True
+    return body.checkpoint_id in ("", owner.listing.checkpoint_id)
+
+
 def _life_ended(before: _Run, after: _Run) -> bool:
     """Whether the life of the run listed in ``before`` has ended by ``after``: its run
     object is gone, or another incarnation's stands (a status change keeps the incarnation)."""
@@ -3601,10 +3684,26 @@ def _is_slot(run_key: str, key: str) -> bool:
     return key.startswith(prefix) and layout.parse_sequence(key[len(prefix):]) is not None
 
 
+def _slots_first(run_key: str, keys: Sequence[str]) -> list[list[str]]:
+    """The batches that remove ``keys``, one after the other. S3 applies a batch key by key,
+    in no promised order, and a reader that finds an item gone checks that its checkpoint's
+    slot stands: when items go, the slots go first, in a batch of their own."""
+    slots = [key for key in keys if _is_slot(run_key, key)]
+    rest = [key for key in keys if not _is_slot(run_key, key)]
+    items = layout.items_prefix(run_key)
+    if not slots or not any(key.startswith(items) for key in rest):
+        return [list(keys)] if keys else []
+    return [slots, rest]
+
+
+def _own_markers(view: _SlotView) -> list[str]:
+    """The view's own markers (not those of the items it owns)."""
+    return ([view.marker] if view.marker is not None else []) + view.extra
+
+
 def _marker_keys_of(view: _SlotView) -> list[str]:
     """The view's markers, its own and those of the items it owns (not the items)."""
-    markers = [view.marker] if view.marker is not None else []
-    return markers + view.extra + [marker.key for marker in view.owned]
+    return _own_markers(view) + [marker.key for marker in view.owned]
 
 
 def _keys_of(run_key: str, view: _SlotView) -> list[str]:
@@ -3678,8 +3777,9 @@ def _may_need_purge(listed: _Listed, now: float) -> bool:
     if any(marker.meta.owner is not None and marker.meta.owner < top
            and marker.meta.owner not in slotted for marker in listed.item_markers):
         return True  # items whose owner was pruned by a process that did not know of them
-    if any(view.kind == "t" and view.sequence < top for view in views):
-        return True  # tombstones of deleted checkpoints below the newest
+    if any(view.kind == "t" and (view.sequence < top or view.extra or view.owned)
+           for view in views):
+        return True  # tombstones of deleted checkpoints below the newest, or part deleted
     incarnations = {_listing(view).incarnation for view in views}
     return len(incarnations) > 1 or bool(listed.stray)
 

@@ -297,8 +297,10 @@ async def test_request_counts_of_checkpoints_with_items(s3_store: S3Store) -> No
     # and the run object (304). Round trip 3: the marker, each owned item with its marker,
     # and the sweep lease (GET: is a cleanup deleting what the checkpoint names?).
     assert appended.counts == {"PutObject": 5, "GetObject": 2}
-    # Then pruning, once the append stands: the floor (1 PUT) and one DeleteObjects.
-    assert pruning.counts == {"PutObject": 6, "GetObject": 2, "DeleteObjects": 1}
+    # Then pruning, once the append stands: the floor (1 PUT) and two DeleteObjects, one
+    # after the other: the slots, then what they owned (a reader finding an item gone
+    # checks that its checkpoint's slot stands).
+    assert pruning.counts == {"PutObject": 6, "GetObject": 2, "DeleteObjects": 2}
     # The owner check (slot and run object) with the item as it is, then item and marker.
     assert owned.counts == {"GetObject": 3, "PutObject": 2}
     # The head of the run (its markers list what the newest checkpoint owns), the slot,
