@@ -40,15 +40,16 @@ from fastcheckpoint.testing import (
 from tests.stores._moto import REGION, moto_endpoint, unique_name
 from tests.stores.s3.test_s3 import DEADLINE, SESSION
 from tests.stores.s3.test_s3_delete_run import (
-    _another,
     _items_first,
     _piecewise,
     _reversed,
     _shuffled,
+    reader,
+    writer,
 )
 from tests.stores.s3.test_s3_safety import _keys
 
-__all__ = ["moto_endpoint"]
+__all__ = ["moto_endpoint", "reader", "writer"]
 
 pytestmark = pytest.mark.anyio
 
@@ -96,22 +97,6 @@ async def s3_store(moto_endpoint: str) -> AsyncIterator[S3Store]:
     store = S3Store(unique_name("batches"), "p", region=REGION, endpoint_url=moto_endpoint,
                     session=SESSION)
     await (await store.client()).create_bucket(Bucket=store.bucket)
-    yield store
-    with anyio.fail_after(10):
-        await store.aclose()
-
-
-@pytest.fixture
-async def reader(s3_store: S3Store, moto_endpoint: str) -> AsyncIterator[S3Store]:
-    store = _another(s3_store, moto_endpoint)
-    yield store
-    with anyio.fail_after(10):
-        await store.aclose()
-
-
-@pytest.fixture
-async def writer(s3_store: S3Store, moto_endpoint: str) -> AsyncIterator[S3Store]:
-    store = _another(s3_store, moto_endpoint)
     yield store
     with anyio.fail_after(10):
         await store.aclose()
