@@ -92,6 +92,9 @@ class _RunLogs:
     sequence: int
     incarnation: str
     parts: dict[str, _Kept] = field(default_factory=dict)
+    counted: int = 0
+    """Its :attr:`stored_bytes` when it was counted in the process's total (a later create
+    grows its entries in place, so it must not be counted again to be taken out)."""
 
     @property
     def stored_bytes(self) -> int:
@@ -263,17 +266,16 @@ class Histories:
         self._keep(key, logs)
 
     def _keep(self, key: str, logs: _RunLogs) -> None:
-        old = self._runs.pop(key, None)
-        if old is not None:
-            self._kept_bytes -= old.stored_bytes
+        self.forget(key)
         if not logs.parts:
             return
         self._runs[key] = logs
-        self._kept_bytes += logs.stored_bytes
+        logs.counted = logs.stored_bytes
+        self._kept_bytes += logs.counted
         while len(self._runs) > 1 and (
                 self._kept_bytes > KEPT_BYTES or len(self._runs) > KEPT_RUNS):
             _, evicted = self._runs.popitem(last=False)
-            self._kept_bytes -= evicted.stored_bytes
+            self._kept_bytes -= evicted.counted
 
     def _extends(self, part: str, entries: list[Any], kept: _Kept) -> bool:
         """Whether ``entries`` starts with exactly the entries of ``kept``: compared by their
@@ -302,7 +304,7 @@ class Histories:
         """Begin new logs at the run's next create (its anchors may be gone)."""
         old = self._runs.pop(key, None)
         if old is not None:
-            self._kept_bytes -= old.stored_bytes
+            self._kept_bytes -= old.counted
 
     def resolve(self, payload: Payload, items: Mapping[str, bytes], where: str
                 ) -> tuple[Payload, dict[str, _logs.Read]]:

@@ -345,6 +345,42 @@ def test_twins_store_differently() -> None:
             type(value) is float and math.copysign(1, other) != math.copysign(1, value))
 
 
+async def _anchors(store: CheckpointStore, run_id: str) -> int:
+    """How many messages logs the run's items hold (anchors, not their parts)."""
+    from fastcheckpoint import _ids
+
+    page = await store.scan_items(_ids.key_of(run_id), prefix="m/", start_after=None,
+                                  limit=1_000, now=0.0)
+    return sum("/" not in key[2:].split("/", 1)[1] for key, _ in page)
+
+
+@pytest.mark.anyio
+async def test_the_bytes_kept_to_extend_logs_are_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log that grows counts what it adds to the bytes the process keeps: past
+    ``KEPT_BYTES`` the least recently written run is forgotten (its next create begins a new
+    log) instead of every run's entries being kept however much they grow."""
+    from fastcheckpoint import _history
+    from fastcheckpoint.stores.memory import MemoryStore
+    from tests._helpers import FakeClock
+
+    monkeypatch.setattr(_history, "KEPT_BYTES", 4_000)
+    store = MemoryStore()
+    manager = CheckpointManager(store, config=make_config(FakeClock(), history_min_entries=2))
+    small = [{"content": "a"}, {"content": "b"}]
+    await manager.create("small", {}, messages=small)
+    growing: list[Any] = []
+    for step in range(60):  # about 6 kB of entries, added 100 bytes at a time
+        growing.append({"content": "x" * 90, "step": step})
+        await manager.create("growing", {}, messages=growing)
+    await manager.create("small", {}, messages=[*small, {"content": "c"}])
+    assert await _anchors(store, "small") == 2  # forgotten: a new log
+    assert await _anchors(store, "growing") == 1
+    restored = await manager.restore("small")
+    assert restored is not None
+    exact(restored.messages, [*small, {"content": "c"}])
+
+
 # -- the LangGraph saver's list channels --------------------------------------------------------
 
 try:
