@@ -516,3 +516,43 @@ async def test_langgraph_list_channels_load_what_langgraph_saved(
         finally:
             await store.aclose()
 
+
+# -- the adapters' entry log ----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_an_entry_log_never_names_a_segment_another_write_left_at_its_place() -> None:
+    """On S3 an append writes its new segment before it commits, and a segment is written
+    only where no item is: one that lost the sequence race (or failed after writing it)
+    leaves its segment at the place the winner's goes, and the winner read the loser's
+    entries. Seen with two ``EntryLog`` objects appending at once on S3 (moto): the log read
+    ``[start, start, A]`` where ``[start, A, B]`` was appended. Here the leftover is put in
+    place by hand, on the memory store; the segment's key carries a token of its own, so
+    the append writes its own entries."""
+    from fastcheckpoint import _ids
+    from fastcheckpoint.integrations._entrylog import EntryLog
+    from fastcheckpoint.stores import Item
+    from fastcheckpoint.stores.memory import MemoryStore
+    from tests._helpers import T0
+
+    store = MemoryStore()
+    log = EntryLog(store, "session", clock=lambda: T0)
+    head = await log.append([b"start"])
+    leftover = msgspec_encode([b"another", b"writer's"])
+    # Where a segment of the next append would be at a place its sequence alone decides.
+    await store.put_items(_ids.key_of("session"), [
+        Item(key=f"s/{head.incarnation}/{sequence:x}", value=leftover)
+        for sequence in range(1, 4)], now=T0)
+    expected = [b"start"]
+    for entry in (b"a", b"b", b"c"):
+        await log.append([entry])
+        expected.append(entry)
+        found = await EntryLog(store, "session", clock=lambda: T0).read()
+        assert found is not None
+        assert found.entries == expected
+
+
+def msgspec_encode(value: Any) -> bytes:
+    import msgspec
+
+    return msgspec.msgpack.encode(value)

@@ -63,6 +63,7 @@ a log has one segment per ``SEAL_BYTES`` of entries plus about log2(``SEAL_BYTES
 ones (their sizes at least halve from one to the next)."""
 _STATE_KEY = "entry_log"
 _TOKEN_BYTES = 8
+_SEGMENT_TOKEN_BYTES = 6
 
 
 class StaleLog(ConflictError):
@@ -336,7 +337,11 @@ class EntryLog:
             segments = list(known.layout.segments)
             values = list(known.values)
             kept_state, created_at = known.layout.state, known.layout.created_at
-        new_key = f"{_SEGMENT_PREFIX}{incarnation}/{sequence:x}"
+        # A token of its own: on a store without atomic appends (S3) an append that lost
+        # this sequence, or failed after writing its segment, leaves it here, and a segment
+        # is written only where no item is (the winner would read the loser's entries).
+        new_key = (f"{_SEGMENT_PREFIX}{incarnation}/{sequence:x}."
+                   f"{secrets.token_hex(_SEGMENT_TOKEN_BYTES)}")
         pop = popped is not None
         if pop:
             last = segments[-1]
