@@ -43,6 +43,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     MultipleResults,
+    RuleBasedStateMachine,
     invariant,
     multiple,
     rule,
@@ -516,6 +517,118 @@ async def test_langgraph_list_channels_load_what_langgraph_saved(
         finally:
             await store.aclose()
 
+
+
+# -- the log format itself ----------------------------------------------------------------------
+
+
+class LogFormatMachine(RuleBasedStateMachine):
+    """Writers extending one log (``fastcheckpoint._logs``) from whatever tail they hold:
+    their own last write, or any version as a read finds it (branches that share a start);
+    writes that fail after storing their part (left behind, never acknowledged); merges
+    whose removal of the parts they merged runs late, never, or while other writers still
+    hold those parts in their tails; damaged strays under the anchor. Every acknowledged
+    version reads back exactly."""
+
+    ANCHOR = "m/hunt.1"
+
+    def __init__(self) -> None:
+        super().__init__()
+        from fastcheckpoint import _logs
+
+        self.logs = _logs
+        self.items: dict[str, bytes] = {}
+        self.serial = 0
+        first = self.entries(3)
+        write = _logs.begin(self.ANCHOR, first, 3)
+        self.items[write.key] = write.value
+        self.versions: list[tuple[str, int, int, bytes]] = [
+            (write.key, write.count, write.crc, first)]
+        self.writers: list[tuple[Any, bytes]] = [(write.tail(self.ANCHOR), first)] * 3
+        self.pending: list[tuple[str, ...]] = []
+
+    def entries(self, count: int) -> bytes:
+        made = b"".join(msgspec_encode(f"e{self.serial}-{index}") for index in range(count))
+        self.serial += 1
+        return made
+
+    def read(self, version: int) -> Any:
+        last, count, crc, data = self.versions[version]
+        found = self.logs.read(self.ANCHOR, last, count, crc, self.items, what="log",
+                               where="hunt")
+        assert bytes(found.entries) == data, version
+        return found
+
+    @rule(writer=st.integers(0, 2), version=st.integers(0, 1 << 16))
+    def read_a_version(self, writer: int, version: int) -> None:
+        """The writer reads a version and will extend it (a restore of the latest)."""
+        index = version % len(self.versions)
+        found = self.read(index)
+        self.writers[writer] = (found.tail, bytes(found.entries))
+
+    @rule(writer=st.integers(0, 2), added=st.integers(1, 3), landed=st.booleans(),
+          removal=st.sampled_from(["now", "later", "never"]))
+    def write(self, writer: int, added: int, landed: bool, removal: str) -> None:
+        tail, data = self.writers[writer]
+        new = self.entries(added)
+        write = self.logs.extend(tail, data, new, added)
+        assert write.key not in self.items
+        self.items[write.key] = write.value
+        if not landed:  # stored, then the write failed: left behind, the writer goes on
+            return
+        self.versions.append((write.key, write.count, write.crc, data + new))
+        after = write.tail(self.ANCHOR)
+        if write.discard and removal == "now":
+            for key in write.discard:
+                self.items.pop(key, None)
+        elif write.discard:
+            after.leftovers = write.discard  # the manager's way: left to the next merge
+            if removal == "later":
+                self.pending.append(write.discard)
+        self.writers[writer] = (after, data + new)
+
+    @rule(writer=st.integers(0, 2), writes=st.sampled_from(
+        [15, 17, 31, 40, 260] if HUNT else [15, 17]),
+          removal=st.sampled_from(["now", "later", "never"]))
+    def burst(self, writer: int, writes: int, removal: str) -> None:
+        """Many writes in a row by one writer: enough level-0 parts to merge (16), and of
+        merged parts to merge again (256)."""
+        for _ in range(writes):
+            self.write(writer, 1, True, removal)
+
+    @rule()
+    def late_removal(self) -> None:
+        if self.pending:
+            for key in self.pending.pop(0):
+                self.items.pop(key, None)
+
+    @rule(index=st.integers(0, 200), garbage=st.binary(max_size=8))
+    def damaged_stray(self, index: int, garbage: bytes) -> None:
+        from fastcheckpoint.stores import nested_prefix
+
+        self.items[f"{nested_prefix(self.ANCHOR)}{index:010d}.stray{self.serial}"] = garbage
+        self.serial += 1
+
+    @invariant()
+    def versions_read_exactly(self) -> None:
+        """The newest versions and a seventh of the others after every step (all of them
+        after each step would cost the square of the steps), every one at the end."""
+        self.steps = getattr(self, "steps", 0) + 1
+        count = len(self.versions)
+        for version in range(count):
+            if version >= count - 3 or version % 7 == self.steps % 7:
+                self.read(version)
+
+    def teardown(self) -> None:
+        for version in range(len(self.versions)):
+            self.read(version)
+
+
+def test_the_log_format_reads_every_version_exactly() -> None:
+    run_state_machine_as_test(LogFormatMachine, settings=settings(
+        max_examples=int(os.environ.get("FC_HUNT_EXAMPLES", "200")) * 2 if HUNT else 8,
+        stateful_step_count=100 if HUNT else 25, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow]))
 
 # -- the adapters' entry log ----------------------------------------------------------------
 
