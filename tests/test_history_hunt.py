@@ -14,9 +14,10 @@ to nothing. Logs begin at two entries, parts of a few dozen bytes are compressed
 large creates are encoded in worker threads, so every code path of the logs is taken.
 
 The LangGraph saver's list channels get the same treatment against LangGraph's own saver:
-random turns adding, removing, editing (by id and in place) and clearing messages and
-growing a plain list, through two savers sharing one store, some continuing from an older
-checkpoint; every checkpoint of the thread must load what LangGraph's saver loads, byte for
+random turns adding, removing, editing (by id, in place, or swapping a value in a message
+for its equal of another type) and clearing messages and growing a plain list, through two
+savers sharing one store, some continuing from an older checkpoint, with and without
+pruning; every checkpoint of the thread must load what LangGraph's saver loads, byte for
 byte as the serde writes it.
 
 By default a few examples on the memory store (one store, two managers) and on two SQLite
@@ -397,6 +398,7 @@ else:
         ops: list[Any]
 
 
+TWINS = (1, 1.0, True, "1", b"1", 0.0, -0.0, [1], {"n": 1})
 LANGGRAPH_SEEDS = range(int(os.environ.get("FC_HUNT_SEEDS", "300")) if HUNT else 2)
 LANGGRAPH_STEPS = 30 if HUNT else 10
 
@@ -425,6 +427,11 @@ def _chat_graph(saver: Any) -> Any:
                 else:  # in place, the object the graph's state holds
                     target.content = f"{target.content}{text}"
                     updates.append(target)
+            elif kind == "twin" and messages:
+                # In place, a value its equal of another type replaces (1, 1.0, True, ...).
+                target = messages[number % len(messages)]
+                target.additional_kwargs["n"] = TWINS[number % len(TWINS)]
+                updates.append(target)
             elif kind == "clear":
                 updates += [RemoveMessage(id=REMOVE_ALL_MESSAGES),
                             AIMessage(content=text, id=f"after-{number}")]
@@ -452,7 +459,9 @@ async def _all_values(saver: Any, thread: str) -> list[tuple[Any, bytes]]:
     return found
 
 
-async def _langgraph_hunt(seed: int, store: CheckpointStore) -> None:
+async def _langgraph_hunt(seed: int, store: CheckpointStore, keep: int | None = None) -> None:
+    """``keep``: the savers prune to the newest ``keep`` checkpoints (compared with the
+    newest of LangGraph's)."""
     import random
 
     import anyio
@@ -463,13 +472,13 @@ async def _langgraph_hunt(seed: int, store: CheckpointStore) -> None:
     from tests._helpers import FakeClock
 
     rng = random.Random(seed)
-    ours = [FastCheckpointSaver(store, config=make_config(
+    ours = [FastCheckpointSaver(store, keep_latest=keep, config=make_config(
         FakeClock(), history_min_entries=2, compress_min_bytes=48)) for _ in range(2)]
     graphs = [_chat_graph(saver) for saver in ours]
     theirs = _chat_graph(InMemorySaver())
     thread = "hunt"
     for step in range(LANGGRAPH_STEPS):
-        ops = [(rng.choice(["add", "add", "remove", "edit", "mutate", "clear", "items"]),
+        ops = [(rng.choice(["add", "add", "remove", "edit", "mutate", "twin", "clear", "items"]),
                 rng.randrange(100), rng.choice(["a", "b", "é", "long" * 50]))
                for _ in range(rng.randint(1, 3))]
         update = {"ops": ops, "messages": [HumanMessage(content=f"q{step}", id=f"q{step}")]}
@@ -478,7 +487,8 @@ async def _langgraph_hunt(seed: int, store: CheckpointStore) -> None:
             {"configurable": {"thread_id": thread}})]
         listed_theirs = [found.config async for found in theirs.checkpointer.alist(
             {"configurable": {"thread_id": thread}})]
-        assert len(listed_ours) == len(listed_theirs), seed
+        assert len(listed_ours) == (len(listed_theirs) if keep is None
+                                    else min(keep, len(listed_theirs))), seed
         at = rng.randrange(len(listed_ours)) if listed_ours and rng.random() < 0.3 else None
         with anyio.fail_after(30):
             for graph, listed in ((mine, listed_ours), (theirs, listed_theirs)):
@@ -488,7 +498,7 @@ async def _langgraph_hunt(seed: int, store: CheckpointStore) -> None:
                 # calls it only after the previous save; a node editing one in place while
                 # a slower saver's previous save runs would change it for any saver.
                 await graph.ainvoke(copy.deepcopy(update), settings, durability="sync")
-        expected = await _all_values(theirs.checkpointer, thread)
+        expected = (await _all_values(theirs.checkpointer, thread))[:keep]
         for saver in ours:
             found = await _all_values(saver, thread)
             assert found == expected, (seed, step, ops, at, [
@@ -499,21 +509,24 @@ async def _langgraph_hunt(seed: int, store: CheckpointStore) -> None:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "memory-keep"] + ["file"] * HUNT)
 async def test_langgraph_list_channels_load_what_langgraph_saved(
         kind: str, tmp_path: Any) -> None:
     """Random turns through two savers ("processes") sharing one store, some continuing
     from an older checkpoint (a fork), compared with LangGraph's own saver: every checkpoint
     of the thread loads the same values, serialized byte for byte."""
     pytest.importorskip("langgraph")
+    from fastcheckpoint.stores.file import FileStore
     from fastcheckpoint.stores.memory import MemoryStore
     from fastcheckpoint.stores.sqlite import SQLiteStore
 
     for seed in LANGGRAPH_SEEDS:
-        store: CheckpointStore = (MemoryStore() if kind == "memory" else SQLiteStore(
-            tmp_path / f"{seed}.db", synchronous="normal"))
+        store: CheckpointStore = (
+            SQLiteStore(tmp_path / f"{seed}.db", synchronous="normal") if kind == "sqlite"
+            else FileStore(tmp_path / str(seed), fsync=False) if kind == "file"
+            else MemoryStore())
         try:
-            await _langgraph_hunt(seed, store)
+            await _langgraph_hunt(seed, store, keep=3 if kind == "memory-keep" else None)
         finally:
             await store.aclose()
 
