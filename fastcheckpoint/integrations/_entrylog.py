@@ -184,8 +184,9 @@ class EntryLog:
         is recognised once the store shows it as the head."""
         self._joining: str | None = None
         """The incarnation of the run the store holds without a checkpoint yet (a first
-        change that failed after the store created the run): the next first change joins it,
-        as a new incarnation's sequence 0 would be refused for ever."""
+        change that failed after the store created the run): the call's next try joins it,
+        as a new incarnation's sequence 0 would be refused for ever. Forgotten when a call
+        begins and by :meth:`clear`: a later life of the log never reuses an ended one's."""
 
     @property
     def run_id(self) -> str:
@@ -253,6 +254,7 @@ class EntryLog:
             change.entries, change.state, change.expect) == (batch, state, expect))
         if again is not None:
             return again.head
+        self._joining = None  # a run being created is joined within one call's tries only
         # The first try trusts this object's last sight of the head (or, never having looked,
         # guesses that the log is new); a refusal means it was stale, and every later try reads.
         fresh = not (self._seen or expect in (None, -1))
@@ -303,7 +305,7 @@ class EntryLog:
 
     async def clear(self) -> bool:
         """Remove the log, its entries and its state; whether there was one."""
-        self._known, self._seen, self._unsettled = None, False, None
+        self._known, self._seen, self._unsettled, self._joining = None, False, None, None
         return await self._store.delete_run(self._key) > 0
 
     async def _settled(self, same: Callable[[_Unsettled], bool]) -> _Unsettled | None:

@@ -15,6 +15,7 @@ from fastcheckpoint import _ids
 from fastcheckpoint.errors import (
     ConfigurationError,
     CorruptCheckpointError,
+    SequenceConflict,
     StoreUnavailableError,
     ValidationError,
 )
@@ -360,3 +361,36 @@ async def test_an_append_writes_its_entries_plus_a_bounded_merge(clock: FakeCloc
     view = await log.read()
     assert view is not None
     assert view.entries == [entry] * 1500
+
+
+class _BeingCreatedElsewhere(MemoryStore):
+    """The first append is told another process is creating the run (life ``other``); the
+    join then fails without landing; later appends go through."""
+
+    def __init__(self, other: str) -> None:
+        super().__init__()
+        self.other, self.calls = other, 0
+
+    async def append_with_items(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            raise SequenceConflict(latest_sequence=-1, incarnation=self.other)
+        if self.calls == 2:
+            raise StoreUnavailableError("the store did not answer")
+        return await super().append_with_items(*args, **kwargs)
+
+
+async def test_a_later_life_never_reuses_the_incarnation_a_failed_call_joined(
+    clock: FakeClock,
+) -> None:
+    """A first append joins a run another process is creating, and fails; the log is then
+    cleared, and the next append begins a new life: with an incarnation of its own (it
+    reused the joined one, whose ids and index entries belong to the life that ended)."""
+    other = _ids.new_incarnation()
+    store = _BeingCreatedElsewhere(other)
+    log = EntryLog(store, "session-1", clock=clock)
+    with pytest.raises(StoreUnavailableError):
+        await log.append(_entries(1))
+    await log.clear()
+    head = await log.append(_entries(1))
+    assert head.incarnation != other

@@ -555,3 +555,43 @@ async def test_a_batch_cut_short_reads_consistently_and_the_cleanup_loop_finishe
         assert [entry.rpartition("/")[2][:1] for entry in left_over] == ["9", "t"], left_over
     else:  # what the cut left of the checkpoint removed is gone
         assert left_over == []
+
+
+@pytest.mark.xfail(strict=True, reason="a delete or pruning removes the items its checkpoint "
+                   "owned by key, also one put_owned_items gave another checkpoint meanwhile")
+@pytest.mark.parametrize("remover", ["delete", "pruning"])
+async def test_an_item_taken_over_during_a_removal_stays_with_its_new_owner(
+    s3_store: S3Store, reader: S3Store, writer: S3Store, monkeypatch: pytest.MonkeyPatch,
+    remover: str,
+) -> None:
+    """Checkpoint 0 owns ``w/0``; while a ``delete`` of checkpoint 0 (or an append of 3
+    pruning 0 and 1) is applied, another process gives ``w/0`` to checkpoint 1 (or 2)
+    with ``put_owned_items`` (acknowledged). The removal deletes the item object by key,
+    unconditioned, so the new owner reads without it. The cleanup loop's removals go
+    through ``_remove_marked`` (only the object its marker describes); these two do not
+    yet, as it costs a GET per item on every pruning create."""
+    run = make_run("taken-over")
+    key = key_of(run)
+    owner = 1 if remover == "delete" else 2
+    with anyio.fail_after(DEADLINE):
+        for sequence in range(owner + 1):
+            await _append(s3_store, run, sequence)
+        moved: list[bool] = []
+
+        async def between(done: list[str]) -> None:
+            if not moved:
+                moved.append(await writer.put_owned_items(
+                    key, [make_item("w/0", b"moved", owner=owner)], owner=owner,
+                    checkpoint_id=checkpoint_id_of(run, owner), if_absent=False, now=T0))
+
+        await _piecewise(s3_store, monkeypatch, _reversed, between)
+        if remover == "delete":
+            assert await s3_store.delete(key, 0, checkpoint_id=checkpoint_id_of(run, 0))
+        else:
+            await _append(s3_store, run, 3, keep_latest=2)
+        monkeypatch.undo()
+        found = await reader.read_with_items(key, sequence=owner, now=T0)
+
+    assert moved == [True]
+    assert found is not None
+    assert found[2].get("w/0") == b"moved"
