@@ -87,7 +87,11 @@ pytestmark = pytest.mark.anyio
 HUNT = os.environ.get("FC_HUNT") == "1"
 TURNS = 12 if HUNT else 3
 FAULT_RATE = 0.1
-OPENING_PASSES = 2
+OPENING_PASSES = 0
+"""No passes in the opening: its six faults fall on the first six requests, which every run
+makes (each of its saves is a request at least). With passes among them, a short run (Redis:
+about one request per call, and a delayed request succeeds) could end before the opening
+did, and fewer faults than the test asks for were injected (CI, Agent Framework on Redis)."""
 TRIES = 30
 """How often a user sends a call again (or reads again) before the run is taken for stuck."""
 DEADLINE = 120.0 if HUNT else 40.0
