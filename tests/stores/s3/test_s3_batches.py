@@ -183,12 +183,17 @@ class _Watch:
         self.read, self.at, self.then = read, at, then
         self.seen: list[dict[str, Any]] = []
         self.done: list[Any] = []
+        # Batches may be sent concurrently: one at a time here, so no read is made while
+        # ``then`` (another process's create) is under way, half made (its slot committed,
+        # its owned items not written yet): the reads judge removals, not a create in flight.
+        self._turn = anyio.Lock()
 
     async def __call__(self, done: list[str]) -> None:
-        then, self.then = (self.then, None) if len(done) == self.at else (None, self.then)
-        if then is not None:  # once (batches may be sent concurrently)
-            self.done.append(await then())
-        self.seen.append(await self.read())
+        async with self._turn:
+            then, self.then = (self.then, None) if len(done) == self.at else (None, self.then)
+            if then is not None:  # once
+                self.done.append(await then())
+            self.seen.append(await self.read())
 
 
 async def _after_first(
