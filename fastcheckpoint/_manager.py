@@ -499,7 +499,7 @@ class CheckpointManager:
                 extend = False
                 continue
             except SequenceConflict as conflict:
-                joined = _being_created(conflict) if new_run else None
+                joined = conflict.joining if new_run else None
                 if joined is not None:
                     # A run without a checkpoint yet (its creator may have died before
                     # its first one): sequence 0 there is still the run's start, and the
@@ -1583,12 +1583,6 @@ class CheckpointManager:
                 for status, at, actor, note in data.history
             ],
         )
-
-
-def _being_created(conflict: SequenceConflict) -> str | None:
-    """The incarnation of a run the store holds without any checkpoint yet, if that is
-    what refused the append."""
-    return conflict.incarnation if conflict.latest_sequence == -1 else None
 
 
 def _check_newest(

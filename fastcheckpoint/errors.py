@@ -65,8 +65,8 @@ class SequenceConflict(ConflictError):
     Raised by stores to the manager, which re-reads and retries. ``latest_sequence`` and
     ``incarnation`` describe the live run the store holds (``None`` when it holds none);
     ``latest_sequence`` is -1 when the run exists but its first checkpoint is not written yet
-    (a store whose run creation takes more than one request): the next proposal is sequence 0
-    in that ``incarnation``.
+    (a store whose run creation takes more than one request): :attr:`joining` names that
+    case.
     """
 
     def __init__(
@@ -79,6 +79,18 @@ class SequenceConflict(ConflictError):
         super().__init__(message)
         self.latest_sequence = latest_sequence
         self.incarnation = incarnation
+
+    @property
+    def joining(self) -> str | None:
+        """The incarnation of a run that exists but holds no checkpoint yet, else ``None``.
+
+        Such a run is being created, or its creator died before the first checkpoint. A caller
+        that was starting the run proposes sequence 0 again with this incarnation in its
+        seed: it joins the run, and the store's create-only write of sequence 0 decides
+        between it and a creator still alive. ``None`` means an ordinary conflict: re-read the
+        run and propose its next sequence (or, starting a run, it exists already).
+        """
+        return self.incarnation if self.latest_sequence == -1 else None
 
 
 class CorruptCheckpointError(CheckpointError):

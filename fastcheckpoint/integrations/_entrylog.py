@@ -31,7 +31,6 @@ import msgspec
 
 from fastcheckpoint import _ids
 from fastcheckpoint._codec import Codec, Header, RunData
-from fastcheckpoint._manager import _being_created
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint.errors import (
     ConfigurationError,
@@ -388,7 +387,7 @@ class EntryLog:
         except (SequenceConflict, SharedItemGone) as conflict:
             self._known, self._seen = None, False
             if isinstance(conflict, SequenceConflict):
-                self._joining = _being_created(conflict)
+                self._joining = conflict.joining
             return None
         except StoreError:
             # The store may have applied the change and lost its reply (its own retries ran

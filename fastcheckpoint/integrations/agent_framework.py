@@ -33,7 +33,7 @@ from fastcheckpoint import _ids
 from fastcheckpoint._codec import Header, RunData
 from fastcheckpoint._config import CheckpointConfig
 from fastcheckpoint._gather import gather
-from fastcheckpoint._manager import CheckpointManager, _being_created
+from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint._settle import settled
 from fastcheckpoint.errors import (
@@ -249,7 +249,7 @@ class FastCheckpointStorage:
             # failed midway on a store that creates a run in several requests (S3) left the
             # run without a checkpoint: sequence 0 goes there, as the manager's create does
             # (a new incarnation's would be refused for ever).
-            joining = _being_created(refused)
+            joining = refused.joining
         raise ConflictError(
             f"could not save checkpoint {checkpoint_id[:80]!r}: it was saved concurrently "
             f"{RACE_ATTEMPTS} times in a row")

@@ -36,7 +36,7 @@ from fastcheckpoint import _ids
 from fastcheckpoint._codec import Codec, Header, RunData
 from fastcheckpoint._config import CheckpointConfig
 from fastcheckpoint._ids import plain_str
-from fastcheckpoint._manager import CheckpointManager, _being_created
+from fastcheckpoint._manager import CheckpointManager
 from fastcheckpoint._model import CheckpointStatus
 from fastcheckpoint._settle import settled
 from fastcheckpoint._validate import count_arg, shown
@@ -311,7 +311,7 @@ class FastConversationStore(ConversationStore):
                     # record on: save over it with what it holds now.
                     known, sequence = fresh, fresh.sequence + 1
                     continue
-                creating = _being_created(exc)
+                creating = exc.joining
                 if known is None and fresh is None and creating is not None and (
                         attempt + 1 < _SAVE_ATTEMPTS):
                     # The store holds the run without a record (a first write that failed

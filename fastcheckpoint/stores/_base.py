@@ -280,7 +280,7 @@ class CheckpointStore(Protocol):
        them just before the run's first checkpoint. Otherwise :class:`SequenceConflict` is
        raised carrying ``R.latest_sequence`` and ``R.incarnation`` (or ``None``), and nothing
        changes; ``-1`` with an incarnation means the run is being created and sequence 0 of
-       that incarnation is the one to propose.
+       that incarnation is the one to propose (:attr:`SequenceConflict.joining`).
     2. The record is written; the run record gets ``latest_sequence = record.sequence``,
        ``checkpoint_count + 1``, ``updated_at = now`` and ``expires_at = max(R.expires_at,
        record.expires_at)`` where ``None`` (never) wins.
