@@ -82,6 +82,10 @@ class RunState(msgspec.Struct, array_like=True, frozen=True):
     nesting_all: bool = False
     """Any shared item may have nested items: ``nesting`` outgrew its capacity, or the run
     object was rebuilt (which items had nested items is lost with it)."""
+    broken_guards: int = 0
+    """Guards of status changes that appends broke: breaking one rewrites the run object
+    with this one more, so that the change, a compare-and-set of the run object as it was
+    when the guard was written, can no longer apply."""
 
     def may_nest(self, key: str) -> bool:
         return self.nesting_all or key in self.nesting
@@ -130,6 +134,12 @@ class Slot(msgspec.Struct, array_like=True, frozen=True):
     replaced: bytes = b""
     """A tombstone's: the write token of the checkpoint it replaced. A create whose reply was
     lost, its checkpoint deleted before the PUT was sent again, finds it was applied."""
+    guards: str = ""
+    """A *guard*'s (a tombstone without checkpoint id at the sequence after the run's
+    newest, written by a status change that must apply only while that checkpoint is the
+    newest): the ETag of the run object the change replaces. An append that finds a guard
+    at its sequence breaks it (see ``S3Store._break_guard``); no reader takes it for a
+    checkpoint or a tombstone."""
 
 
 class Listing(msgspec.Struct, array_like=True, frozen=True):

@@ -101,6 +101,8 @@ from fastcheckpoint.stores._base import (
     check_append,
     check_bytes,
     check_flag,
+    check_guard_arg,
+    check_head,
     check_int,
     check_items,
     check_keep_latest,
@@ -161,6 +163,11 @@ _KEYWORD_OPTIONS = frozenset({"client", "session"})
 _TOKEN_BYTES = 8
 _FLOOR_RACES = 3
 """Tries of a status change whose compare-and-set loses to writers raising the floor."""
+_NOT_HELD = ("t", "g")
+"""Kinds of slot views that hold no checkpoint: tombstones (and seals), guards."""
+_GUARD_BREAKS = 8
+"""Guards an append breaks at its sequence before it gives up (each is another status
+change guarded by the run's newest checkpoint, begun while the append was retried)."""
 SWEEP_LEASE_SECONDS = 60.0
 """A sweep lease older than this was left by a worker that stopped: the next sweep takes it."""
 REMOVED_SECONDS = 3600.0
@@ -231,13 +238,14 @@ class _SlotView:
     sequence: int
     slot_etag: str | None = None
     marker: str | None = None  # key of the marker, relative to the store prefix
-    kind: str = ""  # "m", "l" (long header) or "t" (tombstone)
+    kind: str = ""  # "m", "l" (long header), "t" (tombstone) or "g" (a guard: no marker)
     listing: Listing | None = None
     extra: list[str] = field(default_factory=list)  # duplicate markers (crash leftovers)
     missing: bool = False  # a slot without its marker: ``marker`` is the key it should have
     owned: list[_ItemMarker] = field(default_factory=list)  # markers of the items it owns
     damage: CorruptCheckpointError | None = None  # a slot without marker that cannot be read
     gone: bool = False  # a slot without marker listed, removed by the time it was read
+    guards: str = ""  # a guard's: the run object's ETag its status change replaces
 
     @property
     def names_items(self) -> bool:
@@ -275,6 +283,7 @@ class _Run:
     held: list[_SlotView] = field(default_factory=list)  # ascending
     tombstones: list[_SlotView] = field(default_factory=list)
     orphans: list[_SlotView] = field(default_factory=list)  # other incarnations, bare markers
+    guards: list[_SlotView] = field(default_factory=list)  # of status changes (see _guarded)
 
     def __post_init__(self) -> None:
         incarnation = None if self.state is None else self.state.incarnation
@@ -283,6 +292,8 @@ class _Run:
             mine = view.listing is not None and view.listing.incarnation == incarnation
             if view.slot_etag is None or not mine:
                 self.orphans.append(view)
+            elif view.kind == "g":
+                self.guards.append(view)
             elif view.kind == "t":
                 self.tombstones.append(view)
             else:
@@ -292,8 +303,8 @@ class _Run:
     def damaged(cls, listed: _Listed, damage: CorruptCheckpointError) -> _Run:
         """The run as its log shows it, when its run object cannot be read: the incarnation
         of the newest checkpoint (tombstones and seals may be an ended run's)."""
-        views = [view for view in listed.slots.values()
-                 if view.slot_etag is not None and view.listing is not None and view.kind != "t"]
+        views = [view for view in listed.slots.values() if view.slot_etag is not None
+                 and view.listing is not None and view.kind not in _NOT_HELD]
         if not views:
             return cls(None, listed.run_etag, listed, damage)
         newest = max(views, key=lambda view: (_listing(view).appended_at, view.sequence))
@@ -424,6 +435,25 @@ class _SharedWrite:
     created: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class _Guard:
+    """A guard of a status change (see ``S3Store._guarded``): its key, body and ETag."""
+
+    key: str
+    slot: Slot
+    etag: str = ""
+
+
+@dataclass(frozen=True)
+class _Broken:
+    """A status change's guard held the append's sequence: broken (see
+    ``S3Store._break_guard``), so the commit is sent again, checked against the run object
+    as the break left it (``etag``, ``state``)."""
+
+    etag: str
+    state: RunState
+
+
 @dataclass(frozen=True)
 class _Deleted:
     """A create's own slot, applied although its reply was lost, then deleted by another
@@ -493,7 +523,8 @@ def _maybe_live(listed: _Listed, now: float) -> int:
         for view in listed.slots.values()
         if view.slot_etag is not None
         and (
-            view.listing is None or (view.kind != "t" and is_live(view.listing.expires_at, now))
+            view.listing is None
+            or (view.kind not in _NOT_HELD and is_live(view.listing.expires_at, now))
         )
     )
 
@@ -680,6 +711,7 @@ class S3Store(ExpiryCleanup):
     """
 
     nested_items = True
+    sequence_guard = True
 
     def __init__(
         self,
@@ -1004,6 +1036,10 @@ class S3Store(ExpiryCleanup):
         except CorruptCheckpointError as exc:
             view.damage = exc
             return
+        if slot.guards:
+            # A status change's guard: no checkpoint, and no marker to write for it.
+            view.kind, view.listing, view.guards = "g", _listing_of(slot), slot.guards
+            return
         self._remember_refs(run_key, view.sequence, found[1], slot)
         view.kind = "t" if slot.tombstone else "m"
         view.listing = _listing_of(slot)
@@ -1122,16 +1158,26 @@ class S3Store(ExpiryCleanup):
         # with the next sweep).
         written = _SharedWrite() if not shared else await self._put_shared(
             io, run_key, slot, shared, now)
-        # The commit (create-only at the sequence: the check against other writers) and, in
-        # the same round trip, the check against the run: is its object still the one this
-        # process knows? An unchanged one costs a 304 without a body.
-        (written_etag, resent), seen = await pair(
-            functools.partial(self._commit, io, run_key, slot),
-            functools.partial(_error_as_value, io.get_if_changed,
-                              layout.run_object(run_key), etag),
-        )
-        slot_etag = written_etag if written_etag is not None else await self._taken(
-            io, run_key, slot, keep_latest, now, resent=resent)
+        for _ in range(_GUARD_BREAKS):
+            # The commit (create-only at the sequence: the check against other writers) and,
+            # in the same round trip, the check against the run: is its object still the one
+            # this process knows? An unchanged one costs a 304 without a body.
+            (written_etag, resent), seen = await pair(
+                functools.partial(self._commit, io, run_key, slot),
+                functools.partial(_error_as_value, io.get_if_changed,
+                                  layout.run_object(run_key), etag),
+            )
+            slot_etag = written_etag if written_etag is not None else await self._taken(
+                io, run_key, slot, keep_latest, now, resent=resent)
+            if not isinstance(slot_etag, _Broken):
+                break
+            # A status change's guard held the sequence: broken, its key is free again.
+            etag, state = slot_etag.etag, slot_etag.state
+        else:
+            raise ConflictError(
+                f"run {run_key}: status changes guarded by its newest checkpoint kept taking "
+                f"sequence {slot.sequence} while checkpoint {slot.checkpoint_id} was appended; "
+                "nothing was written, append it again")
         if isinstance(slot_etag, _Deleted):
             # Acknowledged, never written again: another process deleted it, as it may
             # delete any checkpoint once written. Its shared items are named by nothing.
@@ -1496,6 +1542,11 @@ class S3Store(ExpiryCleanup):
                 return False
             if occupant.token == seal.token:
                 etag = found[1]  # this very seal, applied although its reply was lost
+            elif occupant.guards:
+                # A status change's guard: an append breaks it rather than stop, so it seals
+                # nothing. Broken (its change, on a dead run, fails), and claimed again.
+                await self._break_guard(io, run_key, sequence, found[1], occupant.guards)
+                etag = await io.put(key, body, if_none_match=True)
             elif occupant.incarnation == dead:
                 # Sealed by another process; else the dead run appended: it lives.
                 return occupant.tombstone and not occupant.checkpoint_id
@@ -1523,14 +1574,16 @@ class S3Store(ExpiryCleanup):
         now: float,
         *,
         resent: bool = False,
-    ) -> str | _Deleted:
+    ) -> str | _Deleted | _Broken:
         """The slot's key is taken. By this very write (its reply was lost, the retry got
         412): the slot carries our token, so it is ours; or a tombstone names our token
         (another process deleted it before the retry): ``_Deleted``, never written again.
-        By a leftover of another incarnation (a writer of a run that ended): replaced with
-        ``IfMatch``. Otherwise another writer got the sequence: raise the conflict, after
-        writing any marker a writer left out (safe: a marker is a function of its slot) and
-        learning the run's head for the retry. Returns the ETag of our slot."""
+        By a guard of a status change of the run's life: broken (``_Broken``: send the
+        commit again). By a leftover of another incarnation (a writer of a run that ended):
+        replaced with ``IfMatch``. Otherwise another writer got the sequence: raise the
+        conflict, after writing any marker a writer left out (safe: a marker is a function
+        of its slot) and learning the run's head for the retry. Returns the ETag of our
+        slot."""
         current, known_from = await self._head(io, run_key, live_wanted=keep_latest or 1, now=now)
         await self._heal(io, run_key, current)
         occupant = current.listed.slots.get(slot.sequence)
@@ -1547,6 +1600,18 @@ class S3Store(ExpiryCleanup):
         ):
             # The tombstone of a checkpoint at our sequence: its slot may have been ours.
             ours = await self._own_write(io, run_key, slot)
+        elif (
+            occupant.kind == "g"
+            and occupant.listing is not None
+            and occupant.listing.incarnation == slot.incarnation
+        ):
+            broken = await self._break_guard(io, run_key, slot.sequence, occupant.slot_etag,
+                                             occupant.guards)
+            if broken is not None:
+                return _Broken(broken[1], broken[0])
+            current, known_from = await self._head(
+                io, run_key, live_wanted=keep_latest or 1, now=now
+            )
         if isinstance(ours, str):
             return ours
         if ours:
@@ -1583,6 +1648,45 @@ class S3Store(ExpiryCleanup):
             # been applied to the run as it was, before it was deleted.
             raise _outcome_unknown(run_key, slot, "deleted the run and started it over")
         raise current.conflict(now)
+
+    async def _break_guard(
+        self, io: Bucket, run_key: str, sequence: int, etag: str, guards: str
+    ) -> tuple[RunState, str] | None:
+        """Free ``sequence`` from the guard at its key (``etag``; ``guards``: the ETag of the
+        run object its status change replaces, see :meth:`_guarded`). While the run object
+        still has that ETag, the change may yet apply: it is made unable to (the run object
+        rewritten with ``broken_guards`` one more, compare-and-set), so that it fails and
+        reads the run again, finding what the breaker then appends. Then the guard is
+        removed (``IfMatch``; one its holder renewed meanwhile is broken again). Returns the
+        run object as left (``None``: gone)."""
+        key = layout.slot_key(run_key, sequence)
+        run: tuple[RunState, str] | None = None
+        for _ in range(_FLOOR_RACES):
+            run = await self._read_state(io, run_key)
+            if run is not None and run[1] == guards:
+                touched = msgspec.structs.replace(run[0], broken_guards=run[0].broken_guards + 1)
+                written = await io.put(layout.run_object(run_key), layout.encode(touched),
+                                       if_match=guards)
+                if written is None:
+                    continue  # changed meanwhile (by the change itself, or this very write)
+                self._remember(run_key, written, touched)
+                run = touched, written
+            if await io.delete_if(key, etag):
+                return run
+            found = await io.get(key)
+            if found is None:
+                return run  # removed by its holder, or by another breaker
+            try:
+                occupant = layout.decode_slot(found[0], io.where(key), run_key=run_key,
+                                              sequence=sequence)
+            except CorruptCheckpointError:
+                return run  # not a guard: the append's retry finds it and says what it is
+            if not occupant.guards:
+                return run  # a checkpoint now (another breaker appended): the retry finds it
+            etag, guards = found[1], occupant.guards  # renewed by its holder
+        raise ConflictError(
+            f"run {run_key}: a status change kept renewing its guard at sequence {sequence} "
+            "while an append broke it; nothing was written, try again")
 
     async def _heal(self, io: Bucket, run_key: str, current: _Run) -> None:
         missing = [view for view in (*current.held, *current.tombstones) if view.missing]
@@ -2381,7 +2485,8 @@ class S3Store(ExpiryCleanup):
             listing = view.listing
             return view.slot_etag is not None and (before is None or view.sequence < before) and (
                 listing is None
-                or (view.kind != "t" and (include_expired or is_live(listing.expires_at, now)))
+                or (view.kind not in _NOT_HELD
+                    and (include_expired or is_live(listing.expires_at, now)))
             )
 
         def enough(listed: _Listed) -> bool:
@@ -2610,6 +2715,7 @@ class S3Store(ExpiryCleanup):
         status: str,
         data: bytes,
         now: float,
+        latest_sequence: int | None = None,
     ) -> RunRecord:
         check_run_key(run_key)
         status = layout.check_status(status)
@@ -2617,6 +2723,7 @@ class S3Store(ExpiryCleanup):
         check_int("version", version)
         check_bytes("data", data)
         check_time("now", now)
+        latest_sequence = check_guard_arg(latest_sequence)
         io = await self._objects()
         current = await self._load(io, run_key)
         if current.damage is not None:
@@ -2632,33 +2739,120 @@ class S3Store(ExpiryCleanup):
                 f"run changed concurrently (now {old.incarnation}/{old.version}, "
                 f"expected {incarnation}/{version})"
             )
+        check_head(run_key, current.latest_sequence, latest_sequence)
         new = msgspec.structs.replace(old, status=status, data=bytes(data), version=version + 1,
                                       updated_at=now)
+        change = (self._change_status(io, run_key, old, current.etag, new)
+                  if latest_sequence is None else self._guarded(io, run_key, current, new, now))
         # Several requests: a cancellation waits for them all (settled).
-        new = await settled(self._change_status(io, run_key, old, current.etag, new))
+        new = await settled(change)
         current.state = new
         return current.record()
 
+    async def _guarded(
+        self, io: Bucket, run_key: str, current: _Run, new: RunState, now: float
+    ) -> RunState:
+        """A status change that applies only while the run's newest checkpoint is the one
+        listed (``SupportsSequenceGuard``). S3 conditions a write on its own key only, and
+        an append writes its slot, not the run object: so the change first claims the
+        sequence after the newest with a *guard* (create-only, where the next append's slot
+        goes), then compare-and-sets the run object, then removes the guard. An append that
+        finds the guard at its sequence breaks it (:meth:`_break_guard`): while the run
+        object is the one the guard names, it rewrites it first, so the change fails and
+        reads the run again (finding the append); once the change applied, the append is
+        ordered after it. 2 requests more than an unguarded change."""
+        assert current.state is not None
+        assert current.etag is not None
+        sequence = current.latest_sequence + 1
+        guard = _Guard(layout.slot_key(run_key, sequence), Slot(
+            current.state.incarnation, sequence, "", now, None, now, b"", b"", tombstone=True,
+            token=secrets.token_bytes(_TOKEN_BYTES), run_key=run_key, guards=current.etag))
+        await self._place_guard(io, run_key, current, guard)
+        try:
+            return await self._change_status(io, run_key, current.state, current.etag, new,
+                                             guard)
+        finally:
+            try:
+                # Gone already if an append broke it (after the change applied, or making
+                # it fail); one left (this call stopped) is broken by the next append.
+                await io.delete_if(guard.key, guard.etag)
+            except CheckpointError as exc:
+                logger.warning("could not remove the guard %s of a status change (%s): the "
+                               "next append at its sequence removes it", io.where(guard.key),
+                               exc)
+
+    async def _place_guard(self, io: Bucket, run_key: str, current: _Run, guard: _Guard) -> None:
+        """Write ``guard`` create-only at its sequence. Taken by a checkpoint of the run's
+        life: :class:`ConflictError` (newer checkpoints). By another status change's guard:
+        broken (that change fails); when that took rewriting the run object, this change
+        conflicts too (read the run again). By a leftover of an ended life of the run:
+        replaced, as an append replaces one."""
+        sequence = guard.slot.sequence
+        body = layout.encode(guard.slot)
+        for _ in range(_FLOOR_RACES):
+            written = await io.put(guard.key, body, if_none_match=True)
+            found = None if written is not None else await io.get(guard.key)
+            if found is not None:
+                occupant = layout.decode_slot(found[0], io.where(guard.key), run_key=run_key,
+                                              sequence=sequence)
+                if occupant.token == guard.slot.token:
+                    written = found[1]  # this very guard, its reply lost
+                elif occupant.guards:
+                    broken = await self._break_guard(io, run_key, sequence, found[1],
+                                                     occupant.guards)
+                    if broken is None or broken[1] != current.etag:
+                        break
+                    continue
+                elif occupant.incarnation == guard.slot.incarnation:
+                    check_head(run_key, sequence, sequence - 1)  # another process appended
+                else:
+                    written = await io.put(guard.key, body, if_match=found[1])
+                    if written is not None:
+                        left = current.listed.slots.get(sequence)
+                        stale = [] if left is None else _keys_of(run_key, left)
+                        await io.delete([key for key in stale if key != guard.key])
+            if written is not None:
+                guard.etag = written
+                return
+        raise ConflictError(f"run {run_key} changed concurrently; read it again and retry")
+
+    async def _renew_guard(self, io: Bucket, guard: _Guard, etag: str) -> bool:
+        """Make ``guard`` name the run object's new ``etag`` (a writer raised the floor or
+        listed nested items meanwhile) before the change is tried on it: whether it still
+        stood (an append broke it: the change must not apply)."""
+        renewed = msgspec.structs.replace(guard.slot, guards=etag)
+        body = layout.encode(renewed)
+        written = await io.put(guard.key, body, if_match=guard.etag)
+        if written is None:
+            found = await io.get(guard.key)  # this very write, its reply lost?
+            if found is None or found[0] != body:
+                return False
+            written = found[1]
+        guard.slot, guard.etag = renewed, written
+        return True
+
     async def _change_status(
-        self, io: Bucket, run_key: str, old: RunState, etag: str, new: RunState
+        self, io: Bucket, run_key: str, old: RunState, etag: str, new: RunState,
+        guard: _Guard | None = None,
     ) -> RunState:
         """:meth:`_change_run`, then the by-status index follows the run object (readers
         check entries against it). The new status's entry is written even when the status
         is unchanged: a call that failed, or a process killed, once the run object changed
         left it missing, and the call made again (same status by then) puts it back."""
-        new = await self._change_run(io, run_key, old, etag, new)
+        new = await self._change_run(io, run_key, old, etag, new, guard)
         await io.put(layout.status_entry(run_key, new), b"")
         if new.status != old.status:
             await io.delete([layout.status_entry(run_key, old)])
         return new
 
     async def _change_run(
-        self, io: Bucket, run_key: str, old: RunState, etag: str, new: RunState
+        self, io: Bucket, run_key: str, old: RunState, etag: str, new: RunState,
+        guard: _Guard | None = None,
     ) -> RunState:
         """Compare-and-set the run object from ``old`` (at ``etag``) to ``new``. A writer
         raising the floor or changing which items have nested items meanwhile is no
         conflict: the higher floor and the other writer's list are kept, and the write tried
-        again."""
+        again (a ``guard``, see :meth:`_guarded`, renewed first to name the new ETag)."""
         key = layout.run_object(run_key)
         for _ in range(_FLOOR_RACES):
             written = await io.put(key, layout.encode(new), if_match=etag)
@@ -2677,6 +2871,8 @@ class S3Store(ExpiryCleanup):
             new = msgspec.structs.replace(new, floor=max(new.floor, latest.floor),
                                           nesting=latest.nesting,
                                           nesting_all=latest.nesting_all)
+            if guard is not None and not await self._renew_guard(io, guard, etag):
+                break
         raise ConflictError(f"run {run_key} changed concurrently; read it again and retry")
 
     async def _written(self, io: Bucket, run_key: str, state: RunState) -> str | None:
@@ -3148,6 +3344,12 @@ class S3Store(ExpiryCleanup):
                 return 0, 0, False
             return await self._purge_dead_run(io, run_key, current, now)
         await self._heal(io, run_key, current)
+        for view in current.guards:
+            # A status change that stopped between its guard and removing it: broken once it
+            # is older than any change takes (a live one then fails and reads the run again).
+            if view.slot_etag is not None and now - _listing(view).appended_at \
+                    >= CREATION_GRACE_SECONDS:
+                await self._break_guard(io, run_key, view.sequence, view.slot_etag, view.guards)
         removed = 0
         things = 0
         keys: list[str] = []
@@ -3735,7 +3937,7 @@ def _newest_live(
 ) -> _SlotView | None:
     for view in sorted(views, key=lambda v: -v.sequence):
         listing = view.listing
-        if view.slot_etag is None or listing is None or view.kind == "t":
+        if view.slot_etag is None or listing is None or view.kind in _NOT_HELD:
             continue
         if incarnation is not None and listing.incarnation != incarnation:
             continue
@@ -3767,7 +3969,7 @@ def _may_need_purge(listed: _Listed, now: float) -> bool:
     views = list(listed.slots.values())
     if any(view.slot_etag is None or view.listing is None for view in views):
         return True
-    held = [view for view in views if view.kind != "t"]
+    held = [view for view in views if view.kind not in _NOT_HELD]
     if any(not is_live(_listing(view).expires_at, now) for view in held):
         return True
     if listed.run_etag is not None and not held:

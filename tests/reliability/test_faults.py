@@ -14,12 +14,20 @@ delays requests, at random with a fixed rate. Whatever it does:
 
 from __future__ import annotations
 
+import random
 import time
 
 import anyio
 import pytest
 
-from fastcheckpoint import CheckpointConfig, CheckpointError, CheckpointManager, ConflictError, _ids
+from fastcheckpoint import (
+    CheckpointConfig,
+    CheckpointError,
+    CheckpointManager,
+    CheckpointStatus,
+    ConflictError,
+    _ids,
+)
 from tests.reliability._audit import Ack, Figures, RunAudit, audit_run, scaled, state_for
 from tests.reliability._stores import FAST_RETRY, Target
 from tests.reliability.faults import (
@@ -353,3 +361,75 @@ async def test_postgres_a_create_only_item_write_whose_reply_is_lost_succeeds(
         await direct.aclose()
     assert proxy.counts == {Fault.LOSE_REPLY: 1, Fault.PASS: 1}
     assert held == {"k": b"ours"}
+
+
+GUARDED_ROUNDS = 20
+
+
+async def test_guarded_pauses_under_lost_replies_hold_their_condition(
+    network_target: Target, seed: int, figures: Figures
+) -> None:
+    """``pause(latest_sequence=s)`` through lost replies and cut connections, with another
+    process (no faults) creating a checkpoint before it in about half of the rounds: a pause
+    acknowledged is one whose checkpoint was the newest (never when the other process's came
+    after it), a pause refused leaves the run active, and every acknowledged create stays
+    restorable once (also past whatever a pause that failed half-way left behind, such as
+    the S3 store's guard at the next sequence)."""
+    run_id = f"guarded-{seed}"
+    rng = random.Random(seed)
+    rounds = scaled(GUARDED_ROUNDS)
+    acks: list[Ack] = []
+    unconfirmed: set[str] = set()
+    foreign: list[str] = []
+    wrong: list[str] = []
+    paused = refused = 0
+    clean = network_target.store(None)
+    other = CheckpointManager(clean, config=CONFIG)
+    plan = FaultPlan.opening(seed, rate=0.2, kinds=(Fault.LOSE_REPLY, Fault.CUT))
+    with _faulty(network_target, plan) as proxy:
+        store = network_target.store(proxy.endpoint)
+        manager = CheckpointManager(store, config=CONFIG)
+        try:
+            with anyio.fail_after(_deadline(4 * rounds)):
+                for step in range(rounds):
+                    token = f"{seed}/{step}"
+                    try:
+                        created = await manager.create(run_id, state_for(token), force=True)
+                    except CheckpointError:
+                        unconfirmed.add(token)
+                        continue
+                    acks.append(Ack(token, created.metadata.sequence, created.checkpoint_id))
+                    overtaken = rng.random() < 0.5
+                    if overtaken:
+                        mine = f"{seed}/{step}/other"
+                        newer = await other.create(run_id, state_for(mine), force=True)
+                        acks.append(Ack(mine, newer.metadata.sequence, newer.checkpoint_id))
+                    try:
+                        await manager.pause(run_id, {"step": step},
+                                            latest_sequence=created.metadata.sequence)
+                    except CheckpointError:
+                        pass
+                    except Exception as exc:  # what is under test: nothing else escapes
+                        foreign.append(_described(exc))
+                    run = await other.get_run(run_id)
+                    assert run is not None
+                    if run.status is CheckpointStatus.PAUSED:
+                        paused += 1
+                        if overtaken:
+                            wrong.append(f"round {step}: paused over a newer checkpoint")
+                        await other.approve(run_id, approver="test")
+                    else:
+                        refused += 1
+                        if run.status is not CheckpointStatus.ACTIVE:
+                            wrong.append(f"round {step}: the run is {run.status.value}")
+        finally:
+            await store.aclose()
+            await clean.aclose()
+    audit = await _audit(network_target, run_id, acks, unconfirmed)
+    figures.add("fault-guarded-pauses", network_target.name, rounds=rounds,
+                faults=proxy.injected, paused=paused, refused=refused, wrong=len(wrong))
+    replay = f"{figures.replay}, faults {dict(proxy.counts)}"
+    assert proxy.injected >= 2
+    assert not foreign, f"{replay}: pauses raised non-CheckpointErrors: {foreign}"
+    assert not wrong, f"{replay}: {wrong}"
+    assert not audit.problems(), f"{replay}: {audit.problems()}"

@@ -329,7 +329,7 @@ def test_a_request_the_flow_went_past_before_the_pause_is_not_queued(
 
 class _WithoutSequenceGuard(MemoryStore):
     """A store that cannot pause on the condition that the newest checkpoint is unchanged
-    (as S3, or a third-party store written for the older ``update_run``)."""
+    (a third-party store written for the older ``update_run``)."""
 
     sequence_guard = False
 

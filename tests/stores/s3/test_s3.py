@@ -49,6 +49,7 @@ from fastcheckpoint.testing import (
     LabelsContract,
     NestedItemsContract,
     RepairContract,
+    SequenceGuardContract,
     SharedItemsContract,
     StoreContract,
     checkpoint_id_of,
@@ -100,7 +101,7 @@ async def raw_client(endpoint_url: str, retry: RetryPolicy | None = None) -> Asy
 
 
 class TestS3Store(StoreContract, RepairContract, LabelsContract, SharedItemsContract,
-                  NestedItemsContract):
+                  NestedItemsContract, SequenceGuardContract):
     deadline_seconds = DEADLINE
     # Refs are checked against the removals the store remembers (a key never written is
     # not looked up: that would cost a read per ref).
