@@ -2786,7 +2786,9 @@ class S3Store(ExpiryCleanup):
         life: :class:`ConflictError` (newer checkpoints). By another status change's guard:
         broken (that change fails); when that took rewriting the run object, this change
         conflicts too (read the run again). By a leftover of an ended life of the run:
-        replaced, as an append replaces one."""
+        replaced as a seal replaces one (its marker first, ``IfMatch`` on it), while the run
+        object is still the one listed; else (a newer life may have written it) a
+        conflict."""
         sequence = guard.slot.sequence
         body = layout.encode(guard.slot)
         for _ in range(_FLOOR_RACES):
@@ -2806,6 +2808,15 @@ class S3Store(ExpiryCleanup):
                 elif occupant.incarnation == guard.slot.incarnation:
                     check_head(run_key, sequence, sequence - 1)  # another process appended
                 else:
+                    run = await io.get(layout.run_object(run_key))
+                    if run is None or run[1] != current.etag:
+                        break  # a newer life may have begun: it is not a leftover then
+                    # Its marker first, as a seal does: an append that listed the guard
+                    # beside it would take the key for the leftover and replace the guard
+                    # without breaking it.
+                    kind = "t" if occupant.tombstone else "m"
+                    await io.delete([_marker_of(io.prefix, run_key, sequence, kind,
+                                                _listing_of(occupant))[0]])
                     written = await io.put(guard.key, body, if_match=found[1])
                     if written is not None:
                         left = current.listed.slots.get(sequence)
@@ -2871,7 +2882,10 @@ class S3Store(ExpiryCleanup):
             new = msgspec.structs.replace(new, floor=max(new.floor, latest.floor),
                                           nesting=latest.nesting,
                                           nesting_all=latest.nesting_all)
-            if guard is not None and not await self._renew_guard(io, guard, etag):
+            if guard is not None and (latest.floor > guard.slot.sequence
+                                      or not await self._renew_guard(io, guard, etag)):
+                # A floor above the guard's key: appends pruned past it (the run has newer
+                # checkpoints), and the key may have been free when the guard took it.
                 break
         raise ConflictError(f"run {run_key} changed concurrently; read it again and retry")
 
