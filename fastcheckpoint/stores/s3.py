@@ -1327,7 +1327,7 @@ class S3Store(ExpiryCleanup):
             ours = etag if etag is not None else await self._ours(io, run_key, slot)
             if ours is None:
                 return True  # never written
-            if not await io.list(layout.slot_key(run_key, slot.sequence + 1), limit=1):
+            if not await self._appended_after(io, run_key, slot.sequence):
                 await io.delete_if(key, ours)
                 return True
             why = "another writer appended after it"
@@ -1335,6 +1335,27 @@ class S3Store(ExpiryCleanup):
             why = str(exc)
         logger.warning("a failed create left checkpoint %s behind at %s: %s",
                        slot.checkpoint_id, io.where(key), why)
+        return False
+
+    async def _appended_after(self, io: Bucket, run_key: str, sequence: int) -> bool:
+        """Whether a slot stands at ``sequence + 1``. A guard there (a slot without marker
+        that reads as one) is no append: it is broken, so that its change, guarded by the
+        slot at ``sequence``, cannot apply once that slot is taken back."""
+        after = layout.slot_key(run_key, sequence + 1)
+        listed = await io.list(after, limit=2)
+        if [entry.key for entry in listed] != [after]:
+            return bool(listed)  # nothing there, or a slot with its marker
+        found = await io.get(after)
+        if found is None:
+            return False
+        try:
+            occupant = layout.decode_slot(found[0], io.where(after), run_key=run_key,
+                                          sequence=sequence + 1)
+        except CorruptCheckpointError:
+            return True
+        if not occupant.guards:
+            return True  # a checkpoint whose writer has not written its marker yet
+        await self._break_guard(io, run_key, sequence + 1, found[1], occupant.guards)
         return False
 
     async def _confirm(

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from fastcheckpoint.errors import ConflictError
+from fastcheckpoint.errors import ConflictError, StoreUnavailableError
 from fastcheckpoint.stores import _s3_layout as layout
 from fastcheckpoint.stores.s3 import S3Store
 from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_checkpoint, make_run
@@ -21,6 +21,7 @@ from tests.stores.s3.test_s3 import DEADLINE
 from tests.stores.s3.test_s3_sequence_guard import (
     _append,
     _guard_keys,
+    _leave_guard,
     _pause,
     _state,
     moto_endpoint,
@@ -135,3 +136,36 @@ async def test_an_append_meeting_a_guard_over_an_earlier_lifes_seal_breaks_it(
         assert reported == ["active"]
         assert await _state(other, alive, now=T0 + 22) == ("active", 1, 2)
         assert await _guard_keys(other, alive) == []
+
+
+async def test_a_failed_create_is_withdrawn_from_under_a_guard(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A create whose check of the run object fails takes its slot back, unless another
+    writer appended after it (removing it would leave a gap). A guard above it (a change
+    guarded by it, read meanwhile) is no append: the slot goes, the guard is broken (its
+    change can no longer apply over the slot taken back), and the create made again is
+    written once."""
+    writer, changer = stores
+    run = make_run("review-withdrawn")
+    with anyio.fail_after(DEADLINE):
+        await _append(writer, run, 0)
+        io = await writer._objects()
+        check = io.get_if_changed
+        failed: list[int] = []
+
+        async def failing(key: str, etag: str) -> Any:
+            if failed:
+                return await check(key, etag)
+            failed.append(1)
+            await _leave_guard(changer, run, 2)  # a change guarded by 1 is under way
+            raise StoreUnavailableError("the check of the run object failed")
+
+        monkeypatch.setattr(io, "get_if_changed", failing)
+        with pytest.raises(StoreUnavailableError):
+            await _append(writer, run, 1, now=T0 + 1)
+
+        assert await changer.get(key_of(run), 1, now=T0 + 2) is None
+        assert await _state(changer, run) == ("active", 0, 1)
+        assert await _append(writer, run, 1, now=T0 + 2) == "active"
+        assert await _state(changer, run, now=T0 + 3) == ("active", 1, 2)
