@@ -140,6 +140,11 @@ class Slot(msgspec.Struct, array_like=True, frozen=True):
     newest): the ETag of the run object the change replaces. An append that finds a guard
     at its sequence breaks it (see ``S3Store._break_guard``); no reader takes it for a
     checkpoint or a tombstone."""
+    owns: bool = False
+    """Its append wrote items it owns: they are written after the slot (a slot that loses its
+    sequence must not have written items the winner owns) and before its marker, so until
+    the marker is there the checkpoint may lack them (its writer is still at work, or was
+    killed): readers leave such a slot out (a *pending* slot)."""
 
 
 class Listing(msgspec.Struct, array_like=True, frozen=True):

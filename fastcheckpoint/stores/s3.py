@@ -163,8 +163,9 @@ _KEYWORD_OPTIONS = frozenset({"client", "session"})
 _TOKEN_BYTES = 8
 _FLOOR_RACES = 3
 """Tries of a status change whose compare-and-set loses to writers raising the floor."""
-_NOT_HELD = ("t", "g")
-"""Kinds of slot views that hold no checkpoint: tombstones (and seals), guards."""
+_NOT_HELD = ("t", "g", "p")
+"""Kinds of slot views that hold no checkpoint to read: tombstones (and seals), guards,
+pending slots (see ``Slot.owns``)."""
 _GUARD_BREAKS = 8
 """Guards an append breaks at its sequence before it gives up (each is another status
 change guarded by the run's newest checkpoint, begun while the append was retried)."""
@@ -238,7 +239,7 @@ class _SlotView:
     sequence: int
     slot_etag: str | None = None
     marker: str | None = None  # key of the marker, relative to the store prefix
-    kind: str = ""  # "m", "l" (long header), "t" (tombstone) or "g" (a guard: no marker)
+    kind: str = ""  # "m", "l" (long header), "t" (tombstone); no marker: "g" (a guard), "p"
     listing: Listing | None = None
     extra: list[str] = field(default_factory=list)  # duplicate markers (crash leftovers)
     missing: bool = False  # a slot without its marker: ``marker`` is the key it should have
@@ -284,6 +285,10 @@ class _Run:
     tombstones: list[_SlotView] = field(default_factory=list)
     orphans: list[_SlotView] = field(default_factory=list)  # other incarnations, bare markers
     guards: list[_SlotView] = field(default_factory=list)  # of status changes (see _guarded)
+    pending: list[_SlotView] = field(default_factory=list)
+    """Slots whose owned items may not all be written yet (``Slot.owns``, no marker): no
+    checkpoint to read, but their sequences are taken and their writers may be alive, so
+    the run lives while they do (a start-over would lose a create about to return)."""
 
     def __post_init__(self) -> None:
         incarnation = None if self.state is None else self.state.incarnation
@@ -294,6 +299,8 @@ class _Run:
                 self.orphans.append(view)
             elif view.kind == "g":
                 self.guards.append(view)
+            elif view.kind == "p":
+                self.pending.append(view)
             elif view.kind == "t":
                 self.tombstones.append(view)
             else:
@@ -314,22 +321,26 @@ class _Run:
 
     @property
     def latest_sequence(self) -> int:
-        tops = [view.sequence for view in (*self.held[-1:], *self.tombstones[-1:])]
+        tops = [view.sequence for view in (*self.held[-1:], *self.tombstones[-1:],
+                                           *self.pending[-1:])]
         return max(tops, default=-1)
 
     @property
     def expires_at(self) -> float | None:
-        if not self.held:
+        if not self.held and not self.pending:
             return EMPTY_RUN
-        return functools.reduce(latest_expiry, [_listing(view).expires_at for view in self.held])
+        return functools.reduce(latest_expiry, [_listing(view).expires_at
+                                                for view in (*self.held, *self.pending)])
 
     def live(self, now: float) -> bool:
-        return self.state is not None and bool(self.held) and is_live(self.expires_at, now)
+        return self.state is not None and bool(self.held or self.pending) and is_live(
+            self.expires_at, now)
 
     def being_created(self) -> bool:
         """A run object without any checkpoint of its own: its creator has not written the
         first slot yet, or crashed before it did. The next first append joins it."""
-        return self.state is not None and not self.held and not self.tombstones
+        return (self.state is not None and not self.held and not self.tombstones
+                and not self.pending)
 
     def abandoned(self, now: float) -> bool:
         """Being created for longer than any creator takes: a crash leftover to purge."""
@@ -342,8 +353,8 @@ class _Run:
     def record(self) -> RunRecord:
         assert self.state is not None
         state = self.state
-        head = max((*self.held[-1:], *self.tombstones[-1:]), key=lambda v: v.sequence,
-                   default=None)
+        head = max((*self.held[-1:], *self.tombstones[-1:], *self.pending[-1:]),
+                   key=lambda v: v.sequence, default=None)
         updated_at = state.updated_at
         if head is not None:
             updated_at = max(updated_at, _listing(head).appended_at)
@@ -1036,9 +1047,20 @@ class S3Store(ExpiryCleanup):
         except CorruptCheckpointError as exc:
             view.damage = exc
             return
+        if (slot.guards or slot.owns) and found[1] != view.slot_etag:
+            # Written again since the listing (the run started over, a guard renewed): the
+            # listing no longer shows the run; a read is made again (see _as_listed).
+            view.slot_etag = None
+            view.gone = True
+            return
         if slot.guards:
             # A status change's guard: no checkpoint, and no marker to write for it.
             view.kind, view.listing, view.guards = "g", _listing_of(slot), slot.guards
+            return
+        if slot.owns and not slot.tombstone:
+            # Pending: its writer has not written all it owns yet (or was killed before it
+            # did); its marker, written after them, makes it a checkpoint.
+            view.kind, view.listing = "p", _listing_of(slot)
             return
         self._remember_refs(run_key, view.sequence, found[1], slot)
         view.kind = "t" if slot.tombstone else "m"
@@ -1111,7 +1133,7 @@ class S3Store(ExpiryCleanup):
         slot = Slot(cached.state.incarnation, record.sequence, record.checkpoint_id,
                     record.created_at, record.expires_at, now, record.header, record.payload,
                     token=secrets.token_bytes(_TOKEN_BYTES), run_key=run_key,
-                    refs=tuple(record.refs), nests=nests)
+                    refs=tuple(record.refs), nests=nests, owns=bool(owned))
         if not all(cached.state.may_nest(key) for key in nests):
             cached = await self._note_nesting(io, run_key, slot, now)
         write = self._write(io, run_key, cached, slot, shared, owned, keep_latest, now)
@@ -1217,14 +1239,18 @@ class S3Store(ExpiryCleanup):
         shared: _SharedWrite,
         now: float,
     ) -> _Entry:
-        """The second round trip of an append with items: the marker, the owned items (only
+        """The round trips of an append with items after its commit: the owned items (only
         now: a slot that lost its sequence must not have written items the winner owns) and
         the check against a sweep of the shared items the checkpoint names or nests under
-        what it names (``shared``: those it wrote or found in place). When the items fail, or
-        a sweep is deleting or removed what the checkpoint relies on, the slot is taken back,
-        with the items it created nested under what it names."""
+        what it names (``shared``: those it wrote or found in place); the marker with them,
+        or, when the checkpoint owns items, once they are all written: until then its slot
+        is *pending* (``Slot.owns`` without a marker), which readers leave out, so a writer
+        stopped (killed) before its items leaves no checkpoint read without them. When the
+        items fail, or a sweep is deleting or removed what the checkpoint relies on, the slot
+        is taken back, with the items it created nested under what it names."""
+        marked = None if owned else functools.partial(self._write_marker, io, run_key, slot)
         entry, (markers, allowed) = await pair(
-            functools.partial(self._write_marker, io, run_key, slot),
+            marked or _nothing,
             functools.partial(
                 pair,
                 functools.partial(_error_as_value, self._put_owned, io, run_key, slot, owned,
@@ -1245,7 +1271,7 @@ class S3Store(ExpiryCleanup):
             assert isinstance(markers, dict)
             if markers:
                 cached.owned[slot.sequence] = markers
-            return entry
+            return entry if entry is not None else await self._write_marker(io, run_key, slot)
         if await self._withdraw(io, run_key, slot, slot_etag):
             marker = _marker_of(io.prefix, run_key, slot.sequence, "m", _listing_of(slot))[0]
             nested = _created_under(slot.refs, shared) if refused else {}
@@ -1652,11 +1678,16 @@ class S3Store(ExpiryCleanup):
             and occupant.listing.incarnation != slot.incarnation
         ):
             key = layout.slot_key(run_key, slot.sequence)
+            # The leftover's own markers first, as a seal does: another writer listing the
+            # key with them beside our slot would take our slot for the leftover and replace
+            # it (``IfMatch`` on the ETag it listed, ours).
+            await io.delete(_own_markers(occupant))
             etag = await io.put(key, layout.encode(slot), if_match=occupant.slot_etag)
             if etag is None:  # replaced by another writer, or by this one (a lost reply)
                 etag = await self._ours(io, run_key, slot)
             if etag is not None:
-                stale = [stale for stale in _keys_of(run_key, occupant) if stale != key]
+                stale = [stale for stale in _keys_of(run_key, occupant)
+                         if stale != key and stale not in _own_markers(occupant)]
                 if stale:
                     await io.delete(stale)
                 return etag
@@ -2246,6 +2277,8 @@ class S3Store(ExpiryCleanup):
             slot.expires_at, now
         ):
             return None
+        if slot.owns and listed is not None and listed.marker is None:
+            return None  # pending: its items may not all be written (see Slot.owns)
         if listed is not None and _written_over(listed, slot, found[1]) and (
             seen is None or found[1] not in seen
         ):
@@ -3358,8 +3391,9 @@ class S3Store(ExpiryCleanup):
                 checkpoints, things, more = await self._purge_run(
                     io, run_key, listed, now, limit - work
                 )
-            except CorruptCheckpointError as exc:
-                # One damaged record must not stop the cleanup of every other run.
+            except (CorruptCheckpointError, ConflictError) as exc:
+                # One damaged record, or a run whose status changes kept renewing a guard
+                # the cleanup broke, must not stop the cleanup of every other run.
                 logger.warning("cleanup skipped run %s: %s", run_key, exc)
                 continue
             removed += checkpoints
@@ -3762,6 +3796,10 @@ class S3CheckpointStore(S3Store):
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+async def _nothing() -> None:
+    return None
 
 
 async def _close_built(built: _Built) -> None:

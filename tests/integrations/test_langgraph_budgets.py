@@ -47,7 +47,7 @@ BUDGETS: dict[str, dict[str, dict[str, int]]] = {
     # writes and the channel values it names in one consistent TransactGetItems.
     "dynamodb": {"aput": {"TransactWriteItems": 1}, "aput_writes": {"TransactWriteItems": 1},
                  "aget_tuple": {"TransactGetItems": 1}},
-    # S3 has no multi-object write or read: each call sends its requests in 2 or 3 round
+    # S3 has no multi-object write or read: each call sends its requests in 2 to 4 round
     # trips of concurrent requests (docs/integrations/langgraph.md states them per call).
     # aput: slot, marker, location item and its marker, one PUT per changed value (4 + 1),
     # and 2 GETs of checks. aput_writes: the checkpoint's slot and run object plus each

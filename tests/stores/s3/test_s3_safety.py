@@ -23,6 +23,7 @@ from fastcheckpoint.errors import (
     CheckpointError,
     ConflictError,
     CorruptCheckpointError,
+    SequenceConflict,
     StoreError,
     StoreUnavailableError,
 )
@@ -30,7 +31,14 @@ from fastcheckpoint.stores import RunRecord, _s3_io, s3
 from fastcheckpoint.stores import _s3_layout as layout
 from fastcheckpoint.stores._aws import RequestCounter
 from fastcheckpoint.stores.s3 import S3Store
-from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_item, make_run
+from fastcheckpoint.testing import (
+    T0,
+    checkpoint_id_of,
+    key_of,
+    make_checkpoint,
+    make_item,
+    make_run,
+)
 from fastcheckpoint.testing._adapter import _append_items
 from tests.stores._moto import REGION, moto_endpoint
 from tests.stores.s3.test_s3 import (
@@ -1325,3 +1333,51 @@ async def test_a_cancelled_append_with_owned_items_keeps_them_with_their_checkpo
         appended = await s3_store.read_with_items(key, sequence=1, now=T0)
     assert appended is not None
     assert sorted(appended[2]) == ["o/0", "o/1"]
+
+
+async def test_a_writer_listing_a_replaced_leftover_never_takes_the_new_slot_for_it(
+    s3_store: S3Store, other_store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next sequence holds a slot of an ended incarnation, with its marker. One writer
+    replaces the slot (``IfMatch``); another lists the run right after, before the first
+    removed the leftover's marker: it must see the first writer's slot, not the leftover
+    (which it would replace, losing an acknowledged checkpoint)."""
+    run = make_run("leftover-race")
+    key = key_of(run)
+    ended = _ids.new_incarnation()
+    leftover = layout.Slot(ended, 1, _ids.checkpoint_id(key, ended, 1), T0, None, T0, b"",
+                           b"", token=b"old", run_key=key)
+    raced: list[BaseException | str] = []
+    put = _s3_io.Bucket.put
+    slot_key = layout.slot_key(key, 1)
+    client = await s3_store.client()
+
+    async def then_another_writer(bucket: Any, object_key: str, *args: Any,
+                                  **kwargs: Any) -> Any:
+        written = await put(bucket, object_key, *args, **kwargs)
+        if object_key == slot_key and kwargs.get("if_match") and not raced:
+            raced.append("racing")
+            try:
+                raced[0] = await other_store.append(
+                    key, make_checkpoint(run, 1), run=run, keep_latest=None, now=T0)
+            except SequenceConflict as exc:
+                raced[0] = exc
+        return written
+
+    with anyio.fail_after(DEADLINE):
+        await s3_store.append(key, make_checkpoint(run, 0), run=run, keep_latest=None,
+                              now=T0)
+        await _put(s3_store, slot_key, layout.encode(leftover))
+        marker = s3._marker_of(s3_store.prefix, key, 1, "m", s3._listing_of(leftover))[0]
+        await client.put_object(Bucket=s3_store.bucket, Key=s3_store.prefix + marker,
+                                Body=b"")
+        monkeypatch.setattr(_s3_io.Bucket, "put", then_another_writer)
+        ours = make_checkpoint(run, 1, payload=b"the first writer's")
+        await s3_store.append(key, ours, run=run, keep_latest=None, now=T0)
+        monkeypatch.undo()
+        found = await other_store.get(key, 1, now=T0)
+
+    assert len(raced) == 1
+    assert isinstance(raced[0], SequenceConflict)
+    assert found is not None
+    assert found[0].payload == b"the first writer's"

@@ -338,3 +338,27 @@ async def test_what_a_guard_costs(stores: tuple[S3Store, S3Store]) -> None:
     assert guarded.counts == more
     assert breaking.counts == {"PutObject": 1 + 1 + 1 + 1, "GetObject": 1 + 2 + 1,
                                "ListObjectsV2": 1, "DeleteObject": 1}
+
+
+async def test_a_run_whose_guard_cannot_be_broken_does_not_stop_the_cleanup(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Breaking a guard gives up (``ConflictError``) when its change keeps renewing it: the
+    cleanup skips that run this time and goes on with the others."""
+    writer, cleaner = stores
+    busy, expired = make_run("guard-busy"), make_run("guard-expired")
+    with anyio.fail_after(DEADLINE):
+        await _append(writer, busy, 0)
+        await _leave_guard(writer, busy, 1)
+        await _append(writer, expired, 0, expires_at=T0 + 5)
+        await _append(writer, expired, 1)
+
+        async def renewed_meanwhile(*args: Any, **kwargs: Any) -> Any:
+            raise ConflictError("a status change kept renewing its guard")
+
+        monkeypatch.setattr(cleaner, "_break_guard", renewed_meanwhile)
+        removed, _ = await cleaner.purge_expired(now=T0 + 1 + CREATION_GRACE_SECONDS,
+                                                 limit=100)
+
+    assert removed == 1
+    assert await _state(cleaner, expired, now=T0 + 70) == ("active", 1, 1)
