@@ -1267,11 +1267,20 @@ class S3Store(ExpiryCleanup):
                 f"a cleanup of run {run_key} is removing (or removed) shared items checkpoint "
                 f"{slot.checkpoint_id} names; nothing was written: append it again with "
                 "their values")
+        if failure is None and entry is None:
+            # The marker is what makes a pending slot a checkpoint (no one writes it for
+            # it): a create whose marker is not known to be written is not acknowledged.
+            marked_now = await _error_as_value(self._write_marker, io, run_key, slot, True)
+            if isinstance(marked_now, CheckpointError):
+                failure = marked_now
+            else:
+                entry = marked_now
         if failure is None:
             assert isinstance(markers, dict)
+            assert entry is not None
             if markers:
                 cached.owned[slot.sequence] = markers
-            return entry if entry is not None else await self._write_marker(io, run_key, slot)
+            return entry
         if await self._withdraw(io, run_key, slot, slot_etag):
             marker = _marker_of(io.prefix, run_key, slot.sequence, "m", _listing_of(slot))[0]
             nested = _created_under(slot.refs, shared) if refused else {}
@@ -1751,19 +1760,27 @@ class S3Store(ExpiryCleanup):
             view.missing = False
 
     async def _put_marker(
-        self, io: Bucket, run_key: str, sequence: int, kind: str, listing: Listing
+        self, io: Bucket, run_key: str, sequence: int, kind: str, listing: Listing,
+        strict: bool = False,
     ) -> str:
+        """Write a marker; a failure is logged (the slot is read instead), or raised when
+        ``strict`` (a pending slot's: without it no read finds the checkpoint)."""
         key, body = _marker_of(io.prefix, run_key, sequence, kind, listing)
         try:
             await io.put(key, body)
         except CheckpointError:
+            if strict:
+                raise
             # The slot is the commit and is readable; listings fall back to reading it.
             logger.warning("checkpoint %s committed without its listing marker %s",
                            listing.checkpoint_id, io.where(key), exc_info=True)
         return key
 
-    async def _write_marker(self, io: Bucket, run_key: str, slot: Slot) -> _Entry:
-        marker = await self._put_marker(io, run_key, slot.sequence, "m", _listing_of(slot))
+    async def _write_marker(
+        self, io: Bucket, run_key: str, slot: Slot, strict: bool = False
+    ) -> _Entry:
+        marker = await self._put_marker(io, run_key, slot.sequence, "m", _listing_of(slot),
+                                        strict)
         keys = [layout.slot_key(run_key, slot.sequence)]
         # Pruned, a checkpoint naming shared items leaves its marker: the cleanup loop's cue
         # to sweep what only it named.
@@ -2132,7 +2149,16 @@ class S3Store(ExpiryCleanup):
             functools.partial(_damage_as_value, self._read_state, io, run_key),
         )
         accepted = await self._accept_read(io, run_key, sequence, found, state, now)
-        return None if accepted is None else accepted[:2]
+        if accepted is None:
+            return None
+        assert found is not None
+        if layout.decode_slot(found[0], io.where(key), run_key=run_key, sequence=sequence).owns:
+            # Pending until its marker is there (see Slot.owns): a GET cannot tell, a LIST of
+            # the slot's keys does (one round trip more, for checkpoints owning items only).
+            listed = await self._afresh(run_key, functools.partial(
+                self._read_at, io, run_key, sequence, now, set()))
+            return None if listed is None else listed[:2]
+        return accepted[:2]
 
     async def _accept_read(
         self,
@@ -3919,7 +3945,8 @@ def _marked_for_purge(
     marked = {marker.key: marker for view in orphans for marker in view.owned}
     marked.update((marker.key, marker) for view in current.tombstones[-1:]
                   if view.sequence == head for marker in view.owned)
-    held = {view.sequence for view in current.held}
+    # A pending slot's items stay: its writer may still write its marker (see Slot.owns).
+    held = {view.sequence for view in (*current.held, *current.pending)}
     expired = 0
     for marker in current.listed.item_markers:
         owner = marker.meta.owner
