@@ -5,7 +5,6 @@ write its marker."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -17,37 +16,33 @@ from fastcheckpoint.stores import _s3_layout as layout
 from fastcheckpoint.stores.s3 import S3Store
 from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_item, make_run
 from fastcheckpoint.testing._adapter import _append_items
-from tests.stores._moto import REGION, moto_endpoint, unique_name
-from tests.stores.s3.test_s3 import DEADLINE, SESSION
-from tests.stores.s3.test_s3_killed_append import _kill_after, _Killed
+from tests.stores._moto import moto_endpoint
+from tests.stores.s3.test_s3 import DEADLINE
+from tests.stores.s3.test_s3_killed_append import _kill_after, _Killed, anyio_backend, stores
 
-__all__ = ["moto_endpoint"]
+__all__ = ["anyio_backend", "moto_endpoint", "stores"]
 
 pytestmark = pytest.mark.anyio
 
 _OWNED = ("o/a", "o/b")
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # aiobotocore runs on asyncio only
-
-
-@pytest.fixture
-async def stores(moto_endpoint: str) -> AsyncIterator[tuple[S3Store, S3Store]]:
-    bucket = unique_name("pending")
-    made = [S3Store(bucket, "p", region=REGION, endpoint_url=moto_endpoint, session=SESSION)
-            for _ in range(2)]
-    await (await made[0].client()).create_bucket(Bucket=bucket)
-    yield made[0], made[1]
-    with anyio.fail_after(10):
-        for store in made:
-            await store.aclose()
-
-
 async def _read(store: S3Store, run: Any, sequence: int | None) -> tuple[int, list[str]] | None:
     found = await store.read_with_items(key_of(run), sequence=sequence, now=T0)
     return None if found is None else (found[0].sequence, sorted(found[2]))
+
+
+async def _pending_at_1(writer: S3Store, run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoint 0, then an append of 1 whose writer is killed after its owned items,
+    before its marker: a pending slot at 1."""
+    await _append_items(writer, run, 0, refs=[], items=[make_item("o/0", owner=0)])
+    _kill_after(monkeypatch, await writer.client(), 1 + 2 * len(_OWNED))
+    try:
+        with pytest.raises(_Killed):
+            await _append_items(writer, run, 1, refs=[],
+                                items=[make_item(name, owner=1) for name in _OWNED])
+    finally:
+        monkeypatch.undo()
 
 
 async def test_get_leaves_out_a_killed_writers_pending_slot(
@@ -59,14 +54,7 @@ async def test_get_leaves_out_a_killed_writers_pending_slot(
     run = make_run("pending-get")
     key = key_of(run)
     with anyio.fail_after(DEADLINE):
-        await _append_items(writer, run, 0, refs=[], items=[make_item("o/0", owner=0)])
-        _kill_after(monkeypatch, await writer.client(), 1 + 2 * len(_OWNED))
-        try:
-            with pytest.raises(_Killed):
-                await _append_items(writer, run, 1, refs=[],
-                                    items=[make_item(name, owner=1) for name in _OWNED])
-        finally:
-            monkeypatch.undo()
+        await _pending_at_1(writer, run, monkeypatch)
         assert await _read(other, run, 1) is None
         assert await other.get(key, 1, now=T0) is None
         found = await other.get(key, 0, now=T0)
@@ -143,14 +131,7 @@ async def test_put_owned_items_refuses_a_pending_owner(
     run = make_run("pending-owner")
     key = key_of(run)
     with anyio.fail_after(DEADLINE):
-        await _append_items(writer, run, 0, refs=[], items=[make_item("o/0", owner=0)])
-        _kill_after(monkeypatch, await writer.client(), 1 + 2 * len(_OWNED))
-        try:
-            with pytest.raises(_Killed):
-                await _append_items(writer, run, 1, refs=[],
-                                    items=[make_item(name, owner=1) for name in _OWNED])
-        finally:
-            monkeypatch.undo()
+        await _pending_at_1(writer, run, monkeypatch)
         pending_id = make_checkpoint(run, 1, created_at=T0).checkpoint_id
         assert not await other.put_owned_items(
             key, [make_item("o/x", owner=1)], owner=1, checkpoint_id=pending_id,
