@@ -372,11 +372,24 @@ class _Run:
             labels=state.labels,
         )
 
+    @property
+    def next_sequence(self) -> int:
+        """The sequence the next append takes: after the newest, and at or above the floor
+        (keys below it may have been freed). The floor is above the newest only when the
+        newest slot the cleanup loop raised it past was then taken back (its create failed):
+        its key was never acknowledged, nor are those between."""
+        floor = 0 if self.state is None else self.state.floor
+        return max(self.latest_sequence + 1, floor)
+
     def conflict(self, now: float) -> SequenceConflict:
         """What the manager must propose next: the live run's next sequence; sequence 0 in
         the incarnation of a run being created (``latest_sequence`` -1: joining it); else a
         new run."""
-        if self.state is not None and (self.live(now) or self.being_created()):
+        if self.state is not None and self.live(now):
+            return SequenceConflict(
+                latest_sequence=self.next_sequence - 1, incarnation=self.state.incarnation
+            )
+        if self.state is not None and self.being_created():
             return SequenceConflict(
                 latest_sequence=self.latest_sequence, incarnation=self.state.incarnation
             )
@@ -1461,7 +1474,7 @@ class S3Store(ExpiryCleanup):
         sequence = record.sequence
         mine = current.state is not None and seed.incarnation == current.state.incarnation
         if current.live(now):
-            if sequence != current.latest_sequence + 1 or not mine:
+            if sequence != current.next_sequence or not mine:
                 raise current.conflict(now)
             return self._cached(run_key)
         if current.being_created():
@@ -1680,7 +1693,7 @@ class S3Store(ExpiryCleanup):
             and current.damage is None
             and current.state is not None
             and current.state.incarnation == slot.incarnation
-            and current.latest_sequence + 1 == slot.sequence
+            and current.next_sequence == slot.sequence
             and occupant is not None
             and occupant.slot_etag is not None
             and occupant.listing is not None
@@ -2843,7 +2856,7 @@ class S3Store(ExpiryCleanup):
         ordered after it. 2 requests more than an unguarded change."""
         assert current.state is not None
         assert current.etag is not None
-        sequence = current.latest_sequence + 1
+        sequence = current.next_sequence
         guard = _Guard(layout.slot_key(run_key, sequence), Slot(
             current.state.incarnation, sequence, "", now, None, now, b"", b"", tombstone=True,
             token=secrets.token_bytes(_TOKEN_BYTES), run_key=run_key, guards=current.etag))
