@@ -8,13 +8,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import _summary
+from tests import _summary, _sweeps
 from tests.reliability._audit import FIGURES, SEED_VARIABLE, scale
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if not hasattr(config, "workerinput"):  # the process that starts the session
         os.environ[SEED_VARIABLE] = str(FIGURES.seed)  # xdist workers inherit it
+
+
+def pytest_report_header() -> str:
+    return _sweeps.header()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -21,6 +21,9 @@
                                                             SIGKILL itself just before the N-th
                                                             file-system change of rebuild_run
 
+With N = 0 a crash mode kills nothing: after ``survived`` it prints ``changes=K``, the number
+of file-system changes the operation made (the crash points are 1..K).
+
 Each acknowledged append prints its sequence on a line of its own, after ``append`` returned.
 Appends with items write ``items_for(sequence)`` and name ``refs_for(sequence)``: a shared item
 of their own, the previous checkpoint's and one all checkpoints share, and an owned item.
@@ -85,13 +88,17 @@ def owned_batch(sequence: int, tag: str, count: int) -> list[Item]:
     return [Item(key=key, value=item_value(key), owner=sequence) for key in keys]
 
 
+_changes = itertools.count(1)
+"""Numbers the calls that change the file system once ``_die_before_change`` wrapped them."""
+
+
 def _die_before_change(number: int) -> None:
-    """SIGKILL this process right before its ``number``-th call that changes the file system."""
-    calls = itertools.count(1)
+    """SIGKILL this process right before its ``number``-th call that changes the file system
+    (never with 0: ``_survived`` then prints how many calls were made)."""
 
     def wrap(change: Callable[..., Any]) -> Callable[..., Any]:
         def killing(*args: Any, **kwargs: Any) -> Any:
-            if next(calls) == number:
+            if next(_changes) == number:
                 os.kill(os.getpid(), signal.SIGKILL)
             return change(*args, **kwargs)
 
@@ -100,6 +107,13 @@ def _die_before_change(number: int) -> None:
     for name in ("open", "write", "pwrite", "fsync", "fdatasync", "ftruncate", "replace",
                  "rename", "unlink", "mkdir", "rmdir"):
         setattr(os, name, wrap(getattr(os, name)))
+
+
+def _survived(number: int) -> None:
+    """The operation killed before its ``number``-th change returned: it made fewer."""
+    print("survived", flush=True)
+    if number == 0:
+        print(f"changes={next(_changes) - 1}", flush=True)
 
 
 async def _append_next(
@@ -155,7 +169,7 @@ async def _crash(root: str, run_id: str, number: int, *, with_items: bool = Fals
         print(await _append_next(store, run_id, "forever", with_items=with_items), flush=True)
     _die_before_change(number)
     await _append_next(store, run_id, "forever", keep_latest=2, with_items=with_items)
-    print("survived", flush=True)
+    _survived(number)
 
 
 async def _crash_items(root: str, run_id: str, number: int) -> None:
@@ -177,7 +191,10 @@ async def _crash_owned(root: str, run_id: str, number: int) -> None:
             key, owned_batch(2, tag, count), owner=2, checkpoint_id=owner, if_absent=True,
             now=time.time(),
         )
-        print("put" if tag == "p" else "survived", flush=True)
+        if tag == "p":
+            print("put", flush=True)
+        else:
+            _survived(number)
 
 
 async def _crash_delete(root: str, run_id: str, number: int) -> None:
@@ -190,7 +207,7 @@ async def _crash_delete(root: str, run_id: str, number: int) -> None:
     checkpoint_id = _ids.checkpoint_id(key, run.incarnation, 1)
     _die_before_change(number)
     assert await store.delete(key, 1, checkpoint_id=checkpoint_id)
-    print("survived", flush=True)
+    _survived(number)
 
 
 def rebuild_seed(run_id: str) -> RunRecord:
@@ -223,7 +240,7 @@ async def _crash_rebuild(root: str, run_id: str, number: int) -> None:
     damage_run_record(root, key)
     _die_before_change(number)
     await store.rebuild_run(key, rebuild_seed(run_id), now=time.time())
-    print("survived", flush=True)
+    _survived(number)
 
 
 async def _main(mode: str, root: str, run_id: str, count: int, worker: str) -> None:

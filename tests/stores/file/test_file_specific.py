@@ -14,6 +14,7 @@ import stat
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -45,6 +46,7 @@ from fastcheckpoint.testing import (
     make_run,
     without_key,
 )
+from tests import _sweeps as sweeps
 from tests._file_records import (
     LogRecord,
     checkpoint_record,
@@ -1185,161 +1187,30 @@ async def test_kill_9_loses_no_acknowledged_checkpoint(
     _assert_only_crash_warnings(caplog)
 
 
-async def test_kill_9_before_every_file_system_change_of_an_append(
-    tmp_path: Path, root: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Crash points made exact: the writer SIGKILLs itself before its N-th open, write, fsync,
-    rename or unlink inside an append that also prunes, for every N until one append survives."""
-    FileStore(root)
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-    survived_at: list[int] = []
-    committed: list[int] = []
-    limiter = anyio.CapacityLimiter(4)
-
-    async def crash_at(number: int) -> None:
-        run_id = f"crash-{number}"
-        async with limiter:
-            done = await anyio.run_process(
-                _worker_command("crash", str(root), run_id, str(number)),
-                env=_worker_env(),
-                check=False,
-            )
-        lines = done.stdout.decode().split()
-        assert lines[:3] == ["0", "1", "2"], done.stderr.decode()
-        if lines[3:] == ["survived"]:
-            survived_at.append(number)
-        else:
-            assert done.returncode == -9, done.stderr.decode()
-            latest = await FileStore(root).latest(_ids.run_key(run_id), now=T0)
-            if latest is not None and latest[0].sequence == 3:
-                committed.append(number)
-        await _check_survivors(root, run_id, [0, 1, 2], pruned_to=2)
-
-    with anyio.fail_after(120):
-        async with anyio.create_task_group() as group:
-            for number in range(1, 51):
-                group.start_soon(crash_at, number)
-    assert survived_at, "50 file-system changes were not enough for one append"
-    crashes = min(survived_at) - 1
-    assert crashes >= 8, f"an append made only {crashes} file-system changes"
-    _assert_only_crash_warnings(caplog)
-    # Some kill fell after the commit's write, before the append returned: the checkpoint
-    # was kept (the log's page cache outlives the process).
-    assert committed, "no kill fell after the commit"
+SWEEP_STRIDE = {"asyncio": 3, "trio": 9}
+"""Every how many crash points a sweep runs by default (see ``tests/_sweeps.py``; all of
+them with ``FC_HUNT=1``). The worker crashes on asyncio whatever loop the test runs on, and
+the store makes each read of what the crash left in one worker thread, so on trio (only this
+process's reads) a sparser part runs."""
 
 
-async def test_kill_9_before_every_file_system_change_of_a_delete(
-    root: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Deleting checkpoint 1 of three, killed before each of its file-system changes: the
-    checkpoint is then either still there and counted, or gone for good."""
-    FileStore(root)
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-    survived_at: list[int] = []
-    deleted_at: list[int] = []
-
-    async def crash_at(number: int) -> None:
-        run_id = f"crash-delete-{number}"
-        done = await anyio.run_process(
-            _worker_command("crash-delete", str(root), run_id, str(number)),
-            env=_worker_env(),
-            check=False,
-        )
-        lines = done.stdout.decode().split()
-        assert lines[:3] == ["0", "1", "2"], done.stderr.decode()
-        if lines[3:] == ["survived"]:
-            survived_at.append(number)
-        else:
-            assert done.returncode == -9, done.stderr.decode()
-        store = FileStore(root)
-        key = _ids.run_key(run_id)
-        run = await store.get_run(key, now=T0)
-        assert run is not None
-        found, _ = await store.headers(key, before=None, limit=10, now=T0, include_expired=True)
-        sequences = [header.sequence for header in found]
-        assert (sequences, run.checkpoint_count) in (([2, 1, 0], 3), ([2, 0], 2))
-        if sequences == [2, 0]:
-            deleted_at.append(number)
-            assert await store.get(key, 1, now=T0) is None
-        await store.append(key, make_checkpoint(run, 3), run=run, keep_latest=None, now=T0)
-        assert await store.purge_expired(now=T0, limit=100) == (0, True)
-        assert (1 in checkpoint_sequences(root, key)) == (sequences == [2, 1, 0])
-
-    with anyio.fail_after(120):
-        async with anyio.create_task_group() as group:
-            for number in range(1, 16):
-                group.start_soon(crash_at, number)
-    assert survived_at, "15 file-system changes were not enough for one delete"
-    assert min(deleted_at) < min(survived_at), "no kill fell after the commit"
-    for line in _warnings(caplog).splitlines():
-        assert line.endswith("left by an interrupted write"), line
-
-
-async def test_kill_9_before_every_file_system_change_of_a_rebuild(
-    root: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Rebuilding a damaged run.rec, killed before each of its file-system changes: the run is
-    then still damaged (and the rebuild can be run again) or rebuilt, its checkpoints always
-    readable, and creates continue after them."""
-    FileStore(root)
-    caplog.set_level(logging.WARNING, logger=LOGGER)
-    survived_at: list[int] = []
-    rebuilt_at: list[int] = []
-    limiter = anyio.CapacityLimiter(4)
-
-    async def crash_at(number: int) -> None:
-        run_id = f"crash-rebuild-{number}"
-        async with limiter:
-            done = await anyio.run_process(
-                _worker_command("crash-rebuild", str(root), run_id, str(number)),
-                env=_worker_env(),
-                check=False,
-            )
-        lines = done.stdout.decode().split()
-        assert lines[:3] == ["0", "1", "2"], done.stderr.decode()
-        if lines[3:] == ["survived"]:
-            survived_at.append(number)
-        else:
-            assert done.returncode == -9, done.stderr.decode()
-        store = FileStore(root)
-        key = _ids.run_key(run_id)
-        for sequence in range(3):
-            got = await store.get(key, sequence, now=T0)
-            assert got is not None
-            assert got[0].payload == worker.payload_for(sequence, "forever")
-        damage = await store.damaged_runs(run_key=key, now=T0)
-        if damage:
-            assert [d.checkpoints for d in damage] == [3]
-            await store.rebuild_run(key, worker.rebuild_seed(run_id), now=T0)
-        elif lines[3:] != ["survived"]:
-            rebuilt_at.append(number)
-        run = await store.get_run(key, now=T0)
-        assert run is not None
-        assert (run.latest_sequence, run.checkpoint_count, run.data) == (2, 3, b"rebuilt")
-        await store.append(key, make_checkpoint(run, 3), run=run, keep_latest=None, now=T0)
-
-    with anyio.fail_after(120):
-        async with anyio.create_task_group() as group:
-            for number in range(1, 18):
-                group.start_soon(crash_at, number)
-    assert survived_at, "17 file-system changes were not enough for one rebuild"
-    assert rebuilt_at, "no kill fell after the commit of a rebuild"
-    store = FileStore(root)
-    with anyio.fail_after(30):
-        assert await store.purge_expired(now=T0, limit=1000) == (0, True)
-        assert await store.damaged_runs(now=T0) == []
-        runs, _ = await store.list_runs(status="active", limit=100, cursor=None, now=T0)
-    assert len(runs) == 17
-    assert os.listdir(root / "tmp") == []
+@dataclass(frozen=True)
+class _Crashes:
+    changes: int
+    """The file-system changes the operation made: the crash points are 1..``changes``."""
+    run_ids: list[str]
+    """The runs the sweep wrote: the run without a kill and one per crash point it ran."""
 
 
 async def _crash_each_step(
-    root: Path, mode: str, steps: int, check: Callable[[str, list[str]], Awaitable[None]]
-) -> list[int]:
-    """Run ``file_worker.py MODE`` once per crash point 1..``steps`` (four at a time), call
-    ``check(run_id, printed lines)`` after each; returns the crash points it survived."""
-    survived_at: list[int] = []
+    root: Path, mode: str, backend: str, check: Callable[[str, list[str]], Awaitable[None]]
+) -> _Crashes:
+    """Run ``file_worker.py MODE`` once without a kill, to count the operation's file-system
+    changes, then once per crash point the sweep runs (the first and the last always), four
+    at a time; ``check(run_id, printed lines)`` after each. A worker that did not print
+    ``survived`` was killed."""
     limiter = anyio.CapacityLimiter(4)
+    counted: list[int] = []
 
     async def crash_at(number: int) -> None:
         run_id = f"{mode}-{number}"
@@ -1350,17 +1221,133 @@ async def _crash_each_step(
                 check=False,
             )
         lines = done.stdout.decode().split()
-        assert lines[:3] == ["0", "1", "2"], done.stderr.decode()
-        if lines[-1:] == ["survived"]:
-            survived_at.append(number)
-        else:
-            assert done.returncode == -9, done.stderr.decode()
-        await check(run_id, lines)
+        try:
+            assert lines[:3] == ["0", "1", "2"], done.stderr.decode()
+            if number == 0:
+                assert done.returncode == 0, done.stderr.decode()
+                assert lines[-1].startswith("changes="), lines
+                counted.append(int(lines.pop().removeprefix("changes=")))
+            if lines[-1:] != ["survived"]:
+                assert done.returncode == -9, done.stderr.decode()
+            await check(run_id, lines)
+        except Exception as error:
+            error.add_note(f"crash point {number} of {mode} ({run_id}; 0: no kill)")
+            raise
 
-    async with anyio.create_task_group() as group:
-        for number in range(1, steps + 1):
-            group.start_soon(crash_at, number)
-    return survived_at
+    await crash_at(0)
+    points = range(1, counted[0] + 1)
+    name = f"{mode} on {backend}"
+    ran = sweeps.chosen(name, points, SWEEP_STRIDE[backend], always=(1, counted[0]))
+    try:
+        async with anyio.create_task_group() as group:
+            for number in ran:
+                group.start_soon(crash_at, number)
+    except Exception as error:
+        error.add_note(sweeps.replay(name, ran, points))
+        raise
+    return _Crashes(counted[0], [f"{mode}-{number}" for number in (0, *ran)])
+
+
+def _killed(lines: list[str]) -> bool:
+    return lines[-1:] != ["survived"]
+
+
+async def test_kill_9_before_every_file_system_change_of_an_append(
+    root: Path, caplog: pytest.LogCaptureFixture, anyio_backend: str
+) -> None:
+    """Crash points made exact: the writer SIGKILLs itself before its N-th open, write, fsync,
+    rename or unlink inside an append that also prunes, for each N up to the number of changes
+    the append makes (a rotating part of them by default, see ``_crash_each_step``)."""
+    FileStore(root)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    committed: list[str] = []
+
+    async def check(run_id: str, lines: list[str]) -> None:
+        if _killed(lines):
+            latest = await FileStore(root).latest(_ids.run_key(run_id), now=T0)
+            if latest is not None and latest[0].sequence == 3:
+                committed.append(run_id)
+        await _check_survivors(root, run_id, [0, 1, 2], pruned_to=2)
+
+    with anyio.fail_after(120):
+        crashes = await _crash_each_step(root, "crash", anyio_backend, check)
+    assert crashes.changes >= 8, f"an append made only {crashes.changes} file-system changes"
+    _assert_only_crash_warnings(caplog)
+    # Some kill fell after the commit's write, before the append returned: the checkpoint
+    # was kept (the log's page cache outlives the process).
+    assert committed, "no kill fell after the commit"
+
+
+async def test_kill_9_before_every_file_system_change_of_a_delete(
+    root: Path, caplog: pytest.LogCaptureFixture, anyio_backend: str
+) -> None:
+    """Deleting checkpoint 1 of three, killed before each of its file-system changes: the
+    checkpoint is then either still there and counted, or gone for good."""
+    FileStore(root)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    deleted: list[str] = []
+
+    async def check(run_id: str, lines: list[str]) -> None:
+        store = FileStore(root)
+        key = _ids.run_key(run_id)
+        run = await store.get_run(key, now=T0)
+        assert run is not None
+        found, _ = await store.headers(key, before=None, limit=10, now=T0, include_expired=True)
+        sequences = [header.sequence for header in found]
+        assert (sequences, run.checkpoint_count) in (([2, 1, 0], 3), ([2, 0], 2))
+        if sequences == [2, 0]:
+            assert await store.get(key, 1, now=T0) is None
+            if _killed(lines):
+                deleted.append(run_id)
+        await store.append(key, make_checkpoint(run, 3), run=run, keep_latest=None, now=T0)
+        assert await store.purge_expired(now=T0, limit=100) == (0, True)
+        assert (1 in checkpoint_sequences(root, key)) == (sequences == [2, 1, 0])
+
+    with anyio.fail_after(120):
+        await _crash_each_step(root, "crash-delete", anyio_backend, check)
+    assert deleted, "no kill fell after the commit"
+    for line in _warnings(caplog).splitlines():
+        assert line.endswith("left by an interrupted write"), line
+
+
+async def test_kill_9_before_every_file_system_change_of_a_rebuild(
+    root: Path, caplog: pytest.LogCaptureFixture, anyio_backend: str
+) -> None:
+    """Rebuilding a damaged run.rec, killed before each of its file-system changes: the run is
+    then still damaged (and the rebuild can be run again) or rebuilt, its checkpoints always
+    readable, and creates continue after them."""
+    FileStore(root)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    rebuilt: list[str] = []
+
+    async def check(run_id: str, lines: list[str]) -> None:
+        store = FileStore(root)
+        key = _ids.run_key(run_id)
+        for sequence in range(3):
+            got = await store.get(key, sequence, now=T0)
+            assert got is not None
+            assert got[0].payload == worker.payload_for(sequence, "forever")
+        damage = await store.damaged_runs(run_key=key, now=T0)
+        if damage:
+            assert [d.checkpoints for d in damage] == [3]
+            await store.rebuild_run(key, worker.rebuild_seed(run_id), now=T0)
+        elif _killed(lines):
+            rebuilt.append(run_id)
+        run = await store.get_run(key, now=T0)
+        assert run is not None
+        assert (run.latest_sequence, run.checkpoint_count, run.data) == (2, 3, b"rebuilt")
+        await store.append(key, make_checkpoint(run, 3), run=run, keep_latest=None, now=T0)
+
+    with anyio.fail_after(120):
+        crashes = await _crash_each_step(root, "crash-rebuild", anyio_backend, check)
+    assert rebuilt, "no kill fell after the commit of a rebuild"
+    store = FileStore(root)
+    with anyio.fail_after(30):
+        assert await store.purge_expired(now=T0, limit=1000) == (0, True)
+        assert await store.damaged_runs(now=T0) == []
+        runs, _ = await store.list_runs(status="active", limit=100, cursor=None, now=T0)
+    assert len(runs) == len(crashes.run_ids)
+    assert os.listdir(root / "tmp") == []
 
 
 async def _read_all_items(store: FileStore, key: str) -> dict[int, dict[str, bytes]]:
@@ -1410,7 +1397,7 @@ async def _stored_keys(store: FileStore, key: str) -> set[str]:
 
 
 async def test_kill_9_before_every_file_system_change_of_an_append_with_items(
-    root: Path, caplog: pytest.LogCaptureFixture
+    root: Path, caplog: pytest.LogCaptureFixture, anyio_backend: str
 ) -> None:
     """The 4th append (a new shared item, two shared ones of earlier checkpoints, an owned
     one; pruning to 2 drops a shared item and two owned ones) killed before each of its
@@ -1431,7 +1418,8 @@ async def test_kill_9_before_every_file_system_change_of_an_append_with_items(
             assert items == worker.expected_items(sequence), f"checkpoint {sequence} half shown"
         assert await _stored_keys(store, key) == {item for items in read.values()
                                                   for item in items}
-        shown.add(max(read))
+        if _killed(lines):
+            shown.add(max(read))
         held = await _append_after_crash(store, key, keep_latest=2)
         assert held == [held[0], held[0] - 1]
         expected = {item for sequence in held for item in worker.expected_items(sequence)}
@@ -1439,15 +1427,14 @@ async def test_kill_9_before_every_file_system_change_of_an_append_with_items(
         await _assert_temp_files_swept(store, root, key)
 
     with anyio.fail_after(180):
-        survived_at = await _crash_each_step(root, "crash-items", 30, check)
-    assert survived_at, "30 file-system changes were not enough for one append with items"
-    assert min(survived_at) - 1 >= 15, f"an append made only {min(survived_at) - 1} changes"
-    assert shown == {2, 3}, "no kill fell after the commit's write"
+        crashes = await _crash_each_step(root, "crash-items", anyio_backend, check)
+    assert crashes.changes >= 15, f"an append made only {crashes.changes} changes"
+    assert shown == {2, 3}, "no kill fell before and one after the commit's write"
     _assert_only_crash_warnings(caplog)
 
 
 async def test_kill_9_before_every_file_system_change_of_a_put_owned_items(
-    root: Path, caplog: pytest.LogCaptureFixture
+    root: Path, caplog: pytest.LogCaptureFixture, anyio_backend: str
 ) -> None:
     """Owned items put on a live checkpoint, killed before each file-system change: the
     items of the appends and of the acknowledged put are all there, the cut batch is there
@@ -1466,7 +1453,8 @@ async def test_kill_9_before_every_file_system_change_of_a_put_owned_items(
         cut = {item: value for item, value in read[2].items() if item not in acknowledged}
         assert read[2].items() >= acknowledged.items()
         assert cut.items() <= batch.items(), "a torn or foreign owned item"
-        cuts.append(len(cut))
+        if _killed(lines):
+            cuts.append(len(cut))
         run = await store.get_run(key, now=T0)
         assert run is not None
         assert await store.put_owned_items(
@@ -1481,8 +1469,7 @@ async def test_kill_9_before_every_file_system_change_of_a_put_owned_items(
         assert await _stored_keys(store, key) == set(worker.expected_items(3))
 
     with anyio.fail_after(180):
-        survived_at = await _crash_each_step(root, "crash-owned", 20, check)
-    assert survived_at, "20 file-system changes were not enough for one put_owned_items"
+        await _crash_each_step(root, "crash-owned", anyio_backend, check)
     assert set(cuts) == {0, len(batch)}, cuts
     _assert_only_crash_warnings(caplog)
 
