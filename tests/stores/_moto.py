@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from typing import Any
 
+import anyio
 import pytest
 
 from fastcheckpoint.testing.moto import serialized_moto_server
@@ -51,3 +53,17 @@ def moto_endpoint() -> Iterator[str]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+async def provision_table_alone(table: str, endpoint: str, session: Any) -> None:
+    """Provision DynamoDB table ``table`` with a store without a bucket: a test's store on a
+    bucket the session provisioned once would add its prefix's lifecycle rule to it, most of
+    the cost of provisioning on moto."""
+    from fastcheckpoint.stores.dynamodb import DynamoDBStore
+
+    store = DynamoDBStore(table, region=REGION, endpoint_url=endpoint, session=session)
+    try:
+        with anyio.fail_after(30):
+            await store.provision()
+    finally:
+        await store.aclose()

@@ -48,7 +48,7 @@ from fastcheckpoint.testing._builders import (
     make_run,
 )
 from tests.stores._capability_calls import capability_calls
-from tests.stores._moto import REGION, moto_endpoint, unique_name
+from tests.stores._moto import REGION, moto_endpoint, provision_table_alone, unique_name
 
 __all__ = ["moto_endpoint"]
 
@@ -98,16 +98,9 @@ def provisioned(atomic_moto: str, aws_names: tuple[str, str]) -> str:
 
 
 async def new_table(endpoint: str, kind: str) -> str:
-    """A new table, provisioned by a store without a bucket: the session's bucket is
-    provisioned once (``provisioned``), and a store with a bucket would add its prefix's
-    lifecycle rule to it, three quarters of the cost of provisioning on moto."""
+    """A new table of this session (its bucket is provisioned once, by ``provisioned``)."""
     table = unique_name(kind)
-    store = DynamoDBStore(table, region=REGION, endpoint_url=endpoint, session=SESSION)
-    try:
-        with anyio.fail_after(30):
-            await store.provision()
-    finally:
-        await store.aclose()
+    await provision_table_alone(table, endpoint, SESSION)
     return table
 
 
