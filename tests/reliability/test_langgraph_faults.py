@@ -47,6 +47,7 @@ from fastcheckpoint import CheckpointError, CheckpointStatus, ConflictError, _id
 from fastcheckpoint._config import CheckpointConfig, RetryPolicy
 from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
 from fastcheckpoint.stores import CheckpointStore, Item, RunRecord, StoredCheckpoint, open_store
+from tests import _sweeps as sweeps
 from tests.reliability._audit import Figures
 from tests.reliability._stores import FAST_RETRY, Target, _aws_session
 from tests.reliability.faults import (
@@ -403,6 +404,9 @@ async def _held(store: CheckpointStore, run_key: str) -> tuple[dict[str, bytes],
     return items, [header.checkpoint_id for header in reversed(headers)]
 
 
+LOST_REPLY_STRIDE = 2
+"""Every how many of a call's requests lose their reply by default (all with ``FC_HUNT=1``)."""
+
 SWEEPS = [
     *[pytest.param(name, FAST_RETRY, id=f"{name}-store-retries") for name in CASES],
     *[pytest.param(name, NO_RETRY, id=f"{name}-caller-retries")
@@ -419,7 +423,9 @@ async def test_a_saver_write_whose_reply_is_lost_is_recognised_as_its_own(
     """Every request of the call in turn has its reply lost (after the server applied it).
     The store's retry (``store-retries``), else the caller's (``caller-retries``: a driver
     that never retries, the call sent again after a ``CheckpointError``), recognises the
-    write as its own: never a conflict, and the run holds what one call writes, once."""
+    write as its own: never a conflict, and the run holds what one call writes, once. By
+    default every other request, from an offset the session's seed picks (``FC_HUNT=1``:
+    every one; see ``tests/_sweeps.py``)."""
     case = CASES[name]
     direct = network_target.store()
     wrong: list[str] = []
@@ -434,7 +440,9 @@ async def test_a_saver_write_whose_reply_is_lost_is_recognised_as_its_own(
         run_key, run = await prepared("count")
         requests, raised = await _tried(network_target, FaultPlan(), retry, case, run_key, run)
         assert not raised, [_described(exc) for exc in raised]
-        for lost in range(requests):
+        sweep = f"lost replies of {network_target.name} {name} {retry.max_retries}"
+        ran = sweeps.chosen(sweep, range(requests), LOST_REPLY_STRIDE)
+        for lost in ran:
             run_key, run = await prepared(str(lost))
             plan = FaultPlan(script=[*[Fault.PASS] * lost, Fault.LOSE_REPLY])
             _, raised = await _tried(network_target, plan, retry, case, run_key, run)
@@ -451,4 +459,4 @@ async def test_a_saver_write_whose_reply_is_lost_is_recognised_as_its_own(
                 wrong.append(f"{where}: holds items {items} and checkpoints {ids}")
     finally:
         await direct.aclose()
-    assert not wrong, wrong
+    assert not wrong, (wrong, sweeps.replay(sweep, ran, range(requests)))
