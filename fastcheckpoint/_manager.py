@@ -1532,15 +1532,20 @@ class CheckpointManager:
                 raise ConflictError(f"run {run_id!r} " + why.format(status=current.value))
             _check_newest(run_id, record, latest_sequence, target)
             data.history.append((target.value, now, actor, note))
+            condition = on_newest
             if target is CheckpointStatus.FAILED:
                 data.failed_after = record.latest_sequence  # tells this episode from later ones
+                if not condition and offers_sequence_guard(self._store):
+                    # Exactly so where the store's appends do not read the status in their
+                    # own atomic step (S3): a checkpoint landing meanwhile makes it read again.
+                    condition = {"latest_sequence": record.latest_sequence}
             if update is not None:
                 update(data, now)
             try:
                 updated = await self._store.update_run(
                     key, incarnation=record.incarnation, version=record.version,
                     status=target.value,
-                    data=self._codec.encode_run_data(data), now=now, **on_newest,
+                    data=self._codec.encode_run_data(data), now=now, **condition,
                 )
             except CheckpointNotFound:
                 _missing_run(run_id, must_exist)

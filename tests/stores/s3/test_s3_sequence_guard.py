@@ -362,3 +362,32 @@ async def test_a_run_whose_guard_cannot_be_broken_does_not_stop_the_cleanup(
 
     assert removed == 1
     assert await _state(cleaner, expired, now=T0 + 70) == ("active", 1, 1)
+
+
+async def test_a_failure_counts_a_checkpoint_landing_between_its_listing_and_its_write(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``mark_failed`` records the newest checkpoint it failed the run after (a later create
+    resumes only a failure that came before it). Here the status change reads that from a
+    listing, then writes the run object: a checkpoint landing in between is made to count
+    (the change is guarded, so it reads the run again), never left out."""
+    failing, creating = stores
+    run_id = "guard-failure"
+    key = key_of(make_run(run_id))
+    manager = CheckpointManager(failing)
+    other = CheckpointManager(creating)
+    with anyio.fail_after(DEADLINE):
+        await manager.create(run_id, {"n": 0})
+
+        async def create_meanwhile() -> None:
+            await other.create(run_id, {"n": 1})
+
+        _around_change(failing, monkeypatch, before=create_meanwhile)
+        failed = await manager.mark_failed(run_id, "it broke")
+        record = await creating.get_run(key, now=T0 + 10 ** 9)
+
+    assert failed is not None
+    assert failed.status is CheckpointStatus.FAILED
+    assert record is not None
+    assert record.latest_sequence == 1
+    assert manager._codec.decode_run_data(record.data, key).failed_after == 1
