@@ -338,9 +338,11 @@ class _Run:
 
     def being_created(self) -> bool:
         """A run object without any checkpoint of its own: its creator has not written the
-        first slot yet, or crashed before it did. The next first append joins it."""
+        first slot yet, or crashed before it did. The next first append joins it. Not one
+        whose floor was raised: it had checkpoints (all gone, the newest a create taken
+        back after the cleanup loop raised the floor past it), so it is dead."""
         return (self.state is not None and not self.held and not self.tombstones
-                and not self.pending)
+                and not self.pending and self.state.floor == 0)
 
     def abandoned(self, now: float) -> bool:
         """Being created for longer than any creator takes: a crash leftover to purge."""
