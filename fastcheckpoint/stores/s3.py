@@ -1572,11 +1572,12 @@ class S3Store(ExpiryCleanup):
         raise (await self._load(io, run_key)).conflict(now)
 
     async def _seal(self, io: Bucket, run_key: str, current: _Run, now: float) -> bool:
-        """Before a dead run is started over or purged: claim the sequence after its last
-        one, create-only, with an empty tombstone (a *seal*). Whether the run is dead was
-        judged from a listing; a process that does not know it died (its checkpoints were
-        deleted or expired by others) may be appending right now, at exactly that sequence
-        (every lower key it could propose is taken). Whichever PUT lands first wins: that
+        """Before a dead run is started over or purged: claim its next sequence (after its
+        last one, at or above its floor), create-only, with an empty tombstone (a *seal*).
+        Whether the run is dead was judged from a listing; a process that does not know it
+        died (its checkpoints were deleted or expired by others) may be appending right now,
+        at exactly that sequence (every lower key it could propose is taken or below the
+        floor, where its check refuses it). Whichever PUT lands first wins: that
         append is refused (412), or the seal is, and the run, alive again, is left alone.
         False when the seal was refused.
 
@@ -1594,7 +1595,7 @@ class S3Store(ExpiryCleanup):
         left alone: the run lives (or lives again)."""
         assert current.state is not None
         dead = current.state.incarnation
-        sequence = current.latest_sequence + 1
+        sequence = current.next_sequence
         seal = Slot(dead, sequence, "", now, None, now, b"", b"",
                     tombstone=True, token=secrets.token_bytes(_TOKEN_BYTES), run_key=run_key)
         key, body = layout.slot_key(run_key, sequence), layout.encode(seal)
