@@ -6,8 +6,6 @@ between every read and write of the failure (the guard refuses each try) is the 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -15,23 +13,19 @@ import pytest
 
 from fastcheckpoint import CheckpointManager, CheckpointStatus, ConflictError, StoreError, _ids
 from fastcheckpoint.stores import CheckpointStore
-from fastcheckpoint.stores.sqlite import SQLiteStore
-from tests._helpers import FakeClock, make_config, make_store
+from tests._helpers import FakeClock, make_config
+from tests.test_resume_episode import inner
+
+__all__ = ["inner"]
 
 pytestmark = pytest.mark.anyio
 
 RUN = "failure-guard"
 
 
-@pytest.fixture(params=["memory", "file", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[CheckpointStore]:
-    made: CheckpointStore
-    if request.param == "sqlite":
-        made = SQLiteStore(tmp_path / "runs.sqlite")
-    else:
-        made = make_store(request.param, tmp_path / "store", fsync=False)
-    yield made
-    await made.aclose()
+@pytest.fixture
+def store(inner: CheckpointStore) -> CheckpointStore:
+    return inner
 
 
 def _before_updates(monkeypatch: pytest.MonkeyPatch, store: Any, act: Any, times: int) -> None:
