@@ -1535,7 +1535,7 @@ class CheckpointManager:
             condition = on_newest
             if target is CheckpointStatus.FAILED:
                 data.failed_after = record.latest_sequence  # tells this episode from later ones
-                if not condition and offers_sequence_guard(self._store):
+                if not condition and _checks_status_apart(self._store):
                     # Exactly so where the store's appends do not read the status in their
                     # own atomic step (S3): a checkpoint landing meanwhile makes it read again.
                     condition = {"latest_sequence": record.latest_sequence}
@@ -1588,6 +1588,17 @@ class CheckpointManager:
                 for status, at, actor, note in data.history
             ],
         )
+
+
+def _checks_status_apart(store: object) -> bool:
+    """Whether ``store``'s appends report the run's status from a read made beside their
+    write rather than in its atomic step (``appends_check_status_apart``, S3), and it offers
+    the sequence guard: a failure then records the newest checkpoint it came after only when
+    guarded. Elsewhere an append landing between the failure's read and its write read the
+    run active, so the failure's count needs no guard (and a guard could only make a failure
+    give up against a run that keeps being appended to)."""
+    return getattr(store, "appends_check_status_apart", False) is True and \
+        offers_sequence_guard(store)
 
 
 def _check_newest(

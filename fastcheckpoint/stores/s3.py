@@ -738,6 +738,10 @@ class S3Store(ExpiryCleanup):
 
     nested_items = True
     sequence_guard = True
+    appends_check_status_apart = True
+    """An append reports the run's status from a GET sent beside its slot, not read in the
+    same atomic step: the manager guards the status changes that record the run's newest
+    sequence (a failure), see "Guarded status changes" in docs/stores/s3.md."""
 
     def __init__(
         self,
