@@ -6,7 +6,6 @@ loop leave it; and the run goes on (the next append is acknowledged and whole)."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -18,10 +17,11 @@ from fastcheckpoint.stores import _s3_io
 from fastcheckpoint.stores.s3 import CREATION_GRACE_SECONDS, S3Store
 from fastcheckpoint.testing import T0, key_of, make_item, make_run
 from fastcheckpoint.testing._adapter import _append_items
-from tests.stores._moto import REGION, moto_endpoint, unique_name
-from tests.stores.s3.test_s3 import DEADLINE, SESSION
+from tests.stores._moto import moto_endpoint
+from tests.stores.s3.test_s3 import DEADLINE
+from tests.stores.s3.test_s3_sequence_guard import stores
 
-__all__ = ["moto_endpoint"]
+__all__ = ["moto_endpoint", "stores"]
 
 pytestmark = pytest.mark.anyio
 
@@ -35,18 +35,6 @@ def anyio_backend() -> str:
 
 class _Killed(Exception):
     """The writer's process died: what it had not sent yet is never sent."""
-
-
-@pytest.fixture
-async def stores(moto_endpoint: str) -> AsyncIterator[tuple[S3Store, S3Store]]:
-    bucket = unique_name("killed")
-    made = [S3Store(bucket, "p", region=REGION, endpoint_url=moto_endpoint, session=SESSION)
-            for _ in range(2)]
-    await (await made[0].client()).create_bucket(Bucket=bucket)
-    yield made[0], made[1]
-    with anyio.fail_after(10):
-        for store in made:
-            await store.aclose()
 
 
 def _kill_after(monkeypatch: pytest.MonkeyPatch, client: Any, writes: int) -> None:
