@@ -1715,10 +1715,9 @@ class S3Store(ExpiryCleanup):
             if etag is None:  # replaced by another writer, or by this one (a lost reply)
                 etag = await self._ours(io, run_key, slot)
             if etag is not None:
-                stale = [stale for stale in _keys_of(run_key, occupant)
-                         if stale != key and stale not in _own_markers(occupant)]
-                if stale:
-                    await io.delete(stale)
+                # What the leftover owned goes only while it is the leftover's: a checkpoint
+                # of this life may own an item at one of those keys now.
+                await _remove_marked(io, run_key, occupant.owned, current.listed)
                 return etag
             current, known_from = await self._head(
                 io, run_key, live_wanted=keep_latest or 1, now=now
@@ -2920,8 +2919,11 @@ class S3Store(ExpiryCleanup):
                     written = await io.put(guard.key, body, if_match=found[1])
                     if written is not None:
                         left = current.listed.slots.get(sequence)
-                        stale = [] if left is None else _keys_of(run_key, left)
-                        await io.delete([key for key in stale if key != guard.key])
+                        if left is not None:
+                            await pair(
+                                functools.partial(io.delete, _own_markers(left)),
+                                functools.partial(_remove_marked, io, run_key, left.owned,
+                                                  current.listed))
             if written is not None:
                 guard.etag = written
                 return

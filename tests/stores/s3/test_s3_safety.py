@@ -1381,3 +1381,32 @@ async def test_a_writer_listing_a_replaced_leftover_never_takes_the_new_slot_for
     assert isinstance(raced[0], SequenceConflict)
     assert found is not None
     assert found[0].payload == b"the first writer's"
+
+
+async def test_replacing_a_leftover_keeps_an_item_the_new_life_owns_at_its_key(
+    s3_store: S3Store, other_store: S3Store
+) -> None:
+    """A leftover slot of an ended life at the next sequence, with the marker of an item it
+    owned at a key that a checkpoint of the new life owns now (the new life wrote it over
+    the old one). The append replacing the leftover removes what the leftover owned: that
+    item only while it is the leftover's, never the new life's."""
+    run = make_run("leftover-items")
+    key = key_of(run)
+    ended = _ids.new_incarnation()
+    leftover = layout.Slot(ended, 1, _ids.checkpoint_id(key, ended, 1), T0, None, T0, b"",
+                           b"", token=b"old", run_key=key)
+    with anyio.fail_after(DEADLINE):
+        await _append_items(s3_store, run, 0, refs=[], items=[make_item("k", b"new life's",
+                                                                        owner=0)])
+        await _put(s3_store, layout.slot_key(key, 1), layout.encode(leftover))
+        old_marker = layout.item_marker_key(key, layout.hex_item_key("k"),
+                                            layout.ItemMeta(1, None))
+        await _put(s3_store, old_marker, b"old")
+        await other_store.append(key, make_checkpoint(run, 1), run=run, keep_latest=None,
+                                 now=T0)
+        found = await other_store.read_with_items(key, sequence=0, now=T0)
+        keys = await _keys(s3_store)
+
+    assert found is not None
+    assert found[2] == {"k": b"new life's"}
+    assert old_marker not in keys
