@@ -135,9 +135,9 @@ class Slot(msgspec.Struct, array_like=True, frozen=True):
     """A tombstone's: the write token of the checkpoint it replaced. A create whose reply was
     lost, its checkpoint deleted before the PUT was sent again, finds it was applied."""
     guards: str = ""
-    """A *guard*'s (a tombstone without checkpoint id at the sequence after the run's
-    newest, written by a status change that must apply only while that checkpoint is the
-    newest): the ETag of the run object the change replaces. An append that finds a guard
+    """A *guard*'s (a tombstone without checkpoint id at the run's next sequence, written by
+    a status change that must apply only while the run's newest checkpoint is unchanged):
+    the ETag of the run object the change replaces. An append that finds a guard
     at its sequence breaks it (see ``S3Store._break_guard``); no reader takes it for a
     checkpoint or a tombstone."""
     owns: bool = False
