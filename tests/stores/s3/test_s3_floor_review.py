@@ -122,3 +122,22 @@ async def test_a_seal_claims_the_sequence_an_append_above_the_newest_takes(
 
     assert found is not None
     assert found.state == {"n": 3}
+
+
+async def test_a_newest_create_taken_back_after_the_cleanup_raised_the_floor_past_it(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Checkpoint 0 stays: the run's newest is now below the floor. The next create goes to
+    the floor (the keys below it may have been freed), never round a loop of refusals."""
+    writer, other = stores
+    run = make_run("floor-past-head")
+    with anyio.fail_after(DEADLINE):
+        await _floor_past_a_taken_back_head(writer, other, run, monkeypatch,
+                                            first_expires_at=None)
+        manager = CheckpointManager(other, CheckpointConfig(clock=lambda: T0 + 10))
+        created = await manager.create(run.run_id, {"n": 3})
+        restored = await manager.restore(run.run_id)
+
+    assert created.metadata.sequence >= 2
+    assert restored is not None
+    assert restored.checkpoint_id == created.checkpoint_id
