@@ -145,6 +145,11 @@ class Slot(msgspec.Struct, array_like=True, frozen=True):
     sequence must not have written items the winner owns) and before its marker, so until
     the marker is there the checkpoint may lack them (its writer is still at work, or was
     killed): readers leave such a slot out (a *pending* slot)."""
+    after: bytes = b""
+    """The write token of the checkpoint at the sequence before, as its writer knew it (empty
+    when it knew none): a create whose slot landed in a key a pruning had freed tells, from
+    the next slot, whether that slot follows it or the checkpoint the key held before (see
+    ``S3Store._landed_above_floor``)."""
 
 
 class Listing(msgspec.Struct, array_like=True, frozen=True):

@@ -404,6 +404,7 @@ class _Entry:
 
     expires_at: float | None
     keys: list[str]
+    token: bytes = b""  # its slot's write token (empty where unknown)
 
 
 @dataclass
@@ -497,6 +498,7 @@ class _Cached:
     state: RunState | None = None
     log: _Log | None = None
     owned: dict[int, dict[str, str]] = field(default_factory=dict)
+    raised_floor: int = -1  # the floor this process's last floor raise set
 
 
 _Accepted = tuple[StoredCheckpoint, str, tuple[str, ...], str]
@@ -864,6 +866,7 @@ class S3Store(ExpiryCleanup):
             # The run was deleted or expired and started over: what we knew of its log is void.
             cached.log = None
             cached.owned = {}
+            cached.raised_floor = -1
         cached.etag, cached.state = etag, state
 
     def _adopt(self, run_key: str, current: _Run, known_from: int) -> None:
@@ -879,8 +882,8 @@ class S3Store(ExpiryCleanup):
             return  # an append of ours finished after that listing was taken: keep the newer
         log = _Log(current.latest_sequence, {}, {}, known_from)
         for view in current.held:
-            log.add(view.sequence,
-                    _Entry(_listing(view).expires_at, _prunable_keys(run_key, view)))
+            log.add(view.sequence, _Entry(_listing(view).expires_at,
+                                          _prunable_keys(run_key, view), _listing(view).token))
         for view in (*current.tombstones, *current.orphans):
             log.garbage[view.sequence] = _prunable_keys(run_key, view)
         cached.log = log
@@ -1149,10 +1152,12 @@ class S3Store(ExpiryCleanup):
         if cached is None or not _accepts(cached, record.sequence, run.incarnation, now):
             cached = await self._prepare(io, run_key, record, run, keep_latest, now, nests)
         assert cached.state is not None
+        before = None if cached.log is None else cached.log.held.get(record.sequence - 1)
         slot = Slot(cached.state.incarnation, record.sequence, record.checkpoint_id,
                     record.created_at, record.expires_at, now, record.header, record.payload,
                     token=secrets.token_bytes(_TOKEN_BYTES), run_key=run_key,
-                    refs=tuple(record.refs), nests=nests, owns=bool(owned))
+                    refs=tuple(record.refs), nests=nests, owns=bool(owned),
+                    after=b"" if before is None else before.token)
         if not all(cached.state.may_nest(key) for key in nests):
             cached = await self._note_nesting(io, run_key, slot, now)
         write = self._write(io, run_key, cached, slot, shared, owned, keep_latest, now)
@@ -1227,20 +1232,37 @@ class S3Store(ExpiryCleanup):
             return slot_etag.status or state.status
         status = await self._confirm(io, run_key, slot, slot_etag, seen, state, keep_latest, now,
                                      resent=resent)
-        if resent and written_etag is not None and keep_latest is not None:
-            await self._not_recreated(io, run_key, slot, slot_etag, keep_latest)
+        checked = seen[1] if isinstance(seen, tuple) else etag
         prune = functools.partial(self._prune, io, run_key, cached, log, slot, keep_latest, now)
         if slot.refs or owned:
-            entry = await self._complete(io, run_key, cached, slot, slot_etag, owned, written,
-                                         now)
+            entry = await self._complete(
+                io, run_key, cached, slot, slot_etag, owned, written,
+                functools.partial(self._landed_and_followed, io, run_key, slot, checked,
+                                  resent),
+                now)
             # Pruning only once the append is sure to stand: its items may still fail, and
             # a checkpoint taken back must not have pruned the ones it replaced.
             await prune()
         else:
             # Pruning only now: keys this process knows may belong to a newer run if the
-            # run was started over, and the check above has just ruled that out.
-            entry, _ = await pair(
-                functools.partial(self._write_marker, io, run_key, slot), prune)
+            # run was started over, and the check above has just ruled that out. Beside it,
+            # the check after the commit: pruning may not wait for it (a round trip more),
+            # and need not: refused, the slot landed below a floor another process raised,
+            # so that process's newest checkpoints are above it, and what this pruning
+            # removes (below this process's older view of the run) is older than those.
+            (entry, above), _ = await pair(
+                functools.partial(pair, functools.partial(self._write_marker, io, run_key, slot),
+                                  functools.partial(self._landed_above_floor, io, run_key, slot,
+                                                    checked)),
+                prune)
+            if above is False:
+                # This append's own pruning raised the floor above the slot (from the run
+                # object the commit's check accepted: no other floor came between), or
+                # another process did.
+                above = cached.raised_floor == slot.sequence + 1 or await self._follows(
+                    io, run_key, slot, resent)
+            if above is not True:
+                await self._refuse_landed(io, run_key, slot, slot_etag, above, owned={})
         log.latest = max(log.latest, slot.sequence)
         log.garbage.pop(slot.sequence, None)  # a leftover our slot replaced: its key is ours now
         log.add(slot.sequence, entry)
@@ -1256,20 +1278,23 @@ class S3Store(ExpiryCleanup):
         slot_etag: str,
         owned: dict[str, Item],
         shared: _SharedWrite,
+        landed: Callable[[], Awaitable[bool | CheckpointError]],
         now: float,
     ) -> _Entry:
         """The round trips of an append with items after its commit: the owned items (only
-        now: a slot that lost its sequence must not have written items the winner owns) and
-        the check against a sweep of the shared items the checkpoint names or nests under
-        what it names (``shared``: those it wrote or found in place); the marker with them,
+        now: a slot that lost its sequence must not have written items the winner owns),
+        the check of the run object after the commit (``landed``, see
+        :meth:`_landed_above_floor`) and the check against a sweep of the shared items the
+        checkpoint names or nests under what it names (``shared``: those it wrote or found
+        in place); the marker with them,
         or, when the checkpoint owns items, once they are all written: until then its slot
         is *pending* (``Slot.owns`` without a marker), which readers leave out, so a writer
         stopped (killed) before its items leaves no checkpoint read without them. When the
         items fail, or a sweep is deleting or removed what the checkpoint relies on, the slot
         is taken back, with the items it created nested under what it names."""
         marked = None if owned else functools.partial(self._write_marker, io, run_key, slot)
-        entry, (markers, allowed) = await pair(
-            marked or _nothing,
+        (entry, above), (markers, allowed) = await pair(
+            functools.partial(pair, marked or _nothing, landed),
             functools.partial(
                 pair,
                 functools.partial(_error_as_value, self._put_owned, io, run_key, slot, owned,
@@ -1278,7 +1303,9 @@ class S3Store(ExpiryCleanup):
                                   shared.etags),
             ),
         )
-        failure = next((found for found in (markers, allowed)
+        if above is False:
+            await self._refuse_landed(io, run_key, slot, slot_etag, above, owned=owned)
+        failure = next((found for found in (above, markers, allowed)
                         if isinstance(found, CheckpointError)), None)
         refused = failure is None and allowed is False
         if refused:
@@ -1327,24 +1354,110 @@ class S3Store(ExpiryCleanup):
                 raise
         return written, sends.resent
 
-    async def _not_recreated(
-        self, io: Bucket, run_key: str, slot: Slot, etag: str, keep_latest: int
-    ) -> None:
-        """A slot written by a PUT sent again after an unheard send, in a run whose creates
-        prune: if ``keep_latest`` slots or more stand above it, its key may have been taken
-        before (by this create's first send, or by another writer's) and freed by a pruning
-        since, and the write recreated a pruned checkpoint. Taken back (a pruning would
-        remove it now anyway), and the outcome reported unknown: the manager must not write
-        the create again. One LIST, on this rare path only."""
+    async def _landed_above_floor(
+        self, io: Bucket, run_key: str, slot: Slot, etag: str
+    ) -> bool | CheckpointError:
+        """The check of the run object read after the commit's answer (``etag``: the one the
+        check sent with the commit accepted). That one may have been answered before the
+        slot landed: a PUT held in the network (or sent again after an unheard send) can
+        land after another process took the sequence, appended past it and pruned it, in
+        the key the pruning freed; the slot would then be acknowledged with the checkpoint
+        id that process was given. Every pruning raises the run's floor above the keys it
+        frees before it frees them, so a floor still at or below the slot, read now, clears
+        it (so does a run deleted since: the create is ordered before the delete): True. A
+        floor above it (False) is also what a pruning or cleanup raising it over this very
+        slot leaves, this append's own pruning included: :meth:`_follows` tells them apart.
+        Or the error that kept the run object from being read."""
+        seen = await _error_as_value(io.get_if_changed, layout.run_object(run_key), etag)
+        if seen is UNCHANGED or seen is None:
+            return True
+        if isinstance(seen, CheckpointError):
+            return seen
+        try:
+            current = layout.decode_run_of(seen[0], io.where(layout.run_object(run_key)),
+                                           run_key=run_key)
+        except CorruptCheckpointError as exc:
+            return exc
+        return current.incarnation != slot.incarnation or slot.sequence >= current.floor
+
+    async def _landed_and_followed(
+        self, io: Bucket, run_key: str, slot: Slot, etag: str, resent: bool
+    ) -> bool | CheckpointError:
+        """:meth:`_landed_above_floor`, and where it finds the floor above the slot,
+        :meth:`_follows` (a round trip more, on that rare path only)."""
+        above = await self._landed_above_floor(io, run_key, slot, etag)
+        return await self._follows(io, run_key, slot, resent) if above is False else above
+
+    async def _follows(
+        self, io: Bucket, run_key: str, slot: Slot, resent: bool
+    ) -> bool | CheckpointError:
+        """Whether the run goes on from ``slot``, whose key lies below the run's floor now:
+        True when no slot stands above it (the floor was raised over it as the newest), or
+        the slot after it was written after it (it names its token); False when that slot
+        follows another checkpoint (the key's earlier occupant), or is gone while newer ones
+        stand (pruned: this slot, older, would have gone first). One LIST and one GET, sent
+        together, on this rare path only. False for a PUT sent again after an unheard send
+        (``resent``): its first send may have landed and been pruned since, and then the
+        next slot names its token all the same, while this write brought it back."""
+        if resent:
+            return False
         prefix = layout.slots_prefix(run_key)
-        newest = await io.list(prefix, limit=1)  # inverted sequences: the newest key first
+        following = slot.sequence + 1
+        found = await _error_as_value(pair, functools.partial(io.list, prefix, limit=1),
+                                      functools.partial(io.get,
+                                                        layout.slot_key(run_key, following)))
+        if isinstance(found, CheckpointError):
+            return found
+        newest, after = found
         sequences = [layout.parse_sequence(entry.key[len(prefix):].partition("/")[0])
                      for entry in newest]
-        if not any(sequence is not None and sequence - slot.sequence >= keep_latest
-                   for sequence in sequences):
-            return
-        await _take_back(io, run_key, slot, etag)
-        raise _outcome_unknown(run_key, slot, "pruned it")
+        if not any(sequence is not None and sequence > slot.sequence for sequence in sequences):
+            return True
+        if after is None:
+            return False
+        try:
+            occupant = layout.decode_slot(after[0], io.where(layout.slot_key(run_key, following)),
+                                          run_key=run_key, sequence=following)
+        except CorruptCheckpointError:
+            return False
+        return occupant.after == slot.token
+
+    async def _refuse_landed(
+        self,
+        io: Bucket,
+        run_key: str,
+        slot: Slot,
+        slot_etag: str,
+        above: bool | CheckpointError,
+        *,
+        owned: dict[str, Item],
+    ) -> None:
+        """Raise for a create whose check after the commit (:meth:`_landed_above_floor`)
+        did not accept it. Below the floor, the slot and what it wrote are taken back, also
+        when another writer appended after it (that writer's checkpoint follows the one
+        whose key this slot took): the outcome is unknown, as it may have been applied and
+        pruned since. A check that could not be read (an append without items: its
+        pruning ran beside the check and may have removed what the slot replaced) leaves
+        the slot, and the outcome is unknown too."""
+        if isinstance(above, CheckpointError):
+            raise StoreUnavailableError(
+                f"outcome unknown: checkpoint {slot.checkpoint_id} (run {run_key}, sequence "
+                f"{slot.sequence}) was written, but the run could not be read after it to "
+                f"check that no pruning had freed its key ({above}): read the run before "
+                "creating it again") from above
+        marker = _marker_of(io.prefix, run_key, slot.sequence, "m", _listing_of(slot))[0]
+        await gather([
+            functools.partial(_take_back, io, run_key, slot, slot_etag),
+            functools.partial(_forget_keys, io, [marker]),
+            functools.partial(self._withdraw_owned, io, run_key, slot, owned),
+        ])
+        raise StoreUnavailableError(
+            f"outcome unknown: checkpoint {slot.checkpoint_id} (run {run_key}, sequence "
+            f"{slot.sequence}) landed while another process pruned the run past that "
+            "sequence: it may have been applied and pruned since, or have landed after the "
+            "pruning freed its key (its request held in the network, or sent again after a "
+            "lost reply). It was taken back and not written again: read the run before "
+            "creating it again")
 
     async def _ours(self, io: Bucket, run_key: str, slot: Slot) -> str | None:
         """The ETag of ``slot``'s key if it holds this very write (its token): a write that
@@ -1803,7 +1916,7 @@ class S3Store(ExpiryCleanup):
         keys = [layout.slot_key(run_key, slot.sequence)]
         # Pruned, a checkpoint naming shared items leaves its marker: the cleanup loop's cue
         # to sweep what only it named.
-        return _Entry(slot.expires_at, keys if slot.refs else [*keys, marker])
+        return _Entry(slot.expires_at, keys if slot.refs else [*keys, marker], slot.token)
 
     # -- items written with a checkpoint ----------------------------------------------------------
 
@@ -2108,7 +2221,19 @@ class S3Store(ExpiryCleanup):
         assert etag is not None
         if opened < state.floor:
             return True
-        return await self._cas_run(io, run_key, etag, msgspec.structs.replace(state, floor=floor))
+        raised = msgspec.structs.replace(state, floor=floor)
+        written = await io.put(layout.run_object(run_key), layout.encode(raised), if_match=etag)
+        if written is not None:
+            cached.raised_floor = floor  # this process's write (see _write)
+            self._remember(run_key, written, raised)
+            return True
+        # Refused: this process's write whose reply was lost, or another process's raise
+        # to the same state (the same object): the floor is as wanted, whoever wrote it.
+        written = await self._written(io, run_key, raised)
+        if written is None:
+            return False
+        self._remember(run_key, written, raised)
+        return True
 
     async def _cas_run(self, io: Bucket, run_key: str, etag: str, new: RunState) -> bool:
         """Compare-and-set the run object from ``etag`` to ``new``; False when another write

@@ -54,7 +54,7 @@ BUDGETS: dict[str, dict[str, dict[str, int]]] = {
     # write's current object (2 + 2 GETs), then each write and its marker (2 x 2 PUTs).
     # aget_tuple: the run's head (1 LIST), the slot, then the location item, each channel
     # value and each write (1 + 1 + 2 + 2 GETs).
-    "s3": {"aput": {"PutObject": 5, "GetObject": 2},
+    "s3": {"aput": {"PutObject": 5, "GetObject": 3},
            "aput_writes": {"GetObject": 4, "PutObject": 4},
            "aget_tuple": {"ListObjectsV2": 1, "GetObject": 6}},
 }

@@ -151,9 +151,9 @@ async def test_a_run_started_over_by_another_process_takes_the_stale_append(
     assert latest.checkpoint_id == created.checkpoint_id
     assert [item.sequence for item in listed] == [2, 1, 0]
     # The stale attempt: slot PUT and the run object read at once (it changed), the slot
-    # taken back, one LIST of the head; the retry: slot, 304 check, marker.
+    # taken back, one LIST of the head; the retry: slot, 304 check, marker, 304 check.
     assert taken_back.counts == {
-        "PutObject": 1 + 2, "GetObject": 1 + 1, "DeleteObject": 1, "ListObjectsV2": 1
+        "PutObject": 1 + 2, "GetObject": 1 + 2, "DeleteObject": 1, "ListObjectsV2": 1
     }
 
 

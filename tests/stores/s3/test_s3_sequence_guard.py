@@ -336,7 +336,7 @@ async def test_what_a_guard_costs(stores: tuple[S3Store, S3Store]) -> None:
     more["PutObject"] += 1
     more["DeleteObject"] = more.get("DeleteObject", 0) + 1
     assert guarded.counts == more
-    assert breaking.counts == {"PutObject": 1 + 1 + 1 + 1, "GetObject": 1 + 2 + 1,
+    assert breaking.counts == {"PutObject": 1 + 1 + 1 + 1, "GetObject": 1 + 2 + 1 + 1,
                                "ListObjectsV2": 1, "DeleteObject": 1}
 
 
