@@ -181,6 +181,10 @@ class ItemBody(msgspec.Struct, array_like=True, frozen=True):
     key: str | None = None
     """The run and the item key it was written for: an item copied from another key or run
     reads as damaged. ``""`` and ``None`` in items written before they were recorded."""
+    incarnation: str = ""
+    """A shared item's: the life of the run whose append wrote it (``""`` in items written
+    before it was recorded). An append of another life that finds it in place writes it
+    again as its own (see ``S3Store._put_item``)."""
 
 
 class ItemMeta(msgspec.Struct, array_like=True, frozen=True):

@@ -1924,9 +1924,11 @@ class S3Store(ExpiryCleanup):
         self, io: Bucket, run_key: str, slot: Slot, shared: dict[str, Item], now: float
     ) -> _SharedWrite:
         """Write the shared items where no live item is: the ETag of the object now at each
-        key (this write's, or the live item's kept), and which of them this write created."""
+        key (this write's, or the live item's kept), and which of them this write created
+        (or wrote again over another life's, see :meth:`_put_item`)."""
         bodies = {hex_key: ItemBody(item.value, None, None, slot.token, shared=True,
-                                    run_key=run_key, key=item.key)
+                                    run_key=run_key, key=item.key,
+                                    incarnation=slot.incarnation)
                   for hex_key, item in shared.items()}
         results = await gather([functools.partial(self._put_item, io, run_key, hex_key, body,
                                                   now) for hex_key, body in bodies.items()])
@@ -1979,10 +1981,12 @@ class S3Store(ExpiryCleanup):
         """Write ``body`` unless a live item has the key (``existing``: the object as just
         read, if it was): ``(its ETag, None)``, or ``(the ETag of the live item kept, that
         item)``. A key taken by this very write (its token: a retry after a lost reply)
-        counts as written. A damaged item is not live: the markers it left go first (but
-        ``marker``, the one the caller writes for ``body``), then it is replaced like an
-        expired one, ``IfMatch`` its ETag: a good value written meanwhile is kept, and its
-        marker put back if this call had deleted it."""
+        counts as written. A shared item another life of the run wrote with the same value
+        is written again, ``IfMatch`` its ETag (see :func:`_of_another_life`). A damaged
+        item is not live: the markers it left go first (but ``marker``, the one the caller
+        writes for ``body``), then it is replaced like an expired one, ``IfMatch`` its
+        ETag: a good value written meanwhile is kept, and its marker put back if this call
+        had deleted it."""
         key = layout.item_object(run_key, hex_key)
         encoded = layout.encode(body)
         cleared: list[str] = []
@@ -1997,7 +2001,8 @@ class S3Store(ExpiryCleanup):
             stored = _intact_item(run_key, hex_key, existing)
             if stored is not None and stored.token == body.token:
                 return existing[1], None
-            if stored is not None and is_live(stored.expires_at, now):
+            if stored is not None and is_live(stored.expires_at, now) \
+                    and not _of_another_life(stored, body):
                 await _restore_marker(io, run_key, hex_key, stored, cleared)
                 return existing[1], stored
             if stored is None:
@@ -4411,6 +4416,18 @@ def _kind(run_key: str, hex_key: str, stored: tuple[bytes, str]) -> str:
     if body.owner is not None or body.expires_at is not None:
         return ""
     return "shared" if body.shared else "loose"
+
+
+def _of_another_life(stored: ItemBody, body: ItemBody) -> bool:
+    """Whether the shared item ``body``, finding the live shared item ``stored`` in place,
+    writes it again: when another life of the run wrote it (or it was stored before items
+    recorded their life) with the same value. A removal of an ended life deletes each
+    object it listed ``IfMatch`` the ETag listed: the object written again has another, so
+    the removal leaves it to the new life's checkpoints naming it. Not with another value:
+    a writer of the ended life that does not know it ended (refused only at its commit)
+    must not replace the new life's value."""
+    return (body.shared and stored.shared and stored.incarnation != body.incarnation
+            and stored.value == body.value)
 
 
 def _live_item(run_key: str, hex_key: str, stored: tuple[bytes, str], now: float) -> bool:

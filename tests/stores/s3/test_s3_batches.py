@@ -477,31 +477,40 @@ async def test_a_new_life_begun_during_a_purge_of_an_ended_run_keeps_its_items(
     _consistent(watch.seen, watch.seen[0], after)
 
 
-@pytest.mark.xfail(strict=True, reason="a new life's append that finds a shared item of the "
-                   "ended life in place keeps it, and the removal of that life deletes it")
-async def test_a_new_life_begun_during_the_purge_of_a_dead_run_keeps_a_shared_item_it_found(
+@pytest.mark.parametrize("ended", ["dead", "delete_run"])
+async def test_a_new_life_begun_during_the_removal_of_an_ended_run_keeps_a_shared_item_it_found(
     s3_store: S3Store, reader: S3Store, writer: S3Store, monkeypatch: pytest.MonkeyPatch,
+    ended: str,
 ) -> None:
-    """As above, the run dead, but the new life names the shared item ``b/0`` its old life
-    wrote too: its create-only PUT finds it in place (the same value) and keeps it, and the
-    purge, which listed it before, deletes it (its ETag unchanged): the acknowledged
-    checkpoint reads without it. ``delete_run`` has the same window (its last batch)."""
-    run = make_run("dead", expires_at=T0 + 50)
+    """As above, the run dead (the cleanup loop purges it) or deleted (``delete_run``), but
+    the new life names the shared item ``b/0`` its old life wrote too, with the same value,
+    and begins once the removal deleted the run object: its create-only PUT finds the item
+    in place. Before the fix it kept it, and the removal, which listed it before, deleted
+    it (its ETag unchanged): the acknowledged checkpoint read without it. Now it writes it
+    again as its own (another ETag), which the removal leaves; the old life's other shared
+    item goes."""
+    run = make_run(ended, expires_at=T0 + 50 if ended == "dead" else None)
     key = key_of(run)
-    again = make_run("dead")
+    again = make_run(ended)
     with anyio.fail_after(DEADLINE):
         for sequence in range(2):
-            await _append(s3_store, run, sequence, expires_at=T0 + 50)
+            await _append(s3_store, run, sequence,
+                          expires_at=T0 + 50 if ended == "dead" else None)
         ran = await _after_first(s3_store, "delete_if",
                                  lambda name, done: name.endswith("/a") and done is True,
                                  lambda: _append(writer, again, 0), monkeypatch)
-        await s3_store.purge_expired(now=T0 + 100, limit=100)
+        if ended == "dead":
+            await s3_store.purge_expired(now=T0 + 100, limit=100)
+        else:
+            assert await s3_store.delete_run(key) == 2
         monkeypatch.undo()
         found = await reader.read_with_items(key, sequence=0, now=T0 + 100)
+        left = await reader.get_items(key, ["b/0", "b/1"], now=T0 + 100)
 
     assert ran == ["changed"]
     assert found is not None
     assert (found[0].checkpoint_id, found[2]) == _whole(again, 0)
+    assert left == {"b/0": b"b0"}
 
 
 # -- batches cut short ---------------------------------------------------------------------------
