@@ -13,7 +13,7 @@ import anyio
 import msgspec
 import pytest
 
-from fastcheckpoint.errors import CheckpointError
+from fastcheckpoint.errors import SequenceConflict
 from fastcheckpoint.stores import _s3_layout as layout
 from fastcheckpoint.stores._aws import RequestCounter
 from fastcheckpoint.stores.s3 import S3Store
@@ -98,8 +98,9 @@ async def test_a_writer_of_an_ended_life_leaves_the_new_lifes_shared_value(
 ) -> None:
     """A process still appending to a life another process deleted, and the run begun
     again, finds the new life's shared item in place with another value: it keeps it (its
-    append is refused at its commit), and the new life's checkpoint reads with its value.
-    Only an item with the same value is written again."""
+    append is refused at its commit, ``SequenceConflict``: the run was begun again), and
+    the new life's checkpoint reads with its value. Only an item with the same value is
+    written again."""
     run = make_run("stale")
     key = key_of(run)
     again = make_run("stale")
@@ -107,7 +108,7 @@ async def test_a_writer_of_an_ended_life_leaves_the_new_lifes_shared_value(
         await _append_items(writer, run, 0, refs=["b/a"], items=[make_item("b/a", b"old")])
         assert await s3_store.delete_run(key) == 1
         await _append_items(reader, again, 0, refs=["b/a"], items=[make_item("b/a", b"new")])
-        with pytest.raises(CheckpointError):
+        with pytest.raises(SequenceConflict):
             await _append_items(writer, run, 1, refs=["b/a"],
                                 items=[make_item("b/a", b"stale")])
         found = await _read(reader, again, 0)
