@@ -231,7 +231,10 @@ class _ItemMarker:
     key: str
     hex_key: str
     meta: ItemMeta
-    etag: str = ""  # as listed
+    etag: str = ""  # as listed, or as its PUT answered
+    item_etag: str = ""
+    """The ETag of the item object, known to the process that wrote it (as its PUT answered);
+    ``""``: unknown (a listing shows the markers, not the items)."""
 
 
 @dataclass
@@ -400,10 +403,13 @@ class _Run:
 
 @dataclass
 class _Entry:
-    """A checkpoint this process knows: its expiry and every key it occupies."""
+    """A checkpoint this process knows: its expiry, the keys pruning deletes by key (slot,
+    marker), and the markers of the items a listing showed it owns (those this process
+    wrote are in ``_Cached.owned``, with their items' ETags)."""
 
     expires_at: float | None
     keys: list[str]
+    owned: list[_ItemMarker] = field(default_factory=list)
     token: bytes = b""  # its slot's write token (empty where unknown)
 
 
@@ -492,12 +498,14 @@ class _Deleted:
 @dataclass
 class _Cached:
     """One run as this process knows it: the run object as last read (valid while listings
-    show the same ETag), the log, and owned items it wrote or listed (owner -> hex -> marker)."""
+    show the same ETag), the log, and owned items it wrote or listed (owner -> hex -> marker,
+    with the ETags of marker and item where known: a removal deletes each only while it has
+    them, see :func:`_owned_removals`)."""
 
     etag: str | None = None
     state: RunState | None = None
     log: _Log | None = None
-    owned: dict[int, dict[str, str]] = field(default_factory=dict)
+    owned: dict[int, dict[str, _ItemMarker]] = field(default_factory=dict)
     raised_floor: int = -1  # the floor this process's last floor raise set
 
 
@@ -586,20 +594,34 @@ def _marker_of(
     return layout.marker_key(run_key, sequence, "l", short), listing.header or b""
 
 
-def _owned_of(
-    run_key: str, cached: _Cached, owners: Iterable[int], newest: int | None = None
-) -> list[str]:
-    """Keys of the items this process knows to be owned by ``owners`` (their objects and
-    markers), except the objects of the keys checkpoint ``newest`` owns now: it took them
-    over (an owner that expired left them absent)."""
-    taken = cached.owned.get(newest, {}) if newest is not None else {}
-    keys: list[str] = []
+def _owned_of(cached: _Cached, log: _Log, owners: Iterable[int]) -> list[_ItemMarker]:
+    """The markers of the items this process knows to be owned by ``owners``, from its log
+    and its writes (removed by :func:`_owned_removals`: one another checkpoint took over
+    since stays with it)."""
+    found: list[_ItemMarker] = []
     for owner in owners:
-        for hex_key, marker in cached.owned.get(owner, {}).items():
-            keys.append(marker)
-            if hex_key not in taken:
-                keys.append(layout.item_object(run_key, hex_key))
-    return keys
+        entry = log.held.get(owner)
+        found += _owned_markers(cached, owner, [] if entry is None else entry.owned)
+    return found
+
+
+def _owned_markers(
+    cached: _Cached | None, owner: int, listed: Iterable[_ItemMarker]
+) -> list[_ItemMarker]:
+    """The markers of the items ``owner`` owns, as a listing showed them (``listed``) and as
+    this process wrote them: those carry the ETags of their items, and win."""
+    markers = {marker.key: marker for marker in listed}
+    if cached is not None:
+        markers.update((marker.key, marker) for marker in cached.owned.get(owner, {}).values())
+    return list(markers.values())
+
+
+def _learn_owned(cached: _Cached, views: Iterable[_SlotView]) -> None:
+    """Take the items a listing shows ``views`` own (tombstones, leftovers) as known to be
+    owned by them: the append that prunes them removes those too."""
+    for view in views:
+        for marker in view.owned:
+            cached.owned.setdefault(view.sequence, {}).setdefault(marker.hex_key, marker)
 
 
 def _as_listed(current: _Run) -> _Run:
@@ -883,9 +905,11 @@ class S3Store(ExpiryCleanup):
         log = _Log(current.latest_sequence, {}, {}, known_from)
         for view in current.held:
             log.add(view.sequence, _Entry(_listing(view).expires_at,
-                                          _prunable_keys(run_key, view), _listing(view).token))
+                                          _prunable_keys(run_key, view), view.owned,
+                                          _listing(view).token))
         for view in (*current.tombstones, *current.orphans):
             log.garbage[view.sequence] = _prunable_keys(run_key, view)
+        _learn_owned(cached, (*current.tombstones, *current.orphans))
         cached.log = log
 
     # -- reading a run ------------------------------------------------------------------------
@@ -1916,7 +1940,8 @@ class S3Store(ExpiryCleanup):
         keys = [layout.slot_key(run_key, slot.sequence)]
         # Pruned, a checkpoint naming shared items leaves its marker: the cleanup loop's cue
         # to sweep what only it named.
-        return _Entry(slot.expires_at, keys if slot.refs else [*keys, marker], slot.token)
+        return _Entry(slot.expires_at, keys if slot.refs else [*keys, marker],
+                      token=slot.token)
 
     # -- items written with a checkpoint ----------------------------------------------------------
 
@@ -1942,16 +1967,16 @@ class S3Store(ExpiryCleanup):
 
     async def _put_owned(
         self, io: Bucket, run_key: str, slot: Slot, owned: dict[str, Item], now: float
-    ) -> dict[str, str]:
+    ) -> dict[str, _ItemMarker]:
         """Write the items the new checkpoint owns (each with its marker, in one round trip);
         the markers of those it owns now, by hex key."""
         meta = ItemMeta(slot.sequence, slot.expires_at)
 
-        async def put(hex_key: str, item: Item) -> str | None:
+        async def put(hex_key: str, item: Item) -> _ItemMarker | None:
             body = ItemBody(item.value, slot.sequence, slot.expires_at, slot.token,
                             checkpoint_id=slot.checkpoint_id, run_key=run_key, key=item.key)
             marker = layout.item_marker_key(run_key, hex_key, meta)
-            (_, kept), _ = await pair(
+            (etag, kept), marker_etag = await pair(
                 functools.partial(self._put_item, io, run_key, hex_key, body, now,
                                   marker=marker),
                 functools.partial(io.put, marker, slot.token),
@@ -1960,7 +1985,7 @@ class S3Store(ExpiryCleanup):
                                                                       meta.expires_at):
                 await io.delete([marker])  # the live item kept there is not this one's
                 return None
-            return marker
+            return _ItemMarker(marker, hex_key, meta, marker_etag or "", etag or "")
 
         markers = await gather([functools.partial(put, hex_key, item)
                                 for hex_key, item in owned.items()])
@@ -2159,7 +2184,9 @@ class S3Store(ExpiryCleanup):
         """Remove what the append makes surplus, from what this process knows: expired
         checkpoints (a heap by expiry), live ones beyond ``keep_latest``, tombstones and
         leftovers below the new slot. Costs one ``DeleteObjects`` when there is anything, two
-        (:func:`_slots_first`) when what goes owns items."""
+        (:func:`_slots_first`) when what goes owns items, each of which goes only while it is
+        the object this process wrote (:func:`_owned_removals`; + 1 GET per item it knows
+        from a listing only, sent with the floor's PUT)."""
         newest = slot.sequence
         doomed: set[int] = set()
         popped: list[tuple[float, int]] = []
@@ -2182,21 +2209,30 @@ class S3Store(ExpiryCleanup):
         garbage = [sequence for sequence in log.garbage if sequence < newest]
         keys = [key for sequence in doomed for key in log.held[sequence].keys]
         keys += [key for sequence in garbage for key in log.garbage[sequence]]
-        keys += _owned_of(run_key, cached, doomed, newest)
+        owned = _owned_of(cached, log, (*doomed, *garbage))
         opened = max((*doomed, *garbage), default=-1)  # the highest slot key deleted
         additions: dict[int, _Entry] = {}
+
+        async def floor_raised() -> bool:
+            return not keys or await self._raise_floor(io, run_key, cached, opened, newest + 1)
+
         try:
             if keep_latest is not None and log.known_from > 0:
-                older, additions = await self._older(io, run_key, cached, log, need, newest,
-                                                     now)
+                older, older_owned, additions = await self._older(io, run_key, cached, log,
+                                                                  need, now)
                 keys += older
+                owned += older_owned
                 opened = max(opened, log.known_from - 1 if older else -1)
-            if keys and not await self._raise_floor(io, run_key, cached, opened, newest + 1):
+            # The items' ETags this process does not know are read with the floor's PUT.
+            raised, (objects, markers) = await pair(
+                floor_raised, functools.partial(_owned_removals, io, run_key, owned, _Listed()))
+            if not raised:
                 for entry in popped:
                     heapq.heappush(log.expiring, entry)
                 return  # the run object changed meanwhile: the next append prunes
-            for batch in _slots_first(run_key, keys):
-                await io.delete(batch)
+            removed = [Listed(key, "") for key in keys] + markers + objects
+            for batch in _slots_first(run_key, removed):
+                await io.delete_listed(batch)
         except CheckpointError:
             # Committed already, so the append must not fail: the next one prunes what this
             # one could not.
@@ -2211,6 +2247,7 @@ class S3Store(ExpiryCleanup):
             cached.owned.pop(sequence, None)
         for sequence in garbage:
             log.garbage.pop(sequence, None)
+            cached.owned.pop(sequence, None)
         if keep_latest is not None and log.known_from > 0:
             log.merge_older(additions)
 
@@ -2252,12 +2289,12 @@ class S3Store(ExpiryCleanup):
         return True
 
     async def _older(
-        self, io: Bucket, run_key: str, cached: _Cached, log: _Log, need: int, newest: int,
-        now: float,
-    ) -> tuple[list[str], dict[int, _Entry]]:
+        self, io: Bucket, run_key: str, cached: _Cached, log: _Log, need: int, now: float,
+    ) -> tuple[list[str], list[_ItemMarker], dict[int, _Entry]]:
         """Pruning below what this process knows (it joined a run written by others, or
         forgot): list the slots older than ``known_from``; the newest ``need`` live ones
-        stay, every other key goes. Each listed key is then deleted, except at most
+        stay, every other key goes (the keys, and the markers of the items they own, for
+        :func:`_owned_removals`). Each listed key is then deleted, except at most
         ``keep_latest``, so the listing is paid for by the creates that wrote them."""
         entries = await io.list(
             layout.slots_prefix(run_key), start_after=layout.older_than(run_key, log.known_from)
@@ -2266,19 +2303,21 @@ class S3Store(ExpiryCleanup):
         listed.run_etag = cached.etag
         current = await self._resolve(io, run_key, listed)
         keys: list[str] = []
+        owned: list[_ItemMarker] = []
         kept: dict[int, _Entry] = {}
-        gone: set[int] = set()
         for view in reversed(current.held):
             expires_at = _listing(view).expires_at
             if len(kept) < need and is_live(expires_at, now):
-                kept[view.sequence] = _Entry(expires_at, _prunable_keys(run_key, view))
+                kept[view.sequence] = _Entry(expires_at, _prunable_keys(run_key, view),
+                                             view.owned)
             else:
                 keys += _prunable_keys(run_key, view)
-                gone.add(view.sequence)
+                owned += _owned_markers(cached, view.sequence, view.owned)
         for view in (*current.tombstones, *current.orphans):
             keys += _prunable_keys(run_key, view)
+            owned += _owned_markers(cached, view.sequence, view.owned)
         keys += listed.stray
-        return keys + _owned_of(run_key, cached, gone, newest), kept
+        return keys, owned, kept
 
     @holds_clients
     async def get(
@@ -2647,25 +2686,25 @@ class S3Store(ExpiryCleanup):
         if_absent: bool,
         stored: tuple[bytes, str] | None,
         now: float,
-    ) -> str | None:
+    ) -> _ItemMarker | None:
         """Write one item owned by ``record`` and its marker; the marker when the item is
         owned by ``record`` afterwards (None: a live item of another owner was kept)."""
         body = ItemBody(item.value, record.sequence, record.expires_at, token,
                         checkpoint_id=record.checkpoint_id, run_key=run_key, key=item.key)
-        marker = layout.item_marker_key(run_key, hex_key,
-                                        ItemMeta(record.sequence, record.expires_at))
+        meta = ItemMeta(record.sequence, record.expires_at)
+        marker = layout.item_marker_key(run_key, hex_key, meta)
         old = None if stored is None else _marker_of_stored(run_key, hex_key, stored)
         if not if_absent:
             key = layout.item_object(run_key, hex_key)
             stale = [old] if old is not None and old != marker else []
             await self._clear_if_damaged(io, run_key, hex_key, stored, marker)
-            await pair(
+            (etag, marker_etag), _ = await pair(
                 functools.partial(gather, [functools.partial(io.put, key, layout.encode(body)),
                                            functools.partial(io.put, marker, token)]),
                 functools.partial(io.delete, stale),
             )
-            return marker
-        (_, kept), _ = await pair(
+            return _ItemMarker(marker, hex_key, meta, marker_etag or "", etag or "")
+        (etag, kept), marker_etag = await pair(
             functools.partial(self._put_item, io, run_key, hex_key, body, now, stored,
                               marker=marker),
             functools.partial(io.put, marker, token),
@@ -2673,11 +2712,11 @@ class S3Store(ExpiryCleanup):
         if kept is None:
             if old is not None and old != marker:
                 await io.delete([old])  # the expired item it replaced
-            return marker
+            return _ItemMarker(marker, hex_key, meta, marker_etag or "", etag or "")
         if _marker_for(run_key, hex_key, kept.owner, kept.expires_at) != marker:
             await io.delete([marker])  # the live item kept there is not this checkpoint's
             return None
-        return marker
+        return _ItemMarker(marker, hex_key, meta, marker_etag or "", etag or "")
 
     @holds_clients
     async def headers(
@@ -2819,21 +2858,25 @@ class S3Store(ExpiryCleanup):
         self, io: Bucket, run_key: str, view: _SlotView, listing: Listing, current: _Run
     ) -> list[str] | None:
         """The checkpoint replaced by a tombstone (:meth:`_bury`), and what it owned or
-        marked removed; the tombstone's keys, or None when another delete won. Cut short
-        (cancelled, killed) after the tombstone, its owned items outlive it until the delete
-        is made again, the cleanup loop runs or an append prunes."""
+        marked removed (each item only while it is the one it owned: see
+        :func:`_owned_removals`); the tombstone's keys, or None when another delete won. Cut
+        short (cancelled, killed) after the tombstone, its owned items outlive it until the
+        delete is made again, the cleanup loop runs or an append prunes."""
         sequence = view.sequence
         if await self._bury(io, run_key, view, listing) is None:
             return None
         # The tombstone keeps the slot's key taken: a writer whose knowledge of the run is
         # older than this delete proposes this sequence at most, and must collide. Pruning
         # removes it later, once the run's floor is above it.
-        tombstone_keys = [layout.slot_key(run_key, sequence),
-                          await self._put_marker(io, run_key, sequence, "t", listing)]
-        markers = [view.marker] if view.marker is not None else []
+        owned = _owned_markers(self._cache.get(run_key), sequence, view.owned)
+        tombstone_marker, (objects, markers) = await pair(
+            functools.partial(self._put_marker, io, run_key, sequence, "t", listing),
+            functools.partial(_owned_removals, io, run_key, owned, current.listed),
+        )
+        tombstone_keys = [layout.slot_key(run_key, sequence), tombstone_marker]
+        own = [Listed(key, "") for key in _own_markers(view)]
         await pair(
-            functools.partial(io.delete, [*markers, *view.extra,
-                                          *_owned_keys(run_key, current.listed, {sequence})]),
+            functools.partial(io.delete_listed, [*own, *markers, *objects]),
             functools.partial(self._ask_for_sweep, io, run_key, view.names_items),
         )
         self._discard(run_key, [sequence])
@@ -3372,22 +3415,30 @@ class S3Store(ExpiryCleanup):
         now: float,
     ) -> None:
         token = secrets.token_bytes(_TOKEN_BYTES)
-        await gather([
+        etags = await gather([
             functools.partial(self._put_given, io, run_key, hex_key, item, token, create_only,
                               found[hex_key], now)
             for hex_key, item in latest.items()
         ])
-        wanted = {hex_key: _marker_for(run_key, hex_key, item.owner, item.expires_at)
-                  for hex_key, item in latest.items()}
+        wanted = {hex_key: marker for hex_key, item in latest.items()
+                  if (marker := _marker_for(run_key, hex_key, item.owner, item.expires_at))
+                  is not None}
         old = {hex_key: None if stored is None else _marker_of_stored(run_key, hex_key, stored)
                for hex_key, stored in found.items()}
-        await pair(
+        marker_etags, _ = await pair(
             functools.partial(gather, [functools.partial(io.put, marker, token)
-                                       for marker in wanted.values() if marker is not None]),
+                                       for marker in wanted.values()]),
             functools.partial(io.delete, [marker for hex_key, marker in old.items()
-                                          if marker is not None and marker != wanted[hex_key]]),
+                                          if marker is not None
+                                          and marker != wanted.get(hex_key)]),
         )
-        self._know_owners(run_key, found, latest, wanted)
+        written = dict(zip(latest, etags, strict=True))
+        markers: list[_ItemMarker] = []
+        for (hex_key, marker), marker_etag in zip(wanted.items(), marker_etags, strict=True):
+            meta = ItemMeta(latest[hex_key].owner, latest[hex_key].expires_at)
+            markers.append(_ItemMarker(marker, hex_key, meta, marker_etag or "",
+                                       written[hex_key]))
+        self._know_owners(run_key, found, markers)
 
     async def _put_given(
         self,
@@ -3399,34 +3450,36 @@ class S3Store(ExpiryCleanup):
         create_only: bool,
         stored: tuple[bytes, str] | None,
         now: float,
-    ) -> None:
+    ) -> str:
+        """Write one item; the ETag of the object written."""
         body = ItemBody(item.value, item.owner, item.expires_at, token, run_key=run_key,
                         key=item.key)
         marker = _marker_for(run_key, hex_key, item.owner, item.expires_at)
         if not create_only:
             await self._clear_if_damaged(io, run_key, hex_key, stored, marker)
-            await io.put(layout.item_object(run_key, hex_key), layout.encode(body))
-            return
-        _, kept = await self._put_item(io, run_key, hex_key, body, now, stored, marker=marker)
+            etag = await io.put(layout.item_object(run_key, hex_key), layout.encode(body))
+            return etag or ""
+        etag, kept = await self._put_item(io, run_key, hex_key, body, now, stored,
+                                          marker=marker)
         if kept is not None:
             raise ConflictError(f"item {item.key!r} was created concurrently")
+        return etag or ""
 
     def _know_owners(
         self,
         run_key: str,
         found: dict[str, tuple[bytes, str] | None],
-        latest: dict[str, Item],
-        markers: dict[str, str | None],
+        markers: Sequence[_ItemMarker],
     ) -> None:
         """Keep what this process knows of owned items (pruning removes them by it) in step
-        with a ``put_items``."""
+        with a ``put_items`` (``markers``: those of the items it wrote)."""
         owned = self._cached(run_key).owned
         for hex_key in found:
             for items in owned.values():
                 items.pop(hex_key, None)
-            owner, marker = latest[hex_key].owner, markers[hex_key]
-            if owner is not None and marker is not None:
-                owned.setdefault(owner, {})[hex_key] = marker
+        for marker in markers:
+            if marker.meta.owner is not None:
+                owned.setdefault(marker.meta.owner, {})[marker.hex_key] = marker
 
     async def _stored_items(
         self, io: Bucket, run_key: str, hex_keys: Sequence[str]
@@ -4068,11 +4121,35 @@ async def _remove_marked(
     run (begun once the run object went), or by a writer replacing an expired item. That
     item stays, and so does the marker when it is that item's own (same owner and expiry):
     a checkpoint acknowledged meanwhile keeps its items. 1 GET per marker."""
+    objects, doomed = await _owned_removals(io, run_key, markers, listed)
+    await pair(
+        functools.partial(gather, [functools.partial(io.delete_if, entry.key, entry.etag)
+                                   for entry in objects], parallel=WIDE),
+        functools.partial(io.delete_listed, doomed),
+    )
+
+
+async def _owned_removals(
+    io: Bucket, run_key: str, markers: Sequence[_ItemMarker], listed: _Listed
+) -> tuple[list[Listed], list[Listed]]:
+    """What removes the items of ``markers`` (of checkpoints removed) and the markers: the
+    items, then the markers, each to delete only while it has the ETag given (each marker
+    as listed or written). An item whose ETag this process knows (it wrote the item) goes
+    only while it is that write: one given to another checkpoint meanwhile
+    (``put_owned_items``) has another ETag and stays with its new owner, and one written
+    again for the same owner stays with its marker (written again too) for the cleanup
+    loop. The others are read first (1 GET each, at once): one that is not what its
+    marker describes stays (see :func:`_remove_marked`)."""
+    unknown = [marker for marker in markers if not marker.item_etag]
     found = await gather([functools.partial(io.get, layout.item_object(run_key, marker.hex_key))
-                          for marker in markers], parallel=WIDE)
-    objects: list[tuple[str, str]] = []
-    doomed: list[Listed] = []  # each marker only while it has the ETag listed
-    for marker, stored in zip(markers, found, strict=True):
+                          for marker in unknown], parallel=WIDE)
+    objects: list[Listed] = []
+    doomed: list[Listed] = []
+    for marker in markers:
+        if marker.item_etag:
+            objects.append(Listed(layout.item_object(run_key, marker.hex_key), marker.item_etag))
+            doomed.append(Listed(marker.key, marker.etag))
+    for marker, stored in zip(unknown, found, strict=True):
         body = None if stored is None else _intact_item(run_key, marker.hex_key, stored)
         if body is not None and not _as_marked(body, marker, listed):
             if _marker_for(run_key, marker.hex_key, body.owner, body.expires_at) != marker.key:
@@ -4080,12 +4157,8 @@ async def _remove_marked(
             continue
         doomed.append(Listed(marker.key, marker.etag))
         if stored is not None:  # as marked, or damaged
-            objects.append((layout.item_object(run_key, marker.hex_key), stored[1]))
-    await pair(
-        functools.partial(gather, [functools.partial(io.delete_if, key, etag)
-                                   for key, etag in objects], parallel=WIDE),
-        functools.partial(io.delete_listed, doomed),
-    )
+            objects.append(Listed(layout.item_object(run_key, marker.hex_key), stored[1]))
+    return objects, doomed
 
 
 def _marked_for_purge(
@@ -4138,14 +4211,14 @@ def _is_slot(run_key: str, key: str) -> bool:
     return key.startswith(prefix) and layout.parse_sequence(key[len(prefix):]) is not None
 
 
-def _slots_first(run_key: str, keys: Sequence[str]) -> list[list[str]]:
+def _slots_first(run_key: str, keys: Sequence[Listed]) -> list[list[Listed]]:
     """The batches that remove ``keys``, one after the other. S3 applies a batch key by key,
     in no promised order, and a reader that finds an item gone checks that its checkpoint's
     slot stands: when items go, the slots go first, in a batch of their own."""
-    slots = [key for key in keys if _is_slot(run_key, key)]
-    rest = [key for key in keys if not _is_slot(run_key, key)]
+    slots = [entry for entry in keys if _is_slot(run_key, entry.key)]
+    rest = [entry for entry in keys if not _is_slot(run_key, entry.key)]
     items = layout.items_prefix(run_key)
-    if not slots or not any(key.startswith(items) for key in rest):
+    if not slots or not any(entry.key.startswith(items) for entry in rest):
         return [list(keys)] if keys else []
     return [slots, rest]
 
@@ -4160,17 +4233,12 @@ def _marker_keys_of(view: _SlotView) -> list[str]:
     return _own_markers(view) + [marker.key for marker in view.owned]
 
 
-def _keys_of(run_key: str, view: _SlotView) -> list[str]:
-    """Every key of the view's checkpoint: slot, markers, and the items it owns."""
-    keys = [layout.slot_key(run_key, view.sequence)] if view.slot_etag is not None else []
-    keys += _marker_keys_of(view)
-    return keys + [layout.item_object(run_key, marker.hex_key) for marker in view.owned]
-
-
 def _prunable_keys(run_key: str, view: _SlotView) -> list[str]:
-    """What pruning deletes of the view: all but the marker of a checkpoint naming shared
-    items, which stays (without its slot) until a sweep has removed what only it named."""
-    keys = _keys_of(run_key, view)
+    """What pruning deletes of the view by key: its slot and its own markers, but the marker
+    of a checkpoint naming shared items, which stays (without its slot) until a sweep has
+    removed what only it named. The items it owns go by :func:`_owned_removals`."""
+    keys = [layout.slot_key(run_key, view.sequence)] if view.slot_etag is not None else []
+    keys += _own_markers(view)
     if view.names_items and view.marker is not None:
         keys.remove(view.marker)
     return keys

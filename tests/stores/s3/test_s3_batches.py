@@ -571,25 +571,25 @@ async def test_a_batch_cut_short_reads_consistently_and_the_cleanup_loop_finishe
         assert left_over == []
 
 
-@pytest.mark.xfail(strict=True, reason="a delete or pruning removes the items its checkpoint "
-                   "owned by key, also one put_owned_items gave another checkpoint meanwhile")
+@pytest.mark.parametrize("author", ["remover", "another"])
 @pytest.mark.parametrize("remover", ["delete", "pruning"])
 async def test_an_item_taken_over_during_a_removal_stays_with_its_new_owner(
     s3_store: S3Store, reader: S3Store, writer: S3Store, monkeypatch: pytest.MonkeyPatch,
-    remover: str,
+    remover: str, author: str,
 ) -> None:
     """Checkpoint 0 owns ``w/0``; while a ``delete`` of checkpoint 0 (or an append of 3
     pruning 0 and 1) is applied, another process gives ``w/0`` to checkpoint 1 (or 2)
-    with ``put_owned_items`` (acknowledged). The removal deletes the item object by key,
-    unconditioned, so the new owner reads without it. The cleanup loop's removals go
-    through ``_remove_marked`` (only the object its marker describes); these two do not
-    yet, as it costs a GET per item on every pruning create."""
-    run = make_run("taken-over")
+    with ``put_owned_items`` (acknowledged). The removal deletes each item only while it
+    is the object the removed checkpoint owned: its ETag as the removing process wrote it
+    (``author`` "remover"), or as read before the batch (written by ``another`` process).
+    The new owner keeps ``w/0`` with its marker; the rest of what was removed is gone."""
+    run = make_run(f"taken-over-{author}")
     key = key_of(run)
     owner = 1 if remover == "delete" else 2
+    hex_key = layout.hex_item_key("w/0")
     with anyio.fail_after(DEADLINE):
         for sequence in range(owner + 1):
-            await _append(s3_store, run, sequence)
+            await _append(s3_store if author == "remover" else writer, run, sequence)
         moved: list[bool] = []
 
         async def between(done: list[str]) -> None:
@@ -605,7 +605,18 @@ async def test_an_item_taken_over_during_a_removal_stays_with_its_new_owner(
             await _append(s3_store, run, 3, keep_latest=2)
         monkeypatch.undo()
         found = await reader.read_with_items(key, sequence=owner, now=T0)
+        keys = await _keys(s3_store)
 
     assert moved == [True]
     assert found is not None
-    assert found[2].get("w/0") == b"moved"
+    assert found[2] == {**_whole(run, owner)[1], "w/0": b"moved"}
+    markers = [entry for entry in keys if f"/w{hex_key}/" in entry]
+    assert [entry.startswith(layout.slot_key(key, owner) + "/") for entry in markers] == [True]
+    removed = [layout.slot_key(key, sequence) for sequence in range(owner)]
+    left = [entry for entry in keys if entry.startswith(tuple(removed))]
+    # A delete leaves its tombstone (slot and marker); pruning the markers of checkpoints
+    # naming shared items (until a sweep); nothing else of what they owned.
+    kinds = [entry.rpartition("/")[2][:1] for entry in left]
+    assert kinds == (["9", "t"] if remover == "delete" else ["m", "m"]), left
+    # ``w/1``: the new owner's own item after a delete, a pruned checkpoint's after pruning.
+    assert (layout.item_object(key, layout.hex_item_key("w/1")) in keys) == (remover == "delete")

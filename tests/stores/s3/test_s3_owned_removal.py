@@ -1,0 +1,77 @@
+"""S3 store: what removing a checkpoint that owns items costs. Each item goes only while it
+is the object its checkpoint owned (``test_s3_batches.py`` gives one to another checkpoint
+during the removal): the process that wrote the items knows their ETags and sends no more
+requests for that; one that knows them from a listing reads each item first."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from fastcheckpoint.stores._aws import RequestCounter
+from fastcheckpoint.stores.s3 import S3Store
+from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_item, make_run
+from fastcheckpoint.testing._adapter import _append_items
+from tests.stores._moto import REGION, moto_endpoint
+from tests.stores.s3.test_s3 import DEADLINE, SESSION, s3_bucket, s3_store
+
+__all__ = ["moto_endpoint", "s3_bucket", "s3_store"]
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # aiobotocore runs on asyncio only
+
+
+@pytest.fixture
+async def other(s3_store: S3Store, moto_endpoint: str) -> AsyncIterator[S3Store]:
+    """Another process on the same bucket and prefix."""
+    store = S3Store(s3_store.bucket, s3_store.prefix, region=REGION,
+                    endpoint_url=moto_endpoint, session=SESSION)
+    yield store
+    with anyio.fail_after(10):
+        await store.aclose()
+
+
+async def test_removing_owned_items_reads_only_those_the_process_did_not_write(
+    s3_store: S3Store, other: S3Store
+) -> None:
+    """Checkpoints 0-3 each own two items, written by ``s3_store``. Its delete of 0 and its
+    pruning of 1 send no GET for the items; ``other``'s delete of 2 (it knows the run from
+    the delete's listing only) reads both items of 2, and so does its pruning of 3, whose
+    items it knows from that listing too (in the round trip of the floor's PUT, if any)."""
+    run = make_run("owned-removal-costs")
+    key = key_of(run)
+    with anyio.fail_after(DEADLINE):
+        for sequence in range(5):
+            await _append_items(s3_store, run, sequence, items=[
+                make_item(f"w/{sequence}/{n}", owner=sequence) for n in range(2)])
+        client, elsewhere = await s3_store.client(), await other.client()
+        with RequestCounter.attached(client) as deleted:
+            assert await s3_store.delete(key, 0, checkpoint_id=checkpoint_id_of(run, 0))
+        with RequestCounter.attached(client) as pruned:
+            await _append_items(s3_store, run, 5, keep_latest=4)
+        with RequestCounter.attached(elsewhere) as deleted_elsewhere:
+            assert await other.delete(key, 2, checkpoint_id=checkpoint_id_of(run, 2))
+        with RequestCounter.attached(elsewhere) as pruned_elsewhere:
+            await _append_items(other, run, 6, keep_latest=3)
+        left = await other.get_items(key, [f"w/{s}/{n}" for s in range(5) for n in range(2)],
+                                     now=T0)
+
+    # The head of the run (the run object is cached), the tombstone and its marker, then
+    # the marker, the items and their markers each with the ETag it wrote.
+    assert deleted.counts == {"ListObjectsV2": 1, "PutObject": 2, "DeleteObjects": 1}
+    # The commit with its 304, the marker; the floor; the slot, then what it owned.
+    assert pruned.counts == {"PutObject": 3, "GetObject": 1, "DeleteObjects": 2}
+    # The run object (never read by this process) and the 2 items, read with the
+    # tombstone's marker PUT.
+    assert deleted_elsewhere.counts == {
+        "ListObjectsV2": 1, "GetObject": 3, "PutObject": 2, "DeleteObjects": 1}
+    # The commit with its 304, the marker (the floor is above 3 already), + 2 GET: the items
+    # of 3, known from a listing; then the slot, then what it owned.
+    assert pruned_elsewhere.counts == {"PutObject": 2, "GetObject": 3, "DeleteObjects": 2}
+    assert left == {"w/4/0": b"value-w/4/0", "w/4/1": b"value-w/4/1"}
