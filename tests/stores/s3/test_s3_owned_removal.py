@@ -5,19 +5,20 @@ requests for that; one that knows them from a listing reads each item first."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import anyio
 import pytest
 
+from fastcheckpoint.stores import _s3_layout as layout
 from fastcheckpoint.stores._aws import RequestCounter
 from fastcheckpoint.stores.s3 import S3Store
 from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_item, make_run
 from fastcheckpoint.testing._adapter import _append_items
-from tests.stores._moto import REGION, moto_endpoint
-from tests.stores.s3.test_s3 import DEADLINE, SESSION, s3_bucket, s3_store
+from tests.stores._moto import moto_endpoint
+from tests.stores.s3.test_s3 import DEADLINE, s3_bucket, s3_store
+from tests.stores.s3.test_s3_safety import _keys
+from tests.stores.s3.test_s3_superseded_reads import other
 
-__all__ = ["moto_endpoint", "s3_bucket", "s3_store"]
+__all__ = ["moto_endpoint", "other", "s3_bucket", "s3_store"]
 
 pytestmark = pytest.mark.anyio
 
@@ -25,16 +26,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # aiobotocore runs on asyncio only
-
-
-@pytest.fixture
-async def other(s3_store: S3Store, moto_endpoint: str) -> AsyncIterator[S3Store]:
-    """Another process on the same bucket and prefix."""
-    store = S3Store(s3_store.bucket, s3_store.prefix, region=REGION,
-                    endpoint_url=moto_endpoint, session=SESSION)
-    yield store
-    with anyio.fail_after(10):
-        await store.aclose()
 
 
 async def test_removing_owned_items_reads_only_those_the_process_did_not_write(
@@ -75,3 +66,31 @@ async def test_removing_owned_items_reads_only_those_the_process_did_not_write(
     # of 3, known from a listing; then the slot, then what it owned.
     assert pruned_elsewhere.counts == {"PutObject": 2, "GetObject": 3, "DeleteObjects": 2}
     assert left == {"w/4/0": b"value-w/4/0", "w/4/1": b"value-w/4/1"}
+
+
+async def test_an_item_written_again_for_its_pruned_owner_is_left_to_the_cleanup_loop(
+    s3_store: S3Store, other: S3Store
+) -> None:
+    """``other`` writes ``w/0`` again for checkpoint 0 (``put_owned_items``): the ETags
+    ``s3_store`` knows of item and marker are stale, so its pruning of 0 leaves both (it
+    cannot tell that write from one for another owner without a GET); the cleanup loop
+    then finds the marker of a pruned owner and removes both."""
+    run = make_run("owned-written-again")
+    key = key_of(run)
+    item = layout.item_object(key, layout.hex_item_key("w/0"))
+    with anyio.fail_after(DEADLINE):
+        await _append_items(s3_store, run, 0, items=[make_item("w/0", owner=0)])
+        assert await other.put_owned_items(
+            key, [make_item("w/0", b"again", owner=0)], owner=0,
+            checkpoint_id=checkpoint_id_of(run, 0), if_absent=False, now=T0)
+        await _append_items(s3_store, run, 1, keep_latest=1)
+        pruned = await _keys(s3_store)
+        await s3_store.purge_expired(now=T0, limit=100)
+        purged = await _keys(s3_store)
+
+    marker = f"{layout.slot_key(key, 0)}/w{layout.hex_item_key('w/0')}/"
+    assert layout.slot_key(key, 0) not in pruned
+    assert item in pruned
+    assert [entry for entry in pruned if entry.startswith(marker)] != []
+    assert item not in purged
+    assert [entry for entry in purged if entry.startswith(marker)] == []
