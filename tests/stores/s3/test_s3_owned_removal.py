@@ -56,15 +56,17 @@ async def test_removing_owned_items_reads_only_those_the_process_did_not_write(
     # The head of the run (the run object is cached), the tombstone and its marker, then
     # the marker, the items and their markers each with the ETag it wrote.
     assert deleted.counts == {"ListObjectsV2": 1, "PutObject": 2, "DeleteObjects": 1}
-    # The commit with its 304, the marker; the floor; the slot, then what it owned.
-    assert pruned.counts == {"PutObject": 3, "GetObject": 1, "DeleteObjects": 2}
+    # The commit with its 304, the marker with the second 304; the floor; the slot, then
+    # what it owned.
+    assert pruned.counts == {"PutObject": 3, "GetObject": 2, "DeleteObjects": 2}
     # The run object (never read by this process) and the 2 items, read with the
     # tombstone's marker PUT.
     assert deleted_elsewhere.counts == {
         "ListObjectsV2": 1, "GetObject": 3, "PutObject": 2, "DeleteObjects": 1}
-    # The commit with its 304, the marker (the floor is above 3 already), + 2 GET: the items
-    # of 3, known from a listing; then the slot, then what it owned.
-    assert pruned_elsewhere.counts == {"PutObject": 2, "GetObject": 3, "DeleteObjects": 2}
+    # The commit with its 304, the marker with the second 304 (the floor is above 3
+    # already), + 2 GET: the items of 3, known from a listing; then the slot, then what it
+    # owned.
+    assert pruned_elsewhere.counts == {"PutObject": 2, "GetObject": 4, "DeleteObjects": 2}
     assert left == {"w/4/0": b"value-w/4/0", "w/4/1": b"value-w/4/1"}
 
 

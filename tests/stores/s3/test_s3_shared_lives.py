@@ -58,9 +58,9 @@ async def test_an_append_finding_a_shared_item_of_its_own_life_keeps_it_as_it_is
 
     assert before[0].incarnation == run.incarnation
     assert after == before
-    # The item (412), the slot, the marker; the item as found, the run object (304), the
-    # sweep lease.
-    assert appended.counts == {"PutObject": 3, "GetObject": 3}
+    # The item (412), the slot, the marker; the item as found, the run object (304) twice
+    # (with the slot, then with the marker), the sweep lease.
+    assert appended.counts == {"PutObject": 3, "GetObject": 4}
 
 
 async def test_a_shared_item_stored_before_items_recorded_their_life_reads_and_is_taken_once(
