@@ -3063,6 +3063,7 @@ class S3Store(ExpiryCleanup):
         conflict."""
         sequence = guard.slot.sequence
         body = layout.encode(guard.slot)
+        await self._unmark_guard_key(io, run_key, current.listed, sequence)
         for _ in range(_FLOOR_RACES):
             written = await io.put(guard.key, body, if_none_match=True)
             found = None if written is not None else await io.get(guard.key)
@@ -3101,6 +3102,26 @@ class S3Store(ExpiryCleanup):
                 guard.etag = written
                 return
         raise ConflictError(f"run {run_key} changed concurrently; read it again and retry")
+
+    async def _unmark_guard_key(
+        self, io: Bucket, run_key: str, listed: _Listed, sequence: int
+    ) -> None:
+        """Before a guard is written at ``sequence``: remove the markers the change's listing
+        showed there without their slot (a create taken back by a process that stopped
+        before removing its marker). Listed beside the guard, such a marker would make it
+        read as that checkpoint: readers would count it, and an append would take the key
+        for it and go on past it without breaking the guard. A marker is written only after
+        the slot it names (by its write token) was written or read, so one listed without
+        that slot names a write that is gone, which no create still relies on (a PUT of the
+        slot sent again and landing later leaves a slot without marker, which readers read).
+        One naming shared items is a sweep's cue: the run's ``sweep/due`` takes its place
+        first (a failure raises before anything else is written)."""
+        view = listed.slots.get(sequence)
+        if view is None or view.slot_etag is not None or view.marker is None:
+            return
+        if view.names_items and listed.sweep_due is None:
+            await io.put(layout.sweep_due(run_key), secrets.token_bytes(_TOKEN_BYTES))
+        await io.delete(_own_markers(view))
 
     async def _renew_guard(self, io: Bucket, guard: _Guard, etag: str) -> bool:
         """Make ``guard`` name the run object's new ``etag`` (a writer raised the floor or

@@ -21,8 +21,10 @@ from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_checkpoint
 from tests.stores.s3.test_s3 import DEADLINE
 from tests.stores.s3.test_s3_sequence_guard import (
     _append,
+    _around_change,
     _guard_keys,
     _leave_guard,
+    _objects,
     _pause,
     _state,
     moto_endpoint,
@@ -172,23 +174,43 @@ async def test_a_failed_create_is_withdrawn_from_under_a_guard(
         assert await _state(changer, run, now=T0 + 3) == ("active", 1, 2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a guard written where a create's marker outlived its slot (a create withdrawn, its "
-    "process stopped before removing the marker) lists as that checkpoint: the listing "
-    "shows slot and marker, so nothing reads the slot; telling them apart takes a GET of "
-    "every slot listed beside a marker, or the guard checking its key for markers"))
+@pytest.mark.parametrize("names_items", [False, True])
 async def test_a_guard_beside_a_withdrawn_creates_marker_is_no_checkpoint(
-    stores: tuple[S3Store, S3Store],
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch, names_items: bool,
 ) -> None:
-    writer, reader = stores
+    """A create at 1 was withdrawn and its process stopped before removing its marker: the
+    marker outlived its slot. A change guarded by 0 removes it before its guard takes key
+    1 (listed beside the guard, it made the guard read as that checkpoint). While the guard
+    stands, readers find 0 the newest, and an append at 1 breaks the guard, so the change
+    fails. A marker naming shared items leaves the run's sweep cue in its place."""
+    holder, other = stores
     run = make_run("review-bare-marker")
     with anyio.fail_after(DEADLINE):
-        await _append(writer, run, 0)
-        withdrawn = layout.Slot(run.incarnation, 1, checkpoint_id_of(run, 1), T0, None,
-                                T0 + 1, b"h", b"p", token=b"withdrwn", run_key=key_of(run))
-        marker = s3._marker_of(writer.prefix, key_of(run), 1, "m", s3._listing_of(withdrawn))
-        client = await writer.client()
-        await client.put_object(Bucket=writer.bucket, Key=writer.prefix + marker[0], Body=b"")
-        await _leave_guard(writer, run, 1)  # a change guarded by 0, under way
+        await _append(other, run, 0)
+        withdrawn = layout.Slot(run.incarnation, 1, checkpoint_id_of(make_run("gone"), 1), T0,
+                                None, T0 + 1, b"h", b"p", token=b"withdrwn", run_key=key_of(run),
+                                refs=("ab" * 32,) if names_items else ())
+        marker = s3._marker_of(other.prefix, key_of(run), 1, "m", s3._listing_of(withdrawn))
+        client = await other.client()
+        await client.put_object(Bucket=other.bucket, Key=other.prefix + marker[0], Body=b"")
+        seen: list[tuple[str, int, int]] = []
+        reported: list[str] = []
 
-        assert await _state(reader, run) == ("active", 0, 1)
+        async def read_and_append() -> None:
+            seen.append(await _state(other, run))
+            reported.append(await _append(other, run, 1, now=T0 + 1))
+
+        _around_change(holder, monkeypatch, before=read_and_append)
+        with pytest.raises(ConflictError):
+            await _pause(holder, run, 0)
+
+        assert seen == [("active", 0, 1)]
+        assert reported == ["active"]
+        assert await _state(other, run) == ("active", 1, 2)
+        found = await other.get(key_of(run), 1, now=T0 + 2)
+        assert found is not None
+        assert found[0].checkpoint_id == checkpoint_id_of(run, 1)
+        assert await _guard_keys(other, run) == []
+        left = await _objects(other)
+        assert marker[0] not in left
+        assert (layout.sweep_due(key_of(run)) in left) is names_items
