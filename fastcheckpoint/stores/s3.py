@@ -1286,7 +1286,7 @@ class S3Store(ExpiryCleanup):
             entry = await self._complete(
                 io, run_key, cached, slot, slot_etag, owned, written,
                 functools.partial(self._landed_and_followed, io, run_key, slot, checked,
-                                  resent),
+                                  resent, keep_latest),
                 now)
             # Pruning only once the append is sure to stand: its items may still fail, and
             # a checkpoint taken back must not have pruned the ones it replaced.
@@ -1308,7 +1308,7 @@ class S3Store(ExpiryCleanup):
                 # object the commit's check accepted: no other floor came between), or
                 # another process did.
                 above = cached.raised_floor == slot.sequence + 1 or await self._follows(
-                    io, run_key, slot, resent)
+                    io, run_key, slot, resent, keep_latest)
             if above is not True:
                 await self._refuse_landed(io, run_key, slot, slot_etag, above, owned={})
         log.latest = max(log.latest, slot.sequence)
@@ -1429,26 +1429,29 @@ class S3Store(ExpiryCleanup):
         return current.incarnation != slot.incarnation or slot.sequence >= current.floor
 
     async def _landed_and_followed(
-        self, io: Bucket, run_key: str, slot: Slot, etag: str, resent: bool
+        self, io: Bucket, run_key: str, slot: Slot, etag: str, resent: bool,
+        keep_latest: int | None,
     ) -> bool | CheckpointError:
         """:meth:`_landed_above_floor`, and where it finds the floor above the slot,
         :meth:`_follows` (a round trip more, on that rare path only)."""
         above = await self._landed_above_floor(io, run_key, slot, etag)
-        return await self._follows(io, run_key, slot, resent) if above is False else above
+        if above is not False:
+            return above
+        return await self._follows(io, run_key, slot, resent, keep_latest)
 
     async def _follows(
-        self, io: Bucket, run_key: str, slot: Slot, resent: bool
+        self, io: Bucket, run_key: str, slot: Slot, resent: bool, keep_latest: int | None
     ) -> bool | CheckpointError:
         """Whether the run goes on from ``slot``, whose key lies below the run's floor now:
         True when no slot stands above it (the floor was raised over it as the newest), or
         the slot after it was written after it (it names its token); False when that slot
         follows another checkpoint (the key's earlier occupant), or is gone while newer ones
         stand (pruned: this slot, older, would have gone first). One LIST and one GET, sent
-        together, on this rare path only. False for a PUT sent again after an unheard send
-        (``resent``): its first send may have landed and been pruned since, and then the
-        next slot names its token all the same, while this write brought it back."""
-        if resent:
-            return False
+        together, on this rare path only. A PUT sent again after an unheard send
+        (``resent``) whose first send landed, was built on and was pruned since brings back
+        that very checkpoint, and the next slot names its token all the same: after a
+        resend, ``keep_latest`` (this process's) or more slots above it mean it may have
+        been pruned so (False). No other checkpoint's id is given to it either way."""
         prefix = layout.slots_prefix(run_key)
         following = slot.sequence + 1
         found = await _error_as_value(pair, functools.partial(io.list, prefix, limit=1),
@@ -1457,9 +1460,10 @@ class S3Store(ExpiryCleanup):
         if isinstance(found, CheckpointError):
             return found
         newest, after = found
-        sequences = [layout.parse_sequence(entry.key[len(prefix):].partition("/")[0])
-                     for entry in newest]
-        if not any(sequence is not None and sequence > slot.sequence for sequence in sequences):
+        sequences = [sequence for sequence in (
+            layout.parse_sequence(entry.key[len(prefix):].partition("/")[0])
+            for entry in newest) if sequence is not None]
+        if not any(sequence > slot.sequence for sequence in sequences):
             return True
         if after is None:
             return False
@@ -1468,7 +1472,9 @@ class S3Store(ExpiryCleanup):
                                           run_key=run_key, sequence=following)
         except CorruptCheckpointError:
             return False
-        return occupant.after == slot.token
+        if occupant.after != slot.token:
+            return False
+        return not resent or keep_latest is None or max(sequences) - slot.sequence < keep_latest
 
     async def _refuse_landed(
         self,

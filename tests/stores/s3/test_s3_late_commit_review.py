@@ -1,0 +1,227 @@
+"""Review of the check after the commit's answer (``S3Store._landed_above_floor`` and
+``_follows``): creates whose slot landed first, at a sequence another process then built on,
+that the check takes back all the same (a gap in the run's history under a checkpoint that
+followed them), because the slot after theirs does not name them although it follows them.
+See ``test_s3_late_commit.py`` for the late slots the check must take back."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from fastcheckpoint import CheckpointConfig, CheckpointManager
+from fastcheckpoint.errors import StoreUnavailableError
+from fastcheckpoint.stores.s3 import S3Store
+from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_item, make_run
+from fastcheckpoint.testing._adapter import _append_items
+from tests.stores._moto import moto_endpoint
+from tests.stores.s3.test_s3 import DEADLINE, _FaultyProxy, faulty_proxy, s3_bucket
+from tests.stores.s3.test_s3_late_commit import _append, _before_check, _slot_keys
+from tests.stores.s3.test_s3_lost_reply_removed import _create_across
+from tests.stores.s3.test_s3_safety import _SLOT_PUT, direct, proxied
+from tests.stores.s3.test_s3_sequence_guard import stores
+
+__all__ = ["direct", "faulty_proxy", "moto_endpoint", "proxied", "s3_bucket", "stores"]
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # aiobotocore runs on asyncio only
+
+
+async def test_a_resent_commit_another_process_built_on_is_acknowledged(
+    faulty_proxy: type[_FaultyProxy], proxied: S3Store, direct: S3Store
+) -> None:
+    """The commit PUT is applied and its reply lost. Before it is sent again, another process
+    (two checkpoints kept) creates after it, naming it, and its pruning of checkpoint 0
+    raises the floor over it (it keeps checkpoint 1). The resend's 412 finds the slot ours:
+    it was applied before the other create, which built on it, so it stands. Taken back, the
+    run's history would have a gap under the other create (and the manager's caller an
+    unknown outcome for a create that was applied)."""
+    other = CheckpointManager(direct, config=CheckpointConfig(max_checkpoints_per_run=2))
+    built_on: dict[str, Any] = {}
+
+    async def build_on_it() -> None:
+        built_on["created"] = await other.create("r", {"by": "other"})
+
+    with anyio.fail_after(DEADLINE):
+        outcome = await _create_across(faulty_proxy, proxied, build_on_it,
+                                       max_checkpoints_per_run=2)
+        listed = await other.list_checkpoints("r")
+        parent = await other.restore_from(built_on["created"].metadata.parent_id)
+
+    assert built_on["created"].metadata.sequence == 2
+    assert len(outcome) == 1
+    assert not isinstance(outcome[0], Exception), outcome[0]
+    assert outcome[0].metadata.sequence == 1
+    assert built_on["created"].metadata.parent_id == outcome[0].checkpoint_id
+    assert [item.sequence for item in listed] == [2, 1]
+    assert parent is not None
+    assert parent.state == {"n": 1}
+
+
+async def test_a_resent_commit_the_cleanup_loop_raised_the_floor_over_is_acknowledged(
+    faulty_proxy: type[_FaultyProxy], proxied: S3Store, direct: S3Store
+) -> None:
+    """The commit PUT is applied and its reply lost. Before it is sent again, another
+    process's cleanup loop removes the expired checkpoint 0, raising the floor over the
+    newest it lists: the applied slot 1. The resend's 412 finds the slot ours, and nothing
+    stands above it: the run goes on from it, as it would from a first send's. Taken back,
+    the run was left with no checkpoint at all (a dead run) after an applied create."""
+    now = [T0]
+    other = CheckpointManager(direct, config=CheckpointConfig(clock=lambda: now[0]))
+
+    async def clean_up() -> None:
+        now[0] = T0 + 20
+        assert await other.cleanup_expired() == 1  # checkpoint 0, expired
+
+    with anyio.fail_after(DEADLINE):
+        outcome = await _create_across(faulty_proxy, proxied, clean_up, ttl_seconds=1000,
+                                       clock=lambda: T0, default_ttl_seconds=10)
+        listed = await other.list_checkpoints("r")
+
+    assert len(outcome) == 1
+    assert not isinstance(outcome[0], Exception), outcome[0]
+    assert outcome[0].metadata.sequence == 1
+    assert [item.checkpoint_id for item in listed] == [outcome[0].checkpoint_id]
+
+
+async def test_a_resent_commit_landing_in_a_key_another_create_had_is_taken_back(
+    faulty_proxy: type[_FaultyProxy], proxied: S3Store, direct: S3Store
+) -> None:
+    """The other side of the rule above: the commit PUT's first send is cut before S3 saw
+    it, and while it is held another process (one checkpoint kept) creates at its sequence
+    and after it, pruning that one. The resend lands in the freed key with fewer slots above
+    it than this process keeps (three), but the slot after it names the other create: taken
+    back, the outcome unknown, and the other create's id restores nothing."""
+    writer = CheckpointManager(proxied, config=CheckpointConfig(max_checkpoints_per_run=3))
+    other = CheckpointManager(direct, config=CheckpointConfig(max_checkpoints_per_run=1))
+    created: dict[str, Any] = {}
+
+    async def late() -> None:
+        try:
+            created["late"] = await writer.create("r", {"who": "late"})
+        except StoreUnavailableError as exc:
+            created["late"] = exc
+
+    with anyio.fail_after(DEADLINE):
+        await writer.create("r", {"who": "start"})
+        gate = faulty_proxy.hold(_SLOT_PUT)
+        async with anyio.create_task_group() as group:
+            group.start_soon(late)
+            await gate.reached()
+            created["one"] = await other.create("r", {"who": "one"})
+            created["two"] = await other.create("r", {"who": "two"})  # prunes "one"
+            faulty_proxy.faults = ["reset"]  # the held send: cut, then sent again
+            gate.release.set()
+        by_one = await other.restore_from(created["one"].checkpoint_id)
+        listed = await other.list_checkpoints("r")
+
+    assert faulty_proxy.faults == []  # the held send was cut
+    assert created["one"].metadata.sequence == 1
+    assert isinstance(created["late"], StoreUnavailableError)
+    assert str(created["late"]).startswith("outcome unknown: ")
+    assert by_one is None
+    assert [item.checkpoint_id for item in listed] == [created["two"].checkpoint_id]
+
+
+async def _delete(store: S3Store, run: Any, sequence: int) -> None:
+    assert await store.delete(key_of(run), sequence,
+                              checkpoint_id=make_checkpoint(run, sequence).checkpoint_id)
+
+
+async def _landed_then(
+    monkeypatch: pytest.MonkeyPatch,
+    writer: S3Store,
+    meanwhile: Callable[[], Awaitable[None]],
+    append: Callable[[], Awaitable[str]],
+) -> str | StoreUnavailableError:
+    """``append`` (``writer``'s) with ``meanwhile`` run after its commit's answer, before the
+    check that follows it: its status, or the unknown outcome it raised."""
+    _before_check(monkeypatch, writer, meanwhile)
+    try:
+        return await append()
+    except StoreUnavailableError as exc:
+        return exc
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.xfail(strict=True, reason="the slot after it is a tombstone, or was removed as "
+                   "one below the newest: _follows takes it for the slot of a checkpoint "
+                   "that followed another, or for a pruned one, and the slot is taken back")
+@pytest.mark.parametrize("tombstone_removed", [False, True], ids=["tombstone", "removed"])
+async def test_a_slot_followed_by_a_deleted_checkpoint_is_acknowledged(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch, tombstone_removed: bool,
+) -> None:
+    """The writer's slot 1 landed first. Before its check, another process appends 2 after
+    it (naming it) and 3, and deletes 2 (its slot a tombstone, which names no predecessor),
+    the floor raised over 1 by a pruning of checkpoint 0 (three kept); or deletes 2 before
+    appending 3, whose pruning removes the tombstone below it (no ``keep_latest`` needed)
+    and raises the floor over it. 1 is part of the run's history (2 and 3 followed it), and
+    is acknowledged; taken back, the run reads 3 with a gap under it."""
+    writer, other = stores
+    run = make_run("followed-by-a-tombstone")
+    key = key_of(run)
+
+    async def meanwhile() -> None:
+        await _append(other, run, 2)
+        if tombstone_removed:
+            # The deleter's next append removes the tombstone below it (no keep_latest
+            # needed), raising the floor over it.
+            await _delete(other, run, 2)
+            await _append(other, run, 3)
+        else:
+            await _append(other, run, 3, keep_latest=3)  # prunes 0: the floor goes to 4
+            await _delete(other, run, 2)
+
+    with anyio.fail_after(DEADLINE):
+        await _append(writer, run, 0)
+        outcome = await _landed_then(monkeypatch, writer, meanwhile,
+                                     lambda: _append(writer, run, 1))
+        state = await other.get_run(key, now=T0)
+        at_one = await other.get(key, 1, now=T0)
+        slots = await _slot_keys(other, run)
+
+    assert state is not None
+    assert state.latest_sequence == 3
+    assert slots == ([1, 3] if tombstone_removed else [1, 2, 3])
+    assert outcome == "active", outcome
+    assert at_one is not None
+
+
+@pytest.mark.xfail(strict=True, reason="a process appending past a pending slot (its writer "
+                   "is writing the items it owns) names no token in Slot.after: _follows "
+                   "takes the pending slot for a late one and it is taken back")
+async def test_a_pending_slot_appended_past_is_acknowledged(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The writer's append with an owned item commits at 1 first; while it writes the item
+    (its slot pending, left out by readers), another process appends 2 past it (the run's
+    next sequence) and prunes checkpoint 0 (one kept), raising the floor over 1. The slot
+    took its sequence before anyone else, no other checkpoint was given its id: it is
+    acknowledged, as it is when no pruning raised the floor meanwhile."""
+    writer, other = stores
+    run = make_run("pending-appended-past")
+    key = key_of(run)
+
+    async def meanwhile() -> None:
+        await _append(other, run, 2, keep_latest=1)
+
+    with anyio.fail_after(DEADLINE):
+        await _append(writer, run, 0)
+        outcome = await _landed_then(
+            monkeypatch, writer, meanwhile,
+            lambda: _append_items(writer, run, 1, items=[make_item("o/1", owner=1)]))
+        at_one = await other.read_with_items(key, sequence=1, now=T0)
+        slots = await _slot_keys(other, run)
+
+    assert slots == [1, 2]
+    assert outcome == "active", outcome
+    assert at_one is not None
+    assert at_one[2] == {"o/1": b"value-o/1"}
