@@ -1444,9 +1444,10 @@ class S3Store(ExpiryCleanup):
     ) -> bool | CheckpointError:
         """Whether the run goes on from ``slot``, whose key lies below the run's floor now:
         True when no slot stands above it (the floor was raised over it as the newest), or
-        the slot after it was written after it (it names its token); False when that slot
-        follows another checkpoint (the key's earlier occupant), or is gone while newer ones
-        stand (pruned: this slot, older, would have gone first). One LIST and one GET, sent
+        the slot after it was written after it (it names its token), or is a guard standing
+        as the newest; False when that slot follows another checkpoint (the key's earlier
+        occupant), or is gone while newer ones stand (pruned: this slot, older, would have
+        gone first). One LIST and one GET, sent
         together, on this rare path only. A PUT sent again after an unheard send
         (``resent``) whose first send landed, was built on and was pruned since brings back
         that very checkpoint, and the next slot names its token all the same: after a
@@ -1472,6 +1473,12 @@ class S3Store(ExpiryCleanup):
                                           run_key=run_key, sequence=following)
         except CorruptCheckpointError:
             return False
+        if occupant.guards:
+            # A status change's guard, no checkpoint. Standing as the newest, it shows that
+            # no checkpoint came after this slot: a pruning that freed this key had one
+            # above it, and the newest is never removed outright (nor is a key a guard
+            # could take while a checkpoint holds it).
+            return max(sequences) == following
         if occupant.after != slot.token:
             return False
         return not resent or keep_latest is None or max(sequences) - slot.sequence < keep_latest

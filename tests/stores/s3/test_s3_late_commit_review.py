@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from fastcheckpoint import CheckpointConfig, CheckpointManager
-from fastcheckpoint.errors import StoreUnavailableError
+from fastcheckpoint.errors import CheckpointError, StoreUnavailableError
 from fastcheckpoint.stores.s3 import S3Store
 from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_item, make_run
 from fastcheckpoint.testing._adapter import _append_items
@@ -22,7 +22,8 @@ from tests.stores.s3.test_s3 import DEADLINE, _FaultyProxy, faulty_proxy, s3_buc
 from tests.stores.s3.test_s3_late_commit import _append, _before_check, _slot_keys
 from tests.stores.s3.test_s3_lost_reply_removed import _create_across
 from tests.stores.s3.test_s3_safety import _SLOT_PUT, direct, proxied
-from tests.stores.s3.test_s3_sequence_guard import stores
+from tests.stores.s3.test_s3_sequence_guard import _append as _append_expiring
+from tests.stores.s3.test_s3_sequence_guard import _around_change, _pause, stores
 
 __all__ = ["direct", "faulty_proxy", "moto_endpoint", "proxied", "s3_bucket", "stores"]
 
@@ -225,3 +226,51 @@ async def test_a_pending_slot_appended_past_is_acknowledged(
     assert outcome == "active", outcome
     assert at_one is not None
     assert at_one[2] == {"o/1": b"value-o/1"}
+
+
+async def test_a_slot_a_status_change_guards_is_acknowledged_under_a_cleanup_floor(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The writer's slot 1 landed first. Before its check, another process pauses the run
+    on the condition that 1 is its newest checkpoint (its guard at 2, held there), and its
+    cleanup loop removes the expired checkpoint 0, raising the floor over the newest, 1. A
+    guard is no checkpoint, and one standing as the newest shows that none came after 1:
+    the create is acknowledged (taken back, the run had no checkpoint left at all, and the
+    pause was conditioned on a checkpoint that was not kept)."""
+    writer, other = stores
+    run = make_run("guarded-under-a-cleanup-floor")
+    key = key_of(run)
+    guarded, release = anyio.Event(), anyio.Event()
+    paused: list[object] = []
+
+    async def hold() -> None:
+        guarded.set()
+        await release.wait()
+
+    async def pause() -> None:
+        try:
+            paused.append(await _pause(other, run, 1))
+        except CheckpointError as exc:
+            paused.append(exc)
+
+    with anyio.fail_after(DEADLINE):
+        await _append_expiring(writer, run, 0, expires_at=T0 + 10)
+        _around_change(other, monkeypatch, before=hold)
+        async with anyio.create_task_group() as group:
+
+            async def meanwhile() -> None:
+                group.start_soon(pause)
+                await guarded.wait()
+                assert await other.purge_expired(now=T0 + 20, limit=100) == (1, True)
+
+            outcome = await _landed_then(monkeypatch, writer, meanwhile,
+                                         lambda: _append(writer, run, 1))
+            release.set()
+        at_one = await other.get(key, 1, now=T0 + 20)
+        slots = await _slot_keys(other, run)
+
+    assert outcome == "active", outcome
+    assert at_one is not None
+    assert slots == [1]
+    assert len(paused) == 1
+    assert not isinstance(paused[0], CheckpointError), paused[0]  # 1 was the newest
