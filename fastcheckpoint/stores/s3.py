@@ -1443,28 +1443,33 @@ class S3Store(ExpiryCleanup):
         self, io: Bucket, run_key: str, slot: Slot, resent: bool, keep_latest: int | None
     ) -> bool | CheckpointError:
         """Whether the run goes on from ``slot``, whose key lies below the run's floor now:
-        True when no slot stands above it (the floor was raised over it as the newest), or
-        the slot after it was written after it (it names its token), or is a guard standing
-        as the newest; False when that slot follows another checkpoint (the key's earlier
+        True when no slot of its life stands above it (the floor was raised over it as the
+        newest; an ended life's seal may stand above until this life reaches it), the slot
+        after it was written after it (it names its token), or is a guard standing as the
+        newest; False when that slot follows another checkpoint (the key's earlier
         occupant), or is gone while newer ones stand (pruned: this slot, older, would have
-        gone first). One LIST and one GET, sent
-        together, on this rare path only. A PUT sent again after an unheard send
-        (``resent``) whose first send landed, was built on and was pruned since brings back
-        that very checkpoint, and the next slot names its token all the same: after a
-        resend, ``keep_latest`` (this process's) or more slots above it mean it may have
-        been pruned so (False). No other checkpoint's id is given to it either way."""
-        prefix = layout.slots_prefix(run_key)
+        gone first). One LIST (of the newest keys) and one GET, sent together, on this rare
+        path only. A PUT sent again after an unheard send (``resent``) whose first send
+        landed, was built on and was pruned since brings back that very checkpoint, and the
+        next slot names its token all the same: after a resend, ``keep_latest`` (this
+        process's) or more slots above it mean it may have been pruned so (False). No other
+        checkpoint's id is given to it either way."""
+        page = 8  # the newest keys: room for a few ended lives' seals (slot and marker each)
         following = slot.sequence + 1
-        found = await _error_as_value(pair, functools.partial(io.list, prefix, limit=1),
-                                      functools.partial(io.get,
-                                                        layout.slot_key(run_key, following)))
+        found = await _error_as_value(
+            pair, functools.partial(io.list, layout.slots_prefix(run_key), limit=page),
+            functools.partial(io.get, layout.slot_key(run_key, following)))
         if isinstance(found, CheckpointError):
             return found
         newest, after = found
-        sequences = [sequence for sequence in (
-            layout.parse_sequence(entry.key[len(prefix):].partition("/")[0])
-            for entry in newest) if sequence is not None]
-        if not any(sequence > slot.sequence for sequence in sequences):
+        listed = _parse_run_listing(run_key, newest)
+        standing = [view.sequence for view in listed.slots.values()
+                    if view.slot_etag is not None
+                    and (view.listing is None or view.listing.incarnation == slot.incarnation)]
+        if not standing and len(newest) >= page:
+            return False  # only other lives' slots listed: where this life's head is, unknown
+        head = max(standing, default=-1)
+        if head <= slot.sequence:
             return True
         if after is None:
             return False
@@ -1478,10 +1483,10 @@ class S3Store(ExpiryCleanup):
             # no checkpoint came after this slot: a pruning that freed this key had one
             # above it, and the newest is never removed outright (nor is a key a guard
             # could take while a checkpoint holds it).
-            return max(sequences) == following
+            return head == following
         if occupant.after != slot.token:
             return False
-        return not resent or keep_latest is None or max(sequences) - slot.sequence < keep_latest
+        return not resent or keep_latest is None or head - slot.sequence < keep_latest
 
     async def _refuse_landed(
         self,

@@ -274,3 +274,37 @@ async def test_a_slot_a_status_change_guards_is_acknowledged_under_a_cleanup_flo
     assert slots == [1]
     assert len(paused) == 1
     assert not isinstance(paused[0], CheckpointError), paused[0]  # 1 was the newest
+
+
+async def test_the_newest_slot_under_a_cleanup_floor_is_acknowledged_below_an_ended_lifes_seal(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run whose first life died (its checkpoints expired) begins again: the seal of the
+    ended life stays at its next sequence (4) until the new life reaches it. The writer's
+    slot 1 landed first; before its check, the cleanup loop removes the new life's expired
+    checkpoint 0, raising the floor over the newest, 1. Nothing of this life stands above
+    it (the seal is another life's): acknowledged, as without the seal (taken back, the new
+    life had no checkpoint left)."""
+    writer, other = stores
+    ended, run = make_run("sealed-above"), make_run("sealed-above")
+    key = key_of(run)
+    assert ended.incarnation != run.incarnation
+
+    async def clean_up() -> None:
+        assert await other.purge_expired(now=T0 + 40, limit=100) == (1, True)
+
+    with anyio.fail_after(DEADLINE):
+        for sequence in range(4):
+            await _append_expiring(writer, ended, sequence, expires_at=T0 + 10)
+        await _append_expiring(writer, run, 0, expires_at=T0 + 30, now=T0 + 20)
+        sealed = await _slot_keys(other, run)
+        outcome = await _landed_then(
+            monkeypatch, writer, clean_up,
+            lambda: _append_expiring(writer, run, 1, now=T0 + 20))
+        at_one = await other.get(key, 1, now=T0 + 40)
+        slots = await _slot_keys(other, run)
+
+    assert sealed == [0, 4]
+    assert outcome == "active", outcome
+    assert at_one is not None
+    assert slots == [1, 4]
