@@ -6,6 +6,7 @@ See ``test_s3_late_commit.py`` for the late slots the check must take back."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -308,3 +309,45 @@ async def test_the_newest_slot_under_a_cleanup_floor_is_acknowledged_below_an_en
     assert outcome == "active", outcome
     assert at_one is not None
     assert slots == [1, 4]
+
+
+@pytest.mark.xfail(strict=True, reason="a create cancelled (or its process killed) while its "
+                   "commit PUT is held in the network never checks it: the PUT lands in the "
+                   "key a pruning freed meanwhile, and the id another create was given there "
+                   "restores the cancelled create's state")
+async def test_a_cancelled_create_landing_in_a_freed_key_gives_its_state_to_no_other_id(
+    faulty_proxy: type[_FaultyProxy], proxied: S3Store, direct: S3Store,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The writer's commit PUT is held in the network and its create cancelled (the
+    caller's deadline: a create without owned items stops where it is). Another process
+    creates "one" at that sequence and "two", pruning "one"; then the held PUT reaches S3
+    and lands in the freed key. No process checks it now: "one"'s id must not restore the
+    cancelled create's state (it restores nothing: pruned)."""
+    writer = CheckpointManager(proxied, config=CheckpointConfig(max_checkpoints_per_run=1))
+    other = CheckpointManager(direct, config=CheckpointConfig(max_checkpoints_per_run=1))
+    forward = _FaultyProxy._forward
+    forwarded = threading.Event()
+
+    def forwarding(handler: _FaultyProxy, body: bytes) -> Any:
+        try:
+            return forward(handler, body)
+        finally:
+            forwarded.set()
+
+    with anyio.fail_after(DEADLINE):
+        await writer.create("r", {"who": "start"})
+        monkeypatch.setattr(_FaultyProxy, "_forward", forwarding)
+        gate = faulty_proxy.hold(_SLOT_PUT)
+        async with anyio.create_task_group() as group:
+            group.start_soon(writer.create, "r", {"who": "late"})
+            await gate.reached()
+            group.cancel_scope.cancel()
+        one = await other.create("r", {"who": "one"})
+        await other.create("r", {"who": "two"})  # prunes "one"
+        gate.release.set()
+        assert await anyio.to_thread.run_sync(forwarded.wait, DEADLINE)  # the held PUT
+        by_one = await other.restore_from(one.checkpoint_id)
+
+    assert one.metadata.sequence == 1
+    assert by_one is None, by_one.state
