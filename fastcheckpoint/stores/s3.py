@@ -2068,8 +2068,17 @@ class S3Store(ExpiryCleanup):
             stored = _intact_item(run_key, hex_key, existing)
             if stored is not None and stored.token == body.token:
                 return existing[1], None
-            if stored is not None and is_live(stored.expires_at, now) \
-                    and not _of_another_life(stored, body):
+            kept = stored is not None and is_live(stored.expires_at, now)
+            if kept and stored is not None and _of_another_life(stored, body):
+                # Written again only by a writer of the run's life now: one of an ended
+                # life that does not know it ended would change the object under the
+                # appends of the new life that found it, which rely on its ETag (a sweep
+                # removing the object written again would be no loss to them).
+                run = await io.get(layout.run_object(run_key))
+                kept = run is None or layout.decode_run_of(
+                    run[0], io.where(layout.run_object(run_key)), run_key=run_key,
+                ).incarnation != body.incarnation
+            if kept and stored is not None:
                 await _restore_marker(io, run_key, hex_key, stored, cleared)
                 return existing[1], stored
             if stored is None:

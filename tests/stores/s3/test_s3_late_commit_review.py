@@ -14,19 +14,26 @@ import anyio
 import pytest
 
 from fastcheckpoint import CheckpointConfig, CheckpointManager
-from fastcheckpoint.errors import CheckpointError, StoreUnavailableError
+from fastcheckpoint.errors import (
+    CheckpointError,
+    SequenceConflict,
+    SharedItemGone,
+    StoreUnavailableError,
+)
 from fastcheckpoint.stores.s3 import S3Store
 from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_item, make_run
-from fastcheckpoint.testing._adapter import _append_items
+from fastcheckpoint.testing._adapter import _append_items, _read
 from tests.stores._moto import moto_endpoint
-from tests.stores.s3.test_s3 import DEADLINE, _FaultyProxy, faulty_proxy, s3_bucket
+from tests.stores.s3.test_s3 import DEADLINE, _FaultyProxy, faulty_proxy, s3_bucket, s3_store
+from tests.stores.s3.test_s3_delete_run import reader, writer
 from tests.stores.s3.test_s3_late_commit import _append, _before_check, _slot_keys
 from tests.stores.s3.test_s3_lost_reply_removed import _create_across
 from tests.stores.s3.test_s3_safety import _SLOT_PUT, direct, proxied
 from tests.stores.s3.test_s3_sequence_guard import _append as _append_expiring
 from tests.stores.s3.test_s3_sequence_guard import _around_change, _pause, stores
 
-__all__ = ["direct", "faulty_proxy", "moto_endpoint", "proxied", "s3_bucket", "stores"]
+__all__ = ["direct", "faulty_proxy", "moto_endpoint", "proxied", "reader", "s3_bucket", "s3_store",
+           "stores", "writer"]
 
 pytestmark = pytest.mark.anyio
 
@@ -351,3 +358,57 @@ async def test_a_cancelled_create_landing_in_a_freed_key_gives_its_state_to_no_o
 
     assert one.metadata.sequence == 1
     assert by_one is None, by_one.state
+
+
+async def test_a_stale_lifes_rewrite_hides_a_sweeps_removal_from_a_new_lifes_append(
+    s3_store: S3Store, reader: S3Store, writer: S3Store, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The run's first life is deleted; its writer (``writer``) does not know. The new life
+    writes shared item "b/x" with checkpoint 0, then prunes 0: nothing names the item. An
+    append of the new life naming it (``s3_store``) finds it in place; before its commit,
+    the stale writer appends with the same value (it writes the item again as its own
+    life's, then its commit is refused), and a sweep removes the item, named by nothing
+    committed. The new life's append, committed after, must be refused (its item is gone)
+    or read with the item. Before, the stale writer wrote the item again as its own life's
+    (another object, with another ETag), and the sweep's removal of that object was no
+    loss to the append, which relied on the object it found: acknowledged, it read
+    without the item. Only a writer of the run's life now writes another life's item
+    again (it reads the run object to tell)."""
+    ended, run = make_run("rewritten"), make_run("rewritten")
+    key = key_of(run)
+    found, resume = anyio.Event(), anyio.Event()
+    put_shared = S3Store._put_shared
+    outcome: list[object] = []
+
+    async def held(self: S3Store, *args: Any, **kwargs: Any) -> Any:
+        written = await put_shared(self, *args, **kwargs)
+        if self is s3_store:
+            found.set()
+            await resume.wait()
+        return written
+
+    async def append_naming_it() -> None:
+        try:
+            outcome.append(await _append_items(s3_store, run, 2, refs=["b/x"],
+                                               items=[make_item("b/x")]))
+        except CheckpointError as exc:
+            outcome.append(exc)
+
+    with anyio.fail_after(DEADLINE):
+        await _append_items(writer, ended, 0, refs=["b/x"], items=[make_item("b/x")])
+        assert await reader.delete_run(key) == 1
+        await _append_items(reader, run, 0, refs=["b/x"], items=[make_item("b/x")])
+        await _append(reader, run, 1, keep_latest=1)  # prunes 0: "b/x" is named by nothing
+        monkeypatch.setattr(S3Store, "_put_shared", held)
+        async with anyio.create_task_group() as group:
+            group.start_soon(append_naming_it)
+            await found.wait()
+            with pytest.raises(SequenceConflict):
+                await _append_items(writer, ended, 1, refs=["b/x"], items=[make_item("b/x")])
+            swept = await reader.purge_expired(now=T0, limit=100)
+            resume.set()
+        read = None if isinstance(outcome[0], CheckpointError) else await _read(reader, run, 2)
+
+    assert swept == (0, True)
+    assert isinstance(outcome[0], SharedItemGone) or (
+        read is not None and read[2] == {"b/x": b"value-b/x"}), (outcome, read)
