@@ -6,11 +6,13 @@ See ``test_s3_late_commit.py`` for the late slots the check must take back."""
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from fastcheckpoint import CheckpointConfig, CheckpointManager
@@ -20,6 +22,8 @@ from fastcheckpoint.errors import (
     SharedItemGone,
     StoreUnavailableError,
 )
+from fastcheckpoint.stores import _s3_layout as layout
+from fastcheckpoint.stores._aws import RequestCounter
 from fastcheckpoint.stores.s3 import S3Store
 from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_item, make_run
 from fastcheckpoint.testing._adapter import _append_items, _read
@@ -412,3 +416,30 @@ async def test_a_stale_lifes_rewrite_hides_a_sweeps_removal_from_a_new_lifes_app
     assert swept == (0, True)
     assert isinstance(outcome[0], SharedItemGone) or (
         read is not None and read[2] == {"b/x": b"value-b/x"}), (outcome, read)
+
+
+async def test_writing_a_shared_item_of_no_known_life_again_costs_a_get_more(
+    s3_store: S3Store,
+) -> None:
+    """What writing a shared item found in place again as this life's costs an append (here
+    one stored before items recorded their life; one another life wrote costs the same):
+    the item's create-only PUT (412), its GET, a GET of the run object (the writer's life is
+    the run's now) and the PUT over it (``IfMatch``); then the slot with its check, the
+    marker with the check after the commit, and the sweep lease's GET."""
+    run = make_run("rewrite-cost")
+    key = key_of(run)
+    unrecorded = [b"value-b/x", None, None, secrets.token_bytes(16), True, "", key, "b/x"]
+    client = await s3_store.client()
+    with anyio.fail_after(DEADLINE):
+        await _append_items(s3_store, run, 0, refs=["b/y"], items=[make_item("b/y")])
+        await client.put_object(
+            Bucket=s3_store.bucket,
+            Key=s3_store.prefix + layout.item_object(key, layout.hex_item_key("b/x")),
+            Body=b"\x01" + msgspec.msgpack.encode(unrecorded))
+        with RequestCounter.attached(client) as appended:
+            await _append_items(s3_store, run, 1, refs=["b/x"], items=[make_item("b/x")])
+        found = await _read(s3_store, run, 1)
+
+    assert found is not None
+    assert found[2] == {"b/x": b"value-b/x"}
+    assert appended.counts == {"PutObject": 4, "GetObject": 5}
