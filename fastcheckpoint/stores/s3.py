@@ -1298,6 +1298,7 @@ class S3Store(ExpiryCleanup):
             # and need not: refused, the slot landed below a floor another process raised,
             # so that process's newest checkpoints are above it, and what this pruning
             # removes (below this process's older view of the run) is older than those.
+            raised = cached.raised_floor  # by an earlier append of this process, if any
             (entry, above), _ = await pair(
                 functools.partial(pair, functools.partial(self._write_marker, io, run_key, slot),
                                   functools.partial(self._landed_above_floor, io, run_key, slot,
@@ -1306,9 +1307,10 @@ class S3Store(ExpiryCleanup):
             if above is False:
                 # This append's own pruning raised the floor above the slot (from the run
                 # object the commit's check accepted: no other floor came between), or
-                # another process did.
-                above = cached.raised_floor == slot.sequence + 1 or await self._follows(
-                    io, run_key, slot, resent, keep_latest)
+                # another append did: another process's, or another of this process's at
+                # the same sequence (whose raise was before this one's pruning).
+                own = cached.raised_floor != raised and cached.raised_floor == slot.sequence + 1
+                above = own or await self._follows(io, run_key, slot, resent, keep_latest)
             if above is not True:
                 await self._refuse_landed(io, run_key, slot, slot_etag, above, owned={})
         log.latest = max(log.latest, slot.sequence)

@@ -30,7 +30,7 @@ from fastcheckpoint.testing._adapter import _append_items, _read
 from tests.stores._moto import moto_endpoint
 from tests.stores.s3.test_s3 import DEADLINE, _FaultyProxy, faulty_proxy, s3_bucket, s3_store
 from tests.stores.s3.test_s3_delete_run import reader, writer
-from tests.stores.s3.test_s3_late_commit import _append, _before_check, _slot_keys
+from tests.stores.s3.test_s3_late_commit import _append, _before_check, _hold_commit, _slot_keys
 from tests.stores.s3.test_s3_lost_reply_removed import _create_across
 from tests.stores.s3.test_s3_safety import _SLOT_PUT, direct, proxied
 from tests.stores.s3.test_s3_sequence_guard import _append as _append_expiring
@@ -443,3 +443,42 @@ async def test_writing_a_shared_item_of_no_known_life_again_costs_a_get_more(
     assert found is not None
     assert found[2] == {"b/x": b"value-b/x"}
     assert appended.counts == {"PutObject": 4, "GetObject": 5}
+
+
+async def test_a_late_slot_is_not_taken_for_the_floor_another_append_of_its_process_raised(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two appends of one process at sequence 1 (two tasks): the first one's commit PUT is
+    held in the network. The second one lands, is acknowledged and prunes 0, raising the
+    floor to 2 (this process's raise). Another process appends 2 after it and prunes it;
+    then the held PUT lands in the freed key. The floor above it was not raised by its own
+    pruning: it must not be acknowledged with checkpoint 1's id (the second task's), which
+    would then restore its state."""
+    writer, other = stores
+    run = make_run("same-process")
+    key = key_of(run)
+    held = anyio.Event()
+    outcome: list[object] = []
+
+    async def late() -> None:
+        try:
+            outcome.append(await _append(writer, run, 1))
+        except StoreUnavailableError as exc:
+            outcome.append(exc)
+
+    with anyio.fail_after(DEADLINE):
+        await _append(writer, run, 0)
+        _hold_commit(monkeypatch, writer, held)
+        async with anyio.create_task_group() as group:
+            group.start_soon(late)
+            await anyio.sleep(0.05)  # the late append's check went before the others
+            assert await _append(writer, run, 1, keep_latest=1) == "active"
+            await _append(other, run, 2, keep_latest=1)  # prunes 1
+            held.set()
+        monkeypatch.undo()
+        at_one = await other.get(key, 1, now=T0)
+        slots = await _slot_keys(other, run)
+
+    assert isinstance(outcome[0], StoreUnavailableError), outcome
+    assert at_one is None
+    assert slots == [2]
