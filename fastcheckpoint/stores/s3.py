@@ -2051,7 +2051,8 @@ class S3Store(ExpiryCleanup):
         read, if it was): ``(its ETag, None)``, or ``(the ETag of the live item kept, that
         item)``. A key taken by this very write (its token: a retry after a lost reply)
         counts as written. A shared item another life of the run wrote with the same value
-        is written again, ``IfMatch`` its ETag (see :func:`_of_another_life`). A damaged
+        is written again, ``IfMatch`` its ETag (see :func:`_of_another_life`), by a writer
+        of the life the run object names (one GET of it, on that path only). A damaged
         item is not live: the markers it left go first (but ``marker``, the one the caller
         writes for ``body``), then it is replaced like an expired one, ``IfMatch`` its
         ETag: a good value written meanwhile is kept, and its marker put back if this call
