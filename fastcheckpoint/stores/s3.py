@@ -429,6 +429,10 @@ class _Log:
     garbage: dict[int, list[str]]  # tombstones and leftovers: removed once a newer slot exists
     known_from: int
     expiring: list[tuple[float, int]] = field(default_factory=list)  # heap of (expiry, sequence)
+    pending: dict[int, bytes] = field(default_factory=dict)
+    """Write tokens of the pending slots the listing showed (see ``Slot.owns``): not
+    checkpoints yet, but an append right after one names it as its predecessor
+    (``Slot.after``), as it is the one its writer will make a checkpoint of."""
 
     def add(self, sequence: int, entry: _Entry) -> None:
         self.held[sequence] = entry
@@ -934,6 +938,8 @@ class S3Store(ExpiryCleanup):
         for view in (*current.tombstones, *current.orphans):
             log.garbage[view.sequence] = _prunable_keys(run_key, view)
         _learn_owned(cached, (*current.tombstones, *current.orphans))
+        log.pending = {view.sequence: view.listing.token for view in current.pending
+                       if view.listing is not None}
         cached.log = log
 
     # -- reading a run ------------------------------------------------------------------------
@@ -1200,12 +1206,15 @@ class S3Store(ExpiryCleanup):
         if cached is None or not _accepts(cached, record.sequence, run.incarnation, now):
             cached = await self._prepare(io, run_key, record, run, keep_latest, now, nests)
         assert cached.state is not None
-        before = None if cached.log is None else cached.log.held.get(record.sequence - 1)
+        log = cached.log
+        before = None if log is None else log.held.get(record.sequence - 1)
+        after = before.token if before is not None else b"" if log is None else log.pending.get(
+            record.sequence - 1, b"")
         slot = Slot(cached.state.incarnation, record.sequence, record.checkpoint_id,
                     record.created_at, record.expires_at, now, record.header, record.payload,
                     token=secrets.token_bytes(_TOKEN_BYTES), run_key=run_key,
                     refs=tuple(record.refs), nests=nests, owns=bool(owned),
-                    after=b"" if before is None else before.token)
+                    after=after)
         if not all(cached.state.may_nest(key) for key in nests):
             cached = await self._note_nesting(io, run_key, slot, now)
         write = self._write(io, run_key, cached, slot, shared, owned, keep_latest, now)
