@@ -2006,13 +2006,12 @@ class S3Store(ExpiryCleanup):
                             checkpoint_id=slot.checkpoint_id, run_key=run_key, key=item.key)
             marker = layout.item_marker_key(run_key, hex_key, meta)
             (etag, kept), marker_etag = await pair(
-                functools.partial(self._put_item, io, run_key, hex_key, body, now,
-                                  marker=marker),
+                functools.partial(self._put_own_item, io, run_key, hex_key, body, now,
+                                  marker),
                 functools.partial(io.put, marker, slot.token),
             )
-            if kept is not None and (kept.owner, kept.expires_at) != (meta.owner,
-                                                                      meta.expires_at):
-                await io.delete([marker])  # the live item kept there is not this one's
+            if kept is not None:
+                await io.delete([marker])  # the live item kept there is another owner's
                 return None
             return _ItemMarker(marker, hex_key, meta, marker_etag or "", etag or "")
 
@@ -2020,6 +2019,23 @@ class S3Store(ExpiryCleanup):
                                 for hex_key, item in owned.items()])
         return {hex_key: marker for hex_key, marker in zip(owned, markers, strict=True)
                 if marker is not None}
+
+    async def _put_own_item(
+        self, io: Bucket, run_key: str, hex_key: str, body: ItemBody, now: float, marker: str
+    ) -> tuple[str | None, ItemBody | None]:
+        """:meth:`_put_item` for an item a create owns: a live item of the same owner found
+        at the key is another write's (a create at this sequence taken back by a process
+        that stopped before removing its items, or another life's): it is replaced,
+        ``IfMatch`` its ETag, not kept as this checkpoint's. One of another owner is kept."""
+        key = layout.item_object(run_key, hex_key)
+        for _ in range(_FLOOR_RACES):
+            etag, kept = await self._put_item(io, run_key, hex_key, body, now, marker=marker)
+            if kept is None or kept.owner != body.owner or etag is None:
+                return etag, kept
+            written = await io.put(key, layout.encode(body), if_match=etag)
+            if written is not None:
+                return written, None
+        raise ConflictError(f"item {io.where(key)} kept changing while it was written")
 
     async def _put_item(
         self,
@@ -2225,7 +2241,14 @@ class S3Store(ExpiryCleanup):
         leftovers below the new slot. Costs one ``DeleteObjects`` when there is anything, two
         (:func:`_slots_first`) when what goes owns items, each of which goes only while it is
         the object this process wrote (:func:`_owned_removals`; + 1 GET per item it knows
-        from a listing only, sent with the floor's PUT)."""
+        from a listing only, sent with the floor's PUT: a round trip more when the floor is
+        above them already)."""
+        # The items of checkpoints the log forgot (it keeps the newest few) go with them, or
+        # a run that is never pruned would hold every item it ever owned: pruning those
+        # checkpoints lists them (``_older``) and reads their items first.
+        for sequence in [sequence for sequence in cached.owned
+                         if sequence < log.known_from and sequence not in log.garbage]:
+            del cached.owned[sequence]
         newest = slot.sequence
         doomed: set[int] = set()
         popped: list[tuple[float, int]] = []
