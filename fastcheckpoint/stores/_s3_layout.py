@@ -149,7 +149,7 @@ class Slot(msgspec.Struct, array_like=True, frozen=True):
     """The write token of the checkpoint at the sequence before, as its writer knew it (empty
     when it knew none): a create whose slot landed in a key a pruning had freed tells, from
     the next slot, whether that slot follows it or the checkpoint the key held before (see
-    ``S3Store._landed_above_floor``)."""
+    ``S3Store._follows``)."""
 
 
 class Listing(msgspec.Struct, array_like=True, frozen=True):
