@@ -1362,14 +1362,15 @@ class S3Store(ExpiryCleanup):
             if markers:
                 cached.owned[slot.sequence] = markers
             return entry
-        if await self._withdraw(io, run_key, slot, slot_etag):
-            marker = _marker_of(io.prefix, run_key, slot.sequence, "m", _listing_of(slot))[0]
-            nested = _created_under(slot.refs, shared) if refused else {}
-            await gather([
-                functools.partial(_forget_keys, io, [marker]),
-                functools.partial(self._withdraw_owned, io, run_key, slot, owned),
-                functools.partial(_forget_created, io, run_key, nested),
-            ])
+        if not await self._withdraw(io, run_key, slot, slot_etag):
+            raise _left_standing(run_key, slot, failure) from failure
+        marker = _marker_of(io.prefix, run_key, slot.sequence, "m", _listing_of(slot))[0]
+        nested = _created_under(slot.refs, shared) if refused else {}
+        await gather([
+            functools.partial(_forget_keys, io, [marker]),
+            functools.partial(self._withdraw_owned, io, run_key, slot, owned),
+            functools.partial(_forget_created, io, run_key, nested),
+        ])
         raise failure
 
     async def _commit(self, io: Bucket, run_key: str, slot: Slot) -> tuple[str | None, bool]:
@@ -1381,11 +1382,12 @@ class S3Store(ExpiryCleanup):
         with counting_sends() as sends:
             try:
                 written = await io.put(key, layout.encode(slot), if_none_match=True)
-            except StoreError:
+            except StoreError as exc:
                 # Applied or not: a reply lost and every retry refused leaves it unknown. The
                 # create fails, so it must not leave a checkpoint a retrying caller would
                 # repeat.
-                await self._withdraw(io, run_key, slot)
+                if not await self._withdraw(io, run_key, slot):
+                    raise _left_standing(run_key, slot, exc) from exc
                 raise
         return written, sends.resent
 
@@ -1598,7 +1600,8 @@ class S3Store(ExpiryCleanup):
         current: RunState | None = state
         if isinstance(seen, CheckpointError):
             # Unchecked: a create that fails leaves no checkpoint behind (if it can).
-            await self._withdraw(io, run_key, slot, slot_etag)
+            if not await self._withdraw(io, run_key, slot, slot_etag):
+                raise _left_standing(run_key, slot, seen) from seen
             raise seen
         if seen is None:
             current = None
@@ -1606,8 +1609,9 @@ class S3Store(ExpiryCleanup):
             try:
                 current = layout.decode_run_of(seen[0], io.where(layout.run_object(run_key)),
                                                run_key=run_key)
-            except CorruptCheckpointError:
-                await self._withdraw(io, run_key, slot, slot_etag)
+            except CorruptCheckpointError as exc:
+                if not await self._withdraw(io, run_key, slot, slot_etag):
+                    raise _left_standing(run_key, slot, exc) from exc
                 raise
             self._remember(run_key, seen[1], current)  # the LIST below need not read it again
         if (
@@ -4144,6 +4148,17 @@ async def _damage_as_value(
 def _changing(run_key: str) -> StoreError:
     return StoreError(f"run {run_key}: its run object kept changing while the run was "
                       "listed; try again")
+
+
+def _left_standing(run_key: str, slot: Slot, failure: CheckpointError) -> StoreUnavailableError:
+    """The error of a create that failed (``failure``) after its slot was written, when the
+    slot could not be taken back (another writer appended after it, or the removal failed
+    too): the checkpoint may stand, so a caller must not write it again unread."""
+    return StoreUnavailableError(
+        f"outcome unknown: the create of checkpoint {slot.checkpoint_id} (run {run_key}, "
+        f"sequence {slot.sequence}) failed ({failure}), but its slot was written and could "
+        "not be taken back (another writer appended after it, or its removal failed): it "
+        "may stand. Read the run before creating it again")
 
 
 def _outcome_unknown(run_key: str, slot: Slot, how: str) -> StoreUnavailableError:

@@ -295,3 +295,45 @@ async def test_a_slot_kept_under_a_floor_raised_over_it_is_acknowledged(
     assert at_one is not None
     assert at_one[0].checkpoint_id == make_checkpoint(run, 1).checkpoint_id
     assert slots == [1, 2]
+
+
+async def test_a_failed_create_another_process_appended_after_says_its_outcome_is_unknown(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The check sent with the commit fails (S3 unreachable for that request), and before
+    the create takes its slot back another process appends after it: the slot is part of
+    the run's history now and stays. The create must not raise the check's error as if
+    nothing was written (a caller retrying would write the checkpoint twice): its outcome
+    is unknown."""
+    writer, other = stores
+    run = make_run("left-standing")
+    key = key_of(run)
+    client = await writer.client()
+    original = _s3_io.Bucket.get_if_changed
+    withdraw = S3Store._withdraw
+
+    async def failing(bucket: Any, *args: Any, **kwargs: Any) -> Any:
+        if bucket.client is client:
+            raise StoreError("S3 is unreachable (injected)")
+        return await original(bucket, *args, **kwargs)
+
+    async def appended_first(self: S3Store, *args: Any, **kwargs: Any) -> Any:
+        if self is writer:
+            await _append(other, run, 2)
+        return await withdraw(self, *args, **kwargs)
+
+    with anyio.fail_after(DEADLINE):
+        await _append(writer, run, 0)
+        monkeypatch.setattr(_s3_io.Bucket, "get_if_changed", failing)
+        monkeypatch.setattr(S3Store, "_withdraw", appended_first)
+        with pytest.raises(StoreUnavailableError,
+                           match=r"^outcome unknown: .*could not be taken back") as raised:
+            await _append(writer, run, 1)
+        monkeypatch.undo()
+        left = await other.get(key, 1, now=T0)
+        newest = await other.latest(key, now=T0)
+
+    assert "injected" in str(raised.value)
+    assert left is not None  # it stands, under the checkpoint appended after it
+    assert newest is not None
+    assert newest[0].sequence == 2
