@@ -2248,7 +2248,7 @@ class DynamoDBStore(ExpiryCleanup):
 
     async def _delete_run(self, run_key: str) -> int:
         pk = layout.partition(run_key)
-        found = await self._partition(run_key, "inc", "cid", "vb", *_RECORD_ATTRIBUTES)
+        found = await self._partition(run_key, "inc", "cid", *_RECORD_ATTRIBUTES)
         self._cache.pop(run_key, None)
         self._families.pop(run_key, None)
         keys = [_text(entry, "SK") for entry in found]
@@ -2281,7 +2281,7 @@ class DynamoDBStore(ExpiryCleanup):
         if self.bucket is not None:
             for incarnation in sorted(_incarnations(run_key, found)):
                 await self._discard_prefix(f"{run_key}/{incarnation}/")
-            await self._discard_item_values(run_key, found)
+            await self._sweep_item_blobs(run_key, grace=0.0)
         if run_item is not None:
             # Conditioned like the records: a late first send must spare a newer run item,
             # and a refused resend of a delete that landed is this call's own.
@@ -3945,8 +3945,7 @@ class DynamoDBStore(ExpiryCleanup):
         removes what is left of the old one."""
         pk = layout.partition(run_key)
         incarnation = record.incarnation
-        found = await self._partition(run_key, "vb")
-        deletes = [_delete(pk, key) for entry in found
+        deletes = [_delete(pk, key) for entry in await self._partition(run_key)
                    if (key := _text(entry, "SK")) != layout.RUN_SK]
         deletes += items_layout.label_deletes(run_key, record)
         chunk_size = _TRANSACTION_LIMIT - 1
@@ -3959,7 +3958,7 @@ class DynamoDBStore(ExpiryCleanup):
                 return
         if self.bucket is not None:
             await self._discard_prefix(f"{run_key}/{incarnation}/")
-            await self._discard_item_values(run_key, found)
+            await self._sweep_item_blobs(run_key, grace=0.0)
         names = _Names()
         # Conditional: a run restarted meanwhile keeps its new run item.
         await self._conditional(
@@ -3995,21 +3994,6 @@ class DynamoDBStore(ExpiryCleanup):
         removed = await self._discard_prefix(f"{run_key}/", keep)
         if removed:
             logger.info("run %s: removed %d orphaned S3 blobs", run_key, removed)
-
-    async def _discard_item_values(
-        self, run_key: str, found: Sequence[Mapping[str, Any]]
-    ) -> None:
-        """After a removal deleted the records in ``found``: the S3 values they point to, then
-        the run's orphaned values written more than the grace ago. A younger orphan may be a
-        value that a new life's first append put before its transaction, which can land once
-        the run item is gone; each write puts its values under keys of its own, so no record
-        of a new life names one of those ``found``."""
-        prefix = f"{run_key}/{layout.ITEM_BLOBS}/"
-        named = [blob for entry in found if isinstance(blob := entry.get("vb", {}).get("S"), str)
-                 and blob.startswith(prefix)]
-        if named:
-            await (await self._bucket()).delete(named)
-        await self._sweep_item_blobs(run_key, grace=_ITEM_BLOB_GRACE)
 
     async def _sweep_item_blobs(self, run_key: str, *, grace: float) -> None:
         """Delete the run's item blobs that their item does not point to (a write that

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from fastcheckpoint.errors import SequenceConflict
+from fastcheckpoint.errors import CorruptCheckpointError, SequenceConflict
 from fastcheckpoint.stores import dynamodb
 from fastcheckpoint.stores.dynamodb import DEFAULT_THRESHOLD, DynamoDBStore
 from fastcheckpoint.testing._adapter import _append_items
@@ -28,7 +28,6 @@ from fastcheckpoint.testing._builders import (
 from tests.stores._moto import moto_endpoint
 from tests.stores.dynamodb.test_dynamodb import (
     DEADLINE,
-    _blob_keys,
     _purge_until_done,
     atomic_moto,
     aws_names,
@@ -55,6 +54,13 @@ async def _purged(store: DynamoDBStore, key: str, now: float) -> None:
     await _purge_until_done(store, now)
 
 
+@pytest.mark.xfail(
+    strict=True, raises=CorruptCheckpointError,
+    reason="delete_run and the cleanup loop's purge of a dead run sweep the run's item blobs "
+    "with no grace (_sweep_item_blobs(grace=0.0)): the S3 values of the large items that a "
+    "first append of the run's new life put before its transaction, which lands once the "
+    "run item is gone, have no record pointing to them yet and are deleted; the "
+    "acknowledged checkpoint then reads its items' values as missing")
 @pytest.mark.parametrize("removal", [_deleted, _purged], ids=["delete_run", "purge"])
 async def test_a_new_life_keeps_the_large_item_values_it_wrote_during_the_removal(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
@@ -64,9 +70,7 @@ async def test_a_new_life_keeps_the_large_item_values_it_wrote_during_the_remova
     """The S3 store's window "a new life begun during the removal of an ended run keeps a
     shared item it found", on DynamoDB: the records are safe (every delete of the removal
     is in a transaction checking the run item it read, and a new life replaces or creates
-    the run item in its own). The item blobs are found by listing, not by life: the removal
-    deletes at once only those the records it read point to, and leaves the new life's,
-    which no record names until its transaction lands, to the grace of orphans."""
+    the run item in its own), but the item blobs are swept by listing, not by life."""
     name = f"new-life-blobs{removal.__name__}"  # the table is the whole session's
     old = make_run(name, expires_at=T0 + 10)
     new = make_run(name, created_at=T0 + 10)
@@ -97,8 +101,6 @@ async def test_a_new_life_keeps_the_large_item_values_it_wrote_during_the_remova
                 found = await other.read_with_items(key, sequence=0, now=T0 + 10)
                 assert found is not None
                 assert found[2] == {"b/big": shared, "w/big": owned}
-                # The ended life's value of b/big went with its record: the new life's two stay.
-                assert len(await _blob_keys(other, key)) == 2
         finally:
             monkeypatch.undo()
             await other.delete_run(key)
