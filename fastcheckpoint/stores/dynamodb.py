@@ -1634,13 +1634,23 @@ class DynamoDBStore(ExpiryCleanup):
         raised counts in it if they fit, else written before it (pins; an item's put and its
         count's raise stay together); deletes and lowered counts in it if they fit, else
         right after it (overflow). A raised count is checked not to be condemned unless the
-        change writes the item (see ``counter_raise``)."""
+        change writes the item (see ``counter_raise``).
+
+        A count both raised and lowered (a first checkpoint naming a key its run's ended life
+        named too) changes by the difference only, and is checked to still hold what the
+        change lowers and the pins raised (see :func:`_holding`), in the transaction when it
+        fits: a removal of the ended life (``delete_run``, the cleanup loop) that deleted the
+        count after it was read cancels the change, which then reads the leftovers again."""
         delta: Counter[str] = Counter()
+        named: Counter[str] = Counter()
+        pinned: Counter[str] = Counter()
         if additions is not None:
             delta = additions.refs - additions.pinned
+            named, pinned = additions.refs, additions.pinned
         delta.subtract(removal.refs)
-        lowering: list[dict[str, Any]] = []
+        lowering: dict[str, dict[str, Any]] = {}
         lowered: list[str] = []
+        held: dict[str, list[dict[str, Any]]] = {}
         units = {entry.key: entry for entry in early}
         for key in sorted(delta):
             change = delta[key]
@@ -1650,8 +1660,11 @@ class DynamoDBStore(ExpiryCleanup):
                 units[key] = (_Early([raise_], key, change, False) if put is None else
                               _Early([*put.operations, raise_], key, change, True))
             elif change < 0:
-                lowering.append(items_layout.counter_change(run_key, key, change))
+                lowering[key] = items_layout.counter_change(run_key, key, change)
                 lowered.append(key)
+            if named[key] and removal.refs[key]:
+                held[key] = _offset_ops(run_key, key, units[key] if change > 0 else None,
+                                        lowering.get(key), removal.refs[key] + pinned[key])
         if len(must) > _TRANSACTION_LIMIT:
             raise ValidationError(
                 f"a checkpoint with {len(must) - 2 - _memo_slots(must)} records of its own "
@@ -1661,13 +1674,20 @@ class DynamoDBStore(ExpiryCleanup):
                 "put_owned_items")
         room = _TRANSACTION_LIMIT - len(must)
         inside: list[dict[str, Any]] = []
+        checked: set[str] = set()
+        for key, operations in held.items():  # those that do not fit go unchecked
+            if len(inside) + len(operations) <= room:
+                inside += operations
+                checked.add(key)
         pins: list[_Early] = []
         for unit in units.values():
+            if unit.key in checked and unit.raising:
+                continue  # its raise is checked
             if not pins and len(inside) + len(unit.operations) <= room:
                 inside += unit.operations
             else:
                 pins.append(unit)
-        late = removal.deletes + lowering
+        late = removal.deletes + [op for key, op in lowering.items() if key not in checked]
         rest = room - len(inside)
         return _Plan(
             must + inside + late[:rest],
@@ -4538,6 +4558,46 @@ def _memoed(cancelled: _Cancelled) -> bool:
             ours = operation["Put"]["Item"]
             return all(found.get(name) == ours[name] for name in ("SK", "wt", "seq", "inc"))
     return False
+
+
+def _offset_ops(
+    run_key: str, key: str, unit: _Early | None, lowering: dict[str, Any] | None, at_least: int
+) -> list[dict[str, Any]]:
+    """The writes of shared item ``key``'s count in a first append that also lowers it (the
+    ended life's checkpoints named the key): its raise with the item's put (``unit``), its
+    lowering, or, when they cancel out, a check of it; each made to hold only while the count
+    is ``at_least`` (see :func:`_holding`)."""
+    if unit is not None:
+        return [*unit.operations[:-1], _holding(unit.operations[-1], at_least)]
+    if lowering is not None:
+        return [_holding(lowering, at_least)]
+    check = {"ConditionCheck": {"Key": {"PK": _s(layout.partition(run_key)),
+                                        "SK": _s(layout.counter_sk(key))}}}
+    return [_holding(check, at_least)]
+
+
+def _holding(operation: dict[str, Any], at_least: int) -> dict[str, Any]:
+    """``operation`` on a shared item's count, made to hold only while the count is at least
+    ``at_least`` (it exists): the counts a first append reads from the ended life it replaces
+    and offsets against its own. A removal of that life that deleted the count meanwhile
+    fails the condition, which cancels the whole transaction (``_fatal``, not ``_gone``:
+    nothing was condemned, the append reads the leftovers again); so does the raise sent
+    instead of a writing one (``_instead``) whose item put was dropped."""
+    action_name = next(name for name in operation if not name.startswith("_"))
+    action = dict(operation[action_name])
+    names = dict(action.get("ExpressionAttributeNames", {}))
+    values = dict(action.get("ExpressionAttributeValues", {}))
+    names["#held"], values[":held"] = "rc", _n(at_least)
+    condition = "#held >= :held"
+    if "ConditionExpression" in action:
+        condition = f"({action['ConditionExpression']}) AND {condition}"
+    action.update(ConditionExpression=condition, ExpressionAttributeNames=names,
+                  ExpressionAttributeValues=values)
+    held = {name: value for name, value in operation.items() if name != "_gone"}
+    held.update({action_name: action, "_fatal": True})
+    if "_instead" in operation:
+        held["_instead"] = _holding(operation["_instead"], at_least)
+    return held
 
 
 def _purge_guard(run_key: str, incarnation: str) -> dict[str, Any]:

@@ -251,29 +251,22 @@ async def test_owned_items_left_by_an_unfinished_pruning_are_neither_read_nor_ke
         await store.delete_run(key)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="a new life's first append over an ended run lowers the counts of the shared "
-    "items the ended life's checkpoints name (read by _leftovers) and raises those it names "
-    "in one delta: naming the same key, it sends no count update at all. When delete_run or "
-    "the purge of the dead run deletes the count (and the checkpoints) between that read and "
-    "the append's commit (their deletes only check the run item's incarnation and mark, not "
-    "its rev, so the append still lands), the key is held with no count: a later removal "
-    "lowers the count another checkpoint raised to zero and the cleanup loop removes the "
-    "item that checkpoint still names")
+@pytest.mark.parametrize("ended_names", [1, 2])
 @pytest.mark.parametrize("remover", ["delete_run", "purge"])
 async def test_a_new_life_begun_during_a_removal_keeps_the_count_of_a_shared_item_it_names(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
-    monkeypatch: pytest.MonkeyPatch, remover: str,
+    monkeypatch: pytest.MonkeyPatch, remover: str, ended_names: int,
 ) -> None:
     """The S3 store's window "a new life begun during the removal of an ended run keeps a
     shared item it found, which the removal deletes", on DynamoDB's counts: the ended life's
-    checkpoint 0 names ``b/k``; the new life's first append (naming ``b/k`` with the same
-    value) reads the leftovers (for a purge: once the cleanup loop marked the run); the
+    checkpoints (one: the new life's raise and the old lowering cancel out; two: the append
+    lowers the count) name ``b/k``; the new life's first append (naming ``b/k`` with the
+    same value) reads the leftovers (for a purge: once the cleanup loop marked the run); the
     removal deletes every record; the append commits. Its checkpoint 1 names ``b/k`` too;
     deleting checkpoint 0 must leave ``b/k`` to checkpoint 1."""
-    old = make_run(f"new-life-counts-{remover}", expires_at=T0 + 10)
-    new = make_run(f"new-life-counts-{remover}", created_at=T0 + 10)
+    name = f"new-life-counts-{remover}-{ended_names}"
+    old = make_run(name, expires_at=T0 + 10)
+    new = make_run(name, created_at=T0 + 10)
     key = key_of(old)
     async with opened(provisioned, aws_names, prefix=store.prefix) as other:
         read, sweep, remove = other._leftovers, store._sweep_item_blobs, store._remove_marked
@@ -305,6 +298,8 @@ async def test_a_new_life_begun_during_a_removal_keeps_the_count_of_a_shared_ite
             with anyio.fail_after(DEADLINE):
                 await _append_items(store, old, 0, refs=["b/k"], expires_at=T0 + 10,
                                     items=[make_item("b/k")])
+                for sequence in range(1, ended_names):
+                    await _append_items(store, old, sequence, refs=["b/k"], expires_at=T0 + 10)
                 monkeypatch.setattr(other, "_leftovers", paused_after_reading)
                 monkeypatch.setattr(store, "_sweep_item_blobs", new_life_meanwhile)
                 async with anyio.create_task_group() as task_group:
