@@ -7,7 +7,8 @@ Layout (``<p>`` is the table prefix)::
     <p>runs         one row per run: the record, counters, labels, the last update's token
     <p>checkpoints  (run_key, sequence) primary key: the log; header, payload, refs, token
     <p>items        (run_key, key) primary key: side records, optionally owned by a checkpoint
-    <p>refs         (run_key, key) -> how many held checkpoints name the item in their refs
+    <p>refs         (run_key, key) -> how many held checkpoints name the item in their refs,
+                    and whether the store removed the item while they did (migration 13)
     <p>labels       (label, created_at, run_key): runs by label, newest first
     <p>ops          token -> result of an append, delete, items delete or create-only items
                     write whose reply may have been lost (5 minutes)
@@ -124,7 +125,7 @@ FUNCTIONS = {
     "purge": "double precision, integer",
     "get": "text, bigint, double precision",
     "latest": "text, double precision",
-    "read_with_items": "text, bigint, double precision",
+    "read_with_items": "text, bigint, double precision, boolean",
     "headers": "text, bigint, integer, double precision, boolean",
     "get_run": "text, double precision",
     "list_runs": "text, integer, double precision, text, double precision",
@@ -541,11 +542,13 @@ $fn$
 """
 
 
-def _patched(text: str, *edits: tuple[str, str]) -> str:
-    """``text`` with each ``(old, new)`` edit made; each ``old`` occurs exactly once."""
+def _patched(text: str, *edits: tuple[str, str], times: int = 1) -> str:
+    """``text`` with each ``(old, new)`` edit made; each ``old`` occurs exactly ``times``
+    times (once, unless the edit is meant for several copies of a part, such as both queries
+    of read_with_items)."""
     for old, new in edits:
-        if text.count(old) != 1:
-            raise ValueError(f"{old!r} occurs {text.count(old)} times, not once")
+        if text.count(old) != times:
+            raise ValueError(f"{old!r} occurs {text.count(old)} times, not {times}")
         text = text.replace(old, new)
     return text
 
@@ -1822,6 +1825,136 @@ _PUT_OWNED_ITEMS_V12 = _patched(
     RETURN true;"""),
 )
 
+# Migration 13: the store records its removals of items a held checkpoint names, so that a read
+# tells them from an item row deleted behind its back (an operator's DELETE, a partial
+# restore), which it reports as damage instead of returning the checkpoint without the item.
+# The record is a flag on the key's {refs} row: it goes when no held checkpoint names the key
+# any more, or with the run, and costs nothing where no such removal happens. A named key
+# whose item row is already missing is taken for one the store removed (earlier releases kept
+# no record): it reads as absent, as it did. Nothing clears a flag while the key is named (a
+# value written again at the key keeps it): an append may name a key a concurrent
+# delete_items removed, and the flag must stay for the reads of that append's checkpoint.
+_REFS_V13 = r"""
+ALTER TABLE {refs} ADD COLUMN removed boolean NOT NULL DEFAULT false;
+
+UPDATE {refs} f SET removed = true
+ WHERE NOT EXISTS (SELECT 1 FROM {items} i WHERE i.run_key = f.run_key AND i.key = f.key)
+"""
+
+# Records the removal of the keys in ``v_gone_keys`` a held checkpoint names (one probe of the
+# {refs} primary key each), only when the removal took some.
+_RECORD_REMOVALS = """
+    IF v_gone_keys IS NOT NULL THEN
+        UPDATE {refs} f SET removed = true
+         WHERE f.run_key = p_run_key AND f.key = ANY (v_gone_keys) AND NOT f.removed;
+    END IF;"""
+
+# {remove}: owned items go with their owner (also while other checkpoints name them).
+_REMOVE_V13 = _patched(
+    _REMOVE_V7,
+    ("    v_zeroed bytea[];\n", "    v_zeroed bytea[];\n    v_gone_keys bytea[];\n"),
+    ("    DELETE FROM {items} WHERE run_key = p_run_key AND owner = ANY (v_gone);\n",
+     """    WITH owned AS (
+        DELETE FROM {items} i WHERE i.run_key = p_run_key AND i.owner = ANY (v_gone)
+        RETURNING i.key
+    )
+    SELECT array_agg(key) INTO v_gone_keys FROM owned;""" + _RECORD_REMOVALS + "\n"),
+)
+
+# delete_items: the keys it removes. An append naming one of them must not commit around the
+# removal unrecorded (its {refs} row written after this looked for it, the item gone after its
+# check found it): the removal takes the run row's lock, which every append holds from before
+# its check until it commits, or, while the run has no row, the lock a run's first append takes
+# before it creates the row (an advisory lock of the run key). The append then either commits
+# first (its row is there to record the removal on) or checks its refs after the removal (and
+# is refused with SharedItemGone).
+_RUN_KEY_LOCK = "pg_advisory_xact_lock(26212, hashtext(p_run_key))"
+
+_DELETE_ITEMS_V13 = _patched(
+    _DELETE_ITEMS_V11,
+    ("    v_count bigint;\nBEGIN\n", "    v_count bigint;\n    v_gone_keys bytea[];\nBEGIN\n"),
+    ("""    DELETE FROM {items} i WHERE i.run_key = p_run_key AND i.key = ANY (p_keys);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+""", f"""    PERFORM 1 FROM {{runs}} x WHERE x.run_key = p_run_key FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        PERFORM {_RUN_KEY_LOCK};
+    END IF;
+    WITH gone AS (
+        DELETE FROM {{items}} i WHERE i.run_key = p_run_key AND i.key = ANY (p_keys)
+        RETURNING i.key
+    )
+    SELECT array_agg(key) INTO v_gone_keys FROM gone;
+    v_count := coalesce(cardinality(v_gone_keys), 0);""" + _RECORD_REMOVALS + "\n"),
+)
+
+_APPEND_V13 = _patched(
+    _APPEND_V10,
+    ("""        ELSE
+            INSERT INTO {runs} AS x (run_key, run_id, incarnation, status, created_at,""",
+     f"""        ELSE
+            -- Ordered with a delete_items of the run that found no row (migration 13).
+            PERFORM {_RUN_KEY_LOCK};
+            INSERT INTO {{runs}} AS x (run_key, run_id, incarnation, status, created_at,"""),
+)
+
+# read_with_items: when the items found miss a key the checkpoint names (counted by the first
+# part of the read, which tests each item against the refs anyway), the keys among them whose
+# item row is missing with no removal recorded come back with a NULL value: damage the store
+# reports. A read that finds every named item skips that part (a one-time filter). A new
+# function beside the one of migration 1 (one more argument, p_check_missing, so another
+# object): processes of the release before keep calling theirs, which never sends a NULL value
+# they could not take, until they are rolled out.
+_READ_WITH_ITEMS_V13 = _patched(
+    _patched(_reads_v10(_READ_WITH_ITEMS_V7, "read_with_items"),
+             ("CREATE OR REPLACE FUNCTION {read_with_items}(p_run_key text, p_sequence bigint,\n"
+              "                                             p_now double precision)",
+              "CREATE FUNCTION {read_with_items}(p_run_key text, p_sequence bigint,\n"
+              "                                  p_now double precision, "
+              "p_check_missing boolean)")),
+    ("""               SELECT array_agg(w.key), array_agg(w.value) FROM (
+                   SELECT i.key, i.value FROM {items} i""",
+     """               SELECT array_agg(w.key), array_agg(w.value), count(*) FILTER (WHERE w.named)
+                 FROM (
+                   SELECT i.key, i.value, i.key = ANY (c.refs) AS named FROM {items} i"""),
+    ("                   SELECT r.key, r.value\n",
+     "                   SELECT r.key, r.value, false\n"),
+    ("""                          OFFSET 0) r) w) w(keys, vals)""",
+     """                          OFFSET 0) r) w) w(keys, vals, named)
+         CROSS JOIN LATERAL (
+               SELECT array_agg(f.key), array_agg(NULL::bytea) FROM {refs} f
+                WHERE p_check_missing
+                  AND w.named < (SELECT count(DISTINCT n.k) FROM unnest(c.refs) n(k))
+                  AND f.run_key = p_run_key AND f.key = ANY (c.refs) AND NOT f.removed
+                  AND NOT EXISTS (SELECT 1 FROM {items} e
+                                   WHERE e.run_key = p_run_key AND e.key = f.key)
+               ) d(keys, vals)"""),
+    (", w.keys, w.vals\n", ", array_cat(w.keys, d.keys), array_cat(w.vals, d.vals)\n"),
+    times=2,  # the read by sequence and the read of the latest
+)
+
+# rebuild_run counts the references again: the removals recorded stay recorded, and a key
+# counted anew whose item row is missing is taken for a removal, as migration 13 did.
+_REBUILD_RUN_V13 = _patched(
+    _REBUILD_RUN_V10,
+    ("    v_labels bytea[];\nBEGIN\n",
+     "    v_labels bytea[];\n    v_removed bytea[];\n    v_kept bytea[];\nBEGIN\n"),
+    ("""    DELETE FROM {refs} f WHERE f.run_key = p_run_key;
+    INSERT INTO {refs} (run_key, key, holders)
+    SELECT p_run_key, named.key, count(*)
+""", """    WITH old AS (
+        DELETE FROM {refs} f WHERE f.run_key = p_run_key RETURNING f.key, f.removed
+    )
+    SELECT array_agg(key) FILTER (WHERE removed), array_agg(key) FILTER (WHERE NOT removed)
+      INTO v_removed, v_kept FROM old;
+    INSERT INTO {refs} (run_key, key, holders, removed)
+    SELECT p_run_key, named.key, count(*),
+           named.key = ANY (coalesce(v_removed, '{{}}'))
+           OR (NOT named.key = ANY (coalesce(v_kept, '{{}}'))
+               AND NOT EXISTS (SELECT 1 FROM {items} i
+                                WHERE i.run_key = p_run_key AND i.key = named.key))
+"""),
+)
+
 MIGRATIONS = (
     Migration(
         1,
@@ -1898,6 +2031,14 @@ MIGRATIONS = (
         "an owned-item upsert's first try delivered late, after its retry, is a no-op",
         _PUT_OWNED_ITEMS_V12.strip(),
     ),
+    Migration(
+        13,
+        "the store records its removals of items a checkpoint names; a read naming an item "
+        "whose row is missing with no removal recorded reports damage",
+        ";\n\n".join([_REFS_V13.strip(), _REMOVE_V13.strip(), _DELETE_ITEMS_V13.strip(),
+                       _APPEND_V13.strip(), _READ_WITH_ITEMS_V13.strip(),
+                       _REBUILD_RUN_V13.strip()]),
+    ),
 )
 """Every schema version, oldest first. A released migration is never edited: changes come
 as a new one."""
@@ -1915,7 +2056,7 @@ class Statements:
         self.append = call("append", 22)
         self.get = call("get", 3)
         self.latest = call("latest", 2)
-        self.read_with_items = call("read_with_items", 3)
+        self.read_with_items = call("read_with_items", 4)
         self.headers = call("headers", 5)
         self.delete = call("delete", 4)
         self.delete_run = call("delete_run", 2)

@@ -8,7 +8,8 @@ checked against it by a test.
 
 Every column is typed by a ``CHECK`` (SQLite's column types are only affinities), so a row
 edited by hand with the wrong type is refused by SQLite itself instead of read back wrong; a
-trigger removes a checkpoint's owned items with it, also when it is deleted by hand.
+trigger removes a checkpoint's owned items with it, also when it is deleted by hand, and
+records the removal on the reference count of each such item a checkpoint names.
 """
 
 from __future__ import annotations
@@ -84,8 +85,28 @@ END""",
     "CREATE INDEX fc_labels_by_label ON fc_labels (label, created_at, run_key)",
 )
 
+# Version 2: the store records its own removals of items a held checkpoint names (an owned
+# item gone with its owner, ``delete_items``) on the key's reference count, so a read can tell
+# them from an item row deleted behind its back. The record lives on the count row: it goes
+# when no held checkpoint names the key any more, or with the run. A named key whose item row
+# is already missing in a database of version 1 is taken for one the store removed (earlier
+# releases kept no record): it reads as absent, as it did.
+_V2 = (
+    "ALTER TABLE fc_item_refs ADD COLUMN removed INTEGER NOT NULL DEFAULT 0",
+    """UPDATE fc_item_refs SET removed = 1 WHERE NOT EXISTS (SELECT 1 FROM fc_items i
+    WHERE i.run_key = fc_item_refs.run_key AND i.key = fc_item_refs.key)""",
+    "DROP TRIGGER fc_checkpoints_take_owned_items",
+    """CREATE TRIGGER fc_checkpoints_take_owned_items AFTER DELETE ON fc_checkpoints
+BEGIN
+    UPDATE fc_item_refs SET removed = 1 WHERE run_key = old.run_key AND key IN
+        (SELECT key FROM fc_items WHERE run_key = old.run_key AND owner = old.sequence);
+    DELETE FROM fc_items WHERE run_key = old.run_key AND owner = old.sequence;
+END""",
+)
+
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (1, "runs, checkpoints, items, item references and labels", _V1),
+    (2, "the store records its removals of items a checkpoint names", _V2),
 )
 """``(version, description, statements)`` in order: each brings the schema to ``version``."""
 

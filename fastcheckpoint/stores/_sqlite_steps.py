@@ -139,8 +139,12 @@ _RUN_REF_COUNTS = "SELECT key, holders FROM fc_item_refs WHERE run_key = ?"
 _COUNTS_REFS = "SELECT 1 FROM fc_item_refs WHERE run_key = ? LIMIT 1"
 _IMMORTAL = "SELECT count(*) FROM fc_checkpoints WHERE run_key = ? AND expires_at IS NULL"
 _HELD = "SELECT count(*), count(*) - count(expires_at) FROM fc_checkpoints WHERE run_key = ?"
+# A count taken again for a key that had none (its row lost with damage) records no removal
+# the store made: one whose item row is missing is taken for a removal (it reads as absent),
+# as schema version 2 did for the counts it found.
 _SET_REF = (
-    "INSERT INTO fc_item_refs (run_key, key, holders) VALUES (?, ?, ?) "
+    "INSERT INTO fc_item_refs (run_key, key, holders, removed) VALUES (?1, ?2, ?3, NOT EXISTS "
+    "(SELECT 1 FROM fc_items WHERE run_key = ?1 AND key = ?2)) "
     "ON CONFLICT (run_key, key) DO UPDATE SET holders = excluded.holders"
 )
 UPSERT_ITEM = (
@@ -239,6 +243,11 @@ OWNER = (
     "ON r.run_key = c.run_key WHERE c.run_key = ? AND c.sequence = ?"
 )
 DELETE_ITEM = "DELETE FROM fc_items WHERE run_key = ? AND key = ?"
+# The store's removal of an item a held checkpoint names, recorded on the key's count (which
+# goes when no held checkpoint names the key any more): reads take the item as removed, not
+# as a row deleted behind the store's back. The owner trigger records the removal of owned
+# items the same way.
+RECORD_REMOVAL = "UPDATE fc_item_refs SET removed = 1 WHERE run_key = ? AND key = ?"
 DUE_RUNS = (
     "SELECT run_key, expires_at, checkpoint_count, immortal FROM fc_runs WHERE due <= ? "
     "ORDER BY due LIMIT ?"
@@ -292,6 +301,16 @@ def _counts_in(size: int, holders: str) -> str:
     marks = ", ".join("?" * size)
     return (f"SELECT key FROM fc_item_refs WHERE run_key = ? AND holders {holders} "
             f"AND key IN ({marks})")
+
+
+@functools.lru_cache(maxsize=16)
+def _unrecorded_in(size: int) -> str:
+    """The keys among ``size`` keys that a held checkpoint names, whose item row is missing
+    although the store recorded no removal of it."""
+    marks = ", ".join("?" * size)
+    return (f"SELECT f.key FROM fc_item_refs f WHERE f.run_key = ?1 AND f.key IN ({marks}) "
+            "AND f.removed = 0 AND NOT EXISTS "
+            "(SELECT 1 FROM fc_items i WHERE i.run_key = ?1 AND i.key = f.key)")
 
 
 @functools.lru_cache(maxsize=16)
@@ -490,6 +509,19 @@ def read_refs(
         padding = [None] * (size - len(chunk))
         found += db.execute(_refs_in(size), (run_key, now, *chunk, *padding)).fetchall()
     return found
+
+
+def deleted_behind(
+    db: sqlite3.Connection, run_key: str, keys: Sequence[str]
+) -> list[str]:
+    """The ``keys`` (distinct, named by a checkpoint, found with no live item) whose item row
+    is gone without a removal the store recorded: deleted behind its back, in their order.
+    Asked only when a read misses an item a checkpoint names, so an intact read costs
+    nothing; a key whose item row is there (expired) or that has no count is not one."""
+    gone: set[str] = set()
+    for chunk in _padded(keys):
+        gone.update(key for key, in db.execute(_unrecorded_in(len(chunk)), (run_key, *chunk)))
+    return [key for key in dict.fromkeys(keys) if key in gone]
 
 
 def first_live_item(

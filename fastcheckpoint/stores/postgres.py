@@ -722,13 +722,24 @@ class PostgresStore(ExpiryCleanup):
             if sequence < 0:
                 return None
         row = await self._row("read_with_items", self._sql.read_with_items, run_key, sequence,
-                              now)
+                              now, True)
         if row is None:
             return None
         checkpoint = self._checkpoint(run_key, row)
-        found = {_decoded(key, "an item key", checkpoint.key): bytes(value)
-                 for key, value in zip(row[8] or (), row[9] or (), strict=True)}
-        return checkpoint, self._status(run_key, row[7]), found
+        pairs = [(_decoded(key, "an item key", checkpoint.key), value)
+                 for key, value in zip(row[8] or (), row[9] or (), strict=True)]
+        # A named item whose row is missing with no removal the store recorded comes with
+        # no value: deleted behind the store's back.
+        lost = [key for key, value in pairs if value is None]
+        if lost:
+            raise CorruptCheckpointError(
+                f"checkpoint {checkpoint.sequence} of run key {run_key} names item(s) whose row "
+                "is missing although the store did not remove them (deleted behind its back): "
+                f"{', '.join(repr(key) for key in lost[:3])}"
+                f"{' and more' if len(lost) > 3 else ''}",
+                key=f"{self._names['items']} ({run_key}, {lost[0]})")
+        return checkpoint, self._status(run_key, row[7]), {
+            key: bytes(value) for key, value in pairs}
 
     async def headers(
         self,

@@ -8,7 +8,9 @@ Tables (``stores/sqlite/schema.sql``; the schema is versioned, see ``_sqlite_sch
                      listings never read it
     fc_items         one row per item, keyed (run_key, key)
     fc_item_refs     per run and item key: how many held checkpoints name the key in their refs
-                     (the items nested under the key, ``key/...``, go with its last reference)
+                     (the items nested under the key, ``key/...``, go with its last reference),
+                     and whether the store removed its item while they did (``removed``: a
+                     named item missing without it was deleted behind the store's back)
     fc_labels        per run and label, indexed by (label, created_at) for runs_with_label
 
 Every write operation is one transaction (``BEGIN IMMEDIATE``): a checkpoint, its run record,
@@ -1380,9 +1382,22 @@ class SQLiteStore(ExpiryCleanup):
             if found is None:
                 return None
             record, status = found
-            named = steps.read_refs(db, run_key, list(dict.fromkeys(record.refs)), now)
+            refs = list(dict.fromkeys(record.refs))
+            named = steps.read_refs(db, run_key, refs, now)
             owned = db.execute(steps.OWNED_ITEMS, (run_key, record.sequence, now)).fetchall()
-        return record, status, dict(self._checked_items(run_key, [*named, *owned]))
+            items = dict(self._checked_items(run_key, [*named, *owned]))
+            missed = [key for key in refs if key not in items]
+            # In the same snapshot, only when the read missed a named item.
+            lost = steps.deleted_behind(db, run_key, missed) if missed else []
+        if lost:
+            raise CorruptCheckpointError(
+                f"checkpoint {record.sequence} of run key {run_key} names item(s) whose row is "
+                f"missing although the store did not remove them (deleted behind its back): "
+                f"{', '.join(repr(key) for key in lost[:3])}"
+                f"{' and more' if len(lost) > 3 else ''}",
+                key=f"{self._path}#fc_items/{run_key}/{lost[0]}",
+            )
+        return record, status, items
 
     async def scan_items(
         self,
@@ -1458,8 +1473,12 @@ class SQLiteStore(ExpiryCleanup):
 
     def _delete_items(self, run_key: str, keys: list[str]) -> int:
         with self._transaction() as db:
-            # One at a time: a key listed twice is removed (and counted) once.
-            return sum(db.execute(steps.DELETE_ITEM, (run_key, key)).rowcount for key in keys)
+            # One at a time: a key listed twice is removed (and counted) once. Each removal
+            # is recorded on the key's count, where a held checkpoint names it.
+            removed = [key for key in keys
+                       if db.execute(steps.DELETE_ITEM, (run_key, key)).rowcount]
+            db.executemany(steps.RECORD_REMOVAL, [(run_key, key) for key in removed])
+            return len(removed)
 
     # -- maintenance --------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ GRANT EXECUTE ON FUNCTION "public"."fc_put_owned_items"(text, bigint, text, byte
 GRANT EXECUTE ON FUNCTION "public"."fc_purge"(double precision, integer) TO fastcheckpoint_app;
 GRANT EXECUTE ON FUNCTION "public"."fc_get"(text, bigint, double precision) TO fastcheckpoint_app;
 GRANT EXECUTE ON FUNCTION "public"."fc_latest"(text, double precision) TO fastcheckpoint_app;
-GRANT EXECUTE ON FUNCTION "public"."fc_read_with_items"(text, bigint, double precision) TO fastcheckpoint_app;
+GRANT EXECUTE ON FUNCTION "public"."fc_read_with_items"(text, bigint, double precision, boolean) TO fastcheckpoint_app;
 GRANT EXECUTE ON FUNCTION "public"."fc_headers"(text, bigint, integer, double precision, boolean) TO fastcheckpoint_app;
 GRANT EXECUTE ON FUNCTION "public"."fc_get_run"(text, double precision) TO fastcheckpoint_app;
 GRANT EXECUTE ON FUNCTION "public"."fc_list_runs"(text, integer, double precision, text, double precision) TO fastcheckpoint_app;

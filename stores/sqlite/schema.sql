@@ -1,4 +1,4 @@
--- The fastcheckpoint SQLite store's schema, version 1: what SQLiteStore creates in an
+-- The fastcheckpoint SQLite store's schema, version 2: what SQLiteStore creates in an
 -- empty database on first use, and what `fastcheckpoint init sqlite:///...` creates.
 -- A test checks that this file and the code create the same tables, indexes and trigger.
 -- Apply it by hand only to an empty database: sqlite3 checkpoints.db < schema.sql
@@ -91,6 +91,26 @@ CREATE INDEX fc_labels_by_label ON fc_labels (label, created_at, run_key);
 
 INSERT INTO fc_schema_migrations (version, description, applied_at)
     VALUES (1, 'runs, checkpoints, items, item references and labels',
+            (julianday('now') - 2440587.5) * 86400.0);
+
+-- version 2: the store records its removals of items a checkpoint names
+
+ALTER TABLE fc_item_refs ADD COLUMN removed INTEGER NOT NULL DEFAULT 0;
+
+UPDATE fc_item_refs SET removed = 1 WHERE NOT EXISTS (SELECT 1 FROM fc_items i
+    WHERE i.run_key = fc_item_refs.run_key AND i.key = fc_item_refs.key);
+
+DROP TRIGGER fc_checkpoints_take_owned_items;
+
+CREATE TRIGGER fc_checkpoints_take_owned_items AFTER DELETE ON fc_checkpoints
+BEGIN
+    UPDATE fc_item_refs SET removed = 1 WHERE run_key = old.run_key AND key IN
+        (SELECT key FROM fc_items WHERE run_key = old.run_key AND owner = old.sequence);
+    DELETE FROM fc_items WHERE run_key = old.run_key AND owner = old.sequence;
+END;
+
+INSERT INTO fc_schema_migrations (version, description, applied_at)
+    VALUES (2, 'the store records its removals of items a checkpoint names',
             (julianday('now') - 2440587.5) * 86400.0);
 
 COMMIT;

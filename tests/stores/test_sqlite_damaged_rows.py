@@ -233,7 +233,8 @@ async def test_a_reference_count_whose_key_is_not_text_blocks_no_cleanup_and_no_
         await _create(manager, "bad", {"x": 1}, ttl_seconds=10)
         for run_id in ("ok1", "ok2"):
             await _create(manager, run_id, {"x": 0}, ttl_seconds=10)
-        await _sql(database, "INSERT INTO fc_item_refs VALUES (?, CAST('k' AS BLOB), 1)",
+        await _sql(database, "INSERT INTO fc_item_refs (run_key, key, holders) "
+                   "VALUES (?, CAST('k' AS BLOB), 1)",
                    _key("bad"))
         # Refs unknown (NULL): removing such a checkpoint counts the run's references again.
         await _sql(database, "UPDATE fc_checkpoints SET refs = NULL WHERE run_key = ?",

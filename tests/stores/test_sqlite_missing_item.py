@@ -1,8 +1,8 @@
-"""SQLite: an item row a checkpoint's refs name, deleted by hand (plain sqlite3), is read as
-absent: ``read_with_items`` returns the checkpoint without it (strict xfail below, until the
-store can tell such a row from one it removed itself). What the store removes itself while a
-checkpoint names the key (an owned item with its owner, ``delete_items``) must keep reading
-as absent: the protocol says those reads lack it, and the row left behind is the same."""
+"""SQLite: an item row a checkpoint's refs name, deleted by hand (plain sqlite3), is damage:
+``read_with_items`` raises ``CorruptCheckpointError`` naming it. What the store removes itself
+while a checkpoint names the key (an owned item with its owner, ``delete_items``) keeps reading
+as absent: the protocol says those reads lack it. The store tells them apart by the removals it
+records on the key's reference count (schema version 2), which go with the count."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import anyio
 import pytest
 
 from fastcheckpoint.errors import CorruptCheckpointError
+from fastcheckpoint.stores import _sqlite_schema as schema
 from fastcheckpoint.stores._base import RunRecord
 from fastcheckpoint.stores.sqlite import SQLiteStore
-from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_item, make_run
+from fastcheckpoint.testing import T0, key_of, make_item, make_run
 from fastcheckpoint.testing._adapter import _append_items
+from tests.stores._named_removals import remove_while_named
 
 pytestmark = pytest.mark.anyio
 
@@ -34,8 +36,16 @@ def _delete_row(database: Path, key: str) -> None:
     db.close()
 
 
+def _counts(database: Path) -> list[tuple[str, int, int]]:
+    """Every reference count: ``(key, holders, removed)``."""
+    with sqlite3.connect(database) as db:
+        rows = db.execute("SELECT key, holders, removed FROM fc_item_refs ORDER BY key").fetchall()
+    db.close()
+    return [(str(key), int(holders), int(removed)) for key, holders, removed in rows]
+
+
 class _ReadWithoutItem(Exception):
-    """The checkpoint came back without an item its refs name (what the xfail expects)."""
+    """The checkpoint came back without an item its refs name."""
 
 
 async def _read_whole(store: SQLiteStore, run: RunRecord) -> None:
@@ -43,10 +53,6 @@ async def _read_whole(store: SQLiteStore, run: RunRecord) -> None:
     raise _ReadWithoutItem(f"read without the item: {found and found[2]}")
 
 
-@pytest.mark.xfail(strict=True, raises=_ReadWithoutItem, reason=(
-    "a row deleted by hand leaves the rows the store's own removals leave (an owned item "
-    "gone with its owner, delete_items): telling them apart needs the store to record its "
-    "removals of named items"))
 async def test_a_read_naming_an_item_row_deleted_by_hand_raises(tmp_path: Path) -> None:
     database = tmp_path / "checkpoints.db"
     store = SQLiteStore(database)
@@ -68,13 +74,72 @@ async def test_named_items_the_store_removed_read_as_absent(tmp_path: Path) -> N
     key = key_of(run)
     try:
         with anyio.fail_after(_DEADLINE):
-            await _append_items(store, run, 0, items=[make_item("o", owner=0)])
-            await _append_items(store, run, 1, refs=["o", "b/a", "b/b"],
-                                items=[make_item("b/a"), make_item("b/b")])
-            assert await store.delete(key, 0, checkpoint_id=checkpoint_id_of(run, 0))
-            assert await store.delete_items(key, ["b/a"]) == 1
+            await remove_while_named(store, run, removed=["b/a"])
             found = await store.read_with_items(key, sequence=1, now=T0)
     finally:
         await store.aclose()
     assert found is not None
     assert found[2] == {"b/b": b"value-b/b"}
+
+
+async def test_removal_records_go_with_the_last_checkpoint_naming_the_key(tmp_path: Path) -> None:
+    """A removal is recorded while a checkpoint names the key and goes with its count (the
+    pruning of the last checkpoint naming it): a value written at the key later, named by a
+    new checkpoint and deleted by hand, is damage again; ``delete_run`` takes every record of
+    the run."""
+    database = tmp_path / "checkpoints.db"
+    store = SQLiteStore(database)
+    run = make_run("records-go")
+    key = key_of(run)
+    try:
+        with anyio.fail_after(_DEADLINE):
+            await remove_while_named(store, run, removed=["b/a", "b/a", "never"])
+            recorded = _counts(database)
+            await _append_items(store, run, 2, refs=["b/b"], keep_latest=1)
+            pruned = _counts(database)
+            await _append_items(store, run, 3, refs=["b/b", "b/a"], items=[make_item("b/a")])
+            _delete_row(database, "b/a")
+            with pytest.raises(CorruptCheckpointError, match="b/a"):
+                await store.read_with_items(key, sequence=3, now=T0)
+            assert await store.delete_run(key) == 2
+    finally:
+        await store.aclose()
+    assert recorded == [("b/a", 1, 1), ("b/b", 1, 0), ("o", 1, 1)]
+    assert pruned == [("b/b", 1, 0)]
+    assert _counts(database) == []
+
+
+async def test_a_version_1_database_keeps_reading_what_the_store_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An owned item removed with its owner and an item removed by ``delete_items`` at schema
+    version 1, while a checkpoint named them, left no record: upgraded by ``provision`` (what
+    ``fastcheckpoint init`` runs), the database reads them as absent, as before; an item row
+    deleted by hand after the upgrade is damage."""
+    database = tmp_path / "checkpoints.db"
+    run = make_run("from-v1")
+    key = key_of(run)
+    with monkeypatch.context() as at_v1:
+        at_v1.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+        at_v1.setattr(schema, "SCHEMA_VERSION", 1)
+        old = SQLiteStore(database)
+        try:
+            with anyio.fail_after(_DEADLINE):
+                await remove_while_named(old, run, removed=[])
+        finally:
+            await old.aclose()
+    _delete_row(database, "b/a")  # what delete_items did at version 1
+    store = SQLiteStore(database)
+    try:
+        with anyio.fail_after(_DEADLINE):
+            done = await store.provision()
+            found = await store.read_with_items(key, sequence=1, now=T0)
+            _delete_row(database, "b/b")
+            with pytest.raises(CorruptCheckpointError, match="b/b"):
+                await store.read_with_items(key, sequence=None, now=T0)
+    finally:
+        await store.aclose()
+    assert done[0] == f"upgraded schema of {database} from version 1 to {schema.SCHEMA_VERSION}"
+    assert found is not None
+    assert found[2] == {"b/b": b"value-b/b"}
+    assert _counts(database) == [("b/a", 1, 1), ("b/b", 1, 0), ("o", 1, 1)]

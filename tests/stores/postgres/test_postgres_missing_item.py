@@ -1,24 +1,27 @@
-"""PostgreSQL: an item row a checkpoint's refs name, deleted by plain SQL, is read as absent:
-``read_with_items`` returns the checkpoint without it (strict xfail below, until the store can
-tell such a row from one it removed itself). What the store removes itself while a checkpoint
-names the key (an owned item with its owner, ``delete_items``) must keep reading as absent:
-the protocol says those reads lack it, and the rows left behind are the same."""
+"""PostgreSQL: an item row a checkpoint's refs name, deleted by plain SQL, is damage:
+``read_with_items`` raises ``CorruptCheckpointError`` naming it. What the store removes itself
+while a checkpoint names the key (an owned item with its owner, ``delete_items``) keeps reading
+as absent: the protocol says those reads lack it. The store tells them apart by the removals it
+records on the key's ``refs`` row (migration 13), which go with the row."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import asyncpg
 import pytest
 
 from fastcheckpoint.errors import CorruptCheckpointError
+from fastcheckpoint.stores import postgres as postgres_module
 from fastcheckpoint.stores._base import RunRecord
-from fastcheckpoint.stores._postgres_sql import Names
+from fastcheckpoint.stores._postgres_sql import MIGRATIONS, Names
 from fastcheckpoint.stores.postgres import PostgresStore
-from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_item, make_run
+from fastcheckpoint.testing import T0, key_of, make_item, make_run
 from fastcheckpoint.testing._adapter import _append_items
-from tests.stores._postgres_server import PostgresTarget
+from tests.stores._named_removals import remove_while_named
+from tests.stores._postgres_server import PostgresTarget, drop_schema, unique_schema
+from tests.stores.postgres.test_postgres_specific import _migrate_to
 
 pytestmark = pytest.mark.anyio
 
@@ -43,8 +46,19 @@ async def _delete_row(postgres: PostgresTarget, schema: str, key: str) -> None:
     assert done == "DELETE 1"
 
 
+async def _counts(postgres: PostgresTarget, schema: str) -> list[tuple[str, int, bool]]:
+    """Every reference count: ``(key, holders, removed)``."""
+    connection = await asyncpg.connect(postgres.url())
+    try:
+        rows = await connection.fetch(Names(schema, "fc_").render(
+            "SELECT key, holders, removed FROM {refs} ORDER BY key"))
+    finally:
+        await connection.close()
+    return [(bytes(row[0]).decode(), row[1], row[2]) for row in rows]
+
+
 class _ReadWithoutItem(Exception):
-    """The checkpoint came back without an item its refs name (what the xfail expects)."""
+    """The checkpoint came back without an item its refs name."""
 
 
 async def _read_whole(store: PostgresStore, run: RunRecord) -> None:
@@ -52,10 +66,6 @@ async def _read_whole(store: PostgresStore, run: RunRecord) -> None:
     raise _ReadWithoutItem(f"read without the item: {found and found[2]}")
 
 
-@pytest.mark.xfail(strict=True, raises=_ReadWithoutItem, reason=(
-    "a row deleted by hand leaves the rows the store's own removals leave (an owned item "
-    "gone with its owner, delete_items): telling them apart needs the store to record its "
-    "removals of named items"))
 async def test_a_read_naming_an_item_row_deleted_by_hand_raises(
     store: PostgresStore, postgres: PostgresTarget, schema: str
 ) -> None:
@@ -72,11 +82,160 @@ async def test_named_items_the_store_removed_read_as_absent(store: PostgresStore
     run = make_run("removed-while-named")
     key = key_of(run)
     with anyio.fail_after(_DEADLINE):
-        await _append_items(store, run, 0, items=[make_item("o", owner=0)])
-        await _append_items(store, run, 1, refs=["o", "b/a", "b/b"],
-                            items=[make_item("b/a"), make_item("b/b")])
-        assert await store.delete(key, 0, checkpoint_id=checkpoint_id_of(run, 0))
-        assert await store.delete_items(key, ["b/a"]) == 1
+        await remove_while_named(store, run, removed=["b/a"])
         found = await store.read_with_items(key, sequence=1, now=T0)
     assert found is not None
     assert found[2] == {"b/b": b"value-b/b"}
+
+
+async def test_removal_records_go_with_the_last_checkpoint_naming_the_key(
+    store: PostgresStore, postgres: PostgresTarget, schema: str
+) -> None:
+    """A removal is recorded while a checkpoint names the key and goes with its count (the
+    pruning of the last checkpoint naming it): a value written at the key later, named by a
+    new checkpoint and deleted by hand, is damage again; ``delete_run`` takes every record of
+    the run."""
+    run = make_run("records-go")
+    key = key_of(run)
+    with anyio.fail_after(_DEADLINE):
+        await remove_while_named(store, run, removed=["b/a", "b/a", "never"])
+        recorded = await _counts(postgres, schema)
+        await _append_items(store, run, 2, refs=["b/b"], keep_latest=1)
+        pruned = await _counts(postgres, schema)
+        await _append_items(store, run, 3, refs=["b/b", "b/a"], items=[make_item("b/a")])
+        await _delete_row(postgres, schema, "b/a")
+        with pytest.raises(CorruptCheckpointError, match="b/a"):
+            await store.read_with_items(key, sequence=3, now=T0)
+        assert await store.delete_run(key) == 2
+        left = await _counts(postgres, schema)
+    assert recorded == [("b/a", 1, True), ("b/b", 1, False), ("o", 1, True)]
+    assert pruned == [("b/b", 1, False)]
+    assert left == []
+
+
+async def test_a_version_12_schema_keeps_reading_what_the_store_removed(
+    postgres: PostgresTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An owned item removed with its owner and an item removed by ``delete_items`` at schema
+    version 12, while a checkpoint named them, left no record: upgraded by ``provision`` (what
+    ``fastcheckpoint init`` runs), the schema reads them as absent, as before; an item row
+    deleted by hand after the upgrade is damage."""
+    schema = unique_schema()
+    url = f"{postgres.url()}?schema={schema}"
+    run = make_run("from-v12")
+    key = key_of(run)
+    connection = await asyncpg.connect(postgres.url())
+    try:
+        await _migrate_to(connection, Names(schema, "fc_"), 12)
+    finally:
+        await connection.close()
+    try:
+        with monkeypatch.context() as at_v12:
+            at_v12.setattr(postgres_module, "_LATEST", 12)
+            old = PostgresStore.from_url(url)
+            try:
+                with anyio.fail_after(_DEADLINE):
+                    await remove_while_named(old, run, removed=["b/a"])
+            finally:
+                await old.aclose()
+        store = PostgresStore.from_url(url)
+        try:
+            with anyio.fail_after(_DEADLINE):
+                lines = await store.provision()
+                found = await store.read_with_items(key, sequence=1, now=T0)
+                await _delete_row(postgres, schema, "b/b")
+                with pytest.raises(CorruptCheckpointError, match="b/b"):
+                    await store.read_with_items(key, sequence=None, now=T0)
+                counts = await _counts(postgres, schema)
+        finally:
+            await store.aclose()
+    finally:
+        await drop_schema(postgres, schema)
+    assert lines[0] == f"applied migration 13: {MIGRATIONS[12].description}"
+    assert found is not None
+    assert found[2] == {"b/b": b"value-b/b"}
+    assert counts == [("b/a", 1, True), ("b/b", 1, False), ("o", 1, True)]
+
+
+async def _waiting(watcher: asyncpg.Connection, count: int) -> None:
+    """Until ``count`` sessions of the test database wait for a lock."""
+    query = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+             "AND wait_event_type = 'Lock'")
+    while await watcher.fetchval(query) < count:  # noqa: ASYNC110 (the server's locks)
+        await anyio.sleep(0.01)
+
+
+async def _delete_items_while_appending(
+    store: PostgresStore, postgres: PostgresTarget, run: RunRecord,
+    block: Callable[[asyncpg.Connection], Awaitable[None]],
+    append: Callable[[], Awaitable[object]],
+) -> None:
+    """``append`` (naming ``k``) stopped by the lock ``block`` takes, after it checked its refs;
+    ``delete_items(k)`` meanwhile; then the lock given up and both let finish."""
+    blocker, watcher = [await asyncpg.connect(postgres.url()) for _ in range(2)]
+    try:
+        transaction = blocker.transaction()
+        await transaction.start()
+        await block(blocker)
+        async with anyio.create_task_group() as group:
+            group.start_soon(append)
+            await _waiting(watcher, 1)
+            group.start_soon(store.delete_items, key_of(run), ["k"])
+            with anyio.move_on_after(1):
+                await _waiting(watcher, 2)  # it waits for the append (before the fix: it ran)
+            await transaction.rollback()
+    finally:
+        await blocker.close()
+        await watcher.close()
+
+
+async def test_an_append_naming_what_a_concurrent_delete_items_removes_reads_it_as_absent(
+    store: PostgresStore, postgres: PostgresTarget, schema: str
+) -> None:
+    """The append holds the run row from its refs check to its commit (held up here by a lock
+    on the checkpoint its pruning removes): ``delete_items`` waits for it and records its
+    removal on the count the append wrote, so the read lacks the item instead of reporting it
+    deleted behind the store's back."""
+    run = make_run("delete-while-appending")
+    key = key_of(run)
+    names = Names(schema, "fc_")
+
+    async def block(blocker: asyncpg.Connection) -> None:
+        await blocker.execute(names.render(
+            "SELECT 1 FROM {checkpoints} WHERE run_key = $1 AND sequence = 0 FOR UPDATE"), key)
+
+    with anyio.fail_after(_DEADLINE):
+        await _append_items(store, run, 0)
+        await store.put_items(key, [make_item("k")], now=T0)
+        await _delete_items_while_appending(store, postgres, run, block, lambda: _append_items(
+            store, run, 1, refs=["k"], keep_latest=1))
+        found = await store.read_with_items(key, sequence=1, now=T0)
+        counts = await _counts(postgres, schema)
+    assert found is not None
+    assert found[2] == {}
+    assert counts == [("k", 1, True)]
+
+
+async def test_a_first_append_naming_what_a_concurrent_delete_items_removes_reads_it_as_absent(
+    store: PostgresStore, postgres: PostgresTarget, schema: str
+) -> None:
+    """The same for a run's first append, before its run row exists for ``delete_items`` to
+    lock (held up here by another transaction's insert of an item it writes): ``delete_items``
+    waits on the lock of the run key the first append takes."""
+    run = make_run("delete-while-starting")
+    key = key_of(run)
+    names = Names(schema, "fc_")
+
+    async def block(blocker: asyncpg.Connection) -> None:
+        await blocker.execute(names.render(
+            "INSERT INTO {items} (run_key, key, value) VALUES ($1, $2, $3)"), key, b"x", b"v")
+
+    with anyio.fail_after(_DEADLINE):
+        await store.put_items(key, [make_item("k")], now=T0)
+        await _delete_items_while_appending(store, postgres, run, block, lambda: _append_items(
+            store, run, 0, refs=["k", "x"], items=[make_item("x")]))
+        found = await store.read_with_items(key, sequence=0, now=T0)
+        counts = await _counts(postgres, schema)
+    assert found is not None
+    assert found[2] == {"x": b"value-x"}
+    assert counts == [("k", 1, True), ("x", 1, False)]

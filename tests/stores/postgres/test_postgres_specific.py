@@ -843,7 +843,9 @@ async def test_a_version_2_schema_is_upgraded_and_its_data_kept(postgres: Postgr
     names = Names(schema, "fc_")
     run = make_run("from-v2")
     key = key_of(run)
-    replaced = [f"{names[name]}({FUNCTIONS[name]})"
+    # Migration 13 adds a read_with_items of another signature beside this one.
+    signatures = {**FUNCTIONS, "read_with_items": "text, bigint, double precision"}
+    replaced = [f"{names[name]}({signatures[name]})"
                 for name in ("remove", "append", "read_with_items")]
     append = (f"SELECT outcome FROM {names['append']}"
               f"({', '.join(f'${n}' for n in range(1, 23))})")
@@ -1441,14 +1443,14 @@ async def test_nested_items_are_read_and_removed_by_key_range(
     finally:
         await store.aclose()
     plans = await _plans(postgres, [
-        (sql.read_with_items, [key, None, T0]),
-        (sql.read_with_items, [key, 0, T0]),
+        (sql.read_with_items, [key, None, T0, True]),
+        (sql.read_with_items, [key, 0, T0, True]),
         (sql.delete, [key, 0, checkpoint_id_of(run, 0), "nested-plans"]),
     ])
     ranged = re.compile(r"Index Scan using fc_items_pkey on fc_items \w+ .*\n\s+Index Cond: "
                         r"\(\(run_key = .*\) AND \(key >= .*'\\x2f'::bytea\)\) AND "
                         r"\(key < .*'\\x30'::bytea\)\)\)")
-    reads = [plan for plan in plans if names["items"] in plan and "w(keys, vals)" in plan]
+    reads = [plan for plan in plans if names["items"] in plan and "w(keys, vals" in plan]
     removals = [plan for plan in plans if "USING unnest(v_zeroed)" in plan]
     assert len(reads) == 2
     assert len(removals) == 1

@@ -267,13 +267,15 @@ async def test_schema_is_created_on_first_use_and_provision_reports_it(database:
     store = SQLiteStore(database)
     with anyio.fail_after(30):
         assert await store.provision() == [
-            f"created schema version 1 in {database}",
+            f"created schema version {schema.SCHEMA_VERSION} in {database}",
             f"journal mode WAL, synchronous=FULL in {database}",
         ]
-        assert (await store.provision())[0] == f"found schema version 1 in {database}: up to date"
+        assert (await store.provision())[0] == \
+            f"found schema version {schema.SCHEMA_VERSION} in {database}: up to date"
         await _append(store, make_run("after-init"), 0)
         await store.aclose()
-    assert _query(database, "SELECT version FROM fc_schema_migrations") == [(1,)]
+    assert _query(database, "SELECT version FROM fc_schema_migrations") == [
+        (number,) for number, _, _ in schema.MIGRATIONS]
 
 
 def test_fastcheckpoint_init_creates_the_schema(
@@ -283,7 +285,7 @@ def test_fastcheckpoint_init_creates_the_schema(
     assert main(["init", url]) == 0
     assert main(["init", url]) == 0
     out = capsys.readouterr().out
-    assert f"created schema version 1 in {tmp_path}/init.db" in out
+    assert f"created schema version {schema.SCHEMA_VERSION} in {tmp_path}/init.db" in out
     assert "up to date" in out
 
 
@@ -351,9 +353,11 @@ async def test_an_older_schema_asks_for_init_which_upgrades_it(
         store = SQLiteStore(database)
         await _append(store, make_run("kept"), 0)
         await store.aclose()
-    step = (2, "an index for the test", ("CREATE INDEX fc_test_v2 ON fc_items (value)",))
+    current = schema.SCHEMA_VERSION
+    step = (current + 1, "an index for the test",
+            ("CREATE INDEX fc_test_next ON fc_items (value)",))
     monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, step))
-    monkeypatch.setattr(schema, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", current + 1)
 
     upgraded = SQLiteStore(database)
     with anyio.fail_after(30):
@@ -363,11 +367,12 @@ async def test_an_older_schema_asks_for_init_which_upgrades_it(
         found = await upgraded.latest(key_of(make_run("kept")), now=T0)
         await upgraded.aclose()
     assert done[:2] == [
-        f"upgraded schema of {database} from version 1 to 2",
-        f"applied schema version 2 (an index for the test) to {database}",
+        f"upgraded schema of {database} from version {current} to {current + 1}",
+        f"applied schema version {current + 1} (an index for the test) to {database}",
     ]
     assert found is not None
-    assert _query(database, "SELECT version FROM fc_schema_migrations") == [(1,), (2,)]
+    assert _query(database, "SELECT version FROM fc_schema_migrations") == [
+        (number,) for number in range(1, current + 2)]
 
 
 def _tables(database: Path) -> list[tuple[str, str, str]]:
