@@ -16,7 +16,7 @@ from fastcheckpoint.errors import CorruptCheckpointError
 from fastcheckpoint.stores import _sqlite_schema as schema
 from fastcheckpoint.stores._base import RunRecord
 from fastcheckpoint.stores.sqlite import SQLiteStore
-from fastcheckpoint.testing import T0, key_of, make_item, make_run
+from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_item, make_run
 from fastcheckpoint.testing._adapter import _append_items
 from tests.stores._named_removals import remove_while_named
 
@@ -140,6 +140,31 @@ async def test_a_version_1_database_keeps_reading_what_the_store_removed(
     finally:
         await store.aclose()
     assert done[0] == f"upgraded schema of {database} from version 1 to {schema.SCHEMA_VERSION}"
+    assert found is not None
+    assert found[2] == {"b/b": b"value-b/b"}
+    assert _counts(database) == [("b/a", 1, 1), ("b/b", 1, 0), ("o", 1, 1)]
+
+
+async def test_counts_taken_again_keep_the_removals_recorded(tmp_path: Path) -> None:
+    """Removing a checkpoint whose refs are unknown (NULL) takes the run's counts again: the
+    removals recorded stay, and a count written anew for a key that had lost its count row
+    takes a missing item for a removal (``b/a``) and records none for one in place (``b/b``)."""
+    database = tmp_path / "checkpoints.db"
+    store = SQLiteStore(database)
+    run = make_run("recounted")
+    key = key_of(run)
+    try:
+        with anyio.fail_after(_DEADLINE):
+            await remove_while_named(store, run, removed=["b/a"])
+            await _append_items(store, run, 2)
+            with sqlite3.connect(database) as db:
+                db.execute("DELETE FROM fc_item_refs WHERE key IN ('b/a', 'b/b')")
+                db.execute("UPDATE fc_checkpoints SET refs = NULL WHERE sequence = 2")
+            db.close()
+            assert await store.delete(key, 2, checkpoint_id=checkpoint_id_of(run, 2))
+            found = await store.read_with_items(key, sequence=1, now=T0)
+    finally:
+        await store.aclose()
     assert found is not None
     assert found[2] == {"b/b": b"value-b/b"}
     assert _counts(database) == [("b/a", 1, 1), ("b/b", 1, 0), ("o", 1, 1)]

@@ -239,3 +239,30 @@ async def test_a_first_append_naming_what_a_concurrent_delete_items_removes_read
     assert found is not None
     assert found[2] == {"x": b"value-x"}
     assert counts == [("k", 1, True), ("x", 1, False)]
+
+
+async def test_rebuild_run_keeps_the_removals_recorded(
+    store: PostgresStore, postgres: PostgresTarget, schema: str
+) -> None:
+    """``rebuild_run`` counts the references again from the checkpoints: the removals recorded
+    stay (the items read as absent after the repair, not as damage), and a key counted anew
+    whose item is in place records none."""
+    run = make_run("rebuilt")
+    key = key_of(run)
+    names = Names(schema, "fc_")
+    connection = await asyncpg.connect(postgres.url())
+    try:
+        with anyio.fail_after(_DEADLINE):
+            await remove_while_named(store, run, removed=["b/a"])
+            await connection.execute(names.render(
+                "DELETE FROM {refs} WHERE run_key = $1 AND key = 'b/b'::bytea"), key)
+            await connection.execute(names.render(
+                "UPDATE {runs} SET checkpoint_count = 5 WHERE run_key = $1"), key)
+            await store.rebuild_run(key, run, now=T0)
+            found = await store.read_with_items(key, sequence=1, now=T0)
+            counts = await _counts(postgres, schema)
+    finally:
+        await connection.close()
+    assert found is not None
+    assert found[2] == {"b/b": b"value-b/b"}
+    assert counts == [("b/a", 1, True), ("b/b", 1, False), ("o", 1, True)]
