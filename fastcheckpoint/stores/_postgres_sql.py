@@ -1887,6 +1887,23 @@ _DELETE_ITEMS_V13 = _patched(
     v_count := coalesce(cardinality(v_gone_keys), 0);""" + _RECORD_REMOVALS + "\n"),
 )
 
+# delete_run of a run without a row (items put before its first append) is ordered with that
+# first append the same way: it waits for the lock of the run key, then removes the row the
+# append committed meanwhile (the new life goes whole), or the append, waiting for it, finds
+# its items gone. Before, it removed an item the append had checked, under a checkpoint naming
+# it with no removal recorded (a read then reported damage).
+_DELETE_RUN_V13 = _patched(
+    _DELETE_RUN_V11,
+    ("    DELETE FROM {refs} f WHERE f.run_key = p_run_key;\n",
+     f"""    IF NOT FOUND THEN
+        PERFORM {_RUN_KEY_LOCK};
+        DELETE FROM {{runs}} r WHERE r.run_key = p_run_key
+        RETURNING r.checkpoint_count INTO v_result;
+    END IF;
+    DELETE FROM {{refs}} f WHERE f.run_key = p_run_key;
+"""),
+)
+
 _APPEND_V13 = _patched(
     _APPEND_V10,
     ("""        ELSE
@@ -2037,7 +2054,7 @@ MIGRATIONS = (
         "whose row is missing with no removal recorded reports damage",
         ";\n\n".join([_REFS_V13.strip(), _REMOVE_V13.strip(), _DELETE_ITEMS_V13.strip(),
                        _APPEND_V13.strip(), _READ_WITH_ITEMS_V13.strip(),
-                       _REBUILD_RUN_V13.strip()]),
+                       _REBUILD_RUN_V13.strip(), _DELETE_RUN_V13.strip()]),
     ),
 )
 """Every schema version, oldest first. A released migration is never edited: changes come

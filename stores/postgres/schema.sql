@@ -4252,6 +4252,33 @@ BEGIN
 END
 $fn$;
 
+CREATE OR REPLACE FUNCTION "public"."fc_delete_run"(p_run_key text, p_token text)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_result bigint;
+BEGIN
+    -- A retry of this call (same token) waits here for the call it repeats to end.
+    PERFORM pg_advisory_xact_lock(26211, hashtext(p_token));
+    SELECT o.result INTO v_result FROM "public"."fc_ops" o WHERE o.token = p_token;
+    IF FOUND THEN
+        RETURN v_result;
+    END IF;
+    -- The row first (its checkpoints and labels follow by cascade), then the run's items.
+    DELETE FROM "public"."fc_runs" r WHERE r.run_key = p_run_key RETURNING r.checkpoint_count INTO v_result;
+    IF NOT FOUND THEN
+        PERFORM pg_advisory_xact_lock(26212, hashtext(p_run_key));
+        DELETE FROM "public"."fc_runs" r WHERE r.run_key = p_run_key
+        RETURNING r.checkpoint_count INTO v_result;
+    END IF;
+    DELETE FROM "public"."fc_refs" f WHERE f.run_key = p_run_key;
+    DELETE FROM "public"."fc_items" i WHERE i.run_key = p_run_key;
+    INSERT INTO "public"."fc_ops" (token, result, expires_at)
+    VALUES (p_token, coalesce(v_result, 0), extract(epoch FROM clock_timestamp()) + 300);
+    RETURN coalesce(v_result, 0);
+END
+$fn$;
+
 INSERT INTO "public"."fc_migrations" (version, description) VALUES (13, 'the store records its removals of items a checkpoint names; a read naming an item whose row is missing with no removal recorded reports damage');
 
 COMMIT;

@@ -165,13 +165,13 @@ async def _waiting(watcher: asyncpg.Connection, count: int) -> None:
         await anyio.sleep(0.01)
 
 
-async def _delete_items_while_appending(
-    store: PostgresStore, postgres: PostgresTarget, run: RunRecord,
-    block: Callable[[asyncpg.Connection], Awaitable[None]],
-    append: Callable[[], Awaitable[object]],
+async def _while_appending(
+    postgres: PostgresTarget, block: Callable[[asyncpg.Connection], Awaitable[None]],
+    append: Callable[[], Awaitable[object]], meanwhile: Callable[[], Awaitable[object]],
 ) -> None:
-    """``append`` (naming ``k``) stopped by the lock ``block`` takes, after it checked its refs;
-    ``delete_items(k)`` meanwhile; then the lock given up and both let finish."""
+    """``append`` stopped by the lock ``block`` takes, after it checked its refs; ``meanwhile``
+    run (``delete_items`` of what it names, say) until it ends or waits for a lock; then the
+    lock given up and both let finish."""
     blocker, watcher = [await asyncpg.connect(postgres.url()) for _ in range(2)]
     try:
         transaction = blocker.transaction()
@@ -180,9 +180,9 @@ async def _delete_items_while_appending(
         async with anyio.create_task_group() as group:
             group.start_soon(append)
             await _waiting(watcher, 1)
-            group.start_soon(store.delete_items, key_of(run), ["k"])
+            group.start_soon(meanwhile)
             with anyio.move_on_after(1):
-                await _waiting(watcher, 2)  # it waits for the append (before the fix: it ran)
+                await _waiting(watcher, 2)  # it waits for the append (or ran to its end)
             await transaction.rollback()
     finally:
         await blocker.close()
@@ -207,8 +207,8 @@ async def test_an_append_naming_what_a_concurrent_delete_items_removes_reads_it_
     with anyio.fail_after(_DEADLINE):
         await _append_items(store, run, 0)
         await store.put_items(key, [make_item("k")], now=T0)
-        await _delete_items_while_appending(store, postgres, run, block, lambda: _append_items(
-            store, run, 1, refs=["k"], keep_latest=1))
+        await _while_appending(postgres, block, lambda: _append_items(
+            store, run, 1, refs=["k"], keep_latest=1), lambda: store.delete_items(key, ["k"]))
         found = await store.read_with_items(key, sequence=1, now=T0)
         counts = await _counts(postgres, schema)
     assert found is not None
@@ -224,22 +224,28 @@ async def test_a_first_append_naming_what_a_concurrent_delete_items_removes_read
     waits on the lock of the run key the first append takes."""
     run = make_run("delete-while-starting")
     key = key_of(run)
-    names = Names(schema, "fc_")
-
-    async def block(blocker: asyncpg.Connection) -> None:
-        await blocker.execute(names.render(
-            "INSERT INTO {items} (run_key, key, value) VALUES ($1, $2, $3)"), key, b"x", b"v")
-
     with anyio.fail_after(_DEADLINE):
         await store.put_items(key, [make_item("k")], now=T0)
-        await _delete_items_while_appending(store, postgres, run, block, lambda: _append_items(
-            store, run, 0, refs=["k", "x"], items=[make_item("x")]))
+        await _while_appending(
+            postgres, _inserting_x(Names(schema, "fc_"), key),
+            lambda: _append_items(store, run, 0, refs=["k", "x"], items=[make_item("x")]),
+            lambda: store.delete_items(key, ["k"]))
         found = await store.read_with_items(key, sequence=0, now=T0)
         counts = await _counts(postgres, schema)
     assert found is not None
     assert found[2] == {"x": b"value-x"}
     assert counts == [("k", 1, True), ("x", 1, False)]
 
+
+def _inserting_x(names: Names, key: str) -> Callable[[asyncpg.Connection], Awaitable[None]]:
+    """A lock an append writing the item ``x`` of run key ``key`` waits for after its refs
+    check: another transaction's insert of ``x``."""
+
+    async def block(blocker: asyncpg.Connection) -> None:
+        await blocker.execute(names.render(
+            "INSERT INTO {items} (run_key, key, value) VALUES ($1, $2, $3)"), key, b"x", b"v")
+
+    return block
 
 async def test_rebuild_run_keeps_the_removals_recorded(
     store: PostgresStore, postgres: PostgresTarget, schema: str
@@ -266,3 +272,24 @@ async def test_rebuild_run_keeps_the_removals_recorded(
     assert found is not None
     assert found[2] == {"b/b": b"value-b/b"}
     assert counts == [("b/a", 1, True), ("b/b", 1, False), ("o", 1, True)]
+
+
+async def test_delete_run_of_a_run_without_a_row_during_its_first_append_is_no_damage(
+    store: PostgresStore, postgres: PostgresTarget, schema: str
+) -> None:
+    """``delete_run`` of a run that has items but no row yet, while the run's first append
+    (naming one of them) is between its refs check and its commit: the removal must be ordered
+    with the append (it removes the new life whole, or the append finds the item gone), never
+    leave the append's checkpoint naming an item removed without a record."""
+    run = make_run("deleted-while-starting")
+    key = key_of(run)
+    with anyio.fail_after(_DEADLINE):
+        await store.put_items(key, [make_item("k")], now=T0)
+        await _while_appending(
+            postgres, _inserting_x(Names(schema, "fc_"), key),
+            lambda: _append_items(store, run, 0, refs=["k", "x"], items=[make_item("x")]),
+            lambda: store.delete_run(key))
+        found = await store.read_with_items(key, sequence=0, now=T0)
+        left = await store.get_items(key, ["k", "x"], now=T0)
+    assert found is None  # the run's first life went whole with delete_run
+    assert left == {}
