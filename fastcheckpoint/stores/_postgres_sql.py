@@ -1904,6 +1904,70 @@ _DELETE_RUN_V13 = _patched(
 """),
 )
 
+# The cleanup's purge of expired items no count names judged "no count" in its own snapshot,
+# which misses the count of an append in flight that checked the item live (by its clock,
+# earlier than the cleanup's): the item went from under that append's checkpoint with no
+# record (a read then reported damage). It now removes them run by run, each under the run's
+# lock taken without waiting (the row shared, or for a run without a row the lock a first
+# append takes), in a statement after the lock (which sees the counts of the appends that
+# committed meanwhile); an append after it waits for it and finds the item gone. A run whose
+# lock is taken (a write in flight) is left for the next cleanup, and does not keep this one
+# from being done: never a wait here (two purges lock runs in different orders), never a
+# cleanup spinning on a run held by a slow transaction.
+_PURGE_V13 = _patched(
+    _function(_PURGE_V1, "purge"),
+    ("CREATE FUNCTION {purge}(", "CREATE OR REPLACE FUNCTION {purge}("),
+    ("    v_count bigint;\n", "    v_count bigint;\n    v_busy text[] := '{{}}';\n"),
+    ("""    IF v_budget > 0 THEN
+        WITH gone AS (
+            DELETE FROM {items} i
+             WHERE (i.run_key, i.key) IN (
+                 SELECT e.run_key, e.key FROM {items} e
+                  WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now
+                    AND NOT EXISTS (SELECT 1 FROM {refs} f
+                                     WHERE f.run_key = e.run_key AND f.key = e.key)
+                  LIMIT v_budget)
+            RETURNING 1)
+        SELECT v_budget - count(*) INTO v_budget FROM gone;
+    END IF;
+""", """    LOOP
+        EXIT WHEN v_budget <= 0;
+        SELECT e.run_key INTO v_key FROM {items} e
+         WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now
+           AND NOT (e.run_key = ANY (v_busy))
+           AND NOT EXISTS (SELECT 1 FROM {refs} f WHERE f.run_key = e.run_key AND f.key = e.key)
+         LIMIT 1;
+        EXIT WHEN NOT FOUND;
+        PERFORM 1 FROM {runs} x WHERE x.run_key = v_key FOR SHARE SKIP LOCKED;
+        IF NOT FOUND AND (EXISTS (SELECT 1 FROM {runs} x WHERE x.run_key = v_key)
+                          OR NOT pg_try_advisory_xact_lock(26212, hashtext(v_key))) THEN
+            v_busy := v_busy || v_key;
+            CONTINUE;
+        END IF;
+        WITH gone AS (
+            DELETE FROM {items} i
+             WHERE (i.run_key, i.key) IN (
+                 SELECT e.run_key, e.key FROM {items} e
+                  WHERE e.run_key = v_key
+                    AND e.expires_at IS NOT NULL AND e.expires_at <= p_now
+                    AND NOT EXISTS (SELECT 1 FROM {refs} f
+                                     WHERE f.run_key = e.run_key AND f.key = e.key)
+                  LIMIT v_budget)
+            RETURNING 1)
+        SELECT count(*) INTO v_count FROM gone;
+        IF v_count = 0 THEN
+            v_busy := v_busy || v_key;  -- named by an append that committed meanwhile
+        END IF;
+        v_budget := v_budget - v_count::integer;
+    END LOOP;
+"""),
+    ("""                         WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now
+                           AND NOT EXISTS (SELECT 1 FROM {refs} f""",
+     """                         WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now
+                           AND NOT (e.run_key = ANY (v_busy))
+                           AND NOT EXISTS (SELECT 1 FROM {refs} f"""),
+)
+
 _APPEND_V13 = _patched(
     _APPEND_V10,
     ("""        ELSE
@@ -2054,7 +2118,8 @@ MIGRATIONS = (
         "whose row is missing with no removal recorded reports damage",
         ";\n\n".join([_REFS_V13.strip(), _REMOVE_V13.strip(), _DELETE_ITEMS_V13.strip(),
                        _APPEND_V13.strip(), _READ_WITH_ITEMS_V13.strip(),
-                       _REBUILD_RUN_V13.strip(), _DELETE_RUN_V13.strip()]),
+                       _REBUILD_RUN_V13.strip(), _DELETE_RUN_V13.strip(),
+                       _PURGE_V13.strip()]),
     ),
 )
 """Every schema version, oldest first. A released migration is never edited: changes come

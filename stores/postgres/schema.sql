@@ -4279,6 +4279,113 @@ BEGIN
 END
 $fn$;
 
+CREATE OR REPLACE FUNCTION "public"."fc_purge"(p_now double precision, p_limit integer,
+                        OUT removed bigint, OUT done boolean)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_budget integer := greatest(p_limit, 1);
+    v_server_now double precision := extract(epoch FROM clock_timestamp());
+    v_key text;
+    v_count bigint;
+    v_busy text[] := '{}';
+    r "public"."fc_runs"%ROWTYPE;
+BEGIN
+    removed := 0;
+    FOR v_key IN
+        SELECT x.run_key FROM "public"."fc_runs" x WHERE x.purge_at IS NOT NULL AND x.purge_at <= p_now
+         ORDER BY x.purge_at LIMIT v_budget
+    LOOP
+        DELETE FROM "public"."fc_runs" x WHERE x.run_key = v_key AND x.checkpoint_count = 0
+           AND NOT EXISTS (SELECT 1 FROM "public"."fc_checkpoints" c WHERE c.run_key = v_key);
+        IF FOUND THEN
+            DELETE FROM "public"."fc_refs" f WHERE f.run_key = v_key;
+            DELETE FROM "public"."fc_items" i WHERE i.run_key = v_key;
+        ELSE
+            -- A row that says its run is empty over checkpoints in place (put back from an
+            -- older copy): never taken for empty, left for repair, out of this loop.
+            UPDATE "public"."fc_runs" x SET purge_at = NULL WHERE x.run_key = v_key AND x.purge_at <= p_now;
+        END IF;
+        v_budget := v_budget - 1;
+    END LOOP;
+    FOR v_key IN
+        SELECT DISTINCT due.run_key FROM (
+            SELECT c.run_key FROM "public"."fc_checkpoints" c
+             WHERE c.expires_at IS NOT NULL AND c.expires_at <= p_now
+             ORDER BY c.expires_at LIMIT greatest(v_budget, 0)) due
+    LOOP
+        EXIT WHEN v_budget <= 0;
+        SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = v_key FOR NO KEY UPDATE;
+        CONTINUE WHEN NOT FOUND;
+        IF "public"."fc_damage"(v_key, r.run_id, r.incarnation, r.latest_sequence, r.checkpoint_count,
+                    r.expires_at) IS NOT NULL THEN
+            -- A damaged row: its expired checkpoints go by their own expiry, the row stays
+            -- as it is (never taken for the run's expiry) until a repair rebuilds it.
+            v_count := "public"."fc_remove"(v_key, ARRAY(
+                SELECT c.sequence FROM "public"."fc_checkpoints" c
+                 WHERE c.run_key = v_key AND c.expires_at <= p_now
+                 ORDER BY c.expires_at LIMIT v_budget), false);
+        ELSIF r.expires_at IS NOT NULL AND r.expires_at <= p_now THEN
+            -- The whole run expired: everything of it goes.
+            WITH gone AS (DELETE FROM "public"."fc_checkpoints" c WHERE c.run_key = v_key RETURNING 1)
+            SELECT count(*) INTO v_count FROM gone;
+            DELETE FROM "public"."fc_runs" x WHERE x.run_key = v_key;
+            DELETE FROM "public"."fc_refs" f WHERE f.run_key = v_key;
+            DELETE FROM "public"."fc_items" i WHERE i.run_key = v_key;
+        ELSE
+            v_count := "public"."fc_remove"(v_key, ARRAY(
+                SELECT c.sequence FROM "public"."fc_checkpoints" c
+                 WHERE c.run_key = v_key AND c.expires_at <= p_now
+                 ORDER BY c.expires_at LIMIT v_budget), true);
+        END IF;
+        removed := removed + v_count;
+        v_budget := v_budget - greatest(v_count, 1)::integer;
+    END LOOP;
+    LOOP
+        EXIT WHEN v_budget <= 0;
+        SELECT e.run_key INTO v_key FROM "public"."fc_items" e
+         WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now
+           AND NOT (e.run_key = ANY (v_busy))
+           AND NOT EXISTS (SELECT 1 FROM "public"."fc_refs" f WHERE f.run_key = e.run_key AND f.key = e.key)
+         LIMIT 1;
+        EXIT WHEN NOT FOUND;
+        PERFORM 1 FROM "public"."fc_runs" x WHERE x.run_key = v_key FOR SHARE SKIP LOCKED;
+        IF NOT FOUND AND (EXISTS (SELECT 1 FROM "public"."fc_runs" x WHERE x.run_key = v_key)
+                          OR NOT pg_try_advisory_xact_lock(26212, hashtext(v_key))) THEN
+            v_busy := v_busy || v_key;
+            CONTINUE;
+        END IF;
+        WITH gone AS (
+            DELETE FROM "public"."fc_items" i
+             WHERE (i.run_key, i.key) IN (
+                 SELECT e.run_key, e.key FROM "public"."fc_items" e
+                  WHERE e.run_key = v_key
+                    AND e.expires_at IS NOT NULL AND e.expires_at <= p_now
+                    AND NOT EXISTS (SELECT 1 FROM "public"."fc_refs" f
+                                     WHERE f.run_key = e.run_key AND f.key = e.key)
+                  LIMIT v_budget)
+            RETURNING 1)
+        SELECT count(*) INTO v_count FROM gone;
+        IF v_count = 0 THEN
+            v_busy := v_busy || v_key;  -- named by an append that committed meanwhile
+        END IF;
+        v_budget := v_budget - v_count::integer;
+    END LOOP;
+    -- The server's clock in a variable: compared with a volatile call, the index is unused.
+    DELETE FROM "public"."fc_ops" o WHERE o.token IN (
+        SELECT token FROM "public"."fc_ops" WHERE expires_at <= v_server_now LIMIT 1000);
+    done := NOT EXISTS (SELECT 1 FROM "public"."fc_runs" x
+                         WHERE x.purge_at IS NOT NULL AND x.purge_at <= p_now)
+        AND NOT EXISTS (SELECT 1 FROM "public"."fc_checkpoints" c
+                         WHERE c.expires_at IS NOT NULL AND c.expires_at <= p_now)
+        AND NOT EXISTS (SELECT 1 FROM "public"."fc_items" e
+                         WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now
+                           AND NOT (e.run_key = ANY (v_busy))
+                           AND NOT EXISTS (SELECT 1 FROM "public"."fc_refs" f
+                                            WHERE f.run_key = e.run_key AND f.key = e.key));
+END
+$fn$;
+
 INSERT INTO "public"."fc_migrations" (version, description) VALUES (13, 'the store records its removals of items a checkpoint names; a read naming an item whose row is missing with no removal recorded reports damage');
 
 COMMIT;

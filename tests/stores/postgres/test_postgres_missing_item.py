@@ -274,6 +274,62 @@ async def test_rebuild_run_keeps_the_removals_recorded(
     assert counts == [("b/a", 1, True), ("b/b", 1, False), ("o", 1, True)]
 
 
+async def test_the_cleanup_purging_an_expired_item_a_running_append_names_is_no_damage(
+    store: PostgresStore, postgres: PostgresTarget, schema: str
+) -> None:
+    """An append names an item written with an expiry, live at the append's time; the cleanup
+    loop, its clock later, purges expired items no count names while the append is between
+    its refs check and its commit (its count not yet visible). The item must not be taken
+    from under the append without a record: the checkpoint reads (with the item, live at its
+    time), never as damage."""
+    run = make_run("purged-while-appending")
+    key = key_of(run)
+    with anyio.fail_after(_DEADLINE):
+        await _append_items(store, run, 0)
+        await store.put_items(key, [make_item("k", expires_at=T0 + 5)], now=T0)
+        await _while_appending(
+            postgres, _inserting_x(Names(schema, "fc_"), key),
+            lambda: _append_items(store, run, 1, refs=["k", "x"], items=[make_item("x")]),
+            lambda: store.purge_expired(now=T0 + 10, limit=100))
+        found = await store.read_with_items(key, sequence=1, now=T0)
+    assert found is not None
+    assert found[2] == {"k": b"value-k", "x": b"value-x"}
+
+
+
+async def test_the_cleanup_leaves_the_expired_items_of_a_busy_run_for_its_next_pass(
+    store: PostgresStore, postgres: PostgresTarget, schema: str
+) -> None:
+    """The cleanup purges expired items only in runs whose lock it takes without waiting: a
+    run held by a write in flight keeps them until the next cleanup, and the cleanup ends
+    (never waits for that write, nor calls again and again while it lasts); the other runs'
+    go."""
+    busy, idle = make_run("busy"), make_run("idle")
+    names = Names(schema, "fc_")
+    expired = [make_item("k", expires_at=T0 + 5)]
+    blocker = await asyncpg.connect(postgres.url())
+    try:
+        with anyio.fail_after(_DEADLINE):
+            for run in (busy, idle):
+                await _append_items(store, run, 0)
+                await store.put_items(key_of(run), expired, now=T0)
+            transaction = blocker.transaction()
+            await transaction.start()
+            await blocker.execute(names.render(
+                "SELECT 1 FROM {runs} WHERE run_key = $1 FOR NO KEY UPDATE"), key_of(busy))
+            first = await store.purge_expired(now=T0 + 10, limit=100)
+            held = await blocker.fetchval(names.render(
+                "SELECT count(*) FROM {items} WHERE run_key = $1"), key_of(busy))
+            await transaction.rollback()
+            second = await store.purge_expired(now=T0 + 10, limit=100)
+            left = await blocker.fetchval(names.render("SELECT count(*) FROM {items}"))
+    finally:
+        await blocker.close()
+    assert first == (0, True)
+    assert held == 1
+    assert second == (0, True)
+    assert left == 0
+
 async def test_delete_run_of_a_run_without_a_row_during_its_first_append_is_no_damage(
     store: PostgresStore, postgres: PostgresTarget, schema: str
 ) -> None:
