@@ -1829,16 +1829,19 @@ _PUT_OWNED_ITEMS_V12 = _patched(
 # tells them from an item row deleted behind its back (an operator's DELETE, a partial
 # restore), which it reports as damage instead of returning the checkpoint without the item.
 # The record is a flag on the key's {refs} row: it goes when no held checkpoint names the key
-# any more, or with the run, and costs nothing where no such removal happens. A named key
-# whose item row is already missing is taken for one the store removed (earlier releases kept
-# no record): it reads as absent, as it did. Nothing clears a flag while the key is named (a
-# value written again at the key keeps it): an append may name a key a concurrent
-# delete_items removed, and the flag must stay for the reads of that append's checkpoint.
+# any more, or with the run, and costs nothing where no such removal happens. Nothing clears a
+# flag while the key is named (a value written again at the key keeps it): an append may name
+# a key a concurrent delete_items removed, and the flag must stay for the reads of that
+# append's checkpoint. The counts in place before this migration record nothing either way
+# (NULL, left so by the removals, read as removed): processes of the release before, running
+# beside it, remove items without a record while it runs (a removal it cannot see yet) and
+# after it (a call entered before it committed runs the function as it found it), so a named
+# item missing under such a count reads as absent, as it did; so does one already missing.
+# The counts written from here on start at false. Both statements change only the catalog.
 _REFS_V13 = r"""
-ALTER TABLE {refs} ADD COLUMN removed boolean NOT NULL DEFAULT false;
+ALTER TABLE {refs} ADD COLUMN removed boolean;
 
-UPDATE {refs} f SET removed = true
- WHERE NOT EXISTS (SELECT 1 FROM {items} i WHERE i.run_key = f.run_key AND i.key = f.key)
+ALTER TABLE {refs} ALTER COLUMN removed SET DEFAULT false
 """
 
 # Records the removal of the keys in ``v_gone_keys`` a held checkpoint names (one probe of the
@@ -2014,7 +2017,8 @@ _READ_WITH_ITEMS_V13 = _patched(
 )
 
 # rebuild_run counts the references again: the removals recorded stay recorded, and a key
-# counted anew whose item row is missing is taken for a removal, as migration 13 did.
+# counted anew (or by a count of before this migration, which recorded nothing) is taken for a
+# removal when its item row is missing, and records none when it is in place.
 _REBUILD_RUN_V13 = _patched(
     _REBUILD_RUN_V10,
     ("    v_labels bytea[];\nBEGIN\n",

@@ -3691,10 +3691,9 @@ $fn$;
 
 INSERT INTO "public"."fc_migrations" (version, description) VALUES (12, 'an owned-item upsert''s first try delivered late, after its retry, is a no-op');
 
-ALTER TABLE "public"."fc_refs" ADD COLUMN removed boolean NOT NULL DEFAULT false;
+ALTER TABLE "public"."fc_refs" ADD COLUMN removed boolean;
 
-UPDATE "public"."fc_refs" f SET removed = true
- WHERE NOT EXISTS (SELECT 1 FROM "public"."fc_items" i WHERE i.run_key = f.run_key AND i.key = f.key);
+ALTER TABLE "public"."fc_refs" ALTER COLUMN removed SET DEFAULT false;
 
 CREATE OR REPLACE FUNCTION "public"."fc_remove"(p_run_key text, p_sequences bigint[], p_count_run boolean)
 RETURNS bigint LANGUAGE plpgsql AS $fn$

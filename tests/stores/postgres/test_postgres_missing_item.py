@@ -46,7 +46,7 @@ async def _delete_row(postgres: PostgresTarget, schema: str, key: str) -> None:
     assert done == "DELETE 1"
 
 
-async def _counts(postgres: PostgresTarget, schema: str) -> list[tuple[str, int, bool]]:
+async def _counts(postgres: PostgresTarget, schema: str) -> list[tuple[str, int, bool | None]]:
     """Every reference count: ``(key, holders, removed)``."""
     connection = await asyncpg.connect(postgres.url())
     try:
@@ -118,8 +118,10 @@ async def test_a_version_12_schema_keeps_reading_what_the_store_removed(
 ) -> None:
     """An owned item removed with its owner and an item removed by ``delete_items`` at schema
     version 12, while a checkpoint named them, left no record: upgraded by ``provision`` (what
-    ``fastcheckpoint init`` runs), the schema reads them as absent, as before; an item row
-    deleted by hand after the upgrade is damage."""
+    ``fastcheckpoint init`` runs), the schema reads them as absent, as before. The counts of
+    version 12 record nothing either way (a process of the release before may still remove
+    their items unrecorded), so an item row deleted by hand under one of them reads as absent
+    too; one under a count written after the upgrade is damage."""
     schema = unique_schema()
     url = f"{postgres.url()}?schema={schema}"
     run = make_run("from-v12")
@@ -144,7 +146,10 @@ async def test_a_version_12_schema_keeps_reading_what_the_store_removed(
                 lines = await store.provision()
                 found = await store.read_with_items(key, sequence=1, now=T0)
                 await _delete_row(postgres, schema, "b/b")
-                with pytest.raises(CorruptCheckpointError, match="b/b"):
+                unknown = await store.read_with_items(key, sequence=1, now=T0)
+                await _append_items(store, run, 2, refs=["n"], items=[make_item("n")])
+                await _delete_row(postgres, schema, "n")
+                with pytest.raises(CorruptCheckpointError, match="'n'"):
                     await store.read_with_items(key, sequence=None, now=T0)
                 counts = await _counts(postgres, schema)
         finally:
@@ -154,7 +159,9 @@ async def test_a_version_12_schema_keeps_reading_what_the_store_removed(
     assert lines[0] == f"applied migration 13: {MIGRATIONS[12].description}"
     assert found is not None
     assert found[2] == {"b/b": b"value-b/b"}
-    assert counts == [("b/a", 1, True), ("b/b", 1, False), ("o", 1, True)]
+    assert unknown is not None
+    assert unknown[2] == {}
+    assert counts == [("b/a", 1, None), ("b/b", 1, None), ("n", 1, False), ("o", 1, None)]
 
 
 async def _waiting(watcher: asyncpg.Connection, count: int) -> None:
@@ -349,3 +356,66 @@ async def test_delete_run_of_a_run_without_a_row_during_its_first_append_is_no_d
         left = await store.get_items(key, ["k", "x"], now=T0)
     assert found is None  # the run's first life went whole with delete_run
     assert left == {}
+
+
+async def test_removals_by_the_release_before_during_the_upgrade_are_no_damage(
+    postgres: PostgresTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Processes of the release before run on beside ``init`` (their functions are replaced in
+    place). A ``delete_items`` of theirs whose transaction was open while migration 13 ran
+    (its removal not yet visible to it), and one entered before the migration committed that
+    removes after it (running the function as it was when called): neither recorded its
+    removal, and the checkpoint naming the items must read them as absent, not as damage."""
+    schema = unique_schema()
+    url = f"{postgres.url()}?schema={schema}"
+    names = Names(schema, "fc_")
+    run = make_run("removed-while-upgrading")
+    key = key_of(run)
+    connection, open_call, entered, watcher = [
+        await asyncpg.connect(postgres.url()) for _ in range(4)]
+    delete_items = names.render("SELECT {delete_items}($1, $2::bytea[], $3)")
+    try:
+        await _migrate_to(connection, names, 12)
+        with monkeypatch.context() as at_v12:
+            at_v12.setattr(postgres_module, "_LATEST", 12)
+            old = PostgresStore.from_url(url)
+            try:
+                with anyio.fail_after(_DEADLINE):
+                    await _append_items(old, run, 0, refs=["a", "b", "c"],
+                                        items=[make_item(k) for k in "abc"])
+            finally:
+                await old.aclose()
+        store = PostgresStore.from_url(url)
+        try:
+            with anyio.fail_after(_DEADLINE):
+                # Removed by a transaction still open while the migration runs.
+                transaction = open_call.transaction()
+                await transaction.start()
+                await open_call.execute(delete_items, key, [b"a"], "open-call")
+                # Entered before the migration commits, held up by its token's lock.
+                await connection.execute("SELECT pg_advisory_lock(26211, hashtext('late'))")
+                async with anyio.create_task_group() as group:
+                    group.start_soon(entered.execute, delete_items, key, [b"b"], "late")
+                    await _waiting(watcher, 1)
+                    upgraded = anyio.Event()
+
+                    async def upgrade() -> None:
+                        await store.provision()
+                        upgraded.set()
+
+                    group.start_soon(upgrade)
+                    with anyio.move_on_after(1):
+                        await upgraded.wait()
+                    await transaction.commit()
+                    await upgraded.wait()
+                    await connection.execute(
+                        "SELECT pg_advisory_unlock(26211, hashtext('late'))")
+                found = await store.read_with_items(key, sequence=0, now=T0)
+        finally:
+            await store.aclose()
+    finally:
+        for each in (connection, open_call, entered, watcher):
+            await each.close()
+        await drop_schema(postgres, schema)
+    assert found is not None
+    assert found[2] == {"c": b"value-c"}
