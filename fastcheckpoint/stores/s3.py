@@ -178,6 +178,9 @@ rather than acknowledged without it."""
 _READ_PAGE = 100
 """``MaxKeys`` of the listing behind ``read_with_items(sequence=None)``: the newest
 checkpoints with the items they own, in one LIST."""
+_SLOT_PAGE = 4
+"""``MaxKeys`` of the listing behind ``put_owned_items``'s owner check: the slot and its
+marker, and room for a leftover duplicate, before the markers of the items it owns."""
 _REFS_CACHE = 4096
 """Slots whose refs this process remembers for sweeps (a slot never changes under its ETag)."""
 _STORE = "S3Store"
@@ -2600,11 +2603,13 @@ class S3Store(ExpiryCleanup):
                                                     now)
 
     async def _read_at(
-        self, io: Bucket, run_key: str, sequence: int, now: float, seen: set[str]
+        self, io: Bucket, run_key: str, sequence: int, now: float, seen: set[str],
+        *, owned: bool = True,
     ) -> tuple[StoredCheckpoint, str, tuple[str, ...], str, list[str]] | None:
         """What ``get`` returns, with the refs that may have items nested under them, the
         slot's ETag and the hex keys of the items the checkpoint owns (their markers are
-        under its slot key: listed in the same round trip)."""
+        under its slot key: listed in the same round trip). Without ``owned`` the listing
+        stops at those markers (see :func:`_slot_markers`) and no hex keys are returned."""
         if not layout.valid_sequence(sequence):
             return None
         slot = layout.slot_key(run_key, sequence)
@@ -2614,7 +2619,8 @@ class S3Store(ExpiryCleanup):
                 functools.partial(io.get, slot),
                 functools.partial(_damage_as_value, self._read_state, io, run_key),
             ),
-            functools.partial(io.list, slot),
+            functools.partial(io.list, slot) if owned else functools.partial(
+                _slot_markers, io, slot),
         )
         view = _parse_run_listing(run_key, entries).slots.get(sequence)
         if found is not None and (view is None or view.slot_etag is None):
@@ -2713,18 +2719,20 @@ class S3Store(ExpiryCleanup):
         if not layout.valid_sequence(owner):
             return False
         io = await self._objects()
-        slot = layout.slot_key(run_key, owner)
-        # The owner check (slot and run object, as ``get`` reads them) and what the keys hold
-        # now, in one round trip; then every write in another.
-        (found, state), stored = await pair(
-            functools.partial(
-                pair,
-                functools.partial(io.get, slot),
-                functools.partial(_damage_as_value, self._read_state, io, run_key),
-            ),
+        # The owner check and what the keys hold now, in one round trip; then every write in
+        # another. The check is a read of the checkpoint, as ``get`` makes it: the slot and
+        # the run object, and a LIST of the slot's keys beside them. A GET cannot tell a
+        # pending slot (owning items, its marker not written yet: its create may still be
+        # taken back) from a checkpoint; the listing shows its marker missing, and the call
+        # then writes nothing, as for an owner that is gone. Checking before writing is what
+        # keeps this call from ever deleting what it wrote: a take-back of items written
+        # for a pending owner could not tell them from those of the owner's own create,
+        # which may be acknowledged by then.
+        accepted, stored = await pair(
+            functools.partial(self._afresh, run_key, functools.partial(
+                self._read_at, io, run_key, owner, now, set(), owned=False)),
             functools.partial(self._stored_items, io, run_key, list(given)),
         )
-        accepted = await self._accept_read(io, run_key, owner, found, state, now)
         if accepted is None or accepted[0].checkpoint_id != checkpoint_id:
             return False
         record = accepted[0]
@@ -4497,6 +4505,17 @@ def _spared(doomed: dict[str, str], spared: set[str]) -> dict[str, str]:
 def _held(hex_key: str, named: set[str] | frozenset[str]) -> bool:
     """Whether the item ``hex_key`` is named, or nested under an item that is."""
     return hex_key in named or layout.nested_under(hex_key, named)
+
+
+async def _slot_markers(io: Bucket, slot: str) -> list[Listed]:
+    """The keys under ``slot`` up to its own markers: the slot, its listing marker (or
+    tombstone) and leftover duplicates, which sort before the markers of the items the
+    checkpoint owns (``w``). The LIST stops at the first of those, so a checkpoint owning
+    many items costs one request all the same; they are left out of what is returned."""
+    owned = f"{slot}/w"
+    found, _ = await io.scan(slot, first=_SLOT_PAGE,
+                             until=lambda entries: entries[-1].key >= owned)
+    return [entry for entry in found if entry.key < owned]
 
 
 def _owned_by(body: layout.ItemBody, record: StoredCheckpoint) -> bool:

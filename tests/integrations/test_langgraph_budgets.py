@@ -51,11 +51,12 @@ BUDGETS: dict[str, dict[str, dict[str, int]]] = {
     # trips of concurrent requests (docs/integrations/langgraph.md states them per call).
     # aput: slot, marker, location item and its marker, one PUT per changed value (4 + 1),
     # and 2 GETs of checks. aput_writes: the checkpoint's slot and run object plus each
-    # write's current object (2 + 2 GETs), then each write and its marker (2 x 2 PUTs).
+    # write's current object (2 + 2 GETs) with a LIST of the slot's keys (is the checkpoint
+    # pending?), then each write and its marker (2 x 2 PUTs).
     # aget_tuple: the run's head (1 LIST), the slot, then the location item, each channel
     # value and each write (1 + 1 + 2 + 2 GETs).
     "s3": {"aput": {"PutObject": 5, "GetObject": 3},
-           "aput_writes": {"GetObject": 4, "PutObject": 4},
+           "aput_writes": {"GetObject": 4, "ListObjectsV2": 1, "PutObject": 4},
            "aget_tuple": {"ListObjectsV2": 1, "GetObject": 6}},
 }
 

@@ -304,8 +304,9 @@ async def test_request_counts_of_checkpoints_with_items(s3_store: S3Store) -> No
     # after the other: the slots, then what they owned (a reader finding an item gone
     # checks that its checkpoint's slot stands).
     assert pruning.counts == {"PutObject": 6, "GetObject": 3, "DeleteObjects": 2}
-    # The owner check (slot and run object) with the item as it is, then item and marker.
-    assert owned.counts == {"GetObject": 3, "PutObject": 2}
+    # The owner check (slot and run object, and a LIST of the slot's keys: is its marker
+    # there, or is it pending?) with the item as it is, then item and marker.
+    assert owned.counts == {"GetObject": 3, "ListObjectsV2": 1, "PutObject": 2}
     # The head of the run (its markers list what the newest checkpoint owns), the slot,
     # then the 4 items (2 named, 2 owned) at once. The run object lists no name as having
     # nested items: nothing is listed under them.

@@ -1,10 +1,11 @@
 """S3 store: pending slots (an append with owned items between its commit and its marker).
 A create is acknowledged only once its checkpoint reads whole, a pending slot's checkpoint
-is read by no path, and nothing removes the items of a pending slot whose writer may still
-write its marker."""
+is read by no path (nor written items for: ``put_owned_items`` refuses it), and nothing
+removes the items of a pending slot whose writer may still write its marker."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -13,8 +14,9 @@ import pytest
 from fastcheckpoint.errors import StoreUnavailableError
 from fastcheckpoint.stores import _s3_io
 from fastcheckpoint.stores import _s3_layout as layout
+from fastcheckpoint.stores._aws import RequestCounter
 from fastcheckpoint.stores.s3 import S3Store
-from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_item, make_run
+from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_item, make_run
 from fastcheckpoint.testing._adapter import _append_items
 from tests.stores._moto import moto_endpoint
 from tests.stores.s3.test_s3 import DEADLINE
@@ -41,6 +43,27 @@ async def _pending_at_1(writer: S3Store, run: Any, monkeypatch: pytest.MonkeyPat
         with pytest.raises(_Killed):
             await _append_items(writer, run, 1, refs=[],
                                 items=[make_item(name, owner=1) for name in _OWNED])
+    finally:
+        monkeypatch.undo()
+
+
+async def _create_1_with(
+    writer: S3Store, run: Any, monkeypatch: pytest.MonkeyPatch,
+    meanwhile: Callable[[], Awaitable[None]],
+) -> None:
+    """Checkpoint 0, then checkpoint 1 owning ``_OWNED``, acknowledged: ``meanwhile`` runs
+    while 1 is pending (after its owned items, before its marker)."""
+    write_marker = writer._write_marker
+
+    async def marker_after(*args: Any, **kwargs: Any) -> Any:
+        await meanwhile()
+        return await write_marker(*args, **kwargs)
+
+    await _append_items(writer, run, 0, refs=[], items=[make_item("o/0", owner=0)])
+    monkeypatch.setattr(writer, "_write_marker", marker_after)
+    try:
+        await _append_items(writer, run, 1, refs=[],
+                            items=[make_item(name, owner=1) for name in _OWNED])
     finally:
         monkeypatch.undo()
 
@@ -103,36 +126,113 @@ async def test_the_cleanup_loop_keeps_the_items_of_a_pending_slot(
     and must read whole."""
     writer, other = stores
     run = make_run("pending-cleanup")
-    write_marker = writer._write_marker
 
-    async def others_meanwhile(*args: Any, **kwargs: Any) -> Any:
+    async def others_meanwhile() -> None:
         await _append_items(other, run, 2, refs=[], items=[make_item("o/2", owner=2)])
         await other.purge_expired(now=T0, limit=100)
-        return await write_marker(*args, **kwargs)
 
     with anyio.fail_after(DEADLINE):
-        await _append_items(writer, run, 0, refs=[], items=[make_item("o/0", owner=0)])
-        monkeypatch.setattr(writer, "_write_marker", others_meanwhile)
-        await _append_items(writer, run, 1, refs=[],
-                            items=[make_item(name, owner=1) for name in _OWNED])
-        monkeypatch.undo()
+        await _create_1_with(writer, run, monkeypatch, others_meanwhile)
         assert await _read(other, run, 1) == (1, sorted(_OWNED))
         assert await _read(other, run, None) == (2, ["o/2"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "put_owned_items checks its owner with a GET of the slot, which cannot tell a pending "
-    "slot: a LIST beside it on every call (or a round trip more for owners owning items, "
-    "every LangGraph put_writes) is a budget change left to the maintainers"))
+async def _written_for(store: S3Store, run_key: str, sequence: int, name: str) -> bool:
+    """Whether the item ``name`` or a marker of it owned by ``sequence`` is stored."""
+    io = await store._objects()
+    hex_key = layout.hex_item_key(name)
+    markers = await io.list(f"{layout.slot_key(run_key, sequence)}/w{hex_key}/")
+    return bool(markers) or await io.get(layout.item_object(run_key, hex_key)) is not None
+
+
 async def test_put_owned_items_refuses_a_pending_owner(
     stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A pending owner (its writer killed before its marker) is no checkpoint: the call
+    writes nothing for it, as for an owner that is gone."""
     writer, other = stores
     run = make_run("pending-owner")
     key = key_of(run)
     with anyio.fail_after(DEADLINE):
         await _pending_at_1(writer, run, monkeypatch)
-        pending_id = make_checkpoint(run, 1, created_at=T0).checkpoint_id
         assert not await other.put_owned_items(
-            key, [make_item("o/x", owner=1)], owner=1, checkpoint_id=pending_id,
+            key, [make_item("o/x", owner=1)], owner=1, checkpoint_id=checkpoint_id_of(run, 1),
             if_absent=True, now=T0)
+        assert not await _written_for(other, key, 1, "o/x")
+        assert await _read(other, run, None) == (0, ["o/0"])
+
+
+@pytest.mark.parametrize("if_absent", [True, False])
+async def test_put_owned_items_during_a_create_leaves_it_whole(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch, if_absent: bool,
+) -> None:
+    """Another process writes items for checkpoint 1 while its create is between its items
+    and its marker: refused, nothing written (not over the create's own item either), and
+    the create, acknowledged after it, reads with exactly its items. Once acknowledged, the
+    same call writes."""
+    writer, other = stores
+    run = make_run("pending-meanwhile")
+    key = key_of(run)
+    owner_id = checkpoint_id_of(run, 1)
+    given = [make_item("o/x", owner=1), make_item("o/a", b"other", owner=1)]
+    refused: list[bool] = []
+
+    async def others_meanwhile() -> None:
+        refused.append(not await other.put_owned_items(
+            key, given, owner=1, checkpoint_id=owner_id, if_absent=if_absent, now=T0))
+
+    with anyio.fail_after(DEADLINE):
+        await _create_1_with(writer, run, monkeypatch, others_meanwhile)
+        assert refused == [True]
+        assert not await _written_for(other, key, 1, "o/x")
+        found = await other.read_with_items(key, sequence=1, now=T0)
+        assert found is not None
+        assert found[2] == {name: make_item(name).value for name in _OWNED}
+        assert await other.put_owned_items(key, given, owner=1, checkpoint_id=owner_id,
+                                           if_absent=if_absent, now=T0)
+        found = await writer.read_with_items(key, sequence=1, now=T0)
+        assert found is not None
+        assert found[2] == {"o/a": b"value-o/a" if if_absent else b"other",
+                            "o/b": b"value-o/b", "o/x": b"value-o/x"}
+
+
+async def test_put_owned_items_lists_the_slot_beside_its_gets(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The owner check's LIST is sent with the slot's GET, in the same round trip, and it
+    stops at the markers of the items the owner owns: one LIST however many it owns."""
+    writer, other = stores
+    run = make_run("pending-budget")
+    key = key_of(run)
+    slot = layout.slot_key(key, 1)
+    events: list[str] = []
+
+    def traced(name: str) -> None:
+        original = getattr(_s3_io.Bucket, name)
+
+        async def send(bucket: Any, prefix: str, *args: Any, **kwargs: Any) -> Any:
+            if prefix != slot:
+                return await original(bucket, prefix, *args, **kwargs)
+            events.append(f"{name} sent")
+            try:
+                return await original(bucket, prefix, *args, **kwargs)
+            finally:
+                events.append(f"{name} answered")
+
+        monkeypatch.setattr(_s3_io.Bucket, name, send)
+
+    with anyio.fail_after(DEADLINE):
+        await _append_items(writer, run, 0, refs=[], items=[make_item("o/0", owner=0)])
+        await _append_items(writer, run, 1, refs=[],
+                            items=[make_item(f"o/{n}", owner=1) for n in range(8)])
+        traced("get")
+        traced("scan")
+        client = await other.client()
+        with RequestCounter.attached(client) as counted:
+            assert await other.put_owned_items(
+                key, [make_item("o/x", owner=1)], owner=1,
+                checkpoint_id=checkpoint_id_of(run, 1), if_absent=True, now=T0)
+        monkeypatch.undo()
+    assert sorted(events[:2]) == ["get sent", "scan sent"]
+    assert sorted(events[2:]) == ["get answered", "scan answered"]
+    assert counted.counts == {"GetObject": 3, "ListObjectsV2": 1, "PutObject": 2}
