@@ -149,7 +149,11 @@ class Slot(msgspec.Struct, array_like=True, frozen=True):
     """The write token of the checkpoint at the sequence before, as its writer knew it (empty
     when it knew none): a create whose slot landed in a key a pruning had freed tells, from
     the next slot, whether that slot follows it or the checkpoint the key held before (see
-    ``S3Store._follows``)."""
+    ``S3Store._follows``). Where the sequence before holds a tombstone whose ``after`` the
+    writer knows (its own ``delete`` wrote it), that tombstone's ``after``: the chain goes
+    through deleted checkpoints, whose tombstones pruning removes. A tombstone's is that of
+    the slot it replaced (read by the delete, empty in tombstones of earlier releases), so
+    the chain outlives the delete."""
 
 
 class Listing(msgspec.Struct, array_like=True, frozen=True):

@@ -436,6 +436,19 @@ class _Log:
     """Write tokens of the pending slots the listing showed (see ``Slot.owns``): not
     checkpoints yet, but an append right after one names it as its predecessor
     (``Slot.after``), as it is the one its writer will make a checkpoint of."""
+    buried: dict[int, bytes] = field(default_factory=dict)
+    """The newest tombstone this process's ``delete`` wrote, with the ``after`` it carries:
+    an append right after it names that (``Slot.after``), so that the chain of
+    predecessors goes through the deleted checkpoint once pruning removed its tombstone."""
+
+    def named_before(self, sequence: int) -> bytes:
+        """What an append at ``sequence`` names as its predecessor (``Slot.after``): the
+        checkpoint before it, a pending slot there, or what a tombstone there this process
+        wrote names; empty when this process knows none of them."""
+        before = self.held.get(sequence - 1)
+        if before is not None:
+            return before.token
+        return self.pending.get(sequence - 1, self.buried.get(sequence - 1, b""))
 
     def add(self, sequence: int, entry: _Entry) -> None:
         self.held[sequence] = entry
@@ -1186,9 +1199,7 @@ class S3Store(ExpiryCleanup):
             cached = await self._prepare(io, run_key, record, run, keep_latest, now, nests)
         assert cached.state is not None
         log = cached.log
-        before = None if log is None else log.held.get(record.sequence - 1)
-        after = before.token if before is not None else b"" if log is None else log.pending.get(
-            record.sequence - 1, b"")
+        after = b"" if log is None else log.named_before(record.sequence)
         slot = Slot(cached.state.incarnation, record.sequence, record.checkpoint_id,
                     record.created_at, record.expires_at, now, record.header, record.payload,
                     token=secrets.token_bytes(_TOKEN_BYTES), run_key=run_key,
@@ -1437,15 +1448,28 @@ class S3Store(ExpiryCleanup):
         """Whether the run goes on from ``slot``, whose key lies below the run's floor now:
         True when no slot of its life stands above it (the floor was raised over it as the
         newest; an ended life's seal may stand above until this life reaches it), the slot
-        after it was written after it (it names its token), or is a guard standing as the
-        newest; False when that slot follows another checkpoint (the key's earlier
-        occupant), or is gone while newer ones stand (pruned: this slot, older, would have
-        gone first). One LIST (of the newest keys) and one GET, sent together, on this rare
-        path only. A PUT sent again after an unheard send (``resent``) whose first send
-        landed, was built on and was pruned since brings back that very checkpoint, and the
-        next slot names its token all the same: after a resend, ``keep_latest`` (this
-        process's) or more slots above it mean it may have been pruned so (False). No other
-        checkpoint's id is given to it either way."""
+        after it was written after it (it names its token: a tombstone too, which carries
+        what the slot it replaced named), or is a guard standing as the newest; False when
+        that slot follows another checkpoint (the key's earlier occupant). When that slot is
+        gone while newer ones stand, the lowest of them tells (one GET more): it names this
+        slot only through the tombstones of checkpoints deleted after it (see
+        ``Slot.after``), which pruning removed since; any other removal (pruning, expiry)
+        breaks the chain, and a key freed so may be the one this slot landed in (False).
+        One LIST (of the newest keys) and one GET, sent together, on this rare path only. A
+        PUT sent again after an unheard send (``resent``) whose first send landed, was
+        built on and was pruned since brings back that very checkpoint, and the next slot
+        names its token all the same: after a resend, ``keep_latest`` (this process's) or
+        more slots above it mean it may have been pruned so (False). No other checkpoint's
+        id is given to it either way.
+
+        Why a slot naming this one proves it landed first: a key is freed only once the
+        floor is above it and above the newest slot then (pruning and the cleanup loop
+        raise it past the newest they list), so every slot at a sequence above a freed key
+        either was written before that key was freed (before this slot, had it landed
+        there late: it cannot know its random token) or at or above that floor, after a
+        slot that is not this one. Such a slot names the token of the slot before it, or
+        what the tombstone before it carries, itself copied from a slot above this one: by
+        induction, never this slot's token."""
         page = 8  # the newest keys: room for a few ended lives' seals (slot and marker each)
         following = slot.sequence + 1
         found = await _error_as_value(
@@ -1464,18 +1488,28 @@ class S3Store(ExpiryCleanup):
         if head <= slot.sequence:
             return True
         if after is None:
-            return False
+            own = listed.slots.get(slot.sequence)
+            if own is None or own.slot_etag is None:
+                return False  # the slots between it and the head are not all listed
+            # Gone while newer ones stand: the lowest of them (all of them listed, as this
+            # slot is) names what came before it through the deleted checkpoints.
+            following = min(sequence for sequence in standing if sequence > slot.sequence)
+            after = await _error_as_value(io.get, layout.slot_key(run_key, following))
+            if isinstance(after, CheckpointError):
+                return after
+            if after is None:
+                return False
         try:
             occupant = layout.decode_slot(after[0], io.where(layout.slot_key(run_key, following)),
                                           run_key=run_key, sequence=following)
         except CorruptCheckpointError:
             return False
         if occupant.guards:
-            # A status change's guard, no checkpoint. Standing as the newest, it shows that
-            # no checkpoint came after this slot: a pruning that freed this key had one
-            # above it, and the newest is never removed outright (nor is a key a guard
-            # could take while a checkpoint holds it).
-            return head == following
+            # A status change's guard, no checkpoint. Standing as the newest, right after
+            # this slot, it shows that no checkpoint came after it: a pruning that freed
+            # this key had one above it, and the newest is never removed outright (nor is a
+            # key a guard could take while a checkpoint holds it).
+            return head == following == slot.sequence + 1
         if occupant.after != slot.token:
             return False
         return not resent or keep_latest is None or head - slot.sequence < keep_latest
@@ -2911,7 +2945,10 @@ class S3Store(ExpiryCleanup):
         if not layout.valid_sequence(sequence):
             return False
         io = await self._objects()
-        current = await self._load(io, run_key)
+        # The slot with the listing (one round trip): its tombstone carries what it names
+        # as its predecessor (``Slot.after``).
+        current, read = await pair(functools.partial(self._load, io, run_key),
+                                   functools.partial(io.get, layout.slot_key(run_key, sequence)))
         if current.damage is not None:
             raise current.damage
         self._adopt(run_key, current, 0)
@@ -2920,24 +2957,30 @@ class S3Store(ExpiryCleanup):
             return False
         assert view.slot_etag is not None
         listing = msgspec.structs.replace(_listing(view), header=None, token=b"")
-        tombstone_keys = await self._buried(io, run_key, view, listing, current)
-        if tombstone_keys is None:
+        buried = await self._buried(io, run_key, view, listing, current, read)
+        if buried is None:
             return False
+        tombstone_keys, after = buried
         cached = self._cache.get(run_key)
         if cached is not None and cached.log is not None:
             cached.log.garbage[sequence] = tombstone_keys
+            if sequence >= cached.log.latest:
+                cached.log.buried = {sequence: after}
         return True
 
     async def _buried(
-        self, io: Bucket, run_key: str, view: _SlotView, listing: Listing, current: _Run
-    ) -> list[str] | None:
-        """The checkpoint replaced by a tombstone (:meth:`_bury`), and what it owned or
-        marked removed (each item only while it is the one it owned: see
-        :func:`_owned_removals`); the tombstone's keys, or None when another delete won. Cut
-        short (cancelled, killed) after the tombstone, its owned items outlive it until the
-        delete is made again, the cleanup loop runs or an append prunes."""
+        self, io: Bucket, run_key: str, view: _SlotView, listing: Listing, current: _Run,
+        read: tuple[bytes, str] | None,
+    ) -> tuple[list[str], bytes] | None:
+        """The checkpoint replaced by a tombstone (:meth:`_bury`, ``read``: its slot as read
+        with the listing), and what it owned or marked removed (each item only while it is
+        the one it owned: see :func:`_owned_removals`); the tombstone's keys and the
+        ``after`` it carries, or None when another delete won. Cut short (cancelled, killed)
+        after the tombstone, its owned items outlive it until the delete is made again, the
+        cleanup loop runs or an append prunes."""
         sequence = view.sequence
-        if await self._bury(io, run_key, view, listing) is None:
+        after = await self._bury(io, run_key, view, listing, read)
+        if after is None:
             return None
         # The tombstone keeps the slot's key taken: a writer whose knowledge of the run is
         # older than this delete proposes this sequence at most, and must collide. Pruning
@@ -2954,31 +2997,50 @@ class S3Store(ExpiryCleanup):
             functools.partial(self._ask_for_sweep, io, run_key, view.names_items),
         )
         self._discard(run_key, [sequence])
-        return tombstone_keys
+        return tombstone_keys, after
 
     async def _bury(
-        self, io: Bucket, run_key: str, view: _SlotView, listing: Listing
-    ) -> str | None:
+        self, io: Bucket, run_key: str, view: _SlotView, listing: Listing,
+        read: tuple[bytes, str] | None = None,
+    ) -> bytes | None:
         """Replace a checkpoint's slot by a tombstone (``IfMatch`` on the slot listed): the
-        removal that decides between concurrent deletes. Returns the tombstone's ETag, or
-        None when another delete won. A tombstone carries a write token, so a delete whose
-        reply was lost recognises its own tombstone when the retry gets 412."""
+        removal that decides between concurrent deletes. Returns the ``after`` the tombstone
+        carries (empty when unknown), or None when another delete won. A tombstone carries a
+        write token, so a delete whose reply was lost recognises its own tombstone when the
+        retry gets 412.
+
+        The tombstone carries what the slot it replaces names as its predecessor
+        (``Slot.after``): a create whose slot is that predecessor, checking after its
+        commit that the run went on from it (:meth:`_follows`), must still find itself
+        named once the checkpoint after it is deleted. So the slot is read first (``read``,
+        when the caller read it with its listing; 1 GET otherwise); one that is not the
+        slot listed any more (another ETag, or gone) is one the ``IfMatch`` would refuse:
+        another delete won."""
         assert view.slot_etag is not None
         key = layout.slot_key(run_key, view.sequence)
+        if read is None or read[1] != view.slot_etag:
+            read = await io.get(key)
+        if read is None or read[1] != view.slot_etag:
+            return None
+        try:
+            after = layout.decode_slot(read[0], io.where(key), run_key=run_key,
+                                       sequence=view.sequence).after
+        except CorruptCheckpointError:
+            after = b""  # a damaged slot names nothing that can be told: buried all the same
         token = secrets.token_bytes(_TOKEN_BYTES)
         tombstone = Slot(listing.incarnation, view.sequence, listing.checkpoint_id,
                          listing.created_at, listing.expires_at, listing.appended_at, b"", b"",
                          tombstone=True, token=token, run_key=run_key,
-                         replaced=_listing(view).token)
+                         replaced=_listing(view).token, after=after)
         etag = await io.put(key, layout.encode(tombstone), if_match=view.slot_etag)
         if etag is not None:
-            return etag
+            return after
         found = await io.get(key)
         if found is None:
             return None
         slot = layout.decode_slot(found[0], io.where(key), run_key=run_key,
                                   sequence=view.sequence)
-        return found[1] if slot.tombstone and slot.token == token else None
+        return after if slot.tombstone and slot.token == token else None
 
     @holds_clients
     async def delete_run(self, run_key: str) -> int:

@@ -53,16 +53,18 @@ async def test_removing_owned_items_reads_only_those_the_process_did_not_write(
         left = await other.get_items(key, [f"w/{s}/{n}" for s in range(5) for n in range(2)],
                                      now=T0)
 
-    # The head of the run (the run object is cached), the tombstone and its marker, then
-    # the marker, the items and their markers each with the ETag it wrote.
-    assert deleted.counts == {"ListObjectsV2": 1, "PutObject": 2, "DeleteObjects": 1}
+    # The head of the run (the run object is cached) with the slot (what it names as its
+    # predecessor goes into its tombstone), the tombstone and its marker, then the marker,
+    # the items and their markers each with the ETag it wrote.
+    assert deleted.counts == {"ListObjectsV2": 1, "GetObject": 1, "PutObject": 2,
+                              "DeleteObjects": 1}
     # The commit with its 304, the marker with the second 304; the floor; the slot, then
     # what it owned.
     assert pruned.counts == {"PutObject": 3, "GetObject": 2, "DeleteObjects": 2}
-    # The run object (never read by this process) and the 2 items, read with the
-    # tombstone's marker PUT.
+    # The slot and the run object (never read by this process), and the 2 items, read with
+    # the tombstone's marker PUT.
     assert deleted_elsewhere.counts == {
-        "ListObjectsV2": 1, "GetObject": 3, "PutObject": 2, "DeleteObjects": 1}
+        "ListObjectsV2": 1, "GetObject": 4, "PutObject": 2, "DeleteObjects": 1}
     # The commit with its 304, the marker with the second 304 (the floor is above 3
     # already), + 2 GET: the items of 3, known from a listing; then the slot, then what it
     # owned.
