@@ -150,10 +150,10 @@ class Slot(msgspec.Struct, array_like=True, frozen=True):
     when it knew none): a create whose slot landed in a key a pruning had freed tells, from
     the next slot, whether that slot follows it or the checkpoint the key held before (see
     ``S3Store._follows``). Where the sequence before holds a tombstone whose ``after`` the
-    writer knows (its own ``delete`` wrote it), that tombstone's ``after``: the chain goes
-    through deleted checkpoints, whose tombstones pruning removes. A tombstone's is that of
-    the slot it replaced (read by the delete, empty in tombstones of earlier releases), so
-    the chain outlives the delete."""
+    writer knows (its marker shows it, or its own ``delete`` wrote it), that tombstone's
+    ``after``: the chain goes through deleted checkpoints, whose tombstones pruning
+    removes. A tombstone's is that of the slot it replaced (read by the delete, empty in
+    tombstones of earlier releases), so the chain outlives the delete."""
 
 
 class Listing(msgspec.Struct, array_like=True, frozen=True):
@@ -165,7 +165,9 @@ class Listing(msgspec.Struct, array_like=True, frozen=True):
     expires_at: float | None
     appended_at: float
     header: bytes | None = None  # None in an "l" marker: the header is in the marker's body
-    token: bytes = b""  # the slot's write token
+    token: bytes = b""
+    """The slot's write token; a tombstone's marker carries the tombstone's ``Slot.after``
+    instead (empty in those of earlier releases): its own token identifies no checkpoint."""
     refs: bool = False  # the slot names shared items: its removal calls for a sweep
 
 

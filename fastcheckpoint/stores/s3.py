@@ -437,14 +437,15 @@ class _Log:
     checkpoints yet, but an append right after one names it as its predecessor
     (``Slot.after``), as it is the one its writer will make a checkpoint of."""
     buried: dict[int, bytes] = field(default_factory=dict)
-    """The newest tombstone this process's ``delete`` wrote, with the ``after`` it carries:
-    an append right after it names that (``Slot.after``), so that the chain of
-    predecessors goes through the deleted checkpoint once pruning removed its tombstone."""
+    """The newest tombstone the listing showed (its marker's token) or this process's
+    ``delete`` wrote, with the ``after`` it carries: an append right after it names that
+    (``Slot.after``), so that the chain of predecessors goes through the deleted checkpoint
+    once pruning removed its tombstone."""
 
     def named_before(self, sequence: int) -> bytes:
         """What an append at ``sequence`` names as its predecessor (``Slot.after``): the
-        checkpoint before it, a pending slot there, or what a tombstone there this process
-        wrote names; empty when this process knows none of them."""
+        checkpoint before it, a pending slot there, or what a tombstone there names; empty
+        when this process knows none of them."""
         before = self.held.get(sequence - 1)
         if before is not None:
             return before.token
@@ -603,9 +604,11 @@ def _marker_of(
     prefix: str, run_key: str, sequence: int, kind: str, listing: Listing
 ) -> tuple[str, bytes]:
     """The marker of a checkpoint, key and body: a function of the slot alone, so whoever
-    finds a slot without its marker writes exactly the marker its writer would have."""
+    finds a slot without its marker writes exactly the marker its writer would have. A
+    tombstone's carries, as its token, what the tombstone names as its predecessor
+    (``Slot.after``, see :func:`_listing_of`)."""
     if kind == "t":
-        short = msgspec.structs.replace(listing, header=None, token=b"", refs=False)
+        short = msgspec.structs.replace(listing, header=None, refs=False)
         return layout.marker_key(run_key, sequence, "t", short), b""
     key = layout.marker_key(run_key, sequence, "m", listing)
     if len((prefix + key).encode("utf-8")) <= layout.MAX_KEY_BYTES:
@@ -674,8 +677,14 @@ def _written_over(listed: _SlotView, slot: Slot, etag: str) -> bool:
 
 
 def _listing_of(slot: Slot) -> Listing:
+    """What a listing shows of ``slot``. A tombstone's token is what it names as its
+    predecessor (``Slot.after``; empty in those of earlier releases, whose markers have no
+    token): its own identifies no checkpoint, and an append right after it names that, so
+    that the chain of predecessors goes through the deleted checkpoint (see
+    ``S3Store._follows``)."""
+    token = slot.after if slot.tombstone else slot.token
     return Listing(slot.incarnation, slot.checkpoint_id, slot.created_at, slot.expires_at,
-                   slot.appended_at, slot.header, slot.token, bool(slot.refs))
+                   slot.appended_at, slot.header, token, bool(slot.refs))
 
 
 def _listing(view: _SlotView) -> Listing:
@@ -932,6 +941,8 @@ class S3Store(ExpiryCleanup):
         _learn_owned(cached, (*current.tombstones, *current.orphans))
         log.pending = {view.sequence: view.listing.token for view in current.pending
                        if view.listing is not None}
+        log.buried = {view.sequence: view.listing.token for view in current.tombstones[-1:]
+                      if view.listing is not None and view.listing.token}
         cached.log = log
 
     # -- reading a run ------------------------------------------------------------------------
@@ -2982,6 +2993,7 @@ class S3Store(ExpiryCleanup):
         after = await self._bury(io, run_key, view, listing, read)
         if after is None:
             return None
+        listing = msgspec.structs.replace(listing, token=after)  # see _listing_of
         # The tombstone keeps the slot's key taken: a writer whose knowledge of the run is
         # older than this delete proposes this sequence at most, and must collide. Pruning
         # removes it later, once the run's floor is above it.
@@ -4128,9 +4140,11 @@ class S3Store(ExpiryCleanup):
         if not newest:
             return await io.delete_if(layout.slot_key(run_key, view.sequence), view.slot_etag)
         listing = msgspec.structs.replace(_listing(view), header=None, token=b"")
-        if await self._bury(io, run_key, view, listing) is None:
+        after = await self._bury(io, run_key, view, listing)
+        if after is None:
             return False
-        await self._put_marker(io, run_key, view.sequence, "t", listing)
+        await self._put_marker(io, run_key, view.sequence, "t",
+                               msgspec.structs.replace(listing, token=after))  # see _listing_of
         return True
 
     def _discard(self, run_key: str, sequences: Iterable[int]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -29,7 +29,7 @@ from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_item, make_
 from fastcheckpoint.testing._adapter import _append_items, _read
 from tests.stores._moto import moto_endpoint
 from tests.stores.s3.test_s3 import DEADLINE, _FaultyProxy, faulty_proxy, s3_bucket, s3_store
-from tests.stores.s3.test_s3_delete_run import reader, writer
+from tests.stores.s3.test_s3_delete_run import _another, reader, writer
 from tests.stores.s3.test_s3_late_commit import _append, _before_check, _hold_commit, _slot_keys
 from tests.stores.s3.test_s3_lost_reply_removed import _create_across
 from tests.stores.s3.test_s3_safety import _SLOT_PUT, direct, proxied
@@ -165,17 +165,33 @@ async def _landed_then(
         monkeypatch.undo()
 
 
-@pytest.mark.parametrize("tombstone_removed", [False, True], ids=["tombstone", "removed"])
+@pytest.fixture
+async def third(stores: tuple[S3Store, S3Store], moto_endpoint: str) -> AsyncIterator[S3Store]:
+    """A third process on the bucket of ``stores``."""
+    store = _another(stores[1], moto_endpoint)
+    yield store
+    with anyio.fail_after(10):
+        await store.aclose()
+
+
+_DELETED = ["tombstone", "removed", "removed-listed"]
+"""The checkpoint after the writer's is deleted: its tombstone stands; or it is removed by
+the next append, made by the deleting process, or by another one that listed the run."""
+
+
+@pytest.mark.parametrize("case", _DELETED)
 async def test_a_slot_followed_by_a_deleted_checkpoint_is_acknowledged(
-    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch, tombstone_removed: bool,
+    stores: tuple[S3Store, S3Store], third: S3Store, monkeypatch: pytest.MonkeyPatch,
+    case: str,
 ) -> None:
     """The writer's slot 1 landed first. Before its check, another process appends 2 after
-    it (naming it) and 3, and deletes 2 (its slot a tombstone, which names no predecessor),
-    the floor raised over 1 by a pruning of checkpoint 0 (three kept); or deletes 2 before
-    appending 3, whose pruning removes the tombstone below it (no ``keep_latest`` needed)
-    and raises the floor over it. 1 is part of the run's history (2 and 3 followed it), and
-    is acknowledged; taken back, the run reads 3 with a gap under it. The tombstone carries
-    what 2 named (1), and 3, appended by the process that deleted 2, names that through it:
+    it (naming it) and 3, and deletes 2 (its slot a tombstone), the floor raised over 1 by a
+    pruning of checkpoint 0 (three kept); or deletes 2 before 3 is appended (by the same
+    process, or by a third one, which lists the run), whose pruning removes the tombstone
+    below it (no ``keep_latest`` needed) and raises the floor over it. 1 is part of the
+    run's history (2 and 3 followed it), and is acknowledged; taken back, the run reads 3
+    with a gap under it. The tombstone carries what 2 named (1), and so does its marker;
+    3 names that through it, from the deleting process's knowledge or from the listing:
     before, the tombstone named nothing, and 3 named nothing either."""
     writer, other = stores
     run = make_run("followed-by-a-tombstone")
@@ -183,14 +199,14 @@ async def test_a_slot_followed_by_a_deleted_checkpoint_is_acknowledged(
 
     async def meanwhile() -> None:
         await _append(other, run, 2)
-        if tombstone_removed:
-            # The deleter's next append removes the tombstone below it (no keep_latest
-            # needed), raising the floor over it.
-            await _delete(other, run, 2)
-            await _append(other, run, 3)
-        else:
+        if case == "tombstone":
             await _append(other, run, 3, keep_latest=3)  # prunes 0: the floor goes to 4
             await _delete(other, run, 2)
+        else:
+            # The next append removes the tombstone below it (no keep_latest needed),
+            # raising the floor over it.
+            await _delete(other, run, 2)
+            await _append(other if case == "removed" else third, run, 3)
 
     with anyio.fail_after(DEADLINE):
         await _append(writer, run, 0)
@@ -202,14 +218,15 @@ async def test_a_slot_followed_by_a_deleted_checkpoint_is_acknowledged(
 
     assert state is not None
     assert state.latest_sequence == 3
-    assert slots == ([0, 1, 3] if tombstone_removed else [1, 2, 3])
+    assert slots == ([1, 2, 3] if case == "tombstone" else [0, 1, 3])
     assert outcome == "active", outcome
     assert at_one is not None
 
 
-@pytest.mark.parametrize("tombstone_removed", [False, True], ids=["tombstone", "removed"])
+@pytest.mark.parametrize("case", _DELETED)
 async def test_a_late_slot_under_a_deleted_checkpoint_of_another_chain_is_taken_back(
-    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch, tombstone_removed: bool,
+    stores: tuple[S3Store, S3Store], third: S3Store, monkeypatch: pytest.MonkeyPatch,
+    case: str,
 ) -> None:
     """The other side of the test above: the writer's commit at 1 is held in the network
     while another process appends "one" at 1 and goes on from it, its key freed before the
@@ -218,18 +235,21 @@ async def test_a_late_slot_under_a_deleted_checkpoint_of_another_chain_is_taken_
     its tombstone removed by the append of 2 (the floor raised over it); once the late slot
     landed, 2 is deleted and its tombstone removed by the append of 3: the run's keys are
     then those of the test above (0, 1 and 3, the floor at 4), but 3 names, through the
-    deleted 2 and "one", checkpoint 0. Neither names the late slot: taken back, the outcome
-    unknown, and "one"'s id restores nothing."""
+    deleted 2 and "one", checkpoint 0 (2 appended by the deleting process, or by a third
+    one that learned from its listing what the tombstone at 1 carries). Neither names the
+    late slot: taken back, the outcome unknown, and "one"'s id restores nothing."""
     writer, other = stores
     run = make_run("late-under-a-tombstone")
     key = key_of(run)
     landing = anyio.Event()
     outcome: list[object] = []
 
+    appender = third if case == "removed-listed" else other
+
     async def after_landing() -> None:
-        if tombstone_removed:
-            await _delete(other, run, 2)
-            await _append(other, run, 3)  # removes the tombstone at 2: the floor goes to 4
+        if case != "tombstone":
+            await _delete(appender, run, 2)
+            await _append(appender, run, 3)  # removes the tombstone at 2: the floor goes to 4
 
     async def late() -> None:
         outcome.append(await _landed_then(monkeypatch, writer, after_landing,
@@ -242,9 +262,9 @@ async def test_a_late_slot_under_a_deleted_checkpoint_of_another_chain_is_taken_
             group.start_soon(late)
             await anyio.sleep(0.05)  # the late append's first check went before the others
             await _append(other, run, 1)
-            if tombstone_removed:
+            if case != "tombstone":
                 await _delete(other, run, 1)
-                await _append(other, run, 2)  # removes the tombstone at 1: the floor goes to 3
+                await _append(appender, run, 2)  # removes the tombstone at 1: floor at 3
             else:
                 await _append(other, run, 2)
                 await _append(other, run, 3, keep_latest=2)  # prunes 0 and 1: floor at 4
@@ -257,7 +277,7 @@ async def test_a_late_slot_under_a_deleted_checkpoint_of_another_chain_is_taken_
     assert isinstance(outcome[0], StoreUnavailableError), outcome
     assert str(outcome[0]).startswith("outcome unknown: ")
     assert at_one is None
-    assert slots == ([0, 3] if tombstone_removed else [2, 3])
+    assert slots == ([2, 3] if case == "tombstone" else [0, 3])
 
 
 async def test_a_pending_slot_appended_past_is_acknowledged(
