@@ -2975,9 +2975,19 @@ class S3Store(ExpiryCleanup):
         cached = self._cache.get(run_key)
         if cached is not None and cached.log is not None:
             cached.log.garbage[sequence] = tombstone_keys
-            if sequence >= cached.log.latest:
-                cached.log.buried = {sequence: after}
+        self._learn_buried(run_key, view, after)
         return True
+
+    def _learn_buried(self, run_key: str, view: _SlotView, after: bytes) -> None:
+        """Take the tombstone this process wrote over ``view`` (``delete``, or the cleanup
+        loop burying an expired newest), carrying ``after``, as the one an append right
+        after it names through (``_Log.buried``): an append made from this process's
+        knowledge lists nothing, and would otherwise name no predecessor."""
+        cached = self._cache.get(run_key)
+        if (cached is not None and cached.log is not None and cached.state is not None
+                and cached.state.incarnation == _listing(view).incarnation
+                and view.sequence >= cached.log.latest):
+            cached.log.buried = {view.sequence: after}
 
     async def _buried(
         self, io: Bucket, run_key: str, view: _SlotView, listing: Listing, current: _Run,
@@ -4143,6 +4153,7 @@ class S3Store(ExpiryCleanup):
         after = await self._bury(io, run_key, view, listing)
         if after is None:
             return False
+        self._learn_buried(run_key, view, after)
         await self._put_marker(io, run_key, view.sequence, "t",
                                msgspec.structs.replace(listing, token=after))  # see _listing_of
         return True

@@ -280,6 +280,41 @@ async def test_a_late_slot_under_a_deleted_checkpoint_of_another_chain_is_taken_
     assert slots == ([2, 3] if case == "tombstone" else [0, 3])
 
 
+async def test_a_slot_followed_by_a_checkpoint_the_cleanup_loop_buried_is_acknowledged(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The writer's slot 1 landed first. Before its check, another process appends 2 after
+    it (naming it, expiring soon); its cleanup loop buries 2 as the run's expired newest
+    (the tombstone carries what 2 named: 1), and that process appends 3 from what it knows,
+    without a listing; the cleanup loop then removes the tombstone below the newest and
+    raises the floor over 1. 3 must name, through the tombstone its own process wrote, what
+    that tombstone carries, as after a ``delete``: before, the cleanup loop left it unknown
+    to its process, 3 named nothing, and 1 was taken back (a gap under 3)."""
+    writer, other = stores
+    run = make_run("followed-by-a-buried-expired")
+    key = key_of(run)
+
+    async def meanwhile() -> None:
+        await _append_expiring(other, run, 2, expires_at=T0 + 10)
+        assert await other.purge_expired(now=T0 + 20, limit=100) == (1, True)  # buries 2
+        await _append_expiring(other, run, 3, now=T0 + 20)
+        assert await other.purge_expired(now=T0 + 20, limit=100) == (0, True)  # floor at 4
+
+    with anyio.fail_after(DEADLINE):
+        await _append(writer, run, 0)
+        outcome = await _landed_then(monkeypatch, writer, meanwhile,
+                                     lambda: _append(writer, run, 1))
+        state = await other.get_run(key, now=T0 + 20)
+        at_one = await other.get(key, 1, now=T0 + 20)
+        slots = await _slot_keys(other, run)
+
+    assert state is not None
+    assert state.latest_sequence == 3
+    assert slots == [0, 1, 3]
+    assert outcome == "active", outcome
+    assert at_one is not None
+
+
 async def test_a_pending_slot_appended_past_is_acknowledged(
     stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
