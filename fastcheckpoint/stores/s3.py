@@ -1473,14 +1473,13 @@ class S3Store(ExpiryCleanup):
         more slots above it mean it may have been pruned so (False). No other checkpoint's
         id is given to it either way.
 
-        Why a slot naming this one proves it landed first: a key is freed only once the
-        floor is above it and above the newest slot then (pruning and the cleanup loop
-        raise it past the newest they list), so every slot at a sequence above a freed key
-        either was written before that key was freed (before this slot, had it landed
-        there late: it cannot know its random token) or at or above that floor, after a
-        slot that is not this one. Such a slot names the token of the slot before it, or
-        what the tombstone before it carries, itself copied from a slot above this one: by
-        induction, never this slot's token."""
+        Why a slot naming this one proves it landed first: had it landed late in a freed
+        key, only a writer that listed the run after it landed could know its random
+        token, and such a writer proposes a sequence above the one right after it (once a
+        key is freed the floor is above it, and the key after it is taken, or below the
+        floor, until the floor is above that one too). A slot names the token of the slot
+        before it, or what the tombstone before it carries, itself copied from the slot
+        that tombstone replaced: by induction, never a late slot's token."""
         page = 8  # the newest keys: room for a few ended lives' seals (slot and marker each)
         following = slot.sequence + 1
         found = await _error_as_value(
