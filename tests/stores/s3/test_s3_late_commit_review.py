@@ -445,10 +445,14 @@ async def test_a_cancelled_create_landing_in_a_freed_key_gives_its_state_to_no_o
     other = CheckpointManager(direct, config=CheckpointConfig(max_checkpoints_per_run=1))
     forward = _FaultyProxy._forward
     forwarded = threading.Event()
+    landed: list[int] = []  # the held PUT's status, once S3 answered it
 
     def forwarding(handler: _FaultyProxy, body: bytes) -> Any:
         try:
-            return forward(handler, body)
+            answer = forward(handler, body)
+            if handler.command == "PUT":
+                landed.append(answer[0].status)
+            return answer
         finally:
             forwarded.set()
 
@@ -466,6 +470,8 @@ async def test_a_cancelled_create_landing_in_a_freed_key_gives_its_state_to_no_o
         assert await anyio.to_thread.run_sync(forwarded.wait, DEADLINE)  # the held PUT
         by_one = await other.restore_from(one.checkpoint_id)
 
+    # The case needs the held PUT to land (a machine under load may break its connection).
+    assert landed[-1:] == [200], landed
     assert one.metadata.sequence == 1
     assert by_one is None, by_one.state
 
