@@ -491,23 +491,34 @@ def blob_sequence(key: str) -> int | None:
 
 
 ITEM_BLOBS: Final = "i"
-"""The folder of item values under a run's blob prefix (no incarnation is one letter)."""
+"""The folder of item values under a life's blob prefix (no incarnation is one letter); also,
+right under the run's prefix, of the values of writes that name no life (``put_items``, and
+every item write made before values were kept by life)."""
 
 
-def item_blob_key(run_key: str, sort_key: str, written_at: float, suffix: str) -> str:
+def item_blob_key(
+    run_key: str, incarnation: str | None, sort_key: str, written_at: float, suffix: str
+) -> str:
     """The S3 key (below the store prefix) of an item value too large for its item: it names
-    the item that points to it and when it was written, so a sweep can tell an orphan (whose
-    item points elsewhere) from a write still under way (a recent one)."""
-    return f"{run_key}/{ITEM_BLOBS}/{sort_key.encode().hex()}/{int(written_at)}-{suffix}"
+    the life that wrote it (when the writer knows it), the item that points to it and when
+    it was written, so a removal of an ended life takes that life's values by prefix (never a
+    new life's, written before its first transaction lands), and a sweep can tell an orphan
+    (whose item points elsewhere) from a write still under way (a recent one)."""
+    life = "" if incarnation is None else f"{incarnation}/"
+    return f"{run_key}/{life}{ITEM_BLOBS}/{sort_key.encode().hex()}/{int(written_at)}-{suffix}"
 
 
-def item_blob_sort_key(key: str) -> tuple[str, float] | None:
-    """``(sort key of the item, written at)`` of an item blob key, ``None`` for another key."""
+def item_blob_sort_key(key: str) -> tuple[str, float, str | None] | None:
+    """``(sort key of the item, written at, life)`` of an item blob key (life ``None``: a
+    write that named none), ``None`` for another key."""
     parts = key.split("/")
+    life: str | None = None
+    if len(parts) == 5 and parts[2] == ITEM_BLOBS:
+        life = parts.pop(1)
     if len(parts) != 4 or parts[1] != ITEM_BLOBS:
         return None
     stamp = parts[3].split("-", 1)[0]
     try:
-        return bytes.fromhex(parts[2]).decode(), float(stamp)
+        return bytes.fromhex(parts[2]).decode(), float(stamp), life
     except (ValueError, UnicodeDecodeError):
         return None

@@ -1104,7 +1104,8 @@ class DynamoDBStore(ExpiryCleanup):
                 await (await self._bucket()).put(blob, record.payload)
             if items:
                 room = _TRANSACTION_BYTES - _item_size(item)
-                await self._add_items(run_key, record, items, token, now, room, additions)
+                await self._add_items(run_key, run.incarnation, record, items, token, now,
+                                      room, additions)
             if record.refs and item:
                 # The refs again, in a record without native TTL: if TTL removes the
                 # checkpoint before the store does, its removal still lowers their counts.
@@ -1179,6 +1180,7 @@ class DynamoDBStore(ExpiryCleanup):
     async def _add_items(
         self,
         run_key: str,
+        incarnation: str,
         record: StoredCheckpoint,
         items: Sequence[Item],
         token: str,
@@ -1193,8 +1195,8 @@ class DynamoDBStore(ExpiryCleanup):
         sort_keys = [layout.owned_sk(record.sequence, item.key) if item.owner is not None
                      else layout.item_sk(item.key) for item in chosen]
         values = await self._store_values(
-            run_key, list(zip(sort_keys, (item.value for item in chosen), strict=True)), room,
-            additions.blobs)
+            run_key, incarnation, list(zip(sort_keys, (item.value for item in chosen),
+                                           strict=True)), room, additions.blobs)
         for item, sort_key in zip(chosen, sort_keys, strict=True):
             value = values[sort_key]
             names = _Names()
@@ -1217,11 +1219,15 @@ class DynamoDBStore(ExpiryCleanup):
             ]
 
     async def _store_values(
-        self, run_key: str, values: Sequence[tuple[str, bytes]], room: int, written: list[str]
+        self, run_key: str, incarnation: str | None, values: Sequence[tuple[str, bytes]],
+        room: int, written: list[str],
     ) -> dict[str, Value]:
         """Item values by the sort key of their record: inline, or in S3 when the record
         would pass the threshold or, largest first, when together they would pass ``room``
-        bytes. Blobs put are added to ``written`` (deleted by the caller on failure)."""
+        bytes. Blobs put are added to ``written`` (deleted by the caller on failure). S3
+        keys name the writer's life, ``incarnation``, when it knows it: the removal of an
+        ended life then takes its values by prefix, and spares those of a new life whose
+        first transaction has not landed yet (see :meth:`_sweep_item_blobs`)."""
         sizes = {sort_key: _ITEM_OVERHEAD + 2 * len(sort_key) + len(value)
                  for sort_key, value in values}
         blobbed = {sort_key for sort_key, size in sizes.items() if size > self.threshold}
@@ -1238,7 +1244,8 @@ class DynamoDBStore(ExpiryCleanup):
         bucket = await self._bucket()
         stamp = time.time()  # a physical time: the sweep spares blobs of writes under way
         for sort_key in sorted(blobbed):
-            key = layout.item_blob_key(run_key, sort_key, stamp, secrets.token_hex(4))
+            key = layout.item_blob_key(run_key, incarnation, sort_key, stamp,
+                                       secrets.token_hex(4))
             written.append(key)
             result[sort_key] = Value(blob=key)
         await gather([functools.partial(bucket.put, result[sort_key].blob or "", value)
@@ -2556,8 +2563,11 @@ class DynamoDBStore(ExpiryCleanup):
         sort_keys = [layout.item_sk(item.key) if item.owner is None
                      else layout.owned_sk(item.owner, item.key) for item in chosen]
         try:
+            # No life: the items of a run are not tied to one, and learning the run's
+            # would cost a read (see _sweep_item_blobs for how such values are swept).
             values = await self._store_values(
-                run_key, list(zip(sort_keys, (item.value for item in chosen), strict=True)),
+                run_key, None,
+                list(zip(sort_keys, (item.value for item in chosen), strict=True)),
                 _TRANSACTION_BYTES, written)
             groups = [_put_group(run_key, item, values[sort_key], token, now, create_only)
                       for item, sort_key in zip(chosen, sort_keys, strict=True)]
@@ -3013,8 +3023,8 @@ class DynamoDBStore(ExpiryCleanup):
         written: list[str] = []
         sort_keys = [layout.owned_sk(owner, item.key) for item in chosen]
         values = await self._store_values(
-            run_key, list(zip(sort_keys, (item.value for item in chosen), strict=True)),
-            _TRANSACTION_BYTES, written)
+            run_key, parsed[1], list(zip(sort_keys, (item.value for item in chosen),
+                                         strict=True)), _TRANSACTION_BYTES, written)
         groups = [_owned_group(run_key, item, values[sort_key], expires_at, token, now,
                                if_absent=if_absent)
                   for item, sort_key in zip(chosen, sort_keys, strict=True)]
@@ -4019,17 +4029,32 @@ class DynamoDBStore(ExpiryCleanup):
         """Delete the run's item blobs that their item does not point to (a write that
         failed or crashed after its S3 PUT, a value replaced), sparing those written less
         than ``grace`` seconds ago (a write may still be under way). Each blob names its
-        item, so this reads one record per blob, not the run."""
+        item, so this reads one record per blob, not the run.
+
+        A blob that names its life is always spared for ``_ITEM_BLOB_GRACE`` at least: a
+        removal of an ended life, which sweeps with no grace, takes that life's blobs by
+        prefix before, and must spare those a new life's first append put before its
+        transaction (which lands once the removal is done). So the blobs of a life left
+        after its removal (a stale writer's, put after it, whose transaction's outcome it
+        never learned) go with the next sweep of the run an hour on: the cleanup loop's
+        removal of expired checkpoints of a later life, or a later removal of the run.
+        Blobs that name no life (``put_items``, and writes before values were kept by life)
+        go at once on a removal, as they always did."""
         if self.bucket is None:
             return
         bucket = await self._bucket()
-        listed = await bucket.list(f"{run_key}/{layout.ITEM_BLOBS}/")
-        cutoff = time.time() - grace
+        listed = await bucket.list(f"{run_key}/")
+        now = time.time()
         candidates: dict[str, str] = {}
         for entry in listed:
             parsed = layout.item_blob_sort_key(entry.key)
-            if parsed is None or parsed[1] <= cutoff:
-                candidates[entry.key] = "" if parsed is None else parsed[0]
+            if parsed is None:
+                if entry.key.split("/")[1:2] == [layout.ITEM_BLOBS]:
+                    candidates[entry.key] = ""  # no item's: nothing points to it
+                continue  # else a checkpoint's payload: see _reconcile_blobs
+            sort_key, written_at, life = parsed
+            if written_at <= now - (grace if life is None else max(grace, _ITEM_BLOB_GRACE)):
+                candidates[entry.key] = sort_key
         if not candidates:
             return
         records = await self._batch_get(run_key, sorted({sk for sk in candidates.values() if sk}))

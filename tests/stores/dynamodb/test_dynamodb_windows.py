@@ -7,13 +7,15 @@ transactions close, and the strict xfails what they leave open."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 import pytest
 
-from fastcheckpoint.errors import CorruptCheckpointError, SequenceConflict
+from fastcheckpoint.errors import SequenceConflict
+from fastcheckpoint.stores import _dynamodb_layout as layout
 from fastcheckpoint.stores import dynamodb
 from fastcheckpoint.stores.dynamodb import DEFAULT_THRESHOLD, DynamoDBStore
 from fastcheckpoint.testing._adapter import _append_items
@@ -28,6 +30,7 @@ from fastcheckpoint.testing._builders import (
 from tests.stores._moto import moto_endpoint
 from tests.stores.dynamodb.test_dynamodb import (
     DEADLINE,
+    _blob_keys,
     _purge_until_done,
     atomic_moto,
     aws_names,
@@ -54,13 +57,6 @@ async def _purged(store: DynamoDBStore, key: str, now: float) -> None:
     await _purge_until_done(store, now)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=CorruptCheckpointError,
-    reason="delete_run and the cleanup loop's purge of a dead run sweep the run's item blobs "
-    "with no grace (_sweep_item_blobs(grace=0.0)): the S3 values of the large items that a "
-    "first append of the run's new life put before its transaction, which lands once the "
-    "run item is gone, have no record pointing to them yet and are deleted; the "
-    "acknowledged checkpoint then reads its items' values as missing")
 @pytest.mark.parametrize("removal", [_deleted, _purged], ids=["delete_run", "purge"])
 async def test_a_new_life_keeps_the_large_item_values_it_wrote_during_the_removal(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
@@ -104,6 +100,74 @@ async def test_a_new_life_keeps_the_large_item_values_it_wrote_during_the_remova
         finally:
             monkeypatch.undo()
             await other.delete_run(key)
+
+
+async def test_large_item_values_written_before_they_named_their_life_read_and_go(
+    store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Values kept in S3 before their keys named the writer's life
+    (``<run key>/i/...``) still read, and go with the run: its removal sweeps them with no
+    grace, as before."""
+    run = make_run("unnamed-life-blobs")
+    key = key_of(run)
+    big = os.urandom(DEFAULT_THRESHOLD + 1)
+    store_values = store._store_values
+
+    async def as_before(run_key: str, incarnation: str | None, *args: Any) -> Any:
+        del incarnation
+        return await store_values(run_key, None, *args)
+
+    try:
+        with anyio.fail_after(DEADLINE):
+            monkeypatch.setattr(store, "_store_values", as_before)
+            await _append_items(store, run, 0, refs=["b/big"],
+                                items=[make_item("b/big", big), make_item("w/big", big, owner=0)])
+            monkeypatch.undo()
+            keys = await _blob_keys(store, key)
+            assert len(keys) == 2
+            assert all(layout.item_blob_sort_key(blob) is not None for blob in keys)
+            assert all(blob.split("/")[1] == layout.ITEM_BLOBS for blob in keys)
+            found = await store.read_with_items(key, sequence=0, now=T0)
+            assert found is not None
+            assert found[2] == {"b/big": big, "w/big": big}
+            await store.delete_run(key)
+            assert await _blob_keys(store, key) == []
+    finally:
+        monkeypatch.undo()
+        await store.delete_run(key)
+
+
+@pytest.mark.parametrize("sweeper", ["delete_run", "purge"])
+async def test_large_values_a_stale_writer_left_after_its_life_was_removed_go_later(
+    store: DynamoDBStore, sweeper: str,
+) -> None:
+    """A writer of an ended life whose write outlived the life's removal (its transaction's
+    outcome unknown: it keeps its blobs) leaves values under that life's prefix, which no
+    record names. The next sweep of the run takes them once an hour old (a removal of a
+    later life, or the cleanup loop's removal of its expired checkpoints), and spares
+    younger ones: they may be a new life's, put before its first transaction."""
+    run = make_run(f"stale-life-blobs-{sweeper}", expires_at=T0 + 10)
+    key = key_of(run)
+    bucket = await store._bucket()
+    stale = "aaaaaaaa" if run.incarnation != "aaaaaaaa" else "bbbbbbbb"
+    sort_key = layout.item_sk("b/big")
+    old = layout.item_blob_key(key, stale, sort_key, time.time() - 7200, "0ld0")
+    young = layout.item_blob_key(key, stale, sort_key, time.time(), "y0ng")
+    try:
+        with anyio.fail_after(DEADLINE):
+            await _append_items(store, run, 0, expires_at=T0 + 10)
+            await _append_items(store, run, 1)
+            for blob in (old, young):
+                await bucket.put(blob, b"orphan")
+            if sweeper == "delete_run":
+                await store.delete_run(key)
+            else:
+                await _purge_until_done(store, T0 + 10)
+                assert await store.get(key, 1, now=T0 + 10) is not None
+            assert await _blob_keys(store, key) == [young]
+    finally:
+        await store.delete_run(key)
+        await bucket.delete([young])
 
 
 @pytest.mark.parametrize("remover", ["delete", "prune"])
