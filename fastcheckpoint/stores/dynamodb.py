@@ -965,8 +965,11 @@ class DynamoDBStore(ExpiryCleanup):
         """The item puts (from index ``keep`` on) of a cancelled transaction refused by a
         damaged item: its record, as the refusal returned it (see :func:`_damaged_item`), or
         for a put that keeps a live item (``_absent``) refused by a sound anchor, the value
-        that anchor points to, damaged or missing, read now: only on this path, where a
-        write met an item already there."""
+        that anchor points to, damaged or missing, read now (with the run item, in the same
+        request), or an anchor left over by a removal of its owner whose deletes were never
+        sent (see :func:`_left_over`): only on this path, where a write met an item already
+        there. Such a put replaces the anchor; the value the anchor pointed to stays, no
+        longer read, until the run goes."""
         refused = {index: old for index in range(keep, len(operations))
                    if cancelled.failed(index) and (old := cancelled.item(index))
                    and _replaceable(operations[index])}
@@ -978,9 +981,11 @@ class DynamoDBStore(ExpiryCleanup):
         values = {index: layout.owned_sk(_int(old, "o"), _text(old, "SK")[2:])
                   for index, old in anchors.items()}
         pk = _text(next(iter(anchors.values())), "PK")
-        found = await self._batch_get_in(pk, list(values.values()))
+        found = await self._batch_get_in(pk, [*values.values(), layout.RUN_SK])
+        run = _run_of(found, pk.removeprefix(layout.partition("")))
         return damaged | {index for index, sort_key in values.items()
-                          if sort_key not in found or _damaged_item(found[sort_key])}
+                          if sort_key not in found or _damaged_item(found[sort_key])
+                          or _left_over(run, _int(anchors[index], "o"))}
 
     async def _query_all(self, **params: Any) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
@@ -2724,10 +2729,15 @@ class DynamoDBStore(ExpiryCleanup):
                 _skip_damaged(exc, skip)
         if not anchors:
             return {key: result[key] for key in records if key in result}
-        values = await self._batch_get(run_key, list(anchors))
+        # The run item rides in the same request: it tells the anchors whose owner was
+        # removed, their deletes never sent (see _left_over), which are not live.
+        values = await self._batch_get(run_key, [*anchors, layout.RUN_SK])
+        run = _run_of(values, run_key)
         for sort_key, key in anchors.items():
             value = values.get(sort_key)
-            if value is not None and self._item_live(run_key, value, now, skip=skip):
+            if value is not None and self._item_live(run_key, value, now, skip=skip) and (
+                not _left_over(run, layout.sequence_of(sort_key))
+            ):
                 result[key] = value
         return {key: result[key] for key in records if key in result}
 
@@ -4879,6 +4889,31 @@ def _moved_from_other_owners(run_key: str, cancelled: _Cancelled) -> list[dict[s
         operations.append(items_layout.delete_when(
             pk, layout.owned_sk(_int(old, "o"), key), "wt", token))
     return operations
+
+
+def _run_of(records: Mapping[str, Mapping[str, Any]], run_key: str) -> _RunState | None:
+    """The run item among ``records`` (read with them), ``None`` when absent or damaged:
+    then no owner is taken for removed (see :func:`_left_over`)."""
+    item = records.get(layout.RUN_SK)
+    if item is None:
+        return None
+    try:
+        return _state_of(item, layout.RUN_SK, run_key)
+    except CorruptCheckpointError:
+        return None
+
+
+def _left_over(run: _RunState | None, owner: int) -> bool:
+    """Whether items owned by checkpoint ``owner`` are leftovers of its removal: a removal
+    whose deletes did not fit in its transaction sends the rest after it, and a process
+    stopped in between leaves them. The run item (``run``, read after the anchor) no longer
+    holds the owner although its sequence was taken (sequences are never used twice in a
+    life): such an anchor is not live. An owner in the back of a long run's book, which
+    counts its checkpoints without detailing them, is taken as held; so is any owner when
+    the run item is absent or damaged."""
+    if run is None or owner > run.record.latest_sequence:
+        return False
+    return not run.book.holds(owner)
 
 
 def _damaged_item(record: Mapping[str, Any]) -> bool:

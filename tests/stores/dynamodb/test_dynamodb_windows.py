@@ -267,14 +267,6 @@ async def test_a_create_sent_after_its_sequence_was_taken_and_pruned_is_refused(
             await other.delete_run(key)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="an owned item of a pruned checkpoint whose deletes did not fit in the pruning "
-    "transaction and were never sent (the process stopped after its commit) stays as a live "
-    "anchor of the removed owner with its value: get_items returns it (the Limits entry says "
-    "no read shows such leftovers), and a later append owning the same key takes it for a "
-    "live item (_no_live_item; _refused_by_damage finds its value), keeps it and drops its "
-    "own, so the acknowledged checkpoint reads without the item")
 async def test_owned_items_left_by_an_unfinished_pruning_are_neither_read_nor_kept(
     store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
