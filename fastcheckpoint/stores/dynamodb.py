@@ -2274,13 +2274,14 @@ class DynamoDBStore(ExpiryCleanup):
     async def delete_run(self, run_key: str) -> int:
         check_run_key(run_key)
         # Many requests: a cancellation waits for them all (settled), so a cancelled call
-        # leaves the run whole or gone, never partly deleted; a crash midway leaves it
-        # visible, and delete_run again finishes it.
+        # leaves the run whole or gone, never partly deleted; a crash midway leaves its run
+        # item (marked as being removed: the run reads as gone), and delete_run again, or a
+        # new life's first append, finishes it.
         return await settled(self._delete_run(run_key))
 
     async def _delete_run(self, run_key: str) -> int:
         pk = layout.partition(run_key)
-        found = await self._partition(run_key, "inc", "cid", *_RECORD_ATTRIBUTES)
+        found = await self._partition(run_key, "inc", "cid", "rev", *_RECORD_ATTRIBUTES)
         self._cache.pop(run_key, None)
         self._families.pop(run_key, None)
         keys = [_text(entry, "SK") for entry in found]
@@ -2290,23 +2291,44 @@ class DynamoDBStore(ExpiryCleanup):
         # was started anew (its keys are the same: checkpoint 0 is checkpoint 0), and must
         # then delete nothing. A transaction takes such a condition; a batch write does not.
         guard = _run_guard(pk, run_item)
+        # The first transaction also fences the run (see _run_fence): no write of its life
+        # lands after it, and those that landed since the Query are found by a second one.
+        fence = (_run_fence(pk, run_item)
+                 if run_item is not None and _fenceable(run_item) else None)
         doomed = [key for key in keys if key != layout.RUN_SK]
-        records = [_delete(pk, key) for key in doomed]
-        chunk = _TRANSACTION_LIMIT - 1
-        for start in range(0, len(records), chunk):
-            try:
-                await self._transact([guard, *records[start : start + chunk]])
-            except _Cancelled:
-                # The run item is no longer the one read: another process deleted the run,
-                # or started it anew over an expired one (which removed these leftovers).
-                logger.info("run key %s was deleted or started anew while delete_run removed "
-                            "it; the rest is not this call's to remove", run_key)
-                return sum(1 for key in doomed[:start] if layout.is_checkpoint_sk(key))
-        removed = sum(1 for key in keys if layout.is_checkpoint_sk(key))
+        removed = 0
+        while doomed:
+            fenced = fence is not None
+            records = [_delete(pk, key) for key in doomed]
+            chunk = _TRANSACTION_LIMIT - 1
+            for start in range(0, len(records), chunk):
+                try:
+                    await self._transact([fence or guard, *records[start : start + chunk]])
+                except _Cancelled:
+                    # The run item is no longer the one read: another process deleted the
+                    # run, or started it anew over an expired one (which removed these
+                    # leftovers).
+                    logger.info("run key %s was deleted or started anew while delete_run "
+                                "removed it; the rest is not this call's to remove", run_key)
+                    return removed + sum(1 for key in doomed[:start]
+                                         if layout.is_checkpoint_sk(key))
+                fence = None
+            removed += sum(1 for key in doomed if layout.is_checkpoint_sk(key))
+            if not fenced:
+                break
+            # Writes of the run's life that landed between the Query and the fence (an
+            # append, put_owned_items) are not in it. Left behind, their values in S3 would
+            # go with the life's prefix (below), and a new life's checkpoint of the same
+            # sequence would keep its owned item at their key: they are found now, and no
+            # other can land.
+            again = await self._partition(run_key, "inc", "cid", *_RECORD_ATTRIBUTES)
+            doomed = [key for entry in again
+                      if (key := _text(entry, "SK")) not in keys and key != layout.RUN_SK]
+            found += [entry for entry in again if _text(entry, "SK") in doomed]
+            keys += doomed
         # Then the label entries and the blobs of the incarnations listed, then the run item:
-        # until it is gone, the run is visible (a retry after a crash finds its incarnation,
-        # its labels, its blobs) and no new incarnation can start, whose blobs would share
-        # the run key's prefix.
+        # until it is gone, a retry after a crash finds its incarnation, its labels, its
+        # blobs.
         if run_item is not None and _record_problem(run_item) is None:
             await self._guarded_deletes(
                 items_layout.label_deletes(run_key, _record_of(run_item)))
@@ -4472,6 +4494,30 @@ def _run_guard(pk: str, run_item: Mapping[str, Any] | None) -> dict[str, Any]:
         condition = f"attribute_exists({names('PK')}) AND attribute_not_exists({names('inc')})"
     return {"ConditionCheck": {"Key": {"PK": _s(pk), "SK": _s(layout.RUN_SK)},
                                "ConditionExpression": condition, **names.params()}}
+
+
+def _fenceable(run_item: Mapping[str, Any]) -> bool:
+    """Whether ``delete_run`` can fence the run item it read (see :func:`_run_fence`): one
+    whose record and revision are sound (a damaged one is only checked, as its ``rev`` may
+    not take an ``ADD``)."""
+    return (_record_problem(run_item) is None
+            and isinstance(run_item.get("rev", {}).get("N"), str))
+
+
+def _run_fence(pk: str, run_item: Mapping[str, Any]) -> dict[str, Any]:
+    """``delete_run``'s first transaction's hold on the run item it read (its incarnation,
+    as :func:`_run_guard` checks): marked as being purged, its revision raised, so that no
+    write of its life lands after it (appends are conditioned on the revision, owned item
+    writes on the mark) while a new life may still replace it. The write token stays: an
+    append whose reply was lost still finds its own there."""
+    names = _Names()
+    return {"Update": {
+        "Key": {"PK": _s(pk), "SK": _s(layout.RUN_SK)},
+        "UpdateExpression": (f"SET {names('pg')} = {names.value({'BOOL': True})} "
+                             f"ADD {names('rev')} {names.value(_n(1))}"),
+        "ConditionExpression": f"{names('inc')} = {names.value(run_item['inc'])}",
+        **names.params(),
+    }}
 
 
 def _delete_if(

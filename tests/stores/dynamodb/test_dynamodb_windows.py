@@ -381,3 +381,75 @@ async def test_a_new_life_begun_during_a_removal_keeps_the_count_of_a_shared_ite
         finally:
             monkeypatch.undo()
             await other.delete_run(key)
+
+
+@pytest.mark.parametrize("writer", ["append", "put_owned_items"])
+@pytest.mark.parametrize("when", ["before_its_first_transaction", "before_its_blobs_go"])
+async def test_a_write_of_the_run_landing_during_delete_run_leaves_nothing_behind(
+    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch, writer: str, when: str,
+) -> None:
+    """A write of the run's own life (an append, ``put_owned_items``) racing ``delete_run``:
+    either it is refused, or it lands and ``delete_run`` removes it with the rest. It never
+    stays behind without its run: its large values (whose S3 keys name the life, which
+    ``delete_run`` takes by prefix) would read as missing, and a new life's checkpoint of
+    the same sequence, whose owned item keeps the one at its key, would read it (the
+    ended life's value, or "the value object is missing") instead of its own."""
+    run = make_run(f"written-during-delete-run-{writer}-{when}")
+    new = make_run(run.run_id, created_at=T0 + 1)
+    key = key_of(run)
+    big = os.urandom(DEFAULT_THRESHOLD + 1)
+    async with opened(provisioned, aws_names, prefix=store.prefix) as other:
+        outcome: list[object] = []
+
+        async def write() -> None:
+            if outcome:
+                return
+            try:
+                if writer == "append":
+                    await _append_items(other, run, 1, items=[make_item("w/1", big, owner=1)])
+                    outcome.append("landed")
+                else:
+                    outcome.append(await other.put_owned_items(
+                        key, [make_item("w/0", big, owner=0)], owner=0,
+                        checkpoint_id=checkpoint_id_of(run, 0), if_absent=True, now=T0))
+            except SequenceConflict:
+                outcome.append(False)
+
+        if when == "before_its_first_transaction":
+            transact = store._transact
+
+            async def written_first(operations: list[dict[str, Any]]) -> None:
+                await write()
+                await transact(operations)
+
+            monkeypatch.setattr(store, "_transact", written_first)
+        else:
+            discard = store._discard_prefix
+
+            async def written_first(prefix: str, *args: Any) -> int:  # type: ignore[misc]
+                await write()
+                return await discard(prefix, *args)
+
+            monkeypatch.setattr(store, "_discard_prefix", written_first)
+        try:
+            with anyio.fail_after(DEADLINE):
+                await _append_items(other, run, 0)
+                await store.delete_run(key)
+                monkeypatch.undo()
+                assert outcome in (["landed"], [True], [False])
+
+                assert await other.get_run(key, now=T0) is None
+                assert await other.get_items(key, ["w/0", "w/1"], now=T0) == {}
+                assert await _blob_keys(store, key) == []
+                await _append_items(other, new, 0, now=T0 + 1,
+                                    items=[make_item("w/0", b"new 0", owner=0)])
+                await _append_items(other, new, 1, now=T0 + 1,
+                                    items=[make_item("w/1", b"new 1", owner=1)])
+                for sequence in (0, 1):
+                    found = await other.read_with_items(key, sequence=sequence, now=T0 + 1)
+                    assert found is not None
+                    assert found[2] == {f"w/{sequence}": f"new {sequence}".encode()}
+        finally:
+            monkeypatch.undo()
+            await other.delete_run(key)
