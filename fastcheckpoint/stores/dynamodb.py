@@ -2281,7 +2281,8 @@ class DynamoDBStore(ExpiryCleanup):
 
     async def _delete_run(self, run_key: str) -> int:
         pk = layout.partition(run_key)
-        found = await self._partition(run_key, "inc", "cid", "rev", *_RECORD_ATTRIBUTES)
+        found = await self._partition(run_key, "inc", "cid", "rev", "bl", "vb",
+                                      *_RECORD_ATTRIBUTES)
         self._cache.pop(run_key, None)
         self._families.pop(run_key, None)
         keys = [_text(entry, "SK") for entry in found]
@@ -2321,7 +2322,8 @@ class DynamoDBStore(ExpiryCleanup):
             # go with the life's prefix (below), and a new life's checkpoint of the same
             # sequence would keep its owned item at their key: they are found now, and no
             # other can land.
-            again = await self._partition(run_key, "inc", "cid", *_RECORD_ATTRIBUTES)
+            again = await self._partition(run_key, "inc", "cid", "bl", "vb",
+                                          *_RECORD_ATTRIBUTES)
             doomed = [key for entry in again
                       if (key := _text(entry, "SK")) not in keys and key != layout.RUN_SK]
             found += [entry for entry in again if _text(entry, "SK") in doomed]
@@ -2333,8 +2335,12 @@ class DynamoDBStore(ExpiryCleanup):
             await self._guarded_deletes(
                 items_layout.label_deletes(run_key, _record_of(run_item)))
         if self.bucket is not None:
-            for incarnation in sorted(_incarnations(run_key, found)):
-                await self._discard_prefix(f"{run_key}/{incarnation}/")
+            lives = [f"{run_key}/{incarnation}/"
+                     for incarnation in sorted(_incarnations(run_key, found))]
+            for prefix in lives:
+                await self._discard_prefix(prefix)
+            if pointed := _pointed_to(run_key, found, lives):
+                await (await self._bucket()).delete(pointed)  # raised: a retry finds them
             await self._sweep_item_blobs(run_key, grace=0.0)
         if run_item is not None:
             # Conditioned like the records: a late first send must spare a newer run item,
@@ -4007,7 +4013,8 @@ class DynamoDBStore(ExpiryCleanup):
         removes what is left of the old one."""
         pk = layout.partition(run_key)
         incarnation = record.incarnation
-        deletes = [_delete(pk, key) for entry in await self._partition(run_key)
+        found = await self._partition(run_key, "bl", "vb")
+        deletes = [_delete(pk, key) for entry in found
                    if (key := _text(entry, "SK")) != layout.RUN_SK]
         deletes += items_layout.label_deletes(run_key, record)
         chunk_size = _TRANSACTION_LIMIT - 1
@@ -4019,7 +4026,10 @@ class DynamoDBStore(ExpiryCleanup):
                 logger.info("cleanup: run %s started over while being purged; leaving it", pk)
                 return
         if self.bucket is not None:
-            await self._discard_prefix(f"{run_key}/{incarnation}/")
+            life = f"{run_key}/{incarnation}/"
+            await self._discard_prefix(life)
+            if pointed := _pointed_to(run_key, found, [life]):
+                await (await self._bucket()).delete(pointed)
             await self._sweep_item_blobs(run_key, grace=0.0)
         names = _Names()
         # Conditional: a run restarted meanwhile keeps its new run item.
@@ -4417,6 +4427,22 @@ def _incarnations(run_key: str, found: Sequence[Mapping[str, Any]]) -> set[str]:
         if parsed is not None and parsed[0] == run_key:
             seen.add(parsed[1])
     return seen
+
+
+def _pointed_to(
+    run_key: str, found: Sequence[Mapping[str, Any]], discarded: Sequence[str]
+) -> list[str]:
+    """The S3 objects of the run that records a removal deleted pointed to (``bl``, ``vb``),
+    but for those under the prefixes it discarded: values of other lives (an ended life's
+    shared item that a new life kept) and of none (``put_items``). The sweep spares other
+    lives' values for an hour (they may be a new life's, put before its first transaction):
+    such a value, whose record the removal deleted, is known to be no longer needed, and
+    left to the sweep it stayed for good when the run was removed within that hour. Only
+    keys under the run's own prefix: a record copied from another run names its objects."""
+    blobs = {blob for entry in found for attribute in ("bl", "vb")
+             if isinstance(blob := entry.get(attribute, {}).get("S"), str)
+             and blob.startswith(f"{run_key}/") and not blob.startswith(tuple(discarded))}
+    return sorted(blobs)
 
 
 def _pinned(reading: _Reading, item: Mapping[str, Any]) -> _Reading:
