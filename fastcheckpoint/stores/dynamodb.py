@@ -2297,6 +2297,7 @@ class DynamoDBStore(ExpiryCleanup):
         fence = (_run_fence(pk, run_item)
                  if run_item is not None and _fenceable(run_item) else None)
         doomed = [key for key in keys if key != layout.RUN_SK]
+        spared: set[str] = set()  # values of the records the second Query leaves
         removed = 0
         while doomed:
             fenced = fence is not None
@@ -2322,12 +2323,19 @@ class DynamoDBStore(ExpiryCleanup):
             # go with the life's prefix (below), and a new life's checkpoint of the same
             # sequence would keep its owned item at their key: they are found now, and no
             # other can land.
-            again = await self._partition(run_key, "inc", "cid", "bl", "vb",
+            # Not the shared items and counts among them, though: from the fence on, a new
+            # life's first append may begin, and one too large for its transaction writes
+            # those first (pins, which its transaction does not check again). They stay,
+            # with the values they point to (spared below): no record of a new life is lost.
+            again = await self._partition(run_key, "inc", "cid", "bl", "vb", "o",
                                           *_RECORD_ATTRIBUTES)
-            doomed = [key for entry in again
-                      if (key := _text(entry, "SK")) not in keys and key != layout.RUN_SK]
-            found += [entry for entry in again if _text(entry, "SK") in doomed]
-            keys += doomed
+            new = [entry for entry in again
+                   if (key := _text(entry, "SK")) not in keys and key != layout.RUN_SK]
+            doomed = [_text(entry, "SK") for entry in new if not _pinnable(entry)]
+            spared.update(blob for entry in new if _pinnable(entry)
+                          and isinstance(blob := entry.get("vb", {}).get("S"), str))
+            found += [entry for entry in new if _text(entry, "SK") in doomed]
+            keys += [_text(entry, "SK") for entry in new]
         # Then the label entries and the blobs of the incarnations listed, then the run item:
         # until it is gone, a retry after a crash finds its incarnation, its labels, its
         # blobs.
@@ -2338,7 +2346,7 @@ class DynamoDBStore(ExpiryCleanup):
             lives = [f"{run_key}/{incarnation}/"
                      for incarnation in sorted(_incarnations(run_key, found))]
             for prefix in lives:
-                await self._discard_prefix(prefix)
+                await self._discard_prefix(prefix, spared.__contains__ if spared else None)
             if pointed := _pointed_to(run_key, found, lives):
                 await (await self._bucket()).delete(pointed)  # raised: a retry finds them
             await self._sweep_item_blobs(run_key, grace=0.0)
@@ -4427,6 +4435,14 @@ def _incarnations(run_key: str, found: Sequence[Mapping[str, Any]]) -> set[str]:
         if parsed is not None and parsed[0] == run_key:
             seen.add(parsed[1])
     return seen
+
+
+def _pinnable(entry: Mapping[str, Any]) -> bool:
+    """Whether a record is one an append may write before its transaction (a pin): a
+    shared item (an item record that names no owner) or a count."""
+    sort_key = _text(entry, "SK")
+    return sort_key.startswith(layout.COUNTER_PREFIX) or (
+        sort_key.startswith(layout.ITEM_PREFIX) and "o" not in entry)
 
 
 def _pointed_to(

@@ -515,3 +515,63 @@ async def test_an_ended_life_orphan_value_goes_with_a_run_removed_within_the_hou
     finally:
         await store.delete_run(key)
         await (await store._bucket()).delete(await _blob_keys(store, key))
+
+
+async def test_a_new_life_pinning_its_shared_items_during_delete_run_keeps_them(
+    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``delete_run``'s first transaction marks the live run as being removed, so a new
+    life's first append may begin at once. One too large for a transaction writes its shared
+    items (and raises their counts) before it: those records, landing before ``delete_run``'s
+    second ``Query``, are not writes of the life it removes, and the new life's checkpoint,
+    acknowledged, must read them."""
+    old = make_run("pinned-during-delete-run")
+    new = make_run(old.run_id, created_at=T0 + 1)
+    key = key_of(old)
+    shared = [make_item(f"b/{index:03d}") for index in range(60)]
+    async with opened(provisioned, aws_names, prefix=store.prefix) as other:
+        transact, pin = store._transact, other._pin
+        pinned, removed = anyio.Event(), anyio.Event()
+        outcome: list[object] = []
+
+        async def first_append() -> None:
+            try:
+                await _append_items(other, new, 0, refs=[item.key for item in shared],
+                                    items=shared, now=T0 + 1)
+                outcome.append("landed")
+            except SequenceConflict:
+                outcome.append("refused")
+            pinned.set()
+
+        async def paused_after_pinning(*args: Any) -> None:
+            await pin(*args)
+            pinned.set()
+            await removed.wait()
+
+        async def new_life_after_the_first(operations: list[dict[str, Any]]) -> None:
+            await transact(operations)
+            if not pinned.is_set():
+                task_group.start_soon(first_append)
+                await pinned.wait()
+
+        try:
+            with anyio.fail_after(DEADLINE):
+                await _append_items(store, old, 0, items=[make_item("o/0", owner=0)])
+                monkeypatch.setattr(other, "_pin", paused_after_pinning)
+                monkeypatch.setattr(store, "_transact", new_life_after_the_first)
+                async with anyio.create_task_group() as task_group:
+                    await store.delete_run(key)
+                    removed.set()
+                monkeypatch.undo()
+                assert outcome in (["landed"], ["refused"])
+                if outcome == ["landed"]:
+                    # Read from a process that did not write it (moto's TransactGetItems
+                    # takes 25 records, not 100).
+                    found = await store.read_with_items(key, sequence=0, now=T0 + 1)
+                    assert found is not None
+                    assert found[2] == {item.key: item.value for item in shared}
+        finally:
+            monkeypatch.undo()
+            await other.delete_run(key)
+
