@@ -676,6 +676,19 @@ def _written_over(listed: _SlotView, slot: Slot, etag: str) -> bool:
     return bool(tokens) and b"" not in tokens and slot.token not in tokens
 
 
+def _marked(listed: _SlotView, slot: Slot) -> bool:
+    """Whether a marker listed at the slot's key is ``slot``'s own (carries its write
+    token): only that one makes a slot owning items a checkpoint. A marker of another write
+    at the key (an ended life's, left by a removal stopped between the slots and their
+    markers, or a taken-back create's whose removal failed) does not: the slot is pending."""
+    for key in (listed.marker, *listed.extra):
+        marker = "" if key is None else key.rpartition("/")[2]
+        listing = layout.parse_listing(marker[1:]) if marker[:1] in ("m", "l") else None
+        if listing is not None and listing.token == slot.token:
+            return True
+    return False
+
+
 def _listing_of(slot: Slot) -> Listing:
     """What a listing shows of ``slot``. A tombstone's token is what it names as its
     predecessor (``Slot.after``; empty in those of earlier releases, whose markers have no
@@ -2604,14 +2617,16 @@ class S3Store(ExpiryCleanup):
             slot.expires_at, now
         ):
             return None
-        if slot.owns and listed is not None and listed.marker is None:
-            return None  # pending: its items may not all be written (see Slot.owns)
         if listed is not None and _written_over(listed, slot, found[1]) and (
             seen is None or found[1] not in seen
         ):
             if seen is not None:
                 seen.add(found[1])
             raise _Superseded
+        if slot.owns and listed is not None and not _marked(listed, slot):
+            # Pending: its items may not all be written (see Slot.owns). Checked after the
+            # race above: a slot written again since the listing may have its marker now.
+            return None
         return (self._located(io, run_key, slot), state.status, _nesting_refs(slot, state),
                 found[1])
 

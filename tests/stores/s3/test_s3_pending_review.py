@@ -236,3 +236,26 @@ async def test_put_owned_items_lists_the_slot_beside_its_gets(
     assert sorted(events[:2]) == ["get sent", "scan sent"]
     assert sorted(events[2:]) == ["get answered", "scan answered"]
     assert counted.counts == {"GetObject": 3, "ListObjectsV2": 1, "PutObject": 2}
+
+
+async def test_a_leftover_marker_of_another_life_does_not_make_a_pending_slot_a_checkpoint(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A marker of another write at the pending slot's key (an ended life's, left by a
+    removal stopped between its slots and their markers) is not this slot's marker: the
+    slot stays pending, read by no path, and ``put_owned_items`` writes nothing for it."""
+    writer, other = stores
+    run = make_run("pending-stale-marker")
+    key = key_of(run)
+    with anyio.fail_after(DEADLINE):
+        await _pending_at_1(writer, run, monkeypatch)
+        io = await other._objects()
+        stale = layout.Listing("ended-life", "ended-life-checkpoint", T0, None, T0,
+                               b"header", b"\x01" * 16)
+        await io.put(layout.marker_key(key, 1, "m", stale), b"")
+        assert await other.get(key, 1, now=T0) is None
+        assert await _read(other, run, 1) is None
+        assert not await other.put_owned_items(
+            key, [make_item("o/x", owner=1)], owner=1, checkpoint_id=checkpoint_id_of(run, 1),
+            if_absent=True, now=T0)
+        assert not await _written_for(other, key, 1, "o/x")
