@@ -1916,11 +1916,16 @@ _DELETE_RUN_V13 = _patched(
 # committed meanwhile); an append after it waits for it and finds the item gone. A run whose
 # lock is taken (a write in flight) is left for the next cleanup, and does not keep this one
 # from being done: never a wait here (two purges lock runs in different orders), never a
-# cleanup spinning on a run held by a slow transaction.
+# cleanup spinning on a run held by a slow transaction. The advisory locks are held to the
+# commit, each an entry of the server's shared lock table (max_locks_per_transaction per
+# connection, shared by all): a call takes at most 64 of them and leaves the further runs
+# without a row to the next call (not done); a batch over thousands of such runs ran out of
+# lock memory and failed, every call again.
 _PURGE_V13 = _patched(
     _function(_PURGE_V1, "purge"),
     ("CREATE FUNCTION {purge}(", "CREATE OR REPLACE FUNCTION {purge}("),
-    ("    v_count bigint;\n", "    v_count bigint;\n    v_busy text[] := '{{}}';\n"),
+    ("    v_count bigint;\n",
+     "    v_count bigint;\n    v_busy text[] := '{{}}';\n    v_locks integer := 0;\n"),
     ("""    IF v_budget > 0 THEN
         WITH gone AS (
             DELETE FROM {items} i
@@ -1942,10 +1947,17 @@ _PURGE_V13 = _patched(
          LIMIT 1;
         EXIT WHEN NOT FOUND;
         PERFORM 1 FROM {runs} x WHERE x.run_key = v_key FOR SHARE SKIP LOCKED;
-        IF NOT FOUND AND (EXISTS (SELECT 1 FROM {runs} x WHERE x.run_key = v_key)
-                          OR NOT pg_try_advisory_xact_lock(26212, hashtext(v_key))) THEN
-            v_busy := v_busy || v_key;
-            CONTINUE;
+        IF NOT FOUND THEN
+            IF EXISTS (SELECT 1 FROM {runs} x WHERE x.run_key = v_key) THEN
+                v_busy := v_busy || v_key;
+                CONTINUE;
+            END IF;
+            EXIT WHEN v_locks >= 64;  -- the further runs without a row in the next call
+            IF NOT pg_try_advisory_xact_lock(26212, hashtext(v_key)) THEN
+                v_busy := v_busy || v_key;
+                CONTINUE;
+            END IF;
+            v_locks := v_locks + 1;
         END IF;
         WITH gone AS (
             DELETE FROM {items} i

@@ -4288,6 +4288,7 @@ DECLARE
     v_key text;
     v_count bigint;
     v_busy text[] := '{}';
+    v_locks integer := 0;
     r "public"."fc_runs"%ROWTYPE;
 BEGIN
     removed := 0;
@@ -4349,10 +4350,17 @@ BEGIN
          LIMIT 1;
         EXIT WHEN NOT FOUND;
         PERFORM 1 FROM "public"."fc_runs" x WHERE x.run_key = v_key FOR SHARE SKIP LOCKED;
-        IF NOT FOUND AND (EXISTS (SELECT 1 FROM "public"."fc_runs" x WHERE x.run_key = v_key)
-                          OR NOT pg_try_advisory_xact_lock(26212, hashtext(v_key))) THEN
-            v_busy := v_busy || v_key;
-            CONTINUE;
+        IF NOT FOUND THEN
+            IF EXISTS (SELECT 1 FROM "public"."fc_runs" x WHERE x.run_key = v_key) THEN
+                v_busy := v_busy || v_key;
+                CONTINUE;
+            END IF;
+            EXIT WHEN v_locks >= 64;  -- the further runs without a row in the next call
+            IF NOT pg_try_advisory_xact_lock(26212, hashtext(v_key)) THEN
+                v_busy := v_busy || v_key;
+                CONTINUE;
+            END IF;
+            v_locks := v_locks + 1;
         END IF;
         WITH gone AS (
             DELETE FROM "public"."fc_items" i

@@ -419,3 +419,34 @@ async def test_removals_by_the_release_before_during_the_upgrade_are_no_damage(
         await drop_schema(postgres, schema)
     assert found is not None
     assert found[2] == {"c": b"value-c"}
+
+
+async def test_the_cleanup_purges_the_expired_items_of_more_runs_without_rows_than_locks_fit(
+    store: PostgresStore, postgres: PostgresTarget, schema: str
+) -> None:
+    """Expired items of runs without a row (items put, no append ever), more runs than the
+    server's lock table holds: the cleanup takes each such run's lock (held to its commit)
+    without ever running out of lock memory, and removes them all."""
+    names = Names(schema, "fc_")
+    connection = await asyncpg.connect(postgres.url())
+    try:
+        with anyio.fail_after(_DEADLINE * 6):
+            await store.put_items("seed", [make_item("k")], now=T0)  # the schema is in place
+            slots = await connection.fetchval(
+                "SELECT current_setting('max_locks_per_transaction')::int"
+                " * (current_setting('max_connections')::int"
+                "    + current_setting('max_prepared_transactions')::int)")
+            runs = 2 * slots
+            await connection.execute(names.render(
+                "INSERT INTO {items} (run_key, key, value, expires_at)"
+                " SELECT 'run-' || g, 'k'::bytea, 'v'::bytea, $1"
+                "   FROM generate_series(1, $2) g"), T0 + 5, runs)
+            result = await store.purge_expired(now=T0 + 10, limit=runs + 10)
+            while not result[1]:
+                result = await store.purge_expired(now=T0 + 10, limit=runs + 10)
+            left = await connection.fetchval(names.render(
+                "SELECT count(*) FROM {items} WHERE run_key LIKE 'run-%'"))
+    finally:
+        await connection.close()
+    assert left == 0
+
