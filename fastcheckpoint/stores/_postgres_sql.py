@@ -1910,22 +1910,24 @@ _DELETE_RUN_V13 = _patched(
 # The cleanup's purge of expired items no count names judged "no count" in its own snapshot,
 # which misses the count of an append in flight that checked the item live (by its clock,
 # earlier than the cleanup's): the item went from under that append's checkpoint with no
-# record (a read then reported damage). It now removes them run by run, each under the run's
-# lock taken without waiting (the row shared, or for a run without a row the lock a first
-# append takes), in a statement after the lock (which sees the counts of the appends that
-# committed meanwhile); an append after it waits for it and finds the item gone. A run whose
-# lock is taken (a write in flight) is left for the next cleanup, and does not keep this one
-# from being done: never a wait here (two purges lock runs in different orders), never a
-# cleanup spinning on a run held by a slow transaction. The advisory locks are held to the
-# commit, each an entry of the server's shared lock table (max_locks_per_transaction per
-# connection, shared by all): a call takes at most 64 of them and leaves the further runs
-# without a row to the next call (not done); a batch over thousands of such runs ran out of
-# lock memory and failed, every call again.
+# record (a read then reported damage). It now finds them in one pass (up to the budget; a
+# pass for each run read the expired items a count names, and a busy run's, once per run),
+# then removes them run by run, each under the run's lock taken without waiting (the row
+# shared, or for a run without a row the lock a first append takes), in a statement after
+# the lock (which sees the counts of the appends that committed meanwhile); an append after
+# it waits for it and finds the item gone. A run whose lock is taken (a write in flight) is
+# left for the next cleanup, and does not keep this one from being done: never a wait here
+# (two purges lock runs in different orders), never a cleanup spinning on a run held by a
+# slow transaction. The advisory locks are held to the commit, each an entry of the server's
+# shared lock table (max_locks_per_transaction per connection, shared by all): a call takes
+# at most 64 of them and leaves the further runs without a row to the next call (not done);
+# a batch over thousands of such runs ran out of lock memory and failed, every call again.
 _PURGE_V13 = _patched(
     _function(_PURGE_V1, "purge"),
     ("CREATE FUNCTION {purge}(", "CREATE OR REPLACE FUNCTION {purge}("),
     ("    v_count bigint;\n",
-     "    v_count bigint;\n    v_busy text[] := '{{}}';\n    v_locks integer := 0;\n"),
+     "    v_count bigint;\n    v_busy text[] := '{{}}';\n    v_locks integer := 0;\n"
+     "    v_runs text[];\n    v_keys bytea[];\n"),
     ("""    IF v_budget > 0 THEN
         WITH gone AS (
             DELETE FROM {items} i
@@ -1938,42 +1940,50 @@ _PURGE_V13 = _patched(
             RETURNING 1)
         SELECT v_budget - count(*) INTO v_budget FROM gone;
     END IF;
-""", """    LOOP
+""", """    <<expired_items>>
+    LOOP
         EXIT WHEN v_budget <= 0;
-        SELECT e.run_key INTO v_key FROM {items} e
-         WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now
-           AND NOT (e.run_key = ANY (v_busy))
-           AND NOT EXISTS (SELECT 1 FROM {refs} f WHERE f.run_key = e.run_key AND f.key = e.key)
-         LIMIT 1;
-        EXIT WHEN NOT FOUND;
-        PERFORM 1 FROM {runs} x WHERE x.run_key = v_key FOR SHARE SKIP LOCKED;
-        IF NOT FOUND THEN
-            IF EXISTS (SELECT 1 FROM {runs} x WHERE x.run_key = v_key) THEN
-                v_busy := v_busy || v_key;
-                CONTINUE;
+        SELECT array_agg(e.run_key), array_agg(e.key) INTO v_runs, v_keys FROM (
+            SELECT e.run_key, e.key FROM {items} e
+             WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now
+               AND NOT (e.run_key = ANY (v_busy))
+               AND NOT EXISTS (SELECT 1 FROM {refs} f
+                                WHERE f.run_key = e.run_key AND f.key = e.key)
+             LIMIT v_budget) e;
+        EXIT WHEN v_runs IS NULL;
+        FOR v_key IN SELECT DISTINCT u.k FROM unnest(v_runs) u(k) LOOP
+            PERFORM 1 FROM {runs} x WHERE x.run_key = v_key FOR SHARE SKIP LOCKED;
+            IF NOT FOUND THEN
+                IF EXISTS (SELECT 1 FROM {runs} x WHERE x.run_key = v_key) THEN
+                    v_busy := v_busy || v_key;
+                    CONTINUE;
+                END IF;
+                -- The further runs without a row in the next call.
+                EXIT expired_items WHEN v_locks >= 64;
+                IF NOT pg_try_advisory_xact_lock(26212, hashtext(v_key)) THEN
+                    v_busy := v_busy || v_key;
+                    CONTINUE;
+                END IF;
+                v_locks := v_locks + 1;
             END IF;
-            EXIT WHEN v_locks >= 64;  -- the further runs without a row in the next call
-            IF NOT pg_try_advisory_xact_lock(26212, hashtext(v_key)) THEN
-                v_busy := v_busy || v_key;
-                CONTINUE;
+            WITH gone AS (
+                DELETE FROM {items} i
+                 WHERE (i.run_key, i.key) IN (
+                     SELECT e.run_key, e.key FROM {items} e
+                      WHERE e.run_key = v_key
+                        AND e.key = ANY (ARRAY(SELECT c.key
+                                                 FROM unnest(v_runs, v_keys) c(run_key, key)
+                                                WHERE c.run_key = v_key))
+                        AND e.expires_at IS NOT NULL AND e.expires_at <= p_now
+                        AND NOT EXISTS (SELECT 1 FROM {refs} f
+                                         WHERE f.run_key = e.run_key AND f.key = e.key))
+                RETURNING 1)
+            SELECT count(*) INTO v_count FROM gone;
+            IF v_count = 0 THEN
+                v_busy := v_busy || v_key;  -- named by an append that committed meanwhile
             END IF;
-            v_locks := v_locks + 1;
-        END IF;
-        WITH gone AS (
-            DELETE FROM {items} i
-             WHERE (i.run_key, i.key) IN (
-                 SELECT e.run_key, e.key FROM {items} e
-                  WHERE e.run_key = v_key
-                    AND e.expires_at IS NOT NULL AND e.expires_at <= p_now
-                    AND NOT EXISTS (SELECT 1 FROM {refs} f
-                                     WHERE f.run_key = e.run_key AND f.key = e.key)
-                  LIMIT v_budget)
-            RETURNING 1)
-        SELECT count(*) INTO v_count FROM gone;
-        IF v_count = 0 THEN
-            v_busy := v_busy || v_key;  -- named by an append that committed meanwhile
-        END IF;
-        v_budget := v_budget - v_count::integer;
+            v_budget := v_budget - v_count::integer;
+        END LOOP;
     END LOOP;
 """),
     ("""                         WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now

@@ -4289,6 +4289,8 @@ DECLARE
     v_count bigint;
     v_busy text[] := '{}';
     v_locks integer := 0;
+    v_runs text[];
+    v_keys bytea[];
     r "public"."fc_runs"%ROWTYPE;
 BEGIN
     removed := 0;
@@ -4341,42 +4343,50 @@ BEGIN
         removed := removed + v_count;
         v_budget := v_budget - greatest(v_count, 1)::integer;
     END LOOP;
+    <<expired_items>>
     LOOP
         EXIT WHEN v_budget <= 0;
-        SELECT e.run_key INTO v_key FROM "public"."fc_items" e
-         WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now
-           AND NOT (e.run_key = ANY (v_busy))
-           AND NOT EXISTS (SELECT 1 FROM "public"."fc_refs" f WHERE f.run_key = e.run_key AND f.key = e.key)
-         LIMIT 1;
-        EXIT WHEN NOT FOUND;
-        PERFORM 1 FROM "public"."fc_runs" x WHERE x.run_key = v_key FOR SHARE SKIP LOCKED;
-        IF NOT FOUND THEN
-            IF EXISTS (SELECT 1 FROM "public"."fc_runs" x WHERE x.run_key = v_key) THEN
-                v_busy := v_busy || v_key;
-                CONTINUE;
+        SELECT array_agg(e.run_key), array_agg(e.key) INTO v_runs, v_keys FROM (
+            SELECT e.run_key, e.key FROM "public"."fc_items" e
+             WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now
+               AND NOT (e.run_key = ANY (v_busy))
+               AND NOT EXISTS (SELECT 1 FROM "public"."fc_refs" f
+                                WHERE f.run_key = e.run_key AND f.key = e.key)
+             LIMIT v_budget) e;
+        EXIT WHEN v_runs IS NULL;
+        FOR v_key IN SELECT DISTINCT u.k FROM unnest(v_runs) u(k) LOOP
+            PERFORM 1 FROM "public"."fc_runs" x WHERE x.run_key = v_key FOR SHARE SKIP LOCKED;
+            IF NOT FOUND THEN
+                IF EXISTS (SELECT 1 FROM "public"."fc_runs" x WHERE x.run_key = v_key) THEN
+                    v_busy := v_busy || v_key;
+                    CONTINUE;
+                END IF;
+                -- The further runs without a row in the next call.
+                EXIT expired_items WHEN v_locks >= 64;
+                IF NOT pg_try_advisory_xact_lock(26212, hashtext(v_key)) THEN
+                    v_busy := v_busy || v_key;
+                    CONTINUE;
+                END IF;
+                v_locks := v_locks + 1;
             END IF;
-            EXIT WHEN v_locks >= 64;  -- the further runs without a row in the next call
-            IF NOT pg_try_advisory_xact_lock(26212, hashtext(v_key)) THEN
-                v_busy := v_busy || v_key;
-                CONTINUE;
+            WITH gone AS (
+                DELETE FROM "public"."fc_items" i
+                 WHERE (i.run_key, i.key) IN (
+                     SELECT e.run_key, e.key FROM "public"."fc_items" e
+                      WHERE e.run_key = v_key
+                        AND e.key = ANY (ARRAY(SELECT c.key
+                                                 FROM unnest(v_runs, v_keys) c(run_key, key)
+                                                WHERE c.run_key = v_key))
+                        AND e.expires_at IS NOT NULL AND e.expires_at <= p_now
+                        AND NOT EXISTS (SELECT 1 FROM "public"."fc_refs" f
+                                         WHERE f.run_key = e.run_key AND f.key = e.key))
+                RETURNING 1)
+            SELECT count(*) INTO v_count FROM gone;
+            IF v_count = 0 THEN
+                v_busy := v_busy || v_key;  -- named by an append that committed meanwhile
             END IF;
-            v_locks := v_locks + 1;
-        END IF;
-        WITH gone AS (
-            DELETE FROM "public"."fc_items" i
-             WHERE (i.run_key, i.key) IN (
-                 SELECT e.run_key, e.key FROM "public"."fc_items" e
-                  WHERE e.run_key = v_key
-                    AND e.expires_at IS NOT NULL AND e.expires_at <= p_now
-                    AND NOT EXISTS (SELECT 1 FROM "public"."fc_refs" f
-                                     WHERE f.run_key = e.run_key AND f.key = e.key)
-                  LIMIT v_budget)
-            RETURNING 1)
-        SELECT count(*) INTO v_count FROM gone;
-        IF v_count = 0 THEN
-            v_busy := v_busy || v_key;  -- named by an append that committed meanwhile
-        END IF;
-        v_budget := v_budget - v_count::integer;
+            v_budget := v_budget - v_count::integer;
+        END LOOP;
     END LOOP;
     -- The server's clock in a variable: compared with a volatile call, the index is unused.
     DELETE FROM "public"."fc_ops" o WHERE o.token IN (

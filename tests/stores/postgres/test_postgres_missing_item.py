@@ -450,3 +450,42 @@ async def test_the_cleanup_purges_the_expired_items_of_more_runs_without_rows_th
         await connection.close()
     assert left == 0
 
+
+async def test_the_cleanup_reads_the_expired_items_a_count_names_once_a_batch(
+    store: PostgresStore, postgres: PostgresTarget, schema: str
+) -> None:
+    """Expired items that held checkpoints name stay (read by every batch to pass them by);
+    the purge of the expired items of many runs reads them about once a batch, not once per
+    run it purges (a table's worth of rows read per run)."""
+    names = Names(schema, "fc_")
+    named, runs = 2000, 100
+    holder = make_run("holder")
+    connection = await asyncpg.connect(postgres.url())
+    try:
+        with anyio.fail_after(_DEADLINE * 3):
+            await _append_items(store, holder, 0)
+            await connection.execute(names.render(
+                "INSERT INTO {items} (run_key, key, value, expires_at)"
+                " SELECT $1, ('n' || g)::bytea, 'v'::bytea, $2 FROM generate_series(1, $3) g"),
+                key_of(holder), T0 + 1, named)
+            await connection.execute(names.render(
+                "INSERT INTO {refs} (run_key, key, holders, removed)"
+                " SELECT $1, ('n' || g)::bytea, 1, false FROM generate_series(1, $2) g"),
+                key_of(holder), named)
+            for n in range(runs):
+                run = make_run(f"purged-{n}")
+                await _append_items(store, run, 0)
+                await store.put_items(key_of(run), [make_item("k", expires_at=T0 + 5)], now=T0)
+            async with connection.transaction():
+                result = await connection.fetchrow(
+                    names.render("SELECT * FROM {purge}($1, $2)"), T0 + 10, 1000)
+                read = await connection.fetchval(names.render(
+                    "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+                    "  FROM pg_stat_xact_user_tables WHERE relid = '{items}'::regclass"))
+            left = await connection.fetchval(names.render(
+                "SELECT count(*) FROM {items} WHERE run_key <> $1"), key_of(holder))
+    finally:
+        await connection.close()
+    assert tuple(result) == (0, True)
+    assert left == 0
+    assert read < 10 * (named + runs)
