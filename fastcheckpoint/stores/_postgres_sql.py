@@ -1915,7 +1915,10 @@ _DELETE_RUN_V13 = _patched(
 # then removes them run by run, each under the run's lock taken without waiting (the row
 # shared, or for a run without a row the lock a first append takes), in a statement after
 # the lock (which sees the counts of the appends that committed meanwhile); an append after
-# it waits for it and finds the item gone. A run whose lock is taken (a write in flight) is
+# it waits for it and finds the item gone. The expiry is judged on the item row the delete
+# takes: an item written again while the delete waited for its row (put_items, a new value
+# and expiry) stays; judged on the row of another read of the table (IN (SELECT ...)), the
+# delete took the new value, acknowledged. A run whose lock is taken (a write in flight) is
 # left for the next cleanup, and does not keep this one from being done: never a wait here
 # (two purges lock runs in different orders), never a cleanup spinning on a run held by a
 # slow transaction. The advisory locks are held to the commit, each an entry of the server's
@@ -1968,15 +1971,12 @@ _PURGE_V13 = _patched(
             END IF;
             WITH gone AS (
                 DELETE FROM {items} i
-                 WHERE (i.run_key, i.key) IN (
-                     SELECT e.run_key, e.key FROM {items} e
-                      WHERE e.run_key = v_key
-                        AND e.key = ANY (ARRAY(SELECT c.key
-                                                 FROM unnest(v_runs, v_keys) c(run_key, key)
-                                                WHERE c.run_key = v_key))
-                        AND e.expires_at IS NOT NULL AND e.expires_at <= p_now
-                        AND NOT EXISTS (SELECT 1 FROM {refs} f
-                                         WHERE f.run_key = e.run_key AND f.key = e.key))
+                 WHERE i.run_key = v_key
+                   AND i.key = ANY (ARRAY(SELECT c.key FROM unnest(v_runs, v_keys) c(run_key, key)
+                                           WHERE c.run_key = v_key))
+                   AND i.expires_at IS NOT NULL AND i.expires_at <= p_now
+                   AND NOT EXISTS (SELECT 1 FROM {refs} f
+                                    WHERE f.run_key = v_key AND f.key = i.key)
                 RETURNING 1)
             SELECT count(*) INTO v_count FROM gone;
             IF v_count = 0 THEN

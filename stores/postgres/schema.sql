@@ -4371,15 +4371,12 @@ BEGIN
             END IF;
             WITH gone AS (
                 DELETE FROM "public"."fc_items" i
-                 WHERE (i.run_key, i.key) IN (
-                     SELECT e.run_key, e.key FROM "public"."fc_items" e
-                      WHERE e.run_key = v_key
-                        AND e.key = ANY (ARRAY(SELECT c.key
-                                                 FROM unnest(v_runs, v_keys) c(run_key, key)
-                                                WHERE c.run_key = v_key))
-                        AND e.expires_at IS NOT NULL AND e.expires_at <= p_now
-                        AND NOT EXISTS (SELECT 1 FROM "public"."fc_refs" f
-                                         WHERE f.run_key = e.run_key AND f.key = e.key))
+                 WHERE i.run_key = v_key
+                   AND i.key = ANY (ARRAY(SELECT c.key FROM unnest(v_runs, v_keys) c(run_key, key)
+                                           WHERE c.run_key = v_key))
+                   AND i.expires_at IS NOT NULL AND i.expires_at <= p_now
+                   AND NOT EXISTS (SELECT 1 FROM "public"."fc_refs" f
+                                    WHERE f.run_key = v_key AND f.key = i.key)
                 RETURNING 1)
             SELECT count(*) INTO v_count FROM gone;
             IF v_count = 0 THEN

@@ -489,3 +489,34 @@ async def test_the_cleanup_reads_the_expired_items_a_count_names_once_a_batch(
     assert tuple(result) == (0, True)
     assert left == 0
     assert read < 10 * (named + runs)
+
+
+async def test_an_item_written_again_while_the_cleanup_removes_it_keeps_its_new_value(
+    store: PostgresStore, postgres: PostgresTarget, schema: str
+) -> None:
+    """``put_items`` writes an expired item again (a new value, a later expiry) while the
+    cleanup is about to remove it (the cleanup waits for the write's row lock): the
+    acknowledged write must stay, the cleanup judging the row it finds after the wait."""
+    run = make_run("written-again")
+    key = key_of(run)
+    names = Names(schema, "fc_")
+    writer, watcher = [await asyncpg.connect(postgres.url()) for _ in range(2)]
+    try:
+        with anyio.fail_after(_DEADLINE):
+            await _append_items(store, run, 0)
+            await store.put_items(key, [make_item("k", expires_at=T0 + 5)], now=T0)
+            transaction = writer.transaction()
+            await transaction.start()
+            await writer.execute(names.render(
+                "SELECT {put_items}($1, ARRAY['k'::bytea], ARRAY['new'::bytea],"
+                " ARRAY[NULL::bigint], ARRAY[$2::double precision], false, $3, 'written-again')"),
+                key, T0 + 100, T0 + 10)
+            async with anyio.create_task_group() as group:
+                group.start_soon(lambda: store.purge_expired(now=T0 + 10, limit=100))
+                await _waiting(watcher, 1)
+                await transaction.commit()
+            found = await store.get_items(key, ["k"], now=T0 + 10)
+    finally:
+        await writer.close()
+        await watcher.close()
+    assert found == {"k": b"new"}
