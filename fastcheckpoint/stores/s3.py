@@ -667,12 +667,7 @@ def _written_over(listed: _SlotView, slot: Slot, etag: str) -> bool:
         return listed.slot_etag != etag
     if listed.missing or listed.marker is None:
         return False
-    tokens: set[bytes] = set()
-    for key in (listed.marker, *listed.extra):
-        marker = key.rpartition("/")[2]
-        listing = layout.parse_listing(marker[1:]) if marker[:1] in ("m", "l") else None
-        if listing is not None:
-            tokens.add(listing.token)
+    tokens = _marker_tokens(listed)
     return bool(tokens) and b"" not in tokens and slot.token not in tokens
 
 
@@ -681,12 +676,19 @@ def _marked(listed: _SlotView, slot: Slot) -> bool:
     token): only that one makes a slot owning items a checkpoint. A marker of another write
     at the key (an ended life's, left by a removal stopped between the slots and their
     markers, or a taken-back create's whose removal failed) does not: the slot is pending."""
+    return slot.token in _marker_tokens(listed)
+
+
+def _marker_tokens(listed: _SlotView) -> set[bytes]:
+    """The write tokens the checkpoint markers listed at a slot's key carry (empty bytes for
+    a marker of an earlier release, which carries none)."""
+    tokens: set[bytes] = set()
     for key in (listed.marker, *listed.extra):
         marker = "" if key is None else key.rpartition("/")[2]
         listing = layout.parse_listing(marker[1:]) if marker[:1] in ("m", "l") else None
-        if listing is not None and listing.token == slot.token:
-            return True
-    return False
+        if listing is not None:
+            tokens.add(listing.token)
+    return tokens
 
 
 def _listing_of(slot: Slot) -> Listing:
