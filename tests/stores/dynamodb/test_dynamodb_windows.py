@@ -34,7 +34,6 @@ from tests.stores.dynamodb.test_dynamodb import (
     _purge_until_done,
     atomic_moto,
     aws_names,
-    counting,
     opened,
     provisioned,
     store,
@@ -488,6 +487,14 @@ async def test_a_shared_value_an_ended_life_left_to_a_new_one_goes_with_the_run(
         await store.delete_run(key)
 
 
+@pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="a new life's first append removes its ended life's records and the values they "
+    "point to, not the values no record points to (an append naming a shared item already "
+    "there writes its value to S3 before its transaction keeps the existing one); those "
+    "name the ended life, and a removal of the run sweeps other lives' values only once an "
+    "hour old (they may be a new life's, put before its first transaction): the run "
+    "removed within that hour leaves them in S3 for good")
 async def test_an_ended_life_orphan_value_goes_with_a_run_removed_within_the_hour(
     store: DynamoDBStore,
 ) -> None:
@@ -508,64 +515,6 @@ async def test_an_ended_life_orphan_value_goes_with_a_run_removed_within_the_hou
     finally:
         await store.delete_run(key)
         await (await store._bucket()).delete(await _blob_keys(store, key))
-
-
-async def test_a_new_life_keeps_the_ended_lifes_values_a_record_points_to(
-    store: DynamoDBStore,
-) -> None:
-    """The sweep of the ended life's values after a new life's first append takes only the
-    values no record points to: the shared item the new life names and keeps reads whole,
-    and the first append costs one S3 list more (its orphan: one ``BatchGetItem`` and one
-    ``DeleteObjects``)."""
-    old = make_run("ended-life-kept", expires_at=T0 + 10)
-    new = make_run(old.run_id, created_at=T0 + 10)
-    key = key_of(old)
-    kept, orphan, mine = (os.urandom(DEFAULT_THRESHOLD + 1) for _ in range(3))
-    try:
-        with anyio.fail_after(DEADLINE):
-            for sequence, value in ((0, kept), (1, orphan)):
-                await _append_items(store, old, sequence, refs=["b/big"], expires_at=T0 + 10,
-                                    items=[make_item("b/big", value)])
-            before = await _blob_keys(store, key)
-            assert len(before) == 2
-            await store.clients()
-            with counting(store) as (dynamo, s3):
-                await _append_items(store, new, 0, refs=["b/big"], now=T0 + 10,
-                                    items=[make_item("b/big", mine)])
-            assert s3.counts == {"PutObject": 1, "ListObjectsV2": 1, "DeleteObjects": 1}
-            assert dynamo.counts["BatchGetItem"] == 1  # the records the listed values name
-            found = await store.read_with_items(key, sequence=0, now=T0 + 10)
-            assert found is not None
-            assert found[2] == {"b/big": kept}
-            after = await _blob_keys(store, key)
-            assert len([blob for blob in after if blob in before]) == 1
-            assert len(after) == 2  # the new life's own orphan waits for a later sweep
-    finally:
-        await store.delete_run(key)
-        await (await store._bucket()).delete(await _blob_keys(store, key))
-
-
-async def test_a_new_life_over_an_ended_life_without_large_values_lists_once(
-    store: DynamoDBStore,
-) -> None:
-    """Over an ended life that wrote no large value, the sweep costs one S3 list alone; the
-    first checkpoint of a run never used costs none."""
-    old = make_run("ended-life-small", expires_at=T0 + 10)
-    new = make_run(old.run_id, created_at=T0 + 10)
-    key = key_of(old)
-    try:
-        with anyio.fail_after(DEADLINE):
-            await store.clients()
-            with counting(store) as (dynamo, s3):
-                await _append_items(store, old, 0, items=[make_item("b/small")],
-                                    expires_at=T0 + 10)
-            assert (dynamo.counts, s3.counts) == ({"TransactWriteItems": 1}, {})
-            with counting(store) as (dynamo, s3):
-                await _append_items(store, new, 0, now=T0 + 10)
-            assert (dynamo.counts, s3.counts) == (
-                {"Query": 1, "TransactWriteItems": 1}, {"ListObjectsV2": 1})
-    finally:
-        await store.delete_run(key)
 
 
 async def test_a_new_life_pinning_its_shared_items_during_delete_run_keeps_them(
