@@ -49,6 +49,7 @@ from fastcheckpoint._validate import shown
 from fastcheckpoint.errors import (
     ConfigurationError,
     ConflictError,
+    CorruptCheckpointError,
     SharedItemGone,
     ValidationError,
 )
@@ -1061,3 +1062,16 @@ def unheld_refs(run_key: str, sequence: int, keys: Sequence[str]) -> SharedItemG
         f"run {run_key}: checkpoint {sequence} names shared items the run does not hold "
         f"({listed}{more}); nothing was written: append it again with their values",
         keys=tuple(keys))
+
+
+def items_deleted_behind(
+    run_key: str, sequence: int, keys: Sequence[str], where: str
+) -> CorruptCheckpointError:
+    """The one error of a read whose checkpoint names item rows missing although the store
+    recorded no removal of them (deleted behind its back); ``where`` locates the first."""
+    listed = ", ".join(repr(key) for key in keys[:3])
+    more = " and more" if len(keys) > 3 else ""
+    return CorruptCheckpointError(
+        f"checkpoint {sequence} of run key {run_key} names item(s) whose row is missing "
+        f"although the store did not remove them (deleted behind its back): {listed}{more}",
+        key=where)

@@ -86,6 +86,7 @@ from fastcheckpoint.stores._base import (
     check_time,
     is_run_key,
     item_key_bytes,
+    items_deleted_behind,
     unheld_refs,
 )
 from fastcheckpoint.stores._loops import GivenClientLoop, PerLoop, require_asyncio
@@ -732,12 +733,8 @@ class PostgresStore(ExpiryCleanup):
         # no value: deleted behind the store's back.
         lost = [key for key, value in pairs if value is None]
         if lost:
-            raise CorruptCheckpointError(
-                f"checkpoint {checkpoint.sequence} of run key {run_key} names item(s) whose row "
-                "is missing although the store did not remove them (deleted behind its back): "
-                f"{', '.join(repr(key) for key in lost[:3])}"
-                f"{' and more' if len(lost) > 3 else ''}",
-                key=f"{self._names['items']} ({run_key}, {lost[0]})")
+            raise items_deleted_behind(run_key, checkpoint.sequence, lost,
+                                       f"{self._names['items']} ({run_key}, {lost[0]})")
         return checkpoint, self._status(run_key, row[7]), {
             key: bytes(value) for key, value in pairs}
 

@@ -96,6 +96,7 @@ from fastcheckpoint.stores._base import (
     is_live,
     is_run_key,
     item_key_bytes,
+    items_deleted_behind,
     latest_expiry,
     refs_to_find,
     renumbered,
@@ -1390,13 +1391,8 @@ class SQLiteStore(ExpiryCleanup):
             # In the same snapshot, only when the read missed a named item.
             lost = steps.deleted_behind(db, run_key, missed) if missed else []
         if lost:
-            raise CorruptCheckpointError(
-                f"checkpoint {record.sequence} of run key {run_key} names item(s) whose row is "
-                f"missing although the store did not remove them (deleted behind its back): "
-                f"{', '.join(repr(key) for key in lost[:3])}"
-                f"{' and more' if len(lost) > 3 else ''}",
-                key=f"{self._path}#fc_items/{run_key}/{lost[0]}",
-            )
+            raise items_deleted_behind(run_key, record.sequence, lost,
+                                       f"{self._path}#fc_items/{run_key}/{lost[0]}")
         return record, status, items
 
     async def scan_items(
