@@ -465,6 +465,9 @@ class _Plan:
     """Deletes that did not fit in the transaction (more than 100 operations): done after."""
     pins: list[_Early] = field(default_factory=list)
     """Shared items and raised counts that did not fit: written before the transaction."""
+    check: dict[str, Any] | None = None
+    """The check of the run item each transaction of ``pins`` carries: the revision the
+    transaction's own condition expects (see :func:`_pin_check`)."""
     lowered: list[str] = field(default_factory=list)
     """Shared items whose counts this change lowers (the cleanup loop checks them)."""
 
@@ -1301,7 +1304,8 @@ class DynamoDBStore(ExpiryCleanup):
                 plan = await self._plan_next(run_key, item, blob, record, state, keep_latest,
                                              now, token, additions)
             if plan.pins:
-                await self._pin(run_key, record.sequence, plan.pins, additions)
+                if not await self._pin(run_key, record.sequence, plan, additions):
+                    state, known, fresh = self._cache.get(run_key), True, True  # it moved on
                 continue  # planned again without what the pins wrote
             outcome.unknown = True
             try:
@@ -1331,39 +1335,46 @@ class DynamoDBStore(ExpiryCleanup):
                 known = fresh = True
                 continue
             return await self._landed(run_key, plan, outcome)
-        head_record = None if state is None else state.record
-        raise SequenceConflict(
-            latest_sequence=None if head_record is None else head_record.latest_sequence,
-            incarnation=None if head_record is None else head_record.incarnation,
-        )
+        raise _conflict_with(state)
 
     async def _pin(
-        self, run_key: str, sequence: int, pins: Sequence[_Early], additions: _Additions
-    ) -> None:
+        self, run_key: str, sequence: int, plan: _Plan, additions: _Additions
+    ) -> bool:
         """Write the shared items and raise the counts that do not fit in an append's
         transaction, before it: a shared item a checkpoint names must never be swept before
         the checkpoint lands. What landed is remembered, so the append does not write it
         again, and undone if the append fails. An item named without being written that the
-        cleanup loop removed meanwhile fails the append (:class:`ConflictError`)."""
+        cleanup loop removed meanwhile fails the append (:class:`ConflictError`).
+
+        Each transaction also checks the run item's revision as the plan read it
+        (``plan.check``, one operation of the 100): a writer whose run moved on (a new life
+        began, a removal fenced it, another append landed) writes nothing, so no write of an
+        ended life lands after the transaction that ended it. That check failing returns
+        ``False``, the run item it returned remembered: the append plans again from it."""
+        check = [] if plan.check is None else [plan.check]
+        limit = _TRANSACTION_LIMIT - len(check)
         chunks: list[list[_Early]] = [[]]
-        for entry in pins:
-            if sum(len(unit.operations) for unit in chunks[-1]) + len(
-                entry.operations
-            ) > _TRANSACTION_LIMIT:
+        for entry in plan.pins:
+            if sum(len(unit.operations) for unit in chunks[-1]) + len(entry.operations) > limit:
                 chunks.append([])
             chunks[-1].append(entry)
         for chunk in chunks:
             if not chunk:
                 continue
             try:
-                await self._commit([op for entry in chunk for op in entry.operations], keep=0)
+                await self._commit([*check, *(op for entry in chunk for op in entry.operations)],
+                                   keep=len(check))
             except _Cancelled as cancelled:
+                if check and cancelled.failed(0):  # the run moved on: this chunk landed nothing
+                    self._state_after(run_key, cancelled)
+                    return False
                 raise _gone_error(run_key, sequence, _gone(cancelled)) from cancelled
             for entry in chunk:
                 if entry.raising:
                     additions.pinned[entry.key] += entry.raising
                 if entry.writes:
                     additions.pinned_shared.add(entry.key)
+        return True
 
     async def _landed(self, run_key: str, plan: _Plan, outcome: _Outcome) -> str:
         """An append's transaction landed: what it wrote before (its payload blob, its
@@ -1485,7 +1496,8 @@ class DynamoDBStore(ExpiryCleanup):
         spared = _spared(removal, [entry.operations[0] for entry in early])
         early = [dataclasses.replace(entry, operations=[operation])
                  for entry, operation in zip(early, spared, strict=True)]
-        return self._assemble(run_key, must, early, removal, state, additions, [])
+        check = _pin_check(run_key, None if previous is None else previous.rev)
+        return self._assemble(run_key, must, early, removal, state, additions, [], check)
 
     async def _leftovers(self, run_key: str, previous: _RunState) -> _Removal:
         """Removal of an expired run's checkpoints, guards and owned items (and its blobs);
@@ -1625,7 +1637,8 @@ class DynamoDBStore(ExpiryCleanup):
         must = [update, *operations, *removal.targeted, *refreshes]
         early = [] if additions is None else self._shared_puts(additions)
         blobs = [held.blob for held in removed if held.blob is not None]
-        return self._assemble(run_key, must, early, removal, new_state, additions, blobs)
+        return self._assemble(run_key, must, early, removal, new_state, additions, blobs,
+                              _pin_check(run_key, state.rev, state.record.run_id))
 
     def _shared_puts(self, additions: _Additions) -> list[_Early]:
         return [_Early([operation], key, 0, True) for key, operation in additions.shared.items()
@@ -1640,6 +1653,7 @@ class DynamoDBStore(ExpiryCleanup):
         state: _RunState,
         additions: _Additions | None,
         blobs: list[str],
+        check: dict[str, Any] | None = None,
     ) -> _Plan:
         """One change as a transaction of at most 100 operations: ``must`` (the run item,
         the checkpoint, the append's memo, its owned items) always in it; shared items and
@@ -1707,6 +1721,7 @@ class DynamoDBStore(ExpiryCleanup):
             blobs + removal.blobs,
             late[rest:],
             pins=pins,
+            check=check,
             lowered=lowered,
         )
 
@@ -4328,6 +4343,13 @@ _RECORD_ATTRIBUTES: Final = ("rid", "st", "ca", "ua", "ls", "cnt", "exp", "ver",
 """The run record's attributes besides ``inc`` (the run indexes copy them)."""
 
 
+def _conflict_with(state: _RunState | None) -> SequenceConflict:
+    """The conflict of an append that gave up with the run as ``state`` holds it."""
+    head = None if state is None else state.record
+    return SequenceConflict(latest_sequence=None if head is None else head.latest_sequence,
+                            incarnation=None if head is None else head.incarnation)
+
+
 def _cancellation_error(
     reasons: list[dict[str, Any]], action: str, retries: int
 ) -> CheckpointError:
@@ -4536,6 +4558,28 @@ def _run_guard(pk: str, run_item: Mapping[str, Any] | None) -> dict[str, Any]:
         condition = f"attribute_exists({names('PK')}) AND attribute_not_exists({names('inc')})"
     return {"ConditionCheck": {"Key": {"PK": _s(pk), "SK": _s(layout.RUN_SK)},
                                "ConditionExpression": condition, **names.params()}}
+
+
+def _pin_check(run_key: str, rev: int | None, run_id: str | None = None) -> dict[str, Any]:
+    """The ``ConditionCheck`` of the run item in each of an append's pin transactions (see
+    ``DynamoDBStore._pin``): what the append's own transaction expects of it, its revision
+    ``rev`` (and run id, for an update: see :func:`_run_update`), or no run item (``None``: a
+    first checkpoint written blind). Every change of the run raises the revision (an append,
+    a removal, a new life, ``delete_run``'s fence): a pin of a writer whose run moved on
+    lands nothing. The refusal returns the run item, from which the append plans again."""
+    names = _Names()
+    if rev is None:
+        condition = f"attribute_not_exists({names('PK')})"
+    else:
+        condition = f"{names('rev')} = {names.value(_n(rev))}"
+        if run_id is not None:
+            condition += f" AND {names('rid')} = {names.value(_s(run_id))}"
+    return {"ConditionCheck": {
+        "Key": {"PK": _s(layout.partition(run_key)), "SK": _s(layout.RUN_SK)},
+        "ConditionExpression": condition,
+        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+        **names.params(),
+    }}
 
 
 def _fenceable(run_item: Mapping[str, Any]) -> bool:

@@ -541,6 +541,27 @@ async def test_checkpoints_with_items_cost_one_transaction_and_one_read(
     assert older[2] == {"w/1": b"value-w/1"}
 
 
+async def test_an_append_too_large_for_one_transaction_pins_49_items_a_transaction(
+    store: DynamoDBStore,
+) -> None:
+    """Shared items (a put and a raised count each) that do not fit in an append's
+    transaction are written before it (pins), 49 items to a transaction: 98 operations and
+    the check of the run item's revision the append read, so that a writer whose run moved
+    on writes none of them. Here 48 of 98 items fit beside the run item, the checkpoint, its
+    memo and its guard: the other 50 take two pin transactions (one before the check)."""
+    run = make_run("pins-budget")
+    key = key_of(run)
+    shared = [make_item(f"b/{index:03d}") for index in range(98)]
+    with anyio.fail_after(DEADLINE):
+        await _append_items(store, run, 0)
+        await store.clients()
+        with counting(store) as (dynamo, s3):
+            await _append_items(store, run, 1, refs=[item.key for item in shared], items=shared)
+        assert (dynamo.counts, s3.counts) == ({"TransactWriteItems": 3}, {})
+        assert await _read_items(store, key) == {item.key: item.value for item in shared}
+    await store.delete_run(key)
+
+
 async def _own(
     store: DynamoDBStore, run: RunRecord, name: str, expected: dict[str, bytes]
 ) -> None:

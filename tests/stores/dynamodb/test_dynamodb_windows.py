@@ -32,6 +32,7 @@ from tests.stores.dynamodb.test_dynamodb import (
     DEADLINE,
     _blob_keys,
     _purge_until_done,
+    _raw_item,
     atomic_moto,
     aws_names,
     opened,
@@ -575,3 +576,59 @@ async def test_a_new_life_pinning_its_shared_items_during_delete_run_keeps_them(
             monkeypatch.undo()
             await other.delete_run(key)
 
+
+
+def _many_shared(big: bytes) -> list[Any]:
+    """Shared items too many for one transaction (a put and a raise each): an append naming
+    them writes them before it (pins). The last one's value is large (in S3)."""
+    return [*(make_item(f"b/{index:03d}") for index in range(59)), make_item("b/big", big)]
+
+
+async def test_a_pin_sent_after_its_run_moved_on_lands_nothing(
+    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An append too large for one transaction writes its shared items and raises their
+    counts before it (pins), each pin transaction conditioned on the run item's revision as
+    it planned. A stale writer's (here of a life that ended, sent after a new life began
+    over it) lands nothing: the append fails as a conflict, and no record or count of it,
+    nor its large value, is left. Before, the pins landed unchecked: records of the ended
+    life the new one had not written."""
+    old = make_run("stale-pin", expires_at=T0 + 10)
+    new = make_run(old.run_id, created_at=T0 + 10)
+    key = key_of(old)
+    shared = _many_shared(os.urandom(DEFAULT_THRESHOLD + 1))
+    async with opened(provisioned, aws_names, prefix=store.prefix) as stale:
+        pin = stale._pin
+        held, go = anyio.Event(), anyio.Event()
+        refused: list[SequenceConflict] = []
+
+        async def held_pin(*args: Any) -> None:
+            held.set()
+            await go.wait()
+            await pin(*args)
+
+        async def stale_append() -> None:
+            try:
+                await _append_items(stale, old, 1, refs=[item.key for item in shared],
+                                    items=shared, now=T0 + 5, expires_at=T0 + 10)
+            except SequenceConflict as exc:
+                refused.append(exc)
+
+        try:
+            with anyio.fail_after(DEADLINE):
+                await _append_items(store, old, 0, expires_at=T0 + 10)
+                monkeypatch.setattr(stale, "_pin", held_pin)
+                async with anyio.create_task_group() as task_group:
+                    task_group.start_soon(stale_append)
+                    await held.wait()
+                    await _append_items(store, new, 0, now=T0 + 10)
+                    go.set()
+                assert len(refused) == 1
+                for item in shared:
+                    assert await _raw_item(store, key, layout.item_sk(item.key)) is None
+                    assert await _raw_item(store, key, layout.counter_sk(item.key)) is None
+                assert await _blob_keys(store, key) == []
+        finally:
+            monkeypatch.undo()
+            await store.delete_run(key)
