@@ -470,6 +470,9 @@ class _Plan:
     transaction's own condition expects (see :func:`_pin_check`)."""
     lowered: list[str] = field(default_factory=list)
     """Shared items whose counts this change lowers (the cleanup loop checks them)."""
+    ended: str | None = None
+    """The incarnation of the ended life a new life's first append replaces: once the append
+    lands, that life's item values no record points to are swept (see :meth:`_finish`)."""
 
 
 @dataclass(frozen=True)
@@ -1497,7 +1500,10 @@ class DynamoDBStore(ExpiryCleanup):
         early = [dataclasses.replace(entry, operations=[operation])
                  for entry, operation in zip(early, spared, strict=True)]
         check = _pin_check(run_key, None if previous is None else previous.rev)
-        return self._assemble(run_key, must, early, removal, state, additions, [], check)
+        plan = self._assemble(run_key, must, early, removal, state, additions, [], check)
+        if previous is not None and previous.record.incarnation != head.incarnation:
+            plan.ended = previous.record.incarnation
+        return plan
 
     async def _leftovers(self, run_key: str, previous: _RunState) -> _Removal:
         """Removal of an expired run's checkpoints, guards and owned items (and its blobs);
@@ -1858,7 +1864,8 @@ class DynamoDBStore(ExpiryCleanup):
         return removal
 
     async def _finish(self, run_key: str, plan: _Plan) -> None:
-        """After a commit: deletes that did not fit, then blobs of removed checkpoints.
+        """After a commit: deletes that did not fit, then blobs of removed checkpoints, then
+        (a new life's first append) the ended life's item values no record points to.
 
         The append (or delete) has happened; a failure here leaves garbage that the cleanup
         loop removes, so it is logged rather than raised.
@@ -1872,6 +1879,29 @@ class DynamoDBStore(ExpiryCleanup):
                 "will retry", run_key, len(plan.overflow), exc_info=True,
             )
         await self._discard_blobs(plan.removed_blobs)
+        if plan.ended is not None:
+            await self._sweep_ended_life(run_key, plan.ended)
+
+    async def _sweep_ended_life(self, run_key: str, incarnation: str) -> None:
+        """The item values of an ended life that no record points to, once a new life's first
+        append landed over it, with no grace: an append naming a shared item already there
+        writes its value before its transaction keeps the existing one, and a removal of the
+        run within the hour would otherwise spare it for good (it spares other lives' recent
+        values, which may be a new life's). No write of the ended life lands after the new
+        life's transaction (each is conditioned on the run item's revision, which it
+        raised, the pins of an append too large for one transaction too: see :meth:`_pin`),
+        so a value written before the sweep that no record points to now is an orphan, and
+        no record written later points to it; those a record points to (a shared item the
+        new life keeps, or one the cleanup loop removes later with its value) stay. A stale
+        writer's value put after the sweep goes with a later sweep, as before. Best effort:
+        garbage left on a failure goes with those sweeps too."""
+        try:
+            await self._sweep_item_blobs(run_key, grace=0.0, life=incarnation)
+        except Exception:
+            logger.warning(
+                "run %s: could not sweep the item values of its ended life %s; a later sweep "
+                "of the run removes them", run_key, incarnation, exc_info=True,
+            )
 
     async def _discard_blobs(self, keys: Sequence[str]) -> None:
         """:meth:`_delete_blobs`, to its end whatever cancels the caller."""
@@ -4090,7 +4120,9 @@ class DynamoDBStore(ExpiryCleanup):
         if removed:
             logger.info("run %s: removed %d orphaned S3 blobs", run_key, removed)
 
-    async def _sweep_item_blobs(self, run_key: str, *, grace: float) -> None:
+    async def _sweep_item_blobs(
+        self, run_key: str, *, grace: float, life: str | None = None
+    ) -> None:
         """Delete the run's item blobs that their item does not point to (a write that
         failed or crashed after its S3 PUT, a value replaced), sparing those written less
         than ``grace`` seconds ago (a write may still be under way). Each blob names its
@@ -4104,11 +4136,15 @@ class DynamoDBStore(ExpiryCleanup):
         never learned) go with the next sweep of the run an hour on: the cleanup loop's
         removal of expired checkpoints of a later life, or a later removal of the run.
         Blobs that name no life (``put_items``, and writes before values were kept by life)
-        go at once on a removal, as they always did."""
+        go at once on a removal, as they always did.
+
+        ``life``: only the values of that life, an ended one (no new life of the run writes
+        under its prefix), with ``grace`` alone (see :meth:`_sweep_ended_life`)."""
         if self.bucket is None:
             return
         bucket = await self._bucket()
-        listed = await bucket.list(f"{run_key}/")
+        prefix = "" if life is None else f"{life}/{layout.ITEM_BLOBS}/"
+        listed = await bucket.list(f"{run_key}/{prefix}")
         now = time.time()
         candidates: dict[str, str] = {}
         for entry in listed:
@@ -4117,8 +4153,10 @@ class DynamoDBStore(ExpiryCleanup):
                 if entry.key.split("/")[1:2] == [layout.ITEM_BLOBS]:
                     candidates[entry.key] = ""  # no item's: nothing points to it
                 continue  # else a checkpoint's payload: see _reconcile_blobs
-            sort_key, written_at, life = parsed
-            if written_at <= now - (grace if life is None else max(grace, _ITEM_BLOB_GRACE)):
+            sort_key, written_at, named = parsed
+            # Listing one ended life, ``grace`` alone; else a life's values wait the hour.
+            spare = grace if named is None or life is not None else max(grace, _ITEM_BLOB_GRACE)
+            if written_at <= now - spare:
                 candidates[entry.key] = sort_key
         if not candidates:
             return

@@ -1,8 +1,8 @@
 """The DynamoDB+S3 store against the race windows found in the S3 store: a new life of a run
 begun while the removal of its ended life is under way, items given to another checkpoint
 during a removal, a live item left at a key an append owns, a create sent after its
-sequence was taken and pruned. Each test's docstring says what of the window DynamoDB's
-transactions close, and the strict xfails what they leave open."""
+sequence was taken and pruned, a stale writer's pins landing after its run moved on. Each
+test's docstring says what of the window DynamoDB's transactions close."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from tests.stores.dynamodb.test_dynamodb import (
     _raw_item,
     atomic_moto,
     aws_names,
+    counting,
     opened,
     provisioned,
     store,
@@ -488,14 +489,6 @@ async def test_a_shared_value_an_ended_life_left_to_a_new_one_goes_with_the_run(
         await store.delete_run(key)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="a new life's first append removes its ended life's records and the values they "
-    "point to, not the values no record points to (an append naming a shared item already "
-    "there writes its value to S3 before its transaction keeps the existing one); those "
-    "name the ended life, and a removal of the run sweeps other lives' values only once an "
-    "hour old (they may be a new life's, put before its first transaction): the run "
-    "removed within that hour leaves them in S3 for good")
 async def test_an_ended_life_orphan_value_goes_with_a_run_removed_within_the_hour(
     store: DynamoDBStore,
 ) -> None:
@@ -516,6 +509,64 @@ async def test_an_ended_life_orphan_value_goes_with_a_run_removed_within_the_hou
     finally:
         await store.delete_run(key)
         await (await store._bucket()).delete(await _blob_keys(store, key))
+
+
+async def test_a_new_life_keeps_the_ended_lifes_values_a_record_points_to(
+    store: DynamoDBStore,
+) -> None:
+    """The sweep of the ended life's values after a new life's first append takes only the
+    values no record points to: the shared item the new life names and keeps reads whole,
+    and the first append costs one S3 list more (its orphan: one ``BatchGetItem`` and one
+    ``DeleteObjects``)."""
+    old = make_run("ended-life-kept", expires_at=T0 + 10)
+    new = make_run(old.run_id, created_at=T0 + 10)
+    key = key_of(old)
+    kept, orphan, mine = (os.urandom(DEFAULT_THRESHOLD + 1) for _ in range(3))
+    try:
+        with anyio.fail_after(DEADLINE):
+            for sequence, value in ((0, kept), (1, orphan)):
+                await _append_items(store, old, sequence, refs=["b/big"], expires_at=T0 + 10,
+                                    items=[make_item("b/big", value)])
+            before = await _blob_keys(store, key)
+            assert len(before) == 2
+            await store.clients()
+            with counting(store) as (dynamo, s3):
+                await _append_items(store, new, 0, refs=["b/big"], now=T0 + 10,
+                                    items=[make_item("b/big", mine)])
+            assert s3.counts == {"PutObject": 1, "ListObjectsV2": 1, "DeleteObjects": 1}
+            assert dynamo.counts["BatchGetItem"] == 1  # the records the listed values name
+            found = await store.read_with_items(key, sequence=0, now=T0 + 10)
+            assert found is not None
+            assert found[2] == {"b/big": kept}
+            after = await _blob_keys(store, key)
+            assert len([blob for blob in after if blob in before]) == 1
+            assert len(after) == 2  # the new life's own orphan waits for a later sweep
+    finally:
+        await store.delete_run(key)
+        await (await store._bucket()).delete(await _blob_keys(store, key))
+
+
+async def test_a_new_life_over_an_ended_life_without_large_values_lists_once(
+    store: DynamoDBStore,
+) -> None:
+    """Over an ended life that wrote no large value, the sweep costs one S3 list alone; the
+    first checkpoint of a run never used costs none."""
+    old = make_run("ended-life-small", expires_at=T0 + 10)
+    new = make_run(old.run_id, created_at=T0 + 10)
+    key = key_of(old)
+    try:
+        with anyio.fail_after(DEADLINE):
+            await store.clients()
+            with counting(store) as (dynamo, s3):
+                await _append_items(store, old, 0, items=[make_item("b/small")],
+                                    expires_at=T0 + 10)
+            assert (dynamo.counts, s3.counts) == ({"TransactWriteItems": 1}, {})
+            with counting(store) as (dynamo, s3):
+                await _append_items(store, new, 0, now=T0 + 10)
+            assert (dynamo.counts, s3.counts) == (
+                {"Query": 1, "TransactWriteItems": 1}, {"ListObjectsV2": 1})
+    finally:
+        await store.delete_run(key)
 
 
 async def test_a_new_life_pinning_its_shared_items_during_delete_run_keeps_them(
@@ -632,3 +683,60 @@ async def test_a_pin_sent_after_its_run_moved_on_lands_nothing(
         finally:
             monkeypatch.undo()
             await store.delete_run(key)
+
+
+async def test_a_stale_pin_cannot_point_a_new_life_to_a_value_its_sweep_deleted(
+    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A writer of a life about to end puts a shared item's large value in S3, then is
+    held before its pins (its append is too large for one transaction). A new life begins
+    over the ended one; its first append sweeps the ended life's values no record points
+    to, that one among them. The stale pin, sent then, lands nothing (it would point to the
+    swept value), and the stale writer dies undoing nothing. A later checkpoint of the new
+    life naming the item writes it, and reads it whole: kept, the stale record would have
+    read as "value object missing" (review 252)."""
+    old = make_run("stale-pin-swept", expires_at=T0 + 10)
+    new = make_run(old.run_id, created_at=T0 + 10)
+    key = key_of(old)
+    big = os.urandom(DEFAULT_THRESHOLD + 1)
+    shared = _many_shared(big)
+    async with opened(provisioned, aws_names, prefix=store.prefix) as stale:
+        pin = stale._pin
+        held, go = anyio.Event(), anyio.Event()
+
+        async def held_pin(*args: Any) -> Any:
+            held.set()
+            await go.wait()
+            return await pin(*args)
+
+        async def died(*args: Any) -> None:
+            return None  # the process died before undoing anything
+
+        async def stale_append() -> None:
+            with pytest.raises(SequenceConflict):
+                await _append_items(stale, old, 1, refs=[item.key for item in shared],
+                                    items=shared, now=T0 + 5, expires_at=T0 + 10)
+
+        try:
+            with anyio.fail_after(DEADLINE):
+                await _append_items(store, old, 0, expires_at=T0 + 10)
+                monkeypatch.setattr(stale, "_pin", held_pin)
+                monkeypatch.setattr(stale, "_forget_append", died)
+                async with anyio.create_task_group() as task_group:
+                    task_group.start_soon(stale_append)
+                    await held.wait()
+                    assert len(await _blob_keys(store, key)) == 1  # the stale value
+                    await _append_items(store, new, 0, now=T0 + 10)
+                    assert await _blob_keys(store, key) == []  # swept
+                    go.set()
+                await _append_items(store, new, 1, refs=["b/big"], now=T0 + 10,
+                                    items=[make_item("b/big", big)])
+                found = await store.read_with_items(key, sequence=1, now=T0 + 10)
+                assert found is not None
+                assert found[2] == {"b/big": big}
+        finally:
+            monkeypatch.undo()
+            await store.delete_run(key)
+            await (await store._bucket()).delete(await _blob_keys(store, key))
+
