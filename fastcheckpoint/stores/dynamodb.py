@@ -1141,7 +1141,8 @@ class DynamoDBStore(ExpiryCleanup):
         Undone when no transaction of it can have landed; kept when one may have (its reply
         lost, the call cancelled meanwhile), since a committed checkpoint would then need
         them. A blob no record points to is an orphan, which the cleanup loop removes; a
-        count left too high keeps a shared item until the run goes."""
+        count left too high keeps a shared item until the run goes. The values of the
+        shared items it pinned stay when undone (see :meth:`_undo_additions`)."""
         if outcome.unknown:
             if additions.blobs or additions.pinned:
                 logger.warning(
@@ -1153,7 +1154,18 @@ class DynamoDBStore(ExpiryCleanup):
         await settled(self._undo_additions(run_key, additions))  # both, whatever cancels
 
     async def _undo_additions(self, run_key: str, additions: _Additions) -> None:
-        await self._delete_blobs(additions.blobs)
+        """Delete the blobs a failed append put and lower the counts its pins raised, but
+        not the value of a shared item it pinned: between the pin and the failure, another
+        append naming the item may have kept that record (its own put dropped, a live item
+        being there), and its checkpoint points to the value. The lowered count puts the
+        item in the expiry index, where the cleanup loop removes it with its value once no
+        checkpoint names it (in one transaction a raise of the count cancels); a value
+        whose put was dropped (another item there already) is an orphan, which the run's
+        sweeps take."""
+        kept = {value for key in additions.pinned_shared
+                if isinstance(value := additions.shared[key]["Put"]["Item"].get(
+                    "vb", {}).get("S"), str)}
+        await self._delete_blobs([blob for blob in additions.blobs if blob not in kept])
         if not additions.pinned:
             return
         lowering = [items_layout.counter_change(run_key, key, -count)

@@ -740,3 +740,58 @@ async def test_a_stale_pin_cannot_point_a_new_life_to_a_value_its_sweep_deleted(
             await store.delete_run(key)
             await (await store._bucket()).delete(await _blob_keys(store, key))
 
+
+async def test_a_failed_append_spares_the_pinned_value_another_append_kept(
+    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An append too large for one transaction pins its shared items, one with a large
+    value, and is held there. Another process appends the same sequence naming that item:
+    its put is dropped (a live item is there) and its checkpoint keeps the pinned record.
+    The first append then fails (its sequence is taken) and undoes what it pinned: it
+    lowers its counts and must not delete the value the other checkpoint now points to,
+    which reads whole. Its items no checkpoint names go with the cleanup loop, values and
+    all; the kept one stays."""
+    run = make_run("undo-kept-pin")
+    key = key_of(run)
+    big = os.urandom(DEFAULT_THRESHOLD + 1)
+    shared = _many_shared(big)
+    async with opened(provisioned, aws_names, prefix=store.prefix) as first:
+        pin = first._pin
+        pinned, go = anyio.Event(), anyio.Event()
+
+        async def held_after_pinning(*args: Any) -> Any:
+            landed = await pin(*args)
+            pinned.set()
+            await go.wait()
+            return landed
+
+        async def failing_append() -> None:
+            with pytest.raises(SequenceConflict):
+                await _append_items(first, run, 1, refs=[item.key for item in shared],
+                                    items=shared)
+
+        try:
+            with anyio.fail_after(DEADLINE):
+                await _append_items(store, run, 0)
+                monkeypatch.setattr(first, "_pin", held_after_pinning)
+                async with anyio.create_task_group() as task_group:
+                    task_group.start_soon(failing_append)
+                    await pinned.wait()
+                    await _append_items(store, run, 1, refs=["b/big"],
+                                        items=[make_item("b/big", big)])
+                    go.set()
+                found = await first.read_with_items(key, sequence=1, now=T0)
+                assert found is not None
+                assert found[2] == {"b/big": big}
+                await _purge_until_done(store, T0)
+                assert [item.key for item in shared
+                        if await _raw_item(store, key, layout.item_sk(item.key))] == ["b/big"]
+                kept = await _raw_item(store, key, layout.item_sk("b/big"))
+                assert kept is not None
+                # Beside it, the other append's own value, which its dropped put left: an
+                # orphan, swept an hour on.
+                assert kept["vb"]["S"] in await _blob_keys(store, key)
+        finally:
+            monkeypatch.undo()
+            await store.delete_run(key)
