@@ -635,6 +635,24 @@ def _many_shared(big: bytes) -> list[Any]:
     return [*(make_item(f"b/{index:03d}") for index in range(59)), make_item("b/big", big)]
 
 
+def _held_pins(
+    store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch, *, after: bool = False
+) -> tuple[anyio.Event, anyio.Event]:
+    """Hold ``store``'s pins before they are sent (``after``: once they landed) until the
+    second event is set; the first is set when they are held."""
+    pin = store._pin
+    held, go = anyio.Event(), anyio.Event()
+
+    async def held_pin(*args: Any) -> Any:
+        landed = await pin(*args) if after else None
+        held.set()
+        await go.wait()
+        return landed if after else await pin(*args)
+
+    monkeypatch.setattr(store, "_pin", held_pin)
+    return held, go
+
+
 async def test_a_pin_sent_after_its_run_moved_on_lands_nothing(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
     monkeypatch: pytest.MonkeyPatch,
@@ -650,14 +668,7 @@ async def test_a_pin_sent_after_its_run_moved_on_lands_nothing(
     key = key_of(old)
     shared = _many_shared(os.urandom(DEFAULT_THRESHOLD + 1))
     async with opened(provisioned, aws_names, prefix=store.prefix) as stale:
-        pin = stale._pin
-        held, go = anyio.Event(), anyio.Event()
         refused: list[SequenceConflict] = []
-
-        async def held_pin(*args: Any) -> None:
-            held.set()
-            await go.wait()
-            await pin(*args)
 
         async def stale_append() -> None:
             try:
@@ -669,7 +680,7 @@ async def test_a_pin_sent_after_its_run_moved_on_lands_nothing(
         try:
             with anyio.fail_after(DEADLINE):
                 await _append_items(store, old, 0, expires_at=T0 + 10)
-                monkeypatch.setattr(stale, "_pin", held_pin)
+                held, go = _held_pins(stale, monkeypatch)
                 async with anyio.create_task_group() as task_group:
                     task_group.start_soon(stale_append)
                     await held.wait()
@@ -702,13 +713,6 @@ async def test_a_stale_pin_cannot_point_a_new_life_to_a_value_its_sweep_deleted(
     big = os.urandom(DEFAULT_THRESHOLD + 1)
     shared = _many_shared(big)
     async with opened(provisioned, aws_names, prefix=store.prefix) as stale:
-        pin = stale._pin
-        held, go = anyio.Event(), anyio.Event()
-
-        async def held_pin(*args: Any) -> Any:
-            held.set()
-            await go.wait()
-            return await pin(*args)
 
         async def died(*args: Any) -> None:
             return None  # the process died before undoing anything
@@ -721,7 +725,7 @@ async def test_a_stale_pin_cannot_point_a_new_life_to_a_value_its_sweep_deleted(
         try:
             with anyio.fail_after(DEADLINE):
                 await _append_items(store, old, 0, expires_at=T0 + 10)
-                monkeypatch.setattr(stale, "_pin", held_pin)
+                held, go = _held_pins(stale, monkeypatch)
                 monkeypatch.setattr(stale, "_forget_append", died)
                 async with anyio.create_task_group() as task_group:
                     task_group.start_soon(stale_append)
@@ -757,14 +761,6 @@ async def test_a_failed_append_spares_the_pinned_value_another_append_kept(
     big = os.urandom(DEFAULT_THRESHOLD + 1)
     shared = _many_shared(big)
     async with opened(provisioned, aws_names, prefix=store.prefix) as first:
-        pin = first._pin
-        pinned, go = anyio.Event(), anyio.Event()
-
-        async def held_after_pinning(*args: Any) -> Any:
-            landed = await pin(*args)
-            pinned.set()
-            await go.wait()
-            return landed
 
         async def failing_append() -> None:
             with pytest.raises(SequenceConflict):
@@ -774,7 +770,7 @@ async def test_a_failed_append_spares_the_pinned_value_another_append_kept(
         try:
             with anyio.fail_after(DEADLINE):
                 await _append_items(store, run, 0)
-                monkeypatch.setattr(first, "_pin", held_after_pinning)
+                pinned, go = _held_pins(first, monkeypatch, after=True)
                 async with anyio.create_task_group() as task_group:
                     task_group.start_soon(failing_append)
                     await pinned.wait()
