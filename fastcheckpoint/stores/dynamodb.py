@@ -4615,8 +4615,9 @@ def _pin_check(run_key: str, rev: int | None, run_id: str | None = None) -> dict
     ``DynamoDBStore._pin``): what the append's own transaction expects of it, its revision
     ``rev`` (and run id, for an update: see :func:`_run_update`), or no run item (``None``: a
     first checkpoint written blind). Every change of the run raises the revision (an append,
-    a removal, a new life, ``delete_run``'s fence): a pin of a writer whose run moved on
-    lands nothing. The refusal returns the run item, from which the append plans again."""
+    a ``delete``, a status change, a new life, the marks of ``delete_run`` and of the
+    cleanup loop): a pin of a writer whose run moved on lands nothing. The refusal returns
+    the run item, from which the append plans again."""
     names = _Names()
     if rev is None:
         condition = f"attribute_not_exists({names('PK')})"
