@@ -163,6 +163,47 @@ def _ended_life_expiry(remover: str) -> float | None:
     return None if remover == "delete_run" else T0 + 10
 
 
+class _SlowFirstAppend:
+    """A new life's first append (checkpoint 0 of ``run`` at ``T0 + 10``, writing and naming
+    ``keys``) by ``store``, a slow process: it stops once its pins (the shared items that do
+    not fit in its transaction, written before it) have landed, until ``removed`` is set."""
+
+    def __init__(self, store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch, run: RunRecord,
+                 keys: Sequence[str]) -> None:
+        self.pinned, self.removed = anyio.Event(), anyio.Event()
+        self.outcome: list[str] = []
+        self._store, self._run, self._keys = store, run, list(keys)
+        pin = store._pin
+
+        async def paused_after_pinning(*args: Any) -> None:
+            await pin(*args)
+            self.pinned.set()
+            await self.removed.wait()
+
+        monkeypatch.setattr(store, "_pin", paused_after_pinning)
+
+    async def run(self) -> None:
+        try:
+            await _append(self._store, self._run, 0, now=T0 + 10, refs=self._keys,
+                          items=[make_item(key) for key in self._keys])
+            self.outcome.append("landed")
+        finally:
+            self.pinned.set()
+
+    async def missing(self, provisioned: str, aws_names: tuple[str, str], prefix: str
+                      ) -> list[str]:
+        """The keys its checkpoint, acknowledged, reads without (read by a process that
+        wrote neither life: moto's TransactGetItems takes 25 records, not 100, and a writer
+        knows the checkpoint's records)."""
+        assert self.outcome == ["landed"]
+        async with opened(provisioned, aws_names, prefix=prefix) as reader:
+            found = await reader.read_with_items(key_of(self._run), sequence=0, now=T0 + 10)
+        assert found is not None
+        assert found[0].checkpoint_id == checkpoint_id_of(self._run, 0)
+        assert all(found[2][key] == f"value-{key}".encode() for key in found[2])
+        return sorted(set(self._keys) - set(found[2]))
+
+
 # -- regressions: a new life whose first transaction lands between the removal's ----------------
 
 
@@ -254,46 +295,21 @@ async def test_a_new_life_pinning_between_a_long_removals_transactions_keeps_its
     new = make_run(old.run_id, created_at=T0 + 10)
     key = key_of(old)
     async with opened(provisioned, aws_names, prefix=store.prefix) as other:
-        pin = other._pin
-        pinned, removed = anyio.Event(), anyio.Event()
-        outcome: list[object] = []
-
-        async def paused_after_pinning(*args: Any) -> None:
-            await pin(*args)
-            pinned.set()
-            await removed.wait()
-
-        async def first_append() -> None:
-            try:
-                await _append(other, new, 0, now=T0 + 10, refs=SHARED,
-                              items=[make_item(item_key) for item_key in SHARED])
-                outcome.append("landed")
-            finally:
-                pinned.set()
+        first = _SlowFirstAppend(other, monkeypatch, new, SHARED)
 
         async def new_life() -> None:
-            task_group.start_soon(first_append)
-            await pinned.wait()
+            task_group.start_soon(first.run)
+            await first.pinned.wait()
 
         try:
             with anyio.fail_after(DEADLINE):
                 await _long_ended_life(store, old, expires_at=old.expires_at)
-                monkeypatch.setattr(other, "_pin", paused_after_pinning)
                 async with anyio.create_task_group() as task_group:
                     sizes = await _removed(store, monkeypatch, remover, key, new_life, T0 + 10)
-                    removed.set()
-                assert outcome == ["landed"]
+                    first.removed.set()
                 assert sizes[0] == 100
                 assert len(sizes) > 1
-                # Read by a process that wrote neither life (moto's TransactGetItems takes
-                # 25 records, not 100, and a writer knows the checkpoint's records).
-                async with opened(provisioned, aws_names, prefix=store.prefix) as reader:
-                    found = await reader.read_with_items(key, sequence=0, now=T0 + 10)
-                    assert found is not None
-                    assert found[0].checkpoint_id == checkpoint_id_of(new, 0)
-                    assert sorted(set(SHARED) - set(found[2])) == []
-                    assert found[2] == {item_key: f"value-{item_key}".encode()
-                                        for item_key in SHARED}
+                assert await first.missing(provisioned, aws_names, store.prefix) == []
         finally:
             monkeypatch.undo()
             await other.delete_run(key)
@@ -496,41 +512,19 @@ async def test_a_new_life_pinning_before_the_removal_reads_the_run_keeps_its_ite
     key = key_of(old)
     fresh = [f"n/{index:03d}" for index in range(60)]
     async with opened(provisioned, aws_names, prefix=store.prefix) as other:
-        pin = other._pin
-        pinned, removed = anyio.Event(), anyio.Event()
-        outcome: list[object] = []
-
-        async def paused_after_pinning(*args: Any) -> None:
-            await pin(*args)
-            pinned.set()
-            await removed.wait()
-
-        async def first_append() -> None:
-            try:
-                await _append(other, new, 0, now=T0 + 10, refs=fresh,
-                              items=[make_item(item_key) for item_key in fresh])
-                outcome.append("landed")
-            finally:
-                pinned.set()
-
+        first = _SlowFirstAppend(other, monkeypatch, new, fresh)
         try:
             with anyio.fail_after(DEADLINE):
                 await _append(store, old, 0, expires_at=old.expires_at)
-                monkeypatch.setattr(other, "_pin", paused_after_pinning)
                 async with anyio.create_task_group() as task_group:
-                    task_group.start_soon(first_append)
-                    await pinned.wait()
+                    task_group.start_soon(first.run)
+                    await first.pinned.wait()
                     if remover == "delete_run":
                         await store.delete_run(key)
                     else:
                         await _purge_all(store, T0 + 10)
-                    removed.set()
-                assert outcome == ["landed"]
-                async with opened(provisioned, aws_names, prefix=store.prefix) as reader:
-                    found = await reader.read_with_items(key, sequence=0, now=T0 + 10)
-                    assert found is not None
-                    assert found[0].checkpoint_id == checkpoint_id_of(new, 0)
-                    assert sorted(set(fresh) - set(found[2])) == []
+                    first.removed.set()
+                assert await first.missing(provisioned, aws_names, store.prefix) == []
         finally:
             monkeypatch.undo()
             await other.delete_run(key)
