@@ -42,7 +42,8 @@ __all__ = ["atomic_moto", "aws_names", "moto_endpoint", "provisioned", "store"]
 
 pytestmark = pytest.mark.anyio
 
-DEADLINE = 20.0
+DEADLINE = 60.0
+"""A bound on a stuck interleaving (each test takes a few seconds; more when moto is busy)."""
 
 SHARED = [f"b/{index:03d}" for index in range(60)]
 """The ended life's shared items. Its first checkpoint names them all and owns ``w/0``: 60
