@@ -269,19 +269,9 @@ async def test_a_new_life_begun_between_a_long_removals_transactions_keeps_all_i
             await other.delete_run(key)
 
 
-# -- defects: strict xfails --------------------------------------------------------------------
+# -- pins, late deletes and leftovers (the strict xfails still lose or leak) ------------------
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="a first append too large for its transaction writes its shared items and raises "
-    "their counts before it (pins), conditioned on no live item and not on the run item; "
-    "where the ended life's item is still there (the removal has not reached it) the pin "
-    "keeps it and raises the count. The removal's later transaction, still guarded by the "
-    "ended life's run item (the new life's transaction has not landed), deletes that item "
-    "(delete_run: its first Query listed i#<key>, _delete_run's chunk loop; cleanup: "
-    "_remove_marked's chunks). The new life's transaction then lands and is acknowledged "
-    "with a checkpoint naming items that are gone: its read returns without them")
 @pytest.mark.parametrize("remover", ["delete_run", "purge"])
 async def test_a_new_life_pinning_between_a_long_removals_transactions_keeps_its_items(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
@@ -424,15 +414,6 @@ async def test_nothing_of_the_ended_life_shows_in_a_new_life_begun_during_delete
             await other.delete_run(key)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="delete_run returns when a later transaction is refused (a new life began) "
-    "without deleting the S3 values of the records its earlier transactions deleted "
-    "(the i#b/000 value here, under the ended life's prefix): no record points to them, "
-    "the new life's first append takes only what its _leftovers Query finds (the k# range "
-    "and the book's payloads), and a later delete_run takes by prefix only the lives its "
-    "records name and sweeps other lives' values only once an hour old "
-    "(_sweep_item_blobs): the run removed, the object stays for good")
 async def test_a_later_delete_run_leaves_no_s3_object_of_an_ended_life_removed_halfway(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
     monkeypatch: pytest.MonkeyPatch,
@@ -490,15 +471,6 @@ async def test_a_new_life_begun_during_delete_run_keeps_the_items_it_names_later
             await other.delete_run(key)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="a first append's pins (shared items and counts written before its transaction, "
-    "conditioned on no live item and not on the run item) may land before the removal's "
-    "first Query: delete_run (chunk loop) and the cleanup loop (_remove_marked) list them "
-    "as the ended life's records and delete them unconditioned, guarded only by the ended "
-    "life's run item, which the new life has not replaced yet; only records found by "
-    "delete_run's second Query are spared (_pinnable). The new life's transaction then "
-    "lands, acknowledged with a checkpoint naming items that are gone")
 @pytest.mark.parametrize("remover", ["delete_run", "purge"])
 async def test_a_new_life_pinning_before_the_removal_reads_the_run_keeps_its_items(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
