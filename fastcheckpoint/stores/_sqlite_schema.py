@@ -90,9 +90,12 @@ END""",
 # them from an item row deleted behind its back. The record lives on the count row: it goes
 # when no held checkpoint names the key any more, or with the run. A named key whose item row
 # is already missing in a database of version 1 is taken for one the store removed (earlier
-# releases kept no record): it reads as absent, as it did.
+# releases kept no record): it reads as absent, as it did. The column is typed by a CHECK like
+# the others (SQLite checks it against the rows in place when it adds the column: the default
+# passes, so no table is rebuilt).
 _V2 = (
-    "ALTER TABLE fc_item_refs ADD COLUMN removed INTEGER NOT NULL DEFAULT 0",
+    """ALTER TABLE fc_item_refs ADD COLUMN removed INTEGER NOT NULL DEFAULT 0
+    CHECK (typeof(removed) = 'integer' AND removed IN (0, 1))""",
     """UPDATE fc_item_refs SET removed = 1 WHERE NOT EXISTS (SELECT 1 FROM fc_items i
     WHERE i.run_key = fc_item_refs.run_key AND i.key = fc_item_refs.key)""",
     "DROP TRIGGER fc_checkpoints_take_owned_items",

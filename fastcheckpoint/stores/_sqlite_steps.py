@@ -306,10 +306,11 @@ def _counts_in(size: int, holders: str) -> str:
 @functools.lru_cache(maxsize=16)
 def _unrecorded_in(size: int) -> str:
     """The keys among ``size`` keys that a held checkpoint names, whose item row is missing
-    although the store recorded no removal of it."""
+    although the store recorded no removal of it (a ``removed`` other than 1, written with
+    the checks off, records none)."""
     marks = ", ".join("?" * size)
     return (f"SELECT f.key FROM fc_item_refs f WHERE f.run_key = ?1 AND f.key IN ({marks}) "
-            "AND f.removed = 0 AND NOT EXISTS "
+            "AND f.removed IS NOT 1 AND NOT EXISTS "
             "(SELECT 1 FROM fc_items i WHERE i.run_key = ?1 AND i.key = f.key)")
 
 

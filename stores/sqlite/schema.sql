@@ -95,7 +95,8 @@ INSERT INTO fc_schema_migrations (version, description, applied_at)
 
 -- version 2: the store records its removals of items a checkpoint names
 
-ALTER TABLE fc_item_refs ADD COLUMN removed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE fc_item_refs ADD COLUMN removed INTEGER NOT NULL DEFAULT 0
+    CHECK (typeof(removed) = 'integer' AND removed IN (0, 1));
 
 UPDATE fc_item_refs SET removed = 1 WHERE NOT EXISTS (SELECT 1 FROM fc_items i
     WHERE i.run_key = fc_item_refs.run_key AND i.key = fc_item_refs.key);

@@ -168,3 +168,68 @@ async def test_counts_taken_again_keep_the_removals_recorded(tmp_path: Path) -> 
     assert found is not None
     assert found[2] == {"b/b": b"value-b/b"}
     assert _counts(database) == [("b/a", 1, 1), ("b/b", 1, 0), ("o", 1, 1)]
+
+
+def _upgraded_from_version_1(database: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database made at schema version 1, then upgraded by ``provision``."""
+    with monkeypatch.context() as at_v1:
+        at_v1.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+        at_v1.setattr(schema, "SCHEMA_VERSION", 1)
+        with sqlite3.connect(database, isolation_level=None) as db:
+            schema.provision(db, str(database), upgrade=False)
+        db.close()
+    with sqlite3.connect(database, isolation_level=None) as db:
+        schema.provision(db, str(database), upgrade=True)
+    db.close()
+
+
+@pytest.mark.parametrize("made", ["fresh", "upgraded from version 1"])
+@pytest.mark.parametrize("value", ["'x'", "7", "-1", "0.5", "X'01'", "NULL"])
+async def test_a_removal_record_that_is_not_0_or_1_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, made: str, value: str
+) -> None:
+    """``removed`` is typed by a ``CHECK`` like every other column: a value other than the
+    integers 0 and 1 written by hand is refused by SQLite, in a new database and in one
+    upgraded from version 1."""
+    database = tmp_path / "checkpoints.db"
+    if made == "fresh":
+        with sqlite3.connect(database, isolation_level=None) as db:
+            schema.provision(db, str(database), upgrade=False)
+        db.close()
+    else:
+        _upgraded_from_version_1(database, monkeypatch)
+    with sqlite3.connect(database) as db:
+        db.execute("INSERT INTO fc_item_refs (run_key, key, holders) VALUES ('r', 'k', 1)")
+        with pytest.raises(sqlite3.IntegrityError):
+            db.execute(f"UPDATE fc_item_refs SET removed = {value}")
+        with pytest.raises(sqlite3.IntegrityError):
+            db.execute("INSERT INTO fc_item_refs (run_key, key, holders, removed) "
+                       f"VALUES ('r', 'k2', 1, {value})")
+        kept = db.execute("SELECT removed, typeof(removed) FROM fc_item_refs").fetchall()
+    db.close()
+    assert kept == [(0, "integer")]
+
+
+@pytest.mark.parametrize("value", ["'x'", "7"])
+async def test_a_removal_record_damaged_by_hand_vouches_for_no_missing_item(
+    tmp_path: Path, value: str
+) -> None:
+    """A ``removed`` value other than 0 or 1 written with the checks off is no record of a
+    removal: the item row deleted by hand under it is damage, as under a count that records
+    none, never read as absent."""
+    database = tmp_path / "checkpoints.db"
+    store = SQLiteStore(database)
+    run = make_run("record-damaged")
+    try:
+        with anyio.fail_after(_DEADLINE):
+            await _append_items(store, run, 0, refs=["b/a", "b/b"],
+                                items=[make_item("b/a"), make_item("b/b")])
+            with sqlite3.connect(database) as db:
+                db.execute("PRAGMA ignore_check_constraints = ON")
+                db.execute(f"UPDATE fc_item_refs SET removed = {value} WHERE key = 'b/a'")
+            db.close()
+            _delete_row(database, "b/a")
+            with pytest.raises(CorruptCheckpointError, match="b/a"):
+                await _read_whole(store, run)
+    finally:
+        await store.aclose()
