@@ -6,7 +6,8 @@ Layout (``<p>`` is the table prefix)::
     <p>migrations   version, description, applied_at: what provision() applied
     <p>runs         one row per run: the record, counters, labels, the last update's token
     <p>checkpoints  (run_key, sequence) primary key: the log; header, payload, refs, token
-    <p>items        (run_key, key) primary key: side records, optionally owned by a checkpoint
+    <p>items        (run_key, key) primary key: side records, optionally owned by a checkpoint;
+                    kept: the cleanup found the key named by a count (migration 14)
     <p>refs         (run_key, key) -> how many held checkpoints name the item in their refs,
                     and whether the store removed the item while they did (migration 13)
     <p>labels       (label, created_at, run_key): runs by label, newest first
@@ -2062,6 +2063,141 @@ _REBUILD_RUN_V13 = _patched(
 """),
 )
 
+# Migration 14: the expired items a held checkpoint names stay (their count row exists), and
+# the cleanup read past them in every batch of every cleanup while the checkpoint was held
+# (to find what to purge, and again to tell whether it was done). It now marks such an item
+# (kept) when it first meets it, under the run's lock, and finds expired items on an index of
+# the unmarked ones only, so it never reads a marked item again. A mark stands for "a count
+# names this key": every removal of a count whose item may stay clears it, under the run row's
+# lock as the marking is ({remove} when the last checkpoint naming a key goes: an owned item
+# stays with its owner, an item nested under a key still named stays; the new life of a run in
+# {append}; {rebuild_run}, which counts the references again); so the cleanup sees the item
+# again once no checkpoint names it. A mark lost on the way (an item written anew at a named
+# key, a count removed by a call of the release before still in flight when this migration
+# committed) only costs reads, as before; one left behind (a count deleted by hand) keeps its
+# expired item until the item goes otherwise (with its owner, the key it is nested under, the
+# run). The index replaces {p}items_expiry; building it reads the table once.
+_ITEMS_KEPT_V14 = r"""
+ALTER TABLE {items} ADD COLUMN kept boolean;
+
+COMMENT ON COLUMN {items}.kept IS 'fastcheckpoint: true when the cleanup found the item named '
+    'by a reference count; cleared when the count goes. Expired items marked so are left out '
+    'of the cleanup''s index.';
+
+CREATE INDEX {p}items_purge ON {items} (expires_at)
+    WHERE expires_at IS NOT NULL AND kept IS NOT TRUE;
+
+DROP INDEX {schema}.{p}items_expiry
+"""
+
+# Clears the marks of the items at keys whose count went (``v_keys``).
+_UNMARK = """
+            UPDATE {items} i SET kept = NULL
+             WHERE i.run_key = p_run_key AND i.key = ANY (<keys>) AND i.kept;"""
+
+_REMOVE_V14 = _patched(
+    _REMOVE_V13,
+    ("""                                     WHERE get_byte(i.key, c.n - 1) = 47));
+        END IF;
+    END IF;
+""", """                                     WHERE get_byte(i.key, c.n - 1) = 47));"""
+     + _UNMARK.replace("<keys>", "v_zeroed").replace("\n            ", "\n            ")
+     + """
+        END IF;
+    END IF;
+"""),
+)
+
+_APPEND_V14 = _patched(
+    _APPEND_V13,
+    ("""                   AND i.key < n.k || '0'::bytea;
+            END IF;
+""", """                   AND i.key < n.k || '0'::bytea;"""
+     + _UNMARK.replace("<keys>", "v_released").replace("\n            ", "\n                ")
+     + """
+            END IF;
+"""),
+)
+
+_REBUILD_RUN_V14 = _patched(
+    _REBUILD_RUN_V13,
+    ("""     GROUP BY named.key;
+""", """     GROUP BY named.key;
+    -- The marks of the items whose count went (migration 14).
+    UPDATE {items} i SET kept = NULL
+     WHERE i.run_key = p_run_key AND i.kept
+       AND NOT EXISTS (SELECT 1 FROM {refs} f WHERE f.run_key = p_run_key AND f.key = i.key);
+"""),
+)
+
+# {purge}: the expired items not marked, oldest first, on {p}items_purge (named or not: the
+# count is judged under the run's lock); in each run it takes, one statement removes those no
+# count names and marks those one does. Marks count against the batch's budget like removals.
+_PURGE_V14 = _patched(
+    _PURGE_V13,
+    ("    v_keys bytea[];\n", "    v_keys bytea[];\n    v_run_items bytea[];\n"
+     "    v_marked bigint;\n"),
+    ("""            SELECT e.run_key, e.key FROM {items} e
+             WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now
+               AND NOT (e.run_key = ANY (v_busy))
+               AND NOT EXISTS (SELECT 1 FROM {refs} f
+                                WHERE f.run_key = e.run_key AND f.key = e.key)
+             LIMIT v_budget) e;""",
+     """            SELECT e.run_key, e.key FROM {items} e
+             WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now
+               AND e.kept IS NOT TRUE
+               AND NOT (e.run_key = ANY (v_busy))
+             ORDER BY e.expires_at LIMIT v_budget) e;"""),
+    ("""            WITH gone AS (
+                DELETE FROM {items} i
+                 WHERE i.run_key = v_key
+                   AND i.key = ANY (ARRAY(SELECT c.key FROM unnest(v_runs, v_keys) c(run_key, key)
+                                           WHERE c.run_key = v_key))
+                   AND i.expires_at IS NOT NULL AND i.expires_at <= p_now
+                   AND NOT EXISTS (SELECT 1 FROM {refs} f
+                                    WHERE f.run_key = v_key AND f.key = i.key)
+                RETURNING 1)
+            SELECT count(*) INTO v_count FROM gone;
+            IF v_count = 0 THEN
+                v_busy := v_busy || v_key;  -- named by an append that committed meanwhile
+            END IF;
+            v_budget := v_budget - v_count::integer;""",
+     """            v_run_items := ARRAY(SELECT c.key FROM unnest(v_runs, v_keys) c(run_key, key)
+                                  WHERE c.run_key = v_key);
+            WITH gone AS (
+                DELETE FROM {items} i
+                 WHERE i.run_key = v_key AND i.key = ANY (v_run_items)
+                   AND i.expires_at IS NOT NULL AND i.expires_at <= p_now
+                   AND NOT EXISTS (SELECT 1 FROM {refs} f
+                                    WHERE f.run_key = v_key AND f.key = i.key)
+                RETURNING 1
+            ), marked AS (
+                UPDATE {items} i SET kept = true
+                 WHERE i.run_key = v_key AND i.key = ANY (v_run_items)
+                   AND i.kept IS NOT TRUE
+                   AND EXISTS (SELECT 1 FROM {refs} f WHERE f.run_key = v_key AND f.key = i.key)
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM marked)
+              INTO v_count, v_marked;
+            IF v_count + v_marked = 0 THEN
+                v_busy := v_busy || v_key;  -- gone, or written again, meanwhile
+            END IF;
+            v_budget := v_budget - (v_count + v_marked)::integer;"""),
+    # Done: no expired item left unmarked outside the runs left busy, found on the index in
+    # its order (an EXISTS would drop the ORDER BY, and the planner may then read the table
+    # for a first match it expects soon).
+    ("""        AND NOT EXISTS (SELECT 1 FROM {items} e
+                         WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now
+                           AND NOT (e.run_key = ANY (v_busy))
+                           AND NOT EXISTS (SELECT 1 FROM {refs} f
+                                            WHERE f.run_key = e.run_key AND f.key = e.key));""",
+     """        AND (SELECT e.expires_at FROM {items} e
+              WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now
+                AND e.kept IS NOT TRUE AND NOT (e.run_key = ANY (v_busy))
+              ORDER BY e.expires_at LIMIT 1) IS NULL;"""),
+)
+
 MIGRATIONS = (
     Migration(
         1,
@@ -2146,6 +2282,13 @@ MIGRATIONS = (
                        _APPEND_V13.strip(), _READ_WITH_ITEMS_V13.strip(),
                        _REBUILD_RUN_V13.strip(), _DELETE_RUN_V13.strip(),
                        _PURGE_V13.strip()]),
+    ),
+    Migration(
+        14,
+        "the cleanup marks the expired items a checkpoint names when it first meets them and "
+        "reads them no more until no checkpoint names them",
+        ";\n\n".join([_ITEMS_KEPT_V14.strip(), _REMOVE_V14.strip(), _APPEND_V14.strip(),
+                       _REBUILD_RUN_V14.strip(), _PURGE_V14.strip()]),
     ),
 )
 """Every schema version, oldest first. A released migration is never edited: changes come

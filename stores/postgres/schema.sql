@@ -1,4 +1,4 @@
--- fastcheckpoint PostgreSQL store: every table, index and function at schema version 13.
+-- fastcheckpoint PostgreSQL store: every table, index and function at schema version 14.
 -- Generated from the code (a test keeps it equal); `fastcheckpoint init URL` applies the same.
 -- Run it as the role that will own the tables: psql -v ON_ERROR_STOP=1 -f schema.sql
 
@@ -4401,5 +4401,580 @@ END
 $fn$;
 
 INSERT INTO "public"."fc_migrations" (version, description) VALUES (13, 'the store records its removals of items a checkpoint names; a read naming an item whose row is missing with no removal recorded reports damage');
+
+ALTER TABLE "public"."fc_items" ADD COLUMN kept boolean;
+
+COMMENT ON COLUMN "public"."fc_items".kept IS 'fastcheckpoint: true when the cleanup found the item named '
+    'by a reference count; cleared when the count goes. Expired items marked so are left out '
+    'of the cleanup''s index.';
+
+CREATE INDEX fc_items_purge ON "public"."fc_items" (expires_at)
+    WHERE expires_at IS NOT NULL AND kept IS NOT TRUE;
+
+DROP INDEX "public".fc_items_expiry;
+
+CREATE OR REPLACE FUNCTION "public"."fc_remove"(p_run_key text, p_sequences bigint[], p_count_run boolean)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_gone bigint[];
+    v_forever bigint;
+    v_refs bytea[];
+    v_zeroed bytea[];
+    v_gone_keys bytea[];
+BEGIN
+    IF p_sequences IS NULL OR cardinality(p_sequences) = 0 THEN
+        RETURN 0;
+    END IF;
+    WITH gone AS (
+        DELETE FROM "public"."fc_checkpoints"
+         WHERE run_key = p_run_key AND sequence = ANY (p_sequences)
+        RETURNING sequence, expires_at, refs
+    )
+    SELECT array_agg(sequence), count(*) FILTER (WHERE expires_at IS NULL),
+           (SELECT array_agg(ref ORDER BY ref)
+              FROM gone g, LATERAL (SELECT DISTINCT unnest(g.refs)) named(ref))
+      INTO v_gone, v_forever, v_refs
+      FROM gone;
+    IF v_gone IS NULL THEN
+        RETURN 0;
+    END IF;
+    WITH owned AS (
+        DELETE FROM "public"."fc_items" i WHERE i.run_key = p_run_key AND i.owner = ANY (v_gone)
+        RETURNING i.key
+    )
+    SELECT array_agg(key) INTO v_gone_keys FROM owned;
+    IF v_gone_keys IS NOT NULL THEN
+        UPDATE "public"."fc_refs" f SET removed = true
+         WHERE f.run_key = p_run_key AND f.key = ANY (v_gone_keys) AND NOT f.removed;
+    END IF;
+    IF v_refs IS NOT NULL THEN
+        WITH released AS (
+            SELECT ref, count(*) AS times FROM unnest(v_refs) ref GROUP BY ref
+        ), counted AS (
+            UPDATE "public"."fc_refs" r SET holders = r.holders - released.times
+              FROM released
+             WHERE r.run_key = p_run_key AND r.key = released.ref
+            RETURNING r.key, r.holders
+        )
+        SELECT array_agg(key) FILTER (WHERE holders <= 0) INTO v_zeroed FROM counted;
+        IF v_zeroed IS NOT NULL THEN
+            DELETE FROM "public"."fc_refs" WHERE run_key = p_run_key AND key = ANY (v_zeroed);
+            DELETE FROM "public"."fc_items" i
+             WHERE i.run_key = p_run_key AND i.key = ANY (v_zeroed) AND i.owner IS NULL
+               AND NOT EXISTS (
+                   SELECT 1 FROM "public"."fc_refs" f
+                    WHERE f.run_key = p_run_key
+                      AND f.key IN (SELECT i.key UNION ALL
+                                    SELECT substring(i.key FROM 1 FOR c.n - 1)
+                                      FROM generate_series(1, length(i.key)) c(n)
+                                     WHERE get_byte(i.key, c.n - 1) = 47));
+            DELETE FROM "public"."fc_items" i USING unnest(v_zeroed) n(k)
+             WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
+               AND i.key < n.k || '0'::bytea AND i.owner IS NULL
+               AND NOT EXISTS (
+                   SELECT 1 FROM "public"."fc_refs" f
+                    WHERE f.run_key = p_run_key
+                      AND f.key IN (SELECT i.key UNION ALL
+                                    SELECT substring(i.key FROM 1 FOR c.n - 1)
+                                      FROM generate_series(1, length(i.key)) c(n)
+                                     WHERE get_byte(i.key, c.n - 1) = 47));
+            UPDATE "public"."fc_items" i SET kept = NULL
+             WHERE i.run_key = p_run_key AND i.key = ANY (v_zeroed) AND i.kept;
+        END IF;
+    END IF;
+    IF NOT p_count_run THEN
+        RETURN cardinality(v_gone);
+    END IF;
+    UPDATE "public"."fc_runs" r
+       SET checkpoint_count = r.checkpoint_count - cardinality(v_gone),
+           forever_count = r.forever_count - v_forever,
+           expires_at = CASE
+               WHEN r.checkpoint_count = cardinality(v_gone) THEN 0
+               WHEN r.forever_count > v_forever THEN NULL
+               ELSE (SELECT max(c.expires_at) FROM "public"."fc_checkpoints" c
+                      WHERE c.run_key = p_run_key AND c.expires_at IS NOT NULL)
+           END,
+           purge_at = CASE WHEN r.checkpoint_count = cardinality(v_gone) THEN 0 END
+     WHERE r.run_key = p_run_key;
+    RETURN cardinality(v_gone);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION "public"."fc_append"(
+    p_run_key text, p_sequence bigint, p_checkpoint_id text, p_created_at double precision,
+    p_expires_at double precision, p_header bytea, p_payload bytea, p_refs bytea[],
+    p_token text, p_run_id bytea, p_incarnation text, p_status text,
+    p_run_created_at double precision, p_version bigint, p_data bytea, p_labels bytea[],
+    p_keep_latest bigint, p_now double precision,
+    p_item_keys bytea[], p_item_values bytea[], p_item_owners bigint[],
+    p_item_expiries double precision[],
+    OUT outcome text, OUT status text, OUT latest_sequence bigint, OUT incarnation text)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    r "public"."fc_runs"%ROWTYPE;
+    v_drop bigint[];
+    v_live bigint;
+    v_next boolean;
+    v_found boolean;
+    v_problem text;
+    v_unheld bytea[];
+    v_released bytea[];
+BEGIN
+    -- A retry of this call (same token) waits here for the call it repeats to end.
+    PERFORM pg_advisory_xact_lock(26211, hashtext(p_token));
+    -- The compare-and-set: only the next sequence of the live run of this incarnation.
+    UPDATE "public"."fc_runs" AS x
+       SET latest_sequence = p_sequence,
+           checkpoint_count = x.checkpoint_count + 1,
+           forever_count = x.forever_count + (p_expires_at IS NULL)::int,
+           updated_at = p_now,
+           expires_at = CASE WHEN x.expires_at IS NULL OR p_expires_at IS NULL THEN NULL
+                             ELSE greatest(x.expires_at, p_expires_at) END
+     WHERE x.run_key = p_run_key AND x.incarnation = p_incarnation
+       AND x.latest_sequence = p_sequence - 1
+       AND (x.expires_at IS NULL OR x.expires_at > p_now)
+    RETURNING x.* INTO r;
+    v_next := FOUND;
+    IF v_next THEN
+        -- Never write after a row that the log contradicts (the exception undoes the update).
+        -- The row is locked now: no other writer changes the run's log until this commits.
+        v_problem := "public"."fc_damage"(p_run_key, r.run_id, r.incarnation, p_sequence - 1,
+                              r.checkpoint_count - 1, r.expires_at);
+        IF v_problem IS NULL AND r.run_id <> p_run_id THEN
+            -- Copied over from another run: the run key derives from the caller's run id.
+            v_problem := 'names another run (it was copied over from it)';
+        END IF;
+    ELSE
+        SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+        v_found := FOUND;
+        -- A retry of an append whose reply was lost: it was written, whatever became of its
+        -- checkpoint since (deleted, pruned, its run deleted or expired).
+        PERFORM 1 FROM "public"."fc_ops" o WHERE o.token = p_token;
+        IF FOUND THEN
+            outcome := 'ok';
+            status := CASE WHEN v_found AND r.incarnation = p_incarnation THEN r.status
+                           ELSE p_status END;
+            RETURN;
+        END IF;
+        IF v_found THEN
+            -- Judged in one statement: the row and the log of one snapshot (another writer
+            -- may have committed since the row above was read).
+            SELECT "public"."fc_damage"(x.run_key, x.run_id, x.incarnation, x.latest_sequence,
+                            x.checkpoint_count, x.expires_at)
+              INTO v_problem FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+            IF v_problem IS NULL AND r.run_id <> p_run_id THEN
+                -- Copied over from another run: the run key derives from the caller's run id.
+                v_problem := 'names another run (it was copied over from it)';
+            END IF;
+        END IF;
+        IF v_found AND (r.expires_at IS NULL OR r.expires_at > p_now
+                        OR v_problem IS NOT NULL) THEN
+            -- A live run: this call may be the retry of one whose reply was lost.
+            PERFORM 1 FROM "public"."fc_checkpoints" c
+             WHERE c.run_key = p_run_key AND c.sequence = p_sequence AND c.token = p_token;
+            IF FOUND THEN
+                outcome := 'ok'; status := r.status;
+                RETURN;
+            END IF;
+            IF v_problem IS NULL THEN
+                outcome := 'conflict'; latest_sequence := r.latest_sequence;
+                incarnation := r.incarnation;
+                RETURN;
+            END IF;
+        END IF;
+    END IF;
+    IF v_problem IS NOT NULL THEN
+        -- A damaged row (run id not UTF-8, contradicted by the log): refused, nothing written,
+        -- nothing of an expired run dropped that its row does not know.
+        RAISE EXCEPTION USING ERRCODE = 'FC003', DETAIL = p_run_key,
+            MESSAGE = format('the run row of run key %s %s', p_run_key,
+                             v_problem);
+    END IF;
+    IF NOT v_next THEN
+        IF p_sequence <> 0 THEN
+            outcome := 'conflict';
+            RETURN;
+        END IF;
+        IF v_found THEN
+            -- Start over on an expired (or emptied) run: replace its row if nobody did.
+            UPDATE "public"."fc_runs" AS x
+               SET run_id = p_run_id, incarnation = p_incarnation, status = p_status,
+                   created_at = p_run_created_at, updated_at = p_now, latest_sequence = 0,
+                   checkpoint_count = 1, forever_count = (p_expires_at IS NULL)::int,
+                   expires_at = p_expires_at, purge_at = NULL, version = p_version,
+                   data = p_data, labels = p_labels, update_token = NULL
+             WHERE x.run_key = p_run_key AND x.incarnation = r.incarnation
+               AND x.version = r.version AND x.latest_sequence = r.latest_sequence
+               AND x.expires_at IS NOT DISTINCT FROM r.expires_at
+            RETURNING x.* INTO r;
+            IF NOT FOUND THEN
+                SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+                outcome := 'conflict';
+                IF FOUND AND (r.expires_at IS NULL OR r.expires_at > p_now) THEN
+                    latest_sequence := r.latest_sequence; incarnation := r.incarnation;
+                END IF;
+                RETURN;
+            END IF;
+            -- Leftovers of the old run: checkpoints with their owned items, the shared
+            -- items they named, its labels. Unowned items stay.
+            WITH gone AS (
+                DELETE FROM "public"."fc_checkpoints" c WHERE c.run_key = p_run_key RETURNING c.sequence
+            )
+            DELETE FROM "public"."fc_items" i
+             WHERE i.run_key = p_run_key AND i.owner IN (SELECT sequence FROM gone);
+            WITH released AS (
+                DELETE FROM "public"."fc_refs" f WHERE f.run_key = p_run_key RETURNING f.key
+            )
+            SELECT array_agg(key) INTO v_released FROM released;
+            IF v_released IS NOT NULL THEN
+                DELETE FROM "public"."fc_items" i
+                 WHERE i.run_key = p_run_key AND i.owner IS NULL
+                   AND i.key = ANY (v_released);
+                DELETE FROM "public"."fc_items" i USING unnest(v_released) n(k)
+                 WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
+                   AND i.key < n.k || '0'::bytea;
+                UPDATE "public"."fc_items" i SET kept = NULL
+                 WHERE i.run_key = p_run_key AND i.key = ANY (v_released) AND i.kept;
+            END IF;
+            DELETE FROM "public"."fc_labels" l WHERE l.run_key = p_run_key;
+        ELSE
+            -- Ordered with a delete_items of the run that found no row (migration 13).
+            PERFORM pg_advisory_xact_lock(26212, hashtext(p_run_key));
+            INSERT INTO "public"."fc_runs" AS x (run_key, run_id, incarnation, status, created_at,
+                                     updated_at, latest_sequence, checkpoint_count,
+                                     forever_count, expires_at, version, data, labels)
+            VALUES (p_run_key, p_run_id, p_incarnation, p_status, p_run_created_at, p_now, 0,
+                    1, (p_expires_at IS NULL)::int, p_expires_at, p_version, p_data, p_labels)
+            ON CONFLICT (run_key) DO NOTHING
+            RETURNING x.* INTO r;
+            IF NOT FOUND THEN
+                -- Another writer created the run first (its transaction has committed).
+                SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key;
+                outcome := 'conflict';
+                IF FOUND AND (r.expires_at IS NULL OR r.expires_at > p_now) THEN
+                    latest_sequence := r.latest_sequence; incarnation := r.incarnation;
+                END IF;
+                RETURN;
+            END IF;
+        END IF;
+        IF cardinality(p_labels) > 0 THEN
+            INSERT INTO "public"."fc_labels" (label, created_at, run_key)
+            SELECT DISTINCT label, p_run_created_at, p_run_key FROM unnest(p_labels) label;
+        END IF;
+    END IF;
+
+    IF cardinality(p_refs) > 0 THEN
+        -- The run row is locked by now: a removal of the run's checkpoints (which releases
+        -- their shared items) waits for this transaction.
+        SELECT array_agg(wanted.k ORDER BY wanted.n) INTO v_unheld
+          FROM (SELECT t.k, min(t.n) AS n
+                  FROM unnest(p_refs) WITH ORDINALITY AS t(k, n)
+                 WHERE NOT (t.k = ANY (coalesce(p_item_keys, '{}')))
+                 GROUP BY t.k) wanted
+         WHERE NOT EXISTS (SELECT 1 FROM "public"."fc_items" i
+                            WHERE i.run_key = p_run_key AND i.key = wanted.k
+                              AND (i.expires_at IS NULL OR i.expires_at > p_now));
+        IF v_unheld IS NOT NULL THEN
+            RAISE EXCEPTION USING ERRCODE = 'FC004',
+                MESSAGE = format('run key %s: checkpoint %s names shared items the run does '
+                                 'not hold', p_run_key, p_sequence),
+                DETAIL = array_to_string(ARRAY(
+                    SELECT encode(u.k, 'hex') FROM unnest(v_unheld) WITH ORDINALITY AS u(k, n)
+                     ORDER BY u.n), ',');
+        END IF;
+    END IF;
+
+    INSERT INTO "public"."fc_checkpoints" (run_key, sequence, checkpoint_id, created_at, expires_at,
+                               header, payload, refs, token)
+    VALUES (p_run_key, p_sequence, p_checkpoint_id, p_created_at, p_expires_at, p_header,
+            p_payload, p_refs, p_token)
+    ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'FC001',
+            MESSAGE = format('run key %s already holds a checkpoint at sequence %s, which '
+                             'its run row says is the next one', p_run_key, p_sequence);
+    END IF;
+
+    IF p_item_keys IS NOT NULL AND cardinality(p_item_keys) > 0 THEN
+        -- Each item only where no live item has its key: a live one is kept as it is.
+        INSERT INTO "public"."fc_items" AS i (run_key, key, value, owner, expires_at)
+        SELECT p_run_key, k, v, o, e
+          FROM unnest(p_item_keys, p_item_values, p_item_owners, p_item_expiries) AS t(k, v, o, e)
+        ON CONFLICT (run_key, key) DO UPDATE
+           SET value = excluded.value, owner = excluded.owner, expires_at = excluded.expires_at
+         WHERE i.expires_at IS NOT NULL AND i.expires_at <= p_now;
+    END IF;
+    IF p_refs IS NOT NULL AND cardinality(p_refs) > 0 THEN
+        INSERT INTO "public"."fc_refs" AS f (run_key, key, holders)
+        SELECT DISTINCT p_run_key, k, 1 FROM unnest(p_refs) k
+        ON CONFLICT (run_key, key) DO UPDATE SET holders = f.holders + 1;
+    END IF;
+
+    -- Pruning: expired checkpoints, then the oldest beyond keep_latest.
+    v_live := r.checkpoint_count;
+    IF r.checkpoint_count > r.forever_count THEN
+        v_drop := ARRAY(SELECT c.sequence FROM "public"."fc_checkpoints" c
+                         WHERE c.run_key = p_run_key AND c.expires_at <= p_now);
+        v_live := v_live - cardinality(v_drop);
+    END IF;
+    IF p_keep_latest IS NOT NULL AND v_live > p_keep_latest THEN
+        v_drop := coalesce(v_drop, '{}') || ARRAY(
+            SELECT c.sequence FROM "public"."fc_checkpoints" c
+             WHERE c.run_key = p_run_key
+               AND (c.expires_at IS NULL OR c.expires_at > p_now)
+               AND c.sequence < (
+                   SELECT n.sequence FROM "public"."fc_checkpoints" n
+                    WHERE n.run_key = p_run_key
+                      AND (n.expires_at IS NULL OR n.expires_at > p_now)
+                    ORDER BY n.sequence DESC OFFSET p_keep_latest - 1 LIMIT 1)
+             ORDER BY c.sequence LIMIT v_live - p_keep_latest);
+    END IF;
+    IF cardinality(v_drop) > 0 THEN
+        PERFORM "public"."fc_remove"(p_run_key, v_drop, true);
+    END IF;
+    -- Remembered for a retry whose reply is lost (see migration 8), and two memos after it in
+    -- token order taken out if they expired.
+    INSERT INTO "public"."fc_ops" (token, result, expires_at)
+    VALUES (p_token, p_sequence, extract(epoch FROM clock_timestamp()) + 300);
+    DELETE FROM "public"."fc_ops" o
+     WHERE o.token IN (SELECT n.token FROM "public"."fc_ops" n WHERE n.token > p_token
+                        ORDER BY n.token LIMIT 2)
+       AND o.expires_at <= extract(epoch FROM clock_timestamp());
+    outcome := 'ok'; status := r.status;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION "public"."fc_rebuild_run"(p_run_key text, p_run_id bytea, p_status text, p_data bytea,
+                              p_labels bytea[], p_now double precision)
+RETURNS TABLE (outcome text, run "public"."fc_runs") LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    r "public"."fc_runs"%ROWTYPE;
+    v_problem text;
+    v_held bigint;
+    v_forever bigint;
+    v_latest double precision;
+    v_sequence bigint;
+    v_id text;
+    v_created double precision;
+    v_labels bytea[];
+    v_removed bytea[];
+    v_kept bytea[];
+BEGIN
+    SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'missing'::text, NULL::"public"."fc_runs";
+        RETURN;
+    END IF;
+    SELECT d.problem INTO v_problem FROM "public"."fc_damaged_runs"(p_run_key, '', 1) d;
+    IF v_problem IS NULL AND r.run_id IS DISTINCT FROM p_run_id THEN
+        -- Copied over from another run: the caller's run id is the one of this run key.
+        v_problem := 'names another run';
+    END IF;
+    IF v_problem IS NULL THEN
+        RETURN QUERY SELECT 'intact'::text, r;
+        RETURN;
+    END IF;
+    SELECT count(*), count(*) FILTER (WHERE c.expires_at IS NULL), max(c.expires_at),
+           max(c.sequence)
+      INTO v_held, v_forever, v_latest, v_sequence
+      FROM "public"."fc_checkpoints" c WHERE c.run_key = p_run_key;
+    IF v_held = 0 THEN
+        RETURN QUERY SELECT 'empty'::text, NULL::"public"."fc_runs";
+        RETURN;
+    END IF;
+    -- The incarnation from the newest of the run's own checkpoints; the latest sequence is
+    -- the highest in place, whoever's, so the next append finds its primary key free.
+    SELECT c.checkpoint_id INTO v_id
+      FROM "public"."fc_checkpoints" c WHERE c.run_key = p_run_key AND (c.checkpoint_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$' AND split_part(c.checkpoint_id, '-', 2) = p_run_key)
+     ORDER BY c.sequence DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'foreign'::text, NULL::"public"."fc_runs";
+        RETURN;
+    END IF;
+    v_created := coalesce((
+        SELECT c.created_at FROM "public"."fc_checkpoints" c
+         WHERE c.run_key = p_run_key AND (c.checkpoint_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$' AND split_part(c.checkpoint_id, '-', 2) = p_run_key)
+           AND c.created_at > '-Infinity' AND c.created_at < 'Infinity'
+         ORDER BY c.sequence LIMIT 1), p_now);
+    IF cardinality(p_labels) > 0 THEN
+        v_labels := p_labels;
+    ELSE
+        -- The label rows are written with the run's creation and follow its incarnation;
+        -- the row's own list (in the order given) when it names the same labels.
+        v_labels := ARRAY(SELECT DISTINCT l.label FROM "public"."fc_labels" l
+                           WHERE l.run_key = p_run_key ORDER BY l.label);
+        IF (SELECT array_agg(DISTINCT label ORDER BY label) FROM unnest(r.labels) label)
+           IS NOT DISTINCT FROM (CASE WHEN cardinality(v_labels) > 0 THEN v_labels END) THEN
+            v_labels := r.labels;
+        END IF;
+    END IF;
+    UPDATE "public"."fc_runs" x
+       SET run_id = p_run_id, incarnation = split_part(v_id, '-', 3), status = p_status,
+           created_at = v_created, updated_at = p_now, latest_sequence = v_sequence,
+           checkpoint_count = v_held, forever_count = v_forever,
+           expires_at = CASE WHEN v_forever > 0 THEN NULL ELSE v_latest END, purge_at = NULL,
+           version = 0, data = p_data, labels = v_labels, update_token = NULL
+     WHERE x.run_key = p_run_key
+    RETURNING x.* INTO r;
+    DELETE FROM "public"."fc_labels" l WHERE l.run_key = p_run_key;
+    INSERT INTO "public"."fc_labels" (label, created_at, run_key)
+    SELECT DISTINCT label, v_created, p_run_key FROM unnest(v_labels) label;
+    -- Shared items: each key counted once per checkpoint in place that names it.
+    WITH old AS (
+        DELETE FROM "public"."fc_refs" f WHERE f.run_key = p_run_key RETURNING f.key, f.removed
+    )
+    SELECT array_agg(key) FILTER (WHERE removed), array_agg(key) FILTER (WHERE NOT removed)
+      INTO v_removed, v_kept FROM old;
+    INSERT INTO "public"."fc_refs" (run_key, key, holders, removed)
+    SELECT p_run_key, named.key, count(*),
+           named.key = ANY (coalesce(v_removed, '{}'))
+           OR (NOT named.key = ANY (coalesce(v_kept, '{}'))
+               AND NOT EXISTS (SELECT 1 FROM "public"."fc_items" i
+                                WHERE i.run_key = p_run_key AND i.key = named.key))
+      FROM "public"."fc_checkpoints" c, LATERAL (SELECT DISTINCT unnest(c.refs)) named(key)
+     WHERE c.run_key = p_run_key
+     GROUP BY named.key;
+    -- The marks of the items whose count went (migration 14).
+    UPDATE "public"."fc_items" i SET kept = NULL
+     WHERE i.run_key = p_run_key AND i.kept
+       AND NOT EXISTS (SELECT 1 FROM "public"."fc_refs" f WHERE f.run_key = p_run_key AND f.key = i.key);
+    RETURN QUERY SELECT 'ok'::text, r;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION "public"."fc_purge"(p_now double precision, p_limit integer,
+                        OUT removed bigint, OUT done boolean)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_budget integer := greatest(p_limit, 1);
+    v_server_now double precision := extract(epoch FROM clock_timestamp());
+    v_key text;
+    v_count bigint;
+    v_busy text[] := '{}';
+    v_locks integer := 0;
+    v_runs text[];
+    v_keys bytea[];
+    v_run_items bytea[];
+    v_marked bigint;
+    r "public"."fc_runs"%ROWTYPE;
+BEGIN
+    removed := 0;
+    FOR v_key IN
+        SELECT x.run_key FROM "public"."fc_runs" x WHERE x.purge_at IS NOT NULL AND x.purge_at <= p_now
+         ORDER BY x.purge_at LIMIT v_budget
+    LOOP
+        DELETE FROM "public"."fc_runs" x WHERE x.run_key = v_key AND x.checkpoint_count = 0
+           AND NOT EXISTS (SELECT 1 FROM "public"."fc_checkpoints" c WHERE c.run_key = v_key);
+        IF FOUND THEN
+            DELETE FROM "public"."fc_refs" f WHERE f.run_key = v_key;
+            DELETE FROM "public"."fc_items" i WHERE i.run_key = v_key;
+        ELSE
+            -- A row that says its run is empty over checkpoints in place (put back from an
+            -- older copy): never taken for empty, left for repair, out of this loop.
+            UPDATE "public"."fc_runs" x SET purge_at = NULL WHERE x.run_key = v_key AND x.purge_at <= p_now;
+        END IF;
+        v_budget := v_budget - 1;
+    END LOOP;
+    FOR v_key IN
+        SELECT DISTINCT due.run_key FROM (
+            SELECT c.run_key FROM "public"."fc_checkpoints" c
+             WHERE c.expires_at IS NOT NULL AND c.expires_at <= p_now
+             ORDER BY c.expires_at LIMIT greatest(v_budget, 0)) due
+    LOOP
+        EXIT WHEN v_budget <= 0;
+        SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = v_key FOR NO KEY UPDATE;
+        CONTINUE WHEN NOT FOUND;
+        IF "public"."fc_damage"(v_key, r.run_id, r.incarnation, r.latest_sequence, r.checkpoint_count,
+                    r.expires_at) IS NOT NULL THEN
+            -- A damaged row: its expired checkpoints go by their own expiry, the row stays
+            -- as it is (never taken for the run's expiry) until a repair rebuilds it.
+            v_count := "public"."fc_remove"(v_key, ARRAY(
+                SELECT c.sequence FROM "public"."fc_checkpoints" c
+                 WHERE c.run_key = v_key AND c.expires_at <= p_now
+                 ORDER BY c.expires_at LIMIT v_budget), false);
+        ELSIF r.expires_at IS NOT NULL AND r.expires_at <= p_now THEN
+            -- The whole run expired: everything of it goes.
+            WITH gone AS (DELETE FROM "public"."fc_checkpoints" c WHERE c.run_key = v_key RETURNING 1)
+            SELECT count(*) INTO v_count FROM gone;
+            DELETE FROM "public"."fc_runs" x WHERE x.run_key = v_key;
+            DELETE FROM "public"."fc_refs" f WHERE f.run_key = v_key;
+            DELETE FROM "public"."fc_items" i WHERE i.run_key = v_key;
+        ELSE
+            v_count := "public"."fc_remove"(v_key, ARRAY(
+                SELECT c.sequence FROM "public"."fc_checkpoints" c
+                 WHERE c.run_key = v_key AND c.expires_at <= p_now
+                 ORDER BY c.expires_at LIMIT v_budget), true);
+        END IF;
+        removed := removed + v_count;
+        v_budget := v_budget - greatest(v_count, 1)::integer;
+    END LOOP;
+    <<expired_items>>
+    LOOP
+        EXIT WHEN v_budget <= 0;
+        SELECT array_agg(e.run_key), array_agg(e.key) INTO v_runs, v_keys FROM (
+            SELECT e.run_key, e.key FROM "public"."fc_items" e
+             WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now
+               AND e.kept IS NOT TRUE
+               AND NOT (e.run_key = ANY (v_busy))
+             ORDER BY e.expires_at LIMIT v_budget) e;
+        EXIT WHEN v_runs IS NULL;
+        FOR v_key IN SELECT DISTINCT u.k FROM unnest(v_runs) u(k) LOOP
+            PERFORM 1 FROM "public"."fc_runs" x WHERE x.run_key = v_key FOR SHARE SKIP LOCKED;
+            IF NOT FOUND THEN
+                IF EXISTS (SELECT 1 FROM "public"."fc_runs" x WHERE x.run_key = v_key) THEN
+                    v_busy := v_busy || v_key;
+                    CONTINUE;
+                END IF;
+                -- The further runs without a row in the next call.
+                EXIT expired_items WHEN v_locks >= 64;
+                IF NOT pg_try_advisory_xact_lock(26212, hashtext(v_key)) THEN
+                    v_busy := v_busy || v_key;
+                    CONTINUE;
+                END IF;
+                v_locks := v_locks + 1;
+            END IF;
+            v_run_items := ARRAY(SELECT c.key FROM unnest(v_runs, v_keys) c(run_key, key)
+                                  WHERE c.run_key = v_key);
+            WITH gone AS (
+                DELETE FROM "public"."fc_items" i
+                 WHERE i.run_key = v_key AND i.key = ANY (v_run_items)
+                   AND i.expires_at IS NOT NULL AND i.expires_at <= p_now
+                   AND NOT EXISTS (SELECT 1 FROM "public"."fc_refs" f
+                                    WHERE f.run_key = v_key AND f.key = i.key)
+                RETURNING 1
+            ), marked AS (
+                UPDATE "public"."fc_items" i SET kept = true
+                 WHERE i.run_key = v_key AND i.key = ANY (v_run_items)
+                   AND i.kept IS NOT TRUE
+                   AND EXISTS (SELECT 1 FROM "public"."fc_refs" f WHERE f.run_key = v_key AND f.key = i.key)
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM marked)
+              INTO v_count, v_marked;
+            IF v_count + v_marked = 0 THEN
+                v_busy := v_busy || v_key;  -- gone, or written again, meanwhile
+            END IF;
+            v_budget := v_budget - (v_count + v_marked)::integer;
+        END LOOP;
+    END LOOP;
+    -- The server's clock in a variable: compared with a volatile call, the index is unused.
+    DELETE FROM "public"."fc_ops" o WHERE o.token IN (
+        SELECT token FROM "public"."fc_ops" WHERE expires_at <= v_server_now LIMIT 1000);
+    done := NOT EXISTS (SELECT 1 FROM "public"."fc_runs" x
+                         WHERE x.purge_at IS NOT NULL AND x.purge_at <= p_now)
+        AND NOT EXISTS (SELECT 1 FROM "public"."fc_checkpoints" c
+                         WHERE c.expires_at IS NOT NULL AND c.expires_at <= p_now)
+        AND (SELECT e.expires_at FROM "public"."fc_items" e
+              WHERE e.expires_at IS NOT NULL AND e.expires_at <= p_now
+                AND e.kept IS NOT TRUE AND NOT (e.run_key = ANY (v_busy))
+              ORDER BY e.expires_at LIMIT 1) IS NULL;
+END
+$fn$;
+
+INSERT INTO "public"."fc_migrations" (version, description) VALUES (14, 'the cleanup marks the expired items a checkpoint names when it first meets them and reads them no more until no checkpoint names them');
 
 COMMIT;

@@ -4,7 +4,7 @@ test's own."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import pytest
@@ -43,3 +43,12 @@ def schema(postgres: PostgresTarget) -> Iterator[str]:
     asyncio.run(provision())
     yield name
     asyncio.run(drop_schema(postgres, name))
+
+
+@pytest.fixture
+async def store(postgres: PostgresTarget, schema: str) -> AsyncIterator[PostgresStore]:
+    """A store on this test's schema, closed afterwards."""
+    store = PostgresStore.from_url(f"{postgres.url()}?schema={schema}")
+    yield store
+    with anyio.fail_after(20):
+        await store.aclose()
