@@ -2072,11 +2072,12 @@ _REBUILD_RUN_V13 = _patched(
 # lock as the marking is ({remove} when the last checkpoint naming a key goes: an owned item
 # stays with its owner, an item nested under a key still named stays; the new life of a run in
 # {append}; {rebuild_run}, which counts the references again); so the cleanup sees the item
-# again once no checkpoint names it. A mark lost on the way (an item written anew at a named
-# key, a count removed by a call of the release before still in flight when this migration
-# committed) only costs reads, as before; one left behind (a count deleted by hand) keeps its
-# expired item until the item goes otherwise (with its owner, the key it is nested under, the
-# run). The index replaces {p}items_expiry; building it reads the table once.
+# again once no checkpoint names it. A mark missing (an item written anew at a named key)
+# only costs reads, as before; one left behind (a count deleted by hand, or removed by a call
+# of the release before that was still running when this migration committed, with the
+# function it found) keeps its expired item until the item goes otherwise (with its owner, the
+# key it is nested under, the run). The index replaces {p}items_expiry; building it reads the
+# table once.
 _ITEMS_KEPT_V14 = r"""
 ALTER TABLE {items} ADD COLUMN kept boolean;
 
