@@ -5,34 +5,23 @@ kept while one does."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import anyio
 import asyncpg
 import pytest
 
+from fastcheckpoint.stores._base import RunRecord
 from fastcheckpoint.stores._postgres_sql import Names
 from fastcheckpoint.stores.postgres import PostgresStore
 from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_item, make_run
 from fastcheckpoint.testing._adapter import _append_items
-from tests.stores._postgres_server import PostgresTarget
-from tests.stores.postgres.test_postgres_purge import cleanup_reading
+from tests.stores.postgres import test_postgres_purge as purge_tests
+from tests.stores.postgres.test_postgres_purge import _cleanup, cleanup_reading
 
 pytestmark = pytest.mark.anyio
 
 _DEADLINE = 20
 
-
-@pytest.fixture
-async def connection(postgres: PostgresTarget) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(postgres.url())
-    yield connection
-    await connection.close()
-
-
-async def _cleanup(store: PostgresStore, now: float) -> None:
-    while not (await store.purge_expired(now=now, limit=100))[1]:
-        pass
+connection = purge_tests.connection  # the fixture: a connection of the test's own
 
 
 async def _marks(connection: asyncpg.Connection, names: Names,
@@ -40,6 +29,13 @@ async def _marks(connection: asyncpg.Connection, names: Names,
     rows = await connection.fetch(names.render(
         "SELECT key, kept FROM {items} WHERE run_key = $1 ORDER BY key"), run_key)
     return {bytes(row[0]).decode(): row[1] for row in rows}
+
+
+async def _owned_and_named(store: PostgresStore, run: RunRecord) -> None:
+    """Checkpoint 0 owns ``x`` (expiring at T0 + 5 by put_items), checkpoint 1 names it."""
+    await _append_items(store, run, 0)
+    await store.put_items(key_of(run), [make_item("x", owner=0, expires_at=T0 + 5)], now=T0)
+    await _append_items(store, run, 1, refs=["x"])
 
 
 async def test_an_owned_marked_item_rewritten_with_a_later_expiry_is_purged_once_unnamed(
@@ -51,9 +47,7 @@ async def test_an_owned_marked_item_rewritten_with_a_later_expiry_is_purged_once
     run = make_run("rewritten")
     key = key_of(run)
     with anyio.fail_after(_DEADLINE):
-        await _append_items(store, run, 0)
-        await store.put_items(key, [make_item("x", owner=0, expires_at=T0 + 5)], now=T0)
-        await _append_items(store, run, 1, refs=["x"])
+        await _owned_and_named(store, run)
         await _cleanup(store, T0 + 10)
         marked = await _marks(connection, names, key)
         await store.put_items(key, [make_item("x", b"new", owner=0, expires_at=T0 + 50)],
@@ -82,9 +76,7 @@ async def test_a_marked_item_named_again_stays_until_the_last_name_goes(
     run = make_run("named-again")
     key = key_of(run)
     with anyio.fail_after(_DEADLINE):
-        await _append_items(store, run, 0)
-        await store.put_items(key, [make_item("x", owner=0, expires_at=T0 + 5)], now=T0)
-        await _append_items(store, run, 1, refs=["x"])
+        await _owned_and_named(store, run)
         await _cleanup(store, T0 + 10)
         await store.put_items(key, [make_item("x", b"again", owner=0, expires_at=T0 + 15)],
                               now=T0 + 10)
@@ -109,9 +101,7 @@ async def test_a_count_removed_while_a_cleanup_that_marked_its_item_is_open(
     run = make_run("concurrent")
     key = key_of(run)
     with anyio.fail_after(_DEADLINE):
-        await _append_items(store, run, 0)
-        await store.put_items(key, [make_item("x", owner=0, expires_at=T0 + 5)], now=T0)
-        await _append_items(store, run, 1, refs=["x"])
+        await _owned_and_named(store, run)
         deleted: list[bool] = []
 
         async def delete() -> None:
