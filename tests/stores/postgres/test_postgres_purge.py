@@ -41,18 +41,22 @@ async def connection(postgres: PostgresTarget) -> AsyncIterator[asyncpg.Connecti
 async def cleanup_reading(connection: asyncpg.Connection, names: Names, now: float,
                           limit: int) -> tuple[int, int]:
     """A whole cleanup (``<p>purge`` batches until one says it is done) in one transaction:
-    ``(batches, rows of <p>items read)``."""
+    ``(batches, rows of <p>items read)``. The reading at its start is subtracted: until the
+    server flushes them (about once a second), the connection's earlier transactions count
+    in ``pg_stat_xact_user_tables`` too."""
+    reading = names.render(
+        "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+        "  FROM pg_stat_xact_user_tables WHERE relid = '{items}'::regclass")
     async with connection.transaction():
+        before = await connection.fetchval(reading)
         batches, done = 0, False
         while not done:
             _, done = await connection.fetchrow(
                 names.render("SELECT * FROM {purge}($1, $2)"), now, limit)
             batches += 1
             assert batches < 100, "the cleanup never ends"
-        read = await connection.fetchval(names.render(
-            "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
-            "  FROM pg_stat_xact_user_tables WHERE relid = '{items}'::regclass"))
-    return batches, int(read)
+        read = await connection.fetchval(reading)
+    return batches, int(read) - int(before or 0)
 
 
 async def _cleanup(store: PostgresStore, now: float) -> None:
