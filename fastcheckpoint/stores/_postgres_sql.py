@@ -2088,7 +2088,7 @@ COMMENT ON COLUMN {items}.kept IS 'fastcheckpoint: true when the cleanup found t
 CREATE INDEX {p}items_purge ON {items} (expires_at)
     WHERE expires_at IS NOT NULL AND kept IS NOT TRUE;
 
-DROP INDEX {schema}.{p}items_expiry
+DROP INDEX IF EXISTS {schema}.{p}items_expiry
 """
 
 # Clears the marks of the items at keys whose count went (``v_keys``).

@@ -4411,7 +4411,7 @@ COMMENT ON COLUMN "public"."fc_items".kept IS 'fastcheckpoint: true when the cle
 CREATE INDEX fc_items_purge ON "public"."fc_items" (expires_at)
     WHERE expires_at IS NOT NULL AND kept IS NOT TRUE;
 
-DROP INDEX "public".fc_items_expiry;
+DROP INDEX IF EXISTS "public".fc_items_expiry;
 
 CREATE OR REPLACE FUNCTION "public"."fc_remove"(p_run_key text, p_sequences bigint[], p_count_run boolean)
 RETURNS bigint LANGUAGE plpgsql AS $fn$
