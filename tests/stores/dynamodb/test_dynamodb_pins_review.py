@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -118,6 +119,21 @@ async def test_a_stale_writer_of_a_removed_life_lands_nothing_in_a_new_life_at_i
             await other.delete_run(key)
 
 
+def _after_pins(
+    monkeypatch: pytest.MonkeyPatch, store: DynamoDBStore, meanwhile: Callable[[], Awaitable[None]]
+) -> None:
+    """Make ``store``'s appends run ``meanwhile`` after their pins landed, before their own
+    transaction (a slow process)."""
+    pin = store._pin
+
+    async def held(*args: Any, **kwargs: Any) -> bool:
+        landed = await pin(*args, **kwargs)
+        await meanwhile()
+        return landed
+
+    monkeypatch.setattr(store, "_pin", held)
+
+
 def _pin_transaction(operations: list[dict[str, Any]]) -> bool:
     """Whether a transaction is one of an append's pins: it begins with the check of the run
     item (``_pin_check``), where an append's own begins with the run item's write."""
@@ -191,19 +207,15 @@ async def test_a_failed_append_leaves_no_value_its_dropped_pin_put_wrote(
     key = key_of(run)
     names = [f"s/{index}" for index in range(60)]
     async with opened(provisioned, aws_names, prefix=store.prefix) as other:
-        pin = store._pin
-
-        async def overtaken(*args: Any, **kwargs: Any) -> bool:
-            landed = await pin(*args, **kwargs)
+        async def overtaken() -> None:
             await _append_items(other, run, 1)
-            return landed
 
         try:
             with anyio.fail_after(DEADLINE):
                 await _append_items(store, run, 0, refs=names, items=[
                     make_item(name, os.urandom(DEFAULT_THRESHOLD + 1)) for name in names])
                 before = set(await _blob_keys(store, key))
-                monkeypatch.setattr(store, "_pin", overtaken)
+                _after_pins(monkeypatch, store, overtaken)
                 with pytest.raises(SequenceConflict):
                     await _append_items(store, run, 1, refs=names, items=[
                         make_item(name, os.urandom(DEFAULT_THRESHOLD + 1)) for name in names])
@@ -237,24 +249,20 @@ async def test_an_undo_after_the_run_was_removed_spares_a_new_life_s_item(
     key = key_of(l1)
     names = [f"s/{index}" for index in range(60)]
     async with opened(provisioned, aws_names, prefix=store.prefix) as other:
-        pin = store._pin
-
         async def create_l2() -> None:
             await _append_items(other, l2, 0, refs=[names[-1]], now=T0 + 1,
                                 items=[make_item(names[-1], b"new life")])
 
-        async def removed_meanwhile(*args: Any, **kwargs: Any) -> bool:
-            landed = await pin(*args, **kwargs)
+        async def removed_meanwhile() -> None:
             await other.delete_run(key)
             if new_life == "before_the_undo":
                 await create_l2()
-            return landed
 
         try:
             with anyio.fail_after(DEADLINE):
                 for sequence in range(2):  # L1 at revision 1, above L2's (0)
                     await _append_items(store, l1, sequence)
-                monkeypatch.setattr(store, "_pin", removed_meanwhile)
+                _after_pins(monkeypatch, store, removed_meanwhile)
                 with pytest.raises(SequenceConflict):
                     await _append_items(store, l1, 2, refs=names,
                                         items=[make_item(name) for name in names])
@@ -289,17 +297,13 @@ async def test_a_first_append_keeps_its_pins_when_a_life_comes_and_goes_before_i
     key = key_of(run)
     names = [f"s/{index}" for index in range(60)]
     async with opened(provisioned, aws_names, prefix=store.prefix) as other:
-        pin = store._pin
-
-        async def came_and_went(*args: Any, **kwargs: Any) -> bool:
-            landed = await pin(*args, **kwargs)
+        async def came_and_went() -> None:
             await _append_items(other, other_life, 0)
             await other.delete_run(key)
-            return landed
 
         try:
             with anyio.fail_after(DEADLINE):
-                monkeypatch.setattr(store, "_pin", came_and_went)
+                _after_pins(monkeypatch, store, came_and_went)
                 try:
                     await _append_items(store, run, 0, refs=names,
                                         items=[make_item(name) for name in names])
