@@ -19,6 +19,7 @@ from fastcheckpoint.stores._aws import error_code, http_status, translate
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_s3.type_defs import GetObjectOutputTypeDef
 
 _T = TypeVar("_T")
 
@@ -108,8 +109,29 @@ class Bucket:
 
     async def get(self, key: str) -> tuple[bytes, str] | None:
         """``(body, etag)`` of an object, or None when it does not exist."""
+        found = await self._read(key)
+        return None if found is None else (found[0], str(found[1].get("ETag", "")))
+
+    async def get_tail(self, key: str, size: int) -> tuple[bytes, str, bool] | None:
+        """``(last bytes, etag, whole)``: at most the last ``size`` bytes of an object (one
+        ranged GET), and whether they are all of it; None when it does not exist."""
+        found = await self._read(key, f"bytes=-{size}")
+        if found is None:
+            return None
+        body, response = found
+        shown = str(response.get("ContentRange", ""))  # "bytes first-last/total"
+        return body, str(response.get("ETag", "")), not shown or shown.startswith("bytes 0-")
+
+    async def _read(
+        self, key: str, ranged: str | None = None
+    ) -> tuple[bytes, GetObjectOutputTypeDef] | None:
         try:
-            response = await self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+            if ranged is None:
+                response = await self.client.get_object(Bucket=self.bucket,
+                                                        Key=self.prefix + key)
+            else:
+                response = await self.client.get_object(Bucket=self.bucket,
+                                                        Key=self.prefix + key, Range=ranged)
             async with response["Body"] as stream:
                 body = await stream.read()
         except ClientError as exc:
@@ -118,7 +140,7 @@ class Bucket:
             raise translate(exc, f"S3 GetObject {self.where(key)}") from exc
         except BotoCoreError as exc:
             raise translate(exc, f"S3 GetObject {self.where(key)}") from exc
-        return body, str(response.get("ETag", ""))
+        return body, response
 
     async def get_if_changed(
         self, key: str, etag: str

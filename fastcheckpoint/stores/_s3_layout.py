@@ -33,7 +33,7 @@ import base64
 import binascii
 import re
 from collections.abc import Collection, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -280,6 +280,35 @@ def decode_slot(blob: bytes, where: str, *, run_key: str, sequence: int) -> Slot
             key=where,
         )
     return slot
+
+
+_TAIL_FIELDS = len(Slot.__struct_fields__) - Slot.__struct_fields__.index("tombstone")
+_tail_decoder = msgspec.msgpack.Decoder(list[Any])
+
+
+def after_in_tail(tail: bytes, token: bytes, run_key: str) -> bytes | None:
+    """``Slot.after`` of a checkpoint's slot (not a tombstone) read from the last bytes of
+    its object, ``token`` its write token: the fields after the payload, from ``tombstone``
+    (false) and ``token`` on, are found by those two; None when ``tail`` does not hold them
+    all (or not as a slot of ``run_key`` writes them)."""
+    if not token:
+        return None
+    start = tail.rfind(_encoder.encode(False) + _encoder.encode(token))
+    if start < 0:
+        return None
+    rest = tail[start:]
+    for count in range(2, _TAIL_FIELDS + 1):  # earlier releases' slots have fewer fields
+        try:
+            fields = _tail_decoder.decode(bytes([0x90 | count]) + rest)
+        except msgspec.DecodeError:
+            continue
+        names = Slot.__struct_fields__[-_TAIL_FIELDS:][:count]
+        values = dict(zip(names, fields, strict=True))
+        after = values.get("after", b"")
+        if values.get("run_key", "") in ("", run_key) and isinstance(after, bytes):
+            return after
+        return None
+    return None
 
 
 def decode_item(blob: bytes, where: str, *, run_key: str, hex_key: str) -> ItemBody:

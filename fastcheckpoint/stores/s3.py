@@ -161,6 +161,10 @@ bounds its memory. Older ones are forgotten; only the cleanup loop then removes 
 _URL_OPTIONS = frozenset({"region", "endpoint_url"})
 _KEYWORD_OPTIONS = frozenset({"client", "session"})
 _TOKEN_BYTES = 8
+_SLOT_TAIL = 4096
+"""Bytes of a slot's end read to learn what it names as its predecessor (``Slot.after``):
+what follows the payload (token, run key, the refs and nests, the flags), whatever the
+payload's size."""
 _FLOOR_RACES = 3
 """Tries of a status change whose compare-and-set loses to writers raising the floor."""
 _NOT_HELD = ("t", "g", "p")
@@ -2972,10 +2976,12 @@ class S3Store(ExpiryCleanup):
         if not layout.valid_sequence(sequence):
             return False
         io = await self._objects()
-        # The slot with the listing (one round trip): its tombstone carries what it names
-        # as its predecessor (``Slot.after``).
+        # The slot's last bytes with the listing (one round trip): its tombstone carries
+        # what it names as its predecessor (``Slot.after``, after the payload).
         current, read = await pair(functools.partial(self._load, io, run_key),
-                                   functools.partial(io.get, layout.slot_key(run_key, sequence)))
+                                   functools.partial(io.get_tail,
+                                                     layout.slot_key(run_key, sequence),
+                                                     _SLOT_TAIL))
         if current.damage is not None:
             raise current.damage
         self._adopt(run_key, current, 0)
@@ -3007,7 +3013,7 @@ class S3Store(ExpiryCleanup):
 
     async def _buried(
         self, io: Bucket, run_key: str, view: _SlotView, listing: Listing, current: _Run,
-        read: tuple[bytes, str] | None,
+        read: tuple[bytes, str, bool] | None,
     ) -> tuple[list[str], bytes] | None:
         """The checkpoint replaced by a tombstone (:meth:`_bury`, ``read``: its slot as read
         with the listing), and what it owned or marked removed (each item only while it is
@@ -3039,7 +3045,7 @@ class S3Store(ExpiryCleanup):
 
     async def _bury(
         self, io: Bucket, run_key: str, view: _SlotView, listing: Listing,
-        read: tuple[bytes, str] | None = None,
+        read: tuple[bytes, str, bool] | None = None,
     ) -> bytes | None:
         """Replace a checkpoint's slot by a tombstone (``IfMatch`` on the slot listed): the
         removal that decides between concurrent deletes. Returns the ``after`` the tombstone
@@ -3050,21 +3056,32 @@ class S3Store(ExpiryCleanup):
         The tombstone carries what the slot it replaces names as its predecessor
         (``Slot.after``): a create whose slot is that predecessor, checking after its
         commit that the run went on from it (:meth:`_follows`), must still find itself
-        named once the checkpoint after it is deleted. So the slot is read first (``read``,
-        when the caller read it with its listing; 1 GET otherwise); one that is not the
+        named once the checkpoint after it is deleted. So the slot's last bytes are read
+        first (``read``: ``Bucket.get_tail``, when the caller read them with its listing;
+        1 ranged GET otherwise): ``after`` is at the end, after the payload, which is not
+        downloaded. When they do not show it (a slot naming many shared items, or whose
+        marker shows no token), the whole slot is read (1 GET more). One that is not the
         slot listed any more (another ETag, or gone) is one the ``IfMatch`` would refuse:
         another delete won."""
         assert view.slot_etag is not None
         key = layout.slot_key(run_key, view.sequence)
         if read is None or read[1] != view.slot_etag:
-            read = await io.get(key)
+            read = await io.get_tail(key, _SLOT_TAIL)
         if read is None or read[1] != view.slot_etag:
             return None
-        try:
-            after = layout.decode_slot(read[0], io.where(key), run_key=run_key,
-                                       sequence=view.sequence).after
-        except CorruptCheckpointError:
-            after = b""  # a damaged slot names nothing that can be told: buried all the same
+        after = None if read[2] else layout.after_in_tail(read[0], _listing(view).token,
+                                                          run_key)
+        if after is None and not read[2]:
+            whole = await io.get(key)
+            if whole is None or whole[1] != view.slot_etag:
+                return None
+            read = (whole[0], whole[1], True)
+        if after is None:
+            try:
+                after = layout.decode_slot(read[0], io.where(key), run_key=run_key,
+                                           sequence=view.sequence).after
+            except CorruptCheckpointError:
+                after = b""  # a damaged slot names nothing that can be told: buried all the same
         token = secrets.token_bytes(_TOKEN_BYTES)
         tombstone = Slot(listing.incarnation, view.sequence, listing.checkpoint_id,
                          listing.created_at, listing.expires_at, listing.appended_at, b"", b"",
