@@ -1320,7 +1320,12 @@ class DynamoDBStore(ExpiryCleanup):
                                              now, token, additions)
             if plan.pins:
                 if not await self._pin(run_key, record.sequence, plan, additions):
-                    state, known, fresh = self._cache.get(run_key), True, True  # it moved on
+                    # It moved on: planned again from the run item the refusal returned,
+                    # which is not read afresh (``fresh``) though. That refusal is not the
+                    # append's own, and the run may have moved on again since (a removal
+                    # of the life that refused a first append's pins, before that append
+                    # plans again): a conflict is raised only on a run item read after it.
+                    state, known, fresh = self._cache.get(run_key), True, False
                 continue  # planned again without what the pins wrote
             outcome.unknown = True
             try:

@@ -166,20 +166,24 @@ def _ended_life_expiry(remover: str) -> float | None:
 
 class _SlowFirstAppend:
     """A new life's first append (checkpoint 0 of ``run`` at ``T0 + 10``, writing and naming
-    ``keys``) by ``store``, a slow process: it stops once its pins (the shared items that do
-    not fit in its transaction, written before it) have landed, until ``removed`` is set."""
+    ``keys``) by ``store``, a slow process: it stops once it sent its pins (the shared items
+    that do not fit in its transaction, written before it), landed or refused, until
+    ``removed`` is set. ``pins`` says how each pin call ended (``True``: landed)."""
 
     def __init__(self, store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch, run: RunRecord,
                  keys: Sequence[str]) -> None:
         self.pinned, self.removed = anyio.Event(), anyio.Event()
         self.outcome: list[str] = []
+        self.pins: list[bool] = []
         self._store, self._run, self._keys = store, run, list(keys)
         pin = store._pin
 
-        async def paused_after_pinning(*args: Any) -> None:
-            await pin(*args)
+        async def paused_after_pinning(*args: Any) -> bool:
+            landed = await pin(*args)
+            self.pins.append(landed)
             self.pinned.set()
             await self.removed.wait()
+            return landed
 
         monkeypatch.setattr(store, "_pin", paused_after_pinning)
 
@@ -476,10 +480,13 @@ async def test_a_new_life_pinning_before_the_removal_reads_the_run_keeps_its_ite
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
     monkeypatch: pytest.MonkeyPatch, remover: str,
 ) -> None:
-    """A new life's first append writing 60 keys the ended life never had (``n/...``) pins
-    12 of them, then waits (a slow process) while another removes the ended life (a short
-    run, live for ``delete_run``, expired for the cleanup loop), then lands: its checkpoint
-    reads with all 60 items."""
+    """A new life's first append writing 60 keys the ended life never had (``n/...``) sends
+    its pins of 12 of them, then waits (a slow process) while another removes the ended life
+    (a short run, live for ``delete_run``, expired for the cleanup loop), then lands: its
+    checkpoint reads with all 60 items. Its process knows nothing of the run: its pins,
+    written blind (checking that no run item is there), are refused by the ended life's, and
+    the append plans again from what it reads once the removal is over (before, it raised
+    ``SequenceConflict`` from the ended life's run item the refusal had returned)."""
     old = make_run(f"long-life-pins-before-{remover}", expires_at=_ended_life_expiry(remover))
     new = make_run(old.run_id, created_at=T0 + 10)
     key = key_of(old)
@@ -497,6 +504,48 @@ async def test_a_new_life_pinning_before_the_removal_reads_the_run_keeps_its_ite
                     else:
                         await _purge_all(store, T0 + 10)
                     first.removed.set()
+                assert first.pins[0] is False
+                assert await first.missing(provisioned, aws_names, store.prefix) == []
+        finally:
+            monkeypatch.undo()
+            await other.delete_run(key)
+
+
+@pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="a first append over an ended life it read (expired) sends its pins checking "
+    "that life's run item revision; they land before the removal reads the run, which "
+    "lists and deletes them with the ended life's records (delete_run's chunks, the "
+    "cleanup's _remove_marked); the append, refused, plans again counting them as written "
+    "(additions.pinned, pinned_shared) and lands without them")
+@pytest.mark.parametrize("remover", ["delete_run", "purge"])
+async def test_a_new_life_whose_pins_land_before_the_removal_reads_the_run_keeps_its_items(
+    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch, remover: str,
+) -> None:
+    """The other outcome of that race: the new life's process read the ended life's run
+    item (expired) before its first append, whose pins, checking its revision, land before
+    the removal (``delete_run``, or the cleanup loop) reads the run. The append lands once
+    the removal is over: its checkpoint reads with all 60 items."""
+    old = make_run(f"long-life-pins-land-{remover}", expires_at=T0 + 10)
+    new = make_run(old.run_id, created_at=T0 + 10)
+    key = key_of(old)
+    fresh = [f"n/{index:03d}" for index in range(60)]
+    async with opened(provisioned, aws_names, prefix=store.prefix) as other:
+        first = _SlowFirstAppend(other, monkeypatch, new, fresh)
+        try:
+            with anyio.fail_after(DEADLINE):
+                await _append(store, old, 0, expires_at=old.expires_at)
+                assert await other.get_run(key, now=T0 + 10) is None  # read: it expired
+                async with anyio.create_task_group() as task_group:
+                    task_group.start_soon(first.run)
+                    await first.pinned.wait()
+                    if remover == "delete_run":
+                        await store.delete_run(key)
+                    else:
+                        await _purge_all(store, T0 + 10)
+                    first.removed.set()
+                assert first.pins[0] is True
                 assert await first.missing(provisioned, aws_names, store.prefix) == []
         finally:
             monkeypatch.undo()

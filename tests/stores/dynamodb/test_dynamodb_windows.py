@@ -596,10 +596,11 @@ async def test_a_new_life_pinning_its_shared_items_during_delete_run_keeps_them(
                 outcome.append("refused")
             pinned.set()
 
-        async def paused_after_pinning(*args: Any) -> None:
-            await pin(*args)
+        async def paused_after_pinning(*args: Any) -> bool:
+            landed: bool = await pin(*args)
             pinned.set()
             await removed.wait()
+            return landed
 
         async def new_life_after_the_first(operations: list[dict[str, Any]]) -> None:
             await transact(operations)
