@@ -1889,7 +1889,8 @@ class DynamoDBStore(ExpiryCleanup):
         """
         try:
             if plan.overflow:
-                await self._guarded_deletes(plan.overflow)
+                await self._guarded_deletes(
+                    plan.overflow, life=(run_key, plan.state.record.incarnation))
         except Exception:
             logger.warning(
                 "run %s: could not remove %d leftover records after commit; the cleanup loop "
@@ -1937,13 +1938,34 @@ class DynamoDBStore(ExpiryCleanup):
                 "when it next visits the run", len(keys), keys[0], exc_info=True,
             )
 
-    async def _guarded_deletes(self, deletes: list[dict[str, Any]]) -> None:
+    async def _guarded_deletes(
+        self, deletes: list[dict[str, Any]], *, life: tuple[str, str] | None = None
+    ) -> None:
         """Deletes in transactions of up to 100, dropping those whose condition fails (a
-        guard among them is moot once its checkpoint is gone)."""
+        guard among them is moot once its checkpoint is gone).
+
+        ``life``: ``(run key, incarnation)`` of the change whose deletes did not fit in its
+        transaction and are sent after its commit. They name records by sequence and key,
+        which a new life of the run uses again: each transaction also checks that the run
+        item is still of that life (one operation of the 100, as ``_run_guard`` checks), and
+        once one finds it is not (the run was deleted, or started over, since the commit)
+        none of the rest is sent. What the ended life left goes with its removal, or with
+        the new life's first append (its leftovers)."""
         deletes = [{key: value for key, value in operation.items() if key != "_fatal"}
                    for operation in deletes]
-        for start in range(0, len(deletes), _TRANSACTION_LIMIT):
-            await self._commit(deletes[start : start + _TRANSACTION_LIMIT], keep=0)
+        check = [] if life is None else [
+            _run_guard(layout.partition(life[0]), {"inc": _s(life[1])})]
+        size = _TRANSACTION_LIMIT - len(check)
+        for start in range(0, len(deletes), size):
+            try:
+                await self._commit([*check, *deletes[start : start + size]], keep=len(check))
+            except _Cancelled:
+                if life is None:
+                    raise
+                logger.info("run %s: its life %s ended before the deletes sent after a commit "
+                            "of it; %d left to its removal", life[0], life[1],
+                            len(deletes) - start)
+                return
 
     # -- checkpoint log: reads ----------------------------------------------------------------
 

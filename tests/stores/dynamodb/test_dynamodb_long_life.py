@@ -19,6 +19,7 @@ import msgspec
 import pytest
 
 from fastcheckpoint.stores import _dynamodb_layout as layout
+from fastcheckpoint.stores import dynamodb
 from fastcheckpoint.stores._base import Item, RunRecord
 from fastcheckpoint.stores.dynamodb import DEFAULT_THRESHOLD, DynamoDBStore
 from fastcheckpoint.testing._builders import (
@@ -310,15 +311,6 @@ async def test_a_new_life_pinning_between_a_long_removals_transactions_keeps_its
             await other.delete_run(key)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="a pruning whose deletes do not fit in its transaction sends the rest after its "
-    "commit (_finish -> _guarded_deletes(plan.overflow)) with no condition on the run item: "
-    "_removal deletes checkpoints (_delete, no cid condition) and owned values (_delete) "
-    "unconditioned, anchors only while their owner sequence is the same. Sent after the run "
-    "was deleted and a new life reached those sequences, they delete the new life's "
-    "acknowledged checkpoints 97-99 and the value and anchor of the item its checkpoint 0 "
-    "owns")
 async def test_a_pruning_finishing_after_delete_run_spares_the_new_life(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
     monkeypatch: pytest.MonkeyPatch,
@@ -327,7 +319,9 @@ async def test_a_pruning_finishing_after_delete_run_spares_the_new_life(
     ``keep_latest=1``: 100 checkpoints and their families to delete, of which 97 fit in its
     transaction. Between its commit and the deletes it sends after (a slow process),
     another process deletes the run and begins its new life: checkpoint 0 owning ``w/a``,
-    then 1 to 99. Every one of them must read back."""
+    then 1 to 99. Every one of them must read back: the late deletes check that the run
+    item is still of the life that pruned (before, they deleted the new life's checkpoints
+    97 to 99 and the value and anchor of ``w/a``)."""
     old = make_run("long-life-pruned-late")
     new = make_run(old.run_id, created_at=T0 + 1)
     key = key_of(old)
@@ -335,7 +329,7 @@ async def test_a_pruning_finishing_after_delete_run_spares_the_new_life(
         guarded = store._guarded_deletes
         overflow: list[int] = []
 
-        async def new_life_first(deletes: list[dict[str, Any]]) -> None:
+        async def new_life_first(deletes: list[dict[str, Any]], **options: Any) -> None:
             if not overflow:
                 overflow.append(len(deletes))
                 await other.delete_run(key)
@@ -344,7 +338,7 @@ async def test_a_pruning_finishing_after_delete_run_spares_the_new_life(
                 for sequence in range(1, 100):
                     await other.append(key, make_checkpoint(new, sequence, created_at=T0 + 1),
                                        run=new, keep_latest=None, now=T0 + 1)
-            await guarded(deletes)
+            await guarded(deletes, **options)
 
         try:
             with anyio.fail_after(DEADLINE):
@@ -365,6 +359,53 @@ async def test_a_pruning_finishing_after_delete_run_spares_the_new_life(
                 missing = sorted({checkpoint_id_of(new, sequence) for sequence in range(100)}
                                  - {header.checkpoint_id for header in headers})
                 assert (missing, found[2]) == ([], {"w/a": b"new"})
+        finally:
+            monkeypatch.undo()
+            await other.delete_run(key)
+
+
+async def test_a_cleanup_finishing_after_delete_run_spares_the_new_life(
+    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same path after the cleanup loop's removal of a live run's expired checkpoints
+    (``_plan_expired``): checkpoints 0 to 9 expire at ``T0 + 10``, 10 never does; with
+    transactions of 6 operations the removal deletes 0 to 4 in its transaction and 5 to 9
+    after it. Between the two another process deletes the run and appends its new life's
+    checkpoints 0 to 9: every one of them must read back."""
+    monkeypatch.setattr(dynamodb, "_TRANSACTION_LIMIT", 6)
+    old = make_run("long-life-purged-late", expires_at=T0 + 10)
+    new = make_run(old.run_id, created_at=T0 + 1)
+    key = key_of(old)
+    async with opened(provisioned, aws_names, prefix=store.prefix) as other:
+        guarded = store._guarded_deletes
+        overflow: list[int] = []
+
+        async def new_life_first(deletes: list[dict[str, Any]], **options: Any) -> None:
+            if deletes and not overflow:
+                overflow.append(len(deletes))
+                await other.delete_run(key)
+                for sequence in range(10):
+                    await other.append(key, make_checkpoint(new, sequence, created_at=T0 + 1),
+                                       run=new, keep_latest=None, now=T0 + 1)
+            await guarded(deletes, **options)
+
+        try:
+            with anyio.fail_after(DEADLINE):
+                for sequence in range(10):
+                    await store.append(
+                        key, make_checkpoint(old, sequence, expires_at=T0 + 10), run=old,
+                        keep_latest=None, now=T0)
+                await store.append(key, make_checkpoint(old, 10), run=old, keep_latest=None,
+                                   now=T0)
+                monkeypatch.setattr(store, "_guarded_deletes", new_life_first)
+                await store.purge_expired(now=T0 + 10, limit=100)
+                monkeypatch.setattr(store, "_guarded_deletes", guarded)
+                assert overflow == [5]
+
+                headers, _ = await other.headers(key, before=None, limit=200, now=T0 + 1)
+                assert sorted(header.checkpoint_id for header in headers) == sorted(
+                    checkpoint_id_of(new, sequence) for sequence in range(10))
         finally:
             monkeypatch.undo()
             await other.delete_run(key)

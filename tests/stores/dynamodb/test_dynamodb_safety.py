@@ -316,11 +316,11 @@ async def test_leftovers_removed_after_a_restart_spare_the_new_incarnation(
     async with opened(provisioned, aws_names, prefix=store.prefix) as other:
         overflow = store._guarded_deletes
 
-        async def appended_meanwhile(deletes: list[dict[str, Any]]) -> None:
+        async def appended_meanwhile(deletes: list[dict[str, Any]], **options: Any) -> None:
             for sequence in range(1, 7):
                 await other.append(key, make_checkpoint(new, sequence), run=new,
                                    keep_latest=None, now=T0 + 10)
-            await overflow(deletes)
+            await overflow(deletes, **options)
 
         with anyio.fail_after(DEADLINE):
             for sequence in range(7):
