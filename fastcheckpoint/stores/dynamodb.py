@@ -1478,7 +1478,20 @@ class DynamoDBStore(ExpiryCleanup):
         token: str,
         additions: _Additions,
     ) -> _Plan:
-        """Create the run (or replace an expired one, removing its leftovers)."""
+        """Create the run (or replace an expired one, removing its leftovers).
+
+        An ended life is removed whole first, as the cleanup loop removes an expired run
+        (marked as being purged, then every record in transactions checking the mark, its S3
+        objects, its run item last), and the run created as a new one (written blind), when
+        that life is being removed already (``delete_run``'s first transaction or the
+        cleanup loop's mark: the removal's later transactions, refused once the new life
+        replaced the run item, would leave the rest of it, and the new life's leftovers
+        would lower counts the removal had deleted), or when the append is too large for one
+        transaction (its pins, written before it while that life's run item stands, would be
+        that life's removal's to list and delete)."""
+        if previous is not None and previous.purging:
+            await self._purge_whole_run(run_key, previous, now)
+            previous = None
         expires_at = _number(item, "x")
         book = Book()
         book.add(0, expires_at, _suffix(blob), capacity=self._book_capacity)
@@ -1518,6 +1531,10 @@ class DynamoDBStore(ExpiryCleanup):
                  for entry, operation in zip(early, spared, strict=True)]
         check = _pin_check(run_key, None if previous is None else previous.rev)
         plan = self._assemble(run_key, must, early, removal, state, additions, [], check)
+        if previous is not None and plan.pins:
+            await self._purge_whole_run(run_key, previous, now)
+            return await self._plan_first(run_key, item, blob, seed, None, now, token,
+                                          additions)
         if previous is not None and previous.record.incarnation != head.incarnation:
             plan.ended = previous.record.incarnation
         return plan
@@ -2365,7 +2382,7 @@ class DynamoDBStore(ExpiryCleanup):
 
     async def _delete_run(self, run_key: str) -> int:
         pk = layout.partition(run_key)
-        found = await self._partition(run_key, "inc", "cid", "rev", "bl", "vb",
+        found = await self._partition(run_key, "inc", "cid", "rev", "bl", "vb", "o",
                                       *_RECORD_ATTRIBUTES)
         self._cache.pop(run_key, None)
         self._families.pop(run_key, None)
@@ -2382,6 +2399,14 @@ class DynamoDBStore(ExpiryCleanup):
                  if run_item is not None and _fenceable(run_item) else None)
         doomed = [key for key in keys if key != layout.RUN_SK]
         spared: set[str] = set()  # values of the records the second Query leaves
+        if run_item is None:
+            # No life to remove: shared items and counts here may be the pins of a new
+            # life's first append, written before its transaction (which checks only that
+            # no run item is there): they stay, as those the second Query finds do.
+            spared.update(blob for entry in found if _pinnable(entry)
+                          and isinstance(blob := entry.get("vb", {}).get("S"), str))
+            found = [entry for entry in found if not _pinnable(entry)]
+            doomed = [_text(entry, "SK") for entry in found]
         removed = 0
         while doomed:
             fenced = fence is not None

@@ -5,8 +5,7 @@ pruning (``keep_latest``) whose deletes do not fit in its transaction. Each test
 interleaving with events at the store's own steps (its first transaction, its pins, the
 deletes sent after a commit); what every test checks is the new life's: each create it was
 acknowledged reads back with exactly its own state and items, nothing of the ended life
-shows in it, and a later ``delete_run`` leaves no record and no S3 object of the run. The
-strict xfails are the interleavings that still lose or leak something."""
+shows in it, and a later ``delete_run`` leaves no record and no S3 object of the run."""
 
 from __future__ import annotations
 
@@ -274,7 +273,7 @@ async def test_a_new_life_begun_between_a_long_removals_transactions_keeps_all_i
             await other.delete_run(key)
 
 
-# -- pins, late deletes and leftovers (the strict xfails still lose or leak) ------------------
+# -- pins, late deletes and leftovers ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("remover", ["delete_run", "purge"])
@@ -284,9 +283,10 @@ async def test_a_new_life_pinning_between_a_long_removals_transactions_keeps_its
 ) -> None:
     """After the removal's first transaction, the new life's first append writes every key
     of ``SHARED`` (the values the ended life wrote): 48 fit in its transaction, the other 12
-    (``IN_THE_SECOND``) are pinned before it, where the ended life's items are still live.
-    The append waits (a slow process) until the removal ends, then lands: its checkpoint
-    must read with all 60 items."""
+    (``IN_THE_SECOND``) are pinned before it, where the ended life's items are still live:
+    sent blind, those pins are refused by the run item the removal marked. The append waits
+    (a slow process) until the removal ends, then lands (had the removal not ended, it would
+    have finished it first): its checkpoint must read with all 60 items."""
     old = make_run(f"long-life-pins-{remover}", expires_at=_ended_life_expiry(remover))
     new = make_run(old.run_id, created_at=T0 + 10)
     key = key_of(old)
@@ -432,19 +432,16 @@ async def _new_life_between_delete_runs_transactions(
     assert run.incarnation == new.incarnation
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="delete_run's later transactions are refused once the new life's first append "
-    "replaced the run item, and it returns; the new life's first append removes only the "
-    "ended life's checkpoint range (_leftovers: k#...), so the ended life's shared items "
-    "the removal had not reached (i#b/039 to i#b/059 here) stay, readable in the new life "
-    "(get_items, and read_with_items of any new checkpoint naming those keys)")
 async def test_nothing_of_the_ended_life_shows_in_a_new_life_begun_during_delete_run(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``delete_run`` of a live run of 124 records, the new life's first append landing
-    after its first transaction: the ended life's items do not show in the new life."""
+    after its first transaction: the ended life's items do not show in the new life. The
+    append, refused by the run item ``delete_run`` marked as being removed, finishes that
+    removal before it plans again (before, ``delete_run``'s later transactions were refused
+    once the append replaced the run item, and the append removed only the ended life's
+    checkpoints: its shared items ``i#b/039`` to ``i#b/059`` stayed, readable)."""
     old = make_run("long-life-no-leak")
     new = make_run(old.run_id, created_at=T0 + 1)
     key = key_of(old)
@@ -483,19 +480,15 @@ async def test_a_later_delete_run_leaves_no_s3_object_of_an_ended_life_removed_h
             await (await store._bucket()).delete(await _objects(store, key))
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="(documented in the page's Limits) the new life's first append reads the ended "
-    "life's checkpoint (_leftovers: delete_run has not reached it) and lowers the counts of "
-    "the 60 keys it names, which delete_run's first transaction deleted: they are "
-    "recreated at -1. The new life's checkpoint 1 writing and naming b/010 raises its count "
-    "to 0 only, and the cleanup loop (_sweep_shared) removes the item it names")
 async def test_a_new_life_begun_during_delete_run_keeps_the_items_it_names_later(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """As above; then the new life's checkpoint 1 writes and names ``b/010`` (a key of the
-    ended life), and the cleanup loop runs: checkpoint 1 still reads with it."""
+    ended life), and the cleanup loop runs: checkpoint 1 still reads with it (before, the
+    new life's first append lowered the counts of the ended life's checkpoint, which
+    ``delete_run``'s first transaction had deleted: recreated at -1, the count of ``b/010``
+    reached 0 only, and the cleanup loop removed the item)."""
     old = make_run("long-life-counts")
     new = make_run(old.run_id, created_at=T0 + 1)
     key = key_of(old)
@@ -552,22 +545,19 @@ async def test_a_new_life_pinning_before_the_removal_reads_the_run_keeps_its_ite
             await other.delete_run(key)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="a first append over an ended life it read (expired) sends its pins checking "
-    "that life's run item revision; they land before the removal reads the run, which "
-    "lists and deletes them with the ended life's records (delete_run's chunks, the "
-    "cleanup's _remove_marked); the append, refused, plans again counting them as written "
-    "(additions.pinned, pinned_shared) and lands without them")
 @pytest.mark.parametrize("remover", ["delete_run", "purge"])
 async def test_a_new_life_whose_pins_land_before_the_removal_reads_the_run_keeps_its_items(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
     monkeypatch: pytest.MonkeyPatch, remover: str,
 ) -> None:
     """The other outcome of that race: the new life's process read the ended life's run
-    item (expired) before its first append, whose pins, checking its revision, land before
-    the removal (``delete_run``, or the cleanup loop) reads the run. The append lands once
-    the removal is over: its checkpoint reads with all 60 items."""
+    item (expired) before its first append, whose pins land before the removal
+    (``delete_run``, or the cleanup loop) reads the run; the append lands once the removal
+    is over: its checkpoint reads with all 60 items. Too large for one transaction, the
+    append removes the ended life whole first (pins written while its run item stands would
+    be that life's removal's to delete: they were, and the append landed without them), then
+    pins against no run item; ``delete_run`` then finds no run item, and leaves the shared
+    items and counts it finds, which may be such pins."""
     old = make_run(f"long-life-pins-land-{remover}", expires_at=T0 + 10)
     new = make_run(old.run_id, created_at=T0 + 10)
     key = key_of(old)

@@ -319,9 +319,10 @@ async def test_a_new_life_begun_during_a_removal_keeps_the_count_of_a_shared_ite
     shared item it found, which the removal deletes", on DynamoDB's counts: the ended life's
     checkpoints (one: the new life's raise and the old lowering cancel out; two: the append
     lowers the count) name ``b/k``; the new life's first append (naming ``b/k`` with the
-    same value) reads the leftovers (for a purge: once the cleanup loop marked the run); the
-    removal deletes every record; the append commits. Its checkpoint 1 names ``b/k`` too;
-    deleting checkpoint 0 must leave ``b/k`` to checkpoint 1."""
+    same value) reads the leftovers (for a purge: refused by the cleanup loop's mark, it
+    finishes that removal itself, and creates the run anew); the removal deletes every
+    record; the append commits. Its checkpoint 1 names ``b/k`` too; deleting checkpoint 0
+    must leave ``b/k`` to checkpoint 1."""
     name = f"new-life-counts-{remover}-{ended_names}"
     old = make_run(name, expires_at=T0 + 10)
     new = make_run(name, created_at=T0 + 10)
@@ -347,6 +348,13 @@ async def test_a_new_life_begun_during_a_removal_keeps_the_count_of_a_shared_ite
             await appended.wait()
             await sweep(run_key, grace=grace)
 
+        end = other._purge_whole_run
+
+        async def paused_before_ending(*args: Any) -> Any:
+            leftovers_read.set()
+            await removed.wait()
+            return await end(*args)
+
         async def new_life_reads_first(*args: Any) -> None:
             task_group.start_soon(first_append)
             await leftovers_read.wait()
@@ -363,6 +371,7 @@ async def test_a_new_life_begun_during_a_removal_keeps_the_count_of_a_shared_ite
                 async with anyio.create_task_group() as task_group:
                     if remover == "purge":
                         monkeypatch.setattr(store, "_remove_marked", new_life_reads_first)
+                        monkeypatch.setattr(other, "_purge_whole_run", paused_before_ending)
                         await _purge_until_done(store, T0 + 10)
                     else:
                         task_group.start_soon(first_append)
