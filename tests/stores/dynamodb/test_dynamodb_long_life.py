@@ -311,6 +311,35 @@ async def test_a_new_life_pinning_between_a_long_removals_transactions_keeps_its
             await other.delete_run(key)
 
 
+def _before_the_late_deletes(
+    store: DynamoDBStore, other: DynamoDBStore, monkeypatch: pytest.MonkeyPatch, run_key: str,
+    new_life: Callable[[], Awaitable[None]],
+) -> list[int]:
+    """Before the first deletes in the run's partition that ``store`` sends after a commit
+    (a slow process), ``other`` deletes the run and runs ``new_life``. Returns the list of
+    how many deletes were held."""
+    guarded = store._guarded_deletes
+    pk = layout.partition(run_key)
+    held: list[int] = []
+
+    async def new_life_first(deletes: list[dict[str, Any]], **options: Any) -> None:
+        if not held and any(op.get("Delete", {}).get("Key", {}).get("PK", {}).get("S") == pk
+                            for op in deletes):
+            held.append(len(deletes))
+            await other.delete_run(run_key)
+            await new_life()
+        await guarded(deletes, **options)
+
+    monkeypatch.setattr(store, "_guarded_deletes", new_life_first)
+    return held
+
+
+async def _appended(store: DynamoDBStore, run: RunRecord, sequences: Sequence[int]) -> None:
+    for sequence in sequences:
+        await store.append(key_of(run), make_checkpoint(run, sequence, created_at=T0 + 1),
+                           run=run, keep_latest=None, now=T0 + 1)
+
+
 async def test_a_pruning_finishing_after_delete_run_spares_the_new_life(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
     monkeypatch: pytest.MonkeyPatch,
@@ -326,19 +355,9 @@ async def test_a_pruning_finishing_after_delete_run_spares_the_new_life(
     new = make_run(old.run_id, created_at=T0 + 1)
     key = key_of(old)
     async with opened(provisioned, aws_names, prefix=store.prefix) as other:
-        guarded = store._guarded_deletes
-        overflow: list[int] = []
-
-        async def new_life_first(deletes: list[dict[str, Any]], **options: Any) -> None:
-            if not overflow:
-                overflow.append(len(deletes))
-                await other.delete_run(key)
-                await _append(other, new, 0, now=T0 + 1,
-                              items=[make_item("w/a", b"new", owner=0)])
-                for sequence in range(1, 100):
-                    await other.append(key, make_checkpoint(new, sequence, created_at=T0 + 1),
-                                       run=new, keep_latest=None, now=T0 + 1)
-            await guarded(deletes, **options)
+        async def new_life() -> None:
+            await _append(other, new, 0, now=T0 + 1, items=[make_item("w/a", b"new", owner=0)])
+            await _appended(other, new, range(1, 100))
 
         try:
             with anyio.fail_after(DEADLINE):
@@ -346,7 +365,7 @@ async def test_a_pruning_finishing_after_delete_run_spares_the_new_life(
                 for sequence in range(1, 100):
                     await store.append(key, make_checkpoint(old, sequence), run=old,
                                        keep_latest=None, now=T0)
-                monkeypatch.setattr(store, "_guarded_deletes", new_life_first)
+                overflow = _before_the_late_deletes(store, other, monkeypatch, key, new_life)
                 await store.append(key, make_checkpoint(old, 100), run=old, keep_latest=1,
                                    now=T0)
                 monkeypatch.undo()
@@ -378,18 +397,6 @@ async def test_a_cleanup_finishing_after_delete_run_spares_the_new_life(
     new = make_run(old.run_id, created_at=T0 + 1)
     key = key_of(old)
     async with opened(provisioned, aws_names, prefix=store.prefix) as other:
-        guarded = store._guarded_deletes
-        overflow: list[int] = []
-
-        async def new_life_first(deletes: list[dict[str, Any]], **options: Any) -> None:
-            if deletes and not overflow:
-                overflow.append(len(deletes))
-                await other.delete_run(key)
-                for sequence in range(10):
-                    await other.append(key, make_checkpoint(new, sequence, created_at=T0 + 1),
-                                       run=new, keep_latest=None, now=T0 + 1)
-            await guarded(deletes, **options)
-
         try:
             with anyio.fail_after(DEADLINE):
                 for sequence in range(10):
@@ -398,9 +405,10 @@ async def test_a_cleanup_finishing_after_delete_run_spares_the_new_life(
                         keep_latest=None, now=T0)
                 await store.append(key, make_checkpoint(old, 10), run=old, keep_latest=None,
                                    now=T0)
-                monkeypatch.setattr(store, "_guarded_deletes", new_life_first)
+                overflow = _before_the_late_deletes(
+                    store, other, monkeypatch, key, lambda: _appended(other, new, range(10)))
                 await store.purge_expired(now=T0 + 10, limit=100)
-                monkeypatch.setattr(store, "_guarded_deletes", guarded)
+                monkeypatch.undo()
                 assert overflow == [5]
 
                 headers, _ = await other.headers(key, before=None, limit=200, now=T0 + 1)
@@ -509,19 +517,29 @@ async def test_a_new_life_begun_during_delete_run_keeps_the_items_it_names_later
             await other.delete_run(key)
 
 
+@pytest.mark.parametrize("knows", [False, True], ids=["blind", "read"])
 @pytest.mark.parametrize("remover", ["delete_run", "purge"])
 async def test_a_new_life_pinning_before_the_removal_reads_the_run_keeps_its_items(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
-    monkeypatch: pytest.MonkeyPatch, remover: str,
+    monkeypatch: pytest.MonkeyPatch, remover: str, knows: bool,
 ) -> None:
     """A new life's first append writing 60 keys the ended life never had (``n/...``) sends
     its pins of 12 of them, then waits (a slow process) while another removes the ended life
-    (a short run, live for ``delete_run``, expired for the cleanup loop), then lands: its
-    checkpoint reads with all 60 items. Its process knows nothing of the run: its pins,
-    written blind (checking that no run item is there), are refused by the ended life's, and
-    the append plans again from what it reads once the removal is over (before, it raised
-    ``SequenceConflict`` from the ended life's run item the refusal had returned)."""
-    old = make_run(f"long-life-pins-before-{remover}", expires_at=_ended_life_expiry(remover))
+    (a short run), then lands: its checkpoint reads with all 60 items. The two outcomes of
+    that race, each held:
+
+    - ``blind``: the append's process knows nothing of the run (live for ``delete_run``,
+      expired for the cleanup loop). Its pins, written blind (checking that no run item is
+      there), are refused by the ended life's, and the append plans again from what it
+      reads once the removal is over (before, it raised ``SequenceConflict`` from the ended
+      life's run item the refusal had returned).
+    - ``read``: the process read the ended life's run item (expired) first. Too large for
+      one transaction, the append removes that life whole before it pins (before, its pins,
+      checking that life's revision, landed; the removal listed and deleted them, and the
+      append landed without them), then pins against no run item; ``delete_run`` then finds
+      no run item and leaves the shared items and counts it finds, which may be such pins."""
+    expires_at = T0 + 10 if knows else _ended_life_expiry(remover)
+    old = make_run(f"long-life-pins-before-{remover}-{knows}", expires_at=expires_at)
     new = make_run(old.run_id, created_at=T0 + 10)
     key = key_of(old)
     fresh = [f"n/{index:03d}" for index in range(60)]
@@ -530,6 +548,8 @@ async def test_a_new_life_pinning_before_the_removal_reads_the_run_keeps_its_ite
         try:
             with anyio.fail_after(DEADLINE):
                 await _append(store, old, 0, expires_at=old.expires_at)
+                if knows:
+                    assert await other.get_run(key, now=T0 + 10) is None  # read: expired
                 async with anyio.create_task_group() as task_group:
                     task_group.start_soon(first.run)
                     await first.pinned.wait()
@@ -538,45 +558,7 @@ async def test_a_new_life_pinning_before_the_removal_reads_the_run_keeps_its_ite
                     else:
                         await _purge_all(store, T0 + 10)
                     first.removed.set()
-                assert first.pins[0] is False
-                assert await first.missing(provisioned, aws_names, store.prefix) == []
-        finally:
-            monkeypatch.undo()
-            await other.delete_run(key)
-
-
-@pytest.mark.parametrize("remover", ["delete_run", "purge"])
-async def test_a_new_life_whose_pins_land_before_the_removal_reads_the_run_keeps_its_items(
-    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
-    monkeypatch: pytest.MonkeyPatch, remover: str,
-) -> None:
-    """The other outcome of that race: the new life's process read the ended life's run
-    item (expired) before its first append, whose pins land before the removal
-    (``delete_run``, or the cleanup loop) reads the run; the append lands once the removal
-    is over: its checkpoint reads with all 60 items. Too large for one transaction, the
-    append removes the ended life whole first (pins written while its run item stands would
-    be that life's removal's to delete: they were, and the append landed without them), then
-    pins against no run item; ``delete_run`` then finds no run item, and leaves the shared
-    items and counts it finds, which may be such pins."""
-    old = make_run(f"long-life-pins-land-{remover}", expires_at=T0 + 10)
-    new = make_run(old.run_id, created_at=T0 + 10)
-    key = key_of(old)
-    fresh = [f"n/{index:03d}" for index in range(60)]
-    async with opened(provisioned, aws_names, prefix=store.prefix) as other:
-        first = _SlowFirstAppend(other, monkeypatch, new, fresh)
-        try:
-            with anyio.fail_after(DEADLINE):
-                await _append(store, old, 0, expires_at=old.expires_at)
-                assert await other.get_run(key, now=T0 + 10) is None  # read: it expired
-                async with anyio.create_task_group() as task_group:
-                    task_group.start_soon(first.run)
-                    await first.pinned.wait()
-                    if remover == "delete_run":
-                        await store.delete_run(key)
-                    else:
-                        await _purge_all(store, T0 + 10)
-                    first.removed.set()
-                assert first.pins[0] is True
+                assert first.pins[0] is knows
                 assert await first.missing(provisioned, aws_names, store.prefix) == []
         finally:
             monkeypatch.undo()
