@@ -1512,7 +1512,7 @@ class DynamoDBStore(ExpiryCleanup):
         if previous is None:
             run_put["ConditionExpression"] = f"attribute_not_exists({names('PK')})"
         else:
-            run_put["ConditionExpression"] = f"{names('rev')} = {names.value(_n(previous.rev))}"
+            run_put["ConditionExpression"] = _same_life(names, previous)
         run_put["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
         run_put.update(names.params())
         labels = items_layout.label_puts(run_key, head, label_ttl)
@@ -1529,7 +1529,7 @@ class DynamoDBStore(ExpiryCleanup):
         spared = _spared(removal, [entry.operations[0] for entry in early])
         early = [dataclasses.replace(entry, operations=[operation])
                  for entry, operation in zip(early, spared, strict=True)]
-        check = _pin_check(run_key, None if previous is None else previous.rev)
+        check = _pin_check(run_key, previous)
         plan = self._assemble(run_key, must, early, removal, state, additions, [], check)
         if previous is not None and plan.pins:
             await self._purge_whole_run(run_key, previous, now)
@@ -1678,7 +1678,7 @@ class DynamoDBStore(ExpiryCleanup):
         early = [] if additions is None else self._shared_puts(additions)
         blobs = [held.blob for held in removed if held.blob is not None]
         return self._assemble(run_key, must, early, removal, new_state, additions, blobs,
-                              _pin_check(run_key, state.rev, state.record.run_id))
+                              _pin_check(run_key, state))
 
     def _shared_puts(self, additions: _Additions) -> list[_Early]:
         return [_Early([operation], key, 0, True) for key, operation in additions.shared.items()
@@ -4111,7 +4111,7 @@ class DynamoDBStore(ExpiryCleanup):
                     f"{names('wt')} = {names.value(_s(token))} "
                     f"ADD {names('rev')} {names.value(_n(1))}"
                 ),
-                ConditionExpression=f"{names('rev')} = {names.value(_n(state.rev))}",
+                ConditionExpression=_same_life(names, state),
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
                 **names.params(),
             )
@@ -4662,21 +4662,31 @@ def _run_guard(pk: str, run_item: Mapping[str, Any] | None) -> dict[str, Any]:
                                "ConditionExpression": condition, **names.params()}}
 
 
-def _pin_check(run_key: str, rev: int | None, run_id: str | None = None) -> dict[str, Any]:
+def _same_life(names: _Names, state: _RunState) -> str:
+    """The condition that the run item is still ``state`` as this process read it: its
+    revision, run id and life (incarnation). Every change of the run raises the revision,
+    but a removal deletes the run item, and a new life then counts from 0 again (with the
+    same run id): only the incarnation tells it from the ended life at the same revision.
+    The run id tells a run item copied over from another run."""
+    return (f"{names('rev')} = {names.value(_n(state.rev))} AND "
+            f"{names('rid')} = {names.value(_s(state.record.run_id))} AND "
+            f"{names('inc')} = {names.value(_s(state.record.incarnation))}")
+
+
+def _pin_check(run_key: str, state: _RunState | None) -> dict[str, Any]:
     """The ``ConditionCheck`` of the run item in each of an append's pin transactions (see
-    ``DynamoDBStore._pin``): what the append's own transaction expects of it, its revision
-    ``rev`` (and run id, for an update: see :func:`_run_update`), or no run item (``None``: a
-    first checkpoint written blind). Every change of the run raises the revision (an append,
-    a ``delete``, a status change, a new life, the marks of ``delete_run`` and of the
-    cleanup loop): a pin of a writer whose run moved on lands nothing. The refusal returns
+    ``DynamoDBStore._pin``): what the append's own transaction expects of it, the run item
+    as read (``state``: its revision and life, see :func:`_same_life`), or no run item
+    (``None``: a first checkpoint written blind). Every change of the run raises the
+    revision (an append, a ``delete``, a status change, a new life, the marks of
+    ``delete_run`` and of the cleanup loop), and a life begun after a removal has another
+    incarnation: a pin of a writer whose run moved on lands nothing. The refusal returns
     the run item, from which the append plans again."""
     names = _Names()
-    if rev is None:
+    if state is None:
         condition = f"attribute_not_exists({names('PK')})"
     else:
-        condition = f"{names('rev')} = {names.value(_n(rev))}"
-        if run_id is not None:
-            condition += f" AND {names('rid')} = {names.value(_s(run_id))}"
+        condition = _same_life(names, state)
     return {"ConditionCheck": {
         "Key": {"PK": _s(layout.partition(run_key)), "SK": _s(layout.RUN_SK)},
         "ConditionExpression": condition,
@@ -4927,9 +4937,9 @@ def _run_update(
     dropped = sorted(old.owners - new.owners)
     if dropped:
         expression += f" DELETE {names('own')} {names.value({'NS': [str(s) for s in dropped]})}"
-    # And on its run id: a run item copied over from another run may carry the same revision.
-    condition = (f"{names('rev')} = {names.value(_n(old.rev))} AND "
-                 f"{names('rid')} = {names.value(_s(old.record.run_id))}")
+    # And on its run id and life: a run item copied over from another run, or a new life
+    # begun after a removal, may carry the same revision.
+    condition = _same_life(names, old)
     for sequence in sorted(set(removed)):
         if not old.may_own(sequence):
             condition += f" AND NOT contains({names('own')}, {names.value(_n(sequence))})"

@@ -40,11 +40,6 @@ def anyio_backend() -> str:
     return "asyncio"  # aiobotocore runs on asyncio only
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a first append over an ended life checks only the run item's revision (its "
-    "transaction and now its pins): after delete_run removed the run item, a new life "
-    "counts revisions from 0 again, and a writer still holding the ended life's revision "
-    "replaces the new life's run item and deletes its checkpoints"))
 async def test_a_first_append_over_a_removed_life_spares_a_new_life_at_the_same_revision(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
 ) -> None:
@@ -80,10 +75,6 @@ async def test_a_first_append_over_a_removed_life_spares_a_new_life_at_the_same_
             await other.delete_run(key)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an append's transaction and its pins check the run item's revision and run id, both "
-    "the same again in a new life begun after delete_run removed the run item: a stale "
-    "writer of the removed life lands its pins and its checkpoint in the new life"))
 async def test_a_stale_writer_of_a_removed_life_lands_nothing_in_a_new_life_at_its_revision(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
 ) -> None:
@@ -116,6 +107,46 @@ async def test_a_stale_writer_of_a_removed_life_lands_nothing_in_a_new_life_at_i
                 assert latest is not None
                 assert latest[0].checkpoint_id == acknowledged.checkpoint_id
         finally:
+            await other.delete_run(key)
+
+
+async def test_the_cleanup_loop_marks_no_new_life_at_its_ended_life_s_revision(
+    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cleanup loop P reads the run item of L1 (expired, revision 2) to remove it whole.
+    Meanwhile Q removes the run and creates L2 with checkpoints 0..2 (revision 2 again).
+    P's mark (``pg``, conditioned on the revision it read) must not land on L2: its
+    removal would take L2's acknowledged checkpoints."""
+    l1 = make_run("rev-aba-purge", expires_at=T0 + 10)
+    l2 = make_run("rev-aba-purge", created_at=T0 + 20)
+    key = key_of(l1)
+    async with opened(provisioned, aws_names, prefix=store.prefix) as other:
+        read_state = store._read_state
+        acknowledged: list[Any] = []
+
+        async def read_then_new_life(run_key: str) -> Any:
+            state = await read_state(run_key)
+            if run_key == key and not acknowledged:
+                await other.delete_run(key)
+                for sequence in range(3):
+                    acknowledged.append(
+                        await _append_items(other, l2, sequence, now=T0 + 20))
+            return state
+
+        try:
+            with anyio.fail_after(DEADLINE):
+                for sequence in range(3):
+                    await _append_items(store, l1, sequence, expires_at=T0 + 10)
+                monkeypatch.setattr(store, "_read_state", read_then_new_life)
+                await _purge_until_done(store, T0 + 20)
+                monkeypatch.undo()
+                assert acknowledged
+                latest = await other.latest(key, now=T0 + 20)
+                assert latest is not None
+                assert latest[0].checkpoint_id == acknowledged[-1].checkpoint_id
+        finally:
+            monkeypatch.undo()
             await other.delete_run(key)
 
 
