@@ -1389,6 +1389,12 @@ class DynamoDBStore(ExpiryCleanup):
                     self._state_after(run_key, cancelled)
                     return False
                 raise _gone_error(run_key, sequence, _gone(cancelled)) from cancelled
+            except BaseException:
+                # No definite answer (its reply lost, the call cancelled): the chunk may have
+                # landed, and another append may name what it put. Its values are kept; its
+                # raises are not undone (a count too high keeps an item, never loses one).
+                additions.pinned_shared.update(entry.key for entry in chunk if entry.writes)
+                raise
             for entry in chunk:
                 if entry.raising:
                     additions.pinned[entry.key] += entry.raising

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from fastcheckpoint.errors import CheckpointError, SequenceConflict, StoreUnavailableError
@@ -172,11 +173,6 @@ def _pin_transaction(operations: list[dict[str, Any]]) -> bool:
     return bool(check) and check["Key"]["SK"]["S"] == layout.RUN_SK
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a pin transaction whose reply is lost (or cancelled in flight) may have landed, but "
-    "_pin raises before recording it and outcome.unknown is still False: the undo deletes "
-    "the S3 values of the shared items that chunk wrote, which another acknowledged "
-    "checkpoint may name"))
 async def test_a_pin_whose_reply_is_lost_keeps_the_values_it_may_have_written(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
     monkeypatch: pytest.MonkeyPatch,
@@ -209,6 +205,45 @@ async def test_a_pin_whose_reply_is_lost_keeps_the_values_it_may_have_written(
                     await _append_items(store, run, 1, refs=names,
                                         items=[make_item(name, values[name])
                                                for name in names])
+                monkeypatch.undo()
+                found = await other.read_with_items(key, sequence=1, now=T0)
+                assert found is not None
+                assert found[2] == {names[-1]: values[names[-1]]}
+        finally:
+            monkeypatch.undo()
+            await other.delete_run(key)
+
+
+async def test_a_pin_cancelled_in_flight_keeps_the_values_it_may_have_written(
+    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, but P's call is cancelled once its pin landed, before the reply reaches
+    it: the chunk has no definite answer either, and the value Q's checkpoint names stays."""
+    run = make_run("pin-cancelled")
+    key = key_of(run)
+    names = [f"s/{index}" for index in range(60)]
+    values = {name: os.urandom(DEFAULT_THRESHOLD + 1) for name in names}
+    async with opened(provisioned, aws_names, prefix=store.prefix) as other:
+        commit = store._commit
+        scope = anyio.CancelScope()
+
+        async def cancelled_in_flight(operations: list[dict[str, Any]], *, keep: int) -> None:
+            await commit(operations, keep=keep)
+            if _pin_transaction(operations):
+                await _append_items(other, run, 1, refs=[names[-1]])
+                scope.cancel()
+                await anyio.lowlevel.checkpoint()
+
+        try:
+            with anyio.fail_after(DEADLINE):
+                await _append_items(store, run, 0)
+                monkeypatch.setattr(store, "_commit", cancelled_in_flight)
+                with scope:
+                    await _append_items(store, run, 1, refs=names,
+                                        items=[make_item(name, values[name])
+                                               for name in names])
+                assert scope.cancelled_caught
                 monkeypatch.undo()
                 found = await other.read_with_items(key, sequence=1, now=T0)
                 assert found is not None
