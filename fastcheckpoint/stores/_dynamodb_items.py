@@ -227,21 +227,25 @@ def guard_check(pk: str, owner: int) -> dict[str, Any]:
 # -- reference counts --------------------------------------------------------------------------
 
 
-def counter_change(run_key: str, key: str, change: int) -> dict[str, Any]:
+def counter_change(run_key: str, key: str, change: int, *, existing: bool = False
+                   ) -> dict[str, Any]:
     """Update of the count of shared item ``key`` by ``change``. A raise must land with (or
     before) the checkpoint naming the key (see :func:`counter_raise`); a lowering may land
     after the removal, and puts the count in the expiry index (at 0), where the cleanup loop
-    checks whether it reached zero."""
+    checks whether it reached zero. ``existing``: only while the count is there (never
+    created by the change)."""
     names = Names()
     expression = f"ADD {names('rc')} {names.value(n(change))}"
     if change < 0:
         expression = (f"SET {names('xpk')} = {names.value(s(f'x#{layout.shard_of(run_key)}'))}, "
                       f"{names('xat')} = {names.value(n(0))} " + expression)
-    return {"Update": {
+    update: dict[str, Any] = {
         "Key": {"PK": s(layout.partition(run_key)), "SK": s(layout.counter_sk(key))},
         "UpdateExpression": expression,
-        **names.params(),
-    }}
+    }
+    if existing:
+        update["ConditionExpression"] = f"attribute_exists({names('rc')})"
+    return {"Update": {**update, **names.params()}}
 
 
 def counter_raise(run_key: str, key: str, change: int, *, writing: bool) -> dict[str, Any]:

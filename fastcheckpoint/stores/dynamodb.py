@@ -506,6 +506,9 @@ class _Additions:
     """Shared items already written before the transaction."""
     nesting: tuple[str, ...] = ()
     """The items it names that it writes nested items under: the run item lists them."""
+    life: str = ""
+    """The incarnation it appends to: the undo lowers ``pinned`` only while the run item
+    is of it (see ``_undo_additions``)."""
 
 
 @dataclass
@@ -1108,7 +1111,8 @@ class DynamoDBStore(ExpiryCleanup):
                 )
         outcome = _Outcome()
         additions = _Additions(with_items=items is not None, refs=Counter(record.refs),
-                               nesting=nesting_under(record.refs, items or ()))
+                               nesting=nesting_under(record.refs, items or ()),
+                               life=run.incarnation)
         try:
             if blob is not None:
                 additions.blobs.append(blob)
@@ -1161,17 +1165,29 @@ class DynamoDBStore(ExpiryCleanup):
         item in the expiry index, where the cleanup loop removes it with its value once no
         checkpoint names it (in one transaction a raise of the count cancels); a value
         whose put was dropped (another item there already) is an orphan, which the run's
-        sweeps take."""
+        sweeps take.
+
+        A count is lowered only while it is there and the run item is of the append's life
+        and not being removed, checked in the same transaction: a removal of the run
+        (``delete_run``, the cleanup loop) deletes the counts with the raises, and a new
+        life's count at that key holds none of them. Otherwise the counts are left (a
+        first append's, whose life never began, too): too high, they keep an item until
+        the run goes, never lose one."""
         kept = {value for key in additions.pinned_shared
                 if isinstance(value := additions.shared[key]["Put"]["Item"].get(
                     "vb", {}).get("S"), str)}
         await self._delete_blobs([blob for blob in additions.blobs if blob not in kept])
         if not additions.pinned:
             return
-        lowering = [items_layout.counter_change(run_key, key, -count)
+        lowering = [items_layout.counter_change(run_key, key, -count, existing=True)
                     for key, count in additions.pinned.items()]
+        life = _life_check(run_key, additions.life)
         try:
-            await self._guarded_deletes(lowering)
+            for chunk in _slices(lowering, _TRANSACTION_LIMIT - 1):
+                await self._commit([life, *chunk], keep=1)
+        except _Cancelled:
+            logger.info("run %s: the life an append raised %d counts in ended before its "
+                        "undo; they stay until the run goes", run_key, len(lowering))
         except Exception:
             logger.warning("run %s: could not lower %d counts an append raised before it "
                            "failed; their shared items stay until the run goes", run_key,
@@ -1524,7 +1540,7 @@ class DynamoDBStore(ExpiryCleanup):
         labels = items_layout.label_puts(run_key, head, label_ttl)
         memo = await self._memo(run_key, token, 0, head.incarnation, now)
         must = [{"Put": run_put}, _checkpoint_put(run_key, item, head.incarnation), *memo,
-                *labels, *additions.owned]
+                *labels, *additions.owned, *_pins_kept(run_key, previous, additions)]
         removal = _Removal()
         if previous is not None:
             removal = await self._leftovers(run_key, previous)
@@ -4886,6 +4902,35 @@ def _holding(operation: dict[str, Any], at_least: int) -> dict[str, Any]:
     return held
 
 
+def _life_check(run_key: str, incarnation: str) -> dict[str, Any]:
+    """A transaction's check that the run item is of life ``incarnation`` and not being
+    removed (no ``pg``)."""
+    names = _Names()
+    return {"ConditionCheck": {
+        "Key": {"PK": _s(layout.partition(run_key)), "SK": _s(layout.RUN_SK)},
+        "ConditionExpression": (f"{names('inc')} = {names.value(_s(incarnation))} AND "
+                                f"attribute_not_exists({names('pg')})"),
+        **names.params(),
+    }}
+
+
+def _pins_kept(
+    run_key: str, previous: _RunState | None, additions: _Additions
+) -> list[dict[str, Any]]:
+    """A first append's check, over no run item, that its pins are still there: the count
+    its first pin raised still holds that raise (no run item tells a life created and
+    removed since the pins, whose removal took every pin it found: all of the first one,
+    landed before that life began). Refused, nothing is written: the items are gone
+    (``_gone``), to be appended again with their values. Over a run item, the pins checked
+    it as the transaction does (see :func:`_same_life`): none is needed."""
+    if previous is not None or not additions.pinned:
+        return []
+    key, count = next(iter(additions.pinned.items()))
+    check = {"ConditionCheck": {"Key": {"PK": _s(layout.partition(run_key)),
+                                        "SK": _s(layout.counter_sk(key))}}}
+    return [{**_holding(check, count), "_gone": key}]
+
+
 def _purge_guard(run_key: str, incarnation: str) -> dict[str, Any]:
     """A transaction's check that the run item is still the one marked for purging."""
     names = _Names()
@@ -5030,9 +5075,9 @@ def _gone(cancelled: _Cancelled) -> list[str]:
 def _gone_error(run_key: str, sequence: int, keys: Sequence[str]) -> SharedItemGone:
     shown = ", ".join(repr(key[:40]) for key in keys[:3]) + (" ..." if len(keys) > 3 else "")
     return SharedItemGone(
-        f"run {run_key}: checkpoint {sequence} names shared items the cleanup loop removed "
-        f"since they were written ({shown}); nothing was written: append it again with "
-        "their values", keys=tuple(keys))
+        f"run {run_key}: checkpoint {sequence} names shared items a removal (the cleanup "
+        f"loop's, or the run's) took since they were written ({shown}); nothing was "
+        "written: append it again with their values", keys=tuple(keys))
 
 
 class _NothingWritten(ConflictError):

@@ -292,11 +292,6 @@ async def test_a_failed_append_leaves_no_value_its_dropped_pin_put_wrote(
             await other.delete_run(key)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the undo lowers a pinned count with an unconditioned ADD, whatever became of the run: "
-    "after delete_run removed the count, it lands on the new life's count (or creates one "
-    "at -1), which reaches 0 while the new life's checkpoint names the item, and the "
-    "cleanup loop removes the item"))
 @pytest.mark.parametrize("new_life", ["before_the_undo", "after_the_undo"])
 async def test_an_undo_after_the_run_was_removed_spares_a_new_life_s_item(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
@@ -344,11 +339,6 @@ async def test_an_undo_after_the_run_was_removed_spares_a_new_life_s_item(
             await other.delete_run(key)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a first append's pins over no run item check only that none exists: a life created "
-    "and removed between the pins and the append's transaction takes the pinned items "
-    "and counts with it (delete_run deletes what its Query found), and the transaction, "
-    "over no run item again, lands naming them without checking them"))
 async def test_a_first_append_keeps_its_pins_when_a_life_comes_and_goes_before_it_lands(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
     monkeypatch: pytest.MonkeyPatch,

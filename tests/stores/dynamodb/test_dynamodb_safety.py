@@ -930,12 +930,12 @@ async def test_a_failed_append_cancelled_by_anyio_undoes_its_blobs_and_its_count
     async def bucket() -> _Blobs:
         return blobs
 
-    async def lower(deletes: list[Any]) -> None:
+    async def lower(operations: list[Any], *, keep: int) -> None:
         await anyio.lowlevel.checkpoint()
-        lowered.append(len(deletes))
+        lowered.append(len(operations) - keep)  # after the check of the run item's life
 
     monkeypatch.setattr(store, "_bucket", bucket)
-    monkeypatch.setattr(store, "_guarded_deletes", lower)
+    monkeypatch.setattr(store, "_commit", lower)
     additions = dynamodb._Additions(blobs=["blob"], pinned=Counter({"a": 1, "b": 1}))
     with anyio.fail_after(DEADLINE), anyio.CancelScope() as scope:
         scope.cancel()
