@@ -504,6 +504,9 @@ class _Additions:
     """Counts already raised before the transaction (see ``_pin``)."""
     pinned_shared: set[str] = field(default_factory=set)
     """Shared items already written before the transaction."""
+    pin_dropped: set[str] = field(default_factory=set)
+    """Those of ``pinned_shared`` whose put was dropped (a live item there): their values
+    are no record's."""
     nesting: tuple[str, ...] = ()
     """The items it names that it writes nested items under: the run item lists them."""
     life: str = ""
@@ -935,18 +938,20 @@ class DynamoDBStore(ExpiryCleanup):
                     "nothing was written", key=f"dynamodb://{self.table}/{pk}/{sort_key}",
                 ) from exc
 
-    async def _commit(self, operations: list[dict[str, Any]], *, keep: int) -> None:
+    async def _commit(self, operations: list[dict[str, Any]], *, keep: int) -> set[str]:
         """TransactWriteItems; conditional operations from index ``keep`` on whose condition
         fails (an owned item rewritten meanwhile, an item that exists already) are dropped,
-        with the others of their ``_group``, and the rest retried. A failed condition before
+        with the others of their ``_group``, and the rest retried; returns the groups
+        dropped. A failed condition before
         ``keep``, or of a ``_fatal`` operation, raises :class:`_Cancelled`. An item put
         refused by a damaged item (see :meth:`_refused_by_damage`) is not: it is sent again
         to replace its record (:func:`_over_damaged`), since a damaged item is not live."""
         operations = list(operations)
+        dropped_groups: set[str] = set()
         while operations:
             try:
                 await self._transact(operations)
-                return
+                return dropped_groups
             except _Cancelled as cancelled:
                 failed = {index for index in range(len(operations)) if cancelled.failed(index)}
                 if not failed or min(failed) < keep:
@@ -960,6 +965,7 @@ class DynamoDBStore(ExpiryCleanup):
                 if any(operations[index].get("_fatal") for index in failed):
                     raise
                 groups = {operations[index].get("_group") for index in failed} - {None}
+                dropped_groups.update(str(group) for group in groups)
                 dropped = [index in failed or op.get("_group") in groups for index, op
                            in enumerate(operations)]
                 # A dropped operation may name what replaces it (see ``counter_raise``).
@@ -967,6 +973,7 @@ class DynamoDBStore(ExpiryCleanup):
                               if not drop] + [op["_instead"] for op, drop
                                               in zip(operations, dropped, strict=True)
                                               if drop and "_instead" in op]
+        return dropped_groups
 
     async def _refused_by_damage(
         self, operations: Sequence[Mapping[str, Any]], cancelled: _Cancelled, keep: int
@@ -1173,7 +1180,7 @@ class DynamoDBStore(ExpiryCleanup):
         life's count at that key holds none of them. Otherwise the counts are left (a
         first append's, whose life never began, too): too high, they keep an item until
         the run goes, never lose one."""
-        kept = {value for key in additions.pinned_shared
+        kept = {value for key in additions.pinned_shared - additions.pin_dropped
                 if isinstance(value := additions.shared[key]["Put"]["Item"].get(
                     "vb", {}).get("S"), str)}
         await self._delete_blobs([blob for blob in additions.blobs if blob not in kept])
@@ -1398,8 +1405,9 @@ class DynamoDBStore(ExpiryCleanup):
             if not chunk:
                 continue
             try:
-                await self._commit([*check, *(op for entry in chunk for op in entry.operations)],
-                                   keep=len(check))
+                dropped = await self._commit(
+                    [*check, *(op for entry in chunk for op in entry.operations)],
+                    keep=len(check))
             except _Cancelled as cancelled:
                 if check and cancelled.failed(0):  # the run moved on: this chunk landed nothing
                     self._state_after(run_key, cancelled)
@@ -1416,6 +1424,8 @@ class DynamoDBStore(ExpiryCleanup):
                     additions.pinned[entry.key] += entry.raising
                 if entry.writes:
                     additions.pinned_shared.add(entry.key)
+                    if items_layout.shared_group(entry.key) in (dropped or ()):
+                        additions.pin_dropped.add(entry.key)
         return True
 
     async def _landed(self, run_key: str, plan: _Plan, outcome: _Outcome) -> str:

@@ -253,9 +253,6 @@ async def test_a_pin_cancelled_in_flight_keeps_the_values_it_may_have_written(
             await other.delete_run(key)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_pin adds a key to pinned_shared when its put was dropped (a live item there): the "
-    "undo of a failed append then keeps that value, which no record points to"))
 async def test_a_failed_append_leaves_no_value_its_dropped_pin_put_wrote(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
     monkeypatch: pytest.MonkeyPatch,
