@@ -1567,6 +1567,12 @@ class DynamoDBStore(ExpiryCleanup):
             await self._purge_whole_run(run_key, previous, now)
             return await self._plan_first(run_key, item, blob, seed, None, now, token,
                                           additions)
+        if plan.pins and previous is None and not additions.pinned:
+            # Room for the check of its first pin, which its transaction will carry.
+            room: dict[str, Any] = {"ConditionCheck": {}}
+            plan = self._assemble(run_key, [*must, room], early, removal, state, additions,
+                                  [], check)
+            plan.operations.remove(room)
         if previous is not None and previous.record.incarnation != head.incarnation:
             plan.ended = previous.record.incarnation
         return plan

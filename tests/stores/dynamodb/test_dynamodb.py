@@ -562,6 +562,25 @@ async def test_an_append_too_large_for_one_transaction_pins_49_items_a_transacti
     await store.delete_run(key)
 
 
+async def test_a_first_append_too_large_for_one_transaction_takes_no_request_more(
+    store: DynamoDBStore,
+) -> None:
+    """A run's first checkpoint with pins also checks, in its own transaction, that its
+    first pin's count still holds its raise (no life came and went in between): one
+    operation, for which it leaves room when it plans its pins. 98 items: 47 beside the run
+    item, the checkpoint, its memo, its guard and that check, the other 51 in two pins."""
+    run = make_run("first-pins-budget")
+    key = key_of(run)
+    shared = [make_item(f"b/{index:03d}") for index in range(98)]
+    with anyio.fail_after(DEADLINE):
+        await store.clients()
+        with counting(store) as (dynamo, s3):
+            await _append_items(store, run, 0, refs=[item.key for item in shared], items=shared)
+        assert (dynamo.counts, s3.counts) == ({"TransactWriteItems": 3}, {})
+        assert await _read_items(store, key) == {item.key: item.value for item in shared}
+    await store.delete_run(key)
+
+
 async def _own(
     store: DynamoDBStore, run: RunRecord, name: str, expected: dict[str, bytes]
 ) -> None:
