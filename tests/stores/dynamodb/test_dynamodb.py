@@ -581,6 +581,40 @@ async def test_a_first_append_too_large_for_one_transaction_takes_no_request_mor
     await store.delete_run(key)
 
 
+async def test_a_failed_append_undoes_its_pins_in_one_transaction(
+    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An append whose pins landed and whose own transaction is refused (another process
+    appended meanwhile) lowers the 50 counts its pins raised in one transaction (up to 99
+    counts each), which also checks that the run item is still of its life: 2 pins, its
+    refused transaction, the undo."""
+    run = make_run("undo-budget")
+    key = key_of(run)
+    shared = [make_item(f"b/{index:03d}") for index in range(98)]
+    async with opened(provisioned, aws_names, prefix=store.prefix) as other:
+        pin = store._pin
+
+        async def overtaken(*args: Any, **kwargs: Any) -> bool:
+            landed = await pin(*args, **kwargs)
+            await _append_items(other, run, 1)
+            return landed
+
+        with anyio.fail_after(DEADLINE):
+            await _append_items(store, run, 0)
+            await store.clients()
+            monkeypatch.setattr(store, "_pin", overtaken)
+            with counting(store) as (dynamo, s3), pytest.raises(SequenceConflict):
+                await _append_items(store, run, 1, refs=[item.key for item in shared],
+                                    items=shared)
+            monkeypatch.undo()
+            assert (dynamo.counts, s3.counts) == ({"TransactWriteItems": 4}, {})
+            count = await _raw_item(store, key, layout.counter_sk(shared[-1].key))
+            assert count is not None
+            assert count["rc"] == {"N": "0"}
+        await store.delete_run(key)
+
+
 async def _own(
     store: DynamoDBStore, run: RunRecord, name: str, expected: dict[str, bytes]
 ) -> None:
