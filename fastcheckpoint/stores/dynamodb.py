@@ -4933,17 +4933,25 @@ def _life_check(run_key: str, incarnation: str) -> dict[str, Any]:
 def _pins_kept(
     run_key: str, previous: _RunState | None, additions: _Additions
 ) -> list[dict[str, Any]]:
-    """A first append's check, over no run item, that its pins are still there: the count
-    its first pin raised still holds that raise (no run item tells a life created and
-    removed since the pins, whose removal took every pin it found: all of the first one,
-    landed before that life began). Refused, nothing is written: the items are gone
-    (``_gone``), to be appended again with their values. Over a run item, the pins checked
-    it as the transaction does (see :func:`_same_life`): none is needed."""
+    """A first append's check, over no run item, that its pins are still there: the item
+    its first pin wrote still carries its write token, or, when that pin wrote none, the
+    count it raised still holds that raise (no run item tells a life created and removed
+    since the pins, whose removal took every pin it found: all of the first one, landed
+    before that life began). Refused, nothing is written: the items are gone (``_gone``),
+    to be appended again with their values. Over a run item, the pins checked it as the
+    transaction does (see :func:`_same_life`): none is needed."""
     if previous is not None or not additions.pinned:
         return []
     key, count = next(iter(additions.pinned.items()))
-    check = {"ConditionCheck": {"Key": {"PK": _s(layout.partition(run_key)),
-                                        "SK": _s(layout.counter_sk(key))}}}
+    pk = _s(layout.partition(run_key))
+    if key in additions.pinned_shared and key not in additions.pin_dropped:
+        names = _Names()
+        token = additions.shared[key]["Put"]["Item"]["wt"]
+        return [{"ConditionCheck": {
+            "Key": {"PK": pk, "SK": _s(layout.item_sk(key))},
+            "ConditionExpression": f"{names('wt')} = {names.value(token)}", **names.params(),
+        }, "_fatal": True, "_gone": key}]
+    check = {"ConditionCheck": {"Key": {"PK": pk, "SK": _s(layout.counter_sk(key))}}}
     return [{**_holding(check, count), "_gone": key}]
 
 

@@ -1,6 +1,7 @@
 """Review of the DynamoDB+S3 pins (each pin transaction checks the run item's revision),
 the new life's sweep of its ended life's orphan values, and the undo that keeps pinned
-values. Each test is an interleaving that still loses or leaks, held as a strict xfail."""
+values. Each test is an interleaving that lost or leaked before its fix (each docstring
+tells how); they were held as strict xfails until then."""
 
 from __future__ import annotations
 
@@ -336,6 +337,52 @@ async def test_a_first_append_keeps_its_pins_when_a_life_comes_and_goes_before_i
                 found = await other.read_with_items(key, sequence=0, now=T0)
                 assert found is not None
                 assert found[2] == {name: f"value-{name}".encode() for name in names}
+        finally:
+            monkeypatch.undo()
+            await other.delete_run(key)
+
+
+async def test_a_first_append_s_pins_taken_and_a_count_raised_again_are_found(
+    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, and after the life came and went a third process's first append pins the
+    item P pinned first (its count at 1 again; here its records are written directly): a
+    check of that count alone would pass, though P's other pins are gone. P's transaction
+    checks that the item its first pin wrote still carries P's write token: refused."""
+    run = make_run("pins-raised-again")
+    other_life = make_run("pins-raised-again")
+    key = key_of(run)
+    names = [f"s/{index}" for index in range(60)]
+    async with opened(provisioned, aws_names, prefix=store.prefix) as other:
+        pin = store._pin
+
+        async def held(*args: Any, **kwargs: Any) -> bool:
+            landed = await pin(*args, **kwargs)
+            first = next(iter(args[3].pinned))
+            await _append_items(other, other_life, 0)
+            await other.delete_run(key)
+            ddb, _ = await other.clients()
+            pk = {"S": layout.partition(key)}
+            await ddb.put_item(TableName=other.table, Item={
+                "PK": pk, "SK": {"S": layout.counter_sk(first)}, "rc": {"N": "1"}})
+            await ddb.put_item(TableName=other.table, Item={
+                "PK": pk, "SK": {"S": layout.item_sk(first)}, "v": {"B": b"third"},
+                "wt": {"S": "third"}})
+            return landed
+
+        monkeypatch.setattr(store, "_pin", held)
+        try:
+            with anyio.fail_after(DEADLINE):
+                try:
+                    await _append_items(store, run, 0, refs=names,
+                                        items=[make_item(name) for name in names])
+                except CheckpointError:
+                    return  # refused: sound
+                monkeypatch.undo()
+                found = await other.read_with_items(key, sequence=0, now=T0)
+                assert found is not None
+                assert set(found[2]) == set(names)
         finally:
             monkeypatch.undo()
             await other.delete_run(key)
