@@ -17,10 +17,12 @@ from fastcheckpoint.testing._builders import T0, key_of, make_item, make_run
 from tests.stores._moto import moto_endpoint
 from tests.stores.dynamodb.test_dynamodb import (
     DEADLINE,
+    _purge_until_done,
     _raw_item,
     atomic_moto,
     aws_names,
     counting,
+    opened,
     provisioned,
     store,
 )
@@ -142,3 +144,75 @@ async def test_a_first_append_after_delete_run_with_no_run_item_reads_back_its_o
             assert read[2]["s/59"] == b"new"
     finally:
         await store.delete_run(key)
+
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "_committed sends the overflow's lowered counts with _guarded_deletes(life=...), whose "
+    "check (_run_guard) is the incarnation only: it passes while delete_run (or the cleanup "
+    "loop) is removing that life (pg), and counter_change without existing=True recreates "
+    "a count the removal already deleted, at -1, which the removal never reads again"))
+async def test_a_pruning_s_lowered_counts_sent_after_it_recreate_no_count_a_removal_deleted(
+    store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """P appends checkpoint 21 of life L1 with ``keep_latest=1``: the pruning of 0..20
+    (checkpoint 0 names the shared item ``k``; 1..20 own three items each) has more records
+    than its transaction holds, so the deletes and ``k``'s lowering (-1) that do not fit are
+    sent after the commit (``_committed``: ``_guarded_deletes(overflow, life=...)``). Before
+    they are, Q's ``delete_run`` reads the run (``c#k`` at 1 among the records) and sends its
+    first transaction (the fence, ``pg``, and the first 99 deletes, ``c#k`` among them). P's
+    overflow now lands: its check is ``inc = L1`` only, which the fenced run item still
+    passes, and the lowering is an ``ADD rc -1`` that creates ``c#k`` at -1, in the expiry
+    index. Q's second Query skips keys its first one found: ``c#k`` stays after the run is
+    gone. A new life L2 writing and naming ``k`` raises it to 0 (its acknowledged checkpoint
+    names an item whose count says no one does), and the cleanup loop removes ``k``: the
+    read of L2's checkpoint lacks it. The undo of a failed append lowers counts with
+    ``_life_check`` (no ``pg``) and ``existing=True``; the overflow's lowerings need both."""
+    l1 = make_run("merge-overflow")
+    l2 = make_run("merge-overflow", created_at=T0 + 20)
+    key = key_of(l1)
+    async with opened(provisioned, aws_names, prefix=store.prefix) as other:
+        guarded = store._guarded_deletes
+        fenced, overflow_done = anyio.Event(), anyio.Event()
+
+        async def racing(deletes: Any, *, life: Any = None) -> None:
+            if life is None:
+                await guarded(deletes)
+                return
+            async with anyio.create_task_group() as group:
+                group.start_soon(other.delete_run, key)
+                await fenced.wait()
+                await guarded(deletes, life=life)
+                overflow_done.set()
+
+        transact = other._transact
+
+        async def paused(operations: Any, *args: Any, **kwargs: Any) -> Any:
+            result = await transact(operations, *args, **kwargs)
+            if not fenced.is_set():  # delete_run's first transaction landed
+                fenced.set()
+                await overflow_done.wait()
+            return result
+
+        try:
+            with anyio.fail_after(DEADLINE):
+                await _append_items(store, l1, 0, refs=["k"], items=[make_item("k")])
+                for sequence in range(1, 21):
+                    await _append_items(store, l1, sequence, items=[
+                        make_item(f"o{sequence}/{j}", owner=sequence) for j in range(3)])
+                monkeypatch.setattr(store, "_guarded_deletes", racing)
+                monkeypatch.setattr(other, "_transact", paused)
+                await _append_items(store, l1, 21, keep_latest=1)
+                monkeypatch.undo()
+                assert overflow_done.is_set()
+                assert await _raw_item(store, key, layout.RUN_SK) is None
+                await _append_items(other, l2, 0, refs=["k"], now=T0 + 20,
+                                    items=[make_item("k", b"new")])
+                await _purge_until_done(other, T0 + 20)
+                read = await _read(other, l2, None, now=T0 + 20)
+                assert read is not None
+                assert read[2].get("k") == b"new"
+        finally:
+            monkeypatch.undo()
+            await other.delete_run(key)
