@@ -473,6 +473,9 @@ class _Plan:
     ended: str | None = None
     """The incarnation of the ended life a new life's first append replaces: once the append
     lands, that life's item values no record points to are swept (see :meth:`_finish`)."""
+    purged: bool = False
+    """A first append's plan made once it removed the ended life whole: there is no run item
+    now, and the attempt after its pins plans over none."""
 
 
 @dataclass(frozen=True)
@@ -1342,12 +1345,16 @@ class DynamoDBStore(ExpiryCleanup):
                 plan = await self._plan_next(run_key, item, blob, record, state, keep_latest,
                                              now, token, additions)
             if plan.pins:
-                if not await self._pin(run_key, record.sequence, plan, additions):
+                if not await self._pin(run_key, record.sequence, plan, additions) or (
+                    plan.purged
+                ):
                     # It moved on: planned again from the run item the refusal returned,
                     # which is not read afresh (``fresh``) though. That refusal is not the
                     # append's own, and the run may have moved on again since (a removal
                     # of the life that refused a first append's pins, before that append
                     # plans again): a conflict is raised only on a run item read after it.
+                    # Or the plan removed the ended life whole: planned again over no run
+                    # item (the removal dropped the life from the cache).
                     state, known, fresh = self._cache.get(run_key), True, False
                 continue  # planned again without what the pins wrote
             outcome.unknown = True
@@ -1521,9 +1528,10 @@ class DynamoDBStore(ExpiryCleanup):
         would lower counts the removal had deleted), or when the append is too large for one
         transaction (its pins, written before it while that life's run item stands, would be
         that life's removal's to list and delete)."""
+        purged = False
         if previous is not None and previous.purging:
             await self._purge_whole_run(run_key, previous, now)
-            previous = None
+            previous, purged = None, True
         expires_at = _number(item, "x")
         book = Book()
         book.add(0, expires_at, _suffix(blob), capacity=self._book_capacity)
@@ -1565,8 +1573,10 @@ class DynamoDBStore(ExpiryCleanup):
         plan = self._assemble(run_key, must, early, removal, state, additions, [], check)
         if previous is not None and plan.pins:
             await self._purge_whole_run(run_key, previous, now)
-            return await self._plan_first(run_key, item, blob, seed, None, now, token,
+            plan = await self._plan_first(run_key, item, blob, seed, None, now, token,
                                           additions)
+            plan.purged = True
+            return plan
         if plan.pins and previous is None and not additions.pinned:
             # Room for the check of its first pin, which its transaction will carry.
             room: dict[str, Any] = {"ConditionCheck": {}}
@@ -1575,6 +1585,7 @@ class DynamoDBStore(ExpiryCleanup):
             plan.operations.remove(room)
         if previous is not None and previous.record.incarnation != head.incarnation:
             plan.ended = previous.record.incarnation
+        plan.purged = purged
         return plan
 
     async def _leftovers(self, run_key: str, previous: _RunState) -> _Removal:
@@ -2002,14 +2013,15 @@ class DynamoDBStore(ExpiryCleanup):
         ``life``: ``(run key, incarnation)`` of the change whose deletes did not fit in its
         transaction and are sent after its commit. They name records by sequence and key,
         which a new life of the run uses again: each transaction also checks that the run
-        item is still of that life (one operation of the 100, as ``_run_guard`` checks), and
-        once one finds it is not (the run was deleted, or started over, since the commit)
-        none of the rest is sent. What the ended life left goes with its removal, or with
-        the new life's first append (its leftovers)."""
+        item is still of that life and not being removed (one operation of the 100,
+        :func:`_life_check`), and once one finds it is not (the run was deleted, or started
+        over, or a removal has begun since the commit) none of the rest is sent. What the
+        ended life left goes with its removal, or with the new life's first append (its
+        leftovers): a lowering sent once a removal had deleted its count would create it
+        again, below zero, outliving the run."""
         deletes = [{key: value for key, value in operation.items() if key != "_fatal"}
                    for operation in deletes]
-        check = [] if life is None else [
-            _run_guard(layout.partition(life[0]), {"inc": _s(life[1])})]
+        check = [] if life is None else [_life_check(*life)]
         size = _TRANSACTION_LIMIT - len(check)
         for start in range(0, len(deletes), size):
             try:

@@ -1,6 +1,6 @@
 """Review of the merged DynamoDB+S3 fixes of this session: a new life's first append that
 removes its ended life whole from ``_plan_first``, the check of its first pin, and the
-undo's check of its life. Each test is a defect held as a strict xfail."""
+undo's check of its life. The strict xfail is a defect left open (documented in Limits)."""
 
 from __future__ import annotations
 
@@ -53,10 +53,6 @@ def _refusals(store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch) -> list[int
     return refused
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_append keeps the purged life as its state after _plan_first's purge and pins: the "
-    "next plan is made over it again (a Query of its leftovers, a transaction refused on "
-    "_same_life of a run item the purge deleted) before the one that lands"))
 async def test_a_first_append_that_removes_its_ended_life_sends_no_transaction_it_knows_fails(
     store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -147,11 +143,6 @@ async def test_a_first_append_after_delete_run_with_no_run_item_reads_back_its_o
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_committed sends the overflow's lowered counts with _guarded_deletes(life=...), whose "
-    "check (_run_guard) is the incarnation only: it passes while delete_run (or the cleanup "
-    "loop) is removing that life (pg), and counter_change without existing=True recreates "
-    "a count the removal already deleted, at -1, which the removal never reads again"))
 async def test_a_pruning_s_lowered_counts_sent_after_it_recreate_no_count_a_removal_deleted(
     store: DynamoDBStore, provisioned: str, aws_names: tuple[str, str],
     monkeypatch: pytest.MonkeyPatch,
