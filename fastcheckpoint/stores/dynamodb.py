@@ -2450,12 +2450,19 @@ class DynamoDBStore(ExpiryCleanup):
         doomed = [key for key in keys if key != layout.RUN_SK]
         spared: set[str] = set()  # values of the records the second Query leaves
         if run_item is None:
-            # No life to remove: shared items and counts here may be the pins of a new
-            # life's first append, written before its transaction (which checks only that
-            # no run item is there): they stay, as those the second Query finds do.
-            spared.update(blob for entry in found if _pinnable(entry)
+            # No life to remove: counts here, and the shared items they count, may be the
+            # pins of a new life's first append, written before its transaction (which
+            # checks only that no run item is there; a pin writes an item with its count):
+            # they stay, as those the second Query finds do. Items no count names (those
+            # of put_items) go, as with every run.
+            counted = {layout.item_sk(key[len(layout.COUNTER_PREFIX):]) for key in keys
+                       if key.startswith(layout.COUNTER_PREFIX)}
+            counted.update(key for key in keys if key.startswith(layout.COUNTER_PREFIX))
+            spared.update(blob for entry in found if _text(entry, "SK") in counted
+                          and _pinnable(entry)
                           and isinstance(blob := entry.get("vb", {}).get("S"), str))
-            found = [entry for entry in found if not _pinnable(entry)]
+            found = [entry for entry in found
+                     if not (_text(entry, "SK") in counted and _pinnable(entry))]
             doomed = [_text(entry, "SK") for entry in found]
         removed = 0
         while doomed:
