@@ -720,8 +720,10 @@ local function schedule(exact)
     return
   end
   local member = due_member()
-  if current[2] == member and not exact and tonumber(current[1]) <= tonumber(due) then return end
-  if current[2] == member and current[1] == due and not exact then return end
+  -- An unreadable time there (an edited hash) is restated, never compared: this runs after
+  -- the caller's writes, and an error here would leave them half done.
+  local at = tonumber(current[1] or '')
+  if current[2] == member and not exact and at and at <= tonumber(due) then return end
   redis.call('HSET', KEYS[4], 's', due, 'm', member)
   if not current[2] then
     -- A new key: it lives as long as the other run-level keys (touch_run_keys gave them one

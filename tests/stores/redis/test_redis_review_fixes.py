@@ -13,8 +13,8 @@ import pytest
 from fastcheckpoint import CheckpointConfig, CheckpointManager
 from fastcheckpoint.errors import CorruptCheckpointError
 from fastcheckpoint.stores.redis import RedisStore
-from fastcheckpoint.testing import T0, key_of, make_item, make_run
-from tests.stores._redis_support import append_with_items, make_store, real_server
+from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_item, make_run
+from tests.stores._redis_support import append, append_with_items, make_store, real_server
 from tests.stores.conftest import RedisTarget
 
 pytestmark = pytest.mark.anyio
@@ -410,6 +410,40 @@ async def test_deletes_and_item_writes_meeting_a_key_of_another_type_write_nothi
         await store.aclose()
     assert caught.value.key == _key(prefix, rk, "io")
     assert after == before
+
+
+@pytest.mark.parametrize("damage", [b"not-a-number", None], ids=["edited", "missing"])
+@pytest.mark.parametrize("operation", ["append", "delete"])
+async def test_a_due_record_whose_time_is_unreadable_stops_no_write_halfway(
+    prefixed: tuple[RedisTarget, str], operation: str, damage: bytes | None,
+) -> None:
+    """The run's `due` hash (what the global due index holds for it) with its time edited or
+    gone, its member intact: the scripts compared that time as a number after their writes, so
+    a create wrote its checkpoint and then failed (StoreError: the caller retries it, and it is
+    written twice), and a delete removed the checkpoint and reported failure. Both complete,
+    and the due record says when the run is next due again."""
+    store, prefix = _store(prefixed)
+    run = make_run("due-" + operation)
+    rk = key_of(run)
+    due = _key(prefix, rk, "due")
+    with anyio.fail_after(_DEADLINE):
+        for n in range(2):
+            await append(store, run, n, expires_at=T0 + 100 + n)
+        if damage is None:
+            await store._client.hdel(due, "s")
+        else:
+            await store._client.hset(due, "s", damage)
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "append": lambda: append(store, run, 2, expires_at=T0 + 50),
+            "delete": lambda: store.delete(rk, 0, checkpoint_id=checkpoint_id_of(run, 0)),
+        }
+        await calls[operation]()
+        log = [int(s) for s in await store._client.zrange(_key(prefix, rk, "seq"), 0, -1)]
+        scheduled = await store._client.hget(due, "s")
+        await store.aclose()
+    assert log == ([0, 1, 2] if operation == "append" else [1])
+    assert scheduled is not None
+    assert float(scheduled) == (T0 + 50 if operation == "append" else T0 + 101)
 
 
 # -- repair ----------------------------------------------------------------------------------
