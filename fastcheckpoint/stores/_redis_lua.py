@@ -160,12 +160,17 @@ local function newer(g, member, stamp)
   return true
 end
 
--- A JSON list of strings as a Lua table; {} for anything else (a foreign value is skipped).
+-- The strings of a JSON list as a Lua table; {} for anything else. What is not text (an
+-- edited value) is skipped: handed to a command, it would fail a script after its writes.
 local function decode_list(blob)
   if not blob or blob == '' then return {} end
   local ok, list = pcall(cjson.decode, blob)
-  if ok and type(list) == 'table' then return list end
-  return {}
+  if not ok or type(list) ~= 'table' then return {} end
+  local strings = {}
+  for _, value in ipairs(list) do
+    if type(value) == 'string' then strings[#strings + 1] = value end
+  end
+  return strings
 end
 
 -- The run leaves the index of each label `lab` says it carries.

@@ -446,6 +446,41 @@ async def test_a_due_record_whose_time_is_unreadable_stops_no_write_halfway(
     assert float(scheduled) == (T0 + 50 if operation == "append" else T0 + 101)
 
 
+@pytest.mark.parametrize("refs", [b'[{"a": 1}, "K"]', b'[true, "K"]', b'[null, "K"]', b'["K", 5]'])
+@pytest.mark.parametrize("operation", ["prune", "delete", "purge"])
+async def test_refs_edited_to_hold_a_non_string_stop_no_removal_halfway(
+    prefixed: tuple[RedisTarget, str], operation: str, refs: bytes,
+) -> None:
+    """A held checkpoint's refs (its entry in `cr`) edited into a JSON list holding something
+    other than text: removing that checkpoint handed the value to a Redis command after the
+    log entry had gone, so a create that pruned it had written its own checkpoint and then
+    failed (the caller's retry writes it again), and `delete` and the cleanup loop failed
+    halfway. The removal completes and releases the keys it can read; a read of the
+    checkpoint names it as corrupt."""
+    store, prefix = _store(prefixed)
+    run = make_run("refs-" + operation)
+    rk = key_of(run)
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "prune": lambda: append_with_items(store, run, 2, keep_latest=2),
+        "delete": lambda: store.delete(rk, 0, checkpoint_id=checkpoint_id_of(run, 0)),
+        "purge": lambda: store.purge_expired(now=T0 + 20, limit=10),
+    }
+    with anyio.fail_after(_DEADLINE):
+        await append_with_items(store, run, 0, refs=["K"], items=[make_item("K")],
+                                expires_at=T0 + 10)
+        await append_with_items(store, run, 1)
+        await store._client.hset(_key(prefix, rk, "cr"), "0", refs)
+        with pytest.raises(CorruptCheckpointError) as caught:
+            await store.read_with_items(rk, sequence=0, now=T0)
+        await calls[operation]()
+        log = [int(s) for s in await store._client.zrange(_key(prefix, rk, "seq"), 0, -1)]
+        items = await store.get_items(rk, ["K"], now=T0)
+        await store.aclose()
+    assert caught.value.key == _key(prefix, rk, "c:0")
+    assert log == ([1, 2] if operation == "prune" else [1])
+    assert items == {}
+
+
 # -- repair ----------------------------------------------------------------------------------
 
 
