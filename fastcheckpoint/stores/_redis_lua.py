@@ -495,6 +495,9 @@ end
 
 -- Owned items go with their owner, also those a held checkpoint names.
 local function drop_owned_items(sequence)
+  -- Owners are sequences: an edited log entry (not a decimal integer) owns nothing, and is
+  -- no valid bound of ZRANGEBYSCORE (an error after the caller's writes).
+  if not string.match(sequence, '^%d+$') then return end
   for _, key in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], sequence, sequence)) do
     drop_item(key)
   end
@@ -841,14 +844,22 @@ local function find_one(run, sequence)
   return checkpoint_reply(run, sequence, f)
 end
 
+-- Up to `limit` log entries below `upper` (ZRANGEBYSCORE syntax), newest first, as (sequence,
+-- score) pairs: the next page starts below the last score, never at a member, which an edited
+-- log entry may have made something no bound can be.
+local function log_page(upper, limit)
+  return redis.call('ZREVRANGEBYSCORE', KEYS[2], upper, '-inf', 'WITHSCORES', 'LIMIT', 0, limit)
+end
+
 -- The newest live checkpoint, or nil; drops log entries whose key vanished on the way. Its
 -- second result is drop_stale's.
 local function find_latest(run)
   local upper, stale, found = '+inf', {}, nil
   while not found do
-    local page = redis.call('ZREVRANGEBYSCORE', KEYS[2], upper, '-inf', 'LIMIT', 0, 16)
+    local page = log_page(upper, 16)
     if #page == 0 then break end
-    for _, sequence in ipairs(page) do
+    for index = 1, #page, 2 do
+      local sequence = page[index]
       local f = checkpoint_fields(ckey(sequence), 'i', 't', 'e', 'h', 'p', 'q')
       if not f[1] then
         stale[#stale + 1] = sequence
@@ -971,8 +982,9 @@ end
 if ARGV[12] ~= '' then
   local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[12])
   if excess > 0 then
+    -- Never the one just written (an edited log entry may sort above it).
     for _, gone in ipairs(redis.call('ZRANGE', KEYS[2], 0, excess - 1)) do
-      drop_checkpoint(gone)
+      if gone ~= sequence then drop_checkpoint(gone) end
     end
   end
 end
@@ -1064,9 +1076,10 @@ local upper = '+inf'
 if ARGV[5] ~= '' then upper = '(' .. ARGV[5] end
 local out, stale, count = {1, status_of(run), run.problem or ''}, {}, 0
 while count < limit do
-  local page = redis.call('ZREVRANGEBYSCORE', KEYS[2], upper, '-inf', 'LIMIT', 0, limit - count)
+  local page = log_page(upper, limit - count)
   if #page == 0 then break end
-  for _, sequence in ipairs(page) do
+  for index = 1, #page, 2 do
+    local sequence = page[index]
     local f = checkpoint_fields(ckey(sequence), 'i', 't', 'e', 'h', 'q')
     if not f[1] then
       stale[#stale + 1] = sequence

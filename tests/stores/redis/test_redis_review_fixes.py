@@ -481,6 +481,38 @@ async def test_refs_edited_to_hold_a_non_string_stop_no_removal_halfway(
     assert items == {}
 
 
+@pytest.mark.parametrize("operation", ["read", "create"])
+@pytest.mark.parametrize(("member", "score"), [("x", 0.5), ("abc", 100), ("3", 100)])
+async def test_an_edited_log_entry_breaks_no_read_and_no_create_halfway(
+    prefixed: tuple[RedisTarget, str], member: str, score: float, operation: str,
+) -> None:
+    """A log entry (`seq`) edited into one whose member is not a sequence, or whose score is
+    not its member: the reads paged on from the member (an error), a create that pruned it
+    (max_checkpoints_per_run) failed after writing its checkpoint, and one whose entry sorted
+    above the create's pruned the checkpoint it had just acknowledged. Reads pass over the
+    entry, and the create completes and keeps its checkpoint."""
+    store, prefix = _store(prefixed)
+    run = make_run("log-" + member)
+    rk = key_of(run)
+    with anyio.fail_after(_DEADLINE):
+        for n in range(2):
+            await append_with_items(store, run, n)
+        await store._client.zadd(_key(prefix, rk, "seq"), {member: score})
+        expected = [1, 0]
+        if operation == "create":
+            record = await store.get_run(rk, now=T0)
+            assert record is not None
+            written = record.latest_sequence + 1
+            await append_with_items(store, run, written, keep_latest=1)
+            expected = [written]
+        listed, _ = await store.headers(rk, before=None, limit=10, now=T0)
+        latest = await store.latest(rk, now=T0)
+        await store.aclose()
+    assert [header.sequence for header in listed] == expected
+    assert latest is not None
+    assert latest[0].sequence == expected[0]
+
+
 # -- repair ----------------------------------------------------------------------------------
 
 
