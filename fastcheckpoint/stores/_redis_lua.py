@@ -267,9 +267,16 @@ local function ckey(sequence)
   return BASE .. 'c:' .. sequence
 end
 
+-- Plain Redis: the script updates the indexes itself, after the run's writes. A global key
+-- of another type (a foreign application under the prefix) must not fail it then, halfway:
+-- the run's change is the operation, as on Redis Cluster when the index call fails. The
+-- first failure goes back as a 'failed' operation, which the client logs.
 local function op(kind, a, b, c)
   if GLOBAL ~= '' then
-    apply_op(GLOBAL, kind, a, b or '', c or '')
+    local ok, err = pcall(apply_op, GLOBAL, kind, a, b or '', c or '')
+    if not ok and #OPS == 0 then
+      OPS = {'failed', type(err) == 'table' and err.err or tostring(err), '', ''}
+    end
   else
     OPS[#OPS + 1] = kind
     OPS[#OPS + 1] = a

@@ -518,6 +518,11 @@ class RedisStore(ExpiryCleanup):
         argv = [base, "" if now is None else _float_arg(now), _GRACE_MS, inline, *args]
         result, ops = await self._call(client, self._scripts[name], keys, argv, what=name)
         ops = list(ops)
+        if ops and not self._cluster:  # the script's index update failed (see _redis_lua)
+            _log.warning("%s of run key %s is done, but its index update failed (%s): a key "
+                         "under the prefix %r holds data of another type; give the store a "
+                         "prefix of its own", name, run_key, _text(ops[1]), self._prefix)
+            return list(result)
         if marker is not None:
             ops += ["done", marker, "", ""]
         if ops:

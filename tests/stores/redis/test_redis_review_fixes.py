@@ -513,6 +513,41 @@ async def test_an_edited_log_entry_breaks_no_read_and_no_create_halfway(
     assert latest[0].sequence == expected[0]
 
 
+@pytest.mark.parametrize(("index", "operation"), [
+    ("all", "create"), ("due", "create"), ("l:x", "create"), ("s:paused", "pause"),
+])
+async def test_a_global_index_key_of_another_type_fails_no_write_halfway(
+    prefixed: tuple[RedisTarget, str], caplog: pytest.LogCaptureFixture, index: str,
+    operation: str,
+) -> None:
+    """On plain Redis the run scripts update the global indexes themselves, after the run's
+    writes: a global key of another type (a foreign application under the prefix) failed a
+    create after its checkpoint or its run record was written (StoreError: the caller's retry
+    writes it again), and a status change after it was made. The change stands and is
+    reported done, as on Redis Cluster when the index call fails, and a warning says why."""
+    store, prefix = _store(prefixed)
+    run = make_run("index-" + operation)
+    rk = key_of(run)
+    with anyio.fail_after(_DEADLINE):
+        if operation == "pause":
+            await append_with_items(store, run, 0, expires_at=T0 + 100, labels=("x",))
+        await store._client.set(f"{prefix}:{{idx:{prefix}}}:{index}", "foreign")
+        with caplog.at_level(logging.WARNING, logger="fastcheckpoint.stores.redis"):
+            if operation == "pause":
+                await store.update_run(rk, incarnation=run.incarnation, version=run.version,
+                                       status="paused", data=b"", now=T0)
+            else:
+                await append_with_items(store, run, 0, expires_at=T0 + 100, labels=("x",))
+        record = await store.get_run(rk, now=T0)
+        latest = await store.latest(rk, now=T0)
+        await store.aclose()
+    assert record is not None
+    assert record.status == ("paused" if operation == "pause" else run.status)
+    assert latest is not None
+    assert latest[0].sequence == 0
+    assert "index update failed" in caplog.text
+
+
 # -- repair ----------------------------------------------------------------------------------
 
 
