@@ -901,8 +901,8 @@ if saved then
 end
 local run = load_run()
 -- The same, when the memo is gone (written by an earlier release, evicted) but the checkpoint
--- is not: it holds the token.
-if field(KEYS[11], 'w') == token then return {{'ok', status_of(run)}, OPS} end
+-- is not: it holds the token. With the run record evicted too, the status the append wrote.
+if field(KEYS[11], 'w') == token then return {{'ok', status_of(run) or ARGV[16]}, OPS} end
 if run.damaged then return {{'damaged', run.problem}, OPS} end
 local foreign = foreign_key()
 if foreign then return {{'corrupt', unpack(foreign)}, OPS} end

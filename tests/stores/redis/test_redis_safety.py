@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -24,7 +24,7 @@ from fastcheckpoint.errors import (
 )
 from fastcheckpoint.stores import redis as redis_store
 from fastcheckpoint.stores.redis import RedisStore, redis_retry
-from fastcheckpoint.testing import T0, key_of, make_item, make_run
+from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_item, make_run
 from tests.stores._redis_servers import PrivateRedis
 from tests.stores._redis_support import (
     CuttingProxy,
@@ -108,9 +108,10 @@ async def test_a_replayed_run_record_never_overwrites_acknowledged_checkpoints(
 
 
 async def _through_lossy_proxy(
-    target: RedisTarget, prefix: str, plan: list[str]
+    target: RedisTarget, prefix: str, plan: list[str],
+    on_lost_reply: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[CuttingProxy, RedisStore]:
-    proxy = CuttingProxy(*host_and_port(target), plan)
+    proxy = CuttingProxy(*host_and_port(target), plan, on_lost_reply=on_lost_reply)
     await proxy.start()
     policy = RetryPolicy(base_delay=0.001, max_delay=0.01, max_retries=3)
     store = RedisStore.from_url(f"redis://127.0.0.1:{proxy.port}/0?prefix={prefix}",
@@ -344,6 +345,41 @@ async def test_a_create_sent_again_after_its_checkpoint_went_is_not_written_agai
     else:
         assert (held, latest) == ([], None)
     assert counted_runs == (0 if meanwhile.startswith("delete_") else 1)
+
+
+async def test_a_create_resent_after_its_memo_and_run_record_were_evicted_is_acknowledged(
+    prefixed: tuple[RedisTarget, str],
+) -> None:
+    """The reply of a run's first create is lost; before redis-py sends it again, an evicting
+    server drops the create's memo, its run record and its log, but not its checkpoint. The
+    token in the checkpoint recognises the resend, whose reply then held no status: the
+    store returned the status "None" (the manager logged it as unknown). It is acknowledged
+    with the status the create wrote."""
+    target, prefix = prefixed
+    real_server(target)
+    direct = make_store(target, prefix)
+    await load_scripts(direct._client)
+    run = make_run("evicted")
+
+    async def evict() -> None:
+        names = [b"run", b"seq", b"exp"]
+        keys = [key for key in await keys_under(direct._client, prefix)
+                if b":op:" in key or key.rsplit(b":", 1)[-1] in names]
+        assert len(keys) == 4
+        await direct._client.unlink(*keys)
+
+    proxy, store = await _through_lossy_proxy(target, prefix, ["lose-reply"], evict)
+    try:
+        with anyio.fail_after(_DEADLINE):
+            status = await store.append(
+                key_of(run), make_checkpoint(run, 0, expires_at=T0 + 100), run=run,
+                keep_latest=None, now=T0)
+    finally:
+        await store.aclose()
+        await direct.aclose()
+        await proxy.stop()
+    assert proxy.cuts == 1
+    assert status == run.status
 
 
 async def test_a_create_leaves_a_memo_of_its_reply_for_five_minutes(
