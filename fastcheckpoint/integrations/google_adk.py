@@ -409,11 +409,12 @@ class FastSessionService(BaseSessionService):
         session_id: str,
         config: GetSessionConfig | None = None,
     ) -> Session | None:
-        """The session with its events (``config`` keeps the ``num_recent_events`` newest,
-        then those at or after ``after_timestamp``) and its state merged with the app's and
-        the user's; ``None`` when there is no live session. A change of app or user state
-        that the session's events carry and that has not reached that state (its writer
-        failed or died in between) is applied first: one write, only then."""
+        """The session with its events (``config`` keeps those at or after
+        ``after_timestamp``, then the ``num_recent_events`` newest of them) and its state
+        merged with the app's and the user's; ``None`` when there is no live session. A
+        change of app or user state that the session's events carry and that has not reached
+        that state (its writer failed or died in between) is applied first: one write, only
+        then."""
         session_id = _session_id(session_id)
         if config is not None and not isinstance(config, GetSessionConfig):
             raise ValidationError(
@@ -763,18 +764,17 @@ async def _read_all(*logs: EntryLog) -> list[LogView | None]:
 def _selected(
     entries: list[bytes], config: GetSessionConfig | None, where: str
 ) -> list[bytes]:
-    """The stored events ``config`` keeps: the ``num_recent_events`` newest, then the newest
-    run of those at or after ``after_timestamp`` (ADK's in-memory service's order)."""
+    """The stored events ``config`` keeps, in their stored order: every one at or after
+    ``after_timestamp`` (events appended out of timestamp order too), then the
+    ``num_recent_events`` newest of those (ADK's services' order)."""
     if config is None:
         return entries
     picked = entries
+    if config.after_timestamp is not None:
+        after = config.after_timestamp
+        picked = [entry for entry in picked if _stamp(entry, where).timestamp >= after]
     if config.num_recent_events is not None:
         picked = picked[max(0, len(picked) - config.num_recent_events):]
-    if config.after_timestamp is not None:
-        start = len(picked)
-        while start and _stamp(picked[start - 1], where).timestamp >= config.after_timestamp:
-            start -= 1
-        picked = picked[start:]
     return picked
 
 
