@@ -1,6 +1,6 @@
-"""Findings of an adversarial probe of the session adapters (Google ADK, OpenAI Agents,
-Pydantic AI, Agent Framework), each checked against the framework's own reference service or
-with an injected fault, on several stores. Each test failed before its fix."""
+"""Findings of an adversarial probe of the session adapters, each compared with the
+framework's own reference store on several stores: a Google ADK fix (the test failed before
+it), and a Pydantic AI difference left open (a strict xfail, named in the page's Limits)."""
 
 from __future__ import annotations
 
