@@ -79,7 +79,6 @@ from tests.reliability.test_langgraph_faults import (
     STORE_FUNCTIONS,
     _described,
     _foreign,
-    _store,
 )
 
 pytestmark = pytest.mark.anyio
@@ -427,7 +426,7 @@ async def test_an_adapter_through_faults_keeps_every_acknowledged_change_once(
     user = User([], [])
     plan = FaultPlan.opening(seed, rate=FAULT_RATE, passes=OPENING_PASSES)
     with FaultProxy(network_target.upstream, network_target.wire, plan) as proxy:
-        store = _store(network_target, proxy.endpoint, NO_RETRY)
+        store = network_target.store(proxy.endpoint, NO_RETRY)
         try:
             with anyio.fail_after(DEADLINE):
                 model = await run(store, tag, user)
@@ -648,7 +647,7 @@ async def _swept(target: Target, sweep: Sweep, wire: Wire, retry: RetryPolicy,
     try:
         await sweep.prepare(direct, tag)
         with FaultProxy(target.upstream, wire, FaultPlan(script=script)) as proxy:
-            store = _store(target, proxy.endpoint, retry)
+            store = target.store(proxy.endpoint, retry)
             try:
                 with anyio.fail_after(20):
                     await sweep.call(store, tag, user)

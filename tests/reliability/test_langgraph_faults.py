@@ -32,7 +32,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypedDict
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import pytest
@@ -46,10 +45,10 @@ from langgraph.types import Command, interrupt
 from fastcheckpoint import CheckpointError, CheckpointStatus, ConflictError, _ids
 from fastcheckpoint._config import CheckpointConfig, RetryPolicy
 from fastcheckpoint.integrations.langgraph import FastCheckpointSaver
-from fastcheckpoint.stores import CheckpointStore, Item, RunRecord, StoredCheckpoint, open_store
+from fastcheckpoint.stores import CheckpointStore, Item, RunRecord, StoredCheckpoint
 from tests import _sweeps as sweeps
 from tests.reliability._audit import Figures
-from tests.reliability._stores import FAST_RETRY, Target, _aws_session
+from tests.reliability._stores import FAST_RETRY, Target
 from tests.reliability.faults import (
     HTTP,
     INJECTED,
@@ -108,23 +107,6 @@ def _expected(number: int, *, asks: bool) -> str:
 
 def _config(thread_id: str) -> Any:
     return {"configurable": {"thread_id": thread_id}}
-
-
-def _store(target: Target, endpoint: str, retry: RetryPolicy) -> CheckpointStore:
-    """The target's store through ``endpoint``, with the driver retrying as ``retry`` says."""
-    if retry is FAST_RETRY:  # as the suite's other stores do
-        return target.store(endpoint)
-    parts = urlsplit(target.url)
-    query = dict(parse_qsl(parts.query))
-    options: dict[str, Any] = {}
-    if "endpoint_url" in query:  # S3, DynamoDB: moto's endpoint in the query
-        query["endpoint_url"] = endpoint
-        options["session"] = _aws_session()
-        parts = parts._replace(query=urlencode(query))
-    else:  # Redis, PostgreSQL: the server's address in the URL
-        user = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
-        parts = parts._replace(netloc=user + urlsplit(endpoint).netloc)
-    return open_store(urlunsplit(parts), retry=retry, **options)
 
 
 def _described(exc: BaseException) -> str:
@@ -236,7 +218,7 @@ async def test_a_graph_run_through_faults_keeps_every_step_once(
     thread_id = f"lg-faults-{seed}"
     plan = FaultPlan.opening(seed, rate=FAULT_RATE, passes=OPENING_PASSES)
     with FaultProxy(network_target.upstream, network_target.wire, plan) as proxy:
-        store = _store(network_target, proxy.endpoint, retry)
+        store = network_target.store(proxy.endpoint, retry)
         saver = FastCheckpointSaver(store, config=CONFIG)
         try:
             with anyio.fail_after(DEADLINE):
@@ -368,7 +350,7 @@ async def _tried(target: Target, plan: FaultPlan, retry: RetryPolicy, case: Case
     assert target.upstream is not None
     raised: list[BaseException] = []
     with FaultProxy(target.upstream, _wire(target), plan) as proxy:
-        store = _store(target, proxy.endpoint, retry)
+        store = target.store(proxy.endpoint, retry)
         try:
             with anyio.fail_after(10):
                 for _ in range(CALLER_TRIES):
