@@ -16,6 +16,11 @@ binary counter, up to :data:`SEAL_BYTES`), which keeps their number small and bo
 append rewrites by a constant. ``read`` is one ``read_with_items``: the
 checkpoint and every segment in one atomic read.
 
+Every change draws a token of its own, and the head carries the tokens of the last
+:data:`RECENT_TOKENS` changes of the log's life: a change whose store call failed without
+telling whether it was stored is recognised when made again, also after other writers' changes
+followed it (:meth:`EntryLog._settled`).
+
 TTL slides: every change gives the new checkpoint ``now + ttl_seconds``, and the run, its
 segments and everything else expire together when no change came for that long.
 """
@@ -52,7 +57,7 @@ from fastcheckpoint.stores import (
     check_labels,
 )
 
-__all__ = ["SEAL_BYTES", "EntryLog", "LogHead", "LogView", "StaleLog"]
+__all__ = ["RECENT_TOKENS", "SEAL_BYTES", "EntryLog", "LogHead", "LogView", "StaleLog"]
 
 _SEGMENT_PREFIX = "s/"
 SEAL_BYTES = 256 * 1024
@@ -60,6 +65,12 @@ SEAL_BYTES = 256 * 1024
 ones are sealed, never rewritten. So an append writes its entries plus at most this much, and
 a log has one segment per ``SEAL_BYTES`` of entries plus about log2(``SEAL_BYTES``) smaller
 ones (their sizes at least halve from one to the next)."""
+RECENT_TOKENS = 16
+"""How many changes' tokens a head carries (its own and those before it, in the log's life):
+a change made again after its outcome was unknown is recognised while at most this many minus
+one other changes followed it. A caller's retry comes right after the failure, so the changes
+in between are those other writers made meanwhile; 16 tokens of 8 bytes add about 170 bytes
+to a head."""
 _STATE_KEY = "entry_log"
 _TOKEN_BYTES = 8
 _SEGMENT_TOKEN_BYTES = 6
@@ -112,6 +123,9 @@ class _Layout(msgspec.Struct, array_like=True, frozen=True):
     segments: list[_Segment]
     state: bytes
     created_at: float
+    recent: list[bytes] = []
+    """The tokens of the last :data:`RECENT_TOKENS` changes of this life, the newest (the
+    head's own) last. Heads written by the previous release have none."""
 
 
 class _Known(msgspec.Struct):
@@ -122,15 +136,13 @@ class _Known(msgspec.Struct):
     layout: _Layout
     values: list[list[bytes]]
     updated_at: float
-    payload: bytes
-    """The head checkpoint's payload: unique to the change that wrote it (a token)."""
 
 
 class _Unsettled(msgspec.Struct, frozen=True):
     """A change whose store call failed without telling whether it was stored: its reply
     lost, and the look that would tell (:func:`landed`) failed too."""
 
-    payload: bytes
+    token: bytes
     entries: list[bytes]
     state: bytes | None
     expect: int | None
@@ -180,7 +192,7 @@ class EntryLog:
         """Whether ``_known`` is this object's last sight of the head (``None``: absent)."""
         self._unsettled: _Unsettled | None = None
         """This object's last change, if its outcome is unknown: the same change made again
-        is recognised once the store shows it as the head."""
+        is recognised while the head carries its token."""
         self._joining: str | None = None
         """The incarnation of the run the store holds without a checkpoint yet (a first
         change that failed after the store created the run): the call's next try joins it,
@@ -223,8 +235,7 @@ class EntryLog:
             raise CorruptCheckpointError(
                 f"entry log holds a checkpoint with a malformed id {record.checkpoint_id!r:.60}",
                 key=where)
-        self._known = _Known(record.sequence, parsed[1], layout, values, record.created_at,
-                             record.payload)
+        self._known = _Known(record.sequence, parsed[1], layout, values, record.created_at)
         return self._known
 
     # -- changes ----------------------------------------------------------------------------
@@ -308,16 +319,19 @@ class EntryLog:
         return await self._store.delete_run(self._key) > 0
 
     async def _settled(self, same: Callable[[_Unsettled], bool]) -> _Unsettled | None:
-        """This object's change whose outcome was unknown, if the store holds it as the head
-        and ``same`` says the change asked for now is that one made again (a caller's retry:
-        it is not made twice). Forgotten either way: a read tells the outcome (one store
-        call, only after such a failure; one that fails keeps the change for the next try)."""
+        """This object's change whose outcome was unknown, if the store's head carries its
+        token (it was applied, maybe followed by other writers' changes) and ``same`` says the
+        change asked for now is that one made again (a caller's retry: it is not made twice).
+        Forgotten either way: a read tells the outcome (one store call, only after such a
+        failure; one that fails keeps the change for the next try). Tokens are carried within
+        one life of the log only: one cleared and written again holds none of an ended life's."""
         change = self._unsettled
         if change is None:
             return None
         known = await self._read()
         self._unsettled = None
-        if known is None or known.payload != change.payload or not same(change):
+        if (known is None or known.incarnation != change.head.incarnation
+                or change.token not in known.layout.recent or not same(change)):
             return None
         return change
 
@@ -357,7 +371,8 @@ class EntryLog:
             segments.append(_Segment(new_key, len(batch), sum(map(len, batch))))
             values.append(batch)
             written = _merged(segments, values, new_key)
-        layout = _Layout(segments, kept_state if state is None else state, created_at)
+        layout = _Layout(segments, kept_state if state is None else state, created_at,
+                         _recent_tokens(known))
         expires_at = None if self._ttl is None else now + self._ttl
         checkpoint_id = _ids.checkpoint_id(self._key, incarnation, sequence)
         parent = (None if sequence == 0
@@ -366,12 +381,11 @@ class EntryLog:
         record = StoredCheckpoint(
             sequence=sequence, checkpoint_id=checkpoint_id, created_at=now,
             expires_at=expires_at, header=_codec.encode_header(header),
-            # The token makes the change's record its own: after a failed store call,
-            # finding it stored says the change was applied (:func:`landed`).
+            # The token in the layout makes the change's record its own: after a failed store
+            # call, finding it stored says the change was applied (:func:`landed`).
             payload=_codec.encode_payload(
                 {_STATE_KEY: _layout_encoder.encode(layout),
-                 "entries": sum(segment.used for segment in segments),
-                 "token": secrets.token_bytes(_TOKEN_BYTES)}, [], [], {}),
+                 "entries": sum(segment.used for segment in segments)}, [], [], {}),
             refs=tuple(segment.key for segment in segments))
         items = [] if written is None else [
             Item(key=new_key, value=_layout_encoder.encode(written))]
@@ -395,11 +409,19 @@ class EntryLog:
             # that fails too, the caller's retry is recognised (:meth:`_settled`).
             if not await landed(self._store, self._key, record, self._clock()):
                 self._known, self._seen = None, False
-                self._unsettled = _Unsettled(record.payload, batch, state, expect, popped, head)
+                self._unsettled = _Unsettled(layout.recent[-1], batch, state, expect, popped, head)
                 raise
-        self._known = _Known(sequence, incarnation, layout, values, now, record.payload)
+        self._known = _Known(sequence, incarnation, layout, values, now)
         self._seen, self._joining = True, None
         return head
+
+
+def _recent_tokens(known: _Known | None) -> list[bytes]:
+    """The tokens a change after ``known`` carries: a new one of its own, after those of the
+    changes before it in this life (``known`` ``None``: a new life, none)."""
+    carried = [] if known is None else known.layout.recent[-(RECENT_TOKENS - 1):]
+    return [*carried, secrets.token_bytes(_TOKEN_BYTES)]
+
 
 def _revision(known: _Known | None) -> int:
     return -1 if known is None else known.sequence
