@@ -323,17 +323,32 @@ class EntryLog:
         token (it was applied, maybe followed by other writers' changes) and ``same`` says the
         change asked for now is that one made again (a caller's retry: it is not made twice).
         Forgotten either way: a read tells the outcome (one store call, only after such a
-        failure; one that fails keeps the change for the next try). Tokens are carried within
-        one life of the log only: one cleared and written again holds none of an ended life's."""
+        failure; one that fails keeps the change for the next try). :class:`StaleLog` when
+        the change's revision is older than every token the head carries (it cannot be told
+        whether the change was stored). Tokens are carried within one life of the log only:
+        one cleared and written again holds none of an ended life's."""
         change = self._unsettled
         if change is None:
             return None
         known = await self._read()
         self._unsettled = None
-        if (known is None or known.incarnation != change.head.incarnation
-                or change.token not in known.layout.recent or not same(change)):
+        if known is None or known.incarnation != change.head.incarnation or not same(change):
             return None
-        return change
+        recent = known.layout.recent
+        if change.token in recent:
+            return change
+        # The head's tokens are those of the changes at its last len(recent) revisions: one
+        # among them that is not this change's says it was not stored. Older than those, the
+        # log cannot tell, and making the change again could make it twice.
+        if change.head.revision <= known.sequence - len(recent):
+            followed = known.sequence - change.head.revision
+            raise StaleLog(
+                f"entry log {self._run_id!r:.80}: whether this object's earlier change was "
+                f"stored is unknown (its reply was lost) and {followed} other changes "
+                f"followed it, more than the log tells apart; read the log before making "
+                f"the change again (nothing was written)",
+                revision=known.sequence)
+        return None
 
     async def _try_change(
         self, known: _Known | None, batch: list[bytes], state: bytes | None, *,

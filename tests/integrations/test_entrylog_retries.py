@@ -26,7 +26,7 @@ from google.genai import types
 
 from fastcheckpoint.errors import CheckpointError, StoreUnavailableError
 from fastcheckpoint.integrations import _entrylog
-from fastcheckpoint.integrations._entrylog import RECENT_TOKENS, EntryLog
+from fastcheckpoint.integrations._entrylog import RECENT_TOKENS, EntryLog, StaleLog
 from fastcheckpoint.integrations.google_adk import FastSessionService
 from fastcheckpoint.integrations.openai_agents import FastSession
 from fastcheckpoint.stores.memory import MemoryStore
@@ -42,16 +42,23 @@ STORES = pytest.mark.parametrize("kind", ["memory", "file", "sqlite", "redis"])
 
 class _LostThenBlind(CountingStore):
     """After ``lose()``, the next ``append_with_items`` is applied and then raises as if its
-    reply were lost; the next ``get`` (the adapter's look at whether it landed) fails too."""
+    reply were lost; after ``fail_before()``, it raises without being applied. Either way the
+    next ``get`` (the adapter's look at whether it landed) fails too."""
 
     def __init__(self, inner: Any) -> None:
         super().__init__(inner)
-        self.losing = self.blind = False
+        self.losing = self.failing = self.blind = False
 
     def lose(self) -> None:
         self.losing = True
 
+    def fail_before(self) -> None:
+        self.failing = True
+
     async def append_with_items(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failing:
+            self.failing, self.blind = False, True
+            raise StoreUnavailableError("injected: the request never reached the store")
         status = await super().append_with_items(*args, **kwargs)  # type: ignore[misc]
         if self.losing:
             self.losing, self.blind = False, True
@@ -203,15 +210,47 @@ async def _unsettled_append(clock: FakeClock) -> tuple[EntryLog, EntryLog]:
 
 async def test_a_change_is_recognised_while_the_head_carries_its_token(clock: FakeClock) -> None:
     """Followed by ``RECENT_TOKENS - 1`` other changes the retry is recognised; by one more,
-    the token has left the head and the change is made again (the limit the pages state)."""
-    for others, expected in ((RECENT_TOKENS - 1, 1), (RECENT_TOKENS, 2)):
+    the token has left the head: the retry is refused (it cannot be told whether the change
+    was stored), never made a second time, and the call after it is made (the limit the pages
+    state)."""
+    for others, refused in ((RECENT_TOKENS - 1, False), (RECENT_TOKENS, True)):
         log, writer = await _unsettled_append(clock)
         for index in range(others):
             await writer.append([f"other-{index}".encode()])
-        await log.append([b"mine"])
+        if refused:
+            with pytest.raises(StaleLog, match="unknown") as raised:
+                await log.append([b"mine"])
+            assert raised.value.revision == others + 1
+        else:
+            await log.append([b"mine"])
         view = await writer.read()
         assert view is not None
-        assert view.entries.count(b"mine") == expected
+        assert view.entries.count(b"mine") == 1
+        assert len(view.entries) == others + 2
+        await log.append([b"later"])  # the unknown change is forgotten: the next is made
+        view = await writer.read()
+        assert view is not None
+        assert view.entries[-1] == b"later"
+
+
+async def test_a_change_not_stored_is_made_on_retry_after_other_writers(
+    clock: FakeClock
+) -> None:
+    """The change was not stored (its request failed before the store applied it) and other
+    writers' changes followed, fewer than the head's tokens cover: the retry makes it, once."""
+    store = _LostThenBlind(MemoryStore())
+    log = EntryLog(store, "run", clock=clock)  # type: ignore[arg-type]
+    await log.append([b"first"])
+    store.fail_before()
+    with pytest.raises(StoreUnavailableError):
+        await log.append([b"mine"])
+    writer = EntryLog(store, "run", clock=clock)  # type: ignore[arg-type]
+    for index in range(3):
+        await writer.append([f"other-{index}".encode()])
+    await log.append([b"mine"])
+    view = await writer.read()
+    assert view is not None
+    assert view.entries == [b"first", b"other-0", b"other-1", b"other-2", b"mine"]
 
 
 async def test_an_ended_life_does_not_make_the_change_look_applied(clock: FakeClock) -> None:
