@@ -49,6 +49,7 @@ from fastcheckpoint.stores._dynamodb_attrs import Names, n, s, strings
 
 __all__ = [
     "LABEL_TTL_SLACK",
+    "PIN_GRACE_SECONDS",
     "Value",
     "anchor_record",
     "condemn",
@@ -70,6 +71,7 @@ __all__ = [
     "nesting_done",
     "owned_record",
     "parent_check",
+    "pin_stamped",
     "plain_record",
     "put_op",
     "shared_group",
@@ -80,6 +82,16 @@ __all__ = [
 LABEL_TTL_SLACK: Final = 30 * 86400.0
 """How far past the run item's own ``ttl`` its label entries' ``ttl`` is set: they are
 refreshed (one update each, in an append) only when the run outlives that."""
+
+
+PIN_GRACE_SECONDS: Final = 3600.0
+"""How long after it was written (``pa``, the writer's wall clock) a shared item or a count an
+append wrote before its transaction (a pin) may still be that append's, under way: longer
+than any append takes (each of its requests is bounded by botocore's timeouts, 60 s to
+connect and 60 s to read, times the retry policy's attempts, and an append sends a handful
+of them in series), plus any skew between the clocks of the writer and of the process that
+judges the pin. An older pin of no run item is stale: its append failed (its outcome
+unknown, its undo failed) or its life was removed."""
 
 
 @dataclass(frozen=True)
@@ -280,6 +292,29 @@ def counter_raise(run_key: str, key: str, change: int, *, writing: bool) -> dict
         f"attribute_not_exists({names('gn')}) AND attribute_not_exists({names('np')})")
     update.update(names.params())
     return {"Update": update, "_fatal": True, "_gone": key}
+
+
+def pin_stamped(operation: Mapping[str, Any], at: float) -> dict[str, Any]:
+    """A pin's put of a shared item, or raise of a count, stamped with when it is sent
+    (``pa``, wall clock; see :data:`PIN_GRACE_SECONDS`): a later pin restamps the record."""
+    stamped = dict(operation)
+    if "Put" in operation:
+        put = operation["Put"]
+        stamped["Put"] = {**put, "Item": {**put["Item"], "pa": n(at)}}
+    else:
+        update = dict(operation["Update"])
+        expression = update["UpdateExpression"]
+        update["UpdateExpression"] = (f"SET #pa = :pa, {expression[4:]}"
+                                      if expression.startswith("SET ")
+                                      else f"SET #pa = :pa {expression}")
+        update["ExpressionAttributeNames"] = {**update.get("ExpressionAttributeNames", {}),
+                                              "#pa": "pa"}
+        update["ExpressionAttributeValues"] = {**update.get("ExpressionAttributeValues", {}),
+                                               ":pa": n(at)}
+        stamped["Update"] = update
+    if "_instead" in operation:
+        stamped["_instead"] = pin_stamped(operation["_instead"], at)
+    return stamped
 
 
 def shared_group(key: str) -> str:

@@ -59,7 +59,7 @@ import re
 import secrets
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -1253,6 +1253,8 @@ class DynamoDBStore(ExpiryCleanup):
             absent = _no_live_item(names, now)
             if item.owner is None:
                 record_item = items_layout.plain_record(run_key, item.key, value, None, token)
+                # Written by an append (not put_items): a new life's first append replaces it.
+                record_item["pa"] = _n(_wall_clock())
                 additions.shared[item.key] = items_layout.put_op(
                     record_item, absent, names, _group=items_layout.shared_group(item.key),
                     _absent=True)
@@ -1411,9 +1413,11 @@ class DynamoDBStore(ExpiryCleanup):
         for chunk in chunks:
             if not chunk:
                 continue
+            at = _wall_clock()
             try:
                 dropped = await self._commit(
-                    [*check, *(op for entry in chunk for op in entry.operations)],
+                    [*check, *(items_layout.pin_stamped(op, at) for entry in chunk
+                               for op in entry.operations)],
                     keep=len(check))
             except _Cancelled as cancelled:
                 if check and cancelled.failed(0):  # the run moved on: this chunk landed nothing
@@ -1570,7 +1574,8 @@ class DynamoDBStore(ExpiryCleanup):
         early = [dataclasses.replace(entry, operations=[operation])
                  for entry, operation in zip(early, spared, strict=True)]
         check = _pin_check(run_key, previous)
-        plan = self._assemble(run_key, must, early, removal, state, additions, [], check)
+        plan = _over_appended(
+            self._assemble(run_key, must, early, removal, state, additions, [], check), now)
         if previous is not None and plan.pins:
             await self._purge_whole_run(run_key, previous, now)
             plan = await self._plan_first(run_key, item, blob, seed, None, now, token,
@@ -1580,8 +1585,8 @@ class DynamoDBStore(ExpiryCleanup):
         if plan.pins and previous is None and not additions.pinned:
             # Room for the check of its first pin, which its transaction will carry.
             room: dict[str, Any] = {"ConditionCheck": {}}
-            plan = self._assemble(run_key, [*must, room], early, removal, state, additions,
-                                  [], check)
+            plan = _over_appended(self._assemble(
+                run_key, [*must, room], early, removal, state, additions, [], check), now)
             plan.operations.remove(room)
         if previous is not None and previous.record.incarnation != head.incarnation:
             plan.ended = previous.record.incarnation
@@ -2432,7 +2437,7 @@ class DynamoDBStore(ExpiryCleanup):
 
     async def _delete_run(self, run_key: str) -> int:
         pk = layout.partition(run_key)
-        found = await self._partition(run_key, "inc", "cid", "rev", "bl", "vb", "o",
+        found = await self._partition(run_key, "inc", "cid", "rev", "bl", "vb", "o", "pa",
                                       *_RECORD_ATTRIBUTES)
         self._cache.pop(run_key, None)
         self._families.pop(run_key, None)
@@ -2449,29 +2454,27 @@ class DynamoDBStore(ExpiryCleanup):
                  if run_item is not None and _fenceable(run_item) else None)
         doomed = [key for key in keys if key != layout.RUN_SK]
         spared: set[str] = set()  # values of the records the second Query leaves
+        stale_before: float | None = None
         if run_item is None:
-            # No life to remove: counts here, and the shared items they count, may be the
-            # pins of a new life's first append, written before its transaction (which
-            # checks only that no run item is there; a pin writes an item with its count):
-            # they stay, as those the second Query finds do. Items no count names (those
-            # of put_items) go, as with every run.
-            counted = {layout.item_sk(key[len(layout.COUNTER_PREFIX):]) for key in keys
-                       if key.startswith(layout.COUNTER_PREFIX)}
-            counted.update(key for key in keys if key.startswith(layout.COUNTER_PREFIX))
-            spared.update(blob for entry in found if _text(entry, "SK") in counted
-                          and _pinnable(entry)
-                          and isinstance(blob := entry.get("vb", {}).get("S"), str))
-            found = [entry for entry in found
-                     if not (_text(entry, "SK") in counted and _pinnable(entry))]
-            doomed = [_text(entry, "SK") for entry in found]
+            # No life to remove: a shared item or count pinned (``pa``) less than the grace
+            # ago may be a new life's first append's, written before its transaction (which
+            # checks only that no run item is there): it stays, with its value. The rest go,
+            # as with every run: the pins of an append that failed or whose life ended, items
+            # of put_items, records of a removed life. Each delete of a pinnable record holds
+            # only while it is still pinned that long ago (a pin landing meanwhile restamps it).
+            stale_before = _wall_clock() - items_layout.PIN_GRACE_SECONDS
+            found = _set_aside(found, _young_pins(found, stale_before), spared)
+            # An item next to its count: a count pinned anew spares its item with it.
+            doomed = sorted((_text(entry, "SK") for entry in found), key=_shared_key)
         removed = 0
         while doomed:
             fenced = fence is not None
-            records = [_delete(pk, key) for key in doomed]
+            records = _deletes_of(pk, found, doomed, stale_before)
             chunk = _TRANSACTION_LIMIT - 1
             for start in range(0, len(records), chunk):
                 try:
-                    await self._transact([fence or guard, *records[start : start + chunk]])
+                    kept = await self._commit(
+                        [fence or guard, *records[start : start + chunk]], keep=1)
                 except _Cancelled:
                     # The run item is no longer the one read: another process deleted the
                     # run, or started it anew over an expired one (which removed these
@@ -2481,6 +2484,9 @@ class DynamoDBStore(ExpiryCleanup):
                     return removed + sum(1 for key in doomed[:start]
                                          if layout.is_checkpoint_sk(key))
                 fence = None
+                # Pinned anew meanwhile: a first append under way may need them.
+                found = _set_aside(found, {key for key in doomed if _shared_key(key) in kept},
+                                   spared)
             removed += sum(1 for key in doomed if layout.is_checkpoint_sk(key))
             if not fenced:
                 break
@@ -2498,8 +2504,7 @@ class DynamoDBStore(ExpiryCleanup):
             new = [entry for entry in again
                    if (key := _text(entry, "SK")) not in keys and key != layout.RUN_SK]
             doomed = [_text(entry, "SK") for entry in new if not _pinnable(entry)]
-            spared.update(blob for entry in new if _pinnable(entry)
-                          and isinstance(blob := entry.get("vb", {}).get("S"), str))
+            spared.update(_values_of(entry for entry in new if _pinnable(entry)))
             found += [entry for entry in new if _text(entry, "SK") in doomed]
             keys += [_text(entry, "SK") for entry in new]
         # Then the label entries and the blobs of the incarnations listed, then the run item:
@@ -4626,6 +4631,73 @@ def _pinnable(entry: Mapping[str, Any]) -> bool:
         sort_key.startswith(layout.ITEM_PREFIX) and "o" not in entry)
 
 
+def _young_pins(found: Sequence[Mapping[str, Any]], before: float) -> set[str]:
+    """The sort keys of the pinnable records pinned since ``before``, and of the items whose
+    count was: a first append under way may name an item it found, raising its count."""
+    young = {_text(entry, "SK") for entry in found
+             if _pinnable(entry) and not _pinned_before(entry, before)}
+    young.update(layout.item_sk(key[len(layout.COUNTER_PREFIX):]) for key in list(young)
+                 if key.startswith(layout.COUNTER_PREFIX))
+    return young
+
+
+def _pinned_before(entry: Mapping[str, Any], before: float) -> bool:
+    """Whether a record was pinned (``pa``) before ``before``, or never (no pin wrote it)."""
+    stamp = entry.get("pa", {}).get("N")
+    if not isinstance(stamp, str):
+        return True
+    try:
+        return float(stamp) < before
+    except ValueError:
+        return True
+
+
+def _delete_stale_pin(pk: str, sort_key: str, before: float) -> dict[str, Any]:
+    """The delete of a pinnable record (see :func:`_pinnable`) only while it was pinned
+    before ``before``, or never; refused, it is dropped with the delete of the other record
+    of its key (item and count, one ``_group``) when both are in the transaction."""
+    names = _Names()
+    operation = _delete(pk, sort_key)
+    operation["Delete"]["ConditionExpression"] = (
+        f"attribute_not_exists({names('pa')}) OR {names('pa')} < {names.value(_n(before))}")
+    operation["Delete"].update(names.params())
+    operation["_group"] = _shared_key(sort_key)
+    return operation
+
+
+def _shared_key(sort_key: str) -> str:
+    """The shared item a count's or an item's record is of (``c#k``, ``i#k``: ``#k``); any
+    other sort key as it is."""
+    for prefix in (layout.COUNTER_PREFIX, layout.ITEM_PREFIX):
+        if sort_key.startswith(prefix):
+            return "#" + sort_key[len(prefix):]
+    return sort_key
+
+
+def _values_of(entries: Iterable[Mapping[str, Any]]) -> set[str]:
+    """The S3 keys of the item values the records hold (``vb``)."""
+    return {blob for entry in entries if isinstance(blob := entry.get("vb", {}).get("S"), str)}
+
+
+def _set_aside(
+    found: list[dict[str, Any]], kept: set[str], spared: set[str]
+) -> list[dict[str, Any]]:
+    """``found`` without the records at the sort keys ``kept``, whose values join ``spared``."""
+    spared.update(_values_of(entry for entry in found if _text(entry, "SK") in kept))
+    return [entry for entry in found if _text(entry, "SK") not in kept]
+
+
+def _deletes_of(
+    pk: str, found: Sequence[Mapping[str, Any]], doomed: Sequence[str],
+    stale_before: float | None,
+) -> list[dict[str, Any]]:
+    """``delete_run``'s deletes of ``doomed``: with ``stale_before`` (no run item), those of
+    pinnable records only while they are stale pins (see :func:`_delete_stale_pin`)."""
+    pinnable = {_text(entry, "SK") for entry in found if _pinnable(entry)}
+    return [_delete(pk, key) if stale_before is None or key not in pinnable
+            else _delete_stale_pin(pk, key, stale_before) for key in doomed]
+
+
 def _pointed_to(
     run_key: str, found: Sequence[Mapping[str, Any]], discarded: Sequence[str]
 ) -> list[str]:
@@ -5193,6 +5265,50 @@ def _no_live_item(names: _Names, now: float) -> str:
     item (create-only, insert-if-absent), tagged ``_absent``: refused by an anchor, such a put
     also replaces it when the value it points to is damaged (see ``DynamoDBStore._commit``)."""
     return f"attribute_not_exists({names('PK')}) OR {names('x')} <= {names.value(_n(now))}"
+
+
+def _wall_clock() -> float:
+    """The clock pins are stamped and judged by (``pa``, see ``PIN_GRACE_SECONDS``): a
+    physical time, as several processes compare it, and ``delete_run`` takes no ``now``."""
+    return time.time()
+
+
+def _over_appended(plan: _Plan, now: float) -> _Plan:
+    """A first append's puts of shared items, each also over an item an append wrote
+    (``pa``), not only where no live item is: with no run item, or an ended life's, no held
+    checkpoint names it. In the transaction, any such item: it is an ended or removed life's,
+    a failed append's pin, or the pin of another first append under way, which this one's
+    landing refuses (a first append's transaction needs no run item, its pins the run item
+    as they read it). Before the transaction (its pins), only an item pinned longer than
+    ``PIN_GRACE_SECONDS`` ago: a younger one may be the pin of another first append under
+    way, which could land after this one failed, naming this value in place of its own.
+    Items of ``put_items`` (no ``pa``) are kept, as by every write."""
+    cutoff = _wall_clock() - items_layout.PIN_GRACE_SECONDS
+    pins = [dataclasses.replace(entry, operations=[
+        _put_over_appended(operation, now, cutoff) for operation in entry.operations])
+        for entry in plan.pins]
+    operations = [_put_over_appended(operation, now, None) for operation in plan.operations]
+    return dataclasses.replace(plan, operations=operations, pins=pins)
+
+
+def _put_over_appended(
+    operation: dict[str, Any], now: float, pinned_before: float | None
+) -> dict[str, Any]:
+    """``operation`` again, when it is the conditional put of a shared item, over an item
+    an append wrote too (pinned before ``pinned_before``, when given). A put that replaces a
+    leftover record the change deletes carries no condition (see :func:`_spared`)."""
+    group = operation.get("_group")
+    if "ConditionExpression" not in operation.get("Put", {}) or not (
+            isinstance(group, str) and group.startswith(items_layout.shared_group(""))):
+        return operation
+    names = _Names()
+    appended = (f"attribute_exists({names('pa')})" if pinned_before is None
+                else f"{names('pa')} < {names.value(_n(pinned_before))}")
+    put = {name: value for name, value in operation["Put"].items()
+           if not name.startswith("Expression")}
+    put["ConditionExpression"] = f"{_no_live_item(names, now)} OR {appended}"
+    put.update(names.params())
+    return {**operation, "Put": put}
 
 
 def _same_owner(names: _Names, owner: int, now: float) -> str:

@@ -1,6 +1,6 @@
 """Review of the merged DynamoDB+S3 fixes of this session: a new life's first append that
 removes its ended life whole from ``_plan_first``, the check of its first pin, and the
-undo's check of its life. The strict xfail is a defect left open (documented in Limits)."""
+undo's check of its life."""
 
 from __future__ import annotations
 
@@ -90,10 +90,6 @@ async def test_a_first_append_that_removes_its_ended_life_sends_no_transaction_i
         await store.delete_run(key)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "delete_run with no run item leaves the shared items a failed first append pinned "
-    "(documented in Limits): a later first append writing that key with another value "
-    "keeps the old one, and its acknowledged checkpoint reads back a value it never wrote"))
 async def test_a_first_append_after_delete_run_with_no_run_item_reads_back_its_own_value(
     store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -524,9 +524,9 @@ async def test_a_new_life_keeps_the_ended_lifes_values_a_record_points_to(
     store: DynamoDBStore,
 ) -> None:
     """The sweep of the ended life's values after a new life's first append takes only the
-    values no record points to: the shared item the new life names and keeps reads whole,
-    and the first append costs one S3 list more (its orphan: one ``BatchGetItem`` and one
-    ``DeleteObjects``)."""
+    values no record points to: the shared item the new life names (without writing it: a
+    first append writing it replaces it) and keeps reads whole, and the first append costs
+    one S3 list more (its orphan: one ``BatchGetItem`` and one ``DeleteObjects``)."""
     old = make_run("ended-life-kept", expires_at=T0 + 10)
     new = make_run(old.run_id, created_at=T0 + 10)
     key = key_of(old)
@@ -540,16 +540,16 @@ async def test_a_new_life_keeps_the_ended_lifes_values_a_record_points_to(
             assert len(before) == 2
             await store.clients()
             with counting(store) as (dynamo, s3):
-                await _append_items(store, new, 0, refs=["b/big"], now=T0 + 10,
-                                    items=[make_item("b/big", mine)])
+                await _append_items(store, new, 0, refs=["b/big", "b/mine"], now=T0 + 10,
+                                    items=[make_item("b/mine", mine)])
             assert s3.counts == {"PutObject": 1, "ListObjectsV2": 1, "DeleteObjects": 1}
             assert dynamo.counts["BatchGetItem"] == 1  # the records the listed values name
             found = await store.read_with_items(key, sequence=0, now=T0 + 10)
             assert found is not None
-            assert found[2] == {"b/big": kept}
+            assert found[2] == {"b/big": kept, "b/mine": mine}
             after = await _blob_keys(store, key)
             assert len([blob for blob in after if blob in before]) == 1
-            assert len(after) == 2  # the new life's own orphan waits for a later sweep
+            assert len(after) == 2  # kept, and the new life's own
     finally:
         await store.delete_run(key)
         await (await store._bucket()).delete(await _blob_keys(store, key))
