@@ -87,11 +87,12 @@ refreshed (one update each, in an append) only when the run outlives that."""
 PIN_GRACE_SECONDS: Final = 3600.0
 """How long after it was written (``pa``, the writer's wall clock) a shared item or a count an
 append wrote before its transaction (a pin) may still be that append's, under way: longer
-than any append takes (each of its requests is bounded by botocore's timeouts, 60 s to
-connect and 60 s to read, times the retry policy's attempts, and an append sends a handful
-of them in series), plus any skew between the clocks of the writer and of the process that
-judges the pin. An older pin of no run item is stale: its append failed (its outcome
-unknown, its undo failed) or its life was removed."""
+than any append takes (each of its requests is bounded by the clients' timeouts, 5 s to
+connect and 30 s to read for those the store builds, times the retry policy's attempts: about
+4 minutes at the default 6, and an append sends a handful of them in series after its first
+pin), plus any skew between the clocks of the writer and of the process that judges the pin.
+An older pin of no run item is stale: its append failed (its outcome unknown, its undo
+failed) or its life was removed."""
 
 
 @dataclass(frozen=True)
