@@ -55,6 +55,31 @@ async def _pin_raise(store: DynamoDBStore, run_key: str, item_key: str) -> None:
     ])
 
 
+def _pin_at_the_first_deletes(
+    store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch, run_key: str, item_key: str, *,
+    after: bool,
+) -> list[int]:
+    """At ``delete_run``'s first transaction of deletes, the pin of ``item_key`` (see
+    :func:`_pin_raise`), sent before it, or ``after`` it landed; returns the number of
+    operations of that transaction, once it is sent."""
+    transact = store._transact
+    sent: list[int] = []
+
+    async def pinning(operations: Any, *args: Any, **kwargs: Any) -> Any:
+        first = _deletes(operations) and not sent
+        if first:
+            sent.append(len(operations))
+        if first and not after:
+            await _pin_raise(store, run_key, item_key)
+        result = await transact(operations, *args, **kwargs)
+        if first and after:
+            await _pin_raise(store, run_key, item_key)
+        return result
+
+    monkeypatch.setattr(store, "_transact", pinning)
+    return sent
+
+
 async def _emptied(store: DynamoDBStore, run_key: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The run key emptied, young pins too (``delete_run`` keeps those): the session's
     table is shared, and other tests of this key leave pins behind (stamped by a clock
@@ -107,19 +132,8 @@ async def test_a_pin_landing_between_delete_run_s_transactions_keeps_the_item_it
             first = min(sort_key[len(layout.COUNTER_PREFIX):] for sort_key in
                         await _sort_keys(store, key) if sort_key.startswith(layout.COUNTER_PREFIX))
             _past_the_grace(monkeypatch)
-            transact = store._transact
-            sent: list[int] = []
-
-            async def pinned_between(operations: Any, *args: Any, **kwargs: Any) -> Any:
-                result = await transact(operations, *args, **kwargs)
-                if _deletes(operations) and not sent:
-                    sent.append(len(operations))
-                    await _pin_raise(store, key, first)
-                return result
-
-            monkeypatch.setattr(store, "_transact", pinned_between)
+            sent = _pin_at_the_first_deletes(store, monkeypatch, key, first, after=True)
             await store.delete_run(key)
-            monkeypatch.setattr(store, "_transact", transact)
             assert sent == [100]  # the check of the run item's absence and 99 deletes
             await _kept_with_its_count(store, key, first, _value(store, where))
     finally:
@@ -140,18 +154,8 @@ async def test_a_pin_landing_after_delete_run_s_query_keeps_a_loose_item_it_name
         with anyio.fail_after(DEADLINE):
             await _emptied(store, key, monkeypatch)
             await store.put_items(key, [make_item("s/00", _value(store, where))], now=T0)
-            transact = store._transact
-            sent: list[int] = []
-
-            async def pinned_meanwhile(operations: Any, *args: Any, **kwargs: Any) -> Any:
-                if _deletes(operations) and not sent:
-                    sent.append(len(operations))
-                    await _pin_raise(store, key, "s/00")
-                return await transact(operations, *args, **kwargs)
-
-            monkeypatch.setattr(store, "_transact", pinned_meanwhile)
+            sent = _pin_at_the_first_deletes(store, monkeypatch, key, "s/00", after=False)
             await store.delete_run(key)
-            monkeypatch.setattr(store, "_transact", transact)
             assert sent
             await _kept_with_its_count(store, key, "s/00", _value(store, where))
     finally:
