@@ -941,11 +941,14 @@ class DynamoDBStore(ExpiryCleanup):
                     "nothing was written", key=f"dynamodb://{self.table}/{pk}/{sort_key}",
                 ) from exc
 
-    async def _commit(self, operations: list[dict[str, Any]], *, keep: int) -> set[str]:
+    async def _commit(
+        self, operations: list[dict[str, Any]], *, keep: int, checks_alone: bool = True
+    ) -> set[str]:
         """TransactWriteItems; conditional operations from index ``keep`` on whose condition
         fails (an owned item rewritten meanwhile, an item that exists already) are dropped,
-        with the others of their ``_group``, and the rest retried; returns the groups
-        dropped. A failed condition before
+        with the others of their ``_group``, and the rest retried (not when only condition
+        checks are left and not ``checks_alone``: their answer does not matter to the
+        caller); returns the groups dropped. A failed condition before
         ``keep``, or of a ``_fatal`` operation, raises :class:`_Cancelled`. An item put
         refused by a damaged item (see :meth:`_refused_by_damage`) is not: it is sent again
         to replace its record (:func:`_over_damaged`), since a damaged item is not live."""
@@ -976,6 +979,8 @@ class DynamoDBStore(ExpiryCleanup):
                               if not drop] + [op["_instead"] for op, drop
                                               in zip(operations, dropped, strict=True)
                                               if drop and "_instead" in op]
+                if not checks_alone and all("ConditionCheck" in op for op in operations):
+                    break
         return dropped_groups
 
     async def _refused_by_damage(
@@ -2464,30 +2469,29 @@ class DynamoDBStore(ExpiryCleanup):
             # only while it is still pinned that long ago (a pin landing meanwhile restamps it).
             stale_before = _wall_clock() - items_layout.PIN_GRACE_SECONDS
             found = _set_aside(found, _young_pins(found, stale_before), spared)
-            # An item next to its count: a count pinned anew spares its item with it.
-            doomed = sorted((_text(entry, "SK") for entry in found), key=_shared_key)
+            doomed = [_text(entry, "SK") for entry in found]
         removed = 0
         while doomed:
             fenced = fence is not None
-            records = _deletes_of(pk, found, doomed, stale_before)
-            chunk = _TRANSACTION_LIMIT - 1
-            for start in range(0, len(records), chunk):
+            groups = _deletes_of(pk, found, doomed, stale_before)
+            for chunk in _chunks(groups, _TRANSACTION_LIMIT - 1):
+                operations = [operation for group in chunk for operation in group]
                 try:
-                    kept = await self._commit(
-                        [fence or guard, *records[start : start + chunk]], keep=1)
+                    # Nothing left to delete (every pin refused): the check alone is not sent.
+                    kept = await self._commit([fence or guard, *operations], keep=1,
+                                              checks_alone=False)
                 except _Cancelled:
                     # The run item is no longer the one read: another process deleted the
                     # run, or started it anew over an expired one (which removed these
                     # leftovers).
                     logger.info("run key %s was deleted or started anew while delete_run "
                                 "removed it; the rest is not this call's to remove", run_key)
-                    return removed + sum(1 for key in doomed[:start]
-                                         if layout.is_checkpoint_sk(key))
+                    return removed
                 fence = None
+                removed += _checkpoints_deleted(operations)
                 # Pinned anew meanwhile: a first append under way may need them.
                 found = _set_aside(found, {key for key in doomed if _shared_key(key) in kept},
                                    spared)
-            removed += sum(1 for key in doomed if layout.is_checkpoint_sk(key))
             if not fenced:
                 break
             # Writes of the run's life that landed between the Query and the fence (an
@@ -4653,16 +4657,35 @@ def _pinned_before(entry: Mapping[str, Any], before: float) -> bool:
 
 
 def _delete_stale_pin(pk: str, sort_key: str, before: float) -> dict[str, Any]:
-    """The delete of a pinnable record (see :func:`_pinnable`) only while it was pinned
-    before ``before``, or never; refused, it is dropped with the delete of the other record
-    of its key (item and count, one ``_group``) when both are in the transaction."""
+    """The delete of a pinnable record (see :func:`_pinnable`) only while it is a stale pin
+    (see :func:`_stale_pin_check`); refused, it is dropped with the rest of its key's group
+    (see :func:`_deletes_of`)."""
     names = _Names()
     operation = _delete(pk, sort_key)
-    operation["Delete"]["ConditionExpression"] = (
-        f"attribute_not_exists({names('pa')}) OR {names('pa')} < {names.value(_n(before))}")
+    operation["Delete"]["ConditionExpression"] = _stale_pin(names, before)
     operation["Delete"].update(names.params())
     operation["_group"] = _shared_key(sort_key)
     return operation
+
+
+def _stale_pin_check(pk: str, key: str, before: float) -> dict[str, Any]:
+    """The check, in the transaction deleting shared item ``key`` found with no count, that
+    its count is still absent or pinned before ``before``: a first append under way that
+    names the item without writing it raises the count (stamped now) before its
+    transaction, and the item must then stay. A condition on the item cannot see the count,
+    and a delete of an absent count would cost a write: a ``ConditionCheck`` it is."""
+    names = _Names()
+    return {"ConditionCheck": {
+        "Key": {"PK": _s(pk), "SK": _s(layout.counter_sk(key))},
+        "ConditionExpression": _stale_pin(names, before),
+        **names.params(),
+    }, "_group": _shared_key(layout.counter_sk(key))}
+
+
+def _stale_pin(names: _Names, before: float) -> str:
+    """The condition that a record was pinned (``pa``) before ``before``, or never (no pin
+    wrote it, or it is absent)."""
+    return f"attribute_not_exists({names('pa')}) OR {names('pa')} < {names.value(_n(before))}"
 
 
 def _shared_key(sort_key: str) -> str:
@@ -4690,12 +4713,32 @@ def _set_aside(
 def _deletes_of(
     pk: str, found: Sequence[Mapping[str, Any]], doomed: Sequence[str],
     stale_before: float | None,
-) -> list[dict[str, Any]]:
-    """``delete_run``'s deletes of ``doomed``: with ``stale_before`` (no run item), those of
-    pinnable records only while they are stale pins (see :func:`_delete_stale_pin`)."""
+) -> list[list[dict[str, Any]]]:
+    """``delete_run``'s deletes of ``doomed``, in groups one transaction takes whole. With
+    ``stale_before`` (no run item), those of pinnable records only while they are stale pins,
+    one group per shared key: the count's delete (or, when none was found, the check that
+    none was pinned since, :func:`_stale_pin_check`) and the item's, so that a pin raising
+    the count before their transaction keeps both, and one after it finds neither."""
+    if stale_before is None:
+        return [[_delete(pk, key)] for key in doomed]
     pinnable = {_text(entry, "SK") for entry in found if _pinnable(entry)}
-    return [_delete(pk, key) if stale_before is None or key not in pinnable
-            else _delete_stale_pin(pk, key, stale_before) for key in doomed]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for key in doomed:
+        if key not in pinnable:
+            groups[key] = [_delete(pk, key)]
+            continue
+        group = groups.setdefault(_shared_key(key), [])
+        if key.startswith(layout.ITEM_PREFIX) and layout.counter_sk(
+                shared := key[len(layout.ITEM_PREFIX):]) not in pinnable:
+            group.append(_stale_pin_check(pk, shared, stale_before))
+        group.append(_delete_stale_pin(pk, key, stale_before))
+    return list(groups.values())
+
+
+def _checkpoints_deleted(operations: Iterable[Mapping[str, Any]]) -> int:
+    """How many checkpoint records ``operations`` delete."""
+    return sum(1 for operation in operations if "Delete" in operation
+               and layout.is_checkpoint_sk(_text(operation["Delete"]["Key"], "SK")))
 
 
 def _pointed_to(

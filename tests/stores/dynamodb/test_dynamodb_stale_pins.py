@@ -79,6 +79,56 @@ async def _sort_keys(store: DynamoDBStore, run_key: str) -> list[str]:
     return [entry["SK"]["S"] for entry in await store._partition(run_key)]
 
 
+async def _emptied(store: DynamoDBStore, run_key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run key emptied, young pins too (``delete_run`` keeps those): the session's
+    table is shared, and other tests of this key leave pins behind (stamped by a clock
+    moved past the grace, hence a clock moved twice as far)."""
+    monkeypatch.undo()
+    later = time.time() + 3 * items_layout.PIN_GRACE_SECONDS
+    monkeypatch.setattr(dynamodb_module, "_wall_clock", lambda: later)
+    await store.delete_run(run_key)
+    monkeypatch.undo()
+    assert await _sort_keys(store, run_key) == []
+
+
+async def _pin_raise(store: DynamoDBStore, run_key: str, item_key: str) -> None:
+    """What a first append under way that names ``item_key`` without writing it sends before
+    its transaction: the raise of its count, checked against no run item, stamped now."""
+    await store._transact([
+        dynamodb_module._pin_check(run_key, None),
+        items_layout.pin_stamped(items_layout.counter_raise(run_key, item_key, 1, writing=False),
+                                 dynamodb_module._wall_clock()),
+    ])
+
+
+def _sort_keys_of(operations: list[dict[str, Any]]) -> list[str]:
+    """The sort keys a transaction's operations write or check."""
+    return [next(iter(operation.values()))["Key"]["SK"]["S"] if "Put" not in operation
+            else operation["Put"]["Item"]["SK"]["S"]
+            for operation in operations]
+
+
+def _pin_before_the_delete_of(
+    store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch, run_key: str, item_key: str
+) -> list[str]:
+    """Before ``delete_run``'s first transaction deleting ``item_key``'s item, the pin of
+    ``item_key`` (see :func:`_pin_raise`); returns the sort keys of that transaction's
+    operations, once it is sent."""
+    transact = store._transact
+    sent: list[str] = []
+    doomed = layout.item_sk(item_key)
+
+    async def pinning(operations: Any, *args: Any, **kwargs: Any) -> Any:
+        if not sent and any(operation.get("Delete", {}).get("Key", {}).get("SK") == {"S": doomed}
+                            for operation in operations):
+            sent.extend(_sort_keys_of(operations))
+            await _pin_raise(store, run_key, item_key)
+        return await transact(operations, *args, **kwargs)
+
+    monkeypatch.setattr(store, "_transact", pinning)
+    return sent
+
+
 async def test_delete_run_with_no_run_item_removes_pins_older_than_the_grace(
     store: DynamoDBStore, key: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -101,8 +151,7 @@ async def test_delete_run_with_no_run_item_removes_pins_older_than_the_grace(
             assert dynamo.counts["TransactWriteItems"] == -(-len(pinned) // 99)
             assert "DeleteItem" not in dynamo.counts
     finally:
-        monkeypatch.undo()
-        await store.delete_run(key)
+        await _emptied(store, key, monkeypatch)
 
 
 async def test_a_pin_landing_after_delete_run_read_the_partition_keeps_its_item_and_count(
@@ -116,17 +165,7 @@ async def test_a_pin_landing_after_delete_run_read_the_partition_keeps_its_item_
         with anyio.fail_after(DEADLINE):
             await _fail_first_append_after_its_pins(store, monkeypatch, b"old")
             _past_the_grace(monkeypatch)
-            transact = store._transact
-            repinned: list[int] = []
-
-            async def pinned_meanwhile(operations: Any, *args: Any, **kwargs: Any) -> Any:
-                if not repinned:
-                    repinned.append(1)
-                    await transact([items_layout.pin_stamped(items_layout.counter_raise(
-                        key, "s/59", 1, writing=False), dynamodb_module._wall_clock())])
-                return await transact(operations, *args, **kwargs)
-
-            monkeypatch.setattr(store, "_transact", pinned_meanwhile)
+            _pin_before_the_delete_of(store, monkeypatch, key, "s/59")
             with counting(store) as (dynamo, _):
                 await store.delete_run(key)
             assert sorted(await _sort_keys(store, key)) == [
@@ -137,8 +176,7 @@ async def test_a_pin_landing_after_delete_run_read_the_partition_keeps_its_item_
             assert count is not None
             assert count["rc"] == {"N": "2"}
     finally:
-        monkeypatch.undo()
-        await store.delete_run(key)
+        await _emptied(store, key, monkeypatch)
 
 
 @pytest.mark.parametrize("grace", [
@@ -173,12 +211,11 @@ async def test_a_new_life_s_first_append_reads_back_its_own_values_at_the_keys_i
             assert read is not None
             assert {name: read[2].get(name) for name in NAMES} == dict.fromkeys(NAMES, b"new")
     finally:
-        monkeypatch.undo()
-        await store.delete_run(key)
+        await _emptied(store, key, monkeypatch)
 
 
 async def test_a_first_append_keeps_a_loose_item_at_a_key_it_writes(
-    store: DynamoDBStore, key: str,
+    store: DynamoDBStore, key: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A first append replaces only items an append wrote: a loose item of ``put_items``
     (which a new life holds) is kept as it is, as by every write."""
@@ -190,4 +227,48 @@ async def test_a_first_append_keeps_a_loose_item_at_a_key_it_writes(
             assert await _stored(store, make_run("stale-pins"), ["s/00"]) == {
                 "s/00": b"loose"}
     finally:
-        await store.delete_run(key)
+        await _emptied(store, key, monkeypatch)
+
+
+async def test_delete_run_with_no_run_item_checks_the_count_of_each_item_it_found_none_for(
+    store: DynamoDBStore, key: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A shared item ``delete_run`` finds no count for (one of ``put_items``) is deleted only
+    while its count is still absent or stale (a first append under way naming it may raise
+    it meanwhile): a check in the delete's transaction, one operation more per such item,
+    so 49 of them a transaction (before, 99, unchecked)."""
+    try:
+        with anyio.fail_after(DEADLINE):
+            await _emptied(store, key, monkeypatch)
+            await store.put_items(key, [make_item(f"a/{index:02}", b"loose")
+                                        for index in range(50)], now=T0)
+            with counting(store) as (dynamo, _):
+                await store.delete_run(key)
+            assert await _sort_keys(store, key) == []
+            assert dynamo.counts["Query"] == 1
+            assert dynamo.counts["TransactWriteItems"] == 2  # 49 items, then 1
+    finally:
+        await _emptied(store, key, monkeypatch)
+
+
+async def test_delete_run_sends_no_transaction_of_the_run_check_alone(
+    store: DynamoDBStore, key: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every delete of ``delete_run``'s transaction refused (a pin raised the count of the one
+    item it found): it is not sent again with only the check that no run item is there,
+    which would delete nothing."""
+    try:
+        with anyio.fail_after(DEADLINE):
+            await _emptied(store, key, monkeypatch)
+            await store.put_items(key, [make_item("s/00", b"loose")], now=T0)
+            sent = _pin_before_the_delete_of(store, monkeypatch, key, "s/00")
+            with counting(store) as (dynamo, _):
+                await store.delete_run(key)
+            assert sorted(await _sort_keys(store, key)) == [
+                layout.counter_sk("s/00"), layout.item_sk("s/00")]
+            # The pin, and delete_run's transaction, refused: nothing more.
+            # The check of no run item, of the count, and the item's delete.
+            assert sent == [layout.RUN_SK, layout.counter_sk("s/00"), layout.item_sk("s/00")]
+            assert dynamo.counts["TransactWriteItems"] == 2
+    finally:
+        await _emptied(store, key, monkeypatch)
