@@ -1339,7 +1339,8 @@ class S3Store(ExpiryCleanup):
                 # another append did: another process's, or another of this process's at
                 # the same sequence (whose raise was before this one's pruning).
                 own = cached.raised_floor != raised and cached.raised_floor == slot.sequence + 1
-                above = own or await self._follows(io, run_key, slot, resent, keep_latest)
+                above = own or await self._follows(io, run_key, slot.sequence,
+                                                    _listing_of(slot), resent, keep_latest)
             if above is not True:
                 await self._refuse_landed(io, run_key, slot, slot_etag, above, owned={})
         log.latest = max(log.latest, slot.sequence)
@@ -1470,12 +1471,15 @@ class S3Store(ExpiryCleanup):
         above = await self._landed_above_floor(io, run_key, slot, etag)
         if above is not False:
             return above
-        return await self._follows(io, run_key, slot, resent, keep_latest)
+        return await self._follows(io, run_key, slot.sequence, _listing_of(slot), resent,
+                                   keep_latest)
 
     async def _follows(
-        self, io: Bucket, run_key: str, slot: Slot, resent: bool, keep_latest: int | None
+        self, io: Bucket, run_key: str, sequence: int, slot: Listing, resent: bool,
+        keep_latest: int | None,
     ) -> bool | CheckpointError:
-        """Whether the run goes on from ``slot``, whose key lies below the run's floor now:
+        """Whether the run goes on from the slot at ``sequence`` (``slot``: what a listing
+        shows of it), whose key lies below the run's floor now:
         True when no slot of its life stands above it (the floor was raised over it as the
         newest; an ended life's seal may stand above until this life reaches it), the slot
         after it was written after it (it names its token: a tombstone too, which carries
@@ -1500,7 +1504,7 @@ class S3Store(ExpiryCleanup):
         before it, or what the tombstone before it carries, itself copied from the slot
         that tombstone replaced: by induction, never a late slot's token."""
         page = 8  # the newest keys: room for a few ended lives' seals (slot and marker each)
-        following = slot.sequence + 1
+        following = sequence + 1
         found = await _error_as_value(
             pair, functools.partial(io.list, layout.slots_prefix(run_key), limit=page),
             functools.partial(io.get, layout.slot_key(run_key, following)))
@@ -1514,15 +1518,15 @@ class S3Store(ExpiryCleanup):
         if not standing and len(newest) >= page:
             return False  # only other lives' slots listed: where this life's head is, unknown
         head = max(standing, default=-1)
-        if head <= slot.sequence:
+        if head <= sequence:
             return True
         if after is None:
-            own = listed.slots.get(slot.sequence)
+            own = listed.slots.get(sequence)
             if own is None or own.slot_etag is None:
                 return False  # the slots between it and the head are not all listed
             # Gone while newer ones stand: the lowest of them (all of them listed, as this
             # slot is) names what came before it through the deleted checkpoints.
-            following = min(sequence for sequence in standing if sequence > slot.sequence)
+            following = min(above for above in standing if above > sequence)
             after = await _error_as_value(io.get, layout.slot_key(run_key, following))
             if isinstance(after, CheckpointError):
                 return after
@@ -1538,10 +1542,10 @@ class S3Store(ExpiryCleanup):
             # this slot, it shows that no checkpoint came after it: a pruning that freed
             # this key had one above it, and the newest is never removed outright (nor is a
             # key a guard could take while a checkpoint holds it).
-            return head == following == slot.sequence + 1
+            return head == following == sequence + 1
         if occupant.after != slot.token:
             return False
-        return not resent or keep_latest is None or head - slot.sequence < keep_latest
+        return not resent or keep_latest is None or head - sequence < keep_latest
 
     async def _refuse_landed(
         self,
@@ -2005,7 +2009,11 @@ class S3Store(ExpiryCleanup):
             "while an append broke it; nothing was written, try again")
 
     async def _heal(self, io: Bucket, run_key: str, current: _Run) -> None:
-        missing = [view for view in (*current.held, *current.tombstones) if view.missing]
+        # A slot without marker below the floor may be a commit that landed late in a freed
+        # key (see _stands): its marker would make it read as a checkpoint. It stays bare.
+        floor = 0 if current.state is None else current.state.floor
+        missing = [view for view in (*current.held, *current.tombstones)
+                   if view.missing and (view.kind == "t" or view.sequence >= floor)]
         await gather([
             functools.partial(self._put_marker, io, run_key, view.sequence, view.kind,
                               _listing(view))
@@ -2498,11 +2506,52 @@ class S3Store(ExpiryCleanup):
             return None
         if isinstance(state, CorruptCheckpointError):
             # Which incarnation is current only the log can tell now: its head says.
-            head = (await self._head(io, run_key, live_wanted=1, now=now))[0].state
-            if head is None:
+            run = (await self._head(io, run_key, live_wanted=1, now=now))[0].state
+            if run is None:
                 return None
-            return self._accept(io, run_key, sequence, found, head, now, listed, seen)
-        return self._accept(io, run_key, sequence, found, state[0], now, listed, seen)
+        else:
+            run = state[0]
+        accepted = self._accept(io, run_key, sequence, found, run, now, listed, seen)
+        if accepted is None or await self._stands(io, run_key, sequence, found, run, listed):
+            return accepted
+        return None
+
+    async def _stands(
+        self,
+        io: Bucket,
+        run_key: str,
+        sequence: int,
+        found: tuple[bytes, str],
+        state: RunState,
+        listed: _SlotView | None,
+    ) -> bool:
+        """Whether the slot read at ``sequence`` (``found``) is a checkpoint, not a create's
+        commit PUT that landed late, in a key a pruning had freed, with nobody left to check
+        it (its create cancelled or killed while the PUT was held in the network): such a
+        slot lies below the floor (raised before the key was freed) and has no marker of its
+        own (written only after the commit's answer). A slot at or above the floor, or with
+        its marker (``listed``: the listing of its keys, read with it; otherwise listed now,
+        a round trip more), stands. One without, below the floor (its writer is between its
+        two PUTs, or its marker's PUT failed), stands when the run goes on from it (see
+        :meth:`_follows`: the slot after it names its token)."""
+        if sequence >= state.floor:
+            return True
+        key = layout.slot_key(run_key, sequence)
+        slot = layout.decode_slot(found[0], io.where(key), run_key=run_key, sequence=sequence)
+        if slot.owns and listed is None:
+            return True  # get reads it again with its listing (is it pending?), checked then
+        if listed is None:
+            listed = _parse_run_listing(run_key, await _slot_markers(io, key)).slots.get(sequence)
+        if listed is not None and not listed.missing and _marked(listed, slot):
+            return True
+        return await self._goes_on_from(io, run_key, sequence, _listing_of(slot))
+
+    async def _goes_on_from(self, io: Bucket, run_key: str, sequence: int, slot: Listing) -> bool:
+        """:meth:`_follows` for a reader, which knows nothing of how the slot was sent."""
+        follows = await self._follows(io, run_key, sequence, slot, False, None)
+        if isinstance(follows, CheckpointError):
+            raise follows
+        return follows
 
     @holds_clients
     async def latest(self, run_key: str, *, now: float) -> tuple[StoredCheckpoint, str] | None:
@@ -2570,7 +2619,9 @@ class S3Store(ExpiryCleanup):
             if not isinstance(state, CorruptCheckpointError):
                 accepted = self._accept(io, run_key, guess.sequence, got, state[0], now, guess,
                                         seen)
-                if accepted is not None:
+                if accepted is not None and await self._stands(
+                    io, run_key, guess.sequence, got, state[0], guess
+                ):
                     return *accepted, guess
         result = await self._first_live(
             io, run_key, _as_listed(await self._resolve(io, run_key, listed)), now, seen)
@@ -2594,7 +2645,8 @@ class S3Store(ExpiryCleanup):
                 raise _Superseded
             result = self._accept(io, run_key, view.sequence, got, current.state, now, view,
                                   seen)
-            if result is not None:
+            if result is not None and await self._stands(io, run_key, view.sequence, got,
+                                                         current.state, view):
                 return *result, view
         return None
 
@@ -2900,14 +2952,15 @@ class S3Store(ExpiryCleanup):
             return sum(1 for view in listed.slots.values() if wanted(view)) >= limit
 
         listed, known_from = await self._page(io, run_key, before, _page_for(limit), enough)
-        current = _as_listed(await self._resolve(io, run_key, listed))
+        current = await self._without_late(io, run_key, await self._resolve(io, run_key, listed))
         chosen = _chosen(current, before, limit, now, include_expired)
         if len(chosen) < limit and known_from:
             # Leftovers of another incarnation filled the page: take the rest of the run.
             listed, known_from = await self._page(
                 io, run_key, before, layout.SEQUENCE_SPAN, lambda _: False
             )
-            current = _as_listed(await self._resolve(io, run_key, listed))
+            current = await self._without_late(io, run_key,
+                                               await self._resolve(io, run_key, listed))
             chosen = _chosen(current, before, limit, now, include_expired)
         if current.state is None:
             return [], None
@@ -2922,6 +2975,18 @@ class S3Store(ExpiryCleanup):
         if None in headers:
             raise _Superseded  # a long header's marker removed since it was listed
         return [header for header in headers if header is not None], current.state.status
+
+    async def _without_late(self, io: Bucket, run_key: str, current: _Run) -> _Run:
+        """``current`` for a read (see :func:`_as_listed`), without the slots read for want
+        of a marker that lie below the floor and from which the run does not go on: commits
+        that landed late in a freed key (see :meth:`_stands`). Costs nothing unless such a
+        slot is listed."""
+        current = _as_listed(current)
+        floor = 0 if current.state is None else current.state.floor
+        for view in [view for view in current.held if view.missing and view.sequence < floor]:
+            if not await self._goes_on_from(io, run_key, view.sequence, _listing(view)):
+                current.held.remove(view)
+        return current
 
     async def _page(
         self,

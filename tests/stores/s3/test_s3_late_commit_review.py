@@ -15,13 +15,15 @@ import anyio
 import msgspec
 import pytest
 
-from fastcheckpoint import CheckpointConfig, CheckpointManager
+from fastcheckpoint import Checkpoint, CheckpointConfig, CheckpointManager
+from fastcheckpoint._ids import key_of as key_of_run
 from fastcheckpoint.errors import (
     CheckpointError,
     SequenceConflict,
     SharedItemGone,
     StoreUnavailableError,
 )
+from fastcheckpoint.stores import _s3_io
 from fastcheckpoint.stores import _s3_layout as layout
 from fastcheckpoint.stores._aws import RequestCounter
 from fastcheckpoint.stores.s3 import S3Store
@@ -29,6 +31,7 @@ from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_item, make_
 from fastcheckpoint.testing._adapter import _append_items, _read
 from tests.stores._moto import moto_endpoint
 from tests.stores.s3.test_s3 import DEADLINE, _FaultyProxy, faulty_proxy, s3_bucket, s3_store
+from tests.stores.s3.test_s3_damage_fixes import _keys as _keys_under
 from tests.stores.s3.test_s3_delete_run import _another, reader, writer
 from tests.stores.s3.test_s3_late_commit import _append, _before_check, _hold_commit, _slot_keys
 from tests.stores.s3.test_s3_lost_reply_removed import _create_across
@@ -428,52 +431,139 @@ async def test_the_newest_slot_under_a_cleanup_floor_is_acknowledged_below_an_en
     assert slots == [1, 4]
 
 
-@pytest.mark.xfail(strict=True, reason="a create cancelled (or its process killed) while its "
-                   "commit PUT is held in the network never checks it: the PUT lands in the "
-                   "key a pruning freed meanwhile, and the id another create was given there "
-                   "restores the cancelled create's state")
-async def test_a_cancelled_create_landing_in_a_freed_key_gives_its_state_to_no_other_id(
+async def _cancelled_then_landed(
     faulty_proxy: type[_FaultyProxy], proxied: S3Store, direct: S3Store,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
+) -> tuple[CheckpointManager, Checkpoint, Checkpoint, list[int]]:
     """The writer's commit PUT is held in the network and its create cancelled (the
     caller's deadline: a create without owned items stops where it is). Another process
-    creates "one" at that sequence and "two", pruning "one"; then the held PUT reaches S3
-    and lands in the freed key. No process checks it now: "one"'s id must not restore the
-    cancelled create's state (it restores nothing: pruned)."""
+    (one checkpoint kept) creates "one" at that sequence and "two", pruning "one"; then the
+    held PUT reaches S3 and lands in the freed key, and no process checks it. Returns that
+    process's manager, "one", "two" and the held PUT's status (once S3 answered it)."""
     writer = CheckpointManager(proxied, config=CheckpointConfig(max_checkpoints_per_run=1))
     other = CheckpointManager(direct, config=CheckpointConfig(max_checkpoints_per_run=1))
     forward = _FaultyProxy._forward
     forwarded = threading.Event()
-    landed: list[int] = []  # the held PUT's status, once S3 answered it
+    landed: list[int] = []
 
     def forwarding(handler: _FaultyProxy, body: bytes) -> Any:
+        if handler.command != "PUT":
+            return forward(handler, body)  # the run object's GET sent with the held PUT
         try:
             answer = forward(handler, body)
-            if handler.command == "PUT":
-                landed.append(answer[0].status)
+            landed.append(answer[0].status)
             return answer
         finally:
             forwarded.set()
 
+    await writer.create("r", {"who": "start"})
+    monkeypatch.setattr(_FaultyProxy, "_forward", forwarding)
+    gate = faulty_proxy.hold(_SLOT_PUT)
+    async with anyio.create_task_group() as group:
+        group.start_soon(writer.create, "r", {"who": "late"})
+        await gate.reached()
+        group.cancel_scope.cancel()
+    one = await other.create("r", {"who": "one"})
+    two = await other.create("r", {"who": "two"})  # prunes "one"
+    gate.release.set()
+    assert await anyio.to_thread.run_sync(forwarded.wait, DEADLINE)  # the held PUT
+    monkeypatch.undo()
+    return other, one, two, landed
+
+
+async def test_a_cancelled_create_landing_in_a_freed_key_gives_its_state_to_no_other_id(
+    faulty_proxy: type[_FaultyProxy], proxied: S3Store, direct: S3Store,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The held PUT of a cancelled create lands in the key a pruning freed (see
+    :func:`_cancelled_then_landed`): "one"'s id must not restore the cancelled create's
+    state (it restores nothing: pruned)."""
     with anyio.fail_after(DEADLINE):
-        await writer.create("r", {"who": "start"})
-        monkeypatch.setattr(_FaultyProxy, "_forward", forwarding)
-        gate = faulty_proxy.hold(_SLOT_PUT)
-        async with anyio.create_task_group() as group:
-            group.start_soon(writer.create, "r", {"who": "late"})
-            await gate.reached()
-            group.cancel_scope.cancel()
-        one = await other.create("r", {"who": "one"})
-        await other.create("r", {"who": "two"})  # prunes "one"
-        gate.release.set()
-        assert await anyio.to_thread.run_sync(forwarded.wait, DEADLINE)  # the held PUT
+        other, one, _, landed = await _cancelled_then_landed(faulty_proxy, proxied, direct,
+                                                             monkeypatch)
         by_one = await other.restore_from(one.checkpoint_id)
 
     # The case needs the held PUT to land (a machine under load may break its connection).
     assert landed[-1:] == [200], landed
     assert one.metadata.sequence == 1
     assert by_one is None, by_one.state
+
+
+async def test_a_cancelled_create_landing_in_a_freed_key_is_no_checkpoint_to_any_read(
+    faulty_proxy: type[_FaultyProxy], proxied: S3Store, direct: S3Store,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same late slot, read every other way: a plain ``get`` (no listing of its keys
+    read with it: below the floor, a LIST of them, then the LIST and GET telling whether
+    the slot after it follows it), a listing of the run's checkpoints, the
+    cleanup loop (which writes the markers writers left out, and must not write this one's:
+    it would make the slot read as "one"), and ``restore`` once "two" is deleted (the late
+    slot is then the newest slot of the run that is not a tombstone)."""
+    with anyio.fail_after(DEADLINE):
+        other, one, two, landed = await _cancelled_then_landed(faulty_proxy, proxied, direct,
+                                                               monkeypatch)
+        key = key_of_run("r")
+        client = await direct.client()
+        with RequestCounter.attached(client) as read:
+            got = await direct.get(key, 1, now=T0)
+        listed = await other.list_checkpoints("r")
+        await direct.purge_expired(now=T0, limit=100)
+        marked = [entry for entry in await _keys_under(direct, layout.slot_key(key, 1))
+                  if entry != layout.slot_key(key, 1)]
+        by_one = await other.restore_from(one.checkpoint_id)
+        assert await other.delete(two.checkpoint_id)
+        latest = await other.restore("r")
+
+    assert landed[-1:] == [200], landed
+    assert got is None, got[0]
+    assert read.counts == {"GetObject": 3, "ListObjectsV2": 2}, read.counts
+    assert [item.checkpoint_id for item in listed] == [two.checkpoint_id]
+    assert marked == []
+    assert by_one is None, by_one.state
+    assert latest is None, latest.state
+
+
+async def test_an_acknowledged_create_whose_marker_failed_reads_below_the_floor(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other side of the rule above: a create without owned items is acknowledged when
+    its marker's PUT fails (its slot is read instead). Once later creates pruned past it
+    and raised the floor above it, it is a slot without marker below the floor, as a late
+    one is; the slot after it names it, so every read still finds it, and ``restore`` does
+    once the checkpoint after it is deleted (its tombstone names it)."""
+    writer_store, other_store = stores
+    writer = CheckpointManager(writer_store, config=CheckpointConfig(max_checkpoints_per_run=2))
+    other = CheckpointManager(other_store)
+    key = key_of_run("kept")
+    original = _s3_io.Bucket.put
+
+    async def put(bucket: Any, target: str, *args: Any, **kwargs: Any) -> Any:
+        if target.startswith(layout.slot_key(key, 1) + "/"):
+            raise StoreUnavailableError("injected: the marker's PUT failed")
+        return await original(bucket, target, *args, **kwargs)
+
+    with anyio.fail_after(DEADLINE):
+        await writer.create("kept", {"n": 0})
+        monkeypatch.setattr(_s3_io.Bucket, "put", put)
+        bare = await writer.create("kept", {"n": 1})
+        monkeypatch.undo()
+        last = await writer.create("kept", {"n": 2})  # prunes 0, raises the floor to 3
+        state = (await other_store._read_state(await other_store._objects(), key))
+        by_id = await other.restore_from(bare.checkpoint_id)
+        got = await other_store.get(key, 1, now=T0)
+        listed = await other.list_checkpoints("kept")
+        assert await other.delete(last.checkpoint_id)
+        latest = await other.restore("kept")
+
+    assert state is not None
+    assert state[0].floor == 3
+    assert by_id is not None
+    assert by_id.state == {"n": 1}
+    assert got is not None
+    assert got[0].checkpoint_id == bare.checkpoint_id
+    assert [item.checkpoint_id for item in listed] == [last.checkpoint_id, bare.checkpoint_id]
+    assert latest is not None
+    assert latest.checkpoint_id == bare.checkpoint_id
 
 
 async def test_a_stale_lifes_rewrite_hides_a_sweeps_removal_from_a_new_lifes_append(
