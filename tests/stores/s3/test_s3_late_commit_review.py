@@ -566,6 +566,54 @@ async def test_an_acknowledged_create_whose_marker_failed_reads_below_the_floor(
     assert latest.checkpoint_id == bare.checkpoint_id
 
 
+async def test_a_create_between_its_pruning_and_its_marker_is_read_as_the_newest(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One checkpoint kept: a create's pruning removes the checkpoint before it beside the
+    marker's PUT. Read in between (or for good, its writer killed there), the new slot has
+    no marker and lies below the floor the pruning raised: the run goes on from it
+    (nothing stands above it), so every read finds it, never no checkpoint at all."""
+    writer_store, other_store = stores
+    writer = CheckpointManager(writer_store, config=CheckpointConfig(max_checkpoints_per_run=1))
+    other = CheckpointManager(other_store)
+    key = key_of_run("between")
+    put, delete_listed = _s3_io.Bucket.put, _s3_io.Bucket.delete_listed
+    pruned = anyio.Event()
+    read: list[Any] = []
+
+    async def deleting(bucket: Any, listed: Any) -> None:
+        await delete_listed(bucket, listed)
+        pruned.set()
+
+    async def marking(bucket: Any, target: str, *args: Any, **kwargs: Any) -> Any:
+        if target.startswith(layout.slot_key(key, 3) + "/"):
+            await pruned.wait()
+            latest = await other.restore("between")
+            listed = await other.list_checkpoints("between")
+            read.append((None if latest is None else latest.state,
+                         [item.sequence for item in listed],
+                         await other_store.get(key, 3, now=T0)))
+        return await put(bucket, target, *args, **kwargs)
+
+    with anyio.fail_after(DEADLINE):
+        for n in range(3):
+            await writer.create("between", {"n": n})
+        monkeypatch.setattr(_s3_io.Bucket, "delete_listed", deleting)
+        monkeypatch.setattr(_s3_io.Bucket, "put", marking)
+        await writer.create("between", {"n": 3})
+        monkeypatch.undo()
+        state = await other_store._read_state(await other_store._objects(), key)
+
+    assert state is not None
+    assert state[0].floor == 4  # raised by the pruning of checkpoint 2: above 3
+    assert len(read) == 1
+    latest, listed, got = read[0]
+    assert latest == {"n": 3}
+    assert listed == [3]
+    assert got is not None
+    assert got[0].sequence == 3
+
+
 async def test_a_stale_lifes_rewrite_hides_a_sweeps_removal_from_a_new_lifes_append(
     s3_store: S3Store, reader: S3Store, writer: S3Store, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
