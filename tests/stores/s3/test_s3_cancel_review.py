@@ -1,6 +1,7 @@
 """Review of the readers' late-slot check (``S3Store._stands`` and ``_follows``): acknowledged
 checkpoints whose marker PUT failed, below the run's floor, that reads no longer return
-because the slot after them cannot vouch for them (expired and removed alone, damaged).
+because the slot after them cannot vouch for them (expired and removed alone, damaged,
+or deleted after the next one was written).
 Each test is a strict xfail: it documents an open defect of the check."""
 
 from __future__ import annotations
@@ -122,3 +123,41 @@ async def test_an_acknowledged_create_survives_a_damaged_next_slot(
     assert by_id is not None
     assert by_id.state == {"n": 1}
     assert got is not None
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "an acknowledged checkpoint without its marker is hidden once a checkpoint after it, "
+    "deleted after the next one was created, has its tombstone removed by a later append"))
+async def test_an_acknowledged_create_survives_the_deletion_of_a_checkpoint_after_it(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Checkpoint 1 is acknowledged although its marker's PUT failed; 2 and 3 follow
+    (3 names 2). Another process deletes 2 (its tombstone carries what 2 named: 1) and
+    creates 4, whose append removes the tombstone below it and raises the floor over 1.
+    Nothing pruned or expired 1: every read must still return it. The lowest slot above 1
+    now is 3, which names 2, not 1 (it was written before 2 was deleted)."""
+    writer_store, other_store = stores
+    writer = CheckpointManager(writer_store)
+    other = CheckpointManager(other_store)
+    key = key_of_run("middle")
+
+    with anyio.fail_after(DEADLINE):
+        await writer.create("middle", {"n": 0})
+        _marker_fails(monkeypatch, key, 1)
+        bare = await writer.create("middle", {"n": 1})
+        monkeypatch.undo()
+        middle = await writer.create("middle", {"n": 2})
+        await writer.create("middle", {"n": 3})
+        assert middle is not None
+        assert await other.delete(middle.checkpoint_id)
+        await other.create("middle", {"n": 4})
+        state = await other_store._read_state(await other_store._objects(), key)
+        by_id = await other.restore_from(bare.checkpoint_id)
+        listed = await other.list_checkpoints("middle")
+
+    assert bare is not None
+    assert state is not None
+    assert state[0].floor > 1  # the case: 1 lies below the floor without its marker
+    assert [item.sequence for item in listed] == [4, 3, 1, 0]
+    assert by_id is not None
+    assert by_id.state == {"n": 1}
