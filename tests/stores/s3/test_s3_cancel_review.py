@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from fastcheckpoint import CheckpointConfig, CheckpointManager
+from fastcheckpoint import Checkpoint, CheckpointConfig, CheckpointManager
 from fastcheckpoint._ids import key_of as key_of_run
 from fastcheckpoint.errors import StoreUnavailableError
 from fastcheckpoint.stores import _s3_io
@@ -44,6 +44,23 @@ def _marker_fails(monkeypatch: pytest.MonkeyPatch, key: str, sequence: int) -> N
     monkeypatch.setattr(_s3_io.Bucket, "put", put)
 
 
+async def _bare_at_one(writer: CheckpointManager, run_id: str, monkeypatch: pytest.MonkeyPatch,
+                       ttl_seconds: float | None = None) -> Checkpoint:
+    """Checkpoints 0 and 1 of ``run_id``; 1 acknowledged although its marker's PUT failed."""
+    await writer.create(run_id, {"n": 0}, ttl_seconds=ttl_seconds)
+    _marker_fails(monkeypatch, key_of_run(run_id), 1)
+    bare = await writer.create(run_id, {"n": 1}, ttl_seconds=ttl_seconds)
+    monkeypatch.undo()
+    assert bare is not None
+    return bare
+
+
+async def _floor(store: S3Store, key: str) -> int:
+    state = await store._read_state(await store._objects(), key)
+    assert state is not None
+    return state[0].floor
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "an acknowledged checkpoint without its marker, below the floor, "
     "is hidden once the checkpoint after it (a shorter ttl) expired and was removed alone"))
@@ -64,22 +81,17 @@ async def test_an_acknowledged_create_outlives_the_shorter_ttl_of_the_next_one(
     key = key_of_run("ttl")
 
     with anyio.fail_after(DEADLINE):
-        await writer.create("ttl", {"n": 0}, ttl_seconds=1000)
-        _marker_fails(monkeypatch, key, 1)
-        bare = await writer.create("ttl", {"n": 1}, ttl_seconds=1000)
-        monkeypatch.undo()
+        bare = await _bare_at_one(writer, "ttl", monkeypatch, ttl_seconds=1000)
         await writer.create("ttl", {"n": 2}, ttl_seconds=10)
         last = await writer.create("ttl", {"n": 3}, ttl_seconds=1000)  # prunes 0: floor 4
         now[0] = T0 + 20
         assert await other.cleanup_expired() == 1  # checkpoint 2
-        state = await other_store._read_state(await other_store._objects(), key)
+        floor = await _floor(other_store, key)
         by_id = await other.restore_from(bare.checkpoint_id)
         listed = await other.list_checkpoints("ttl")
 
-    assert bare is not None
     assert last is not None
-    assert state is not None
-    assert state[0].floor > 1  # the case: 1 lies below the floor without its marker
+    assert floor > 1  # the case: 1 lies below the floor without its marker
     assert [item.checkpoint_id for item in listed][:2] == [last.checkpoint_id,
                                                           bare.checkpoint_id]
     assert by_id is not None
@@ -103,13 +115,10 @@ async def test_an_acknowledged_create_survives_a_damaged_next_slot(
     key = key_of_run("damaged")
 
     with anyio.fail_after(DEADLINE):
-        await writer.create("damaged", {"n": 0})
-        _marker_fails(monkeypatch, key, 1)
-        bare = await writer.create("damaged", {"n": 1})
-        monkeypatch.undo()
+        bare = await _bare_at_one(writer, "damaged", monkeypatch)
         await writer.create("damaged", {"n": 2})
         await writer.create("damaged", {"n": 3})  # prunes 0: the floor goes to 4
-        state = await other_store._read_state(await other_store._objects(), key)
+        floor = await _floor(other_store, key)
         client = await other_store.client()
         await client.put_object(Bucket=other_store.bucket,
                                  Key=other_store.prefix + layout.slot_key(key, 2),
@@ -117,9 +126,7 @@ async def test_an_acknowledged_create_survives_a_damaged_next_slot(
         by_id = await other.restore_from(bare.checkpoint_id)
         got = await other_store.get(key, 1, now=T0)
 
-    assert bare is not None
-    assert state is not None
-    assert state[0].floor > 1  # the case: 1 lies below the floor without its marker
+    assert floor > 1  # the case: 1 lies below the floor without its marker
     assert by_id is not None
     assert by_id.state == {"n": 1}
     assert got is not None
@@ -142,22 +149,17 @@ async def test_an_acknowledged_create_survives_the_deletion_of_a_checkpoint_afte
     key = key_of_run("middle")
 
     with anyio.fail_after(DEADLINE):
-        await writer.create("middle", {"n": 0})
-        _marker_fails(monkeypatch, key, 1)
-        bare = await writer.create("middle", {"n": 1})
-        monkeypatch.undo()
+        bare = await _bare_at_one(writer, "middle", monkeypatch)
         middle = await writer.create("middle", {"n": 2})
         await writer.create("middle", {"n": 3})
         assert middle is not None
         assert await other.delete(middle.checkpoint_id)
         await other.create("middle", {"n": 4})
-        state = await other_store._read_state(await other_store._objects(), key)
+        floor = await _floor(other_store, key)
         by_id = await other.restore_from(bare.checkpoint_id)
         listed = await other.list_checkpoints("middle")
 
-    assert bare is not None
-    assert state is not None
-    assert state[0].floor > 1  # the case: 1 lies below the floor without its marker
+    assert floor > 1  # the case: 1 lies below the floor without its marker
     assert [item.sequence for item in listed] == [4, 3, 1, 0]
     assert by_id is not None
     assert by_id.state == {"n": 1}
