@@ -418,6 +418,10 @@ class _Entry:
     keys: list[str]
     owned: list[_ItemMarker] = field(default_factory=list)
     token: bytes = b""  # its slot's write token (empty where unknown)
+    bare: Listing | None = None
+    """What a listing shows of it, while this process knows it has no marker (its PUT
+    failed, or a listing at or above the floor showed none): written before this process
+    raises the floor over it (see ``S3Store._stands``)."""
 
 
 @dataclass
@@ -711,6 +715,20 @@ def _listing(view: _SlotView) -> Listing:
     return view.listing
 
 
+def _floor_of(current: _Run) -> int:
+    return 0 if current.state is None else current.state.floor
+
+
+def _entry_of(run_key: str, view: _SlotView, floor: int) -> _Entry:
+    """A checkpoint a listing showed. Without its marker at or above the floor, it is no
+    commit that landed late (those land below it only): its marker is written before the
+    floor is raised over it (see ``S3Store._stands``)."""
+    listing = _listing(view)
+    bare = listing if view.missing and view.sequence >= floor else None
+    return _Entry(listing.expires_at, _prunable_keys(run_key, view), view.owned,
+                  listing.token, bare)
+
+
 def _parse_run_listing(run_key: str, entries: Iterable[Listed]) -> _Listed:
     listed = _Listed()
     base = layout.run_prefix(run_key)
@@ -952,9 +970,7 @@ class S3Store(ExpiryCleanup):
             return  # an append of ours finished after that listing was taken: keep the newer
         log = _Log(current.latest_sequence, {}, {}, known_from)
         for view in current.held:
-            log.add(view.sequence, _Entry(_listing(view).expires_at,
-                                          _prunable_keys(run_key, view), view.owned,
-                                          _listing(view).token))
+            log.add(view.sequence, _entry_of(run_key, view, _floor_of(current)))
         for view in (*current.tombstones, *current.orphans):
             log.garbage[view.sequence] = _prunable_keys(run_key, view)
         _learn_owned(cached, (*current.tombstones, *current.orphans))
@@ -1535,8 +1551,8 @@ class S3Store(ExpiryCleanup):
         try:
             occupant = layout.decode_slot(after[0], io.where(layout.slot_key(run_key, following)),
                                           run_key=run_key, sequence=following)
-        except CorruptCheckpointError:
-            return False
+        except CorruptCheckpointError as exc:
+            return exc  # which slot it follows, nobody can tell: not "the run does not go on"
         if occupant.guards:
             # A status change's guard, no checkpoint. Standing as the newest, right after
             # this slot, it shows that no checkpoint came after it: a pruning that freed
@@ -2008,19 +2024,31 @@ class S3Store(ExpiryCleanup):
             f"run {run_key}: a status change kept renewing its guard at sequence {sequence} "
             "while an append broke it; nothing was written, try again")
 
-    async def _heal(self, io: Bucket, run_key: str, current: _Run) -> None:
-        # A slot without marker below the floor may be a commit that landed late in a freed
-        # key (see _stands): its marker would make it read as a checkpoint. It stays bare.
-        floor = 0 if current.state is None else current.state.floor
+    async def _heal(self, io: Bucket, run_key: str, current: _Run) -> bool:
+        """Write the markers writers left out; False when one at or above the floor could
+        not be written (the floor must not be raised over it: see :meth:`_stands`). A slot
+        without marker below the floor may be a commit that landed late in a freed key: its
+        marker would make it read as a checkpoint. It stays bare."""
+        floor = _floor_of(current)
         missing = [view for view in (*current.held, *current.tombstones)
                    if view.missing and (view.kind == "t" or view.sequence >= floor)]
-        await gather([
-            functools.partial(self._put_marker, io, run_key, view.sequence, view.kind,
-                              _listing(view))
-            for view in missing
-        ])
-        for view in missing:
-            view.missing = False
+        written = await self._mark(io, run_key, [(view.sequence, view.kind, _listing(view))
+                                                 for view in missing])
+        for view, done in zip(missing, written, strict=True):
+            view.missing = not done
+        return all(done for view, done in zip(missing, written, strict=True)
+                   if view.kind != "t")
+
+    async def _mark(
+        self, io: Bucket, run_key: str, markers: Sequence[tuple[int, str, Listing]]
+    ) -> list[bool]:
+        """Write ``markers`` (sequence, kind, listing) together; whether each was written
+        (a failure is logged: the slot is read instead)."""
+        return [not isinstance(result, CheckpointError) for result in await gather([
+            functools.partial(_error_as_value, self._put_marker, io, run_key, sequence, kind,
+                              listing, True)
+            for sequence, kind, listing in markers
+        ])]
 
     async def _put_marker(
         self, io: Bucket, run_key: str, sequence: int, kind: str, listing: Listing,
@@ -2032,23 +2060,29 @@ class S3Store(ExpiryCleanup):
         try:
             await io.put(key, body)
         except CheckpointError:
-            if strict:
-                raise
             # The slot is the commit and is readable; listings fall back to reading it.
             logger.warning("checkpoint %s committed without its listing marker %s",
                            listing.checkpoint_id, io.where(key), exc_info=True)
+            if strict:
+                raise
         return key
 
     async def _write_marker(
         self, io: Bucket, run_key: str, slot: Slot, strict: bool = False
     ) -> _Entry:
-        marker = await self._put_marker(io, run_key, slot.sequence, "m", _listing_of(slot),
-                                        strict)
+        listing = _listing_of(slot)
+        written = await _error_as_value(self._put_marker, io, run_key, slot.sequence, "m",
+                                        listing, True)
+        if strict and isinstance(written, CheckpointError):
+            raise written
+        marker = _marker_of(io.prefix, run_key, slot.sequence, "m", listing)[0]
         keys = [layout.slot_key(run_key, slot.sequence)]
         # Pruned, a checkpoint naming shared items leaves its marker: the cleanup loop's cue
-        # to sweep what only it named.
+        # to sweep what only it named. Without its marker, it gets one before this process
+        # raises the floor over it (see _raise_floor).
+        bare = listing if isinstance(written, CheckpointError) else None
         return _Entry(slot.expires_at, keys if slot.refs else [*keys, marker],
-                      token=slot.token)
+                      token=slot.token, bare=bare)
 
     # -- items written with a checkpoint ----------------------------------------------------------
 
@@ -2354,7 +2388,12 @@ class S3Store(ExpiryCleanup):
         additions: dict[int, _Entry] = {}
 
         async def floor_raised() -> bool:
-            return not keys or await self._raise_floor(io, run_key, cached, opened, newest + 1)
+            if not keys:
+                return True
+            bare = [(sequence, entry, entry.bare)
+                    for sequence, entry in (*log.held.items(), *additions.items())
+                    if entry.bare is not None and sequence not in doomed]
+            return await self._raise_floor(io, run_key, cached, opened, newest + 1, bare)
 
         try:
             if keep_latest is not None and log.known_from > 0:
@@ -2392,17 +2431,29 @@ class S3Store(ExpiryCleanup):
             log.merge_older(additions)
 
     async def _raise_floor(
-        self, io: Bucket, run_key: str, cached: _Cached, opened: int, floor: int
+        self, io: Bucket, run_key: str, cached: _Cached, opened: int, floor: int,
+        bare: Sequence[tuple[int, _Entry, Listing]],
     ) -> bool:
         """Before slot keys up to ``opened`` are deleted: make sure the run object's floor is
         above them (compare-and-set to ``floor``, this process's next sequence, so that this
-        is needed once per ``keep_latest`` + 1 appends). False when the run object changed
-        since this process read it (a status change): the keys must stay for now."""
+        is needed once per ``keep_latest`` + 1 appends). The markers of the checkpoints kept
+        that this process knows are ``bare`` are written first: below the floor, a slot
+        without one reads as a commit that landed late unless the run goes on from it (see
+        :meth:`_stands`), which a removal after it may break. False when one of them could
+        not be written, or the run object changed since this process read it (a status
+        change): the keys must stay for now."""
         state, etag = cached.state, cached.etag
         assert state is not None
         assert etag is not None
         if opened < state.floor:
             return True
+        marked = await self._mark(io, run_key, [(sequence, "m", listing)
+                                                for sequence, _, listing in bare])
+        for (_, entry, _), done in zip(bare, marked, strict=True):
+            if done:
+                entry.bare = None
+        if not all(marked):
+            return False
         raised = msgspec.structs.replace(state, floor=floor)
         written = await io.put(layout.run_object(run_key), layout.encode(raised), if_match=etag)
         if written is not None:
@@ -2448,8 +2499,7 @@ class S3Store(ExpiryCleanup):
         for view in reversed(current.held):
             expires_at = _listing(view).expires_at
             if len(kept) < need and is_live(expires_at, now):
-                kept[view.sequence] = _Entry(expires_at, _prunable_keys(run_key, view),
-                                             view.owned)
+                kept[view.sequence] = _entry_of(run_key, view, _floor_of(current))
             else:
                 keys += _prunable_keys(run_key, view)
                 owned += _owned_markers(cached, view.sequence, view.owned)
@@ -2547,8 +2597,15 @@ class S3Store(ExpiryCleanup):
         return await self._goes_on_from(io, run_key, sequence, _listing_of(slot))
 
     async def _goes_on_from(self, io: Bucket, run_key: str, sequence: int, slot: Listing) -> bool:
-        """:meth:`_follows` for a reader, which knows nothing of how the slot was sent."""
+        """:meth:`_follows` for a reader, which knows nothing of how the slot was sent. A
+        damaged slot after it tells nothing: the slot stands (a damaged neighbour must not
+        hide an acknowledged checkpoint; a late commit beside it is read, as before the
+        check)."""
         follows = await self._follows(io, run_key, sequence, slot, False, None)
+        if isinstance(follows, CorruptCheckpointError):
+            logger.warning("run %s: the slot after sequence %d is damaged (%s): the slot is "
+                           "read as a checkpoint", run_key, sequence, follows)
+            return True
         if isinstance(follows, CheckpointError):
             raise follows
         return follows
@@ -3920,7 +3977,7 @@ class S3Store(ExpiryCleanup):
             if current.being_created() and not current.abandoned(now):
                 return 0, 0, False
             return await self._purge_dead_run(io, run_key, current, now)
-        await self._heal(io, run_key, current)
+        healed = await self._heal(io, run_key, current)
         for view in current.guards:
             # A status change that stopped between its guard and removing it: broken once it
             # is older than any change takes (a live one then fails and reads the run again).
@@ -3937,9 +3994,10 @@ class S3Store(ExpiryCleanup):
         batch = expired[:budget]
         # Tombstones below the newest (deleted checkpoints) go too, once the floor allows.
         buried = [view for view in current.tombstones if view.sequence < head]
-        if not await self._floor_above(io, run_key, current, [*batch, *buried]):
-            # The run object changed since it was listed: only the newest (it stays as a
-            # tombstone) goes now; the next pass removes the others.
+        if not healed or not await self._floor_above(io, run_key, current, [*batch, *buried]):
+            # A marker at or above the floor could not be written (the floor stays below
+            # it), or the run object changed since it was listed: only the newest (it stays
+            # as a tombstone) goes now; the next pass removes the others.
             more = more or len(batch) > 1
             batch = [view for view in batch if view.sequence == head]
             buried = []

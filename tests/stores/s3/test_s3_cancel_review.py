@@ -1,8 +1,9 @@
 """Review of the readers' late-slot check (``S3Store._stands`` and ``_follows``): acknowledged
-checkpoints whose marker PUT failed, below the run's floor, that reads no longer return
-because the slot after them cannot vouch for them (expired and removed alone, damaged,
-or deleted after the next one was written).
-Each test is a strict xfail: it documents an open defect of the check."""
+checkpoints whose marker PUT failed, below the run's floor, where the slot after them
+cannot vouch for them (expired and removed alone, damaged, or deleted after the next one
+was written). A process raising the floor writes the markers of the checkpoints it knows
+have none first (the writer remembers its failed ones; others see them listed), and a
+damaged slot after one does not hide it."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from fastcheckpoint.stores.s3 import S3Store
 from fastcheckpoint.testing import T0
 from tests.stores._moto import moto_endpoint
 from tests.stores.s3.test_s3 import DEADLINE
+from tests.stores.s3.test_s3_damage_fixes import _keys, _put
 from tests.stores.s3.test_s3_sequence_guard import stores
 
 __all__ = ["moto_endpoint", "stores"]
@@ -55,15 +57,24 @@ async def _bare_at_one(writer: CheckpointManager, run_id: str, monkeypatch: pyte
     return bare
 
 
+async def _pruned_past_one(
+    stores: tuple[S3Store, S3Store], run_id: str, monkeypatch: pytest.MonkeyPatch,
+) -> tuple[Checkpoint, int]:
+    """Checkpoints 0 to 3 of ``run_id``, three kept: 1 acknowledged without its marker, then
+    3's pruning removes 0 and raises the floor over 1. Returns 1 and the floor."""
+    writer = CheckpointManager(stores[0], config=CheckpointConfig(max_checkpoints_per_run=3))
+    bare = await _bare_at_one(writer, run_id, monkeypatch)
+    await writer.create(run_id, {"n": 2})
+    await writer.create(run_id, {"n": 3})  # prunes 0: the floor goes to 4
+    return bare, await _floor(stores[1], key_of_run(run_id))
+
+
 async def _floor(store: S3Store, key: str) -> int:
     state = await store._read_state(await store._objects(), key)
     assert state is not None
     return state[0].floor
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an acknowledged checkpoint without its marker, below the floor, "
-    "is hidden once the checkpoint after it (a shorter ttl) expired and was removed alone"))
 async def test_an_acknowledged_create_outlives_the_shorter_ttl_of_the_next_one(
     stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -91,16 +102,13 @@ async def test_an_acknowledged_create_outlives_the_shorter_ttl_of_the_next_one(
         listed = await other.list_checkpoints("ttl")
 
     assert last is not None
-    assert floor > 1  # the case: 1 lies below the floor without its marker
+    assert floor > 1  # the case: 1 lies below the floor
     assert [item.checkpoint_id for item in listed][:2] == [last.checkpoint_id,
                                                           bare.checkpoint_id]
     assert by_id is not None
     assert by_id.state == {"n": 1}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an acknowledged checkpoint without its marker, below the floor, is hidden when the "
-    "slot after it is damaged: the check reads the damage as 'the run does not go on from it'"))
 async def test_an_acknowledged_create_survives_a_damaged_next_slot(
     stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -108,17 +116,12 @@ async def test_an_acknowledged_create_survives_a_damaged_next_slot(
     pruning (three kept) removes 0 and raises the floor over 1. Then the object of
     checkpoint 2 is damaged (a bad disk, an operator's copy): a damaged neighbouring record
     must not take 1 with it. Before the late-slot check, 1 read as it was."""
-    writer_store, other_store = stores
-    writer = CheckpointManager(writer_store,
-                               config=CheckpointConfig(max_checkpoints_per_run=3))
+    other_store = stores[1]
     other = CheckpointManager(other_store)
     key = key_of_run("damaged")
 
     with anyio.fail_after(DEADLINE):
-        bare = await _bare_at_one(writer, "damaged", monkeypatch)
-        await writer.create("damaged", {"n": 2})
-        await writer.create("damaged", {"n": 3})  # prunes 0: the floor goes to 4
-        floor = await _floor(other_store, key)
+        bare, floor = await _pruned_past_one(stores, "damaged", monkeypatch)
         client = await other_store.client()
         await client.put_object(Bucket=other_store.bucket,
                                  Key=other_store.prefix + layout.slot_key(key, 2),
@@ -126,15 +129,12 @@ async def test_an_acknowledged_create_survives_a_damaged_next_slot(
         by_id = await other.restore_from(bare.checkpoint_id)
         got = await other_store.get(key, 1, now=T0)
 
-    assert floor > 1  # the case: 1 lies below the floor without its marker
+    assert floor > 1  # the case: 1 lies below the floor
     assert by_id is not None
     assert by_id.state == {"n": 1}
     assert got is not None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an acknowledged checkpoint without its marker is hidden once a checkpoint after it, "
-    "deleted after the next one was created, has its tombstone removed by a later append"))
 async def test_an_acknowledged_create_survives_the_deletion_of_a_checkpoint_after_it(
     stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -159,7 +159,39 @@ async def test_an_acknowledged_create_survives_the_deletion_of_a_checkpoint_afte
         by_id = await other.restore_from(bare.checkpoint_id)
         listed = await other.list_checkpoints("middle")
 
-    assert floor > 1  # the case: 1 lies below the floor without its marker
+    assert floor > 1  # the case: 1 lies below the floor
     assert [item.sequence for item in listed] == [4, 3, 1, 0]
     assert by_id is not None
     assert by_id.state == {"n": 1}
+
+
+async def test_a_damaged_next_slot_hides_no_checkpoint_without_its_marker(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, but 1 has no marker below the floor (the writer's raise of the floor wrote
+    it; it is removed here, as a process that knew nothing of it would have left it): the
+    readers' check reads the slot after it, which is damaged. Which slot that one follows
+    nobody can tell, so it must not count as "the run does not go on from 1"."""
+    other_store = stores[1]
+    other = CheckpointManager(other_store)
+    key = key_of_run("unmarked")
+
+    with anyio.fail_after(DEADLINE):
+        bare, floor = await _pruned_past_one(stores, "unmarked", monkeypatch)
+        markers = [entry for entry in await _keys(other_store, layout.slot_key(key, 1))
+                   if entry != layout.slot_key(key, 1)]
+        client = await other_store.client()
+        await client.delete_objects(Bucket=other_store.bucket, Delete={"Objects": [
+            {"Key": other_store.prefix + marker} for marker in markers]})
+        await _put(other_store, layout.slot_key(key, 2), b"\x01not a slot")
+        by_id = await other.restore_from(bare.checkpoint_id)
+        got = await other_store.get(key, 1, now=T0)
+        left = await _keys(other_store, layout.slot_key(key, 1))
+
+    assert floor > 1
+    assert len(markers) == 1  # written by the raise of the floor, removed by the test
+    assert left == [layout.slot_key(key, 1)]  # the case: no marker below the floor
+    assert by_id is not None
+    assert by_id.state == {"n": 1}
+    assert got is not None
+    assert got[0].checkpoint_id == bare.checkpoint_id
