@@ -195,3 +195,40 @@ async def test_a_damaged_next_slot_hides_no_checkpoint_without_its_marker(
     assert by_id.state == {"n": 1}
     assert got is not None
     assert got[0].checkpoint_id == bare.checkpoint_id
+
+
+async def test_the_cleanup_loop_keeps_the_floor_below_a_marker_it_could_not_write(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Checkpoint 1 is acknowledged without its marker, 2 (a short ttl) and 3 follow; no
+    pruning, so the floor stays under 1. The cleanup loop would remove the expired 2 alone
+    and raise the floor over 1, but 1's marker fails again there: the floor must stay (2
+    goes at a later pass), or 1 lies below it without its marker, and the slot after it
+    (3) names 2, not 1."""
+    writer_store, other_store = stores
+    now = [T0]
+    writer = CheckpointManager(writer_store, config=CheckpointConfig(clock=lambda: now[0]))
+    other = CheckpointManager(other_store, config=CheckpointConfig(clock=lambda: now[0]))
+    key = key_of_run("kept")
+
+    with anyio.fail_after(DEADLINE):
+        bare = await _bare_at_one(writer, "kept", monkeypatch, ttl_seconds=1000)
+        await writer.create("kept", {"n": 2}, ttl_seconds=10)
+        await writer.create("kept", {"n": 3}, ttl_seconds=1000)
+        now[0] = T0 + 20
+        _marker_fails(monkeypatch, key, 1)
+        removed = await other.cleanup_expired()
+        monkeypatch.undo()
+        floor = await _floor(other_store, key)
+        by_id = await other.restore_from(bare.checkpoint_id)
+        listed = await other.list_checkpoints("kept")
+        assert await other.cleanup_expired() == 1  # checkpoint 2, 1's marker written first
+        after = await other.restore_from(bare.checkpoint_id)
+
+    assert removed == 0
+    assert floor <= 1
+    assert by_id is not None
+    assert by_id.state == {"n": 1}
+    assert [item.sequence for item in listed] == [3, 1, 0]  # 2 expired
+    assert after is not None
+    assert after.state == {"n": 1}
