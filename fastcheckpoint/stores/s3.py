@@ -2026,12 +2026,24 @@ class S3Store(ExpiryCleanup):
 
     async def _heal(self, io: Bucket, run_key: str, current: _Run) -> bool:
         """Write the markers writers left out; False when one at or above the floor could
-        not be written (the floor must not be raised over it: see :meth:`_stands`). A slot
+        not be written (the floor must not be raised over it: see :meth:`_stands`), or one
+        below it that the run goes on from (a removal after it would hide it). A slot
         without marker below the floor may be a commit that landed late in a freed key: its
-        marker would make it read as a checkpoint. It stays bare."""
+        marker would make it read as a checkpoint, so it gets one only when the slot after
+        it names its token (:meth:`_follows`, one LIST and one GET per such slot, on this
+        rare path only): an acknowledged create whose own pruning raised the floor beside
+        its failed marker PUT, which nobody else remembers. Otherwise it stays bare."""
         floor = _floor_of(current)
         missing = [view for view in (*current.held, *current.tombstones)
                    if view.missing and (view.kind == "t" or view.sequence >= floor)]
+        for view in [view for view in current.held if view.missing and view.sequence < floor]:
+            follows = await self._follows(io, run_key, view.sequence, _listing(view), False, None)
+            if isinstance(follows, CorruptCheckpointError):
+                continue  # a damaged next slot tells nothing: it stays as it is
+            if isinstance(follows, CheckpointError):
+                return False
+            if follows:
+                missing.append(view)
         written = await self._mark(io, run_key, [(view.sequence, view.kind, _listing(view))
                                                  for view in missing])
         for view, done in zip(missing, written, strict=True):
