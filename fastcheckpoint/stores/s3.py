@@ -422,6 +422,11 @@ class _Entry:
     """What a listing shows of it, while this process knows it has no marker (its PUT
     failed, or a listing at or above the floor showed none): written before this process
     raises the floor over it (see ``S3Store._stands``)."""
+    unvouched: Listing | None = None
+    """What a listing below the floor shows of it without its marker: a checkpoint while the
+    run goes on from it, or a commit that landed late. Before this process prunes another
+    checkpoint of the run, it writes the marker when the run goes on from it (a removal
+    after it may break that chain)."""
 
 
 @dataclass
@@ -725,8 +730,9 @@ def _entry_of(run_key: str, view: _SlotView, floor: int) -> _Entry:
     floor is raised over it (see ``S3Store._stands``)."""
     listing = _listing(view)
     bare = listing if view.missing and view.sequence >= floor else None
+    unvouched = listing if view.missing and view.sequence < floor else None
     return _Entry(listing.expires_at, _prunable_keys(run_key, view), view.owned,
-                  listing.token, bare)
+                  listing.token, bare, unvouched)
 
 
 def _parse_run_listing(run_key: str, entries: Iterable[Listed]) -> _Listed:
@@ -2402,10 +2408,11 @@ class S3Store(ExpiryCleanup):
         async def floor_raised() -> bool:
             if not keys:
                 return True
-            bare = [(sequence, entry, entry.bare)
-                    for sequence, entry in (*log.held.items(), *additions.items())
-                    if entry.bare is not None and sequence not in doomed]
-            return await self._raise_floor(io, run_key, cached, opened, newest + 1, bare)
+            bare = await self._vouched(io, run_key, [
+                (sequence, entry) for sequence, entry in (*log.held.items(), *additions.items())
+                if sequence not in doomed])
+            return bare is not None and await self._raise_floor(io, run_key, cached, opened,
+                                                                newest + 1, bare)
 
         try:
             if keep_latest is not None and log.known_from > 0:
@@ -2441,6 +2448,31 @@ class S3Store(ExpiryCleanup):
             cached.owned.pop(sequence, None)
         if keep_latest is not None and log.known_from > 0:
             log.merge_older(additions)
+
+    async def _vouched(
+        self, io: Bucket, run_key: str, kept: Sequence[tuple[int, _Entry]]
+    ) -> list[tuple[int, _Entry, Listing]] | None:
+        """Before a pruning removes checkpoints: write the marker of each ``kept`` checkpoint
+        below the floor without one from which the run goes on (the slot after it names its
+        token; see :meth:`_follows`), as the cleanup loop does (:meth:`_heal`), since the
+        removal may take that slot. A commit that landed late, or one beside a damaged slot,
+        gets none. Returns the kept ones known to lack their marker at or above the floor
+        (for :meth:`_raise_floor`); ``None`` when it cannot be told or a marker cannot be
+        written: nothing is removed now. Costs nothing unless such a checkpoint is kept (a
+        LIST and a GET each, then its marker's PUT)."""
+        for sequence, entry in kept:
+            if entry.unvouched is None:
+                continue
+            follows = await self._follows(io, run_key, sequence, entry.unvouched, False, None)
+            if isinstance(follows, CorruptCheckpointError) or follows is False:
+                continue
+            if isinstance(follows, CheckpointError):
+                return None
+            if not (await self._mark(io, run_key, [(sequence, "m", entry.unvouched)]))[0]:
+                return None
+            entry.unvouched = None
+        return [(sequence, entry, entry.bare) for sequence, entry in kept
+                if entry.bare is not None]
 
     async def _raise_floor(
         self, io: Bucket, run_key: str, cached: _Cached, opened: int, floor: int,

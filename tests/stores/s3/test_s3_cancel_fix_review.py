@@ -2,8 +2,9 @@
 (the raise is sent beside its marker PUT, so nobody knows the marker is missing when the
 floor goes up) and whose marker PUT failed. Before the cleanup loop breaks the chain above
 it (the next checkpoint expired alone, or deleted and its tombstone removed), it writes the
-marker of such a slot below the floor when the run goes on from it; otherwise the late-slot
-check would hide it from every read."""
+marker of such a slot below the floor when the run goes on from it, and so does an append's
+pruning (another process's too) before it removes anything; otherwise the late-slot check
+would hide it from every read."""
 
 from __future__ import annotations
 
@@ -166,10 +167,6 @@ async def test_two_kept_a_floor_raising_create_survives_its_deleted_successor(
     assert by_id.state == {"n": 2}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "another process's append prunes the expired checkpoint after a slot below the floor "
-    "without its marker and writes no marker for it first (it knows it from a listing "
-    "only, below the floor)"))
 async def test_a_floor_raising_create_outlives_another_process_pruning_the_next_one(
     stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
