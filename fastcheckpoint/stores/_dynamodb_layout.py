@@ -2,6 +2,8 @@
 
 One partition per run (``PK = run#<run key>``); sort keys order the partition as::
 
+    a                            the pin record: the write token of the run's first append
+                                 whose pins (writes before its transaction) are the last
     c#<item key>                 reference count of a shared item
     i#<item key>                 items (code point order = UTF-8 byte order, as DynamoDB sorts);
                                  an item owned by a checkpoint is an anchor here (its owner)
@@ -78,6 +80,9 @@ __all__ = [
 ]
 
 RUN_SK: Final = "r"
+PIN_SK: Final = "a"
+"""The pin record: which first append of the run (its write token) pinned last. Below every
+family, so no range read of checkpoints, items or counts meets it."""
 CHECKPOINT_PREFIX: Final = "k#"
 ITEM_PREFIX: Final = "i#"
 COUNTER_PREFIX: Final = "c#"

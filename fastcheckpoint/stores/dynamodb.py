@@ -476,6 +476,9 @@ class _Plan:
     purged: bool = False
     """A first append's plan made once it removed the ended life whole: there is no run item
     now, and the attempt after its pins plans over none."""
+    owner: str | None = None
+    """A run's first append (no run item): its write token, which its pins put in the pin
+    record and check there (see :func:`_pin_claim`)."""
 
 
 @dataclass(frozen=True)
@@ -510,6 +513,9 @@ class _Additions:
     pin_dropped: set[str] = field(default_factory=set)
     """Those of ``pinned_shared`` whose put was dropped (a live item there): their values
     are no record's."""
+    claimed: bool = False
+    """A run's first append whose pins put its write token in the pin record: its later pins
+    and its transaction check it is still there (see :func:`_pin_claim`)."""
     nesting: tuple[str, ...] = ()
     """The items it names that it writes nested items under: the run item lists them."""
     life: str = ""
@@ -1380,10 +1386,9 @@ class DynamoDBStore(ExpiryCleanup):
                 if ours is not None:
                     plan.state = ours
                     return await self._landed(run_key, plan, outcome)
-                gone = _gone(cancelled)
-                if gone:  # whatever else failed too: nothing was written, and the values
-                    # must be sent again in any case
-                    raise _gone_error(run_key, record.sequence, gone) from cancelled
+                refused = _items_refused(run_key, record.sequence, cancelled, additions)
+                if refused is not None:  # nothing was written, and the values must be sent
+                    raise refused from cancelled  # again in any case
                 if cancelled.failed_guard():
                     continue  # items were written to a checkpoint it removes: read them too
                 if not cancelled.failed(0):
@@ -1407,9 +1412,14 @@ class DynamoDBStore(ExpiryCleanup):
         (``plan.check``, one operation of the 100): a writer whose run moved on (a new life
         began, a removal fenced it, another append landed) writes nothing, so no write of an
         ended life lands after the transaction that ended it. That check failing returns
-        ``False``, the run item it returned remembered: the append plans again from it."""
+        ``False``, the run item it returned remembered: the append plans again from it.
+
+        A run's first append (no run item, ``plan.owner``) also takes the pin record with its
+        first pin transaction and checks it with each later one (one operation more each,
+        see :func:`_pin_claim`): another first append's pins taking it meanwhile, or a
+        removal deleting it, refuse the rest (:class:`SharedItemGone`)."""
         check = [] if plan.check is None else [plan.check]
-        limit = _TRANSACTION_LIMIT - len(check)
+        limit = _TRANSACTION_LIMIT - len(check) - (plan.owner is not None)
         chunks: list[list[_Early]] = [[]]
         for entry in plan.pins:
             if sum(len(unit.operations) for unit in chunks[-1]) + len(entry.operations) > limit:
@@ -1419,15 +1429,19 @@ class DynamoDBStore(ExpiryCleanup):
             if not chunk:
                 continue
             at = _wall_clock()
+            claim = [] if plan.owner is None else [
+                _pin_claim(run_key, plan.owner, at, held=additions.claimed)]
             try:
                 dropped = await self._commit(
-                    [*check, *(items_layout.pin_stamped(op, at) for entry in chunk
-                               for op in entry.operations)],
-                    keep=len(check))
+                    [*check, *claim, *(items_layout.pin_stamped(op, at) for entry in chunk
+                                       for op in entry.operations)],
+                    keep=len(check) + len(claim))
             except _Cancelled as cancelled:
                 if check and cancelled.failed(0):  # the run moved on: this chunk landed nothing
                     self._state_after(run_key, cancelled)
                     return False
+                if _overtaken(cancelled):
+                    raise _overtaken_error(run_key, sequence, additions) from cancelled
                 raise _gone_error(run_key, sequence, _gone(cancelled)) from cancelled
             except BaseException:
                 # No definite answer (its reply lost, the call cancelled): the chunk may have
@@ -1435,6 +1449,7 @@ class DynamoDBStore(ExpiryCleanup):
                 # raises are not undone (a count too high keeps an item, never loses one).
                 additions.pinned_shared.update(entry.key for entry in chunk if entry.writes)
                 raise
+            additions.claimed = additions.claimed or bool(claim)
             for entry in chunk:
                 if entry.raising:
                     additions.pinned[entry.key] += entry.raising
@@ -1567,7 +1582,7 @@ class DynamoDBStore(ExpiryCleanup):
         labels = items_layout.label_puts(run_key, head, label_ttl)
         memo = await self._memo(run_key, token, 0, head.incarnation, now)
         must = [{"Put": run_put}, _checkpoint_put(run_key, item, head.incarnation), *memo,
-                *labels, *additions.owned, *_pins_kept(run_key, previous, additions)]
+                *labels, *additions.owned, *_pins_held(run_key, previous, additions, token)]
         removal = _Removal()
         if previous is not None:
             removal = await self._leftovers(run_key, previous)
@@ -1587,8 +1602,8 @@ class DynamoDBStore(ExpiryCleanup):
                                           additions)
             plan.purged = True
             return plan
-        if plan.pins and previous is None and not additions.pinned:
-            # Room for the check of its first pin, which its transaction will carry.
+        if plan.pins and previous is None and not additions.claimed:
+            # Room for the delete of its pin record, which its transaction will carry.
             room: dict[str, Any] = {"ConditionCheck": {}}
             plan = _over_appended(self._assemble(
                 run_key, [*must, room], early, removal, state, additions, [], check), now)
@@ -1596,6 +1611,7 @@ class DynamoDBStore(ExpiryCleanup):
         if previous is not None and previous.record.incarnation != head.incarnation:
             plan.ended = previous.record.incarnation
         plan.purged = purged
+        plan.owner = token if previous is None else None
         return plan
 
     async def _leftovers(self, run_key: str, previous: _RunState) -> _Removal:
@@ -4629,9 +4645,9 @@ def _incarnations(run_key: str, found: Sequence[Mapping[str, Any]]) -> set[str]:
 
 def _pinnable(entry: Mapping[str, Any]) -> bool:
     """Whether a record is one an append may write before its transaction (a pin): a
-    shared item (an item record that names no owner) or a count."""
+    shared item (an item record that names no owner), a count, or the pin record."""
     sort_key = _text(entry, "SK")
-    return sort_key.startswith(layout.COUNTER_PREFIX) or (
+    return sort_key.startswith(layout.COUNTER_PREFIX) or sort_key == layout.PIN_SK or (
         sort_key.startswith(layout.ITEM_PREFIX) and "o" not in entry)
 
 
@@ -5064,29 +5080,71 @@ def _life_check(run_key: str, incarnation: str) -> dict[str, Any]:
     }}
 
 
-def _pins_kept(
-    run_key: str, previous: _RunState | None, additions: _Additions
+def _pin_claim(run_key: str, token: str, at: float, *, held: bool) -> dict[str, Any]:
+    """The pin record's operation in a pin transaction of a run's first append (no run item,
+    see ``DynamoDBStore._pin``). Its first pin transaction takes the record, whatever it
+    holds: a put of the append's write token, stamped ``pa`` (``at``) like the pins, so that
+    ``delete_run`` keeps it as long as their pins and takes it with the first of them
+    (no later pin restamps it). Each later one (``held``) checks it still holds that token.
+    So the pins of another first append, under way or failed, are no obstacle: this one
+    writes over them (see :func:`_over_appended`), and that one, whose record is taken,
+    lands nothing more (its pins and its transaction check the record). No clock decides
+    which append's values are at the keys an append lands naming."""
+    key = {"PK": _s(layout.partition(run_key)), "SK": _s(layout.PIN_SK)}
+    if not held:
+        return {"Put": {"Item": {**key, "wt": _s(token), "pa": _n(at)}}}
+    names = _Names()
+    return {"ConditionCheck": {
+        "Key": key, "ConditionExpression": f"{names('wt')} = {names.value(_s(token))}",
+        **names.params(),
+    }, "_fatal": True, "_overtaken": True}
+
+
+def _pins_held(
+    run_key: str, previous: _RunState | None, additions: _Additions, token: str
 ) -> list[dict[str, Any]]:
-    """A first append's check, over no run item, that its pins are still there: the item
-    its first pin wrote still carries its write token, or, when that pin wrote none, the
-    count it raised still holds that raise (no run item tells a life created and removed
-    since the pins, whose removal took every pin it found: all of the first one, landed
-    before that life began). Refused, nothing is written: the items are gone (``_gone``),
-    to be appended again with their values. Over a run item, the pins checked it as the
-    transaction does (see :func:`_same_life`): none is needed."""
-    if previous is not None or not additions.pinned:
+    """A first append's delete, over no run item, of the pin record its pins took, only
+    while it still holds its write token (see :func:`_pin_claim`): another first append's
+    pins took it since (they may have written over this one's), or a removal of the run
+    deleted it with this one's pins (a life created and removed since the pins, or
+    ``delete_run`` taking them for stale). Refused, nothing is written
+    (:class:`SharedItemGone`: append it again with the values). Landed, no pin record is
+    left. Over a run item, the pins checked it as the transaction does (see
+    :func:`_same_life`): none is needed."""
+    if previous is not None or not additions.claimed:
         return []
-    key, count = next(iter(additions.pinned.items()))
-    pk = _s(layout.partition(run_key))
-    if key in additions.pinned_shared and key not in additions.pin_dropped:
-        names = _Names()
-        token = additions.shared[key]["Put"]["Item"]["wt"]
-        return [{"ConditionCheck": {
-            "Key": {"PK": pk, "SK": _s(layout.item_sk(key))},
-            "ConditionExpression": f"{names('wt')} = {names.value(token)}", **names.params(),
-        }, "_fatal": True, "_gone": key}]
-    check = {"ConditionCheck": {"Key": {"PK": pk, "SK": _s(layout.counter_sk(key))}}}
-    return [{**_holding(check, count), "_gone": key}]
+    names = _Names()
+    return [{"Delete": {
+        "Key": {"PK": _s(layout.partition(run_key)), "SK": _s(layout.PIN_SK)},
+        "ConditionExpression": f"{names('wt')} = {names.value(_s(token))}", **names.params(),
+    }, "_fatal": True, "_overtaken": True}]
+
+
+def _overtaken(cancelled: _Cancelled) -> bool:
+    """Whether a first append's check of its pin record refused a cancelled transaction."""
+    return any(operation.get("_overtaken") and cancelled.failed(index)
+               for index, operation in enumerate(cancelled.operations))
+
+
+def _items_refused(
+    run_key: str, sequence: int, cancelled: _Cancelled, additions: _Additions
+) -> SharedItemGone | None:
+    """The error of an append's transaction refused for its shared items: its pin record
+    taken (unless the run item refused it too: a life began, which decides), or items it
+    names without writing them removed (whatever else failed too)."""
+    if not cancelled.failed(0) and _overtaken(cancelled):
+        return _overtaken_error(run_key, sequence, additions)
+    gone = _gone(cancelled)
+    return _gone_error(run_key, sequence, gone) if gone else None
+
+
+def _overtaken_error(run_key: str, sequence: int, additions: _Additions) -> SharedItemGone:
+    keys = tuple(sorted(set(additions.pinned) | additions.pinned_shared))
+    return SharedItemGone(
+        f"run {run_key}: checkpoint {sequence} wrote {len(keys)} shared items before its "
+        "transaction, and another first append of the run wrote over them since, or a "
+        "removal of the run took them; nothing was acknowledged: append it again with "
+        "their values", keys=keys)
 
 
 def _purge_guard(run_key: str, incarnation: str) -> dict[str, Any]:
@@ -5319,37 +5377,31 @@ def _wall_clock() -> float:
 def _over_appended(plan: _Plan, now: float) -> _Plan:
     """A first append's puts of shared items, each also over an item an append wrote
     (``pa``), not only where no live item is: with no run item, or an ended life's, no held
-    checkpoint names it. In the transaction, any such item: it is an ended or removed life's,
-    a failed append's pin, or the pin of another first append under way, which this one's
-    landing refuses (a first append's transaction needs no run item, its pins the run item
-    as they read it). Before the transaction (its pins), only an item pinned longer than
-    ``PIN_GRACE_SECONDS`` ago: a younger one may be the pin of another first append under
-    way, which could land after this one failed, naming this value in place of its own.
-    Items of ``put_items`` (no ``pa``) are kept, as by every write."""
-    cutoff = _wall_clock() - items_layout.PIN_GRACE_SECONDS
+    checkpoint names it. In the transaction and in its pins alike, whatever its age: it is an
+    ended or removed life's, a failed append's pin, or the pin of another first append
+    under way, which lands nothing more once this one took the pin record (see
+    :func:`_pin_claim`) or once this one lands (a first append's transaction needs no run
+    item, its pins none). Items of ``put_items`` (no ``pa``) are kept, as by every write."""
     pins = [dataclasses.replace(entry, operations=[
-        _put_over_appended(operation, now, cutoff) for operation in entry.operations])
+        _put_over_appended(operation, now) for operation in entry.operations])
         for entry in plan.pins]
-    operations = [_put_over_appended(operation, now, None) for operation in plan.operations]
+    operations = [_put_over_appended(operation, now) for operation in plan.operations]
     return dataclasses.replace(plan, operations=operations, pins=pins)
 
 
-def _put_over_appended(
-    operation: dict[str, Any], now: float, pinned_before: float | None
-) -> dict[str, Any]:
+def _put_over_appended(operation: dict[str, Any], now: float) -> dict[str, Any]:
     """``operation`` again, when it is the conditional put of a shared item, over an item
-    an append wrote too (pinned before ``pinned_before``, when given). A put that replaces a
-    leftover record the change deletes carries no condition (see :func:`_spared`)."""
+    an append wrote too. A put that replaces a leftover record the change deletes carries no
+    condition (see :func:`_spared`)."""
     group = operation.get("_group")
     if "ConditionExpression" not in operation.get("Put", {}) or not (
             isinstance(group, str) and group.startswith(items_layout.shared_group(""))):
         return operation
     names = _Names()
-    appended = (f"attribute_exists({names('pa')})" if pinned_before is None
-                else f"{names('pa')} < {names.value(_n(pinned_before))}")
     put = {name: value for name, value in operation["Put"].items()
            if not name.startswith("Expression")}
-    put["ConditionExpression"] = f"{_no_live_item(names, now)} OR {appended}"
+    put["ConditionExpression"] = (f"{_no_live_item(names, now)} OR "
+                                  f"attribute_exists({names('pa')})")
     put.update(names.params())
     return {**operation, "Put": put}
 

@@ -565,9 +565,10 @@ async def test_an_append_too_large_for_one_transaction_pins_49_items_a_transacti
 async def test_a_first_append_too_large_for_one_transaction_takes_no_request_more(
     store: DynamoDBStore,
 ) -> None:
-    """A run's first checkpoint with pins also checks, in its own transaction, that its
-    first pin's count still holds its raise (no life came and went in between): one
-    operation, for which it leaves room when it plans its pins. 98 items: 47 beside the run
+    """A run's first checkpoint with pins also deletes, in its own transaction, its pin
+    record, only while it still holds its write token (no other first append's pins took
+    it, no life came and went in between): one operation, for which it leaves room when it
+    plans its pins. 98 items: 47 beside the run
     item, the checkpoint, its memo, its guard and that check, the other 51 in two pins."""
     run = make_run("first-pins-budget")
     key = key_of(run)

@@ -4,7 +4,8 @@ run key with no run item must never delete a shared item whose count a pin raise
 would land acknowledged, naming an item that is gone. Each test injects such a pin (the raise
 of a count, stamped now, as ``DynamoDBStore._pin`` sends it) at one point of ``delete_run``
 and checks that the item is still there with its count. And a first append whose clock is
-ahead by more than the grace, pinning over the pins of another under way."""
+ahead by more than the grace, pinning over the pins of another under way: the other is
+refused (its pin record taken), never acknowledged with these values."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
+from fastcheckpoint.errors import SharedItemGone
 from fastcheckpoint.stores import _dynamodb_layout as layout
 from fastcheckpoint.stores import dynamodb as dynamodb_module
 from fastcheckpoint.stores.dynamodb import DynamoDBStore
@@ -115,26 +117,19 @@ def _first_transaction(operations: list[dict[str, Any]]) -> bool:
                for operation in operations)
 
 
-def _first_pin_key(operations: list[dict[str, Any]]) -> str:
-    """The key of the item whose write token a first append's transaction checks (its
-    first pin's)."""
-    return next(check["ConditionCheck"]["Key"]["SK"]["S"][len(layout.ITEM_PREFIX):]
-                for check in operations if "ConditionCheck" in check
-                and check["ConditionCheck"]["Key"]["SK"]["S"].startswith(layout.ITEM_PREFIX))
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "a first append whose clock is ahead by more than the grace takes the pins of another "
-    "first append under way for stale and replaces them; when it fails, the other lands "
-    "naming its values (the check of the first pin covers one key); documented in Limits"))
-async def test_a_first_append_under_way_reads_back_its_values_when_a_skewed_clock_pins_over(
+async def test_a_first_append_under_way_is_refused_when_a_skewed_clock_pins_over_its_pins(
     store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch, provisioned: str,
     aws_names: tuple[str, str],
 ) -> None:
     """Two processes begin the run's first checkpoint, each writing more items than one
     transaction takes. The first has pinned its items and is about to send its transaction
-    when the second, its clock an hour and a minute ahead, pins over them (all but the
-    first one's first pin) and fails before its own transaction (its connection lost)."""
+    when the second, its clock an hour and a minute ahead, pins over them and fails before
+    its own transaction (its connection lost). Before, the second took the first's pins for
+    stale and replaced them (all but the first one's first pin, which its transaction
+    checked), and the first landed reading the second's values. Now no clock decides: the
+    second's pins took the pin record, so the first's transaction is refused
+    (``SharedItemGone``, nothing written), and appended again (as the manager does) it
+    reads back its own values."""
     run = make_run("grace-skew")
     skew_key = key_of(run)
     transact = store._transact
@@ -152,20 +147,26 @@ async def test_a_first_append_under_way_reads_back_its_values_when_a_skewed_cloc
                     return await other_transact(operations, *args, **kwargs)
 
                 async def overtaken(operations: Any, *args: Any, **kwargs: Any) -> Any:
-                    if _first_transaction(operations):
-                        first = _first_pin_key(operations)
-                        names = [name for name in NAMES if name != first]
+                    if _first_transaction(operations) and not skewed_once:
+                        skewed_once.append(True)
                         with monkeypatch.context() as skewed:
                             _past_the_grace(skewed)
                             skewed.setattr(other, "_transact", lost_before_its_transaction)
                             with pytest.raises(dynamodb_module.StoreUnavailableError):
                                 await _append_items(
                                     other, make_run("grace-skew", created_at=T0 + 20), 0,
-                                    refs=names, now=T0 + 20,
-                                    items=[make_item(name, b"p2") for name in names])
+                                    refs=NAMES, now=T0 + 20,
+                                    items=[make_item(name, b"p2") for name in NAMES])
                     return await transact(operations, *args, **kwargs)
 
+                skewed_once: list[bool] = []
                 monkeypatch.setattr(store, "_transact", overtaken)
+                with pytest.raises(SharedItemGone):
+                    await _append_items(store, run, 0, refs=NAMES,
+                                        items=[make_item(name, b"p1") for name in NAMES])
+                assert skewed_once
+                store._families.pop(skew_key, None)
+                assert await _read(store, run, None) is None  # nothing acknowledged
                 await _append_items(store, run, 0, refs=NAMES,
                                     items=[make_item(name, b"p1") for name in NAMES])
             store._families.pop(skew_key, None)

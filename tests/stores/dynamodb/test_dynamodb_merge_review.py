@@ -1,6 +1,6 @@
 """Review of the merged DynamoDB+S3 fixes of this session: a new life's first append that
-removes its ended life whole from ``_plan_first``, the check of its first pin, and the
-undo's check of its life."""
+removes its ended life whole from ``_plan_first``, the check of its pins (now of its pin
+record), and the undo's check of its life."""
 
 from __future__ import annotations
 
@@ -62,8 +62,8 @@ async def test_a_first_append_that_removes_its_ended_life_sends_no_transaction_i
     over no run item, and the pins land. ``_append`` then continues with ``state`` still
     L1 (``_purge_whole_run`` popped the cache, not the local): ``_plan_first(previous=L1)``
     Queries L1's leftovers again and sends the transaction with the run item's put
-    conditioned on L1's revision, run id and life, and without the first pin's check
-    (``_pins_kept`` returns nothing over a run item). The run item is gone: refused, and
+    conditioned on L1's revision, run id and life, and without the delete of its pin record
+    (``_pins_held`` returns nothing over a run item). The run item is gone: refused, and
     only the next attempt, over no run item, lands. One Query and one TransactWriteItems
     more than needed (of 98 operations, twice the write units of a refused transaction), and
     one of the 8 attempts spent."""

@@ -316,11 +316,11 @@ async def test_a_first_append_keeps_its_pins_when_a_life_comes_and_goes_before_i
     there): 12 are pinned, each pin checking ``attribute_not_exists`` on the run item.
     Before P's transaction, Q creates the run and removes it (``delete_run`` finds P's
     pinned items and counts and deletes them). P's transaction, conditioned on no run item
-    again, landed: its checkpoint was acknowledged naming 12 items that are gone. Now it
-    checks its first pin. ``counts_raised_again``: after the life came and went, a third
-    process's first append pins the same keys' counts (written directly here, without the
-    items): a check of a count alone would pass; the check of the item P's first pin wrote
-    (its write token) does not."""
+    again, landed: its checkpoint was acknowledged naming 12 items that are gone. Now its
+    transaction deletes its pin record only while it holds P's write token (the removal
+    took it). ``counts_raised_again``: after the life came and went, a third process's
+    first append pins the same keys' counts (written directly here, without the items):
+    a check of a count alone would pass; that of the pin record does not."""
     run = make_run(f"pins-over-no-run-item-{then}")
     other_life = make_run(f"pins-over-no-run-item-{then}")
     key = key_of(run)

@@ -179,13 +179,7 @@ async def test_a_pin_landing_after_delete_run_read_the_partition_keeps_its_item_
         await _emptied(store, key, monkeypatch)
 
 
-@pytest.mark.parametrize("grace", [
-    "past",
-    pytest.param("within", marks=pytest.mark.xfail(strict=True, reason=(
-        "a first append's pin put is dropped over another first append's pin younger than "
-        "the grace (it may be under way, and could land after this one failed, naming this "
-        "value); documented in Limits"))),
-])
+@pytest.mark.parametrize("grace", ["past", "within"])
 async def test_a_new_life_s_first_append_reads_back_its_own_values_at_the_keys_it_pins(
     store: DynamoDBStore, key: str, monkeypatch: pytest.MonkeyPatch, grace: str,
 ) -> None:
