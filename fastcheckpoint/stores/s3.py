@@ -449,6 +449,11 @@ class _Log:
     """Write tokens of the pending slots the listing showed (see ``Slot.owns``): not
     checkpoints yet, but an append right after one names it as its predecessor
     (``Slot.after``), as it is the one its writer will make a checkpoint of."""
+    unsure_below: bool = False
+    """Whether the checkpoint right below ``known_from`` may lack its marker below the floor
+    unbeknown to this process (it was never listed, or forgotten while known to lack it):
+    a pruning that removes the one at ``known_from`` without listing below first reads it
+    (see ``S3Store._just_below``)."""
     buried: dict[int, bytes] = field(default_factory=dict)
     """The newest tombstone the listing showed (its marker's token) or this process's
     ``delete`` wrote, with the ``after`` it carries: an append right after it names that
@@ -476,8 +481,9 @@ class _Log:
     def trim(self, limit: int) -> None:
         """Forget the oldest checkpoints beyond ``limit``: memory stays bounded."""
         while len(self.held) > limit:
-            del self.held[next(iter(self.held))]
+            forgotten = self.held.pop(next(iter(self.held)))
             self.known_from = next(iter(self.held))
+            self.unsure_below = forgotten.bare is not None or forgotten.unvouched is not None
         if len(self.expiring) > 2 * len(self.held) + 16:
             # Entries of forgotten or removed checkpoints: drop them (amortised O(1)).
             self.expiring = [entry for entry in self.expiring if entry[1] in self.held]
@@ -491,6 +497,7 @@ class _Log:
         for sequence, entry in merged.items():
             self.add(sequence, entry)
         self.known_from = 0
+        self.unsure_below = False
 
 
 @dataclass
@@ -974,7 +981,7 @@ class S3Store(ExpiryCleanup):
         cached = self._cached(run_key)
         if cached.log is not None and cached.log.latest > current.latest_sequence:
             return  # an append of ours finished after that listing was taken: keep the newer
-        log = _Log(current.latest_sequence, {}, {}, known_from)
+        log = _Log(current.latest_sequence, {}, {}, known_from, unsure_below=known_from > 0)
         for view in current.held:
             log.add(view.sequence, _entry_of(run_key, view, _floor_of(current)))
         for view in (*current.tombstones, *current.orphans):
@@ -2038,14 +2045,18 @@ class S3Store(ExpiryCleanup):
         marker would make it read as a checkpoint, so it gets one only when the slot after
         it names its token (:meth:`_follows`, one LIST and one GET per such slot, on this
         rare path only): an acknowledged create whose own pruning raised the floor beside
-        its failed marker PUT, which nobody else remembers. Otherwise it stays bare."""
+        its failed marker PUT, which nobody else remembers. Otherwise it stays bare. One
+        beside a damaged slot stays bare too, and readers read it while that slot stands:
+        False then as well (the loop removes only the newest, which a tombstone replaces)."""
         floor = _floor_of(current)
         missing = [view for view in (*current.held, *current.tombstones)
                    if view.missing and (view.kind == "t" or view.sequence >= floor)]
+        damaged = False
         for view in [view for view in current.held if view.missing and view.sequence < floor]:
             follows = await self._follows(io, run_key, view.sequence, _listing(view), False, None)
             if isinstance(follows, CorruptCheckpointError):
-                continue  # a damaged next slot tells nothing: it stays as it is
+                damaged = True  # a damaged next slot tells nothing: it stays as it is
+                continue
             if isinstance(follows, CheckpointError):
                 return False
             if follows:
@@ -2054,8 +2065,8 @@ class S3Store(ExpiryCleanup):
                                                  for view in missing])
         for view, done in zip(missing, written, strict=True):
             view.missing = not done
-        return all(done for view, done in zip(missing, written, strict=True)
-                   if view.kind != "t")
+        return not damaged and all(done for view, done in zip(missing, written, strict=True)
+                                   if view.kind != "t")
 
     async def _mark(
         self, io: Bucket, run_key: str, markers: Sequence[tuple[int, str, Listing]]
@@ -2408,9 +2419,11 @@ class S3Store(ExpiryCleanup):
         async def floor_raised() -> bool:
             if not keys:
                 return True
-            bare = await self._vouched(io, run_key, [
+            # Below what this process knows, ``_older`` lists only to prune by count.
+            unsure = keep_latest is None and log.unsure_below
+            bare = await self._vouched(io, run_key, cached, [
                 (sequence, entry) for sequence, entry in (*log.held.items(), *additions.items())
-                if sequence not in doomed])
+                if sequence not in doomed], keys, log.known_from if unsure else 0)
             return bare is not None and await self._raise_floor(io, run_key, cached, opened,
                                                                 newest + 1, bare)
 
@@ -2450,21 +2463,33 @@ class S3Store(ExpiryCleanup):
             log.merge_older(additions)
 
     async def _vouched(
-        self, io: Bucket, run_key: str, kept: Sequence[tuple[int, _Entry]]
+        self, io: Bucket, run_key: str, cached: _Cached, kept: Sequence[tuple[int, _Entry]],
+        keys: Sequence[str], unknown_below: int = 0,
     ) -> list[tuple[int, _Entry, Listing]] | None:
-        """Before a pruning removes checkpoints: write the marker of each ``kept`` checkpoint
+        """Before a pruning removes ``keys``: write the marker of each ``kept`` checkpoint
         below the floor without one from which the run goes on (the slot after it names its
         token; see :meth:`_follows`), as the cleanup loop does (:meth:`_heal`), since the
-        removal may take that slot. A commit that landed late, or one beside a damaged slot,
-        gets none. Returns the kept ones known to lack their marker at or above the floor
-        (for :meth:`_raise_floor`); ``None`` when it cannot be told or a marker cannot be
-        written: nothing is removed now. Costs nothing unless such a checkpoint is kept (a
-        LIST and a GET each, then its marker's PUT)."""
+        removal may take that slot. A commit that landed late gets
+        none, nor does one beside a damaged slot, which readers read as a checkpoint while
+        that slot stands: then no slot above it is removed (``None``). Returns the kept ones
+        known to lack their marker at or above the floor (for :meth:`_raise_floor`); ``None``
+        when it cannot be told or a marker cannot be written: nothing is removed now. Costs
+        nothing unless such a checkpoint is kept (a LIST and a GET each, then its marker's
+        PUT). ``unknown_below`` (above 0): the lowest sequence this process knows, whose
+        predecessor it may not know to lack its marker; when its slot goes, that one is
+        listed first (:meth:`_just_below`: a LIST, and a GET when it has no marker)."""
+        removed = _slot_sequences(run_key, keys)
+        if unknown_below > 0 and unknown_below in removed:
+            kept = [*await self._just_below(io, run_key, cached, unknown_below), *kept]
         for sequence, entry in kept:
             if entry.unvouched is None:
                 continue
             follows = await self._follows(io, run_key, sequence, entry.unvouched, False, None)
-            if isinstance(follows, CorruptCheckpointError) or follows is False:
+            if isinstance(follows, CorruptCheckpointError):
+                if any(other > sequence for other in removed):
+                    return None  # a removal above it may take the damaged slot readers see
+                continue
+            if follows is False:
                 continue
             if isinstance(follows, CheckpointError):
                 return None
@@ -2473,6 +2498,20 @@ class S3Store(ExpiryCleanup):
             entry.unvouched = None
         return [(sequence, entry, entry.bare) for sequence, entry in kept
                 if entry.bare is not None]
+
+    async def _just_below(
+        self, io: Bucket, run_key: str, cached: _Cached, known_from: int
+    ) -> list[tuple[int, _Entry]]:
+        """The checkpoint at ``known_from - 1`` as this process now lists it (its slot's
+        keys: one LIST; its slot, when it has no marker: one GET), for :meth:`_vouched`
+        before a pruning removes the one at ``known_from``; none when there is none."""
+        sequence = known_from - 1
+        listed = _parse_run_listing(run_key, await _slot_markers(
+            io, layout.slot_key(run_key, sequence)))
+        listed.run_etag = cached.etag
+        current = await self._resolve(io, run_key, listed)
+        return [(view.sequence, _entry_of(run_key, view, _floor_of(current)))
+                for view in current.held if view.sequence == sequence]
 
     async def _raise_floor(
         self, io: Bucket, run_key: str, cached: _Cached, opened: int, floor: int,
@@ -4040,7 +4079,8 @@ class S3Store(ExpiryCleanup):
         buried = [view for view in current.tombstones if view.sequence < head]
         if not healed or not await self._floor_above(io, run_key, current, [*batch, *buried]):
             # A marker at or above the floor could not be written (the floor stays below
-            # it), or the run object changed since it was listed: only the newest (it stays
+            # it), one below it sits beside a damaged slot (readers read it while that slot
+            # stands), or the run object changed since it was listed: only the newest (it stays
             # as a tombstone) goes now; the next pass removes the others.
             more = more or len(batch) > 1
             batch = [view for view in batch if view.sequence == head]
@@ -4614,6 +4654,13 @@ def _slots_first(run_key: str, keys: Sequence[Listed]) -> list[list[Listed]]:
     if not slots or not any(entry.key.startswith(items) for entry in rest):
         return [list(keys)] if keys else []
     return [slots, rest]
+
+
+def _slot_sequences(run_key: str, keys: Iterable[str]) -> set[int]:
+    """The sequences of the slots among ``keys`` (not of their markers)."""
+    prefix = layout.slots_prefix(run_key)
+    return {sequence for key in keys if _is_slot(run_key, key)
+            for sequence in [layout.parse_sequence(key[len(prefix):])] if sequence is not None}
 
 
 def _own_markers(view: _SlotView) -> list[str]:
