@@ -175,6 +175,7 @@ class EntryLog:
         metadata: Mapping[str, Any] | None = None,
         ttl_seconds: float | None = None,
         clock: Callable[[], float] = time.time,
+        keep_unsettled: bool = False,
     ) -> None:
         if not isinstance(store, SupportsSharedItems) or not isinstance(store, SupportsLabels):
             raise ConfigurationError(
@@ -192,7 +193,11 @@ class EntryLog:
         """Whether ``_known`` is this object's last sight of the head (``None``: absent)."""
         self._unsettled: _Unsettled | None = None
         """This object's last change, if its outcome is unknown: the same change made again
-        is recognised while the head carries its token."""
+        is recognised while the head carries its token. Forgotten by a read and once this
+        object makes another change (the caller who saw the log, or moved on, makes the same
+        change next as a new one), unless ``keep_unsettled``: a caller that tells a retry
+        from a new change by itself (an ADK event's id) keeps it until made again."""
+        self._keeps = keep_unsettled
         self._joining: str | None = None
         """The incarnation of the run the store holds without a checkpoint yet (a first
         change that failed after the store created the run): the call's next try joins it,
@@ -208,7 +213,8 @@ class EntryLog:
     async def read(self) -> LogView | None:
         """The whole log, or ``None`` when it does not exist (never written, cleared or
         expired). One store call."""
-        self._unsettled = None  # the caller sees whether a change that failed is there
+        if not self._keeps:
+            self._unsettled = None  # the caller sees whether a change that failed is there
         known = await self._read()
         if known is None:
             return None
@@ -322,17 +328,22 @@ class EntryLog:
         """This object's change whose outcome was unknown, if the store's head carries its
         token (it was applied, maybe followed by other writers' changes) and ``same`` says the
         change asked for now is that one made again (a caller's retry: it is not made twice).
-        Forgotten either way: a read tells the outcome (one store call, only after such a
-        failure; one that fails keeps the change for the next try). :class:`StaleLog` when
-        the change's revision is older than every token the head carries (it cannot be told
-        whether the change was stored). Tokens are carried within one life of the log only:
+        Forgotten once told apart (one read, only after such a failure; one that fails keeps
+        the change for the next try); another change forgets it only once made (one refused,
+        or a pop of an empty log, writes nothing). :class:`StaleLog` when the change's revision
+        is older than every token the head carries (it cannot be told whether the change was
+        stored). Tokens are carried within one life of the log only:
         one cleared and written again holds none of an ended life's."""
         change = self._unsettled
         if change is None:
             return None
+        if not same(change):
+            if not self._seen:  # another change, on the head read now (as before the failure)
+                await self._read()
+            return None
         known = await self._read()
         self._unsettled = None
-        if known is None or known.incarnation != change.head.incarnation or not same(change):
+        if known is None or known.incarnation != change.head.incarnation:
             return None
         recent = known.layout.recent
         if change.token in recent:
@@ -427,7 +438,9 @@ class EntryLog:
                 self._unsettled = _Unsettled(layout.recent[-1], batch, state, expect, popped, head)
                 raise
         self._known = _Known(sequence, incarnation, layout, values, now)
-        self._seen, self._joining = True, None
+        # Another change made forgets an unknown one (unless kept: see ``_unsettled``).
+        self._seen, self._joining, self._unsettled = (
+            True, None, self._unsettled if self._keeps else None)
         return head
 
 

@@ -69,6 +69,7 @@ from fastcheckpoint.errors import (
     ConflictError,
     CorruptCheckpointError,
     SerializationError,
+    StoreError,
     ValidationError,
 )
 from fastcheckpoint.integrations import _google_adk_names as names
@@ -198,6 +199,10 @@ class _Tracked:
     """``None``: unknown; revision -1: the log did not exist."""
     state: bytes | None = None
     """The stored state at ``head`` (``None``: unknown)."""
+    tried: tuple[_Head, bytes] | None = None
+    """The head and state of the session's last append whose store call failed: the same
+    event made again on a session object at that head makes the same change, which the log
+    recognises, whatever this process read or appended of the session meanwhile."""
 
     def saw(self, head: _Head, state: bytes | None) -> None:
         self.head, self.state = head, state
@@ -578,6 +583,9 @@ class FastSessionService(BaseSessionService):
             if stale.revision == -1:
                 raise _not_found(session) from None
             raise StaleSessionError(_STALE_MESSAGE) from None
+        except StoreError:  # maybe stored: see _Tracked.tried
+            tracked.tried = expected, stored_state
+            raise
         tracked.saw(_head(head), stored_state if state is None else state)
         return head, pending, own[0].id if own else None
 
@@ -596,9 +604,10 @@ class FastSessionService(BaseSessionService):
         hold the stored newest event too: event ids are unique where clock readings are not.
         """
         marked = _marked_head(session)
-        known = tracked.known()
-        if not read and isinstance(marked, _Head) and known is not None and known[0] == marked:
-            return known
+        if not read and isinstance(marked, _Head):
+            for known in (tracked.known(), tracked.tried):
+                if known is not None and known[0] == marked:
+                    return known
         view = await tracked.log.read()
         head, state = tracked.saw_view(view)
         if view is None:
@@ -710,7 +719,9 @@ class FastSessionService(BaseSessionService):
             labels=(names.app_label(app_name), names.user_label(app_name, user_id)),
             metadata={"framework": _FRAMEWORK, "app_name": app_name, "user_id": user_id,
                       "session_id": session_id},
-            ttl_seconds=self._ttl, clock=self._clock))
+            # An event made again is told apart by its id: a retry of one whose store call
+            # failed is recognised after reads and other session objects' appends too.
+            ttl_seconds=self._ttl, clock=self._clock, keep_unsettled=True))
 
     def _app_log(self, app_name: str) -> _Tracked:
         run_id = names.app_state_run_id(app_name)
