@@ -92,6 +92,13 @@ _EXPIRY_RANGE = (
     "IS NOT NULL), (SELECT min(expires_at) FROM fc_checkpoints WHERE run_key = ?1 AND "
     "expires_at IS NOT NULL)"
 )
+# Only when the range above met an expiry of another type (written with the checks off; text
+# and blobs sort above every number): the range of the real ones, reading every expiry of the
+# run. A checkpoint whose expiry is unreadable is left to expire with its run.
+_REAL_EXPIRY_RANGE = (
+    "SELECT max(expires_at), min(expires_at) FROM fc_checkpoints WHERE run_key = ?1 "
+    "AND typeof(expires_at) = 'real'"
+)
 _EXPIRED_CHECKPOINTS = (
     "SELECT sequence, expires_at, refs FROM fc_checkpoints WHERE run_key = ? "
     "AND expires_at <= ? ORDER BY expires_at LIMIT ?"
@@ -442,6 +449,14 @@ HEADER_TYPES = (*CHECKPOINT_TYPES[:4], ("header", bytes))
 """Those of :data:`HEADERS` and :data:`LIVE_HEADERS`."""
 JOINED_RUN_TYPES = (("status", _OPTIONAL_TEXT), ("expires_at", _OPTIONAL_REAL))
 """Those of the run's columns of :data:`GET` and :data:`LATEST`, and of :data:`RUN_STATUS`."""
+NEWEST_TYPES = (("sequence", int), ("checkpoint_id", str), ("expires_at", _OPTIONAL_REAL))
+"""Those of :data:`NEWEST_ID`, and of :data:`NEWEST_FIRST` with its ``created_at`` left out."""
+DUE_TYPES = (("run_key", str), ("expires_at", _OPTIONAL_REAL), ("checkpoint_count", int),
+             ("immortal", int))
+"""Those of :data:`DUE_RUNS`."""
+OWNER_TYPES = (("checkpoint_id", str), ("expires_at", _OPTIONAL_REAL),
+               ("run expires_at", _OPTIONAL_REAL))
+"""Those of :data:`OWNER`."""
 
 
 def wrong_type(row: Sequence[Any], types: Sequence[tuple[str, Any]]) -> str | None:
@@ -798,6 +813,11 @@ def holdings(
     """``(expires_at, due)`` of a run from the checkpoints it holds; ``EMPTY_RUN`` for both
     once it holds none."""
     latest, first = db.execute(_EXPIRY_RANGE, (run_key,)).fetchone()
+    if not isinstance(latest, (float, type(None))) or not isinstance(first, (float, type(None))):
+        logger.warning("a checkpoint of run key %s holds an expiry of another type (written "
+                       "with the checks off); the run's expiry is taken from the others",
+                       run_key)
+        latest, first = db.execute(_REAL_EXPIRY_RANGE, (run_key,)).fetchone()
     if immortal > 0:
         return None, first
     if latest is None:

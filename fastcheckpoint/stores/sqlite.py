@@ -237,8 +237,11 @@ def _own(run_key: str, row: Sequence[Any]) -> bool:
 
 
 def _newest_own(run_key: str, rows: Iterable[Sequence[Any]]) -> Sequence[Any] | None:
-    """The first row of ``rows`` (newest first) whose id is the run's own."""
-    return next((row for row in rows if _own(run_key, row)), None)
+    """The first row of ``rows`` (newest first, as :data:`steps.NEWEST_FIRST`) whose id is
+    the run's own, among those of the right types."""
+    return next((row for row in rows
+                 if steps.wrong_type(row, steps.HEADER_TYPES) is None and _own(run_key, row)),
+                None)
 
 
 def _error_code(exc: sqlite3.Error) -> int | None:
@@ -297,6 +300,9 @@ def _contradiction(
     which reads refuse, and creates go on past it."""
     if newest is None:
         return None
+    problem = _unreadable_newest(newest)
+    if problem is not None:
+        return problem
     newest_sequence, newest_id, newest_expires_at = newest[0], newest[1], newest[2]
     if newest_sequence > head.latest_sequence:
         return (
@@ -320,6 +326,17 @@ def _contradiction(
             "it was edited)"
         )
     return None
+
+
+def _unreadable_newest(newest: Sequence[Any]) -> str | None:
+    """Why the ``(sequence, checkpoint_id, expires_at)`` of the newest checkpoint in place
+    cannot be compared with the run row (a value of another type, written with the checks
+    off: text and blobs sort above every number, so such a sequence is always the newest),
+    or ``None``. Nothing can be appended after it, nor the run row rebuilt from it."""
+    wrong = _wrong_type(newest, steps.NEWEST_TYPES)
+    return None if wrong is None else (
+        f"the newest checkpoint row in place (sequence {newest[0]!r:.40}) cannot be read: "
+        f"{wrong}")
 
 
 def _problem(run_key: str, row: Sequence[Any] | None, newest: Sequence[Any] | None) -> str | None:
@@ -883,10 +900,22 @@ class SQLiteStore(ExpiryCleanup):
     def _check_log(self, db: sqlite3.Connection, run_key: str, head: steps.Head) -> None:
         """Refuse to write after a run row that the newest checkpoint in place contradicts
         (one more primary-key probe)."""
-        problem = _contradiction(run_key, head,
-                                 db.execute(steps.NEWEST_ID, (run_key,)).fetchone())
+        newest = db.execute(steps.NEWEST_ID, (run_key,)).fetchone()
+        if newest is not None:
+            self._check_newest(run_key, newest)
+        problem = _contradiction(run_key, head, newest)
         if problem is not None:
             raise self._damaged_record(run_key, problem)
+
+    def _check_newest(self, run_key: str, newest: Sequence[Any]) -> None:
+        """Refuse a newest checkpoint row of another type: a repair cannot mend it."""
+        problem = _unreadable_newest(newest)
+        if problem is not None:
+            raise CorruptCheckpointError(
+                f"run key {run_key}: {problem}; it was written with the checks off: delete "
+                "that row by hand (or delete_run the run)",
+                key=self._key(run_key, newest[0]),
+            )
 
     def _start_run(
         self,
@@ -1337,6 +1366,10 @@ class SQLiteStore(ExpiryCleanup):
             row = db.execute(steps.OWNER, (run_key, owner)).fetchone()
             if row is None or row[0] != checkpoint_id:
                 return False
+            wrong = _wrong_type(row, steps.OWNER_TYPES)
+            if wrong is not None:
+                raise CorruptCheckpointError(f"checkpoint {owner} of run key {run_key} or its "
+                                             f"run record: {wrong}", key=self._key(run_key, owner))
             expires_at, run_expires_at = row[1], row[2]
             if not (is_live(expires_at, now) and is_live(run_expires_at, now)):
                 return False
@@ -1487,11 +1520,15 @@ class SQLiteStore(ExpiryCleanup):
         removed = 0
         budget = limit
         with self._transaction() as db:
-            for run_key, expires_at, held, immortal in db.execute(
-                    steps.DUE_RUNS, (now, limit)).fetchall():
+            for row in db.execute(steps.DUE_RUNS, (now, limit)).fetchall():
+                run_key, expires_at, held, immortal = row
                 if budget <= 0:
                     break
-                if is_live(expires_at, now):
+                wrong = _wrong_type(row, steps.DUE_TYPES)
+                if wrong is not None:
+                    self._leave_alone(db, run_key, wrong)
+                    found = 0
+                elif is_live(expires_at, now):
                     found = steps.purge_checkpoints(db, run_key, held=held, immortal=immortal,
                                                     now=now, budget=budget)
                 elif self._contradicted(db, run_key):
@@ -1515,10 +1552,15 @@ class SQLiteStore(ExpiryCleanup):
             run_key, head, db.execute(steps.NEWEST_ID, (run_key,)).fetchone())
         if problem is None:
             return False
+        self._leave_alone(db, run_key, problem)
+        return True
+
+    def _leave_alone(self, db: sqlite3.Connection, run_key: str, problem: str) -> None:
+        """The cleanup leaves a run alone, and does not visit it again (``due`` cleared)
+        until a repair rebuilds its row."""
         logger.warning("sqlite store: cleanup leaves run key %s alone in %s: %s (fastcheckpoint "
                        "doctor --repair rebuilds its record)", run_key, self._path, problem)
         db.execute(steps.CLEAR_DUE, (run_key,))
-        return True
 
     async def provision(self) -> list[str]:
         """Create the schema in a new database or upgrade an older one (``fastcheckpoint
@@ -1611,6 +1653,8 @@ class SQLiteStore(ExpiryCleanup):
             newest = checkpoints.fetchone()
             own = _newest_own(run_key, itertools.chain([newest] if newest else [], checkpoints))
             checkpoints.close()
+            if newest is not None:
+                self._check_newest(run_key, (newest[0], newest[1], newest[3]))
             if not count or newest is None or own is None:
                 raise CheckpointNotFound(
                     f"run key {run_key} holds no checkpoint of its own to rebuild a record from")
