@@ -12,6 +12,7 @@ import contextlib
 import os
 import random
 import sqlite3
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ import anyio
 import msgspec
 import pytest
 
+import fastcheckpoint
 from fastcheckpoint import CheckpointConfig, CheckpointManager, _ids
 from fastcheckpoint.errors import CheckpointError, CorruptCheckpointError
+from fastcheckpoint.stores import _sqlite_steps as steps
 from fastcheckpoint.stores.sqlite import SQLiteStore
 from fastcheckpoint.testing import (
     T0,
@@ -31,6 +34,7 @@ from fastcheckpoint.testing import (
     make_item,
     make_run,
 )
+from tests._helpers import acks_until_killed
 
 pytestmark = pytest.mark.anyio
 
@@ -367,3 +371,204 @@ async def test_the_cleanup_of_a_live_run_past_a_checkpoint_expiry_of_another_typ
     assert [row[1] for row in left[1]] == [3]
     assert key_of(other).encode() not in {row[0] for row in left[0]}
     assert "expiry of another type" in caplog.text
+
+
+# -- what held: expiry, cancellation, two stores of one process --------------------------------
+
+
+def _orphans(database: Path) -> list[tuple[Any, ...]]:
+    """Rows nothing holds: owned items without their checkpoint, counts that the refs of the
+    checkpoints held do not make, rows of a run without its run row."""
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        found = db.execute(
+            "SELECT 'owned', run_key, key FROM fc_items i WHERE owner IS NOT NULL AND NOT EXISTS "
+            "(SELECT 1 FROM fc_checkpoints c WHERE c.run_key = i.run_key "
+            "AND c.sequence = i.owner)").fetchall()
+        for table in ("fc_items", "fc_checkpoints", "fc_item_refs", "fc_labels"):
+            found += db.execute(
+                f"SELECT '{table}', run_key FROM {table} t WHERE NOT EXISTS "
+                "(SELECT 1 FROM fc_runs r WHERE r.run_key = t.run_key)").fetchall()
+        counted = {(run_key, key): holders for run_key, key, holders in db.execute(
+            "SELECT run_key, key, holders FROM fc_item_refs")}
+        named: dict[tuple[str, str], int] = {}
+        for run_key, refs in db.execute("SELECT run_key, refs FROM fc_checkpoints"):
+            for key in set(steps.split_refs(refs)):
+                named[run_key, key] = named.get((run_key, key), 0) + 1
+        if counted != named:
+            found.append(("counts", counted, named))
+    return found
+
+
+async def test_expiry_at_random_leaves_no_row_behind(tmp_path: Path) -> None:
+    """Runs of checkpoints with random expiries naming shared items, owning items, with
+    nested and loose items and labels, cleaned up at random times in small batches: what
+    expired reads as absent, no row is left that nothing holds, and once every checkpoint
+    expired nothing of the runs is left."""
+    store = SQLiteStore(tmp_path / "checkpoints.db", synchronous="normal")
+    with anyio.fail_after(120):
+        for seed in range(12):
+            rnd = random.Random(seed)
+            expiries: dict[str, list[float]] = {}
+            for number in range(3):
+                run = make_run(f"ttl-{seed}-{number}")
+                rk = key_of(run)
+                seeded = msgspec.structs.replace(run, labels=(f"l{number}",))
+                expiries[rk] = []
+                for sequence in range(rnd.randint(1, 6)):
+                    expires_at = T0 + rnd.choice([5, 10, 50, 100])
+                    refs = tuple(rnd.sample(["K", "P", "P/1"], rnd.randint(0, 2)))
+                    record = msgspec.structs.replace(
+                        make_checkpoint(run, sequence, expires_at=expires_at), refs=refs)
+                    items = [make_item(key) for key in ("K", "P", "P/1", "P/2", "K/x")]
+                    items.append(make_item(f"o{sequence}", owner=sequence))
+                    await store.append_with_items(
+                        rk, record, run=seeded, keep_latest=rnd.choice([None, 2, 3]), now=T0,
+                        items=items)
+                    expiries[rk].append(expires_at)
+                await store.put_items(rk, [make_item("loose", expires_at=T0 + 20),
+                                           make_item("kept")], now=T0)
+                headers, _ = await store.headers(rk, before=None, limit=10, now=T0)
+                held = {header.sequence for header in headers}  # what pruning kept
+                expiries[rk] = [at if sequence in held else T0
+                                for sequence, at in enumerate(expiries[rk])]
+            for now in [*sorted(T0 + rnd.uniform(0, 120) for _ in range(4)), T0 + 200]:
+                while True:
+                    _, done = await store.purge_expired(now=now, limit=rnd.randint(1, 3))
+                    if done:
+                        break
+                assert await anyio.to_thread.run_sync(_orphans, store.path) == []
+                for rk, times in expiries.items():
+                    found = await store.latest(rk, now=now)
+                    live = [sequence for sequence, at in enumerate(times) if at > now]
+                    assert (found is None) == (not live), (seed, now)
+            left = await anyio.to_thread.run_sync(_dump, store.path)
+            assert left == [[]] * len(_COLUMNS), seed
+        await store.aclose()
+
+
+async def test_cancelled_appends_leave_a_consistent_store_and_a_usable_connection(
+    tmp_path: Path, anyio_backend: str,
+) -> None:
+    """Appends cancelled at random instants: each one either returned (its checkpoint is
+    there) or was cancelled (its checkpoint is there or not, whole), the run row agrees with
+    the checkpoints, and the next append on the same connection goes on."""
+    store = SQLiteStore(tmp_path / "checkpoints.db", synchronous="normal")
+    run = make_run("cancelled", expires_at=T0 + 1000)
+    rk = key_of(run)
+    acknowledged: list[int] = []
+    rnd = random.Random(7)
+    with anyio.fail_after(120):
+        for _ in range(60):
+            record = await store.get_run(rk, now=T0)
+            sequence = 0 if record is None else record.latest_sequence + 1
+            checkpoint = msgspec.structs.replace(
+                make_checkpoint(run, sequence, expires_at=T0 + 1000), refs=("K",))
+            items = [make_item("K")] if sequence == 0 else []
+            async with anyio.create_task_group() as group:
+                done: list[str] = []
+
+                async def append(record: Any = checkpoint, extra: Any = items,
+                                 done: list[str] = done) -> None:
+                    done.append(await store.append_with_items(
+                        rk, record, run=run, keep_latest=3, now=T0, items=extra))
+
+                group.start_soon(append)
+                await anyio.sleep(rnd.uniform(0, 0.004))
+                group.cancel_scope.cancel()
+            if done:
+                acknowledged.append(sequence)
+            found = await store.get(rk, sequence, now=T0)
+            assert (found is not None) or not done
+        assert await store.damaged_runs(now=T0) == []
+        held = [header.sequence for header in
+                (await store.headers(rk, before=None, limit=10, now=T0))[0]]
+        final = await store.get_run(rk, now=T0)
+        assert final is not None
+        assert held == sorted(held, reverse=True)[:3]
+        assert held[0] == final.latest_sequence
+        assert set(acknowledged[-3:]) <= set(held)  # pruning keeps the three newest
+        read = await store.read_with_items(rk, sequence=None, now=T0)
+        assert read is not None
+        assert read[2] == {"K": b"value-K"}
+        await store.aclose()
+    assert await anyio.to_thread.run_sync(_orphans, store.path) == []
+
+
+async def test_two_stores_of_one_process_sharing_a_run_take_turns(
+    tmp_path: Path, anyio_backend: str,
+) -> None:
+    """Two store objects on one file (two writer connections), creating on one run with
+    ``append_next`` from many tasks at once: every acknowledged sequence is distinct, none is
+    lost, and they have no gaps."""
+    path = tmp_path / "checkpoints.db"
+    stores = [SQLiteStore(path, timeout=30), SQLiteStore(path, timeout=30)]
+    run = make_run("shared")
+    rk = key_of(run)
+    taken: list[int] = []
+    with anyio.fail_after(120):
+        await stores[0].append(rk, make_checkpoint(run, 0), run=run, keep_latest=None, now=T0)
+
+        async def writer(store: SQLiteStore) -> None:
+            for _ in range(15):
+                _, stored = await store.append_next(
+                    rk, make_checkpoint(run, 1), run=run, keep_latest=None, now=T0,
+                    renumber=lambda sequence: make_checkpoint(run, sequence))
+                taken.append(stored.sequence)
+
+        async with anyio.create_task_group() as group:
+            for number in range(6):
+                group.start_soon(writer, stores[number % 2])
+        headers, _ = await stores[1].headers(rk, before=None, limit=1000, now=T0)
+        for store in stores:
+            await store.aclose()
+    assert sorted(taken) == list(range(1, 91))
+    assert sorted(header.sequence for header in headers) == list(range(91))
+
+
+async def test_two_processes_pruning_one_run_killed_at_random_leave_no_row_behind(
+    tmp_path: Path, anyio_backend: str,
+) -> None:
+    """Two OS processes append to one run (items, refs, pruning to three) and are killed
+    with SIGKILL at random instants: their acknowledged sequences are distinct, the newest
+    is readable with its items, the run row agrees with its checkpoints, and no row is left
+    that nothing holds."""
+    database = tmp_path / "checkpoints.db"
+    chance = random.Random(3)
+    with anyio.fail_after(30):
+        await SQLiteStore(database).provision()
+    for attempt in range(3):
+        run_id = f"two killed-{attempt}"
+        acknowledged: list[list[int]] = [[], []]
+        command = [sys.executable, str(_WORKER), "forever", str(database), run_id, "3", "normal"]
+
+        async def killed(number: int, log: Path, delay: float, acks: list[list[int]],
+                         command: list[str] = command) -> None:
+            acks[number] = await acks_until_killed(command, _worker_env(anyio_backend), log,
+                                                   delay)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as group:
+                for number in range(2):
+                    group.start_soon(killed, number, tmp_path / f"err-{attempt}-{number}",
+                                     chance.uniform(0.05, 0.3), acknowledged)
+            store = SQLiteStore(database)
+            key = _ids.run_key(run_id)
+            newest = max(acknowledged[0][-1], acknowledged[1][-1])
+            read = await store.read_with_items(key, sequence=newest, now=T0)
+            damaged = await store.damaged_runs(now=T0)
+            await store.aclose()
+        assert not set(acknowledged[0]) & set(acknowledged[1])
+        assert read is not None
+        assert set(read[2]) == {"shared", f"w/{newest}"}
+        assert damaged == []
+        assert await anyio.to_thread.run_sync(_orphans, database) == []
+
+
+_WORKER = Path(__file__).resolve().parents[2] / "sqlite_worker.py"
+
+
+def _worker_env(backend: str) -> dict[str, str]:
+    root = str(Path(fastcheckpoint.__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else ""),
+            "SQLITE_WORKER_BACKEND": backend}
