@@ -11,7 +11,7 @@ import functools
 import logging
 import re
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
@@ -619,14 +619,19 @@ def add_refs(db: sqlite3.Connection, run_key: str, refs: Iterable[str]) -> None:
         db.executemany(_ADD_REF, [(run_key, key) for key in keys])
 
 
-def _drop_refs(db: sqlite3.Connection, run_key: str, encoded: Iterable[str]) -> None:
+def _drop_refs(
+    db: sqlite3.Connection, run_key: str, encoded: Iterable[str], kept: Collection[str] = ()
+) -> None:
     """Count down the references of removed checkpoints; remove items no checkpoint names,
-    with the items nested under them.
+    with the items nested under them. ``kept``: keys a checkpoint the run holds is known to
+    name (the one an append just wrote, which its pruning never removes).
 
     A removed checkpoint's ``refs`` that the counts contradict (a key with no count, a count
     going below zero, text that was not UTF-8) were damaged after they were counted: what
     they named then is unknown, so the run's counts are taken again from the refs of the
-    checkpoints it still holds (:func:`_recount`) instead of trusting them."""
+    checkpoints it still holds (:func:`_recount`) instead of trusting them. So are counts
+    that fall to zero for a key of ``kept``: lowered or deleted by hand, they would free an
+    item the checkpoint just acknowledged names."""
     texts = list(encoded)
     counts = collections.Counter(
         key for text in texts for key in dict.fromkeys(split_refs(text)))
@@ -637,16 +642,23 @@ def _drop_refs(db: sqlite3.Connection, run_key: str, encoded: Iterable[str]) -> 
     if counted != len(counts) or below_zero or any("\ufffd" in text for text in texts):
         _recount(db, run_key, damaged=True)
         return
-    _free_unnamed(db, run_key, list(counts))
+    down = _counted(db, run_key, list(counts), "<= 0")
+    if not set(kept).isdisjoint(down):
+        _recount(db, run_key, damaged=True)
+        return
+    _free_unnamed(db, run_key, list(counts), down)
 
 
-def _free_unnamed(db: sqlite3.Connection, run_key: str, keys: Sequence[str]) -> None:
+def _free_unnamed(
+    db: sqlite3.Connection, run_key: str, keys: Sequence[str], down: Sequence[str] | None = None
+) -> None:
     """Remove the items of ``keys`` whose count is down to zero, with what is nested under
     them, and those counts; but not what a held checkpoint still names or is nested under a
     key one names, nor owned items (they go with their owner). Per key whose count is down:
     a probe of the keys it is nested under, one range of the counts under it, and a range
-    delete per gap between the keys still named there, never a statement per item."""
-    for key in _counted(db, run_key, keys, "<= 0"):
+    delete per gap between the keys still named there, never a statement per item. ``down``:
+    those of ``keys`` whose count is down to zero, if known already."""
+    for key in _counted(db, run_key, keys, "<= 0") if down is None else down:
         if _counted(db, run_key, _enclosing(key), "> 0"):
             continue  # nested under a key still named: it stays, with what is nested under it
         db.execute(_DELETE_LOOSE, (run_key, key))
@@ -742,10 +754,12 @@ def put_appended_items(
 
 
 def remove(
-    db: sqlite3.Connection, run_key: str, rows: Sequence[Sequence[Any]], *, oldest: bool = False
+    db: sqlite3.Connection, run_key: str, rows: Sequence[Sequence[Any]], *, oldest: bool = False,
+    kept: Collection[str] = (),
 ) -> Removed:
     """Remove checkpoints ``(sequence, expires_at, refs)`` with their owned items and
-    references; ``oldest``: they are the run's oldest, in order (one range delete)."""
+    references; ``oldest``: they are the run's oldest, in order (one range delete); ``kept``:
+    keys a checkpoint the run keeps names (see :func:`_drop_refs`)."""
     if not rows:
         return Removed()
     if oldest:
@@ -762,7 +776,7 @@ def remove(
         # would never go). A checkpoint written as naming none (NO_REFS) costs nothing here.
         _recount(db, run_key, damaged=False)
     elif encoded:
-        _drop_refs(db, run_key, encoded)
+        _drop_refs(db, run_key, encoded, kept)
     return Removed(len(rows), sum(1 for row in rows if row[1] is None))
 
 
@@ -779,22 +793,23 @@ def immortal_left(db: sqlite3.Connection, run_key: str, immortal: int) -> int:
 
 def prune(
     db: sqlite3.Connection, run_key: str, *, held: int, due: float | None,
-    keep_latest: int | None, now: float,
+    keep_latest: int | None, now: float, kept: Collection[str] = (),
 ) -> Removed:
     """Remove the run's expired checkpoints, then the oldest beyond ``keep_latest``, never one
     of the ``keep_latest`` newest the run holds (the one just written included): ``held``, the
     run row's count, may be too high (raised by hand, or the row put back from an older copy,
     also from before a delete), and is then found too high (fewer checkpoints to prune than it
-    says)."""
+    says). ``kept``: the keys the checkpoint just written names."""
     removed = Removed()
     if due is not None and due <= now:
         removed = remove(db, run_key, db.execute(
-            _EXPIRED_CHECKPOINTS, (run_key, now, INT64)).fetchall())
+            _EXPIRED_CHECKPOINTS, (run_key, now, INT64)).fetchall(), kept=kept)
     excess = 0 if keep_latest is None else held - removed.checkpoints - keep_latest
     if keep_latest is None or excess <= 0:
         return removed
     oldest = remove(db, run_key, db.execute(
-        _PRUNABLE_CHECKPOINTS, (run_key, keep_latest - 1, excess)).fetchall(), oldest=True)
+        _PRUNABLE_CHECKPOINTS, (run_key, keep_latest - 1, excess)).fetchall(), oldest=True,
+        kept=kept)
     return Removed(removed.checkpoints + oldest.checkpoints, removed.immortal + oldest.immortal)
 
 

@@ -975,7 +975,8 @@ class SQLiteStore(ExpiryCleanup):
         immortal = head.immortal + (record.expires_at is None)
         expires_at = latest_expiry(head.expires_at, record.expires_at)
         due = steps.earliest(head.due, record.expires_at)
-        removed = steps.prune(db, run_key, held=held, due=due, keep_latest=keep_latest, now=now)
+        removed = steps.prune(db, run_key, held=held, due=due, keep_latest=keep_latest, now=now,
+                              kept=record.refs)
         held -= removed.checkpoints
         immortal -= removed.immortal
         recounted = keep_latest is not None and held > keep_latest
