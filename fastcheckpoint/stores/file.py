@@ -592,10 +592,15 @@ def _parse_frame(
     return _Frame(meta=meta, head=data[_PREFIX + meta_len : head_end], body=body)
 
 
+_UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError)
+"""What decoding damaged metadata raises: msgspec raises ``UnicodeDecodeError``, not a
+``DecodeError``, for a string that is no UTF-8."""
+
+
 def _decode(decoder: msgspec.msgpack.Decoder[_T], data: bytes, path: str) -> _T:
     try:
         return decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except _UNDECODABLE as exc:
         raise CorruptCheckpointError(f"undecodable record metadata: {exc}", key=path) from exc
 
 
@@ -1612,7 +1617,7 @@ class _Claim(NamedTuple):
             sample = head + _ENCODER.encode(least) + self.raw[start + width:]
             try:
                 rest = _ITEM_DECODER.decode(sample)
-            except msgspec.DecodeError:
+            except _UNDECODABLE:
                 continue
             if rest.key != self.meta.key or rest.entry != self.meta.entry or \
                     _ENCODER.encode(rest) != sample:  # not as the entry was written
@@ -1666,7 +1671,7 @@ def _claimed_meta(view: LogView, entry: int, at: Located) -> _Claim | None:
             return None
         meta_len = _FIXED.unpack_from(found.data)[3]
         meta = _ITEM_DECODER.decode(found.data[_PREFIX:_PREFIX + meta_len])
-    except (CorruptCheckpointError, msgspec.DecodeError):
+    except (CorruptCheckpointError, *_UNDECODABLE):
         return None
     if meta.entry != entry:
         return None
