@@ -39,7 +39,10 @@ from fastcheckpoint.testing import (
     make_item,
     make_run,
 )
+from tests import file_worker
 from tests._file_records import LogRecord, Process, append_items, item_record, snapshot
+from tests._helpers import acks_until_killed
+from tests.stores.file.test_file_batches import _together
 
 pytestmark = pytest.mark.anyio
 
@@ -103,6 +106,13 @@ async def _outcome(call: Awaitable[Any]) -> object:
     return found
 
 
+_SEQUENCES = range(8)
+_GETS = slice(3, 3 + len(_SEQUENCES))
+"""Where the ``get`` of each checkpoint is in what :func:`_observed` returns."""
+_REMOVERS = {"append", "append_with_items", "delete"}
+"""The calls of the sweep that may remove a checkpoint (pruning, deleting)."""
+
+
 async def _observed(root: Path, key: str, now: float) -> list[object]:
     """What a new process reads of the run (each read's result, or its error's type)."""
     with Process():
@@ -111,7 +121,8 @@ async def _observed(root: Path, key: str, now: float) -> list[object]:
             store.get_run(key, now=now),
             store.latest(key, now=now),
             store.headers(key, before=None, limit=100, now=now, include_expired=True),
-            *(store.read_with_items(key, sequence=sequence, now=now) for sequence in range(8)),
+            *(store.get(key, sequence, now=now) for sequence in _SEQUENCES),
+            *(store.read_with_items(key, sequence=sequence, now=now) for sequence in _SEQUENCES),
             store.get_items(key, _KEYS, now=now),
             store.scan_items(key, limit=100, now=now),
         ]
@@ -203,27 +214,33 @@ def _calls(run: RunRecord) -> list[tuple[str, Callable[[FileStore], Awaitable[An
 SWEEP = 160
 
 
+@pytest.mark.parametrize("warm", [False, True], ids=["new-process", "indexed-before"])
 async def test_a_seeded_damage_sweep_raises_only_checkpoint_errors_and_fails_cleanly(
-    tmp_path: Path,
+    tmp_path: Path, warm: bool
 ) -> None:
     """Each round: the template run's files damaged at random, then one store call in a new
-    process: it completes or raises a ``CheckpointError``, and one that raised leaves what a
-    reader sees as it was; the run beside it reads as before whatever happened."""
+    process (or in one that read the run's items before the damage): it completes or raises
+    a ``CheckpointError``, and one that raised leaves what a reader sees as it was; the run
+    beside it reads as before whatever happened."""
     template = tmp_path / "template"
     with Process():
         run, other = await _template(template)
     key, other_key = key_of(run), key_of(other)
     calls = _calls(run)
-    rng = random.Random(20261207)
+    rng = random.Random(20261207 + warm)
     problems: list[str] = []
     for round_ in range(SWEEP):
         root = tmp_path / f"r{round_}"
         shutil.copytree(template, root, symlinks=True)
+        caller = Process()
+        if warm:
+            with caller:
+                await snapshot(FileStore(root), key, now=T0)
         how = _damage(rng, root / "runs" / key)
         name, call = calls[round_ % len(calls)]
         before = await _observed(root, key, T0)
         beside = await _observed(root, other_key, T0)
-        with Process():
+        with caller:
             try:
                 with anyio.fail_after(10):
                     await call(FileStore(root))
@@ -233,6 +250,18 @@ async def test_a_seeded_damage_sweep_raises_only_checkpoint_errors_and_fails_cle
                     problems.append(f"{how}: {name} raised {exc!r} and changed what reads see")
             except Exception as exc:
                 problems.append(f"{how}: {name} raised {type(exc).__name__}: {exc}")
+            else:
+                after = await _observed(root, key, T0)
+                kept = [
+                    sequence
+                    for sequence, (was, now_) in enumerate(
+                        zip(before[_GETS], after[_GETS], strict=True)
+                    )
+                    # The checkpoint itself (its run's status may change).
+                    if isinstance(was, list) and not (isinstance(now_, list) and was[0] == now_[0])
+                ]
+                if kept and name not in _REMOVERS:
+                    problems.append(f"{how}: {name} succeeded and lost checkpoints {kept}")
         leaked = [
             seen
             for seen in [*before, *await _observed(root, key, T0)]
@@ -410,7 +439,7 @@ def _tagged(run: RunRecord, sequence: int, tag: str) -> StoredCheckpoint:
 
 
 def _writer_thread(
-    root: Path,
+    store: FileStore,
     run: RunRecord,
     name: str,
     rounds: int,
@@ -418,10 +447,9 @@ def _writer_thread(
     started: list[str],
     seed: int,
 ) -> None:
-    """One store object (what a process has) on an event loop of its own: tasks that each
-    append one tagged checkpoint with ``append_next`` (some with an owned item put after it),
-    and are cancelled at random."""
-    store = FileStore(root)
+    """An event loop of its own, using ``store``: tasks that each append one tagged
+    checkpoint with ``append_next`` (some with an owned item put after it), and are
+    cancelled at random."""
     key = key_of(run)
     rng = random.Random(seed)
 
@@ -459,13 +487,15 @@ def _writer_thread(
     anyio.run(main)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["two-processes", "two-loops"])
 async def test_writes_cancelled_at_random_beside_another_process_are_stored_at_most_once(
-    root: Path,
+    root: Path, shared: bool
 ) -> None:
-    """Two store objects (two processes' worth of batches and lock descriptors) append to
-    one run from tasks that are cancelled at random, some mid group commit: every
-    acknowledged checkpoint is restorable at the sequence it was given, no checkpoint is
-    stored twice, and the sequences have no gap."""
+    """Two event loops in threads of their own append to one run from tasks that are
+    cancelled at random, some mid group commit, through two store objects (two processes'
+    worth of batches and lock descriptors) or one (a batch led by one loop's write makes
+    the other's): every acknowledged checkpoint is restorable at the sequence it was given,
+    no checkpoint is stored twice, and the sequences have no gap."""
     run = make_run("cancelled")
     key = key_of(run)
     store = FileStore(root)
@@ -473,7 +503,10 @@ async def test_writes_cancelled_at_random_beside_another_process_are_stored_at_m
     acked: dict[str, int] = {}
     started: list[str] = []
     threads = [
-        threading.Thread(target=_writer_thread, args=(root, run, name, 25, acked, started, seed))
+        threading.Thread(
+            target=_writer_thread,
+            args=(store if shared else FileStore(root), run, name, 25, acked, started, seed),
+        )
         for seed, name in enumerate(["a", "b"])
     ]
     for thread in threads:
@@ -614,10 +647,14 @@ async def test_expiry_reads_as_the_memory_store_and_leaves_no_item_behind(
 WORKER = Path(__file__).resolve().parents[2] / "file_worker.py"
 
 
+def _worker_env() -> dict[str, str]:
+    """The environment of a file worker: this package first on its path."""
+    return {**os.environ, "PYTHONPATH": str(Path(file_store.__file__).resolve().parents[2])}
+
+
 def _run_worker(*args: str) -> list[str]:
     """Run the file worker (another OS process) to its end or its SIGKILL; its lines."""
-    package_root = str(Path(file_store.__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": package_root}
+    env = _worker_env()
     done = subprocess.run(
         [sys.executable, str(WORKER), *args],
         env=env,
@@ -665,3 +702,261 @@ async def test_a_warm_item_index_reads_what_another_process_killed_mid_append_le
         assert sorted(expected[1]) in ([0, 1, 2, 3, 4], [4, 5]), (
             f"killed before change {number}: {sorted(expected[1])} held"
         )
+
+
+def _outcome_of(found: object) -> object:
+    if isinstance(found, BaseException):
+        return type(found).__name__
+    return found
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_writes_made_in_one_batch_read_as_the_memory_store_made_one_by_one(
+    store: FileStore, root: Path, seed: int
+) -> None:
+    """Random batches of writes of one run (appends with items that prune, owned puts on
+    checkpoints the batch may prune or append, an append that conflicts) queued together
+    in one group commit: each outcome, and what the run reads after, are the memory
+    store's for the same writes made one after another."""
+    rng = random.Random(300 + seed)
+    memory = MemoryStore()
+    run = make_run("batched")
+    key = key_of(run)
+    for target in (store, memory):
+        await append_items(target, run, 0, refs=["s/0"], items=[make_item("s/0")])
+    latest = 0
+    for round_ in range(8):
+        plans: list[Callable[[Any], Awaitable[Any]]] = []
+        head = latest
+        for _ in range(rng.randrange(2, 5)):
+            kind = rng.choice(["append", "append", "owned", "conflict"])
+            if kind == "owned":
+                owner = rng.randrange(max(0, head - 2), head + 2)
+                plans.append(
+                    operator.methodcaller(
+                        "put_owned_items",
+                        key,
+                        [make_item(f"o/{owner}/{round_}", owner=owner)],
+                        owner=owner,
+                        checkpoint_id=checkpoint_id_of(run, owner),
+                        if_absent=rng.random() < 0.5,
+                        now=T0,
+                    )
+                )
+                continue
+            sequence = head + 1 if kind == "append" else max(head, 1)
+            head = max(head, sequence)
+            ref = f"s/{rng.randrange(3)}"
+            plans.append(
+                functools.partial(
+                    append_items,
+                    run=run,
+                    sequence=sequence,
+                    refs=[ref],
+                    items=[make_item(ref), make_item(f"o/{sequence}", owner=sequence)],
+                    keep_latest=rng.choice([None, 1, 2]),
+                )
+            )
+        with anyio.fail_after(30):
+            batched = await _together(
+                store, root, key, *(functools.partial(plan, store) for plan in plans)
+            )
+        one_by_one: list[object] = []
+        for plan in plans:
+            try:
+                one_by_one.append(await plan(memory))
+            except CheckpointError as exc:
+                one_by_one.append(exc)
+        assert [_outcome_of(found) for found in batched] == [
+            _outcome_of(found) for found in one_by_one
+        ], f"round {round_}"
+        found_run = await memory.get_run(key, now=T0)
+        assert found_run is not None
+        latest = found_run.latest_sequence
+        with Process():
+            seen = await snapshot(FileStore(root), key)
+        assert seen == await snapshot(memory, key), f"round {round_}: the batch read otherwise"
+        assert await snapshot(store, key) == seen, f"round {round_}: the writer reads otherwise"
+
+
+def _pruning_writer(root: Path, run: RunRecord, count: int, failures: list[str]) -> None:
+    """Another process's worth of store: appends checkpoints 1.. that each name a shared
+    item and own one, keeping two, with values large enough that the log compacts often."""
+    store = FileStore(root, fsync=False)
+
+    async def main() -> None:
+        for sequence in range(1, count):
+            value = f"{sequence}".encode() * 4000
+            await append_items(
+                store,
+                run,
+                sequence,
+                refs=[f"s/{sequence}"],
+                items=[
+                    make_item(f"s/{sequence}", value),
+                    make_item(f"o/{sequence}", value, owner=sequence),
+                ],
+                keep_latest=2,
+            )
+
+    try:
+        anyio.run(main)
+    except BaseException as exc:  # reported by the test
+        failures.append(repr(exc))
+
+
+async def test_reads_with_items_beside_a_pruning_and_compacting_writer_are_consistent(
+    root: Path,
+) -> None:
+    """While another process appends, prunes and compacts, every ``read_with_items`` of this
+    one returns a checkpoint with exactly its own items (never a pruned one's, never one
+    missing), and ``get_items`` never returns a value of another key."""
+    run = make_run("read-beside")
+    key = key_of(run)
+    store = FileStore(root, fsync=False)
+    value = b"0" * 4000
+    await append_items(
+        store,
+        run,
+        0,
+        refs=["s/0"],
+        items=[make_item("s/0", value), make_item("o/0", value, owner=0)],
+    )
+    failures: list[str] = []
+    writer = threading.Thread(target=_pruning_writer, args=(root, run, 300, failures))
+    writer.start()
+    reads = 0
+    with anyio.fail_after(120):
+        while writer.is_alive():
+            found = await store.read_with_items(key, sequence=None, now=T0)
+            assert found is not None
+            sequence = found[0].sequence
+            expected = f"{sequence}".encode() * 4000 if sequence else value
+            assert found[2] == {f"s/{sequence}": expected, f"o/{sequence}": expected}, sequence
+            got = await store.get_items(key, [f"s/{sequence}", f"o/{sequence}"], now=T0)
+            assert all(data == expected for data in got.values()), sequence
+            reads += 1
+    writer.join()
+    assert not failures, failures
+    assert reads > 10
+
+
+def _as_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def _perturbations(key: str, other_key: str) -> dict[str, Callable[[Path], None]]:
+    """Foreign or misshapen things in a store's tree, by name."""
+
+    def marker(root: Path) -> Path:
+        return next(path for path in (root / "index").glob(f"*/*-{key}"))
+
+    return {
+        "log a directory": lambda root: _as_directory(root / "runs" / key / "log"),
+        "idx a directory": lambda root: _as_directory(root / "runs" / key / "idx"),
+        "log empty": lambda root: (root / "runs" / key / "log").write_bytes(b""),
+        "idx empty": lambda root: (root / "runs" / key / "idx").write_bytes(b""),
+        "log the other run's": lambda root: shutil.copyfile(
+            root / "runs" / other_key / "log", root / "runs" / key / "log"
+        ),
+        "idx the other run's": lambda root: shutil.copyfile(
+            root / "runs" / other_key / "idx", root / "runs" / key / "idx"
+        ),
+        "log a link": lambda root: (
+            (root / "runs" / key / "log").unlink(),
+            (root / "runs" / key / "log").symlink_to(root / "runs" / other_key / "log"),
+        ),
+        "idx a link": lambda root: (
+            (root / "runs" / key / "idx").unlink(),
+            (root / "runs" / key / "idx").symlink_to(root / "runs" / other_key / "idx"),
+        ),
+        "run a file": lambda root: (
+            shutil.rmtree(root / "runs" / key),
+            (root / "runs" / key).write_bytes(b"x"),
+        ),
+        "lock a directory": lambda root: _as_directory(root / "locks" / key),
+        "marker a directory": lambda root: _as_directory(marker(root)),
+        "foreign files": lambda root: (
+            (root / "runs" / key / "foreign").write_bytes(b"?"),
+            (root / "runs" / "not-a-key").mkdir(),
+            (root / "index" / "sjunk").mkdir(),
+            (root / "index" / "sjunk" / "garbage").write_bytes(b""),
+            (root / "tmp" / "dir").mkdir(),
+            (root / "trash" / "file").write_bytes(b""),
+            (root / "trash" / "link").symlink_to(root / "runs" / other_key),
+        ),
+    }
+
+
+@pytest.mark.parametrize("perturbation", list(_perturbations("k", "o")))
+async def test_misshapen_files_in_the_tree_raise_only_checkpoint_errors(
+    tmp_path: Path, perturbation: str
+) -> None:
+    """Each call of the store, on a tree with one foreign or misshapen thing in it: it
+    completes or raises a ``CheckpointError``, and the run beside reads as before."""
+    template = tmp_path / "template"
+    with Process():
+        run, other = await _template(template)
+    key, other_key = key_of(run), key_of(other)
+    perturb = _perturbations(key, other_key)[perturbation]
+    problems: list[str] = []
+    for number, (name, call) in enumerate(_calls(run)):
+        root = tmp_path / f"c{number}"
+        shutil.copytree(template, root, symlinks=True)
+        beside = await _observed(root, other_key, T0)
+        perturb(root)
+        with Process():
+            try:
+                with anyio.fail_after(10):
+                    await call(FileStore(root))
+            except CheckpointError:
+                pass
+            except Exception as exc:
+                problems.append(f"{name} raised {type(exc).__name__}: {exc}")
+        leaked = [
+            seen
+            for seen in await _observed(root, key, T0)
+            if isinstance(seen, str) and seen.startswith("LEAKED")
+        ]
+        if leaked:
+            problems.append(f"after {name}, a read {leaked[0]}")
+        if await _observed(root, other_key, T0) != beside:
+            problems.append(f"after {name}, the run beside it changed")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_kill_9_of_a_writer_with_items_mid_compaction_loses_nothing_acknowledged(
+    tmp_path: Path, root: Path
+) -> None:
+    """Another OS process appends checkpoints with items (keeping three: its log compacts
+    every few appends) and is SIGKILLed at random moments, again and again on one run,
+    while this process reads the run's items between kills: every acknowledged checkpoint
+    still held reads with exactly its items, in this process (whose item index saw the
+    logs before) as in a new one."""
+    FileStore(root)
+    run_id = "killed-with-items"
+    run_key = _ids.run_key(run_id)
+    env = _worker_env()
+    rng = random.Random(77)
+    warm = Process()
+    acknowledged: list[int] = []
+    for attempt in range(5):
+        command = [sys.executable, str(WORKER), "append-items", str(root), run_id, "100000", "w"]
+        with anyio.fail_after(60):
+            acknowledged += await acks_until_killed(
+                command, env, tmp_path / f"stderr-{attempt}.txt", rng.choice([0.05, 0.2, 0.4])
+            )
+        now = time.time()
+        with Process():
+            expected = await snapshot(FileStore(root), run_key, now=now)
+        with warm:
+            same = await snapshot(FileStore(root), run_key, now=now) == expected
+        assert same, f"attempt {attempt}: this process reads otherwise than a new one"
+        held = sorted(expected[1])
+        assert acknowledged[-1] in held or acknowledged[-1] + 1 in held, (acknowledged[-3:], held)
+        for sequence in held:
+            if sequence in acknowledged:
+                assert expected[1][sequence] == file_worker.expected_items(sequence), sequence
+    assert len(acknowledged) > 10
