@@ -671,9 +671,11 @@ class LogView:
             self._drop_index()
 
     def _drop_index(self) -> None:
-        if self.index is not None:
-            os.close(self.index.fd)
-            self.index = None
+        # Dropped before it is closed: a close that fails has released the descriptor all
+        # the same, and closing it again could close another file that took its number.
+        index, self.index = self.index, None
+        if index is not None:
+            os.close(index.fd)
 
     def __enter__(self) -> LogView:
         return self
@@ -1095,9 +1097,17 @@ class LogWriter:
             self._sync(view.fd)
             live = view.live  # first: it may read the whole log anew (a slot that fails)
             self._index(view, view.end, live, _tail_places(view))
-        finally:
+        except BaseException:
             if own:
+                with contextlib.suppress(OSError):  # the sync's error is the one raised
+                    view.close()
+            raise
+        if own:
+            try:
                 view.close()
+            except OSError as exc:  # the commits are synced: they stand
+                logger.warning("file store: closing %s failed: %s", self.path,
+                               exc.strerror or exc)
 
     def cut(self, start: int) -> None:
         """Cut the log off at ``start`` again: the commits made from there without a sync

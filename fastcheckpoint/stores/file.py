@@ -787,9 +787,12 @@ class _HeldLog:
         return self._view
 
     def forget(self) -> None:
-        if self._view is not None:
-            self._view.close()
-        self._view, self._opened = None, False
+        """Close the view (opened anew when next needed). Forgotten before it is closed: a
+        close that fails has released the descriptor all the same, and closing it again
+        could close another file that took its number meanwhile."""
+        view, self._view, self._opened = self._view, None, False
+        if view is not None:
+            view.close()
 
 
 class _HeldLogs(threading.local):
@@ -2448,7 +2451,8 @@ class FileStore(ExpiryCleanup):
             if deferred and held.unsynced_from is None:
                 held.unsynced_from = start
         except BaseException:
-            held.forget()  # what the commit left is read anew
+            with _close_logged(run_dir):  # the commit's error is the one raised
+                held.forget()  # what the commit left is read anew
             raise
         if view is not None:
             # The view took the commit in (LogView.committed): it reads as the log is, and
@@ -2466,8 +2470,10 @@ class FileStore(ExpiryCleanup):
                         index.catch_up(view, view.end, _Dir(run_dir).record_key, known)
         if view is None or not view.indexed:
             # The commit made the log, or the view reads a log without a usable idx (or met
-            # damage): opened anew when next read, through idx where there is one.
-            held.forget()
+            # damage): opened anew when next read, through idx where there is one. Past the
+            # commit: a close that fails is logged, never the write's failure.
+            with _close_logged(run_dir):
+                held.forget()
         held.compact_due = held.compact_due or due
 
     def _read_state(self, run_key: str) -> _RunState | None:
