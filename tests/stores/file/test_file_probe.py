@@ -42,9 +42,10 @@ from fastcheckpoint.testing import (
     make_run,
 )
 from tests import file_worker
-from tests._file_records import LogRecord, Process, append_items, item_record, snapshot
+from tests._file_records import Process, append_items, item_record, snapshot
 from tests._helpers import acks_until_killed
 from tests.stores.file.test_file_batches import _queued, _together
+from tests.stores.file.test_file_owner_proof import _overwrite
 
 pytestmark = pytest.mark.anyio
 
@@ -279,18 +280,6 @@ async def test_a_seeded_damage_sweep_raises_only_checkpoint_errors_and_fails_cle
     assert not problems, "\n".join(problems)
 
 
-def _overwrite(record: LogRecord, index: int, byte: int) -> None:
-    """Put ``byte`` at ``index`` of the record's data, in place in the log (a bad disk)."""
-    view = open_view(str(record.run_dir))
-    assert view is not None
-    with view:
-        at = view.find(record.key)
-    assert at is not None
-    with open(record.run_dir / "log", "r+b") as log:
-        log.seek(at.offset + file_log._ENTRY + index)
-        log.write(bytes([byte]))
-
-
 @pytest.mark.parametrize("damage", ["key", "owner"])
 async def test_an_item_entry_whose_metadata_is_no_utf8_reads_as_damaged(
     store: FileStore, root: Path, damage: str
@@ -306,7 +295,7 @@ async def test_an_item_entry_whose_metadata_is_no_utf8_reads_as_damaged(
         )
         record = item_record(root, key, "pending/0/a" if damage == "owner" else "s")
         # The first byte of the key (after the array's and the string's headers).
-        _overwrite(record, file_store._PREFIX + 2, 0xFF)
+        _overwrite(record, file_store._PREFIX + 2, b"\xff")
         with Process():
             other = FileStore(root)
             if damage == "owner":
