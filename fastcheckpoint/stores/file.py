@@ -2030,6 +2030,8 @@ def _directory_of(path: object) -> str:
         raise ConfigurationError(f"file store path must be a str or a path: {shown(path)}") from exc
     if not isinstance(directory, str) or "\0" in directory:
         raise ConfigurationError(f"not a usable file store path: {directory!r:.80}")
+    if not directory:  # not the working directory by accident: "." says so
+        raise ConfigurationError("file store path is empty (give a directory, or '.')")
     try:
         os.fsencode(directory)  # what the system is given: undecodable bytes pass, as given
     except UnicodeEncodeError as exc:
