@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import msgspec
 
 from fastcheckpoint import _ids
 from fastcheckpoint._codec import Codec, Header, RunData
 from fastcheckpoint._model import CheckpointStatus
+from fastcheckpoint._settle import settled
 from fastcheckpoint.errors import (
     ConfigurationError,
     ConflictError,
@@ -58,6 +59,8 @@ from fastcheckpoint.stores import (
 )
 
 __all__ = ["RECENT_TOKENS", "SEAL_BYTES", "EntryLog", "LogHead", "LogView", "StaleLog"]
+
+_T = TypeVar("_T")
 
 _SEGMENT_PREFIX = "s/"
 SEAL_BYTES = 256 * 1024
@@ -198,6 +201,8 @@ class EntryLog:
         change next as a new one), unless ``keep_unsettled``: a caller that tells a retry
         from a new change by itself (an ADK event's id) keeps it until made again."""
         self._keeps = keep_unsettled
+        self._made: _Unsettled | None = None
+        """The change the current call made or recognised as made, for :meth:`settle`."""
         self._joining: str | None = None
         """The incarnation of the run the store holds without a checkpoint yet (a first
         change that failed after the store created the run): the call's next try joins it,
@@ -207,6 +212,25 @@ class EntryLog:
     @property
     def run_id(self) -> str:
         return self._run_id
+
+    async def settle(self, change: Awaitable[_T]) -> _T:
+        """Await ``change``, a call of this log's, to its end whatever cancels the caller
+        meanwhile (:func:`settled`). A caller cancelled while it ran never learns its outcome,
+        as with a lost reply: the change it made (or recognised as made) is then treated as
+        one whose outcome is unknown, so the same change made again is recognised instead of
+        made twice (an append not added again, a pop returning the entry it removed)."""
+        self._made = None
+        try:
+            return await settled(change)
+        except BaseException:
+            self._unsure()
+            raise
+
+    def _unsure(self) -> None:
+        """The caller of a call that made its change (or recognised it made) gets an error
+        all the same (its cancellation): that change's outcome is unknown to it."""
+        if self._made is not None:
+            self._unsettled = self._made
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -347,6 +371,7 @@ class EntryLog:
             return None
         recent = known.layout.recent
         if change.token in recent:
+            self._made = change
             return change
         # The head's tokens are those of the changes at its last len(recent) revisions: one
         # among them that is not this change's says it was not stored. Older than those, the
@@ -398,7 +423,7 @@ class EntryLog:
             values.append(batch)
             written = _merged(segments, values, new_key)
         layout = _Layout(segments, kept_state if state is None else state, created_at,
-                         _recent_tokens(known))
+                         tokens := _recent_tokens(known))
         expires_at = None if self._ttl is None else now + self._ttl
         checkpoint_id = _ids.checkpoint_id(self._key, incarnation, sequence)
         parent = (None if sequence == 0
@@ -435,12 +460,13 @@ class EntryLog:
             # that fails too, the caller's retry is recognised (:meth:`_settled`).
             if not await landed(self._store, self._key, record, self._clock()):
                 self._known, self._seen = None, False
-                self._unsettled = _Unsettled(layout.recent[-1], batch, state, expect, popped, head)
+                self._unsettled = _Unsettled(tokens[-1], batch, state, expect, popped, head)
                 raise
         self._known = _Known(sequence, incarnation, layout, values, now)
         # Another change made forgets an unknown one (unless kept: see ``_unsettled``).
-        self._seen, self._joining, self._unsettled = (
-            True, None, self._unsettled if self._keeps else None)
+        self._seen, self._joining, self._unsettled, self._made = (
+            True, None, self._unsettled if self._keeps else None,
+            _Unsettled(tokens[-1], batch, state, expect, popped, head))
         return head
 
 

@@ -38,7 +38,6 @@ from fastcheckpoint._config import CheckpointConfig
 from fastcheckpoint._ids import plain_str
 from fastcheckpoint._manager import CheckpointManager, resumed_note
 from fastcheckpoint._model import CheckpointStatus, RunInfo
-from fastcheckpoint._settle import settled
 from fastcheckpoint._validate import request_arg, shown, text_arg
 from fastcheckpoint.errors import (
     CheckpointError,
@@ -166,7 +165,8 @@ class FastSession:
 
     async def add_items(self, items: Iterable[TResponseInputItem]) -> None:
         """Append ``items`` in order, atomically. A cancelled call has added all of them or
-        none when the cancellation is raised.
+        none when the cancellation is raised; made again on this object with the same items,
+        it adds them once.
 
         As with the SDK's own sessions, ``items`` may be any iterable of items (a tuple, a
         generator): it is read once, and every item is checked before anything is stored.
@@ -178,15 +178,16 @@ class FastSession:
             return
         entries = [self._encode(item, index) for index, item in enumerate(batch)]
         async with self._turn:
-            await settled(self._log.append(entries))
+            await self._log.settle(self._log.append(entries))
 
     async def pop_item(self) -> TResponseInputItem | None:
         """Remove and return the newest item; ``None`` when the session is empty. A call
-        cancelled while the store removes the item raises the cancellation after the removal,
-        so that item is gone (as with the SDK's own sessions)."""
+        cancelled while the store removes the item raises the cancellation after the removal;
+        the next ``pop_item`` of this object returns that item (nobody got it), unless the
+        object reads or changes the session first."""
         while True:
             async with self._turn:
-                entry = await settled(self._log.pop())
+                entry = await self._log.settle(self._log.pop())
             if entry is None:
                 return None
             item = self._decode(entry)
@@ -196,7 +197,7 @@ class FastSession:
     async def clear_session(self) -> None:
         """Remove the session and all its items."""
         async with self._turn:
-            await settled(self._log.clear())
+            await self._log.settle(self._log.clear())
 
     async def aclose(self) -> None:
         """Close the store if this session opened it (a URL, or :meth:`from_env`)."""
