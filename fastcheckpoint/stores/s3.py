@@ -479,10 +479,14 @@ class _Log:
         return any(is_live(entry.expires_at, now) for entry in reversed(self.held.values()))
 
     def trim(self, limit: int) -> None:
-        """Forget the oldest checkpoints beyond ``limit``: memory stays bounded."""
+        """Forget the oldest checkpoints beyond ``limit``: memory stays bounded. What it
+        knows starts right above the last one forgotten, not at the next checkpoint: a
+        tombstone between them (garbage not removed yet) is the slot after it, whose
+        removal lists it first (see ``unsure_below``)."""
         while len(self.held) > limit:
-            forgotten = self.held.pop(next(iter(self.held)))
-            self.known_from = next(iter(self.held))
+            sequence = next(iter(self.held))
+            forgotten = self.held.pop(sequence)
+            self.known_from = sequence + 1
             self.unsure_below = forgotten.bare is not None or forgotten.unvouched is not None
         if len(self.expiring) > 2 * len(self.held) + 16:
             # Entries of forgotten or removed checkpoints: drop them (amortised O(1)).
@@ -2398,17 +2402,10 @@ class S3Store(ExpiryCleanup):
             if popped[-1][1] in log.held and popped[-1][1] < newest:
                 doomed.add(popped[-1][1])
         need = 0
+        told: dict[int, bool | CheckpointError] = {}
         if keep_latest is not None:
             need = keep_latest - 1 if is_live(slot.expires_at, now) else keep_latest
-            for sequence in reversed(log.held):
-                if sequence >= newest or sequence in doomed:
-                    continue
-                if not is_live(log.held[sequence].expires_at, now):
-                    doomed.add(sequence)
-                elif need > 0:
-                    need -= 1
-                else:
-                    doomed.add(sequence)
+            doomed, need = await self._counted(io, run_key, log, newest, doomed, need, told, now)
         garbage = [sequence for sequence in log.garbage if sequence < newest]
         keys = [key for sequence in doomed for key in log.held[sequence].keys]
         keys += [key for sequence in garbage for key in log.garbage[sequence]]
@@ -2423,14 +2420,14 @@ class S3Store(ExpiryCleanup):
             unsure = keep_latest is None and log.unsure_below
             bare = await self._vouched(io, run_key, cached, [
                 (sequence, entry) for sequence, entry in (*log.held.items(), *additions.items())
-                if sequence not in doomed], keys, log.known_from if unsure else 0)
+                if sequence not in doomed], keys, log.known_from if unsure else 0, told)
             return bare is not None and await self._raise_floor(io, run_key, cached, opened,
                                                                 newest + 1, bare)
 
         try:
             if keep_latest is not None and log.known_from > 0:
                 older, older_owned, additions = await self._older(io, run_key, cached, log,
-                                                                  need, now)
+                                                                  need, told, now)
                 keys += older
                 owned += older_owned
                 opened = max(opened, log.known_from - 1 if older else -1)
@@ -2462,9 +2459,49 @@ class S3Store(ExpiryCleanup):
         if keep_latest is not None and log.known_from > 0:
             log.merge_older(additions)
 
+    async def _counted(
+        self, io: Bucket, run_key: str, log: _Log, newest: int, expired: set[int], need: int,
+        told: dict[int, bool | CheckpointError], now: float,
+    ) -> tuple[set[int], int]:
+        """The checkpoints a pruning by count removes from the log (with ``expired``, those
+        below ``newest`` that expired) and how many more it keeps below what the log knows:
+        the newest ``need`` live ones stay. A slot below the floor without its marker is no
+        checkpoint when the run does not go on from it (a commit that landed late in a freed
+        key, see :meth:`_stands`): it goes, and counts for nothing. That is told (in
+        ``told``, for :meth:`_vouched`) only of such slots the count would keep while it
+        removes another (or lists below the log): a LIST and a GET each, on this rare path
+        only."""
+        while True:
+            doomed, left, counted = set(expired), need, []
+            for sequence in reversed(log.held):
+                entry = log.held[sequence]
+                if sequence >= newest or sequence in doomed:
+                    continue
+                if not is_live(entry.expires_at, now) or told.get(sequence) is False:
+                    doomed.add(sequence)
+                elif left > 0:
+                    left -= 1
+                    counted.append(sequence)
+                else:
+                    doomed.add(sequence)
+            unknown = [(sequence, unvouched) for sequence in counted if sequence not in told
+                       for unvouched in [log.held[sequence].unvouched] if unvouched is not None]
+            if not unknown or (doomed <= expired and log.known_from == 0):
+                return doomed, left
+            for sequence, unvouched in unknown:
+                told[sequence] = await self._late(io, run_key, sequence, unvouched)
+
+    async def _late(
+        self, io: Bucket, run_key: str, sequence: int, unvouched: Listing
+    ) -> bool | CheckpointError:
+        """:meth:`_follows` for a slot listed below the floor without its marker, as a
+        pruning asks it (False: a commit that landed late)."""
+        return await self._follows(io, run_key, sequence, unvouched, False, None)
+
     async def _vouched(
         self, io: Bucket, run_key: str, cached: _Cached, kept: Sequence[tuple[int, _Entry]],
         keys: Sequence[str], unknown_below: int = 0,
+        told: Mapping[int, bool | CheckpointError] | None = None,
     ) -> list[tuple[int, _Entry, Listing]] | None:
         """Before a pruning removes ``keys``: write the marker of each ``kept`` checkpoint
         below the floor without one from which the run goes on (the slot after it names its
@@ -2484,7 +2521,8 @@ class S3Store(ExpiryCleanup):
         for sequence, entry in kept:
             if entry.unvouched is None:
                 continue
-            follows = await self._follows(io, run_key, sequence, entry.unvouched, False, None)
+            follows = (told[sequence] if told is not None and sequence in told
+                       else await self._late(io, run_key, sequence, entry.unvouched))
             if isinstance(follows, CorruptCheckpointError):
                 if any(other > sequence for other in removed):
                     return None  # a removal above it may take the damaged slot readers see
@@ -2563,13 +2601,16 @@ class S3Store(ExpiryCleanup):
         return True
 
     async def _older(
-        self, io: Bucket, run_key: str, cached: _Cached, log: _Log, need: int, now: float,
+        self, io: Bucket, run_key: str, cached: _Cached, log: _Log, need: int,
+        told: dict[int, bool | CheckpointError], now: float,
     ) -> tuple[list[str], list[_ItemMarker], dict[int, _Entry]]:
         """Pruning below what this process knows (it joined a run written by others, or
         forgot): list the slots older than ``known_from``; the newest ``need`` live ones
         stay, every other key goes (the keys, and the markers of the items they own, for
         :func:`_owned_removals`). Each listed key is then deleted, except at most
-        ``keep_latest``, so the listing is paid for by the creates that wrote them."""
+        ``keep_latest``, so the listing is paid for by the creates that wrote them. A slot
+        below the floor without its marker that would stay is asked first whether it landed
+        late (:meth:`_late`, in ``told``): then it goes and counts for nothing."""
         entries = await io.list(
             layout.slots_prefix(run_key), start_after=layout.older_than(run_key, log.known_from)
         )
@@ -2580,9 +2621,13 @@ class S3Store(ExpiryCleanup):
         owned: list[_ItemMarker] = []
         kept: dict[int, _Entry] = {}
         for view in reversed(current.held):
-            expires_at = _listing(view).expires_at
-            if len(kept) < need and is_live(expires_at, now):
-                kept[view.sequence] = _entry_of(run_key, view, _floor_of(current))
+            entry = _entry_of(run_key, view, _floor_of(current))
+            wanted = len(kept) < need and is_live(entry.expires_at, now)
+            if wanted and entry.unvouched is not None and view.sequence not in told:
+                told[view.sequence] = await self._late(io, run_key, view.sequence,
+                                                       entry.unvouched)
+            if wanted and told.get(view.sequence) is not False:
+                kept[view.sequence] = entry
             else:
                 keys += _prunable_keys(run_key, view)
                 owned += _owned_markers(cached, view.sequence, view.owned)

@@ -8,14 +8,19 @@ a damaged next slot, which readers take as "the run goes on from it" (it cannot 
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 
 from fastcheckpoint import CheckpointConfig, CheckpointManager
+from fastcheckpoint.errors import StoreUnavailableError
+from fastcheckpoint.stores import _s3_io
 from fastcheckpoint.stores import _s3_layout as layout
+from fastcheckpoint.stores import s3 as s3_module
 from fastcheckpoint.stores._base import RunRecord
 from fastcheckpoint.stores.s3 import S3Store
-from fastcheckpoint.testing import T0, key_of, make_checkpoint, make_run
+from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_checkpoint, make_run
 from tests.stores._moto import moto_endpoint
 from tests.stores.s3.test_s3 import DEADLINE
 from tests.stores.s3.test_s3_cancel_fix_review import _raiser_without_marker, _seen
@@ -153,35 +158,116 @@ async def test_the_cleanup_loop_removing_a_damaged_expired_next_slot_keeps_the_f
     assert found
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a slot that landed late below the floor (no marker, the run does not go on from it) "
-    "is in the pruning's log as a checkpoint and counts among the kept ones: one "
-    "acknowledged checkpoint fewer than max_checkpoints_per_run is kept"))
-async def test_a_late_slot_takes_no_place_of_an_acknowledged_checkpoint_in_the_kept_ones(
-    stores: tuple[S3Store, S3Store],
-) -> None:
+async def _late_slot_at_2(store: S3Store, run_id: str) -> RunRecord:
     """Four kept: checkpoints 0 to 4, 2 expiring at ``T0 + 10``; 5's append (at ``T0 + 20``)
     prunes 0 and the expired 2 and raises the floor to 6. A create of sequence 2 cancelled
     long before lands now in the freed key (written here directly: a slot without marker,
-    of another token). Another process keeping five appends 6: the five newest
-    checkpoints are 6, 5, 4, 3 and 1; the late slot is none (no read shows it)."""
-    writer_store, other_store = stores
-    run = make_run("late-kept")
+    of another token). Returns the run."""
+    run = make_run(run_id)
     key = key_of(run)
+    for sequence in range(6):
+        await store.append(key, make_checkpoint(
+            run, sequence, expires_at=T0 + (10 if sequence == 2 else 1000)),
+            run=run, keep_latest=4, now=T0 if sequence < 5 else T0 + 20)
+    late = layout.Slot(run.incarnation, 2, "ck-late", T0, T0 + 1000, T0, b"late",
+                       b"late", token=b"lateslot", run_key=key)
+    await _put(store, layout.slot_key(key, 2), layout.encode(late))
+    return run
+
+
+async def test_a_late_slot_takes_no_place_of_an_acknowledged_checkpoint_in_the_kept_ones(
+    stores: tuple[S3Store, S3Store],
+) -> None:
+    """The late slot at 2 of :func:`_late_slot_at_2`. Another process keeping five appends 6:
+    the five newest checkpoints are 6, 5, 4, 3 and 1; the late slot is none (no read shows
+    it), and goes."""
+    writer_store, other_store = stores
     with anyio.fail_after(DEADLINE):
-        for sequence in range(6):
-            await writer_store.append(key, make_checkpoint(
-                run, sequence, expires_at=T0 + (10 if sequence == 2 else 1000)),
-                run=run, keep_latest=4, now=T0 if sequence < 5 else T0 + 20)
-        late = layout.Slot(run.incarnation, 2, "ck-late", T0, T0 + 1000, T0, b"late",
-                           b"late", token=b"lateslot", run_key=key)
-        await _put(writer_store, layout.slot_key(key, 2), layout.encode(late))
+        run = await _late_slot_at_2(writer_store, "late-kept")
         before = await _readable(other_store, run, 2, T0 + 20)
-        await other_store.append(key, make_checkpoint(run, 6, expires_at=T0 + 1000),
+        await other_store.append(key_of(run), make_checkpoint(run, 6, expires_at=T0 + 1000),
                                  run=run, keep_latest=5, now=T0 + 20)
         floor, listed, _ = await _readable(other_store, run, 2, T0 + 20)
+        left = await (await writer_store._objects()).get(layout.slot_key(key_of(run), 2))
 
     assert floor > 2
     assert before[1] == [5, 4, 3, 1]
     assert not before[2]
     assert listed == [6, 5, 4, 3, 1]
+    assert left is None
+
+
+async def test_a_late_slot_below_what_the_pruning_knows_takes_no_place_in_the_kept_ones(
+    stores: tuple[S3Store, S3Store],
+) -> None:
+    """The late slot at 2 as above, below what the other process knows: its first append (of
+    6, keeping all) listed the run's head only (5 and 4). Its next append (7, keeping six)
+    prunes below that (it lists 3, the late 2 and 1): the six newest checkpoints are 7 to 3
+    and 1; the late slot goes."""
+    writer_store, other_store = stores
+    with anyio.fail_after(DEADLINE):
+        run = await _late_slot_at_2(writer_store, "late-below")
+        key = key_of(run)
+        await other_store.append(key, make_checkpoint(run, 6, expires_at=T0 + 1000),
+                                 run=run, keep_latest=None, now=T0 + 20)
+        log = other_store._cached(key).log
+        assert log is not None
+        assert log.known_from > 2
+        await other_store.append(key, make_checkpoint(run, 7, expires_at=T0 + 1000),
+                                 run=run, keep_latest=6, now=T0 + 20)
+        floor, listed, found = await _readable(other_store, run, 2, T0 + 20)
+        left = await (await writer_store._objects()).get(layout.slot_key(key, 2))
+
+    assert floor > 2
+    assert listed == [7, 6, 5, 4, 3, 1]
+    assert not found
+    assert left is None
+
+
+def _one_list_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next LIST fails, as a network would; the ones after it go through."""
+    original = _s3_io.Bucket.list
+    failed: list[bool] = []
+
+    async def listing(bucket: Any, *args: Any, **kwargs: Any) -> Any:
+        if not failed:
+            failed.append(True)
+            raise StoreUnavailableError("injected: the LIST failed")
+        return await original(bucket, *args, **kwargs)
+
+    monkeypatch.setattr(_s3_io.Bucket, "list", listing)
+
+
+async def test_a_log_forgetting_the_floor_raiser_beside_a_tombstone_keeps_it(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """3 without its marker below the floor (see :func:`_raised_beside_failed_marker`, 0 to 3
+    only). Another process keeping every checkpoint appends 4 and 5, then deletes 4: the
+    tombstone at 4 carries 3's token (the chain readers follow), 5 names 4. Its append of 6
+    would remove that tombstone, writing 3's marker first, but the check of 3 fails (its
+    LIST): nothing is removed, and its log (two kept in memory here) forgets 1 to 3. Its
+    append of 7 removes the tombstone: 3 must still read (the process lists it first)."""
+    writer_store, other_store = stores
+    run, bare = await _raised_beside_failed_marker(writer_store, "forgot", monkeypatch, last=3)
+    key = key_of(run)
+    with anyio.fail_after(DEADLINE):
+        for sequence in (4, 5):
+            await other_store.append(key, make_checkpoint(run, sequence, expires_at=T0 + 1000),
+                                     run=run, keep_latest=None, now=T0 + 20)
+        assert await other_store.delete(key, 4, checkpoint_id=checkpoint_id_of(run, 4))
+        monkeypatch.setattr(s3_module, "_LOG_SPARE", 2)
+        _one_list_fails(monkeypatch)
+        await other_store.append(key, make_checkpoint(run, 6, expires_at=T0 + 1000),
+                                 run=run, keep_latest=None, now=T0 + 20)
+        log = other_store._cached(key).log
+        assert log is not None
+        assert 4 in log.garbage
+        assert bare not in log.held
+        await other_store.append(key, make_checkpoint(run, 7, expires_at=T0 + 1000),
+                                 run=run, keep_latest=None, now=T0 + 20)
+        monkeypatch.undo()
+        floor, listed, found = await _readable(other_store, run, bare, T0 + 20)
+
+    assert floor > bare
+    assert listed == [7, 6, 5, 3, 2, 1]
+    assert found
