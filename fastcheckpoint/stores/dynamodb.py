@@ -598,8 +598,11 @@ class _Cancelled(Exception):
 
     def failed_guard(self) -> bool:
         """Whether a guard's condition failed: items were written to a checkpoint that this
-        change removes, after it read what the checkpoint owns."""
+        change removes, after it read what the checkpoint owns. Not a first append's pin
+        record (see :func:`_pins_held`): refused by it alone, the append is refused; with
+        the run item too, the run item decides."""
         return any(self.failed(index) and operation.get("_fatal")
+                   and not operation.get("_overtaken")
                    for index, operation in enumerate(self.operations))
 
     def item(self, index: int) -> dict[str, Any] | None:
@@ -1552,6 +1555,14 @@ class DynamoDBStore(ExpiryCleanup):
         would lower counts the removal had deleted), or when the append is too large for one
         transaction (its pins, written before it while that life's run item stands, would be
         that life's removal's to list and delete)."""
+        if previous is not None and additions.claimed:
+            # Its pins were written with no run item: a run item there now (read again, the
+            # one known may be gone) is of a life begun since, whose first append wrote over
+            # any item an append wrote, its pins too (one with no pins of its own takes no
+            # pin record). Landing over it could name that life's values.
+            previous = await self._read_state(run_key)
+            if previous is not None:
+                raise _overtaken_error(run_key, 0, additions)
         purged = False
         if previous is not None and previous.purging:
             await self._purge_whole_run(run_key, previous, now)
