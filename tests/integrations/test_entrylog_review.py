@@ -322,59 +322,57 @@ async def test_a_log_that_keeps_the_unknown_change_recognises_it_after_reads_and
 # -- cancellation ------------------------------------------------------------------------------
 
 
-class _SlowReads(_LostThenBlind):
-    """Reads (the retry's look at whether the change was stored) take a while when asked."""
+class _Slow(_LostThenBlind):
+    """The store call ``slow`` names takes a while (long enough for the caller to be
+    cancelled): ``read_with_items`` (a retry's look at whether the change was stored) or
+    ``append_with_items`` (the change itself)."""
 
-    slow = False
+    slow: str | None = None
+
+    async def _lag(self, call: str) -> None:
+        if self.slow == call:
+            await anyio.sleep(0.05)
 
     async def read_with_items(self, *args: Any, **kwargs: Any) -> Any:
-        if self.slow:
-            await anyio.sleep(0.05)
+        await self._lag("read_with_items")
         return await super().read_with_items(*args, **kwargs)  # type: ignore[misc]
+
+    async def append_with_items(self, *args: Any, **kwargs: Any) -> Any:
+        await self._lag("append_with_items")
+        return await super().append_with_items(*args, **kwargs)
 
 
 async def test_add_items_retried_again_after_a_cancelled_retry_adds_once() -> None:
     """The first call failed (stored, its reply lost); the caller's retry was cancelled
     while it looked; the caller retries again: the items are stored once."""
     with anyio.fail_after(DEADLINE):
-        store = _SlowReads(MemoryStore())
+        store = _Slow(MemoryStore())
         mine = FastSession("s", store)  # type: ignore[arg-type]
         await mine.add_items([_item("a")])
         store.lose()
         with pytest.raises(CheckpointError):
             await mine.add_items([_item("b")])
-        store.slow = True
+        store.slow = "read_with_items"
         with anyio.move_on_after(0.01) as scope:
             await mine.add_items([_item("b")])
         assert scope.cancelled_caught
-        store.slow = False
+        store.slow = None
         await mine.add_items([_item("b")])
         assert await FastSession("s", store).get_items() == [_item("a"), _item("b")]  # type: ignore[arg-type]
-
-
-class _SlowAppends(_LostThenBlind):
-    """Appends take a while when asked (long enough for the caller to be cancelled)."""
-
-    slow = False
-
-    async def append_with_items(self, *args: Any, **kwargs: Any) -> Any:
-        if self.slow:
-            await anyio.sleep(0.05)
-        return await super().append_with_items(*args, **kwargs)  # type: ignore[misc]
 
 
 async def test_add_items_cancelled_while_it_landed_then_made_again_adds_once() -> None:
     """A call cancelled (a timeout) while its append was under way: the append lands, the
     caller sees only the cancellation, and the same call made again adds nothing more."""
     with anyio.fail_after(DEADLINE):
-        store = _SlowAppends(MemoryStore())
+        store = _Slow(MemoryStore())
         mine = FastSession("s", store)  # type: ignore[arg-type]
         await mine.add_items([_item("a")])
-        store.slow = True
+        store.slow = "append_with_items"
         with anyio.move_on_after(0.01) as scope:
             await mine.add_items([_item("b")])
         assert scope.cancelled_caught
-        store.slow = False
+        store.slow = None
         await mine.add_items([_item("b")])
         assert await FastSession("s", store).get_items() == [_item("a"), _item("b")]  # type: ignore[arg-type]
         await mine.add_items([_item("b")])  # a new change: the caller saw the last one end
@@ -385,14 +383,14 @@ async def test_pop_item_cancelled_while_it_landed_returns_its_item_when_made_aga
     """The item a cancelled pop removed reached nobody: the next pop of the object returns
     it, and removes nothing more."""
     with anyio.fail_after(DEADLINE):
-        store = _SlowAppends(MemoryStore())
+        store = _Slow(MemoryStore())
         mine = FastSession("s", store)  # type: ignore[arg-type]
         await mine.add_items([_item("a"), _item("b")])
-        store.slow = True
+        store.slow = "append_with_items"
         with anyio.move_on_after(0.01) as scope:
             await mine.pop_item()
         assert scope.cancelled_caught
-        store.slow = False
+        store.slow = None
         assert await mine.pop_item() == _item("b")
         assert await mine.get_items() == [_item("a")]
         assert await mine.pop_item() == _item("a")  # the next pop is a new one
@@ -403,13 +401,13 @@ async def test_a_read_after_a_cancelled_call_forgets_its_change() -> None:
     """The caller who reads the session after a cancelled call has seen its outcome: the
     same call made next is a new change."""
     with anyio.fail_after(DEADLINE):
-        store = _SlowAppends(MemoryStore())
+        store = _Slow(MemoryStore())
         mine = FastSession("s", store)  # type: ignore[arg-type]
-        store.slow = True
+        store.slow = "append_with_items"
         with anyio.move_on_after(0.01) as scope:
             await mine.add_items([_item("a")])
         assert scope.cancelled_caught
-        store.slow = False
+        store.slow = None
         assert await mine.get_items() == [_item("a")]
         await mine.add_items([_item("a")])
         assert await mine.get_items() == [_item("a"), _item("a")]
@@ -438,18 +436,18 @@ async def test_append_event_retried_again_after_a_cancelled_retry_stores_once(
     """ADK: the cancelled retry, run to its end, put the event in the session object, which
     holds it: the next retry stores nothing."""
     with anyio.fail_after(DEADLINE):
-        store = _SlowReads(MemoryStore())
+        store = _Slow(MemoryStore())
         service = FastSessionService(store, clock=adk_clock)  # type: ignore[arg-type]
         session = await service.create_session(app_name="a", user_id="u", session_id="s")
         retried = _event("two")
         store.lose()
         with pytest.raises(CheckpointError):
             await service.append_event(session, retried)
-        store.slow = True
+        store.slow = "read_with_items"
         with anyio.move_on_after(0.01) as scope:
             await service.append_event(session, retried)
         assert scope.cancelled_caught
-        store.slow = False
+        store.slow = None
         await service.append_event(session, retried)
         stored = await FastSessionService(store, clock=adk_clock).get_session(  # type: ignore[arg-type]
             app_name="a", user_id="u", session_id="s")
