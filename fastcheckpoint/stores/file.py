@@ -2032,6 +2032,11 @@ def _directory_of(path: object) -> str:
         raise ConfigurationError(f"not a usable file store path: {directory!r:.80}")
     if not directory:  # not the working directory by accident: "." says so
         raise ConfigurationError("file store path is empty (give a directory, or '.')")
+    absolute = os.path.abspath(directory)
+    if os.path.dirname(absolute) == absolute:  # "/" (a bare file:///), or a drive's root
+        raise ConfigurationError(
+            f"file store path {directory!r} is the filesystem's root: give the store a "
+            "directory of its own")
     try:
         os.fsencode(directory)  # what the system is given: undecodable bytes pass, as given
     except UnicodeEncodeError as exc:

@@ -182,11 +182,15 @@ def test_from_url_rejects(url: str, options: dict[str, Any]) -> None:
         lambda: FileStore("/tmp/a\0b"),
         lambda: FileStore(3),  # type: ignore[arg-type]
         lambda: FileStore(""),
+        lambda: FileStore("/"),
+        lambda: open_store("file:///"),
+        lambda: open_store("file://localhost/"),
     ],
 )
 def test_an_unusable_path_is_a_configuration_error(make: Callable[[], object]) -> None:
     """A NUL in a URL used to escape as a raw ValueError (and a non-path as a TypeError); an
-    empty path made the store's directories in the working directory."""
+    empty path made the store's directories in the working directory, and ``file:///`` made
+    them in the filesystem's root."""
     with pytest.raises(ConfigurationError, match="file store path"):
         make()
 
