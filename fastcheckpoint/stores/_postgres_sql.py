@@ -2131,6 +2131,64 @@ _REBUILD_RUN_V14 = _patched(
 """),
 )
 
+# Migration 15: a count lowered or deleted by hand (while checkpoints name its key) let the
+# pruning of a create that names the key too take it to zero, and {remove} freed the item the
+# acknowledged checkpoint names: it read back without it, with no error (no removal recorded).
+# A count that falls to zero for a key the run's newest checkpoint names (the one a create just
+# wrote, which its pruning never takes) contradicts the log: the run's counts are taken again
+# from the refs of the checkpoints it holds, and only the keys no checkpoint names are freed.
+# One more probe, of the newest checkpoint's primary key, when a count falls to zero; the
+# recount (one read of the run's checkpoints) only when the counts are wrong.
+_REMOVE_V15 = _patched(
+    _REMOVE_V14,
+    ("""        SELECT array_agg(key) FILTER (WHERE holders <= 0) INTO v_zeroed FROM counted;
+""", """        SELECT array_agg(key) FILTER (WHERE holders <= 0) INTO v_zeroed FROM counted;
+        IF v_zeroed IS NOT NULL AND EXISTS (
+               SELECT 1 FROM (SELECT c.refs FROM {checkpoints} c WHERE c.run_key = p_run_key
+                               ORDER BY c.sequence DESC LIMIT 1) newest
+                WHERE newest.refs && v_zeroed) THEN
+            WITH named AS (
+                SELECT u.k AS key, count(*) AS holders
+                  FROM {checkpoints} c, LATERAL (SELECT DISTINCT unnest(c.refs)) u(k)
+                 WHERE c.run_key = p_run_key AND u.k IS NOT NULL
+                 GROUP BY u.k
+            ), unnamed AS (
+                DELETE FROM {refs} f
+                 WHERE f.run_key = p_run_key
+                   AND NOT EXISTS (SELECT 1 FROM named WHERE named.key = f.key)
+            )
+            INSERT INTO {refs} AS f (run_key, key, holders)
+            SELECT p_run_key, named.key, named.holders FROM named
+            ON CONFLICT (run_key, key) DO UPDATE SET holders = excluded.holders;
+            v_zeroed := ARRAY(SELECT z.k FROM unnest(v_zeroed) z(k)
+                               WHERE NOT EXISTS (SELECT 1 FROM {refs} f
+                                                  WHERE f.run_key = p_run_key AND f.key = z.k));
+            IF cardinality(v_zeroed) = 0 THEN
+                v_zeroed := NULL;
+            END IF;
+        END IF;
+"""),
+)
+
+# rebuild_run takes the run's label rows (when the seed has no labels) that are UTF-8 only: one
+# edited to other bytes made it commit a row holding that label, which the store then could not
+# read (the call raised after it had changed the row, and the row was still damaged). And it
+# counts no NULL ref.
+_REBUILD_RUN_V15 = _patched(
+    _REBUILD_RUN_V14,
+    ("""                           WHERE l.run_key = p_run_key ORDER BY l.label);
+""", """                           WHERE l.run_key = p_run_key
+                             AND encode(l.label, 'hex') ~ '<utf8>' ORDER BY l.label);
+""".replace("<utf8>", UTF8_HEX)),
+    # A NULL among a checkpoint's refs (written by hand) is no key: counted, it failed the
+    # rebuild on the count table's NOT NULL, so no repair could fix the run.
+    ("""     WHERE c.run_key = p_run_key
+     GROUP BY named.key;
+""", """     WHERE c.run_key = p_run_key AND named.key IS NOT NULL
+     GROUP BY named.key;
+"""),
+)
+
 # {purge}: the expired items not marked, oldest first, on {p}items_purge (named or not: the
 # count is judged under the run's lock); in each run it takes, one statement removes those no
 # count names and marks those one does. Marks count against the batch's budget like removals.
@@ -2290,6 +2348,13 @@ MIGRATIONS = (
         "reads them no more until no checkpoint names them",
         ";\n\n".join([_ITEMS_KEPT_V14.strip(), _REMOVE_V14.strip(), _APPEND_V14.strip(),
                        _REBUILD_RUN_V14.strip(), _PURGE_V14.strip()]),
+    ),
+    Migration(
+        15,
+        "a count that falls to zero for a key the run's newest checkpoint names (lowered or "
+        "deleted by hand) is taken again from the log, so the item stays; a rebuild leaves "
+        "out label rows that are not UTF-8 and NULL refs",
+        ";\n\n".join([_REMOVE_V15.strip(), _REBUILD_RUN_V15.strip()]),
     ),
 )
 """Every schema version, oldest first. A released migration is never edited: changes come

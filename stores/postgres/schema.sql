@@ -1,4 +1,4 @@
--- fastcheckpoint PostgreSQL store: every table, index and function at schema version 14.
+-- fastcheckpoint PostgreSQL store: every table, index and function at schema version 15.
 -- Generated from the code (a test keeps it equal); `fastcheckpoint init URL` applies the same.
 -- Run it as the role that will own the tables: psql -v ON_ERROR_STOP=1 -f schema.sql
 
@@ -4976,5 +4976,219 @@ END
 $fn$;
 
 INSERT INTO "public"."fc_migrations" (version, description) VALUES (14, 'the cleanup marks the expired items a checkpoint names when it first meets them and reads them no more until no checkpoint names them');
+
+CREATE OR REPLACE FUNCTION "public"."fc_remove"(p_run_key text, p_sequences bigint[], p_count_run boolean)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_gone bigint[];
+    v_forever bigint;
+    v_refs bytea[];
+    v_zeroed bytea[];
+    v_gone_keys bytea[];
+BEGIN
+    IF p_sequences IS NULL OR cardinality(p_sequences) = 0 THEN
+        RETURN 0;
+    END IF;
+    WITH gone AS (
+        DELETE FROM "public"."fc_checkpoints"
+         WHERE run_key = p_run_key AND sequence = ANY (p_sequences)
+        RETURNING sequence, expires_at, refs
+    )
+    SELECT array_agg(sequence), count(*) FILTER (WHERE expires_at IS NULL),
+           (SELECT array_agg(ref ORDER BY ref)
+              FROM gone g, LATERAL (SELECT DISTINCT unnest(g.refs)) named(ref))
+      INTO v_gone, v_forever, v_refs
+      FROM gone;
+    IF v_gone IS NULL THEN
+        RETURN 0;
+    END IF;
+    WITH owned AS (
+        DELETE FROM "public"."fc_items" i WHERE i.run_key = p_run_key AND i.owner = ANY (v_gone)
+        RETURNING i.key
+    )
+    SELECT array_agg(key) INTO v_gone_keys FROM owned;
+    IF v_gone_keys IS NOT NULL THEN
+        UPDATE "public"."fc_refs" f SET removed = true
+         WHERE f.run_key = p_run_key AND f.key = ANY (v_gone_keys) AND NOT f.removed;
+    END IF;
+    IF v_refs IS NOT NULL THEN
+        WITH released AS (
+            SELECT ref, count(*) AS times FROM unnest(v_refs) ref GROUP BY ref
+        ), counted AS (
+            UPDATE "public"."fc_refs" r SET holders = r.holders - released.times
+              FROM released
+             WHERE r.run_key = p_run_key AND r.key = released.ref
+            RETURNING r.key, r.holders
+        )
+        SELECT array_agg(key) FILTER (WHERE holders <= 0) INTO v_zeroed FROM counted;
+        IF v_zeroed IS NOT NULL AND EXISTS (
+               SELECT 1 FROM (SELECT c.refs FROM "public"."fc_checkpoints" c WHERE c.run_key = p_run_key
+                               ORDER BY c.sequence DESC LIMIT 1) newest
+                WHERE newest.refs && v_zeroed) THEN
+            WITH named AS (
+                SELECT u.k AS key, count(*) AS holders
+                  FROM "public"."fc_checkpoints" c, LATERAL (SELECT DISTINCT unnest(c.refs)) u(k)
+                 WHERE c.run_key = p_run_key AND u.k IS NOT NULL
+                 GROUP BY u.k
+            ), unnamed AS (
+                DELETE FROM "public"."fc_refs" f
+                 WHERE f.run_key = p_run_key
+                   AND NOT EXISTS (SELECT 1 FROM named WHERE named.key = f.key)
+            )
+            INSERT INTO "public"."fc_refs" AS f (run_key, key, holders)
+            SELECT p_run_key, named.key, named.holders FROM named
+            ON CONFLICT (run_key, key) DO UPDATE SET holders = excluded.holders;
+            v_zeroed := ARRAY(SELECT z.k FROM unnest(v_zeroed) z(k)
+                               WHERE NOT EXISTS (SELECT 1 FROM "public"."fc_refs" f
+                                                  WHERE f.run_key = p_run_key AND f.key = z.k));
+            IF cardinality(v_zeroed) = 0 THEN
+                v_zeroed := NULL;
+            END IF;
+        END IF;
+        IF v_zeroed IS NOT NULL THEN
+            DELETE FROM "public"."fc_refs" WHERE run_key = p_run_key AND key = ANY (v_zeroed);
+            DELETE FROM "public"."fc_items" i
+             WHERE i.run_key = p_run_key AND i.key = ANY (v_zeroed) AND i.owner IS NULL
+               AND NOT EXISTS (
+                   SELECT 1 FROM "public"."fc_refs" f
+                    WHERE f.run_key = p_run_key
+                      AND f.key IN (SELECT i.key UNION ALL
+                                    SELECT substring(i.key FROM 1 FOR c.n - 1)
+                                      FROM generate_series(1, length(i.key)) c(n)
+                                     WHERE get_byte(i.key, c.n - 1) = 47));
+            DELETE FROM "public"."fc_items" i USING unnest(v_zeroed) n(k)
+             WHERE i.run_key = p_run_key AND i.key >= n.k || '/'::bytea
+               AND i.key < n.k || '0'::bytea AND i.owner IS NULL
+               AND NOT EXISTS (
+                   SELECT 1 FROM "public"."fc_refs" f
+                    WHERE f.run_key = p_run_key
+                      AND f.key IN (SELECT i.key UNION ALL
+                                    SELECT substring(i.key FROM 1 FOR c.n - 1)
+                                      FROM generate_series(1, length(i.key)) c(n)
+                                     WHERE get_byte(i.key, c.n - 1) = 47));
+            UPDATE "public"."fc_items" i SET kept = NULL
+             WHERE i.run_key = p_run_key AND i.key = ANY (v_zeroed) AND i.kept;
+        END IF;
+    END IF;
+    IF NOT p_count_run THEN
+        RETURN cardinality(v_gone);
+    END IF;
+    UPDATE "public"."fc_runs" r
+       SET checkpoint_count = r.checkpoint_count - cardinality(v_gone),
+           forever_count = r.forever_count - v_forever,
+           expires_at = CASE
+               WHEN r.checkpoint_count = cardinality(v_gone) THEN 0
+               WHEN r.forever_count > v_forever THEN NULL
+               ELSE (SELECT max(c.expires_at) FROM "public"."fc_checkpoints" c
+                      WHERE c.run_key = p_run_key AND c.expires_at IS NOT NULL)
+           END,
+           purge_at = CASE WHEN r.checkpoint_count = cardinality(v_gone) THEN 0 END
+     WHERE r.run_key = p_run_key;
+    RETURN cardinality(v_gone);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION "public"."fc_rebuild_run"(p_run_key text, p_run_id bytea, p_status text, p_data bytea,
+                              p_labels bytea[], p_now double precision)
+RETURNS TABLE (outcome text, run "public"."fc_runs") LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    r "public"."fc_runs"%ROWTYPE;
+    v_problem text;
+    v_held bigint;
+    v_forever bigint;
+    v_latest double precision;
+    v_sequence bigint;
+    v_id text;
+    v_created double precision;
+    v_labels bytea[];
+    v_removed bytea[];
+    v_kept bytea[];
+BEGIN
+    SELECT * INTO r FROM "public"."fc_runs" x WHERE x.run_key = p_run_key FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'missing'::text, NULL::"public"."fc_runs";
+        RETURN;
+    END IF;
+    SELECT d.problem INTO v_problem FROM "public"."fc_damaged_runs"(p_run_key, '', 1) d;
+    IF v_problem IS NULL AND r.run_id IS DISTINCT FROM p_run_id THEN
+        -- Copied over from another run: the caller's run id is the one of this run key.
+        v_problem := 'names another run';
+    END IF;
+    IF v_problem IS NULL THEN
+        RETURN QUERY SELECT 'intact'::text, r;
+        RETURN;
+    END IF;
+    SELECT count(*), count(*) FILTER (WHERE c.expires_at IS NULL), max(c.expires_at),
+           max(c.sequence)
+      INTO v_held, v_forever, v_latest, v_sequence
+      FROM "public"."fc_checkpoints" c WHERE c.run_key = p_run_key;
+    IF v_held = 0 THEN
+        RETURN QUERY SELECT 'empty'::text, NULL::"public"."fc_runs";
+        RETURN;
+    END IF;
+    -- The incarnation from the newest of the run's own checkpoints; the latest sequence is
+    -- the highest in place, whoever's, so the next append finds its primary key free.
+    SELECT c.checkpoint_id INTO v_id
+      FROM "public"."fc_checkpoints" c WHERE c.run_key = p_run_key AND (c.checkpoint_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$' AND split_part(c.checkpoint_id, '-', 2) = p_run_key)
+     ORDER BY c.sequence DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'foreign'::text, NULL::"public"."fc_runs";
+        RETURN;
+    END IF;
+    v_created := coalesce((
+        SELECT c.created_at FROM "public"."fc_checkpoints" c
+         WHERE c.run_key = p_run_key AND (c.checkpoint_id ~ '^ck-[a-z2-7]+-[a-z2-7]+-[0-9]+$' AND split_part(c.checkpoint_id, '-', 2) = p_run_key)
+           AND c.created_at > '-Infinity' AND c.created_at < 'Infinity'
+         ORDER BY c.sequence LIMIT 1), p_now);
+    IF cardinality(p_labels) > 0 THEN
+        v_labels := p_labels;
+    ELSE
+        -- The label rows are written with the run's creation and follow its incarnation;
+        -- the row's own list (in the order given) when it names the same labels.
+        v_labels := ARRAY(SELECT DISTINCT l.label FROM "public"."fc_labels" l
+                           WHERE l.run_key = p_run_key
+                             AND encode(l.label, 'hex') ~ '^([0-7][0-9a-f]|c[2-9a-f][89ab][0-9a-f]|d[0-9a-f][89ab][0-9a-f]|e0[ab][0-9a-f][89ab][0-9a-f]|e[1-9a-cef][89ab][0-9a-f][89ab][0-9a-f]|ed[89][0-9a-f][89ab][0-9a-f]|f0[9ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f[1-3][89ab][0-9a-f][89ab][0-9a-f][89ab][0-9a-f]|f48[0-9a-f][89ab][0-9a-f][89ab][0-9a-f])*$' ORDER BY l.label);
+        IF (SELECT array_agg(DISTINCT label ORDER BY label) FROM unnest(r.labels) label)
+           IS NOT DISTINCT FROM (CASE WHEN cardinality(v_labels) > 0 THEN v_labels END) THEN
+            v_labels := r.labels;
+        END IF;
+    END IF;
+    UPDATE "public"."fc_runs" x
+       SET run_id = p_run_id, incarnation = split_part(v_id, '-', 3), status = p_status,
+           created_at = v_created, updated_at = p_now, latest_sequence = v_sequence,
+           checkpoint_count = v_held, forever_count = v_forever,
+           expires_at = CASE WHEN v_forever > 0 THEN NULL ELSE v_latest END, purge_at = NULL,
+           version = 0, data = p_data, labels = v_labels, update_token = NULL
+     WHERE x.run_key = p_run_key
+    RETURNING x.* INTO r;
+    DELETE FROM "public"."fc_labels" l WHERE l.run_key = p_run_key;
+    INSERT INTO "public"."fc_labels" (label, created_at, run_key)
+    SELECT DISTINCT label, v_created, p_run_key FROM unnest(v_labels) label;
+    -- Shared items: each key counted once per checkpoint in place that names it.
+    WITH old AS (
+        DELETE FROM "public"."fc_refs" f WHERE f.run_key = p_run_key RETURNING f.key, f.removed
+    )
+    SELECT array_agg(key) FILTER (WHERE removed), array_agg(key) FILTER (WHERE NOT removed)
+      INTO v_removed, v_kept FROM old;
+    INSERT INTO "public"."fc_refs" (run_key, key, holders, removed)
+    SELECT p_run_key, named.key, count(*),
+           named.key = ANY (coalesce(v_removed, '{}'))
+           OR (NOT named.key = ANY (coalesce(v_kept, '{}'))
+               AND NOT EXISTS (SELECT 1 FROM "public"."fc_items" i
+                                WHERE i.run_key = p_run_key AND i.key = named.key))
+      FROM "public"."fc_checkpoints" c, LATERAL (SELECT DISTINCT unnest(c.refs)) named(key)
+     WHERE c.run_key = p_run_key AND named.key IS NOT NULL
+     GROUP BY named.key;
+    -- The marks of the items whose count went (migration 14).
+    UPDATE "public"."fc_items" i SET kept = NULL
+     WHERE i.run_key = p_run_key AND i.kept
+       AND NOT EXISTS (SELECT 1 FROM "public"."fc_refs" f WHERE f.run_key = p_run_key AND f.key = i.key);
+    RETURN QUERY SELECT 'ok'::text, r;
+END
+$fn$;
+
+INSERT INTO "public"."fc_migrations" (version, description) VALUES (15, 'a count that falls to zero for a key the run''s newest checkpoint names (lowered or deleted by hand) is taken again from the log, so the item stays; a rebuild leaves out label rows that are not UTF-8 and NULL refs');
 
 COMMIT;
