@@ -1,20 +1,27 @@
 """An OS process creating checkpoints through PostgresStore (tests/stores/postgres/).
 
     python postgres_worker.py URL RUN_ID COUNT WORKER
+    python postgres_worker.py forever URL RUN_ID KEEP
 
-creates COUNT checkpoints of RUN_ID through a CheckpointManager over
-``PostgresStore.from_url(URL)`` and prints the sequence of each acknowledged one on a line of
-its own, after ``create`` returned. Several of these race on one run: the store alone decides
-who gets which sequence.
+The first creates COUNT checkpoints of RUN_ID through a CheckpointManager over
+``PostgresStore.from_url(URL)``; the second appends through the store itself until it is
+killed (each checkpoint naming a shared item and owning one of its own, pruning the run to KEEP
+checkpoints). Each prints the sequence of each acknowledged checkpoint on a line of its own,
+after the call returned. Several of these race on one run: the store alone decides who gets
+which sequence.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 import anyio
 
-from fastcheckpoint import CheckpointConfig, CheckpointManager
+from fastcheckpoint import CheckpointConfig, CheckpointManager, _ids
+from fastcheckpoint.errors import SequenceConflict
+from fastcheckpoint.stores import Item, RunRecord, StoredCheckpoint
 from fastcheckpoint.stores.postgres import PostgresStore
 
 
@@ -32,6 +39,46 @@ async def _main(url: str, run_id: str, count: int, worker: str) -> None:
         await store.aclose()
 
 
+async def append_next(store: PostgresStore, run_id: str, keep_latest: int) -> int | None:
+    """Append the run's next checkpoint (naming ``shared``, owning ``w/<sequence>``) through
+    the store; ``None`` if another writer took that sequence."""
+    key = _ids.run_key(run_id)
+    now = time.time()
+    run = await store.get_run(key, now=now)
+    if run is None:
+        sequence = 0
+        run = RunRecord(
+            run_id=run_id, incarnation=_ids.new_incarnation(), status="active",
+            created_at=now, updated_at=now, latest_sequence=0, checkpoint_count=0,
+            expires_at=None)
+    else:
+        sequence = run.latest_sequence + 1
+    record = StoredCheckpoint(
+        sequence=sequence, checkpoint_id=_ids.checkpoint_id(key, run.incarnation, sequence),
+        created_at=now, expires_at=None, header=f"header {sequence}".encode(),
+        payload=os.urandom(sequence % 4096), refs=("shared",))
+    items = [Item(key="shared", value=b"written once"),
+             Item(key=f"w/{sequence}", value=f"{sequence}".encode(), owner=sequence)]
+    try:
+        await store.append_with_items(key, record, run=run, keep_latest=keep_latest, now=now,
+                                      items=items)
+    except SequenceConflict:
+        return None
+    return sequence
+
+
+async def _forever(url: str, run_id: str, keep: int) -> None:
+    store = PostgresStore.from_url(url)
+    while True:
+        sequence = await append_next(store, run_id, keep)
+        if sequence is not None:
+            print(sequence, flush=True)
+
+
 if __name__ == "__main__":
-    url_arg, run_arg, count_arg, worker_arg = sys.argv[1:5]
-    anyio.run(_main, url_arg, run_arg, int(count_arg), worker_arg, backend="asyncio")
+    if sys.argv[1] == "forever":
+        url_arg, run_arg, keep_arg = sys.argv[2:5]
+        anyio.run(_forever, url_arg, run_arg, int(keep_arg), backend="asyncio")
+    else:
+        url_arg, run_arg, count_arg, worker_arg = sys.argv[1:5]
+        anyio.run(_main, url_arg, run_arg, int(count_arg), worker_arg, backend="asyncio")
