@@ -42,7 +42,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
@@ -83,6 +83,7 @@ from fastcheckpoint.stores._base import (
     check_options,
     check_run_key,
     check_sequence,
+    check_str,
     check_time,
     is_run_key,
     item_key_bytes,
@@ -613,7 +614,7 @@ class PostgresStore(ExpiryCleanup):
         sequence = _bigint(record.sequence, "sequence")
         row = await self._append_row(
             run_key, sequence,
-            run_key, sequence, record.checkpoint_id,
+            run_key, sequence, _text_arg(record.checkpoint_id, "checkpoint_id"),
             record.created_at, record.expires_at, record.header, record.payload,
             refs or None, _token(), _utf8(run.run_id, "run_id"),
             _text_arg(run.incarnation, "incarnation"), _text_arg(run.status, "status"),
@@ -766,6 +767,7 @@ class PostgresStore(ExpiryCleanup):
     async def delete(self, run_key: str, sequence: int, *, checkpoint_id: str) -> bool:
         check_run_key(run_key)
         sequence = check_sequence(sequence)
+        checkpoint_id = cast(str, check_str("checkpoint_id", checkpoint_id))
         if sequence < 0 or not _storable(checkpoint_id):
             return False
         removed = await self._value("delete", self._sql.delete, run_key, sequence,
@@ -883,6 +885,7 @@ class PostgresStore(ExpiryCleanup):
         check_time("now", now)
         check_items(items)
         check_run_key(run_key)
+        check_flag("create_only", create_only)
         keys, values, owners, expiries = self._item_columns(items, first_wins=False)
         if not keys:
             return
@@ -917,6 +920,7 @@ class PostgresStore(ExpiryCleanup):
                 raise ValidationError(
                     f"item {item.key[:40]!r} names owner {item.owner}, not checkpoint {owner}")
         keys, values, _, _ = self._item_columns(items, first_wins=bool(if_absent))
+        checkpoint_id = cast(str, check_str("checkpoint_id", checkpoint_id))
         if not _storable(checkpoint_id):
             return False
         wrote = await self._value("put_owned_items", self._sql.put_owned_items, run_key, owner,

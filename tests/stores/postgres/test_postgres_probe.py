@@ -31,6 +31,7 @@ from fastcheckpoint.errors import (
     CheckpointNotFound,
     SequenceConflict,
     StoreUnavailableError,
+    ValidationError,
 )
 from fastcheckpoint.stores._postgres_sql import Names
 from fastcheckpoint.stores.postgres import PostgresStore
@@ -723,3 +724,175 @@ async def _server_processes_gone(rows: Rows, tag: str) -> None:
             return
         await anyio.sleep(0.05)
     pytest.fail(f"the server processes of the killed writers ({tag}) did not end")
+
+
+# -- odd arguments ------------------------------------------------------------------------------
+
+_ODD: list[Any] = [
+    "", "\x00", "a\x00b", "\ud800", "x" * 70_000, 2**63, -1, -(2**63) - 1, 1.5,
+    float("nan"), float("inf"), True, None, b"bytes", 123, ["list"], object(),
+]
+
+
+def _baselines(run: Any) -> dict[str, tuple[Callable[..., Awaitable[Any]], dict[str, Any]]]:
+    """Every public call of the store with arguments it takes, by name (the store is bound
+    later): positional arguments are named by ``_0``, ``_1``."""
+    key = key_of(run)
+    record = msgspec.structs.replace(make_checkpoint(run, 2, expires_at=T0 + 9000), refs=("K",))
+    return {
+        "append": (PostgresStore.append, {
+            "_0": key, "_1": record, "run": run, "keep_latest": 3, "now": T0}),
+        "append_with_items": (PostgresStore.append_with_items, {
+            "_0": key, "_1": record, "run": run, "keep_latest": 3, "now": T0,
+            "items": [make_item("K")]}),
+        "get": (PostgresStore.get, {"_0": key, "_1": 1, "now": T0}),
+        "latest": (PostgresStore.latest, {"_0": key, "now": T0}),
+        "read_with_items": (PostgresStore.read_with_items, {
+            "_0": key, "sequence": 1, "now": T0}),
+        "headers": (PostgresStore.headers, {
+            "_0": key, "before": None, "limit": 10, "now": T0, "include_expired": False}),
+        "delete": (PostgresStore.delete, {
+            "_0": key, "_1": 0, "checkpoint_id": checkpoint_id_of(run, 0)}),
+        "delete_run": (PostgresStore.delete_run, {"_0": make_run("other").run_id}),
+        "get_run": (PostgresStore.get_run, {"_0": key, "now": T0}),
+        "update_run": (PostgresStore.update_run, {
+            "_0": key, "incarnation": run.incarnation, "version": 0, "status": "paused",
+            "data": b"d", "now": T0, "latest_sequence": 1}),
+        "list_runs": (PostgresStore.list_runs, {
+            "status": None, "limit": 10, "cursor": None, "now": T0}),
+        "runs_with_label": (PostgresStore.runs_with_label, {
+            "_0": "l1", "limit": 10, "cursor": None, "now": T0}),
+        "count_runs": (PostgresStore.count_runs, {"status": None, "now": T0}),
+        "put_items": (PostgresStore.put_items, {
+            "_0": key, "_1": [make_item("N")], "create_only": False, "now": T0}),
+        "put_owned_items": (PostgresStore.put_owned_items, {
+            "_0": key, "_1": [make_item("w", owner=1)], "owner": 1,
+            "checkpoint_id": checkpoint_id_of(run, 1), "if_absent": False, "now": T0}),
+        "get_items": (PostgresStore.get_items, {"_0": key, "_1": ["K", "P"], "now": T0}),
+        "scan_items": (PostgresStore.scan_items, {
+            "_0": key, "prefix": "", "start_after": None, "limit": 10, "reverse": False,
+            "now": T0}),
+        "delete_items": (PostgresStore.delete_items, {"_0": key, "_1": ["L"]}),
+        "purge_expired": (PostgresStore.purge_expired, {"now": T0, "limit": 10}),
+        "damaged_runs": (PostgresStore.damaged_runs, {"run_key": key, "now": T0}),
+        "rebuild_run": (PostgresStore.rebuild_run, {"_0": key, "_1": run, "now": T0}),
+    }
+
+
+def _variants(run: Any) -> list[tuple[str, str, Callable[..., Awaitable[Any]], dict[str, Any]]]:
+    """Each call with one argument, or one field of a record, item or list it takes, made
+    odd."""
+    found = []
+    for name, (method, arguments) in _baselines(run).items():
+        for parameter, value in arguments.items():
+            odd_values: list[tuple[str, Any]] = [(repr(odd)[:20], odd) for odd in _ODD]
+            if isinstance(value, msgspec.Struct):
+                for field in value.__struct_fields__:
+                    odd_values += [(f".{field}={odd!r:.20}",
+                                    msgspec.structs.replace(value, **{field: odd}))
+                                   for odd in _ODD]
+            if isinstance(value, list):
+                odd_values += [(f"[{odd!r:.20}]", [odd]) for odd in _ODD]
+                if value and isinstance(value[0], msgspec.Struct):
+                    odd_values += [
+                        (f"[.{field}={odd!r:.20}]",
+                         [msgspec.structs.replace(value[0], **{field: odd})])
+                        for field in value[0].__struct_fields__ for odd in _ODD]
+            for label, odd in odd_values:
+                found.append((name, f"{parameter}{label}", method, {**arguments,
+                                                                    parameter: odd}))
+    return found
+
+
+async def _fingerprint(rows: Rows) -> list[str]:
+    """A digest of every table of the store (the memos of lost replies included)."""
+    digests = []
+    for table in (*_TABLES, "ops"):
+        digests.append(await rows.connection.fetchval(rows.names.render(
+            f"SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) "
+            f"FROM {{{table}}} t")))
+    return digests
+
+
+_WRITING = {"append", "append_with_items", "delete", "delete_run", "update_run", "put_items",
+            "put_owned_items", "delete_items", "purge_expired", "rebuild_run"}
+
+
+async def test_odd_arguments_to_every_call_are_typed_errors_that_write_nothing(
+    store: PostgresStore, rows: Rows,
+) -> None:
+    """Every public call with one argument (or one field of a record, item or list it
+    takes) replaced by an odd value: an empty string, NUL characters, a lone surrogate, a
+    70,000-character string, integers outside bigint, floats that are not finite, a bool,
+    None, bytes, a list, an object. Each either completes or raises a `CheckpointError`
+    (never TypeError, AttributeError, a driver error...), and a write that raises leaves
+    every table as it was."""
+    run = make_run("odd")
+    foreign: list[tuple[str, str, str]] = []
+    halfway: list[tuple[str, str, str]] = []
+    with anyio.fail_after(240):
+        await _seed_run(store, run)
+        for name, variant, method, arguments in _variants(run):
+            positional = [arguments[f"_{n}"] for n in range(2) if f"_{n}" in arguments]
+            keywords = {k: v for k, v in arguments.items() if not k.startswith("_")}
+            before = await _fingerprint(rows) if name in _WRITING else None
+            try:
+                await method(store, *positional, **keywords)
+            except CheckpointError as exc:
+                if before is not None and await _fingerprint(rows) != before:
+                    halfway.append((name, variant, f"{exc!r:.160}"))
+            except Exception as exc:  # what the probe looks for
+                foreign.append((name, variant, f"{exc!r:.160}"))
+    assert foreign == [], "\n".join(map(repr, foreign))
+    assert halfway == [], "\n".join(map(repr, halfway))
+
+
+# -- what odd arguments found: arguments every other store refuses ------------------------------
+
+
+def _any(value: object) -> Any:
+    """``value``, typed to pass where the API takes another type."""
+    return value
+
+
+def _odd_calls(store: PostgresStore, run: Any) -> dict[str, Callable[[], Awaitable[Any]]]:
+    key = key_of(run)
+    nul = msgspec.structs.replace(make_checkpoint(run, 2), checkpoint_id="ck-\x00")
+    return {
+        # Not a str: the call found no checkpoint of that id and reported nothing removed
+        # or written, where a typo (the sequence passed twice) deserves an error.
+        "delete with an int id": lambda: store.delete(key, 1, checkpoint_id=_any(1)),
+        "delete with a None id": lambda: store.delete(key, 1, checkpoint_id=_any(None)),
+        "owned items with bytes for the id": lambda: store.put_owned_items(
+            key, [make_item("w", owner=1)], owner=1,
+            checkpoint_id=_any(checkpoint_id_of(run, 1).encode()),
+            if_absent=False, now=T0),
+        # Not a bool: "" and None wrote as an upsert, "no" as create-only.
+        "create_only of an empty string": lambda: store.put_items(
+            key, [make_item("N")], create_only=_any(""), now=T0),
+        "create_only of a string": lambda: store.put_items(
+            key, [make_item("L")], create_only=_any("no"), now=T0),
+        "create_only of None": lambda: store.put_items(
+            key, [make_item("N")], create_only=_any(None), now=T0),
+        # A NUL in a checkpoint id: the driver's error (PostgreSQL text cannot hold it),
+        # a StoreError with asyncpg's message, after a round trip.
+        "a checkpoint id with a NUL": lambda: store.append(
+            key, nul, run=run, keep_latest=None, now=T0),
+    }
+
+
+@pytest.mark.parametrize("case", list(_odd_calls(PostgresStore(), make_run("odd"))))
+async def test_arguments_of_another_type_are_validation_errors_that_send_nothing(
+    store: PostgresStore, rows: Rows, case: str,
+) -> None:
+    """What the odd-argument probe found PostgreSQL alone taking (SQLite, the memory store and
+    the others refuse each with `ValidationError`): now refused the same, before anything is
+    sent."""
+    run = make_run("odd")
+    with anyio.fail_after(30):
+        await _seed_run(store, run)
+        before = await _fingerprint(rows)
+        with pytest.raises(ValidationError):
+            await _odd_calls(store, run)[case]()
+        after = await _fingerprint(rows)
+    assert after == before
