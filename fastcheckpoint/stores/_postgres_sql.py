@@ -2156,6 +2156,12 @@ _REMOVE_V15 = _patched(
                 DELETE FROM {refs} f
                  WHERE f.run_key = p_run_key
                    AND NOT EXISTS (SELECT 1 FROM named WHERE named.key = f.key)
+                RETURNING f.key
+            ), unmarked AS (
+                -- Their items may stay (loose items): the cleanup sees them again.
+                UPDATE {items} i SET kept = NULL
+                  FROM unnamed u
+                 WHERE i.run_key = p_run_key AND i.key = u.key AND i.kept
             )
             INSERT INTO {refs} AS f (run_key, key, holders)
             SELECT p_run_key, named.key, named.holders FROM named

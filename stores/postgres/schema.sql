@@ -5035,6 +5035,12 @@ BEGIN
                 DELETE FROM "public"."fc_refs" f
                  WHERE f.run_key = p_run_key
                    AND NOT EXISTS (SELECT 1 FROM named WHERE named.key = f.key)
+                RETURNING f.key
+            ), unmarked AS (
+                -- Their items may stay (loose items): the cleanup sees them again.
+                UPDATE "public"."fc_items" i SET kept = NULL
+                  FROM unnamed u
+                 WHERE i.run_key = p_run_key AND i.key = u.key AND i.kept
             )
             INSERT INTO "public"."fc_refs" AS f (run_key, key, holders)
             SELECT p_run_key, named.key, named.holders FROM named

@@ -50,7 +50,7 @@ from tests.stores._postgres_server import PostgresTarget
 
 pytestmark = pytest.mark.anyio
 
-_SEEDS = range(int(os.environ.get("FC_PROBE_SEEDS", "150")))
+_SEEDS = range(int(os.environ.get("FC_PROBE_SEEDS", "80")))
 _TABLES = ("runs", "checkpoints", "items", "refs", "labels")
 
 
@@ -347,6 +347,24 @@ async def _whole(store: PostgresStore, run: Any, now: float) -> str | None:
     return None
 
 
+async def _goes_on(store: PostgresStore, record: Any) -> str | None:
+    """Why the run of ``record`` does not take its next create (naming K, with its value)
+    and read it back with its items, or ``None``."""
+    key = key_of(make_run(record.run_id))
+    sequence = record.latest_sequence + 1
+    next_one = msgspec.structs.replace(
+        make_checkpoint(record, sequence, expires_at=T0 + 9000), refs=("K",))
+    try:
+        await store.append_with_items(key, next_one, run=record, keep_latest=None, now=T0,
+                                      items=[make_item("K")])
+        found = await store.read_with_items(key, sequence=sequence, now=T0)
+    except CheckpointError as exc:
+        return f"its next create raised {exc!r:.160}"
+    if found is None or "K" not in found[2]:
+        return f"its next create reads as {found!r:.160}"
+    return None
+
+
 async def test_no_call_fails_halfway_or_raises_a_foreign_error_after_edits(
     store: PostgresStore, rows: Rows,
 ) -> None:
@@ -386,10 +404,10 @@ async def test_no_call_fails_halfway_or_raises_a_foreign_error_after_edits(
                 if problem is not None:
                     neighbour.append((seed, operation, problem, edits))
             # What damaged_runs reports, rebuild_run rebuilds (or says there is nothing to
-            # rebuild from), and then it reports nothing.
+            # rebuild from), then it reports nothing, and the run takes the next create.
             for damage in await store.damaged_runs(run_key=key_of(run), now=T0):
                 try:
-                    await store.rebuild_run(key_of(run), run, now=T0)
+                    rebuilt = await store.rebuild_run(key_of(run), run, now=T0)
                 except CheckpointNotFound:
                     continue
                 except CheckpointError as exc:
@@ -400,6 +418,17 @@ async def test_no_call_fails_halfway_or_raises_a_foreign_error_after_edits(
                 if again:
                     repair.append((seed, f"{damage.problem}: still {again[0].problem}",
                                    edits))
+                    continue
+                problem = await _goes_on(store, rebuilt)
+                if problem is not None:
+                    repair.append((seed, f"{damage.problem}: rebuilt, {problem}", edits))
+            # The neighbouring run takes its next create too.
+            if operation != "purge" or now < T0 + 1000:
+                neighbours = await store.get_run(key_of(other), now=T0)
+                problem = "its run is gone" if neighbours is None else await _goes_on(
+                    store, neighbours)
+                if problem is not None:
+                    neighbour.append((seed, operation, problem, edits))
             for key in (key_of(run), key_of(other)):
                 await store.delete_run(key)  # removes the run whole, damaged or not
                 assert await rows.dump(key) == [[]] * len(_TABLES), (seed, operation, edits)
@@ -805,13 +834,14 @@ def _variants(run: Any) -> list[tuple[str, str, Callable[..., Awaitable[Any]], d
 
 
 async def _fingerprint(rows: Rows) -> list[str]:
-    """A digest of every table of the store (the memos of lost replies included)."""
-    digests = []
-    for table in (*_TABLES, "ops"):
-        digests.append(await rows.connection.fetchval(rows.names.render(
-            f"SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) "
-            f"FROM {{{table}}} t")))
-    return digests
+    """A digest of each table of the store (the memos of lost replies included), in one
+    statement."""
+    digests = ", ".join(
+        f"(SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) "
+        f"FROM {{{table}}} t)" for table in (*_TABLES, "ops"))
+    row = await rows.connection.fetchrow(rows.names.render(f"SELECT {digests}"))
+    assert row is not None
+    return list(row)
 
 
 _WRITING = {"append", "append_with_items", "delete", "delete_run", "update_run", "put_items",
@@ -896,3 +926,28 @@ async def test_arguments_of_another_type_are_validation_errors_that_send_nothing
             await _odd_calls(store, run)[case]()
         after = await _fingerprint(rows)
     assert after == before
+
+
+async def test_a_recount_clears_the_cleanup_mark_of_an_item_no_checkpoint_names(
+    store: PostgresStore, rows: Rows,
+) -> None:
+    """Counts damaged by hand twice: K's lowered to 0 and one added for the loose item L
+    (which the cleanup then marks as named, and passes by). The recount a create's pruning
+    makes (K's count fell to zero while the newest checkpoint names K) removes L's count,
+    and clears L's mark with it: the next cleanup removes L once it expired."""
+    run = make_run("recount marks")
+    key = key_of(run)
+    with anyio.fail_after(30):
+        await _seed_run(store, run)
+        await rows.execute(_LOWERED["count set to 0"], key)
+        await rows.execute("INSERT INTO {refs} (run_key, key, holders) VALUES ($1, 'L', 1)",
+                           key)
+        await store.purge_expired(now=T0 + 6, limit=100)  # marks L: a count names it
+        third = msgspec.structs.replace(make_checkpoint(run, 2, expires_at=T0 + 9000),
+                                        refs=("K",))
+        await store.append_with_items(key, third, run=run, keep_latest=None, now=T0 + 20,
+                                      items=[])
+        await store.purge_expired(now=T0 + 20, limit=100)
+        left = await rows.connection.fetch(rows.names.render(
+            "SELECT key, kept FROM {items} WHERE run_key = $1 ORDER BY key"), key)
+    assert [bytes(row[0]).decode() for row in left] == ["K", "P", "P/1", "o1"]
