@@ -47,6 +47,14 @@ from tests._helpers import acks_until_killed
 from tests.postgres_worker import append_next
 from tests.reliability.faults import Fault, FaultPlan, FaultProxy, postgres_running
 from tests.stores._postgres_server import PostgresTarget
+from tests.stores._probes import (
+    APPENDS,
+    READS,
+    WRITES,
+    seed_run,
+    store_calls,
+    unreadable_create,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -84,22 +92,6 @@ async def rows(postgres: PostgresTarget, schema: str) -> AsyncIterator[Rows]:
         await connection.close()
 
 
-async def _seed_run(store: PostgresStore, run: Any) -> None:
-    """Checkpoint 0 (expires at T0 + 10, names K, owns o0), checkpoint 1 (T0 + 1000, names
-    K and P, owns o1; P/1 nested under P), a loose item L expiring at T0 + 5, two labels."""
-    key = key_of(run)
-    seed = msgspec.structs.replace(run, labels=("l1", "l2"))
-    first = msgspec.structs.replace(make_checkpoint(run, 0, expires_at=T0 + 10), refs=("K",))
-    await store.append_with_items(key, first, run=seed, keep_latest=None, now=T0,
-                                  items=[make_item("K"), make_item("o0", owner=0)])
-    second = msgspec.structs.replace(make_checkpoint(run, 1, expires_at=T0 + 1000),
-                                     refs=("K", "P"))
-    await store.append_with_items(key, second, run=seed, keep_latest=None, now=T0,
-                                  items=[make_item("P"), make_item("P/1"),
-                                         make_item("o1", owner=1)])
-    await store.put_items(key, [make_item("L", expires_at=T0 + 5)], now=T0)
-
-
 # -- a reference count lowered by hand ------------------------------------------------------
 
 _LOWERED = {
@@ -122,7 +114,7 @@ async def test_a_create_naming_an_item_whose_count_was_lowered_keeps_it_through_
     run = make_run("lowered")
     key = key_of(run)
     with anyio.fail_after(30):
-        await _seed_run(store, run)
+        await seed_run(store, run)
         await rows.execute(_LOWERED[damage], key)
         third = msgspec.structs.replace(make_checkpoint(run, 2, expires_at=T0 + 9000),
                                         refs=("K",))
@@ -152,7 +144,7 @@ async def test_a_checkpoint_naming_an_item_whose_count_was_lowered_keeps_it_late
     run = make_run("lowered later")
     key = key_of(run)
     with anyio.fail_after(30):
-        await _seed_run(store, run)
+        await seed_run(store, run)
         await rows.execute(_LOWERED["count set to 0"], key)
         third = msgspec.structs.replace(make_checkpoint(run, 2, expires_at=T0 + 9000),
                                         refs=("K",))
@@ -230,15 +222,6 @@ _INSERTS = [
     "INSERT INTO {labels} VALUES ('\\xff'::bytea, 1700000000, $1)",
 ]
 
-_APPENDS = {"append": 2, "append_prune": 2, "append_new_run": 0}
-_WRITES = ["append", "append_prune", "append_new_run", "delete", "delete_run", "update_run",
-           "update_guarded", "put_items", "put_items_create", "put_owned", "put_owned_absent",
-           "delete_items", "purge", "rebuild"]
-_READS = ["latest", "get", "read", "read_0", "headers", "headers_all", "get_items", "get_run",
-          "list_runs", "list_active", "count_runs", "with_label", "scan", "scan_nested",
-          "damaged", "damaged_all"]
-
-
 async def _edit(rows: Rows, run_key: str, rnd: random.Random) -> list[str]:
     done: list[str] = []
     for _ in range(rnd.randint(1, 3)):
@@ -259,76 +242,6 @@ async def _edit(rows: Rows, run_key: str, rnd: random.Random) -> list[str]:
         else:
             done.append(sql)
     return done
-
-
-def _calls(store: PostgresStore, run: Any, now: float) -> dict[str, Callable[[], Awaitable[Any]]]:
-    key = key_of(run)
-    third = msgspec.structs.replace(make_checkpoint(run, 2, expires_at=T0 + 9000), refs=("K",))
-    fresh = make_run(run.run_id, expires_at=T0 + 9000)
-    seed = msgspec.structs.replace(run, status="paused", data=b"rebuilt")
-    return {
-        "append": lambda: store.append_with_items(
-            key, third, run=run, keep_latest=None, now=now, items=[make_item("Q")]),
-        "append_prune": lambda: store.append_with_items(
-            key, third, run=run, keep_latest=1, now=now, items=[make_item("Q")]),
-        "append_new_run": lambda: store.append(
-            key, make_checkpoint(fresh, 0, expires_at=T0 + 9000), run=fresh, keep_latest=None,
-            now=now),
-        "delete": lambda: store.delete(key, 1, checkpoint_id=checkpoint_id_of(run, 1)),
-        "delete_run": lambda: store.delete_run(key),
-        "update_run": lambda: store.update_run(key, incarnation=run.incarnation, version=0,
-                                               status="paused", data=b"d", now=now),
-        "update_guarded": lambda: store.update_run(
-            key, incarnation=run.incarnation, version=0, status="paused", data=b"d", now=now,
-            latest_sequence=1),
-        "put_items": lambda: store.put_items(
-            key, [make_item("K", expires_at=T0 + 3), make_item("N")], now=now),
-        "put_items_create": lambda: store.put_items(
-            key, [make_item("N"), make_item("L")], create_only=True, now=now),
-        "put_owned": lambda: store.put_owned_items(
-            key, [make_item("w", owner=1)], owner=1, checkpoint_id=checkpoint_id_of(run, 1),
-            if_absent=False, now=now),
-        "put_owned_absent": lambda: store.put_owned_items(
-            key, [make_item("o1", owner=1)], owner=1, checkpoint_id=checkpoint_id_of(run, 1),
-            if_absent=True, now=now),
-        "delete_items": lambda: store.delete_items(key, ["K", "L", "P"]),
-        "purge": lambda: store.purge_expired(now=now, limit=100),
-        "rebuild": lambda: store.rebuild_run(key, seed, now=now),
-        "latest": lambda: store.latest(key, now=now),
-        "get": lambda: store.get(key, 1, now=now),
-        "read": lambda: store.read_with_items(key, sequence=None, now=now),
-        "read_0": lambda: store.read_with_items(key, sequence=0, now=now),
-        "headers": lambda: store.headers(key, before=None, limit=10, now=now),
-        "headers_all": lambda: store.headers(key, before=None, limit=1, now=now,
-                                             include_expired=True),
-        "get_items": lambda: store.get_items(key, ["K", "P", "L", "zz"], now=now),
-        "get_run": lambda: store.get_run(key, now=now),
-        "list_runs": lambda: store.list_runs(status=None, limit=10, cursor=None, now=now),
-        "list_active": lambda: store.list_runs(status="active", limit=1, cursor=None, now=now),
-        "count_runs": lambda: store.count_runs(status="active", now=now),
-        "with_label": lambda: store.runs_with_label("l1", limit=10, cursor=None, now=now),
-        "scan": lambda: store.scan_items(key, limit=2, now=now),
-        "scan_nested": lambda: store.scan_items(key, prefix="P", reverse=True, now=now),
-        "damaged": lambda: store.damaged_runs(run_key=key, now=now),
-        "damaged_all": lambda: store.damaged_runs(now=now),
-    }
-
-
-async def _unreadable_create(
-    store: PostgresStore, run: Any, operation: str, now: float
-) -> str | None:
-    """Why the checkpoint an append just acknowledged does not read back whole (with the
-    items it names), or ``None``."""
-    try:
-        found = await store.read_with_items(key_of(run), sequence=_APPENDS[operation], now=now)
-    except CheckpointError as exc:
-        return f"reading it raised {exc!r:.160}"
-    if found is None:
-        return "it is gone"
-    record, _, items = found
-    if not record.payload.startswith(b"payload-") or not set(record.refs) <= set(items):
-        return f"it reads as {record!r:.160} with {sorted(items)}"
-    return None
 
 
 async def _whole(store: PostgresStore, run: Any, now: float) -> str | None:
@@ -377,21 +290,22 @@ async def test_no_call_fails_halfway_or_raises_a_foreign_error_after_edits(
         for seed in _SEEDS:
             rnd = random.Random(seed)
             run, other = make_run(f"sweep-{seed}"), make_run(f"beside-{seed}")
-            await _seed_run(store, run)
-            await _seed_run(store, other)
+            await seed_run(store, run)
+            await seed_run(store, other)
             edits = await _edit(rows, key_of(run), rnd)
-            operation = rnd.choice([*_WRITES, *_READS])
+            operation = rnd.choice([*WRITES, *READS])
             now = rnd.choice([T0, T0 + 20, T0 + 5000])
             before = await rows.dump(key_of(run))
             beside = await rows.dump(key_of(other))
             try:
-                await _calls(store, run, now)[operation]()
-                if operation in _APPENDS:
-                    problem = await _unreadable_create(store, run, operation, now)
+                await store_calls(store, run, now)[operation]()
+                if operation in APPENDS:
+                    problem = await unreadable_create(store, run, APPENDS[operation],
+                                                      now)
                     if problem is not None:
                         lost.append((seed, operation, problem, edits))
             except CheckpointError as exc:
-                if operation in _WRITES and await rows.dump(key_of(run)) != before:
+                if operation in WRITES and await rows.dump(key_of(run)) != before:
                     halfway.append((seed, operation, str(exc)[:160], edits))
             except Exception as exc:  # what the probe looks for
                 foreign.append((seed, operation, repr(exc)[:200], edits))
@@ -453,7 +367,7 @@ async def test_a_rebuild_leaves_out_label_rows_that_are_not_utf8(
     run = make_run("bad label row")
     key = key_of(run)
     with anyio.fail_after(30):
-        await _seed_run(store, run)
+        await seed_run(store, run)
         await rows.execute("UPDATE {runs} SET expires_at = NULL WHERE run_key = $1", key)
         await rows.execute("UPDATE {labels} SET label = '\\xff'::bytea "
                            "WHERE run_key = $1 AND label = 'l2'", key)
@@ -481,7 +395,7 @@ async def test_a_rebuild_counts_past_a_null_ref(store: PostgresStore, rows: Rows
     run = make_run("null ref")
     key = key_of(run)
     with anyio.fail_after(30):
-        await _seed_run(store, run)
+        await seed_run(store, run)
         await rows.execute("UPDATE {runs} SET checkpoint_count = 1 WHERE run_key = $1", key)
         await rows.execute("UPDATE {checkpoints} SET refs = ARRAY['K'::bytea, NULL] "
                            "WHERE run_key = $1 AND sequence = 0", key)
@@ -512,7 +426,7 @@ async def test_an_older_checkpoint_naming_an_item_whose_count_was_lowered_keeps_
     run = make_run("lowered older")
     key = key_of(run)
     with anyio.fail_after(30):
-        await _seed_run(store, run)
+        await seed_run(store, run)
         await store.append(key, make_checkpoint(run, 2, expires_at=T0 + 9000), run=run,
                            keep_latest=None, now=T0)
         await rows.execute(_LOWERED["count set to 0"], key)
@@ -861,7 +775,7 @@ async def test_odd_arguments_to_every_call_are_typed_errors_that_write_nothing(
     foreign: list[tuple[str, str, str]] = []
     halfway: list[tuple[str, str, str]] = []
     with anyio.fail_after(240):
-        await _seed_run(store, run)
+        await seed_run(store, run)
         for name, variant, method, arguments in _variants(run):
             positional = [arguments[f"_{n}"] for n in range(2) if f"_{n}" in arguments]
             keywords = {k: v for k, v in arguments.items() if not k.startswith("_")}
@@ -920,7 +834,7 @@ async def test_arguments_of_another_type_are_validation_errors_that_send_nothing
     sent."""
     run = make_run("odd")
     with anyio.fail_after(30):
-        await _seed_run(store, run)
+        await seed_run(store, run)
         before = await _fingerprint(rows)
         with pytest.raises(ValidationError):
             await _odd_calls(store, run)[case]()
@@ -938,7 +852,7 @@ async def test_a_recount_clears_the_cleanup_mark_of_an_item_no_checkpoint_names(
     run = make_run("recount marks")
     key = key_of(run)
     with anyio.fail_after(30):
-        await _seed_run(store, run)
+        await seed_run(store, run)
         await rows.execute(_LOWERED["count set to 0"], key)
         await rows.execute("INSERT INTO {refs} (run_key, key, holders) VALUES ($1, 'L', 1)",
                            key)

@@ -35,6 +35,14 @@ from fastcheckpoint.testing import (
     make_run,
 )
 from tests._helpers import acks_until_killed
+from tests.stores._probes import (
+    APPENDS,
+    READS,
+    WRITES,
+    seed_run,
+    store_calls,
+    unreadable_create,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -70,27 +78,8 @@ _INSERTS = [
     "INSERT OR IGNORE INTO fc_item_refs VALUES (?1, 'P/1', 3, 1)",
     "INSERT OR IGNORE INTO fc_labels VALUES (?1, X'FF', 1700000000.0, 9)",
 ]
-_APPENDS = {"append": 2, "append_prune": 2, "append_next": None, "append_new_run": 0}
-_WRITES = ["append", "append_prune", "append_next", "append_new_run", "delete", "delete_run",
-           "update_run", "put_items", "put_items_create", "put_owned", "put_owned_absent",
-           "delete_items", "purge", "rebuild"]
-_READS = ["latest", "get", "read", "read_0", "headers", "headers_all", "get_items", "get_run",
-          "list_runs", "list_active", "count_runs", "with_label", "scan", "scan_nested",
-          "damaged"]
-
-
-async def _seed_run(store: SQLiteStore, run: Any) -> None:
-    rk = key_of(run)
-    seed = msgspec.structs.replace(run, labels=("l1", "l2"))
-    first = msgspec.structs.replace(make_checkpoint(run, 0, expires_at=T0 + 10), refs=("K",))
-    await store.append_with_items(rk, first, run=seed, keep_latest=None, now=T0,
-                                  items=[make_item("K"), make_item("o0", owner=0)])
-    second = msgspec.structs.replace(make_checkpoint(run, 1, expires_at=T0 + 1000),
-                                     refs=("K", "P"))
-    await store.append_with_items(rk, second, run=seed, keep_latest=None, now=T0,
-                                  items=[make_item("P"), make_item("P/1"),
-                                         make_item("o1", owner=1)])
-    await store.put_items(rk, [make_item("L", expires_at=T0 + 5)], now=T0)
+_APPENDS: dict[str, int | None] = {**APPENDS, "append_next": None}
+_WRITES = [*WRITES, "append_next"]
 
 
 def _edit(database: Path, rk: str, rnd: random.Random) -> list[str]:
@@ -128,56 +117,13 @@ def _edit(database: Path, rk: str, rnd: random.Random) -> list[str]:
 
 
 def _calls(store: SQLiteStore, run: Any, now: float) -> dict[str, Callable[[], Awaitable[Any]]]:
-    rk = key_of(run)
-    third = msgspec.structs.replace(make_checkpoint(run, 2, expires_at=T0 + 9000), refs=("K",))
+    """The probes' calls (:func:`store_calls`), and ``append_next``."""
     plain = make_checkpoint(run, 2, expires_at=T0 + 9000)
-    fresh = make_run(run.run_id, expires_at=T0 + 9000)
-    seed = msgspec.structs.replace(run, incarnation="", status="paused", data=b"rebuilt")
     return {
-        "append": lambda: store.append_with_items(
-            rk, third, run=run, keep_latest=None, now=now, items=[make_item("Q")]),
-        "append_prune": lambda: store.append_with_items(
-            rk, third, run=run, keep_latest=1, now=now, items=[make_item("Q")]),
+        **store_calls(store, run, now),
         "append_next": lambda: store.append_next(
-            rk, plain, run=run, keep_latest=2, now=now,
+            key_of(run), plain, run=run, keep_latest=2, now=now,
             renumber=lambda sequence: make_checkpoint(run, sequence, expires_at=T0 + 9000)),
-        "append_new_run": lambda: store.append(
-            rk, make_checkpoint(fresh, 0, expires_at=T0 + 9000), run=fresh, keep_latest=None,
-            now=now),
-        "delete": lambda: store.delete(rk, 1, checkpoint_id=checkpoint_id_of(run, 1)),
-        "delete_run": lambda: store.delete_run(rk),
-        "update_run": lambda: store.update_run(rk, incarnation=run.incarnation, version=0,
-                                               status="paused", data=b"d", now=now,
-                                               latest_sequence=1),
-        "put_items": lambda: store.put_items(
-            rk, [make_item("K", expires_at=T0 + 3), make_item("N")], now=now),
-        "put_items_create": lambda: store.put_items(
-            rk, [make_item("N"), make_item("L")], create_only=True, now=now),
-        "put_owned": lambda: store.put_owned_items(
-            rk, [make_item("w", owner=1)], owner=1, checkpoint_id=checkpoint_id_of(run, 1),
-            if_absent=False, now=now),
-        "put_owned_absent": lambda: store.put_owned_items(
-            rk, [make_item("o1", owner=1)], owner=1, checkpoint_id=checkpoint_id_of(run, 1),
-            if_absent=True, now=now),
-        "delete_items": lambda: store.delete_items(rk, ["K", "L", "P"]),
-        "purge": lambda: store.purge_expired(now=now, limit=100),
-        "rebuild": lambda: store.rebuild_run(rk, seed, now=now),
-        "latest": lambda: store.latest(rk, now=now),
-        "get": lambda: store.get(rk, 1, now=now),
-        "read": lambda: store.read_with_items(rk, sequence=None, now=now),
-        "read_0": lambda: store.read_with_items(rk, sequence=0, now=now),
-        "headers": lambda: store.headers(rk, before=None, limit=10, now=now),
-        "headers_all": lambda: store.headers(rk, before=None, limit=1, now=now,
-                                             include_expired=True),
-        "get_items": lambda: store.get_items(rk, ["K", "P", "L", "zz"], now=now),
-        "get_run": lambda: store.get_run(rk, now=now),
-        "list_runs": lambda: store.list_runs(status=None, limit=10, cursor=None, now=now),
-        "list_active": lambda: store.list_runs(status="active", limit=1, cursor=None, now=now),
-        "count_runs": lambda: store.count_runs(status="active", now=now),
-        "with_label": lambda: store.runs_with_label("l1", limit=10, cursor=None, now=now),
-        "scan": lambda: store.scan_items(rk, limit=2, now=now),
-        "scan_nested": lambda: store.scan_items(rk, prefix="P", reverse=True, now=now),
-        "damaged": lambda: store.damaged_runs(now=now),
     }
 
 
@@ -202,9 +148,9 @@ async def test_no_call_fails_halfway_or_raises_a_foreign_error_after_edits(
         for seed in _SEEDS:
             rnd = random.Random(seed)
             run = make_run(f"sweep-{seed}")
-            await _seed_run(store, run)
+            await seed_run(store, run)
             edits = await anyio.to_thread.run_sync(_edit, database, key_of(run), rnd)
-            operation = rnd.choice([*_WRITES, *_READS])
+            operation = rnd.choice([*_WRITES, *READS])
             now = rnd.choice([T0, T0 + 20, T0 + 5000])
             before = await anyio.to_thread.run_sync(_dump, database)
             try:
@@ -234,18 +180,8 @@ async def _unreadable_create(
     """Why the checkpoint an append just acknowledged does not read back whole (with the
     items it names), or ``None``."""
     sequence = _APPENDS[operation]
-    if sequence is None:
-        sequence = result[1].sequence
-    try:
-        found = await store.read_with_items(key_of(run), sequence=sequence, now=now)
-    except CheckpointError as exc:
-        return f"reading it raised {exc!r:.160}"
-    if found is None:
-        return "it is gone"
-    record, _, items = found
-    if not record.payload.startswith(b"payload-") or not set(record.refs) <= set(items):
-        return f"it reads as {record!r:.160} with {sorted(items)}"
-    return None
+    return await unreadable_create(store, run, result[1].sequence if sequence is None
+                                   else sequence, now)
 
 
 # -- what the sweep found: rows of another type read inside write transactions --------------
@@ -639,7 +575,7 @@ async def test_a_create_naming_an_item_whose_count_was_lowered_keeps_it_through_
     run = make_run("lowered")
     key = key_of(run)
     with anyio.fail_after(30):
-        await _seed_run(store, run)
+        await seed_run(store, run)
         await anyio.to_thread.run_sync(_unchecked, store.path, _LOWERED[damage], key)
         third = msgspec.structs.replace(make_checkpoint(run, 2, expires_at=T0 + 9000),
                                         refs=("K",))
@@ -669,7 +605,7 @@ async def test_a_checkpoint_naming_an_item_whose_count_was_lowered_keeps_it_late
     run = make_run("lowered later")
     key = key_of(run)
     with anyio.fail_after(30):
-        await _seed_run(store, run)
+        await seed_run(store, run)
         await anyio.to_thread.run_sync(_unchecked, store.path, _LOWERED["count set to 0"], key)
         third = msgspec.structs.replace(make_checkpoint(run, 2, expires_at=T0 + 9000),
                                         refs=("K",))
