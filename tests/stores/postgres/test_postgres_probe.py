@@ -865,3 +865,76 @@ async def test_a_recount_clears_the_cleanup_mark_of_an_item_no_checkpoint_names(
         left = await rows.connection.fetch(rows.names.render(
             "SELECT key, kept FROM {items} WHERE run_key = $1 ORDER BY key"), key)
     assert [bytes(row[0]).decode() for row in left] == ["K", "P", "P/1", "o1"]
+
+
+async def test_creates_whose_connections_are_terminated_at_random_land_once_with_their_counts(
+    postgres: PostgresTarget, schema: str, rows: Rows,
+) -> None:
+    """Creates with items, refs and pruning while another session terminates the store's
+    server processes (``pg_terminate_backend``) at random instants, before, during or after
+    the server applied a create: each create the store acknowledges reads back once with
+    its items, one it gave up on (`StoreUnavailableError`) landed once or not at all (the
+    same create sent again is acknowledged or a `SequenceConflict`), and after each the
+    reference counts and the run row agree with the checkpoints."""
+    tag = f"fc-probe-cut-{os.getpid()}-{random.randrange(1 << 30)}"
+    url = f"{postgres.url()}?schema={schema}&application_name={tag}"
+    # Every other create through a store that does not retry, so some give up.
+    stores = [PostgresStore.from_url(url, retry=RetryPolicy(base_delay=0.001, max_delay=0.005,
+                                                            max_retries=3)),
+              PostgresStore.from_url(url, retry=_NO_RETRY)]
+    run = make_run("terminated", expires_at=T0 + 9000)
+    key = key_of(run)
+    rnd = random.Random(17)
+    acknowledged = gave_up = terminated = 0
+    try:
+        with anyio.fail_after(120):
+            for sequence in range(30):
+                record = msgspec.structs.replace(
+                    make_checkpoint(run, sequence, expires_at=T0 + 9000),
+                    refs=("K", f"S{sequence % 2}"))
+                items = [make_item("K"), make_item(f"S{sequence % 2}"),
+                         make_item(f"o{sequence}", owner=sequence)]
+
+                async def cut(delay: float) -> None:
+                    nonlocal terminated
+                    await anyio.sleep(delay)
+                    terminated += await rows.connection.fetchval(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name = $1", tag)
+
+                outcome = "unavailable"
+                store = stores[sequence % 2]
+                async with anyio.create_task_group() as group:
+                    group.start_soon(cut, rnd.uniform(0, 0.004))
+                    try:
+                        await store.append_with_items(key, record, run=run, keep_latest=3,
+                                                      now=T0, items=items)
+                        outcome = "acknowledged"
+                    except StoreUnavailableError:
+                        pass
+                if outcome == "acknowledged":
+                    acknowledged += 1
+                else:
+                    gave_up += 1
+                    while outcome == "unavailable":  # sent again until a reply comes
+                        try:
+                            await store.append_with_items(key, record, run=run, keep_latest=3,
+                                                          now=T0, items=items)
+                            outcome = "written now"
+                        except StoreUnavailableError:
+                            continue
+                        except SequenceConflict:
+                            outcome = "landed before"
+                found = await store.read_with_items(key, sequence=sequence, now=T0)
+                assert found is not None, (sequence, outcome)
+                assert found[2] == {"K": b"value-K", f"S{sequence % 2}":
+                                    f"value-S{sequence % 2}".encode(),
+                                    f"o{sequence}": f"value-o{sequence}".encode()}
+                assert await _counts_agree(rows, key) == [], (sequence, outcome)
+            headers, _ = await stores[0].headers(key, before=None, limit=10, now=T0)
+    finally:
+        for each in stores:
+            await each.aclose()
+    assert [header.sequence for header in headers] == [29, 28, 27]
+    assert acknowledged > 0
+    assert terminated > 10
