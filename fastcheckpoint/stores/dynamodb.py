@@ -1360,17 +1360,18 @@ class DynamoDBStore(ExpiryCleanup):
                     )
                 plan = await self._plan_next(run_key, item, blob, record, state, keep_latest,
                                              now, token, additions)
-            if plan.pins:
-                if not await self._pin(run_key, record.sequence, plan, additions) or (
-                    plan.purged
-                ):
-                    # It moved on: planned again from the run item the refusal returned,
-                    # which is not read afresh (``fresh``) though. That refusal is not the
-                    # append's own, and the run may have moved on again since (a removal
-                    # of the life that refused a first append's pins, before that append
-                    # plans again): a conflict is raised only on a run item read after it.
-                    # Or the plan removed the ended life whole: planned again over no run
-                    # item (the removal dropped the life from the cache).
+            if plan is None or plan.pins:
+                if plan is None or not await self._pin(
+                    run_key, record.sequence, plan, additions
+                ) or plan.purged:
+                    # It moved on: planned again from the run item the refusal returned
+                    # (of its pins, or of its removal of the ended life: ``None``), which is
+                    # not read afresh (``fresh``) though. That refusal is not the append's
+                    # own, and the run may have moved on again since (a removal of the life
+                    # that refused a first append's pins, before that append plans again):
+                    # a conflict is raised only on a run item read after it. Or the plan
+                    # removed the ended life whole: planned again over no run item (the
+                    # removal dropped the life from the cache).
                     state, known, fresh = self._cache.get(run_key), True, False
                 continue  # planned again without what the pins wrote
             outcome.unknown = True
@@ -1523,6 +1524,16 @@ class DynamoDBStore(ExpiryCleanup):
         self._remember(run_key, state)
         return state
 
+    def _remember_returned(self, run_key: str, old: Mapping[str, Any]) -> None:
+        """Remember the run item a refused single-item write returned (``{}``: none); a
+        damaged one is only dropped from the cache (the next read finds it)."""
+        try:
+            state = _state_of(old, self._where(run_key, layout.RUN_SK), run_key) if old else None
+        except _DamagedRun:
+            self._cache.pop(run_key, None)
+            return
+        self._remember(run_key, state)
+
     def _behind_its_log(self, run_key: str, sequence: int) -> _DamagedRun:
         """The run item let an append through at a sequence its own incarnation already holds
         (only the checkpoint's condition failed): it is older than its log (put back from a
@@ -1543,7 +1554,7 @@ class DynamoDBStore(ExpiryCleanup):
         now: float,
         token: str,
         additions: _Additions,
-    ) -> _Plan:
+    ) -> _Plan | None:
         """Create the run (or replace an expired one, removing its leftovers).
 
         An ended life is removed whole first, as the cleanup loop removes an expired run
@@ -1554,7 +1565,9 @@ class DynamoDBStore(ExpiryCleanup):
         replaced the run item, would leave the rest of it, and the new life's leftovers
         would lower counts the removal had deleted), or when the append is too large for one
         transaction (its pins, written before it while that life's run item stands, would be
-        that life's removal's to list and delete)."""
+        that life's removal's to list and delete). ``None`` when that removal was refused
+        (the run item changed since ``previous`` was read, or is gone): the append plans
+        again from the run item the refusal returned, which the cache holds."""
         if previous is not None and additions.claimed:
             # Its pins were written with no run item: a run item there now (read again, the
             # one known may be gone) is of a life begun since, whose first append wrote over
@@ -1565,6 +1578,9 @@ class DynamoDBStore(ExpiryCleanup):
                 raise _overtaken_error(run_key, 0, additions)
         purged = False
         if previous is not None and previous.purging:
+            # Marked already: no mark to be refused, the removal is finished (its later
+            # transactions refused only once another process finished it, or began a new
+            # life, whose run item then refuses this append's pins and transaction).
             await self._purge_whole_run(run_key, previous, now)
             previous, purged = None, True
         expires_at = _number(item, "x")
@@ -1608,11 +1624,13 @@ class DynamoDBStore(ExpiryCleanup):
         plan = _over_appended(
             self._assemble(run_key, must, early, removal, state, additions, [], check), now)
         if previous is not None and plan.pins:
-            await self._purge_whole_run(run_key, previous, now)
-            plan = await self._plan_first(run_key, item, blob, seed, None, now, token,
-                                          additions)
-            plan.purged = True
-            return plan
+            if not (await self._purge_whole_run(run_key, previous, now))[1]:
+                return None  # its mark refused: planned again from the run item it returned
+            removed = await self._plan_first(run_key, item, blob, seed, None, now, token,
+                                             additions)
+            if removed is not None:  # always: over no run item, no removal to be refused
+                removed.purged = True
+            return removed
         if plan.pins and previous is None and not additions.claimed:
             # Room for the delete of its pin record, which its transaction will carry.
             room: dict[str, Any] = {"ConditionCheck": {}}
@@ -4210,7 +4228,10 @@ class DynamoDBStore(ExpiryCleanup):
             )
             # Refused, unless as the resend of this very mark (its reply lost): then it is ours.
             if marked is None and (old or {}).get("wt") != _s(token):
-                return 0, False  # changed meanwhile (another purger, or the run restarted)
+                # Changed meanwhile (another purger, the run restarted or removed): the run
+                # item as the refusal returned it is remembered, for the caller to act on.
+                self._remember_returned(run_key, old or {})
+                return 0, False
             counted = state.book.count
         self._cache.pop(run_key, None)
         await self._remove_marked(run_key, state.record)
@@ -5100,10 +5121,17 @@ def _pin_claim(run_key: str, token: str, at: float, *, held: bool) -> dict[str, 
     So the pins of another first append, under way or failed, are no obstacle: this one
     writes over them (see :func:`_over_appended`), and that one, whose record is taken,
     lands nothing more (its pins and its transaction check the record). No clock decides
-    which append's values are at the keys an append lands naming."""
+    which append's values are at the keys an append lands naming.
+
+    The record carries native TTL at the grace after that pin (``PIN_GRACE_SECONDS``, after
+    which ``delete_run`` takes it for stale too): it matters only until a life of the run
+    begins, and a first append that pins nothing neither reads nor deletes it, so a run
+    removed by native TTL alone (no cleanup loop) would otherwise keep it forever. Removed
+    under a first append still under way, it refuses that append, never lands it wrong."""
     key = {"PK": _s(layout.partition(run_key)), "SK": _s(layout.PIN_SK)}
     if not held:
-        return {"Put": {"Item": {**key, "wt": _s(token), "pa": _n(at)}}}
+        ttl = layout.ttl_of(at + items_layout.PIN_GRACE_SECONDS)
+        return {"Put": {"Item": {**key, "wt": _s(token), "pa": _n(at), "ttl": _n(ttl)}}}
     names = _Names()
     return {"ConditionCheck": {
         "Key": key, "ConditionExpression": f"{names('wt')} = {names.value(_s(token))}",
