@@ -93,7 +93,7 @@ async def _cut(provisioned: str, aws_names: tuple[str, str], kind: str, operatio
     meanwhile appends a small first checkpoint of the run (live, or expiring at once), a
     large one of the same keys (``theirs``: landing, or dying once its pins landed, which
     took the pin record and wrote over this one's values), deletes the run, or deletes and
-    restarts it.
+    restarts it, or the cleanup loop runs.
     Every call raises only ``CheckpointError``s; the run holds one checkpoint at most; an
     acknowledged create that nothing removed since holds the run, read back with its own
     values at every key; and whichever life holds the run reads its own values only."""
@@ -128,6 +128,9 @@ async def _cut(provisioned: str, aws_names: tuple[str, str], kind: str, operatio
                              expires_at=T0 + 10)
             elif meanwhile == "large":
                 await append(other, theirs, MANY, b"theirs", "theirs")
+            elif meanwhile == "cleanup":  # the cleanup loop removes what expired
+                while not (await other.purge_expired(now=T0 + 100, limit=100))[1]:
+                    pass  # the session's table holds other tests' expired records too
             elif meanwhile == "large-failed":  # its pins land, then its process dies
                 ddb, _ = await other.clients()
                 with _Fault(ddb, "crash-before", "TransactWriteItems", 3, _nothing):

@@ -190,7 +190,7 @@ async def test_no_item_of_a_run_outlives_its_removal_after_a_failed_first_append
         await _emptied(store, key, monkeypatch)
 
 
-@pytest.mark.parametrize("meanwhile", ["small", "large-failed", "restart"])
+@pytest.mark.parametrize("meanwhile", ["small", "large-failed", "restart", "cleanup"])
 @pytest.mark.parametrize(("operation", "at"), [
     ("UpdateItem", 1), ("TransactWriteItems", 1), ("DeleteItem", 1),
     ("TransactWriteItems", 2), ("TransactWriteItems", 4)],
@@ -203,5 +203,6 @@ async def test_a_large_first_append_over_an_ended_life_cut_at_any_request(
     """Over an expired life of its own: it removes that life whole first (the mark, the
     listing of the partition, the removal's transaction, the run item's delete), then pins
     and sends its own transaction; each of those cut in turn (see :func:`_cut`), while
-    another process begins a life, pins and dies, or deletes and restarts the run."""
+    another process begins a life, pins and dies, deletes and restarts the run, or runs the
+    cleanup loop (which removes that life too)."""
     await _cut(provisioned, aws_names, kind, operation, at, meanwhile, over_expired=True)
