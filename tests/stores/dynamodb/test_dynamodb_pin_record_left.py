@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from fastcheckpoint.errors import SequenceConflict, StoreUnavailableError
+from fastcheckpoint.errors import SequenceConflict
 from fastcheckpoint.stores import _dynamodb_items as items_layout
 from fastcheckpoint.stores import _dynamodb_layout as layout
 from fastcheckpoint.stores.dynamodb import DynamoDBStore
@@ -36,7 +36,12 @@ from tests.stores.dynamodb.test_dynamodb import (
 )
 from tests.stores.dynamodb.test_dynamodb_pin_record import MANY
 from tests.stores.dynamodb.test_dynamodb_pin_record_cuts import _cut
-from tests.stores.dynamodb.test_dynamodb_stale_pins import _emptied, _sort_keys, anyio_backend
+from tests.stores.dynamodb.test_dynamodb_stale_pins import (
+    _emptied,
+    _fail_first_append_after_its_pins,
+    _sort_keys,
+    anyio_backend,
+)
 
 __all__ = ["anyio_backend", "atomic_moto", "aws_names", "moto_endpoint", "provisioned",
            "store"]
@@ -99,33 +104,6 @@ async def test_a_refused_removal_of_the_ended_life_plans_again_from_the_run_item
         await _emptied(store, key, monkeypatch)
 
 
-async def _pinned_and_failed(store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch,
-                             run: Any) -> float:
-    """A first append of ``run`` with 110 items whose first pin transaction lands (it puts
-    the pin record) and whose reply is lost: the append fails, the record stays. Returns
-    the wall-clock time around which it pinned."""
-    transact = store._transact
-    lost: list[int] = []
-
-    async def reply_lost(operations: Any, *args: Any, **kwargs: Any) -> Any:
-        result = await transact(operations, *args, **kwargs)
-        if not lost:
-            lost.append(len(operations))
-            raise StoreUnavailableError("connection reset")
-        return result
-
-    monkeypatch.setattr(store, "_transact", reply_lost)
-    pinned = time.time()
-    try:
-        with pytest.raises(StoreUnavailableError):
-            await _append_items(store, run, 0, refs=MANY,
-                                items=[make_item(name, b"failed") for name in MANY])
-    finally:
-        monkeypatch.setattr(store, "_transact", transact)
-    assert lost == [100]
-    return pinned
-
-
 async def test_a_pin_record_carries_native_ttl_an_hour_after_its_pin(
     store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -140,7 +118,9 @@ async def test_a_pin_record_carries_native_ttl_an_hour_after_its_pin(
     try:
         with anyio.fail_after(DEADLINE):
             await _emptied(store, key, monkeypatch)
-            pinned = await _pinned_and_failed(store, monkeypatch, run)
+            pinned = time.time()
+            await _fail_first_append_after_its_pins(store, monkeypatch, b"failed", run=run,
+                                                    names=MANY)
             store._cache.pop(key, None)
             await _append_items(store, later, 0, refs=["b"], now=T0 + 1,
                                 items=[make_item("b", b"later")])
@@ -171,7 +151,8 @@ async def test_no_item_of_a_run_outlives_its_removal_after_a_failed_first_append
     try:
         with anyio.fail_after(DEADLINE):
             await _emptied(store, key, monkeypatch)
-            await _pinned_and_failed(store, monkeypatch, run)
+            await _fail_first_append_after_its_pins(store, monkeypatch, b"failed", run=run,
+                                                    names=MANY)
             store._cache.pop(key, None)
             await _append_items(store, l1, 0, refs=["b", MANY[-1]], now=T0 + 1,
                                 expires_at=T0 + 10, items=[make_item("b", b"l1")])

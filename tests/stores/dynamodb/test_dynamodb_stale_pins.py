@@ -8,11 +8,13 @@ under way."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
 import pytest
 
+from fastcheckpoint.stores import RunRecord
 from fastcheckpoint.stores import _dynamodb_items as items_layout
 from fastcheckpoint.stores import _dynamodb_layout as layout
 from fastcheckpoint.stores import dynamodb as dynamodb_module
@@ -48,10 +50,12 @@ def key() -> str:
 
 
 async def _fail_first_append_after_its_pins(
-    store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch, value: bytes
+    store: DynamoDBStore, monkeypatch: pytest.MonkeyPatch, value: bytes, *,
+    run: RunRecord | None = None, names: Sequence[str] = NAMES,
 ) -> None:
-    """A run's first checkpoint naming and writing the 60 items of ``NAMES``: its first pin
-    transaction lands, and its reply is lost; the append fails with its raises left."""
+    """A run's first checkpoint (of ``run``, else of the run key ``stale-pins``) naming and
+    writing ``names`` (the 60 of ``NAMES``): its first pin transaction lands (putting the
+    pin record), and its reply is lost; the append fails with its raises left."""
     transact = store._transact
     lost: list[int] = []
 
@@ -64,8 +68,8 @@ async def _fail_first_append_after_its_pins(
 
     monkeypatch.setattr(store, "_transact", reply_lost)
     with pytest.raises(dynamodb_module.StoreUnavailableError):
-        await _append_items(store, make_run("stale-pins"), 0, refs=NAMES,
-                            items=[make_item(name, value) for name in NAMES])
+        await _append_items(store, run or make_run("stale-pins"), 0, refs=names,
+                            items=[make_item(name, value) for name in names])
     monkeypatch.setattr(store, "_transact", transact)
     assert lost
 
