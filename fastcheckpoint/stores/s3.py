@@ -60,6 +60,7 @@ then takes ``K`` off the run object's list (1 PUT).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import heapq
@@ -427,6 +428,9 @@ class _Entry:
     run goes on from it, or a commit that landed late. Before this process prunes another
     checkpoint of the run, it writes the marker when the run goes on from it (a removal
     after it may break that chain)."""
+    late: bool = False
+    """Told to be a commit that landed late (the run does not go on from it, which never
+    changes): no checkpoint, and pruning asks no more."""
 
 
 @dataclass
@@ -450,10 +454,10 @@ class _Log:
     checkpoints yet, but an append right after one names it as its predecessor
     (``Slot.after``), as it is the one its writer will make a checkpoint of."""
     unsure_below: bool = False
-    """Whether the checkpoint right below ``known_from`` may lack its marker below the floor
-    unbeknown to this process (it was never listed, or forgotten while known to lack it):
-    a pruning that removes the one at ``known_from`` without listing below first reads it
-    (see ``S3Store._just_below``)."""
+    """Whether a checkpoint below ``known_from`` may lack its marker below the floor
+    unbeknown to this process (never listed, or forgotten while known to lack it): a
+    pruning without ``keep_latest`` that removes the lowest slot this process knows first
+    lists below it (see ``S3Store._just_below``), and then knows what it needs to."""
     buried: dict[int, bytes] = field(default_factory=dict)
     """The newest tombstone the listing showed (its marker's token) or this process's
     ``delete`` wrote, with the ``after`` it carries: an append right after it names that
@@ -482,12 +486,15 @@ class _Log:
         """Forget the oldest checkpoints beyond ``limit``: memory stays bounded. What it
         knows starts right above the last one forgotten, not at the next checkpoint: a
         tombstone between them (garbage not removed yet) is the slot after it, whose
-        removal lists it first (see ``unsure_below``)."""
+        removal lists it first (see ``unsure_below``). One forgotten without its marker
+        keeps the log unsure also when others forgotten after it have theirs: a tombstone
+        above it whose removal failed may still be the slot after it."""
         while len(self.held) > limit:
             sequence = next(iter(self.held))
             forgotten = self.held.pop(sequence)
             self.known_from = sequence + 1
-            self.unsure_below = forgotten.bare is not None or forgotten.unvouched is not None
+            self.unsure_below = self.unsure_below or forgotten.bare is not None or (
+                forgotten.unvouched is not None and not forgotten.late)
         if len(self.expiring) > 2 * len(self.held) + 16:
             # Entries of forgotten or removed checkpoints: drop them (amortised O(1)).
             self.expiring = [entry for entry in self.expiring if entry[1] in self.held]
@@ -1511,6 +1518,13 @@ class S3Store(ExpiryCleanup):
         self, io: Bucket, run_key: str, sequence: int, slot: Listing, resent: bool,
         keep_latest: int | None,
     ) -> bool | CheckpointError:
+        """:meth:`_told`, without whether a False holds for good."""
+        return (await self._told(io, run_key, sequence, slot, resent, keep_latest))[0]
+
+    async def _told(
+        self, io: Bucket, run_key: str, sequence: int, slot: Listing, resent: bool,
+        keep_latest: int | None,
+    ) -> tuple[bool | CheckpointError, bool]:
         """Whether the run goes on from the slot at ``sequence`` (``slot``: what a listing
         shows of it), whose key lies below the run's floor now:
         True when no slot of its life stands above it (the floor was raised over it as the
@@ -1542,43 +1556,43 @@ class S3Store(ExpiryCleanup):
             pair, functools.partial(io.list, layout.slots_prefix(run_key), limit=page),
             functools.partial(io.get, layout.slot_key(run_key, following)))
         if isinstance(found, CheckpointError):
-            return found
+            return found, False
         newest, after = found
         listed = _parse_run_listing(run_key, newest)
         standing = [view.sequence for view in listed.slots.values()
                     if view.slot_etag is not None
                     and (view.listing is None or view.listing.incarnation == slot.incarnation)]
         if not standing and len(newest) >= page:
-            return False  # only other lives' slots listed: where this life's head is, unknown
+            return False, False  # only other lives' slots listed: where its head is, unknown
         head = max(standing, default=-1)
         if head <= sequence:
-            return True
+            return True, False
         if after is None:
             own = listed.slots.get(sequence)
             if own is None or own.slot_etag is None:
-                return False  # the slots between it and the head are not all listed
+                return False, False  # the slots between it and the head are not all listed
             # Gone while newer ones stand: the lowest of them (all of them listed, as this
             # slot is) names what came before it through the deleted checkpoints.
             following = min(above for above in standing if above > sequence)
             after = await _error_as_value(io.get, layout.slot_key(run_key, following))
             if isinstance(after, CheckpointError):
-                return after
+                return after, False
             if after is None:
-                return False
+                return False, False
         try:
             occupant = layout.decode_slot(after[0], io.where(layout.slot_key(run_key, following)),
                                           run_key=run_key, sequence=following)
         except CorruptCheckpointError as exc:
-            return exc  # which slot it follows, nobody can tell: not "the run does not go on"
+            return exc, False  # which slot it follows, nobody can tell: not "the run ends"
         if occupant.guards:
             # A status change's guard, no checkpoint. Standing as the newest, right after
             # this slot, it shows that no checkpoint came after it: a pruning that freed
             # this key had one above it, and the newest is never removed outright (nor is a
             # key a guard could take while a checkpoint holds it).
-            return head == following == sequence + 1
+            return head == following == sequence + 1, False
         if occupant.after != slot.token:
-            return False
-        return not resent or keep_latest is None or head - sequence < keep_latest
+            return False, True
+        return not resent or keep_latest is None or head - sequence < keep_latest, False
 
     async def _refuse_landed(
         self,
@@ -2413,14 +2427,16 @@ class S3Store(ExpiryCleanup):
         opened = max((*doomed, *garbage), default=-1)  # the highest slot key deleted
         additions: dict[int, _Entry] = {}
 
+        # Below what this process knows, ``_older`` lists only to prune by count.
+        below = [] if keep_latest is not None else _unknown_below(
+            log, _slot_sequences(run_key, keys))
+
         async def floor_raised() -> bool:
             if not keys:
                 return True
-            # Below what this process knows, ``_older`` lists only to prune by count.
-            unsure = keep_latest is None and log.unsure_below
             bare = await self._vouched(io, run_key, cached, [
                 (sequence, entry) for sequence, entry in (*log.held.items(), *additions.items())
-                if sequence not in doomed], keys, log.known_from if unsure else 0, told)
+                if sequence not in doomed], keys, below, told)
             return bare is not None and await self._raise_floor(io, run_key, cached, opened,
                                                                 newest + 1, bare)
 
@@ -2458,6 +2474,10 @@ class S3Store(ExpiryCleanup):
             cached.owned.pop(sequence, None)
         if keep_latest is not None and log.known_from > 0:
             log.merge_older(additions)
+        if any(sequence >= log.known_from for sequence in below):
+            # What lies right below the lowest slot it knew is told: the slots it knows
+            # now have that one, or each other, right below them.
+            log.unsure_below = False
 
     async def _counted(
         self, io: Bucket, run_key: str, log: _Log, newest: int, expired: set[int], need: int,
@@ -2477,30 +2497,35 @@ class S3Store(ExpiryCleanup):
                 entry = log.held[sequence]
                 if sequence >= newest or sequence in doomed:
                     continue
-                if not is_live(entry.expires_at, now) or told.get(sequence) is False:
+                if not is_live(entry.expires_at, now) or entry.late or (
+                        told.get(sequence) is False):
                     doomed.add(sequence)
                 elif left > 0:
                     left -= 1
                     counted.append(sequence)
                 else:
                     doomed.add(sequence)
-            unknown = [(sequence, unvouched) for sequence in counted if sequence not in told
-                       for unvouched in [log.held[sequence].unvouched] if unvouched is not None]
+            unknown = [sequence for sequence in counted if sequence not in told
+                       and log.held[sequence].unvouched is not None]
             if not unknown or (doomed <= expired and log.known_from == 0):
                 return doomed, left
-            for sequence, unvouched in unknown:
-                told[sequence] = await self._late(io, run_key, sequence, unvouched)
+            for sequence in unknown:
+                told[sequence] = await self._late(io, run_key, sequence, log.held[sequence])
 
     async def _late(
-        self, io: Bucket, run_key: str, sequence: int, unvouched: Listing
+        self, io: Bucket, run_key: str, sequence: int, entry: _Entry
     ) -> bool | CheckpointError:
         """:meth:`_follows` for a slot listed below the floor without its marker, as a
-        pruning asks it (False: a commit that landed late)."""
-        return await self._follows(io, run_key, sequence, unvouched, False, None)
+        pruning asks it (False: a commit that landed late). An answer False for good is
+        kept on ``entry`` (``late``): a process whose log holds it asks once."""
+        assert entry.unvouched is not None
+        follows, for_good = await self._told(io, run_key, sequence, entry.unvouched, False, None)
+        entry.late = entry.late or for_good
+        return follows
 
     async def _vouched(
         self, io: Bucket, run_key: str, cached: _Cached, kept: Sequence[tuple[int, _Entry]],
-        keys: Sequence[str], unknown_below: int = 0,
+        keys: Sequence[str], below: Sequence[int] = (),
         told: Mapping[int, bool | CheckpointError] | None = None,
     ) -> list[tuple[int, _Entry, Listing]] | None:
         """Before a pruning removes ``keys``: write the marker of each ``kept`` checkpoint
@@ -2512,17 +2537,18 @@ class S3Store(ExpiryCleanup):
         known to lack their marker at or above the floor (for :meth:`_raise_floor`); ``None``
         when it cannot be told or a marker cannot be written: nothing is removed now. Costs
         nothing unless such a checkpoint is kept (a LIST and a GET each, then its marker's
-        PUT). ``unknown_below`` (above 0): the lowest sequence this process knows, whose
-        predecessor it may not know to lack its marker; when its slot goes, that one is
-        listed first (:meth:`_just_below`: a LIST, and a GET when it has no marker)."""
+        PUT). ``below``: slots among those removed right below which this process does
+        not know what stands (see :func:`_unknown_below`); the checkpoint found there is
+        listed first (:meth:`_just_below`: a LIST each, and a GET when it has no marker)."""
         removed = _slot_sequences(run_key, keys)
-        if unknown_below > 0 and unknown_below in removed:
-            kept = [*await self._just_below(io, run_key, cached, unknown_below), *kept]
+        for sequence in below:
+            found = await self._just_below(io, run_key, cached, sequence)
+            kept = [*[(other, entry) for other, entry in found if other not in removed], *kept]
         for sequence, entry in kept:
-            if entry.unvouched is None:
+            if entry.unvouched is None or entry.late:
                 continue
             follows = (told[sequence] if told is not None and sequence in told
-                       else await self._late(io, run_key, sequence, entry.unvouched))
+                       else await self._late(io, run_key, sequence, entry))
             if isinstance(follows, CorruptCheckpointError):
                 if any(other > sequence for other in removed):
                     return None  # a removal above it may take the damaged slot readers see
@@ -2538,18 +2564,18 @@ class S3Store(ExpiryCleanup):
                 if entry.bare is not None]
 
     async def _just_below(
-        self, io: Bucket, run_key: str, cached: _Cached, known_from: int
+        self, io: Bucket, run_key: str, cached: _Cached, sequence: int
     ) -> list[tuple[int, _Entry]]:
-        """The checkpoint at ``known_from - 1`` as this process now lists it (its slot's
-        keys: one LIST; its slot, when it has no marker: one GET), for :meth:`_vouched`
-        before a pruning removes the one at ``known_from``; none when there is none."""
-        sequence = known_from - 1
-        listed = _parse_run_listing(run_key, await _slot_markers(
-            io, layout.slot_key(run_key, sequence)))
+        """The checkpoint that stands first below ``sequence`` (keys between may be empty:
+        a tombstone removed, a slot removed alone) as this process now lists it, for
+        :meth:`_vouched` before a pruning removes the slot at ``sequence``: one LIST (of
+        that slot's keys, past empty ones), and a GET of its slot when it has no marker;
+        none when a tombstone stands there, or nothing."""
+        listed = _parse_run_listing(run_key, await _first_slot_below(io, run_key, sequence))
         listed.run_etag = cached.etag
         current = await self._resolve(io, run_key, listed)
         return [(view.sequence, _entry_of(run_key, view, _floor_of(current)))
-                for view in current.held if view.sequence == sequence]
+                for view in current.held]
 
     async def _raise_floor(
         self, io: Bucket, run_key: str, cached: _Cached, opened: int, floor: int,
@@ -2624,8 +2650,7 @@ class S3Store(ExpiryCleanup):
             entry = _entry_of(run_key, view, _floor_of(current))
             wanted = len(kept) < need and is_live(entry.expires_at, now)
             if wanted and entry.unvouched is not None and view.sequence not in told:
-                told[view.sequence] = await self._late(io, run_key, view.sequence,
-                                                       entry.unvouched)
+                told[view.sequence] = await self._late(io, run_key, view.sequence, entry)
             if wanted and told.get(view.sequence) is not False:
                 kept[view.sequence] = entry
             else:
@@ -4699,6 +4724,48 @@ def _slots_first(run_key: str, keys: Sequence[Listed]) -> list[list[Listed]]:
     if not slots or not any(entry.key.startswith(items) for entry in rest):
         return [list(keys)] if keys else []
     return [slots, rest]
+
+
+def _unknown_below(log: _Log, removed: set[int]) -> list[int]:
+    """The slots among ``removed`` right below which a checkpoint may stand that ``log``
+    does not know, without its marker (see ``_Log.unsure_below``): the lowest slot it knows
+    at or above ``known_from``, if the log is unsure; a tombstone left below ``known_from``
+    (its removal failed until the log forgot what is below it), always, unless the key
+    right below it is one the log knows."""
+    known = sorted({*log.held, *log.garbage, *log.pending})
+    unknown = []
+    for sequence in sorted(removed):
+        lower = known[:bisect.bisect_left(known, sequence)]
+        if sequence < log.known_from:
+            if not lower or lower[-1] != sequence - 1:
+                unknown.append(sequence)
+        elif log.unsure_below and (not lower or lower[-1] < log.known_from):
+            unknown.append(sequence)
+    return unknown
+
+
+async def _first_slot_below(io: Bucket, run_key: str, sequence: int) -> list[Listed]:
+    """The keys of the first slot that stands below ``sequence`` (its slot object, its
+    markers: not those of the items it owns), past keys without a slot object (a marker
+    left without it); one LIST unless many such keys come first."""
+    slots = layout.slots_prefix(run_key)
+
+    def first_slot(entries: Sequence[Listed]) -> str | None:
+        return next((entry.key for entry in entries if _is_slot(run_key, entry.key)), None)
+
+    def enough(entries: Sequence[Listed]) -> bool:
+        slot = first_slot(entries)
+        last = entries[-1].key
+        return slot is not None and (not last.startswith(slot) or last >= f"{slot}/w")
+
+    found, _ = await io.scan(slots, start_after=layout.older_than(run_key, sequence),
+                             first=_SLOT_PAGE, until=enough)
+    slot = first_slot(found)
+    if slot is None:
+        return []
+    return [entry for entry in found
+            if (entry.key == slot or entry.key.startswith(f"{slot}/"))
+            and entry.key < f"{slot}/w"]
 
 
 def _slot_sequences(run_key: str, keys: Iterable[str]) -> set[int]:

@@ -238,6 +238,16 @@ def _one_list_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_s3_io.Bucket, "list", listing)
 
 
+async def _four_deleted_under_five(store: S3Store, run: RunRecord) -> None:
+    """Through ``store`` (keeping every checkpoint): 4 and 5 appended, then 4 deleted (its
+    tombstone carries what 4 named, 5 names 4)."""
+    key = key_of(run)
+    for sequence in (4, 5):
+        await store.append(key, make_checkpoint(run, sequence, expires_at=T0 + 1000),
+                           run=run, keep_latest=None, now=T0 + 20)
+    assert await store.delete(key, 4, checkpoint_id=checkpoint_id_of(run, 4))
+
+
 async def test_a_log_forgetting_the_floor_raiser_beside_a_tombstone_keeps_it(
     stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -251,10 +261,7 @@ async def test_a_log_forgetting_the_floor_raiser_beside_a_tombstone_keeps_it(
     run, bare = await _raised_beside_failed_marker(writer_store, "forgot", monkeypatch, last=3)
     key = key_of(run)
     with anyio.fail_after(DEADLINE):
-        for sequence in (4, 5):
-            await other_store.append(key, make_checkpoint(run, sequence, expires_at=T0 + 1000),
-                                     run=run, keep_latest=None, now=T0 + 20)
-        assert await other_store.delete(key, 4, checkpoint_id=checkpoint_id_of(run, 4))
+        await _four_deleted_under_five(other_store, run)
         monkeypatch.setattr(s3_module, "_LOG_SPARE", 2)
         _one_list_fails(monkeypatch)
         await other_store.append(key, make_checkpoint(run, 6, expires_at=T0 + 1000),

@@ -1,0 +1,179 @@
+"""Review of what the late-slot review left: a checkpoint without its marker below the floor
+lower than the one right below what a log knows (an empty key between), a log that
+forgets such a checkpoint twice while a tombstone above it waits to be removed, and the
+question "did it land late?" asked again at every pruning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+from fastcheckpoint.errors import StoreUnavailableError
+from fastcheckpoint.stores import _s3_io
+from fastcheckpoint.stores import _s3_layout as layout
+from fastcheckpoint.stores import s3 as s3_module
+from fastcheckpoint.stores._aws import RequestCounter
+from fastcheckpoint.stores.s3 import S3Store
+from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_checkpoint
+from tests.stores._moto import moto_endpoint
+from tests.stores.s3.test_s3 import DEADLINE
+from tests.stores.s3.test_s3_sequence_guard import stores
+from tests.stores.s3.test_s3_vouched_review import (
+    _four_deleted_under_five,
+    _late_slot_at_2,
+    _raised_beside_failed_marker,
+    _readable,
+)
+
+__all__ = ["moto_endpoint", "stores"]
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # aiobotocore runs on asyncio only
+
+
+def _lists_fail(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """The next ``count`` LISTs fail, as a network would; the ones after them go through."""
+    original = _s3_io.Bucket.scan
+    left = [count]
+
+    async def scan(bucket: Any, *args: Any, **kwargs: Any) -> Any:
+        if left[0] > 0:
+            left[0] -= 1
+            raise StoreUnavailableError("injected: the LIST failed")
+        return await original(bucket, *args, **kwargs)
+
+    monkeypatch.setattr(_s3_io.Bucket, "scan", scan)
+
+
+async def _remove_raw(store: S3Store, key: str) -> None:
+    """Every object under ``key`` removed, as a remover that checks nothing would."""
+    client = await store.client()
+    listed = await client.list_objects_v2(Bucket=store.bucket, Prefix=store.prefix + key)
+    keys = [{"Key": entry["Key"]} for entry in listed.get("Contents", [])]
+    assert keys
+    await client.delete_objects(Bucket=store.bucket, Delete={"Objects": keys})
+
+
+async def test_a_log_forgetting_twice_beside_a_tombstone_keeps_the_floor_raiser(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """3 without its marker below the floor. Another process keeping every checkpoint
+    appends 4 and 5 and deletes 4: the tombstone at 4 carries 3's token, 5 names 4. The
+    removal of the tombstone fails twice (a LIST each time): the first time the log (two
+    kept in memory here) forgets 3 and knows it may lack its marker; the second time it
+    forgets 5, which has its marker. The third append removes the tombstone: 3 must still
+    read (the log must still know that something below it may lack its marker)."""
+    writer_store, other_store = stores
+    run, bare = await _raised_beside_failed_marker(writer_store, "twice", monkeypatch, last=3)
+    key = key_of(run)
+    with anyio.fail_after(DEADLINE):
+        await _four_deleted_under_five(other_store, run)
+        monkeypatch.setattr(s3_module, "_LOG_SPARE", 2)
+        for sequence in (6, 7):
+            _lists_fail(monkeypatch, 1)
+            await other_store.append(key, make_checkpoint(run, sequence, expires_at=T0 + 1000),
+                                     run=run, keep_latest=None, now=T0 + 20)
+        log = other_store._cached(key).log
+        assert log is not None
+        assert 4 in log.garbage
+        assert log.known_from == 6
+        await other_store.append(key, make_checkpoint(run, 8, expires_at=T0 + 1000),
+                                 run=run, keep_latest=None, now=T0 + 20)
+        monkeypatch.undo()
+        tombstone = await (await other_store._objects()).get(layout.slot_key(key, 4))
+        floor, listed, found = await _readable(other_store, run, bare, T0 + 20)
+
+    assert tombstone is None
+    assert floor > bare
+    assert listed == [8, 7, 6, 5, 3, 2, 1]
+    assert found
+
+
+async def test_a_pruning_above_an_empty_key_keeps_the_floor_raiser_below_it(
+    stores: tuple[S3Store, S3Store], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """3 without its marker below the floor. Another process appends 4 and deletes it (the
+    newest: its tombstone carries 3's token), then appends 5 (expiring at ``T0 + 30``),
+    which names 3 through the tombstone; its pruning of the tombstone fails (a LIST).
+    The tombstone is then removed without 3's marker written (as a remover that lost
+    track of 3 did: see the test above). 3 still reads (5 names it). A process that keeps
+    every checkpoint lists the run whole, appends 6, and forgets 3 (its log keeps two):
+    it knows the run from 4, an empty key. Its append of 7 (after 5 expired) removes 5,
+    the lowest slot it knows: it must list below it first, past the empty key, and write
+    3's marker, or 3 would be hidden (the slot after it gone, the lowest above it naming
+    5)."""
+    writer_store, other_store = stores
+    run, bare = await _raised_beside_failed_marker(writer_store, "gap", monkeypatch, last=3)
+    key = key_of(run)
+    with anyio.fail_after(DEADLINE):
+        await other_store.append(key, make_checkpoint(run, 4, expires_at=T0 + 1000),
+                                 run=run, keep_latest=None, now=T0 + 20)
+        assert await other_store.delete(key, 4, checkpoint_id=checkpoint_id_of(run, 4))
+        _lists_fail(monkeypatch, 1)
+        await other_store.append(key, make_checkpoint(run, 5, expires_at=T0 + 30),
+                                 run=run, keep_latest=None, now=T0 + 20)
+        monkeypatch.undo()
+        await _remove_raw(writer_store, layout.slot_key(key, 4) + "/")
+        await _remove_raw(writer_store, layout.slot_key(key, 4))
+        before = await _readable(other_store, run, bare, T0 + 20)
+
+        writer_store._forget(key)  # the writer now acts as a process that never saw the run
+        monkeypatch.setattr(s3_module, "_LOG_SPARE", 2)
+        await writer_store.append(key, make_checkpoint(run, 6, expires_at=T0 + 1000),
+                                  run=run, keep_latest=None, now=T0 + 20)
+        log = writer_store._cached(key).log
+        assert log is not None
+        assert (log.known_from, list(log.held)) == (4, [5, 6])
+        await writer_store.append(key, make_checkpoint(run, 7, expires_at=T0 + 1000),
+                                  run=run, keep_latest=None, now=T0 + 40)
+        monkeypatch.undo()
+        floor, listed, found = await _readable(other_store, run, bare, T0 + 40)
+
+    assert before[1:] == ([5, 3, 2, 1], True)
+    assert floor > bare
+    assert listed == [7, 6, 3, 2, 1]
+    assert found
+
+
+async def test_a_late_slot_in_the_log_is_asked_about_once(
+    stores: tuple[S3Store, S3Store],
+) -> None:
+    """The late slot at 2 of :func:`_late_slot_at_2`, in the log of another process that
+    keeps every checkpoint (it read the run whole). Its appends of 7 to 9 each prune the
+    one before (expired by then): the first asks whether the run goes on from the late
+    slot (a LIST and a GET: it does not, so it gets no marker); the ones after it remember
+    the answer, and cost what the same pruning costs without a late slot."""
+    writer_store, other_store = stores
+    with anyio.fail_after(DEADLINE):
+        run = await _late_slot_at_2(writer_store, "late-once")
+        key = key_of(run)
+        assert await other_store.get_run(key, now=T0 + 20) is not None
+        log = other_store._cached(key).log
+        assert log is not None
+        assert log.held[2].unvouched is not None
+        client = await other_store.client()
+        counts = []
+        for sequence in range(6, 10):
+            with RequestCounter.attached(client) as counter:
+                await other_store.append(key, make_checkpoint(
+                    run, sequence, expires_at=T0 + 5 + 10 * sequence),
+                    run=run, keep_latest=None, now=T0 + 10 * sequence)
+            counts.append(counter.counts)
+        _, listed, found = await _readable(other_store, run, 2, T0 + 100)
+
+    assert "DeleteObjects" not in counts[0]  # nothing expired yet
+    assert (counts[1]["ListObjectsV2"], counts[1]["DeleteObjects"]) == (1, 1)
+    # As without a late slot: the slot with the run object's 304 GET, the marker with the
+    # check after the commit, the expired one's keys removed (and every other time the
+    # floor raised over it first: once per two appends here).
+    assert counts[2] == {"PutObject": 2, "GetObject": 2, "DeleteObjects": 1}
+    assert counts[3] == {"PutObject": 3, "GetObject": 2, "DeleteObjects": 1}
+    assert not found
+    assert 2 not in listed
+
