@@ -258,6 +258,7 @@ class _SlotView:
     damage: CorruptCheckpointError | None = None  # a slot without marker that cannot be read
     gone: bool = False  # a slot without marker listed, removed by the time it was read
     guards: str = ""  # a guard's: the run object's ETag its status change replaces
+    told_apart: bool = False  # markers of more than one write, its own found (_read_mixed)
 
     @property
     def names_items(self) -> bool:
@@ -700,6 +701,71 @@ def _written_over(listed: _SlotView, slot: Slot, etag: str) -> bool:
         return False
     tokens = _marker_tokens(listed)
     return bool(tokens) and b"" not in tokens and slot.token not in tokens
+
+
+def _marker_of_key(key: str) -> tuple[str, Listing] | None:
+    """The kind and listing a checkpoint marker's or tombstone marker's key carries."""
+    marker = key.rpartition("/")[2]
+    listing = layout.parse_listing(marker[1:]) if marker[:1] in ("m", "l", "t") else None
+    return None if listing is None else (marker[0], listing)
+
+
+def _mixed(view: _SlotView) -> bool:
+    """Whether a slot is listed with markers of more than one write: of two lives, or two
+    checkpoint markers of different write tokens. One is then a leftover whose PUT landed
+    after the slot it marked was removed (the run deleted, or pruned past it), beside a
+    later slot at that key, and a listing would take the first in key order for the
+    slot's: an ended life's marker would make a checkpoint of the run's life an ended
+    life's leftover, which the cleanup loop removes. A tombstone's marker beside the
+    checkpoint marker it replaced (a ``delete`` cut short) is no such case."""
+    if view.slot_etag is None or view.marker is None or not view.extra:
+        return False
+    listings = _marker_listings(view)
+    tokens = {listing.token for kind, listing in listings if kind != "t" and listing.token}
+    return len(_lives(view)) > 1 or len(tokens) > 1
+
+
+def _marker_listings(view: _SlotView) -> list[tuple[str, Listing]]:
+    found = [_marker_of_key(key) for key in (view.marker, *view.extra) if key is not None]
+    return [marker for marker in found if marker is not None]
+
+
+def _lives(view: _SlotView) -> set[str]:
+    """The incarnations of the markers listed at a slot's key (a leftover's among them,
+    see :func:`_mixed`)."""
+    return {listing.incarnation for _, listing in _marker_listings(view)}
+
+
+def _leftover_markers(view: _SlotView) -> list[str]:
+    """The markers listed beside a checkpoint's own that are another write's, once its slot
+    told them apart (see :func:`_mixed`): the cleanup loop removes them, so that listings
+    stop reading the slot to tell them apart."""
+    if view.listing is None or not view.told_apart:
+        return []
+    own = view.listing
+    left = []
+    for key in view.extra:
+        found = _marker_of_key(key)
+        if found is not None and (found[1].incarnation != own.incarnation or (
+                found[0] != "t" and found[1].token and own.token
+                and found[1].token != own.token)):
+            left.append(key)
+    return left
+
+
+def _marks(key: str, slot: Slot) -> int:
+    """Whether the marker at ``key`` is ``slot``'s own: 2 when it carries its token, 1 for
+    one of an earlier release (no token: its life, checkpoint and kind tell), else 0."""
+    found = _marker_of_key(key)
+    if found is None:
+        return 0
+    kind, listing = found
+    if (listing.incarnation != slot.incarnation or listing.checkpoint_id != slot.checkpoint_id
+            or (kind == "t") != slot.tombstone):
+        return 0
+    if listing.token == _listing_of(slot).token:
+        return 2
+    return 1 if not listing.token else 0
 
 
 def _marked(listed: _SlotView, slot: Slot) -> bool:
@@ -1150,10 +1216,12 @@ class S3Store(ExpiryCleanup):
     async def _resolve(self, io: Bucket, run_key: str, listed: _Listed) -> _Run:
         bare = [view for view in listed.slots.values()
                 if view.slot_etag is not None and view.listing is None]
+        mixed = [view for view in listed.slots.values() if _mixed(view)]
         state, _ = await pair(
             functools.partial(_damage_as_value, self._state, io, run_key, listed.run_etag),
-            functools.partial(gather, [functools.partial(self._read_bare, io, run_key, view)
-                                       for view in bare]),
+            functools.partial(gather, [
+                *[functools.partial(self._read_bare, io, run_key, view) for view in bare],
+                *[functools.partial(self._read_mixed, io, run_key, view) for view in mixed]]),
         )
         if isinstance(state, CorruptCheckpointError):
             logger.warning("run object %s is damaged (%s): its checkpoints are read as active "
@@ -1169,6 +1237,32 @@ class S3Store(ExpiryCleanup):
                            unreadable.key, unreadable)
         return _Run(None if state is None else state[0], None if state is None else state[1],
                     listed, unreadable)
+
+    async def _read_mixed(self, io: Bucket, run_key: str, view: _SlotView) -> None:
+        """A slot listed with the markers of more than one write (see :func:`_mixed`): its
+        own is the one its body matches (one GET). None of them: read as a slot without
+        its marker (:meth:`_read_bare`, one GET more)."""
+        key = layout.slot_key(run_key, view.sequence)
+        found = await io.get(key)
+        if found is None or found[1] != view.slot_etag:
+            return  # removed or written again since the listing: as for any slot listed
+        try:
+            slot = layout.decode_slot(found[0], io.where(key), run_key=run_key,
+                                      sequence=view.sequence)
+        except CorruptCheckpointError:
+            return  # which marker is its own, nobody can tell: as listed
+        markers = [key for key in (view.marker, *view.extra) if key is not None]
+        best = max(markers, key=lambda key: _marks(key, slot))
+        own = best if _marks(best, slot) else None
+        view.extra = [key for key in markers if key != own]
+        view.told_apart = True
+        if own is None:
+            view.marker, view.kind, view.listing = None, "", None
+            await self._read_bare(io, run_key, view)
+            return
+        found_marker = _marker_of_key(own)
+        assert found_marker is not None
+        view.marker, (view.kind, view.listing) = own, found_marker
 
     async def _read_bare(self, io: Bucket, run_key: str, view: _SlotView) -> None:
         """A slot without a marker (its writer stopped between the two PUTs, or is between
@@ -1561,7 +1655,7 @@ class S3Store(ExpiryCleanup):
         listed = _parse_run_listing(run_key, newest)
         standing = [view.sequence for view in listed.slots.values()
                     if view.slot_etag is not None
-                    and (view.listing is None or view.listing.incarnation == slot.incarnation)]
+                    and (view.listing is None or slot.incarnation in _lives(view))]
         if not standing and len(newest) >= page:
             return False, False  # only other lives' slots listed: where its head is, unknown
         head = max(standing, default=-1)
@@ -4176,6 +4270,10 @@ class S3Store(ExpiryCleanup):
             keys += _marker_keys_of(view)
         keys += [key for view in current.tombstones[-1:] if view.sequence == head
                  for key in view.extra]  # the newest stays; what a delete cut short left goes
+        for view in current.held:
+            left = _leftover_markers(view)
+            keys += left
+            sweep = sweep or any(found[1].refs for found in map(_marker_of_key, left) if found)
         marked, expired_items = _marked_for_purge(current, orphans, head, now)
         things += expired_items
         if current.state is None:

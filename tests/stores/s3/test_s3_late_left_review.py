@@ -1,7 +1,8 @@
 """Review of what the late-slot review left: a checkpoint without its marker below the floor
 lower than the one right below what a log knows (an empty key between), a log that
-forgets such a checkpoint twice while a tombstone above it waits to be removed, and the
-question "did it land late?" asked again at every pruning."""
+forgets such a checkpoint twice while a tombstone above it waits to be removed, the
+question "did it land late?" asked again at every pruning, and a marker left without its
+slot by a removal that raced its PUT."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from fastcheckpoint.stores import _s3_layout as layout
 from fastcheckpoint.stores import s3 as s3_module
 from fastcheckpoint.stores._aws import RequestCounter
 from fastcheckpoint.stores.s3 import S3Store
-from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_checkpoint
+from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_checkpoint, make_run
 from tests.stores._moto import moto_endpoint
 from tests.stores.s3.test_s3 import DEADLINE
 from tests.stores.s3.test_s3_sequence_guard import stores
@@ -177,3 +178,59 @@ async def test_a_late_slot_in_the_log_is_asked_about_once(
     assert not found
     assert 2 not in listed
 
+
+async def _marker_keys(store: S3Store, key: str, sequence: int) -> list[str]:
+    client = await store.client()
+    listed = await client.list_objects_v2(
+        Bucket=store.bucket, Prefix=store.prefix + layout.slot_key(key, sequence) + "/")
+    return [entry["Key"] for entry in listed.get("Contents", [])]
+
+
+@pytest.mark.parametrize(("old", "new"), [("inc-a", "inc-z"), ("inc-z", "inc-a")],
+                         ids=["leftover-first", "leftover-last"])
+async def test_an_ended_lifes_marker_landing_late_hides_no_checkpoint_of_the_next(
+    stores: tuple[S3Store, S3Store], old: str, new: str,
+) -> None:
+    """Checkpoints 0 to 2 of a run's life, expiring at ``T0 + 10``; the marker PUT of 1 (a
+    create's held in the network, or one a pruning or the cleanup loop wrote while another
+    process removed the slot) lands only after the run started over at ``T0 + 20`` (its
+    first checkpoint written, which removed the ended life's keys). The new life's 1 then
+    has two markers, and listings took the first in key order (``leftover-first``: the
+    ended life's) for its own: 1 was listed as the ended life's leftover, and the cleanup
+    loop removed it. Now every listing shows 1, the cleanup loop keeps it and removes the
+    leftover marker."""
+    writer_store, other_store = stores
+    first = make_run("leftover", incarnation=old)
+    key = key_of(first)
+    with anyio.fail_after(DEADLINE):
+        for sequence in range(3):
+            await writer_store.append(key, make_checkpoint(first, sequence, expires_at=T0 + 10),
+                                      run=first, keep_latest=None, now=T0)
+        client = await writer_store.client()
+        [leftover] = await _marker_keys(writer_store, key, 1)
+        body = await (await client.get_object(Bucket=writer_store.bucket, Key=leftover))[
+            "Body"].read()
+        second = make_run("leftover", incarnation=new, created_at=T0 + 20)
+        await other_store.append(key, make_checkpoint(
+            second, 0, created_at=T0 + 20, expires_at=T0 + 1000), run=second,
+            keep_latest=None, now=T0 + 20)
+        await client.put_object(Bucket=writer_store.bucket, Key=leftover, Body=body)
+        for sequence in (1, 2):
+            await other_store.append(key, make_checkpoint(
+                second, sequence, created_at=T0 + 20, expires_at=T0 + 1000), run=second,
+                keep_latest=None, now=T0 + 20)
+        markers = await _marker_keys(writer_store, key, 1)
+        listed = [header.sequence for header in
+                  (await writer_store.headers(key, before=None, limit=10, now=T0 + 30))[0]]
+        await writer_store.purge_expired(now=T0 + 30, limit=100)
+        after = [header.sequence for header in
+                 (await other_store.headers(key, before=None, limit=10, now=T0 + 30))[0]]
+        found = await other_store.get(key, 1, now=T0 + 30)
+        left = await _marker_keys(writer_store, key, 1)
+
+    assert len(markers) == 2
+    assert (markers[0] == leftover) == (old == "inc-a")  # the order each case is about
+    assert listed == after == [2, 1, 0]
+    assert found is not None
+    assert found[0].checkpoint_id == checkpoint_id_of(second, 1)
+    assert left == [marker for marker in markers if marker != leftover]
