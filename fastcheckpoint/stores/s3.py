@@ -725,6 +725,24 @@ def _mixed(view: _SlotView) -> bool:
     return len(_lives(view)) > 1 or len(tokens) > 1
 
 
+def _lone_leftovers(current: _Run) -> list[_SlotView]:
+    """Slots listed below the head of the run's life with one marker, of another life, not
+    told apart yet: an ended life's leftover (a start-over that stopped before removing
+    it), or that life's marker whose PUT landed after its slot was removed, beside a slot
+    of this life that has no marker of its own (its marker's PUT failed). Taken for the
+    leftover, the checkpoint would be missing from listings and removed by the cleanup
+    loop; :meth:`S3Store._read_mixed` tells them apart (1 GET each, a round trip after the
+    run object's: neither is there in the steady state, where a life's writers replace
+    every leftover below its head and an ended life's seal stands above it)."""
+    if current.state is None:
+        return []
+    head = current.latest_sequence
+    return [view for view in current.orphans
+            if view.sequence < head and view.slot_etag is not None and view.marker is not None
+            and not view.told_apart and not view.missing and view.listing is not None
+            and view.listing.incarnation != current.state.incarnation]
+
+
 def _marker_listings(view: _SlotView) -> list[tuple[str, Listing]]:
     found = [_marker_of_key(key) for key in (view.marker, *view.extra) if key is not None]
     return [marker for marker in found if marker is not None]
@@ -1228,6 +1246,13 @@ class S3Store(ExpiryCleanup):
                            "and it refuses changes until it is rebuilt (rebuild_run)",
                            state.key, state)
             return _Run.damaged(listed, state)
+        current = _Run(None if state is None else state[0], None if state is None else state[1],
+                       listed)
+        suspects = _lone_leftovers(current)
+        if suspects:
+            await gather([functools.partial(self._read_mixed, io, run_key, view)
+                          for view in suspects])
+            bare += suspects
         unreadable = next((view.damage for view in bare if view.damage is not None), None)
         if unreadable is not None:
             # Its listing is unknown, so the run's head is: writing could reuse its sequence
