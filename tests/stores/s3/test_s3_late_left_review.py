@@ -6,6 +6,7 @@ slot by a removal that raced its PUT."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -16,6 +17,7 @@ from fastcheckpoint.stores import _s3_io
 from fastcheckpoint.stores import _s3_layout as layout
 from fastcheckpoint.stores import s3 as s3_module
 from fastcheckpoint.stores._aws import RequestCounter
+from fastcheckpoint.stores._base import RunRecord
 from fastcheckpoint.stores.s3 import S3Store
 from fastcheckpoint.testing import T0, checkpoint_id_of, key_of, make_checkpoint, make_run
 from tests.stores._moto import moto_endpoint
@@ -186,6 +188,53 @@ async def _marker_keys(store: S3Store, key: str, sequence: int) -> list[str]:
     return [entry["Key"] for entry in listed.get("Contents", [])]
 
 
+async def _leftover_beside_next_life(
+    stores: tuple[S3Store, S3Store], name: str, old: str, new: str,
+    before_next: Callable[[], None] = lambda: None,
+) -> tuple[str, RunRecord, str]:
+    """Checkpoints 0 to 2 of a run's life ``old`` (through the first store), expiring at
+    ``T0 + 10``; the marker of 1 lands again (its PUT held in the network) once the run
+    started over as ``new`` at ``T0 + 20`` (its 0 written through the other store), before
+    ``before_next`` and the new life's 1 and 2: ``(run key, new life, leftover marker)``."""
+    writer_store, other_store = stores
+    first = make_run(name, incarnation=old)
+    key = key_of(first)
+    for sequence in range(3):
+        await writer_store.append(key, make_checkpoint(first, sequence, expires_at=T0 + 10),
+                                  run=first, keep_latest=None, now=T0)
+    client = await writer_store.client()
+    [leftover] = await _marker_keys(writer_store, key, 1)
+    body = await (await client.get_object(Bucket=writer_store.bucket, Key=leftover))[
+        "Body"].read()
+    second = make_run(name, incarnation=new, created_at=T0 + 20)
+    await other_store.append(key, make_checkpoint(
+        second, 0, created_at=T0 + 20, expires_at=T0 + 1000), run=second,
+        keep_latest=None, now=T0 + 20)
+    await client.put_object(Bucket=writer_store.bucket, Key=leftover, Body=body)
+    before_next()
+    for sequence in (1, 2):
+        await other_store.append(key, make_checkpoint(
+            second, sequence, created_at=T0 + 20, expires_at=T0 + 1000), run=second,
+            keep_latest=None, now=T0 + 20)
+    return key, second, leftover
+
+
+async def _around_cleanup(stores: tuple[S3Store, S3Store], key: str) -> tuple[
+    list[str], list[int], list[int], Any, list[str]
+]:
+    """The markers at 1 and the run's listing (first store) before the cleanup loop passes
+    at ``T0 + 30``, then the listing and 1 (other store) and the markers at 1 after it."""
+    writer_store, other_store = stores
+    markers = await _marker_keys(writer_store, key, 1)
+    listed = [header.sequence for header in
+              (await writer_store.headers(key, before=None, limit=10, now=T0 + 30))[0]]
+    await writer_store.purge_expired(now=T0 + 30, limit=100)
+    after = [header.sequence for header in
+             (await other_store.headers(key, before=None, limit=10, now=T0 + 30))[0]]
+    found = await other_store.get(key, 1, now=T0 + 30)
+    return markers, listed, after, found, await _marker_keys(writer_store, key, 1)
+
+
 @pytest.mark.parametrize(("old", "new"), [("inc-a", "inc-z"), ("inc-z", "inc-a")],
                          ids=["leftover-first", "leftover-last"])
 async def test_an_ended_lifes_marker_landing_late_hides_no_checkpoint_of_the_next(
@@ -199,34 +248,9 @@ async def test_an_ended_lifes_marker_landing_late_hides_no_checkpoint_of_the_nex
     ended life's) for its own: 1 was listed as the ended life's leftover, and the cleanup
     loop removed it. Now every listing shows 1, the cleanup loop keeps it and removes the
     leftover marker."""
-    writer_store, other_store = stores
-    first = make_run("leftover", incarnation=old)
-    key = key_of(first)
     with anyio.fail_after(DEADLINE):
-        for sequence in range(3):
-            await writer_store.append(key, make_checkpoint(first, sequence, expires_at=T0 + 10),
-                                      run=first, keep_latest=None, now=T0)
-        client = await writer_store.client()
-        [leftover] = await _marker_keys(writer_store, key, 1)
-        body = await (await client.get_object(Bucket=writer_store.bucket, Key=leftover))[
-            "Body"].read()
-        second = make_run("leftover", incarnation=new, created_at=T0 + 20)
-        await other_store.append(key, make_checkpoint(
-            second, 0, created_at=T0 + 20, expires_at=T0 + 1000), run=second,
-            keep_latest=None, now=T0 + 20)
-        await client.put_object(Bucket=writer_store.bucket, Key=leftover, Body=body)
-        for sequence in (1, 2):
-            await other_store.append(key, make_checkpoint(
-                second, sequence, created_at=T0 + 20, expires_at=T0 + 1000), run=second,
-                keep_latest=None, now=T0 + 20)
-        markers = await _marker_keys(writer_store, key, 1)
-        listed = [header.sequence for header in
-                  (await writer_store.headers(key, before=None, limit=10, now=T0 + 30))[0]]
-        await writer_store.purge_expired(now=T0 + 30, limit=100)
-        after = [header.sequence for header in
-                 (await other_store.headers(key, before=None, limit=10, now=T0 + 30))[0]]
-        found = await other_store.get(key, 1, now=T0 + 30)
-        left = await _marker_keys(writer_store, key, 1)
+        key, second, leftover = await _leftover_beside_next_life(stores, "leftover", old, new)
+        markers, listed, after, found, left = await _around_cleanup(stores, key)
 
     assert len(markers) == 2
     assert (markers[0] == leftover) == (old == "inc-a")  # the order each case is about
