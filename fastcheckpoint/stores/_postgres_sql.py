@@ -2137,16 +2137,29 @@ _REBUILD_RUN_V14 = _patched(
 # A count that falls to zero for a key the run's newest checkpoint names (the one a create just
 # wrote, which its pruning never takes) contradicts the log: the run's counts are taken again
 # from the refs of the checkpoints it holds, and only the keys no checkpoint names are freed.
-# One more probe, of the newest checkpoint's primary key, when a count falls to zero; the
+# One more probe, of the newest checkpoint's primary key, when a count falls to zero (and of
+# {refs}' primary key for a zeroed key nested under one the newest checkpoint names); the
 # recount (one read of the run's checkpoints) only when the counts are wrong.
 _REMOVE_V15 = _patched(
     _REMOVE_V14,
     ("""        SELECT array_agg(key) FILTER (WHERE holders <= 0) INTO v_zeroed FROM counted;
 """, """        SELECT array_agg(key) FILTER (WHERE holders <= 0) INTO v_zeroed FROM counted;
+        -- The newest checkpoint names a zeroed key, or a key it is nested under (its item is
+        -- read with that key) whose count is missing (deleted by hand: nothing above the
+        -- zeroed key holds its item then). A count in place for that key holds it: no recount.
         IF v_zeroed IS NOT NULL AND EXISTS (
                SELECT 1 FROM (SELECT c.refs FROM {checkpoints} c WHERE c.run_key = p_run_key
                                ORDER BY c.sequence DESC LIMIT 1) newest
-                WHERE newest.refs && v_zeroed) THEN
+                WHERE newest.refs && v_zeroed
+                   OR EXISTS (
+                          SELECT 1 FROM unnest(v_zeroed) z(k),
+                                        generate_series(1, length(z.k)) s(n)
+                           WHERE get_byte(z.k, s.n - 1) = 47
+                             AND substring(z.k FROM 1 FOR s.n - 1) = ANY (newest.refs)
+                             AND NOT EXISTS (
+                                     SELECT 1 FROM {refs} f
+                                      WHERE f.run_key = p_run_key
+                                        AND f.key = substring(z.k FROM 1 FOR s.n - 1)))) THEN
             WITH named AS (
                 SELECT u.k AS key, count(*) AS holders
                   FROM {checkpoints} c, LATERAL (SELECT DISTINCT unnest(c.refs)) u(k)

@@ -5022,10 +5022,22 @@ BEGIN
             RETURNING r.key, r.holders
         )
         SELECT array_agg(key) FILTER (WHERE holders <= 0) INTO v_zeroed FROM counted;
+        -- The newest checkpoint names a zeroed key, or a key it is nested under (its item is
+        -- read with that key) whose count is missing (deleted by hand: nothing above the
+        -- zeroed key holds its item then). A count in place for that key holds it: no recount.
         IF v_zeroed IS NOT NULL AND EXISTS (
                SELECT 1 FROM (SELECT c.refs FROM "public"."fc_checkpoints" c WHERE c.run_key = p_run_key
                                ORDER BY c.sequence DESC LIMIT 1) newest
-                WHERE newest.refs && v_zeroed) THEN
+                WHERE newest.refs && v_zeroed
+                   OR EXISTS (
+                          SELECT 1 FROM unnest(v_zeroed) z(k),
+                                        generate_series(1, length(z.k)) s(n)
+                           WHERE get_byte(z.k, s.n - 1) = 47
+                             AND substring(z.k FROM 1 FOR s.n - 1) = ANY (newest.refs)
+                             AND NOT EXISTS (
+                                     SELECT 1 FROM "public"."fc_refs" f
+                                      WHERE f.run_key = p_run_key
+                                        AND f.key = substring(z.k FROM 1 FOR s.n - 1)))) THEN
             WITH named AS (
                 SELECT u.k AS key, count(*) AS holders
                   FROM "public"."fc_checkpoints" c, LATERAL (SELECT DISTINCT unnest(c.refs)) u(k)
