@@ -1401,7 +1401,7 @@ class DynamoDBStore(ExpiryCleanup):
                 known = fresh = True
                 continue
             return await self._landed(run_key, plan, outcome)
-        raise _conflict_with(state)
+        raise _conflict_with(state, now)
 
     async def _pin(
         self, run_key: str, sequence: int, plan: _Plan, additions: _Additions
@@ -4559,9 +4559,12 @@ _RECORD_ATTRIBUTES: Final = ("rid", "st", "ca", "ua", "ls", "cnt", "exp", "ver",
 """The run record's attributes besides ``inc`` (the run indexes copy them)."""
 
 
-def _conflict_with(state: _RunState | None) -> SequenceConflict:
-    """The conflict of an append that gave up with the run as ``state`` holds it."""
-    head = None if state is None else state.record
+def _conflict_with(state: _RunState | None, now: float) -> SequenceConflict:
+    """The conflict of an append that gave up with the run as ``state`` holds it: its head
+    only while that life is live at ``now`` (a ``SequenceConflict`` names the live run; an
+    ended life's, say the last of several removals refused, would have the caller propose
+    the next checkpoint of a life that ended)."""
+    head = None if state is None or not state.live(now) else state.record
     return SequenceConflict(latest_sequence=None if head is None else head.latest_sequence,
                             incarnation=None if head is None else head.incarnation)
 
