@@ -2370,9 +2370,10 @@ MIGRATIONS = (
     ),
     Migration(
         15,
-        "a count that falls to zero for a key the run's newest checkpoint names (lowered or "
-        "deleted by hand) is taken again from the log, so the item stays; a rebuild leaves "
-        "out label rows that are not UTF-8 and NULL refs",
+        "a count that falls to zero for a key the run's newest checkpoint names, or nests "
+        "under one of them whose count is missing (lowered or deleted by hand), is taken again "
+        "from the log, so the item stays; a rebuild leaves out label rows that are not UTF-8 "
+        "and NULL refs",
         ";\n\n".join([_REMOVE_V15.strip(), _REBUILD_RUN_V15.strip()]),
     ),
 )

@@ -5207,6 +5207,6 @@ BEGIN
 END
 $fn$;
 
-INSERT INTO "public"."fc_migrations" (version, description) VALUES (15, 'a count that falls to zero for a key the run''s newest checkpoint names (lowered or deleted by hand) is taken again from the log, so the item stays; a rebuild leaves out label rows that are not UTF-8 and NULL refs');
+INSERT INTO "public"."fc_migrations" (version, description) VALUES (15, 'a count that falls to zero for a key the run''s newest checkpoint names, or nests under one of them whose count is missing (lowered or deleted by hand), is taken again from the log, so the item stays; a rebuild leaves out label rows that are not UTF-8 and NULL refs');
 
 COMMIT;
