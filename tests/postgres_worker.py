@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import anyio
 
-from fastcheckpoint import CheckpointConfig, CheckpointManager, _ids
-from fastcheckpoint.errors import SequenceConflict
-from fastcheckpoint.stores import Item, RunRecord, StoredCheckpoint
+from fastcheckpoint import CheckpointConfig, CheckpointManager
 from fastcheckpoint.stores.postgres import PostgresStore
+from tests import _appends as appends
 
 
 async def _main(url: str, run_id: str, count: int, worker: str) -> None:
@@ -42,29 +40,11 @@ async def _main(url: str, run_id: str, count: int, worker: str) -> None:
 async def append_next(store: PostgresStore, run_id: str, keep_latest: int) -> int | None:
     """Append the run's next checkpoint (naming ``shared``, owning ``w/<sequence>``) through
     the store; ``None`` if another writer took that sequence."""
-    key = _ids.run_key(run_id)
-    now = time.time()
-    run = await store.get_run(key, now=now)
-    if run is None:
-        sequence = 0
-        run = RunRecord(
-            run_id=run_id, incarnation=_ids.new_incarnation(), status="active",
-            created_at=now, updated_at=now, latest_sequence=0, checkpoint_count=0,
-            expires_at=None)
-    else:
-        sequence = run.latest_sequence + 1
-    record = StoredCheckpoint(
-        sequence=sequence, checkpoint_id=_ids.checkpoint_id(key, run.incarnation, sequence),
-        created_at=now, expires_at=None, header=f"header {sequence}".encode(),
-        payload=os.urandom(sequence % 4096), refs=("shared",))
-    items = [Item(key="shared", value=b"written once"),
-             Item(key=f"w/{sequence}", value=f"{sequence}".encode(), owner=sequence)]
-    try:
-        await store.append_with_items(key, record, run=run, keep_latest=keep_latest, now=now,
-                                      items=items)
-    except SequenceConflict:
-        return None
-    return sequence
+    return await appends.append_next(
+        store, run_id, keep_latest=keep_latest,
+        header=lambda sequence: f"header {sequence}".encode(),
+        payload=lambda sequence: os.urandom(sequence % 4096),
+        owned=lambda sequence: f"{sequence}".encode())
 
 
 async def _forever(url: str, run_id: str, keep: int) -> None:

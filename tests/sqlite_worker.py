@@ -22,9 +22,10 @@ import time
 import anyio
 
 from fastcheckpoint import _ids
-from fastcheckpoint.errors import CheckpointError, SequenceConflict
-from fastcheckpoint.stores import Item, RunRecord, StoredCheckpoint
+from fastcheckpoint.errors import CheckpointError
+from fastcheckpoint.stores import Item
 from fastcheckpoint.stores.sqlite import SQLiteStore
+from tests import _appends as appends
 
 BACKEND_VARIABLE = "SQLITE_WORKER_BACKEND"
 
@@ -48,34 +49,11 @@ async def append_next(
     store: SQLiteStore, run_id: str, worker: str, keep_latest: int | None = None
 ) -> int | None:
     """Append the run's next checkpoint; ``None`` if another writer took that sequence."""
-    key = _ids.run_key(run_id)
-    now = time.time()
-    run = await store.get_run(key, now=now)
-    if run is None:
-        sequence = 0
-        run = RunRecord(
-            run_id=run_id, incarnation=_ids.new_incarnation(), status="active",
-            created_at=now, updated_at=now, latest_sequence=0, checkpoint_count=0,
-            expires_at=None,
-        )
-    else:
-        sequence = run.latest_sequence + 1
-    record = StoredCheckpoint(
-        sequence=sequence,
-        checkpoint_id=_ids.checkpoint_id(key, run.incarnation, sequence),
-        created_at=now,
-        expires_at=None,
-        header=header_for(sequence, worker),
-        payload=payload_for(sequence, worker),
-        refs=("shared",),
-    )
-    items = [Item(key="shared", value=b"written once"), item_for(sequence, worker)]
-    try:
-        await store.append_with_items(key, record, run=run, keep_latest=keep_latest, now=now,
-                                      items=items)
-    except SequenceConflict:
-        return None
-    return sequence
+    return await appends.append_next(
+        store, run_id, keep_latest=keep_latest,
+        header=lambda sequence: header_for(sequence, worker),
+        payload=lambda sequence: payload_for(sequence, worker),
+        owned=lambda sequence: item_for(sequence, worker).value)
 
 
 async def _main(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import re
 import secrets
 import shutil
@@ -581,7 +582,7 @@ async def test_processes_get_unique_gap_free_sequences(
         processes = [
             subprocess.Popen([sys.executable, str(WORKER), url, "shared-run", str(each),
                               f"w{index}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             cwd=ROOT)
+                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
             for index in range(workers)
         ]
         outputs = []
